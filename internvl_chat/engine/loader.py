@@ -1,0 +1,104 @@
+"""Load a checkpoint folder into an InternVLModel on the target device and dtype.
+
+Weights are streamed tensor by tensor from the checkpoint files straight into preallocated
+parameters, so peak memory stays near the size of the weights in the target dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, UsageError
+from .checkpoint import SpecialTokens, iter_tensors, load_tokenizer, special_token_ids
+from .config import ModelConfig, load_config
+from .model import InternVLModel
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{name} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    elif device.type != "cpu":
+        raise UsageError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name in ("", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown dtype {name!r}; use float32, bfloat16 or float16 (fp32, bf16, fp16)") from None
+
+
+@dataclass
+class LoadedModel:
+    model: InternVLModel
+    tokenizer: Any
+    config: ModelConfig
+    special: SpecialTokens
+    path: Path
+    load_s: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    max_context: int = 8192,
+    int4_backend: str = "auto",
+) -> LoadedModel:
+    start = time.perf_counter()
+    path = Path(path).expanduser()
+    cfg = load_config(path)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    if int4_backend not in ("auto", "torch", "dequant"):
+        raise UsageError(f"unknown int4 backend {int4_backend!r}; use auto, torch or dequant")
+    if max_context < 16:
+        raise UsageError(f"--max-context {max_context} is too small; use at least a few thousand tokens")
+    limit = cfg.text.max_position_embeddings
+    if max_context > limit:
+        raise UsageError(f"--max-context {max_context} exceeds the model's {limit} positions; use at most {limit}")
+    tokenizer = load_tokenizer(path)
+    special = special_token_ids(tokenizer)
+    try:
+        model = InternVLModel.empty(cfg, device, dtype, max_context)
+        model.int4_backend = int4_backend
+        model.image_token_id = special.img_context
+        model.load_weights(iter_tensors(path, cfg.layout))
+    except torch.OutOfMemoryError:
+        raise CheckpointError(
+            f"out of memory loading {path.name} on {device} in {str(dtype).removeprefix('torch.')}; "
+            "use a 4-bit checkpoint, a smaller --max-context, or --device cpu"
+        ) from None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return LoadedModel(model, tokenizer, cfg, special, path, time.perf_counter() - start)

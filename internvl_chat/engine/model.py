@@ -1,0 +1,249 @@
+"""InternVL: vision encoder + pixel shuffle + projector + Qwen2 decoder, with the static KV cache.
+
+`encode_images(tiles) -> features` and `forward(ids, start_pos, features) -> logits` are the whole
+interface the chat layer uses. `load_weights` takes canonical (original-layout) tensor names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ContextOverflowError
+from .config import ModelConfig
+from .language import Qwen2ForCausalLM
+from .vision import InternViT, Projector, pixel_shuffle
+
+# checkpoint linears that live as row blocks of one fused linear here: name -> (fused, block index)
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+_FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_AWQ_SUFFIXES = ("qweight", "qzeros", "scales")
+_LAYER_LINEAR = re.compile(r"^(language_model\.model\.layers\.\d+\.(?:self_attn|mlp))\.(\w+)\.(\w+)$")
+
+
+class PendingInt4(nn.Module):
+    """Stands where a 4-bit linear will go until its packed tensors have all been read."""
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.has_bias = in_features, out_features, has_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("4-bit weights were not loaded for this linear")
+
+
+class InternVLModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.downsample_ratio != 0.5:
+            raise CheckpointError(f"downsample_ratio {cfg.downsample_ratio} is not supported; InternVL3 uses 0.5")
+        self.cfg = cfg
+        self.vision_model = InternViT(cfg.vision)
+        self.mlp1 = Projector(4 * cfg.vision.hidden_size, cfg.text.hidden_size)
+        self.language_model = Qwen2ForCausalLM(cfg.text)
+        self.image_token_id: int | None = None
+        self.int4_backend = "auto"
+        self.vision_batch = 8  # tiles per ViT call: bounds attention memory on long videos
+        if cfg.quant is not None:
+            self._make_int4_placeholders()
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def empty(cls, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_seq_len: int) -> InternVLModel:
+        """Allocate the model on `device` without initialising weights (they are loaded next)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to(dtype).to_empty(device=device)
+        model.language_model.allocate_cache(max_seq_len, device, dtype)
+        return model.eval()
+
+    def _make_int4_placeholders(self) -> None:
+        for layer in self.language_model.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(parent, name, PendingInt4(child.in_features, child.out_features, child.bias is not None))
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.model.embed_tokens.weight.dtype
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.language_model.max_seq_len
+
+    # ---- weights ----------------------------------------------------------------------------
+    def _expected_names(self) -> set[str]:
+        """Canonical checkpoint names this model needs, derived from its own parameters."""
+        names = set()
+        for name, _ in self.named_parameters():
+            m = _LAYER_LINEAR.match(name)
+            fused = m and _FUSED_PARTS.get(m.group(2))
+            if fused:
+                names.update(f"{m.group(1)}.{part}.{m.group(3)}" for part in fused)
+            else:
+                names.add(name)
+        for name, module in self.named_modules():
+            if isinstance(module, PendingInt4):
+                prefix, leaf = name.rsplit(".", 1)
+                for part in _FUSED_PARTS.get(leaf, (leaf,)):
+                    names.update(f"{prefix}.{part}.{s}" for s in _AWQ_SUFFIXES)
+                    if module.has_bias:
+                        names.add(f"{prefix}.{part}.bias")
+        if self.cfg.text.tie_word_embeddings:
+            names.discard("language_model.lm_head.weight")
+        return names
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors into place; raise CheckpointError naming what does not fit."""
+        params = dict(self.named_parameters())
+        expected = self._expected_names()
+        seen: set[str] = set()
+        unexpected: list[str] = []
+        pending: dict[str, dict[str, torch.Tensor]] = {}  # 4-bit parts waiting for their siblings
+        for name, tensor in tensors:
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            seen.add(name)
+            m = _LAYER_LINEAR.match(name)
+            if m and self.cfg.quant is not None and m.group(2) in _QUANTIZED:
+                self._collect_int4_part(m.group(1), m.group(2), m.group(3), tensor, pending)
+            elif m and m.group(2) in _FUSED:
+                fused, block = _FUSED[m.group(2)]
+                target = params[f"{m.group(1)}.{fused}.{m.group(3)}"]
+                self._copy_rows(name, target, block, fused, tensor)
+            else:
+                self._copy(name, params[name], tensor)
+        if self.cfg.text.tie_word_embeddings and "language_model.lm_head.weight" not in seen:
+            self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
+        missing = sorted(expected - seen)
+        if unexpected:
+            raise CheckpointError(
+                f"the checkpoint has {len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:3])}; "
+                "it does not match its config.json (wrong layout or a different model)"
+            )
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint lacks {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}; "
+                "the download is incomplete or the folder holds a different model"
+            )
+
+    def _copy(self, name: str, target: torch.Tensor, tensor: torch.Tensor) -> None:
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"tensor {name} has shape {tuple(tensor.shape)} but the config implies {tuple(target.shape)}; "
+                "config.json and the weights disagree"
+            )
+        with torch.no_grad():
+            target.copy_(tensor)
+
+    def _block_sizes(self, fused: str) -> list[int]:
+        t = self.cfg.text
+        if fused == "qkv_proj":
+            return [t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.num_kv_heads * t.head_dim]
+        return [t.intermediate_size, t.intermediate_size]
+
+    def _copy_rows(self, name: str, target: torch.Tensor, block: int, fused: str, tensor: torch.Tensor) -> None:
+        sizes = self._block_sizes(fused)
+        start = sum(sizes[:block])
+        self._copy(name, target[start : start + sizes[block]], tensor)
+
+    def _collect_int4_part(self, prefix: str, linear: str, suffix: str, tensor: torch.Tensor, pending: dict) -> None:
+        from ..quant.int4_linear import Int4Linear, concat_awq  # the quant leaf is only needed for W4
+
+        fused = _FUSED[linear][0] if linear in _FUSED else linear
+        parts = _FUSED_PARTS.get(fused, (fused,))
+        key = f"{prefix}.{fused}"
+        module: PendingInt4 = self.get_submodule(key)
+        bag = pending.setdefault(key, {})
+        bag[f"{linear}.{suffix}"] = tensor
+        if any(f"{p}.{s}" not in bag for p in parts for s in _AWQ_SUFFIXES):
+            return
+        if module.has_bias and any(f"{p}.bias" not in bag for p in parts):
+            return
+        del pending[key]
+        qweight, qzeros, scales = concat_awq([tuple(bag[f"{p}.{s}"] for s in _AWQ_SUFFIXES) for p in parts])
+        bias = torch.cat([bag[f"{p}.bias"] for p in parts]) if module.has_bias else None
+        group = self.cfg.quant.group_size
+        if qweight.shape[0] != module.in_features or scales.shape[1] != module.out_features:
+            raise CheckpointError(
+                f"4-bit tensors of {key} give a {qweight.shape[0]}×{scales.shape[1]} linear but the config implies "
+                f"{module.in_features}×{module.out_features}; config.json and the weights disagree"
+            )
+        act_dtype = self.dtype
+        linear4 = Int4Linear.from_awq(
+            qweight, qzeros, scales, bias=bias, group_size=group, backend=self.int4_backend, dtype=act_dtype, device=self.device
+        )
+        parent_name, leaf = key.rsplit(".", 1)
+        setattr(self.get_submodule(parent_name), leaf, linear4)
+
+    # ---- inference --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, S, S] normalised tiles → projected features [n, 256, D] in the model dtype."""
+        vision_dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
+        outputs = []
+        for start in range(0, pixel_values.shape[0], self.vision_batch):
+            chunk = pixel_values[start : start + self.vision_batch].to(self.device, vision_dtype)
+            hidden = self.vision_model(chunk)[:, 1:]  # drop CLS
+            outputs.append(self.mlp1(pixel_shuffle(hidden)))
+        return torch.cat(outputs).to(self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: Sequence[int] | torch.Tensor,
+        start_pos: int,
+        image_features: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Run `input_ids` at positions start_pos…; return float32 logits of the last ([V]) or all ([T, V])."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).view(-1)
+        t = ids.shape[0]
+        if start_pos < 0 or start_pos + t > self.max_seq_len:
+            raise ContextOverflowError(
+                f"{start_pos} cached + {t} new tokens exceed the KV cache of {self.max_seq_len}; "
+                "use fewer tiles or frames, /clear, or a larger --max-context"
+            )
+        h = self.language_model.model.embed_tokens(ids)[None]
+        if image_features is not None and image_features.numel():
+            h = self._insert_image_features(ids, h, image_features)
+        positions = torch.arange(start_pos, start_pos + t, device=self.device)
+        logits = self.language_model.forward_embeds(h, positions, start_pos + t, start_pos, last_only=not all_logits)
+        return logits if all_logits else logits[-1]
+
+    def _insert_image_features(self, ids: torch.Tensor, h: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        if self.image_token_id is None:
+            raise CheckpointError("the model has no <IMG_CONTEXT> token id; load it through engine.loader.load_model")
+        features = features.reshape(-1, h.shape[-1]).to(h.dtype)
+        mask = ids == self.image_token_id
+        slots = int(mask.sum())  # a prefill-time sync, never in the decode step
+        if slots != features.shape[0]:
+            raise ValueError(f"{slots} <IMG_CONTEXT> tokens but {features.shape[0]} image feature rows")
+        h = h.clone()
+        h[0, mask] = features
+        return h
+
+    def memory_bytes(self) -> int:
+        """Resident weight bytes (parameters and the packed buffers of 4-bit linears)."""
+        seen, total = set(), 0
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total

@@ -1,0 +1,40 @@
+"""The error types every layer raises; each message is one sentence that says what to do.
+
+The CLI maps `exit_code` to the process status: 2 for bad usage or input, 1 for everything else.
+"""
+
+
+class InternVLChatError(Exception):
+    """Base class: a failure the user can act on. `str(err)` is the one-line message."""
+
+    exit_code = 1
+
+
+class UsageError(InternVLChatError):
+    """Bad flags, commands or settings."""
+
+    exit_code = 2
+
+
+class CheckpointError(InternVLChatError):
+    """A model folder that is missing, incomplete, or of a layout we do not support."""
+
+    exit_code = 2
+
+
+class MediaError(InternVLChatError):
+    """An image or video that cannot be read or used."""
+
+    exit_code = 2
+
+
+class ContextOverflowError(InternVLChatError):
+    """A turn that would not fit in the KV cache; the session is left unchanged."""
+
+    exit_code = 2
+
+
+class GenerationError(InternVLChatError):
+    """Generation failed (non-finite logits, out of memory); the session is left consistent."""
+
+    exit_code = 1

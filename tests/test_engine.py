@@ -1,0 +1,142 @@
+"""Our engine against transformers' InternVLForConditionalGeneration on the same random weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from internvl_chat.engine.loader import load_model
+from internvl_chat.errors import CheckpointError, ContextOverflowError
+from reference import reference_model
+
+TOL = 1e-4  # max|Δ| ≤ TOL · max|ref|, fp32
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    diff = (ours.float() - ref.float()).abs().max().item()
+    scale = ref.abs().max().item()
+    assert diff <= TOL * scale, f"max|Δ| {diff:.3g} > {TOL} × max|ref| {scale:.3g}"
+
+
+def _prompt(loaded, tiles: int) -> list[int]:
+    s = loaded.special
+    tok = loaded.tokenizer
+    return (
+        [s.im_start]
+        + tok.encode("user\n", add_special_tokens=False)
+        + [s.img_start]
+        + [s.img_context] * (256 * tiles)
+        + [s.img_end]
+        + tok.encode("\nWhat shape is this?", add_special_tokens=False)
+        + [s.im_end]
+        + tok.encode("\n", add_special_tokens=False)
+        + [s.im_start]
+        + tok.encode("assistant\n", add_special_tokens=False)
+    )
+
+
+@pytest.fixture(scope="module")
+def pixels() -> torch.Tensor:
+    return torch.randn(3, 3, 448, 448, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_original", "tiny_original_6b", "tiny_hf", "tiny_hf_legacy"])
+def test_logits_match_transformers(fixture, request, pixels):
+    folder = request.getfixturevalue(fixture)
+    loaded = load_model(folder, device="cpu", dtype="float32", max_context=2048)
+    ref = reference_model(folder)
+    ids = _prompt(loaded, tiles=3)
+    with torch.no_grad():
+        ref_features = ref.model.get_image_features(pixel_values=pixels).pooler_output
+        ref_logits = ref(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0]
+    features = loaded.model.encode_images(pixels)
+    assert features.shape == (3, 256, loaded.config.text.hidden_size)
+    _close(features, ref_features)
+    _close(loaded.model.forward(ids, 0, features, all_logits=True), ref_logits)
+
+
+def test_prefill_then_decode_equals_one_forward(tiny_original, pixels):
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
+    model = loaded.model
+    ids = _prompt(loaded, tiles=3) + loaded.tokenizer.encode(" A red circle.", add_special_tokens=False)
+    features = model.encode_images(pixels)
+    full = model.forward(ids, 0, features, all_logits=True)
+    split = len(ids) - 5
+    parts = [model.forward(ids[:split], 0, features, all_logits=True)]
+    for pos in range(split, len(ids)):
+        parts.append(model.forward(ids[pos : pos + 1], pos, all_logits=True))
+    _close(torch.cat(parts), full)
+    # a multi-token chunk at an offset (chunk prefilling) agrees too
+    model.forward(ids[:split], 0, features)
+    _close(model.forward(ids[split:], split, all_logits=True), full[split:])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_close_to_fp32(tiny_original, pixels, dtype):
+    ref = load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
+    half = load_model(tiny_original, device="cpu", dtype=dtype, max_context=2048)
+    ids = _prompt(ref, tiles=1)
+    a = ref.model.forward(ids, 0, ref.model.encode_images(pixels[:1]))
+    b = half.model.forward(ids, 0, half.model.encode_images(pixels[:1]))
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    assert cos > 0.99, cos
+
+
+def test_overflowing_the_cache_is_refused(tiny_original):
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=64)
+    with pytest.raises(ContextOverflowError, match="exceed the KV cache of 64"):
+        loaded.model.forward(list(range(65)), 0)
+    loaded.model.forward(list(range(60)), 0)
+    with pytest.raises(ContextOverflowError):
+        loaded.model.forward(list(range(5)), 60)
+
+
+def _edited_copy(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    [weights] = list(dst.glob("*.safetensors"))
+    tensors = load_file(weights)
+    edit(tensors)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return dst
+
+
+def test_missing_tensor_is_named(tiny_original, tmp_path):
+    name = "language_model.model.layers.1.mlp.up_proj.weight"
+    folder = _edited_copy(tiny_original, tmp_path / "m", lambda t: t.pop(name))
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\), e\.g\. " + name.replace(".", r"\.")):
+        load_model(folder, device="cpu", dtype="float32", max_context=256)
+
+
+def test_unexpected_tensor_is_named(tiny_original, tmp_path):
+    folder = _edited_copy(tiny_original, tmp_path / "u", lambda t: t.update({"language_model.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\), e\.g\. language_model\.extra\.weight"):
+        load_model(folder, device="cpu", dtype="float32", max_context=256)
+
+
+def test_shape_mismatch_names_tensor_and_shapes(tiny_original, tmp_path):
+    name = "mlp1.1.weight"
+
+    def shrink(t):
+        t[name] = t[name][:, :-1].contiguous()
+
+    folder = _edited_copy(tiny_original, tmp_path / "s", shrink)
+    shape = tuple(load_file(next(Path(tiny_original).glob("*.safetensors")))[name].shape)
+    bad = (shape[0], shape[1] - 1)
+    with pytest.raises(CheckpointError, match=rf"mlp1\.1\.weight has shape \({bad[0]}, {bad[1]}\) but the config implies \({shape[0]}, {shape[1]}\)"):
+        load_model(folder, device="cpu", dtype="float32", max_context=256)
+
+
+def test_config_vocab_disagreeing_with_weights(tiny_original, tmp_path):
+    folder = tmp_path / "v"
+    shutil.copytree(tiny_original, folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["llm_config"]["vocab_size"] += 8
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"has shape \(512, 64\) but the config implies \(520, 64\)"):
+        load_model(folder, device="cpu", dtype="float32", max_context=256)
