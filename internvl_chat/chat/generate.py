@@ -1,0 +1,122 @@
+"""The streaming generator: prefill a turn's new tokens, then decode token by token.
+
+It keeps the contract of the original demo's stream generator (events with "text", "usage",
+"finish_reason", "timing") and improves it: "text" is the new text since the previous event
+(UTF-8 safe, never a broken character), "cancelled" is a finish reason, timing separates vision,
+prefill and decode, and the final event says exactly what reached the KV cache.
+
+Decode overlaps host and device work: the forward pass for token n is queued before token n is
+read back to the host, so on CUDA the GPU is busy while Python detokenizes. A stop token's
+speculative K/V lands beyond the valid cache and is simply overwritten later.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..engine.model import InternVLModel
+from ..errors import GenerationError
+from .detokenize import IncrementalDetokenizer
+from .sampling import Sampler, SamplingParams
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stream_generate(
+    model: InternVLModel,
+    tokenizer,
+    prompt_ids: Sequence[int],
+    start_pos: int,
+    params: SamplingParams,
+    sampler: Sampler,
+    image_features: torch.Tensor | None = None,
+    stop_ids: Sequence[int] = (),
+    stream_interval: int = 1,
+    cancel: threading.Event | None = None,
+    vision_s: float = 0.0,
+) -> Iterator[dict]:
+    """Yield text events; the last one has a finish_reason and these extra keys:
+
+    - "token_ids": the generated ids, stop token excluded;
+    - "cache_end": how far the KV cache is valid afterwards (prompt + fed answer tokens);
+      generated ids beyond it (at most one: the token that hit the length limit) are not cached.
+    """
+    device = model.device
+    stops = set(stop_ids) | set(params.stop_ids)
+    detok = IncrementalDetokenizer(tokenizer)
+    prompt_len = len(prompt_ids)
+    generated: list[int] = []
+    pending_text = ""
+    since_emit = 0
+
+    def usage() -> dict:
+        return {"prompt_tokens": prompt_len, "completion_tokens": len(generated), "total_tokens": prompt_len + len(generated)}
+
+    t0 = time.perf_counter()
+    try:
+        logits = model.forward(prompt_ids, start_pos, image_features)
+        pos = start_pos + prompt_len
+        token = sampler.next_token(logits)
+        t_first = None
+        decode_start = None
+        finish = None
+        while finish is None:
+            # queue the next forward before reading this token back (see module docstring)
+            room = len(generated) + 1 < params.max_new_tokens and pos < model.max_seq_len
+            next_logits = model.forward(token, pos) if room else None
+            token_id = sampler.read(token)  # the one host sync per token; raises on non-finite logits
+            now = time.perf_counter()
+            if t_first is None:
+                t_first = decode_start = now
+            if token_id in stops:
+                finish = "stop"
+                break
+            generated.append(token_id)
+            if room:
+                pos += 1
+            pending_text += detok.push(token_id)
+            since_emit += 1
+            if not room:
+                finish = "length"
+            elif cancel is not None and cancel.is_set():
+                finish = "cancelled"
+            else:
+                if since_emit >= stream_interval and pending_text:
+                    yield {"text": pending_text, "usage": usage(), "finish_reason": None, "timing": None}
+                    pending_text, since_emit = "", 0
+                token = sampler.next_token(next_logits)
+        _sync(device)
+    except torch.OutOfMemoryError:
+        raise GenerationError(
+            "out of memory during generation; use fewer tiles or frames, a smaller --max-context, or a 4-bit model"
+        ) from None
+    end = time.perf_counter()
+    pending_text += detok.flush()
+    prefill_s = (t_first or end) - t0
+    decode_tokens = max(len(generated) - 1, 0)  # the first token belongs to the prefill
+    decode_s = end - (decode_start or end)
+    timing = {
+        "vision_s": vision_s,
+        "prefill_tokens": prompt_len,
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": prompt_len / prefill_s if prefill_s > 0 else 0.0,
+        "ttft_s": vision_s + prefill_s,
+        "decode_tokens": decode_tokens,
+        "decode_s": decode_s,
+        "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
+    }
+    yield {
+        "text": pending_text,
+        "usage": usage(),
+        "finish_reason": finish,
+        "timing": timing,
+        "token_ids": generated,
+        "cache_end": pos,
+    }

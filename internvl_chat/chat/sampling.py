@@ -1,0 +1,216 @@
+"""Token sampling on the logits' device: repetition penalty, temperature, top-k, top-p.
+
+Every step stays on the device and never synchronises with the host; the caller syncs once per
+token when it reads the id (`Sampler.read`). The filters reproduce transformers'
+`RepetitionPenaltyLogitsProcessor`, `TopKLogitsWarper` and `TopPLogitsWarper` (min_tokens_to_keep=1)
+and are applied in transformers' order: penalty → temperature → top-k → top-p → sample.
+
+Non-finite logits (NaN, +inf, or everything -inf) are detected without a sync: each step ORs a
+device-side flag, and `Sampler.read(token)` fetches the token id and that flag in one transfer,
+raising `GenerationError` if any step since the sampler was made went bad. The returned token
+tensor is always a valid id in [0, V), so feeding it to the model before reading it is safe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import GenerationError, UsageError
+
+NON_FINITE_MESSAGE = (
+    "the model produced non-finite logits (NaN or inf), usually a numeric overflow in half precision; "
+    "try --dtype float32 (or bfloat16) or a lower --temperature"
+)
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token. temperature 0 means greedy; top_k 0 and top_p 1 mean off."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 512
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+
+    def validate(self) -> SamplingParams:
+        """Raise UsageError for an out-of-range value; return self so calls can chain."""
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise UsageError(
+                f"temperature must be a number >= 0 (0 means greedy), not {self.temperature!r}; try 0.7"
+            )
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], not {self.top_p!r}; use 1 to turn it off or e.g. 0.9")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise UsageError(f"top_k must be an integer >= 0, not {self.top_k!r}; use 0 to turn it off or e.g. 50")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise UsageError(
+                f"repetition_penalty must be a number > 0, not {self.repetition_penalty!r}; use 1 to turn it off or e.g. 1.1"
+            )
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be an integer >= 1, not {self.max_new_tokens!r}; try 512")
+        if self.seed is not None and not _is_int(self.seed):
+            raise UsageError(f"seed must be an integer, not {self.seed!r}; omit it for a random seed")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_ids):
+            raise UsageError(f"stop_ids must be token ids (integers >= 0), not {self.stop_ids!r}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def presence_mask(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A bool [vocab_size + 1] mask of the ids present; ids >= vocab_size land in the last slot."""
+    mask = torch.zeros(vocab_size + 1, dtype=torch.bool, device=token_ids.device)
+    return mask.index_fill_(0, token_ids.reshape(-1).clamp(max=vocab_size), True)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor over the last dim of `logits` ([..., V]).
+
+    `seen` is either a bool presence mask ([V], or [V + 1] as kept by `Sampler`) or a tensor of token
+    ids (any shape; each id counts once, ids >= V are ignored as in transformers). Seen logits that are
+    negative are multiplied by `penalty`, the others divided by it.
+    """
+    vocab = logits.shape[-1]
+    if seen.dtype != torch.bool:
+        seen = presence_mask(seen.to(logits.device), vocab)
+    seen = seen[..., :vocab]
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """transformers' TopKLogitsWarper: keep every logit >= the k-th largest (ties at the edge stay)."""
+    if k <= 0:
+        return logits
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """transformers' TopPLogitsWarper (min_tokens_to_keep=1).
+
+    Sort ascending, take the cumulative softmax, drop every token whose cumulative probability is
+    <= 1 - p, but always keep the most likely one. p >= 1 is off (as transformers skips it).
+    """
+    if p >= 1:
+        return logits
+    sorted_logits, sorted_ids = torch.sort(logits, descending=False, dim=-1)
+    cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cum_probs <= (1 - p)
+    drop_sorted[..., -1] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, sorted_ids, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
+class Sampler:
+    """Picks next tokens for one answer; make a new one per answer (the non-finite flag is sticky).
+
+    Usage by the generation loop:
+        sampler = Sampler(params, vocab_size, device)
+        sampler.observe(conversation_ids)       # prompt + earlier turns, for the repetition penalty
+        tok = sampler.next_token(logits)        # LongTensor [1] on device; also observed
+        ... model.forward(tok, ...)             # safe even before reading it
+        tok_id = sampler.read(tok)              # the one host sync; raises GenerationError if bad
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device | str):
+        self.params = params.validate()
+        self.vocab_size = int(vocab_size)
+        self.device = torch.device(device)
+        self._penalise = params.repetition_penalty != 1.0
+        # slot vocab_size absorbs ids beyond the logits (e.g. embedding rows with no lm_head row)
+        self._seen = torch.zeros(self.vocab_size + 1, dtype=torch.bool, device=self.device)
+        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.generator = torch.Generator(device=self.device)
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+
+    def observe(self, token_ids: torch.Tensor | list[int] | int) -> None:
+        """Add ids to the repetition-penalty set (idempotent: a presence set, O(len(ids)) per call)."""
+        if not self._penalise:
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        self._seen.index_fill_(0, ids.reshape(-1).clamp(max=self.vocab_size), True)
+
+    def reset_seen(self, token_ids: torch.Tensor | list[int] | None = None) -> None:
+        """Forget the penalty set (e.g. after /undo) and optionally rebuild it from `token_ids`."""
+        self._seen.zero_()
+        if token_ids is not None:
+            self.observe(token_ids)
+
+    def next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """Pick the next token from float logits [V] (or [1, V]); returns LongTensor [1] on device.
+
+        The token is observed for the repetition penalty. The repetition penalty applies in greedy
+        mode too, as in transformers' generate(do_sample=False, repetition_penalty=...).
+        """
+        logits = logits.reshape(-1)
+        if logits.shape[0] != self.vocab_size:
+            raise GenerationError(
+                f"logits have {logits.shape[0]} entries but the sampler expects {self.vocab_size}; "
+                "the checkpoint's vocab_size and lm_head disagree"
+            )
+        logits = logits.float()
+        params = self.params
+        if self._penalise:
+            logits = apply_repetition_penalty(logits, self._seen, params.repetition_penalty)
+        if params.greedy:
+            # max() gives the argmax and the value whose finiteness we check in one reduction;
+            # NaN propagates, all -inf stays -inf
+            best, token = logits.max(dim=-1, keepdim=True)
+            self._bad.logical_or_(~torch.isfinite(best[0]))
+        else:
+            raw_max = logits.amax()
+            logits = logits / params.temperature
+            logits = filter_top_k(logits, params.top_k)
+            logits = filter_top_p(logits, params.top_p)
+            # a finite raw max and a finite scaled max make the softmax well defined
+            self._bad.logical_or_(~torch.isfinite(raw_max + logits.amax()))
+            token = self._draw(logits.softmax(dim=-1))
+        if self._penalise:
+            self._seen.index_fill_(0, token, True)
+        return token
+
+    def _draw(self, probs: torch.Tensor) -> torch.Tensor:
+        # The exponential race torch.multinomial(probs, 1) itself uses: argmax(p / q), q ~ Exp(1).
+        # Done here directly because multinomial adds device-side asserts that would abort the
+        # CUDA context on a NaN step instead of letting us report it.
+        q = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
+        q.clamp_min_(torch.finfo(q.dtype).tiny)  # Exp(1) can return 0 on CPU; 0/0 would be NaN
+        return torch.argmax(probs / q, dim=-1, keepdim=True)
+
+    @property
+    def bad_flag(self) -> torch.Tensor:
+        """Device bool scalar: has any step since construction seen non-finite logits?"""
+        return self._bad
+
+    def check(self) -> None:
+        """Sync on the non-finite flag alone and raise GenerationError if it is set."""
+        if bool(self._bad):
+            raise GenerationError(NON_FINITE_MESSAGE)
+
+    def read(self, token: torch.Tensor) -> int:
+        """The token id as an int, fetched together with the non-finite flag in one transfer."""
+        token_id, bad = torch.cat([token.reshape(1), self._bad.reshape(1).long()]).tolist()
+        if bad:
+            raise GenerationError(NON_FINITE_MESSAGE)
+        return int(token_id)

@@ -1,0 +1,18 @@
+"""Media inputs: images → dynamic tiles, videos → sampled frames (one tile each)."""
+
+from .image import ImageInput, choose_grid, count_tiles, load_image, normalize_tiles, probe_image, tile_image
+from .video import VideoInput, frame_indices, load_video, probe_video
+
+__all__ = [
+    "ImageInput",
+    "VideoInput",
+    "choose_grid",
+    "count_tiles",
+    "frame_indices",
+    "load_image",
+    "load_video",
+    "normalize_tiles",
+    "probe_image",
+    "probe_video",
+    "tile_image",
+]

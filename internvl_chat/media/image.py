@@ -1,0 +1,272 @@
+"""Images → normalised 448×448 tiles by InternVL's dynamic tiling (SPEC §4).
+
+The grid choice must match the published preprocessing bit for bit: the number of tiles decides
+how many image tokens the model sees, so a different grid is a different prompt. The helpers are
+pure and cheap (`choose_grid`, `count_tiles`, `probe_image`) so the UI can show a token cost
+before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import MediaError
+
+IMAGE_SIZE = 448
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Twice Pillow's default MAX_IMAGE_PIXELS: the size at which Pillow itself refuses to open an image.
+# Checked here too, so a caller that changed Pillow's global limit does not change ours.
+MAX_PIXELS = 2 * 89_478_485
+EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = (5, 6, 7, 8)  # orientations that rotate by 90° (or transpose)
+
+
+@dataclass
+class ImageInput:
+    pixel_values: torch.Tensor  # float32 [n, 3, S, S]; the thumbnail, if any, is last
+    size: tuple[int, int]  # (width, height) after EXIF orientation
+    grid: tuple[int, int]  # (cols, rows) of the tiling, thumbnail not counted
+    path: Path
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+# ---------------------------------------------------------------- tiling (pure)
+
+
+@functools.lru_cache(maxsize=64)
+def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    """All (cols, rows) with min ≤ cols·rows ≤ max, ordered as the published code orders them.
+
+    The order among grids with the same tile count is a Python set's iteration order, which
+    depends on how the set was built; it decides some ties when min_tiles > 1, so the set is
+    built exactly the published way and then stable-sorted by tile count.
+    """
+    grids = set(
+        (i, j)
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_tiles <= i * j <= max_tiles
+    )
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
+
+
+def _check_tile_limits(max_tiles: int, min_tiles: int) -> None:
+    if max_tiles < 1:
+        raise MediaError(f"max_tiles is {max_tiles}; set it to at least 1 (12 is the default)")
+    if min_tiles < 1 or min_tiles > max_tiles:
+        raise MediaError(f"min_tiles is {min_tiles}; set it between 1 and max_tiles ({max_tiles})")
+
+
+def choose_grid(
+    width: int, height: int, max_tiles: int = 12, min_tiles: int = 1, image_size: int = IMAGE_SIZE
+) -> tuple[int, int]:
+    """The (cols, rows) grid whose aspect ratio is closest to width/height (SPEC §4)."""
+    _check_tile_limits(max_tiles, min_tiles)
+    if width <= 0 or height <= 0:
+        raise MediaError(f"the image is {width}×{height} pixels; use an image with a non-zero size")
+    aspect = width / height
+    area = width * height
+    best_diff = float("inf")
+    best = (1, 1)
+    for cols, rows in candidate_grids(min_tiles, max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            # a tie goes to the larger grid only when the image has the pixels to fill it
+            best = (cols, rows)
+    return best
+
+
+def count_tiles(
+    width: int, height: int, max_tiles: int = 12, use_thumbnail: bool = True, image_size: int = IMAGE_SIZE
+) -> int:
+    """How many tiles `load_image` makes for an image of this (oriented) size, thumbnail included."""
+    cols, rows = choose_grid(width, height, max_tiles, image_size=image_size)
+    n = cols * rows
+    return n + 1 if use_thumbnail and n > 1 else n
+
+
+def tile_image(
+    image: Image.Image,
+    max_tiles: int = 12,
+    use_thumbnail: bool = True,
+    image_size: int = IMAGE_SIZE,
+    min_tiles: int = 1,
+) -> list[Image.Image]:
+    """Cut an image into S×S tiles, row-major, plus the whole image at S×S last when tiled."""
+    cols, rows = choose_grid(image.width, image.height, max_tiles, min_tiles, image_size)
+    resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+    tiles = [
+        resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    if use_thumbnail and len(tiles) > 1:
+        tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode.
+
+    Transparent images are composited onto white (as transformers' `convert_to_rgb` does), so a
+    transparent background does not turn into whatever colour hides under alpha 0; opaque
+    pixels are unchanged. 16-bit greyscale is scaled down (Pillow's own conversion clips it).
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0  # 0…65535 → 0…255
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    try:
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise MediaError(f"cannot convert an image in colour mode {image.mode} to RGB ({e}); save it as an RGB PNG or JPEG") from None
+
+
+def normalize_tiles(tiles: list[Image.Image], image_size: int = IMAGE_SIZE) -> torch.Tensor:
+    """RGB tiles → float32 [n, 3, S, S]: resize to S×S (bicubic, a no-op for tiles already that
+    size), /255, then (x − mean) / std per channel, in float32 like torchvision's pipeline."""
+    if not tiles:
+        raise MediaError("no tiles to normalise; pass at least one image")
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    out = np.empty((len(tiles), 3, image_size, image_size), dtype=np.float32)
+    for k, tile in enumerate(tiles):
+        tile = to_rgb(tile)
+        if tile.size != (image_size, image_size):
+            tile = tile.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        x = np.asarray(tile, dtype=np.float32) / np.float32(255)
+        out[k] = ((x - mean) / std).transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
+# ---------------------------------------------------------------- files
+
+
+def check_media_file(path: str | Path, what: str) -> Path:
+    """The path as a Path if it names a readable file; a MediaError that says what to do if not."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise MediaError(f"{what} {path} does not exist; check the path")
+    if path.is_dir():
+        raise MediaError(f"{path} is a folder, not {what} file; pass the path of one file")
+    if not path.is_file():
+        raise MediaError(f"{path} is not a regular file; pass the path of {what} file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise MediaError(f"cannot read {what} {path} ({e.strerror or e}); check its permissions") from None
+    return path
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _open_image(path: Path) -> Image.Image:
+    """Open the header only, refusing non-images, decompression bombs and empty images."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between 89M and 179M pixels; the limit is enforced below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError:
+        raise MediaError(
+            f"{path} declares more than {MAX_PIXELS:,} pixels and is refused as a possible decompression bomb; "
+            "downscale it first"
+        ) from None
+    except UnidentifiedImageError:
+        raise MediaError(
+            f"{path} is not an image format that can be read (or it is damaged); use a JPEG, PNG, WebP, GIF, BMP or TIFF file"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise MediaError(f"cannot read image {path} ({_one_line(e)}); re-export it as PNG or JPEG") from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise MediaError(
+            f"{path} is {width}×{height} pixels, over the {MAX_PIXELS:,}-pixel limit for decompression bombs; downscale it first"
+        )
+    if width <= 0 or height <= 0:
+        image.close()
+        raise MediaError(f"{path} is {width}×{height} pixels; use an image with a non-zero size")
+    return image
+
+
+def _cheap_orientation(image: Image.Image) -> int:
+    # A PNG's EXIF chunk may follow the pixel data, and looking for it there decodes everything.
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    try:
+        return int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - malformed EXIF: orientation unknown, keep the image as stored
+        return 1
+
+
+def probe_image(path: str | Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header alone (no pixel decoding).
+
+    Rare exception: a PNG whose EXIF chunk comes after its pixel data is reported unrotated.
+    """
+    path = check_media_file(path, "image")
+    with _open_image(path) as image:
+        width, height = image.size
+        if _cheap_orientation(image) in _SWAPS_SIDES:
+            width, height = height, width
+    return width, height
+
+
+def _decode(path: Path) -> Image.Image:
+    """Fully decode (so truncation is caught here), apply EXIF orientation, convert to RGB."""
+    image = _open_image(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+    except MemoryError:
+        raise MediaError(f"not enough memory to decode {path}; downscale the image first") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
+        raise MediaError(f"cannot decode {path}: the file is truncated or corrupt ({_one_line(e)}); re-export or re-download it") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - malformed EXIF: keep the image as stored
+        pass
+    return to_rgb(image)
+
+
+def load_image(
+    path: str | Path, max_tiles: int = 12, use_thumbnail: bool = True, image_size: int = IMAGE_SIZE
+) -> ImageInput:
+    """Read an image file and return its normalised tiles (SPEC §4)."""
+    _check_tile_limits(max_tiles, 1)
+    path = check_media_file(path, "image")
+    image = _decode(path)
+    grid = choose_grid(image.width, image.height, max_tiles, image_size=image_size)
+    tiles = tile_image(image, max_tiles, use_thumbnail, image_size)
+    return ImageInput(pixel_values=normalize_tiles(tiles, image_size), size=image.size, grid=grid, path=path)

@@ -1,0 +1,226 @@
+"""`Int4Linear`: a 4-bit AWQ linear layer with a choice of kernels (SPEC §5).
+
+Backends:
+- "torch": PyTorch's built-in int4 weight-only GEMM ("tinygemm"). Resident: the kernel's packed
+  weight (0.5 B/weight) and one bf16 (scale, zero) pair per group and column. Tinygemm computes
+  w = (q − 8)·scale + zero, so an AWQ zero z maps exactly to zero = (8 − z)·scale. Activations go
+  through the kernel in bf16 (cast in and out). On CUDA, batches above `dense_threshold` rows
+  dequantize the packed weight on the fly and use a dense matmul (tinygemm is slow there).
+- "dequant": keeps the AWQ tensors, dequantizes on every call and runs a dense matmul. Any device
+  and dtype; the reference.
+- "auto": "torch" where `int4_backend_supported`, else "dequant".
+
+No forward path synchronises with the host: branches depend on shapes only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from internvl_chat.errors import UsageError
+from internvl_chat.quant.awq_format import dequantize_awq, unpack_awq, validate_awq
+
+BACKENDS = ("auto", "torch", "dequant")
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+_TILE_K = 16  # tinygemm's k-tile; the CUDA packing holds `inner_k_tiles` of them per int32 group
+_TILE_N = 8
+
+__all__ = ["BACKENDS", "Int4Linear", "int4_backend_supported"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel availability
+
+
+def _cuda_inner_k_tiles(in_features: int) -> int:
+    """The widest inner k-tiling (8, 4 or 2) that divides K; 0 if none does."""
+    for tiles in (8, 4, 2):
+        if in_features % (tiles * _TILE_K) == 0:
+            return tiles
+    return 0
+
+
+def int4_backend_supported(device: torch.device | str, in_features: int, out_features: int, group_size: int) -> bool:
+    """Whether PyTorch's int4 kernels can run a K×N linear with this group size on `device`."""
+    device = torch.device(device)
+    if group_size not in TINYGEMM_GROUP_SIZES or in_features % group_size != 0:
+        return False
+    if device.type == "cuda":
+        # ROCm builds use another packed layout (16-wide n tiles), which our dense path cannot read.
+        if torch.version.hip is not None or not torch.cuda.is_available():
+            return False
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return False
+        return out_features % _TILE_N == 0 and _cuda_inner_k_tiles(in_features) > 0
+    if device.type == "cpu":
+        has_ops = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+            torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+        )
+        return has_ops and out_features % 16 == 0 and in_features % 2 == 0
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Tinygemm CUDA layout
+#
+# `_convert_weight_to_int4pack(uint8 [N, K/2], t)` (byte = q[n, 2i] << 4 | q[n, 2i+1]) returns int32
+# [N/8, K/(16t), 32, t/2]. Element [nt, ko, lane, i2], nibble slot j = 4h + jj (bits 4j..4j+3) holds
+#   n = 8·nt + lane // 4,   k = 16t·ko + 32·i2 + 8·jj + 2·(lane % 4) + h
+# (read off `matrix_to_m16n8k16_Bint4_layout` in PyTorch's int4mm.cu; checked on a GPU by the tests).
+
+
+def _awq_to_tinygemm_bytes(q_in_out: torch.Tensor) -> torch.Tensor:
+    """4-bit values [K, N] → the uint8 [N, K/2] input of `_convert_weight_to_int4pack`."""
+    q = q_in_out.t().to(torch.uint8)
+    return ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
+
+
+def unpack_tinygemm_cuda(packed: torch.Tensor) -> torch.Tensor:
+    """Tinygemm's CUDA int32 [N/8, K/(16t), 32, t/2] → 4-bit values uint8 [N, K] (out×in)."""
+    n_tiles, k_outer, lanes, half_tiles = packed.shape
+    as_bytes = packed.contiguous().view(torch.uint8)  # [..., t/2 * 4]; byte b = slots 2b, 2b + 1
+    nibbles = torch.stack((as_bytes & 0xF, as_bytes >> 4), dim=-1)
+    # [nt, ko, lane_hi(8), lane_lo(4), i2, h(2), jj(4)] → n = (nt, lane_hi), k = (ko, i2, jj, lane_lo, h)
+    nibbles = nibbles.reshape(n_tiles, k_outer, lanes // 4, 4, half_tiles, 2, 4)
+    ordered = nibbles.permute(0, 2, 1, 4, 6, 3, 5)
+    return ordered.reshape(n_tiles * _TILE_N, k_outer * half_tiles * 2 * _TILE_K)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer
+
+
+class Int4Linear(nn.Module):
+    """y = x·W + b for a 4-bit AWQ weight W [K, N]; x [..., K] → [..., N] in x's dtype.
+
+    Build with `Int4Linear.from_awq(...)` on the device it will run on: the torch backend's packed
+    weight is device-specific (buffers are not saved in state dicts).
+    """
+
+    # Rows above which the CUDA torch backend dequantizes and runs a dense matmul (tuned by bench).
+    dense_threshold: int = 64
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, backend: str) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.backend = backend
+        self.register_buffer("bias", None, persistent=False)
+
+    @classmethod
+    def from_awq(
+        cls,
+        qweight: torch.Tensor,
+        qzeros: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        group_size: int = 128,
+        backend: str = "auto",
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> Int4Linear:
+        """Build from the AWQ GEMM triple (qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales [K/g, N]).
+
+        `dtype` is the bias's dtype (the activations' usual dtype); `device` defaults to qweight's.
+        """
+        in_features, out_features = validate_awq(qweight, qzeros, scales, group_size)
+        device = torch.device(device) if device is not None else qweight.device
+        if backend not in BACKENDS:
+            raise UsageError(f"unknown int4 backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+        supported = int4_backend_supported(device, in_features, out_features, group_size)
+        if backend == "torch" and not supported:
+            raise UsageError(
+                f"PyTorch's int4 kernels cannot run a {in_features}→{out_features} linear with group size "
+                f"{group_size} on {device} (needs CUDA sm80+ or CPU and aligned shapes); use int4 backend 'auto' or 'dequant'."
+            )
+        resolved = "torch" if backend == "torch" or (backend == "auto" and supported) else "dequant"
+        layer = cls(in_features, out_features, group_size, resolved)
+        if resolved == "torch":
+            layer._init_tinygemm(qweight.to(device), qzeros.to(device), scales.to(device))
+        else:
+            layer.register_buffer("qweight", qweight.to(device).contiguous(), persistent=False)
+            layer.register_buffer("qzeros", qzeros.to(device).contiguous(), persistent=False)
+            layer.register_buffer("scales", scales.to(device).contiguous(), persistent=False)
+        if bias is not None:
+            if bias.shape != (out_features,):
+                raise UsageError(f"bias has shape {tuple(bias.shape)} but the linear has {out_features} outputs.")
+            layer.register_buffer("bias", bias.to(device=device, dtype=dtype).contiguous(), persistent=False)
+        return layer
+
+    def _init_tinygemm(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> None:
+        q = unpack_awq(qweight, torch.uint8)  # [K, N]
+        zeros = unpack_awq(qzeros, torch.uint8).to(torch.float32)
+        scales_f = scales.to(torch.float32)
+        # Tinygemm: (q − 8)·s + zero', and AWQ: (q − z)·s  ⇒  zero' = (8 − z)·s.
+        # The kernel rounds s to bf16 anyway; use that rounded s for zero' so both agree.
+        scales_bf16 = scales_f.to(torch.bfloat16)
+        tiny_zero = (8.0 - zeros) * scales_bf16.to(torch.float32)
+        scale_and_zero = torch.stack((scales_bf16, tiny_zero.to(torch.bfloat16)), dim=-1).contiguous()
+        if qweight.device.type == "cuda":
+            tiles = _cuda_inner_k_tiles(self.in_features)
+            packed = torch.ops.aten._convert_weight_to_int4pack(_awq_to_tinygemm_bytes(q), tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().to(torch.int32).contiguous(), 1)
+        del q
+        self.register_buffer("packed_weight", packed, persistent=False)
+        self.register_buffer("scale_and_zero", scale_and_zero, persistent=False)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead_shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.backend == "torch":
+            y = self._forward_torch(x2)
+        else:
+            w = dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype=x.dtype)
+            y = x2 @ w
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead_shape, self.out_features)
+
+    def _forward_torch(self, x2: torch.Tensor) -> torch.Tensor:
+        rows = x2.shape[0]
+        if rows == 0:
+            return x2.new_empty(0, self.out_features)
+        if self.packed_weight.device.type == "cuda":
+            if rows > self.dense_threshold:
+                return F.linear(x2, self.dequantized_weight_out_in(x2.dtype))
+            xb = x2.to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm(xb, self.packed_weight, self.group_size, self.scale_and_zero)
+        else:
+            # On CPU dequantizing costs more than the kernel saves, so there is no dense path.
+            xb = x2.to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed_weight, self.group_size, self.scale_and_zero)
+        return y.to(x2.dtype)
+
+    def dequantized_weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a dense [N, K] tensor (nn.Linear layout), built from what is resident.
+
+        Supported for the dequant backend and the CUDA torch backend.
+        """
+        if self.backend == "dequant":
+            return dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype=dtype).t()
+        if self.packed_weight.device.type != "cuda":
+            raise UsageError("dequantizing the CPU tinygemm layout is not supported; use int4 backend 'dequant'.")
+        q = unpack_tinygemm_cuda(self.packed_weight)  # [N, K] uint8
+        groups = self.in_features // self.group_size
+        q = q.reshape(self.out_features, groups, self.group_size).to(dtype) - 8
+        scale = self.scale_and_zero[:, :, 0].t().unsqueeze(-1).to(dtype)  # [N, G, 1]
+        zero = self.scale_and_zero[:, :, 1].t().unsqueeze(-1).to(dtype)
+        return torch.addcmul(zero, q, scale).reshape(self.out_features, self.in_features)
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    def memory_bytes(self) -> int:
+        """Bytes resident on the device for this layer (weights, scales, zeros, bias)."""
+        return sum(buf.numel() * buf.element_size() for buf in self.buffers(recurse=False))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"backend={self.backend}, bias={self.bias is not None}"
+        )

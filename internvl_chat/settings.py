@@ -1,0 +1,398 @@
+"""Every user-tunable default, and where each value came from.
+
+Layers, lowest first: the package's `configs/default.toml` < the user file
+(`~/.config/internvl-chat/config.toml`, `$INTERNVL_CHAT_CONFIG`, or `--config FILE`) <
+environment variables `INTERNVL_CHAT_<SECTION>_<KEY>` < command-line flags (a dict of overrides).
+`/set KEY VALUE` in the REPL changes a value afterwards through `Settings.set`.
+
+Values are parsed and validated by the type and rule of their dataclass field, so a bad value
+is reported once, by name, with where it came from; nothing downstream re-validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import UsageError
+
+DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
+ENV_PREFIX = "INTERNVL_CHAT_"
+# Not a setting: names the user config file (like --config).
+ENV_CONFIG_FILE = "INTERNVL_CHAT_CONFIG"
+
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+INT4_BACKENDS = ("auto", "torch", "dequant")
+COLORS = ("auto", "always", "never")
+
+# Short names accepted by `/set`; every dotted key ("generation.seed") is accepted too.
+SET_ALIASES = {
+    "temperature": "generation.temperature",
+    "top_p": "generation.top_p",
+    "top_k": "generation.top_k",
+    "repetition_penalty": "generation.repetition_penalty",
+    "max_new_tokens": "generation.max_new_tokens",
+    "seed": "generation.seed",
+    "max_tiles": "media.max_tiles",
+    "frames": "media.frames",
+    "stats": "ui.stats",
+    "markdown": "ui.markdown",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_NONE = {"", "none", "null"}
+
+
+# --- field rules -------------------------------------------------------------------------------
+
+Check = Callable[[Any], Any]  # returns the (normalised) value or raises ValueError(expectation)
+
+
+def _rule(check: Check | None, expect: str) -> dict[str, Any]:
+    return {"check": check, "expect": expect}
+
+
+def _number(low: float | None = None, high: float | None = None, low_open: bool = False) -> Check:
+    def check(value: Any) -> Any:
+        if low is not None and (value < low or (low_open and value == low)):
+            raise ValueError
+        if high is not None and value > high:
+            raise ValueError
+        return value
+
+    return check
+
+
+def _choice(choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> Check:
+    def check(value: str) -> str:
+        value = value.strip().lower()
+        value = (aliases or {}).get(value, value)
+        if value not in choices:
+            raise ValueError
+        return value
+
+    return check
+
+
+def _device(value: str) -> str:
+    value = value.strip().lower()
+    if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise ValueError
+
+
+def _setting(default: Any, check: Check | None = None, expect: str = "", **kw: Any) -> Any:
+    return field(default=default, metadata=_rule(check, expect), **kw)
+
+
+# --- the sections ------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSettings:
+    path: str = _setting("", expect="a checkpoint folder (empty: the embedded demo model)")
+    device: str = _setting("auto", _device, "one of auto, cpu, cuda, cuda:N")
+    dtype: str = _setting(
+        "auto", _choice(DTYPES, DTYPE_ALIASES), "one of auto, float32, bfloat16, float16 (or fp32, bf16, fp16)"
+    )
+    max_context: int = _setting(8192, _number(16), "an integer ≥ 16")
+    int4_backend: str = _setting("auto", _choice(INT4_BACKENDS), "one of auto, torch, dequant")
+
+
+@dataclass
+class GenerationSettings:
+    temperature: float = _setting(0.0, _number(0.0), "a number ≥ 0 (0 is greedy)")
+    top_p: float = _setting(1.0, _number(0.0, 1.0, low_open=True), "a number in (0, 1]")
+    top_k: int = _setting(0, _number(0), "an integer ≥ 0 (0 turns it off)")
+    repetition_penalty: float = _setting(1.0, _number(0.0, low_open=True), "a number > 0 (1 turns it off)")
+    max_new_tokens: int = _setting(1024, _number(1), "an integer ≥ 1")
+    seed: int | None = _setting(None, _number(0), "an integer ≥ 0, or none for a random seed")
+    stream_interval: int = _setting(1, _number(1), "an integer ≥ 1 (tokens per text update)")
+
+
+@dataclass
+class MediaSettings:
+    max_tiles: int = _setting(12, _number(1, 64), "an integer from 1 to 64")
+    frames: int = _setting(8, _number(1, 256), "an integer from 1 to 256")
+    auto_attach: bool = _setting(True, expect="true or false")
+
+
+@dataclass
+class UISettings:
+    markdown: bool = _setting(True, expect="true or false")
+    stats: bool = _setting(True, expect="true or false")
+    color: str = _setting("auto", _choice(COLORS), "one of auto, always, never")
+    history: bool = _setting(True, expect="true or false")
+    history_file: str = _setting("~/.local/state/internvl-chat/history", expect="a file path")
+    plain: bool = _setting(False, expect="true or false")
+
+    @property
+    def history_path(self) -> Path:
+        return Path(self.history_file).expanduser()
+
+
+@dataclass
+class SystemSettings:
+    # None: the checkpoint's own system message; "" means no system message at all.
+    message: str | None = _setting(None, expect="a text (unset: the checkpoint's default)")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSettings,
+    "generation": GenerationSettings,
+    "media": MediaSettings,
+    "ui": UISettings,
+    "system": SystemSettings,
+}
+
+
+@dataclass
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    media: MediaSettings = field(default_factory=MediaSettings)
+    ui: UISettings = field(default_factory=UISettings)
+    system: SystemSettings = field(default_factory=SystemSettings)
+    # "section.key" -> "default" | "config PATH" | "env NAME" | "flag" | "/set"
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def get(self, key: str) -> Any:
+        section, name = resolve_key(key).split(".")
+        return getattr(getattr(self, section), name)
+
+    def set(self, key: str, value: Any, source: str = "/set") -> str:
+        """Set one value (text is parsed by the field's type); returns the dotted key.
+
+        Raises UsageError for an unknown key (with the closest one) or a bad value.
+        """
+        dotted = resolve_key(key)
+        _assign(self, dotted, value, where=f"{source} {key}".strip())
+        self.sources[dotted] = source
+        return dotted
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+def all_keys() -> list[str]:
+    """Every dotted key, in declaration order."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def resolve_key(key: str) -> str:
+    """A `/set` alias or a dotted key -> the dotted key; UsageError with a suggestion otherwise."""
+    norm = key.strip().lower().replace("-", "_")
+    if norm in SET_ALIASES:
+        return SET_ALIASES[norm]
+    if norm in all_keys():
+        return norm
+    candidates = list(SET_ALIASES) + all_keys()
+    raise UsageError(f"unknown setting {key!r}{_suggest(norm, candidates)}; see /show for all settings.")
+
+
+def _suggest(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _field(dotted: str) -> tuple[dataclasses.Field, Any]:
+    section, name = dotted.split(".")
+    cls = SECTIONS[section]
+    fld = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return fld, typing.get_type_hints(cls)[name]
+
+
+# --- parsing and validation --------------------------------------------------------------------
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """A TOML value, flag value or text -> a value of `tp`; ValueError when it is not one."""
+    base, optional = _split_optional(tp)
+    if isinstance(value, str) and base is not str:
+        text = value.strip()
+        if optional and text.lower() in _NONE:
+            return None
+        if base is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if base is int:
+            return int(text.replace("_", ""), 10)
+        if base is float:
+            value = float(text)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if isinstance(value, bool):  # bool is an int subclass: never a number here
+        raise ValueError
+    if base is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError
+    if base is float:
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+        raise ValueError
+    if base is str and isinstance(value, str):
+        return value
+    raise ValueError
+
+
+def _assign(settings: Settings, dotted: str, value: Any, where: str) -> None:
+    fld, tp = _field(dotted)
+    try:
+        parsed = _coerce(value, tp)
+        check = fld.metadata.get("check")
+        if parsed is not None and check is not None:
+            parsed = check(parsed)
+    except (ValueError, TypeError):
+        expect = fld.metadata.get("expect") or "a valid value"
+        raise UsageError(f"{where}: {dotted} must be {expect}, not {value!r}; fix the value.") from None
+    section, name = dotted.split(".")
+    setattr(getattr(settings, section), name, parsed)
+
+
+# --- layers ------------------------------------------------------------------------------------
+
+
+def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
+    """The user config file: $XDG_CONFIG_HOME/internvl-chat/config.toml (~/.config by default)."""
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(base) / "internvl-chat" / "config.toml"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist; check the --config path.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path} is not valid TOML ({e}); fix the file.") from None
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path} ({e.strerror}); check its permissions.") from None
+
+
+def _apply_toml(settings: Settings, data: dict[str, Any], path: Path, source: str) -> None:
+    for section, table in data.items():
+        if section not in SECTIONS:
+            raise UsageError(
+                f"{path}: unknown section [{section}]{_suggest(section, list(SECTIONS))}; "
+                f"valid sections are {', '.join(SECTIONS)}."
+            )
+        if not isinstance(table, dict):
+            raise UsageError(f"{path}: {section} must be a [{section}] table of settings; fix the file.")
+        for name, value in table.items():
+            dotted = f"{section}.{name}"
+            if dotted not in all_keys():
+                raise UsageError(f"{path}: unknown setting {dotted!r}{_suggest(dotted, all_keys())}; fix the file.")
+            _assign(settings, dotted, value, where=str(path))
+            settings.sources[dotted] = source
+
+
+def env_name(dotted: str) -> str:
+    return ENV_PREFIX + dotted.replace(".", "_").upper()
+
+
+def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
+    by_name = {env_name(k): k for k in all_keys()}
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        if name not in by_name:
+            valid = list(by_name) + [ENV_CONFIG_FILE]
+            raise UsageError(f"unknown environment variable {name}{_suggest(name, valid)}; rename or unset it.")
+        _assign(settings, by_name[name], env[name], where=f"environment variable {name}")
+        settings.sources[by_name[name]] = f"env {name}"
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    env: Mapping[str, str] = os.environ,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the layers. `overrides` keys are dotted keys or `/set` aliases; None values are skipped.
+
+    `config_path` (or $INTERNVL_CHAT_CONFIG) must exist; the default user file may be absent.
+    """
+    settings = Settings()
+    settings.sources = {key: "default" for key in all_keys()}
+    _apply_toml(settings, _read_toml(DEFAULT_CONFIG_FILE), DEFAULT_CONFIG_FILE, "default")
+
+    if config_path is None and env.get(ENV_CONFIG_FILE):
+        config_path = env[ENV_CONFIG_FILE]
+    if config_path is not None:
+        user_file: Path | None = Path(config_path).expanduser()
+    else:
+        user_file = default_config_path(env)
+        if not user_file.is_file():
+            user_file = None
+    if user_file is not None:
+        _apply_toml(settings, _read_toml(user_file), user_file, f"config {user_file}")
+
+    _apply_env(settings, env)
+
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            settings.set(key, value, source="flag")
+    return settings
+
+
+# --- --print-config ----------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+    return repr(value)
+
+
+def format_settings(settings: Settings) -> str:
+    """The merged settings as TOML lines, each with a `# from …` comment; unset values commented out."""
+    out: list[str] = []
+    for section, cls in SECTIONS.items():
+        rows = []
+        for fld in dataclasses.fields(cls):
+            dotted = f"{section}.{fld.name}"
+            value = getattr(getattr(settings, section), fld.name)
+            line = f"{fld.name} = {_toml_value(value)}" if value is not None else f"# {fld.name} = (not set)"
+            rows.append((line, settings.sources.get(dotted, "default")))
+        width = max(len(line) for line, _ in rows)
+        if out:
+            out.append("")
+        out.append(f"[{section}]")
+        out.extend(f"{line.ljust(width)}  # from {source}" for line, source in rows)
+    return "\n".join(out) + "\n"

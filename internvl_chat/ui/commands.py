@@ -1,0 +1,317 @@
+"""Parsing REPL lines into messages and slash commands (pure: no model, no file system).
+
+`parse_line` returns a `Message` or a validated `Command`: paths are normalised (`paths.py`),
+numbers and ranges parsed, and every mistake is a `UsageError` that shows the usage or suggests
+the command that was meant. `COMMANDS` describes each command (help text, argument kinds) for
+`/help` and for completion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .paths import normalize_path, shell_unquote
+
+# Argument kinds (what a completer offers): "image", "video" and "file" are paths; "int" a
+# number; "setting" a key of `/set`; "value", "text" and "command" free text.
+PATH_KINDS = ("image", "video", "file")
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    name: str  # as shown in the usage line: PATH, N, KEY …
+    kind: str
+    required: bool = True
+    repeat: bool = False  # one or more (or zero or more when not required)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str  # "--frames"
+    kind: str  # "int" (≥ 1) or "range" (START-END seconds)
+    metavar: str
+    help: str
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    name: str  # without the slash
+    help: str
+    args: tuple[ArgSpec, ...] = ()
+    options: tuple[OptionSpec, ...] = ()
+    aliases: tuple[str, ...] = ()
+    rest_is_text: bool = False  # the rest of the line is one verbatim text argument
+
+    @property
+    def usage(self) -> str:
+        parts = [f"/{self.name}"]
+        for arg in self.args:
+            text = arg.name + ("…" if arg.repeat else "")
+            parts.append(text if arg.required else f"[{text}]")
+        parts += [f"[{opt.name} {opt.metavar}]" for opt in self.options]
+        return " ".join(parts)
+
+
+COMMANDS: tuple[CommandSpec, ...] = (
+    CommandSpec("help", "show the commands, or the usage of one", (ArgSpec("COMMAND", "command", required=False),)),
+    CommandSpec("image", "attach images to the next message", (ArgSpec("PATH", "image", repeat=True),)),
+    CommandSpec(
+        "video",
+        "attach a video to the next message",
+        (ArgSpec("PATH", "video"),),
+        (
+            OptionSpec("--frames", "int", "N", "frames to sample"),
+            OptionSpec("--range", "range", "A-B", "only the part from A to B seconds"),
+        ),
+    ),
+    CommandSpec("media", "list the attached images and videos and their token cost"),
+    CommandSpec("drop", "detach attached item N (numbers as in /media)", (ArgSpec("N", "int"),)),
+    CommandSpec("clear", "start a new conversation"),
+    CommandSpec("retry", "answer the last message again"),
+    CommandSpec("undo", "remove the last message and its answer"),
+    CommandSpec(
+        "system",
+        "show the system message, or set it to TEXT",
+        (ArgSpec("TEXT", "text", required=False),),
+        rest_is_text=True,
+    ),
+    CommandSpec("set", "change a setting (temperature, top_p, max_tiles …)", (ArgSpec("KEY", "setting"), ArgSpec("VALUE", "value"))),
+    CommandSpec("show", "show the settings"),
+    CommandSpec("context", "show how the context is used, item by item"),
+    CommandSpec("stats", "show the statistics of the last answer"),
+    CommandSpec("save", "save the conversation to a JSON file", (ArgSpec("FILE", "file", required=False),)),
+    CommandSpec("load", "load a conversation saved with /save", (ArgSpec("FILE", "file"),)),
+    CommandSpec("export", "write the conversation as Markdown", (ArgSpec("FILE.md", "file"),)),
+    CommandSpec("exit", "quit (also /quit or Ctrl-D)", aliases=("quit",)),
+)
+
+COMMAND_BY_NAME: dict[str, CommandSpec] = {
+    name: spec for spec in COMMANDS for name in (spec.name, *spec.aliases)
+}
+
+
+@dataclass(frozen=True)
+class Message:
+    text: str
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # canonical name, without the slash ("exit" for /quit)
+    args: tuple[Any, ...] = ()  # Path for path kinds, int for "int", str otherwise
+    options: dict[str, Any] = field(default_factory=dict)  # "frames": int, "range": (a, b)
+
+
+# --- tokenising --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Word:
+    raw: str  # as typed, quotes and escapes included
+    start: int
+    end: int
+
+
+def split_words(text: str) -> list[Word]:
+    """Split at unquoted, unescaped whitespace, keeping each word's raw text and span.
+
+    Quotes and backslash-escapes follow the shell, so dragged-and-dropped paths stay whole.
+    An unclosed quote (an apostrophe in a plain name) falls back to splitting at whitespace.
+    """
+    words: list[Word] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i].isspace():
+            i += 1
+            continue
+        start = i
+        while i < n and not text[i].isspace():
+            c = text[i]
+            if c == "\\":
+                i += 2
+            elif c in "'\"":
+                close = _closing_quote(text, i)
+                if close < 0:
+                    return [Word(m.group(), m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+                i = close + 1
+            else:
+                i += 1
+        i = min(i, n)
+        words.append(Word(text[start:i], start, i))
+    return words
+
+
+def _closing_quote(text: str, i: int) -> int:
+    quote = text[i]
+    j = i + 1
+    while j < len(text):
+        if quote == '"' and text[j] == "\\":
+            j += 2
+            continue
+        if text[j] == quote:
+            return j
+        j += 1
+    return -1
+
+
+def _unquote(raw: str) -> str:
+    try:
+        return shell_unquote(raw)
+    except ValueError:
+        return raw
+
+
+# --- values ------------------------------------------------------------------------------------
+
+_TIME = r"(?:\d+:){0,2}(?:\d+(?:\.\d*)?|\.\d+)"
+
+
+def _seconds(text: str) -> float:
+    """'12.5', '1:30' or '1:02:03' -> seconds."""
+    total = 0.0
+    for part in text.split(":"):
+        total = total * 60 + float(part)
+    return total
+
+
+def parse_range(text: str) -> tuple[float, float]:
+    """'A-B' (seconds, or m:ss / h:mm:ss) -> (A, B) with 0 ≤ A < B; UsageError otherwise."""
+    m = re.fullmatch(rf"\s*({_TIME})\s*-\s*({_TIME})\s*", text)
+    hint = "give START-END in seconds with START before END, e.g. 2.5-10 or 1:00-1:30"
+    if not m:
+        raise UsageError(f"invalid time range {text!r}; {hint}.")
+    start, end = _seconds(m.group(1)), _seconds(m.group(2))
+    if not start < end:
+        raise UsageError(f"invalid time range {text!r}: it ends before it starts; {hint}.")
+    return start, end
+
+
+def _parse_int(text: str, what: str, spec: CommandSpec) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"/{spec.name}: {what} must be a whole number ≥ 1, not {text!r}; usage: {spec.usage}")
+    return value
+
+
+def _suggest(word: str, names: list[str], prefix: str) -> str | None:
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    if close:
+        return prefix + close[0]
+    starts = [n for n in names if n.startswith(word)] if word else []
+    return prefix + starts[0] if len(starts) == 1 else None
+
+
+# --- lines -------------------------------------------------------------------------------------
+
+_COMMAND_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def parse_line(line: str) -> Message | Command:
+    """One REPL line -> Message or Command. `//text` is the message `/text`; a line that starts
+    with a path (`/home/me/cat.png what is this?`) is a message too (auto-attach handles it)."""
+    body = line.lstrip()
+    if body.startswith("//"):
+        cut = len(line) - len(body)
+        return Message(line[:cut] + line[cut + 1 :])
+    if not body.startswith("/"):
+        return Message(line)
+    head, rest = (body[1:].split(None, 1) + [""])[:2] if body[1:].strip() else ("", "")
+    if not head:
+        raise UsageError("empty command; type /help for the commands.")
+    if not _COMMAND_NAME.fullmatch(head):
+        return Message(line)  # a dropped path such as /tmp/cat.png
+    spec = COMMAND_BY_NAME.get(head.lower())
+    if spec is None:
+        hint = _suggest(head.lower(), list(COMMAND_BY_NAME), "/")
+        if hint:
+            raise UsageError(f"unknown command /{head}; did you mean {hint}?")
+        raise UsageError(f"unknown command /{head}; type /help for the commands (// starts a message with /).")
+    return _parse_args(spec, rest.strip())
+
+
+def _parse_args(spec: CommandSpec, rest: str) -> Command:
+    if spec.rest_is_text:
+        return Command(spec.name, (rest,) if rest else ())
+
+    words = split_words(rest)
+    options: dict[str, Any] = {}
+    positional: list[Word] = []
+    i = 0
+    while i < len(words):
+        raw = words[i].raw
+        if raw.startswith("--") and len(raw) > 2:
+            name, eq, value = raw.partition("=")
+            opt = next((o for o in spec.options if o.name == name), None)
+            if opt is None:
+                valid = [o.name for o in spec.options]
+                hint = _suggest(name, valid, "")
+                tip = f"did you mean {hint}?" if hint else f"usage: {spec.usage}"
+                raise UsageError(f"/{spec.name} has no option {name}; {tip}")
+            if not eq:
+                i += 1
+                if i >= len(words):
+                    raise UsageError(f"/{spec.name}: {name} needs a value; usage: {spec.usage}")
+                value = words[i].raw
+            value = _unquote(value)
+            key = name[2:]
+            if opt.kind == "int":
+                options[key] = _parse_int(value, name, spec)
+            else:
+                options[key] = parse_range(value)
+        else:
+            positional.append(words[i])
+        i += 1
+
+    if spec.name == "set" and len(positional) == 1 and "=" in positional[0].raw:
+        key, _, value = _unquote(positional[0].raw).partition("=")
+        return Command("set", (key.strip(), value.strip()), options)
+
+    return Command(spec.name, _bind(spec, positional), options)
+
+
+def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
+    required = [a for a in spec.args if a.required]
+    repeat = any(a.repeat for a in spec.args)
+    if len(words) < len(required):
+        missing = required[len(words)]
+        raise UsageError(f"/{spec.name} needs {missing.name}; usage: {spec.usage}")
+    if not repeat and len(words) > len(spec.args):
+        what = "no arguments" if not spec.args else f"at most {len(spec.args)} argument(s)"
+        raise UsageError(f"/{spec.name} takes {what}; usage: {spec.usage}")
+
+    values: list[Any] = []
+    for n, word in enumerate(words):
+        arg = spec.args[min(n, len(spec.args) - 1)]
+        if arg.kind in PATH_KINDS:
+            values.append(normalize_path(word.raw))
+        elif arg.kind == "int":
+            values.append(_parse_int(_unquote(word.raw), arg.name, spec))
+        else:
+            values.append(_unquote(word.raw))
+    return tuple(values)
+
+
+def format_help(name: str | None = None) -> str:
+    """All commands with their one-line help, or one command's usage and options."""
+    if name is not None:
+        spec = COMMAND_BY_NAME.get(name.lstrip("/").lower())
+        if spec is None:
+            hint = _suggest(name.lstrip("/").lower(), list(COMMAND_BY_NAME), "/")
+            raise UsageError(f"unknown command /{name.lstrip('/')}" + (f"; did you mean {hint}?" if hint else "; type /help for the commands."))
+        lines = [f"{spec.usage}  {spec.help}"]
+        lines += [f"  {o.name} {o.metavar}  {o.help}" for o in spec.options]
+        if spec.aliases:
+            lines.append("  also: " + ", ".join("/" + a for a in spec.aliases))
+        return "\n".join(lines)
+    width = max(len(spec.usage) for spec in COMMANDS)
+    lines = [f"{spec.usage.ljust(width)}  {spec.help}" for spec in COMMANDS]
+    lines.append("//TEXT".ljust(width) + "  send a message that starts with /")
+    return "\n".join(lines)

@@ -1,0 +1,400 @@
+"""Streaming an answer to the terminal, and the one-line summaries around it.
+
+`MarkdownStream` prints each finished Markdown block once, as soon as it is finished, and keeps
+only the unfinished tail in a transient `rich.live.Live` region: long answers scroll like normal
+output and the screen never redraws the whole answer. Which part is finished is decided by the
+pure `split_committable`. `PlainStream` writes the raw text for pipes, `--plain` and `TERM=dumb`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import IO, Any, Mapping
+
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.segment import Segment
+from rich.text import Text
+
+# --- block splitting ---------------------------------------------------------------------------
+
+_LINE = re.compile(r"[^\n]*\n|[^\n]+$")
+_FENCE_OPEN = re.compile(r"^(\s*)(`{3,}|~{3,})")
+_LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,9}[.)])(?:[ \t]|$)")
+_HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]|$)")
+_THEMATIC_BREAK = re.compile(r"^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
+_LIST_CONTINUATION_INDENT = 2
+_BRING_OWN_BLANK_LINE = ("bullet_list_open", "ordered_list_open", "blockquote_open")  # a line indented this much after a blank line stays in the list
+
+
+def _indent(line: str) -> int:
+    expanded = line.expandtabs(4)
+    return len(expanded) - len(expanded.lstrip(" "))
+
+
+def _partial_ends_list(partial: str) -> bool | None:
+    """After a list and a blank line, does this unfinished line start something else?
+    True / False, or None while too little of it is there to tell."""
+    if not partial.strip(" \t"):
+        return None
+    if _indent(partial) >= _LIST_CONTINUATION_INDENT:
+        return False
+    body = partial.lstrip(" \t")
+    if body[0] in "-*+":
+        return None if len(body) == 1 else body[1] not in " \t"
+    digits = re.match(r"\d{1,9}", body)
+    if digits:
+        rest = body[digits.end() :]
+        if not rest:
+            return None
+        if rest[0] not in ".)":
+            return True
+        return None if len(rest) == 1 else rest[1] not in " \t"
+    return True
+
+
+def split_committable(text: str) -> tuple[list[str], str]:
+    """Split streamed Markdown into finished blocks and the unfinished tail.
+
+    A block is finished when nothing typed later can change how it renders: a paragraph at its
+    blank line, a heading at the end of its line, a fenced code block at its closing fence (blank
+    lines inside it never split it), a list only when the first line after it starts something
+    that is not part of the list. `"".join(blocks) + tail == text`; blocks keep their newlines.
+    """
+    cuts: list[int] = []
+    block_start = 0
+    has_content = False
+    is_list = False
+    blank_after_list = False
+    fence: tuple[str, int, bool] | None = None  # (char, length, is the whole block)
+    pos = 0
+
+    def cut(at: int) -> None:
+        nonlocal block_start, has_content, is_list, blank_after_list
+        if at > block_start and has_content:
+            cuts.append(at)
+            block_start = at
+        has_content = is_list = blank_after_list = False
+
+    lines = _LINE.findall(text)
+    partial = lines.pop() if lines and not lines[-1].endswith("\n") else ""
+    for line in lines:
+        end = pos + len(line)
+        content = line.rstrip("\n").rstrip("\r")
+        if fence is not None:
+            char, length, whole_block = fence
+            stripped = content.strip(" \t")
+            if stripped.startswith(char * length) and not stripped.strip(char):
+                fence = None
+                if whole_block:
+                    has_content = True
+                    cut(end)
+            pos = end
+            continue
+        if not content.strip(" \t"):
+            if has_content and not is_list:
+                cut(end)
+            elif is_list:
+                blank_after_list = True
+            pos = end
+            continue
+
+        indent = _indent(content)
+        item = _LIST_ITEM.match(content) is not None
+        opener = _FENCE_OPEN.match(content)
+        starts_block = opener is not None or _HEADING.match(content) is not None
+        starts_block = starts_block or _THEMATIC_BREAK.match(content) is not None
+        if is_list:
+            if blank_after_list and not item and indent < _LIST_CONTINUATION_INDENT:
+                cut(pos)
+            elif not blank_after_list and starts_block and indent < _LIST_CONTINUATION_INDENT:
+                cut(pos)  # a fence or heading at the margin ends the list (else: lazy continuation)
+            else:
+                blank_after_list = False
+
+        if opener is not None:
+            if not is_list:
+                cut(pos)  # the paragraph before the fence is finished
+            fence = (opener.group(2)[0], len(opener.group(2)), not is_list)
+            has_content = True
+        elif _HEADING.match(content) and not is_list:
+            cut(pos)
+            has_content = True
+            cut(end)
+        else:
+            is_list = is_list or item
+            has_content = True
+        pos = end
+
+    if fence is None and is_list and blank_after_list and _partial_ends_list(partial):
+        cut(pos)
+    bounds = [0] + cuts
+    blocks = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    return blocks, text[bounds[-1] :]
+
+
+# --- streams -----------------------------------------------------------------------------------
+
+
+class _BottomLines:
+    """Show only the last lines of a renderable that fit the terminal (a live region taller
+    than the screen cannot be redrawn)."""
+
+    def __init__(self, renderable: RenderableType) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        lines = console.render_lines(self.renderable, options, pad=False)
+        keep = max(console.size.height - 2, 1)
+        for line in lines[-keep:]:
+            yield from line
+            yield Segment.line()
+
+
+class MarkdownStream:
+    """Render a streamed answer as Markdown: finished blocks printed once, the tail live."""
+
+    def __init__(self, console: Console, *, code_theme: str = "monokai", refresh_interval_s: float = 1 / 15):
+        self.console = console
+        self.code_theme = code_theme
+        self.refresh_interval_s = refresh_interval_s
+        self._chunks: list[str] = []
+        self._pending = ""
+        self._printed_blocks = 0
+        self._after_rule = False
+        self._live: Live | None = None
+        self._last_refresh = 0.0
+        self._use_live = console.is_terminal and not console.is_dumb_terminal
+
+    @property
+    def text(self) -> str:
+        """Everything fed so far."""
+        return "".join(self._chunks)
+
+    def feed(self, delta: str) -> None:
+        if not delta:
+            return
+        self._chunks.append(delta)
+        blocks, self._pending = split_committable(self._pending + delta)
+        for block in blocks:
+            self._print_block(block)
+        self._show_tail(force=bool(blocks))
+
+    def finish(self) -> str:
+        """Stop the live region and print what is left; returns the whole text. Safe to call twice."""
+        if self._live is not None:
+            self._live.stop()  # transient: the live tail disappears, then is printed for good
+            self._live = None
+        tail, self._pending = self._pending, ""
+        self._print_block(tail)
+        return self.text
+
+    def __enter__(self) -> MarkdownStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.finish()
+
+    def _markdown(self, text: str) -> tuple[RenderableType, Markdown]:
+        markdown = Markdown(text.strip("\n"), code_theme=self.code_theme)
+        # Rendered as one document, rich puts a blank line between top-level elements, except
+        # before a list or quote (which bring their own) and after a rule; blocks printed one
+        # by one get the same spacing here.
+        first = markdown.parsed[0].type if markdown.parsed else ""
+        if self._printed_blocks and not self._after_rule and first not in _BRING_OWN_BLANK_LINE:
+            return Group(Text(""), markdown), markdown
+        return markdown, markdown
+
+    def _print_block(self, block: str) -> None:
+        if not block.strip():
+            return
+        view, markdown = self._markdown(block)
+        self.console.print(view)
+        self._printed_blocks += 1
+        self._after_rule = bool(markdown.parsed) and markdown.parsed[-1].type == "hr"
+
+    def _show_tail(self, force: bool) -> None:
+        if not self._use_live:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_refresh < self.refresh_interval_s:
+            return  # re-rendering Markdown per token is the cost to avoid; the next feed catches up
+        self._last_refresh = now
+        view: RenderableType = _BottomLines(self._markdown(self._pending)[0]) if self._pending.strip() else Text("")
+        if self._live is None:
+            self._live = Live(view, console=self.console, transient=True, auto_refresh=False)
+            self._live.start(refresh=True)
+        else:
+            self._live.update(view, refresh=True)
+
+
+class PlainStream:
+    """Raw text deltas to a file, flushed as they come (pipes, --plain, TERM=dumb)."""
+
+    def __init__(self, file: IO[str]) -> None:
+        self.file = file
+        self._chunks: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self._chunks)
+
+    def feed(self, delta: str) -> None:
+        if not delta:
+            return
+        self._chunks.append(delta)
+        self.file.write(delta)
+        self.file.flush()
+
+    def finish(self) -> str:
+        """End the answer's line (once); returns the whole text."""
+        if self._chunks and not self._chunks[-1].endswith("\n"):
+            self._chunks.append("\n")
+            self.file.write("\n")
+            self.file.flush()
+        return self.text
+
+    def __enter__(self) -> PlainStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.finish()
+
+
+def make_console(file: IO[str] | None = None, color: str = "auto", env: Mapping[str, str] = os.environ) -> Console:
+    """A Console for `file` honouring the ui.color setting and NO_COLOR (any non-empty value)."""
+    no_color = color == "never" or bool(env.get("NO_COLOR"))
+    force_terminal = True if color == "always" and not no_color else None
+    return Console(file=file, no_color=no_color, force_terminal=force_terminal)
+
+
+def choose_stream(
+    console_or_file: Console | IO[str], plain: bool, env: Mapping[str, str] = os.environ
+) -> MarkdownStream | PlainStream:
+    """Markdown for a real terminal; raw text for --plain, non-terminals and TERM=dumb."""
+    dumb = env.get("TERM", "").lower() == "dumb"
+    if isinstance(console_or_file, Console):
+        console = console_or_file
+        if plain or dumb or console.is_dumb_terminal or not console.is_terminal:
+            return PlainStream(console.file)
+        return MarkdownStream(console)
+    file = console_or_file
+    isatty = getattr(file, "isatty", None)
+    if plain or dumb or not (isatty and isatty()):
+        return PlainStream(file)
+    return MarkdownStream(make_console(file, env=env))
+
+
+# --- summary lines -----------------------------------------------------------------------------
+
+
+def _count(n: float) -> str:
+    return f"{int(n):,}"
+
+
+def _rate(per_s: float) -> str:
+    return f"{per_s:,.0f}" if per_s >= 100 else f"{per_s:.1f}"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.2f} s" if s < 10 else f"{s:,.1f} s"
+
+
+def _percent(fraction: float) -> str:
+    return f"{int(fraction * 100 + 0.5)} %"  # half up, unlike round()
+
+
+def format_bytes(n: float) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**10:.0f} KiB"
+
+
+def format_stats(
+    timing: Mapping[str, Any] | None,
+    usage: Mapping[str, Any] | None = None,
+    context_used: int | None = None,
+    context_limit: int | None = None,
+    peak_mem_bytes: int | None = None,
+    device: Any = None,
+) -> str:
+    """One line after an answer; parts whose numbers are missing are left out.
+
+    `vision 0.41 s · prefill 2,310 tok @ 5,120 tok/s · ttft 0.52 s · decode 41.3 tok/s ·
+    context 2,480/8,192 (30 %) · peak 1.2 GiB GPU`. Vision is left out when it took no time
+    (a text-only turn); decode tokens fall back to usage["completion_tokens"].
+    """
+    timing = timing or {}
+    usage = usage or {}
+    parts: list[str] = []
+
+    vision_s = timing.get("vision_s")
+    if vision_s:
+        parts.append(f"vision {_seconds(vision_s)}")
+
+    prefill_tokens, prefill_s = timing.get("prefill_tokens"), timing.get("prefill_s")
+    if prefill_tokens is not None:
+        text = f"prefill {_count(prefill_tokens)} tok"
+        if prefill_s:
+            text += f" @ {_rate(prefill_tokens / prefill_s)} tok/s"
+        parts.append(text)
+    elif prefill_s is not None:
+        parts.append(f"prefill {_seconds(prefill_s)}")
+
+    if timing.get("ttft_s") is not None:
+        parts.append(f"ttft {_seconds(timing['ttft_s'])}")
+
+    decode_rate = timing.get("decode_tokens_per_s")
+    decode_tokens = timing.get("decode_tokens", usage.get("completion_tokens"))
+    if decode_rate is None and decode_tokens is not None and timing.get("decode_s"):
+        decode_rate = decode_tokens / timing["decode_s"]
+    if decode_rate is not None:
+        parts.append(f"decode {_rate(decode_rate)} tok/s")
+    elif decode_tokens is not None:
+        parts.append(f"decode {_count(decode_tokens)} tok")
+
+    if context_used is not None and context_limit:
+        parts.append(
+            f"context {_count(context_used)}/{_count(context_limit)} ({_percent(context_used / context_limit)})"
+        )
+
+    if peak_mem_bytes:
+        where = str(device or "")
+        where = "GPU" if where.startswith("cuda") else "RAM" if where == "cpu" else where
+        parts.append(f"peak {format_bytes(peak_mem_bytes)}" + (f" {where}" if where else ""))
+    return " · ".join(parts)
+
+
+def format_attach_line(
+    kind: str,
+    name: str | Path,
+    size_or_frames: tuple[int, int] | int | str | None,
+    tiles: int | None,
+    tokens: int | None,
+    context_fraction: float | None,
+) -> str:
+    """`+ image cat.jpg 1920×1080 → 9 tiles · 2,304 tokens · context 14 %`.
+
+    `size_or_frames`: (width, height) for an image, a frame count for a video (or any text).
+    """
+    head = f"+ {kind} {name.name if isinstance(name, Path) else name}"
+    if isinstance(size_or_frames, tuple):
+        head += f" {size_or_frames[0]}×{size_or_frames[1]}"
+    elif isinstance(size_or_frames, int):
+        head += f" {size_or_frames} frame" + ("" if size_or_frames == 1 else "s")
+    elif size_or_frames:
+        head += f" {size_or_frames}"
+    costs = []
+    if tiles is not None:
+        costs.append(f"{tiles} tile" + ("" if tiles == 1 else "s"))
+    if tokens is not None:
+        costs.append(f"{_count(tokens)} tokens")
+    if context_fraction is not None:
+        costs.append(f"context {_percent(context_fraction)}")
+    return head + (" → " + " · ".join(costs) if costs else "")

@@ -1,0 +1,72 @@
+"""What every mode does first: settings → sampling params, model + Session, media from flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from ..chat.sampling import SamplingParams
+from ..chat.session import Media, Session
+from ..engine.loader import LoadedModel, load_model
+from ..errors import UsageError
+from ..settings import Settings
+from .commands import parse_range
+
+
+def sampling_params(settings: Settings) -> SamplingParams:
+    g = settings.generation
+    return SamplingParams(
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        repetition_penalty=g.repetition_penalty,
+        max_new_tokens=g.max_new_tokens,
+        seed=g.seed,
+    ).validate()
+
+
+def resolve_model_path(settings: Settings) -> Path:
+    from ..cli import model_path
+
+    return model_path(settings)
+
+
+def load_for_settings(settings: Settings, show_progress: bool) -> LoadedModel:
+    path = resolve_model_path(settings)
+    status = nullcontext()
+    if show_progress:
+        from rich.console import Console
+
+        status = Console(stderr=True).status(f"loading {path.name} …", spinner="dots")
+    with status:
+        return load_model(
+            path,
+            device=settings.model.device,
+            dtype=settings.model.dtype,
+            max_context=settings.model.max_context,
+            int4_backend=settings.model.int4_backend,
+        )
+
+
+def open_session(settings: Settings, show_progress: bool | None = None) -> Session:
+    show = sys.stderr.isatty() if show_progress is None else show_progress
+    loaded = load_for_settings(settings, show)
+    return Session(
+        loaded,
+        params=sampling_params(settings),
+        system_message=settings.system.message,
+        use_checkpoint_system=settings.system.message is None,
+        stream_interval=settings.generation.stream_interval,
+    )
+
+
+def media_from_flags(session: Session, args: argparse.Namespace, settings: Settings) -> list[Media]:
+    """The --image/--video flags as described Media (measured, not yet decoded)."""
+    video_range = parse_range(args.video_range) if args.video_range else None
+    if video_range and not args.video:
+        raise UsageError("--video-range needs a --video")
+    media = [session.describe_image(p, settings.media.max_tiles) for p in args.image]
+    media += [session.describe_video(p, settings.media.frames, video_range) for p in args.video]
+    return media

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny checkpoints (random weights, same seed) built once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+for path in (REPO_ROOT, REPO_ROOT / "scripts", REPO_ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+TINY_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A folder holding only the tiny byte-level BPE tokenizer."""
+    from make_tiny_checkpoint import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tokenizer(out)
+    return out
+
+
+def _tiny(tmp_path_factory, tokenizer_dir: Path, name: str, **kwargs) -> Path:
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp(name), seed=TINY_SEED, tokenizer_dir=tokenizer_dir, **kwargs
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_original(tmp_path_factory, tiny_tokenizer) -> Path:
+    """Original OpenGVLab layout, InternViT-300M style, bf16 single safetensors."""
+    return _tiny(tmp_path_factory, tiny_tokenizer, "tiny_original", layout="original", vit="300m")
+
+
+@pytest.fixture(scope="session")
+def tiny_original_6b(tmp_path_factory, tiny_tokenizer) -> Path:
+    """Original layout, InternViT-6B style (RMSNorm, q/k norm, no qkv bias)."""
+    return _tiny(tmp_path_factory, tiny_tokenizer, "tiny_original_6b", layout="original", vit="6b")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, tiny_tokenizer) -> Path:
+    """-hf layout, new prefixes (model.language_model.*); same weights as tiny_original."""
+    return _tiny(tmp_path_factory, tiny_tokenizer, "tiny_hf", layout="hf", vit="300m", prefix_style="new")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_legacy(tmp_path_factory, tiny_tokenizer) -> Path:
+    """-hf layout, legacy prefixes (language_model.model.*, as save_pretrained writes in transformers 5.24)."""
+    return _tiny(tmp_path_factory, tiny_tokenizer, "tiny_hf_legacy", layout="hf", vit="300m", prefix_style="legacy")

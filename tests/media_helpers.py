@@ -1,0 +1,146 @@
+"""Shared helpers for the media tests: reference pipelines written plainly, and real test files.
+
+Everything here is deliberately independent of `internvl_chat.media`: the expected values come
+from straightforward PIL + numpy code, so a bug in the package cannot hide in its own oracle.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+# ---------------------------------------------------------------- images
+
+
+def reference_normalize(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] → float64 [3, H, W], ImageNet-normalised."""
+    return ((rgb.astype(np.float64) / 255.0 - MEAN) / STD).transpose(2, 0, 1)
+
+
+def reference_tiles(rgb: np.ndarray, cols: int, rows: int, thumbnail: bool, size: int) -> np.ndarray:
+    """The published tiling for a given grid: one bicubic resize, numpy slicing, thumbnail last."""
+    image = Image.fromarray(rgb)
+    big = np.asarray(image.resize((size * cols, size * rows), Image.BICUBIC))
+    tiles = [big[r * size : (r + 1) * size, c * size : (c + 1) * size] for r in range(rows) for c in range(cols)]
+    if thumbnail and cols * rows > 1:
+        tiles.append(np.asarray(image.resize((size, size), Image.BICUBIC)))
+    return np.stack([reference_normalize(t) for t in tiles])
+
+
+def textured_rgb(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Gradients plus noise: every tile differs, so a misplaced or flipped tile is noticed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([255 * x / max(width - 1, 1), 255 * y / max(height - 1, 1), 127 + 0 * x], axis=-1)
+    noise = rng.integers(-40, 41, size=(height, width, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_with_declared_size(width: int, height: int) -> bytes:
+    """A PNG header declaring width×height RGB pixels, followed by almost no data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+# ---------------------------------------------------------------- videos
+
+BITS = 8  # frame numbers up to 255
+BAR_WIDTH = 8
+VIDEO_SIZE = (BITS * BAR_WIDTH, 48)  # 64×48
+
+
+def numbered_frame(number: int) -> np.ndarray:
+    """A 64×48 frame showing `number` in binary: bar b is white when bit b is set, black if not.
+
+    Full-height bars 8 px wide survive chroma subsampling and lossy coding: only the centre of
+    each bar is read back.
+    """
+    width, height = VIDEO_SIZE
+    frame = np.zeros((height, width, 3), np.uint8)
+    for bit in range(BITS):
+        if (number >> bit) & 1:
+            frame[:, bit * BAR_WIDTH : (bit + 1) * BAR_WIDTH] = 255
+    return frame
+
+
+def read_frame_number(tile: np.ndarray) -> int:
+    """The number shown in a normalised [3, S, S] tile made from `numbered_frame`."""
+    rgb = tile.transpose(1, 2, 0) * STD + MEAN  # back to 0…1
+    grey = rgb.mean(axis=-1)
+    size = grey.shape[1]
+    bar = size / BITS
+    number = 0
+    for bit in range(BITS):
+        left, right = int(bit * bar + bar * 0.3), int(bit * bar + bar * 0.7)
+        if grey[:, left:right].mean() > 0.5:
+            number |= 1 << bit
+    return number
+
+
+def write_numbered_video(
+    path: Path, num_frames: int, fps: int | float = 30, codec: str = "mpeg4", gop: int | None = None, options: dict | None = None
+) -> Path:
+    """Encode frames 0…num_frames−1, each showing its own number, with PyAV."""
+    import av
+    from fractions import Fraction
+
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        if gop is not None:
+            stream.codec_context.gop_size = gop
+        if options:
+            stream.options = options
+        for number in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_empty_video(path: Path) -> Path:
+    """An AVI with a video stream and no frames (AVI keeps an empty stream; MP4 drops it)."""
+    import av
+
+    container = av.open(str(path), "w")
+    stream = container.add_stream("mpeg4", rate=30)
+    stream.width, stream.height = VIDEO_SIZE
+    stream.pix_fmt = "yuv420p"
+    container.start_encoding()
+    container.close()
+    return path
+
+
+def write_audio_only(path: Path) -> Path:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -1,0 +1,483 @@
+"""Checkpoint reading: config parsing, weight-file discovery, name mapping, tokenizer, reference loading.
+
+Expected names and values are written out here from SPEC §2 and the files themselves, not derived
+from the mapping under test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from internvl_chat.engine.checkpoint import (
+    CheckpointError,
+    canonical_to_hf,
+    find_weight_files,
+    hf_to_canonical,
+    iter_tensors,
+    load_state_dict,
+    load_tokenizer,
+    qkv_slot,
+    special_token_ids,
+)
+from internvl_chat.engine.config import DEFAULT_SYSTEM_MESSAGE, load_config, parse_config
+
+# tiny model sizes as make_tiny_checkpoint's defaults (TinySizes)
+V_HIDDEN, V_LAYERS, V_HEADS, V_MLP = 64, 2, 4, 128
+T_HIDDEN, T_LAYERS, T_HEADS, T_KV, T_FFN = 64, 2, 4, 2, 128
+
+
+def canonical_names_from_spec(vit: str = "300m") -> set[str]:
+    """Every tensor name of a 2-layer tiny model, written from SPEC §2."""
+    names = {
+        "vision_model.embeddings.class_embedding",
+        "vision_model.embeddings.patch_embedding.weight",
+        "vision_model.embeddings.patch_embedding.bias",
+        "vision_model.embeddings.position_embedding",
+        "mlp1.0.weight", "mlp1.0.bias", "mlp1.1.weight", "mlp1.1.bias", "mlp1.3.weight", "mlp1.3.bias",
+        "language_model.model.embed_tokens.weight",
+        "language_model.model.norm.weight",
+        "language_model.lm_head.weight",
+    }  # fmt: skip
+    for n in range(V_LAYERS):
+        p = f"vision_model.encoder.layers.{n}."
+        names |= {p + "attn.qkv.weight", p + "attn.proj.weight", p + "attn.proj.bias", p + "ls1", p + "ls2"}
+        names |= {p + f"mlp.fc{i}.{leaf}" for i in (1, 2) for leaf in ("weight", "bias")}
+        names |= {p + "norm1.weight", p + "norm2.weight"}
+        if vit == "300m":
+            names |= {p + "attn.qkv.bias", p + "norm1.bias", p + "norm2.bias"}
+        else:
+            names |= {p + "attn.q_norm.weight", p + "attn.k_norm.weight"}
+    for n in range(T_LAYERS):
+        p = f"language_model.model.layers.{n}."
+        names |= {p + f"self_attn.{x}_proj.{leaf}" for x in "qkv" for leaf in ("weight", "bias")}
+        names |= {p + "self_attn.o_proj.weight"}
+        names |= {p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
+        names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+    return names
+
+
+# hand-written pairs covering every kind of name (SPEC §2 renaming table)
+HF_NEW_TO_CANONICAL = {
+    "model.vision_tower.embeddings.cls_token": "vision_model.embeddings.class_embedding",
+    "model.vision_tower.embeddings.position_embeddings": "vision_model.embeddings.position_embedding",
+    "model.vision_tower.embeddings.patch_embeddings.projection.weight": "vision_model.embeddings.patch_embedding.weight",
+    "model.vision_tower.embeddings.patch_embeddings.projection.bias": "vision_model.embeddings.patch_embedding.bias",
+    "model.vision_tower.encoder.layer.1.attention.projection_layer.weight": "vision_model.encoder.layers.1.attn.proj.weight",
+    "model.vision_tower.encoder.layer.1.attention.q_norm.weight": "vision_model.encoder.layers.1.attn.q_norm.weight",
+    "model.vision_tower.encoder.layer.1.attention.k_norm.weight": "vision_model.encoder.layers.1.attn.k_norm.weight",
+    "model.vision_tower.encoder.layer.1.attention.k_proj.bias": "vision_model.encoder.layers.1.attn.qkv.bias",
+    "model.vision_tower.encoder.layer.0.layernorm_before.bias": "vision_model.encoder.layers.0.norm1.bias",
+    "model.vision_tower.encoder.layer.0.layernorm_after.weight": "vision_model.encoder.layers.0.norm2.weight",
+    "model.vision_tower.encoder.layer.0.lambda_1": "vision_model.encoder.layers.0.ls1",
+    "model.vision_tower.encoder.layer.0.lambda_2": "vision_model.encoder.layers.0.ls2",
+    "model.vision_tower.encoder.layer.0.mlp.fc2.weight": "vision_model.encoder.layers.0.mlp.fc2.weight",
+    "model.multi_modal_projector.layer_norm.weight": "mlp1.0.weight",
+    "model.multi_modal_projector.linear_1.bias": "mlp1.1.bias",
+    "model.multi_modal_projector.linear_2.weight": "mlp1.3.weight",
+    "model.language_model.embed_tokens.weight": "language_model.model.embed_tokens.weight",
+    "model.language_model.layers.1.self_attn.q_proj.bias": "language_model.model.layers.1.self_attn.q_proj.bias",
+    "model.language_model.layers.0.mlp.gate_proj.weight": "language_model.model.layers.0.mlp.gate_proj.weight",
+    "model.language_model.norm.weight": "language_model.model.norm.weight",
+    "lm_head.weight": "language_model.lm_head.weight",
+}
+HF_LEGACY_TO_CANONICAL = {
+    "vision_tower.embeddings.cls_token": "vision_model.embeddings.class_embedding",
+    "vision_tower.encoder.layer.0.attention.v_proj.weight": "vision_model.encoder.layers.0.attn.qkv.weight",
+    "vision_tower.encoder.layer.1.lambda_2": "vision_model.encoder.layers.1.ls2",
+    "multi_modal_projector.linear_1.weight": "mlp1.1.weight",
+    "language_model.model.layers.0.self_attn.o_proj.weight": "language_model.model.layers.0.self_attn.o_proj.weight",
+    "language_model.lm_head.weight": "language_model.lm_head.weight",
+}
+
+
+def safetensors_names(model_dir: Path) -> set[str]:
+    names: set[str] = set()
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            names |= set(f.keys())
+    return names
+
+
+def tokenizer_json_ids(model_dir: Path) -> dict[str, int]:
+    data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = dict(data["model"]["vocab"])
+    ids.update({t["content"]: t["id"] for t in data["added_tokens"]})
+    return ids
+
+
+def original_config(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, tiny_tokenizer, tiny_original, tiny_hf, tiny_hf_legacy) -> dict[str, Path]:
+    """The same seed-0 weights in every layout and file format."""
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    def make(name: str, **kw) -> Path:
+        return make_tiny_checkpoint(tmp_path_factory.mktemp(name), seed=0, tokenizer_dir=tiny_tokenizer, **kw)
+
+    return {
+        "original": tiny_original,
+        "hf_new": tiny_hf,
+        "hf_legacy": tiny_hf_legacy,
+        "original_sharded": make("o_sharded", layout="original", file_format="sharded"),
+        "hf_sharded": make("h_sharded", layout="hf", file_format="sharded", num_shards=3),
+        "original_bin": make("o_bin", layout="original", file_format="bin"),
+        "hf_legacy_bin": make("h_bin", layout="hf", file_format="bin", prefix_style="legacy"),
+    }
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_original_layout_values(tiny_original, tiny_tokenizer):
+    cfg = load_config(tiny_original)
+    assert cfg.layout == "original"
+    v, t = cfg.vision, cfg.text
+    assert (v.hidden_size, v.num_layers, v.num_heads, v.intermediate_size) == (V_HIDDEN, V_LAYERS, V_HEADS, V_MLP)
+    assert (v.norm_type, v.norm_eps, v.qkv_bias, v.qk_norm) == ("layer_norm", 1e-6, True, False)
+    assert (v.image_size, v.patch_size, v.grid) == (448, 14, 32)
+    n_tokens = len(load_tokenizer(tiny_tokenizer))
+    assert t.vocab_size == math.ceil(n_tokens / 64) * 64 and t.vocab_size >= n_tokens
+    assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.head_dim, t.intermediate_size) == (
+        T_HIDDEN, T_LAYERS, T_HEADS, T_KV, T_HIDDEN // T_HEADS, T_FFN,
+    )  # fmt: skip
+    assert (t.rms_norm_eps, t.rope_theta, t.tie_word_embeddings) == (1e-6, 1e6, False)
+    assert cfg.downsample_ratio == 0.5 and cfg.tokens_per_tile == 256
+    assert cfg.system_message == DEFAULT_SYSTEM_MESSAGE  # absent in config.json → the default
+    assert (cfg.max_dynamic_patch, cfg.use_thumbnail, cfg.template, cfg.quant) == (12, True, "internvl2_5", None)
+    assert cfg.torch_dtype == "bfloat16"
+
+
+def test_config_original_layout_is_published_shape(tiny_original):
+    raw = original_config(tiny_original)
+    assert raw["architectures"] == ["InternVLChatModel"] and raw["model_type"] == "internvl_chat"
+    assert raw["llm_config"]["architectures"] == ["Qwen2ForCausalLM"]
+    assert (raw["ps_version"], raw["select_layer"], raw["template"], raw["force_image_size"]) == ("v2", -1, "internvl2_5", 448)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "norm_type",
+                "layer_norm_eps", "qkv_bias", "qk_normalization", "image_size", "patch_size", "hidden_act"):  # fmt: skip
+        assert key in raw["vision_config"], key
+
+
+def test_config_6b_variant(tiny_original_6b):
+    v = load_config(tiny_original_6b).vision
+    assert (v.norm_type, v.qkv_bias, v.qk_norm) == ("rms_norm", False, True)
+
+
+def test_config_hf_layout_values(tiny_hf, tiny_tokenizer):
+    cfg = load_config(tiny_hf)
+    assert cfg.layout == "hf"
+    raw = original_config(tiny_hf)
+    assert raw["architectures"] == ["InternVLForConditionalGeneration"] and raw["model_type"] == "internvl"
+    assert raw["image_token_id"] == tokenizer_json_ids(tiny_tokenizer)["<IMG_CONTEXT>"]
+    v, t = cfg.vision, cfg.text
+    assert (v.hidden_size, v.num_layers, v.num_heads, v.intermediate_size) == (V_HIDDEN, V_LAYERS, V_HEADS, V_MLP)
+    assert (v.norm_type, v.qkv_bias, v.qk_norm, v.image_size, v.patch_size) == ("layer_norm", True, False, 448, 14)
+    assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.intermediate_size) == (
+        T_HIDDEN, T_LAYERS, T_HEADS, T_KV, T_FFN,
+    )  # fmt: skip
+    assert (t.rope_theta, t.tie_word_embeddings) == (1e6, False)
+    assert cfg.tokens_per_tile == 256 and cfg.system_message is None
+    assert t.vocab_size == load_config(tiny_hf).text.vocab_size == original_config(tiny_hf)["text_config"]["vocab_size"]
+
+
+def test_config_hf_6b_flags():
+    from make_tiny_checkpoint import TinySizes, _internvl_config
+
+    special = {"<|endoftext|>": 1, "<|im_end|>": 2, "<IMG_CONTEXT>": 3}
+    raw = _internvl_config(TinySizes(), "6b", 128, special).to_dict()
+    raw["architectures"] = ["InternVLForConditionalGeneration"]
+    v = parse_config(raw).vision
+    assert (v.norm_type, v.qkv_bias, v.qk_norm) == ("rms_norm", False, True)
+
+
+def test_internlm2_llm_is_refused_by_name(tiny_original):
+    raw = original_config(tiny_original)
+    raw["llm_config"]["architectures"] = ["InternLM2ForCausalLM"]
+    raw["llm_config"]["model_type"] = "internlm2"
+    with pytest.raises(CheckpointError, match="InternLM2"):
+        parse_config(raw)
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(CheckpointError, match="unknown architecture"):
+        parse_config({"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava"})
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_config(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        find_weight_files(tmp_path / "nope")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_config(tmp_path)
+
+
+def test_folder_without_weights(tmp_path, tiny_original):
+    shutil.copy(tiny_original / "config.json", tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="no weights"):
+        find_weight_files(tmp_path)
+    with pytest.raises(CheckpointError, match="no weights"):
+        list(iter_tensors(tmp_path))
+
+
+# ------------------------------------------------------------------ weight files
+
+
+def test_find_weight_files_kinds(variants, tmp_path):
+    single = find_weight_files(variants["original"])
+    assert (single.kind, [p.name for p in single.files], single.index) == ("safetensors", ["model.safetensors"], None)
+
+    sharded = find_weight_files(variants["hf_sharded"])
+    assert sharded.kind == "safetensors" and sharded.index.name == "model.safetensors.index.json"
+    assert [p.name for p in sharded.files] == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+
+    bins = find_weight_files(variants["original_bin"])
+    assert bins.kind == "bin" and bins.index.name == "pytorch_model.bin.index.json"
+    assert [p.name for p in bins.files] == ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+
+    state = {"language_model.model.norm.weight": torch.arange(4.0)}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert find_weight_files(tmp_path).files == (tmp_path / "pytorch_model.bin",)
+
+    tinychat = tmp_path / "tc"
+    tinychat.mkdir()
+    torch.save(state, tinychat / "internvl3-1b-w4-g128-awq-v2.pt")
+    found = find_weight_files(tinychat)
+    assert found.kind == "tinychat"
+    got = dict(iter_tensors(tinychat, "original"))
+    assert list(got) == list(state) and torch.equal(got["language_model.model.norm.weight"], torch.arange(4.0))
+
+
+def test_index_naming_a_missing_shard(variants, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(variants["original_sharded"], folder)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        find_weight_files(folder)
+
+
+def test_bin_with_pickled_object_is_refused(tmp_path):
+    torch.save({"w": torch.zeros(2), "evil": Path("x")}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="safely"):
+        list(iter_tensors(tmp_path, "original"))
+
+
+def test_iter_tensors_is_lazy_shard_by_shard(variants, tmp_path):
+    # the first tensor comes out before the second shard is ever opened
+    folder = tmp_path / "lazy"
+    shutil.copytree(variants["original_sharded"], folder)
+    stream = iter_tensors(folder, "original")
+    first_name, _ = next(stream)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert index["weight_map"][first_name] == "model-00001-of-00002.safetensors"
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="model-00002-of-00002"):
+        list(stream)
+
+
+# ------------------------------------------------------------------ name mapping
+
+
+def test_hand_written_name_pairs():
+    for hf, canonical in {**HF_NEW_TO_CANONICAL, **HF_LEGACY_TO_CANONICAL}.items():
+        assert hf_to_canonical(hf) == canonical, hf
+    assert canonical_to_hf("vision_model.encoder.layers.3.attn.qkv.weight", "legacy") == [
+        "vision_tower.encoder.layer.3.attention.q_proj.weight",
+        "vision_tower.encoder.layer.3.attention.k_proj.weight",
+        "vision_tower.encoder.layer.3.attention.v_proj.weight",
+    ]
+    assert canonical_to_hf("language_model.lm_head.weight", "new") == ["lm_head.weight"]
+    assert canonical_to_hf("language_model.lm_head.weight", "legacy") == ["language_model.lm_head.weight"]
+    assert [qkv_slot(f"model.vision_tower.encoder.layer.0.attention.{x}_proj.bias") for x in "qkv"] == [0, 1, 2]
+    assert qkv_slot("model.language_model.layers.0.self_attn.q_proj.weight") is None
+    assert hf_to_canonical("model.language_model.rotary_emb.inv_freq") is None
+    assert hf_to_canonical("something.else.weight") == "something.else.weight"
+    assert canonical_to_hf("something.else.weight") == ["something.else.weight"]
+
+
+@pytest.mark.parametrize("vit", ["300m", "6b"])
+@pytest.mark.parametrize("style", ["new", "legacy"])
+def test_name_mapping_round_trips_every_tensor(vit, style):
+    from make_tiny_checkpoint import build_reference_model
+
+    special = {"<|endoftext|>": 1, "<|im_end|>": 2, "<IMG_CONTEXT>": 3}
+    hf_names = list(build_reference_model(128, special, vit=vit).state_dict())
+    if style == "legacy":  # renamed by hand: transformers' own prefixes of that style
+        hf_names = [
+            "language_model.lm_head.weight" if n == "lm_head.weight"
+            else "language_model.model." + n[len("model.language_model."):] if n.startswith("model.language_model.")
+            else n[len("model."):]
+            for n in hf_names
+        ]  # fmt: skip
+    canonical = {hf_to_canonical(n) for n in hf_names}
+    assert canonical == canonical_names_from_spec(vit)
+    back = [h for c in canonical for h in canonical_to_hf(c, style)]
+    assert sorted(back) == sorted(hf_names)
+    assert all(hf_to_canonical(h) == c for c in canonical for h in canonical_to_hf(c, style))
+
+
+def test_prefix_styles_match_transformers(tiny_hf, tiny_hf_legacy, tmp_path):
+    """The new style is transformers' in-memory naming; legacy is what save_pretrained writes (5.24)."""
+    from make_tiny_checkpoint import build_reference_model
+
+    special = {"<|endoftext|>": 1, "<|im_end|>": 2, "<IMG_CONTEXT>": 3}
+    model = build_reference_model(512, special)
+    assert safetensors_names(tiny_hf) == set(model.state_dict())
+    model.save_pretrained(str(tmp_path))
+    assert safetensors_names(tiny_hf_legacy) == safetensors_names(tmp_path)
+
+
+def test_fused_qkv_is_q_then_k_then_v(tiny_hf):
+    got = load_state_dict(tiny_hf)
+    with safe_open(str(tiny_hf / "model.safetensors"), "pt") as f:
+        for leaf in ("weight", "bias"):
+            p = "model.vision_tower.encoder.layer.1.attention."
+            expected = torch.cat([f.get_tensor(p + f"{x}_proj.{leaf}") for x in "qkv"], dim=0)
+            assert torch.equal(got[f"vision_model.encoder.layers.1.attn.qkv.{leaf}"], expected)
+        assert torch.equal(
+            got["vision_model.embeddings.class_embedding"], f.get_tensor("model.vision_tower.embeddings.cls_token")
+        )
+
+
+def test_all_layouts_and_formats_yield_the_same_tensors(variants):
+    reference = load_state_dict(variants["original"], "original")
+    assert set(reference) == canonical_names_from_spec("300m")
+    with safe_open(str(variants["original"] / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(reference)  # the original file holds canonical names as they are
+    for name, folder in variants.items():
+        got = load_state_dict(folder)  # layout read from config.json
+        assert set(got) == set(reference), name
+        for key, tensor in reference.items():
+            assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], tensor), (name, key)
+
+
+def test_shards_really_split_the_tensors(variants):
+    index = json.loads((variants["hf_sharded"] / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3
+    assert set(index["weight_map"]) == safetensors_names(variants["hf_sharded"])
+
+
+def test_incomplete_vision_qkv_is_an_error(tiny_hf, tmp_path):
+    with safe_open(str(tiny_hf / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if not k.endswith("layer.0.attention.k_proj.weight")}
+    shutil.copy(tiny_hf / "config.json", tmp_path / "config.json")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="k_proj"):
+        list(iter_tensors(tmp_path))
+
+
+def test_buffers_skipped_and_unknown_names_pass_through(tiny_hf, tmp_path):
+    shutil.copy(tiny_hf / "config.json", tmp_path / "config.json")
+    save_file(
+        {
+            "model.language_model.rotary_emb.inv_freq": torch.ones(8),
+            "model.language_model.norm.weight": torch.full((4,), 2.0),
+            "extra.thing": torch.zeros(3),
+        },
+        str(tmp_path / "model.safetensors"),
+    )
+    assert {k: v.tolist() for k, v in iter_tensors(tmp_path)} == {
+        "language_model.model.norm.weight": [2.0] * 4,
+        "extra.thing": [0.0] * 3,
+    }
+
+
+def test_float32_and_6b_checkpoints(tmp_path, tiny_tokenizer, tiny_original_6b):
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path, layout="original", dtype="float32", tokenizer_dir=tiny_tokenizer)
+    assert {t.dtype for _, t in iter_tensors(folder)} == {torch.float32}
+    assert original_config(folder)["torch_dtype"] == "float32"
+    six_b = load_state_dict(tiny_original_6b)
+    assert set(six_b) == canonical_names_from_spec("6b")
+    assert six_b["vision_model.encoder.layers.0.attn.qkv.weight"].shape == (3 * V_HIDDEN, V_HIDDEN)
+
+
+def test_weights_are_not_trivial(tiny_original):
+    state = load_state_dict(tiny_original)
+    for name, t in state.items():
+        t = t.float()
+        assert t.std() > 0.01, name  # no constant tensors: a mix-up must change outputs
+        if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight", "mlp1.0.weight")):
+            assert (t - 1).abs().mean() > 0.05, name  # norms are not all ones
+
+
+# ------------------------------------------------------------------ tokenizer
+
+
+def test_tokenizer_special_tokens(tiny_original):
+    tok = load_tokenizer(tiny_original)
+    ids = tokenizer_json_ids(tiny_original)
+    special = special_token_ids(tok)
+    assert special.im_start == ids["<|im_start|>"] and special.im_end == ids["<|im_end|>"]
+    assert special.endoftext == ids["<|endoftext|>"] and special.img_context == ids["<IMG_CONTEXT>"]
+    assert special.img_start == ids["<img>"] and special.img_end == ids["</img>"]
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.bos_token is None
+    for text in ("<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"):
+        assert text in ids
+    # specials are single tokens inside text, and nothing is prepended
+    assert tok.encode("<|im_start|>user", add_special_tokens=True)[0] == ids["<|im_start|>"]
+
+
+def test_tokenizer_round_trips_utf8_and_splits_multibyte(tiny_tokenizer):
+    tok = load_tokenizer(tiny_tokenizer)
+    text = "Hello 世界! e\u0301 ümlaut 🤖\n\t<img></img> 龘"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    pieces = [tok.decode([i]) for i in tok.encode("龘", add_special_tokens=False)]
+    assert len(pieces) > 1 and "\ufffd" in "".join(pieces)  # one character, several byte tokens
+
+
+def test_tokenizer_chat_template(tiny_tokenizer):
+    tok = load_tokenizer(tiny_tokenizer)
+    text = tok.apply_chat_template(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_tokenizer_missing_or_incomplete(tmp_path, tiny_tokenizer):
+    with pytest.raises(CheckpointError, match="no tokenizer"):
+        load_tokenizer(tmp_path)
+
+    class Fake:
+        def get_vocab(self):
+            return {"<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 3, "<img>": 4, "</img>": 5}
+
+    with pytest.raises(CheckpointError, match="IMG_CONTEXT"):
+        special_token_ids(Fake())
+
+
+# ------------------------------------------------------------------ reference model
+
+
+def test_reference_model_loads_every_fixture(tiny_original, tiny_original_6b, tiny_hf, tiny_hf_legacy):
+    from reference import reference_model
+
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, 448, 448)
+    img = special_token_ids(load_tokenizer(tiny_original)).img_context
+    ids = torch.tensor([[5, 6, 7] + [img] * 256 + [8, 9]])
+    logits = {}
+    for name, folder in [("o", tiny_original), ("h", tiny_hf), ("l", tiny_hf_legacy), ("6b", tiny_original_6b)]:
+        model = reference_model(folder)  # raises on any missing / unexpected key
+        assert next(model.parameters()).dtype == torch.float32 and not model.training
+        with torch.no_grad():
+            logits[name] = model(input_ids=ids, pixel_values=pixels).logits[0, -1]
+            other = model(input_ids=ids, pixel_values=torch.randn(1, 3, 448, 448)).logits[0, -1]
+        assert (logits[name] - other).abs().max() > 1e-2, name  # the image reaches the answer
+        assert logits[name].std() > 0.3, name  # logits are far from flat
+    assert torch.equal(logits["o"], logits["h"]) and torch.equal(logits["o"], logits["l"])

@@ -1,0 +1,340 @@
+"""Dynamic tiling: grids, tile counts and pixels against plain reimplementations; bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from media_helpers import png_with_declared_size, reference_normalize, reference_tiles, textured_rgb
+from PIL import Image
+
+from internvl_chat.errors import MediaError
+from internvl_chat.media import image as media_image
+from internvl_chat.media.image import (
+    candidate_grids,
+    choose_grid,
+    count_tiles,
+    load_image,
+    normalize_tiles,
+    probe_image,
+    tile_image,
+)
+
+
+def expected_grid(width: int, height: int, max_tiles: int, size: int = 448) -> tuple[int, int]:
+    """The rule restated without a scan: among the grids at the least aspect distance, the
+    smallest one wins unless the image has more than half the pixels of a larger one."""
+    aspect = width / height
+    grids = [(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if c * r <= max_tiles]
+    distance = {g: abs(aspect - g[0] / g[1]) for g in grids}
+    least = min(distance.values())
+    tied = sorted((g for g in grids if distance[g] == least), key=lambda g: g[0] * g[1])
+    chosen = tied[0]
+    for cols, rows in tied[1:]:
+        if width * height > 0.5 * size * size * cols * rows:
+            chosen = (cols, rows)
+    return chosen
+
+
+def expected_count(width: int, height: int, max_tiles: int, thumbnail: bool = True, size: int = 448) -> int:
+    cols, rows = expected_grid(width, height, max_tiles, size)
+    return cols * rows + (1 if thumbnail and cols * rows > 1 else 0)
+
+
+SIZES = [
+    (448, 448), (1000, 1000), (800, 600), (1920, 1080), (300, 1200),  # SPEC examples
+    (1, 1), (7, 13), (13, 7), (10, 7), (449, 448), (448, 449),
+    (633, 633), (634, 634), (950, 950), (951, 951),  # square: 1 → 4 → 9 tiles as the area grows
+    (896, 448), (897, 448), (1400, 700), (1344, 448), (448, 896),  # 2:1 ties between (2,1) and (4,2)
+    (896, 1008), (897, 1008),  # area exactly at the (3,3) threshold, and one pixel past it
+    (300, 200), (600, 400), (900, 600),  # 3:2, the midpoint of 1 and 2 when max_tiles is 4
+    (4000, 3000), (3000, 4000), (1080, 1920), (640, 480), (1280, 720), (720, 1280),
+    (100, 3000), (3000, 100), (5000, 10), (10, 5000), (512, 384), (1024, 768), (2048, 512),
+    (333, 777), (1234, 567), (4096, 4096), (1366, 768), (2560, 1080), (32, 36),
+]
+
+
+@pytest.mark.parametrize("max_tiles", [1, 2, 4, 6, 9, 12, 24])
+def test_grid_and_count_match_the_restated_rule(max_tiles):
+    for width, height in SIZES:
+        assert choose_grid(width, height, max_tiles) == expected_grid(width, height, max_tiles), (width, height)
+        assert count_tiles(width, height, max_tiles) == expected_count(width, height, max_tiles), (width, height)
+        assert count_tiles(width, height, max_tiles, use_thumbnail=False) == expected_count(
+            width, height, max_tiles, thumbnail=False
+        )
+
+
+def test_grid_with_another_tile_size():
+    for width, height in SIZES:
+        assert choose_grid(width, height, 12, image_size=16) == expected_grid(width, height, 12, size=16)
+
+
+def test_spec_examples():
+    assert [count_tiles(w, h) for w, h in [(448, 448), (1000, 1000), (800, 600), (1920, 1080), (300, 1200)]] == [
+        1, 10, 13, 9, 5,
+    ]
+    assert choose_grid(1920, 1080) == (4, 2)
+    assert choose_grid(800, 600) == (4, 3)
+    assert choose_grid(300, 1200) == (1, 4)
+
+
+def test_tie_rule_hand_computed():
+    # 2:1 ties (2,1) with (4,2); (4,2) needs more than 0.5·448²·8 = 802,816 pixels
+    assert choose_grid(896, 448) == (2, 1)  # 401,408 pixels
+    assert choose_grid(1400, 700) == (4, 2)  # 980,000 pixels
+    # aspect 8:9 ties (1,1), (2,2), (3,3); 896·1008 = 903,168 = 0.5·448²·9 exactly: not more, so (2,2)
+    assert choose_grid(896, 1008) == (2, 2)
+    assert choose_grid(897, 1008) == (3, 3)
+    # with at most 4 tiles, 3:2 is as far from 1 as from 2: (1,1), then (2,1) past 448², then (2,2) past 2·448²
+    assert [choose_grid(w, h, 4) for w, h in [(300, 200), (600, 400), (900, 600)]] == [(1, 1), (2, 1), (2, 2)]
+
+
+def test_candidate_order_is_the_published_set_order():
+    for low, high in [(1, 12), (1, 6), (2, 2), (3, 12), (1, 40)]:
+        published = set(
+            (i, j) for n in range(low, high + 1) for i in range(1, n + 1) for j in range(1, n + 1) if low <= i * j <= high
+        )
+        assert list(candidate_grids(low, high)) == sorted(published, key=lambda g: g[0] * g[1])
+
+
+def test_min_tiles_ties_follow_set_order():
+    # with exactly 2 tiles, 5:4 is as far from 1:2 as from 2:1; the set lists (1, 2) first
+    assert list(candidate_grids(2, 2)) == [(1, 2), (2, 1)]
+    assert choose_grid(5, 4, max_tiles=2, min_tiles=2) == (1, 2)  # too few pixels to switch
+    assert choose_grid(1500, 1200, max_tiles=2, min_tiles=2) == (2, 1)
+
+
+# ---------------------------------------------------------------- pixels
+
+
+@pytest.mark.parametrize(
+    "width, height, max_tiles, thumbnail, size",
+    [
+        (800, 600, 12, True, 448),
+        (300, 1200, 12, True, 448),
+        (1000, 1000, 12, True, 448),
+        (448, 448, 12, True, 448),
+        (37, 23, 12, True, 448),
+        (1920, 1080, 6, False, 448),
+        (900, 600, 4, True, 448),
+        (640, 480, 1, True, 448),
+        (500, 260, 12, True, 224),
+    ],
+)
+def test_tiles_match_plain_pil_numpy(tmp_path, width, height, max_tiles, thumbnail, size):
+    rgb = textured_rgb(width, height, seed=width * 7 + height)
+    path = tmp_path / "img.png"
+    Image.fromarray(rgb).save(path)
+    result = load_image(path, max_tiles=max_tiles, use_thumbnail=thumbnail, image_size=size)
+    cols, rows = expected_grid(width, height, max_tiles, size)
+    want = reference_tiles(rgb, cols, rows, thumbnail, size)
+    assert result.pixel_values.dtype.is_floating_point and str(result.pixel_values.dtype) == "torch.float32"
+    assert tuple(result.pixel_values.shape) == want.shape
+    np.testing.assert_allclose(result.pixel_values.numpy(), want, atol=2e-6, rtol=0)
+    assert result.grid == (cols, rows)
+    assert result.size == (width, height)
+    assert result.num_tiles == expected_count(width, height, max_tiles, thumbnail, size)
+    assert result.path == path
+
+
+def test_tile_image_and_normalize_tiles_directly():
+    rgb = textured_rgb(700, 300, seed=3)
+    tiles = tile_image(Image.fromarray(rgb), max_tiles=12, use_thumbnail=True, image_size=448)
+    cols, rows = expected_grid(700, 300, 12)
+    assert len(tiles) == cols * rows + 1
+    assert all(t.size == (448, 448) for t in tiles)
+    np.testing.assert_allclose(normalize_tiles(tiles).numpy(), reference_tiles(rgb, cols, rows, True, 448), atol=2e-6)
+    # a tile of another size is resized to S×S first
+    small = Image.fromarray(rgb[:50, :80])
+    want = reference_normalize(np.asarray(small.resize((448, 448), Image.BICUBIC)))
+    np.testing.assert_allclose(normalize_tiles([small])[0].numpy(), want, atol=2e-6)
+
+
+def test_normalisation_constants_on_known_pixels(tmp_path):
+    # black, white and a grey: (v/255 − mean)/std computed by hand for the red channel
+    for value in (0, 255, 100):
+        path = tmp_path / f"flat{value}.png"
+        Image.new("RGB", (448, 448), (value, value, value)).save(path)
+        red = load_image(path).pixel_values[0, 0]
+        assert red.min().item() == pytest.approx((value / 255 - 0.485) / 0.229, abs=1e-6)
+        assert red.max().item() == pytest.approx((value / 255 - 0.485) / 0.229, abs=1e-6)
+
+
+# ---------------------------------------------------------------- EXIF and colour modes
+
+
+@pytest.mark.parametrize(
+    "orientation, to_display",
+    [
+        (1, lambda a: a),
+        (2, lambda a: a[:, ::-1]),
+        (3, lambda a: np.rot90(a, 2)),
+        (6, lambda a: np.rot90(a, -1)),  # stored 90° counter-clockwise: turn clockwise to show
+        (8, lambda a: np.rot90(a, 1)),
+    ],
+)
+def test_exif_orientation_is_applied(tmp_path, orientation, to_display):
+    stored = textured_rgb(900, 500, seed=orientation)
+    path = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, quality=95, exif=exif.tobytes())
+    decoded = np.asarray(Image.open(path).convert("RGB"))  # Pillow does not rotate by itself
+    display = np.ascontiguousarray(to_display(decoded))
+    height, width = display.shape[:2]
+
+    assert probe_image(path) == (width, height)
+    result = load_image(path)
+    assert result.size == (width, height)
+    cols, rows = expected_grid(width, height, 12)
+    np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(display, cols, rows, True, 448), atol=2e-6)
+    assert result.num_tiles == count_tiles(*probe_image(path))
+
+
+def test_transparent_pixels_become_white_and_opaque_ones_stay(tmp_path):
+    rgba = np.zeros((448, 448, 4), np.uint8)
+    rgba[..., :3] = textured_rgb(448, 448, seed=9)
+    rgba[:, :224, 3] = 255  # left half opaque
+    rgba[:, 224:, 3] = 0  # right half transparent (colour underneath must not show)
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    got = load_image(path).pixel_values[0].numpy()
+    want = reference_normalize(np.where(rgba[..., 3:] == 255, rgba[..., :3], 255).astype(np.uint8))
+    np.testing.assert_allclose(got[:, :, :200], want[:, :, :200], atol=2e-6)
+    np.testing.assert_allclose(got[:, :, 250:], want[:, :, 250:], atol=2e-6)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "1", "LA"])
+def test_other_colour_modes_convert_like_pillow(tmp_path, mode):
+    source = Image.fromarray(textured_rgb(300, 200, seed=5))
+    image = source.convert(mode)
+    path = tmp_path / ("img.jpg" if mode == "CMYK" else "img.png")
+    image.save(path)
+    expected_rgb = np.asarray(Image.open(path).convert("RGB"))  # LA here is fully opaque
+    result = load_image(path)
+    cols, rows = expected_grid(300, 200, 12)
+    np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(expected_rgb, cols, rows, True, 448), atol=2e-6)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    values = np.zeros((448, 448), np.uint16)
+    values[:, 150:300] = 32896  # 128 · 257
+    values[:, 300:] = 65535
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    red = load_image(path).pixel_values[0, 0].numpy()
+    for column, byte in [(50, 0), (220, 128), (400, 255)]:
+        assert red[200, column] == pytest.approx((byte / 255 - 0.485) / 0.229, abs=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _assert_one_line(err: pytest.ExceptionInfo, *words: str) -> None:
+    text = str(err.value)
+    assert "\n" not in text and text
+    for word in words:
+        assert word in text, text
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(MediaError) as err:
+        load_image(tmp_path / "nope.jpg")
+    _assert_one_line(err, "nope.jpg", "does not exist")
+    with pytest.raises(MediaError):
+        probe_image(tmp_path / "nope.jpg")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(MediaError) as err:
+        load_image(tmp_path)
+    _assert_one_line(err, "folder")
+
+
+@pytest.mark.parametrize("content", [b"this is not an image\n", b""])
+def test_not_an_image(tmp_path, content):
+    path = tmp_path / "fake.jpg"
+    path.write_bytes(content)
+    with pytest.raises(MediaError) as err:
+        load_image(path)
+    _assert_one_line(err, "fake.jpg", "not an image")
+    with pytest.raises(MediaError):
+        probe_image(path)
+
+
+@pytest.mark.parametrize("suffix, fmt", [(".jpg", "JPEG"), (".png", "PNG")])
+def test_truncated_file(tmp_path, suffix, fmt):
+    path = tmp_path / f"cut{suffix}"
+    Image.fromarray(textured_rgb(400, 300, seed=1)).save(path, fmt)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 6 // 10])
+    assert probe_image(path) == (400, 300)  # the header alone is intact
+    with pytest.raises(MediaError) as err:
+        load_image(path)
+    _assert_one_line(err, "truncated or corrupt")
+
+
+def test_corrupt_png_data(tmp_path):
+    path = tmp_path / "bad.png"
+    Image.fromarray(textured_rgb(200, 200, seed=2)).save(path)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(MediaError) as err:
+        load_image(path)
+    _assert_one_line(err, "bad.png")
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_with_declared_size(20000, 20000))
+    with pytest.raises(MediaError) as err:
+        load_image(path)
+    _assert_one_line(err, "decompression bomb")
+    with pytest.raises(MediaError):
+        probe_image(path)
+    # our limit holds even when Pillow's own is switched off
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    path.write_bytes(png_with_declared_size(15000, 12000))  # 180M pixels, just over 178,956,970
+    with pytest.raises(MediaError) as err:
+        load_image(path)
+    _assert_one_line(err, "decompression bomb")
+
+
+def test_large_but_allowed_header_is_probed_without_decoding(tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(png_with_declared_size(10000, 10000))  # 100M pixels: allowed, data missing
+    assert probe_image(path) == (10000, 10000)  # would fail if probing decoded the pixels
+    assert count_tiles(*probe_image(path)) == 10
+    with pytest.raises(MediaError) as err:
+        load_image(path)
+    _assert_one_line(err, "truncated or corrupt")
+
+
+def test_zero_size_image(tmp_path):
+    path = tmp_path / "empty.png"
+    path.write_bytes(png_with_declared_size(0, 10))
+    with pytest.raises(MediaError):
+        load_image(path)
+    with pytest.raises(MediaError) as err:
+        choose_grid(0, 10)
+    _assert_one_line(err, "non-zero size")
+    with pytest.raises(MediaError):
+        count_tiles(10, 0)
+
+
+def test_bad_tile_limits(tmp_path):
+    path = tmp_path / "ok.png"
+    Image.new("RGB", (64, 64)).save(path)
+    for bad in (0, -3):
+        with pytest.raises(MediaError) as err:
+            load_image(path, max_tiles=bad)
+        _assert_one_line(err, "max_tiles")
+        with pytest.raises(MediaError):
+            count_tiles(100, 100, max_tiles=bad)
+    with pytest.raises(MediaError):
+        choose_grid(100, 100, max_tiles=4, min_tiles=5)
+
+
+def test_every_error_is_a_media_error_subclass():
+    assert issubclass(MediaError, Exception) and media_image.MediaError is MediaError

@@ -1,0 +1,325 @@
+"""Sampling filters against transformers' own logits processors, plus the Sampler's behaviour."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from internvl_chat.chat.sampling import (
+    Sampler,
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+)
+from internvl_chat.errors import GenerationError, UsageError
+
+DUMMY_IDS = torch.zeros(1, 1, dtype=torch.long)
+
+
+def random_logits(vocab: int, seed: int, ties: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(vocab, generator=g) * 3
+    if ties:
+        logits = torch.round(logits)  # many exact ties, also at the top-k / top-p boundaries
+    return logits
+
+
+# ---- filters vs transformers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 5, 17, 64, 100])
+def test_top_k_matches_transformers(k: int, ties: bool) -> None:
+    for seed in range(5):
+        logits = random_logits(64, seed, ties)
+        expected = TopKLogitsWarper(top_k=k)(DUMMY_IDS, logits[None].clone())[0]
+        assert torch.equal(filter_top_k(logits, k), expected)
+
+
+def test_top_k_zero_is_off() -> None:
+    logits = random_logits(16, 0, ties=False)
+    assert torch.equal(filter_top_k(logits, 0), logits)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("p", [0.01, 0.3, 0.5, 0.8, 0.9, 0.95, 0.999])
+def test_top_p_matches_transformers(p: float, ties: bool) -> None:
+    for seed in range(5):
+        logits = random_logits(64, seed, ties)
+        expected = TopPLogitsWarper(top_p=p)(DUMMY_IDS, logits[None].clone())[0]
+        assert torch.equal(filter_top_p(logits, p), expected)
+
+
+def test_top_p_batched_matches_transformers() -> None:
+    logits = torch.stack([random_logits(40, s, ties=True) for s in range(4)])
+    expected = TopPLogitsWarper(top_p=0.7)(DUMMY_IDS, logits.clone())
+    assert torch.equal(filter_top_p(logits, 0.7), expected)
+
+
+def test_top_p_keeps_at_least_one_token() -> None:
+    logits = torch.tensor([0.0, 10.0, 1.0])
+    out = filter_top_p(logits, 1e-9)
+    assert out.tolist() == [-math.inf, 10.0, -math.inf]
+
+
+def test_top_p_boundary_by_hand() -> None:
+    # probabilities 0.5, 0.25, 0.25 (log-space): ascending cumulative probs are 0.25, 0.5, 1.0.
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    # p = 0.5: drop where cum <= 0.5 → both 0.25 tokens go (the tie is dropped together)
+    assert torch.isinf(filter_top_p(logits, 0.5)).tolist() == [False, True, True]
+    # p = 0.8: drop where cum <= 0.2 → nothing goes
+    assert torch.isinf(filter_top_p(logits, 0.8)).tolist() == [False, False, False]
+
+
+# ---- repetition penalty ------------------------------------------------------------------
+
+
+def test_repetition_penalty_by_hand() -> None:
+    logits = torch.tensor([2.0, -1.0, 0.5, 0.0, -3.0, 4.0])
+    seen = torch.tensor([0, 1, 1, 3, 99])  # duplicates count once; 99 is beyond the vocab
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [1.0, -2.0, 0.5, 0.0, -3.0, 4.0]
+    # a penalty below 1 rewards instead
+    out = apply_repetition_penalty(logits, seen, 0.5)
+    assert out.tolist() == [4.0, -0.5, 0.5, 0.0, -3.0, 4.0]
+
+
+def test_repetition_penalty_mask_equals_ids() -> None:
+    logits = torch.tensor([2.0, -1.0, 0.5, 0.0, -3.0, 4.0])
+    mask = torch.tensor([True, True, False, True, False, False])
+    assert apply_repetition_penalty(logits, mask, 2.0).tolist() == [1.0, -2.0, 0.5, 0.0, -3.0, 4.0]
+
+
+@pytest.mark.parametrize("penalty", [0.7, 1.3, 2.0])
+def test_repetition_penalty_matches_transformers(penalty: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    for seed in range(5):
+        logits = random_logits(50, seed, ties=False)
+        ids = torch.randint(0, 50, (30,), generator=g)
+        expected = RepetitionPenaltyLogitsProcessor(penalty=penalty)(ids[None], logits[None].clone())[0]
+        assert torch.equal(apply_repetition_penalty(logits, ids, penalty), expected)
+
+
+# ---- Sampler -----------------------------------------------------------------------------
+
+
+def test_greedy_is_argmax() -> None:
+    sampler = Sampler(SamplingParams(), vocab_size=100, device="cpu")
+    for seed in range(20):
+        logits = random_logits(100, seed, ties=False)
+        token = sampler.next_token(logits)
+        assert token.shape == (1,) and token.dtype == torch.long
+        assert sampler.read(token) == int(torch.argmax(logits))
+
+
+def test_greedy_accepts_batch_of_one() -> None:
+    sampler = Sampler(SamplingParams(), vocab_size=10, device="cpu")
+    logits = random_logits(10, 3, ties=False)
+    assert sampler.read(sampler.next_token(logits[None])) == int(torch.argmax(logits))
+
+
+def test_greedy_with_repetition_penalty_observes_prompt_and_own_tokens() -> None:
+    params = SamplingParams(repetition_penalty=2.0)
+    sampler = Sampler(params, vocab_size=4, device="cpu")
+    logits = torch.tensor([3.0, 2.0, 1.8, 1.0])
+    sampler.observe(torch.tensor([0]))  # the prompt: 3.0 → 1.5, so 2.0 wins
+    assert sampler.read(sampler.next_token(logits)) == 1
+    # token 1 was observed by next_token itself: 2.0 → 1.0, so 1.8 wins
+    assert sampler.read(sampler.next_token(logits)) == 2
+    # all of 0, 1, 2 seen: 1.5, 1.0, 0.9, 1.0 → token 0
+    assert sampler.read(sampler.next_token(logits)) == 0
+    sampler.reset_seen([3])
+    assert sampler.read(sampler.next_token(logits)) == 0
+
+
+def test_observe_ignores_ids_beyond_the_vocab() -> None:
+    sampler = Sampler(SamplingParams(repetition_penalty=2.0), vocab_size=3, device="cpu")
+    sampler.observe([5, 1000])
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    assert sampler.read(sampler.next_token(logits)) == 1
+
+
+def reference_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor) -> torch.Tensor:
+    """The distribution transformers' generate(do_sample=True) would sample from."""
+    scores = logits[None].clone()
+    if params.repetition_penalty != 1.0:
+        scores = RepetitionPenaltyLogitsProcessor(penalty=params.repetition_penalty)(seen[None], scores)
+    scores = TemperatureLogitsWarper(params.temperature)(DUMMY_IDS, scores)
+    if params.top_k:
+        scores = TopKLogitsWarper(params.top_k)(DUMMY_IDS, scores)
+    if params.top_p < 1:
+        scores = TopPLogitsWarper(params.top_p)(DUMMY_IDS, scores)
+    return scores.softmax(-1)[0]
+
+
+def test_sampling_follows_the_filtered_distribution() -> None:
+    logits = torch.tensor([2.0, 1.5, 1.4, 0.2, -0.5, -1.0, 0.9, 1.1])
+    params = SamplingParams(temperature=0.8, top_k=6, top_p=0.9, repetition_penalty=1.5, seed=123)
+    seen = torch.tensor([0, 7])
+    probs = reference_probs(logits, params, seen)
+    assert (probs == 0).sum() >= 3  # the filters really remove something
+
+    # the penalty set must stay `seen` for every draw to have the same law, so the sampler gets
+    # transformers-penalised logits and no penalty of its own (its penalty path is tested below)
+    penalised = RepetitionPenaltyLogitsProcessor(penalty=1.5)(seen[None], logits[None].clone())[0]
+    sampler = Sampler(SamplingParams(**{**params.__dict__, "repetition_penalty": 1.0}), vocab_size=8, device="cpu")
+    n = 20000
+    counts = torch.zeros(8)
+    for _ in range(n):
+        counts[sampler.read(sampler.next_token(penalised))] += 1
+    freq = counts / n
+    assert torch.all(freq[probs == 0] == 0)
+    assert torch.allclose(freq, probs, atol=0.015), (freq, probs)
+
+
+def test_sampling_penalty_path_matches_reference_support() -> None:
+    # the Sampler's own penalty (not pre-applied) removes the same tokens as the reference
+    logits = torch.tensor([2.0, 1.9, 0.0, -4.0, 1.0])
+    params = SamplingParams(temperature=1.0, top_p=0.6, repetition_penalty=3.0, seed=0)
+    seen = torch.tensor([0])
+    allowed = set(torch.nonzero(reference_probs(logits, params, seen)).flatten().tolist())
+    for seed in range(50):
+        sampler = Sampler(SamplingParams(**{**params.__dict__, "seed": seed}), vocab_size=5, device="cpu")
+        sampler.observe(seen)
+        assert sampler.read(sampler.next_token(logits)) in allowed
+
+
+def run_tokens(seed: int | None, steps: int = 200) -> list[int]:
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=seed), vocab_size=50, device="cpu")
+    return [sampler.read(sampler.next_token(random_logits(50, step, ties=False))) for step in range(steps)]
+
+
+def test_same_seed_same_tokens() -> None:
+    assert run_tokens(7) == run_tokens(7)
+
+
+def test_different_seed_different_tokens() -> None:
+    assert run_tokens(7) != run_tokens(8)
+
+
+def test_no_seed_is_random() -> None:
+    assert run_tokens(None) != run_tokens(None)
+
+
+# ---- non-finite detection ----------------------------------------------------------------
+
+
+def bad_logits(kind: str) -> torch.Tensor:
+    logits = random_logits(20, 0, ties=False)
+    if kind == "nan":
+        logits[3] = math.nan
+    elif kind == "posinf":
+        logits[5] = math.inf
+    elif kind == "all_neginf":
+        logits[:] = -math.inf
+    return logits
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("kind", ["nan", "posinf", "all_neginf"])
+def test_non_finite_logits_raise_on_read(kind: str, temperature: float) -> None:
+    sampler = Sampler(SamplingParams(temperature=temperature, top_k=5, top_p=0.9, seed=0), vocab_size=20, device="cpu")
+    token = sampler.next_token(bad_logits(kind))
+    assert 0 <= int(token) < 20  # still a usable id: feeding it to the model cannot crash
+    with pytest.raises(GenerationError, match="float32"):
+        sampler.read(token)
+    with pytest.raises(GenerationError):
+        sampler.check()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_bad_step_is_sticky_until_read(temperature: float) -> None:
+    sampler = Sampler(SamplingParams(temperature=temperature, seed=0), vocab_size=20, device="cpu")
+    sampler.next_token(bad_logits("nan"))
+    good = sampler.next_token(bad_logits("none"))
+    with pytest.raises(GenerationError):
+        sampler.read(good)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_partly_masked_logits_are_fine(temperature: float) -> None:
+    logits = random_logits(20, 0, ties=False)
+    logits[torch.arange(20) != 4] = -math.inf
+    sampler = Sampler(SamplingParams(temperature=temperature, seed=0), vocab_size=20, device="cpu")
+    assert sampler.read(sampler.next_token(logits)) == 4
+    sampler.check()
+
+
+def test_wrong_vocab_size_is_reported() -> None:
+    sampler = Sampler(SamplingParams(), vocab_size=20, device="cpu")
+    with pytest.raises(GenerationError, match="vocab"):
+        sampler.next_token(torch.zeros(21))
+
+
+# ---- validation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -0.1),
+        ("temperature", math.nan),
+        ("top_p", 0.0),
+        ("top_p", 1.01),
+        ("top_k", -1),
+        ("top_k", 2.5),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.0),
+        ("max_new_tokens", 0),
+        ("seed", "abc"),
+        ("stop_ids", (1, -2)),
+    ],
+)
+def test_validate_rejects(field: str, value: object) -> None:
+    with pytest.raises(UsageError, match=field):
+        SamplingParams(**{field: value}).validate()
+
+
+def test_validate_accepts_defaults_and_edges() -> None:
+    SamplingParams().validate()
+    SamplingParams(temperature=0, top_p=1.0, top_k=0, repetition_penalty=0.5, max_new_tokens=1, seed=0).validate()
+    with pytest.raises(UsageError):
+        Sampler(SamplingParams(top_p=2.0), vocab_size=10, device="cpu")
+
+
+# ---- CUDA: the decode step never synchronises with the host -------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        SamplingParams(repetition_penalty=1.2),
+        SamplingParams(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=0),
+    ],
+)
+def test_next_token_does_not_sync_on_cuda(params: SamplingParams) -> None:
+    vocab = 151674
+    sampler = Sampler(params, vocab_size=vocab, device="cuda")
+    prompt = torch.randint(0, vocab, (300,), device="cuda")
+    logits = torch.randn(vocab, device="cuda") * 4
+    sampler.observe(prompt)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = [sampler.next_token(logits)]
+        for _ in range(5):
+            tokens.append(sampler.next_token(logits))
+            sampler.observe(tokens[-1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ids = [sampler.read(t) for t in tokens]
+    assert all(0 <= i < vocab for i in ids)
+    if params.greedy and params.repetition_penalty == 1.0:
+        assert ids == [int(torch.argmax(logits.cpu()))] * 6

@@ -1,0 +1,246 @@
+"""Multi-turn sessions: chunk prefilling is exact, and the session survives every failure."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.chat.session import Session
+from internvl_chat.engine.loader import load_model
+from internvl_chat.errors import ContextOverflowError, MediaError
+from media_helpers import textured_rgb, write_numbered_video
+from reference import reference_model
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_original):
+    return load_model(tiny_original, device="cpu", dtype="float32", max_context=8192)
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("media")
+    Image.fromarray(textured_rgb(800, 600, seed=3)).save(d / "scene.png")  # 12 tiles + thumbnail
+    Image.fromarray(textured_rgb(448, 448, seed=4)).save(d / "small.png")
+    write_numbered_video(d / "clip.mp4", num_frames=40)
+    return d
+
+
+def _params(n=6):
+    return SamplingParams(max_new_tokens=n)
+
+
+def _run(events) -> dict:
+    final = None
+    for event in events:
+        final = event
+    return final
+
+
+def _three_turns(session: Session, media_dir: Path) -> None:
+    _run(session.ask("Describe the picture.", [session.describe_image(media_dir / "scene.png")]))
+    _run(session.ask("And this clip?", [session.describe_video(media_dir / "clip.mp4", frames=4)]))
+    _run(session.ask("Thanks, one more thing."))
+
+
+def test_chunk_prefilling_equals_prefilling_everything(loaded, media_dir):
+    session = Session(loaded, _params())
+    _three_turns(session, media_dir)
+    assert [len(t.media) for t in session.turns] == [1, 1, 0]
+    follow_up = session.builder.next_turn("Last question?", [])
+
+    chunked = loaded.model.forward(session.ids[session.start_pos :] + follow_up, session.start_pos)
+
+    media = [m for t in session.turns for m in t.media]
+    features = loaded.model.encode_images(torch.cat([m.pixel_values for m in media]))
+    fresh = loaded.model.forward(session.ids + follow_up, 0, features)
+    diff = (chunked - fresh).abs().max().item()
+    assert diff <= TOL * fresh.abs().max().item(), diff
+
+
+def test_each_turn_prefills_only_its_own_tokens(loaded, media_dir):
+    session = Session(loaded, _params())
+    calls = []
+    original = loaded.model.forward
+
+    def spy(ids, start_pos, *a, **k):
+        calls.append((start_pos, len(ids) if not isinstance(ids, torch.Tensor) else ids.numel()))
+        return original(ids, start_pos, *a, **k)
+
+    loaded.model.forward = spy
+    try:
+        _run(session.ask("Hello there."))
+        before = session.start_pos
+        calls.clear()
+        _run(session.ask("Second turn."))
+    finally:
+        del loaded.model.forward
+    start, length = calls[0]
+    assert start == before
+    assert length == len(session.turns[-1].prompt_ids) + (session.turns[-1].ids_before - session.turns[-1].pos_before)
+    assert length < 30  # the new turn only, not the history
+
+
+def test_greedy_multi_turn_matches_transformers_generate(tiny_original, loaded, media_dir):
+    ref = reference_model(tiny_original)
+    session = Session(loaded, _params(8))
+    stops = list(session.builder.stop_ids)
+    turns = [
+        ("What is this?", [session.describe_image(media_dir / "small.png")]),
+        ("Tell me more.", []),
+        ("And this?", [session.describe_video(media_dir / "clip.mp4", frames=2)]),
+    ]
+    pixels = []
+    for text, media in turns:
+        context = session.ids + session.builder.next_turn(text, [m.spec for m in media]) if session.ids else None
+        _run(session.ask(text, media))
+        turn = session.turns[-1]
+        pixels += [m.pixel_values for m in media]
+        prompt = session.ids[: turn.ids_before] + turn.prompt_ids
+        if context is not None:
+            assert prompt == context
+        with torch.no_grad():
+            out = ref.generate(
+                input_ids=torch.tensor([prompt]),
+                pixel_values=torch.cat(pixels) if pixels else None,
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=stops[0],
+            )
+        expected = out[0, len(prompt) :].tolist()
+        if expected and expected[-1] in stops:
+            expected = expected[:-1]
+        assert turn.answer_ids == expected
+
+
+def test_overflow_leaves_the_session_unchanged(tiny_original, media_dir):
+    small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
+    session = Session(small, _params())
+    _run(session.ask("Hi."))
+    state = (list(session.ids), session.start_pos, len(session.turns))
+    big = session.describe_image(media_dir / "scene.png")
+    with pytest.raises(ContextOverflowError, match=r"over the 1,024-token context; use fewer tiles or frames, /clear"):
+        _run(session.ask("What is this?", [big]))
+    assert (session.ids, session.start_pos, len(session.turns)) == state
+    _run(session.ask("Still there?"))
+    assert len(session.turns) == 2
+
+
+def test_decoding_stops_with_length_when_the_cache_is_full(tiny_original):
+    from internvl_chat.chat.generate import stream_generate
+    from internvl_chat.chat.sampling import Sampler
+
+    small = load_model(tiny_original, device="cpu", dtype="float32", max_context=64)
+    params = SamplingParams(max_new_tokens=50)
+    prompt = small.tokenizer.encode("one two three four five six seven eight nine ten " * 3, add_special_tokens=False)
+    prompt = (prompt * 4)[:60]
+    sampler = Sampler(params, small.config.text.vocab_size, "cpu")
+    final = _run(stream_generate(small.model, small.tokenizer, prompt, 0, params, sampler, stop_ids=()))
+    assert final["finish_reason"] == "length"
+    assert final["cache_end"] == 64 and len(final["token_ids"]) == 5  # 4 fed + 1 that did not fit
+
+
+def test_cancel_keeps_partial_answer_and_next_turn_works(loaded):
+    session = Session(loaded, SamplingParams(max_new_tokens=50, stop_ids=()))
+    cancel = threading.Event()
+    seen = 0
+    final = None
+    for event in session.ask("Tell me a long story.", cancel=cancel):
+        seen += 1
+        if seen == 3:
+            cancel.set()
+        final = event
+    if final["finish_reason"] == "stop":
+        pytest.skip("the random model stopped before the cancel")
+    assert final["finish_reason"] == "cancelled"
+    assert session.turns[-1].answer_text.endswith("[cancelled]")
+    # the cache holds the partial answer; the next turn closes it with <|im_end|>
+    assert session.start_pos == len(session.ids)
+    final = _run(session.ask("Go on."))
+    assert session.turns[-1].prompt_ids[: len(session.builder.closing_ids())] == session.builder.closing_ids()
+
+
+def test_undo_and_retry_rewind_without_reprefill(loaded, media_dir):
+    session = Session(loaded, _params())
+    _run(session.ask("First.", [session.describe_image(media_dir / "small.png")]))
+    after_first = (list(session.ids), session.start_pos)
+    _run(session.ask("Second."))
+    first_answer = session.turns[-1].answer_ids
+    session.undo()
+    assert (session.ids, session.start_pos) == after_first
+    calls = []
+    original = loaded.model.encode_images
+    loaded.model.encode_images = lambda px: calls.append(px.shape[0]) or original(px)
+    try:
+        _run(session.ask("Second."))
+        assert session.turns[-1].answer_ids == first_answer  # greedy: same answer after undo
+        _run(session.retry())
+        assert session.turns[-1].answer_ids == first_answer
+        assert len(session.turns) == 2
+        session.undo()
+        _run(session.retry())  # retry of turn 1 reuses its kept features: no vision run
+    finally:
+        del loaded.model.encode_images
+    assert calls == []
+    assert len(session.turns) == 1
+
+
+def test_save_load_gives_identical_next_token_logits(loaded, media_dir, tmp_path):
+    session = Session(loaded, _params())
+    _three_turns(session, media_dir)
+    path = session.save(tmp_path / "chat.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == "internvl-chat-session" and data["version"] == 1
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"] * 3
+    assert data["messages"][0]["media"][0]["sha256"]
+    follow = session.builder.next_turn("Next?", [])
+    expected = loaded.model.forward(session.ids[session.start_pos :] + follow, session.start_pos)
+
+    restored = Session(loaded, _params())
+    restored.load(path)
+    assert restored.ids == session.ids
+    got = loaded.model.forward(restored.ids[restored.start_pos :] + follow, restored.start_pos)
+    assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
+    restored.undo()  # turn boundaries survive a load
+    assert len(restored.turns) == 2
+
+
+def test_load_reports_changed_or_vanished_media(loaded, media_dir, tmp_path):
+    image = tmp_path / "photo.png"
+    Image.fromarray(textured_rgb(448, 448, seed=9)).save(image)
+    session = Session(loaded, _params())
+    _run(session.ask("What is this?", [session.describe_image(image)]))
+    path = session.save(tmp_path / "chat.json")
+    Image.fromarray(textured_rgb(448, 448, seed=10)).save(image)
+    fresh = Session(loaded, _params())
+    with pytest.raises(MediaError, match="has changed since the session was saved"):
+        fresh.load(path)
+    image.unlink()
+    with pytest.raises(MediaError, match="has vanished"):
+        fresh.load(path)
+    assert fresh.ids == [] and fresh.turns == []
+
+
+def test_save_is_atomic(loaded, tmp_path, monkeypatch):
+    session = Session(loaded, _params())
+    _run(session.ask("Hi."))
+    target = tmp_path / "chat.json"
+    target.write_text("previous content")
+
+    def boom(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError):
+        session.save(target)
+    assert target.read_text() == "previous content"
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]

@@ -1,0 +1,304 @@
+"""Frame sampling: indices against a plain reimplementation; real videos whose frames show their own
+number, decoded with both backends; bad files and ranges."""
+
+from __future__ import annotations
+
+import random
+
+import av
+import numpy as np
+import pytest
+from media_helpers import (
+    read_frame_number,
+    reference_normalize,
+    write_audio_only,
+    write_empty_video,
+    write_numbered_video,
+)
+from PIL import Image
+
+from internvl_chat.errors import MediaError, UsageError
+from internvl_chat.media import video as media_video
+from internvl_chat.media.video import BACKEND_ENV, frame_indices, load_video, probe_video
+
+
+def expected_indices(total: int, fps: float, n: int, start: float | None = None, end: float | None = None) -> list[int]:
+    """The published sampling, vectorised with numpy (np.round also rounds half to even)."""
+    first = 0 if start is None else int(np.clip(np.round(start * fps), 0, total - 1))
+    last = total - 1 if end is None else int(np.clip(np.round(end * fps), 0, total - 1))
+    seg = (last - first) / n
+    return np.floor(first + seg / 2 + np.round(seg * np.arange(n))).astype(int).tolist()
+
+
+# ---------------------------------------------------------------- indices (pure)
+
+
+def test_indices_hand_computed():
+    # 40 frames, 8 segments of 4.875: k·4.875 rounds to 0, 5, 10, 15, 20 (19.5, to even), 24, 29, 34
+    assert frame_indices(40, 30.0, 8) == [2, 7, 12, 17, 22, 26, 31, 36]
+    # seg 2.5: round(2.5) is 2 (half to even), so 1.25 + 2 → 3, not 4
+    assert frame_indices(6, 30.0, 2) == [1, 3]
+    # 1 s … 3 s at 25 fps is frames 25 … 75, seg 12.5: 31, 43 (12.5 → 12), 56, 69 (37.5 → 38)
+    assert frame_indices(100, 25.0, 4, start=1.0, end=3.0) == [31, 43, 56, 69]
+    assert frame_indices(1, 30.0, 4) == [0, 0, 0, 0]
+    assert frame_indices(5, 30.0, 10) == [0, 0, 1, 1, 2, 2, 2, 3, 3, 4]  # more frames asked than exist: repeats
+    assert frame_indices(30, 30.0, 3, end=100.0) == frame_indices(30, 30.0, 3)  # end past the clip: clamped
+    assert frame_indices(30, 30.0, 2, start=0.99) == [29, 29]  # round(29.7) = 30 is clamped to the last frame
+
+
+def test_indices_match_reimplementation_over_many_cases():
+    rng = random.Random(1234)
+    cases = 0
+    for total in [1, 2, 3, 5, 8, 13, 30, 31, 64, 99, 100, 101, 250, 1000, 4321]:
+        for fps in [30.0, 30000 / 1001, 24.0, 25.0, 12.5, 60.0]:
+            duration = total / fps
+            for n in [1, 2, 3, 4, 7, 8, 16, 32, 33, 100]:
+                ranges = [(None, None), (None, duration * 0.6), (duration * 0.3, None)]
+                for _ in range(3):
+                    start = rng.uniform(0, duration * 0.95)
+                    ranges.append((start, rng.uniform(start + 1e-3, duration * 1.2)))
+                for start, end in ranges:
+                    got = frame_indices(total, fps, n, start, end)
+                    assert got == expected_indices(total, fps, n, start, end), (total, fps, n, start, end)
+                    assert len(got) == n and all(0 <= i < total for i in got)
+                    assert got == sorted(got)
+                    cases += 1
+    assert cases > 5000
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(num_frames=0), "num_frames"),
+        (dict(num_frames=-2), "num_frames"),
+        (dict(num_total_frames=0), "no frames"),
+        (dict(start=-0.5), "negative"),
+        (dict(end=-1.0), "negative"),
+        (dict(start=4.0), "past the end"),  # 120 frames at 30 fps last 4 s
+        (dict(start=9.0, end=10.0), "past the end"),
+        (dict(start=2.0, end=2.0), "not after start"),
+        (dict(start=2.0, end=1.0), "not after start"),
+        (dict(end=0.0), "not after start"),
+        (dict(fps=0.0, start=1.0), "frame rate"),
+    ],
+)
+def test_index_errors(kwargs, words):
+    args = dict(num_total_frames=120, fps=30.0, num_frames=8) | kwargs
+    with pytest.raises(MediaError) as err:
+        frame_indices(**args)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- real videos
+
+HAS_X264 = "libx264" in av.codecs_available
+HAS_VP9 = "libvpx-vp9" in av.codecs_available
+
+# name: (frames, fps, codec, options); x264 uses B-frames and a short GOP, so decoding needs seeks
+VIDEOS = {
+    "intra.mp4": (40, 30, "mpeg4", dict(gop=1)),
+    "ntsc.mp4": (45, 30000 / 1001, "mpeg4", {}),
+    "bframes.mp4": (100, 25, "libx264", dict(options={"crf": "12", "g": "10"})),
+    "nocount.mkv": (37, 24, "libx264", dict(options={"crf": "12"})),  # MKV stores no frame count
+    "vp9.webm": (33, 30, "libvpx-vp9", {}),
+    "short.mp4": (5, 10, "mpeg4", dict(gop=1)),
+}
+
+
+def _available(name: str) -> bool:
+    codec = VIDEOS[name][2]
+    return codec == "mpeg4" or (codec == "libx264" and HAS_X264) or (codec == "libvpx-vp9" and HAS_VP9)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    made = {}
+    for name, (frames, fps, codec, extra) in VIDEOS.items():
+        if _available(name):
+            made[name] = write_numbered_video(folder / name, frames, fps, codec, **extra)
+    return made
+
+
+def _backends() -> list:
+    params = [pytest.param("pyav", id="pyav")]
+    try:
+        import decord  # noqa: F401
+
+        params.insert(0, pytest.param("decord", id="decord"))
+    except Exception:  # noqa: BLE001
+        params.insert(0, pytest.param("decord", id="decord", marks=pytest.mark.skip(reason="decord not installed")))
+    return params
+
+
+SAMPLINGS = [(8, None, None), (16, None, None), (5, 0.3, 1.2), (3, 1.0, None), (4, None, 0.5), (1, None, None)]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("name", list(VIDEOS))
+def test_sampled_frames_are_the_expected_ones(videos, monkeypatch, backend, name):
+    if name not in videos:
+        pytest.skip(f"codec {VIDEOS[name][2]} not in this PyAV build")
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    total, fps = VIDEOS[name][0], float(VIDEOS[name][1])
+    for n, start, end in SAMPLINGS:
+        want = expected_indices(total, fps, n, start, end)
+        result = load_video(videos[name], num_frames=n, start=start, end=end)
+        assert result.backend == backend
+        assert result.num_total_frames == total
+        assert result.fps == pytest.approx(fps)
+        assert result.indices == want
+        shown = [read_frame_number(tile) for tile in result.pixel_values.numpy()]
+        assert shown == want, (name, n, start, end)
+        assert result.timestamps == pytest.approx([i / fps for i in want])
+        assert tuple(result.pixel_values.shape) == (n, 3, 448, 448)
+        assert result.num_frames == n and result.path == videos[name]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_more_frames_than_the_clip_has_repeat(videos, monkeypatch, backend):
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    result = load_video(videos["short.mp4"], num_frames=12)
+    want = expected_indices(5, 10.0, 12)
+    assert len(set(want)) < 12
+    assert [read_frame_number(t) for t in result.pixel_values.numpy()] == want == result.indices
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_frame_pixels_are_the_image_tile_transform(videos, monkeypatch, backend):
+    """Each frame is one tile: the decoded RGB frame resized bicubic to S×S and normalised."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    result = load_video(videos["intra.mp4"], num_frames=3, image_size=224)
+    with av.open(str(videos["intra.mp4"])) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    for tile, index in zip(result.pixel_values.numpy(), result.indices):
+        resized = np.asarray(Image.fromarray(frames[index]).resize((224, 224), Image.BICUBIC))
+        np.testing.assert_allclose(tile, reference_normalize(resized), atol=2e-6)
+
+
+def test_decord_and_pyav_give_the_same_frames(videos, monkeypatch):
+    pytest.importorskip("decord")
+    for name in videos:
+        results = {}
+        for backend in ("decord", "pyav"):
+            monkeypatch.setenv(BACKEND_ENV, backend)
+            results[backend] = load_video(videos[name], num_frames=7, start=0.1)
+        assert results["decord"].indices == results["pyav"].indices
+        assert results["decord"].fps == pytest.approx(results["pyav"].fps)
+        assert results["decord"].num_total_frames == results["pyav"].num_total_frames
+        # both decode through FFmpeg and convert to RGB the same way, so pixels agree closely
+        diff = (results["decord"].pixel_values - results["pyav"].pixel_values).abs()
+        assert diff.mean().item() < 0.02, name
+
+
+def test_probe_reads_the_header(videos):
+    for name, path in videos.items():
+        total, fps = VIDEOS[name][0], float(VIDEOS[name][1])
+        frames, rate, duration = probe_video(path)
+        assert frames == total and rate == pytest.approx(fps)
+        assert duration == pytest.approx(total / fps, abs=0.05)
+
+
+# ---------------------------------------------------------------- backend choice
+
+
+def test_backend_choice(videos, monkeypatch):
+    path = videos["intra.mp4"]
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    try:
+        import decord  # noqa: F401
+
+        assert load_video(path, 2).backend == "decord"  # preferred when it imports
+    except ImportError:
+        assert load_video(path, 2).backend == "pyav"
+    monkeypatch.setenv(BACKEND_ENV, " PyAV ")
+    assert load_video(path, 2).backend == "pyav"
+
+    monkeypatch.setattr(media_video, "_import_decord", lambda: None)  # as if decord were missing
+    monkeypatch.delenv(BACKEND_ENV)
+    assert load_video(path, 2).backend == "pyav"
+    monkeypatch.setenv(BACKEND_ENV, "decord")
+    with pytest.raises(MediaError) as err:
+        load_video(path, 2)
+    assert "decord" in str(err.value)
+
+    monkeypatch.setenv(BACKEND_ENV, "opencv")
+    with pytest.raises(UsageError) as err:
+        load_video(path, 2)
+    assert BACKEND_ENV in str(err.value)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_files(tmp_path, videos) -> dict:
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n")
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    half = tmp_path / "half.mp4"
+    data = videos["intra.mp4"].read_bytes()
+    half.write_bytes(data[: len(data) // 2])  # the index (moov) is at the end: unreadable
+    image = tmp_path / "still.txt"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return {
+        "missing": (tmp_path / "nope.mp4", "does not exist"),
+        "folder": (tmp_path, "folder"),
+        "text": (text, "cannot read video"),
+        "empty": (empty, "cannot read video"),
+        "truncated": (half, "cannot read video"),
+        "audio only": (write_audio_only(tmp_path / "sound.wav"), "no video stream"),
+        "garbage": (image, "cannot read video"),
+    }
+
+
+@pytest.mark.parametrize("backend", [None, *_backends()])
+def test_bad_files(tmp_path, videos, monkeypatch, backend):
+    if backend is None:
+        monkeypatch.delenv(BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BACKEND_ENV, backend)
+    for what, (path, words) in _bad_files(tmp_path, videos).items():
+        with pytest.raises(MediaError) as err:
+            load_video(path)
+        text = str(err.value)
+        assert "\n" not in text, what
+        if backend != "decord" or what in ("missing", "folder"):  # decord words its own reasons
+            assert words in text, (what, text)
+
+
+@pytest.mark.parametrize("backend", [None, *_backends()])
+def test_video_without_frames(tmp_path, monkeypatch, backend):
+    if backend is None:
+        monkeypatch.delenv(BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_empty_video(tmp_path / "empty.avi")
+    with pytest.raises(MediaError) as err:
+        load_video(path)
+    if backend != "decord":  # decord cannot open it at all; without forcing, PyAV then explains
+        assert "no video frames" in str(err.value)
+    with pytest.raises(MediaError):
+        probe_video(path)
+
+
+def test_probe_errors(tmp_path, videos):
+    for what, (path, words) in _bad_files(tmp_path, videos).items():
+        with pytest.raises(MediaError) as err:
+            probe_video(path)
+        assert words in str(err.value), what
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_bad_ranges_on_a_real_file(videos, monkeypatch, backend):
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = videos["intra.mp4"]  # 40 frames at 30 fps: 1.33 s
+    for kwargs, words in [
+        (dict(num_frames=0), "num_frames"),
+        (dict(start=1.34), "past the end"),
+        (dict(start=-1.0), "negative"),
+        (dict(start=1.0, end=0.5), "not after start"),
+    ]:
+        with pytest.raises(MediaError) as err:
+            load_video(path, **kwargs)
+        assert words in str(err.value)
