@@ -27,7 +27,7 @@ from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import load_video, probe_video
 from .generate import stream_generate
 from .sampling import Sampler, SamplingParams
-from .template import MediaSpec, PromptBuilder
+from .template import MediaSpec, PromptBuilder, media_order
 
 SESSION_FORMAT = "internvl-chat-session"
 SESSION_VERSION = 1
@@ -193,7 +193,8 @@ class Session:
         """Run one turn and stream its events. On any error the session is as before the turn."""
         params = params or self.params
         params.validate()
-        media = list(media)
+        # the template puts images before videos; keep features in that same order
+        media = [media[i] for i in media_order([m.spec for m in media])]
         new_ids = self._turn_ids(text, media)
         pending = self.ids[self.start_pos :]  # e.g. the token that hit the length limit
         prompt = pending + new_ids

@@ -132,14 +132,17 @@ class _PyAVSource:
             self._container = av.open(str(path))
         except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
             raise MediaError(f"cannot read video {path} ({_one_line(e)}); use an MP4, MKV, WebM or AVI file") from None
-        if not self._container.streams.video:
+        try:
+            if not self._container.streams.video:
+                raise MediaError(f"{path} has no video stream; pass a video file")
+            stream = self._container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame threading: faster, output order unchanged
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            self.fps = float(rate) if rate else 0.0
+            self.num_total_frames = int(stream.frames or 0) or self._count_packets()
+        except BaseException:
             self._container.close()
-            raise MediaError(f"{path} has no video stream; pass a video file")
-        stream = self._container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame threading: faster, output order unchanged
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        self.fps = float(rate) if rate else 0.0
-        self.num_total_frames = int(stream.frames or 0) or self._count_packets()
+            raise
 
     def _count_packets(self) -> int:
         # Containers such as MKV and WebM do not store a frame count; demuxing (no decoding)

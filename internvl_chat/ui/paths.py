@@ -92,6 +92,8 @@ def normalize_path(text: str) -> Path:
         pass  # an apostrophe in a plain name ("it's.png"): take the text literally
     if word[:5].lower() == "file:":
         word = _from_file_uri(word)
+    if not word:
+        raise UsageError(f"empty path {text.strip()!r}; give the path of a file.")
     if word.startswith("~"):
         try:
             return Path(word).expanduser()

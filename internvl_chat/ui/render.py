@@ -27,8 +27,9 @@ _FENCE_OPEN = re.compile(r"^(\s*)(`{3,}|~{3,})")
 _LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,9}[.)])(?:[ \t]|$)")
 _HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]|$)")
 _THEMATIC_BREAK = re.compile(r"^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
-_LIST_CONTINUATION_INDENT = 2
-_BRING_OWN_BLANK_LINE = ("bullet_list_open", "ordered_list_open", "blockquote_open")  # a line indented this much after a blank line stays in the list
+_LIST_CONTINUATION_INDENT = 2  # a line indented this much after a blank line stays in the list
+# Top-level elements that rich renders with a blank line of their own before them.
+_BRING_OWN_BLANK_LINE = ("bullet_list_open", "ordered_list_open", "blockquote_open", "table_open")
 
 
 def _indent(line: str) -> int:
@@ -202,7 +203,7 @@ class MarkdownStream:
     def _markdown(self, text: str) -> tuple[RenderableType, Markdown]:
         markdown = Markdown(text.strip("\n"), code_theme=self.code_theme)
         # Rendered as one document, rich puts a blank line between top-level elements, except
-        # before a list or quote (which bring their own) and after a rule; blocks printed one
+        # before a list, quote or table (which bring their own) and after a rule; blocks printed one
         # by one get the same spacing here.
         first = markdown.parsed[0].type if markdown.parsed else ""
         if self._printed_blocks and not self._after_rule and first not in _BRING_OWN_BLANK_LINE:

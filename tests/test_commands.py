@@ -1,0 +1,196 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from internvl_chat.errors import UsageError
+from internvl_chat.settings import SET_ALIASES
+from internvl_chat.ui.commands import (
+    COMMAND_BY_NAME,
+    COMMANDS,
+    Command,
+    Message,
+    format_help,
+    parse_line,
+    parse_range,
+    split_words,
+)
+
+
+@pytest.fixture(autouse=True)
+def fixed_home(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/tester")
+
+
+P = Path
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        # messages
+        ("hello", Message("hello")),
+        ("  two words ", Message("  two words ")),
+        ("", Message("")),
+        ("//etc/passwd is a file", Message("/etc/passwd is a file")),
+        ("//help", Message("/help")),
+        ("/tmp/cat.png what is this?", Message("/tmp/cat.png what is this?")),  # a dropped path
+        ("/cat.png", Message("/cat.png")),
+        # commands without arguments
+        ("/help", Command("help")),
+        ("/help video", Command("help", ("video",))),
+        ("/media", Command("media")),
+        ("/clear", Command("clear")),
+        ("/retry", Command("retry")),
+        ("/undo", Command("undo")),
+        ("/show", Command("show")),
+        ("/context", Command("context")),
+        ("/stats", Command("stats")),
+        ("/exit", Command("exit")),
+        ("/quit", Command("exit")),
+        ("/QUIT", Command("exit")),
+        ("  /clear  ", Command("clear")),
+        # paths
+        ("/image cat.png", Command("image", (P("cat.png"),))),
+        (
+            "/image a.png 'my cat.png' b\\ c.jpg \"d e.webp\"",
+            Command("image", (P("a.png"), P("my cat.png"), P("b c.jpg"), P("d e.webp"))),
+        ),
+        ("/image file:///tmp/my%20cat.png", Command("image", (P("/tmp/my cat.png"),))),
+        ("/image ~/cat.png", Command("image", (P("/home/tester/cat.png"),))),
+        ("/image '/tmp/it'\\''s.png' ", Command("image", (P("/tmp/it's.png"),))),
+        ("/image /tmp/it's.png", Command("image", (P("/tmp/it's.png"),))),
+        ("/video clip.mp4", Command("video", (P("clip.mp4"),))),
+        (
+            "/video clip.mp4 --frames 4 --range 1.5-3",
+            Command("video", (P("clip.mp4"),), {"frames": 4, "range": (1.5, 3.0)}),
+        ),
+        (
+            "/video --range=1:00-1:30 --frames=16 'my clip.mp4'",
+            Command("video", (P("my clip.mp4"),), {"frames": 16, "range": (60.0, 90.0)}),
+        ),
+        ("/save", Command("save")),
+        ("/save chat.json", Command("save", (P("chat.json"),))),
+        ("/load ~/chats/a\\ b.json", Command("load", (P("/home/tester/chats/a b.json"),))),
+        ("/export notes.md", Command("export", (P("notes.md"),))),
+        # numbers, settings and text
+        ("/drop 2", Command("drop", (2,))),
+        ("/set temperature 0.7", Command("set", ("temperature", "0.7"))),
+        ("/set top_p=0.9", Command("set", ("top_p", "0.9"))),
+        ("/set seed 'none'", Command("set", ("seed", "none"))),
+        ("/system", Command("system")),
+        ("/system   You are terse. Use 'quotes' freely. ", Command("system", ("You are terse. Use 'quotes' freely.",))),
+        ("/system line one\nline two", Command("system", ("line one\nline two",))),
+    ],
+)
+def test_parse_line(line, expected):
+    assert parse_line(line) == expected
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("/imgae cat.png", "unknown command /imgae; did you mean /image?"),
+        ("/vidoe x.mp4", "unknown command /vidoe; did you mean /video?"),
+        ("/exti", "unknown command /exti; did you mean /exit?"),
+        ("/qiut", "unknown command /qiut; did you mean /quit?"),
+        ("/sav", "unknown command /sav; did you mean /save?"),
+        ("/frobnicate", "unknown command /frobnicate; type /help"),
+        ("/", "empty command"),
+        ("/image", "/image needs PATH; usage: /image PATH…"),
+        ("/video", "/video needs PATH; usage: /video PATH [--frames N] [--range A-B]"),
+        ("/video a.mp4 b.mp4", "/video takes at most 1 argument(s); usage: /video PATH"),
+        ("/video a.mp4 --fram 3", "/video has no option --fram; did you mean --frames?"),
+        ("/video a.mp4 --speed 3", "/video has no option --speed; usage: /video PATH"),
+        ("/video a.mp4 --frames", "/video: --frames needs a value"),
+        ("/video a.mp4 --frames 0", "/video: --frames must be a whole number ≥ 1, not '0'"),
+        ("/video a.mp4 --frames two", "/video: --frames must be a whole number ≥ 1, not 'two'"),
+        ("/video a.mp4 --range 5-2", "invalid time range '5-2': it ends before it starts"),
+        ("/video a.mp4 --range 5", "invalid time range '5'"),
+        ("/image --frames 3 a.png", "/image has no option --frames"),
+        ("/drop", "/drop needs N; usage: /drop N"),
+        ("/drop x", "/drop: N must be a whole number ≥ 1, not 'x'; usage: /drop N"),
+        ("/drop 0", "/drop: N must be a whole number ≥ 1, not '0'"),
+        ("/drop 1 2", "/drop takes at most 1 argument(s)"),
+        ("/clear now", "/clear takes no arguments; usage: /clear"),
+        ("/exit please", "/exit takes no arguments"),
+        ("/set temperature", "/set needs VALUE; usage: /set KEY VALUE"),
+        ("/set", "/set needs KEY"),
+        ("/set a b c", "/set takes at most 2 argument(s)"),
+        ("/load", "/load needs FILE; usage: /load FILE"),
+        ("/export", "/export needs FILE.md"),
+        ("/save a.json b.json", "/save takes at most 1 argument(s)"),
+        ("/image ''", "empty path"),
+    ],
+)
+def test_errors(line, message):
+    with pytest.raises(UsageError) as err:
+        parse_line(line)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0-10", (0.0, 10.0)),
+        ("2.5-10", (2.5, 10.0)),
+        (" 2.5 - 10.25 ", (2.5, 10.25)),
+        (".5-1.", (0.5, 1.0)),
+        ("1:00-1:30", (60.0, 90.0)),
+        ("0:59.5-1:02:03", (59.5, 3723.0)),
+    ],
+)
+def test_parse_range(text, expected):
+    assert parse_range(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "5", "5-", "-5", "a-b", "3-3", "10-2", "1-2-3", "-1-2", "1e1-2e1"])
+def test_parse_range_errors(text):
+    with pytest.raises(UsageError, match="invalid time range"):
+        parse_range(text)
+
+
+def test_split_words_keeps_raw_text_and_spans():
+    text = "a 'b c'  d\\ e \"f\\\"g\""
+    words = split_words(text)
+    assert [w.raw for w in words] == ["a", "'b c'", "d\\ e", '"f\\"g"']
+    assert all(text[w.start : w.end] == w.raw for w in words)
+
+
+def test_split_words_falls_back_on_unclosed_quote():
+    assert [w.raw for w in split_words("/tmp/it's.png b.png")] == ["/tmp/it's.png", "b.png"]
+
+
+def test_command_table_covers_the_issue():
+    names = {spec.name for spec in COMMANDS}
+    assert names == {
+        "help", "image", "video", "media", "drop", "clear", "retry", "undo", "system",
+        "set", "show", "context", "stats", "save", "load", "export", "exit",
+    }  # fmt: skip
+    assert COMMAND_BY_NAME["quit"] is COMMAND_BY_NAME["exit"]
+    kinds = {arg.kind for spec in COMMANDS for arg in spec.args}
+    assert kinds <= {"image", "video", "file", "int", "setting", "value", "text", "command"}
+    assert [a.kind for a in COMMAND_BY_NAME["image"].args] == ["image"]
+    assert [a.kind for a in COMMAND_BY_NAME["video"].args] == ["video"]
+    assert [a.kind for a in COMMAND_BY_NAME["set"].args] == ["setting", "value"]
+    for spec in COMMANDS:
+        assert spec.help and "\n" not in spec.help
+        assert spec.usage.startswith(f"/{spec.name}")
+
+
+def test_set_keys_are_the_documented_ones():
+    assert set(SET_ALIASES) == {
+        "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens",
+        "seed", "max_tiles", "frames", "stats", "markdown",
+    }  # fmt: skip
+
+
+def test_help_lists_every_command():
+    text = format_help()
+    for spec in COMMANDS:
+        assert f"{spec.usage} " in text and spec.help in text
+    assert "/quit" in text
+    assert "--range A-B" in format_help("video") and "--frames N" in format_help("/video")
+    with pytest.raises(UsageError, match="did you mean /image"):
+        format_help("imgae")

@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from internvl_chat.errors import UsageError
+from internvl_chat.ui.paths import find_media_paths, media_kind, normalize_path, shell_unquote
+
+
+@pytest.fixture(autouse=True)
+def fixed_home(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/tester")
+
+
+@pytest.mark.parametrize(
+    "typed, expected",
+    [
+        ("/tmp/cat.png", "/tmp/cat.png"),
+        ("relative/cat.png", "relative/cat.png"),
+        # quotes, as GNOME Terminal and others drop files
+        ("'/tmp/my cat.png'", "/tmp/my cat.png"),
+        ('"/tmp/my cat.png"', "/tmp/my cat.png"),
+        ("'/tmp/it'\\''s.png'", "/tmp/it's.png"),
+        ('"/tmp/say \\"hi\\".png"', '/tmp/say "hi".png'),
+        ("'/tmp/back\\slash.png'", "/tmp/back\\slash.png"),  # nothing is special in '…'
+        # backslash escapes, as macOS Terminal and iTerm drop files
+        ("/tmp/my\\ cat.png", "/tmp/my cat.png"),
+        ("/tmp/my\\ cat\\ \\(1\\).png", "/tmp/my cat (1).png"),
+        ("/tmp/a\\&b.png", "/tmp/a&b.png"),
+        # drag-and-drop leaves whitespace around the path
+        ("'/tmp/my cat.png' ", "/tmp/my cat.png"),
+        ("  /tmp/my\\ cat.png \n", "/tmp/my cat.png"),
+        ("/tmp/trailing\\ ", "/tmp/trailing "),  # an escaped trailing space is part of the name
+        # an apostrophe in a plain name is not a quote
+        ("/tmp/it's.png", "/tmp/it's.png"),
+        # home directory
+        ("~/pics/cat.png", "/home/tester/pics/cat.png"),
+        ("'~/my pics/cat.png'", "/home/tester/my pics/cat.png"),
+        ("~", "/home/tester"),
+        # file:// URIs, percent-decoded
+        ("file:///tmp/cat.png", "/tmp/cat.png"),
+        ("file:///tmp/my%20cat.png", "/tmp/my cat.png"),
+        ("file://localhost/tmp/my%20cat.png", "/tmp/my cat.png"),
+        ("'file:///tmp/%E7%8C%AB.png' ", "/tmp/猫.png"),
+        ("FILE:///tmp/x%2By.png", "/tmp/x+y.png"),
+        # unescaped spaces typed as one argument stay in the name
+        ("/tmp/猫 写真.jpg", "/tmp/猫 写真.jpg"),
+    ],
+)
+def test_normalize_path(typed, expected):
+    assert normalize_path(typed) == Path(expected)
+
+
+@pytest.mark.parametrize("typed", ["", "   ", "\n", "''", '""', "file://"])
+def test_empty_path_is_an_error(typed):
+    with pytest.raises(UsageError, match="empty path"):
+        normalize_path(typed)
+
+
+def test_remote_file_uri_is_an_error():
+    with pytest.raises(UsageError, match="otherhost"):
+        normalize_path("file://otherhost/tmp/cat.png")
+
+
+def test_shell_unquote_rejects_unclosed_quotes():
+    with pytest.raises(ValueError):
+        shell_unquote("'/tmp/cat.png")
+    with pytest.raises(ValueError):
+        shell_unquote('"/tmp/cat.png')
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("a.jpg", "image"),
+        ("a.JPEG", "image"),
+        ("a.png", "image"),
+        ("a.webp", "image"),
+        ("a.bmp", "image"),
+        ("a.gif", "image"),
+        ("a.tif", "image"),
+        ("a.TIFF", "image"),
+        ("a.mp4", "video"),
+        ("a.mkv", "video"),
+        ("a.MOV", "video"),
+        ("a.avi", "video"),
+        ("a.webm", "video"),
+        ("a.m4v", "video"),
+        ("a.txt", None),
+        ("a.png.txt", None),
+        ("png", None),
+        ("dir/", None),
+    ],
+)
+def test_media_kind(name, kind):
+    assert media_kind(name) == kind
+    assert media_kind(Path(name)) == kind
+
+
+# --- finding paths in messages -----------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path):
+    names = ["cat.png", "My Pics/dog 1.jpg", "clip.mp4", "notes.txt", "it's.webp", "猫.png", "b.JPG"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()  # a directory with a media name is not a file
+    return tmp_path
+
+
+def found(message: str, cwd: Path | None = None) -> list[tuple[str, Path]]:
+    """(the text of each span, the path)."""
+    return [(message[a:b], path) for (a, b), path in find_media_paths(message, cwd=cwd)]
+
+
+def test_plain_absolute_path(files):
+    p = files / "cat.png"
+    assert found(f"what is in {p}?") == [(str(p), p)]
+
+
+def test_quoted_path_with_spaces(files):
+    p = files / "My Pics" / "dog 1.jpg"
+    assert found(f"describe '{p}' please") == [(f"'{p}'", p)]
+    assert found(f'describe "{p}" please') == [(f'"{p}"', p)]
+
+
+def test_escaped_path_with_spaces(files):
+    p = files / "My Pics" / "dog 1.jpg"
+    typed = str(p).replace(" ", "\\ ")
+    assert found(f"describe {typed} please") == [(typed, p)]
+
+
+def test_file_uri(files):
+    p = files / "My Pics" / "dog 1.jpg"
+    uri = "file://" + str(p).replace(" ", "%20")
+    assert found(f"look: {uri}") == [(uri, p)]
+
+
+def test_path_with_bare_spaces(files):
+    p = files / "My Pics" / "dog 1.jpg"
+    assert found(f"compare {p} with the other one") == [(str(p), p)]
+
+
+def test_relative_paths_resolve_against_cwd(files):
+    assert found("look at cat.png.", cwd=files) == [("cat.png", files / "cat.png")]
+    assert found("look at cat.png.", cwd=files / "My Pics") == []
+
+
+def test_punctuation_around_paths(files):
+    p, q = files / "cat.png", files / "猫.png"
+    assert found(f"(see {p}), then 「{q}」。") == [(str(p), p), (str(q), q)]
+
+
+def test_apostrophes_in_prose_do_not_confuse_quotes(files):
+    assert found("what's in 'cat.png'? it's nice", cwd=files) == [("'cat.png'", files / "cat.png")]
+    p = files / "it's.webp"
+    assert found(f"what's {p}? don't know") == [(str(p), p)]
+
+
+def test_several_files_in_order_and_each_once(files):
+    a, v, b = files / "cat.png", files / "clip.mp4", files / "b.JPG"
+    message = f"{v} and {a}\nand {b} and again {a}"
+    assert [path for _, path in found(message)] == [v, a, b]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "no paths here",
+        "/nonexistent/dir/cat.png",
+        "{files}/notes.txt",
+        "{files}/folder.png",
+        "{files}/missing.png",
+        "https://example.com/cat.png",
+        "{files}/cat.pngx",
+    ],
+)
+def test_nothing_found(files, message):
+    assert found(message.format(files=files)) == []

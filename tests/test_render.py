@@ -1,0 +1,295 @@
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from rich.console import Console
+from rich.markdown import Markdown
+
+from internvl_chat.ui.render import (
+    MarkdownStream,
+    PlainStream,
+    choose_stream,
+    format_attach_line,
+    format_stats,
+    make_console,
+    split_committable,
+)
+
+# --- the block committer -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, blocks, tail",
+    [
+        ("", [], ""),
+        ("Hello wor", [], "Hello wor"),
+        ("One line.\n", [], "One line.\n"),  # the paragraph may go on
+        ("Para one\nline two.\n\nPara t", ["Para one\nline two.\n\n"], "Para t"),
+        ("A.\n\nB.\n\nC", ["A.\n\n", "B.\n\n"], "C"),
+        ("A.\n\n\n\nB", ["A.\n\n"], "\n\nB"),
+        # headings are finished at the end of their line
+        ("# Title\nText", ["# Title\n"], "Text"),
+        ("# Tit", [], "# Tit"),
+        ("Intro\n## Part\nmore", ["Intro\n", "## Part\n"], "more"),
+        # fenced code: blank lines inside never split it; finished at the closing fence
+        ("```py\na = 1\n\nb = 2\n", [], "```py\na = 1\n\nb = 2\n"),
+        ("```py\na = 1\n\nb = 2\n```", [], "```py\na = 1\n\nb = 2\n```"),
+        ("```py\na = 1\n\nb = 2\n```\nafter", ["```py\na = 1\n\nb = 2\n```\n"], "after"),
+        ("~~~~\n```\n\n~~~~\nx", ["~~~~\n```\n\n~~~~\n"], "x"),  # ``` does not close ~~~~
+        ("````\n```\n\n```\n", [], "````\n```\n\n```\n"),  # a shorter fence does not close
+        ("Intro:\n```\ncode\n", ["Intro:\n"], "```\ncode\n"),
+        # lists: kept while they may still grow
+        ("- a\n- b\n", [], "- a\n- b\n"),
+        ("- a\n- b\n\n", [], "- a\n- b\n\n"),
+        ("- a\n- b\n\n- c\n\nEnd\n", ["- a\n- b\n\n- c\n\n"], "End\n"),
+        ("- a\n\n  more of a\n\nEnd", ["- a\n\n  more of a\n\n"], "End"),
+        ("1. a\n2. b\n\n3", [], "1. a\n2. b\n\n3"),  # "3" may become "3. c"
+        ("1. a\n2. b\n\n3 apples", ["1. a\n2. b\n\n"], "3 apples"),
+        ("- a\n\n-", [], "- a\n\n-"),
+        ("- a\n\n-x", ["- a\n\n"], "-x"),
+        ("- a\n\nE", ["- a\n\n"], "E"),
+        ("- a\n\n  ```\n  x\n\n  ```\n\nEnd", ["- a\n\n  ```\n  x\n\n  ```\n\n"], "End"),
+        ("- a\n# Head\n", ["- a\n", "# Head\n"], ""),
+        ("- a\nlazy line\n\nEnd", ["- a\nlazy line\n\n"], "End"),
+        # CJK text
+        ("中文段落，第一段。\n\n第二段還在寫", ["中文段落，第一段。\n\n"], "第二段還在寫"),
+        ("日本語の文。\n\u3000\n続き", [], "日本語の文。\n\u3000\n続き"),  # an ideographic space is text
+    ],
+)
+def test_split_committable(text, blocks, tail):
+    assert split_committable(text) == (blocks, tail)
+
+
+DOCS = [
+    "# Heading\n\nFirst paragraph with **bold** and `code`.\nSecond line of it.\n\n"
+    "```python\nx = 1\n\ny = 2\n```\n\n1. one\n2. two\n\n   still two\n3. three\n\n"
+    "> quoted\n\n## Sub\nText after heading.\n\n中文段落，测试对齐。\n\n---\n\nLast words.\n",
+    "- a\n- b\n\npara\n\n> q\n> r\n\n***\n# T\n| a | b |\n|---|---|\n| 1 | 2 |\n\nend",
+    "Intro:\n```\ncode\n```\nafter\n* x\n\n  * nested\n\n  ```\n  in list\n\n  ```\nlazy\n\nout",
+    "色々な文字：漢字、かな、한글。\n\n第二段落は **太字** を含む。\n\n- 項目一\n- 項目二\n\n終わり。",
+]
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_streaming_commits_the_same_blocks_as_the_whole_text(doc):
+    """Splitting the tail again after every delta gives the blocks the finished text gives."""
+    full_blocks, full_tail = split_committable(doc)
+    assert "".join(full_blocks) + full_tail == doc
+    committed: list[str] = []
+    pending = ""
+    for ch in doc:
+        blocks, pending = split_committable(pending + ch)
+        committed += blocks
+        assert "".join(committed) + pending == doc[: len("".join(committed) + pending)]
+    assert committed == full_blocks
+    assert pending == full_tail
+
+
+# --- streams ------------------------------------------------------------------------------------
+
+
+def recording_console() -> Console:
+    return Console(record=True, width=80, force_terminal=False, file=io.StringIO())
+
+
+def render_whole(doc: str) -> str:
+    console = recording_console()
+    console.print(Markdown(doc))
+    return console.export_text()
+
+
+def stream_in_pieces(doc: str, step: int) -> tuple[str, str]:
+    console = recording_console()
+    stream = MarkdownStream(console)
+    for i in range(0, len(doc), step):
+        stream.feed(doc[i : i + step])
+    text = stream.finish()
+    return console.export_text(), text
+
+
+@pytest.mark.parametrize("doc", DOCS)
+@pytest.mark.parametrize("step", [1, 3, 7, 10_000])
+def test_markdown_stream_renders_like_the_whole_document(doc, step):
+    output, text = stream_in_pieces(doc, step)
+    assert text == doc
+    assert output == render_whole(doc)
+
+
+def test_markdown_stream_shows_every_paragraph_exactly_once():
+    paragraphs = [f"Paragraph number {i} says something unique {i * 7}." for i in range(12)]
+    paragraphs.append("最後の段落は日本語で書かれています。")
+    doc = "\n\n".join(paragraphs)
+    output, _ = stream_in_pieces(doc, 2)
+    for paragraph in paragraphs:
+        assert output.count(paragraph) == 1
+
+
+def test_markdown_stream_finish_twice_prints_nothing_more():
+    console = recording_console()
+    stream = MarkdownStream(console)
+    stream.feed("Just one line")
+    stream.finish()
+    first = console.export_text(clear=False)
+    stream.finish()
+    assert console.export_text() == first
+    assert first.count("Just one line") == 1
+
+
+def emulate_terminal(raw: str) -> str:
+    """The screen a terminal would show after `raw` (text, \\r, \\n, erase line, cursor up)."""
+    lines, row, col, i = [""], 0, 0, 0
+    while i < len(raw):
+        control = re.match(r"\x1b\[(\??)(\d*)([A-Za-z])", raw[i:])
+        if control:
+            private, number, command = control.groups()
+            if command == "A":
+                row = max(0, row - int(number or 1))
+            elif command == "K":
+                lines[row] = ""
+            elif command not in "hlm" or (command in "hl" and not private):
+                raise AssertionError(f"unexpected control sequence {control.group()!r}")
+            i += control.end()
+            continue
+        ch = raw[i]
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            row, col = row + 1, 0
+            if row == len(lines):
+                lines.append("")
+        else:
+            line = lines[row].ljust(col)
+            lines[row] = line[:col] + ch + line[col + 1 :]
+            col += 1
+        i += 1
+    return "\n".join(line.rstrip() for line in lines).strip("\n")
+
+
+def test_markdown_stream_on_a_terminal_leaves_the_same_screen_as_the_whole_document():
+    """With a (forced) terminal the tail is live and redrawn in place; once finished, the
+    screen shows the document exactly as rendered in one go, each block once."""
+    doc = "# Title\n\nFirst para.\n\n- a\n- b\n\n```\ncode\n\nmore\n```\n\nSecond para, still growing"
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=40, force_terminal=True, color_system=None)
+    with MarkdownStream(console, refresh_interval_s=0) as stream:
+        for ch in doc:
+            stream.feed(ch)
+    assert "\x1b[1A" in out.getvalue()  # the live region was redrawn in place
+    expected = Console(file=io.StringIO(), width=60, record=True, force_terminal=False)
+    expected.print(Markdown(doc))
+    want = "\n".join(line.rstrip() for line in expected.export_text().splitlines()).strip("\n")
+    assert emulate_terminal(out.getvalue()) == want
+
+
+def test_plain_stream_writes_raw_deltas():
+    out = io.StringIO()
+    stream = PlainStream(out)
+    for piece in ["# Ti", "tle\n\n**b", "old** 中文"]:
+        stream.feed(piece)
+    assert out.getvalue() == "# Title\n\n**bold** 中文"
+    assert stream.finish() == "# Title\n\n**bold** 中文\n"
+    assert stream.finish() == "# Title\n\n**bold** 中文\n"
+    assert out.getvalue() == "# Title\n\n**bold** 中文\n"
+
+
+def test_plain_stream_adds_no_newline_when_there_is_one_or_no_text():
+    out = io.StringIO()
+    stream = PlainStream(out)
+    stream.feed("done\n")
+    stream.finish()
+    assert out.getvalue() == "done\n"
+    empty = io.StringIO()
+    PlainStream(empty).finish()
+    assert empty.getvalue() == ""
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_choose_stream():
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    pipe = Console(file=io.StringIO(), force_terminal=False)
+    assert isinstance(choose_stream(terminal, plain=False, env={"TERM": "xterm"}), MarkdownStream)
+    assert isinstance(choose_stream(terminal, plain=True, env={"TERM": "xterm"}), PlainStream)
+    assert isinstance(choose_stream(terminal, plain=False, env={"TERM": "dumb"}), PlainStream)
+    assert isinstance(choose_stream(pipe, plain=False, env={}), PlainStream)
+    assert isinstance(choose_stream(io.StringIO(), plain=False, env={}), PlainStream)
+    assert isinstance(choose_stream(FakeTTY(), plain=False, env={"TERM": "xterm"}), MarkdownStream)
+    assert isinstance(choose_stream(FakeTTY(), plain=False, env={"TERM": "dumb"}), PlainStream)
+    plain = choose_stream(pipe, plain=False, env={})
+    assert plain.file is pipe.file
+
+
+def test_no_color():
+    assert make_console(io.StringIO(), env={"NO_COLOR": "1"}).no_color
+    assert make_console(io.StringIO(), color="never", env={}).no_color
+    assert not make_console(io.StringIO(), env={}).no_color
+    assert make_console(io.StringIO(), color="always", env={}).is_terminal
+
+    out = FakeTTY()
+    stream = choose_stream(out, plain=False, env={"TERM": "xterm-256color", "NO_COLOR": "1"})
+    assert isinstance(stream, MarkdownStream)
+    stream.feed("Some **bold** and `code`.\n\n```python\nprint('hi')\n```\n")
+    stream.finish()
+    assert "\x1b[3" not in out.getvalue() and "\x1b[38" not in out.getvalue()  # no colours
+
+
+# --- summary lines -----------------------------------------------------------------------------
+
+
+def test_format_stats_full_line():
+    timing = {
+        "vision_s": 0.41,
+        "prefill_tokens": 2310,
+        "prefill_s": 2310 / 5120,
+        "ttft_s": 0.52,
+        "decode_tokens": 413,
+        "decode_s": 10.0,
+        "decode_tokens_per_s": 41.3,
+    }
+    line = format_stats(timing, {"prompt_tokens": 2310, "completion_tokens": 413}, 2480, 8192, int(1.2 * 2**30), "cuda:0")
+    assert line == (
+        "vision 0.41 s · prefill 2,310 tok @ 5,120 tok/s · ttft 0.52 s · decode 41.3 tok/s · "
+        "context 2,480/8,192 (30 %) · peak 1.2 GiB GPU"
+    )
+
+
+@pytest.mark.parametrize(
+    "timing, usage, context, peak, device, expected",
+    [
+        ({}, {}, (None, None), None, None, ""),
+        ({"ttft_s": 1.234}, None, (None, None), None, None, "ttft 1.23 s"),
+        ({"vision_s": 0.0, "ttft_s": 0.1}, None, (None, None), None, None, "ttft 0.10 s"),
+        ({"decode_tokens": 100, "decode_s": 4.0}, None, (None, None), None, None, "decode 25.0 tok/s"),
+        ({"decode_s": 2.0}, {"completion_tokens": 300}, (None, None), None, None, "decode 150 tok/s"),
+        ({"prefill_tokens": 12}, None, (None, None), None, None, "prefill 12 tok"),
+        ({"prefill_s": 12.345}, None, (None, None), None, None, "prefill 12.3 s"),
+        ({}, None, (7, 8192), None, None, "context 7/8,192 (0 %)"),
+        ({}, None, (4096, 8192), 300 * 2**20, "cpu", "context 4,096/8,192 (50 %) · peak 300 MiB RAM"),
+        ({}, None, (None, None), 3 * 2**30, None, "peak 3.0 GiB"),
+    ],
+)
+def test_format_stats_leaves_out_what_is_missing(timing, usage, context, peak, device, expected):
+    assert format_stats(timing, usage, context[0], context[1], peak, device) == expected
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("image", "cat.jpg", (1920, 1080), 9, 2304, 0.14), "+ image cat.jpg 1920×1080 → 9 tiles · 2,304 tokens · context 14 %"),
+        (("video", "clip.mp4", 8, 8, 2048, 0.25), "+ video clip.mp4 8 frames → 8 tiles · 2,048 tokens · context 25 %"),
+        (("image", "tiny.png", (64, 64), 1, 256, None), "+ image tiny.png 64×64 → 1 tile · 256 tokens"),
+        (("image", "猫.png", None, None, None, None), "+ image 猫.png"),
+        (("video", "a.mp4", "0:10–0:20", 4, 1024, 0.125), "+ video a.mp4 0:10–0:20 → 4 tiles · 1,024 tokens · context 13 %"),
+    ],
+)
+def test_format_attach_line(args, expected):
+    assert format_attach_line(*args) == expected
+
+
+def test_format_attach_line_takes_a_path_name(tmp_path):
+    assert format_attach_line("image", tmp_path / "x.png", (2, 3), 1, 256, 0.5).startswith("+ image x.png 2×3 → ")

@@ -1,0 +1,332 @@
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from internvl_chat.errors import UsageError
+from internvl_chat.settings import (
+    DEFAULT_CONFIG_FILE,
+    Settings,
+    format_settings,
+    load_settings,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The defaults the issue asks for, written out by hand.
+EXPECTED_DEFAULTS = {
+    "model": {"path": "", "device": "auto", "dtype": "auto", "max_context": 8192, "int4_backend": "auto"},
+    "generation": {
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "repetition_penalty": 1.0,
+        "max_new_tokens": 1024,
+        "seed": None,
+        "stream_interval": 1,
+    },
+    "media": {"max_tiles": 12, "frames": 8, "auto_attach": True},
+    "ui": {
+        "markdown": True,
+        "stats": True,
+        "color": "auto",
+        "history": True,
+        "history_file": "~/.local/state/internvl-chat/history",
+        "plain": False,
+    },
+    "system": {"message": None},
+}
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """An environment with no user config file and no INTERNVL_CHAT_* variables."""
+    return {"HOME": str(tmp_path / "home"), **extra}
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- defaults ----------------------------------------------------------------------------------
+
+
+def test_repo_default_toml_is_identical_to_the_packaged_one():
+    assert (REPO / "configs" / "default.toml").read_bytes() == DEFAULT_CONFIG_FILE.read_bytes()
+    assert DEFAULT_CONFIG_FILE == REPO / "internvl_chat" / "configs" / "default.toml"
+
+
+def test_default_toml_holds_every_default():
+    data = tomllib.loads(DEFAULT_CONFIG_FILE.read_text(encoding="utf-8"))
+    # TOML has no null: unset values are absent from the file, everything else is there.
+    expected = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in EXPECTED_DEFAULTS.items()}
+    assert data == expected
+
+
+def test_defaults_when_nothing_overrides(tmp_path):
+    settings = load_settings(env=clean_env(tmp_path))
+    assert settings.to_dict() == EXPECTED_DEFAULTS
+    assert Settings().to_dict() == EXPECTED_DEFAULTS  # the dataclasses agree with the file
+    assert set(settings.sources.values()) == {"default"}
+    assert len(settings.sources) == sum(len(v) for v in EXPECTED_DEFAULTS.values())
+    assert type(settings.generation.temperature) is float
+    assert type(settings.model.max_context) is int
+
+
+# --- layering ----------------------------------------------------------------------------------
+
+
+def test_file_then_env_then_flags(tmp_path):
+    config = write(
+        tmp_path / "my.toml",
+        '[generation]\ntemperature = 0.3\ntop_k = 40\n[media]\nmax_tiles = 6\nframes = 16\n'
+        '[system]\nmessage = "Be brief."\n',
+    )
+    env = clean_env(
+        tmp_path,
+        INTERNVL_CHAT_GENERATION_TEMPERATURE="0.7",
+        INTERNVL_CHAT_MEDIA_FRAMES="4",
+    )
+    settings = load_settings(config_path=config, env=env, overrides={"frames": 2, "model.dtype": "bf16", "seed": None})
+
+    assert settings.generation.temperature == 0.7
+    assert settings.generation.top_k == 40
+    assert settings.media.max_tiles == 6
+    assert settings.media.frames == 2
+    assert settings.model.dtype == "bfloat16"
+    assert settings.generation.seed is None  # a None override is "flag not given"
+    assert settings.system.message == "Be brief."
+
+    assert settings.sources["generation.temperature"] == "env INTERNVL_CHAT_GENERATION_TEMPERATURE"
+    assert settings.sources["generation.top_k"] == f"config {config}"
+    assert settings.sources["media.max_tiles"] == f"config {config}"
+    assert settings.sources["media.frames"] == "flag"
+    assert settings.sources["model.dtype"] == "flag"
+    assert settings.sources["generation.seed"] == "default"
+    assert settings.sources["model.max_context"] == "default"
+
+
+def test_user_file_found_in_xdg_config_home(tmp_path):
+    write(tmp_path / "xdg" / "internvl-chat" / "config.toml", "[ui]\nstats = false\n")
+    settings = load_settings(env=clean_env(tmp_path, XDG_CONFIG_HOME=str(tmp_path / "xdg")))
+    assert settings.ui.stats is False
+    assert settings.sources["ui.stats"] == f"config {tmp_path / 'xdg' / 'internvl-chat' / 'config.toml'}"
+
+
+def test_user_file_found_in_home_config(tmp_path):
+    path = write(tmp_path / "home" / ".config" / "internvl-chat" / "config.toml", '[model]\ndevice = "cpu"\n')
+    settings = load_settings(env=clean_env(tmp_path))
+    assert settings.model.device == "cpu"
+    assert settings.sources["model.device"] == f"config {path}"
+
+
+def test_config_file_named_by_environment(tmp_path):
+    path = write(tmp_path / "c.toml", "[media]\nauto_attach = false\n")
+    settings = load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_CONFIG=str(path)))
+    assert settings.media.auto_attach is False
+
+
+def test_explicit_config_path_wins_over_the_default_location(tmp_path):
+    write(tmp_path / "home" / ".config" / "internvl-chat" / "config.toml", "[media]\nframes = 3\n")
+    explicit = write(tmp_path / "other.toml", "[media]\nmax_tiles = 2\n")
+    settings = load_settings(config_path=explicit, env=clean_env(tmp_path))
+    assert (settings.media.frames, settings.media.max_tiles) == (8, 2)
+
+
+@pytest.mark.parametrize(
+    "var, text, key, expected",
+    [
+        ("GENERATION_TOP_K", "40", "generation.top_k", 40),
+        ("GENERATION_TEMPERATURE", "0.25", "generation.temperature", 0.25),
+        ("GENERATION_TEMPERATURE", "1", "generation.temperature", 1.0),
+        ("GENERATION_SEED", "7", "generation.seed", 7),
+        ("GENERATION_SEED", "none", "generation.seed", None),
+        ("GENERATION_MAX_NEW_TOKENS", "2_048", "generation.max_new_tokens", 2048),
+        ("UI_STATS", "off", "ui.stats", False),
+        ("UI_MARKDOWN", "YES", "ui.markdown", True),
+        ("UI_PLAIN", "1", "ui.plain", True),
+        ("MEDIA_AUTO_ATTACH", "0", "media.auto_attach", False),
+        ("MODEL_DTYPE", "bf16", "model.dtype", "bfloat16"),
+        ("MODEL_DTYPE", "FP32", "model.dtype", "float32"),
+        ("MODEL_DTYPE", "fp16", "model.dtype", "float16"),
+        ("MODEL_DEVICE", "CUDA:1", "model.device", "cuda:1"),
+        ("MODEL_MAX_CONTEXT", "4096", "model.max_context", 4096),
+        ("MODEL_INT4_BACKEND", "dequant", "model.int4_backend", "dequant"),
+        ("MODEL_PATH", "/models/InternVL3-1B-AWQ", "model.path", "/models/InternVL3-1B-AWQ"),
+        ("SYSTEM_MESSAGE", "Answer in one sentence.", "system.message", "Answer in one sentence."),
+        ("UI_HISTORY_FILE", "/tmp/h", "ui.history_file", "/tmp/h"),
+        ("UI_COLOR", "never", "ui.color", "never"),
+    ],
+)
+def test_environment_values_are_parsed_by_type(tmp_path, var, text, key, expected):
+    settings = load_settings(env=clean_env(tmp_path, **{f"INTERNVL_CHAT_{var}": text}))
+    value = settings.get(key)
+    assert value == expected
+    assert type(value) is type(expected)
+    assert settings.sources[key] == f"env INTERNVL_CHAT_{var}"
+
+
+@pytest.mark.parametrize(
+    "var, text",
+    [
+        ("GENERATION_TEMPERATURE", "hot"),
+        ("GENERATION_TEMPERATURE", "-1"),
+        ("GENERATION_TEMPERATURE", "nan"),
+        ("GENERATION_TOP_P", "0"),
+        ("GENERATION_TOP_P", "1.5"),
+        ("GENERATION_TOP_K", "2.5"),
+        ("GENERATION_TOP_K", "-1"),
+        ("GENERATION_SEED", "-3"),
+        ("UI_STATS", "sometimes"),
+        ("MODEL_DTYPE", "int8"),
+        ("MODEL_DEVICE", "gpu"),
+        ("MODEL_MAX_CONTEXT", "lots"),
+        ("MEDIA_MAX_TILES", "0"),
+        ("UI_COLOR", "blue"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(tmp_path, var, text):
+    with pytest.raises(UsageError) as err:
+        load_settings(env=clean_env(tmp_path, **{f"INTERNVL_CHAT_{var}": text}))
+    assert f"INTERNVL_CHAT_{var}" in str(err.value)
+    assert repr(text) in str(err.value)
+
+
+def test_unknown_environment_variable_suggests_the_closest(tmp_path):
+    with pytest.raises(UsageError) as err:
+        load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_GENERATION_TEMPRATURE="0.5"))
+    message = str(err.value)
+    assert "INTERNVL_CHAT_GENERATION_TEMPRATURE" in message
+    assert "'INTERNVL_CHAT_GENERATION_TEMPERATURE'" in message
+
+
+def test_unknown_key_in_file_suggests_the_closest(tmp_path):
+    path = write(tmp_path / "c.toml", "[generation]\ntemprature = 0.5\n")
+    with pytest.raises(UsageError) as err:
+        load_settings(config_path=path, env=clean_env(tmp_path))
+    assert "generation.temprature" in str(err.value)
+    assert "'generation.temperature'" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_section_in_file_suggests_the_closest(tmp_path):
+    path = write(tmp_path / "c.toml", "[genration]\ntemperature = 0.5\n")
+    with pytest.raises(UsageError, match=r"\[genration\].*'generation'"):
+        load_settings(config_path=path, env=clean_env(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[generation]\ntemperature = true\n",
+        "[generation]\ntemperature = \"hot\"\n",
+        "[media]\nmax_tiles = 2.5\n",
+        "[ui]\nstats = 1\n",
+        "[model]\nmax_context = \"big\"\n",
+        "generation = 3\n",
+    ],
+)
+def test_wrong_types_in_file(tmp_path, body):
+    path = write(tmp_path / "c.toml", body)
+    with pytest.raises(UsageError):
+        load_settings(config_path=path, env=clean_env(tmp_path))
+
+
+def test_broken_or_missing_file(tmp_path):
+    broken = write(tmp_path / "c.toml", "[generation\n")
+    with pytest.raises(UsageError, match="not valid TOML"):
+        load_settings(config_path=broken, env=clean_env(tmp_path))
+    with pytest.raises(UsageError, match="does not exist"):
+        load_settings(config_path=tmp_path / "missing.toml", env=clean_env(tmp_path))
+
+
+def test_bad_flag_value(tmp_path):
+    with pytest.raises(UsageError, match="top_p"):
+        load_settings(env=clean_env(tmp_path), overrides={"top_p": 2.0})
+    with pytest.raises(UsageError, match="'temperature'"):
+        load_settings(env=clean_env(tmp_path), overrides={"temperatur": 0.5})
+
+
+# --- /set ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, text, dotted, expected",
+    [
+        ("temperature", "0.7", "generation.temperature", 0.7),
+        ("top_p", "0.9", "generation.top_p", 0.9),
+        ("top-p", "1", "generation.top_p", 1.0),
+        ("top_k", "50", "generation.top_k", 50),
+        ("repetition_penalty", "1.05", "generation.repetition_penalty", 1.05),
+        ("max_new_tokens", "64", "generation.max_new_tokens", 64),
+        ("seed", "1234", "generation.seed", 1234),
+        ("seed", "none", "generation.seed", None),
+        ("max_tiles", "4", "media.max_tiles", 4),
+        ("frames", "16", "media.frames", 16),
+        ("stats", "off", "ui.stats", False),
+        ("markdown", "false", "ui.markdown", False),
+        ("Temperature", "0", "generation.temperature", 0.0),
+        ("model.dtype", "fp16", "model.dtype", "float16"),
+        ("system.message", "Be brief.", "system.message", "Be brief."),
+    ],
+)
+def test_set_parses_and_records(key, text, dotted, expected):
+    settings = Settings()
+    assert settings.set(key, text) == dotted
+    assert settings.get(dotted) == expected
+    assert type(settings.get(dotted)) is type(expected)
+    assert settings.sources[dotted] == "/set"
+
+
+@pytest.mark.parametrize(
+    "key, text",
+    [
+        ("temperature", "-0.1"),
+        ("temperature", "warm"),
+        ("top_p", "0"),
+        ("top_p", "1.01"),
+        ("top_k", "x"),
+        ("max_new_tokens", "0"),
+        ("repetition_penalty", "0"),
+        ("max_tiles", "0"),
+        ("frames", "1000"),
+        ("stats", "sometimes"),
+        ("seed", "1.5"),
+    ],
+)
+def test_set_rejects_bad_values_and_keeps_the_old_one(key, text):
+    settings = Settings()
+    before = settings.to_dict()
+    with pytest.raises(UsageError) as err:
+        settings.set(key, text)
+    assert key in str(err.value) and repr(text) in str(err.value)
+    assert settings.to_dict() == before
+
+
+def test_set_unknown_key_suggests():
+    with pytest.raises(UsageError, match=r"unknown setting 'temprature' \(did you mean 'temperature'\?\)"):
+        Settings().set("temprature", "0.5")
+
+
+# --- --print-config ----------------------------------------------------------------------------
+
+
+def test_format_settings_is_toml_with_sources(tmp_path):
+    env = clean_env(tmp_path, INTERNVL_CHAT_GENERATION_TEMPERATURE="0.7", INTERNVL_CHAT_SYSTEM_MESSAGE='Say "hi" 你好')
+    settings = load_settings(env=env, overrides={"max_tiles": 3})
+    text = format_settings(settings)
+
+    parsed = tomllib.loads(text)
+    expected = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in settings.to_dict().items()}
+    assert parsed == expected
+    assert parsed["system"]["message"] == 'Say "hi" 你好'
+
+    lines = {line.split("=")[0].strip(" #"): line for line in text.splitlines() if "=" in line}
+    assert lines["temperature"].startswith("temperature = 0.7")
+    assert lines["temperature"].endswith("# from env INTERNVL_CHAT_GENERATION_TEMPERATURE")
+    assert lines["max_tiles"].endswith("# from flag")
+    assert lines["top_k"].endswith("# from default")
+    assert lines["seed"].startswith("# seed = (not set)")
