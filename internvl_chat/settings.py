@@ -30,6 +30,8 @@ DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
 ENV_PREFIX = "INTERNVL_CHAT_"
 # Not a setting: names the user config file (like --config).
 ENV_CONFIG_FILE = "INTERNVL_CHAT_CONFIG"
+# variables with the prefix that are not settings: the config file, and media/video.py's backend switch
+OTHER_ENV_VARS = (ENV_CONFIG_FILE, "INTERNVL_CHAT_VIDEO_BACKEND")
 
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -328,10 +330,10 @@ def env_name(dotted: str) -> str:
 def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
     by_name = {env_name(k): k for k in all_keys()}
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+        if not name.startswith(ENV_PREFIX) or name in OTHER_ENV_VARS:
             continue
         if name not in by_name:
-            valid = list(by_name) + [ENV_CONFIG_FILE]
+            valid = list(by_name) + list(OTHER_ENV_VARS)
             raise UsageError(f"unknown environment variable {name}{_suggest(name, valid)}; rename or unset it.")
         _assign(settings, by_name[name], env[name], where=f"environment variable {name}")
         settings.sources[by_name[name]] = f"env {name}"

@@ -106,7 +106,7 @@ def test_parse_line(line, expected):
         ("/video a.mp4 --frames", "/video: --frames needs a value"),
         ("/video a.mp4 --frames 0", "/video: --frames must be a whole number ≥ 1, not '0'"),
         ("/video a.mp4 --frames two", "/video: --frames must be a whole number ≥ 1, not 'two'"),
-        ("/video a.mp4 --range 5-2", "invalid time range '5-2': it ends before it starts"),
+        ("/video a.mp4 --range 5-2", "invalid time range '5-2': its end is not after its start"),
         ("/video a.mp4 --range 5", "invalid time range '5'"),
         ("/image --frames 3 a.png", "/image has no option --frames"),
         ("/drop", "/drop needs N; usage: /drop N"),

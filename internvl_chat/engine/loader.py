@@ -74,6 +74,7 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     max_context: int = 8192,
     int4_backend: str = "auto",
+    cuda_graphs: bool = True,
 ) -> LoadedModel:
     start = time.perf_counter()
     path = Path(path).expanduser()
@@ -94,6 +95,7 @@ def load_model(
         model.int4_backend = int4_backend
         model.image_token_id = special.img_context
         model.load_weights(iter_tensors(path, cfg.layout))
+        model.enable_cuda_graphs(cuda_graphs)
     except torch.OutOfMemoryError:
         raise CheckpointError(
             f"out of memory loading {path.name} on {device} in {str(dtype).removeprefix('torch.')}; "

@@ -54,6 +54,7 @@ class InternVLModel(nn.Module):
         self.image_token_id: int | None = None
         self.int4_backend = "auto"
         self.vision_batch = 8  # tiles per ViT call: bounds attention memory on long videos
+        self.decode_graphs = None  # set by enable_cuda_graphs()
         if cfg.quant is not None:
             self._make_int4_placeholders()
 
@@ -73,6 +74,12 @@ class InternVLModel(nn.Module):
                 for name, child in list(parent.named_children()):
                     if isinstance(child, nn.Linear):
                         setattr(parent, name, PendingInt4(child.in_features, child.out_features, child.bias is not None))
+
+    def enable_cuda_graphs(self, enabled: bool = True) -> None:
+        """Replay one-token decode steps from captured CUDA graphs (CUDA only; see cuda_graph.py)."""
+        from .cuda_graph import DecodeGraphs
+
+        self.decode_graphs = DecodeGraphs(self) if enabled and self.device.type == "cuda" else None
 
     @property
     def device(self) -> torch.device:
@@ -220,6 +227,8 @@ class InternVLModel(nn.Module):
                 f"{start_pos} cached + {t} new tokens exceed the KV cache of {self.max_seq_len}; "
                 "use fewer tiles or frames, /clear, or a larger --max-context"
             )
+        if self.decode_graphs is not None and t == 1 and not all_logits and image_features is None:
+            return self.decode_graphs.step(ids, start_pos)
         h = self.language_model.model.embed_tokens(ids)[None]
         if image_features is not None and image_features.numel():
             h = self._insert_image_features(ids, h, image_features)

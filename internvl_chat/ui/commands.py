@@ -80,7 +80,11 @@ COMMANDS: tuple[CommandSpec, ...] = (
         (ArgSpec("TEXT", "text", required=False),),
         rest_is_text=True,
     ),
-    CommandSpec("set", "change a setting (temperature, top_p, max_tiles …)", (ArgSpec("KEY", "setting"), ArgSpec("VALUE", "value"))),
+    CommandSpec(
+        "set",
+        "change a setting (temperature, top_p, max_tiles …)",
+        (ArgSpec("KEY", "setting"), ArgSpec("VALUE", "value")),
+    ),
     CommandSpec("show", "show the settings"),
     CommandSpec("context", "show how the context is used, item by item"),
     CommandSpec("stats", "show the statistics of the last answer"),
@@ -187,7 +191,7 @@ def parse_range(text: str) -> tuple[float, float]:
         raise UsageError(f"invalid time range {text!r}; {hint}.")
     start, end = _seconds(m.group(1)), _seconds(m.group(2))
     if not start < end:
-        raise UsageError(f"invalid time range {text!r}: it ends before it starts; {hint}.")
+        raise UsageError(f"invalid time range {text!r}: its end is not after its start; {hint}.")
     return start, end
 
 
@@ -215,8 +219,12 @@ _COMMAND_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
 def parse_line(line: str) -> Message | Command:
-    """One REPL line -> Message or Command. `//text` is the message `/text`; a line that starts
-    with a path (`/home/me/cat.png what is this?`) is a message too (auto-attach handles it)."""
+    """One REPL line -> Message or Command.
+
+    A message's text is returned as typed. `//text` is the message `/text`; a line that starts
+    with a path (`/home/me/cat.png what is this?`) is a message too (auto-attach handles it).
+    Leading whitespace before a command is ignored.
+    """
     body = line.lstrip()
     if body.startswith("//"):
         cut = len(line) - len(body)
@@ -302,10 +310,12 @@ def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
 def format_help(name: str | None = None) -> str:
     """All commands with their one-line help, or one command's usage and options."""
     if name is not None:
-        spec = COMMAND_BY_NAME.get(name.lstrip("/").lower())
+        word = name.lstrip("/")
+        spec = COMMAND_BY_NAME.get(word.lower())
         if spec is None:
-            hint = _suggest(name.lstrip("/").lower(), list(COMMAND_BY_NAME), "/")
-            raise UsageError(f"unknown command /{name.lstrip('/')}" + (f"; did you mean {hint}?" if hint else "; type /help for the commands."))
+            hint = _suggest(word.lower(), list(COMMAND_BY_NAME), "/")
+            tip = f"did you mean {hint}?" if hint else "type /help for the commands."
+            raise UsageError(f"unknown command /{word}; {tip}")
         lines = [f"{spec.usage}  {spec.help}"]
         lines += [f"  {o.name} {o.metavar}  {o.help}" for o in spec.options]
         if spec.aliases:

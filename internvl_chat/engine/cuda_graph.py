@@ -1,0 +1,66 @@
+"""CUDA-graph replay of the one-token decode step.
+
+At batch 1 a small model is launch-bound: hundreds of tiny kernels per token cost more host time
+than the GPU needs to read the weights. A captured graph replays them with one launch. Shapes
+must be static, so the token and its position live in fixed device buffers, and attention reads a
+fixed `kv_len` bucket of the cache with a mask built on the device (positions beyond the
+valid cache are masked out). One graph per bucket, captured on first use, sharing one memory pool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MIN_BUCKET = 256
+
+
+class DecodeGraphs:
+    def __init__(self, model):
+        self.model = model
+        device = model.device
+        self.token = torch.zeros(1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def bucket(self, pos: int) -> int:
+        size = MIN_BUCKET
+        while size < pos + 1:
+            size *= 2
+        return min(size, self.model.max_seq_len)
+
+    def _step(self, kv_len: int) -> torch.Tensor:
+        lm = self.model.language_model
+        h = lm.model.embed_tokens(self.token)[None]
+        return lm.forward_embeds(h, self.position, kv_len, None, last_only=True)[-1]
+
+    def _capture(self, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # warm up on a side stream (lazy init, autotuning) before capturing, as PyTorch advises;
+        # the warm-up writes K/V at the current position, which replay rewrites identically
+        stream = torch.cuda.Stream(device=self.model.device)
+        stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(kv_len)
+        torch.cuda.current_stream(self.model.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._step(kv_len)
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph, logits
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits [V] (float32) for `token` (device LongTensor, 1 element) at position `pos`.
+
+        The returned tensor is the graph's static output: consume it before the next step.
+        """
+        self.token.copy_(token.view(1), non_blocking=True)
+        self.position.fill_(pos)
+        kv_len = self.bucket(pos)
+        if kv_len not in self.graphs:
+            self.graphs[kv_len] = self._capture(kv_len)
+        graph, logits = self.graphs[kv_len]
+        graph.replay()
+        return logits

@@ -1,0 +1,100 @@
+"""CUDA checks (run by scripts/gpu_check.sh on a GPU machine; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.chat.session import Session
+from internvl_chat.engine.loader import load_model
+from reference import reference_model
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    # TF32 would make fp32 convolutions/matmuls differ from the CPU reference by ~1e-3
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _prompt(loaded, tiles):
+    s, tok = loaded.special, loaded.tokenizer
+    return ([s.im_start] + tok.encode("user\n", add_special_tokens=False) + [s.img_start] + [s.img_context] * (256 * tiles)
+            + [s.img_end] + tok.encode("\nWhat is it?", add_special_tokens=False) + [s.im_end, s.im_start])  # fmt: skip
+
+
+def test_fp32_cuda_matches_transformers(tiny_original):
+    loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=2048)
+    ref = reference_model(tiny_original)
+    pixels = torch.randn(2, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+    ids = _prompt(loaded, 2)
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0]
+    got = loaded.model.forward(ids, 0, loaded.model.encode_images(pixels), all_logits=True).cpu()
+    assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_on_cuda_is_close(tiny_original, dtype):
+    ref = load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
+    half = load_model(tiny_original, device="cuda", dtype=dtype, max_context=2048)
+    pixels = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(1))
+    ids = _prompt(ref, 1)
+    a = ref.model.forward(ids, 0, ref.model.encode_images(pixels))
+    b = half.model.forward(ids, 0, half.model.encode_images(pixels)).cpu()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() > 0.99
+
+
+def _greedy(model, ids, steps):
+    logits = model.forward(ids, 0)
+    tokens, all_logits = [], []
+    pos = len(ids)
+    for _ in range(steps):
+        token = logits.argmax().view(1)
+        tokens.append(int(token))
+        logits = model.forward(token, pos).clone()
+        all_logits.append(logits)
+        pos += 1
+    return tokens, torch.stack(all_logits)
+
+
+def test_cuda_graph_decode_equals_eager(tiny_original):
+    loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, cuda_graphs=False)
+    ids = loaded.tokenizer.encode("one two three four five six", add_special_tokens=False) * 40  # crosses a bucket
+    eager_tokens, eager_logits = _greedy(loaded.model, ids, 30)
+    loaded.model.enable_cuda_graphs()
+    graph_tokens, graph_logits = _greedy(loaded.model, ids, 30)
+    assert loaded.model.decode_graphs.graphs, "no graph was captured"
+    assert graph_tokens == eager_tokens
+    assert (graph_logits - eager_logits).abs().max().item() <= 1e-4 * eager_logits.abs().max().item()
+
+
+def test_decode_step_does_not_sync(tiny_original):
+    for graphs in (False, True):
+        loaded = load_model(tiny_original, device="cuda", dtype="bfloat16", max_context=1024, cuda_graphs=graphs)
+        ids = loaded.tokenizer.encode("hello there", add_special_tokens=False)
+        logits = loaded.model.forward(ids, 0)
+        token = logits.argmax().view(1)
+        loaded.model.forward(token, len(ids))  # first call may capture a graph
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for pos in range(len(ids) + 1, len(ids) + 5):
+                token = loaded.model.forward(token, pos).argmax().view(1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_session_on_cuda_matches_cpu_tokens(tiny_original):
+    cpu = Session(load_model(tiny_original, device="cpu", dtype="float32", max_context=4096), SamplingParams(max_new_tokens=10))
+    gpu = Session(load_model(tiny_original, device="cuda", dtype="float32", max_context=4096), SamplingParams(max_new_tokens=10))
+    for text in ("Hello!", "Tell me more."):
+        for session in (cpu, gpu):
+            for _ in session.ask(text):
+                pass
+        assert gpu.turns[-1].answer_ids == cpu.turns[-1].answer_ids
