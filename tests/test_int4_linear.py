@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from internvl_chat.errors import UsageError
-from internvl_chat.quant.int4_linear import Int4Linear, int4_backend_supported, unpack_tinygemm_cuda
+from internvl_chat.quant.int4_linear import (
+    Int4Linear,
+    dense_from_tinygemm_cuda,
+    int4_backend_supported,
+    tinygemm_cuda_block_order,
+    unpack_tinygemm_cuda,
+)
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # SPEC §2: slot s of word j holds column 8j + ORDER[s]
 
@@ -164,6 +170,25 @@ def test_unpack_tinygemm_cuda_layout(inner_k_tiles):
     assert torch.equal(unpack_tinygemm_cuda(packed).long(), q)
 
 
+@pytest.mark.parametrize("inner_k_tiles, group_size", [(2, 32), (4, 64), (8, 128), (8, 256)])
+def test_dense_path_math_on_a_described_layout(inner_k_tiles, group_size):
+    """The CUDA dense path (block-ordered weight, permuted activations), run on CPU tensors."""
+    gen = torch.Generator().manual_seed(group_size)
+    n_out, n_in = 24, 512
+    q = torch.randint(0, 16, (n_out, n_in), generator=gen)
+    scale = torch.rand(n_in // group_size, n_out, generator=gen) * 0.1 + 0.01
+    zero = torch.randn(n_in // group_size, n_out, generator=gen) * 0.1
+    scale_and_zero = torch.stack((scale, zero), dim=-1).to(torch.bfloat16)
+    packed = ref_pack_tinygemm_cuda(q, inner_k_tiles)
+    x = torch.randn(5, n_in, generator=gen)
+    y = dense_from_tinygemm_cuda(x, packed, scale_and_zero, group_size, tinygemm_cuda_block_order(inner_k_tiles))
+    s = scale_and_zero[..., 0].float().repeat_interleave(group_size, dim=0)
+    z = scale_and_zero[..., 1].float().repeat_interleave(group_size, dim=0)
+    w = (q.t().float() - 8) * s + z  # tinygemm: (q − 8)·scale + zero, W [K, N]
+    assert y.dtype == torch.float32
+    assert torch.allclose(y, x @ w, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA (run on a GPU by scripts/gpu_check.sh)
 
@@ -217,9 +242,10 @@ def test_cuda_dense_path_matches_kernel(dtype):
 
 @cuda
 @needs_cuda
+@pytest.mark.parametrize("backend", ["torch", "dequant"])
 @pytest.mark.parametrize("rows", [1, 200])
-def test_cuda_forward_does_not_synchronise(rows):
-    layer = Int4Linear.from_awq(*random_awq(896, 1152, device="cuda"), bias=torch.randn(1152, device="cuda"))
+def test_cuda_forward_does_not_synchronise(backend, rows):
+    layer = Int4Linear.from_awq(*random_awq(896, 1152, device="cuda"), bias=torch.randn(1152, device="cuda"), backend=backend)
     x = torch.randn(rows, 896, device="cuda", dtype=torch.bfloat16)
     layer(x)
     torch.cuda.synchronize()
@@ -232,10 +258,11 @@ def test_cuda_forward_does_not_synchronise(rows):
 
 @cuda
 @needs_cuda
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("backend, rows", [("torch", 1), ("torch", 200), ("dequant", 3)])
+def test_cuda_graph_capture_and_replay(backend, rows):
     awq = random_awq(896, 1152, device="cuda", seed=5)
-    layer = Int4Linear.from_awq(*awq)
-    x = torch.randn(1, 896, device="cuda", dtype=torch.bfloat16)
+    layer = Int4Linear.from_awq(*awq, backend=backend)
+    x = torch.randn(rows, 896, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

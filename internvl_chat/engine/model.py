@@ -171,7 +171,8 @@ class InternVLModel(nn.Module):
         self._copy(name, target[start : start + sizes[block]], tensor)
 
     def _collect_int4_part(self, prefix: str, linear: str, suffix: str, tensor: torch.Tensor, pending: dict) -> None:
-        from ..quant.int4_linear import Int4Linear, concat_awq  # the quant leaf is only needed for W4
+        from ..quant.awq_format import concat_awq  # the quant leaf is only needed for W4
+        from ..quant.int4_linear import Int4Linear
 
         fused = _FUSED[linear][0] if linear in _FUSED else linear
         parts = _FUSED_PARTS.get(fused, (fused,))

@@ -18,8 +18,6 @@ import torch
 from internvl_chat.errors import CheckpointError
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-# AWQ_INVERSE[c] = the nibble slot that holds column c of a group of 8.
-AWQ_INVERSE = [AWQ_ORDER.index(c) for c in range(8)]
 
 # Packing and unpacking reinterpret int32 words as bytes.
 assert sys.byteorder == "little", "the AWQ packing code assumes a little-endian machine"
@@ -115,8 +113,8 @@ def pack_awq(q: torch.Tensor) -> torch.Tensor:
     if q.dim() != 2 or q.shape[1] % 8 != 0:
         raise CheckpointError(f"cannot pack a {tuple(q.shape)} tensor into AWQ int32 words; N must be a multiple of 8.")
     rows, cols = q.shape
-    # [R, N/8, 8] where the last axis is the nibble slot s, holding column 8j + AWQ_ORDER[s].
-    by_slot = (q.reshape(rows, cols // 8, 8)[:, :, AWQ_ORDER] & 0xF).to(torch.uint8)
+    # Column 2i + e of a group of 8 goes to slot 4e + i (that is AWQ_ORDER): a 4×2 → 2×4 transpose.
+    by_slot = (q.reshape(rows, cols // 8, 4, 2).transpose(2, 3).reshape(rows, cols // 8, 8) & 0xF).to(torch.uint8)
     # Byte b of a little-endian int32 holds slots 2b (low nibble) and 2b + 1 (high nibble).
     as_bytes = by_slot[:, :, 0::2] | (by_slot[:, :, 1::2] << 4)
     return as_bytes.contiguous().view(torch.int32).reshape(rows, cols // 8)
@@ -136,7 +134,8 @@ def unpack_awq(packed: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.
     if packed.dtype != torch.int32 or packed.dim() != 2:
         raise CheckpointError(f"expected a 2-D int32 AWQ tensor, got {packed.dtype} {tuple(packed.shape)}.")
     rows, words = packed.shape
-    by_column = _unpack_nibbles_u8(packed)[:, :, AWQ_INVERSE]
+    # Slot 4e + i holds column 2i + e (AWQ_ORDER); reshapes only, so no index tensor is built.
+    by_column = _unpack_nibbles_u8(packed).reshape(rows, words, 2, 4).transpose(2, 3)
     return by_column.reshape(rows, words * 8).to(dtype)
 
 

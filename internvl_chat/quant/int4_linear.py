@@ -34,12 +34,10 @@ __all__ = ["BACKENDS", "Int4Linear", "int4_backend_supported"]
 # Kernel availability
 
 
-def _cuda_inner_k_tiles(in_features: int) -> int:
-    """The widest inner k-tiling (8, 4 or 2) that divides K; 0 if none does."""
-    for tiles in (8, 4, 2):
-        if in_features % (tiles * _TILE_K) == 0:
-            return tiles
-    return 0
+def _cuda_inner_k_tiles(group_size: int) -> int:
+    """Inner k-tiles (2, 4 or 8) for the CUDA packing: 16·t ≤ group size, so that every packed
+    k-block lies inside one quantization group (the dense path relies on it)."""
+    return max(2, min(8, group_size // _TILE_K))
 
 
 def int4_backend_supported(device: torch.device | str, in_features: int, out_features: int, group_size: int) -> bool:
@@ -53,7 +51,7 @@ def int4_backend_supported(device: torch.device | str, in_features: int, out_fea
             return False
         if torch.cuda.get_device_capability(device) < (8, 0):
             return False
-        return out_features % _TILE_N == 0 and _cuda_inner_k_tiles(in_features) > 0
+        return out_features % _TILE_N == 0 and in_features % (_TILE_K * _cuda_inner_k_tiles(group_size)) == 0
     if device.type == "cpu":
         has_ops = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
             torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
@@ -86,6 +84,65 @@ def unpack_tinygemm_cuda(packed: torch.Tensor) -> torch.Tensor:
     nibbles = nibbles.reshape(n_tiles, k_outer, lanes // 4, 4, half_tiles, 2, 4)
     ordered = nibbles.permute(0, 2, 1, 4, 6, 3, 5)
     return ordered.reshape(n_tiles * _TILE_N, k_outer * half_tiles * 2 * _TILE_K)
+
+
+# The fast dense path avoids that nibble shuffle. For one n, the 4·(t/2) words of lanes
+# 4·lane_hi .. +3 are contiguous and hold the whole 16t-wide k-block, so copying those chunks
+# (0.5 B/weight) gives rows n in order with each k-block's nibbles in a fixed scrambled order.
+# The weight is dequantized in that order and the activations' columns are permuted to match.
+
+
+def tinygemm_cuda_block_order(inner_k_tiles: int) -> torch.Tensor:
+    """order[p] = the k (within a 16t block) held by nibble p of a row's chunk (p = 8·word + slot)."""
+    half = inner_k_tiles // 2
+    order = torch.empty(16 * inner_k_tiles, dtype=torch.long)
+    for lane_lo in range(4):
+        for i2 in range(half):
+            word = lane_lo * half + i2
+            for slot in range(8):
+                h, jj = divmod(slot, 4)
+                order[8 * word + slot] = 32 * i2 + 8 * jj + 2 * lane_lo + h
+    return order
+
+
+def tinygemm_cuda_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Packed int32 [N/8, K/(16t), 32, t/2] → uint8 nibbles [N, K], each row in block order."""
+    n_tiles, k_outer, lanes, half_tiles = packed.shape
+    chunks = packed.reshape(n_tiles, k_outer, lanes // 4, 4 * half_tiles).permute(0, 2, 1, 3).contiguous()
+    as_bytes = chunks.view(torch.uint8).reshape(n_tiles * _TILE_N, -1, 1)
+    shifts = torch.arange(0, 8, 4, dtype=torch.uint8, device=packed.device)  # a kernel, not a host copy
+    return ((as_bytes >> shifts) & 0xF).reshape(n_tiles * _TILE_N, -1)
+
+
+def dense_weight_block_order(
+    packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The tinygemm CUDA weight as dense [N, K] of `dtype`, each k-block in block order."""
+    q = tinygemm_cuda_rows(packed)
+    out_features, in_features = q.shape
+    groups = in_features // group_size
+    # (q − 8)·s + z = q·s + (z − 8s); each block-ordered k-block stays inside its group.
+    scale = scale_and_zero[:, :, 0].float()
+    shifted_zero = scale_and_zero[:, :, 1].float() - 8 * scale
+    scale = scale.t().to(dtype).unsqueeze(-1)  # [N, G, 1]
+    shifted_zero = shifted_zero.t().to(dtype).unsqueeze(-1)
+    w = torch.addcmul(shifted_zero, q.reshape(out_features, groups, group_size), scale)
+    return w.reshape(out_features, in_features)
+
+
+def dense_from_tinygemm_cuda(
+    x2: torch.Tensor,
+    packed: torch.Tensor,
+    scale_and_zero: torch.Tensor,
+    group_size: int,
+    block_order: torch.Tensor,
+) -> torch.Tensor:
+    """x2 [M, K] @ W for a tinygemm CUDA weight, through a dense weight built on the fly (any device)."""
+    rows, in_features = x2.shape
+    w = dense_weight_block_order(packed, scale_and_zero, group_size, x2.dtype)
+    block = block_order.numel()
+    x_perm = x2.reshape(rows, in_features // block, block).index_select(2, block_order)
+    return F.linear(x_perm.reshape(rows, in_features), w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,8 +217,10 @@ class Int4Linear(nn.Module):
         tiny_zero = (8.0 - zeros) * scales_bf16.to(torch.float32)
         scale_and_zero = torch.stack((scales_bf16, tiny_zero.to(torch.bfloat16)), dim=-1).contiguous()
         if qweight.device.type == "cuda":
-            tiles = _cuda_inner_k_tiles(self.in_features)
+            tiles = _cuda_inner_k_tiles(self.group_size)
             packed = torch.ops.aten._convert_weight_to_int4pack(_awq_to_tinygemm_bytes(q), tiles)
+            # 1 KB per layer: lets the dense path permute activations instead of the weight.
+            self.register_buffer("block_order", tinygemm_cuda_block_order(tiles).to(q.device), persistent=False)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().to(torch.int32).contiguous(), 1)
         del q
@@ -188,7 +247,7 @@ class Int4Linear(nn.Module):
             return x2.new_empty(0, self.out_features)
         if self.packed_weight.device.type == "cuda":
             if rows > self.dense_threshold:
-                return F.linear(x2, self.dequantized_weight_out_in(x2.dtype))
+                return dense_from_tinygemm_cuda(x2, self.packed_weight, self.scale_and_zero, self.group_size, self.block_order)
             xb = x2.to(torch.bfloat16).contiguous()
             y = torch.ops.aten._weight_int4pack_mm(xb, self.packed_weight, self.group_size, self.scale_and_zero)
         else:
@@ -200,18 +259,17 @@ class Int4Linear(nn.Module):
     def dequantized_weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as a dense [N, K] tensor (nn.Linear layout), built from what is resident.
 
-        Supported for the dequant backend and the CUDA torch backend.
+        For tests and tools; supported for the dequant backend and the CUDA torch backend.
         """
         if self.backend == "dequant":
             return dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype=dtype).t()
         if self.packed_weight.device.type != "cuda":
             raise UsageError("dequantizing the CPU tinygemm layout is not supported; use int4 backend 'dequant'.")
-        q = unpack_tinygemm_cuda(self.packed_weight)  # [N, K] uint8
-        groups = self.in_features // self.group_size
-        q = q.reshape(self.out_features, groups, self.group_size).to(dtype) - 8
-        scale = self.scale_and_zero[:, :, 0].t().unsqueeze(-1).to(dtype)  # [N, G, 1]
-        zero = self.scale_and_zero[:, :, 1].t().unsqueeze(-1).to(dtype)
-        return torch.addcmul(zero, q, scale).reshape(self.out_features, self.in_features)
+        w = dense_weight_block_order(self.packed_weight, self.scale_and_zero, self.group_size, dtype)
+        block = self.block_order.numel()
+        out = torch.empty_like(w)
+        out.view(self.out_features, -1, block)[:, :, self.block_order] = w.view(self.out_features, -1, block)
+        return out
 
     # -- reporting -------------------------------------------------------------------------------
 

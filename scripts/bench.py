@@ -1,0 +1,641 @@
+"""internvl-chat benchmark (`make bench`): engine vs transformers, chunk prefilling, W4 vs 16-bit.
+
+CPU (default), on a small-but-not-trivial random-weight model built here:
+  engine    prefill / TTFT / decode tokens/s of our engine vs transformers' generate() (same weights,
+            prompt and dtype), as ratios measured in one run (issue 2)
+  load      load time and peak resident memory while loading vs the weights' size (fresh process)
+  chunk     TTFT of turns 2..N of a conversation with a 13-tile image in turn 1: chunk prefilling
+            (Session) vs re-prefilling the whole history each turn (issue 3)
+  w4        decode tokens/s and resident weight memory of W4 (RTN, torch int4 kernel and dequant
+            backends) vs bf16 and fp32 (issue 4)
+--device cuda adds, with random weights built on the GPU:
+  shapes    InternVL3-1B/-2B/-8B: W4 and bf16 decode tokens/s (eager and CUDA graph), bytes read
+            per token and the share of the 3.0 TB/s ceiling (SPEC §6), 13-tile prefill, peak memory
+  crossover Int4Linear: tinygemm vs dequantize + dense matmul by rows (picks dense_threshold)
+
+    python scripts/bench.py [--device cpu|cuda] [--quick] [--out FILE.json] [--sections a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_lib as bl  # noqa: E402
+
+from internvl_chat.chat.sampling import SamplingParams  # noqa: E402
+from internvl_chat.chat.session import Session  # noqa: E402
+from internvl_chat.chat.template import MediaSpec, PromptBuilder  # noqa: E402
+from internvl_chat.engine.loader import load_model  # noqa: E402
+from internvl_chat.media.image import load_image  # noqa: E402
+
+QUESTION = "Describe this image in detail."
+STORY = "Tell me a long story about a small robot who wants to learn how to paint the sea."
+FOLLOW_UPS = [
+    "Describe the picture.",
+    "Which colours dominate?",
+    "Is there any text in it?",
+    "How many objects can you count?",
+    "Summarise everything in one line.",
+    "Anything else?",
+]
+CPU_SECTIONS = ("engine", "load", "chunk", "w4")
+CUDA_SECTIONS = ("shapes", "crossover", "engine", "load", "chunk")
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _ms(seconds: float) -> float:
+    return seconds * 1e3
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 2: engine vs transformers
+
+
+def section_engine(ckpt: Path, image: Path, plan: bl.Plan, device: torch.device, dtype: torch.dtype) -> dict:
+    loaded = load_model(ckpt, device=device, dtype=dtype, max_context=plan.max_context)
+    model = loaded.model
+    pixels = load_image(image).pixel_values
+    tiles = pixels.shape[0]
+    builder = PromptBuilder(loaded.tokenizer, loaded.config.system_message, loaded.config.tokens_per_tile)
+    prompt = builder.first_turn(QUESTION, [MediaSpec("image", tiles)])
+    stops = list(builder.stop_ids)
+    hf = bl.load_transformers(ckpt, device, dtype)
+    n = plan.decode_tokens
+
+    _, features = bl.time_vision(model, pixels)  # warm-up, both engines
+    bl.engine_greedy(model, prompt, features, 2, stops)
+    bl.transformers_greedy(hf, prompt, pixels, 2, stops)
+    ours, theirs = [], []
+    for _ in range(plan.repeats):  # interleaved, so drift hits both alike
+        vision_s, features = bl.time_vision(model, pixels)
+        ours.append({**bl.engine_greedy(model, prompt, features, n, stops), "vision_s": vision_s})
+        theirs.append({**bl.transformers_greedy(hf, prompt, pixels, n, stops), "vision_s": bl.transformers_vision(hf, pixels)})
+
+    def summary(runs: list[dict], engine: bool) -> dict:
+        vision = bl.median([r["vision_s"] for r in runs])
+        if engine:
+            prefill = bl.median([r["prefill_s"] for r in runs])
+            ttft = bl.median([r["vision_s"] + r["prefill_s"] for r in runs])
+        else:  # generate() runs vision + prefill as one call: prefill = TTFT − separately timed vision
+            ttft = bl.median([r["ttft_s"] for r in runs])
+            prefill = ttft - vision
+        return {
+            "vision_ms": _ms(vision),
+            "prefill_ms": _ms(prefill),
+            "ttft_ms": _ms(ttft),
+            "decode_tokens_per_s": bl.median([r["decode_tokens"] / r["decode_s"] for r in runs]),
+            "decode_runs_tokens_per_s": [r["decode_tokens"] / r["decode_s"] for r in runs],
+        }
+
+    o, t = summary(ours, True), summary(theirs, False)
+    same = 0
+    for a, b in zip(ours[-1]["tokens"], theirs[-1]["tokens"]):
+        if a != b:
+            break
+        same += 1
+    out = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "prompt_tokens": len(prompt),
+        "image_tiles": tiles,
+        "decode_tokens": n,
+        "repeats": plan.repeats,
+        "transformers_attention": getattr(hf.config, "_attn_implementation", None),
+        "ours": o,
+        "transformers": t,
+        "decode_speedup": bl.ratio(o["decode_tokens_per_s"], t["decode_tokens_per_s"]),
+        "ttft_speedup": bl.ratio(t["ttft_ms"], o["ttft_ms"]),
+        "prefill_speedup": bl.ratio(t["prefill_ms"], o["prefill_ms"]),
+        "vision_speedup": bl.ratio(t["vision_ms"], o["vision_ms"]),
+        "greedy_tokens_agree": f"{same}/{n}",
+        "target_decode_speedup": 2.0,
+    }
+    del hf, loaded, model
+    _free(device)
+    return out
+
+
+def section_load(ckpt: Path, plan: bl.Plan, device: torch.device, dtype: torch.dtype) -> dict:
+    name = str(dtype).removeprefix("torch.")
+    out = bl.run_load_probe(ckpt, str(device), name, min(plan.max_context, 1024))
+    out["target_peak_over_weights"] = 1.3
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 3: chunk prefilling vs re-prefilling the whole conversation
+
+
+@torch.inference_mode()
+def _timed_first_token(model, ids: list[int], start_pos: int, features) -> tuple[float, int]:
+    bl.sync(model.device)
+    t0 = time.perf_counter()
+    token = int(model.forward(ids, start_pos, features).argmax())  # .item() syncs
+    return time.perf_counter() - t0, token
+
+
+def _drain(events) -> dict:
+    final = None
+    for event in events:
+        final = event
+    return final
+
+
+def section_chunk(ckpt: Path, image: Path, plan: bl.Plan, device: torch.device, dtype: torch.dtype) -> dict:
+    loaded = load_model(ckpt, device=device, dtype=dtype, max_context=plan.max_context)
+    model = loaded.model
+    session = Session(loaded, SamplingParams(max_new_tokens=plan.answer_tokens))
+    media = session.describe_image(image)
+    first = _drain(session.ask(FOLLOW_UPS[0], [media]))["timing"]
+    features = session.turns[0].features
+    vision_s = first["vision_s"]
+    turns = []
+    for k in range(2, plan.chat_turns + 1):
+        question = FOLLOW_UPS[(k - 1) % len(FOLLOW_UPS)]
+        new_ids = session.builder.next_turn(question, [])
+        history = session.ids + new_ids  # the whole conversation, as the original demo re-prefills it
+        chunk = session.ids[session.start_pos :] + new_ids  # what Session prefills
+        full_s, full_tok = _timed_first_token(model, history, 0, features)
+        chunk_s, chunk_tok = _timed_first_token(model, chunk, session.start_pos, None)
+        timing = _drain(session.ask(question))["timing"]
+        turns.append({
+            "turn": k,
+            "history_tokens": len(history),
+            "chunk_tokens": len(chunk),
+            "reprefill_ttft_ms": _ms(full_s),
+            "reprefill_with_vision_ttft_ms": _ms(full_s + vision_s),
+            "chunk_ttft_ms": _ms(chunk_s),
+            "session_ttft_ms": _ms(timing["ttft_s"]),
+            "speedup": bl.ratio(full_s, chunk_s),
+            "same_first_token": full_tok == chunk_tok,
+        })  # fmt: skip
+    out = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "image_tiles": media.tiles,
+        "turn1": {
+            "prompt_tokens": first["prefill_tokens"],
+            "vision_ms": _ms(vision_s),
+            "prefill_ms": _ms(first["prefill_s"]),
+            "ttft_ms": _ms(first["ttft_s"]),
+        },
+        "turns": turns,
+        "median_speedup": bl.median([t["speedup"] for t in turns]),
+        "median_speedup_vs_reprefill_with_vision": bl.median(
+            [t["reprefill_with_vision_ttft_ms"] / t["chunk_ttft_ms"] for t in turns]
+        ),
+        "total_reprefill_ms": sum(t["reprefill_ttft_ms"] for t in turns),
+        "total_chunk_ms": sum(t["chunk_ttft_ms"] for t in turns),
+        "note": "TTFT = prefill forward + argmax of the first token, timed identically for both; "
+        "session_ttft_ms is Session's own timing (on CPU it also includes the first decode step).",
+    }
+    del session, loaded, model
+    _free(device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 4: W4 vs 16-bit on CPU
+
+
+def section_w4(ckpt: Path, plan: bl.Plan) -> dict:
+    try:
+        import internvl_chat.quant  # noqa: F401
+    except Exception as e:  # the quant package may be unfinished
+        return {"skipped": f"internvl_chat.quant is not importable: {e!r}"}
+    device = torch.device("cpu")
+    variants = [
+        ("fp32", torch.float32, None),
+        ("bf16", torch.bfloat16, None),
+        ("w4-torch", torch.bfloat16, "torch"),
+        ("w4-dequant", torch.bfloat16, "dequant"),
+    ]
+    rows: dict[str, dict] = {}
+    reference = None
+    for name, dtype, backend in variants:
+        loaded = load_model(ckpt, device=device, dtype=dtype, max_context=512)
+        model = loaded.model
+        builder = PromptBuilder(loaded.tokenizer, loaded.config.system_message, loaded.config.tokens_per_tile)
+        prompt = builder.first_turn(STORY)
+        stops = list(builder.stop_ids)
+        replaced = bl.quantize_decoder_(model, backend) if backend else 0
+        with torch.inference_mode():
+            logits = model.forward(prompt, 0).float()
+        if reference is None:
+            reference = logits
+        bl.engine_greedy(model, prompt, None, 2, stops)  # warm-up
+        runs = [bl.engine_greedy(model, prompt, None, plan.decode_tokens, stops) for _ in range(plan.repeats)]
+        linears = bl.decoder_linears(model)
+        rows[name] = {
+            "activations": str(dtype).removeprefix("torch."),
+            "int4_backend": backend,
+            "replaced_linears": replaced,
+            "decode_tokens_per_s": bl.median([r["decode_tokens"] / r["decode_s"] for r in runs]),
+            "prefill_ms": _ms(bl.median([r["prefill_s"] for r in runs])),
+            "weights_bytes": model.memory_bytes(),
+            "decoder_linear_bytes": sum(bl.module_bytes(m) for _, _, m in linears),
+            "logits_cosine_vs_fp32": float(torch.nn.functional.cosine_similarity(logits, reference, dim=0)),
+        }
+        del loaded, model
+        _free(device)
+    base = rows["bf16"]
+    for name in ("w4-torch", "w4-dequant"):
+        rows[name]["decode_speedup_vs_bf16"] = bl.ratio(rows[name]["decode_tokens_per_s"], base["decode_tokens_per_s"])
+        rows[name]["memory_ratio_vs_bf16"] = bl.ratio(rows[name]["weights_bytes"], base["weights_bytes"])
+        rows[name]["decoder_memory_ratio_vs_bf16"] = bl.ratio(rows[name]["decoder_linear_bytes"], base["decoder_linear_bytes"])
+    return {
+        "prompt": "text only",
+        "decode_tokens": plan.decode_tokens,
+        "quantization": f"RTN, group {bl.AWQ_GROUP}, decoder linears only",
+        "variants": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# --device cuda: InternVL3 shapes with random weights
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Build one random-weight model on `device` and time prefill (13-tile prompt) and decode."""
+    is_cuda = device.type == "cuda"
+    if is_cuda:
+        _free(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base_alloc = torch.cuda.memory_allocated(device)
+    tiles = plan.cuda_image_tiles
+    image_tokens = tiles * cfg.tokens_per_tile
+    p, n = plan.cuda_prefill_tokens, plan.cuda_decode_tokens
+    max_seq = _round_up(max(image_tokens + 64, p + n + 64), 256)
+    t0 = time.perf_counter()
+    model = bl.build_random_model(cfg, device, dtype, max_seq)
+    bl.sync(device)
+    build_s = time.perf_counter() - t0
+    gen = torch.Generator(device=device).manual_seed(1)
+    img = model.image_token_id
+
+    def text(k: int) -> torch.Tensor:
+        return torch.randint(0, min(img, 151643), (k,), device=device, generator=gen)
+
+    ids = torch.cat([text(24), torch.full((image_tokens,), img, device=device), text(16)])
+    pixels = torch.randn(tiles, 3, cfg.image_size, cfg.image_size, device=device, generator=gen)
+    out: dict = {"build_s": build_s, "weights_bytes": model.memory_bytes(), "kv_cache_bytes": model.language_model.cache_bytes()}
+
+    # prefill of the image prompt (vision separately)
+    _, features = bl.time_vision(model, pixels)
+    _timed_first_token(model, ids.tolist(), 0, features)  # warm-up
+    reps = max(1, min(2, plan.cuda_repeats))
+    vision = [bl.time_vision(model, pixels)[0] for _ in range(reps)]
+    prefill = [_timed_first_token(model, ids.tolist(), 0, features)[0] for _ in range(reps)]
+    out["prefill"] = {
+        "image_tiles": tiles,
+        "tokens": int(ids.numel()),
+        "vision_ms": _ms(bl.median(vision)),
+        "llm_prefill_ms": _ms(bl.median(prefill)),
+        "llm_prefill_tokens_per_s": ids.numel() / bl.median(prefill),
+        "ttft_ms": _ms(bl.median(vision) + bl.median(prefill)),
+    }
+    del features
+
+    # batch-1 decode after a p-token prefill
+    prompt = text(p).tolist()
+    with torch.inference_mode():
+        first = model.forward(prompt, 0).argmax()
+    bl.eager_decode_rate(model, first, p, min(8, n))  # warm-up
+    eager = [bl.eager_decode_rate(model, first, p, n) for _ in range(plan.cuda_repeats)]
+    traffic = bl.decode_bytes_per_token(model, p + n // 2)
+    decode = {
+        "prefill_tokens": p,
+        "tokens": n,
+        "bytes_per_token": traffic,
+        "eager_tokens_per_s": bl.median(eager),
+        "eager_runs": eager,
+    }
+    decode["eager_bandwidth_share"] = decode["eager_tokens_per_s"] * traffic["total"] / bl.H100_BANDWIDTH
+    decode["ceiling_tokens_per_s"] = bl.H100_BANDWIDTH / traffic["total"]
+    if is_cuda:
+        bucket = min(max_seq, _round_up(p + n + 8, 256))
+        try:
+            engine_rate = bl.engine_graph_rate(model, first, p, n, bucket)
+            if engine_rate is not None:
+                decode["engine_graph_tokens_per_s"] = engine_rate
+                decode["engine_graph_bandwidth_share"] = engine_rate * traffic["total"] / bl.H100_BANDWIDTH
+        except Exception as e:
+            decode["engine_graph_error"] = repr(e)
+        try:
+            graph = bl.GraphDecoder(model, bucket, p, first)
+            graph.rate(p, min(8, n))  # warm-up
+            rates = [graph.rate(p, n) for _ in range(plan.cuda_repeats)]
+            decode["graph_tokens_per_s"] = bl.median(rates)
+            decode["graph_runs"] = rates
+            decode["graph_kv_bucket"] = bucket
+            decode["graph_bandwidth_share"] = decode["graph_tokens_per_s"] * traffic["total"] / bl.H100_BANDWIDTH
+            del graph
+        except Exception as e:
+            decode["graph_error"] = repr(e)
+    out["decode"] = decode
+    if is_cuda:
+        out["peak_gpu_alloc_bytes"] = torch.cuda.max_memory_allocated(device) - base_alloc
+    del model
+    _free(device)
+    return out
+
+
+def section_shapes(plan: bl.Plan, device: torch.device, deadline: float | None, start: float) -> dict:
+    results: dict = {"bandwidth_ceiling_bytes_per_s": bl.H100_BANDWIDTH}
+    for shape in plan.cuda_shapes:
+        for variant in ("bf16", "w4"):
+            key = f"{shape} {variant}"
+            if deadline is not None and time.perf_counter() > deadline:
+                results[key] = {"skipped": "time budget spent"}
+                continue
+            bl.log(f"  {key} ...", start)
+            try:
+                results[key] = measure_shape(bl.shape_config(shape, w4=variant == "w4"), plan, device)
+                d = results[key]["decode"]
+                bl.log(
+                    f"  {key}: eager {d['eager_tokens_per_s']:.0f} tok/s, graph {d.get('graph_tokens_per_s', float('nan')):.0f} tok/s, "
+                    f"{d['bytes_per_token']['total'] / 1e9:.2f} GB/token",
+                    start,
+                )
+            except Exception as e:
+                results[key] = {"error": repr(e), "traceback": traceback.format_exc(limit=4)}
+                bl.log(f"  {key}: FAILED {e!r}", start)
+            _free(device)
+    return results
+
+
+def _time_cuda(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of fn() timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return bl.median(times)
+
+
+def section_crossover(plan: bl.Plan, device: torch.device) -> dict:
+    """Int4Linear torch backend: tinygemm kernel vs dequantize + dense matmul, by number of rows."""
+    from internvl_chat.quant import Int4Linear
+
+    shapes = {"8B qkv": (3584, 4608), "8B gate_up": (3584, 37888), "8B down": (18944, 3584), "1B qkv": (896, 1152)}
+    table: dict = {}
+    for label, (k, nout) in shapes.items():
+        layer = Int4Linear.from_awq(*bl.random_awq(k, nout, device), group_size=bl.AWQ_GROUP, backend="torch",
+                                    dtype=torch.bfloat16, device=device)  # fmt: skip
+        row = {}
+        for m in plan.crossover_rows:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            layer.dense_threshold = 1 << 30
+            kernel = _time_cuda(lambda: layer(x))
+            layer.dense_threshold = 0
+            dense = _time_cuda(lambda: layer(x))
+            row[str(m)] = {"kernel_ms": kernel, "dense_ms": dense}
+        table[label] = row
+        del layer
+    # the smallest row count from which dense is at least as fast for every shape
+    crossover = None
+    for m in plan.crossover_rows:
+        if all(table[s][str(m)]["dense_ms"] <= table[s][str(m)]["kernel_ms"] for s in table):
+            crossover = m
+            break
+    return {"table": table, "dense_from_rows": crossover,
+            "current_dense_threshold": getattr(Int4Linear, "dense_threshold", None)}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt(x, spec: str = ".1f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+def render(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"internvl-chat benchmark — {m['date_utc']}, commit {m['git_commit'][:12]}{' (dirty)' if m.get('git_dirty') else ''}",
+        f"machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads); "
+        f"torch {m['torch']}, transformers {m['transformers']}; plan {report['plan']['name']}",
+    ]
+    s = report.get("sections", {})
+    e = s.get("engine")
+    if e and "ours" in e:
+        o, t = e["ours"], e["transformers"]
+        lines += [
+            "",
+            f"[engine vs transformers] {e['dtype']}, prompt {e['prompt_tokens']} tokens ({e['image_tiles']} tiles), "
+            f"{e['decode_tokens']} new tokens, {e['transformers_attention']} attention in transformers",
+            f"  {'':14}{'vision ms':>11}{'prefill ms':>12}{'TTFT ms':>10}{'decode tok/s':>14}",
+            f"  {'ours':14}{_fmt(o['vision_ms']):>11}{_fmt(o['prefill_ms']):>12}{_fmt(o['ttft_ms']):>10}{_fmt(o['decode_tokens_per_s']):>14}",
+            f"  {'transformers':14}{_fmt(t['vision_ms']):>11}{_fmt(t['prefill_ms']):>12}{_fmt(t['ttft_ms']):>10}{_fmt(t['decode_tokens_per_s']):>14}",
+            f"  decode ×{_fmt(e['decode_speedup'], '.2f')} (target ≥ 2), TTFT ×{_fmt(e['ttft_speedup'], '.2f')}, "
+            f"prefill ×{_fmt(e['prefill_speedup'], '.2f')}, vision ×{_fmt(e['vision_speedup'], '.2f')}; "
+            f"greedy tokens agree {e['greedy_tokens_agree']}",
+        ]
+    ld = s.get("load")
+    if ld and "load_s" in ld:
+        line = (
+            f"[load] {ld['dtype']} on {ld['device']}: {ld['load_s']:.2f} s; weights {ld['weights_bytes'] / 2**20:.1f} MiB, "
+            f"peak RSS +{ld['peak_rss_delta_bytes'] / 2**20:.1f} MiB = ×{ld['peak_rss_over_weights']:.2f} of the weights "
+            f"(×{ld['peak_rss_minus_cache_over_weights']:.2f} without the {ld['kv_cache_bytes'] / 2**20:.1f} MiB KV cache; target ≤ 1.3)"
+        )
+        if "peak_gpu_alloc_bytes" in ld:
+            line += f"; GPU peak ×{ld['peak_gpu_over_weights']:.2f}"
+        lines += ["", line]
+    c = s.get("chunk")
+    if c and "turns" in c:
+        t1 = c["turn1"]
+        lines += [
+            "",
+            f"[chunk prefilling] {c['dtype']}, {c['image_tiles']}-tile image in turn 1 ({t1['prompt_tokens']} tokens: "
+            f"vision {t1['vision_ms']:.0f} ms, prefill {t1['prefill_ms']:.0f} ms)",
+            f"  {'turn':>6}{'history':>9}{'chunk':>7}{'re-prefill ms':>15}{'chunk ms':>10}{'speedup':>9}",
+        ]
+        for t in c["turns"]:
+            lines.append(
+                f"  {t['turn']:>6}{t['history_tokens']:>9}{t['chunk_tokens']:>7}{t['reprefill_ttft_ms']:>15.1f}"
+                f"{t['chunk_ttft_ms']:>10.1f}{t['speedup']:>8.1f}×"
+            )
+        lines.append(
+            f"  median ×{c['median_speedup']:.1f} (×{c['median_speedup_vs_reprefill_with_vision']:.1f} if the demo also re-encodes the image)"
+        )
+    w = s.get("w4")
+    if w and "variants" in w:
+        lines += ["", f"[W4 vs 16-bit, CPU] {w['quantization']}, {w['decode_tokens']} new tokens, {w['prompt']} prompt",
+                  f"  {'variant':12}{'decode tok/s':>14}{'weights MiB':>13}{'decoder MiB':>13}{'cos vs fp32':>13}"]  # fmt: skip
+        for name, r in w["variants"].items():
+            lines.append(
+                f"  {name:12}{r['decode_tokens_per_s']:>14.1f}{r['weights_bytes'] / 2**20:>13.1f}"
+                f"{r['decoder_linear_bytes'] / 2**20:>13.1f}{r['logits_cosine_vs_fp32']:>13.4f}"
+            )
+        for name in ("w4-torch", "w4-dequant"):
+            r = w["variants"][name]
+            lines.append(
+                f"  {name} vs bf16: decode ×{r['decode_speedup_vs_bf16']:.2f}, weights ×{r['memory_ratio_vs_bf16']:.2f} "
+                f"(decoder linears ×{r['decoder_memory_ratio_vs_bf16']:.2f})"
+            )
+    elif w and "skipped" in w:
+        lines += ["", f"[W4 vs 16-bit] skipped: {w['skipped']}"]
+    sh = s.get("shapes")
+    if sh:
+        lines += ["", "[InternVL3 shapes, random weights, batch 1]",
+                  f"  {'model':18}{'eager tok/s':>12}{'graph tok/s':>12}{'GB/token':>10}{'BW share':>10}{'ceiling':>9}"
+                  f"{'vision ms':>11}{'prefill tok/s':>15}{'peak GiB':>10}"]  # fmt: skip
+        for key, r in sh.items():
+            if not isinstance(r, dict):
+                continue
+            if "decode" not in r:
+                lines.append(f"  {key:18}{r.get('error') or r.get('skipped')}")
+                continue
+            d, pf = r["decode"], r["prefill"]
+            share = d.get("graph_bandwidth_share", d["eager_bandwidth_share"])
+            lines.append(
+                f"  {key:18}{d['eager_tokens_per_s']:>12.0f}{_fmt(d.get('graph_tokens_per_s'), '.0f'):>12}"
+                f"{d['bytes_per_token']['total'] / 1e9:>10.2f}{share * 100:>9.0f}%{d['ceiling_tokens_per_s']:>9.0f}"
+                f"{pf['vision_ms']:>11.1f}{pf['llm_prefill_tokens_per_s']:>15.0f}"
+                f"{r.get('peak_gpu_alloc_bytes', 0) / 2**30:>10.1f}"
+            )
+    x = s.get("crossover")
+    if x and "table" in x:
+        lines += ["", f"[Int4Linear tinygemm vs dequant+dense, ms] dense from {x['dense_from_rows']} rows "
+                      f"(current threshold {x['current_dense_threshold']})"]  # fmt: skip
+        for label, row in x["table"].items():
+            cells = "  ".join(f"M={m}: {v['kernel_ms']:.3f}/{v['dense_ms']:.3f}" for m, v in row.items())
+            lines.append(f"  {label:11}{cells}")
+    for name, sec in s.items():
+        if isinstance(sec, dict) and "error" in sec:
+            lines += ["", f"[{name}] FAILED: {sec['error']}"]
+    lines += ["", f"total {report.get('elapsed_s', 0):.0f} s"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def run(
+    device: torch.device,
+    plan: bl.Plan,
+    sections: tuple[str, ...],
+    out: Path | None = None,
+    work_dir: Path | None = None,
+    time_budget: float | None = None,
+) -> dict:
+    start = time.perf_counter()
+    deadline = start + time_budget if time_budget else None
+    report: dict = {"machine": bl.machine_info(device), "plan": bl.plan_dict(plan), "sections": {}}
+    sec = report["sections"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="internvl-bench-")
+        work_dir = Path(tmp.name)
+
+    def save() -> None:
+        report["elapsed_s"] = time.perf_counter() - start
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+
+    ckpt: Path | None = None
+    images: dict[str, Path] = {}
+
+    def small_model() -> Path:
+        nonlocal ckpt
+        if ckpt is None:
+            bl.log("building the benchmark checkpoint ...", start)
+            ckpt = bl.build_checkpoint(work_dir / "model", plan)
+            images["engine"] = bl.write_test_image(work_dir / "engine.png", *plan.engine_image, seed=1)
+            images["chat"] = bl.write_test_image(work_dir / "chat.png", *plan.chat_image, seed=2)
+        return ckpt
+
+    jobs = {
+        "shapes": lambda: section_shapes(plan, device, deadline, start),
+        "crossover": lambda: section_crossover(plan, device),
+        "engine": lambda: section_engine(small_model(), images["engine"], plan, device, dtype),
+        "load": lambda: section_load(small_model(), plan, device, dtype),
+        "chunk": lambda: section_chunk(small_model(), images["chat"], plan, device, dtype),
+        "w4": lambda: section_w4(small_model(), plan),
+    }
+    failed = []
+    try:
+        for name in sections:
+            if name not in jobs:
+                raise SystemExit(f"unknown section {name!r}; choose from {', '.join(jobs)}")
+            if name == "crossover" and device.type != "cuda":
+                continue
+            if deadline is not None and time.perf_counter() > deadline:
+                sec[name] = {"skipped": "time budget spent"}
+                bl.log(f"{name}: skipped (time budget spent)", start)
+                continue
+            bl.log(f"{name} ...", start)
+            try:
+                sec[name] = jobs[name]()
+            except Exception as e:
+                sec[name] = {"error": repr(e), "traceback": traceback.format_exc(limit=6)}
+                failed.append(name)
+                bl.log(f"{name}: FAILED {e!r}", start)
+            _free(device)
+            save()
+    finally:
+        report["failed_sections"] = failed
+        save()
+        if tmp is not None:
+            tmp.cleanup()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="internvl-chat benchmark")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--quick", action="store_true", help="a tiny model and few iterations (smoke test)")
+    p.add_argument("--out", type=Path, help="write every number as JSON here")
+    p.add_argument("--sections", help="comma-separated subset of " + ",".join(dict.fromkeys(CUDA_SECTIONS + CPU_SECTIONS)))
+    p.add_argument("--time-budget", type=float, help="seconds; later sections are skipped once spent (cuda default 210)")
+    p.add_argument("--work-dir", type=Path, help="where to build the benchmark checkpoint (default: a temp folder)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda asked for but no CUDA GPU is visible", file=sys.stderr)
+        return 2
+    plan = bl.QUICK if args.quick else bl.FULL
+    if args.sections:
+        sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    else:
+        sections = CUDA_SECTIONS if device.type == "cuda" else CPU_SECTIONS
+    budget = args.time_budget if args.time_budget is not None else (210.0 if device.type == "cuda" else None)
+    report = run(device, plan, sections, args.out, args.work_dir, budget)
+    print()
+    print(render(report), flush=True)
+    return 1 if report["failed_sections"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,625 @@
+"""Measurement helpers for `scripts/bench.py`: plans, model builders, timed loops, load probes.
+
+Everything here returns plain dicts of numbers so that bench.py can print a table and write JSON,
+and tests/test_bench_smoke.py can run the same code on a tiny model. Timings synchronise the
+device before reading the host clock; nothing here is compared against itself.
+
+Run as a script it is the load probe (a fresh process, so peak memory is the loader's alone):
+    python scripts/bench_lib.py load-probe DIR DEVICE DTYPE MAX_CONTEXT
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+for _p in (REPO_ROOT, REPO_ROOT / "scripts"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from make_tiny_checkpoint import TinySizes  # noqa: E402
+
+from internvl_chat.engine.config import ModelConfig, QuantConfig, TextConfig, VisionConfig  # noqa: E402
+
+# SPEC §6: measured device-to-device copy bandwidth of an H100 SXM, the decode ceiling.
+H100_BANDWIDTH = 3.0e12
+AWQ_GROUP = 128
+# SPEC §1 table: hidden / layers / q heads / kv heads / FFN of the Qwen2.5 LLMs in InternVL3.
+LLM_SHAPES = {
+    "InternVL3-1B": (896, 24, 14, 2, 4864),
+    "InternVL3-2B": (1536, 28, 12, 2, 8960),
+    "InternVL3-8B": (3584, 28, 28, 4, 18944),
+}
+VOCAB = 151674
+IMG_CONTEXT_ID = 151667  # SPEC §3; the random-weight models have no tokenizer, so the id is fixed here
+VISION_300M = VisionConfig(
+    hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+    norm_type="layer_norm", norm_eps=1e-6, qkv_bias=True, qk_norm=False,
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one benchmark run measures and how long it may take."""
+
+    name: str
+    sizes: TinySizes
+    vocab_multiple: int  # embedding rows = len(tokenizer) rounded up to this
+    decode_tokens: int  # tokens per timed decode run (engine vs transformers, W4 on CPU)
+    repeats: int  # timed runs per measurement (median reported)
+    engine_image: tuple[int, int]  # (w, h) of the image in the engine-vs-transformers prompt
+    chat_image: tuple[int, int]  # (w, h) of the turn-1 image of the chunk-prefill conversation
+    chat_turns: int
+    answer_tokens: int  # max_new_tokens per conversation turn
+    max_context: int
+    # --device cuda: the InternVL3 shapes
+    cuda_shapes: tuple[str, ...] = tuple(LLM_SHAPES)
+    cuda_prefill_tokens: int = 512
+    cuda_decode_tokens: int = 128
+    cuda_repeats: int = 3
+    cuda_image_tiles: int = 13
+    crossover_rows: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 512)
+
+
+FULL = Plan(
+    name="full",
+    sizes=TinySizes(
+        vision_hidden=256, vision_layers=4, vision_heads=4, vision_mlp=1024,
+        text_hidden=512, text_layers=8, text_heads=8, text_kv_heads=2, text_ffn=1536,
+    ),  # fmt: skip
+    vocab_multiple=16384,
+    decode_tokens=32,
+    repeats=3,
+    engine_image=(896, 448),  # 2×1 grid + thumbnail: 3 tiles
+    chat_image=(800, 600),  # 4×3 grid + thumbnail: 13 tiles (SPEC §4)
+    chat_turns=5,
+    answer_tokens=12,
+    max_context=4096,
+)
+
+# Small enough for a unit test; widths stay multiples of 128 so every decoder linear can be W4.
+QUICK = Plan(
+    name="quick",
+    sizes=TinySizes(
+        vision_hidden=64, vision_layers=1, vision_heads=4, vision_mlp=128,
+        text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, text_ffn=256,
+    ),  # fmt: skip
+    vocab_multiple=64,
+    decode_tokens=4,
+    repeats=1,
+    engine_image=(448, 448),  # 1 tile
+    chat_image=(896, 448),  # 3 tiles
+    chat_turns=3,
+    answer_tokens=3,
+    max_context=1536,
+    cuda_shapes=(),
+    cuda_prefill_tokens=32,
+    cuda_decode_tokens=4,
+    cuda_repeats=1,
+    cuda_image_tiles=1,
+    crossover_rows=(1, 64),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small utilities
+
+
+def log(msg: str, start: float | None = None) -> None:
+    stamp = f"[{time.perf_counter() - start:6.1f}s] " if start is not None else ""
+    print(f"{stamp}{msg}", flush=True)
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        run = subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return run.stdout.strip() if run.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    """Where and when the numbers were taken (the git commit from git, else $BENCH_GIT_COMMIT)."""
+    import transformers
+
+    commit = _git("rev-parse", "HEAD") or os.environ.get("BENCH_GIT_COMMIT") or "unknown"
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    info = {
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+            gpu_sm_count=props.multi_processor_count,
+            cuda=torch.version.cuda,
+        )
+    return info
+
+
+def write_test_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    """A textured RGB image (gradients + noise) so every tile differs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), (x + y) % 256], axis=-1)
+    noisy = base + rng.normal(0, 25, size=base.shape)
+    Image.fromarray(noisy.clip(0, 255).astype("uint8")).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and models
+
+
+def build_checkpoint(out_dir: Path, plan: Plan, seed: int = 0) -> Path:
+    """The plan's random-weight model as an -hf checkpoint (bf16 safetensors, as published)."""
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(
+        out_dir, layout="hf", seed=seed, dtype="bfloat16", sizes=plan.sizes, vocab_multiple=plan.vocab_multiple
+    )
+
+
+def load_transformers(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    """The same checkpoint in transformers' InternVLForConditionalGeneration (default attention: SDPA)."""
+    from transformers import InternVLForConditionalGeneration
+
+    model, info = InternVLForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise RuntimeError(f"transformers did not load {model_dir} cleanly: {bad}")
+    return model.to(device).eval()
+
+
+def decoder_linears(model) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, module) of every decoder-layer linear (fused qkv, o, fused gate_up, down)."""
+    out = []
+    for layer in model.language_model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in parent.named_children():
+                out.append((parent, name, child))
+    return out
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def quantize_decoder_(model, backend: str, group_size: int = AWQ_GROUP) -> int:
+    """Replace every decoder-layer nn.Linear by an RTN-quantized Int4Linear, in place (as the
+    published AWQ checkpoints do: vision, projector, embeddings, norms, lm_head stay 16-bit).
+    Returns how many linears were replaced."""
+    from internvl_chat.quant import Int4Linear, quantize_rtn
+
+    replaced = 0
+    for parent, name, child in decoder_linears(model):
+        if not isinstance(child, nn.Linear):
+            continue
+        with torch.no_grad():
+            qweight, qzeros, scales = quantize_rtn(child.weight.detach().t().float().cpu(), group_size)
+            bias = child.bias.detach() if child.bias is not None else None
+            layer = Int4Linear.from_awq(
+                qweight, qzeros, scales, bias=bias, group_size=group_size, backend=backend,
+                dtype=child.weight.dtype, device=child.weight.device,
+            )  # fmt: skip
+        setattr(parent, name, layer)
+        replaced += 1
+    return replaced
+
+
+def shape_config(name: str, w4: bool, vision: VisionConfig = VISION_300M, vocab: int = VOCAB) -> ModelConfig:
+    """An InternVL3 ModelConfig from the SPEC §1 shapes (LLM) and InternViT-300M (vision)."""
+    hidden, layers, heads, kv_heads, ffn = LLM_SHAPES[name]
+    return text_shape_config(hidden, layers, heads, kv_heads, ffn, w4, vision, vocab)
+
+
+def text_shape_config(
+    hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, w4: bool, vision: VisionConfig, vocab: int
+) -> ModelConfig:
+    text = TextConfig(
+        vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+        head_dim=hidden // heads, intermediate_size=ffn, rms_norm_eps=1e-6, rope_theta=1e6,
+        max_position_embeddings=32768, tie_word_embeddings=False,
+    )  # fmt: skip
+    return ModelConfig(layout="original", vision=vision, text=text, quant=QuantConfig() if w4 else None)
+
+
+def fill_random_(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Small random values in place, on the model's device: norms ≈ 1, layer scales 0.1, the rest N(0, std).
+    Never zeros (they can time faster than real data)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("ls1", "ls2"):
+                p.fill_(0.1)
+            elif ("norm" in name or name.startswith("mlp1.0.")) and leaf == "weight":
+                p.normal_(1.0, 0.02, generator=gen)
+            else:
+                p.normal_(0.0, std, generator=gen)
+
+
+def random_awq(in_features: int, out_features: int, device, group_size: int = AWQ_GROUP, seed: int = 0):
+    """Random AWQ GEMM tensors (qweight, qzeros, scales): random nibbles, scales ≈ 2e-3 (weights ≈ ±0.03)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    words = out_features // 8
+
+    def nibbles(rows: int) -> torch.Tensor:
+        raw = torch.randint(0, 256, (rows, words * 4), dtype=torch.uint8, device=device, generator=gen)
+        return raw.view(torch.int32)
+
+    qweight = nibbles(in_features)
+    qzeros = nibbles(in_features // group_size)
+    scales = (torch.rand(in_features // group_size, out_features, device=device, generator=gen) * 2e-3 + 1e-3).half()
+    return qweight, qzeros, scales
+
+
+def build_random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_seq_len: int, backend: str = "auto"):
+    """An InternVLModel with random weights built in place on `device` (no checkpoint files).
+    With `cfg.quant` the decoder linears become Int4Linear from random AWQ tensors."""
+    from internvl_chat.engine.model import InternVLModel, PendingInt4
+
+    model = InternVLModel.empty(cfg, device, dtype, max_seq_len)
+    model.image_token_id = IMG_CONTEXT_ID if cfg.text.vocab_size > IMG_CONTEXT_ID else cfg.text.vocab_size - 1
+    fill_random_(model)
+    if cfg.quant is not None:
+        from internvl_chat.quant import Int4Linear
+
+        for k, (parent, name, child) in enumerate(decoder_linears(model)):
+            assert isinstance(child, PendingInt4), f"{name} is {type(child).__name__}, expected a 4-bit placeholder"
+            qweight, qzeros, scales = random_awq(child.in_features, child.out_features, device, cfg.quant.group_size, seed=k)
+            bias = None
+            if child.has_bias:
+                bias = torch.randn(child.out_features, device=device, dtype=dtype) * 0.02
+            layer = Int4Linear.from_awq(
+                qweight, qzeros, scales, bias=bias, group_size=cfg.quant.group_size, backend=backend, dtype=dtype, device=device
+            )
+            setattr(parent, name, layer)
+            del qweight, qzeros, scales
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Bandwidth accounting (batch-1 decode)
+
+
+def decode_bytes_per_token(model, context_len: int) -> dict:
+    """Bytes one decode step must read: decoder weights (all of them), final norm, lm_head, one
+    embedding row, and the K/V of `context_len` cached positions. Vision weights are not read."""
+    lm = model.language_model
+    cfg = lm.cfg
+    layers = sum(module_bytes(layer) for layer in lm.model.layers)
+    head = module_bytes(lm.lm_head) + module_bytes(lm.model.norm)
+    emb = lm.model.embed_tokens.weight
+    embed_row = emb.shape[1] * emb.element_size()
+    kv_elem = lm.k_cache[0].element_size() if lm.k_cache else emb.element_size()
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context_len * kv_elem
+    weights = layers + head + embed_row
+    return {"weights": weights, "kv": kv, "total": weights + kv}
+
+
+# ---------------------------------------------------------------------------------------------
+# Timed loops
+
+
+def _masked_argmax(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    if banned is not None:
+        logits = logits.index_fill(0, banned, float("-inf"))  # as min_new_tokens does in transformers
+    return logits.argmax()
+
+
+@torch.inference_mode()
+def engine_greedy(model, prompt: Sequence[int], features: torch.Tensor | None, n: int, banned: Sequence[int] = ()) -> dict:
+    """Prefill then n greedy tokens with `forward(token, pos)` per step (no host sync in the loop).
+    Stop ids are masked, so exactly n tokens come out (as with transformers' min_new_tokens)."""
+    device = model.device
+    ban = torch.tensor(list(banned), device=device) if banned else None
+    sync(device)
+    t0 = time.perf_counter()
+    token = _masked_argmax(model.forward(prompt, 0, features), ban)
+    sync(device)
+    t1 = time.perf_counter()
+    tokens = [token]
+    pos = len(prompt)
+    for _ in range(n - 1):
+        token = _masked_argmax(model.forward(token, pos), ban)
+        tokens.append(token)
+        pos += 1
+    sync(device)
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens": n - 1, "tokens": torch.stack(tokens).tolist()}
+
+
+@torch.inference_mode()
+def time_vision(model, pixels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    device = model.device
+    sync(device)
+    t0 = time.perf_counter()
+    features = model.encode_images(pixels)
+    sync(device)
+    return time.perf_counter() - t0, features
+
+
+class StepTimer:
+    """A transformers streamer that stamps each `put`: the first put is the prompt, then one per token."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+        self.tokens: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+        if len(self.stamps) > 1:
+            self.tokens.extend(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def transformers_greedy(hf, prompt: Sequence[int], pixels: torch.Tensor, n: int, stop_ids: Sequence[int]) -> dict:
+    """transformers' generate(do_sample=False, max_new_tokens=n, min_new_tokens=n), timed per token."""
+    device = hf.device
+    ids = torch.tensor([list(prompt)], device=device)
+    timer = StepTimer(device)
+    sync(device)
+    t0 = time.perf_counter()
+    hf.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels.to(device, hf.dtype),
+        max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=list(stop_ids),
+        pad_token_id=stop_ids[0], streamer=timer,
+    )  # fmt: skip
+    first, last = timer.stamps[1], timer.stamps[-1]
+    return {"ttft_s": first - t0, "decode_s": last - first, "decode_tokens": len(timer.stamps) - 2, "tokens": timer.tokens}
+
+
+@torch.inference_mode()
+def transformers_vision(hf, pixels: torch.Tensor) -> float:
+    device = hf.device
+    px = pixels.to(device, hf.dtype)
+    sync(device)
+    t0 = time.perf_counter()
+    hf.get_image_features(pixel_values=px)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def eager_decode_rate(model, first_token: torch.Tensor, start: int, n: int) -> float:
+    """Tokens/s of n greedy `forward(token, pos)` steps from position `start` (synchronised)."""
+    device = model.device
+    token = first_token
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(n):
+        token = model.forward(token, start + i).argmax()
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+class GraphDecoder:
+    """One greedy decode step (embed → decoder → lm_head → argmax → position += 1) captured in a
+    CUDA graph around the engine's graph-safe `language_model.forward_embeds` (positions on the
+    device, a fixed `kv_len` bucket, masked). A benchmark-local capture: it shows what graphs buy
+    while the engine does not offer its own."""
+
+    def __init__(self, model, kv_bucket: int, start: int, first_token: torch.Tensor):
+        self.model = model
+        device = model.device
+        self.token = first_token.reshape(1).clone()
+        self.pos = torch.full((1,), start, dtype=torch.long, device=device)
+        self.kv_bucket = kv_bucket
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(3):  # warm up kernels (writes K/V at start.. that real steps overwrite)
+                self._step()
+            self.pos.fill_(start)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self._step()
+
+    def _step(self) -> None:
+        lm = self.model.language_model
+        h = lm.model.embed_tokens(self.token)[None]
+        logits = lm.forward_embeds(h, self.pos, self.kv_bucket, None, last_only=True)
+        self.token.copy_(logits[-1].argmax().reshape(1))
+        self.pos.add_(1)
+
+    def rate(self, start: int, n: int) -> float:
+        device = self.model.device
+        self.pos.fill_(start)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.graph.replay()
+        sync(device)
+        return n / (time.perf_counter() - t0)
+
+
+def engine_graph_rate(model, first_token: torch.Tensor, start: int, n: int, kv_len: int) -> float | None:
+    """Tokens/s through the engine's own CUDA-graph decode, if it offers one.
+
+    Expected contract (proposed): `model.decode_graph(kv_len) -> step`, `step(token [1] long on
+    device, pos: int) -> float32 logits [V]`. Returns None when the engine has no `decode_graph`.
+    """
+    make = getattr(model, "decode_graph", None)
+    if make is None:
+        return None
+    step = make(kv_len)
+    device = model.device
+    token = first_token.reshape(1)
+    for i in range(3):
+        token = step(token, start + i).argmax().reshape(1)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(n):
+        token = step(token, start + i).argmax().reshape(1)
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load probe (runs in a fresh process)
+
+
+def _status_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0: write 5 to clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def load_probe(model_dir: str, device: str, dtype: str, max_context: int) -> dict:
+    """Load once and report load time and peak memory against the weights' size in the target dtype."""
+    import transformers  # noqa: F401  (imported before the baseline: its import is not the loader's memory)
+    from transformers import AutoTokenizer  # noqa: F401
+
+    from internvl_chat.engine.loader import load_model
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats(dev)
+    peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+    done = threading.Event()
+
+    def sample() -> None:  # complements VmHWM with the anonymous/file split
+        while not done.is_set():
+            for key in peaks:
+                peaks[key] = max(peaks[key], _status_kib(key))
+            time.sleep(0.002)
+
+    rss0 = _status_kib("VmRSS")
+    anon0, file0 = _status_kib("RssAnon"), _status_kib("RssFile")
+    hwm_reset = _reset_hwm()
+    base_alloc = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    loaded = load_model(model_dir, device=dev, dtype=dtype, max_context=max_context)
+    load_s = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    hwm = _status_kib("VmHWM")
+    peak_kib = hwm if hwm_reset else max(hwm, peaks["VmRSS"])
+    weights = loaded.model.memory_bytes()
+    cache = loaded.model.language_model.cache_bytes()
+    files = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    out = {
+        "device": device,
+        "dtype": dtype,
+        "load_s": load_s,
+        "weights_bytes": weights,
+        "kv_cache_bytes": cache,
+        "checkpoint_file_bytes": files,
+        "hwm_reset": hwm_reset,
+        "peak_rss_delta_bytes": (peak_kib - rss0) * 1024,
+        "peak_rss_anon_delta_bytes": (peaks["RssAnon"] - anon0) * 1024,
+        "peak_rss_file_delta_bytes": (peaks["RssFile"] - file0) * 1024,
+        "final_rss_delta_bytes": (_status_kib("VmRSS") - rss0) * 1024,
+    }
+    out["peak_rss_over_weights"] = ratio(out["peak_rss_delta_bytes"], weights)
+    out["peak_rss_minus_cache_over_weights"] = ratio(out["peak_rss_delta_bytes"] - cache, weights)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) - base_alloc
+        out["peak_gpu_alloc_bytes"] = peak
+        out["peak_gpu_over_weights"] = ratio(peak, weights)
+        out["peak_gpu_minus_cache_over_weights"] = ratio(peak - cache, weights)
+    return out
+
+
+def run_load_probe(model_dir: Path, device: str, dtype: str, max_context: int, timeout: float = 300) -> dict:
+    """Run `load_probe` in a fresh Python process and return its JSON."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "load-probe", str(model_dir), device, dtype, str(max_context)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+    if run.returncode != 0:
+        raise RuntimeError(f"load probe failed (exit {run.returncode}): {run.stderr.strip()[-2000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def plan_dict(plan: Plan) -> dict:
+    d = asdict(plan)
+    d["sizes"] = asdict(plan.sizes)
+    return d
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "load-probe":
+        print(json.dumps(load_probe(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+    else:
+        sys.exit("usage: bench_lib.py load-probe DIR DEVICE DTYPE MAX_CONTEXT")
