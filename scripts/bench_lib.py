@@ -5,7 +5,7 @@ and tests/test_bench_smoke.py can run the same code on a tiny model. Timings syn
 device before reading the host clock; nothing here is compared against itself.
 
 Run as a script it is the load probe (a fresh process, so peak memory is the loader's alone):
-    python scripts/bench_lib.py load-probe DIR DEVICE DTYPE MAX_CONTEXT
+    python scripts/bench_lib.py load-probe DIR DEVICE DTYPE MAX_CONTEXT warm|cold
 """
 
 from __future__ import annotations
@@ -541,13 +541,24 @@ def _reset_hwm() -> bool:
         return False
 
 
-def load_probe(model_dir: str, device: str, dtype: str, max_context: int) -> dict:
-    """Load once and report load time and peak memory against the weights' size in the target dtype."""
+def load_probe(model_dir: str, device: str, dtype: str, max_context: int, warm: bool = True) -> dict:
+    """Load once and report load time and peak memory against the weights' size in the target dtype.
+
+    `warm` first pays the process's one-time costs outside the measurement: the tokenizer's
+    imports and torch's meta-device dispatch (the first model built on "meta" imports ~75 MB of
+    torch internals), by loading the tokenizer and building the model once on "meta".
+    """
     import transformers  # noqa: F401  (imported before the baseline: its import is not the loader's memory)
-    from transformers import AutoTokenizer  # noqa: F401
 
+    from internvl_chat.engine.checkpoint import load_tokenizer
+    from internvl_chat.engine.config import load_config
     from internvl_chat.engine.loader import load_model
+    from internvl_chat.engine.model import InternVLModel
 
+    if warm:
+        load_tokenizer(model_dir)
+        with torch.device("meta"):
+            InternVLModel(load_config(model_dir))
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.init()
@@ -580,6 +591,7 @@ def load_probe(model_dir: str, device: str, dtype: str, max_context: int) -> dic
     out = {
         "device": device,
         "dtype": dtype,
+        "warm_process": warm,
         "load_s": load_s,
         "weights_bytes": weights,
         "kv_cache_bytes": cache,
@@ -600,11 +612,14 @@ def load_probe(model_dir: str, device: str, dtype: str, max_context: int) -> dic
     return out
 
 
-def run_load_probe(model_dir: Path, device: str, dtype: str, max_context: int, timeout: float = 300) -> dict:
+def run_load_probe(
+    model_dir: Path, device: str, dtype: str, max_context: int, warm: bool = True, timeout: float = 300
+) -> dict:
     """Run `load_probe` in a fresh Python process and return its JSON."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "load-probe", str(model_dir), device, dtype, str(max_context)],
+        [sys.executable, str(Path(__file__).resolve()), "load-probe", str(model_dir), device, dtype, str(max_context),
+         "warm" if warm else "cold"],
         capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
     if run.returncode != 0:
@@ -619,7 +634,7 @@ def plan_dict(plan: Plan) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "load-probe":
-        print(json.dumps(load_probe(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+    if len(sys.argv) == 7 and sys.argv[1] == "load-probe" and sys.argv[6] in ("warm", "cold"):
+        print(json.dumps(load_probe(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6] == "warm")))
     else:
-        sys.exit("usage: bench_lib.py load-probe DIR DEVICE DTYPE MAX_CONTEXT")
+        sys.exit("usage: bench_lib.py load-probe DIR DEVICE DTYPE MAX_CONTEXT warm|cold")

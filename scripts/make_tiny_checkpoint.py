@@ -500,3 +500,42 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------- hooks for scripts/train_demo_model.py
+# (defined after the __main__ guard on purpose: appended without touching the code above)
+
+
+def internvl_config(sizes: TinySizes, vocab_size: int, special: dict[str, int], vit: str = "300m"):
+    """The InternVLConfig of a tiny model of `sizes` (as `make_tiny_checkpoint` builds it)."""
+    return _internvl_config(sizes, vit, vocab_size, special)
+
+
+def token_ids(tokenizer_dir: str | Path) -> tuple[int, dict[str, int]]:
+    """(number of tokens, {special token: id}) of a tokenizer folder written by `build_tokenizer`."""
+    return _token_ids(Path(tokenizer_dir))
+
+
+def write_original_layout(
+    model,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    sizes: TinySizes,
+    dtype: str = "bfloat16",
+    extra_config: dict | None = None,
+) -> Path:
+    """Write a (trained) InternVLForConditionalGeneration as an original-layout checkpoint folder:
+    config.json (+ `extra_config` keys, e.g. system_message), generation_config.json,
+    model.safetensors in `dtype`, and the tokenizer files copied from `tokenizer_dir`."""
+    torch_dtype = getattr(torch, dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("*.safetensors")) + list(out.glob("*.bin")) + list(out.glob("*.index.json")):
+        stale.unlink()
+    _copy_tokenizer(Path(tokenizer_dir), out)
+    config = _original_config(model, sizes, dtype)
+    config.update(extra_config or {})
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    model.generation_config.save_pretrained(str(out))
+    write_state_dict(_canonical_state_dict(model, torch_dtype), out, "safetensors")
+    return out

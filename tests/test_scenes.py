@@ -20,19 +20,30 @@ SEEDS = range(40)
 NUMBERS = {"one": 1, "two": 2, "three": 3}
 
 
+class Drawn:
+    """A rendered scene and, per palette colour, the coordinates of its pixels (computed once)."""
+
+    def __init__(self, seed: int):
+        self.scene = make_scene(seed)
+        self.pixels = np.asarray(self.scene.render(), dtype=np.int16)
+        self.blobs = {c: np.nonzero(palette_mask(self.pixels, c))[::-1] for c in COLOURS}  # (xs, ys)
+        self._kinds: dict[str, str] = {}
+
+    def kind(self, colour: str) -> str:
+        """The shape the pixels of this colour form."""
+        if colour not in self._kinds:
+            self._kinds[colour] = classify(*self.blobs[colour])
+        return self._kinds[colour]
+
+
 @pytest.fixture(scope="module")
-def rendered():
-    return {seed: (make_scene(seed), np.asarray(make_scene(seed).render(), dtype=np.int16)) for seed in SEEDS}
+def rendered() -> list[Drawn]:
+    return [Drawn(seed) for seed in SEEDS]
 
 
 def palette_mask(pixels: np.ndarray, colour: str, tolerance: int = 16) -> np.ndarray:
     """Pixels within the colour-jitter tolerance of a palette colour."""
-    return (np.abs(pixels - np.asarray(COLOURS[colour])).max(axis=-1) <= tolerance)
-
-
-def blob(pixels: np.ndarray, colour: str) -> tuple[np.ndarray, np.ndarray]:
-    ys, xs = np.nonzero(palette_mask(pixels, colour))
-    return xs, ys
+    return np.abs(pixels - np.asarray(COLOURS[colour])).max(axis=-1) <= tolerance
 
 
 def hull_area(xs: np.ndarray, ys: np.ndarray) -> float:
@@ -112,7 +123,8 @@ def test_easy_scenes_are_single_large_shapes_on_one_tile():
 
 
 def test_colours_are_drawn_and_background_is_neutral(rendered):
-    for scene, pixels in rendered.values():
+    for drawn in rendered:
+        scene, pixels = drawn.scene, drawn.pixels
         spread = pixels.max(axis=-1) - pixels.min(axis=-1)
         shape_pixels = np.zeros(pixels.shape[:2], dtype=bool)
         for shape in scene.shapes:
@@ -126,23 +138,24 @@ def test_colours_are_drawn_and_background_is_neutral(rendered):
 
 
 def test_count_answer_matches_distinct_colour_blobs(rendered):
-    for scene, pixels in rendered.values():
-        present = [c for c in COLOURS if palette_mask(pixels, c).sum() > 200]
+    for drawn in rendered:
+        scene, pixels = drawn.scene, drawn.pixels
+        present = [c for c in COLOURS if len(drawn.blobs[c][0]) > 200]
         qa = scene.questions()["count"][0]
         assert NUMBERS[normalize_answer(qa.answer)] == len(present) == len(scene.shapes)
 
 
 def test_colour_and_shape_answers_match_pixels(rendered):
     checked = 0
-    for scene, pixels in rendered.values():
+    for drawn in rendered:
+        scene, pixels = drawn.scene, drawn.pixels
         questions = scene.questions()
         for qa in questions.get("colour", []):
             colour = normalize_answer(qa.answer)
-            xs, ys = blob(pixels, colour)
-            assert len(xs) > 200
+            assert len(drawn.blobs[colour][0]) > 200
             named = [k for k in SHAPES if k in qa.question]
             if named:  # "What colour is the circle?": the blob of that colour has that shape
-                assert classify(xs, ys) == named[0], (scene.seed, qa)
+                assert drawn.kind(colour) == named[0], (scene.seed, qa)
             else:  # "What colour is the shape?": there is only one
                 assert len(scene.shapes) == 1
             checked += 1
@@ -150,7 +163,7 @@ def test_colour_and_shape_answers_match_pixels(rendered):
             words = find_colour_words(qa.question)
             colour = words[0] if words else scene.shapes[0].colour
             kind = normalize_answer(qa.answer).removeprefix("a ")
-            assert classify(*blob(pixels, colour)) == kind, (scene.seed, qa)
+            assert drawn.kind(colour) == kind, (scene.seed, qa)
             checked += 1
     assert checked > 100
 
@@ -167,14 +180,15 @@ def side(values: np.ndarray, extent: int) -> str | None:
 
 def test_position_answers_are_unambiguous_and_match_pixels(rendered):
     asked = 0
-    for scene, pixels in rendered.values():
+    for drawn in rendered:
+        scene, pixels = drawn.scene, drawn.pixels
         for qa in scene.questions().get("position", []):
             (colour,) = find_colour_words(qa.question)
             kind = next(k for k in SHAPES if k in qa.question)
             # the reference names exactly one shape: colours are unique within a scene
             assert sum(1 for s in scene.shapes if s.colour == colour) == 1
             assert sum(1 for s in scene.shapes if s.colour == colour and s.kind == kind) == 1
-            xs, ys = blob(pixels, colour)
+            xs, ys = drawn.blobs[colour]
             answer = normalize_answer(qa.answer)
             if "left or the right" in qa.question:
                 assert answer in ("left", "right")
@@ -188,15 +202,16 @@ def test_position_answers_are_unambiguous_and_match_pixels(rendered):
 
 def test_description_matches_pixels(rendered):
     phrase = re.compile(r"(?:a|an) (\w+) (\w+)(?: (?:at|on|in) the (top|bottom)? ?(left|right|middle)?)?")
-    for scene, pixels in rendered.values():
+    for drawn in rendered:
+        scene, pixels = drawn.scene, drawn.pixels
         sentence = scene.questions()["describe"][0].answer
         assert sentence[0].isupper() and sentence.endswith(".")
         parts = phrase.findall(sentence.lower())
         assert len(parts) == len(scene.shapes), sentence
         xs_order = []
         for colour, kind, vertical, horizontal in parts:
-            xs, ys = blob(pixels, colour)
-            assert classify(xs, ys) == kind, (scene.seed, sentence)
+            xs, ys = drawn.blobs[colour]
+            assert drawn.kind(colour) == kind, (scene.seed, sentence)
             hx, vy = side(xs, scene.width), side(ys, scene.height)
             if horizontal in ("left", "right"):
                 assert hx == ("low" if horizontal == "left" else "high"), (scene.seed, sentence)

@@ -34,6 +34,11 @@ SHAPES = ("circle", "square", "triangle", "star")
 QUESTION_TYPES = ("colour", "shape", "count", "position", "describe")
 NUMBER_WORDS = {1: "One", 2: "Two", 3: "Three"}
 
+# disjoint seed ranges, so the evaluation never sees a training scene
+EVAL_SEED_BASE = 0  # scripts/eval_demo_model.py: scenes 0, 1, 2, …
+HELDOUT_SEED_BASE = 500_000_000  # the held-out accuracy printed while training
+TRAIN_SEED_BASE = 1_000_000_000  # training scenes: base + run seed · 10¹² + a counter
+
 COLOUR_JITTER = 12  # per channel, so the model cannot key on one exact RGB value
 MIN_SIDE, MAX_SIDE = 250, 1400
 GAP = 0.03  # a "left" shape ends at least this fraction of the width before the midline

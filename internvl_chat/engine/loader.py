@@ -6,6 +6,7 @@ parameters, so peak memory stays near the size of the weights in the target dtyp
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,10 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, UsageError
-from .checkpoint import SpecialTokens, iter_tensors, load_tokenizer, special_token_ids
-from .config import ModelConfig, load_config
+from .checkpoint import SpecialTokens, find_weight_files, iter_tensors, load_tokenizer, special_token_ids
+from .config import ModelConfig, QuantConfig, load_config
 from .model import InternVLModel
+from .tinychat import convert_tinychat
 
 DTYPES = {
     "float32": torch.float32,
@@ -79,6 +81,9 @@ def load_model(
     start = time.perf_counter()
     path = Path(path).expanduser()
     cfg = load_config(path)
+    tinychat = find_weight_files(path).kind == "tinychat"
+    if tinychat and cfg.quant is None:
+        cfg = dataclasses.replace(cfg, quant=QuantConfig())  # TinyChat v2 files are W4 g128 by definition
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     if int4_backend not in ("auto", "torch", "dequant"):
@@ -94,7 +99,8 @@ def load_model(
         model = InternVLModel.empty(cfg, device, dtype, max_context)
         model.int4_backend = int4_backend
         model.image_token_id = special.img_context
-        model.load_weights(iter_tensors(path, cfg.layout))
+        tensors = iter_tensors(path, cfg.layout)
+        model.load_weights(convert_tinychat(tensors, cfg) if tinychat else tensors)
         model.enable_cuda_graphs(cuda_graphs)
     except torch.OutOfMemoryError:
         raise CheckpointError(

@@ -124,8 +124,9 @@ def dense_weight_block_order(
     # (q − 8)·s + z = q·s + (z − 8s); each block-ordered k-block stays inside its group.
     scale = scale_and_zero[:, :, 0].float()
     shifted_zero = scale_and_zero[:, :, 1].float() - 8 * scale
-    scale = scale.t().to(dtype).unsqueeze(-1)  # [N, G, 1]
-    shifted_zero = shifted_zero.t().to(dtype).unsqueeze(-1)
+    # Contiguous [N, G, 1]: a transposed view here would make the output transposed (and slow).
+    scale = scale.t().to(dtype).contiguous().unsqueeze(-1)
+    shifted_zero = shifted_zero.t().to(dtype).contiguous().unsqueeze(-1)
     w = torch.addcmul(shifted_zero, q.reshape(out_features, groups, group_size), scale)
     return w.reshape(out_features, in_features)
 

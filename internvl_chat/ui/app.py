@@ -1,0 +1,640 @@
+"""The chat app shared by the REPL and `--script`: one Session, the Settings, pending attachments.
+
+`App.handle_line(text)` takes one REPL input (a message, a slash command, or a `\"\"\"` block),
+runs it, prints what happened on the console and returns OK, ERROR or EXIT. Errors the user can
+act on are printed as one line and never end the app; the conversation survives them.
+
+Attachments (`/image`, `/video`, media paths typed in a message) wait in `pending` and go with
+the next message. Their cost is measured and shown before anything is decoded, and an attachment
+that would not fit in the context is refused.
+
+Ctrl-C (with `interactive=True`): before the answer's first text (media decoding, vision,
+prefill) it abandons the turn and leaves the conversation as it was; once the answer streams it
+sets the cancel flag, so the answer stops between tokens and its partial text is kept, marked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from ..chat.session import Media, Session
+from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
+from ..settings import Settings, format_settings, resolve_key
+from .commands import Command, Message, format_help, parse_line, split_words
+from .paths import find_media_paths, media_kind, normalize_path
+from .render import choose_stream, format_attach_line, format_bytes, format_stats
+from .setup import sampling_params
+
+OK, ERROR, EXIT = "ok", "error", "exit"
+WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
+BLOCK_QUOTES = '"""'
+KEYS_HELP = (
+    "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
+    "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
+)
+
+# Model output is shown on a terminal: control characters (escape sequences, bells, carriage
+# returns) must not reach it. Tabs and newlines stay.
+_CONTROL = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)]}
+
+
+def sanitize(text: str) -> str:
+    """`text` without terminal control characters (except tab and newline)."""
+    return text.translate(_CONTROL)
+
+
+def unwrap_block(text: str) -> str | None:
+    '''The inside of a `"""` block (`"""\\nline 1\\nline 2\\n"""`), or None when `text` is not one.'''
+    body = text.strip()
+    if not body.startswith(BLOCK_QUOTES):
+        return None
+    if len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES):
+        raise UsageError('unclosed """ block; end it with a line holding """')
+    inner = body[len(BLOCK_QUOTES) : -len(BLOCK_QUOTES)]
+    return inner.strip("\n")
+
+
+def block_is_open(text: str) -> bool:
+    '''True while `text` starts a `"""` block that is not closed yet (Enter then adds a line).'''
+    body = text.strip()
+    if not body.startswith(BLOCK_QUOTES):
+        return False
+    return len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES)
+
+
+def peak_memory(device: Any) -> int | None:
+    """Peak memory in bytes: allocated GPU memory on CUDA, else the process's peak resident size."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
+
+
+def reset_peak_memory(device: Any) -> None:
+    """Start a new GPU peak for the next turn (the process peak on CPU cannot be reset)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def default_sessions_dir(env: dict[str, str] | os._Environ = os.environ) -> Path:
+    base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local" / "state")
+    return Path(base) / "internvl-chat" / "sessions"
+
+
+def _short(text: str, width: int = 48) -> str:
+    one_line = " ".join(sanitize(text).split())
+    return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
+
+
+def _percent(fraction: float) -> str:
+    return f"{int(fraction * 100 + 0.5)} %"
+
+
+class App:
+    """The REPL's brain; the REPL and `--script` only read lines and hand them here."""
+
+    def __init__(
+        self,
+        session: Session,
+        settings: Settings,
+        console: Console | None = None,
+        *,
+        interactive: bool = False,
+        cwd: str | Path | None = None,
+    ):
+        self.session = session
+        self.settings = settings
+        self.console = console or Console()
+        self.interactive = interactive  # Ctrl-C cancels work instead of ending the program
+        self.cwd = Path(cwd) if cwd is not None else None
+        self.pending: list[Media] = []
+        self.last_peak: int | None = None  # bytes, of the last answer
+
+    # ---- output ---------------------------------------------------------------------------
+
+    def say(self, text: str, style: str | None = None) -> None:
+        """One line (or a few), printed as is: no markup, no highlighting, no re-wrapping."""
+        self.console.print(Text(text, style=style or ""), soft_wrap=True, markup=False, highlight=False)
+
+    def note(self, text: str) -> None:
+        self.say(text, "dim")
+
+    def warn(self, text: str) -> None:
+        self.say(f"warning: {text}", "yellow")
+
+    def error(self, text: str) -> None:
+        self.say(f"error: {text}", "bold red")
+
+    @property
+    def plain(self) -> bool:
+        return self.settings.ui.plain or not self.settings.ui.markdown
+
+    @property
+    def fancy(self) -> bool:
+        """Spinners and live regions: only on a real terminal, and not with --plain."""
+        return self.console.is_terminal and not self.console.is_dumb_terminal and not self.settings.ui.plain
+
+    def spinner(self, text: str):
+        return self.console.status(text, spinner="dots") if self.fancy else nullcontext()
+
+    def prompt_text(self) -> str:
+        return f"[+{len(self.pending)}] > " if self.pending else "> "
+
+    def banner(self) -> None:
+        loaded = self.session.loaded
+        model = self.session.model
+        dtype = str(getattr(model, "dtype", "")).replace("torch.", "")
+        self.say(f"internvl-chat · {loaded.path.name} · {loaded.device} {dtype} · context {self.session.max_context:,} tokens", "bold")
+        self.note("type a message, /help for the commands; Ctrl-D or /exit quits")
+
+    # ---- dispatch -------------------------------------------------------------------------
+
+    def handle_line(self, line: str) -> str:
+        """Run one input; OK, ERROR (printed as one line, the app goes on) or EXIT."""
+        try:
+            block = unwrap_block(line)
+            if block is not None:
+                return self._send_checked(block)
+            if not line.strip():
+                return OK
+            parsed = parse_line(line)
+            if isinstance(parsed, Message):
+                return self._send_checked(parsed.text)
+            return self.run_command(parsed)
+        except InternVLChatError as e:
+            self.error(str(e))
+            return ERROR
+        except OSError as e:  # writing /save, /export files
+            where = f" {e.filename}" if e.filename else ""
+            self.error(f"cannot use{where}: {e.strerror or e}; check the path and its permissions")
+            return ERROR
+
+    def _send_checked(self, text: str) -> str:
+        if not text.strip():
+            return OK
+        self.send(text.strip())
+        return OK
+
+    def run_command(self, command: Command) -> str:
+        handler: Callable[[Command], str | None] = getattr(self, f"cmd_{command.name}")
+        return handler(command) or OK
+
+    # ---- attachments ------------------------------------------------------------------------
+
+    def describe(self, path: Path, kind: str | None = None, frames: int | None = None,
+                 video_range: tuple[float, float] | None = None) -> Media:  # fmt: skip
+        """Measure one file (no decoding). `kind` None: by extension, images by default."""
+        path = self._resolve(path)
+        kind = kind or media_kind(path) or "image"
+        if kind == "video":
+            media = self.session.describe_video(path, frames or self.settings.media.frames, video_range)
+            if video_range and media.duration and video_range[0] >= media.duration:
+                raise MediaError(
+                    f"the range starts at {video_range[0]:g} s but {path.name} is only {media.duration:.1f} s long; "
+                    "choose an earlier start"
+                )
+            return media
+        return self.session.describe_image(path, self.settings.media.max_tiles)
+
+    def _resolve(self, path: Path) -> Path:
+        path = Path(path).expanduser()
+        if self.cwd is not None and not path.is_absolute():
+            path = self.cwd / path
+        return path
+
+    def turn_tokens(self, media: Sequence[Media]) -> int:
+        """Tokens of the next turn with these attachments and an empty message."""
+        builder = self.session.builder
+        base = builder.next_turn("", []) if self.session.ids else builder.first_turn("", [])
+        return len(base) + self.session.media_tokens(media)
+
+    def _uncached(self) -> int:
+        """Tokens already in the conversation that the next turn prefills (the tail of a cut answer)."""
+        return self.session.context_used - self.session.start_pos
+
+    def attach(self, media: Sequence[Media]) -> None:
+        """Add described media to the next message, printing each one's cost; refuse what cannot fit."""
+        media = list(media)
+        if not media:
+            return
+        together = self.turn_tokens(self.pending + media)
+        try:
+            self.session.check_budget(self._uncached() + together)
+        except ContextOverflowError as e:
+            names = ", ".join(m.path.name for m in media)
+            raise ContextOverflowError(f"cannot attach {names}: {e}") from None
+        for item in media:
+            self.pending.append(item)
+            fraction = (self.session.context_used + self.turn_tokens(self.pending)) / self.session.max_context
+            self.say(self.attach_line(item, fraction), "green")
+        if fraction >= WARN_FRACTION:
+            self.warn(
+                f"the context will be {_percent(fraction)} full with this message; "
+                "/drop an attachment, /clear, or lower max_tiles / frames to keep room for later turns"
+            )
+
+    def attach_line(self, media: Media, fraction: float | None) -> str:
+        tokens = self.session.media_tokens([media])
+        if media.kind == "image":
+            return format_attach_line("image", media.path, media.size, media.tiles, tokens, fraction)
+        what = f"{media.tiles} frame" + ("" if media.tiles == 1 else "s")
+        if media.video_range:
+            what += f" from {media.video_range[0]:g}–{media.video_range[1]:g} s"
+        elif media.duration:
+            what += f" of {media.duration:.1f} s"
+        return format_attach_line("video", media.path, what, None, tokens, fraction)
+
+    def _auto_attach(self, text: str) -> list[Media]:
+        """Media paths typed in a message (existing image/video files not already attached)."""
+        if not self.settings.media.auto_attach:
+            return []
+        attached = {m.path.resolve() for m in self.pending}
+        found = []
+        for _, path in find_media_paths(text, self.cwd):
+            if path.resolve() not in attached:
+                found.append(self.describe(path, media_kind(path)))
+        self._note_missing_paths(text, {p.resolve() for _, p in find_media_paths(text, self.cwd)})
+        return found
+
+    def _note_missing_paths(self, text: str, found: set[Path]) -> None:
+        """A message naming a media file that does not exist: say so instead of ignoring it."""
+        for word in split_words(text):
+            raw = word.raw.strip("()[]{}<>,;:!?\"'")
+            if not raw.startswith(("/", "~", "./", "../", "file:")) or media_kind(raw.rstrip(".")) is None:
+                continue
+            try:
+                path = self._resolve(normalize_path(raw.rstrip(".")))
+            except UsageError:
+                continue
+            if not path.exists() and path.resolve() not in found:
+                self.warn(f"{path} does not exist, so it was not attached; check the path")
+
+    # ---- turns ----------------------------------------------------------------------------
+
+    def send(self, text: str) -> None:
+        """Ask `text` with the pending attachments (and media paths found in it)."""
+        auto = self._auto_attach(text)
+        if auto:
+            self.attach(auto)  # prints the confirmation lines
+            auto_ids = {id(m) for m in auto}
+        else:
+            auto_ids = set()
+        media = list(self.pending)
+        before = len(self.session.turns)
+        try:
+            self._answer(
+                lambda cancel: self.session.ask(text, media, self.session.params, cancel),
+                self._work_label(media),
+            )
+        except MediaError as e:
+            raise MediaError(f"{e} (/media lists the attachments, /drop N removes one)") from None
+        finally:
+            if len(self.session.turns) > before:
+                self.pending = []
+            else:  # the message was not sent: typed paths are found again when it is re-sent
+                self.pending = [m for m in self.pending if id(m) not in auto_ids]
+
+    def _work_label(self, media: Sequence[Media]) -> str:
+        videos = [m.path.name for m in media if m.kind == "video" and m.pixel_values is None]
+        if videos:
+            return f"decoding {', '.join(videos)} …"
+        return "reading the images …" if any(m.pixel_values is None for m in media) else "thinking …"
+
+    @contextmanager
+    def _sigint(self, handler: Callable[[int, Any], None]) -> Iterator[None]:
+        if not self.interactive or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str) -> dict | None:
+        """Run one turn's event stream on the console; returns its final event (None if abandoned)."""
+        cancel = threading.Event()
+        streaming = threading.Event()
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if streaming.is_set() and not cancel.is_set():
+                cancel.set()  # stop between tokens, keep the partial answer
+            else:
+                raise KeyboardInterrupt
+
+        device = self.session.loaded.device
+        with self._sigint(on_sigint):
+            reset_peak_memory(device)
+            try:
+                with self.spinner(label):
+                    events = start(cancel)
+                    first = next(events)
+            except KeyboardInterrupt:
+                if not self.interactive:
+                    raise
+                self.say("[cancelled before the answer began; the conversation is unchanged]", "yellow")
+                return None
+            stream = choose_stream(self.console, plain=self.plain)
+            streaming.set()
+            final = None
+            try:
+                event = first
+                while True:
+                    stream.feed(sanitize(event["text"]))
+                    if event["finish_reason"] is not None:
+                        final = event
+                        break
+                    event = next(events)
+            except KeyboardInterrupt:
+                stream.finish()
+                if not self.interactive:
+                    raise
+                self.say("[interrupted; this answer was discarded and the conversation is unchanged]", "yellow")
+                return None
+            finally:
+                streaming.clear()
+                stream.finish()
+        self.last_peak = peak_memory(device)
+        self._after_answer(final)
+        return final
+
+    def _after_answer(self, final: dict) -> None:
+        reason = final["finish_reason"]
+        if reason == "cancelled":
+            self.say("[cancelled: the partial answer is kept; /retry answers again, /undo removes it]", "yellow")
+        elif reason == "length":
+            if self.session.context_used >= self.session.max_context - 1:
+                self.say("[stopped: the context is full; /undo, /clear or a larger --max-context make room]", "yellow")
+            else:
+                limit = self.session.params.max_new_tokens
+                self.say(f"[stopped at max_new_tokens ({limit:,}); /set max_new_tokens N allows longer answers]", "yellow")
+        if self.settings.ui.stats:
+            self.note(self.stats_line())
+
+    def stats_line(self) -> str:
+        if not self.session.turns:
+            return ""
+        turn = self.session.turns[-1]
+        usage = {"completion_tokens": len(turn.answer_ids)}
+        return format_stats(turn.timing, usage, self.session.context_used, self.session.max_context,
+                            self.last_peak, self.session.loaded.device)  # fmt: skip
+
+    @contextmanager
+    def _uninterruptible(self, what: str) -> Iterator[None]:
+        """Re-reading a conversation (load, /system) must finish, or the cache would not match it."""
+        pressed = []
+        with self._sigint(lambda signum, frame: pressed.append(signum)):
+            with self.spinner(what):
+                yield
+        if pressed:
+            self.note("(Ctrl-C was ignored while the conversation was being re-read)")
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    def cmd_help(self, command: Command) -> None:
+        name = command.args[0] if command.args else None
+        self.say(format_help(name))
+        if name is None:
+            self.note(KEYS_HELP)
+            self.note("a message naming an image or video file attaches it; /set auto_attach false turns that off")
+
+    def cmd_image(self, command: Command) -> None:
+        self.attach([self.describe(path, "image") for path in command.args])
+
+    def cmd_video(self, command: Command) -> None:
+        frames = command.options.get("frames")
+        self.attach([self.describe(command.args[0], "video", frames, command.options.get("range"))])
+
+    def cmd_media(self, command: Command) -> None:
+        if not self.pending:
+            self.say("nothing attached; /image PATH or /video PATH attaches to the next message")
+            return
+        for n, media in enumerate(self.pending, start=1):
+            self.say(f"{n}. {self.attach_line(media, None)[2:]}")
+        total = self.turn_tokens(self.pending)
+        self.note(f"next message: {total:,} tokens plus your text")
+
+    def cmd_drop(self, command: Command) -> None:
+        n = command.args[0]
+        if not self.pending:
+            raise UsageError("nothing is attached, so there is nothing to drop")
+        if n > len(self.pending):
+            raise UsageError(f"there is no attachment {n}; /media lists the {len(self.pending)} attached")
+        media = self.pending.pop(n - 1)
+        self.say(f"- {media.kind} {media.path.name} detached")
+
+    def cmd_clear(self, command: Command) -> None:
+        self.session.clear()
+        self.say("conversation cleared" + (f" ({len(self.pending)} attachment(s) kept; /drop N removes one)" if self.pending else ""))
+
+    def cmd_undo(self, command: Command) -> None:
+        turn = self.session.undo()
+        self.say(f"removed turn {len(self.session.turns) + 1}: “{_short(turn.user_text)}” and its answer")
+
+    def cmd_retry(self, command: Command) -> None:
+        if not self.session.turns:
+            raise UsageError("nothing to retry; ask something first")
+        before = len(self.session.turns)
+        self._answer(lambda cancel: self.session.retry(self.session.params, cancel), "thinking …")
+        if len(self.session.turns) < before:
+            self.note("the previous answer was removed; /retry asks again")
+
+    def cmd_system(self, command: Command) -> None:
+        if not command.args:
+            text = self.session.system_message
+            self.say(f"system message: {text}" if text else "no system message")
+            return
+        text = command.args[0]
+        if text in ('""', "''"):
+            text = ""
+        with self._uninterruptible("re-reading the conversation …"):
+            self.session.set_system(text or None)
+        self.settings.system.message = text
+        self.settings.sources["system.message"] = "/system"
+        self.say("system message set" + (f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns else "")
+                 if text else "system message removed")  # fmt: skip
+
+    def cmd_set(self, command: Command) -> None:
+        key, value = command.args
+        dotted = resolve_key(key)
+        if dotted.startswith("model."):
+            raise UsageError(f"{dotted} cannot change while the model is loaded; restart with the flag or config value")
+        if dotted == "system.message":
+            self.cmd_system(Command("system", (value,)))
+            return
+        old, old_source = self.settings.get(dotted), self.settings.sources.get(dotted)
+        self.settings.set(dotted, value)
+        try:
+            if dotted.startswith("generation."):
+                self.session.params = sampling_params(self.settings)
+                self.session.stream_interval = self.settings.generation.stream_interval
+        except InternVLChatError:
+            self.settings.set(dotted, old, source=old_source or "default")
+            raise
+        new = self.settings.get(dotted)
+        self.say(f"{dotted} = {new!r}" if isinstance(new, str) else f"{dotted} = {new}")
+        if dotted.startswith("media."):
+            self.note("applies to the next attachments")
+        elif dotted in ("ui.color", "ui.history", "ui.history_file"):
+            self.note("takes effect at the next start")
+
+    def cmd_show(self, command: Command) -> None:
+        turns = self.session.turns
+        if turns:
+            index = len(turns) - 1
+            turn = turns[index]
+            specs = [m.spec for m in turn.media]
+            text = self.session.builder.render_text(turn.user_text, specs, first=index == 0, expand_images=False)
+            image_tokens = self.session.builder.image_token_count(specs)
+            extra = f"; each <image> stands for its image tokens ({image_tokens:,} in all)" if specs else ""
+            self.say(f"last prompt (turn {index + 1}{extra}):", "bold")
+            self.say(sanitize(text))
+        else:
+            self.say("no prompt sent yet", "bold")
+        self.say("settings:", "bold")
+        self.say(format_settings(self.settings).rstrip("\n"))
+
+    def context_items(self) -> list[tuple[str, int]]:
+        """The context budget, item by item: system, each turn, pending attachments, answer reserve."""
+        session = self.session
+        builder = session.builder
+        items: list[tuple[str, int]] = []
+        system = len(builder.first_turn("", [])) - len(builder.user_turn("", []))
+        if system and session.turns:
+            items.append(("system message", system))
+        bounds = [t.ids_before for t in session.turns] + [session.context_used]
+        for n, turn in enumerate(session.turns):
+            total = bounds[n + 1] - bounds[n] - (system if n == 0 else 0)
+            media = session.media_tokens(turn.media)
+            answer = len(turn.answer_ids)
+            names = "".join(f"{m.kind} {m.path.name}, " for m in turn.media)
+            detail = f" (media {media:,} · answer {answer:,})" if media else f" (answer {answer:,})"
+            items.append((f"turn {n + 1}: {names}“{_short(turn.user_text, 32)}”{detail}", total))
+        for media in self.pending:
+            items.append((f"attached: {media.kind} {media.path.name}", session.media_tokens([media])))
+        if self.pending:
+            items.append(("next message template (plus your text)", self.turn_tokens(self.pending) - session.media_tokens(self.pending)))
+        items.append(("reserved for the answer (max_new_tokens)", session.params.max_new_tokens))
+        return items
+
+    def cmd_context(self, command: Command) -> None:
+        session = self.session
+        used, limit = session.context_used, session.max_context
+        self.say(f"context: {used:,} of {limit:,} tokens used ({_percent(used / limit)})", "bold")
+        items = self.context_items()
+        width = max(len(label) for label, _ in items)
+        for label, tokens in items:
+            self.say(f"  {label.ljust(width)}  {tokens:>7,}")
+        planned = sum(tokens for _, tokens in items) + (0 if session.turns else self._system_tokens_before_first())
+        self.say(f"  {'at most, after the next answer'.ljust(width)}  {planned:>7,}  of {limit:,} ({_percent(planned / limit)})")
+
+    def _system_tokens_before_first(self) -> int:
+        builder = self.session.builder
+        return len(builder.first_turn("", [])) - len(builder.user_turn("", [])) if not self.pending else 0
+
+    def cmd_stats(self, command: Command) -> None:
+        if not self.session.turns or not self.session.turns[-1].timing:
+            self.say("no answer yet")
+            return
+        turn = self.session.turns[-1]
+        t = turn.timing
+        rows = [
+            ("finish", str(turn.finish_reason)),
+            ("vision", f"{t.get('vision_s', 0):.3f} s"),
+            ("prefill", f"{t.get('prefill_tokens', 0):,} tokens in {t.get('prefill_s', 0):.3f} s"
+                        f" ({t.get('prefill_tokens_per_s', 0):,.0f} tok/s)"),
+            ("time to first token", f"{t.get('ttft_s', 0):.3f} s"),
+            ("decode", f"{t.get('decode_tokens', 0):,} tokens in {t.get('decode_s', 0):.3f} s"
+                       f" ({t.get('decode_tokens_per_s', 0):,.1f} tok/s)"),
+            ("answer", f"{len(turn.answer_ids):,} tokens"),
+            ("context", f"{self.session.context_used:,} / {self.session.max_context:,}"),
+            ("model load", f"{self.session.loaded.load_s:.2f} s"),
+        ]  # fmt: skip
+        if self.last_peak:
+            where = "GPU" if str(self.session.loaded.device).startswith("cuda") else "RAM"
+            rows.append(("peak memory", f"{format_bytes(self.last_peak)} {where}"))
+        width = max(len(name) for name, _ in rows)
+        for name, value in rows:
+            self.say(f"{name.ljust(width)}  {value}")
+
+    def cmd_save(self, command: Command) -> None:
+        if command.args:
+            path = self._resolve(command.args[0])
+        else:
+            folder = default_sessions_dir()
+            path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}.json"
+            n = 1
+            while path.exists():
+                n += 1
+                path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}-{n}.json"
+        if not self.session.turns:
+            self.warn("the conversation is empty; saving it anyway")
+        saved = self.session.save(path, self.settings.to_dict())
+        self.say(f"saved {len(self.session.turns)} turn(s) to {saved}")
+
+    def cmd_load(self, command: Command) -> None:
+        path = self._resolve(command.args[0])
+        with self._uninterruptible(f"loading {path.name} …"):
+            data = self.session.load(path)
+        turns = self.session.turns
+        self.say(f"loaded {len(turns)} turn(s) from {path} · context {self.session.context_used:,}/{self.session.max_context:,}")
+        saved_model = data.get("model")
+        if saved_model and saved_model != str(self.session.loaded.path):
+            self.note(f"(it was saved with {saved_model}; it continues with {self.session.loaded.path})")
+        if turns:
+            self.note(f"last: “{_short(turns[-1].user_text)}” → “{_short(turns[-1].answer_text)}”")
+
+    def cmd_export(self, command: Command) -> None:
+        path = self._resolve(command.args[0])
+        path.write_text(self.export_markdown(), encoding="utf-8")
+        self.say(f"exported {len(self.session.turns)} turn(s) to {path}")
+
+    def export_markdown(self) -> str:
+        """The conversation as Markdown: media as links, answers as written."""
+        lines = ["# Conversation", "", f"- model: `{self.session.loaded.path}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
+        if self.session.system_message:
+            lines += ["## System", "", self.session.system_message, ""]
+        for turn in self.session.turns:
+            lines += ["## User", ""]
+            for media in turn.media:
+                target = f"<{media.path.resolve()}>"
+                if media.kind == "image":
+                    lines.append(f"![{media.path.name}]({target})")
+                else:
+                    lines.append(f"[video: {media.path.name}, {media.tiles} frames]({target})")
+            if turn.media:
+                lines.append("")
+            lines += [turn.user_text, "", "## Assistant", "", turn.answer_text, ""]
+        return "\n".join(lines)
+
+    def cmd_exit(self, command: Command) -> str:
+        return EXIT
+
+
+def count_lines(text: str) -> int:
+    return text.count("\n") + 1
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+WORD = re.compile(r"\S+")

@@ -1,0 +1,199 @@
+"""The quantizer (RTN and AWQ) and loading 4-bit checkpoints: published AWQ layout and TinyChat v2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from internvl_chat.chat.template import PromptBuilder
+from internvl_chat.engine.loader import load_model
+from internvl_chat.errors import CheckpointError
+from internvl_chat.quant.awq_format import awq_to_tinychat_v2, dequantize_awq, quantize_rtn
+from internvl_chat.quantize import calibration_samples, float_tensors, original_config, quantize_checkpoint, quantize_model, write_checkpoint
+
+GROUP = 32  # divides the tiny model's widths (64, 128)
+PROMPT = list(range(20, 220))
+
+
+def _logits(folder: Path, **kw) -> torch.Tensor:
+    return load_model(folder, device="cpu", dtype="float32", max_context=1024, **kw).model.forward(PROMPT, 0, all_logits=True)
+
+
+def _stats(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    cos = torch.nn.functional.cosine_similarity(ref, got, dim=-1).mean().item()
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean").item()
+    return cos, kl
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_original, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for method in ("rtn", "awq"):
+        dst = tmp_path_factory.mktemp(f"q_{method}") / "model"
+        quantize_checkpoint(tiny_original, dst, method, group_size=GROUP, samples=6, device="cpu")
+        out[method] = dst
+    return out
+
+
+def test_quantized_logits_stay_close_to_float(tiny_original, quantized, capsys):
+    ref = _logits(tiny_original)
+    for method, folder in quantized.items():
+        cos, kl = _stats(ref, _logits(folder))
+        with capsys.disabled():
+            print(f"\n  {method}: cosine {cos:.4f}, KL {kl:.4f}")
+        assert cos > 0.8 and kl < 0.5, (method, cos, kl)
+
+
+def _with_outlier_channels(src: Path, dst: Path) -> Path:
+    """A model whose norms give a few input channels 30× the magnitude of the rest (as real LLMs have)."""
+    shutil.copytree(src, dst)
+    [weights] = dst.glob("*.safetensors")
+    tensors = load_file(weights)
+    gen = torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+            channels = torch.randperm(t.shape[0], generator=gen)[:3]
+            t[channels] *= 30
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return dst
+
+
+def test_awq_beats_rtn_on_outlier_channels(tiny_original, tmp_path):
+    model = _with_outlier_channels(tiny_original, tmp_path / "outliers")
+    ref = _logits(model)
+    errors = {}
+    for method in ("rtn", "awq"):
+        dst = tmp_path / method
+        quantize_checkpoint(model, dst, method, group_size=GROUP, samples=8, device="cpu")
+        errors[method] = (_logits(dst) - ref).pow(2).mean().item()
+    assert errors["awq"] < 0.7 * errors["rtn"], errors
+
+
+def test_save_then_load_equals_the_in_memory_quantized_model(tiny_original, tmp_path):
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
+    builder = PromptBuilder(loaded.tokenizer, loaded.config.system_message)
+    packed = quantize_model(loaded, calibration_samples(builder, loaded.tokenizer, 4), "awq", GROUP)
+    in_memory = loaded.model.forward(PROMPT, 0, all_logits=True)  # weights are their 4-bit round trip
+    write_checkpoint(tmp_path / "q", original_config(tiny_original, loaded.config, GROUP), {**float_tensors(loaded), **packed}, tiny_original)
+    # norms and biases are stored in fp16, as published: allow fp16 rounding, nothing more
+    got = _logits(tmp_path / "q", int4_backend="dequant")
+    assert (got - in_memory).abs().max().item() <= 5e-3 * in_memory.abs().max().item()
+    # PyTorch's CPU int4 kernel takes bf16 activations: close, not bit-exact
+    cos, _ = _stats(in_memory, _logits(tmp_path / "q", int4_backend="torch"))
+    assert cos > 0.999, cos
+
+
+def test_saved_checkpoint_matches_the_published_layout(tiny_original, quantized):
+    folder = quantized["awq"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["InternVLChatModel"]
+    assert config["llm_config"]["quantization_config"] == {
+        "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": GROUP, "zero_point": True,
+    }  # fmt: skip
+    assert "quantization_config" not in config
+    source = load_file(next(tiny_original.glob("*.safetensors")))
+    saved = load_file(folder / "model.safetensors")
+    linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    expected = set()
+    for name in source:
+        is_linear = name.startswith("language_model.model.layers.") and any(f".{l}.weight" in name for l in linears)
+        if is_linear:
+            stem = name.removesuffix(".weight")
+            expected |= {f"{stem}.qweight", f"{stem}.qzeros", f"{stem}.scales"}
+        else:
+            expected.add(name)
+    assert set(saved) == expected
+    for name, tensor in saved.items():
+        stem, suffix = name.rsplit(".", 1)
+        if suffix in ("qweight", "qzeros", "scales"):
+            n, k = source[f"{stem}.weight"].shape
+        if name.endswith(".qweight"):
+            assert tensor.dtype == torch.int32 and tuple(tensor.shape) == (k, n // 8), name
+        elif name.endswith(".qzeros"):
+            assert tensor.dtype == torch.int32 and tuple(tensor.shape) == (k // GROUP, n // 8), name
+        elif name.endswith(".scales"):
+            assert tensor.dtype == torch.float16 and tuple(tensor.shape) == (k // GROUP, n), name
+        else:
+            assert tensor.dtype == torch.float16 and tensor.shape == source[name].shape, name
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).is_file()
+
+
+def _edit_config(folder: Path, edit) -> None:
+    raw = json.loads((folder / "config.json").read_text())
+    edit(raw["llm_config"]["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda q: q.update(bits=8), "AWQ with 8 bits is not supported"),
+        (lambda q: q.update(version="gemv"), "AWQ version 'gemv' is not supported"),
+        (lambda q: q.update(group_size=64), "config.json and the weights disagree|shape"),
+    ],
+)
+def test_unsupported_awq_configs_are_refused(quantized, tmp_path, edit, message):
+    folder = tmp_path / "m"
+    shutil.copytree(quantized["rtn"], folder)
+    _edit_config(folder, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder, device="cpu", dtype="float32", max_context=256)
+
+
+def test_missing_qzeros_is_named(quantized, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(quantized["rtn"], folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["language_model.model.layers.0.mlp.down_proj.qzeros"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\), e\.g\. language_model\.model\.layers\.0\.mlp\.down_proj\.qzeros"):
+        load_model(folder, device="cpu", dtype="float32", max_context=256)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_tinychat_v2_file_loads_to_the_same_weights(tiny_original, tmp_path, fused):
+    """A v2 .pt built here from known weights loads to exactly those dequantized weights."""
+    state = load_file(next(tiny_original.glob("*.safetensors")))
+    group = 64  # TinyChat needs in % 64 == 0; the tiny widths are 64 and 128
+    awq, v2 = {}, {}
+    for name in list(state):
+        if name.startswith("language_model.model.layers.") and name.endswith("_proj.weight"):
+            triple = quantize_rtn(state.pop(name).float().t(), group)
+            awq[name.removesuffix(".weight")] = triple
+    for stem, triple in awq.items():
+        qweight, scales, scaled_zeros = awq_to_tinychat_v2(*triple, group_size=group)
+        v2[stem] = (qweight, scales, scaled_zeros)
+    if fused:  # q/k/v and their biases concatenated on the output axis
+        layers = {s.rsplit(".self_attn.", 1)[0] for s in v2 if ".self_attn.q_proj" in s}
+        for layer in layers:
+            stems = [f"{layer}.self_attn.{p}_proj" for p in "qkv"]
+            triples = [awq[s] for s in stems]
+            cat = tuple(torch.cat([t[i] for t in triples], dim=1) for i in range(3))
+            for s in stems:
+                del v2[s]
+            v2[f"{layer}.self_attn.qkv_proj"] = awq_to_tinychat_v2(*cat, group_size=group)
+            state[f"{layer}.self_attn.qkv_proj.bias"] = torch.cat([state.pop(f"{s}.bias") for s in stems])
+    for stem, (qweight, scales, scaled_zeros) in v2.items():
+        state[f"{stem}.qweight"], state[f"{stem}.scales"], state[f"{stem}.scaled_zeros"] = qweight, scales, scaled_zeros
+    folder = tmp_path / "tinychat"
+    folder.mkdir()
+    for f in tiny_original.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy2(f, folder / f.name)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["llm_config"]["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm", "zero_point": True}
+    (folder / "config.json").write_text(json.dumps(raw))
+    torch.save(state, folder / "model-w4-g64-awq-v2.pt")
+
+    loaded = load_model(folder, device="cpu", dtype="float32", max_context=256, int4_backend="dequant")
+    layer = loaded.model.language_model.model.layers[1]
+    expected_qkv = torch.cat([dequantize_awq(*awq[f"language_model.model.layers.1.self_attn.{p}_proj"], group, dtype=torch.float32) for p in "qkv"], dim=1)
+    assert torch.equal(layer.self_attn.qkv_proj.dequantized_weight_out_in(torch.float32), expected_qkv.t())
+    expected_down = dequantize_awq(*awq["language_model.model.layers.1.mlp.down_proj"], group, dtype=torch.float32)
+    assert torch.equal(layer.mlp.down_proj.dequantized_weight_out_in(torch.float32), expected_down.t())
