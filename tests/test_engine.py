@@ -140,3 +140,16 @@ def test_config_vocab_disagreeing_with_weights(tiny_original, tmp_path):
     (folder / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match=r"has shape \(512, 64\) but the config implies \(520, 64\)"):
         load_model(folder, device="cpu", dtype="float32", max_context=256)
+
+
+def test_truncated_weights_file_is_reported(tiny_original, tmp_path):
+    folder = tmp_path / "t"
+    shutil.copytree(tiny_original, folder)
+    [weights] = list(folder.glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="is truncated"):
+        load_model(folder, device="cpu", dtype="float32", max_context=256)
+    weights.write_bytes(b"\x05\x00")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_model(folder, device="cpu", dtype="float32", max_context=256)

@@ -9,6 +9,7 @@ only through `torch.load(weights_only=True, mmap=True)`, one shard at a time.
 from __future__ import annotations
 
 import json
+import struct
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -235,21 +236,48 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
+
+def _safetensors_header(f, path: Path) -> tuple[dict, int]:
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-        names = list(handle.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError for bad headers
-        raise CheckpointError(f"cannot read {path}: {_first_line(e)}; the file may be truncated, download it again") from None
-    with handle:
-        for name in names:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > 100 << 20:
+            raise ValueError(f"header of {length} bytes")
+        header = json.loads(f.read(length))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: not a safetensors file ({e}); download it again") from None
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read tensors with plain reads, one at a time, in file order.
+
+    Memory-mapping (what safetensors' own reader does) would keep every touched page of the file
+    resident until the file is closed, doubling peak memory when loading to the CPU.
+    """
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        header, data_start = _safetensors_header(f, path)
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, info in entries:
             try:
-                tensor = handle.get_tensor(name)
-            except Exception as e:
-                raise CheckpointError(f"cannot read {name} from {path}: {_first_line(e)}; download the file again") from None
-            yield name, tensor
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                begin, end = info["data_offsets"]
+                shape = tuple(info["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path} describes tensor {name} in a way this reader does not support") from None
+            if data_start + end > file_size:
+                raise CheckpointError(f"{path} is truncated (tensor {name} runs past the end); download it again")
+            buffer = bytearray(end - begin)
+            f.seek(data_start + begin)
+            f.readinto(buffer)
+            tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+            yield name, tensor.reshape(shape)
 
 
 def _iter_file(path: Path, kind: str) -> Iterator[tuple[str, torch.Tensor]]:

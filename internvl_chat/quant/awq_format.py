@@ -23,7 +23,6 @@ AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 assert sys.byteorder == "little", "the AWQ packing code assumes a little-endian machine"
 
 SCALE_MIN = 1e-5  # the quantizer's floor on a group's scale (SPEC §2)
-TINYCHAT_INTERLEAVE = 4  # output rows interleaved per int16 row of a TinyChat v2 qweight
 TINYCHAT_KSTRIDE = 64  # input columns per interleaved block
 
 __all__ = [

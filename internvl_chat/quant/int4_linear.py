@@ -157,8 +157,10 @@ class Int4Linear(nn.Module):
     weight is device-specific (buffers are not saved in state dicts).
     """
 
-    # Rows above which the CUDA torch backend dequantizes and runs a dense matmul (tuned by bench).
-    dense_threshold: int = 64
+    # Rows above which the CUDA torch backend dequantizes and runs a dense matmul. On an H100 the
+    # crossover for 8B-sized layers measured 128-256 rows (tinygemm grows linearly with rows, the
+    # dense path costs ~8.5 µs per million weights plus ~0.3 ms of launches); tune with the bench.
+    dense_threshold: int = 128
 
     def __init__(self, in_features: int, out_features: int, group_size: int, backend: str) -> None:
         super().__init__()
