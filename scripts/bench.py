@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ FOLLOW_UPS = [
     "Summarise everything in one line.",
     "Anything else?",
 ]
-CPU_SECTIONS = ("engine", "load", "chunk", "w4")
+CPU_SECTIONS = ("engine", "overhead", "load", "chunk", "w4")
 CUDA_SECTIONS = ("shapes", "crossover", "engine", "load", "chunk")
 
 
@@ -147,7 +148,12 @@ def section_load(ckpt: Path, plan: bl.Plan, device: torch.device, dtype: torch.d
     context = min(plan.max_context, 1024)
     out = bl.run_load_probe(ckpt, str(device), name, context, warm=True)
     cold = bl.run_load_probe(ckpt, str(device), name, context, warm=False)
-    out["cold_process"] = {k: cold[k] for k in ("load_s", "peak_rss_delta_bytes", "peak_rss_over_weights") if k in cold}
+    keys = ("load_s", "peak_rss_delta_bytes", "peak_rss_over_weights", "peak_rss_anon_over_weights", "peak_gpu_over_weights")
+    out["cold_process"] = {k: cold[k] for k in keys if k in cold}
+    if device.type == "cpu" and dtype != torch.bfloat16:
+        # the checkpoint is bf16: loading into bf16 maps as many file bytes as it allocates
+        bf16 = bl.run_load_probe(ckpt, "cpu", "bfloat16", context, warm=True)
+        out["bf16_target"] = {k: bf16[k] for k in keys + ("weights_bytes", "peak_rss_anon_delta_bytes", "peak_rss_file_delta_bytes") if k in bf16}
     out["target_peak_over_weights"] = 1.3
     return out
 
@@ -431,14 +437,21 @@ def section_crossover(plan: bl.Plan, device: torch.device) -> dict:
             row[str(m)] = {"kernel_ms": kernel, "dense_ms": dense}
         table[label] = row
         del layer
-    # the smallest row count from which dense is at least as fast for every shape
-    crossover = None
-    for m in plan.crossover_rows:
-        if all(table[s][str(m)]["dense_ms"] <= table[s][str(m)]["kernel_ms"] for s in table):
-            crossover = m
-            break
-    return {"table": table, "dense_from_rows": crossover,
+    return {"table": table, "dense_from_rows": dense_from_rows(table),
             "current_dense_threshold": getattr(Int4Linear, "dense_threshold", None)}  # fmt: skip
+
+
+def dense_from_rows(table: dict[str, dict[str, dict[str, float]]]) -> int | None:
+    """The smallest row count from which dense is at least as fast for every shape, and stays so
+    for every larger row count measured (None if there is none)."""
+    rows = sorted({int(m) for row in table.values() for m in row})
+    best = None
+    for m in reversed(rows):
+        if all(row[str(m)]["dense_ms"] <= row[str(m)]["kernel_ms"] for row in table.values()):
+            best = m
+        else:
+            break
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,12 +472,14 @@ def render(report: dict) -> str:
         f"torch {m['torch']}, transformers {m['transformers']}; plan {report['plan']['name']}",
     ]
     s = report.get("sections", {})
-    e = s.get("engine")
-    if e and "ours" in e:
+    for name, title in (("engine", "engine vs transformers"), ("overhead", "engine vs transformers, tiny model (overhead-bound)")):
+        e = s.get(name)
+        if not e or "ours" not in e:
+            continue
         o, t = e["ours"], e["transformers"]
         lines += [
             "",
-            f"[engine vs transformers] {e['dtype']}, prompt {e['prompt_tokens']} tokens ({e['image_tiles']} tiles), "
+            f"[{title}] {e['dtype']}, prompt {e['prompt_tokens']} tokens ({e['image_tiles']} tiles), "
             f"{e['decode_tokens']} new tokens, {e['transformers_attention']} attention in transformers",
             f"  {'':14}{'vision ms':>11}{'prefill ms':>12}{'TTFT ms':>10}{'decode tok/s':>14}",
             f"  {'ours':14}{_fmt(o['vision_ms']):>11}{_fmt(o['prefill_ms']):>12}{_fmt(o['ttft_ms']):>10}{_fmt(o['decode_tokens_per_s']):>14}",
@@ -475,15 +490,23 @@ def render(report: dict) -> str:
         ]
     ld = s.get("load")
     if ld and "load_s" in ld:
-        line = (
-            f"[load] {ld['dtype']} on {ld['device']}: {ld['load_s']:.2f} s; weights {ld['weights_bytes'] / 2**20:.1f} MiB, "
-            f"peak RSS +{ld['peak_rss_delta_bytes'] / 2**20:.1f} MiB = ×{ld['peak_rss_over_weights']:.2f} of the weights "
-            f"(×{ld['peak_rss_minus_cache_over_weights']:.2f} without the {ld['kv_cache_bytes'] / 2**20:.1f} MiB KV cache; target ≤ 1.3); "
-            f"cold process (first-use imports counted) ×{ld['cold_process']['peak_rss_over_weights']:.2f}"
-        )
+        lines += [
+            "",
+            f"[load] {ld['dtype']} on {ld['device']} from the bf16 checkpoint ({ld['checkpoint_file_bytes'] / 2**20:.1f} MiB): "
+            f"{ld['load_s']:.2f} s; weights {ld['weights_bytes'] / 2**20:.1f} MiB (+{ld['kv_cache_bytes'] / 2**20:.1f} MiB KV cache)",
+            f"  peak RSS +{ld['peak_rss_delta_bytes'] / 2**20:.1f} MiB = ×{ld['peak_rss_over_weights']:.2f} of the weights (target ≤ 1.3): "
+            f"anonymous ×{ld['peak_rss_anon_over_weights']:.2f}, file-backed (checkpoint mmap) "
+            f"+{ld['peak_rss_file_delta_bytes'] / 2**20:.1f} MiB; cold process (first-use imports counted) "
+            f"×{ld['cold_process']['peak_rss_over_weights']:.2f}",
+        ]
+        if "bf16_target" in ld:
+            b = ld["bf16_target"]
+            lines.append(
+                f"  bf16 target: peak RSS ×{b['peak_rss_over_weights']:.2f} of {b['weights_bytes'] / 2**20:.1f} MiB "
+                f"(anonymous ×{b['peak_rss_anon_over_weights']:.2f}, file-backed +{b['peak_rss_file_delta_bytes'] / 2**20:.1f} MiB)"
+            )
         if "peak_gpu_alloc_bytes" in ld:
-            line += f"; GPU peak ×{ld['peak_gpu_over_weights']:.2f}"
-        lines += ["", line]
+            lines.append(f"  GPU: peak allocated ×{ld['peak_gpu_over_weights']:.2f} of the weights")
     c = s.get("chunk")
     if c and "turns" in c:
         t1 = c["turn1"]
@@ -520,8 +543,8 @@ def render(report: dict) -> str:
         lines += ["", f"[W4 vs 16-bit] skipped: {w['skipped']}"]
     sh = s.get("shapes")
     if sh:
-        lines += ["", "[InternVL3 shapes, random weights, batch 1]",
-                  f"  {'model':18}{'eager tok/s':>12}{'graph tok/s':>12}{'GB/token':>10}{'BW share':>10}{'ceiling':>9}"
+        lines += ["", "[InternVL3 shapes, random weights, batch 1; BW = share of the 3.0 TB/s ceiling]",
+                  f"  {'model':18}{'eager tok/s':>12}{'BW':>5}{'graph tok/s':>12}{'BW':>5}{'GB/token':>10}{'ceiling':>9}"
                   f"{'vision ms':>11}{'prefill tok/s':>15}{'peak GiB':>10}"]  # fmt: skip
         for key, r in sh.items():
             if not isinstance(r, dict):
@@ -530,13 +553,20 @@ def render(report: dict) -> str:
                 lines.append(f"  {key:18}{r.get('error') or r.get('skipped')}")
                 continue
             d, pf = r["decode"], r["prefill"]
-            share = d.get("graph_bandwidth_share", d["eager_bandwidth_share"])
+            graph_share = d.get("graph_bandwidth_share")
             lines.append(
-                f"  {key:18}{d['eager_tokens_per_s']:>12.0f}{_fmt(d.get('graph_tokens_per_s'), '.0f'):>12}"
-                f"{d['bytes_per_token']['total'] / 1e9:>10.2f}{share * 100:>9.0f}%{d['ceiling_tokens_per_s']:>9.0f}"
+                f"  {key:18}{d['eager_tokens_per_s']:>12.0f}{d['eager_bandwidth_share'] * 100:>4.0f}%"
+                f"{_fmt(d.get('graph_tokens_per_s'), '.0f'):>12}{_fmt(graph_share and graph_share * 100, '.0f'):>4}%"
+                f"{d['bytes_per_token']['total'] / 1e9:>10.2f}{d['ceiling_tokens_per_s']:>9.0f}"
                 f"{pf['vision_ms']:>11.1f}{pf['llm_prefill_tokens_per_s']:>15.0f}"
                 f"{r.get('peak_gpu_alloc_bytes', 0) / 2**30:>10.1f}"
             )
+            for err in ("graph_error", "engine_graph_error"):
+                if err in d:
+                    lines.append(f"    {err}: {d[err][:200]}")
+            if "engine_graph_tokens_per_s" in d:
+                lines.append(f"    engine decode_graph: {d['engine_graph_tokens_per_s']:.0f} tok/s "
+                             f"({d['engine_graph_bandwidth_share'] * 100:.0f}% BW)")  # fmt: skip
     x = s.get("crossover")
     if x and "table" in x:
         lines += ["", f"[Int4Linear tinygemm vs dequant+dense, ms] dense from {x['dense_from_rows']} rows "
@@ -580,6 +610,7 @@ def run(
             out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 
     ckpt: Path | None = None
+    tiny_ckpt: Path | None = None
     images: dict[str, Path] = {}
 
     def small_model() -> Path:
@@ -591,10 +622,22 @@ def run(
             images["chat"] = bl.write_test_image(work_dir / "chat.png", *plan.chat_image, seed=2)
         return ckpt
 
+    def tiny_model() -> Path:  # the QUICK widths: per-token framework overhead dominates
+        nonlocal tiny_ckpt
+        small_model()
+        if tiny_ckpt is None and plan.sizes == bl.QUICK.sizes:
+            tiny_ckpt, images["tiny"] = ckpt, images["engine"]
+        if tiny_ckpt is None:
+            tiny_ckpt = bl.build_checkpoint(work_dir / "tiny", bl.QUICK)
+            images["tiny"] = bl.write_test_image(work_dir / "tiny.png", *bl.QUICK.engine_image, seed=3)
+        return tiny_ckpt
+
+    overhead_plan = replace(plan, decode_tokens=max(plan.decode_tokens, 64)) if plan is not bl.QUICK else plan
     jobs = {
         "shapes": lambda: section_shapes(plan, device, deadline, start),
         "crossover": lambda: section_crossover(plan, device),
         "engine": lambda: section_engine(small_model(), images["engine"], plan, device, dtype),
+        "overhead": lambda: section_engine(tiny_model(), images["tiny"], overhead_plan, device, dtype),
         "load": lambda: section_load(small_model(), plan, device, dtype),
         "chunk": lambda: section_chunk(small_model(), images["chat"], plan, device, dtype),
         "w4": lambda: section_w4(small_model(), plan),
@@ -652,7 +695,11 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.time_budget if args.time_budget is not None else (210.0 if device.type == "cuda" else None)
     report = run(device, plan, sections, args.out, args.work_dir, budget)
     print()
-    print(render(report), flush=True)
+    try:
+        print(render(report), flush=True)
+    except Exception as e:  # never lose a GPU run's numbers to a formatting bug
+        print(f"(could not render the table: {e!r}; raw report follows)")
+        print(json.dumps(report, indent=1), flush=True)
     return 1 if report["failed_sections"] else 0
 
 

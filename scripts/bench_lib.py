@@ -11,7 +11,6 @@ Run as a script it is the load probe (a fresh process, so peak memory is the loa
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -19,8 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -440,7 +439,12 @@ def transformers_vision(hf, pixels: torch.Tensor) -> float:
     px = pixels.to(device, hf.dtype)
     sync(device)
     t0 = time.perf_counter()
-    hf.get_image_features(pixel_values=px)
+    cfg = hf.config
+    hf.get_image_features(
+        pixel_values=px,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+    )
     sync(device)
     return time.perf_counter() - t0
 
@@ -458,11 +462,20 @@ def eager_decode_rate(model, first_token: torch.Tensor, start: int, n: int) -> f
     return n / (time.perf_counter() - t0)
 
 
+def decode_step_(model, token: torch.Tensor, pos: torch.Tensor, kv_bucket: int) -> None:
+    """One greedy decode step on device buffers, graph-safe: token [1] ← argmax of the next
+    logits, pos [1] += 1. Runs the engine's `language_model.forward_embeds` with positions on the
+    device and a fixed, masked `kv_bucket` (no host synchronisation, no shape that changes)."""
+    lm = model.language_model
+    h = lm.model.embed_tokens(token)[None]
+    logits = lm.forward_embeds(h, pos, kv_bucket, None, last_only=True)
+    token.copy_(logits[-1].argmax().reshape(1))
+    pos.add_(1)
+
+
 class GraphDecoder:
-    """One greedy decode step (embed → decoder → lm_head → argmax → position += 1) captured in a
-    CUDA graph around the engine's graph-safe `language_model.forward_embeds` (positions on the
-    device, a fixed `kv_len` bucket, masked). A benchmark-local capture: it shows what graphs buy
-    while the engine does not offer its own."""
+    """`decode_step_` captured in a CUDA graph: a benchmark-local capture that shows what graphs
+    buy while the engine does not offer its own."""
 
     def __init__(self, model, kv_bucket: int, start: int, first_token: torch.Tensor):
         self.model = model
@@ -474,19 +487,12 @@ class GraphDecoder:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.inference_mode(), torch.cuda.stream(stream):
             for _ in range(3):  # warm up kernels (writes K/V at start.. that real steps overwrite)
-                self._step()
+                decode_step_(model, self.token, self.pos, kv_bucket)
             self.pos.fill_(start)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph):
-            self._step()
-
-    def _step(self) -> None:
-        lm = self.model.language_model
-        h = lm.model.embed_tokens(self.token)[None]
-        logits = lm.forward_embeds(h, self.pos, self.kv_bucket, None, last_only=True)
-        self.token.copy_(logits[-1].argmax().reshape(1))
-        self.pos.add_(1)
+            decode_step_(model, self.token, self.pos, kv_bucket)
 
     def rate(self, start: int, n: int) -> float:
         device = self.model.device
@@ -500,25 +506,30 @@ class GraphDecoder:
 
 
 def engine_graph_rate(model, first_token: torch.Tensor, start: int, n: int, kv_len: int) -> float | None:
-    """Tokens/s through the engine's own CUDA-graph decode, if it offers one.
-
-    Expected contract (proposed): `model.decode_graph(kv_len) -> step`, `step(token [1] long on
-    device, pos: int) -> float32 logits [V]`. Returns None when the engine has no `decode_graph`.
+    """Tokens/s through the engine's own CUDA-graph decode (`model.enable_cuda_graphs()`), driven
+    like the streaming generator drives it: each step is queued, then the previous token is read
+    back to the host (one sync per token). `kv_len` is chosen by the engine's buckets; unused here.
     """
-    make = getattr(model, "decode_graph", None)
-    if make is None:
+    enable = getattr(model, "enable_cuda_graphs", None)
+    if enable is None:
         return None
-    step = make(kv_len)
     device = model.device
-    token = first_token.reshape(1)
-    for i in range(3):
-        token = step(token, start + i).argmax().reshape(1)
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(n):
-        token = step(token, start + i).argmax().reshape(1)
-    sync(device)
-    return n / (time.perf_counter() - t0)
+    enable(True)
+    try:
+        token = first_token.reshape(1)
+        for i in range(3):  # captures the bucket's graph
+            token = model.forward(token, start + i).argmax().reshape(1)
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(n):
+            following = model.forward(token, start + i).argmax().reshape(1)
+            int(token)  # the host reads each token, as the generator does
+            token = following
+        int(token)
+        sync(device)
+        return n / (time.perf_counter() - t0)
+    finally:
+        enable(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,6 +614,8 @@ def load_probe(model_dir: str, device: str, dtype: str, max_context: int, warm: 
         "final_rss_delta_bytes": (_status_kib("VmRSS") - rss0) * 1024,
     }
     out["peak_rss_over_weights"] = ratio(out["peak_rss_delta_bytes"], weights)
+    # anonymous memory is what the loader allocates; file-backed is the checkpoint's mmap (page cache)
+    out["peak_rss_anon_over_weights"] = ratio(out["peak_rss_anon_delta_bytes"], weights)
     out["peak_rss_minus_cache_over_weights"] = ratio(out["peak_rss_delta_bytes"] - cache, weights)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - base_alloc
