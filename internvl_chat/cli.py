@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, metavar="N", help="KV cache length in tokens (default 8192)")
     p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant: kernels for 4-bit weights")
     p.add_argument("--json", action="store_true", help="one-shot: print one JSON object instead of streaming text")
-    p.add_argument("--script", metavar="FILE", help="run REPL lines from FILE ('-' for stdin) as a transcript")
+    p.add_argument("--script", metavar="FILE", help="run REPL lines from FILE ('-' for stdin), printed as a transcript; "
+                   "failing lines are reported and skipped, and the exit status is then 1")
     p.add_argument("-I", "--interactive", action="store_true", help="stay in the REPL after the prompt's answer")
     p.add_argument("--plain", action="store_true", default=None, help="raw text output, no Markdown or colour")
     p.add_argument("--no-stats", action="store_true", help="hide the stats line after each answer")
@@ -112,12 +113,14 @@ def run(argv: list[str]) -> int:
     if args.print_config:
         sys.stdout.write(format_settings(settings))
         return 0
-    prompt = _read_prompt(args)
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if args.script:
+        if args.prompt_flag or args.prompt or args.interactive or args.json:
+            raise UsageError("--script takes its messages from the script; drop -p/the prompt words, -I and --json")
         from .ui.script import run_script
 
-        return run_script(args, settings)
+        return run_script(args, settings)  # stdin is left alone unless the script is '-'
+    prompt = _read_prompt(args)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if prompt is None and interactive or args.interactive:
         from .ui.repl import run_repl
 

@@ -244,3 +244,39 @@ def test_save_is_atomic(loaded, tmp_path, monkeypatch):
         session.save(target)
     assert target.read_text() == "previous content"
     assert [p.name for p in tmp_path.iterdir()] == ["chat.json"]
+
+
+def test_interrupted_retry_restores_the_previous_answer(loaded):
+    session = Session(loaded, _params())
+    _run(session.ask("First."))
+    _run(session.ask("Second."))
+    before = (list(session.ids), session.start_pos, [t.answer_ids for t in session.turns])
+    follow = session.builder.next_turn("Third?", [])
+    expected = loaded.model.forward(session.ids[session.start_pos :] + follow, session.start_pos)
+    events = session.retry()
+    next(events)  # the new answer has been prefilled and started
+    events.close()  # interrupted before it was committed
+    assert (session.ids, session.start_pos, [t.answer_ids for t in session.turns]) == before
+    got = loaded.model.forward(session.ids[session.start_pos :] + follow, session.start_pos)
+    assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
+
+
+def test_set_system_that_overflows_changes_nothing(tiny_original):
+    small = load_model(tiny_original, device="cpu", dtype="float32", max_context=400)
+    session = Session(small, SamplingParams(max_new_tokens=8), system_message="Be brief.")
+    _run(session.ask("Hi."))
+    state = (list(session.ids), session.start_pos, session.system_message)
+    with pytest.raises(ContextOverflowError):
+        session.set_system("A much longer system message. " * 40)
+    assert (session.ids, session.start_pos, session.system_message) == state
+    session.set_system("Be very brief.")  # fits: re-prefilled under the new message
+    assert session.system_message == "Be very brief."
+    assert session.ids == session.conversation_ids(session.turns)
+
+
+def test_media_tokens_counts_labels_of_several_images(loaded, media_dir):
+    session = Session(loaded, _params())
+    images = [session.describe_image(media_dir / "small.png"), session.describe_image(media_dir / "small.png")]
+    with_media = session._turn_ids("Compare.", images)
+    without = session._turn_ids("Compare.", [])
+    assert session.media_tokens(images) == len(with_media) - len(without) > 2 * 258

@@ -113,7 +113,8 @@ class Session:
         return self.model.max_seq_len
 
     def media_tokens(self, media: Sequence[Media]) -> int:
-        return sum(len(self._turn_ids("", [m])) - len(self._turn_ids("", [])) for m in media)
+        """Tokens these media add to a turn, labels such as `Image-1: ` included."""
+        return len(self._turn_ids("", media)) - len(self._turn_ids("", []))
 
     def _turn_ids(self, text: str, media: Sequence[Media]) -> list[int]:
         specs = [m.spec for m in media]
@@ -248,66 +249,98 @@ class Session:
     def retry(self, params: SamplingParams | None = None, cancel: threading.Event | None = None) -> Iterator[dict]:
         """Drop the last answer and generate a new one for the same question (no re-prefill before it).
 
-        The turn's image features are kept with it, so the vision encoder does not run again.
+        The turn's image features are kept with it, so the vision encoder does not run again. If
+        the new answer fails or is interrupted before it is committed, the old one is restored.
         """
         if not self.turns:
             raise UsageError("nothing to retry; ask something first")
         last = self.turns[-1]
+        params = params or self.params
+        params.validate()
         features = last.features
         if features is None and last.media:
             features, _ = self._encode(last.media, cancel)
+            last.features = features
+        saved = (list(self.ids), self.start_pos)
         self.undo()
-        params = params or self.params
-        params.validate()
         new_ids = self._turn_ids(last.user_text, last.media)
         prompt = self.ids[self.start_pos :] + new_ids
-        self.check_budget(len(prompt), params.max_new_tokens)
         turn = Turn(last.user_text, last.media, ids_before=len(self.ids), pos_before=self.start_pos, prompt_ids=new_ids)
         turn.features = features
-        yield from self._run_turn(turn, prompt, features, 0.0, params, cancel)
+        committed = False
+        try:
+            self.check_budget(len(prompt), params.max_new_tokens)
+            for event in self._run_turn(turn, prompt, features, 0.0, params, cancel):
+                committed = event["finish_reason"] is not None
+                yield event
+        finally:
+            if not committed:
+                self._restore_turn(last, saved)
+
+    def _restore_turn(self, turn: Turn, saved: tuple[list[int], int]) -> None:
+        """Put back a turn that a failed /retry removed, re-prefilling its cached tokens."""
+        self.ids, end = saved
+        start = turn.pos_before
+        self.model.forward(self.ids[start:end], start, turn.features)
+        self.start_pos = end
+        self.turns.append(turn)
 
     def clear(self) -> None:
         self.ids, self.start_pos, self.turns = [], 0, []
 
     def set_system(self, text: str | None) -> None:
         """Change the system message; an ongoing conversation is re-prefilled under the new one."""
-        self.system_message = text
-        self.builder = PromptBuilder(self.tokenizer, text, self.loaded.config.tokens_per_tile)
+        builder = PromptBuilder(self.tokenizer, text, self.loaded.config.tokens_per_tile)
         if self.turns:
-            self._replay(list(self.turns))
+            self._replay(list(self.turns), builder)
+        self.builder, self.system_message = builder, text
 
     @property
     def context_used(self) -> int:
         return len(self.ids)
 
     # ---- replay, save, load ------------------------------------------------------------------
-    def conversation_ids(self, turns: Sequence[Turn]) -> list[int]:
+    def conversation_ids(self, turns: Sequence[Turn], builder: PromptBuilder | None = None) -> list[int]:
         """The token ids of a whole conversation, exactly as turn-by-turn chatting produces them."""
+        builder = builder or self.builder
         ids: list[int] = []
         for i, turn in enumerate(turns):
-            specs = [m.spec for m in turn.media]
-            ids += self.builder.first_turn(turn.user_text, specs) if i == 0 else self.builder.next_turn(turn.user_text, specs)
-            ids += turn.answer_ids
+            ids += self._turn_prompt(builder, i, turn) + turn.answer_ids
         return ids
 
-    def _replay(self, turns: list[Turn]) -> None:
-        """Prefill a whole conversation at once (used by load and /system)."""
-        ids = self.conversation_ids(turns)
+    @staticmethod
+    def _turn_prompt(builder: PromptBuilder, index: int, turn: Turn) -> list[int]:
+        specs = [m.spec for m in turn.media]
+        return builder.first_turn(turn.user_text, specs) if index == 0 else builder.next_turn(turn.user_text, specs)
+
+    def _replay(self, turns: list[Turn], builder: PromptBuilder) -> None:
+        """Prefill a whole conversation at once under `builder` (used by load and /system).
+
+        Nothing changes if the conversation does not fit or a media file cannot be read; if the
+        prefill itself fails, the cache no longer matches anything, so the session is cleared.
+        """
+        ids = self.conversation_ids(turns, builder)
         if len(ids) + self.params.max_new_tokens > self.max_context:
             raise ContextOverflowError(
                 f"the conversation needs {len(ids):,} tokens + {self.params.max_new_tokens:,} for an answer, over the "
                 f"{self.max_context:,}-token context; use a larger --max-context"
             )
-        media = [m for t in turns for m in t.media]
-        features, _ = self._encode(media, None)
-        self.model.forward(ids, 0, features)
-        # rebuild turn boundaries so undo works after a replay
-        self.ids, self.start_pos, self.turns = [], 0, []
-        for turn in turns:
+        features, _ = self._encode([m for t in turns for m in t.media], None)
+        try:
+            self.model.forward(ids, 0, features)
+        except BaseException:
+            self.clear()
+            raise
+        # rebuild turn boundaries (and each turn's features) so undo and retry work after a replay
+        self.ids, self.turns = [], []
+        offset = 0
+        for i, turn in enumerate(turns):
+            turn.prompt_ids = self._turn_prompt(builder, i, turn)
             turn.ids_before = turn.pos_before = len(self.ids)
-            turn.prompt_ids = self._turn_ids(turn.user_text, turn.media)
+            tiles = sum(m.tiles for m in turn.media)
+            turn.features = features[offset : offset + tiles] if tiles else None
+            offset += tiles
             self.ids += turn.prompt_ids + turn.answer_ids
-            turn.features = None
             self.turns.append(turn)
         self.start_pos = len(self.ids)
 
@@ -360,9 +393,9 @@ class Session:
             raise UsageError(f"{path} has session format version {data.get('version')}; this build reads {SESSION_VERSION}")
         turns = self._turns_from_json(data.get("messages", []), path)
         saved_system = data.get("system_message")
-        self.system_message = saved_system
-        self.builder = PromptBuilder(self.tokenizer, saved_system, self.loaded.config.tokens_per_tile)
-        self._replay(turns)
+        builder = PromptBuilder(self.tokenizer, saved_system, self.loaded.config.tokens_per_tile)
+        self._replay(turns, builder)
+        self.builder, self.system_message = builder, saved_system
         return data
 
     def _turns_from_json(self, messages: list, path: Path) -> list[Turn]:

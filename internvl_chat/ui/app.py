@@ -16,12 +16,10 @@ sets the cancel flag, so the answer stops between tokens and its partial text is
 from __future__ import annotations
 
 import os
-import re
 import resource
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
@@ -169,16 +167,27 @@ class App:
 
     def handle_line(self, line: str) -> str:
         """Run one input; OK, ERROR (printed as one line, the app goes on) or EXIT."""
-        try:
+
+        def run() -> str:
             block = unwrap_block(line)
             if block is not None:
-                return self._send_checked(block)
+                return self._send_text(block)
             if not line.strip():
                 return OK
             parsed = parse_line(line)
             if isinstance(parsed, Message):
-                return self._send_checked(parsed.text)
+                return self._send_text(parsed.text)
             return self.run_command(parsed)
+
+        return self._guard(run)
+
+    def handle_message(self, text: str) -> str:
+        """Send `text` as a message even when it starts with a slash (the prompt of `-I`)."""
+        return self._guard(lambda: self._send_text(text))
+
+    def _guard(self, action: Callable[[], str]) -> str:
+        try:
+            return action()
         except InternVLChatError as e:
             self.error(str(e))
             return ERROR
@@ -187,10 +196,9 @@ class App:
             self.error(f"cannot use{where}: {e.strerror or e}; check the path and its permissions")
             return ERROR
 
-    def _send_checked(self, text: str) -> str:
-        if not text.strip():
-            return OK
-        self.send(text.strip())
+    def _send_text(self, text: str) -> str:
+        if text.strip():
+            self.send(text.strip())
         return OK
 
     def run_command(self, command: Command) -> str:
@@ -223,8 +231,8 @@ class App:
     def turn_tokens(self, media: Sequence[Media]) -> int:
         """Tokens of the next turn with these attachments and an empty message."""
         builder = self.session.builder
-        base = builder.next_turn("", []) if self.session.ids else builder.first_turn("", [])
-        return len(base) + self.session.media_tokens(media)
+        specs = [m.spec for m in media]  # exact: several images also get "Image-N: " labels
+        return len(builder.next_turn("", specs) if self.session.ids else builder.first_turn("", specs))
 
     def _uncached(self) -> int:
         """Tokens already in the conversation that the next turn prefills (the tail of a cut answer)."""
@@ -267,12 +275,9 @@ class App:
         if not self.settings.media.auto_attach:
             return []
         attached = {m.path.resolve() for m in self.pending}
-        found = []
-        for _, path in find_media_paths(text, self.cwd):
-            if path.resolve() not in attached:
-                found.append(self.describe(path, media_kind(path)))
-        self._note_missing_paths(text, {p.resolve() for _, p in find_media_paths(text, self.cwd)})
-        return found
+        paths = [path for _, path in find_media_paths(text, self.cwd)]
+        self._note_missing_paths(text, {p.resolve() for p in paths})
+        return [self.describe(p, media_kind(p)) for p in paths if p.resolve() not in attached]
 
     def _note_missing_paths(self, text: str, found: set[Path]) -> None:
         """A message naming a media file that does not exist: say so instead of ignoring it."""
@@ -341,6 +346,13 @@ class App:
                 raise KeyboardInterrupt
 
         device = self.session.loaded.device
+        before = (len(self.session.turns), self.session.context_used)
+
+        def outcome() -> str:
+            if (len(self.session.turns), self.session.context_used) == before:
+                return "the conversation is unchanged"
+            return "the last question and its answer were removed; ask it again"  # retry drops them first
+
         with self._sigint(on_sigint):
             reset_peak_memory(device)
             try:
@@ -350,7 +362,7 @@ class App:
             except KeyboardInterrupt:
                 if not self.interactive:
                     raise
-                self.say("[cancelled before the answer began; the conversation is unchanged]", "yellow")
+                self.say(f"[cancelled before the answer began; {outcome()}]", "yellow")
                 return None
             stream = choose_stream(self.console, plain=self.plain)
             streaming.set()
@@ -367,7 +379,7 @@ class App:
                 stream.finish()
                 if not self.interactive:
                     raise
-                self.say("[interrupted; this answer was discarded and the conversation is unchanged]", "yellow")
+                self.say(f"[interrupted: this answer was discarded; {outcome()}]", "yellow")
                 return None
             finally:
                 streaming.clear()
@@ -414,7 +426,7 @@ class App:
         self.say(format_help(name))
         if name is None:
             self.note(KEYS_HELP)
-            self.note("a message naming an image or video file attaches it; /set auto_attach false turns that off")
+            self.note("a message naming an image or video file attaches it; /set media.auto_attach false turns that off")
 
     def cmd_image(self, command: Command) -> None:
         self.attach([self.describe(path, "image") for path in command.args])
@@ -453,9 +465,12 @@ class App:
         if not self.session.turns:
             raise UsageError("nothing to retry; ask something first")
         before = len(self.session.turns)
-        self._answer(lambda cancel: self.session.retry(self.session.params, cancel), "thinking …")
-        if len(self.session.turns) < before:
-            self.note("the previous answer was removed; /retry asks again")
+        try:
+            self._answer(lambda cancel: self.session.retry(self.session.params, cancel), "thinking …")
+        except InternVLChatError as e:
+            if len(self.session.turns) < before:  # retry drops the old answer before it generates
+                raise type(e)(f"{e} (the last question and its answer were removed; ask it again)") from None
+            raise
 
     def cmd_system(self, command: Command) -> None:
         if not command.args:
@@ -504,8 +519,9 @@ class App:
             specs = [m.spec for m in turn.media]
             text = self.session.builder.render_text(turn.user_text, specs, first=index == 0, expand_images=False)
             image_tokens = self.session.builder.image_token_count(specs)
-            extra = f"; each <image> stands for its image tokens ({image_tokens:,} in all)" if specs else ""
-            self.say(f"last prompt (turn {index + 1}{extra}):", "bold")
+            per_tile = self.session.builder.tokens_per_tile
+            extra = f" (each <image> stands for {per_tile} tokens per tile, {image_tokens:,} in all)" if specs else ""
+            self.say(f"last prompt, turn {index + 1}{extra}:", "bold")
             self.say(sanitize(text))
         else:
             self.say("no prompt sent yet", "bold")
@@ -513,13 +529,16 @@ class App:
         self.say(format_settings(self.settings).rstrip("\n"))
 
     def context_items(self) -> list[tuple[str, int]]:
-        """The context budget, item by item: system, each turn, pending attachments, answer reserve."""
+        """The context budget, item by item: system, each turn, the next message, the answer reserve.
+
+        The items add up to the most the context holds after the next answer (plus the next text).
+        """
         session = self.session
         builder = session.builder
         items: list[tuple[str, int]] = []
         system = len(builder.first_turn("", [])) - len(builder.user_turn("", []))
-        if system and session.turns:
-            items.append(("system message", system))
+        if system:
+            items.append(("system message" if session.turns else "system message (sent with the first message)", system))
         bounds = [t.ids_before for t in session.turns] + [session.context_used]
         for n, turn in enumerate(session.turns):
             total = bounds[n + 1] - bounds[n] - (system if n == 0 else 0)
@@ -530,8 +549,8 @@ class App:
             items.append((f"turn {n + 1}: {names}“{_short(turn.user_text, 32)}”{detail}", total))
         for media in self.pending:
             items.append((f"attached: {media.kind} {media.path.name}", session.media_tokens([media])))
-        if self.pending:
-            items.append(("next message template (plus your text)", self.turn_tokens(self.pending) - session.media_tokens(self.pending)))
+        template = self.turn_tokens(self.pending) - session.media_tokens(self.pending) - (0 if session.ids else system)
+        items.append(("next message: template, plus your text", template))
         items.append(("reserved for the answer (max_new_tokens)", session.params.max_new_tokens))
         return items
 
@@ -540,15 +559,12 @@ class App:
         used, limit = session.context_used, session.max_context
         self.say(f"context: {used:,} of {limit:,} tokens used ({_percent(used / limit)})", "bold")
         items = self.context_items()
-        width = max(len(label) for label, _ in items)
-        for label, tokens in items:
-            self.say(f"  {label.ljust(width)}  {tokens:>7,}")
-        planned = sum(tokens for _, tokens in items) + (0 if session.turns else self._system_tokens_before_first())
-        self.say(f"  {'at most, after the next answer'.ljust(width)}  {planned:>7,}  of {limit:,} ({_percent(planned / limit)})")
-
-    def _system_tokens_before_first(self) -> int:
-        builder = self.session.builder
-        return len(builder.first_turn("", [])) - len(builder.user_turn("", [])) if not self.pending else 0
+        planned = sum(tokens for _, tokens in items)
+        label = "at most, after the next answer"
+        width = max(len(name) for name, _ in [*items, (label, 0)])
+        for name, tokens in items:
+            self.say(f"  {name.ljust(width)}  {tokens:>7,}")
+        self.say(f"  {label.ljust(width)}  {planned:>7,} of {limit:,} ({_percent(planned / limit)})")
 
     def cmd_stats(self, command: Command) -> None:
         if not self.session.turns or not self.session.turns[-1].timing:
@@ -628,13 +644,3 @@ class App:
     def cmd_exit(self, command: Command) -> str:
         return EXIT
 
-
-def count_lines(text: str) -> int:
-    return text.count("\n") + 1
-
-
-def now() -> float:
-    return time.perf_counter()
-
-
-WORD = re.compile(r"\S+")

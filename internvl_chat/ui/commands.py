@@ -85,7 +85,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "change a setting (temperature, top_p, max_tiles …)",
         (ArgSpec("KEY", "setting"), ArgSpec("VALUE", "value")),
     ),
-    CommandSpec("show", "show the settings"),
+    CommandSpec("show", "show the last prompt (images as <image>) and the settings"),
     CommandSpec("context", "show how the context is used, item by item"),
     CommandSpec("stats", "show the statistics of the last answer"),
     CommandSpec("save", "save the conversation to a JSON file", (ArgSpec("FILE", "file", required=False),)),

@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..settings import Settings
+from .app import peak_memory, sanitize
 from .render import format_stats
 from .setup import media_from_flags, open_session
 
@@ -15,9 +16,11 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     session = open_session(settings)
     media = media_from_flags(session, args, settings)
     final = None
+    # raw text for pipes; a terminal must not receive the model's control characters
+    clean = sanitize if sys.stdout.isatty() else str
     for event in session.ask(prompt, media):
         if not args.json and event["text"]:
-            sys.stdout.write(event["text"])
+            sys.stdout.write(clean(event["text"]))
             sys.stdout.flush()
         if event["finish_reason"] is not None:
             final = event
@@ -35,5 +38,7 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
         sys.stdout.write("\n")
     sys.stdout.flush()
     if settings.ui.stats and not args.json:
-        print(format_stats(timing, final["usage"], session.context_used, session.max_context, None, None), file=sys.stderr)
+        device = session.loaded.device
+        stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak_memory(device), device)
+        print(stats, file=sys.stderr)
     return 0

@@ -1,0 +1,366 @@
+"""The command handler shared by the REPL and --script, in process, against the tiny checkpoint.
+
+Expected numbers are computed here by hand or from the prompt template (not from app.py): tile
+counts of known image sizes, token counts of turns, percentages of the context.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from internvl_chat.chat.session import Session
+from internvl_chat.chat.template import MediaSpec
+from internvl_chat.engine.loader import load_model
+from internvl_chat.settings import load_settings
+from internvl_chat.ui.app import EXIT, ERROR, OK, App, block_is_open, sanitize, unwrap_block
+from internvl_chat.ui.setup import sampling_params
+from media_helpers import textured_rgb, write_numbered_video
+
+MAX_CONTEXT = 2048
+TOKENS_PER_TILE = 256
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_original):
+    return load_model(tiny_original, device="cpu", dtype="float32", max_context=MAX_CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("app_media")
+    for name, seed in (("small.png", 5), ("small2.png", 6), ("small3.png", 7)):
+        Image.fromarray(textured_rgb(900, 450, seed=seed)).save(d / name)  # 2×1 grid + thumbnail = 3 tiles
+    Image.fromarray(textured_rgb(448, 448, seed=8)).save(d / "square.png")  # 1 tile, no thumbnail
+    write_numbered_video(d / "clip.mp4", num_frames=30, fps=10)  # 3.0 s
+    # a PNG whose header is fine (so measuring works) but whose pixel data is garbage
+    header = struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"not zlib at all") + chunk(b"IEND", b""))
+    return d
+
+
+def make_app(loaded, tmp_path, file=None, interactive=False, **overrides) -> tuple[App, io.StringIO]:
+    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 8, **overrides})
+    session = Session(loaded, params=sampling_params(settings))
+    out = file or io.StringIO()
+    console = Console(file=out, width=200, force_terminal=False, color_system=None)
+    return App(session, settings, console, interactive=interactive, cwd=tmp_path), out
+
+
+def first_turn_len(app: App, text: str, specs=()) -> int:
+    return len(app.session.builder.first_turn(text, list(specs)))
+
+
+def media_len(app: App, spec: MediaSpec) -> int:
+    b = app.session.builder
+    return len(b.first_turn("", [spec])) - len(b.first_turn("", []))
+
+
+def percent(fraction: float) -> int:
+    return int(fraction * 100 + 0.5)
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+
+def test_sanitize_removes_terminal_controls_but_keeps_text():
+    assert sanitize("a\x1b[31mb\x07\tc\n\r\x9bd 中文") == "a[31mb\tc\nd 中文"
+
+
+def test_triple_quote_blocks():
+    assert unwrap_block('"""\nline 1\nline 2\n"""') == "line 1\nline 2"
+    assert unwrap_block('"""one line"""') == "one line"
+    assert unwrap_block("plain text") is None
+    assert block_is_open('"""') and block_is_open('"""\nabc') and not block_is_open('"""\nabc\n"""')
+    assert not block_is_open("abc")
+
+
+# --- attachments --------------------------------------------------------------------------------
+
+
+def test_attach_prints_cost_before_decoding(loaded, media, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/image {media / 'small.png'}") == OK
+    tokens = media_len(app, MediaSpec("image", 3))
+    assert tokens == 3 * TOKENS_PER_TILE + 3  # <img> + 768 × <IMG_CONTEXT> + </img> + "\n" (one token here)
+    pct = percent(first_turn_len(app, "", [MediaSpec("image", 3)]) / MAX_CONTEXT)
+    assert out.getvalue().strip() == f"+ image small.png 900×450 → 3 tiles · {tokens:,} tokens · context {pct} %"
+    assert app.pending[0].pixel_values is None  # measured, not decoded
+
+    app.handle_line(f"/video {media / 'clip.mp4'} --frames 2")
+    video_tokens = media_len(app, MediaSpec("video", 2))
+    assert f"+ video clip.mp4 2 frames of 3.0 s → {video_tokens:,} tokens" in out.getvalue()
+    assert [m.kind for m in app.pending] == ["image", "video"]
+
+
+def test_warns_at_80_percent_and_refuses_past_the_budget(loaded, media, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    image = MediaSpec("image", 3)
+    app.handle_line(f"/image {media / 'small.png'}")
+    assert "warning" not in out.getvalue()
+    app.handle_line(f"/image {media / 'small2.png'}")
+    two = first_turn_len(app, "", [image, image])
+    assert two / MAX_CONTEXT >= 0.8 and two + 8 <= MAX_CONTEXT  # the case this test is about
+    assert f"context {percent(two / MAX_CONTEXT)} %" in out.getvalue()
+    assert "warning: the context will be" in out.getvalue()
+
+    assert app.handle_line(f"/image {media / 'small3.png'}") == ERROR
+    last = out.getvalue().strip().splitlines()[-1]
+    assert last.startswith("error: cannot attach small3.png:") and "--max-context" in last
+    assert len(app.pending) == 2  # nothing half-attached
+
+
+def test_media_list_and_drop(loaded, media, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("/media")
+    assert "nothing attached" in out.getvalue()
+    app.handle_line(f"/image {media / 'small.png'} {media / 'square.png'}")
+    out.truncate(0), out.seek(0)
+    app.handle_line("/media")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("1. image small.png 900×450 → 3 tiles")
+    assert lines[1].startswith(f"2. image square.png 448×448 → 1 tile · {media_len(app, MediaSpec('image', 1)):,} tokens")
+    assert app.handle_line("/drop 3") == ERROR
+    assert app.handle_line("/drop 1") == OK
+    assert [m.path.name for m in app.pending] == ["square.png"]
+
+
+def test_missing_and_corrupt_files_are_errors_and_the_conversation_survives(loaded, media, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    assert len(app.session.turns) == 1
+    assert app.handle_line("/image /nonexistent/cat.png") == ERROR
+    assert "error: " in out.getvalue() and "does not exist" in out.getvalue()
+    assert app.handle_line(f"/image {media / 'corrupt.png'}") == OK  # the header is readable
+    ids_before = list(app.session.ids)
+    assert app.handle_line("What is it?") == ERROR
+    assert "/drop N" in out.getvalue().strip().splitlines()[-1]
+    assert len(app.session.turns) == 1 and app.session.ids == ids_before and len(app.pending) == 1
+    app.handle_line("/drop 1")
+    assert app.handle_line("Then just talk.") == OK
+    assert len(app.session.turns) == 2
+
+
+def test_unknown_command_gets_a_suggestion(loaded, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/imgae x.png") == ERROR
+    assert out.getvalue().strip() == "error: unknown command /imgae; did you mean /image?"
+
+
+# --- turns --------------------------------------------------------------------------------------
+
+
+def test_message_takes_pending_media_and_context_adds_up(loaded, media, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line(f"/image {media / 'small.png'}")
+    app.handle_line("What is in the picture?")
+    app.handle_line("And now?")
+    session = app.session
+    assert [len(t.media) for t in session.turns] == [1, 0] and app.pending == []
+    assert "decode" in out.getvalue() and f"context {session.context_used:,}/{MAX_CONTEXT:,}" in out.getvalue()
+
+    items = dict(app.context_items())
+    b = session.builder
+    system = len(b.first_turn("", [])) - len(b.user_turn("", []))
+    t1, t2 = session.turns
+    assert items["system message"] == system
+    turn1 = next(v for k, v in items.items() if k.startswith("turn 1:"))
+    turn2 = next(v for k, v in items.items() if k.startswith("turn 2:"))
+    assert turn1 == first_turn_len(app, "What is in the picture?", [MediaSpec("image", 3)]) - system + len(t1.answer_ids)
+    assert turn2 == len(b.next_turn("And now?", [])) + len(t2.answer_ids)
+    assert system + turn1 + turn2 == session.context_used
+    assert items["reserved for the answer (max_new_tokens)"] == 8
+    out.truncate(0), out.seek(0)
+    app.handle_line("/context")
+    assert out.getvalue().startswith(f"context: {session.context_used:,} of {MAX_CONTEXT:,} tokens used")
+
+
+def test_auto_attach_paths_in_messages(loaded, media, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line(f"What is in {media / 'square.png'}?")
+    assert "+ image square.png 448×448 → 1 tile" in out.getvalue()
+    assert [m.path for m in app.session.turns[0].media] == [media / "square.png"]
+    app.handle_line("Compare with /no/such/picture.png please.")
+    assert "/no/such/picture.png does not exist" in out.getvalue()
+    assert app.session.turns[1].media == []
+
+    app2, out2 = make_app(loaded, tmp_path, **{"media.auto_attach": False})
+    app2.handle_line(f"What is in {media / 'square.png'}?")
+    assert "+ image" not in out2.getvalue() and app2.session.turns[0].media == []
+
+
+def test_undo_retry_clear(loaded, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("First question.")
+    app.handle_line("Second question.")
+    answer = app.session.turns[-1].answer_ids
+    assert app.handle_line("/undo") == OK and "removed turn 2: “Second question.”" in out.getvalue()
+    assert [t.user_text for t in app.session.turns] == ["First question."]
+    first_answer = app.session.turns[0].answer_ids
+    assert app.handle_line("/retry") == OK
+    assert [t.user_text for t in app.session.turns] == ["First question."]
+    assert app.session.turns[0].answer_ids == first_answer  # greedy: the same answer again
+    app.handle_line("Second question.")
+    assert app.session.turns[-1].answer_ids == answer
+    assert app.handle_line("/clear") == OK and app.session.turns == [] and app.session.context_used == 0
+    assert app.handle_line("/undo") == ERROR and app.handle_line("/retry") == ERROR
+
+
+def test_set_changes_generation_and_refuses_bad_values(loaded, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/set temperature 0.5") == OK
+    assert app.session.params.temperature == 0.5 and "generation.temperature = 0.5" in out.getvalue()
+    assert app.handle_line("/set top_p 2") == ERROR and app.session.params.top_p == 1.0
+    assert app.handle_line("/set model.max_context 100") == ERROR and "cannot change" in out.getvalue()
+    assert app.handle_line("/set tempreature 1") == ERROR and "did you mean 'temperature'" in out.getvalue()
+    app.handle_line("/set max_new_tokens 3")
+    app.handle_line("/set stats false")
+    out.truncate(0), out.seek(0)
+    app.handle_line("Hi.")
+    assert len(app.session.turns[-1].answer_ids) <= 3
+    assert "decode" not in out.getvalue()
+
+
+def test_system_message_show_and_set(loaded, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("/system")
+    assert out.getvalue().startswith(f"system message: {loaded.config.system_message}")
+    app.handle_line("Hello.")
+    app.handle_line("/system You are terse.")
+    assert app.session.system_message == "You are terse." and app.settings.system.message == "You are terse."
+    assert app.session.ids[: len(app.session.builder.first_turn("Hello.", []))] == app.session.builder.first_turn("Hello.", [])
+    app.handle_line("/system ''")
+    assert app.session.system_message is None
+    assert app.handle_line("Still there?") == OK and len(app.session.turns) == 2
+
+
+def test_show_uses_image_placeholders(loaded, media, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line(f"/image {media / 'small.png'}")
+    app.handle_line("Describe it.")
+    out.truncate(0), out.seek(0)
+    app.handle_line("/show")
+    text = out.getvalue()
+    assert "<image>\nDescribe it.<|im_end|>" in text and "<IMG_CONTEXT>" not in text
+    assert "[generation]" in text and "max_new_tokens = 8" in text
+
+
+def test_save_load_export(loaded, media, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line(f"/image {media / 'small.png'}")
+    app.handle_line("Describe it.")
+    app.handle_line("More.")
+    assert app.handle_line("/save") == OK
+    saved = list((tmp_path / "home" / ".local" / "state" / "internvl-chat" / "sessions").glob("session-*.json"))
+    assert len(saved) == 1 and f"saved 2 turn(s) to {saved[0]}" in out.getvalue()
+
+    other, out2 = make_app(loaded, tmp_path)
+    assert other.handle_line(f"/load {saved[0]}") == OK
+    assert [t.user_text for t in other.session.turns] == ["Describe it.", "More."]
+    assert other.session.ids == app.session.ids
+    assert "loaded 2 turn(s)" in out2.getvalue()
+
+    assert other.handle_line("/export talk.md") == OK  # relative to the app's folder
+    md = (tmp_path / "talk.md").read_text()
+    assert f"![small.png](<{(media / 'small.png').resolve()}>)" in md
+    assert md.index("## User") < md.index("Describe it.") < md.index("## Assistant") < md.index("More.")
+    assert app.session.turns[0].answer_text in md
+    assert other.handle_line("/load nothing-here.json") == ERROR
+    assert len(other.session.turns) == 2
+
+
+def test_help_and_exit(loaded, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("/help")
+    for name in ("/image", "/video", "/context", "/export", "/exit"):
+        assert name in out.getvalue()
+    app.handle_line("/help video")
+    assert "--frames N" in out.getvalue()
+    assert app.handle_line("/quit") == EXIT and app.handle_line("/exit") == EXIT
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------
+
+
+class InterruptOnFirstWrite(io.StringIO):
+    """Sends this process a real SIGINT when the first answer text is written (once armed)."""
+
+    armed = False
+
+    def write(self, s: str) -> int:
+        if self.armed and s.strip():
+            self.armed = False
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().write(s)
+
+
+def test_ctrl_c_during_the_answer_keeps_the_partial_answer(loaded, tmp_path):
+    file = InterruptOnFirstWrite()
+    app, out = make_app(loaded, tmp_path, file=file, interactive=True, **{"ui.plain": True, "generation.max_new_tokens": 300})
+    file.armed = True
+    assert app.handle_line("Tell me a very long story.") == OK
+    turn = app.session.turns[-1]
+    assert turn.finish_reason == "cancelled" and turn.answer_text.endswith("[cancelled]")
+    assert len(turn.answer_ids) < 300
+    assert "[cancelled: the partial answer is kept" in out.getvalue()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert app.handle_line("Another question.") == OK
+    assert len(app.session.turns) == 2 and app.session.turns[-1].finish_reason in ("stop", "length")
+
+
+def test_ctrl_c_before_the_answer_leaves_everything_as_it_was(loaded, media, tmp_path, monkeypatch):
+    app, out = make_app(loaded, tmp_path, interactive=True)
+    app.handle_line("Hello.")
+    ids = list(app.session.ids)
+    app.handle_line(f"/image {media / 'square.png'}")
+    real = loaded.model.encode_images
+
+    def interrupted(pixels):  # Ctrl-C pressed while the vision encoder runs
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(pixels)
+
+    monkeypatch.setattr(loaded.model, "encode_images", interrupted)
+    assert app.handle_line("What is it?") == OK
+    assert "[cancelled before the answer began; the conversation is unchanged]" in out.getvalue()
+    assert app.session.ids == ids and len(app.session.turns) == 1 and len(app.pending) == 1
+    monkeypatch.setattr(loaded.model, "encode_images", real)
+    assert app.handle_line("What is it?") == OK
+    assert len(app.session.turns) == 2 and app.session.turns[1].media[0].path.name == "square.png"
+
+
+def test_without_interactive_ctrl_c_propagates(loaded, tmp_path):
+    file = InterruptOnFirstWrite()
+    app, _ = make_app(loaded, tmp_path, file=file, **{"ui.plain": True, "generation.max_new_tokens": 300})
+    file.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        app.handle_line("Tell me a very long story.")
+    assert app.session.turns == [] and app.session.context_used == 0
+
+
+def test_ctrl_c_during_retry_prefill_says_what_was_lost(loaded, tmp_path, monkeypatch):
+    app, out = make_app(loaded, tmp_path, interactive=True)
+    app.handle_line("First.")
+    app.handle_line("Second.")
+    real = loaded.model.forward
+
+    def interrupted(*args, **kwargs):  # Ctrl-C pressed during the retry's prefill
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", interrupted)
+    assert app.handle_line("/retry") == OK
+    monkeypatch.setattr(loaded.model, "forward", real)
+    assert [t.user_text for t in app.session.turns] == ["First."]  # Session.retry drops the turn first
+    assert "the last question and its answer were removed; ask it again" in out.getvalue()
+    assert app.handle_line("Second.") == OK and len(app.session.turns) == 2

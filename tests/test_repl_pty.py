@@ -1,0 +1,230 @@
+"""The REPL end to end in a real pseudo-terminal (pexpect), against the tiny checkpoint.
+
+Keys are sent as a terminal sends them: Enter is "\\r", Ctrl-C goes through the terminal driver
+(`sendintr`), so SIGINT reaches the program exactly as when a person presses it. The checks wait
+for stable markers (the app's own lines, prompt_toolkit's "bracketed paste on" when a prompt is
+ready), never for a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+from PIL import Image
+from prompt_toolkit.document import Document
+
+from internvl_chat.ui.repl import ChatCompleter
+from media_helpers import textured_rgb, write_numbered_video
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT_READY = "\x1b[?2004h"  # prompt_toolkit turns bracketed paste on when it waits for input
+INPUT_DONE = "\x1b[?2004l"  # … and off when a line is accepted
+STATS = r"decode [\d.,]+ tok/s · context [\d,]+/[\d,]+ \(\d+ %\)"
+TIMEOUT = 90
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("repl_media")
+    Image.fromarray(textured_rgb(900, 450, seed=5)).save(d / "small.png")  # 3 tiles
+    Image.fromarray(textured_rgb(2000, 2000, seed=6)).save(d / "big.png")  # 12 tiles + thumbnail
+    write_numbered_video(d / "clip.mp4", num_frames=20, fps=10)
+    (d / "notes.txt").write_text("not media")
+    (d / "My Pics").mkdir()
+    (d / "My Pics" / "cat.jpg").write_bytes(b"")
+    return d
+
+
+class Repl:
+    def __init__(self, home: Path, model: Path, *args: str, env_extra: dict | None = None):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "INTERNVL_CHAT_CONFIG": os.devnull,
+            "HOME": str(home),
+            "TERM": "xterm-256color",
+            "NO_COLOR": "1",
+            "PROMPT_TOOLKIT_NO_CPR": "1",  # nobody answers cursor-position requests here
+            **(env_extra or {}),
+        }
+        env.pop("XDG_STATE_HOME", None)
+        argv = ["-m", "internvl_chat.cli", "--model", str(model), "--device", "cpu", *args]
+        self.child = pexpect.spawn(sys.executable, argv, env=env, dimensions=(50, 220), encoding="utf-8",
+                                   timeout=TIMEOUT, cwd=str(home))  # fmt: skip
+        self.child.expect_exact(PROMPT_READY)
+
+    def type(self, text: str) -> None:
+        self.child.send(text)
+
+    def enter(self, line: str) -> None:
+        """Type a line, press Enter, wait until it is accepted."""
+        self.child.send(line + "\r")
+        self.child.expect_exact(INPUT_DONE)
+
+    def expect(self, pattern: str) -> str:
+        self.child.expect(pattern)
+        return self.child.match.group(0)
+
+    def prompt(self) -> None:
+        self.child.expect_exact(PROMPT_READY)
+
+    def run(self, line: str, pattern: str) -> str:
+        self.enter(line)
+        found = self.expect(pattern)
+        self.prompt()
+        return found
+
+    def close(self) -> int:
+        self.child.expect(pexpect.EOF)
+        self.child.close()
+        return self.child.exitstatus
+
+
+def test_chat_cancel_undo_retry_video_and_errors(tiny_original, media, tmp_path):
+    repl = Repl(tmp_path, tiny_original, "--max-context", "3072", "--max-new-tokens", "40", "--plain")
+
+    # attach, see the cost before anything runs, ask: the answer streams and the stats line follows
+    repl.run(f"/image {media / 'small.png'}", r"\+ image small\.png 900×450 → 3 tiles · 771 tokens · context \d+ %")
+    repl.run("What is in the picture?", r"vision [\d.]+ s · prefill [\d,]+ tok .*" + STATS)
+
+    # errors: one line each, and the REPL goes on
+    repl.run(f"/image {media / 'big.png'}", r"error: cannot attach big\.png: .*larger --max-context")
+    repl.run("/image /nonexistent/cat.png", r"error: .*/nonexistent/cat\.png does not exist")
+    repl.run("/imgae", r"error: unknown command /imgae; did you mean /image\?")
+
+    # Ctrl-C at the prompt clears the line
+    repl.type("half a line")
+    repl.child.sendintr()
+    repl.prompt()
+    repl.run("/media", r"nothing attached")
+
+    # Ctrl-C in the middle of an answer: the partial answer is kept, marked, and the chat goes on
+    repl.run("/set max_new_tokens 1500", r"generation\.max_new_tokens = 1500")
+    repl.enter("Tell me a long story.")
+    # the first visible character of the answer (--plain: no spinner), past any escape sequences
+    repl.expect(r"\A(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*[^\s\x1b]")
+    repl.child.sendintr()
+    repl.expect(r"\[cancelled: the partial answer is kept")
+    repl.expect(STATS)
+    repl.prompt()
+    repl.run("/set max_new_tokens 40", r"= 40")
+    repl.run("And now something else.", STATS)
+    repl.run("/undo", r"removed turn 3: “And now something else\.”")
+    repl.run("/retry", STATS)
+
+    # a video with its cost line, then a question about it
+    repl.run(f"/video {media / 'clip.mp4'} --frames 4", r"\+ video clip\.mp4 4 frames of 2\.0 s → [\d,]+ tokens · context \d+ %")
+    repl.run("What happens in the video?", r"vision [\d.]+ s .*" + STATS)
+    repl.run(f"/save {tmp_path / 'talk.json'}", r"saved 3 turn\(s\)")
+    repl.enter("/exit")
+    assert repl.close() == 0
+
+    saved = json.loads((tmp_path / "talk.json").read_text())
+    users = [m for m in saved["messages"] if m["role"] == "user"]
+    answers = [m for m in saved["messages"] if m["role"] == "assistant"]
+    assert [m["text"] for m in users] == ["What is in the picture?", "Tell me a long story.", "What happens in the video?"]
+    assert [[x["kind"] for x in m["media"]] for m in users] == [["image"], [], ["video"]]
+    assert answers[1]["finish_reason"] in ("stop", "length")  # /retry replaced the cancelled answer
+    assert len(answers[1]["token_ids"]) <= 40
+
+    history = tmp_path / ".local" / "state" / "internvl-chat" / "history"
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600
+    assert "/undo" in history.read_text() and "half a line" not in history.read_text()
+
+
+def _conversation(markdown: str) -> str:
+    return markdown[markdown.index("## ") :]  # without the header (it holds the export time)
+
+
+def test_markdown_multiline_completion_and_save_load_in_a_new_process(tiny_original, media, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    editor = tmp_path / "editor.sh"  # an "editor" that writes the message into the file it is given
+    editor.write_text("#!/bin/sh\nprintf 'Edited in the editor.' > \"$1\"\n")
+    editor.chmod(0o755)
+    repl = Repl(home, tiny_original, "--max-new-tokens", "24", env_extra={"EDITOR": str(editor), "VISUAL": str(editor)})
+
+    # Tab completes the command, then the path (only images are offered for /image)
+    repl.type("/ima\t")
+    repl.expect(r"/image")
+    repl.type(f"{media}/sm\t")
+    repl.expect(r"all\.png")  # the rest of small.png, filled in
+    repl.enter("")
+    repl.expect(r"\+ image small\.png 900×450")
+    repl.prompt()
+
+    # a """ block is one message; Markdown streaming on a terminal, then the stats line
+    repl.type('"""\r')
+    repl.type("first line\r")
+    repl.type("second line\r")
+    repl.enter('"""')
+    repl.expect(STATS)
+    repl.prompt()
+    # Alt+Enter (Esc Enter) and Ctrl-J add lines instead of sending
+    repl.run("abc\x1b\rdef\nghi", STATS)
+    # Ctrl-X Ctrl-E: the buffer goes to $EDITOR, and what the editor leaves is sent
+    repl.type("draft")
+    repl.child.sendcontrol("x")
+    repl.child.sendcontrol("e")
+    repl.expect(STATS)
+    repl.prompt()
+    repl.run(f"/save {tmp_path / 'talk.json'}", r"saved 3 turn\(s\)")
+    repl.run("Go on.", STATS)
+    repl.run(f"/export {tmp_path / 'one.md'}", r"exported 4 turn\(s\)")
+    repl.child.sendcontrol("d")
+    assert repl.close() == 0
+
+    saved = json.loads((tmp_path / "talk.json").read_text())
+    users = [m["text"] for m in saved["messages"] if m["role"] == "user"]
+    assert users == ["first line\nsecond line", "abc\ndef\nghi", "Edited in the editor."]
+
+    # a new process loads the conversation and continues it exactly as the first one did
+    home2 = tmp_path / "home2"
+    home2.mkdir()
+    repl = Repl(home2, tiny_original, "--max-new-tokens", "24", "--no-history")
+    repl.run(f"/load {tmp_path / 'talk.json'}", r"loaded 3 turn\(s\)")
+    repl.run("Go on.", STATS)
+    repl.run(f"/export {tmp_path / 'two.md'}", r"exported 4 turn\(s\)")
+    repl.enter("/quit")
+    assert repl.close() == 0
+    one, two = (tmp_path / "one.md").read_text(), (tmp_path / "two.md").read_text()
+    assert _conversation(one) == _conversation(two)
+    assert not (home2 / ".local" / "state" / "internvl-chat" / "history").exists()
+
+
+# --- completion (no terminal needed) ------------------------------------------------------------
+
+
+def _complete(text: str, cwd: Path | None = None) -> list[str]:
+    return [c.text for c in ChatCompleter(cwd).get_completions(Document(text), None)]
+
+
+def test_completion_of_commands_settings_and_values():
+    assert _complete("/ima") == ["/image "]
+    assert set(_complete("/")) >= {"/help ", "/video ", "/export ", "/quit "}
+    assert _complete("/set temp") == ["temperature"]
+    assert "generation.top_p" in _complete("/set gen")
+    assert _complete("/set stats ") == ["true", "false"]
+    assert _complete("/set temperature ") == []
+    assert _complete("/video clip.mp4 --fr") == ["--frames"]
+    assert _complete("/help vi") == ["video"]
+    assert _complete("/clear ") == []
+
+
+def test_completion_of_paths_filters_by_kind(media, tmp_path):
+    listing = lambda text: sorted(_complete(text))  # noqa: E731
+    assert listing(f"/image {media}/") == sorted([f"{media}/My\\ Pics/", f"{media}/big.png", f"{media}/small.png"])
+    assert listing(f"/video {media}/") == sorted([f"{media}/My\\ Pics/", f"{media}/clip.mp4"])
+    assert f"{media}/notes.txt" in listing(f"/save {media}/")
+    assert listing(f"/image {media}/My\\ Pics/") == [f"{media}/My\\ Pics/cat.jpg"]
+    assert listing(f"/image '{media}/My Pics/c") == [f"'{media}/My Pics/cat.jpg'"]
+    assert listing(f"what is {media}/sm") == [f"{media}/small.png"]  # media paths inside a message
+    assert _complete("relative/pic", cwd=media) == []  # a message word that does not look like a path
+    assert _complete("/image sm", cwd=tmp_path) == []  # relative to the working folder, which has none
+    assert _complete("/image sm", cwd=media) == ["small.png"]

@@ -1,0 +1,124 @@
+"""Non-interactive runs: `--script` transcripts, the scripted demo, and one-shot interruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from internvl_chat.ui.script import read_entries
+from media_helpers import textured_rgb
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env(**extra: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, **extra}
+    env.pop("NO_COLOR", None)
+    return env
+
+
+def cli(*args: str, stdin: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "internvl_chat.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=_env(), timeout=300, cwd=cwd)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("script_media") / "photo.png"
+    Image.fromarray(textured_rgb(900, 450, seed=5)).save(path)
+    return path
+
+
+def test_read_entries_joins_triple_quote_blocks():
+    script = '# comment\n\n/image a.png\nHello\n"""\nline 1\n\n# not a comment\n"""\n"""one"""\n/context\n'
+    entries = list(read_entries(script))
+    assert [(e.line_number, e.text) for e in entries] == [
+        (3, "/image a.png"),
+        (4, "Hello"),
+        (5, '"""\nline 1\n\n# not a comment\n"""'),
+        (10, '"""one"""'),
+        (11, "/context"),
+    ]
+
+
+def test_script_transcript_of_a_multi_turn_run(tiny_original, image, tmp_path):
+    saved = tmp_path / "talk.json"
+    script = tmp_path / "chat.txt"
+    script.write_text(
+        f"# a scripted conversation\n/image {image}\nWhat is in the picture?\n"
+        '"""\nTell me more,\nin two lines.\n"""\n'
+        f"/context\n/nosuch\n/undo\nAnd the colours?\n/stats\n/save {saved}\n"
+    )
+    run = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "8", "--script", str(script))
+    assert run.returncode == 1, run.stderr  # /nosuch failed, the rest ran
+    assert run.stderr.strip().splitlines()[-1] == "internvl-chat: 1 script line(s) failed (line 9)"
+    out = run.stdout.splitlines()
+    expected_echoes = [
+        f">>> /image {image}", ">>> What is in the picture?", '>>> """', "... Tell me more,", "... in two lines.",
+        '... """', ">>> /context", ">>> /nosuch", ">>> /undo", ">>> And the colours?", ">>> /stats", f">>> /save {saved}",
+    ]  # fmt: skip
+    assert [line for line in out if line.startswith((">>> ", "... "))] == expected_echoes
+    after = lambda echo: out[out.index(echo) + 1]  # noqa: E731  the line printed right after an echo
+    assert after(f">>> /image {image}").startswith("+ image photo.png 900×450 → 3 tiles · 771 tokens · context")
+    assert after(">>> /context").startswith("context: ")
+    assert after(">>> /nosuch").startswith("error: unknown command /nosuch")
+    assert after(">>> /undo") == "removed turn 2: “Tell me more, in two lines.” and its answer"
+    assert after(">>> /stats").startswith("finish ")
+    assert sum("decode" in line and "context" in line for line in out) == 3  # a stats line per answer
+    data = json.loads(saved.read_text())
+    assert [m["text"] for m in data["messages"] if m["role"] == "user"] == ["What is in the picture?", "And the colours?"]
+
+
+def test_script_from_stdin_succeeds_and_exit_stops_it(tiny_original):
+    run = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "4", "--no-stats", "--script", "-",
+              stdin="Hello.\n/exit\nNever sent.\n")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert ">>> Hello." in run.stdout and ">>> /exit" in run.stdout and "Never sent" not in run.stdout
+    assert "decode" not in run.stdout
+
+
+def test_script_usage_errors_exit_2_before_loading(tmp_path):
+    missing = cli("--model", "/nonexistent/model", "--script", str(tmp_path / "none.txt"))
+    assert missing.returncode == 2 and "none.txt does not exist" in missing.stderr
+    both = cli("--script", "-", "-p", "hi")
+    assert both.returncode == 2 and "--script" in both.stderr
+
+
+def test_the_scripted_demo_runs(tiny_original, tmp_path):
+    made = subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_media.py"), "--out-dir", ".cache/demo/"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert Image.open(tmp_path / ".cache/demo/scene.png").size == (640, 400)
+    run = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "6",
+              "--script", str(REPO / "examples" / "demo.txt"), cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert ">>> /image .cache/demo/scene.png\n+ image scene.png 640×400 → " in out
+    questions = [line for line in out.splitlines() if line.startswith(">>> ") and not line.startswith(">>> /")]
+    assert len(questions) >= 2
+    assert ">>> /context\ncontext: " in out and ">>> /stats\nfinish " in out
+
+
+def test_oneshot_interrupted_exits_130(tiny_original):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu",
+         "--max-new-tokens", "3000", "-p", "Tell me a very long story."],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+    )  # fmt: skip
+    try:
+        first = proc.stdout.read(1)  # the answer has started streaming
+        assert first
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err.decode().strip().splitlines()[-1] == "internvl-chat: interrupted"
+    assert "decode" not in (first + rest).decode(errors="replace")  # stdout holds only (part of) the answer
