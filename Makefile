@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL := internvl_chat/demo_model
 DEMO_IMAGE := .cache/demo/scene.png
 
-.PHONY: install demo test bench eval gpu-check clean
+.PHONY: install demo test bench eval clean
 
 install: $(STAMP)
 
@@ -31,7 +31,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py --threads 1
+
+eval: $(STAMP)
+	$(BIN)/python scripts/eval_demo_model.py --model $(DEMO_MODEL)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -106,3 +106,18 @@ def test_corrupt_checkpoint_exits_2(tmp_path):
     run = cli("--model", str(tmp_path), "-p", "hi")
     assert run.returncode == 2
     assert "unknown architecture" in run.stderr
+
+
+def test_video_flags(tiny_original, tmp_path):
+    from media_helpers import write_numbered_video
+
+    clip = write_numbered_video(tmp_path / "clip.mp4", num_frames=30)
+    base = ["--model", str(tiny_original), "--max-new-tokens", "3", "--device", "cpu", "--json", "-p", "What happens?"]
+    whole = json.loads(cli(*base, "--video", str(clip), "--frames", "3").stdout)
+    text_only = json.loads(cli(*base).stdout)
+    # each frame is one <image>: <img> + 256 × <IMG_CONTEXT> + </img>, plus its "FrameN: " label
+    assert whole["usage"]["prompt_tokens"] - text_only["usage"]["prompt_tokens"] >= 3 * 258
+    ranged = cli(*base, "--video", str(clip), "--frames", "2", "--video-range", "0.2-0.6")
+    assert ranged.returncode == 0, ranged.stderr
+    bad = cli(*base, "--video", str(clip), "--video-range", "5-9")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
