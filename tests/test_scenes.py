@@ -139,7 +139,7 @@ def test_colours_are_drawn_and_background_is_neutral(rendered):
 
 def test_count_answer_matches_distinct_colour_blobs(rendered):
     for drawn in rendered:
-        scene, pixels = drawn.scene, drawn.pixels
+        scene = drawn.scene
         present = [c for c in COLOURS if len(drawn.blobs[c][0]) > 200]
         qa = scene.questions()["count"][0]
         assert NUMBERS[normalize_answer(qa.answer)] == len(present) == len(scene.shapes)
@@ -148,7 +148,7 @@ def test_count_answer_matches_distinct_colour_blobs(rendered):
 def test_colour_and_shape_answers_match_pixels(rendered):
     checked = 0
     for drawn in rendered:
-        scene, pixels = drawn.scene, drawn.pixels
+        scene = drawn.scene
         questions = scene.questions()
         for qa in questions.get("colour", []):
             colour = normalize_answer(qa.answer)
@@ -181,7 +181,7 @@ def side(values: np.ndarray, extent: int) -> str | None:
 def test_position_answers_are_unambiguous_and_match_pixels(rendered):
     asked = 0
     for drawn in rendered:
-        scene, pixels = drawn.scene, drawn.pixels
+        scene = drawn.scene
         for qa in scene.questions().get("position", []):
             (colour,) = find_colour_words(qa.question)
             kind = next(k for k in SHAPES if k in qa.question)
@@ -203,7 +203,7 @@ def test_position_answers_are_unambiguous_and_match_pixels(rendered):
 def test_description_matches_pixels(rendered):
     phrase = re.compile(r"(?:a|an) (\w+) (\w+)(?: (?:at|on|in) the (top|bottom)? ?(left|right|middle)?)?")
     for drawn in rendered:
-        scene, pixels = drawn.scene, drawn.pixels
+        scene = drawn.scene
         sentence = scene.questions()["describe"][0].answer
         assert sentence[0].isupper() and sentence.endswith(".")
         parts = phrase.findall(sentence.lower())
