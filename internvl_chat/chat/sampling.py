@@ -114,7 +114,7 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, sorted_ids = torch.sort(logits, descending=False, dim=-1)
     cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     drop_sorted = cum_probs <= (1 - p)
-    drop_sorted[..., -1] = False
+    drop_sorted[..., -1:].fill_(False)  # a scalar setitem would copy from the host and sync on CUDA
     drop = torch.zeros_like(drop_sorted).scatter_(-1, sorted_ids, drop_sorted)
     return logits.masked_fill(drop, -math.inf)
 
