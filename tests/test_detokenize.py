@@ -6,16 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoTokenizer, TokenizersBackend
+from transformers import AutoTokenizer
 
+from qwen_like_tokenizer import SPECIALS
+from qwen_like_tokenizer import build_qwen_like_tokenizer as build_tokenizer
 from internvl_chat.chat.detokenize import IncrementalDetokenizer
 
-# Qwen2's pre-tokenizer split (a fact of its tokenizer.json), followed by byte-level mapping
-QWEN_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
 CORPUS = [
     "Hello world, this is a picture of a cat.\n\nThe answer is 42.",
     "你好，世界！这是一只猫。图片中有一个苹果。",
@@ -34,21 +30,7 @@ ANSWER = (
 
 
 def build_qwen_like_tokenizer() -> Any:
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    return TokenizersBackend(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return build_tokenizer(CORPUS, 400, pad_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="module")

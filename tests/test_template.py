@@ -6,18 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoTokenizer, TokenizersBackend
+from transformers import AutoTokenizer
 
+from qwen_like_tokenizer import SPECIALS
+from qwen_like_tokenizer import build_qwen_like_tokenizer as build_tokenizer
 from internvl_chat.chat.template import MediaSpec, PromptBuilder, media_order
 from internvl_chat.errors import CheckpointError, MediaError
 
-# Qwen2's pre-tokenizer split (a fact of its tokenizer.json): it merges runs of newlines and spaces,
-# so tokenizing template pieces separately would give different ids than the whole string.
-QWEN_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
 CORPUS = [
     "system\nuser\nassistant\nImage-1: Image-2: Frame1: Frame2: Frame3:",
     "Describe the image.\n\nWhat is in the picture?\n\n\n  Indented text\n    more\n",
@@ -29,21 +24,7 @@ Q = "What is in the picture?"
 
 
 def build_qwen_like_tokenizer(specials: list[str] = SPECIALS) -> Any:
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    return TokenizersBackend(tokenizer_object=tok, eos_token="<|im_end|>")
+    return build_tokenizer(CORPUS, 500, specials)
 
 
 @pytest.fixture(scope="module")
