@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +14,10 @@ for path in (REPO_ROOT, REPO_ROOT / "scripts", REPO_ROOT / "tests"):
         sys.path.insert(0, str(path))
 
 TINY_SEED = 0
+
+# Shells start background jobs (CI runners, nohup) with SIGINT ignored, and child processes inherit
+# that; the Ctrl-C tests need Python's own handler here and the default disposition in children.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
