@@ -234,10 +234,6 @@ def section_chunk(ckpt: Path, image: Path, plan: bl.Plan, device: torch.device, 
 
 
 def section_w4(ckpt: Path, plan: bl.Plan) -> dict:
-    try:
-        import internvl_chat.quant  # noqa: F401
-    except Exception as e:  # the quant package may be unfinished
-        return {"skipped": f"internvl_chat.quant is not importable: {e!r}"}
     device = torch.device("cpu")
     variants = [
         ("fp32", torch.float32, None),

@@ -60,3 +60,17 @@ def tiny_hf(tmp_path_factory, tiny_tokenizer) -> Path:
 def tiny_hf_legacy(tmp_path_factory, tiny_tokenizer) -> Path:
     """-hf layout, legacy prefixes (language_model.model.*, as save_pretrained writes in transformers 5.24)."""
     return _tiny(tmp_path_factory, tiny_tokenizer, "tiny_hf_legacy", layout="hf", vit="300m", prefix_style="legacy")
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded_tokenizer(tiny_tokenizer: Path):
+    """The project's tiny tokenizer (GPT-2-style split), loaded the way the app loads one."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer)
+
+
+@pytest.fixture(params=["qwen_like", "tiny_loaded"])
+def tokenizer(request: pytest.FixtureRequest):
+    """Both test tokenizers in turn; a module using it defines `qwen_like_tokenizer`."""
+    return request.getfixturevalue(f"{request.param}_tokenizer")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import AutoTokenizer
 
 from qwen_like_tokenizer import SPECIALS
 from qwen_like_tokenizer import build_qwen_like_tokenizer as build_tokenizer
@@ -30,17 +28,6 @@ def build_qwen_like_tokenizer(specials: list[str] = SPECIALS) -> Any:
 @pytest.fixture(scope="module")
 def qwen_like_tokenizer() -> Any:
     return build_qwen_like_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_loaded_tokenizer(tiny_tokenizer: Path) -> Any:
-    """The project's tiny tokenizer (GPT-2-style split), loaded the way the app loads one."""
-    return AutoTokenizer.from_pretrained(tiny_tokenizer)
-
-
-@pytest.fixture(params=["qwen_like", "tiny_loaded"])
-def tokenizer(request: pytest.FixtureRequest) -> Any:
-    return request.getfixturevalue(f"{request.param}_tokenizer")
 
 
 def image(tiles: int, per_tile: int = 256) -> str:
