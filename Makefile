@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-$(DEMO_MODEL)/config.json: | $(STAMP)
-	$(BIN)/python scripts/make_tiny_checkpoint.py --layout original --out $(DEMO_MODEL) --seed 0
+# The demo model is committed (trained by scripts/train_demo_model.py); never replace it silently.
+$(DEMO_MODEL)/config.json:
+	@echo "the embedded demo model is missing: git checkout $(DEMO_MODEL), or train one with scripts/train_demo_model.py" >&2
+	@exit 1
 
 $(DEMO_IMAGE): | $(STAMP)
 	$(BIN)/python scripts/make_demo_media.py --out-dir $(dir $(DEMO_IMAGE))
