@@ -5,6 +5,9 @@ synthetic scenes (internvl_chat/demo/scenes.py), written in the original checkpo
     python scripts/train_demo_model.py --minutes 3 --out internvl_chat/demo_model
     # without a GPU (2-core CPU, about an hour)
     python scripts/train_demo_model.py --device cpu --minutes 50 --out internvl_chat/demo_model
+    # continued training of an existing demo checkpoint (its weights and tokenizer, same sizes)
+    python scripts/train_demo_model.py --device cpu --init internvl_chat/demo_model --seed 1 \
+        --lr 5e-4 --warmup 30 --curriculum-steps 0 --minutes 55 --out /tmp/demo_cont
 
 The model is transformers' `InternVLForConditionalGeneration` (the reference implementation of the
 architecture, trained with autograd); only the written checkpoint has to be InternVL3's. Prompts are
@@ -35,6 +38,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -71,7 +75,7 @@ from internvl_chat.demo.scenes import (  # noqa: E402
     corpus_texts,
     make_scene,
 )
-from internvl_chat.engine.checkpoint import load_tokenizer  # noqa: E402
+from internvl_chat.engine.checkpoint import canonical_to_hf, load_state_dict, load_tokenizer  # noqa: E402
 from internvl_chat.media.image import IMAGENET_MEAN, IMAGENET_STD, choose_grid, count_tiles, tile_image  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -306,6 +310,73 @@ def build_model(tokenizer_dir: Path, seed: int):
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_init_tokenizer(init_dir: Path, tokenizer_dir: Path) -> None:
+    """The starting checkpoint's tokenizer, copied: its token ids are the ones its weights learned."""
+    if not (init_dir / "tokenizer.json").is_file():
+        raise SystemExit(f"error: {init_dir} has no tokenizer.json; --init needs a checkpoint written by this script")
+    for name in TOKENIZER_FILES:
+        if (init_dir / name).is_file():
+            shutil.copy2(init_dir / name, tokenizer_dir / name)
+
+
+def check_init_sizes(init_dir: Path) -> None:
+    """Refuse a starting checkpoint whose widths differ from DEMO_SIZES (the script trains only those)."""
+    config = json.loads((init_dir / "config.json").read_text(encoding="utf-8"))
+    if "llm_config" not in config or "vision_config" not in config:
+        raise SystemExit(f"error: {init_dir} is not an original-layout checkpoint (no llm_config / vision_config in config.json)")
+    v, t = config["vision_config"], config["llm_config"]
+    found = {
+        "vision_hidden": v.get("hidden_size"), "vision_layers": v.get("num_hidden_layers"),
+        "vision_heads": v.get("num_attention_heads"), "vision_mlp": v.get("intermediate_size"),
+        "text_hidden": t.get("hidden_size"), "text_layers": t.get("num_hidden_layers"),
+        "text_heads": t.get("num_attention_heads"), "text_kv_heads": t.get("num_key_value_heads"),
+        "text_ffn": t.get("intermediate_size"), "image_size": v.get("image_size"),
+        "patch_size": v.get("patch_size"), "downsample_ratio": config.get("downsample_ratio"),
+    }
+    wanted = asdict(DEMO_SIZES)
+    differ = [f"{k} {found[k]} (want {wanted[k]})" for k in wanted if found[k] != wanted[k]]
+    if differ:
+        raise SystemExit(f"error: {init_dir} has other sizes than the demo model: {', '.join(differ)}")
+
+
+def load_init_weights(model, init_dir: Path) -> None:
+    """Overwrite every parameter of `model` with the checkpoint's tensors (original names mapped to
+    transformers' in-memory ones, the fused vision qkv split into q, k, v rows), in float32.
+    Every parameter must be found and every checkpoint tensor used, so a partial start cannot pass."""
+    state = {n: t for n, t in model.state_dict().items() if not n.endswith("inv_freq")}
+    loaded: dict[str, torch.Tensor] = {}
+    unused = []
+    for name, tensor in load_state_dict(init_dir, layout="original").items():
+        targets = canonical_to_hf(name, "new")
+        if not all(t in state for t in targets):
+            unused.append(name)
+            continue
+        for target, piece in zip(targets, tensor.chunk(len(targets), dim=0)):
+            if piece.shape != state[target].shape:
+                raise SystemExit(f"error: {init_dir}: {name} has shape {tuple(piece.shape)}, the model wants {tuple(state[target].shape)}")
+            loaded[target] = piece.float()
+    missing = sorted(set(state) - set(loaded))
+    if missing or unused:
+        raise SystemExit(f"error: {init_dir} does not match the demo model: missing {missing[:5]}, unused {unused[:5]}")
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in loaded:
+                tensor.copy_(loaded[name])
+
+
+def previous_stages(init_dir: Path) -> list[dict]:
+    """The training records of the starting checkpoint's own stages (oldest first), for training.json."""
+    path = init_dir / "training.json"
+    if not path.is_file():
+        return [{"command": f"(unknown: {init_dir} has no training.json)"}]
+    record = json.loads(path.read_text(encoding="utf-8"))
+    earlier = record.pop("previous_stages", [])
+    return earlier + [record]
+
+
 def use_matmul_patch_embedding(model) -> None:
     """Run the 14×14, stride-14 patch convolution as what it is, a reshape and one matmul.
 
@@ -538,7 +609,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 64 on CUDA, 8 on CPU)")
     p.add_argument("--workers", type=int, default=None, help="data worker processes (default: cores - 1 on CUDA, 1 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this original-layout demo checkpoint (its weights and tokenizer, same sizes) instead of random weights")
+    p.add_argument("--seed", type=int, default=0, help="data, initialisation and schedule (with --init, pick one the first stage did not use)")
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate of the language side")
     p.add_argument("--vision-lr-scale", type=float, default=2.0, help="vision tower and projector learn this much faster")
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -577,8 +650,16 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     tokenizer_dir = Path(tempfile.mkdtemp(prefix="demo_tokenizer_"))
-    build_tokenizer(tokenizer_dir, corpus=tokenizer_corpus(), vocab_size=VOCAB_SIZE)
-    model = build_model(tokenizer_dir, args.seed).to(device)
+    if args.init is not None:  # continued training: the checkpoint's tokenizer and weights
+        check_init_sizes(args.init)
+        copy_init_tokenizer(args.init, tokenizer_dir)
+        model = build_model(tokenizer_dir, args.seed)
+        load_init_weights(model, args.init)
+        model = model.to(device)
+        print(f"initialised from {args.init}", flush=True)
+    else:
+        build_tokenizer(tokenizer_dir, corpus=tokenizer_corpus(), vocab_size=VOCAB_SIZE)
+        model = build_model(tokenizer_dir, args.seed).to(device)
     use_matmul_patch_embedding(model)
     aux_head = make_aux_head(DEMO_SIZES.text_hidden).to(device)
     model.train()
@@ -606,6 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"setup {time.perf_counter() - start:.1f} s; training for "
           + (f"{total_steps} steps" if total_steps else "") + (" or " if total_steps and budget else "")
           + (f"{args.minutes:g} min" if budget else ""), flush=True)
+
+    if args.init is not None:  # where the continued training starts from, on the same scenes
+        acc, token_acc = heldout_accuracy(model, aux_head, heldout, device, autocast)
+        print(f"  held-out @ start: {format_accuracy(acc)}   | image tokens (untrained aux head): {format_accuracy(token_acc)}", flush=True)
 
     t0 = time.perf_counter()
     last_print = t0
@@ -669,6 +754,9 @@ def main(argv: list[str] | None = None) -> int:
 
     record = RunRecord(args.seed, step, batch_size, images, tiles, round(train_seconds, 1), str(device), acc, token_acc, asdict(DEMO_SIZES))
     record_dict = {**asdict(record), "command": "python scripts/train_demo_model.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    if args.init is not None:  # read before writing: --out may be the --init folder itself
+        record_dict["init"] = str(args.init)
+        record_dict["previous_stages"] = previous_stages(args.init)
     size = write_checkpoint(model, args.out, tokenizer_dir, args.dtype, record_dict)
     print(f"wrote {args.out} ({size / 1e6:.2f} MB)", flush=True)
     diff, agree = check_with_engine(model, args.out, heldout[0])

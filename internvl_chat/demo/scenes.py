@@ -37,6 +37,7 @@ NUMBER_WORDS = {1: "One", 2: "Two", 3: "Three"}
 # disjoint seed ranges, so the evaluation never sees a training scene
 EVAL_SEED_BASE = 0  # scripts/eval_demo_model.py: scenes 0, 1, 2, …
 HELDOUT_SEED_BASE = 500_000_000  # the held-out accuracy printed while training
+CALIBRATION_SEED_BASE = 900_000_000  # calibration images for the 4-bit quantizer (eval script)
 TRAIN_SEED_BASE = 1_000_000_000  # training scenes: base + run seed · 10¹² + a counter
 
 COLOUR_JITTER = 12  # per channel, so the model cannot key on one exact RGB value
@@ -122,6 +123,20 @@ class Scene:
                 draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=shape.rgb)
             else:
                 draw.polygon(shape.outline(), fill=shape.rgb)
+        return image
+
+    def label_map(self) -> Image.Image:
+        """Mode "L" image of `size`: 0 for background, k + 1 where shape k is drawn (same outlines
+        as `render`). Training uses it for dense per-token supervision of the vision side."""
+        image = Image.new("L", self.size, 0)
+        draw = ImageDraw.Draw(image)
+        for k, shape in enumerate(self.shapes):
+            if shape.kind == "circle":
+                cx, cy = shape.center
+                r = shape.radius
+                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=k + 1)
+            else:
+                draw.polygon(shape.outline(), fill=k + 1)
         return image
 
     # ---- text -----------------------------------------------------------------------------
