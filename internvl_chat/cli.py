@@ -8,12 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from . import __version__
 from .errors import InternVLChatError, UsageError
 
-EMBEDDED_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,14 +78,6 @@ def _overrides(args: argparse.Namespace) -> dict:
         "ui.plain": True if args.plain else None,
         "system.message": args.system,
     }
-
-
-def model_path(settings) -> Path:
-    if settings.model.path:
-        return Path(settings.model.path).expanduser()
-    if not (EMBEDDED_MODEL / "config.json").is_file():
-        raise UsageError("no --model given and the embedded demo model is missing; pass --model DIR (or run `make demo`)")
-    return EMBEDDED_MODEL
 
 
 def _read_prompt(args: argparse.Namespace) -> str | None:

@@ -142,13 +142,8 @@ def first_block_inputs(loaded: LoadedModel, samples: Sequence[Sample]) -> list[t
     out = []
     with torch.inference_mode():
         for s in samples:
-            ids = torch.tensor(s.ids, device=model.device)
-            h = model.language_model.model.embed_tokens(ids)[None]
-            if s.pixel_values is not None:
-                features = model.encode_images(s.pixel_values).reshape(-1, h.shape[-1])
-                h = h.clone()
-                h[0, ids == model.image_token_id] = features.to(h.dtype)
-            out.append(h)
+            features = model.encode_images(s.pixel_values) if s.pixel_values is not None else None
+            out.append(model.embed(torch.tensor(s.ids, device=model.device), features))
     return out
 
 
@@ -240,7 +235,7 @@ def search_clip(weight_out_in: torch.Tensor, x: torch.Tensor, group_size: int) -
 
 def _fused_parts(cfg: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
     t = cfg.text
-    q, kv, f = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.intermediate_size
+    q, kv, f = t.q_size, t.kv_size, t.intermediate_size
     return {
         "self_attn.qkv_proj": [("self_attn.q_proj", 0, q), ("self_attn.k_proj", q, q + kv), ("self_attn.v_proj", q + kv, q + 2 * kv)],
         "self_attn.o_proj": [("self_attn.o_proj", 0, t.hidden_size)],

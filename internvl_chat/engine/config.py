@@ -55,6 +55,14 @@ class TextConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
 
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
 
 @dataclass(frozen=True)
 class QuantConfig:

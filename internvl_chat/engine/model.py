@@ -162,7 +162,7 @@ class InternVLModel(nn.Module):
     def _block_sizes(self, fused: str) -> list[int]:
         t = self.cfg.text
         if fused == "qkv_proj":
-            return [t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.num_kv_heads * t.head_dim]
+            return [t.q_size, t.kv_size, t.kv_size]
         return [t.intermediate_size, t.intermediate_size]
 
     def _copy_rows(self, name: str, target: torch.Tensor, block: int, fused: str, tensor: torch.Tensor) -> None:
@@ -230,12 +230,17 @@ class InternVLModel(nn.Module):
             )
         if self.decode_graphs is not None and t == 1 and not all_logits and image_features is None:
             return self.decode_graphs.step(ids, start_pos)
-        h = self.language_model.model.embed_tokens(ids)[None]
-        if image_features is not None and image_features.numel():
-            h = self._insert_image_features(ids, h, image_features)
+        h = self.embed(ids, image_features)
         positions = torch.arange(start_pos, start_pos + t, device=self.device)
         logits = self.language_model.forward_embeds(h, positions, start_pos + t, start_pos, last_only=not all_logits)
         return logits if all_logits else logits[-1]
+
+    def embed(self, ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [1, T, D] with image features in place of the <IMG_CONTEXT> tokens."""
+        h = self.language_model.model.embed_tokens(ids)[None]
+        if image_features is None or not image_features.numel():
+            return h
+        return self._insert_image_features(ids, h, image_features)
 
     def _insert_image_features(self, ids: torch.Tensor, h: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         if self.image_token_id is None:

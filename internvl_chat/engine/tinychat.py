@@ -23,7 +23,7 @@ _LINEAR = re.compile(r"^(language_model\.model\.layers\.\d+\.(?:self_attn|mlp))\
 def linear_shapes(cfg: ModelConfig) -> dict[str, list[tuple[str, int]]]:
     """For each linear name a TinyChat file may use: its parts and their output sizes."""
     t = cfg.text
-    q, kv, f = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.intermediate_size
+    q, kv, f = t.q_size, t.kv_size, t.intermediate_size
     single = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": t.hidden_size, "gate_proj": f, "up_proj": f, "down_proj": t.hidden_size}
     shapes = {name: [(name, n)] for name, n in single.items()}
     shapes["qkv_proj"] = [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]
@@ -33,7 +33,7 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, list[tuple[str, int]]]:
 
 def in_features(cfg: ModelConfig, linear: str) -> int:
     t = cfg.text
-    return {"o_proj": t.num_heads * t.head_dim, "down_proj": t.intermediate_size}.get(linear, t.hidden_size)
+    return {"o_proj": t.q_size, "down_proj": t.intermediate_size}.get(linear, t.hidden_size)
 
 
 def convert_tinychat(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:

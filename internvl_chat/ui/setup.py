@@ -27,10 +27,16 @@ def sampling_params(settings: Settings) -> SamplingParams:
     ).validate()
 
 
-def resolve_model_path(settings: Settings) -> Path:
-    from ..cli import model_path
+EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 
-    return model_path(settings)
+
+def resolve_model_path(settings: Settings) -> Path:
+    """The --model folder, or the embedded demo model when none is set."""
+    if settings.model.path:
+        return Path(settings.model.path).expanduser()
+    if not (EMBEDDED_MODEL / "config.json").is_file():
+        raise UsageError("no --model given and the embedded demo model is missing; pass --model DIR (or run `make demo`)")
+    return EMBEDDED_MODEL
 
 
 def load_for_settings(settings: Settings, show_progress: bool) -> LoadedModel:
