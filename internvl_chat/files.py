@@ -1,0 +1,129 @@
+"""Reading files we did not write, writing files atomically, and showing file-derived text safely.
+
+Every text file the app reads (sessions, scripts, configs, checkpoint JSON) is untrusted: it must
+be a regular file (a FIFO would block forever, a device would never end), it is read with a size
+limit, and its bytes must be UTF-8. Every file the app writes is written to a temporary file in
+the same folder and renamed over the target, so a crash never leaves half a file and a symlink at
+the target is replaced, never followed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from .errors import UsageError
+
+MiB = 1 << 20
+TEXT_LIMIT = 16 * MiB  # sessions, scripts, configs: far above any real one
+JSON_LIMIT = 64 * MiB  # checkpoint config/index JSON (a sharded index of a 78B model is ~100 KiB)
+_CHUNK = 1 << 20  # reads in chunks so Ctrl-C is seen between them
+
+
+def read_bytes_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: type[Exception] = UsageError) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; anything else raises `error` (one line).
+
+    The file is opened without blocking and checked through its descriptor, so a FIFO, a device
+    or a file swapped for one after a check cannot hang or flood the app.
+    """
+    path = Path(path)
+    shown = visible(str(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise error(f"{what} {shown} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise error(f"{what} {shown} is a folder, not a file; give a file") from None
+    except OSError as e:
+        raise error(f"cannot read {what} {shown} ({e.strerror or e}); check the path and its permissions") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise error(f"{what} {shown} is a folder, not a file; give a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{what} {shown} is not a regular file (a pipe or a device?); save it to a file first")
+        if info.st_size > limit:
+            raise error(f"{what} {shown} is {info.st_size / MiB:,.1f} MiB, over the {limit / MiB:,.0f} MiB limit; "
+                        "is it the right file?")  # fmt: skip
+        os.set_blocking(fd, True)
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            block = os.read(fd, _CHUNK)
+            if not block:
+                break
+            total += len(block)
+            if total > limit:  # it grew while we read it
+                raise error(f"{what} {shown} is over the {limit / MiB:,.0f} MiB limit; is it the right file?")
+            parts.append(block)
+        return b"".join(parts)
+    except OSError as e:
+        raise error(f"cannot read {what} {shown} ({e.strerror or e}); check the file") from None
+    finally:
+        os.close(fd)
+
+
+def decode_utf8(data: bytes, what: str, error: type[Exception] = UsageError) -> str:
+    """`data` as UTF-8 (a BOM is dropped), or one line saying where the first bad byte is."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8") from None
+
+
+def read_text_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: type[Exception] = UsageError) -> str:
+    """A regular UTF-8 text file of at most `limit` bytes (see `read_bytes_file`)."""
+    return decode_utf8(read_bytes_file(path, what, limit, error), f"{what} {visible(str(path))}", error)
+
+
+def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path:
+    """Write `data` to `path` atomically: a temp file in the same folder, fsync, then rename.
+
+    A symlink at `path` is replaced by the new file, never followed; a folder there is refused.
+    OSError propagates (the caller names the user's path, never the temp file's).
+    """
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise IsADirectoryError(21, "is a folder", str(path))
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            os.fchmod(fd, mode & ~_umask())
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+# C0 and C1 controls, DEL, and the Unicode format characters that reorder or hide text on screen
+# (bidi overrides and isolates, zero-width marks): none of them may reach the terminal from a file.
+_INVISIBLE = {*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), 0x200B, 0x200C, 0x200D, 0x200E, 0x200F,
+              *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0xFEFF}  # fmt: skip
+_VISIBLE = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _INVISIBLE}
+_VISIBLE.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x1B: "\\e"})
+
+
+def visible(text: str) -> str:
+    """`text` for one line on a terminal: control, escape and bidi characters shown as `\\x..` escapes."""
+    return text.translate(_VISIBLE)
