@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--max-context", type=int, metavar="N", help="KV cache length in tokens (default 8192)")
     p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant: kernels for 4-bit weights")
+    p.add_argument("--compile", metavar="MODE", help="auto | on | off: a compiled decode step (first use compiles, then cached)")
     p.add_argument("--json", action="store_true", help="one-shot: print one JSON object instead of streaming text")
     p.add_argument("--script", metavar="FILE", help="run REPL lines from FILE ('-' for stdin), printed as a transcript; "
                    "failing lines are reported and skipped, and the exit status is then 1")
@@ -64,6 +65,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "model.dtype": args.dtype,
         "model.max_context": args.max_context,
         "model.int4_backend": args.int4_backend,
+        "model.compile": args.compile,
         "generation.temperature": args.temperature,
         "generation.top_p": args.top_p,
         "generation.top_k": args.top_k,

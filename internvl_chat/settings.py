@@ -36,6 +36,7 @@ OTHER_ENV_VARS = (ENV_CONFIG_FILE, "INTERNVL_CHAT_VIDEO_BACKEND")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INT4_BACKENDS = ("auto", "torch", "dequant")
+COMPILE_MODES = ("auto", "on", "off")
 COLORS = ("auto", "always", "never")
 
 # Short names accepted by `/set`; every dotted key ("generation.seed") is accepted too.
@@ -111,6 +112,7 @@ class ModelSettings:
     )
     max_context: int = _setting(8192, _number(16), "an integer ≥ 16")
     int4_backend: str = _setting("auto", _choice(INT4_BACKENDS), "one of auto, torch, dequant")
+    compile: str = _setting("auto", _choice(COMPILE_MODES), "one of auto, on, off")
 
 
 @dataclass

@@ -240,7 +240,9 @@ def decoder_linears(model) -> list[tuple[nn.Module, str, nn.Module]]:
 
 
 def module_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    """Weight bytes of a module: parameters and buffers, except KV-cache buffers."""
+    buffers = [b for name, b in module.named_buffers() if not name.endswith(("k_cache", "v_cache"))]
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + buffers)
 
 
 def quantize_decoder_(model, backend: str, group_size: int = AWQ_GROUP) -> int:
@@ -466,10 +468,8 @@ def decode_step_(model, token: torch.Tensor, pos: torch.Tensor, kv_bucket: int) 
     """One greedy decode step on device buffers, graph-safe: token [1] ← argmax of the next
     logits, pos [1] += 1. Runs the engine's `language_model.forward_embeds` with positions on the
     device and a fixed, masked `kv_bucket` (no host synchronisation, no shape that changes)."""
-    lm = model.language_model
-    h = lm.model.embed_tokens(token)[None]
-    logits = lm.forward_embeds(h, pos, kv_bucket, None, last_only=True)
-    token.copy_(logits[-1].argmax().reshape(1))
+    logits = model.language_model.decode_masked(token, pos, kv_bucket)
+    token.copy_(logits.argmax().reshape(1))
     pos.add_(1)
 
 

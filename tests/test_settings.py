@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The defaults the issue asks for, written out by hand.
 EXPECTED_DEFAULTS = {
-    "model": {"path": "", "device": "auto", "dtype": "auto", "max_context": 8192, "int4_backend": "auto"},
+    "model": {"path": "", "device": "auto", "dtype": "auto", "max_context": 8192, "int4_backend": "auto", "compile": "auto"},
     "generation": {
         "temperature": 0.0,
         "top_p": 1.0,

@@ -15,8 +15,11 @@ MIN_BUCKET = 256
 
 
 class DecodeGraphs:
-    def __init__(self, model):
+    def __init__(self, model, step_fn=None):
+        """`step_fn(token, position, kv_len)` → logits [V]: the step to capture, by default the
+        eager `decode_masked` (engine/compiled.py passes its compiled one)."""
         self.model = model
+        self.step_fn = step_fn or model.language_model.decode_masked
         device = model.device
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
@@ -30,9 +33,7 @@ class DecodeGraphs:
         return min(size, self.model.max_seq_len)
 
     def _step(self, kv_len: int) -> torch.Tensor:
-        lm = self.model.language_model
-        h = lm.model.embed_tokens(self.token)[None]
-        return lm.forward_embeds(h, self.position, kv_len, None, last_only=True)[-1]
+        return self.step_fn(self.token, self.position, kv_len)
 
     def _capture(self, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # warm up on a side stream (lazy init, autotuning) before capturing, as PyTorch advises;

@@ -1,8 +1,19 @@
 """Qwen2 decoder with a static, preallocated KV cache (the discipline of gpt-fast).
 
-Positions arrive as a device tensor and the attended key range `kv_len` as a Python int, so the
-same code serves prefill, plain decode, and a CUDA-graph-captured decode (fixed `kv_len` bucket,
-positions written into a static buffer). Nothing here synchronises with the host.
+One set of layers, three entry points:
+- `forward_embeds(h, start_pos, last_only)`: prefill or an eager decode step. The first position
+  is a host int, so K/V go into the cache slice [start_pos, start_pos + T) and attention reads
+  exactly the valid prefix `start_pos + T` (one new token needs no mask at all).
+- `decode_exact(token, pos)`: the same one-token step as a function of (token tensor, int); the
+  compiled CPU step (engine/compiled.py) traces it with `pos` symbolic, so one compiled graph
+  serves every cache length.
+- `decode_masked(token, position, kv_len)`: the position lives on the device and attention reads a
+  fixed `kv_len` bucket with the stale tail masked (CUDA-graph replay: static shapes, no host sync).
+
+The code is written for Inductor to fuse: RoPE is applied to q and k in one expression (qkv bias
+included, float32 like the reference), residual adds sit next to the RMSNorm that follows them,
+SiLU·mul is one expression, and cache writes are in-place slice copies or `index_copy_` into the
+cache buffers. Nothing here synchronises with the host.
 
 q/k/v and gate/up are fused into one linear each; `engine/model.py` fills their row blocks from
 the separate checkpoint tensors.
@@ -19,19 +30,32 @@ from .vision import RMSNorm
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_len, head_dim] in float32 for the rotate-half convention Qwen2 uses."""
+    """cos/sin [max_len, 1, head_dim/2] in float32 for Qwen2's rotate-half convention.
+
+    Rotate-half uses the same angle for element i and i + head_dim/2, so half a table suffices;
+    the middle axis broadcasts over heads."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=device), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().float()[:, None], angles.sin().float()[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [1, heads, T, hd]; cos/sin [T, hd] float32. Computed in float32 like the reference."""
+    """x [1, T, heads, hd] (token-major); cos/sin [T, 1, hd/2] float32. Computed in float32 like
+    the reference: (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin)."""
+    half = x.shape[-1] // 2
     xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def write_cache(cache: torch.Tensor, new: torch.Tensor, positions) -> None:
+    """new [1, T, kv_heads, hd] into cache [1, kv_heads, S, hd] at `positions`: an int (or a
+    symbolic int when compiled) is the first of T consecutive positions; a tensor lists them."""
+    new = new.transpose(1, 2)
+    if isinstance(positions, torch.Tensor):
+        cache.index_copy_(2, positions, new)
+    else:
+        cache[:, :, positions : positions + new.shape[2]].copy_(new)
 
 
 class Attention(nn.Module):
@@ -43,16 +67,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, positions, kv_len, mask, k_cache, v_cache):
+        """`mask`: None (every query sees the first kv_len keys: one new token), "causal" (a
+        prefill from position 0), or a bool tensor broadcastable to [T, kv_len]."""
         t = x.shape[1]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(1, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache.index_copy_(2, positions, k)
-        v_cache.index_copy_(2, positions, v)
+        heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        qk = apply_rope(qkv[..., : self.q_size + self.kv_size].view(1, t, heads + kv_heads, hd), cos, sin)
+        q, k = qk[:, :, :heads], qk[:, :, heads:]
+        v = qkv[..., self.q_size + self.kv_size :].view(1, t, kv_heads, hd)
+        write_cache(k_cache, k, positions)
+        write_cache(v_cache, v, positions)
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
-        gqa = self.num_kv_heads != self.num_heads
+        if t == 1 and not isinstance(mask, str):
+            # One query: each kv head's group of q heads becomes query rows against that head, so
+            # one SDPA call reads K/V once, with no head repeat and (exact prefix) no mask.
+            out = F.scaled_dot_product_attention(q.reshape(1, kv_heads, heads // kv_heads, hd), keys, values, attn_mask=mask)
+            return self.o_proj(out.reshape(1, 1, self.q_size))
+        gqa = kv_heads != heads
+        q = q.transpose(1, 2)
         if isinstance(mask, str):  # "causal": a prefill from position 0 (lets SDPA pick flash kernels)
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
         else:
@@ -68,7 +100,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -96,45 +128,74 @@ class Qwen2Decoder(nn.Module):
 
 
 class Qwen2ForCausalLM(nn.Module):
-    """`language_model`: decoder + lm_head, owning the static KV cache and the RoPE tables."""
+    """`language_model`: decoder + lm_head, owning the static KV cache and the RoPE tables.
+
+    The cache is one pair of buffers per layer (`layers[i].self_attn.k_cache / v_cache`, not saved
+    in state dicts), written in place, so a compiled step sees fixed storage."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
         self.model = Qwen2Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
         self.max_seq_len = 0
 
     def allocate_cache(self, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (1, self.cfg.num_kv_heads, max_seq_len, self.cfg.head_dim)
-        self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.cfg.num_layers)]
-        self.v_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.cfg.num_layers)]
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            attn.register_buffer("k_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+            attn.register_buffer("v_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.cos, self.sin = rope_tables(self.cfg.head_dim, max_seq_len, self.cfg.rope_theta, device)
         self.max_seq_len = max_seq_len
+
+    def caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (k, v) cache buffers of every layer, in layer order."""
+        return [(layer.self_attn.k_cache, layer.self_attn.v_cache) for layer in self.model.layers if hasattr(layer.self_attn, "k_cache")]
+
+    @property
+    def k_cache(self) -> list[torch.Tensor]:
+        return [k for k, _ in self.caches()]
+
+    @property
+    def v_cache(self) -> list[torch.Tensor]:
+        return [v for _, v in self.caches()]
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 
-    def forward_embeds(
-        self, h: torch.Tensor, positions: torch.Tensor, kv_len: int, start_pos: int | None, last_only: bool
-    ) -> torch.Tensor:
-        """h [1, T, D] at `positions` [T] (device) → float32 logits [T or 1, V].
+    def forward_embeds(self, h: torch.Tensor, start_pos: int, last_only: bool, caches=None) -> torch.Tensor:
+        """h [1, T, D] at positions start_pos … start_pos + T − 1 → float32 logits [T or 1, V].
 
-        `start_pos` is the first position when the caller knows it on the host; None means the
-        positions live only on the device (graph replay) and `kv_len` is a bucket to be masked.
-        """
+        `caches`: the (k, v) pairs to use, default the model's own (a compiled step's warm-up
+        passes scratch ones)."""
         t = h.shape[1]
-        cos, sin = self.cos[positions], self.sin[positions]
-        if start_pos is not None and t == 1 and kv_len == start_pos + 1:
+        kv_len = start_pos + t
+        cos, sin = self.cos[start_pos:kv_len], self.sin[start_pos:kv_len]
+        if t == 1:
             mask = None  # one new token sees the whole valid cache
-        elif start_pos == 0 and kv_len == t:
+        elif start_pos == 0:
             mask = "causal"
-        else:
-            # query i may see key j iff j <= its position; built on device, no host sync
-            mask = torch.arange(kv_len, device=h.device)[None, :] <= positions[:, None]
-        for layer, k_cache, v_cache in zip(self.model.layers, self.k_cache, self.v_cache):
+        else:  # a chunk after cached tokens: query i sees key j iff j <= start_pos + i
+            keys = torch.arange(kv_len, device=h.device)
+            mask = keys[None, :] <= torch.arange(start_pos, kv_len, device=h.device)[:, None]
+        return self._layers(h, cos, sin, start_pos, kv_len, mask, last_only, caches)
+
+    def decode_exact(self, token: torch.Tensor, pos: int, caches=None) -> torch.Tensor:
+        """Float32 logits [V] for `token` (LongTensor [1]) at host position `pos`."""
+        h = self.model.embed_tokens(token)[None]
+        return self.forward_embeds(h, pos, True, caches)[-1]
+
+    def decode_masked(self, token: torch.Tensor, position: torch.Tensor, kv_len: int, caches=None) -> torch.Tensor:
+        """Float32 logits [V] for `token` at the device position `position` (LongTensor [1]),
+        attending over a fixed `kv_len` bucket whose keys beyond `position` are masked out."""
+        h = self.model.embed_tokens(token)[None]
+        cos, sin = self.cos[position], self.sin[position]
+        mask = torch.arange(kv_len, device=h.device)[None, :] <= position[:, None]  # [1, kv_len], shared by the layers
+        return self._layers(h, cos, sin, position, kv_len, mask, True, caches)[-1]
+
+    def _layers(self, h, cos, sin, positions, kv_len, mask, last_only: bool, caches) -> torch.Tensor:
+        for layer, (k_cache, v_cache) in zip(self.model.layers, caches if caches is not None else self.caches()):
             h = layer(h, cos, sin, positions, kv_len, mask, k_cache, v_cache)
         if last_only:
             h = h[:, -1:]

@@ -16,6 +16,8 @@ import torch
 
 from ..errors import CheckpointError, UsageError
 from .checkpoint import SpecialTokens, find_weight_files, iter_tensors, load_tokenizer, special_token_ids
+from .compiled import MODES as COMPILE_MODES
+from .compiled import wanted as compile_wanted
 from .config import ModelConfig, QuantConfig, load_config
 from .model import InternVLModel
 from .tinychat import convert_tinychat
@@ -77,7 +79,11 @@ def load_model(
     max_context: int = 8192,
     int4_backend: str = "auto",
     cuda_graphs: bool = True,
+    compile: str = "off",
+    progress=None,
 ) -> LoadedModel:
+    """`compile`: auto | on | off, the compiled decode step (engine/compiled.py); `progress(text)`
+    hears about a compile as it happens (a failure is one line on stderr)."""
     start = time.perf_counter()
     path = Path(path).expanduser()
     cfg = load_config(path)
@@ -88,6 +94,8 @@ def load_model(
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     if int4_backend not in ("auto", "torch", "dequant"):
         raise UsageError(f"unknown int4 backend {int4_backend!r}; use auto, torch or dequant")
+    if compile not in COMPILE_MODES:
+        raise UsageError(f"unknown compile mode {compile!r}; use auto, on or off")
     if max_context < 16:
         raise UsageError(f"--max-context {max_context} is too small; use at least a few thousand tokens")
     limit = cfg.text.max_position_embeddings
@@ -102,6 +110,8 @@ def load_model(
         tensors = iter_tensors(path, cfg.layout)
         model.load_weights(convert_tinychat(tensors, cfg) if tinychat else tensors)
         model.enable_cuda_graphs(cuda_graphs)
+        if compile_wanted(compile, device):
+            model.enable_compile(True, progress)
     except torch.OutOfMemoryError:
         raise CheckpointError(
             f"out of memory loading {path.name} on {device} in {str(dtype).removeprefix('torch.')}; "

@@ -55,6 +55,8 @@ class InternVLModel(nn.Module):
         self.int4_backend = "auto"
         self.vision_batch = 8  # tiles per ViT call: bounds attention memory on long videos
         self.decode_graphs = None  # set by enable_cuda_graphs()
+        self._graphs_wanted = False
+        self.compiled_step = None  # set by enable_compile()
         if cfg.quant is not None:
             self._make_int4_placeholders()
 
@@ -77,9 +79,32 @@ class InternVLModel(nn.Module):
 
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
         """Replay one-token decode steps from captured CUDA graphs (CUDA only; see cuda_graph.py)."""
+        self._graphs_wanted = enabled and self.device.type == "cuda"
+        step = self.compiled_step
+        if step is not None and step.for_graphs != self._graphs_wanted:
+            self._compile(step.notify)  # it was compiled for the other entry point
+        self._build_graphs()
+
+    def enable_compile(self, enabled: bool = True, notify=None) -> bool:
+        """Compile the one-token decode step now (see compiled.py), inside the CUDA graphs when they
+        are on. Returns False, after a one-line note, if that fails: decoding then stays eager."""
+        self.compiled_step = None
+        if enabled:
+            self._compile(notify)
+        self._build_graphs()
+        return self.compiled_step is not None
+
+    def _compile(self, notify) -> None:
+        from .compiled import CompiledStep
+
+        step = CompiledStep(self.language_model, self.device, self._graphs_wanted, notify)
+        self.compiled_step = step if step.compile() else None
+
+    def _build_graphs(self) -> None:
         from .cuda_graph import DecodeGraphs
 
-        self.decode_graphs = DecodeGraphs(self) if enabled and self.device.type == "cuda" else None
+        step = self.compiled_step
+        self.decode_graphs = DecodeGraphs(self, step.masked if step else None) if self._graphs_wanted else None
 
     @property
     def device(self) -> torch.device:
@@ -228,11 +253,15 @@ class InternVLModel(nn.Module):
                 f"{start_pos} cached + {t} new tokens exceed the KV cache of {self.max_seq_len}; "
                 "use fewer tiles or frames, /clear, or a larger --max-context"
             )
-        if self.decode_graphs is not None and t == 1 and not all_logits and image_features is None:
-            return self.decode_graphs.step(ids, start_pos)
+        if t == 1 and not all_logits and image_features is None:
+            if self.decode_graphs is not None:
+                return self.decode_graphs.step(ids, start_pos)
+            if self.compiled_step is not None:
+                logits = self.compiled_step.exact(ids, start_pos)
+                if logits is not None:
+                    return logits
         h = self.embed(ids, image_features)
-        positions = torch.arange(start_pos, start_pos + t, device=self.device)
-        logits = self.language_model.forward_embeds(h, positions, start_pos + t, start_pos, last_only=not all_logits)
+        logits = self.language_model.forward_embeds(h, start_pos, last_only=not all_logits)
         return logits if all_logits else logits[-1]
 
     def embed(self, ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -255,8 +284,8 @@ class InternVLModel(nn.Module):
         return h
 
     def memory_bytes(self) -> int:
-        """Resident weight bytes (parameters and the packed buffers of 4-bit linears)."""
-        seen, total = set(), 0
+        """Resident weight bytes (parameters and the packed buffers of 4-bit linears; not the KV cache)."""
+        seen, total = {t.data_ptr() for t in self.language_model.k_cache + self.language_model.v_cache}, 0
         for t in list(self.parameters()) + list(self.buffers()):
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())

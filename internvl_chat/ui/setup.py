@@ -42,10 +42,12 @@ def resolve_model_path(settings: Settings) -> Path:
 def load_for_settings(settings: Settings, show_progress: bool) -> LoadedModel:
     path = resolve_model_path(settings)
     status = nullcontext()
+    progress = None
     if show_progress:
         from rich.console import Console
 
         status = Console(stderr=True).status(f"loading {path.name} …", spinner="dots")
+        progress = status.update  # e.g. "compiling the decode step …"
     with status:
         return load_model(
             path,
@@ -53,6 +55,8 @@ def load_for_settings(settings: Settings, show_progress: bool) -> LoadedModel:
             dtype=settings.model.dtype,
             max_context=settings.model.max_context,
             int4_backend=settings.model.int4_backend,
+            compile=settings.model.compile,
+            progress=progress,
         )
 
 

@@ -1,0 +1,173 @@
+"""The compiled one-token decode step: `torch.compile` (Inductor) of the decoder's step function.
+
+- CPU: Inductor's C++ kernels (gcc or clang is needed the first time a model shape is compiled).
+  The position is a symbolic int, so one compiled graph serves every cache length, and attention
+  reads exactly the valid prefix: no bucket padding and no mask.
+- CUDA: Triton kernels; the position lives on the device and the KV bucket is a symbolic int, so
+  the same single compile is replayed from one CUDA graph per bucket (`cuda_graph.DecodeGraphs`).
+
+Per layer Inductor leaves about ten calls: the four matmuls, SDPA, and fused kernels for
+residual + RMSNorm, RoPE (qkv bias included) + both cache writes, and SiLU·mul; language.py's
+eager code is written so that these fuse.
+
+The first compile of a shape takes tens of seconds; Inductor's FX-graph and kernel caches (kept in
+~/.cache/internvl-chat/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise) turn later starts
+into a load. Any failure to compile (no compiler, an unsupported CPU, an Inductor error), and any
+attempt to recompile later, leaves the eager step in place with a one-line note: never a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+MODES = ("auto", "on", "off")
+# Where "auto" compiles. CPU: measured in benchmarks/RESULTS.md. CUDA: not yet measured on a GPU in
+# this build (scripts/gpu_check.sh measures it), so it stays opt-in (`--compile on`) until then.
+AUTO_COMPILES = {"cpu": False, "cuda": False}
+# Inductor options: a C++ wrapper instead of a Python one saves ~a microsecond per call inside the
+# step (CPU), and shape asserts are redundant with Dynamo's guards.
+CPU_OPTIONS = {"cpp_wrapper": True, "size_asserts": False}
+CUDA_OPTIONS = {"size_asserts": False}
+
+Notify = Callable[[str], None]
+
+
+def wanted(mode: str, device: torch.device) -> bool:
+    """Whether the `model.compile` setting asks for a compiled step on `device`."""
+    if mode == "on":
+        return True
+    if mode == "auto":
+        return AUTO_COMPILES.get(device.type, False)
+    return False
+
+
+def use_cache_dir() -> Path:
+    """Point Inductor's caches at ~/.cache/internvl-chat/inductor (or $XDG_CACHE_HOME/…) unless
+    $TORCHINDUCTOR_CACHE_DIR names another folder; return the folder in use.
+
+    Importing torch._dynamo fills the variable with torch's default (a temp folder, lost on
+    reboot), so that value counts as unset. Inductor reads the variable whenever it caches."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
+        return Path(current)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "internvl-chat" / "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    first = text.split(". ")[0]
+    return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
+
+
+def _stderr_note(message: str) -> None:
+    print(f"internvl-chat: {message}", file=sys.stderr, flush=True)
+
+
+class CompiledStep:
+    """The decoder's one-token step, compiled once; `None` results mean "use the eager step".
+
+    `exact(token, pos)` (CPU) and `masked` (the function CUDA graphs capture) are the compiled
+    entry points. Until `compile()` succeeds, and after any failure, `active` is False.
+    """
+
+    def __init__(self, lm, device: torch.device, for_graphs: bool, notify: Notify | None = None):
+        self.lm = lm
+        self.device = device
+        self.for_graphs = for_graphs  # compile `decode_masked` (CUDA graphs) instead of `decode_exact`
+        self.notify = notify
+        self.active = False
+        self.steps = 0  # compiled steps run (tests check that the compiled path was taken)
+        self.compile_s: float | None = None
+        self.failure: str | None = None
+        self._fn = None
+        self._caches = lm.caches()
+        with torch.inference_mode(False):  # a normal tensor whatever the caller's mode: stable guards
+            self._token = torch.zeros(1, dtype=torch.long, device=device)
+        for pair in self._caches:  # fixed storage: never a symbolic size, never re-guarded by address
+            for t in pair:
+                torch._dynamo.mark_static(t)
+
+    # -- building -----------------------------------------------------------------------------
+
+    def compile(self) -> bool:
+        """Trace and compile now (one warm-up step on scratch caches); False and a note on failure."""
+        self.cache_dir = use_cache_dir()
+        self._say("compiling the decode step …")
+        start = time.perf_counter()
+        options = CUDA_OPTIONS if self.device.type == "cuda" else CPU_OPTIONS
+        try:
+            target = self.lm.decode_masked if self.for_graphs else self.lm.decode_exact
+            fn = torch.compile(target, fullgraph=True, dynamic=True, options=options)
+            # each model compiles its own entry (same code, other guards): raise rather than run eagerly
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=64):
+                self._warm_up(fn)
+        except Exception as e:  # noqa: BLE001 — any compiler failure means "stay eager"
+            return self._fail(e, "was not compiled")
+        self._fn = fn
+        self.compile_s = time.perf_counter() - start
+        self.active = True
+        self._say(f"decode step compiled in {self.compile_s:.1f} s")
+        return True
+
+    @torch.inference_mode()
+    def _warm_up(self, fn) -> None:
+        # Scratch caches like the real ones (normal tensors, not inference tensors: Dynamo guards
+        # on the difference), so the warm-up never writes the conversation's cache. Untouched
+        # pages of a large empty tensor are never made resident.
+        with torch.inference_mode(False):
+            scratch = [(torch.empty_like(k), torch.empty_like(v)) for k, v in self._caches]
+        for pair in scratch:
+            for t in pair:
+                torch._dynamo.mark_static(t)
+        if self.for_graphs:
+            from .cuda_graph import MIN_BUCKET
+
+            fn(self._token, torch.full((1,), 2, device=self.device), min(MIN_BUCKET, self.lm.max_seq_len), scratch)
+        else:
+            fn(self._token, 2, scratch)  # positions 0 and 1 would specialise; `exact` never sends them
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _fail(self, error: BaseException, what: str) -> bool:
+        self.active = False
+        self._fn = None
+        self.failure = _one_line(error)
+        # always printed (a progress display would overwrite it); Rich's live displays pass stderr through
+        _stderr_note(f"the decode step {what} ({self.failure}); using the eager step")
+        return False
+
+    def _say(self, message: str) -> None:
+        if self.notify is not None:
+            self.notify(message)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def exact(self, token: torch.Tensor, pos: int) -> torch.Tensor | None:
+        """Logits [V] for `token` at host position `pos`, or None: run the eager step."""
+        if not self.active or pos < 2:
+            return None
+        try:
+            self._token.copy_(token.view(1))  # tokens come as inference or normal tensors: one kind in
+            with torch.compiler.set_stance("fail_on_recompile"):
+                logits = self._fn(self._token, pos, self._caches)
+            self.steps += 1
+            return logits
+        except Exception as e:  # noqa: BLE001 — a guard failure or runtime error: eager from now on
+            self._fail(e, "failed")
+            return None
+
+    def masked(self, token: torch.Tensor, position: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """The CUDA-graph step (`decode_masked`), compiled when active; for DecodeGraphs."""
+        if self.active:
+            return self._fn(token, position, kv_len, self._caches)
+        return self.lm.decode_masked(token, position, kv_len)

@@ -1,0 +1,160 @@
+"""The compiled decode step (engine/compiled.py) against the eager step, on CPU in fp32.
+
+Cost: one compile of the tiny checkpoint's step (2 layers; cached in Inductor's cache for later
+runs); the CLI and Session tests reuse it. The fallback test makes a compile really fail (the C++
+compiler named by $CXX does not exist, and an empty cache forces a build).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.chat.session import Session
+from internvl_chat.engine import compiled
+from internvl_chat.engine.loader import load_model
+
+REPO = Path(__file__).resolve().parent.parent
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_original):
+    return load_model(tiny_original, device="cpu", dtype="float32", max_context=1024, compile="off")
+
+
+@pytest.fixture(scope="module")
+def fast(tiny_original):
+    messages: list[str] = []
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024, compile="on", progress=messages.append)
+    step = loaded.model.compiled_step
+    assert step is not None and step.active, "the decode step did not compile"
+    assert messages[0] == "compiling the decode step …" and messages[-1].startswith("decode step compiled in")
+    assert step.compile_s > 0
+    return loaded
+
+
+def _greedy(model, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    logits = model.forward(ids, 0)
+    tokens, rows = [], []
+    pos = len(ids)
+    for _ in range(steps):
+        token = logits.argmax().view(1)
+        tokens.append(int(token))
+        logits = model.forward(token, pos)
+        rows.append(logits.clone())
+        pos += 1
+    return tokens, torch.stack(rows)
+
+
+def test_compiled_step_gives_the_eager_greedy_tokens(eager, fast):
+    ids = eager.tokenizer.encode("one two three four five six seven", add_special_tokens=False) * 3
+    before = fast.model.compiled_step.steps
+    want, want_logits = _greedy(eager.model, ids, 24)
+    got, got_logits = _greedy(fast.model, ids, 24)
+    assert fast.model.compiled_step.steps - before == 24  # every step ran compiled
+    assert got == want
+    diff = (got_logits - want_logits).abs().max().item()
+    assert diff <= TOL * want_logits.abs().max().item(), diff
+
+
+def _answers(session: Session) -> list[list[int]]:
+    return [list(t.answer_ids) for t in session.turns]
+
+
+def _drain(events) -> None:
+    for _ in events:
+        pass
+
+
+def test_session_with_undo_and_retry_matches_eager(eager, fast):
+    """Undo and retry move start_pos back; the compiled step must read the cache exactly as eager."""
+    params = SamplingParams(max_new_tokens=10)
+    sessions = [Session(eager, params), Session(fast, params)]
+    history = []
+    for action in ("ask:Hello there!", "ask:Tell me more about it.", "undo", "ask:Something else?", "retry",
+                   "ask:And finally?"):  # fmt: skip
+        for s in sessions:
+            if action == "undo":
+                s.undo()
+            elif action == "retry":
+                _drain(s.retry())
+            else:
+                _drain(s.ask(action[4:]))
+        a, b = (_answers(s) for s in sessions)
+        assert b == a, action
+        assert sessions[0].start_pos == sessions[1].start_pos
+        history.append(sessions[1].start_pos)
+    assert history[2] < history[1]  # undo moved the cache back
+    assert fast.model.compiled_step.active and fast.model.compiled_step.steps > 0
+
+
+def test_decode_step_traces_as_one_graph(eager):
+    """fullgraph=True would refuse a graph break; this names the count (zero) for both entry points."""
+    lm = eager.model.language_model
+    token = torch.tensor([3])
+    with torch.inference_mode():
+        exact = torch._dynamo.explain(lm.decode_exact)(token, 5, lm.caches())
+        masked = torch._dynamo.explain(lm.decode_masked)(token, torch.tensor([5]), 256, lm.caches())
+    for out in (exact, masked):
+        assert out.graph_count == 1 and out.graph_break_count == 0, out.break_reasons
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "internvl_chat.cli", *args],
+        input="", capture_output=True, text=True, env=full_env, timeout=900,
+    )  # fmt: skip
+
+
+def _ask(model: Path, mode: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return _cli("--model", str(model), "-p", "Count to ten, please.", "--json", "--max-new-tokens", "16",
+                "--device", "cpu", "--dtype", "float32", "--compile", mode, env=env)  # fmt: skip
+
+
+def test_cli_compiled_answer_equals_eager(tiny_original, fast):
+    on, off = _ask(tiny_original, "on"), _ask(tiny_original, "off")
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert json.loads(on.stdout)["token_ids"] == json.loads(off.stdout)["token_ids"]
+    assert "not compiled" not in on.stderr and "failed" not in on.stderr, on.stderr
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_line(tiny_original, tmp_path):
+    env = {"CXX": str(tmp_path / "no-such-compiler" / "g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    broken, off = _ask(tiny_original, "on", env), _ask(tiny_original, "off")
+    assert broken.returncode == 0, broken.stderr
+    assert json.loads(broken.stdout)["token_ids"] == json.loads(off.stdout)["token_ids"]
+    notes = [line for line in broken.stderr.splitlines() if "decode step" in line]
+    assert len(notes) == 1 and "was not compiled" in notes[0] and "using the eager step" in notes[0], broken.stderr
+    assert "Traceback" not in broken.stderr
+
+
+def test_auto_compiles_only_where_measured_faster():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compiled.wanted("on", cpu) and not compiled.wanted("off", cpu)
+    assert compiled.wanted("auto", cpu) == compiled.AUTO_COMPILES["cpu"]
+    assert compiled.wanted("auto", cuda) == compiled.AUTO_COMPILES["cuda"]
+
+
+def test_the_compile_cache_serves_the_next_start(tiny_original, fast):
+    """A second process finds the compiled step in Inductor's cache (under ~/.cache/internvl-chat by default)."""
+    assert any(compiled.use_cache_dir().glob("fxgraph/*")), "nothing was cached"
+    code = (
+        "import sys, torch; from internvl_chat.engine.loader import load_model\n"
+        f"m = load_model({str(tiny_original)!r}, device='cpu', dtype='float32', max_context=1024, compile='on').model\n"
+        "from torch._dynamo.utils import counters\n"
+        "print(m.compiled_step is not None, counters['inductor']['fxgraph_cache_hit'], counters['inductor']['fxgraph_cache_miss'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_CACHE_DIR": str(compiled.use_cache_dir())}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr
+    ok, hits, misses = run.stdout.split()
+    assert ok == "True" and int(hits) >= 1 and int(misses) == 0, run.stdout
