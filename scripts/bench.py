@@ -51,7 +51,7 @@ FOLLOW_UPS = [
     "Summarise everything in one line.",
     "Anything else?",
 ]
-CPU_SECTIONS = ("engine", "overhead", "load", "chunk", "w4")
+CPU_SECTIONS = ("engine", "overhead", "load", "chunk", "w4", "decode")
 CUDA_SECTIONS = ("shapes", "crossover", "engine", "load", "chunk")
 
 
@@ -280,6 +280,83 @@ def section_w4(ckpt: Path, plan: bl.Plan) -> dict:
         "quantization": f"RTN, group {bl.AWQ_GROUP}, decoder linears only",
         "variants": rows,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 10: CPU decode and prefill, eager and compiled, side by side with llama.cpp
+
+DECODE_MODEL_NAMES = {"demo": "demo model (real weights)", "qwen0.5b": "Qwen2.5-0.5B shape (InternVL3-1B LLM), random"}
+
+
+def section_decode(plan: bl.Plan, work_dir: Path, start: float) -> dict:
+    """Each (model, dtype, threads) in a fresh process (ours: prefill, eager decode, compile, compiled
+    decode); llama-bench on the same weights converted to GGUF when llama.cpp is built. The 0.5B
+    checkpoint (~1 GB) and the GGUF files are kept in `work_dir` (make bench: .cache/bench-decode)."""
+    tool = bl.llama_cpp_tool() if plan.llama_cpp else None
+    bin_dir = bl.llama_cpp_bin(tool)
+    out: dict = {"prefill_tokens": plan.decode_prefill, "decode_tokens": plan.decode_new, "repeats": plan.decode_repeats,
+                 "llama_cpp_bin": str(bin_dir) if bin_dir else None, "rows": []}  # fmt: skip
+    if plan.llama_cpp and bin_dir is None:
+        out["llama_cpp_missing"] = "llama.cpp is not built (../shared/tools/llama-cpp build); its rows are left out"
+    for name in plan.decode_models:
+        model_dir = bl.DEMO_MODEL if name == "demo" else bl.build_shape_checkpoint(work_dir / "qwen0.5b")
+        for dtype in plan.decode_dtypes:
+            gguf = None
+            if bin_dir is not None:
+                try:
+                    kind = "f32" if dtype == "float32" else "bf16"
+                    gguf = bl.convert_gguf(tool, model_dir, work_dir / f"gguf-{name}-{kind}", kind)
+                except Exception as e:
+                    out.setdefault("errors", []).append(f"{name} {dtype}: {e!r}")
+            for threads in plan.decode_threads:
+                row: dict = {"model": name, "dtype": dtype, "threads": threads}
+                bl.log(f"  {name} {dtype} {threads} thread(s) ...", start)
+                try:
+                    row["ours"] = bl.run_decode_probe(model_dir, dtype, threads, plan.decode_prefill, plan.decode_new,
+                                                      plan.decode_repeats)  # fmt: skip
+                except Exception as e:
+                    row["ours_error"] = repr(e)
+                if gguf is not None:
+                    try:
+                        row["llama_cpp"] = bl.llama_bench(bin_dir, gguf, threads, plan.decode_prefill, plan.decode_new,
+                                                          plan.decode_repeats)  # fmt: skip
+                    except Exception as e:
+                        row["llama_cpp_error"] = repr(e)
+                ours, theirs = row.get("ours", {}), row.get("llama_cpp", {})
+                best = max(ours.get("eager_tokens_per_s", 0), ours.get("compiled_tokens_per_s", 0))
+                if theirs.get("decode_tokens_per_s"):
+                    row["decode_vs_llama_cpp"] = best / theirs["decode_tokens_per_s"]
+                if theirs.get("prefill_tokens_per_s") and ours.get("prefill_tokens_per_s"):
+                    row["prefill_vs_llama_cpp"] = ours["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"]
+                out["rows"].append(row)
+    return out
+
+
+def render_decode(d: dict) -> list[str]:
+    lines = ["", f"[CPU decode and prefill vs llama.cpp] tokens/s, median of {d['repeats']}; prefill {d['prefill_tokens']} "
+                 f"tokens, decode {d['decode_tokens']} new tokens from a fresh context; ours compiled = engine/compiled.py",
+             f"  {'model':10}{'dtype':10}{'thr':>4}{'prefill':>9}{'llama':>8}{'decode eager':>14}{'compiled':>10}{'llama':>8}"
+             f"{'best/llama':>11}{'GB/s':>7}{'compile s':>10}"]  # fmt: skip
+    for r in d["rows"]:
+        o, t = r.get("ours", {}), r.get("llama_cpp", {})
+        best = max(o.get("eager_tokens_per_s", 0), o.get("compiled_tokens_per_s", 0))
+        gbs = best * o["bytes_per_token"] / 1e9 if o.get("bytes_per_token") else None
+        lines.append(
+            f"  {r['model']:10}{r['dtype']:10}{r['threads']:>4}{_fmt(o.get('prefill_tokens_per_s')):>9}"
+            f"{_fmt(t.get('prefill_tokens_per_s')):>8}{_fmt(o.get('eager_tokens_per_s')):>14}"
+            f"{_fmt(o.get('compiled_tokens_per_s')):>10}{_fmt(t.get('decode_tokens_per_s')):>8}"
+            f"{_fmt(r.get('decode_vs_llama_cpp'), '.2f'):>11}{_fmt(gbs):>7}{_fmt(o.get('compile_s')):>10}"
+        )
+        for key in ("ours_error", "llama_cpp_error"):
+            if key in r:
+                lines.append(f"    {key}: {r[key][:300]}")
+        if o.get("compile_error"):
+            lines.append(f"    compile: {o['compile_error']}")
+    if d.get("llama_cpp_missing"):
+        lines.append(f"  {d['llama_cpp_missing']}")
+    for err in d.get("errors", []):
+        lines.append(f"  {err[:300]}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,6 +647,8 @@ def render(report: dict) -> str:
         for label, row in x["table"].items():
             cells = "  ".join(f"M={m}: {v['kernel_ms']:.3f}/{v['dense_ms']:.3f}" for m, v in row.items())
             lines.append(f"  {label:11}{cells}")
+    if s.get("decode") and "rows" in s["decode"]:
+        lines += render_decode(s["decode"])
     for name, sec in s.items():
         if isinstance(sec, dict) and "error" in sec:
             lines += ["", f"[{name}] FAILED: {sec['error']}"]
@@ -588,6 +667,7 @@ def run(
     out: Path | None = None,
     work_dir: Path | None = None,
     time_budget: float | None = None,
+    decode_dir: Path | None = None,
 ) -> dict:
     start = time.perf_counter()
     deadline = start + time_budget if time_budget else None
@@ -637,6 +717,7 @@ def run(
         "load": lambda: section_load(small_model(), plan, device, dtype),
         "chunk": lambda: section_chunk(small_model(), images["chat"], plan, device, dtype),
         "w4": lambda: section_w4(small_model(), plan),
+        "decode": lambda: section_decode(plan, decode_dir or work_dir, start),
     }
     failed = []
     try:
@@ -674,7 +755,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", help="comma-separated subset of " + ",".join(dict.fromkeys(CUDA_SECTIONS + CPU_SECTIONS)))
     p.add_argument("--time-budget", type=float, help="seconds; later sections are skipped once spent (cuda default 210)")
     p.add_argument("--work-dir", type=Path, help="where to build the benchmark checkpoint (default: a temp folder)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; the decode section sets its own)")
+    p.add_argument("--decode-dir", type=Path, default=bl.REPO_ROOT / ".cache" / "bench-decode",
+                   help="where the decode section keeps its 0.5B checkpoint and GGUF files (reused across runs)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -689,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sections = CUDA_SECTIONS if device.type == "cuda" else CPU_SECTIONS
     budget = args.time_budget if args.time_budget is not None else (210.0 if device.type == "cuda" else None)
-    report = run(device, plan, sections, args.out, args.work_dir, budget)
+    report = run(device, plan, sections, args.out, args.work_dir, budget, args.decode_dir)
     print()
     try:
         print(render(report), flush=True)

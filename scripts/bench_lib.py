@@ -77,6 +77,14 @@ class Plan:
     cuda_repeats: int = 2
     cuda_image_tiles: int = 13
     crossover_rows: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 512)
+    # CPU decode/prefill vs llama.cpp: models ("demo", "qwen0.5b"), dtypes, threads, token counts
+    decode_models: tuple[str, ...] = ("demo", "qwen0.5b")
+    decode_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    decode_threads: tuple[int, ...] = (1, 2)
+    decode_prefill: int = 256
+    decode_new: int = 64
+    decode_repeats: int = 3
+    llama_cpp: bool = True
 
 
 FULL = Plan(
@@ -116,6 +124,13 @@ QUICK = Plan(
     cuda_repeats=1,
     cuda_image_tiles=1,
     crossover_rows=(1, 64),
+    decode_models=("demo",),
+    decode_dtypes=("float32",),
+    decode_threads=(1,),
+    decode_prefill=32,
+    decode_new=8,
+    decode_repeats=1,
+    llama_cpp=False,
 )
 
 
@@ -533,6 +548,137 @@ def engine_graph_rate(model, first_token: torch.Tensor, start: int, n: int, kv_l
 
 
 # ---------------------------------------------------------------------------------------------
+# CPU decode and prefill, ours (eager and compiled) side by side with llama.cpp
+
+DEMO_MODEL = REPO_ROOT / "internvl_chat" / "demo_model"
+# The LLM of InternVL3-1B (Qwen2.5-0.5B's shape, SPEC §1) under a token vision tower; random weights.
+QWEN05_SIZES = TinySizes(
+    vision_hidden=64, vision_layers=2, vision_heads=4, vision_mlp=128,
+    text_hidden=896, text_layers=24, text_heads=14, text_kv_heads=2, text_ffn=4864,
+)  # fmt: skip
+
+
+def build_shape_checkpoint(out_dir: Path, sizes: TinySizes = QWEN05_SIZES, vocab: int = VOCAB) -> Path:
+    """An original-layout bf16 checkpoint with random weights at `sizes` and exactly `vocab` rows
+    (the tiny tokenizer's ~1,000 tokens rounded up to `vocab`), as llama.cpp's converter reads it."""
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    return make_tiny_checkpoint(out_dir, layout="original", dtype="bfloat16", sizes=sizes, vocab_multiple=vocab)
+
+
+def llama_cpp_tool() -> Path | None:
+    """The shared llama.cpp helper (`llama-cpp build|bin|convert`): $LLAMA_CPP_TOOL, else
+    ../shared/tools/llama-cpp next to the repository."""
+    for candidate in (os.environ.get("LLAMA_CPP_TOOL"), REPO_ROOT.parent / "shared" / "tools" / "llama-cpp",
+                      Path("/work/shared/tools/llama-cpp")):  # fmt: skip
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def llama_cpp_bin(tool: Path | None) -> Path | None:
+    """The folder holding llama-bench, if llama.cpp has been built (never builds it)."""
+    if tool is None:
+        return None
+    run = subprocess.run([str(tool), "bin"], capture_output=True, text=True, timeout=30)
+    folder = Path(run.stdout.strip()) if run.returncode == 0 and run.stdout.strip() else None
+    return folder if folder and (folder / "llama-bench").is_file() else None
+
+
+def convert_gguf(tool: Path, model_dir: Path, out_dir: Path, kind: str) -> Path:
+    """The language model of an original-layout checkpoint as GGUF (`kind`: f32 or bf16), cached in out_dir."""
+    gguf = out_dir / "model.gguf"
+    if gguf.is_file():
+        return gguf
+    env = {**os.environ, "LLAMA_CPP_TEXT_ONLY": "1"}
+    run = subprocess.run([str(tool), "convert", str(model_dir), str(out_dir), kind], capture_output=True, text=True,
+                         timeout=1800, env=env)  # fmt: skip
+    if run.returncode != 0 or not gguf.is_file():
+        raise RuntimeError(f"llama.cpp conversion failed: {(run.stderr or run.stdout).strip()[-500:]}")
+    return gguf
+
+
+def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, repeats: int) -> dict:
+    """llama-bench's prefill (pp) and decode (tg) tokens/s for one model and thread count."""
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
+           "-r", str(repeats), "-o", "json"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if run.returncode != 0:
+        raise RuntimeError(f"llama-bench failed (exit {run.returncode}): {run.stderr.strip()[-500:]}")
+    out = {"command": " ".join(cmd)}
+    for row in json.loads(run.stdout):
+        key = "prefill" if row.get("n_prompt", 0) > 0 else "decode"
+        out[f"{key}_tokens_per_s"] = row["avg_ts"]
+        out[f"{key}_stddev"] = row.get("stddev_ts")
+        out.setdefault("build", row.get("build_commit"))
+        out.setdefault("type", row.get("model_type"))
+    return out
+
+
+def _decode_rate(model, first: list[int], n: int) -> float:
+    """Tokens/s of n greedy steps after `first` (what llama-bench's tg times: a new context)."""
+    token = model.forward(first, 0).argmax().view(1)
+    start = len(first)
+    t0 = time.perf_counter()
+    for i in range(n):
+        token = model.forward(token, start + i).argmax().view(1)
+    return n / (time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def decode_probe(model_dir: str, dtype: str, threads: int, prefill: int, decode: int, repeats: int, compiled: bool) -> dict:
+    """In a fresh process: prefill and decode tokens/s, eager, then compiled (compile time included)."""
+    from internvl_chat.engine.loader import load_model
+
+    torch.set_num_threads(threads)
+    loaded = load_model(model_dir, device="cpu", dtype=dtype, max_context=max(1024, prefill + decode + 64))
+    model = loaded.model
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, min(loaded.config.text.vocab_size, 4096), (prefill,), generator=gen).tolist()
+    model.forward(prompt, 0)  # warm-up
+    prefill_runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.forward(prompt, 0)
+        prefill_runs.append(prefill / (time.perf_counter() - t0))
+    first = prompt[:1]
+    _decode_rate(model, first, min(decode, 8))  # warm-up
+    eager = [_decode_rate(model, first, decode) for _ in range(repeats)]
+    traffic = decode_bytes_per_token(model, decode // 2)
+    out = {
+        "dtype": dtype, "threads": threads, "torch_threads": torch.get_num_threads(), "prefill_tokens": prefill,
+        "decode_tokens": decode, "prefill_tokens_per_s": median(prefill_runs), "prefill_runs": prefill_runs,
+        "eager_tokens_per_s": median(eager), "eager_runs": eager, "bytes_per_token": traffic["total"],
+    }  # fmt: skip
+    if compiled:
+        with torch.inference_mode(False):
+            t0 = time.perf_counter()
+            ok = model.enable_compile(True)
+            out["compile_s"] = time.perf_counter() - t0
+        if ok:
+            _decode_rate(model, first, min(decode, 8))
+            runs = [_decode_rate(model, first, decode) for _ in range(repeats)]
+            out.update(compiled_tokens_per_s=median(runs), compiled_runs=runs, compiled_steps=model.compiled_step.steps)
+        else:
+            out["compile_error"] = model.compiled_step.failure if model.compiled_step else "compile failed"
+    return out
+
+
+def run_decode_probe(model_dir: Path, dtype: str, threads: int, prefill: int, decode: int, repeats: int,
+                     compiled: bool = True, timeout: float = 3600) -> dict:  # fmt: skip
+    """`decode_probe` in a fresh Python process (its own thread count and compiled kernels)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    args = ["decode-probe", str(model_dir), dtype, str(threads), str(prefill), str(decode), str(repeats), str(int(compiled))]
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
+                         timeout=timeout, env=env)  # fmt: skip
+    if run.returncode != 0:
+        raise RuntimeError(f"decode probe failed (exit {run.returncode}): {run.stderr.strip()[-2000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
 # Load probe (runs in a fresh process)
 
 
@@ -649,5 +795,9 @@ def plan_dict(plan: Plan) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) == 7 and sys.argv[1] == "load-probe" and sys.argv[6] in ("warm", "cold"):
         print(json.dumps(load_probe(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6] == "warm")))
+    elif len(sys.argv) == 9 and sys.argv[1] == "decode-probe":
+        d, dt, thr, p, n, r, c = sys.argv[2:]
+        print(json.dumps(decode_probe(d, dt, int(thr), int(p), int(n), int(r), c == "1")))
     else:
-        sys.exit("usage: bench_lib.py load-probe DIR DEVICE DTYPE MAX_CONTEXT warm|cold")
+        sys.exit("usage: bench_lib.py load-probe DIR DEVICE DTYPE MAX_CONTEXT warm|cold\n"
+                 "       bench_lib.py decode-probe DIR DTYPE THREADS PREFILL DECODE REPEATS COMPILE(0|1)")

@@ -229,3 +229,18 @@ def test_cuda_sections_render(monkeypatch):
     text = bench.render(report)
     assert "[InternVL3 shapes" in text and "tiny w4" in text and "M=1: 0.100/0.300" in text
     assert "[engine] FAILED: boom" in text
+
+
+def test_decode_section_times_eager_and_compiled_in_a_fresh_process(tmp_path):
+    """The CPU decode section (issue 10) on the demo model: one thread, eager then compiled."""
+    d = bench.section_decode(PLAN, tmp_path, 0.0)
+    [row] = d["rows"]
+    o = row["ours"]
+    assert (row["model"], row["dtype"], row["threads"]) == ("demo", "float32", 1)
+    assert o["torch_threads"] == 1  # the probe process really ran with the row's thread count
+    for key in ("prefill_tokens_per_s", "eager_tokens_per_s", "compiled_tokens_per_s", "compile_s"):
+        assert _positive(o[key]), key
+    assert o["compiled_steps"] >= PLAN.decode_new  # the compiled rows ran the compiled step
+    assert o["bytes_per_token"] > 0
+    text = "\n".join(bench.render_decode(d))
+    assert "[CPU decode and prefill vs llama.cpp]" in text and "demo" in text

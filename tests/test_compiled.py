@@ -137,11 +137,20 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_line(tiny_original, tmp
     assert "Traceback" not in broken.stderr
 
 
-def test_auto_compiles_only_where_measured_faster():
+def test_auto_compiles_large_decoders_on_cpu_only(eager):
+    lm = eager.model.language_model
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert compiled.wanted("on", cpu) and not compiled.wanted("off", cpu)
-    assert compiled.wanted("auto", cpu) == compiled.AUTO_COMPILES["cpu"]
-    assert compiled.wanted("auto", cuda) == compiled.AUTO_COMPILES["cuda"]
+    assert compiled.wanted("on", cpu, lm) and not compiled.wanted("off", cpu, lm)
+    small = compiled.decoder_bytes(lm)
+    assert 0 < small < compiled.AUTO_MIN_DECODER_BYTES["cpu"]
+    assert not compiled.wanted("auto", cpu, lm)  # a tiny model starts instantly and is fast enough eager
+    big = {**compiled.AUTO_MIN_DECODER_BYTES, "cpu": small}
+    try:
+        compiled.AUTO_MIN_DECODER_BYTES, saved = big, compiled.AUTO_MIN_DECODER_BYTES
+        assert compiled.wanted("auto", cpu, lm)
+        assert not compiled.wanted("auto", cuda, lm)  # not yet measured on a GPU
+    finally:
+        compiled.AUTO_MIN_DECODER_BYTES = saved
 
 
 def test_the_compile_cache_serves_the_next_start(tiny_original, fast):
@@ -158,3 +167,22 @@ def test_the_compile_cache_serves_the_next_start(tiny_original, fast):
     assert run.returncode == 0, run.stderr
     ok, hits, misses = run.stdout.split()
     assert ok == "True" and int(hits) >= 1 and int(misses) == 0, run.stdout
+
+
+@pytest.mark.slow
+def test_w4_compiled_step_gives_the_eager_greedy_tokens(tiny_original):
+    """The 4-bit path (Int4Linear, PyTorch's CPU int4 kernel) inside the compiled step (its own compile)."""
+    from bench_lib import quantize_decoder_
+
+    models = []
+    for mode in ("off", "on"):
+        loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=512)
+        assert quantize_decoder_(loaded.model, "torch", group_size=32) == 4 * loaded.config.text.num_layers
+        if mode == "on":
+            assert loaded.model.enable_compile(True)
+        models.append(loaded.model)
+    ids = list(range(5, 40))
+    want, want_logits = _greedy(models[0], ids, 16)
+    got, got_logits = _greedy(models[1], ids, 16)
+    assert got == want and models[1].compiled_step.steps == 16
+    assert (got_logits - want_logits).abs().max().item() <= 1e-3 * want_logits.abs().max().item()

@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 
 MODES = ("auto", "on", "off")
-# Where "auto" compiles. CPU: measured in benchmarks/RESULTS.md. CUDA: not yet measured on a GPU in
-# this build (scripts/gpu_check.sh measures it), so it stays opt-in (`--compile on`) until then.
-AUTO_COMPILES = {"cpu": False, "cuda": False}
+# Where "auto" compiles. CPU: decoders whose weights a token streams are large enough that the
+# compiled step's bandwidth-bound kernels pay for the compile within an answer or two (measured
+# in benchmarks/RESULTS.md); tiny models already decode faster than anyone reads, and start
+# instantly. CUDA: not measured on a GPU in this build yet (scripts/gpu_check.sh does), so opt-in.
+AUTO_MIN_DECODER_BYTES = {"cpu": 256 * 2**20, "cuda": None}
 # Inductor options: a C++ wrapper instead of a Python one saves ~a microsecond per call inside the
 # step (CPU), and shape asserts are redundant with Dynamo's guards.
 CPU_OPTIONS = {"cpp_wrapper": True, "size_asserts": False}
@@ -38,13 +40,19 @@ CUDA_OPTIONS = {"size_asserts": False}
 Notify = Callable[[str], None]
 
 
-def wanted(mode: str, device: torch.device) -> bool:
-    """Whether the `model.compile` setting asks for a compiled step on `device`."""
-    if mode == "on":
-        return True
-    if mode == "auto":
-        return AUTO_COMPILES.get(device.type, False)
-    return False
+def decoder_bytes(lm) -> int:
+    """Bytes of decoder weights one decode step reads (layers, final norm, lm_head)."""
+    tensors = {id(t): t for t in list(lm.parameters()) + list(lm.buffers()) if t is not lm.model.embed_tokens.weight}
+    caches = {id(t) for pair in lm.caches() for t in pair}
+    return sum(t.numel() * t.element_size() for key, t in tensors.items() if key not in caches)
+
+
+def wanted(mode: str, device: torch.device, lm=None) -> bool:
+    """Whether the `model.compile` setting asks for a compiled step for `lm` on `device`."""
+    if mode != "auto":
+        return mode == "on"
+    threshold = AUTO_MIN_DECODER_BYTES.get(device.type)
+    return threshold is not None and lm is not None and decoder_bytes(lm) >= threshold
 
 
 def use_cache_dir() -> Path:
@@ -109,7 +117,9 @@ class CompiledStep:
             target = self.lm.decode_masked if self.for_graphs else self.lm.decode_exact
             fn = torch.compile(target, fullgraph=True, dynamic=True, options=options)
             # each model compiles its own entry (same code, other guards): raise rather than run eagerly
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=64):
+            # (specialize_float: float attributes such as RMSNorm's eps are constants; symbolic floats
+            # would make Dynamo trace the whole step twice)
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=64, specialize_float=True):
                 self._warm_up(fn)
         except Exception as e:  # noqa: BLE001 — any compiler failure means "stay eager"
             return self._fail(e, "was not compiled")
@@ -121,11 +131,14 @@ class CompiledStep:
 
     @torch.inference_mode()
     def _warm_up(self, fn) -> None:
-        # Scratch caches like the real ones (normal tensors, not inference tensors: Dynamo guards
-        # on the difference), so the warm-up never writes the conversation's cache. Untouched
-        # pages of a large empty tensor are never made resident.
-        with torch.inference_mode(False):
-            scratch = [(torch.empty_like(k), torch.empty_like(v)) for k, v in self._caches]
+        # Scratch caches exactly like the real ones (inference tensors or not: Dynamo guards on the
+        # difference), so the warm-up never writes the conversation's cache. Untouched pages of a
+        # large empty tensor are never made resident.
+        def like(t: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(t.is_inference()):
+                return torch.empty_like(t)
+
+        scratch = [(like(k), like(v)) for k, v in self._caches]
         for pair in scratch:
             for t in pair:
                 torch._dynamo.mark_static(t)

@@ -48,6 +48,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+# Compiled one-row linears become a multiply-reduce on these devices: Inductor's C++ reduction
+# streams the weight at memory bandwidth with every thread, where the BLAS libraries' M=1 paths
+# fall short (bf16 most of all: see benchmarks/RESULTS.md). CUDA keeps cuBLAS until measured.
+GEMV_AS_REDUCTION = {"cpu": True, "cuda": False}
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, except a dense nn.Linear on one row while being compiled: then
+    y = Σ_k W[n, k]·x[k] (+ b) in float32, which Inductor fuses into one bandwidth-bound kernel.
+    Eager code never takes this form (it would materialise W·x)."""
+    if (
+        type(module) is nn.Linear
+        and torch.compiler.is_compiling()
+        and x.shape[:-1].numel() == 1
+        and GEMV_AS_REDUCTION.get(x.device.type, False)
+    ):
+        y = (module.weight.float() * x.reshape(1, -1).float()).sum(-1)
+        if module.bias is not None:
+            y = y + module.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return module(x)
+
+
 def write_cache(cache: torch.Tensor, new: torch.Tensor, positions) -> None:
     """new [1, T, kv_heads, hd] into cache [1, kv_heads, S, hd] at `positions`: an int (or a
     symbolic int when compiled) is the first of T consecutive positions; a tensor lists them."""
@@ -71,7 +94,7 @@ class Attention(nn.Module):
         prefill from position 0), or a bool tensor broadcastable to [T, kv_len]."""
         t = x.shape[1]
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)
+        qkv = linear(self.qkv_proj, x)
         qk = apply_rope(qkv[..., : self.q_size + self.kv_size].view(1, t, heads + kv_heads, hd), cos, sin)
         q, k = qk[:, :, :heads], qk[:, :, heads:]
         v = qkv[..., self.q_size + self.kv_size :].view(1, t, kv_heads, hd)
@@ -82,7 +105,7 @@ class Attention(nn.Module):
             # One query: each kv head's group of q heads becomes query rows against that head, so
             # one SDPA call reads K/V once, with no head repeat and (exact prefix) no mask.
             out = F.scaled_dot_product_attention(q.reshape(1, kv_heads, heads // kv_heads, hd), keys, values, attn_mask=mask)
-            return self.o_proj(out.reshape(1, 1, self.q_size))
+            return linear(self.o_proj, out.reshape(1, 1, self.q_size))
         gqa = kv_heads != heads
         q = q.transpose(1, 2)
         if isinstance(mask, str):  # "causal": a prefill from position 0 (lets SDPA pick flash kernels)
@@ -100,8 +123,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
+        return linear(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -199,4 +222,4 @@ class Qwen2ForCausalLM(nn.Module):
             h = layer(h, cos, sin, positions, kv_len, mask, k_cache, v_cache)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(self.model.norm(h))[0].float()
+        return linear(self.lm_head, self.model.norm(h))[0].float()

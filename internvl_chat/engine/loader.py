@@ -110,7 +110,7 @@ def load_model(
         tensors = iter_tensors(path, cfg.layout)
         model.load_weights(convert_tinychat(tensors, cfg) if tinychat else tensors)
         model.enable_cuda_graphs(cuda_graphs)
-        if compile_wanted(compile, device):
+        if compile_wanted(compile, device, model.language_model):
             model.enable_compile(True, progress)
     except torch.OutOfMemoryError:
         raise CheckpointError(
