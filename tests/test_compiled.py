@@ -18,7 +18,7 @@ import torch
 
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
-from internvl_chat.engine import compiled
+from internvl_chat.engine import compiled, language
 from internvl_chat.engine.loader import load_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,13 +32,20 @@ def eager(tiny_original):
 
 @pytest.fixture(scope="module")
 def fast(tiny_original):
+    """Compiled with every linear as a multiply-reduce (the large-weight form; the tiny weights
+    would otherwise keep the BLAS call, which the CLI tests below exercise). The threshold is a
+    global Dynamo guards on, so it stays patched while the module's tests run."""
     messages: list[str] = []
-    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024, compile="on", progress=messages.append)
-    step = loaded.model.compiled_step
-    assert step is not None and step.active, "the decode step did not compile"
-    assert messages[0] == "compiling the decode step …" and messages[-1].startswith("decode step compiled in")
-    assert step.compile_s > 0
-    return loaded
+    saved, language.GEMV_REDUCTION_MIN_BYTES = language.GEMV_REDUCTION_MIN_BYTES, 0
+    try:
+        loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024, compile="on", progress=messages.append)
+        step = loaded.model.compiled_step
+        assert step is not None and step.active, "the decode step did not compile"
+        assert messages[0] == "compiling the decode step …" and messages[-1].startswith("decode step compiled in")
+        assert step.compile_s > 0
+        yield loaded
+    finally:
+        language.GEMV_REDUCTION_MIN_BYTES = saved
 
 
 def _greedy(model, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
@@ -153,20 +160,20 @@ def test_auto_compiles_large_decoders_on_cpu_only(eager):
         compiled.AUTO_MIN_DECODER_BYTES = saved
 
 
-def test_the_compile_cache_serves_the_next_start(tiny_original, fast):
-    """A second process finds the compiled step in Inductor's cache (under ~/.cache/internvl-chat by default)."""
-    assert any(compiled.use_cache_dir().glob("fxgraph/*")), "nothing was cached"
+def test_the_compile_cache_serves_the_next_start(tiny_original):
+    """A second process finds the compiled step in Inductor's cache (~/.cache/internvl-chat by default)."""
     code = (
-        "import sys, torch; from internvl_chat.engine.loader import load_model\n"
-        f"m = load_model({str(tiny_original)!r}, device='cpu', dtype='float32', max_context=1024, compile='on').model\n"
+        "from internvl_chat.engine.loader import load_model\n"
+        f"m = load_model({str(tiny_original)!r}, device='cpu', dtype='float32', max_context=768, compile='on').model\n"
         "from torch._dynamo.utils import counters\n"
         "print(m.compiled_step is not None, counters['inductor']['fxgraph_cache_hit'], counters['inductor']['fxgraph_cache_miss'])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_CACHE_DIR": str(compiled.use_cache_dir())}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0, run.stderr
-    ok, hits, misses = run.stdout.split()
-    assert ok == "True" and int(hits) >= 1 and int(misses) == 0, run.stdout
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    assert any(compiled.use_cache_dir().glob("fxgraph/*")), "nothing was cached"
+    ok, hits, misses = runs[1].stdout.split()  # the first run compiled or loaded; the second must load
+    assert ok == "True" and int(hits) >= 1 and int(misses) == 0, runs[1].stdout
 
 
 @pytest.mark.slow

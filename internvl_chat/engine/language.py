@@ -48,22 +48,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-# Compiled one-row linears become a multiply-reduce on these devices: Inductor's C++ reduction
-# streams the weight at memory bandwidth with every thread, where the BLAS libraries' M=1 paths
-# fall short (bf16 most of all: see benchmarks/RESULTS.md). CUDA keeps cuBLAS until measured.
+# Compiled one-row linears with large weights become a multiply-reduce on these devices: Inductor's
+# C++ reduction streams the weight at memory bandwidth with every thread, where the BLAS libraries'
+# M=1 paths fall short (bf16 most of all: see benchmarks/RESULTS.md). A weight that fits in cache
+# is faster through the BLAS call (one accumulator chain per output row is latency-bound there).
+# CUDA keeps cuBLAS until measured.
 GEMV_AS_REDUCTION = {"cpu": True, "cuda": False}
+GEMV_REDUCTION_MIN_BYTES = 1 << 20
 
 
-def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, except a dense nn.Linear on one row while being compiled: then
-    y = Σ_k W[n, k]·x[k] (+ b) in float32, which Inductor fuses into one bandwidth-bound kernel.
-    Eager code never takes this form (it would materialise W·x)."""
+@torch.library.custom_op("internvl_chat::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """A copy that Inductor cannot fuse away: a multiply-reduce then reads its input from memory
+    instead of recomputing the producer (e.g. a bf16 RMSNorm) for every weight row."""
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def linear(module: nn.Module, x: torch.Tensor, fresh_input: bool = False) -> torch.Tensor:
+    """`module(x)`, except a dense nn.Linear with a large weight on one row while being compiled:
+    then y = Σ_k W[n, k]·x[k] (+ b) in float32, which Inductor fuses into one bandwidth-bound
+    kernel. `fresh_input`: x is a cheap expression of other tensors (a norm's output), stored
+    once rather than recomputed per row. Eager code never takes this form (it would materialise W·x)."""
     if (
         type(module) is nn.Linear
         and torch.compiler.is_compiling()
         and x.shape[:-1].numel() == 1
         and GEMV_AS_REDUCTION.get(x.device.type, False)
+        and module.weight.numel() * module.weight.element_size() >= GEMV_REDUCTION_MIN_BYTES
     ):
+        x = materialize(x) if fresh_input else x
         y = (module.weight.float() * x.reshape(1, -1).float()).sum(-1)
         if module.bias is not None:
             y = y + module.bias.float()
@@ -94,7 +112,7 @@ class Attention(nn.Module):
         prefill from position 0), or a bool tensor broadcastable to [T, kv_len]."""
         t = x.shape[1]
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = linear(self.qkv_proj, x)
+        qkv = linear(self.qkv_proj, x, fresh_input=True)
         qk = apply_rope(qkv[..., : self.q_size + self.kv_size].view(1, t, heads + kv_heads, hd), cos, sin)
         q, k = qk[:, :, :heads], qk[:, :, heads:]
         v = qkv[..., self.q_size + self.kv_size :].view(1, t, kv_heads, hd)
@@ -123,7 +141,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
+        gate, up = linear(self.gate_up_proj, x, fresh_input=True).chunk(2, dim=-1)
         return linear(self.down_proj, F.silu(gate) * up)
 
 
@@ -222,4 +240,4 @@ class Qwen2ForCausalLM(nn.Module):
             h = layer(h, cos, sin, positions, kv_len, mask, k_cache, v_cache)
         if last_only:
             h = h[:, -1:]
-        return linear(self.lm_head, self.model.norm(h))[0].float()
+        return linear(self.lm_head, self.model.norm(h), fresh_input=True)[0].float()
