@@ -367,8 +367,11 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Build one random-weight model on `device` and time prefill (13-tile prompt) and decode."""
+def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                  bandwidth: float | None = None) -> dict:  # fmt: skip
+    """Build one random-weight model on `device`; time the first turn with a 13-tile image (vision +
+    prefill + first token), follow-up turns after 1k/4k tokens of history, and batch-1 decode:
+    eager, CUDA graphs, and compiled inside the graphs (CPU: eager and compiled)."""
     is_cuda = device.type == "cuda"
     if is_cuda:
         _free(device)
@@ -377,7 +380,8 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
     tiles = plan.cuda_image_tiles
     image_tokens = tiles * cfg.tokens_per_tile
     p, n = plan.cuda_prefill_tokens, plan.cuda_decode_tokens
-    max_seq = _round_up(max(image_tokens + 64, p + n + 64), 256)
+    history = max(plan.cuda_followup_history, default=0)
+    max_seq = _round_up(max(image_tokens + 64, p + n + 64, history + plan.cuda_followup_tokens + 64), 256)
     t0 = time.perf_counter()
     model = bl.build_random_model(cfg, device, dtype, max_seq)
     bl.sync(device)
@@ -391,11 +395,11 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
     ids = torch.cat([text(24), torch.full((image_tokens,), img, device=device), text(16)])
     pixels = torch.randn(tiles, 3, cfg.image_size, cfg.image_size, device=device, generator=gen)
     out: dict = {"build_s": build_s, "weights_bytes": model.memory_bytes(), "kv_cache_bytes": model.language_model.cache_bytes()}
+    reps = max(1, min(2, plan.cuda_repeats))
 
-    # prefill of the image prompt (vision separately)
+    # first turn: vision (13 tiles) + prefill of the image prompt + the first token
     _, features = bl.time_vision(model, pixels)
     _timed_first_token(model, ids.tolist(), 0, features)  # warm-up
-    reps = max(1, min(2, plan.cuda_repeats))
     vision = [bl.time_vision(model, pixels)[0] for _ in range(reps)]
     prefill = [_timed_first_token(model, ids.tolist(), 0, features)[0] for _ in range(reps)]
     out["prefill"] = {
@@ -408,42 +412,36 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
     }
     del features
 
+    # a follow-up turn after h cached tokens: prefill only the new tokens, then the first token
+    follow = {}
+    for h in plan.cuda_followup_history:
+        past, turn = text(h).tolist(), text(plan.cuda_followup_tokens).tolist()
+        with torch.inference_mode():
+            model.forward(past, 0)
+        _timed_first_token(model, turn, h, None)  # warm-up
+        follow[str(h)] = _ms(bl.median([_timed_first_token(model, turn, h, None)[0] for _ in range(max(2, reps))]))
+    out["followup_ttft_ms"] = follow
+    out["followup_tokens"] = plan.cuda_followup_tokens
+
     # batch-1 decode after a p-token prefill
     prompt = text(p).tolist()
     with torch.inference_mode():
         first = model.forward(prompt, 0).argmax()
-    bl.eager_decode_rate(model, first, p, min(8, n))  # warm-up
-    eager = [bl.eager_decode_rate(model, first, p, n) for _ in range(plan.cuda_repeats)]
+    ceiling = bandwidth or bl.H100_BANDWIDTH
     traffic = bl.decode_bytes_per_token(model, p + n // 2)
-    decode = {
-        "prefill_tokens": p,
-        "tokens": n,
-        "bytes_per_token": traffic,
-        "eager_tokens_per_s": bl.median(eager),
-        "eager_runs": eager,
-    }
-    decode["eager_bandwidth_share"] = decode["eager_tokens_per_s"] * traffic["total"] / bl.H100_BANDWIDTH
-    decode["ceiling_tokens_per_s"] = bl.H100_BANDWIDTH / traffic["total"]
-    if is_cuda:
-        bucket = min(max_seq, _round_up(p + n + 8, 256))
+    decode: dict = {"prefill_tokens": p, "tokens": n, "bytes_per_token": traffic, "ceiling_bytes_per_s": ceiling,
+                    "ceiling_tokens_per_s": ceiling / traffic["total"]}  # fmt: skip
+    modes = [("eager", False, False)] + ([("graphs", True, False)] if is_cuda else [])
+    if plan.cuda_compiled:
+        modes.append(("compiled", is_cuda, True))
+    for mode, graphs, compiled in modes:
         try:
-            engine_rate = bl.engine_graph_rate(model, first, p, n, bucket)
-            if engine_rate is not None:
-                decode["engine_graph_tokens_per_s"] = engine_rate
-                decode["engine_graph_bandwidth_share"] = engine_rate * traffic["total"] / bl.H100_BANDWIDTH
+            r = bl.engine_decode(model, first, p, n, plan.cuda_repeats, graphs, compiled)
+            r["bandwidth_share"] = r["tokens_per_s"] * traffic["total"] / ceiling
+            r["ops_per_layer"] = r["ops"]["per_step"] / cfg.text.num_layers
+            decode[mode] = r
         except Exception as e:
-            decode["engine_graph_error"] = repr(e)
-        try:
-            graph = bl.GraphDecoder(model, bucket, p, first)
-            graph.rate(p, min(8, n))  # warm-up
-            rates = [graph.rate(p, n) for _ in range(plan.cuda_repeats)]
-            decode["graph_tokens_per_s"] = bl.median(rates)
-            decode["graph_runs"] = rates
-            decode["graph_kv_bucket"] = bucket
-            decode["graph_bandwidth_share"] = decode["graph_tokens_per_s"] * traffic["total"] / bl.H100_BANDWIDTH
-            del graph
-        except Exception as e:
-            decode["graph_error"] = repr(e)
+            decode[mode] = {"error": repr(e)[:500]}
     out["decode"] = decode
     if is_cuda:
         out["peak_gpu_alloc_bytes"] = torch.cuda.max_memory_allocated(device) - base_alloc
@@ -452,27 +450,30 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
     return out
 
 
+def shape_rows(plan: bl.Plan) -> list[tuple[str, str]]:
+    """(shape, variant) in measuring order: each variant across the shapes, W4 first."""
+    return [(shape, variant) for variant in plan.cuda_variants for shape in plan.cuda_shapes]
+
+
 def section_shapes(plan: bl.Plan, device: torch.device, deadline: float | None, start: float) -> dict:
-    results: dict = {"bandwidth_ceiling_bytes_per_s": bl.H100_BANDWIDTH}
-    for shape in plan.cuda_shapes:
-        for variant in ("bf16", "w4"):
-            key = f"{shape} {variant}"
-            if deadline is not None and time.perf_counter() > deadline:
-                results[key] = {"skipped": "time budget spent"}
-                continue
-            bl.log(f"  {key} ...", start)
-            try:
-                results[key] = measure_shape(bl.shape_config(shape, w4=variant == "w4"), plan, device)
-                d = results[key]["decode"]
-                bl.log(
-                    f"  {key}: eager {d['eager_tokens_per_s']:.0f} tok/s, graph {d.get('graph_tokens_per_s', float('nan')):.0f} tok/s, "
-                    f"{d['bytes_per_token']['total'] / 1e9:.2f} GB/token",
-                    start,
-                )
-            except Exception as e:
-                results[key] = {"error": repr(e), "traceback": traceback.format_exc(limit=4)}
-                bl.log(f"  {key}: FAILED {e!r}", start)
-            _free(device)
+    bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
+    results: dict = {"copy_bandwidth_bytes_per_s": bandwidth, "bandwidth_ceiling_bytes_per_s": bandwidth}
+    bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s", start)
+    for shape, variant in shape_rows(plan):
+        key = f"{shape} {variant}"
+        if deadline is not None and time.perf_counter() > deadline:
+            results[key] = {"skipped": "time budget spent"}
+            continue
+        bl.log(f"  {key} ...", start)
+        try:
+            results[key] = measure_shape(bl.shape_config(shape, w4=variant == "w4"), plan, device, bandwidth=bandwidth)
+            d = results[key]["decode"]
+            bl.log(f"  {key}: " + ", ".join(f"{m} {d[m].get('tokens_per_s', float('nan')):.0f} tok/s"
+                                             for m in ("eager", "graphs", "compiled") if m in d), start)  # fmt: skip
+        except Exception as e:
+            results[key] = {"error": repr(e), "traceback": traceback.format_exc(limit=4)}
+            bl.log(f"  {key}: FAILED {e!r}", start)
+        _free(device)
     return results
 
 
@@ -535,6 +536,43 @@ def _fmt(x, spec: str = ".1f") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return format(x, spec)
+
+
+def render_shapes(sh: dict) -> list[str]:
+    bw = sh.get("copy_bandwidth_bytes_per_s") or sh.get("bandwidth_ceiling_bytes_per_s")
+    lines = ["", f"[InternVL3 shapes, random weights, batch 1] decode tok/s (BW = bytes read per token × tok/s "
+                 f"÷ the measured copy bandwidth {bw / 1e9:.0f} GB/s), ops/layer = kernels (GPU) or aten calls (CPU)",
+             f"  {'model':16}{'eager':>7}{'graphs':>8}{'compiled':>9}{'BW':>5}{'ops/layer e/g/c':>17}{'GB/tok':>8}"
+             f"{'TTFT 13t ms':>12}{'prefill tok/s':>14}{'follow-up ms':>16}{'compile s':>10}{'peak GiB':>9}"]  # fmt: skip
+    for key, r in sh.items():
+        if not isinstance(r, dict):
+            continue
+        if "decode" not in r:
+            lines.append(f"  {key:16}{r.get('error') or r.get('skipped')}")
+            continue
+        d, pf = r["decode"], r["prefill"]
+
+        def rate(mode: str) -> str:
+            return _fmt(d.get(mode, {}).get("tokens_per_s"), ".0f")
+
+        best = max((m for m in ("eager", "graphs", "compiled") if "tokens_per_s" in d.get(m, {})),
+                   key=lambda m: d[m]["tokens_per_s"], default=None)  # fmt: skip
+        share = d[best]["bandwidth_share"] * 100 if best else None
+        ops = "/".join(_fmt(d.get(m, {}).get("ops_per_layer"), ".0f") for m in ("eager", "graphs", "compiled"))
+        follow = "/".join(_fmt(v, ".1f") for v in r.get("followup_ttft_ms", {}).values())
+        lines.append(
+            f"  {key:16}{rate('eager'):>7}{rate('graphs'):>8}{rate('compiled'):>9}{_fmt(share, '.0f'):>4}%{ops:>17}"
+            f"{d['bytes_per_token']['total'] / 1e9:>8.2f}{pf['ttft_ms']:>12.1f}{pf['llm_prefill_tokens_per_s']:>14.0f}"
+            f"{follow:>16}{_fmt(d.get('compiled', {}).get('compile_s'), '.0f'):>10}"
+            f"{r.get('peak_gpu_alloc_bytes', 0) / 2**30:>9.1f}"
+        )
+        for m in ("eager", "graphs", "compiled"):
+            if "error" in d.get(m, {}):
+                lines.append(f"    {m}: {d[m]['error'][:300]}")
+    hist = next((list(r["followup_ttft_ms"]) for r in sh.values() if isinstance(r, dict) and "followup_ttft_ms" in r), [])
+    if hist:
+        lines.append(f"  follow-up = time to first token of a short turn after {' / '.join(hist)} tokens of history")
+    return lines
 
 
 def render(report: dict) -> str:
@@ -616,30 +654,7 @@ def render(report: dict) -> str:
         lines += ["", f"[W4 vs 16-bit] skipped: {w['skipped']}"]
     sh = s.get("shapes")
     if sh:
-        lines += ["", "[InternVL3 shapes, random weights, batch 1; BW = share of the 3.0 TB/s ceiling]",
-                  f"  {'model':18}{'eager tok/s':>12}{'BW':>5}{'graph tok/s':>12}{'BW':>5}{'GB/token':>10}{'ceiling':>9}"
-                  f"{'vision ms':>11}{'prefill tok/s':>15}{'peak GiB':>10}"]  # fmt: skip
-        for key, r in sh.items():
-            if not isinstance(r, dict):
-                continue
-            if "decode" not in r:
-                lines.append(f"  {key:18}{r.get('error') or r.get('skipped')}")
-                continue
-            d, pf = r["decode"], r["prefill"]
-            graph_share = d.get("graph_bandwidth_share")
-            lines.append(
-                f"  {key:18}{d['eager_tokens_per_s']:>12.0f}{d['eager_bandwidth_share'] * 100:>4.0f}%"
-                f"{_fmt(d.get('graph_tokens_per_s'), '.0f'):>12}{_fmt(graph_share and graph_share * 100, '.0f'):>4}%"
-                f"{d['bytes_per_token']['total'] / 1e9:>10.2f}{d['ceiling_tokens_per_s']:>9.0f}"
-                f"{pf['vision_ms']:>11.1f}{pf['llm_prefill_tokens_per_s']:>15.0f}"
-                f"{r.get('peak_gpu_alloc_bytes', 0) / 2**30:>10.1f}"
-            )
-            for err in ("graph_error", "engine_graph_error"):
-                if err in d:
-                    lines.append(f"    {err}: {d[err][:200]}")
-            if "engine_graph_tokens_per_s" in d:
-                lines.append(f"    engine decode_graph: {d['engine_graph_tokens_per_s']:.0f} tok/s "
-                             f"({d['engine_graph_bandwidth_share'] * 100:.0f}% BW)")  # fmt: skip
+        lines += render_shapes(sh)
     x = s.get("crossover")
     if x and "table" in x:
         lines += ["", f"[Int4Linear tinygemm vs dequant+dense, ms] dense from {x['dense_from_rows']} rows "

@@ -50,6 +50,12 @@ VISION_300M = VisionConfig(
     hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
     norm_type="layer_norm", norm_eps=1e-6, qkv_bias=True, qk_norm=False,
 )  # fmt: skip
+# The GPU check's CPU dry run: the same code paths at a tiny shape (hidden 128 keeps W4 g128 legal).
+DRY_SHAPES = {"tiny": (128, 2, 4, 2, 256)}
+VISION_TINY = VisionConfig(
+    hidden_size=64, num_layers=1, num_heads=4, intermediate_size=128,
+    norm_type="layer_norm", norm_eps=1e-6, qkv_bias=True, qk_norm=False,
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,10 +78,15 @@ class Plan:
     max_context: int
     # --device cuda: the InternVL3 shapes
     cuda_shapes: tuple[str, ...] = tuple(LLM_SHAPES)
+    # (shape, variant) rows in the order they are measured: the issue's targets first (W4 8B/1B/2B)
+    cuda_variants: tuple[str, ...] = ("w4", "bf16")
     cuda_prefill_tokens: int = 512
     cuda_decode_tokens: int = 96
     cuda_repeats: int = 2
     cuda_image_tiles: int = 13
+    cuda_followup_history: tuple[int, ...] = (1024, 4096)  # follow-up TTFT after this much history
+    cuda_followup_tokens: int = 24  # a short follow-up question
+    cuda_compiled: bool = True  # also time the compiled step (one compile per row)
     crossover_rows: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 512)
     # CPU decode/prefill vs llama.cpp: models ("demo", "qwen0.5b"), dtypes, threads, token counts
     decode_models: tuple[str, ...] = ("demo", "qwen0.5b")
@@ -118,11 +129,13 @@ QUICK = Plan(
     chat_turns=3,
     answer_tokens=3,
     max_context=1536,
-    cuda_shapes=(),
+    cuda_shapes=("tiny",),
     cuda_prefill_tokens=32,
     cuda_decode_tokens=4,
     cuda_repeats=1,
     cuda_image_tiles=1,
+    cuda_followup_history=(64,),
+    cuda_followup_tokens=8,
     crossover_rows=(1, 64),
     decode_models=("demo",),
     decode_dtypes=("float32",),
@@ -283,7 +296,10 @@ def quantize_decoder_(model, backend: str, group_size: int = AWQ_GROUP) -> int:
 
 
 def shape_config(name: str, w4: bool, vision: VisionConfig = VISION_300M, vocab: int = VOCAB) -> ModelConfig:
-    """An InternVL3 ModelConfig from the SPEC §1 shapes (LLM) and InternViT-300M (vision)."""
+    """An InternVL3 ModelConfig from the SPEC §1 shapes (LLM) and InternViT-300M (vision); the
+    dry-run shape "tiny" gets a tiny vision tower and vocabulary."""
+    if name in DRY_SHAPES:
+        return text_shape_config(*DRY_SHAPES[name], w4, VISION_TINY, 512)
     hidden, layers, heads, kv_heads, ffn = LLM_SHAPES[name]
     return text_shape_config(hidden, layers, heads, kv_heads, ffn, w4, vision, vocab)
 
@@ -479,72 +495,76 @@ def eager_decode_rate(model, first_token: torch.Tensor, start: int, n: int) -> f
     return n / (time.perf_counter() - t0)
 
 
-def decode_step_(model, token: torch.Tensor, pos: torch.Tensor, kv_bucket: int) -> None:
-    """One greedy decode step on device buffers, graph-safe: token [1] ← argmax of the next
-    logits, pos [1] += 1. Runs the engine's `language_model.forward_embeds` with positions on the
-    device and a fixed, masked `kv_bucket` (no host synchronisation, no shape that changes)."""
-    logits = model.language_model.decode_masked(token, pos, kv_bucket)
-    token.copy_(logits.argmax().reshape(1))
-    pos.add_(1)
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting read + write (the decode ceiling)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    sync(device)
+    return 2 * nbytes * reps / (time.perf_counter() - t0)
 
 
-class GraphDecoder:
-    """`decode_step_` captured in a CUDA graph: a benchmark-local capture that shows what graphs
-    buy while the engine does not offer its own."""
+def ops_per_step(model, token: torch.Tensor, pos: int) -> dict:
+    """What one decode step launches: CUDA kernels (graph replays included) on a GPU; on CPU the
+    top-level aten calls (Inductor's own fused C++ kernels do not appear there)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def __init__(self, model, kv_bucket: int, start: int, first_token: torch.Tensor):
-        self.model = model
-        device = model.device
-        self.token = first_token.reshape(1).clone()
-        self.pos = torch.full((1,), start, dtype=torch.long, device=device)
-        self.kv_bucket = kv_bucket
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            for _ in range(3):  # warm up kernels (writes K/V at start.. that real steps overwrite)
-                decode_step_(model, self.token, self.pos, kv_bucket)
-            self.pos.fill_(start)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph):
-            decode_step_(model, self.token, self.pos, kv_bucket)
-
-    def rate(self, start: int, n: int) -> float:
-        device = self.model.device
-        self.pos.fill_(start)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            self.graph.replay()
-        sync(device)
-        return n / (time.perf_counter() - t0)
-
-
-def engine_graph_rate(model, first_token: torch.Tensor, start: int, n: int, kv_len: int) -> float | None:
-    """Tokens/s through the engine's own CUDA-graph decode (`model.enable_cuda_graphs()`), driven
-    like the streaming generator drives it: each step is queued, then the previous token is read
-    back to the host (one sync per token). `kv_len` is chosen by the engine's buckets; unused here.
-    """
-    enable = getattr(model, "enable_cuda_graphs", None)
-    if enable is None:
-        return None
     device = model.device
-    enable(True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        model.forward(token, pos)
+        sync(device)
+    events = prof.events()
+    if device.type == "cuda":
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        return {"kind": "CUDA kernels", "per_step": len(kernels)}
+    aten = [e for e in events if e.name.startswith(("aten::", "aoti_torch_")) and
+            (e.cpu_parent is None or not e.cpu_parent.name.startswith(("aten::", "aoti_torch_")))]  # fmt: skip
+    return {"kind": "aten calls", "per_step": len(aten)}
+
+
+def engine_decode(model, first_token: torch.Tensor, start: int, n: int, repeats: int, graphs: bool, compiled: bool) -> dict:
+    """Tokens/s through `model.forward(token, pos)` as the streaming generator drives it (each step
+    queued, then the previous token read back to the host), with the engine's CUDA graphs and/or
+    compiled step switched on for the run; ops per step counted once. Restores the eager engine."""
+    device = model.device
+    out: dict = {}
     try:
-        token = first_token.reshape(1)
-        for i in range(3):  # captures the bucket's graph
-            token = model.forward(token, start + i).argmax().reshape(1)
-        sync(device)
-        t0 = time.perf_counter()
-        for i in range(n):
-            following = model.forward(token, start + i).argmax().reshape(1)
-            int(token)  # the host reads each token, as the generator does
-            token = following
-        int(token)
-        sync(device)
-        return n / (time.perf_counter() - t0)
+        model.enable_cuda_graphs(graphs)
+        if compiled:
+            t0 = time.perf_counter()
+            ok = model.enable_compile(True)
+            out["compile_s"] = time.perf_counter() - t0
+            if not ok:
+                raise RuntimeError("the decode step did not compile")
+
+        def run(steps: int) -> float:
+            token = first_token.reshape(1)
+            sync(device)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                following = model.forward(token, start + i).argmax().reshape(1)
+                int(token)  # the host reads each token, as the generator does
+                token = following
+            int(token)
+            sync(device)
+            return steps / (time.perf_counter() - t0)
+
+        with torch.inference_mode():
+            run(min(8, n))  # warm-up: captures graphs / first compiled calls
+            runs = [run(n) for _ in range(repeats)]
+        out.update(tokens_per_s=median(runs), runs=runs)
+        out["ops"] = ops_per_step(model, first_token.reshape(1), start + n)
+        if compiled:
+            out["compiled_steps"] = model.compiled_step.steps if model.compiled_step else 0
     finally:
-        enable(False)
+        model.enable_compile(False)
+        model.enable_cuda_graphs(False)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -157,15 +158,22 @@ def test_random_w4_model_is_filled_and_runs():
     assert torch.isfinite(logits).all() and logits.std() > 0
 
 
-def test_measure_shape_on_cpu_reports_decode_and_prefill():
-    out = bench.measure_shape(_tiny_cfg(w4=True), PLAN, torch.device("cpu"))
+def test_measure_shape_on_cpu_reports_decode_prefill_and_follow_ups():
+    """The GPU check's code path at a tiny W4 shape on CPU: eager and compiled decode, ops counted."""
+    out = bench.measure_shape(_tiny_cfg(w4=True), PLAN, torch.device("cpu"), bandwidth=1e10)
     d, p = out["decode"], out["prefill"]
-    assert _positive(d["eager_tokens_per_s"]) and len(d["eager_runs"]) == PLAN.cuda_repeats
-    share = d["eager_tokens_per_s"] * d["bytes_per_token"]["total"] / bl.H100_BANDWIDTH
-    assert d["eager_bandwidth_share"] == pytest.approx(share)
+    assert set(d) >= {"eager", "compiled"} and "graphs" not in d  # CUDA graphs are CUDA only
+    for mode in ("eager", "compiled"):
+        r = d[mode]
+        assert _positive(r["tokens_per_s"]) and len(r["runs"]) == PLAN.cuda_repeats, (mode, r)
+        assert r["bandwidth_share"] == pytest.approx(r["tokens_per_s"] * d["bytes_per_token"]["total"] / 1e10)
+        assert r["ops"]["kind"] == "aten calls" and r["ops_per_layer"] > 0
+    assert d["compiled"]["compiled_steps"] > 0 and _positive(d["compiled"]["compile_s"])
+    assert d["compiled"]["ops_per_layer"] < d["eager"]["ops_per_layer"]  # fused: fewer calls per layer
     assert p["tokens"] == 24 + 256 * PLAN.cuda_image_tiles + 16
     assert _positive(p["vision_ms"]) and _positive(p["llm_prefill_tokens_per_s"])
-    assert "graph_tokens_per_s" not in d  # CUDA only
+    assert set(out["followup_ttft_ms"]) == {str(h) for h in PLAN.cuda_followup_history}
+    assert all(_positive(v) for v in out["followup_ttft_ms"].values())
 
 
 def test_random_awq_tensors_have_the_published_shapes():
@@ -176,7 +184,7 @@ def test_random_awq_tensors_have_the_published_shapes():
 
 
 def test_graph_decode_step_follows_the_eager_greedy_path():
-    """The step the CUDA-graph benchmark captures (device positions, masked kv bucket) decodes the
+    """The step DecodeGraphs captures (device positions, masked kv bucket) decodes the
     same greedy tokens as plain `forward(token, pos)` steps; checked eagerly on CPU in fp32."""
     cfg = _tiny_cfg(w4=False)
     model = bl.build_random_model(cfg, torch.device("cpu"), torch.float32, max_seq_len=128)
@@ -193,8 +201,9 @@ def test_graph_decode_step_follows_the_eager_greedy_path():
             cache[:, :, len(prompt) :].normal_(0, 10)  # stale junk beyond the prompt must stay masked
         token, pos = first.reshape(1).clone(), torch.tensor([len(prompt)])
         stepped = [int(first)]
-        for _ in range(7):
-            bl.decode_step_(model, token, pos, kv_bucket=64)
+        for _ in range(7):  # what DecodeGraphs captures: device position, fixed masked bucket
+            token.copy_(model.language_model.decode_masked(token, pos, 64).argmax().reshape(1))
+            pos.add_(1)
             stepped.append(int(token))
     assert stepped == eager
     assert int(pos) == len(prompt) + 7
@@ -213,12 +222,13 @@ def test_dense_threshold_is_where_dense_wins_from_then_on():
     assert bench.dense_from_rows({"k": row({1: (0.1, 0.2), 64: (0.2, 0.3)})}) is None
 
 
-def test_cuda_sections_render(monkeypatch):
+def test_cuda_sections_render():
     """The GPU run prints its table last: the shapes / crossover rendering must work (run on CPU)."""
-    monkeypatch.setattr(bl, "shape_config", lambda name, w4: _tiny_cfg(w4))
-    plan = bl.QUICK.__class__(**{**bl.QUICK.__dict__, "cuda_shapes": ("tiny",)})
+    plan = replace(bl.QUICK, cuda_compiled=False)
+    assert bench.shape_rows(plan) == [("tiny", "w4"), ("tiny", "bf16")]
     shapes = bench.section_shapes(plan, torch.device("cpu"), None, 0.0)
-    assert set(shapes) == {"bandwidth_ceiling_bytes_per_s", "tiny bf16", "tiny w4"}
+    assert set(shapes) == {"copy_bandwidth_bytes_per_s", "bandwidth_ceiling_bytes_per_s", "tiny bf16", "tiny w4"}
+    assert _positive(shapes["copy_bandwidth_bytes_per_s"])
     assert all("decode" in shapes[k] for k in ("tiny bf16", "tiny w4")), shapes
     w4, bf16 = shapes["tiny w4"]["decode"], shapes["tiny bf16"]["decode"]
     assert w4["bytes_per_token"]["weights"] < bf16["bytes_per_token"]["weights"]
@@ -228,6 +238,7 @@ def test_cuda_sections_render(monkeypatch):
               "sections": {"shapes": shapes, "crossover": crossover, "engine": {"error": "boom"}}}  # fmt: skip
     text = bench.render(report)
     assert "[InternVL3 shapes" in text and "tiny w4" in text and "M=1: 0.100/0.300" in text
+    assert "follow-up = time to first token" in text
     assert "[engine] FAILED: boom" in text
 
 

@@ -193,3 +193,40 @@ def test_w4_compiled_step_gives_the_eager_greedy_tokens(tiny_original):
     got, got_logits = _greedy(models[1], ids, 16)
     assert got == want and models[1].compiled_step.steps == 16
     assert (got_logits - want_logits).abs().max().item() <= 1e-3 * want_logits.abs().max().item()
+
+
+def test_the_graphs_variant_compiles_once_for_every_bucket(eager, tiny_original):
+    """What CUDA graphs capture on a GPU (engine/cuda_graph.py): the position on the device and a
+    fixed KV bucket with the stale tail masked. Checked on CPU: one compile serves two buckets and
+    decodes the eager tokens (the capture itself needs a GPU: tests/test_cuda.py)."""
+    from internvl_chat.engine.cuda_graph import kv_bucket
+
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
+    model, lm = loaded.model, loaded.model.language_model
+    step = compiled.CompiledStep(lm, model.device, for_graphs=True)
+    assert step.compile()
+    ids = (eager.tokenizer.encode("one two three four five six seven", add_special_tokens=False) * 64)[:250]
+    want, _ = _greedy(eager.model, ids, 12)
+    with torch.inference_mode():
+        token = model.forward(ids, 0).argmax().view(1)
+        got, seen = [], set()
+        position = torch.tensor([len(ids)])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for _ in range(12):
+                got.append(int(token))
+                kv_len = kv_bucket(int(position), model.max_seq_len)
+                seen.add(kv_len)
+                token = step.masked(token, position, kv_len).argmax().view(1)
+                position += 1
+    assert got == want and seen == {256, 512}  # crossed a bucket boundary without recompiling
+
+
+def test_kv_buckets_waste_little_at_long_contexts():
+    from internvl_chat.engine.cuda_graph import kv_bucket
+
+    sizes = {kv_bucket(pos, 32768) for pos in range(32768)}
+    assert min(sizes) == 256 and max(sizes) == 32768 and len(sizes) <= 40
+    for pos in (0, 255, 256, 1000, 4095, 4096, 9999, 16383, 30000):
+        size = kv_bucket(pos, 32768)
+        assert pos < size <= max(256, (pos + 1) * 1.125 + 256), (pos, size)
+    assert kv_bucket(5000, 4608) == 4608  # never past the cache

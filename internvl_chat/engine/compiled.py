@@ -99,8 +99,9 @@ class CompiledStep:
         self.failure: str | None = None
         self._fn = None
         self._caches = lm.caches()
-        with torch.inference_mode(False):  # a normal tensor whatever the caller's mode: stable guards
+        with torch.inference_mode(False):  # normal tensors whatever the caller's mode: stable guards
             self._token = torch.zeros(1, dtype=torch.long, device=device)
+            self._position = torch.full((1,), 2, dtype=torch.long, device=device)
         for pair in self._caches:  # fixed storage: never a symbolic size, never re-guarded by address
             for t in pair:
                 torch._dynamo.mark_static(t)
@@ -145,7 +146,7 @@ class CompiledStep:
         if self.for_graphs:
             from .cuda_graph import MIN_BUCKET
 
-            fn(self._token, torch.full((1,), 2, device=self.device), min(MIN_BUCKET, self.lm.max_seq_len), scratch)
+            fn(self._token, self._position, min(MIN_BUCKET, self.lm.max_seq_len), scratch)
         else:
             fn(self._token, 2, scratch)  # positions 0 and 1 would specialise; `exact` never sends them
         if self.device.type == "cuda":
@@ -180,7 +181,10 @@ class CompiledStep:
             return None
 
     def masked(self, token: torch.Tensor, position: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """The CUDA-graph step (`decode_masked`), compiled when active; for DecodeGraphs."""
-        if self.active:
-            return self._fn(token, position, kv_len, self._caches)
-        return self.lm.decode_masked(token, position, kv_len)
+        """The CUDA-graph step (`decode_masked`), compiled when active; for DecodeGraphs (which
+        captures it, the two copies included, so they cost no launch of their own)."""
+        if not self.active:
+            return self.lm.decode_masked(token, position, kv_len)
+        self._token.copy_(token.view(1))
+        self._position.copy_(position.view(1))
+        return self._fn(self._token, self._position, kv_len, self._caches)
