@@ -368,7 +368,7 @@ def _round_up(x: int, m: int) -> int:
 
 
 def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                  bandwidth: float | None = None) -> dict:  # fmt: skip
+                  bandwidth: float | None = None, compiled: bool | None = None) -> dict:  # fmt: skip
     """Build one random-weight model on `device`; time the first turn with a 13-tile image (vision +
     prefill + first token), follow-up turns after 1k/4k tokens of history, and batch-1 decode:
     eager, CUDA graphs, and compiled inside the graphs (CPU: eager and compiled)."""
@@ -432,7 +432,7 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
     decode: dict = {"prefill_tokens": p, "tokens": n, "bytes_per_token": traffic, "ceiling_bytes_per_s": ceiling,
                     "ceiling_tokens_per_s": ceiling / traffic["total"]}  # fmt: skip
     modes = [("eager", False, False)] + ([("graphs", True, False)] if is_cuda else [])
-    if plan.cuda_compiled:
+    if plan.cuda_compiled if compiled is None else compiled:
         modes.append(("compiled", is_cuda, True))
     for mode, graphs, compiled in modes:
         try:
@@ -464,9 +464,12 @@ def section_shapes(plan: bl.Plan, device: torch.device, deadline: float | None, 
         if deadline is not None and time.perf_counter() > deadline:
             results[key] = {"skipped": "time budget spent"}
             continue
+        # a cold compile of a 28-layer step takes about a minute: none once less than that is left
+        compiled = plan.cuda_compiled and (deadline is None or time.perf_counter() < deadline - 60)
         bl.log(f"  {key} ...", start)
         try:
-            results[key] = measure_shape(bl.shape_config(shape, w4=variant == "w4"), plan, device, bandwidth=bandwidth)
+            cfg = bl.shape_config(shape, w4=variant == "w4")
+            results[key] = measure_shape(cfg, plan, device, bandwidth=bandwidth, compiled=compiled)
             d = results[key]["decode"]
             bl.log(f"  {key}: " + ", ".join(f"{m} {d[m].get('tokens_per_s', float('nan')):.0f} tok/s"
                                              for m in ("eager", "graphs", "compiled") if m in d), start)  # fmt: skip

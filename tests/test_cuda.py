@@ -74,9 +74,42 @@ def test_cuda_graph_decode_equals_eager(tiny_original):
     assert (graph_logits - eager_logits).abs().max().item() <= 1e-4 * eager_logits.abs().max().item()
 
 
+def test_compiled_graph_decode_equals_eager(tiny_original):
+    """The compiled step (Triton kernels) replayed from CUDA graphs, across a KV bucket boundary."""
+    loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, cuda_graphs=False)
+    ids = loaded.tokenizer.encode("one two three four five six", add_special_tokens=False) * 40
+    eager_tokens, eager_logits = _greedy(loaded.model, ids, 30)
+    fast = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, compile="on")
+    step = fast.model.compiled_step
+    assert step is not None and step.active and step.for_graphs, "the decode step did not compile for CUDA graphs"
+    graph_tokens, graph_logits = _greedy(fast.model, ids, 30)
+    assert len(fast.model.decode_graphs.graphs) >= 2, "no bucket boundary was crossed"
+    assert graph_tokens == eager_tokens
+    assert (graph_logits - eager_logits).abs().max().item() <= 1e-4 * eager_logits.abs().max().item()
+
+
+def test_compiled_w4_decode_equals_eager(tiny_original):
+    """4-bit (tinygemm) linears inside the compiled, graph-replayed step."""
+    from bench_lib import quantize_decoder_
+
+    models = []
+    for mode in ("off", "on"):
+        loaded = load_model(tiny_original, device="cuda", dtype="bfloat16", max_context=1024)
+        quantize_decoder_(loaded.model, "torch", group_size=32)
+        if mode == "on":
+            assert loaded.model.enable_compile(True)
+        models.append(loaded.model)
+    ids = list(range(5, 300))
+    want, want_logits = _greedy(models[0], ids, 16)
+    got, got_logits = _greedy(models[1], ids, 16)
+    assert got == want
+    assert torch.nn.functional.cosine_similarity(got_logits.flatten(), want_logits.flatten(), dim=0).item() > 0.999
+
+
 def test_decode_step_does_not_sync(tiny_original):
-    for graphs in (False, True):
-        loaded = load_model(tiny_original, device="cuda", dtype="bfloat16", max_context=1024, cuda_graphs=graphs)
+    for graphs, compile_mode in ((False, "off"), (True, "off"), (True, "on")):
+        loaded = load_model(tiny_original, device="cuda", dtype="bfloat16", max_context=1024, cuda_graphs=graphs,
+                            compile=compile_mode)  # fmt: skip
         ids = loaded.tokenizer.encode("hello there", add_special_tokens=False)
         logits = loaded.model.forward(ids, 0)
         token = logits.argmax().view(1)

@@ -18,6 +18,7 @@ attempt to recompile later, leaves the eager step in place with a one-line note:
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -32,9 +33,12 @@ MODES = ("auto", "on", "off")
 # in benchmarks/RESULTS.md); tiny models already decode faster than anyone reads, and start
 # instantly. CUDA: not measured on a GPU in this build yet (scripts/gpu_check.sh does), so opt-in.
 AUTO_MIN_DECODER_BYTES = {"cpu": 256 * 2**20, "cuda": None}
-# Inductor options: a C++ wrapper instead of a Python one saves ~a microsecond per call inside the
-# step (CPU), and shape asserts are redundant with Dynamo's guards.
-CPU_OPTIONS = {"cpp_wrapper": True, "size_asserts": False}
+# Inductor options. CPU: a C++ wrapper instead of a Python one (less per-call overhead); loops
+# run on several threads only with ≥ 256k elements of work per thread (the large GEMVs): every
+# parallel region ends in a barrier that waits for the slowest thread, and a decode step has
+# dozens of small loops (a busy second core made 2-thread steps 50× slower). Shape asserts are
+# redundant with Dynamo's guards.
+CPU_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "cpp.min_chunk_size": 1 << 18}
 CUDA_OPTIONS = {"size_asserts": False}
 
 Notify = Callable[[str], None]
@@ -125,6 +129,11 @@ class CompiledStep:
         except Exception as e:  # noqa: BLE001 — any compiler failure means "stay eager"
             return self._fail(e, "was not compiled")
         self._fn = fn
+        # Compiling leaves millions of Python objects alive (graphs, guards, symbolic shapes); each
+        # full garbage collection would walk them all again, mid-answer (a quarter of decode time
+        # on the 0.5B shape). Collect once, then move everything alive now out of the collector's way.
+        gc.collect()
+        gc.freeze()
         self.compile_s = time.perf_counter() - start
         self.active = True
         self._say(f"decode step compiled in {self.compile_s:.1f} s")

@@ -50,8 +50,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # Compiled one-row linears with large weights become a multiply-reduce on these devices: Inductor's
 # C++ reduction streams the weight at memory bandwidth with every thread, where the BLAS libraries'
-# M=1 paths fall short (bf16 most of all: see benchmarks/RESULTS.md). A weight that fits in cache
-# is faster through the BLAS call (one accumulator chain per output row is latency-bound there).
+# M=1 paths fall short (bf16 most of all: see benchmarks/RESULTS.md). An fp32 weight that fits in
+# cache is as fast through MKL's GEMV (one accumulator chain per output row is latency-bound);
+# a 16-bit one is not (oneDNN's per-call setup costs more than the whole product).
 # CUDA keeps cuBLAS until measured.
 GEMV_AS_REDUCTION = {"cpu": True, "cuda": False}
 GEMV_REDUCTION_MIN_BYTES = 1 << 20
@@ -79,10 +80,12 @@ def linear(module: nn.Module, x: torch.Tensor, fresh_input: bool = False) -> tor
         and torch.compiler.is_compiling()
         and x.shape[:-1].numel() == 1
         and GEMV_AS_REDUCTION.get(x.device.type, False)
-        and module.weight.numel() * module.weight.element_size() >= GEMV_REDUCTION_MIN_BYTES
+        and (module.weight.dtype != torch.float32 or module.weight.numel() * 4 >= GEMV_REDUCTION_MIN_BYTES)
     ):
-        x = materialize(x) if fresh_input else x
-        y = (module.weight.float() * x.reshape(1, -1).float()).sum(-1)
+        large = module.weight.numel() * module.weight.element_size() >= GEMV_REDUCTION_MIN_BYTES
+        xf = x.reshape(1, -1).float()
+        xf = materialize(xf) if fresh_input and large else xf  # stored in float32 (a small weight recomputes cheaply)
+        y = (module.weight.float() * xf).sum(-1)
         if module.bias is not None:
             y = y + module.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
