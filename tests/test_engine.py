@@ -153,3 +153,43 @@ def test_truncated_weights_file_is_reported(tiny_original, tmp_path):
     weights.write_bytes(b"\x05\x00")
     with pytest.raises(CheckpointError, match="not a safetensors file"):
         load_model(folder, device="cpu", dtype="float32", max_context=256)
+
+
+def test_cpu_default_dtype_follows_native_bf16_and_model_size(monkeypatch):
+    """auto on CPU: bf16 for a bandwidth-bound decoder where bf16 is native, fp32 otherwise."""
+    import bench_lib as bl
+    from internvl_chat.engine import cpu_features
+    from internvl_chat.engine.loader import resolve_dtype
+
+    big = bl.shape_config("InternVL3-1B", w4=False)
+    small = bl.shape_config("tiny", w4=False)
+    cpu = torch.device("cpu")
+    assert cpu_features.decoder_weight_bytes(big.text) > cpu_features.BF16_MIN_DECODER_BYTES
+    assert resolve_dtype("auto", cpu, small) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda"), big) == torch.bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN may not use bf16 instructions
+    assert not cpu_features.native_bf16()
+    assert resolve_dtype("auto", cpu, big) == torch.float32
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    native = bool({"avx512_bf16", "amx_bf16"} & cpu_features.cpu_flags())
+    assert cpu_features.native_bf16() == native
+    assert resolve_dtype("auto", cpu, big) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("float32", cpu, big) == torch.float32  # an explicit choice stands
+
+
+def test_bf16_prefill_without_native_bf16_computes_in_fp32(monkeypatch):
+    from internvl_chat.engine import language
+
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(1, language.UPCAST_MIN_ROWS, 64, generator=gen).to(torch.bfloat16)
+    upcast = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert torch.equal(language.linear(layer, x), upcast)
+    assert torch.equal(language.linear(layer, x[:, :1]), layer(x[:, :1]))  # one row (decode): unchanged
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    if language.native_bf16():
+        assert torch.equal(language.linear(layer, x), layer(x))

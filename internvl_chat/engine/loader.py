@@ -19,6 +19,7 @@ from .checkpoint import SpecialTokens, find_weight_files, iter_tensors, load_tok
 from .compiled import MODES as COMPILE_MODES
 from .compiled import wanted as compile_wanted
 from .config import ModelConfig, QuantConfig, load_config
+from .cpu_features import default_cpu_dtype
 from .model import InternVLModel
 from .tinychat import convert_tinychat
 
@@ -49,9 +50,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, cfg: ModelConfig | None = None) -> torch.dtype:
+    """"auto": bf16 on CUDA; on CPU whichever measured faster for this model here (cpu_features)."""
     if name in ("", "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return default_cpu_dtype(cfg) if cfg is not None else torch.float32
     try:
         return DTYPES[name.lower()]
     except KeyError:
@@ -91,7 +95,7 @@ def load_model(
     if tinychat and cfg.quant is None:
         cfg = dataclasses.replace(cfg, quant=QuantConfig())  # TinyChat v2 files are W4 g128 by definition
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device, cfg)
     if int4_backend not in ("auto", "torch", "dequant"):
         raise UsageError(f"unknown int4 backend {int4_backend!r}; use auto, torch or dequant")
     if compile not in COMPILE_MODES:

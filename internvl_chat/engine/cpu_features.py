@@ -1,0 +1,57 @@
+"""What this CPU computes fast, and the default dtype that follows from it.
+
+oneDNN runs bf16 matrix products natively only with AVX512-BF16 or AMX; on other x86 CPUs it
+emulates them, and a bf16 prefill is 2-4× slower than fp32 (benchmarks/RESULTS.md). With native
+bf16 the opposite holds: bf16 prefill is ~2× faster and decode, bound by memory bandwidth, reads
+half the bytes. $ONEDNN_MAX_CPU_ISA caps what oneDNN may use, so a cap below the bf16 ISAs counts
+as "no native bf16" (it is also how the slower path is measured on a bf16 CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# oneDNN ISA names (upper case) that include native bf16 dot products
+_BF16_ISAS = ("BF16", "AMX", "AVX10")
+# A decoder this large is bandwidth-bound on CPU: bf16 halves the bytes each token reads. Smaller
+# models are dominated by per-call overheads, where oneDNN's bf16 calls cost more than MKL's fp32.
+BF16_MIN_DECODER_BYTES = 256 * 2**20
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16() -> bool:
+    """Whether bf16 matrix products run natively here (not emulated in fp32 by oneDNN)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap and cap not in ("ALL", "DEFAULT") and not any(isa in cap for isa in _BF16_ISAS):
+        return False
+    return any(flag in cpu_flags() for flag in _BF16_FLAGS)
+
+
+def decoder_weight_bytes(text_cfg, bytes_per_weight: int = 2) -> int:
+    """Bytes of the language model's layers and lm_head at `bytes_per_weight`, from its config."""
+    t = text_cfg
+    per_layer = t.hidden_size * (t.q_size + 2 * t.kv_size) + t.q_size * t.hidden_size + 3 * t.hidden_size * t.intermediate_size
+    return (t.num_layers * per_layer + t.vocab_size * t.hidden_size) * bytes_per_weight
+
+
+def default_cpu_dtype(cfg) -> torch.dtype:
+    """bf16 for a bandwidth-bound decoder on a CPU with native bf16, fp32 otherwise."""
+    if native_bf16() and decoder_weight_bytes(cfg.text) >= BF16_MIN_DECODER_BYTES:
+        return torch.bfloat16
+    return torch.float32
