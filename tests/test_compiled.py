@@ -148,7 +148,7 @@ def test_auto_compiles_large_decoders_on_cpu_only(eager):
     lm = eager.model.language_model
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert compiled.wanted("on", cpu, lm) and not compiled.wanted("off", cpu, lm)
-    small = compiled.decoder_bytes(lm)
+    small = lm.decoder_bytes()
     assert 0 < small < compiled.AUTO_MIN_DECODER_BYTES["cpu"]
     assert not compiled.wanted("auto", cpu, lm)  # a tiny model starts instantly and is fast enough eager
     big = {**compiled.AUTO_MIN_DECODER_BYTES, "cpu": small}

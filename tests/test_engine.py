@@ -193,3 +193,23 @@ def test_bf16_prefill_without_native_bf16_computes_in_fp32(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
     if language.native_bf16():
         assert torch.equal(language.linear(layer, x), layer(x))
+
+
+def test_a_small_decoder_decodes_on_one_cpu_thread(tiny_original):
+    """One-token steps of a small model run single-threaded (a barrier per tiny op otherwise);
+    prefill keeps torch's thread count, and the count is restored after each step."""
+    from internvl_chat.engine.model import SMALL_DECODER_BYTES
+
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=256)
+    model = loaded.model
+    assert model.decode_threads == 1 and model.language_model.decoder_bytes() < SMALL_DECODER_BYTES
+    seen = []
+    model.language_model.model.layers[0].register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model.forward(list(range(8)), 0)
+        model.forward([9], 8)
+        assert seen == [2, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

@@ -223,6 +223,13 @@ class Qwen2ForCausalLM(nn.Module):
     def v_cache(self) -> list[torch.Tensor]:
         return [v for _, v in self.caches()]
 
+    def decoder_bytes(self) -> int:
+        """Bytes of weights one decode step reads: layers, final norm, lm_head (not the embedding)."""
+        caches = {id(t) for pair in self.caches() for t in pair}
+        tensors = {id(t): t for t in list(self.parameters()) + list(self.buffers())}
+        skip = caches | {id(self.model.embed_tokens.weight)}
+        return sum(t.numel() * t.element_size() for key, t in tensors.items() if key not in skip)
+
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 

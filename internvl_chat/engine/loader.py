@@ -20,7 +20,7 @@ from .compiled import MODES as COMPILE_MODES
 from .compiled import wanted as compile_wanted
 from .config import ModelConfig, QuantConfig, load_config
 from .cpu_features import default_cpu_dtype
-from .model import InternVLModel
+from .model import SMALL_DECODER_BYTES, InternVLModel
 from .tinychat import convert_tinychat
 
 DTYPES = {
@@ -114,6 +114,8 @@ def load_model(
         tensors = iter_tensors(path, cfg.layout)
         model.load_weights(convert_tinychat(tensors, cfg) if tinychat else tensors)
         model.enable_cuda_graphs(cuda_graphs)
+        if device.type == "cpu" and model.language_model.decoder_bytes() < SMALL_DECODER_BYTES:
+            model.decode_threads = 1
         if compile_wanted(compile, device, model.language_model):
             model.enable_compile(True, progress)
     except torch.OutOfMemoryError:
