@@ -18,6 +18,7 @@ the caller is interrupted, so Ctrl-C is answered at once even while FFmpeg is bu
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -204,13 +205,17 @@ def _check_fps(path: Path, fps: float) -> float:
     if not math.isfinite(fps) or fps <= 0:
         return 0.0
     if fps > MAX_FPS:
-        raise MediaError(f"{path} declares {fps:g} frames per second, more than {MAX_FPS:g}; the file is damaged or not a real video")
+        raise MediaError(
+            f"{path} declares {fps:g} frames per second, more than {MAX_FPS:g}; the file is damaged or not a real video"
+        )
     return fps
 
 
 def _check_count(path: Path, frames: int) -> int:
     if frames > MAX_FRAMES:
-        raise MediaError(f"{path} declares {frames:,} frames, more than {MAX_FRAMES:,}; the file is damaged or not a real video")
+        raise MediaError(
+            f"{path} declares {frames:,} frames, more than {MAX_FRAMES:,}; the file is damaged or not a real video"
+        )
     return max(frames, 0)
 
 
@@ -347,7 +352,10 @@ class _DecordSource:
             raise _DecordFailed(str(_cannot_read(path, e))) from None
         applied = decord_rotation(header)
         self.orientation = compose(inverse(applied), header.orientation)
-        self._shape = (header.width, header.height) if swaps_sides(applied) else (header.height, header.width)
+        # a frame of these (rows, columns) would mean decord turned it otherwise than predicted
+        self._mis_turned = None
+        if header.width and header.height and header.width != header.height:
+            self._mis_turned = (header.height, header.width) if swaps_sides(applied) else (header.width, header.height)
 
     def frames(self, wanted: list[int], stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
         for number in wanted:
@@ -366,23 +374,23 @@ class _DecordSource:
             del array
 
     def _rgb(self, array: np.ndarray) -> np.ndarray:
-        height, width = self._shape
-        if array.shape == (height, width, 3) or (not height and array.ndim == 3 and array.shape[2] == 3):
-            return array
-        # decord shapes a frame as linesize/width channels: rows padded to 4·width bytes (narrow
-        # frames) come out as 4 "channels"; the first 3·width bytes of each row are the pixels
-        if height and width and array.ndim == 3 and array.shape[:2] == (height, width) and array.size % height == 0:
-            rows = np.ascontiguousarray(array).reshape(height, -1)
-            if rows.shape[1] >= 3 * width:
-                return rows[:, : 3 * width].reshape(height, width, 3)
-        raise _DecordFailed(f"decord decoded {self._path} to frames of shape {array.shape}, not {height}×{width} RGB")
+        if array.ndim != 3 or array.shape[2] < 3:
+            raise _DecordFailed(f"decord decoded {self._path} to frames of shape {array.shape}, not RGB")
+        height, width, channels = array.shape
+        if channels != 3:
+            # decord gives a frame linesize/width "channels": rows padded to 4·width bytes (frames
+            # narrower than 64 pixels) come out as 4; the first 3·width bytes of each row are the pixels
+            array = np.ascontiguousarray(array).reshape(height, -1)[:, : 3 * width].reshape(height, width, 3)
+        if (height, width) == self._mis_turned:
+            raise _DecordFailed(f"decord turned the frames of {self._path} otherwise than its header says")
+        return array
 
     def close(self) -> None:
         self._reader = None
 
 
 class _PyAVSource:
-    def __init__(self, path: Path, header: _Header) -> None:
+    def __init__(self, path: Path, header: _Header, stop: threading.Event) -> None:
         import av
 
         self._av = av
@@ -400,18 +408,24 @@ class _PyAVSource:
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
             self.fps = header.fps
-            self.num_total_frames = header.frames or _check_count(path, self._count_packets())
+            self.num_total_frames = header.frames or _check_count(path, self._count_packets(stop))
         except BaseException:
             self._container.close()
             raise
 
-    def _count_packets(self) -> int:
+    def _count_packets(self, stop: threading.Event) -> int:
         # Containers such as MKV and WebM do not store a frame count; demuxing (no decoding)
         # counts one packet per frame.
         try:
             with self._av.open(str(self._path)) as container:
-                stream = container.streams.video[0]
-                return sum(1 for packet in container.demux(stream) if packet.size)
+                count = 0
+                for packet in container.demux(container.streams.video[0]):
+                    if stop.is_set():
+                        raise _Stopped
+                    count += 1 if packet.size else 0
+                return count
+        except _Stopped:
+            raise
         except Exception as e:  # noqa: BLE001
             raise MediaError(f"cannot read video {self._path} ({_one_line(e)}); the file may be damaged") from None
 
@@ -498,17 +512,20 @@ class _Decoded:
 def _decode(
     path: Path, backend: str, header: _Header, decord, num_frames: int, start, end, image_size: int, stop: threading.Event
 ) -> _Decoded:
-    source: _FrameSource = _DecordSource(path, decord, header) if backend == "decord" else _PyAVSource(path, header)
+    source: _FrameSource = _DecordSource(path, decord, header) if backend == "decord" else _PyAVSource(path, header, stop)
     try:
         if source.num_total_frames < 1:
             raise MediaError(f"{path} has no video frames; use a file that contains video")
         indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
         tiles: dict[int, torch.Tensor] = {}
-        for number, rgb in source.frames(sorted(set(indices)), stop):
-            tiles[number] = frame_to_tile(rgb, source.orientation, image_size)
-            del rgb  # before the next frame is decoded
+        with contextlib.closing(source.frames(sorted(set(indices)), stop)) as frames:
+            for number, rgb in frames:
+                tiles[number] = frame_to_tile(rgb, source.orientation, image_size)
+                del rgb  # before the next frame is decoded
     finally:
         source.close()
+    if not tiles:
+        raise MediaError(f"{path} decoded to no frames; the file may be damaged")
     last = max(tiles)
     numbers = [i if i in tiles else last for i in indices]
     return _Decoded(torch.cat([tiles[i] for i in numbers]), numbers, source.fps, source.num_total_frames, backend)
