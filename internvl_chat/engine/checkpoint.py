@@ -174,14 +174,23 @@ class WeightFiles:
     def sharded(self) -> bool:
         return len(self.files) > 1 or self.index is not None
 
-    def total_bytes(self) -> int:
-        """Bytes on disk of all the weight files (for checking config.json against them)."""
+    def payload_bytes(self) -> int:
+        """Bytes of weight data, for checking config.json against before anything is allocated.
+
+        Safetensors headers are validated here, every shard's, so a damaged shard is reported
+        before the model is built; pickles count their size on disk.
+        """
         total = 0
         for path in self.files:
+            shown = visible(str(path))
+            if self.kind == "safetensors":
+                _open_regular(path, "weight file").close()
+                total += sum(n for *_, n in _safetensors_entries(path, shown))
+                continue
             try:
                 total += path.stat().st_size
             except OSError as e:
-                raise CheckpointError(f"cannot read {visible(str(path))} ({e.strerror or e}); check the file") from None
+                raise CheckpointError(f"cannot read {shown} ({e.strerror or e}); check the file") from None
         return total
 
 
@@ -315,7 +324,8 @@ def _safetensors_entries(path: Path, shown: str) -> list[tuple[str, torch.dtype,
     except Exception as e:  # SafetensorError, OSError; the library's reason is one short line
         reason = _first_line(e).removeprefix("Error while deserializing header: ")
         reason = visible(reason if len(reason) <= 120 else reason[:117] + "…")
-        raise CheckpointError(f"{shown} is not a valid safetensors file ({reason}); download it again") from None
+        damage = "is truncated or damaged" if "not fully covered" in reason else "is not a safetensors file, or a damaged one"
+        raise CheckpointError(f"{shown} {damage} ({reason}); download it again") from None
     out = []
     for name, dtype_name, shape in entries:
         dtype = _SAFETENSORS_DTYPES.get(dtype_name)
