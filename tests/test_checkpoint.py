@@ -622,3 +622,100 @@ def test_original_layout_ties_by_llm_config(tiny_original, tmp_path):
     top_only = _tied_copy(tiny_original, tmp_path / "top", config_edit=tie_top_only, tensor_edit=drop_head)
     with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\), e\.g\. language_model\.lm_head\.weight"):
         load_model(top_only, device="cpu", dtype="float32", max_context=256)
+
+
+# ------------------------------------------------------------------ image preprocessing from the checkpoint
+
+
+def test_tiling_keys_are_read_from_the_original_config(tiny_original):
+    raw = original_config(tiny_original)
+    cfg = parse_config(raw)
+    assert (cfg.min_dynamic_patch, cfg.max_dynamic_patch, cfg.dynamic_image_size, cfg.use_thumbnail) == (1, 12, True, True)
+    assert cfg.tile_limits() == (1, 12) and cfg.tile_limits(0) == (1, 12) and cfg.tile_limits(6) == (1, 6)
+    raw.update(max_dynamic_patch=6, min_dynamic_patch=2, use_thumbnail=False)
+    cfg = parse_config(raw)
+    assert (cfg.min_dynamic_patch, cfg.max_dynamic_patch, cfg.use_thumbnail) == (2, 6, False)
+    assert cfg.tile_limits() == (2, 6) and cfg.tile_limits(1) == (1, 1)  # the user's maximum wins
+    raw["dynamic_image_size"] = False
+    assert parse_config(raw).tile_limits() == (1, 1) == parse_config(raw).tile_limits(12)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("max_dynamic_patch", 0), ("max_dynamic_patch", 1000), ("max_dynamic_patch", "12"), ("max_dynamic_patch", 12.0),
+     ("min_dynamic_patch", 13), ("min_dynamic_patch", 0), ("dynamic_image_size", "yes"), ("use_thumbnail", 1)],
+)  # fmt: skip
+def test_bad_tiling_keys_are_refused(tiny_original, key, value):
+    raw = original_config(tiny_original)
+    raw[key] = value
+    with pytest.raises(CheckpointError, match=key):
+        parse_config(raw)
+
+
+def test_hf_tiling_comes_from_preprocessor_config(tiny_hf, tmp_path):
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_hf, folder)
+    assert load_config(folder).tile_limits() == (1, 12)  # no preprocessor_config.json: the processor's defaults
+    (folder / "preprocessor_config.json").write_text(json.dumps({"max_patches": 3, "min_patches": 2, "crop_to_patches": False}))
+    cfg = load_config(folder)
+    assert (cfg.min_dynamic_patch, cfg.max_dynamic_patch, cfg.dynamic_image_size) == (2, 3, True)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"max_patches": "3"}))
+    with pytest.raises(CheckpointError, match="max_patches"):
+        load_config(folder)
+
+
+@pytest.fixture(scope="module")
+def tiling_session_factory(tmp_path_factory, tiny_original):
+    from internvl_chat.chat.session import Session
+    from internvl_chat.engine.loader import load_model
+
+    def make(**config_keys) -> Session:
+        folder = tmp_path_factory.mktemp("tiling")
+        shutil.copytree(tiny_original, folder, dirs_exist_ok=True)
+        raw = original_config(folder)
+        raw.update(config_keys)
+        (folder / "config.json").write_text(json.dumps(raw), encoding="utf-8")
+        return Session(load_model(folder, device="cpu", dtype="float32", max_context=4096))
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiling_images(tmp_path_factory) -> dict[str, Path]:
+    from PIL import Image
+
+    out = tmp_path_factory.mktemp("tiling_images")
+    paths = {"wide": out / "wide.png", "square": out / "square.png"}
+    Image.new("RGB", (3000, 1000), (200, 30, 30)).save(paths["wide"])
+    Image.new("RGB", (448, 448), (30, 200, 30)).save(paths["square"])
+    return paths
+
+
+@pytest.mark.parametrize(
+    "config_keys, image, user_max, tiles",
+    [
+        ({"max_dynamic_patch": 2}, "wide", None, 3),  # (2, 1) + thumbnail: the checkpoint's limit, not 12
+        ({"max_dynamic_patch": 2}, "wide", 6, 4),  # the user's limit wins: (3, 1) + thumbnail
+        ({"min_dynamic_patch": 4}, "square", None, 5),  # at least 4 tiles: 2×2 + thumbnail
+        ({"min_dynamic_patch": 4}, "square", 2, 3),  # the user's maximum caps the minimum: (1, 2) + thumbnail
+        ({"dynamic_image_size": False}, "wide", None, 1),  # one 448 tile
+        ({"dynamic_image_size": False}, "wide", 6, 1),
+        ({"use_thumbnail": False}, "wide", None, 12),  # (6, 2), no thumbnail
+    ],
+)  # fmt: skip
+def test_checkpoint_tiling_reaches_cost_decode_and_saved_session(
+    tiling_session_factory, tiling_images, config_keys, image, user_max, tiles
+):
+    from internvl_chat.chat.sampling import SamplingParams
+
+    session = tiling_session_factory(**config_keys)
+    media = session.describe_image(tiling_images[image], user_max)  # the cost preview and /context
+    assert media.tiles == tiles
+    cost = session.media_tokens([media])
+    events = list(session.ask("what is it?", [media], SamplingParams(max_new_tokens=1)))
+    assert media.pixel_values.shape[0] == tiles  # what was decoded is what was priced
+    usage = next(e["usage"] for e in events if "usage" in e)
+    assert usage["prompt_tokens"] >= cost >= 256 * tiles
+    saved = session.to_json()["messages"][0]["media"][0]
+    assert saved["tiles"] == tiles
+    assert session.describe_image(tiling_images[image], saved["max_tiles"]).tiles == tiles  # reloads the same
