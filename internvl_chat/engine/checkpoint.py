@@ -385,8 +385,8 @@ def _pickle_refusal(path: Path, error: BaseException) -> CheckpointError:
         )
     if "Weights only load failed" in text:
         return CheckpointError(
-            f"{shown} holds pickled data that is not a plain state dict of tensors and is refused for safety; "
-            "use the checkpoint's safetensors files instead"
+            f"{shown} is not a PyTorch weights file, or holds pickled data other than plain tensors, and is refused "
+            "for safety; use the checkpoint's safetensors files instead"
         )
     if isinstance(error, MemoryError) or "allocate" in text:
         return CheckpointError(f"{shown} declares more data than fits in memory; it is damaged or not a weights file")

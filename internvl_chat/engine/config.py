@@ -359,7 +359,10 @@ def _vision_config(f: _Fields, layout: str, image_size: int | None) -> VisionCon
     if image_size is None:
         image_size = f.square_size("image_size", 1, MAX_IMAGE_SIZE, default=448)
     if image_size % patch:
-        raise f.refuse("patch_size", f"a divisor of the image size ({image_size})")
+        raise CheckpointError(
+            f"{f.source}: the image size {image_size} is not a multiple of {f.path}.patch_size ({patch}); "
+            "the checkpoint's config.json is damaged or was edited"
+        )
     grid = image_size // patch
     if grid > MAX_GRID or grid % 2:
         raise CheckpointError(
