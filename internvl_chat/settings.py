@@ -95,6 +95,12 @@ def _device(value: str) -> str:
     raise ValueError
 
 
+def _tiles(value: int) -> int | None:
+    if not 0 <= value <= 64:
+        raise ValueError
+    return value or None
+
+
 def _setting(default: Any, check: Check | None = None, expect: str = "", **kw: Any) -> Any:
     return field(default=default, metadata=_rule(check, expect), **kw)
 
@@ -126,7 +132,8 @@ class GenerationSettings:
 
 @dataclass
 class MediaSettings:
-    max_tiles: int = _setting(12, _number(1, 64), "an integer from 1 to 64")
+    # None: the checkpoint's max_dynamic_patch (12 for InternVL3); 0 means the same
+    max_tiles: int | None = _setting(None, _tiles, "an integer from 1 to 64, or 0 / none for the checkpoint's limit")
     frames: int = _setting(8, _number(1, 256), "an integer from 1 to 256")
     auto_attach: bool = _setting(True, expect="true or false")
 

@@ -27,7 +27,7 @@ EXPECTED_DEFAULTS = {
         "seed": None,
         "stream_interval": 1,
     },
-    "media": {"max_tiles": 12, "frames": 8, "auto_attach": True},
+    "media": {"max_tiles": None, "frames": 8, "auto_attach": True},
     "ui": {
         "markdown": True,
         "stats": True,
@@ -184,7 +184,7 @@ def test_environment_values_are_parsed_by_type(tmp_path, var, text, key, expecte
         ("MODEL_DTYPE", "int8"),
         ("MODEL_DEVICE", "gpu"),
         ("MODEL_MAX_CONTEXT", "lots"),
-        ("MEDIA_MAX_TILES", "0"),
+        ("MEDIA_MAX_TILES", "-1"),
         ("UI_COLOR", "blue"),
     ],
 )
@@ -291,7 +291,7 @@ def test_set_parses_and_records(key, text, dotted, expected):
         ("top_k", "x"),
         ("max_new_tokens", "0"),
         ("repetition_penalty", "0"),
-        ("max_tiles", "0"),
+        ("max_tiles", "65"),
         ("frames", "1000"),
         ("stats", "sometimes"),
         ("seed", "1.5"),
@@ -330,3 +330,13 @@ def test_format_settings_is_toml_with_sources(tmp_path):
     assert lines["max_tiles"].endswith("# from flag")
     assert lines["top_k"].endswith("# from default")
     assert lines["seed"].startswith("# seed = (not set)")
+
+
+def test_max_tiles_unset_or_zero_means_the_checkpoints_limit(tmp_path):
+    assert load_settings(env=clean_env(tmp_path)).media.max_tiles is None
+    for text in ("0", "none"):
+        settings = Settings()
+        settings.set("max_tiles", text)
+        assert settings.media.max_tiles is None
+    assert load_settings(env=clean_env(tmp_path), overrides={"max_tiles": 0}).media.max_tiles is None
+    assert load_settings(env=clean_env(tmp_path), overrides={"max_tiles": 6}).media.max_tiles == 6

@@ -133,11 +133,17 @@ class Session:
             )
 
     # ---- media -----------------------------------------------------------------------------
-    def describe_image(self, path: str | Path, max_tiles: int = 12) -> Media:
-        """Measure an image without decoding it fully: the UI shows the cost before any work."""
+    def describe_image(self, path: str | Path, max_tiles: int | None = None) -> Media:
+        """Measure an image without decoding it fully: the UI shows the cost before any work.
+
+        `max_tiles` None (or 0) means the checkpoint's own limit (max_dynamic_patch); the limit
+        actually used is what the Media records, so /context and saved sessions agree.
+        """
         path = Path(path).expanduser()
         width, height = probe_image(path)
-        tiles = count_tiles(width, height, max_tiles, self.loaded.config.use_thumbnail)
+        cfg = self.loaded.config
+        min_tiles, max_tiles = cfg.tile_limits(max_tiles)
+        tiles = count_tiles(width, height, max_tiles, cfg.use_thumbnail, cfg.image_size, min_tiles)
         st = path.stat()
         return Media("image", path, tiles, max_tiles=max_tiles, size=(width, height), bytes=st.st_size)
 
@@ -153,7 +159,8 @@ class Session:
         if media.pixel_values is None:
             size = self.loaded.config.image_size
             if media.kind == "image":
-                image = load_image(media.path, media.max_tiles, self.loaded.config.use_thumbnail, size)
+                min_tiles, max_tiles = self.loaded.config.tile_limits(media.max_tiles)
+                image = load_image(media.path, max_tiles, self.loaded.config.use_thumbnail, size, min_tiles)
                 media.pixel_values, media.size = image.pixel_values, image.size
             else:
                 start, end = media.video_range or (None, None)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, UsageError
+from ..files import visible
 from .checkpoint import SpecialTokens, find_weight_files, iter_tensors, load_tokenizer, special_token_ids
 from .config import ModelConfig, QuantConfig, load_config
 from .model import InternVLModel
@@ -56,6 +57,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise UsageError(f"unknown dtype {name!r}; use float32, bfloat16 or float16 (fp32, bf16, fp16)") from None
 
 
+# The densest format that loads is 4-bit AWQ: at least half a byte for every weight element.
+MIN_BYTES_PER_ELEMENT = 0.5
+
+
+def check_weights_fit_config(cfg: ModelConfig, file_bytes: int, path: Path) -> None:
+    """Refuse a config.json that describes more weights than the weight files hold, before
+    anything is allocated: a lying or mismatched config must not size the model. (The size caps
+    in config.py bound each field; this bounds their products.)"""
+    elements = cfg.weight_elements()
+    if elements * MIN_BYTES_PER_ELEMENT > file_bytes:
+        raise CheckpointError(
+            f"config.json of {visible(str(path))} describes at least {_count(elements)} weights but the weight files hold "
+            f"only {file_bytes / 2**20:,.1f} MiB; config.json and the weights disagree (a damaged config or a partial download)"
+        )
+
+
+def _count(n: float) -> str:
+    for unit, size in (("trillion", 1e12), ("billion", 1e9), ("million", 1e6)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:,.0f}"
+
+
 @dataclass
 class LoadedModel:
     model: InternVLModel
@@ -81,7 +105,9 @@ def load_model(
     start = time.perf_counter()
     path = Path(path).expanduser()
     cfg = load_config(path)
-    tinychat = find_weight_files(path).kind == "tinychat"
+    weights = find_weight_files(path)
+    check_weights_fit_config(cfg, weights.payload_bytes(), path)
+    tinychat = weights.kind == "tinychat"
     if tinychat and cfg.quant is None:
         cfg = dataclasses.replace(cfg, quant=QuantConfig())  # TinyChat v2 files are W4 g128 by definition
     device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -102,10 +128,14 @@ def load_model(
         tensors = iter_tensors(path, cfg.layout)
         model.load_weights(convert_tinychat(tensors, cfg) if tinychat else tensors)
         model.enable_cuda_graphs(cuda_graphs)
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        # the CPU allocator reports exhaustion as a plain RuntimeError ("can't allocate memory")
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and "allocate memory" not in str(e):
+            raise
+        advice = "use a 4-bit checkpoint or a smaller --max-context"
         raise CheckpointError(
-            f"out of memory loading {path.name} on {device} in {str(dtype).removeprefix('torch.')}; "
-            "use a 4-bit checkpoint, a smaller --max-context, or --device cpu"
+            f"out of memory loading {visible(path.name)} on {device} in {str(dtype).removeprefix('torch.')}; "
+            + (advice + ", or --device cpu" if device.type == "cuda" else advice)
         ) from None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
