@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,16 +92,21 @@ def test_script_usage_errors_exit_2_before_loading(tmp_path):
     assert both.returncode == 2 and "--script" in both.stderr
 
 
-def test_the_scripted_demo_runs(tiny_original, tmp_path):
+def test_the_scripted_demo_runs_from_any_folder(tiny_original, tmp_path):
+    # a copy of the repository's layout: examples/demo.txt and .cache/demo/ made as `make demo` does
+    (tmp_path / "examples").mkdir()
+    shutil.copy(REPO / "examples" / "demo.txt", tmp_path / "examples" / "demo.txt")
     made = subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_media.py"), "--out-dir", ".cache/demo/"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert made.returncode == 0, made.stderr
     assert Image.open(tmp_path / ".cache/demo/scene.png").size == (640, 400)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()  # neither the repository root nor the script's folder
     run = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "6",
-              "--script", str(REPO / "examples" / "demo.txt"), cwd=tmp_path)  # fmt: skip
+              "--script", str(tmp_path / "examples" / "demo.txt"), cwd=elsewhere)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
-    assert ">>> /image .cache/demo/scene.png\n+ image scene.png 640×400 → " in out
+    assert ">>> /image ../.cache/demo/scene.png\n+ image scene.png 640×400 → " in out
     questions = [line for line in out.splitlines() if line.startswith(">>> ") and not line.startswith(">>> /")]
     assert len(questions) >= 2
     assert ">>> /context\ncontext: " in out and ">>> /stats\nfinish " in out
