@@ -128,3 +128,28 @@ def test_oneshot_interrupted_exits_130(tiny_original):
     assert proc.returncode == 130
     assert err.decode().strip().splitlines()[-1] == "internvl-chat: interrupted"
     assert "decode" not in (first + rest).decode(errors="replace")  # stdout holds only (part of) the answer
+
+
+def test_a_line_that_is_not_utf8_fails_alone_and_the_script_goes_on(tiny_original, tmp_path):
+    script = tmp_path / "mixed.txt"
+    script.write_bytes(b"Hello.\nCaf\xe9 au lait?\n\x1b[2J/context\n/context\n")
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu",
+                          "--max-new-tokens", "4", "--no-stats", "--script", str(script)],
+                         capture_output=True, env=_env(), timeout=300)  # fmt: skip
+    out, err = run.stdout.decode(), run.stderr.decode()
+    assert run.returncode == 1, err
+    assert ">>> Caf\\xe9 au lait?\nerror: line 2 is not UTF-8 text (byte 0xe9); save the script as UTF-8" in out
+    assert "\x1b" not in out and ">>> \\e[2J/context" in out  # echoed inert; it is a message, not a command
+    assert out.count("context: ") == 1  # the last line still ran
+    assert err.strip().splitlines()[-1] == "internvl-chat: 1 script line(s) failed (line 2)"
+
+
+def test_a_script_that_is_an_image_a_fifo_or_a_device_is_refused_in_one_line(image, tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    for path, expected in ((image, "is a PNG image, not text"), (fifo, "is not a regular file"),
+                           (Path("/dev/zero"), "is not a regular file")):  # fmt: skip
+        run = cli("--script", str(path))
+        assert run.returncode == 2, run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], run.stderr
