@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import io
 import os
 import sys
 
 from . import __version__
 from .errors import InternVLChatError, UsageError
-from .files import decode_utf8, read_stream, sniff_binary, undecodable_byte, visible
+from .files import GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, visible
 
 
 
@@ -147,45 +146,6 @@ def run(argv: list[str]) -> int:
     return run_oneshot(args, settings, prompt)
 
 
-class OutputFailed(Exception):
-    """stdout could not be written (a full disk, a closed pipe): the run cannot go on."""
-
-    def __init__(self, error: OSError):
-        super().__init__(error.strerror or str(error))
-        self.errno = error.errno
-
-
-class _GuardedStream:
-    """sys.stdout or sys.stderr with its write errors made explicit.
-
-    stdout: an OSError becomes OutputFailed, which ends the run with one line on stderr (no
-    traceback). stderr: diagnostics that cannot be written are dropped, so a full or closed stderr
-    never ends a run that is otherwise fine.
-    """
-
-    def __init__(self, stream: io.TextIOBase, fatal: bool):
-        self._stream = stream
-        self._fatal = fatal
-
-    def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except OSError as e:
-            if self._fatal:
-                raise OutputFailed(e) from None
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except OSError as e:
-            if self._fatal:
-                raise OutputFailed(e) from None
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-
 def _ensure_std_fds() -> None:
     """Put /dev/null on any of fds 0-2 that was closed (`2>&-`).
 
@@ -229,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     # for users: the app checks lengths itself. Set before transformers is first imported.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     saved_streams = sys.stdout, sys.stderr
-    sys.stdout = _GuardedStream(sys.stdout, fatal=True)  # type: ignore[assignment]
-    sys.stderr = _GuardedStream(sys.stderr, fatal=False)  # type: ignore[assignment]
+    sys.stdout = GuardedStream(sys.stdout, fatal=True)  # type: ignore[assignment]
+    sys.stderr = GuardedStream(sys.stderr, fatal=False)  # type: ignore[assignment]
     try:
         code = run(argv)
         sys.stdout.flush()

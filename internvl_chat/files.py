@@ -14,6 +14,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 from .errors import UsageError
 
@@ -210,3 +211,45 @@ def sniff_binary(data: bytes) -> str | None:
         if head.startswith(magic):
             return what
     return "binary data" if b"\x00" in head else None
+
+
+# --- the standard streams ---------------------------------------------------------------------
+
+
+class OutputFailed(Exception):
+    """stdout could not be written (a full disk, a closed pipe): the run cannot go on."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror or str(error))
+        self.errno = error.errno
+
+
+class GuardedStream:
+    """sys.stdout or sys.stderr with its write errors made explicit.
+
+    stdout: an OSError becomes OutputFailed, which ends the run with one line on stderr (no
+    traceback). stderr: diagnostics that cannot be written are dropped, so a full or closed stderr
+    never ends a run that is otherwise fine.
+    """
+
+    def __init__(self, stream: TextIO, fatal: bool):
+        self._stream = stream
+        self._fatal = fatal
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            if self._fatal:
+                raise OutputFailed(e) from None
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            if self._fatal:
+                raise OutputFailed(e) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)

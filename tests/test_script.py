@@ -153,3 +153,16 @@ def test_a_script_that_is_an_image_a_fifo_or_a_device_is_refused_in_one_line(ima
         assert run.returncode == 2, run.stderr
         lines = run.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], run.stderr
+
+
+def test_a_full_stdout_still_runs_the_script_to_its_end_and_saves(tiny_original, tmp_path):
+    saved = tmp_path / "talk.json"
+    script = tmp_path / "chat.txt"
+    script.write_text(f"Hello.\n/save {saved}\n")
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu",
+                              "--max-new-tokens", "4", "--script", str(script)], stdout=full, stderr=subprocess.PIPE,
+                             text=True, env=_env(), timeout=300)  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.strip() == "internvl-chat: error: cannot write to stdout (No space left on device); the output is incomplete"
+    assert json.loads(saved.read_text())["messages"][0]["text"] == "Hello."  # nothing the script saves is lost

@@ -11,19 +11,24 @@ The script is read as untrusted text (a regular file under the size limit, or st
 is not UTF-8 fails on its own, like any bad line; binary data (an image given as the script) is
 refused with what to do instead. Relative media paths are looked up in the script's folder
 first, then in the working folder, so a script and its pictures can travel together.
+
+When stdout cannot be written (a full disk) the script still runs to its end, so the files its
+lines save are written, and then fails with status 1; a reader that goes away (`| head`) ends it.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from ..errors import UsageError
-from ..files import read_bytes_file, read_stream, sniff_binary, undecodable_byte, visible
+from ..files import OutputFailed, read_bytes_file, read_stream, sniff_binary, undecodable_byte, visible
 from ..settings import Settings
 from .app import BLOCK_QUOTES, ERROR, EXIT, App
 from .render import make_console
@@ -111,9 +116,39 @@ def run_entries(app: App, entries: Iterator[Entry]) -> list[int]:
     return failed
 
 
+class _Transcript:
+    """stdout for the transcript: after a write error (other than a reader gone) output is dropped
+    and the error kept, so the script's remaining lines (a /save) still run."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self.failed: OutputFailed | None = None
+
+    def write(self, text: str) -> int:
+        return self._guard(lambda: self._stream.write(text), len(text))
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush, None)
+
+    def _guard(self, action, dropped):
+        if self.failed is not None:
+            return dropped
+        try:
+            return action()
+        except OutputFailed as e:
+            if e.errno == errno.EPIPE:
+                raise
+            self.failed = e
+            return dropped
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def run_script(args: argparse.Namespace, settings: Settings) -> int:
     text = _read_script(args.script)  # before loading the model: a wrong path fails fast
-    console = make_console(sys.stdout, color="never" if settings.ui.plain else settings.ui.color)
+    transcript = _Transcript(sys.stdout)
+    console = make_console(transcript, color="never" if settings.ui.plain else settings.ui.color)  # type: ignore[arg-type]
     session = open_session(settings)
     app = App(session, settings, console, interactive=False)
     folder = script_folder(args.script)
@@ -121,7 +156,9 @@ def run_script(args: argparse.Namespace, settings: Settings) -> int:
         app.search_dirs = (folder,)
     app.attach(media_from_flags(session, args, settings))
     failed = run_entries(app, read_entries(text))
-    sys.stdout.flush()
+    transcript.flush()
+    if transcript.failed is not None:
+        raise transcript.failed
     if failed:
         where = ", ".join(str(n) for n in failed)
         print(f"internvl-chat: {len(failed)} script line(s) failed (line {where})", file=sys.stderr)
