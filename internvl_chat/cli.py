@@ -1,16 +1,22 @@
 """`internvl-chat`: flags → Settings → a mode (REPL, one-shot, script, quantize).
 
-Exit codes: 0 success, 1 an error, 2 bad usage or input, 130 interrupted.
+Exit codes: 0 success, 1 an error (also: stdout could not be written, e.g. a full disk), 2 bad
+usage or input, 130 interrupted. A reader that goes away (`| head`) ends the program quietly.
+
+Text from stdin, `-p` and the prompt words must be UTF-8; anything else is refused in one line
+(exit 2), and binary data on stdin (an image, say) is named, with the flag to use instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
 from . import __version__
 from .errors import InternVLChatError, UsageError
+from .files import GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, visible
 
 
 
@@ -84,11 +90,29 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
     parts = [args.prompt_flag] if args.prompt_flag else []
     parts += [" ".join(args.prompt)] if args.prompt else []
     prompt = " ".join(parts) if parts else None
+    if prompt is not None:
+        bad = undecodable_byte(prompt)  # argv is decoded with surrogateescape: the byte comes back
+        if bad is not None:
+            raise UsageError(f"the prompt is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding, "
+                             "or put the text in a UTF-8 file and pipe it in")  # fmt: skip
     if args.script != "-" and not sys.stdin.isatty():
-        piped = sys.stdin.read()
+        piped = read_piped_text()
         if piped.strip():
             prompt = f"{piped.rstrip()}\n\n{prompt}" if prompt else piped.rstrip()
     return prompt
+
+
+def read_piped_text() -> str:
+    """stdin as UTF-8 text (size-limited, Ctrl-C-safe); binary data is refused with what to do instead."""
+    data = read_stream(sys.stdin.fileno(), "stdin")
+    kind = sniff_binary(data)
+    if kind is not None:
+        flag = "--image FILE" if kind.endswith("image") else "--video FILE" if "video" in kind else "a text file"
+        raise UsageError(f"stdin holds {kind}, not text; pass it with {flag} (the question goes in -p TEXT)")
+    try:
+        return decode_utf8(data, "stdin")
+    except UsageError as e:
+        raise UsageError(f"{e} (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def run(argv: list[str]) -> int:
@@ -122,21 +146,67 @@ def run(argv: list[str]) -> int:
     return run_oneshot(args, settings, prompt)
 
 
+def _ensure_std_fds() -> None:
+    """Put /dev/null on any of fds 0-2 that was closed (`2>&-`).
+
+    Otherwise the next file the app opens (a model shard, a session being saved) would get that
+    number, and whatever writes to "stderr" (a C library's warning) would land inside it.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:  # Python saw the fd closed at startup
+            setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
+
+
+def _print_error(text: str) -> None:
+    try:
+        print(f"internvl-chat: {visible(text)}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # stderr is gone too: the exit code still tells
+
+
+def _silence_stdout() -> None:
+    """After stdout failed: send fd 1 to /dev/null so the final flush at exit cannot fail again."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _ensure_std_fds()
+    # the tokenizer's "sequence length is longer than…" and other transformers log lines are not
+    # for users: the app checks lengths itself. Set before transformers is first imported.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    saved_streams = sys.stdout, sys.stderr
+    sys.stdout = GuardedStream(sys.stdout, fatal=True)  # type: ignore[assignment]
+    sys.stderr = GuardedStream(sys.stderr, fatal=False)  # type: ignore[assignment]
     try:
         code = run(argv)
+        sys.stdout.flush()
     except InternVLChatError as e:
-        print(f"internvl-chat: error: {e}", file=sys.stderr)
+        _print_error(f"error: {e}")
         code = e.exit_code
     except KeyboardInterrupt:
-        print("internvl-chat: interrupted", file=sys.stderr)
+        _print_error("interrupted")
         code = 130
-    except BrokenPipeError:
-        # the reader went away (e.g. `| head`): not an error worth a traceback
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    except (OutputFailed, BrokenPipeError) as e:
+        _silence_stdout()
+        if e.errno != errno.EPIPE:  # a reader that went away (`| head`) needs no message
+            _print_error(f"error: cannot write to stdout ({e}); the output is incomplete")
         code = 1
+    finally:
+        sys.stdout, sys.stderr = saved_streams
     return code
 
 

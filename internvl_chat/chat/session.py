@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,14 +22,14 @@ import torch
 
 from ..engine.loader import LoadedModel
 from ..errors import ContextOverflowError, GenerationError, MediaError, UsageError
+from ..files import visible, write_atomic
 from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import load_video, probe_video
 from .generate import stream_generate
 from .sampling import Sampler, SamplingParams
+from .session_file import (SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession, media_candidates,  # noqa: F401
+                           media_json_paths, read_session_file)  # fmt: skip
 from .template import MediaSpec, PromptBuilder, media_order
-
-SESSION_FORMAT = "internvl-chat-session"
-SESSION_VERSION = 1
 
 
 def sha256_of(path: Path) -> str:
@@ -62,8 +61,9 @@ class Media:
     def spec(self) -> MediaSpec:
         return MediaSpec(self.kind, self.tiles)
 
-    def to_json(self) -> dict:
-        out = {"kind": self.kind, "path": str(self.path), "bytes": self.bytes, "sha256": self.sha256, "tiles": self.tiles}
+    def to_json(self, session_file: Path = Path("session.json")) -> dict:
+        out = {"kind": self.kind, **media_json_paths(self.path, session_file), "bytes": self.bytes, "sha256": self.sha256,
+               "tiles": self.tiles}  # fmt: skip
         if self.kind == "image":
             out.update(max_tiles=self.max_tiles, size=list(self.size or ()))
         else:
@@ -83,6 +83,14 @@ class Turn:
     finish_reason: str | None = None
     timing: dict | None = None
     features: torch.Tensor | None = field(default=None, repr=False)  # kept so /undo + /retry skip the ViT
+
+
+@dataclass
+class ReadiedSession:
+    """A validated session file with its media found and measured, ready for `Session.restore`."""
+
+    saved: SavedSession
+    turns: list[Turn]
 
 
 class Session:
@@ -320,16 +328,17 @@ class Session:
         specs = [m.spec for m in turn.media]
         return builder.first_turn(turn.user_text, specs) if index == 0 else builder.next_turn(turn.user_text, specs)
 
-    def _replay(self, turns: list[Turn], builder: PromptBuilder) -> None:
+    def _replay(self, turns: list[Turn], builder: PromptBuilder, max_new_tokens: int | None = None) -> None:
         """Prefill a whole conversation at once under `builder` (used by load and /system).
 
         Nothing changes if the conversation does not fit or a media file cannot be read; if the
         prefill itself fails, the cache no longer matches anything, so the session is cleared.
         """
         ids = self.conversation_ids(turns, builder)
-        if len(ids) + self.params.max_new_tokens > self.max_context:
+        room = self.params.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if len(ids) + room > self.max_context:
             raise ContextOverflowError(
-                f"the conversation needs {len(ids):,} tokens + {self.params.max_new_tokens:,} for an answer, over the "
+                f"the conversation needs {len(ids):,} tokens + {room:,} for an answer, over the "
                 f"{self.max_context:,}-token context; use a larger --max-context"
             )
         features, _ = self._encode([m for t in turns for m in t.media], None)
@@ -351,7 +360,9 @@ class Session:
             self.turns.append(turn)
         self.start_pos = len(self.ids)
 
-    def to_json(self, settings: dict | None = None) -> dict:
+    def to_json(self, settings: dict | None = None, path: str | Path | None = None) -> dict:
+        """The session as JSON; with `path` (where it is saved) media also get a path relative to it."""
+        where = Path(path) if path is not None else Path("session.json")
         return {
             "format": SESSION_FORMAT,
             "version": SESSION_VERSION,
@@ -362,86 +373,106 @@ class Session:
                 msg
                 for t in self.turns
                 for msg in (
-                    {"role": "user", "text": t.user_text, "media": [m.to_json() for m in t.media]},
+                    {"role": "user", "text": t.user_text, "media": [m.to_json(where) for m in t.media]},
                     {"role": "assistant", "text": t.answer_text, "token_ids": t.answer_ids, "finish_reason": t.finish_reason},
                 )
             ],
         }
 
     def save(self, path: str | Path, settings: dict | None = None) -> Path:
-        """Write the session as JSON atomically (temp file in the same folder, then rename)."""
+        """Write the session as JSON atomically; a symlink at `path` is replaced, never followed.
+
+        OSError names `path` (never the temporary file).
+        """
         path = Path(path).expanduser()
-        data = json.dumps(self.to_json(settings), ensure_ascii=False, indent=1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        data = json.dumps(self.to_json(settings, path), ensure_ascii=False, indent=1)
+        return write_atomic(path, data)
 
     def load(self, path: str | Path) -> dict:
-        """Replace the conversation with a saved one, re-prefilling it. Returns the saved JSON."""
-        path = Path(path).expanduser()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"session file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UsageError(f"cannot read session file {path}: {e}") from None
-        if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:
-            raise UsageError(f"{path} is not an internvl-chat session file")
-        if data.get("version") != SESSION_VERSION:
-            raise UsageError(f"{path} has session format version {data.get('version')}; this build reads {SESSION_VERSION}")
-        turns = self._turns_from_json(data.get("messages", []), path)
-        saved_system = data.get("system_message")
-        builder = PromptBuilder(self.tokenizer, saved_system, self.loaded.config.tokens_per_tile)
-        self._replay(turns, builder)
-        self.builder, self.system_message = builder, saved_system
-        return data
+        """Replace the conversation with a saved one, re-prefilling it. Returns the saved JSON.
 
-    def _turns_from_json(self, messages: list, path: Path) -> list[Turn]:
+        The whole file is validated and its media found and measured first; a file that fails
+        any check leaves the conversation exactly as it was.
+        """
+        readied = self.read_saved(path)
+        self.restore(readied)
+        return readied.saved.data
+
+    def read_saved(self, path: str | Path) -> ReadiedSession:
+        """Read, validate and resolve a session file without touching the conversation.
+
+        Raises UsageError for a damaged file, MediaError for media that vanished or changed, and
+        ContextOverflowError for a conversation that cannot fit.
+        """
+        path = Path(path).expanduser()
+        builder = self.builder
+        forbidden = (builder.img_start_id, builder.img_end_id, builder.img_context_id)
+        saved = read_session_file(path, self.loaded.config.text.vocab_size, forbidden)
+        # cheap bound before hashing any media: answers and image tokens alone must fit
+        least = sum(len(t.answer_ids) + sum(m.tiles for m in t.media) * builder.tokens_per_tile for t in saved.turns)
+        if least > self.max_context:
+            raise ContextOverflowError(
+                f"the conversation in {visible(str(path))} needs more than {least:,} tokens, over the "
+                f"{self.max_context:,}-token context; use a larger --max-context"
+            )
+        return ReadiedSession(saved, self._turns_from_saved(saved))
+
+    def restore(self, readied: ReadiedSession, max_new_tokens: int | None = None) -> None:
+        """Replay a conversation read by `read_saved` (prefilling it); on error nothing changed.
+
+        `max_new_tokens` is the answer room the conversation must leave (default: the current
+        params'). Only a failing prefill itself clears the conversation (the cache then matches
+        nothing).
+        """
+        system = readied.saved.system_message
+        builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
+        self._replay(list(readied.turns), builder, max_new_tokens)
+        self.builder, self.system_message = builder, system
+
+    def _turns_from_saved(self, saved: SavedSession) -> list[Turn]:
         turns: list[Turn] = []
         problems: list[str] = []
-        for i in range(0, len(messages) - 1, 2):
-            user, assistant = messages[i], messages[i + 1]
-            if user.get("role") != "user" or assistant.get("role") != "assistant":
-                raise UsageError(f"{path}: message {i + 1} is out of order; the session file is damaged")
+        for saved_turn in saved.turns:
             media = []
-            for m in user.get("media", []):
-                item, problem = self._media_from_json(m)
+            for m in saved_turn.media:
+                item, problem = self._media_from_saved(m, saved.path)
                 if problem:
                     problems.append(problem)
                 media.append(item)
-            turn = Turn(user.get("text", ""), media, 0, 0)
-            turn.answer_ids = [int(t) for t in assistant.get("token_ids", [])]
-            turn.answer_text = assistant.get("text", "")
-            turn.finish_reason = assistant.get("finish_reason")
+            turn = Turn(saved_turn.user_text, media, 0, 0)
+            turn.answer_ids = list(saved_turn.answer_ids)
+            turn.answer_text = saved_turn.answer_text
+            turn.finish_reason = saved_turn.finish_reason
             turns.append(turn)
         if problems:
-            raise MediaError(f"cannot restore the session: {'; '.join(problems)}; put the files back or start anew")
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            raise MediaError(f"cannot restore the session: {shown}; put the files back or start anew")
         return turns
 
-    def _media_from_json(self, m: dict) -> tuple[Media | None, str | None]:
-        path = Path(m.get("path", ""))
-        if not path.is_file():
-            return None, f"{path} has vanished"
-        if m.get("sha256") and sha256_of(path) != m["sha256"]:
-            return None, f"{path} has changed since the session was saved"
-        kind = m.get("kind")
-        if kind == "image":
-            media = self.describe_image(path, int(m.get("max_tiles", 12)))
-        elif kind == "video":
-            rng = m.get("range")
-            media = self.describe_video(path, int(m.get("frames", 8)), tuple(rng) if rng else None)
-        else:
-            return None, f"unknown media kind {kind!r} for {path}"
-        if media.tiles != int(m.get("tiles", media.tiles)):
-            return None, f"{path} now gives {media.tiles} tiles instead of {m.get('tiles')}"
-        media.sha256 = m.get("sha256", "")
+    def _media_from_saved(self, m: SavedMedia, session_file: Path) -> tuple[Media | None, str | None]:
+        """The saved media item, found (see `media_candidates`), checked and measured again."""
+        existing = [p for p in media_candidates(m, session_file) if _is_regular_file(p)]
+        shown = visible(m.path)
+        if not existing:
+            return None, f"{shown} has vanished"
+        path = next((p for p in existing if not m.sha256 or sha256_of(p) == m.sha256), None)
+        if path is None:
+            return None, f"{visible(str(existing[0]))} has changed since the session was saved"
+        try:
+            if m.kind == "image":
+                media = self.describe_image(path, m.max_tiles)
+            else:
+                media = self.describe_video(path, m.frames, m.video_range)
+        except MediaError as e:
+            return None, str(e)
+        if media.tiles != m.tiles:
+            return None, f"{visible(str(path))} now gives {media.tiles} tiles instead of {m.tiles}"
+        media.sha256 = m.sha256
         return media, None
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except (OSError, ValueError):
+        return False

@@ -15,9 +15,12 @@ sets the cancel flag, so the answer stops between tokens and its partial text is
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import resource
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -29,8 +32,10 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from ..chat.session import Media, Session
+from ..chat.session import Media, Session, Turn
+from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
+from ..files import read_text_file, undecodable_byte, visible, visible_lines, write_atomic
 from ..settings import Settings, format_settings, resolve_key
 from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, media_kind, normalize_path
@@ -97,8 +102,44 @@ def default_sessions_dir(env: dict[str, str] | os._Environ = os.environ) -> Path
     return Path(base) / "internvl-chat" / "sessions"
 
 
+# What /load restores from the settings saved with a session (model and UI settings stay as run).
+RESTORED_SETTINGS = (
+    "generation.temperature", "generation.top_p", "generation.top_k", "generation.repetition_penalty",
+    "generation.max_new_tokens", "generation.seed", "media.max_tiles", "media.frames",
+)  # fmt: skip
+
+
+def recent_sessions(folder: Path) -> list[tuple[Path, float]]:
+    """The session files (*.json) in `folder`, newest first, with their modification times."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.endswith(".json") or entry.name.startswith("."):
+            continue
+        try:
+            info = entry.stat()  # follows a symlink: what /load would read
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            found.append((Path(entry.path), info.st_mtime))
+    return sorted(found, key=lambda item: item[1], reverse=True)
+
+
+def _setting_text(value: Any) -> str:
+    """A setting as the config file writes it: true/false, unset for none."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _short(text: str, width: int = 48) -> str:
-    one_line = " ".join(sanitize(text).split())
+    """A one-line excerpt of a message (it may come from a session file: shown inert)."""
+    one_line = visible(" ".join(text.split()))
     return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
 
 
@@ -106,8 +147,24 @@ def _percent(fraction: float) -> str:
     return f"{int(fraction * 100 + 0.5)} %"
 
 
+def _check_utf8(text: str) -> None:
+    """Refuse input holding bytes that are not UTF-8 (the terminal decodes them as surrogates)."""
+    bad = undecodable_byte(text)
+    if bad is not None:
+        raise UsageError(f"the input is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding")
+
+
 class App:
     """The REPL's brain; the REPL and `--script` only read lines and hand them here."""
+
+    # Folders searched before the working folder for relative media and session paths (the
+    # script's folder in --script mode).
+    search_dirs: tuple[Path, ...] = ()
+    # Asks a yes/no question (the REPL sets it); None: never ask, refuse instead (scripts).
+    confirm: Callable[[str], bool] | None = None
+    # The file this conversation was last saved to or loaded from, and its first turn then
+    # (a conversation is "the same" while that turn still opens it).
+    _session_file: tuple[Path, Turn | None] | None = None
 
     def __init__(
         self,
@@ -136,10 +193,10 @@ class App:
         self.say(text, "dim")
 
     def warn(self, text: str) -> None:
-        self.say(f"warning: {text}", "yellow")
+        self.say(f"warning: {visible(text)}", "yellow")  # messages may quote paths and file contents
 
     def error(self, text: str) -> None:
-        self.say(f"error: {text}", "bold red")
+        self.say(f"error: {visible(text)}", "bold red")
 
     @property
     def plain(self) -> bool:
@@ -169,6 +226,7 @@ class App:
         """Run one input; OK, ERROR (printed as one line, the app goes on) or EXIT."""
 
         def run() -> str:
+            _check_utf8(line)
             block = unwrap_block(line)
             if block is not None:
                 return self._send_text(block)
@@ -183,7 +241,7 @@ class App:
 
     def handle_message(self, text: str) -> str:
         """Send `text` as a message even when it starts with a slash (the prompt of `-I`)."""
-        return self._guard(lambda: self._send_text(text))
+        return self._guard(lambda: _check_utf8(text) or self._send_text(text))
 
     def _guard(self, action: Callable[[], str]) -> str:
         try:
@@ -191,7 +249,7 @@ class App:
         except InternVLChatError as e:
             self.error(str(e))
             return ERROR
-        except OSError as e:  # writing /save, /export files
+        except OSError as e:  # writing /save, /export files (write_atomic names the user's path)
             where = f" {e.filename}" if e.filename else ""
             self.error(f"cannot use{where}: {e.strerror or e}; check the path and its permissions")
             return ERROR
@@ -216,13 +274,24 @@ class App:
             media = self.session.describe_video(path, frames or self.settings.media.frames, video_range)
             if video_range and media.duration and video_range[0] >= media.duration:
                 raise MediaError(
-                    f"the range starts at {video_range[0]:g} s but {path.name} is only {media.duration:.1f} s long; "
-                    "choose an earlier start"
+                    f"the range starts at {video_range[0]:g} s but {visible(path.name)} is only "
+                    f"{media.duration:.1f} s long; choose an earlier start"
                 )
             return media
         return self.session.describe_image(path, self.settings.media.max_tiles)
 
     def _resolve(self, path: Path) -> Path:
+        """A path to read: relative ones are looked up in `search_dirs`, then the working folder."""
+        path = Path(path).expanduser()
+        if path.is_absolute():
+            return path
+        for folder in self.search_dirs:
+            if (folder / path).exists():
+                return folder / path
+        return self._output_path(path)
+
+    def _output_path(self, path: Path) -> Path:
+        """A path to write: relative to the working folder."""
         path = Path(path).expanduser()
         if self.cwd is not None and not path.is_absolute():
             path = self.cwd / path
@@ -247,7 +316,7 @@ class App:
         try:
             self.session.check_budget(self._uncached() + together)
         except ContextOverflowError as e:
-            names = ", ".join(m.path.name for m in media)
+            names = ", ".join(visible(m.path.name) for m in media)
             raise ContextOverflowError(f"cannot attach {names}: {e}") from None
         for item in media:
             self.pending.append(item)
@@ -261,21 +330,26 @@ class App:
 
     def attach_line(self, media: Media, fraction: float | None) -> str:
         tokens = self.session.media_tokens([media])
+        name = visible(media.path.name)  # a file name is anything but \0 and /
         if media.kind == "image":
-            return format_attach_line("image", media.path, media.size, media.tiles, tokens, fraction)
+            return format_attach_line("image", name, media.size, media.tiles, tokens, fraction)
         what = f"{media.tiles} frame" + ("" if media.tiles == 1 else "s")
         if media.video_range:
             what += f" from {media.video_range[0]:g}–{media.video_range[1]:g} s"
         elif media.duration:
             what += f" of {media.duration:.1f} s"
-        return format_attach_line("video", media.path, what, None, tokens, fraction)
+        return format_attach_line("video", name, what, None, tokens, fraction)
 
     def _auto_attach(self, text: str) -> list[Media]:
         """Media paths typed in a message (existing image/video files not already attached)."""
         if not self.settings.media.auto_attach:
             return []
         attached = {m.path.resolve() for m in self.pending}
-        paths = [path for _, path in find_media_paths(text, self.cwd)]
+        found: list[tuple[tuple[int, int], Path]] = []
+        for folder in (*self.search_dirs, self.cwd):  # the script's folder first, like _resolve
+            found += [(span, path) for span, path in find_media_paths(text, folder)
+                      if not any(span[0] < end and start < span[1] for (start, end), _ in found)]  # fmt: skip
+        paths = [path for _, path in sorted(found, key=lambda item: item[0])]
         self._note_missing_paths(text, {p.resolve() for p in paths})
         return [self.describe(p, media_kind(p)) for p in paths if p.resolve() not in attached]
 
@@ -318,7 +392,7 @@ class App:
                 self.pending = [m for m in self.pending if id(m) not in auto_ids]
 
     def _work_label(self, media: Sequence[Media]) -> str:
-        videos = [m.path.name for m in media if m.kind == "video" and m.pixel_values is None]
+        videos = [visible(m.path.name) for m in media if m.kind == "video" and m.pixel_values is None]
         if videos:
             return f"decoding {', '.join(videos)} …"
         return "reading the images …" if any(m.pixel_values is None for m in media) else "thinking …"
@@ -451,7 +525,7 @@ class App:
         if n > len(self.pending):
             raise UsageError(f"there is no attachment {n}; /media lists the {len(self.pending)} attached")
         media = self.pending.pop(n - 1)
-        self.say(f"- {media.kind} {media.path.name} detached")
+        self.say(f"- {media.kind} {visible(media.path.name)} detached")
 
     def cmd_clear(self, command: Command) -> None:
         self.session.clear()
@@ -475,7 +549,7 @@ class App:
     def cmd_system(self, command: Command) -> None:
         if not command.args:
             text = self.session.system_message
-            self.say(f"system message: {text}" if text else "no system message")
+            self.say(f"system message: {visible_lines(text)}" if text else "no system message")
             return
         text = command.args[0]
         if text in ('""', "''"):
@@ -522,7 +596,7 @@ class App:
             per_tile = self.session.builder.tokens_per_tile
             extra = f" (each <image> stands for {per_tile} tokens per tile, {image_tokens:,} in all)" if specs else ""
             self.say(f"last prompt, turn {index + 1}{extra}:", "bold")
-            self.say(sanitize(text))
+            self.say(visible_lines(text))  # the text may come from a session file
         else:
             self.say("no prompt sent yet", "bold")
         self.say("settings:", "bold")
@@ -544,11 +618,11 @@ class App:
             total = bounds[n + 1] - bounds[n] - (system if n == 0 else 0)
             media = session.media_tokens(turn.media)
             answer = len(turn.answer_ids)
-            names = "".join(f"{m.kind} {m.path.name}, " for m in turn.media)
+            names = "".join(f"{m.kind} {visible(m.path.name)}, " for m in turn.media)
             detail = f" (media {media:,} · answer {answer:,})" if media else f" (answer {answer:,})"
             items.append((f"turn {n + 1}: {names}“{_short(turn.user_text, 32)}”{detail}", total))
         for media in self.pending:
-            items.append((f"attached: {media.kind} {media.path.name}", session.media_tokens([media])))
+            items.append((f"attached: {media.kind} {visible(media.path.name)}", session.media_tokens([media])))
         template = self.turn_tokens(self.pending) - session.media_tokens(self.pending) - (0 if session.ids else system)
         items.append(("next message: template, plus your text", template))
         items.append(("reserved for the answer (max_new_tokens)", session.params.max_new_tokens))
@@ -591,37 +665,172 @@ class App:
         for name, value in rows:
             self.say(f"{name.ljust(width)}  {value}")
 
+    # ---- sessions: /save, /load, /export ---------------------------------------------------
+
     def cmd_save(self, command: Command) -> None:
-        if command.args:
-            path = self._resolve(command.args[0])
-        else:
-            folder = default_sessions_dir()
-            path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}.json"
-            n = 1
-            while path.exists():
-                n += 1
-                path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}-{n}.json"
+        """`/save [FILE] [--force]`: FILE relative to the working folder; none: the sessions folder.
+
+        A file holding another conversation is not replaced silently: the REPL asks, a script
+        refuses unless --force is given. Re-saving this conversation to its own file is fine.
+        """
+        path = self._output_path(command.args[0]) if command.args else self._default_save_path()
+        if path.is_dir():
+            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /save {visible(str(path / 'chat.json'))}")
+        if not command.options.get("force") and not self._may_replace(path):
+            self.say("not saved")
+            return
         if not self.session.turns:
             self.warn("the conversation is empty; saving it anyway")
         saved = self.session.save(path, self.settings.to_dict())
-        self.say(f"saved {len(self.session.turns)} turn(s) to {saved}")
+        self._remember_file(saved)
+        self.say(f"saved {len(self.session.turns)} turn(s) to {visible(str(saved))}")
+
+    def _default_save_path(self) -> Path:
+        """This conversation's file in the sessions folder, or a new dated one there."""
+        folder = default_sessions_dir()
+        current = self._current_file()
+        if current is not None and current.parent == Path(os.path.abspath(folder)):
+            return current
+        path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}.json"
+        n = 1
+        while os.path.lexists(path):
+            n += 1
+            path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}-{n}.json"
+        return path
+
+    def _remember_file(self, path: Path) -> None:
+        turns = self.session.turns
+        self._session_file = (Path(os.path.abspath(path)), turns[0] if turns else None)
+
+    def _current_file(self) -> Path | None:
+        """The file this conversation was saved to or loaded from, while it is still that conversation."""
+        if self._session_file is None:
+            return None
+        path, first = self._session_file
+        turns = self.session.turns
+        return path if first is None or (turns and turns[0] is first) else None
+
+    def _may_replace(self, path: Path) -> bool:
+        """True when `path` is free, is this conversation's file, or the user agrees to replace it."""
+        if not os.path.lexists(path) or self._current_file() == Path(os.path.abspath(path)):
+            return True
+        held = self._saved_conversation(path)
+        if held is not None and self._continues(held):
+            return True  # the file holds an earlier state of this very conversation
+        what = (f"another conversation ({len(held) // 2} turn(s))" if held is not None
+                else "a file that is not an internvl-chat session")  # fmt: skip
+        shown = visible(str(path))
+        if self.confirm is None:
+            raise UsageError(f"{shown} already holds {what}; /save {shown} --force replaces it, or give another name")
+        return self.confirm(f"{shown} holds {what}; replace it? [y/N] ")
+
+    @staticmethod
+    def _saved_conversation(path: Path) -> list[tuple[Any, Any]] | None:
+        """(role, text) of each message in a session file, or None when it is not one."""
+        try:
+            data = json.loads(read_text_file(path, "session file"))
+        except (InternVLChatError, ValueError, RecursionError):
+            return None
+        messages = data.get("messages") if isinstance(data, dict) and data.get("format") == SESSION_FORMAT else None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return None
+        return [(m.get("role"), m.get("text")) for m in messages]
+
+    def _continues(self, held: list[tuple[Any, Any]]) -> bool:
+        ours = [(m["role"], m["text"]) for m in self.session.to_json()["messages"]]
+        return len(held) <= len(ours) and ours[: len(held)] == held
 
     def cmd_load(self, command: Command) -> None:
-        path = self._resolve(command.args[0])
-        with self._uninterruptible(f"loading {path.name} …"):
-            data = self.session.load(path)
+        """`/load NAME`: a path, or a name in the sessions folder (.json optional); `/load`: the list."""
+        if not command.args:
+            self._list_sessions()
+            return
+        path = self._find_session(command.args[0])
+        shown = visible(str(path))
+        # reading and checking touch nothing, so Ctrl-C may stop them; the replay must finish
+        with self.spinner(f"reading {visible(path.name)} …"):
+            readied = self.session.read_saved(path)
+        source = f"session {visible(path.name)}"
+        restored, changes = self._restored_settings(readied.saved.settings, source)
+        system_before = self.session.system_message
+        with self._uninterruptible(f"loading {visible(path.name)} …"):
+            self.session.restore(readied, restored.generation.max_new_tokens)
+        for key, _, new in changes:
+            self.settings.set(key, new, source=source)
+        if changes:
+            self.session.params = sampling_params(self.settings)
+        if self.session.system_message != system_before:
+            self.settings.system.message = self.session.system_message or ""
+            self.settings.sources["system.message"] = source
+        self._remember_file(path)
+
         turns = self.session.turns
-        self.say(f"loaded {len(turns)} turn(s) from {path} · context {self.session.context_used:,}/{self.session.max_context:,}")
-        saved_model = data.get("model")
+        self.say(f"loaded {len(turns)} turn(s) from {shown} · context {self.session.context_used:,}/{self.session.max_context:,}")
+        if changes:
+            listed = ", ".join(f"{key.split('.')[1]} {_setting_text(new)} (was {_setting_text(old)})" for key, old, new in changes)
+            self.note(f"settings from the session: {listed}")
+        if self.session.system_message != system_before:
+            self.note("the system message saved with the session is in use (/system shows it)")
+        saved_model = readied.saved.model
         if saved_model and saved_model != str(self.session.loaded.path):
-            self.note(f"(it was saved with {saved_model}; it continues with {self.session.loaded.path})")
+            self.note(f"(it was saved with {visible(saved_model)}; it continues with {visible(str(self.session.loaded.path))})")
         if turns:
             self.note(f"last: “{_short(turns[-1].user_text)}” → “{_short(turns[-1].answer_text)}”")
 
+    def _restored_settings(self, saved: dict[str, Any], source: str) -> tuple[Settings, list[tuple[str, Any, Any]]]:
+        """The settings with the session's generation and media values, checked on a copy.
+
+        Returns the copy and [(key, old, new)] for the values that change. A bad value raises
+        UsageError naming the key, before anything was changed.
+        """
+        trial = copy.deepcopy(self.settings)
+        changes = []
+        for key in RESTORED_SETTINGS:
+            section, name = key.split(".")
+            table = saved.get(section, {})
+            if name in table:
+                trial.set(key, table[name], source=source)
+                old, new = self.settings.get(key), trial.get(key)
+                if old != new or type(old) is not type(new):
+                    changes.append((key, old, new))
+        sampling_params(trial)  # the values must also be valid together
+        return trial, changes
+
+    def _find_session(self, raw: Path) -> Path:
+        """A path as given (.json optional), else a file of that name in the sessions folder."""
+        raw = Path(raw)
+        candidates = [self._resolve(raw)]
+        if not raw.suffix:
+            candidates.append(self._resolve(Path(f"{raw}.json")))
+        folder = default_sessions_dir()
+        if not raw.is_absolute() and len(raw.parts) == 1:
+            candidates += [folder / raw.name, folder / f"{raw.name}.json"]
+        for candidate in candidates:
+            if os.path.lexists(candidate):
+                return candidate
+        raise UsageError(f"there is no session {visible(str(raw))} here or in {visible(str(folder))}; "
+                         "/load alone lists the saved ones")  # fmt: skip
+
+    def _list_sessions(self, limit: int = 10) -> None:
+        folder = default_sessions_dir()
+        sessions = recent_sessions(folder)
+        if not sessions:
+            self.say(f"no saved sessions in {visible(str(folder))}; /save saves the conversation there")
+            return
+        self.say(f"saved sessions in {visible(str(folder))}, newest first:", "bold")
+        shown = sessions[:limit]
+        width = max(len(visible(p.stem)) for p, _ in shown)
+        for path, mtime in shown:
+            turns = self._saved_conversation(path)
+            count = f"{len(turns) // 2} turn(s)" if turns is not None else "not readable"
+            self.say(f"  {visible(path.stem).ljust(width)}  {count:>12}  {datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}")
+        more = f" ({len(sessions) - limit} older not shown)" if len(sessions) > limit else ""
+        self.note(f"/load NAME loads one (Tab completes the names){more}")
+
     def cmd_export(self, command: Command) -> None:
-        path = self._resolve(command.args[0])
-        path.write_text(self.export_markdown(), encoding="utf-8")
-        self.say(f"exported {len(self.session.turns)} turn(s) to {path}")
+        path = self._output_path(command.args[0])
+        write_atomic(path, self.export_markdown())  # a symlink at the target is replaced, never followed
+        self.say(f"exported {len(self.session.turns)} turn(s) to {visible(str(path))}")
 
     def export_markdown(self) -> str:
         """The conversation as Markdown: media as links, answers as written."""

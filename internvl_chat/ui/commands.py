@@ -16,9 +16,10 @@ from typing import Any
 from ..errors import UsageError
 from .paths import normalize_path, shell_unquote
 
-# Argument kinds (what a completer offers): "image", "video" and "file" are paths; "int" a
-# number; "setting" a key of `/set`; "value", "text" and "command" free text.
-PATH_KINDS = ("image", "video", "file")
+# Argument kinds (what a completer offers): "image", "video" and "file" are paths, "session" a
+# path or a name in the sessions folder; "int" a number; "setting" a key of `/set`; "value",
+# "text" and "command" free text.
+PATH_KINDS = ("image", "video", "file", "session")
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class ArgSpec:
 @dataclass(frozen=True)
 class OptionSpec:
     name: str  # "--frames"
-    kind: str  # "int" (≥ 1) or "range" (START-END seconds)
+    kind: str  # "int" (≥ 1), "range" (START-END seconds) or "flag" (no value)
     metavar: str
     help: str
 
@@ -52,7 +53,7 @@ class CommandSpec:
         for arg in self.args:
             text = arg.name + ("…" if arg.repeat else "")
             parts.append(text if arg.required else f"[{text}]")
-        parts += [f"[{opt.name} {opt.metavar}]" for opt in self.options]
+        parts += [f"[{opt.name} {opt.metavar}]" if opt.metavar else f"[{opt.name}]" for opt in self.options]
         return " ".join(parts)
 
 
@@ -87,8 +88,17 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("show", "show the last prompt (images as <image>) and the settings"),
     CommandSpec("context", "show how the context is used, item by item"),
     CommandSpec("stats", "show the statistics of the last answer"),
-    CommandSpec("save", "save the conversation to a JSON file", (ArgSpec("FILE", "file", required=False),)),
-    CommandSpec("load", "load a conversation saved with /save", (ArgSpec("FILE", "file"),)),
+    CommandSpec(
+        "save",
+        "save the conversation (no FILE: to the sessions folder)",
+        (ArgSpec("FILE", "file", required=False),),
+        (OptionSpec("--force", "flag", "", "replace a FILE that holds another conversation"),),
+    ),
+    CommandSpec(
+        "load",
+        "load a saved conversation and its settings (no NAME: list the saved ones)",
+        (ArgSpec("NAME", "session", required=False),),
+    ),
     CommandSpec("export", "write the conversation as Markdown", (ArgSpec("FILE.md", "file"),)),
     CommandSpec("exit", "quit (also /quit or Ctrl-D)", aliases=("quit",)),
 )
@@ -262,6 +272,12 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
                 hint = _suggest(name, valid, "")
                 tip = f"did you mean {hint}?" if hint else f"usage: {spec.usage}"
                 raise UsageError(f"/{spec.name} has no option {name}; {tip}")
+            if opt.kind == "flag":
+                if eq:
+                    raise UsageError(f"/{spec.name}: {name} takes no value; usage: {spec.usage}")
+                options[name[2:]] = True
+                i += 1
+                continue
             if not eq:
                 i += 1
                 if i >= len(words):
@@ -316,7 +332,7 @@ def format_help(name: str | None = None) -> str:
             tip = f"did you mean {hint}?" if hint else "type /help for the commands."
             raise UsageError(f"unknown command /{word}; {tip}")
         lines = [f"{spec.usage}  {spec.help}"]
-        lines += [f"  {o.name} {o.metavar}  {o.help}" for o in spec.options]
+        lines += [f"  {o.name} {o.metavar}  {o.help}" if o.metavar else f"  {o.name}  {o.help}" for o in spec.options]
         if spec.aliases:
             lines.append("  also: " + ", ".join("/" + a for a in spec.aliases))
         return "\n".join(lines)
