@@ -212,14 +212,16 @@ def test_without_tokenizer_json_transformers_is_the_fallback(tmp_path, qwen2_sty
 
 def test_startup_imports_neither_transformers_nor_torch_compilers():
     """Loading the demo model as the REPL does imports no transformers, sympy or torch._dynamo
-    (each costs seconds before the first prompt)."""
+    (each costs seconds before the first prompt), nor the Markdown renderer (needed at the first answer)."""
     code = (
         "import sys\n"
         "from internvl_chat.settings import Settings\n"
         "from internvl_chat.ui.setup import open_session\n"
+        "import internvl_chat.ui.repl\n"
         "s = open_session(Settings(), show_progress=False)\n"
         "assert s.builder.first_turn('hi')\n"
-        "print(sorted(m for m in ('transformers', 'sympy', 'torch._dynamo') if m in sys.modules))\n"
+        "late = ('transformers', 'sympy', 'torch._dynamo', 'rich.markdown', 'pygments')\n"
+        "print(sorted(m for m in late if m in sys.modules))\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
                          env={"PATH": "/usr/bin:/bin", "INTERNVL_CHAT_CONFIG": "/dev/null", "HOME": "/nonexistent"})  # fmt: skip

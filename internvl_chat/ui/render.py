@@ -12,14 +12,16 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, TYPE_CHECKING, Any, Mapping
 
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.control import Control
-from rich.markdown import Markdown
 from rich.segment import Segment
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.markdown import Markdown
 
 # --- block splitting ---------------------------------------------------------------------------
 
@@ -271,6 +273,8 @@ class MarkdownStream:
         self.finish()
 
     def _markdown(self, text: str) -> tuple[RenderableType, Markdown]:
+        from rich.markdown import Markdown  # with its parser and highlighter: only once an answer streams
+
         markdown = Markdown(text.strip("\n"), code_theme=self.code_theme)
         # Rendered as one document, rich puts a blank line between top-level elements, except
         # before a list, quote or table (which bring their own) and after a rule; blocks printed one
