@@ -27,7 +27,7 @@ from internvl_chat.ui.commands import COMMANDS, format_help
 from internvl_chat.ui.render import format_columns, format_stats, wrap_text
 from internvl_chat.ui.repl import ChatCompleter
 from internvl_chat.ui.setup import EMBEDDED_MODEL, sampling_params
-from internvl_chat.ui.typeahead import held_keys, typed_text
+from internvl_chat.ui.typeahead import held_keys, keys_released, typed_text
 from media_helpers import textured_rgb
 from screen_model import ReflowScreen
 
@@ -291,6 +291,11 @@ def test_held_keys_restores_the_terminal_on_every_path():
                 assert not quiet[3] & termios.ECHO and not quiet[3] & termios.ICANON and quiet[3] & termios.ISIG
                 os.write(master, b"typed ahead\r")
             assert typed.text == "typed ahead" and termios.tcgetattr(slave) == before
+            with held_keys(stream):
+                with keys_released():  # a question asked inside a command sees the usual terminal
+                    assert termios.tcgetattr(slave) == before
+                assert not termios.tcgetattr(slave)[3] & termios.ECHO
+            assert termios.tcgetattr(slave) == before
             with pytest.raises(KeyboardInterrupt):
                 with held_keys(stream):
                     raise KeyboardInterrupt

@@ -57,6 +57,24 @@ class TypeAhead:
     text: str = ""
 
 
+_holds: list[tuple[int, list, list]] = []  # (fd, saved, quiet) of the holds in force, innermost last
+
+
+@contextmanager
+def keys_released() -> Iterator[None]:
+    """Inside `held_keys`, the terminal as it was (echo, line editing): for a question asked in
+    the middle of a command, such as a confirmation read with input()."""
+    if not _holds:
+        yield
+        return
+    fd, saved, quiet = _holds[-1]
+    termios.tcsetattr(fd, termios.TCSANOW, saved)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+
+
 def _pending(fd: int) -> bytes:
     chunks = []
     while select.select([fd], [], [], 0)[0]:
@@ -85,9 +103,11 @@ def held_keys(stream=None) -> Iterator[TypeAhead]:
     quiet[3] &= ~(termios.ECHO | termios.ICANON)  # ISIG stays: Ctrl-C still sends SIGINT
     quiet[6][termios.VMIN], quiet[6][termios.VTIME] = 1, 0
     termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    _holds.append((fd, saved, quiet))
     try:
         yield held
     finally:
+        _holds.pop()
         try:
             held.text = typed_text(_pending(fd))
         except OSError:
