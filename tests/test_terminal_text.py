@@ -17,6 +17,7 @@ import pyte
 import pytest
 from PIL import Image
 from prompt_toolkit.document import Document
+from rich.cells import cell_len
 from rich.console import Console
 
 from internvl_chat.chat.session import Session
@@ -44,7 +45,7 @@ def numbers_in(text: str) -> list[str]:
 
 def assert_fits(text: str, width: int, original: str | None = None) -> None:
     for line in text.split("\n"):
-        assert len(line) <= width, (width, line)
+        assert cell_len(line) <= width, (width, line)  # a CJK character takes two cells
     if original is not None:  # the same words, in the same order, nothing cut
         assert text.split() == original.split() or " ".join(text.split()) == " ".join(original.split())
         assert numbers_in(text) == numbers_in(original)
@@ -74,7 +75,7 @@ def test_wrap_cuts_only_a_word_longer_than_the_line():
     assert_fits(wrapped, 40)
     assert re.sub(r"\s", "", wrapped) == f"error:{path}doesnotexist"
     assert wrap_text("short", 40) == "short" and wrap_text("a  b\n  c", 40) == "a  b\n  c"
-    assert_fits(wrap_text("中文" * 30, 40), 80)  # wide characters count two cells each
+    assert_fits(wrap_text("中文" * 30, 40), 40)  # wide characters count two cells each
 
 
 @pytest.mark.parametrize("width", [30, 40, 60, 80, 200])
@@ -105,11 +106,12 @@ def test_help_fits_and_lists_every_command(width):
 @pytest.mark.parametrize("width", WIDTHS)
 def test_columns_fit_and_keep_the_numbers_aligned(width):
     rows = [("system message", "17"), ("turn 1: image a-picture-with-a-long-name.png, “What is in the picture?” "
-            "(media 771 · answer 40)", "1,851"), ("reserved for the answer (max_new_tokens)", "1,024")]  # fmt: skip
+            "(media 771 · answer 40)", "1,851"), ("turn 2: “照片里有什么东西？请详细描述一下”", "96"),
+            ("reserved for the answer (max_new_tokens)", "1,024")]  # fmt: skip
     text = format_columns(rows, width, indent=2, align_right=True)
     assert_fits(text, width)
     ends = [line for line in text.split("\n") if re.search(r"\d$", line)]
-    assert len(ends) == 3 and len({len(line) for line in ends}) == 1  # right-aligned numbers
+    assert len(ends) == 4 and len({cell_len(line) for line in ends}) == 1  # right-aligned numbers
     assert sorted(numbers_in(text)) == sorted(n for label, value in rows for n in numbers_in(label + " " + value))
 
 

@@ -549,7 +549,8 @@ def format_columns(rows: list[tuple[str, str]], width: int | None, *, indent: in
         for label, value in rows:
             label_lines = wrap_text(label, label_width, indent="  ").split("\n") if width is not None else [label]
             cell = value.rjust(value_width) if align_right else value
-            lines.append(f"{pad}{label_lines[0].ljust(label_width)}{' ' * gap}{cell}".rstrip())
+            first = label_lines[0] + " " * (label_width - cell_len(label_lines[0]))  # wide characters: two cells
+            lines.append(f"{pad}{first}{' ' * gap}{cell}".rstrip())
             lines += [pad + extra for extra in label_lines[1:]]
         return "\n".join(lines)
     lines = []
