@@ -134,6 +134,8 @@ def run(argv: list[str]) -> int:
 
         return run_script(args, settings)  # stdin is left alone unless the script is '-'
     prompt = _read_prompt(args)
+    if prompt is not None and not prompt.strip():
+        prompt = None  # a prompt of only spaces is no prompt
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if prompt is None and interactive or args.interactive:
         from .ui.repl import run_repl

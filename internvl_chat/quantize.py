@@ -119,7 +119,7 @@ def calibration_samples(
         texts += [p.read_text(encoding="utf-8", errors="replace")[:2000] for p in sorted(calib_dir.glob("*.txt"))]
     samples = []
     for i in range(count):
-        answer = tokenizer.encode(rng.choice(texts), add_special_tokens=False)
+        answer = tokenizer.encode(rng.choice(texts))
         if i % 2 == 0:
             if images:
                 tiles = load_image(images[(i // 2) % len(images)], max_tiles=max_tiles).pixel_values

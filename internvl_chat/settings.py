@@ -415,7 +415,8 @@ def load_settings(
 # --- --print-config ----------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A value as the config file writes it: `true`, `0.7`, `"text"` (a TOML basic string)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -431,7 +432,7 @@ def format_settings(settings: Settings) -> str:
         for fld in dataclasses.fields(cls):
             dotted = f"{section}.{fld.name}"
             value = getattr(getattr(settings, section), fld.name)
-            line = f"{fld.name} = {_toml_value(value)}" if value is not None else f"# {fld.name} = (not set)"
+            line = f"{fld.name} = {toml_value(value)}" if value is not None else f"# {fld.name} = (not set)"
             rows.append((line, settings.sources.get(dotted, "default")))
         width = max(len(line) for line, _ in rows)
         if out:

@@ -23,11 +23,10 @@ from internvl_chat.engine.checkpoint import (
     hf_to_canonical,
     iter_tensors,
     load_state_dict,
-    load_tokenizer,
     qkv_slot,
-    special_token_ids,
 )
 from internvl_chat.engine.config import DEFAULT_SYSTEM_MESSAGE, load_config, parse_config
+from internvl_chat.engine.tokenizer import load_tokenizer, special_token_ids
 
 # tiny model sizes as make_tiny_checkpoint's defaults (TinySizes)
 V_HIDDEN, V_LAYERS, V_HEADS, V_MLP = 64, 2, 4, 128
@@ -413,52 +412,6 @@ def test_weights_are_not_trivial(tiny_original):
         assert t.std() > 0.01, name  # no constant tensors: a mix-up must change outputs
         if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight", "mlp1.0.weight")):
             assert (t - 1).abs().mean() > 0.05, name  # norms are not all ones
-
-
-# ------------------------------------------------------------------ tokenizer
-
-
-def test_tokenizer_special_tokens(tiny_original):
-    tok = load_tokenizer(tiny_original)
-    ids = tokenizer_json_ids(tiny_original)
-    special = special_token_ids(tok)
-    assert special.im_start == ids["<|im_start|>"] and special.im_end == ids["<|im_end|>"]
-    assert special.endoftext == ids["<|endoftext|>"] and special.img_context == ids["<IMG_CONTEXT>"]
-    assert special.img_start == ids["<img>"] and special.img_end == ids["</img>"]
-    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.bos_token is None
-    for text in ("<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"):
-        assert text in ids
-    # specials are single tokens inside text, and nothing is prepended
-    assert tok.encode("<|im_start|>user", add_special_tokens=True)[0] == ids["<|im_start|>"]
-
-
-def test_tokenizer_round_trips_utf8_and_splits_multibyte(tiny_tokenizer):
-    tok = load_tokenizer(tiny_tokenizer)
-    text = "Hello 世界! e\u0301 ümlaut 🤖\n\t<img></img> 龘"
-    ids = tok.encode(text, add_special_tokens=False)
-    assert tok.decode(ids) == text
-    pieces = [tok.decode([i]) for i in tok.encode("龘", add_special_tokens=False)]
-    assert len(pieces) > 1 and "\ufffd" in "".join(pieces)  # one character, several byte tokens
-
-
-def test_tokenizer_chat_template(tiny_tokenizer):
-    tok = load_tokenizer(tiny_tokenizer)
-    text = tok.apply_chat_template(
-        [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True
-    )
-    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
-
-
-def test_tokenizer_missing_or_incomplete(tmp_path, tiny_tokenizer):
-    with pytest.raises(CheckpointError, match="no tokenizer"):
-        load_tokenizer(tmp_path)
-
-    class Fake:
-        def get_vocab(self):
-            return {"<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 3, "<img>": 4, "</img>": 5}
-
-    with pytest.raises(CheckpointError, match="IMG_CONTEXT"):
-        special_token_ids(Fake())
 
 
 # ------------------------------------------------------------------ reference model

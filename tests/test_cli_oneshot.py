@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
-from internvl_chat.engine.checkpoint import load_tokenizer
+from internvl_chat.engine.tokenizer import load_tokenizer
 from internvl_chat.media.image import load_image
 from media_helpers import textured_rgb
 from reference import reference_model

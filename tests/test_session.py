@@ -141,7 +141,7 @@ def test_decoding_stops_with_length_when_the_cache_is_full(tiny_original):
 
     small = load_model(tiny_original, device="cpu", dtype="float32", max_context=64)
     params = SamplingParams(max_new_tokens=50)
-    prompt = small.tokenizer.encode("one two three four five six seven eight nine ten " * 3, add_special_tokens=False)
+    prompt = small.tokenizer.encode("one two three four five six seven eight nine ten " * 3)
     prompt = (prompt * 4)[:60]
     sampler = Sampler(params, small.config.text.vocab_size, "cpu")
     final = _run(stream_generate(small.model, small.tokenizer, prompt, 0, params, sampler, stop_ids=()))

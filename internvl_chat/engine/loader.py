@@ -10,16 +10,16 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..errors import CheckpointError, UsageError
 from ..files import visible
-from .checkpoint import SpecialTokens, find_weight_files, iter_tensors, load_tokenizer, special_token_ids
+from .checkpoint import find_weight_files, iter_tensors
 from .config import ModelConfig, QuantConfig, load_config
 from .model import InternVLModel
 from .tinychat import convert_tinychat
+from .tokenizer import SpecialTokens, Tokenizer, load_tokenizer, special_token_ids
 
 DTYPES = {
     "float32": torch.float32,
@@ -83,7 +83,7 @@ def _count(n: float) -> str:
 @dataclass
 class LoadedModel:
     model: InternVLModel
-    tokenizer: Any
+    tokenizer: Tokenizer
     config: ModelConfig
     special: SpecialTokens
     path: Path

@@ -64,10 +64,15 @@ class InternVLModel(nn.Module):
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def empty(cls, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_seq_len: int) -> InternVLModel:
-        """Allocate the model on `device` without initialising weights (they are loaded next)."""
+        """Allocate the model on `device` without initialising weights (they are loaded next).
+
+        Tensors are allocated with torch.empty rather than `to_empty` (torch.empty_like): on "meta"
+        tensors that runs torch's Python reference kernels, whose first use imports sympy and
+        torch._dynamo — seconds before the first prompt.
+        """
         with torch.device("meta"):
             model = cls(cfg)
-        model = model.to(dtype).to_empty(device=device)
+        model = model.to(dtype)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
         model.language_model.allocate_cache(max_seq_len, device, dtype)
         return model.eval()
 

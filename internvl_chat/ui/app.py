@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import resource
 import signal
 import stat
@@ -36,13 +37,20 @@ from ..chat.session import Media, Session, Turn
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
 from ..files import read_text_file, undecodable_byte, visible, visible_lines, write_atomic
-from ..settings import Settings, format_settings, resolve_key
+from ..settings import Settings, all_keys, format_settings, resolve_key, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, media_kind, normalize_path
-from .render import choose_stream, format_attach_line, format_bytes, format_stats
-from .setup import sampling_params
+from .render import choose_stream, format_attach_line, format_bytes, format_columns, format_stats, wrap_text
+from .setup import is_embedded_model, sampling_params
 
 OK, ERROR, EXIT = "ok", "error", "exit"
+# What the embedded demo model can answer (README, "What it can do").
+DEMO_MODEL_NOTE = (
+    "it only answers short questions about simple drawn shapes: how many, what colour, which shape, "
+    "left or right, top or bottom, or a one-sentence description; --model DIR loads a real InternVL3"
+)
+# Settings read once at start: /set refuses them (and Tab does not offer them).
+FIXED_AT_START = ("ui.color", "ui.history", "ui.history_file")
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
 KEYS_HELP = (
@@ -53,6 +61,57 @@ KEYS_HELP = (
 # Model output is shown on a terminal: control characters (escape sequences, bells, carriage
 # returns) must not reach it. Tabs and newlines stay.
 _CONTROL = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)]}
+
+
+def changeable_while_running(dotted: str) -> bool:
+    """Whether `/set` can change this setting: not the model's, nor those read once at start."""
+    return not dotted.startswith("model.") and dotted not in FIXED_AT_START
+
+
+def runtime_keys() -> list[str]:
+    """The dotted keys `/set` can change."""
+    return [key for key in all_keys() if changeable_while_running(key)]
+
+
+def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[Path] = ()) -> tuple[str, list[Path], list[Path]]:
+    """The media paths typed in a message: (the message without them, the files that exist, the
+    paths of media files that do not). One-shot and REPL messages go through this alike.
+
+    Relative paths are looked up in `search_dirs` (a script's folder), then in `cwd`."""
+    found: list[tuple[tuple[int, int], Path]] = []
+    for folder in (*search_dirs, cwd):  # an earlier folder wins a span
+        found += [(span, path) for span, path in find_media_paths(text, folder)
+                  if not any(span[0] < end and start < span[1] for (start, end), _ in found)]  # fmt: skip
+    found.sort(key=lambda item: item[0])
+    kept, last = [], 0
+    for (start, end), _ in found:
+        kept.append(text[last:start])
+        last = end
+    kept.append(text[last:])
+    rest = "".join(kept)
+    if found:  # tidy the gap a path leaves: "What is in ?" -> "What is in?"
+        rest = re.sub(r"[ \t]{2,}", " ", rest)
+        rest = re.sub(r"[ \t]+([.,;:!?)\]])", r"\1", rest)
+        rest = "\n".join(line.strip() for line in rest.split("\n")).strip()
+    return rest, [path for _, path in found], _missing_media_paths(text, {p.resolve() for _, p in found}, cwd)
+
+
+def _missing_media_paths(text: str, found: set[Path], cwd: Path | None) -> list[Path]:
+    """Words that look like paths of media files that do not exist (said, not silently ignored)."""
+    missing = []
+    for word in split_words(text):
+        raw = word.raw.strip("()[]{}<>,;:!?\"'")
+        if not raw.startswith(("/", "~", "./", "../", "file:")) or media_kind(raw.rstrip(".")) is None:
+            continue
+        try:
+            path = normalize_path(raw.rstrip("."))
+        except UsageError:
+            continue
+        if cwd is not None and not path.is_absolute():
+            path = Path(cwd) / path
+        if not path.exists() and path.resolve() not in found:
+            missing.append(path)
+    return missing
 
 
 def sanitize(text: str) -> str:
@@ -185,8 +244,15 @@ class App:
 
     # ---- output ---------------------------------------------------------------------------
 
+    @property
+    def width(self) -> int | None:
+        """The terminal's width now (it may change between two lines), None when not a terminal."""
+        return self.console.width if self.console.is_terminal else None
+
     def say(self, text: str, style: str | None = None) -> None:
-        """One line (or a few), printed as is: no markup, no highlighting, no re-wrapping."""
+        """One line (or a few), printed as is (no markup, no highlighting), broken at word
+        boundaries to fit the terminal (a pipe or file gets the lines whole)."""
+        text = wrap_text(text, self.width)
         self.console.print(Text(text, style=style or ""), soft_wrap=True, markup=False, highlight=False)
 
     def note(self, text: str) -> None:
@@ -215,10 +281,15 @@ class App:
 
     def banner(self) -> None:
         loaded = self.session.loaded
-        model = self.session.model
-        dtype = str(getattr(model, "dtype", "")).replace("torch.", "")
-        self.say(f"internvl-chat · {loaded.path.name} · {loaded.device} {dtype} · context {self.session.max_context:,} tokens", "bold")
-        self.note("type a message, /help for the commands; Ctrl-D or /exit quits")
+        dtype = str(getattr(self.session.model, "dtype", "")).replace("torch.", "")
+        quant = getattr(loaded.config, "quant", None)
+        weights = f"W{quant.bits} {quant.method.upper()} g{quant.group_size} (rest {dtype})" if quant else dtype
+        demo = is_embedded_model(loaded.path)
+        name = "the embedded demo model" if demo else visible(loaded.path.name)
+        self.say(f"internvl-chat · {name} · {loaded.device} {weights} · context {self.session.max_context:,} tokens", "bold")
+        if demo:
+            self.note(DEMO_MODEL_NOTE)
+        self.note("type a message, /help for the commands; Ctrl-D, /exit or /bye quits")
 
     # ---- dispatch -------------------------------------------------------------------------
 
@@ -340,37 +411,22 @@ class App:
             what += f" of {media.duration:.1f} s"
         return format_attach_line("video", name, what, None, tokens, fraction)
 
-    def _auto_attach(self, text: str) -> list[Media]:
-        """Media paths typed in a message (existing image/video files not already attached)."""
+    def _auto_attach(self, text: str) -> tuple[list[Media], str]:
+        """Media paths typed in a message: the existing image/video files not already attached,
+        and the message without the paths (the model gets the files, not their names)."""
         if not self.settings.media.auto_attach:
-            return []
+            return [], text
+        text, paths, missing = take_media_paths(text, self.cwd, self.search_dirs)
+        for path in missing:
+            self.warn(f"{visible(str(path))} does not exist, so it was not attached; check the path")
         attached = {m.path.resolve() for m in self.pending}
-        found: list[tuple[tuple[int, int], Path]] = []
-        for folder in (*self.search_dirs, self.cwd):  # the script's folder first, like _resolve
-            found += [(span, path) for span, path in find_media_paths(text, folder)
-                      if not any(span[0] < end and start < span[1] for (start, end), _ in found)]  # fmt: skip
-        paths = [path for _, path in sorted(found, key=lambda item: item[0])]
-        self._note_missing_paths(text, {p.resolve() for p in paths})
-        return [self.describe(p, media_kind(p)) for p in paths if p.resolve() not in attached]
-
-    def _note_missing_paths(self, text: str, found: set[Path]) -> None:
-        """A message naming a media file that does not exist: say so instead of ignoring it."""
-        for word in split_words(text):
-            raw = word.raw.strip("()[]{}<>,;:!?\"'")
-            if not raw.startswith(("/", "~", "./", "../", "file:")) or media_kind(raw.rstrip(".")) is None:
-                continue
-            try:
-                path = self._resolve(normalize_path(raw.rstrip(".")))
-            except UsageError:
-                continue
-            if not path.exists() and path.resolve() not in found:
-                self.warn(f"{path} does not exist, so it was not attached; check the path")
+        return [self.describe(p, media_kind(p)) for p in paths if p.resolve() not in attached], text
 
     # ---- turns ----------------------------------------------------------------------------
 
     def send(self, text: str) -> None:
         """Ask `text` with the pending attachments (and media paths found in it)."""
-        auto = self._auto_attach(text)
+        auto, text = self._auto_attach(text)
         if auto:
             self.attach(auto)  # prints the confirmation lines
             auto_ids = {id(m) for m in auto}
@@ -481,7 +537,7 @@ class App:
         turn = self.session.turns[-1]
         usage = {"completion_tokens": len(turn.answer_ids)}
         return format_stats(turn.timing, usage, self.session.context_used, self.session.max_context,
-                            self.last_peak, self.session.loaded.device)  # fmt: skip
+                            self.last_peak, self.session.loaded.device, width=self.width)  # fmt: skip
 
     @contextmanager
     def _uninterruptible(self, what: str) -> Iterator[None]:
@@ -497,7 +553,7 @@ class App:
 
     def cmd_help(self, command: Command) -> None:
         name = command.args[0] if command.args else None
-        self.say(format_help(name))
+        self.say(format_help(name, self.width))
         if name is None:
             self.note(KEYS_HELP)
             self.note("a message naming an image or video file attaches it; /set media.auto_attach false turns that off")
@@ -562,10 +618,15 @@ class App:
                  if text else "system message removed")  # fmt: skip
 
     def cmd_set(self, command: Command) -> None:
-        key, value = command.args
+        key = command.args[0]
         dotted = resolve_key(key)
-        if dotted.startswith("model."):
-            raise UsageError(f"{dotted} cannot change while the model is loaded; restart with the flag or config value")
+        if len(command.args) < 2:
+            self.say(f"{dotted} = {self._setting_text(dotted)}  (from {self.settings.sources.get(dotted, 'default')})")
+            return
+        value = command.args[1]
+        if not changeable_while_running(dotted):
+            raise UsageError(f"{dotted} cannot change while the app runs; set it in the config file or with its flag, "
+                             "then start again")  # fmt: skip
         if dotted == "system.message":
             self.cmd_system(Command("system", (value,)))
             return
@@ -578,12 +639,14 @@ class App:
         except InternVLChatError:
             self.settings.set(dotted, old, source=old_source or "default")
             raise
-        new = self.settings.get(dotted)
-        self.say(f"{dotted} = {new!r}" if isinstance(new, str) else f"{dotted} = {new}")
+        self.say(f"{dotted} = {self._setting_text(dotted)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
-        elif dotted in ("ui.color", "ui.history", "ui.history_file"):
-            self.note("takes effect at the next start")
+
+    def _setting_text(self, dotted: str) -> str:
+        """A value as the config file writes it (`false`, `"text"`), made safe to print."""
+        value = self.settings.get(dotted)
+        return "(not set)" if value is None else visible(toml_value(value))
 
     def cmd_show(self, command: Command) -> None:
         turns = self.session.turns
@@ -634,11 +697,9 @@ class App:
         self.say(f"context: {used:,} of {limit:,} tokens used ({_percent(used / limit)})", "bold")
         items = self.context_items()
         planned = sum(tokens for _, tokens in items)
-        label = "at most, after the next answer"
-        width = max(len(name) for name, _ in [*items, (label, 0)])
-        for name, tokens in items:
-            self.say(f"  {name.ljust(width)}  {tokens:>7,}")
-        self.say(f"  {label.ljust(width)}  {planned:>7,} of {limit:,} ({_percent(planned / limit)})")
+        rows = [(name, f"{tokens:,}") for name, tokens in items]
+        self.say(format_columns(rows, self.width, indent=2, align_right=True))
+        self.say(f"  at most, after the next answer: {planned:,} of {limit:,} ({_percent(planned / limit)})")
 
     def cmd_stats(self, command: Command) -> None:
         if not self.session.turns or not self.session.turns[-1].timing:
@@ -661,9 +722,7 @@ class App:
         if self.last_peak:
             where = "GPU" if str(self.session.loaded.device).startswith("cuda") else "RAM"
             rows.append(("peak memory", f"{format_bytes(self.last_peak)} {where}"))
-        width = max(len(name) for name, _ in rows)
-        for name, value in rows:
-            self.say(f"{name.ljust(width)}  {value}")
+        self.say(format_columns(rows, self.width))
 
     # ---- sessions: /save, /load, /export ---------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import UsageError
 from .paths import normalize_path, shell_unquote
+from .render import wrap_text
 
 # Argument kinds (what a completer offers): "image", "video" and "file" are paths, "session" a
 # path or a name in the sessions folder; "int" a number; "setting" a key of `/set`; "value",
@@ -82,8 +83,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     ),
     CommandSpec(
         "set",
-        "change a setting (temperature, top_p, max_tiles …)",
-        (ArgSpec("KEY", "setting"), ArgSpec("VALUE", "value")),
+        "change a setting (temperature, top_p, max_tiles …), or show one",
+        (ArgSpec("KEY", "setting"), ArgSpec("VALUE", "value", required=False)),
     ),
     CommandSpec("show", "show the last prompt (images as <image>) and the settings"),
     CommandSpec("context", "show how the context is used, item by item"),
@@ -100,7 +101,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
         (ArgSpec("NAME", "session", required=False),),
     ),
     CommandSpec("export", "write the conversation as Markdown", (ArgSpec("FILE.md", "file"),)),
-    CommandSpec("exit", "quit (also /quit or Ctrl-D)", aliases=("quit",)),
+    CommandSpec("exit", "quit (also /quit, /bye or Ctrl-D)", aliases=("quit", "bye")),
 )
 
 COMMAND_BY_NAME: dict[str, CommandSpec] = {
@@ -322,8 +323,12 @@ def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
     return tuple(values)
 
 
-def format_help(name: str | None = None) -> str:
-    """All commands with their one-line help, or one command's usage and options."""
+def format_help(name: str | None = None, width: int | None = None) -> str:
+    """All commands with their one-line help, or one command's usage and options.
+
+    With `width` (the terminal's), every line fits it: the help texts wrap in their column, and a
+    usage too long for the column gets a line of its own with its help below.
+    """
     if name is not None:
         word = name.lstrip("/")
         spec = COMMAND_BY_NAME.get(word.lower())
@@ -335,8 +340,22 @@ def format_help(name: str | None = None) -> str:
         lines += [f"  {o.name} {o.metavar}  {o.help}" if o.metavar else f"  {o.name}  {o.help}" for o in spec.options]
         if spec.aliases:
             lines.append("  also: " + ", ".join("/" + a for a in spec.aliases))
-        return "\n".join(lines)
-    width = max(len(spec.usage) for spec in COMMANDS)
-    lines = [f"{spec.usage.ljust(width)}  {spec.help}" for spec in COMMANDS]
-    lines.append("//TEXT".ljust(width) + "  send a message that starts with /")
+        return wrap_text("\n".join(lines), width)
+    rows = [(spec.usage, spec.help) for spec in COMMANDS] + [("//TEXT", "send a message that starts with /")]
+    if width is None:
+        column = max(len(usage) for usage, _ in rows)
+        return "\n".join(f"{usage.ljust(column)}  {text}" for usage, text in rows)
+    column = max(len(usage) for usage, _ in rows if len(usage) <= max(16, width // 3))
+    if width - column - 2 < 16:  # too narrow for two columns: each help under its usage
+        return "\n".join(wrap_text(usage, width) + "\n" + wrap_text("    " + text, width) for usage, text in rows)
+    lines = []
+    margin = " " * (column + 2)
+    for usage, text in rows:
+        helps = wrap_text(text, width - column - 2, indent="").split("\n")
+        if len(usage) > column:
+            lines.append(wrap_text(usage, width))
+            lines += [margin + h for h in helps]
+        else:
+            lines.append(f"{usage.ljust(column)}  {helps[0]}")
+            lines += [margin + h for h in helps[1:]]
     return "\n".join(lines)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from ..files import visible
 from ..settings import Settings
-from .app import peak_memory, sanitize
+from .app import peak_memory, sanitize, take_media_paths
+from .paths import media_kind
 from .render import format_stats
 from .setup import media_from_flags, open_session
 
@@ -15,6 +18,21 @@ from .setup import media_from_flags, open_session
 def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> int:
     session = open_session(settings)
     media = media_from_flags(session, args, settings)
+    typed = " ".join(([args.prompt_flag] if args.prompt_flag else []) + ([" ".join(args.prompt)] if args.prompt else []))
+    if settings.media.auto_attach and typed and prompt.endswith(typed):
+        # a media path typed in the prompt is attached and left out of the text, as in the REPL
+        # (text piped on stdin, which comes first, is data: it is left alone)
+        text, paths, missing = take_media_paths(typed)
+        prompt = prompt[: len(prompt) - len(typed)] + text
+        for path in missing:
+            print(f"internvl-chat: warning: {visible(str(path))} does not exist, so it was not attached; check the path",
+                  file=sys.stderr)  # fmt: skip
+        known = {m.path.resolve() for m in media}
+        for path in paths:
+            if path.resolve() not in known:
+                kind = media_kind(path)
+                media.append(session.describe_video(path, settings.media.frames) if kind == "video"
+                             else session.describe_image(path, settings.media.max_tiles))  # fmt: skip
     final = None
     # raw text for pipes; a terminal must not receive the model's control characters
     clean = sanitize if sys.stdout.isatty() else str
@@ -39,6 +57,8 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     sys.stdout.flush()
     if settings.ui.stats and not args.json:
         device = session.loaded.device
-        stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak_memory(device), device)
+        width = os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None
+        stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak_memory(device), device,
+                             width=width)  # fmt: skip
         print(stats, file=sys.stderr)
     return 0

@@ -26,13 +26,14 @@ from prompt_toolkit.history import History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
 from ..errors import InternVLChatError, UsageError
-from ..settings import SET_ALIASES, Settings, all_keys
 from ..files import visible
-from .app import EXIT, App, block_is_open, default_sessions_dir, recent_sessions
+from ..settings import SET_ALIASES, Settings
+from .app import EXIT, App, block_is_open, default_sessions_dir, recent_sessions, runtime_keys
 from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
 from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
 from .render import make_console
 from .setup import media_from_flags, open_session
+from .typeahead import held_keys, keys_released
 
 _EXTENSIONS = {"image": IMAGE_EXTENSIONS, "video": VIDEO_EXTENSIONS, "media": MEDIA_EXTENSIONS, "file": None}
 _PATH_STARTS = ("/", "~", "./", "../")
@@ -166,7 +167,7 @@ class ChatCompleter(Completer):
         elif arg.kind in _EXTENSIONS:
             yield from complete_path(current, arg.kind, self.cwd)
         elif arg.kind == "setting":
-            for key in [*SET_ALIASES, *all_keys()]:
+            for key in [*SET_ALIASES, *runtime_keys()]:  # only what /set can change now
                 if key.startswith(current.lower()):
                     yield Completion(key, start_position=-len(current))
         elif arg.kind == "value" and positional and _bool_setting(positional[0]):
@@ -296,7 +297,8 @@ def open_history(settings: Settings, app: App | None = None) -> History:
 def ask_yes_no(question: str) -> bool:
     """A yes/no question on the terminal; Enter, Ctrl-C and Ctrl-D mean no."""
     try:
-        answer = input(question)
+        with keys_released():  # asked while a command runs, when typed keys are otherwise held
+            answer = input(question)
     except (EOFError, KeyboardInterrupt):
         print()
         return False
@@ -320,25 +322,31 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
     if not sys.stdin.isatty():
         raise UsageError("the REPL needs a terminal on stdin; use --script FILE for scripted input or -p TEXT")
     console = make_console(sys.stdout, color="never" if settings.ui.plain else settings.ui.color)
-    session = open_session(settings, show_progress=console.is_terminal)
-    app = App(session, settings, console, interactive=True)
-    app.confirm = ask_yes_no
-    app.banner()
-    try:
-        app.attach(media_from_flags(session, args, settings))
-    except InternVLChatError as e:
-        app.error(str(e))
-    if prompt:
-        _interruptible(app, lambda: app.handle_message(prompt))
+    # keys typed while the model loads or an answer streams are not echoed into the output: they
+    # wait for the next prompt, which starts with them
+    with held_keys() as typed:
+        session = open_session(settings, show_progress=console.is_terminal)
+        app = App(session, settings, console, interactive=True)
+        app.confirm = ask_yes_no
+        app.banner()
+        try:
+            app.attach(media_from_flags(session, args, settings))
+        except InternVLChatError as e:
+            app.error(str(e))
+        if prompt:
+            _interruptible(app, lambda: app.handle_message(prompt))
     prompt_session = build_prompt_session(app, settings)
     while True:
         try:
-            line = prompt_session.prompt(app.prompt_text())
+            line = prompt_session.prompt(app.prompt_text(), default=typed.text)
         except KeyboardInterrupt:
+            typed.text = ""
             continue  # Ctrl-C at the prompt: a fresh, empty line
         except EOFError:
             break
-        if _interruptible(app, lambda: app.handle_line(line)) == EXIT:
+        with held_keys() as typed:
+            result = _interruptible(app, lambda: app.handle_line(line))
+        if result == EXIT:
             break
     return 0
 

@@ -30,6 +30,13 @@ def sampling_params(settings: Settings) -> SamplingParams:
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 
 
+def is_embedded_model(path: Path) -> bool:
+    try:
+        return Path(path).resolve() == EMBEDDED_MODEL
+    except OSError:
+        return False
+
+
 def resolve_model_path(settings: Settings) -> Path:
     """The --model folder, or the embedded demo model when none is set."""
     if settings.model.path:
