@@ -1,0 +1,253 @@
+"""Media named in a request → measured items (content hash, tile count) → pixels when needed.
+
+Only data: URLs are read by default. `allow_remote_media` lets the server fetch http(s) URLs;
+`allow_local_media` names the one folder whose files `file://` URLs may name (checked after
+resolving symlinks). Bytes are checked by the app's own media code (media/image.py header probe
+and pixel limits, media/video.py's frame sampler) from a private temporary file, so a request
+image is tiled exactly as the same file attached in the terminal app.
+
+Forms: `image_url` (an image file); `video_url` with a video file (frames sampled here), or
+with `data:video/jpeg;base64,F1,F2,…` (frames already sampled: one tile each, as vLLM reads it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import torch
+
+from ..chat.template import MediaSpec
+from ..errors import MediaError
+from ..files import read_bytes_file
+from ..media.image import count_tiles, load_image, probe_image
+from ..media.video import load_video, probe_video
+from .errors import APIError, bad_request
+from .options import ServeOptions
+
+REMOTE_TIMEOUT_S = 20.0
+FRAME_LIST_TYPES = ("video/jpeg", "video/png", "video/webp")  # data:video/jpeg;base64,F1,F2,…
+
+
+@dataclass
+class MediaItem:
+    """One image or video of a request: what it costs in the prompt and how to get its pixels."""
+
+    kind: str  # "image" or "video"
+    key: str  # content hash + the parameters that change its tiles: the feature-cache key
+    tiles: int  # image tiles (thumbnail included) or video frames
+    param: str  # where it sits in the request, for error messages
+    data: bytes = field(default=b"", repr=False)  # an image or video file
+    frames: list[bytes] | None = field(default=None, repr=False)  # pre-sampled frame images
+    max_tiles: int = 12
+
+    @property
+    def spec(self) -> MediaSpec:
+        return MediaSpec(self.kind, self.tiles)
+
+
+class MediaReader:
+    """Turns request media parts into MediaItems and, on demand, into pixel tiles."""
+
+    def __init__(self, options: ServeOptions, image_size: int, use_thumbnail: bool):
+        self.options = options
+        self.image_size = image_size
+        self.use_thumbnail = use_thumbnail
+        self._tiles: OrderedDict[str, int] = OrderedDict()  # key → tiles, so a resent image is not probed again
+        self._lock = threading.Lock()
+        self._tmp = Path(tempfile.mkdtemp(prefix="internvl-chat-serve-"))
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    # ---- bytes ------------------------------------------------------------------------------
+    def fetch(self, url: str, param: str, what: str) -> tuple[bytes, str]:
+        """The bytes a media URL names and its declared type ("" when unknown)."""
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "data":
+            return _data_url(url, param, what)
+        if scheme in ("http", "https"):
+            if not self.options.allow_remote_media:
+                raise bad_request(f"{what} URLs over {scheme} are not fetched by this server; send the {what} inline as a "
+                                  "data: URL (or start the server with --allow-remote-media)", param=param)  # fmt: skip
+            return self._remote(url, param, what), ""
+        if scheme == "file":
+            return self._local(url, param, what), ""
+        raise bad_request(f"the {what} URL must be a data: URL (base64); local paths are never read unless the server "
+                          "allows a folder with --allow-local-media, and then as file:// URLs", param=param)  # fmt: skip
+
+    def _remote(self, url: str, param: str, what: str) -> bytes:
+        import httpx
+
+        limit = self.options.max_body_bytes
+        try:
+            with httpx.Client(timeout=REMOTE_TIMEOUT_S, follow_redirects=True, max_redirects=3) as client:
+                with client.stream("GET", url) as response:
+                    if response.status_code != 200:
+                        raise bad_request(f"fetching the {what} at {url} gave HTTP {response.status_code}", param=param)
+                    parts, total = [], 0
+                    for block in response.iter_bytes():
+                        total += len(block)
+                        if total > limit:
+                            raise APIError(413, f"the {what} at {url} is over the {limit >> 20} MiB limit", param=param)
+                        parts.append(block)
+                    return b"".join(parts)
+        except httpx.HTTPError as e:
+            raise bad_request(f"cannot fetch the {what} at {url} ({type(e).__name__}: {e})", param=param) from None
+
+    def _local(self, url: str, param: str, what: str) -> bytes:
+        folder = self.options.allow_local_media
+        if folder is None:
+            raise bad_request(f"file:// {what} URLs are refused: this server reads no local files (start it with "
+                              "--allow-local-media DIR to allow one folder)", param=param)  # fmt: skip
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise bad_request(f"the file:// URL names host {parsed.netloc!r}; only local files can be read", param=param)
+        try:
+            path = Path(unquote(parsed.path)).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise bad_request(f"the {what} file {unquote(parsed.path)} does not exist", param=param) from None
+        if not path.is_relative_to(folder):
+            raise APIError(403, f"the {what} file is outside the folder this server may read", code="forbidden", param=param)
+        try:
+            return read_bytes_file(path, what, self.options.max_body_bytes, MediaError)
+        except MediaError as e:
+            raise bad_request(str(e), param=param) from None
+
+    # ---- measuring ---------------------------------------------------------------------------
+    def image(self, url: str, param: str, max_tiles: int) -> MediaItem:
+        data, _ = self.fetch(url, param, "image")
+        key = f"image:{max_tiles}:{_sha256(data)}"
+        tiles = self._known(key)
+        if tiles is None:
+            with self._file(data) as path:
+                width, height = self._checked(probe_image, path, param)
+            self._check_pixels(width, height, param, "the image")
+            tiles = count_tiles(width, height, max_tiles, self.use_thumbnail, self.image_size)
+            self._remember(key, tiles)
+        return MediaItem("image", key, tiles, param, data=data, max_tiles=max_tiles)
+
+    def video(self, url: str, param: str, num_frames: int) -> MediaItem:
+        data, mime = self.fetch(url, param, "video")
+        if mime in FRAME_LIST_TYPES:
+            return self._frame_list(data, param)
+        if not 1 <= num_frames <= self.options.max_frames:
+            raise bad_request(f"num_frames must be from 1 to {self.options.max_frames}", param=param)
+        key = f"video:{num_frames}:{_sha256(data)}"
+        if self._known(key) is None:
+            with self._file(data) as path:
+                self._checked(probe_video, path, param)
+            self._remember(key, num_frames)
+        return MediaItem("video", key, num_frames, param, data=data)
+
+    def _frame_list(self, data: bytes, param: str) -> MediaItem:
+        # `data` holds the frames' base64 texts joined by commas (see _data_url)
+        texts = data.split(b",")
+        if len(texts) > self.options.max_frames:
+            raise bad_request(f"the video has {len(texts)} frames, over this server's limit of {self.options.max_frames}",
+                              param=param)  # fmt: skip
+        frames = [_b64(t, param, "video frame") for t in texts]
+        digest = hashlib.sha256()
+        for frame in frames:
+            digest.update(len(frame).to_bytes(8, "little") + frame)
+        key = f"frames:{digest.hexdigest()}"
+        if self._known(key) is None:
+            for k, frame in enumerate(frames):
+                with self._file(frame) as path:
+                    width, height = self._checked(probe_image, path, param)
+                self._check_pixels(width, height, param, f"video frame {k + 1}")
+            self._remember(key, len(frames))
+        return MediaItem("video", key, len(frames), param, frames=frames)
+
+    def _check_pixels(self, width: int, height: int, param: str, what: str) -> None:
+        limit = self.options.max_image_pixels
+        if width * height > limit:
+            raise bad_request(f"{what} is {width}×{height} pixels, over this server's limit of {limit:,}; downscale it",
+                              param=param)  # fmt: skip
+
+    # ---- pixels (engine thread) ------------------------------------------------------------
+    def pixels(self, item: MediaItem) -> torch.Tensor:
+        """Normalised tiles [tiles, 3, S, S] of an item, decoded now (features were not cached)."""
+        size = self.image_size
+        if item.frames is not None:
+            tiles = []
+            for frame in item.frames:
+                with self._file(frame) as path:
+                    tiles.append(self._checked(load_image, path, item.param, 1, False, size).pixel_values)
+            pixels = torch.cat(tiles)
+        elif item.kind == "image":
+            with self._file(item.data) as path:
+                pixels = self._checked(load_image, path, item.param, item.max_tiles, self.use_thumbnail, size).pixel_values
+        else:
+            with self._file(item.data) as path:
+                pixels = self._checked(load_video, path, item.param, item.tiles, None, None, size).pixel_values
+        if pixels.shape[0] != item.tiles:
+            raise bad_request(f"the {item.kind} gave {pixels.shape[0]} tiles, expected {item.tiles}", param=item.param)
+        return pixels
+
+    # ---- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _checked(fn, path: Path, param: str, *args):
+        try:
+            return fn(path, *args)
+        except MediaError as e:
+            # the messages name our temporary file; the client knows the part by its place
+            raise bad_request(str(e).replace(str(path), "the media"), param=param) from None
+
+    @contextmanager
+    def _file(self, data: bytes):
+        fd, name = tempfile.mkstemp(dir=self._tmp)  # mode 0600, a name nobody else chose
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            yield Path(name)
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+    def _known(self, key: str) -> int | None:
+        with self._lock:
+            tiles = self._tiles.get(key)
+            if tiles is not None:
+                self._tiles.move_to_end(key)
+            return tiles
+
+    def _remember(self, key: str, tiles: int) -> None:
+        with self._lock:
+            self._tiles[key] = tiles
+            while len(self._tiles) > 4096:
+                self._tiles.popitem(last=False)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _b64(text: bytes | str, param: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"the {what} data is not valid base64", param=param) from None
+
+
+def _data_url(url: str, param: str, what: str) -> tuple[bytes, str]:
+    """`data:[type][;params];base64,payload` → (bytes, type). A frame list keeps its commas (see video())."""
+    head, sep, payload = url.partition(",")
+    if not sep:
+        raise bad_request(f"the {what} data: URL has no comma before its data", param=param)
+    attrs = [a.strip().lower() for a in head[len("data:") :].split(";")]
+    mime = attrs[0] if attrs else ""
+    if "base64" not in attrs[1:]:
+        raise bad_request(f"the {what} data: URL must be base64-encoded (data:TYPE;base64,…)", param=param)
+    if mime in FRAME_LIST_TYPES:
+        return payload.encode("ascii", "replace"), mime  # decoded frame by frame
+    return _b64(payload, param, what), mime
