@@ -120,7 +120,8 @@ class PromptMaker:
         mm = req.mm_processor_kwargs or {}
         max_tiles = mm.get("max_dynamic_patch", self.options.max_tiles)
         video_io = (req.media_io_kwargs or {}).get("video") or {}
-        num_frames = video_io.get("num_frames", mm.get("num_frames", self.options.frames))
+        default_frames = min(self.options.frames, self.options.max_frames)
+        num_frames = video_io.get("num_frames", mm.get("num_frames", default_frames))
         if not _is_int(max_tiles) or not 1 <= max_tiles <= 64:
             raise bad_request("max_dynamic_patch must be an integer from 1 to 64", param="mm_processor_kwargs.max_dynamic_patch")
         if not _is_int(num_frames) or not 1 <= num_frames <= self.options.max_frames:

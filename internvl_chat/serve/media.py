@@ -63,7 +63,8 @@ class MediaReader:
         self.options = options
         self.image_size = image_size
         self.use_thumbnail = use_thumbnail
-        self._tiles: OrderedDict[str, int] = OrderedDict()  # key → tiles, so a resent image is not probed again
+        # key → (tiles, largest width·height), so a resent image is not probed again
+        self._known_media: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="internvl-chat-serve-"))
 
@@ -128,14 +129,14 @@ class MediaReader:
     def image(self, url: str, param: str, max_tiles: int) -> MediaItem:
         data, _ = self.fetch(url, param, "image")
         key = f"image:{max_tiles}:{_sha256(data)}"
-        tiles = self._known(key)
-        if tiles is None:
+        known = self._known(key)
+        if known is None:
             with self._file(data) as path:
                 width, height = self._checked(probe_image, path, param)
-            self._check_pixels(width, height, param, "the image")
-            tiles = count_tiles(width, height, max_tiles, self.use_thumbnail, self.image_size)
-            self._remember(key, tiles)
-        return MediaItem("image", key, tiles, param, data=data, max_tiles=max_tiles)
+            known = (count_tiles(width, height, max_tiles, self.use_thumbnail, self.image_size), width * height)
+            self._remember(key, known)
+        self._check_pixels(known[1], param, "the image")
+        return MediaItem("image", key, known[0], param, data=data, max_tiles=max_tiles)
 
     def video(self, url: str, param: str, num_frames: int) -> MediaItem:
         data, mime = self.fetch(url, param, "video")
@@ -147,7 +148,7 @@ class MediaReader:
         if self._known(key) is None:
             with self._file(data) as path:
                 self._checked(probe_video, path, param)
-            self._remember(key, num_frames)
+            self._remember(key, (num_frames, 0))
         return MediaItem("video", key, num_frames, param, data=data)
 
     def _frame_list(self, data: bytes, param: str) -> MediaItem:
@@ -161,18 +162,22 @@ class MediaReader:
         for frame in frames:
             digest.update(len(frame).to_bytes(8, "little") + frame)
         key = f"frames:{digest.hexdigest()}"
-        if self._known(key) is None:
-            for k, frame in enumerate(frames):
+        known = self._known(key)
+        if known is None:
+            largest = 0
+            for frame in frames:
                 with self._file(frame) as path:
                     width, height = self._checked(probe_image, path, param)
-                self._check_pixels(width, height, param, f"video frame {k + 1}")
-            self._remember(key, len(frames))
+                largest = max(largest, width * height)
+            known = (len(frames), largest)
+            self._remember(key, known)
+        self._check_pixels(known[1], param, "a video frame")
         return MediaItem("video", key, len(frames), param, frames=frames)
 
-    def _check_pixels(self, width: int, height: int, param: str, what: str) -> None:
+    def _check_pixels(self, pixels: int, param: str, what: str) -> None:
         limit = self.options.max_image_pixels
-        if width * height > limit:
-            raise bad_request(f"{what} is {width}×{height} pixels, over this server's limit of {limit:,}; downscale it",
+        if pixels > limit:
+            raise bad_request(f"{what} has {pixels:,} pixels, over this server's limit of {limit:,}; downscale it",
                               param=param)  # fmt: skip
 
     # ---- pixels (engine thread) ------------------------------------------------------------
@@ -214,18 +219,18 @@ class MediaReader:
         finally:
             Path(name).unlink(missing_ok=True)
 
-    def _known(self, key: str) -> int | None:
+    def _known(self, key: str) -> tuple[int, int] | None:
         with self._lock:
-            tiles = self._tiles.get(key)
-            if tiles is not None:
-                self._tiles.move_to_end(key)
-            return tiles
+            known = self._known_media.get(key)
+            if known is not None:
+                self._known_media.move_to_end(key)
+            return known
 
-    def _remember(self, key: str, tiles: int) -> None:
+    def _remember(self, key: str, known: tuple[int, int]) -> None:
         with self._lock:
-            self._tiles[key] = tiles
-            while len(self._tiles) > 4096:
-                self._tiles.popitem(last=False)
+            self._known_media[key] = known
+            while len(self._known_media) > 4096:
+                self._known_media.popitem(last=False)
 
 
 def _sha256(data: bytes) -> str:
