@@ -228,3 +228,32 @@ def test_client_disconnect_stops_generation(server, client):
     record = next(r for r in worker.finished if r["job"] == held["job"].number)
     assert record["finish_reason"] == "cancelled"
     assert record["completion_tokens"] < 400
+
+
+def test_concurrent_clients_are_answered_or_refused_never_lost(server):
+    server.options.queue_depth = 2
+    outcomes: list[int] = []
+    lock = threading.Lock()
+
+    def client_thread(n: int) -> None:
+        with httpx.Client(timeout=WAIT_S) as http:
+            for k in range(2):
+                r = http.post(f"{server.url}/v1/chat/completions", json=_body(f"client {n} request {k}", max_tokens=4))
+                assert r.status_code in (200, 429), r.text
+                if r.status_code == 200:
+                    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+                else:
+                    assert r.json()["error"]["code"] == "queue_full" and r.headers["retry-after"]
+                with lock:
+                    outcomes.append(r.status_code)
+
+    threads = [threading.Thread(target=client_thread, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S * 4)
+    finally:
+        server.options.queue_depth = 8
+    assert len(outcomes) == 16 and 200 in outcomes
+    assert server.worker.wait_idle(WAIT_S) and server.worker.waiting == 0

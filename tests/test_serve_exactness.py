@@ -147,3 +147,26 @@ def test_several_images_and_a_video_match_the_session(client, local, media):
                                          temperature=0, extra_body={"return_token_ids": True,
                                                                     "media_io_kwargs": {"video": {"num_frames": 4}}})  # fmt: skip
     assert (out.choices[0].model_extra["token_ids"], out.choices[0].message.content) == (wanted[1], wanted[0])
+
+
+def test_interleaved_conversations_keep_their_own_slots(client, local):
+    opening = {
+        "a": "Tell me about the harbour: the boats, the cranes, the gulls and the fishermen mending nets. " * 3,
+        "b": "Explain how a mountain glacier moves, melts and carves the valley below it over the centuries. " * 3,
+    }
+    sessions = {name: Session(local) for name in opening}
+    for session in sessions.values():
+        session.own_kv_cache()  # two local conversations on one model need two caches, like the server's slots
+    history: dict[str, list[dict]] = {name: [] for name in opening}
+    for round_, follow_up in enumerate([None, "Go on.", "And then?"]):
+        for name, session in sessions.items():
+            text = opening[name] if follow_up is None else follow_up
+            cached_before = session.start_pos
+            session.activate_kv_cache()
+            wanted = local_answer(session, text)
+            history[name].append({"role": "user", "content": text})
+            served_text, served_ids, out = complete(client, history[name])
+            history[name].append({"role": "assistant", "content": served_text})
+            assert (served_text, served_ids) == wanted, (name, round_)
+            if round_:
+                assert out.usage.prompt_tokens_details.cached_tokens == cached_before, (name, round_)

@@ -100,6 +100,8 @@ def serve(settings, log_level: str = "info") -> int:
     logging.getLogger("internvl_chat.serve").setLevel(log_level.upper())
     try:
         uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after a graceful shutdown
+        print("internvl-chat serve: stopped", file=sys.stderr)
     finally:
         worker.stop()
         sock.close()
