@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import uvicorn
 from internvl_chat.engine.loader import load_model
 from internvl_chat.serve.app import create_app
 from internvl_chat.serve.engine import EngineWorker
+from internvl_chat.serve.main import listen_socket
 from internvl_chat.serve.options import ServeOptions
 from internvl_chat.settings import load_settings
 
@@ -32,9 +32,7 @@ class RunningServer:
         self.worker = EngineWorker(self.loaded, self.options)
         self.model_id = model_id
         self.app = create_app(self.worker, model_id)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock = listen_socket("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2)

@@ -124,3 +124,58 @@ def test_each_slot_has_its_own_kv_cache(loaded):
     assert lm.k_cache[0].data_ptr() == pool.slots[2].session._kv.k[0].data_ptr()
     pool.slots[0].session.activate_kv_cache()
     assert pool.kv_bytes == 3 * lm.cache_bytes()
+
+
+# ---- the listening socket ----------------------------------------------------------------------
+
+
+def test_accepted_connections_have_nagle_off():
+    """Headers and body are separate writes: with Nagle on, the body waited 40 ms for a delayed ACK."""
+    import asyncio
+    import socket
+
+    from internvl_chat.serve.main import listen_socket
+
+    async def accept_one() -> int:
+        listener = listen_socket("127.0.0.1", 0)
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        _, writer = await asyncio.open_connection(*listener.getsockname())
+        try:
+            return await asyncio.wait_for(seen, 60)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accept_one()) != 0
+
+
+def test_an_address_in_use_is_one_clear_line():
+    from internvl_chat.errors import UsageError
+    from internvl_chat.serve.main import listen_socket
+
+    taken = listen_socket("127.0.0.1", 0)
+    taken.listen()
+    try:
+        with pytest.raises(UsageError, match="choose another --port"):
+            listen_socket("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
+
+
+def test_prerendered_text_events_equal_fully_rendered_ones():
+    from internvl_chat.serve import sse
+    from internvl_chat.serve.protocol import chunk
+
+    template = chunk("chatcmpl-1", "m", 7, {"content": ""}, include_usage=True)
+    render = sse.TextEvents(template, ("choices", 0, "delta", "content"))
+    for text in ("", "plain", 'quo"te\\', "new\nline", "ünï 中文 \u2028", "\x00\x1b[31m"):
+        expected = chunk("chatcmpl-1", "m", 7, {"content": text}, include_usage=True)
+        assert render(text) == sse.event(expected)

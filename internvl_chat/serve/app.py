@@ -12,7 +12,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import sse
-from .conversation import sampling_params
+from ..chat.sampling import SamplingParams
+from .conversation import Prompt, sampling_params
 from .engine import EngineWorker, Job
 from .errors import APIError
 from .protocol import ChatCompletionRequest, check_model, chunk, completion, models_list, parse_request
@@ -73,16 +74,18 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {model_id!r}", code="model_not_found")
         return JSONResponse(models_list(model_id, context, created)["data"][0])
 
+    def prepare(body: bytes) -> tuple[ChatCompletionRequest, Prompt, SamplingParams]:
+        req = parse_request(body)
+        check_model(req, model_id)
+        prompt = worker.prompts.make(req)
+        return req, prompt, sampling_params(req, options.defaults, len(prompt.ids), context)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         body = await _read_body(request, options.max_body_bytes)
         worker.check_capacity()  # refuse early, before parsing megabytes of images
-        req = await run_in_threadpool(parse_request, body)
-        del body
-        check_model(req, model_id)
-        prompt = await run_in_threadpool(worker.prompts.make, req)
-        params = sampling_params(req, options.defaults, len(prompt.ids), context)
+        req, prompt, params = await run_in_threadpool(prepare, body)  # JSON, base64, hashing: off the event loop
         job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop())
         worker.submit(job)
         if req.stream:
@@ -108,20 +111,26 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-async def _next_event(job: Job, request: Request) -> tuple[str, object]:
+async def _events(job: Job, request: Request):
+    """The job's events as they come, text deltas that queued up meanwhile joined into one."""
     while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), POLL_S)
-        except asyncio.TimeoutError:
+        batch = await job.events.get_batch(POLL_S)
+        if not batch:
             if await request.is_disconnected():
                 job.cancel.set()
-                raise ClientDisconnected from None
+                raise ClientDisconnected
+            continue
+        text = "".join(payload for kind, payload in batch if kind == "text")
+        if text:
+            yield "text", text
+        for kind, payload in batch:
+            if kind != "text":
+                yield kind, payload
 
 
 async def _complete(job: Job, request: Request, req: ChatCompletionRequest, model_id: str) -> Response:
     try:
-        while True:
-            kind, payload = await _next_event(job, request)
+        async for kind, payload in _events(job, request):
             if kind == "error":
                 raise payload
             if kind == "done":
@@ -136,12 +145,13 @@ async def _complete(job: Job, request: Request, req: ChatCompletionRequest, mode
 async def _stream(job: Job, request: Request, req: ChatCompletionRequest, model_id: str):
     cid, created = job.cid, int(time.time())
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
+    text_event = sse.TextEvents(chunk(cid, model_id, created, {"content": ""}, include_usage=with_usage),
+                                ("choices", 0, "delta", "content"))  # fmt: skip
     try:
         yield sse.event(chunk(cid, model_id, created, {"role": "assistant", "content": ""}, include_usage=with_usage))
-        while True:
-            kind, payload = await _next_event(job, request)
+        async for kind, payload in _events(job, request):
             if kind == "text":
-                yield sse.event(chunk(cid, model_id, created, {"content": payload}, include_usage=with_usage))
+                yield text_event(payload)
             elif kind == "done":
                 extra = {"token_ids": payload["token_ids"]} if req.return_token_ids else None
                 last = chunk(cid, model_id, created, {}, payload["finish_reason"], with_usage, extra)

@@ -44,22 +44,63 @@ class ClientGone(Exception):
     """The job was cancelled before it started (its client disconnected)."""
 
 
+class EventChannel:
+    """Engine thread → asyncio handler. A handler that falls behind gets the waiting events in one
+    batch, and the engine wakes its loop once per batch rather than once per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._wake_pending = False
+        self._ready = asyncio.Event()
+
+    def put(self, item) -> None:  # engine thread
+        with self._lock:
+            self._items.append(item)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:  # loop thread
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    async def get_batch(self, timeout: float) -> list:
+        """Every event waiting now (at least one), or [] after `timeout` seconds without any."""
+        while True:
+            self._ready.clear()
+            with self._lock:
+                if self._items:
+                    batch = list(self._items)
+                    self._items.clear()
+                    return batch
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+
+
 @dataclass
 class Job:
     prompt: Prompt
     params: SamplingParams
     stops: list[str]
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     number: int = field(default_factory=lambda: next(_ids))
     cid: str = field(default_factory=completion_id)  # the response's "id"
     stop_hit: bool = False
 
+    def __post_init__(self) -> None:
+        self.events = EventChannel(self.loop)
+
     def emit(self, kind: str, payload) -> None:
         """Hand an event to the request handler's loop (called from the engine thread)."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+            self.events.put((kind, payload))
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.cancel.set()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -82,12 +83,8 @@ def serve(settings, log_level: str = "info") -> int:
     model_id = options.model_id or path.resolve().name
     worker = EngineWorker(loaded, options)
     app = create_app(worker, model_id)
-    config = uvicorn.Config(app, host=options.host, port=options.port, log_level=log_level, timeout_graceful_shutdown=5)
-    try:
-        sock = config.bind_socket()
-    except SystemExit:  # uvicorn exits when it cannot bind; say why in one line instead
-        raise UsageError(f"cannot listen on {options.host}:{options.port} (in use, or not an address of this machine); "
-                         "choose another --port or --host") from None  # fmt: skip
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    sock = listen_socket(options.host, options.port)
     port = sock.getsockname()[1]
     host = f"[{options.host}]" if ":" in options.host else options.host
     warn = ""
@@ -106,3 +103,27 @@ def serve(settings, log_level: str = "info") -> int:
         worker.stop()
         sock.close()
     return 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket whose connections send small writes at once (TCP_NODELAY).
+
+    A response is written in pieces (headers, then body or SSE events). With Nagle's algorithm
+    on, a piece waits for the ACK of the previous one, which the client delays by 40 ms on a
+    kept-alive connection. asyncio turns Nagle off only for sockets whose protocol number is
+    IPPROTO_TCP, and `socket.socket(AF_INET)` leaves it 0, so the protocol is set explicitly and
+    TCP_NODELAY is set on the listener too (Linux passes it on to accepted sockets).
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
+    return sock

@@ -17,6 +17,7 @@ import binascii
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from collections import OrderedDict
@@ -41,14 +42,15 @@ FRAME_LIST_TYPES = ("video/jpeg", "video/png", "video/webp")  # data:video/jpeg;
 
 @dataclass
 class MediaItem:
-    """One image or video of a request: what it costs in the prompt and how to get its pixels."""
+    """One image or video of a request: what it costs in the prompt and where its bytes are."""
 
     kind: str  # "image" or "video"
     key: str  # content hash + the parameters that change its tiles: the feature-cache key
     tiles: int  # image tiles (thumbnail included) or video frames
     param: str  # where it sits in the request, for error messages
-    data: bytes = field(default=b"", repr=False)  # an image or video file
-    frames: list[bytes] | None = field(default=None, repr=False)  # pre-sampled frame images
+    url: str = field(default="", repr=False)  # a data: URL, decoded only if its features must be computed
+    data: bytes = field(default=b"", repr=False)  # or the bytes already fetched (http, file)
+    frame_list: bool = False  # a pre-sampled frame list (data:video/jpeg;base64,F1,F2,…)
     max_tiles: int = 12
 
     @property
@@ -56,15 +58,25 @@ class MediaItem:
         return MediaSpec(self.kind, self.tiles)
 
 
+URL_CACHE_CHARS = 256 << 20  # data: URLs remembered (by their exact text) so a resend skips decoding
+
+
 class MediaReader:
-    """Turns request media parts into MediaItems and, on demand, into pixel tiles."""
+    """Turns request media parts into MediaItems and, on demand, into pixel tiles.
+
+    A conversation resends its images with every request. Their data: URLs are remembered by
+    their exact text (a dict lookup: one hash and one comparison of the string), so a resent image
+    is neither base64-decoded, hashed nor probed again; the measurements are then re-checked
+    against the current limits.
+    """
 
     def __init__(self, options: ServeOptions, image_size: int, use_thumbnail: bool):
         self.options = options
         self.image_size = image_size
         self.use_thumbnail = use_thumbnail
-        # key → (tiles, largest width·height), so a resent image is not probed again
-        self._known_media: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        # (kind, parameters, url) → (content key, tiles, largest width·height)
+        self._by_url: OrderedDict[tuple, tuple[str, int, int]] = OrderedDict()
+        self._url_chars = 0
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="internvl-chat-serve-"))
 
@@ -127,52 +139,85 @@ class MediaReader:
 
     # ---- measuring ---------------------------------------------------------------------------
     def image(self, url: str, param: str, max_tiles: int) -> MediaItem:
-        data, _ = self.fetch(url, param, "image")
-        key = f"image:{max_tiles}:{_sha256(data)}"
-        known = self._known(key)
-        if known is None:
-            with self._file(data) as path:
-                width, height = self._checked(probe_image, path, param)
-            known = (count_tiles(width, height, max_tiles, self.use_thumbnail, self.image_size), width * height)
-            self._remember(key, known)
-        self._check_pixels(known[1], param, "the image")
-        return MediaItem("image", key, known[0], param, data=data, max_tiles=max_tiles)
+        return self._item("image", (max_tiles,), url, param, max_tiles)
 
     def video(self, url: str, param: str, num_frames: int) -> MediaItem:
-        data, mime = self.fetch(url, param, "video")
-        if mime in FRAME_LIST_TYPES:
-            return self._frame_list(data, param)
+        return self._item("video", (num_frames,), url, param, num_frames)
+
+    def _item(self, kind: str, params: tuple, url: str, param: str, count: int) -> MediaItem:
+        cache_key = (kind, params, url) if url[:5].lower() == "data:" else None
+        known = self._recall(cache_key)
+        data, frame_list = b"", False
+        if known is None:
+            data, mime = self.fetch(url, param, kind)
+            frame_list = kind == "video" and mime in FRAME_LIST_TYPES
+            if frame_list:
+                known = self._measure_frames(data, param)
+            elif kind == "video":
+                known = self._measure_video(data, param, count)
+            else:
+                known = self._measure_image(data, param, count)
+            self._remember(cache_key, known, frame_list)
+        else:
+            known, frame_list = known
+        key, tiles, pixels = known
+        self._check_pixels(pixels, param, "the image" if kind == "image" else "a video frame")
+        if kind == "video" and not frame_list and not 1 <= tiles <= self.options.max_frames:
+            raise bad_request(f"num_frames must be from 1 to {self.options.max_frames}", param=param)
+        if frame_list and tiles > self.options.max_frames:
+            raise bad_request(f"the video has {tiles} frames, over this server's limit of {self.options.max_frames}",
+                              param=param)  # fmt: skip
+        return MediaItem(kind, key, tiles, param, url=url if cache_key else "", data=b"" if cache_key else data,
+                         frame_list=frame_list, max_tiles=count)  # fmt: skip
+
+    def _measure_image(self, data: bytes, param: str, max_tiles: int) -> tuple[str, int, int]:
+        with self._file(data) as path:
+            width, height = self._checked(probe_image, path, param)
+        tiles = count_tiles(width, height, max_tiles, self.use_thumbnail, self.image_size)
+        return f"image:{max_tiles}:{_sha256(data)}", tiles, width * height
+
+    def _measure_video(self, data: bytes, param: str, num_frames: int) -> tuple[str, int, int]:
         if not 1 <= num_frames <= self.options.max_frames:
             raise bad_request(f"num_frames must be from 1 to {self.options.max_frames}", param=param)
-        key = f"video:{num_frames}:{_sha256(data)}"
-        if self._known(key) is None:
-            with self._file(data) as path:
-                self._checked(probe_video, path, param)
-            self._remember(key, (num_frames, 0))
-        return MediaItem("video", key, num_frames, param, data=data)
+        with self._file(data) as path:
+            self._checked(probe_video, path, param)
+        return f"video:{num_frames}:{_sha256(data)}", num_frames, 0
 
-    def _frame_list(self, data: bytes, param: str) -> MediaItem:
+    def _measure_frames(self, data: bytes, param: str) -> tuple[str, int, int]:
         # `data` holds the frames' base64 texts joined by commas (see _data_url)
         texts = data.split(b",")
         if len(texts) > self.options.max_frames:
             raise bad_request(f"the video has {len(texts)} frames, over this server's limit of {self.options.max_frames}",
                               param=param)  # fmt: skip
-        frames = [_b64(t, param, "video frame") for t in texts]
         digest = hashlib.sha256()
-        for frame in frames:
+        largest = 0
+        for text in texts:
+            frame = _b64(text, param, "video frame")
             digest.update(len(frame).to_bytes(8, "little") + frame)
-        key = f"frames:{digest.hexdigest()}"
-        known = self._known(key)
-        if known is None:
-            largest = 0
-            for frame in frames:
-                with self._file(frame) as path:
-                    width, height = self._checked(probe_image, path, param)
-                largest = max(largest, width * height)
-            known = (len(frames), largest)
-            self._remember(key, known)
-        self._check_pixels(known[1], param, "a video frame")
-        return MediaItem("video", key, len(frames), param, frames=frames)
+            with self._file(frame) as path:
+                width, height = self._checked(probe_image, path, param)
+            largest = max(largest, width * height)
+        return f"frames:{digest.hexdigest()}", len(texts), largest
+
+    def _recall(self, cache_key: tuple | None):
+        if cache_key is None:
+            return None
+        with self._lock:
+            known = self._by_url.get(cache_key)
+            if known is not None:
+                self._by_url.move_to_end(cache_key)
+            return known
+
+    def _remember(self, cache_key: tuple | None, known: tuple[str, int, int], frame_list: bool) -> None:
+        if cache_key is None or len(cache_key[2]) > URL_CACHE_CHARS // 4:
+            return
+        with self._lock:
+            if cache_key not in self._by_url:
+                self._url_chars += len(cache_key[2])
+            self._by_url[cache_key] = (known, frame_list)
+            while self._url_chars > URL_CACHE_CHARS or len(self._by_url) > 1024:
+                old, _ = self._by_url.popitem(last=False)
+                self._url_chars -= len(old[2])
 
     def _check_pixels(self, pixels: int, param: str, what: str) -> None:
         limit = self.options.max_image_pixels
@@ -184,17 +229,18 @@ class MediaReader:
     def pixels(self, item: MediaItem) -> torch.Tensor:
         """Normalised tiles [tiles, 3, S, S] of an item, decoded now (features were not cached)."""
         size = self.image_size
-        if item.frames is not None:
+        data = _data_url(item.url, item.param, item.kind)[0] if item.url else item.data
+        if item.frame_list:
             tiles = []
-            for frame in item.frames:
-                with self._file(frame) as path:
+            for text in data.split(b","):
+                with self._file(_b64(text, item.param, "video frame")) as path:
                     tiles.append(self._checked(load_image, path, item.param, 1, False, size).pixel_values)
             pixels = torch.cat(tiles)
         elif item.kind == "image":
-            with self._file(item.data) as path:
+            with self._file(data) as path:
                 pixels = self._checked(load_image, path, item.param, item.max_tiles, self.use_thumbnail, size).pixel_values
         else:
-            with self._file(item.data) as path:
+            with self._file(data) as path:
                 pixels = self._checked(load_video, path, item.param, item.tiles, None, None, size).pixel_values
         if pixels.shape[0] != item.tiles:
             raise bad_request(f"the {item.kind} gave {pixels.shape[0]} tiles, expected {item.tiles}", param=item.param)
@@ -219,19 +265,6 @@ class MediaReader:
         finally:
             Path(name).unlink(missing_ok=True)
 
-    def _known(self, key: str) -> tuple[int, int] | None:
-        with self._lock:
-            known = self._known_media.get(key)
-            if known is not None:
-                self._known_media.move_to_end(key)
-            return known
-
-    def _remember(self, key: str, known: tuple[int, int]) -> None:
-        with self._lock:
-            self._known_media[key] = known
-            while len(self._known_media) > 4096:
-                self._known_media.popitem(last=False)
-
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -239,6 +272,8 @@ def _sha256(data: bytes) -> str:
 
 def _b64(text: bytes | str, param: str, what: str) -> bytes:
     try:
+        if sys.version_info >= (3, 11):
+            return binascii.a2b_base64(text, strict_mode=True)
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise bad_request(f"the {what} data is not valid base64", param=param) from None
