@@ -9,8 +9,9 @@
 
 The server runs as `internvl-chat serve` in its own process (as users run it), the client and the
 local Session in this one; both sides use one torch thread and run in turn, never together.
-Default model: bench_lib's FULL random-weight checkpoint (Qwen2 512×8, a model that keeps
-generating until max_tokens); `--model DIR` uses another (e.g. internvl_chat/demo_model).
+Default model: bench_lib's FULL random-weight shapes (InternViT 256×4, Qwen2 512×8) with the test
+tokenizer's vocabulary only, so every generated id is text and answers run to max_tokens;
+`--model DIR` uses another checkpoint (e.g. internvl_chat/demo_model).
 
     python scripts/bench_serve.py [--model DIR] [--quick] [--seconds 60] [--out FILE.json]
 """
@@ -19,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import os
 import queue
 import random
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    plan = bl.QUICK if args.quick else bl.FULL
+    # embedding rows = the tokenizer's size: a random model then only generates ids that decode to text
+    plan = dataclasses.replace(bl.QUICK if args.quick else bl.FULL, vocab_multiple=64)
     seconds, repeats = (3.0, 2) if args.quick else (args.seconds, args.repeats)
     stream_tokens = 16 if args.quick else 128
     answer_tokens = plan.answer_tokens

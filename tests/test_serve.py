@@ -7,7 +7,7 @@ job or observe its events, so queueing and cancellation are tested by events, ne
 
 from __future__ import annotations
 
-import http.server
+import base64
 import json
 import threading
 from pathlib import Path
@@ -17,9 +17,9 @@ import openai
 import pytest
 from PIL import Image
 
-from internvl_chat.chat.template import MediaSpec, PromptBuilder
+from internvl_chat.chat.template import PromptBuilder
 from media_helpers import textured_rgb
-from serve_support import RunningServer, data_url
+from serve_support import RunningServer
 
 WAIT_S = 60
 
@@ -110,6 +110,18 @@ def test_sse_framing_is_exactly_openais(server):
     assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert payloads[-2]["choices"][0]["finish_reason"] in ("stop", "length") and payloads[-2]["choices"][0]["delta"] == {}
     assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["prompt_tokens"] > 0
+
+
+def test_stop_strings_cut_the_answer_and_end_it_with_stop(client):
+    full = ask(client, "Count to ten.", max_tokens=24).choices[0].message.content
+    assert len(full) >= 6, full
+    stop = full[3:5]
+    expected = full[: full.index(stop)]
+    out = ask(client, "Count to ten.", max_tokens=24, stop=[stop, "never appears \u2603"])
+    assert (out.choices[0].message.content, out.choices[0].finish_reason) == (expected, "stop")
+    chunks = list(ask(client, "Count to ten.", max_tokens=24, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -257,3 +269,29 @@ def test_concurrent_clients_are_answered_or_refused_never_lost(server):
         server.options.queue_depth = 8
     assert len(outcomes) == 16 and 200 in outcomes
     assert server.worker.wait_idle(WAIT_S) and server.worker.waiting == 0
+
+
+def test_an_error_after_streaming_began_is_an_sse_error_event_then_done(server, client, photo):
+    # a PNG whose header is fine (so the request is accepted) but whose pixel data is cut off
+    # (so decoding fails in the engine thread, after the stream has started)
+    truncated = photo.read_bytes()[:4000]
+    url = "data:image/png;base64," + base64.b64encode(truncated).decode()
+    body = _body("What is this?", max_tokens=4, stream=True)
+    body["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": url}}]
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S) as r:
+        assert r.status_code == 200
+        events = r.read().decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    error = json.loads(events[-3].removeprefix("data: "))["error"]
+    assert "truncated" in error["message"] and error["param"] == "messages.0.content.0"
+    with pytest.raises(openai.APIError, match="truncated"):
+        list(client.chat.completions.create(**body))
+
+
+def test_a_stopped_engine_is_503(tiny_original):
+    with RunningServer(tiny_original, max_context=256) as down:
+        down.worker.stop()
+        with pytest.raises(openai.InternalServerError) as err:
+            ask(down.client())
+        assert err.value.status_code == 503
+        assert httpx.get(f"{down.url}/health").status_code == 503
