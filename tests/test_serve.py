@@ -218,6 +218,15 @@ def test_full_queue_is_429_with_retry_after(server, client):
         worker.on_start, server.options.queue_depth = None, 8
 
 
+def test_queue_depth_zero_still_serves_an_idle_engine(server, client):
+    server.options.queue_depth = 0
+    try:
+        assert server.worker.wait_idle(WAIT_S)
+        assert ask(client).choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.options.queue_depth = 8
+
+
 def test_client_disconnect_stops_generation(server, client):
     worker = server.worker
     first_event, held = threading.Event(), {}

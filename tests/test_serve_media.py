@@ -59,8 +59,11 @@ def ask(client, content, **kw):
 
 
 def test_image_data_url_costs_the_tiles_the_app_counts(client, builder, media):
-    out = ask(client, [{"type": "text", "text": "What is this?"}, image_part(data_url(media / "wide.png", "image/png"))])
+    url = data_url(media / "wide.png", "image/png")
+    out = ask(client, [{"type": "text", "text": "What is this?"}, image_part(url)])
     assert out.usage.prompt_tokens == len(builder.first_turn("What is this?", [MediaSpec("image", 3)]))
+    bare = ask(client, [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": url}])
+    assert bare.usage.prompt_tokens == out.usage.prompt_tokens  # the URL as a bare string is accepted too
 
 
 def test_max_dynamic_patch_per_image_or_per_request(client, builder, media):
@@ -102,9 +105,13 @@ def test_presampled_jpeg_frames_are_one_video(client, builder):
         ("max_images", 1, lambda u: [image_part(u), image_part(u)]),
         ("max_image_pixels", 1000, lambda u: [image_part(u)]),
         ("max_frames", 2, lambda u: [{"type": "video_url", "video_url": {"url": jpeg_frames_url([numbered_frame(0)] * 3)}}]),
+        ("max_image_pixels", 1000, lambda u: [{"type": "video_url", "video_url": {"url": jpeg_frames_url([numbered_frame(0)])}}]),
+        ("max_image_pixels", 1000, "video file"),
     ],
 )
 def test_limits_are_400(server, client, media, setting, value, content):
+    if content == "video file":  # a video's frames count as images for the pixel limit
+        content = lambda u: [{"type": "video_url", "video_url": {"url": data_url(media / "clip.mp4", "video/mp4")}}]  # noqa: E731
     old = getattr(server.options, setting)
     setattr(server.options, setting, value)
     try:

@@ -160,7 +160,8 @@ class EngineWorker:
     def _check_locked(self) -> None:
         if not self.alive:
             raise APIError(503, "the engine is not running; retry later", code="engine_unavailable")
-        if len(self._queue) >= self.options.queue_depth:
+        busy = self.running is not None or self._queue  # an idle engine takes a request even with depth 0
+        if busy and len(self._queue) >= self.options.queue_depth:
             wait = math.ceil(self._job_s * (len(self._queue) + 1))
             raise APIError(429, f"{len(self._queue)} requests are already waiting for the model; retry in about "
                            f"{wait} s", code="queue_full", headers={"Retry-After": str(max(1, min(wait, 600)))})  # fmt: skip
@@ -214,6 +215,7 @@ class EngineWorker:
             job.emit("error", from_app_error(e))
         except ClientGone:
             self.counts["cancelled"] += 1
+            job.emit("error", _cancelled())
         except Exception as e:  # noqa: BLE001 - a bug must not kill the engine thread; the client gets a 500
             log.error("request failed:\n%s", traceback.format_exc())
             job.emit("error", APIError(500, f"internal error ({type(e).__name__}: {e})", code="internal_error"))
@@ -280,9 +282,10 @@ class EngineWorker:
         if job.stop_hit:
             reason = "stop"
             answer_ids = self._ids_for_text(generated, text)
-        elif reason == "cancelled":  # the client went away: nobody to answer
+        elif reason == "cancelled":  # the client went away (then nobody reads this) or the server is stopping
             self.counts["cancelled"] += 1
             self.finished.append({"job": job.number, "finish_reason": "cancelled", "completion_tokens": len(generated)})
+            job.emit("error", _cancelled())
             return
         else:
             answer_ids = generated
@@ -316,3 +319,7 @@ class EngineWorker:
             if len(decoded) > len(text):
                 return None
         return None
+
+
+def _cancelled() -> APIError:
+    return APIError(503, "the request was cancelled: the server is shutting down; retry later", code="cancelled")

@@ -181,7 +181,8 @@ class MediaReader:
             raise bad_request(f"num_frames must be from 1 to {self.options.max_frames}", param=param)
         with self._file(data) as path:
             self._checked(probe_video, path, param)
-        return f"video:{num_frames}:{_sha256(data)}", num_frames, 0
+            pixels = _video_frame_pixels(path)
+        return f"video:{num_frames}:{_sha256(data)}", num_frames, pixels
 
     def _measure_frames(self, data: bytes, param: str) -> tuple[str, int, int]:
         # `data` holds the frames' base64 texts joined by commas (see _data_url)
@@ -264,6 +265,15 @@ class MediaReader:
             yield Path(name)
         finally:
             Path(name).unlink(missing_ok=True)
+
+
+def _video_frame_pixels(path: Path) -> int:
+    """Width × height of the video's frames, from the container header (probe_video checked it opens)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return int(stream.width or 0) * int(stream.height or 0)
 
 
 def _sha256(data: bytes) -> str:

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import APIError, bad_request
 
@@ -33,15 +33,19 @@ class TextPart(_Model):
     text: str
 
 
+def _url_object(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value  # some clients send the URL as a bare string
+
+
 class ImagePart(_Model):
     type: Literal["image_url"]
-    image_url: MediaURL
+    image_url: Annotated[MediaURL, BeforeValidator(_url_object)]
     max_dynamic_patch: int | None = Field(default=None, ge=1, le=64)
 
 
 class VideoPart(_Model):
     type: Literal["video_url"]
-    video_url: MediaURL
+    video_url: Annotated[MediaURL, BeforeValidator(_url_object)]
 
 
 ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
