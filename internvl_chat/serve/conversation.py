@@ -55,24 +55,27 @@ class PromptMaker:
         self.reader = reader
         self.default_system = options.system_message if options.system_message is not None else loaded.config.system_message
         self._builders: dict[str | None, PromptBuilder] = {}
-        # the tokenizer is shared with the engine thread; its encode toggles a flag, so encodes take turns
+        # Requests are prepared on several threads and the engine thread decodes meanwhile. A
+        # tokenizer call may flip a flag of the shared tokenizer, so tokenizer calls take turns
+        # (media fetching and hashing do not hold this lock).
         self.lock = threading.Lock()
         self.builder(self.default_system).first_turn("warm-up")  # sets that flag once, before any decode runs
 
     def builder(self, system: str | None) -> PromptBuilder:
-        builder = self._builders.get(system)
-        if builder is None:
-            if len(self._builders) > 64:
-                self._builders.clear()
-            builder = self._builders[system] = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
-        return builder
+        with self.lock:
+            builder = self._builders.get(system)
+            if builder is None:
+                if len(self._builders) > 64:
+                    self._builders.clear()
+                builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
+                self._builders[system] = builder
+            return builder
 
     def make(self, req: ChatCompletionRequest) -> Prompt:
-        with self.lock:
-            try:
-                return self._make(req)
-            except InternVLChatError as e:
-                raise from_app_error(e) from None
+        try:
+            return self._make(req)
+        except InternVLChatError as e:
+            raise from_app_error(e) from None
 
     def _make(self, req: ChatCompletionRequest) -> Prompt:
         messages = req.messages
@@ -107,7 +110,8 @@ class PromptMaker:
                                   "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
             turn_first = not prompt.ids
             specs = [m.spec for m in media]
-            turn = builder.first_turn(text, specs) if turn_first else builder.next_turn(text, specs)
+            with self.lock:
+                turn = builder.first_turn(text, specs) if turn_first else builder.next_turn(text, specs)
             self._add_spans(prompt, turn, [media[k] for k in media_order(specs)], builder)
             prompt.ids += turn
         if messages[-1].role != "user":
@@ -154,7 +158,8 @@ class PromptMaker:
             return ids
         if not text:
             return []
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+        with self.lock:
+            return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
 
     def _add_spans(self, prompt: Prompt, turn: list[int], ordered: list[MediaItem], builder: PromptBuilder) -> None:
         runs = []
