@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
 from internvl_chat.engine.loader import load_model
@@ -179,3 +180,30 @@ def test_prerendered_text_events_equal_fully_rendered_ones():
     for text in ("", "plain", 'quo"te\\', "new\nline", "ünï 中文 \u2028", "\x00\x1b[31m"):
         expected = chunk("chatcmpl-1", "m", 7, {"content": text}, include_usage=True)
         assert render(text) == sse.event(expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_slots_with_cuda_graphs_decode_into_their_own_caches(tiny_original):
+    """CUDA graphs capture the cache's addresses: each slot needs its own, or slots overwrite each other."""
+    from internvl_chat.chat.sampling import SamplingParams
+    from internvl_chat.chat.session import Session
+
+    cuda = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024)
+    assert cuda.model.decode_graphs is not None
+    params = SamplingParams(max_new_tokens=12)
+    questions = {"a": ["Tell me about boats.", "More."], "b": ["Explain glaciers to me.", "And?"]}
+
+    def answers(session, texts):
+        return [[e for e in session.ask(t, params=params)][-1]["token_ids"] for t in texts]
+
+    alone = {name: answers(Session(cuda), texts) for name, texts in questions.items()}
+    slots = {name: Session(cuda) for name in questions}
+    for session in slots.values():
+        session.own_kv_cache()
+    interleaved = {name: [] for name in questions}
+    for turn in range(2):
+        for name, session in slots.items():
+            session.activate_kv_cache()
+            interleaved[name] += answers(session, [questions[name][turn]])
+    assert interleaved == alone
