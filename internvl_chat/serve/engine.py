@@ -41,7 +41,7 @@ _ids = itertools.count(1)
 
 
 class ClientGone(Exception):
-    """The job was cancelled before it started (its client disconnected)."""
+    """The job was cancelled before generation began (its client disconnected)."""
 
 
 class EventChannel:
@@ -230,22 +230,19 @@ class EngineWorker:
         stops = StopStrings(job.stops)
         sent: list[str] = []
         final = None
-        try:
-            for event in session.continue_with(prompt.ids, reuse, features, job.params, job.cancel, vision_s):
-                if self.on_event is not None:
-                    self.on_event(job, event)
-                text = stops.push(event["text"])
-                if stops.hit and not job.cancel.is_set():
-                    job.stop_hit = True
-                    job.cancel.set()  # stream_generate stops at the next token
-                if event["finish_reason"] is not None:
-                    text += stops.flush()
-                    final = event
-                if text:
-                    sent.append(text)
-                    job.emit("text", text)
-        except KeyboardInterrupt:  # the Session's signal for "cancelled before the first token"
-            raise ClientGone from None
+        for event in session.continue_with(prompt.ids, reuse, features, job.params, job.cancel, vision_s):
+            if self.on_event is not None:
+                self.on_event(job, event)
+            text = stops.push(event["text"])
+            if stops.hit and not job.cancel.is_set():
+                job.stop_hit = True
+                job.cancel.set()  # stream_generate stops at the next token
+            if event["finish_reason"] is not None:
+                text += stops.flush()
+                final = event
+            if text:
+                sent.append(text)
+                job.emit("text", text)
         slot.spans = list(prompt.spans)
         self._finish(job, slot.index, reuse, final, "".join(sent))
 
