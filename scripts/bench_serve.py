@@ -154,7 +154,7 @@ def section_followup(server: ServerProcess, session: Session, image: Path, repea
 
 
 def section_stream(server: ServerProcess, session: Session, repeats: int, tokens: int) -> dict:
-    local_per, serve_per, counts, engine_rate, local_rate = [], [], [], [], []
+    local_per, serve_per, counts, engine_rate, local_rate, engine_per = [], [], [], [], [], []
     with httpx.Client(timeout=300) as http:
         for k in range(repeats):
             session.clear()
@@ -166,11 +166,14 @@ def section_stream(server: ServerProcess, session: Session, repeats: int, tokens
             n_served = served["usage"]["completion_tokens"]
             serve_per.append((served["t_end"] - served["times"][0]) / (n_served - 1))
             engine_rate.append(served["timings"]["predicted_per_second"])
+            engine_per.append(served["timings"]["predicted_per_token_ms"] / 1000)
             local_rate.append(run["final"]["timing"]["decode_tokens_per_s"])
             counts.append((n_local, n_served, len(served["times"])))
     local_ms, serve_ms = bl.median(local_per) * 1000, bl.median(serve_per) * 1000
     return {"tokens": tokens, "tokens_tokens_chunks": counts, "local_ms_per_token": local_ms, "serve_ms_per_token": serve_ms,
             "overhead": serve_ms / local_ms - 1, "local_decode_tok_s": bl.median(local_rate),
+            "server_engine_ms_per_token": bl.median(engine_per) * 1000,
+            "overhead_vs_server_engine": bl.median([c / e - 1 for c, e in zip(serve_per, engine_per)]),
             "server_engine_decode_tok_s": bl.median(engine_rate)}  # fmt: skip
 
 
@@ -212,17 +215,19 @@ def section_load(server: ServerProcess, image: Path, seconds: float, clients: in
     t0 = time.perf_counter()
     for t in threads:
         t.start()
-    peak = rss_start
+    series, next_sample = [], time.monotonic()
     while any(t.is_alive() for t in threads):
-        peak = max(peak, server.rss_mib())
-        time.sleep(0.5)
+        if time.monotonic() >= next_sample:
+            series.append(round(server.rss_mib(), 1))
+            next_sample += seconds / 12
+        time.sleep(0.2)
     wall = time.perf_counter() - t0
     rss_end = server.rss_mib()
     healthy = httpx.get(f"{server.url}/health").status_code == 200
     counts = {k: outcomes.count(k) for k in sorted(set(outcomes))}
     return {"clients": clients, "seconds": seconds, "wall_s": wall, "requests": len(outcomes), "outcomes": counts,
             "answered_per_s": counts.get("200", 0) / wall, "rss_start_mib": rss_start, "rss_end_mib": rss_end,
-            "rss_peak_mib": peak, "healthy_after": healthy}  # fmt: skip
+            "rss_peak_mib": max(series + [rss_end]), "rss_series_mib": series, "healthy_after": healthy}  # fmt: skip
 
 
 def _content(r: httpx.Response) -> str:
@@ -278,10 +283,11 @@ def main(argv: list[str] | None = None) -> int:
           f"(history {f['history_tokens']} tokens; serve prefilled {f['rows'][-1]['prompt_n']}, cached {f['rows'][-1]['cache_n']}; "
           f"local prefilled {f['rows'][-1]['local_prefill']})")  # fmt: skip
     print(f"streaming: local {s['local_ms_per_token']:.2f} ms/token, serve {s['serve_ms_per_token']:.2f} ms/token, "
-          f"overhead {s['overhead'] * 100:+.1f} % (decode rate inside each: local {s['local_decode_tok_s']:.1f}, "
-          f"server engine {s['server_engine_decode_tok_s']:.1f} tok/s)")  # fmt: skip
+          f"{s['overhead'] * 100:+.1f} % (decode rate inside each: local {s['local_decode_tok_s']:.1f}, server engine "
+          f"{s['server_engine_decode_tok_s']:.1f} tok/s); client vs the server's own engine: "
+          f"{s['overhead_vs_server_engine'] * 100:+.1f} %")  # fmt: skip
     print(f"load: {load['requests']} requests in {load['wall_s']:.0f} s → {load['outcomes']}; RSS {load['rss_start_mib']:.0f} → "
-          f"{load['rss_end_mib']:.0f} MiB (peak {load['rss_peak_mib']:.0f}); healthy after: {load['healthy_after']}")  # fmt: skip
+          f"{load['rss_end_mib']:.0f} MiB (samples {load['rss_series_mib']}); healthy after: {load['healthy_after']}")  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
     lost = [k for k in load["outcomes"] if k not in ("200", "429")]
