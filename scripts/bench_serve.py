@@ -50,7 +50,9 @@ HISTORY = [
     ("Describe this picture in detail.", True),
     ("Which colours dominate it?", False),
 ]
-FOLLOW_UP = "Question {k}: how many distinct shapes can you count, and where are they?"
+# each follow-up starts with another word, so the server cannot reuse the previous follow-up's text
+FIRST_WORDS = ["Count", "Name", "List", "Find", "Describe", "Compare", "Explain", "Show", "Tell", "Give", "Say"]
+FOLLOW_UP = "{word} the distinct shapes you can see, and where they are."
 STORY = "Tell me a long story about a small robot who wants to learn how to paint the sea."
 
 
@@ -135,10 +137,10 @@ def section_followup(server: ServerProcess, session: Session, image: Path, repea
         messages.append({"role": "assistant", "content": session.turns[-1].answer_text})
     local_ttft, serve_ttft, serve_rows = [], [], []
     with httpx.Client(timeout=300) as http:
-        warm = messages + [{"role": "user", "content": FOLLOW_UP.format(k=0)}]
+        warm = messages + [{"role": "user", "content": FOLLOW_UP.format(word=FIRST_WORDS[0])}]
         stream_request(http, server.url, warm, answer_tokens)  # the server's cache now holds the history
         for k in range(1, repeats + 1):
-            question = FOLLOW_UP.format(k=k)
+            question = FOLLOW_UP.format(word=FIRST_WORDS[k % len(FIRST_WORDS)])
             run = local_stream(session, question, [], answer_tokens)
             local_ttft.append(run["times"][0] - run["t0"])
             local_prefill = run["final"]["timing"]["prefill_tokens"]
