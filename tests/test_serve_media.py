@@ -45,6 +45,7 @@ def media(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("serve_media")
     Image.fromarray(textured_rgb(900, 450, seed=5)).save(d / "wide.png")  # 2×1 + thumbnail: 3 tiles
     Image.fromarray(textured_rgb(900, 450, seed=6)).save(d / "wide_other.png")  # same size, other picture
+    Image.fromarray(textured_rgb(448, 448, seed=9)).save(d / "square.png")  # 1 tile
     write_numbered_video(d / "clip.mp4", num_frames=30)
     return d
 
@@ -84,6 +85,19 @@ def test_another_picture_of_the_same_size_is_not_taken_from_the_cache(client, bu
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1  # all but the last token
     assert swapped.usage.prompt_tokens == again.usage.prompt_tokens  # identical token ids …
     assert swapped.usage.prompt_tokens_details.cached_tokens == image_start  # … but not the same picture
+
+
+def test_image_features_are_reused_across_conversations_by_content(server, client, media):
+    url = data_url(media / "square.png", "image/png")
+    content = [image_part(url), {"type": "text", "text": "And this?"}]
+    features = server.worker.features
+    client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+        {"role": "system", "content": "First system message."}, {"role": "user", "content": content}])  # fmt: skip
+    hits, misses = features.hits, features.misses
+    other = client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+        {"role": "system", "content": "Another one."}, {"role": "user", "content": content}])  # fmt: skip
+    assert other.usage.prompt_tokens_details.cached_tokens < 10  # the KV cache could not help …
+    assert (features.hits, features.misses) == (hits + 1, misses)  # … but the vision encoder did not run again
 
 
 def test_video_file_is_sampled_into_frames(client, builder, media):

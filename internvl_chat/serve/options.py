@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..chat.sampling import SamplingParams
@@ -28,7 +28,7 @@ class ServeOptions:
     allow_remote_media: bool = False
     allow_local_media: Path | None = None  # resolved folder
     # request defaults (a request's own values win)
-    defaults: SamplingParams | None = None
+    defaults: SamplingParams = field(default_factory=SamplingParams)
     max_tiles: int = 12  # max_dynamic_patch when a request gives none
     frames: int = 8  # frames sampled from a video file when a request gives none
     system_message: str | None = None  # None: the checkpoint's own
