@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "modes: a REPL when stdin and stdout are terminals and no prompt is given (-I keeps it after a "
             "prompt); one-shot otherwise (piped stdin is prepended to the prompt); --script runs REPL lines. "
-            "`internvl-chat quantize --help` makes 4-bit AWQ checkpoints."
+            "`internvl-chat quantize --help` makes 4-bit AWQ checkpoints; "
+            "`internvl-chat serve --help` serves one over an OpenAI-compatible API."
         ),
     )
     p.add_argument("prompt", nargs="*", help="the question (one-shot mode); same as -p")
@@ -120,6 +121,10 @@ def run(argv: list[str]) -> int:
         from .quantize import main as quantize_main
 
         return quantize_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from .serve.main import main as serve_main
+
+        return serve_main(argv[1:])
     from .settings import format_settings, load_settings
 
     args = build_parser().parse_args(argv)

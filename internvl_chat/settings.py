@@ -180,12 +180,32 @@ class SystemSettings:
     message: str | None = _setting(None, expect="a text (unset: the checkpoint's default)")
 
 
+@dataclass
+class ServeSettings:
+    """`internvl-chat serve`: where it listens, how many conversations it keeps cached, request limits."""
+
+    host: str = _setting("127.0.0.1", expect="an address to bind (127.0.0.1: this machine only)")
+    port: int = _setting(8000, _number(0, 65535), "a port from 0 to 65535 (0: any free port)")
+    api_key: str = _setting("", expect="a key clients send as a bearer token (empty: no key)")
+    model_id: str = _setting("", expect="the model name in /v1/models (empty: the checkpoint folder's name)")
+    slots: int = _setting(2, _number(1, 64), "an integer from 1 to 64 (each a KV cache of max_context tokens)")
+    queue_depth: int = _setting(8, _number(0, 100_000), "an integer ≥ 0 (requests waiting behind the running one)")
+    max_body_mb: int = _setting(64, _number(1, 4096), "an integer from 1 to 4096 (MiB per request body)")
+    max_images: int = _setting(32, _number(1, 1024), "an integer from 1 to 1024 (images and videos per request)")
+    max_image_pixels: int = _setting(40_000_000, _number(1, 178_956_970), "an integer from 1 to 178956970")
+    max_frames: int = _setting(64, _number(1, 256), "an integer from 1 to 256 (frames per video)")
+    feature_cache_mb: int = _setting(256, _number(0), "an integer ≥ 0 (MiB of cached image features; 0 turns it off)")
+    allow_remote_media: bool = _setting(False, expect="true or false (let requests make the server fetch http(s) URLs)")
+    allow_local_media: str = _setting("", expect="a folder whose files requests may name as file:// URLs (empty: none)")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "generation": GenerationSettings,
     "media": MediaSettings,
     "ui": UISettings,
     "system": SystemSettings,
+    "serve": ServeSettings,
 }
 
 
@@ -196,6 +216,7 @@ class Settings:
     media: MediaSettings = field(default_factory=MediaSettings)
     ui: UISettings = field(default_factory=UISettings)
     system: SystemSettings = field(default_factory=SystemSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
     # "section.key" -> "default" | "config PATH" | "env NAME" | "flag" | "/set"
     sources: dict[str, str] = field(default_factory=dict)
 

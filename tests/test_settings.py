@@ -38,6 +38,21 @@ EXPECTED_DEFAULTS = {
         "plain": False,
     },
     "system": {"message": None},
+    "serve": {
+        "host": "127.0.0.1",
+        "port": 8000,
+        "api_key": "",
+        "model_id": "",
+        "slots": 2,
+        "queue_depth": 8,
+        "max_body_mb": 64,
+        "max_images": 32,
+        "max_image_pixels": 40_000_000,
+        "max_frames": 64,
+        "feature_cache_mb": 256,
+        "allow_remote_media": False,
+        "allow_local_media": "",
+    },
 }
 
 

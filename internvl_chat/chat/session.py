@@ -470,9 +470,102 @@ class Session:
         media.sha256 = m.sha256
         return media, None
 
+    # ---- prefix reuse across requests (used by `internvl-chat serve`) --------------------------
+    #
+    # A server gets the whole conversation with every request. A Session used as a server slot keeps
+    # the ids it last held in its KV cache; a new request keeps the longest part of the cache that it
+    # shares with the new prompt, rewinds there (the cache is positional) and prefills only the rest,
+    # exactly as `ask` prefills only a turn's new tokens. Each slot may own its KV tensors, so several
+    # conversations stay cached on one model; activating a slot points the model at its tensors.
+
+    def own_kv_cache(self, share_model_cache: bool = False) -> int:
+        """Give this session KV tensors of its own (or adopt the model's current ones); returns their bytes.
+
+        When several sessions share one model, call `activate_kv_cache()` before each one's turn.
+        """
+        self._kv = OwnKVCache(self.model, share_model_cache)
+        return self._kv.bytes
+
+    def activate_kv_cache(self) -> None:
+        kv = getattr(self, "_kv", None)
+        if kv is not None:
+            kv.activate(self.model)
+
+    def cached_prefix(self, ids: Sequence[int]) -> int:
+        """How many leading `ids` the KV cache holds already (token ids only; media identity is the caller's)."""
+        return common_prefix_length(self.ids[: self.start_pos], ids)
+
+    def continue_with(
+        self,
+        ids: Sequence[int],
+        reuse: int,
+        features: torch.Tensor | None = None,
+        params: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+        vision_s: float = 0.0,
+    ) -> Iterator[dict]:
+        """Answer the whole prompt `ids` (a conversation ending in the assistant cue), keeping the cache
+        for `ids[:reuse]` and prefilling `ids[reuse:]`; `features` are the image features of that rest.
+
+        Events are those of `ask`; on any error the session holds `ids[:reuse]`. The turn structure of
+        the conversation is not tracked (the caller resends it whole): `turns` holds this answer only.
+        """
+        params = params or self.params
+        params.validate()
+        ids = list(ids)
+        if not 0 <= reuse < len(ids) or reuse > self.start_pos or self.ids[:reuse] != ids[:reuse]:
+            raise ValueError(f"cannot reuse {reuse} tokens: the cache does not hold them, or nothing is left to prefill")
+        need = len(ids) + params.max_new_tokens
+        if need > self.max_context:
+            raise ContextOverflowError(
+                f"this request needs {len(ids):,} prompt + {params.max_new_tokens:,} answer tokens = {need:,}, over the "
+                f"{self.max_context:,}-token context; send a shorter conversation, fewer images or a smaller max_tokens"
+            )
+        self._rewind(reuse, reuse)
+        self.turns = []
+        turn = Turn("", [], ids_before=reuse, pos_before=reuse, prompt_ids=ids[reuse:])
+        turn.features = features
+        yield from self._run_turn(turn, ids[reuse:], features, vision_s, params, cancel)
+
 
 def _is_regular_file(path: Path) -> bool:
     try:
         return stat.S_ISREG(path.stat().st_mode)
     except (OSError, ValueError):
         return False
+
+def common_prefix_length(cached: Sequence[int], ids: Sequence[int]) -> int:
+    """How many leading tokens `cached` and `ids` share."""
+    n = min(len(cached), len(ids))
+    i = 0
+    while i + 256 <= n and list(cached[i : i + 256]) == list(ids[i : i + 256]):  # blocks first: prompts are long
+        i += 256
+    while i < n and cached[i] == ids[i]:
+        i += 1
+    return i
+
+
+class OwnKVCache:
+    """KV tensors (and the CUDA decode graphs captured over them) that one Session owns."""
+
+    def __init__(self, model, share_model_cache: bool):
+        lm = model.language_model
+        if share_model_cache:
+            self.k, self.v, self.graphs = lm.k_cache, lm.v_cache, model.decode_graphs
+            return
+        # zeros like the engine's own cache: a masked attention weight is 0, and 0 × garbage may be NaN
+        self.k = [torch.zeros_like(t) for t in lm.k_cache]
+        self.v = [torch.zeros_like(t) for t in lm.v_cache]
+        self.graphs = None
+        if model.decode_graphs is not None:
+            from ..engine.cuda_graph import DecodeGraphs  # a graph captures tensor addresses: one set per cache
+
+            self.graphs = DecodeGraphs(model)
+
+    def activate(self, model) -> None:
+        lm = model.language_model
+        lm.k_cache, lm.v_cache, model.decode_graphs = self.k, self.v, self.graphs
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
