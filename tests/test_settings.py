@@ -37,6 +37,7 @@ EXPECTED_DEFAULTS = {
         "plain": False,
     },
     "system": {"message": None},
+    "remote": {"server": "", "api_key": "", "model": "", "dialect": "auto", "timeout": 300.0},
 }
 
 
