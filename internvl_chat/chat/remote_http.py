@@ -79,8 +79,8 @@ def error_text(obj: object) -> str | None:
         return inner
     if isinstance(inner, dict):
         obj = inner
-    elif obj.get("object") != "error" and "message" not in obj:
-        return None
+    elif obj.get("object") != "error" and "message" not in obj and "detail" not in obj:
+        return None  # not an error object (FastAPI's own errors carry `detail`)
     message = obj.get("message") or obj.get("msg") or obj.get("detail")
     if isinstance(message, list):  # FastAPI validation errors: [{"loc": …, "msg": …}]
         message = "; ".join(str(m.get("msg", m)) if isinstance(m, dict) else str(m) for m in message)
