@@ -101,10 +101,6 @@ class RemoteTurn:
         n = (self.usage or {}).get("completion_tokens")
         return n if isinstance(n, int) and n >= 0 else None
 
-    @property
-    def token_ids(self) -> None:
-        return None
-
 
 # ---- pictures ----------------------------------------------------------------------------------
 
