@@ -18,6 +18,8 @@ import pytest
 
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.chat.session import Session
+from internvl_chat.engine.loader import load_model
 from internvl_chat.demo.scenes import make_scene
 from internvl_chat.errors import RemoteError
 from remote_helpers import closed_port
@@ -101,6 +103,13 @@ def test_an_image_conversation_with_llama_server_reuses_its_cache(llama_server, 
     prompt1 = first["usage"]["prompt_tokens"]
     assert prompt1 > 256  # the picture's tokens are in the prompt
     second = list(conv.ask("What colour is the biggest shape?"))[-1]
+    # the same greedy answers as the local engine: llama.cpp saw InternVL's own prompt (one tile,
+    # `<image>\n` before the question, the reply resent as returned)
+    local = Session(load_model(DEMO_MODEL, device="cpu", dtype="float32", max_context=CONTEXT),
+                    params=conv.params, system_message=system_message())  # fmt: skip
+    list(local.ask("How many shapes are there?", [local.describe_image(scene)]))
+    list(local.ask("What colour is the biggest shape?"))
+    assert [t.reply for t in conv.turns] == [t.answer_text for t in local.turns]
     server = second["timing"]["server"]
     # the whole first turn was resent byte for byte, so llama.cpp reuses its cache for it
     assert server["cached_tokens"] >= prompt1
@@ -124,3 +133,18 @@ def test_cancel_and_errors_against_llama_server(llama_server):
     assert "\n" not in str(err.value) and len(conv.turns) == 1
     list(conv.ask("Thanks."))
     assert conv.turns[0].reply == partial and len(conv.turns) == 2
+
+
+def test_video_frames_reach_llama_server_as_internvls_own_prompt(llama_server, tmp_path):
+    """Frames go as 448×448 pictures behind `FrameK: ` labels: llama.cpp counts exactly the prompt
+    tokens our template makes, and answers as the local engine does."""
+    from media_helpers import write_numbered_video
+
+    video = write_numbered_video(tmp_path / "clip.mp4", 24)
+    conv = connect(llama_server)
+    final = list(conv.ask("How many shapes are there?", [conv.describe_video(video, 3)]))[-1]
+    local = Session(load_model(DEMO_MODEL, device="cpu", dtype="float32", max_context=CONTEXT),
+                    params=conv.params, system_message=system_message())  # fmt: skip
+    list(local.ask("How many shapes are there?", [local.describe_video(video, 3)]))
+    assert final["usage"]["prompt_tokens"] == len(local.turns[0].prompt_ids)
+    assert conv.turns[0].reply == local.turns[0].answer_text
