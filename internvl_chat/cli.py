@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--max-context", type=int, metavar="N", help="KV cache length in tokens (default 8192)")
     p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant: kernels for 4-bit weights")
+    _add_remote_flags(p)
     p.add_argument("--json", action="store_true", help="one-shot: print one JSON object instead of streaming text")
     p.add_argument("--script", metavar="FILE", help="run REPL lines from FILE ('-' for stdin), printed as a transcript; "
                    "failing lines are reported and skipped, and the exit status is then 1")
@@ -64,8 +65,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# --- remote backend (chat/remote.py) ----------------------------------------------------------
+OPENAI_BASE_URL_ENV = "OPENAI_BASE_URL"
+_SERVER_FROM_ENV = object()  # `--server` given without a URL
+
+
+def _add_remote_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", nargs="?", const=_SERVER_FROM_ENV, metavar="URL",
+                   help="chat with an OpenAI-compatible server (lmdeploy, vLLM, SGLang, llama-server, "
+                        f"internvl-chat serve) instead of a local model; without URL: ${OPENAI_BASE_URL_ENV}")  # fmt: skip
+    p.add_argument("--api-key", metavar="KEY", help="the server's key (better: the OPENAI_API_KEY environment variable)")
+    p.add_argument("--remote-model", metavar="ID", help="a model id the server serves (default: the first it lists)")
+    p.add_argument("--dialect", metavar="D", help="the server's request dialect: auto (default, from its model list), "
+                   "lmdeploy, vllm, sglang, llamacpp, ollama, internvl-chat or generic")  # fmt: skip
+
+
+def _server_flag(value: object) -> str | None:
+    if value is not _SERVER_FROM_ENV:
+        return value  # type: ignore[return-value]
+    url = os.environ.get(OPENAI_BASE_URL_ENV, "").strip()
+    if not url:
+        raise UsageError(f"--server without a URL reads {OPENAI_BASE_URL_ENV}, which is not set; pass --server http://HOST:PORT/v1")
+    return url
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     return {
+        "remote.server": _server_flag(args.server),
+        "remote.api_key": args.api_key,
+        "remote.model": args.remote_model,
+        "remote.dialect": args.dialect,
         "model.path": args.model,
         "model.device": args.device,
         "model.dtype": args.dtype,

@@ -38,6 +38,10 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INT4_BACKENDS = ("auto", "torch", "dequant")
 COLORS = ("auto", "always", "never")
+# chat/dialects.py DIALECTS, plus "auto" (detected from the server's model list)
+REMOTE_DIALECTS = ("auto", "lmdeploy", "vllm", "sglang", "llamacpp", "ollama", "internvl-chat", "generic")
+OPENAI_API_KEY_ENV = "OPENAI_API_KEY"
+SECRET_KEYS = ("remote.api_key", "serve.api_key")  # never printed, never saved with a session
 
 # Short names accepted by `/set`; every dotted key ("generation.seed") is accepted too.
 SET_ALIASES = {
@@ -199,6 +203,17 @@ class ServeSettings:
     allow_local_media: str = _setting("", expect="a folder whose files requests may name as file:// URLs (empty: none)")
 
 
+@dataclass
+class RemoteSettings:
+    """An OpenAI-compatible server to chat with instead of the local model (empty server: local)."""
+
+    server: str = _setting("", expect="a server URL such as http://HOST:8000/v1 (empty: the local model)")
+    api_key: str = _setting("", expect="the server's key (better in the OPENAI_API_KEY environment variable)")
+    model: str = _setting("", expect="a model id the server serves (empty: the first one it lists)")
+    dialect: str = _setting("auto", _choice(REMOTE_DIALECTS), f"one of {', '.join(REMOTE_DIALECTS)}")
+    timeout: float = _setting(300.0, _number(0.0, low_open=True), "a number of seconds > 0")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "generation": GenerationSettings,
@@ -206,6 +221,7 @@ SECTIONS: dict[str, type] = {
     "ui": UISettings,
     "system": SystemSettings,
     "serve": ServeSettings,
+    "remote": RemoteSettings,
 }
 
 
@@ -217,6 +233,7 @@ class Settings:
     ui: UISettings = field(default_factory=UISettings)
     system: SystemSettings = field(default_factory=SystemSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
     # "section.key" -> "default" | "config PATH" | "env NAME" | "flag" | "/set"
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -235,7 +252,12 @@ class Settings:
         return dotted
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        """Every value by section (secrets masked: this goes into saved session files)."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        for dotted in SECRET_KEYS:
+            section, name = dotted.split(".")
+            out[section][name] = _masked(out[section][name])
+        return out
 
 
 # --- keys --------------------------------------------------------------------------------------
@@ -401,6 +423,18 @@ def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
         settings.sources[by_name[name]] = f"env {name}"
 
 
+def _apply_openai_key(settings: Settings, env: Mapping[str, str]) -> None:
+    """OPENAI_API_KEY, the variable every OpenAI client reads, when no key was set more specifically."""
+    key = env.get(OPENAI_API_KEY_ENV, "").strip()
+    if key and not settings.remote.api_key:
+        settings.remote.api_key = key
+        settings.sources["remote.api_key"] = f"env {OPENAI_API_KEY_ENV}"
+
+
+def _masked(value: Any) -> Any:
+    return "***" if value else value
+
+
 def load_settings(
     config_path: str | Path | None = None,
     env: Mapping[str, str] = os.environ,
@@ -426,6 +460,7 @@ def load_settings(
         _apply_toml(settings, _read_toml(user_file), user_file, f"config {user_file}")
 
     _apply_env(settings, env)
+    _apply_openai_key(settings, env)
 
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -453,6 +488,8 @@ def format_settings(settings: Settings) -> str:
         for fld in dataclasses.fields(cls):
             dotted = f"{section}.{fld.name}"
             value = getattr(getattr(settings, section), fld.name)
+            if dotted in SECRET_KEYS:
+                value = _masked(value)
             line = f"{fld.name} = {toml_value(value)}" if value is not None else f"# {fld.name} = (not set)"
             rows.append((line, settings.sources.get(dotted, "default")))
         width = max(len(line) for line, _ in rows)

@@ -53,6 +53,7 @@ EXPECTED_DEFAULTS = {
         "allow_remote_media": False,
         "allow_local_media": "",
     },
+    "remote": {"server": "", "api_key": "", "model": "", "dialect": "auto", "timeout": 300.0},
 }
 
 

@@ -25,6 +25,7 @@ from ..errors import ContextOverflowError, GenerationError, MediaError, UsageErr
 from ..files import visible, write_atomic
 from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import load_video, probe_video
+from .conversation import BackendInfo, PromptView
 from .generate import stream_generate
 from .sampling import Sampler, SamplingParams
 from .session_file import (SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession, media_candidates,  # noqa: F401
@@ -83,6 +84,10 @@ class Turn:
     finish_reason: str | None = None
     timing: dict | None = None
     features: torch.Tensor | None = field(default=None, repr=False)  # kept so /undo + /retry skip the ViT
+
+    @property
+    def answer_tokens(self) -> int:
+        return len(self.answer_ids)
 
 
 @dataclass
@@ -469,6 +474,67 @@ class Session:
             return None, f"{visible(str(path))} now gives {media.tiles} tiles instead of {m.tiles}"
         media.sha256 = m.sha256
         return media, None
+
+    # ---- the Conversation interface (chat/conversation.py) -----------------------------------
+    # What the UI asks of any conversation, so it never needs to know this one is local.
+
+    token_counts_exact = True
+
+    def describe(self) -> BackendInfo:
+        dtype = str(getattr(self.model, "dtype", "")).replace("torch.", "")
+        return BackendInfo(
+            name=self.loaded.path.name,
+            where=f"{self.loaded.device} {dtype}".strip(),
+            model=str(self.loaded.path),
+            context=self.max_context,
+            load_s=self.loaded.load_s,
+            memory_device=str(self.loaded.device),
+        )
+
+    def turn_tokens(self, media: Sequence[Media]) -> int:
+        """Tokens of the next turn with these attachments and an empty message (labels exact)."""
+        return len(self._turn_ids("", media))
+
+    def check_attach(self, media: Sequence[Media]) -> None:
+        """The next turn with these attachments must fit, with the uncached tail of a cut answer."""
+        self.check_budget(len(self.ids) - self.start_pos + self.turn_tokens(media))
+
+    def context_items(self, pending: Sequence[Media]) -> list[tuple[str, int]]:
+        """The context budget item by item (see Conversation.context_items)."""
+        builder = self.builder
+        items: list[tuple[str, int]] = []
+        system = len(builder.first_turn("", [])) - len(builder.user_turn("", []))
+        if system:
+            items.append(("system message" if self.turns else "system message (sent with the first message)", system))
+        bounds = [t.ids_before for t in self.turns] + [self.context_used]
+        for n, turn in enumerate(self.turns):
+            total = bounds[n + 1] - bounds[n] - (system if n == 0 else 0)
+            media = self.media_tokens(turn.media)
+            answer = len(turn.answer_ids)
+            names = "".join(f"{m.kind} {m.path.name}, " for m in turn.media)
+            text = " ".join(turn.user_text.split())
+            text = text if len(text) <= 32 else text[:31] + "…"
+            detail = f" (media {media:,} · answer {answer:,})" if media else f" (answer {answer:,})"
+            items.append((f"turn {n + 1}: {names}“{text}”{detail}", total))
+        for media in pending:
+            items.append((f"attached: {media.kind} {media.path.name}", self.media_tokens([media])))
+        template = self.turn_tokens(pending) - self.media_tokens(pending) - (0 if self.ids else system)
+        items.append(("next message: template, plus your text", template))
+        items.append(("reserved for the answer (max_new_tokens)", self.params.max_new_tokens))
+        return items
+
+    def last_prompt(self) -> PromptView | None:
+        if not self.turns:
+            return None
+        index = len(self.turns) - 1
+        turn = self.turns[index]
+        specs = [m.spec for m in turn.media]
+        text = self.builder.render_text(turn.user_text, specs, first=index == 0, expand_images=False)
+        note = ""
+        if specs:
+            note = (f"each <image> stands for {self.builder.tokens_per_tile} tokens per tile, "
+                    f"{self.builder.image_token_count(specs):,} in all")  # fmt: skip
+        return PromptView(index + 1, text, note)
 
     # ---- prefix reuse across requests (used by `internvl-chat serve`) --------------------------
     #
