@@ -337,3 +337,24 @@ def test_save_replaces_a_symlink_and_errors_name_the_users_path(loaded, tmp_path
         session.save(tmp_path / "chat.json")
     assert err.value.filename == str(tmp_path / "chat.json")  # never the temporary file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", "victim.txt"]  # no temporary file left
+
+
+def test_answers_never_hold_image_placeholders(tiny_original):
+    """The sampler of every turn bans <img>, </img> and <IMG_CONTEXT>: one in an answer would take a
+    picture's feature slot at the next turn's prefill (and the session file would be refused)."""
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=512)
+    special = loaded.special
+    text = loaded.model.language_model
+    with torch.no_grad():
+        # the final norm keeps only channel 0, and only two image placeholders read it, with
+        # opposite signs and huge weights: one of them is the model's favourite at every step
+        text.model.norm.weight.zero_()[0] = 1.0
+        text.lm_head.weight[special.img_context, 0] = 1e4
+        text.lm_head.weight[special.img_end, 0] = -1e4
+    session = Session(loaded, SamplingParams(max_new_tokens=6))
+    logits = loaded.model.forward(session._turn_ids("Hi", []), 0)
+    assert int(logits.argmax()) in (special.img_context, special.img_end)  # unbanned, it would be picked
+    events = list(session.ask("Hi"))
+    answer = session.turns[-1].answer_ids
+    assert answer and not {special.img_start, special.img_end, special.img_context} & set(answer), answer
+    assert events[-1]["finish_reason"] in ("stop", "length")

@@ -199,7 +199,9 @@ class Session:
 
     # ---- turns -------------------------------------------------------------------------------
     def _make_sampler(self, params: SamplingParams) -> Sampler:
-        sampler = Sampler(params, self.loaded.config.text.vocab_size, self.model.device)
+        special = self.loaded.special
+        sampler = Sampler(params, self.loaded.config.text.vocab_size, self.model.device,
+                          banned_ids=(special.img_start, special.img_end, special.img_context))  # fmt: skip
         if self.ids:
             sampler.observe(torch.tensor(self.ids, device=self.model.device))
         return sampler
