@@ -17,6 +17,7 @@ transformers' AutoTokenizer, imported then. Both are used through one interface,
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,25 +33,30 @@ _SLOW_FILES = ("vocab.json", "merges.txt", "tokenizer.model")
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """The tokenizer interface the chat code uses (see the module docstring)."""
 
     special_ids: frozenset[int] = frozenset()
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """See the module docstring."""
 
+    @abstractmethod
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        raise NotImplementedError
+        """See the module docstring."""
 
+    @abstractmethod
     def convert_tokens_to_ids(self, token: str) -> int | None:
-        raise NotImplementedError
+        """See the module docstring."""
 
+    @abstractmethod
     def convert_ids_to_tokens(self, token_id: int) -> str | None:
-        raise NotImplementedError
+        """See the module docstring."""
 
+    @abstractmethod
     def get_vocab(self) -> dict[str, int]:
-        raise NotImplementedError
+        """See the module docstring."""
 
     def __len__(self) -> int:
         return len(self.get_vocab())
