@@ -195,9 +195,15 @@ class LiveTail:
             self.active = True
         self.size = console.size
         lines = console.render_lines(_BottomLines(renderable), console.options, pad=False)
-        self._write(self._ERASE_BELOW)
-        console.print(_Lines(lines), soft_wrap=True, crop=False, overflow="ignore")
-        console.control(Control.move_to_column(0), Control.move(0, -len(lines)))
+        console.begin_capture()
+        try:
+            console.print(_Lines(lines), soft_wrap=True, crop=False, overflow="ignore")
+            console.control(Control.move_to_column(0), Control.move(0, -len(lines)))
+        finally:
+            frame = console.end_capture()
+        # one write per frame: a resize (or a stop) never lands between a frame's lines, which a
+        # reflowing terminal would rewrap with the cursor in the middle of the region
+        self._write(self._ERASE_BELOW + frame)
 
     def clear(self) -> None:
         """Erase the region; the cursor is left where the region began (printing goes on there)."""
