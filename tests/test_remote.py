@@ -436,14 +436,15 @@ def test_save_and_load_resend_the_same_bytes(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("{not json", "cannot read session file"),
+        ("{not json", "is not valid JSON"),
         ('{"format": "something else"}', "is not an internvl-chat session file"),
         ('{"format": "internvl-chat-session", "version": 99}', "version 99"),
-        ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": "a"}]}', "pairs"),
-        ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": 1}, {}]}', "message 1"),
+        ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": "a"}]}', "a question without its answer"),
+        ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": 1}, '
+         '{"role": "assistant", "text": "b"}]}', "message 1"),
         ('{"format": "internvl-chat-session", "version": 1, "backend": "x"}', "backend"),
         ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": "a", "media": '
-         '[{"kind": "image", "path": "x.png", "tiles": 0}]}, {"role": "assistant", "text": "b"}]}', "bad tiles"),
+         '[{"kind": "image", "path": "x.png", "tiles": 0}]}, {"role": "assistant", "text": "b"}]}', "tiles must be"),
         ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": "a"}, '
          '{"role": "assistant", "text": "b", "finish_reason": "exploded"}]}', "finish_reason"),
     ],
