@@ -458,14 +458,16 @@ class Session:
 
     def _answer_ids(self, saved: SavedTurn, number: int, path: Path) -> list[int]:
         """The answer's ids: as saved, or (a session saved from a server's answers, which has no ids)
-        the answer's text tokenized again, when the ids give back exactly that text."""
+        the answer's text tokenized again, when that is clearly the same text: the ids give it back
+        exactly, and it holds no U+FFFD (the mark of bytes that were not UTF-8, whose tokens the text
+        cannot give back)."""
         if saved.answer_ids is not None:
             return list(saved.answer_ids)
         ids = self.tokenizer.encode(saved.reply)
-        if self.tokenizer.decode(ids) != saved.reply:
+        if "\ufffd" in saved.reply or self.tokenizer.decode(ids) != saved.reply:
             raise UsageError(
-                f"answer {number} in {visible(str(path))} was saved without token ids (from a server) and this "
-                "model's tokenizer does not give back the same text; load it with --server, or start anew"
+                f"answer {number} in {visible(str(path))} was saved from a server without its tokens, and its text "
+                "cannot give them back exactly (bytes that were not UTF-8); continue it with --server, or start anew"
             )
         return ids
 

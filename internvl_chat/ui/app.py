@@ -709,8 +709,9 @@ class App:
         server = format_server_numbers(t.get("server"))
         if server:
             rows.append(("server reports", server))
+        rows.append(("model", f"{visible(info.name)} · {visible(info.where)}"))
         if info.load_s is not None:
-            rows.append(("start-up", f"{info.load_s:.2f} s ({visible(info.where)})"))
+            rows.append(("start-up", f"{info.load_s:.2f} s"))  # the model's load, or the server's first answer
         if self.last_peak and info.memory_device is not None:
             where = "GPU" if info.memory_device.startswith("cuda") else "RAM"
             rows.append(("peak memory", f"{format_bytes(self.last_peak)} {where}"))
