@@ -23,7 +23,7 @@ from rich.console import Console
 
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.settings import load_settings
-from internvl_chat.ui.app import ERROR, OK, App
+from internvl_chat.ui.app import ERROR, OK, App, runtime_keys
 from internvl_chat.ui.setup import sampling_params
 from media_helpers import textured_rgb
 from remote_helpers import FakeServer, Reply, closed_port, fixture
@@ -201,6 +201,29 @@ def test_settings_of_the_server_cannot_change_while_the_app_runs(tmp_path):
             assert app.handle_line(line) == ERROR
         assert out.getvalue().count("cannot change while the app runs") == 3
         assert app.settings.remote.server == fake.url
+    assert not [key for key in runtime_keys() if key.startswith(("remote.", "serve.", "model."))]  # nor offered by Tab
+
+
+def test_a_server_that_does_not_say_its_context(picture, tmp_path):
+    """lmdeploy's model list has no context length: the app shows what it knows and never divides by it."""
+    with FakeServer(fixture("lmdeploy/models.json")) as fake:
+        stop = fixture("lmdeploy/stream.sse")
+        fake.chat(Reply.sse(stop), Reply.sse(stop.replace(b'"finish_reason":"stop"', b'"finish_reason":"length"')))
+        app, out = _app(fake.url, tmp_path)
+        app.banner()
+        assert "· context: the server's limit" in out.getvalue()
+        assert app.session.max_context is None
+        assert app.handle_line(f"/image {picture}") == OK
+        assert "+ image photo.png 900×450 → 3 tiles · ≈771 tokens\n" in out.getvalue()  # no share of an unknown limit
+        assert app._work_label(app.pending) == "reading the images …"
+        assert app.handle_line("What is it?") == OK
+        assert app.session.turns[0].media[0].prepared and app._work_label(app.session.turns[0].media) == "thinking …"
+        assert "context ≈1,848 · server: prompt 1,843 tok (1,792 cached)" in out.getvalue()  # the server's count
+        assert app.handle_line("And?") == OK
+        assert "[stopped at max_new_tokens (8); /set max_new_tokens N allows longer answers]" in out.getvalue()
+        for line, shown in (("/context", "tokens used (the server's limit is not known)"), ("/stats", "context              ≈"),
+                            ("/media", "nothing attached")):  # fmt: skip
+            assert app.handle_line(line) == OK and shown in out.getvalue()
 
 
 # ---- the REPL in a pseudo-terminal --------------------------------------------------------------
