@@ -89,6 +89,20 @@ def _server_flag(value: object) -> str | None:
     return url
 
 
+LOCAL_MODEL_FLAGS = (("model", "--model"), ("device", "--device"), ("dtype", "--dtype"), ("max_context", "--max-context"),
+                     ("int4_backend", "--int4-backend"))  # fmt: skip
+
+
+def _check_remote_flags(args: argparse.Namespace, server: str) -> None:
+    """With a server, flags that only mean something for a local model are a mistake, said at once."""
+    given = [flag for name, flag in LOCAL_MODEL_FLAGS if getattr(args, name) is not None]
+    if server and given:
+        them = "it" if len(given) == 1 else "them"
+        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for a local model, but the answers come "
+                         f"from the server {visible(server)}; drop {them}, or leave the server out (--server, [remote] server) "
+                         "to run the model here")  # fmt: skip
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     return {
         "remote.server": _server_flag(args.server),
@@ -161,6 +175,7 @@ def run(argv: list[str]) -> int:
     if args.print_config:
         sys.stdout.write(format_settings(settings))
         return 0
+    _check_remote_flags(args, settings.remote.server)
     if args.script:
         if args.prompt_flag or args.prompt or args.interactive or args.json:
             raise UsageError("--script takes its messages from the script; drop -p/the prompt words, -I and --json")

@@ -436,14 +436,15 @@ def test_save_and_load_resend_the_same_bytes(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("{not json", "cannot read session file"),
+        ("{not json", "is not valid JSON"),
         ('{"format": "something else"}', "is not an internvl-chat session file"),
         ('{"format": "internvl-chat-session", "version": 99}', "version 99"),
-        ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": "a"}]}', "pairs"),
-        ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": 1}, {}]}', "message 1"),
+        ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": "a"}]}', "a question without its answer"),
+        ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": 1}, '
+         '{"role": "assistant", "text": "b"}]}', "message 1"),
         ('{"format": "internvl-chat-session", "version": 1, "backend": "x"}', "backend"),
         ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": "a", "media": '
-         '[{"kind": "image", "path": "x.png", "tiles": 0}]}, {"role": "assistant", "text": "b"}]}', "bad tiles"),
+         '[{"kind": "image", "path": "x.png", "tiles": 0}]}, {"role": "assistant", "text": "b"}]}', "tiles must be"),
         ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": "a"}, '
          '{"role": "assistant", "text": "b", "finish_reason": "exploded"}]}', "finish_reason"),
     ],
@@ -474,3 +475,32 @@ def test_loading_a_session_whose_files_vanished_or_changed(tmp_path):
         (tmp_path / "a.png").unlink()
         with pytest.raises(MediaError, match="has vanished"):
             connect(server).load(saved)
+
+
+def test_a_local_session_loads_and_its_texts_are_what_is_resent(tmp_path):
+    """A session saved by the local app (ids, the " [cancelled]" mark) continues on a server from its texts."""
+    image = png(tmp_path / "a.png")
+    sha = __import__("hashlib").sha256(open(image, "rb").read()).hexdigest()
+    local = {
+        "format": "internvl-chat-session", "version": 1, "backend": {"kind": "local"}, "model": "/models/tiny",
+        "system_message": "Be brief.", "settings": {},
+        "messages": [
+            {"role": "user", "text": "Look.", "media": [{"kind": "image", "path": image, "sha256": sha, "tiles": 13,
+                                                         "max_tiles": 12, "size": [64, 48]}]},
+            {"role": "assistant", "text": "A red box.", "token_ids": [5, 6, 7], "finish_reason": "stop"},
+            {"role": "user", "text": "More?", "media": []},
+            {"role": "assistant", "text": "It is [cancelled]", "token_ids": [8, 9], "finish_reason": "cancelled"},
+        ],
+    }  # fmt: skip
+    (tmp_path / "l.json").write_text(json.dumps(local))
+    with FakeServer(models_of("lmdeploy")) as server:
+        server.chat(stream_of("lmdeploy"))
+        conv = connect(server)
+        conv.load(tmp_path / "l.json")
+        assert [t.reply for t in conv.turns] == ["A red box.", "It is"]
+        assert conv.turns[1].answer_text == "It is [cancelled]" and conv.system_message == "Be brief."
+        answer(conv.ask("Next."))
+        sent = server.chat_bodies()[-1]["messages"]
+        assert [m["role"] for m in sent] == ["system", "user", "assistant", "user", "assistant", "user"]
+        assert [sent[2]["content"], sent[4]["content"]] == ["A red box.", "It is"]
+        assert b64_of(sent[1]["content"][0]["image_url"]["url"]) == open(image, "rb").read()

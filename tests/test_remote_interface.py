@@ -109,3 +109,50 @@ def test_openai_api_key_is_the_fallback_and_the_key_never_shows(tmp_path):
 def test_bad_remote_settings_are_one_line(key, value):
     with pytest.raises(UsageError, match=key.replace(".", r"\.")):
         load_settings(os.devnull, env={}, overrides={key: value})
+
+
+# ---- session files across the two conversations -----------------------------------------------
+
+
+def _remote_file(path, answers: list[tuple[str, str]], system=None):
+    """A session file as RemoteConversation saves it: replies as returned, no token ids."""
+    messages = []
+    for n, (reply, finish) in enumerate(answers, start=1):
+        messages += [{"role": "user", "text": f"Question {n}?", "media": []},
+                     {"role": "assistant", "text": reply, "finish_reason": finish, "usage": {"completion_tokens": 3}}]
+    path.write_text(json.dumps({"format": "internvl-chat-session", "version": 1, "system_message": system,
+                                "backend": {"kind": "remote", "server": "http://h:1/v1", "model": "m", "dialect": "vllm"},
+                                "model": "m", "settings": {}, "messages": messages}))  # fmt: skip
+    return path
+
+
+def test_a_remote_session_loads_into_the_local_session_by_tokenizing_its_answers(session, tmp_path):
+    conv, _ = session
+    conv.clear()
+    saved = _remote_file(tmp_path / "r.json", [("A red circle, 2 of them.", "stop"), ("Half an ans", "cancelled")])
+    conv.load(saved)
+    tok = conv.tokenizer
+    first, second = conv.turns
+    assert first.answer_ids == tok.encode("A red circle, 2 of them.") and first.answer_text == "A red circle, 2 of them."
+    assert second.answer_ids == tok.encode("Half an ans") and second.answer_text == "Half an ans [cancelled]"
+    # no system message was sent to the server, so it used the model's own: so does the local session
+    assert conv.system_message == conv.loaded.config.system_message
+    assert conv.ids == conv.conversation_ids(conv.turns) and conv.start_pos == len(conv.ids)
+    list(conv.ask("And now?"))  # the conversation goes on
+    assert len(conv.turns) == 3
+    # saved again by the local session: a local file, the cancelled mark in the text, ids kept
+    data = json.loads(conv.save(tmp_path / "l.json").read_text())
+    assert data["backend"] == {"kind": "local"} and data["messages"][3]["text"] == "Half an ans [cancelled]"
+    assert data["messages"][1]["token_ids"] == first.answer_ids
+
+
+def test_a_remote_answer_whose_text_cannot_give_its_tokens_back_is_refused(session, tmp_path):
+    conv, _ = session
+    conv.clear()
+    list(conv.ask("Keep me."))
+    before = (list(conv.ids), conv.start_pos, list(conv.turns))
+    saved = _remote_file(tmp_path / "r.json", [("fine", "stop"), ("bytes \ufffd lost", "length")])
+    with pytest.raises(UsageError) as err:
+        conv.load(saved)
+    assert str(err.value).startswith("answer 2 in ") and "continue it with --server" in str(err.value)
+    assert "\n" not in str(err.value) and (list(conv.ids), conv.start_pos, list(conv.turns)) == before

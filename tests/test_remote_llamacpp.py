@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -148,3 +150,64 @@ def test_video_frames_reach_llama_server_as_internvls_own_prompt(llama_server, t
     list(local.ask("How many shapes are there?", [local.describe_video(video, 3)]))
     assert final["usage"]["prompt_tokens"] == len(local.turns[0].prompt_ids)
     assert conv.turns[0].reply == local.turns[0].answer_text
+
+
+# ---- the terminal app against llama-server: one-shot and the REPL -----------------------------
+
+
+def _app_env(home: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(home)}
+    for name in ("NO_COLOR", "XDG_STATE_HOME", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        env.pop(name, None)
+    return env
+
+
+def test_the_app_one_shot_through_llama_server_answers_as_the_local_model(llama_server, scene, tmp_path):
+    ask = ["--image", str(scene), "-p", "How many shapes are there?", "--max-new-tokens", "12", "--json"]
+    # llama.cpp's chat template has no default system message: send the model's own, as the local app does
+    remote = ["--server", llama_server, "--system", system_message()]
+    runs = [subprocess.run([sys.executable, "-m", "internvl_chat.cli", *flags, *ask], capture_output=True, text=True,
+                           env=_app_env(tmp_path), timeout=600, cwd=tmp_path)
+            for flags in (remote, ["--model", str(DEMO_MODEL), "--max-context", str(CONTEXT)])]  # fmt: skip
+    assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
+    there, here = (json.loads(run.stdout) for run in runs)
+    assert there["token_ids"] is None and there["text"] == here["text"] and there["text"].strip()
+    assert there["usage"]["prompt_tokens"] == here["usage"]["prompt_tokens"]  # InternVL's own prompt, token for token
+    assert {"prompt_ms", "predicted_per_second"} <= set(there["timing"]["server"])
+    print(f"\napp one-shot via llama-server: {there['text']!r} (local: {here['text']!r}), "
+          f"{there['usage']['prompt_tokens']} prompt tokens")
+
+
+def test_the_app_repl_through_llama_server(llama_server, scene, tmp_path):
+    import pexpect
+
+    from test_repl_pty import INPUT_DONE, PROMPT_READY
+
+    env = {**_app_env(tmp_path), "TERM": "xterm-256color", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "internvl_chat.cli", "--server", llama_server, "--plain",
+                                           "--max-new-tokens", "12", "--system", system_message()],
+                          env=env, dimensions=(50, 200), encoding="utf-8", timeout=600, cwd=str(tmp_path))  # fmt: skip
+
+    def run(line: str, pattern: str) -> str:
+        child.send(line + "\r")
+        child.expect_exact(INPUT_DONE)
+        child.expect(pattern)
+        found = child.match.group(0)
+        child.expect_exact(PROMPT_READY)
+        return found
+
+    child.expect(r"internvl-chat · \S+ · http://127\.0\.0\.1:\d+/v1 \(llama\.cpp\) · context 4,096 tokens")
+    child.expect_exact(PROMPT_READY)
+    run(f"/image {scene}", r"\+ image scene\.png \d+×\d+ → 1 tile · ≈259 tokens")
+    stats = r"ttft [\d.]+ s · decode [\d.,]+ tok/s · context ≈[\d,]+/4,096 \(\d+ %\) · server: prompt [\d,]+ tok \([\d,]+ cached\)"
+    run("How many shapes are there?", stats)
+    second = run("What colour is the biggest shape?", stats)
+    assert int(re.search(r"\(([\d,]+) cached\)", second).group(1).replace(",", "")) > 256  # the picture came from its cache
+    run("/stats", r"server reports\s+prompt [\d,]+ tokens · [\d,]+ cached · answer [\d,]+ tokens · prompt [\d,]+ ms")
+    run(f"/save {tmp_path / 'talk.json'}", r"saved 2 turn\(s\)")
+    child.send("/exit\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    saved = json.loads((tmp_path / "talk.json").read_text())
+    assert saved["backend"]["dialect"] == "llamacpp" and all(m["text"].strip() for m in saved["messages"][1::2])

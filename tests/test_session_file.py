@@ -35,6 +35,7 @@ def valid_session() -> dict:
     return {
         "format": "internvl-chat-session",
         "version": 1,
+        "backend": {"kind": "local"},
         "model": "/models/InternVL3-1B",
         "system_message": "Be brief.",
         "settings": {"generation": {"temperature": 0.0, "seed": None}, "media": {"max_tiles": 12}},
@@ -63,6 +64,25 @@ def test_a_valid_session_parses():
     assert (image.kind, image.tiles, image.max_tiles, image.relative_path) == ("image", 3, 12, "cat.png")
     assert (video.kind, video.frames, video.video_range) == ("video", 4, (0.5, 2.0))
     assert saved.turns[0].answer_ids == (5, 6, 7) and saved.turns[1].finish_reason == "cancelled"
+
+
+def test_a_remote_session_parses_without_token_ids_and_keeps_replies_as_returned():
+    data = valid_session()
+    data["backend"] = {"kind": "remote", "server": "http://gpu:8000/v1", "model": "InternVL3-8B", "dialect": "vllm"}
+    for answer in data["messages"][1::2]:
+        del answer["token_ids"]
+    data["messages"][1]["usage"] = {"prompt_tokens": 800, "completion_tokens": 3, "total_tokens": 803, "cached_tokens": 0}
+    data["messages"][3]["text"] = "You [cancelled]"  # a server's reply that happens to end so: kept as is
+    saved = parse(data)
+    assert saved.kind == "remote" and saved.backend["dialect"] == "vllm"
+    assert [t.answer_ids for t in saved.turns] == [None, None]
+    assert saved.turns[0].usage["prompt_tokens"] == 800 and saved.turns[1].usage is None
+    assert saved.turns[1].reply == "You [cancelled]"
+    local = parse(valid_session() | {"messages": valid_session()["messages"][:2] + [
+        {"role": "user", "text": "Thanks."}, {"role": "assistant", "text": "You [cancelled]", "token_ids": [8],
+                                               "finish_reason": "cancelled"}]})  # fmt: skip
+    assert local.kind == "local" and local.turns[1].reply == "You"  # the local mark is not part of the reply
+    assert parse(valid_session()).backend == {"kind": "local"}  # files without `backend` are local
 
 
 def _set(path: tuple, value):
@@ -147,6 +167,18 @@ MALFORMED = {
     "an image placeholder token": _set((*ANSWER, "token_ids"), [5, FORBIDDEN[2]]),
     "an image start token": _set((*ANSWER, "token_ids"), [FORBIDDEN[0]]),
     "finish reason unknown": _set((*ANSWER, "finish_reason"), "done"),
+    "backend a text": _set(("backend",), "remote"),
+    "backend kind unknown": _set(("backend",), {"kind": "cloud"}),
+    "backend kind missing": _set(("backend",), {"server": "http://h/v1"}),
+    "a local backend with a server": _set(("backend",), {"kind": "local", "server": "http://h/v1"}),
+    "a remote backend with an unknown field": _set(("backend",), {"kind": "remote", "api_key": "sk-1"}),
+    "a remote backend's server a number": _set(("backend",), {"kind": "remote", "server": 8000}),
+    "a remote backend's dialect unknown": _set(("backend",), {"kind": "remote", "dialect": "tgi"}),
+    "usage a list": _set((*ANSWER, "usage"), [1, 2]),
+    "usage with an unknown count": _set((*ANSWER, "usage"), {"prompt_tokens": 3, "bogus": 1}),
+    "usage negative": _set((*ANSWER, "usage"), {"completion_tokens": -1}),
+    "usage as text": _set((*ANSWER, "usage"), {"completion_tokens": "3"}),
+    "usage true": _set((*ANSWER, "usage"), {"cached_tokens": True}),
     "too many media": _set(("messages", 0, "media"), [valid_session()["messages"][0]["media"][0]] * 65),
     "too many messages": _set(("messages",), valid_session()["messages"][:2] * 10_001),
 }  # fmt: skip
@@ -219,7 +251,7 @@ def test_random_damage_is_either_accepted_or_refused_cleanly():
             assert "\n" not in str(e)
             continue
         for turn in saved.turns:  # what was accepted is what the rest of the app relies on
-            assert all(type(t) is int and 0 <= t < VOCAB and t not in FORBIDDEN for t in turn.answer_ids)
+            assert all(type(t) is int and 0 <= t < VOCAB and t not in FORBIDDEN for t in turn.answer_ids or ())
             assert isinstance(turn.user_text, str) and isinstance(turn.answer_text, str)
             assert all(m.kind in ("image", "video") and m.tiles >= 1 for m in turn.media)
     assert refused > 1000  # most damage is caught, not silently used

@@ -51,6 +51,7 @@ class BackendInfo:
     context: int | None  # tokens the conversation may hold; None when the server does not say
     load_s: float | None = None  # model load, or the server handshake
     memory_device: str | None = None
+    demo: bool = False  # the embedded demo model, which answers only a few kinds of questions
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,22 @@ class Conversation(Protocol):
     def last_prompt(self) -> PromptView | None: ...
 
     # ---- persistence ------------------------------------------------------------------------
+    # A session file saved by either conversation loads into either (chat/session_file.py).
+    def to_json(self, settings: dict | None = None, path: str | Path | None = None) -> dict:
+        """The conversation as `save` writes it to `path`."""
+        ...
+
     def save(self, path: str | Path, settings: dict | None = None) -> Path: ...
+
+    def read_saved(self, path: str | Path) -> Any:
+        """Read, validate and measure a session file (a `ReadiedSession`), changing nothing:
+        a damaged file, media that vanished or changed raise one-line errors."""
+        ...
+
+    def restore(self, readied: Any, max_new_tokens: int | None = None) -> None:
+        """Replace the conversation with one `read_saved` returned; on an error nothing changed.
+        `max_new_tokens`: the answer room it must leave (default: the current params')."""
+        ...
 
     def load(self, path: str | Path) -> dict:
         """Replace the conversation with a saved one; returns the saved JSON."""

@@ -24,6 +24,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
-from ..files import read_bytes_file, read_text_file, visible, write_atomic
+from ..files import read_bytes_file, visible, write_atomic
 from ..media.image import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, count_tiles, probe_image, to_rgb
 from ..media.video import load_video, probe_video
 from .conversation import BackendInfo, PromptView
@@ -49,9 +50,11 @@ from .dialects import (
 )
 from .remote_http import ApiClient, shorten
 from .sampling import SamplingParams
-from .session import SESSION_FORMAT, SESSION_VERSION, Media, sha256_of
+from .session import SESSION_FORMAT, SESSION_VERSION, Media, ReadiedSession, saved_media, sha256_of
+from .session_file import read_session_file
 from .template import media_order
 
+DEFAULT_MAX_TILES = 12  # max_dynamic_patch of every InternVL3 checkpoint
 TOKENS_PER_TILE = 256  # InternVL3: 16×16 tokens per 448×448 tile
 PICTURE_EXTRA_TOKENS = 3  # <img>, </img> and the line break after it
 LABEL_TOKENS = 4  # "Image-1: " / "Frame1: "
@@ -289,8 +292,10 @@ class RemoteConversation:
 
     # ---- media ------------------------------------------------------------------------------
 
-    def describe_image(self, path: str | Path, max_tiles: int = 12) -> RemoteMedia:
+    def describe_image(self, path: str | Path, max_tiles: int | None = None) -> RemoteMedia:
+        """`max_tiles` None (or 0): InternVL3's own limit, 12 (the server's checkpoint is not known here)."""
         path = Path(path).expanduser()
+        max_tiles = max_tiles or DEFAULT_MAX_TILES
         if tiles_are_per_request(self.dialect):
             used = {m.max_tiles for t in self.turns for m in t.media if m.kind == "image"}
             if used and max_tiles not in used:
@@ -489,12 +494,18 @@ class RemoteConversation:
         )
 
     # ---- save, load -------------------------------------------------------------------------
+    # The session file of chat/session_file.py, `backend` "remote": answers as the server returned
+    # them, no token ids. Local sessions load here too (their texts are all a server needs).
 
-    def to_json(self, settings: dict | None = None) -> dict:
+    def to_json(self, settings: dict | None = None, path: str | Path | None = None) -> dict:
+        """The conversation as JSON; with `path` (where it is saved) media also get a path relative to it."""
+        where = Path(path) if path is not None else Path("session.json")
+        backend = {"kind": "remote", "server": _without_credentials(self.client.base_url), "model": self.model,
+                   "dialect": self.dialect}  # fmt: skip
         return {
             "format": SESSION_FORMAT,
             "version": SESSION_VERSION,
-            "backend": {"kind": "remote", "server": self.client.base_url, "model": self.model, "dialect": self.dialect},
+            "backend": backend,
             "model": self.model,
             "system_message": self.system_message,
             "settings": settings or {},
@@ -502,110 +513,52 @@ class RemoteConversation:
                 msg
                 for t in self.turns
                 for msg in (
-                    {"role": "user", "text": t.user_text, "media": [m.to_json() for m in t.media]},
-                    {"role": "assistant", "text": t.reply, "finish_reason": t.finish_reason, "usage": t.usage},
+                    {"role": "user", "text": t.user_text, "media": [m.to_json(where) for m in t.media]},
+                    {"role": "assistant", "text": t.reply, "finish_reason": t.finish_reason,
+                     **({"usage": t.usage} if t.usage else {})},
                 )
             ],
-        }
+        }  # fmt: skip
 
     def save(self, path: str | Path, settings: dict | None = None) -> Path:
+        """Write the session as JSON atomically (a symlink at `path` is replaced, never followed)."""
         path = Path(path).expanduser()
-        return write_atomic(path, json.dumps(self.to_json(settings), ensure_ascii=False, indent=1))
+        return write_atomic(path, json.dumps(self.to_json(settings, path), ensure_ascii=False, indent=1))
 
-    def load(self, path: str | Path) -> dict:
-        """Replace the conversation with a saved one (local or remote); files are checked by sha256."""
-        path = Path(path).expanduser()
-        text = read_text_file(path, "session file")
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise UsageError(f"cannot read session file {visible(str(path))}: {e}") from None
-        turns, system = self._from_json(data, path)
+    def read_saved(self, path: str | Path) -> ReadiedSession:
+        """Read and validate a session file (every field, as the local app does) and find and measure
+        its media; changes nothing. Token ids in a local session are checked, then not needed."""
+        saved = read_session_file(Path(path).expanduser(), None, ())
+        media = saved_media(saved, self._measure_image, self.describe_video)
+        turns = [
+            RemoteTurn(t.user_text, turn_media, "", t.reply, t.finish_reason, None, t.usage)  # type: ignore[arg-type]
+            for t, turn_media in zip(saved.turns, media)
+        ]
+        return ReadiedSession(saved, turns)
+
+    def restore(self, readied: ReadiedSession, max_new_tokens: int | None = None) -> None:
+        """Take a conversation `read_saved` returned: each picture read (a video sampled) once, now,
+        so every resend is byte-identical; on an error nothing changed."""
+        turns: list[RemoteTurn] = readied.turns
         for turn in turns:
             for item in turn.media:
                 self._prepare(item)
             turn.content = self._content(turn.user_text, turn.media)
-        self.turns, self.system_message = turns, system
-        return data
+        self.turns, self.system_message = list(turns), readied.saved.system_message
 
-    def _from_json(self, data: object, path: Path) -> tuple[list[RemoteTurn], str | None]:
-        shown = visible(str(path))
+    def load(self, path: str | Path) -> dict:
+        """Replace the conversation with a saved one (local or remote); files are checked by sha256."""
+        readied = self.read_saved(path)
+        self.restore(readied)
+        return readied.saved.data
 
-        def damaged(what: str) -> UsageError:
-            return UsageError(f"{shown}: {what}; the session file is damaged")
 
-        if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:
-            raise UsageError(f"{shown} is not an internvl-chat session file")
-        if data.get("version") != SESSION_VERSION:
-            raise UsageError(f"{shown} has session format version {data.get('version')!r}; this build reads {SESSION_VERSION}")
-        backend = data.get("backend", {"kind": "local"})
-        if not isinstance(backend, dict) or backend.get("kind") not in ("local", "remote"):
-            raise damaged("`backend` must be an object with kind local or remote")
-        system = data.get("system_message")
-        if system is not None and not isinstance(system, str):
-            raise damaged("`system_message` must be text or null")
-        messages = data.get("messages", [])
-        if not isinstance(messages, list) or len(messages) % 2:
-            raise damaged("`messages` must be a list of user/assistant pairs")
-        turns: list[RemoteTurn] = []
-        problems: list[str] = []
-        for i in range(0, len(messages), 2):
-            user, assistant = messages[i], messages[i + 1]
-            if not (isinstance(user, dict) and user.get("role") == "user" and isinstance(user.get("text"), str)):
-                raise damaged(f"message {i + 1} is not a user message with text")
-            if not (isinstance(assistant, dict) and assistant.get("role") == "assistant" and isinstance(assistant.get("text"), str)):
-                raise damaged(f"message {i + 2} is not an assistant message with text")
-            finish = assistant.get("finish_reason")
-            if finish not in (None, "stop", "length", "cancelled"):
-                raise damaged(f"message {i + 2} has an unknown finish_reason")
-            media_list = user.get("media", [])
-            if not isinstance(media_list, list):
-                raise damaged(f"message {i + 1}: `media` must be a list")
-            media = []
-            for m in media_list:
-                item, problem = self._media_from_json(m, damaged)
-                if problem:
-                    problems.append(problem)
-                else:
-                    media.append(item)
-            reply = assistant["text"]
-            if finish == "cancelled" and reply.endswith("[cancelled]"):  # a local session marks it in the text
-                reply = reply.removesuffix("[cancelled]").removesuffix(" ")
-            usage = assistant.get("usage")
-            turn = RemoteTurn(user["text"], media, "", reply, finish, None, usage if isinstance(usage, dict) else None)
-            turns.append(turn)
-        if problems:
-            raise MediaError(f"cannot restore the session: {'; '.join(problems)}; put the files back or start anew")
-        return turns, system
-
-    def _media_from_json(self, m: object, damaged) -> tuple[RemoteMedia | None, str | None]:
-        if not isinstance(m, dict) or m.get("kind") not in ("image", "video") or not isinstance(m.get("path"), str):
-            raise damaged("a media entry needs a kind (image or video) and a path")
-        tiles, sha = m.get("tiles"), m.get("sha256", "")
-        if not isinstance(tiles, int) or tiles < 1 or not isinstance(sha, str):
-            raise damaged(f"the media entry for {visible(m['path'])} has bad tiles or sha256")
-        path = Path(m["path"])
-        if not path.is_file():
-            return None, f"{visible(str(path))} has vanished"
-        if sha and sha256_of(path) != sha:
-            return None, f"{visible(str(path))} has changed since the session was saved"
-        if m["kind"] == "image":
-            max_tiles = m.get("max_tiles", 12)
-            if not isinstance(max_tiles, int) or not 1 <= max_tiles <= 64:
-                raise damaged(f"the media entry for {visible(str(path))} has a bad max_tiles")
-            media = self._measure_image(path, max_tiles)
-        else:
-            frames, rng = m.get("frames", tiles), m.get("range")
-            if not isinstance(frames, int) or not 1 <= frames <= 256:
-                raise damaged(f"the media entry for {visible(str(path))} has a bad frame count")
-            if rng is not None and not (isinstance(rng, list) and len(rng) == 2 and all(
-                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in rng)):  # fmt: skip
-                raise damaged(f"the media entry for {visible(str(path))} has a bad range")
-            media = self.describe_video(path, frames, (float(rng[0]), float(rng[1])) if rng else None)
-        if media.tiles != tiles:
-            return None, f"{visible(str(path))} now gives {media.tiles} tiles instead of {tiles}"
-        media.sha256 = sha
-        return media, None
+def _without_credentials(url: str) -> str:
+    """A server URL without any user:password@ part (a session file is no place for secrets)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
 
 
 def _context_of(card: dict) -> int | None:

@@ -28,8 +28,8 @@ from ..media.video import load_video, probe_video
 from .conversation import BackendInfo, PromptView
 from .generate import stream_generate
 from .sampling import Sampler, SamplingParams
-from .session_file import (SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession, media_candidates,  # noqa: F401
-                           media_json_paths, read_session_file)  # fmt: skip
+from .session_file import (CANCELLED_MARK, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
+                           SavedTurn, media_candidates, media_json_paths, read_session_file)  # fmt: skip
 from .template import MediaSpec, PromptBuilder, media_order
 
 
@@ -62,6 +62,11 @@ class Media:
     def spec(self) -> MediaSpec:
         return MediaSpec(self.kind, self.tiles)
 
+    @property
+    def prepared(self) -> bool:
+        """Whether the work before sending it is done (decoded here; read or sampled for a server)."""
+        return self.pixel_values is not None
+
     def to_json(self, session_file: Path = Path("session.json")) -> dict:
         out = {"kind": self.kind, **media_json_paths(self.path, session_file), "bytes": self.bytes, "sha256": self.sha256,
                "tiles": self.tiles}  # fmt: skip
@@ -92,10 +97,11 @@ class Turn:
 
 @dataclass
 class ReadiedSession:
-    """A validated session file with its media found and measured, ready for `Session.restore`."""
+    """A validated session file with its media found and measured, ready for `restore` (the turns
+    are the reading conversation's own kind: `Turn` here, `RemoteTurn` in chat/remote.py)."""
 
     saved: SavedSession
-    turns: list[Turn]
+    turns: list
 
 
 class Session:
@@ -373,6 +379,7 @@ class Session:
         return {
             "format": SESSION_FORMAT,
             "version": SESSION_VERSION,
+            "backend": {"kind": "local"},
             "model": str(self.loaded.path),
             "system_message": self.system_message,
             "settings": settings or {},
@@ -416,7 +423,7 @@ class Session:
         forbidden = (builder.img_start_id, builder.img_end_id, builder.img_context_id)
         saved = read_session_file(path, self.loaded.config.text.vocab_size, forbidden)
         # cheap bound before hashing any media: answers and image tokens alone must fit
-        least = sum(len(t.answer_ids) + sum(m.tiles for m in t.media) * builder.tokens_per_tile for t in saved.turns)
+        least = sum(len(t.answer_ids or ()) + sum(m.tiles for m in t.media) * builder.tokens_per_tile for t in saved.turns)
         if least > self.max_context:
             raise ContextOverflowError(
                 f"the conversation in {visible(str(path))} needs more than {least:,} tokens, over the "
@@ -432,50 +439,39 @@ class Session:
         nothing).
         """
         system = readied.saved.system_message
+        if system is None and readied.saved.kind == "remote":
+            system = self.loaded.config.system_message  # none was sent: the server used the model's default
         builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
         self._replay(list(readied.turns), builder, max_new_tokens)
         self.builder, self.system_message = builder, system
 
     def _turns_from_saved(self, saved: SavedSession) -> list[Turn]:
+        media = saved_media(saved, self.describe_image, self.describe_video)
         turns: list[Turn] = []
-        problems: list[str] = []
-        for saved_turn in saved.turns:
-            media = []
-            for m in saved_turn.media:
-                item, problem = self._media_from_saved(m, saved.path)
-                if problem:
-                    problems.append(problem)
-                media.append(item)
-            turn = Turn(saved_turn.user_text, media, 0, 0)
-            turn.answer_ids = list(saved_turn.answer_ids)
-            turn.answer_text = saved_turn.answer_text
+        for saved_turn, turn_media in zip(saved.turns, media):
+            turn = Turn(saved_turn.user_text, turn_media, 0, 0)
+            turn.answer_ids = self._answer_ids(saved_turn, len(turns) + 1, saved.path)
+            turn.answer_text = saved_turn.reply
+            if saved_turn.finish_reason == "cancelled":
+                turn.answer_text += f" {CANCELLED_MARK}" if saved_turn.reply else CANCELLED_MARK
             turn.finish_reason = saved_turn.finish_reason
             turns.append(turn)
-        if problems:
-            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-            raise MediaError(f"cannot restore the session: {shown}; put the files back or start anew")
         return turns
 
-    def _media_from_saved(self, m: SavedMedia, session_file: Path) -> tuple[Media | None, str | None]:
-        """The saved media item, found (see `media_candidates`), checked and measured again."""
-        existing = [p for p in media_candidates(m, session_file) if _is_regular_file(p)]
-        shown = visible(m.path)
-        if not existing:
-            return None, f"{shown} has vanished"
-        path = next((p for p in existing if not m.sha256 or sha256_of(p) == m.sha256), None)
-        if path is None:
-            return None, f"{visible(str(existing[0]))} has changed since the session was saved"
-        try:
-            if m.kind == "image":
-                media = self.describe_image(path, m.max_tiles)
-            else:
-                media = self.describe_video(path, m.frames, m.video_range)
-        except MediaError as e:
-            return None, str(e)
-        if media.tiles != m.tiles:
-            return None, f"{visible(str(path))} now gives {media.tiles} tiles instead of {m.tiles}"
-        media.sha256 = m.sha256
-        return media, None
+    def _answer_ids(self, saved: SavedTurn, number: int, path: Path) -> list[int]:
+        """The answer's ids: as saved, or (a session saved from a server's answers, which has no ids)
+        the answer's text tokenized again, when that is clearly the same text: the ids give it back
+        exactly, and it holds no U+FFFD (the mark of bytes that were not UTF-8, whose tokens the text
+        cannot give back)."""
+        if saved.answer_ids is not None:
+            return list(saved.answer_ids)
+        ids = self.tokenizer.encode(saved.reply)
+        if "\ufffd" in saved.reply or self.tokenizer.decode(ids) != saved.reply:
+            raise UsageError(
+                f"answer {number} in {visible(str(path))} was saved from a server without its tokens, and its text "
+                "cannot give them back exactly (bytes that were not UTF-8); continue it with --server, or start anew"
+            )
+        return ids
 
     # ---- the Conversation interface (chat/conversation.py) -----------------------------------
     # What the UI asks of any conversation, so it never needs to know this one is local.
@@ -484,14 +480,18 @@ class Session:
 
     def describe(self) -> BackendInfo:
         dtype = str(getattr(self.model, "dtype", "")).replace("torch.", "")
+        quant = getattr(self.loaded.config, "quant", None)
+        weights = f"W{quant.bits} {quant.method.upper()} g{quant.group_size} (rest {dtype})" if quant else dtype
         return BackendInfo(
             name=self.loaded.path.name,
-            where=f"{self.loaded.device} {dtype}".strip(),
+            where=f"{self.loaded.device} {weights}".strip(),
             model=str(self.loaded.path),
             context=self.max_context,
             load_s=self.loaded.load_s,
             memory_device=str(self.loaded.device),
+            demo=_is_demo_model(self.loaded.path),
         )
+
 
     def turn_tokens(self, media: Sequence[Media]) -> int:
         """Tokens of the next turn with these attachments and an empty message (labels exact)."""
@@ -594,6 +594,55 @@ class Session:
         turn = Turn("", [], ids_before=reuse, pos_before=reuse, prompt_ids=ids[reuse:])
         turn.features = features
         yield from self._run_turn(turn, ids[reuse:], features, vision_s, params, cancel)
+
+
+def saved_media(saved: SavedSession, describe_image, describe_video) -> list[list[Media]]:
+    """Each saved turn's media found (see `media_candidates`), checked by sha256 and measured again
+    (`describe_image(path, max_tiles)`, `describe_video(path, frames, range)`); one MediaError
+    naming what vanished or changed."""
+    out: list[list[Media]] = []
+    problems: list[str] = []
+    for saved_turn in saved.turns:
+        media = []
+        for m in saved_turn.media:
+            item, problem = _media_from_saved(m, saved.path, describe_image, describe_video)
+            if problem:
+                problems.append(problem)
+            media.append(item)
+        out.append(media)
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise MediaError(f"cannot restore the session: {shown}; put the files back or start anew")
+    return out
+
+
+def _media_from_saved(m: SavedMedia, session_file: Path, describe_image, describe_video) -> tuple[Media | None, str | None]:
+    existing = [p for p in media_candidates(m, session_file) if _is_regular_file(p)]
+    shown = visible(m.path)
+    if not existing:
+        return None, f"{shown} has vanished"
+    path = next((p for p in existing if not m.sha256 or sha256_of(p) == m.sha256), None)
+    if path is None:
+        return None, f"{visible(str(existing[0]))} has changed since the session was saved"
+    try:
+        if m.kind == "image":
+            media = describe_image(path, m.max_tiles)
+        else:
+            media = describe_video(path, m.frames, m.video_range)
+    except MediaError as e:
+        return None, str(e)
+    if media.tiles != m.tiles:
+        return None, f"{visible(str(path))} now gives {media.tiles} tiles instead of {m.tiles}"
+    media.sha256 = m.sha256
+    return media, None
+
+
+def _is_demo_model(path: Path) -> bool:
+    """Whether `path` is the demo model shipped inside the package (it can answer only a few questions)."""
+    try:
+        return Path(path).resolve() == (Path(__file__).resolve().parent.parent / "demo_model")
+    except OSError:
+        return False
 
 
 def _is_regular_file(path: Path) -> bool:

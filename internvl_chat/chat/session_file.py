@@ -8,6 +8,13 @@ plain data; the caller re-measures the media and replays the conversation only a
 
 Media paths are stored absolute, together with the path relative to the session file's folder,
 so a folder holding a session and its pictures can be moved or copied to another machine.
+
+`backend` says where the answers came from: `{"kind": "local"}` (token ids of each answer saved,
+a cancelled answer's text ends with the " [cancelled]" mark) or `{"kind": "remote", "server",
+"model", "dialect"}` (answers exactly as the server returned them, no token ids, the server's
+`usage` when it sent one). Files without `backend` are local. Either kind loads into either
+conversation: `SavedTurn.reply` is the answer without the mark, and `answer_ids` is None when the
+file has no ids.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..files import read_text_file, undecodable_byte, visible
+from .dialects import DIALECTS
 
 SESSION_FORMAT = "internvl-chat-session"
 SESSION_VERSION = 1
@@ -34,6 +42,11 @@ MAX_TILES = 64  # the largest media.max_tiles setting
 MAX_FRAMES = 256  # the largest media.frames setting
 MAX_SECONDS = 1e7  # a video range ends before ~4 months
 FINISH_REASONS = ("stop", "length", "cancelled")
+CANCELLED_MARK = "[cancelled]"  # a local answer that was cut by Ctrl-C ends with " [cancelled]"
+BACKEND_KINDS = ("local", "remote")
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
+MAX_TOKEN_ID = 2**31 - 1  # when no vocabulary is known (a remote conversation reads the ids, never uses them)
+MAX_COUNT = 1 << 40  # usage counts
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -53,9 +66,11 @@ class SavedMedia:
 class SavedTurn:
     user_text: str
     media: tuple[SavedMedia, ...]
-    answer_text: str
-    answer_ids: tuple[int, ...]
+    answer_text: str  # as saved (a local cancelled answer with its mark)
+    answer_ids: tuple[int, ...] | None  # None: the file has none (saved from a server's answers)
     finish_reason: str | None
+    reply: str = ""  # the answer itself, without the cancelled mark
+    usage: dict[str, int] | None = None  # a server's usage, when it sent one
 
 
 @dataclass(frozen=True)
@@ -66,14 +81,21 @@ class SavedSession:
     settings: dict[str, Any]
     turns: tuple[SavedTurn, ...]
     data: dict[str, Any]  # the JSON as read (validated)
+    backend: dict[str, str] | None = None  # {"kind": "local"} or {"kind": "remote", "server", "model", "dialect"}
+
+    @property
+    def kind(self) -> str:
+        return (self.backend or {}).get("kind", "local")
 
 
 class DamagedSession(UsageError):
     """A session file that does not hold a valid session; nothing was changed."""
 
 
-def read_session_file(path: Path, vocab_size: int, forbidden_ids: Collection[int]) -> SavedSession:
-    """Read and validate a session file; raises a one-line UsageError for anything wrong with it."""
+def read_session_file(path: Path, vocab_size: int | None, forbidden_ids: Collection[int]) -> SavedSession:
+    """Read and validate a session file; raises a one-line UsageError for anything wrong with it.
+
+    `vocab_size` None: token ids are only checked to be ids (the reader has no vocabulary)."""
     shown = visible(str(path))
     text = read_text_file(path, "session file")
     try:
@@ -87,7 +109,7 @@ def read_session_file(path: Path, vocab_size: int, forbidden_ids: Collection[int
     return parse_session(data, path, vocab_size, forbidden_ids)
 
 
-def parse_session(data: Any, path: Path, vocab_size: int, forbidden_ids: Collection[int]) -> SavedSession:
+def parse_session(data: Any, path: Path, vocab_size: int | None, forbidden_ids: Collection[int]) -> SavedSession:
     """Validate parsed JSON as a session; every field is checked before any is used."""
     shown = visible(str(path))
     if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:
@@ -97,6 +119,7 @@ def parse_session(data: Any, path: Path, vocab_size: int, forbidden_ids: Collect
         raise DamagedSession(f"{shown} has session format version {_brief(version)}; this build reads version "
                              f"{SESSION_VERSION}, so it was not loaded")  # fmt: skip
     check = _Checker(shown)
+    backend = check.backend(data.get("backend", {"kind": "local"}))
     model = check.optional_text(data.get("model"), "model")
     system = check.optional_text(data.get("system_message"), "system_message")
     settings = data.get("settings", {})
@@ -110,10 +133,11 @@ def parse_session(data: Any, path: Path, vocab_size: int, forbidden_ids: Collect
     if len(messages) % 2:
         check.fail(f"message {len(messages)}", "is a question without its answer", None)
     forbidden = set(forbidden_ids)
+    local = backend["kind"] == "local"
     turns = tuple(
-        check.turn(messages[i], messages[i + 1], i + 1, vocab_size, forbidden) for i in range(0, len(messages), 2)
+        check.turn(messages[i], messages[i + 1], i + 1, vocab_size, forbidden, local) for i in range(0, len(messages), 2)
     )
-    return SavedSession(path, model, system, settings, turns, data)
+    return SavedSession(path, model, system, settings, turns, data, backend)
 
 
 class _Checker:
@@ -152,10 +176,40 @@ class _Checker:
             self.fail(where, "must be a number of seconds ≥ 0", value)
         return float(value)
 
-    def turn(self, user: Any, assistant: Any, number: int, vocab_size: int, forbidden: set[int]) -> SavedTurn:
+    def backend(self, value: Any) -> dict[str, str]:
+        if not isinstance(value, dict):
+            self.fail("backend", "must be an object", value)
+        kind = value.get("kind")
+        if kind not in BACKEND_KINDS:
+            self.fail("backend kind", f"must be one of {', '.join(BACKEND_KINDS)}", kind)
+        allowed = ("kind",) if kind == "local" else ("kind", "server", "model", "dialect")
+        for key in value:
+            if key not in allowed:
+                self.fail(f"backend {_brief(key)}", f"is not a field of a {kind} backend", None)
+        out = {"kind": kind}
+        for key in allowed[1:]:
+            if key in value:
+                out[key] = self.text(value[key], f"backend {key}")
+        if "dialect" in out and out["dialect"] not in DIALECTS:
+            self.fail("backend dialect", f"must be one of {', '.join(DIALECTS)}", out["dialect"])
+        return out
+
+    def usage(self, value: Any, where: str) -> dict[str, int] | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.fail(where, "must be an object of token counts or null", value)
+        for key, count in value.items():
+            if key not in USAGE_KEYS:
+                self.fail(f"{where} {_brief(key)}", f"is not one of {', '.join(USAGE_KEYS)}", None)
+            self.integer(count, f"{where} {key}", 0, MAX_COUNT)
+        return dict(value) or None
+
+    def turn(self, user: Any, assistant: Any, number: int, vocab_size: int | None, forbidden: set[int],
+             local: bool = True) -> SavedTurn:  # fmt: skip
         for message, role, n in ((user, "user", number), (assistant, "assistant", number + 1)):
             if not isinstance(message, dict) or message.get("role") != role:
-                self.fail(f"message {n}", f"must be a {role} message (questions and answers alternate)", None)
+                self.fail(f"message {n}", f"must be {'an' if role == 'assistant' else 'a'} {role} message (questions and answers alternate)", None)
         where = f"message {number} (user)"
         user_text = self.text(user.get("text", ""), f"{where} text")
         media_list = user.get("media", [])
@@ -167,17 +221,22 @@ class _Checker:
 
         where = f"message {number + 1} (assistant)"
         answer_text = self.text(assistant.get("text", ""), f"{where} text")
-        ids = assistant.get("token_ids", [])
-        if not isinstance(ids, list):
+        ids = assistant.get("token_ids")
+        if ids is not None and not isinstance(ids, list):
             self.fail(f"{where} token_ids", "must be a list of token ids", ids)
-        for k, token in enumerate(ids):
-            self.integer(token, f"{where} token {k + 1}", 0, vocab_size - 1)
+        highest = MAX_TOKEN_ID if vocab_size is None else vocab_size - 1
+        for k, token in enumerate(ids or ()):
+            self.integer(token, f"{where} token {k + 1}", 0, highest)
             if token in forbidden:
                 self.fail(f"{where} token {k + 1}", "is an image placeholder token, which an answer never holds", token)
         finish = assistant.get("finish_reason")
         if finish is not None and finish not in FINISH_REASONS:
             self.fail(f"{where} finish_reason", f"must be one of {', '.join(FINISH_REASONS)}", finish)
-        return SavedTurn(user_text, media, answer_text, tuple(ids), finish)
+        usage = self.usage(assistant.get("usage"), f"{where} usage")
+        reply = answer_text
+        if local and finish == "cancelled" and reply.endswith(CANCELLED_MARK):
+            reply = reply.removesuffix(CANCELLED_MARK).removesuffix(" ")
+        return SavedTurn(user_text, media, answer_text, None if ids is None else tuple(ids), finish, reply, usage)
 
     def media(self, m: Any, where: str) -> SavedMedia:
         if not isinstance(m, dict):

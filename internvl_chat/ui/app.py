@@ -1,4 +1,8 @@
-"""The chat app shared by the REPL and `--script`: one Session, the Settings, pending attachments.
+"""The chat app shared by the REPL and `--script`: one conversation, the Settings, pending attachments.
+
+The conversation is any `chat.conversation.Conversation`: the local Session or a remote server's
+(`--server`). The app never asks which: what differs (where answers come from, whether token
+counts are exact or estimates, peak memory worth showing) is in the conversation's answers.
 
 `App.handle_line(text)` takes one REPL input (a message, a slash command, or a `\"\"\"` block),
 runs it, prints what happened on the console and returns OK, ERROR or EXIT. Errors the user can
@@ -33,15 +37,17 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from ..chat.session import Media, Session, Turn
+from ..chat.conversation import Conversation
+from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
 from ..files import read_text_file, undecodable_byte, visible, visible_lines, write_atomic
 from ..settings import Settings, all_keys, format_settings, resolve_key, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, media_kind, normalize_path
-from .render import choose_stream, format_attach_line, format_bytes, format_columns, format_stats, wrap_text
-from .setup import is_embedded_model, sampling_params
+from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
+                     wrap_text)  # fmt: skip
+from .setup import sampling_params
 
 OK, ERROR, EXIT = "ok", "error", "exit"
 # What the embedded demo model can answer (README, "What it can do").
@@ -49,8 +55,10 @@ DEMO_MODEL_NOTE = (
     "it only answers short questions about simple drawn shapes: how many, what colour, which shape, "
     "left or right, top or bottom, or a one-sentence description; --model DIR loads a real InternVL3"
 )
-# Settings read once at start: /set refuses them (and Tab does not offer them).
+# Settings read once at start: /set refuses them (and Tab does not offer them). Whole sections too:
+# the model, the server this app talks to, and `internvl-chat serve`'s own settings.
 FIXED_AT_START = ("ui.color", "ui.history", "ui.history_file")
+FIXED_SECTIONS = ("model.", "remote.", "serve.")
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
 KEYS_HELP = (
@@ -64,8 +72,8 @@ _CONTROL = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *ran
 
 
 def changeable_while_running(dotted: str) -> bool:
-    """Whether `/set` can change this setting: not the model's, nor those read once at start."""
-    return not dotted.startswith("model.") and dotted not in FIXED_AT_START
+    """Whether `/set` can change this setting: not the model's or the server's, nor those read once at start."""
+    return not dotted.startswith(FIXED_SECTIONS) and dotted not in FIXED_AT_START
 
 
 def runtime_keys() -> list[str]:
@@ -223,11 +231,11 @@ class App:
     confirm: Callable[[str], bool] | None = None
     # The file this conversation was last saved to or loaded from, and its first turn then
     # (a conversation is "the same" while that turn still opens it).
-    _session_file: tuple[Path, Turn | None] | None = None
+    _session_file: tuple[Path, Any] | None = None
 
     def __init__(
         self,
-        session: Session,
+        session: Conversation,
         settings: Settings,
         console: Console | None = None,
         *,
@@ -279,15 +287,22 @@ class App:
     def prompt_text(self) -> str:
         return f"[+{len(self.pending)}] > " if self.pending else "> "
 
+    @property
+    def approx(self) -> str:
+        """The mark before token numbers that are estimates (a remote server counts the real ones)."""
+        return "" if self.session.token_counts_exact else "≈"
+
+    def context_share(self, tokens: int) -> float | None:
+        """`tokens` as a fraction of the context; None when the limit is not known."""
+        limit = self.session.max_context
+        return tokens / limit if limit else None
+
     def banner(self) -> None:
-        loaded = self.session.loaded
-        dtype = str(getattr(self.session.model, "dtype", "")).replace("torch.", "")
-        quant = getattr(loaded.config, "quant", None)
-        weights = f"W{quant.bits} {quant.method.upper()} g{quant.group_size} (rest {dtype})" if quant else dtype
-        demo = is_embedded_model(loaded.path)
-        name = "the embedded demo model" if demo else visible(loaded.path.name)
-        self.say(f"internvl-chat · {name} · {loaded.device} {weights} · context {self.session.max_context:,} tokens", "bold")
-        if demo:
+        info = self.session.describe()
+        name = "the embedded demo model" if info.demo else visible(info.name)
+        context = f"context {info.context:,} tokens" if info.context else "context: the server's limit"
+        self.say(f"internvl-chat · {name} · {visible(info.where)} · {context}", "bold")
+        if info.demo:
             self.note(DEMO_MODEL_NOTE)
         self.note("type a message, /help for the commands; Ctrl-D, /exit or /bye quits")
 
@@ -368,48 +383,38 @@ class App:
             path = self.cwd / path
         return path
 
-    def turn_tokens(self, media: Sequence[Media]) -> int:
-        """Tokens of the next turn with these attachments and an empty message."""
-        builder = self.session.builder
-        specs = [m.spec for m in media]  # exact: several images also get "Image-N: " labels
-        return len(builder.next_turn("", specs) if self.session.ids else builder.first_turn("", specs))
-
-    def _uncached(self) -> int:
-        """Tokens already in the conversation that the next turn prefills (the tail of a cut answer)."""
-        return self.session.context_used - self.session.start_pos
-
     def attach(self, media: Sequence[Media]) -> None:
         """Add described media to the next message, printing each one's cost; refuse what cannot fit."""
         media = list(media)
         if not media:
             return
-        together = self.turn_tokens(self.pending + media)
         try:
-            self.session.check_budget(self._uncached() + together)
+            self.session.check_attach(self.pending + media)
         except ContextOverflowError as e:
             names = ", ".join(visible(m.path.name) for m in media)
             raise ContextOverflowError(f"cannot attach {names}: {e}") from None
         for item in media:
             self.pending.append(item)
-            fraction = (self.session.context_used + self.turn_tokens(self.pending)) / self.session.max_context
+            fraction = self.context_share(self.session.context_used + self.session.turn_tokens(self.pending))
             self.say(self.attach_line(item, fraction), "green")
-        if fraction >= WARN_FRACTION:
+        if fraction is not None and fraction >= WARN_FRACTION:
             self.warn(
-                f"the context will be {_percent(fraction)} full with this message; "
+                f"the context will be {self.approx}{_percent(fraction)} full with this message; "
                 "/drop an attachment, /clear, or lower max_tiles / frames to keep room for later turns"
             )
 
     def attach_line(self, media: Media, fraction: float | None) -> str:
         tokens = self.session.media_tokens([media])
         name = visible(media.path.name)  # a file name is anything but \0 and /
+        approx = not self.session.token_counts_exact
         if media.kind == "image":
-            return format_attach_line("image", name, media.size, media.tiles, tokens, fraction)
+            return format_attach_line("image", name, media.size, media.tiles, tokens, fraction, approx)
         what = f"{media.tiles} frame" + ("" if media.tiles == 1 else "s")
         if media.video_range:
             what += f" from {media.video_range[0]:g}–{media.video_range[1]:g} s"
         elif media.duration:
             what += f" of {media.duration:.1f} s"
-        return format_attach_line("video", name, what, None, tokens, fraction)
+        return format_attach_line("video", name, what, None, tokens, fraction, approx)
 
     def _auto_attach(self, text: str) -> tuple[list[Media], str]:
         """Media paths typed in a message: the existing image/video files not already attached,
@@ -448,10 +453,10 @@ class App:
                 self.pending = [m for m in self.pending if id(m) not in auto_ids]
 
     def _work_label(self, media: Sequence[Media]) -> str:
-        videos = [visible(m.path.name) for m in media if m.kind == "video" and m.pixel_values is None]
+        videos = [visible(m.path.name) for m in media if m.kind == "video" and not m.prepared]
         if videos:
             return f"decoding {', '.join(videos)} …"
-        return "reading the images …" if any(m.pixel_values is None for m in media) else "thinking …"
+        return "reading the images …" if any(not m.prepared for m in media) else "thinking …"
 
     @contextmanager
     def _sigint(self, handler: Callable[[int, Any], None]) -> Iterator[None]:
@@ -475,7 +480,7 @@ class App:
             else:
                 raise KeyboardInterrupt
 
-        device = self.session.loaded.device
+        device = self.session.describe().memory_device  # None: the model runs elsewhere
         before = (len(self.session.turns), self.session.context_used)
 
         def outcome() -> str:
@@ -484,7 +489,8 @@ class App:
             return "the last question and its answer were removed; ask it again"  # retry drops them first
 
         with self._sigint(on_sigint):
-            reset_peak_memory(device)
+            if device is not None:
+                reset_peak_memory(device)
             try:
                 with self.spinner(label):
                     events = start(cancel)
@@ -514,7 +520,7 @@ class App:
             finally:
                 streaming.clear()
                 stream.finish()
-        self.last_peak = peak_memory(device)
+        self.last_peak = peak_memory(device) if device is not None else None
         self._after_answer(final)
         return final
 
@@ -523,7 +529,8 @@ class App:
         if reason == "cancelled":
             self.say("[cancelled: the partial answer is kept; /retry answers again, /undo removes it]", "yellow")
         elif reason == "length":
-            if self.session.context_used >= self.session.max_context - 1:
+            limit = self.session.max_context
+            if limit is not None and self.session.context_used >= limit - 1:
                 self.say("[stopped: the context is full; /undo, /clear or a larger --max-context make room]", "yellow")
             else:
                 limit = self.session.params.max_new_tokens
@@ -535,9 +542,10 @@ class App:
         if not self.session.turns:
             return ""
         turn = self.session.turns[-1]
-        usage = {"completion_tokens": len(turn.answer_ids)}
+        usage = {} if turn.answer_tokens is None else {"completion_tokens": turn.answer_tokens}
         return format_stats(turn.timing, usage, self.session.context_used, self.session.max_context,
-                            self.last_peak, self.session.loaded.device, width=self.width)  # fmt: skip
+                            self.last_peak, self.session.describe().memory_device, width=self.width,
+                            approximate=not self.session.token_counts_exact)  # fmt: skip
 
     @contextmanager
     def _uninterruptible(self, what: str) -> Iterator[None]:
@@ -571,8 +579,8 @@ class App:
             return
         for n, media in enumerate(self.pending, start=1):
             self.say(f"{n}. {self.attach_line(media, None)[2:]}")
-        total = self.turn_tokens(self.pending)
-        self.note(f"next message: {total:,} tokens plus your text")
+        total = self.session.turn_tokens(self.pending)
+        self.note(f"next message: {self.approx}{total:,} tokens plus your text")
 
     def cmd_drop(self, command: Command) -> None:
         n = command.args[0]
@@ -649,57 +657,32 @@ class App:
         return "(not set)" if value is None else visible(toml_value(value))
 
     def cmd_show(self, command: Command) -> None:
-        turns = self.session.turns
-        if turns:
-            index = len(turns) - 1
-            turn = turns[index]
-            specs = [m.spec for m in turn.media]
-            text = self.session.builder.render_text(turn.user_text, specs, first=index == 0, expand_images=False)
-            image_tokens = self.session.builder.image_token_count(specs)
-            per_tile = self.session.builder.tokens_per_tile
-            extra = f" (each <image> stands for {per_tile} tokens per tile, {image_tokens:,} in all)" if specs else ""
-            self.say(f"last prompt, turn {index + 1}{extra}:", "bold")
-            self.say(visible_lines(text))  # the text may come from a session file
+        view = self.session.last_prompt()
+        if view is not None:
+            extra = f" ({view.note})" if view.note else ""
+            self.say(f"last prompt, turn {view.turn}{extra}:", "bold")
+            self.say(visible_lines(view.text))  # the text may come from a session file
         else:
             self.say("no prompt sent yet", "bold")
         self.say("settings:", "bold")
         self.say(format_settings(self.settings).rstrip("\n"))
 
-    def context_items(self) -> list[tuple[str, int]]:
-        """The context budget, item by item: system, each turn, the next message, the answer reserve.
-
-        The items add up to the most the context holds after the next answer (plus the next text).
-        """
-        session = self.session
-        builder = session.builder
-        items: list[tuple[str, int]] = []
-        system = len(builder.first_turn("", [])) - len(builder.user_turn("", []))
-        if system:
-            items.append(("system message" if session.turns else "system message (sent with the first message)", system))
-        bounds = [t.ids_before for t in session.turns] + [session.context_used]
-        for n, turn in enumerate(session.turns):
-            total = bounds[n + 1] - bounds[n] - (system if n == 0 else 0)
-            media = session.media_tokens(turn.media)
-            answer = len(turn.answer_ids)
-            names = "".join(f"{m.kind} {visible(m.path.name)}, " for m in turn.media)
-            detail = f" (media {media:,} · answer {answer:,})" if media else f" (answer {answer:,})"
-            items.append((f"turn {n + 1}: {names}“{_short(turn.user_text, 32)}”{detail}", total))
-        for media in self.pending:
-            items.append((f"attached: {media.kind} {visible(media.path.name)}", session.media_tokens([media])))
-        template = self.turn_tokens(self.pending) - session.media_tokens(self.pending) - (0 if session.ids else system)
-        items.append(("next message: template, plus your text", template))
-        items.append(("reserved for the answer (max_new_tokens)", session.params.max_new_tokens))
-        return items
+    def _used_text(self, used: int, verb: str = "used") -> str:
+        """`2,480 of 8,192 tokens used (30 %)`, with ≈ for estimates and without an unknown limit."""
+        limit = self.session.max_context
+        if not limit:
+            return f"{self.approx}{used:,} tokens {verb} (the server's limit is not known)"
+        return f"{self.approx}{used:,} of {limit:,} tokens {verb} ({_percent(used / limit)})"
 
     def cmd_context(self, command: Command) -> None:
-        session = self.session
-        used, limit = session.context_used, session.max_context
-        self.say(f"context: {used:,} of {limit:,} tokens used ({_percent(used / limit)})", "bold")
-        items = self.context_items()
+        self.say(f"context: {self._used_text(self.session.context_used)}", "bold")
+        items = self.session.context_items(self.pending)
         planned = sum(tokens for _, tokens in items)
-        rows = [(name, f"{tokens:,}") for name, tokens in items]
+        rows = [(visible(name), f"{self.approx}{tokens:,}") for name, tokens in items]  # names hold file names and text
         self.say(format_columns(rows, self.width, indent=2, align_right=True))
-        self.say(f"  at most, after the next answer: {planned:,} of {limit:,} ({_percent(planned / limit)})")
+        self.say(f"  at most, after the next answer: {self._used_text(planned, 'held')}")
+        if self.approx:
+            self.note("  (estimates: the server counts the real tokens, and reports them after each answer)")
 
     def cmd_stats(self, command: Command) -> None:
         if not self.session.turns or not self.session.turns[-1].timing:
@@ -707,20 +690,30 @@ class App:
             return
         turn = self.session.turns[-1]
         t = turn.timing
-        rows = [
-            ("finish", str(turn.finish_reason)),
-            ("vision", f"{t.get('vision_s', 0):.3f} s"),
-            ("prefill", f"{t.get('prefill_tokens', 0):,} tokens in {t.get('prefill_s', 0):.3f} s"
-                        f" ({t.get('prefill_tokens_per_s', 0):,.0f} tok/s)"),
-            ("time to first token", f"{t.get('ttft_s', 0):.3f} s"),
-            ("decode", f"{t.get('decode_tokens', 0):,} tokens in {t.get('decode_s', 0):.3f} s"
-                       f" ({t.get('decode_tokens_per_s', 0):,.1f} tok/s)"),
-            ("answer", f"{len(turn.answer_ids):,} tokens"),
-            ("context", f"{self.session.context_used:,} / {self.session.max_context:,}"),
-            ("model load", f"{self.session.loaded.load_s:.2f} s"),
-        ]  # fmt: skip
-        if self.last_peak:
-            where = "GPU" if str(self.session.loaded.device).startswith("cuda") else "RAM"
+        info = self.session.describe()
+        rows = [("finish", str(turn.finish_reason))]
+        if "vision_s" in t:
+            rows.append(("vision", f"{t['vision_s']:.3f} s"))
+        if "prefill_tokens" in t:
+            rows.append(("prefill", f"{t['prefill_tokens']:,} tokens in {t.get('prefill_s', 0):.3f} s"
+                                    f" ({t.get('prefill_tokens_per_s', 0):,.0f} tok/s)"))  # fmt: skip
+        if "ttft_s" in t:
+            rows.append(("time to first token", f"{t['ttft_s']:.3f} s"))
+        if "decode_tokens" in t:
+            rows.append(("decode", f"{t['decode_tokens']:,} tokens in {t.get('decode_s', 0):.3f} s"
+                                   f" ({t.get('decode_tokens_per_s', 0):,.1f} tok/s)"))  # fmt: skip
+        answer = turn.answer_tokens
+        rows.append(("answer", "? tokens (not reported)" if answer is None else f"{answer:,} tokens"))
+        limit = self.session.max_context
+        rows.append(("context", f"{self.approx}{self.session.context_used:,} / {f'{limit:,}' if limit else '?'}"))
+        server = format_server_numbers(t.get("server"))
+        if server:
+            rows.append(("server reports", server))
+        rows.append(("model", f"{visible(info.name)} · {visible(info.where)}"))
+        if info.load_s is not None:
+            rows.append(("start-up", f"{info.load_s:.2f} s"))  # the model's load, or the server's first answer
+        if self.last_peak and info.memory_device is not None:
+            where = "GPU" if info.memory_device.startswith("cuda") else "RAM"
             rows.append(("peak memory", f"{format_bytes(self.last_peak)} {where}"))
         self.say(format_columns(rows, self.width))
 
@@ -796,7 +789,7 @@ class App:
         return [(m.get("role"), m.get("text")) for m in messages]
 
     def _continues(self, held: list[tuple[Any, Any]]) -> bool:
-        ours = [(m["role"], m["text"]) for m in self.session.to_json()["messages"]]
+        ours = [(m["role"], m["text"]) for m in self.session.to_json()["messages"]]  # as this conversation saves
         return len(held) <= len(ours) and ours[: len(held)] == held
 
     def cmd_load(self, command: Command) -> None:
@@ -824,15 +817,17 @@ class App:
         self._remember_file(path)
 
         turns = self.session.turns
-        self.say(f"loaded {len(turns)} turn(s) from {shown} · context {self.session.context_used:,}/{self.session.max_context:,}")
+        limit = self.session.max_context
+        self.say(f"loaded {len(turns)} turn(s) from {shown} · context {self.approx}{self.session.context_used:,}"
+                 + (f"/{limit:,}" if limit else ""))  # fmt: skip
         if changes:
             listed = ", ".join(f"{key.split('.')[1]} {_setting_text(new)} (was {_setting_text(old)})" for key, old, new in changes)
             self.note(f"settings from the session: {listed}")
         if self.session.system_message != system_before:
             self.note("the system message saved with the session is in use (/system shows it)")
-        saved_model = readied.saved.model
-        if saved_model and saved_model != str(self.session.loaded.path):
-            self.note(f"(it was saved with {visible(saved_model)}; it continues with {visible(str(self.session.loaded.path))})")
+        saved_model, model = readied.saved.model, self.session.describe().model
+        if saved_model and saved_model != model:
+            self.note(f"(it was saved with {visible(saved_model)}; it continues with {visible(model)})")
         if turns:
             self.note(f"last: “{_short(turns[-1].user_text)}” → “{_short(turns[-1].answer_text)}”")
 
@@ -893,7 +888,7 @@ class App:
 
     def export_markdown(self) -> str:
         """The conversation as Markdown: media as links, answers as written."""
-        lines = ["# Conversation", "", f"- model: `{self.session.loaded.path}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
+        lines = ["# Conversation", "", f"- model: `{self.session.describe().model}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
         if self.session.system_message:
             lines += ["## System", "", self.session.system_message, ""]
         for turn in self.session.turns:

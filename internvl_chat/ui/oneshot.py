@@ -12,11 +12,11 @@ from ..settings import Settings
 from .app import peak_memory, sanitize, take_media_paths
 from .paths import media_kind
 from .render import format_stats
-from .setup import media_from_flags, open_session
+from .setup import media_from_flags, open_conversation
 
 
 def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> int:
-    session = open_session(settings)
+    session = open_conversation(settings)
     media = media_from_flags(session, args, settings)
     typed = " ".join(([args.prompt_flag] if args.prompt_flag else []) + ([" ".join(args.prompt)] if args.prompt else []))
     if settings.media.auto_attach and typed and prompt.endswith(typed):
@@ -42,11 +42,12 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
             sys.stdout.flush()
         if event["finish_reason"] is not None:
             final = event
-    timing = dict(final["timing"], load_s=session.loaded.load_s)
+    info = session.describe()
+    timing = dict(final["timing"], load_s=info.load_s)  # load_s: the model's load, or the server handshake
     if args.json:
         out = {
             "text": session.turns[-1].answer_text,
-            "token_ids": final["token_ids"],
+            "token_ids": final.get("token_ids"),  # null from a server (it does not send them)
             "finish_reason": final["finish_reason"],
             "usage": final["usage"],
             "timing": timing,
@@ -56,9 +57,10 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
         sys.stdout.write("\n")
     sys.stdout.flush()
     if settings.ui.stats and not args.json:
-        device = session.loaded.device
+        device = info.memory_device  # None: the model runs elsewhere, its memory is not ours to show
         width = os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None
-        stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak_memory(device), device,
-                             width=width)  # fmt: skip
+        peak = peak_memory(device) if device is not None else None
+        stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak, device,
+                             width=width, approximate=not session.token_counts_exact)  # fmt: skip
         print(stats, file=sys.stderr)
     return 0

@@ -20,6 +20,8 @@ from rich.control import Control
 from rich.segment import Segment
 from rich.text import Text
 
+from ..files import visible
+
 if TYPE_CHECKING:
     from rich.markdown import Markdown
 
@@ -402,7 +404,7 @@ def format_bytes(n: float) -> str:
 
 
 # Fields of the stats line, most wanted first: a narrow terminal drops them from the end.
-_STATS_PRIORITY = ("decode", "context", "ttft", "prefill", "vision", "peak")
+_STATS_PRIORITY = ("decode", "context", "ttft", "server", "prefill", "vision", "peak")
 
 
 def format_stats(
@@ -413,6 +415,7 @@ def format_stats(
     peak_mem_bytes: int | None = None,
     device: Any = None,
     width: int | None = None,
+    approximate: bool = False,
 ) -> str:
     """One line after an answer; parts whose numbers are missing are left out.
 
@@ -420,7 +423,9 @@ def format_stats(
     context 2,480/8,192 (30 %) · peak 1.2 GiB GPU`. Vision is left out when it took no time
     (a text-only turn); decode tokens fall back to usage["completion_tokens"]. With `width`, the
     line fits it: the context shrinks to its percentage, then the least wanted fields go (peak,
-    vision, prefill, ttft, context), and the decode rate stays.
+    vision, prefill, ttft, context), and the decode rate stays. `approximate`: the context numbers
+    are estimates (shown with ≈). A server's own numbers (`timing["server"]`) are labelled
+    `server: prompt 812 tok (790 cached)`.
     """
     timing = timing or {}
     usage = usage or {}
@@ -454,9 +459,18 @@ def format_stats(
     elif decode_tokens is not None:
         add("decode", f"decode {_count(decode_tokens)} tok")
 
+    about = "≈" if approximate else ""
     if context_used is not None and context_limit:
         share = _percent(context_used / context_limit)
-        add("context", f"context {_count(context_used)}/{_count(context_limit)} ({share})", f"context {share}")
+        add("context", f"context {about}{_count(context_used)}/{_count(context_limit)} ({share})", f"context {about}{share}")
+    elif context_used is not None and approximate:
+        add("context", f"context {about}{_count(context_used)}")
+
+    server = timing.get("server") or {}
+    if isinstance(server.get("prompt_tokens"), int):
+        cached = server.get("cached_tokens")
+        text = f"server: prompt {_count(server['prompt_tokens'])} tok"
+        add("server", text + (f" ({_count(cached)} cached)" if isinstance(cached, int) else ""), text)
 
     if peak_mem_bytes:
         where = str(device or "")
@@ -471,6 +485,31 @@ def format_stats(
             if width is None or cell_len(line) <= width or len(kept) <= 1:
                 return line
         kept.pop()
+
+
+# What a server reported about an answer (chat/remote.py `timing["server"]`), in /stats.
+_SERVER_NUMBERS = (
+    ("prompt_tokens", "prompt {:,} tokens"),
+    ("cached_tokens", "{:,} cached"),
+    ("completion_tokens", "answer {:,} tokens"),
+    ("prompt_ms", "prompt {:,.0f} ms"),
+    ("prompt_per_second", "prefill {:,.0f} tok/s"),
+    ("predicted_per_second", "decode {:,.1f} tok/s"),
+)
+
+
+def format_server_numbers(server: Mapping[str, Any] | None) -> str:
+    """`prompt 812 tokens · 790 cached · answer 12 tokens · decode 81.3 tok/s` (what is there)."""
+    if not server:
+        return ""
+    parts = []
+    for key, form in _SERVER_NUMBERS:
+        value = server.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(form.format(value))
+    if isinstance(server.get("finish_reason"), str):
+        parts.append(f"finish {visible(server['finish_reason'])}")
+    return " · ".join(parts)
 
 
 # --- fitting text to the terminal ---------------------------------------------------------------
@@ -573,11 +612,14 @@ def format_attach_line(
     tiles: int | None,
     tokens: int | None,
     context_fraction: float | None,
+    approximate: bool = False,
 ) -> str:
     """`+ image cat.jpg 1920×1080 → 9 tiles · 2,304 tokens · context 14 %`.
 
     `size_or_frames`: (width, height) for an image, a frame count for a video (or any text).
+    `approximate`: the token numbers are estimates (`≈2,304 tokens`).
     """
+    about = "≈" if approximate else ""
     head = f"+ {kind} {name.name if isinstance(name, Path) else name}"
     if isinstance(size_or_frames, tuple):
         head += f" {size_or_frames[0]}×{size_or_frames[1]}"
@@ -589,7 +631,7 @@ def format_attach_line(
     if tiles is not None:
         costs.append(f"{tiles} tile" + ("" if tiles == 1 else "s"))
     if tokens is not None:
-        costs.append(f"{_count(tokens)} tokens")
+        costs.append(f"{about}{_count(tokens)} tokens")
     if context_fraction is not None:
-        costs.append(f"context {_percent(context_fraction)}")
+        costs.append(f"context {about}{_percent(context_fraction)}")
     return head + (" → " + " · ".join(costs) if costs else "")

@@ -32,7 +32,7 @@ from .app import EXIT, App, block_is_open, default_sessions_dir, recent_sessions
 from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
 from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
 from .render import make_console
-from .setup import media_from_flags, open_session
+from .setup import media_from_flags, open_conversation
 from .typeahead import held_keys, keys_released
 
 _EXTENSIONS = {"image": IMAGE_EXTENSIONS, "video": VIDEO_EXTENSIONS, "media": MEDIA_EXTENSIONS, "file": None}
@@ -325,7 +325,7 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
     # keys typed while the model loads or an answer streams are not echoed into the output: they
     # wait for the next prompt, which starts with them
     with held_keys() as typed:
-        session = open_session(settings, show_progress=console.is_terminal)
+        session = open_conversation(settings, show_progress=console.is_terminal)
         app = App(session, settings, console, interactive=True)
         app.confirm = ask_yes_no
         app.banner()

@@ -32,7 +32,7 @@ from ..files import OutputFailed, read_bytes_file, read_stream, sniff_binary, un
 from ..settings import Settings
 from .app import BLOCK_QUOTES, ERROR, EXIT, App
 from .render import make_console
-from .setup import media_from_flags, open_session
+from .setup import media_from_flags, open_conversation
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def run_script(args: argparse.Namespace, settings: Settings) -> int:
     text = _read_script(args.script)  # before loading the model: a wrong path fails fast
     transcript = _Transcript(sys.stdout)
     console = make_console(transcript, color="never" if settings.ui.plain else settings.ui.color)  # type: ignore[arg-type]
-    session = open_session(settings)
+    session = open_conversation(settings)
     app = App(session, settings, console, interactive=False)
     folder = script_folder(args.script)
     if folder is not None:
