@@ -22,7 +22,7 @@ from internvl_chat.chat.template import MediaSpec
 from internvl_chat.engine.loader import load_model
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import EXIT, ERROR, OK, App, block_is_open, sanitize, unwrap_block
-from internvl_chat.ui.setup import sampling_params
+from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from media_helpers import textured_rgb, write_numbered_video
 
 MAX_CONTEXT = 2048

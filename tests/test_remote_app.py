@@ -24,7 +24,7 @@ from rich.console import Console
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import ERROR, OK, App, runtime_keys
-from internvl_chat.ui.setup import sampling_params
+from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from media_helpers import textured_rgb
 from remote_helpers import FakeServer, Reply, closed_port, fixture
 from serve_support import RunningServer

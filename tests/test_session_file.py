@@ -23,7 +23,7 @@ from internvl_chat.engine.loader import load_model
 from internvl_chat.errors import UsageError
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import ERROR, OK, App
-from internvl_chat.ui.setup import sampling_params
+from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from media_helpers import textured_rgb
 
 VOCAB = 1000

@@ -27,7 +27,8 @@ from internvl_chat.ui.app import EXIT, ERROR, OK, App, runtime_keys, take_media_
 from internvl_chat.ui.commands import COMMANDS, format_help
 from internvl_chat.ui.render import format_columns, format_stats, wrap_text
 from internvl_chat.ui.repl import ChatCompleter
-from internvl_chat.ui.setup import EMBEDDED_MODEL, sampling_params
+from internvl_chat.chat.sampling import params_from_settings as sampling_params
+from internvl_chat.ui.setup import EMBEDDED_MODEL
 from internvl_chat.ui.typeahead import held_keys, keys_released, typed_text
 from media_helpers import textured_rgb
 from screen_model import ReflowScreen

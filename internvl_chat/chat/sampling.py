@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GenerationError, UsageError
+from ..settings import Settings
 
 MAX_SEED = 2**63 - 1  # what every torch generator accepts (the settings use the same range)
 NON_FINITE_MESSAGE = (
@@ -64,6 +65,19 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def params_from_settings(settings: Settings) -> SamplingParams:
+    """The `[generation]` settings as validated SamplingParams (the app's and the server's defaults)."""
+    g = settings.generation
+    return SamplingParams(
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        repetition_penalty=g.repetition_penalty,
+        max_new_tokens=g.max_new_tokens,
+        seed=g.seed,
+    ).validate()
 
 
 def _is_real(x: object) -> bool:

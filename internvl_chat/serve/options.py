@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..chat.sampling import SamplingParams
+from ..chat.sampling import SamplingParams, params_from_settings
 from ..errors import UsageError
 from ..settings import Settings
 
@@ -43,14 +43,7 @@ class ServeOptions:
             if not local.is_dir():
                 raise UsageError(f"--allow-local-media {local} is not a folder; name an existing folder or leave it empty")
             local = local.resolve()
-        defaults = SamplingParams(
-            temperature=g.temperature,
-            top_p=g.top_p,
-            top_k=g.top_k,
-            repetition_penalty=g.repetition_penalty,
-            max_new_tokens=g.max_new_tokens,
-            seed=g.seed,
-        ).validate()
+        defaults = params_from_settings(settings)
         return cls(
             host=s.host,
             port=s.port,

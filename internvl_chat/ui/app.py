@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ..chat.conversation import Conversation
+from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
@@ -47,7 +48,6 @@ from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, media_kind, normalize_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      wrap_text)  # fmt: skip
-from .setup import sampling_params
 
 OK, ERROR, EXIT = "ok", "error", "exit"
 # What the embedded demo model can answer (README, "What it can do").
@@ -642,7 +642,7 @@ class App:
         self.settings.set(dotted, value)
         try:
             if dotted.startswith("generation."):
-                self.session.params = sampling_params(self.settings)
+                self.session.params = params_from_settings(self.settings)
                 self.session.stream_interval = self.settings.generation.stream_interval
         except InternVLChatError:
             self.settings.set(dotted, old, source=old_source or "default")
@@ -810,7 +810,7 @@ class App:
         for key, _, new in changes:
             self.settings.set(key, new, source=source)
         if changes:
-            self.session.params = sampling_params(self.settings)
+            self.session.params = params_from_settings(self.settings)
         if self.session.system_message != system_before:
             self.settings.system.message = self.session.system_message or ""
             self.settings.sources["system.message"] = source
@@ -847,7 +847,7 @@ class App:
                 old, new = self.settings.get(key), trial.get(key)
                 if old != new or type(old) is not type(new):
                     changes.append((key, old, new))
-        sampling_params(trial)  # the values must also be valid together
+        params_from_settings(trial)  # the values must also be valid together
         return trial, changes
 
     def _find_session(self, raw: Path) -> Path:

@@ -9,25 +9,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from ..chat.conversation import Conversation
-from ..chat.sampling import SamplingParams
+from ..chat.sampling import params_from_settings
 from ..chat.session import Media, Session
 from ..engine.loader import LoadedModel, load_model
 from ..errors import UsageError
 from ..files import visible
 from ..settings import Settings
 from .commands import parse_range
-
-
-def sampling_params(settings: Settings) -> SamplingParams:
-    g = settings.generation
-    return SamplingParams(
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=g.top_k,
-        repetition_penalty=g.repetition_penalty,
-        max_new_tokens=g.max_new_tokens,
-        seed=g.seed,
-    ).validate()
 
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
@@ -83,7 +71,7 @@ def open_remote(settings: Settings, show_progress: bool) -> Conversation:
             model=r.model,
             dialect=r.dialect,
             timeout=r.timeout,
-            params=sampling_params(settings),
+            params=params_from_settings(settings),
             system_message=settings.system.message,
             stream_interval=settings.generation.stream_interval,
         )
@@ -94,7 +82,7 @@ def open_session(settings: Settings, show_progress: bool | None = None) -> Sessi
     loaded = load_for_settings(settings, show)
     return Session(
         loaded,
-        params=sampling_params(settings),
+        params=params_from_settings(settings),
         system_message=settings.system.message,
         use_checkpoint_system=settings.system.message is None,
         stream_interval=settings.generation.stream_interval,
