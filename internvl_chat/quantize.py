@@ -12,10 +12,9 @@ InternVL3-*-AWQ): `quantization_config` under `llm_config`, fp16 for everything 
 
 Where the time goes, and how it is kept small without changing what is searched: the scale
 statistics (mean|x|) and the clip search use every calibration token, but the α-grid losses (20
-forward passes of a module per group of linears) are measured on at most SEARCH_TOKENS tokens; a
-linear's own output error and the clip error go through Gram matrices XᵀX (per input group for the
-clip search, so every group of a weight is searched at once), never through per-grid-point passes
-over all rows.
+forward passes of a module per group of linears) are measured on at most SEARCH_TOKENS tokens. The
+clip error goes through per-group Gram matrices X_gᵀX_g (all groups of a weight searched at once,
+all rows at the cost of a few), and a linear's own output error too where that is cheaper.
 
 Only one decoder block's activations are alive at a time, next to the model itself. The output is
 written to a hidden folder next to DST and renamed to DST at the end: an interrupted run leaves
@@ -363,22 +362,25 @@ def search_scales(linear: torch.nn.Linear, x: torch.Tensor, error: Callable[[], 
     return best_scales
 
 
-def linear_error(x: torch.Tensor, reference: torch.Tensor, linear: torch.nn.Linear) -> Callable[[], torch.Tensor]:
-    """Mean squared output error of `linear` (its current weight) against `reference`'s on rows x.
-    With more rows than input channels it goes through the Gram matrix XᵀX: fewer operations, same value."""
-    if x.shape[0] > x.shape[1]:
-        gram = (x.t().float() @ x.float()) / x.shape[0]  # [K, K]
+def linear_error(x: torch.Tensor, reference: torch.Tensor, linear: torch.nn.Linear, calls: int = ALPHA_GRID) -> Callable[[], torch.Tensor]:
+    """Mean squared output error of `linear` (its current weight) against `reference`'s on rows x,
+    for `calls` evaluations. Through the Gram matrix XᵀX when that costs fewer operations (few input
+    channels: the demo model), else row by row (wide inputs: down_proj of real models); same value."""
+    rows, k = x.shape
+    n = reference.shape[0]
+    if rows * k * k + calls * n * k * k < calls * rows * k * n:
+        gram = (x.t().float() @ x.float()) / rows  # [K, K]
 
-        def error() -> torch.Tensor:
+        def through_gram() -> torch.Tensor:
             delta = linear.weight.float() - reference.float()  # [N, K]
             return ((delta @ gram) * delta).sum() / delta.shape[0]
 
-        return error
+        return through_gram
 
-    def direct() -> torch.Tensor:
+    def row_by_row() -> torch.Tensor:
         return (x @ (linear.weight - reference).t()).float().pow(2).mean()
 
-    return direct
+    return row_by_row
 
 
 def group_grams(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -455,7 +457,8 @@ def awq_block(lm: Qwen2ForCausalLM, layer: DecoderLayer, inputs: list[torch.Tens
     # down's input is up's output (folding the gate/up scales left it unchanged). Error: its own output
     detail(AWQ_STEPS[3])
     down_reference = mlp.down_proj.weight.data.clone()
-    s_down = search_scales(mlp.down_proj, x["down"], linear_error(x["down"], down_reference, mlp.down_proj), group_size)
+    down_rows = spread_rows(x["down"], SEARCH_TOKENS)
+    s_down = search_scales(mlp.down_proj, x["down"], linear_error(down_rows, down_reference, mlp.down_proj), group_size)
     up_rows = mlp.gate_up_proj.weight.data[mlp.intermediate_size :]
     up_rows.div_(s_down.to(up_rows.dtype)[:, None])
     mlp.down_proj.weight.data.mul_(s_down.to(mlp.down_proj.weight.dtype))
