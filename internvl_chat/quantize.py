@@ -667,9 +667,9 @@ def staging_folder(dst: Path) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     except UsageError:
         raise
-    except OSError as e:
-        where = visible(str(e.filename)) if e.filename else shown
-        raise UsageError(f"cannot write the output {shown}: {where}: {e.strerror or e}; choose a folder you can write to") from None
+    except OSError as e:  # named by the user's paths, never the staging folder's
+        raise UsageError(f"cannot write the output {shown} in {visible(str(dst.parent))} ({e.strerror or e}); "
+                         "choose a folder you can write to") from None  # fmt: skip
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the checkpoint should not be
     return staging
 
@@ -708,6 +708,8 @@ def quantize_checkpoint(
         raise UsageError(f"unknown method {method!r}; use awq or rtn")
     if samples < 1:
         raise UsageError("--samples must be at least 1")
+    if not src.is_dir():
+        raise UsageError(f"the source {visible(str(src))} is not a folder; give a 16-bit checkpoint folder")
     cfg = load_config(src)
     if cfg.quant is not None:
         raise UsageError("the source checkpoint is already quantized; quantize a 16-bit checkpoint")

@@ -60,7 +60,7 @@ def test_every_flag_has_help():
         assert action.help and action.help.strip(), action.dest
 
 
-@pytest.mark.parametrize("kind", ["not empty", "a file", "under a file", "a symlink"])
+@pytest.mark.parametrize("kind", ["not empty", "a file", "under a file", "a symlink", "not writable"])
 def test_unusable_output_is_refused_in_one_line_before_loading(config_only, tmp_path, monkeypatch, capsys, kind):
     dst = tmp_path / "out"
     if kind == "not empty":
@@ -74,14 +74,20 @@ def test_unusable_output_is_refused_in_one_line_before_loading(config_only, tmp_
         (tmp_path / "file").write_text("mine")
         dst = tmp_path / "file" / "out"
         expected = "cannot write the output"
-    else:
+    elif kind == "a symlink":
         (tmp_path / "elsewhere").mkdir()
         dst.symlink_to(tmp_path / "elsewhere")
         expected = "is a symlink"
+    else:  # not even root can make a folder in /proc
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux /proc")
+        dst = Path("/proc/internvl-quantize-test")
+        expected = "cannot write the output /proc/internvl-quantize-test in /proc"
     before = sorted(p.name for p in tmp_path.iterdir())
     code, lines = run_cli(monkeypatch, capsys, config_only, dst)
     assert code == 2
     assert len(lines) == 1 and expected in lines[0], lines
+    assert ".partial" not in lines[0]  # the user's path, never the staging folder's
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
     if kind == "not empty":
         assert [p.name for p in dst.iterdir()] == ["keep.txt"]
@@ -147,3 +153,9 @@ def test_rtn_needs_no_calibration(tiny_original, tmp_path):
     assert seen == [("loading", 1, "model"), ("RTN", 2, "blocks"), ("writing", 2, "files")]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["llm_config"]["quantization_config"]["group_size"] == 32
+
+
+def test_a_missing_source_is_named_without_flags_of_other_commands(tmp_path, monkeypatch, capsys):
+    code, lines = run_cli(monkeypatch, capsys, tmp_path / "missing", tmp_path / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert "the source" in lines[0] and "missing is not a folder" in lines[0] and "--model" not in lines[0]
