@@ -161,6 +161,9 @@ def read_piped_text() -> str:
 
 def run(argv: list[str]) -> int:
     if argv[:1] == ["quantize"]:
+        # before torch loads OpenMP: idle threads sleep instead of spinning, which on a busy CPU
+        # made quantizing ~10× slower in CPU time (benchmarks/RESULTS.md, quantize)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from .quantize import main as quantize_main
 
         return quantize_main(argv[1:])

@@ -672,3 +672,19 @@ def test_checkpoint_tiling_reaches_cost_decode_and_saved_session(
     saved = session.to_json()["messages"][0]["media"][0]
     assert saved["tiles"] == tiles
     assert session.describe_image(tiling_images[image], saved["max_tiles"]).tiles == tiles  # reloads the same
+
+
+def test_a_tied_hf_checkpoint_quantizes_to_one_that_loads_tied(tied_hf, tmp_path):
+    """The quantizer writes the original layout: the tie must survive the move from the -hf top-level
+    flag to llm_config, or the output (which stores no lm_head) would not load."""
+    from internvl_chat.engine.loader import load_model
+    from internvl_chat.quantize import main as quantize_main
+
+    out = tmp_path / "w4"
+    assert quantize_main([str(tied_hf), str(out), "--method", "rtn", "--device", "cpu"]) == 0
+    cfg = load_config(out)
+    assert cfg.layout == "original" and cfg.text.tie_word_embeddings
+    assert not any("lm_head" in n for n in safetensors_names(out))
+    loaded = load_model(out, device="cpu", dtype="float32", max_context=256)
+    head, embed = loaded.model.language_model.lm_head.weight, loaded.model.language_model.model.embed_tokens.weight
+    assert head.data_ptr() == embed.data_ptr() or torch.equal(head, embed)
