@@ -55,7 +55,14 @@ def edited(raw: dict, dotted: str, value) -> dict:
     return raw
 
 
-DELETE = object()
+class _Delete:
+    """The key is removed (a stable repr: test ids must be the same in every process)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+DELETE = _Delete()
 
 
 # ------------------------------------------------------------------ config.json fields
