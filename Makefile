@@ -1,6 +1,11 @@
 # The two commands a new user runs: `make demo` and `make test`. Both create .venv on first use.
 PYTHON ?= python3
-# This machine's CPU build of torch; GPU users: `make TORCH_SPEC='torch>=2.6' ...` or install torch first.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# Which PyTorch `make` installs into .venv. The pin is the version the test suite is run with (on our
+# CI machine its CPU-only build is on disk, so no multi-GB CUDA download happens there). Any torch >= 2.6
+# works: on a GPU machine run `make TORCH_SPEC='torch>=2.6' ...` (or pip-install the build you want into
+# .venv first); pip then keeps whatever already satisfies the spec.
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,10 +18,14 @@ DEMO_IMAGE := .cache/demo/scene.png
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
-	touch $(STAMP)
+	@echo "==> [1/3] creating $(VENV), a private Python environment for this project"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "==> [2/3] installing PyTorch ($(TORCH_SPEC)), the largest part: a minute or more"
+	@$(BIN)/python -m pip install --progress-bar on --disable-pip-version-check "$(TORCH_SPEC)" | { grep -v '^Requirement already satisfied' || true; }
+	@echo "==> [3/3] installing internvl-chat and its dependencies (transformers, rich, pillow, ...)"
+	@$(BIN)/python -m pip install --progress-bar on --disable-pip-version-check -e ".[test]" | { grep -v '^Requirement already satisfied' || true; }
+	@touch $(STAMP)
+	@echo "==> installed; the app is $(BIN)/internvl-chat"
 
 # The demo model is committed (trained by scripts/train_demo_model.py); never replace it silently.
 $(DEMO_MODEL)/config.json:

@@ -1,16 +1,22 @@
 """`internvl-chat`: flags → Settings → a mode (REPL, one-shot, script, quantize).
 
-Exit codes: 0 success, 1 an error, 2 bad usage or input, 130 interrupted.
+Exit codes: 0 success, 1 an error (also: stdout could not be written, e.g. a full disk), 2 bad
+usage or input, 130 interrupted. A reader that goes away (`| head`) ends the program quietly.
+
+Text from stdin, `-p` and the prompt words must be UTF-8; anything else is refused in one line
+(exit 2), and binary data on stdin (an image, say) is named, with the flag to use instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
 from . import __version__
 from .errors import InternVLChatError, UsageError
+from .files import GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, visible
 
 
 
@@ -21,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "modes: a REPL when stdin and stdout are terminals and no prompt is given (-I keeps it after a "
             "prompt); one-shot otherwise (piped stdin is prepended to the prompt); --script runs REPL lines. "
-            "`internvl-chat quantize --help` makes 4-bit AWQ checkpoints."
+            "`internvl-chat quantize --help` makes 4-bit AWQ checkpoints; "
+            "`internvl-chat serve --help` serves one over an OpenAI-compatible API."
         ),
     )
     p.add_argument("prompt", nargs="*", help="the question (one-shot mode); same as -p")
@@ -31,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", action="append", default=[], metavar="FILE", help="attach a video (repeatable)")
     p.add_argument("--frames", type=int, metavar="N", help="frames sampled per video (default 8)")
     p.add_argument("--video-range", metavar="A-B", help="only sample frames between A and B seconds")
-    p.add_argument("--max-tiles", type=int, metavar="N", help="448-pixel tiles per image (default 12)")
+    p.add_argument("--max-tiles", type=int, metavar="N", help="448-pixel tiles per image (default: the checkpoint's, 12)")
     p.add_argument("--system", metavar="TEXT", help="system message ('' for none; default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer in tokens (default 1024)")
     p.add_argument("--temperature", type=float, metavar="T", help="0 is greedy (default)")
@@ -44,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, metavar="N", help="KV cache length in tokens (default 8192)")
     p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant: kernels for 4-bit weights")
     p.add_argument("--compile", metavar="MODE", help="auto | on | off: a compiled decode step (first use compiles, then cached)")
+    _add_remote_flags(p)
     p.add_argument("--json", action="store_true", help="one-shot: print one JSON object instead of streaming text")
     p.add_argument("--script", metavar="FILE", help="run REPL lines from FILE ('-' for stdin), printed as a transcript; "
                    "failing lines are reported and skipped, and the exit status is then 1")
@@ -58,8 +66,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# --- remote backend (chat/remote.py) ----------------------------------------------------------
+OPENAI_BASE_URL_ENV = "OPENAI_BASE_URL"
+_SERVER_FROM_ENV = object()  # `--server` given without a URL
+
+
+def _add_remote_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", nargs="?", const=_SERVER_FROM_ENV, metavar="URL",
+                   help="chat with an OpenAI-compatible server (lmdeploy, vLLM, SGLang, llama-server, "
+                        f"internvl-chat serve) instead of a local model; without URL: ${OPENAI_BASE_URL_ENV}")  # fmt: skip
+    p.add_argument("--api-key", metavar="KEY", help="the server's key (better: the OPENAI_API_KEY environment variable)")
+    p.add_argument("--remote-model", metavar="ID", help="a model id the server serves (default: the first it lists)")
+    p.add_argument("--dialect", metavar="D", help="the server's request dialect: auto (default, from its model list), "
+                   "lmdeploy, vllm, sglang, llamacpp, ollama, internvl-chat or generic")  # fmt: skip
+
+
+def _server_flag(value: object) -> str | None:
+    if value is not _SERVER_FROM_ENV:
+        return value  # type: ignore[return-value]
+    url = os.environ.get(OPENAI_BASE_URL_ENV, "").strip()
+    if not url:
+        raise UsageError(f"--server without a URL reads {OPENAI_BASE_URL_ENV}, which is not set; pass --server http://HOST:PORT/v1")
+    return url
+
+
+LOCAL_MODEL_FLAGS = (("model", "--model"), ("device", "--device"), ("dtype", "--dtype"), ("max_context", "--max-context"),
+                     ("int4_backend", "--int4-backend"))  # fmt: skip
+
+
+def _check_remote_flags(args: argparse.Namespace, server: str) -> None:
+    """With a server, flags that only mean something for a local model are a mistake, said at once."""
+    given = [flag for name, flag in LOCAL_MODEL_FLAGS if getattr(args, name) is not None]
+    if server and given:
+        them = "it" if len(given) == 1 else "them"
+        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for a local model, but the answers come "
+                         f"from the server {visible(server)}; drop {them}, or leave the server out (--server, [remote] server) "
+                         "to run the model here")  # fmt: skip
+
+
 def _overrides(args: argparse.Namespace) -> dict:
     return {
+        "remote.server": _server_flag(args.server),
+        "remote.api_key": args.api_key,
+        "remote.model": args.remote_model,
+        "remote.dialect": args.dialect,
         "model.path": args.model,
         "model.device": args.device,
         "model.dtype": args.dtype,
@@ -86,18 +136,43 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
     parts = [args.prompt_flag] if args.prompt_flag else []
     parts += [" ".join(args.prompt)] if args.prompt else []
     prompt = " ".join(parts) if parts else None
+    if prompt is not None:
+        bad = undecodable_byte(prompt)  # argv is decoded with surrogateescape: the byte comes back
+        if bad is not None:
+            raise UsageError(f"the prompt is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding, "
+                             "or put the text in a UTF-8 file and pipe it in")  # fmt: skip
     if args.script != "-" and not sys.stdin.isatty():
-        piped = sys.stdin.read()
+        piped = read_piped_text()
         if piped.strip():
             prompt = f"{piped.rstrip()}\n\n{prompt}" if prompt else piped.rstrip()
     return prompt
 
 
+def read_piped_text() -> str:
+    """stdin as UTF-8 text (size-limited, Ctrl-C-safe); binary data is refused with what to do instead."""
+    data = read_stream(sys.stdin.fileno(), "stdin")
+    kind = sniff_binary(data)
+    if kind is not None:
+        flag = "--image FILE" if kind.endswith("image") else "--video FILE" if "video" in kind else "a text file"
+        raise UsageError(f"stdin holds {kind}, not text; pass it with {flag} (the question goes in -p TEXT)")
+    try:
+        return decode_utf8(data, "stdin")
+    except UsageError as e:
+        raise UsageError(f"{e} (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def run(argv: list[str]) -> int:
     if argv[:1] == ["quantize"]:
+        # before torch loads OpenMP: idle threads sleep instead of spinning, which on a busy CPU
+        # made quantizing ~10× slower in CPU time (benchmarks/RESULTS.md, quantize)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from .quantize import main as quantize_main
 
         return quantize_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from .serve.main import main as serve_main
+
+        return serve_main(argv[1:])
     from .settings import format_settings, load_settings
 
     args = build_parser().parse_args(argv)
@@ -105,6 +180,7 @@ def run(argv: list[str]) -> int:
     if args.print_config:
         sys.stdout.write(format_settings(settings))
         return 0
+    _check_remote_flags(args, settings.remote.server)
     if args.script:
         if args.prompt_flag or args.prompt or args.interactive or args.json:
             raise UsageError("--script takes its messages from the script; drop -p/the prompt words, -I and --json")
@@ -112,6 +188,8 @@ def run(argv: list[str]) -> int:
 
         return run_script(args, settings)  # stdin is left alone unless the script is '-'
     prompt = _read_prompt(args)
+    if prompt is not None and not prompt.strip():
+        prompt = None  # a prompt of only spaces is no prompt
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if prompt is None and interactive or args.interactive:
         from .ui.repl import run_repl
@@ -124,21 +202,67 @@ def run(argv: list[str]) -> int:
     return run_oneshot(args, settings, prompt)
 
 
+def _ensure_std_fds() -> None:
+    """Put /dev/null on any of fds 0-2 that was closed (`2>&-`).
+
+    Otherwise the next file the app opens (a model shard, a session being saved) would get that
+    number, and whatever writes to "stderr" (a C library's warning) would land inside it.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:  # Python saw the fd closed at startup
+            setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
+
+
+def _print_error(text: str) -> None:
+    try:
+        print(f"internvl-chat: {visible(text)}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # stderr is gone too: the exit code still tells
+
+
+def _silence_stdout() -> None:
+    """After stdout failed: send fd 1 to /dev/null so the final flush at exit cannot fail again."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _ensure_std_fds()
+    # the tokenizer's "sequence length is longer than…" and other transformers log lines are not
+    # for users: the app checks lengths itself. Set before transformers is first imported.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    saved_streams = sys.stdout, sys.stderr
+    sys.stdout = GuardedStream(sys.stdout, fatal=True)  # type: ignore[assignment]
+    sys.stderr = GuardedStream(sys.stderr, fatal=False)  # type: ignore[assignment]
     try:
         code = run(argv)
+        sys.stdout.flush()
     except InternVLChatError as e:
-        print(f"internvl-chat: error: {e}", file=sys.stderr)
+        _print_error(f"error: {e}")
         code = e.exit_code
     except KeyboardInterrupt:
-        print("internvl-chat: interrupted", file=sys.stderr)
+        _print_error("interrupted")
         code = 130
-    except BrokenPipeError:
-        # the reader went away (e.g. `| head`): not an error worth a traceback
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    except (OutputFailed, BrokenPipeError) as e:
+        _silence_stdout()
+        if e.errno != errno.EPIPE:  # a reader that went away (`| head`) needs no message
+            _print_error(f"error: cannot write to stdout ({e}); the output is incomplete")
         code = 1
+    finally:
+        sys.stdout, sys.stderr = saved_streams
     return code
 
 

@@ -38,3 +38,9 @@ class GenerationError(InternVLChatError):
     """Generation failed (non-finite logits, out of memory); the session is left consistent."""
 
     exit_code = 1
+
+
+class RemoteError(InternVLChatError):
+    """A remote server refused, failed or could not be reached; the conversation is left as it was."""
+
+    exit_code = 1

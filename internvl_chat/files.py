@@ -10,9 +10,11 @@ the target is replaced, never followed.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 from .errors import UsageError
 
@@ -48,21 +50,37 @@ def read_bytes_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error:
             raise error(f"{what} {shown} is {info.st_size / MiB:,.1f} MiB, over the {limit / MiB:,.0f} MiB limit; "
                         "is it the right file?")  # fmt: skip
         os.set_blocking(fd, True)
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            block = os.read(fd, _CHUNK)
-            if not block:
-                break
-            total += len(block)
-            if total > limit:  # it grew while we read it
-                raise error(f"{what} {shown} is over the {limit / MiB:,.0f} MiB limit; is it the right file?")
-            parts.append(block)
-        return b"".join(parts)
+        # it may grow while we read it
+        return _read_all(fd, limit, error(f"{what} {shown} is over the {limit / MiB:,.0f} MiB limit; is it the right file?"))
     except OSError as e:
         raise error(f"cannot read {what} {shown} ({e.strerror or e}); check the file") from None
     finally:
         os.close(fd)
+
+
+def read_stream(fd: int, what: str, limit: int = TEXT_LIMIT, error: type[Exception] = UsageError) -> bytes:
+    """All bytes of an open stream (stdin: a pipe, a file or a device), at most `limit` of them.
+
+    Read in chunks, so Ctrl-C ends a read that waits for a writer, and an endless device stops
+    at the limit instead of filling the memory.
+    """
+    try:
+        return _read_all(fd, limit, error(f"{what} holds more than {limit / MiB:,.0f} MiB; pass a smaller text"))
+    except OSError as e:
+        raise error(f"cannot read {what} ({e.strerror or e})") from None
+
+
+def _read_all(fd: int, limit: int, too_big: Exception) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        block = os.read(fd, _CHUNK)
+        if not block:
+            return b"".join(parts)
+        total += len(block)
+        if total > limit:
+            raise too_big
+        parts.append(block)
 
 
 def decode_utf8(data: bytes, what: str, error: type[Exception] = UsageError) -> str:
@@ -124,6 +142,114 @@ _VISIBLE = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _INVISIBLE
 _VISIBLE.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x1B: "\\e"})
 
 
+# Lone surrogates: bytes that were not UTF-8 (argv, environment and file names are decoded with
+# surrogateescape) or JSON `\\udXXX` escapes. No terminal encoding can print them; show the byte.
+_VISIBLE.update({c: f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)})
+_VISIBLE.update({c: f"\\u{c:04x}" for c in range(0xD800, 0xE000) if c not in _VISIBLE})
+
+
 def visible(text: str) -> str:
-    """`text` for one line on a terminal: control, escape and bidi characters shown as `\\x..` escapes."""
+    """`text` for one line on a terminal: control, escape and bidi characters shown as `\\x..` escapes.
+
+    Lone surrogates (undecodable bytes of a file name or argument) are shown as `\\xNN` too, so
+    printing the result can never fail with an encoding error.
+    """
     return text.translate(_VISIBLE)
+
+
+def visible_lines(text: str) -> str:
+    """`visible` for multi-line text: newlines and tabs are kept, every other control is escaped."""
+    return "\n".join("\t".join(visible(part) for part in line.split("\t")) for line in text.split("\n"))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def undecodable_byte(text: str) -> int | None:
+    """The first byte that was not UTF-8 in `text` (decoded with surrogateescape), or None.
+
+    Any lone surrogate counts: one from a JSON `\\ud800` escape is no text either (its code
+    point is returned then, above 0xff).
+    """
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    c = ord(m.group())
+    return c - 0xDC00 if 0xDC80 <= c < 0xDD00 else c
+
+
+# What binary data starts with, for a message that says what the data is instead of "bad UTF-8".
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF87a", "a GIF image"),
+    (b"GIF89a", "a GIF image"),
+    (b"BM", "a BMP image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"\x1aE\xdf\xa3", "a Matroska/WebM video"),
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"\x1f\x8b", "a gzip archive"),
+)
+IMAGE_KINDS = ("a PNG image", "a JPEG image", "a GIF image", "a BMP image", "a TIFF image", "a WebP image")
+
+
+def sniff_binary(data: bytes) -> str | None:
+    """What `data` is when it is not text ("a PNG image", "a video", "binary data"), else None.
+
+    Decided from the first bytes only: a known signature, or a NUL byte (text never holds one).
+    """
+    head = data[:8192]
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "a video (AVI)"
+    if head[4:8] == b"ftyp":
+        return "a video (MP4/MOV)"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    return "binary data" if b"\x00" in head else None
+
+
+# --- the standard streams ---------------------------------------------------------------------
+
+
+class OutputFailed(Exception):
+    """stdout could not be written (a full disk, a closed pipe): the run cannot go on."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror or str(error))
+        self.errno = error.errno
+
+
+class GuardedStream:
+    """sys.stdout or sys.stderr with its write errors made explicit.
+
+    stdout: an OSError becomes OutputFailed, which ends the run with one line on stderr (no
+    traceback). stderr: diagnostics that cannot be written are dropped, so a full or closed stderr
+    never ends a run that is otherwise fine.
+    """
+
+    def __init__(self, stream: TextIO, fatal: bool):
+        self._stream = stream
+        self._fatal = fatal
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            if self._fatal:
+                raise OutputFailed(e) from None
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            if self._fatal:
+                raise OutputFailed(e) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)

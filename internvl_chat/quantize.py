@@ -1,46 +1,63 @@
 """`internvl-chat quantize SRC DST`: make a 4-bit AWQ checkpoint from a float InternVL3 checkpoint.
 
-Method (AWQ, Lin et al.): run calibration images and text through the real model, then block by
-block collect the inputs of the decoder's linears and, for each group of linears that share an
-input, search per-input-channel scales s = mean|x|^α (α on a grid in [0, 1]) that minimise the
-error of the whole decoder block's output when those linears are quantized. The best scales are
-folded into the preceding norm (or linear), then an optional clipping search shrinks each group's
-range, and the weights are quantized per group (SPEC §2 quantizer) and packed in the AWQ GEMM
-layout. RTN skips the searches. The output is the published layout (lmdeploy's InternVL3-*-AWQ):
-`quantization_config` under `llm_config`, fp16 for everything that stays 16-bit.
+Method (AWQ, Lin et al.; the losses and grids of AutoAWQ): run calibration images and text through
+the real model, then block by block collect the inputs of the decoder's linears and, for each group
+of linears that share an input, search per-input-channel scales s = mean|x|^α (α on a grid in
+[0, 1]) that minimise the output error of the module they feed (attention for q/k/v, the MLP for
+gate/up, the linear itself for down) when those linears are quantized. The best scales are folded
+into the preceding norm (or linear), then an optional clipping search shrinks each group's range,
+and the weights are quantized per group (SPEC §2 quantizer) and packed in the AWQ GEMM layout. RTN
+skips calibration and the searches. The output is the published layout (lmdeploy's
+InternVL3-*-AWQ): `quantization_config` under `llm_config`, fp16 for everything that stays 16-bit.
 
-Only one decoder block's activations are alive at a time, next to the model itself.
+Where the time goes, and how it is kept small without changing what is searched: the scale
+statistics (mean|x|) and the clip search use every calibration token, but the α-grid losses (20
+forward passes of a module per group of linears) are measured on at most SEARCH_TOKENS tokens. The
+clip error goes through per-group Gram matrices X_gᵀX_g (all groups of a weight searched at once,
+all rows at the cost of a few), and a linear's own output error too where that is cheaper.
+
+Only one decoder block's activations are alive at a time, next to the model itself. The output is
+written to a hidden folder next to DST and renamed to DST at the end: an interrupted run leaves
+nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import os
 import random
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from .chat.template import MediaSpec, PromptBuilder
-from .engine.config import ModelConfig, read_config_json
-from .engine.language import DecoderLayer, Qwen2ForCausalLM
-from .engine.loader import LoadedModel, load_model
+from .engine.config import ModelConfig, load_config, read_config_json
+from .engine.language import Attention, DecoderLayer, Qwen2ForCausalLM
+from .engine.loader import LoadedModel, load_model, resolve_device
 from .errors import UsageError
+from .files import MiB, read_bytes_file, visible
 from .media.image import load_image, normalize_tiles
-from .quant.awq_format import dequantize_awq, quantize_rtn
+from .quant.awq_format import SCALE_MIN, dequantize_awq, quantize_rtn
 
 ALPHA_GRID = 20  # α = 0, 1/20, … , 19/20 (as AutoAWQ)
 CLIP_GRID = 20
-CLIP_MAX_SHRINK = 0.5  # try clipping each group's range down to half
-CLIP_ROWS = 512  # calibration rows used by the clipping search
+CLIP_MAX_SHRINK = 0.5  # try clipping each group's range down to half (as AutoAWQ)
+SEARCH_TOKENS = 2048  # tokens behind each α-grid loss (AutoAWQ's clip search uses 512)
+STANDARD_GROUP_SIZES = (32, 64, 128, 256)  # the ones the int4 kernels take; 128 is the published default
+MAX_ANSWER_TOKENS = 512  # calibration text per sample
 SHARD_BYTES = 4 << 30
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -72,6 +89,96 @@ QUESTIONS = [
     "What colours dominate the picture?",
     "Is there any text in the image? Read it.",
 ]
+
+
+# ---- progress -------------------------------------------------------------------------------
+
+Step = Callable[..., None]  # step(n=1, detail=""): n more units done; detail says what is running now
+
+
+def _no_step(n: int = 1, detail: str = "") -> None:
+    pass
+
+
+class Progress:
+    """The run's phases, each with a real total. This base class shows nothing (library use, tests);
+    `BarProgress` draws rich bars on a terminal, `LineProgress` prints a few plain lines elsewhere."""
+
+    @contextmanager
+    def phase(self, name: str, total: int, unit: str) -> Iterator[Step]:
+        done = 0
+        start = time.perf_counter()
+        self.begin(name, total, unit)
+
+        def step(n: int = 1, detail: str = "") -> None:
+            nonlocal done
+            done += n
+            self.update(name, done, total, unit, detail)
+
+        yield step
+        self.end(name, total, unit, time.perf_counter() - start)
+
+    def begin(self, name: str, total: int, unit: str) -> None:
+        pass
+
+    def update(self, name: str, done: int, total: int, unit: str, detail: str) -> None:
+        pass
+
+    def end(self, name: str, total: int, unit: str, seconds: float) -> None:
+        pass
+
+
+class LineProgress(Progress):
+    """Plain lines for logs and pipes: one per finished phase, and one every `every_s` seconds of a
+    long phase."""
+
+    def __init__(self, stream: TextIO, every_s: float = 30.0):
+        self.stream, self.every_s, self._last = stream, every_s, 0.0
+
+    def _print(self, line: str) -> None:
+        print(f"quantize: {line}", file=self.stream, flush=True)
+
+    def begin(self, name: str, total: int, unit: str) -> None:
+        self._last = time.perf_counter()
+
+    def update(self, name: str, done: int, total: int, unit: str, detail: str) -> None:
+        if time.perf_counter() - self._last >= self.every_s:
+            self._last = time.perf_counter()
+            self._print(f"{name}: {done}/{total} {unit}" + (f" ({detail})" if detail else ""))
+
+    def end(self, name: str, total: int, unit: str, seconds: float) -> None:
+        self._print(f"{name}: {total} {unit} in {seconds:.1f} s")
+
+
+class BarProgress(Progress):
+    """One rich progress bar per phase (finished ones stay, with their time); use as a context manager."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._bars = RichProgress(
+            TextColumn("{task.description:<19}"), BarColumn(bar_width=28), TextColumn("{task.fields[count]:>14}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("[dim]{task.fields[detail]}"),
+            console=console, transient=False,
+        )  # fmt: skip
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> BarProgress:
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bars.stop()
+
+    def begin(self, name: str, total: int, unit: str) -> None:
+        self._tasks[name] = self._bars.add_task(name, total=total, count=f"0/{total} {unit}", detail="")
+
+    def update(self, name: str, done: int, total: int, unit: str, detail: str) -> None:
+        self._bars.update(self._tasks[name], completed=done, count=f"{done}/{total} {unit}", detail=detail)
+
+    def end(self, name: str, total: int, unit: str, seconds: float) -> None:
+        self._bars.update(self._tasks[name], completed=total, count=f"{total}/{total} {unit}", detail="")
+        self._bars.stop_task(self._tasks[name])
 
 
 # ---- calibration data -----------------------------------------------------------------------
@@ -107,19 +214,23 @@ class Sample:
 
 
 def calibration_samples(
-    builder: PromptBuilder, tokenizer, count: int, seed: int = 0, calib_dir: Path | None = None, max_tiles: int = 2
+    builder: PromptBuilder,
+    tokenizer,
+    count: int,
+    seed: int = 0,
+    calib_dir: Path | None = None,
+    max_tiles: int = 2,
+    step: Step = _no_step,
 ) -> list[Sample]:
     """`count` prompts + answers, half of them with an image (built-in, or from `calib_dir`)."""
     rng = random.Random(seed)
     texts, images = list(CALIBRATION_TEXT), []
     if calib_dir is not None:
-        if not calib_dir.is_dir():
-            raise UsageError(f"--calib {calib_dir} is not a folder; give a folder of images and .txt files")
-        images = sorted(p for p in calib_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp"))
-        texts += [p.read_text(encoding="utf-8", errors="replace")[:2000] for p in sorted(calib_dir.glob("*.txt"))]
+        images, extra = calibration_files(calib_dir)
+        texts += extra
     samples = []
     for i in range(count):
-        answer = tokenizer.encode(rng.choice(texts), add_special_tokens=False)
+        answer = tokenizer.encode(rng.choice(texts))[:MAX_ANSWER_TOKENS]
         if i % 2 == 0:
             if images:
                 tiles = load_image(images[(i // 2) % len(images)], max_tiles=max_tiles).pixel_values
@@ -130,13 +241,35 @@ def calibration_samples(
         else:
             ids = builder.first_turn(rng.choice(CALIBRATION_TEXT[:6]) + " Continue.", []) + answer
             samples.append(Sample(ids, None))
+        step()
     return samples
+
+
+CALIB_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def calibration_files(calib_dir: Path) -> tuple[list[Path], list[str]]:
+    """The images of a --calib folder and the texts of its .txt files (each a regular file, at most
+    1 MiB, undecodable bytes replaced; 2,000 characters of each are used)."""
+    shown = visible(str(calib_dir))
+    if not calib_dir.is_dir():
+        raise UsageError(f"--calib {shown} is not a folder; give a folder of images and .txt files")
+    try:
+        entries = sorted(calib_dir.iterdir())
+    except OSError as e:
+        raise UsageError(f"cannot list --calib {shown} ({e.strerror or e}); check its permissions") from None
+    images = [p for p in entries if p.suffix.lower() in CALIB_IMAGE_SUFFIXES and p.is_file()]
+    texts = [read_bytes_file(p, "calibration text", limit=MiB).decode("utf-8", errors="replace")[:2000]
+             for p in entries if p.suffix.lower() == ".txt"]  # fmt: skip
+    if not images and not texts:
+        raise UsageError(f"--calib {shown} has no images ({', '.join(CALIB_IMAGE_SUFFIXES)}) or .txt files")
+    return images, texts
 
 
 # ---- running one block ----------------------------------------------------------------------
 
 
-def first_block_inputs(loaded: LoadedModel, samples: Sequence[Sample]) -> list[torch.Tensor]:
+def first_block_inputs(loaded: LoadedModel, samples: Sequence[Sample], step: Step = _no_step) -> list[torch.Tensor]:
     """Token embeddings (image features in place) for each sample: the input of decoder block 0."""
     model = loaded.model
     out = []
@@ -144,27 +277,32 @@ def first_block_inputs(loaded: LoadedModel, samples: Sequence[Sample]) -> list[t
         for s in samples:
             features = model.encode_images(s.pixel_values) if s.pixel_values is not None else None
             out.append(model.embed(torch.tensor(s.ids, device=model.device), features))
+            step()
     return out
+
+
+def _scratch_kv(lm: Qwen2ForCausalLM, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, lm.cfg.num_kv_heads, h.shape[1], lm.cfg.head_dim)
+    return torch.empty(shape, device=h.device, dtype=h.dtype), torch.empty(shape, device=h.device, dtype=h.dtype)
 
 
 def run_block(lm: Qwen2ForCausalLM, layer: DecoderLayer, h: torch.Tensor) -> torch.Tensor:
     """A decoder block over a whole sequence from position 0, with a private K/V scratch cache."""
     t = h.shape[1]
     positions = torch.arange(t, device=h.device)
-    shape = (1, lm.cfg.num_kv_heads, t, lm.cfg.head_dim)
-    k, v = torch.empty(shape, device=h.device, dtype=h.dtype), torch.empty(shape, device=h.device, dtype=h.dtype)
-    return layer(h, lm.cos[positions], lm.sin[positions], positions, t, "causal", k, v)
+    return layer(h, lm.cos[:t], lm.sin[:t], positions, t, "causal", *_scratch_kv(lm, h))
 
 
-def block_error(lm, layer, inputs, targets) -> float:
-    err = 0.0
-    for h, y in zip(inputs, targets):
-        err += (run_block(lm, layer, h) - y).float().pow(2).mean().item()
-    return err / len(inputs)
+def run_attention(lm: Qwen2ForCausalLM, attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """The attention module (q/k/v, RoPE, causal attention, o_proj) over a normed sequence from position 0."""
+    t = x.shape[1]
+    positions = torch.arange(t, device=x.device)
+    return attn(x, lm.cos[:t], lm.sin[:t], positions, t, "causal", *_scratch_kv(lm, x))
 
 
 def collect_linear_inputs(lm, layer, inputs) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Rows fed to each of the block's linears, concatenated over the calibration samples."""
+    """Rows fed to each of the block's linears, concatenated over the calibration samples, and the
+    block's outputs (the next block's inputs)."""
     rows: dict[str, list[torch.Tensor]] = {"qkv": [], "o": [], "gate_up": [], "down": []}
     modules = {"qkv": layer.self_attn.qkv_proj, "o": layer.self_attn.o_proj, "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj}
     hooks = [m.register_forward_hook(lambda _m, args, _o, key=key: rows[key].append(args[0].reshape(-1, args[0].shape[-1])))
@@ -177,60 +315,99 @@ def collect_linear_inputs(lm, layer, inputs) -> tuple[dict[str, torch.Tensor], l
     return {k: torch.cat(v) for k, v in rows.items()}, outputs
 
 
+def spread_rows(x: torch.Tensor, limit: int) -> torch.Tensor:
+    """At most `limit` rows of x, evenly spaced (every sample contributes)."""
+    if x.shape[0] <= limit:
+        return x
+    return x[torch.linspace(0, x.shape[0] - 1, limit, device=x.device).long()]
+
+
 # ---- quantizing weights ---------------------------------------------------------------------
 
 
-def fake_quantize(weight_out_in: torch.Tensor, group_size: int, clip: tuple | None = None) -> torch.Tensor:
-    """The weight after a 4-bit round trip (nn.Linear layout in, same layout out)."""
-    clip_max, clip_min = clip if clip is not None else (None, None)
-    qweight, qzeros, scales = quantize_rtn(weight_out_in.t(), group_size, clip_max, clip_min)
-    return dequantize_awq(qweight, qzeros, scales, group_size, dtype=weight_out_in.dtype).t()
+def fake_quantize(weight_out_in: torch.Tensor, group_size: int, clip: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The weight after the 4-bit round trip of `quantize_rtn` (the same formula, without packing),
+    nn.Linear layout in and out; `clip` = (max, min) per [output, group] replaces the group range."""
+    n, k = weight_out_in.shape
+    w = weight_out_in.float().reshape(n, k // group_size, group_size)
+    w_max, w_min = clip if clip is not None else (w.amax(dim=-1), w.amin(dim=-1))
+    scale = ((w_max - w_min) / 15).clamp(min=SCALE_MIN).half().float().unsqueeze(-1)
+    zero = (-torch.round(w_min.unsqueeze(-1) / scale)).clamp(0, 15)
+    q = (torch.round(w / scale) + zero).clamp(0, 15)
+    return ((q - zero) * scale).reshape(n, k).to(weight_out_in.dtype)
 
 
-def search_scales(lm, layer, linears: Sequence[torch.nn.Linear], x: torch.Tensor, inputs, targets, group_size: int) -> torch.Tensor:
-    """The per-input-channel scales (α grid) with the least block-output error for these linears."""
+def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = mean|x|^α, normalised so that max·min = 1 (as AutoAWQ)."""
+    scales = x_mean.pow(alpha).clamp(min=1e-4)
+    return scales / (scales.max() * scales.min()).sqrt()
+
+
+def search_scales(linear: torch.nn.Linear, x: torch.Tensor, error: Callable[[], torch.Tensor], group_size: int) -> torch.Tensor:
+    """The per-input-channel scales on the α grid whose 4-bit round trip of `linear` gives the least
+    `error()` (measured with the linear's weight temporarily replaced)."""
     x_mean = x.abs().float().mean(dim=0)
-    originals = [lin.weight.data.clone() for lin in linears]
+    original = linear.weight.data
     best_err, best_scales = math.inf, torch.ones_like(x_mean)
     try:
         for step in range(ALPHA_GRID):
-            alpha = step / ALPHA_GRID
-            scales = x_mean.pow(alpha).clamp(min=1e-4)
-            scales = scales / (scales.max() * scales.min()).sqrt()
-            s = scales.to(originals[0].dtype)
-            for lin, w in zip(linears, originals):
-                lin.weight.data = fake_quantize(w * s, group_size) / s
-            err = block_error(lm, layer, inputs, targets)
+            scales = awq_scales(x_mean, step / ALPHA_GRID)
+            s = scales.to(original.dtype)
+            linear.weight.data = fake_quantize(original * s, group_size) / s
+            err = float(error())
             if err < best_err:
                 best_err, best_scales = err, scales
     finally:
-        for lin, w in zip(linears, originals):
-            lin.weight.data = w
+        linear.weight.data = original
     return best_scales
 
 
-def search_clip(weight_out_in: torch.Tensor, x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (group, output) clip range shrink that minimises that group's partial-output error."""
+def linear_error(x: torch.Tensor, reference: torch.Tensor, linear: torch.nn.Linear, calls: int = ALPHA_GRID) -> Callable[[], torch.Tensor]:
+    """Mean squared output error of `linear` (its current weight) against `reference`'s on rows x,
+    for `calls` evaluations. Through the Gram matrix XᵀX when that costs fewer operations (few input
+    channels: the demo model), else row by row (wide inputs: down_proj of real models); same value."""
+    rows, k = x.shape
+    n = reference.shape[0]
+    if rows * k * k + calls * n * k * k < calls * rows * k * n:
+        gram = (x.t().float() @ x.float()) / rows  # [K, K]
+
+        def through_gram() -> torch.Tensor:
+            delta = linear.weight.float() - reference.float()  # [N, K]
+            return ((delta @ gram) * delta).sum() / delta.shape[0]
+
+        return through_gram
+
+    def row_by_row() -> torch.Tensor:
+        return (x @ (linear.weight - reference).t()).float().pow(2).mean()
+
+    return row_by_row
+
+
+def group_grams(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per input group g: X_gᵀX_g / rows, [G, g, g] — all the clip search needs to know about the inputs."""
+    xg = x.float().view(x.shape[0], -1, group_size).transpose(0, 1)  # [G, R, g]
+    return xg.transpose(1, 2) @ xg / x.shape[0]
+
+
+def search_clip(weight_out_in: torch.Tensor, grams: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (output, group) range shrink with the least squared partial-output error, vectorised over
+    all groups: for weight error d of a group, the error over all calibration rows is d·C_g·dᵀ.
+    Returns (max, min) [N, G]; the first grid point is the unclipped range, so it never does worse."""
     n, k = weight_out_in.shape
-    groups = k // group_size
-    rows = x[torch.linspace(0, x.shape[0] - 1, min(CLIP_ROWS, x.shape[0])).long()].float()
-    xg = rows.view(-1, groups, group_size)  # [R, G, g]
-    w = weight_out_in.float().view(n, groups, group_size)
+    w = weight_out_in.float().view(n, k // group_size, group_size)
     w_max, w_min = w.amax(dim=-1), w.amin(dim=-1)  # [N, G]
     best_max, best_min = w_max.clone(), w_min.clone()
     best_err = torch.full_like(w_max, math.inf)
-    ref_out = torch.einsum("rgk,ngk->rng", xg, w)
     for step in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
         ratio = 1 - step / CLIP_GRID
         c_max, c_min = w_max * ratio, w_min * ratio
-        wq = fake_quantize(weight_out_in.float(), group_size, (c_max.t().contiguous(), c_min.t().contiguous()))
-        out = torch.einsum("rgk,ngk->rng", xg, wq.view(n, groups, group_size))
-        err = (out - ref_out).pow(2).mean(dim=0)  # [N, G]
+        d = fake_quantize(w.view(n, k), group_size, (c_max, c_min)).view(n, -1, group_size) - w
+        err = (torch.einsum("ngk,gkl->ngl", d, grams) * d).sum(dim=-1)  # [N, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_max = torch.where(better, c_max, best_max)
         best_min = torch.where(better, c_min, best_min)
-    return best_max.t().contiguous(), best_min.t().contiguous()
+    return best_max, best_min
 
 
 def _fused_parts(cfg: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
@@ -244,76 +421,138 @@ def _fused_parts(cfg: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
     }
 
 
-def quantize_model(
-    loaded: LoadedModel,
-    samples: Sequence[Sample],
-    method: str = "awq",
-    group_size: int = 128,
-    clip: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Quantize the decoder linears in place (weights become their 4-bit round trip, AWQ scales are
-    folded into the norms) and return the packed AWQ tensors under canonical checkpoint names."""
-    if method not in ("awq", "rtn"):
-        raise UsageError(f"unknown method {method!r}; use awq or rtn")
-    model, cfg = loaded.model, loaded.config
-    if cfg.quant is not None:
-        raise UsageError("the source checkpoint is already quantized; quantize a 16-bit checkpoint")
-    lm = model.language_model
-    t = cfg.text
-    for dim, what in ((t.hidden_size, "hidden size"), (t.intermediate_size, "intermediate size")):
-        if dim % group_size:
-            raise UsageError(f"group size {group_size} does not divide the model's {what} {dim}; use a divisor such as 64 or 32")
-    parts = _fused_parts(cfg)
-    packed: dict[str, torch.Tensor] = {}
-    inputs = first_block_inputs(loaded, samples) if method == "awq" else []
-    with torch.inference_mode():
-        for index, layer in enumerate(lm.model.layers):
-            if method == "awq":
-                x, targets = collect_linear_inputs(lm, layer, inputs)
-                _apply_awq_scales(lm, layer, x, inputs, targets, group_size)
-                x, targets = collect_linear_inputs(lm, layer, inputs)  # inputs after scaling
-            prefix = f"language_model.model.layers.{index}"
-            for fused, pieces in parts.items():
-                linear = layer.get_submodule(fused)
-                w = linear.weight.data
-                clip_range = None
-                if method == "awq" and clip and fused != "self_attn.qkv_proj":  # q/k ranges stay intact (attention scores)
-                    key = {"self_attn.o_proj": "o", "mlp.gate_up_proj": "gate_up", "mlp.down_proj": "down"}[fused]
-                    clip_range = search_clip(w, x[key], group_size)
-                clip_max, clip_min = clip_range if clip_range is not None else (None, None)
-                qweight, qzeros, scales = quantize_rtn(w.t(), group_size, clip_max, clip_min)
-                linear.weight.data = dequantize_awq(qweight, qzeros, scales, group_size, dtype=w.dtype).t().contiguous()
-                for name, start, end in pieces:
-                    packed[f"{prefix}.{name}.qweight"] = qweight[:, start // 8 : end // 8].contiguous().cpu()
-                    packed[f"{prefix}.{name}.qzeros"] = qzeros[:, start // 8 : end // 8].contiguous().cpu()
-                    packed[f"{prefix}.{name}.scales"] = scales[:, start:end].contiguous().cpu()
-            if method == "awq":
-                inputs = targets  # the next block sees this block's (scaled, float) outputs
-            if progress:
-                progress(index + 1, len(lm.model.layers))
-    return packed
+AWQ_STEPS = ("collecting inputs", "scales q/k/v", "scales gate/up", "scales down", "clip ranges", "packing")
 
 
-def _apply_awq_scales(lm, layer, x, inputs, targets, group_size) -> None:
+def awq_block(lm: Qwen2ForCausalLM, layer: DecoderLayer, inputs: list[torch.Tensor], group_size: int, clip: bool,
+              detail: Callable[[str], None] = lambda _: None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:  # fmt: skip
+    """AWQ for one decoder block, in place: search and fold the scales, then search clip ranges.
+    Returns the clip ranges per fused linear and the block's float outputs (the next block's inputs)."""
     attn, mlp = layer.self_attn, layer.mlp
-    # q/k/v share the input norm; gate/up share the post-attention norm; down's input is up's output
-    s = search_scales(lm, layer, [attn.qkv_proj], x["qkv"], inputs, targets, group_size)
-    _fold(layer.input_layernorm.weight, [attn.qkv_proj.weight], s)
-    s = search_scales(lm, layer, [mlp.gate_up_proj], x["gate_up"], inputs, targets, group_size)
-    _fold(layer.post_attention_layernorm.weight, [mlp.gate_up_proj.weight], s)
-    s = search_scales(lm, layer, [mlp.down_proj], x["down"], inputs, targets, group_size)
+    detail(AWQ_STEPS[0])
+    x, outputs = collect_linear_inputs(lm, layer, inputs)
+
+    # q/k/v share the input norm. Error: the attention module's output over whole sequences
+    # (RoPE and softmax see the rounding), on the first samples up to SEARCH_TOKENS tokens.
+    detail(AWQ_STEPS[1])
+    lengths = [h.shape[1] for h in inputs]
+    count = max(1, sum(1 for total in itertools.accumulate(lengths) if total <= SEARCH_TOKENS))
+    sequences = [seq[None] for seq in x["qkv"][: sum(lengths[:count])].split(lengths[:count])]
+    reference = [run_attention(lm, attn, seq) for seq in sequences]
+
+    def attention_error() -> torch.Tensor:
+        err = sum((run_attention(lm, attn, seq) - ref).float().pow(2).sum() for seq, ref in zip(sequences, reference))
+        return err / sum(ref.numel() for ref in reference)
+
+    s_qkv = search_scales(attn.qkv_proj, x["qkv"], attention_error, group_size)
+    _fold(layer.input_layernorm.weight, [attn.qkv_proj.weight], s_qkv)
+
+    # gate/up share the post-attention norm. Error: the MLP's output (SiLU and down_proj included)
+    detail(AWQ_STEPS[2])
+    rows = spread_rows(x["gate_up"], SEARCH_TOKENS)
+    mlp_reference = mlp(rows)
+    s_gate_up = search_scales(mlp.gate_up_proj, x["gate_up"], lambda: (mlp(rows) - mlp_reference).float().pow(2).mean(), group_size)
+    _fold(layer.post_attention_layernorm.weight, [mlp.gate_up_proj.weight], s_gate_up)
+
+    # down's input is up's output (folding the gate/up scales left it unchanged). Error: its own output
+    detail(AWQ_STEPS[3])
+    down_reference = mlp.down_proj.weight.data.clone()
+    down_rows = spread_rows(x["down"], SEARCH_TOKENS)
+    s_down = search_scales(mlp.down_proj, x["down"], linear_error(down_rows, down_reference, mlp.down_proj), group_size)
     up_rows = mlp.gate_up_proj.weight.data[mlp.intermediate_size :]
-    up_rows.div_(s.to(up_rows.dtype)[:, None])
-    mlp.down_proj.weight.data.mul_(s.to(mlp.down_proj.weight.dtype))
+    up_rows.div_(s_down.to(up_rows.dtype)[:, None])
+    mlp.down_proj.weight.data.mul_(s_down.to(mlp.down_proj.weight.dtype))
     # o_proj's input is v_proj's output; with grouped-query attention (all InternVL3 sizes) the
     # shapes differ and AWQ leaves it unscaled, as AutoAWQ does
+
+    clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if clip:  # on the scaled weights, with the inputs they now see (x / s)
+        detail(AWQ_STEPS[4])
+        # q/k/v keep their full range: the attention scores are sensitive to it (AutoAWQ skips q and
+        # k; clipping v too measured 0.4 points lower on the demo model's eval, over three seeds)
+        inputs_now = {"self_attn.o_proj": x["o"], "mlp.gate_up_proj": x["gate_up"] / s_gate_up.to(x["gate_up"].dtype),
+                      "mlp.down_proj": x["down"] / s_down.to(x["down"].dtype)}  # fmt: skip
+        for name, rows_now in inputs_now.items():
+            clips[name] = search_clip(layer.get_submodule(name).weight.data, group_grams(rows_now, group_size), group_size)
+    return clips, outputs
 
 
 def _fold(prev_weight: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor) -> None:
     prev_weight.data.div_(s.to(prev_weight.dtype))
     for w in weights:
         w.data.mul_(s.to(w.dtype))
+
+
+def check_group_size(cfg: ModelConfig, group_size: int | None) -> int:
+    """The group size to use: the one asked for if it divides every quantized linear's input width,
+    or by default the largest standard one that does (128 when it can). Refused in one line otherwise."""
+    t = cfg.text
+    widths = {"hidden size": t.hidden_size, "attention width (heads × head_dim)": t.q_size, "intermediate size": t.intermediate_size}
+    outputs = {"hidden size": t.hidden_size, "query width": t.q_size, "key/value width": t.kv_size, "intermediate size": t.intermediate_size}
+    for what, dim in outputs.items():
+        if dim % 8:
+            raise UsageError(f"the model's {what} {dim} is not a multiple of 8; the AWQ GEMM layout cannot store it")
+    fitting = [g for g in STANDARD_GROUP_SIZES if all(dim % g == 0 for dim in widths.values())]
+    if group_size is None:
+        if not fitting:
+            raise UsageError(f"no standard group size ({', '.join(map(str, STANDARD_GROUP_SIZES))}) divides the model's widths "
+                             f"({', '.join(str(d) for d in widths.values())}); give --group-size N that divides them")  # fmt: skip
+        return 128 if 128 in fitting else max(fitting)
+    if group_size < 1:
+        raise UsageError(f"--group-size must be positive, not {group_size}")
+    for what, dim in widths.items():
+        if dim % group_size:
+            hint = f"use {' or '.join(map(str, sorted(fitting, reverse=True)))}" if fitting else "use a divisor of it"
+            raise UsageError(f"group size {group_size} does not divide the model's {what} {dim}; {hint}")
+    return group_size
+
+
+def quantize_model(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    method: str = "awq",
+    group_size: int = 128,
+    clip: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """Quantize the decoder linears in place (weights become their 4-bit round trip, AWQ scales are
+    folded into the norms) and return the packed AWQ tensors under canonical checkpoint names."""
+    if method not in ("awq", "rtn"):
+        raise UsageError(f"unknown method {method!r}; use awq or rtn")
+    progress = progress or Progress()
+    model, cfg = loaded.model, loaded.config
+    if cfg.quant is not None:
+        raise UsageError("the source checkpoint is already quantized; quantize a 16-bit checkpoint")
+    group_size = check_group_size(cfg, group_size)
+    lm = model.language_model
+    layers = lm.model.layers
+    parts = _fused_parts(cfg)
+    packed: dict[str, torch.Tensor] = {}
+    inputs: list[torch.Tensor] = []
+    if method == "awq":
+        with progress.phase("calibration forward", len(samples), "samples") as step:
+            inputs = first_block_inputs(loaded, samples, step)
+    name = "AWQ search" if method == "awq" else "RTN"
+    with torch.inference_mode(), progress.phase(name, len(layers), "blocks") as step:
+        for index, layer in enumerate(layers):
+            where = f"block {index + 1}/{len(layers)}"
+            clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            if method == "awq":
+                clips, inputs = awq_block(lm, layer, inputs, group_size, clip, lambda what: step(0, f"{where}: {what}"))
+                step(0, f"{where}: {AWQ_STEPS[-1]}")
+            prefix = f"language_model.model.layers.{index}"
+            for fused, pieces in parts.items():
+                linear = layer.get_submodule(fused)
+                w = linear.weight.data
+                clip_max, clip_min = (c.t().contiguous() for c in clips[fused]) if fused in clips else (None, None)
+                qweight, qzeros, scales = quantize_rtn(w.t(), group_size, clip_max, clip_min)
+                linear.weight.data = dequantize_awq(qweight, qzeros, scales, group_size, dtype=w.dtype).t().contiguous()
+                for piece, start, end in pieces:
+                    packed[f"{prefix}.{piece}.qweight"] = qweight[:, start // 8 : end // 8].contiguous().cpu()
+                    packed[f"{prefix}.{piece}.qzeros"] = qzeros[:, start // 8 : end // 8].contiguous().cpu()
+                    packed[f"{prefix}.{piece}.scales"] = scales[:, start:end].contiguous().cpu()
+            step(1, where)
+    return packed
 
 
 # ---- writing the checkpoint -------------------------------------------------------------------
@@ -354,6 +593,8 @@ def original_config(src_dir: Path, cfg: ModelConfig, group_size: int) -> dict:
             "template": "internvl2_5",
             "force_image_size": cfg.image_size,
             "max_dynamic_patch": cfg.max_dynamic_patch,
+            "min_dynamic_patch": cfg.min_dynamic_patch,
+            "dynamic_image_size": cfg.dynamic_image_size,
             "use_thumbnail": cfg.use_thumbnail,
             "vision_config": {
                 "architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
@@ -363,7 +604,9 @@ def original_config(src_dir: Path, cfg: ModelConfig, group_size: int) -> dict:
                 "qkv_bias": cfg.vision.qkv_bias, "qk_normalization": cfg.vision.qk_norm,
                 "image_size": cfg.image_size, "patch_size": cfg.vision.patch_size, "hidden_act": v.get("hidden_act", "gelu"),
             },  # fmt: skip
-            "llm_config": {**t, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+            # transformers ties an -hf head by the top-level flag (text_config's may say otherwise)
+            "llm_config": {**t, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                           "tie_word_embeddings": cfg.text.tie_word_embeddings},
         }
         if cfg.system_message is None:
             out["system_message"] = ""  # the -hf template has no system prompt; keep it that way
@@ -375,11 +618,10 @@ def original_config(src_dir: Path, cfg: ModelConfig, group_size: int) -> dict:
     return out
 
 
-def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], src_dir: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    names = sorted(tensors)
+def checkpoint_files(tensors: dict[str, torch.Tensor]) -> list[tuple[str, list[str]]]:
+    """(file name, tensor names) per safetensors file: one file, or shards of about SHARD_BYTES."""
     shards, current, size = [], [], 0
-    for name in names:
+    for name in sorted(tensors):
         nbytes = tensors[name].numel() * tensors[name].element_size()
         if current and size + nbytes > SHARD_BYTES:
             shards.append(current)
@@ -388,82 +630,171 @@ def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], 
         size += nbytes
     shards.append(current)
     if len(shards) == 1:
-        save_file({n: tensors[n] for n in shards[0]}, dst / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file({n: tensors[n] for n in shard}, dst / file, metadata={"format": "pt"})
-            weight_map.update({n: file for n in shard})
+        return [("model.safetensors", shards[0])]
+    return [(f"model-{i:05d}-of-{len(shards):05d}.safetensors", shard) for i, shard in enumerate(shards, 1)]
+
+
+def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], src_dir: Path, step: Step = _no_step) -> None:
+    """The weight file(s), config.json and the tokenizer files into `dst`; `step()` after each file."""
+    dst.mkdir(parents=True, exist_ok=True)
+    files = checkpoint_files(tensors)
+    for file, names in files:
+        save_file({n: tensors[n] for n in names}, dst / file, metadata={"format": "pt"})
+        step()
+    if len(files) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": total}, "weight_map": {n: file for file, names in files for n in names}}
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     for name in TOKENIZER_FILES:
         if (src_dir / name).is_file():
             shutil.copy2(src_dir / name, dst / name)
+    step()
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+def staging_folder(dst: Path) -> Path:
+    """Refuse an output folder we cannot use, before any work, and make the hidden folder next to it
+    that the checkpoint is written to (renamed to `dst` when complete)."""
+    shown = visible(str(dst))
+    try:
+        if dst.is_symlink():
+            raise UsageError(f"output {shown} is a symlink; give a new folder")
+        if dst.exists():
+            if not dst.is_dir():
+                raise UsageError(f"output {shown} exists and is not a folder; choose a new output folder")
+            if any(dst.iterdir()):
+                raise UsageError(f"output {shown} exists and is not empty; choose a new output folder")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    except UsageError:
+        raise
+    except OSError as e:  # named by the user's paths, never the staging folder's
+        raise UsageError(f"cannot write the output {shown} in {visible(str(dst.parent))} ({e.strerror or e}); "
+                         "choose a folder you can write to") from None  # fmt: skip
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the checkpoint should not be
+    return staging
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def publish(staging: Path, dst: Path) -> None:
+    """Rename the finished staging folder to `dst` (replacing an empty folder there)."""
+    try:
+        os.rename(staging, dst)
+    except OSError as e:
+        raise UsageError(f"cannot create the output {visible(str(dst))} ({e.strerror or e}); choose a new output folder") from None
 
 
 def quantize_checkpoint(
     src: str | Path,
     dst: str | Path,
     method: str = "awq",
-    group_size: int = 128,
+    group_size: int | None = None,
     samples: int = 32,
     calib_dir: str | Path | None = None,
     device: str = "auto",
     clip: bool = True,
     seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Path:
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if dst.exists() and any(dst.iterdir()):
-        raise UsageError(f"{dst} exists and is not empty; choose a new output folder")
+    """Quantize `src` into the new folder `dst`. Everything that can be checked without the weights
+    (flags, group size against config.json, the output folder) is checked before loading them."""
+    progress = progress or Progress()
+    src, dst = Path(src).expanduser(), Path(os.path.abspath(Path(dst).expanduser()))
+    if method not in ("awq", "rtn"):
+        raise UsageError(f"unknown method {method!r}; use awq or rtn")
     if samples < 1:
         raise UsageError("--samples must be at least 1")
-    # fp32 on CPU (bf16 matmuls are slow there), bf16 on CUDA
-    loaded = load_model(src, device=device, dtype="auto", max_context=4096, cuda_graphs=False)
-    builder = PromptBuilder(loaded.tokenizer, loaded.config.system_message, loaded.config.tokens_per_tile)
-    data = calibration_samples(builder, loaded.tokenizer, samples, seed, Path(calib_dir) if calib_dir else None)
-    packed = quantize_model(loaded, data, method, group_size, clip, progress)
-    tensors = {**float_tensors(loaded), **packed}
-    write_checkpoint(dst, original_config(src, loaded.config, group_size), tensors, src)
+    if not src.is_dir():
+        raise UsageError(f"the source {visible(str(src))} is not a folder; give a 16-bit checkpoint folder")
+    cfg = load_config(src)
+    if cfg.quant is not None:
+        raise UsageError("the source checkpoint is already quantized; quantize a 16-bit checkpoint")
+    group_size = check_group_size(cfg, group_size)
+    resolve_device(device)
+    calib = Path(calib_dir).expanduser() if calib_dir else None
+    if calib is not None and method == "awq":
+        calibration_files(calib)
+    staging = staging_folder(dst)
+    try:
+        with progress.phase("loading", 1, "model") as step:
+            # fp32 on CPU (bf16 matmuls are slow there), bf16 on CUDA
+            loaded = load_model(src, device=device, dtype="auto", max_context=4096, cuda_graphs=False)
+            step()
+        data: list[Sample] = []
+        if method == "awq":
+            builder = PromptBuilder(loaded.tokenizer, loaded.config.system_message, loaded.config.tokens_per_tile)
+            with progress.phase("calibration data", samples, "samples") as step:
+                data = calibration_samples(builder, loaded.tokenizer, samples, seed, calib, step=step)
+        packed = quantize_model(loaded, data, method, group_size, clip, progress)
+        tensors = {**float_tensors(loaded), **packed}
+        with progress.phase("writing", len(checkpoint_files(tensors)) + 1, "files") as step:
+            write_checkpoint(staging, original_config(src, loaded.config, group_size), tensors, src, step)
+            publish(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return dst
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (through the CLI's error handling)
+        raise UsageError(f"{message}; see internvl-chat quantize --help")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="internvl-chat quantize",
         description="Quantize an InternVL3 checkpoint's LLM to 4-bit AWQ (published GEMM layout); "
-        "the vision encoder and projector stay 16-bit.",
+        "the vision encoder and projector stay 16-bit. Progress goes to stderr.",
     )
     p.add_argument("src", help="16-bit checkpoint folder (original or -hf layout)")
-    p.add_argument("dst", help="output folder (new or empty)")
-    p.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq: activation-aware scales + clipping (default); rtn: round to nearest")
-    p.add_argument("--group-size", type=int, default=128, help="weights per scale/zero group along the input (default 128)")
-    p.add_argument("--calib", metavar="DIR", help="calibration images and .txt files (default: built-in generated data)")
-    p.add_argument("--samples", type=int, default=32, help="calibration samples (default 32)")
-    p.add_argument("--no-clip", action="store_true", help="skip the weight-clipping search")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dst", help="output folder: new or empty; written complete or not at all")
+    p.add_argument("--method", choices=["awq", "rtn"], default="awq",
+                   help="awq: activation-aware scales + clipping, calibrated on images and text (default); "
+                        "rtn: round to nearest, no calibration")  # fmt: skip
+    p.add_argument("--group-size", type=_positive_int, metavar="N",
+                   help="weights per scale/zero group along each input; must divide the model's widths "
+                        "(default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
+    p.add_argument("--calib", metavar="DIR", help="folder of calibration images and .txt files (default: built-in generated data)")
+    p.add_argument("--samples", type=_positive_int, default=32, metavar="N",
+                   help="calibration samples, half with an image (default 32)")  # fmt: skip
+    p.add_argument("--no-clip", action="store_true", help="skip AWQ's weight-clipping search")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the built-in calibration data (default 0)")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.console import Console
 
+    console = Console(stderr=True)
     start = time.perf_counter()
-    with Progress(
-        TextColumn("quantizing blocks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        transient=not sys.stderr.isatty(), console=None,
-    ) as bar:  # fmt: skip
-        task = bar.add_task("blocks", total=None)
-        dst = quantize_checkpoint(
-            args.src, args.dst, args.method, args.group_size, args.samples, args.calib, args.device,
-            clip=not args.no_clip, seed=args.seed, progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )  # fmt: skip
-    print(f"wrote {dst} ({args.method}, group {args.group_size}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    run = dict(method=args.method, group_size=args.group_size, samples=args.samples, calib_dir=args.calib,
+               device=args.device, clip=not args.no_clip, seed=args.seed)  # fmt: skip
+    if console.is_terminal:
+        with BarProgress(console) as bars:
+            dst = quantize_checkpoint(args.src, args.dst, progress=bars, **run)
+    else:
+        dst = quantize_checkpoint(args.src, args.dst, progress=LineProgress(sys.stderr), **run)
+    group = json.loads((dst / "config.json").read_text())["llm_config"]["quantization_config"]["group_size"]
+    print(f"wrote {visible(str(dst))} ({args.method}, group {group}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
-
-

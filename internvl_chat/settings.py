@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import UsageError
+from .files import read_text_file, undecodable_byte, visible
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
 ENV_PREFIX = "INTERNVL_CHAT_"
@@ -38,6 +39,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 INT4_BACKENDS = ("auto", "torch", "dequant")
 COMPILE_MODES = ("auto", "on", "off")
 COLORS = ("auto", "always", "never")
+# chat/dialects.py DIALECTS, plus "auto" (detected from the server's model list)
+REMOTE_DIALECTS = ("auto", "lmdeploy", "vllm", "sglang", "llamacpp", "ollama", "internvl-chat", "generic")
+OPENAI_API_KEY_ENV = "OPENAI_API_KEY"
+SECRET_KEYS = ("remote.api_key", "serve.api_key")  # never printed, never saved with a session
 
 # Short names accepted by `/set`; every dotted key ("generation.seed") is accepted too.
 SET_ALIASES = {
@@ -52,6 +57,14 @@ SET_ALIASES = {
     "stats": "ui.stats",
     "markdown": "ui.markdown",
 }
+
+# Ranges: what the generator accepts (torch's manual_seed takes [-2**63, 2**64); we document the
+# non-negative half) and what keeps the arithmetic finite (a temperature or repetition penalty
+# near 0 divides the logits into inf). Sizes stay far below anything an allocator would refuse.
+SEED_MAX = 2**63 - 1
+MAX_TILES = 64
+MAX_FRAMES = 256
+MAX_TOKENS = 1 << 20  # max_context, max_new_tokens
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -78,6 +91,16 @@ def _number(low: float | None = None, high: float | None = None, low_open: bool 
     return check
 
 
+def _greedy_or(low: float, high: float) -> Check:
+    """0 (off), or a number in [low, high]."""
+    in_range = _number(low, high)
+
+    def check(value: Any) -> Any:
+        return value if value == 0 else in_range(value)
+
+    return check
+
+
 def _choice(choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> Check:
     def check(value: str) -> str:
         value = value.strip().lower()
@@ -96,8 +119,15 @@ def _device(value: str) -> str:
     raise ValueError
 
 
-def _setting(default: Any, check: Check | None = None, expect: str = "", **kw: Any) -> Any:
-    return field(default=default, metadata=_rule(check, expect), **kw)
+def _tiles(value: int) -> int | None:
+    if not 0 <= value <= MAX_TILES:
+        raise ValueError
+    return value or None
+
+
+def _setting(default: Any, check: Check | None = None, expect: str = "", path: bool = False, **kw: Any) -> Any:
+    # `path`: a file name, which may hold bytes that are not UTF-8 (any other text may not)
+    return field(default=default, metadata={**_rule(check, expect), "path": path}, **kw)
 
 
 # --- the sections ------------------------------------------------------------------------------
@@ -105,31 +135,34 @@ def _setting(default: Any, check: Check | None = None, expect: str = "", **kw: A
 
 @dataclass
 class ModelSettings:
-    path: str = _setting("", expect="a checkpoint folder (empty: the embedded demo model)")
+    path: str = _setting("", expect="a checkpoint folder (empty: the embedded demo model)", path=True)
     device: str = _setting("auto", _device, "one of auto, cpu, cuda, cuda:N")
     dtype: str = _setting(
         "auto", _choice(DTYPES, DTYPE_ALIASES), "one of auto, float32, bfloat16, float16 (or fp32, bf16, fp16)"
     )
-    max_context: int = _setting(8192, _number(16), "an integer ≥ 16")
+    max_context: int = _setting(8192, _number(16, MAX_TOKENS), f"an integer from 16 to {MAX_TOKENS:,}")
     int4_backend: str = _setting("auto", _choice(INT4_BACKENDS), "one of auto, torch, dequant")
     compile: str = _setting("auto", _choice(COMPILE_MODES), "one of auto, on, off")
 
 
 @dataclass
 class GenerationSettings:
-    temperature: float = _setting(0.0, _number(0.0), "a number ≥ 0 (0 is greedy)")
+    temperature: float = _setting(0.0, _greedy_or(0.01, 100.0), "0 (greedy) or a number from 0.01 to 100")
     top_p: float = _setting(1.0, _number(0.0, 1.0, low_open=True), "a number in (0, 1]")
-    top_k: int = _setting(0, _number(0), "an integer ≥ 0 (0 turns it off)")
-    repetition_penalty: float = _setting(1.0, _number(0.0, low_open=True), "a number > 0 (1 turns it off)")
-    max_new_tokens: int = _setting(1024, _number(1), "an integer ≥ 1")
-    seed: int | None = _setting(None, _number(0), "an integer ≥ 0, or none for a random seed")
-    stream_interval: int = _setting(1, _number(1), "an integer ≥ 1 (tokens per text update)")
+    top_k: int = _setting(0, _number(0, SEED_MAX), "an integer ≥ 0 (0 turns it off)")
+    repetition_penalty: float = _setting(1.0, _number(0.01, 100.0), "a number from 0.01 to 100 (1 turns it off)")
+    max_new_tokens: int = _setting(1024, _number(1, MAX_TOKENS), f"an integer from 1 to {MAX_TOKENS:,}")
+    seed: int | None = _setting(
+        None, _number(0, SEED_MAX), f"an integer from 0 to 2**63-1 ({SEED_MAX}), or none for a random seed"
+    )
+    stream_interval: int = _setting(1, _number(1, MAX_TOKENS), "an integer ≥ 1 (tokens per text update)")
 
 
 @dataclass
 class MediaSettings:
-    max_tiles: int = _setting(12, _number(1, 64), "an integer from 1 to 64")
-    frames: int = _setting(8, _number(1, 256), "an integer from 1 to 256")
+    # None: the checkpoint's max_dynamic_patch (12 for InternVL3); 0 means the same
+    max_tiles: int | None = _setting(None, _tiles, f"an integer from 1 to {MAX_TILES}, or 0 / none for the checkpoint's limit")
+    frames: int = _setting(8, _number(1, MAX_FRAMES), f"an integer from 1 to {MAX_FRAMES}")
     auto_attach: bool = _setting(True, expect="true or false")
 
 
@@ -139,7 +172,7 @@ class UISettings:
     stats: bool = _setting(True, expect="true or false")
     color: str = _setting("auto", _choice(COLORS), "one of auto, always, never")
     history: bool = _setting(True, expect="true or false")
-    history_file: str = _setting("~/.local/state/internvl-chat/history", expect="a file path")
+    history_file: str = _setting("~/.local/state/internvl-chat/history", expect="a file path", path=True)
     plain: bool = _setting(False, expect="true or false")
 
     @property
@@ -153,12 +186,44 @@ class SystemSettings:
     message: str | None = _setting(None, expect="a text (unset: the checkpoint's default)")
 
 
+@dataclass
+class ServeSettings:
+    """`internvl-chat serve`: where it listens, how many conversations it keeps cached, request limits."""
+
+    host: str = _setting("127.0.0.1", expect="an address to bind (127.0.0.1: this machine only)")
+    port: int = _setting(8000, _number(0, 65535), "a port from 0 to 65535 (0: any free port)")
+    api_key: str = _setting("", expect="a key clients send as a bearer token (empty: no key)")
+    model_id: str = _setting("", expect="the model name in /v1/models (empty: the checkpoint folder's name)")
+    slots: int = _setting(2, _number(1, 64), "an integer from 1 to 64 (each a KV cache of max_context tokens)")
+    queue_depth: int = _setting(8, _number(0, 100_000), "an integer ≥ 0 (requests waiting behind the running one)")
+    max_body_mb: int = _setting(64, _number(1, 4096), "an integer from 1 to 4096 (MiB per request body)")
+    max_images: int = _setting(32, _number(1, 1024), "an integer from 1 to 1024 (images and videos per request)")
+    max_image_pixels: int = _setting(40_000_000, _number(1, 178_956_970), "an integer from 1 to 178956970")
+    max_frames: int = _setting(64, _number(1, 256), "an integer from 1 to 256 (frames per video)")
+    feature_cache_mb: int = _setting(256, _number(0), "an integer ≥ 0 (MiB of cached image features; 0 turns it off)")
+    allow_remote_media: bool = _setting(False, expect="true or false (let requests make the server fetch http(s) URLs)")
+    allow_local_media: str = _setting("", expect="a folder whose files requests may name as file:// URLs (empty: none)")
+
+
+@dataclass
+class RemoteSettings:
+    """An OpenAI-compatible server to chat with instead of the local model (empty server: local)."""
+
+    server: str = _setting("", expect="a server URL such as http://HOST:8000/v1 (empty: the local model)")
+    api_key: str = _setting("", expect="the server's key (better in the OPENAI_API_KEY environment variable)")
+    model: str = _setting("", expect="a model id the server serves (empty: the first one it lists)")
+    dialect: str = _setting("auto", _choice(REMOTE_DIALECTS), f"one of {', '.join(REMOTE_DIALECTS)}")
+    timeout: float = _setting(300.0, _number(0.0, low_open=True), "a number of seconds > 0")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "generation": GenerationSettings,
     "media": MediaSettings,
     "ui": UISettings,
     "system": SystemSettings,
+    "serve": ServeSettings,
+    "remote": RemoteSettings,
 }
 
 
@@ -169,6 +234,8 @@ class Settings:
     media: MediaSettings = field(default_factory=MediaSettings)
     ui: UISettings = field(default_factory=UISettings)
     system: SystemSettings = field(default_factory=SystemSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
+    remote: RemoteSettings = field(default_factory=RemoteSettings)
     # "section.key" -> "default" | "config PATH" | "env NAME" | "flag" | "/set"
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -187,7 +254,12 @@ class Settings:
         return dotted
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        """Every value by section (secrets masked: this goes into saved session files)."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        for dotted in SECRET_KEYS:
+            section, name = dotted.split(".")
+            out[section][name] = _masked(out[section][name])
+        return out
 
 
 # --- keys --------------------------------------------------------------------------------------
@@ -275,6 +347,10 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 def _assign(settings: Settings, dotted: str, value: Any, where: str) -> None:
     fld, tp = _field(dotted)
+    bad = undecodable_byte(value) if isinstance(value, str) and not fld.metadata.get("path") else None
+    if bad is not None:
+        what = f"byte 0x{bad:02x}" if bad < 0x100 else f"U+{bad:04X}"
+        raise UsageError(f"{visible(where)}: {dotted} is not UTF-8 text ({what}); fix the value.")
     try:
         parsed = _coerce(value, tp)
         check = fld.metadata.get("check")
@@ -282,9 +358,14 @@ def _assign(settings: Settings, dotted: str, value: Any, where: str) -> None:
             parsed = check(parsed)
     except (ValueError, TypeError):
         expect = fld.metadata.get("expect") or "a valid value"
-        raise UsageError(f"{where}: {dotted} must be {expect}, not {value!r}; fix the value.") from None
+        raise UsageError(f"{visible(where)}: {dotted} must be {expect}, not {_brief(value)}; fix the value.") from None
     section, name = dotted.split(".")
     setattr(getattr(settings, section), name, parsed)
+
+
+def _brief(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return visible(text if len(text) <= width else text[: width - 1] + "…")
 
 
 # --- layers ------------------------------------------------------------------------------------
@@ -297,30 +378,33 @@ def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file read as untrusted text: a regular file, size-limited, UTF-8 (see files.py)."""
+    if os.path.abspath(path) == os.devnull:  # `--config /dev/null`: no user settings at all
+        return {}
+    text = read_text_file(path, "config file")
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist; check the --config path.") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"config file {path} is not valid TOML ({e}); fix the file.") from None
-    except OSError as e:
-        raise UsageError(f"cannot read config file {path} ({e.strerror}); check its permissions.") from None
+        raise UsageError(f"config file {visible(str(path))} is not valid TOML ({visible(str(e))}); fix the file.") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise UsageError(f"config file {visible(str(path))} is nested too deeply to be a config file; fix the file.") from None
 
 
 def _apply_toml(settings: Settings, data: dict[str, Any], path: Path, source: str) -> None:
+    shown = visible(str(path))
     for section, table in data.items():
+        section = visible(section)
         if section not in SECTIONS:
             raise UsageError(
-                f"{path}: unknown section [{section}]{_suggest(section, list(SECTIONS))}; "
+                f"{shown}: unknown section [{section}]{_suggest(section, list(SECTIONS))}; "
                 f"valid sections are {', '.join(SECTIONS)}."
             )
         if not isinstance(table, dict):
-            raise UsageError(f"{path}: {section} must be a [{section}] table of settings; fix the file.")
+            raise UsageError(f"{shown}: {section} must be a [{section}] table of settings; fix the file.")
         for name, value in table.items():
-            dotted = f"{section}.{name}"
+            dotted = f"{section}.{visible(name)}"
             if dotted not in all_keys():
-                raise UsageError(f"{path}: unknown setting {dotted!r}{_suggest(dotted, all_keys())}; fix the file.")
+                raise UsageError(f"{shown}: unknown setting {dotted!r}{_suggest(dotted, all_keys())}; fix the file.")
             _assign(settings, dotted, value, where=str(path))
             settings.sources[dotted] = source
 
@@ -336,9 +420,21 @@ def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
             continue
         if name not in by_name:
             valid = list(by_name) + list(OTHER_ENV_VARS)
-            raise UsageError(f"unknown environment variable {name}{_suggest(name, valid)}; rename or unset it.")
+            raise UsageError(f"unknown environment variable {visible(name)}{_suggest(name, valid)}; rename or unset it.")
         _assign(settings, by_name[name], env[name], where=f"environment variable {name}")
         settings.sources[by_name[name]] = f"env {name}"
+
+
+def _apply_openai_key(settings: Settings, env: Mapping[str, str]) -> None:
+    """OPENAI_API_KEY, the variable every OpenAI client reads, when no key was set more specifically."""
+    key = env.get(OPENAI_API_KEY_ENV, "").strip()
+    if key and not settings.remote.api_key:
+        settings.remote.api_key = key
+        settings.sources["remote.api_key"] = f"env {OPENAI_API_KEY_ENV}"
+
+
+def _masked(value: Any) -> Any:
+    return "***" if value else value
 
 
 def load_settings(
@@ -366,6 +462,7 @@ def load_settings(
         _apply_toml(settings, _read_toml(user_file), user_file, f"config {user_file}")
 
     _apply_env(settings, env)
+    _apply_openai_key(settings, env)
 
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -376,7 +473,8 @@ def load_settings(
 # --- --print-config ----------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A value as the config file writes it: `true`, `0.7`, `"text"` (a TOML basic string)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -392,11 +490,14 @@ def format_settings(settings: Settings) -> str:
         for fld in dataclasses.fields(cls):
             dotted = f"{section}.{fld.name}"
             value = getattr(getattr(settings, section), fld.name)
-            line = f"{fld.name} = {_toml_value(value)}" if value is not None else f"# {fld.name} = (not set)"
+            if dotted in SECRET_KEYS:
+                value = _masked(value)
+            line = f"{fld.name} = {toml_value(value)}" if value is not None else f"# {fld.name} = (not set)"
             rows.append((line, settings.sources.get(dotted, "default")))
         width = max(len(line) for line, _ in rows)
         if out:
             out.append("")
         out.append(f"[{section}]")
-        out.extend(f"{line.ljust(width)}  # from {source}" for line, source in rows)
+        # values and sources (config paths) come from files and the environment: show them inert
+        out.extend(visible(f"{line.ljust(width)}  # from {source}") for line, source in rows)
     return "\n".join(out) + "\n"

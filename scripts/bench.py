@@ -8,6 +8,8 @@ CPU (default), on a small-but-not-trivial random-weight model built here:
             (Session) vs re-prefilling the whole history each turn (issue 3)
   w4        decode tokens/s and resident weight memory of W4 (RTN, torch int4 kernel and dequant
             backends) vs bf16 and fp32 (issue 4)
+  startup   seconds from starting `internvl-chat` (demo model, in a pseudo-terminal) to its first
+            prompt, next to `python -c "import torch"` in the same run (issue 9: target ≤ 1.5×)
 --device cuda adds, with random weights built on the GPU:
   shapes    InternVL3-1B/-2B/-8B: W4 and bf16 decode tokens/s (eager and CUDA graph), bytes read
             per token and the share of the 3.0 TB/s ceiling (SPEC §6), 13-tile prefill, peak memory
@@ -51,7 +53,7 @@ FOLLOW_UPS = [
     "Summarise everything in one line.",
     "Anything else?",
 ]
-CPU_SECTIONS = ("engine", "overhead", "load", "chunk", "w4", "decode")
+CPU_SECTIONS = ("engine", "overhead", "load", "chunk", "w4", "decode", "startup")
 CUDA_SECTIONS = ("shapes", "crossover", "engine", "load", "chunk")
 
 
@@ -532,6 +534,80 @@ def dense_from_rows(table: dict[str, dict[str, dict[str, float]]]) -> int | None
 
 
 # ---------------------------------------------------------------------------------------------
+# Issue 9: time to the first prompt
+
+
+PROMPT_READY = b"\x1b[?2004h"  # prompt_toolkit turns bracketed paste on when it waits for input
+
+
+def _seconds_to_first_prompt(repo: Path, timeout: float = 300.0) -> float:
+    """Start the REPL on the embedded demo model in a pseudo-terminal; seconds until it waits for input."""
+    import fcntl
+    import os
+    import select
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    with tempfile.TemporaryDirectory(prefix="internvl-startup-") as home:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "TERM": "xterm-256color",
+               "PROMPT_TOOLKIT_NO_CPR": "1", "INTERNVL_CHAT_CONFIG": os.devnull, "PYTHONPATH": str(repo)}  # fmt: skip
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "internvl_chat.cli", "--device", "cpu", "--no-history"],
+                                stdin=slave, stdout=slave, stderr=slave, cwd=repo, env=env, start_new_session=True)  # fmt: skip
+        os.close(slave)
+        seen = b""
+        try:
+            while PROMPT_READY not in seen:
+                chunk = b""
+                if select.select([master], [], [], 1.0)[0]:
+                    try:
+                        chunk = os.read(master, 65536)
+                    except OSError:  # EIO: the REPL has gone
+                        pass
+                    seen += chunk
+                if not chunk and (proc.poll() is not None or time.perf_counter() - start > timeout):
+                    raise RuntimeError(f"the REPL showed no prompt; it wrote {seen[-300:]!r}")
+            elapsed = time.perf_counter() - start
+            os.write(master, b"\x04")  # Ctrl-D: quit
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            os.close(master)
+    return elapsed
+
+
+def _seconds_to_import_torch() -> float:
+    import subprocess
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    return time.perf_counter() - start
+
+
+def section_startup(plan: bl.Plan, repo: Path = Path(__file__).resolve().parent.parent) -> dict:
+    """Median of interleaved runs: `import torch` alone, then the REPL to its first prompt."""
+    torch_s, prompt_s = [], []
+    for _ in range(max(plan.repeats, 3)):
+        torch_s.append(_seconds_to_import_torch())
+        prompt_s.append(_seconds_to_first_prompt(repo))
+    torch_med, prompt_med = bl.median(torch_s), bl.median(prompt_s)
+    return {
+        "import_torch_s": torch_med,
+        "first_prompt_s": prompt_med,
+        "ratio": prompt_med / torch_med,
+        "ratio_of_fastest": min(prompt_s) / min(torch_s),  # steadier on a machine shared with other jobs
+        "import_torch_runs_s": torch_s,
+        "first_prompt_runs_s": prompt_s,
+        "model": "embedded demo model, --device cpu",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 
 
@@ -658,6 +734,13 @@ def render(report: dict) -> str:
     sh = s.get("shapes")
     if sh:
         lines += render_shapes(sh)
+    st = s.get("startup")
+    if st and "ratio" in st:
+        lines += [
+            "",
+            f"[startup] {st['model']}: first prompt after {st['first_prompt_s']:.2f} s; `import torch` alone "
+            f"{st['import_torch_s']:.2f} s; ×{st['ratio']:.2f} (target ≤ 1.5; fastest runs ×{st['ratio_of_fastest']:.2f})",
+        ]
     x = s.get("crossover")
     if x and "table" in x:
         lines += ["", f"[Int4Linear tinygemm vs dequant+dense, ms] dense from {x['dense_from_rows']} rows "
@@ -736,6 +819,7 @@ def run(
         "chunk": lambda: section_chunk(small_model(), images["chat"], plan, device, dtype),
         "w4": lambda: section_w4(small_model(), plan),
         "decode": lambda: section_decode(plan, decode_dir or work_dir, start),
+        "startup": lambda: section_startup(plan),
     }
     failed = []
     try:

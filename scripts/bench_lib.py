@@ -727,7 +727,7 @@ def load_probe(model_dir: str, device: str, dtype: str, max_context: int, warm: 
     """
     import transformers  # noqa: F401  (imported before the baseline: its import is not the loader's memory)
 
-    from internvl_chat.engine.checkpoint import load_tokenizer
+    from internvl_chat.engine.tokenizer import load_tokenizer
     from internvl_chat.engine.config import load_config
     from internvl_chat.engine.loader import load_model
     from internvl_chat.engine.model import InternVLModel

@@ -154,7 +154,7 @@ def _token_ids(tokenizer_dir: Path) -> tuple[int, dict[str, int]]:
 # ---------------------------------------------------------------- model
 
 
-def _internvl_config(sizes: TinySizes, vit: str, vocab_size: int, special: dict[str, int]):
+def _internvl_config(sizes: TinySizes, vit: str, vocab_size: int, special: dict[str, int], tie_word_embeddings: bool = False):
     from transformers import InternVLConfig
 
     six_b = vit == "6b"
@@ -200,7 +200,8 @@ def _internvl_config(sizes: TinySizes, vit: str, vocab_size: int, special: dict[
         projector_hidden_act="gelu",
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
+        # top level only, as transformers ≥ 5 writes it: text_config keeps saying false
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
@@ -233,14 +234,23 @@ def _random_value(name: str, shape: torch.Size, gen: torch.Generator) -> torch.T
 
 
 def build_reference_model(
-    vocab_size: int, special: dict[str, int], seed: int = 0, vit: str = "300m", sizes: TinySizes = TinySizes()
+    vocab_size: int,
+    special: dict[str, int],
+    seed: int = 0,
+    vit: str = "300m",
+    sizes: TinySizes = TinySizes(),
+    tie_word_embeddings: bool = False,
 ):
-    """transformers' InternVLForConditionalGeneration (float32) with seeded random weights."""
+    """transformers' InternVLForConditionalGeneration (float32) with seeded random weights.
+
+    With `tie_word_embeddings` transformers shares lm_head with the embeddings (one parameter,
+    randomised once) and `save_pretrained` stores only the embeddings.
+    """
     from transformers import InternVLForConditionalGeneration
 
     if vit not in ("300m", "6b"):
         raise ValueError(f"vit must be '300m' or '6b', not {vit!r}")
-    config = _internvl_config(sizes, vit, vocab_size, special)
+    config = _internvl_config(sizes, vit, vocab_size, special, tie_word_embeddings)
     torch.manual_seed(seed)  # the constructor's own init; everything is overwritten below anyway
     model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
     gen = torch.Generator().manual_seed(seed)

@@ -75,7 +75,8 @@ from internvl_chat.demo.scenes import (  # noqa: E402
     corpus_texts,
     make_scene,
 )
-from internvl_chat.engine.checkpoint import canonical_to_hf, load_state_dict, load_tokenizer  # noqa: E402
+from internvl_chat.engine.checkpoint import canonical_to_hf, load_state_dict  # noqa: E402
+from internvl_chat.engine.tokenizer import load_tokenizer  # noqa: E402
 from internvl_chat.media.image import IMAGENET_MEAN, IMAGENET_STD, choose_grid, count_tiles, tile_image  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -142,7 +143,7 @@ def build_sequence(builder: PromptBuilder, tokenizer, tiles: int, turns: list[QA
         ids += prompt
         targets += [IGNORE] * len(prompt)
         turn_of += [-1] * len(prompt)
-        answer = list(tokenizer(qa.answer, add_special_tokens=False).input_ids)
+        answer = tokenizer.encode(qa.answer)
         ids += answer
         targets += answer
         turn_of += [k] * len(answer)

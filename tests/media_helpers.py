@@ -144,3 +144,84 @@ def write_audio_only(path: Path) -> Path:
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+# ---------------------------------------------------------------- turned and large videos
+
+FIXED_ONE = 1 << 16  # 1.0 in the 16.16 fixed point of a display matrix
+
+
+def display_matrix(a: int, b: int, c: int, d: int, tx: int = 0, ty: int = 0) -> list[int]:
+    """FFmpeg's 3×3 display matrix (row-major) for p' = a·p + c·q + tx, q' = b·p + d·q + ty."""
+    return [a * FIXED_ONE, b * FIXED_ONE, 0, c * FIXED_ONE, d * FIXED_ONE, 0, tx * FIXED_ONE, ty * FIXED_ONE, 1 << 30]
+
+
+def orientation_pattern(width: int, height: int) -> np.ndarray:
+    """Red rising to the right, green rising downwards, a white block in the top-left corner.
+
+    Each of the eight turns and mirrors of it looks different, and smooth ramps survive lossy
+    coding closely, so a decoded frame can be matched against the eight candidates.
+    """
+    x = np.linspace(0, 255, width)
+    y = np.linspace(0, 255, height)
+    frame = np.empty((height, width, 3), np.uint8)
+    frame[..., 0] = np.rint(x)[None, :]
+    frame[..., 1] = np.rint(y)[:, None]
+    frame[..., 2] = 60
+    frame[: height // 3, : width // 4] = 250
+    return frame
+
+
+def write_pattern_video(
+    path: Path,
+    width: int,
+    height: int,
+    frames: int = 3,
+    matrix: list[int] | None = None,
+    rotate_tag: str | None = None,
+    codec: str = "mpeg4",
+) -> Path:
+    """`frames` copies of `orientation_pattern`, with a display matrix and/or a `rotate` tag.
+
+    PyAV writes the matrix as stream side data (MP4: the track matrix; MKV: the projection
+    pose) and the tag as stream metadata (MKV keeps it as a ROTATE tag, as older FFmpeg did).
+    """
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=30)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        if matrix is not None:
+            stream.set_display_matrix(matrix)
+        if rotate_tag is not None:
+            stream.metadata["rotate"] = rotate_tag
+        picture = av.VideoFrame.from_ndarray(orientation_pattern(width, height), format="rgb24")
+        for _ in range(frames):
+            for packet in stream.encode(picture):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_large_video(path: Path, side: int, frames: int = 4) -> Path:
+    """A side×side clip made cheaply: YUV planes filled directly (no RGB conversion), intra-only
+    MPEG-4 (no motion search); a ramp across, chroma differing per frame."""
+    import av
+
+    ramp = np.linspace(16, 235, side).astype(np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width = stream.height = side
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = 1
+        for number in range(frames):
+            planes = np.empty((side * 3 // 2, side), np.uint8)
+            planes[:side] = ramp[None, :]
+            planes[side:] = 100 + 20 * number
+            for packet in stream.encode(av.VideoFrame.from_ndarray(planes, format="yuv420p")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

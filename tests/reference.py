@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from internvl_chat.engine.checkpoint import canonical_to_hf, iter_tensors, load_tokenizer, special_token_ids
+from internvl_chat.engine.checkpoint import canonical_to_hf, iter_tensors
+from internvl_chat.engine.tokenizer import load_tokenizer, special_token_ids
 
 
 def reference_config_from_original(model_dir: str | Path):

@@ -22,7 +22,7 @@ from internvl_chat.chat.template import MediaSpec
 from internvl_chat.engine.loader import load_model
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import EXIT, ERROR, OK, App, block_is_open, sanitize, unwrap_block
-from internvl_chat.ui.setup import sampling_params
+from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from media_helpers import textured_rgb, write_numbered_video
 
 MAX_CONTEXT = 2048
@@ -168,7 +168,7 @@ def test_message_takes_pending_media_and_context_adds_up(loaded, media, tmp_path
     assert [len(t.media) for t in session.turns] == [1, 0] and app.pending == []
     assert "decode" in out.getvalue() and f"context {session.context_used:,}/{MAX_CONTEXT:,}" in out.getvalue()
 
-    items = dict(app.context_items())
+    items = dict(app.session.context_items(app.pending))
     b = session.builder
     system = len(b.first_turn("", [])) - len(b.user_turn("", []))
     t1, t2 = session.turns

@@ -23,11 +23,10 @@ from internvl_chat.engine.checkpoint import (
     hf_to_canonical,
     iter_tensors,
     load_state_dict,
-    load_tokenizer,
     qkv_slot,
-    special_token_ids,
 )
 from internvl_chat.engine.config import DEFAULT_SYSTEM_MESSAGE, load_config, parse_config
+from internvl_chat.engine.tokenizer import load_tokenizer, special_token_ids
 
 # tiny model sizes as make_tiny_checkpoint's defaults (TinySizes)
 V_HIDDEN, V_LAYERS, V_HEADS, V_MLP = 64, 2, 4, 128
@@ -271,7 +270,7 @@ def test_index_naming_a_missing_shard(variants, tmp_path):
 
 def test_bin_with_pickled_object_is_refused(tmp_path):
     torch.save({"w": torch.zeros(2), "evil": Path("x")}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="safely"):
+    with pytest.raises(CheckpointError, match="refused for safety"):
         list(iter_tensors(tmp_path, "original"))
 
 
@@ -415,52 +414,6 @@ def test_weights_are_not_trivial(tiny_original):
             assert (t - 1).abs().mean() > 0.05, name  # norms are not all ones
 
 
-# ------------------------------------------------------------------ tokenizer
-
-
-def test_tokenizer_special_tokens(tiny_original):
-    tok = load_tokenizer(tiny_original)
-    ids = tokenizer_json_ids(tiny_original)
-    special = special_token_ids(tok)
-    assert special.im_start == ids["<|im_start|>"] and special.im_end == ids["<|im_end|>"]
-    assert special.endoftext == ids["<|endoftext|>"] and special.img_context == ids["<IMG_CONTEXT>"]
-    assert special.img_start == ids["<img>"] and special.img_end == ids["</img>"]
-    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.bos_token is None
-    for text in ("<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"):
-        assert text in ids
-    # specials are single tokens inside text, and nothing is prepended
-    assert tok.encode("<|im_start|>user", add_special_tokens=True)[0] == ids["<|im_start|>"]
-
-
-def test_tokenizer_round_trips_utf8_and_splits_multibyte(tiny_tokenizer):
-    tok = load_tokenizer(tiny_tokenizer)
-    text = "Hello 世界! e\u0301 ümlaut 🤖\n\t<img></img> 龘"
-    ids = tok.encode(text, add_special_tokens=False)
-    assert tok.decode(ids) == text
-    pieces = [tok.decode([i]) for i in tok.encode("龘", add_special_tokens=False)]
-    assert len(pieces) > 1 and "\ufffd" in "".join(pieces)  # one character, several byte tokens
-
-
-def test_tokenizer_chat_template(tiny_tokenizer):
-    tok = load_tokenizer(tiny_tokenizer)
-    text = tok.apply_chat_template(
-        [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True
-    )
-    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
-
-
-def test_tokenizer_missing_or_incomplete(tmp_path, tiny_tokenizer):
-    with pytest.raises(CheckpointError, match="no tokenizer"):
-        load_tokenizer(tmp_path)
-
-    class Fake:
-        def get_vocab(self):
-            return {"<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 3, "<img>": 4, "</img>": 5}
-
-    with pytest.raises(CheckpointError, match="IMG_CONTEXT"):
-        special_token_ids(Fake())
-
-
 # ------------------------------------------------------------------ reference model
 
 
@@ -481,3 +434,257 @@ def test_reference_model_loads_every_fixture(tiny_original, tiny_original_6b, ti
         assert (logits[name] - other).abs().max() > 1e-2, name  # the image reaches the answer
         assert logits[name].std() > 0.3, name  # logits are far from flat
     assert torch.equal(logits["o"], logits["h"]) and torch.equal(logits["o"], logits["l"])
+
+
+# ------------------------------------------------------------------ tied embeddings (transformers' rule)
+
+
+@pytest.fixture(scope="module")
+def tied_hf(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tied -hf checkpoint written by the installed transformers' own save_pretrained."""
+    from make_tiny_checkpoint import build_reference_model, token_ids
+
+    out = tmp_path_factory.mktemp("tied_hf")
+    num_tokens, special = token_ids(tiny_tokenizer)
+    model = build_reference_model(-(-num_tokens // 64) * 64, special, seed=3, tie_word_embeddings=True)
+    model.save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_tokenizer / name).is_file():
+            shutil.copy(tiny_tokenizer / name, out / name)
+    return out
+
+
+def _tied_copy(src: Path, dst: Path, config_edit=None, tensor_edit=None) -> Path:
+    shutil.copytree(src, dst)
+    if config_edit:
+        raw = original_config(dst)
+        config_edit(raw)
+        (dst / "config.json").write_text(json.dumps(raw), encoding="utf-8")
+    if tensor_edit:
+        from safetensors.torch import load_file
+
+        tensors = load_file(dst / "model.safetensors")
+        tensor_edit(tensors)
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _logits_ours_and_reference(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from internvl_chat.engine.loader import load_model
+    from reference import reference_model
+
+    loaded = load_model(folder, device="cpu", dtype="float32", max_context=512)
+    s = loaded.special
+    ids = [s.im_start, 5, 6, s.img_start] + [s.img_context] * 256 + [s.img_end, 7, 8, s.im_end, s.im_start, 9]
+    pixels = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(5))
+    ours = loaded.model.forward(ids, 0, loaded.model.encode_images(pixels), all_logits=True)
+    with torch.no_grad():
+        ref = reference_model(folder)(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0]
+    return ours, ref
+
+
+def _assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ref.std() > 0.3  # far from flat: a wrong head would show
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_tied_hf_checkpoint_from_save_pretrained_matches_transformers(tied_hf):
+    raw = original_config(tied_hf)
+    # what transformers ≥ 5 writes: the flag at the top level, text_config saying false, no head
+    assert raw["tie_word_embeddings"] is True and raw["text_config"]["tie_word_embeddings"] is False
+    assert not any("lm_head" in n for n in safetensors_names(tied_hf))
+    assert load_config(tied_hf).text.tie_word_embeddings
+    ours, ref = _logits_ours_and_reference(tied_hf)
+    _assert_close(ours, ref)
+
+
+def test_tied_flag_absent_means_tied_as_in_transformers(tied_hf, tmp_path):
+    folder = _tied_copy(tied_hf, tmp_path / "absent", config_edit=lambda raw: raw.pop("tie_word_embeddings"))
+    assert load_config(folder).text.tie_word_embeddings  # InternVLConfig's default is true
+    ours, ref = _logits_ours_and_reference(folder)
+    _assert_close(ours, ref)
+
+
+def test_text_config_flag_alone_does_not_tie(tied_hf, tmp_path):
+    """transformers reads only the top-level flag: text_config saying true ties nothing."""
+    from transformers import InternVLForConditionalGeneration
+
+    def edit(raw):
+        raw["tie_word_embeddings"] = False
+        raw["text_config"]["tie_word_embeddings"] = True
+
+    folder = _tied_copy(tied_hf, tmp_path / "text_only", config_edit=edit)
+    assert not load_config(folder).text.tie_word_embeddings
+    _, info = InternVLForConditionalGeneration.from_pretrained(str(folder), output_loading_info=True)
+    assert "lm_head.weight" in info["missing_keys"]  # transformers would leave the head random
+    from internvl_chat.engine.loader import load_model
+
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\), e\.g\. language_model\.lm_head\.weight"):
+        load_model(folder, device="cpu", dtype="float32", max_context=256)
+
+
+def test_tied_checkpoint_storing_only_the_head(tied_hf, tmp_path):
+    """Tying is symmetric when loading: a stored head stands in for missing embeddings."""
+
+    def edit(tensors):
+        tensors["lm_head.weight"] = tensors.pop("language_model.model.embed_tokens.weight")
+
+    folder = _tied_copy(tied_hf, tmp_path / "head_only", tensor_edit=edit)
+    ours, ref = _logits_ours_and_reference(folder)
+    _assert_close(ours, ref)
+
+
+def test_tied_checkpoint_storing_a_different_head_uses_both(tied_hf, tmp_path):
+    """transformers does not tie a head stored with other values than the embeddings."""
+
+    def edit(tensors):
+        embed = tensors["language_model.model.embed_tokens.weight"]
+        tensors["lm_head.weight"] = torch.randn(embed.shape, generator=torch.Generator().manual_seed(9))
+
+    folder = _tied_copy(tied_hf, tmp_path / "both", tensor_edit=edit)
+    ours, ref = _logits_ours_and_reference(folder)
+    _assert_close(ours, ref)
+
+
+def test_original_layout_ties_by_llm_config(tiny_original, tmp_path):
+    """The original code builds Qwen2ForCausalLM from llm_config, so llm_config's flag decides."""
+    from internvl_chat.engine.loader import load_model
+
+    def drop_head(tensors):
+        tensors.pop("language_model.lm_head.weight")
+
+    def tie_llm(raw):
+        raw["llm_config"]["tie_word_embeddings"] = True
+
+    def tie_top_only(raw):
+        raw["tie_word_embeddings"] = True
+
+    tied = _tied_copy(tiny_original, tmp_path / "tied", config_edit=tie_llm, tensor_edit=drop_head)
+    loaded = load_model(tied, device="cpu", dtype="float32", max_context=256)
+    lm = loaded.model.language_model
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    # the same logits as an untied copy whose head is the embedding matrix, stored
+    untied = _tied_copy(
+        tiny_original, tmp_path / "untied",
+        tensor_edit=lambda t: t.update({"language_model.lm_head.weight": t["language_model.model.embed_tokens.weight"].clone()}),
+    )  # fmt: skip
+    ids = list(range(3, 40))
+    expected = load_model(untied, device="cpu", dtype="float32", max_context=256).model.forward(ids, 0, all_logits=True)
+    assert torch.equal(loaded.model.forward(ids, 0, all_logits=True), expected)
+
+    top_only = _tied_copy(tiny_original, tmp_path / "top", config_edit=tie_top_only, tensor_edit=drop_head)
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\), e\.g\. language_model\.lm_head\.weight"):
+        load_model(top_only, device="cpu", dtype="float32", max_context=256)
+
+
+# ------------------------------------------------------------------ image preprocessing from the checkpoint
+
+
+def test_tiling_keys_are_read_from_the_original_config(tiny_original):
+    raw = original_config(tiny_original)
+    cfg = parse_config(raw)
+    assert (cfg.min_dynamic_patch, cfg.max_dynamic_patch, cfg.dynamic_image_size, cfg.use_thumbnail) == (1, 12, True, True)
+    assert cfg.tile_limits() == (1, 12) and cfg.tile_limits(0) == (1, 12) and cfg.tile_limits(6) == (1, 6)
+    raw.update(max_dynamic_patch=6, min_dynamic_patch=2, use_thumbnail=False)
+    cfg = parse_config(raw)
+    assert (cfg.min_dynamic_patch, cfg.max_dynamic_patch, cfg.use_thumbnail) == (2, 6, False)
+    assert cfg.tile_limits() == (2, 6) and cfg.tile_limits(1) == (1, 1)  # the user's maximum wins
+    raw["dynamic_image_size"] = False
+    assert parse_config(raw).tile_limits() == (1, 1) == parse_config(raw).tile_limits(12)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("max_dynamic_patch", 0), ("max_dynamic_patch", 1000), ("max_dynamic_patch", "12"), ("max_dynamic_patch", 12.0),
+     ("min_dynamic_patch", 13), ("min_dynamic_patch", 0), ("dynamic_image_size", "yes"), ("use_thumbnail", 1)],
+)  # fmt: skip
+def test_bad_tiling_keys_are_refused(tiny_original, key, value):
+    raw = original_config(tiny_original)
+    raw[key] = value
+    with pytest.raises(CheckpointError, match=key):
+        parse_config(raw)
+
+
+def test_hf_tiling_comes_from_preprocessor_config(tiny_hf, tmp_path):
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_hf, folder)
+    assert load_config(folder).tile_limits() == (1, 12)  # no preprocessor_config.json: the processor's defaults
+    (folder / "preprocessor_config.json").write_text(json.dumps({"max_patches": 3, "min_patches": 2, "crop_to_patches": False}))
+    cfg = load_config(folder)
+    assert (cfg.min_dynamic_patch, cfg.max_dynamic_patch, cfg.dynamic_image_size) == (2, 3, True)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"max_patches": "3"}))
+    with pytest.raises(CheckpointError, match="max_patches"):
+        load_config(folder)
+
+
+@pytest.fixture(scope="module")
+def tiling_session_factory(tmp_path_factory, tiny_original):
+    from internvl_chat.chat.session import Session
+    from internvl_chat.engine.loader import load_model
+
+    def make(**config_keys) -> Session:
+        folder = tmp_path_factory.mktemp("tiling")
+        shutil.copytree(tiny_original, folder, dirs_exist_ok=True)
+        raw = original_config(folder)
+        raw.update(config_keys)
+        (folder / "config.json").write_text(json.dumps(raw), encoding="utf-8")
+        return Session(load_model(folder, device="cpu", dtype="float32", max_context=4096))
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiling_images(tmp_path_factory) -> dict[str, Path]:
+    from PIL import Image
+
+    out = tmp_path_factory.mktemp("tiling_images")
+    paths = {"wide": out / "wide.png", "square": out / "square.png"}
+    Image.new("RGB", (3000, 1000), (200, 30, 30)).save(paths["wide"])
+    Image.new("RGB", (448, 448), (30, 200, 30)).save(paths["square"])
+    return paths
+
+
+@pytest.mark.parametrize(
+    "config_keys, image, user_max, tiles",
+    [
+        ({"max_dynamic_patch": 2}, "wide", None, 3),  # (2, 1) + thumbnail: the checkpoint's limit, not 12
+        ({"max_dynamic_patch": 2}, "wide", 6, 4),  # the user's limit wins: (3, 1) + thumbnail
+        ({"min_dynamic_patch": 4}, "square", None, 5),  # at least 4 tiles: 2×2 + thumbnail
+        ({"min_dynamic_patch": 4}, "square", 2, 3),  # the user's maximum caps the minimum: (1, 2) + thumbnail
+        ({"dynamic_image_size": False}, "wide", None, 1),  # one 448 tile
+        ({"dynamic_image_size": False}, "wide", 6, 1),
+        ({"use_thumbnail": False}, "wide", None, 12),  # (6, 2), no thumbnail
+    ],
+)  # fmt: skip
+def test_checkpoint_tiling_reaches_cost_decode_and_saved_session(
+    tiling_session_factory, tiling_images, config_keys, image, user_max, tiles
+):
+    from internvl_chat.chat.sampling import SamplingParams
+
+    session = tiling_session_factory(**config_keys)
+    media = session.describe_image(tiling_images[image], user_max)  # the cost preview and /context
+    assert media.tiles == tiles
+    cost = session.media_tokens([media])
+    events = list(session.ask("what is it?", [media], SamplingParams(max_new_tokens=1)))
+    assert media.pixel_values.shape[0] == tiles  # what was decoded is what was priced
+    usage = next(e["usage"] for e in events if "usage" in e)
+    assert usage["prompt_tokens"] >= cost >= 256 * tiles
+    saved = session.to_json()["messages"][0]["media"][0]
+    assert saved["tiles"] == tiles
+    assert session.describe_image(tiling_images[image], saved["max_tiles"]).tiles == tiles  # reloads the same
+
+
+def test_a_tied_hf_checkpoint_quantizes_to_one_that_loads_tied(tied_hf, tmp_path):
+    """The quantizer writes the original layout: the tie must survive the move from the -hf top-level
+    flag to llm_config, or the output (which stores no lm_head) would not load."""
+    from internvl_chat.engine.loader import load_model
+    from internvl_chat.quantize import main as quantize_main
+
+    out = tmp_path / "w4"
+    assert quantize_main([str(tied_hf), str(out), "--method", "rtn", "--device", "cpu"]) == 0
+    cfg = load_config(out)
+    assert cfg.layout == "original" and cfg.text.tie_word_embeddings
+    assert not any("lm_head" in n for n in safetensors_names(out))
+    loaded = load_model(out, device="cpu", dtype="float32", max_context=256)
+    head, embed = loaded.model.language_model.lm_head.weight, loaded.model.language_model.model.embed_tokens.weight
+    assert head.data_ptr() == embed.data_ptr() or torch.equal(head, embed)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
-from internvl_chat.engine.checkpoint import load_tokenizer
+from internvl_chat.engine.tokenizer import load_tokenizer
 from internvl_chat.media.image import load_image
 from media_helpers import textured_rgb
 from reference import reference_model
@@ -121,3 +121,90 @@ def test_video_flags(tiny_original, tmp_path):
     assert ranged.returncode == 0, ranged.stderr
     bad = cli(*base, "--video", str(clip), "--video-range", "5-9")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+# --- untrusted input and broken output streams --------------------------------------------------
+
+
+def _one_line(run: subprocess.CompletedProcess, code: int, expected: str) -> None:
+    assert run.returncode == code, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_stdin_that_is_not_text_is_refused_with_what_to_do(tiny_original, image):
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "-p", "hi"],
+                         input=b"caf\xe9 au lait\n", capture_output=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull})  # fmt: skip
+    assert run.returncode == 2 and b"stdin is not UTF-8 text (byte 0xe9 on line 1)" in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    png = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "-p", "hi"],
+                         input=image.read_bytes(), capture_output=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull})  # fmt: skip
+    assert png.returncode == 2, png.stderr
+    assert png.stderr.decode().strip() == (
+        "internvl-chat: error: stdin holds a PNG image, not text; pass it with --image FILE (the question goes in -p TEXT)"
+    )
+
+
+def test_a_prompt_argument_that_is_not_utf8_is_refused(tiny_original):
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "-p", b"caf\xe9"],
+                         capture_output=True, timeout=300, stdin=subprocess.DEVNULL,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull})  # fmt: skip
+    assert run.returncode == 2 and run.stdout == b""
+    assert run.stderr.decode().strip().startswith("internvl-chat: error: the prompt is not UTF-8 text (byte 0xe9)")
+
+
+def test_seed_outside_the_generators_range_is_refused_when_given(tiny_original):
+    _one_line(cli("--model", "/nonexistent/model", "-p", "hi", "--seed", str(2**64)), 2,
+              "generation.seed must be an integer from 0 to 2**63-1")  # refused before the model is read
+    _one_line(cli("--model", str(tiny_original), "-p", "hi", "--seed", "-1"), 2, "generation.seed")
+    top = cli("--model", str(tiny_original), "-p", "hi", "--seed", str(2**63 - 1), "--temperature", "0.7",
+              "--max-new-tokens", "3", "--device", "cpu")  # fmt: skip
+    assert top.returncode == 0, top.stderr
+
+
+def test_a_full_stdout_ends_with_one_line_and_status_1(tiny_original, tmp_path):
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "-p", "hi",
+                              "--max-new-tokens", "4", "--device", "cpu"], stdout=full, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull})  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.strip() == "internvl-chat: error: cannot write to stdout (No space left on device); the output is incomplete"
+
+
+def test_a_closed_stderr_costs_nothing_and_never_reaches_stdout(tiny_original, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
+    base = [sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu"]
+    close_stderr = lambda: os.close(2)  # noqa: E731  as `2>&-` does
+    ok = subprocess.run([*base, "-p", "hi", "--max-new-tokens", "4", "--json"], stdout=subprocess.PIPE,
+                        stdin=subprocess.DEVNULL, preexec_fn=close_stderr, env=env, timeout=300)  # fmt: skip
+    assert ok.returncode == 0 and json.loads(ok.stdout)["finish_reason"] in ("stop", "length")
+    bad = subprocess.run([*base, "-p", "hi", "--temperature", "-1"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         preexec_fn=close_stderr, env=env, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and bad.stdout == b""  # the error went nowhere, not into stdout
+
+    script = tmp_path / "chat.txt"
+    saved = tmp_path / "chat.json"
+    script.write_text(f"Hello.\n/save {saved}\n")
+    run = subprocess.run([*base, "--max-new-tokens", "4", "--script", str(script)], stdout=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, preexec_fn=close_stderr, env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0 and b"saved 1 turn(s)" in run.stdout
+    assert json.loads(saved.read_text())["format"] == "internvl-chat-session"  # fd 2 reused by nothing
+
+
+def test_the_tokenizers_own_warnings_never_reach_the_user(tiny_original, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for item in tiny_original.iterdir():
+        (model / item.name).symlink_to(item)
+    (model / "tokenizer_config.json").unlink()
+    config = json.loads((tiny_original / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 16}))
+    run = cli("--model", str(model), "--max-new-tokens", "2", "--device", "cpu", "-p", "Summarise.",
+              stdin="one two three four five six seven eight nine ten " * 10)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "Token indices" not in run.stderr and "transformers" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1  # the stats line only

@@ -72,6 +72,9 @@ P = Path
         ),
         ("/save", Command("save")),
         ("/save chat.json", Command("save", (P("chat.json"),))),
+        ("/save chat.json --force", Command("save", (P("chat.json"),), {"force": True})),
+        ("/load", Command("load")),
+        ("/load talk", Command("load", (P("talk"),))),
         ("/load ~/chats/a\\ b.json", Command("load", (P("/home/tester/chats/a b.json"),))),
         ("/export notes.md", Command("export", (P("notes.md"),))),
         # numbers, settings and text
@@ -79,6 +82,8 @@ P = Path
         ("/set temperature 0.7", Command("set", ("temperature", "0.7"))),
         ("/set top_p=0.9", Command("set", ("top_p", "0.9"))),
         ("/set seed 'none'", Command("set", ("seed", "none"))),
+        ("/set temperature", Command("set", ("temperature",))),  # shows the value and its source
+        ("/bye", Command("exit")),
         ("/system", Command("system")),
         ("/system   You are terse. Use 'quotes' freely. ", Command("system", ("You are terse. Use 'quotes' freely.",))),
         ("/system line one\nline two", Command("system", ("line one\nline two",))),
@@ -115,10 +120,9 @@ def test_parse_line(line, expected):
         ("/drop 1 2", "/drop takes at most 1 argument(s)"),
         ("/clear now", "/clear takes no arguments; usage: /clear"),
         ("/exit please", "/exit takes no arguments"),
-        ("/set temperature", "/set needs VALUE; usage: /set KEY VALUE"),
         ("/set", "/set needs KEY"),
-        ("/set a b c", "/set takes at most 2 argument(s)"),
-        ("/load", "/load needs FILE; usage: /load FILE"),
+        ("/set a b c", "/set takes at most 2 argument(s); usage: /set KEY [VALUE]"),
+        ("/save a.json --force=yes", "/save: --force takes no value; usage: /save [FILE] [--force]"),
         ("/export", "/export needs FILE.md"),
         ("/save a.json b.json", "/save takes at most 1 argument(s)"),
         ("/image ''", "empty path"),
@@ -170,7 +174,7 @@ def test_command_table_covers_the_issue():
     }  # fmt: skip
     assert COMMAND_BY_NAME["quit"] is COMMAND_BY_NAME["exit"]
     kinds = {arg.kind for spec in COMMANDS for arg in spec.args}
-    assert kinds <= {"image", "video", "file", "int", "setting", "value", "text", "command"}
+    assert kinds <= {"image", "video", "file", "session", "int", "setting", "value", "text", "command"}
     assert [a.kind for a in COMMAND_BY_NAME["image"].args] == ["image"]
     assert [a.kind for a in COMMAND_BY_NAME["video"].args] == ["video"]
     assert [a.kind for a in COMMAND_BY_NAME["set"].args] == ["setting", "value"]

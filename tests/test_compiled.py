@@ -1,7 +1,8 @@
 """The compiled decode step (engine/compiled.py) against the eager step, on CPU in fp32.
 
-Cost: one compile of the tiny checkpoint's step (2 layers; cached in Inductor's cache for later
-runs); the CLI and Session tests reuse it. The fallback test makes a compile really fail (the C++
+Cost: one in-process compile of the tiny checkpoint's step (2 layers; kept in Inductor's cache)
+that the Session, serve-slot, CLI and cache tests share (the CLI and cache processes load it from
+the cache); one compile of the graphs variant; the W4 compile (marked slow). The fallback test makes a compile really fail (the C++
 compiler named by $CXX does not exist, and an empty cache forces a build).
 """
 
@@ -23,29 +24,26 @@ from internvl_chat.engine.loader import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-4
+CONTEXT = 1024
 
 
 @pytest.fixture(scope="module")
 def eager(tiny_original):
-    return load_model(tiny_original, device="cpu", dtype="float32", max_context=1024, compile="off")
+    return load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT, compile="off")
 
 
 @pytest.fixture(scope="module")
 def fast(tiny_original):
-    """Compiled with every linear as a multiply-reduce (the large-weight form; the tiny weights
-    would otherwise keep the BLAS call, which the CLI tests below exercise). The threshold is a
-    global Dynamo guards on, so it stays patched while the module's tests run."""
+    """The CLI's configuration (fp32, tiny weights: BLAS linears) at the CLI tests' context, so the
+    CLI process and the cache test load this compile from Inductor's cache. The multiply-reduce
+    form that large weights get is compiled by the graphs-variant test."""
     messages: list[str] = []
-    saved, language.GEMV_REDUCTION_MIN_BYTES = language.GEMV_REDUCTION_MIN_BYTES, 0
-    try:
-        loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024, compile="on", progress=messages.append)
-        step = loaded.model.compiled_step
-        assert step is not None and step.active, "the decode step did not compile"
-        assert messages[0] == "compiling the decode step …" and messages[-1].startswith("decode step compiled in")
-        assert step.compile_s > 0
-        yield loaded
-    finally:
-        language.GEMV_REDUCTION_MIN_BYTES = saved
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT, compile="on", progress=messages.append)
+    step = loaded.model.compiled_step
+    assert step is not None and step.active, "the decode step did not compile"
+    assert messages[0] == "compiling the decode step …" and messages[-1].startswith("decode step compiled in")
+    assert step.compile_s > 0
+    return loaded
 
 
 def _greedy(model, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
@@ -62,7 +60,7 @@ def _greedy(model, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]
 
 
 def test_compiled_step_gives_the_eager_greedy_tokens(eager, fast):
-    ids = eager.tokenizer.encode("one two three four five six seven", add_special_tokens=False) * 3
+    ids = eager.tokenizer.encode("one two three four five six seven") * 3
     before = fast.model.compiled_step.steps
     want, want_logits = _greedy(eager.model, ids, 24)
     got, got_logits = _greedy(fast.model, ids, 24)
@@ -103,6 +101,34 @@ def test_session_with_undo_and_retry_matches_eager(eager, fast):
     assert fast.model.compiled_step.active and fast.model.compiled_step.steps > 0
 
 
+def test_serve_slots_swap_kv_caches_under_the_compiled_step(eager, fast):
+    """`internvl-chat serve` keeps one KV cache per slot and points the model at the active one
+    (chat/session.OwnKVCache); the compiled step must read and write that one, never the cache it
+    was compiled with. Interleaved compiled conversations match each conversation run alone, eager."""
+    params = SamplingParams(max_new_tokens=8)
+    prompts = [["Hello there!", "Tell me more."], ["Something else?", "And finally?"]]
+    want = []
+    for turns in prompts:
+        alone = Session(eager, params)
+        for text in turns:
+            _drain(alone.ask(text))
+        want.append(_answers(alone))
+    step = fast.model.compiled_step
+    before = step.steps
+    slots = [Session(fast, params) for _ in prompts]
+    for i, s in enumerate(slots):
+        s.own_kv_cache(share_model_cache=(i == 0))
+    try:
+        for turn in range(2):
+            for s, turns in zip(slots, prompts):
+                s.activate_kv_cache()
+                _drain(s.ask(turns[turn]))
+    finally:
+        slots[0].activate_kv_cache()  # the model's own cache again, for the other tests
+    assert [_answers(s) for s in slots] == want
+    assert step.active and step.failure is None and step.steps > before
+
+
 def test_decode_step_traces_as_one_graph(eager):
     """fullgraph=True would refuse a graph break; this names the count (zero) for both entry points."""
     lm = eager.model.language_model
@@ -124,21 +150,29 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def _ask(model: Path, mode: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return _cli("--model", str(model), "-p", "Count to ten, please.", "--json", "--max-new-tokens", "16",
-                "--device", "cpu", "--dtype", "float32", "--compile", mode, env=env)  # fmt: skip
+                "--device", "cpu", "--dtype", "float32", "--max-context", str(CONTEXT), "--compile", mode, env=env)  # fmt: skip
 
 
-def test_cli_compiled_answer_equals_eager(tiny_original, fast):
-    on, off = _ask(tiny_original, "on"), _ask(tiny_original, "off")
-    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
-    assert json.loads(on.stdout)["token_ids"] == json.loads(off.stdout)["token_ids"]
+@pytest.fixture(scope="module")
+def cli_eager_tokens(tiny_original) -> list[int]:
+    """The eager CLI's answer, computed once for the CLI tests below."""
+    off = _ask(tiny_original, "off")
+    assert off.returncode == 0, off.stderr
+    return json.loads(off.stdout)["token_ids"]
+
+
+def test_cli_compiled_answer_equals_eager(tiny_original, cli_eager_tokens):
+    on = _ask(tiny_original, "on")
+    assert on.returncode == 0, on.stderr
+    assert json.loads(on.stdout)["token_ids"] == cli_eager_tokens
     assert "not compiled" not in on.stderr and "failed" not in on.stderr, on.stderr
 
 
-def test_a_failing_compiler_falls_back_to_eager_with_one_line(tiny_original, tmp_path):
+def test_a_failing_compiler_falls_back_to_eager_with_one_line(tiny_original, cli_eager_tokens, tmp_path):
     env = {"CXX": str(tmp_path / "no-such-compiler" / "g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
-    broken, off = _ask(tiny_original, "on", env), _ask(tiny_original, "off")
+    broken = _ask(tiny_original, "on", env)
     assert broken.returncode == 0, broken.stderr
-    assert json.loads(broken.stdout)["token_ids"] == json.loads(off.stdout)["token_ids"]
+    assert json.loads(broken.stdout)["token_ids"] == cli_eager_tokens
     notes = [line for line in broken.stderr.splitlines() if "decode step" in line]
     assert len(notes) == 1 and "was not compiled" in notes[0] and "using the eager step" in notes[0], broken.stderr
     assert "Traceback" not in broken.stderr
@@ -160,20 +194,21 @@ def test_auto_compiles_large_decoders_on_cpu_only(eager):
         compiled.AUTO_MIN_DECODER_BYTES = saved
 
 
-def test_the_compile_cache_serves_the_next_start(tiny_original):
-    """A second process finds the compiled step in Inductor's cache (~/.cache/internvl-chat by default)."""
+def test_the_compile_cache_serves_the_next_start(tiny_original, fast):
+    """A new process finds the step that `fast` compiled (same model and settings) in Inductor's
+    cache (~/.cache/internvl-chat by default) and compiles nothing."""
     code = (
         "from internvl_chat.engine.loader import load_model\n"
-        f"m = load_model({str(tiny_original)!r}, device='cpu', dtype='float32', max_context=768, compile='on').model\n"
+        f"m = load_model({str(tiny_original)!r}, device='cpu', dtype='float32', max_context={CONTEXT}, compile='on').model\n"
         "from torch._dynamo.utils import counters\n"
         "print(m.compiled_step is not None, counters['inductor']['fxgraph_cache_hit'], counters['inductor']['fxgraph_cache_miss'])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_CACHE_DIR": str(compiled.use_cache_dir())}
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900) for _ in range(2)]
-    assert all(r.returncode == 0 for r in runs), runs[-1].stderr
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr
     assert any(compiled.use_cache_dir().glob("fxgraph/*")), "nothing was cached"
-    ok, hits, misses = runs[1].stdout.split()  # the first run compiled or loaded; the second must load
-    assert ok == "True" and int(hits) >= 1 and int(misses) == 0, runs[1].stdout
+    ok, hits, misses = run.stdout.split()
+    assert ok == "True" and int(hits) >= 1 and int(misses) == 0, run.stdout
 
 
 @pytest.mark.slow
@@ -197,27 +232,34 @@ def test_w4_compiled_step_gives_the_eager_greedy_tokens(tiny_original):
 
 def test_the_graphs_variant_compiles_once_for_every_bucket(eager, tiny_original):
     """What CUDA graphs capture on a GPU (engine/cuda_graph.py): the position on the device and a
-    fixed KV bucket with the stale tail masked. Checked on CPU: one compile serves two buckets and
-    decodes the eager tokens (the capture itself needs a GPU: tests/test_cuda.py)."""
+    fixed KV bucket with the stale tail masked. Checked on CPU, with the multiply-reduce GEMVs of
+    large weights: one compile serves two buckets and decodes the eager tokens (the capture itself
+    needs a GPU: tests/test_cuda.py)."""
     from internvl_chat.engine.cuda_graph import kv_bucket
 
-    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT)
     model, lm = loaded.model, loaded.model.language_model
-    step = compiled.CompiledStep(lm, model.device, for_graphs=True)
-    assert step.compile()
-    ids = (eager.tokenizer.encode("one two three four five six seven", add_special_tokens=False) * 64)[:250]
+    ids = (eager.tokenizer.encode("one two three four five six seven") * 64)[:250]
     want, _ = _greedy(eager.model, ids, 12)
-    with torch.inference_mode():
-        token = model.forward(ids, 0).argmax().view(1)
-        got, seen = [], set()
-        position = torch.tensor([len(ids)])
-        with torch.compiler.set_stance("fail_on_recompile"):
-            for _ in range(12):
-                got.append(int(token))
-                kv_len = kv_bucket(int(position), model.max_seq_len)
-                seen.add(kv_len)
-                token = step.masked(token, position, kv_len).argmax().view(1)
-                position += 1
+    # every linear as the multiply-reduce that large weights get on CPU (tiny ones keep BLAS); the
+    # threshold is a global Dynamo guards on, so it is restored before `fast` runs again
+    saved, language.GEMV_REDUCTION_MIN_BYTES = language.GEMV_REDUCTION_MIN_BYTES, 0
+    try:
+        step = compiled.CompiledStep(lm, model.device, for_graphs=True)
+        assert step.compile()
+        with torch.inference_mode():
+            token = model.forward(ids, 0).argmax().view(1)
+            got, seen = [], set()
+            position = torch.tensor([len(ids)])
+            with torch.compiler.set_stance("fail_on_recompile"):
+                for _ in range(12):
+                    got.append(int(token))
+                    kv_len = kv_bucket(int(position), model.max_seq_len)
+                    seen.add(kv_len)
+                    token = step.masked(token, position, kv_len).argmax().view(1)
+                    position += 1
+    finally:
+        language.GEMV_REDUCTION_MIN_BYTES = saved
     assert got == want and seen == {256, 512}  # crossed a bucket boundary without recompiling
 
 

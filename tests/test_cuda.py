@@ -24,8 +24,8 @@ def _exact_fp32():
 
 def _prompt(loaded, tiles):
     s, tok = loaded.special, loaded.tokenizer
-    return ([s.im_start] + tok.encode("user\n", add_special_tokens=False) + [s.img_start] + [s.img_context] * (256 * tiles)
-            + [s.img_end] + tok.encode("\nWhat is it?", add_special_tokens=False) + [s.im_end, s.im_start])  # fmt: skip
+    return ([s.im_start] + tok.encode("user\n") + [s.img_start] + [s.img_context] * (256 * tiles)
+            + [s.img_end] + tok.encode("\nWhat is it?") + [s.im_end, s.im_start])  # fmt: skip
 
 
 def test_fp32_cuda_matches_transformers(tiny_original):
@@ -65,7 +65,7 @@ def _greedy(model, ids, steps):
 
 def test_cuda_graph_decode_equals_eager(tiny_original):
     loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, cuda_graphs=False)
-    ids = loaded.tokenizer.encode("one two three four five six", add_special_tokens=False) * 40  # crosses a bucket
+    ids = loaded.tokenizer.encode("one two three four five six") * 40  # crosses a bucket
     eager_tokens, eager_logits = _greedy(loaded.model, ids, 30)
     loaded.model.enable_cuda_graphs()
     graph_tokens, graph_logits = _greedy(loaded.model, ids, 30)
@@ -77,7 +77,7 @@ def test_cuda_graph_decode_equals_eager(tiny_original):
 def test_compiled_graph_decode_equals_eager(tiny_original):
     """The compiled step (Triton kernels) replayed from CUDA graphs, across a KV bucket boundary."""
     loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, cuda_graphs=False)
-    ids = loaded.tokenizer.encode("one two three four five six", add_special_tokens=False) * 40
+    ids = loaded.tokenizer.encode("one two three four five six") * 40
     eager_tokens, eager_logits = _greedy(loaded.model, ids, 30)
     fast = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, compile="on")
     step = fast.model.compiled_step
@@ -110,7 +110,7 @@ def test_decode_step_does_not_sync(tiny_original):
     for graphs, compile_mode in ((False, "off"), (True, "off"), (True, "on")):
         loaded = load_model(tiny_original, device="cuda", dtype="bfloat16", max_context=1024, cuda_graphs=graphs,
                             compile=compile_mode)  # fmt: skip
-        ids = loaded.tokenizer.encode("hello there", add_special_tokens=False)
+        ids = loaded.tokenizer.encode("hello there")
         logits = loaded.model.forward(ids, 0)
         token = logits.argmax().view(1)
         loaded.model.forward(token, len(ids))  # first call may capture a graph

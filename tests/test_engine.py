@@ -28,15 +28,15 @@ def _prompt(loaded, tiles: int) -> list[int]:
     tok = loaded.tokenizer
     return (
         [s.im_start]
-        + tok.encode("user\n", add_special_tokens=False)
+        + tok.encode("user\n")
         + [s.img_start]
         + [s.img_context] * (256 * tiles)
         + [s.img_end]
-        + tok.encode("\nWhat shape is this?", add_special_tokens=False)
+        + tok.encode("\nWhat shape is this?")
         + [s.im_end]
-        + tok.encode("\n", add_special_tokens=False)
+        + tok.encode("\n")
         + [s.im_start]
-        + tok.encode("assistant\n", add_special_tokens=False)
+        + tok.encode("assistant\n")
     )
 
 
@@ -63,7 +63,7 @@ def test_logits_match_transformers(fixture, request, pixels):
 def test_prefill_then_decode_equals_one_forward(tiny_original, pixels):
     loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
     model = loaded.model
-    ids = _prompt(loaded, tiles=3) + loaded.tokenizer.encode(" A red circle.", add_special_tokens=False)
+    ids = _prompt(loaded, tiles=3) + loaded.tokenizer.encode(" A red circle.")
     features = model.encode_images(pixels)
     full = model.forward(ids, 0, features, all_logits=True)
     split = len(ids) - 5

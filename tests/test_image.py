@@ -334,3 +334,59 @@ def test_bad_tile_limits(tmp_path):
             count_tiles(100, 100, max_tiles=bad)
     with pytest.raises(MediaError):
         choose_grid(100, 100, max_tiles=4, min_tiles=5)
+    for bad in (65, 10**6):  # the candidate search is cubic in the limit: never hang on a huge one
+        with pytest.raises(MediaError):
+            count_tiles(100, 100, max_tiles=bad)
+    with pytest.raises(MediaError) as err:
+        load_image(path, max_tiles=4, min_tiles=5)
+    _assert_one_line(err, "min_tiles")
+
+
+def test_escape_characters_in_a_path_are_shown_not_sent(tmp_path):
+    path = tmp_path / "bad\x1b[2Jname.png"
+    path.write_bytes(b"not an image")
+    with pytest.raises(MediaError) as err:
+        load_image(path)
+    assert "\x1b" not in str(err.value) and "bad\\e[2Jname.png" in str(err.value)
+
+
+# ---------------------------------------------------------------- a minimum number of tiles
+
+
+def published_grid(width: int, height: int, min_tiles: int, max_tiles: int, size: int = 448) -> tuple[int, int]:
+    """The published scan over the published candidate order (built here as the published code
+    builds it: a set of (i, j), stable-sorted by i·j)."""
+    candidates = sorted(
+        set((i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+            if min_tiles <= i * j <= max_tiles),
+        key=lambda g: g[0] * g[1],
+    )  # fmt: skip
+    aspect, best, best_diff = width / height, (1, 1), float("inf")
+    for cols, rows in candidates:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and width * height > 0.5 * size * size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+@pytest.mark.parametrize("min_tiles, max_tiles", [(1, 12), (2, 2), (2, 6), (4, 12), (6, 12), (12, 12), (3, 24)])
+def test_min_tiles_grid_and_count(min_tiles, max_tiles):
+    for width, height in SIZES:
+        cols, rows = published_grid(width, height, min_tiles, max_tiles)
+        assert min_tiles <= cols * rows <= max_tiles
+        assert choose_grid(width, height, max_tiles, min_tiles) == (cols, rows), (width, height)
+        expected = cols * rows + (1 if cols * rows > 1 else 0)
+        assert count_tiles(width, height, max_tiles, min_tiles=min_tiles) == expected, (width, height)
+        assert count_tiles(width, height, max_tiles, use_thumbnail=False, min_tiles=min_tiles) == cols * rows
+
+
+def test_min_tiles_reach_the_pixels(tmp_path):
+    rgb = textured_rgb(448, 448, seed=11)
+    path = tmp_path / "square.png"
+    Image.fromarray(rgb).save(path)
+    assert load_image(path, max_tiles=12).num_tiles == 1
+    result = load_image(path, max_tiles=12, min_tiles=4)  # a small square is cut 2×2 (+ thumbnail)
+    assert result.grid == (2, 2) and result.num_tiles == 5 == count_tiles(448, 448, 12, min_tiles=4)
+    np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(rgb, 2, 2, True, 448), atol=2e-6, rtol=0)

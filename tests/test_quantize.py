@@ -14,7 +14,18 @@ from internvl_chat.chat.template import PromptBuilder
 from internvl_chat.engine.loader import load_model
 from internvl_chat.errors import CheckpointError
 from internvl_chat.quant.awq_format import awq_to_tinychat_v2, dequantize_awq, quantize_rtn
-from internvl_chat.quantize import calibration_samples, float_tensors, original_config, quantize_checkpoint, quantize_model, write_checkpoint
+from internvl_chat.quantize import (
+    calibration_samples,
+    fake_quantize,
+    float_tensors,
+    group_grams,
+    linear_error,
+    original_config,
+    quantize_checkpoint,
+    quantize_model,
+    search_clip,
+    write_checkpoint,
+)
 
 GROUP = 32  # divides the tiny model's widths (64, 128)
 PROMPT = list(range(20, 220))
@@ -72,6 +83,45 @@ def test_awq_beats_rtn_on_outlier_channels(tiny_original, tmp_path):
         quantize_checkpoint(model, dst, method, group_size=GROUP, samples=8, device="cpu")
         errors[method] = (_logits(dst) - ref).pow(2).mean().item()
     assert errors["awq"] < 0.7 * errors["rtn"], errors
+
+
+def test_search_round_trip_is_the_written_quantizer():
+    """The searches optimise exactly the weights that are written: fake_quantize (no packing) equals
+    quantize_rtn → dequantize_awq, with and without clip ranges."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 128, generator=gen) * 0.05  # [N, K] (nn.Linear layout)
+    groups = w.view(48, -1, GROUP)
+    clip = (groups.amax(-1) * 0.8, groups.amin(-1) * 0.7)  # [N, G]
+    for c in (None, clip):
+        clip_max, clip_min = (None, None) if c is None else (c[0].t(), c[1].t())
+        written = dequantize_awq(*quantize_rtn(w.t(), GROUP, clip_max, clip_min), GROUP, dtype=torch.float32).t()
+        assert torch.equal(fake_quantize(w, GROUP, c), written)
+
+
+def test_gram_errors_equal_errors_over_the_rows():
+    """The output error through XᵀX (scale search on a linear, clip search per group) is the error
+    measured row by row, so using all rows this way changes nothing but the cost."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 64, generator=gen) * torch.linspace(0.1, 3.0, 64)  # uneven channels, as real inputs
+    reference = torch.randn(40, 64, generator=gen)
+    linear = torch.nn.Linear(64, 40, bias=False)
+    linear.weight.data = reference + 0.01 * torch.randn(40, 64, generator=gen)
+    direct = (x @ (linear.weight - reference).t()).pow(2).mean()
+    for calls in (20, 1):  # through XᵀX (cheaper for 20 calls here), row by row (cheaper for one)
+        assert torch.allclose(linear_error(x, reference, linear, calls)(), direct, rtol=1e-4)
+
+    best_max, best_min = search_clip(reference, group_grams(x, GROUP), GROUP)
+    xg = x.view(300, -1, GROUP)
+
+    def errors(c_max, c_min):  # [N, G] over the rows, as the search was done before
+        d = fake_quantize(reference, GROUP, (c_max, c_min)).view(40, -1, GROUP) - reference.view(40, -1, GROUP)
+        return torch.einsum("rgk,ngk->rng", xg, d).pow(2).mean(dim=0)
+
+    w = reference.view(40, -1, GROUP)
+    brute = torch.stack([errors(w.amax(-1) * (1 - s / 20), w.amin(-1) * (1 - s / 20)) for s in range(10)]).amin(dim=0)
+    got = errors(best_max, best_min)
+    assert torch.all(got <= brute * (1 + 1e-4) + 1e-12)
+    assert torch.all(got <= errors(w.amax(-1), w.amin(-1)))  # never worse than no clipping
 
 
 def test_save_then_load_equals_the_in_memory_quantized_model(tiny_original, tmp_path):

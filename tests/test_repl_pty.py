@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPT_READY = "\x1b[?2004h"  # prompt_toolkit turns bracketed paste on when it waits for input
 INPUT_DONE = "\x1b[?2004l"  # … and off when a line is accepted
 STATS = r"decode [\d.,]+ tok/s · context [\d,]+/[\d,]+ \(\d+ %\)"
-TIMEOUT = 90
+TIMEOUT = 300  # generous: a loaded 2-core CI machine can stall a child for minutes; a pass never waits for it
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_markdown_multiline_completion_and_save_load_in_a_new_process(tiny_origi
 
     # Tab completes the command, then the path (only images are offered for /image)
     repl.type("/ima\t")
-    repl.expect(r"/image")
+    repl.expect(r"/ima(?:\x1b\[[0-9;?]*[A-Za-z])*ge")  # the completion may be drawn apart from what was typed
     repl.type(f"{media}/sm\t")
     repl.expect(r"all\.png")  # the rest of small.png, filled in
     repl.enter("")

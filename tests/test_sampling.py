@@ -276,6 +276,8 @@ def test_wrong_vocab_size_is_reported() -> None:
         ("repetition_penalty", -1.0),
         ("max_new_tokens", 0),
         ("seed", "abc"),
+        ("seed", -1),
+        ("seed", 2**63),  # beyond every torch generator: refused here, not at the first draw
         ("stop_ids", (1, -2)),
     ],
 )
@@ -284,8 +286,21 @@ def test_validate_rejects(field: str, value: object) -> None:
         SamplingParams(**{field: value}).validate()
 
 
+def test_banned_ids_are_never_picked() -> None:
+    """Image placeholders must never appear in an answer, however much the model favours them."""
+    logits = torch.zeros(10)
+    logits[7], logits[3], logits[5] = 50.0, 40.0, 1.0
+    greedy = Sampler(SamplingParams(), vocab_size=10, device="cpu", banned_ids=(7, 3, 99))
+    assert greedy.read(greedy.next_token(logits)) == 5
+    sampled = Sampler(SamplingParams(temperature=1.0, seed=0), vocab_size=10, device="cpu", banned_ids=[7, 3])
+    drawn = {sampled.read(sampled.next_token(logits)) for _ in range(200)}
+    assert drawn and not drawn & {3, 7}
+    assert Sampler(SamplingParams(), vocab_size=10, device="cpu").read(Sampler(SamplingParams(), 10, "cpu").next_token(logits)) == 7
+
+
 def test_validate_accepts_defaults_and_edges() -> None:
     SamplingParams().validate()
+    SamplingParams(seed=2**63 - 1).validate()
     SamplingParams(temperature=0, top_p=1.0, top_k=0, repetition_penalty=0.5, max_new_tokens=1, seed=0).validate()
     with pytest.raises(UsageError):
         Sampler(SamplingParams(top_p=2.0), vocab_size=10, device="cpu")

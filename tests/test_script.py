@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,16 +92,21 @@ def test_script_usage_errors_exit_2_before_loading(tmp_path):
     assert both.returncode == 2 and "--script" in both.stderr
 
 
-def test_the_scripted_demo_runs(tiny_original, tmp_path):
+def test_the_scripted_demo_runs_from_any_folder(tiny_original, tmp_path):
+    # a copy of the repository's layout: examples/demo.txt and .cache/demo/ made as `make demo` does
+    (tmp_path / "examples").mkdir()
+    shutil.copy(REPO / "examples" / "demo.txt", tmp_path / "examples" / "demo.txt")
     made = subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_media.py"), "--out-dir", ".cache/demo/"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert made.returncode == 0, made.stderr
     assert Image.open(tmp_path / ".cache/demo/scene.png").size == (640, 400)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()  # neither the repository root nor the script's folder
     run = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "6",
-              "--script", str(REPO / "examples" / "demo.txt"), cwd=tmp_path)  # fmt: skip
+              "--script", str(tmp_path / "examples" / "demo.txt"), cwd=elsewhere)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
-    assert ">>> /image .cache/demo/scene.png\n+ image scene.png 640×400 → " in out
+    assert ">>> /image ../.cache/demo/scene.png\n+ image scene.png 640×400 → " in out
     questions = [line for line in out.splitlines() if line.startswith(">>> ") and not line.startswith(">>> /")]
     assert len(questions) >= 2
     assert ">>> /context\ncontext: " in out and ">>> /stats\nfinish " in out
@@ -122,3 +128,41 @@ def test_oneshot_interrupted_exits_130(tiny_original):
     assert proc.returncode == 130
     assert err.decode().strip().splitlines()[-1] == "internvl-chat: interrupted"
     assert "decode" not in (first + rest).decode(errors="replace")  # stdout holds only (part of) the answer
+
+
+def test_a_line_that_is_not_utf8_fails_alone_and_the_script_goes_on(tiny_original, tmp_path):
+    script = tmp_path / "mixed.txt"
+    script.write_bytes(b"Hello.\nCaf\xe9 au lait?\n\x1b[2J/context\n/context\n")
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu",
+                          "--max-new-tokens", "4", "--no-stats", "--script", str(script)],
+                         capture_output=True, env=_env(), timeout=300)  # fmt: skip
+    out, err = run.stdout.decode(), run.stderr.decode()
+    assert run.returncode == 1, err
+    assert ">>> Caf\\xe9 au lait?\nerror: line 2 is not UTF-8 text (byte 0xe9); save the script as UTF-8" in out
+    assert "\x1b" not in out and ">>> \\e[2J/context" in out  # echoed inert; it is a message, not a command
+    assert out.count("context: ") == 1  # the last line still ran
+    assert err.strip().splitlines()[-1] == "internvl-chat: 1 script line(s) failed (line 2)"
+
+
+def test_a_script_that_is_an_image_a_fifo_or_a_device_is_refused_in_one_line(image, tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    for path, expected in ((image, "is a PNG image, not text"), (fifo, "is not a regular file"),
+                           (Path("/dev/zero"), "is not a regular file")):  # fmt: skip
+        run = cli("--script", str(path))
+        assert run.returncode == 2, run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], run.stderr
+
+
+def test_a_full_stdout_still_runs_the_script_to_its_end_and_saves(tiny_original, tmp_path):
+    saved = tmp_path / "talk.json"
+    script = tmp_path / "chat.txt"
+    script.write_text(f"Hello.\n/save {saved}\n")
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu",
+                              "--max-new-tokens", "4", "--script", str(script)], stdout=full, stderr=subprocess.PIPE,
+                             text=True, env=_env(), timeout=300)  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.strip() == "internvl-chat: error: cannot write to stdout (No space left on device); the output is incomplete"
+    assert json.loads(saved.read_text())["messages"][0]["text"] == "Hello."  # nothing the script saves is lost

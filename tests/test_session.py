@@ -141,7 +141,7 @@ def test_decoding_stops_with_length_when_the_cache_is_full(tiny_original):
 
     small = load_model(tiny_original, device="cpu", dtype="float32", max_context=64)
     params = SamplingParams(max_new_tokens=50)
-    prompt = small.tokenizer.encode("one two three four five six seven eight nine ten " * 3, add_special_tokens=False)
+    prompt = small.tokenizer.encode("one two three four five six seven eight nine ten " * 3)
     prompt = (prompt * 4)[:60]
     sampler = Sampler(params, small.config.text.vocab_size, "cpu")
     final = _run(stream_generate(small.model, small.tokenizer, prompt, 0, params, sampler, stop_ids=()))
@@ -280,3 +280,81 @@ def test_media_tokens_counts_labels_of_several_images(loaded, media_dir):
     with_media = session._turn_ids("Compare.", images)
     without = session._turn_ids("Compare.", [])
     assert session.media_tokens(images) == len(with_media) - len(without) > 2 * 258
+
+
+# --- sessions that travel -------------------------------------------------------------------------
+
+
+def test_media_paths_are_saved_absolute_and_found_again_after_a_move(loaded, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "pics").mkdir(parents=True)
+    Image.fromarray(textured_rgb(448, 448, seed=11)).save(project / "pics" / "cat.png")
+    monkeypatch.chdir(project)
+    session = Session(loaded, _params())
+    _run(session.ask("What is this?", [session.describe_image(Path("pics/cat.png"))]))  # a relative path
+    session.save(project / "chat.json")
+    media = json.loads((project / "chat.json").read_text())["messages"][0]["media"][0]
+    assert media["path"] == str(project / "pics" / "cat.png") and media["relative_path"] == "pics/cat.png"
+
+    # the folder travels (another machine, another name); the old place is gone
+    moved = tmp_path / "elsewhere" / "copy"
+    moved.parent.mkdir()
+    (project).rename(moved)
+    monkeypatch.chdir(tmp_path)
+    restored = Session(loaded, _params())
+    restored.load(moved / "chat.json")
+    assert restored.turns[0].media[0].path == moved / "pics" / "cat.png"
+    assert restored.ids == session.ids
+
+    # a session file beside its pictures, saved with paths that exist nowhere now
+    data = json.loads((moved / "chat.json").read_text())
+    data["messages"][0]["media"][0].update(path="/gone/cat.png", relative_path=None)
+    (moved / "pics" / "beside.json").write_text(json.dumps(data))
+    again = Session(loaded, _params())
+    again.load(moved / "pics" / "beside.json")
+    assert again.turns[0].media[0].path == moved / "pics" / "cat.png"
+
+    (moved / "pics" / "cat.png").unlink()  # really gone: only now "has vanished"
+    with pytest.raises(MediaError, match=r"/gone/cat\.png has vanished"):
+        Session(loaded, _params()).load(moved / "pics" / "beside.json")
+
+
+def test_save_replaces_a_symlink_and_errors_name_the_users_path(loaded, tmp_path, monkeypatch):
+    session = Session(loaded, _params())
+    _run(session.ask("Hi."))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    link = tmp_path / "chat.json"
+    link.symlink_to(victim)
+    session.save(link)
+    assert victim.read_text() == "precious" and not link.is_symlink()
+
+    def refuse(*_):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".chat.json.abc.tmp"))
+
+    monkeypatch.setattr("os.replace", refuse)
+    with pytest.raises(OSError) as err:
+        session.save(tmp_path / "chat.json")
+    assert err.value.filename == str(tmp_path / "chat.json")  # never the temporary file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", "victim.txt"]  # no temporary file left
+
+
+def test_answers_never_hold_image_placeholders(tiny_original):
+    """The sampler of every turn bans <img>, </img> and <IMG_CONTEXT>: one in an answer would take a
+    picture's feature slot at the next turn's prefill (and the session file would be refused)."""
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=512)
+    special = loaded.special
+    text = loaded.model.language_model
+    with torch.no_grad():
+        # the final norm keeps only channel 0, and only two image placeholders read it, with
+        # opposite signs and huge weights: one of them is the model's favourite at every step
+        text.model.norm.weight.zero_()[0] = 1.0
+        text.lm_head.weight[special.img_context, 0] = 1e4
+        text.lm_head.weight[special.img_end, 0] = -1e4
+    session = Session(loaded, SamplingParams(max_new_tokens=6))
+    logits = loaded.model.forward(session._turn_ids("Hi", []), 0)
+    assert int(logits.argmax()) in (special.img_context, special.img_end)  # unbanned, it would be picked
+    events = list(session.ask("Hi"))
+    answer = session.turns[-1].answer_ids
+    assert answer and not {special.img_start, special.img_end, special.img_context} & set(answer), answer
+    assert events[-1]["finish_reason"] in ("stop", "length")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -27,7 +28,7 @@ EXPECTED_DEFAULTS = {
         "seed": None,
         "stream_interval": 1,
     },
-    "media": {"max_tiles": 12, "frames": 8, "auto_attach": True},
+    "media": {"max_tiles": None, "frames": 8, "auto_attach": True},
     "ui": {
         "markdown": True,
         "stats": True,
@@ -37,6 +38,22 @@ EXPECTED_DEFAULTS = {
         "plain": False,
     },
     "system": {"message": None},
+    "serve": {
+        "host": "127.0.0.1",
+        "port": 8000,
+        "api_key": "",
+        "model_id": "",
+        "slots": 2,
+        "queue_depth": 8,
+        "max_body_mb": 64,
+        "max_images": 32,
+        "max_image_pixels": 40_000_000,
+        "max_frames": 64,
+        "feature_cache_mb": 256,
+        "allow_remote_media": False,
+        "allow_local_media": "",
+    },
+    "remote": {"server": "", "api_key": "", "model": "", "dialect": "auto", "timeout": 300.0},
 }
 
 
@@ -184,7 +201,7 @@ def test_environment_values_are_parsed_by_type(tmp_path, var, text, key, expecte
         ("MODEL_DTYPE", "int8"),
         ("MODEL_DEVICE", "gpu"),
         ("MODEL_MAX_CONTEXT", "lots"),
-        ("MEDIA_MAX_TILES", "0"),
+        ("MEDIA_MAX_TILES", "-1"),
         ("UI_COLOR", "blue"),
     ],
 )
@@ -291,7 +308,7 @@ def test_set_parses_and_records(key, text, dotted, expected):
         ("top_k", "x"),
         ("max_new_tokens", "0"),
         ("repetition_penalty", "0"),
-        ("max_tiles", "0"),
+        ("max_tiles", "65"),
         ("frames", "1000"),
         ("stats", "sometimes"),
         ("seed", "1.5"),
@@ -330,3 +347,78 @@ def test_format_settings_is_toml_with_sources(tmp_path):
     assert lines["max_tiles"].endswith("# from flag")
     assert lines["top_k"].endswith("# from default")
     assert lines["seed"].startswith("# seed = (not set)")
+
+
+def test_max_tiles_unset_or_zero_means_the_checkpoints_limit(tmp_path):
+    assert load_settings(env=clean_env(tmp_path)).media.max_tiles is None
+    for text in ("0", "none"):
+        settings = Settings()
+        settings.set("max_tiles", text)
+        assert settings.media.max_tiles is None
+    assert load_settings(env=clean_env(tmp_path), overrides={"max_tiles": 0}).media.max_tiles is None
+    assert load_settings(env=clean_env(tmp_path), overrides={"max_tiles": 6}).media.max_tiles == 6
+
+
+# --- ranges and untrusted values ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, text, accepted",
+    [
+        ("seed", "0", True),
+        ("seed", str(2**63 - 1), True),
+        ("seed", str(2**63), False),  # torch would only fail at the next message
+        ("seed", str(2**64), False),
+        ("seed", "-1", False),
+        ("temperature", "0", True),
+        ("temperature", "0.01", True),
+        ("temperature", "1e-300", False),  # divides the logits into inf
+        ("temperature", "1000", False),
+        ("repetition_penalty", "0.01", True),
+        ("repetition_penalty", "1e-300", False),
+        ("repetition_penalty", "1e300", False),
+        ("max_new_tokens", str(1 << 20), True),
+        ("max_new_tokens", str(10**30), False),
+        ("model.max_context", str(1 << 40), False),
+        ("top_k", str(2**70), False),
+        ("generation.stream_interval", "0", False),
+    ],
+)
+def test_numeric_settings_are_range_checked_when_given(key, text, accepted):
+    settings = Settings()
+    if accepted:
+        settings.set(key, text)
+        return
+    with pytest.raises(UsageError) as err:
+        settings.set(key, text)
+    assert "must be" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_text_settings_must_be_utf8_but_paths_may_hold_any_bytes(tmp_path):
+    latin1 = b"caf\xe9".decode("utf-8", errors="surrogateescape")  # as Python decodes the environment
+    with pytest.raises(UsageError, match=r"system\.message is not UTF-8 text \(byte 0xe9\)"):
+        load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_SYSTEM_MESSAGE=latin1))
+    settings = load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_MODEL_PATH=f"/models/{latin1}"))
+    assert settings.model.path == f"/models/{latin1}"  # a real (non-UTF-8) folder name still works
+    format_settings(settings).encode("utf-8")  # and --print-config can print it
+
+
+def test_config_files_are_read_as_untrusted_text(tmp_path):
+    env = clean_env(tmp_path)
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    cases = {
+        fifo: "is not a regular file",
+        Path("/dev/zero"): "is not a regular file",
+        tmp_path: "is a folder",
+        write(tmp_path / "latin1.toml", ""): "not UTF-8 text (byte 0xe9 on line 2)",
+        write(tmp_path / "deep.toml", "a = " + "[" * 100_000 + "]" * 100_000 + "\n"): "nested too deeply",
+        write(tmp_path / "esc.toml", '["gen\\u001b[2Jeration"]\nx = 1\n'): "unknown section [gen\\e[2Jeration]",
+    }
+    (tmp_path / "latin1.toml").write_bytes(b"[system]\nmessage = \"caf\xe9\"\n")
+    for path, expected in cases.items():
+        with pytest.raises(UsageError) as err:
+            load_settings(config_path=path, env=env)
+        message = str(err.value)
+        assert expected in message and "\n" not in message and "\x1b" not in message, message
+    assert load_settings(config_path=os.devnull, env=env).model.max_context == 8192  # /dev/null: no user settings

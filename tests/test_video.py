@@ -176,6 +176,26 @@ def test_frame_pixels_are_the_image_tile_transform(videos, monkeypatch, backend)
         np.testing.assert_allclose(tile, reference_normalize(resized), atol=2e-6)
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_tiles_equal_the_full_frame_path_on_every_clip(videos, monkeypatch, backend):
+    """Reducing each frame as soon as it is decoded changes nothing: the tiles equal those made
+    from the full decoded frames afterwards (decord's frames from its own batch read)."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    for name, path in videos.items():
+        result = load_video(path, num_frames=5, start=0.05)
+        if backend == "pyav":
+            with av.open(str(path)) as container:
+                decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            frames = [decoded[i] for i in result.indices]
+        else:
+            import decord
+
+            frames = list(decord.VideoReader(str(path), num_threads=1).get_batch(result.indices).asnumpy())
+        for tile, frame in zip(result.pixel_values.numpy(), frames):
+            resized = np.asarray(Image.fromarray(frame).resize((448, 448), Image.BICUBIC))
+            np.testing.assert_allclose(tile, reference_normalize(resized), atol=2e-6, err_msg=name)
+
+
 def test_decord_and_pyav_give_the_same_frames(videos, monkeypatch):
     pytest.importorskip("decord")
     for name in videos:

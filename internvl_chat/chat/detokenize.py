@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from ..engine.tokenizer import as_tokenizer
+
 REPLACEMENT_CHAR = "\ufffd"
 # A UTF-8 character is at most 4 bytes, so at most 4 byte-level tokens can be pending for a real
 # character; a longer run of tokens that still ends in U+FFFD is genuinely invalid bytes, which we
@@ -22,18 +24,14 @@ MAX_PENDING_TOKENS = 8
 
 def default_skip_ids(tokenizer: Any) -> set[int]:
     """All special tokens of the tokenizer (e.g. <|im_end|>, <img>): never printed."""
-    ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if getattr(added, "special", False):
-            ids.add(int(token_id))
-    return ids
+    return set(as_tokenizer(tokenizer).special_ids)
 
 
 class IncrementalDetokenizer:
     """Decode one answer incrementally. `push(id)` returns new text; `flush()` the rest at the end."""
 
     def __init__(self, tokenizer: Any, skip_special_ids: Iterable[int] | None = None):
-        self.tokenizer = tokenizer
+        self.tokenizer = as_tokenizer(tokenizer)
         self.skip_ids = frozenset(default_skip_ids(tokenizer) if skip_special_ids is None else skip_special_ids)
         self._ids: list[int] = []  # the decode window only: left context + pending tokens
         self._prefix = 0  # start of the decode window (left context, already printed)
@@ -43,7 +41,7 @@ class IncrementalDetokenizer:
         self._chunks: list[str] = []  # everything emitted so far
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(ids)
 
     def push(self, token_id: int) -> str:
         """Add one generated token; return the text that became printable (often "")."""

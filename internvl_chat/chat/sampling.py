@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GenerationError, UsageError
+from ..settings import Settings
 
+MAX_SEED = 2**63 - 1  # what every torch generator accepts (the settings use the same range)
 NON_FINITE_MESSAGE = (
     "the model produced non-finite logits (NaN or inf), usually a numeric overflow in half precision; "
     "try --dtype float32 (or bfloat16) or a lower --temperature"
@@ -54,8 +56,8 @@ class SamplingParams:
             )
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be an integer >= 1, not {self.max_new_tokens!r}; try 512")
-        if self.seed is not None and not _is_int(self.seed):
-            raise UsageError(f"seed must be an integer, not {self.seed!r}; omit it for a random seed")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise UsageError(f"seed must be an integer from 0 to {MAX_SEED}, not {self.seed!r}; omit it for a random seed")
         if not all(_is_int(t) and t >= 0 for t in self.stop_ids):
             raise UsageError(f"stop_ids must be token ids (integers >= 0), not {self.stop_ids!r}")
         return self
@@ -63,6 +65,19 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def params_from_settings(settings: Settings) -> SamplingParams:
+    """The `[generation]` settings as validated SamplingParams (the app's and the server's defaults)."""
+    g = settings.generation
+    return SamplingParams(
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        repetition_penalty=g.repetition_penalty,
+        max_new_tokens=g.max_new_tokens,
+        seed=g.seed,
+    ).validate()
 
 
 def _is_real(x: object) -> bool:
@@ -130,10 +145,20 @@ class Sampler:
         tok_id = sampler.read(tok)              # the one host sync; raises GenerationError if bad
     """
 
-    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device | str):
+    def __init__(
+        self,
+        params: SamplingParams,
+        vocab_size: int,
+        device: torch.device | str,
+        banned_ids: tuple[int, ...] | list[int] = (),
+    ):
         self.params = params.validate()
         self.vocab_size = int(vocab_size)
         self.device = torch.device(device)
+        # ids an answer must never hold (the image placeholders: an <IMG_CONTEXT> in an answer would
+        # take a picture's feature slot in the next turn's prefill); None when there are none
+        banned = sorted({int(t) for t in banned_ids if 0 <= int(t) < self.vocab_size})
+        self._banned = torch.tensor(banned, dtype=torch.long, device=self.device) if banned else None
         self._penalise = params.repetition_penalty != 1.0
         # slot vocab_size absorbs ids beyond the logits (e.g. embedding rows with no lm_head row)
         self._seen = torch.zeros(self.vocab_size + 1, dtype=torch.bool, device=self.device)
@@ -171,6 +196,8 @@ class Sampler:
             )
         logits = logits.float()
         params = self.params
+        if self._banned is not None:
+            logits = logits.index_fill(0, self._banned, float("-inf"))
         if self._penalise:
             logits = apply_repetition_penalty(logits, self._seen, params.repetition_penalty)
         if params.greedy:

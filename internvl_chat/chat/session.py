@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,14 +22,15 @@ import torch
 
 from ..engine.loader import LoadedModel
 from ..errors import ContextOverflowError, GenerationError, MediaError, UsageError
+from ..files import visible, write_atomic
 from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import load_video, probe_video
+from .conversation import BackendInfo, PromptView
 from .generate import stream_generate
 from .sampling import Sampler, SamplingParams
+from .session_file import (CANCELLED_MARK, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
+                           SavedTurn, media_candidates, media_json_paths, read_session_file)  # fmt: skip
 from .template import MediaSpec, PromptBuilder, media_order
-
-SESSION_FORMAT = "internvl-chat-session"
-SESSION_VERSION = 1
 
 
 def sha256_of(path: Path) -> str:
@@ -62,8 +62,14 @@ class Media:
     def spec(self) -> MediaSpec:
         return MediaSpec(self.kind, self.tiles)
 
-    def to_json(self) -> dict:
-        out = {"kind": self.kind, "path": str(self.path), "bytes": self.bytes, "sha256": self.sha256, "tiles": self.tiles}
+    @property
+    def prepared(self) -> bool:
+        """Whether the work before sending it is done (decoded here; read or sampled for a server)."""
+        return self.pixel_values is not None
+
+    def to_json(self, session_file: Path = Path("session.json")) -> dict:
+        out = {"kind": self.kind, **media_json_paths(self.path, session_file), "bytes": self.bytes, "sha256": self.sha256,
+               "tiles": self.tiles}  # fmt: skip
         if self.kind == "image":
             out.update(max_tiles=self.max_tiles, size=list(self.size or ()))
         else:
@@ -83,6 +89,19 @@ class Turn:
     finish_reason: str | None = None
     timing: dict | None = None
     features: torch.Tensor | None = field(default=None, repr=False)  # kept so /undo + /retry skip the ViT
+
+    @property
+    def answer_tokens(self) -> int:
+        return len(self.answer_ids)
+
+
+@dataclass
+class ReadiedSession:
+    """A validated session file with its media found and measured, ready for `restore` (the turns
+    are the reading conversation's own kind: `Turn` here, `RemoteTurn` in chat/remote.py)."""
+
+    saved: SavedSession
+    turns: list
 
 
 class Session:
@@ -133,11 +152,17 @@ class Session:
             )
 
     # ---- media -----------------------------------------------------------------------------
-    def describe_image(self, path: str | Path, max_tiles: int = 12) -> Media:
-        """Measure an image without decoding it fully: the UI shows the cost before any work."""
+    def describe_image(self, path: str | Path, max_tiles: int | None = None) -> Media:
+        """Measure an image without decoding it fully: the UI shows the cost before any work.
+
+        `max_tiles` None (or 0) means the checkpoint's own limit (max_dynamic_patch); the limit
+        actually used is what the Media records, so /context and saved sessions agree.
+        """
         path = Path(path).expanduser()
         width, height = probe_image(path)
-        tiles = count_tiles(width, height, max_tiles, self.loaded.config.use_thumbnail)
+        cfg = self.loaded.config
+        min_tiles, max_tiles = cfg.tile_limits(max_tiles)
+        tiles = count_tiles(width, height, max_tiles, cfg.use_thumbnail, cfg.image_size, min_tiles)
         st = path.stat()
         return Media("image", path, tiles, max_tiles=max_tiles, size=(width, height), bytes=st.st_size)
 
@@ -153,7 +178,8 @@ class Session:
         if media.pixel_values is None:
             size = self.loaded.config.image_size
             if media.kind == "image":
-                image = load_image(media.path, media.max_tiles, self.loaded.config.use_thumbnail, size)
+                min_tiles, max_tiles = self.loaded.config.tile_limits(media.max_tiles)
+                image = load_image(media.path, max_tiles, self.loaded.config.use_thumbnail, size, min_tiles)
                 media.pixel_values, media.size = image.pixel_values, image.size
             else:
                 start, end = media.video_range or (None, None)
@@ -179,7 +205,9 @@ class Session:
 
     # ---- turns -------------------------------------------------------------------------------
     def _make_sampler(self, params: SamplingParams) -> Sampler:
-        sampler = Sampler(params, self.loaded.config.text.vocab_size, self.model.device)
+        special = self.loaded.special
+        sampler = Sampler(params, self.loaded.config.text.vocab_size, self.model.device,
+                          banned_ids=(special.img_start, special.img_end, special.img_context))  # fmt: skip
         if self.ids:
             sampler.observe(torch.tensor(self.ids, device=self.model.device))
         return sampler
@@ -313,16 +341,17 @@ class Session:
         specs = [m.spec for m in turn.media]
         return builder.first_turn(turn.user_text, specs) if index == 0 else builder.next_turn(turn.user_text, specs)
 
-    def _replay(self, turns: list[Turn], builder: PromptBuilder) -> None:
+    def _replay(self, turns: list[Turn], builder: PromptBuilder, max_new_tokens: int | None = None) -> None:
         """Prefill a whole conversation at once under `builder` (used by load and /system).
 
         Nothing changes if the conversation does not fit or a media file cannot be read; if the
         prefill itself fails, the cache no longer matches anything, so the session is cleared.
         """
         ids = self.conversation_ids(turns, builder)
-        if len(ids) + self.params.max_new_tokens > self.max_context:
+        room = self.params.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if len(ids) + room > self.max_context:
             raise ContextOverflowError(
-                f"the conversation needs {len(ids):,} tokens + {self.params.max_new_tokens:,} for an answer, over the "
+                f"the conversation needs {len(ids):,} tokens + {room:,} for an answer, over the "
                 f"{self.max_context:,}-token context; use a larger --max-context"
             )
         features, _ = self._encode([m for t in turns for m in t.media], None)
@@ -344,10 +373,13 @@ class Session:
             self.turns.append(turn)
         self.start_pos = len(self.ids)
 
-    def to_json(self, settings: dict | None = None) -> dict:
+    def to_json(self, settings: dict | None = None, path: str | Path | None = None) -> dict:
+        """The session as JSON; with `path` (where it is saved) media also get a path relative to it."""
+        where = Path(path) if path is not None else Path("session.json")
         return {
             "format": SESSION_FORMAT,
             "version": SESSION_VERSION,
+            "backend": {"kind": "local"},
             "model": str(self.loaded.path),
             "system_message": self.system_message,
             "settings": settings or {},
@@ -355,86 +387,303 @@ class Session:
                 msg
                 for t in self.turns
                 for msg in (
-                    {"role": "user", "text": t.user_text, "media": [m.to_json() for m in t.media]},
+                    {"role": "user", "text": t.user_text, "media": [m.to_json(where) for m in t.media]},
                     {"role": "assistant", "text": t.answer_text, "token_ids": t.answer_ids, "finish_reason": t.finish_reason},
                 )
             ],
         }
 
     def save(self, path: str | Path, settings: dict | None = None) -> Path:
-        """Write the session as JSON atomically (temp file in the same folder, then rename)."""
+        """Write the session as JSON atomically; a symlink at `path` is replaced, never followed.
+
+        OSError names `path` (never the temporary file).
+        """
         path = Path(path).expanduser()
-        data = json.dumps(self.to_json(settings), ensure_ascii=False, indent=1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        data = json.dumps(self.to_json(settings, path), ensure_ascii=False, indent=1)
+        return write_atomic(path, data)
 
     def load(self, path: str | Path) -> dict:
-        """Replace the conversation with a saved one, re-prefilling it. Returns the saved JSON."""
-        path = Path(path).expanduser()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"session file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UsageError(f"cannot read session file {path}: {e}") from None
-        if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:
-            raise UsageError(f"{path} is not an internvl-chat session file")
-        if data.get("version") != SESSION_VERSION:
-            raise UsageError(f"{path} has session format version {data.get('version')}; this build reads {SESSION_VERSION}")
-        turns = self._turns_from_json(data.get("messages", []), path)
-        saved_system = data.get("system_message")
-        builder = PromptBuilder(self.tokenizer, saved_system, self.loaded.config.tokens_per_tile)
-        self._replay(turns, builder)
-        self.builder, self.system_message = builder, saved_system
-        return data
+        """Replace the conversation with a saved one, re-prefilling it. Returns the saved JSON.
 
-    def _turns_from_json(self, messages: list, path: Path) -> list[Turn]:
+        The whole file is validated and its media found and measured first; a file that fails
+        any check leaves the conversation exactly as it was.
+        """
+        readied = self.read_saved(path)
+        self.restore(readied)
+        return readied.saved.data
+
+    def read_saved(self, path: str | Path) -> ReadiedSession:
+        """Read, validate and resolve a session file without touching the conversation.
+
+        Raises UsageError for a damaged file, MediaError for media that vanished or changed, and
+        ContextOverflowError for a conversation that cannot fit.
+        """
+        path = Path(path).expanduser()
+        builder = self.builder
+        forbidden = (builder.img_start_id, builder.img_end_id, builder.img_context_id)
+        saved = read_session_file(path, self.loaded.config.text.vocab_size, forbidden)
+        # cheap bound before hashing any media: answers and image tokens alone must fit
+        least = sum(len(t.answer_ids or ()) + sum(m.tiles for m in t.media) * builder.tokens_per_tile for t in saved.turns)
+        if least > self.max_context:
+            raise ContextOverflowError(
+                f"the conversation in {visible(str(path))} needs more than {least:,} tokens, over the "
+                f"{self.max_context:,}-token context; use a larger --max-context"
+            )
+        return ReadiedSession(saved, self._turns_from_saved(saved))
+
+    def restore(self, readied: ReadiedSession, max_new_tokens: int | None = None) -> None:
+        """Replay a conversation read by `read_saved` (prefilling it); on error nothing changed.
+
+        `max_new_tokens` is the answer room the conversation must leave (default: the current
+        params'). Only a failing prefill itself clears the conversation (the cache then matches
+        nothing).
+        """
+        system = readied.saved.system_message
+        if system is None and readied.saved.kind == "remote":
+            system = self.loaded.config.system_message  # none was sent: the server used the model's default
+        builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
+        self._replay(list(readied.turns), builder, max_new_tokens)
+        self.builder, self.system_message = builder, system
+
+    def _turns_from_saved(self, saved: SavedSession) -> list[Turn]:
+        media = saved_media(saved, self.describe_image, self.describe_video)
         turns: list[Turn] = []
-        problems: list[str] = []
-        for i in range(0, len(messages) - 1, 2):
-            user, assistant = messages[i], messages[i + 1]
-            if user.get("role") != "user" or assistant.get("role") != "assistant":
-                raise UsageError(f"{path}: message {i + 1} is out of order; the session file is damaged")
-            media = []
-            for m in user.get("media", []):
-                item, problem = self._media_from_json(m)
-                if problem:
-                    problems.append(problem)
-                media.append(item)
-            turn = Turn(user.get("text", ""), media, 0, 0)
-            turn.answer_ids = [int(t) for t in assistant.get("token_ids", [])]
-            turn.answer_text = assistant.get("text", "")
-            turn.finish_reason = assistant.get("finish_reason")
+        for saved_turn, turn_media in zip(saved.turns, media):
+            turn = Turn(saved_turn.user_text, turn_media, 0, 0)
+            turn.answer_ids = self._answer_ids(saved_turn, len(turns) + 1, saved.path)
+            turn.answer_text = saved_turn.reply
+            if saved_turn.finish_reason == "cancelled":
+                turn.answer_text += f" {CANCELLED_MARK}" if saved_turn.reply else CANCELLED_MARK
+            turn.finish_reason = saved_turn.finish_reason
             turns.append(turn)
-        if problems:
-            raise MediaError(f"cannot restore the session: {'; '.join(problems)}; put the files back or start anew")
         return turns
 
-    def _media_from_json(self, m: dict) -> tuple[Media | None, str | None]:
-        path = Path(m.get("path", ""))
-        if not path.is_file():
-            return None, f"{path} has vanished"
-        if m.get("sha256") and sha256_of(path) != m["sha256"]:
-            return None, f"{path} has changed since the session was saved"
-        kind = m.get("kind")
-        if kind == "image":
-            media = self.describe_image(path, int(m.get("max_tiles", 12)))
-        elif kind == "video":
-            rng = m.get("range")
-            media = self.describe_video(path, int(m.get("frames", 8)), tuple(rng) if rng else None)
+    def _answer_ids(self, saved: SavedTurn, number: int, path: Path) -> list[int]:
+        """The answer's ids: as saved, or (a session saved from a server's answers, which has no ids)
+        the answer's text tokenized again, when that is clearly the same text: the ids give it back
+        exactly, and it holds no U+FFFD (the mark of bytes that were not UTF-8, whose tokens the text
+        cannot give back)."""
+        if saved.answer_ids is not None:
+            return list(saved.answer_ids)
+        ids = self.tokenizer.encode(saved.reply)
+        if "\ufffd" in saved.reply or self.tokenizer.decode(ids) != saved.reply:
+            raise UsageError(
+                f"answer {number} in {visible(str(path))} was saved from a server without its tokens, and its text "
+                "cannot give them back exactly (bytes that were not UTF-8); continue it with --server, or start anew"
+            )
+        return ids
+
+    # ---- the Conversation interface (chat/conversation.py) -----------------------------------
+    # What the UI asks of any conversation, so it never needs to know this one is local.
+
+    token_counts_exact = True
+
+    def describe(self) -> BackendInfo:
+        dtype = str(getattr(self.model, "dtype", "")).replace("torch.", "")
+        quant = getattr(self.loaded.config, "quant", None)
+        weights = f"W{quant.bits} {quant.method.upper()} g{quant.group_size} (rest {dtype})" if quant else dtype
+        return BackendInfo(
+            name=self.loaded.path.name,
+            where=f"{self.loaded.device} {weights}".strip(),
+            model=str(self.loaded.path),
+            context=self.max_context,
+            load_s=self.loaded.load_s,
+            memory_device=str(self.loaded.device),
+            demo=_is_demo_model(self.loaded.path),
+        )
+
+
+    def turn_tokens(self, media: Sequence[Media]) -> int:
+        """Tokens of the next turn with these attachments and an empty message (labels exact)."""
+        return len(self._turn_ids("", media))
+
+    def check_attach(self, media: Sequence[Media]) -> None:
+        """The next turn with these attachments must fit, with the uncached tail of a cut answer."""
+        self.check_budget(len(self.ids) - self.start_pos + self.turn_tokens(media))
+
+    def context_items(self, pending: Sequence[Media]) -> list[tuple[str, int]]:
+        """The context budget item by item (see Conversation.context_items)."""
+        builder = self.builder
+        items: list[tuple[str, int]] = []
+        system = len(builder.first_turn("", [])) - len(builder.user_turn("", []))
+        if system:
+            items.append(("system message" if self.turns else "system message (sent with the first message)", system))
+        bounds = [t.ids_before for t in self.turns] + [self.context_used]
+        for n, turn in enumerate(self.turns):
+            total = bounds[n + 1] - bounds[n] - (system if n == 0 else 0)
+            media = self.media_tokens(turn.media)
+            answer = len(turn.answer_ids)
+            names = "".join(f"{m.kind} {m.path.name}, " for m in turn.media)
+            text = " ".join(turn.user_text.split())
+            text = text if len(text) <= 32 else text[:31] + "…"
+            detail = f" (media {media:,} · answer {answer:,})" if media else f" (answer {answer:,})"
+            items.append((f"turn {n + 1}: {names}“{text}”{detail}", total))
+        for media in pending:
+            items.append((f"attached: {media.kind} {media.path.name}", self.media_tokens([media])))
+        template = self.turn_tokens(pending) - self.media_tokens(pending) - (0 if self.ids else system)
+        items.append(("next message: template, plus your text", template))
+        items.append(("reserved for the answer (max_new_tokens)", self.params.max_new_tokens))
+        return items
+
+    def last_prompt(self) -> PromptView | None:
+        if not self.turns:
+            return None
+        index = len(self.turns) - 1
+        turn = self.turns[index]
+        specs = [m.spec for m in turn.media]
+        text = self.builder.render_text(turn.user_text, specs, first=index == 0, expand_images=False)
+        note = ""
+        if specs:
+            note = (f"each <image> stands for {self.builder.tokens_per_tile} tokens per tile, "
+                    f"{self.builder.image_token_count(specs):,} in all")  # fmt: skip
+        return PromptView(index + 1, text, note)
+
+    # ---- prefix reuse across requests (used by `internvl-chat serve`) --------------------------
+    #
+    # A server gets the whole conversation with every request. A Session used as a server slot keeps
+    # the ids it last held in its KV cache; a new request keeps the longest part of the cache that it
+    # shares with the new prompt, rewinds there (the cache is positional) and prefills only the rest,
+    # exactly as `ask` prefills only a turn's new tokens. Each slot may own its KV tensors, so several
+    # conversations stay cached on one model; activating a slot points the model at its tensors.
+
+    def own_kv_cache(self, share_model_cache: bool = False) -> int:
+        """Give this session KV tensors of its own (or adopt the model's current ones); returns their bytes.
+
+        When several sessions share one model, call `activate_kv_cache()` before each one's turn.
+        """
+        self._kv = OwnKVCache(self.model, share_model_cache)
+        return self._kv.bytes
+
+    def activate_kv_cache(self) -> None:
+        kv = getattr(self, "_kv", None)
+        if kv is not None:
+            kv.activate(self.model)
+
+    def cached_prefix(self, ids: Sequence[int]) -> int:
+        """How many leading `ids` the KV cache holds already (token ids only; media identity is the caller's)."""
+        return common_prefix_length(self.ids[: self.start_pos], ids)
+
+    def continue_with(
+        self,
+        ids: Sequence[int],
+        reuse: int,
+        features: torch.Tensor | None = None,
+        params: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+        vision_s: float = 0.0,
+    ) -> Iterator[dict]:
+        """Answer the whole prompt `ids` (a conversation ending in the assistant cue), keeping the cache
+        for `ids[:reuse]` and prefilling `ids[reuse:]`; `features` are the image features of that rest.
+
+        Events are those of `ask`; on any error the session holds `ids[:reuse]`. The turn structure of
+        the conversation is not tracked (the caller resends it whole): `turns` holds this answer only.
+        """
+        params = params or self.params
+        params.validate()
+        ids = list(ids)
+        if not 0 <= reuse < len(ids) or reuse > self.start_pos or self.ids[:reuse] != ids[:reuse]:
+            raise ValueError(f"cannot reuse {reuse} tokens: the cache does not hold them, or nothing is left to prefill")
+        need = len(ids) + params.max_new_tokens
+        if need > self.max_context:
+            raise ContextOverflowError(
+                f"this request needs {len(ids):,} prompt + {params.max_new_tokens:,} answer tokens = {need:,}, over the "
+                f"{self.max_context:,}-token context; send a shorter conversation, fewer images or a smaller max_tokens"
+            )
+        self._rewind(reuse, reuse)
+        self.turns = []
+        turn = Turn("", [], ids_before=reuse, pos_before=reuse, prompt_ids=ids[reuse:])
+        turn.features = features
+        yield from self._run_turn(turn, ids[reuse:], features, vision_s, params, cancel)
+
+
+def saved_media(saved: SavedSession, describe_image, describe_video) -> list[list[Media]]:
+    """Each saved turn's media found (see `media_candidates`), checked by sha256 and measured again
+    (`describe_image(path, max_tiles)`, `describe_video(path, frames, range)`); one MediaError
+    naming what vanished or changed."""
+    out: list[list[Media]] = []
+    problems: list[str] = []
+    for saved_turn in saved.turns:
+        media = []
+        for m in saved_turn.media:
+            item, problem = _media_from_saved(m, saved.path, describe_image, describe_video)
+            if problem:
+                problems.append(problem)
+            media.append(item)
+        out.append(media)
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise MediaError(f"cannot restore the session: {shown}; put the files back or start anew")
+    return out
+
+
+def _media_from_saved(m: SavedMedia, session_file: Path, describe_image, describe_video) -> tuple[Media | None, str | None]:
+    existing = [p for p in media_candidates(m, session_file) if _is_regular_file(p)]
+    shown = visible(m.path)
+    if not existing:
+        return None, f"{shown} has vanished"
+    path = next((p for p in existing if not m.sha256 or sha256_of(p) == m.sha256), None)
+    if path is None:
+        return None, f"{visible(str(existing[0]))} has changed since the session was saved"
+    try:
+        if m.kind == "image":
+            media = describe_image(path, m.max_tiles)
         else:
-            return None, f"unknown media kind {kind!r} for {path}"
-        if media.tiles != int(m.get("tiles", media.tiles)):
-            return None, f"{path} now gives {media.tiles} tiles instead of {m.get('tiles')}"
-        media.sha256 = m.get("sha256", "")
-        return media, None
+            media = describe_video(path, m.frames, m.video_range)
+    except MediaError as e:
+        return None, str(e)
+    if media.tiles != m.tiles:
+        return None, f"{visible(str(path))} now gives {media.tiles} tiles instead of {m.tiles}"
+    media.sha256 = m.sha256
+    return media, None
+
+
+def _is_demo_model(path: Path) -> bool:
+    """Whether `path` is the demo model shipped inside the package (it can answer only a few questions)."""
+    try:
+        return Path(path).resolve() == (Path(__file__).resolve().parent.parent / "demo_model")
+    except OSError:
+        return False
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except (OSError, ValueError):
+        return False
+
+def common_prefix_length(cached: Sequence[int], ids: Sequence[int]) -> int:
+    """How many leading tokens `cached` and `ids` share."""
+    n = min(len(cached), len(ids))
+    i = 0
+    while i + 256 <= n and list(cached[i : i + 256]) == list(ids[i : i + 256]):  # blocks first: prompts are long
+        i += 256
+    while i < n and cached[i] == ids[i]:
+        i += 1
+    return i
+
+
+class OwnKVCache:
+    """KV tensors (and the CUDA decode graphs captured over them) that one Session owns."""
+
+    def __init__(self, model, share_model_cache: bool):
+        lm = model.language_model
+        if share_model_cache:
+            self.k, self.v, self.graphs = lm.k_cache, lm.v_cache, model.decode_graphs
+            return
+        # zeros like the engine's own cache: a masked attention weight is 0, and 0 × garbage may be NaN
+        self.k = [torch.zeros_like(t) for t in lm.k_cache]
+        self.v = [torch.zeros_like(t) for t in lm.v_cache]
+        self.graphs = None
+        if model.decode_graphs is not None:
+            from ..engine.cuda_graph import DecodeGraphs  # a graph captures tensor addresses: one set per cache
+
+            step = model.compiled_step  # the compiled step, if any, reads whichever caches are active
+            self.graphs = DecodeGraphs(model, step.masked if step is not None else None)
+
+    def activate(self, model) -> None:
+        lm = model.language_model
+        lm.k_cache, lm.v_cache, model.decode_graphs = self.k, self.v, self.graphs
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -1,11 +1,12 @@
 """The internvl2_5 (ChatML) prompt template, built directly as token ids (SPEC §3).
 
 A turn is a list of pieces: plain text and runs of one special token. Adjacent text pieces are
-joined and each text segment is tokenized on its own (`add_special_tokens=False`), exactly as the
-tokenizer itself splits a full prompt string at its special tokens — so the ids equal
+joined and each text segment is tokenized on its own (`Tokenizer.encode`: nothing added), exactly
+as the tokenizer itself splits a full prompt string at its special tokens — so the ids equal
 `tokenizer(render_text(...), add_special_tokens=False).input_ids` without ever tokenizing a
-100k-character `<IMG_CONTEXT>` run. User text is tokenized with `split_special_tokens=True`: typing
-"<|im_end|>" or "<IMG_CONTEXT>" cannot inject control tokens or break the image-token count.
+100k-character `<IMG_CONTEXT>` run. Text is tokenized as transformers does with
+`split_special_tokens=True`: typing "<|im_end|>" or "<IMG_CONTEXT>" cannot inject control tokens
+or break the image-token count.
 
 Turn layout (the session keeps earlier turns in the KV cache):
     first:  [<|im_start|>system\\n{SYS}<|im_end|>\\n]<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
+from ..engine.tokenizer import as_tokenizer
 from ..errors import CheckpointError, MediaError
 
 IM_START = "<|im_start|>"
@@ -73,7 +75,7 @@ class PromptBuilder:
     def __init__(self, tokenizer: Any, system_message: str | None, tokens_per_tile: int = 256):
         if tokens_per_tile < 1:
             raise CheckpointError(f"tokens_per_tile {tokens_per_tile} is invalid; the checkpoint config is inconsistent")
-        self.tokenizer = tokenizer
+        self.tokenizer = as_tokenizer(tokenizer)  # a transformers tokenizer is wrapped (tests, tools)
         self.system_message = system_message or None  # "" means no system block, like None
         self.tokens_per_tile = tokens_per_tile
         self.im_start_id = self._special_id(IM_START)
@@ -93,9 +95,7 @@ class PromptBuilder:
 
     def _special_id(self, token: str, required: bool = True) -> int | None:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
-        # a missing token maps to None or to the unknown token's id, depending on the tokenizer
-        found = isinstance(token_id, int) and self.tokenizer.convert_ids_to_tokens(token_id) == token
-        if found:
+        if token_id is not None:
             return token_id
         if required:
             raise CheckpointError(
@@ -184,9 +184,7 @@ class PromptBuilder:
     # ---- ids -------------------------------------------------------------------------------
 
     def _encode(self, text: str) -> list[int]:
-        if not text:
-            return []
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+        return self.tokenizer.encode(text)
 
     def _to_ids(self, pieces: list[_Piece]) -> list[int]:
         ids: list[int] = []

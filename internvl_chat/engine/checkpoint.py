@@ -2,22 +2,30 @@
 
 Canonical names are the original OpenGVLab layout's names (SPEC §2, docs/architecture.md). The
 transformers "-hf" layout, in both its prefix styles, is renamed to them; its split vision q/k/v are
-fused back into `attn.qkv` (rows q, k, v). Reading is lazy: safetensors through `safe_open`, pickles
-only through `torch.load(weights_only=True, mmap=True)`, one shard at a time.
+fused back into `attn.qkv` (rows q, k, v). Reading is lazy, one shard at a time: safetensors headers
+are parsed and validated by the safetensors library and the bytes read with plain reads; pickles only
+through `torch.load(weights_only=True)` and only when they hold a plain dict of dense tensors.
+Weight files and index files are untrusted: every refusal is one line naming the user's path.
 """
 
 from __future__ import annotations
 
-import json
-import struct
+import math
+import os
 import re
+import stat
+import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..errors import CheckpointError
+from ..files import visible
+from .config import read_json_object
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -166,24 +174,63 @@ class WeightFiles:
     def sharded(self) -> bool:
         return len(self.files) > 1 or self.index is not None
 
+    def payload_bytes(self) -> int:
+        """Bytes of weight data, for checking config.json against before anything is allocated.
 
-def _files_from_index(index: Path) -> tuple[Path, ...]:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-        weight_map = data["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"cannot read the shard index {index}: {e!r}; the download may be incomplete") from None
-    if not names:
-        raise CheckpointError(f"the shard index {index} names no files; the download may be incomplete")
-    files = tuple(index.parent / n for n in names)
+        Safetensors headers are validated here, every shard's, so a damaged shard is reported
+        before the model is built; pickles count their size on disk.
+        """
+        total = 0
+        for path in self.files:
+            shown = visible(str(path))
+            if self.kind == "safetensors":
+                _open_regular(path, "weight file").close()
+                total += sum(n for *_, n in _safetensors_entries(path, shown))
+                continue
+            try:
+                total += path.stat().st_size
+            except OSError as e:
+                raise CheckpointError(f"cannot read {shown} ({e.strerror or e}); check the file") from None
+        return total
+
+
+def _is_plain_file_name(name: str, suffix: str) -> bool:
+    """A shard name an index may use: one file in the checkpoint folder, never a path elsewhere."""
+    return (
+        name.endswith(suffix)
+        and name not in (".", "..")
+        and not any(c in name for c in "/\\\0")
+        and visible(name) == name
+    )
+
+
+def _files_from_index(index: Path, suffix: str) -> tuple[Path, ...]:
+    shown = visible(str(index))
+    data = read_json_object(index, "the shard index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"the shard index {shown} has no weight_map of tensor names to files; the download may be incomplete")
+    names: set[str] = set()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not _is_plain_file_name(name, suffix):
+            raise CheckpointError(
+                f"the shard index {shown} maps {_short(tensor)} to {_short(name)}, which is not a {suffix} file name "
+                "in the checkpoint folder; the index is damaged"
+            )
+        names.add(name)
+    files = tuple(index.parent / n for n in sorted(names))
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(
-            f"{index.name} names {', '.join(missing)}, which is missing from {index.parent}; "
-            "download the remaining shards"
+            f"{visible(index.name)} names {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}, which "
+            f"{'is' if len(missing) == 1 else 'are'} missing from {visible(str(index.parent))}; download the remaining shards"
         )
     return files
+
+
+def _short(value: object) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return visible(text if len(text) <= 60 else text[:57] + "…")
 
 
 def find_weight_files(model_dir: str | Path) -> WeightFiles:
@@ -193,37 +240,38 @@ def find_weight_files(model_dir: str | Path) -> WeightFiles:
     (index, pytorch_model.bin), then a TinyChat `.pt`.
     """
     path = Path(model_dir)
+    shown = visible(str(path))
     if path.is_file():
         kind = {".safetensors": "safetensors", ".bin": "bin", ".pt": "tinychat"}.get(path.suffix)
         if kind is None:
-            raise CheckpointError(f"{path} is not a .safetensors, .bin or .pt weight file; pass the checkpoint folder")
+            raise CheckpointError(f"{shown} is not a .safetensors, .bin or .pt weight file; pass the checkpoint folder")
         return WeightFiles(kind, (path,))
     if not path.is_dir():
-        raise CheckpointError(f"model folder {path} does not exist; pass --model with a checkpoint folder")
+        raise CheckpointError(f"model folder {shown} does not exist; pass --model with a checkpoint folder")
 
-    if (path / SAFETENSORS_INDEX).is_file():
-        return WeightFiles("safetensors", _files_from_index(path / SAFETENSORS_INDEX), path / SAFETENSORS_INDEX)
+    if (path / SAFETENSORS_INDEX).exists():
+        return WeightFiles("safetensors", _files_from_index(path / SAFETENSORS_INDEX, ".safetensors"), path / SAFETENSORS_INDEX)
     if (path / SAFETENSORS_SINGLE).is_file():
         return WeightFiles("safetensors", (path / SAFETENSORS_SINGLE,))
-    loose = sorted(path.glob("*.safetensors"))
+    loose = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     if loose:
         return WeightFiles("safetensors", tuple(loose))
-    if (path / BIN_INDEX).is_file():
-        return WeightFiles("bin", _files_from_index(path / BIN_INDEX), path / BIN_INDEX)
+    if (path / BIN_INDEX).exists():
+        return WeightFiles("bin", _files_from_index(path / BIN_INDEX, ".bin"), path / BIN_INDEX)
     if (path / BIN_SINGLE).is_file():
         return WeightFiles("bin", (path / BIN_SINGLE,))
-    loose = sorted(path.glob("pytorch_model*.bin"))
+    loose = sorted(p for p in path.glob("pytorch_model*.bin") if p.is_file())
     if loose:
         return WeightFiles("bin", tuple(loose))
-    tinychat = sorted(path.glob("*.pt"))
+    tinychat = sorted(p for p in path.glob("*.pt") if p.is_file())
     if len(tinychat) == 1:
         return WeightFiles("tinychat", tuple(tinychat))
     if len(tinychat) > 1:
         raise CheckpointError(
-            f"{path} holds several .pt files ({', '.join(p.name for p in tinychat)}); keep only the one to load"
+            f"{shown} holds several .pt files ({', '.join(visible(p.name) for p in tinychat[:4])}); keep only the one to load"
         )
     raise CheckpointError(
-        f"no weights in {path} (no *.safetensors, pytorch_model*.bin or TinyChat *.pt); the download may be incomplete"
+        f"no weights in {shown} (no *.safetensors, pytorch_model*.bin or TinyChat *.pt); the download may be incomplete"
     )
 
 
@@ -240,44 +288,150 @@ _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
+_LOADABLE_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
 
 
-def _safetensors_header(f, path: Path) -> tuple[dict, int]:
+def _open_regular(path: Path, what: str):
+    """`path` opened for binary reading if it is a regular file; a FIFO or a device is refused
+    without blocking (opening a FIFO for reading waits for a writer forever)."""
+    shown = visible(str(path))
     try:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > 100 << 20:
-            raise ValueError(f"header of {length} bytes")
-        header = json.loads(f.read(length))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: not a safetensors file ({e}); download it again") from None
-    header.pop("__metadata__", None)
-    return header, 8 + length
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        raise CheckpointError(f"cannot open {what} {shown} ({e.strerror or e}); check the file and its permissions") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{what} {shown} is not a regular file (a pipe or a device?); point --model at a checkpoint folder")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _safetensors_entries(path: Path, shown: str) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
+    """(name, dtype, shape, byte count) of every tensor, in file order, from a header that the
+    safetensors library has parsed and validated: a JSON object of sane depth and size, every
+    tensor with a known dtype, offsets that are ordered, contiguous, match shape × dtype and
+    cover the data exactly. Because they are contiguous, each tensor's offset is the sum of
+    the byte counts before it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            entries = []
+            for name in f.offset_keys():
+                piece = f.get_slice(name)
+                entries.append((name, piece.get_dtype(), tuple(piece.get_shape())))
+    except Exception as e:  # SafetensorError, OSError; the library's reason is one short line
+        reason = _first_line(e).removeprefix("Error while deserializing header: ")
+        reason = visible(reason if len(reason) <= 120 else reason[:117] + "…")
+        damage = "is truncated or damaged" if "not fully covered" in reason else "is not a safetensors file, or a damaged one"
+        raise CheckpointError(f"{shown} {damage} ({reason}); download it again") from None
+    out = []
+    for name, dtype_name, shape in entries:
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise CheckpointError(
+                f"{shown} stores tensor {_short(name)} as {visible(dtype_name)}, which internvl-chat does not load; "
+                "use a float16/bfloat16/float32 checkpoint (or AWQ int32)"
+            )
+        out.append((name, dtype, shape, math.prod(shape) * dtype.itemsize))
+    return out
 
 
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Read tensors with plain reads, one at a time, in file order.
 
-    Memory-mapping (what safetensors' own reader does) would keep every touched page of the file
-    resident until the file is closed, doubling peak memory when loading to the CPU.
+    The library validates the header; the bytes are read here because memory-mapping them (what
+    the library's reader does) would keep every touched page of the file resident until the file
+    is closed, doubling peak memory when loading to the CPU.
     """
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
-        header, data_start = _safetensors_header(f, path)
-        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        for name, info in entries:
+    shown = visible(str(path))
+    with _open_regular(path, "weight file") as f:
+        entries = _safetensors_entries(path, shown)
+        try:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            size = os.fstat(f.fileno()).st_size
+        except (struct.error, OSError):
+            raise CheckpointError(f"cannot read {shown}; download it again") from None
+        data_start = 8 + header_len
+        if data_start + sum(n for *_, n in entries) != size:  # replaced since the header was checked
+            raise CheckpointError(f"{shown} changed while it was being read; load it again")
+        f.seek(data_start)
+        for name, dtype, shape, nbytes in entries:
+            buffer = bytearray(nbytes)
             try:
-                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                begin, end = info["data_offsets"]
-                shape = tuple(info["shape"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path} describes tensor {name} in a way this reader does not support") from None
-            if data_start + end > file_size:
-                raise CheckpointError(f"{path} is truncated (tensor {name} runs past the end); download it again")
-            buffer = bytearray(end - begin)
-            f.seek(data_start + begin)
-            f.readinto(buffer)
-            tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+                got = f.readinto(buffer) if nbytes else 0
+            except OSError as e:
+                raise CheckpointError(f"cannot read {shown} ({e.strerror or e}); check the disk and download it again") from None
+            if got != nbytes:
+                raise CheckpointError(f"{shown} is truncated (tensor {_short(name)} runs past the end); download it again")
+            tensor = torch.frombuffer(buffer, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
             yield name, tensor.reshape(shape)
+
+
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+
+
+def _pickle_refusal(path: Path, error: BaseException) -> CheckpointError:
+    """One line for a pickle torch.load refused. torch's own text is never passed on: it advises
+    loading with weights_only=False, which would run code from the file."""
+    shown = visible(str(path))
+    text = str(error)
+    refused = _REFUSED_GLOBAL.search(text)
+    if refused:
+        return CheckpointError(
+            f"{shown} holds Python objects besides tensors ({visible(refused[1])}) and is refused for safety: only plain "
+            "state dicts of tensors load; use the checkpoint's safetensors files instead"
+        )
+    if "Weights only load failed" in text:
+        return CheckpointError(
+            f"{shown} is not a PyTorch weights file, or holds pickled data other than plain tensors, and is refused "
+            "for safety; use the checkpoint's safetensors files instead"
+        )
+    if isinstance(error, MemoryError) or "allocate" in text:
+        return CheckpointError(f"{shown} declares more data than fits in memory; it is damaged or not a weights file")
+    return CheckpointError(
+        f"cannot read {shown}: it is truncated, damaged or not a PyTorch weights file; download it again"
+    )
+
+
+def _torch_load(path: Path):
+    """torch.load with weights_only=True (never anything else), memory-mapped where the format
+    allows; legacy (non-zip) pickles cannot be mapped and are read whole."""
+    _open_regular(path, "weight file").close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": noise for the user
+        try:
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, OSError, MemoryError…
+            raise _pickle_refusal(path, e) from None
+
+
+def _plain_state_dict(path: Path, state: object) -> dict[str, torch.Tensor]:
+    """The loaded object as a dict of dense CPU tensors by name, or one line saying why it is not."""
+    shown = visible(str(path))
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # training checkpoints wrap the weights with optimizer/step entries
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{shown} holds a {type(state).__name__}, not a state dict of tensors; it is not a supported weights file")
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{shown} has a tensor name that is not a string ({_short(name)}); it is not a supported weights file")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{shown} holds {_short(name)} = a {type(value).__name__}, not a tensor; only plain state dicts of tensors load"
+            )
+        if value.layout != torch.strided or value.is_meta or value.is_quantized or value.dtype not in _LOADABLE_DTYPES:
+            raise CheckpointError(
+                f"{shown} holds {_short(name)} as a {str(value.dtype).removeprefix('torch.')} {value.layout} tensor, "
+                "which internvl-chat does not load; only dense float/int tensors load"
+            )
+    return state
 
 
 def _iter_file(path: Path, kind: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -285,23 +439,10 @@ def _iter_file(path: Path, kind: str) -> Iterator[tuple[str, torch.Tensor]]:
     if kind == "safetensors":
         yield from _iter_safetensors(path)
         return
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):  # legacy (non-zip) pickles cannot be memory-mapped
-            raise CheckpointError(f"cannot read {path}: {_first_line(e)}; the file may be truncated or not a weights file") from None
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, including objects refused by weights_only
-        raise CheckpointError(f"cannot read {path} safely: {_first_line(e)}; only plain tensor state dicts are loaded") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors; it is not a supported weights file")
-    if isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # training checkpoints wrap the weights with optimizer/step entries
+    state = _plain_state_dict(path, _torch_load(path))
     names = list(state)
     for name in names:
-        tensor = state.pop(name)
-        if isinstance(tensor, torch.Tensor):
-            yield name, tensor
+        yield name, state.pop(name)
     del state
 
 
@@ -348,7 +489,7 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None) -> Iterator[t
         name, parts = next(iter(pending.items()))
         lacking = [s for s, p in zip(_QKV_SLOTS, parts) if p is None]
         raise CheckpointError(
-            f"the checkpoint has only part of the vision attention for {name} (no {', '.join(lacking)}); "
+            f"the checkpoint has only part of the vision attention for {_short(name)} (no {', '.join(lacking)}); "
             "the download may be incomplete"
         )
 
@@ -356,66 +497,3 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None) -> Iterator[t
 def load_state_dict(model_dir: str | Path, layout: str | None = None) -> dict[str, torch.Tensor]:
     """All canonical tensors in one dict (for small models and tests; the engine streams instead)."""
     return dict(iter_tensors(model_dir, layout))
-
-
-# -------------------------------------------------------------------------------- tokenizer
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def load_tokenizer(model_dir: str | Path):
-    """The checkpoint's tokenizer through transformers, local files only, no remote code."""
-    model_dir = Path(model_dir)
-    if not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
-        raise CheckpointError(
-            f"{model_dir} has no tokenizer files (tokenizer.json / tokenizer_config.json); download the full checkpoint"
-        )
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    # reading an original-layout config.json makes transformers warn about the unknown model type
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
-    except Exception as e:  # transformers raises OSError, ValueError, KeyError… for broken folders
-        raise CheckpointError(
-            f"cannot load the tokenizer in {model_dir}: {_first_line(e)}; the tokenizer files may be incomplete"
-        ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    im_start: int
-    im_end: int
-    endoftext: int
-    img_start: int
-    img_end: int
-    img_context: int
-
-    @property
-    def stop_ids(self) -> tuple[int, int]:
-        return (self.im_end, self.endoftext)
-
-
-_SPECIAL_TEXT = {
-    "im_start": "<|im_start|>",
-    "im_end": "<|im_end|>",
-    "endoftext": "<|endoftext|>",
-    "img_start": "<img>",
-    "img_end": "</img>",
-    "img_context": "<IMG_CONTEXT>",
-}
-
-
-def special_token_ids(tokenizer) -> SpecialTokens:
-    """Look up the ids of the chat and image tokens; a CheckpointError names any that is missing."""
-    vocab = tokenizer.get_vocab()
-    missing = [text for text in _SPECIAL_TEXT.values() if text not in vocab]
-    if missing:
-        raise CheckpointError(
-            f"the tokenizer lacks {', '.join(missing)}; use the tokenizer shipped with the InternVL3 checkpoint"
-        )
-    return SpecialTokens(**{field: int(vocab[text]) for field, text in _SPECIAL_TEXT.items()})

@@ -97,11 +97,10 @@ class CompiledStep:
         self.compile_s: float | None = None
         self.failure: str | None = None
         self._fn = None
-        self._caches = lm.caches()
         with torch.inference_mode(False):  # normal tensors whatever the caller's mode: stable guards
             self._token = torch.zeros(1, dtype=torch.long, device=device)
             self._position = torch.full((1,), 2, dtype=torch.long, device=device)
-        for pair in self._caches:  # fixed storage: never a symbolic size, never re-guarded by address
+        for pair in lm.caches():  # fixed shape: never a symbolic size (a serve slot's own caches match it)
             for t in pair:
                 torch._dynamo.mark_static(t)
 
@@ -143,7 +142,7 @@ class CompiledStep:
             with torch.inference_mode(t.is_inference()):
                 return torch.empty_like(t)
 
-        scratch = [(like(k), like(v)) for k, v in self._caches]
+        scratch = [(like(k), like(v)) for k, v in self.lm.caches()]
         for pair in scratch:
             for t in pair:
                 torch._dynamo.mark_static(t)
@@ -177,7 +176,8 @@ class CompiledStep:
         try:
             self._token.copy_(token.view(1))  # tokens come as inference or normal tensors: one kind in
             with torch.compiler.set_stance("fail_on_recompile"):
-                logits = self._fn(self._token, pos, self._caches)
+                # the caches in use now: a server swaps in each slot's own (same shape and kind)
+                logits = self._fn(self._token, pos, self.lm.caches())
             self.steps += 1
             return logits
         except Exception as e:  # noqa: BLE001 — a guard failure or runtime error: eager from now on
@@ -191,4 +191,4 @@ class CompiledStep:
             return self.lm.decode_masked(token, position, kv_len)
         self._token.copy_(token.view(1))
         self._position.copy_(position.view(1))
-        return self._fn(self._token, self._position, kv_len, self._caches)
+        return self._fn(self._token, self._position, kv_len, self.lm.caches())  # captured per cache set

@@ -1,18 +1,26 @@
-"""One ModelConfig parsed from any supported checkpoint layout's config.json.
+"""One ModelConfig parsed from any supported checkpoint layout's config.json, fully validated.
 
 Two layouts exist (SPEC §2): the original OpenGVLab one (`InternVLChatModel`, `llm_config`,
 `vision_config`) and transformers' "-hf" one (`InternVLForConditionalGeneration`, `text_config`).
 Everything the engine needs is read here, once; nothing downstream looks at raw JSON.
+
+config.json is a file we did not write: every field the engine uses is checked for its JSON type
+(a string is never a number, a bool never an integer), its range and the divisibilities the
+model's shapes rely on, with caps so that an absurd size never reaches an allocator. Any problem
+is one CheckpointError line naming the file and the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..files import JSON_LIMIT, read_text_file, visible
 
 DEFAULT_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -21,6 +29,22 @@ DEFAULT_SYSTEM_MESSAGE = (
 ORIGINAL_ARCH = "InternVLChatModel"
 HF_ARCH = "InternVLForConditionalGeneration"
 SUPPORTED_LLMS = ("Qwen2ForCausalLM",)
+
+# Caps far above every published InternVL3 size (72B: hidden 8192, 80 layers, 64 heads, FFN 29568,
+# 151,674 rows; ViT-6B: 3200 wide, 45 layers), low enough that a lying config cannot ask for
+# exabytes. The weights-versus-files check in the loader bounds the products of these.
+MAX_HIDDEN = 1 << 16
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_INTERMEDIATE = 1 << 18
+MAX_VOCAB = 1 << 21
+MAX_POSITIONS = 1 << 24
+MAX_IMAGE_SIZE = 4096
+MAX_GRID = 128  # patches per tile side (InternVL: 448 / 14 = 32)
+MAX_TILES = 64  # dynamic tiling limit; the candidate search is cubic in it
+ROPE_TYPES = ("default", "dynamic")  # dynamic NTK changes nothing within max_position_embeddings
+
+_REQUIRED = object()
 
 
 @dataclass(frozen=True)
@@ -53,6 +77,7 @@ class TextConfig:
     rms_norm_eps: float
     rope_theta: float
     max_position_embeddings: int
+    # tie lm_head to the embeddings where one of the two is absent (transformers' rule, see below)
     tie_word_embeddings: bool
 
     @property
@@ -83,6 +108,8 @@ class ModelConfig:
     template: str = "internvl2_5"
     system_message: str | None = DEFAULT_SYSTEM_MESSAGE
     max_dynamic_patch: int = 12
+    min_dynamic_patch: int = 1
+    dynamic_image_size: bool = True
     use_thumbnail: bool = True
     quant: QuantConfig | None = None
     torch_dtype: str = "bfloat16"
@@ -96,180 +123,430 @@ class ModelConfig:
         side = int(self.vision.grid * self.downsample_ratio)
         return side * side
 
+    def tile_limits(self, max_tiles: int | None = None) -> tuple[int, int]:
+        """(min, max) tiles per image as the reference preprocessing uses them.
 
-def _first(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for key in keys:
-        if key in d and d[key] is not None:
-            return d[key]
-    return default
+        `max_tiles` is the user's limit; None (or 0) means the checkpoint's `max_dynamic_patch`.
+        Without `dynamic_image_size` an image is always one tile. The checkpoint's minimum never
+        exceeds the user's maximum (the user's limit wins).
+        """
+        if not self.dynamic_image_size:
+            return 1, 1
+        high = max_tiles or self.max_dynamic_patch
+        return min(self.min_dynamic_patch, high), high
+
+    def weight_elements(self) -> int:
+        """A lower bound on the number of weight elements this config implies (lm_head counted
+        once with the embeddings: tied checkpoints store only one of them)."""
+        v, t = self.vision, self.text
+        c = v.hidden_size
+        vision = 3 * v.patch_size**2 * c + (v.grid**2 + 2) * c
+        vision += v.num_layers * (4 * c * c + 2 * c * v.intermediate_size)
+        projector = 4 * c * t.hidden_size + t.hidden_size * t.hidden_size
+        h = t.hidden_size
+        layer = h * (t.q_size + 2 * t.kv_size) + t.q_size * h + 3 * h * t.intermediate_size
+        return vision + projector + t.vocab_size * h + t.num_layers * layer
 
 
-def _as_int(value: Any) -> int:
-    # the -hf layout stores image and patch sizes as [h, w] pairs
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise CheckpointError(f"non-square size {value} is not supported; InternVL uses square tiles")
-        value = value[0]
-    return int(value)
+# -------------------------------------------------------------------------------- typed fields
 
 
-def _text_config(raw: dict[str, Any], where: str) -> TextConfig:
-    archs = raw.get("architectures") or []
-    model_type = raw.get("model_type", "")
+def _shown(value: Any) -> str:
+    """A JSON value for an error message: short, and safe to print."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "…"
+    return visible(text)
+
+
+class _Fields:
+    """Typed, range-checked access to one JSON object of config.json.
+
+    A null value counts as absent (the documented default applies); a required key that is
+    absent is refused by name.
+    """
+
+    def __init__(self, raw: Any, path: str, source: str):
+        self.path, self.source = path, source
+        if not isinstance(raw, dict):
+            raise CheckpointError(
+                f"{source}: {path or 'the top level'} must be a JSON object, not {_shown(raw)}; "
+                "the checkpoint's config.json is damaged or not an InternVL3 config"
+            )
+        self.raw = raw
+
+    def _name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def refuse(self, key: str, expect: str) -> CheckpointError:
+        return CheckpointError(
+            f"{self.source}: {self._name(key)} must be {expect}, not {_shown(self.raw.get(key))}; "
+            "the checkpoint's config.json is damaged or was edited"
+        )
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.raw.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise CheckpointError(
+                    f"{self.source}: {self._name(key)} is missing; the checkpoint's config.json is incomplete"
+                )
+            return None
+        return value
+
+    def has(self, key: str) -> bool:
+        return self.raw.get(key) is not None
+
+    def integer(self, key: str, low: int, high: int, default: Any = _REQUIRED) -> int:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.refuse(key, f"an integer from {low:,} to {high:,}")
+        return value
+
+    def number(self, key: str, low: float, high: float, default: Any = _REQUIRED, low_open: bool = True) -> float:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value > high or value < low or (low_open and value == low):
+            raise self.refuse(key, f"a number {'above' if low_open else 'from'} {low:g} {'up to' if low_open else 'to'} {high:g}")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.refuse(key, "true or false")
+        return value
+
+    def text(self, key: str, default: Any = _REQUIRED) -> Any:
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.refuse(key, "a string")
+        return value
+
+    def names(self, key: str) -> list[str]:
+        value = self._get(key, [])
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.refuse(key, "a list of strings")
+        return value
+
+    def square_size(self, key: str, low: int, high: int, default: Any = _REQUIRED) -> int:
+        """An image or patch size: an integer, or an [h, w] pair of equal integers (-hf layout)."""
+        value = self._get(key, default)
+        if value is None:
+            return default
+        if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
+            value = value[0]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.refuse(key, f"an integer from {low} to {high} (or a square [h, w] pair; InternVL uses square tiles)")
+        return value
+
+    def child(self, key: str, required: bool = True) -> _Fields | None:
+        value = self._get(key, _REQUIRED if required else None)
+        if value is None:
+            return None
+        return _Fields(value, self._name(key), self.source)
+
+
+# -------------------------------------------------------------------------------- sections
+
+
+def _check_llm_kind(f: _Fields) -> None:
+    archs = f.names("architectures")
+    model_type = f.text("model_type", "")
     if any("InternLM2" in a for a in archs) or model_type == "internlm2":
         raise CheckpointError(
-            f"the LLM in {where} is InternLM2 (InternVL3-9B layout), which internvl-chat does not support; "
+            f"the LLM in {f.path} is InternLM2 (InternVL3-9B layout), which internvl-chat does not support; "
             "use a Qwen2-based InternVL3 checkpoint (1B, 2B, 8B, 14B, 38B, 78B)"
         )
     if archs and not any(a in SUPPORTED_LLMS for a in archs) or (model_type and model_type != "qwen2"):
         raise CheckpointError(
-            f"unsupported LLM {archs or model_type} in {where}; internvl-chat supports Qwen2-based InternVL3 checkpoints"
+            f"unsupported LLM {visible(str(archs or model_type))} in {f.path}; "
+            "internvl-chat supports Qwen2-based InternVL3 checkpoints"
         )
-    try:
-        hidden = int(raw["hidden_size"])
-        heads = int(raw["num_attention_heads"])
-        rope = raw.get("rope_parameters") or {}
-        return TextConfig(
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=hidden,
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            intermediate_size=int(raw["intermediate_size"]),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(_first(raw, "rope_theta", default=rope.get("rope_theta", 1e6))),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+
+
+def _rope_theta(f: _Fields) -> float:
+    """rope_theta, and a refusal for RoPE variants this engine does not compute."""
+    params = f.child("rope_parameters", required=False)  # transformers ≥ 5
+    scaling = f.child("rope_scaling", required=False)
+    for section in (params, scaling):
+        if section is None:
+            continue
+        kind = section.text("rope_type", None) or section.text("type", None) or "default"
+        if kind not in ROPE_TYPES:
+            raise CheckpointError(
+                f"{f.source}: {section.path} asks for {visible(kind)!r} RoPE scaling, which internvl-chat does not "
+                "compute; InternVL3 checkpoints use default or dynamic RoPE"
+            )
+    if f.has("rope_theta"):
+        return f.number("rope_theta", 0.0, 1e12)
+    if params is not None and params.has("rope_theta"):
+        return params.number("rope_theta", 0.0, 1e12)
+    return 1e6
+
+
+def _text_config(f: _Fields, tie_word_embeddings: bool) -> TextConfig:
+    _check_llm_kind(f)
+    if f.text("hidden_act", "silu") != "silu":
+        raise f.refuse("hidden_act", '"silu" (Qwen2 uses SwiGLU)')
+    if f.flag("use_sliding_window", False):
+        raise CheckpointError(
+            f"{f.source}: {f.path}.use_sliding_window is true; internvl-chat computes full attention only "
+            "(InternVL3 checkpoints set it to false)"
         )
-    except KeyError as e:
-        raise CheckpointError(f"{where} lacks the key {e.args[0]!r}; the checkpoint's config.json is incomplete") from None
-
-
-def _vision_config(raw: dict[str, Any], layout: str) -> VisionConfig:
-    try:
-        if layout == "original":
-            qkv_bias = bool(raw.get("qkv_bias", True))
-            qk_norm = bool(raw.get("qk_normalization", False))
-        else:
-            qkv_bias = bool(raw.get("attention_bias", False))
-            qk_norm = bool(raw.get("use_qk_norm", False))
-        norm_type = raw.get("norm_type", "layer_norm")
-        if norm_type not in ("layer_norm", "rms_norm"):
-            raise CheckpointError(f"unknown vision norm_type {norm_type!r}; expected layer_norm or rms_norm")
-        hidden_act = raw.get("hidden_act", "gelu")
-        if hidden_act != "gelu":
-            raise CheckpointError(f"unsupported vision activation {hidden_act!r}; InternViT uses exact gelu")
-        return VisionConfig(
-            hidden_size=int(raw["hidden_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=int(raw["num_attention_heads"]),
-            intermediate_size=int(raw["intermediate_size"]),
-            norm_type=norm_type,
-            norm_eps=float(raw.get("layer_norm_eps", 1e-6)),
-            qkv_bias=qkv_bias,
-            qk_norm=qk_norm,
-            image_size=_as_int(raw.get("image_size", 448)),
-            patch_size=_as_int(raw.get("patch_size", 14)),
+    hidden = f.integer("hidden_size", 1, MAX_HIDDEN)
+    heads = f.integer("num_attention_heads", 1, MAX_HEADS)
+    kv_heads = f.integer("num_key_value_heads", 1, heads, default=heads)
+    if heads % kv_heads:
+        raise f.refuse("num_key_value_heads", f"a divisor of num_attention_heads ({heads})")
+    if f.has("head_dim"):
+        head_dim = f.integer("head_dim", 2, MAX_HIDDEN)
+    else:
+        if hidden % heads:
+            raise f.refuse("num_attention_heads", f"a divisor of hidden_size ({hidden})")
+        head_dim = hidden // heads
+    if head_dim % 2:
+        raise CheckpointError(
+            f"{f.source}: {f.path} gives a head size of {head_dim}, which is odd; rotary embeddings need an even one"
         )
-    except KeyError as e:
-        raise CheckpointError(f"vision_config lacks the key {e.args[0]!r}; the checkpoint's config.json is incomplete") from None
+    if heads * head_dim > MAX_HIDDEN:
+        raise f.refuse("num_attention_heads", f"at most {MAX_HIDDEN // head_dim:,} heads of size {head_dim}")
+    return TextConfig(
+        vocab_size=f.integer("vocab_size", 1, MAX_VOCAB),
+        hidden_size=hidden,
+        num_layers=f.integer("num_hidden_layers", 1, MAX_LAYERS),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=f.integer("intermediate_size", 1, MAX_INTERMEDIATE),
+        rms_norm_eps=f.number("rms_norm_eps", 0.0, 1.0, default=1e-6),
+        rope_theta=_rope_theta(f),
+        max_position_embeddings=f.integer("max_position_embeddings", 1, MAX_POSITIONS, default=32768),
+        tie_word_embeddings=tie_word_embeddings,
+    )
 
 
-def _quant_config(raw: dict[str, Any] | None) -> QuantConfig | None:
-    if not raw:
+def _vision_config(f: _Fields, layout: str, image_size: int | None) -> VisionConfig:
+    if layout == "original":
+        qkv_bias = f.flag("qkv_bias", True)
+        qk_norm = f.flag("qk_normalization", False)
+    else:
+        qkv_bias = f.flag("attention_bias", False)
+        qk_norm = f.flag("use_qk_norm", False)
+    norm_type = f.text("norm_type", "layer_norm")
+    if norm_type not in ("layer_norm", "rms_norm"):
+        raise f.refuse("norm_type", '"layer_norm" or "rms_norm"')
+    if f.text("hidden_act", "gelu") != "gelu":
+        raise f.refuse("hidden_act", '"gelu" (InternViT uses exact GELU)')
+    f.integer("num_channels", 3, 3, default=3)  # the patch embedding reads RGB
+    hidden = f.integer("hidden_size", 1, MAX_HIDDEN)
+    heads = f.integer("num_attention_heads", 1, MAX_HEADS)
+    if hidden % heads:
+        raise f.refuse("num_attention_heads", f"a divisor of hidden_size ({hidden})")
+    patch = f.square_size("patch_size", 1, MAX_IMAGE_SIZE, default=14)
+    if image_size is None:
+        image_size = f.square_size("image_size", 1, MAX_IMAGE_SIZE, default=448)
+    if image_size % patch:
+        raise CheckpointError(
+            f"{f.source}: the image size {image_size} is not a multiple of {f.path}.patch_size ({patch}); "
+            "the checkpoint's config.json is damaged or was edited"
+        )
+    grid = image_size // patch
+    if grid > MAX_GRID or grid % 2:
+        raise CheckpointError(
+            f"{f.source}: {f.path} gives {grid}×{grid} patches per tile ({image_size} / {patch}); "
+            f"InternVL needs an even number of at most {MAX_GRID} (448 / 14 = 32)"
+        )
+    return VisionConfig(
+        hidden_size=hidden,
+        num_layers=f.integer("num_hidden_layers", 1, MAX_LAYERS),
+        num_heads=heads,
+        intermediate_size=f.integer("intermediate_size", 1, MAX_INTERMEDIATE),
+        norm_type=norm_type,
+        norm_eps=f.number("layer_norm_eps", 0.0, 1.0, default=1e-6),
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
+        image_size=image_size,
+        patch_size=patch,
+    )
+
+
+def _quant_config(f: _Fields | None, text: TextConfig) -> QuantConfig | None:
+    if f is None or not f.raw:
         return None
-    method = str(raw.get("quant_method", "")).lower()
+    method = f.text("quant_method", "").lower()
     if method != "awq":
-        raise CheckpointError(f"quantization method {method!r} is not supported; internvl-chat loads AWQ 4-bit checkpoints")
+        raise CheckpointError(
+            f"quantization method {visible(method)!r} is not supported; internvl-chat loads AWQ 4-bit checkpoints"
+        )
+    bits = f.integer("bits", 1, 64, default=None)
+    bits = f.integer("w_bit", 1, 64, default=4) if bits is None else bits
+    group = f.integer("group_size", -1, 1 << 16, default=None)
+    group = f.integer("q_group_size", -1, 1 << 16, default=128) if group is None else group
     q = QuantConfig(
-        method="awq",
-        bits=int(raw.get("bits", raw.get("w_bit", 4))),
-        group_size=int(raw.get("group_size", raw.get("q_group_size", 128))),
-        zero_point=bool(raw.get("zero_point", True)),
-        version=str(raw.get("version", "gemm")).lower(),
+        method="awq", bits=bits, group_size=group, zero_point=f.flag("zero_point", True), version=f.text("version", "gemm").lower()
     )
     if q.bits != 4:
         raise CheckpointError(f"AWQ with {q.bits} bits is not supported; only 4-bit AWQ checkpoints load")
     if q.version != "gemm":
-        raise CheckpointError(f"AWQ version {q.version!r} is not supported; only the 'gemm' packing loads")
+        raise CheckpointError(f"AWQ version {visible(q.version)!r} is not supported; only the 'gemm' packing loads")
     if q.group_size <= 0 or q.group_size % 32:
         raise CheckpointError(f"AWQ group size {q.group_size} is not supported; use a multiple of 32 (128 is standard)")
     if not q.zero_point:
         raise CheckpointError("AWQ without zero points is not supported; quantize with zero_point=true")
+    # every quantized linear's input width must hold whole groups; output widths pack 8 per int32
+    for width, what in ((text.hidden_size, "hidden_size"), (text.q_size, "the attention width"),
+                        (text.intermediate_size, "intermediate_size")):  # fmt: skip
+        if width % q.group_size:
+            raise CheckpointError(
+                f"AWQ group size {q.group_size} does not divide {what} ({width}); the checkpoint's config.json is inconsistent"
+            )
+    for width, what in ((text.kv_size, "the key/value width"), (text.q_size, "the attention width"),
+                        (text.hidden_size, "hidden_size"), (text.intermediate_size, "intermediate_size")):  # fmt: skip
+        if width % 8:
+            raise CheckpointError(f"4-bit packing needs {what} ({width}) to be a multiple of 8; the checkpoint's config.json is inconsistent")
     return q
+
+
+# -------------------------------------------------------------------------------- files
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A checkpoint JSON file (config, shard index, preprocessor config) as a dict; anything else
+    (not a regular file, too large, not UTF-8, not JSON, not an object, nested too deep) is one
+    CheckpointError line naming the user's path."""
+    shown = visible(str(path))
+    text = read_text_file(path, what, limit=JSON_LIMIT, error=CheckpointError)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{what} {shown} is not valid JSON ({e.msg} at line {e.lineno}); the download may be incomplete") from None
+    except (ValueError, RecursionError) as e:  # huge integers, absurd nesting
+        reason = "nested too deeply" if isinstance(e, RecursionError) else "a number is too large"
+        raise CheckpointError(f"{what} {shown} cannot be read ({reason}); it is not a checkpoint file") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {shown} must hold a JSON object, not {_shown(data)}; it is not a checkpoint file")
+    return data
 
 
 def read_config_json(model_dir: Path) -> dict[str, Any]:
     model_dir = Path(model_dir)
+    shown = visible(str(model_dir))
     if not model_dir.exists():
-        raise CheckpointError(f"model folder {model_dir} does not exist; pass --model with a checkpoint folder")
+        raise CheckpointError(f"model folder {shown} does not exist; pass --model with a checkpoint folder")
     if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir} is not a folder; pass --model with the checkpoint folder, not a file")
+        raise CheckpointError(f"{shown} is not a folder; pass --model with the checkpoint folder, not a file")
     path = model_dir / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{model_dir} has no config.json; point --model at a downloaded InternVL3 checkpoint folder")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}; the download may be incomplete") from None
+    if not path.exists():
+        raise CheckpointError(f"{shown} has no config.json; point --model at a downloaded InternVL3 checkpoint folder")
+    return read_json_object(path, "the checkpoint's config.json")
 
 
-def parse_config(raw: dict[str, Any]) -> ModelConfig:
-    archs = raw.get("architectures") or []
-    model_type = raw.get("model_type", "")
+def _read_hf_tiling(model_dir: Path) -> dict[str, Any]:
+    """The -hf layout keeps its tile limits in preprocessor_config.json (`min_patches`,
+    `max_patches`); transformers' InternVL processor always tiles (crop_to_patches)."""
+    path = Path(model_dir) / "preprocessor_config.json"
+    if not path.exists():
+        return {}
+    f = _Fields(read_json_object(path, "the checkpoint's preprocessor_config.json"), "", visible(str(path)))
+    high = f.integer("max_patches", 1, MAX_TILES, default=12)
+    low = f.integer("min_patches", 1, high, default=1)
+    return {"max_dynamic_patch": high, "min_dynamic_patch": low}
+
+
+# -------------------------------------------------------------------------------- parsing
+
+
+def parse_config(raw: Any, source: str = "config.json") -> ModelConfig:
+    """A ModelConfig from the parsed config.json; `source` names the file in error messages."""
+    top = _Fields(raw, "", source)
+    archs = top.names("architectures")
+    model_type = top.text("model_type", "")
     if ORIGINAL_ARCH in archs or model_type == "internvl_chat":
         layout = "original"
-        text_raw, vision_raw = raw.get("llm_config"), raw.get("vision_config")
-        if text_raw is None or vision_raw is None:
-            raise CheckpointError("config.json of an InternVLChatModel lacks llm_config or vision_config; the checkpoint is incomplete")
+        text_f, vision_f = top.child("llm_config"), top.child("vision_config")
     elif HF_ARCH in archs or model_type == "internvl":
         layout = "hf"
-        text_raw, vision_raw = raw.get("text_config"), raw.get("vision_config")
-        if text_raw is None or vision_raw is None:
-            raise CheckpointError("config.json of an InternVLForConditionalGeneration lacks text_config or vision_config")
-        text_raw = {"model_type": "qwen2", **text_raw}
+        text_f, vision_f = top.child("text_config"), top.child("vision_config")
+        text_f.raw = {"model_type": "qwen2", **text_f.raw}
     else:
         raise CheckpointError(
-            f"unknown architecture {archs or model_type or '(none)'}; internvl-chat loads InternVL3 checkpoints "
-            f"({ORIGINAL_ARCH} or {HF_ARCH})"
+            f"unknown architecture {visible(str(archs or model_type or '(none)'))}; internvl-chat loads InternVL3 "
+            f"checkpoints ({ORIGINAL_ARCH} or {HF_ARCH})"
         )
 
-    text = _text_config(text_raw, "llm_config" if layout == "original" else "text_config")
-    vision = _vision_config(vision_raw, layout)
-    quant = _quant_config(text_raw.get("quantization_config") or raw.get("quantization_config"))
-    if layout == "original":
-        select_layer = int(raw.get("select_layer", -1))
-        image_size = _as_int(raw.get("force_image_size") or vision.image_size)
-        if image_size != vision.image_size:
-            vision = VisionConfig(**{**vision.__dict__, "image_size": image_size})
-        ps_version = raw.get("ps_version", "v2")
-        if ps_version != "v2":
-            raise CheckpointError(f"pixel shuffle {ps_version!r} is not supported; InternVL3 uses ps_version v2")
-        template = raw.get("template") or "internvl2_5"
+    # Which flag ties lm_head to the embeddings follows the reference implementation of each
+    # layout: transformers ≥ 5 reads InternVLConfig's own top-level `tie_word_embeddings` (default
+    # true; `text_config`'s is not consulted), the original code builds Qwen2ForCausalLM from
+    # `llm_config`, whose flag (default false) decides.
+    if layout == "hf":
+        tie = top.flag("tie_word_embeddings", True)
     else:
-        select_layer = int(raw.get("vision_feature_layer", -1))
+        tie = text_f.flag("tie_word_embeddings", False)
+    text = _text_config(text_f, tie)
+    quant_f = text_f.child("quantization_config", required=False) or top.child("quantization_config", required=False)
+    quant = _quant_config(quant_f, text)
+
+    if layout == "original":
+        select_layer = top.integer("select_layer", -MAX_LAYERS, MAX_LAYERS, default=-1)
+        image_size = top.square_size("force_image_size", 1, MAX_IMAGE_SIZE, default=None)
+        if top.text("ps_version", "v2") != "v2":
+            raise top.refuse("ps_version", '"v2" (InternVL3 uses pixel shuffle v2)')
+        template = top.text("template", "internvl2_5")
+        high = top.integer("max_dynamic_patch", 1, MAX_TILES, default=12)
+        tiling = {
+            "max_dynamic_patch": high,
+            "min_dynamic_patch": top.integer("min_dynamic_patch", 1, high, default=1),
+            "dynamic_image_size": top.flag("dynamic_image_size", True),
+            "use_thumbnail": top.flag("use_thumbnail", True),
+        }
+    else:
+        select_layer = top.integer("vision_feature_layer", -MAX_LAYERS, MAX_LAYERS, default=-1)
+        image_size = None
         template = "internvl2_5"
+        tiling = {}
     if select_layer != -1:
         raise CheckpointError(f"select_layer {select_layer} is not supported; InternVL3 uses the last ViT layer (-1)")
-    system_message = raw.get("system_message")
+    vision = _vision_config(vision_f, layout, image_size)
+    ratio = top.number("downsample_ratio", 0.0, 1.0, default=0.5)
+    if ratio != 0.5:
+        raise CheckpointError(f"downsample_ratio {ratio:g} is not supported; InternVL3 uses 0.5")
+    system_message = top.text("system_message", None)
     if layout == "original" and system_message is None:
         system_message = DEFAULT_SYSTEM_MESSAGE
-    dtype = str(_first(text_raw, "torch_dtype", "dtype", default=_first(raw, "torch_dtype", "dtype", default="bfloat16")))
+    dtype = text_f.text("torch_dtype", None) or text_f.text("dtype", None)
+    dtype = dtype or top.text("torch_dtype", None) or top.text("dtype", None) or "bfloat16"
     return ModelConfig(
         layout=layout,
         vision=vision,
         text=text,
-        downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
+        downsample_ratio=ratio,
         select_layer=select_layer,
         template=template,
         system_message=system_message,  # the -hf template adds no system prompt (SPEC §2)
-        max_dynamic_patch=int(raw.get("max_dynamic_patch", 12)),
-        use_thumbnail=bool(raw.get("use_thumbnail", True)),
         quant=quant,
         torch_dtype=dtype,
+        **tiling,
     )
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
-    return parse_config(read_config_json(Path(model_dir)))
+    model_dir = Path(model_dir)
+    cfg = parse_config(read_config_json(model_dir), visible(str(model_dir / "config.json")))
+    if cfg.layout == "hf":
+        tiling = _read_hf_tiling(model_dir)
+        if tiling:
+            cfg = dataclasses.replace(cfg, **tiling)
+    return cfg

@@ -184,7 +184,8 @@ class Qwen2Decoder(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # no random init (the weights are loaded): normal_ on "meta" would import torch._dynamo
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -219,9 +220,28 @@ class Qwen2ForCausalLM(nn.Module):
     def k_cache(self) -> list[torch.Tensor]:
         return [k for k, _ in self.caches()]
 
+    @k_cache.setter
+    def k_cache(self, tensors: list[torch.Tensor]) -> None:
+        self._set_cache("k_cache", tensors)
+
     @property
     def v_cache(self) -> list[torch.Tensor]:
         return [v for _, v in self.caches()]
+
+    @v_cache.setter
+    def v_cache(self, tensors: list[torch.Tensor]) -> None:
+        self._set_cache("v_cache", tensors)
+
+    def _set_cache(self, name: str, tensors: list[torch.Tensor]) -> None:
+        """Point every layer at other cache tensors of the same shape (a serve slot's own KV)."""
+        layers = self.model.layers
+        if len(tensors) != len(layers):
+            raise ValueError(f"{len(tensors)} {name} tensors for {len(layers)} layers")
+        for layer, t in zip(layers, tensors):
+            current = getattr(layer.self_attn, name)
+            if t.shape != current.shape or t.dtype != current.dtype or t.device != current.device:
+                raise ValueError(f"a {name} tensor of {tuple(t.shape)} {t.dtype} does not replace {tuple(current.shape)} {current.dtype}")
+            layer.self_attn.register_buffer(name, t, persistent=False)
 
     def decoder_bytes(self) -> int:
         """Bytes of weights one decode step reads: layers, final norm, lm_head (not the embedding)."""

@@ -10,18 +10,19 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..errors import CheckpointError, UsageError
-from .checkpoint import SpecialTokens, find_weight_files, iter_tensors, load_tokenizer, special_token_ids
+from ..files import visible
+from .checkpoint import find_weight_files, iter_tensors
 from .compiled import MODES as COMPILE_MODES
 from .compiled import wanted as compile_wanted
 from .config import ModelConfig, QuantConfig, load_config
 from .cpu_features import default_cpu_dtype
 from .model import SMALL_DECODER_BYTES, InternVLModel
 from .tinychat import convert_tinychat
+from .tokenizer import SpecialTokens, Tokenizer, load_tokenizer, special_token_ids
 
 DTYPES = {
     "float32": torch.float32,
@@ -62,10 +63,33 @@ def resolve_dtype(name: str, device: torch.device, cfg: ModelConfig | None = Non
         raise UsageError(f"unknown dtype {name!r}; use float32, bfloat16 or float16 (fp32, bf16, fp16)") from None
 
 
+# The densest format that loads is 4-bit AWQ: at least half a byte for every weight element.
+MIN_BYTES_PER_ELEMENT = 0.5
+
+
+def check_weights_fit_config(cfg: ModelConfig, file_bytes: int, path: Path) -> None:
+    """Refuse a config.json that describes more weights than the weight files hold, before
+    anything is allocated: a lying or mismatched config must not size the model. (The size caps
+    in config.py bound each field; this bounds their products.)"""
+    elements = cfg.weight_elements()
+    if elements * MIN_BYTES_PER_ELEMENT > file_bytes:
+        raise CheckpointError(
+            f"config.json of {visible(str(path))} describes at least {_count(elements)} weights but the weight files hold "
+            f"only {file_bytes / 2**20:,.1f} MiB; config.json and the weights disagree (a damaged config or a partial download)"
+        )
+
+
+def _count(n: float) -> str:
+    for unit, size in (("trillion", 1e12), ("billion", 1e9), ("million", 1e6)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:,.0f}"
+
+
 @dataclass
 class LoadedModel:
     model: InternVLModel
-    tokenizer: Any
+    tokenizer: Tokenizer
     config: ModelConfig
     special: SpecialTokens
     path: Path
@@ -91,7 +115,9 @@ def load_model(
     start = time.perf_counter()
     path = Path(path).expanduser()
     cfg = load_config(path)
-    tinychat = find_weight_files(path).kind == "tinychat"
+    weights = find_weight_files(path)
+    check_weights_fit_config(cfg, weights.payload_bytes(), path)
+    tinychat = weights.kind == "tinychat"
     if tinychat and cfg.quant is None:
         cfg = dataclasses.replace(cfg, quant=QuantConfig())  # TinyChat v2 files are W4 g128 by definition
     device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -118,10 +144,14 @@ def load_model(
             model.decode_threads = 1
         if compile_wanted(compile, device, model.language_model):
             model.enable_compile(True, progress)
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        # the CPU allocator reports exhaustion as a plain RuntimeError ("can't allocate memory")
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and "allocate memory" not in str(e):
+            raise
+        advice = "use a 4-bit checkpoint or a smaller --max-context"
         raise CheckpointError(
-            f"out of memory loading {path.name} on {device} in {str(dtype).removeprefix('torch.')}; "
-            "use a 4-bit checkpoint, a smaller --max-context, or --device cpu"
+            f"out of memory loading {visible(path.name)} on {device} in {str(dtype).removeprefix('torch.')}; "
+            + (advice + ", or --device cpu" if device.type == "cuda" else advice)
         ) from None
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ContextOverflowError
+from ..files import visible
 from .config import ModelConfig
 from .language import Qwen2ForCausalLM
 from .vision import InternViT, Projector, pixel_shuffle
@@ -29,6 +30,8 @@ _FUSED = {
 _FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _AWQ_SUFFIXES = ("qweight", "qzeros", "scales")
+_EMBED = "language_model.model.embed_tokens.weight"
+_LM_HEAD = "language_model.lm_head.weight"
 _LAYER_LINEAR = re.compile(r"^(language_model\.model\.layers\.\d+\.(?:self_attn|mlp))\.(\w+)\.(\w+)$")
 
 
@@ -86,10 +89,15 @@ class InternVLModel(nn.Module):
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def empty(cls, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_seq_len: int) -> InternVLModel:
-        """Allocate the model on `device` without initialising weights (they are loaded next)."""
+        """Allocate the model on `device` without initialising weights (they are loaded next).
+
+        Tensors are allocated with torch.empty rather than `to_empty` (torch.empty_like): on "meta"
+        tensors that runs torch's Python reference kernels, whose first use imports sympy and
+        torch._dynamo — seconds before the first prompt.
+        """
         with torch.device("meta"):
             model = cls(cfg)
-        model = model.to(dtype).to_empty(device=device)
+        model = model.to(dtype)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
         model.language_model.allocate_cache(max_seq_len, device, dtype)
         return model.eval()
 
@@ -160,8 +168,6 @@ class InternVLModel(nn.Module):
                     names.update(f"{prefix}.{part}.{s}" for s in _AWQ_SUFFIXES)
                     if module.has_bias:
                         names.add(f"{prefix}.{part}.bias")
-        if self.cfg.text.tie_word_embeddings:
-            names.discard("language_model.lm_head.weight")
         return names
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -175,6 +181,8 @@ class InternVLModel(nn.Module):
             if name not in expected:
                 unexpected.append(name)
                 continue
+            if name in seen:
+                raise CheckpointError(f"the checkpoint holds tensor {visible(name)} twice; its shards overlap or it is damaged")
             seen.add(name)
             m = _LAYER_LINEAR.match(name)
             if m and self.cfg.quant is not None and m.group(2) in _QUANTIZED:
@@ -185,19 +193,33 @@ class InternVLModel(nn.Module):
                 self._copy_rows(name, target, block, fused, tensor)
             else:
                 self._copy(name, params[name], tensor)
-        if self.cfg.text.tie_word_embeddings and "language_model.lm_head.weight" not in seen:
-            self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
-        missing = sorted(expected - seen)
+        missing = expected - seen
+        if self.cfg.text.tie_word_embeddings:
+            missing -= self._tie_embeddings(seen)
         if unexpected:
             raise CheckpointError(
-                f"the checkpoint has {len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:3])}; "
+                f"the checkpoint has {len(unexpected)} unexpected tensor(s), e.g. {', '.join(map(visible, unexpected[:3]))}; "
                 "it does not match its config.json (wrong layout or a different model)"
             )
         if missing:
+            missing_names = sorted(missing)
             raise CheckpointError(
-                f"the checkpoint lacks {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}; "
+                f"the checkpoint lacks {len(missing_names)} tensor(s), e.g. {', '.join(missing_names[:3])}; "
                 "the download is incomplete or the folder holds a different model"
             )
+
+    def _tie_embeddings(self, seen: set[str]) -> set[str]:
+        """Tie lm_head and the embeddings as transformers does when loading a tied checkpoint: the
+        one that was stored stands for both (tied checkpoints usually store only the embeddings);
+        when both were stored they are used as stored. Returns the name that needs no tensor."""
+        lm = self.language_model
+        if _LM_HEAD not in seen and _EMBED in seen:
+            lm.lm_head.weight = lm.model.embed_tokens.weight
+            return {_LM_HEAD}
+        if _EMBED not in seen and _LM_HEAD in seen:
+            lm.model.embed_tokens.weight = lm.lm_head.weight
+            return {_EMBED}
+        return set()
 
     def _copy(self, name: str, target: torch.Tensor, tensor: torch.Tensor) -> None:
         if tuple(target.shape) != tuple(tensor.shape):

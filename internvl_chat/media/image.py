@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import MediaError
+from ..files import visible
 
 IMAGE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,9 +63,12 @@ def candidate_grids(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ..
     return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
 
 
+MAX_TILES = 64  # the candidate search grows with the cube of the limit; settings cap max_tiles here too
+
+
 def _check_tile_limits(max_tiles: int, min_tiles: int) -> None:
-    if max_tiles < 1:
-        raise MediaError(f"max_tiles is {max_tiles}; set it to at least 1 (12 is the default)")
+    if not 1 <= max_tiles <= MAX_TILES:
+        raise MediaError(f"max_tiles is {max_tiles}; set it from 1 to {MAX_TILES} (InternVL3 checkpoints use 12)")
     if min_tiles < 1 or min_tiles > max_tiles:
         raise MediaError(f"min_tiles is {min_tiles}; set it between 1 and max_tiles ({max_tiles})")
 
@@ -91,10 +95,15 @@ def choose_grid(
 
 
 def count_tiles(
-    width: int, height: int, max_tiles: int = 12, use_thumbnail: bool = True, image_size: int = IMAGE_SIZE
+    width: int,
+    height: int,
+    max_tiles: int = 12,
+    use_thumbnail: bool = True,
+    image_size: int = IMAGE_SIZE,
+    min_tiles: int = 1,
 ) -> int:
     """How many tiles `load_image` makes for an image of this (oriented) size, thumbnail included."""
-    cols, rows = choose_grid(width, height, max_tiles, image_size=image_size)
+    cols, rows = choose_grid(width, height, max_tiles, min_tiles, image_size)
     n = cols * rows
     return n + 1 if use_thumbnail and n > 1 else n
 
@@ -144,7 +153,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
             return Image.alpha_composite(white, rgba).convert("RGB")
         return image.convert("RGB")
     except (ValueError, OSError) as e:
-        raise MediaError(f"cannot convert an image in colour mode {image.mode} to RGB ({e}); save it as an RGB PNG or JPEG") from None
+        raise MediaError(f"cannot convert an image in colour mode {image.mode} to RGB ({visible(_one_line(e))}); save it as an RGB PNG or JPEG") from None
 
 
 def normalize_tiles(tiles: list[Image.Image], image_size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -171,16 +180,16 @@ def check_media_file(path: str | Path, what: str) -> Path:
     """The path as a Path if it names a readable file; a MediaError that says what to do if not."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise MediaError(f"{what} {path} does not exist; check the path")
+        raise MediaError(f"{what} {visible(str(path))} does not exist; check the path")
     if path.is_dir():
-        raise MediaError(f"{path} is a folder, not {what} file; pass the path of one file")
+        raise MediaError(f"{visible(str(path))} is a folder, not {what} file; pass the path of one file")
     if not path.is_file():
-        raise MediaError(f"{path} is not a regular file; pass the path of {what} file")
+        raise MediaError(f"{visible(str(path))} is not a regular file; pass the path of {what} file")
     try:
         with open(path, "rb"):
             pass
     except OSError as e:
-        raise MediaError(f"cannot read {what} {path} ({e.strerror or e}); check its permissions") from None
+        raise MediaError(f"cannot read {what} {visible(str(path))} ({e.strerror or e}); check its permissions") from None
     return path
 
 
@@ -198,24 +207,24 @@ def _open_image(path: Path) -> Image.Image:
             image = Image.open(path)
     except Image.DecompressionBombError:
         raise MediaError(
-            f"{path} declares more than {MAX_PIXELS:,} pixels and is refused as a possible decompression bomb; "
+            f"{visible(str(path))} declares more than {MAX_PIXELS:,} pixels and is refused as a possible decompression bomb; "
             "downscale it first"
         ) from None
     except UnidentifiedImageError:
         raise MediaError(
-            f"{path} is not an image format that can be read (or it is damaged); use a JPEG, PNG, WebP, GIF, BMP or TIFF file"
+            f"{visible(str(path))} is not an image format that can be read (or it is damaged); use a JPEG, PNG, WebP, GIF, BMP or TIFF file"
         ) from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise MediaError(f"cannot read image {path} ({_one_line(e)}); re-export it as PNG or JPEG") from None
+        raise MediaError(f"cannot read image {visible(str(path))} ({visible(_one_line(e))}); re-export it as PNG or JPEG") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
         image.close()
         raise MediaError(
-            f"{path} is {width}×{height} pixels, over the {MAX_PIXELS:,}-pixel limit for decompression bombs; downscale it first"
+            f"{visible(str(path))} is {width}×{height} pixels, over the {MAX_PIXELS:,}-pixel limit for decompression bombs; downscale it first"
         )
     if width <= 0 or height <= 0:
         image.close()
-        raise MediaError(f"{path} is {width}×{height} pixels; use an image with a non-zero size")
+        raise MediaError(f"{visible(str(path))} is {width}×{height} pixels; use an image with a non-zero size")
     return image
 
 
@@ -250,9 +259,9 @@ def _decode(path: Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
     except MemoryError:
-        raise MediaError(f"not enough memory to decode {path}; downscale the image first") from None
+        raise MediaError(f"not enough memory to decode {visible(str(path))}; downscale the image first") from None
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
-        raise MediaError(f"cannot decode {path}: the file is truncated or corrupt ({_one_line(e)}); re-export or re-download it") from None
+        raise MediaError(f"cannot decode {visible(str(path))}: the file is truncated or corrupt ({visible(_one_line(e))}); re-export or re-download it") from None
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - malformed EXIF: keep the image as stored
@@ -261,12 +270,17 @@ def _decode(path: Path) -> Image.Image:
 
 
 def load_image(
-    path: str | Path, max_tiles: int = 12, use_thumbnail: bool = True, image_size: int = IMAGE_SIZE
+    path: str | Path,
+    max_tiles: int = 12,
+    use_thumbnail: bool = True,
+    image_size: int = IMAGE_SIZE,
+    min_tiles: int = 1,
 ) -> ImageInput:
-    """Read an image file and return its normalised tiles (SPEC §4)."""
-    _check_tile_limits(max_tiles, 1)
+    """Read an image file and return its normalised tiles (SPEC §4): a grid of min_tiles to
+    max_tiles tiles (the checkpoint's min/max_dynamic_patch), plus the thumbnail when tiled."""
+    _check_tile_limits(max_tiles, min_tiles)
     path = check_media_file(path, "image")
     image = _decode(path)
-    grid = choose_grid(image.width, image.height, max_tiles, image_size=image_size)
-    tiles = tile_image(image, max_tiles, use_thumbnail, image_size)
+    grid = choose_grid(image.width, image.height, max_tiles, min_tiles, image_size)
+    tiles = tile_image(image, max_tiles, use_thumbnail, image_size, min_tiles)
     return ImageInput(pixel_values=normalize_tiles(tiles, image_size), size=image.size, grid=grid, path=path)

@@ -8,16 +8,26 @@ number (the n-th frame in presentation order), so the choice changes speed, not 
 
 When N is larger than the number of frames in the range, frames repeat (as in the published
 formula) rather than failing: the model still gets N frames.
+
+Frames come out as a player shows them: a rotation or mirror stored with the video (a display
+matrix, as phones write, or an older `rotate` tag) is applied before the tile transform. Each frame
+is reduced to its tile as soon as it is decoded, so memory holds one full-size frame at a time
+whatever the resolution and N. Decoding runs on a worker thread that stops at the next frame when
+the caller is interrupted, so Ctrl-C is answered at once even while FFmpeg is busy in C code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import math
 import os
 import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +38,15 @@ from .image import IMAGE_SIZE, check_media_file, normalize_tiles
 
 BACKEND_ENV = "INTERNVL_CHAT_VIDEO_BACKEND"
 BACKENDS = ("decord", "pyav")
+
+# Limits on what a container header may claim (the file is untrusted). FFmpeg itself decodes frames
+# up to about 16256×16256; anything beyond 2^28 pixels per frame is a damaged or hostile header.
+MAX_FRAME_PIXELS = 1 << 28
+MAX_FRAMES = 100_000_000  # 11 days at 100 fps
+MAX_FPS = 10_000.0  # high-speed cameras reach about 1,000
+MAX_DURATION_S = 1_000_000.0  # 11.6 days
+# FFmpeg's frame threading keeps one frame in flight per thread: cap their memory for huge frames.
+FRAME_THREADS_BYTES = 512 << 20
 
 
 @dataclass
@@ -78,18 +97,88 @@ def frame_indices(
     return [int(first + seg / 2 + round(seg * k)) for k in range(num_frames)]
 
 
-# ---------------------------------------------------------------- backends
+# ---------------------------------------------------------------- orientation (pure)
+
+# The eight ways to turn or mirror a picture, as PIL operations (None: as stored) and as integer
+# matrices (m11, m12, m21, m22) with x' = m11·x + m12·y, y' = m21·x + m22·y in picture coordinates
+# (y pointing down), the convention of FFmpeg's display matrix.
+Orientation = Image.Transpose | None
+_MATRICES: dict[Orientation, tuple[int, int, int, int]] = {
+    None: (1, 0, 0, 1),
+    Image.Transpose.FLIP_LEFT_RIGHT: (-1, 0, 0, 1),
+    Image.Transpose.FLIP_TOP_BOTTOM: (1, 0, 0, -1),
+    Image.Transpose.ROTATE_180: (-1, 0, 0, -1),
+    Image.Transpose.ROTATE_90: (0, 1, -1, 0),  # counter-clockwise
+    Image.Transpose.ROTATE_270: (0, -1, 1, 0),  # clockwise, as a phone held upright records
+    Image.Transpose.TRANSPOSE: (0, 1, 1, 0),
+    Image.Transpose.TRANSVERSE: (0, -1, -1, 0),
+}
+_BY_MATRIX = {m: o for o, m in _MATRICES.items()}
+_CLOCKWISE = [None, Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_90]
 
 
-class _FrameSource(Protocol):
-    num_total_frames: int
-    fps: float
+def orientation_from_display_matrix(matrix: Sequence[int]) -> Orientation:
+    """The turn/mirror a player applies for FFmpeg's 3×3 display matrix (row-major, 16.16 fixed point).
 
-    def read(self, indices: list[int]) -> tuple[list[np.ndarray], list[int]]:
-        """RGB uint8 [H, W, 3] frames for the indices, and the frame numbers actually returned."""
-        ...
+    p' = a·p + c·q, q' = b·p + d·q with (a, b, c, d) = matrix[0, 1, 3, 4]. Translation and scale
+    do not matter for a picture; an angle that is not a multiple of 90° snaps to the nearest one.
+    """
+    a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+    if not any((a, b, c, d)):
+        return None
+    # the nearest of the eight: the largest inner product with the (scaled) matrix
+    return max(_MATRICES, key=lambda o: sum(x * y for x, y in zip(_MATRICES[o], (a, c, b, d))))
 
-    def close(self) -> None: ...
+
+def orientation_from_rotate_tag(value: str) -> Orientation:
+    """A `rotate` metadata tag: degrees clockwise; anything unreadable means no turn."""
+    try:
+        degrees = float(value.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(degrees):
+        return None
+    return _CLOCKWISE[round(degrees / 90) % 4]
+
+
+def compose(first: Orientation, then: Orientation) -> Orientation:
+    """The single operation equal to applying `first`, then `then`."""
+    p11, p12, p21, p22 = _MATRICES[first]
+    q11, q12, q21, q22 = _MATRICES[then]
+    return _BY_MATRIX[(q11 * p11 + q12 * p21, q11 * p12 + q12 * p22, q21 * p11 + q22 * p21, q21 * p12 + q22 * p22)]
+
+
+def inverse(orientation: Orientation) -> Orientation:
+    m11, m12, m21, m22 = _MATRICES[orientation]
+    return _BY_MATRIX[(m11, m21, m12, m22)]  # orthogonal: the inverse is the transpose
+
+
+def swaps_sides(orientation: Orientation) -> bool:
+    return _MATRICES[orientation][0] == 0
+
+
+# ---------------------------------------------------------------- the header (PyAV)
+
+
+@dataclass
+class _Header:
+    width: int  # as stored, before any turn
+    height: int
+    fps: float  # 0.0 when the header has none
+    frames: int  # the header's count; 0 when it stores none
+    duration: float  # seconds; 0.0 when unknown
+    format_name: str
+    display_matrix: tuple[int, ...] | None  # from the first decoded frame (FFmpeg attaches it there)
+    rotate_tag: str | None
+
+    @property
+    def orientation(self) -> Orientation:
+        """How a player turns the stored frames: the display matrix, else the older `rotate` tag."""
+        if self.display_matrix is not None:
+            return orientation_from_display_matrix(self.display_matrix)
+        if self.rotate_tag is not None:
+            return orientation_from_rotate_tag(self.rotate_tag)
+        return None
 
 
 def _one_line(err: BaseException) -> str:
@@ -99,85 +188,279 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def _cannot_read(path: Path, err: BaseException) -> MediaError:
+    return MediaError(f"cannot read video {path} ({_one_line(err)}); use an MP4, MKV, WebM or AVI file")
+
+
+def _check_frame_size(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_FRAME_PIXELS:
+        raise MediaError(
+            f"{path} declares {width}×{height} frames, more than the {MAX_FRAME_PIXELS:,} pixels a frame may have; "
+            "the file is damaged, or re-encode it at a smaller size"
+        )
+
+
+def _check_fps(path: Path, fps: float) -> float:
+    """A usable frame rate, 0.0 for none; a header claiming more than MAX_FPS is refused."""
+    if not math.isfinite(fps) or fps <= 0:
+        return 0.0
+    if fps > MAX_FPS:
+        raise MediaError(
+            f"{path} declares {fps:g} frames per second, more than {MAX_FPS:g}; the file is damaged or not a real video"
+        )
+    return fps
+
+
+def _check_count(path: Path, frames: int) -> int:
+    if frames > MAX_FRAMES:
+        raise MediaError(
+            f"{path} declares {frames:,} frames, more than {MAX_FRAMES:,}; the file is damaged or not a real video"
+        )
+    return max(frames, 0)
+
+
+def _check_duration(path: Path, duration: float) -> float:
+    if not math.isfinite(duration) or duration > MAX_DURATION_S:
+        raise MediaError(f"{path} declares a duration of {duration:g} s; the file is damaged or not a real video")
+    return max(duration, 0.0)
+
+
+def _frame_rate(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else 0.0
+
+
+def _tag(metadata, name: str) -> str | None:
+    # Matroska tags keep the case they were written in (ROTATE); MP4's are lower case
+    for key, value in dict(metadata).items():
+        if key.lower() == name:
+            return str(value)
+    return None
+
+
+def _first_display_matrix(container, stream) -> tuple[int, ...] | None:
+    """The display matrix FFmpeg attaches to the first decoded frame (from the container or the stream).
+
+    A first frame that does not decode leaves the orientation to the `rotate` tag; the decoding
+    proper then reports the damage.
+    """
+    import av
+
+    try:
+        for frame in container.decode(stream):
+            data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+            if data is None or len(bytes(data)) < 36:
+                return None
+            return tuple(int(v) for v in np.frombuffer(bytes(data)[:36], dtype="<i4"))
+    except Exception:  # noqa: BLE001 - av raises FFmpegError subclasses for damaged data
+        return None
+    return None
+
+
+def _read_header(path: Path, orientation: bool) -> _Header:
+    """Read and check the container header with PyAV; with `orientation`, also decode one frame."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
+        raise _cannot_read(path, e) from None
+    try:
+        if not container.streams.video:
+            raise MediaError(f"{path} has no video stream; pass a video file")
+        stream = container.streams.video[0]
+        width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        _check_frame_size(path, width, height)
+        fps = _check_fps(path, _frame_rate(stream))
+        frames = _check_count(path, int(stream.frames or 0))
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        else:
+            duration = 0.0
+        duration = _check_duration(path, duration)
+        rotate_tag = _tag(stream.metadata, "rotate")
+        matrix = _first_display_matrix(container, stream) if orientation else None
+        return _Header(width, height, fps, frames, duration, container.format.name, matrix, rotate_tag)
+    except MediaError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _cannot_read(path, e) from None
+    finally:
+        container.close()
+
+
+# ---------------------------------------------------------------- backends
+
+
+class _Stopped(Exception):
+    """The caller was interrupted: stop decoding at the next frame."""
+
+
+class _FrameSource(Protocol):
+    num_total_frames: int
+    fps: float
+    orientation: Orientation  # what is still to be applied to the frames it yields
+
+    def frames(self, wanted: list[int], stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
+        """(number, RGB uint8 [H, W, 3]) for each wanted number (ascending, distinct). A stream
+        shorter than its header said ends with its last frame, under its own number."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _DecordFailed(MediaError):
+    """decord could not open or decode this file: PyAV may still manage."""
+
+
+def decord_rotation(header: _Header) -> Orientation:
+    """The turn decord 0.6 (FFmpeg 4.1 inside) applies by itself, so the rest can be applied after it.
+
+    decord reads the stream's `rotate` tag, which FFmpeg 4.1 derives from an MP4/MOV display matrix
+    as "%g" of its clockwise angle (mirrors lost); it turns by that many degrees clockwise when the
+    whole-degree part is 90, 180 or 270. It does not see display matrices in other containers.
+    """
+    tag = header.rotate_tag
+    if (tag is None or tag == "0") and header.display_matrix is not None and "mov" in header.format_name.split(","):
+        m = [v / 65536.0 for v in header.display_matrix]
+        scale0, scale1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+        if scale0 and scale1:
+            degrees = math.degrees(math.atan2(m[1] / scale1, m[0] / scale0))
+            tag = f"{degrees + 360 if degrees < 0 else degrees:g}"
+    if not tag or tag == "0":
+        return None
+    number = re.match(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", tag)  # C's atof reads a prefix
+    if number is None:
+        return None
+    degrees = math.fmod(float(number.group(0)), 360.0)
+    degrees = int(degrees + 360 if degrees < 0 else degrees)
+    return {90: _CLOCKWISE[1], 180: _CLOCKWISE[2], 270: _CLOCKWISE[3]}.get(degrees)
+
+
 class _DecordSource:
-    def __init__(self, path: Path, decord) -> None:
+    def __init__(self, path: Path, decord, header: _Header) -> None:
+        self._path = path
         try:
             self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-            self.num_total_frames = len(self._reader)
-            self.fps = float(self._reader.get_avg_fps())
+            self.num_total_frames = _check_count(path, len(self._reader))
+            self.fps = _check_fps(path, float(self._reader.get_avg_fps()))
+        except MediaError:
+            raise
         except Exception as e:  # noqa: BLE001 - decord raises DECORDError / RuntimeError for bad files
-            raise MediaError(f"cannot read video {path} ({_one_line(e)}); use an MP4, MKV, WebM or AVI file") from None
-        self._path = path
+            raise _DecordFailed(str(_cannot_read(path, e))) from None
+        applied = decord_rotation(header)
+        self.orientation = compose(inverse(applied), header.orientation)
+        # a frame of these (rows, columns) would mean decord turned it otherwise than predicted
+        self._mis_turned = None
+        if header.width and header.height and header.width != header.height:
+            self._mis_turned = (header.height, header.width) if swaps_sides(applied) else (header.width, header.height)
 
-    def read(self, indices: list[int]) -> tuple[list[np.ndarray], list[int]]:
-        try:
-            batch = self._reader.get_batch(indices)
-        except Exception as e:  # noqa: BLE001
-            raise MediaError(f"cannot decode frames of {self._path} ({_one_line(e)}); the file may be damaged") from None
-        # another library may have switched decord's output bridge to torch
-        array = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
-        return list(array), list(indices)
+    def frames(self, wanted: list[int], stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
+        for number in wanted:
+            if stop.is_set():
+                raise _Stopped
+            try:
+                # one frame per call (as get_batch does inside), so Ctrl-C and memory wait for one frame
+                self._reader.seek_accurate(number)
+                frame = self._reader.next()
+            except Exception as e:  # noqa: BLE001
+                raise _DecordFailed(f"cannot decode frames of {self._path} ({_one_line(e)}); the file may be damaged") from None
+            # another library may have switched decord's output bridge to torch
+            array = frame.asnumpy() if hasattr(frame, "asnumpy") else np.asarray(frame)
+            del frame
+            yield number, self._rgb(array)
+            del array
+
+    def _rgb(self, array: np.ndarray) -> np.ndarray:
+        if array.ndim != 3 or array.shape[2] < 3:
+            raise _DecordFailed(f"decord decoded {self._path} to frames of shape {array.shape}, not RGB")
+        height, width, channels = array.shape
+        if channels != 3:
+            # decord gives a frame linesize/width "channels": rows padded to 4·width bytes (frames
+            # narrower than 64 pixels) come out as 4; the first 3·width bytes of each row are the pixels
+            array = np.ascontiguousarray(array).reshape(height, -1)[:, : 3 * width].reshape(height, width, 3)
+        if (height, width) == self._mis_turned:
+            raise _DecordFailed(f"decord turned the frames of {self._path} otherwise than its header says")
+        return array
 
     def close(self) -> None:
         self._reader = None
 
 
 class _PyAVSource:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, header: _Header, stop: threading.Event) -> None:
         import av
 
         self._av = av
         self._path = path
+        self.orientation = header.orientation
         try:
             self._container = av.open(str(path))
         except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
-            raise MediaError(f"cannot read video {path} ({_one_line(e)}); use an MP4, MKV, WebM or AVI file") from None
+            raise _cannot_read(path, e) from None
         try:
             if not self._container.streams.video:
                 raise MediaError(f"{path} has no video stream; pass a video file")
             stream = self._container.streams.video[0]
             stream.thread_type = "AUTO"  # frame threading: faster, output order unchanged
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            self.fps = float(rate) if rate else 0.0
-            self.num_total_frames = int(stream.frames or 0) or self._count_packets()
+            frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
+            stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
+            self.fps = header.fps
+            self.num_total_frames = header.frames or _check_count(path, self._count_packets(stop))
         except BaseException:
             self._container.close()
             raise
 
-    def _count_packets(self) -> int:
+    def _count_packets(self, stop: threading.Event) -> int:
         # Containers such as MKV and WebM do not store a frame count; demuxing (no decoding)
         # counts one packet per frame.
         try:
             with self._av.open(str(self._path)) as container:
-                stream = container.streams.video[0]
-                return sum(1 for packet in container.demux(stream) if packet.size)
+                count = 0
+                for packet in container.demux(container.streams.video[0]):
+                    if stop.is_set():
+                        raise _Stopped
+                    count += 1 if packet.size else 0
+                return count
+        except _Stopped:
+            raise
         except Exception as e:  # noqa: BLE001
             raise MediaError(f"cannot read video {self._path} ({_one_line(e)}); the file may be damaged") from None
 
-    def read(self, indices: list[int]) -> tuple[list[np.ndarray], list[int]]:
-        wanted = set(indices)
-        stop = max(indices)
-        found: dict[int, np.ndarray] = {}
-        last = None  # (number, frame) of the latest decoded frame
+    def frames(self, wanted: list[int], stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
+        pending = iter(wanted)
+        target = next(pending)
+        any_yielded = False
+        last = None  # (number, frame): the latest decoded frame when it was not a wanted one
         try:
             for number, frame in enumerate(self._container.decode(video=0)):
-                last = (number, frame)
-                if number in wanted:
-                    found[number] = frame.to_ndarray(format="rgb24")
-                if number >= stop:
-                    break
-        except Exception as e:  # noqa: BLE001
-            if last is None:
+                if stop.is_set():
+                    raise _Stopped
+                _check_frame_size(self._path, frame.width, frame.height)
+                if number == target:
+                    last = None
+                    yield number, frame.to_ndarray(format="rgb24")
+                    any_yielded = True
+                    target = next(pending, None)
+                    if target is None:
+                        return
+                else:
+                    last = (number, frame)
+                del frame
+        except (_Stopped, MediaError):
+            raise
+        except Exception as e:  # noqa: BLE001 - damage after some frames ends the stream there
+            if not any_yielded and last is None:
                 raise MediaError(f"cannot decode frames of {self._path} ({_one_line(e)}); the file may be damaged") from None
-        if last is None:
+        # A header may promise more frames than the stream holds: the last decoded one stands in.
+        if last is not None:
+            number, frame = last
+            del last
+            yield number, frame.to_ndarray(format="rgb24")
+        elif not any_yielded:
             raise MediaError(f"{self._path} decoded to no frames; the file may be damaged")
-        # A header may promise more frames than the stream holds: stand in the last decoded one.
-        last_number, last_frame = last
-        if last_number not in found:
-            found[last_number] = last_frame.to_ndarray(format="rgb24")
-        frames = [found.get(i, found[last_number]) for i in indices]
-        numbers = [i if i in found else last_number for i in indices]
-        return frames, numbers
 
     def close(self) -> None:
         self._container.close()
@@ -185,9 +468,15 @@ class _PyAVSource:
 
 def _import_decord():
     try:
-        return importlib.import_module("decord")
+        decord = importlib.import_module("decord")
     except Exception:  # noqa: BLE001 - ImportError, or OSError when its shared libraries are missing
         return None
+    try:
+        # decord's FFmpeg logs each damaged macroblock to stderr; its errors reach us as exceptions
+        decord.logging.set_level(decord.logging.QUIET)
+    except Exception:  # noqa: BLE001 - an older or newer decord without the switch: keep its noise
+        pass
+    return decord
 
 
 def _forced_backend() -> str | None:
@@ -199,20 +488,79 @@ def _forced_backend() -> str | None:
     return value
 
 
-def _open_source(path: Path) -> tuple[_FrameSource, str]:
-    forced = _forced_backend()
-    if forced != "pyav":
-        decord = _import_decord()
-        if decord is None and forced == "decord":
-            raise MediaError(f"{BACKEND_ENV}=decord but decord cannot be imported; install decord or unset {BACKEND_ENV}")
-        if decord is not None:
-            try:
-                return _DecordSource(path, decord), "decord"
-            except MediaError:
-                if forced == "decord":
-                    raise
-                # decord lacks some codecs FFmpeg via PyAV has: try that before giving up
-    return _PyAVSource(path), "pyav"
+# ---------------------------------------------------------------- decoding
+
+
+def frame_to_tile(rgb: np.ndarray, orientation: Orientation, image_size: int) -> torch.Tensor:
+    """One decoded frame → its normalised tile [1, 3, S, S]: turned as a player shows it, then the
+    image tile transform (bicubic to S×S). Only this tile outlives the call."""
+    image = Image.fromarray(np.ascontiguousarray(rgb), "RGB")
+    if orientation is not None:
+        image = image.transpose(orientation)  # exact: a permutation of the pixels
+    return normalize_tiles([image], image_size)
+
+
+@dataclass
+class _Decoded:
+    tiles: torch.Tensor
+    indices: list[int]
+    fps: float
+    num_total_frames: int
+    backend: str
+
+
+def _decode(
+    path: Path, backend: str, header: _Header, decord, num_frames: int, start, end, image_size: int, stop: threading.Event
+) -> _Decoded:
+    source: _FrameSource = _DecordSource(path, decord, header) if backend == "decord" else _PyAVSource(path, header, stop)
+    try:
+        if source.num_total_frames < 1:
+            raise MediaError(f"{path} has no video frames; use a file that contains video")
+        indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
+        tiles: dict[int, torch.Tensor] = {}
+        with contextlib.closing(source.frames(sorted(set(indices)), stop)) as frames:
+            for number, rgb in frames:
+                tiles[number] = frame_to_tile(rgb, source.orientation, image_size)
+                del rgb  # before the next frame is decoded
+    finally:
+        source.close()
+    if not tiles:
+        raise MediaError(f"{path} decoded to no frames; the file may be damaged")
+    last = max(tiles)
+    numbers = [i if i in tiles else last for i in indices]
+    return _Decoded(torch.cat([tiles[i] for i in numbers]), numbers, source.fps, source.num_total_frames, backend)
+
+
+T = TypeVar("T")
+
+
+def _interruptible(work: Callable[[threading.Event], T]) -> T:
+    """Run `work(stop)` on a worker thread and wait for it in a way Ctrl-C interrupts.
+
+    FFmpeg and decord spend long stretches in C, where Python cannot raise KeyboardInterrupt. The
+    waiting thread can: it sets `stop` (the worker quits before its next frame) and re-raises
+    at once, leaving the worker to finish the frame it is on by itself.
+    """
+    stop = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work(stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, name="video-decode", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)  # short waits: a signal delivered to another thread is still seen
+    except BaseException:
+        stop.set()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- public API
@@ -223,32 +571,15 @@ def probe_video(path: str | Path) -> tuple[int, float, float]:
 
     Where the container stores no frame count (MKV, WebM) it is estimated as duration·fps.
     """
-    import av
-
     path = check_media_file(path, "video")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaError(f"{path} has no video stream; pass a video file")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            fps = float(rate) if rate else 0.0
-            if stream.duration is not None and stream.time_base is not None:
-                duration = float(stream.duration * stream.time_base)
-            elif container.duration is not None:
-                duration = container.duration / av.time_base
-            else:
-                duration = 0.0
-            frames = int(stream.frames or 0) or int(round(duration * fps))
-    except MediaError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise MediaError(f"cannot read video {path} ({_one_line(e)}); use an MP4, MKV, WebM or AVI file") from None
+    header = _read_header(path, orientation=False)
+    frames = header.frames or _check_count(path, int(round(header.duration * header.fps)))
     if frames < 1:
         raise MediaError(f"{path} has no video frames; use a file that contains video")
-    if duration <= 0 and fps > 0:
-        duration = frames / fps
-    return frames, fps, duration
+    duration = header.duration
+    if duration <= 0 and header.fps > 0:
+        duration = frames / header.fps
+    return frames, header.fps, duration
 
 
 def load_video(
@@ -262,22 +593,32 @@ def load_video(
     if num_frames < 1:
         raise MediaError(f"num_frames is {num_frames}; sample at least 1 frame (8 is the default)")
     path = check_media_file(path, "video")
-    source, backend = _open_source(path)
-    try:
-        if source.num_total_frames < 1:
-            raise MediaError(f"{path} has no video frames; use a file that contains video")
-        indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
-        frames, indices = source.read(indices)
-    finally:
-        source.close()
-    tiles = [Image.fromarray(np.ascontiguousarray(frame), "RGB") for frame in frames]
-    fps = source.fps
+    forced = _forced_backend()
+    decord = None
+    if forced != "pyav":
+        decord = _import_decord()
+        if decord is None and forced == "decord":
+            raise MediaError(f"{BACKEND_ENV}=decord but decord cannot be imported; install decord or unset {BACKEND_ENV}")
+
+    def work(stop: threading.Event) -> _Decoded:
+        header = _read_header(path, orientation=True)
+        if decord is not None:
+            try:
+                return _decode(path, "decord", header, decord, num_frames, start, end, image_size, stop)
+            except _DecordFailed as e:
+                if forced == "decord":
+                    raise MediaError(str(e)) from None
+                # decord lacks some codecs FFmpeg via PyAV has: try that before giving up
+        return _decode(path, "pyav", header, None, num_frames, start, end, image_size, stop)
+
+    decoded = _interruptible(work)
+    fps = decoded.fps
     return VideoInput(
-        pixel_values=normalize_tiles(tiles, image_size),
-        indices=[int(i) for i in indices],
-        timestamps=[i / fps if fps > 0 else 0.0 for i in indices],
+        pixel_values=decoded.tiles,
+        indices=[int(i) for i in decoded.indices],
+        timestamps=[i / fps if fps > 0 else 0.0 for i in decoded.indices],
         fps=fps,
-        num_total_frames=source.num_total_frames,
-        backend=backend,
+        num_total_frames=decoded.num_total_frames,
+        backend=decoded.backend,
         path=path,
     )

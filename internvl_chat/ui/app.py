@@ -1,4 +1,8 @@
-"""The chat app shared by the REPL and `--script`: one Session, the Settings, pending attachments.
+"""The chat app shared by the REPL and `--script`: one conversation, the Settings, pending attachments.
+
+The conversation is any `chat.conversation.Conversation`: the local Session or a remote server's
+(`--server`). The app never asks which: what differs (where answers come from, whether token
+counts are exact or estimates, peak memory worth showing) is in the conversation's answers.
 
 `App.handle_line(text)` takes one REPL input (a message, a slash command, or a `\"\"\"` block),
 runs it, prints what happened on the console and returns OK, ERROR or EXIT. Errors the user can
@@ -15,9 +19,13 @@ sets the cancel flag, so the answer stops between tokens and its partial text is
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+import re
 import resource
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -29,15 +37,28 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from ..chat.session import Media, Session
+from ..chat.conversation import Conversation
+from ..chat.sampling import params_from_settings
+from ..chat.session import Media
+from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..settings import Settings, format_settings, resolve_key
+from ..files import read_text_file, undecodable_byte, visible, visible_lines, write_atomic
+from ..settings import Settings, all_keys, format_settings, resolve_key, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, media_kind, normalize_path
-from .render import choose_stream, format_attach_line, format_bytes, format_stats
-from .setup import sampling_params
+from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
+                     wrap_text)  # fmt: skip
 
 OK, ERROR, EXIT = "ok", "error", "exit"
+# What the embedded demo model can answer (README, "What it can do").
+DEMO_MODEL_NOTE = (
+    "it only answers short questions about simple drawn shapes: how many, what colour, which shape, "
+    "left or right, top or bottom, or a one-sentence description; --model DIR loads a real InternVL3"
+)
+# Settings read once at start: /set refuses them (and Tab does not offer them). Whole sections too:
+# the model, the server this app talks to, and `internvl-chat serve`'s own settings.
+FIXED_AT_START = ("ui.color", "ui.history", "ui.history_file")
+FIXED_SECTIONS = ("model.", "remote.", "serve.")
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
 KEYS_HELP = (
@@ -48,6 +69,57 @@ KEYS_HELP = (
 # Model output is shown on a terminal: control characters (escape sequences, bells, carriage
 # returns) must not reach it. Tabs and newlines stay.
 _CONTROL = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)]}
+
+
+def changeable_while_running(dotted: str) -> bool:
+    """Whether `/set` can change this setting: not the model's or the server's, nor those read once at start."""
+    return not dotted.startswith(FIXED_SECTIONS) and dotted not in FIXED_AT_START
+
+
+def runtime_keys() -> list[str]:
+    """The dotted keys `/set` can change."""
+    return [key for key in all_keys() if changeable_while_running(key)]
+
+
+def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[Path] = ()) -> tuple[str, list[Path], list[Path]]:
+    """The media paths typed in a message: (the message without them, the files that exist, the
+    paths of media files that do not). One-shot and REPL messages go through this alike.
+
+    Relative paths are looked up in `search_dirs` (a script's folder), then in `cwd`."""
+    found: list[tuple[tuple[int, int], Path]] = []
+    for folder in (*search_dirs, cwd):  # an earlier folder wins a span
+        found += [(span, path) for span, path in find_media_paths(text, folder)
+                  if not any(span[0] < end and start < span[1] for (start, end), _ in found)]  # fmt: skip
+    found.sort(key=lambda item: item[0])
+    kept, last = [], 0
+    for (start, end), _ in found:
+        kept.append(text[last:start])
+        last = end
+    kept.append(text[last:])
+    rest = "".join(kept)
+    if found:  # tidy the gap a path leaves: "What is in ?" -> "What is in?"
+        rest = re.sub(r"[ \t]{2,}", " ", rest)
+        rest = re.sub(r"[ \t]+([.,;:!?)\]])", r"\1", rest)
+        rest = "\n".join(line.strip() for line in rest.split("\n")).strip()
+    return rest, [path for _, path in found], _missing_media_paths(text, {p.resolve() for _, p in found}, cwd)
+
+
+def _missing_media_paths(text: str, found: set[Path], cwd: Path | None) -> list[Path]:
+    """Words that look like paths of media files that do not exist (said, not silently ignored)."""
+    missing = []
+    for word in split_words(text):
+        raw = word.raw.strip("()[]{}<>,;:!?\"'")
+        if not raw.startswith(("/", "~", "./", "../", "file:")) or media_kind(raw.rstrip(".")) is None:
+            continue
+        try:
+            path = normalize_path(raw.rstrip("."))
+        except UsageError:
+            continue
+        if cwd is not None and not path.is_absolute():
+            path = Path(cwd) / path
+        if not path.exists() and path.resolve() not in found:
+            missing.append(path)
+    return missing
 
 
 def sanitize(text: str) -> str:
@@ -97,8 +169,44 @@ def default_sessions_dir(env: dict[str, str] | os._Environ = os.environ) -> Path
     return Path(base) / "internvl-chat" / "sessions"
 
 
+# What /load restores from the settings saved with a session (model and UI settings stay as run).
+RESTORED_SETTINGS = (
+    "generation.temperature", "generation.top_p", "generation.top_k", "generation.repetition_penalty",
+    "generation.max_new_tokens", "generation.seed", "media.max_tiles", "media.frames",
+)  # fmt: skip
+
+
+def recent_sessions(folder: Path) -> list[tuple[Path, float]]:
+    """The session files (*.json) in `folder`, newest first, with their modification times."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.endswith(".json") or entry.name.startswith("."):
+            continue
+        try:
+            info = entry.stat()  # follows a symlink: what /load would read
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            found.append((Path(entry.path), info.st_mtime))
+    return sorted(found, key=lambda item: item[1], reverse=True)
+
+
+def _setting_text(value: Any) -> str:
+    """A setting as the config file writes it: true/false, unset for none."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _short(text: str, width: int = 48) -> str:
-    one_line = " ".join(sanitize(text).split())
+    """A one-line excerpt of a message (it may come from a session file: shown inert)."""
+    one_line = visible(" ".join(text.split()))
     return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
 
 
@@ -106,12 +214,28 @@ def _percent(fraction: float) -> str:
     return f"{int(fraction * 100 + 0.5)} %"
 
 
+def _check_utf8(text: str) -> None:
+    """Refuse input holding bytes that are not UTF-8 (the terminal decodes them as surrogates)."""
+    bad = undecodable_byte(text)
+    if bad is not None:
+        raise UsageError(f"the input is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding")
+
+
 class App:
     """The REPL's brain; the REPL and `--script` only read lines and hand them here."""
 
+    # Folders searched before the working folder for relative media and session paths (the
+    # script's folder in --script mode).
+    search_dirs: tuple[Path, ...] = ()
+    # Asks a yes/no question (the REPL sets it); None: never ask, refuse instead (scripts).
+    confirm: Callable[[str], bool] | None = None
+    # The file this conversation was last saved to or loaded from, and its first turn then
+    # (a conversation is "the same" while that turn still opens it).
+    _session_file: tuple[Path, Any] | None = None
+
     def __init__(
         self,
-        session: Session,
+        session: Conversation,
         settings: Settings,
         console: Console | None = None,
         *,
@@ -128,18 +252,25 @@ class App:
 
     # ---- output ---------------------------------------------------------------------------
 
+    @property
+    def width(self) -> int | None:
+        """The terminal's width now (it may change between two lines), None when not a terminal."""
+        return self.console.width if self.console.is_terminal else None
+
     def say(self, text: str, style: str | None = None) -> None:
-        """One line (or a few), printed as is: no markup, no highlighting, no re-wrapping."""
+        """One line (or a few), printed as is (no markup, no highlighting), broken at word
+        boundaries to fit the terminal (a pipe or file gets the lines whole)."""
+        text = wrap_text(text, self.width)
         self.console.print(Text(text, style=style or ""), soft_wrap=True, markup=False, highlight=False)
 
     def note(self, text: str) -> None:
         self.say(text, "dim")
 
     def warn(self, text: str) -> None:
-        self.say(f"warning: {text}", "yellow")
+        self.say(f"warning: {visible(text)}", "yellow")  # messages may quote paths and file contents
 
     def error(self, text: str) -> None:
-        self.say(f"error: {text}", "bold red")
+        self.say(f"error: {visible(text)}", "bold red")
 
     @property
     def plain(self) -> bool:
@@ -156,12 +287,24 @@ class App:
     def prompt_text(self) -> str:
         return f"[+{len(self.pending)}] > " if self.pending else "> "
 
+    @property
+    def approx(self) -> str:
+        """The mark before token numbers that are estimates (a remote server counts the real ones)."""
+        return "" if self.session.token_counts_exact else "≈"
+
+    def context_share(self, tokens: int) -> float | None:
+        """`tokens` as a fraction of the context; None when the limit is not known."""
+        limit = self.session.max_context
+        return tokens / limit if limit else None
+
     def banner(self) -> None:
-        loaded = self.session.loaded
-        model = self.session.model
-        dtype = str(getattr(model, "dtype", "")).replace("torch.", "")
-        self.say(f"internvl-chat · {loaded.path.name} · {loaded.device} {dtype} · context {self.session.max_context:,} tokens", "bold")
-        self.note("type a message, /help for the commands; Ctrl-D or /exit quits")
+        info = self.session.describe()
+        name = "the embedded demo model" if info.demo else visible(info.name)
+        context = f"context {info.context:,} tokens" if info.context else "context: the server's limit"
+        self.say(f"internvl-chat · {name} · {visible(info.where)} · {context}", "bold")
+        if info.demo:
+            self.note(DEMO_MODEL_NOTE)
+        self.note("type a message, /help for the commands; Ctrl-D, /exit or /bye quits")
 
     # ---- dispatch -------------------------------------------------------------------------
 
@@ -169,6 +312,7 @@ class App:
         """Run one input; OK, ERROR (printed as one line, the app goes on) or EXIT."""
 
         def run() -> str:
+            _check_utf8(line)
             block = unwrap_block(line)
             if block is not None:
                 return self._send_text(block)
@@ -183,7 +327,7 @@ class App:
 
     def handle_message(self, text: str) -> str:
         """Send `text` as a message even when it starts with a slash (the prompt of `-I`)."""
-        return self._guard(lambda: self._send_text(text))
+        return self._guard(lambda: _check_utf8(text) or self._send_text(text))
 
     def _guard(self, action: Callable[[], str]) -> str:
         try:
@@ -191,7 +335,7 @@ class App:
         except InternVLChatError as e:
             self.error(str(e))
             return ERROR
-        except OSError as e:  # writing /save, /export files
+        except OSError as e:  # writing /save, /export files (write_atomic names the user's path)
             where = f" {e.filename}" if e.filename else ""
             self.error(f"cannot use{where}: {e.strerror or e}; check the path and its permissions")
             return ERROR
@@ -216,87 +360,78 @@ class App:
             media = self.session.describe_video(path, frames or self.settings.media.frames, video_range)
             if video_range and media.duration and video_range[0] >= media.duration:
                 raise MediaError(
-                    f"the range starts at {video_range[0]:g} s but {path.name} is only {media.duration:.1f} s long; "
-                    "choose an earlier start"
+                    f"the range starts at {video_range[0]:g} s but {visible(path.name)} is only "
+                    f"{media.duration:.1f} s long; choose an earlier start"
                 )
             return media
         return self.session.describe_image(path, self.settings.media.max_tiles)
 
     def _resolve(self, path: Path) -> Path:
+        """A path to read: relative ones are looked up in `search_dirs`, then the working folder."""
+        path = Path(path).expanduser()
+        if path.is_absolute():
+            return path
+        for folder in self.search_dirs:
+            if (folder / path).exists():
+                return folder / path
+        return self._output_path(path)
+
+    def _output_path(self, path: Path) -> Path:
+        """A path to write: relative to the working folder."""
         path = Path(path).expanduser()
         if self.cwd is not None and not path.is_absolute():
             path = self.cwd / path
         return path
-
-    def turn_tokens(self, media: Sequence[Media]) -> int:
-        """Tokens of the next turn with these attachments and an empty message."""
-        builder = self.session.builder
-        specs = [m.spec for m in media]  # exact: several images also get "Image-N: " labels
-        return len(builder.next_turn("", specs) if self.session.ids else builder.first_turn("", specs))
-
-    def _uncached(self) -> int:
-        """Tokens already in the conversation that the next turn prefills (the tail of a cut answer)."""
-        return self.session.context_used - self.session.start_pos
 
     def attach(self, media: Sequence[Media]) -> None:
         """Add described media to the next message, printing each one's cost; refuse what cannot fit."""
         media = list(media)
         if not media:
             return
-        together = self.turn_tokens(self.pending + media)
         try:
-            self.session.check_budget(self._uncached() + together)
+            self.session.check_attach(self.pending + media)
         except ContextOverflowError as e:
-            names = ", ".join(m.path.name for m in media)
+            names = ", ".join(visible(m.path.name) for m in media)
             raise ContextOverflowError(f"cannot attach {names}: {e}") from None
         for item in media:
             self.pending.append(item)
-            fraction = (self.session.context_used + self.turn_tokens(self.pending)) / self.session.max_context
+            fraction = self.context_share(self.session.context_used + self.session.turn_tokens(self.pending))
             self.say(self.attach_line(item, fraction), "green")
-        if fraction >= WARN_FRACTION:
+        if fraction is not None and fraction >= WARN_FRACTION:
             self.warn(
-                f"the context will be {_percent(fraction)} full with this message; "
+                f"the context will be {self.approx}{_percent(fraction)} full with this message; "
                 "/drop an attachment, /clear, or lower max_tiles / frames to keep room for later turns"
             )
 
     def attach_line(self, media: Media, fraction: float | None) -> str:
         tokens = self.session.media_tokens([media])
+        name = visible(media.path.name)  # a file name is anything but \0 and /
+        approx = not self.session.token_counts_exact
         if media.kind == "image":
-            return format_attach_line("image", media.path, media.size, media.tiles, tokens, fraction)
+            return format_attach_line("image", name, media.size, media.tiles, tokens, fraction, approx)
         what = f"{media.tiles} frame" + ("" if media.tiles == 1 else "s")
         if media.video_range:
             what += f" from {media.video_range[0]:g}–{media.video_range[1]:g} s"
         elif media.duration:
             what += f" of {media.duration:.1f} s"
-        return format_attach_line("video", media.path, what, None, tokens, fraction)
+        return format_attach_line("video", name, what, None, tokens, fraction, approx)
 
-    def _auto_attach(self, text: str) -> list[Media]:
-        """Media paths typed in a message (existing image/video files not already attached)."""
+    def _auto_attach(self, text: str) -> tuple[list[Media], str]:
+        """Media paths typed in a message: the existing image/video files not already attached,
+        and the message without the paths (the model gets the files, not their names)."""
         if not self.settings.media.auto_attach:
-            return []
+            return [], text
+        text, paths, missing = take_media_paths(text, self.cwd, self.search_dirs)
+        for path in missing:
+            self.warn(f"{visible(str(path))} does not exist, so it was not attached; check the path")
         attached = {m.path.resolve() for m in self.pending}
-        paths = [path for _, path in find_media_paths(text, self.cwd)]
-        self._note_missing_paths(text, {p.resolve() for p in paths})
-        return [self.describe(p, media_kind(p)) for p in paths if p.resolve() not in attached]
-
-    def _note_missing_paths(self, text: str, found: set[Path]) -> None:
-        """A message naming a media file that does not exist: say so instead of ignoring it."""
-        for word in split_words(text):
-            raw = word.raw.strip("()[]{}<>,;:!?\"'")
-            if not raw.startswith(("/", "~", "./", "../", "file:")) or media_kind(raw.rstrip(".")) is None:
-                continue
-            try:
-                path = self._resolve(normalize_path(raw.rstrip(".")))
-            except UsageError:
-                continue
-            if not path.exists() and path.resolve() not in found:
-                self.warn(f"{path} does not exist, so it was not attached; check the path")
+        return [self.describe(p, media_kind(p)) for p in paths if p.resolve() not in attached], text
 
     # ---- turns ----------------------------------------------------------------------------
 
     def send(self, text: str) -> None:
         """Ask `text` with the pending attachments (and media paths found in it)."""
-        auto = self._auto_attach(text)
+        auto, text = self._auto_attach(text)
         if auto:
             self.attach(auto)  # prints the confirmation lines
             auto_ids = {id(m) for m in auto}
@@ -318,10 +453,10 @@ class App:
                 self.pending = [m for m in self.pending if id(m) not in auto_ids]
 
     def _work_label(self, media: Sequence[Media]) -> str:
-        videos = [m.path.name for m in media if m.kind == "video" and m.pixel_values is None]
+        videos = [visible(m.path.name) for m in media if m.kind == "video" and not m.prepared]
         if videos:
             return f"decoding {', '.join(videos)} …"
-        return "reading the images …" if any(m.pixel_values is None for m in media) else "thinking …"
+        return "reading the images …" if any(not m.prepared for m in media) else "thinking …"
 
     @contextmanager
     def _sigint(self, handler: Callable[[int, Any], None]) -> Iterator[None]:
@@ -345,7 +480,7 @@ class App:
             else:
                 raise KeyboardInterrupt
 
-        device = self.session.loaded.device
+        device = self.session.describe().memory_device  # None: the model runs elsewhere
         before = (len(self.session.turns), self.session.context_used)
 
         def outcome() -> str:
@@ -354,7 +489,8 @@ class App:
             return "the last question and its answer were removed; ask it again"  # retry drops them first
 
         with self._sigint(on_sigint):
-            reset_peak_memory(device)
+            if device is not None:
+                reset_peak_memory(device)
             try:
                 with self.spinner(label):
                     events = start(cancel)
@@ -384,7 +520,7 @@ class App:
             finally:
                 streaming.clear()
                 stream.finish()
-        self.last_peak = peak_memory(device)
+        self.last_peak = peak_memory(device) if device is not None else None
         self._after_answer(final)
         return final
 
@@ -393,7 +529,8 @@ class App:
         if reason == "cancelled":
             self.say("[cancelled: the partial answer is kept; /retry answers again, /undo removes it]", "yellow")
         elif reason == "length":
-            if self.session.context_used >= self.session.max_context - 1:
+            limit = self.session.max_context
+            if limit is not None and self.session.context_used >= limit - 1:
                 self.say("[stopped: the context is full; /undo, /clear or a larger --max-context make room]", "yellow")
             else:
                 limit = self.session.params.max_new_tokens
@@ -405,9 +542,10 @@ class App:
         if not self.session.turns:
             return ""
         turn = self.session.turns[-1]
-        usage = {"completion_tokens": len(turn.answer_ids)}
+        usage = {} if turn.answer_tokens is None else {"completion_tokens": turn.answer_tokens}
         return format_stats(turn.timing, usage, self.session.context_used, self.session.max_context,
-                            self.last_peak, self.session.loaded.device)  # fmt: skip
+                            self.last_peak, self.session.describe().memory_device, width=self.width,
+                            approximate=not self.session.token_counts_exact)  # fmt: skip
 
     @contextmanager
     def _uninterruptible(self, what: str) -> Iterator[None]:
@@ -423,7 +561,7 @@ class App:
 
     def cmd_help(self, command: Command) -> None:
         name = command.args[0] if command.args else None
-        self.say(format_help(name))
+        self.say(format_help(name, self.width))
         if name is None:
             self.note(KEYS_HELP)
             self.note("a message naming an image or video file attaches it; /set media.auto_attach false turns that off")
@@ -441,8 +579,8 @@ class App:
             return
         for n, media in enumerate(self.pending, start=1):
             self.say(f"{n}. {self.attach_line(media, None)[2:]}")
-        total = self.turn_tokens(self.pending)
-        self.note(f"next message: {total:,} tokens plus your text")
+        total = self.session.turn_tokens(self.pending)
+        self.note(f"next message: {self.approx}{total:,} tokens plus your text")
 
     def cmd_drop(self, command: Command) -> None:
         n = command.args[0]
@@ -451,7 +589,7 @@ class App:
         if n > len(self.pending):
             raise UsageError(f"there is no attachment {n}; /media lists the {len(self.pending)} attached")
         media = self.pending.pop(n - 1)
-        self.say(f"- {media.kind} {media.path.name} detached")
+        self.say(f"- {media.kind} {visible(media.path.name)} detached")
 
     def cmd_clear(self, command: Command) -> None:
         self.session.clear()
@@ -475,7 +613,7 @@ class App:
     def cmd_system(self, command: Command) -> None:
         if not command.args:
             text = self.session.system_message
-            self.say(f"system message: {text}" if text else "no system message")
+            self.say(f"system message: {visible_lines(text)}" if text else "no system message")
             return
         text = command.args[0]
         if text in ('""', "''"):
@@ -488,10 +626,15 @@ class App:
                  if text else "system message removed")  # fmt: skip
 
     def cmd_set(self, command: Command) -> None:
-        key, value = command.args
+        key = command.args[0]
         dotted = resolve_key(key)
-        if dotted.startswith("model."):
-            raise UsageError(f"{dotted} cannot change while the model is loaded; restart with the flag or config value")
+        if len(command.args) < 2:
+            self.say(f"{dotted} = {self._setting_text(dotted)}  (from {self.settings.sources.get(dotted, 'default')})")
+            return
+        value = command.args[1]
+        if not changeable_while_running(dotted):
+            raise UsageError(f"{dotted} cannot change while the app runs; set it in the config file or with its flag, "
+                             "then start again")  # fmt: skip
         if dotted == "system.message":
             self.cmd_system(Command("system", (value,)))
             return
@@ -499,72 +642,47 @@ class App:
         self.settings.set(dotted, value)
         try:
             if dotted.startswith("generation."):
-                self.session.params = sampling_params(self.settings)
+                self.session.params = params_from_settings(self.settings)
                 self.session.stream_interval = self.settings.generation.stream_interval
         except InternVLChatError:
             self.settings.set(dotted, old, source=old_source or "default")
             raise
-        new = self.settings.get(dotted)
-        self.say(f"{dotted} = {new!r}" if isinstance(new, str) else f"{dotted} = {new}")
+        self.say(f"{dotted} = {self._setting_text(dotted)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
-        elif dotted in ("ui.color", "ui.history", "ui.history_file"):
-            self.note("takes effect at the next start")
+
+    def _setting_text(self, dotted: str) -> str:
+        """A value as the config file writes it (`false`, `"text"`), made safe to print."""
+        value = self.settings.get(dotted)
+        return "(not set)" if value is None else visible(toml_value(value))
 
     def cmd_show(self, command: Command) -> None:
-        turns = self.session.turns
-        if turns:
-            index = len(turns) - 1
-            turn = turns[index]
-            specs = [m.spec for m in turn.media]
-            text = self.session.builder.render_text(turn.user_text, specs, first=index == 0, expand_images=False)
-            image_tokens = self.session.builder.image_token_count(specs)
-            per_tile = self.session.builder.tokens_per_tile
-            extra = f" (each <image> stands for {per_tile} tokens per tile, {image_tokens:,} in all)" if specs else ""
-            self.say(f"last prompt, turn {index + 1}{extra}:", "bold")
-            self.say(sanitize(text))
+        view = self.session.last_prompt()
+        if view is not None:
+            extra = f" ({view.note})" if view.note else ""
+            self.say(f"last prompt, turn {view.turn}{extra}:", "bold")
+            self.say(visible_lines(view.text))  # the text may come from a session file
         else:
             self.say("no prompt sent yet", "bold")
         self.say("settings:", "bold")
         self.say(format_settings(self.settings).rstrip("\n"))
 
-    def context_items(self) -> list[tuple[str, int]]:
-        """The context budget, item by item: system, each turn, the next message, the answer reserve.
-
-        The items add up to the most the context holds after the next answer (plus the next text).
-        """
-        session = self.session
-        builder = session.builder
-        items: list[tuple[str, int]] = []
-        system = len(builder.first_turn("", [])) - len(builder.user_turn("", []))
-        if system:
-            items.append(("system message" if session.turns else "system message (sent with the first message)", system))
-        bounds = [t.ids_before for t in session.turns] + [session.context_used]
-        for n, turn in enumerate(session.turns):
-            total = bounds[n + 1] - bounds[n] - (system if n == 0 else 0)
-            media = session.media_tokens(turn.media)
-            answer = len(turn.answer_ids)
-            names = "".join(f"{m.kind} {m.path.name}, " for m in turn.media)
-            detail = f" (media {media:,} · answer {answer:,})" if media else f" (answer {answer:,})"
-            items.append((f"turn {n + 1}: {names}“{_short(turn.user_text, 32)}”{detail}", total))
-        for media in self.pending:
-            items.append((f"attached: {media.kind} {media.path.name}", session.media_tokens([media])))
-        template = self.turn_tokens(self.pending) - session.media_tokens(self.pending) - (0 if session.ids else system)
-        items.append(("next message: template, plus your text", template))
-        items.append(("reserved for the answer (max_new_tokens)", session.params.max_new_tokens))
-        return items
+    def _used_text(self, used: int, verb: str = "used") -> str:
+        """`2,480 of 8,192 tokens used (30 %)`, with ≈ for estimates and without an unknown limit."""
+        limit = self.session.max_context
+        if not limit:
+            return f"{self.approx}{used:,} tokens {verb} (the server's limit is not known)"
+        return f"{self.approx}{used:,} of {limit:,} tokens {verb} ({_percent(used / limit)})"
 
     def cmd_context(self, command: Command) -> None:
-        session = self.session
-        used, limit = session.context_used, session.max_context
-        self.say(f"context: {used:,} of {limit:,} tokens used ({_percent(used / limit)})", "bold")
-        items = self.context_items()
+        self.say(f"context: {self._used_text(self.session.context_used)}", "bold")
+        items = self.session.context_items(self.pending)
         planned = sum(tokens for _, tokens in items)
-        label = "at most, after the next answer"
-        width = max(len(name) for name, _ in [*items, (label, 0)])
-        for name, tokens in items:
-            self.say(f"  {name.ljust(width)}  {tokens:>7,}")
-        self.say(f"  {label.ljust(width)}  {planned:>7,} of {limit:,} ({_percent(planned / limit)})")
+        rows = [(visible(name), f"{self.approx}{tokens:,}") for name, tokens in items]  # names hold file names and text
+        self.say(format_columns(rows, self.width, indent=2, align_right=True))
+        self.say(f"  at most, after the next answer: {self._used_text(planned, 'held')}")
+        if self.approx:
+            self.note("  (estimates: the server counts the real tokens, and reports them after each answer)")
 
     def cmd_stats(self, command: Command) -> None:
         if not self.session.turns or not self.session.turns[-1].timing:
@@ -572,60 +690,205 @@ class App:
             return
         turn = self.session.turns[-1]
         t = turn.timing
-        rows = [
-            ("finish", str(turn.finish_reason)),
-            ("vision", f"{t.get('vision_s', 0):.3f} s"),
-            ("prefill", f"{t.get('prefill_tokens', 0):,} tokens in {t.get('prefill_s', 0):.3f} s"
-                        f" ({t.get('prefill_tokens_per_s', 0):,.0f} tok/s)"),
-            ("time to first token", f"{t.get('ttft_s', 0):.3f} s"),
-            ("decode", f"{t.get('decode_tokens', 0):,} tokens in {t.get('decode_s', 0):.3f} s"
-                       f" ({t.get('decode_tokens_per_s', 0):,.1f} tok/s)"),
-            ("answer", f"{len(turn.answer_ids):,} tokens"),
-            ("context", f"{self.session.context_used:,} / {self.session.max_context:,}"),
-            ("model load", f"{self.session.loaded.load_s:.2f} s"),
-        ]  # fmt: skip
-        if self.last_peak:
-            where = "GPU" if str(self.session.loaded.device).startswith("cuda") else "RAM"
+        info = self.session.describe()
+        rows = [("finish", str(turn.finish_reason))]
+        if "vision_s" in t:
+            rows.append(("vision", f"{t['vision_s']:.3f} s"))
+        if "prefill_tokens" in t:
+            rows.append(("prefill", f"{t['prefill_tokens']:,} tokens in {t.get('prefill_s', 0):.3f} s"
+                                    f" ({t.get('prefill_tokens_per_s', 0):,.0f} tok/s)"))  # fmt: skip
+        if "ttft_s" in t:
+            rows.append(("time to first token", f"{t['ttft_s']:.3f} s"))
+        if "decode_tokens" in t:
+            rows.append(("decode", f"{t['decode_tokens']:,} tokens in {t.get('decode_s', 0):.3f} s"
+                                   f" ({t.get('decode_tokens_per_s', 0):,.1f} tok/s)"))  # fmt: skip
+        answer = turn.answer_tokens
+        rows.append(("answer", "? tokens (not reported)" if answer is None else f"{answer:,} tokens"))
+        limit = self.session.max_context
+        rows.append(("context", f"{self.approx}{self.session.context_used:,} / {f'{limit:,}' if limit else '?'}"))
+        server = format_server_numbers(t.get("server"))
+        if server:
+            rows.append(("server reports", server))
+        rows.append(("model", f"{visible(info.name)} · {visible(info.where)}"))
+        if info.load_s is not None:
+            rows.append(("start-up", f"{info.load_s:.2f} s"))  # the model's load, or the server's first answer
+        if self.last_peak and info.memory_device is not None:
+            where = "GPU" if info.memory_device.startswith("cuda") else "RAM"
             rows.append(("peak memory", f"{format_bytes(self.last_peak)} {where}"))
-        width = max(len(name) for name, _ in rows)
-        for name, value in rows:
-            self.say(f"{name.ljust(width)}  {value}")
+        self.say(format_columns(rows, self.width))
+
+    # ---- sessions: /save, /load, /export ---------------------------------------------------
 
     def cmd_save(self, command: Command) -> None:
-        if command.args:
-            path = self._resolve(command.args[0])
-        else:
-            folder = default_sessions_dir()
-            path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}.json"
-            n = 1
-            while path.exists():
-                n += 1
-                path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}-{n}.json"
+        """`/save [FILE] [--force]`: FILE relative to the working folder; none: the sessions folder.
+
+        A file holding another conversation is not replaced silently: the REPL asks, a script
+        refuses unless --force is given. Re-saving this conversation to its own file is fine.
+        """
+        path = self._output_path(command.args[0]) if command.args else self._default_save_path()
+        if path.is_dir():
+            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /save {visible(str(path / 'chat.json'))}")
+        if not command.options.get("force") and not self._may_replace(path):
+            self.say("not saved")
+            return
         if not self.session.turns:
             self.warn("the conversation is empty; saving it anyway")
         saved = self.session.save(path, self.settings.to_dict())
-        self.say(f"saved {len(self.session.turns)} turn(s) to {saved}")
+        self._remember_file(saved)
+        self.say(f"saved {len(self.session.turns)} turn(s) to {visible(str(saved))}")
+
+    def _default_save_path(self) -> Path:
+        """This conversation's file in the sessions folder, or a new dated one there."""
+        folder = default_sessions_dir()
+        current = self._current_file()
+        if current is not None and current.parent == Path(os.path.abspath(folder)):
+            return current
+        path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}.json"
+        n = 1
+        while os.path.lexists(path):
+            n += 1
+            path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}-{n}.json"
+        return path
+
+    def _remember_file(self, path: Path) -> None:
+        turns = self.session.turns
+        self._session_file = (Path(os.path.abspath(path)), turns[0] if turns else None)
+
+    def _current_file(self) -> Path | None:
+        """The file this conversation was saved to or loaded from, while it is still that conversation."""
+        if self._session_file is None:
+            return None
+        path, first = self._session_file
+        turns = self.session.turns
+        return path if first is None or (turns and turns[0] is first) else None
+
+    def _may_replace(self, path: Path) -> bool:
+        """True when `path` is free, is this conversation's file, or the user agrees to replace it."""
+        if not os.path.lexists(path) or self._current_file() == Path(os.path.abspath(path)):
+            return True
+        held = self._saved_conversation(path)
+        if held is not None and self._continues(held):
+            return True  # the file holds an earlier state of this very conversation
+        what = (f"another conversation ({len(held) // 2} turn(s))" if held is not None
+                else "a file that is not an internvl-chat session")  # fmt: skip
+        shown = visible(str(path))
+        if self.confirm is None:
+            raise UsageError(f"{shown} already holds {what}; /save {shown} --force replaces it, or give another name")
+        return self.confirm(f"{shown} holds {what}; replace it? [y/N] ")
+
+    @staticmethod
+    def _saved_conversation(path: Path) -> list[tuple[Any, Any]] | None:
+        """(role, text) of each message in a session file, or None when it is not one."""
+        try:
+            data = json.loads(read_text_file(path, "session file"))
+        except (InternVLChatError, ValueError, RecursionError):
+            return None
+        messages = data.get("messages") if isinstance(data, dict) and data.get("format") == SESSION_FORMAT else None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return None
+        return [(m.get("role"), m.get("text")) for m in messages]
+
+    def _continues(self, held: list[tuple[Any, Any]]) -> bool:
+        ours = [(m["role"], m["text"]) for m in self.session.to_json()["messages"]]  # as this conversation saves
+        return len(held) <= len(ours) and ours[: len(held)] == held
 
     def cmd_load(self, command: Command) -> None:
-        path = self._resolve(command.args[0])
-        with self._uninterruptible(f"loading {path.name} …"):
-            data = self.session.load(path)
+        """`/load NAME`: a path, or a name in the sessions folder (.json optional); `/load`: the list."""
+        if not command.args:
+            self._list_sessions()
+            return
+        path = self._find_session(command.args[0])
+        shown = visible(str(path))
+        # reading and checking touch nothing, so Ctrl-C may stop them; the replay must finish
+        with self.spinner(f"reading {visible(path.name)} …"):
+            readied = self.session.read_saved(path)
+        source = f"session {visible(path.name)}"
+        restored, changes = self._restored_settings(readied.saved.settings, source)
+        system_before = self.session.system_message
+        with self._uninterruptible(f"loading {visible(path.name)} …"):
+            self.session.restore(readied, restored.generation.max_new_tokens)
+        for key, _, new in changes:
+            self.settings.set(key, new, source=source)
+        if changes:
+            self.session.params = params_from_settings(self.settings)
+        if self.session.system_message != system_before:
+            self.settings.system.message = self.session.system_message or ""
+            self.settings.sources["system.message"] = source
+        self._remember_file(path)
+
         turns = self.session.turns
-        self.say(f"loaded {len(turns)} turn(s) from {path} · context {self.session.context_used:,}/{self.session.max_context:,}")
-        saved_model = data.get("model")
-        if saved_model and saved_model != str(self.session.loaded.path):
-            self.note(f"(it was saved with {saved_model}; it continues with {self.session.loaded.path})")
+        limit = self.session.max_context
+        self.say(f"loaded {len(turns)} turn(s) from {shown} · context {self.approx}{self.session.context_used:,}"
+                 + (f"/{limit:,}" if limit else ""))  # fmt: skip
+        if changes:
+            listed = ", ".join(f"{key.split('.')[1]} {_setting_text(new)} (was {_setting_text(old)})" for key, old, new in changes)
+            self.note(f"settings from the session: {listed}")
+        if self.session.system_message != system_before:
+            self.note("the system message saved with the session is in use (/system shows it)")
+        saved_model, model = readied.saved.model, self.session.describe().model
+        if saved_model and saved_model != model:
+            self.note(f"(it was saved with {visible(saved_model)}; it continues with {visible(model)})")
         if turns:
             self.note(f"last: “{_short(turns[-1].user_text)}” → “{_short(turns[-1].answer_text)}”")
 
+    def _restored_settings(self, saved: dict[str, Any], source: str) -> tuple[Settings, list[tuple[str, Any, Any]]]:
+        """The settings with the session's generation and media values, checked on a copy.
+
+        Returns the copy and [(key, old, new)] for the values that change. A bad value raises
+        UsageError naming the key, before anything was changed.
+        """
+        trial = copy.deepcopy(self.settings)
+        changes = []
+        for key in RESTORED_SETTINGS:
+            section, name = key.split(".")
+            table = saved.get(section, {})
+            if name in table:
+                trial.set(key, table[name], source=source)
+                old, new = self.settings.get(key), trial.get(key)
+                if old != new or type(old) is not type(new):
+                    changes.append((key, old, new))
+        params_from_settings(trial)  # the values must also be valid together
+        return trial, changes
+
+    def _find_session(self, raw: Path) -> Path:
+        """A path as given (.json optional), else a file of that name in the sessions folder."""
+        raw = Path(raw)
+        candidates = [self._resolve(raw)]
+        if not raw.suffix:
+            candidates.append(self._resolve(Path(f"{raw}.json")))
+        folder = default_sessions_dir()
+        if not raw.is_absolute() and len(raw.parts) == 1:
+            candidates += [folder / raw.name, folder / f"{raw.name}.json"]
+        for candidate in candidates:
+            if os.path.lexists(candidate):
+                return candidate
+        raise UsageError(f"there is no session {visible(str(raw))} here or in {visible(str(folder))}; "
+                         "/load alone lists the saved ones")  # fmt: skip
+
+    def _list_sessions(self, limit: int = 10) -> None:
+        folder = default_sessions_dir()
+        sessions = recent_sessions(folder)
+        if not sessions:
+            self.say(f"no saved sessions in {visible(str(folder))}; /save saves the conversation there")
+            return
+        self.say(f"saved sessions in {visible(str(folder))}, newest first:", "bold")
+        shown = sessions[:limit]
+        width = max(len(visible(p.stem)) for p, _ in shown)
+        for path, mtime in shown:
+            turns = self._saved_conversation(path)
+            count = f"{len(turns) // 2} turn(s)" if turns is not None else "not readable"
+            self.say(f"  {visible(path.stem).ljust(width)}  {count:>12}  {datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}")
+        more = f" ({len(sessions) - limit} older not shown)" if len(sessions) > limit else ""
+        self.note(f"/load NAME loads one (Tab completes the names){more}")
+
     def cmd_export(self, command: Command) -> None:
-        path = self._resolve(command.args[0])
-        path.write_text(self.export_markdown(), encoding="utf-8")
-        self.say(f"exported {len(self.session.turns)} turn(s) to {path}")
+        path = self._output_path(command.args[0])
+        write_atomic(path, self.export_markdown())  # a symlink at the target is replaced, never followed
+        self.say(f"exported {len(self.session.turns)} turn(s) to {visible(str(path))}")
 
     def export_markdown(self) -> str:
         """The conversation as Markdown: media as links, answers as written."""
-        lines = ["# Conversation", "", f"- model: `{self.session.loaded.path}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
+        lines = ["# Conversation", "", f"- model: `{self.session.describe().model}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
         if self.session.system_message:
             lines += ["## System", "", self.session.system_message, ""]
         for turn in self.session.turns:

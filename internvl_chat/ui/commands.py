@@ -15,10 +15,12 @@ from typing import Any
 
 from ..errors import UsageError
 from .paths import normalize_path, shell_unquote
+from .render import wrap_text
 
-# Argument kinds (what a completer offers): "image", "video" and "file" are paths; "int" a
-# number; "setting" a key of `/set`; "value", "text" and "command" free text.
-PATH_KINDS = ("image", "video", "file")
+# Argument kinds (what a completer offers): "image", "video" and "file" are paths, "session" a
+# path or a name in the sessions folder; "int" a number; "setting" a key of `/set`; "value",
+# "text" and "command" free text.
+PATH_KINDS = ("image", "video", "file", "session")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class ArgSpec:
 @dataclass(frozen=True)
 class OptionSpec:
     name: str  # "--frames"
-    kind: str  # "int" (≥ 1) or "range" (START-END seconds)
+    kind: str  # "int" (≥ 1), "range" (START-END seconds) or "flag" (no value)
     metavar: str
     help: str
 
@@ -52,7 +54,7 @@ class CommandSpec:
         for arg in self.args:
             text = arg.name + ("…" if arg.repeat else "")
             parts.append(text if arg.required else f"[{text}]")
-        parts += [f"[{opt.name} {opt.metavar}]" for opt in self.options]
+        parts += [f"[{opt.name} {opt.metavar}]" if opt.metavar else f"[{opt.name}]" for opt in self.options]
         return " ".join(parts)
 
 
@@ -81,16 +83,25 @@ COMMANDS: tuple[CommandSpec, ...] = (
     ),
     CommandSpec(
         "set",
-        "change a setting (temperature, top_p, max_tiles …)",
-        (ArgSpec("KEY", "setting"), ArgSpec("VALUE", "value")),
+        "change a setting (temperature, top_p, max_tiles …), or show one",
+        (ArgSpec("KEY", "setting"), ArgSpec("VALUE", "value", required=False)),
     ),
     CommandSpec("show", "show the last prompt (images as <image>) and the settings"),
     CommandSpec("context", "show how the context is used, item by item"),
     CommandSpec("stats", "show the statistics of the last answer"),
-    CommandSpec("save", "save the conversation to a JSON file", (ArgSpec("FILE", "file", required=False),)),
-    CommandSpec("load", "load a conversation saved with /save", (ArgSpec("FILE", "file"),)),
+    CommandSpec(
+        "save",
+        "save the conversation (no FILE: to the sessions folder)",
+        (ArgSpec("FILE", "file", required=False),),
+        (OptionSpec("--force", "flag", "", "replace a FILE that holds another conversation"),),
+    ),
+    CommandSpec(
+        "load",
+        "load a saved conversation and its settings (no NAME: list the saved ones)",
+        (ArgSpec("NAME", "session", required=False),),
+    ),
     CommandSpec("export", "write the conversation as Markdown", (ArgSpec("FILE.md", "file"),)),
-    CommandSpec("exit", "quit (also /quit or Ctrl-D)", aliases=("quit",)),
+    CommandSpec("exit", "quit (also /quit, /bye or Ctrl-D)", aliases=("quit", "bye")),
 )
 
 COMMAND_BY_NAME: dict[str, CommandSpec] = {
@@ -262,6 +273,12 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
                 hint = _suggest(name, valid, "")
                 tip = f"did you mean {hint}?" if hint else f"usage: {spec.usage}"
                 raise UsageError(f"/{spec.name} has no option {name}; {tip}")
+            if opt.kind == "flag":
+                if eq:
+                    raise UsageError(f"/{spec.name}: {name} takes no value; usage: {spec.usage}")
+                options[name[2:]] = True
+                i += 1
+                continue
             if not eq:
                 i += 1
                 if i >= len(words):
@@ -306,8 +323,12 @@ def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
     return tuple(values)
 
 
-def format_help(name: str | None = None) -> str:
-    """All commands with their one-line help, or one command's usage and options."""
+def format_help(name: str | None = None, width: int | None = None) -> str:
+    """All commands with their one-line help, or one command's usage and options.
+
+    With `width` (the terminal's), every line fits it: the help texts wrap in their column, and a
+    usage too long for the column gets a line of its own with its help below.
+    """
     if name is not None:
         word = name.lstrip("/")
         spec = COMMAND_BY_NAME.get(word.lower())
@@ -316,11 +337,25 @@ def format_help(name: str | None = None) -> str:
             tip = f"did you mean {hint}?" if hint else "type /help for the commands."
             raise UsageError(f"unknown command /{word}; {tip}")
         lines = [f"{spec.usage}  {spec.help}"]
-        lines += [f"  {o.name} {o.metavar}  {o.help}" for o in spec.options]
+        lines += [f"  {o.name} {o.metavar}  {o.help}" if o.metavar else f"  {o.name}  {o.help}" for o in spec.options]
         if spec.aliases:
             lines.append("  also: " + ", ".join("/" + a for a in spec.aliases))
-        return "\n".join(lines)
-    width = max(len(spec.usage) for spec in COMMANDS)
-    lines = [f"{spec.usage.ljust(width)}  {spec.help}" for spec in COMMANDS]
-    lines.append("//TEXT".ljust(width) + "  send a message that starts with /")
+        return wrap_text("\n".join(lines), width)
+    rows = [(spec.usage, spec.help) for spec in COMMANDS] + [("//TEXT", "send a message that starts with /")]
+    if width is None:
+        column = max(len(usage) for usage, _ in rows)
+        return "\n".join(f"{usage.ljust(column)}  {text}" for usage, text in rows)
+    column = max(len(usage) for usage, _ in rows if len(usage) <= max(16, width // 3))
+    if width - column - 2 < 16:  # too narrow for two columns: each help under its usage
+        return "\n".join(wrap_text(usage, width) + "\n" + wrap_text("    " + text, width) for usage, text in rows)
+    lines = []
+    margin = " " * (column + 2)
+    for usage, text in rows:
+        helps = wrap_text(text, width - column - 2, indent="").split("\n")
+        if len(usage) > column:
+            lines.append(wrap_text(usage, width))
+            lines += [margin + h for h in helps]
+        else:
+            lines.append(f"{usage.ljust(column)}  {helps[0]}")
+            lines += [margin + h for h in helps[1:]]
     return "\n".join(lines)

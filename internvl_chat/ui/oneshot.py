@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from ..files import visible
 from ..settings import Settings
-from .app import peak_memory, sanitize
+from .app import peak_memory, sanitize, take_media_paths
+from .paths import media_kind
 from .render import format_stats
-from .setup import media_from_flags, open_session
+from .setup import media_from_flags, open_conversation
 
 
 def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> int:
-    session = open_session(settings)
+    session = open_conversation(settings)
     media = media_from_flags(session, args, settings)
+    typed = " ".join(([args.prompt_flag] if args.prompt_flag else []) + ([" ".join(args.prompt)] if args.prompt else []))
+    if settings.media.auto_attach and typed and prompt.endswith(typed):
+        # a media path typed in the prompt is attached and left out of the text, as in the REPL
+        # (text piped on stdin, which comes first, is data: it is left alone)
+        text, paths, missing = take_media_paths(typed)
+        prompt = prompt[: len(prompt) - len(typed)] + text
+        for path in missing:
+            print(f"internvl-chat: warning: {visible(str(path))} does not exist, so it was not attached; check the path",
+                  file=sys.stderr)  # fmt: skip
+        known = {m.path.resolve() for m in media}
+        for path in paths:
+            if path.resolve() not in known:
+                kind = media_kind(path)
+                media.append(session.describe_video(path, settings.media.frames) if kind == "video"
+                             else session.describe_image(path, settings.media.max_tiles))  # fmt: skip
     final = None
     # raw text for pipes; a terminal must not receive the model's control characters
     clean = sanitize if sys.stdout.isatty() else str
@@ -24,11 +42,12 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
             sys.stdout.flush()
         if event["finish_reason"] is not None:
             final = event
-    timing = dict(final["timing"], load_s=session.loaded.load_s)
+    info = session.describe()
+    timing = dict(final["timing"], load_s=info.load_s)  # load_s: the model's load, or the server handshake
     if args.json:
         out = {
             "text": session.turns[-1].answer_text,
-            "token_ids": final["token_ids"],
+            "token_ids": final.get("token_ids"),  # null from a server (it does not send them)
             "finish_reason": final["finish_reason"],
             "usage": final["usage"],
             "timing": timing,
@@ -38,7 +57,10 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
         sys.stdout.write("\n")
     sys.stdout.flush()
     if settings.ui.stats and not args.json:
-        device = session.loaded.device
-        stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak_memory(device), device)
+        device = info.memory_device  # None: the model runs elsewhere, its memory is not ours to show
+        width = os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None
+        peak = peak_memory(device) if device is not None else None
+        stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak, device,
+                             width=width, approximate=not session.token_counts_exact)  # fmt: skip
         print(stats, file=sys.stderr)
     return 0

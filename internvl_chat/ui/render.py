@@ -1,9 +1,9 @@
 """Streaming an answer to the terminal, and the one-line summaries around it.
 
 `MarkdownStream` prints each finished Markdown block once, as soon as it is finished, and keeps
-only the unfinished tail in a transient `rich.live.Live` region: long answers scroll like normal
-output and the screen never redraws the whole answer. Which part is finished is decided by the
-pure `split_committable`. `PlainStream` writes the raw text for pipes, `--plain` and `TERM=dumb`.
+only the unfinished tail in a live region (`LiveTail`) redrawn in place: long answers scroll like
+normal output and the screen never redraws the whole answer. Which part is finished is decided by
+the pure `split_committable`. `PlainStream` writes the raw text for pipes, `--plain` and `TERM=dumb`.
 """
 
 from __future__ import annotations
@@ -12,13 +12,18 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, TYPE_CHECKING, Any, Mapping
 
+from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
-from rich.live import Live
-from rich.markdown import Markdown
+from rich.control import Control
 from rich.segment import Segment
 from rich.text import Text
+
+from ..files import visible
+
+if TYPE_CHECKING:
+    from rich.markdown import Markdown
 
 # --- block splitting ---------------------------------------------------------------------------
 
@@ -152,6 +157,81 @@ class _BottomLines:
         lines = console.render_lines(self.renderable, options, pad=False)
         keep = max(console.size.height - 2, 1)
         for line in lines[-keep:]:
+            yield from _rstrip(line)
+            yield Segment.line()
+
+
+def _rstrip(line: list[Segment]) -> list[Segment]:
+    """A rendered line without its trailing padding (a row filled with spaces would be rewrapped
+    by a terminal that reflows on resize)."""
+    line = list(line)
+    while line and not line[-1].control and not line[-1].text.rstrip(" "):
+        line.pop()
+    if line and not line[-1].control:
+        last = line[-1]
+        line[-1] = Segment(last.text.rstrip(" "), last.style)
+    return line
+
+
+class LiveTail:
+    """A region at the bottom of the output, redrawn in place (the answer's unfinished tail).
+
+    Between redraws the cursor waits, hidden, at the region's top-left corner, so a redraw is
+    "erase to the end of the screen, then draw". That survives what breaks a region redrawn from
+    its bottom (rich's Live moves up by the height it drew): a terminal that reflows its lines on
+    resize carries the cursor along with its line, one that does not leaves it in place, and a
+    character echoed or printed at the cursor is erased with the region instead of pushing it down.
+    """
+
+    _ERASE_BELOW = "\r\x1b[J"
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.active = False
+        self.size = console.size  # what the last draw was laid out for
+
+    def draw(self, renderable: RenderableType) -> None:
+        console = self.console
+        if not self.active:
+            console.show_cursor(False)
+            self.active = True
+        self.size = console.size
+        lines = console.render_lines(_BottomLines(renderable), console.options, pad=False)
+        console.begin_capture()
+        try:
+            console.print(_Lines(lines), soft_wrap=True, crop=False, overflow="ignore")
+            console.control(Control.move_to_column(0), Control.move(0, -len(lines)))
+        finally:
+            frame = console.end_capture()
+        # one write per frame: a resize (or a stop) never lands between a frame's lines, which a
+        # reflowing terminal would rewrap with the cursor in the middle of the region
+        self._write(self._ERASE_BELOW + frame)
+
+    def clear(self) -> None:
+        """Erase the region; the cursor is left where the region began (printing goes on there)."""
+        if self.active:
+            self._write(self._ERASE_BELOW)
+
+    def close(self) -> None:
+        """Erase the region for good and show the cursor again."""
+        if self.active:
+            self.clear()
+            self.console.show_cursor(True)
+            self.active = False
+
+    def _write(self, text: str) -> None:
+        self.console.file.write(text)
+        self.console.file.flush()
+
+
+class _Lines:
+    """Already rendered lines, printed as they are."""
+
+    def __init__(self, lines: list[list[Segment]]) -> None:
+        self.lines = lines
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for line in self.lines:
             yield from line
             yield Segment.line()
 
@@ -167,7 +247,7 @@ class MarkdownStream:
         self._pending = ""
         self._printed_blocks = 0
         self._after_rule = False
-        self._live: Live | None = None
+        self._live: LiveTail | None = None
         self._last_refresh = 0.0
         self._use_live = console.is_terminal and not console.is_dumb_terminal
 
@@ -187,11 +267,11 @@ class MarkdownStream:
 
     def finish(self) -> str:
         """Stop the live region and print what is left; returns the whole text. Safe to call twice."""
-        if self._live is not None:
-            self._live.stop()  # transient: the live tail disappears, then is printed for good
-            self._live = None
         tail, self._pending = self._pending, ""
         self._print_block(tail)
+        if self._live is not None:
+            self._live.close()
+            self._live = None
         return self.text
 
     def __enter__(self) -> MarkdownStream:
@@ -201,6 +281,8 @@ class MarkdownStream:
         self.finish()
 
     def _markdown(self, text: str) -> tuple[RenderableType, Markdown]:
+        from rich.markdown import Markdown  # with its parser and highlighter: only once an answer streams
+
         markdown = Markdown(text.strip("\n"), code_theme=self.code_theme)
         # Rendered as one document, rich puts a blank line between top-level elements, except
         # before a list, quote or table (which bring their own) and after a rule; blocks printed one
@@ -213,6 +295,8 @@ class MarkdownStream:
     def _print_block(self, block: str) -> None:
         if not block.strip():
             return
+        if self._live is not None:
+            self._live.clear()  # the block takes the tail's place; the tail is drawn again below it
         view, markdown = self._markdown(block)
         self.console.print(view)
         self._printed_blocks += 1
@@ -222,15 +306,17 @@ class MarkdownStream:
         if not self._use_live:
             return
         now = time.monotonic()
-        if not force and now - self._last_refresh < self.refresh_interval_s:
+        resized = self._live is not None and self._live.size != self.console.size
+        if not force and not resized and now - self._last_refresh < self.refresh_interval_s:
             return  # re-rendering Markdown per token is the cost to avoid; the next feed catches up
         self._last_refresh = now
-        view: RenderableType = _BottomLines(self._markdown(self._pending)[0]) if self._pending.strip() else Text("")
+        if not self._pending.strip():
+            if self._live is not None:
+                self._live.clear()
+            return
         if self._live is None:
-            self._live = Live(view, console=self.console, transient=True, auto_refresh=False)
-            self._live.start(refresh=True)
-        else:
-            self._live.update(view, refresh=True)
+            self._live = LiveTail(self.console)
+        self._live.draw(self._markdown(self._pending)[0])
 
 
 class PlainStream:
@@ -317,6 +403,10 @@ def format_bytes(n: float) -> str:
     return f"{n / 2**10:.0f} KiB"
 
 
+# Fields of the stats line, most wanted first: a narrow terminal drops them from the end.
+_STATS_PRIORITY = ("decode", "context", "ttft", "server", "prefill", "vision", "peak")
+
+
 def format_stats(
     timing: Mapping[str, Any] | None,
     usage: Mapping[str, Any] | None = None,
@@ -324,52 +414,195 @@ def format_stats(
     context_limit: int | None = None,
     peak_mem_bytes: int | None = None,
     device: Any = None,
+    width: int | None = None,
+    approximate: bool = False,
 ) -> str:
     """One line after an answer; parts whose numbers are missing are left out.
 
     `vision 0.41 s · prefill 2,310 tok @ 5,120 tok/s · ttft 0.52 s · decode 41.3 tok/s ·
     context 2,480/8,192 (30 %) · peak 1.2 GiB GPU`. Vision is left out when it took no time
-    (a text-only turn); decode tokens fall back to usage["completion_tokens"].
+    (a text-only turn); decode tokens fall back to usage["completion_tokens"]. With `width`, the
+    line fits it: the context shrinks to its percentage, then the least wanted fields go (peak,
+    vision, prefill, ttft, context), and the decode rate stays. `approximate`: the context numbers
+    are estimates (shown with ≈). A server's own numbers (`timing["server"]`) are labelled
+    `server: prompt 812 tok (790 cached)`.
     """
     timing = timing or {}
     usage = usage or {}
-    parts: list[str] = []
+    parts: dict[str, tuple[str, str]] = {}  # name -> (full, short)
+
+    def add(name: str, full: str, short: str | None = None) -> None:
+        parts[name] = (full, short or full)
 
     vision_s = timing.get("vision_s")
     if vision_s:
-        parts.append(f"vision {_seconds(vision_s)}")
+        add("vision", f"vision {_seconds(vision_s)}")
 
     prefill_tokens, prefill_s = timing.get("prefill_tokens"), timing.get("prefill_s")
     if prefill_tokens is not None:
         text = f"prefill {_count(prefill_tokens)} tok"
         if prefill_s:
             text += f" @ {_rate(prefill_tokens / prefill_s)} tok/s"
-        parts.append(text)
+        add("prefill", text)
     elif prefill_s is not None:
-        parts.append(f"prefill {_seconds(prefill_s)}")
+        add("prefill", f"prefill {_seconds(prefill_s)}")
 
     if timing.get("ttft_s") is not None:
-        parts.append(f"ttft {_seconds(timing['ttft_s'])}")
+        add("ttft", f"ttft {_seconds(timing['ttft_s'])}")
 
     decode_rate = timing.get("decode_tokens_per_s")
     decode_tokens = timing.get("decode_tokens", usage.get("completion_tokens"))
     if decode_rate is None and decode_tokens is not None and timing.get("decode_s"):
         decode_rate = decode_tokens / timing["decode_s"]
     if decode_rate is not None:
-        parts.append(f"decode {_rate(decode_rate)} tok/s")
+        add("decode", f"decode {_rate(decode_rate)} tok/s")
     elif decode_tokens is not None:
-        parts.append(f"decode {_count(decode_tokens)} tok")
+        add("decode", f"decode {_count(decode_tokens)} tok")
 
+    about = "≈" if approximate else ""
     if context_used is not None and context_limit:
-        parts.append(
-            f"context {_count(context_used)}/{_count(context_limit)} ({_percent(context_used / context_limit)})"
-        )
+        share = _percent(context_used / context_limit)
+        add("context", f"context {about}{_count(context_used)}/{_count(context_limit)} ({share})", f"context {about}{share}")
+    elif context_used is not None and approximate:
+        add("context", f"context {about}{_count(context_used)}")
+
+    server = timing.get("server") or {}
+    if isinstance(server.get("prompt_tokens"), int):
+        cached = server.get("cached_tokens")
+        text = f"server: prompt {_count(server['prompt_tokens'])} tok"
+        add("server", text + (f" ({_count(cached)} cached)" if isinstance(cached, int) else ""), text)
 
     if peak_mem_bytes:
         where = str(device or "")
         where = "GPU" if where.startswith("cuda") else "RAM" if where == "cpu" else where
-        parts.append(f"peak {format_bytes(peak_mem_bytes)}" + (f" {where}" if where else ""))
+        add("peak", f"peak {format_bytes(peak_mem_bytes)}" + (f" {where}" if where else ""))
+
+    order = list(parts)  # display order
+    kept = sorted(parts, key=_STATS_PRIORITY.index)
+    while True:
+        for form in (0, 1):
+            line = " · ".join(parts[name][form] for name in order if name in kept)
+            if width is None or cell_len(line) <= width or len(kept) <= 1:
+                return line
+        kept.pop()
+
+
+# What a server reported about an answer (chat/remote.py `timing["server"]`), in /stats.
+_SERVER_NUMBERS = (
+    ("prompt_tokens", "prompt {:,} tokens"),
+    ("cached_tokens", "{:,} cached"),
+    ("completion_tokens", "answer {:,} tokens"),
+    ("prompt_ms", "prompt {:,.0f} ms"),
+    ("prompt_per_second", "prefill {:,.0f} tok/s"),
+    ("predicted_per_second", "decode {:,.1f} tok/s"),
+)
+
+
+def format_server_numbers(server: Mapping[str, Any] | None) -> str:
+    """`prompt 812 tokens · 790 cached · answer 12 tokens · decode 81.3 tok/s` (what is there)."""
+    if not server:
+        return ""
+    parts = []
+    for key, form in _SERVER_NUMBERS:
+        value = server.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(form.format(value))
+    if isinstance(server.get("finish_reason"), str):
+        parts.append(f"finish {visible(server['finish_reason'])}")
     return " · ".join(parts)
+
+
+# --- fitting text to the terminal ---------------------------------------------------------------
+
+# A unit stays on the line of the number before it ("30 %", "0.41 s", "1.2 GiB").
+_UNITS = frozenset({"%", "s", "ms", "KiB", "MiB", "GiB", "tok", "tok/s", "tokens", "tiles", "frames"})
+
+
+def _words(line: str) -> list[tuple[str, str]]:
+    """(word, the spaces after it); a unit is glued to the number before it."""
+    words: list[tuple[str, str]] = []
+    for match in re.finditer(r"(\S+)( *)", line):
+        word, space = match.groups()
+        if words and word.rstrip(".,;:)") in _UNITS and words[-1][0][-1:].isdigit() and words[-1][1] == " ":
+            words[-1] = (words[-1][0] + " " + word, space)
+        else:
+            words.append((word, space))
+    return words
+
+
+def _cut(word: str, first: int, rest: int) -> list[str]:
+    """A word wider than the line (a long path) in pieces: the first fits `first` cells, the others `rest`."""
+    pieces, current, room = [], "", max(first, 1)
+    for ch in word:
+        if current and cell_len(current + ch) > room:
+            pieces.append(current)
+            current, room = "", max(rest, 1)
+        current += ch
+    return pieces + [current]
+
+
+def wrap_text(text: str, width: int | None, indent: str | None = None) -> str:
+    """`text` with each line broken at spaces to fit `width` cells (None: unchanged).
+
+    Continuation lines get `indent` (default: the line's own indentation plus two spaces). Numbers
+    and their units are never split; only a word longer than the line (a path) is cut.
+    """
+    if width is None:
+        return text
+    out: list[str] = []
+    for line in text.split("\n"):
+        if cell_len(line) <= width:
+            out.append(line)
+            continue
+        lead = line[: len(line) - len(line.lstrip(" "))]
+        more = indent if indent is not None else lead + "  "
+        if cell_len(more) > width // 2:
+            more = ""
+        current, space = lead, ""
+        for word, after in _words(line):
+            if current.strip() and cell_len(current) + len(space) + cell_len(word) <= width:
+                current += space + word
+                space = after
+                continue
+            if current.strip():
+                out.append(current)
+                current = more
+            room = width - cell_len(current)
+            pieces = _cut(word, room, width - cell_len(more)) if cell_len(word) > room else [word]
+            for piece in pieces[:-1]:
+                out.append(current + piece)
+                current = more
+            current += pieces[-1]
+            space = after
+        out.append(current)
+    return "\n".join(out)
+
+
+def format_columns(rows: list[tuple[str, str]], width: int | None, *, indent: int = 0, gap: int = 2,
+                   align_right: bool = False) -> str:  # fmt: skip
+    """Label/value rows in two columns that fit `width`: long labels wrap in their column (or a
+    value too wide for its column goes on its own line below the label, indented)."""
+    if not rows:
+        return ""
+    pad = " " * indent
+    label_width = max(cell_len(label) for label, _ in rows)
+    value_width = max(cell_len(value) for _, value in rows)
+    if width is not None:
+        label_width = min(label_width, width - indent - gap - value_width)
+    if width is None or label_width >= 12:
+        lines = []
+        for label, value in rows:
+            label_lines = wrap_text(label, label_width, indent="  ").split("\n") if width is not None else [label]
+            cell = value.rjust(value_width) if align_right else value
+            first = label_lines[0] + " " * (label_width - cell_len(label_lines[0]))  # wide characters: two cells
+            lines.append(f"{pad}{first}{' ' * gap}{cell}".rstrip())
+            lines += [pad + extra for extra in label_lines[1:]]
+        return "\n".join(lines)
+    lines = []
+    for label, value in rows:  # too narrow for two columns: the value under its label
+        lines.append(wrap_text(pad + label, width))
+        lines.append(wrap_text(pad + "    " + value, width))
+    return "\n".join(lines)
 
 
 def format_attach_line(
@@ -379,11 +612,14 @@ def format_attach_line(
     tiles: int | None,
     tokens: int | None,
     context_fraction: float | None,
+    approximate: bool = False,
 ) -> str:
     """`+ image cat.jpg 1920×1080 → 9 tiles · 2,304 tokens · context 14 %`.
 
     `size_or_frames`: (width, height) for an image, a frame count for a video (or any text).
+    `approximate`: the token numbers are estimates (`≈2,304 tokens`).
     """
+    about = "≈" if approximate else ""
     head = f"+ {kind} {name.name if isinstance(name, Path) else name}"
     if isinstance(size_or_frames, tuple):
         head += f" {size_or_frames[0]}×{size_or_frames[1]}"
@@ -395,7 +631,7 @@ def format_attach_line(
     if tiles is not None:
         costs.append(f"{tiles} tile" + ("" if tiles == 1 else "s"))
     if tokens is not None:
-        costs.append(f"{_count(tokens)} tokens")
+        costs.append(f"{about}{_count(tokens)} tokens")
     if context_fraction is not None:
-        costs.append(f"context {_percent(context_fraction)}")
+        costs.append(f"context {about}{_percent(context_fraction)}")
     return head + (" → " + " · ".join(costs) if costs else "")

@@ -3,7 +3,8 @@
 Keys: Enter sends; Alt+Enter, Esc Enter and Ctrl-J add a line; a buffer that starts with `\"\"\"`
 takes lines until the closing `\"\"\"`; Ctrl-X Ctrl-E edits the buffer in $EDITOR; Tab completes
 slash commands, their arguments (setting keys, media paths filtered by extension, any path for
-/save /load /export) and media paths typed in a message; Ctrl-C clears the line (and cancels
+/save /export, saved session names and paths for /load) and media paths typed in a message;
+Ctrl-C clears the line (and cancels
 work while the model runs, see app.py); Ctrl-D on an empty line quits. Bracketed paste is
 prompt_toolkit's default: a pasted text with newlines stays one message.
 """
@@ -12,23 +13,27 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
-from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.history import History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
 from ..errors import InternVLChatError, UsageError
-from ..settings import SET_ALIASES, Settings, all_keys
-from .app import EXIT, App, block_is_open
+from ..files import visible
+from ..settings import SET_ALIASES, Settings
+from .app import EXIT, App, block_is_open, default_sessions_dir, recent_sessions, runtime_keys
 from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
 from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
 from .render import make_console
-from .setup import media_from_flags, open_session
+from .setup import media_from_flags, open_conversation
+from .typeahead import held_keys, keys_released
 
 _EXTENSIONS = {"image": IMAGE_EXTENSIONS, "video": VIDEO_EXTENSIONS, "media": MEDIA_EXTENSIONS, "file": None}
 _PATH_STARTS = ("/", "~", "./", "../")
@@ -143,7 +148,7 @@ class ChatCompleter(Completer):
                 if opt.name.startswith(current):
                     yield Completion(opt.name, start_position=-len(current), display_meta=opt.help)
             return
-        if before and any(before[-1] == opt.name for opt in spec.options):
+        if before and any(before[-1] == opt.name and opt.kind != "flag" for opt in spec.options):
             return  # the value of an option: a number or a range
         positional = []
         skip = False
@@ -157,10 +162,12 @@ class ChatCompleter(Completer):
         if not spec.args or (len(positional) >= len(spec.args) and not spec.args[-1].repeat):
             return
         arg = spec.args[min(len(positional), len(spec.args) - 1)]
-        if arg.kind in _EXTENSIONS:
+        if arg.kind == "session":
+            yield from complete_session(current, self.cwd)
+        elif arg.kind in _EXTENSIONS:
             yield from complete_path(current, arg.kind, self.cwd)
         elif arg.kind == "setting":
-            for key in [*SET_ALIASES, *all_keys()]:
+            for key in [*SET_ALIASES, *runtime_keys()]:  # only what /set can change now
                 if key.startswith(current.lower()):
                     yield Completion(key, start_position=-len(current))
         elif arg.kind == "value" and positional and _bool_setting(positional[0]):
@@ -195,21 +202,107 @@ def key_bindings() -> KeyBindings:
     return kb
 
 
+def complete_session(raw: str, cwd: Path | None = None, folder: Path | None = None) -> Iterator[Completion]:
+    """`/load` completions: names of saved sessions (newest first), then paths."""
+    if "/" not in raw and not raw.startswith(("~", "'", '"')):
+        for path, mtime in recent_sessions(folder or default_sessions_dir()):
+            if path.stem.startswith(raw):
+                yield Completion(_escape(path.stem), start_position=-len(raw), display=visible(path.stem),
+                                 display_meta=f"{datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}")  # fmt: skip
+    yield from complete_path(raw, "file", cwd)
+
+
+# the history file holds anything typed; this many bytes of its end are read at start
+HISTORY_READ_LIMIT = 4 << 20
+
+
+class PrivateFileHistory(History):
+    """The input history in prompt_toolkit's file format, through one descriptor opened safely.
+
+    The file is opened once, without following a symlink (O_NOFOLLOW), and must be a regular
+    file; entries are appended through that same descriptor, so the name is never re-opened and
+    cannot be swapped for a link to another file afterwards. Write errors lose history, never the
+    session.
+    """
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+
+    def load_history_strings(self) -> Iterable[str]:
+        try:
+            size = os.fstat(self.fd).st_size
+            start = max(0, size - HISTORY_READ_LIMIT)
+            data = os.pread(self.fd, size - start, start)
+        except OSError:
+            return []
+        entries: list[str] = []
+        lines: list[str] = []
+        for raw in data.decode("utf-8", errors="replace").split("\n"):
+            if raw.startswith("+"):
+                lines.append(raw[1:])
+            elif lines:
+                entries.append("\n".join(lines))
+                lines = []
+        if lines:
+            entries.append("\n".join(lines))
+        return reversed(entries)  # newest first
+
+    def store_string(self, string: str) -> None:
+        entry = f"\n# {datetime.now()}\n" + "".join(f"+{line}\n" for line in string.split("\n"))
+        try:
+            os.write(self.fd, entry.encode("utf-8", errors="surrogateescape"))
+        except OSError:
+            pass
+
+
 def open_history(settings: Settings, app: App | None = None) -> History:
-    """The input history file (created private, mode 0600), or memory only when disabled."""
+    """The input history file (private, mode 0600), or memory only when disabled or unsafe.
+
+    A symlink, a FIFO, a device or a folder at the history path is refused with one warning: the
+    history then stays in memory and the REPL goes on. Only a file we own gets its mode fixed.
+    """
     if not settings.ui.history:
         return InMemoryHistory()
     path = settings.ui.history_path
+    shown = visible(str(path))
+
+    def memory_only(why: str) -> History:
+        if app is not None:
+            app.warn(f"the history file {shown} {why}; the history is kept in memory only this time")
+        return InMemoryHistory()
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
-        os.close(fd)
-        os.chmod(path, 0o600)  # it may hold anything typed, private or not
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+        fd = os.open(path, flags, 0o600)
     except OSError as e:
-        if app is not None:
-            app.warn(f"cannot use the history file {path} ({e.strerror}); the history is kept in memory only")
-        return InMemoryHistory()
-    return FileHistory(str(path))
+        if os.path.islink(path):
+            return memory_only("is a symbolic link (it is never followed); make it a plain file")
+        return memory_only(f"cannot be opened ({e.strerror or e})")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            return memory_only("is not a regular file; give ui.history_file a file path")
+        os.set_blocking(fd, True)
+        if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+            os.fchmod(fd, 0o600)  # it may hold anything typed, private or not
+    except OSError as e:
+        os.close(fd)
+        return memory_only(f"cannot be used ({e.strerror or e})")
+    return PrivateFileHistory(fd)
+
+
+def ask_yes_no(question: str) -> bool:
+    """A yes/no question on the terminal; Enter, Ctrl-C and Ctrl-D mean no."""
+    try:
+        with keys_released():  # asked while a command runs, when typed keys are otherwise held
+            answer = input(question)
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 def build_prompt_session(app: App, settings: Settings) -> PromptSession:
@@ -229,24 +322,31 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
     if not sys.stdin.isatty():
         raise UsageError("the REPL needs a terminal on stdin; use --script FILE for scripted input or -p TEXT")
     console = make_console(sys.stdout, color="never" if settings.ui.plain else settings.ui.color)
-    session = open_session(settings, show_progress=console.is_terminal)
-    app = App(session, settings, console, interactive=True)
-    app.banner()
-    try:
-        app.attach(media_from_flags(session, args, settings))
-    except InternVLChatError as e:
-        app.error(str(e))
-    if prompt:
-        _interruptible(app, lambda: app.handle_message(prompt))
+    # keys typed while the model loads or an answer streams are not echoed into the output: they
+    # wait for the next prompt, which starts with them
+    with held_keys() as typed:
+        session = open_conversation(settings, show_progress=console.is_terminal)
+        app = App(session, settings, console, interactive=True)
+        app.confirm = ask_yes_no
+        app.banner()
+        try:
+            app.attach(media_from_flags(session, args, settings))
+        except InternVLChatError as e:
+            app.error(str(e))
+        if prompt:
+            _interruptible(app, lambda: app.handle_message(prompt))
     prompt_session = build_prompt_session(app, settings)
     while True:
         try:
-            line = prompt_session.prompt(app.prompt_text())
+            line = prompt_session.prompt(app.prompt_text(), default=typed.text)
         except KeyboardInterrupt:
+            typed.text = ""
             continue  # Ctrl-C at the prompt: a fresh, empty line
         except EOFError:
             break
-        if _interruptible(app, lambda: app.handle_line(line)) == EXIT:
+        with held_keys() as typed:
+            result = _interruptible(app, lambda: app.handle_line(line))
+        if result == EXIT:
             break
     return 0
 

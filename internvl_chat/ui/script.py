@@ -6,21 +6,33 @@ are skipped (a message that starts with # goes inside a `\"\"\"` block).
 A failing line prints its one-line error and the script goes on; the exit status is 1 when any
 line failed (the failed line numbers go to stderr), else 0. `/exit` ends the script early.
 Ctrl-C ends it with status 130.
+
+The script is read as untrusted text (a regular file under the size limit, or stdin). A line that
+is not UTF-8 fails on its own, like any bad line; binary data (an image given as the script) is
+refused with what to do instead. Relative media paths are looked up in the script's folder
+first, then in the working folder, so a script and its pictures can travel together.
+
+When stdout cannot be written (a full disk) the script still runs to its end, so the files its
+lines save are written, and then fails with status 1; a reader that goes away (`| head`) ends it.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from ..errors import UsageError
+from ..files import OutputFailed, read_bytes_file, read_stream, sniff_binary, undecodable_byte, visible
 from ..settings import Settings
 from .app import BLOCK_QUOTES, ERROR, EXIT, App
 from .render import make_console
-from .setup import media_from_flags, open_session
+from .setup import media_from_flags, open_conversation
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,7 @@ class Entry:
 
 def read_entries(text: str) -> Iterator[Entry]:
     """Split a script into entries: single lines, and `\"\"\"` blocks spanning lines."""
-    lines = text.splitlines()
+    lines = [line.removesuffix("\r") for line in text.split("\n")]  # only \n ends a line (not \f, U+2028 …)
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -54,15 +66,32 @@ def read_entries(text: str) -> Iterator[Entry]:
 
 
 def _read_script(name: str) -> str:
+    """The script's text; bytes that are not UTF-8 stay as surrogates, so only their lines fail."""
     if name == "-":
-        return sys.stdin.read()
-    path = Path(name).expanduser()
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"script {path} does not exist; check the --script path") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read script {path} ({e}); pass a UTF-8 text file") from None
+        data, shown = read_stream(sys.stdin.fileno(), "the script on stdin"), "on stdin"
+    else:
+        path = Path(name).expanduser()
+        data, shown = read_bytes_file(path, "script"), visible(str(path))
+    kind = sniff_binary(data)
+    if kind is not None:
+        raise UsageError(f"the script {shown} is {kind}, not text; a script holds REPL lines "
+                         "(attach pictures with /image PATH in it, or --image FILE)")  # fmt: skip
+    text = data.decode("utf-8", errors="surrogateescape")
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def script_folder(name: str) -> Path | None:
+    """The folder relative media paths in the script are looked up in first (None for stdin)."""
+    return None if name == "-" else Path(os.path.abspath(Path(name).expanduser())).parent
+
+
+def _undecodable_line(entry: Entry) -> tuple[int, int] | None:
+    """(line number, byte) of the entry's first line that is not UTF-8, or None."""
+    for k, line in enumerate(entry.lines):
+        bad = undecodable_byte(line)
+        if bad is not None:
+            return entry.line_number + k, bad
+    return None
 
 
 def run_entries(app: App, entries: Iterator[Entry]) -> list[int]:
@@ -71,9 +100,14 @@ def run_entries(app: App, entries: Iterator[Entry]) -> list[int]:
     for n, entry in enumerate(entries):
         if n:
             app.say("")
-        app.say(f">>> {entry.lines[0]}", "bold")
+        app.say(f">>> {visible(entry.lines[0])}", "bold")  # the script's text cannot drive the terminal
         for line in entry.lines[1:]:
-            app.say(f"... {line}", "bold")
+            app.say(f"... {visible(line)}", "bold")
+        bad = _undecodable_line(entry)
+        if bad is not None:
+            app.error(f"line {bad[0]} is not UTF-8 text (byte 0x{bad[1]:02x}); save the script as UTF-8")
+            failed.append(entry.line_number)
+            continue
         result = app.handle_line(entry.text)
         if result == ERROR:
             failed.append(entry.line_number)
@@ -82,14 +116,49 @@ def run_entries(app: App, entries: Iterator[Entry]) -> list[int]:
     return failed
 
 
+class _Transcript:
+    """stdout for the transcript: after a write error (other than a reader gone) output is dropped
+    and the error kept, so the script's remaining lines (a /save) still run."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self.failed: OutputFailed | None = None
+
+    def write(self, text: str) -> int:
+        return self._guard(lambda: self._stream.write(text), len(text))
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush, None)
+
+    def _guard(self, action, dropped):
+        if self.failed is not None:
+            return dropped
+        try:
+            return action()
+        except OutputFailed as e:
+            if e.errno == errno.EPIPE:
+                raise
+            self.failed = e
+            return dropped
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def run_script(args: argparse.Namespace, settings: Settings) -> int:
     text = _read_script(args.script)  # before loading the model: a wrong path fails fast
-    console = make_console(sys.stdout, color="never" if settings.ui.plain else settings.ui.color)
-    session = open_session(settings)
+    transcript = _Transcript(sys.stdout)
+    console = make_console(transcript, color="never" if settings.ui.plain else settings.ui.color)  # type: ignore[arg-type]
+    session = open_conversation(settings)
     app = App(session, settings, console, interactive=False)
+    folder = script_folder(args.script)
+    if folder is not None:
+        app.search_dirs = (folder,)
     app.attach(media_from_flags(session, args, settings))
     failed = run_entries(app, read_entries(text))
-    sys.stdout.flush()
+    transcript.flush()
+    if transcript.failed is not None:
+        raise transcript.failed
     if failed:
         where = ", ".join(str(n) for n in failed)
         print(f"internvl-chat: {len(failed)} script line(s) failed (line {where})", file=sys.stderr)

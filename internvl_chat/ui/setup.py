@@ -1,4 +1,5 @@
-"""What every mode does first: settings → sampling params, model + Session, media from flags."""
+"""What every mode does first: settings → sampling params, the conversation (a local model's Session,
+or a server's RemoteConversation when `remote.server` is set), media from flags."""
 
 from __future__ import annotations
 
@@ -7,24 +8,14 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..chat.sampling import SamplingParams
+from ..chat.conversation import Conversation
+from ..chat.sampling import params_from_settings
 from ..chat.session import Media, Session
 from ..engine.loader import LoadedModel, load_model
 from ..errors import UsageError
+from ..files import visible
 from ..settings import Settings
 from .commands import parse_range
-
-
-def sampling_params(settings: Settings) -> SamplingParams:
-    g = settings.generation
-    return SamplingParams(
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=g.top_k,
-        repetition_penalty=g.repetition_penalty,
-        max_new_tokens=g.max_new_tokens,
-        seed=g.seed,
-    ).validate()
 
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
@@ -60,19 +51,49 @@ def load_for_settings(settings: Settings, show_progress: bool) -> LoadedModel:
         )
 
 
+def open_conversation(settings: Settings, show_progress: bool | None = None) -> Conversation:
+    """The conversation the settings ask for: with `remote.server`'s model, else with the local one."""
+    if settings.remote.server:
+        return open_remote(settings, sys.stderr.isatty() if show_progress is None else show_progress)
+    return open_session(settings, show_progress)
+
+
+def open_remote(settings: Settings, show_progress: bool) -> Conversation:
+    """Connect (GET /models: the model id, dialect and context). The model flags do not apply."""
+    from ..chat.remote import RemoteConversation  # httpx is imported only for a server
+
+    r = settings.remote
+    status = nullcontext()
+    if show_progress:
+        from rich.console import Console
+
+        status = Console(stderr=True).status(f"connecting to {visible(r.server)} …", spinner="dots")
+    with status:
+        return RemoteConversation.connect(
+            r.server,
+            api_key=r.api_key,
+            model=r.model,
+            dialect=r.dialect,
+            timeout=r.timeout,
+            params=params_from_settings(settings),
+            system_message=settings.system.message,
+            stream_interval=settings.generation.stream_interval,
+        )
+
+
 def open_session(settings: Settings, show_progress: bool | None = None) -> Session:
     show = sys.stderr.isatty() if show_progress is None else show_progress
     loaded = load_for_settings(settings, show)
     return Session(
         loaded,
-        params=sampling_params(settings),
+        params=params_from_settings(settings),
         system_message=settings.system.message,
         use_checkpoint_system=settings.system.message is None,
         stream_interval=settings.generation.stream_interval,
     )
 
 
-def media_from_flags(session: Session, args: argparse.Namespace, settings: Settings) -> list[Media]:
+def media_from_flags(session: Conversation, args: argparse.Namespace, settings: Settings) -> list[Media]:
     """The --image/--video flags as described Media (measured, not yet decoded)."""
     video_range = parse_range(args.video_range) if args.video_range else None
     if video_range and not args.video:

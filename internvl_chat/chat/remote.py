@@ -1,0 +1,610 @@
+"""A conversation with an OpenAI-compatible server (lmdeploy, vLLM, SGLang, llama.cpp, serve, …).
+
+The history lives here, in the client, and the whole of it is resent every turn: the server's
+prefix cache then plays the part our chunk prefilling plays locally. For that cache to hit, every
+resend must be byte-identical: each picture is read (or a video decoded) once, its data URL made
+once and kept; assistant replies are kept exactly as the server returned them.
+
+Images go as the file's own bytes when every server reads them as we do (JPEG and PNG without
+EXIF rotation or transparency); otherwise as a PNG made once from the picture our own pipeline
+sees (rotated upright, transparency on white). Videos are sampled locally with our frame sampler
+(media/video.py) and sent as 448×448 JPEG frames, one tile each, in the form the dialect wants
+(chat/dialects.py).
+
+Token numbers are the server's when it reports them (`usage`); before a request they are
+estimates (256 tokens a tile, about 4 bytes of text a token), so `token_counts_exact` is False.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
+from ..files import read_bytes_file, visible, write_atomic
+from ..media.image import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, count_tiles, probe_image, to_rgb
+from ..media.video import load_video, probe_video
+from .conversation import BackendInfo, PromptView
+from .dialects import (
+    LABELS,
+    Clip,
+    Picture,
+    check_dialect,
+    data_url,
+    detect_dialect,
+    render_content,
+    request_body,
+    tiles_are_per_request,
+    user_content,
+)
+from .remote_http import ApiClient, shorten
+from .sampling import SamplingParams
+from .session import SESSION_FORMAT, SESSION_VERSION, Media, ReadiedSession, saved_media, sha256_of
+from .session_file import read_session_file
+from .template import media_order
+
+DEFAULT_MAX_TILES = 12  # max_dynamic_patch of every InternVL3 checkpoint
+TOKENS_PER_TILE = 256  # InternVL3: 16×16 tokens per 448×448 tile
+PICTURE_EXTRA_TOKENS = 3  # <img>, </img> and the line break after it
+LABEL_TOKENS = 4  # "Image-1: " / "Frame1: "
+TURN_TEMPLATE_TOKENS = 10  # <|im_end|>\n<|im_start|>user\n … <|im_end|>\n<|im_start|>assistant\n
+SYSTEM_TEMPLATE_TOKENS = 5
+BYTES_PER_TOKEN = 4  # Qwen's tokenizer: ~4 bytes of English or of Chinese text per token
+MAX_IMAGE_BYTES = 64 << 20
+SENT_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png"}  # read alike by PIL, stb_image, lmdeploy, vLLM
+JPEG_QUALITY = 95
+FINISH_REASONS = {"stop": "stop", "eos": "stop", "tool_calls": "stop", "content_filter": "stop", "length": "length"}
+
+
+def estimate_text_tokens(text: str) -> int:
+    return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN)
+
+
+@dataclass
+class RemoteMedia(Media):
+    """A Media with what is sent for it, made once: a picture, or a video's frames."""
+
+    picture: Picture | None = field(default=None, repr=False)
+    clip: Clip | None = field(default=None, repr=False)
+
+    @property
+    def prepared(self) -> bool:
+        return self.picture is not None or self.clip is not None
+
+
+@dataclass
+class RemoteTurn:
+    user_text: str
+    media: list[RemoteMedia]
+    content: str | list[dict]  # the user message as sent; resent as is
+    reply: str = ""  # the assistant message exactly as the server returned it
+    finish_reason: str | None = None
+    timing: dict | None = None
+    usage: dict | None = None  # the server's usage, when it sent one
+
+    @property
+    def answer_text(self) -> str:
+        if self.finish_reason == "cancelled":
+            return self.reply + (" [cancelled]" if self.reply else "[cancelled]")
+        return self.reply
+
+    @property
+    def answer_tokens(self) -> int | None:
+        n = (self.usage or {}).get("completion_tokens")
+        return n if isinstance(n, int) and n >= 0 else None
+
+
+# ---- pictures ----------------------------------------------------------------------------------
+
+
+def image_payload(data: bytes, name: str) -> tuple[bytes, str]:
+    """(bytes to send, MIME type) for an image file's bytes: as is when servers read it as we do."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = image.format
+            orientation = image.getexif().get(0x0112, 1)
+            has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+            if kind in SENT_AS_IS and orientation in (0, 1) and not has_alpha and image.mode in ("RGB", "L"):
+                return data, SENT_AS_IS[kind]
+            image.load()
+            try:
+                upright = ImageOps.exif_transpose(image)
+            except Exception:  # noqa: BLE001 - malformed EXIF: the picture as stored, as load_image does
+                upright = image
+            out = io.BytesIO()
+            to_rgb(upright).save(out, format="PNG")
+            return out.getvalue(), "image/png"
+    except MediaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for damaged files
+        raise MediaError(f"cannot read image {name} ({shorten(str(e), 120)}); re-export it as PNG or JPEG") from None
+
+
+def frames_as_jpeg(pixel_values) -> list[bytes]:
+    """Normalised 448×448 tiles [N, 3, S, S] back to 8-bit pictures, as JPEG (exact inverse of the
+    normalisation: the tiles were made from 8-bit pixels, so rounding restores them)."""
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
+    out = []
+    for tile in pixel_values.numpy():
+        rgb = np.clip(np.rint((tile * std + mean) * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        buf = io.BytesIO()
+        Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        out.append(buf.getvalue())
+    return out
+
+
+# ---- the conversation --------------------------------------------------------------------------
+
+
+class RemoteConversation:
+    """A conversation whose answers come from an OpenAI-compatible server (see module docstring)."""
+
+    token_counts_exact = False
+
+    def __init__(
+        self,
+        client: ApiClient,
+        model: str,
+        dialect: str,
+        max_context: int | None = None,
+        params: SamplingParams | None = None,
+        system_message: str | None = None,
+        stream_interval: int = 1,
+        handshake_s: float | None = None,
+    ):
+        self.client = client
+        self.model = model
+        self.dialect = check_dialect(dialect)
+        self._max_context = max_context
+        self.params = params or SamplingParams()
+        self.system_message = system_message or None
+        self.stream_interval = stream_interval
+        self.handshake_s = handshake_s
+        self.turns: list[RemoteTurn] = []
+
+    @classmethod
+    def connect(
+        cls,
+        server: str,
+        api_key: str = "",
+        model: str = "",
+        dialect: str = "auto",
+        timeout: float = 300.0,
+        **kwargs,
+    ) -> RemoteConversation:
+        """Ask the server for its models (GET /models): the model id defaults to the first one, the
+        dialect to what its `owned_by` names, the context to its `max_model_len` (vLLM, SGLang,
+        serve) or `meta.n_ctx` (llama.cpp)."""
+        client = ApiClient(server, api_key, timeout)
+        try:
+            t0 = time.perf_counter()
+            cards = client.models()
+            handshake_s = time.perf_counter() - t0
+            if not cards:
+                raise RemoteError(f"{client.base_url} serves no model (its model list is empty); start it with one")
+            if model:
+                card = next((c for c in cards if c["id"] == model), None)
+                if card is None:
+                    served = ", ".join(visible(c["id"]) for c in cards[:8])
+                    raise UsageError(f"the server does not serve {visible(model)!r}; --remote-model must be one of: {served}")
+            else:
+                card = cards[0]
+            chosen = detect_dialect(card.get("owned_by")) if dialect.strip().lower() in ("", "auto") else dialect
+            return cls(client, card["id"], chosen, _context_of(card), handshake_s=handshake_s, **kwargs)
+        except BaseException:
+            client.close()
+            raise
+
+    def close(self) -> None:
+        self.client.close()
+
+    # ---- identity ---------------------------------------------------------------------------
+
+    def describe(self) -> BackendInfo:
+        return BackendInfo(
+            name=self.model,
+            where=f"{self.client.base_url} ({LABELS[self.dialect]})",
+            model=self.model,
+            context=self._max_context,
+            load_s=self.handshake_s,
+            memory_device=None,
+        )
+
+    # ---- budget (estimates; the server counts the real tokens) ---------------------------
+
+    @property
+    def max_context(self) -> int | None:
+        return self._max_context
+
+    def _system_tokens(self) -> int:
+        return estimate_text_tokens(self.system_message) + SYSTEM_TEMPLATE_TOKENS if self.system_message else 0
+
+    def media_tokens(self, media: Sequence[Media]) -> int:
+        images = [m for m in media if m.kind == "image"]
+        labels = LABEL_TOKENS if len(images) > 1 else 0
+        total = sum(m.tiles * TOKENS_PER_TILE + PICTURE_EXTRA_TOKENS + labels for m in images)
+        total += sum(m.tiles * (TOKENS_PER_TILE + PICTURE_EXTRA_TOKENS + LABEL_TOKENS) for m in media if m.kind == "video")
+        return total
+
+    def turn_tokens(self, media: Sequence[Media]) -> int:
+        first = self._system_tokens() if not self.turns else 0
+        return first + TURN_TEMPLATE_TOKENS + self.media_tokens(media)
+
+    def _turn_total(self, turn: RemoteTurn) -> int:
+        answer = turn.answer_tokens
+        if answer is None:
+            answer = estimate_text_tokens(turn.reply)
+        return TURN_TEMPLATE_TOKENS + self.media_tokens(turn.media) + estimate_text_tokens(turn.user_text) + answer
+
+    @property
+    def context_used(self) -> int:
+        """The server's count after the last answer when it sent one, else an estimate."""
+        if self.turns:
+            usage = self.turns[-1].usage or {}
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(prompt, int) and isinstance(completion, int):
+                return prompt + completion
+        return self._system_tokens() + sum(self._turn_total(t) for t in self.turns)
+
+    def check_budget(self, new_tokens: int, max_new_tokens: int | None = None) -> None:
+        if self._max_context is None:
+            return
+        max_new = self.params.max_new_tokens if max_new_tokens is None else max_new_tokens
+        need = self.context_used + new_tokens + max_new
+        if need > self._max_context:
+            raise ContextOverflowError(
+                f"this turn needs about {self.context_used:,} used + {new_tokens:,} new + {max_new:,} answer tokens "
+                f"= {need:,}, over the server's {self._max_context:,}-token context; use fewer tiles or frames, "
+                "/clear, or a smaller max_new_tokens"
+            )
+
+    def check_attach(self, media: Sequence[Media]) -> None:
+        self.check_budget(self.turn_tokens(media))
+
+    def context_items(self, pending: Sequence[Media]) -> list[tuple[str, int]]:
+        items: list[tuple[str, int]] = []
+        system = self._system_tokens()
+        if system:
+            items.append(("system message" if self.turns else "system message (sent with the first message)", system))
+        for n, turn in enumerate(self.turns, start=1):
+            names = "".join(f"{m.kind} {m.path.name}, " for m in turn.media)
+            media = self.media_tokens(turn.media)
+            answer = turn.answer_tokens if turn.answer_tokens is not None else estimate_text_tokens(turn.reply)
+            detail = f" (media {media:,} · answer {answer:,})" if media else f" (answer {answer:,})"
+            items.append((f"turn {n}: {names}“{_short(turn.user_text, 32)}”{detail}", self._turn_total(turn)))
+        for media in pending:
+            items.append((f"attached: {media.kind} {media.path.name}", self.media_tokens([media])))
+        items.append(("next message: template, plus your text", TURN_TEMPLATE_TOKENS))
+        items.append(("reserved for the answer (max_new_tokens)", self.params.max_new_tokens))
+        return items
+
+    # ---- media ------------------------------------------------------------------------------
+
+    def describe_image(self, path: str | Path, max_tiles: int | None = None) -> RemoteMedia:
+        """`max_tiles` None (or 0): InternVL3's own limit, 12 (the server's checkpoint is not known here)."""
+        path = Path(path).expanduser()
+        max_tiles = max_tiles or DEFAULT_MAX_TILES
+        if tiles_are_per_request(self.dialect):
+            used = {m.max_tiles for t in self.turns for m in t.media if m.kind == "image"}
+            if used and max_tiles not in used:
+                limit = used.pop()
+                raise UsageError(
+                    f"{LABELS[self.dialect]} takes one tile limit per request and this conversation's images use "
+                    f"max_tiles {limit}; /set max_tiles {limit} to attach more, or /clear first"
+                )
+        return self._measure_image(path, max_tiles)
+
+    @staticmethod
+    def _measure_image(path: Path, max_tiles: int) -> RemoteMedia:
+        width, height = probe_image(path)
+        tiles = count_tiles(width, height, max_tiles, True)  # InternVL3 checkpoints all use a thumbnail
+        return RemoteMedia("image", path, tiles, max_tiles=max_tiles, size=(width, height), bytes=path.stat().st_size)
+
+    def describe_video(self, path: str | Path, frames: int = 8, video_range: tuple[float, float] | None = None) -> RemoteMedia:
+        path = Path(path).expanduser()
+        if frames < 1:
+            raise MediaError(f"--frames must be at least 1 (got {frames})")
+        _, _, duration = probe_video(path)
+        return RemoteMedia("video", path, frames, frames=frames, video_range=video_range, duration=duration,
+                           bytes=path.stat().st_size)  # fmt: skip
+
+    def _prepare(self, media: RemoteMedia) -> None:
+        """Read the picture or decode the video once; later turns resend the same bytes."""
+        if media.prepared:
+            return
+        if media.kind == "image":
+            data = read_bytes_file(media.path, "image", MAX_IMAGE_BYTES, MediaError)
+            digest = hashlib.sha256(data).hexdigest()
+            if media.sha256 and media.sha256 != digest:
+                raise MediaError(f"{media.path} has changed since it was attached; attach it again")
+            payload, mime = image_payload(data, str(media.path))
+            media.sha256, media.bytes = digest, len(data)
+            media.picture = Picture(data_url(payload, mime), media.max_tiles)
+        else:
+            start, end = media.video_range or (None, None)
+            video = load_video(media.path, media.frames, start, end, IMAGE_SIZE)
+            media.timestamps = list(video.timestamps)
+            media.sha256 = media.sha256 or sha256_of(media.path)
+            media.clip = Clip(tuple(Picture(data_url(jpeg, "image/jpeg"), 1) for jpeg in frames_as_jpeg(video.pixel_values)))
+
+    def _as_remote(self, media: Media) -> RemoteMedia:
+        if isinstance(media, RemoteMedia):
+            return media
+        # media described by another conversation (e.g. a local Session): measure it here
+        if media.kind == "image":
+            return self.describe_image(media.path, media.max_tiles)
+        return self.describe_video(media.path, media.frames, media.video_range)
+
+    # ---- turns ------------------------------------------------------------------------------
+
+    def _content(self, text: str, media: list[RemoteMedia]) -> str | list[dict]:
+        images = [m.picture for m in media if m.kind == "image"]
+        videos = [m.clip for m in media if m.kind == "video"]
+        return user_content(self.dialect, text, images, videos)  # type: ignore[arg-type]
+
+    def _messages(self, history: Sequence[RemoteTurn], turn: RemoteTurn) -> list[dict]:
+        messages: list[dict] = []
+        if self.system_message:
+            messages.append({"role": "system", "content": self.system_message})
+        for past in history:
+            messages.append({"role": "user", "content": past.content})
+            messages.append({"role": "assistant", "content": past.reply})
+        messages.append({"role": "user", "content": turn.content})
+        return messages
+
+    def _pictures(self, turns: Sequence[RemoteTurn]) -> list[Picture]:
+        return [m.picture for t in turns for m in t.media if m.picture is not None]
+
+    def ask(
+        self,
+        text: str,
+        media: Sequence[Media] = (),
+        params: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[dict]:
+        """Send one turn and stream the answer. On any error the conversation is as before."""
+        params = (params or self.params).validate()
+        ordered = [self._as_remote(media[i]) for i in media_order([m.spec for m in media])]
+        for item in ordered:
+            self._prepare(item)
+        turn = RemoteTurn(text, ordered, self._content(text, ordered))
+        yield from self._run(turn, list(self.turns), params, cancel, replace_last=False)
+
+    def retry(self, params: SamplingParams | None = None, cancel: threading.Event | None = None) -> Iterator[dict]:
+        """Ask the last question again; the old answer stays until the new one is complete."""
+        if not self.turns:
+            raise UsageError("nothing to retry; ask something first")
+        params = (params or self.params).validate()
+        last = self.turns[-1]
+        turn = RemoteTurn(last.user_text, last.media, last.content)
+        yield from self._run(turn, self.turns[:-1], params, cancel, replace_last=True)
+
+    def _run(
+        self,
+        turn: RemoteTurn,
+        history: list[RemoteTurn],
+        params: SamplingParams,
+        cancel: threading.Event | None,
+        replace_last: bool,
+    ) -> Iterator[dict]:
+        pictures = self._pictures([*history, turn])
+        if tiles_are_per_request(self.dialect) and len({p.max_tiles for p in pictures}) > 1:
+            raise UsageError(
+                f"{LABELS[self.dialect]} takes one tile limit per request, but this conversation's images use "
+                f"{sorted({p.max_tiles for p in pictures})}; /clear, or attach them with one max_tiles"
+            )
+        body = request_body(self.dialect, self.model, self._messages(history, turn), params, pictures)
+        t0 = time.perf_counter()
+        stream = self.client.stream_chat(body)
+        parts: list[str] = []
+        pending = ""
+        since_emit = 0
+        chunks = 0
+        t_first = t_last = None
+        finish = raw_finish = None
+        usage: dict | None = None
+        server_timings: dict | None = None
+        try:
+            for chunk in stream:
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                if isinstance(chunk.get("timings"), dict):
+                    server_timings = chunk["timings"]
+                for choice in chunk.get("choices") or []:
+                    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+                    content = delta.get("content")
+                    if isinstance(content, str) and content:
+                        now = time.perf_counter()
+                        t_first = t_first or now
+                        t_last = now
+                        chunks += 1
+                        since_emit += 1
+                        parts.append(content)
+                        pending += content
+                    if choice.get("finish_reason"):
+                        raw_finish = str(choice["finish_reason"])
+                if pending and since_emit >= self.stream_interval:
+                    yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
+                    pending, since_emit = "", 0
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+        finally:
+            stream.close()
+        if finish is None:
+            if raw_finish is None and not stream.done:
+                raise RemoteError(
+                    f"the server closed the stream before the answer finished ({chunks} pieces received); "
+                    "the partial answer was discarded; ask again"
+                )
+            if raw_finish in ("error", "abort"):
+                raise RemoteError(f"the server ended the answer with finish_reason {raw_finish!r}; ask again")
+            finish = FINISH_REASONS.get(raw_finish or "stop", "stop")
+        end = time.perf_counter()
+        turn.reply = "".join(parts)
+        turn.finish_reason = finish
+        turn.usage = _clean_usage(usage)
+        turn.timing = _timing(t0, t_first, t_last, end, chunks, turn.usage, server_timings, raw_finish)
+        if replace_last:
+            self.turns[-1] = turn
+        else:
+            self.turns.append(turn)
+        yield {
+            "text": pending,
+            "usage": turn.usage,
+            "finish_reason": finish,
+            "timing": turn.timing,
+            "token_ids": None,
+        }
+
+    def undo(self) -> RemoteTurn:
+        if not self.turns:
+            raise UsageError("nothing to undo; the conversation is empty")
+        return self.turns.pop()
+
+    def clear(self) -> None:
+        self.turns = []
+
+    def set_system(self, text: str | None) -> None:
+        """Takes effect with the next request (the whole history is resent under it)."""
+        self.system_message = text or None
+
+    def last_prompt(self) -> PromptView | None:
+        if not self.turns:
+            return None
+        turn = self.turns[-1]
+        return PromptView(
+            len(self.turns),
+            render_content(turn.content),
+            f"the user message as sent to {LABELS[self.dialect]}; pictures go as data: URLs",
+        )
+
+    # ---- save, load -------------------------------------------------------------------------
+    # The session file of chat/session_file.py, `backend` "remote": answers as the server returned
+    # them, no token ids. Local sessions load here too (their texts are all a server needs).
+
+    def to_json(self, settings: dict | None = None, path: str | Path | None = None) -> dict:
+        """The conversation as JSON; with `path` (where it is saved) media also get a path relative to it."""
+        where = Path(path) if path is not None else Path("session.json")
+        backend = {"kind": "remote", "server": _without_credentials(self.client.base_url), "model": self.model,
+                   "dialect": self.dialect}  # fmt: skip
+        return {
+            "format": SESSION_FORMAT,
+            "version": SESSION_VERSION,
+            "backend": backend,
+            "model": self.model,
+            "system_message": self.system_message,
+            "settings": settings or {},
+            "messages": [
+                msg
+                for t in self.turns
+                for msg in (
+                    {"role": "user", "text": t.user_text, "media": [m.to_json(where) for m in t.media]},
+                    {"role": "assistant", "text": t.reply, "finish_reason": t.finish_reason,
+                     **({"usage": t.usage} if t.usage else {})},
+                )
+            ],
+        }  # fmt: skip
+
+    def save(self, path: str | Path, settings: dict | None = None) -> Path:
+        """Write the session as JSON atomically (a symlink at `path` is replaced, never followed)."""
+        path = Path(path).expanduser()
+        return write_atomic(path, json.dumps(self.to_json(settings, path), ensure_ascii=False, indent=1))
+
+    def read_saved(self, path: str | Path) -> ReadiedSession:
+        """Read and validate a session file (every field, as the local app does) and find and measure
+        its media; changes nothing. Token ids in a local session are checked, then not needed."""
+        saved = read_session_file(Path(path).expanduser(), None, ())
+        media = saved_media(saved, self._measure_image, self.describe_video)
+        turns = [
+            RemoteTurn(t.user_text, turn_media, "", t.reply, t.finish_reason, None, t.usage)  # type: ignore[arg-type]
+            for t, turn_media in zip(saved.turns, media)
+        ]
+        return ReadiedSession(saved, turns)
+
+    def restore(self, readied: ReadiedSession, max_new_tokens: int | None = None) -> None:
+        """Take a conversation `read_saved` returned: each picture read (a video sampled) once, now,
+        so every resend is byte-identical; on an error nothing changed."""
+        turns: list[RemoteTurn] = readied.turns
+        for turn in turns:
+            for item in turn.media:
+                self._prepare(item)
+            turn.content = self._content(turn.user_text, turn.media)
+        self.turns, self.system_message = list(turns), readied.saved.system_message
+
+    def load(self, path: str | Path) -> dict:
+        """Replace the conversation with a saved one (local or remote); files are checked by sha256."""
+        readied = self.read_saved(path)
+        self.restore(readied)
+        return readied.saved.data
+
+
+def _without_credentials(url: str) -> str:
+    """A server URL without any user:password@ part (a session file is no place for secrets)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
+
+
+def _context_of(card: dict) -> int | None:
+    """The context length a model card states: `max_model_len` (vLLM, SGLang, serve) or llama.cpp's `meta.n_ctx`."""
+    meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}
+    for value in (card.get("max_model_len"), meta.get("n_ctx")):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _clean_usage(usage: dict | None) -> dict | None:
+    """The server's usage with only well-formed counts (prompt, completion, total, cached)."""
+    if not usage:
+        return None
+    out = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+           if isinstance(usage.get(k), int) and not isinstance(usage.get(k), bool) and usage[k] >= 0}  # fmt: skip
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+        out["cached_tokens"] = details["cached_tokens"]
+    return out or None
+
+
+def _timing(t0, t_first, t_last, end, chunks, usage, server_timings, raw_finish) -> dict:
+    """Client-measured TTFT and decode speed; the server's own numbers under "server"."""
+    timing: dict = {"request_s": end - t0}
+    if t_first is not None:
+        timing["ttft_s"] = t_first - t0
+        completion = (usage or {}).get("completion_tokens", chunks)
+        decode_tokens = max(completion - 1, 0)  # the first token belongs to the time to first token
+        decode_s = (t_last or t_first) - t_first
+        timing.update(decode_tokens=decode_tokens, decode_s=decode_s,
+                      decode_tokens_per_s=decode_tokens / decode_s if decode_s > 0 else 0.0)  # fmt: skip
+    server: dict = dict(usage or {})
+    if server_timings:
+        for key in ("cache_n", "prompt_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms", "predicted_per_second"):
+            value = server_timings.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                server[key] = value
+    if raw_finish and raw_finish not in FINISH_REASONS:
+        server["finish_reason"] = raw_finish
+    if server:
+        timing["server"] = server
+    return timing
+
+
+def _short(text: str, width: int) -> str:
+    one_line = " ".join(visible(text).split())
+    return one_line if len(one_line) <= width else one_line[: width - 1] + "…"

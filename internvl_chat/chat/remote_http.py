@@ -1,0 +1,303 @@
+"""A thin HTTP client for OpenAI-compatible servers: GET /models, streaming POST /chat/completions.
+
+Every failure becomes one `RemoteError` line that starts with what happened (the HTTP status
+first, when there is one) and ends with what to do. Error bodies come in two shapes and both are
+read: OpenAI's nested `{"error": {"message", "type", "code"}}` (vLLM, llama.cpp, Ollama) and the
+flat `{"object": "error", "message", "type", "code"}` (lmdeploy, SGLang, older vLLM); an error in
+the middle of a stream arrives as a `data: {"error": …}` event (or an `event: error`). Nothing is
+retried behind the user's back. Text that came from the server is shown escaped and shortened.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from http import HTTPStatus
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from .. import __version__
+from ..errors import RemoteError, UsageError
+from ..files import visible
+from .sse import SSEDecoder
+
+ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body worth reading
+JSON_BODY_LIMIT = 64 << 20  # a non-streamed answer or a model list
+SHOWN_CHARS = 300  # of a server's error message
+CONNECT_TIMEOUT_S = 30.0
+
+_HINTS = {
+    400: "check the message, the attachments and the settings",
+    401: "check --api-key (or OPENAI_API_KEY)",
+    403: "check --api-key (or OPENAI_API_KEY)",
+    404: "check --server (it usually ends in /v1) and --remote-model",
+    408: "try again",
+    413: "the request is too large for this server; attach fewer or smaller pictures",
+    422: "the server did not accept the request's fields; try --dialect generic",
+    429: "the server is busy; try again later",
+}
+
+
+def normalize_base_url(url: str) -> str:
+    """`host:8000`, `http://host:8000`, `http://host:8000/v1/` → `http://host:8000/v1`.
+
+    A bare server address gets `/v1`; a URL with another path is taken as the API's own root.
+    """
+    text = url.strip()
+    if not text:
+        raise UsageError("the server URL is empty; pass --server http://HOST:PORT/v1")
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{visible(url)!s} is not an http(s) server URL; pass --server http://HOST:PORT/v1")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        raise UsageError(f"{visible(url)} has a bad port number; pass --server http://HOST:PORT/v1") from None
+    if parts.query or parts.fragment:
+        raise UsageError(f"{visible(url)} has a query or fragment; pass the API root, e.g. http://HOST:PORT/v1")
+    path = parts.path.rstrip("/")
+    if not path:
+        path = "/v1"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Server text for one terminal line: escaped, whitespace folded, cut to `limit`."""
+    one_line = " ".join(visible(text).split())
+    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
+
+
+def error_text(obj: object) -> str | None:
+    """The message of an OpenAI-style error object, nested or flat; None when it is not one."""
+    if not isinstance(obj, dict):
+        return None
+    inner = obj.get("error")
+    if isinstance(inner, str):
+        return inner
+    if isinstance(inner, dict):
+        obj = inner
+    elif obj.get("object") != "error" and "message" not in obj and "detail" not in obj:
+        return None  # not an error object (FastAPI's own errors carry `detail`)
+    message = obj.get("message") or obj.get("msg") or obj.get("detail")
+    if isinstance(message, list):  # FastAPI validation errors: [{"loc": …, "msg": …}]
+        message = "; ".join(str(m.get("msg", m)) if isinstance(m, dict) else str(m) for m in message)
+    text = str(message) if message else ""
+    kind = obj.get("type") or obj.get("code")
+    if kind and str(kind) not in text:
+        text = f"{text} ({kind})" if text else str(kind)
+    return text or None
+
+
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
+
+
+def http_error(status: int, body: bytes, retry_after: str | None) -> RemoteError:
+    """One line for a non-200 answer: the status first, then the server's message, then a hint."""
+    detail = None
+    try:
+        detail = error_text(json.loads(body.decode("utf-8", errors="replace")))
+    except ValueError:
+        pass
+    if detail is None and body.strip():
+        detail = body.decode("utf-8", errors="replace")
+    if status >= 500:
+        hint = "the server failed; try again, or look at its log"
+    else:
+        hint = _HINTS.get(status, "check the request")
+    if status in (429, 503) and retry_after and retry_after.strip().isdigit():
+        hint += f" (it asks to wait {int(retry_after)} s)"
+    said = f": {shorten(detail)}" if detail else ""
+    return RemoteError(f"the server answered {_status_line(status)}{said}; {hint}")
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return shorten(text, 160)
+
+
+def transport_error(err: httpx.TransportError, url: str, timeout: float, mid_answer: bool) -> RemoteError:
+    """One line for a failure below HTTP: refused, reset, timed out, unreadable."""
+    if isinstance(err, httpx.ConnectTimeout):
+        return RemoteError(f"connecting to {url} timed out after {min(timeout, CONNECT_TIMEOUT_S):g} s; check --server and the network")
+    if isinstance(err, httpx.ConnectError):
+        return RemoteError(f"cannot connect to {url} ({_reason(err)}); is the server running? check --server")
+    if isinstance(err, httpx.ReadTimeout):
+        return RemoteError(
+            f"the server sent nothing for {timeout:g} s; it may be overloaded: try again, "
+            "or raise [remote] timeout to wait longer"
+        )
+    if isinstance(err, httpx.TimeoutException):
+        return RemoteError(f"talking to {url} timed out ({_reason(err)}); try again")
+    where = "in the middle of the answer" if mid_answer else "before the answer began"
+    return RemoteError(f"the connection to {url} broke {where} ({_reason(err)}); ask again")
+
+
+class ChatStream:
+    """The chunks of one streamed chat completion, as parsed JSON objects.
+
+    Iterate it; `done` tells whether the server ended with `data: [DONE]`. `close()` (also on
+    garbage collection of the generator) closes the connection, which is how servers learn that
+    the client is gone and stop generating.
+    """
+
+    def __init__(self, client: ApiClient, body: dict):
+        self._client = client
+        self._body = body
+        self.done = False
+        self.comments = 0  # SSE comment lines seen (keep-alive pings)
+        self._events = self._run()
+
+    def __iter__(self) -> Iterator[dict]:
+        return self._events
+
+    def close(self) -> None:
+        self._events.close()
+
+    def _run(self) -> Iterator[dict]:
+        client = self._client
+        started = False  # any chunk received: an error after it is "in the middle of the answer"
+        try:
+            with client.http.stream("POST", "chat/completions", json=self._body,
+                                    headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
+                if response.status_code != 200:
+                    raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT),
+                                     response.headers.get("retry-after"))  # fmt: skip
+                kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+                if kind == "application/json":  # a server that ignores stream=true
+                    yield _whole_answer_as_chunk(_read_limited(response, JSON_BODY_LIMIT))
+                    self.done = True
+                    return
+                if kind != "text/event-stream":
+                    raise RemoteError(
+                        f"the server answered with {kind or 'no content type'}, not an event stream; "
+                        "is --server the API root of an OpenAI-compatible server (…/v1)?"
+                    )
+                decoder = SSEDecoder()
+                for raw in response.iter_bytes():
+                    for event in decoder.feed(raw):
+                        chunk = _parse_event(event.event, event.data)
+                        if chunk is None:
+                            self.done = True
+                            return
+                        started = True
+                        yield chunk
+                    self.comments = decoder.comments
+                for event in decoder.finish():
+                    chunk = _parse_event(event.event, event.data)
+                    if chunk is None:
+                        self.done = True
+                        return
+                    yield chunk
+        except httpx.TransportError as e:
+            raise transport_error(e, client.base_url, client.timeout, started) from None
+
+
+def _read_limited(response: httpx.Response, limit: int) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    for raw in response.iter_bytes():
+        parts.append(raw)
+        total += len(raw)
+        if total > limit:
+            break
+    return b"".join(parts)[:limit]
+
+
+def _parse_event(event: str, data: str) -> dict | None:
+    """A chunk object; None for `[DONE]`; RemoteError for an error event or malformed data."""
+    if data.strip() == "[DONE]":
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        if event == "error":
+            raise RemoteError(f"the server stopped the answer with an error: {shorten(data)}; ask again") from None
+        raise RemoteError(
+            f"the server sent a stream event that is not JSON ({shorten(data, 80)}); "
+            "is --server an OpenAI-compatible server?"
+        ) from None
+    is_error = isinstance(obj, dict) and (obj.get("error") is not None or obj.get("object") == "error")
+    if is_error or event == "error":
+        message = error_text(obj) or data
+        raise RemoteError(f"the server stopped the answer with an error: {shorten(message)}; ask again")
+    if not isinstance(obj, dict):
+        raise RemoteError(f"the server sent a stream event that is not an object ({shorten(data, 80)}); try --dialect generic")
+    return obj
+
+
+def _whole_answer_as_chunk(body: bytes) -> dict:
+    """A non-streamed chat.completion turned into one stream chunk."""
+    try:
+        obj = json.loads(body.decode("utf-8", errors="replace"))
+    except ValueError:
+        raise RemoteError("the server's answer is not valid JSON; is --server an OpenAI-compatible server?") from None
+    message = error_text(obj)
+    if message is not None:
+        raise RemoteError(f"the server answered with an error: {shorten(message)}; ask again")
+    if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+        raise RemoteError("the server's answer has no choices; is --server an OpenAI-compatible server?")
+    choices = []
+    for choice in obj["choices"]:
+        if isinstance(choice, dict):
+            msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+            choices.append({"index": choice.get("index", 0), "delta": {"content": msg.get("content")},
+                            "finish_reason": choice.get("finish_reason")})  # fmt: skip
+    return {**obj, "choices": choices}
+
+
+class ApiClient:
+    """One server: base URL, key, timeout, and a pooled connection."""
+
+    def __init__(self, server: str, api_key: str = "", timeout: float = 300.0):
+        if not timeout > 0:
+            raise UsageError(f"the remote timeout must be a positive number of seconds, not {timeout!r}")
+        self.base_url = normalize_base_url(server)
+        self.timeout = float(timeout)
+        headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json"}
+        if api_key:
+            if any(c in api_key for c in "\r\n") or not api_key.isprintable():
+                raise UsageError("the API key has control characters; check --api-key or OPENAI_API_KEY")
+            headers["Authorization"] = f"Bearer {api_key}"
+        self.http = httpx.Client(
+            base_url=self.base_url + "/",
+            headers=headers,
+            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT_TIMEOUT_S)),
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def get_json(self, path: str) -> object:
+        try:
+            with self.http.stream("GET", path) as response:
+                if response.status_code != 200:
+                    raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT),
+                                     response.headers.get("retry-after"))  # fmt: skip
+                body = _read_limited(response, JSON_BODY_LIMIT + 1)
+        except httpx.TransportError as e:
+            raise transport_error(e, self.base_url, self.timeout, mid_answer=False) from None
+        if len(body) > JSON_BODY_LIMIT:
+            raise RemoteError(f"the server's answer to GET {path} is over 64 MiB; is --server right?")
+        try:
+            return json.loads(body.decode("utf-8", errors="replace"))
+        except ValueError:
+            raise RemoteError(f"the server's answer to GET {path} is not JSON; is --server the API root (…/v1)?") from None
+
+    def models(self) -> list[dict]:
+        """The model cards of GET /models (each with a string `id`), in the server's order."""
+        data = self.get_json("models")
+        cards = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(cards, list):
+            raise RemoteError("the server's model list has no `data` array; is --server an OpenAI-compatible server (…/v1)?")
+        return [card for card in cards if isinstance(card, dict) and isinstance(card.get("id"), str) and card["id"]]
+
+    def stream_chat(self, body: dict) -> ChatStream:
+        return ChatStream(self, body)

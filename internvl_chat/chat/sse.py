@@ -1,0 +1,126 @@
+"""A small, incremental Server-Sent Events reader (the WHATWG event-stream format).
+
+OpenAI-compatible servers stream chat completions as `data: {json}` events ended by a blank line,
+close with `data: [DONE]`, and may send comment lines (`:` ping keep-alives, as llama.cpp does),
+named events (`event: error`) and multi-line data. Bytes arrive in arbitrary pieces, so a line, a
+UTF-8 character or a `\\r\\n` may be split between two reads; the decoder keeps what is incomplete.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from ..errors import RemoteError
+
+MAX_EVENT_CHARS = 64 << 20  # one event far larger than any real chunk: a broken or hostile server
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    data: str
+    event: str = "message"  # the `event:` field, when the server names one
+    id: str | None = None
+
+
+class SSEDecoder:
+    """Feed it bytes, get whole events back. Comment lines are counted, never returned."""
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text = ""  # decoded text not yet split into lines
+        self._data: list[str] = []
+        self._event = ""
+        self._last_id: str | None = None
+        self._started = False
+        self.comments = 0
+
+    @property
+    def incomplete(self) -> bool:
+        """True when the stream stopped inside an event (data read, no blank line after it)."""
+        return bool(self._data or self._text.strip("\r\n"))
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        text = self._utf8.decode(chunk)
+        if not self._started and text:
+            self._started = True
+            text = text.removeprefix("\ufeff")
+        self._text += text
+        events = self._split_lines(final=False)
+        if len(self._text) + sum(map(len, self._data)) > MAX_EVENT_CHARS:
+            raise RemoteError("the server sent one stream event of over 64 MiB; is --server an OpenAI-compatible endpoint?")
+        return events
+
+    def finish(self) -> list[SSEEvent]:
+        """End of stream: a last line without its line break still counts; an unfinished event is dropped."""
+        self._text += self._utf8.decode(b"", final=True)
+        return self._split_lines(final=True)
+
+    def _split_lines(self, final: bool) -> list[SSEEvent]:
+        events: list[SSEEvent] = []
+        text = self._text
+        start = 0
+        while True:
+            cut = _next_break(text, start)
+            if cut is None:
+                break
+            end, after = cut
+            if text[end] == "\r" and after == len(text) and not final:
+                break  # a \r at the end may be the first half of \r\n: wait for the next read
+            event = self._line(text[start:end])
+            if event is not None:
+                events.append(event)
+            start = after
+        rest = text[start:]
+        if final and rest:
+            event = self._line(rest)
+            if event is not None:
+                events.append(event)
+            rest = ""
+        self._text = rest
+        return events
+
+    def _line(self, line: str) -> SSEEvent | None:
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            self.comments += 1
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\0" not in value:
+            self._last_id = value
+        # "retry" and unknown fields are ignored, as the format says
+        return None
+
+    def _dispatch(self) -> SSEEvent | None:
+        data, event = self._data, self._event
+        self._data, self._event = [], ""
+        if not data:
+            return None
+        return SSEEvent("\n".join(data), event or "message", self._last_id)
+
+
+def _next_break(text: str, start: int) -> tuple[int, int] | None:
+    """(index of the next line break at or after start, index after it), or None."""
+    n = text.find("\n", start)
+    r = text.find("\r", start)
+    if r == -1 and n == -1:
+        return None
+    if r == -1 or (n != -1 and n < r):
+        return n, n + 1
+    return r, r + 2 if text.startswith("\n", r + 1) else r + 1
+
+
+def iter_events(chunks: Iterable[bytes], decoder: SSEDecoder | None = None) -> Iterator[SSEEvent]:
+    """Events from an iterable of byte chunks (an HTTP response body)."""
+    decoder = decoder or SSEDecoder()
+    for chunk in chunks:
+        yield from decoder.feed(chunk)
+    yield from decoder.finish()

@@ -1,0 +1,304 @@
+"""The checkpoint's tokenizer: what the app needs of it, loaded without importing transformers.
+
+`load_tokenizer(dir)` reads `tokenizer.json` with the `tokenizers` library (the same Rust
+backend transformers' fast tokenizers wrap) and applies what transformers adds from
+`tokenizer_config.json`: added tokens missing from tokenizer.json and the named special tokens.
+Only a checkpoint without tokenizer.json (vocab.json + merges.txt, tokenizer.model) goes through
+transformers' AutoTokenizer, imported then. Both are used through one interface, `Tokenizer`:
+
+- `encode(text)`: ids of `text` and nothing else — no BOS/EOS added, and text that looks like a
+  special token (a user typing "<|im_end|>") is tokenized as plain text, as transformers does
+  with `split_special_tokens=True` (SPEC §3: user text cannot inject control tokens);
+- `decode(ids, skip_special_tokens=False)`: text, without transformers' space clean-up;
+- `convert_tokens_to_ids` / `convert_ids_to_tokens` (None when absent), `get_vocab`, `len()`;
+- `special_ids`: every special token (never printed), and `SpecialTokens` for the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from ..files import JSON_LIMIT, read_text_file
+
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# files AutoTokenizer can build a tokenizer from when there is no tokenizer.json
+_SLOW_FILES = ("vocab.json", "merges.txt", "tokenizer.model")
+_NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+class Tokenizer(ABC):
+    """The tokenizer interface the chat code uses (see the module docstring)."""
+
+    special_ids: frozenset[int] = frozenset()
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """See the module docstring."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """See the module docstring."""
+
+    @abstractmethod
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        """See the module docstring."""
+
+    @abstractmethod
+    def convert_ids_to_tokens(self, token_id: int) -> str | None:
+        """See the module docstring."""
+
+    @abstractmethod
+    def get_vocab(self) -> dict[str, int]:
+        """See the module docstring."""
+
+    def __len__(self) -> int:
+        return len(self.get_vocab())
+
+
+class FastTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` (from tokenizer.json) with transformers' loading rules applied."""
+
+    def __init__(self, backend: Any, special_ids: frozenset[int]):
+        self.backend = backend
+        self.special_ids = special_ids
+        backend.no_truncation()  # a truncation/padding setting saved in tokenizer.json must not cut prompts
+        backend.no_padding()
+        backend.encode_special_tokens = True  # special-token text in the input stays text
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.backend.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def convert_ids_to_tokens(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(int(token_id))
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+
+class TransformersTokenizer(Tokenizer):
+    """A transformers tokenizer (the fallback, and the reference in tests) behind the same interface."""
+
+    def __init__(self, hf: Any):
+        self.hf = hf
+        ids = set(getattr(hf, "all_special_ids", ()) or ())
+        for token_id, added in (getattr(hf, "added_tokens_decoder", None) or {}).items():
+            if getattr(added, "special", False):
+                ids.add(int(token_id))
+        self.special_ids = frozenset(ids)
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.hf(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:  # the same rule as FastTokenizer: every special id is skipped
+            ids = [i for i in ids if i not in self.special_ids]
+        return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        token_id = self.hf.convert_tokens_to_ids(token)
+        # a missing token maps to None or to the unknown token's id, depending on the tokenizer
+        if isinstance(token_id, int) and self.hf.convert_ids_to_tokens(token_id) == token:
+            return token_id
+        return None
+
+    def convert_ids_to_tokens(self, token_id: int) -> str | None:
+        return self.hf.convert_ids_to_tokens(int(token_id))
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.hf.get_vocab()
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+
+def as_tokenizer(tokenizer: Any) -> Tokenizer:
+    """`tokenizer` itself, or a transformers tokenizer wrapped in the app's interface."""
+    return tokenizer if isinstance(tokenizer, Tokenizer) else TransformersTokenizer(tokenizer)
+
+
+# -------------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """The checkpoint's tokenizer, local files only, no remote code."""
+    model_dir = Path(model_dir)
+    if (model_dir / TOKENIZER_JSON).is_file():
+        return _load_fast(model_dir)
+    if any((model_dir / f).is_file() for f in _SLOW_FILES):
+        return _load_with_transformers(model_dir)
+    raise CheckpointError(
+        f"{model_dir} has no tokenizer files (tokenizer.json / tokenizer_config.json); download the full checkpoint"
+    )
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as written in tokenizer_config.json: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _load_fast(model_dir: Path) -> FastTokenizer:
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+
+    text = read_text_file(model_dir / TOKENIZER_JSON, "the tokenizer file", JSON_LIMIT, CheckpointError)
+    try:
+        backend = Backend.from_str(text)
+    except Exception as e:  # the Rust parser raises plain Exceptions for any malformed file
+        raise CheckpointError(
+            f"cannot read {model_dir / TOKENIZER_JSON}: {_first_line(e)}; the tokenizer files may be incomplete"
+        ) from None
+    config = _read_config(model_dir)
+
+    special: set[int] = set()
+    # Added tokens declared only in tokenizer_config.json are added, at the ids it declares
+    # (transformers does the same); a token already there keeps its id and takes the declared kind.
+    declared = config.get("added_tokens_decoder") or {}
+    if not isinstance(declared, dict):
+        raise _config_error(model_dir, "added_tokens_decoder is not an object")
+    entries: list[tuple[int, dict]] = []
+    for key, entry in declared.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(entry, dict) and _token_content(entry)):
+            raise _config_error(model_dir, f"added_tokens_decoder entry {key!r} is malformed")
+        entries.append((int(key), entry))
+    for token_id, entry in sorted(entries, key=lambda e: e[0]):
+        content = entry["content"]
+        is_special = bool(entry.get("special", False))
+        known = backend.token_to_id(content)
+        if known is None:
+            token = AddedToken(
+                content,
+                single_word=bool(entry.get("single_word", False)),
+                lstrip=bool(entry.get("lstrip", False)),
+                rstrip=bool(entry.get("rstrip", False)),
+                normalized=bool(entry.get("normalized", not is_special)),
+                special=is_special,
+            )
+            (backend.add_special_tokens if is_special else backend.add_tokens)([token])
+            known = backend.token_to_id(content)
+        if known != token_id:
+            raise _config_error(model_dir, f"it gives {content!r} the id {token_id}, tokenizer.json {known}")
+        if is_special:
+            special.add(token_id)
+
+    for token in backend.get_added_tokens_decoder().items():
+        token_id, added = token
+        if added.special:
+            special.add(int(token_id))
+    named = [_token_content(config.get(name)) for name in _NAMED_SPECIALS]
+    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+    if isinstance(extra, dict):  # transformers 5 may store {name: token}
+        extra = list(extra.values())
+    named += [_token_content(t) for t in extra] if isinstance(extra, list) else []
+    for content in named:
+        if content is None:
+            continue
+        if backend.token_to_id(content) is None:  # transformers adds a named special token it lacks
+            backend.add_special_tokens([AddedToken(content, special=True, normalized=False)])
+        special.add(backend.token_to_id(content))
+    return FastTokenizer(backend, frozenset(special))
+
+
+def _read_config(model_dir: Path) -> dict:
+    path = model_dir / TOKENIZER_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(read_text_file(path, "the tokenizer config", JSON_LIMIT, CheckpointError))
+    except json.JSONDecodeError as e:
+        raise _config_error(model_dir, f"it is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(config, dict):
+        raise _config_error(model_dir, "it is not a JSON object")
+    return config
+
+
+def _config_error(model_dir: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{model_dir / TOKENIZER_CONFIG} is not usable: {why}; re-download the tokenizer files")
+
+
+def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # reading an original-layout config.json makes transformers warn about the unknown model type,
+    # and long prompts make it warn about model_max_length: neither concerns the user
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError… for broken folders
+        raise CheckpointError(
+            f"cannot load the tokenizer in {model_dir}: {_first_line(e)}; the tokenizer files may be incomplete"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    hf.model_max_length = int(1e30)  # the app checks lengths itself (the context budget)
+    return TransformersTokenizer(hf)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# -------------------------------------------------------------------------------- special ids
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    im_start: int
+    im_end: int
+    endoftext: int
+    img_start: int
+    img_end: int
+    img_context: int
+
+    @property
+    def stop_ids(self) -> tuple[int, int]:
+        return (self.im_end, self.endoftext)
+
+
+_SPECIAL_TEXT = {
+    "im_start": "<|im_start|>",
+    "im_end": "<|im_end|>",
+    "endoftext": "<|endoftext|>",
+    "img_start": "<img>",
+    "img_end": "</img>",
+    "img_context": "<IMG_CONTEXT>",
+}
+
+
+def special_token_ids(tokenizer: Any) -> SpecialTokens:
+    """Look up the ids of the chat and image tokens; a CheckpointError names any that is missing."""
+    vocab = tokenizer.get_vocab()
+    missing = [text for text in _SPECIAL_TEXT.values() if text not in vocab]
+    if missing:
+        raise CheckpointError(
+            f"the tokenizer lacks {', '.join(missing)}; use the tokenizer shipped with the InternVL3 checkpoint"
+        )
+    return SpecialTokens(**{field: int(vocab[text]) for field, text in _SPECIAL_TEXT.items()})

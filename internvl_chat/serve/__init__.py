@@ -1,0 +1,9 @@
+"""`internvl-chat serve`: the local engine behind an OpenAI-compatible HTTP API.
+
+One model, one engine thread. Requests are turned into prompt ids exactly as the terminal app's
+Session builds them, and a few KV-cache slots keep recent conversations so a resent history only
+prefills its new tokens. Modules: `main` (flags → running server), `app` (routes), `protocol`
+(request/response shapes), `conversation` (request → prompt ids), `media` (data:/remote/local
+media), `features` (image-feature LRU), `answers` (our replies' exact ids), `slots` (KV slots),
+`engine` (the worker thread and its queue), `stops` (stop strings), `sse`, `errors`, `options`.
+"""

@@ -1,0 +1,172 @@
+"""The HTTP API: /health, /v1/models, /v1/chat/completions (streaming and not), OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import sse
+from ..chat.sampling import SamplingParams
+from .conversation import Prompt, sampling_params
+from .engine import EngineWorker, Job
+from .errors import APIError
+from .protocol import ChatCompletionRequest, check_model, chunk, completion, models_list, parse_request
+from .protocol import stop_strings, usage_chunk
+
+POLL_S = 0.5  # how often a waiting handler checks that its client is still there
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
+    options = worker.options
+    context = worker.model.max_seq_len
+    created = int(time.time())
+    app = FastAPI(title="internvl-chat", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        message = {404: "no such endpoint; this server has /health, /v1/models and /v1/chat/completions",
+                   405: "method not allowed on this endpoint"}.get(err.status_code, str(err.detail))  # fmt: skip
+        return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+        body = APIError(500, f"internal error ({type(err).__name__})", code="internal_error").body()
+        return JSONResponse(body, status_code=500)
+
+    def authorize(request: Request) -> None:
+        if not options.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), options.api_key.encode()):
+            raise APIError(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not worker.alive:
+            raise APIError(503, "the engine is not running", code="engine_unavailable")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(models_list(model_id, context, created))
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str, request: Request) -> JSONResponse:
+        authorize(request)
+        if name != model_id:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_id!r}", code="model_not_found")
+        return JSONResponse(models_list(model_id, context, created)["data"][0])
+
+    def prepare(body: bytes) -> tuple[ChatCompletionRequest, Prompt, SamplingParams]:
+        req = parse_request(body)
+        check_model(req, model_id)
+        prompt = worker.prompts.make(req)
+        return req, prompt, sampling_params(req, options.defaults, len(prompt.ids), context)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        body = await _read_body(request, options.max_body_bytes)
+        worker.check_capacity()  # refuse early, before parsing megabytes of images
+        req, prompt, params = await run_in_threadpool(prepare, body)  # JSON, base64, hashing: off the event loop
+        job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop())
+        worker.submit(job)
+        if req.stream:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(_stream(job, request, req, model_id), media_type="text/event-stream", headers=headers)
+        return await _complete(job, request, req, model_id)
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_large = APIError(413, f"the request body is over this server's {limit >> 20} MiB limit; send smaller or fewer "
+                         "images", code="request_too_large")  # fmt: skip
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    parts, total = [], 0
+    async for block in request.stream():
+        total += len(block)
+        if total > limit:
+            raise too_large
+        parts.append(block)
+    return b"".join(parts)
+
+
+async def _events(job: Job, request: Request):
+    """The job's events as they come, text deltas that queued up meanwhile joined into one."""
+    while True:
+        batch = await job.events.get_batch(POLL_S)
+        if not batch:
+            if await request.is_disconnected():
+                job.cancel.set()
+                raise ClientDisconnected
+            continue
+        text = "".join(payload for kind, payload in batch if kind == "text")
+        if text:
+            yield "text", text
+        for kind, payload in batch:
+            if kind != "text":
+                yield kind, payload
+
+
+async def _complete(job: Job, request: Request, req: ChatCompletionRequest, model_id: str) -> Response:
+    try:
+        async for kind, payload in _events(job, request):
+            if kind == "error":
+                raise payload
+            if kind == "done":
+                ids = payload["token_ids"] if req.return_token_ids else None
+                return JSONResponse(completion(job.cid, model_id, payload["text"], payload["finish_reason"], payload, ids))
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+    finally:
+        job.cancel.set()  # a no-op after "done"; stops the engine if we leave early
+
+
+async def _stream(job: Job, request: Request, req: ChatCompletionRequest, model_id: str):
+    cid, created = job.cid, int(time.time())
+    with_usage = bool(req.stream_options and req.stream_options.include_usage)
+    text_event = sse.TextEvents(chunk(cid, model_id, created, {"content": ""}, include_usage=with_usage),
+                                ("choices", 0, "delta", "content"))  # fmt: skip
+    try:
+        yield sse.event(chunk(cid, model_id, created, {"role": "assistant", "content": ""}, include_usage=with_usage))
+        async for kind, payload in _events(job, request):
+            if kind == "text":
+                yield text_event(payload)
+            elif kind == "done":
+                extra = {"token_ids": payload["token_ids"]} if req.return_token_ids else None
+                last = chunk(cid, model_id, created, {}, payload["finish_reason"], with_usage, extra)
+                last["timings"] = payload["timings"]  # llama.cpp puts them on the last chunk
+                yield sse.event(last)
+                if with_usage:
+                    yield sse.event(usage_chunk(cid, model_id, created, payload))
+                yield sse.DONE
+                return
+            elif kind == "error":
+                yield sse.event(payload.body())
+                yield sse.DONE
+                return
+    except ClientDisconnected:
+        return
+    finally:
+        job.cancel.set()
+

@@ -1,0 +1,223 @@
+"""A chat request → the prompt ids the terminal app's Session would hold for that conversation.
+
+The ids are built turn by turn with the same PromptBuilder (first turn with the system block,
+later turns opening with `<|im_end|>\\n`, images before videos, `Image-k:`/`FrameK:` labels, one
+`<img>…</img>` run per image or frame), and each assistant message contributes our exact ids when
+it is a reply we sent (see answers.py), else its re-tokenized text. The system message is the
+request's own, else the server's default: `[system] message` when set, else the checkpoint's.
+
+Every `<img>…</img>` run is recorded as a Span with the content key of its media, so prefix
+reuse can tell two different pictures of the same size apart and never splits an image.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from ..chat.sampling import SamplingParams
+from ..chat.template import PromptBuilder, media_order
+from ..engine.loader import LoadedModel
+from ..errors import InternVLChatError, UsageError
+from .answers import AnswerMemory
+from .errors import APIError, bad_request, from_app_error
+from .media import MediaItem, MediaReader
+from .options import ServeOptions
+from .protocol import ChatCompletionRequest, ImagePart, TextPart, VideoPart
+
+
+@dataclass(frozen=True)
+class Span:
+    """Prompt positions [start, end) of one `<img>…</img>` run: an image, or one frame of a video."""
+
+    start: int
+    end: int
+    key: str  # content key of the media (+ "#frame" for a video frame)
+    media: int  # index into Prompt.media
+    tile: int  # first tile of this run within its media's features
+    tiles: int
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    spans: list[Span] = field(default_factory=list)
+    media: list[MediaItem] = field(default_factory=list)
+    system: str | None = None
+
+
+class PromptMaker:
+    def __init__(self, loaded: LoadedModel, options: ServeOptions, answers: AnswerMemory, reader: MediaReader):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.options = options
+        self.answers = answers
+        self.reader = reader
+        self.default_system = options.system_message if options.system_message is not None else loaded.config.system_message
+        self._builders: dict[str | None, PromptBuilder] = {}
+        # Requests are prepared on several threads and the engine thread decodes meanwhile. A
+        # tokenizer call may flip a flag of the shared tokenizer, so tokenizer calls take turns
+        # (media fetching and hashing do not hold this lock).
+        self.lock = threading.Lock()
+        self.builder(self.default_system).first_turn("warm-up")  # sets that flag once, before any decode runs
+
+    def builder(self, system: str | None) -> PromptBuilder:
+        with self.lock:
+            builder = self._builders.get(system)
+            if builder is None:
+                if len(self._builders) > 64:
+                    self._builders.clear()
+                builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
+                self._builders[system] = builder
+            return builder
+
+    def make(self, req: ChatCompletionRequest) -> Prompt:
+        try:
+            return self._make(req)
+        except InternVLChatError as e:
+            raise from_app_error(e) from None
+
+    def _make(self, req: ChatCompletionRequest) -> Prompt:
+        messages = req.messages
+        system = None
+        first = 0
+        while first < len(messages) and messages[first].role in ("system", "developer"):
+            text = _text_only(messages[first].content, f"messages.{first}.content", "a system message")
+            system = text if system is None else f"{system}\n{text}"
+            first += 1
+        if system is None:
+            system = self.default_system
+        builder = self.builder(system)
+        max_tiles, num_frames = self._media_kwargs(req)
+
+        prompt = Prompt(ids=[], system=system)
+        media_count = 0
+        for i in range(first, len(messages)):
+            msg = messages[i]
+            expected = "user" if (i - first) % 2 == 0 else "assistant"
+            if msg.role != expected:
+                where = "a system message must come first" if msg.role in ("system", "developer") else (
+                    f"messages must alternate user and assistant after the system message; message {i} should be {expected}")  # fmt: skip
+                raise bad_request(where, param=f"messages.{i}.role")
+            if msg.role == "assistant":
+                text = _text_only(msg.content, f"messages.{i}.content", "an assistant message")
+                prompt.ids += self._answer_ids(text)
+                continue
+            text, media = self._user_content(msg.content, i, max_tiles, num_frames)
+            media_count += len(media)
+            if media_count > self.options.max_images:
+                raise bad_request(f"the request has more than {self.options.max_images} images and videos; "
+                                  "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
+            turn_first = not prompt.ids
+            specs = [m.spec for m in media]
+            with self.lock:
+                turn = builder.first_turn(text, specs) if turn_first else builder.next_turn(text, specs)
+            self._add_spans(prompt, turn, [media[k] for k in media_order(specs)], builder)
+            prompt.ids += turn
+        if messages[-1].role != "user":
+            raise bad_request("the last message must be the user's: this server answers the conversation's last "
+                              "user message", param=f"messages.{len(messages) - 1}.role")  # fmt: skip
+        return prompt
+
+    # ---- parts -------------------------------------------------------------------------------
+    def _media_kwargs(self, req: ChatCompletionRequest) -> tuple[int | None, int]:
+        mm = req.mm_processor_kwargs or {}
+        max_tiles = mm.get("max_dynamic_patch", self.options.max_tiles)
+        video_io = (req.media_io_kwargs or {}).get("video") or {}
+        default_frames = min(self.options.frames, self.options.max_frames)
+        num_frames = video_io.get("num_frames", mm.get("num_frames", default_frames))
+        if max_tiles is not None and (not _is_int(max_tiles) or not 1 <= max_tiles <= 64):  # None: the checkpoint's
+            raise bad_request("max_dynamic_patch must be an integer from 1 to 64", param="mm_processor_kwargs.max_dynamic_patch")
+        if not _is_int(num_frames) or not 1 <= num_frames <= self.options.max_frames:
+            raise bad_request(f"num_frames must be an integer from 1 to {self.options.max_frames}",
+                              param="media_io_kwargs.video.num_frames")  # fmt: skip
+        return max_tiles, num_frames
+
+    def _user_content(self, content, i: int, max_tiles: int | None, num_frames: int) -> tuple[str, list[MediaItem]]:
+        if content is None:
+            return "", []
+        if isinstance(content, str):
+            return content, []
+        texts: list[str] = []
+        media: list[MediaItem] = []
+        for k, part in enumerate(content):
+            param = f"messages.{i}.content.{k}"
+            if isinstance(part, TextPart):
+                texts.append(part.text)
+            elif isinstance(part, ImagePart):
+                tiles = part.image_url.max_dynamic_patch or part.max_dynamic_patch or max_tiles
+                media.append(self.reader.image(part.image_url.url, param, tiles))
+            elif isinstance(part, VideoPart):
+                media.append(self.reader.video(part.video_url.url, param, num_frames))
+        # the template puts the media first, then the text; text parts are joined by newlines
+        return "\n".join(texts), media
+
+    def _answer_ids(self, text: str) -> list[int]:
+        ids = self.answers.lookup(text)
+        if ids is not None:
+            return ids
+        if not text:
+            return []
+        with self.lock:
+            return list(self.tokenizer.encode(text))  # typed special-token text stays text
+
+    def _add_spans(self, prompt: Prompt, turn: list[int], ordered: list[MediaItem], builder: PromptBuilder) -> None:
+        runs = []
+        start = None
+        for pos, token in enumerate(turn):
+            if token == builder.img_start_id:
+                start = pos
+            elif token == builder.img_end_id and start is not None:
+                runs.append((start, pos + 1))
+                start = None
+        expected = [(m, t) for m in ordered for t in (range(m.tiles) if m.kind == "video" else (0,))]
+        if len(runs) != len(expected):
+            raise APIError(500, "internal error: the prompt's image runs do not match its media", code="internal_error")
+        offset = len(prompt.ids)
+        index = {id(m): len(prompt.media) + k for k, m in enumerate(ordered)}
+        for (s, e), (item, frame) in zip(runs, expected):
+            whole = item.kind == "image"
+            key = item.key if whole else f"{item.key}#{frame}"
+            tiles = item.tiles if whole else 1
+            prompt.spans.append(Span(offset + s, offset + e, key, index[id(item)], 0 if whole else frame, tiles))
+        prompt.media += ordered
+
+
+def _text_only(content, param: str, what: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if any(not isinstance(p, TextPart) for p in content):
+        raise bad_request(f"{what} may only hold text", param=param)
+    return "".join(p.text for p in content)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, prompt_len: int, context: int) -> SamplingParams:
+    """The request's sampling settings over the server defaults; max_tokens checked against the context."""
+    room = context - prompt_len
+    if room < 1:
+        raise APIError(400, f"the conversation is {prompt_len:,} tokens; this model's context holds {context:,}. "
+                       "Send a shorter conversation or fewer images", code="context_length_exceeded", param="messages")  # fmt: skip
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if asked is not None and asked > room:
+        raise APIError(400, f"the conversation is {prompt_len:,} tokens and max_tokens is {asked:,}: together over "
+                       f"this model's {context:,}-token context; ask for at most {room:,}",
+                       code="context_length_exceeded", param="max_tokens")  # fmt: skip
+    top_k = req.top_k if req.top_k is not None else defaults.top_k
+    params = SamplingParams(
+        temperature=req.temperature if req.temperature is not None else defaults.temperature,
+        top_p=req.top_p if req.top_p is not None else defaults.top_p,
+        top_k=max(top_k, 0),
+        repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else defaults.repetition_penalty,
+        max_new_tokens=asked if asked is not None else min(defaults.max_new_tokens, room),
+        seed=req.seed if req.seed is not None else defaults.seed,
+    )
+    try:
+        return params.validate()
+    except UsageError as e:
+        raise bad_request(str(e)) from None

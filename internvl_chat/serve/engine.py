@@ -1,0 +1,339 @@
+"""The engine thread: one model, one request at a time, a bounded queue in front of it.
+
+Request handlers (asyncio) submit Jobs; the thread picks a KV slot, gets the image features the
+uncached part needs (feature LRU, else decode + vision encoder), runs the slot Session's
+`continue_with` and sends text deltas back to the handler's event loop. A job whose client went
+away has its `cancel` event set: generation stops at the next token (or the job is skipped if it
+has not started). Stop strings end generation the same way and cut the text where they begin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import math
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..chat.detokenize import IncrementalDetokenizer
+from ..chat.sampling import SamplingParams
+from ..engine.loader import LoadedModel
+from ..errors import InternVLChatError
+from .answers import AnswerMemory
+from .conversation import Prompt, PromptMaker
+from .errors import APIError, from_app_error
+from .features import FeatureCache
+from .media import MediaReader
+from .options import ServeOptions
+from .protocol import completion_id, timings, usage
+from .slots import SlotPool
+from .stops import StopStrings
+
+log = logging.getLogger("internvl_chat.serve")
+_ids = itertools.count(1)
+
+
+class ClientGone(Exception):
+    """The job was cancelled before generation began (its client disconnected)."""
+
+
+COALESCE_S = 0.005  # text that comes faster than this is sent in one event
+
+
+class EventChannel:
+    """Engine thread → asyncio handler.
+
+    Each wake-up of the handler's loop takes the GIL from the engine thread in the middle of a
+    token, which slows a fast decode. So the loop is woken at most once per COALESCE_S: the first
+    event of an answer goes out at once, events that follow within the window are sent together
+    when it ends (a reader cannot see 5 ms; a decode of hundreds of tokens/s keeps its speed).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._wake_pending = False
+        self._last_wake = 0.0
+        self._ready = asyncio.Event()
+
+    def put(self, item) -> None:  # engine thread
+        with self._lock:
+            self._items.append(item)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+            delay = self._last_wake + COALESCE_S - time.monotonic()
+        self.loop.call_soon_threadsafe(self._schedule, delay)
+
+    def _schedule(self, delay: float) -> None:  # loop thread
+        if delay > 0:
+            self.loop.call_later(delay, self._wake)
+        else:
+            self._wake()
+
+    def _wake(self) -> None:  # loop thread
+        with self._lock:
+            self._wake_pending = False
+            self._last_wake = time.monotonic()
+        self._ready.set()
+
+    async def get_batch(self, timeout: float) -> list:
+        """Every event waiting now (at least one), or [] after `timeout` seconds without any."""
+        while True:
+            self._ready.clear()
+            with self._lock:
+                if self._items:
+                    batch = list(self._items)
+                    self._items.clear()
+                    return batch
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+
+
+@dataclass
+class Job:
+    prompt: Prompt
+    params: SamplingParams
+    stops: list[str]
+    loop: asyncio.AbstractEventLoop
+    cancel: threading.Event = field(default_factory=threading.Event)
+    number: int = field(default_factory=lambda: next(_ids))
+    cid: str = field(default_factory=completion_id)  # the response's "id"
+    stop_hit: bool = False
+
+    def __post_init__(self) -> None:
+        self.events = EventChannel(self.loop)
+
+    def emit(self, kind: str, payload) -> None:
+        """Hand an event to the request handler's loop (called from the engine thread)."""
+        try:
+            self.events.put((kind, payload))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancel.set()
+
+
+class EngineWorker:
+    def __init__(self, loaded: LoadedModel, options: ServeOptions):
+        self.loaded = loaded
+        self.options = options
+        self.model = loaded.model
+        self.slots = SlotPool(loaded, options.slots, options.stream_interval)
+        self.features = FeatureCache(options.feature_cache_bytes)
+        self.answers = AnswerMemory()
+        self.reader = MediaReader(options, loaded.config)
+        self.prompts = PromptMaker(loaded, options, self.answers, self.reader)
+        builder = self.prompts.builder(None)
+        self._image_ids = {builder.img_start_id, builder.img_end_id, builder.img_context_id}
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._job_s = 1.0  # running mean of job durations, for Retry-After
+        self.running: Job | None = None
+        # test and monitoring seams, called in the engine thread
+        self.on_start: Callable[[Job], None] | None = None
+        self.on_event: Callable[[Job, dict], None] | None = None
+        self.finished: collections.deque[dict] = collections.deque(maxlen=256)
+        self.counts = collections.Counter()
+        self._thread = threading.Thread(target=self._run, name="internvl-chat-engine", daemon=True)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            self._queue.clear()
+            if self.running is not None:
+                self.running.cancel.set()
+            self._cond.notify_all()
+        for job in pending:
+            job.emit("error", APIError(503, "the server is shutting down; retry later", code="shutting_down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.reader.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    # ---- admission ---------------------------------------------------------------------------
+    def check_capacity(self) -> None:
+        """Raise 503 when the engine is down, 429 when the queue is full (cheap: before any parsing)."""
+        with self._cond:
+            self._check_locked()
+
+    def _check_locked(self) -> None:
+        if not self.alive:
+            raise APIError(503, "the engine is not running; retry later", code="engine_unavailable")
+        busy = self.running is not None or self._queue  # an idle engine takes a request even with depth 0
+        if busy and len(self._queue) >= self.options.queue_depth:
+            wait = math.ceil(self._job_s * (len(self._queue) + 1))
+            raise APIError(429, f"{len(self._queue)} requests are already waiting for the model; retry in about "
+                           f"{wait} s", code="queue_full", headers={"Retry-After": str(max(1, min(wait, 600)))})  # fmt: skip
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            self._check_locked()
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no job runs or waits (tests, benchmarks, shutdown); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and self.running is None, timeout)
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    # ---- the thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._queue.popleft()
+                if job.cancel.is_set():
+                    self.counts["skipped"] += 1
+                    continue
+                self.running = job
+            start = time.perf_counter()
+            try:
+                self._serve(job)
+            finally:
+                with self._cond:
+                    self.running = None
+                    self._job_s = 0.8 * self._job_s + 0.2 * (time.perf_counter() - start)
+                    self._cond.notify_all()
+
+    def _serve(self, job: Job) -> None:
+        try:
+            if self.on_start is not None:
+                self.on_start(job)
+            self._generate(job)
+        except APIError as e:
+            job.emit("error", e)
+        except InternVLChatError as e:
+            job.emit("error", from_app_error(e))
+        except ClientGone:
+            self.counts["cancelled"] += 1
+            job.emit("error", _cancelled())
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the engine thread; the client gets a 500
+            log.error("request failed:\n%s", traceback.format_exc())
+            job.emit("error", APIError(500, f"internal error ({type(e).__name__}: {e})", code="internal_error"))
+
+    def _generate(self, job: Job) -> None:
+        prompt = job.prompt
+        slot, reuse = self.slots.choose(prompt)
+        session = slot.session
+        session.activate_kv_cache()
+        slot.spans = [s for s in prompt.spans if s.end <= reuse]  # the same runs the slot held up to `reuse`
+        features, vision_s = self._features(prompt, reuse, job)
+        stops = StopStrings(job.stops)
+        sent: list[str] = []
+        final = None
+        for event in session.continue_with(prompt.ids, reuse, features, job.params, job.cancel, vision_s):
+            if self.on_event is not None:
+                self.on_event(job, event)
+            text = stops.push(event["text"])
+            if stops.hit and not job.cancel.is_set():
+                job.stop_hit = True
+                job.cancel.set()  # stream_generate stops at the next token
+            if event["finish_reason"] is not None:
+                text += stops.flush()
+                final = event
+            if text:
+                sent.append(text)
+                job.emit("text", text)
+        slot.spans = list(prompt.spans)
+        self._finish(job, slot.index, reuse, final, "".join(sent))
+
+    def _features(self, prompt: Prompt, reuse: int, job: Job) -> tuple[torch.Tensor | None, float]:
+        """Features for the image runs after `reuse`, in prompt order (LRU first, else the vision encoder)."""
+        needed = [s for s in prompt.spans if s.start >= reuse]
+        if not needed:
+            return None, 0.0
+        by_media: dict[int, torch.Tensor] = {}
+        vision_s = 0.0
+        parts = []
+        for span in needed:
+            features = by_media.get(span.media)
+            if features is None:
+                item = prompt.media[span.media]
+                features = self.features.get(item.key)
+                if features is None:
+                    if job.cancel.is_set():
+                        raise ClientGone
+                    pixels = self.reader.pixels(item)
+                    t0 = time.perf_counter()
+                    features = self.model.encode_images(pixels)
+                    if features.device.type == "cuda":
+                        torch.cuda.synchronize(features.device)
+                    vision_s += time.perf_counter() - t0
+                    self.features.put(item.key, features)
+                by_media[span.media] = features
+            parts.append(features[span.tile : span.tile + span.tiles])
+        return torch.cat(parts), vision_s
+
+    def _finish(self, job: Job, slot: int, reuse: int, final: dict, text: str) -> None:
+        generated = list(final["token_ids"])
+        reason = final["finish_reason"]
+        if job.stop_hit:
+            reason = "stop"
+            answer_ids = self._ids_for_text(generated, text)
+        elif reason == "cancelled":  # the client went away (then nobody reads this) or the server is stopping
+            self.counts["cancelled"] += 1
+            self.finished.append({"job": job.number, "finish_reason": "cancelled", "completion_tokens": len(generated)})
+            job.emit("error", _cancelled())
+            return
+        else:
+            answer_ids = generated
+        if answer_ids is not None and not self._image_ids.intersection(answer_ids):
+            self.answers.remember(text, answer_ids)
+        timing = final["timing"]
+        prompt_n = len(job.prompt.ids) - reuse
+        result = {
+            "finish_reason": reason,
+            "text": text,
+            "token_ids": answer_ids if answer_ids is not None else generated,
+            "usage": usage(len(job.prompt.ids), len(generated), reuse),
+            "timings": timings(prompt_n, timing["vision_s"] + timing["prefill_s"], timing["decode_tokens"],
+                               timing["decode_s"], reuse),  # fmt: skip
+        }
+        self.counts[reason] += 1
+        self.finished.append({"job": job.number, "finish_reason": reason, "completion_tokens": len(generated),
+                              "cached_tokens": reuse, "prompt_n": prompt_n, "slot": slot})  # fmt: skip
+        job.emit("done", result)
+
+    def _ids_for_text(self, ids: list[int], text: str) -> list[int] | None:
+        """The leading generated ids that decode to exactly `text` (an answer cut by a stop string), if any."""
+        if not text:
+            return []
+        detok = IncrementalDetokenizer(self.loaded.tokenizer)
+        decoded = ""
+        for k, token in enumerate(ids, start=1):
+            decoded += detok.push(token)
+            if decoded == text:
+                return ids[:k]
+            if len(decoded) > len(text):
+                return None
+        return None
+
+
+def _cancelled() -> APIError:
+    return APIError(503, "the request was cancelled: the server is shutting down; retry later", code="cancelled")

@@ -1,0 +1,56 @@
+"""Errors as OpenAI shapes them: `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
+
+from __future__ import annotations
+
+from ..errors import ContextOverflowError, GenerationError, InternVLChatError
+
+# status → OpenAI's error `type` for it
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+class APIError(Exception):
+    """A failure reported to the client; `str(err)` is the message."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    @property
+    def type(self) -> str:
+        return _TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, code=code, param=param)
+
+
+def from_app_error(err: InternVLChatError, param: str | None = None) -> APIError:
+    """The app's own errors (bad media, context overflow, non-finite logits) as API errors."""
+    if isinstance(err, ContextOverflowError):
+        return APIError(400, str(err), code="context_length_exceeded", param=param or "messages")
+    if isinstance(err, GenerationError):
+        return APIError(500, str(err), code="generation_failed")
+    return APIError(400, str(err), param=param)

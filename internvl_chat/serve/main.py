@@ -1,0 +1,129 @@
+"""`internvl-chat serve`: flags → settings → model → engine thread → uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from ..errors import UsageError
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="internvl-chat serve",
+        description="Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health).",
+        epilog="Defaults come from the [serve] section of the config file; flags win. Only data: URLs are read "
+        "unless --allow-remote-media / --allow-local-media say otherwise.",
+    )
+    p.add_argument("--model", metavar="DIR", help="checkpoint folder (required unless model.path is set in the config)")
+    p.add_argument("--host", metavar="ADDR", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, metavar="N", help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or set INTERNVL_CHAT_SERVE_API_KEY)")
+    p.add_argument("--model-id", metavar="NAME", help="model name clients use (default: the checkpoint folder's name)")
+    p.add_argument("--slots", type=int, metavar="N", help="conversations kept in KV caches for prefix reuse (default 2)")
+    p.add_argument("--queue-depth", type=int, metavar="N", help="requests waiting behind the running one before 429 (default 8)")
+    p.add_argument("--allow-remote-media", action="store_true", default=None,
+                   help="let requests make the server fetch http(s) image/video URLs")  # fmt: skip
+    p.add_argument("--allow-local-media", metavar="DIR", help="let requests read files inside DIR via file:// URLs")
+    p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--max-context", type=int, metavar="N", help="KV cache length per slot in tokens (default 8192)")
+    p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant: kernels for 4-bit weights")
+    p.add_argument("--config", metavar="FILE", help="settings file (default ~/.config/internvl-chat/config.toml)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="server log level")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {
+        "model.path": args.model,
+        "model.device": args.device,
+        "model.dtype": args.dtype,
+        "model.max_context": args.max_context,
+        "model.int4_backend": args.int4_backend,
+        "serve.host": args.host,
+        "serve.port": args.port,
+        "serve.api_key": args.api_key,
+        "serve.model_id": args.model_id,
+        "serve.slots": args.slots,
+        "serve.queue_depth": args.queue_depth,
+        "serve.allow_remote_media": args.allow_remote_media,
+        "serve.allow_local_media": args.allow_local_media,
+    }
+
+
+def main(argv: list[str]) -> int:
+    from ..settings import load_settings
+
+    args = build_parser().parse_args(argv)
+    settings = load_settings(args.config, os.environ, _overrides(args))
+    if not settings.model.path:
+        raise UsageError("serve needs a model: pass --model DIR (e.g. --model internvl_chat/demo_model)")
+    return serve(settings, log_level=args.log_level)
+
+
+def serve(settings, log_level: str = "info") -> int:
+    import uvicorn
+
+    from ..engine.loader import load_model
+    from .app import create_app
+    from .engine import EngineWorker
+    from .options import ServeOptions
+
+    options = ServeOptions.from_settings(settings)
+    path = Path(settings.model.path).expanduser()
+    loaded = load_model(path, settings.model.device, settings.model.dtype, settings.model.max_context,
+                        settings.model.int4_backend)  # fmt: skip
+    model_id = options.model_id or path.resolve().name
+    worker = EngineWorker(loaded, options)
+    app = create_app(worker, model_id)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    sock = listen_socket(options.host, options.port)
+    port = sock.getsockname()[1]
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    warn = ""
+    if options.host not in LOOPBACK and not options.api_key:
+        warn = " (reachable from the network without an API key: set --api-key)"
+    print(f"internvl-chat serve: {model_id} on http://{host}:{port}/v1 · {options.slots} slot(s) of "
+          f"{loaded.model.max_seq_len:,} tokens ({worker.slots.kv_bytes / 2**20:,.1f} MiB KV) · queue {options.queue_depth}"
+          f"{warn}", file=sys.stderr, flush=True)  # fmt: skip
+    worker.start()
+    logging.getLogger("internvl_chat.serve").setLevel(log_level.upper())
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after a graceful shutdown
+        print("internvl-chat serve: stopped", file=sys.stderr)
+    finally:
+        worker.stop()
+        sock.close()
+    return 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound TCP socket whose connections send small writes at once (TCP_NODELAY).
+
+    A response is written in pieces (headers, then body or SSE events). With Nagle's algorithm
+    on, a piece waits for the ACK of the previous one, which the client delays by 40 ms on a
+    kept-alive connection. asyncio turns Nagle off only for sockets whose protocol number is
+    IPPROTO_TCP, and `socket.socket(AF_INET)` leaves it 0, so the protocol is set explicitly and
+    TCP_NODELAY is set on the listener too (Linux passes it on to accepted sockets).
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
+    return sock

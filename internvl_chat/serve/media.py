@@ -1,0 +1,310 @@
+"""Media named in a request → measured items (content hash, tile count) → pixels when needed.
+
+Only data: URLs are read by default. `allow_remote_media` lets the server fetch http(s) URLs;
+`allow_local_media` names the one folder whose files `file://` URLs may name (checked after
+resolving symlinks). Bytes are checked by the app's own media code (media/image.py header probe
+and pixel limits, media/video.py's frame sampler) from a private temporary file, so a request
+image is tiled exactly as the same file attached in the terminal app.
+
+Forms: `image_url` (an image file); `video_url` with a video file (frames sampled here), or
+with `data:video/jpeg;base64,F1,F2,…` (frames already sampled: one tile each, as vLLM reads it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
+
+import torch
+
+from ..chat.template import MediaSpec
+from ..errors import MediaError
+from ..files import read_bytes_file
+from ..media.image import count_tiles, load_image, probe_image
+from ..media.video import load_video, probe_video
+
+if TYPE_CHECKING:
+    from ..engine.config import ModelConfig
+from .errors import APIError, bad_request
+from .options import ServeOptions
+
+REMOTE_TIMEOUT_S = 20.0
+FRAME_LIST_TYPES = ("video/jpeg", "video/png", "video/webp")  # data:video/jpeg;base64,F1,F2,…
+
+
+@dataclass
+class MediaItem:
+    """One image or video of a request: what it costs in the prompt and where its bytes are."""
+
+    kind: str  # "image" or "video"
+    key: str  # content hash + the parameters that change its tiles: the feature-cache key
+    tiles: int  # image tiles (thumbnail included) or video frames
+    param: str  # where it sits in the request, for error messages
+    url: str = field(default="", repr=False)  # a data: URL, decoded only if its features must be computed
+    data: bytes = field(default=b"", repr=False)  # or the bytes already fetched (http, file)
+    frame_list: bool = False  # a pre-sampled frame list (data:video/jpeg;base64,F1,F2,…)
+    max_tiles: int | None = None  # None: the checkpoint's limit
+
+    @property
+    def spec(self) -> MediaSpec:
+        return MediaSpec(self.kind, self.tiles)
+
+
+URL_CACHE_CHARS = 256 << 20  # data: URLs remembered (by their exact text) so a resend skips decoding
+
+
+class MediaReader:
+    """Turns request media parts into MediaItems and, on demand, into pixel tiles.
+
+    A conversation resends its images with every request. Their data: URLs are remembered by
+    their exact text (a dict lookup: one hash and one comparison of the string), so a resent image
+    is neither base64-decoded, hashed nor probed again; the measurements are then re-checked
+    against the current limits.
+    """
+
+    def __init__(self, options: ServeOptions, config: ModelConfig):
+        self.options = options
+        self.config = config  # tile limits, tile size and thumbnail exactly as the app uses them
+        self.image_size = config.image_size
+        self.use_thumbnail = config.use_thumbnail
+        # (kind, parameters, url) → (content key, tiles, largest width·height)
+        self._by_url: OrderedDict[tuple, tuple[str, int, int]] = OrderedDict()
+        self._url_chars = 0
+        self._lock = threading.Lock()
+        self._tmp = Path(tempfile.mkdtemp(prefix="internvl-chat-serve-"))
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    # ---- bytes ------------------------------------------------------------------------------
+    def fetch(self, url: str, param: str, what: str) -> tuple[bytes, str]:
+        """The bytes a media URL names and its declared type ("" when unknown)."""
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "data":
+            return _data_url(url, param, what)
+        if scheme in ("http", "https"):
+            if not self.options.allow_remote_media:
+                raise bad_request(f"{what} URLs over {scheme} are not fetched by this server; send the {what} inline as a "
+                                  "data: URL (or start the server with --allow-remote-media)", param=param)  # fmt: skip
+            return self._remote(url, param, what), ""
+        if scheme == "file":
+            return self._local(url, param, what), ""
+        raise bad_request(f"the {what} URL must be a data: URL (base64); local paths are never read unless the server "
+                          "allows a folder with --allow-local-media, and then as file:// URLs", param=param)  # fmt: skip
+
+    def _remote(self, url: str, param: str, what: str) -> bytes:
+        import httpx
+
+        limit = self.options.max_body_bytes
+        try:
+            with httpx.Client(timeout=REMOTE_TIMEOUT_S, follow_redirects=True, max_redirects=3) as client:
+                with client.stream("GET", url) as response:
+                    if response.status_code != 200:
+                        raise bad_request(f"fetching the {what} at {url} gave HTTP {response.status_code}", param=param)
+                    parts, total = [], 0
+                    for block in response.iter_bytes():
+                        total += len(block)
+                        if total > limit:
+                            raise APIError(413, f"the {what} at {url} is over the {limit >> 20} MiB limit", param=param)
+                        parts.append(block)
+                    return b"".join(parts)
+        except httpx.HTTPError as e:
+            raise bad_request(f"cannot fetch the {what} at {url} ({type(e).__name__}: {e})", param=param) from None
+
+    def _local(self, url: str, param: str, what: str) -> bytes:
+        folder = self.options.allow_local_media
+        if folder is None:
+            raise bad_request(f"file:// {what} URLs are refused: this server reads no local files (start it with "
+                              "--allow-local-media DIR to allow one folder)", param=param)  # fmt: skip
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise bad_request(f"the file:// URL names host {parsed.netloc!r}; only local files can be read", param=param)
+        try:
+            path = Path(unquote(parsed.path)).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise bad_request(f"the {what} file {unquote(parsed.path)} does not exist", param=param) from None
+        if not path.is_relative_to(folder):
+            raise APIError(403, f"the {what} file is outside the folder this server may read", code="forbidden", param=param)
+        try:
+            return read_bytes_file(path, what, self.options.max_body_bytes, MediaError)
+        except MediaError as e:
+            raise bad_request(str(e), param=param) from None
+
+    # ---- measuring ---------------------------------------------------------------------------
+    def image(self, url: str, param: str, max_tiles: int | None) -> MediaItem:
+        return self._item("image", (max_tiles,), url, param, max_tiles)
+
+    def video(self, url: str, param: str, num_frames: int) -> MediaItem:
+        return self._item("video", (num_frames,), url, param, num_frames)
+
+    def _item(self, kind: str, params: tuple, url: str, param: str, count: int) -> MediaItem:
+        cache_key = (kind, params, url) if url[:5].lower() == "data:" else None
+        known = self._recall(cache_key)
+        data, frame_list = b"", False
+        if known is None:
+            data, mime = self.fetch(url, param, kind)
+            frame_list = kind == "video" and mime in FRAME_LIST_TYPES
+            if frame_list:
+                known = self._measure_frames(data, param)
+            elif kind == "video":
+                known = self._measure_video(data, param, count)
+            else:
+                known = self._measure_image(data, param, count)
+            self._remember(cache_key, known, frame_list)
+        else:
+            known, frame_list = known
+        key, tiles, pixels = known
+        self._check_pixels(pixels, param, "the image" if kind == "image" else "a video frame")
+        if kind == "video" and not frame_list and not 1 <= tiles <= self.options.max_frames:
+            raise bad_request(f"num_frames must be from 1 to {self.options.max_frames}", param=param)
+        if frame_list and tiles > self.options.max_frames:
+            raise bad_request(f"the video has {tiles} frames, over this server's limit of {self.options.max_frames}",
+                              param=param)  # fmt: skip
+        return MediaItem(kind, key, tiles, param, url=url if cache_key else "", data=b"" if cache_key else data,
+                         frame_list=frame_list, max_tiles=count)  # fmt: skip
+
+    def _measure_image(self, data: bytes, param: str, max_tiles: int | None) -> tuple[str, int, int]:
+        with self._file(data) as path:
+            width, height = self._checked(probe_image, path, param)
+        low, high = self.config.tile_limits(max_tiles)
+        tiles = count_tiles(width, height, high, self.use_thumbnail, self.image_size, low)
+        return f"image:{low}-{high}:{_sha256(data)}", tiles, width * height
+
+    def _measure_video(self, data: bytes, param: str, num_frames: int) -> tuple[str, int, int]:
+        if not 1 <= num_frames <= self.options.max_frames:
+            raise bad_request(f"num_frames must be from 1 to {self.options.max_frames}", param=param)
+        with self._file(data) as path:
+            self._checked(probe_video, path, param)
+            pixels = _video_frame_pixels(path)
+        return f"video:{num_frames}:{_sha256(data)}", num_frames, pixels
+
+    def _measure_frames(self, data: bytes, param: str) -> tuple[str, int, int]:
+        # `data` holds the frames' base64 texts joined by commas (see _data_url)
+        texts = data.split(b",")
+        if len(texts) > self.options.max_frames:
+            raise bad_request(f"the video has {len(texts)} frames, over this server's limit of {self.options.max_frames}",
+                              param=param)  # fmt: skip
+        digest = hashlib.sha256()
+        largest = 0
+        for text in texts:
+            frame = _b64(text, param, "video frame")
+            digest.update(len(frame).to_bytes(8, "little") + frame)
+            with self._file(frame) as path:
+                width, height = self._checked(probe_image, path, param)
+            largest = max(largest, width * height)
+        return f"frames:{digest.hexdigest()}", len(texts), largest
+
+    def _recall(self, cache_key: tuple | None):
+        if cache_key is None:
+            return None
+        with self._lock:
+            known = self._by_url.get(cache_key)
+            if known is not None:
+                self._by_url.move_to_end(cache_key)
+            return known
+
+    def _remember(self, cache_key: tuple | None, known: tuple[str, int, int], frame_list: bool) -> None:
+        if cache_key is None or len(cache_key[2]) > URL_CACHE_CHARS // 4:
+            return
+        with self._lock:
+            if cache_key not in self._by_url:
+                self._url_chars += len(cache_key[2])
+            self._by_url[cache_key] = (known, frame_list)
+            while self._url_chars > URL_CACHE_CHARS or len(self._by_url) > 1024:
+                old, _ = self._by_url.popitem(last=False)
+                self._url_chars -= len(old[2])
+
+    def _check_pixels(self, pixels: int, param: str, what: str) -> None:
+        limit = self.options.max_image_pixels
+        if pixels > limit:
+            raise bad_request(f"{what} has {pixels:,} pixels, over this server's limit of {limit:,}; downscale it",
+                              param=param)  # fmt: skip
+
+    # ---- pixels (engine thread) ------------------------------------------------------------
+    def pixels(self, item: MediaItem) -> torch.Tensor:
+        """Normalised tiles [tiles, 3, S, S] of an item, decoded now (features were not cached)."""
+        size = self.image_size
+        data = _data_url(item.url, item.param, item.kind)[0] if item.url else item.data
+        if item.frame_list:
+            tiles = []
+            for text in data.split(b","):
+                with self._file(_b64(text, item.param, "video frame")) as path:
+                    tiles.append(self._checked(load_image, path, item.param, 1, False, size).pixel_values)
+            pixels = torch.cat(tiles)
+        elif item.kind == "image":
+            low, high = self.config.tile_limits(item.max_tiles)
+            with self._file(data) as path:
+                pixels = self._checked(load_image, path, item.param, high, self.use_thumbnail, size, low).pixel_values
+        else:
+            with self._file(data) as path:
+                pixels = self._checked(load_video, path, item.param, item.tiles, None, None, size).pixel_values
+        if pixels.shape[0] != item.tiles:
+            raise bad_request(f"the {item.kind} gave {pixels.shape[0]} tiles, expected {item.tiles}", param=item.param)
+        return pixels
+
+    # ---- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _checked(fn, path: Path, param: str, *args):
+        try:
+            return fn(path, *args)
+        except MediaError as e:
+            # the messages name our temporary file; the client knows the part by its place
+            raise bad_request(str(e).replace(str(path), "the media"), param=param) from None
+
+    @contextmanager
+    def _file(self, data: bytes):
+        fd, name = tempfile.mkstemp(dir=self._tmp)  # mode 0600, a name nobody else chose
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            yield Path(name)
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+
+def _video_frame_pixels(path: Path) -> int:
+    """Width × height of the video's frames, from the container header (probe_video checked it opens)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return int(stream.width or 0) * int(stream.height or 0)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _b64(text: bytes | str, param: str, what: str) -> bytes:
+    try:
+        if sys.version_info >= (3, 11):
+            return binascii.a2b_base64(text, strict_mode=True)
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"the {what} data is not valid base64", param=param) from None
+
+
+def _data_url(url: str, param: str, what: str) -> tuple[bytes, str]:
+    """`data:[type][;params];base64,payload` → (bytes, type). A frame list keeps its commas (see video())."""
+    head, sep, payload = url.partition(",")
+    if not sep:
+        raise bad_request(f"the {what} data: URL has no comma before its data", param=param)
+    attrs = [a.strip().lower() for a in head[len("data:") :].split(";")]
+    mime = attrs[0] if attrs else ""
+    if "base64" not in attrs[1:]:
+        raise bad_request(f"the {what} data: URL must be base64-encoded (data:TYPE;base64,…)", param=param)
+    if mime in FRAME_LIST_TYPES:
+        return payload.encode("ascii", "replace"), mime  # decoded frame by frame
+    return _b64(payload, param, what), mime

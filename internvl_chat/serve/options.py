@@ -1,0 +1,66 @@
+"""What the server was started with: the [serve] settings plus request defaults from the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..chat.sampling import SamplingParams, params_from_settings
+from ..errors import UsageError
+from ..settings import Settings
+
+MiB = 1 << 20
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = ""
+    model_id: str = ""
+    slots: int = 2
+    queue_depth: int = 8
+    max_body_bytes: int = 64 * MiB
+    max_images: int = 32
+    max_image_pixels: int = 40_000_000
+    max_frames: int = 64
+    feature_cache_bytes: int = 256 * MiB
+    allow_remote_media: bool = False
+    allow_local_media: Path | None = None  # resolved folder
+    # request defaults (a request's own values win)
+    defaults: SamplingParams = field(default_factory=SamplingParams)
+    max_tiles: int | None = None  # max_dynamic_patch when a request gives none (None: the checkpoint's)
+    frames: int = 8  # frames sampled from a video file when a request gives none
+    system_message: str | None = None  # None: the checkpoint's own
+    stream_interval: int = 1
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServeOptions:
+        s, g = settings.serve, settings.generation
+        local = None
+        if s.allow_local_media:
+            local = Path(s.allow_local_media).expanduser()
+            if not local.is_dir():
+                raise UsageError(f"--allow-local-media {local} is not a folder; name an existing folder or leave it empty")
+            local = local.resolve()
+        defaults = params_from_settings(settings)
+        return cls(
+            host=s.host,
+            port=s.port,
+            api_key=s.api_key,
+            model_id=s.model_id,
+            slots=s.slots,
+            queue_depth=s.queue_depth,
+            max_body_bytes=s.max_body_mb * MiB,
+            max_images=s.max_images,
+            max_image_pixels=s.max_image_pixels,
+            max_frames=s.max_frames,
+            feature_cache_bytes=s.feature_cache_mb * MiB,
+            allow_remote_media=s.allow_remote_media,
+            allow_local_media=local,
+            defaults=defaults,
+            max_tiles=settings.media.max_tiles,
+            frames=min(settings.media.frames, s.max_frames),
+            system_message=settings.system.message,
+            stream_interval=g.stream_interval,
+        )

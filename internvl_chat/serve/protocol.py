@@ -1,0 +1,245 @@
+"""The OpenAI chat-completions shapes: request models (pydantic) and response/chunk builders.
+
+Unknown request fields are ignored, as OpenAI-compatible servers do; fields we cannot honour
+with a non-default value (n > 1, logprobs, tools, penalties other than repetition_penalty) are
+refused with 400 rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from .errors import APIError, bad_request
+
+OWNED_BY = "internvl-chat"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class MediaURL(_Model):
+    url: str
+    detail: str | None = None
+    max_dynamic_patch: int | None = Field(default=None, ge=1, le=64)  # lmdeploy's per-image tile limit
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+def _url_object(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value  # some clients send the URL as a bare string
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: Annotated[MediaURL, BeforeValidator(_url_object)]
+    max_dynamic_patch: int | None = Field(default=None, ge=1, le=64)
+
+
+class VideoPart(_Model):
+    type: Literal["video_url"]
+    video_url: Annotated[MediaURL, BeforeValidator(_url_object)]
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+
+
+class Message(_Model):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Model):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=100)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)  # -1 (vLLM) and 0 both turn it off
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: Union[str, list[str], None] = None
+    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, Any] | None = None  # vLLM: {"video": {"num_frames": N}}
+    return_token_ids: bool = False  # vLLM's extension: the ids of the answer
+    # accepted only at their neutral values
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+MAX_STOP_STRINGS = 16
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """The JSON body as a request; 400 naming the first bad field otherwise."""
+    try:
+        req = ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as e:
+        first = max(e.errors(), key=lambda err: len(err.get("loc", ())))  # the deepest: the most specific
+        param = _param(first.get("loc", ()))
+        if first.get("type") == "json_invalid":
+            raise bad_request(f"the request body is not valid JSON ({first.get('msg')})") from None
+        raise bad_request(f"{param or 'request'}: {first.get('msg')}", param=param) from None
+    _refuse_unsupported(req)
+    return req
+
+
+def _param(loc: tuple) -> str | None:
+    """A pydantic error location as a dotted param, without the union members it names."""
+    # pydantic puts the union member it tried ("str", "list[...]") and a part's type tag in the location
+    parts = [p for p in loc if not (isinstance(p, str) and (p == "str" or "[" in p))]
+    out = []
+    for i, p in enumerate(parts):
+        is_tag = i >= 2 and parts[i - 2] == "content" and isinstance(parts[i - 1], int) and p in _PART_TYPES
+        if not is_tag:
+            out.append(str(p))
+    return ".".join(out) or None
+
+
+_PART_TYPES = ("text", "image_url", "video_url")
+
+
+def _refuse_unsupported(req: ChatCompletionRequest) -> None:
+    if req.n not in (None, 1):
+        raise bad_request("n must be 1: this server returns one choice per request", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) not in (None, 0, 0.0):
+            raise bad_request(f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name)
+    if req.logprobs:
+        raise bad_request("logprobs are not supported by this server", param="logprobs")
+    if req.tools:
+        raise bad_request("tools (function calling) are not supported by this server", param="tools")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise bad_request("only the text response_format is supported", param="response_format")
+    stops = stop_strings(req)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
+    if any(not s for s in stops):
+        raise bad_request("stop strings must not be empty", param="stop")
+
+
+def stop_strings(req: ChatCompletionRequest) -> list[str]:
+    if req.stop is None:
+        return []
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop)
+
+
+# ---- responses ------------------------------------------------------------------------------
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def timings(prompt_n: int, prompt_s: float, predicted_n: int, predicted_s: float, cache_n: int) -> dict:
+    """llama.cpp's `timings` object: prompt = the prefilled (uncached) tokens, vision included;
+    predicted = decode steps after the first token (which belongs to the prompt phase)."""
+    prompt_ms, predicted_ms = prompt_s * 1000, predicted_s * 1000
+    return {
+        "cache_n": cache_n,
+        "prompt_n": prompt_n,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
+        "prompt_per_second": prompt_n / prompt_s if prompt_s > 0 else 0.0,
+        "predicted_n": predicted_n,
+        "predicted_ms": predicted_ms,
+        "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
+        "predicted_per_second": predicted_n / predicted_s if predicted_s > 0 else 0.0,
+    }
+
+
+def completion(cid: str, model: str, text: str, finish_reason: str, final: dict, token_ids: list[int] | None) -> dict:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": final["usage"],
+        "timings": final["timings"],
+    }
+
+
+def chunk(cid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
+          include_usage: bool = False, extra: dict | None = None) -> dict:  # fmt: skip
+    out: dict[str, Any] = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if extra:
+        out["choices"][0].update(extra)
+    if include_usage:
+        out["usage"] = None  # OpenAI: null on every chunk but the last when usage is asked for
+    return out
+
+
+def usage_chunk(cid: str, model: str, created: int, final: dict) -> dict:
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": final["usage"],
+        "timings": final["timings"],
+    }
+
+
+def models_list(model_id: str, context_length: int, created: int) -> dict:
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": OWNED_BY,
+                "max_model_len": context_length,  # vLLM's name
+                "context_length": context_length,
+            }
+        ],
+    }
+
+
+def check_model(req: ChatCompletionRequest, model_id: str) -> None:
+    if req.model != model_id:
+        raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_id!r}",
+                       code="model_not_found", param="model")  # fmt: skip

@@ -1,0 +1,73 @@
+"""KV-cache slots: a few Sessions over one model, each keeping the last conversation it served.
+
+Each slot owns KV tensors sized to the model's context (slot 0 adopts the model's own), so N slots
+cost N × the KV cache in memory and switching between them costs nothing (the model is pointed at
+the slot's tensors). A request goes to the slot whose cache shares the longest prefix with its
+prompt — token ids equal and every image run in that prefix the same picture — as long as that
+keeps at least half of what the slot holds; otherwise to the least recently used slot, so one new
+conversation does not evict a long one to save a shared system prompt (llama.cpp's rule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..chat.session import Session
+from ..engine.loader import LoadedModel
+from .conversation import Prompt, Span
+
+KEEP_FRACTION = 0.5
+
+
+@dataclass
+class Slot:
+    index: int
+    session: Session
+    kv_bytes: int
+    spans: list[Span] = field(default_factory=list)
+    last_used: int = 0
+
+    @property
+    def cached(self) -> int:
+        return self.session.start_pos
+
+    def reusable(self, prompt: Prompt) -> int:
+        """How many leading prompt tokens this slot's cache can keep; at least one token is left to prefill."""
+        n = self.session.cached_prefix(prompt.ids)
+        mine = {(s.start, s.end): s.key for s in self.spans}
+        for span in prompt.spans:
+            if span.start >= n:
+                break
+            if span.end > n or mine.get((span.start, span.end)) != span.key:
+                n = span.start  # never split an image, never keep another picture's features
+                break
+        return min(n, len(prompt.ids) - 1)
+
+
+class SlotPool:
+    def __init__(self, loaded: LoadedModel, count: int, stream_interval: int = 1):
+        self.slots: list[Slot] = []
+        self._clock = 0
+        for i in range(count):
+            session = Session(loaded, system_message=None, use_checkpoint_system=False, stream_interval=stream_interval)
+            kv_bytes = session.own_kv_cache(share_model_cache=(i == 0))
+            self.slots.append(Slot(i, session, kv_bytes))
+
+    def choose(self, prompt: Prompt) -> tuple[Slot, int]:
+        """The slot for this prompt and how many of its tokens are already cached there."""
+        scored = [(slot.reusable(prompt), slot) for slot in self.slots]
+        lru = min(self.slots, key=lambda s: s.last_used)
+        keeping = [(r, s) for r, s in scored if r > 0 and (r >= KEEP_FRACTION * s.cached or s is lru)]
+        if keeping:
+            reuse, slot = max(keeping, key=lambda rs: (rs[0], -rs[1].last_used))
+        else:
+            empty = [s for s in self.slots if s.cached == 0]
+            slot = empty[0] if empty else lru
+            reuse = next(r for r, s in scored if s is slot)
+        self._clock += 1
+        slot.last_used = self._clock
+        return slot, reuse
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(s.kv_bytes for s in self.slots)

@@ -1,0 +1,39 @@
+"""Server-sent events framed as OpenAI frames them: `data: {json}\\n\\n`, ending with `data: [DONE]\\n\\n`."""
+
+from __future__ import annotations
+
+import json
+
+DONE = b"data: [DONE]\n\n"
+
+
+def to_json(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def event(obj: dict) -> bytes:
+    # json.dumps escapes newlines inside strings, so one event is always one `data:` line
+    return f"data: {to_json(obj)}\n\n".encode()
+
+
+class TextEvents:
+    """Events for text deltas from one template chunk: its constant parts are rendered once, so each
+    delta costs one json.dumps of the text (the per-token path of a stream)."""
+
+    _MARK = "\\u0000"  # how json writes the placeholder "\\x00"
+
+    def __init__(self, template: dict, path: tuple):
+        probe = json.loads(json.dumps(template))
+        target = probe
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = "\x00"
+        rendered = to_json(probe)
+        if rendered.count(self._MARK) != 1:
+            raise ValueError("the template already holds a NUL character")
+        before, after = rendered.split(self._MARK)
+        self._head = f"data: {before[:-1]}"  # without the placeholder's opening quote
+        self._tail = f"{after[1:]}\n\n"  # nor its closing one
+
+    def __call__(self, text: str) -> bytes:
+        return f"{self._head}{json.dumps(text, ensure_ascii=False)}{self._tail}".encode()

@@ -1,0 +1,157 @@
+"""An in-process OpenAI-compatible test server: records requests, replays scripted replies.
+
+Replies are queued per endpoint and consumed in order; each is a status, headers and a body sent
+in pieces (chunked transfer encoding, as the real servers stream), optionally ended abnormally:
+"reset" closes the socket with an RST, "cut" closes it without the final chunk, "hang" sends
+nothing more until the test ends (for read timeouts).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "remote"
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    pieces: list[bytes] = field(default_factory=list)
+    content_type: str = "text/event-stream"
+    headers: dict[str, str] = field(default_factory=dict)
+    end: str = "normal"  # "normal" | "reset" | "cut" | "hang"
+
+    @classmethod
+    def sse(cls, body: bytes, piece_size: int = 0, end: str = "normal") -> Reply:
+        """An event stream, sent whole or in pieces of `piece_size` bytes (splitting lines and characters)."""
+        if piece_size <= 0:
+            return cls(pieces=[body], end=end)
+        return cls(pieces=[body[i : i + piece_size] for i in range(0, len(body), piece_size)], end=end)
+
+    @classmethod
+    def json(cls, obj: object, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
+        body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        return cls(status, [body], "application/json", headers or {})
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+class FakeServer:
+    def __init__(self, models: bytes | None = None):
+        self.requests: list[Recorded] = []
+        self.replies: dict[str, list[Reply]] = {"/v1/models": [], "/v1/chat/completions": []}
+        self.models = models
+        self.release = threading.Event()  # lets a "hang" reply finish when the test ends
+        self.finished = threading.Event()  # set after a streamed reply has been written completely
+        handler = _make_handler(self)
+        self._server = _QuietServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def chat(self, *replies: Reply) -> FakeServer:
+        self.replies["/v1/chat/completions"].extend(replies)
+        return self
+
+    def chat_bodies(self) -> list[dict]:
+        return [r.json for r in self.requests if r.path == "/v1/chat/completions"]
+
+    def __enter__(self) -> FakeServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that hangs up mid-reply (a cancelled answer) is expected here
+
+
+def _make_handler(server: FakeServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _record(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            server.requests.append(Recorded(self.command, self.path, dict(self.headers.items()), body))
+
+        def do_GET(self) -> None:
+            self._record()
+            if self.path == "/v1/models" and not server.replies["/v1/models"] and server.models is not None:
+                self._send(Reply.json(server.models))
+            else:
+                self._next()
+
+        def do_POST(self) -> None:
+            self._record()
+            self._next()
+
+        def _next(self) -> None:
+            queue = server.replies.get(self.path)
+            if not queue:
+                self._send(Reply.json({"error": {"message": f"no reply scripted for {self.path}", "type": "test"}}, 404))
+                return
+            self._send(queue.pop(0))
+
+        def _send(self, reply: Reply) -> None:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for piece in filter(None, reply.pieces):  # an empty chunk would end the body
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.flush()
+            if reply.end == "normal":
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+                server.finished.set()
+                return
+            if reply.end == "hang":
+                server.release.wait()
+            elif reply.end == "reset":  # RST instead of FIN
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.close()
+
+    return Handler
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (connections to it are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,226 @@
+"""/save, /load and /export in the app: the sessions folder, never replacing another conversation
+silently, settings restored with the session, and nothing from a file reaching the terminal raw."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from internvl_chat.chat.session import Session
+from internvl_chat.engine.loader import load_model
+from internvl_chat.settings import load_settings
+from internvl_chat.ui.app import ERROR, OK, App, default_sessions_dir
+from internvl_chat.chat.sampling import params_from_settings as sampling_params
+from media_helpers import textured_rgb
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_original):
+    return load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    return tmp_path / "home"
+
+
+def make_app(loaded, cwd: Path, **overrides) -> tuple[App, io.StringIO]:
+    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 6, **overrides})
+    session = Session(loaded, params=sampling_params(settings))
+    out = io.StringIO()
+    return App(session, settings, Console(file=out, width=200, color_system=None), cwd=cwd), out
+
+
+def output(out: io.StringIO) -> str:
+    text = out.getvalue()
+    out.truncate(0), out.seek(0)
+    return text
+
+
+def test_save_without_a_name_goes_to_the_sessions_folder_and_load_finds_it_by_name(loaded, tmp_path, home):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    assert app.handle_line("/save") == OK
+    folder = default_sessions_dir()
+    assert folder == home / ".local" / "state" / "internvl-chat" / "sessions"
+    (saved,) = folder.glob("session-*.json")
+    app.handle_line("More.")
+    assert app.handle_line("/save") == OK  # the same conversation: the same file again
+    assert list(folder.glob("*.json")) == [saved] and len(json.loads(saved.read_text())["messages"]) == 4
+    output(out)
+
+    other, out2 = make_app(loaded, tmp_path)
+    assert other.handle_line(f"/load {saved.stem}") == OK  # a name in the folder, .json optional
+    assert [t.user_text for t in other.session.turns] == ["Hello.", "More."]
+    assert other.handle_line(f"/load {saved.name}") == OK
+    (tmp_path / "here.json").write_text(saved.read_text())
+    assert other.handle_line("/load here") == OK  # the working folder first
+    assert other.handle_line("/load nothing-here") == ERROR
+    assert "there is no session nothing-here here or in" in output(out2)
+
+    other.handle_line("/clear")
+    other.handle_line("A new conversation.")
+    other.handle_line(f"/save {folder / 'second.json'}")
+    output(out2)
+    assert other.handle_line("/load") == OK  # the list, newest first, with turn counts and dates
+    listing = output(out2).splitlines()
+    assert listing[0] == f"saved sessions in {folder}, newest first:"
+    rows = [line.split() for line in listing[1:3]]
+    assert [(r[0], r[1]) for r in rows] == [("second", "1"), (saved.stem, "2")]
+    assert "/load NAME" in listing[-1]
+
+
+def test_save_never_silently_replaces_another_conversation(loaded, tmp_path, home):
+    first, _ = make_app(loaded, tmp_path)
+    first.handle_line("The first conversation.")
+    assert first.handle_line("/save talk.json") == OK
+    original = (tmp_path / "talk.json").read_text()
+
+    second, out = make_app(loaded, tmp_path)  # a script: no one to ask
+    second.handle_line("Another conversation.")
+    output(out)
+    assert second.handle_line("/save talk.json") == ERROR
+    message = output(out).strip()
+    assert message.startswith(f"error: {tmp_path / 'talk.json'} already holds another conversation (1 turn(s))")
+    assert "--force" in message and (tmp_path / "talk.json").read_text() == original
+    (tmp_path / "notes.txt").write_text("my notes")
+    assert second.handle_line("/save notes.txt") == ERROR
+    assert "a file that is not an internvl-chat session" in output(out)
+
+    asked = []
+    second.confirm = lambda question: asked.append(question) or False  # the REPL asks; "no"
+    assert second.handle_line("/save talk.json") == OK
+    assert "replace it? [y/N]" in asked[0] and "not saved" in output(out)
+    assert (tmp_path / "talk.json").read_text() == original
+    second.confirm = lambda question: True
+    assert second.handle_line("/save talk.json") == OK
+    assert json.loads((tmp_path / "talk.json").read_text())["messages"][0]["text"] == "Another conversation."
+
+    first.confirm = None
+    assert first.handle_line("/save talk.json --force") == OK  # a script can force it
+    assert json.loads((tmp_path / "talk.json").read_text())["messages"][0]["text"] == "The first conversation."
+    first.handle_line("Go on.")
+    assert first.handle_line("/save talk.json") == OK  # its own file, continued: no question
+    third, _ = make_app(loaded, tmp_path)
+    assert third.handle_line("/load talk.json") == OK
+    third.handle_line("And on.")
+    assert third.handle_line("/save talk.json") == OK  # loaded from there: the same conversation
+    # a file an earlier run saved of this very conversation (its first turn) is replaced without a question
+    earlier = third.session.to_json()
+    earlier["messages"] = earlier["messages"][:2]
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    third.confirm = None
+    assert third.handle_line("/save earlier.json") == OK
+
+
+def test_load_restores_the_settings_saved_with_the_session(loaded, tmp_path, home):
+    app, _ = make_app(loaded, tmp_path)
+    for line in ("/set temperature 0.7", "/set top_k 40", "/set seed 7", "/set max_tiles 4", "/set max_new_tokens 5"):
+        assert app.handle_line(line) == OK
+    app.handle_line("Hello.")
+    app.handle_line(f"/save {tmp_path / 'warm.json'}")
+
+    fresh, out = make_app(loaded, tmp_path)
+    assert fresh.handle_line(f"/load {tmp_path / 'warm.json'}") == OK
+    g = fresh.settings.generation
+    assert (g.temperature, g.top_k, g.seed, g.max_new_tokens, fresh.settings.media.max_tiles) == (0.7, 40, 7, 5, 4)
+    assert fresh.session.params.temperature == 0.7 and fresh.session.params.seed == 7
+    assert fresh.settings.sources["generation.seed"] == "session warm.json"
+    said = out.getvalue()
+    assert "settings from the session: temperature 0.7 (was 0.0), top_k 40 (was 0), max_new_tokens 5 (was 6), seed 7 (was unset)" in said
+    assert "max_tiles 4 (was unset)" in said  # unset: the checkpoint's own limit
+
+    data = json.loads((tmp_path / "warm.json").read_text())
+    data["settings"]["generation"]["seed"] = 2**64  # outside the generator's range
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    other, out2 = make_app(loaded, tmp_path)
+    other.handle_line("Hi.")
+    before = (list(other.session.ids), other.settings.to_dict())
+    assert other.handle_line(f"/load {tmp_path / 'bad.json'}") == ERROR
+    assert "generation.seed must be an integer from 0 to 2**63-1" in out2.getvalue()
+    assert (other.session.ids, other.settings.to_dict()) == before
+
+
+def test_export_replaces_a_symlink_instead_of_writing_through_it(loaded, tmp_path, home):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "talk.md").symlink_to(victim)
+    assert app.handle_line("/export talk.md") == OK
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "talk.md").is_symlink() and "## User" in (tmp_path / "talk.md").read_text()
+
+
+def test_write_errors_name_the_users_path_never_a_temporary_file(loaded, tmp_path, home, monkeypatch):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+
+    def refuse(source, target):
+        raise PermissionError(13, "Permission denied", source)
+
+    monkeypatch.setattr("os.replace", refuse)
+    output(out)
+    for command, name in (("/save chat.json", "chat.json"), ("/export chat.md", "chat.md")):
+        assert app.handle_line(command) == ERROR
+        said = output(out).strip()
+        assert said == f"error: cannot use {tmp_path / name}: Permission denied; check the path and its permissions"
+    assert list(tmp_path.iterdir()) == []  # no temporary files left
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u202eevil"
+
+
+def test_nothing_from_a_session_file_drives_the_terminal(loaded, tmp_path, home):
+    picture = tmp_path / f"cat{HOSTILE}.png"
+    Image.fromarray(textured_rgb(448, 448, seed=3)).save(picture)
+    app, _ = make_app(loaded, tmp_path)
+    media = app.describe(picture)
+    app.attach([media])
+    app.handle_line(f"What is this? {HOSTILE}")
+    app.handle_line(f"/system Be brief. {HOSTILE}")
+    app.handle_line(f"/save {tmp_path / 'hostile.json'}")
+    data = json.loads((tmp_path / "hostile.json").read_text())
+    data["model"] = f"/models/{HOSTILE}"
+    (tmp_path / "hostile.json").write_text(json.dumps(data))
+
+    other, out = make_app(loaded, tmp_path)
+    for line in (f"/load {tmp_path / 'hostile.json'}", "/show", "/context", "/system", "/undo", "/load /no/such.json"):
+        other.handle_line(line)
+    said = out.getvalue()
+    assert "\x1b" not in said and "\x07" not in said and "\u202e" not in said
+    assert "cat\\e]0;pwned\\x07\\e[2J\\u202eevil.png" in said  # shown, inert
+
+
+def test_input_that_is_not_utf8_is_refused_and_the_conversation_goes_on(loaded, tmp_path, home):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    line = b"caf\xe9 ?".decode("utf-8", errors="surrogateescape")  # as the terminal decodes it
+    output(out)
+    assert app.handle_line(line) == ERROR
+    assert output(out).strip() == "error: the input is not UTF-8 text (byte 0xe9); check the terminal's encoding"
+    assert app.handle_line("Still here.") == OK and len(app.session.turns) == 2
+
+
+def test_relative_media_paths_are_looked_up_in_search_dirs_first(loaded, tmp_path, home):
+    scripts = tmp_path / "scripts"
+    (scripts / "pics").mkdir(parents=True)
+    Image.fromarray(textured_rgb(448, 448, seed=4)).save(scripts / "pics" / "a.png")
+    (tmp_path / "pics").mkdir()
+    Image.fromarray(textured_rgb(900, 450, seed=5)).save(tmp_path / "pics" / "b.png")
+    app, out = make_app(loaded, tmp_path)
+    app.search_dirs = (scripts,)
+    assert app.handle_line("/image pics/a.png") == OK  # beside the script
+    assert app.handle_line("/image pics/b.png") == OK  # not there: the working folder
+    assert [m.path for m in app.pending] == [scripts / "pics" / "a.png", tmp_path / "pics" / "b.png"]
+    app.pending.clear()
+    app.handle_line("Compare ./pics/a.png with ./pics/b.png please.")
+    assert [m.path.name for m in app.session.turns[0].media] == ["a.png", "b.png"]

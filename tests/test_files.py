@@ -1,0 +1,116 @@
+"""files.py: bounded reads that refuse FIFOs, devices and huge files; atomic writes; inert printing."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from internvl_chat.errors import UsageError
+from internvl_chat.files import (
+    read_bytes_file,
+    read_stream,
+    read_text_file,
+    sniff_binary,
+    undecodable_byte,
+    visible,
+    visible_lines,
+    write_atomic,
+)
+
+
+def test_a_fifo_is_refused_at_once_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    outcome = []
+    # run in a thread so a regression (a blocking open) fails the test instead of hanging it
+    reader = threading.Thread(target=lambda: outcome.append(_error_of(read_text_file, fifo, "session file")), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    if reader.is_alive():  # unblock the stuck open before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert outcome and "is not a regular file" in outcome[0]
+
+
+def _error_of(fn, *args) -> str:
+    try:
+        fn(*args)
+    except UsageError as e:
+        return str(e)
+    return "no error"
+
+
+def test_devices_folders_missing_and_huge_files_are_refused(tmp_path):
+    assert "is not a regular file" in _error_of(read_text_file, "/dev/zero", "script")
+    assert "is a folder" in _error_of(read_text_file, tmp_path, "script")
+    assert "does not exist" in _error_of(read_text_file, tmp_path / "none.txt", "script")
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:
+        f.truncate(17 << 20)  # sparse: no disk used
+    message = _error_of(read_text_file, huge, "session file")
+    assert "17.0 MiB, over the 16 MiB limit" in message and "\n" not in message
+
+
+def test_text_must_be_utf8_and_the_message_says_where(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"[ui]\nplain = true\nname = \"caf\xe9\"\n")
+    assert "not UTF-8 text (byte 0xe9 on line 3)" in _error_of(read_text_file, path, "config file")
+    path.write_bytes("\ufeffa = 1\n".encode())
+    assert read_text_file(path, "config file") == "a = 1\n"  # a BOM is dropped
+
+
+def test_read_stream_stops_at_the_limit(tmp_path):
+    fd = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        with pytest.raises(UsageError, match="stdin holds more than 1 MiB"):
+            read_stream(fd, "stdin", limit=1 << 20)
+    finally:
+        os.close(fd)
+    r, w = os.pipe()
+    os.write(w, b"hello")
+    os.close(w)
+    assert read_stream(r, "stdin") == b"hello"
+    os.close(r)
+
+
+def test_write_atomic_replaces_a_symlink_and_never_writes_through_it(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    link = tmp_path / "out.md"
+    link.symlink_to(victim)
+    write_atomic(link, "new")
+    assert victim.read_text() == "precious"
+    assert not link.is_symlink() and link.read_text() == "new"
+    assert read_bytes_file(link, "x") == b"new"
+
+
+def test_visible_makes_controls_bidi_and_undecodable_bytes_inert():
+    assert visible("a\x1b[31mb\x07\u202ec\td\n") == "a\\e[31mb\\x07\\u202ec\\td\\n"
+    undecodable = b"caf\xe9.png".decode("utf-8", errors="surrogateescape")  # a non-UTF-8 file name
+    assert visible(undecodable) == "caf\\xe9.png"
+    visible(undecodable).encode("utf-8")  # printable on any UTF-8 terminal
+    assert visible("\ud800") == "\\ud800"  # a JSON escape of a lone surrogate
+    assert visible_lines("one\ttwo\nthree\x1b]0;title\x07") == "one\ttwo\nthree\\e]0;title\\x07"
+
+
+def test_undecodable_byte_finds_the_original_byte():
+    assert undecodable_byte("plain 中文") is None
+    assert undecodable_byte(b"ab\xff".decode("utf-8", errors="surrogateescape")) == 0xFF
+    assert undecodable_byte("x\ud800") == 0xD800
+
+
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "a PNG image"),
+        (b"\xff\xd8\xff\xe0\0\x10JFIF", "a JPEG image"),
+        (b"RIFF\0\0\0\0WEBPVP8 ", "a WebP image"),
+        (b"\0\0\0\x18ftypmp42", "a video (MP4/MOV)"),
+        (b"hello\0world", "binary data"),
+        ("ordinary text, 中文\n".encode(), None),
+        (b"caf\xe9 latin-1 text", None),  # not binary: the UTF-8 check reports it
+    ],
+)
+def test_sniff_binary(data, kind):
+    assert sniff_binary(data) == kind

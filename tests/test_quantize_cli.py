@@ -1,0 +1,161 @@
+"""`internvl-chat quantize` as a command: refusals before any work, atomic output, progress, help."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from internvl_chat import cli
+from internvl_chat.engine.config import load_config
+from internvl_chat.quantize import BarProgress, Progress, build_parser, check_group_size, quantize_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, list[str]]:
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the command sets it for torch; undone after the test
+    code = cli.main(["quantize", *map(str, args)])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture
+def config_only(tiny_original, tmp_path) -> Path:
+    """The tiny model's config.json without any weights: whatever is refused with it was refused before loading."""
+    folder = tmp_path / "no_weights"
+    folder.mkdir()
+    shutil.copy2(tiny_original / "config.json", folder / "config.json")
+    return folder
+
+
+def test_group_size_that_does_not_divide_the_widths_is_refused_before_loading(config_only, tmp_path, monkeypatch, capsys):
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--group-size", "48")
+    assert code == 2
+    assert len(lines) == 1 and "group size 48 does not divide the model's hidden size 64; use 64 or 32" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-32", "abc"])
+def test_bad_flag_values_are_one_line(config_only, tmp_path, monkeypatch, capsys, value):
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--group-size", value)
+    assert code == 2 and len(lines) == 1 and "--group-size" in lines[0] and "--help" in lines[0], lines
+
+
+def test_default_group_size_is_128_where_it_divides_else_the_largest_that_does():
+    demo = load_config(REPO / "internvl_chat" / "demo_model")  # widths 192 and 512
+    assert check_group_size(demo, None) == 64
+    import bench_lib
+
+    one_b = bench_lib.shape_config("InternVL3-1B", w4=False)  # 896 and 4864
+    assert check_group_size(one_b, None) == 128
+    assert check_group_size(one_b, 64) == 64
+
+
+def test_every_flag_has_help():
+    for action in build_parser()._actions:
+        assert action.help and action.help.strip(), action.dest
+
+
+@pytest.mark.parametrize("kind", ["not empty", "a file", "under a file", "a symlink", "not writable"])
+def test_unusable_output_is_refused_in_one_line_before_loading(config_only, tmp_path, monkeypatch, capsys, kind):
+    dst = tmp_path / "out"
+    if kind == "not empty":
+        dst.mkdir()
+        (dst / "keep.txt").write_text("mine")
+        expected = "exists and is not empty"
+    elif kind == "a file":
+        dst.write_text("mine")
+        expected = "exists and is not a folder"
+    elif kind == "under a file":
+        (tmp_path / "file").write_text("mine")
+        dst = tmp_path / "file" / "out"
+        expected = "cannot write the output"
+    elif kind == "a symlink":
+        (tmp_path / "elsewhere").mkdir()
+        dst.symlink_to(tmp_path / "elsewhere")
+        expected = "is a symlink"
+    else:  # not even root can make a folder in /proc
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux /proc")
+        dst = Path("/proc/internvl-quantize-test")
+        expected = "cannot write the output /proc/internvl-quantize-test in /proc"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, lines = run_cli(monkeypatch, capsys, config_only, dst)
+    assert code == 2
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert ".partial" not in lines[0]  # the user's path, never the staging folder's
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
+    if kind == "not empty":
+        assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+
+
+class InterruptWhile(Progress):
+    """Ctrl-C as the user would press it: a KeyboardInterrupt raised in the middle of `phase`."""
+
+    def __init__(self, phase: str):
+        self.phase_name = phase
+
+    def update(self, name, done, total, unit, detail):
+        if name == self.phase_name and done >= 1:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("phase", ["AWQ search", "writing"])
+def test_ctrl_c_leaves_no_output_folder_and_no_partial_files(tiny_original, tmp_path, phase):
+    dst = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_original, dst, "awq", group_size=32, samples=2, device="cpu", progress=InterruptWhile(phase))
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its hidden staging folder
+
+
+def test_an_existing_empty_output_folder_is_filled(tiny_original, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
+    assert (dst / "model.safetensors").is_file() and (dst / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_non_terminal_progress_is_a_few_plain_lines_with_real_totals(tiny_original, tmp_path, monkeypatch, capsys):
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--group-size", "32", "--samples", "2")
+    assert code == 0, lines
+    phases = [line.split(":")[1].strip() for line in lines[:-1]]
+    assert phases == ["loading", "calibration data", "calibration forward", "AWQ search", "writing"], lines
+    assert "quantize: AWQ search: 2 blocks in" in lines[3] and "quantize: calibration forward: 2 samples in" in lines[2]
+    assert lines[-1].startswith(f"wrote {tmp_path / 'out'} (awq, group 32) in ")
+    assert not any("?" in line or "\x1b" in line for line in lines), lines
+
+
+def test_terminal_progress_draws_every_phase_with_its_total(tiny_original, tmp_path):
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=150, color_system=None)
+    with BarProgress(console) as bars:
+        quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=4, device="cpu", progress=bars)
+    text = screen.getvalue()
+    for shown in ("loading", "1/1 model", "calibration data", "4/4 samples", "calibration forward", "AWQ search", "2/2 blocks",
+                  "writing", "2/2 files"):  # fmt: skip
+        assert shown in text, shown
+    assert "/?" not in text and "0/?" not in text
+
+
+def test_rtn_needs_no_calibration(tiny_original, tmp_path):
+    seen = []
+
+    class Record(Progress):
+        def begin(self, name, total, unit):
+            seen.append((name, total, unit))
+
+    quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=Record())
+    assert seen == [("loading", 1, "model"), ("RTN", 2, "blocks"), ("writing", 2, "files")]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["llm_config"]["quantization_config"]["group_size"] == 32
+
+
+def test_a_missing_source_is_named_without_flags_of_other_commands(tmp_path, monkeypatch, capsys):
+    code, lines = run_cli(monkeypatch, capsys, tmp_path / "missing", tmp_path / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert "the source" in lines[0] and "missing is not a folder" in lines[0] and "--model" not in lines[0]

@@ -1,0 +1,506 @@
+"""RemoteConversation against an in-process server replaying recorded lmdeploy / vLLM / llama.cpp replies.
+
+What is proven here: the model and dialect come from GET /models; each dialect's request body is
+the one its server reads as InternVL's prompt; pictures are byte-identical on every resend and
+replies are resent exactly as returned; streaming, usage and server timings; cancel keeps the
+partial answer; retry / undo / system / save / load work on the client-side history.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+from media_helpers import read_frame_number, write_numbered_video
+from PIL import Image
+from remote_helpers import FakeServer, Reply, fixture
+
+from internvl_chat.chat.conversation import Conversation
+from internvl_chat.chat.dialects import DIALECTS, detect_dialect, user_content
+from internvl_chat.chat.remote import RemoteConversation
+from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.chat.template import MediaSpec, PromptBuilder
+from internvl_chat.errors import ContextOverflowError, MediaError, UsageError
+from internvl_chat.media.image import IMAGENET_MEAN, IMAGENET_STD
+from internvl_chat.settings import REMOTE_DIALECTS
+
+REPLY = "A red circle on white.\n"
+PARAMS = SamplingParams(max_new_tokens=64)
+
+
+def models_of(dialect: str) -> bytes:
+    return fixture(f"{dialect}/models.json")
+
+
+def stream_of(dialect: str, piece_size: int = 0) -> Reply:
+    return Reply.sse(fixture(f"{dialect}/stream.sse"), piece_size)
+
+
+def connect(server: FakeServer, **kwargs) -> RemoteConversation:
+    kwargs.setdefault("params", SamplingParams(max_new_tokens=64))
+    return RemoteConversation.connect(server.url, **kwargs)
+
+
+def answer(events) -> tuple[str, dict]:
+    events = list(events)
+    assert all(e["finish_reason"] is None for e in events[:-1])
+    return "".join(e["text"] for e in events), events[-1]
+
+
+def png(path, size=(64, 48), color=(200, 30, 30), mode="RGB") -> str:
+    Image.new(mode, size, color).save(path)
+    return str(path)
+
+
+def b64_of(url: str) -> bytes:
+    head, _, data = url.partition(",")
+    assert head.endswith(";base64")
+    return base64.b64decode(data)
+
+
+# ---- handshake: model, dialect, context ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dialect", "model", "context"),
+    [("vllm", "OpenGVLab/InternVL3-8B", 32768), ("lmdeploy", "OpenGVLab/InternVL3-8B", None), ("llamacpp", "model.gguf", 8192)],
+)
+def test_the_model_list_names_model_dialect_and_context(dialect, model, context):
+    with FakeServer(models_of(dialect)) as server:
+        conv = connect(server)
+        assert (conv.model, conv.dialect, conv.max_context) == (model, dialect, context)
+        info = conv.describe()
+        assert info.name == model and info.context == context and info.memory_device is None
+        assert server.url in info.where
+        assert server.requests[0].path == "/v1/models"
+        assert isinstance(conv, Conversation)
+
+
+def test_owned_by_values_and_forcing_a_dialect():
+    assert detect_dialect("library") == "ollama"  # Ollama fills owned_by with the model's namespace
+    assert detect_dialect("internvl-chat") == "internvl-chat"
+    assert detect_dialect("openai") == "generic" and detect_dialect(None) == "generic"
+    assert REMOTE_DIALECTS == ("auto", *DIALECTS)  # settings.py names the same dialects
+    with FakeServer(models_of("vllm")) as server:
+        assert connect(server, dialect="sglang").dialect == "sglang"
+        with pytest.raises(UsageError, match="unknown dialect 'klingon'"):
+            connect(server, dialect="klingon")
+
+
+def test_a_model_the_server_does_not_serve_is_refused_with_the_served_ones():
+    with FakeServer(models_of("lmdeploy")) as server:
+        with pytest.raises(UsageError, match=r"does not serve 'InternVL3-9B'.*OpenGVLab/InternVL3-8B"):
+            connect(server, model="InternVL3-9B")
+        assert connect(server, model="OpenGVLab/InternVL3-8B").model == "OpenGVLab/InternVL3-8B"
+
+
+def test_the_api_key_goes_as_a_bearer_token():
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(stream_of("vllm"))
+        conv = connect(server, api_key="sk-test-123")
+        answer(conv.ask("hi"))
+        assert all(r.headers.get("Authorization") == "Bearer sk-test-123" for r in server.requests)
+
+
+# ---- request bodies per dialect ------------------------------------------------------------------
+
+
+def _images_then_video(tmp_path, dialect: str) -> tuple[list[dict], RemoteConversation]:
+    a = png(tmp_path / "a.png", color=(200, 30, 30))
+    b = png(tmp_path / "b.png", color=(30, 30, 200))
+    video = write_numbered_video(tmp_path / "v.mp4", 20)
+    with FakeServer(models_of(dialect)) as server:
+        server.chat(stream_of(dialect), stream_of(dialect))
+        conv = connect(server, system_message="Answer briefly.")
+        answer(conv.ask("Compare them.", [conv.describe_image(a, 6), conv.describe_image(b, 6)]))
+        answer(conv.ask("What happens?", [conv.describe_video(video, 2)]))
+        return server.chat_bodies(), conv
+
+
+@pytest.mark.parametrize("dialect", ["lmdeploy", "vllm", "llamacpp"])
+def test_request_bodies_match_each_servers_documented_shape(tmp_path, dialect):
+    bodies, conv = _images_then_video(tmp_path, dialect)
+    images = [m.picture.url for m in conv.turns[0].media]
+    frames = [f.url for f in conv.turns[1].media[0].clip.frames]
+    expected = fixture(f"{dialect}/request_images_then_video.json").decode()
+    for name, url in {"IMAGE_1": images[0], "IMAGE_2": images[1], "FRAME_1": frames[0], "FRAME_2": frames[1],
+                      "VIDEO_1": conv.turns[1].media[0].clip.video_url}.items():  # fmt: skip
+        expected = expected.replace("{%s}" % name, url)
+    assert bodies[1] == json.loads(expected)
+    # the first turn is resent byte for byte: same pictures, same text, the reply as returned
+    first = json.dumps(bodies[0]["messages"][1], ensure_ascii=False)
+    assert json.dumps(bodies[1]["messages"][1], ensure_ascii=False) == first
+    assert bodies[1]["messages"][2] == {"role": "assistant", "content": REPLY}
+
+
+def test_images_are_sent_as_the_files_own_bytes(tmp_path):
+    bodies, conv = _images_then_video(tmp_path, "lmdeploy")
+    sent = bodies[0]["messages"][1]["content"][1]["image_url"]["url"]
+    assert sent.startswith("data:image/png;base64,")
+    assert b64_of(sent) == (tmp_path / "a.png").read_bytes()
+
+
+def test_video_frames_are_our_samplers_frames(tmp_path):
+    """The frames sent are the ones media/video.py samples (frame numbers read back from the JPEGs)."""
+    from internvl_chat.media.video import frame_indices
+
+    video = write_numbered_video(tmp_path / "v.mp4", 40)
+    with FakeServer(models_of("lmdeploy")) as server:
+        server.chat(stream_of("lmdeploy"))
+        conv = connect(server)
+        answer(conv.ask("What happens?", [conv.describe_video(video, 5)]))
+        parts = server.chat_bodies()[0]["messages"][-1]["content"]
+    pictures = [p["image_url"] for p in parts if p["type"] == "image_url"]
+    assert [p["max_dynamic_patch"] for p in pictures] == [1] * 5
+    mean = np.asarray(IMAGENET_MEAN)[:, None, None]
+    std = np.asarray(IMAGENET_STD)[:, None, None]
+    numbers = []
+    for p in pictures:
+        rgb = np.asarray(Image.open(io.BytesIO(b64_of(p["url"]))).convert("RGB"), dtype=np.float32) / 255
+        assert rgb.shape == (448, 448, 3)
+        numbers.append(read_frame_number((rgb.transpose(2, 0, 1) - mean) / std))
+    assert numbers == frame_indices(40, 30.0, 5)
+    labels = [p["text"] for p in parts if p["type"] == "text"]
+    assert labels == ["Frame1: ", "Frame2: ", "Frame3: ", "Frame4: ", "Frame5: ", "What happens?"]
+
+
+def _lmdeploy_renders(content) -> str:
+    """lmdeploy's InternVL proc_messages: text parts as they are, each picture as `<img>…</img>\\n`."""
+    return "".join(p["text"] if p["type"] == "text" else "<image>\n" for p in content)
+
+
+def _llamacpp_renders(content) -> str:
+    """llama.cpp: text parts concatenated, each picture a marker in place with nothing after it."""
+    return "".join(p["text"] if p["type"] == "text" else "<image>" for p in content)
+
+
+def _vllm_renders(content) -> str:
+    """vLLM: text parts joined with \\n; placeholders already in the text stay where they are."""
+    texts = [p["text"] for p in content if p["type"] == "text"]
+    assert all(p["type"] in ("text", "image_url", "video_url") for p in content)
+    return "\n".join(texts)
+
+
+@pytest.mark.parametrize(
+    ("dialect", "renders"), [("lmdeploy", _lmdeploy_renders), ("llamacpp", _llamacpp_renders), ("vllm", _vllm_renders)]
+)
+@pytest.mark.parametrize("images", [1, 3])
+def test_each_server_builds_internvls_own_image_layout(tiny_loaded_tokenizer, dialect, renders, images):
+    from internvl_chat.chat.dialects import Picture
+
+    pictures = [Picture(f"data:image/png;base64,{n}", 12) for n in range(images)]
+    content = user_content(dialect, "What is shown?", pictures, [])
+    builder = PromptBuilder(tiny_loaded_tokenizer, None)
+    full = builder.render_text("What is shown?", [MediaSpec("image", 1)] * images, first=True, expand_images=False)
+    internvl = full.removeprefix("<|im_start|>user\n").removesuffix("<|im_end|>\n<|im_start|>assistant\n")
+    assert renders(content) == internvl
+
+
+def test_the_other_dialects_shapes(tmp_path):
+    from internvl_chat.chat.dialects import Clip, Picture, request_body
+
+    pic = Picture("data:image/png;base64,AA==", 6)
+    clip = Clip((Picture("data:image/jpeg;base64,F1", 1), Picture("data:image/jpeg;base64,F2", 1)))
+    assert clip.video_url == "data:video/jpeg;base64,F1,F2"  # vLLM's VideoMediaIO "video/jpeg" form
+    sglang = user_content("sglang", "Q", [pic], [clip])
+    assert [p.get("image_url", {}).get("max_dynamic_patch") for p in sglang] == [6, 1, 1, None]
+    ours = user_content("internvl-chat", "Q", [pic], [clip])
+    assert ours == [
+        {"type": "image_url", "image_url": {"url": pic.url, "max_dynamic_patch": 6}},
+        {"type": "video_url", "video_url": {"url": clip.video_url}},
+        {"type": "text", "text": "Q"},
+    ]
+    assert user_content("generic", "Q", [pic], []) == [{"type": "image_url", "image_url": {"url": pic.url}},
+                                                       {"type": "text", "text": "\nQ"}]  # fmt: skip
+    assert user_content("vllm", "just text", [], []) == "just text"
+    params = SamplingParams(temperature=0.7, top_k=0, repetition_penalty=1.1, seed=3)
+    body = request_body("internvl-chat", "m", [], params, [pic])
+    assert (body["top_k"], body["seed"], body["mm_processor_kwargs"]) == (0, 3, {"max_dynamic_patch": 6})
+    body = request_body("sglang", "m", [], params, [pic])
+    assert body["top_k"] == -1 and "mm_processor_kwargs" not in body
+    body = request_body("llamacpp", "m", [], params, [pic])
+    assert (body["repeat_penalty"], body["repeat_last_n"], body["min_p"]) == (1.1, -1, 0.0)
+    body = request_body("generic", "m", [], params, [pic])
+    assert "top_k" not in body and "repetition_penalty" not in body
+    mixed = request_body("vllm", "m", [], params, [pic, Picture("data:,", 12)])
+    assert "mm_processor_kwargs" not in mixed
+
+
+# ---- streaming, usage, timings ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "lmdeploy", "llamacpp"])
+@pytest.mark.parametrize("piece_size", [0, 3])
+def test_a_streamed_answer_usage_and_server_timings(dialect, piece_size):
+    with FakeServer(models_of(dialect)) as server:
+        server.chat(stream_of(dialect, piece_size))
+        conv = connect(server)
+        text, final = answer(conv.ask("What is it?"))
+        assert text == REPLY == conv.turns[0].answer_text == conv.turns[0].reply
+        assert final["finish_reason"] == "stop" and final["token_ids"] is None
+        assert final["usage"] == {"prompt_tokens": 1843, "completion_tokens": 5, "total_tokens": 1848, "cached_tokens": 1792}
+        timing = final["timing"]
+        assert timing["server"]["cached_tokens"] == 1792 and timing["decode_tokens"] == 4
+        assert timing["ttft_s"] >= 0 and timing["decode_s"] >= 0
+        if dialect == "llamacpp":
+            assert timing["server"]["predicted_per_second"] == 81.43 and timing["server"]["cache_n"] == 1792
+        assert conv.context_used == 1848  # the server's own count
+        assert conv.turns[0].answer_tokens == 5
+        body = server.chat_bodies()[0]
+        assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+def test_stream_interval_groups_pieces_without_changing_the_text():
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(stream_of("vllm"), stream_of("vllm"))
+        conv = connect(server)
+        one = list(conv.ask("a"))
+        conv.stream_interval = 2
+        two = list(conv.ask("b"))
+        assert "".join(e["text"] for e in one) == "".join(e["text"] for e in two) == REPLY
+        assert len([e for e in two if e["text"]]) < len([e for e in one if e["text"]])
+
+
+def test_a_server_that_ignores_stream_true_still_answers():
+    completion = {"id": "x", "object": "chat.completion", "model": "m",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "Whole."}, "finish_reason": "length"}],
+                  "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}}  # fmt: skip
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(Reply.json(completion))
+        conv = connect(server)
+        text, final = answer(conv.ask("hi"))
+        assert (text, final["finish_reason"], conv.context_used) == ("Whole.", "length", 11)
+
+
+# ---- cancel, retry, undo, system ----------------------------------------------------------------
+
+
+def test_cancel_closes_the_stream_and_keeps_the_partial_answer():
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(stream_of("vllm"), stream_of("vllm"))
+        conv = connect(server)
+        cancel = threading.Event()
+        events = conv.ask("What is it?", cancel=cancel)
+        first = next(events)
+        assert first["text"] == "A red"
+        cancel.set()
+        rest = list(events)
+        assert rest[-1]["finish_reason"] == "cancelled"
+        turn = conv.turns[0]
+        assert turn.reply == "A red" and turn.answer_text == "A red [cancelled]"
+        answer(conv.ask("Go on."))
+        history = server.chat_bodies()[1]["messages"]
+        assert history[1] == {"role": "assistant", "content": "A red"}  # resent exactly, no marker
+
+
+def test_an_abandoned_stream_leaves_the_conversation_unchanged():
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(stream_of("vllm"))
+        conv = connect(server)
+        events = conv.ask("What is it?")
+        next(events)
+        events.close()  # what Ctrl-C before the end does to the generator
+        assert conv.turns == []
+
+
+def test_retry_replaces_the_last_answer_and_a_failed_retry_keeps_it():
+    with FakeServer(models_of("lmdeploy")) as server:
+        server.chat(stream_of("lmdeploy"), Reply.json({"message": "busy", "type": "server_error", "code": 503,
+                                                        "object": "error"}, 503), stream_of("lmdeploy"))  # fmt: skip
+        conv = connect(server)
+        answer(conv.ask("Q1"))
+        before = conv.turns[0]
+        with pytest.raises(Exception, match="503"):
+            answer(conv.retry())
+        assert conv.turns == [before]
+        answer(conv.retry())
+        assert len(conv.turns) == 1 and conv.turns[0] is not before
+        bodies = server.chat_bodies()
+        assert bodies[2]["messages"] == [{"role": "user", "content": "Q1"}]  # the old answer is not sent
+
+
+def test_undo_clear_and_system_change_what_is_resent():
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(*(stream_of("vllm") for _ in range(4)))
+        conv = connect(server)
+        answer(conv.ask("Q1"))
+        answer(conv.ask("Q2"))
+        assert conv.undo().user_text == "Q2"
+        conv.set_system("Be brief.")
+        answer(conv.ask("Q3"))
+        assert [m["content"] for m in server.chat_bodies()[2]["messages"]] == ["Be brief.", "Q1", REPLY, "Q3"]
+        conv.clear()
+        conv.set_system(None)
+        answer(conv.ask("Q4"))
+        assert server.chat_bodies()[3]["messages"] == [{"role": "user", "content": "Q4"}]
+        with pytest.raises(UsageError):
+            conv.clear() or conv.undo() or conv.undo()
+
+
+# ---- budget and tiles ---------------------------------------------------------------------------
+
+
+def test_costs_are_estimates_and_the_servers_context_is_enforced(tmp_path):
+    models = json.loads(models_of("vllm"))
+    models["data"][0]["max_model_len"] = 800
+    with FakeServer(json.dumps(models).encode()) as server:
+        conv = connect(server)
+        assert conv.token_counts_exact is False
+        image = conv.describe_image(png(tmp_path / "wide.png", (896, 448)), 6)
+        assert image.tiles == 3  # 2×1 grid + thumbnail, InternVL's tiling
+        assert conv.media_tokens([image]) == 3 * 256 + 3
+        assert conv.turn_tokens([image]) > conv.media_tokens([image])
+        with pytest.raises(ContextOverflowError, match="800-token context"):
+            conv.check_attach([image])
+        conv.check_attach([])
+        items = conv.context_items([image])
+        assert items[-1] == ("reserved for the answer (max_new_tokens)", 64)
+
+
+def test_vllm_takes_one_tile_limit_per_request(tmp_path):
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(stream_of("vllm"))
+        conv = connect(server)
+        answer(conv.ask("a", [conv.describe_image(png(tmp_path / "a.png"), 6)]))
+        with pytest.raises(UsageError, match="max_tiles 6"):
+            conv.describe_image(png(tmp_path / "b.png"), 12)
+        conv.describe_image(tmp_path / "b.png", 6)
+
+
+# ---- pictures that servers would read differently ------------------------------------------------
+
+
+def test_exif_rotation_and_transparency_are_sent_as_we_see_them(tmp_path):
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    Image.new("RGB", (80, 40), (10, 200, 10)).save(rotated, exif=exif)
+    clear = png(tmp_path / "clear.png", (20, 20), (0, 0, 0, 0), mode="RGBA")
+    with FakeServer(models_of("lmdeploy")) as server:
+        server.chat(stream_of("lmdeploy"))
+        conv = connect(server)
+        media = [conv.describe_image(rotated), conv.describe_image(clear)]
+        answer(conv.ask("?", media))
+    upright = Image.open(io.BytesIO(b64_of(media[0].picture.url)))
+    assert media[0].picture.url.startswith("data:image/png") and upright.size == (40, 80) == media[0].size
+    white = Image.open(io.BytesIO(b64_of(media[1].picture.url)))
+    assert white.mode == "RGB" and white.getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_a_changed_or_broken_image_is_one_media_error(tmp_path):
+    path = png(tmp_path / "a.png")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes((tmp_path / "a.png").read_bytes()[:40])
+    with FakeServer(models_of("vllm")) as server:
+        conv = connect(server)
+        media = conv.describe_image(path)
+        media.sha256 = "0" * 64  # attached, then the file changed
+        with pytest.raises(MediaError, match="has changed"):
+            list(conv.ask("?", [media]))
+        with pytest.raises(MediaError):
+            list(conv.ask("?", [conv.describe_image(broken)]))
+        assert conv.turns == [] and server.chat_bodies() == []
+
+
+# ---- save and load ------------------------------------------------------------------------------
+
+
+def test_save_and_load_resend_the_same_bytes(tmp_path):
+    video = write_numbered_video(tmp_path / "v.mp4", 12)
+    image = png(tmp_path / "a.png")
+    with FakeServer(models_of("lmdeploy")) as server:
+        server.chat(*(stream_of("lmdeploy") for _ in range(4)))
+        conv = connect(server, system_message="Be brief.")
+        answer(conv.ask("Look.", [conv.describe_image(image, 4), conv.describe_video(video, 3, (0.0, 0.3))]))
+        cancel = threading.Event()
+        events = conv.ask("More?", cancel=cancel)
+        next(events)
+        cancel.set()
+        list(events)
+        saved = conv.save(tmp_path / "s.json", {"remote": {"api_key": "***"}})
+        data = json.loads(saved.read_text())
+        assert data["backend"] == {"kind": "remote", "server": server.url, "model": conv.model, "dialect": "lmdeploy"}
+        other = connect(server)
+        other.load(saved)
+        assert other.system_message == "Be brief." and [t.answer_text for t in other.turns] == [REPLY, "A red [cancelled]"]
+        answer(conv.ask("Next."))
+        answer(other.ask("Next."))
+        first, second = server.chat_bodies()[-2:]
+        assert first["messages"] == second["messages"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"format": "something else"}', "is not an internvl-chat session file"),
+        ('{"format": "internvl-chat-session", "version": 99}', "version 99"),
+        ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": "a"}]}', "a question without its answer"),
+        ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": 1}, '
+         '{"role": "assistant", "text": "b"}]}', "message 1"),
+        ('{"format": "internvl-chat-session", "version": 1, "backend": "x"}', "backend"),
+        ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": "a", "media": '
+         '[{"kind": "image", "path": "x.png", "tiles": 0}]}, {"role": "assistant", "text": "b"}]}', "tiles must be"),
+        ('{"format": "internvl-chat-session", "version": 1, "messages": [{"role": "user", "text": "a"}, '
+         '{"role": "assistant", "text": "b", "finish_reason": "exploded"}]}', "finish_reason"),
+    ],
+)
+def test_a_damaged_session_file_is_one_line_and_changes_nothing(tmp_path, text, message):
+    path = tmp_path / "s.json"
+    path.write_text(text)
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(stream_of("vllm"))
+        conv = connect(server)
+        answer(conv.ask("kept"))
+        with pytest.raises(UsageError, match=message) as err:
+            conv.load(path)
+        assert "\n" not in str(err.value)
+        assert [t.user_text for t in conv.turns] == ["kept"]
+
+
+def test_loading_a_session_whose_files_vanished_or_changed(tmp_path):
+    image = png(tmp_path / "a.png")
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(stream_of("vllm"))
+        conv = connect(server)
+        answer(conv.ask("Look.", [conv.describe_image(image)]))
+        saved = conv.save(tmp_path / "s.json")
+        png(tmp_path / "a.png", color=(1, 2, 3))
+        with pytest.raises(MediaError, match="has changed since the session was saved"):
+            connect(server).load(saved)
+        (tmp_path / "a.png").unlink()
+        with pytest.raises(MediaError, match="has vanished"):
+            connect(server).load(saved)
+
+
+def test_a_local_session_loads_and_its_texts_are_what_is_resent(tmp_path):
+    """A session saved by the local app (ids, the " [cancelled]" mark) continues on a server from its texts."""
+    image = png(tmp_path / "a.png")
+    sha = __import__("hashlib").sha256(open(image, "rb").read()).hexdigest()
+    local = {
+        "format": "internvl-chat-session", "version": 1, "backend": {"kind": "local"}, "model": "/models/tiny",
+        "system_message": "Be brief.", "settings": {},
+        "messages": [
+            {"role": "user", "text": "Look.", "media": [{"kind": "image", "path": image, "sha256": sha, "tiles": 13,
+                                                         "max_tiles": 12, "size": [64, 48]}]},
+            {"role": "assistant", "text": "A red box.", "token_ids": [5, 6, 7], "finish_reason": "stop"},
+            {"role": "user", "text": "More?", "media": []},
+            {"role": "assistant", "text": "It is [cancelled]", "token_ids": [8, 9], "finish_reason": "cancelled"},
+        ],
+    }  # fmt: skip
+    (tmp_path / "l.json").write_text(json.dumps(local))
+    with FakeServer(models_of("lmdeploy")) as server:
+        server.chat(stream_of("lmdeploy"))
+        conv = connect(server)
+        conv.load(tmp_path / "l.json")
+        assert [t.reply for t in conv.turns] == ["A red box.", "It is"]
+        assert conv.turns[1].answer_text == "It is [cancelled]" and conv.system_message == "Be brief."
+        answer(conv.ask("Next."))
+        sent = server.chat_bodies()[-1]["messages"]
+        assert [m["role"] for m in sent] == ["system", "user", "assistant", "user", "assistant", "user"]
+        assert [sent[2]["content"], sent[4]["content"]] == ["A red box.", "It is"]
+        assert b64_of(sent[1]["content"][0]["image_url"]["url"]) == open(image, "rb").read()

@@ -1,0 +1,286 @@
+"""The terminal app with `--server`: one-shot (`--json` too), `--script` and the REPL against
+`internvl-chat serve` running in this process on 127.0.0.1 (the tiny checkpoint), compared with
+the same runs on the local model; remote failures through the app; session files across the two.
+
+Exactness: greedy answers through the server are the local model's, token for token (the server
+keeps the ids it generated, so `worker.answers` gives them back by text).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from internvl_chat.chat.remote import RemoteConversation
+from internvl_chat.settings import load_settings
+from internvl_chat.ui.app import ERROR, OK, App, runtime_keys
+from internvl_chat.chat.sampling import params_from_settings as sampling_params
+from media_helpers import textured_rgb
+from remote_helpers import FakeServer, Reply, closed_port, fixture
+from serve_support import RunningServer
+from test_repl_pty import INPUT_DONE, PROMPT_READY
+
+REPO = Path(__file__).resolve().parent.parent
+CONTEXT = 3072
+TIMEOUT = 300  # generous: a loaded 2-core machine can stall a child for minutes; a pass never waits for it
+
+
+@pytest.fixture(scope="module")
+def server(tiny_original):
+    with RunningServer(tiny_original, max_context=CONTEXT, model_id="tiny") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("remote_app") / "photo.png"
+    Image.fromarray(textured_rgb(900, 450, seed=5)).save(path)  # 2×1 grid + thumbnail: 3 tiles
+    return path
+
+
+def _env(home: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(home)}
+    for name in ("NO_COLOR", "XDG_STATE_HOME", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        env.pop(name, None)
+    return env
+
+
+def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "internvl_chat.cli", *args], input="", capture_output=True,
+                          text=True, env=_env(home), timeout=TIMEOUT, cwd=home)  # fmt: skip
+
+
+def local(model: Path) -> tuple[str, ...]:
+    return ("--model", str(model), "--device", "cpu", "--dtype", "float32", "--max-context", str(CONTEXT))
+
+
+# ---- one-shot ----------------------------------------------------------------------------------
+
+
+def test_oneshot_json_through_serve_gives_the_local_greedy_tokens(server, tiny_original, picture, tmp_path):
+    ask = ("--image", str(picture), "-p", "What is in the picture?", "--max-new-tokens", "12", "--json")
+    here = cli(tmp_path, *local(tiny_original), *ask)
+    there = cli(tmp_path, "--server", server.url, *ask)
+    assert here.returncode == 0 and there.returncode == 0, here.stderr + there.stderr
+    mine, theirs = json.loads(here.stdout), json.loads(there.stdout)
+    assert theirs["token_ids"] is None  # a server does not send ids
+    assert (theirs["text"], theirs["finish_reason"]) == (mine["text"], mine["finish_reason"])
+    assert server.worker.answers.lookup(theirs["text"]) == mine["token_ids"]  # the very tokens, not only the text
+    assert theirs["usage"]["prompt_tokens"] == mine["usage"]["prompt_tokens"]
+    assert theirs["usage"]["completion_tokens"] == len(mine["token_ids"])
+    assert {"ttft_s", "decode_tokens_per_s", "load_s", "server"} <= set(theirs["timing"])
+
+    # streamed: the answer on stdout, the stats on stderr with the server's numbers labelled, no peak memory
+    text = cli(tmp_path, "--server", server.url, *ask[:-1])
+    assert text.returncode == 0 and text.stdout == mine["text"] + "\n"
+    assert re.search(r"context ≈[\d,]+/3,072 \(\d+ %\) · server: prompt [\d,]+ tok \([\d,]+ cached\)$", text.stderr.strip())
+    assert "peak" not in text.stderr
+
+
+def test_local_model_flags_with_a_server_are_refused(tmp_path):
+    run = cli(tmp_path, "--server", "http://127.0.0.1:9/v1", "--model", "somewhere", "-p", "hi")
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith("internvl-chat: error: --model is for a local model") and run.stderr.count("\n") == 1
+
+
+def test_a_server_that_is_down_is_one_line(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    for args in (("-p", "hi"), ("--script", "-")):
+        run = cli(tmp_path, "--server", url, *args)
+        assert run.returncode == 1 and "Traceback" not in run.stderr
+        assert re.fullmatch(rf"internvl-chat: error: cannot connect to {re.escape(url)} \(.*\); is the server running\? "
+                            r"check --server\n", run.stderr)  # fmt: skip
+
+
+# ---- --script: a 4-turn conversation, and session files across the two -------------------------
+
+def _answers(transcript: str) -> dict[str, str]:
+    """message -> the answer printed under it (--no-stats: nothing else follows it)."""
+    out = {}
+    for entry in transcript.split("\n>>> ")[1:]:
+        head, _, rest = entry.partition("\n")
+        if not head.startswith("/"):
+            out[head] = rest.rstrip("\n")
+    return out
+
+
+def test_four_turns_by_script_through_serve_equal_the_local_ones(server, tiny_original, picture, tmp_path):
+    body = (f"/image {picture}\nWhat is in the picture?\nTell me more.\n/undo\nTell me more.\nAnd the colours?\n"
+            "/retry\nThanks, bye.\n/save SAVED\n")  # fmt: skip
+    runs = {}
+    for name, flags in (("local", local(tiny_original)), ("remote", ("--server", server.url))):
+        (tmp_path / f"{name}.txt").write_text(body.replace("SAVED", str(tmp_path / f"{name}.json")))
+        run = cli(tmp_path, *flags, "--max-new-tokens", "12", "--no-stats", "--plain", "--script", f"{name}.txt")
+        assert run.returncode == 0, run.stdout + run.stderr
+        runs[name] = run.stdout
+    here, there = _answers(runs["local"]), _answers(runs["remote"])
+    assert list(here) == ["What is in the picture?", "Tell me more.", "And the colours?", "Thanks, bye."]
+    assert there == here and all(here.values())
+    assert "≈" in runs["remote"] and "≈" not in runs["local"]  # the attach line: estimated tokens
+
+    mine, theirs = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "remote"))
+    assert mine["backend"] == {"kind": "local"}
+    assert theirs["backend"] == {"kind": "remote", "server": server.url + "/v1", "model": "tiny", "dialect": "internvl-chat"}
+    texts = lambda data: [m["text"] for m in data["messages"]]  # noqa: E731
+    assert texts(theirs) == texts(mine) and len(mine["messages"]) == 8
+    for message in theirs["messages"][1::2]:  # the server's counts, kept with each answer; no ids
+        assert "token_ids" not in message and message["usage"]["completion_tokens"] >= 1
+    assert all(message["token_ids"] == server.worker.answers.lookup(message["text"]) for message in mine["messages"][1::2])
+
+    # a local session loads into the remote app and goes on exactly as in the local app (the texts are
+    # enough: the server knows its own replies' ids by their text)
+    (tmp_path / "more.txt").write_text(f"/load {tmp_path / 'local.json'}\n/context\nOne more thing?\n")
+    more = ("--max-new-tokens", "12", "--no-stats", "--plain", "--script", "more.txt")
+    here = cli(tmp_path, *local(tiny_original), *more)
+    there = cli(tmp_path, "--server", server.url, *more)
+    assert here.returncode == 0 and there.returncode == 0, here.stdout + there.stdout
+    assert "loaded 4 turn(s)" in there.stdout and "(it was saved with " in there.stdout
+    assert _answers(there.stdout)["One more thing?"] == _answers(here.stdout)["One more thing?"]
+
+    # a remote session in the local app: its answers are tokenized again, unless their text cannot give
+    # the tokens back (the tiny model's random answers hold bytes that were not UTF-8)
+    (tmp_path / "back.txt").write_text(f"/load {tmp_path / 'remote.json'}\nOne more thing?\n")
+    back = cli(tmp_path, *local(tiny_original), "--max-new-tokens", "12", "--no-stats", "--plain", "--script", "back.txt")
+    if any("\ufffd" in m["text"] for m in theirs["messages"][1::2]):
+        assert back.returncode == 1 and re.search(r"error: answer \d in .*remote\.json was saved from a server without its "
+                                                  r"tokens, .*; continue it with --server, or start anew\n", back.stdout)  # fmt: skip
+    else:
+        assert back.returncode == 0 and "loaded 4 turn(s)" in back.stdout, back.stdout
+
+
+# ---- failures through the app (a scripted server): one line each, the conversation survives -----
+
+GOOD = fixture("vllm/stream.sse")
+
+
+def _app(url: str, tmp_path: Path) -> tuple[App, io.StringIO]:
+    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 8, "remote.server": url})
+    conversation = RemoteConversation.connect(url, params=sampling_params(settings))
+    out = io.StringIO()
+    return App(conversation, settings, Console(file=out, width=200, color_system=None), cwd=tmp_path), out
+
+
+@pytest.mark.parametrize(
+    ("reply", "line"),
+    [
+        (Reply.json(fixture("lmdeploy/error_flat.json"), 401), r"error: the server answered 401 Unauthorized: .*; check --api-key .*"),
+        (Reply.sse(fixture("lmdeploy/stream_error.sse")), r"error: the server stopped the answer with an error: .*; ask again"),
+        (Reply.sse(GOOD[:500], end="reset"), r"error: the connection to .* broke in the middle of the answer .*; ask again"),
+    ],
+    ids=["401", "error-mid-stream", "reset-mid-stream"],
+)
+def test_remote_failures_are_one_line_and_the_conversation_goes_on(reply, line, tmp_path):
+    with FakeServer(fixture("vllm/models.json")) as fake:
+        fake.chat(Reply.sse(GOOD), reply, Reply.sse(GOOD))
+        app, out = _app(fake.url, tmp_path)
+        assert app.handle_line("first") == OK
+        assert app.handle_line("second") == ERROR
+        errors = [x for x in out.getvalue().splitlines() if x.startswith("error:")]
+        assert len(errors) == 1 and re.fullmatch(line, errors[0]), out.getvalue()
+        assert [t.user_text for t in app.session.turns] == ["first"]
+        assert app.handle_line("third") == OK
+        assert [t.user_text for t in app.session.turns] == ["first", "third"]
+        # the failed turn was never part of the conversation: the third request resends only the first
+        assert [m["content"] for m in fake.chat_bodies()[-1]["messages"] if m["role"] == "user"] == ["first", "third"]
+
+
+def test_settings_of_the_server_cannot_change_while_the_app_runs(tmp_path):
+    with FakeServer(fixture("vllm/models.json")) as fake:
+        app, out = _app(fake.url, tmp_path)
+        for line in ("/set remote.server http://elsewhere:8000/v1", "/set remote.api_key k", "/set serve.port 9"):
+            assert app.handle_line(line) == ERROR
+        assert out.getvalue().count("cannot change while the app runs") == 3
+        assert app.settings.remote.server == fake.url
+    assert not [key for key in runtime_keys() if key.startswith(("remote.", "serve.", "model."))]  # nor offered by Tab
+
+
+def test_a_server_that_does_not_say_its_context(picture, tmp_path):
+    """lmdeploy's model list has no context length: the app shows what it knows and never divides by it."""
+    with FakeServer(fixture("lmdeploy/models.json")) as fake:
+        stop = fixture("lmdeploy/stream.sse")
+        fake.chat(Reply.sse(stop), Reply.sse(stop.replace(b'"finish_reason":"stop"', b'"finish_reason":"length"')))
+        app, out = _app(fake.url, tmp_path)
+        app.banner()
+        assert "· context: the server's limit" in out.getvalue()
+        assert app.session.max_context is None
+        assert app.handle_line(f"/image {picture}") == OK
+        assert "+ image photo.png 900×450 → 3 tiles · ≈771 tokens\n" in out.getvalue()  # no share of an unknown limit
+        assert app._work_label(app.pending) == "reading the images …"
+        assert app.handle_line("What is it?") == OK
+        assert app.session.turns[0].media[0].prepared and app._work_label(app.session.turns[0].media) == "thinking …"
+        assert "context ≈1,848 · server: prompt 1,843 tok (1,792 cached)" in out.getvalue()  # the server's count
+        assert app.handle_line("And?") == OK
+        assert "[stopped at max_new_tokens (8); /set max_new_tokens N allows longer answers]" in out.getvalue()
+        for line, shown in (("/context", "tokens used (the server's limit is not known)"), ("/stats", "context              ≈"),
+                            ("/media", "nothing attached")):  # fmt: skip
+            assert app.handle_line(line) == OK and shown in out.getvalue()
+
+
+# ---- the REPL in a pseudo-terminal --------------------------------------------------------------
+
+
+class RemoteRepl:
+    def __init__(self, home: Path, *args: str):
+        env = {**_env(home), "TERM": "xterm-256color", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}
+        self.child = pexpect.spawn(sys.executable, ["-m", "internvl_chat.cli", *args], env=env, dimensions=(50, 220),
+                                   encoding="utf-8", timeout=TIMEOUT, cwd=str(home))  # fmt: skip
+
+    def expect(self, pattern: str) -> str:
+        self.child.expect(pattern)
+        return self.child.match.group(0)
+
+    def run(self, line: str, pattern: str) -> str:
+        self.child.send(line + "\r")
+        self.child.expect_exact(INPUT_DONE)
+        found = self.expect(pattern)
+        self.child.expect_exact(PROMPT_READY)
+        return found
+
+
+STATS = r"ttft [\d.]+ s · decode [\d.,]+ tok/s · context ≈[\d,]+/3,072 \(\d+ %\) · server: prompt [\d,]+ tok"
+
+
+def test_the_repl_through_serve_cancel_retry_undo_and_save(server, picture, tmp_path):
+    repl = RemoteRepl(tmp_path, "--server", server.url, "--max-new-tokens", "40", "--plain")
+    repl.expect(rf"internvl-chat · tiny · {re.escape(server.url)}/v1 \(internvl-chat serve\) · context 3,072 tokens")
+    repl.child.expect_exact(PROMPT_READY)
+    repl.run(f"/image {picture}", r"\+ image photo\.png 900×450 → 3 tiles · ≈771 tokens · context ≈\d+ %")
+    repl.run("What is in the picture?", STATS)
+    repl.run("/set remote.server http://elsewhere/v1", r"error: remote\.server cannot change while the app runs")
+
+    # Ctrl-C while the answer streams: the stream is closed, the partial answer kept and marked
+    repl.run("/set max_new_tokens 1500", r"generation\.max_new_tokens = 1500")
+    repl.child.send("Tell me a long story.\r")
+    repl.child.expect_exact(INPUT_DONE)
+    repl.expect(r"\A(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*[^\s\x1b]")  # the answer's first visible character
+    repl.child.sendintr()
+    repl.expect(r"\[cancelled: the partial answer is kept")
+    repl.child.expect_exact(PROMPT_READY)
+    repl.run("/set max_new_tokens 40", r"= 40")
+    repl.run("/context", r"turn 2: “Tell me a long story\.” \(answer [\d,]+\)\s+≈[\d,]+")
+    repl.run("/stats", r"finish\s+cancelled")
+    repl.run("/retry", STATS)
+    repl.run("/stats", r"server reports\s+prompt [\d,]+ tokens · [\d,]+ cached · answer [\d,]+ tokens")
+    repl.run("And now?", STATS)
+    repl.run("/undo", r"removed turn 3: “And now\?”")
+    repl.run(f"/save {tmp_path / 'talk.json'}", r"saved 2 turn\(s\)")
+    repl.child.send("/exit\r")
+    repl.child.expect(pexpect.EOF)
+    repl.child.close()
+    assert repl.child.exitstatus == 0
+
+    saved = json.loads((tmp_path / "talk.json").read_text())
+    assert saved["backend"]["kind"] == "remote" and saved["settings"]["remote"]["api_key"] == ""
+    answers = saved["messages"][1::2]
+    assert answers[1]["finish_reason"] in ("stop", "length")  # /retry replaced the cancelled answer
+    assert answers[1]["usage"]["completion_tokens"] <= 40

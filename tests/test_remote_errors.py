@@ -1,0 +1,155 @@
+"""Every way a server can fail becomes one line (HTTP status first) and the conversation is kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from remote_helpers import FakeServer, Reply, closed_port, fixture
+
+from internvl_chat.chat.remote import RemoteConversation
+from internvl_chat.chat.remote_http import error_text, normalize_base_url
+from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.errors import InternVLChatError, RemoteError, UsageError
+
+GOOD = fixture("vllm/stream.sse")
+
+
+def conversation_with_one_turn(server: FakeServer, timeout: float = 300.0) -> RemoteConversation:
+    server.chat(Reply.sse(GOOD))
+    conv = RemoteConversation.connect(server.url, timeout=timeout, params=SamplingParams(max_new_tokens=8))
+    list(conv.ask("first"))
+    return conv
+
+
+def fails_with(conv: RemoteConversation, pattern: str) -> str:
+    """Ask once more, expect a RemoteError matching `pattern`; the first turn must be untouched."""
+    before = [(t.user_text, t.reply) for t in conv.turns]
+    with pytest.raises(RemoteError) as err:
+        list(conv.ask("second"))
+    line = str(err.value)
+    assert "\n" not in line and "Traceback" not in line
+    assert err.value.exit_code == 1
+    assert __import__("re").search(pattern, line), line
+    assert [(t.user_text, t.reply) for t in conv.turns] == before
+    return line
+
+
+@pytest.mark.parametrize(
+    ("reply", "pattern"),
+    [
+        (Reply.json(fixture("lmdeploy/error_flat.json"), 401),
+         r"^the server answered 401 Unauthorized: Please request with valid api key! \(authentication_error\); check --api-key"),
+        (Reply.json(fixture("vllm/error_nested.json"), 400),
+         r"^the server answered 400 Bad Request: This model's maximum context length is 32768 tokens\..*\(BadRequestError\)"),
+        (Reply.json(fixture("vllm/error_flat.json"), 404),
+         r"^the server answered 404 Not Found: The model `InternVL3-9B` does not exist\..*--remote-model"),
+        (Reply.json(fixture("llamacpp/error_nested.json"), 400),
+         r"^the server answered 400 Bad Request: the request exceeds the available context size"),
+        (Reply.json({"detail": [{"loc": ["body", "messages"], "msg": "field required"}]}, 422),
+         r"^the server answered 422 Unprocessable (Entity|Content): field required; .*--dialect generic"),
+        (Reply.json({"error": "slow down"}, 429, {"Retry-After": "7"}),
+         r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later \(it asks to wait 7 s\)$"),
+        (Reply(503, [b"<html><body>Bad gateway \x1b[31m</body></html>"], "text/html"),
+         r"^the server answered 503 Service Unavailable: <html><body>Bad gateway \\e\[31m</body></html>; the server failed"),
+        (Reply.sse(fixture("lmdeploy/stream_error.sse")),
+         r"^the server stopped the answer with an error: the engine stopped: out of KV cache blocks \(server_error\)"),
+        (Reply.sse(b"event: error\ndata: {\"message\": \"overloaded\"}\n\n"),
+         r"^the server stopped the answer with an error: overloaded"),
+        (Reply.sse(b"data: {\"id\": 1, \"choices\": [\n\n"), r"stream event that is not JSON"),
+        (Reply.sse(b"data: [1, 2]\n\n"), r"not an object"),
+        (Reply(200, [b"<html>hello</html>"], "text/html"), r"answered with text/html, not an event stream"),
+        (Reply.sse(GOOD[: GOOD.index(b'"finish_reason":"stop"') - 60]), r"closed the stream before the answer finished"),
+        (Reply.sse(GOOD[:500], end="reset"), r"^the connection to http://127\.0\.0\.1:\d+/v1 broke in the middle of the answer"),
+        (Reply.sse(GOOD[:500], end="cut"), r"broke in the middle of the answer"),
+        (Reply.sse(b"", end="reset"), r"broke before the answer began"),
+    ],
+    ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "503-html",
+         "error-event-mid-stream", "event-error", "bad-json", "not-object", "not-sse", "no-finish", "reset", "cut",
+         "reset-at-once"],  # fmt: skip
+)
+def test_failures_are_one_line_and_keep_the_conversation(reply, pattern):
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(reply)
+        fails_with(conv, pattern)
+        server.chat(Reply.sse(GOOD))
+        list(conv.ask("again"))  # and the conversation goes on
+        assert [t.user_text for t in conv.turns] == ["first", "again"]
+
+
+def test_a_silent_server_times_out():
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server, timeout=0.5)
+        server.chat(Reply.sse(GOOD[:100], end="hang"))
+        fails_with(conv, r"^the server sent nothing for 0\.5 s; .*raise \[remote\] timeout")
+
+
+def test_connection_refused_at_the_start_and_mid_conversation():
+    port = closed_port()
+    with pytest.raises(RemoteError, match=rf"^cannot connect to http://127\.0\.0\.1:{port}/v1 \(.*\); is the server running\? check --server$"):
+        RemoteConversation.connect(f"127.0.0.1:{port}")
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+    # the server is gone now
+    fails_with(conv, r"^cannot connect to .*is the server running")
+
+
+def test_the_model_list_failing_is_one_line():
+    with FakeServer() as server:
+        server.replies["/v1/models"].append(Reply.json(fixture("lmdeploy/error_flat.json"), 401))
+        with pytest.raises(RemoteError, match=r"^the server answered 401 Unauthorized: Please request with valid api key!"):
+            RemoteConversation.connect(server.url, api_key="wrong")
+        server.replies["/v1/models"].append(Reply.json({"object": "list", "data": []}))
+        with pytest.raises(RemoteError, match="serves no model"):
+            RemoteConversation.connect(server.url)
+        server.replies["/v1/models"].append(Reply(200, [b"<html/>"], "text/html"))
+        with pytest.raises(RemoteError, match="not JSON; is --server the API root"):
+            RemoteConversation.connect(server.url)
+        server.replies["/v1/models"].append(Reply.json({"models": []}))
+        with pytest.raises(RemoteError, match="no `data` array"):
+            RemoteConversation.connect(server.url)
+
+
+def test_error_shapes():
+    assert error_text({"error": {"message": "m", "type": "t", "code": 400}}) == "m (t)"
+    assert error_text({"object": "error", "message": "m", "type": "t", "code": 404}) == "m (t)"
+    assert error_text({"error": "plain"}) == "plain"
+    assert error_text({"error": {"code": "rate_limit"}}) == "rate_limit"
+    assert error_text({"choices": []}) is None and error_text([1]) is None
+
+
+@pytest.mark.parametrize(
+    ("given", "base"),
+    [
+        ("localhost:8000", "http://localhost:8000/v1"),
+        ("http://gpu:23333/", "http://gpu:23333/v1"),
+        ("https://api.example.org/v1/", "https://api.example.org/v1"),
+        ("http://host/proxy/openai", "http://host/proxy/openai"),
+    ],
+)
+def test_server_urls(given, base):
+    assert normalize_base_url(given) == base
+
+
+@pytest.mark.parametrize("bad", ["", "ftp://host/v1", "http://", "http://host:port/v1", "http://h/v1?x=1"])
+def test_bad_server_urls_are_usage_errors(bad):
+    with pytest.raises(UsageError) as err:
+        normalize_base_url(bad)
+    assert isinstance(err.value, InternVLChatError) and err.value.exit_code == 2
+
+
+def test_a_key_with_a_line_break_is_refused_before_anything_is_sent():
+    with pytest.raises(UsageError, match="control characters"):
+        RemoteConversation.connect("http://127.0.0.1:9/v1", api_key="sk\r\nX-Evil: 1")
+
+
+def test_requests_carry_our_sampling_explicitly():
+    with FakeServer(fixture("lmdeploy/models.json")) as server:
+        server.chat(Reply.sse(fixture("lmdeploy/stream.sse")))
+        conv = RemoteConversation.connect(server.url, params=SamplingParams(temperature=0.0, max_new_tokens=33, seed=5))
+        list(conv.ask("hi"))
+        body = server.chat_bodies()[0]
+    assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")} == {
+        "max_tokens": 33, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "seed": 5}  # fmt: skip
+    assert json.dumps(body)  # plain JSON

@@ -1,0 +1,81 @@
+"""The SSE reader: events survive any split of the byte stream; comments, fields and line endings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from remote_helpers import fixture
+
+from internvl_chat.chat.sse import SSEDecoder, SSEEvent, iter_events
+from internvl_chat.errors import RemoteError
+
+
+def events_of(pieces: list[bytes]) -> tuple[list[SSEEvent], SSEDecoder]:
+    decoder = SSEDecoder()
+    return list(iter_events(pieces, decoder)), decoder
+
+
+@pytest.mark.parametrize("name", ["vllm/stream.sse", "lmdeploy/stream.sse", "llamacpp/stream.sse"])
+def test_recorded_streams_parse_the_same_however_the_bytes_are_split(name):
+    body = fixture(name)
+    whole, decoder = events_of([body])
+    assert whole[-1].data == "[DONE]"
+    assert all(json.loads(e.data) for e in whole[:-1])  # every other event is one JSON object
+    for size in (1, 2, 3, 5, 7, 64):
+        split, _ = events_of([body[i : i + size] for i in range(0, len(body), size)])
+        assert split == whole, size
+    if name.startswith("llamacpp"):
+        assert decoder.comments == 2  # the ":" keep-alive pings are seen, never returned
+
+
+def test_a_utf8_character_split_between_reads_is_kept_whole():
+    body = 'data: {"text": "书生·万象 ✓"}\n\n'.encode()
+    for cut in range(1, len(body)):
+        events, _ = events_of([body[:cut], body[cut:]])
+        assert json.loads(events[0].data) == {"text": "书生·万象 ✓"}
+
+
+def test_multi_line_data_named_events_ids_and_comments():
+    body = (
+        b": a comment\n"
+        b"event: error\n"
+        b"id: 7\n"
+        b"data: first line\n"
+        b"data:second line\n"
+        b"data\n"
+        b"retry: 100\n"
+        b"\n"
+        b"data: next\n\n"
+    )
+    events, decoder = events_of([body])
+    assert events == [SSEEvent("first line\nsecond line\n", "error", "7"), SSEEvent("next", "message", "7")]
+    assert decoder.comments == 1
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_every_line_ending_of_the_format(newline):
+    body = b"\xef\xbb\xbfdata: a" + newline + b"data: b" + newline + newline + b"data: [DONE]" + newline + newline
+    for size in (1, 2, 100):
+        events, _ = events_of([body[i : i + size] for i in range(0, len(body), size)])
+        assert [e.data for e in events] == ["a\nb", "[DONE]"], (newline, size)
+
+
+def test_an_event_without_its_blank_line_at_the_end_is_dropped_and_flagged():
+    events, decoder = events_of([b"data: whole\n\ndata: cut off"])
+    assert [e.data for e in events] == ["whole"]
+    assert decoder.incomplete
+
+
+def test_blank_lines_without_data_dispatch_nothing():
+    events, decoder = events_of([b"\n\n\r\n: ping\n\n"])
+    assert events == [] and not decoder.incomplete
+
+
+def test_a_runaway_event_is_refused_with_one_line(monkeypatch):
+    monkeypatch.setattr("internvl_chat.chat.sse.MAX_EVENT_CHARS", 1000)
+    decoder = SSEDecoder()
+    with pytest.raises(RemoteError, match="over 64 MiB") as err:
+        for _ in range(20):
+            decoder.feed(b"data: " + b"x" * 100 + b"\n")
+    assert "\n" not in str(err.value)

@@ -1,0 +1,306 @@
+"""`internvl-chat serve` through the official `openai` client and raw HTTP on 127.0.0.1.
+
+One server (tiny checkpoint, CPU, float32) serves the module; tests that need another setting
+change the shared options inside try/finally. Engine hooks (called in the engine thread) hold a
+job or observe its events, so queueing and cancellation are tested by events, never by timing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from internvl_chat.chat.template import PromptBuilder
+from media_helpers import textured_rgb
+from serve_support import RunningServer
+
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def server(tiny_original):
+    with RunningServer(tiny_original, queue_depth=8, slots=2) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def builder(server) -> PromptBuilder:
+    loaded = server.loaded
+    return PromptBuilder(loaded.tokenizer, loaded.config.system_message, loaded.config.tokens_per_tile)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("serve_media") / "photo.png"
+    Image.fromarray(textured_rgb(900, 450, seed=5)).save(path)  # 2×1 grid + thumbnail: 3 tiles
+    return path
+
+
+def ask(client, text="Describe the scene.", **kw):
+    kw.setdefault("max_tokens", 8)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": text}], **kw)
+
+
+# ---- endpoints ---------------------------------------------------------------------------------
+
+
+def test_health_and_models_list(server, client):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    entry = models[0].model_dump()
+    assert entry["owned_by"] == "internvl-chat"
+    assert entry["context_length"] == entry["max_model_len"] == 4096
+
+
+def test_non_streaming_answer_usage_and_timings(client, builder):
+    out = ask(client, "What is in the picture?", max_tokens=6)
+    choice = out.choices[0]
+    assert out.object == "chat.completion" and out.model == "tiny"
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    prompt_len = len(builder.first_turn("What is in the picture?"))
+    assert out.usage.prompt_tokens == prompt_len
+    assert 1 <= out.usage.completion_tokens <= 6
+    assert out.usage.total_tokens == prompt_len + out.usage.completion_tokens
+    timings = out.model_extra["timings"]
+    assert timings["prompt_n"] + timings["cache_n"] == prompt_len
+    assert timings["cache_n"] == out.usage.prompt_tokens_details.cached_tokens
+    assert {"prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms", "predicted_per_second"} <= set(timings)
+
+
+def test_streaming_gives_the_same_text_and_a_final_usage_chunk(client):
+    whole = ask(client, "Tell me about colours.", max_tokens=10)
+    stream = ask(client, "Tell me about colours.", max_tokens=10, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_sse_framing_is_exactly_openais(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: {") and "\n" not in e for e in events[:-2])
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert payloads[-2]["choices"][0]["finish_reason"] in ("stop", "length") and payloads[-2]["choices"][0]["delta"] == {}
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["prompt_tokens"] > 0
+
+
+def test_stop_strings_cut_the_answer_and_end_it_with_stop(client):
+    full = ask(client, "Count to ten.", max_tokens=24).choices[0].message.content
+    assert len(full) >= 6, full
+    stop = full[3:5]
+    expected = full[: full.index(stop)]
+    out = ask(client, "Count to ten.", max_tokens=24, stop=[stop, "never appears \u2603"])
+    assert (out.choices[0].message.content, out.choices[0].finish_reason) == (expected, "stop")
+    chunks = list(ask(client, "Count to ten.", max_tokens=24, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"n": 2}, "n"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages.1.role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]},
+         "messages.0.content.0"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]},
+         "messages.0.content.0"),
+        ({"max_tokens": 10**6}, "max_tokens"),
+    ],
+)  # fmt: skip
+def test_bad_requests_are_400_with_the_param(client, change, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **change}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**body)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == param
+    assert err.value.body["type"] == "invalid_request_error" and err.value.body["message"]
+
+
+def test_wrong_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_unknown_endpoint_and_invalid_json_are_openai_shaped(server):
+    r = httpx.get(f"{server.url}/v1/nothing")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_oversized_body_is_413(server, client):
+    server.options.max_body_bytes = 1000
+    try:
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(client, "x" * 2000)
+        assert err.value.status_code == 413
+    finally:
+        server.options.max_body_bytes = 64 << 20
+
+
+def test_api_key_is_required_when_set(server, client):
+    server.options.api_key = "s3cret"
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            ask(client)
+        with pytest.raises(openai.AuthenticationError):
+            server.client(api_key="s3cret-not").models.list()
+        assert ask(server.client(api_key="s3cret")).choices[0].message.content is not None
+        assert httpx.get(f"{server.url}/health").status_code == 200  # health checks need no key
+    finally:
+        server.options.api_key = ""
+
+
+# ---- queueing and cancellation ---------------------------------------------------------------------
+
+
+def _body(text: str, **kw) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": text}], "temperature": 0, **kw}
+
+
+def test_full_queue_is_429_with_retry_after(server, client):
+    worker = server.worker
+    started, release = threading.Event(), threading.Event()
+
+    def hold(job):
+        started.set()
+        assert release.wait(WAIT_S)
+
+    worker.on_start, server.options.queue_depth = hold, 1
+    try:
+        first = client.chat.completions.create(**_body("one", max_tokens=4), stream=True)  # returns at the headers
+        assert started.wait(WAIT_S)  # running (held), so the queue is empty
+        second = client.chat.completions.create(**_body("two", max_tokens=4), stream=True)  # waits in the queue
+        with pytest.raises(openai.RateLimitError) as err:
+            client.chat.completions.create(**_body("three", max_tokens=4))
+        assert int(err.value.response.headers["retry-after"]) >= 1
+        assert err.value.body["code"] == "queue_full"
+        release.set()
+        for stream in (first, second):  # neither was lost
+            assert [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+    finally:
+        release.set()
+        worker.on_start, server.options.queue_depth = None, 8
+
+
+def test_queue_depth_zero_still_serves_an_idle_engine(server, client):
+    server.options.queue_depth = 0
+    try:
+        assert server.worker.wait_idle(WAIT_S)
+        assert ask(client).choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.options.queue_depth = 8
+
+
+def test_client_disconnect_stops_generation(server, client):
+    worker = server.worker
+    first_event, held = threading.Event(), {}
+
+    def watch(job, event):
+        if not first_event.is_set():
+            held["job"], held["first_final"] = job, event["finish_reason"] is not None
+            first_event.set()
+            assert job.cancel.wait(WAIT_S)  # the engine waits here until the server sees the client leave
+
+    worker.on_event = watch
+    try:
+        stream = client.chat.completions.create(**_body("Write a long story.", max_tokens=400), stream=True)
+        assert next(iter(stream)).choices[0].delta.role == "assistant"
+        assert first_event.wait(WAIT_S) and not held["first_final"]
+        stream.close()  # the client goes away mid-answer
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        worker.on_event = None
+    record = next(r for r in worker.finished if r["job"] == held["job"].number)
+    assert record["finish_reason"] == "cancelled"
+    assert record["completion_tokens"] < 400
+
+
+def test_concurrent_clients_are_answered_or_refused_never_lost(server):
+    server.options.queue_depth = 2
+    outcomes: list[int] = []
+    lock = threading.Lock()
+
+    def client_thread(n: int) -> None:
+        with httpx.Client(timeout=WAIT_S) as http:
+            for k in range(2):
+                r = http.post(f"{server.url}/v1/chat/completions", json=_body(f"client {n} request {k}", max_tokens=4))
+                assert r.status_code in (200, 429), r.text
+                if r.status_code == 200:
+                    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+                else:
+                    assert r.json()["error"]["code"] == "queue_full" and r.headers["retry-after"]
+                with lock:
+                    outcomes.append(r.status_code)
+
+    threads = [threading.Thread(target=client_thread, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S * 4)
+    finally:
+        server.options.queue_depth = 8
+    assert len(outcomes) == 16 and 200 in outcomes
+    assert server.worker.wait_idle(WAIT_S) and server.worker.waiting == 0
+
+
+def test_an_error_after_streaming_began_is_an_sse_error_event_then_done(server, client, photo):
+    # a PNG whose header is fine (so the request is accepted) but whose pixel data is cut off
+    # (so decoding fails in the engine thread, after the stream has started)
+    truncated = photo.read_bytes()[:4000]
+    url = "data:image/png;base64," + base64.b64encode(truncated).decode()
+    body = _body("What is this?", max_tokens=4, stream=True)
+    body["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": url}}]
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S) as r:
+        assert r.status_code == 200
+        events = r.read().decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    error = json.loads(events[-3].removeprefix("data: "))["error"]
+    assert "truncated" in error["message"] and error["param"] == "messages.0.content.0"
+    with pytest.raises(openai.APIError, match="truncated"):
+        list(client.chat.completions.create(**body))
+
+
+def test_a_stopped_engine_is_503(tiny_original):
+    with RunningServer(tiny_original, max_context=256) as down:
+        down.worker.stop()
+        with pytest.raises(openai.InternalServerError) as err:
+            ask(down.client())
+        assert err.value.status_code == 503
+        assert httpx.get(f"{down.url}/health").status_code == 503

@@ -1,0 +1,213 @@
+"""Media in `serve` requests: data: URLs tiled as the app tiles files, limits, and what a request may read.
+
+Nothing in a request may read local files or make the server fetch a URL unless a flag allows it:
+a local HTTP server stands in for "the network" and counts the requests it gets.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import os
+import threading
+from pathlib import Path
+
+import openai
+import pytest
+from PIL import Image
+
+from internvl_chat.chat.template import MediaSpec, PromptBuilder
+from media_helpers import numbered_frame, textured_rgb, write_numbered_video
+from serve_support import RunningServer, data_url, jpeg_frames_url, png_bytes
+
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def server(tiny_original):
+    with RunningServer(tiny_original, slots=2) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def builder(server) -> PromptBuilder:
+    loaded = server.loaded
+    return PromptBuilder(loaded.tokenizer, loaded.config.system_message, loaded.config.tokens_per_tile)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("serve_media")
+    Image.fromarray(textured_rgb(900, 450, seed=5)).save(d / "wide.png")  # 2×1 + thumbnail: 3 tiles
+    Image.fromarray(textured_rgb(900, 450, seed=6)).save(d / "wide_other.png")  # same size, other picture
+    Image.fromarray(textured_rgb(448, 448, seed=9)).save(d / "square.png")  # 1 tile
+    write_numbered_video(d / "clip.mp4", num_frames=30)
+    return d
+
+
+def image_part(url: str, **extra) -> dict:
+    return {"type": "image_url", "image_url": {"url": url, **extra}}
+
+
+def ask(client, content, **kw):
+    kw.setdefault("max_tokens", 4)
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], temperature=0, **kw)
+
+
+def test_image_data_url_costs_the_tiles_the_app_counts(client, builder, media):
+    url = data_url(media / "wide.png", "image/png")
+    out = ask(client, [{"type": "text", "text": "What is this?"}, image_part(url)])
+    assert out.usage.prompt_tokens == len(builder.first_turn("What is this?", [MediaSpec("image", 3)]))
+    bare = ask(client, [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": url}])
+    assert bare.usage.prompt_tokens == out.usage.prompt_tokens  # the URL as a bare string is accepted too
+
+
+def test_max_dynamic_patch_per_image_or_per_request(client, builder, media):
+    one_tile = len(builder.first_turn("Q", [MediaSpec("image", 1)]))
+    url = data_url(media / "wide.png", "image/png")
+    assert ask(client, [image_part(url, max_dynamic_patch=1), {"type": "text", "text": "Q"}]).usage.prompt_tokens == one_tile
+    out = ask(client, [image_part(url), {"type": "text", "text": "Q"}], extra_body={"mm_processor_kwargs": {"max_dynamic_patch": 1}})
+    assert out.usage.prompt_tokens == one_tile
+
+
+def test_another_picture_of_the_same_size_is_not_taken_from_the_cache(client, builder, media):
+    first = [image_part(data_url(media / "wide.png", "image/png")), {"type": "text", "text": "Same words."}]
+    other = [image_part(data_url(media / "wide_other.png", "image/png")), {"type": "text", "text": "Same words."}]
+    ask(client, first)
+    again = ask(client, first)
+    swapped = ask(client, other)
+    image_start = builder.first_turn("", [MediaSpec("image", 3)]).index(builder.img_start_id)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1  # all but the last token
+    assert swapped.usage.prompt_tokens == again.usage.prompt_tokens  # identical token ids …
+    assert swapped.usage.prompt_tokens_details.cached_tokens == image_start  # … but not the same picture
+
+
+def test_image_features_are_reused_across_conversations_by_content(server, client, media):
+    url = data_url(media / "square.png", "image/png")
+    content = [image_part(url), {"type": "text", "text": "And this?"}]
+    features = server.worker.features
+    client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+        {"role": "system", "content": "First system message."}, {"role": "user", "content": content}])  # fmt: skip
+    hits, misses = features.hits, features.misses
+    other = client.chat.completions.create(model="tiny", max_tokens=2, messages=[
+        {"role": "system", "content": "Another one."}, {"role": "user", "content": content}])  # fmt: skip
+    assert other.usage.prompt_tokens_details.cached_tokens < 10  # the KV cache could not help …
+    assert (features.hits, features.misses) == (hits + 1, misses)  # … but the vision encoder did not run again
+
+
+def test_video_file_is_sampled_into_frames(client, builder, media):
+    url = data_url(media / "clip.mp4", "video/mp4")
+    out = ask(client, [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What happens?"}],
+              extra_body={"media_io_kwargs": {"video": {"num_frames": 4}}})  # fmt: skip
+    assert out.usage.prompt_tokens == len(builder.first_turn("What happens?", [MediaSpec("video", 4)]))
+
+
+def test_presampled_jpeg_frames_are_one_video(client, builder):
+    url = jpeg_frames_url([numbered_frame(n) for n in range(3)])
+    out = ask(client, [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "Count."}])
+    assert out.usage.prompt_tokens == len(builder.first_turn("Count.", [MediaSpec("video", 3)]))
+
+
+@pytest.mark.parametrize(
+    "setting, value, content",
+    [
+        ("max_images", 1, lambda u: [image_part(u), image_part(u)]),
+        ("max_image_pixels", 1000, lambda u: [image_part(u)]),
+        ("max_frames", 2, lambda u: [{"type": "video_url", "video_url": {"url": jpeg_frames_url([numbered_frame(0)] * 3)}}]),
+        ("max_image_pixels", 1000, lambda u: [{"type": "video_url", "video_url": {"url": jpeg_frames_url([numbered_frame(0)])}}]),
+        ("max_image_pixels", 1000, "video file"),
+    ],
+)
+def test_limits_are_400(server, client, media, setting, value, content):
+    if content == "video file":  # a video's frames count as images for the pixel limit
+        content = lambda u: [{"type": "video_url", "video_url": {"url": data_url(media / "clip.mp4", "video/mp4")}}]  # noqa: E731
+    old = getattr(server.options, setting)
+    setattr(server.options, setting, value)
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, content(data_url(media / "wide.png", "image/png")))
+        assert err.value.body["param"].startswith("messages.0.content")
+    finally:
+        setattr(server.options, setting, old)
+
+
+def test_bytes_that_are_not_an_image_are_400(client):
+    url = "data:image/png;base64," + base64.b64encode(b"certainly not a PNG file").decode()
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, [image_part(url)])
+    assert err.value.body["param"] == "messages.0.content.0"
+    assert "internvl-chat-serve-" not in err.value.body["message"]  # our temporary file's name stays ours
+
+
+# ---- what a request may read --------------------------------------------------------------------
+
+
+class _CountingHandler(http.server.BaseHTTPRequestHandler):
+    body = b""
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - the stdlib's name
+        type(self).hits.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web(media):
+    _CountingHandler.body = (media / "wide.png").read_bytes()
+    _CountingHandler.hits = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", _CountingHandler.hits
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_remote_urls_are_never_fetched_without_the_flag(server, client, builder, web):
+    base, hits = web
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, [image_part(f"{base}/wide.png")])
+    assert "--allow-remote-media" in err.value.body["message"]
+    assert hits == []  # the server did not even try
+    server.options.allow_remote_media = True
+    try:
+        out = ask(client, [image_part(f"{base}/wide.png"), {"type": "text", "text": "Q"}])
+    finally:
+        server.options.allow_remote_media = False
+    assert hits == ["/wide.png"]
+    assert out.usage.prompt_tokens == len(builder.first_turn("Q", [MediaSpec("image", 3)]))
+
+
+def test_local_files_only_inside_the_allowed_folder(server, client, media, tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "inside.png").write_bytes(png_bytes(textured_rgb(64, 64, seed=1)))
+    (tmp_path / "secret.png").write_bytes(png_bytes(textured_rgb(64, 64, seed=2)))
+    os.symlink(tmp_path / "secret.png", allowed / "link.png")
+    inside = [image_part(f"file://{allowed}/inside.png")]
+
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, inside)  # no folder allowed: nothing local is read
+    assert "--allow-local-media" in err.value.body["message"]
+
+    server.options.allow_local_media = allowed.resolve()
+    try:
+        assert ask(client, inside).usage.prompt_tokens > 256
+        for escape in (f"file://{allowed}/link.png", f"file://{allowed}/../secret.png", f"file://{tmp_path}/secret.png"):
+            with pytest.raises(openai.PermissionDeniedError):
+                ask(client, [image_part(escape)])
+        with pytest.raises(openai.BadRequestError):
+            ask(client, [image_part(f"file://{allowed}")])  # inside, but a folder
+    finally:
+        server.options.allow_local_media = None

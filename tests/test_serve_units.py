@@ -1,0 +1,209 @@
+"""Pieces of `serve` without HTTP: stop strings, slot choice and image spans, data: URLs, the answer memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from internvl_chat.chat.template import MediaSpec, PromptBuilder
+from internvl_chat.engine.loader import load_model
+from internvl_chat.serve.answers import AnswerMemory
+from internvl_chat.serve.conversation import Prompt, Span
+from internvl_chat.serve.errors import APIError
+from internvl_chat.serve.media import _data_url
+from internvl_chat.serve.slots import SlotPool
+from internvl_chat.serve.stops import StopStrings
+
+
+# ---- stop strings ------------------------------------------------------------------------------
+
+
+def feed(stops, pieces):
+    matcher = StopStrings(stops)
+    out = "".join(matcher.push(p) for p in pieces)
+    return out + matcher.flush(), matcher.hit
+
+
+def test_stop_string_split_across_deltas_is_cut_and_never_sent():
+    assert feed(["END"], ["The answer is 4", "2.E", "N", "D and more"]) == ("The answer is 42.", True)
+
+
+def test_text_that_only_looks_like_a_stop_string_start_is_released():
+    assert feed(["END"], ["It is EN", "OUGH", ""]) == ("It is ENOUGH", False)
+    assert feed(["END"], ["last E"]) == ("last E", False)  # flushed at the end of the answer
+
+
+def test_earliest_of_several_stop_strings_wins():
+    assert feed(["world", "lo"], ["hello world"]) == ("hel", True)
+
+
+def test_no_stop_strings_passes_text_through():
+    matcher = StopStrings([])
+    assert matcher.push("abc") == "abc" and not matcher.hit
+
+
+# ---- data: URLs --------------------------------------------------------------------------------
+
+
+def test_data_urls_must_be_base64():
+    assert _data_url("data:image/png;base64,aGk=", "p", "image") == (b"hi", "image/png")
+    for bad in ("data:image/png,hi", "data:image/png;base64", "data:image/png;base64,@@@"):
+        with pytest.raises(APIError) as err:
+            _data_url(bad, "p", "image")
+        assert err.value.status == 400 and err.value.param == "p"
+
+
+def test_jpeg_frame_lists_keep_their_frames_apart():
+    data, mime = _data_url("data:video/jpeg;base64,aGk=,aG8=", "p", "video")
+    assert mime == "video/jpeg" and data.split(b",") == [b"aGk=", b"aG8="]
+
+
+# ---- answer memory -----------------------------------------------------------------------------
+
+
+def test_answer_memory_returns_our_ids_and_forgets_the_oldest():
+    memory = AnswerMemory(capacity=2)
+    memory.remember("one", [1])
+    memory.remember("two", [2, 2])
+    assert memory.lookup("one") == [1]  # now the most recent
+    memory.remember("three", [3])
+    assert memory.lookup("two") is None and memory.lookup("one") == [1] and memory.lookup("three") == [3]
+
+
+# ---- slots ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_original):
+    return load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
+
+
+@pytest.fixture(scope="module")
+def builder(loaded):
+    return PromptBuilder(loaded.tokenizer, None, loaded.config.tokens_per_tile)
+
+
+def image_prompt(builder, text: str, key: str) -> Prompt:
+    ids = builder.first_turn(text, [MediaSpec("image", 1)])
+    start, end = ids.index(builder.img_start_id), ids.index(builder.img_end_id) + 1
+    return Prompt(ids, [Span(start, end, key, 0, 0, 1)])
+
+
+def hold(slot, prompt: Prompt) -> None:
+    """Make the slot's cache hold exactly this prompt (what a served request leaves behind)."""
+    slot.session.ids, slot.session.start_pos, slot.spans = list(prompt.ids), len(prompt.ids), list(prompt.spans)
+
+
+def test_the_slot_with_the_longest_prefix_is_chosen_and_images_are_compared_by_content(loaded, builder):
+    pool = SlotPool(loaded, 2)
+    cat, dog = image_prompt(builder, "What is it?", "cat"), image_prompt(builder, "What is it?", "dog")
+    hold(pool.slots[1], cat)
+    slot, reuse = pool.choose(cat)
+    assert slot is pool.slots[1] and reuse == len(cat.ids) - 1  # one token is always left to prefill
+    assert cat.ids == dog.ids  # the same token ids …
+    assert pool.slots[1].reusable(dog) == dog.spans[0].start  # … but another picture: stop before its image
+
+
+def test_a_new_conversation_does_not_evict_a_long_one_for_a_short_shared_prefix(loaded, builder):
+    pool = SlotPool(loaded, 2)
+    long_chat = Prompt(builder.first_turn("A long conversation about boats. " * 40))
+    hold(pool.slots[0], long_chat)
+    pool.slots[0].last_used = 5  # recently used; slot 1 is empty
+    other = Prompt(builder.first_turn("Something else."))
+    assert 0 < pool.slots[0].reusable(other) < 0.5 * pool.slots[0].cached  # shares only the template's opening
+    slot, _ = pool.choose(other)
+    assert slot is pool.slots[1]
+
+
+def test_each_slot_has_its_own_kv_cache(loaded):
+    pool = SlotPool(loaded, 3)
+    lm = loaded.model.language_model
+    assert pool.slots[0].session._kv.k[0] is lm.k_cache[0]  # slot 0 adopts the model's own cache
+    pointers = {slot.session._kv.k[0].data_ptr() for slot in pool.slots}
+    assert len(pointers) == 3
+    pool.slots[2].session.activate_kv_cache()
+    assert lm.k_cache[0].data_ptr() == pool.slots[2].session._kv.k[0].data_ptr()
+    pool.slots[0].session.activate_kv_cache()
+    assert pool.kv_bytes == 3 * lm.cache_bytes()
+
+
+# ---- the listening socket ----------------------------------------------------------------------
+
+
+def test_accepted_connections_have_nagle_off():
+    """Headers and body are separate writes: with Nagle on, the body waited 40 ms for a delayed ACK."""
+    import asyncio
+    import socket
+
+    from internvl_chat.serve.main import listen_socket
+
+    async def accept_one() -> int:
+        listener = listen_socket("127.0.0.1", 0)
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        _, writer = await asyncio.open_connection(*listener.getsockname())
+        try:
+            return await asyncio.wait_for(seen, 60)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accept_one()) != 0
+
+
+def test_an_address_in_use_is_one_clear_line():
+    from internvl_chat.errors import UsageError
+    from internvl_chat.serve.main import listen_socket
+
+    taken = listen_socket("127.0.0.1", 0)
+    taken.listen()
+    try:
+        with pytest.raises(UsageError, match="choose another --port"):
+            listen_socket("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
+
+
+def test_prerendered_text_events_equal_fully_rendered_ones():
+    from internvl_chat.serve import sse
+    from internvl_chat.serve.protocol import chunk
+
+    template = chunk("chatcmpl-1", "m", 7, {"content": ""}, include_usage=True)
+    render = sse.TextEvents(template, ("choices", 0, "delta", "content"))
+    for text in ("", "plain", 'quo"te\\', "new\nline", "ünï 中文 \u2028", "\x00\x1b[31m"):
+        expected = chunk("chatcmpl-1", "m", 7, {"content": text}, include_usage=True)
+        assert render(text) == sse.event(expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_slots_with_cuda_graphs_decode_into_their_own_caches(tiny_original):
+    """CUDA graphs capture the cache's addresses: each slot needs its own, or slots overwrite each other."""
+    from internvl_chat.chat.sampling import SamplingParams
+    from internvl_chat.chat.session import Session
+
+    cuda = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024)
+    assert cuda.model.decode_graphs is not None
+    params = SamplingParams(max_new_tokens=12)
+    questions = {"a": ["Tell me about boats.", "More."], "b": ["Explain glaciers to me.", "And?"]}
+
+    def answers(session, texts):
+        return [[e for e in session.ask(t, params=params)][-1]["token_ids"] for t in texts]
+
+    alone = {name: answers(Session(cuda), texts) for name, texts in questions.items()}
+    slots = {name: Session(cuda) for name in questions}
+    for session in slots.values():
+        session.own_kv_cache()
+    interleaved = {name: [] for name in questions}
+    for turn in range(2):
+        for name, session in slots.items():
+            session.activate_kv_cache()
+            interleaved[name] += answers(session, [questions[name][turn]])
+    assert interleaved == alone

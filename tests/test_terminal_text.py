@@ -1,0 +1,311 @@
+"""Text for the terminal: lines that fit its width, /set, the banner, typed paths, type-ahead.
+
+In process, against the tiny checkpoint where a model is needed. The widths 40, 60 and 80 are
+checked line by line: nothing is longer than the width, words and numbers are never cut.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyte
+import pytest
+from PIL import Image
+from prompt_toolkit.document import Document
+from rich.cells import cell_len
+from rich.console import Console
+
+from internvl_chat.chat.session import Session
+from internvl_chat.engine.loader import load_model
+from internvl_chat.settings import load_settings
+from internvl_chat.ui.app import EXIT, ERROR, OK, App, runtime_keys, take_media_paths
+from internvl_chat.ui.commands import COMMANDS, format_help
+from internvl_chat.ui.render import format_columns, format_stats, wrap_text
+from internvl_chat.ui.repl import ChatCompleter
+from internvl_chat.chat.sampling import params_from_settings as sampling_params
+from internvl_chat.ui.setup import EMBEDDED_MODEL
+from internvl_chat.ui.typeahead import held_keys, keys_released, typed_text
+from media_helpers import textured_rgb
+from screen_model import ReflowScreen
+
+REPO = Path(__file__).resolve().parent.parent
+WIDTHS = (40, 60, 80)
+NUMBER = re.compile(r"\d[\d,.]*\d|\d")
+TIMING = {"vision_s": 0.41, "prefill_tokens": 12310, "prefill_s": 12310 / 5120, "ttft_s": 2.52,
+          "decode_tokens": 413, "decode_s": 10.0, "decode_tokens_per_s": 41.3}  # fmt: skip
+
+
+def numbers_in(text: str) -> list[str]:
+    return NUMBER.findall(text)
+
+
+def assert_fits(text: str, width: int, original: str | None = None) -> None:
+    for line in text.split("\n"):
+        assert cell_len(line) <= width, (width, line)  # a CJK character takes two cells
+    if original is not None:  # the same words, in the same order, nothing cut
+        assert text.split() == original.split() or " ".join(text.split()) == " ".join(original.split())
+        assert numbers_in(text) == numbers_in(original)
+
+
+# --- wrapping ----------------------------------------------------------------------------------
+
+LONG = ("error: cannot attach big.png: the turn would need 13,000 tokens (3,328 of them for 13 tiles) but the "
+        "context holds 8,192 of which 2,480 (30 %) are used after 12.5 s; /drop N removes an attachment, "
+        "or start again with a larger --max-context such as 16,384 or 32,768")  # fmt: skip
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_wrap_breaks_at_spaces_and_never_splits_a_number(width):
+    wrapped = wrap_text(LONG, width)
+    assert_fits(wrapped, width, LONG)
+    assert len(wrapped.split("\n")) > 1
+    for line in wrapped.split("\n")[1:]:
+        assert line.startswith("  ") and not line.startswith("   ")  # a hanging indent
+    assert not re.search(r"\d\n\s*(%|s\b)", wrapped)  # a unit stays with its number
+    assert wrap_text(LONG, None) == LONG  # not a terminal: the line stays whole
+
+
+def test_wrap_cuts_only_a_word_longer_than_the_line():
+    path = "/very/long/path/" + "x" * 70 + ".png"
+    wrapped = wrap_text(f"error: {path} does not exist", 40)
+    assert_fits(wrapped, 40)
+    assert re.sub(r"\s", "", wrapped) == f"error:{path}doesnotexist"
+    assert wrap_text("short", 40) == "short" and wrap_text("a  b\n  c", 40) == "a  b\n  c"
+    assert_fits(wrap_text("中文" * 30, 40), 40)  # wide characters count two cells each
+
+
+@pytest.mark.parametrize("width", [30, 40, 60, 80, 200])
+def test_stats_line_fits_by_dropping_the_least_wanted_fields(width):
+    full = format_stats(TIMING, {}, 2480, 8192, int(1.2 * 2**30), "cuda:0")
+    line = format_stats(TIMING, {}, 2480, 8192, int(1.2 * 2**30), "cuda:0", width=width)
+    assert len(line) <= width
+    assert line.startswith("decode 41.3 tok/s") or "decode 41.3 tok/s" in line  # always kept
+    for field in line.split(" · "):  # what is shown is shown whole
+        assert field in full or field == "context 30 %"
+    if width >= len(full):
+        assert line == full
+    assert format_stats(TIMING, {}, 2480, 8192, None, "cpu", width=40) == "decode 41.3 tok/s · context 30 %"
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_help_fits_and_lists_every_command(width):
+    text = format_help(None, width)
+    assert_fits(text, width)
+    for spec in COMMANDS:
+        assert spec.usage in text  # a usage is never broken, even /video's at 40 columns
+        assert " ".join(spec.help.split()) in " ".join(text.split())
+    for name in ("video", "set", "exit"):
+        assert_fits(format_help(name, width), width)
+    assert format_help(None) == format_help(None, None)  # no terminal: one line per command
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_columns_fit_and_keep_the_numbers_aligned(width):
+    rows = [("system message", "17"), ("turn 1: image a-picture-with-a-long-name.png, “What is in the picture?” "
+            "(media 771 · answer 40)", "1,851"), ("turn 2: “照片里有什么东西？请详细描述一下”", "96"),
+            ("reserved for the answer (max_new_tokens)", "1,024")]  # fmt: skip
+    text = format_columns(rows, width, indent=2, align_right=True)
+    assert_fits(text, width)
+    ends = [line for line in text.split("\n") if re.search(r"\d$", line)]
+    assert len(ends) == 4 and len({cell_len(line) for line in ends}) == 1  # right-aligned numbers
+    assert sorted(numbers_in(text)) == sorted(n for label, value in rows for n in numbers_in(label + " " + value))
+
+
+# --- the app -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_original):
+    return load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
+
+
+def make_app(loaded, tmp_path, width: int = 200, terminal: bool = False, **overrides) -> tuple[App, io.StringIO]:
+    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 8, **overrides})
+    session = Session(loaded, params=sampling_params(settings))
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=terminal, color_system=None)
+    return App(session, settings, console, interactive=False, cwd=tmp_path), out
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_everything_the_app_prints_fits_a_terminal(loaded, tmp_path, width):
+    app, out = make_app(loaded, tmp_path, width=width, terminal=True)
+    app.banner()
+    for line in ["/help", "/help video", "Hello there, who are you?", "/context", "/stats", "/media",
+                 "/set temperature", "/set temprature 1", f"/image {tmp_path}/a/b/c/no-such-picture-anywhere.png",
+                 "/show"]:  # fmt: skip
+        app.handle_line(line)
+    screen = ReflowScreen(width, 400)  # what a terminal shows; it marks the rows it had to wrap
+    pyte.Stream(screen).feed(out.getvalue().replace("\n", "\r\n"))
+    wrapped = [row for y, row in enumerate(screen.display) if getattr(screen.buffer[y], "wrapped", False)]
+    assert not wrapped
+    text = "\n".join(screen.display)
+    words = " ".join(text.split())
+    assert "tok/s" in words and "at most, after the next answer" in words and "did you mean 'temperature'" in words
+
+
+def test_set_shows_a_value_and_its_source_and_echoes_as_the_config_file(loaded, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/set stats") == OK
+    assert out.getvalue() == "ui.stats = true  (from default)\n"
+    assert app.handle_line("/set markdown false") == OK and "ui.markdown = false\n" in out.getvalue()
+    assert "False" not in out.getvalue()
+    app.handle_line("/set markdown")
+    assert out.getvalue().endswith("ui.markdown = false  (from /set)\n")
+    app.handle_line("/set temperature 0.5")
+    assert out.getvalue().endswith("generation.temperature = 0.5\n")
+    app.handle_line("/set seed")
+    assert out.getvalue().endswith("generation.seed = (not set)  (from default)\n")
+    app.handle_line("/set system.message 'Be brief.\x1b[2J'")
+    app.handle_line("/set system.message")
+    assert out.getvalue().endswith('system.message = "Be brief.\\u001b[2J"  (from /system)\n')  # TOML, no escape code
+
+
+@pytest.mark.parametrize("key", ["model.device", "ui.color", "ui.history", "ui.history_file"])
+def test_set_refuses_what_cannot_change_while_running(loaded, tmp_path, key):
+    app, out = make_app(loaded, tmp_path)
+    before = app.settings.get(key)
+    assert app.handle_line(f"/set {key} never") == ERROR
+    assert "cannot change while the app runs" in out.getvalue() and app.settings.get(key) == before
+    assert app.handle_line(f"/set {key}") == OK  # showing it is fine
+
+
+def test_tab_offers_only_keys_that_can_change_while_running():
+    offered = [c.text for c in ChatCompleter().get_completions(Document("/set "), None)]
+    assert "temperature" in offered and "generation.seed" in offered and "ui.stats" in offered
+    assert not [k for k in offered if k.startswith("model.") or k in ("ui.color", "ui.history", "ui.history_file")]
+    assert set(runtime_keys()) <= set(offered)
+    assert [c.text for c in ChatCompleter().get_completions(Document("/set ui.c"), None)] == []
+
+
+def test_bye_quits_like_exit(loaded, tmp_path):
+    app, _ = make_app(loaded, tmp_path)
+    assert app.handle_line("/bye") == EXIT and app.handle_line("/exit") == EXIT and app.handle_line("/quit") == EXIT
+
+
+def test_banner_names_the_demo_model_and_what_it_answers(tmp_path):
+    demo = load_model(EMBEDDED_MODEL, device="cpu", max_context=256)
+    app, out = make_app(demo, tmp_path)
+    app.banner()
+    head, note = out.getvalue().split("\n")[:2]
+    assert "the embedded demo model" in head and "context 256 tokens" in head
+    assert "simple drawn shapes" in note and "--model DIR" in note
+
+
+def test_banner_shows_4_bit_weights(tmp_path, tiny_original):
+    from internvl_chat.quantize import quantize_checkpoint
+
+    out_dir = quantize_checkpoint(tiny_original, tmp_path / "w4", "rtn", group_size=32, samples=2, device="cpu")
+    app, out = make_app(load_model(out_dir, device="cpu", dtype="float32", max_context=256), tmp_path)
+    app.banner()
+    head = out.getvalue().split("\n")[0]
+    assert "W4 AWQ g32 (rest float32)" in head and "w4" in head and "demo" not in out.getvalue()
+
+
+# --- typed paths ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("typed")
+    Image.fromarray(textured_rgb(448, 448, seed=3)).save(d / "my pic.png")
+    return d / "my pic.png"
+
+
+def test_typed_paths_are_taken_out_of_the_message(picture):
+    text, found, missing = take_media_paths(f"What is in '{picture}'?")
+    assert (text, found, missing) == ("What is in?", [picture], [])
+    text, found, _ = take_media_paths(f"{str(picture).replace(' ', chr(92) + ' ')} describe it\nplease")
+    assert (text, found) == ("describe it\nplease", [picture])
+    text, found, missing = take_media_paths("Compare /no/such/pic.png and this")
+    assert (text, found, missing) == ("Compare /no/such/pic.png and this", [], [Path("/no/such/pic.png")])
+    assert take_media_paths("no paths here, 3 % of it") == ("no paths here, 3 % of it", [], [])
+
+
+def test_the_repl_sends_the_question_without_the_path(loaded, tmp_path, picture):
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"Describe '{picture}' briefly.") == OK
+    turn = app.session.turns[0]
+    assert turn.user_text == "Describe briefly." and [m.path for m in turn.media] == [picture]
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
+    return subprocess.run([sys.executable, "-m", "internvl_chat.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=300)  # fmt: skip
+
+
+def test_one_shot_attaches_a_typed_path_like_the_repl(tiny_original, picture):
+    import json
+
+    run = _cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "2", "--json",
+               "-p", f"Describe '{picture}' briefly.")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    usage = json.loads(run.stdout)["usage"]
+    loaded = load_model(tiny_original, device="cpu", max_context=2048)
+    from internvl_chat.chat.template import MediaSpec
+
+    expected = Session(loaded).builder.first_turn("Describe briefly.", [MediaSpec("image", 1)])
+    assert usage["prompt_tokens"] == len(expected)
+
+
+def test_a_prompt_of_spaces_is_no_prompt(tiny_original):
+    run = _cli("--model", str(tiny_original), "-p", "   \t ")
+    assert run.returncode == 2 and "no prompt given" in run.stderr and "Traceback" not in run.stderr
+
+
+# --- type-ahead ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, text",
+    [
+        (b"next question", "next question"),
+        (b"next question\r", "next question"),
+        (b"typo\x7f\x7fpo here\n", "typo here"),
+        (b"one\rtwo\r", "one\ntwo"),
+        (b"\x1b[A\x1b[Bleft\x1b[D", "left"),  # arrow keys are not text
+        (b"junk\x15clean", "clean"),  # Ctrl-U
+        (b"some words\x17", "some "),  # Ctrl-W
+        (b"caf\xc3\xa9 \xe4\xb8\xad", "café 中"),
+        (b"\x04\x07bell", "bell"),
+        (b"\xff", "\ufffd"),
+    ],
+)
+def test_typed_text(raw, text):
+    assert typed_text(raw) == text
+
+
+def test_held_keys_restores_the_terminal_on_every_path():
+    import termios
+
+    master, slave = os.openpty()
+    try:
+        with os.fdopen(os.dup(slave), "rb", buffering=0) as stream:
+            before = termios.tcgetattr(slave)
+            assert before[3] & termios.ECHO and before[3] & termios.ICANON
+            with held_keys(stream) as typed:
+                quiet = termios.tcgetattr(slave)
+                assert not quiet[3] & termios.ECHO and not quiet[3] & termios.ICANON and quiet[3] & termios.ISIG
+                os.write(master, b"typed ahead\r")
+            assert typed.text == "typed ahead" and termios.tcgetattr(slave) == before
+            with held_keys(stream):
+                with keys_released():  # a question asked inside a command sees the usual terminal
+                    assert termios.tcgetattr(slave) == before
+                assert not termios.tcgetattr(slave)[3] & termios.ECHO
+            assert termios.tcgetattr(slave) == before
+            with pytest.raises(KeyboardInterrupt):
+                with held_keys(stream):
+                    raise KeyboardInterrupt
+            assert termios.tcgetattr(slave) == before
+        with held_keys(io.BytesIO()) as nothing:  # not a terminal: nothing to hold
+            pass
+        assert nothing.text == ""
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -1,0 +1,306 @@
+"""The app's tokenizer (engine/tokenizer.py) against transformers' AutoTokenizer on the same files.
+
+`load_tokenizer` reads tokenizer.json with the `tokenizers` library so that starting the app does
+not import transformers. These tests prove it changes nothing: over many strings (unicode,
+whitespace, special-token text typed by a user) the ids and the decoded text are identical to
+AutoTokenizer's as the app used it before (`split_special_tokens=True`: typed special-token text
+stays text; non-special added tokens are matched, as transformers does), on the tiny test
+tokenizer, the demo model's, and a Qwen2-style checkpoint folder written as real InternVL3 ones
+are (tokenizer_config.json with added_tokens_decoder, one token declared only there).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from qwen_like_tokenizer import SPECIALS, build_qwen_like_tokenizer
+from transformers import AutoTokenizer
+
+from internvl_chat.chat.detokenize import IncrementalDetokenizer
+from internvl_chat.chat.template import MediaSpec, PromptBuilder
+from internvl_chat.engine.tokenizer import (
+    FastTokenizer,
+    TransformersTokenizer,
+    load_tokenizer,
+    special_token_ids,
+)
+from internvl_chat.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO / "internvl_chat" / "demo_model"
+EXTRA_SPECIALS = ["<quad>", "</quad>", "<ref>", "</ref>"]
+NOT_SPECIAL = "<tool_call>"  # Qwen2.5 has added tokens that are not special: transformers matches them in text
+CONFIG_ONLY = "<box>"  # declared only in tokenizer_config.json's added_tokens_decoder
+
+CORPUS = [
+    "Describe the picture in detail. What colour is the star? How many shapes are there?",
+    "A red circle on the left, a blue square at the top, and a green triangle.",
+    "def main():\n    return 42\n\n\nprint('hello world')  # comment\r\n",
+    "世界 你好 こんにちは 안녕하세요 Привет мир 123 4567 3.14 1,000,000",
+    "emoji 🤖🎨👍🏽 and accents: café naïve über résumé e\u0301",
+    "    indented\n\ttabbed\n\n\n   spaced   out   ",
+] * 30
+
+PIECES = [
+    "<|im_end|>", "<|im_start|>", "<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "<box>",
+    NOT_SPECIAL, "<|im_end", "im_end|>", "<im_end>", "<", "|", ">", "<<|im_start|>>",
+    " ", "  ", "\n", "\n\n", "\r\n", "\t", "\u00a0", "\u200b", "\u200d", "\u202e", "\x00", "\x1b[31m",
+    "hello", " world", "Describe", " the", " picture", "?", ".", "'s", "'ll", "123", "4567", "3.14",
+    "世界", "你好", "é", "e\u0301", "🤖", "👍🏽", "🏳️‍🌈", "Привет", "مرحبا", "\ufffd", "\U0010ffff",
+]  # fmt: skip
+
+
+def sample_texts(n: int = 300, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    texts = [
+        "",
+        " ",
+        "\n",
+        "How many shapes are there?",
+        "user\n<image>\nWhat is it?",
+        "<|im_end|>\n<|im_start|>assistant\n",
+        "   leading and trailing   ",
+        "\n\n\n",
+        NOT_SPECIAL + " call it " + NOT_SPECIAL,
+        "".join(PIECES),
+        CORPUS[3] + CORPUS[4],
+    ]
+    for _ in range(n):
+        texts.append("".join(rng.choice(PIECES) for _ in range(rng.randint(1, 12))))
+    for _ in range(n // 3):  # arbitrary code points, surrogates left out (not valid in UTF-8)
+        chars = [chr(rng.choice([rng.randint(0x20, 0x7E), rng.randint(0xA0, 0xD7FF), rng.randint(0xE000, 0x10FFFF)]))
+                 for _ in range(rng.randint(1, 10))]  # fmt: skip
+        texts.append("".join(chars))
+    return texts
+
+
+# --- checkpoint-style tokenizer folders --------------------------------------------------------
+
+
+def _write_qwen2_style(folder: Path, with_tokenizer_json: bool) -> Path:
+    """A tokenizer folder laid out as InternVL3's: Qwen2 split, tokenizer_config.json in the
+    transformers 4 format, extra special and non-special added tokens, one of them only in the config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = build_qwen_like_tokenizer(CORPUS, 420, SPECIALS + EXTRA_SPECIALS)
+    backend = hf.backend_tokenizer
+    from tokenizers import AddedToken
+
+    backend.add_tokens([AddedToken(NOT_SPECIAL, special=False, normalized=False)])
+    data = json.loads(backend.to_str())
+    added = {t["content"]: t for t in data["added_tokens"]}
+    config_only_id = max(t["id"] for t in data["added_tokens"]) + 1
+    decoder = {
+        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        for t in added.values()
+    }
+    decoder[str(config_only_id)] = {"content": CONFIG_ONLY, "lstrip": False, "normalized": False, "rstrip": False,
+                                    "single_word": False, "special": True}  # fmt: skip
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", *EXTRA_SPECIALS, CONFIG_ONLY],
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 8192,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+    if with_tokenizer_json:
+        (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    else:  # the slow files only: vocab.json + merges.txt
+        model = data["model"]
+        (folder / "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen2_style(tmp_path_factory) -> Path:
+    return _write_qwen2_style(tmp_path_factory.mktemp("qwen2_style"), with_tokenizer_json=True)
+
+
+@pytest.fixture(params=["tiny", "demo", "qwen2_style"])
+def folder(request, tiny_tokenizer, qwen2_style) -> Path:
+    return {"tiny": tiny_tokenizer, "demo": DEMO_MODEL, "qwen2_style": qwen2_style}[request.param]
+
+
+def reference(folder: Path):
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+# --- equivalence -------------------------------------------------------------------------------
+
+
+def test_loaded_through_tokenizers_not_transformers(folder):
+    assert isinstance(load_tokenizer(folder), FastTokenizer)
+
+
+def test_ids_match_transformers_as_the_app_used_it(folder):
+    ours, hf = load_tokenizer(folder), reference(folder)
+    for text in sample_texts():
+        expected = hf(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        assert ours.encode(text) == expected, repr(text)
+
+
+def test_decoded_text_matches_transformers(folder):
+    ours, hf = load_tokenizer(folder), reference(folder)
+    for text in sample_texts(120, seed=1):
+        ids = ours.encode(text)
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    rng = random.Random(2)
+    size = len(hf)
+    for _ in range(300):  # any id sequence, special ids and broken UTF-8 included
+        ids = [rng.randrange(size) for _ in range(rng.randint(1, 8))]
+        for skip in (False, True):
+            assert ours.decode(ids, skip) == hf.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False), ids
+
+
+def test_vocabulary_and_special_ids_match_transformers(folder):
+    ours, hf = load_tokenizer(folder), reference(folder)
+    assert len(ours) == len(hf)
+    assert ours.get_vocab() == hf.get_vocab()
+    assert ours.special_ids == TransformersTokenizer(hf).special_ids  # what the detokenizer never prints
+    for token, token_id in hf.get_vocab().items():
+        assert ours.convert_tokens_to_ids(token) == token_id
+        assert ours.convert_ids_to_tokens(token_id) == token
+    assert ours.convert_tokens_to_ids("<no such token>") is None
+    assert special_token_ids(ours) == special_token_ids(hf)
+
+
+def test_prompts_and_streamed_answers_match_transformers(folder):
+    ours, hf = load_tokenizer(folder), reference(folder)
+    media = [MediaSpec("image", 2), MediaSpec("video", 2)]
+    question = "What is <|im_end|> in 🤖 <img>?\n\n  Tell me."
+    built = [PromptBuilder(tok, "You are helpful.", tokens_per_tile=4) for tok in (ours, hf)]
+    assert built[0].first_turn(question, media) == built[1].first_turn(question, media)
+    assert built[0].next_turn(question, []) == built[1].next_turn(question, [])
+    assert built[0].stop_ids == built[1].stop_ids
+    answer = ours.encode("Héllo wörld 世界 🤖! " * 3) + [built[0].im_end_id]
+    streams = [IncrementalDetokenizer(tok) for tok in (ours, hf)]
+    texts = ["".join(s.push(i) for i in answer) + s.flush() for s in streams]
+    assert texts[0] == texts[1] == "Héllo wörld 世界 🤖! " * 3
+
+
+def test_typed_special_token_text_stays_text_but_added_tokens_match(qwen2_style):
+    ours = load_tokenizer(qwen2_style)
+    specials = {ours.convert_tokens_to_ids(t) for t in ["<|im_end|>", "<IMG_CONTEXT>", CONFIG_ONLY]}
+    assert not specials & set(ours.encode("<|im_end|><IMG_CONTEXT>" + CONFIG_ONLY))
+    assert ours.encode(NOT_SPECIAL) == [ours.convert_tokens_to_ids(NOT_SPECIAL)]  # as transformers does
+    assert ours.convert_tokens_to_ids(CONFIG_ONLY) in ours.special_ids
+
+
+def test_without_tokenizer_json_transformers_is_the_fallback(tmp_path, qwen2_style):
+    slow = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    fallback, fast = load_tokenizer(slow), load_tokenizer(qwen2_style)
+    assert isinstance(fallback, TransformersTokenizer)
+    for text in sample_texts(60, seed=3):
+        assert fallback.encode(text) == fast.encode(text), repr(text)
+    assert fallback.special_ids == fast.special_ids
+
+
+def test_startup_imports_neither_transformers_nor_torch_compilers():
+    """Loading the demo model as the REPL does imports no transformers, sympy or torch._dynamo
+    (each costs seconds before the first prompt), nor the Markdown renderer (needed at the first answer)."""
+    code = (
+        "import sys\n"
+        "from internvl_chat.settings import Settings\n"
+        "from internvl_chat.ui.setup import open_session\n"
+        "import internvl_chat.ui.repl\n"
+        "s = open_session(Settings(), show_progress=False)\n"
+        "assert s.builder.first_turn('hi')\n"
+        "late = ('transformers', 'sympy', 'torch._dynamo', 'rich.markdown', 'pygments')\n"
+        "print(sorted(m for m in late if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env={"PATH": "/usr/bin:/bin", "INTERNVL_CHAT_CONFIG": "/dev/null", "HOME": "/nonexistent"})  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+# --- the tiny tokenizer's files (moved from test_checkpoint.py) --------------------------------
+
+
+def tokenizer_json_ids(model_dir: Path) -> dict[str, int]:
+    data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = dict(data["model"]["vocab"])
+    ids.update({t["content"]: t["id"] for t in data["added_tokens"]})
+    return ids
+
+
+def test_tokenizer_special_tokens(tiny_original):
+    tok = load_tokenizer(tiny_original)
+    ids = tokenizer_json_ids(tiny_original)
+    special = special_token_ids(tok)
+    assert special.im_start == ids["<|im_start|>"] and special.im_end == ids["<|im_end|>"]
+    assert special.endoftext == ids["<|endoftext|>"] and special.img_context == ids["<IMG_CONTEXT>"]
+    assert special.img_start == ids["<img>"] and special.img_end == ids["</img>"]
+    for text in ("<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"):
+        assert ids[text] in tok.special_ids
+    # nothing is prepended, and typed special-token text is not a special token
+    typed = tok.encode("<|im_start|>user")
+    assert special.im_start not in typed and tok.decode(typed) == "<|im_start|>user"
+
+
+def test_tokenizer_round_trips_utf8_and_splits_multibyte(tiny_tokenizer):
+    tok = load_tokenizer(tiny_tokenizer)
+    text = "Hello 世界! e\u0301 ümlaut 🤖\n\t<img></img> 龘"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    pieces = [tok.decode([i]) for i in tok.encode("龘")]
+    assert len(pieces) > 1 and "\ufffd" in "".join(pieces)  # one character, several byte tokens
+
+
+def test_tokenizer_chat_template(tiny_tokenizer):
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))  # a property of the files the tiny tokenizer ships
+    text = tok.apply_chat_template(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+
+
+# --- broken folders ----------------------------------------------------------------------------
+
+
+def test_tokenizer_missing_or_incomplete(tmp_path, tiny_tokenizer):
+    with pytest.raises(CheckpointError, match="no tokenizer"):
+        load_tokenizer(tmp_path)
+
+    class Fake:
+        def get_vocab(self):
+            return {"<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 3, "<img>": 4, "</img>": 5}
+
+    with pytest.raises(CheckpointError, match="IMG_CONTEXT"):
+        special_token_ids(Fake())
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"tokenizer.json": "{not json"}, "cannot read .*tokenizer.json"),
+        ({"tokenizer.json": "[]"}, "cannot read .*tokenizer.json"),
+        ({"tokenizer_config.json": "{"}, "tokenizer_config.json is not usable: it is not valid JSON"),
+        ({"tokenizer_config.json": "[1]"}, "not a JSON object"),
+        ({"tokenizer_config.json": '{"added_tokens_decoder": {"x": 1}}'}, "entry 'x' is malformed"),
+        ({"tokenizer_config.json": '{"added_tokens_decoder": {"3": {"content": "<|im_end|>", "special": true}}}'},
+         "gives '<|im_end|>' the id 3"),
+    ],
+)  # fmt: skip
+def test_broken_tokenizer_files_are_one_clear_error(tmp_path, tiny_tokenizer, files, message):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_tokenizer / name).read_bytes())
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(CheckpointError, match=message):
+        load_tokenizer(tmp_path)

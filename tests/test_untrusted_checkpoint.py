@@ -1,0 +1,436 @@
+"""Checkpoint files are untrusted: every lie in config.json, an index, a safetensors header or a
+pickle is one CheckpointError line (exit 2) naming the user's path, before anything is allocated.
+
+Each case below is crafted by hand; the expected words are what a user needs to see (the file,
+the key or the problem), never a library's internals or advice.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from internvl_chat.engine.checkpoint import find_weight_files, iter_tensors
+from internvl_chat.engine.config import load_config, parse_config
+from internvl_chat.engine.loader import load_model
+from internvl_chat.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def one_line(err: pytest.ExceptionInfo, *words: str) -> str:
+    text = str(err.value)
+    assert text and "\n" not in text and "\x1b" not in text, text
+    assert "Traceback" not in text
+    for word in words:
+        assert word in text, (word, text)
+    return text
+
+
+def config_of(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
+def edited(raw: dict, dotted: str, value) -> dict:
+    raw = json.loads(json.dumps(raw))
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    if value is DELETE:
+        node.pop(leaf)
+    else:
+        node[leaf] = value
+    return raw
+
+
+class _Delete:
+    """The key is removed (a stable repr: test ids must be the same in every process)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+DELETE = _Delete()
+
+
+# ------------------------------------------------------------------ config.json fields
+
+ORIGINAL_LIES = [
+    # wrong JSON types: strings for numbers, bools for ints, floats for ints, lists, objects
+    ("llm_config.hidden_size", "64"), ("llm_config.hidden_size", True), ("llm_config.hidden_size", 64.0),
+    ("llm_config.hidden_size", [64]), ("llm_config.vocab_size", "1024"), ("llm_config.vocab_size", False),
+    ("llm_config.num_hidden_layers", {"n": 2}), ("llm_config.rms_norm_eps", "1e-6"), ("llm_config.rope_theta", "1e6"),
+    ("llm_config.tie_word_embeddings", "false"), ("llm_config.architectures", "Qwen2ForCausalLM"),
+    ("vision_config.qkv_bias", "true"), ("vision_config.norm_type", 3), ("vision_config.layer_norm_eps", "1e-6"),
+    ("downsample_ratio", "0.5"), ("select_layer", "-1"), ("template", 5), ("system_message", ["hi"]),
+    ("force_image_size", "448"), ("use_thumbnail", 1), ("max_dynamic_patch", 12.5),
+    # zero, negative, absurd sizes
+    ("llm_config.hidden_size", 0), ("llm_config.hidden_size", -64), ("llm_config.hidden_size", 10**7),
+    ("llm_config.vocab_size", 0), ("llm_config.vocab_size", 10**9), ("llm_config.num_hidden_layers", 0),
+    ("llm_config.num_hidden_layers", 10**6), ("llm_config.intermediate_size", -1), ("llm_config.intermediate_size", 10**8),
+    ("llm_config.max_position_embeddings", 0), ("llm_config.max_position_embeddings", 2**40),
+    ("llm_config.num_attention_heads", 0), ("llm_config.num_key_value_heads", 0), ("llm_config.rms_norm_eps", 0),
+    ("llm_config.rms_norm_eps", float("nan")), ("llm_config.rope_theta", -1.0), ("llm_config.rope_theta", float("inf")),
+    ("vision_config.hidden_size", 0), ("vision_config.num_hidden_layers", -2), ("vision_config.intermediate_size", 0),
+    ("vision_config.layer_norm_eps", -1e-6), ("vision_config.patch_size", 0), ("force_image_size", 10**6),
+    ("max_dynamic_patch", 0), ("max_dynamic_patch", 10**6), ("min_dynamic_patch", 0),
+    # shapes that do not divide
+    ("llm_config.num_attention_heads", 3), ("llm_config.num_key_value_heads", 3), ("llm_config.num_key_value_heads", 8),
+    ("llm_config.head_dim", 15), ("vision_config.num_attention_heads", 5), ("vision_config.patch_size", 15),
+    ("force_image_size", 42), ("force_image_size", 450), ("force_image_size", 14 * 200),
+    # missing or not objects
+    ("llm_config.hidden_size", DELETE), ("llm_config.vocab_size", None), ("vision_config.num_attention_heads", DELETE),
+    ("llm_config", []), ("vision_config", "ViT"), ("llm_config", DELETE),
+    # variants the engine does not compute
+    ("llm_config.hidden_act", "gelu"), ("llm_config.rope_scaling", {"type": "linear", "factor": 4.0}),
+    ("llm_config.rope_scaling", {"rope_type": "yarn", "factor": 4.0}), ("llm_config.use_sliding_window", True),
+    ("vision_config.hidden_act", "relu"), ("vision_config.norm_type", "batch_norm"), ("downsample_ratio", 0.25),
+    ("ps_version", "v1"), ("select_layer", -2),
+    # AWQ settings that cannot fit the widths (hidden 64, FFN 128)
+    ("llm_config.quantization_config", {"quant_method": "awq", "bits": 4, "group_size": 48}),
+    ("llm_config.quantization_config", {"quant_method": "awq", "bits": 4, "group_size": 96}),
+    ("llm_config.quantization_config", {"quant_method": "awq", "bits": "4", "group_size": 32}),
+    ("llm_config.quantization_config", "awq"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dotted, value", ORIGINAL_LIES, ids=[f"{d}={v!r}"[:60] for d, v in ORIGINAL_LIES])
+def test_original_config_lies_are_one_line(tiny_original, dotted, value):
+    raw = edited(config_of(tiny_original), dotted, value)
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw, "/models/x/config.json")
+    text = one_line(err)
+    leaf = dotted.split(".")[-1]
+    named = leaf in text or dotted.split(".")[0] in text
+    assert named or any(w in text for w in ("group size", "head size", "image size", "patches per tile")), text
+
+
+HF_LIES = [
+    ("text_config.hidden_size", "64"), ("text_config", DELETE), ("text_config", 7), ("vision_config.image_size", [448, 224]),
+    ("vision_config.patch_size", [14, "14"]), ("tie_word_embeddings", "yes"), ("vision_feature_layer", [-1]),
+    ("vision_config.use_qk_norm", "no"), ("vision_config.attention_bias", 0), ("text_config.num_key_value_heads", 5),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dotted, value", HF_LIES, ids=[f"{d}={v!r}"[:60] for d, v in HF_LIES])
+def test_hf_config_lies_are_one_line(tiny_hf, dotted, value):
+    raw = edited(config_of(tiny_hf), dotted, value)
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw)
+    one_line(err, dotted.split(".")[-1])
+
+
+def test_a_config_that_is_not_an_object(tmp_path):
+    for value in ([], "InternVL", 3, None):
+        with pytest.raises(CheckpointError) as err:
+            parse_config(value, "cfg.json")
+        one_line(err, "cfg.json", "JSON object")
+
+
+def test_values_from_the_file_are_shown_escaped(tiny_original):
+    raw = edited(config_of(tiny_original), "llm_config.hidden_size", "\x1b]0;pwned\x07" + "x" * 100)
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw)
+    text = one_line(err, "hidden_size", "\\u001b]0;pwned\\u0007")
+    assert len(text) < 300
+
+
+# ------------------------------------------------------------------ config.json and index files
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"\xff\xfe{}", ["not UTF-8"]),
+        (b'{"architectures": ["InternVLChatModel"],', ["not valid JSON"]),
+        (b"[" * 200_000 + b"]" * 200_000, ["nested too deeply"]),
+        (b'{"a": ' + b"9" * 50_000 + b"}", ["number is too large"]),
+        (b'["InternVLChatModel"]', ["JSON object"]),
+        (b"", ["not valid JSON"]),
+    ],
+)
+def test_unreadable_config_json(tiny_original, tmp_path, content, words):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_original, folder)
+    (folder / "config.json").write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_config(folder)
+    one_line(err, str(folder / "config.json"), *words)
+
+
+def test_config_json_that_is_a_fifo_or_huge(tiny_original, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_original, folder)
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")  # would block forever if opened for a plain read
+    with pytest.raises(CheckpointError) as err:
+        load_config(folder)
+    one_line(err, "not a regular file")
+    (folder / "config.json").unlink()
+    with open(folder / "config.json", "wb") as f:
+        f.truncate(65 << 20)  # sparse: over the 64 MiB limit without using the disk
+    with pytest.raises(CheckpointError) as err:
+        load_config(folder)
+    one_line(err, "limit")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tiny_tokenizer) -> Path:
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("sharded"), file_format="sharded", tokenizer_dir=tiny_tokenizer)
+
+
+@pytest.mark.parametrize(
+    "weight_map, words",
+    [
+        ({"a": "../outside.safetensors"}, ["../outside.safetensors", "not a .safetensors file name"]),
+        ({"a": "/etc/passwd.safetensors"}, ["/etc/passwd.safetensors"]),
+        ({"a": "sub/model.safetensors"}, ["sub/model.safetensors"]),
+        ({"a": "model.bin"}, ["model.bin"]),
+        ({"a": 7}, ["7"]),
+        ({"a": "x\x1b[2J.safetensors"}, ["x\\e[2J.safetensors"]),
+        ([], ["weight_map"]),
+        ({}, ["weight_map"]),
+        ("model.safetensors", ["weight_map"]),
+    ],
+)
+def test_lying_shard_index(sharded, tmp_path, weight_map, words):
+    folder = tmp_path / "s"
+    shutil.copytree(sharded, folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError) as err:
+        find_weight_files(folder)
+    one_line(err, str(folder / "model.safetensors.index.json"), *words)
+
+
+def test_shard_index_that_is_a_fifo_or_not_json(sharded, tmp_path):
+    folder = tmp_path / "s"
+    shutil.copytree(sharded, folder)
+    index = folder / "model.safetensors.index.json"
+    index.write_bytes(b"\x00\x01 not json")
+    with pytest.raises(CheckpointError) as err:
+        find_weight_files(folder)
+    one_line(err, str(index), "not valid JSON")
+    index.unlink()
+    os.mkfifo(index)
+    with pytest.raises(CheckpointError) as err:
+        find_weight_files(folder)
+    one_line(err, str(index), "not a regular file")
+
+
+def test_absurd_sizes_never_reach_an_allocator(tiny_original, tmp_path):
+    """Each field within its cap, their product far beyond memory: refused by comparing with the
+    bytes the weight files hold, before the model is built."""
+    folder = tmp_path / "absurd"
+    shutil.copytree(tiny_original, folder)
+    raw = config_of(folder)
+    raw["llm_config"].update(vocab_size=2_000_000, hidden_size=65_536, num_attention_heads=512, num_key_value_heads=512)
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(folder), "billion weights", "config.json and the weights disagree")
+
+
+def test_a_larger_but_plausible_config_is_refused_by_size_too(tiny_original, tmp_path):
+    folder = tmp_path / "more"
+    shutil.copytree(tiny_original, folder)
+    raw = config_of(folder)
+    raw["llm_config"]["num_hidden_layers"] = 200  # a partial download of a deeper model, say
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, "config.json and the weights disagree")
+
+
+# ------------------------------------------------------------------ safetensors headers
+
+
+def _safetensors_bytes(header, data: bytes = b"", length: int | None = None) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+LYING_HEADERS = {
+    "not an object": _safetensors_bytes([1, 2]),
+    "a string": _safetensors_bytes("tensors"),
+    "missing offsets": _safetensors_bytes({"a": {"dtype": "F32", "shape": [2]}}, bytes(8)),
+    "inverted offsets": _safetensors_bytes({"a": {**F32x2, "data_offsets": [8, 0]}}, bytes(8)),
+    "negative offset": _safetensors_bytes({"a": {**F32x2, "data_offsets": [-8, 0]}}, bytes(8)),
+    "bytes != shape x dtype": _safetensors_bytes({"a": {**F32x2, "shape": [3]}}, bytes(8)),
+    "offsets past the end": _safetensors_bytes({"a": {**F32x2, "shape": [4], "data_offsets": [0, 16]}}, bytes(8)),
+    "data past the offsets": _safetensors_bytes({"a": F32x2}, bytes(12)),
+    "a hole between tensors": _safetensors_bytes({"a": F32x2, "b": {**F32x2, "data_offsets": [12, 20]}}, bytes(20)),
+    "overlapping tensors": _safetensors_bytes({"a": F32x2, "b": F32x2}, bytes(8)),
+    "deep nesting": _safetensors_bytes(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    "huge header length": _safetensors_bytes({"a": F32x2}, bytes(8), length=1 << 40),
+    "header length past the end": _safetensors_bytes({"a": F32x2}, bytes(8), length=5000),
+    "header length zero": _safetensors_bytes(b"", bytes(8)),
+    "invalid UTF-8": _safetensors_bytes(b'{"\xff": 1}'),
+    "unknown dtype": _safetensors_bytes({"a": {**F32x2, "dtype": "F33"}}, bytes(8)),
+    "negative shape": _safetensors_bytes({"a": {**F32x2, "shape": [-2]}}, bytes(8)),
+    "shape overflow": _safetensors_bytes({"a": {**F32x2, "shape": [2**62, 2**62]}}, bytes(8)),
+    "metadata not strings": _safetensors_bytes({"__metadata__": {"format": 1}, "a": F32x2}, bytes(8)),
+    "seven bytes": b"\x05\x00\x00\x00\x00\x00\x00",
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("case", list(LYING_HEADERS))
+def test_lying_safetensors_header_is_one_line(tiny_original, tmp_path, case):
+    folder = tmp_path / "lie"
+    shutil.copytree(tiny_original, folder)
+    path = folder / "model.safetensors"
+    path.write_bytes(LYING_HEADERS[case])
+    with pytest.raises(CheckpointError) as err:
+        list(iter_tensors(folder))
+    text = one_line(err, str(path), "safetensors")
+    with pytest.raises(CheckpointError) as err:  # the loader refuses before building the model
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    assert one_line(err, str(path)).split(" (")[0] == text.split(" (")[0]
+
+
+def test_a_dtype_the_engine_does_not_load(tiny_original, tmp_path):
+    folder = tmp_path / "f8"
+    shutil.copytree(tiny_original, folder)
+    path = folder / "model.safetensors"
+    path.write_bytes(_safetensors_bytes({"a": {"dtype": "F8_E4M3", "shape": [8], "data_offsets": [0, 8]}}, bytes(8)))
+    with pytest.raises(CheckpointError) as err:
+        list(iter_tensors(folder))
+    one_line(err, str(path), "F8_E4M3")
+
+
+def test_an_honest_file_still_reads_exactly(tmp_path):
+    tensors = {
+        "b": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4),
+        "a": torch.tensor([1.5, -2.0], dtype=torch.float32),
+        "empty": torch.zeros(0, 5, dtype=torch.float16),
+        "ids": torch.tensor([[7, 8]], dtype=torch.int32),
+    }
+    save_file(tensors, str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
+    got = dict(iter_tensors(tmp_path / "w.safetensors", "original"))
+    assert set(got) == set(tensors)
+    for name, tensor in tensors.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+
+
+def test_a_weight_file_that_is_a_fifo(tiny_original, tmp_path):
+    from internvl_chat.engine.checkpoint import _iter_file
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    for kind in ("safetensors", "bin"):
+        with pytest.raises(CheckpointError) as err:
+            list(_iter_file(fifo, kind))
+        one_line(err, str(fifo), "not a regular file")
+
+
+# ------------------------------------------------------------------ pickles
+
+
+class _Opaque:
+    pass
+
+
+def _pickles(folder: Path) -> dict[str, tuple[Path, list[str]]]:
+    """name -> (file, words the refusal must contain)."""
+    out = {}
+
+    def save(name: str, obj, words: list[str], **kw) -> None:
+        path = folder / name / "pytorch_model.bin"
+        path.parent.mkdir()
+        torch.save(obj, path, **kw)
+        out[name] = (path, words)
+
+    save("zip global", {"w": torch.zeros(2), "p": Path("x")}, ["pathlib.PosixPath", "for safety"])
+    save("legacy global", {"w": torch.zeros(2), "p": Path("x")}, ["pathlib.PosixPath"], _use_new_zipfile_serialization=False)
+    save("nested dict", {"w": torch.zeros(2), "meta": {"step": 3}}, ["meta", "dict", "not a tensor"])
+    save("nested number", {"w": torch.zeros(2), "step": 3}, ["step", "int"])
+    save("legacy nested", {"w": torch.zeros(2), "names": ["a"]}, ["names", "list"], _use_new_zipfile_serialization=False)
+    save("a list", [torch.zeros(2)], ["list", "not a state dict"])
+    save("a tensor", torch.zeros(2), ["Tensor", "not a state dict"])
+    save("int key", {1: torch.zeros(2)}, ["not a string"])
+    save("sparse", {"w": torch.eye(3).to_sparse()}, ["w", "sparse"])
+    save("complex", {"w": torch.zeros(2, dtype=torch.complex64)}, ["complex64"])
+    good = folder / "good.bin"
+    torch.save({"w": torch.arange(1000.0)}, good)
+    data = good.read_bytes()
+    for name, content, words in [
+        ("truncated zip", data[: len(data) // 2], ["truncated, damaged or not a PyTorch weights file"]),
+        ("zip missing its end", data[:-10], ["truncated, damaged or not a PyTorch weights file"]),
+        ("garbage", bytes(range(256)) * 4, ["not a PyTorch weights file"]),
+        ("empty", b"", ["not a PyTorch weights file"]),
+        ("plain pickle of an object", pickle.dumps(collections.Counter(a=1)), ["for safety"]),
+    ]:
+        path = folder / name / "pytorch_model.bin"
+        path.parent.mkdir()
+        path.write_bytes(content)
+        out[name] = (path, words)
+    return out
+
+
+def test_pickles_that_are_not_plain_tensor_dicts(tmp_path):
+    for name, (path, words) in _pickles(tmp_path).items():
+        with pytest.raises(CheckpointError) as err:
+            list(iter_tensors(path.parent, "original"))
+        text = one_line(err, str(path), *words)
+        assert "weights_only" not in text and "add_safe_globals" not in text, (name, text)
+
+
+def test_plain_pickles_still_load_zip_and_legacy(tmp_path):
+    state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int32)}
+    for legacy in (False, True):
+        folder = tmp_path / f"legacy{legacy}"
+        folder.mkdir()
+        torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+        got = dict(iter_tensors(folder, "original"))
+        assert set(got) == set(state) and all(torch.equal(got[k], v) for k, v in state.items())
+    wrapped = tmp_path / "wrapped"
+    wrapped.mkdir()
+    torch.save({"state_dict": state, "epoch": 3}, wrapped / "pytorch_model.bin")  # training checkpoints
+    assert set(dict(iter_tensors(wrapped, "original"))) == set(state)
+
+
+# ------------------------------------------------------------------ through the command line: exit 2, one line
+
+
+def _tampered(tiny_original: Path, folder: Path, case: str) -> Path:
+    shutil.copytree(tiny_original, folder)
+    if case == "config":
+        raw = config_of(folder)
+        raw["llm_config"]["vocab_size"] = "151674"
+        (folder / "config.json").write_text(json.dumps(raw))
+    elif case == "safetensors":
+        (folder / "model.safetensors").write_bytes(LYING_HEADERS["inverted offsets"])
+    else:
+        (folder / "model.safetensors").unlink()
+        torch.save({"w": torch.zeros(2), "p": Path("x")}, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["config", "safetensors", "pickle"])
+def test_cli_refuses_with_exit_2_and_one_line(tiny_original, tmp_path, case):
+    folder = _tampered(tiny_original, tmp_path / "bad model", case)
+    run = subprocess.run(
+        [sys.executable, "-m", "internvl_chat.cli", "--model", str(folder), "--device", "cpu", "-p", "hi"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, stdin=subprocess.DEVNULL,
+        env={**os.environ, "HOME": str(tmp_path / "home"), "INTERNVL_CHAT_CONFIG": ""},
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("internvl-chat: error: "), run.stderr
+    assert str(folder) in lines[0] and "weights_only" not in lines[0]
