@@ -338,7 +338,7 @@ def render_decode(d: dict) -> list[str]:
     lines = ["", f"[CPU decode and prefill vs llama.cpp] tokens/s, median of {d['repeats']}; prefill {d['prefill_tokens']} "
                  f"tokens, decode {d['decode_tokens']} new tokens from a fresh context; ours compiled = engine/compiled.py",
              f"  {'model':10}{'dtype':10}{'thr':>4}{'prefill':>9}{'llama':>8}{'decode eager':>14}{'compiled':>10}{'llama':>8}"
-             f"{'best/llama':>11}{'GB/s':>7}{'compile s':>10}"]  # fmt: skip
+             f"{'best/llama':>11}{'GB/s':>7}{'compile s':>10}{'ops/layer e/c':>14}"]  # fmt: skip
     for r in d["rows"]:
         o, t = r.get("ours", {}), r.get("llama_cpp", {})
         best = max(o.get("eager_tokens_per_s", 0), o.get("compiled_tokens_per_s", 0))
@@ -348,6 +348,7 @@ def render_decode(d: dict) -> list[str]:
             f"{_fmt(t.get('prefill_tokens_per_s')):>8}{_fmt(o.get('eager_tokens_per_s')):>14}"
             f"{_fmt(o.get('compiled_tokens_per_s')):>10}{_fmt(t.get('decode_tokens_per_s')):>8}"
             f"{_fmt(r.get('decode_vs_llama_cpp'), '.2f'):>11}{_fmt(gbs):>7}{_fmt(o.get('compile_s')):>10}"
+            f"{_fmt(o.get('eager_ops_per_layer'), '.0f') + '/' + _fmt(o.get('compiled_ops_per_layer'), '.0f'):>14}"
         )
         for key in ("ours_error", "llama_cpp_error"):
             if key in r:

@@ -667,10 +667,13 @@ def decode_probe(model_dir: str, dtype: str, threads: int, prefill: int, decode:
     _decode_rate(model, first, min(decode, 8))  # warm-up
     eager = [_decode_rate(model, first, decode) for _ in range(repeats)]
     traffic = decode_bytes_per_token(model, decode // 2)
+    layers = loaded.config.text.num_layers
+    probe_token = torch.tensor([first[0]])
     out = {
         "dtype": dtype, "threads": threads, "torch_threads": torch.get_num_threads(), "prefill_tokens": prefill,
         "decode_tokens": decode, "prefill_tokens_per_s": median(prefill_runs), "prefill_runs": prefill_runs,
         "eager_tokens_per_s": median(eager), "eager_runs": eager, "bytes_per_token": traffic["total"],
+        "layers": layers, "eager_ops_per_layer": ops_per_step(model, probe_token, decode)["per_step"] / layers,
     }  # fmt: skip
     if compiled:
         with torch.inference_mode(False):
@@ -681,8 +684,10 @@ def decode_probe(model_dir: str, dtype: str, threads: int, prefill: int, decode:
             _decode_rate(model, first, min(decode, 8))
             runs = [_decode_rate(model, first, decode) for _ in range(repeats)]
             out.update(compiled_tokens_per_s=median(runs), compiled_runs=runs, compiled_steps=model.compiled_step.steps)
+            # aten calls left around Inductor's fused C++ kernels (which the profiler does not list)
+            out["compiled_ops_per_layer"] = ops_per_step(model, probe_token, decode)["per_step"] / layers
         else:
-            out["compile_error"] = model.compiled_step.failure if model.compiled_step else "compile failed"
+            out["compile_error"] = model.compile_failure or "compile failed"
     return out
 
 

@@ -81,6 +81,7 @@ class InternVLModel(nn.Module):
         self.decode_graphs = None  # set by enable_cuda_graphs()
         self._graphs_wanted = False
         self.compiled_step = None  # set by enable_compile()
+        self.compile_failure: str | None = None  # its one-line reason when compiling failed
         # CPU threads for a one-token step (None: all of torch's); see decode_threads() below
         self.decode_threads: int | None = None
         if cfg.quant is not None:
@@ -131,6 +132,7 @@ class InternVLModel(nn.Module):
         step = CompiledStep(self.language_model, self.device, self._graphs_wanted, notify)
         with decode_threads(self.decode_threads):  # its C++ kernels are built for that many threads
             self.compiled_step = step if step.compile() else None
+        self.compile_failure = step.failure
 
     def _build_graphs(self) -> None:
         from .cuda_graph import DecodeGraphs
