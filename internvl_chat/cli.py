@@ -91,7 +91,7 @@ def _server_flag(value: object) -> str | None:
 
 
 LOCAL_MODEL_FLAGS = (("model", "--model"), ("device", "--device"), ("dtype", "--dtype"), ("max_context", "--max-context"),
-                     ("int4_backend", "--int4-backend"))  # fmt: skip
+                     ("int4_backend", "--int4-backend"), ("compile", "--compile"))  # fmt: skip
 
 
 def _check_remote_flags(args: argparse.Namespace, server: str) -> None:

@@ -93,6 +93,11 @@ def test_local_model_flags_with_a_server_are_refused(tmp_path):
     assert run.stderr.startswith("internvl-chat: error: --model is for a local model") and run.stderr.count("\n") == 1
 
 
+def test_compile_with_a_server_is_refused(tmp_path):
+    run = cli(tmp_path, "--server", "http://127.0.0.1:9/v1", "--compile", "on", "-p", "hi")
+    assert run.returncode == 2 and run.stderr.startswith("internvl-chat: error: --compile is for a local model")
+
+
 def test_a_server_that_is_down_is_one_line(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}/v1"
     for args in (("-p", "hi"), ("--script", "-")):

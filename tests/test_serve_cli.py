@@ -60,3 +60,15 @@ def test_serve_without_a_model_says_what_to_do():
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == ["internvl-chat: error: serve needs a model: pass --model DIR "
                                                "(e.g. --model internvl_chat/demo_model)"]  # fmt: skip
+
+
+def test_serve_compile_flag_reaches_the_model_settings():
+    """`serve --compile MODE` sets model.compile, which serve() passes to load_model; a bad mode is refused."""
+    from internvl_chat.errors import UsageError
+    from internvl_chat.serve.main import _overrides, build_parser
+    from internvl_chat.settings import load_settings
+
+    args = build_parser().parse_args(["--model", "m", "--compile", "on"])
+    assert load_settings(os.devnull, {}, _overrides(args)).model.compile == "on"
+    with pytest.raises(UsageError):
+        load_settings(os.devnull, {}, _overrides(build_parser().parse_args(["--compile", "sometimes"])))

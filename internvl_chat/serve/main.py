@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-context", type=int, metavar="N", help="KV cache length per slot in tokens (default 8192)")
     p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant: kernels for 4-bit weights")
+    p.add_argument("--compile", metavar="MODE", help="auto | on | off: a compiled decode step (first use compiles, then cached)")
     p.add_argument("--config", metavar="FILE", help="settings file (default ~/.config/internvl-chat/config.toml)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="server log level")
     return p
@@ -47,6 +48,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "model.dtype": args.dtype,
         "model.max_context": args.max_context,
         "model.int4_backend": args.int4_backend,
+        "model.compile": args.compile,
         "serve.host": args.host,
         "serve.port": args.port,
         "serve.api_key": args.api_key,
@@ -79,7 +81,7 @@ def serve(settings, log_level: str = "info") -> int:
     options = ServeOptions.from_settings(settings)
     path = Path(settings.model.path).expanduser()
     loaded = load_model(path, settings.model.device, settings.model.dtype, settings.model.max_context,
-                        settings.model.int4_backend)  # fmt: skip
+                        settings.model.int4_backend, compile=settings.model.compile)  # fmt: skip
     model_id = options.model_id or path.resolve().name
     worker = EngineWorker(loaded, options)
     app = create_app(worker, model_id)
