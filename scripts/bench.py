@@ -8,11 +8,16 @@ CPU (default), on a small-but-not-trivial random-weight model built here:
             (Session) vs re-prefilling the whole history each turn (issue 3)
   w4        decode tokens/s and resident weight memory of W4 (RTN, torch int4 kernel and dequant
             backends) vs bf16 and fp32 (issue 4)
+  decode    prefill and decode tokens/s, ours eager and compiled (engine/compiled.py) vs llama.cpp
+            on the same weights: demo model and the Qwen2.5-0.5B shape, fp32/bf16, 1 and 2 threads;
+            aten calls per decode layer eager vs compiled (issue 10)
   startup   seconds from starting `internvl-chat` (demo model, in a pseudo-terminal) to its first
             prompt, next to `python -c "import torch"` in the same run (issue 9: target ≤ 1.5×)
 --device cuda adds, with random weights built on the GPU:
-  shapes    InternVL3-1B/-2B/-8B: W4 and bf16 decode tokens/s (eager and CUDA graph), bytes read
-            per token and the share of the 3.0 TB/s ceiling (SPEC §6), 13-tile prefill, peak memory
+  shapes    InternVL3-1B/-2B/-8B: W4 and bf16 decode tokens/s (eager, CUDA graphs, compiled in the
+            graphs), share of the copy bandwidth measured in the same call, kernels per layer,
+            13-tile TTFT, follow-up TTFT after 1k/4k tokens of history, peak memory
+            (CPU dry run: `--quick --sections shapes`)
   crossover Int4Linear: tinygemm vs dequantize + dense matmul by rows (picks dense_threshold)
 
     python scripts/bench.py [--device cpu|cuda] [--quick] [--out FILE.json] [--sections a,b]
