@@ -106,6 +106,35 @@ def test_compiled_w4_decode_equals_eager(tiny_original):
     assert torch.nn.functional.cosine_similarity(got_logits.flatten(), want_logits.flatten(), dim=0).item() > 0.999
 
 
+def test_serve_slots_on_cuda_with_the_compiled_graphs(tiny_original):
+    """Each serve slot owns a KV cache and its own CUDA graphs of the compiled step (captured over
+    that cache); interleaved conversations match each one run alone with the eager step."""
+    params = SamplingParams(max_new_tokens=8)
+    prompts = [["Hello there!", "Tell me more."], ["Something else?", "And finally?"]]
+    eager = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, cuda_graphs=False)
+    want = []
+    for turns in prompts:
+        alone = Session(eager, params)
+        for text in turns:
+            for _ in alone.ask(text):
+                pass
+        want.append([list(t.answer_ids) for t in alone.turns])
+    fast = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, compile="on")
+    assert fast.model.compiled_step is not None and fast.model.compiled_step.for_graphs
+    slots = [Session(fast, params) for _ in prompts]
+    for i, s in enumerate(slots):
+        s.own_kv_cache(share_model_cache=(i == 0))
+    for turn in range(2):
+        for s, turns in zip(slots, prompts):
+            s.activate_kv_cache()
+            for _ in s.ask(turns[turn]):
+                pass
+    assert [[list(t.answer_ids) for t in s.turns] for s in slots] == want
+    own = slots[1]._kv.graphs  # the second slot's graphs: the compiled step, captured over its own cache
+    assert own is not fast.model.decode_graphs and own.step_fn == fast.model.compiled_step.masked and own.graphs
+    assert fast.model.compiled_step.active
+
+
 def test_decode_step_does_not_sync(tiny_original):
     for graphs, compile_mode in ((False, "off"), (True, "off"), (True, "on")):
         loaded = load_model(tiny_original, device="cuda", dtype="bfloat16", max_context=1024, cuda_graphs=graphs,
