@@ -38,8 +38,11 @@ $(DEMO_IMAGE): | $(STAMP)
 demo: $(STAMP) $(DEMO_MODEL)/config.json $(DEMO_IMAGE)
 	$(BIN)/internvl-chat --model $(DEMO_MODEL) --script examples/demo.txt
 
+# Two workers with one thread each: most of the suite is single-threaded subprocess start-ups, and
+# OpenMP threads on a core the other worker is using only wait on each other.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py --threads 1

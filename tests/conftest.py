@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,11 @@ TINY_SEED = 0
 # Shells start background jobs (CI runners, nohup) with SIGINT ignored, and child processes inherit
 # that; the Ctrl-C tests need Python's own handler here and the default disposition in children.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# pytest-xdist workers export COLUMNS=80 and LINES=24, which would override the size of every
+# pseudo-terminal the app is started in (rich and prompt_toolkit read them first).
+for name in ("COLUMNS", "LINES"):
+    os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")
