@@ -225,3 +225,16 @@ def write_large_video(path: Path, side: int, frames: int = 4) -> Path:
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def video_backends() -> list:
+    """pytest parameters for both video decoders; decord is skipped where it has no wheel."""
+    import pytest
+
+    try:
+        import decord  # noqa: F401
+
+        decord_param = pytest.param("decord", id="decord")
+    except Exception:  # noqa: BLE001
+        decord_param = pytest.param("decord", id="decord", marks=pytest.mark.skip(reason="decord not installed"))
+    return [decord_param, pytest.param("pyav", id="pyav")]

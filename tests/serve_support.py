@@ -11,6 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
+from internvl_chat.chat.template import PromptBuilder
 from internvl_chat.engine.loader import load_model
 from internvl_chat.serve.app import create_app
 from internvl_chat.serve.engine import EngineWorker
@@ -38,6 +39,10 @@ class RunningServer:
         config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def prompt_builder(self) -> PromptBuilder:
+        """The app's own prompt builder for the served model (token counts the server must match)."""
+        return PromptBuilder(self.loaded.tokenizer, self.loaded.config.system_message, self.loaded.config.tokens_per_tile)
 
     def __enter__(self) -> RunningServer:
         self.worker.start()

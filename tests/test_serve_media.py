@@ -36,8 +36,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def builder(server) -> PromptBuilder:
-    loaded = server.loaded
-    return PromptBuilder(loaded.tokenizer, loaded.config.system_message, loaded.config.tokens_per_tile)
+    return server.prompt_builder()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 from media_helpers import (
     read_frame_number,
     reference_normalize,
+    video_backends,
     write_audio_only,
     write_empty_video,
     write_numbered_video,
@@ -120,21 +121,10 @@ def videos(tmp_path_factory):
     return made
 
 
-def _backends() -> list:
-    params = [pytest.param("pyav", id="pyav")]
-    try:
-        import decord  # noqa: F401
-
-        params.insert(0, pytest.param("decord", id="decord"))
-    except Exception:  # noqa: BLE001
-        params.insert(0, pytest.param("decord", id="decord", marks=pytest.mark.skip(reason="decord not installed")))
-    return params
-
-
 SAMPLINGS = [(8, None, None), (16, None, None), (5, 0.3, 1.2), (3, 1.0, None), (4, None, 0.5), (1, None, None)]
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", video_backends())
 @pytest.mark.parametrize("name", list(VIDEOS))
 def test_sampled_frames_are_the_expected_ones(videos, monkeypatch, backend, name):
     if name not in videos:
@@ -155,7 +145,7 @@ def test_sampled_frames_are_the_expected_ones(videos, monkeypatch, backend, name
         assert result.num_frames == n and result.path == videos[name]
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", video_backends())
 def test_more_frames_than_the_clip_has_repeat(videos, monkeypatch, backend):
     monkeypatch.setenv(BACKEND_ENV, backend)
     result = load_video(videos["short.mp4"], num_frames=12)
@@ -164,7 +154,7 @@ def test_more_frames_than_the_clip_has_repeat(videos, monkeypatch, backend):
     assert [read_frame_number(t) for t in result.pixel_values.numpy()] == want == result.indices
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", video_backends())
 def test_frame_pixels_are_the_image_tile_transform(videos, monkeypatch, backend):
     """Each frame is one tile: the decoded RGB frame resized bicubic to S×S and normalised."""
     monkeypatch.setenv(BACKEND_ENV, backend)
@@ -176,7 +166,7 @@ def test_frame_pixels_are_the_image_tile_transform(videos, monkeypatch, backend)
         np.testing.assert_allclose(tile, reference_normalize(resized), atol=2e-6)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", video_backends())
 def test_tiles_equal_the_full_frame_path_on_every_clip(videos, monkeypatch, backend):
     """Reducing each frame as soon as it is decoded changes nothing: the tiles equal those made
     from the full decoded frames afterwards (decord's frames from its own batch read)."""
@@ -272,7 +262,7 @@ def _bad_files(tmp_path, videos) -> dict:
     }
 
 
-@pytest.mark.parametrize("backend", [None, *_backends()])
+@pytest.mark.parametrize("backend", [None, *video_backends()])
 def test_bad_files(tmp_path, videos, monkeypatch, backend):
     if backend is None:
         monkeypatch.delenv(BACKEND_ENV, raising=False)
@@ -287,7 +277,7 @@ def test_bad_files(tmp_path, videos, monkeypatch, backend):
             assert words in text, (what, text)
 
 
-@pytest.mark.parametrize("backend", [None, *_backends()])
+@pytest.mark.parametrize("backend", [None, *video_backends()])
 def test_video_without_frames(tmp_path, monkeypatch, backend):
     if backend is None:
         monkeypatch.delenv(BACKEND_ENV, raising=False)
@@ -311,7 +301,7 @@ def test_probe_errors(tmp_path, videos):
             assert words in str(err.value), what
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", video_backends())
 def test_bad_ranges_on_a_real_file(videos, monkeypatch, backend):
     monkeypatch.setenv(BACKEND_ENV, backend)
     path = videos["intra.mp4"]  # 40 frames at 30 fps: 1.33 s

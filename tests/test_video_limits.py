@@ -18,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from media_helpers import write_large_video, write_numbered_video
+from media_helpers import video_backends, write_large_video, write_numbered_video
 
 from internvl_chat.errors import MediaError
 from internvl_chat.media import video as media_video
@@ -26,17 +26,6 @@ from internvl_chat.media.video import BACKEND_ENV, load_video
 
 ROOT = Path(__file__).resolve().parents[1]
 LARGE = 4096  # side of the large clip: one RGB frame is 48 MiB
-
-
-def _backends() -> list:
-    params = [pytest.param("pyav", id="pyav")]
-    try:
-        import decord  # noqa: F401
-
-        params.insert(0, pytest.param("decord", id="decord"))
-    except Exception:  # noqa: BLE001
-        params.insert(0, pytest.param("decord", id="decord", marks=pytest.mark.skip(reason="decord not installed")))
-    return params
 
 
 def _run_child(code: str, backend: str) -> dict:
@@ -56,7 +45,7 @@ def large_clip(tmp_path_factory):
 # ---------------------------------------------------------------- memory
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", video_backends())
 def test_peak_memory_does_not_grow_with_the_number_of_frames(large_clip, backend):
     """12 frames of a 4096×4096 clip need no more memory than 1: each frame is reduced to its
     448×448 tile as soon as it is decoded. (Keeping full frames grew the peak by 14–15 frames.)"""
@@ -127,7 +116,7 @@ def test_absurd_header_values_are_refused_in_one_line(tmp_path):
     for name, (fields, _) in LYING_HEADERS.items():
         paths[name] = tmp_path / f"{name.replace(' ', '_')}.avi"
         paths[name].write_bytes(_patched(data, fields))
-    backends = [p.values[0] for p in _backends() if not p.marks]
+    backends = [p.values[0] for p in video_backends() if not p.marks]
     code = f"""
         import json, os
         from internvl_chat.errors import MediaError
@@ -157,7 +146,7 @@ def test_absurd_header_values_are_refused_in_one_line(tmp_path):
 # ---------------------------------------------------------------- Ctrl-C
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", video_backends())
 def test_ctrl_c_while_decoding_returns_at_once_and_stops_the_decoder(tmp_path, monkeypatch, backend):
     """Ctrl-C reaches the caller while the decoder is still busy (here: held inside its first
     frame, as in a long FFmpeg call), and the decoder then stops before its next frame."""
@@ -192,7 +181,7 @@ def test_ctrl_c_while_decoding_returns_at_once_and_stops_the_decoder(tmp_path, m
 # ---------------------------------------------------------------- damaged files
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", video_backends())
 def test_damaged_videos_give_frames_or_one_line(tmp_path, monkeypatch, capfd, backend):
     """Bytes flipped or cut anywhere: a result or one MediaError line; nothing on stderr."""
     monkeypatch.setenv(BACKEND_ENV, backend)

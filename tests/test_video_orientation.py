@@ -12,7 +12,7 @@ import functools
 import av
 import numpy as np
 import pytest
-from media_helpers import display_matrix, orientation_pattern, reference_normalize, write_pattern_video
+from media_helpers import display_matrix, orientation_pattern, reference_normalize, video_backends, write_pattern_video
 from PIL import Image
 
 from internvl_chat.media import video as media_video
@@ -96,17 +96,6 @@ def clips(tmp_path_factory):
     return made
 
 
-def _backends() -> list:
-    params = [pytest.param("pyav", id="pyav")]
-    try:
-        import decord  # noqa: F401
-
-        params.insert(0, pytest.param("decord", id="decord"))
-    except Exception:  # noqa: BLE001
-        params.insert(0, pytest.param("decord", id="decord", marks=pytest.mark.skip(reason="decord not installed")))
-    return params
-
-
 def _tile(rgb: np.ndarray, size: int = 448) -> np.ndarray:
     return reference_normalize(np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((size, size), Image.BICUBIC)))
 
@@ -162,7 +151,7 @@ def test_display_matrix_scale_translation_and_odd_angles():
 # ---------------------------------------------------------------- real clips
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", video_backends())
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name", list(CLIPS))
 def test_frames_come_out_as_a_player_shows_them(clips, monkeypatch, backend, size, name):
