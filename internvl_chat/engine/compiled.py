@@ -10,7 +10,8 @@ Per layer, eager decode makes ~53 aten calls; compiled on CPU it is ~6: three fu
 (residual + RMSNorm + the qkv GEMV, RoPE with the qkv bias + both cache writes + ..., SiLU·mul with
 the GEMVs around it), SDPA, and two small copies that store a norm's output once
 (`language.materialize`). language.py's eager code is written so that these fuse, and on CPU its
-one-row linears become multiply-reduce kernels that stream the weights at memory bandwidth.
+one-row linears become multiply-reduce kernels that stream the weights at memory bandwidth (bf16
+rows as wide as the MLP's down projection: oneDNN's GEMV on a packed copy, where bf16 is native).
 
 The first compile of a shape takes tens of seconds; Inductor's FX-graph and kernel caches (kept in
 ~/.cache/internvl-chat/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise) turn later starts
