@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from . import language
+
 MODES = ("auto", "on", "off")
 # Where "auto" compiles. CPU: decoders whose weights a token streams are large enough that the
 # compiled step's bandwidth-bound kernels pay for the compile within an answer or two (measured
@@ -113,6 +115,7 @@ class CompiledStep:
         self._say("compiling the decode step …")
         start = time.perf_counter()
         options = CUDA_OPTIONS if self.device.type == "cuda" else CPU_OPTIONS
+        torch.compiler.assume_constant_result(language.native_bf16_when_compiling)
         try:
             target = self.lm.decode_masked if self.for_graphs else self.lm.decode_exact
             fn = torch.compile(target, fullgraph=True, dynamic=True, options=options)

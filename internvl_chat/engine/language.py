@@ -100,9 +100,10 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-@torch.compiler.assume_constant_result
-def _native_bf16_now() -> bool:
-    # read once per trace, outside it (Dynamo cannot trace reading /proc/cpuinfo)
+def native_bf16_when_compiling() -> bool:
+    """native_bf16() for code being compiled: compiled.py marks it a constant that Dynamo reads
+    outside the trace (it cannot trace reading /proc/cpuinfo; marking it here at import would
+    import torch._dynamo at every start)."""
     return native_bf16()
 
 
@@ -139,7 +140,7 @@ def linear(module: nn.Module, x: torch.Tensor, fresh_input: bool = False) -> tor
             and module.weight.dtype == torch.bfloat16
             and x.dtype == torch.bfloat16
             and module.weight.shape[1] >= PACKED_MIN_IN_FEATURES
-            and _native_bf16_now()
+            and native_bf16_when_compiling()
         ):
             y = packed_linear(x.reshape(1, -1), module.weight, module.bias)
             return y.reshape(*x.shape[:-1], -1)
