@@ -34,9 +34,8 @@ def eager(tiny_original):
 
 @pytest.fixture(scope="module")
 def fast(tiny_original):
-    """The CLI's configuration (fp32, tiny weights: BLAS linears) at the CLI tests' context, so the
-    CLI process and the cache test load this compile from Inductor's cache. The multiply-reduce
-    form that large weights get is compiled by the graphs-variant test."""
+    """The CLI's configuration (fp32; one-row linears as multiply-reduce kernels) at the CLI tests'
+    context, so the CLI process and the cache test load this compile from Inductor's cache."""
     messages: list[str] = []
     loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT, compile="on", progress=messages.append)
     step = loaded.model.compiled_step
@@ -232,8 +231,7 @@ def test_w4_compiled_step_gives_the_eager_greedy_tokens(tiny_original):
 
 def test_the_graphs_variant_compiles_once_for_every_bucket(eager, tiny_original):
     """What CUDA graphs capture on a GPU (engine/cuda_graph.py): the position on the device and a
-    fixed KV bucket with the stale tail masked. Checked on CPU, with the multiply-reduce GEMVs of
-    large weights: one compile serves two buckets and decodes the eager tokens (the capture itself
+    fixed KV bucket with the stale tail masked. Checked on CPU (multiply-reduce GEMVs): one compile serves two buckets and decodes the eager tokens (the capture itself
     needs a GPU: tests/test_cuda.py)."""
     from internvl_chat.engine.cuda_graph import kv_bucket
 
@@ -241,26 +239,50 @@ def test_the_graphs_variant_compiles_once_for_every_bucket(eager, tiny_original)
     model, lm = loaded.model, loaded.model.language_model
     ids = (eager.tokenizer.encode("one two three four five six seven") * 64)[:250]
     want, _ = _greedy(eager.model, ids, 12)
-    # every linear as the multiply-reduce that large weights get on CPU (tiny ones keep BLAS); the
-    # threshold is a global Dynamo guards on, so it is restored before `fast` runs again
-    saved, language.GEMV_REDUCTION_MIN_BYTES = language.GEMV_REDUCTION_MIN_BYTES, 0
-    try:
-        step = compiled.CompiledStep(lm, model.device, for_graphs=True)
-        assert step.compile()
-        with torch.inference_mode():
-            token = model.forward(ids, 0).argmax().view(1)
-            got, seen = [], set()
-            position = torch.tensor([len(ids)])
-            with torch.compiler.set_stance("fail_on_recompile"):
-                for _ in range(12):
-                    got.append(int(token))
-                    kv_len = kv_bucket(int(position), model.max_seq_len)
-                    seen.add(kv_len)
-                    token = step.masked(token, position, kv_len).argmax().view(1)
-                    position += 1
-    finally:
-        language.GEMV_REDUCTION_MIN_BYTES = saved
+    step = compiled.CompiledStep(lm, model.device, for_graphs=True)
+    assert step.compile()
+    with torch.inference_mode():
+        token = model.forward(ids, 0).argmax().view(1)
+        got, seen = [], set()
+        position = torch.tensor([len(ids)])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for _ in range(12):
+                got.append(int(token))
+                kv_len = kv_bucket(int(position), model.max_seq_len)
+                seen.add(kv_len)
+                token = step.masked(token, position, kv_len).argmax().view(1)
+                position += 1
     assert got == want and seen == {256, 512}  # crossed a bucket boundary without recompiling
+
+
+def test_packed_bf16_gemv_equals_onednn_linear_and_repacks_a_changed_weight():
+    """The compiled bf16 step's packed GEMV (language.packed_linear) computes what F.linear does in
+    bf16, and a weight changed in place gets a fresh pack rather than its stale one."""
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(4864, 64).to(torch.bfloat16)
+    x = torch.randn(1, 4864, generator=gen).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(language.packed_linear(x, layer.weight, layer.bias), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        layer.weight.mul_(-2)  # same tensor object, new contents
+        assert torch.equal(language.packed_linear(x, layer.weight, None), torch.nn.functional.linear(x, layer.weight))
+
+
+@pytest.mark.skipif(not language.native_bf16(), reason="the packed bf16 GEMV is chosen only where bf16 is native")
+def test_bf16_compiled_step_with_packed_gemvs_gives_the_eager_greedy_tokens(tiny_original, monkeypatch):
+    """bf16 on a CPU with native bf16: with every linear taking the packed oneDNN GEMV (the tiny
+    model has no row as wide as the real down projections), the compiled step decodes the eager
+    bf16 step's greedy tokens."""
+    monkeypatch.setattr(language, "PACKED_MIN_IN_FEATURES", 0)
+    models = [load_model(tiny_original, device="cpu", dtype="bfloat16", max_context=256, compile=c).model for c in ("off", "on")]
+    assert models[1].compiled_step is not None
+    ids = list(range(5, 45))
+    want, want_logits = _greedy(models[0], ids, 12)
+    got, got_logits = _greedy(models[1], ids, 12)
+    assert got == want and models[1].compiled_step.steps == 12
+    assert (got_logits - want_logits).abs().max().item() <= 0.05 * want_logits.abs().max().item()
+    lm = models[1].language_model
+    packed = {id(layer.mlp.down_proj.weight) for layer in lm.model.layers} & set(language._packed_weights)
+    assert len(packed) == len(lm.model.layers)  # the compiled step ran the packed GEMVs
 
 
 def test_kv_buckets_waste_little_at_long_contexts():

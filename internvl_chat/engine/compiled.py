@@ -10,7 +10,8 @@ Per layer, eager decode makes ~53 aten calls; compiled on CPU it is ~6: three fu
 (residual + RMSNorm + the qkv GEMV, RoPE with the qkv bias + both cache writes + ..., SiLU·mul with
 the GEMVs around it), SDPA, and two small copies that store a norm's output once
 (`language.materialize`). language.py's eager code is written so that these fuse, and on CPU its
-one-row linears become multiply-reduce kernels that stream the weights at memory bandwidth.
+one-row linears become multiply-reduce kernels that stream the weights at memory bandwidth (bf16
+rows as wide as the MLP's down projection: oneDNN's GEMV on a packed copy, where bf16 is native).
 
 The first compile of a shape takes tens of seconds; Inductor's FX-graph and kernel caches (kept in
 ~/.cache/internvl-chat/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise) turn later starts
@@ -28,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from . import language
 
 MODES = ("auto", "on", "off")
 # Where "auto" compiles. CPU: decoders whose weights a token streams are large enough that the
@@ -112,6 +115,7 @@ class CompiledStep:
         self._say("compiling the decode step …")
         start = time.perf_counter()
         options = CUDA_OPTIONS if self.device.type == "cuda" else CPU_OPTIONS
+        torch.compiler.assume_constant_result(language.native_bf16_when_compiling)
         try:
             target = self.lm.decode_masked if self.for_graphs else self.lm.decode_exact
             fn = torch.compile(target, fullgraph=True, dynamic=True, options=options)

@@ -21,6 +21,8 @@ the separate checkpoint tensors.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,14 +51,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-# Compiled one-row linears with large weights become a multiply-reduce on these devices: Inductor's
+# Compiled one-row linears become a multiply-reduce on these devices: Inductor's
 # C++ reduction streams the weight at memory bandwidth with every thread, where the BLAS libraries'
 # M=1 paths fall short (bf16 most of all: see benchmarks/RESULTS.md). An fp32 weight that fits in
-# cache is as fast through MKL's GEMV (one accumulator chain per output row is latency-bound);
-# a 16-bit one is not (oneDNN's per-call setup costs more than the whole product).
-# CUDA keeps cuBLAS until measured.
+# cache is faster this way too (the demo model: ~1.3-1.5x tok/s over MKL's GEMV, measured), and a
+# 16-bit one all the more (oneDNN's per-call setup costs more than the whole product), so the
+# size threshold is 0. CUDA keeps cuBLAS until measured.
 GEMV_AS_REDUCTION = {"cpu": True, "cuda": False}
-GEMV_REDUCTION_MIN_BYTES = 1 << 20
+GEMV_REDUCTION_MIN_BYTES = 0
 # bf16 prefill on a CPU without native bf16 (cpu_features.native_bf16): rows from which a linear
 # computes in fp32 with its weight upcast for the call
 UPCAST_MIN_ROWS = 32
@@ -74,13 +76,56 @@ def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+# Compiled one-row bf16 linears on a CPU with native bf16 (cpu_features.native_bf16): oneDNN's
+# inner product on a weight packed once for it (pairs of k interleaved for the CPU's bf16
+# dot-product instruction), instead of the multiply-reduce that converts each weight to fp32.
+# Only for rows of at least PACKED_MIN_IN_FEATURES weights (the MLP's down projection): on
+# shorter rows the multiply-reduce streams faster (benchmarks/RESULTS.md, issue 10).
+GEMV_PACKED_BF16 = True
+PACKED_MIN_IN_FEATURES = 4096
+_packed_weights: dict[int, tuple] = {}
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed copy of `weight` for one-row products, made on first use and kept while
+    `weight` lives (keyed by identity; a changed weight gets a new pack)."""
+    key = id(weight)
+    version = None if weight.is_inference() else weight._version  # inference tensors have no version
+    entry = _packed_weights.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == version:
+        return entry[2]
+    with torch.inference_mode():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    _packed_weights[key] = (weakref.ref(weight, lambda _, key=key: _packed_weights.pop(key, None)), version, packed)
+    return packed
+
+
+def native_bf16_when_compiling() -> bool:
+    """native_bf16() for code being compiled: compiled.py marks it a constant that Dynamo reads
+    outside the trace (it cannot trace reading /proc/cpuinfo; marking it here at import would
+    import torch._dynamo at every start)."""
+    return native_bf16()
+
+
+@torch.library.custom_op("internvl_chat::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [1, K] @ weight[N, K]ᵀ (+ bias) in bf16 through oneDNN on weight's packed copy."""
+    return torch.ops.mkldnn._linear_pointwise(x, _packed(weight), bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def linear(module: nn.Module, x: torch.Tensor, fresh_input: bool = False) -> torch.Tensor:
     """`module(x)`, with two CPU fast paths for a dense nn.Linear:
 
     - one row while being compiled: y = Σ_k W[n, k]·x[k] (+ b) in float32, which Inductor fuses
       into one bandwidth-bound kernel (eager code never takes this form: it would materialise
       W·x). `fresh_input`: x is a cheap expression of other tensors (a norm's output), stored once
-      rather than recomputed for every weight row;
+      rather than recomputed for every weight row; bf16 rows of ≥ PACKED_MIN_IN_FEATURES weights
+      on a CPU with native bf16 take oneDNN's packed GEMV (`packed_linear`) instead;
     - bf16 prefill on a CPU without native bf16: computed in fp32 with the weight upcast."""
     if (
         type(module) is nn.Linear
@@ -90,6 +135,15 @@ def linear(module: nn.Module, x: torch.Tensor, fresh_input: bool = False) -> tor
         and (module.weight.dtype != torch.float32 or module.weight.numel() * 4 >= GEMV_REDUCTION_MIN_BYTES)
     ):
         large = module.weight.numel() * module.weight.element_size() >= GEMV_REDUCTION_MIN_BYTES
+        if (
+            GEMV_PACKED_BF16
+            and module.weight.dtype == torch.bfloat16
+            and x.dtype == torch.bfloat16
+            and module.weight.shape[1] >= PACKED_MIN_IN_FEATURES
+            and native_bf16_when_compiling()
+        ):
+            y = packed_linear(x.reshape(1, -1), module.weight, module.bias)
+            return y.reshape(*x.shape[:-1], -1)
         xf = x.reshape(1, -1).float()
         xf = materialize(xf) if fresh_input and large else xf  # stored in float32 (a small weight recomputes cheaply)
         y = (module.weight.float() * xf).sum(-1)
