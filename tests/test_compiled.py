@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from decode_helpers import greedy_steps
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
 from internvl_chat.engine import compiled, language
@@ -45,24 +46,11 @@ def fast(tiny_original):
     return loaded
 
 
-def _greedy(model, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
-    logits = model.forward(ids, 0)
-    tokens, rows = [], []
-    pos = len(ids)
-    for _ in range(steps):
-        token = logits.argmax().view(1)
-        tokens.append(int(token))
-        logits = model.forward(token, pos)
-        rows.append(logits.clone())
-        pos += 1
-    return tokens, torch.stack(rows)
-
-
 def test_compiled_step_gives_the_eager_greedy_tokens(eager, fast):
     ids = eager.tokenizer.encode("one two three four five six seven") * 3
     before = fast.model.compiled_step.steps
-    want, want_logits = _greedy(eager.model, ids, 24)
-    got, got_logits = _greedy(fast.model, ids, 24)
+    want, want_logits = greedy_steps(eager.model, ids, 24)
+    got, got_logits = greedy_steps(fast.model, ids, 24)
     assert fast.model.compiled_step.steps - before == 24  # every step ran compiled
     assert got == want
     diff = (got_logits - want_logits).abs().max().item()
@@ -223,8 +211,8 @@ def test_w4_compiled_step_gives_the_eager_greedy_tokens(tiny_original):
             assert loaded.model.enable_compile(True)
         models.append(loaded.model)
     ids = list(range(5, 40))
-    want, want_logits = _greedy(models[0], ids, 16)
-    got, got_logits = _greedy(models[1], ids, 16)
+    want, want_logits = greedy_steps(models[0], ids, 16)
+    got, got_logits = greedy_steps(models[1], ids, 16)
     assert got == want and models[1].compiled_step.steps == 16
     assert (got_logits - want_logits).abs().max().item() <= 1e-3 * want_logits.abs().max().item()
 
@@ -238,7 +226,7 @@ def test_the_graphs_variant_compiles_once_for_every_bucket(eager, tiny_original)
     loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT)
     model, lm = loaded.model, loaded.model.language_model
     ids = (eager.tokenizer.encode("one two three four five six seven") * 64)[:250]
-    want, _ = _greedy(eager.model, ids, 12)
+    want, _ = greedy_steps(eager.model, ids, 12)
     step = compiled.CompiledStep(lm, model.device, for_graphs=True)
     assert step.compile()
     with torch.inference_mode():
@@ -276,8 +264,8 @@ def test_bf16_compiled_step_with_packed_gemvs_gives_the_eager_greedy_tokens(tiny
     models = [load_model(tiny_original, device="cpu", dtype="bfloat16", max_context=256, compile=c).model for c in ("off", "on")]
     assert models[1].compiled_step is not None
     ids = list(range(5, 45))
-    want, want_logits = _greedy(models[0], ids, 12)
-    got, got_logits = _greedy(models[1], ids, 12)
+    want, want_logits = greedy_steps(models[0], ids, 12)
+    got, got_logits = greedy_steps(models[1], ids, 12)
     assert got == want and models[1].compiled_step.steps == 12
     assert (got_logits - want_logits).abs().max().item() <= 0.05 * want_logits.abs().max().item()
     lm = models[1].language_model

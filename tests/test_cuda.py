@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from decode_helpers import greedy_steps
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
@@ -50,25 +51,12 @@ def test_half_precision_on_cuda_is_close(tiny_original, dtype):
     assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() > 0.99
 
 
-def _greedy(model, ids, steps):
-    logits = model.forward(ids, 0)
-    tokens, all_logits = [], []
-    pos = len(ids)
-    for _ in range(steps):
-        token = logits.argmax().view(1)
-        tokens.append(int(token))
-        logits = model.forward(token, pos).clone()
-        all_logits.append(logits)
-        pos += 1
-    return tokens, torch.stack(all_logits)
-
-
 def test_cuda_graph_decode_equals_eager(tiny_original):
     loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, cuda_graphs=False)
     ids = loaded.tokenizer.encode("one two three four five six") * 40  # crosses a bucket
-    eager_tokens, eager_logits = _greedy(loaded.model, ids, 30)
+    eager_tokens, eager_logits = greedy_steps(loaded.model, ids, 30)
     loaded.model.enable_cuda_graphs()
-    graph_tokens, graph_logits = _greedy(loaded.model, ids, 30)
+    graph_tokens, graph_logits = greedy_steps(loaded.model, ids, 30)
     assert loaded.model.decode_graphs.graphs, "no graph was captured"
     assert graph_tokens == eager_tokens
     assert (graph_logits - eager_logits).abs().max().item() <= 1e-4 * eager_logits.abs().max().item()
@@ -78,11 +66,11 @@ def test_compiled_graph_decode_equals_eager(tiny_original):
     """The compiled step (Triton kernels) replayed from CUDA graphs, across a KV bucket boundary."""
     loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, cuda_graphs=False)
     ids = loaded.tokenizer.encode("one two three four five six") * 40
-    eager_tokens, eager_logits = _greedy(loaded.model, ids, 30)
+    eager_tokens, eager_logits = greedy_steps(loaded.model, ids, 30)
     fast = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, compile="on")
     step = fast.model.compiled_step
     assert step is not None and step.active and step.for_graphs, "the decode step did not compile for CUDA graphs"
-    graph_tokens, graph_logits = _greedy(fast.model, ids, 30)
+    graph_tokens, graph_logits = greedy_steps(fast.model, ids, 30)
     assert len(fast.model.decode_graphs.graphs) >= 2, "no bucket boundary was crossed"
     assert graph_tokens == eager_tokens
     assert (graph_logits - eager_logits).abs().max().item() <= 1e-4 * eager_logits.abs().max().item()
@@ -100,8 +88,8 @@ def test_compiled_w4_decode_equals_eager(tiny_original):
             assert loaded.model.enable_compile(True)
         models.append(loaded.model)
     ids = list(range(5, 300))
-    want, want_logits = _greedy(models[0], ids, 16)
-    got, got_logits = _greedy(models[1], ids, 16)
+    want, want_logits = greedy_steps(models[0], ids, 16)
+    got, got_logits = greedy_steps(models[1], ids, 16)
     assert got == want
     assert torch.nn.functional.cosine_similarity(got_logits.flatten(), want_logits.flatten(), dim=0).item() > 0.999
 
