@@ -55,10 +55,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # C++ reduction streams the weight at memory bandwidth with every thread, where the BLAS libraries'
 # M=1 paths fall short (bf16 most of all: see benchmarks/RESULTS.md). An fp32 weight that fits in
 # cache is faster this way too (the demo model: ~1.3-1.5x tok/s over MKL's GEMV, measured), and a
-# 16-bit one all the more (oneDNN's per-call setup costs more than the whole product), so the
-# size threshold is 0. CUDA keeps cuBLAS until measured.
+# 16-bit one all the more (oneDNN's per-call setup costs more than the whole product), so every
+# size takes it. CUDA keeps cuBLAS until measured.
 GEMV_AS_REDUCTION = {"cpu": True, "cuda": False}
-GEMV_REDUCTION_MIN_BYTES = 0
 # bf16 prefill on a CPU without native bf16 (cpu_features.native_bf16): rows from which a linear
 # computes in fp32 with its weight upcast for the call
 UPCAST_MIN_ROWS = 32
@@ -132,9 +131,7 @@ def linear(module: nn.Module, x: torch.Tensor, fresh_input: bool = False) -> tor
         and torch.compiler.is_compiling()
         and x.shape[:-1].numel() == 1
         and GEMV_AS_REDUCTION.get(x.device.type, False)
-        and (module.weight.dtype != torch.float32 or module.weight.numel() * 4 >= GEMV_REDUCTION_MIN_BYTES)
     ):
-        large = module.weight.numel() * module.weight.element_size() >= GEMV_REDUCTION_MIN_BYTES
         if (
             GEMV_PACKED_BF16
             and module.weight.dtype == torch.bfloat16
@@ -145,7 +142,7 @@ def linear(module: nn.Module, x: torch.Tensor, fresh_input: bool = False) -> tor
             y = packed_linear(x.reshape(1, -1), module.weight, module.bias)
             return y.reshape(*x.shape[:-1], -1)
         xf = x.reshape(1, -1).float()
-        xf = materialize(xf) if fresh_input and large else xf  # stored in float32 (a small weight recomputes cheaply)
+        xf = materialize(xf) if fresh_input else xf  # stored once in float32, not recomputed per weight row
         y = (module.weight.float() * xf).sum(-1)
         if module.bias is not None:
             y = y + module.bias.float()
