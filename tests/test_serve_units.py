@@ -158,6 +158,20 @@ def test_accepted_connections_have_nagle_off():
     assert asyncio.run(accept_one()) != 0
 
 
+def test_the_printed_address_accepts_connections_before_the_server_loop_runs():
+    """`serve` prints its address before uvicorn starts: a client that connects at once must wait
+    in the listen backlog, not be refused (a bound socket that is not listening refuses)."""
+    import socket
+
+    from internvl_chat.serve.main import listen_socket
+
+    listener = listen_socket("127.0.0.1", 0)
+    try:
+        socket.create_connection(listener.getsockname()[:2], timeout=60).close()
+    finally:
+        listener.close()
+
+
 def test_an_address_in_use_is_one_clear_line():
     from internvl_chat.errors import UsageError
     from internvl_chat.serve.main import listen_socket

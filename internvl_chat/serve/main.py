@@ -107,8 +107,14 @@ def serve(settings, log_level: str = "info") -> int:
     return 0
 
 
+LISTEN_BACKLOG = 2048  # uvicorn's own default
+
+
 def listen_socket(host: str, port: int) -> socket.socket:
-    """A bound TCP socket whose connections send small writes at once (TCP_NODELAY).
+    """A bound, listening TCP socket whose connections send small writes at once (TCP_NODELAY).
+
+    It listens before `serve` prints its address: a client that connects at once then waits in
+    the backlog until uvicorn accepts, instead of being refused.
 
     A response is written in pieces (headers, then body or SSE events). With Nagle's algorithm
     on, a piece waits for the ACK of the previous one, which the client delays by 40 ms on a
@@ -125,6 +131,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as e:
         sock.close()
         raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
