@@ -177,7 +177,6 @@ def test_an_address_in_use_is_one_clear_line():
     from internvl_chat.serve.main import listen_socket
 
     taken = listen_socket("127.0.0.1", 0)
-    taken.listen()
     try:
         with pytest.raises(UsageError, match="choose another --port"):
             listen_socket("127.0.0.1", taken.getsockname()[1])
