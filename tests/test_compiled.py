@@ -52,6 +52,8 @@ def test_compiled_step_gives_the_eager_greedy_tokens(eager, fast):
     want, want_logits = greedy_steps(eager.model, ids, 24)
     got, got_logits = greedy_steps(fast.model, ids, 24)
     assert fast.model.compiled_step.steps - before == 24  # every step ran compiled
+    if hasattr(torch._dynamo.eval_frame, "_debug_get_cache_entry_list"):
+        assert fast.model.compiled_step.direct  # without Dynamo's per-call guard check
     assert got == want
     diff = (got_logits - want_logits).abs().max().item()
     assert diff <= TOL * want_logits.abs().max().item(), diff
@@ -114,6 +116,29 @@ def test_serve_slots_swap_kv_caches_under_the_compiled_step(eager, fast):
         slots[0].activate_kv_cache()  # the model's own cache again, for the other tests
     assert [_answers(s) for s in slots] == want
     assert step.active and step.failure is None and step.steps > before
+
+
+def test_an_entry_without_matching_guards_keeps_the_guarded_call(eager):
+    """compiled._unguarded takes Dynamo's compiled code only for an entry whose guards accept the
+    example; a function never compiled (or compiled for other inputs) has none."""
+    lm = eager.model.language_model
+    token = torch.tensor([3])
+    with torch.inference_mode():
+        logits = lm.decode_exact(token, 5)
+        assert compiled._unguarded(type(lm).decode_exact, None, (lm, token, 5, lm.caches()), logits) is None
+
+
+def test_the_cache_list_follows_swapped_and_converted_buffers(tiny_original):
+    """Qwen2ForCausalLM.caches() keeps its list between steps; swapping a slot's caches in or
+    converting the model must give the new tensors."""
+    lm = load_model(tiny_original, device="cpu", dtype="float32", max_context=64, compile="off").model.language_model
+    first = lm.caches()
+    assert lm.caches() is first
+    own = [torch.zeros_like(t) for t in lm.k_cache]
+    lm.k_cache = own
+    assert len(lm.caches()) == len(own) and all(a is b for (a, _), b in zip(lm.caches(), own))
+    lm.double()
+    assert all(k.dtype == v.dtype == torch.float64 for k, v in lm.caches())
 
 
 def test_decode_step_traces_as_one_graph(eager):

@@ -6,12 +6,13 @@
 - CUDA: Triton kernels; the position lives on the device and the KV bucket is a symbolic int, so
   the same single compile is replayed from one CUDA graph per bucket (`cuda_graph.DecodeGraphs`).
 
-Per layer, eager decode makes ~53 aten calls; compiled on CPU it is ~6: three fused C++ kernels
-(residual + RMSNorm + the qkv GEMV, RoPE with the qkv bias + both cache writes + ..., SiLU·mul with
-the GEMVs around it), SDPA, and two small copies that store a norm's output once
-(`language.materialize`). language.py's eager code is written so that these fuse, and on CPU its
-one-row linears become multiply-reduce kernels that stream the weights at memory bandwidth (bf16
-rows as wide as the MLP's down projection: oneDNN's GEMV on a packed copy, where bf16 is native).
+Per layer, eager decode makes ~53 aten calls; compiled on CPU it is two: one fused C++ kernel
+(residual + RMSNorm + the qkv GEMV, RoPE with the qkv bias, both cache writes, the o-projection,
+SiLU·mul with the GEMVs around it) and SDPA. language.py's eager code is written so that these
+fuse, and on CPU its one-row linears become multiply-reduce kernels that stream the weights at
+memory bandwidth (bf16 rows as wide as the MLP's down projection: oneDNN's GEMV on a packed copy,
+where bf16 is native). The CPU step is then called without Dynamo's per-call guard check
+(`_unguarded`).
 
 The first compile of a shape takes tens of seconds; Inductor's FX-graph and kernel caches (kept in
 ~/.cache/internvl-chat/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise) turn later starts
@@ -25,6 +26,7 @@ import gc
 import os
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,8 +44,10 @@ AUTO_MIN_DECODER_BYTES = {"cpu": 256 * 2**20, "cuda": None}
 # run on several threads only with ≥ 256k elements of work per thread (the large GEMVs): every
 # parallel region ends in a barrier that waits for the slowest thread, and a decode step has
 # dozens of small loops (a busy second core made 2-thread steps 50× slower). Shape asserts are
-# redundant with Dynamo's guards.
-CPU_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "cpp.min_chunk_size": 1 << 18}
+# redundant with Dynamo's guards. realize_opcount_threshold 0: a value that is broadcast (a
+# norm's output against every weight row of a multiply-reduce GEMV) or used twice is stored
+# once, never recomputed per use; by default Inductor recomputes anything under ~50 operations.
+CPU_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "cpp.min_chunk_size": 1 << 18, "realize_opcount_threshold": 0}
 CUDA_OPTIONS = {"size_asserts": False}
 
 Notify = Callable[[str], None]
@@ -83,6 +87,27 @@ def _stderr_note(message: str) -> None:
     print(f"internvl-chat: {message}", file=sys.stderr, flush=True)
 
 
+def _unguarded(target, guarded, example: tuple, expected: torch.Tensor):
+    """The code Dynamo compiled for `target` with `example`, as a plain function that skips
+    Dynamo's per-call frame hook and guard check (~80 µs a step: a third of a tiny model's
+    step), or None.
+
+    Nothing those guards check can change underneath `CompiledStep.exact`: the token is its own
+    buffer, the caches are swapped only for tensors of the same shape, dtype and device
+    (Qwen2ForCausalLM._set_cache), and positions < 2 never come. Taken only where torch lists a
+    compiled entry whose guards accept `example` and it reproduces the guarded call's logits bit
+    for bit (a torch whose internals differ keeps the guarded call)."""
+    try:
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(target.__code__)
+        names = target.__code__.co_varnames[: target.__code__.co_argcount]
+        f_locals = dict(zip(names, example))
+        code = next(e.code for e in entries if e.guard_manager.check(f_locals))
+        direct = types.FunctionType(code, target.__globals__, target.__name__, target.__defaults__, target.__closure__)
+        return direct if torch.equal(direct(*example), expected) and torch.equal(guarded(*example), expected) else None
+    except Exception:  # noqa: BLE001 — no such entry, or an internal that changed: keep the guarded call
+        return None
+
+
 class CompiledStep:
     """The decoder's one-token step, compiled once; `None` results mean "use the eager step".
 
@@ -100,6 +125,7 @@ class CompiledStep:
         self.compile_s: float | None = None
         self.failure: str | None = None
         self._fn = None
+        self.direct = False  # the CPU step runs without Dynamo's guard check (`_unguarded`)
         with torch.inference_mode(False):  # normal tensors whatever the caller's mode: stable guards
             self._token = torch.zeros(1, dtype=torch.long, device=device)
             self._position = torch.full((1,), 2, dtype=torch.long, device=device)
@@ -117,13 +143,11 @@ class CompiledStep:
         options = CUDA_OPTIONS if self.device.type == "cuda" else CPU_OPTIONS
         torch.compiler.assume_constant_result(language.native_bf16_when_compiling)
         try:
-            target = self.lm.decode_masked if self.for_graphs else self.lm.decode_exact
-            fn = torch.compile(target, fullgraph=True, dynamic=True, options=options)
             # each model compiles its own entry (same code, other guards): raise rather than run eagerly
             # (specialize_float: float attributes such as RMSNorm's eps are constants; symbolic floats
             # would make Dynamo trace the whole step twice)
             with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=64, specialize_float=True):
-                self._warm_up(fn)
+                fn = self._build(options)
         except Exception as e:  # noqa: BLE001 — any compiler failure means "stay eager"
             return self._fail(e, "was not compiled")
         self._fn = fn
@@ -138,10 +162,13 @@ class CompiledStep:
         return True
 
     @torch.inference_mode()
-    def _warm_up(self, fn) -> None:
-        # Scratch caches exactly like the real ones (inference tensors or not: Dynamo guards on the
-        # difference), so the warm-up never writes the conversation's cache. Untouched pages of a
-        # large empty tensor are never made resident.
+    def _build(self, options: dict):
+        """The compiled entry point, traced and compiled on scratch caches and run once.
+
+        Scratch caches are exactly like the real ones (inference tensors or not: Dynamo guards on
+        the difference), so the warm-up never writes the conversation's cache. Untouched pages of
+        a large empty tensor are never made resident."""
+
         def like(t: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode(t.is_inference()):
                 return torch.empty_like(t)
@@ -149,15 +176,24 @@ class CompiledStep:
         scratch = [(like(k), like(v)) for k, v in self.lm.caches()]
         for pair in scratch:
             for t in pair:
+                t[:, :, :3].zero_()  # the positions the warm-up reads: comparable results, never NaN
                 torch._dynamo.mark_static(t)
         if self.for_graphs:
             from .cuda_graph import MIN_BUCKET
 
+            fn = torch.compile(self.lm.decode_masked, fullgraph=True, dynamic=True, options=options)
             fn(self._token, self._position, min(MIN_BUCKET, self.lm.max_seq_len), scratch)
-        else:
-            fn(self._token, 2, scratch)  # positions 0 and 1 would specialise; `exact` never sends them
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return fn
+        # positions 0 and 1 would specialise; `exact` never sends them
+        target = type(self.lm).decode_exact
+        fn = torch.compile(target, fullgraph=True, dynamic=True, options=options)
+        example = (self.lm, self._token, 2, scratch)
+        logits = fn(*example)
+        direct = _unguarded(target, fn, example, logits)
+        self.direct = direct is not None
+        return direct or fn
 
     def _fail(self, error: BaseException, what: str) -> bool:
         self.active = False
@@ -179,9 +215,12 @@ class CompiledStep:
             return None
         try:
             self._token.copy_(token.view(1))  # tokens come as inference or normal tensors: one kind in
-            with torch.compiler.set_stance("fail_on_recompile"):
-                # the caches in use now: a server swaps in each slot's own (same shape and kind)
-                logits = self._fn(self._token, pos, self.lm.caches())
+            # the caches in use now: a server swaps in each slot's own (same shape and kind)
+            if self.direct:
+                logits = self._fn(self.lm, self._token, pos, self.lm.caches())
+            else:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    logits = self._fn(self.lm, self._token, pos, self.lm.caches())
             self.steps += 1
             return logits
         except Exception as e:  # noqa: BLE001 — a guard failure or runtime error: eager from now on

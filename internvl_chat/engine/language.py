@@ -63,18 +63,6 @@ GEMV_AS_REDUCTION = {"cpu": True, "cuda": False}
 UPCAST_MIN_ROWS = 32
 
 
-@torch.library.custom_op("internvl_chat::materialize", mutates_args=())
-def materialize(x: torch.Tensor) -> torch.Tensor:
-    """A copy that Inductor cannot fuse away: a multiply-reduce then reads its input from memory
-    instead of recomputing the producer (e.g. a bf16 RMSNorm) for every weight row."""
-    return x.clone()
-
-
-@materialize.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
 # Compiled one-row bf16 linears on a CPU with native bf16 (cpu_features.native_bf16): oneDNN's
 # inner product on a weight packed once for it (pairs of k interleaved for the CPU's bf16
 # dot-product instruction), instead of the multiply-reduce that converts each weight to fp32.
@@ -117,14 +105,14 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def linear(module: nn.Module, x: torch.Tensor, fresh_input: bool = False) -> torch.Tensor:
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, with two CPU fast paths for a dense nn.Linear:
 
     - one row while being compiled: y = Σ_k W[n, k]·x[k] (+ b) in float32, which Inductor fuses
       into one bandwidth-bound kernel (eager code never takes this form: it would materialise
-      W·x). `fresh_input`: x is a cheap expression of other tensors (a norm's output), stored once
-      rather than recomputed for every weight row; bf16 rows of ≥ PACKED_MIN_IN_FEATURES weights
-      on a CPU with native bf16 take oneDNN's packed GEMV (`packed_linear`) instead;
+      W·x); x is stored once, not recomputed for every weight row (compiled.CPU_OPTIONS). bf16
+      rows of ≥ PACKED_MIN_IN_FEATURES weights on a CPU with native bf16 take oneDNN's packed
+      GEMV (`packed_linear`) instead;
     - bf16 prefill on a CPU without native bf16: computed in fp32 with the weight upcast."""
     if (
         type(module) is nn.Linear
@@ -141,9 +129,7 @@ def linear(module: nn.Module, x: torch.Tensor, fresh_input: bool = False) -> tor
         ):
             y = packed_linear(x.reshape(1, -1), module.weight, module.bias)
             return y.reshape(*x.shape[:-1], -1)
-        xf = x.reshape(1, -1).float()
-        xf = materialize(xf) if fresh_input else xf  # stored once in float32, not recomputed per weight row
-        y = (module.weight.float() * xf).sum(-1)
+        y = (module.weight.float() * x.reshape(1, -1).float()).sum(-1)
         if module.bias is not None:
             y = y + module.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
@@ -184,7 +170,7 @@ class Attention(nn.Module):
         prefill from position 0), or a bool tensor broadcastable to [T, kv_len]."""
         t = x.shape[1]
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = linear(self.qkv_proj, x, fresh_input=True)
+        qkv = linear(self.qkv_proj, x)
         qk = apply_rope(qkv[..., : self.q_size + self.kv_size].view(1, t, heads + kv_heads, hd), cos, sin)
         q, k = qk[:, :, :heads], qk[:, :, heads:]
         v = qkv[..., self.q_size + self.kv_size :].view(1, t, kv_heads, hd)
@@ -213,7 +199,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(self.gate_up_proj, x, fresh_input=True).chunk(2, dim=-1)
+        gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
         return linear(self.down_proj, F.silu(gate) * up)
 
 
@@ -260,12 +246,23 @@ class Qwen2ForCausalLM(nn.Module):
             attn = layer.self_attn
             attn.register_buffer("k_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
             attn.register_buffer("v_cache", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.__dict__.pop("_cache_pairs", None)
         self.cos, self.sin = rope_tables(self.cfg.head_dim, max_seq_len, self.cfg.rope_theta, device)
         self.max_seq_len = max_seq_len
 
     def caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The (k, v) cache buffers of every layer, in layer order."""
-        return [(layer.self_attn.k_cache, layer.self_attn.v_cache) for layer in self.model.layers if hasattr(layer.self_attn, "k_cache")]
+        """The (k, v) cache buffers of every layer, in layer order (the same list until they change:
+        every decode step asks, and gathering them anew cost a tiny model ~5 % of a step)."""
+        pairs = self.__dict__.get("_cache_pairs")
+        if pairs is None:
+            layers = [layer.self_attn for layer in self.model.layers]
+            pairs = self._cache_pairs = [(a.k_cache, a.v_cache) for a in layers if hasattr(a, "k_cache")]
+        return pairs
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), …: new tensors replace the buffers
+        applied = super()._apply(fn, recurse)
+        self.__dict__.pop("_cache_pairs", None)
+        return applied
 
     @property
     def k_cache(self) -> list[torch.Tensor]:
@@ -293,6 +290,7 @@ class Qwen2ForCausalLM(nn.Module):
             if t.shape != current.shape or t.dtype != current.dtype or t.device != current.device:
                 raise ValueError(f"a {name} tensor of {tuple(t.shape)} {t.dtype} does not replace {tuple(current.shape)} {current.dtype}")
             layer.self_attn.register_buffer(name, t, persistent=False)
+        self.__dict__.pop("_cache_pairs", None)
 
     def decoder_bytes(self) -> int:
         """Bytes of weights one decode step reads: layers, final norm, lm_head (not the embedding)."""
@@ -339,4 +337,4 @@ class Qwen2ForCausalLM(nn.Module):
             h = layer(h, cos, sin, positions, kv_len, mask, k_cache, v_cache)
         if last_only:
             h = h[:, -1:]
-        return linear(self.lm_head, self.model.norm(h), fresh_input=True)[0].float()
+        return linear(self.lm_head, self.model.norm(h))[0].float()
