@@ -268,34 +268,40 @@ def test_the_graphs_variant_compiles_once_for_every_bucket(eager, tiny_original)
     assert got == want and seen == {256, 512}  # crossed a bucket boundary without recompiling
 
 
-def test_packed_bf16_gemv_equals_onednn_linear_and_repacks_a_changed_weight():
-    """The compiled bf16 step's packed GEMV (language.packed_linear) computes what F.linear does in
-    bf16, and a weight changed in place gets a fresh pack rather than its stale one."""
-    gen = torch.Generator().manual_seed(0)
-    layer = torch.nn.Linear(4864, 64).to(torch.bfloat16)
-    x = torch.randn(1, 4864, generator=gen).to(torch.bfloat16)
-    with torch.no_grad():
-        assert torch.equal(language.packed_linear(x, layer.weight, layer.bias), torch.nn.functional.linear(x, layer.weight, layer.bias))
-        layer.weight.mul_(-2)  # same tensor object, new contents
-        assert torch.equal(language.packed_linear(x, layer.weight, None), torch.nn.functional.linear(x, layer.weight))
+def test_column_blocks_hold_every_long_row_exactly(tiny_original, monkeypatch):
+    """chunk_long_rows cuts each linear with rows longer than ROW_CHUNK into contiguous column
+    blocks that put the weight back together, counts them in memory_bytes, and leaves short rows
+    and non-dense layers alone."""
+    monkeypatch.setattr(language, "ROW_CHUNK", 40)
+    model = load_model(tiny_original, device="cpu", dtype="float32", max_context=64, compile="off").model
+    lm, before = model.language_model, model.memory_bytes()
+    extra = language.chunk_long_rows(lm)
+    long_rows = [m for m in lm.modules() if type(m) is torch.nn.Linear and m.in_features > 40]
+    assert long_rows and extra == sum(m.weight.numel() * m.weight.element_size() for m in long_rows)
+    for m in long_rows:
+        assert all(c.is_contiguous() and c.shape[1] <= 48 for c in m.gemv_chunks)  # 40 rounded up to 16s
+        assert torch.equal(torch.cat(m.gemv_chunks, dim=1), m.weight)
+    assert all(not hasattr(m, "gemv_chunks") for m in lm.modules() if m not in long_rows)
+    assert model.memory_bytes() == before + extra
+    language.drop_row_chunks(lm)
+    assert model.memory_bytes() == before
 
 
-@pytest.mark.skipif(not language.native_bf16(), reason="the packed bf16 GEMV is chosen only where bf16 is native")
-def test_bf16_compiled_step_with_packed_gemvs_gives_the_eager_greedy_tokens(tiny_original, monkeypatch):
-    """bf16 on a CPU with native bf16: with every linear taking the packed oneDNN GEMV (the tiny
-    model has no row as wide as the real down projections), the compiled step decodes the eager
-    bf16 step's greedy tokens."""
-    monkeypatch.setattr(language, "PACKED_MIN_IN_FEATURES", 0)
-    models = [load_model(tiny_original, device="cpu", dtype="bfloat16", max_context=256, compile=c).model for c in ("off", "on")]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_step_over_column_blocks_gives_the_eager_greedy_tokens(tiny_original, monkeypatch, dtype):
+    """With every linear's rows cut into column blocks (the tiny model has no row as long as a real
+    down projection), the compiled step decodes the eager step's greedy tokens."""
+    monkeypatch.setattr(language, "ROW_CHUNK", 40)
+    models = [load_model(tiny_original, device="cpu", dtype=dtype, max_context=256, compile=c).model for c in ("off", "on")]
     assert models[1].compiled_step is not None
     ids = list(range(5, 45))
     want, want_logits = greedy_steps(models[0], ids, 12)
     got, got_logits = greedy_steps(models[1], ids, 12)
     assert got == want and models[1].compiled_step.steps == 12
-    assert (got_logits - want_logits).abs().max().item() <= 0.05 * want_logits.abs().max().item()
+    tol = 0.05 if dtype == "bfloat16" else TOL
+    assert (got_logits - want_logits).abs().max().item() <= tol * want_logits.abs().max().item()
     lm = models[1].language_model
-    packed = {id(layer.mlp.down_proj.weight) for layer in lm.model.layers} & set(language._packed_weights)
-    assert len(packed) == len(lm.model.layers)  # the compiled step ran the packed GEMVs
+    assert all(len(layer.mlp.down_proj.gemv_chunks) > 1 for layer in lm.model.layers)
 
 
 def test_kv_buckets_waste_little_at_long_contexts():

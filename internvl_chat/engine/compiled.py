@@ -10,9 +10,9 @@ Per layer, eager decode makes ~53 aten calls; compiled on CPU it is two: one fus
 (residual + RMSNorm + the qkv GEMV, RoPE with the qkv bias, both cache writes, the o-projection,
 SiLU·mul with the GEMVs around it) and SDPA. language.py's eager code is written so that these
 fuse, and on CPU its one-row linears become multiply-reduce kernels that stream the weights at
-memory bandwidth (bf16 rows as wide as the MLP's down projection: oneDNN's GEMV on a packed copy,
-where bf16 is native). The CPU step is then called without Dynamo's per-call guard check
-(`_unguarded`).
+memory bandwidth (rows longer than 4,096, the MLP's down projection, from a copy cut into column
+blocks: `language.chunk_long_rows`). The CPU step is then called without Dynamo's per-call guard
+check (`_unguarded`).
 
 The first compile of a shape takes tens of seconds; Inductor's FX-graph and kernel caches (kept in
 ~/.cache/internvl-chat/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise) turn later starts
@@ -141,7 +141,8 @@ class CompiledStep:
         self._say("compiling the decode step …")
         start = time.perf_counter()
         options = CUDA_OPTIONS if self.device.type == "cuda" else CPU_OPTIONS
-        torch.compiler.assume_constant_result(language.native_bf16_when_compiling)
+        if language.GEMV_AS_REDUCTION.get(self.device.type, False):
+            language.chunk_long_rows(self.lm)  # before tracing: the step reads these copies
         try:
             # each model compiles its own entry (same code, other guards): raise rather than run eagerly
             # (specialize_float: float attributes such as RMSNorm's eps are constants; symbolic floats
@@ -198,6 +199,7 @@ class CompiledStep:
     def _fail(self, error: BaseException, what: str) -> bool:
         self.active = False
         self._fn = None
+        language.drop_row_chunks(self.lm)  # the eager step never reads them
         self.failure = _one_line(error)
         # always printed (a progress display would overwrite it); Rich's live displays pass stderr through
         _stderr_note(f"the decode step {what} ({self.failure}); using the eager step")

@@ -21,8 +21,6 @@ the separate checkpoint tensors.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,46 +61,43 @@ GEMV_AS_REDUCTION = {"cpu": True, "cuda": False}
 UPCAST_MIN_ROWS = 32
 
 
-# Compiled one-row bf16 linears on a CPU with native bf16 (cpu_features.native_bf16): oneDNN's
-# inner product on a weight packed once for it (pairs of k interleaved for the CPU's bf16
-# dot-product instruction), instead of the multiply-reduce that converts each weight to fp32.
-# Only for rows of at least PACKED_MIN_IN_FEATURES weights (the MLP's down projection): on
-# shorter rows the multiply-reduce streams faster (benchmarks/RESULTS.md, issue 10).
-GEMV_PACKED_BF16 = True
-PACKED_MIN_IN_FEATURES = 4096
-_packed_weights: dict[int, tuple] = {}
+# Inductor sums a reduction longer than 4,096 elements with a cascade helper (for accuracy) that
+# halves the rate at which a multiply-reduce GEMV streams its weight. So a compiled one-row linear
+# with longer rows (the MLP's down projection: 4,864 on the 0.5B shape) reads a copy of its weight
+# cut into column blocks of at most ROW_CHUNK, each contiguous, and adds the blocks' sums: 0.5B
+# down-projection shapes stream ~1.6x (fp32) to ~1.9x (bf16) faster than the one long reduction,
+# and faster than oneDNN's packed bf16 GEMV (benchmarks/RESULTS.md, issue 10). The copies are made
+# when the step is compiled (`chunk_long_rows`) and cost one more copy of those weights.
+ROW_CHUNK = 4096
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's packed copy of `weight` for one-row products, made on first use and kept while
-    `weight` lives (keyed by identity; a changed weight gets a new pack)."""
-    key = id(weight)
-    version = None if weight.is_inference() else weight._version  # inference tensors have no version
-    entry = _packed_weights.get(key)
-    if entry is not None and entry[0]() is weight and entry[1] == version:
-        return entry[2]
-    with torch.inference_mode():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-    _packed_weights[key] = (weakref.ref(weight, lambda _, key=key: _packed_weights.pop(key, None)), version, packed)
-    return packed
+def chunk_long_rows(lm: nn.Module) -> int:
+    """Give every dense linear of `lm` with rows longer than ROW_CHUNK its column-block copy
+    (`gemv_chunks`, read by `linear` while compiling); returns the bytes the copies take."""
+    total = 0
+    for module in lm.modules():
+        if type(module) is not nn.Linear:
+            continue
+        k = module.in_features
+        if k <= ROW_CHUNK:
+            module.__dict__.pop("gemv_chunks", None)
+            continue
+        blocks = -(-k // ROW_CHUNK)
+        size = -(-k // blocks // 16) * 16  # vector-aligned blocks; the last one takes the rest
+        with torch.no_grad():
+            chunks = [module.weight[:, a : a + size].contiguous() for a in range(0, k, size)]
+        module.gemv_chunks = chunks  # a plain attribute: not a parameter, buffer or saved tensor
+        total += sum(c.numel() * c.element_size() for c in chunks)
+    return total
 
 
-def native_bf16_when_compiling() -> bool:
-    """native_bf16() for code being compiled: compiled.py marks it a constant that Dynamo reads
-    outside the trace (it cannot trace reading /proc/cpuinfo; marking it here at import would
-    import torch._dynamo at every start)."""
-    return native_bf16()
+def drop_row_chunks(lm: nn.Module) -> None:
+    for module in lm.modules():
+        module.__dict__.pop("gemv_chunks", None)
 
 
-@torch.library.custom_op("internvl_chat::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [1, K] @ weight[N, K]ᵀ (+ bias) in bf16 through oneDNN on weight's packed copy."""
-    return torch.ops.mkldnn._linear_pointwise(x, _packed(weight), bias, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+def row_chunk_bytes(lm: nn.Module) -> int:
+    return sum(c.numel() * c.element_size() for m in lm.modules() for c in m.__dict__.get("gemv_chunks", ()))
 
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -110,9 +105,8 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     - one row while being compiled: y = Σ_k W[n, k]·x[k] (+ b) in float32, which Inductor fuses
       into one bandwidth-bound kernel (eager code never takes this form: it would materialise
-      W·x); x is stored once, not recomputed for every weight row (compiled.CPU_OPTIONS). bf16
-      rows of ≥ PACKED_MIN_IN_FEATURES weights on a CPU with native bf16 take oneDNN's packed
-      GEMV (`packed_linear`) instead;
+      W·x); x is stored once, not recomputed for every weight row (compiled.CPU_OPTIONS), and
+      rows longer than ROW_CHUNK are read from their column-block copy (`chunk_long_rows`);
     - bf16 prefill on a CPU without native bf16: computed in fp32 with the weight upcast."""
     if (
         type(module) is nn.Linear
@@ -120,16 +114,15 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         and x.shape[:-1].numel() == 1
         and GEMV_AS_REDUCTION.get(x.device.type, False)
     ):
-        if (
-            GEMV_PACKED_BF16
-            and module.weight.dtype == torch.bfloat16
-            and x.dtype == torch.bfloat16
-            and module.weight.shape[1] >= PACKED_MIN_IN_FEATURES
-            and native_bf16_when_compiling()
-        ):
-            y = packed_linear(x.reshape(1, -1), module.weight, module.bias)
-            return y.reshape(*x.shape[:-1], -1)
-        y = (module.weight.float() * x.reshape(1, -1).float()).sum(-1)
+        xf = x.reshape(-1).float()
+        chunks = getattr(module, "gemv_chunks", None)
+        if chunks is None:
+            y = (module.weight.float() * xf).sum(-1)
+        else:
+            start, y = 0, None
+            for w in chunks:
+                part = (w.float() * xf[start : start + w.shape[1]]).sum(-1)
+                y, start = (part if y is None else y + part), start + w.shape[1]
         if module.bias is not None:
             y = y + module.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)

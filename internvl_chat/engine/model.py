@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import CheckpointError, ContextOverflowError
 from ..files import visible
 from .config import ModelConfig
-from .language import Qwen2ForCausalLM
+from .language import Qwen2ForCausalLM, row_chunk_bytes
 from .vision import InternViT, Projector, pixel_shuffle
 
 # checkpoint linears that live as row blocks of one fused linear here: name -> (fused, block index)
@@ -334,10 +334,11 @@ class InternVLModel(nn.Module):
         return h
 
     def memory_bytes(self) -> int:
-        """Resident weight bytes (parameters and the packed buffers of 4-bit linears; not the KV cache)."""
+        """Resident weight bytes (parameters, the packed buffers of 4-bit linears and the compiled
+        CPU step's column-block copies of long rows; not the KV cache)."""
         seen, total = {t.data_ptr() for t in self.language_model.k_cache + self.language_model.v_cache}, 0
         for t in list(self.parameters()) + list(self.buffers()):
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
-        return total
+        return total + row_chunk_bytes(self.language_model)
