@@ -190,6 +190,13 @@ def test_bf16_prefill_without_native_bf16_computes_in_fp32(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert torch.equal(language.linear(layer, x), upcast)
     assert torch.equal(language.linear(layer, x[:, :1]), layer(x[:, :1]))  # one row (decode): unchanged
+    # the fp32 weight lives in one buffer per shape, refilled for each weight (no fresh pages per call)
+    other = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    first = language._upcast(layer.weight)
+    with torch.inference_mode():
+        second = language._upcast(other.weight)
+        assert torch.equal(language.linear(other, x), torch.nn.functional.linear(x.float(), other.weight.float()).to(torch.bfloat16))
+    assert second is first and torch.equal(second, other.weight.float())
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
     if language.native_bf16():
         assert torch.equal(language.linear(layer, x), layer(x))

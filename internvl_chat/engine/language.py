@@ -21,6 +21,8 @@ the separate checkpoint tensors.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -136,8 +138,32 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # emulated bf16 matrix products run at a quarter to half of fp32's speed on such CPUs;
         # upcasting the weight for the call costs less than that (prefill only: many rows)
         bias = module.bias.float() if module.bias is not None else None
-        return F.linear(x.float(), module.weight.float(), bias).to(x.dtype)
+        return F.linear(x.float(), _upcast(module.weight), bias).to(x.dtype)
     return module(x)
+
+
+_upcast_buffers = threading.local()
+
+
+# the largest fp32 weight `_upcast` keeps a buffer for (a layer's; not a 150k-row lm_head, which
+# needs ≥ UPCAST_MIN_ROWS rows of logits and is upcast afresh then)
+UPCAST_KEEP_MAX_BYTES = 64 * 2**20
+
+
+def _upcast(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in float32, in a buffer kept per shape and thread: a new tensor per call costs a
+    fresh allocation whose pages the kernel must map and zero every time (a quarter of a 0.5B
+    bf16 prefill's time on a CPU without native bf16)."""
+    if weight.numel() * 4 > UPCAST_KEEP_MAX_BYTES:
+        return weight.float()
+    buffers = _upcast_buffers.__dict__.setdefault("by_shape", {})
+    key = (tuple(weight.shape), weight.device)
+    buffer = buffers.get(key)
+    if buffer is None:
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buffer = buffers[key] = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    with torch.no_grad():
+        return buffer.copy_(weight)
 
 
 def write_cache(cache: torch.Tensor, new: torch.Tensor, positions) -> None:
