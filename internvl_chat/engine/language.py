@@ -76,7 +76,6 @@ ROW_CHUNK = 4096
 def chunk_long_rows(lm: nn.Module) -> int:
     """Give every dense linear of `lm` with rows longer than ROW_CHUNK its column-block copy
     (`gemv_chunks`, read by `linear` while compiling); returns the bytes the copies take."""
-    total = 0
     for module in lm.modules():
         if type(module) is not nn.Linear:
             continue
@@ -89,8 +88,7 @@ def chunk_long_rows(lm: nn.Module) -> int:
         with torch.no_grad():
             chunks = [module.weight[:, a : a + size].contiguous() for a in range(0, k, size)]
         module.gemv_chunks = chunks  # a plain attribute: not a parameter, buffer or saved tensor
-        total += sum(c.numel() * c.element_size() for c in chunks)
-    return total
+    return row_chunk_bytes(lm)
 
 
 def drop_row_chunks(lm: nn.Module) -> None:
