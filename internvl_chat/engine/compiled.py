@@ -22,6 +22,7 @@ attempt to recompile later, leaves the eager step in place with a one-line note:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
@@ -218,11 +219,8 @@ class CompiledStep:
         try:
             self._token.copy_(token.view(1))  # tokens come as inference or normal tensors: one kind in
             # the caches in use now: a server swaps in each slot's own (same shape and kind)
-            if self.direct:
+            with contextlib.nullcontext() if self.direct else torch.compiler.set_stance("fail_on_recompile"):
                 logits = self._fn(self.lm, self._token, pos, self.lm.caches())
-            else:
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    logits = self._fn(self.lm, self._token, pos, self.lm.caches())
             self.steps += 1
             return logits
         except Exception as e:  # noqa: BLE001 — a guard failure or runtime error: eager from now on

@@ -76,12 +76,10 @@ ROW_CHUNK = 4096
 def chunk_long_rows(lm: nn.Module) -> int:
     """Give every dense linear of `lm` with rows longer than ROW_CHUNK its column-block copy
     (`gemv_chunks`, read by `linear` while compiling); returns the bytes the copies take."""
+    drop_row_chunks(lm)
     for module in lm.modules():
-        if type(module) is not nn.Linear:
-            continue
-        k = module.in_features
+        k = module.in_features if type(module) is nn.Linear else 0
         if k <= ROW_CHUNK:
-            module.__dict__.pop("gemv_chunks", None)
             continue
         blocks = -(-k // ROW_CHUNK)
         size = -(-k // blocks // 16) * 16  # vector-aligned blocks; the last one takes the rest
