@@ -20,7 +20,7 @@ import torch
 from decode_helpers import greedy_steps
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
-from internvl_chat.engine import compiled, language
+from internvl_chat.engine import compiled, direct_call, language
 from internvl_chat.engine.loader import load_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,6 +54,7 @@ def test_compiled_step_gives_the_eager_greedy_tokens(eager, fast):
     assert fast.model.compiled_step.steps - before == 24  # every step ran compiled
     if hasattr(torch._dynamo.eval_frame, "_debug_get_cache_entry_list"):
         assert fast.model.compiled_step.direct  # without Dynamo's per-call guard check
+        assert fast.model.compiled_step.flat is not None  # nor the Python layers above Inductor's entry
     assert got == want
     diff = (got_logits - want_logits).abs().max().item()
     assert diff <= TOL * want_logits.abs().max().item(), diff
@@ -119,13 +120,43 @@ def test_serve_slots_swap_kv_caches_under_the_compiled_step(eager, fast):
 
 
 def test_an_entry_without_matching_guards_keeps_the_guarded_call(eager):
-    """compiled._unguarded takes Dynamo's compiled code only for an entry whose guards accept the
+    """direct_call.unguarded takes Dynamo's compiled code only for an entry whose guards accept the
     example; a function never compiled (or compiled for other inputs) has none."""
     lm = eager.model.language_model
     token = torch.tensor([3])
     with torch.inference_mode():
         logits = lm.decode_exact(token, 5)
-        assert compiled._unguarded(type(lm).decode_exact, None, (lm, token, 5, lm.caches()), logits) is None
+        assert direct_call.unguarded(type(lm).decode_exact, None, (lm, token, 5, lm.caches()), logits) is None
+
+
+def test_a_function_dynamo_did_not_compile_has_no_flat_call(eager):
+    lm = eager.model.language_model
+    assert direct_call.FlatCall.build(type(lm).decode_exact, lm, torch.tensor([3]), lm.caches(), 0) is None
+
+
+def test_converted_weights_leave_the_flat_call(eager, fast):
+    """After `.to()`-style conversions (weights_version moves) the step must not call Inductor's
+    entry with the weights it recorded: it takes Dynamo's code, which reads the module again."""
+    step = fast.model.compiled_step
+    flat = step.flat
+    if flat is None:
+        pytest.skip("this torch offers no flat call")
+    lm = fast.model.language_model
+    recorded = flat._entry
+
+    def stale_call(*args):
+        raise AssertionError("the flat call ran with stale weights")
+
+    flat._entry = stale_call
+    try:
+        lm.float()  # fp32 already: the same weights, but a conversion all the same
+        assert flat.version != lm.weights_version
+        ids = eager.tokenizer.encode("four five six")
+        before = step.steps
+        assert greedy_steps(fast.model, ids, 6)[0] == greedy_steps(eager.model, ids, 6)[0]
+        assert step.active and step.steps - before == 6
+    finally:
+        flat._entry, flat.version = recorded, lm.weights_version  # the same tensors: valid again
 
 
 def test_the_cache_list_follows_swapped_and_converted_buffers(tiny_original):

@@ -27,13 +27,13 @@ import gc
 import os
 import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import language
+from .direct_call import FlatCall, unguarded
 
 MODES = ("auto", "on", "off")
 # Where "auto" compiles. CPU: decoders whose weights a token streams are large enough that the
@@ -88,27 +88,6 @@ def _stderr_note(message: str) -> None:
     print(f"internvl-chat: {message}", file=sys.stderr, flush=True)
 
 
-def _unguarded(target, guarded, example: tuple, expected: torch.Tensor):
-    """The code Dynamo compiled for `target` with `example`, as a plain function that skips
-    Dynamo's per-call frame hook and guard check (~80 µs a step: a third of a tiny model's
-    step), or None.
-
-    Nothing those guards check can change underneath `CompiledStep.exact`: the token is its own
-    buffer, the caches are swapped only for tensors of the same shape, dtype and device
-    (Qwen2ForCausalLM._set_cache), and positions < 2 never come. Taken only where torch lists a
-    compiled entry whose guards accept `example` and it reproduces the guarded call's logits bit
-    for bit (a torch whose internals differ keeps the guarded call)."""
-    try:
-        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(target.__code__)
-        names = target.__code__.co_varnames[: target.__code__.co_argcount]
-        f_locals = dict(zip(names, example))
-        code = next(e.code for e in entries if e.guard_manager.check(f_locals))
-        direct = types.FunctionType(code, target.__globals__, target.__name__, target.__defaults__, target.__closure__)
-        return direct if torch.equal(direct(*example), expected) and torch.equal(guarded(*example), expected) else None
-    except Exception:  # noqa: BLE001 — no such entry, or an internal that changed: keep the guarded call
-        return None
-
-
 class CompiledStep:
     """The decoder's one-token step, compiled once; `None` results mean "use the eager step".
 
@@ -126,7 +105,8 @@ class CompiledStep:
         self.compile_s: float | None = None
         self.failure: str | None = None
         self._fn = None
-        self.direct = False  # the CPU step runs without Dynamo's guard check (`_unguarded`)
+        self.direct = False  # the CPU step runs without Dynamo's guard check (direct_call.unguarded)
+        self.flat: FlatCall | None = None  # … and without the Python layers above Inductor's code
         with torch.inference_mode(False):  # normal tensors whatever the caller's mode: stable guards
             self._token = torch.zeros(1, dtype=torch.long, device=device)
             self._position = torch.full((1,), 2, dtype=torch.long, device=device)
@@ -193,13 +173,15 @@ class CompiledStep:
         fn = torch.compile(target, fullgraph=True, dynamic=True, options=options)
         example = (self.lm, self._token, 2, scratch)
         logits = fn(*example)
-        direct = _unguarded(target, fn, example, logits)
+        direct = unguarded(target, fn, example, logits)
         self.direct = direct is not None
+        if direct is not None:
+            self.flat = FlatCall.build(direct, self.lm, self._token, scratch, self.lm.weights_version)
         return direct or fn
 
     def _fail(self, error: BaseException, what: str) -> bool:
         self.active = False
-        self._fn = None
+        self._fn = self.flat = None
         language.drop_row_chunks(self.lm)  # the eager step never reads them
         self.failure = _one_line(error)
         # always printed (a progress display would overwrite it); Rich's live displays pass stderr through
@@ -214,13 +196,17 @@ class CompiledStep:
 
     def exact(self, token: torch.Tensor, pos: int) -> torch.Tensor | None:
         """Logits [V] for `token` at host position `pos`, or None: run the eager step."""
-        if not self.active or pos < 2:
-            return None
+        if not self.active or self.for_graphs or not 2 <= pos < self.lm.max_seq_len:
+            return None  # the general path: eager, or the overflow error
         try:
             self._token.copy_(token.view(1))  # tokens come as inference or normal tensors: one kind in
             # the caches in use now: a server swaps in each slot's own (same shape and kind)
-            with contextlib.nullcontext() if self.direct else torch.compiler.set_stance("fail_on_recompile"):
-                logits = self._fn(self.lm, self._token, pos, self.lm.caches())
+            flat = self.flat
+            if flat is not None and flat.version == self.lm.weights_version:
+                logits = flat(pos, self.lm.caches())
+            else:
+                with contextlib.nullcontext() if self.direct else torch.compiler.set_stance("fail_on_recompile"):
+                    logits = self._fn(self.lm, self._token, pos, self.lm.caches())
             self.steps += 1
             return logits
         except Exception as e:  # noqa: BLE001 — a guard failure or runtime error: eager from now on

@@ -254,6 +254,7 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_seq_len = 0
+        self.weights_version = 0  # counts `_apply` (.to(), .float(), …): compiled.py's recorded weights go stale
 
     def allocate_cache(self, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (1, self.cfg.num_kv_heads, max_seq_len, self.cfg.head_dim)
@@ -277,6 +278,7 @@ class Qwen2ForCausalLM(nn.Module):
     def _apply(self, fn, recurse=True):  # .to(), .float(), …: new tensors replace the buffers
         applied = super()._apply(fn, recurse)
         self.__dict__.pop("_cache_pairs", None)
+        self.weights_version += 1
         return applied
 
     @property

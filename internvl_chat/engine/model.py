@@ -6,9 +6,10 @@ interface the chat layer uses. `load_weights` takes canonical (original-layout) 
 
 from __future__ import annotations
 
+
 import re
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -285,7 +286,6 @@ class InternVLModel(nn.Module):
             outputs.append(self.mlp1(pixel_shuffle(hidden)))
         return torch.cat(outputs).to(self.dtype)
 
-    @torch.inference_mode()
     def forward(
         self,
         input_ids: Sequence[int] | torch.Tensor,
@@ -294,6 +294,26 @@ class InternVLModel(nn.Module):
         all_logits: bool = False,
     ) -> torch.Tensor:
         """Run `input_ids` at positions start_pos…; return float32 logits of the last ([V]) or all ([T, V])."""
+        step = self.compiled_step
+        if (
+            step is not None
+            and type(input_ids) is torch.Tensor
+            and input_ids.numel() == 1
+            and image_features is None
+            and not all_logits
+            and self.decode_graphs is None
+        ):
+            # One token into the compiled CPU step, without the general path's conversions and
+            # checks (`exact` declines what it cannot take): a tenth of a tiny model's step.
+            with nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
+                with decode_threads(self.decode_threads):
+                    logits = step.exact(input_ids, start_pos)
+            if logits is not None:
+                return logits
+        return self._forward(input_ids, start_pos, image_features, all_logits)
+
+    @torch.inference_mode()
+    def _forward(self, input_ids, start_pos: int, image_features, all_logits: bool) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).view(-1)
         t = ids.shape[0]
         if start_pos < 0 or start_pos + t > self.max_seq_len:
@@ -305,10 +325,6 @@ class InternVLModel(nn.Module):
             if self.decode_graphs is not None:
                 return self.decode_graphs.step(ids, start_pos)
             with decode_threads(self.decode_threads):
-                if self.compiled_step is not None:
-                    logits = self.compiled_step.exact(ids, start_pos)
-                    if logits is not None:
-                        return logits
                 return self.language_model.forward_embeds(self.embed(ids), start_pos, last_only=True)[-1]
         h = self.embed(ids, image_features)
         logits = self.language_model.forward_embeds(h, start_pos, last_only=not all_logits)
