@@ -143,11 +143,14 @@ class FlatCall:
                     return None
             if len(pos_slots) != 1 or len(cache_slots) != 2 * len(scratch):
                 return None
+            for slot, _, _ in cache_slots:
+                first[slot] = None  # filled per call; the scratch caches must not stay alive
             flat = cls(graph.current_callable, first, pos_slots[0], cache_slots, version)
         except Exception:  # noqa: BLE001 — an internal that changed: keep `direct`
             return None
         for candidate in (_attempt(flat._to_cpp_entry), flat):
             if candidate is not None and _attempt(lambda: all(torch.equal(candidate(p, scratch), out) for p, out in zip((2, 3), outputs))):
+                candidate._caches, candidate._filled = None, []  # let the scratch caches go
                 return candidate
         return None
 

@@ -325,7 +325,10 @@ class InternVLModel(nn.Module):
             if self.decode_graphs is not None:
                 return self.decode_graphs.step(ids, start_pos)
             with decode_threads(self.decode_threads):
-                return self.language_model.forward_embeds(self.embed(ids), start_pos, last_only=True)[-1]
+                logits = self.compiled_step.exact(ids, start_pos) if self.compiled_step is not None else None
+                if logits is None:  # (a token list, or no compiled step)
+                    logits = self.language_model.forward_embeds(self.embed(ids), start_pos, last_only=True)[-1]
+                return logits
         h = self.embed(ids, image_features)
         logits = self.language_model.forward_embeds(h, start_pos, last_only=not all_logits)
         return logits if all_logits else logits[-1]
