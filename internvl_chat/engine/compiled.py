@@ -12,7 +12,7 @@ SiLU·mul with the GEMVs around it) and SDPA. language.py's eager code is writte
 fuse, and on CPU its one-row linears become multiply-reduce kernels that stream the weights at
 memory bandwidth (rows longer than 4,096, the MLP's down projection, from a copy cut into column
 blocks: `language.chunk_long_rows`). The CPU step is then called without Dynamo's per-call guard
-check (`_unguarded`).
+check and without the Python layers above Inductor's C++ entry (direct_call.py).
 
 The first compile of a shape takes tens of seconds; Inductor's FX-graph and kernel caches (kept in
 ~/.cache/internvl-chat/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise) turn later starts
