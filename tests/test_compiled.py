@@ -159,6 +159,19 @@ def test_converted_weights_leave_the_flat_call(eager, fast):
         flat._entry, flat.version = recorded, lm.weights_version  # the same tensors: valid again
 
 
+def test_the_flat_call_refuses_caches_of_another_layout(fast):
+    """Its C++ code was built for one cache shape: other caches raise (the step then goes eager)."""
+    flat = fast.model.compiled_step.flat
+    if flat is None:
+        pytest.skip("this torch offers no flat call")
+    caches = fast.model.language_model.caches()
+    longer = [tuple(torch.zeros(t.shape[0], t.shape[1], 2 * t.shape[2], t.shape[3]) for t in pair) for pair in caches]
+    with pytest.raises(ValueError, match="does not fit the compiled step"):
+        flat(5, longer)
+    with torch.inference_mode():
+        assert torch.equal(flat(5, caches), flat(5, caches))  # its own caches still work
+
+
 def test_the_cache_list_follows_swapped_and_converted_buffers(tiny_original):
     """Qwen2ForCausalLM.caches() keeps its list between steps; swapping a slot's caches in or
     converting the model must give the new tensors."""

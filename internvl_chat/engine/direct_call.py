@@ -89,6 +89,7 @@ class FlatCall:
         self._filled: list = []
         self._position = None  # C++ entry only: the position's 0-d tensor, written through `_pos_view`
         self._pos_view = None
+        self._cache_layout = None  # every cache tensor's, as recorded
 
     def _to_cpp_entry(self) -> FlatCall | None:
         """The same call one level further down, or None: Inductor's C++ wrapper entry itself, which
@@ -102,6 +103,7 @@ class FlatCall:
             return None
         template = [torch.tensor(a) if type(a) is int else a for a in self._template]
         flat = FlatCall(cpp, template, self._pos_slot, self._cache_slots, self.version)
+        flat._cache_layout = self._cache_layout
         flat._position = template[self._pos_slot]
         flat._pos_view = flat._position.numpy()
         return flat
@@ -146,6 +148,10 @@ class FlatCall:
             for slot, _, _ in cache_slots:
                 first[slot] = None  # filled per call; the scratch caches must not stay alive
             flat = cls(graph.current_callable, first, pos_slots[0], cache_slots, version)
+            layouts = {_layout(t) for pair in scratch for t in pair}
+            if len(layouts) != 1:
+                return None
+            (flat._cache_layout,) = layouts
         except Exception:  # noqa: BLE001 — an internal that changed: keep `direct`
             return None
         for candidate in (_attempt(flat._to_cpp_entry), flat):
@@ -158,7 +164,9 @@ class FlatCall:
         if caches is not self._caches:  # a serve slot swapped its caches in: refill their slots once
             filled = list(self._template)
             for slot, layer, j in self._cache_slots:
-                filled[slot] = caches[layer][j]
+                filled[slot] = cache = caches[layer][j]
+                if _layout(cache) != self._cache_layout:  # the C++ code was built for that layout only
+                    raise ValueError(f"a KV cache of {tuple(cache.shape)} {cache.dtype} does not fit the compiled step")
             self._caches, self._filled = caches, filled
         if self._pos_view is not None:  # the C++ entry: tensors in, handles stolen, nothing cleared
             self._pos_view[()] = pos
@@ -169,6 +177,10 @@ class FlatCall:
         args[self._pos_slot] = pos
         (logits,) = self._entry(args)
         return logits
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.stride(), t.dtype, t.device
 
 
 def _attempt(fn):
