@@ -16,7 +16,7 @@ Nothing the skipped guards check can change underneath `CompiledStep.exact`: the
 buffer, caches are swapped only for tensors of the same shape, dtype and device
 (Qwen2ForCausalLM._set_cache), positions < 2 never come, and the weights are never replaced after
 compiling (`Qwen2ForCausalLM.weights_version` counts conversions such as `.to()`; a changed count
-sends `FlatCall` back to the guarded path).
+sends the step from `FlatCall` back to Dynamo's code, which reads the module again).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def unguarded(target, guarded, example: tuple, expected: torch.Tensor):
 
 
 def _compiled_graph(root, depth: int = 0, seen: set | None = None):
-    """The one Inductor CompiledFxGraph reachable from AOTAutograd's compiled function (through
-    closures and attributes), or None."""
+    """The Inductor CompiledFxGraph reachable from AOTAutograd's compiled function (through
+    closures and attributes; a full graph has one), or None."""
     from torch._inductor.output_code import CompiledFxGraph
 
     seen = set() if seen is None else seen
