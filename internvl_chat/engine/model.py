@@ -294,27 +294,21 @@ class InternVLModel(nn.Module):
         all_logits: bool = False,
     ) -> torch.Tensor:
         """Run `input_ids` at positions start_pos…; return float32 logits of the last ([V]) or all ([T, V])."""
+        ids = input_ids if type(input_ids) is torch.Tensor else torch.as_tensor(input_ids, dtype=torch.long)
         step = self.compiled_step
-        if (
-            step is not None
-            and type(input_ids) is torch.Tensor
-            and input_ids.numel() == 1
-            and image_features is None
-            and not all_logits
-            and self.decode_graphs is None
-        ):
-            # One token into the compiled CPU step, without the general path's conversions and
-            # checks (`exact` declines what it cannot take): a tenth of a tiny model's step.
+        if step is not None and ids.numel() == 1 and image_features is None and not all_logits and self.decode_graphs is None:
+            # One token into the compiled step, without the general path's conversions and checks
+            # (`exact` declines what it cannot take: eager, or the overflow error, then)
             with nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
                 with decode_threads(self.decode_threads):
-                    logits = step.exact(input_ids, start_pos)
+                    logits = step.exact(ids, start_pos)
             if logits is not None:
                 return logits
-        return self._forward(input_ids, start_pos, image_features, all_logits)
+        return self._forward(ids, start_pos, image_features, all_logits)
 
     @torch.inference_mode()
-    def _forward(self, input_ids, start_pos: int, image_features, all_logits: bool) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).view(-1)
+    def _forward(self, ids: torch.Tensor, start_pos: int, image_features, all_logits: bool) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
         t = ids.shape[0]
         if start_pos < 0 or start_pos + t > self.max_seq_len:
             raise ContextOverflowError(
@@ -325,10 +319,7 @@ class InternVLModel(nn.Module):
             if self.decode_graphs is not None:
                 return self.decode_graphs.step(ids, start_pos)
             with decode_threads(self.decode_threads):
-                logits = self.compiled_step.exact(ids, start_pos) if self.compiled_step is not None else None
-                if logits is None:  # (a token list, or no compiled step)
-                    logits = self.language_model.forward_embeds(self.embed(ids), start_pos, last_only=True)[-1]
-                return logits
+                return self.language_model.forward_embeds(self.embed(ids), start_pos, last_only=True)[-1]
         h = self.embed(ids, image_features)
         logits = self.language_model.forward_embeds(h, start_pos, last_only=not all_logits)
         return logits if all_logits else logits[-1]
