@@ -321,24 +321,30 @@ def section_decode(plan: bl.Plan, work_dir: Path, start: float) -> dict:
             # the demo's runs last ~10 ms each: more of them, for a median that rides out this
             # shared machine's hiccups (both engines alike)
             repeats = plan.decode_repeats * (DEMO_DECODE_REPEAT_FACTOR if name == "demo" else 1)
+            depth = plan.decode_depth if name in plan.decode_depth_models else 0
             for threads in plan.decode_threads:
                 row: dict = {"model": name, "dtype": dtype, "threads": threads, "repeats": repeats}
                 bl.log(f"  {name} {dtype} {threads} thread(s) ...", start)
                 try:
                     row["ours"] = bl.run_decode_probe(model_dir, dtype, threads, plan.decode_prefill, plan.decode_new,
-                                                      repeats)  # fmt: skip
+                                                      repeats, depth=depth)  # fmt: skip
                 except Exception as e:
                     row["ours_error"] = repr(e)
                 if gguf is not None:
                     try:
                         row["llama_cpp"] = bl.llama_bench(bin_dir, gguf, threads, plan.decode_prefill, plan.decode_new,
                                                           repeats)  # fmt: skip
+                        if depth:
+                            row["llama_cpp_depth"] = bl.llama_bench(bin_dir, gguf, threads, 0, plan.decode_new, repeats, depth)
                     except Exception as e:
                         row["llama_cpp_error"] = repr(e)
                 ours, theirs = row.get("ours", {}), row.get("llama_cpp", {})
                 best = max(ours.get("eager_tokens_per_s", 0), ours.get("compiled_tokens_per_s", 0))
                 if theirs.get("decode_tokens_per_s"):
                     row["decode_vs_llama_cpp"] = best / theirs["decode_tokens_per_s"]
+                deep = row.get("llama_cpp_depth", {}).get("decode_tokens_per_s")
+                if deep and ours.get("depth_compiled_tokens_per_s"):
+                    row["depth_decode_vs_llama_cpp"] = ours["depth_compiled_tokens_per_s"] / deep
                 if theirs.get("prefill_tokens_per_s") and ours.get("prefill_tokens_per_s"):
                     row["prefill_vs_llama_cpp"] = ours["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"]
                 out["rows"].append(row)
@@ -367,6 +373,17 @@ def render_decode(d: dict) -> list[str]:
                 lines.append(f"    {key}: {r[key][:300]}")
         if o.get("compile_error"):
             lines.append(f"    compile: {o['compile_error']}")
+    deep = [r for r in d["rows"] if r.get("ours", {}).get("depth")]
+    if deep:
+        lines += ["", f"  decode after a {deep[0]['ours']['depth']}-token context (llama-bench -d, the better of -fa 0/1), "
+                  "ours compiled, tokens/s:",
+                  f"  {'model':10}{'dtype':10}{'thr':>4}{'ours':>10}{'llama':>8}{'ours/llama':>11}"]  # fmt: skip
+        for r in deep:
+            lines.append(
+                f"  {r['model']:10}{r['dtype']:10}{r['threads']:>4}{_fmt(r['ours'].get('depth_compiled_tokens_per_s')):>10}"
+                f"{_fmt(r.get('llama_cpp_depth', {}).get('decode_tokens_per_s')):>8}"
+                f"{_fmt(r.get('depth_decode_vs_llama_cpp'), '.2f'):>11}"
+            )
     if d.get("llama_cpp_missing"):
         lines.append(f"  {d['llama_cpp_missing']}")
     for err in d.get("errors", []):

@@ -95,6 +95,10 @@ class Plan:
     decode_prefill: int = 256
     decode_new: int = 64
     decode_repeats: int = 3
+    # decode after a long context too (a conversation with a picture: `make demo` reaches ~1,900
+    # tokens), for these models only (a 0.5B prefill of that length takes ~25 s per run here)
+    decode_depth: int = 2048
+    decode_depth_models: tuple[str, ...] = ("demo",)
     llama_cpp: bool = True
 
 
@@ -143,6 +147,7 @@ QUICK = Plan(
     decode_prefill=32,
     decode_new=8,
     decode_repeats=1,
+    decode_depth=48,
     llama_cpp=False,
 )
 
@@ -620,18 +625,23 @@ def convert_gguf(tool: Path, model_dir: Path, out_dir: Path, kind: str) -> Path:
     return gguf
 
 
-def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, repeats: int) -> dict:
-    """llama-bench's prefill (pp) and decode (tg) tokens/s for one model and thread count."""
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
-           "-r", str(repeats), "-o", "json"]  # fmt: skip
+def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, repeats: int, depth: int = 0) -> dict:
+    """llama-bench's prefill (pp) and decode (tg) tokens/s for one model and thread count; with
+    `depth`, decode only, after a context of that many tokens (`-d`), with and without its flash
+    attention (its default "auto" takes the slower one on this CPU): the better of the two counts."""
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(0 if depth else prompt),
+           "-n", str(gen), "-r", str(repeats), "-o", "json"] + (["-d", str(depth), "-fa", "0,1"] if depth else [])  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if run.returncode != 0:
         raise RuntimeError(f"llama-bench failed (exit {run.returncode}): {run.stderr.strip()[-500:]}")
     out = {"command": " ".join(cmd)}
     for row in json.loads(run.stdout):
         key = "prefill" if row.get("n_prompt", 0) > 0 else "decode"
-        out[f"{key}_tokens_per_s"] = row["avg_ts"]
-        out[f"{key}_stddev"] = row.get("stddev_ts")
+        if row["avg_ts"] > out.get(f"{key}_tokens_per_s", 0):
+            out[f"{key}_tokens_per_s"] = row["avg_ts"]
+            out[f"{key}_stddev"] = row.get("stddev_ts")
+        if depth:
+            out.setdefault("decode_by_flash_attn", {})[str(row.get("flash_attn"))] = row["avg_ts"]
         out.setdefault("build", row.get("build_commit"))
         out.setdefault("type", row.get("model_type"))
     return out
@@ -649,12 +659,14 @@ def _decode_rate(model, first: list[int], n: int) -> float:
 
 
 @torch.inference_mode()
-def decode_probe(model_dir: str, dtype: str, threads: int, prefill: int, decode: int, repeats: int, compiled: bool) -> dict:
-    """In a fresh process: prefill and decode tokens/s, eager, then compiled (compile time included)."""
+def decode_probe(model_dir: str, dtype: str, threads: int, prefill: int, decode: int, repeats: int, compiled: bool,
+                 depth: int = 0) -> dict:  # fmt: skip
+    """In a fresh process: prefill and decode tokens/s, eager, then compiled (compile time included);
+    with `depth`, compiled decode after a context of that many tokens too."""
     from internvl_chat.engine.loader import load_model
 
     torch.set_num_threads(threads)
-    loaded = load_model(model_dir, device="cpu", dtype=dtype, max_context=max(1024, prefill + decode + 64))
+    loaded = load_model(model_dir, device="cpu", dtype=dtype, max_context=max(1024, prefill + decode + 64, depth + decode + 64))
     model = loaded.model
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, min(loaded.config.text.vocab_size, 4096), (prefill,), generator=gen).tolist()
@@ -687,16 +699,21 @@ def decode_probe(model_dir: str, dtype: str, threads: int, prefill: int, decode:
             out.update(compiled_tokens_per_s=median(runs), compiled_runs=runs, compiled_steps=model.compiled_step.steps)
             # aten calls left around Inductor's fused C++ kernels (which the profiler does not list)
             out["compiled_ops_per_layer"] = ops_per_step(model, probe_token, decode)["per_step"] / layers
+            if depth:
+                context = torch.randint(0, min(loaded.config.text.vocab_size, 4096), (depth,), generator=gen).tolist()
+                deep = [_decode_rate(model, context, decode) for _ in range(repeats)]
+                out.update(depth=depth, depth_compiled_tokens_per_s=median(deep), depth_compiled_runs=deep)
         else:
             out["compile_error"] = model.compile_failure or "compile failed"
     return out
 
 
 def run_decode_probe(model_dir: Path, dtype: str, threads: int, prefill: int, decode: int, repeats: int,
-                     compiled: bool = True, timeout: float = 3600) -> dict:  # fmt: skip
+                     compiled: bool = True, timeout: float = 3600, depth: int = 0) -> dict:  # fmt: skip
     """`decode_probe` in a fresh Python process (its own thread count and compiled kernels)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    args = ["decode-probe", str(model_dir), dtype, str(threads), str(prefill), str(decode), str(repeats), str(int(compiled))]
+    args = ["decode-probe", str(model_dir), dtype, str(threads), str(prefill), str(decode), str(repeats), str(int(compiled)),
+            str(depth)]  # fmt: skip
     run = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
                          timeout=timeout, env=env)  # fmt: skip
     if run.returncode != 0:
@@ -821,9 +838,9 @@ def plan_dict(plan: Plan) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) == 7 and sys.argv[1] == "load-probe" and sys.argv[6] in ("warm", "cold"):
         print(json.dumps(load_probe(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6] == "warm")))
-    elif len(sys.argv) == 9 and sys.argv[1] == "decode-probe":
-        d, dt, thr, p, n, r, c = sys.argv[2:]
-        print(json.dumps(decode_probe(d, dt, int(thr), int(p), int(n), int(r), c == "1")))
+    elif len(sys.argv) == 10 and sys.argv[1] == "decode-probe":
+        d, dt, thr, p, n, r, c, depth = sys.argv[2:]
+        print(json.dumps(decode_probe(d, dt, int(thr), int(p), int(n), int(r), c == "1", int(depth))))
     else:
         sys.exit("usage: bench_lib.py load-probe DIR DEVICE DTYPE MAX_CONTEXT warm|cold\n"
-                 "       bench_lib.py decode-probe DIR DTYPE THREADS PREFILL DECODE REPEATS COMPILE(0|1)")
+                 "       bench_lib.py decode-probe DIR DTYPE THREADS PREFILL DECODE REPEATS COMPILE(0|1) DEPTH")
