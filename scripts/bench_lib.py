@@ -648,8 +648,9 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, gen: int, 
 
 
 def _decode_rate(model, first: list[int], n: int) -> float:
-    """Tokens/s of n greedy steps after `first` (llama-bench's tg times a new context; `first` is
-    two tokens, as the compiled step serves positions ≥ 2 and the app never decodes earlier)."""
+    """Tokens/s of n greedy steps after the context `first` (llama-bench's tg times a new context;
+    ours starts after two tokens, as the compiled step serves positions ≥ 2 and the app never
+    decodes earlier)."""
     token = model.forward(first, 0).argmax().view(1)
     start = len(first)
     t0 = time.perf_counter()
