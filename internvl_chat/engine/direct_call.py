@@ -79,17 +79,17 @@ class FlatCall:
     slot must hold the same object (or equal int) both times, except one int that is the
     position and the cache tensors, which are looked up by identity in `scratch`."""
 
-    def __init__(self, entry, template: list, pos_slot: int, cache_slots: list[tuple[int, int, int]], version: int):
+    def __init__(self, entry, template: list, pos_slot: int, cache_slots: list[tuple[int, int, int]],
+                 cache_layout: tuple, version: int):  # fmt: skip
         self._entry = entry
         self._template = template
         self._pos_slot = pos_slot
         self._cache_slots = cache_slots  # (slot, layer, 0 for k / 1 for v)
+        self._cache_layout = cache_layout  # every cache tensor's, as recorded
         self.version = version  # the weights_version the recorded weights belong to
         self._caches = None  # the caches list `_filled` was made for
         self._filled: list = []
-        self._position = None  # C++ entry only: the position's 0-d tensor, written through `_pos_view`
-        self._pos_view = None
-        self._cache_layout = None  # every cache tensor's, as recorded
+        self._pos_view = None  # C++ entry only: a NumPy view of the template's 0-d position tensor
 
     def _to_cpp_entry(self) -> FlatCall | None:
         """The same call one level further down, or None: Inductor's C++ wrapper entry itself, which
@@ -102,10 +102,8 @@ class FlatCall:
         if set(cells) != {"f"} or not set(code.co_names) <= CPP_WRAPPER_NAMES or not isinstance(cpp, types.BuiltinFunctionType):
             return None
         template = [torch.tensor(a) if type(a) is int else a for a in self._template]
-        flat = FlatCall(cpp, template, self._pos_slot, self._cache_slots, self.version)
-        flat._cache_layout = self._cache_layout
-        flat._position = template[self._pos_slot]
-        flat._pos_view = flat._position.numpy()
+        flat = FlatCall(cpp, template, self._pos_slot, self._cache_slots, self._cache_layout, self.version)
+        flat._pos_view = template[self._pos_slot].numpy()
         return flat
 
     @classmethod
@@ -143,15 +141,12 @@ class FlatCall:
                     pos_slots.append(slot)
                 elif not (a is b or (type(a) is int and a == b)):
                     return None
-            if len(pos_slots) != 1 or len(cache_slots) != 2 * len(scratch):
+            layouts = {_layout(t) for pair in scratch for t in pair}
+            if len(pos_slots) != 1 or len(cache_slots) != 2 * len(scratch) or len(layouts) != 1:
                 return None
             for slot, _, _ in cache_slots:
                 first[slot] = None  # filled per call; the scratch caches must not stay alive
-            flat = cls(graph.current_callable, first, pos_slots[0], cache_slots, version)
-            layouts = {_layout(t) for pair in scratch for t in pair}
-            if len(layouts) != 1:
-                return None
-            (flat._cache_layout,) = layouts
+            flat = cls(graph.current_callable, first, pos_slots[0], cache_slots, layouts.pop(), version)
         except Exception:  # noqa: BLE001 — an internal that changed: keep `direct`
             return None
         for candidate in (_attempt(flat._to_cpp_entry), flat):

@@ -6,7 +6,6 @@ interface the chat layer uses. `load_weights` takes canonical (original-layout) 
 
 from __future__ import annotations
 
-
 import re
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager, nullcontext
