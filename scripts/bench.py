@@ -321,7 +321,7 @@ def section_decode(plan: bl.Plan, work_dir: Path, start: float) -> dict:
             # the demo's runs last ~10 ms each: more of them, for a median that rides out this
             # shared machine's hiccups (both engines alike)
             repeats = plan.decode_repeats * (DEMO_DECODE_REPEAT_FACTOR if name == "demo" else 1)
-            depth = plan.decode_depth if name in plan.decode_depth_models else 0
+            depth = plan.decode_depth(name, dtype)
             for threads in plan.decode_threads:
                 row: dict = {"model": name, "dtype": dtype, "threads": threads, "repeats": repeats}
                 bl.log(f"  {name} {dtype} {threads} thread(s) ...", start)
@@ -375,12 +375,12 @@ def render_decode(d: dict) -> list[str]:
             lines.append(f"    compile: {o['compile_error']}")
     deep = [r for r in d["rows"] if r.get("ours", {}).get("depth")]
     if deep:
-        lines += ["", f"  decode after a {deep[0]['ours']['depth']}-token context (llama-bench -d, the better of -fa 0/1), "
-                  "ours compiled, tokens/s:",
-                  f"  {'model':10}{'dtype':10}{'thr':>4}{'ours':>10}{'llama':>8}{'ours/llama':>11}"]  # fmt: skip
+        lines += ["", "  decode after a long context (llama-bench -d, the better of -fa 0/1), ours compiled, tokens/s:",
+                  f"  {'model':10}{'dtype':10}{'thr':>4}{'context':>9}{'ours':>10}{'llama':>8}{'ours/llama':>11}"]  # fmt: skip
         for r in deep:
             lines.append(
-                f"  {r['model']:10}{r['dtype']:10}{r['threads']:>4}{_fmt(r['ours'].get('depth_compiled_tokens_per_s')):>10}"
+                f"  {r['model']:10}{r['dtype']:10}{r['threads']:>4}{r['ours']['depth']:>9}"
+                f"{_fmt(r['ours'].get('depth_compiled_tokens_per_s')):>10}"
                 f"{_fmt(r.get('llama_cpp_depth', {}).get('decode_tokens_per_s')):>8}"
                 f"{_fmt(r.get('depth_decode_vs_llama_cpp'), '.2f'):>11}"
             )

@@ -95,11 +95,16 @@ class Plan:
     decode_prefill: int = 256
     decode_new: int = 64
     decode_repeats: int = 3
-    # decode after a long context too (a conversation with a picture: `make demo` reaches ~1,900
-    # tokens), for these models only (a 0.5B prefill of that length takes ~25 s per run here)
-    decode_depth: int = 2048
-    decode_depth_models: tuple[str, ...] = ("demo",)
+    # decode after a long context too, as (model, dtype or "*", context tokens): the demo after
+    # about what a conversation with a picture reaches (`make demo` ends at ~1,900 tokens); the
+    # 0.5B after 4k tokens of image-heavy context in its default dtype here only (llama.cpp
+    # prefills that context again for every repeat: ~1 min a run in fp32 on one thread)
+    decode_depths: tuple[tuple[str, str, int], ...] = (("demo", "*", 2048), ("qwen0.5b", "bfloat16", 4096))
     llama_cpp: bool = True
+
+    def decode_depth(self, model: str, dtype: str) -> int:
+        """The context after which `model` in `dtype` is also timed (0: not timed)."""
+        return next((n for m, d, n in self.decode_depths if m == model and d in ("*", dtype)), 0)
 
 
 FULL = Plan(
@@ -147,7 +152,7 @@ QUICK = Plan(
     decode_prefill=32,
     decode_new=8,
     decode_repeats=1,
-    decode_depth=48,
+    decode_depths=(("demo", "*", 48),),
     llama_cpp=False,
 )
 
@@ -651,8 +656,12 @@ def _decode_rate(model, first: list[int], n: int) -> float:
     """Tokens/s of n greedy steps after the context `first` (llama-bench's tg times a new context;
     ours starts after two tokens, as the compiled step serves positions ≥ 2 and the app never
     decodes earlier)."""
-    token = model.forward(first, 0).argmax().view(1)
-    start = len(first)
+    return _steps_rate(model, model.forward(first, 0).argmax().view(1), len(first), n)
+
+
+def _steps_rate(model, token: torch.Tensor, start: int, n: int) -> float:
+    """Tokens/s of n greedy steps from `token` at position `start`; each step writes its own cache
+    entry before any step reads it, so runs from the same start can repeat on one prefill."""
     t0 = time.perf_counter()
     for i in range(n):
         token = model.forward(token, start + i).argmax().view(1)
@@ -702,7 +711,8 @@ def decode_probe(model_dir: str, dtype: str, threads: int, prefill: int, decode:
             out["compiled_ops_per_layer"] = ops_per_step(model, probe_token, decode)["per_step"] / layers
             if depth:
                 context = torch.randint(0, min(loaded.config.text.vocab_size, 4096), (depth,), generator=gen).tolist()
-                deep = [_decode_rate(model, context, decode) for _ in range(repeats)]
+                token = model.forward(context, 0).argmax().view(1)  # one prefill for every run
+                deep = [_steps_rate(model, token, depth, decode) for _ in range(repeats)]
                 out.update(depth=depth, depth_compiled_tokens_per_s=median(deep), depth_compiled_runs=deep)
         else:
             out["compile_error"] = model.compile_failure or "compile failed"
