@@ -138,6 +138,8 @@ def test_stop_strings_cut_the_answer_and_end_it_with_stop(client):
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]},
          "messages.0.content.0"),
         ({"max_tokens": 10**6}, "max_tokens"),
+        ({"extra_body": {"media_io_kwargs": {"video": "8 frames"}}}, "media_io_kwargs.video"),
+        ({"extra_body": {"media_io_kwargs": {"video": 8}}}, "media_io_kwargs.video"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_400_with_the_param(client, change, param):

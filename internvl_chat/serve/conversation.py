@@ -124,6 +124,9 @@ class PromptMaker:
         mm = req.mm_processor_kwargs or {}
         max_tiles = mm.get("max_dynamic_patch", self.options.max_tiles)
         video_io = (req.media_io_kwargs or {}).get("video") or {}
+        if not isinstance(video_io, dict):  # a free-form field: its shape is checked here, not by pydantic
+            raise bad_request('media_io_kwargs.video must be an object such as {"num_frames": 8}',
+                              param="media_io_kwargs.video")  # fmt: skip
         default_frames = min(self.options.frames, self.options.max_frames)
         num_frames = video_io.get("num_frames", mm.get("num_frames", default_frames))
         if max_tiles is not None and (not _is_int(max_tiles) or not 1 <= max_tiles <= 64):  # None: the checkpoint's
