@@ -210,3 +210,18 @@ def test_local_files_only_inside_the_allowed_folder(server, client, media, tmp_p
             ask(client, [image_part(f"file://{allowed}")])  # inside, but a folder
     finally:
         server.options.allow_local_media = None
+
+
+def test_media_urls_that_cannot_be_parsed_are_400(server, client, tmp_path):
+    # each fails while the URL is parsed (no connection is made): the client's mistake, not a server error
+    bad = ["http://example.invalid:port/x.png", "https://256.256.256.256/x.png", "https://example.invalid/\x00.png",
+           "http://" + "a" * 300 + ".invalid/x.png", f"file://{tmp_path}/%00.png", "file://[::1/x.png"]  # fmt: skip
+    server.options.allow_remote_media, server.options.allow_local_media = True, tmp_path.resolve()
+    try:
+        for url in bad:
+            with pytest.raises(openai.BadRequestError) as err:
+                ask(client, [image_part(url)])
+            assert err.value.body["param"] == "messages.0.content.0" and "URL" in err.value.body["message"], url
+    finally:
+        server.options.allow_remote_media, server.options.allow_local_media = False, None
+    assert ask(client, "Hi").choices[0].finish_reason in ("stop", "length")

@@ -122,15 +122,22 @@ class MediaReader:
                     return b"".join(parts)
         except httpx.HTTPError as e:
             raise bad_request(f"cannot fetch the {what} at {url} ({type(e).__name__}: {e})", param=param) from None
+        except (httpx.InvalidURL, ValueError) as e:  # a bad port, address, host name (UnicodeError) or character
+            raise bad_request(f"the {what} URL is not a valid http(s) URL ({e}); check it", param=param) from None
 
     def _local(self, url: str, param: str, what: str) -> bytes:
         folder = self.options.allow_local_media
         if folder is None:
             raise bad_request(f"file:// {what} URLs are refused: this server reads no local files (start it with "
                               "--allow-local-media DIR to allow one folder)", param=param)  # fmt: skip
-        parsed = urlparse(url)
+        try:
+            parsed = urlparse(url)
+        except ValueError as e:  # e.g. an unclosed [ in the host
+            raise bad_request(f"the {what} URL is not a valid file:// URL ({e}); check it", param=param) from None
         if parsed.netloc not in ("", "localhost"):
             raise bad_request(f"the file:// URL names host {parsed.netloc!r}; only local files can be read", param=param)
+        if "\x00" in unquote(parsed.path):
+            raise bad_request(f"the {what} file:// URL holds a NUL character (%00); name the file without it", param=param)
         try:
             path = Path(unquote(parsed.path)).resolve(strict=True)
         except (OSError, RuntimeError):
