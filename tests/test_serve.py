@@ -7,6 +7,7 @@ job or observe its events, so queueing and cancellation are tested by events, ne
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
@@ -250,6 +251,26 @@ def test_client_disconnect_stops_generation(server, client):
     record = next(r for r in worker.finished if r["job"] == held["job"].number)
     assert record["finish_reason"] == "cancelled"
     assert record["completion_tokens"] < 400
+
+
+def test_a_client_that_leaves_during_its_upload_is_no_server_error(server):
+    # ASGI messages as uvicorn delivers them when a client sends half a body and closes the connection
+    messages = [{"type": "http.request", "body": b'{"model": "tiny", "messa', "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"4000")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", server.port)}  # fmt: skip
+    asyncio.run(server.app(scope, receive, send))  # an exception out of the app is a 500 and a traceback in the log
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+    assert httpx.get(f"{server.url}/health", timeout=WAIT_S).status_code == 200
 
 
 def test_concurrent_clients_are_answered_or_refused_never_lost(server):

@@ -7,6 +7,7 @@ import hmac
 import time
 
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -83,7 +84,10 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)
-        body = await _read_body(request, options.max_body_bytes)
+        try:
+            body = await _read_body(request, options.max_body_bytes)
+        except ClientDisconnect:  # the client closed the connection before its body was in
+            return Response(status_code=499)
         worker.check_capacity()  # refuse early, before parsing megabytes of images
         req, prompt, params = await run_in_threadpool(prepare, body)  # JSON, base64, hashing: off the event loop
         job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop())
