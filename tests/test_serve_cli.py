@@ -6,6 +6,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -72,3 +73,35 @@ def test_serve_compile_flag_reaches_the_model_settings():
     assert load_settings(os.devnull, {}, _overrides(args)).model.compile == "on"
     with pytest.raises(UsageError):
         load_settings(os.devnull, {}, _overrides(build_parser().parse_args(["--compile", "sometimes"])))
+
+
+def test_request_text_in_the_server_log_is_escaped(tiny_original):
+    # uvicorn takes the client address from X-Forwarded-For when the peer is 127.0.0.1 and logs it:
+    # a local client could send terminal control sequences (here: set the window title, turn text red).
+    # uvicorn writes its access log to stdout, the rest to stderr: both are read here
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "internvl_chat.cli", "serve", "--model", str(tiny_original), "--port", "0",
+         "--device", "cpu", "--dtype", "float32", "--max-context", "256", "--log-level", "info"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        port = None
+        while port is None:
+            found = re.search(r"on http://127\.0\.0\.1:(\d+)/v1", lines.get(timeout=WAIT_S))
+            port = found and int(found.group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: \x1b]0;pwned\x07\x1b[31mEVIL\r\n"
+                         b"Connection: close\r\n\r\n")  # fmt: skip
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        line = lines.get(timeout=WAIT_S)
+        while "GET /health" not in line:
+            line = lines.get(timeout=WAIT_S)
+        assert "EVIL" in line and "\x1b" not in line and "\x07" not in line, line
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import visible_lines
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -86,6 +87,7 @@ def serve(settings, log_level: str = "info") -> int:
     worker = EngineWorker(loaded, options)
     app = create_app(worker, model_id)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    escape_logged_requests()  # after Config: it sets up uvicorn's log handlers
     sock = listen_socket(options.host, options.port)
     port = sock.getsockname()[1]
     host = f"[{options.host}]" if ":" in options.host else options.host
@@ -105,6 +107,37 @@ def serve(settings, log_level: str = "info") -> int:
         worker.stop()
         sock.close()
     return 0
+
+
+class _EscapeControls(logging.Filter):
+    """Log records with control, escape and bidi characters made visible.
+
+    uvicorn's access log prints the client address, which it takes from X-Forwarded-For when the
+    peer is 127.0.0.1, and a traceback may quote request text: a client must not be able to send
+    escape sequences to the server's terminal. Arguments are escaped one by one, so the colours
+    uvicorn adds when it formats the line stay.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = visible_lines(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(visible_lines(a) if isinstance(a, str) else a for a in record.args)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = visible_lines(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+_ESCAPE = _EscapeControls()
+
+
+def escape_logged_requests() -> None:
+    """Escape what the server's loggers print (their handlers catch records of child loggers too)."""
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "internvl_chat.serve"):
+        logger = logging.getLogger(name)
+        for target in (logger, *logger.handlers):
+            if _ESCAPE not in target.filters:
+                target.addFilter(_ESCAPE)
 
 
 LISTEN_BACKLOG = 2048  # uvicorn's own default
