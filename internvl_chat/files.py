@@ -24,6 +24,17 @@ JSON_LIMIT = 64 * MiB  # checkpoint config/index JSON (a sharded index of a 78B 
 _CHUNK = 1 << 20  # reads in chunks so Ctrl-C is seen between them
 
 
+def expand_home(path: str | Path) -> Path:
+    """`path` with `~` / `~user` expanded; a UsageError when `~user` names no account (where
+    Path.expanduser raises RuntimeError), rather than a folder literally named `~user`."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = str(path)[1:].split("/", 1)[0]
+        raise UsageError(f"{visible(str(path))}: there is no user {visible(user)!r} for ~{visible(user)}; "
+                         "give the full path") from None  # fmt: skip
+
+
 def read_bytes_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: type[Exception] = UsageError) -> bytes:
     """The bytes of a regular file of at most `limit` bytes; anything else raises `error` (one line).
 

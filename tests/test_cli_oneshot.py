@@ -89,6 +89,10 @@ def test_stdout_holds_only_the_answer_and_stdin_is_prepended(tiny_original):
         (["--image", "/nonexistent.png", "-p", "hi"], "nonexistent.png"),
         (["-p", "hi", "--temperature", "-1"], "temperature"),
         (["-p", "hi", "--device", "tpu"], "device"),
+        # `~user` of an account that does not exist: refused, not a folder named so
+        (["--image", "~no-such-user-internvl-chat/a.png", "-p", "hi"], "there is no user"),
+        (["--video", "~no-such-user-internvl-chat/a.mp4", "-p", "hi"], "there is no user"),
+        (["--model", "~no-such-user-internvl-chat/model", "-p", "hi"], "there is no user"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_original, args, message):

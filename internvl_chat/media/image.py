@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import MediaError
-from ..files import visible
+from ..files import expand_home, visible
 
 IMAGE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -178,7 +178,7 @@ def normalize_tiles(tiles: list[Image.Image], image_size: int = IMAGE_SIZE) -> t
 
 def check_media_file(path: str | Path, what: str) -> Path:
     """The path as a Path if it names a readable file; a MediaError that says what to do if not."""
-    path = Path(path).expanduser()
+    path = expand_home(path)
     if not path.exists():
         raise MediaError(f"{what} {visible(str(path))} does not exist; check the path")
     if path.is_dir():
