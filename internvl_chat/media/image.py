@@ -179,12 +179,15 @@ def normalize_tiles(tiles: list[Image.Image], image_size: int = IMAGE_SIZE) -> t
 def check_media_file(path: str | Path, what: str) -> Path:
     """The path as a Path if it names a readable file; a MediaError that says what to do if not."""
     path = expand_home(path)
-    if not path.exists():
-        raise MediaError(f"{what} {visible(str(path))} does not exist; check the path")
-    if path.is_dir():
-        raise MediaError(f"{visible(str(path))} is a folder, not {what} file; pass the path of one file")
-    if not path.is_file():
-        raise MediaError(f"{visible(str(path))} is not a regular file; pass the path of {what} file")
+    try:
+        if not path.exists():
+            raise MediaError(f"{what} {visible(str(path))} does not exist; check the path")
+        if path.is_dir():
+            raise MediaError(f"{visible(str(path))} is a folder, not {what} file; pass the path of one file")
+        if not path.is_file():
+            raise MediaError(f"{visible(str(path))} is not a regular file; pass the path of {what} file")
+    except OSError as e:  # not ENOENT: a name too long for the file system, say
+        raise MediaError(f"cannot use {what} {visible(str(path))} ({e.strerror or e}); check the path") from None
     try:
         with open(path, "rb"):
             pass

@@ -117,9 +117,16 @@ def _missing_media_paths(text: str, found: set[Path], cwd: Path | None) -> list[
             continue
         if cwd is not None and not path.is_absolute():
             path = Path(cwd) / path
-        if not path.exists() and path.resolve() not in found:
+        if not _exists(path) and path.resolve() not in found:
             missing.append(path)
     return missing
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system: no such file
+        return False
 
 
 def sanitize(text: str) -> str:
