@@ -9,6 +9,7 @@ the target is replaced, never followed.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -22,6 +23,17 @@ MiB = 1 << 20
 TEXT_LIMIT = 16 * MiB  # sessions, scripts, configs: far above any real one
 JSON_LIMIT = 64 * MiB  # checkpoint config/index JSON (a sharded index of a 78B model is ~100 KiB)
 _CHUNK = 1 << 20  # reads in chunks so Ctrl-C is seen between them
+
+
+def expand_home(path: str | Path) -> Path:
+    """`path` with `~` / `~user` expanded; a UsageError when `~user` names no account (where
+    Path.expanduser raises RuntimeError), rather than a folder literally named `~user`."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = str(path)[1:].split("/", 1)[0]
+        raise UsageError(f"{visible(str(path))}: there is no user {visible(user)!r} for ~{visible(user)}; "
+                         "give the full path") from None  # fmt: skip
 
 
 def read_bytes_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: type[Exception] = UsageError) -> bytes:
@@ -100,12 +112,19 @@ def read_text_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: 
 def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path:
     """Write `data` to `path` atomically: a temp file in the same folder, fsync, then rename.
 
-    A symlink at `path` is replaced by the new file, never followed; a folder there is refused.
+    A symlink at `path` is replaced by the new file, never followed; a folder, a FIFO or a device
+    there is refused (as root, renaming over /dev/null would replace the device).
     OSError propagates (the caller names the user's path, never the temp file's).
     """
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         raise IsADirectoryError(21, "is a folder", str(path))
+    try:
+        kind = os.lstat(path).st_mode
+    except FileNotFoundError:
+        kind = None
+    if kind is not None and not (stat.S_ISREG(kind) or stat.S_ISLNK(kind)):
+        raise OSError(errno.EEXIST, "not a regular file (a device or a pipe?), so it is not replaced", str(path))
     payload = data.encode("utf-8") if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

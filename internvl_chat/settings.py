@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import UsageError
-from .files import read_text_file, undecodable_byte, visible
+from .files import expand_home, read_text_file, undecodable_byte, visible
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
 ENV_PREFIX = "INTERNVL_CHAT_"
@@ -177,7 +177,7 @@ class UISettings:
 
     @property
     def history_path(self) -> Path:
-        return Path(self.history_file).expanduser()
+        return expand_home(self.history_file)
 
 
 @dataclass
@@ -453,7 +453,7 @@ def load_settings(
     if config_path is None and env.get(ENV_CONFIG_FILE):
         config_path = env[ENV_CONFIG_FILE]
     if config_path is not None:
-        user_file: Path | None = Path(config_path).expanduser()
+        user_file: Path | None = expand_home(config_path)
     else:
         user_file = default_config_path(env)
         if not user_file.is_file():

@@ -89,6 +89,14 @@ def test_stdout_holds_only_the_answer_and_stdin_is_prepended(tiny_original):
         (["--image", "/nonexistent.png", "-p", "hi"], "nonexistent.png"),
         (["-p", "hi", "--temperature", "-1"], "temperature"),
         (["-p", "hi", "--device", "tpu"], "device"),
+        # `~user` of an account that does not exist: refused, not a folder named so
+        (["--image", "~no-such-user-internvl-chat/a.png", "-p", "hi"], "there is no user"),
+        (["--video", "~no-such-user-internvl-chat/a.mp4", "-p", "hi"], "there is no user"),
+        (["--model", "~no-such-user-internvl-chat/model", "-p", "hi"], "there is no user"),
+        # a name longer than the file system allows (stat fails with ENAMETOOLONG, not ENOENT)
+        (["--image", "x" * 300 + ".png", "-p", "hi"], "File name too long"),
+        (["--video", "x" * 300 + ".mp4", "-p", "hi"], "File name too long"),
+        (["--model", "x" * 300, "-p", "hi"], "File name too long"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_original, args, message):
@@ -99,6 +107,12 @@ def test_bad_input_exits_2_with_one_line(tiny_original, args, message):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], run.stderr
     assert run.stdout == ""
+
+
+def test_a_path_too_long_for_the_file_system_in_the_prompt_stays_text(tiny_original):
+    run = cli("--model", str(tiny_original), "--max-new-tokens", "2", "-p", f"look at /tmp/{'x' * 300}.png")
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    assert "does not exist, so it was not attached" in run.stderr
 
 
 def test_corrupt_checkpoint_exits_2(tmp_path):

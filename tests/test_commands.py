@@ -109,8 +109,11 @@ def test_parse_line(line, expected):
         ("/video a.mp4 --fram 3", "/video has no option --fram; did you mean --frames?"),
         ("/video a.mp4 --speed 3", "/video has no option --speed; usage: /video PATH"),
         ("/video a.mp4 --frames", "/video: --frames needs a value"),
-        ("/video a.mp4 --frames 0", "/video: --frames must be a whole number ≥ 1, not '0'"),
-        ("/video a.mp4 --frames two", "/video: --frames must be a whole number ≥ 1, not 'two'"),
+        ("/video a.mp4 --frames 0", "/video: --frames must be a whole number from 1 to 256, not '0'"),
+        ("/video a.mp4 --frames two", "/video: --frames must be a whole number from 1 to 256, not 'two'"),
+        # above media.frames' limit: measuring 10**23 frames would exhaust memory
+        ("/video a.mp4 --frames 257", "/video: --frames must be a whole number from 1 to 256, not '257'"),
+        ("/video a.mp4 --frames=99999999999999999999999", "/video: --frames must be a whole number from 1 to 256"),
         ("/video a.mp4 --range 5-2", "invalid time range '5-2': its end is not after its start"),
         ("/video a.mp4 --range 5", "invalid time range '5'"),
         ("/image --frames 3 a.png", "/image has no option --frames"),

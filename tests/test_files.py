@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 
 import pytest
@@ -83,6 +84,17 @@ def test_write_atomic_replaces_a_symlink_and_never_writes_through_it(tmp_path):
     assert victim.read_text() == "precious"
     assert not link.is_symlink() and link.read_text() == "new"
     assert read_bytes_file(link, "x") == b"new"
+
+
+def test_write_atomic_never_replaces_a_fifo_or_a_device(tmp_path):
+    """/export /dev/full as root replaced the device with a regular file; a FIFO shows it unprivileged."""
+    fifo = tmp_path / "pipe.md"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file") as err:
+        write_atomic(fifo, "new")
+    assert err.value.filename == str(fifo)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe.md"]  # no temp file left behind
 
 
 def test_visible_makes_controls_bidi_and_undecodable_bytes_inert():

@@ -180,3 +180,9 @@ def test_several_files_in_order_and_each_once(files):
 )
 def test_nothing_found(files, message):
     assert found(message.format(files=files)) == []
+
+
+def test_a_name_too_long_for_the_file_system_is_no_path(tmp_path):
+    """stat() fails with ENAMETOOLONG, not ENOENT: the word is text, not a traceback."""
+    long_name = "x" * 300 + ".png"
+    assert find_media_paths(f"look at /tmp/{long_name} and {long_name}", tmp_path) == []

@@ -166,3 +166,29 @@ def test_a_full_stdout_still_runs_the_script_to_its_end_and_saves(tiny_original,
     assert run.returncode == 1
     assert run.stderr.strip() == "internvl-chat: error: cannot write to stdout (No space left on device); the output is incomplete"
     assert json.loads(saved.read_text())["messages"][0]["text"] == "Hello."  # nothing the script saves is lost
+
+
+NO_SUCH_USER = "~no-such-user-internvl-chat"  # `~user` of an account that does not exist
+
+
+def test_a_path_under_an_unknown_users_home_fails_its_line_and_the_script_goes_on(tiny_original, tmp_path):
+    script = tmp_path / "tilde.txt"
+    script.write_text(f"Hello.\n/image {NO_SUCH_USER}/a.png\n/video {NO_SUCH_USER}/a.mp4\n/save {NO_SUCH_USER}/a.json\n"
+                      f"/load {NO_SUCH_USER}/a.json\n/export {NO_SUCH_USER}/a.md\n/context\n")  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu",
+                          "--max-new-tokens", "4", "--no-stats", "--script", str(script)],
+                         capture_output=True, text=True, env=_env(), timeout=300)  # fmt: skip
+    assert "Traceback" not in run.stderr, run.stderr
+    assert run.returncode == 1, run.stderr
+    assert run.stdout.count("there is no user 'no-such-user-internvl-chat'") == 5, run.stdout
+    assert not (tmp_path / NO_SUCH_USER).exists() and not Path(NO_SUCH_USER).exists()  # no folder named ~user
+    assert "context: " in run.stdout  # the conversation went on after the failed lines
+    assert run.stderr.strip().splitlines()[-1] == "internvl-chat: 5 script line(s) failed (line 2, 3, 4, 5, 6)"
+
+
+@pytest.mark.parametrize("flag", ["--script", "--config"])
+def test_a_script_or_config_under_an_unknown_users_home_exits_2_in_one_line(flag):
+    run = cli(flag, f"{NO_SUCH_USER}/file", *(["-p", "hi"] if flag == "--config" else []))
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "there is no user" in lines[0], run.stderr

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
-from ..files import read_bytes_file, visible, write_atomic
+from ..files import expand_home, read_bytes_file, visible, write_atomic
 from ..media.image import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, count_tiles, probe_image, to_rgb
 from ..media.video import load_video, probe_video
 from .conversation import BackendInfo, PromptView
@@ -294,7 +294,7 @@ class RemoteConversation:
 
     def describe_image(self, path: str | Path, max_tiles: int | None = None) -> RemoteMedia:
         """`max_tiles` None (or 0): InternVL3's own limit, 12 (the server's checkpoint is not known here)."""
-        path = Path(path).expanduser()
+        path = expand_home(path)
         max_tiles = max_tiles or DEFAULT_MAX_TILES
         if tiles_are_per_request(self.dialect):
             used = {m.max_tiles for t in self.turns for m in t.media if m.kind == "image"}
@@ -313,7 +313,7 @@ class RemoteConversation:
         return RemoteMedia("image", path, tiles, max_tiles=max_tiles, size=(width, height), bytes=path.stat().st_size)
 
     def describe_video(self, path: str | Path, frames: int = 8, video_range: tuple[float, float] | None = None) -> RemoteMedia:
-        path = Path(path).expanduser()
+        path = expand_home(path)
         if frames < 1:
             raise MediaError(f"--frames must be at least 1 (got {frames})")
         _, _, duration = probe_video(path)
@@ -522,13 +522,13 @@ class RemoteConversation:
 
     def save(self, path: str | Path, settings: dict | None = None) -> Path:
         """Write the session as JSON atomically (a symlink at `path` is replaced, never followed)."""
-        path = Path(path).expanduser()
+        path = expand_home(path)
         return write_atomic(path, json.dumps(self.to_json(settings, path), ensure_ascii=False, indent=1))
 
     def read_saved(self, path: str | Path) -> ReadiedSession:
         """Read and validate a session file (every field, as the local app does) and find and measure
         its media; changes nothing. Token ids in a local session are checked, then not needed."""
-        saved = read_session_file(Path(path).expanduser(), None, ())
+        saved = read_session_file(expand_home(path), None, ())
         media = saved_media(saved, self._measure_image, self.describe_video)
         turns = [
             RemoteTurn(t.user_text, turn_media, "", t.reply, t.finish_reason, None, t.usage)  # type: ignore[arg-type]

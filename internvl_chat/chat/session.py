@@ -22,7 +22,7 @@ import torch
 
 from ..engine.loader import LoadedModel
 from ..errors import ContextOverflowError, GenerationError, MediaError, UsageError
-from ..files import visible, write_atomic
+from ..files import expand_home, visible, write_atomic
 from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import load_video, probe_video
 from .conversation import BackendInfo, PromptView
@@ -158,7 +158,7 @@ class Session:
         `max_tiles` None (or 0) means the checkpoint's own limit (max_dynamic_patch); the limit
         actually used is what the Media records, so /context and saved sessions agree.
         """
-        path = Path(path).expanduser()
+        path = expand_home(path)
         width, height = probe_image(path)
         cfg = self.loaded.config
         min_tiles, max_tiles = cfg.tile_limits(max_tiles)
@@ -167,7 +167,7 @@ class Session:
         return Media("image", path, tiles, max_tiles=max_tiles, size=(width, height), bytes=st.st_size)
 
     def describe_video(self, path: str | Path, frames: int = 8, video_range: tuple[float, float] | None = None) -> Media:
-        path = Path(path).expanduser()
+        path = expand_home(path)
         if frames < 1:
             raise MediaError(f"--frames must be at least 1 (got {frames})")
         _, _, duration = probe_video(path)
@@ -398,7 +398,7 @@ class Session:
 
         OSError names `path` (never the temporary file).
         """
-        path = Path(path).expanduser()
+        path = expand_home(path)
         data = json.dumps(self.to_json(settings, path), ensure_ascii=False, indent=1)
         return write_atomic(path, data)
 
@@ -418,7 +418,7 @@ class Session:
         Raises UsageError for a damaged file, MediaError for media that vanished or changed, and
         ContextOverflowError for a conversation that cannot fit.
         """
-        path = Path(path).expanduser()
+        path = expand_home(path)
         builder = self.builder
         forbidden = (builder.img_start_id, builder.img_end_id, builder.img_context_id)
         saved = read_session_file(path, self.loaded.config.text.vocab_size, forbidden)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..files import read_text_file, undecodable_byte, visible
+from ..files import expand_home, read_text_file, undecodable_byte, visible
 from .dialects import DIALECTS
 
 SESSION_FORMAT = "internvl-chat-session"
@@ -303,7 +303,7 @@ def media_candidates(media: SavedMedia, session_file: Path) -> list[Path]:
     that folder, and the same file name beside the session file.
     """
     folder = Path(os.path.abspath(session_file)).parent
-    saved = Path(media.path).expanduser()
+    saved = expand_home(media.path)
     out = [saved] if saved.is_absolute() else []
     if media.relative_path:
         out.append(folder / media.relative_path)

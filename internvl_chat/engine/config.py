@@ -444,13 +444,18 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
 def read_config_json(model_dir: Path) -> dict[str, Any]:
     model_dir = Path(model_dir)
     shown = visible(str(model_dir))
-    if not model_dir.exists():
-        raise CheckpointError(f"model folder {shown} does not exist; pass --model with a checkpoint folder")
-    if not model_dir.is_dir():
-        raise CheckpointError(f"{shown} is not a folder; pass --model with the checkpoint folder, not a file")
     path = model_dir / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{shown} has no config.json; point --model at a downloaded InternVL3 checkpoint folder")
+    try:
+        if not model_dir.exists():
+            raise CheckpointError(f"model folder {shown} does not exist; pass --model with a checkpoint folder")
+        if not model_dir.is_dir():
+            raise CheckpointError(f"{shown} is not a folder; pass --model with the checkpoint folder, not a file")
+        if not path.exists():
+            raise CheckpointError(f"{shown} has no config.json; point --model at a downloaded InternVL3 "
+                                  "checkpoint folder")  # fmt: skip
+    except OSError as e:  # not ENOENT: a name too long for the file system, say
+        raise CheckpointError(f"cannot use model folder {shown} ({e.strerror or e}); "
+                              "pass --model with a checkpoint folder") from None  # fmt: skip
     return read_json_object(path, "the checkpoint's config.json")
 
 

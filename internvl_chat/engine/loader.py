@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, UsageError
-from ..files import visible
+from ..files import expand_home, visible
 from .checkpoint import find_weight_files, iter_tensors
 from .compiled import MODES as COMPILE_MODES
 from .compiled import wanted as compile_wanted
@@ -113,7 +113,7 @@ def load_model(
     """`compile`: auto | on | off, the compiled decode step (engine/compiled.py); `progress(text)`
     hears about a compile as it happens (a failure is one line on stderr)."""
     start = time.perf_counter()
-    path = Path(path).expanduser()
+    path = expand_home(path)
     cfg = load_config(path)
     weights = find_weight_files(path)
     check_weights_fit_config(cfg, weights.payload_bytes(), path)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import MediaError
-from ..files import visible
+from ..files import expand_home, visible
 
 IMAGE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -178,13 +178,16 @@ def normalize_tiles(tiles: list[Image.Image], image_size: int = IMAGE_SIZE) -> t
 
 def check_media_file(path: str | Path, what: str) -> Path:
     """The path as a Path if it names a readable file; a MediaError that says what to do if not."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise MediaError(f"{what} {visible(str(path))} does not exist; check the path")
-    if path.is_dir():
-        raise MediaError(f"{visible(str(path))} is a folder, not {what} file; pass the path of one file")
-    if not path.is_file():
-        raise MediaError(f"{visible(str(path))} is not a regular file; pass the path of {what} file")
+    path = expand_home(path)
+    try:
+        if not path.exists():
+            raise MediaError(f"{what} {visible(str(path))} does not exist; check the path")
+        if path.is_dir():
+            raise MediaError(f"{visible(str(path))} is a folder, not {what} file; pass the path of one file")
+        if not path.is_file():
+            raise MediaError(f"{visible(str(path))} is not a regular file; pass the path of {what} file")
+    except OSError as e:  # not ENOENT: a name too long for the file system, say
+        raise MediaError(f"cannot use {what} {visible(str(path))} ({e.strerror or e}); check the path") from None
     try:
         with open(path, "rb"):
             pass

@@ -42,7 +42,7 @@ from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import read_text_file, undecodable_byte, visible, visible_lines, write_atomic
+from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_lines, write_atomic
 from ..settings import Settings, all_keys, format_settings, resolve_key, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, media_kind, normalize_path
@@ -117,9 +117,16 @@ def _missing_media_paths(text: str, found: set[Path], cwd: Path | None) -> list[
             continue
         if cwd is not None and not path.is_absolute():
             path = Path(cwd) / path
-        if not path.exists() and path.resolve() not in found:
+        if not _exists(path) and path.resolve() not in found:
             missing.append(path)
     return missing
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system: no such file
+        return False
 
 
 def sanitize(text: str) -> str:
@@ -368,7 +375,7 @@ class App:
 
     def _resolve(self, path: Path) -> Path:
         """A path to read: relative ones are looked up in `search_dirs`, then the working folder."""
-        path = Path(path).expanduser()
+        path = expand_home(path)
         if path.is_absolute():
             return path
         for folder in self.search_dirs:
@@ -378,7 +385,7 @@ class App:
 
     def _output_path(self, path: Path) -> Path:
         """A path to write: relative to the working folder."""
-        path = Path(path).expanduser()
+        path = expand_home(path)
         if self.cwd is not None and not path.is_absolute():
             path = self.cwd / path
         return path

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
+from ..settings import MAX_FRAMES
 from .paths import normalize_path, shell_unquote
 from .render import wrap_text
 
@@ -37,6 +38,7 @@ class OptionSpec:
     kind: str  # "int" (≥ 1), "range" (START-END seconds) or "flag" (no value)
     metavar: str
     help: str
+    maximum: int | None = None  # for "int": the largest value (what the setting allows)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "attach a video to the next message",
         (ArgSpec("PATH", "video"),),
         (
-            OptionSpec("--frames", "int", "N", "frames to sample"),
+            OptionSpec("--frames", "int", "N", "frames to sample", MAX_FRAMES),
             OptionSpec("--range", "range", "A-B", "only the part from A to B seconds"),
         ),
     ),
@@ -205,13 +207,14 @@ def parse_range(text: str) -> tuple[float, float]:
     return start, end
 
 
-def _parse_int(text: str, what: str, spec: CommandSpec) -> int:
+def _parse_int(text: str, what: str, spec: CommandSpec, maximum: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise UsageError(f"/{spec.name}: {what} must be a whole number ≥ 1, not {text!r}; usage: {spec.usage}")
+    if value < 1 or maximum is not None and value > maximum:
+        bounds = "≥ 1" if maximum is None else f"from 1 to {maximum}"
+        raise UsageError(f"/{spec.name}: {what} must be a whole number {bounds}, not {text!r}; usage: {spec.usage}")
     return value
 
 
@@ -287,7 +290,7 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
             value = _unquote(value)
             key = name[2:]
             if opt.kind == "int":
-                options[key] = _parse_int(value, name, spec)
+                options[key] = _parse_int(value, name, spec, opt.maximum)
             else:
                 options[key] = parse_range(value)
         else:

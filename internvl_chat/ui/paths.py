@@ -159,6 +159,13 @@ def _candidates(message: str) -> list[tuple[int, int]]:
     return spans
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a word too long to be a file name (ENAMETOOLONG) is text
+        return False
+
+
 def find_media_paths(message: str, cwd: str | Path | None = None) -> list[tuple[tuple[int, int], Path]]:
     """Paths inside a message that name existing image or video files: [((start, end), path)].
 
@@ -178,7 +185,7 @@ def find_media_paths(message: str, cwd: str | Path | None = None) -> list[tuple[
             continue
         if cwd is not None and not path.is_absolute():
             path = Path(cwd) / path
-        if media_kind(path) is None or not path.is_file():
+        if media_kind(path) is None or not _is_file(path):
             continue
         taken_until = end
         key = path.resolve()

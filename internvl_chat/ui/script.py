@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import UsageError
-from ..files import OutputFailed, read_bytes_file, read_stream, sniff_binary, undecodable_byte, visible
+from ..files import OutputFailed, expand_home, read_bytes_file, read_stream, sniff_binary, undecodable_byte, visible
 from ..settings import Settings
 from .app import BLOCK_QUOTES, ERROR, EXIT, App
 from .render import make_console
@@ -70,7 +70,7 @@ def _read_script(name: str) -> str:
     if name == "-":
         data, shown = read_stream(sys.stdin.fileno(), "the script on stdin"), "on stdin"
     else:
-        path = Path(name).expanduser()
+        path = expand_home(name)
         data, shown = read_bytes_file(path, "script"), visible(str(path))
     kind = sniff_binary(data)
     if kind is not None:
@@ -82,7 +82,7 @@ def _read_script(name: str) -> str:
 
 def script_folder(name: str) -> Path | None:
     """The folder relative media paths in the script are looked up in first (None for stdin)."""
-    return None if name == "-" else Path(os.path.abspath(Path(name).expanduser())).parent
+    return None if name == "-" else Path(os.path.abspath(expand_home(name))).parent
 
 
 def _undecodable_line(entry: Entry) -> tuple[int, int] | None:

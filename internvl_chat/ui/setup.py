@@ -13,7 +13,7 @@ from ..chat.sampling import params_from_settings
 from ..chat.session import Media, Session
 from ..engine.loader import LoadedModel, load_model
 from ..errors import UsageError
-from ..files import visible
+from ..files import expand_home, visible
 from ..settings import Settings
 from .commands import parse_range
 
@@ -24,7 +24,7 @@ EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 def resolve_model_path(settings: Settings) -> Path:
     """The --model folder, or the embedded demo model when none is set."""
     if settings.model.path:
-        return Path(settings.model.path).expanduser()
+        return expand_home(settings.model.path)
     if not (EMBEDDED_MODEL / "config.json").is_file():
         raise UsageError("no --model given and the embedded demo model is missing; pass --model DIR (or run `make demo`)")
     return EMBEDDED_MODEL
