@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -23,20 +24,39 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
 
 
-def test_serve_subcommand_serves_with_a_key_and_stops_on_ctrl_c(tiny_original):
+@contextlib.contextmanager
+def _serving(model: Path, *flags: str, with_stdout: bool = False):
+    """`internvl-chat serve` on a free port in a subprocess; yields (proc, lines): a queue of its
+    stderr lines (and stdout's: uvicorn writes its access log there), read by a thread."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "internvl_chat.cli", "serve", "--model", str(tiny_original), "--port", "0",
-         "--api-key", "k3y", "--device", "cpu", "--dtype", "float32", "--max-context", "2048", "--log-level", "warning"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+        [sys.executable, "-m", "internvl_chat.cli", "serve", "--model", str(model), "--port", "0",
+         "--device", "cpu", "--dtype", "float32", *flags],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if with_stdout else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if with_stdout else subprocess.PIPE, text=True, env=_env(),
     )  # fmt: skip
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    stream = proc.stdout if with_stdout else proc.stderr
+    threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
     try:
-        url = None
-        while url is None:
-            line = lines.get(timeout=WAIT_S)
-            found = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", line)
-            url = found and found.group(1)
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _next_match(lines: queue.Queue[str], pattern: str) -> tuple[re.Match, str]:
+    while True:
+        line = lines.get(timeout=WAIT_S)
+        if found := re.search(pattern, line):
+            return found, line
+
+
+def test_serve_subcommand_serves_with_a_key_and_stops_on_ctrl_c(tiny_original):
+    flags = ("--api-key", "k3y", "--max-context", "2048", "--log-level", "warning")
+    with _serving(tiny_original, *flags) as (proc, lines):
+        found, line = _next_match(lines, r"on (http://127\.0\.0\.1:\d+/v1)")
+        url = found.group(1)
         assert "2,048 tokens" in line and "network" not in line  # bound to loopback: no warning
 
         client = openai.OpenAI(base_url=url, api_key="k3y", max_retries=0, timeout=WAIT_S)
@@ -49,10 +69,6 @@ def test_serve_subcommand_serves_with_a_key_and_stops_on_ctrl_c(tiny_original):
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(WAIT_S) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_serve_without_a_model_says_what_to_do():
@@ -79,29 +95,13 @@ def test_request_text_in_the_server_log_is_escaped(tiny_original):
     # uvicorn takes the client address from X-Forwarded-For when the peer is 127.0.0.1 and logs it:
     # a local client could send terminal control sequences (here: set the window title, turn text red).
     # uvicorn writes its access log to stdout, the rest to stderr: both are read here
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "internvl_chat.cli", "serve", "--model", str(tiny_original), "--port", "0",
-         "--device", "cpu", "--dtype", "float32", "--max-context", "256", "--log-level", "info"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-    )  # fmt: skip
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    try:
-        port = None
-        while port is None:
-            found = re.search(r"on http://127\.0\.0\.1:(\d+)/v1", lines.get(timeout=WAIT_S))
-            port = found and int(found.group(1))
+    with _serving(tiny_original, "--max-context", "256", "--log-level", "info", with_stdout=True) as (proc, lines):
+        port = int(_next_match(lines, r"on http://127\.0\.0\.1:(\d+)/v1")[0].group(1))
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: \x1b]0;pwned\x07\x1b[31mEVIL\r\n"
                          b"Connection: close\r\n\r\n")  # fmt: skip
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
-        line = lines.get(timeout=WAIT_S)
-        while "GET /health" not in line:
-            line = lines.get(timeout=WAIT_S)
+        line = _next_match(lines, "GET /health")[1]
         assert "EVIL" in line and "\x1b" not in line and "\x07" not in line, line
         proc.send_signal(signal.SIGINT)
         assert proc.wait(WAIT_S) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
