@@ -58,6 +58,8 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
          r"^the server stopped the answer with an error: overloaded"),
         (Reply.sse(b"data: {\"id\": 1, \"choices\": [\n\n"), r"stream event that is not JSON"),
         (Reply.sse(b"data: [1, 2]\n\n"), r"not an object"),
+        (Reply.sse(b"data: {\"choices\": 1}\n\ndata: [DONE]\n\n"), r"^the server sent a stream chunk whose choices is not a list"),
+        (Reply.sse(b"data: {\"choices\": true}\n\n"), r"choices is not a list.*--dialect generic"),
         (Reply(200, [b"<html>hello</html>"], "text/html"), r"answered with text/html, not an event stream"),
         (Reply.sse(GOOD[: GOOD.index(b'"finish_reason":"stop"') - 60]), r"closed the stream before the answer finished"),
         (Reply.sse(GOOD[:500], end="reset"), r"^the connection to http://127\.0\.0\.1:\d+/v1 broke in the middle of the answer"),
@@ -65,7 +67,7 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
     ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "503-html",
-         "error-event-mid-stream", "event-error", "bad-json", "not-object", "not-sse", "no-finish", "reset", "cut",
+         "error-event-mid-stream", "event-error", "bad-json", "not-object", "choices-int", "choices-bool", "not-sse", "no-finish", "reset", "cut",
          "reset-at-once"],  # fmt: skip
 )
 def test_failures_are_one_line_and_keep_the_conversation(reply, pattern):

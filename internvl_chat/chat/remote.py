@@ -422,7 +422,13 @@ class RemoteConversation:
                     usage = chunk["usage"]
                 if isinstance(chunk.get("timings"), dict):
                     server_timings = chunk["timings"]
-                for choice in chunk.get("choices") or []:
+                choices = chunk.get("choices")
+                if choices is not None and not isinstance(choices, list):
+                    raise RemoteError(
+                        f"the server sent a stream chunk whose choices is not a list ({shorten(repr(choices), 40)}); "
+                        "try --dialect generic, or check --server"
+                    )
+                for choice in choices or []:
                     if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                         continue
                     delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
