@@ -113,6 +113,28 @@ def test_the_model_list_failing_is_one_line():
             RemoteConversation.connect(server.url)
 
 
+def test_a_stacked_compression_is_refused_before_it_is_inflated():
+    """Two layers of gzip let a few hundred bytes inflate to gigabytes in one read (httpx inflates a
+    whole network read at once); one layer is bounded by the read size and still accepted."""
+    import gzip
+
+    bomb = gzip.compress(gzip.compress(GOOD))  # small here; the shape is what matters
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply(200, [bomb], headers={"Content-Encoding": "gzip, gzip"}))
+        fails_with(conv, r"^the server compressed its answer as gzip, gzip; .*check --server")
+        server.chat(Reply(500, [bomb], "text/html", {"Content-Encoding": "gzip, gzip"}))
+        fails_with(conv, r"compressed its answer as gzip, gzip")
+        server.chat(Reply(200, [gzip.compress(GOOD)], headers={"Content-Encoding": "gzip"}))
+        list(conv.ask("one layer"))
+        assert conv.turns[-1].reply
+        server.replies["/v1/models"].append(Reply(200, [gzip.compress(gzip.compress(fixture("vllm/models.json")))],
+                                                  "application/json", {"Content-Encoding": "gzip,gzip"}))  # fmt: skip
+        with pytest.raises(RemoteError, match="compressed its answer as gzip,gzip"):
+            RemoteConversation.connect(server.url)
+        assert "br" not in server.requests[-1].headers.get("Accept-Encoding", "")
+
+
 def test_error_shapes():
     assert error_text({"error": {"message": "m", "type": "t", "code": 400}}) == "m (t)"
     assert error_text({"object": "error", "message": "m", "type": "t", "code": 404}) == "m (t)"

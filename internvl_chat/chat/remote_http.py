@@ -26,6 +26,7 @@ ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body worth reading
 JSON_BODY_LIMIT = 64 << 20  # a non-streamed answer or a model list
 SHOWN_CHARS = 300  # of a server's error message
 CONNECT_TIMEOUT_S = 30.0
+BOUNDED_ENCODINGS = ("gzip", "deflate")  # inflated one network read at a time: at most ~1000× a read
 
 _HINTS = {
     400: "check the message, the attachments and the settings",
@@ -117,6 +118,19 @@ def http_error(status: int, body: bytes, retry_after: str | None) -> RemoteError
     return RemoteError(f"the server answered {_status_line(status)}{said}; {hint}")
 
 
+def check_encoding(response: httpx.Response) -> None:
+    """Refuse a body whose compression could inflate without bound before any of it is read: httpx
+    inflates stacked layers (`gzip, gzip`) or unknown ones in one go, so a few hundred bytes can
+    become gigabytes. One layer of gzip or deflate is fine."""
+    said = response.headers.get("content-encoding", "")
+    layers = [e.strip().lower() for e in said.split(",") if e.strip().lower() not in ("", "identity")]
+    if len(layers) > 1 or any(e not in BOUNDED_ENCODINGS for e in layers):
+        raise RemoteError(
+            f"the server compressed its answer as {shorten(said, 60)}; only one layer of gzip or deflate is read; "
+            "check --server (or the proxy in front of it)"
+        )
+
+
 def _reason(err: BaseException) -> str:
     text = str(err) or type(err).__name__
     return shorten(text, 160)
@@ -166,6 +180,7 @@ class ChatStream:
         try:
             with client.http.stream("POST", "chat/completions", json=self._body,
                                     headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
+                check_encoding(response)
                 if response.status_code != 200:
                     raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT),
                                      response.headers.get("retry-after"))  # fmt: skip
@@ -260,7 +275,8 @@ class ApiClient:
             raise UsageError(f"the remote timeout must be a positive number of seconds, not {timeout!r}")
         self.base_url = normalize_base_url(server)
         self.timeout = float(timeout)
-        headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json"}
+        headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json",
+                   "Accept-Encoding": ", ".join(BOUNDED_ENCODINGS)}  # fmt: skip
         if api_key:
             if any(c in api_key for c in "\r\n") or not api_key.isprintable():
                 raise UsageError("the API key has control characters; check --api-key or OPENAI_API_KEY")
@@ -278,6 +294,7 @@ class ApiClient:
     def get_json(self, path: str) -> object:
         try:
             with self.http.stream("GET", path) as response:
+                check_encoding(response)
                 if response.status_code != 200:
                     raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT),
                                      response.headers.get("retry-after"))  # fmt: skip
