@@ -156,11 +156,20 @@ def test_server_urls(given, base):
     assert normalize_base_url(given) == base
 
 
-@pytest.mark.parametrize("bad", ["", "ftp://host/v1", "http://", "http://host:port/v1", "http://h/v1?x=1"])
+@pytest.mark.parametrize("bad", ["", "ftp://host/v1", "http://", "http://host:port/v1", "http://h/v1?x=1",
+                                 "http://[::1/v1", "http://h\x1b[31m/v1", "http://h\x01/v1", "http://h/\u202ev1"])
 def test_bad_server_urls_are_usage_errors(bad):
     with pytest.raises(UsageError) as err:
         normalize_base_url(bad)
     assert isinstance(err.value, InternVLChatError) and err.value.exit_code == 2
+    assert "\x1b" not in str(err.value) and "\u202e" not in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["http://xn--/v1", "http://[::1/v1", "http://h\x01:8000/v1"])
+def test_a_server_url_httpx_cannot_use_is_a_usage_error_before_anything_is_sent(bad):
+    with pytest.raises(UsageError, match=r"pass --server http://HOST:PORT/v1$") as err:
+        RemoteConversation.connect(bad)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
 
 
 def test_a_key_with_a_line_break_is_refused_before_anything_is_sent():

@@ -48,9 +48,14 @@ def normalize_base_url(url: str) -> str:
     text = url.strip()
     if not text:
         raise UsageError("the server URL is empty; pass --server http://HOST:PORT/v1")
+    if not text.isprintable():
+        raise UsageError(f"{visible(url)} has control or invisible characters; pass --server http://HOST:PORT/v1")
     if "://" not in text:
         text = "http://" + text
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # e.g. an unclosed [ of an IPv6 address
+        raise UsageError(f"{visible(url)} is not a valid URL; pass --server http://HOST:PORT/v1") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"{visible(url)!s} is not an http(s) server URL; pass --server http://HOST:PORT/v1")
     try:
@@ -281,12 +286,16 @@ class ApiClient:
             if any(c in api_key for c in "\r\n") or not api_key.isprintable():
                 raise UsageError("the API key has control characters; check --api-key or OPENAI_API_KEY")
             headers["Authorization"] = f"Bearer {api_key}"
-        self.http = httpx.Client(
-            base_url=self.base_url + "/",
-            headers=headers,
-            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT_TIMEOUT_S)),
-            follow_redirects=False,
-        )
+        try:
+            self.http = httpx.Client(
+                base_url=self.base_url + "/",
+                headers=headers,
+                timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT_TIMEOUT_S)),
+                follow_redirects=False,
+            )
+            self.http.build_request("GET", "models")  # httpx checks the host (IDNA) only here; sends nothing
+        except (httpx.InvalidURL, ValueError) as e:  # e.g. a host name that is not valid IDNA (xn--)
+            raise UsageError(f"{visible(server)} is not a usable URL ({_reason(e)}); pass --server http://HOST:PORT/v1") from None
 
     def close(self) -> None:
         self.http.close()
