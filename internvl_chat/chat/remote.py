@@ -64,6 +64,11 @@ BYTES_PER_TOKEN = 4  # Qwen's tokenizer: ~4 bytes of English or of Chinese text 
 MAX_IMAGE_BYTES = 64 << 20
 SENT_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png"}  # read alike by PIL, stb_image, lmdeploy, vLLM
 JPEG_QUALITY = 95
+# Bounds on one answer, per max_new_tokens, far above any real server's: past them the server is
+# ignoring max_tokens (an endless stream) and holding on would fill memory.
+PIECES_PER_TOKEN = 4
+CHARS_PER_TOKEN = 256
+ANSWER_SLACK = 1024
 FINISH_REASONS = {"stop": "stop", "eos": "stop", "tool_calls": "stop", "content_filter": "stop", "length": "length"}
 
 
@@ -412,12 +417,16 @@ class RemoteConversation:
         pending = ""
         since_emit = 0
         chunks = 0
+        events = answer_chars = 0
+        max_events = params.max_new_tokens * PIECES_PER_TOKEN + ANSWER_SLACK
+        max_chars = params.max_new_tokens * CHARS_PER_TOKEN + ANSWER_SLACK
         t_first = t_last = None
         finish = raw_finish = None
         usage: dict | None = None
         server_timings: dict | None = None
         try:
             for chunk in stream:
+                events += 1
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 if isinstance(chunk.get("timings"), dict):
@@ -441,8 +450,14 @@ class RemoteConversation:
                         since_emit += 1
                         parts.append(content)
                         pending += content
+                        answer_chars += len(content)
                     if choice.get("finish_reason"):
                         raw_finish = str(choice["finish_reason"])
+                if events > max_events or answer_chars > max_chars:
+                    raise RemoteError(
+                        f"the server sent far more than the {params.max_new_tokens:,} tokens asked for (it ignores "
+                        "max_tokens?); the answer was dropped; check the server, or try --dialect generic"
+                    )
                 if pending and since_emit >= self.stream_interval:
                     yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
                     pending, since_emit = "", 0
