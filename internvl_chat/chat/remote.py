@@ -69,6 +69,7 @@ JPEG_QUALITY = 95
 PIECES_PER_TOKEN = 4
 CHARS_PER_TOKEN = 256
 ANSWER_SLACK = 1024
+MAX_USAGE_COUNT = 1 << 31  # a token count beyond any context: a broken server's usage
 FINISH_REASONS = {"stop": "stop", "eos": "stop", "tool_calls": "stop", "content_filter": "stop", "length": "length"}
 
 
@@ -595,12 +596,16 @@ def _clean_usage(usage: dict | None) -> dict | None:
     """The server's usage with only well-formed counts (prompt, completion, total, cached)."""
     if not usage:
         return None
-    out = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
-           if isinstance(usage.get(k), int) and not isinstance(usage.get(k), bool) and usage[k] >= 0}  # fmt: skip
+    out = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if _is_count(usage.get(k))}
     details = usage.get("prompt_tokens_details")
-    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+    if isinstance(details, dict) and _is_count(details.get("cached_tokens")):
         out["cached_tokens"] = details["cached_tokens"]
     return out or None
+
+
+def _is_count(value: object) -> bool:
+    """A token count a request can have: an int (not a bool), 0 ≤ n < 2**31."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_USAGE_COUNT
 
 
 def _timing(t0, t_first, t_last, end, chunks, usage, server_timings, raw_finish) -> dict:
