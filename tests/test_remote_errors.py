@@ -61,13 +61,16 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(b"data: {\"choices\": 1}\n\ndata: [DONE]\n\n"), r"^the server sent a stream chunk whose choices is not a list"),
         (Reply.sse(b"data: {\"choices\": true}\n\n"), r"choices is not a list.*--dialect generic"),
         (Reply(200, [b"<html>hello</html>"], "text/html"), r"answered with text/html, not an event stream"),
+        (Reply(308, [b"<html>moved</html>"], "text/html", {"Location": "https://elsewhere.example/v1/chat/completions"}),
+         r"^the server answered 308 Permanent Redirect: <html>moved</html>; it redirects to "
+         r"https://elsewhere\.example/v1/chat/completions, which is not followed; check --server \(https\?\)$"),
         (Reply.sse(GOOD[: GOOD.index(b'"finish_reason":"stop"') - 60]), r"closed the stream before the answer finished"),
         (Reply.sse(GOOD[:500], end="reset"), r"^the connection to http://127\.0\.0\.1:\d+/v1 broke in the middle of the answer"),
         (Reply.sse(GOOD[:500], end="cut"), r"broke in the middle of the answer"),
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
     ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "503-html",
-         "error-event-mid-stream", "event-error", "bad-json", "not-object", "choices-int", "choices-bool", "not-sse", "no-finish", "reset", "cut",
+         "error-event-mid-stream", "event-error", "bad-json", "not-object", "choices-int", "choices-bool", "not-sse", "redirect", "no-finish", "reset", "cut",
          "reset-at-once"],  # fmt: skip
 )
 def test_failures_are_one_line_and_keep_the_conversation(reply, pattern):

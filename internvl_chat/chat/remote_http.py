@@ -104,7 +104,7 @@ def _status_line(status: int) -> str:
         return str(status)
 
 
-def http_error(status: int, body: bytes, retry_after: str | None) -> RemoteError:
+def http_error(status: int, body: bytes, retry_after: str | None, location: str | None = None) -> RemoteError:
     """One line for a non-200 answer: the status first, then the server's message, then a hint."""
     detail = None
     try:
@@ -115,6 +115,9 @@ def http_error(status: int, body: bytes, retry_after: str | None) -> RemoteError
         detail = body.decode("utf-8", errors="replace")
     if status >= 500:
         hint = "the server failed; try again, or look at its log"
+    elif 300 <= status < 400:  # redirects are never followed (they could lead anywhere, with the key)
+        where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
+        hint = f"{where} is not followed; check --server (https?)"
     else:
         hint = _HINTS.get(status, "check the request")
     if status in (429, 503) and retry_after and retry_after.strip().isdigit():
@@ -188,7 +191,7 @@ class ChatStream:
                 check_encoding(response)
                 if response.status_code != 200:
                     raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT),
-                                     response.headers.get("retry-after"))  # fmt: skip
+                                     response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
                 kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind == "application/json":  # a server that ignores stream=true
                     yield _whole_answer_as_chunk(_read_limited(response, JSON_BODY_LIMIT))
@@ -306,7 +309,7 @@ class ApiClient:
                 check_encoding(response)
                 if response.status_code != 200:
                     raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT),
-                                     response.headers.get("retry-after"))  # fmt: skip
+                                     response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
                 body = _read_limited(response, JSON_BODY_LIMIT + 1)
         except httpx.TransportError as e:
             raise transport_error(e, self.base_url, self.timeout, mid_answer=False) from None
