@@ -16,8 +16,12 @@ GOOD = fixture("vllm/stream.sse")
 
 
 def conversation_with_one_turn(server: FakeServer, timeout: float = 300.0) -> RemoteConversation:
+    return conversation_with_one_turn_at(server, server.url, timeout)
+
+
+def conversation_with_one_turn_at(server: FakeServer, url: str, timeout: float = 300.0) -> RemoteConversation:
     server.chat(Reply.sse(GOOD))
-    conv = RemoteConversation.connect(server.url, timeout=timeout, params=SamplingParams(max_new_tokens=8))
+    conv = RemoteConversation.connect(url, timeout=timeout, params=SamplingParams(max_new_tokens=8))
     list(conv.ask("first"))
     return conv
 
@@ -191,6 +195,16 @@ def test_a_server_url_httpx_cannot_use_is_a_usage_error_before_anything_is_sent(
     with pytest.raises(UsageError, match=r"pass --server http://HOST:PORT/v1$") as err:
         RemoteConversation.connect(bad)
     assert err.value.exit_code == 2 and "\n" not in str(err.value)
+
+
+def test_a_password_in_the_server_url_is_used_but_never_shown():
+    with FakeServer(fixture("vllm/models.json")) as server:
+        url = server.url.replace("http://", "http://me:s3cret@")
+        conv = conversation_with_one_turn_at(server, url)
+        assert server.requests[-1].headers["Authorization"].startswith("Basic ")  # httpx sends it
+        assert "s3cret" not in conv.describe().where and "me@" not in conv.describe().where
+    line = fails_with(conv, r"^cannot connect to http://127\.0\.0\.1:\d+/v1 ")  # the server is gone now
+    assert "s3cret" not in line
 
 
 def test_a_key_with_a_line_break_is_refused_before_anything_is_sent():

@@ -24,7 +24,6 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from urllib.parse import urlsplit, urlunsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from .dialects import (
     user_content,
 )
 from .remote_http import ApiClient, shorten
+from .remote_http import without_credentials as _without_credentials
 from .sampling import SamplingParams
 from .session import SESSION_FORMAT, SESSION_VERSION, Media, ReadiedSession, saved_media, sha256_of
 from .session_file import read_session_file
@@ -199,7 +199,7 @@ class RemoteConversation:
             cards = client.models()
             handshake_s = time.perf_counter() - t0
             if not cards:
-                raise RemoteError(f"{client.base_url} serves no model (its model list is empty); start it with one")
+                raise RemoteError(f"{client.shown_url} serves no model (its model list is empty); start it with one")
             if model:
                 card = next((c for c in cards if c["id"] == model), None)
                 if card is None:
@@ -221,7 +221,7 @@ class RemoteConversation:
     def describe(self) -> BackendInfo:
         return BackendInfo(
             name=self.model,
-            where=f"{self.client.base_url} ({LABELS[self.dialect]})",
+            where=f"{self.client.shown_url} ({LABELS[self.dialect]})",
             model=self.model,
             context=self._max_context,
             load_s=self.handshake_s,
@@ -573,14 +573,6 @@ class RemoteConversation:
         readied = self.read_saved(path)
         self.restore(readied)
         return readied.saved.data
-
-
-def _without_credentials(url: str) -> str:
-    """A server URL without any user:password@ part (a session file is no place for secrets)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
 
 
 def _context_of(card: dict) -> int | None:

@@ -70,6 +70,17 @@ def normalize_base_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
+def without_credentials(url: str) -> str:
+    """A server URL without any user:password@ part (for a session file or a line on screen)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL at all: normalize_base_url says so
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
+
+
 def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
     """Server text for one terminal line: escaped, whitespace folded, cut to `limit`."""
     one_line = " ".join(visible(text).split())
@@ -219,7 +230,7 @@ class ChatStream:
                         return
                     yield chunk
         except httpx.TransportError as e:
-            raise transport_error(e, client.base_url, client.timeout, started) from None
+            raise transport_error(e, client.shown_url, client.timeout, started) from None
 
 
 def _read_limited(response: httpx.Response, limit: int) -> bytes:
@@ -282,6 +293,7 @@ class ApiClient:
         if not timeout > 0:
             raise UsageError(f"the remote timeout must be a positive number of seconds, not {timeout!r}")
         self.base_url = normalize_base_url(server)
+        self.shown_url = without_credentials(self.base_url)  # httpx sends user:password as Basic auth
         self.timeout = float(timeout)
         headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json",
                    "Accept-Encoding": ", ".join(BOUNDED_ENCODINGS)}  # fmt: skip
@@ -312,7 +324,7 @@ class ApiClient:
                                      response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
                 body = _read_limited(response, JSON_BODY_LIMIT + 1)
         except httpx.TransportError as e:
-            raise transport_error(e, self.base_url, self.timeout, mid_answer=False) from None
+            raise transport_error(e, self.shown_url, self.timeout, mid_answer=False) from None
         if len(body) > JSON_BODY_LIMIT:
             raise RemoteError(f"the server's answer to GET {path} is over 64 MiB; is --server right?")
         try:
