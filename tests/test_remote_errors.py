@@ -13,6 +13,7 @@ from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.errors import InternVLChatError, RemoteError, UsageError
 
 GOOD = fixture("vllm/stream.sse")
+DEEP = b"[" * 10_000 + b"]" * 10_000  # valid JSON nested deeper than Python's recursion limit
 
 
 def conversation_with_one_turn(server: FakeServer, timeout: float = 300.0) -> RemoteConversation:
@@ -62,6 +63,9 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
          r"^the server stopped the answer with an error: overloaded"),
         (Reply.sse(b"data: {\"id\": 1, \"choices\": [\n\n"), r"stream event that is not JSON"),
         (Reply.sse(b"data: [1, 2]\n\n"), r"not an object"),
+        (Reply.sse(b"data: " + DEEP + b"\n\n"), r"stream event that is not JSON"),
+        (Reply(200, [DEEP], "application/json"), r"^the server's answer is not valid JSON"),
+        (Reply(500, [b'{"error": ' + DEEP + b"}"], "application/json"), r"^the server answered 500 Internal Server Error: \{\"error\": \[\[\["),
         (Reply.sse(b"data: {\"choices\": 1}\n\ndata: [DONE]\n\n"), r"^the server sent a stream chunk whose choices is not a list"),
         (Reply.sse(b"data: {\"choices\": true}\n\n"), r"choices is not a list.*--dialect generic"),
         (Reply(200, [b"<html>hello</html>"], "text/html"), r"answered with text/html, not an event stream"),
@@ -74,7 +78,7 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
     ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "503-html",
-         "error-event-mid-stream", "event-error", "bad-json", "not-object", "choices-int", "choices-bool", "not-sse", "redirect", "no-finish", "reset", "cut",
+         "error-event-mid-stream", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "redirect", "no-finish", "reset", "cut",
          "reset-at-once"],  # fmt: skip
 )
 def test_failures_are_one_line_and_keep_the_conversation(reply, pattern):
@@ -113,6 +117,9 @@ def test_the_model_list_failing_is_one_line():
         with pytest.raises(RemoteError, match="serves no model"):
             RemoteConversation.connect(server.url)
         server.replies["/v1/models"].append(Reply(200, [b"<html/>"], "text/html"))
+        with pytest.raises(RemoteError, match="not JSON; is --server the API root"):
+            RemoteConversation.connect(server.url)
+        server.replies["/v1/models"].append(Reply.json(DEEP))
         with pytest.raises(RemoteError, match="not JSON; is --server the API root"):
             RemoteConversation.connect(server.url)
         server.replies["/v1/models"].append(Reply.json({"models": []}))

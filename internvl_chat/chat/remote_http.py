@@ -111,7 +111,7 @@ def error_text(obj: object) -> str | None:
 def _status_line(status: int) -> str:
     try:
         return f"{status} {HTTPStatus(status).phrase}"
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         return str(status)
 
 
@@ -120,7 +120,7 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
     detail = None
     try:
         detail = error_text(json.loads(body.decode("utf-8", errors="replace")))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         pass
     if detail is None and body.strip():
         detail = body.decode("utf-8", errors="replace")
@@ -250,7 +250,7 @@ def _parse_event(event: str, data: str) -> dict | None:
         return None
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         if event == "error":
             raise RemoteError(f"the server stopped the answer with an error: {shorten(data)}; ask again") from None
         raise RemoteError(
@@ -270,7 +270,7 @@ def _whole_answer_as_chunk(body: bytes) -> dict:
     """A non-streamed chat.completion turned into one stream chunk."""
     try:
         obj = json.loads(body.decode("utf-8", errors="replace"))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         raise RemoteError("the server's answer is not valid JSON; is --server an OpenAI-compatible server?") from None
     message = error_text(obj)
     if message is not None:
@@ -329,7 +329,7 @@ class ApiClient:
             raise RemoteError(f"the server's answer to GET {path} is over 64 MiB; is --server right?")
         try:
             return json.loads(body.decode("utf-8", errors="replace"))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
             raise RemoteError(f"the server's answer to GET {path} is not JSON; is --server the API root (…/v1)?") from None
 
     def models(self) -> list[dict]:
