@@ -55,6 +55,10 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
          r"^the server answered 422 Unprocessable (Entity|Content): field required; .*--dialect generic"),
         (Reply.json({"error": "slow down"}, 429, {"Retry-After": "7"}),
          r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later \(it asks to wait 7 s\)$"),
+        (Reply.json({"error": "slow down"}, 429, {"Retry-After": "\xb2"}),  # a Latin-1 digit that int() refuses
+         r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later$"),
+        (Reply.json({"error": "slow down"}, 503, {"Retry-After": "9" * 5000}),  # over int()'s 4300 digits
+         r"^the server answered 503 Service Unavailable: slow down; the server failed; try again, or look at its log$"),
         (Reply(503, [b"<html><body>Bad gateway \x1b[31m</body></html>"], "text/html"),
          r"^the server answered 503 Service Unavailable: <html><body>Bad gateway \\e\[31m</body></html>; the server failed"),
         (Reply.sse(fixture("lmdeploy/stream_error.sse")),
@@ -77,7 +81,7 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(GOOD[:500], end="cut"), r"broke in the middle of the answer"),
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
-    ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "503-html",
+    ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "503-html",
          "error-event-mid-stream", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "redirect", "no-finish", "reset", "cut",
          "reset-at-once"],  # fmt: skip
 )

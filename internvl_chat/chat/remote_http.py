@@ -131,8 +131,9 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
         hint = f"{where} is not followed; check --server (https?)"
     else:
         hint = _HINTS.get(status, "check the request")
-    if status in (429, 503) and retry_after and retry_after.strip().isdigit():
-        hint += f" (it asks to wait {int(retry_after)} s)"
+    wait = (retry_after or "").strip()
+    if status in (429, 503) and wait.isascii() and wait.isdigit() and len(wait) <= 6:  # int() refuses "²" and 5000 digits
+        hint += f" (it asks to wait {int(wait)} s)"
     said = f": {shorten(detail)}" if detail else ""
     return RemoteError(f"the server answered {_status_line(status)}{said}; {hint}")
 
