@@ -254,6 +254,21 @@ def test_a_streamed_answer_usage_and_server_timings(dialect, piece_size):
         assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
 
 
+def test_absurd_or_negative_usage_numbers_are_ignored():
+    """A server's usage is trusted for the context shown and enforced, so a count that no request can
+    have (negative, a boolean, beyond 2**31) is dropped rather than blocking every later turn."""
+    usage = {"prompt_tokens": 10**30, "completion_tokens": -1, "total_tokens": True,
+             "prompt_tokens_details": {"cached_tokens": -3}}  # fmt: skip
+    chunk = {"choices": [{"index": 0, "delta": {"content": "Hi."}, "finish_reason": "stop"}], "usage": usage}
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(Reply.sse(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"))
+        conv = connect(server)
+        text, final = answer(conv.ask("hi"))
+        assert text == "Hi." and final["usage"] is None
+        assert 0 < conv.context_used < 100  # an estimate, so the next turn still fits
+        conv.check_budget(10)
+
+
 def test_stream_interval_groups_pieces_without_changing_the_text():
     with FakeServer(models_of("vllm")) as server:
         server.chat(stream_of("vllm"), stream_of("vllm"))

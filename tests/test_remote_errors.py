@@ -13,11 +13,16 @@ from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.errors import InternVLChatError, RemoteError, UsageError
 
 GOOD = fixture("vllm/stream.sse")
+DEEP = b"[" * 10_000 + b"]" * 10_000  # valid JSON nested deeper than Python's recursion limit
 
 
 def conversation_with_one_turn(server: FakeServer, timeout: float = 300.0) -> RemoteConversation:
+    return conversation_with_one_turn_at(server, server.url, timeout)
+
+
+def conversation_with_one_turn_at(server: FakeServer, url: str, timeout: float = 300.0) -> RemoteConversation:
     server.chat(Reply.sse(GOOD))
-    conv = RemoteConversation.connect(server.url, timeout=timeout, params=SamplingParams(max_new_tokens=8))
+    conv = RemoteConversation.connect(url, timeout=timeout, params=SamplingParams(max_new_tokens=8))
     list(conv.ask("first"))
     return conv
 
@@ -50,6 +55,10 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
          r"^the server answered 422 Unprocessable (Entity|Content): field required; .*--dialect generic"),
         (Reply.json({"error": "slow down"}, 429, {"Retry-After": "7"}),
          r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later \(it asks to wait 7 s\)$"),
+        (Reply.json({"error": "slow down"}, 429, {"Retry-After": "\xb2"}),  # a Latin-1 digit that int() refuses
+         r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later$"),
+        (Reply.json({"error": "slow down"}, 503, {"Retry-After": "9" * 5000}),  # over int()'s 4300 digits
+         r"^the server answered 503 Service Unavailable: slow down; the server failed; try again, or look at its log$"),
         (Reply(503, [b"<html><body>Bad gateway \x1b[31m</body></html>"], "text/html"),
          r"^the server answered 503 Service Unavailable: <html><body>Bad gateway \\e\[31m</body></html>; the server failed"),
         (Reply.sse(fixture("lmdeploy/stream_error.sse")),
@@ -58,14 +67,22 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
          r"^the server stopped the answer with an error: overloaded"),
         (Reply.sse(b"data: {\"id\": 1, \"choices\": [\n\n"), r"stream event that is not JSON"),
         (Reply.sse(b"data: [1, 2]\n\n"), r"not an object"),
+        (Reply.sse(b"data: " + DEEP + b"\n\n"), r"stream event that is not JSON"),
+        (Reply(200, [DEEP], "application/json"), r"^the server's answer is not valid JSON"),
+        (Reply(500, [b'{"error": ' + DEEP + b"}"], "application/json"), r"^the server answered 500 Internal Server Error: \{\"error\": \[\[\["),
+        (Reply.sse(b"data: {\"choices\": 1}\n\ndata: [DONE]\n\n"), r"^the server sent a stream chunk whose choices is not a list"),
+        (Reply.sse(b"data: {\"choices\": true}\n\n"), r"choices is not a list.*--dialect generic"),
         (Reply(200, [b"<html>hello</html>"], "text/html"), r"answered with text/html, not an event stream"),
+        (Reply(308, [b"<html>moved</html>"], "text/html", {"Location": "https://elsewhere.example/v1/chat/completions"}),
+         r"^the server answered 308 Permanent Redirect: <html>moved</html>; it redirects to "
+         r"https://elsewhere\.example/v1/chat/completions, which is not followed; check --server \(https\?\)$"),
         (Reply.sse(GOOD[: GOOD.index(b'"finish_reason":"stop"') - 60]), r"closed the stream before the answer finished"),
         (Reply.sse(GOOD[:500], end="reset"), r"^the connection to http://127\.0\.0\.1:\d+/v1 broke in the middle of the answer"),
         (Reply.sse(GOOD[:500], end="cut"), r"broke in the middle of the answer"),
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
-    ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "503-html",
-         "error-event-mid-stream", "event-error", "bad-json", "not-object", "not-sse", "no-finish", "reset", "cut",
+    ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "503-html",
+         "error-event-mid-stream", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "redirect", "no-finish", "reset", "cut",
          "reset-at-once"],  # fmt: skip
 )
 def test_failures_are_one_line_and_keep_the_conversation(reply, pattern):
@@ -106,9 +123,52 @@ def test_the_model_list_failing_is_one_line():
         server.replies["/v1/models"].append(Reply(200, [b"<html/>"], "text/html"))
         with pytest.raises(RemoteError, match="not JSON; is --server the API root"):
             RemoteConversation.connect(server.url)
+        server.replies["/v1/models"].append(Reply.json(DEEP))
+        with pytest.raises(RemoteError, match="not JSON; is --server the API root"):
+            RemoteConversation.connect(server.url)
         server.replies["/v1/models"].append(Reply.json({"models": []}))
         with pytest.raises(RemoteError, match="no `data` array"):
             RemoteConversation.connect(server.url)
+
+
+def test_an_answer_far_longer_than_max_tokens_is_cut_off_not_kept_forever():
+    """A server that ignores max_tokens (an endless stream) must not fill memory: past a generous
+    bound for max_new_tokens (8 here) the answer is dropped with one line; the turn before survives."""
+    def piece(text):
+        return b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}).encode() + b"\n\n"
+
+    stop = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply.sse(piece("x") * 5000 + stop))
+        fails_with(conv, r"^the server sent far more than the 8 tokens asked for .*ignores max_tokens")
+        server.chat(Reply.sse(piece("y" * 200_000) + stop))
+        fails_with(conv, r"far more than the 8 tokens")
+        server.chat(Reply.sse(piece("z") * 8 + stop))
+        list(conv.ask("eight"))
+        assert conv.turns[-1].reply == "z" * 8
+
+
+def test_a_stacked_compression_is_refused_before_it_is_inflated():
+    """Two layers of gzip let a few hundred bytes inflate to gigabytes in one read (httpx inflates a
+    whole network read at once); one layer is bounded by the read size and still accepted."""
+    import gzip
+
+    bomb = gzip.compress(gzip.compress(GOOD))  # small here; the shape is what matters
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply(200, [bomb], headers={"Content-Encoding": "gzip, gzip"}))
+        fails_with(conv, r"^the server compressed its answer as gzip, gzip; .*check --server")
+        server.chat(Reply(500, [bomb], "text/html", {"Content-Encoding": "gzip, gzip"}))
+        fails_with(conv, r"compressed its answer as gzip, gzip")
+        server.chat(Reply(200, [gzip.compress(GOOD)], headers={"Content-Encoding": "gzip"}))
+        list(conv.ask("one layer"))
+        assert conv.turns[-1].reply
+        server.replies["/v1/models"].append(Reply(200, [gzip.compress(gzip.compress(fixture("vllm/models.json")))],
+                                                  "application/json", {"Content-Encoding": "gzip,gzip"}))  # fmt: skip
+        with pytest.raises(RemoteError, match="compressed its answer as gzip,gzip"):
+            RemoteConversation.connect(server.url)
+        assert "br" not in server.requests[-1].headers.get("Accept-Encoding", "")
 
 
 def test_error_shapes():
@@ -132,11 +192,30 @@ def test_server_urls(given, base):
     assert normalize_base_url(given) == base
 
 
-@pytest.mark.parametrize("bad", ["", "ftp://host/v1", "http://", "http://host:port/v1", "http://h/v1?x=1"])
+@pytest.mark.parametrize("bad", ["", "ftp://host/v1", "http://", "http://host:port/v1", "http://h/v1?x=1",
+                                 "http://[::1/v1", "http://h\x1b[31m/v1", "http://h\x01/v1", "http://h/\u202ev1"])
 def test_bad_server_urls_are_usage_errors(bad):
     with pytest.raises(UsageError) as err:
         normalize_base_url(bad)
     assert isinstance(err.value, InternVLChatError) and err.value.exit_code == 2
+    assert "\x1b" not in str(err.value) and "\u202e" not in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["http://xn--/v1", "http://[::1/v1", "http://h\x01:8000/v1"])
+def test_a_server_url_httpx_cannot_use_is_a_usage_error_before_anything_is_sent(bad):
+    with pytest.raises(UsageError, match=r"pass --server http://HOST:PORT/v1$") as err:
+        RemoteConversation.connect(bad)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+
+
+def test_a_password_in_the_server_url_is_used_but_never_shown():
+    with FakeServer(fixture("vllm/models.json")) as server:
+        url = server.url.replace("http://", "http://me:s3cret@")
+        conv = conversation_with_one_turn_at(server, url)
+        assert server.requests[-1].headers["Authorization"].startswith("Basic ")  # httpx sends it
+        assert "s3cret" not in conv.describe().where and "me@" not in conv.describe().where
+    line = fails_with(conv, r"^cannot connect to http://127\.0\.0\.1:\d+/v1 ")  # the server is gone now
+    assert "s3cret" not in line
 
 
 def test_a_key_with_a_line_break_is_refused_before_anything_is_sent():

@@ -79,3 +79,26 @@ def test_a_runaway_event_is_refused_with_one_line(monkeypatch):
         for _ in range(20):
             decoder.feed(b"data: " + b"x" * 100 + b"\n")
     assert "\n" not in str(err.value)
+
+
+def test_one_long_line_trickled_in_small_pieces_is_scanned_once(monkeypatch):
+    """A server sending one huge line a kilobyte at a time must cost the size of the line, not its
+    square: the text handed to the line-break search adds up to about the line, not the line × reads."""
+    import internvl_chat.chat.sse as sse
+
+    scanned = []
+
+    def counting(text, start):
+        scanned.append(len(text) - start)
+        return _next_break(text, start)
+
+    _next_break = sse._next_break
+    monkeypatch.setattr(sse, "_next_break", counting)
+    decoder = SSEDecoder()
+    piece = b"x" * 1000
+    events = decoder.feed(b"data: ")
+    for _ in range(2000):
+        events += decoder.feed(piece)
+    events += decoder.feed(b"\n\n")
+    assert [len(e.data) for e in events] == [2_000_000]
+    assert sum(scanned) < 3 * 2_000_000

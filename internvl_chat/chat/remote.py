@@ -24,7 +24,6 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from urllib.parse import urlsplit, urlunsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from .dialects import (
     user_content,
 )
 from .remote_http import ApiClient, shorten
+from .remote_http import without_credentials as _without_credentials
 from .sampling import SamplingParams
 from .session import SESSION_FORMAT, SESSION_VERSION, Media, ReadiedSession, saved_media, sha256_of
 from .session_file import read_session_file
@@ -64,6 +64,12 @@ BYTES_PER_TOKEN = 4  # Qwen's tokenizer: ~4 bytes of English or of Chinese text 
 MAX_IMAGE_BYTES = 64 << 20
 SENT_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png"}  # read alike by PIL, stb_image, lmdeploy, vLLM
 JPEG_QUALITY = 95
+# Bounds on one answer, per max_new_tokens, far above any real server's: past them the server is
+# ignoring max_tokens (an endless stream) and holding on would fill memory.
+PIECES_PER_TOKEN = 4
+CHARS_PER_TOKEN = 256
+ANSWER_SLACK = 1024
+MAX_USAGE_COUNT = 1 << 31  # a token count beyond any context: a broken server's usage
 FINISH_REASONS = {"stop": "stop", "eos": "stop", "tool_calls": "stop", "content_filter": "stop", "length": "length"}
 
 
@@ -193,7 +199,7 @@ class RemoteConversation:
             cards = client.models()
             handshake_s = time.perf_counter() - t0
             if not cards:
-                raise RemoteError(f"{client.base_url} serves no model (its model list is empty); start it with one")
+                raise RemoteError(f"{client.shown_url} serves no model (its model list is empty); start it with one")
             if model:
                 card = next((c for c in cards if c["id"] == model), None)
                 if card is None:
@@ -215,7 +221,7 @@ class RemoteConversation:
     def describe(self) -> BackendInfo:
         return BackendInfo(
             name=self.model,
-            where=f"{self.client.base_url} ({LABELS[self.dialect]})",
+            where=f"{self.client.shown_url} ({LABELS[self.dialect]})",
             model=self.model,
             context=self._max_context,
             load_s=self.handshake_s,
@@ -412,17 +418,27 @@ class RemoteConversation:
         pending = ""
         since_emit = 0
         chunks = 0
+        events = answer_chars = 0
+        max_events = params.max_new_tokens * PIECES_PER_TOKEN + ANSWER_SLACK
+        max_chars = params.max_new_tokens * CHARS_PER_TOKEN + ANSWER_SLACK
         t_first = t_last = None
         finish = raw_finish = None
         usage: dict | None = None
         server_timings: dict | None = None
         try:
             for chunk in stream:
+                events += 1
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 if isinstance(chunk.get("timings"), dict):
                     server_timings = chunk["timings"]
-                for choice in chunk.get("choices") or []:
+                choices = chunk.get("choices")
+                if choices is not None and not isinstance(choices, list):
+                    raise RemoteError(
+                        f"the server sent a stream chunk whose choices is not a list ({shorten(repr(choices), 40)}); "
+                        "try --dialect generic, or check --server"
+                    )
+                for choice in choices or []:
                     if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                         continue
                     delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
@@ -435,8 +451,14 @@ class RemoteConversation:
                         since_emit += 1
                         parts.append(content)
                         pending += content
+                        answer_chars += len(content)
                     if choice.get("finish_reason"):
                         raw_finish = str(choice["finish_reason"])
+                if events > max_events or answer_chars > max_chars:
+                    raise RemoteError(
+                        f"the server sent far more than the {params.max_new_tokens:,} tokens asked for (it ignores "
+                        "max_tokens?); the answer was dropped; check the server, or try --dialect generic"
+                    )
                 if pending and since_emit >= self.stream_interval:
                     yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
                     pending, since_emit = "", 0
@@ -553,14 +575,6 @@ class RemoteConversation:
         return readied.saved.data
 
 
-def _without_credentials(url: str) -> str:
-    """A server URL without any user:password@ part (a session file is no place for secrets)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
-
-
 def _context_of(card: dict) -> int | None:
     """The context length a model card states: `max_model_len` (vLLM, SGLang, serve) or llama.cpp's `meta.n_ctx`."""
     meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}
@@ -574,12 +588,16 @@ def _clean_usage(usage: dict | None) -> dict | None:
     """The server's usage with only well-formed counts (prompt, completion, total, cached)."""
     if not usage:
         return None
-    out = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")
-           if isinstance(usage.get(k), int) and not isinstance(usage.get(k), bool) and usage[k] >= 0}  # fmt: skip
+    out = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if _is_count(usage.get(k))}
     details = usage.get("prompt_tokens_details")
-    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+    if isinstance(details, dict) and _is_count(details.get("cached_tokens")):
         out["cached_tokens"] = details["cached_tokens"]
     return out or None
+
+
+def _is_count(value: object) -> bool:
+    """A token count a request can have: an int (not a bool), 0 ≤ n < 2**31."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_USAGE_COUNT
 
 
 def _timing(t0, t_first, t_last, end, chunks, usage, server_timings, raw_finish) -> dict:

@@ -26,6 +26,7 @@ ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body worth reading
 JSON_BODY_LIMIT = 64 << 20  # a non-streamed answer or a model list
 SHOWN_CHARS = 300  # of a server's error message
 CONNECT_TIMEOUT_S = 30.0
+BOUNDED_ENCODINGS = ("gzip", "deflate")  # inflated one network read at a time: at most ~1000× a read
 
 _HINTS = {
     400: "check the message, the attachments and the settings",
@@ -47,9 +48,14 @@ def normalize_base_url(url: str) -> str:
     text = url.strip()
     if not text:
         raise UsageError("the server URL is empty; pass --server http://HOST:PORT/v1")
+    if not text.isprintable():
+        raise UsageError(f"{visible(url)} has control or invisible characters; pass --server http://HOST:PORT/v1")
     if "://" not in text:
         text = "http://" + text
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # e.g. an unclosed [ of an IPv6 address
+        raise UsageError(f"{visible(url)} is not a valid URL; pass --server http://HOST:PORT/v1") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"{visible(url)!s} is not an http(s) server URL; pass --server http://HOST:PORT/v1")
     try:
@@ -62,6 +68,17 @@ def normalize_base_url(url: str) -> str:
     if not path:
         path = "/v1"
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def without_credentials(url: str) -> str:
+    """A server URL without any user:password@ part (for a session file or a line on screen)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL at all: normalize_base_url says so
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
 
 
 def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -94,27 +111,44 @@ def error_text(obj: object) -> str | None:
 def _status_line(status: int) -> str:
     try:
         return f"{status} {HTTPStatus(status).phrase}"
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         return str(status)
 
 
-def http_error(status: int, body: bytes, retry_after: str | None) -> RemoteError:
+def http_error(status: int, body: bytes, retry_after: str | None, location: str | None = None) -> RemoteError:
     """One line for a non-200 answer: the status first, then the server's message, then a hint."""
     detail = None
     try:
         detail = error_text(json.loads(body.decode("utf-8", errors="replace")))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         pass
     if detail is None and body.strip():
         detail = body.decode("utf-8", errors="replace")
     if status >= 500:
         hint = "the server failed; try again, or look at its log"
+    elif 300 <= status < 400:  # redirects are never followed (they could lead anywhere, with the key)
+        where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
+        hint = f"{where} is not followed; check --server (https?)"
     else:
         hint = _HINTS.get(status, "check the request")
-    if status in (429, 503) and retry_after and retry_after.strip().isdigit():
-        hint += f" (it asks to wait {int(retry_after)} s)"
+    wait = (retry_after or "").strip()
+    if status in (429, 503) and wait.isascii() and wait.isdigit() and len(wait) <= 6:  # int() refuses "²" and 5000 digits
+        hint += f" (it asks to wait {int(wait)} s)"
     said = f": {shorten(detail)}" if detail else ""
     return RemoteError(f"the server answered {_status_line(status)}{said}; {hint}")
+
+
+def check_encoding(response: httpx.Response) -> None:
+    """Refuse a body whose compression could inflate without bound before any of it is read: httpx
+    inflates stacked layers (`gzip, gzip`) or unknown ones in one go, so a few hundred bytes can
+    become gigabytes. One layer of gzip or deflate is fine."""
+    said = response.headers.get("content-encoding", "")
+    layers = [e.strip().lower() for e in said.split(",") if e.strip().lower() not in ("", "identity")]
+    if len(layers) > 1 or any(e not in BOUNDED_ENCODINGS for e in layers):
+        raise RemoteError(
+            f"the server compressed its answer as {shorten(said, 60)}; only one layer of gzip or deflate is read; "
+            "check --server (or the proxy in front of it)"
+        )
 
 
 def _reason(err: BaseException) -> str:
@@ -166,9 +200,10 @@ class ChatStream:
         try:
             with client.http.stream("POST", "chat/completions", json=self._body,
                                     headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
+                check_encoding(response)
                 if response.status_code != 200:
                     raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT),
-                                     response.headers.get("retry-after"))  # fmt: skip
+                                     response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
                 kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind == "application/json":  # a server that ignores stream=true
                     yield _whole_answer_as_chunk(_read_limited(response, JSON_BODY_LIMIT))
@@ -196,7 +231,7 @@ class ChatStream:
                         return
                     yield chunk
         except httpx.TransportError as e:
-            raise transport_error(e, client.base_url, client.timeout, started) from None
+            raise transport_error(e, client.shown_url, client.timeout, started) from None
 
 
 def _read_limited(response: httpx.Response, limit: int) -> bytes:
@@ -216,7 +251,7 @@ def _parse_event(event: str, data: str) -> dict | None:
         return None
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         if event == "error":
             raise RemoteError(f"the server stopped the answer with an error: {shorten(data)}; ask again") from None
         raise RemoteError(
@@ -236,7 +271,7 @@ def _whole_answer_as_chunk(body: bytes) -> dict:
     """A non-streamed chat.completion turned into one stream chunk."""
     try:
         obj = json.loads(body.decode("utf-8", errors="replace"))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         raise RemoteError("the server's answer is not valid JSON; is --server an OpenAI-compatible server?") from None
     message = error_text(obj)
     if message is not None:
@@ -259,18 +294,24 @@ class ApiClient:
         if not timeout > 0:
             raise UsageError(f"the remote timeout must be a positive number of seconds, not {timeout!r}")
         self.base_url = normalize_base_url(server)
+        self.shown_url = without_credentials(self.base_url)  # httpx sends user:password as Basic auth
         self.timeout = float(timeout)
-        headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json"}
+        headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json",
+                   "Accept-Encoding": ", ".join(BOUNDED_ENCODINGS)}  # fmt: skip
         if api_key:
             if any(c in api_key for c in "\r\n") or not api_key.isprintable():
                 raise UsageError("the API key has control characters; check --api-key or OPENAI_API_KEY")
             headers["Authorization"] = f"Bearer {api_key}"
-        self.http = httpx.Client(
-            base_url=self.base_url + "/",
-            headers=headers,
-            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT_TIMEOUT_S)),
-            follow_redirects=False,
-        )
+        try:
+            self.http = httpx.Client(
+                base_url=self.base_url + "/",
+                headers=headers,
+                timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT_TIMEOUT_S)),
+                follow_redirects=False,
+            )
+            self.http.build_request("GET", "models")  # httpx checks the host (IDNA) only here; sends nothing
+        except (httpx.InvalidURL, ValueError) as e:  # e.g. a host name that is not valid IDNA (xn--)
+            raise UsageError(f"{visible(server)} is not a usable URL ({_reason(e)}); pass --server http://HOST:PORT/v1") from None
 
     def close(self) -> None:
         self.http.close()
@@ -278,17 +319,18 @@ class ApiClient:
     def get_json(self, path: str) -> object:
         try:
             with self.http.stream("GET", path) as response:
+                check_encoding(response)
                 if response.status_code != 200:
                     raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT),
-                                     response.headers.get("retry-after"))  # fmt: skip
+                                     response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
                 body = _read_limited(response, JSON_BODY_LIMIT + 1)
         except httpx.TransportError as e:
-            raise transport_error(e, self.base_url, self.timeout, mid_answer=False) from None
+            raise transport_error(e, self.shown_url, self.timeout, mid_answer=False) from None
         if len(body) > JSON_BODY_LIMIT:
             raise RemoteError(f"the server's answer to GET {path} is over 64 MiB; is --server right?")
         try:
             return json.loads(body.decode("utf-8", errors="replace"))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
             raise RemoteError(f"the server's answer to GET {path} is not JSON; is --server the API root (…/v1)?") from None
 
     def models(self) -> list[dict]:

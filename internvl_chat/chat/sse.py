@@ -30,7 +30,10 @@ class SSEDecoder:
     def __init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._text = ""  # decoded text not yet split into lines
+        self._tail: list[str] = []  # later pieces of text without a line break: joined once, when one comes
+        self._tail_chars = 0
         self._data: list[str] = []
+        self._data_chars = 0  # sum of the lengths in _data, kept so a feed costs only its own size
         self._event = ""
         self._last_id: str | None = None
         self._started = False
@@ -39,30 +42,43 @@ class SSEDecoder:
     @property
     def incomplete(self) -> bool:
         """True when the stream stopped inside an event (data read, no blank line after it)."""
-        return bool(self._data or self._text.strip("\r\n"))
+        return bool(self._data or self._tail_chars or self._text.strip("\r\n"))
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         text = self._utf8.decode(chunk)
         if not self._started and text:
             self._started = True
             text = text.removeprefix("\ufeff")
-        self._text += text
-        events = self._split_lines(final=False)
-        if len(self._text) + sum(map(len, self._data)) > MAX_EVENT_CHARS:
+        if "\n" in text or "\r" in text or self._text.endswith(("\r", "\n")):
+            events = self._split_lines(final=False, searched=self._join_tail(text))
+        else:  # one long line grows piece by piece: neither copied nor scanned again on each read
+            self._tail.append(text)
+            self._tail_chars += len(text)
+            events = []
+        if len(self._text) + self._tail_chars + self._data_chars > MAX_EVENT_CHARS:
             raise RemoteError("the server sent one stream event of over 64 MiB; is --server an OpenAI-compatible endpoint?")
         return events
 
     def finish(self) -> list[SSEEvent]:
         """End of stream: a last line without its line break still counts; an unfinished event is dropped."""
-        self._text += self._utf8.decode(b"", final=True)
+        self._join_tail(self._utf8.decode(b"", final=True))
         return self._split_lines(final=True)
 
-    def _split_lines(self, final: bool) -> list[SSEEvent]:
+    def _join_tail(self, text: str) -> int:
+        """Append the held pieces and `text`; return how much of the result holds no line break
+        (the kept text may end in a \r or \r\n whose line is still to be split)."""
+        searched = max(len(self._text) + self._tail_chars - 2, 0)
+        self._text = "".join([self._text, *self._tail, text])
+        self._tail, self._tail_chars = [], 0
+        return searched
+
+    def _split_lines(self, final: bool, searched: int = 0) -> list[SSEEvent]:
+        """`searched`: text before it is known to hold no line break, so one long line is scanned once."""
         events: list[SSEEvent] = []
         text = self._text
         start = 0
         while True:
-            cut = _next_break(text, start)
+            cut = _next_break(text, max(start, searched))
             if cut is None:
                 break
             end, after = cut
@@ -92,6 +108,7 @@ class SSEDecoder:
             value = value[1:]
         if name == "data":
             self._data.append(value)
+            self._data_chars += len(value)
         elif name == "event":
             self._event = value
         elif name == "id" and "\0" not in value:
@@ -101,7 +118,7 @@ class SSEDecoder:
 
     def _dispatch(self) -> SSEEvent | None:
         data, event = self._data, self._event
-        self._data, self._event = [], ""
+        self._data, self._event, self._data_chars = [], "", 0
         if not data:
             return None
         return SSEEvent("\n".join(data), event or "message", self._last_id)

@@ -61,13 +61,14 @@ def open_conversation(settings: Settings, show_progress: bool | None = None) -> 
 def open_remote(settings: Settings, show_progress: bool) -> Conversation:
     """Connect (GET /models: the model id, dialect and context). The model flags do not apply."""
     from ..chat.remote import RemoteConversation  # httpx is imported only for a server
+    from ..chat.remote_http import without_credentials
 
     r = settings.remote
     status = nullcontext()
     if show_progress:
         from rich.console import Console
 
-        status = Console(stderr=True).status(f"connecting to {visible(r.server)} …", spinner="dots")
+        status = Console(stderr=True).status(f"connecting to {visible(without_credentials(r.server))} …", spinner="dots")
     with status:
         return RemoteConversation.connect(
             r.server,
