@@ -255,6 +255,34 @@ def test_a_larger_but_plausible_config_is_refused_by_size_too(tiny_original, tmp
     one_line(err, "config.json and the weights disagree")
 
 
+def _with_weights(tiny_original: Path, folder: Path, edit) -> Path:
+    """A copy of the tiny checkpoint whose single safetensors file has `edit(state)` applied."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_original, folder)
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer(tiny_original, tmp_path):
+    """config.json and the embedding rows agree on 300 tokens, but the tokenizer's chat tokens have
+    ids above that: the first prompt would index past the embeddings (an IndexError traceback)."""
+
+    def shrink(state):
+        for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+            state[name] = state[name][:300].contiguous()
+
+    folder = _with_weights(tiny_original, tmp_path / "small vocab", shrink)
+    raw = config_of(folder)
+    raw["llm_config"]["vocab_size"] = 300
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(folder), "vocab_size", "300", "tokenizer")
+
+
 # ------------------------------------------------------------------ safetensors headers
 
 
