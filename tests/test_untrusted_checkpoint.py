@@ -283,6 +283,21 @@ def test_a_vocabulary_smaller_than_the_tokenizer(tiny_original, tmp_path):
     one_line(err, str(folder), "vocab_size", "300", "tokenizer")
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool, torch.uint8])
+def test_integer_or_bool_weights_for_a_float_parameter(tiny_original, tmp_path, dtype):
+    """A dense weight stored as integers or bools is a damaged or mislabelled file: it used to be
+    cast silently (a model that answers garbage); now it is one line naming the tensor."""
+    name = "language_model.model.layers.0.self_attn.q_proj.weight"
+
+    def retype(state):
+        state[name] = state[name].to(dtype)
+
+    folder = _with_weights(tiny_original, tmp_path / "ints", retype)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, name, str(dtype).removeprefix("torch."))
+
+
 # ------------------------------------------------------------------ safetensors headers
 
 

@@ -229,6 +229,11 @@ class InternVLModel(nn.Module):
                 f"tensor {name} has shape {tuple(tensor.shape)} but the config implies {tuple(target.shape)}; "
                 "config.json and the weights disagree"
             )
+        if target.is_floating_point() and not tensor.is_floating_point():  # copy_ would cast silently
+            raise CheckpointError(
+                f"tensor {visible(name)} is stored as {str(tensor.dtype).removeprefix('torch.')}, not as floats; "
+                "the weight file is damaged or not a 16-bit checkpoint"
+            )
         with torch.no_grad():
             target.copy_(tensor)
 
