@@ -298,6 +298,37 @@ def test_integer_or_bool_weights_for_a_float_parameter(tiny_original, tmp_path, 
     one_line(err, name, str(dtype).removeprefix("torch."))
 
 
+@pytest.fixture(scope="module")
+def tiny_awq(tiny_original, tmp_path_factory) -> Path:
+    from internvl_chat.quantize import quantize_checkpoint
+
+    return quantize_checkpoint(tiny_original, tmp_path_factory.mktemp("awq") / "w4", "rtn", group_size=32, device="cpu")
+
+
+AWQ_LIES = [
+    # q/k/v are fused by concatenation, which promoted int or bool scales (and biases) to float16
+    ("q_proj.scales", lambda t: t.to(torch.int32), ["q_proj", "scales", "float"]),
+    ("k_proj.scales", lambda t: t.bool(), ["k_proj", "scales", "float"]),
+    ("q_proj.bias", lambda t: t.to(torch.int32), ["q_proj", "bias", "int32"]),
+    # shape errors name the linear, not only "cannot fuse"
+    ("v_proj.qweight", lambda t: t[:, :-1], ["v_proj"]),
+    ("q_proj.scales", lambda t: t.reshape(-1), ["q_proj", "2-D"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("leaf, change, words", AWQ_LIES, ids=[f"{leaf}-{i}" for i, (leaf, *_) in enumerate(AWQ_LIES)])
+def test_lying_awq_parts_of_a_fused_linear(tiny_awq, tmp_path, leaf, change, words):
+    name = f"language_model.model.layers.0.self_attn.{leaf}"
+
+    def edit(state):
+        state[name] = change(state[name]).contiguous()
+
+    folder = _with_weights(tiny_awq, tmp_path / "awq", edit)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, *words)
+
+
 # ------------------------------------------------------------------ safetensors headers
 
 
