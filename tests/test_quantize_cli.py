@@ -45,6 +45,13 @@ def test_bad_flag_values_are_one_line(config_only, tmp_path, monkeypatch, capsys
     assert code == 2 and len(lines) == 1 and "--group-size" in lines[0] and "--help" in lines[0], lines
 
 
+def test_an_absurd_sample_count_is_refused_before_loading(config_only, tmp_path, monkeypatch, capsys):
+    """--samples 10**9 used to build calibration samples until memory ran out (a MemoryError traceback)."""
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--samples", str(10**9))
+    assert code == 2 and len(lines) == 1 and "--samples" in lines[0] and "at most" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_default_group_size_is_128_where_it_divides_else_the_largest_that_does():
     demo = load_config(REPO / "internvl_chat" / "demo_model")  # widths 192 and 512
     assert check_group_size(demo, None) == 64
