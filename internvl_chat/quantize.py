@@ -277,7 +277,8 @@ def first_block_inputs(loaded: LoadedModel, samples: Sequence[Sample], step: Ste
     with torch.inference_mode():
         for s in samples:
             features = model.encode_images(s.pixel_values) if s.pixel_values is not None else None
-            out.append(model.embed(torch.tensor(s.ids, device=model.device), features))
+            # cut to the model's positions (a short-context model): RoPE tables end there
+            out.append(model.embed(torch.tensor(s.ids, device=model.device), features)[:, : model.max_seq_len])
             step()
     return out
 
@@ -729,7 +730,9 @@ def quantize_checkpoint(
     try:
         with progress.phase("loading", 1, "model") as step:
             # fp32 on CPU (bf16 matmuls are slow there), bf16 on CUDA
-            loaded = load_model(src, device=device, dtype="auto", max_context=4096, cuda_graphs=False)
+            # a calibration sample is at most ~1.3k tokens; the cache may not exceed the model's positions
+            context = min(4096, cfg.text.max_position_embeddings)
+            loaded = load_model(src, device=device, dtype="auto", max_context=context, cuda_graphs=False)
             step()
         data: list[Sample] = []
         if method == "awq":

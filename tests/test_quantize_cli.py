@@ -127,6 +127,21 @@ def test_an_existing_empty_output_folder_is_filled(tiny_original, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+@pytest.mark.parametrize("positions", [2048, 64])
+def test_a_model_with_fewer_positions_than_the_quantizer_s_cache(tiny_original, tmp_path, monkeypatch, capsys, positions):
+    """quantize sized its cache at 4096 tokens, so a model of 2048 positions was refused with advice
+    to lower --max-context, a flag quantize does not have; the cache now fits the model, and
+    calibration samples longer than the model's positions (64) are cut to them."""
+    src = tmp_path / "short"
+    shutil.copytree(tiny_original, src)
+    raw = json.loads((src / "config.json").read_text())
+    raw["llm_config"]["max_position_embeddings"] = positions
+    (src / "config.json").write_text(json.dumps(raw))
+    code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--samples", "2", "--group-size", "32", "--device", "cpu")
+    assert code == 0, lines
+    assert load_config(tmp_path / "out").quant is not None
+
+
 def test_non_terminal_progress_is_a_few_plain_lines_with_real_totals(tiny_original, tmp_path, monkeypatch, capsys):
     code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--group-size", "32", "--samples", "2")
     assert code == 0, lines
