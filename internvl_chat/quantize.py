@@ -58,6 +58,7 @@ CLIP_MAX_SHRINK = 0.5  # try clipping each group's range down to half (as AutoAW
 SEARCH_TOKENS = 2048  # tokens behind each α-grid loss (AutoAWQ's clip search uses 512)
 STANDARD_GROUP_SIZES = (32, 64, 128, 256)  # the ones the int4 kernels take; 128 is the published default
 MAX_ANSWER_TOKENS = 512  # calibration text per sample
+MAX_SAMPLES = 1024  # all are held in memory (an image sample's tiles are megabytes); AWQ needs 32-128
 SHARD_BYTES = 4 << 30
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -276,7 +277,8 @@ def first_block_inputs(loaded: LoadedModel, samples: Sequence[Sample], step: Ste
     with torch.inference_mode():
         for s in samples:
             features = model.encode_images(s.pixel_values) if s.pixel_values is not None else None
-            out.append(model.embed(torch.tensor(s.ids, device=model.device), features))
+            # cut to the model's positions (a short-context model): RoPE tables end there
+            out.append(model.embed(torch.tensor(s.ids, device=model.device), features)[:, : model.max_seq_len])
             step()
     return out
 
@@ -712,6 +714,8 @@ def quantize_checkpoint(
         raise UsageError(f"unknown method {method!r}; use awq or rtn")
     if samples < 1:
         raise UsageError("--samples must be at least 1")
+    if samples > MAX_SAMPLES:
+        raise UsageError(f"--samples {samples} is too many: every sample is held in memory; use at most {MAX_SAMPLES} (32 is the default)")
     if not src.is_dir():
         raise UsageError(f"the source {visible(str(src))} is not a folder; give a 16-bit checkpoint folder")
     cfg = load_config(src)
@@ -726,7 +730,9 @@ def quantize_checkpoint(
     try:
         with progress.phase("loading", 1, "model") as step:
             # fp32 on CPU (bf16 matmuls are slow there), bf16 on CUDA
-            loaded = load_model(src, device=device, dtype="auto", max_context=4096, cuda_graphs=False)
+            # a calibration sample is at most ~1.3k tokens; the cache may not exceed the model's positions
+            context = min(4096, cfg.text.max_position_embeddings)
+            loaded = load_model(src, device=device, dtype="auto", max_context=context, cuda_graphs=False)
             step()
         data: list[Sample] = []
         if method == "awq":
@@ -775,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
     p.add_argument("--calib", metavar="DIR", help="folder of calibration images and .txt files (default: built-in generated data)")
     p.add_argument("--samples", type=_positive_int, default=32, metavar="N",
-                   help="calibration samples, half with an image (default 32)")  # fmt: skip
+                   help=f"calibration samples, half with an image (default 32, at most {MAX_SAMPLES})")  # fmt: skip
     p.add_argument("--no-clip", action="store_true", help="skip AWQ's weight-clipping search")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the built-in calibration data (default 0)")

@@ -45,6 +45,13 @@ def test_bad_flag_values_are_one_line(config_only, tmp_path, monkeypatch, capsys
     assert code == 2 and len(lines) == 1 and "--group-size" in lines[0] and "--help" in lines[0], lines
 
 
+def test_an_absurd_sample_count_is_refused_before_loading(config_only, tmp_path, monkeypatch, capsys):
+    """--samples 10**9 used to build calibration samples until memory ran out (a MemoryError traceback)."""
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--samples", str(10**9))
+    assert code == 2 and len(lines) == 1 and "--samples" in lines[0] and "at most" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_default_group_size_is_128_where_it_divides_else_the_largest_that_does():
     demo = load_config(REPO / "internvl_chat" / "demo_model")  # widths 192 and 512
     assert check_group_size(demo, None) == 64
@@ -118,6 +125,21 @@ def test_an_existing_empty_output_folder_is_filled(tiny_original, tmp_path):
     quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
     assert (dst / "model.safetensors").is_file() and (dst / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("positions", [2048, 64])
+def test_a_model_with_fewer_positions_than_the_quantizer_s_cache(tiny_original, tmp_path, monkeypatch, capsys, positions):
+    """quantize sized its cache at 4096 tokens, so a model of 2048 positions was refused with advice
+    to lower --max-context, a flag quantize does not have; the cache now fits the model, and
+    calibration samples longer than the model's positions (64) are cut to them."""
+    src = tmp_path / "short"
+    shutil.copytree(tiny_original, src)
+    raw = json.loads((src / "config.json").read_text())
+    raw["llm_config"]["max_position_embeddings"] = positions
+    (src / "config.json").write_text(json.dumps(raw))
+    code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--samples", "2", "--group-size", "32", "--device", "cpu")
+    assert code == 0, lines
+    assert load_config(tmp_path / "out").quant is not None
 
 
 def test_non_terminal_progress_is_a_few_plain_lines_with_real_totals(tiny_original, tmp_path, monkeypatch, capsys):

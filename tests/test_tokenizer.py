@@ -295,6 +295,11 @@ def test_tokenizer_missing_or_incomplete(tmp_path, tiny_tokenizer):
         ({"tokenizer_config.json": '{"added_tokens_decoder": {"x": 1}}'}, "entry 'x' is malformed"),
         ({"tokenizer_config.json": '{"added_tokens_decoder": {"3": {"content": "<|im_end|>", "special": true}}}'},
          "gives '<|im_end|>' the id 3"),
+        # what json.loads refuses without a JSONDecodeError, and ids int() cannot read
+        ({"tokenizer_config.json": "[" * 100_000 + "]" * 100_000}, "tokenizer_config.json is not usable: it is nested too deeply"),
+        ({"tokenizer_config.json": '{"model_max_length": ' + "1" * 5000 + "}"}, "tokenizer_config.json is not usable: a number"),
+        ({"tokenizer_config.json": '{"added_tokens_decoder": {"\u00b2": {"content": "<x>"}}}'}, "entry '²' is malformed"),
+        ({"tokenizer_config.json": '{"added_tokens_decoder": {"' + "9" * 5000 + '": {"content": "<x>"}}}'}, "is malformed"),
     ],
 )  # fmt: skip
 def test_broken_tokenizer_files_are_one_clear_error(tmp_path, tiny_tokenizer, files, message):

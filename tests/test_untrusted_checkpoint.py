@@ -255,6 +255,80 @@ def test_a_larger_but_plausible_config_is_refused_by_size_too(tiny_original, tmp
     one_line(err, "config.json and the weights disagree")
 
 
+def _with_weights(tiny_original: Path, folder: Path, edit) -> Path:
+    """A copy of the tiny checkpoint whose single safetensors file has `edit(state)` applied."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_original, folder)
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer(tiny_original, tmp_path):
+    """config.json and the embedding rows agree on 300 tokens, but the tokenizer's chat tokens have
+    ids above that: the first prompt would index past the embeddings (an IndexError traceback)."""
+
+    def shrink(state):
+        for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+            state[name] = state[name][:300].contiguous()
+
+    folder = _with_weights(tiny_original, tmp_path / "small vocab", shrink)
+    raw = config_of(folder)
+    raw["llm_config"]["vocab_size"] = 300
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(folder), "vocab_size", "300", "tokenizer")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool, torch.uint8])
+def test_integer_or_bool_weights_for_a_float_parameter(tiny_original, tmp_path, dtype):
+    """A dense weight stored as integers or bools is a damaged or mislabelled file: it used to be
+    cast silently (a model that answers garbage); now it is one line naming the tensor."""
+    name = "language_model.model.layers.0.self_attn.q_proj.weight"
+
+    def retype(state):
+        state[name] = state[name].to(dtype)
+
+    folder = _with_weights(tiny_original, tmp_path / "ints", retype)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, name, str(dtype).removeprefix("torch."))
+
+
+@pytest.fixture(scope="module")
+def tiny_awq(tiny_original, tmp_path_factory) -> Path:
+    from internvl_chat.quantize import quantize_checkpoint
+
+    return quantize_checkpoint(tiny_original, tmp_path_factory.mktemp("awq") / "w4", "rtn", group_size=32, device="cpu")
+
+
+AWQ_LIES = [
+    # q/k/v are fused by concatenation, which promoted int or bool scales (and biases) to float16
+    ("q_proj.scales", lambda t: t.to(torch.int32), ["q_proj", "scales", "float"]),
+    ("k_proj.scales", lambda t: t.bool(), ["k_proj", "scales", "float"]),
+    ("q_proj.bias", lambda t: t.to(torch.int32), ["q_proj", "bias", "int32"]),
+    # shape errors name the linear, not only "cannot fuse"
+    ("v_proj.qweight", lambda t: t[:, :-1], ["v_proj"]),
+    ("q_proj.scales", lambda t: t.reshape(-1), ["q_proj", "2-D"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("leaf, change, words", AWQ_LIES, ids=[f"{leaf}-{i}" for i, (leaf, *_) in enumerate(AWQ_LIES)])
+def test_lying_awq_parts_of_a_fused_linear(tiny_awq, tmp_path, leaf, change, words):
+    name = f"language_model.model.layers.0.self_attn.{leaf}"
+
+    def edit(state):
+        state[name] = change(state[name]).contiguous()
+
+    folder = _with_weights(tiny_awq, tmp_path / "awq", edit)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, *words)
+
+
 # ------------------------------------------------------------------ safetensors headers
 
 

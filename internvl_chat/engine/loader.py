@@ -79,6 +79,17 @@ def check_weights_fit_config(cfg: ModelConfig, file_bytes: int, path: Path) -> N
         )
 
 
+def check_tokenizer_fits_vocab(tokenizer: Tokenizer, cfg: ModelConfig, path: Path) -> None:
+    """Every id the tokenizer can produce must have an embedding row; an id past them would fail
+    inside the first prompt (an index error) instead of here."""
+    top = max(tokenizer.get_vocab().values(), default=-1)
+    if top >= cfg.text.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer of {visible(str(path))} has token ids up to {top} but config.json's vocab_size is "
+            f"{cfg.text.vocab_size}; the tokenizer belongs to another model (use the one shipped with the checkpoint)"
+        )
+
+
 def _count(n: float) -> str:
     for unit, size in (("trillion", 1e12), ("billion", 1e9), ("million", 1e6)):
         if n >= size:
@@ -133,6 +144,7 @@ def load_model(
         raise UsageError(f"--max-context {max_context} exceeds the model's {limit} positions; use at most {limit}")
     tokenizer = load_tokenizer(path)
     special = special_token_ids(tokenizer)
+    check_tokenizer_fits_vocab(tokenizer, cfg, path)
     try:
         model = InternVLModel.empty(cfg, device, dtype, max_context)
         model.int4_backend = int4_backend

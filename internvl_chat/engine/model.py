@@ -229,6 +229,11 @@ class InternVLModel(nn.Module):
                 f"tensor {name} has shape {tuple(tensor.shape)} but the config implies {tuple(target.shape)}; "
                 "config.json and the weights disagree"
             )
+        if target.is_floating_point() and not tensor.is_floating_point():  # copy_ would cast silently
+            raise CheckpointError(
+                f"tensor {visible(name)} is stored as {str(tensor.dtype).removeprefix('torch.')}, not as floats; "
+                "the weight file is damaged or not a 16-bit checkpoint"
+            )
         with torch.no_grad():
             target.copy_(tensor)
 
@@ -244,7 +249,7 @@ class InternVLModel(nn.Module):
         self._copy(name, target[start : start + sizes[block]], tensor)
 
     def _collect_int4_part(self, prefix: str, linear: str, suffix: str, tensor: torch.Tensor, pending: dict) -> None:
-        from ..quant.awq_format import concat_awq  # the quant leaf is only needed for W4
+        from ..quant.awq_format import concat_awq, validate_awq  # the quant leaf is only needed for W4
         from ..quant.int4_linear import Int4Linear
 
         fused = _FUSED[linear][0] if linear in _FUSED else linear
@@ -258,9 +263,17 @@ class InternVLModel(nn.Module):
         if module.has_bias and any(f"{p}.bias" not in bag for p in parts):
             return
         del pending[key]
+        group = self.cfg.quant.group_size
+        for p in parts:  # each part on its own: concatenating would promote int/bool scales to floats
+            validate_awq(*(bag[f"{p}.{s}"] for s in _AWQ_SUFFIXES), group, name=f"{prefix}.{p}")
+            bias_part = bag.get(f"{p}.bias")
+            if bias_part is not None and not bias_part.is_floating_point():
+                raise CheckpointError(
+                    f"tensor {prefix}.{p}.bias is stored as {str(bias_part.dtype).removeprefix('torch.')}, not as floats; "
+                    "the weight file is damaged"
+                )
         qweight, qzeros, scales = concat_awq([tuple(bag[f"{p}.{s}"] for s in _AWQ_SUFFIXES) for p in parts])
         bias = torch.cat([bag[f"{p}.bias"] for p in parts]) if module.has_bias else None
-        group = self.cfg.quant.group_size
         if qweight.shape[0] != module.in_features or scales.shape[1] != module.out_features:
             raise CheckpointError(
                 f"4-bit tensors of {key} give a {qweight.shape[0]}×{scales.shape[1]} linear but the config implies "

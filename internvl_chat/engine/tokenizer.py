@@ -183,8 +183,11 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
         raise _config_error(model_dir, "added_tokens_decoder is not an object")
     entries: list[tuple[int, dict]] = []
     for key, entry in declared.items():
-        if not (isinstance(key, str) and key.isdigit() and isinstance(entry, dict) and _token_content(entry)):
-            raise _config_error(model_dir, f"added_tokens_decoder entry {key!r} is malformed")
+        # an id int() reads: ASCII digits only ("²".isdigit() is true), and short enough to convert
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 18
+                and isinstance(entry, dict) and _token_content(entry)):  # fmt: skip
+            shown = key if len(key) <= 20 else key[:17] + "…"
+            raise _config_error(model_dir, f"added_tokens_decoder entry {shown!r} is malformed")
         entries.append((int(key), entry))
     for token_id, entry in sorted(entries, key=lambda e: e[0]):
         content = entry["content"]
@@ -232,6 +235,9 @@ def _read_config(model_dir: Path) -> dict:
         config = json.loads(read_text_file(path, "the tokenizer config", JSON_LIMIT, CheckpointError))
     except json.JSONDecodeError as e:
         raise _config_error(model_dir, f"it is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:  # a number too long for int(), absurd nesting
+        reason = "it is nested too deeply" if isinstance(e, RecursionError) else "a number in it is too large"
+        raise _config_error(model_dir, reason) from None
     if not isinstance(config, dict):
         raise _config_error(model_dir, "it is not a JSON object")
     return config
