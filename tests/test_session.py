@@ -358,3 +358,17 @@ def test_answers_never_hold_image_placeholders(tiny_original):
     answer = session.turns[-1].answer_ids
     assert answer and not {special.img_start, special.img_end, special.img_context} & set(answer), answer
     assert events[-1]["finish_reason"] in ("stop", "length")
+
+
+def test_media_that_changed_after_attaching_fails_the_same_way_when_resent(loaded, media_dir, tmp_path):
+    # the UI keeps attachments after a failed send; the second send must not trust the bad pixels
+    path = tmp_path / "photo.png"
+    path.write_bytes((media_dir / "small.png").read_bytes())
+    session = Session(loaded, _params(3))
+    media = session.describe_image(path)  # 1 tile
+    path.write_bytes((media_dir / "scene.png").read_bytes())  # replaced before sending: 13 tiles
+    for _ in range(2):
+        with pytest.raises(MediaError, match="photo.png gave 13 tiles, expected 1"):
+            _run(session.ask("What is this?", [media]))
+    assert (session.ids, session.start_pos, session.turns) == ([], 0, [])
+    assert media.pixel_values is None and media.size == (448, 448)

@@ -180,13 +180,18 @@ class Session:
             if media.kind == "image":
                 min_tiles, max_tiles = self.loaded.config.tile_limits(media.max_tiles)
                 image = load_image(media.path, max_tiles, self.loaded.config.use_thumbnail, size, min_tiles)
-                media.pixel_values, media.size = image.pixel_values, image.size
+                pixels = image.pixel_values
             else:
                 start, end = media.video_range or (None, None)
                 video = load_video(media.path, media.frames, start, end, size)
-                media.pixel_values, media.timestamps = video.pixel_values, list(video.timestamps)
-            if media.pixel_values.shape[0] != media.tiles:
-                raise MediaError(f"{media.path.name} gave {media.pixel_values.shape[0]} tiles, expected {media.tiles}")
+                pixels = video.pixel_values
+            # checked before keeping them: kept pixels are trusted, and a resend must fail the same way
+            if pixels.shape[0] != media.tiles:
+                raise MediaError(f"{media.path.name} gave {pixels.shape[0]} tiles, expected {media.tiles}")
+            if media.kind == "image":
+                media.pixel_values, media.size = pixels, image.size
+            else:
+                media.pixel_values, media.timestamps = pixels, list(video.timestamps)
         if not media.sha256:
             media.sha256 = sha256_of(media.path)
         return media.pixel_values
