@@ -372,3 +372,22 @@ def test_media_that_changed_after_attaching_fails_the_same_way_when_resent(loade
             _run(session.ask("What is this?", [media]))
     assert (session.ids, session.start_pos, session.turns) == ([], 0, [])
     assert media.pixel_values is None and media.size == (448, 448)
+
+
+def test_a_session_file_listing_a_video_before_an_image_loads_in_prompt_order(loaded, media_dir, tmp_path):
+    # the template puts images before videos; the features of a loaded turn must follow that order
+    session = Session(loaded, _params(4))
+    video, image = session.describe_video(media_dir / "clip.mp4", frames=2), session.describe_image(media_dir / "small.png")
+    _run(session.ask("Look.", [video, image]))
+    data = session.to_json(path=tmp_path / "chat.json")
+    assert [m["kind"] for m in data["messages"][0]["media"]] == ["image", "video"]
+    data["messages"][0]["media"].reverse()  # written by hand, or by another tool
+    (tmp_path / "chat.json").write_text(json.dumps(data))
+    restored = Session(loaded, _params(4))
+    restored.load(tmp_path / "chat.json")
+    assert restored.ids == session.ids
+    assert [m.kind for m in restored.turns[0].media] == ["image", "video"]
+    follow = session.builder.next_turn("Next?", [])
+    expected = loaded.model.forward(session.ids[session.start_pos :] + follow, session.start_pos)
+    got = loaded.model.forward(restored.ids[restored.start_pos :] + follow, restored.start_pos)
+    assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()

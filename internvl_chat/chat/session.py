@@ -454,6 +454,8 @@ class Session:
         media = saved_media(saved, self.describe_image, self.describe_video)
         turns: list[Turn] = []
         for saved_turn, turn_media in zip(saved.turns, media):
+            # in prompt order (images before videos), as `ask` keeps them: features are encoded in this order
+            turn_media = [turn_media[i] for i in media_order([m.spec for m in turn_media])]
             turn = Turn(saved_turn.user_text, turn_media, 0, 0)
             turn.answer_ids = self._answer_ids(saved_turn, len(turns) + 1, saved.path)
             turn.answer_text = saved_turn.reply
