@@ -391,3 +391,25 @@ def test_a_session_file_listing_a_video_before_an_image_loads_in_prompt_order(lo
     expected = loaded.model.forward(session.ids[session.start_pos :] + follow, session.start_pos)
     got = loaded.model.forward(restored.ids[restored.start_pos :] + follow, restored.start_pos)
     assert (got - expected).abs().max().item() <= TOL * expected.abs().max().item()
+
+
+def test_a_retry_whose_restore_also_fails_leaves_the_conversation_without_the_last_turn(loaded, media_dir, monkeypatch):
+    # the failed retry's new answer and the re-prefill of the old one both fail (e.g. out of memory twice)
+    session = Session(loaded, _params(3))
+    _run(session.ask("First."))
+    after_first = (list(session.ids), session.start_pos)
+    _run(session.ask("Second.", [session.describe_image(media_dir / "small.png")]))
+
+    def fail(*_a, **_k):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(loaded.model, "forward", fail)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _run(session.retry())
+    monkeypatch.undo()
+    # as the app says: the last question and its answer were removed; nothing stale is left to prefill
+    assert (session.ids, session.start_pos, len(session.turns)) == (*after_first, 1)
+    follow = _run(session.ask("Third?"))
+    fresh = Session(loaded, _params(3))
+    _run(fresh.ask("First."))
+    assert _run(fresh.ask("Third?"))["token_ids"] == follow["token_ids"]

@@ -312,10 +312,11 @@ class Session:
 
     def _restore_turn(self, turn: Turn, saved: tuple[list[int], int]) -> None:
         """Put back a turn that a failed /retry removed, re-prefilling its cached tokens."""
-        self.ids, end = saved
+        ids, end = saved
         start = turn.pos_before
-        self.model.forward(self.ids[start:end], start, turn.features)
-        self.start_pos = end
+        # prefill first: if it fails too, the session stays as undo left it (consistent, turn removed)
+        self.model.forward(ids[start:end], start, turn.features)
+        self.ids, self.start_pos = ids, end
         self.turns.append(turn)
 
     def clear(self) -> None:
