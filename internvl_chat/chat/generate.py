@@ -29,6 +29,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says the device or the host ran out of memory (the CPU allocator raises a
+    plain RuntimeError "can't allocate memory"; Python's own allocations raise MemoryError)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "allocate memory" in str(error)
+
+
 def stream_generate(
     model: InternVLModel,
     tokenizer,
@@ -93,7 +101,9 @@ def stream_generate(
                     pending_text, since_emit = "", 0
                 token = sampler.next_token(next_logits)
         _sync(device)
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
         raise GenerationError(
             "out of memory during generation; use fewer tiles or frames, a smaller --max-context, or a 4-bit model"
         ) from None
