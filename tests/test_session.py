@@ -455,3 +455,18 @@ def test_running_out_of_memory_in_a_turn_is_one_error_and_the_turn_can_be_asked_
     with pytest.raises(GenerationError, match="out of memory reading the .* conversation again, so it was cleared"):
         session.set_system("Be brief.")
     assert (session.ids, session.start_pos, session.turns) == ([], 0, [])
+
+
+def test_an_answer_abandoned_mid_stream_leaves_no_trace_in_the_next_answer(loaded):
+    # the consumer stops reading (generator closed, or an exception in the consumer drops it)
+    session = Session(loaded, SamplingParams(max_new_tokens=8, stop_ids=()))
+    _run(session.ask("First."))
+    before = (list(session.ids), session.start_pos, len(session.turns))
+    events = session.ask("Tell me a long story.")
+    next(events), next(events)
+    events.close()
+    assert (session.ids, session.start_pos, len(session.turns)) == before
+    answer = _run(session.ask("Second."))["token_ids"]
+    fresh = Session(loaded, SamplingParams(max_new_tokens=8, stop_ids=()))
+    _run(fresh.ask("First."))
+    assert _run(fresh.ask("Second."))["token_ids"] == answer
