@@ -82,7 +82,8 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
             text = quote + full + ("" if is_dir else quote)
         else:
             text = _escape(full)
-        yield Completion(text, start_position=-len(raw), display=name + ("/" if is_dir else ""))
+        shown = visible(name) + ("/" if is_dir else "")  # a listed name is untrusted: no raw controls or bidi
+        yield Completion(text, start_position=-len(raw), display=shown)
 
 
 def current_word_start(text: str) -> int:
