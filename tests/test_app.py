@@ -76,6 +76,15 @@ def test_sanitize_removes_terminal_controls_but_keeps_text():
     assert sanitize("a\x1b[31mb\x07\tc\n\r\x9bd 中文") == "a[31mb\tc\nd 中文"
 
 
+def test_sanitize_shows_bidi_overrides_in_an_answer():
+    """An answer cannot reorder what the terminal shows (Trojan Source): embedding, override and
+    isolate controls are shown as escapes; right-to-left text, its marks and emoji joiners stay."""
+    hostile = "run rm -rf ~/\u202e#gnp.tac\u202c and \u2067x\u2069 \u202a\u202b\u202d\u2066\u2068"
+    assert sanitize(hostile) == ("run rm -rf ~/\\u202e#gnp.tac\\u202c and \\u2067x\\u2069 "
+                                 "\\u202a\\u202b\\u202d\\u2066\\u2068")  # fmt: skip
+    assert sanitize("שלום\u200f עולם 👩\u200d💻") == "שלום\u200f עולם 👩\u200d💻"
+
+
 def test_triple_quote_blocks():
     assert unwrap_block('"""\nline 1\nline 2\n"""') == "line 1\nline 2"
     assert unwrap_block('"""one line"""') == "one line"

@@ -161,6 +161,18 @@ def test_markdown_stream_on_a_terminal_leaves_the_same_screen_as_the_whole_docum
     assert emulate_terminal(out.getvalue()) == want
 
 
+def test_a_link_in_an_answer_shows_its_target_and_is_no_hidden_hyperlink():
+    """A model's `[the docs](https://evil.example/x)` must not become a clickable terminal link
+    (OSC 8) whose target is hidden behind harmless words: the target is printed beside them."""
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=40, force_terminal=True, color_system="truecolor")
+    with MarkdownStream(console, refresh_interval_s=0) as stream:
+        stream.feed("Read [the docs](https://evil.example/x) now.\n\n| a |\n|---|\n| [b](https://e.example/) |\n")
+    assert "\x1b]8;" not in out.getvalue()
+    screen = emulate_terminal(out.getvalue())
+    assert "https://evil.example/x" in screen and "https://e.example/" in screen
+
+
 def test_plain_stream_writes_raw_deltas():
     out = io.StringIO()
     stream = PlainStream(out)

@@ -231,3 +231,31 @@ def test_everything_printed_fits_the_width(tiny_original, tmp_path, cols):
     assert "at most, after the next answer" in words and "tok/s" in words and "did you mean /image?" in words
     term.child.sendcontrol("d")
     assert term.close() == 0
+
+
+def _terminal_modes(term: Terminal) -> dict[str, bool]:
+    import termios
+
+    lflag = termios.tcgetattr(term.child.child_fd)[3]  # the pty's modes, as the next program finds them
+    return {"echo": bool(lflag & termios.ECHO), "line editing": bool(lflag & termios.ICANON),
+            "Ctrl-C": bool(lflag & termios.ISIG)}  # fmt: skip
+
+
+@pytest.mark.parametrize("when", ["at the prompt", "mid-answer"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_killed_by_a_signal_the_terminal_is_restored(tiny_original, tmp_path, sig, when):
+    """`kill` or a closed window ends the program, but never leaves the terminal raw or silent."""
+    term = Terminal(tmp_path, tiny_original, "--max-new-tokens", "1500", cols=80)
+    if when == "mid-answer":
+        term.enter(QUESTION)
+        term.wait_for(streaming(QUESTION), "the answer streaming")
+    os.kill(term.child.pid, sig)
+    with pytest.raises(pexpect.EOF):  # everything it wrote until it ended
+        while True:
+            term.child.read_nonblocking(65536, timeout=TIMEOUT)
+    modes = _terminal_modes(term)  # read while the pty is still open (close() would drop it)
+    term.close()
+    assert modes == {"echo": True, "line editing": True, "Ctrl-C": True}
+    raw = "".join(term.raw)
+    assert raw.rfind(INPUT_DONE) > raw.rfind(PROMPT_READY)  # bracketed paste is off again
+    assert "Traceback" not in raw, raw[-2000:]

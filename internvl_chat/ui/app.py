@@ -69,6 +69,9 @@ KEYS_HELP = (
 # Model output is shown on a terminal: control characters (escape sequences, bells, carriage
 # returns) must not reach it. Tabs and newlines stay.
 _CONTROL = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)]}
+# Bidi embeddings, overrides and isolates would reorder what is shown (Trojan Source): shown as
+# escapes. Right-to-left text itself, its marks (U+200E/F) and joiners are text and stay.
+_CONTROL.update({c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]})
 
 
 def changeable_while_running(dotted: str) -> bool:
@@ -130,7 +133,7 @@ def _exists(path: Path) -> bool:
 
 
 def sanitize(text: str) -> str:
-    """`text` without terminal control characters (except tab and newline)."""
+    """`text` without terminal control characters (except tab and newline), bidi overrides shown as escapes."""
     return text.translate(_CONTROL)
 
 

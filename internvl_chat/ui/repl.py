@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import stat
 import sys
 from collections.abc import Iterable, Iterator
@@ -81,7 +82,8 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
             text = quote + full + ("" if is_dir else quote)
         else:
             text = _escape(full)
-        yield Completion(text, start_position=-len(raw), display=name + ("/" if is_dir else ""))
+        shown = visible(name) + ("/" if is_dir else "")  # a listed name is untrusted: no raw controls or bidi
+        yield Completion(text, start_position=-len(raw), display=shown)
 
 
 def current_word_start(text: str) -> int:
@@ -318,9 +320,19 @@ def build_prompt_session(app: App, settings: Settings) -> PromptSession:
     )
 
 
+def _exit_on_signal(signum: int, frame) -> None:
+    """SIGTERM/SIGHUP end the REPL as an exception, so every `with` that changed the terminal
+    (prompt_toolkit's raw mode, `held_keys`) puts it back; by default they end the process at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
 def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = None) -> int:
     if not sys.stdin.isatty():
         raise UsageError("the REPL needs a terminal on stdin; use --script FILE for scripted input or -p TEXT")
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _exit_on_signal)
     console = make_console(sys.stdout, color="never" if settings.ui.plain else settings.ui.color)
     # keys typed while the model loads or an answer streams are not echoed into the output: they
     # wait for the next prompt, which starts with them
@@ -344,6 +356,12 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
             continue  # Ctrl-C at the prompt: a fresh, empty line
         except EOFError:
             break
+        except SystemExit:  # SIGTERM/SIGHUP: it may land before prompt_toolkit's own clean-up is armed
+            try:
+                prompt_session.app.renderer.reset()  # bracketed paste off, cursor shown
+            except OSError:
+                pass  # the terminal is gone
+            raise
         with held_keys() as typed:
             result = _interruptible(app, lambda: app.handle_line(line))
         if result == EXIT:
