@@ -12,6 +12,7 @@ speculative K/V lands beyond the valid cache and is simply overwritten later.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,20 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(error, RuntimeError) and "allocate memory" in str(error)
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(during: str) -> Iterator[None]:
+    """Running out of memory in the block becomes one GenerationError line (the turn can be asked
+    again); any other error passes through."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise GenerationError(
+            f"out of memory {during}; use fewer tiles or frames, a smaller --max-context, or a 4-bit model"
+        ) from None
 
 
 def stream_generate(
@@ -68,7 +83,7 @@ def stream_generate(
         return {"prompt_tokens": prompt_len, "completion_tokens": len(generated), "total_tokens": prompt_len + len(generated)}
 
     t0 = time.perf_counter()
-    try:
+    with out_of_memory_as_error("during generation"):
         logits = model.forward(prompt_ids, start_pos, image_features)
         pos = start_pos + prompt_len
         token = sampler.next_token(logits)
@@ -101,12 +116,6 @@ def stream_generate(
                     pending_text, since_emit = "", 0
                 token = sampler.next_token(next_logits)
         _sync(device)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise GenerationError(
-            "out of memory during generation; use fewer tiles or frames, a smaller --max-context, or a 4-bit model"
-        ) from None
     end = time.perf_counter()
     pending_text += detok.flush()
     prefill_s = (t_first or end) - t0

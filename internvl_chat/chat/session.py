@@ -26,7 +26,7 @@ from ..files import expand_home, visible, write_atomic
 from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import load_video, probe_video
 from .conversation import BackendInfo, PromptView
-from .generate import is_out_of_memory, stream_generate
+from .generate import is_out_of_memory, out_of_memory_as_error, stream_generate
 from .sampling import Sampler, SamplingParams
 from .session_file import (CANCELLED_MARK, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
                            SavedTurn, media_candidates, media_json_paths, read_session_file)  # fmt: skip
@@ -203,14 +203,8 @@ class Session:
         if cancel is not None and cancel.is_set():
             raise KeyboardInterrupt
         t0 = time.perf_counter()
-        try:
+        with out_of_memory_as_error("in the vision encoder"):
             features = self.model.encode_images(pixels)
-        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e):
-                raise
-            raise GenerationError(
-                "out of memory in the vision encoder; use fewer tiles or frames, a smaller --max-context, or a 4-bit model"
-            ) from None
         if features.device.type == "cuda":
             torch.cuda.synchronize(features.device)
         return features, time.perf_counter() - t0
