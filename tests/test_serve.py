@@ -20,7 +20,7 @@ from PIL import Image
 
 from internvl_chat.chat.template import PromptBuilder
 from media_helpers import textured_rgb
-from serve_support import RunningServer
+from serve_support import RunningServer, png_bytes
 
 WAIT_S = 60
 
@@ -326,3 +326,29 @@ def test_a_stopped_engine_is_503(tiny_original):
             ask(down.client())
         assert err.value.status_code == 503
         assert httpx.get(f"{down.url}/health").status_code == 503
+
+
+def test_running_out_of_memory_in_the_vision_encoder_is_the_one_line_error_and_the_next_request_is_served(
+    server, client, monkeypatch
+):
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(textured_rgb(448, 448, seed=21))).decode()
+    body = _body("What is this?", max_tokens=4)
+    body["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": url}}]
+    encode = server.worker.model.encode_images
+    calls = []
+
+    def out_of_memory_once(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 1:
+            raise MemoryError
+        return encode(pixels)
+
+    monkeypatch.setattr(server.worker.model, "encode_images", out_of_memory_once)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(**body)
+    error = err.value.body
+    assert error["code"] == "generation_failed" and error["message"].startswith("out of memory in the vision encoder")
+    assert server.worker.alive
+    assert client.chat.completions.create(**body).choices[0].finish_reason in ("stop", "length")
+    assert len(calls) == 2  # the failed features were not cached: the picture is encoded again
+

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..chat.detokenize import IncrementalDetokenizer
+from ..chat.generate import out_of_memory_as_error
 from ..chat.sampling import SamplingParams
 from ..engine.loader import LoadedModel
 from ..errors import InternVLChatError
@@ -281,7 +282,8 @@ class EngineWorker:
                         raise ClientGone
                     pixels = self.reader.pixels(item)
                     t0 = time.perf_counter()
-                    features = self.model.encode_images(pixels)
+                    with out_of_memory_as_error("in the vision encoder"):  # the app's one line, not a 500 crash
+                        features = self.model.encode_images(pixels)
                     if features.device.type == "cuda":
                         torch.cuda.synchronize(features.device)
                     vision_s += time.perf_counter() - t0
