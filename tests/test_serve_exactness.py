@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import openai
 import pytest
+import torch
 from PIL import Image
 
 from internvl_chat.chat.sampling import SamplingParams
@@ -170,3 +172,36 @@ def test_interleaved_conversations_keep_their_own_slots(client, local):
             assert (served_text, served_ids) == wanted, (name, round_)
             if round_:
                 assert out.usage.prompt_tokens_details.cached_tokens == cached_before, (name, round_)
+
+
+def test_a_request_that_overflowed_to_nan_leaves_no_nan_in_its_slot(server, client, monkeypatch):
+    # A half-precision overflow makes a request's keys and values NaN from some position on, and it
+    # fails with non-finite logits. The slot keeps only the prefix before that request; the NaNs past
+    # it stay in the tensors, and the masked decode step (CUDA graphs, compiled step) reads a whole
+    # bucket past the position with the tail masked out, where 0 × NaN is NaN: every later request
+    # on that slot would fail too. Here the overflow is simulated in the forward pass.
+    history = [{"role": "user", "content": "Remember the number forty-two. " * 4}]
+    answer, _, _ = complete(client, history)
+    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Which number was it?"}]
+    model = server.worker.model
+    forward = model.forward
+
+    def overflowing(ids, start_pos, *args, **kw):
+        logits = forward(ids, start_pos, *args, **kw)
+        for t in model.language_model.k_cache + model.language_model.v_cache:
+            t[:, :, start_pos:].fill_(float("nan"))
+        return logits * float("nan")
+
+    monkeypatch.setattr(model, "forward", overflowing)
+    with pytest.raises(openai.InternalServerError, match="non-finite"):
+        complete(client, history)
+    monkeypatch.setattr(model, "forward", forward)
+
+    slot = max(server.worker.slots.slots, key=lambda s: s.last_used)
+    slot.session.activate_kv_cache()
+    lm = model.language_model
+    position = slot.cached  # the next token goes here; the bucket past it is masked out
+    logits = lm.decode_masked(torch.tensor([5]), torch.tensor([position]), lm.max_seq_len)
+    assert torch.isfinite(logits).all()
+    text, ids, out = complete(client, history)  # and the slot serves the conversation as a fresh server would
+    assert out.usage.prompt_tokens_details.cached_tokens == position
