@@ -470,3 +470,32 @@ def test_an_answer_abandoned_mid_stream_leaves_no_trace_in_the_next_answer(loade
     fresh = Session(loaded, SamplingParams(max_new_tokens=8, stop_ids=()))
     _run(fresh.ask("First."))
     assert _run(fresh.ask("Second."))["token_ids"] == answer
+
+
+def test_a_turn_that_overflowed_to_nan_leaves_no_nan_in_the_cache(loaded, monkeypatch):
+    # A half-precision overflow makes the turn's keys and values NaN and fails it with non-finite
+    # logits. The masked decode step (CUDA graphs) reads a whole bucket past its position with the
+    # tail masked out, where 0 × NaN is NaN: NaN left there would fail every later turn.
+    session = Session(loaded, _params(4))
+    _run(session.ask("Remember forty-two."))
+    model, lm = loaded.model, loaded.model.language_model
+    forward = model.forward
+
+    def overflowing(ids, start_pos, *args, **kw):
+        logits = forward(ids, start_pos, *args, **kw)
+        for k, v in lm.caches():
+            k[:, :, start_pos:].fill_(float("nan"))
+            v[:, :, start_pos:].fill_(float("nan"))
+        return logits * float("nan")
+
+    monkeypatch.setattr(model, "forward", overflowing)
+    with pytest.raises(GenerationError, match="non-finite"):
+        _run(session.ask("Which number?"))
+    monkeypatch.undo()
+    with torch.inference_mode():
+        logits = lm.decode_masked(torch.tensor([5]), torch.tensor([session.start_pos]), lm.max_seq_len)
+    assert torch.isfinite(logits).all()
+    answer = _run(session.ask("Which number?"))["token_ids"]
+    fresh = Session(loaded, _params(4))
+    _run(fresh.ask("Remember forty-two."))
+    assert _run(fresh.ask("Which number?"))["token_ids"] == answer

@@ -254,8 +254,10 @@ class Session:
                 if event["finish_reason"] is not None:
                     self._commit(turn, prompt, event, "".join(text_parts))
                 yield event
-        except (GenerationError, KeyboardInterrupt):
+        except (GenerationError, KeyboardInterrupt) as e:
             self._rewind(turn.ids_before, turn.pos_before)
+            if isinstance(e, GenerationError):
+                self._clear_cache_from(turn.pos_before)
             raise
 
     def _commit(self, turn: Turn, prompt: list[int], event: dict, text: str) -> None:
@@ -272,6 +274,15 @@ class Session:
     def _rewind(self, ids_len: int, pos: int) -> None:
         self.ids = self.ids[:ids_len]
         self.start_pos = pos
+
+    def _clear_cache_from(self, pos: int) -> None:
+        """Zero the active KV cache from `pos` on after a failed turn: a half-precision overflow may
+        have left NaN there, and the masked decode step (CUDA graphs) reads past its position, where
+        0 × NaN is NaN, so every later turn would fail too."""
+        with torch.inference_mode():  # the cache may be an inference tensor
+            for k, v in self.model.language_model.caches():
+                k[:, :, pos:].zero_()
+                v[:, :, pos:].zero_()
 
     def undo(self) -> Turn:
         if not self.turns:

@@ -248,33 +248,21 @@ class EngineWorker:
         stops = StopStrings(job.stops)
         sent: list[str] = []
         final = None
-        try:
-            for event in session.continue_with(prompt.ids, reuse, features, job.params, job.cancel, vision_s):
-                if self.on_event is not None:
-                    self.on_event(job, event)
-                text = stops.push(event["text"])
-                if stops.hit and not job.cancel.is_set():
-                    job.stop_hit = True
-                    job.cancel.set()  # stream_generate stops at the next token
-                if event["finish_reason"] is not None:
-                    text += stops.flush()
-                    final = event
-                if text:
-                    sent.append(text)
-                    job.emit("text", text)
-        except Exception:
-            self._clear_past(session.start_pos)
-            raise
+        for event in session.continue_with(prompt.ids, reuse, features, job.params, job.cancel, vision_s):
+            if self.on_event is not None:
+                self.on_event(job, event)
+            text = stops.push(event["text"])
+            if stops.hit and not job.cancel.is_set():
+                job.stop_hit = True
+                job.cancel.set()  # stream_generate stops at the next token
+            if event["finish_reason"] is not None:
+                text += stops.flush()
+                final = event
+            if text:
+                sent.append(text)
+                job.emit("text", text)
         slot.spans = list(prompt.spans)
         self._finish(job, slot.index, reuse, final, "".join(sent))
-
-    def _clear_past(self, end: int) -> None:
-        """Zero the active KV cache from `end` on after a failed request: an overflow there may have left
-        NaN, and the masked decode step (CUDA graphs, compiled) reads past the position, where 0 × NaN is NaN."""
-        lm = self.model.language_model
-        with torch.inference_mode():  # the cache may be an inference tensor
-            for t in lm.k_cache + lm.v_cache:
-                t[:, :, end:].zero_()
 
     def _features(self, prompt: Prompt, reuse: int, job: Job) -> tuple[torch.Tensor | None, float]:
         """Features for the image runs after `reuse`, in prompt order (LRU first, else the vision encoder)."""
