@@ -159,9 +159,9 @@ class Conversation(Protocol):
         a damaged file, media that vanished or changed raise one-line errors."""
         ...
 
-    def restore(self, readied: Any, max_new_tokens: int | None = None) -> None:
+    def restore(self, readied: Any) -> None:
         """Replace the conversation with one `read_saved` returned; on an error nothing changed.
-        `max_new_tokens`: the answer room it must leave (default: the current params')."""
+        It must fit in the context, not leave room for another answer (the next question says so)."""
         ...
 
     def load(self, path: str | Path) -> dict:

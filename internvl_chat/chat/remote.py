@@ -558,7 +558,7 @@ class RemoteConversation:
         ]
         return ReadiedSession(saved, turns)
 
-    def restore(self, readied: ReadiedSession, max_new_tokens: int | None = None) -> None:
+    def restore(self, readied: ReadiedSession) -> None:
         """Take a conversation `read_saved` returned: each picture read (a video sampled) once, now,
         so every resend is byte-identical; on an error nothing changed."""
         turns: list[RemoteTurn] = readied.turns

@@ -338,7 +338,7 @@ class Session:
         """Change the system message; an ongoing conversation is re-prefilled under the new one."""
         builder = PromptBuilder(self.tokenizer, text, self.loaded.config.tokens_per_tile)
         if self.turns:
-            self._replay(list(self.turns), builder)
+            self._replay(list(self.turns), builder, "a shorter system message, /undo first")
         self.builder, self.system_message = builder, text
 
     @property
@@ -359,18 +359,20 @@ class Session:
         specs = [m.spec for m in turn.media]
         return builder.first_turn(turn.user_text, specs) if index == 0 else builder.next_turn(turn.user_text, specs)
 
-    def _replay(self, turns: list[Turn], builder: PromptBuilder, max_new_tokens: int | None = None) -> None:
+    def _replay(self, turns: list[Turn], builder: PromptBuilder, advice: str = "") -> None:
         """Prefill a whole conversation at once under `builder` (used by load and /system).
 
         Nothing changes if the conversation does not fit or a media file cannot be read; if the
         prefill itself fails, the cache no longer matches anything, so the session is cleared.
+        The conversation only has to fit in the cache, not leave room for another answer: one that
+        filled the context is read back as it was held, and /undo, /retry or /export still work
+        (the next question is refused with its own message, as it was before the save).
         """
         ids = self.conversation_ids(turns, builder)
-        room = self.params.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if len(ids) + room > self.max_context:
+        if len(ids) > self.max_context:
             raise ContextOverflowError(
-                f"the conversation needs {len(ids):,} tokens + {room:,} for an answer, over the "
-                f"{self.max_context:,}-token context; use a larger --max-context"
+                f"the conversation needs {len(ids):,} tokens, over the {self.max_context:,}-token context; "
+                f"use {advice + ', or ' if advice else ''}a larger --max-context"
             )
         features, _ = self._encode([m for t in turns for m in t.media], None)
         try:
@@ -454,18 +456,16 @@ class Session:
             )
         return ReadiedSession(saved, self._turns_from_saved(saved))
 
-    def restore(self, readied: ReadiedSession, max_new_tokens: int | None = None) -> None:
+    def restore(self, readied: ReadiedSession) -> None:
         """Replay a conversation read by `read_saved` (prefilling it); on error nothing changed.
 
-        `max_new_tokens` is the answer room the conversation must leave (default: the current
-        params'). Only a failing prefill itself clears the conversation (the cache then matches
-        nothing).
+        Only a failing prefill itself clears the conversation (the cache then matches nothing).
         """
         system = readied.saved.system_message
         if system is None and readied.saved.kind == "remote":
             system = self.loaded.config.system_message  # none was sent: the server used the model's default
         builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
-        self._replay(list(readied.turns), builder, max_new_tokens)
+        self._replay(list(readied.turns), builder)
         self.builder, self.system_message = builder, system
 
     def _turns_from_saved(self, saved: SavedSession) -> list[Turn]:

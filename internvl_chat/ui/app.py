@@ -816,7 +816,7 @@ class App:
         restored, changes = self._restored_settings(readied.saved.settings, source)
         system_before = self.session.system_message
         with self._uninterruptible(f"loading {visible(path.name)} …"):
-            self.session.restore(readied, restored.generation.max_new_tokens)
+            self.session.restore(readied)
         for key, _, new in changes:
             self.settings.set(key, new, source=source)
         if changes:
@@ -840,6 +840,11 @@ class App:
             self.note(f"(it was saved with {visible(saved_model)}; it continues with {visible(model)})")
         if turns:
             self.note(f"last: “{_short(turns[-1].user_text)}” → “{_short(turns[-1].answer_text)}”")
+        try:
+            self.session.check_attach([])
+        except ContextOverflowError:  # it filled the context when it was saved, or this one is smaller
+            self.warn("the context has no room for another question and its answer; /undo or /clear make room, "
+                      "or /set max_new_tokens N with a smaller N")
 
     def _restored_settings(self, saved: dict[str, Any], source: str) -> tuple[Settings, list[tuple[str, Any, Any]]]:
         """The settings with the session's generation and media values, checked on a copy.
