@@ -7,15 +7,19 @@ import io
 import os
 from pathlib import Path
 
+import httpx
 import pytest
+import torch
 from rich.console import Console
 
-from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.chat.sampling import Sampler, SamplingParams
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
+from internvl_chat.errors import UsageError
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import ERROR, OK, App
+from serve_support import RunningServer
 
 CONTEXT = 256
 
@@ -78,3 +82,55 @@ def test_a_conversation_that_filled_the_context_loads_back_and_undo_and_retry_st
     assert other.handle_line("/retry") == OK  # greedy: the same answer, from the same cache
     assert other.session.turns[-1].answer_ids == turn.answer_ids
     assert other.handle_line("/undo") == OK and other.session.context_used == 0
+
+
+# ---- sampling values at their extremes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-324, 1e-6])
+def test_a_vanishing_temperature_samples_the_argmax_instead_of_failing_as_non_finite(temperature):
+    # logits / 1e-45 overflow float32 to inf: the draw failed with "non-finite logits … half
+    # precision", a 500 from the server, for a value the server accepted
+    logits = torch.tensor([0.5, 3.0, -2.0, 2.9, 1.0])
+    sampler = Sampler(SamplingParams(temperature=temperature, top_p=0.9, top_k=3, seed=0), vocab_size=5, device="cpu")
+    assert [sampler.read(sampler.next_token(logits)) for _ in range(3)] == [1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("repetition_penalty", 1e-40), ("repetition_penalty", 0.001), ("repetition_penalty", 101.0), ("temperature", 100.5)],
+)
+def test_sampling_params_refuse_what_the_settings_refuse(field, value):
+    # a repetition penalty of 1e-40 divides the seen logits into inf: refused up front, in the
+    # settings' own range, wherever the value comes from (flags, /set, a session file, a request)
+    with pytest.raises(UsageError, match=f"{field} must be a number from"):
+        SamplingParams(**{field: value}).validate()
+    with pytest.raises(UsageError, match=field):
+        load_settings(os.devnull, env={}, overrides={f"generation.{field}": value})
+
+
+@pytest.fixture(scope="module")
+def server(tiny_original):
+    with RunningServer(tiny_original, max_context=512, slots=1) as running:
+        yield running
+
+
+def _post(server, **fields) -> httpx.Response:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **fields}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+
+
+def test_the_server_answers_a_vanishing_temperature_greedily(server):
+    greedy = _post(server, temperature=0)
+    assert greedy.status_code == 200
+    for temperature in (1e-45, 1e-300):
+        r = _post(server, temperature=temperature, seed=1)
+        assert r.status_code == 200, r.text  # was 500 generation_failed "non-finite logits"
+        assert r.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("penalty", [1e-40, 0.001, 1e3])
+def test_the_server_refuses_a_repetition_penalty_outside_the_apps_range_with_a_400(server, penalty):
+    r = _post(server, repetition_penalty=penalty)
+    assert r.status_code == 400, r.text  # 1e-40 was a 500: the seen logits divided into inf
+    assert r.json()["error"]["param"] == "repetition_penalty"

@@ -19,18 +19,22 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GenerationError, UsageError
-from ..settings import Settings
+from ..settings import REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, TEMPERATURE_MAX, Settings
 
 MAX_SEED = 2**63 - 1  # what every torch generator accepts (the settings use the same range)
+# A temperature below this samples the argmax, its limit: logits divided by 1e-45 overflow float32
+# to inf (and the draw would fail as non-finite), and long before that the distribution is one-hot.
+GREEDY_BELOW = 1e-5
 NON_FINITE_MESSAGE = (
     "the model produced non-finite logits (NaN or inf), usually a numeric overflow in half precision; "
-    "try --dtype float32 (or bfloat16) or a lower --temperature"
+    "try --dtype float32 (or bfloat16)"
 )
 
 
 @dataclass
 class SamplingParams:
-    """How to pick each next token. temperature 0 means greedy; top_k 0 and top_p 1 mean off."""
+    """How to pick each next token. temperature 0 (or below GREEDY_BELOW) means greedy; top_k 0 and
+    top_p 1 mean off."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -42,17 +46,20 @@ class SamplingParams:
 
     def validate(self) -> SamplingParams:
         """Raise UsageError for an out-of-range value; return self so calls can chain."""
-        if not _is_real(self.temperature) or self.temperature < 0:
+        if not _is_real(self.temperature) or not 0 <= self.temperature <= TEMPERATURE_MAX:
             raise UsageError(
-                f"temperature must be a number >= 0 (0 means greedy), not {self.temperature!r}; try 0.7"
+                f"temperature must be a number from 0 to {TEMPERATURE_MAX:g} (0 means greedy), not {self.temperature!r}; "
+                "try 0.7"
             )
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise UsageError(f"top_p must be in (0, 1], not {self.top_p!r}; use 1 to turn it off or e.g. 0.9")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise UsageError(f"top_k must be an integer >= 0, not {self.top_k!r}; use 0 to turn it off or e.g. 50")
-        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+        low, high = REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX
+        if not _is_real(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
             raise UsageError(
-                f"repetition_penalty must be a number > 0, not {self.repetition_penalty!r}; use 1 to turn it off or e.g. 1.1"
+                f"repetition_penalty must be a number from {low:g} to {high:g}, not {self.repetition_penalty!r}; "
+                "use 1 to turn it off or e.g. 1.1"
             )
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be an integer >= 1, not {self.max_new_tokens!r}; try 512")
@@ -64,7 +71,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def params_from_settings(settings: Settings) -> SamplingParams:
