@@ -134,3 +134,29 @@ def test_the_server_refuses_a_repetition_penalty_outside_the_apps_range_with_a_4
     r = _post(server, repetition_penalty=penalty)
     assert r.status_code == 400, r.text  # 1e-40 was a 500: the seen logits divided into inf
     assert r.json()["error"]["param"] == "repetition_penalty"
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"logit_bias": {"5": 100}}, "logit_bias"),  # the answer silently ignored them
+        ({"min_p": 0.5}, "min_p"),
+        ({"min_tokens": 8}, "min_tokens"),
+        ({"best_of": 3}, "best_of"),
+        ({"use_beam_search": True}, "use_beam_search"),
+        ({"max_tokens": True}, "max_tokens"),  # read as 1: a one-token answer
+        ({"temperature": True}, "temperature"),  # read as 1.0
+        ({"seed": True}, "seed"),
+        ({"top_k": False}, "top_k"),
+    ],
+)  # fmt: skip
+def test_the_server_refuses_sampling_fields_it_would_have_ignored_or_misread(server, fields, param):
+    r = _post(server, **fields)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_server_accepts_those_fields_at_their_neutral_values(server):
+    neutral = {"logit_bias": {}, "min_p": 0.0, "min_tokens": 0, "best_of": 1, "use_beam_search": False, "n": 1}
+    r = _post(server, **neutral)
+    assert r.status_code == 200, r.text

@@ -1,8 +1,9 @@
 """The OpenAI chat-completions shapes: request models (pydantic) and response/chunk builders.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do; fields we cannot honour
-with a non-default value (n > 1, logprobs, tools, penalties other than repetition_penalty) are
-refused with 400 rather than silently dropped.
+with a non-default value (n or best_of > 1, logprobs, tools, penalties other than
+repetition_penalty, logit_bias, min_p, min_tokens, beam search) are refused with 400 rather than
+silently dropped. Numbers are numbers: `true` is not read as 1.
 """
 
 from __future__ import annotations
@@ -23,10 +24,21 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _not_a_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1: "max_tokens": true would be a one-token answer
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
 class MediaURL(_Model):
     url: str
     detail: str | None = None
-    max_dynamic_patch: int | None = Field(default=None, ge=1, le=64)  # lmdeploy's per-image tile limit
+    max_dynamic_patch: Int | None = Field(default=None, ge=1, le=64)  # lmdeploy's per-image tile limit
 
 
 class TextPart(_Model):
@@ -41,7 +53,7 @@ def _url_object(value: Any) -> Any:
 class ImagePart(_Model):
     type: Literal["image_url"]
     image_url: Annotated[MediaURL, BeforeValidator(_url_object)]
-    max_dynamic_patch: int | None = Field(default=None, ge=1, le=64)
+    max_dynamic_patch: Int | None = Field(default=None, ge=1, le=64)
 
 
 class VideoPart(_Model):
@@ -66,24 +78,29 @@ class ChatCompletionRequest(_Model):
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0, le=TEMPERATURE_MAX)  # below 1e-5: greedy
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)  # -1 (vLLM) and 0 both turn it off
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    temperature: Float | None = Field(default=None, ge=0, le=TEMPERATURE_MAX)  # below 1e-5: greedy
+    top_p: Float | None = Field(default=None, gt=0, le=1)
+    top_k: Int | None = Field(default=None, ge=-1)  # -1 (vLLM) and 0 both turn it off
+    max_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    seed: Int | None = Field(default=None, ge=0, lt=2**63)
     stop: Union[str, list[str], None] = None
-    repetition_penalty: float | None = Field(default=None, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)
+    repetition_penalty: Float | None = Field(default=None, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)
     mm_processor_kwargs: dict[str, Any] | None = None
     media_io_kwargs: dict[str, Any] | None = None  # vLLM: {"video": {"num_frames": N}}
     return_token_ids: bool = False  # vLLM's extension: the ids of the answer
     # accepted only at their neutral values
-    n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    n: Int | None = None
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
     logprobs: bool | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None
+    min_p: Float | None = None  # vLLM, SGLang, llama.cpp
+    min_tokens: Int | None = None  # vLLM
+    best_of: Int | None = None
+    use_beam_search: bool | None = None  # vLLM
 
 
 MAX_STOP_STRINGS = 16
@@ -130,6 +147,16 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
         raise bad_request("tools (function calling) are not supported by this server", param="tools")
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise bad_request("only the text response_format is supported", param="response_format")
+    # sampling controls this server does not have: refused, so an answer never silently ignores one
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported by this server; leave it out", param="logit_bias")
+    if req.min_p not in (None, 0, 0.0):
+        raise bad_request("min_p is not supported; use top_p (e.g. 0.9) or top_k instead", param="min_p")
+    if req.min_tokens not in (None, 0):
+        raise bad_request("min_tokens is not supported by this server; leave it out", param="min_tokens")
+    if req.best_of not in (None, 1) or req.use_beam_search:
+        param = "best_of" if req.best_of not in (None, 1) else "use_beam_search"
+        raise bad_request(f"{param}: this server samples one answer, without beam search", param=param)
     stops = stop_strings(req)
     if len(stops) > MAX_STOP_STRINGS:
         raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
