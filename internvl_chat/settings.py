@@ -256,6 +256,10 @@ class Settings:
         self.sources[dotted] = source
         return dotted
 
+    def is_default(self, key: str) -> bool:
+        """Whether the value is the package's default (no config file, variable, flag or /set gave it)."""
+        return self.sources.get(resolve_key(key), "default") == "default"
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Every value by section (secrets masked: this goes into saved session files)."""
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

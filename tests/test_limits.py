@@ -4,7 +4,9 @@ at their extremes (flags, settings and the server's request body), and a model's
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 from pathlib import Path
 
 import httpx
@@ -19,6 +21,7 @@ from internvl_chat.engine.loader import load_model
 from internvl_chat.errors import UsageError
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import ERROR, OK, App
+from internvl_chat.ui.setup import load_for_settings
 from serve_support import RunningServer
 
 CONTEXT = 256
@@ -160,3 +163,30 @@ def test_the_server_accepts_those_fields_at_their_neutral_values(server):
     neutral = {"logit_bias": {}, "min_p": 0.0, "min_tokens": 0, "best_of": 1, "use_beam_search": False, "n": 1}
     r = _post(server, **neutral)
     assert r.status_code == 200, r.text
+
+
+# ---- the model's own positions --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_model(tiny_original, tmp_path_factory) -> Path:
+    """The tiny checkpoint, saying it has only 512 positions."""
+    folder = tmp_path_factory.mktemp("limits") / "short"
+    shutil.copytree(tiny_original, folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["llm_config"]["max_position_embeddings"] = 512
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+def test_the_default_context_fits_a_model_with_fewer_positions_but_an_asked_for_one_is_refused(short_model):
+    # the default 8192 refused such a model with "--max-context 8192 exceeds the model's 512
+    # positions", naming a flag nobody had given: the app and serve could not start without it
+    settings = load_settings(os.devnull, env={}, overrides={"model.path": str(short_model), "model.device": "cpu"})
+    assert settings.is_default("model.max_context") and settings.model.max_context == 8192
+    assert load_for_settings(settings, show_progress=False).model.max_seq_len == 512
+    for source in ({"overrides": {"model.max_context": 8192}}, {"env": {"INTERNVL_CHAT_MODEL_MAX_CONTEXT": "1024"}}):
+        asked = load_settings(os.devnull, env=source.get("env", {}),
+                              overrides={"model.path": str(short_model), "model.device": "cpu", **source.get("overrides", {})})  # fmt: skip
+        with pytest.raises(UsageError, match="exceeds the model's 512 positions; use --max-context 512 or less"):
+            load_for_settings(asked, show_progress=False)

@@ -120,9 +120,12 @@ def load_model(
     cuda_graphs: bool = True,
     compile: str = "off",
     progress=None,
+    fit_context: bool = False,
 ) -> LoadedModel:
     """`compile`: auto | on | off, the compiled decode step (engine/compiled.py); `progress(text)`
-    hears about a compile as it happens (a failure is one line on stderr)."""
+    hears about a compile as it happens (a failure is one line on stderr). `fit_context`: the
+    max_context is a default nobody asked for, so a model with fewer positions lowers it instead of
+    being refused."""
     start = time.perf_counter()
     path = expand_home(path)
     cfg = load_config(path)
@@ -140,8 +143,11 @@ def load_model(
     if max_context < 16:
         raise UsageError(f"--max-context {max_context} is too small; use at least a few thousand tokens")
     limit = cfg.text.max_position_embeddings
+    if fit_context:
+        max_context = min(max_context, limit)
     if max_context > limit:
-        raise UsageError(f"--max-context {max_context} exceeds the model's {limit} positions; use at most {limit}")
+        raise UsageError(f"a max_context of {max_context} exceeds the model's {limit} positions; "
+                         f"use --max-context {limit} or less")  # it may come from a config file or variable
     tokenizer = load_tokenizer(path)
     special = special_token_ids(tokenizer)
     check_tokenizer_fits_vocab(tokenizer, cfg, path)

@@ -48,6 +48,7 @@ def load_for_settings(settings: Settings, show_progress: bool) -> LoadedModel:
             int4_backend=settings.model.int4_backend,
             compile=settings.model.compile,
             progress=progress,
+            fit_context=settings.is_default("model.max_context"),
         )
 
 
