@@ -190,3 +190,34 @@ def test_the_default_context_fits_a_model_with_fewer_positions_but_an_asked_for_
                               overrides={"model.path": str(short_model), "model.device": "cpu", **source.get("overrides", {})})  # fmt: skip
         with pytest.raises(UsageError, match="exceeds the model's 512 positions; use --max-context 512 or less"):
             load_for_settings(asked, show_progress=False)
+
+
+# ---- the KV cache stays clean --------------------------------------------------------------------
+
+
+def test_the_stop_token_s_overflow_past_a_finished_answer_does_not_outlive_an_undo(small, monkeypatch):
+    # The stop token is fed to the model before it is read back: its keys and values land at the
+    # end of the finished answer, outside the conversation. A half-precision overflow on that one
+    # step left NaN there; after /undo the masked decode step (CUDA graphs), which reads the whole
+    # bucket with the tail masked out (0 × NaN = NaN), failed every later answer.
+    stop = [e for e in Session(small, SamplingParams(max_new_tokens=4)).ask("Hi.")][-1]["token_ids"][0]  # made a stop id
+    session = Session(small, SamplingParams(max_new_tokens=4, stop_ids=(stop,)))
+    lm, forward = small.model.language_model, small.model.forward
+
+    def overflow_on_the_stop_token(ids, start_pos, *args, **kw):
+        logits = forward(ids, start_pos, *args, **kw)
+        if isinstance(ids, torch.Tensor) and ids.numel() == 1 and int(ids) == stop:
+            with torch.inference_mode():
+                for k, v in lm.caches():
+                    k[:, :, start_pos].fill_(float("nan"))
+                    v[:, :, start_pos].fill_(float("nan"))
+        return logits
+
+    monkeypatch.setattr(small.model, "forward", overflow_on_the_stop_token)
+    final = [e for e in session.ask("Hi.")][-1]
+    monkeypatch.undo()
+    assert final["finish_reason"] == "stop" and final["token_ids"] == []  # precondition: it stopped at once
+    session.undo()
+    with torch.inference_mode():
+        logits = lm.decode_masked(torch.tensor([5]), torch.tensor([session.start_pos]), lm.max_seq_len)
+    assert torch.isfinite(logits).all()

@@ -263,6 +263,11 @@ class Session:
     def _commit(self, turn: Turn, prompt: list[int], event: dict, text: str) -> None:
         self.ids = self.ids[: self.start_pos] + prompt + event["token_ids"]
         self.start_pos = event["cache_end"]
+        if event["finish_reason"] == "stop" and self.start_pos < self.max_context:
+            # the stop token was fed before it was read (generate.py overlaps them): its keys and
+            # values at cache_end belong to no conversation, and an overflow there (NaN) would
+            # outlive an /undo, read by the masked decode step (see _clear_cache_from)
+            self._clear_cache_from(self.start_pos, self.start_pos + 1)
         if event["finish_reason"] == "cancelled":
             text += " [cancelled]" if text else "[cancelled]"
         turn.answer_ids = list(event["token_ids"])
@@ -275,14 +280,14 @@ class Session:
         self.ids = self.ids[:ids_len]
         self.start_pos = pos
 
-    def _clear_cache_from(self, pos: int) -> None:
-        """Zero the active KV cache from `pos` on after a failed turn: a half-precision overflow may
-        have left NaN there, and the masked decode step (CUDA graphs) reads past its position, where
-        0 × NaN is NaN, so every later turn would fail too."""
+    def _clear_cache_from(self, pos: int, end: int | None = None) -> None:
+        """Zero the active KV cache from `pos` on (to `end`) after a failed turn: a half-precision
+        overflow may have left NaN there, and the masked decode step (CUDA graphs) reads past its
+        position, where 0 × NaN is NaN, so every later turn would fail too."""
         with torch.inference_mode():  # the cache may be an inference tensor
             for k, v in self.model.language_model.caches():
-                k[:, :, pos:].zero_()
-                v[:, :, pos:].zero_()
+                k[:, :, pos:end].zero_()
+                v[:, :, pos:end].zero_()
 
     def undo(self) -> Turn:
         if not self.turns:
