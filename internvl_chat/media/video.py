@@ -334,7 +334,10 @@ def decord_rotation(header: _Header) -> Orientation:
     number = re.match(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", tag)  # C's atof reads a prefix
     if number is None:
         return None
-    degrees = math.fmod(float(number.group(0)), 360.0)
+    degrees = float(number.group(0))
+    if not math.isfinite(degrees):  # "1e400": atof gives inf, and decord turns nothing
+        return None
+    degrees = math.fmod(degrees, 360.0)
     degrees = int(degrees + 360 if degrees < 0 else degrees)
     return {90: _CLOCKWISE[1], 180: _CLOCKWISE[2], 270: _CLOCKWISE[3]}.get(degrees)
 
