@@ -32,7 +32,7 @@ from PIL import Image, ImageOps
 
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
 from ..files import expand_home, read_bytes_file, visible, write_atomic
-from ..media.image import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, count_tiles, probe_image, to_rgb
+from ..media.image import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, count_tiles, image_formats, probe_image, quiet_pillow, to_rgb
 from ..media.video import load_video, probe_video
 from .conversation import BackendInfo, PromptView
 from .dialects import (
@@ -117,7 +117,7 @@ class RemoteTurn:
 def image_payload(data: bytes, name: str) -> tuple[bytes, str]:
     """(bytes to send, MIME type) for an image file's bytes: as is when servers read it as we do."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with quiet_pillow(), Image.open(io.BytesIO(data), formats=image_formats()) as image:
             kind = image.format
             orientation = image.getexif().get(0x0112, 1)
             has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
