@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import threading
 import time
@@ -51,7 +50,7 @@ from .remote_http import ApiClient, shorten
 from .remote_http import without_credentials as _without_credentials
 from .sampling import SamplingParams
 from .session import SESSION_FORMAT, SESSION_VERSION, Media, ReadiedSession, saved_media, sha256_of
-from .session_file import read_session_file
+from .session_file import read_session_file, session_json
 from .template import media_order
 
 DEFAULT_MAX_TILES = 12  # max_dynamic_patch of every InternVL3 checkpoint
@@ -545,7 +544,7 @@ class RemoteConversation:
     def save(self, path: str | Path, settings: dict | None = None) -> Path:
         """Write the session as JSON atomically (a symlink at `path` is replaced, never followed)."""
         path = expand_home(path)
-        return write_atomic(path, json.dumps(self.to_json(settings, path), ensure_ascii=False, indent=1))
+        return write_atomic(path, session_json(self.to_json(settings, path)))
 
     def read_saved(self, path: str | Path) -> ReadiedSession:
         """Read and validate a session file (every field, as the local app does) and find and measure

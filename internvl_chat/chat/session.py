@@ -10,7 +10,6 @@ boundary: nothing is re-prefilled.
 from __future__ import annotations
 
 import hashlib
-import json
 import stat
 import threading
 import time
@@ -29,7 +28,7 @@ from .conversation import BackendInfo, PromptView
 from .generate import is_out_of_memory, out_of_memory_as_error, stream_generate
 from .sampling import Sampler, SamplingParams
 from .session_file import (CANCELLED_MARK, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
-                           SavedTurn, media_candidates, media_json_paths, read_session_file)  # fmt: skip
+                           SavedTurn, media_candidates, media_json_paths, read_session_file, session_json)  # fmt: skip
 from .template import MediaSpec, PromptBuilder, media_order
 
 
@@ -422,8 +421,7 @@ class Session:
         OSError names `path` (never the temporary file).
         """
         path = expand_home(path)
-        data = json.dumps(self.to_json(settings, path), ensure_ascii=False, indent=1)
-        return write_atomic(path, data)
+        return write_atomic(path, session_json(self.to_json(settings, path)))
 
     def load(self, path: str | Path) -> dict:
         """Replace the conversation with a saved one, re-prefilling it. Returns the saved JSON.
