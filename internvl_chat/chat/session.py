@@ -10,6 +10,7 @@ boundary: nothing is re-prefilled.
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
 import threading
 import time
@@ -186,7 +187,8 @@ class Session:
                 pixels = video.pixel_values
             # checked before keeping them: kept pixels are trusted, and a resend must fail the same way
             if pixels.shape[0] != media.tiles:
-                raise MediaError(f"{media.path.name} gave {pixels.shape[0]} tiles, expected {media.tiles}")
+                raise MediaError(f"{visible(media.path.name)} changed after it was attached: it gave {pixels.shape[0]} tiles, "
+                                 f"expected {media.tiles}; attach it again")
             if media.kind == "image":
                 media.pixel_values, media.size = pixels, image.size
             else:
@@ -640,9 +642,13 @@ def saved_media(saved: SavedSession, describe_image, describe_video) -> list[lis
 
 
 def _media_from_saved(m: SavedMedia, session_file: Path, describe_image, describe_video) -> tuple[Media | None, str | None]:
-    existing = [p for p in media_candidates(m, session_file) if _is_regular_file(p)]
+    candidates = media_candidates(m, session_file)
+    existing = [p for p in candidates if _is_regular_file(p)]
     shown = visible(m.path)
     if not existing:
+        other = next((p for p in candidates if os.path.lexists(p)), None)
+        if other is not None:  # a folder, a pipe, a device or a symlink loop now stands there
+            return None, f"{visible(str(other))} is not a regular file"
         return None, f"{shown} has vanished"
     path = next((p for p in existing if not m.sha256 or sha256_of(p) == m.sha256), None)
     if path is None:
