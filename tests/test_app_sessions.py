@@ -224,3 +224,27 @@ def test_relative_media_paths_are_looked_up_in_search_dirs_first(loaded, tmp_pat
     app.pending.clear()
     app.handle_line("Compare ./pics/a.png with ./pics/b.png please.")
     assert [m.path.name for m in app.session.turns[0].media] == ["a.png", "b.png"]
+
+
+def test_a_picture_whose_file_name_is_not_utf8_is_saved_loaded_and_exported(loaded, tmp_path):
+    # such a name (a Latin-1 "café.png", attached with --image) made /save and /export end the app
+    # with UnicodeEncodeError; its bytes now survive the round trip
+    name = os.fsdecode(b"caf\xe9.png")
+    Image.fromarray(textured_rgb(64, 48, seed=4)).save(tmp_path / name, format="PNG")
+    app, out = make_app(loaded, tmp_path, **{"media.max_tiles": 1})
+    app.attach([app.session.describe_image(tmp_path / name, 1)])  # as setup.py does for --image
+    assert app.handle_line("What is this?") == OK
+    assert app.handle_line(f"/save {tmp_path / 's.json'}") == OK
+    assert app.handle_line(f"/export {tmp_path / 's.md'}") == OK
+    assert b"caf\\udce9.png" in (tmp_path / "s.json").read_bytes()  # JSON's escape for the lone byte
+    assert b"caf\xe9.png" in (tmp_path / "s.md").read_bytes()  # the link names the file's own bytes
+    other, out2 = make_app(loaded, tmp_path)
+    assert other.handle_line(f"/load {tmp_path / 's.json'}") == OK, output(out2)
+    (media,) = other.session.turns[0].media
+    assert media.path == tmp_path / name
+    assert other.handle_line("And now?") == OK
+    # only the bytes of a file name come back as lone surrogates; others still damage the file
+    data = (tmp_path / "s.json").read_text().replace("\\udce9", "\\ud800")
+    (tmp_path / "bad.json").write_text(data)
+    assert other.handle_line(f"/load {tmp_path / 'bad.json'}") == ERROR
+    assert "lone surrogate" in output(out2)

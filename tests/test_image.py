@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
-from media_helpers import png_with_declared_size, reference_normalize, reference_tiles, textured_rgb
+from media_helpers import png_with_declared_size, reference_normalize, reference_tiles, textured_rgb, write_numbered_video
 from PIL import Image
 
 from internvl_chat.errors import MediaError
+from internvl_chat.media import image as media_image
 from internvl_chat.media.image import (
     candidate_grids,
     choose_grid,
@@ -17,6 +20,7 @@ from internvl_chat.media.image import (
     normalize_tiles,
     probe_image,
     tile_image,
+    to_rgb,
 )
 
 
@@ -390,3 +394,93 @@ def test_min_tiles_reach_the_pixels(tmp_path):
     result = load_image(path, max_tiles=12, min_tiles=4)  # a small square is cut 2×2 (+ thumbnail)
     assert result.grid == (2, 2) and result.num_tiles == 5 == count_tiles(448, 448, 12, min_tiles=4)
     np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(rgb, 2, 2, True, 448), atol=2e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- hostile files (red team)
+
+
+def test_an_eps_file_named_jpg_is_refused_without_running_ghostscript(tmp_path, monkeypatch):
+    # Pillow renders EPS by running Ghostscript on the file: a served data: URL could reach it
+    from PIL import EpsImagePlugin
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or (_ for _ in ()).throw(OSError("ran")))
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (16, 16)).save(path, "EPS")
+    for call in (probe_image, load_image):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        _assert_one_line(err, "not an image format that can be read")
+    assert ran == []
+
+
+def _garbage_exif_jpeg(path):
+    # a TIFF header whose first IFD claims 65535 entries that are not there
+    Image.fromarray(textured_rgb(80, 60, seed=3)).save(path, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff" + b"\x01" * 100)
+    return path
+
+
+def test_garbage_exif_prints_no_warnings_and_keeps_the_image(tmp_path):
+    # Pillow warned "Corrupt EXIF data" (two lines with its source path) on stderr for each look
+    path = _garbage_exif_jpeg(tmp_path / "garbage_exif.jpg")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert probe_image(path) == (80, 60)
+        result = load_image(path)
+    assert [str(w.message) for w in caught] == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stored = np.asarray(Image.open(path).convert("RGB"))
+    np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(stored, *expected_grid(80, 60, 12), True, 448), atol=2e-6)
+
+
+def _peak_mib_of(work) -> float:
+    """The resident memory `work()` adds at its peak (Linux: VmHWM reset through clear_refs)."""
+    def status() -> dict[str, int]:
+        with open("/proc/self/status") as f:
+            return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmHWM", "VmRSS")}
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark to the current resident size
+    except OSError:
+        pytest.skip("cannot reset the peak resident size here")
+    before = status()["VmRSS"]
+    work()
+    return (status()["VmHWM"] - before) / 1024
+
+
+@pytest.mark.parametrize("mode", ["LA", "I;16"])
+def test_converting_a_large_image_needs_little_more_than_its_rgb_result(mode):
+    # whole-image float64 and RGBA temporaries took 15–25 bytes a pixel: gigabytes for a 64 KB
+    # PNG declaring 170M pixels; strips keep it near the 3 bytes a pixel of the result
+    width, height = 4000, 3000
+    image = Image.new("LA", (width, height), (10, 200)) if mode == "LA" else Image.fromarray(np.full((height, width), 1234, np.uint16))
+    image.load()
+    peak = _peak_mib_of(lambda: to_rgb(image))
+    assert peak < 8 * width * height / 2**20, f"{peak:.0f} MiB"
+
+
+def test_conversion_strips_join_without_seams(monkeypatch):
+    rng = np.random.default_rng(11)
+    rgba = rng.integers(0, 256, (97, 131, 4), dtype=np.uint8)
+    deep = rng.integers(0, 65536, (97, 131), dtype=np.uint16)
+    want_alpha = np.asarray(Image.alpha_composite(Image.new("RGBA", (131, 97), "white"), Image.fromarray(rgba, "RGBA")).convert("RGB"))
+    want_deep = np.repeat(np.clip(np.rint(deep / 257.0), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    monkeypatch.setattr(media_image, "STRIP_PIXELS", 1000)  # 7 rows a strip, the last one shorter
+    np.testing.assert_array_equal(np.asarray(to_rgb(Image.fromarray(rgba, "RGBA"))), want_alpha)
+    np.testing.assert_array_equal(np.asarray(to_rgb(Image.fromarray(deep))), want_deep)
+
+
+def test_a_video_given_as_an_image_says_to_attach_it_as_a_video(tmp_path):
+    path = write_numbered_video(tmp_path / "clip.mp4", 3).rename(tmp_path / "clip.png")  # an MP4 whatever its name
+    for call in (probe_image, load_image):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        _assert_one_line(err, "is a video, not an image", "as a video")
+
+
+def test_a_folder_or_device_is_named_with_its_article(tmp_path):
+    with pytest.raises(MediaError) as err:
+        probe_image(tmp_path)
+    _assert_one_line(err, "is a folder, not an image file")

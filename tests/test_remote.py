@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -519,3 +520,26 @@ def test_a_local_session_loads_and_its_texts_are_what_is_resent(tmp_path):
         assert [m["role"] for m in sent] == ["system", "user", "assistant", "user", "assistant", "user"]
         assert [sent[2]["content"], sent[4]["content"]] == ["A red box.", "It is"]
         assert b64_of(sent[1]["content"][0]["image_url"]["url"]) == open(image, "rb").read()
+
+
+def test_pictures_for_a_server_are_read_as_the_app_reads_them(monkeypatch):
+    # an EPS (Pillow runs Ghostscript on it) is refused; garbage EXIF prints no Python warnings
+    from PIL import EpsImagePlugin
+
+    from internvl_chat.chat.remote import image_payload
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or (_ for _ in ()).throw(OSError("ran")))
+    eps = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(eps, "EPS")
+    with pytest.raises(MediaError) as err:
+        image_payload(eps.getvalue(), "photo.jpg")
+    assert "photo.jpg" in str(err.value) and ran == []
+    exif = io.BytesIO()
+    exif_garbage = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff" + b"\x01" * 100
+    Image.new("RGB", (16, 16), "red").save(exif, "JPEG", exif=exif_garbage)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        payload, mime = image_payload(exif.getvalue(), "photo.jpg")
+    assert mime in ("image/jpeg", "image/png") and payload
+    assert [str(w.message) for w in caught] == []

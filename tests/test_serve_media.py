@@ -143,6 +143,29 @@ def test_bytes_that_are_not_an_image_are_400(client):
     assert "internvl-chat-serve-" not in err.value.body["message"]  # our temporary file's name stays ours
 
 
+def test_hostile_media_are_400_that_say_what_to_do_and_the_server_goes_on(client, builder, media, tmp_path):
+    eps = tmp_path / "eps.png"
+    Image.new("RGB", (16, 16)).save(eps, "EPS")  # Pillow would hand it to Ghostscript
+    one_frame = jpeg_frames_url([numbered_frame(0)]).split(",", 1)[1]
+    cases = [
+        ([image_part(data_url(eps, "image/png"))], "not an image format"),
+        ([image_part(data_url(media / "clip.mp4", "image/png"))], "is a video, not an image"),
+        ([{"type": "video_url", "video_url": {"url": data_url(media / "square.png", "video/mp4")}}], "still picture"),
+        ([{"type": "video_url", "video_url": {"url": f"data:video/jpeg;base64,{one_frame},,{one_frame}"}}], "video frame 2 data is empty"),
+    ]
+    for content, words in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, content)
+        message = err.value.body["message"]
+        assert words in message and "\n" not in message and err.value.body["param"] == "messages.0.content.0", message
+    # base64 wrapped at 76 columns (MIME, the `base64` tool) is the same picture
+    url = data_url(media / "square.png", "image/png")
+    head, text = url.split(",", 1)
+    wrapped = head + "," + "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    out = ask(client, [image_part(wrapped), {"type": "text", "text": "Q"}])
+    assert out.usage.prompt_tokens == len(builder.first_turn("Q", [MediaSpec("image", 1)]))
+
+
 # ---- what a request may read --------------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 import torch
 
@@ -220,3 +222,18 @@ def test_slots_with_cuda_graphs_decode_into_their_own_caches(tiny_original):
             session.activate_kv_cache()
             interleaved[name] += answers(session, [questions[name][turn]])
     assert interleaved == alone
+
+
+def test_data_url_base64_may_be_wrapped_or_unpadded_and_other_mistakes_say_what_to_do():
+    # MIME encoders and `base64` wrap at 76 columns, and some leave the padding off: the bytes are
+    # unambiguous, so they are read (were 400 "not valid base64")
+    data = bytes(range(256)) * 3
+    text = base64.b64encode(data).decode()
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76)) + "\r\n"
+    for payload in (wrapped, text.rstrip("="), " " + text + " "):
+        assert _data_url("data:image/png;base64," + payload, "p", "image") == (data, "image/png")
+    for payload, words in (("", "is empty"), (base64.urlsafe_b64encode(b"\xfb\xff").decode(), "URL-safe"),
+                           ("a", "send the file's bytes base64-encoded"), ("aGk=ü", "not base64")):  # fmt: skip
+        with pytest.raises(APIError) as err:
+            _data_url("data:image/png;base64," + payload, "p", "image")
+        assert err.value.status == 400 and words in str(err.value), (payload, str(err.value))

@@ -227,6 +227,9 @@ def test_load_reports_changed_or_vanished_media(loaded, media_dir, tmp_path):
     image.unlink()
     with pytest.raises(MediaError, match="has vanished"):
         fresh.load(path)
+    image.mkdir()  # "has vanished" misled when a folder (a pipe, a device, a symlink loop) stood there
+    with pytest.raises(MediaError, match="photo.png is not a regular file"):
+        fresh.load(path)
     assert fresh.ids == [] and fresh.turns == []
 
 
@@ -368,7 +371,7 @@ def test_media_that_changed_after_attaching_fails_the_same_way_when_resent(loade
     media = session.describe_image(path)  # 1 tile
     path.write_bytes((media_dir / "scene.png").read_bytes())  # replaced before sending: 13 tiles
     for _ in range(2):
-        with pytest.raises(MediaError, match="photo.png gave 13 tiles, expected 1"):
+        with pytest.raises(MediaError, match="photo.png changed after it was attached: it gave 13 tiles, expected 1; attach it again"):
             _run(session.ask("What is this?", [media]))
     assert (session.ids, session.start_pos, session.turns) == ([], 0, [])
     assert media.pixel_values is None and media.size == (448, 448)

@@ -258,7 +258,7 @@ def _bad_files(tmp_path, videos) -> dict:
         "empty": (empty, "cannot read video"),
         "truncated": (half, "cannot read video"),
         "audio only": (write_audio_only(tmp_path / "sound.wav"), "no video stream"),
-        "garbage": (image, "cannot"),  # opens as a one-frame PNG stream, then fails to decode
+        "garbage": (image, "still picture"),  # FFmpeg's PNG demuxer takes it: a picture, not a video
     }
 
 
@@ -314,3 +314,14 @@ def test_bad_ranges_on_a_real_file(videos, monkeypatch, backend):
         with pytest.raises(MediaError) as err:
             load_video(path, **kwargs)
         assert words in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF"])
+def test_a_still_picture_given_as_a_video_says_to_attach_it_as_an_image(tmp_path, fmt):
+    # FFmpeg opens it as a one-frame stream whose header counts no frames: "has no video frames" misled
+    path = tmp_path / "holiday.mp4"
+    Image.new("RGB", (64, 48), "red").save(path, fmt)
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert "still picture" in str(err.value) and "as an image" in str(err.value), str(err.value)

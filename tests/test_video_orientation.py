@@ -204,3 +204,16 @@ def test_decord_turns_by_itself_as_the_code_assumes(clips):
         raw = decord.VideoReader(str(path), num_threads=1)[0].asnumpy()
         assert raw.shape == expected.shape, name
         assert np.abs(raw.astype(int) - expected).mean() < 1.0, name
+
+
+@pytest.mark.parametrize("backend", video_backends())
+@pytest.mark.parametrize("tag", ["1e400", "-1e400"])
+def test_a_rotate_tag_too_large_for_a_float_leaves_the_frames_as_stored(tmp_path, monkeypatch, backend, tag):
+    # "1e400" reads as infinity: math.fmod raised ValueError, which ended the app with a traceback
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    width, height = SIZES[1]
+    path = write_pattern_video(tmp_path / "huge_tag.mkv", width, height, rotate_tag=tag)
+    result = load_video(path, num_frames=2)
+    assert result.backend == backend
+    for tile in result.pixel_values.numpy():
+        assert np.abs(tile - _views_of_source(width, height)["as stored"]).mean() < 0.06

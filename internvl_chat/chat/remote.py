@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import threading
 import time
@@ -32,7 +31,7 @@ from PIL import Image, ImageOps
 
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
 from ..files import expand_home, read_bytes_file, visible, write_atomic
-from ..media.image import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, count_tiles, probe_image, to_rgb
+from ..media.image import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, count_tiles, image_formats, probe_image, quiet_pillow, to_rgb
 from ..media.video import load_video, probe_video
 from .conversation import BackendInfo, PromptView
 from .dialects import (
@@ -51,7 +50,7 @@ from .remote_http import ApiClient, shorten
 from .remote_http import without_credentials as _without_credentials
 from .sampling import SamplingParams
 from .session import SESSION_FORMAT, SESSION_VERSION, Media, ReadiedSession, saved_media, sha256_of
-from .session_file import read_session_file
+from .session_file import read_session_file, session_json
 from .template import media_order
 
 DEFAULT_MAX_TILES = 12  # max_dynamic_patch of every InternVL3 checkpoint
@@ -117,7 +116,7 @@ class RemoteTurn:
 def image_payload(data: bytes, name: str) -> tuple[bytes, str]:
     """(bytes to send, MIME type) for an image file's bytes: as is when servers read it as we do."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with quiet_pillow(), Image.open(io.BytesIO(data), formats=image_formats()) as image:
             kind = image.format
             orientation = image.getexif().get(0x0112, 1)
             has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
@@ -545,7 +544,7 @@ class RemoteConversation:
     def save(self, path: str | Path, settings: dict | None = None) -> Path:
         """Write the session as JSON atomically (a symlink at `path` is replaced, never followed)."""
         path = expand_home(path)
-        return write_atomic(path, json.dumps(self.to_json(settings, path), ensure_ascii=False, indent=1))
+        return write_atomic(path, session_json(self.to_json(settings, path)))
 
     def read_saved(self, path: str | Path) -> ReadiedSession:
         """Read and validate a session file (every field, as the local app does) and find and measure

@@ -10,7 +10,7 @@ boundary: nothing is re-prefilled.
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import stat
 import threading
 import time
@@ -29,7 +29,7 @@ from .conversation import BackendInfo, PromptView
 from .generate import is_out_of_memory, out_of_memory_as_error, stream_generate
 from .sampling import Sampler, SamplingParams
 from .session_file import (CANCELLED_MARK, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
-                           SavedTurn, media_candidates, media_json_paths, read_session_file)  # fmt: skip
+                           SavedTurn, media_candidates, media_json_paths, read_session_file, session_json)  # fmt: skip
 from .template import MediaSpec, PromptBuilder, media_order
 
 
@@ -187,7 +187,8 @@ class Session:
                 pixels = video.pixel_values
             # checked before keeping them: kept pixels are trusted, and a resend must fail the same way
             if pixels.shape[0] != media.tiles:
-                raise MediaError(f"{media.path.name} gave {pixels.shape[0]} tiles, expected {media.tiles}")
+                raise MediaError(f"{visible(media.path.name)} changed after it was attached: it gave {pixels.shape[0]} tiles, "
+                                 f"expected {media.tiles}; attach it again")
             if media.kind == "image":
                 media.pixel_values, media.size = pixels, image.size
             else:
@@ -429,8 +430,7 @@ class Session:
         OSError names `path` (never the temporary file).
         """
         path = expand_home(path)
-        data = json.dumps(self.to_json(settings, path), ensure_ascii=False, indent=1)
-        return write_atomic(path, data)
+        return write_atomic(path, session_json(self.to_json(settings, path)))
 
     def load(self, path: str | Path) -> dict:
         """Replace the conversation with a saved one, re-prefilling it. Returns the saved JSON.
@@ -647,9 +647,13 @@ def saved_media(saved: SavedSession, describe_image, describe_video) -> list[lis
 
 
 def _media_from_saved(m: SavedMedia, session_file: Path, describe_image, describe_video) -> tuple[Media | None, str | None]:
-    existing = [p for p in media_candidates(m, session_file) if _is_regular_file(p)]
+    candidates = media_candidates(m, session_file)
+    existing = [p for p in candidates if _is_regular_file(p)]
     shown = visible(m.path)
     if not existing:
+        other = next((p for p in candidates if os.path.lexists(p)), None)
+        if other is not None:  # a folder, a pipe, a device or a symlink loop now stands there
+            return None, f"{visible(str(other))} is not a regular file"
         return None, f"{shown} has vanished"
     path = next((p for p in existing if not m.sha256 or sha256_of(p) == m.sha256), None)
     if path is None:

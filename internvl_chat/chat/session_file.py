@@ -7,7 +7,9 @@ features), media kinds and numbers within the app's own limits, bounded counts. 
 plain data; the caller re-measures the media and replays the conversation only after that.
 
 Media paths are stored absolute, together with the path relative to the session file's folder,
-so a folder holding a session and its pictures can be moved or copied to another machine.
+so a folder holding a session and its pictures can be moved or copied to another machine. A file
+name that is not UTF-8 is kept byte for byte: Python holds its bytes as lone surrogates
+(U+DC80…U+DCFF), written as `\\udcXX` escapes and accepted back in path fields only.
 
 `backend` says where the answers came from: `{"kind": "local"}` (token ids of each answer saved,
 a cancelled answer's text ends with the " [cancelled]" mark) or `{"kind": "remote", "server",
@@ -48,6 +50,8 @@ USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_toke
 MAX_TOKEN_ID = 2**31 - 1  # when no vocabulary is known (a remote conversation reads the ids, never uses them)
 MAX_COUNT = 1 << 40  # usage counts
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_A_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # surrogates that os.fsencode cannot turn into a byte
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ def parse_session(data: Any, path: Path, vocab_size: int | None, forbidden_ids: 
                              f"{SESSION_VERSION}, so it was not loaded")  # fmt: skip
     check = _Checker(shown)
     backend = check.backend(data.get("backend", {"kind": "local"}))
-    model = check.optional_text(data.get("model"), "model")
+    model = None if data.get("model") is None else check.path(data.get("model"), "model")
     system = check.optional_text(data.get("system_message"), "system_message")
     settings = data.get("settings", {})
     if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
@@ -158,10 +162,13 @@ class _Checker:
         return value
 
     def path(self, value: Any, where: str) -> str:
-        path = self.text(value, where)
-        if not path or "\x00" in path:
+        if not isinstance(value, str):
+            self.fail(where, "must be a text", value)
+        if _NOT_A_BYTE.search(value):
+            self.fail(where, "holds a lone surrogate that stands for no byte of a file name", None)
+        if not value or "\x00" in value:
             self.fail(where, "must be a file path", value)
-        return path
+        return value
 
     def optional_text(self, value: Any, where: str) -> str | None:
         return None if value is None else self.text(value, where)
@@ -279,6 +286,13 @@ def _brief(value: Any, width: int = 40) -> str:
     """A value for an error message: its repr, short and printable."""
     text = repr(value)
     return visible(text if len(text) <= width else text[: width - 1] + "…")
+
+
+def session_json(data: dict) -> str:
+    """A session as the text of its file: JSON, non-ASCII kept readable, and lone surrogates (the
+    bytes of a file name that is not UTF-8) as `\\udcXX` escapes, which UTF-8 can hold."""
+    text = json.dumps(data, ensure_ascii=False, indent=1)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)  # surrogates occur only inside JSON strings
 
 
 # --- media paths -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ before any pixel is decoded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import MediaError
-from ..files import expand_home, visible
+from ..files import expand_home, sniff_binary, visible
 
 IMAGE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,6 +28,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Checked here too, so a caller that changed Pillow's global limit does not change ours.
 MAX_PIXELS = 2 * 89_478_485
 EXIF_ORIENTATION = 0x0112
+# The formats a file is opened as. Pillow would otherwise try some forty, among them EPS, which it
+# renders by running Ghostscript on the file, and rarely used parsers; none of them is a photo.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "ICO", "PPM", "TGA", "JPEG2000", "AVIF", "HEIF", "QOI")
+# Colour conversions run over strips of about this many pixels, so converting a large image
+# needs little more memory than its RGB result.
+STRIP_PIXELS = 1 << 20
 _SWAPS_SIDES = (5, 6, 7, 8)  # orientations that rotate by 90° (or transpose)
 
 
@@ -137,23 +144,47 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Transparent images are composited onto white (as transformers' `convert_to_rgb` does), so a
     transparent background does not turn into whatever colour hides under alpha 0; opaque
     pixels are unchanged. 16-bit greyscale is scaled down (Pillow's own conversion clips it).
+    Both are done strip by strip: whole-image temporaries (float64 copies, RGBA layers) cost
+    up to 25 bytes a pixel, gigabytes for a small file that declares a large image.
     """
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16") or image.mode == "I":
-        values = np.asarray(image).astype(np.float64)
-        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
-            values = values / 257.0  # 0…65535 → 0…255
-        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+        image = _deep_grey_to_l(image)
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     try:
         if has_alpha:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
+            return _over_white(image)
         return image.convert("RGB")
     except (ValueError, OSError) as e:
         raise MediaError(f"cannot convert an image in colour mode {image.mode} to RGB ({visible(_one_line(e))}); save it as an RGB PNG or JPEG") from None
+
+
+def _strips(image: Image.Image):
+    """(top, bottom) row ranges of about STRIP_PIXELS pixels each."""
+    rows = max(1, STRIP_PIXELS // max(image.width, 1))
+    return ((top, min(top + rows, image.height)) for top in range(0, image.height, rows))
+
+
+def _deep_grey_to_l(image: Image.Image) -> Image.Image:
+    """I;16 (and I holding values above 255) → L by /257, rounded; I within 0…255 is clipped only."""
+    scale = image.mode.startswith("I;16") or (image.getextrema()[1] or 0) > 255
+    out = np.empty((image.height, image.width), np.uint8)
+    for top, bottom in _strips(image):
+        values = np.asarray(image.crop((0, top, image.width, bottom))).astype(np.float64)
+        if scale:
+            values /= 257.0  # 0…65535 → 0…255
+        out[top:bottom] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
+def _over_white(image: Image.Image) -> Image.Image:
+    out = Image.new("RGB", image.size)
+    for top, bottom in _strips(image):
+        rgba = image.crop((0, top, image.width, bottom)).convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(white, rgba).convert("RGB"), (0, top))
+    return out
 
 
 def normalize_tiles(tiles: list[Image.Image], image_size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -179,13 +210,14 @@ def normalize_tiles(tiles: list[Image.Image], image_size: int = IMAGE_SIZE) -> t
 def check_media_file(path: str | Path, what: str) -> Path:
     """The path as a Path if it names a readable file; a MediaError that says what to do if not."""
     path = expand_home(path)
+    a_what = f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
     try:
         if not path.exists():
             raise MediaError(f"{what} {visible(str(path))} does not exist; check the path")
         if path.is_dir():
-            raise MediaError(f"{visible(str(path))} is a folder, not {what} file; pass the path of one file")
+            raise MediaError(f"{visible(str(path))} is a folder, not {a_what} file; pass the path of one file")
         if not path.is_file():
-            raise MediaError(f"{visible(str(path))} is not a regular file; pass the path of {what} file")
+            raise MediaError(f"{visible(str(path))} is not a regular file; pass the path of {a_what} file")
     except OSError as e:  # not ENOENT: a name too long for the file system, say
         raise MediaError(f"cannot use {what} {visible(str(path))} ({e.strerror or e}); check the path") from None
     try:
@@ -201,19 +233,34 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+@contextlib.contextmanager
+def quiet_pillow():
+    """Pillow's warnings about a file (corrupt EXIF, odd TIFF tags, large images) silenced: they
+    would print two lines of Python source location each; what matters is said as a MediaError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def image_formats() -> list[str]:
+    """IMAGE_FORMATS that this Pillow can open (AVIF and HEIF need optional plugins)."""
+    Image.init()
+    return [name for name in IMAGE_FORMATS if name in Image.OPEN]
+
+
 def _open_image(path: Path) -> Image.Image:
     """Open the header only, refusing non-images, decompression bombs and empty images."""
     try:
-        with warnings.catch_warnings():
-            # Pillow warns between 89M and 179M pixels; the limit is enforced below instead
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+        with quiet_pillow():
+            image = Image.open(path, formats=image_formats())
     except Image.DecompressionBombError:
         raise MediaError(
             f"{visible(str(path))} declares more than {MAX_PIXELS:,} pixels and is refused as a possible decompression bomb; "
             "downscale it first"
         ) from None
     except UnidentifiedImageError:
+        if _looks_like_video(path):
+            raise MediaError(f"{visible(str(path))} is a video, not an image; attach (or send) it as a video instead") from None
         raise MediaError(
             f"{visible(str(path))} is not an image format that can be read (or it is damaged); use a JPEG, PNG, WebP, GIF, BMP or TIFF file"
         ) from None
@@ -231,12 +278,22 @@ def _open_image(path: Path) -> Image.Image:
     return image
 
 
+def _looks_like_video(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return (sniff_binary(head) or "").startswith(("a video", "a Matroska"))
+
+
 def _cheap_orientation(image: Image.Image) -> int:
     # A PNG's EXIF chunk may follow the pixel data, and looking for it there decodes everything.
     if image.format == "PNG" and "exif" not in image.info:
         return 1
     try:
-        return int(image.getexif().get(EXIF_ORIENTATION, 1))
+        with quiet_pillow():
+            return int(image.getexif().get(EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - malformed EXIF: orientation unknown, keep the image as stored
         return 1
 
@@ -256,20 +313,20 @@ def probe_image(path: str | Path) -> tuple[int, int]:
 
 def _decode(path: Path) -> Image.Image:
     """Fully decode (so truncation is caught here), apply EXIF orientation, convert to RGB."""
-    image = _open_image(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image.load()
-    except MemoryError:
-        raise MediaError(f"not enough memory to decode {visible(str(path))}; downscale the image first") from None
-    except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
-        raise MediaError(f"cannot decode {visible(str(path))}: the file is truncated or corrupt ({visible(_one_line(e))}); re-export or re-download it") from None
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - malformed EXIF: keep the image as stored
-        pass
-    return to_rgb(image)
+    with _open_image(path) as image:
+        try:
+            with quiet_pillow():
+                image.load()
+        except MemoryError:
+            raise MediaError(f"not enough memory to decode {visible(str(path))}; downscale the image first") from None
+        except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
+            raise MediaError(f"cannot decode {visible(str(path))}: the file is truncated or corrupt ({visible(_one_line(e))}); re-export or re-download it") from None
+        try:
+            with quiet_pillow():
+                upright = ImageOps.exif_transpose(image)
+        except Exception:  # noqa: BLE001 - malformed EXIF: keep the image as stored
+            upright = image
+        return to_rgb(upright)
 
 
 def load_image(

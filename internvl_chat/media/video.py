@@ -269,6 +269,8 @@ def _read_header(path: Path, orientation: bool) -> _Header:
         if not container.streams.video:
             raise MediaError(f"{path} has no video stream; pass a video file")
         stream = container.streams.video[0]
+        if not stream.frames and _is_still_picture(container.format.name):
+            raise MediaError(f"{path} is a still picture, not a video; attach (or send) it as an image instead")
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         _check_frame_size(path, width, height)
         fps = _check_fps(path, _frame_rate(stream))
@@ -334,7 +336,10 @@ def decord_rotation(header: _Header) -> Orientation:
     number = re.match(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", tag)  # C's atof reads a prefix
     if number is None:
         return None
-    degrees = math.fmod(float(number.group(0)), 360.0)
+    degrees = float(number.group(0))
+    if not math.isfinite(degrees):  # "1e400": atof gives inf, and decord turns nothing
+        return None
+    degrees = math.fmod(degrees, 360.0)
     degrees = int(degrees + 360 if degrees < 0 else degrees)
     return {90: _CLOCKWISE[1], 180: _CLOCKWISE[2], 270: _CLOCKWISE[3]}.get(degrees)
 
@@ -564,6 +569,12 @@ def _interruptible(work: Callable[[threading.Event], T]) -> T:
 
 
 # ---------------------------------------------------------------- public API
+
+
+def _is_still_picture(format_name: str) -> bool:
+    # FFmpeg reads PNG, JPEG, WebP, BMP, TIFF, … files through its image demuxers ("png_pipe",
+    # "image2"), as a video of one frame whose header counts none
+    return any(name == "image2" or name == "ico" or name.endswith("_pipe") for name in format_name.split(","))
 
 
 def probe_video(path: str | Path) -> tuple[int, float, float]:

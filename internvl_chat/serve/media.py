@@ -16,6 +16,7 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -205,11 +206,11 @@ class MediaReader:
                               param=param)  # fmt: skip
         digest = hashlib.sha256()
         largest = 0
-        for text in texts:
-            frame = _b64(text, param, "video frame")
+        for number, text in enumerate(texts, start=1):
+            frame = _b64(text, param, f"video frame {number}")
             digest.update(len(frame).to_bytes(8, "little") + frame)
             with self._file(frame) as path:
-                width, height = self._checked(probe_image, path, param)
+                width, height = self._checked(probe_image, path, param, name=f"video frame {number}")
             largest = max(largest, width * height)
         return f"frames:{digest.hexdigest()}", len(texts), largest
 
@@ -246,9 +247,10 @@ class MediaReader:
         data = _data_url(item.url, item.param, item.kind)[0] if item.url else item.data
         if item.frame_list:
             tiles = []
-            for text in data.split(b","):
-                with self._file(_b64(text, item.param, "video frame")) as path:
-                    tiles.append(self._checked(load_image, path, item.param, 1, False, size).pixel_values)
+            for number, text in enumerate(data.split(b","), start=1):
+                with self._file(_b64(text, item.param, f"video frame {number}")) as path:
+                    name = f"video frame {number}"
+                    tiles.append(self._checked(load_image, path, item.param, 1, False, size, name=name).pixel_values)
             pixels = torch.cat(tiles)
         elif item.kind == "image":
             low, high = self.config.tile_limits(item.max_tiles)
@@ -263,12 +265,12 @@ class MediaReader:
 
     # ---- helpers ---------------------------------------------------------------------------
     @staticmethod
-    def _checked(fn, path: Path, param: str, *args):
+    def _checked(fn, path: Path, param: str, *args, name: str = "the media"):
         try:
             return fn(path, *args)
         except MediaError as e:
             # the messages name our temporary file; the client knows the part by its place
-            raise bad_request(str(e).replace(str(path), "the media"), param=param) from None
+            raise bad_request(str(e).replace(str(path), name), param=param) from None
 
     @contextmanager
     def _file(self, data: bytes):
@@ -294,13 +296,30 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_WHITESPACE = b" \t\n\r\f\v"
+
+
 def _b64(text: bytes | str, param: str, what: str) -> bytes:
+    """Standard base64, strictly, except for what encoders commonly add or leave out: line breaks
+    and spaces (MIME and `base64` wrap at 76 columns) and the final `=` padding."""
+    try:
+        data = (text.encode("ascii") if isinstance(text, str) else text).translate(None, _WHITESPACE)
+    except UnicodeEncodeError:
+        raise bad_request(f"the {what} data holds a character that is not base64; send the file's bytes base64-encoded",
+                          param=param) from None  # fmt: skip
+    if not data:
+        raise bad_request(f"the {what} data is empty; put the file's bytes, base64-encoded, after the comma", param=param)
+    data += b"=" * (-len(data) % 4) if len(data) % 4 != 1 else b""
     try:
         if sys.version_info >= (3, 11):
-            return binascii.a2b_base64(text, strict_mode=True)
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"the {what} data is not valid base64", param=param) from None
+            return binascii.a2b_base64(data, strict_mode=True)
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        if re.search(rb"[-_]", data):
+            raise bad_request(f"the {what} data is base64 in the URL-safe alphabet (- and _); send standard base64 (+ and /)",
+                              param=param) from None  # fmt: skip
+        raise bad_request(f"the {what} data is not valid base64 ({e}); send the file's bytes base64-encoded",
+                          param=param) from None  # fmt: skip
 
 
 def _data_url(url: str, param: str, what: str) -> tuple[bytes, str]:

@@ -898,7 +898,8 @@ class App:
 
     def cmd_export(self, command: Command) -> None:
         path = self._output_path(command.args[0])
-        write_atomic(path, self.export_markdown())  # a symlink at the target is replaced, never followed
+        # a symlink at the target is replaced, never followed; a file name that is not UTF-8 keeps its bytes
+        write_atomic(path, self.export_markdown().encode("utf-8", "surrogateescape"))
         self.say(f"exported {len(self.session.turns)} turn(s) to {visible(str(path))}")
 
     def export_markdown(self) -> str:
