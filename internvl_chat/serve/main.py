@@ -7,10 +7,9 @@ import logging
 import os
 import socket
 import sys
-from pathlib import Path
 
 from ..errors import UsageError
-from ..files import visible_lines
+from ..files import expand_home, visible_lines
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -84,7 +83,7 @@ def serve(settings, log_level: str = "info") -> int:
     from .options import ServeOptions
 
     options = ServeOptions.from_settings(settings)
-    path = Path(settings.model.path).expanduser()
+    path = expand_home(settings.model.path)
     loaded = load_model(path, settings.model.device, settings.model.dtype, settings.model.max_context,
                         settings.model.int4_backend, compile=settings.model.compile)  # fmt: skip
     model_id = options.model_id or path.resolve().name
