@@ -17,9 +17,15 @@ DEMO_IMAGE := .cache/demo/scene.png
 
 install: $(STAMP)
 
+# The settings are read with tomllib (Python 3.11); say so before anything is installed.
+NEEDS_PY311 = import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else \
+	f"internvl-chat needs Python 3.11 or newer, and {sys.executable} is {v.major}.{v.minor}: run make PYTHON=python3.11 (or newer)")
+
 $(STAMP): pyproject.toml
 	@echo "==> [1/3] creating $(VENV), a private Python environment for this project"
+	@test -x $(BIN)/python || $(PYTHON) -c '$(NEEDS_PY311)'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c '$(NEEDS_PY311)' || { echo "remove $(VENV) (make clean) first" >&2; exit 1; }
 	@echo "==> [2/3] installing PyTorch ($(TORCH_SPEC)), the largest part: a minute or more"
 	@$(BIN)/python -m pip install --progress-bar on --disable-pip-version-check "$(TORCH_SPEC)" | { grep -v '^Requirement already satisfied' || true; }
 	@echo "==> [3/3] installing internvl-chat and its dependencies (transformers, rich, pillow, ...)"

@@ -47,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, metavar="R", help="penalise tokens already in the conversation, 1 is off (default)")
     p.add_argument("--seed", type=int, metavar="S", help="make sampling reproducible")
     p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
-    p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default auto: bf16 on CUDA; on a CPU, "
+                   "bf16 for decoders of 256 MiB or more where the CPU has native bf16, else fp32)")
     p.add_argument("--max-context", type=int, metavar="N", help="KV cache length in tokens (default 8192)")
-    p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant: kernels for 4-bit weights")
-    p.add_argument("--compile", metavar="MODE", help="auto | on | off: a compiled decode step (first use compiles, then cached)")
+    p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant: kernels for 4-bit weights (default auto)")
+    p.add_argument("--compile", metavar="MODE", help="auto | on | off: a compiled decode step, compiled on first use, then cached "
+                   "(default auto: decoders of 256 MiB or more on a CPU)")
     _add_remote_flags(p)
     p.add_argument("--json", action="store_true", help="one-shot: print one JSON object instead of streaming text")
     p.add_argument("--script", metavar="FILE", help="run REPL lines from FILE ('-' for stdin), printed as a transcript; "
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stats", action="store_true", help="hide the stats line after each answer")
     p.add_argument("--no-history", action="store_true", help="do not read or write the REPL input history")
     p.add_argument("--no-auto-attach", action="store_true", help="do not attach media paths typed in messages")
-    p.add_argument("--config", metavar="FILE", help="settings file (default ~/.config/internvl-chat/config.toml)")
+    p.add_argument("--config", metavar="FILE",
+                   help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml)")
     p.add_argument("--print-config", action="store_true", help="print the merged settings and where each came from")
     p.add_argument("--version", action="version", version=f"internvl-chat {__version__}")
     return p

@@ -48,7 +48,7 @@ from .engine.config import ModelConfig, load_config, read_config_json
 from .engine.language import Attention, DecoderLayer, Qwen2ForCausalLM
 from .engine.loader import LoadedModel, load_model, resolve_device
 from .errors import UsageError
-from .files import MiB, read_bytes_file, visible
+from .files import MiB, expand_home, read_bytes_file, visible
 from .media.image import load_image, normalize_tiles
 from .quant.awq_format import SCALE_MIN, dequantize_awq, quantize_rtn
 
@@ -709,7 +709,7 @@ def quantize_checkpoint(
     """Quantize `src` into the new folder `dst`. Everything that can be checked without the weights
     (flags, group size against config.json, the output folder) is checked before loading them."""
     progress = progress or Progress()
-    src, dst = Path(src).expanduser(), Path(os.path.abspath(Path(dst).expanduser()))
+    src, dst = expand_home(src), Path(os.path.abspath(expand_home(dst)))
     if method not in ("awq", "rtn"):
         raise UsageError(f"unknown method {method!r}; use awq or rtn")
     if samples < 1:
@@ -723,7 +723,7 @@ def quantize_checkpoint(
         raise UsageError("the source checkpoint is already quantized; quantize a 16-bit checkpoint")
     group_size = check_group_size(cfg, group_size)
     resolve_device(device)
-    calib = Path(calib_dir).expanduser() if calib_dir else None
+    calib = expand_home(calib_dir) if calib_dir else None
     if calib is not None and method == "awq":
         calibration_files(calib)
     staging = staging_folder(dst)

@@ -3,6 +3,7 @@
 CPU (default), on a small-but-not-trivial random-weight model built here:
   engine    prefill / TTFT / decode tokens/s of our engine vs transformers' generate() (same weights,
             prompt and dtype), as ratios measured in one run (issue 2)
+  overhead  the same on a tiny model, where per-token framework overhead dominates
   load      load time and peak resident memory while loading vs the weights' size (fresh process)
   chunk     TTFT of turns 2..N of a conversation with a 13-tile image in turn 1: chunk prefilling
             (Session) vs re-prefilling the whole history each turn (issue 3)

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint folder (default: the shipped demo model)")
     p.add_argument("--per-type", type=int, default=200, help="questions per question type")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="auto (as the app: bf16 on CUDA; on a CPU fp32 for the demo model), float32, bfloat16, float16")
     p.add_argument("--quantized", choices=QUANT_METHODS, default="none", help="quantize to 4 bits first (our quantizer)")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="4-bit group size for --quantized")
     p.add_argument("--calib-scenes", type=int, default=16, help="scenes for the quantizer's calibration (0: its built-in data)")

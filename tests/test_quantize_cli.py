@@ -181,3 +181,14 @@ def test_a_missing_source_is_named_without_flags_of_other_commands(tmp_path, mon
     code, lines = run_cli(monkeypatch, capsys, tmp_path / "missing", tmp_path / "out")
     assert code == 2 and len(lines) == 1, lines
     assert "the source" in lines[0] and "missing is not a folder" in lines[0] and "--model" not in lines[0]
+
+
+@pytest.mark.parametrize("where", ["src", "dst", "calib"])
+def test_an_unknown_users_home_is_one_line(config_only, tmp_path, monkeypatch, capsys, where):
+    """`~nosuchuser/…` used to end in Path.expanduser's RuntimeError traceback."""
+    bad = "~internvl-chat-no-such-user/x"
+    args = {"src": [bad, tmp_path / "out"], "dst": [config_only, bad],
+            "calib": [config_only, tmp_path / "out", "--calib", bad]}[where]  # fmt: skip
+    code, lines = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and len(lines) == 1 and "there is no user 'internvl-chat-no-such-user'" in lines[0], lines
+    assert not (tmp_path / "out").exists()

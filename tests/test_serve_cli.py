@@ -91,6 +91,17 @@ def test_serve_compile_flag_reaches_the_model_settings():
         load_settings(os.devnull, {}, _overrides(build_parser().parse_args(["--compile", "sometimes"])))
 
 
+@pytest.mark.parametrize("flag", ["--model", "--allow-local-media"])
+def test_an_unknown_users_home_is_a_one_line_error(tiny_original, flag):
+    """`~nosuchuser/…` used to end in Path.expanduser's RuntimeError traceback."""
+    from internvl_chat.errors import UsageError
+    from internvl_chat.serve.main import main
+
+    argv = ["--config", os.devnull, "--model", str(tiny_original), flag, "~internvl-chat-no-such-user/x"]
+    with pytest.raises(UsageError, match="there is no user 'internvl-chat-no-such-user'"):
+        main(argv)
+
+
 def test_request_text_in_the_server_log_is_escaped(tiny_original):
     # uvicorn takes the client address from X-Forwarded-For when the peer is 127.0.0.1 and logs it:
     # a local client could send terminal control sequences (here: set the window title, turn text red).

@@ -7,10 +7,9 @@ import logging
 import os
 import socket
 import sys
-from pathlib import Path
 
 from ..errors import UsageError
-from ..files import visible_lines
+from ..files import expand_home, visible_lines
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -32,13 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote-media", action="store_true", default=None,
                    help="let requests make the server fetch http(s) image/video URLs")  # fmt: skip
     p.add_argument("--allow-local-media", metavar="DIR", help="let requests read files inside DIR via file:// URLs")
-    p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
+    p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default auto: bf16 on CUDA; on a CPU, "
+                   "bf16 for decoders of 256 MiB or more where the CPU has native bf16, else fp32)")
     p.add_argument("--max-context", type=int, metavar="N", help="KV cache length per slot in tokens (default 8192)")
-    p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant: kernels for 4-bit weights")
-    p.add_argument("--compile", metavar="MODE", help="auto | on | off: a compiled decode step (first use compiles, then cached)")
-    p.add_argument("--config", metavar="FILE", help="settings file (default ~/.config/internvl-chat/config.toml)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="server log level")
+    p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant: kernels for 4-bit weights (default auto)")
+    p.add_argument("--compile", metavar="MODE", help="auto | on | off: a compiled decode step, compiled on first use, then cached "
+                   "(default auto: decoders of 256 MiB or more on a CPU)")
+    p.add_argument("--config", metavar="FILE",
+                   help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="server log level (default info)")
     return p
 
 
@@ -80,7 +83,7 @@ def serve(settings, log_level: str = "info") -> int:
     from .options import ServeOptions
 
     options = ServeOptions.from_settings(settings)
-    path = Path(settings.model.path).expanduser()
+    path = expand_home(settings.model.path)
     loaded = load_model(path, settings.model.device, settings.model.dtype, settings.model.max_context,
                         settings.model.int4_backend, compile=settings.model.compile,
                         fit_context=settings.is_default("model.max_context"))  # fmt: skip

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..chat.sampling import SamplingParams, params_from_settings
 from ..errors import UsageError
+from ..files import expand_home
 from ..settings import Settings
 
 MiB = 1 << 20
@@ -39,7 +40,7 @@ class ServeOptions:
         s, g = settings.serve, settings.generation
         local = None
         if s.allow_local_media:
-            local = Path(s.allow_local_media).expanduser()
+            local = expand_home(s.allow_local_media)
             if not local.is_dir():
                 raise UsageError(f"--allow-local-media {local} is not a folder; name an existing folder or leave it empty")
             local = local.resolve()

@@ -1,0 +1,242 @@
+"""The front door stays true: README, docs/architecture.md, benchmarks/README.md and `--help` against the code.
+
+Cheap, static checks (no model, no subprocess): every flag, slash command, environment variable,
+make target and script command the docs name exists; the defaults `--help` states are the
+settings' defaults; every module has a row in the module map, and imports follow its layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from internvl_chat import cli
+from internvl_chat.quantize import build_parser as quantize_parser
+from internvl_chat.serve import main as serve_main
+from internvl_chat.settings import OTHER_ENV_VARS, Settings, all_keys, env_name
+from internvl_chat.ui.app import runtime_keys
+from internvl_chat.ui.commands import COMMAND_BY_NAME, COMMANDS
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "internvl_chat"
+README = (REPO / "README.md").read_text(encoding="utf-8")
+ARCHITECTURE = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+BENCH_README = (REPO / "benchmarks" / "README.md").read_text(encoding="utf-8")
+
+# Flags of other programs that README's server section shows (lmdeploy, vLLM, SGLang, llama.cpp).
+OTHER_TOOLS_FLAGS = {
+    "--api-keys", "--enable-prefix-caching", "--enable-prompt-tokens-details", "--limit-mm-per-prompt",
+    "--max-model-len", "--mmproj", "--model-format", "--model-path", "--server-port", "--session-len",
+    "--tensor-parallel-size", "--tp", "--trust-remote-code",
+}  # fmt: skip
+FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+
+
+def parsers() -> dict[str, argparse.ArgumentParser]:
+    return {"internvl-chat": cli.build_parser(), "serve": serve_main.build_parser(), "quantize": quantize_parser()}
+
+
+def parser_flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def script_flags(path: Path) -> set[str]:
+    """The `--flags` a script's argparse declares (read from its source: importing it may be slow)."""
+    flags = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            flags |= {a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("-")}
+    return flags
+
+
+# --- flags and help ----------------------------------------------------------------------------
+
+
+def test_every_flag_has_help():
+    for name, parser in parsers().items():
+        for action in parser._actions:
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}"
+
+
+def test_every_flag_the_readme_names_exists():
+    ours = set().union(*(parser_flags(p) for p in parsers().values()))
+    repl_options = {option.name for spec in COMMANDS for option in spec.options}
+    scripts = set().union(*(script_flags(p) for p in (REPO / "scripts").glob("*.py")))
+    unknown = set(FLAG.findall(README)) - ours - repl_options - scripts - OTHER_TOOLS_FLAGS
+    assert not unknown, f"README names flags nothing defines: {sorted(unknown)}"
+
+
+def _flag_keys(parser: argparse.ArgumentParser, overrides) -> dict[str, str]:
+    """flag → the dotted setting it sets, found by passing a marker through the mode's overrides."""
+    marker = object()
+    dests = {action.dest: None for action in parser._actions if action.dest != "help"}
+    found = {}
+    for action in parser._actions:
+        if not action.option_strings or action.nargs == 0:  # switches set fixed values, not the given one
+            continue
+        out = overrides(argparse.Namespace(**{**dests, action.dest: marker}))
+        keys = [key for key, value in out.items() if value is marker]
+        if keys:
+            found[action.option_strings[-1]] = keys[0]
+    return found
+
+
+def stated_default(help_text: str) -> str | None:
+    """The default a help text states: `(default 8)`, `(default auto: …)`, `0 is greedy (default)`,
+    `auto (default, …)`; `the` for a described one (`(default: the checkpoint's)`)."""
+    for pattern in (r"\(default:?\s+([^\s;,)]+)", r"(\S+) is [^(]*\(default\)", r"(\S+) \(default[,)]"):
+        match = re.search(pattern, help_text)
+        if match:
+            return match.group(1).rstrip(":")
+    return None
+
+
+@pytest.mark.parametrize("mode", ["internvl-chat", "serve"])
+def test_defaults_in_help_are_the_settings_defaults(mode):
+    parser = parsers()[mode]
+    overrides = cli._overrides if mode == "internvl-chat" else serve_main._overrides
+    defaults = Settings()
+    checked = 0
+    for flag, key in _flag_keys(parser, overrides).items():
+        action = next(a for a in parser._actions if flag in a.option_strings)
+        stated = stated_default(action.help)
+        if stated is None:
+            continue
+        default = defaults.get(key)
+        if stated == "the":  # "(default: the checkpoint's …)": the setting is unset
+            assert default in (None, ""), f"{flag}: help describes an unset default, {key} is {default!r}"
+        elif isinstance(default, (int, float)):
+            assert float(stated) == default, f"{flag}: help says {stated}, {key} is {default!r}"
+        else:
+            assert stated == default, f"{flag}: help says {stated}, {key} is {default!r}"
+        checked += 1
+    assert checked >= (15 if mode == "internvl-chat" else 9)
+
+
+def test_stated_default_forms():
+    assert stated_default("frames sampled per video (default 8)") == "8"
+    assert stated_default("auto | cpu (default auto: CUDA if present)") == "auto"
+    assert stated_default("0 is greedy (default)") == "0"
+    assert stated_default("auto (default, from its model list), lmdeploy") == "auto"
+    assert stated_default("system message (default: the checkpoint's)") == "the"
+    assert stated_default("make sampling reproducible") is None
+
+
+# --- REPL commands and settings ----------------------------------------------------------------
+
+
+def test_readme_lists_every_repl_command_and_no_other():
+    named = set(re.findall(r"`/([a-z]+)(?=[\s`\]])", README))
+    assert named <= set(COMMAND_BY_NAME), f"README names unknown commands: {sorted(named - set(COMMAND_BY_NAME))}"
+    for spec in COMMANDS:
+        assert f"`{spec.usage}`" in README, spec.usage
+        for alias in spec.aliases:
+            assert f"`/{alias}`" in README, alias
+
+
+def test_readme_says_which_settings_set_can_change():
+    sections = ("generation.", "media.", "system.")
+    others = [key for key in runtime_keys() if not key.startswith(sections)]
+    sentence = README[README.index("`/set` changes") :].split(";")[0]
+    assert all(f"`{section[:-1]}`" in sentence for section in sections)
+    assert sorted(re.findall(r"`(\w+\.\w+)`", sentence)) == sorted(others)
+    assert all(key.startswith(sections) or key in others for key in runtime_keys())
+
+
+def test_environment_variables_named_in_docs_and_help_exist():
+    valid = {env_name(key) for key in all_keys()} | set(OTHER_ENV_VARS)
+    texts = [README, ARCHITECTURE, (PACKAGE / "configs" / "default.toml").read_text(encoding="utf-8")]
+    texts += [action.help or "" for parser in parsers().values() for action in parser._actions]
+    named = {name for text in texts for name in re.findall(r"INTERNVL_CHAT_[A-Z0-9_]*[A-Z0-9]", text)}
+    assert named and named <= valid, sorted(named - valid)
+
+
+# --- commands the docs show ----------------------------------------------------------------------
+
+
+def test_make_targets_the_docs_name_exist():
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    phony = set(re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split())
+    named = set(re.findall(r"(?:^|`)make ([a-z]+)", README + BENCH_README, re.M))
+    assert {"demo", "test"} <= named <= phony
+
+
+def test_script_commands_in_the_docs_use_their_scripts_flags():
+    commands = re.findall(r"^(?:\S+=\S+ )*(?:python|bash) (scripts/\S+)(.*)$", README + BENCH_README + ARCHITECTURE, re.M)
+    assert len(commands) >= 8
+    for script, rest in commands:
+        path = REPO / script
+        assert path.is_file(), script
+        if path.suffix == ".py":
+            unknown = set(FLAG.findall(rest.split("#")[0])) - script_flags(path)
+            assert not unknown, f"{script}: {sorted(unknown)}"
+
+
+def test_the_python_version_the_docs_state_is_the_one_the_code_needs():
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["requires-python"]
+    minimum = tuple(int(n) for n in re.fullmatch(r">=(\d+)\.(\d+)", requires).groups())
+    assert f"Python {minimum[0]}.{minimum[1]}+" in README
+    assert f"{minimum!r}" in (REPO / "Makefile").read_text(encoding="utf-8")  # make's own check
+    if any("import tomllib" in p.read_text(encoding="utf-8") for p in PACKAGE.rglob("*.py")):
+        assert minimum >= (3, 11), "tomllib is new in Python 3.11"
+    assert sys.version_info >= minimum
+
+
+# --- docs/architecture.md ----------------------------------------------------------------------
+
+# Layers, top to bottom (docs/architecture.md): a module may import only from its own unit or lower.
+LAYERS = (("cli",), ("ui", "serve", "quantize"), ("chat",), ("engine",), ("quant", "media", "settings", "demo"),
+          ("files",), ("errors",))  # fmt: skip
+
+
+def modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
+
+
+def test_every_module_has_a_row_in_the_module_map_and_every_row_a_module():
+    section = ARCHITECTURE[ARCHITECTURE.index("## Module map") :]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("| `"))
+    for path in modules():
+        rel = path.relative_to(PACKAGE).as_posix()
+        assert f"`{rel}`" in table, f"docs/architecture.md has no row for {rel}"
+    for rel in re.findall(r"`([\w/]+\.py)`", table):
+        assert (PACKAGE / rel).is_file(), f"docs/architecture.md has a row for {rel}, which does not exist"
+    scripts = section[section.index("Scripts:") :].split("\n\n")[0]
+    named = set(re.findall(r"`([\w.]+\.(?:py|sh))`", scripts))
+    assert named == {p.name for p in (REPO / "scripts").iterdir() if p.suffix in (".py", ".sh")}
+
+
+def _unit(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def test_imports_follow_the_documented_layers():
+    rank = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    layers_line = ARCHITECTURE[ARCHITECTURE.index("Layers, top to bottom") :].split("\n\n")[0]
+    assert re.findall(r"`(\w+)`", layers_line) == [u for units in LAYERS for u in units]
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        unit = rel.parts[0]
+        package = ["internvl_chat", *rel.parts[:-1]]  # what a relative import starts from
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - node.level + 1]
+                targets = [".".join(base + [node.module])] if node.module else [".".join(base + [a.name]) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                targets = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for target in targets:
+                other = _unit(target) if target.startswith("internvl_chat.") else None
+                if other and other != unit and other in rank and unit in rank and rank[other] <= rank[unit]:
+                    wrong.append(f"{rel.as_posix()} imports {target}")
+    assert not wrong, wrong
