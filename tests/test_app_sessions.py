@@ -155,7 +155,7 @@ def test_export_replaces_a_symlink_instead_of_writing_through_it(loaded, tmp_pat
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / "talk.md").symlink_to(victim)
-    assert app.handle_line("/export talk.md") == OK
+    assert app.handle_line("/export talk.md --force") == OK
     assert victim.read_text() == "precious"
     assert not (tmp_path / "talk.md").is_symlink() and "## User" in (tmp_path / "talk.md").read_text()
 
@@ -248,3 +248,36 @@ def test_a_picture_whose_file_name_is_not_utf8_is_saved_loaded_and_exported(load
     (tmp_path / "bad.json").write_text(data)
     assert other.handle_line(f"/load {tmp_path / 'bad.json'}") == ERROR
     assert "lone surrogate" in output(out2)
+
+
+def test_export_never_replaces_a_file_it_did_not_write_for_this_conversation(loaded, tmp_path, home):
+    # /export used to overwrite any file silently (a README.md, another conversation's export)
+    notes = tmp_path / "notes.md"
+    notes.write_text("my own notes")
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    assert app.handle_line("/export notes.md") == ERROR  # a script: refused, with what to do
+    assert output(out).strip() == f"error: {notes} already exists; /export {notes} --force replaces it, or give another name"
+    assert notes.read_text() == "my own notes"
+
+    asked = []
+    app.confirm = lambda question: asked.append(question) or False  # the REPL asks; "no" keeps the file
+    assert app.handle_line("/export notes.md") == OK
+    assert asked == [f"{notes} already exists; replace it? [y/N] "] and "not exported" in output(out)
+    assert notes.read_text() == "my own notes"
+
+    app.confirm = None
+    assert app.handle_line("/export talk.md") == OK
+    app.handle_line("More.")
+    assert app.handle_line("/export talk.md") == OK  # its own export, grown: replaced without asking
+    assert (tmp_path / "talk.md").read_text().count("## User") == 2
+    app.handle_line("/clear")
+    app.handle_line("Another conversation.")
+    assert app.handle_line("/export talk.md") == ERROR  # a different conversation's export is kept
+    assert (tmp_path / "talk.md").read_text().count("## User") == 2
+    assert app.handle_line("/export notes.md --force") == OK
+    assert "Another conversation." in notes.read_text()
+    output(out)
+    assert app.handle_line(f"/export {tmp_path}") == ERROR  # worded as /save words it
+    assert output(out).strip() == f"error: {tmp_path} is a folder; give a file name, e.g. /export {tmp_path / 'chat.md'}"

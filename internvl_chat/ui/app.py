@@ -242,6 +242,9 @@ class App:
     # The file this conversation was last saved to or loaded from, and its first turn then
     # (a conversation is "the same" while that turn still opens it).
     _session_file: tuple[Path, Any] | None = None
+    # The Markdown file /export last wrote, and the conversation's first turn then: re-exporting
+    # the same conversation there replaces it without asking.
+    _export_file: tuple[Path, Any] | None = None
 
     def __init__(
         self,
@@ -897,10 +900,33 @@ class App:
         self.note(f"/load NAME loads one (Tab completes the names){more}")
 
     def cmd_export(self, command: Command) -> None:
+        """`/export FILE.md [--force]`: an existing file is replaced only when this conversation
+        wrote it, or with the user's yes (REPL) or --force (script), as /save does."""
         path = self._output_path(command.args[0])
+        if path.is_dir():
+            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /export {visible(str(path / 'chat.md'))}")
+        if not command.options.get("force") and not self._may_export_to(path):
+            self.say("not exported")
+            return
         # a symlink at the target is replaced, never followed; a file name that is not UTF-8 keeps its bytes
         write_atomic(path, self.export_markdown().encode("utf-8", "surrogateescape"))
-        self.say(f"exported {len(self.session.turns)} turn(s) to {visible(str(path))}")
+        turns = self.session.turns
+        self._export_file = (Path(os.path.abspath(path)), turns[0] if turns else None)
+        self.say(f"exported {len(turns)} turn(s) to {visible(str(path))}")
+
+    def _may_export_to(self, path: Path) -> bool:
+        """True when `path` is free, holds this conversation's last export, or the user agrees."""
+        if not os.path.lexists(path):
+            return True
+        if self._export_file is not None:
+            exported, first = self._export_file
+            turns = self.session.turns
+            if exported == Path(os.path.abspath(path)) and (first is None or (turns and turns[0] is first)):
+                return True
+        shown = visible(str(path))
+        if self.confirm is None:
+            raise UsageError(f"{shown} already exists; /export {shown} --force replaces it, or give another name")
+        return self.confirm(f"{shown} already exists; replace it? [y/N] ")
 
     def export_markdown(self) -> str:
         """The conversation as Markdown: media as links, answers as written."""
