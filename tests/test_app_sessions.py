@@ -281,3 +281,24 @@ def test_export_never_replaces_a_file_it_did_not_write_for_this_conversation(loa
     output(out)
     assert app.handle_line(f"/export {tmp_path}") == ERROR  # worded as /save words it
     assert output(out).strip() == f"error: {tmp_path} is a folder; give a file name, e.g. /export {tmp_path / 'chat.md'}"
+
+
+def test_load_asks_before_it_replaces_a_conversation_that_is_not_saved(loaded, tmp_path, home):
+    # /load used to drop the conversation on screen without a word, saved or not
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("First.")
+    app.handle_line("/save kept.json")
+    asked = []
+    app.confirm = lambda question: asked.append(question) or False
+    assert app.handle_line("/load kept") == OK and asked == []  # nothing unsaved: no question
+    app.handle_line("Second.")
+    output(out)
+    assert app.handle_line("/load kept") == OK
+    assert asked == ["the conversation so far (2 turn(s)) is not saved; load kept.json anyway? [y/N] "]
+    assert "not loaded" in output(out) and [t.user_text for t in app.session.turns] == ["First.", "Second."]
+    app.confirm = lambda question: asked.append(question) or True
+    assert app.handle_line("/load kept") == OK and len(asked) == 2
+    assert [t.user_text for t in app.session.turns] == ["First."]
+    app.confirm = None  # a script loads as it is told
+    app.handle_line("Third.")
+    assert app.handle_line("/load kept") == OK and [t.user_text for t in app.session.turns] == ["First."]

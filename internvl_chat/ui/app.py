@@ -262,6 +262,9 @@ class App:
         self.cwd = Path(cwd) if cwd is not None else None
         self.pending: list[Media] = []
         self.last_peak: int | None = None  # bytes, of the last answer
+        # (question, answer) of each turn when the conversation was last saved or loaded: /load
+        # asks before it replaces a conversation that differs from it
+        self._saved_turns: list[tuple[str, str]] = []
 
     # ---- output ---------------------------------------------------------------------------
 
@@ -748,6 +751,7 @@ class App:
             self.warn("the conversation is empty; saving it anyway")
         saved = self.session.save(path, self.settings.to_dict())
         self._remember_file(saved)
+        self._saved_turns = self._turn_texts()
         self.say(f"saved {len(self.session.turns)} turn(s) to {visible(str(saved))}")
 
     def _default_save_path(self) -> Path:
@@ -817,6 +821,9 @@ class App:
             readied = self.session.read_saved(path)
         source = f"session {visible(path.name)}"
         restored, changes = self._restored_settings(readied.saved.settings, source)
+        if not self._may_discard_conversation(f"load {visible(path.name)}"):
+            self.say("not loaded")
+            return
         system_before = self.session.system_message
         with self._uninterruptible(f"loading {visible(path.name)} …"):
             self.session.restore(readied)
@@ -828,6 +835,7 @@ class App:
             self.settings.system.message = self.session.system_message or ""
             self.settings.sources["system.message"] = source
         self._remember_file(path)
+        self._saved_turns = self._turn_texts()
 
         turns = self.session.turns
         limit = self.session.max_context
@@ -848,6 +856,16 @@ class App:
         except ContextOverflowError:  # it filled the context when it was saved, or this one is smaller
             self.warn("the context has no room for another question and its answer; /undo or /clear make room, "
                       "or /set max_new_tokens N with a smaller N")
+
+    def _turn_texts(self) -> list[tuple[str, str]]:
+        return [(turn.user_text, turn.answer_text) for turn in self.session.turns]
+
+    def _may_discard_conversation(self, doing: str) -> bool:
+        """True when nothing unsaved would be lost, or the user agrees to lose it (a script never asks)."""
+        turns = self._turn_texts()
+        if self.confirm is None or not turns or turns == self._saved_turns:
+            return True
+        return self.confirm(f"the conversation so far ({len(turns)} turn(s)) is not saved; {doing} anyway? [y/N] ")
 
     def _restored_settings(self, saved: dict[str, Any], source: str) -> tuple[Settings, list[tuple[str, Any, Any]]]:
         """The settings with the session's generation and media values, checked on a copy.
