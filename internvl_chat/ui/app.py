@@ -708,7 +708,7 @@ class App:
         t = turn.timing
         info = self.session.describe()
         rows = [("finish", str(turn.finish_reason))]
-        if "vision_s" in t:
+        if t.get("vision_s"):  # as the stats line: no row when no picture was encoded
             rows.append(("vision", f"{t['vision_s']:.3f} s"))
         if "prefill_tokens" in t:
             rows.append(("prefill", f"{t['prefill_tokens']:,} tokens in {t.get('prefill_s', 0):.3f} s"
