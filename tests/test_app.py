@@ -390,3 +390,30 @@ def test_stats_shows_vision_time_only_when_a_picture_was_encoded(loaded, media, 
         out.truncate(0), out.seek(0)
         app.handle_line("/stats")
         assert "vision" not in out.getvalue() and out.getvalue().startswith("finish")
+
+
+def test_a_ctrl_c_while_the_spinner_starts_leaves_no_spinner_behind(loaded, tmp_path, monkeypatch):
+    # Ctrl-C just after Enter could land inside the spinner's start, before its `with` took hold:
+    # it then spun on over every later prompt and answer
+    import rich.status
+
+    settings = load_settings(os.devnull, env={}, overrides={})
+    console = Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None)
+    app = App(Session(loaded, params=sampling_params(settings)), settings, console, interactive=True)
+    started = []
+    real_start = rich.status.Status.start
+
+    def start_then_interrupt(status) -> None:
+        real_start(status)
+        started.append(status)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rich.status.Status, "start", start_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with app.spinner("reading the images …"):
+                pass
+        assert started and not started[0]._live.is_started
+    finally:
+        for status in started:
+            status.stop()

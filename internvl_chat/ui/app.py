@@ -297,8 +297,17 @@ class App:
         """Spinners and live regions: only on a real terminal, and not with --plain."""
         return self.console.is_terminal and not self.console.is_dumb_terminal and not self.settings.ui.plain
 
-    def spinner(self, text: str):
-        return self.console.status(text, spinner="dots") if self.fancy else nullcontext()
+    @contextmanager
+    def spinner(self, text: str) -> Iterator[None]:
+        if not self.fancy:
+            yield
+            return
+        status = self.console.status(text, spinner="dots")
+        try:  # not `with status`: a Ctrl-C inside its start would leave it spinning over the prompt
+            status.start()
+            yield
+        finally:
+            status.stop()
 
     def prompt_text(self) -> str:
         return f"[+{len(self.pending)}] > " if self.pending else "> "
