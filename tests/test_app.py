@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import struct
 import zlib
@@ -373,3 +374,46 @@ def test_ctrl_c_during_retry_prefill_says_what_was_lost(loaded, tmp_path, monkey
     assert [t.user_text for t in app.session.turns] == ["First."]  # Session.retry drops the turn first
     assert "the last question and its answer were removed; ask it again" in out.getvalue()
     assert app.handle_line("Second.") == OK and len(app.session.turns) == 2
+
+
+def test_stats_shows_vision_time_only_when_a_picture_was_encoded(loaded, media, tmp_path):
+    # /stats said "vision 0.000 s" after a text-only answer (and after /retry, which reuses the
+    # features), where the stats line under the answer rightly says nothing
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line(f"/image {media / 'small.png'}")
+    app.handle_line("What is it?")
+    out.truncate(0), out.seek(0)
+    app.handle_line("/stats")
+    assert re.search(r"^vision +\d+\.\d{3} s$", out.getvalue(), re.M)
+    for line in ("And then?", "/retry"):
+        app.handle_line(line)
+        out.truncate(0), out.seek(0)
+        app.handle_line("/stats")
+        assert "vision" not in out.getvalue() and out.getvalue().startswith("finish")
+
+
+def test_a_ctrl_c_while_the_spinner_starts_leaves_no_spinner_behind(loaded, tmp_path, monkeypatch):
+    # Ctrl-C just after Enter could land inside the spinner's start, before its `with` took hold:
+    # it then spun on over every later prompt and answer
+    import rich.status
+
+    settings = load_settings(os.devnull, env={}, overrides={})
+    console = Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None)
+    app = App(Session(loaded, params=sampling_params(settings)), settings, console, interactive=True)
+    started = []
+    real_start = rich.status.Status.start
+
+    def start_then_interrupt(status) -> None:
+        real_start(status)
+        started.append(status)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rich.status.Status, "start", start_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with app.spinner("reading the images …"):
+                pass
+        assert started and not started[0]._live.is_started
+    finally:
+        for status in started:
+            status.stop()

@@ -155,7 +155,7 @@ def test_export_replaces_a_symlink_instead_of_writing_through_it(loaded, tmp_pat
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / "talk.md").symlink_to(victim)
-    assert app.handle_line("/export talk.md") == OK
+    assert app.handle_line("/export talk.md --force") == OK
     assert victim.read_text() == "precious"
     assert not (tmp_path / "talk.md").is_symlink() and "## User" in (tmp_path / "talk.md").read_text()
 
@@ -248,3 +248,57 @@ def test_a_picture_whose_file_name_is_not_utf8_is_saved_loaded_and_exported(load
     (tmp_path / "bad.json").write_text(data)
     assert other.handle_line(f"/load {tmp_path / 'bad.json'}") == ERROR
     assert "lone surrogate" in output(out2)
+
+
+def test_export_never_replaces_a_file_it_did_not_write_for_this_conversation(loaded, tmp_path, home):
+    # /export used to overwrite any file silently (a README.md, another conversation's export)
+    notes = tmp_path / "notes.md"
+    notes.write_text("my own notes")
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    assert app.handle_line("/export notes.md") == ERROR  # a script: refused, with what to do
+    assert output(out).strip() == f"error: {notes} already exists; /export {notes} --force replaces it, or give another name"
+    assert notes.read_text() == "my own notes"
+
+    asked = []
+    app.confirm = lambda question: asked.append(question) or False  # the REPL asks; "no" keeps the file
+    assert app.handle_line("/export notes.md") == OK
+    assert asked == [f"{notes} already exists; replace it? [y/N] "] and "not exported" in output(out)
+    assert notes.read_text() == "my own notes"
+
+    app.confirm = None
+    assert app.handle_line("/export talk.md") == OK
+    app.handle_line("More.")
+    assert app.handle_line("/export talk.md") == OK  # its own export, grown: replaced without asking
+    assert (tmp_path / "talk.md").read_text().count("## User") == 2
+    app.handle_line("/clear")
+    app.handle_line("Another conversation.")
+    assert app.handle_line("/export talk.md") == ERROR  # a different conversation's export is kept
+    assert (tmp_path / "talk.md").read_text().count("## User") == 2
+    assert app.handle_line("/export notes.md --force") == OK
+    assert "Another conversation." in notes.read_text()
+    output(out)
+    assert app.handle_line(f"/export {tmp_path}") == ERROR  # worded as /save words it
+    assert output(out).strip() == f"error: {tmp_path} is a folder; give a file name, e.g. /export {tmp_path / 'chat.md'}"
+
+
+def test_load_asks_before_it_replaces_a_conversation_that_is_not_saved(loaded, tmp_path, home):
+    # /load used to drop the conversation on screen without a word, saved or not
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("First.")
+    app.handle_line("/save kept.json")
+    asked = []
+    app.confirm = lambda question: asked.append(question) or False
+    assert app.handle_line("/load kept") == OK and asked == []  # nothing unsaved: no question
+    app.handle_line("Second.")
+    output(out)
+    assert app.handle_line("/load kept") == OK
+    assert asked == ["the conversation so far (2 turn(s)) is not saved; load kept.json anyway? [y/N] "]
+    assert "not loaded" in output(out) and [t.user_text for t in app.session.turns] == ["First.", "Second."]
+    app.confirm = lambda question: asked.append(question) or True
+    assert app.handle_line("/load kept") == OK and len(asked) == 2
+    assert [t.user_text for t in app.session.turns] == ["First."]
+    app.confirm = None  # a script loads as it is told
+    app.handle_line("Third.")
+    assert app.handle_line("/load kept") == OK and [t.user_text for t in app.session.turns] == ["First."]

@@ -238,3 +238,36 @@ def test_completion_menu_shows_odd_file_names_escaped(tmp_path):
     shown = sorted(c.display_text for c in ChatCompleter(tmp_path).get_completions(Document("/image ./"), None))
     assert shown == ["evil\\u202egnp.exe.png", "t\\e]0;X\\x07.png"]
     assert sorted(_complete("/image ./", cwd=tmp_path)) == ["./evil\u202egnp.exe.png", "./t\x1b]0;X\x07.png"]  # the real names
+
+
+# --- Ctrl-C just after Enter (no terminal needed) -------------------------------------------------
+
+
+def test_a_ctrl_c_that_reaches_the_prompt_after_enter_cancels_the_line_without_a_traceback():
+    """A Ctrl-C pressed right after Enter lands in prompt_toolkit's event loop, which runs the
+    `<sigint>` key after the prompt has returned. The stock handler then raised "Application is not
+    running" (printed as a traceback) and the Ctrl-C was lost; now it marks the line cancelled."""
+    import asyncio
+
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from internvl_chat.ui.repl import LateInterrupt, key_bindings
+
+    late = LateInterrupt()
+    with create_pipe_input() as pipe:
+        session = PromptSession(input=pipe, output=DummyOutput(), key_bindings=key_bindings(late))
+        pipe.send_text("hello\r")
+        assert session.prompt("> ") == "hello"
+
+        async def late_callback() -> None:  # what the loop runs while asyncio.run winds down
+            session.app.key_processor.send_sigint()
+
+        asyncio.run(late_callback())
+        assert late.pressed
+        late.pressed = False
+        pipe.send_text("again")
+        with pytest.raises(KeyboardInterrupt):  # while the prompt runs: Ctrl-C as before
+            session.prompt("> ", pre_run=lambda: session.app.key_processor.send_sigint())
+        assert not late.pressed

@@ -242,6 +242,9 @@ class App:
     # The file this conversation was last saved to or loaded from, and its first turn then
     # (a conversation is "the same" while that turn still opens it).
     _session_file: tuple[Path, Any] | None = None
+    # The Markdown file /export last wrote, and the conversation's first turn then: re-exporting
+    # the same conversation there replaces it without asking.
+    _export_file: tuple[Path, Any] | None = None
 
     def __init__(
         self,
@@ -259,6 +262,9 @@ class App:
         self.cwd = Path(cwd) if cwd is not None else None
         self.pending: list[Media] = []
         self.last_peak: int | None = None  # bytes, of the last answer
+        # (question, answer) of each turn when the conversation was last saved or loaded: /load
+        # asks before it replaces a conversation that differs from it
+        self._saved_turns: list[tuple[str, str]] = []
 
     # ---- output ---------------------------------------------------------------------------
 
@@ -291,8 +297,17 @@ class App:
         """Spinners and live regions: only on a real terminal, and not with --plain."""
         return self.console.is_terminal and not self.console.is_dumb_terminal and not self.settings.ui.plain
 
-    def spinner(self, text: str):
-        return self.console.status(text, spinner="dots") if self.fancy else nullcontext()
+    @contextmanager
+    def spinner(self, text: str) -> Iterator[None]:
+        if not self.fancy:
+            yield
+            return
+        status = self.console.status(text, spinner="dots")
+        try:  # not `with status`: a Ctrl-C inside its start would leave it spinning over the prompt
+            status.start()
+            yield
+        finally:
+            status.stop()
 
     def prompt_text(self) -> str:
         return f"[+{len(self.pending)}] > " if self.pending else "> "
@@ -702,7 +717,7 @@ class App:
         t = turn.timing
         info = self.session.describe()
         rows = [("finish", str(turn.finish_reason))]
-        if "vision_s" in t:
+        if t.get("vision_s"):  # as the stats line: no row when no picture was encoded
             rows.append(("vision", f"{t['vision_s']:.3f} s"))
         if "prefill_tokens" in t:
             rows.append(("prefill", f"{t['prefill_tokens']:,} tokens in {t.get('prefill_s', 0):.3f} s"
@@ -745,6 +760,7 @@ class App:
             self.warn("the conversation is empty; saving it anyway")
         saved = self.session.save(path, self.settings.to_dict())
         self._remember_file(saved)
+        self._saved_turns = self._turn_texts()
         self.say(f"saved {len(self.session.turns)} turn(s) to {visible(str(saved))}")
 
     def _default_save_path(self) -> Path:
@@ -814,6 +830,9 @@ class App:
             readied = self.session.read_saved(path)
         source = f"session {visible(path.name)}"
         restored, changes = self._restored_settings(readied.saved.settings, source)
+        if not self._may_discard_conversation(f"load {visible(path.name)}"):
+            self.say("not loaded")
+            return
         system_before = self.session.system_message
         with self._uninterruptible(f"loading {visible(path.name)} …"):
             self.session.restore(readied)
@@ -825,6 +844,7 @@ class App:
             self.settings.system.message = self.session.system_message or ""
             self.settings.sources["system.message"] = source
         self._remember_file(path)
+        self._saved_turns = self._turn_texts()
 
         turns = self.session.turns
         limit = self.session.max_context
@@ -845,6 +865,16 @@ class App:
         except ContextOverflowError:  # it filled the context when it was saved, or this one is smaller
             self.warn("the context has no room for another question and its answer; /undo or /clear make room, "
                       "or /set max_new_tokens N with a smaller N")
+
+    def _turn_texts(self) -> list[tuple[str, str]]:
+        return [(turn.user_text, turn.answer_text) for turn in self.session.turns]
+
+    def _may_discard_conversation(self, doing: str) -> bool:
+        """True when nothing unsaved would be lost, or the user agrees to lose it (a script never asks)."""
+        turns = self._turn_texts()
+        if self.confirm is None or not turns or turns == self._saved_turns:
+            return True
+        return self.confirm(f"the conversation so far ({len(turns)} turn(s)) is not saved; {doing} anyway? [y/N] ")
 
     def _restored_settings(self, saved: dict[str, Any], source: str) -> tuple[Settings, list[tuple[str, Any, Any]]]:
         """The settings with the session's generation and media values, checked on a copy.
@@ -897,10 +927,33 @@ class App:
         self.note(f"/load NAME loads one (Tab completes the names){more}")
 
     def cmd_export(self, command: Command) -> None:
+        """`/export FILE.md [--force]`: an existing file is replaced only when this conversation
+        wrote it, or with the user's yes (REPL) or --force (script), as /save does."""
         path = self._output_path(command.args[0])
+        if path.is_dir():
+            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /export {visible(str(path / 'chat.md'))}")
+        if not command.options.get("force") and not self._may_export_to(path):
+            self.say("not exported")
+            return
         # a symlink at the target is replaced, never followed; a file name that is not UTF-8 keeps its bytes
         write_atomic(path, self.export_markdown().encode("utf-8", "surrogateescape"))
-        self.say(f"exported {len(self.session.turns)} turn(s) to {visible(str(path))}")
+        turns = self.session.turns
+        self._export_file = (Path(os.path.abspath(path)), turns[0] if turns else None)
+        self.say(f"exported {len(turns)} turn(s) to {visible(str(path))}")
+
+    def _may_export_to(self, path: Path) -> bool:
+        """True when `path` is free, holds this conversation's last export, or the user agrees."""
+        if not os.path.lexists(path):
+            return True
+        if self._export_file is not None:
+            exported, first = self._export_file
+            turns = self.session.turns
+            if exported == Path(os.path.abspath(path)) and (first is None or (turns and turns[0] is first)):
+                return True
+        shown = visible(str(path))
+        if self.confirm is None:
+            raise UsageError(f"{shown} already exists; /export {shown} --force replaces it, or give another name")
+        return self.confirm(f"{shown} already exists; replace it? [y/N] ")
 
     def export_markdown(self) -> str:
         """The conversation as Markdown: media as links, answers as written."""

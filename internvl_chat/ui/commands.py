@@ -102,7 +102,12 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "load a saved conversation and its settings (no NAME: list the saved ones)",
         (ArgSpec("NAME", "session", required=False),),
     ),
-    CommandSpec("export", "write the conversation as Markdown", (ArgSpec("FILE.md", "file"),)),
+    CommandSpec(
+        "export",
+        "write the conversation as Markdown",
+        (ArgSpec("FILE.md", "file"),),
+        (OptionSpec("--force", "flag", "", "replace a FILE.md that this conversation did not write"),),
+    ),
     CommandSpec("exit", "quit (also /quit, /bye or Ctrl-D)", aliases=("quit", "bye")),
 )
 

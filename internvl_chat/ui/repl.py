@@ -25,6 +25,7 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.keys import Keys
 
 from ..errors import InternVLChatError, UsageError
 from ..files import visible
@@ -182,8 +183,27 @@ class ChatCompleter(Completer):
                     yield Completion(spec_.name, start_position=-len(current))
 
 
-def key_bindings() -> KeyBindings:
+class LateInterrupt:
+    """A Ctrl-C pressed just after Enter, while prompt_toolkit was still winding down.
+
+    Its SIGINT reaches prompt_toolkit's event loop, which runs the `<sigint>` key once the prompt
+    has already returned: the stock handler then fails ("Application is not running", a traceback
+    on the screen) and the Ctrl-C is lost, so the line went on as if it had not been pressed.
+    """
+
+    pressed: bool = False
+
+
+def key_bindings(late: LateInterrupt | None = None) -> KeyBindings:
     kb = KeyBindings()
+    late = late if late is not None else LateInterrupt()
+
+    @kb.add(Keys.SIGINT)
+    def _sigint(event) -> None:
+        if event.app.is_running:
+            event.app.exit(exception=KeyboardInterrupt(), style="class:aborting")
+        else:
+            late.pressed = True  # the line was accepted: cancel it instead (see run_repl)
 
     @kb.add("enter")
     def _enter(event) -> None:
@@ -307,12 +327,12 @@ def ask_yes_no(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def build_prompt_session(app: App, settings: Settings) -> PromptSession:
+def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | None = None) -> PromptSession:
     return PromptSession(
         history=open_history(settings, app),
         completer=ChatCompleter(app.cwd),
         complete_while_typing=False,
-        key_bindings=key_bindings(),
+        key_bindings=key_bindings(late),
         multiline=True,
         prompt_continuation=lambda width, line_number, wrap_count: "." * max(width - 1, 0) + " ",
         enable_open_in_editor=True,
@@ -347,8 +367,10 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
             app.error(str(e))
         if prompt:
             _interruptible(app, lambda: app.handle_message(prompt))
-    prompt_session = build_prompt_session(app, settings)
+    late = LateInterrupt()
+    prompt_session = build_prompt_session(app, settings, late)
     while True:
+        late.pressed = False
         try:
             line = prompt_session.prompt(app.prompt_text(), default=typed.text)
         except KeyboardInterrupt:
@@ -362,6 +384,10 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
             except OSError:
                 pass  # the terminal is gone
             raise
+        if late.pressed:  # Ctrl-C right after Enter: as if it had come a moment later
+            typed.text = ""
+            app.say("[cancelled before it began; the conversation is unchanged]", "yellow")
+            continue
         with held_keys() as typed:
             result = _interruptible(app, lambda: app.handle_line(line))
         if result == EXIT:
