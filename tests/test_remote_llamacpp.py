@@ -50,7 +50,8 @@ def llama_server(tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf")
     converted = subprocess.run(["bash", str(TOOL), "convert", str(DEMO_MODEL), str(out)],
                                capture_output=True, text=True, timeout=1800)  # fmt: skip
-    assert converted.returncode == 0, converted.stderr[-2000:]
+    convert_log = out / "convert.log"  # where the tool sends the converter's own output
+    assert converted.returncode == 0, (converted.stderr + (convert_log.read_text() if convert_log.exists() else ""))[-2000:]
     port = closed_port()
     log = open(out / "server.log", "w")
     server = subprocess.Popen(
