@@ -25,6 +25,7 @@ from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import EXIT, ERROR, OK, App, block_is_open, sanitize, unwrap_block
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from media_helpers import textured_rgb, write_numbered_video
+from app_helpers import make_app
 
 MAX_CONTEXT = 2048
 TOKENS_PER_TILE = 256
@@ -47,14 +48,6 @@ def media(tmp_path_factory) -> Path:
     chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"not zlib at all") + chunk(b"IEND", b""))
     return d
-
-
-def make_app(loaded, tmp_path, file=None, interactive=False, **overrides) -> tuple[App, io.StringIO]:
-    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 8, **overrides})
-    session = Session(loaded, params=sampling_params(settings))
-    out = file or io.StringIO()
-    console = Console(file=out, width=200, force_terminal=False, color_system=None)
-    return App(session, settings, console, interactive=interactive, cwd=tmp_path), out
 
 
 def first_turn_len(app: App, text: str, specs=()) -> int:

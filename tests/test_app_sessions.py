@@ -3,21 +3,21 @@ silently, settings restored with the session, and nothing from a file reaching t
 
 from __future__ import annotations
 
-import io
+import functools
 import json
 import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from rich.console import Console
 
-from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
-from internvl_chat.settings import load_settings
-from internvl_chat.ui.app import ERROR, OK, App, default_sessions_dir
-from internvl_chat.chat.sampling import params_from_settings as sampling_params
+from internvl_chat.ui.app import ERROR, OK, default_sessions_dir
 from media_helpers import textured_rgb
+from app_helpers import make_app as _make_app
+from app_helpers import output
+
+make_app = functools.partial(_make_app, max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +30,6 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     return tmp_path / "home"
-
-
-def make_app(loaded, cwd: Path, **overrides) -> tuple[App, io.StringIO]:
-    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 6, **overrides})
-    session = Session(loaded, params=sampling_params(settings))
-    out = io.StringIO()
-    return App(session, settings, Console(file=out, width=200, color_system=None), cwd=cwd), out
-
-
-def output(out: io.StringIO) -> str:
-    text = out.getvalue()
-    out.truncate(0), out.seek(0)
-    return text
 
 
 def test_save_without_a_name_goes_to_the_sessions_folder_and_load_finds_it_by_name(loaded, tmp_path, home):

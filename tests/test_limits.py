@@ -3,7 +3,7 @@ at their extremes (flags, settings and the server's request body), and a model's
 
 from __future__ import annotations
 
-import io
+import functools
 import json
 import os
 import shutil
@@ -12,17 +12,19 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from rich.console import Console
 
 from internvl_chat.chat.sampling import Sampler, SamplingParams
-from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
 from internvl_chat.errors import UsageError
 from internvl_chat.settings import load_settings
-from internvl_chat.ui.app import ERROR, OK, App
+from internvl_chat.ui.app import ERROR, OK
 from internvl_chat.ui.setup import load_for_settings
 from serve_support import RunningServer
+from app_helpers import make_app as _make_app
+from app_helpers import output
+
+make_app = functools.partial(_make_app, width=300, max_new_tokens=None)
 
 CONTEXT = 256
 
@@ -30,19 +32,6 @@ CONTEXT = 256
 @pytest.fixture(scope="module")
 def small(tiny_original):
     return load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT)
-
-
-def make_app(loaded, cwd: Path, **overrides) -> tuple[App, io.StringIO]:
-    settings = load_settings(os.devnull, env={}, overrides=overrides)
-    session = Session(loaded, params=sampling_params(settings))
-    out = io.StringIO()
-    return App(session, settings, Console(file=out, width=300, color_system=None), cwd=cwd), out
-
-
-def output(out: io.StringIO) -> str:
-    text = out.getvalue()
-    out.truncate(0), out.seek(0)
-    return text
 
 
 def _filling_question(loaded, answer_room: int) -> str:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import io
-import re
 
 import pyte
 import pytest

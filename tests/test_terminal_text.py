@@ -18,20 +18,18 @@ import pytest
 from PIL import Image
 from prompt_toolkit.document import Document
 from rich.cells import cell_len
-from rich.console import Console
 
 from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
-from internvl_chat.settings import load_settings
-from internvl_chat.ui.app import EXIT, ERROR, OK, App, runtime_keys, take_media_paths
+from internvl_chat.ui.app import EXIT, ERROR, OK, runtime_keys, take_media_paths
 from internvl_chat.ui.commands import COMMANDS, format_help
 from internvl_chat.ui.render import format_columns, format_stats, wrap_text
 from internvl_chat.ui.repl import ChatCompleter
-from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from internvl_chat.ui.setup import EMBEDDED_MODEL
 from internvl_chat.ui.typeahead import held_keys, keys_released, typed_text
 from media_helpers import textured_rgb
 from screen_model import ReflowScreen
+from app_helpers import make_app
 
 REPO = Path(__file__).resolve().parent.parent
 WIDTHS = (40, 60, 80)
@@ -122,14 +120,6 @@ def test_columns_fit_and_keep_the_numbers_aligned(width):
 @pytest.fixture(scope="module")
 def loaded(tiny_original):
     return load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
-
-
-def make_app(loaded, tmp_path, width: int = 200, terminal: bool = False, **overrides) -> tuple[App, io.StringIO]:
-    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 8, **overrides})
-    session = Session(loaded, params=sampling_params(settings))
-    out = io.StringIO()
-    console = Console(file=out, width=width, force_terminal=terminal, color_system=None)
-    return App(session, settings, console, interactive=False, cwd=tmp_path), out
 
 
 @pytest.mark.parametrize("width", WIDTHS)

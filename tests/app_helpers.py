@@ -1,0 +1,34 @@
+"""An App over a local Session, printing into a string, as the app tests drive it."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from internvl_chat.chat.sampling import params_from_settings as sampling_params
+from internvl_chat.chat.session import Session
+from internvl_chat.settings import load_settings
+from internvl_chat.ui.app import App
+
+
+def make_app(loaded, cwd: Path, *, max_new_tokens: int | None = 8, width: int = 200, terminal: bool = False,
+             interactive: bool = False, file=None, **overrides) -> tuple[App, io.StringIO]:  # fmt: skip
+    """`max_new_tokens` None: the settings' default (short answers keep the tests fast); `overrides`
+    are dotted settings keys, e.g. **{"media.max_tiles": 2}."""
+    if max_new_tokens is not None:
+        overrides = {"generation.max_new_tokens": max_new_tokens, **overrides}
+    settings = load_settings(os.devnull, env={}, overrides=overrides)
+    session = Session(loaded, params=sampling_params(settings))
+    out = file or io.StringIO()
+    console = Console(file=out, width=width, force_terminal=terminal, color_system=None)
+    return App(session, settings, console, interactive=interactive, cwd=cwd), out
+
+
+def output(out: io.StringIO) -> str:
+    """What was printed since the last call."""
+    text = out.getvalue()
+    out.truncate(0), out.seek(0)
+    return text
