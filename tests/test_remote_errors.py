@@ -171,6 +171,27 @@ def test_a_stacked_compression_is_refused_before_it_is_inflated():
         assert "br" not in server.requests[-1].headers.get("Accept-Encoding", "")
 
 
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply.json(fixture("vllm/error_nested.json"), 400),
+        Reply.json(fixture("llamacpp/error_nested.json"), 400),
+        Reply.json({"error": {"message": "the conversation is 798 tokens and max_tokens is 300: together over this "
+                              "model's 1,024-token context; ask for at most 226", "type": "invalid_request_error",
+                              "param": "max_tokens", "code": "context_length_exceeded"}}, 400),  # internvl-chat serve
+    ],
+)
+def test_a_conversation_over_the_servers_context_says_how_to_make_room(reply):
+    """The server's words name its own field (max_tokens); the hint names the app's commands."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(reply)
+        line = fails_with(conv, r"^the server answered 400 Bad Request: .*; the conversation and its answer do not fit "
+                                r"the server's context; use fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens$")
+        assert "check the message, the attachments" not in line
+
+
 def test_error_shapes():
     assert error_text({"error": {"message": "m", "type": "t", "code": 400}}) == "m (t)"
     assert error_text({"object": "error", "message": "m", "type": "t", "code": 404}) == "m (t)"

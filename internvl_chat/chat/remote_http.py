@@ -11,6 +11,7 @@ retried behind the user's back. Text that came from the server is shown escaped 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from http import HTTPStatus
 from urllib.parse import urlsplit, urlunsplit
@@ -38,6 +39,12 @@ _HINTS = {
     422: "the server did not accept the request's fields; try --dialect generic",
     429: "the server is busy; try again later",
 }
+# How servers say that the conversation and the answer asked for do not fit their context (serve
+# and OpenAI: code context_length_exceeded; llama.cpp: exceed_context_size_error; vLLM, SGLang:
+# "maximum context length", "context length"; lmdeploy: session_len)
+CONTEXT_OVERFLOW = re.compile(r"context[_ ](length|size|window)|exceed_context|maximum context|session_len", re.IGNORECASE)
+CONTEXT_HINT = ("the conversation and its answer do not fit the server's context; use fewer tiles or frames, "
+                "/undo or /clear, or a smaller max_new_tokens")  # fmt: skip
 
 
 def normalize_base_url(url: str) -> str:
@@ -129,6 +136,8 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
     elif 300 <= status < 400:  # redirects are never followed (they could lead anywhere, with the key)
         where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
         hint = f"{where} is not followed; check --server (https?)"
+    elif status == 400 and CONTEXT_OVERFLOW.search(body[:ERROR_BODY_LIMIT].decode("utf-8", errors="replace")):
+        hint = CONTEXT_HINT
     else:
         hint = _HINTS.get(status, "check the request")
     wait = (retry_after or "").strip()
