@@ -178,8 +178,10 @@ def transport_error(err: httpx.TransportError, url: str, timeout: float, mid_ans
         )
     if isinstance(err, httpx.TimeoutException):
         return RemoteError(f"talking to {url} timed out ({_reason(err)}); try again")
+    # as when a stream ends early: the conversation is as before the question (nothing half-answered)
     where = "in the middle of the answer" if mid_answer else "before the answer began"
-    return RemoteError(f"the connection to {url} broke {where} ({_reason(err)}); ask again")
+    dropped = "; the partial answer was discarded" if mid_answer else ""
+    return RemoteError(f"the connection to {url} broke {where} ({_reason(err)}){dropped}; ask again")
 
 
 class ChatStream:
