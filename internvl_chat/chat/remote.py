@@ -225,6 +225,7 @@ class RemoteConversation:
             context=self._max_context,
             load_s=self.handshake_s,
             memory_device=None,
+            more_room="a server started with a larger context",  # --max-context is the local model's
         )
 
     # ---- budget (estimates; the server counts the real tokens) ---------------------------
