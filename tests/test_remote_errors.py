@@ -193,6 +193,21 @@ def test_a_conversation_over_the_servers_context_says_how_to_make_room(reply):
         assert "check the message, the attachments" not in line
 
 
+
+@pytest.mark.parametrize(
+    "message",
+    ["the request has more than 32 images and videos; send fewer (the whole history counts)",  # internvl-chat serve
+     "At most 8 image(s) may be provided in one prompt."],  # vLLM --limit-mm-per-prompt
+)
+def test_a_conversation_with_more_pictures_than_the_server_takes_says_what_to_do(message):
+    """The limit counts the whole history, so attaching fewer to the next message is not enough."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply.json({"error": {"message": message, "type": "invalid_request_error", "code": 400}}, 400))
+        fails_with(conv, r"^the server answered 400 Bad Request: .*; every picture of the conversation is resent each "
+                         r"turn and the server takes no more; /drop attachments, /undo or /clear$")
+
+
 def test_error_shapes():
     assert error_text({"error": {"message": "m", "type": "t", "code": 400}}) == "m (t)"
     assert error_text({"object": "error", "message": "m", "type": "t", "code": 404}) == "m (t)"

@@ -43,6 +43,11 @@ _HINTS = {
 # and OpenAI: code context_length_exceeded; llama.cpp: exceed_context_size_error; vLLM, SGLang:
 # "maximum context length", "context length"; lmdeploy: session_len)
 CONTEXT_OVERFLOW = re.compile(r"context[_ ](length|size|window)|exceed_context|maximum context|session_len", re.IGNORECASE)
+# How servers refuse a request for holding too many pictures (serve: "more than 32 images and
+# videos"; vLLM: "At most 8 image(s) may be provided in one prompt"): every turn resends them all
+TOO_MANY_MEDIA = re.compile(r"(more than|at most) \d+ (image|video)|too many (image|video)", re.IGNORECASE)
+TOO_MANY_MEDIA_HINT = ("every picture of the conversation is resent each turn and the server takes no more; "
+                       "/drop attachments, /undo or /clear")  # fmt: skip
 CONTEXT_HINT = ("the conversation and its answer do not fit the server's context; use fewer tiles or frames, "
                 "/undo or /clear, or a smaller max_new_tokens")  # fmt: skip
 
@@ -136,8 +141,10 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
     elif 300 <= status < 400:  # redirects are never followed (they could lead anywhere, with the key)
         where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
         hint = f"{where} is not followed; check --server (https?)"
-    elif status == 400 and CONTEXT_OVERFLOW.search(body[:ERROR_BODY_LIMIT].decode("utf-8", errors="replace")):
+    elif status == 400 and CONTEXT_OVERFLOW.search(body.decode("utf-8", errors="replace")):
         hint = CONTEXT_HINT
+    elif status == 400 and TOO_MANY_MEDIA.search(body.decode("utf-8", errors="replace")):
+        hint = TOO_MANY_MEDIA_HINT
     else:
         hint = _HINTS.get(status, "check the request")
     wait = (retry_after or "").strip()
