@@ -208,6 +208,17 @@ def test_a_conversation_with_more_pictures_than_the_server_takes_says_what_to_do
                          r"turn and the server takes no more; /drop attachments, /undo or /clear$")
 
 
+def test_a_request_over_the_servers_body_limit_says_the_history_counts():
+    body = {"error": {"message": "the request body is over this server's 64 MiB limit; send smaller or fewer images",
+                      "type": "invalid_request_error", "code": "request_too_large"}}  # internvl-chat serve
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply.json(body, 413))
+        fails_with(conv, r"^the server answered 413 (Request Entity|Content) Too Large: .*; the request is too large for this "
+                         r"server \(every picture of the conversation is resent each turn\); /drop attachments, /undo or "
+                         r"/clear, or attach smaller pictures$")
+
+
 def test_error_shapes():
     assert error_text({"error": {"message": "m", "type": "t", "code": 400}}) == "m (t)"
     assert error_text({"object": "error", "message": "m", "type": "t", "code": 404}) == "m (t)"

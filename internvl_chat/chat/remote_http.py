@@ -35,7 +35,8 @@ _HINTS = {
     403: "check --api-key (or OPENAI_API_KEY)",
     404: "check --server (it usually ends in /v1) and --remote-model",
     408: "try again",
-    413: "the request is too large for this server; attach fewer or smaller pictures",
+    413: "the request is too large for this server (every picture of the conversation is resent each turn); "
+         "/drop attachments, /undo or /clear, or attach smaller pictures",
     422: "the server did not accept the request's fields; try --dialect generic",
     429: "the server is busy; try again later",
 }
