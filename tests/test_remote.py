@@ -377,6 +377,27 @@ def test_costs_are_estimates_and_the_servers_context_is_enforced(tmp_path):
         assert items[-1] == ("reserved for the answer (max_new_tokens)", 64)
 
 
+
+def test_context_items_add_up_to_the_servers_count_and_a_cancelled_answer_keeps_it():
+    """The server counts more than the client can estimate (its default system message, its
+    template): /context's items still add up to the context used, and an answer the server did not
+    count (cancelled: no usage) adds its estimate to the last count instead of dropping it."""
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(stream_of("vllm"), stream_of("vllm"))
+        conv = connect(server)
+        answer(conv.ask("What is it?"))  # the server says 1,843 + 5 tokens; the estimate is ~20
+        items = conv.context_items([])
+        assert sum(tokens for _, tokens in items) == 1848 + 10 + 64  # used, next template, answer reserve
+        assert "the server's count beyond these estimates" in items[1][0]
+        cancel = threading.Event()
+        events = conv.ask("Go on.", cancel=cancel)
+        next(events)
+        cancel.set()
+        assert list(events)[-1]["finish_reason"] == "cancelled" and conv.turns[1].usage is None
+        assert conv.context_used == 1848 + conv._turn_total(conv.turns[1])
+        assert sum(tokens for _, tokens in conv.context_items([])) == conv.context_used + 10 + 64
+
+
 def test_vllm_takes_one_tile_limit_per_request(tmp_path):
     with FakeServer(models_of("vllm")) as server:
         server.chat(stream_of("vllm"))

@@ -231,6 +231,21 @@ def test_a_server_that_does_not_say_its_context(picture, tmp_path):
             assert app.handle_line(line) == OK and shown in out.getvalue()
 
 
+
+def test_an_answer_that_fills_the_servers_context_says_what_makes_room(tmp_path):
+    """llama.cpp ends an answer with "length" when its context is full; --max-context (refused with
+    --server) is not what makes room there."""
+    models = json.loads(fixture("vllm/models.json"))
+    models["data"][0]["max_model_len"] = 1848  # what the recorded usage adds up to
+    with FakeServer(json.dumps(models).encode()) as fake:
+        fake.chat(Reply.sse(GOOD.replace(b'"finish_reason":"stop"', b'"finish_reason":"length"')))
+        app, out = _app(fake.url, tmp_path)
+        assert app.handle_line("Tell me everything.") == OK
+        assert "[stopped: the context is full; /undo, /clear or a server started with a larger context make room]" \
+            in out.getvalue()
+        assert "--max-context" not in out.getvalue()
+
+
 # ---- the REPL in a pseudo-terminal --------------------------------------------------------------
 
 

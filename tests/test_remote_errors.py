@@ -77,7 +77,8 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
          r"^the server answered 308 Permanent Redirect: <html>moved</html>; it redirects to "
          r"https://elsewhere\.example/v1/chat/completions, which is not followed; check --server \(https\?\)$"),
         (Reply.sse(GOOD[: GOOD.index(b'"finish_reason":"stop"') - 60]), r"closed the stream before the answer finished"),
-        (Reply.sse(GOOD[:500], end="reset"), r"^the connection to http://127\.0\.0\.1:\d+/v1 broke in the middle of the answer"),
+        (Reply.sse(GOOD[:500], end="reset"), r"^the connection to http://127\.0\.0\.1:\d+/v1 broke in the middle of the answer \(.*\); "
+         r"the partial answer was discarded; ask again$"),
         (Reply.sse(GOOD[:500], end="cut"), r"broke in the middle of the answer"),
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
@@ -169,6 +170,53 @@ def test_a_stacked_compression_is_refused_before_it_is_inflated():
         with pytest.raises(RemoteError, match="compressed its answer as gzip,gzip"):
             RemoteConversation.connect(server.url)
         assert "br" not in server.requests[-1].headers.get("Accept-Encoding", "")
+
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply.json(fixture("vllm/error_nested.json"), 400),
+        Reply.json(fixture("llamacpp/error_nested.json"), 400),
+        Reply.json({"error": {"message": "the conversation is 798 tokens and max_tokens is 300: together over this "
+                              "model's 1,024-token context; ask for at most 226", "type": "invalid_request_error",
+                              "param": "max_tokens", "code": "context_length_exceeded"}}, 400),  # internvl-chat serve
+    ],
+)
+def test_a_conversation_over_the_servers_context_says_how_to_make_room(reply):
+    """The server's words name its own field (max_tokens); the hint names the app's commands."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(reply)
+        line = fails_with(conv, r"^the server answered 400 Bad Request: .*; the conversation and its answer do not fit "
+                                r"the server's context; use fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens$")
+        assert "check the message, the attachments" not in line
+
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["the request has more than 32 images and videos; send fewer (the whole history counts)",  # internvl-chat serve
+     "At most 8 image(s) may be provided in one prompt."],  # vLLM --limit-mm-per-prompt
+)
+def test_a_conversation_with_more_pictures_than_the_server_takes_says_what_to_do(message):
+    """The limit counts the whole history, so attaching fewer to the next message is not enough."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply.json({"error": {"message": message, "type": "invalid_request_error", "code": 400}}, 400))
+        fails_with(conv, r"^the server answered 400 Bad Request: .*; every picture of the conversation is resent each "
+                         r"turn and the server takes no more; /drop attachments, /undo or /clear$")
+
+
+def test_a_request_over_the_servers_body_limit_says_the_history_counts():
+    body = {"error": {"message": "the request body is over this server's 64 MiB limit; send smaller or fewer images",
+                      "type": "invalid_request_error", "code": "request_too_large"}}  # internvl-chat serve
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply.json(body, 413))
+        fails_with(conv, r"^the server answered 413 (Request Entity|Content) Too Large: .*; the request is too large for this "
+                         r"server \(every picture of the conversation is resent each turn\); /drop attachments, /undo or "
+                         r"/clear, or attach smaller pictures$")
 
 
 def test_error_shapes():

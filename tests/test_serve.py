@@ -221,12 +221,28 @@ def test_full_queue_is_429_with_retry_after(server, client):
 
 
 def test_queue_depth_zero_still_serves_an_idle_engine(server, client):
+    worker = server.worker
+    started, release = threading.Event(), threading.Event()
+
+    def hold(job):
+        started.set()
+        assert release.wait(WAIT_S)
+
     server.options.queue_depth = 0
     try:
         assert server.worker.wait_idle(WAIT_S)
         assert ask(client).choices[0].finish_reason in ("stop", "length")
+        worker.on_start = hold
+        first = client.chat.completions.create(**_body("one", max_tokens=4), stream=True)
+        assert started.wait(WAIT_S)
+        with pytest.raises(openai.RateLimitError) as err:  # busy, and nothing may wait: said so, not "0 waiting"
+            client.chat.completions.create(**_body("two", max_tokens=4))
+        assert err.value.body["message"].startswith("the model is busy and its queue is full (none may wait")
+        release.set()
+        assert [c.choices[0].finish_reason for c in first if c.choices and c.choices[0].finish_reason]
     finally:
-        server.options.queue_depth = 8
+        release.set()
+        worker.on_start, server.options.queue_depth = None, 8
 
 
 def test_client_disconnect_stops_generation(server, client):

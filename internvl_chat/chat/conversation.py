@@ -52,6 +52,7 @@ class BackendInfo:
     load_s: float | None = None  # model load, or the server handshake
     memory_device: str | None = None
     demo: bool = False  # the embedded demo model, which answers only a few kinds of questions
+    more_room: str = "a larger --max-context"  # what else makes room when the context is full
 
 
 @dataclass(frozen=True)

@@ -225,6 +225,7 @@ class RemoteConversation:
             context=self._max_context,
             load_s=self.handshake_s,
             memory_device=None,
+            more_room="a server started with a larger context",  # --max-context is the local model's
         )
 
     # ---- budget (estimates; the server counts the real tokens) ---------------------------
@@ -253,15 +254,23 @@ class RemoteConversation:
             answer = estimate_text_tokens(turn.reply)
         return TURN_TEMPLATE_TOKENS + self.media_tokens(turn.media) + estimate_text_tokens(turn.user_text) + answer
 
-    @property
-    def context_used(self) -> int:
-        """The server's count after the last answer when it sent one, else an estimate."""
-        if self.turns:
-            usage = self.turns[-1].usage or {}
+    def _server_count(self) -> tuple[int, int]:
+        """(turns counted, tokens): the server's count after the latest answer it reported usage for
+        (a cancelled answer has none), or (0, 0)."""
+        for n in range(len(self.turns), 0, -1):
+            usage = self.turns[n - 1].usage or {}
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(prompt, int) and isinstance(completion, int):
-                return prompt + completion
-        return self._system_tokens() + sum(self._turn_total(t) for t in self.turns)
+                return n, prompt + completion
+        return 0, 0
+
+    @property
+    def context_used(self) -> int:
+        """The server's count after the latest answer it counted, plus estimates of the turns since."""
+        counted, tokens = self._server_count()
+        if not counted:
+            return self._system_tokens() + sum(self._turn_total(t) for t in self.turns)
+        return tokens + sum(self._turn_total(t) for t in self.turns[counted:])
 
     def check_budget(self, new_tokens: int, max_new_tokens: int | None = None) -> None:
         if self._max_context is None:
@@ -289,6 +298,13 @@ class RemoteConversation:
             answer = turn.answer_tokens if turn.answer_tokens is not None else estimate_text_tokens(turn.reply)
             detail = f" (media {media:,} · answer {answer:,})" if media else f" (answer {answer:,})"
             items.append((f"turn {n}: {names}“{_short(turn.user_text, 32)}”{detail}", self._turn_total(turn)))
+        # the server counts what the estimates cannot see (its own default system message, its
+        # template): the difference keeps the items adding up to the context used
+        rest = self.context_used - sum(tokens for _, tokens in items)
+        if rest > 0:
+            items.append(("the server's count beyond these estimates (e.g. its default system message)", rest))
+        elif rest < 0:
+            items.append(("the server counted fewer tokens than these estimates", rest))
         for media in pending:
             items.append((f"attached: {media.kind} {media.path.name}", self.media_tokens([media])))
         items.append(("next message: template, plus your text", TURN_TEMPLATE_TOKENS))

@@ -11,6 +11,7 @@ retried behind the user's back. Text that came from the server is shown escaped 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from http import HTTPStatus
 from urllib.parse import urlsplit, urlunsplit
@@ -34,10 +35,22 @@ _HINTS = {
     403: "check --api-key (or OPENAI_API_KEY)",
     404: "check --server (it usually ends in /v1) and --remote-model",
     408: "try again",
-    413: "the request is too large for this server; attach fewer or smaller pictures",
+    413: "the request is too large for this server (every picture of the conversation is resent each turn); "
+         "/drop attachments, /undo or /clear, or attach smaller pictures",
     422: "the server did not accept the request's fields; try --dialect generic",
     429: "the server is busy; try again later",
 }
+# How servers say that the conversation and the answer asked for do not fit their context (serve
+# and OpenAI: code context_length_exceeded; llama.cpp: exceed_context_size_error; vLLM, SGLang:
+# "maximum context length", "context length"; lmdeploy: session_len)
+CONTEXT_OVERFLOW = re.compile(r"context[_ ](length|size|window)|exceed_context|maximum context|session_len", re.IGNORECASE)
+# How servers refuse a request for holding too many pictures (serve: "more than 32 images and
+# videos"; vLLM: "At most 8 image(s) may be provided in one prompt"): every turn resends them all
+TOO_MANY_MEDIA = re.compile(r"(more than|at most) \d+ (image|video)|too many (image|video)", re.IGNORECASE)
+TOO_MANY_MEDIA_HINT = ("every picture of the conversation is resent each turn and the server takes no more; "
+                       "/drop attachments, /undo or /clear")  # fmt: skip
+CONTEXT_HINT = ("the conversation and its answer do not fit the server's context; use fewer tiles or frames, "
+                "/undo or /clear, or a smaller max_new_tokens")  # fmt: skip
 
 
 def normalize_base_url(url: str) -> str:
@@ -129,6 +142,10 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
     elif 300 <= status < 400:  # redirects are never followed (they could lead anywhere, with the key)
         where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
         hint = f"{where} is not followed; check --server (https?)"
+    elif status == 400 and CONTEXT_OVERFLOW.search(body.decode("utf-8", errors="replace")):
+        hint = CONTEXT_HINT
+    elif status == 400 and TOO_MANY_MEDIA.search(body.decode("utf-8", errors="replace")):
+        hint = TOO_MANY_MEDIA_HINT
     else:
         hint = _HINTS.get(status, "check the request")
     wait = (retry_after or "").strip()
@@ -169,8 +186,10 @@ def transport_error(err: httpx.TransportError, url: str, timeout: float, mid_ans
         )
     if isinstance(err, httpx.TimeoutException):
         return RemoteError(f"talking to {url} timed out ({_reason(err)}); try again")
+    # as when a stream ends early: the conversation is as before the question (nothing half-answered)
     where = "in the middle of the answer" if mid_answer else "before the answer began"
-    return RemoteError(f"the connection to {url} broke {where} ({_reason(err)}); ask again")
+    dropped = "; the partial answer was discarded" if mid_answer else ""
+    return RemoteError(f"the connection to {url} broke {where} ({_reason(err)}){dropped}; ask again")
 
 
 class ChatStream:

@@ -181,8 +181,9 @@ class EngineWorker:
         busy = self.running is not None or self._queue  # an idle engine takes a request even with depth 0
         if busy and len(self._queue) >= self.options.queue_depth:
             wait = math.ceil(self._job_s * (len(self._queue) + 1))
-            raise APIError(429, f"{len(self._queue)} requests are already waiting for the model; retry in about "
-                           f"{wait} s", code="queue_full", headers={"Retry-After": str(max(1, min(wait, 600)))})  # fmt: skip
+            waiting = f"{len(self._queue)} already wait" if self._queue else "none may wait (queue depth 0)"
+            raise APIError(429, f"the model is busy and its queue is full ({waiting}); retry in about {wait} s",
+                           code="queue_full", headers={"Retry-After": str(max(1, min(wait, 600)))})  # fmt: skip
 
     def submit(self, job: Job) -> None:
         with self._cond:
