@@ -29,7 +29,7 @@ from internvl_chat.ui.setup import EMBEDDED_MODEL
 from internvl_chat.ui.typeahead import held_keys, keys_released, typed_text
 from media_helpers import textured_rgb
 from screen_model import ReflowScreen
-from app_helpers import make_app
+from app_helpers import make_app, output
 
 REPO = Path(__file__).resolve().parent.parent
 WIDTHS = (40, 60, 80)
@@ -127,7 +127,7 @@ def test_everything_the_app_prints_fits_a_terminal(loaded, tmp_path, width):
     app, out = make_app(loaded, tmp_path, width=width, terminal=True)
     app.banner()
     for line in ["/help", "/help video", "Hello there, who are you?", "/context", "/stats", "/media",
-                 "/set temperature", "/set temprature 1", f"/image {tmp_path}/a/b/c/no-such-picture-anywhere.png",
+                 "/set", "/set temperature", "/set temprature 1", f"/image {tmp_path}/a/b/c/no-such-picture-anywhere.png",
                  "/show"]:  # fmt: skip
         app.handle_line(line)
     screen = ReflowScreen(width, 400)  # what a terminal shows; it marks the rows it had to wrap
@@ -154,6 +154,30 @@ def test_set_shows_a_value_and_its_source_and_echoes_as_the_config_file(loaded, 
     app.handle_line("/set system.message 'Be brief.\x1b[2J'")
     app.handle_line("/set system.message")
     assert out.getvalue().endswith('system.message = "Be brief.\\u001b[2J"  (from /system)\n')  # TOML, no escape code
+
+
+def test_set_alone_lists_what_it_can_change_with_values_and_sources(loaded, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("/set temperature 0.5")
+    app.settings.sources["media.frames"] = "config /tmp/evil\x1b[2J.toml"  # a path: shown inert
+    app.handle_line("/set system.message " + "x" * 60)
+    output(out)
+    assert app.handle_line("/set") == OK
+    lines = output(out).split("\n")
+    assert lines[0] == "settings /set can change:"
+    listed = dict(re.fullmatch(r"  (\S+) += (.*)", line).groups() for line in lines[1:-2])
+    assert list(listed) == runtime_keys()
+    assert listed["generation.temperature"] == "0.5  (from /set)"
+    assert listed["ui.stats"] == "true  (from default)"
+    assert listed["generation.seed"] == "(not set)  (from default)"
+    assert listed["generation.max_new_tokens"] == "8  (from flag)"
+    assert listed["media.frames"] == "8  (from config /tmp/evil\\e[2J.toml)"
+    assert listed["system.message"] == '"' + "x" * 38 + "…  (from /system)"  # /set KEY shows it whole
+    assert "/set KEY shows it whole" in lines[-2]
+    for key in runtime_keys():  # the same words as /set KEY
+        app.handle_line(f"/set {key}")
+        value, source = output(out).rstrip("\n").split(" = ", 1)[1].rsplit("  ", 1)
+        assert listed[key].endswith("  " + source) and (listed[key].startswith(value) or key == "system.message")
 
 
 @pytest.mark.parametrize("key", ["model.device", "ui.color", "ui.history", "ui.history_file"])

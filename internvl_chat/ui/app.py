@@ -34,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
@@ -59,6 +60,7 @@ DEMO_MODEL_NOTE = (
 # the model, the server this app talks to, and `internvl-chat serve`'s own settings.
 FIXED_AT_START = ("ui.color", "ui.history", "ui.history_file")
 FIXED_SECTIONS = ("model.", "remote.", "serve.")
+LISTED_VALUE_WIDTH = 40  # `/set` alone lists values up to this long, longer ones cut short
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
 KEYS_HELP = (
@@ -651,10 +653,13 @@ class App:
                  if text else "system message removed")  # fmt: skip
 
     def cmd_set(self, command: Command) -> None:
+        if not command.args:
+            self._list_settings()
+            return
         key = command.args[0]
         dotted = resolve_key(key)
         if len(command.args) < 2:
-            self.say(f"{dotted} = {self._setting_text(dotted)}  (from {self.settings.sources.get(dotted, 'default')})")
+            self.say(f"{dotted} = {self._setting_text(dotted)}  (from {self._setting_source(dotted)})")
             return
         value = command.args[1]
         if not changeable_while_running(dotted):
@@ -675,6 +680,32 @@ class App:
         self.say(f"{dotted} = {self._setting_text(dotted)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
+
+    def _list_settings(self) -> None:
+        """`/set` alone: each setting it can change, its value and where the value came from."""
+        rows, cut = [], False
+        for dotted in runtime_keys():
+            value = self._setting_text(dotted)
+            if len(value) > LISTED_VALUE_WIDTH:  # a long system message: /set KEY shows it whole
+                value, cut = value[: LISTED_VALUE_WIDTH - 1] + "…", True
+            rows.append((dotted, value, f"(from {self._setting_source(dotted)})"))
+        width = self.width
+        column = max(len(dotted) for dotted, _, _ in rows)
+        if width is not None and column + 5 + 24 > width:  # too narrow to align the values
+            column = 0
+        lines = []
+        for dotted, value, source in rows:
+            line = f"  {dotted.ljust(column)} = {value}"
+            fits = width is None or cell_len(line) + 2 + cell_len(source) <= width
+            lines.append(f"{line}  {source}" if fits else f"{line}\n    {source}")  # a source stays whole
+        self.say("settings /set can change:", "bold")
+        self.say("\n".join(lines))
+        if cut:
+            self.note("(a value ending in … is cut short; /set KEY shows it whole)")
+
+    def _setting_source(self, dotted: str) -> str:
+        """Where a value came from: default, flag, /set, env NAME, config PATH (a path: shown inert)."""
+        return visible(self.settings.sources.get(dotted, "default"))
 
     def _setting_text(self, dotted: str) -> str:
         """A value as the config file writes it (`false`, `"text"`), made safe to print."""
