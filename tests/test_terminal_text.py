@@ -185,8 +185,33 @@ def test_set_refuses_what_cannot_change_while_running(loaded, tmp_path, key):
     app, out = make_app(loaded, tmp_path)
     before = app.settings.get(key)
     assert app.handle_line(f"/set {key} never") == ERROR
-    assert "cannot change while the app runs" in out.getvalue() and app.settings.get(key) == before
+    assert f"error: {key} is read at start; " in out.getvalue() and app.settings.get(key) == before
     assert app.handle_line(f"/set {key}") == OK  # showing it is fine
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [  # a key read at start is never suggested: it is said to be read at start, with its flag
+        ("/set max_context 100", "model.max_context is read at start; restart with --max-context N"),
+        ("/set max-context", "model.max_context is read at start; restart with --max-context N"),
+        ("/set max_contxt 100", "unknown setting 'max_contxt'; model.max_context is read at start; "
+                                "restart with --max-context N"),
+        ("/set device cuda", "model.device is read at start; restart with --device DEV"),
+        ("/set model.dtype bf16", "model.dtype is read at start; restart with --dtype T"),
+        ("/set color never", "ui.color is read at start; set color in the config file's [ui] or "
+                             "INTERNVL_CHAT_UI_COLOR, then restart"),
+        ("/set history off", "ui.history is read at start; restart with --no-history"),
+        ("/set serve.port 9", "serve.port is read by internvl-chat serve when it starts; this chat does not use it"),
+        ("/set temprature 1", "unknown setting 'temprature' (did you mean 'temperature'?); "
+                              "/set alone lists the settings it can change"),
+        ("/set max_new_token 5", "unknown setting 'max_new_token' (did you mean 'max_new_tokens'?)"),
+        ("/set xyzzy 1", "unknown setting 'xyzzy'; /set alone lists the settings it can change"),
+    ],
+)
+def test_set_suggests_only_keys_it_can_change(loaded, tmp_path, line, message):
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(line) == ERROR
+    assert output(out).startswith(f"error: {message}")
 
 
 def test_tab_offers_only_keys_that_can_change_while_running():

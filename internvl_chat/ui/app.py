@@ -44,11 +44,12 @@ from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
 from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_lines, write_atomic
-from ..settings import Settings, all_keys, format_settings, resolve_key, toml_value
+from ..settings import Settings, format_settings, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, media_kind, normalize_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      wrap_text)  # fmt: skip
+from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
 
 OK, ERROR, EXIT = "ok", "error", "exit"
 # What the embedded demo model can answer (README, "What it can do").
@@ -56,10 +57,6 @@ DEMO_MODEL_NOTE = (
     "it only answers short questions about simple drawn shapes: how many, what colour, which shape, "
     "left or right, top or bottom, or a one-sentence description; --model DIR loads a real InternVL3"
 )
-# Settings read once at start: /set refuses them (and Tab does not offer them). Whole sections too:
-# the model, the server this app talks to, and `internvl-chat serve`'s own settings.
-FIXED_AT_START = ("ui.color", "ui.history", "ui.history_file")
-FIXED_SECTIONS = ("model.", "remote.", "serve.")
 LISTED_VALUE_WIDTH = 40  # `/set` alone lists values up to this long, longer ones cut short
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
@@ -74,16 +71,6 @@ _CONTROL = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *ran
 # Bidi embeddings, overrides and isolates would reorder what is shown (Trojan Source): shown as
 # escapes. Right-to-left text itself, its marks (U+200E/F) and joiners are text and stay.
 _CONTROL.update({c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]})
-
-
-def changeable_while_running(dotted: str) -> bool:
-    """Whether `/set` can change this setting: not the model's or the server's, nor those read once at start."""
-    return not dotted.startswith(FIXED_SECTIONS) and dotted not in FIXED_AT_START
-
-
-def runtime_keys() -> list[str]:
-    """The dotted keys `/set` can change."""
-    return [key for key in all_keys() if changeable_while_running(key)]
 
 
 def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[Path] = ()) -> tuple[str, list[Path], list[Path]]:
@@ -657,14 +644,13 @@ class App:
             self._list_settings()
             return
         key = command.args[0]
-        dotted = resolve_key(key)
+        dotted = set_key(key, self.settings.remote.server)
         if len(command.args) < 2:
             self.say(f"{dotted} = {self._setting_text(dotted)}  (from {self._setting_source(dotted)})")
             return
         value = command.args[1]
         if not changeable_while_running(dotted):
-            raise UsageError(f"{dotted} cannot change while the app runs; set it in the config file or with its flag, "
-                             "then start again")  # fmt: skip
+            raise UsageError(read_at_start(dotted, self.settings.remote.server))
         if dotted == "system.message":
             self.cmd_system(Command("system", (value,)))
             return
