@@ -46,7 +46,7 @@ from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageE
 from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_lines, write_atomic
 from ..settings import Settings, format_settings, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
-from .paths import find_media_paths, media_kind, normalize_path
+from .paths import find_media_paths, media_kind, normalize_path, quote_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      wrap_text)  # fmt: skip
 from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
@@ -207,6 +207,11 @@ def _short(text: str, width: int = 48) -> str:
     """A one-line excerpt of a message (it may come from a session file: shown inert)."""
     one_line = visible(" ".join(text.split()))
     return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
+
+
+def _typed(path: Path | str) -> str:
+    """A path in a hint, quoted as the command line reads it back (and shown inert)."""
+    return visible(quote_path(path))
 
 
 def _percent(fraction: float) -> str:
@@ -769,7 +774,7 @@ class App:
         """
         path = self._output_path(command.args[0]) if command.args else self._default_save_path()
         if path.is_dir():
-            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /save {visible(str(path / 'chat.json'))}")
+            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /save {_typed(path / 'chat.json')}")
         if not command.options.get("force") and not self._may_replace(path):
             self.say("not saved")
             return
@@ -816,7 +821,7 @@ class App:
                 else "a file that is not an internvl-chat session")  # fmt: skip
         shown = visible(str(path))
         if self.confirm is None:
-            raise UsageError(f"{shown} already holds {what}; /save {shown} --force replaces it, or give another name")
+            raise UsageError(f"{shown} already holds {what}; /save {_typed(path)} --force replaces it, or give another name")
         return self.confirm(f"{shown} holds {what}; replace it? [y/N] ")
 
     @staticmethod
@@ -935,11 +940,11 @@ class App:
             return
         self.say(f"saved sessions in {visible(str(folder))}, newest first:", "bold")
         shown = sessions[:limit]
-        width = max(len(visible(p.stem)) for p, _ in shown)
+        width = max(len(_typed(p.stem)) for p, _ in shown)
         for path, mtime in shown:
             turns = self._saved_conversation(path)
             count = f"{len(turns) // 2} turn(s)" if turns is not None else "not readable"
-            self.say(f"  {visible(path.stem).ljust(width)}  {count:>12}  {datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}")
+            self.say(f"  {_typed(path.stem).ljust(width)}  {count:>12}  {datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}")
         more = f" ({len(sessions) - limit} older not shown)" if len(sessions) > limit else ""
         self.note(f"/load NAME loads one (Tab completes the names){more}")
 
@@ -948,7 +953,7 @@ class App:
         wrote it, or with the user's yes (REPL) or --force (script), as /save does."""
         path = self._output_path(command.args[0])
         if path.is_dir():
-            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /export {visible(str(path / 'chat.md'))}")
+            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /export {_typed(path / 'chat.md')}")
         if not command.options.get("force") and not self._may_export_to(path):
             self.say("not exported")
             return
@@ -969,7 +974,7 @@ class App:
                 return True
         shown = visible(str(path))
         if self.confirm is None:
-            raise UsageError(f"{shown} already exists; /export {shown} --force replaces it, or give another name")
+            raise UsageError(f"{shown} already exists; /export {_typed(path)} --force replaces it, or give another name")
         return self.confirm(f"{shown} already exists; replace it? [y/N] ")
 
     def export_markdown(self) -> str:
