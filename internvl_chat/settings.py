@@ -252,7 +252,8 @@ class Settings:
         Raises UsageError for an unknown key (with the closest one) or a bad value.
         """
         dotted = resolve_key(key)
-        _assign(self, dotted, value, where=f"{source} {key}".strip())
+        # `/set KEY` names the key already: its message says it once ("/set generation.top_p: must be …")
+        _assign(self, dotted, value, where=f"{source} {key}".strip(), names_key=source == "/set")
         self.sources[dotted] = source
         return dotted
 
@@ -352,12 +353,16 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise ValueError
 
 
-def _assign(settings: Settings, dotted: str, value: Any, where: str) -> None:
+def _assign(settings: Settings, dotted: str, value: Any, where: str, names_key: bool = False) -> None:
+    """Parse, check and set one value; a bad one is a UsageError that starts with `where` (a file,
+    variable or flag), then the key, unless `where` `names_key` already."""
     fld, tp = _field(dotted)
+    subject = "" if names_key else f" {dotted}"
+    fix = "" if names_key else "; fix the value."  # `/set KEY VALUE`: the message says what VALUE must be
     bad = undecodable_byte(value) if isinstance(value, str) and not fld.metadata.get("path") else None
     if bad is not None:
         what = f"byte 0x{bad:02x}" if bad < 0x100 else f"U+{bad:04X}"
-        raise UsageError(f"{visible(where)}: {dotted} is not UTF-8 text ({what}); fix the value.")
+        raise UsageError(f"{visible(where)}:{subject} is not UTF-8 text ({what}){fix}")
     try:
         parsed = _coerce(value, tp)
         check = fld.metadata.get("check")
@@ -365,7 +370,7 @@ def _assign(settings: Settings, dotted: str, value: Any, where: str) -> None:
             parsed = check(parsed)
     except (ValueError, TypeError):
         expect = fld.metadata.get("expect") or "a valid value"
-        raise UsageError(f"{visible(where)}: {dotted} must be {expect}, not {_brief(value)}; fix the value.") from None
+        raise UsageError(f"{visible(where)}:{subject} must be {expect}, not {_brief(value)}{fix}") from None
     section, name = dotted.split(".")
     setattr(getattr(settings, section), name, parsed)
 

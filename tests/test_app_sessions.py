@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,34 @@ def test_a_picture_whose_file_name_is_not_utf8_is_saved_loaded_and_exported(load
     (tmp_path / "bad.json").write_text(data)
     assert other.handle_line(f"/load {tmp_path / 'bad.json'}") == ERROR
     assert "lone surrogate" in output(out2)
+
+
+def test_the_hints_quote_a_path_so_that_typed_back_they_work(loaded, tmp_path, home):
+    folder = tmp_path / "my chats (old)"
+    folder.mkdir()
+    first, _ = make_app(loaded, tmp_path)
+    first.handle_line("The first conversation.")
+    assert first.handle_line(f"/save '{folder}/it'\\''s $1.json'") == OK
+    assert first.handle_line(f"/export '{folder}/it'\\''s $1.md'") == OK
+    second, out = make_app(loaded, tmp_path)
+    second.handle_line("Another conversation.")
+    output(out)
+    for command in ("/save", "/export"):
+        suffix = ".json" if command == "/save" else ".md"
+        assert second.handle_line(f"{command} '{folder}/it'\\''s $1{suffix}'") == ERROR
+        hint = re.search(rf"; ({command} .*) replaces it", output(out)).group(1)
+        assert hint == f"{command} '{folder}/it'\\''s $1{suffix}' --force"
+        assert second.handle_line(hint) == OK  # typed back, it does what it says
+        assert "Another conversation." in (folder / f"it's $1{suffix}").read_text()
+        assert second.handle_line(f"{command} '{folder}'") == ERROR  # a folder: an example name in it
+        example = re.search(rf"e\.g\. ({command} .*)", output(out)).group(1)
+        assert example == f"{command} '{folder}/chat{'.json' if command == '/save' else '.md'}'"
+        assert second.handle_line(example) == OK and (folder / f"chat{suffix}").is_file()
+    assert second.handle_line(f"/save '{default_sessions_dir()}/our talk.json'") == OK
+    output(out)
+    assert second.handle_line("/load") == OK  # the names the list shows are typed back after /load
+    name = next(line for line in output(out).splitlines() if "our talk" in line).strip().split("  ")[0]
+    assert name == "'our talk'" and second.handle_line(f"/load {name}") == OK
 
 
 def test_export_never_replaces_a_file_it_did_not_write_for_this_conversation(loaded, tmp_path, home):

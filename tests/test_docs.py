@@ -20,7 +20,7 @@ from internvl_chat import cli
 from internvl_chat.quantize import build_parser as quantize_parser
 from internvl_chat.serve import main as serve_main
 from internvl_chat.settings import OTHER_ENV_VARS, Settings, all_keys, env_name
-from internvl_chat.ui.app import runtime_keys
+from internvl_chat.ui.set_keys import START_FLAGS, changeable_while_running, runtime_keys
 from internvl_chat.ui.commands import COMMAND_BY_NAME, COMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,6 +147,22 @@ def test_readme_says_which_settings_set_can_change():
     assert all(f"`{section[:-1]}`" in sentence for section in sections)
     assert sorted(re.findall(r"`(\w+\.\w+)`", sentence)) == sorted(others)
     assert all(key.startswith(sections) or key in others for key in runtime_keys())
+
+
+def test_the_flags_set_names_for_settings_read_at_start_set_them():
+    parser = cli.build_parser()
+    flags = _flag_keys(parser, cli._overrides)
+    for key, hint in START_FLAGS.items():
+        assert not changeable_while_running(key), key
+        flag, _, metavar = hint.partition(" ")
+        action = next(a for a in parser._actions if flag in a.option_strings)
+        if metavar:
+            assert flags.get(flag) == key and action.metavar == metavar, hint
+        else:  # a switch: it sets the key to a fixed value
+            given = {a.dest: None for a in parser._actions if a.dest != "help"}
+            assert cli._overrides(argparse.Namespace(**{**given, action.dest: True}))[key] is not None, hint
+    said = {key for key in flags.values() if not changeable_while_running(key)}
+    assert said <= set(START_FLAGS), sorted(said - set(START_FLAGS))  # every such flag is named
 
 
 def test_environment_variables_named_in_docs_and_help_exist():

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from internvl_chat.errors import UsageError
-from internvl_chat.ui.paths import find_media_paths, media_kind, normalize_path, shell_unquote
+from internvl_chat.ui.commands import Command, parse_line
+from internvl_chat.ui.paths import find_media_paths, media_kind, normalize_path, quote_path, shell_unquote
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +62,31 @@ def test_empty_path_is_an_error(typed):
 def test_remote_file_uri_is_an_error():
     with pytest.raises(UsageError, match="otherhost"):
         normalize_path("file://otherhost/tmp/cat.png")
+
+
+@pytest.mark.parametrize(
+    "path, quoted",
+    [
+        ("/tmp/chat.json", "/tmp/chat.json"),
+        ("/tmp/my chats/chat.json", "'/tmp/my chats/chat.json'"),
+        ("/tmp/it's.json", r"'/tmp/it'\''s.json'"),
+        ('/tmp/say "hi".md', """'/tmp/say "hi".md'"""),
+        (r"/tmp/a\b.json", r"'/tmp/a\b.json'"),
+        ("/tmp/$HOME & (1);*.json", "'/tmp/$HOME & (1);*.json'"),
+        ("/tmp/tab\there.json", "'/tmp/tab\there.json'"),
+        ("/tmp/照片 1.json", "'/tmp/照片 1.json'"),
+        ("/tmp/照片.json", "/tmp/照片.json"),
+        ("--force", "./--force"),
+        ("~me.json", "'./~me.json'"),
+        ("file:x.json", "./file:x.json"),
+        ("'", r"''\'''"),
+    ],
+)
+def test_quote_path_is_read_back_as_the_same_path(path, quoted):
+    assert quote_path(path) == quoted
+    assert normalize_path(quoted) == Path(path)
+    for name in ("save", "export"):  # as a confirm hint has it
+        assert parse_line(f"/{name} {quoted} --force") == Command(name, (Path(path),), {"force": True})
 
 
 def test_shell_unquote_rejects_unclosed_quotes():

@@ -25,6 +25,7 @@ from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import ERROR, OK, App, runtime_keys
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
+from app_helpers import output
 from media_helpers import textured_rgb
 from remote_helpers import FakeServer, Reply, closed_port, fixture
 from serve_support import RunningServer
@@ -202,9 +203,15 @@ def test_remote_failures_are_one_line_and_the_conversation_goes_on(reply, line, 
 def test_settings_of_the_server_cannot_change_while_the_app_runs(tmp_path):
     with FakeServer(fixture("vllm/models.json")) as fake:
         app, out = _app(fake.url, tmp_path)
-        for line in ("/set remote.server http://elsewhere:8000/v1", "/set remote.api_key k", "/set serve.port 9"):
+        for line in ("/set remote.server http://elsewhere:8000/v1", "/set remote.api_key k", "/set serve.port 9",
+                     "/set max_context 100"):  # fmt: skip
             assert app.handle_line(line) == ERROR
-        assert out.getvalue().count("cannot change while the app runs") == 3
+        assert output(out).split("\n")[:-1] == [
+            "error: remote.server is read at start; restart with --server URL",
+            "error: remote.api_key is read at start; restart with --api-key KEY",
+            "error: serve.port is read by internvl-chat serve when it starts; this chat does not use it",
+            "error: model.max_context is for a local model; the answers here come from the server",
+        ]
         assert app.settings.remote.server == fake.url
     assert not [key for key in runtime_keys() if key.startswith(("remote.", "serve.", "model."))]  # nor offered by Tab
 
@@ -276,7 +283,7 @@ def test_the_repl_through_serve_cancel_retry_undo_and_save(server, picture, tmp_
     repl.child.expect_exact(PROMPT_READY)
     repl.run(f"/image {picture}", r"\+ image photo\.png 900×450 → 3 tiles · ≈771 tokens · context ≈\d+ %")
     repl.run("What is in the picture?", STATS)
-    repl.run("/set remote.server http://elsewhere/v1", r"error: remote\.server cannot change while the app runs")
+    repl.run("/set remote.server http://elsewhere/v1", r"error: remote\.server is read at start; restart with --server URL")
 
     # Ctrl-C while the answer streams: the stream is closed, the partial answer kept and marked
     repl.run("/set max_new_tokens 1500", r"generation\.max_new_tokens = 1500")

@@ -323,6 +323,26 @@ def test_set_rejects_bad_values_and_keeps_the_old_one(key, text):
     assert settings.to_dict() == before
 
 
+EXPECT_TEMPERATURE = "must be 0 (greedy) or a number from 0.01 to 100, not 'hot'"
+
+
+def test_a_bad_value_names_its_key_once_wherever_it_came_from(tmp_path):
+    config = write(tmp_path / "c.toml", '[generation]\ntemperature = "hot"\n')
+    variable = "INTERNVL_CHAT_GENERATION_TEMPERATURE"
+    for load, message in [
+        (lambda: load_settings(config, env=clean_env(tmp_path)),
+         f"{config}: generation.temperature {EXPECT_TEMPERATURE}; fix the value."),
+        (lambda: load_settings(env=clean_env(tmp_path, **{variable: "hot"})),
+         f"environment variable {variable}: generation.temperature {EXPECT_TEMPERATURE}; fix the value."),
+        (lambda: load_settings(env=clean_env(tmp_path), overrides={"temperature": "hot"}),
+         f"flag temperature: generation.temperature {EXPECT_TEMPERATURE}; fix the value."),
+        (lambda: Settings().set("generation.temperature", "hot"), f"/set generation.temperature: {EXPECT_TEMPERATURE}"),
+    ]:  # fmt: skip
+        with pytest.raises(UsageError) as err:
+            load()
+        assert str(err.value) == message
+
+
 def test_set_unknown_key_suggests():
     with pytest.raises(UsageError, match=r"unknown setting 'temprature' \(did you mean 'temperature'\?\)"):
         Settings().set("temprature", "0.5")

@@ -29,7 +29,7 @@ from internvl_chat.ui.setup import EMBEDDED_MODEL
 from internvl_chat.ui.typeahead import held_keys, keys_released, typed_text
 from media_helpers import textured_rgb
 from screen_model import ReflowScreen
-from app_helpers import make_app
+from app_helpers import make_app, output
 
 REPO = Path(__file__).resolve().parent.parent
 WIDTHS = (40, 60, 80)
@@ -127,7 +127,7 @@ def test_everything_the_app_prints_fits_a_terminal(loaded, tmp_path, width):
     app, out = make_app(loaded, tmp_path, width=width, terminal=True)
     app.banner()
     for line in ["/help", "/help video", "Hello there, who are you?", "/context", "/stats", "/media",
-                 "/set temperature", "/set temprature 1", f"/image {tmp_path}/a/b/c/no-such-picture-anywhere.png",
+                 "/set", "/set temperature", "/set temprature 1", f"/image {tmp_path}/a/b/c/no-such-picture-anywhere.png",
                  "/show"]:  # fmt: skip
         app.handle_line(line)
     screen = ReflowScreen(width, 400)  # what a terminal shows; it marks the rows it had to wrap
@@ -156,13 +156,62 @@ def test_set_shows_a_value_and_its_source_and_echoes_as_the_config_file(loaded, 
     assert out.getvalue().endswith('system.message = "Be brief.\\u001b[2J"  (from /system)\n')  # TOML, no escape code
 
 
+def test_set_alone_lists_what_it_can_change_with_values_and_sources(loaded, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("/set temperature 0.5")
+    app.settings.sources["media.frames"] = "config /tmp/evil\x1b[2J.toml"  # a path: shown inert
+    app.handle_line("/set system.message " + "x" * 60)
+    output(out)
+    assert app.handle_line("/set") == OK
+    lines = output(out).split("\n")
+    assert lines[0] == "settings /set can change:"
+    listed = dict(re.fullmatch(r"  (\S+) += (.*)", line).groups() for line in lines[1:-2])
+    assert list(listed) == runtime_keys()
+    assert listed["generation.temperature"] == "0.5  (from /set)"
+    assert listed["ui.stats"] == "true  (from default)"
+    assert listed["generation.seed"] == "(not set)  (from default)"
+    assert listed["generation.max_new_tokens"] == "8  (from flag)"
+    assert listed["media.frames"] == "8  (from config /tmp/evil\\e[2J.toml)"
+    assert listed["system.message"] == '"' + "x" * 38 + "…  (from /system)"  # /set KEY shows it whole
+    assert "/set KEY shows it whole" in lines[-2]
+    for key in runtime_keys():  # the same words as /set KEY
+        app.handle_line(f"/set {key}")
+        value, source = output(out).rstrip("\n").split(" = ", 1)[1].rsplit("  ", 1)
+        assert listed[key].endswith("  " + source) and (listed[key].startswith(value) or key == "system.message")
+
+
 @pytest.mark.parametrize("key", ["model.device", "ui.color", "ui.history", "ui.history_file"])
 def test_set_refuses_what_cannot_change_while_running(loaded, tmp_path, key):
     app, out = make_app(loaded, tmp_path)
     before = app.settings.get(key)
     assert app.handle_line(f"/set {key} never") == ERROR
-    assert "cannot change while the app runs" in out.getvalue() and app.settings.get(key) == before
+    assert f"error: {key} is read at start; " in out.getvalue() and app.settings.get(key) == before
     assert app.handle_line(f"/set {key}") == OK  # showing it is fine
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [  # a key read at start is never suggested: it is said to be read at start, with its flag
+        ("/set max_context 100", "model.max_context is read at start; restart with --max-context N"),
+        ("/set max-context", "model.max_context is read at start; restart with --max-context N"),
+        ("/set max_contxt 100", "unknown setting 'max_contxt'; model.max_context is read at start; "
+                                "restart with --max-context N"),
+        ("/set device cuda", "model.device is read at start; restart with --device DEV"),
+        ("/set model.dtype bf16", "model.dtype is read at start; restart with --dtype T"),
+        ("/set color never", "ui.color is read at start; set color in the config file's [ui] or "
+                             "INTERNVL_CHAT_UI_COLOR, then restart"),
+        ("/set history off", "ui.history is read at start; restart with --no-history"),
+        ("/set serve.port 9", "serve.port is read by internvl-chat serve when it starts; this chat does not use it"),
+        ("/set temprature 1", "unknown setting 'temprature' (did you mean 'temperature'?); "
+                              "/set alone lists the settings it can change"),
+        ("/set max_new_token 5", "unknown setting 'max_new_token' (did you mean 'max_new_tokens'?)"),
+        ("/set xyzzy 1", "unknown setting 'xyzzy'; /set alone lists the settings it can change"),
+    ],
+)
+def test_set_suggests_only_keys_it_can_change(loaded, tmp_path, line, message):
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(line) == ERROR
+    assert output(out).startswith(f"error: {message}")
 
 
 def test_tab_offers_only_keys_that_can_change_while_running():

@@ -34,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
@@ -43,11 +44,12 @@ from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
 from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_lines, write_atomic
-from ..settings import Settings, all_keys, format_settings, resolve_key, toml_value
+from ..settings import Settings, format_settings, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
-from .paths import find_media_paths, media_kind, normalize_path
+from .paths import find_media_paths, media_kind, normalize_path, quote_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      wrap_text)  # fmt: skip
+from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
 
 OK, ERROR, EXIT = "ok", "error", "exit"
 # What the embedded demo model can answer (README, "What it can do").
@@ -55,10 +57,7 @@ DEMO_MODEL_NOTE = (
     "it only answers short questions about simple drawn shapes: how many, what colour, which shape, "
     "left or right, top or bottom, or a one-sentence description; --model DIR loads a real InternVL3"
 )
-# Settings read once at start: /set refuses them (and Tab does not offer them). Whole sections too:
-# the model, the server this app talks to, and `internvl-chat serve`'s own settings.
-FIXED_AT_START = ("ui.color", "ui.history", "ui.history_file")
-FIXED_SECTIONS = ("model.", "remote.", "serve.")
+LISTED_VALUE_WIDTH = 40  # `/set` alone lists values up to this long, longer ones cut short
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
 KEYS_HELP = (
@@ -72,16 +71,6 @@ _CONTROL = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *ran
 # Bidi embeddings, overrides and isolates would reorder what is shown (Trojan Source): shown as
 # escapes. Right-to-left text itself, its marks (U+200E/F) and joiners are text and stay.
 _CONTROL.update({c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]})
-
-
-def changeable_while_running(dotted: str) -> bool:
-    """Whether `/set` can change this setting: not the model's or the server's, nor those read once at start."""
-    return not dotted.startswith(FIXED_SECTIONS) and dotted not in FIXED_AT_START
-
-
-def runtime_keys() -> list[str]:
-    """The dotted keys `/set` can change."""
-    return [key for key in all_keys() if changeable_while_running(key)]
 
 
 def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[Path] = ()) -> tuple[str, list[Path], list[Path]]:
@@ -218,6 +207,11 @@ def _short(text: str, width: int = 48) -> str:
     """A one-line excerpt of a message (it may come from a session file: shown inert)."""
     one_line = visible(" ".join(text.split()))
     return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
+
+
+def _typed(path: Path | str) -> str:
+    """A path in a hint, quoted as the command line reads it back (and shown inert)."""
+    return visible(quote_path(path))
 
 
 def _percent(fraction: float) -> str:
@@ -652,15 +646,17 @@ class App:
                  if text else "system message removed")  # fmt: skip
 
     def cmd_set(self, command: Command) -> None:
+        if not command.args:
+            self._list_settings()
+            return
         key = command.args[0]
-        dotted = resolve_key(key)
+        dotted = set_key(key, self.settings.remote.server)
         if len(command.args) < 2:
-            self.say(f"{dotted} = {self._setting_text(dotted)}  (from {self.settings.sources.get(dotted, 'default')})")
+            self.say(f"{dotted} = {self._setting_text(dotted)}  (from {self._setting_source(dotted)})")
             return
         value = command.args[1]
         if not changeable_while_running(dotted):
-            raise UsageError(f"{dotted} cannot change while the app runs; set it in the config file or with its flag, "
-                             "then start again")  # fmt: skip
+            raise UsageError(read_at_start(dotted, self.settings.remote.server))
         if dotted == "system.message":
             self.cmd_system(Command("system", (value,)))
             return
@@ -676,6 +672,32 @@ class App:
         self.say(f"{dotted} = {self._setting_text(dotted)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
+
+    def _list_settings(self) -> None:
+        """`/set` alone: each setting it can change, its value and where the value came from."""
+        rows, cut = [], False
+        for dotted in runtime_keys():
+            value = self._setting_text(dotted)
+            if len(value) > LISTED_VALUE_WIDTH:  # a long system message: /set KEY shows it whole
+                value, cut = value[: LISTED_VALUE_WIDTH - 1] + "…", True
+            rows.append((dotted, value, f"(from {self._setting_source(dotted)})"))
+        width = self.width
+        column = max(len(dotted) for dotted, _, _ in rows)
+        if width is not None and column + 5 + 24 > width:  # too narrow to align the values
+            column = 0
+        lines = []
+        for dotted, value, source in rows:
+            line = f"  {dotted.ljust(column)} = {value}"
+            fits = width is None or cell_len(line) + 2 + cell_len(source) <= width
+            lines.append(f"{line}  {source}" if fits else f"{line}\n    {source}")  # a source stays whole
+        self.say("settings /set can change:", "bold")
+        self.say("\n".join(lines))
+        if cut:
+            self.note("(a value ending in … is cut short; /set KEY shows it whole)")
+
+    def _setting_source(self, dotted: str) -> str:
+        """Where a value came from: default, flag, /set, env NAME, config PATH (a path: shown inert)."""
+        return visible(self.settings.sources.get(dotted, "default"))
 
     def _setting_text(self, dotted: str) -> str:
         """A value as the config file writes it (`false`, `"text"`), made safe to print."""
@@ -753,7 +775,7 @@ class App:
         """
         path = self._output_path(command.args[0]) if command.args else self._default_save_path()
         if path.is_dir():
-            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /save {visible(str(path / 'chat.json'))}")
+            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /save {_typed(path / 'chat.json')}")
         if not command.options.get("force") and not self._may_replace(path):
             self.say("not saved")
             return
@@ -800,7 +822,7 @@ class App:
                 else "a file that is not an internvl-chat session")  # fmt: skip
         shown = visible(str(path))
         if self.confirm is None:
-            raise UsageError(f"{shown} already holds {what}; /save {shown} --force replaces it, or give another name")
+            raise UsageError(f"{shown} already holds {what}; /save {_typed(path)} --force replaces it, or give another name")
         return self.confirm(f"{shown} holds {what}; replace it? [y/N] ")
 
     @staticmethod
@@ -919,11 +941,11 @@ class App:
             return
         self.say(f"saved sessions in {visible(str(folder))}, newest first:", "bold")
         shown = sessions[:limit]
-        width = max(len(visible(p.stem)) for p, _ in shown)
+        width = max(len(_typed(p.stem)) for p, _ in shown)
         for path, mtime in shown:
             turns = self._saved_conversation(path)
             count = f"{len(turns) // 2} turn(s)" if turns is not None else "not readable"
-            self.say(f"  {visible(path.stem).ljust(width)}  {count:>12}  {datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}")
+            self.say(f"  {_typed(path.stem).ljust(width)}  {count:>12}  {datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}")
         more = f" ({len(sessions) - limit} older not shown)" if len(sessions) > limit else ""
         self.note(f"/load NAME loads one (Tab completes the names){more}")
 
@@ -932,7 +954,7 @@ class App:
         wrote it, or with the user's yes (REPL) or --force (script), as /save does."""
         path = self._output_path(command.args[0])
         if path.is_dir():
-            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /export {visible(str(path / 'chat.md'))}")
+            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /export {_typed(path / 'chat.md')}")
         if not command.options.get("force") and not self._may_export_to(path):
             self.say("not exported")
             return
@@ -953,7 +975,7 @@ class App:
                 return True
         shown = visible(str(path))
         if self.confirm is None:
-            raise UsageError(f"{shown} already exists; /export {shown} --force replaces it, or give another name")
+            raise UsageError(f"{shown} already exists; /export {_typed(path)} --force replaces it, or give another name")
         return self.confirm(f"{shown} already exists; replace it? [y/N] ")
 
     def export_markdown(self) -> str:

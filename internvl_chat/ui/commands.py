@@ -85,8 +85,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     ),
     CommandSpec(
         "set",
-        "change a setting (temperature, top_p, max_tiles …), or show one",
-        (ArgSpec("KEY", "setting"), ArgSpec("VALUE", "value", required=False)),
+        "change or show a setting (temperature, top_p, max_tiles …); no KEY: list them",
+        (ArgSpec("KEY", "setting", required=False), ArgSpec("VALUE", "value", required=False)),
     ),
     CommandSpec("show", "show the last prompt (images as <image>) and the settings"),
     CommandSpec("context", "show how the context is used, item by item"),

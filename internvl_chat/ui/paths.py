@@ -64,6 +64,25 @@ def shell_unquote(word: str) -> str:
     return "".join(out)
 
 
+# What a path may hold and still be typed back bare: anything else (spaces, quotes, backslashes,
+# characters a shell reads specially) is quoted in hints.
+_BARE_PATH = re.compile(r"[\w@%+=:,./-]+")
+
+
+def quote_path(path: str | Path) -> str:
+    """`path` as the user can type it back in a command: `normalize_path(quote_path(p)) == Path(p)`.
+
+    A path with any character outside `_BARE_PATH` is single-quoted (a quote in it as '\\''); a
+    relative one that would read as an option, a `~` path or a file: URI starts with ./ instead.
+    """
+    text = str(path)
+    if text.startswith(("-", "~")) or text[:5].lower() == "file:":
+        text = "./" + text
+    if _BARE_PATH.fullmatch(text):
+        return text
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
 def _strip_outer_space(text: str) -> str:
     """Strip surrounding whitespace, but keep a trailing space that is escaped (`cat\\ `)."""
     stripped = text.strip()

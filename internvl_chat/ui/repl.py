@@ -30,10 +30,11 @@ from prompt_toolkit.keys import Keys
 from ..errors import InternVLChatError, UsageError
 from ..files import visible
 from ..settings import SET_ALIASES, Settings
-from .app import EXIT, App, block_is_open, default_sessions_dir, recent_sessions, runtime_keys
+from .app import EXIT, App, block_is_open, default_sessions_dir, recent_sessions
 from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
 from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
 from .render import make_console
+from .set_keys import runtime_keys
 from .setup import media_from_flags, open_conversation
 from .typeahead import held_keys, keys_released
 

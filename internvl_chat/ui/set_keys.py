@@ -1,0 +1,89 @@
+"""Which settings `/set` can change while the app runs, and what it says about the others.
+
+A suggestion for a mistyped key names only keys `/set` can change; a key read once at start
+(typed in full, by its bare name, or nearly) gets a line saying so, with how to change it.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from ..errors import UsageError
+from ..settings import SECTIONS, SET_ALIASES, all_keys, env_name, resolve_key
+
+# Settings read once at start: /set refuses them (and Tab does not offer them). Whole sections too:
+# the model, the server this app talks to, and `internvl-chat serve`'s own settings.
+FIXED_AT_START = ("ui.color", "ui.history", "ui.history_file")
+FIXED_SECTIONS = ("model.", "remote.", "serve.")
+# The chat's flag for each setting read at start that has one (tests/test_docs.py checks them
+# against cli.py); the others come from the config file or the environment only.
+START_FLAGS = {
+    "model.path": "--model DIR",
+    "model.device": "--device DEV",
+    "model.dtype": "--dtype T",
+    "model.max_context": "--max-context N",
+    "model.int4_backend": "--int4-backend B",
+    "model.compile": "--compile MODE",
+    "remote.server": "--server URL",
+    "remote.api_key": "--api-key KEY",
+    "remote.model": "--remote-model ID",
+    "remote.dialect": "--dialect D",
+    "ui.history": "--no-history",
+}
+
+
+def changeable_while_running(dotted: str) -> bool:
+    """Whether `/set` can change this setting: not the model's or the server's, nor those read once at start."""
+    return not dotted.startswith(FIXED_SECTIONS) and dotted not in FIXED_AT_START
+
+
+def runtime_keys() -> list[str]:
+    """The dotted keys `/set` can change."""
+    return [key for key in all_keys() if changeable_while_running(key)]
+
+
+def read_at_start(dotted: str, server: str = "") -> str:
+    """Why `/set` cannot change `dotted` and how to change it, as one line.
+
+    `server`: the server this chat talks to, if any (the model.* settings then do not apply)."""
+    if dotted.startswith("serve."):
+        return f"{dotted} is read by internvl-chat serve when it starts; this chat does not use it"
+    if dotted.startswith("model.") and server:
+        return f"{dotted} is for a local model; the answers here come from the server"
+    flag = START_FLAGS.get(dotted)
+    if flag:
+        return f"{dotted} is read at start; restart with {flag}"
+    section, name = dotted.split(".")
+    return f"{dotted} is read at start; set {name} in the config file's [{section}] or {env_name(dotted)}, then restart"
+
+
+def _bare_names() -> dict[str, str]:
+    """Bare names of the chat's settings read at start ("max_context" -> "model.max_context"), where
+    the name is one setting's only and no section's."""
+    keys = [key for key in all_keys() if not changeable_while_running(key) and not key.startswith("serve.")]
+    names = [key.split(".")[1] for key in keys]
+    return {name: key for name, key in zip(names, keys) if names.count(name) == 1 and name not in SECTIONS}
+
+
+def set_key(key: str, server: str = "") -> str:
+    """The dotted key `/set KEY` names: an alias or any dotted key (one read at start can be shown).
+
+    Any other word is a UsageError: for the bare or nearly typed name of a setting read at start,
+    the `read_at_start` line; else the closest key `/set` can change, if one is close.
+    """
+    try:
+        return resolve_key(key)
+    except UsageError:
+        pass
+    word = key.strip().lower().replace("-", "_")
+    bare = _bare_names()
+    if word in bare:
+        raise UsageError(read_at_start(bare[word], server))
+    meaning = {**{key: key for key in all_keys()}, **bare, **SET_ALIASES}
+    close = difflib.get_close_matches(word, list(meaning), n=1, cutoff=0.5)
+    if not close:
+        raise UsageError(f"unknown setting {key!r}; /set alone lists the settings it can change")
+    dotted = meaning[close[0]]
+    if not changeable_while_running(dotted):
+        raise UsageError(f"unknown setting {key!r}; {read_at_start(dotted, server)}")
+    raise UsageError(f"unknown setting {key!r} (did you mean {close[0]!r}?); /set alone lists the settings it can change")
