@@ -800,16 +800,25 @@ class App:
         return path
 
     def _remember_file(self, path: Path) -> None:
+        self._session_file = self._file_mark(path)
+
+    def _file_mark(self, path: Path) -> tuple[Path, Any]:
+        """(the absolute path, the conversation's first turn now): see `_still_this_conversations`."""
         turns = self.session.turns
-        self._session_file = (Path(os.path.abspath(path)), turns[0] if turns else None)
+        return Path(os.path.abspath(path)), turns[0] if turns else None
+
+    def _still_this_conversations(self, mark: tuple[Path, Any] | None) -> Path | None:
+        """The marked file, while the conversation that wrote it is still this one (its first turn
+        still opens it)."""
+        if mark is None:
+            return None
+        path, first = mark
+        turns = self.session.turns
+        return path if first is None or (turns and turns[0] is first) else None
 
     def _current_file(self) -> Path | None:
         """The file this conversation was saved to or loaded from, while it is still that conversation."""
-        if self._session_file is None:
-            return None
-        path, first = self._session_file
-        turns = self.session.turns
-        return path if first is None or (turns and turns[0] is first) else None
+        return self._still_this_conversations(self._session_file)
 
     def _may_replace(self, path: Path) -> bool:
         """True when `path` is free, is this conversation's file, or the user agrees to replace it."""
@@ -960,19 +969,13 @@ class App:
             return
         # a symlink at the target is replaced, never followed; a file name that is not UTF-8 keeps its bytes
         write_atomic(path, self.export_markdown().encode("utf-8", "surrogateescape"))
-        turns = self.session.turns
-        self._export_file = (Path(os.path.abspath(path)), turns[0] if turns else None)
-        self.say(f"exported {len(turns)} turn(s) to {visible(str(path))}")
+        self._export_file = self._file_mark(path)
+        self.say(f"exported {len(self.session.turns)} turn(s) to {visible(str(path))}")
 
     def _may_export_to(self, path: Path) -> bool:
         """True when `path` is free, holds this conversation's last export, or the user agrees."""
-        if not os.path.lexists(path):
+        if not os.path.lexists(path) or self._still_this_conversations(self._export_file) == Path(os.path.abspath(path)):
             return True
-        if self._export_file is not None:
-            exported, first = self._export_file
-            turns = self.session.turns
-            if exported == Path(os.path.abspath(path)) and (first is None or (turns and turns[0] is first)):
-                return True
         shown = visible(str(path))
         if self.confirm is None:
             raise UsageError(f"{shown} already exists; /export {_typed(path)} --force replaces it, or give another name")
