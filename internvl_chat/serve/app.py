@@ -119,10 +119,12 @@ async def _events(job: Job, request: Request):
     """The job's events as they come, text deltas that queued up meanwhile joined into one."""
     while True:
         batch = await job.events.get_batch(POLL_S)
+        # asked after every batch, not only after a quiet POLL_S: a decode sends text every few
+        # milliseconds, and a non-streaming handler writes nothing that would fail on a closed socket
+        if await request.is_disconnected():
+            job.cancel.set()
+            raise ClientDisconnected
         if not batch:
-            if await request.is_disconnected():
-                job.cancel.set()
-                raise ClientDisconnected
             continue
         text = "".join(payload for kind, payload in batch if kind == "text")
         if text:

@@ -178,12 +178,22 @@ class EngineWorker:
     def _check_locked(self) -> None:
         if not self.alive:
             raise APIError(503, "the engine is not running; retry later", code="engine_unavailable")
+        self._drop_cancelled_locked()
         busy = self.running is not None or self._queue  # an idle engine takes a request even with depth 0
         if busy and len(self._queue) >= self.options.queue_depth:
             wait = math.ceil(self._job_s * (len(self._queue) + 1))
             waiting = f"{len(self._queue)} already wait" if self._queue else "none may wait (queue depth 0)"
             raise APIError(429, f"the model is busy and its queue is full ({waiting}); retry in about {wait} s",
                            code="queue_full", headers={"Retry-After": str(max(1, min(wait, 600)))})  # fmt: skip
+
+    def _drop_cancelled_locked(self) -> None:
+        """Forget queued jobs whose clients left: they would be skipped, and meanwhile they would
+        hold places in the queue (429 for live clients) and lengthen the Retry-After estimate."""
+        if any(job.cancel.is_set() for job in self._queue):
+            live = [job for job in self._queue if not job.cancel.is_set()]
+            self.counts["skipped"] += len(self._queue) - len(live)
+            self._queue = collections.deque(live)
+            self._cond.notify_all()  # the queue may be empty now (wait_idle)
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -212,6 +222,7 @@ class EngineWorker:
                 job = self._queue.popleft()
                 if job.cancel.is_set():
                     self.counts["skipped"] += 1
+                    self._cond.notify_all()  # that may have emptied the queue: wake wait_idle
                     continue
                 self.running = job
             start = time.perf_counter()
