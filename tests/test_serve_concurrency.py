@@ -8,6 +8,7 @@ connections), never on timing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import threading
@@ -21,7 +22,8 @@ from internvl_chat.serve import app as serve_app
 from internvl_chat.serve.conversation import Prompt
 from internvl_chat.serve.engine import EngineWorker, Job
 from internvl_chat.serve.options import ServeOptions
-from serve_support import RunningServer
+from media_helpers import textured_rgb
+from serve_support import RunningServer, png_bytes
 
 WAIT_S = 60
 
@@ -39,7 +41,8 @@ def _body(text: str, **kw) -> dict:
 def _post_raw(port: int, body: dict) -> socket.socket:
     """A complete request on a socket of our own, so the test decides when the client goes away."""
     payload = json.dumps(body).encode()
-    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n")  # fmt: skip
     sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
     sock.sendall(head.encode() + payload)
     return sock
@@ -98,14 +101,15 @@ def test_a_queued_job_whose_client_left_does_not_hold_its_place(server):
     outcomes: dict[str, int] = {}
 
     def ask(name: str) -> None:
-        outcomes[name] = httpx.post(f"{server.url}/v1/chat/completions", json=_body(name, max_tokens=2), timeout=WAIT_S).status_code
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=_body(name, max_tokens=2), timeout=WAIT_S)
+        outcomes[name] = r.status_code
 
     first = threading.Thread(target=ask, args=("first",))
     try:
         first.start()
         assert started.wait(WAIT_S)  # running (held): the one place in the queue is free
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=_body("second", max_tokens=2, stream=True),
-                          timeout=WAIT_S) as r:  # fmt: skip
+        second = _body("second", max_tokens=2, stream=True)
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=second, timeout=WAIT_S) as r:
             assert r.status_code == 200  # queued; the stream has begun
             assert worker.waiting == 1
             gone = worker._queue[0]
@@ -150,3 +154,91 @@ def test_a_skipped_job_wakes_those_waiting_for_an_idle_engine(tiny_original):
         worker.stop()  # also wakes the waiter if the skip did not
         waiter.join(WAIT_S)
         loop.close()
+
+
+def _image_body(text: str, png: bytes, **kw) -> dict:
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], "temperature": 0, **kw}
+
+
+def _wait_until(condition, what: str) -> None:
+    """Poll a marker the server sets (bounded: a hang fails the test instead of blocking the run)."""
+    done = threading.Event()
+    for _ in range(WAIT_S * 100):
+        if condition():
+            return
+        done.wait(0.01)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def test_a_client_that_leaves_while_its_request_is_read_is_never_queued(server, monkeypatch):
+    worker = server.worker
+    make = worker.prompts.make
+    reading, left, started = threading.Event(), threading.Event(), []
+
+    def slow_make(req):  # reading and measuring the request's images, in a worker thread
+        reading.set()
+        assert left.wait(WAIT_S)
+        return make(req)
+
+    monkeypatch.setattr(worker.prompts, "make", slow_make)
+    worker.on_start = started.append
+    state = server.server.server_state
+    try:
+        sock = _post_raw(server.port, _body("Describe a harbour.", max_tokens=50))
+        assert reading.wait(WAIT_S)
+        port = sock.getsockname()[1]
+        sock.close()
+        _wait_until(lambda: all(c.client[1] != port for c in list(state.connections)), "the server saw the client leave")
+        left.set()
+        _wait_until(lambda: not state.tasks, "the handler returned")
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        left.set()
+        worker.on_start = None
+    assert started == []  # the engine never ran (nor prefilled) a request nobody waits for
+
+
+def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(server, monkeypatch):
+    worker, model = server.worker, server.worker.model
+    encode, forward = model.encode_images, model.forward
+    encoding, jobs, forwards = threading.Event(), [], []
+
+    def slow_encode(pixels):
+        encoding.set()
+        assert jobs[-1].cancel.wait(WAIT_S)  # until the handler has seen its client leave
+        return encode(pixels)
+
+    def counting_forward(*args, **kw):
+        forwards.append(1)
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(model, "encode_images", slow_encode)
+    monkeypatch.setattr(model, "forward", counting_forward)
+    worker.on_start = jobs.append
+    cancelled = worker.counts["cancelled"]
+    try:
+        sock = _post_raw(server.port, _image_body("What is this?", png_bytes(textured_rgb(448, 448, seed=31)), max_tokens=50))
+        assert encoding.wait(WAIT_S)
+        sock.close()
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        worker.on_start = None
+    assert worker.counts["cancelled"] == cancelled + 1
+    assert forwards == []  # no prefill, no token
+
+
+def test_a_request_that_fails_before_its_prefill_leaves_the_slot_s_pictures_reusable(tiny_original):
+    good = png_bytes(textured_rgb(448, 448, seed=33))
+    broken = png_bytes(textured_rgb(448, 448, seed=34))[:4000]  # its header reads; its pixels do not
+    with RunningServer(tiny_original, slots=1) as one:
+        client = one.client()
+        conversation = _image_body("What is this?", good, max_tokens=4)
+        first = client.chat.completions.create(**conversation)
+        r = httpx.post(f"{one.url}/v1/chat/completions", json=_image_body("What is this?", broken, max_tokens=4), timeout=WAIT_S)
+        assert r.status_code == 400  # failed in the engine, decoding the picture: the slot was never rewound
+        again = client.chat.completions.create(**conversation)
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1  # the picture too
+    assert again.choices[0].message.content == first.choices[0].message.content

@@ -90,6 +90,8 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
             return Response(status_code=499)
         worker.check_capacity()  # refuse early, before parsing megabytes of images
         req, prompt, params = await run_in_threadpool(prepare, body)  # JSON, base64, hashing: off the event loop
+        if await request.is_disconnected():  # it left while its images were read: nothing to answer
+            return Response(status_code=499)
         job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop())
         worker.submit(job)
         if req.stream:

@@ -255,8 +255,11 @@ class EngineWorker:
         slot, reuse = self.slots.choose(prompt)
         session = slot.session
         session.activate_kv_cache()
-        slot.spans = [s for s in prompt.spans if s.end <= reuse]  # the same runs the slot held up to `reuse`
         features, vision_s = self._features(prompt, reuse, job)
+        if job.cancel.is_set():  # the client left while its pictures were encoded: no prefill for nobody
+            raise ClientGone
+        # from here the slot's cache is rewound to `reuse` (until then it still held its last conversation)
+        slot.spans = [s for s in prompt.spans if s.end <= reuse]  # the same runs the slot held up to `reuse`
         stops = StopStrings(job.stops)
         sent: list[str] = []
         final = None
