@@ -242,3 +242,64 @@ def test_a_request_that_fails_before_its_prefill_leaves_the_slot_s_pictures_reus
     assert again.usage.prompt_tokens == first.usage.prompt_tokens
     assert again.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1  # the picture too
     assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def _greedy_ids(client, messages, **kw) -> tuple[str, list[int]]:
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=kw.pop("max_tokens", 10), temperature=0,
+                                         extra_body={"return_token_ids": True}, **kw)  # fmt: skip
+    return out.choices[0].message.content, out.choices[0].model_extra["token_ids"]
+
+
+def test_after_cancelled_stopped_and_abandoned_requests_greedy_answers_are_a_fresh_server_s(server, tiny_original):
+    opening = "Tell me about the harbour: the boats, the cranes and the gulls. " * 3
+    first = [{"role": "user", "content": opening}]
+    with RunningServer(tiny_original, slots=2) as fresh:
+        fresh_client = fresh.client()
+        answer, first_ids = _greedy_ids(fresh_client, first)
+        longer = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the fishermen?"}]
+        wanted = {"first": first_ids, "longer": _greedy_ids(fresh_client, longer)[1]}
+        other = [{"role": "user", "content": opening + "Be brief."}]  # shares a long prefix with `first`
+        other_answer, wanted["other"] = _greedy_ids(fresh_client, other)
+
+    worker, client = server.worker, server.client()
+    # 1. a stream that its client leaves mid-answer (the engine waits at the first event until it sees that)
+    mid_answer = threading.Event()
+
+    def wait_for_cancel(job, event):
+        if not mid_answer.is_set():
+            mid_answer.set()
+            assert job.cancel.wait(WAIT_S)
+
+    worker.on_event = wait_for_cancel
+    try:
+        stream = client.chat.completions.create(model="tiny", messages=longer, max_tokens=200, temperature=0, stream=True)
+        next(iter(stream))
+        assert mid_answer.wait(WAIT_S)
+        stream.close()
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        worker.on_event = None
+    # 2. a stop string in the first token's text
+    stopped = client.chat.completions.create(model="tiny", messages=other, max_tokens=20, temperature=0, stop=[other_answer[:1]])
+    assert (stopped.choices[0].message.content, stopped.choices[0].finish_reason) == ("", "stop")
+    # 3. a job abandoned while it waited in the queue behind a held one
+    hold, started, release = _hold_first_job()
+    worker.on_start = hold
+    try:
+        held = threading.Thread(target=_greedy_ids, args=(client, other), kwargs={"max_tokens": 50})
+        held.start()
+        assert started.wait(WAIT_S)
+        sock = _post_raw(server.port, _body("Something else entirely.", max_tokens=50))
+        _wait_until(lambda: worker.waiting == 1, "the request was queued")
+        queued = worker._queue[0]
+        sock.close()
+        assert queued.cancel.wait(WAIT_S)
+        release.set()
+        held.join(WAIT_S)
+    finally:
+        release.set()
+        worker.on_start = None
+    assert worker.wait_idle(WAIT_S)
+    # the shorter conversation is a prefix of the longer one the slot holds
+    for name, messages in (("first", first), ("longer", longer), ("other", other), ("first", first)):
+        assert _greedy_ids(client, messages)[1] == wanted[name], name
