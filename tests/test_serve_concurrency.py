@@ -303,3 +303,51 @@ def test_after_cancelled_stopped_and_abandoned_requests_greedy_answers_are_a_fre
     # the shorter conversation is a prefix of the longer one the slot holds
     for name, messages in (("first", first), ("longer", longer), ("other", other), ("first", first)):
         assert _greedy_ids(client, messages)[1] == wanted[name], name
+
+
+def test_a_crowd_of_streaming_plain_and_departing_clients_is_answered_or_refused_and_the_server_recovers(server):
+    client = server.client()
+    question = [{"role": "user", "content": "Name three colours."}]
+    before = _greedy_ids(client, question)
+    server.options.queue_depth = 2  # well under the crowd: most are refused
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def visitor(n: int) -> None:
+        body = _body(f"visitor {n}: say something", max_tokens=6)
+        if n % 3 == 0:  # streams to the end
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True,
+                              "stream_options": {"include_usage": True}}, timeout=WAIT_S) as r:  # fmt: skip
+                raw = r.read().decode()
+            if r.status_code == 200:
+                events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e]
+                assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] >= 1, raw
+                outcome = "streamed"
+            else:
+                outcome = json.loads(raw)["error"]["code"]
+        elif n % 3 == 1:  # leaves after the first event, or when refused
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
+                              timeout=WAIT_S) as r:  # fmt: skip
+                outcome = "left" if r.status_code == 200 and next(r.iter_raw()) else json.loads(r.read())["error"]["code"]
+        else:
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S)
+            outcome = "answered" if r.status_code == 200 and r.json()["choices"][0]["finish_reason"] else r.json()["error"]["code"]
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=visitor, args=(n,)) for n in range(18)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S * 4)
+    finally:
+        server.options.queue_depth = 8
+    assert len(outcomes) == 18 and set(outcomes) <= {"streamed", "left", "answered", "queue_full"}
+    assert worker_is_idle(server.worker)
+    assert httpx.get(f"{server.url}/health", timeout=WAIT_S).json() == {"status": "ok"}
+    assert _greedy_ids(client, question) == before
+
+
+def worker_is_idle(worker) -> bool:
+    return worker.wait_idle(WAIT_S) and worker.waiting == 0 and worker.running is None

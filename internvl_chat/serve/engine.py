@@ -3,8 +3,9 @@
 Request handlers (asyncio) submit Jobs; the thread picks a KV slot, gets the image features the
 uncached part needs (feature LRU, else decode + vision encoder), runs the slot Session's
 `continue_with` and sends text deltas back to the handler's event loop. A job whose client went
-away has its `cancel` event set: generation stops at the next token (or the job is skipped if it
-has not started). Stop strings end generation the same way and cut the text where they begin.
+away has its `cancel` event set: generation stops at the next token, a job that has not started
+is skipped (and gives up its place in the queue), and a job whose client left while its pictures
+were encoded gets no prefill. Stop strings end generation the same way and cut the text where they begin.
 """
 
 from __future__ import annotations
