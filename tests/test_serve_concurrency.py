@@ -331,7 +331,8 @@ def test_a_crowd_of_streaming_plain_and_departing_clients_is_answered_or_refused
                 outcome = "left" if r.status_code == 200 and next(r.iter_raw()) else json.loads(r.read())["error"]["code"]
         else:
             r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S)
-            outcome = "answered" if r.status_code == 200 and r.json()["choices"][0]["finish_reason"] else r.json()["error"]["code"]
+            answered = r.status_code == 200 and r.json()["choices"][0]["finish_reason"]
+            outcome = "answered" if answered else r.json()["error"]["code"]
         with lock:
             outcomes.append(outcome)
 
