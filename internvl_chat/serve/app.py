@@ -90,6 +90,8 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
             return Response(status_code=499)
         worker.check_capacity()  # refuse early, before parsing megabytes of images
         req, prompt, params = await run_in_threadpool(prepare, body)  # JSON, base64, hashing: off the event loop
+        if await request.is_disconnected():  # it left while its images were read: nothing to answer
+            return Response(status_code=499)
         job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop())
         worker.submit(job)
         if req.stream:
@@ -119,10 +121,12 @@ async def _events(job: Job, request: Request):
     """The job's events as they come, text deltas that queued up meanwhile joined into one."""
     while True:
         batch = await job.events.get_batch(POLL_S)
+        # asked after every batch, not only after a quiet POLL_S: a decode sends text every few
+        # milliseconds, and a non-streaming handler writes nothing that would fail on a closed socket
+        if await request.is_disconnected():
+            job.cancel.set()
+            raise ClientDisconnected
         if not batch:
-            if await request.is_disconnected():
-                job.cancel.set()
-                raise ClientDisconnected
             continue
         text = "".join(payload for kind, payload in batch if kind == "text")
         if text:

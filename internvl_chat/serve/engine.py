@@ -3,8 +3,9 @@
 Request handlers (asyncio) submit Jobs; the thread picks a KV slot, gets the image features the
 uncached part needs (feature LRU, else decode + vision encoder), runs the slot Session's
 `continue_with` and sends text deltas back to the handler's event loop. A job whose client went
-away has its `cancel` event set: generation stops at the next token (or the job is skipped if it
-has not started). Stop strings end generation the same way and cut the text where they begin.
+away has its `cancel` event set: generation stops at the next token, a job that has not started
+is skipped (and gives up its place in the queue), and a job whose client left while its pictures
+were encoded gets no prefill. Stop strings end generation the same way and cut the text where they begin.
 """
 
 from __future__ import annotations
@@ -178,12 +179,22 @@ class EngineWorker:
     def _check_locked(self) -> None:
         if not self.alive:
             raise APIError(503, "the engine is not running; retry later", code="engine_unavailable")
+        self._drop_cancelled_locked()
         busy = self.running is not None or self._queue  # an idle engine takes a request even with depth 0
         if busy and len(self._queue) >= self.options.queue_depth:
             wait = math.ceil(self._job_s * (len(self._queue) + 1))
             waiting = f"{len(self._queue)} already wait" if self._queue else "none may wait (queue depth 0)"
             raise APIError(429, f"the model is busy and its queue is full ({waiting}); retry in about {wait} s",
                            code="queue_full", headers={"Retry-After": str(max(1, min(wait, 600)))})  # fmt: skip
+
+    def _drop_cancelled_locked(self) -> None:
+        """Forget queued jobs whose clients left: they would be skipped, and meanwhile they would
+        hold places in the queue (429 for live clients) and lengthen the Retry-After estimate."""
+        if any(job.cancel.is_set() for job in self._queue):
+            live = [job for job in self._queue if not job.cancel.is_set()]
+            self.counts["skipped"] += len(self._queue) - len(live)
+            self._queue = collections.deque(live)
+            self._cond.notify_all()  # the queue may be empty now (wait_idle)
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -212,6 +223,7 @@ class EngineWorker:
                 job = self._queue.popleft()
                 if job.cancel.is_set():
                     self.counts["skipped"] += 1
+                    self._cond.notify_all()  # that may have emptied the queue: wake wait_idle
                     continue
                 self.running = job
             start = time.perf_counter()
@@ -244,8 +256,11 @@ class EngineWorker:
         slot, reuse = self.slots.choose(prompt)
         session = slot.session
         session.activate_kv_cache()
-        slot.spans = [s for s in prompt.spans if s.end <= reuse]  # the same runs the slot held up to `reuse`
         features, vision_s = self._features(prompt, reuse, job)
+        if job.cancel.is_set():  # the client left while its pictures were encoded: no prefill for nobody
+            raise ClientGone
+        # from here the slot's cache is rewound to `reuse` (until then it still held its last conversation)
+        slot.spans = [s for s in prompt.spans if s.end <= reuse]  # the same runs the slot held up to `reuse`
         stops = StopStrings(job.stops)
         sent: list[str] = []
         final = None

@@ -1,0 +1,354 @@
+"""`internvl-chat serve` under clients that leave early, queue churn and concurrent requests.
+
+Engine hooks (called in the engine thread) hold a job or watch its events, and the tests
+synchronise on them and on the server's own markers (a job's `cancel` event, uvicorn's set of open
+connections), never on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import threading
+
+import httpx
+import pytest
+
+from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.engine.loader import load_model
+from internvl_chat.serve import app as serve_app
+from internvl_chat.serve.conversation import Prompt
+from internvl_chat.serve.engine import EngineWorker, Job
+from internvl_chat.serve.options import ServeOptions
+from media_helpers import textured_rgb
+from serve_support import RunningServer, png_bytes
+
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def server(tiny_original):
+    with RunningServer(tiny_original, queue_depth=8, slots=2) as running:
+        yield running
+
+
+def _body(text: str, **kw) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": text}], "temperature": 0, **kw}
+
+
+def _post_raw(port: int, body: dict) -> socket.socket:
+    """A complete request on a socket of our own, so the test decides when the client goes away."""
+    payload = json.dumps(body).encode()
+    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n")  # fmt: skip
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+    sock.sendall(head.encode() + payload)
+    return sock
+
+
+def _hold_first_job():
+    """An on_start hook that keeps the first job it sees in the engine until `release` is set."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(job):
+        if not started.is_set():
+            started.set()
+            assert release.wait(WAIT_S)
+
+    return hold, started, release
+
+
+def test_a_non_streaming_client_that_leaves_mid_answer_stops_the_engine(server, monkeypatch):
+    # A decode sends text every few milliseconds, so the handler is never idle for POLL_S; it must
+    # still notice that its client left (a non-streaming handler writes nothing that could fail).
+    monkeypatch.setattr(serve_app, "POLL_S", 3600.0)  # only the per-batch check can see the disconnect
+    worker = server.worker
+    first, closed, seen = threading.Event(), threading.Event(), {}
+
+    def watch(job, event):
+        if first.is_set():
+            return
+        seen["job"] = job
+        first.set()
+        assert closed.wait(WAIT_S)
+        # keep events coming, as a long answer would, until the handler cancels the job
+        for _ in range(WAIT_S * 100):
+            if job.cancel.wait(0.01):
+                break
+            job.emit("text", "")
+        seen["cancelled"] = job.cancel.is_set()
+
+    worker.on_event = watch
+    try:
+        sock = _post_raw(server.port, _body("Write a long story.", max_tokens=400))
+        assert first.wait(WAIT_S)
+        sock.close()  # the client goes away while the answer is being generated
+        closed.set()
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        worker.on_event = None
+    assert seen["cancelled"]
+    record = next(r for r in worker.finished if r["job"] == seen["job"].number)
+    assert record["finish_reason"] == "cancelled" and record["completion_tokens"] < 400
+
+
+def test_a_queued_job_whose_client_left_does_not_hold_its_place(server):
+    worker = server.worker
+    hold, started, release = _hold_first_job()
+    worker.on_start, server.options.queue_depth = hold, 1
+    outcomes: dict[str, int] = {}
+
+    def ask(name: str) -> None:
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=_body(name, max_tokens=2), timeout=WAIT_S)
+        outcomes[name] = r.status_code
+
+    first = threading.Thread(target=ask, args=("first",))
+    try:
+        first.start()
+        assert started.wait(WAIT_S)  # running (held): the one place in the queue is free
+        second = _body("second", max_tokens=2, stream=True)
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=second, timeout=WAIT_S) as r:
+            assert r.status_code == 200  # queued; the stream has begun
+            assert worker.waiting == 1
+            gone = worker._queue[0]
+        assert gone.cancel.wait(WAIT_S)  # the client left while its job waited
+        third = threading.Thread(target=ask, args=("third",))
+        third.start()  # the dead job must not make this a 429
+        while "third" not in outcomes and not any(not job.cancel.is_set() for job in list(worker._queue)):
+            third.join(0.01)  # until the third request waits in the queue (or was refused)
+        release.set()
+        first.join(WAIT_S)
+        third.join(WAIT_S)
+    finally:
+        release.set()
+        worker.on_start, server.options.queue_depth = None, 8
+    assert outcomes == {"first": 200, "third": 200}
+    assert worker.wait_idle(WAIT_S) and worker.waiting == 0
+
+
+def test_a_skipped_job_wakes_those_waiting_for_an_idle_engine(tiny_original):
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=256)
+    worker = EngineWorker(loaded, ServeOptions(slots=1))
+    loop = asyncio.new_event_loop()
+    job = Job(Prompt(ids=[1, 2, 3]), SamplingParams(max_new_tokens=1), [], loop)
+    job.cancel.set()  # its client left while it waited
+    worker._queue.append(job)
+    idle = []
+
+    def wait_for_idle() -> None:
+        # The engine thread needs the lock that wait_idle holds until it waits, so it takes (and
+        # skips) the job only once wait_idle is waiting: the skip itself must wake it.
+        with worker._cond:
+            worker.start()
+            idle.append(worker.wait_idle())  # no timeout: only a notification ends this wait
+
+    waiter = threading.Thread(target=wait_for_idle, daemon=True)
+    try:
+        waiter.start()
+        waiter.join(WAIT_S)
+        assert idle == [True]
+        assert worker.counts["skipped"] == 1
+    finally:
+        worker.stop()  # also wakes the waiter if the skip did not
+        waiter.join(WAIT_S)
+        loop.close()
+
+
+def _image_body(text: str, png: bytes, **kw) -> dict:
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], "temperature": 0, **kw}
+
+
+def _wait_until(condition, what: str) -> None:
+    """Poll a marker the server sets (bounded: a hang fails the test instead of blocking the run)."""
+    done = threading.Event()
+    for _ in range(WAIT_S * 100):
+        if condition():
+            return
+        done.wait(0.01)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+def test_a_client_that_leaves_while_its_request_is_read_is_never_queued(server, monkeypatch):
+    worker = server.worker
+    make = worker.prompts.make
+    reading, left, started = threading.Event(), threading.Event(), []
+
+    def slow_make(req):  # reading and measuring the request's images, in a worker thread
+        reading.set()
+        assert left.wait(WAIT_S)
+        return make(req)
+
+    monkeypatch.setattr(worker.prompts, "make", slow_make)
+    worker.on_start = started.append
+    state = server.server.server_state
+    try:
+        sock = _post_raw(server.port, _body("Describe a harbour.", max_tokens=50))
+        assert reading.wait(WAIT_S)
+        port = sock.getsockname()[1]
+        sock.close()
+        _wait_until(lambda: all(c.client[1] != port for c in list(state.connections)), "the server saw the client leave")
+        left.set()
+        _wait_until(lambda: not state.tasks, "the handler returned")
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        left.set()
+        worker.on_start = None
+    assert started == []  # the engine never ran (nor prefilled) a request nobody waits for
+
+
+def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(server, monkeypatch):
+    worker, model = server.worker, server.worker.model
+    encode, forward = model.encode_images, model.forward
+    encoding, jobs, forwards = threading.Event(), [], []
+
+    def slow_encode(pixels):
+        encoding.set()
+        assert jobs[-1].cancel.wait(WAIT_S)  # until the handler has seen its client leave
+        return encode(pixels)
+
+    def counting_forward(*args, **kw):
+        forwards.append(1)
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(model, "encode_images", slow_encode)
+    monkeypatch.setattr(model, "forward", counting_forward)
+    worker.on_start = jobs.append
+    cancelled = worker.counts["cancelled"]
+    try:
+        sock = _post_raw(server.port, _image_body("What is this?", png_bytes(textured_rgb(448, 448, seed=31)), max_tokens=50))
+        assert encoding.wait(WAIT_S)
+        sock.close()
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        worker.on_start = None
+    assert worker.counts["cancelled"] == cancelled + 1
+    assert forwards == []  # no prefill, no token
+
+
+def test_a_request_that_fails_before_its_prefill_leaves_the_slot_s_pictures_reusable(tiny_original):
+    good = png_bytes(textured_rgb(448, 448, seed=33))
+    broken = png_bytes(textured_rgb(448, 448, seed=34))[:4000]  # its header reads; its pixels do not
+    with RunningServer(tiny_original, slots=1) as one:
+        client = one.client()
+        conversation = _image_body("What is this?", good, max_tokens=4)
+        first = client.chat.completions.create(**conversation)
+        r = httpx.post(f"{one.url}/v1/chat/completions", json=_image_body("What is this?", broken, max_tokens=4), timeout=WAIT_S)
+        assert r.status_code == 400  # failed in the engine, decoding the picture: the slot was never rewound
+        again = client.chat.completions.create(**conversation)
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1  # the picture too
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def _greedy_ids(client, messages, **kw) -> tuple[str, list[int]]:
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=kw.pop("max_tokens", 10), temperature=0,
+                                         extra_body={"return_token_ids": True}, **kw)  # fmt: skip
+    return out.choices[0].message.content, out.choices[0].model_extra["token_ids"]
+
+
+def test_after_cancelled_stopped_and_abandoned_requests_greedy_answers_are_a_fresh_server_s(server, tiny_original):
+    opening = "Tell me about the harbour: the boats, the cranes and the gulls. " * 3
+    first = [{"role": "user", "content": opening}]
+    with RunningServer(tiny_original, slots=2) as fresh:
+        fresh_client = fresh.client()
+        answer, first_ids = _greedy_ids(fresh_client, first)
+        longer = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the fishermen?"}]
+        wanted = {"first": first_ids, "longer": _greedy_ids(fresh_client, longer)[1]}
+        other = [{"role": "user", "content": opening + "Be brief."}]  # shares a long prefix with `first`
+        other_answer, wanted["other"] = _greedy_ids(fresh_client, other)
+
+    worker, client = server.worker, server.client()
+    # 1. a stream that its client leaves mid-answer (the engine waits at the first event until it sees that)
+    mid_answer = threading.Event()
+
+    def wait_for_cancel(job, event):
+        if not mid_answer.is_set():
+            mid_answer.set()
+            assert job.cancel.wait(WAIT_S)
+
+    worker.on_event = wait_for_cancel
+    try:
+        stream = client.chat.completions.create(model="tiny", messages=longer, max_tokens=200, temperature=0, stream=True)
+        next(iter(stream))
+        assert mid_answer.wait(WAIT_S)
+        stream.close()
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        worker.on_event = None
+    # 2. a stop string in the first token's text
+    stopped = client.chat.completions.create(model="tiny", messages=other, max_tokens=20, temperature=0, stop=[other_answer[:1]])
+    assert (stopped.choices[0].message.content, stopped.choices[0].finish_reason) == ("", "stop")
+    # 3. a job abandoned while it waited in the queue behind a held one
+    hold, started, release = _hold_first_job()
+    worker.on_start = hold
+    try:
+        held = threading.Thread(target=_greedy_ids, args=(client, other), kwargs={"max_tokens": 50})
+        held.start()
+        assert started.wait(WAIT_S)
+        sock = _post_raw(server.port, _body("Something else entirely.", max_tokens=50))
+        _wait_until(lambda: worker.waiting == 1, "the request was queued")
+        queued = worker._queue[0]
+        sock.close()
+        assert queued.cancel.wait(WAIT_S)
+        release.set()
+        held.join(WAIT_S)
+    finally:
+        release.set()
+        worker.on_start = None
+    assert worker.wait_idle(WAIT_S)
+    # the shorter conversation is a prefix of the longer one the slot holds
+    for name, messages in (("first", first), ("longer", longer), ("other", other), ("first", first)):
+        assert _greedy_ids(client, messages)[1] == wanted[name], name
+
+
+def test_a_crowd_of_streaming_plain_and_departing_clients_is_answered_or_refused_and_the_server_recovers(server):
+    client = server.client()
+    question = [{"role": "user", "content": "Name three colours."}]
+    before = _greedy_ids(client, question)
+    server.options.queue_depth = 2  # well under the crowd: most are refused
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def visitor(n: int) -> None:
+        body = _body(f"visitor {n}: say something", max_tokens=6)
+        if n % 3 == 0:  # streams to the end
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True,
+                              "stream_options": {"include_usage": True}}, timeout=WAIT_S) as r:  # fmt: skip
+                raw = r.read().decode()
+            if r.status_code == 200:
+                events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e]
+                assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] >= 1, raw
+                outcome = "streamed"
+            else:
+                outcome = json.loads(raw)["error"]["code"]
+        elif n % 3 == 1:  # leaves after the first event, or when refused
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
+                              timeout=WAIT_S) as r:  # fmt: skip
+                outcome = "left" if r.status_code == 200 and next(r.iter_raw()) else json.loads(r.read())["error"]["code"]
+        else:
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S)
+            answered = r.status_code == 200 and r.json()["choices"][0]["finish_reason"]
+            outcome = "answered" if answered else r.json()["error"]["code"]
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=visitor, args=(n,)) for n in range(18)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT_S * 4)
+    finally:
+        server.options.queue_depth = 8
+    assert len(outcomes) == 18 and set(outcomes) <= {"streamed", "left", "answered", "queue_full"}
+    assert worker_is_idle(server.worker)
+    assert httpx.get(f"{server.url}/health", timeout=WAIT_S).json() == {"status": "ok"}
+    assert _greedy_ids(client, question) == before
+
+
+def worker_is_idle(worker) -> bool:
+    return worker.wait_idle(WAIT_S) and worker.waiting == 0 and worker.running is None
