@@ -56,7 +56,8 @@ def kv_cache_dtype(device: torch.device, dtype: torch.dtype, decoder_bytes: int)
 
     A small bf16 decoder on a CPU without native bf16 keeps its cache in fp32: its step is fixed
     cost, and SDPA's fp32 path costs less per call than its bf16 one, which converts through
-    emulated bf16 products (demo model: ~+5-15 % tok/s, measured interleaved; benchmarks/RESULTS.md).
+    emulated bf16 products (demo model: +8-17 % tok/s from a fresh context, measured interleaved;
+    level after 2k tokens; benchmarks/RESULTS.md).
     The cache holds the same bf16-rounded keys and values, exactly. The 0.5B shape decoded ~7 %
     slower with it, fresh and after 4k tokens, so larger decoders keep the model's dtype, as do
     CUDA, native bf16 (not measured), fp32 and fp16."""
