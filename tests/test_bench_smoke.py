@@ -16,6 +16,7 @@ import pytest
 import torch
 import bench
 import bench_lib as bl
+from internvl_chat.engine import cpu_features
 from internvl_chat.engine.loader import load_model
 
 PLAN = bl.QUICK
@@ -135,7 +136,10 @@ def test_bytes_per_token_match_a_hand_count():
     weights = 2 * (layers * per_layer + h + v * h + h)  # + final norm, lm_head, one embedding row
     traffic = bl.decode_bytes_per_token(model, context_len=40)
     assert traffic["weights"] == weights
-    assert traffic["kv"] == 2 * layers * kv_heads * hd * 40 * 2
+    # the cache's own element size: fp32 for this small bf16 decoder on a CPU without native bf16
+    kv_dtype = cpu_features.kv_cache_dtype(torch.device("cpu"), torch.bfloat16, cpu_features.decoder_weight_bytes(cfg.text))
+    assert model.language_model.k_cache[0].dtype == kv_dtype
+    assert traffic["kv"] == 2 * layers * kv_heads * hd * 40 * kv_dtype.itemsize
     assert traffic["total"] == traffic["weights"] + traffic["kv"]
 
 

@@ -357,3 +357,44 @@ def test_kv_buckets_waste_little_at_long_contexts():
         size = kv_bucket(pos, 32768)
         assert pos < size <= max(256, (pos + 1) * 1.125 + 256), (pos, size)
     assert kv_bucket(5000, 4608) == 4608  # never past the cache
+
+
+def test_bf16_without_native_bf16_keeps_an_fp32_kv_cache_eager_and_compiled_alike(tiny_original, monkeypatch):
+    """bf16 weights on a CPU without native bf16 keep the KV cache in fp32 (cpu_features.
+    kv_cache_dtype): prefill, chunk prefill after undo/retry, the compiled and the eager step and a
+    serve slot's own cache all use it, and the compiled step decodes the eager step's tokens."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # what such a CPU takes, on any CPU
+    monkeypatch.setattr(language, "ROW_CHUNK", 40)  # the column-block test's graph: one compile for both
+    eager_bf16, fast_bf16 = (load_model(tiny_original, device="cpu", dtype="bfloat16", max_context=256, compile=c)
+                             for c in ("off", "on"))  # fmt: skip
+    assert fast_bf16.model.compiled_step is not None
+    text = eager_bf16.config.text
+    for loaded in (eager_bf16, fast_bf16):
+        lm = loaded.model.language_model
+        assert lm.lm_head.weight.dtype == torch.bfloat16
+        assert all(k.dtype == v.dtype == torch.float32 for k, v in lm.caches())
+        assert lm.cache_bytes() == 2 * text.num_layers * text.num_kv_heads * 256 * text.head_dim * 4
+    ids = list(range(5, 45))
+    want, want_logits = greedy_steps(eager_bf16.model, ids, 12)
+    got, got_logits = greedy_steps(fast_bf16.model, ids, 12)
+    assert got == want and fast_bf16.model.compiled_step.steps == 12
+    assert (got_logits - want_logits).abs().max().item() <= 0.05 * want_logits.abs().max().item()
+
+    params = SamplingParams(max_new_tokens=8)
+    sessions = [Session(eager_bf16, params), Session(fast_bf16, params)]
+    for action in ("ask:Hello there!", "ask:Tell me more about it.", "undo", "ask:Something else?", "retry"):
+        for s in sessions:
+            if action == "undo":
+                s.undo()
+            else:
+                _drain(s.retry() if action == "retry" else s.ask(action[4:]))
+        assert _answers(sessions[1]) == _answers(sessions[0]), action
+    slot = Session(fast_bf16, params)  # a serve slot with KV tensors of its own
+    assert slot.own_kv_cache() == fast_bf16.model.language_model.cache_bytes()
+    alone = Session(eager_bf16, params)
+    slot.activate_kv_cache()
+    assert all(k.dtype == torch.float32 for k in fast_bf16.model.language_model.k_cache)
+    for s in (slot, alone):
+        _drain(s.ask("Something else?"))
+    assert _answers(slot) == _answers(alone)
+    assert fast_bf16.model.compiled_step.active and fast_bf16.model.compiled_step.failure is None

@@ -177,6 +177,49 @@ def test_cpu_default_dtype_follows_native_bf16_and_model_size(monkeypatch):
     assert resolve_dtype("float32", cpu, big) == torch.float32  # an explicit choice stands
 
 
+def test_kv_cache_dtype_is_fp32_for_a_small_bf16_decoder_on_a_cpu_without_native_bf16(monkeypatch):
+    """Only a small bf16 decoder on a CPU without native bf16 changes the cache's dtype (SDPA's
+    fp32 path is the cheaper one there); larger decoders, CUDA, native bf16, fp32 and fp16 keep
+    the model's dtype."""
+    from internvl_chat.engine import cpu_features
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    small, large = cpu_features.BF16_MIN_DECODER_BYTES - 1, cpu_features.BF16_MIN_DECODER_BYTES
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert cpu_features.kv_cache_dtype(cpu, torch.bfloat16, small) == torch.float32
+    assert cpu_features.kv_cache_dtype(cpu, torch.bfloat16, large) == torch.bfloat16
+    assert cpu_features.kv_cache_dtype(cuda, torch.bfloat16, small) == torch.bfloat16
+    for dtype in (torch.float32, torch.float16):
+        assert cpu_features.kv_cache_dtype(cpu, dtype, small) == dtype
+    monkeypatch.setattr(cpu_features, "native_bf16", lambda: True)
+    assert cpu_features.kv_cache_dtype(cpu, torch.bfloat16, small) == torch.bfloat16
+
+
+def test_an_fp32_cache_under_bf16_weights_holds_the_bf16_cache_values(tiny_original, monkeypatch):
+    """The fp32 cache holds bf16-rounded keys and values (the first layer's exactly a bf16 cache's);
+    attention runs in fp32 (a little more precise) and hands bf16 back to the o-projection. A chunk
+    prefilled after cached tokens (masked SDPA) gives the logits of the whole prefill."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    model = load_model(tiny_original, device="cpu", dtype="bfloat16", max_context=128).model
+    lm = model.language_model
+    assert lm.k_cache[0].dtype == lm.v_cache[0].dtype == torch.float32
+    ids = list(range(5, 45))
+    with torch.inference_mode():
+        fp32_logits = model.forward(ids, 0, all_logits=True)
+        fp32_kv = [t[:, :, :40].clone() for t in lm.k_cache + lm.v_cache]
+        chunked = model.forward(ids[20:], 20, all_logits=True)
+    lm.allocate_cache(128, torch.device("cpu"), torch.bfloat16)
+    with torch.inference_mode():
+        bf16_logits = model.forward(ids, 0, all_logits=True)
+        bf16_kv = [t[:, :, :40] for t in lm.k_cache + lm.v_cache]
+    assert all(torch.equal(t, t.bfloat16().float()) for t in fp32_kv)  # bf16 values, held exactly
+    layers = len(lm.k_cache)  # the first layer's inputs are the same: so are its keys and values
+    assert torch.equal(fp32_kv[0], bf16_kv[0].float()) and torch.equal(fp32_kv[layers], bf16_kv[layers].float())
+    scale = bf16_logits.abs().max().item()
+    assert (fp32_logits - bf16_logits).abs().max().item() <= 0.05 * scale
+    assert (chunked - fp32_logits[20:]).abs().max().item() <= 0.05 * scale
+
+
 def test_bf16_prefill_without_native_bf16_computes_in_fp32(monkeypatch):
     from internvl_chat.engine import language
 

@@ -50,6 +50,22 @@ def decoder_weight_bytes(text_cfg, bytes_per_weight: int = 2) -> int:
     return (t.num_layers * per_layer + t.vocab_size * t.hidden_size) * bytes_per_weight
 
 
+def kv_cache_dtype(device: torch.device, dtype: torch.dtype, decoder_bytes: int) -> torch.dtype:
+    """The KV cache's dtype for a decoder of `decoder_bytes` (decoder_weight_bytes) computing in
+    `dtype` on `device`.
+
+    A small bf16 decoder on a CPU without native bf16 keeps its cache in fp32: its step is fixed
+    cost, and SDPA's fp32 path costs less per call than its bf16 one, which converts through
+    emulated bf16 products (demo model: +8-17 % tok/s from a fresh context, measured interleaved;
+    level after 2k tokens; benchmarks/RESULTS.md).
+    The cache holds the same bf16-rounded keys and values, exactly. The 0.5B shape decoded ~7 %
+    slower with it, fresh and after 4k tokens, so larger decoders keep the model's dtype, as do
+    CUDA, native bf16 (not measured), fp32 and fp16."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and decoder_bytes < BF16_MIN_DECODER_BYTES and not native_bf16():
+        return torch.float32
+    return dtype
+
+
 def default_cpu_dtype(cfg) -> torch.dtype:
     """bf16 for a bandwidth-bound decoder on a CPU with native bf16, fp32 otherwise."""
     if native_bf16() and decoder_weight_bytes(cfg.text) >= BF16_MIN_DECODER_BYTES:

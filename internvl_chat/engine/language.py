@@ -192,18 +192,19 @@ class Attention(nn.Module):
         write_cache(k_cache, k, positions)
         write_cache(v_cache, v, positions)
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+        q = q.to(k_cache.dtype)  # attention runs in the cache's dtype (a no-op when they match)
         if t == 1 and not isinstance(mask, str):
             # One query: each kv head's group of q heads becomes query rows against that head, so
             # one SDPA call reads K/V once, with no head repeat and (exact prefix) no mask.
             out = F.scaled_dot_product_attention(q.reshape(1, kv_heads, heads // kv_heads, hd), keys, values, attn_mask=mask)
-            return linear(self.o_proj, out.reshape(1, 1, self.q_size))
+            return linear(self.o_proj, out.reshape(1, 1, self.q_size).to(x.dtype))
         gqa = kv_heads != heads
         q = q.transpose(1, 2)
         if isinstance(mask, str):  # "causal": a prefill from position 0 (lets SDPA pick flash kernels)
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-        return linear(self.o_proj, out.transpose(1, 2).reshape(1, t, self.q_size))
+        return linear(self.o_proj, out.transpose(1, 2).reshape(1, t, self.q_size).to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -246,7 +247,8 @@ class Qwen2ForCausalLM(nn.Module):
     """`language_model`: decoder + lm_head, owning the static KV cache and the RoPE tables.
 
     The cache is one pair of buffers per layer (`layers[i].self_attn.k_cache / v_cache`, not saved
-    in state dicts), written in place, so a compiled step sees fixed storage."""
+    in state dicts), written in place, so a compiled step sees fixed storage. Its dtype may differ
+    from the weights' (`cpu_features.kv_cache_dtype`): attention then runs in the cache's dtype."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ContextOverflowError
 from ..files import visible
+from . import cpu_features
 from .config import ModelConfig
 from .language import Qwen2ForCausalLM, row_chunk_bytes
 from .vision import InternViT, Projector, pixel_shuffle
@@ -99,7 +100,8 @@ class InternVLModel(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         model = model.to(dtype)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
-        model.language_model.allocate_cache(max_seq_len, device, dtype)
+        kv_dtype = cpu_features.kv_cache_dtype(device, dtype, cpu_features.decoder_weight_bytes(cfg.text))
+        model.language_model.allocate_cache(max_seq_len, device, kv_dtype)
         return model.eval()
 
     def _make_int4_placeholders(self) -> None:
