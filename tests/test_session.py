@@ -502,3 +502,16 @@ def test_a_turn_that_overflowed_to_nan_leaves_no_nan_in_the_cache(loaded, monkey
     fresh = Session(loaded, _params(4))
     _run(fresh.ask("Remember forty-two."))
     assert _run(fresh.ask("Which number?"))["token_ids"] == answer
+
+
+def test_a_conversation_saved_empty_loads_back_empty(loaded, tmp_path):
+    # /save of an empty conversation is allowed (with a warning); loading that file prefilled
+    # nothing and failed with an IndexError (found by tests/test_session_fuzz.py)
+    path = Session(loaded, _params(3), system_message="Be brief.").save(tmp_path / "empty.json")
+    session = Session(loaded, _params(3))
+    _run(session.ask("Hello there."))
+    session.load(path)
+    assert (session.ids, session.start_pos, session.turns, session.system_message) == ([], 0, [], "Be brief.")
+    answer = _run(session.ask("Hi."))["token_ids"]
+    fresh = Session(loaded, _params(3), system_message="Be brief.")
+    assert _run(fresh.ask("Hi."))["token_ids"] == answer

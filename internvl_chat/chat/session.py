@@ -382,7 +382,8 @@ class Session:
             )
         features, _ = self._encode([m for t in turns for m in t.media], None)
         try:
-            self.model.forward(ids, 0, features)
+            if ids:  # a conversation saved before its first question has nothing to prefill
+                self.model.forward(ids, 0, features)
         except BaseException as e:
             self.clear()
             if is_out_of_memory(e):
