@@ -21,8 +21,10 @@ A failure message starts with the seed and the operations so far: rerun that see
 
 from __future__ import annotations
 
+import os
 import random
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,16 @@ from internvl_chat.errors import ContextOverflowError, GenerationError, InternVL
 from media_helpers import textured_rgb, write_numbered_video
 
 TOL = 1e-4  # relative to the largest logit, as tests/test_session.py
+# INTERNVL_FUZZ_CASES seeds of INTERNVL_FUZZ_STEPS operations each (a test module's defaults otherwise)
+CASES_VARIABLE, STEPS_VARIABLE = "INTERNVL_FUZZ_CASES", "INTERNVL_FUZZ_STEPS"
+
+
+def fuzz_seeds(default: int, first: int = 0) -> range:
+    return range(first, first + int(os.environ.get(CASES_VARIABLE, default)))
+
+
+def fuzz_steps(default: int = 24) -> int:
+    return int(os.environ.get(STEPS_VARIABLE, default))
 GREEDY_STEPS = 3
 CANCELLED = " [cancelled]"
 CPU_OOM = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8"
@@ -84,11 +96,10 @@ class FuzzFailure(AssertionError):
 
 
 class SessionFuzz:
-    def __init__(self, live, ref, media: dict[str, Path], folder: Path, seed: int, compiled: bool = False):
+    def __init__(self, live, ref, media: dict[str, Path], folder: Path, seed: int):
         self.live, self.ref, self.media_files, self.folder = live, ref, media, folder
         self.rng = random.Random(seed)
         self.seed = seed
-        self.compiled = compiled
         self.session = Session(live, SamplingParams(max_new_tokens=4))
         self.shadow = Shadow(self.session.system_message)
         self.log: list[str] = []
@@ -96,6 +107,7 @@ class SessionFuzz:
         self.ref_features: dict[tuple, torch.Tensor] = {}
         self.seen_tokens: list[int] = []
         self.ops = 0
+        self.outcomes: Counter = Counter()  # what happened, by kind: shows what a run covered
         special = live.special
         self.banned = (special.img_start, special.img_end, special.img_context)
 
@@ -262,6 +274,8 @@ class SessionFuzz:
         finally:
             fired = injected.undo() if injected else 0
         self._remember_pixels(new_turn[2] if new_turn else [])
+        kind = "retry" if retry else "ask"
+        self.outcomes[f"{kind} {variant}: " + (type(error).__name__ if error else final["finish_reason"] if final else "abandoned")] += 1
         if not fits:
             self.expect(isinstance(error, ContextOverflowError), f"a turn over the context gave {error!r}")
             self._expect_one_line(error, "over the")

@@ -9,15 +9,11 @@ chat/generate.py. A failure names its seed and the operations that led to it.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from internvl_chat.engine.loader import load_model
-from session_fuzz import SessionFuzz, make_fuzz_media
+from session_fuzz import SessionFuzz, fuzz_seeds, fuzz_steps, make_fuzz_media
 
-CASES = int(os.environ.get("INTERNVL_FUZZ_CASES", "3"))
-STEPS = int(os.environ.get("INTERNVL_FUZZ_STEPS", "24"))
 CONTEXT = 2048  # a tile is 258 tokens: a few pictures, long texts or a /system fill it, so overflows happen
 
 
@@ -37,6 +33,6 @@ def fuzz_media(tmp_path_factory):
     return make_fuzz_media(tmp_path_factory.mktemp("fuzz_media"))
 
 
-@pytest.mark.parametrize("seed", range(CASES))
+@pytest.mark.parametrize("seed", fuzz_seeds(3))
 def test_random_conversations_keep_the_cache_equal_to_a_fresh_prefill(live, fresh, fuzz_media, tmp_path, seed):
-    SessionFuzz(live, fresh, fuzz_media, tmp_path, seed).run(STEPS)
+    SessionFuzz(live, fresh, fuzz_media, tmp_path, seed).run(fuzz_steps())
