@@ -105,7 +105,6 @@ class SessionFuzz:
         self.log: list[str] = []
         self.saved: list[tuple[Path, Shadow]] = []
         self.ref_features: dict[tuple, torch.Tensor] = {}
-        self.seen_tokens: list[int] = []
         self.ops = 0
         self.outcomes: Counter = Counter()  # what happened, by kind: shows what a run covered
         special = live.special
@@ -173,8 +172,9 @@ class SessionFuzz:
             params.seed = rng.randrange(2**31)
         if rng.random() < 0.2:
             params.repetition_penalty = rng.choice([1.2, 0.8])
-        if self.seen_tokens and rng.random() < 0.3:  # a token this model likes: answers end with "stop"
-            params.stop_ids = (rng.choice(self.seen_tokens),)
+        if rng.random() < 0.4:  # a share of the vocabulary: random weights rarely pick <|im_end|> themselves
+            vocab = self.live.config.text.vocab_size
+            params.stop_ids = tuple(sorted(rng.sample(range(vocab), int(vocab * rng.choice([0.05, 0.2, 0.5])))))
         return params
 
     # ---- what the conversation must be ---------------------------------------------------------
@@ -217,7 +217,7 @@ class SessionFuzz:
         if not text.strip() and not media:
             text = "Hi."
         params = self._params(max_new)
-        variant = variant or rng.choice(["plain"] * 6 + ["cancel", "abandon", "oom", "oom_vision", "ctrl_c", "cancel_first"])
+        variant = variant or rng.choice(["plain"] * 8 + ["cancel", "abandon", "oom", "oom_vision", "ctrl_c", "cancel_first"])
         keys = [self._key_of(media[i]) for i in media_order([m.spec for m in media])]
         new_ids = self._turn_ids(self.builder(), len(self.shadow.turns), text, keys)
         fits = len(s.ids) + len(new_ids) + params.max_new_tokens <= s.max_context
@@ -231,7 +231,7 @@ class SessionFuzz:
     def op_retry(self) -> None:
         s = self.session
         params = self._params()
-        variant = self.rng.choice(["plain"] * 4 + ["cancel", "abandon", "oom", "oom_twice", "ctrl_c"])
+        variant = self.rng.choice(["plain"] * 4 + ["cancel", "abandon", "oom", "oom_twice", "ctrl_c", "cancel_first"])
         self.log.append(f"retry {self._describe(params)} {variant}")
         if not self.shadow.turns:
             try:
@@ -340,7 +340,6 @@ class SessionFuzz:
         ids_len = len(prior) + len(prompt) + len(answer)
         self.shadow.start_pos = ids_len - (1 if finish == "length" else 0)
         self.expect(final["cache_end"] == self.shadow.start_pos, f"cache_end {final['cache_end']}, expected {self.shadow.start_pos}")
-        self.seen_tokens = (self.seen_tokens + answer)[-50:]
 
     def reference_answer(self, prompt: list[int], history: Shadow, keys, params: SamplingParams) -> tuple[list[int], str]:
         """The fresh model's answer to the whole conversation `prompt`, prefilled from position 0."""
@@ -503,7 +502,7 @@ class SessionFuzz:
     def _describe(self, params: SamplingParams) -> str:
         how = "greedy" if params.greedy else f"T{params.temperature} p{params.top_p} k{params.top_k} seed {params.seed}"
         extra = f" penalty {params.repetition_penalty}" if params.repetition_penalty != 1 else ""
-        stops = f" stop {params.stop_ids}" if params.stop_ids else ""
+        stops = f" {len(params.stop_ids)} stop ids" if params.stop_ids else ""
         return f"max_new {params.max_new_tokens} {how}{extra}{stops}"
 
     def _expect_one_line(self, error: BaseException, words: str) -> None:
