@@ -374,10 +374,12 @@ class SessionFuzz:
         exact = 1 <= room <= 24 and self.rng.random() < 0.7
         if exact:
             self.log.append(f"overflow: exact fit, max_new_tokens {room}")
+            self.outcomes["ask filling the context exactly"] += 1
             self._answer_exact(room)
             return
         params = SamplingParams(max_new_tokens=max(room + 1, 1))
         self.log.append(f"overflow: max_new_tokens {params.max_new_tokens} for a room of {room}")
+        self.outcomes["ask one token over the context"] += 1
         before = self.shadow.copy()
         try:
             for _ in s.ask("Hi.", (), params):
@@ -397,6 +399,7 @@ class SessionFuzz:
 
     def op_undo(self) -> None:
         self.log.append("undo")
+        self.outcomes["undo" + ("" if self.shadow.turns else " of nothing")] += 1
         if not self.shadow.turns:
             try:
                 self.session.undo()
@@ -410,6 +413,7 @@ class SessionFuzz:
 
     def op_clear(self) -> None:
         self.log.append("clear")
+        self.outcomes["clear"] += 1
         self.session.clear()
         self.shadow = Shadow(self.shadow.system)
 
@@ -420,6 +424,7 @@ class SessionFuzz:
         self.log.append(f"system {str(text)[:20]!r}{' (out of memory)' if oom else ''}")
         ids = self.expected_ids(Shadow(text, self.shadow.turns))
         injected = Injection(self.live.model, "forward", 1, 1, lambda: RuntimeError(CPU_OOM)) if oom else None
+        self.outcomes[f"system, {len(self.shadow.turns)} turns" if len(ids) <= s.max_context else "system over the context"] += 1
         try:
             s.set_system(text)
         except ContextOverflowError as e:
@@ -472,6 +477,8 @@ class SessionFuzz:
             self._load(s, path, shadow.copy(), False)
 
     def _load(self, target: Session, path: Path, shadow: Shadow, oom: bool) -> None:
+        what = "into a fresh Session" if target is not self.session else "into the live Session"
+        self.outcomes[f"load {what}{' (out of memory)' if oom else ''}, {len(shadow.turns)} turns"] += 1
         injected = Injection(self.live.model, "forward", 1, 1, MemoryError) if oom else None
         try:
             target.load(path)
@@ -491,6 +498,7 @@ class SessionFuzz:
         """Stale values past the valid cache (a server slot, an abandoned answer) must never be read."""
         s = self.session
         self.log.append("scribble past start_pos")
+        self.outcomes["scribble"] += 1
         g = torch.Generator().manual_seed(self.rng.randrange(2**31))
         with torch.inference_mode():
             for k, v in self.live.model.language_model.caches():
