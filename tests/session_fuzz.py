@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from internvl_chat.chat.generate import stream_generate
-from internvl_chat.chat.sampling import Sampler, SamplingParams
+from internvl_chat.chat.sampling import Sampler, SamplingParams, apply_repetition_penalty
 from internvl_chat.chat.session import Session
 from internvl_chat.chat.template import MediaSpec, PromptBuilder, media_order
 from internvl_chat.errors import ContextOverflowError, GenerationError, InternVLChatError, UsageError
@@ -323,11 +323,14 @@ class SessionFuzz:
         self.expect(not set(answer) & set(self.banned), f"an answer holds an image placeholder: {answer}")
         if finish == "cancelled":
             self.expect(variant in ("cancel", "cancel_first"), "cancelled without a cancel")
-            self.expect(answer == want[: len(answer)] and len(answer) < params.max_new_tokens,
-                        f"cancelled answer {answer} is not a start of the fresh model's {want}")  # fmt: skip
+            self.expect(len(answer) < params.max_new_tokens, f"cancelled with {len(answer)} tokens, all that were asked for")
+            same = answer == want[: len(answer)]
         else:
-            self.expect((answer, finish) == (want, want_finish),
-                        f"answer {answer} ({finish}) differs from the fresh model's {want} ({want_finish})")  # fmt: skip
+            same = (answer, finish) == (want, want_finish)
+        if not same and self._tied(prior + prompt, answer, want, history, keys, params):
+            self.outcomes["answer parted from the fresh model's at tied logits"] += 1
+        else:
+            self.expect(same, f"answer {answer} ({finish}) differs from the fresh model's {want} ({want_finish})")
         self.expect(final["usage"]["completion_tokens"] == len(answer), f"usage {final['usage']} for {len(answer)} tokens")
         pending = len(prior) - pos_before
         self.expect(final["usage"]["prompt_tokens"] == pending + len(prompt), f"usage {final['usage']} for a prompt of {pending} + {len(prompt)}")
@@ -352,6 +355,20 @@ class SessionFuzz:
                                      image_features=features, stop_ids=self.builder().stop_ids):  # fmt: skip
             pass
         return list(final["token_ids"]), final["finish_reason"]
+
+    def _tied(self, prompt: list[int], answer: list[int], want: list[int], history: Shadow, keys, params) -> bool:
+        """Whether greedy answers part where the fresh model's two best scores are equal within the
+        tolerance (chunked and whole prefills differ in the last bits: either token is right)."""
+        at = next((i for i, (a, b) in enumerate(zip(answer, want)) if a != b), None)
+        if not params.greedy or at is None:
+            return False
+        seen = prompt + want[:at]
+        logits = self.ref.model.forward(seen, 0, self.features_for([k for t in history.turns for k in t.media] + list(keys)))
+        logits = logits.index_fill(0, torch.tensor(self.banned), float("-inf"))
+        if params.repetition_penalty != 1:
+            logits = apply_repetition_penalty(logits, torch.tensor(seen), params.repetition_penalty)
+        a, b = logits[answer[at]].item(), logits[want[at]].item()
+        return abs(a - b) <= TOL * logits[torch.isfinite(logits)].abs().max().item()
 
     def _inject(self, variant: str, params: SamplingParams):
         """Make the live model fail (out of memory, or Ctrl-C) at a random call; None for other variants."""
