@@ -279,16 +279,12 @@ class SessionFuzz:
         if not fits:
             self.expect(isinstance(error, ContextOverflowError), f"a turn over the context gave {error!r}")
             self._expect_one_line(error, "over the")
-            if retry:  # retry took the old answer off, then restored it
-                self.expect(self._same_as(before), "a retry over the context changed the conversation")
-            else:
-                self.expect(self._same_as(before), "a turn over the context changed the conversation")
+            # (a retry takes the old answer off before it checks, then puts it back)
+            self.expect(self._same_as(before), f"{kind} over the context changed the conversation")
             return
         if error is not None:
-            self.expect(fired > 0 or variant == "cancel_first", f"{'retry' if retry else 'ask'} failed by itself: {error!r}")
-            if isinstance(error, KeyboardInterrupt):
-                pass
-            else:
+            self.expect(fired > 0 or variant == "cancel_first", f"{kind} failed by itself: {error!r}")
+            if not isinstance(error, KeyboardInterrupt):  # Ctrl-C stays itself; the app prints its line
                 self.expect(isinstance(error, GenerationError), f"an injected failure surfaced as {type(error).__name__}: {error}")
                 self.expect("out of memory" in str(error), f"out of memory said {error}")
                 self._expect_one_line(error, "out of memory")
@@ -305,7 +301,6 @@ class SessionFuzz:
 
     def _check_answer(self, final: dict, events: list[dict], params, variant, new_turn, before: Shadow) -> None:
         """A committed answer: its ids equal the fresh model's for the same prompt and sampler."""
-        s = self.session
         answer, finish = list(final["token_ids"]), final["finish_reason"]
         retry = new_turn is None
         if retry:
@@ -385,21 +380,25 @@ class SessionFuzz:
         return Injection(model, name, at, times, error)
 
     def op_overflow(self) -> None:
-        """A turn one token over the context, or one that fills it exactly when that is cheap."""
+        """A turn one token over the context, or a text long enough that the answer's limit fills it
+        exactly (the conversation may then hold max_context tokens: probes, undo, retry, save and
+        load of a full cache follow)."""
         s = self.session
-        room = s.max_context - len(s.ids) - len(self._turn_ids(self.builder(), len(self.shadow.turns), "Hi.", []))
-        exact = 1 <= room <= 24 and self.rng.random() < 0.7
-        if exact:
-            self.log.append(f"overflow: exact fit, max_new_tokens {room}")
+        text, room = self._filling_text() if self.rng.random() < 0.6 else ("Hi.", self._room("Hi."))
+        if 1 <= room <= 24:
+            params = self._params(room)
+            self.log.append(f"overflow: {len(text)} characters, exactly filled by {self._describe(params)}")
             self.outcomes["ask filling the context exactly"] += 1
-            self._answer_exact(room)
+            before = self.shadow.copy()
+            events = list(s.ask(text, (), params))
+            self._check_answer(events[-1], events, params, "plain", (text, [], []), before)
             return
         params = SamplingParams(max_new_tokens=max(room + 1, 1))
         self.log.append(f"overflow: max_new_tokens {params.max_new_tokens} for a room of {room}")
         self.outcomes["ask one token over the context"] += 1
         before = self.shadow.copy()
         try:
-            for _ in s.ask("Hi.", (), params):
+            for _ in s.ask(text, (), params):
                 pass
         except ContextOverflowError as e:
             self._expect_one_line(e, "over the")
@@ -407,12 +406,20 @@ class SessionFuzz:
             raise self.fail("a turn one token over the context was answered")
         self.expect(self._same_as(before), "an overflowing turn changed the conversation")
 
-    def _answer_exact(self, room: int) -> None:
-        s = self.session
-        params = SamplingParams(max_new_tokens=room)
-        before = self.shadow.copy()
-        events = list(s.ask("Hi.", (), params))
-        self._check_answer(events[-1], events, params, "plain", ("Hi.", [], []), before)
+    def _room(self, text: str) -> int:
+        """The most answer tokens a next turn of `text` may ask for."""
+        return self.session.max_context - len(self.session.ids) - len(self._turn_ids(self.builder(), len(self.shadow.turns), text, []))
+
+    def _filling_text(self) -> tuple[str, int]:
+        """Words enough to leave a room of at most 24 answer tokens (or "Hi." when even that overflows)."""
+        words, room = ["Hi."], self._room("Hi.")
+        while room > 24:
+            words += [self.rng.choice(WORDS) for _ in range(max(1, (room - 12) // 3))]
+            room = self._room(" ".join(words))
+        while room < 1 and len(words) > 1:
+            words.pop()
+            room = self._room(" ".join(words))
+        return " ".join(words), room
 
     def op_undo(self) -> None:
         self.log.append("undo")
