@@ -6,7 +6,8 @@ random operations: asks (short, long and tricky texts; images and videos; greedy
 sampling; small max_new_tokens, so answers stop at the length limit and leave a pending token; extra
 stop ids; turns that exactly fill or overflow the context), answers cancelled or abandoned mid-stream,
 out of memory or Ctrl-C injected into the model, undo, retry, clear, /system, save then load (into a
-fresh Session, or an older file into the live one) and stale values written past the valid cache.
+fresh Session, or an older file into the live one), stale values written past the valid cache, and
+server requests on a KV slot of its own (`continue_with`) between the conversation's turns.
 
 Each operation states its expected outcome on a shadow of the conversation (the turns as the user
 sees them). After every operation the checks compare the Session with that shadow and with `ref`, a
@@ -33,7 +34,7 @@ from PIL import Image
 
 from internvl_chat.chat.generate import stream_generate
 from internvl_chat.chat.sampling import Sampler, SamplingParams, apply_repetition_penalty
-from internvl_chat.chat.session import Session
+from internvl_chat.chat.session import OwnKVCache, Session
 from internvl_chat.chat.template import MediaSpec, PromptBuilder, media_order
 from internvl_chat.errors import ContextOverflowError, GenerationError, InternVLChatError, UsageError
 from media_helpers import textured_rgb, write_numbered_video
@@ -107,13 +108,15 @@ class SessionFuzz:
         self.ref_features: dict[tuple, torch.Tensor] = {}
         self.ops = 0
         self.outcomes: Counter = Counter()  # what happened, by kind: shows what a run covered
+        self.slot: Session | None = None  # a server's KV slot on the same model (op_serve)
+        self.main_kv: OwnKVCache | None = None  # the model's own KV tensors, which the conversation uses
         special = live.special
         self.banned = (special.img_start, special.img_end, special.img_context)
 
     # ---- running -------------------------------------------------------------------------------
     def run(self, steps: int) -> None:
         ops = [(self.op_ask, 10), (self.op_retry, 3), (self.op_undo, 2), (self.op_clear, 1), (self.op_system, 1),
-               (self.op_save_load, 2), (self.op_overflow, 1), (self.op_scribble, 1)]  # fmt: skip
+               (self.op_save_load, 2), (self.op_overflow, 1), (self.op_scribble, 1), (self.op_serve, 1)]  # fmt: skip
         choices, weights = zip(*ops)
         self.check()
         for _ in range(steps):
@@ -517,6 +520,45 @@ class SessionFuzz:
         self.expect(not oom, "load did not prefill the conversation")
         self.session = target  # the model's one cache now holds the loaded conversation
         self._replayed(shadow)
+
+    def op_serve(self) -> None:
+        """A server request on a slot with KV tensors of its own (serve/slots.py's use of a Session):
+        the conversation so far as text only, plus a question; the slot keeps the longest prefix it
+        shares with its last request. Its answer must be the fresh model's, and the conversation's
+        own cache must be untouched by it."""
+        model = self.live.model
+        if self.slot is None:
+            self.main_kv = OwnKVCache(model, share_model_cache=True)
+            self.slot = Session(self.live)
+            self.slot.own_kv_cache()
+        builder, ids = self.builder(), []
+        for i, t in enumerate(self.shadow.turns):
+            ids += self._turn_ids(builder, i, t.text, []) + t.answer_ids
+        ids += self._turn_ids(builder, len(self.shadow.turns), self._text(), [])
+        params = self._params()
+        reuse = min(self.slot.cached_prefix(ids), len(ids) - 1)
+        fits = len(ids) + params.max_new_tokens <= model.max_seq_len
+        self.log.append(f"serve request of {len(ids)} tokens reusing {reuse}, {self._describe(params)} (fits={fits})")
+        self.outcomes["serve request" + ("" if fits else " over the context") + (", prefix reused" if reuse else "")] += 1
+        self.slot.activate_kv_cache()
+        try:
+            events = list(self.slot.continue_with(ids, reuse, None, params))
+        except ContextOverflowError as e:
+            self.expect(not fits, f"a request of {len(ids)} + {params.max_new_tokens} tokens was refused: {e}")
+            self._expect_one_line(e, "over the")
+            return
+        finally:
+            self.main_kv.activate(model)
+        self.expect(fits, "a request over the context was answered")
+        want, want_finish = self.reference_answer(ids, Shadow(self.shadow.system), [], params)
+        final = events[-1]
+        same = (final["token_ids"], final["finish_reason"]) == (want, want_finish)
+        if not same and self._tied(ids, final["token_ids"], want, Shadow(self.shadow.system), [], params):
+            return
+        self.expect(same, f"the slot answered {final['token_ids']} ({final['finish_reason']}), the fresh model {want} ({want_finish})")
+        answer = final["token_ids"]
+        end = len(ids) + len(answer) - (1 if final["finish_reason"] == "length" else 0)
+        self.expect((self.slot.ids, self.slot.start_pos) == (ids + answer, end), "the slot's ids or start_pos")
 
     def op_scribble(self) -> None:
         """Stale values past the valid cache (a server slot, an abandoned answer) must never be read."""
