@@ -22,6 +22,7 @@ from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
 from internvl_chat.engine import compiled, direct_call, language
 from internvl_chat.engine.loader import load_model
+from session_fuzz import SessionFuzz, fuzz_seeds, fuzz_steps, make_fuzz_media
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -117,6 +118,17 @@ def test_serve_slots_swap_kv_caches_under_the_compiled_step(eager, fast):
         slots[0].activate_kv_cache()  # the model's own cache again, for the other tests
     assert [_answers(s) for s in slots] == want
     assert step.active and step.failure is None and step.steps > before
+
+
+@pytest.mark.parametrize("seed", fuzz_seeds(1, first=1000))
+def test_random_conversations_under_the_compiled_step(eager, fast, tmp_path, seed):
+    """tests/test_session_fuzz.py's fuzz with the compiled step answering (the eager model prefilling
+    from scratch is the reference): every compiled step reads the cache that undo, retry, cancelled,
+    abandoned and failed answers, /system and loads left behind."""
+    step = fast.model.compiled_step
+    before = step.steps
+    SessionFuzz(fast, eager, make_fuzz_media(tmp_path / "media"), tmp_path, seed).run(fuzz_steps())
+    assert step.active and step.failure is None and step.steps > before  # never fell back to eager
 
 
 def test_an_entry_without_matching_guards_keeps_the_guarded_call(eager):

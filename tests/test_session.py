@@ -502,3 +502,44 @@ def test_a_turn_that_overflowed_to_nan_leaves_no_nan_in_the_cache(loaded, monkey
     fresh = Session(loaded, _params(4))
     _run(fresh.ask("Remember forty-two."))
     assert _run(fresh.ask("Which number?"))["token_ids"] == answer
+
+
+def test_a_conversation_saved_empty_loads_back_empty(loaded, tmp_path):
+    # /save of an empty conversation is allowed (with a warning); loading that file prefilled
+    # nothing and failed with an IndexError (found by tests/test_session_fuzz.py)
+    path = Session(loaded, _params(3), system_message="Be brief.").save(tmp_path / "empty.json")
+    session = Session(loaded, _params(3))
+    _run(session.ask("Hello there."))
+    session.load(path)
+    assert (session.ids, session.start_pos, session.turns, session.system_message) == ([], 0, [], "Be brief.")
+    answer = _run(session.ask("Hi."))["token_ids"]
+    fresh = Session(loaded, _params(3), system_message="Be brief.")
+    assert _run(fresh.ask("Hi."))["token_ids"] == answer
+
+
+@pytest.mark.parametrize("error", [MemoryError(), CPU_OOM, torch.OutOfMemoryError("CUDA out of memory")])
+def test_running_out_of_memory_again_while_putting_back_a_failed_retrys_answer_is_one_error(loaded, monkeypatch, error):
+    # a retry that runs out of memory puts the old answer back by prefilling it again, which needs
+    # more memory than the decode step that failed: that failure escaped as a raw MemoryError or
+    # RuntimeError (a traceback in the REPL) (found by tests/test_session_fuzz.py)
+    session = Session(loaded, _params(3))
+    _run(session.ask("First."))
+    after_first = (list(session.ids), session.start_pos)
+    _run(session.ask("Second."))
+    forward, calls = loaded.model.forward, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) in (2, 3):  # a decode step of the new answer, then the prefill that restores the old
+            raise error
+        return forward(*a, **k)
+
+    monkeypatch.setattr(loaded.model, "forward", failing)
+    with pytest.raises(GenerationError, match=r"^out of memory putting the last answer back; use fewer tiles or frames"):
+        _run(session.retry())
+    monkeypatch.undo()
+    assert (session.ids, session.start_pos, len(session.turns)) == (*after_first, 1)  # as the app then says
+    answer = _run(session.ask("Third?"))["token_ids"]
+    fresh = Session(loaded, _params(3))
+    _run(fresh.ask("First."))
+    assert _run(fresh.ask("Third?"))["token_ids"] == answer

@@ -332,8 +332,10 @@ class Session:
         """Put back a turn that a failed /retry removed, re-prefilling its cached tokens."""
         ids, end = saved
         start = turn.pos_before
-        # prefill first: if it fails too, the session stays as undo left it (consistent, turn removed)
-        self.model.forward(ids[start:end], start, turn.features)
+        # prefill first: if it fails too, the session stays as undo left it (consistent, turn removed);
+        # it needs more memory than the decode step that may have failed, so it may run out as well
+        with out_of_memory_as_error("putting the last answer back"):
+            self.model.forward(ids[start:end], start, turn.features)
         self.ids, self.start_pos = ids, end
         self.turns.append(turn)
 
@@ -382,7 +384,8 @@ class Session:
             )
         features, _ = self._encode([m for t in turns for m in t.media], None)
         try:
-            self.model.forward(ids, 0, features)
+            if ids:  # a conversation saved before its first question has nothing to prefill
+                self.model.forward(ids, 0, features)
         except BaseException as e:
             self.clear()
             if is_out_of_memory(e):
