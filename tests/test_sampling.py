@@ -19,6 +19,7 @@ from internvl_chat.chat.sampling import (
     apply_repetition_penalty,
     filter_top_k,
     filter_top_p,
+    greedy_pick_on_host,
 )
 from internvl_chat.errors import GenerationError, UsageError
 
@@ -258,6 +259,70 @@ def test_wrong_vocab_size_is_reported() -> None:
     sampler = Sampler(SamplingParams(), vocab_size=20, device="cpu")
     with pytest.raises(GenerationError, match="vocab"):
         sampler.next_token(torch.zeros(21))
+
+
+def device_greedy_pick(logits: torch.Tensor, banned: list[int]) -> tuple[int, bool]:
+    """The pick the sampler makes where the logits live on a GPU: banned ids to -inf, then max()."""
+    if banned:
+        logits = logits.index_fill(0, torch.tensor(banned), float("-inf"))
+    best, token = logits.max(dim=-1)
+    return int(token), bool(torch.isfinite(best))
+
+
+def awkward_logits(seed: int) -> tuple[torch.Tensor, list[int]]:
+    """Logits with ties, NaN, ±inf or everything -inf, and banned ids that often hold the maximum."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = int(torch.randint(1, 600, (1,), generator=g))
+    logits = random_logits(vocab, seed, ties=seed % 2 == 0)
+    kind = seed % 7
+    if kind == 1:
+        logits[torch.randint(vocab, (3,), generator=g)] = math.nan
+    elif kind == 2:
+        logits[torch.randint(vocab, (2,), generator=g)] = math.inf
+    elif kind == 3:
+        logits[:] = -math.inf
+    elif kind == 4:
+        logits[torch.rand(vocab, generator=g) < 0.5] = -math.inf
+    banned = sorted(set(torch.randint(vocab, (int(seed % 4),), generator=g).tolist()))
+    if banned and seed % 3 == 0:
+        logits[banned[0]] = logits.max() + 1 if torch.isfinite(logits.max()) else math.nan  # a banned maximum
+    return logits, banned
+
+
+def test_greedy_pick_on_host_equals_the_device_pick() -> None:
+    """The CPU's NumPy pick and the GPU's max() agree on the id and on finiteness, whatever the logits."""
+    for seed in range(600):
+        logits, banned = awkward_logits(seed)
+        token, finite = greedy_pick_on_host(logits.numpy(), frozenset(banned))
+        want_token, want_finite = device_greedy_pick(logits, banned)
+        assert finite == want_finite, seed
+        assert 0 <= token < logits.shape[0]
+        if want_finite:  # after a NaN or all -inf the id only has to be valid: the answer is refused anyway
+            assert token == want_token and token not in banned, seed
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_cpu_greedy_sampler_equals_its_device_path(penalty: float) -> None:
+    """A whole greedy run on the CPU's host path picks the same ids and fails on the same step as the
+    path a GPU takes (forced here on the CPU)."""
+    for seed in range(40):
+        params = SamplingParams(repetition_penalty=penalty)
+        host = Sampler(params, vocab_size=50, device="cpu", banned_ids=(seed % 50, 7))
+        device = Sampler(params, vocab_size=50, device="cpu", banned_ids=(seed % 50, 7))
+        device._greedy_on_host = False
+        host.observe([1, 2, 3]), device.observe([1, 2, 3])
+        for step in range(12):
+            logits = random_logits(50, seed * 100 + step, ties=True)
+            if seed % 5 == 0 and step == 6:
+                logits[11] = math.nan
+            outcomes = []
+            for sampler in (host, device):
+                token = sampler.next_token(logits)
+                try:
+                    outcomes.append(sampler.read(token))
+                except GenerationError:
+                    outcomes.append("bad")
+            assert outcomes[0] == outcomes[1], (seed, step)
 
 
 # ---- validation --------------------------------------------------------------------------
