@@ -271,3 +271,51 @@ def test_a_ctrl_c_that_reaches_the_prompt_after_enter_cancels_the_line_without_a
         with pytest.raises(KeyboardInterrupt):  # while the prompt runs: Ctrl-C as before
             session.prompt("> ", pre_run=lambda: session.app.key_processor.send_sigint())
         assert not late.pressed
+
+
+# --- SIGTERM/SIGHUP while a prompt runs (no terminal needed) --------------------------------------
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_a_signal_that_lands_inside_the_prompts_event_loop_ends_it_cleanly(signum, capfd):
+    """SIGTERM or SIGHUP at the prompt used to raise SystemExit wherever the signal landed: inside
+    one of prompt_toolkit's tasks it became "Unhandled exception in event loop", a traceback,
+    "Press ENTER to continue..." and a terminal left raw (about one kill in six). Here it lands in
+    a task of the prompt's loop every time."""
+    import asyncio
+    import io
+    import signal
+
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.data_structures import Size
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output.vt100 import Vt100_Output
+
+    from internvl_chat.ui.repl import ExitSignals
+
+    sig = getattr(signal, signum)
+    screen = io.StringIO()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signals = ExitSignals()
+        signals.install()
+        with create_pipe_input() as pipe:
+            output = Vt100_Output(screen, lambda: Size(rows=24, columns=80), term="xterm")
+            session = PromptSession(input=pipe, output=output)
+
+            async def kill_from_inside() -> None:
+                os.kill(os.getpid(), sig)
+                await asyncio.sleep(0)  # the handler runs here, in the loop's task
+
+            session.app.pre_run_callables.append(lambda: session.app.create_background_task(kill_from_inside()))
+            with pytest.raises(SystemExit) as ended:
+                signals.prompt(session, "> ")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert ended.value.code == 128 + sig
+    shown = screen.getvalue()
+    printed = capfd.readouterr()
+    for text in (shown, printed.out, printed.err):
+        assert "Unhandled exception" not in text and "Press ENTER" not in text, text
+    assert shown.rfind(INPUT_DONE) > shown.rfind(PROMPT_READY)  # the prompt was closed: bracketed paste off

@@ -341,19 +341,61 @@ def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | Non
     )
 
 
-def _exit_on_signal(signum: int, frame) -> None:
-    """SIGTERM/SIGHUP end the REPL as an exception, so every `with` that changed the terminal
-    (prompt_toolkit's raw mode, `held_keys`) puts it back; by default they end the process at once."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
+class ExitSignals:
+    """SIGTERM and SIGHUP end the REPL as SystemExit(128 + signal), so every `with` that changed
+    the terminal (prompt_toolkit's raw mode, `held_keys`) puts it back; by default they end the
+    process at once, the terminal left raw.
+
+    While a prompt runs, the exception is not raised where the signal lands: inside
+    prompt_toolkit's event loop it became "Unhandled exception in event loop", a traceback,
+    "Press ENTER to continue..." and a terminal left without echo. The prompt is asked to exit
+    with it instead, and a signal that comes as the prompt starts or ends is raised after it.
+    """
+
+    def __init__(self) -> None:
+        self.code: int | None = None
+        self._prompt_app = None  # the prompt's Application while `prompt` runs
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.code = 128 + signum
+        app = self._prompt_app
+        if app is None:
+            raise SystemExit(self.code)
+        loop = app.loop
+        if app.is_running and loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._exit_prompt)
+            except RuntimeError:
+                pass  # the loop just closed: `prompt` raises it on its way out
+
+    def _exit_prompt(self) -> None:
+        app = self._prompt_app
+        if self.code is None or app is None:
+            return
+        if app.is_running and app.future is not None and not app.future.done():
+            app.exit(exception=SystemExit(self.code))
+
+    def prompt(self, session: PromptSession, *args, **kwargs) -> str:
+        self._prompt_app = session.app
+        try:
+            return session.prompt(*args, pre_run=self._exit_prompt, **kwargs)
+        finally:
+            self._prompt_app = None
+            if self.code is not None:
+                raise SystemExit(self.code)
 
 
 def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = None) -> int:
     if not sys.stdin.isatty():
         raise UsageError("the REPL needs a terminal on stdin; use --script FILE for scripted input or -p TEXT")
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    signal.signal(signal.SIGHUP, _exit_on_signal)
+    signals = ExitSignals()
+    signals.install()
     console = make_console(sys.stdout, color="never" if settings.ui.plain else settings.ui.color)
     # keys typed while the model loads or an answer streams are not echoed into the output: they
     # wait for the next prompt, which starts with them
@@ -373,18 +415,12 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
     while True:
         late.pressed = False
         try:
-            line = prompt_session.prompt(app.prompt_text(), default=typed.text)
+            line = signals.prompt(prompt_session, app.prompt_text(), default=typed.text)
         except KeyboardInterrupt:
             typed.text = ""
             continue  # Ctrl-C at the prompt: a fresh, empty line
         except EOFError:
             break
-        except SystemExit:  # SIGTERM/SIGHUP: it may land before prompt_toolkit's own clean-up is armed
-            try:
-                prompt_session.app.renderer.reset()  # bracketed paste off, cursor shown
-            except OSError:
-                pass  # the terminal is gone
-            raise
         if late.pressed:  # Ctrl-C right after Enter: as if it had come a moment later
             typed.text = ""
             app.say("[cancelled before it began; the conversation is unchanged]", "yellow")
