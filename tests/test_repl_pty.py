@@ -8,6 +8,7 @@ ready), never for a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -273,11 +274,63 @@ def test_a_ctrl_c_that_reaches_the_prompt_after_enter_cancels_the_line_without_a
         assert not late.pressed
 
 
-# --- SIGTERM/SIGHUP while a prompt runs (no terminal needed) --------------------------------------
+# --- signals around the prompt (no terminal needed) -------------------------------------------------
+
+
+@pytest.fixture
+def repl_signals():
+    """The REPL's signal handlers, installed in this process for the test and removed after it."""
+    import signal
+
+    from internvl_chat.ui.repl import ReplSignals
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    signals = ReplSignals()
+    signals.install()
+    yield signals
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _prompt_session(screen):
+    """(pipe, session): a PromptSession reading keys from the pipe and drawing into `screen`."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.data_structures import Size
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output.vt100 import Vt100_Output
+
+    with create_pipe_input() as pipe:
+        output = Vt100_Output(screen, lambda: Size(rows=24, columns=80), term="xterm")
+        yield pipe, PromptSession(input=pipe, output=output)
+
+
+@pytest.fixture
+def noise(capfd, monkeypatch):
+    """Call it to assert that nothing but the app's own output appeared: no traceback from the
+    event loop, no "Exception ignored in …" (a half-built event loop, when collected), no
+    "coroutine … was never awaited" warning."""
+    import gc
+    import warnings
+
+    unraisable: list[str] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(f"Exception ignored in {u.object!r}: {u.exc_value!r}"))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+
+        def check(screen: str) -> None:
+            gc.collect()
+            printed = capfd.readouterr()
+            found = [screen, printed.out, printed.err, *unraisable, *(str(w.message) for w in warned)]
+            for text in found:
+                for bad in ("Unhandled exception", "Press ENTER", "Exception ignored", "Traceback", "never awaited"):
+                    assert bad not in text, text
+
+        yield check
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
-def test_a_signal_that_lands_inside_the_prompts_event_loop_ends_it_cleanly(signum, capfd):
+def test_a_signal_that_lands_inside_the_prompts_event_loop_ends_it_cleanly(signum, repl_signals, noise):
     """SIGTERM or SIGHUP at the prompt used to raise SystemExit wherever the signal landed: inside
     one of prompt_toolkit's tasks it became "Unhandled exception in event loop", a traceback,
     "Press ENTER to continue..." and a terminal left raw (about one kill in six). Here it lands in
@@ -286,36 +339,66 @@ def test_a_signal_that_lands_inside_the_prompts_event_loop_ends_it_cleanly(signu
     import io
     import signal
 
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.data_structures import Size
-    from prompt_toolkit.input import create_pipe_input
-    from prompt_toolkit.output.vt100 import Vt100_Output
-
-    from internvl_chat.ui.repl import ExitSignals
-
     sig = getattr(signal, signum)
     screen = io.StringIO()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        signals = ExitSignals()
-        signals.install()
-        with create_pipe_input() as pipe:
-            output = Vt100_Output(screen, lambda: Size(rows=24, columns=80), term="xterm")
-            session = PromptSession(input=pipe, output=output)
 
-            async def kill_from_inside() -> None:
-                os.kill(os.getpid(), sig)
-                await asyncio.sleep(0)  # the handler runs here, in the loop's task
+    async def kill_from_inside() -> None:
+        os.kill(os.getpid(), sig)
+        await asyncio.sleep(0)  # the handler runs here, in the loop's task
 
-            session.app.pre_run_callables.append(lambda: session.app.create_background_task(kill_from_inside()))
-            with pytest.raises(SystemExit) as ended:
-                signals.prompt(session, "> ")
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with _prompt_session(screen) as (pipe, session), pytest.raises(SystemExit) as ended:
+        session.app.pre_run_callables.append(lambda: session.app.create_background_task(kill_from_inside()))
+        repl_signals.prompt(session, "> ")
     assert ended.value.code == 128 + sig
+    noise(screen.getvalue())
     shown = screen.getvalue()
-    printed = capfd.readouterr()
-    for text in (shown, printed.out, printed.err):
-        assert "Unhandled exception" not in text and "Press ENTER" not in text, text
     assert shown.rfind(INPUT_DONE) > shown.rfind(PROMPT_READY)  # the prompt was closed: bracketed paste off
+
+
+def test_a_ctrl_c_while_the_prompt_builds_its_event_loop_clears_the_line_quietly(repl_signals, noise, monkeypatch):
+    """Ctrl-C pressed twice quickly: the second SIGINT can land while asyncio.run builds the next
+    prompt's event loop; the KeyboardInterrupt raised there left a half-built loop that printed
+    "Exception ignored in BaseEventLoop.__del__ … AttributeError" and "coroutine … was never
+    awaited" over the screen. Here the SIGINT lands in that constructor every time."""
+    import io
+    import selectors
+    import signal
+    from asyncio import selector_events
+
+    real = selectors.DefaultSelector
+
+    def selector_while_ctrl_c_is_pressed():
+        os.kill(os.getpid(), signal.SIGINT)
+        return real()
+
+    monkeypatch.setattr(selector_events.selectors, "DefaultSelector", selector_while_ctrl_c_is_pressed)
+    screen = io.StringIO()
+    with _prompt_session(screen) as (pipe, session), pytest.raises(KeyboardInterrupt):  # the line is cleared
+        repl_signals.prompt(session, "> ")
+    monkeypatch.setattr(selector_events.selectors, "DefaultSelector", real)
+    noise(screen.getvalue())
+    assert not repl_signals.interrupted
+
+
+def test_a_ctrl_c_between_a_command_and_the_next_prompt_clears_that_prompt(repl_signals, noise):
+    """A Ctrl-C after a command's work, before the next prompt was up (pressed twice quickly, or
+    just as the command ended), raised KeyboardInterrupt out of the REPL's loop: the program
+    ended ("internvl-chat: interrupted", status 130) and the conversation with it."""
+    import io
+    import signal
+
+    with repl_signals.raising(), pytest.raises(KeyboardInterrupt):  # during a command: it stops it
+        os.kill(os.getpid(), signal.SIGINT)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # between two steps of the REPL: nothing is raised
+    except KeyboardInterrupt:
+        pytest.fail("a Ctrl-C between a command and the prompt ended the REPL")
+    assert repl_signals.interrupted
+    screen = io.StringIO()
+    with _prompt_session(screen) as (pipe, session):
+        with pytest.raises(KeyboardInterrupt):  # … the next prompt starts with an empty line
+            repl_signals.prompt(session, "> ", default="typed ahead")
+        assert not repl_signals.interrupted
+        pipe.send_text("hello\r")
+        assert repl_signals.prompt(session, "> ") == "hello"  # and the REPL goes on
+    noise(screen.getvalue())

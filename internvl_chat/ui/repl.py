@@ -17,6 +17,7 @@ import signal
 import stat
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -341,75 +342,113 @@ def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | Non
     )
 
 
-class ExitSignals:
-    """SIGTERM and SIGHUP end the REPL as SystemExit(128 + signal), so every `with` that changed
-    the terminal (prompt_toolkit's raw mode, `held_keys`) puts it back; by default they end the
+class ReplSignals:
+    """How Ctrl-C (SIGINT), SIGTERM and SIGHUP reach the REPL.
+
+    SIGTERM and SIGHUP end it as SystemExit(128 + signal), so every `with` that changed the
+    terminal (prompt_toolkit's raw mode, `held_keys`) puts it back; by default they end the
     process at once, the terminal left raw.
 
-    While a prompt runs, the exception is not raised where the signal lands: inside
-    prompt_toolkit's event loop it became "Unhandled exception in event loop", a traceback,
-    "Press ENTER to continue..." and a terminal left without echo. The prompt is asked to exit
-    with it instead, and a signal that comes as the prompt starts or ends is raised after it.
+    Ctrl-C raises KeyboardInterrupt only inside `raising()` (loading, a command, an answer: it
+    stops that work). Elsewhere, between the work and the prompt, it is kept and clears the next
+    prompt's line: raised there, it ended the REPL ("interrupted", status 130) or, inside the
+    event loop asyncio.run was building, printed "Exception ignored in BaseEventLoop.__del__".
+
+    While a prompt runs nothing is raised where a signal lands: inside prompt_toolkit's event
+    loop SystemExit became "Unhandled exception in event loop", a traceback, "Press ENTER to
+    continue..." and a terminal left without echo. The prompt is asked to exit with it instead
+    (prompt_toolkit handles Ctrl-C itself while it runs); a signal that comes as the prompt
+    starts is acted on when it starts, one that comes as it ends after it returns.
     """
 
     def __init__(self) -> None:
-        self.code: int | None = None
+        self.exit_code: int | None = None
+        self.interrupted = False  # a Ctrl-C not acted on yet
+        self._raising = False
         self._prompt_app = None  # the prompt's Application while `prompt` runs
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGHUP, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_exit_signal)
+        signal.signal(signal.SIGHUP, self._on_exit_signal)
+        signal.signal(signal.SIGINT, self._on_interrupt)
 
-    def _on_signal(self, signum: int, frame) -> None:
+    @contextmanager
+    def raising(self) -> Iterator[None]:
+        """Ctrl-C raises KeyboardInterrupt inside the block (also one pressed just before it)."""
+        self._raising = True
+        try:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            yield
+        finally:
+            self._raising = False
+            self.interrupted = False
+
+    def _on_interrupt(self, signum: int, frame) -> None:
+        self.interrupted = True
+        if self._raising:
+            raise KeyboardInterrupt
+        self._wake_prompt()
+
+    def _on_exit_signal(self, signum: int, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self.code = 128 + signum
-        app = self._prompt_app
-        if app is None:
-            raise SystemExit(self.code)
-        loop = app.loop
-        if app.is_running and loop is not None:
-            try:
-                loop.call_soon_threadsafe(self._exit_prompt)
-            except RuntimeError:
-                pass  # the loop just closed: `prompt` raises it on its way out
+        self.exit_code = 128 + signum
+        if self._prompt_app is None:
+            raise SystemExit(self.exit_code)
+        self._wake_prompt()
 
-    def _exit_prompt(self) -> None:
+    def _wake_prompt(self) -> None:
         app = self._prompt_app
-        if self.code is None or app is None:
+        loop = app.loop if app is not None else None
+        if app is not None and app.is_running and loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._end_prompt)
+            except RuntimeError:
+                pass  # the loop just closed: `prompt` acts on it on its way out
+
+    def _end_prompt(self) -> None:
+        app = self._prompt_app
+        if app is None or not app.is_running or app.future is None or app.future.done():
             return
-        if app.is_running and app.future is not None and not app.future.done():
-            app.exit(exception=SystemExit(self.code))
+        if self.exit_code is not None:
+            app.exit(exception=SystemExit(self.exit_code))
+        elif self.interrupted:
+            self.interrupted = False
+            app.exit(exception=KeyboardInterrupt(), style="class:aborting")
 
     def prompt(self, session: PromptSession, *args, **kwargs) -> str:
+        """`session.prompt(...)`; KeyboardInterrupt for a Ctrl-C kept from before it, SystemExit
+        for SIGTERM/SIGHUP. A Ctrl-C that comes as it returns a line is left in `interrupted`."""
         self._prompt_app = session.app
         try:
-            return session.prompt(*args, pre_run=self._exit_prompt, **kwargs)
+            return session.prompt(*args, pre_run=self._end_prompt, **kwargs)
         finally:
             self._prompt_app = None
-            if self.code is not None:
-                raise SystemExit(self.code)
+            if self.exit_code is not None:
+                raise SystemExit(self.exit_code)
 
 
 def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = None) -> int:
     if not sys.stdin.isatty():
         raise UsageError("the REPL needs a terminal on stdin; use --script FILE for scripted input or -p TEXT")
-    signals = ExitSignals()
+    signals = ReplSignals()
     signals.install()
     console = make_console(sys.stdout, color="never" if settings.ui.plain else settings.ui.color)
     # keys typed while the model loads or an answer streams are not echoed into the output: they
     # wait for the next prompt, which starts with them
     with held_keys() as typed:
-        session = open_conversation(settings, show_progress=console.is_terminal)
-        app = App(session, settings, console, interactive=True)
-        app.confirm = ask_yes_no
-        app.banner()
-        try:
-            app.attach(media_from_flags(session, args, settings))
-        except InternVLChatError as e:
-            app.error(str(e))
+        with signals.raising():  # Ctrl-C while loading quits (130)
+            session = open_conversation(settings, show_progress=console.is_terminal)
+            app = App(session, settings, console, interactive=True)
+            app.confirm = ask_yes_no
+            app.banner()
+            try:
+                app.attach(media_from_flags(session, args, settings))
+            except InternVLChatError as e:
+                app.error(str(e))
         if prompt:
-            _interruptible(app, lambda: app.handle_message(prompt))
+            _interruptible(app, signals, lambda: app.handle_message(prompt))
     late = LateInterrupt()
     prompt_session = build_prompt_session(app, settings, late)
     while True:
@@ -421,21 +460,23 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
             continue  # Ctrl-C at the prompt: a fresh, empty line
         except EOFError:
             break
-        if late.pressed:  # Ctrl-C right after Enter: as if it had come a moment later
+        if late.pressed or signals.interrupted:  # Ctrl-C right after Enter: as if it had come a moment later
+            late.pressed = signals.interrupted = False
             typed.text = ""
             app.say("[cancelled before it began; the conversation is unchanged]", "yellow")
             continue
         with held_keys() as typed:
-            result = _interruptible(app, lambda: app.handle_line(line))
+            result = _interruptible(app, signals, lambda: app.handle_line(line))
         if result == EXIT:
             break
     return 0
 
 
-def _interruptible(app: App, action) -> str | None:
+def _interruptible(app: App, signals: ReplSignals, action) -> str | None:
     """A Ctrl-C that slips past the app's own handling (between two steps) ends only that input."""
     try:
-        return action()
+        with signals.raising():
+            return action()
     except KeyboardInterrupt:
         app.say("[interrupted]", "yellow")
         return None
