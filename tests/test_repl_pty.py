@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -402,3 +404,42 @@ def test_a_ctrl_c_between_a_command_and_the_next_prompt_clears_that_prompt(repl_
         pipe.send_text("hello\r")
         assert repl_signals.prompt(session, "> ") == "hello"  # and the REPL goes on
     noise(screen.getvalue())
+
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash for job control")
+def test_ctrl_z_at_the_prompt_suspends_and_fg_resumes_with_the_line_kept(tiny_original, tmp_path):
+    """Ctrl-Z at the prompt used to type a literal ^Z (0x1a) into the message, which was then sent
+    to the model with it; a shell user expects the program to stop until `fg`. (Run from an
+    interactive bash: without a shell's job control the kernel ignores a stop signal.)"""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(tmp_path),
+           "TERM": "xterm-256color", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1", "PS1": "SHELL$ "}  # fmt: skip
+    shell = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], env=env, dimensions=(50, 220), encoding="utf-8",
+                          timeout=TIMEOUT, cwd=str(tmp_path))  # fmt: skip
+    shell.expect_exact("SHELL$ ")
+    command = [sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu",
+               "--max-new-tokens", "8", "--no-history"]  # fmt: skip
+    shell.send(" ".join(shlex.quote(word) for word in command) + "\r")
+    shell.expect_exact(PROMPT_READY)
+    shell.send("abc")
+    shell.expect_exact("abc")
+    shell.sendcontrol("z")
+    assert shell.expect([r"Stopped", r"\^Z"]) == 0, "Ctrl-Z was typed into the message instead of suspending"
+    shell.expect_exact("SHELL$ ")
+    shell.send("fg\r")
+    shell.expect_exact("> abc")  # the prompt is drawn again, with the line kept
+    shell.send("\r")
+    shell.expect(r"tok/s")
+    shell.expect_exact(PROMPT_READY)
+    shell.send(f"/save {shlex.quote(str(tmp_path / 'talk.json'))}\r")
+    shell.expect(r"saved 1 turn")
+    shell.expect_exact(PROMPT_READY)
+    shell.sendcontrol("d")
+    shell.expect_exact("SHELL$ ")
+    shell.send("echo status=$?\r")
+    shell.expect(r"status=(\d+)")
+    assert shell.match.group(1) == "0"
+    shell.sendline("exit")
+    shell.expect(pexpect.EOF)
+    users = [m["text"] for m in json.loads((tmp_path / "talk.json").read_text())["messages"] if m["role"] == "user"]
+    assert users == ["abc"]

@@ -5,8 +5,8 @@ takes lines until the closing `\"\"\"`; Ctrl-X Ctrl-E edits the buffer in $EDITO
 slash commands, their arguments (setting keys, media paths filtered by extension, any path for
 /save /export, saved session names and paths for /load) and media paths typed in a message;
 Ctrl-C clears the line (and cancels
-work while the model runs, see app.py); Ctrl-D on an empty line quits. Bracketed paste is
-prompt_toolkit's default: a pasted text with newlines stays one message.
+work while the model runs, see app.py); Ctrl-D on an empty line quits; Ctrl-Z suspends (`fg`
+resumes). Bracketed paste is prompt_toolkit's default: a pasted text with newlines stays one message.
 """
 
 from __future__ import annotations
@@ -338,6 +338,7 @@ def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | Non
         multiline=True,
         prompt_continuation=lambda width, line_number, wrap_count: "." * max(width - 1, 0) + " ",
         enable_open_in_editor=True,
+        enable_suspend=True,  # Ctrl-Z stops the program, as in a shell (it typed a literal ^Z into the message)
         color_depth=None,
     )
 
