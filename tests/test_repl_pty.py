@@ -407,26 +407,48 @@ def test_a_ctrl_c_between_a_command_and_the_next_prompt_clears_that_prompt(repl_
 
 
 
+def _job_control_shell(home: Path) -> pexpect.spawn:
+    """An interactive bash in a pty: Ctrl-Z stops its foreground job, `fg` continues it. (Without
+    a shell's job control, the kernel ignores a stop signal sent to the program.)"""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(home),
+           "TERM": "xterm-256color", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1", "PS1": "SHELL$ "}  # fmt: skip
+    shell = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], env=env, dimensions=(50, 220), encoding="utf-8",
+                          timeout=TIMEOUT, cwd=str(home))  # fmt: skip
+    shell.expect_exact("SHELL$ ")
+    return shell
+
+
+def _start_in(shell: pexpect.spawn, model: Path, *flags: str) -> None:
+    command = [sys.executable, "-m", "internvl_chat.cli", "--model", str(model), "--device", "cpu", "--no-history", *flags]
+    shell.send(" ".join(shlex.quote(word) for word in command) + "\r")
+    shell.expect_exact(PROMPT_READY)
+
+
+def _stop_and_fg(shell: pexpect.spawn) -> None:
+    shell.sendcontrol("z")
+    assert shell.expect([r"Stopped", r"\^Z"]) == 0, "Ctrl-Z did not stop the program"
+    shell.expect_exact("SHELL$ ")
+    shell.send("fg\r")
+    shell.expect_exact("internvl_chat.cli")  # bash names the job it continues, its own line editing over
+
+
+def _modes(child: pexpect.spawn) -> dict[str, bool]:
+    import termios
+
+    lflag = termios.tcgetattr(child.child_fd)[3]
+    return {"echo": bool(lflag & termios.ECHO), "line editing": bool(lflag & termios.ICANON),
+            "Ctrl-C": bool(lflag & termios.ISIG)}  # fmt: skip
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash for job control")
 def test_ctrl_z_at_the_prompt_suspends_and_fg_resumes_with_the_line_kept(tiny_original, tmp_path):
     """Ctrl-Z at the prompt used to type a literal ^Z (0x1a) into the message, which was then sent
-    to the model with it; a shell user expects the program to stop until `fg`. (Run from an
-    interactive bash: without a shell's job control the kernel ignores a stop signal.)"""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(tmp_path),
-           "TERM": "xterm-256color", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1", "PS1": "SHELL$ "}  # fmt: skip
-    shell = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], env=env, dimensions=(50, 220), encoding="utf-8",
-                          timeout=TIMEOUT, cwd=str(tmp_path))  # fmt: skip
-    shell.expect_exact("SHELL$ ")
-    command = [sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu",
-               "--max-new-tokens", "8", "--no-history"]  # fmt: skip
-    shell.send(" ".join(shlex.quote(word) for word in command) + "\r")
-    shell.expect_exact(PROMPT_READY)
+    to the model with it; a shell user expects the program to stop until `fg`."""
+    shell = _job_control_shell(tmp_path)
+    _start_in(shell, tiny_original, "--max-new-tokens", "8")
     shell.send("abc")
     shell.expect_exact("abc")
-    shell.sendcontrol("z")
-    assert shell.expect([r"Stopped", r"\^Z"]) == 0, "Ctrl-Z was typed into the message instead of suspending"
-    shell.expect_exact("SHELL$ ")
-    shell.send("fg\r")
+    _stop_and_fg(shell)
     shell.expect_exact("> abc")  # the prompt is drawn again, with the line kept
     shell.send("\r")
     shell.expect(r"tok/s")
@@ -443,3 +465,31 @@ def test_ctrl_z_at_the_prompt_suspends_and_fg_resumes_with_the_line_kept(tiny_or
     shell.expect(pexpect.EOF)
     users = [m["text"] for m in json.loads((tmp_path / "talk.json").read_text())["messages"] if m["role"] == "user"]
     assert users == ["abc"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash for job control")
+def test_after_ctrl_z_and_fg_mid_answer_typed_keys_are_still_held(tiny_original, tmp_path):
+    """Ctrl-Z while an answer streams stops the program and the shell puts its own modes on the
+    terminal; after `fg` the answer went on in cooked mode, so keys typed then were echoed into
+    it. Now the quiet modes come back on SIGCONT (echo and line editing off, Ctrl-C on)."""
+    shell = _job_control_shell(tmp_path)
+    _start_in(shell, tiny_original, "--max-new-tokens", "1500", "--plain")
+    shell.send("Tell me a long story.\r")
+    shell.expect_exact(INPUT_DONE)
+    shell.expect(r"\w\w\w")  # the answer streams
+    _stop_and_fg(shell)
+    quiet = {"echo": False, "line editing": False, "Ctrl-C": True}
+    seen = ""
+    while _modes(shell) != quiet:  # until the program has put them back, or the answer ends without it
+        assert PROMPT_READY not in seen, "the answer went on in the shell's modes to its end"
+        try:
+            seen += shell.read_nonblocking(65536, timeout=1)
+        except pexpect.TIMEOUT:
+            pass
+    shell.sendcontrol("c")
+    shell.expect(r"\[cancelled")
+    shell.expect_exact(PROMPT_READY)
+    shell.sendcontrol("d")
+    shell.expect_exact("SHELL$ ")
+    shell.sendline("exit")
+    shell.expect(pexpect.EOF)
