@@ -1,7 +1,8 @@
 """`internvl-chat`: flags → Settings → a mode (REPL, one-shot, script, quantize).
 
 Exit codes: 0 success, 1 an error (also: stdout could not be written, e.g. a full disk), 2 bad
-usage or input, 130 interrupted. A reader that goes away (`| head`) ends the program quietly.
+usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129; the REPL puts
+the terminal back first). A reader that goes away (`| head`) ends the program quietly.
 
 Text from stdin, `-p` and the prompt words must be UTF-8; anything else is refused in one line
 (exit 2), and binary data on stdin (an image, say) is named, with the flag to use instead.
@@ -28,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
             "modes: a REPL when stdin and stdout are terminals and no prompt is given (-I keeps it after a "
             "prompt); one-shot otherwise (piped stdin is prepended to the prompt); --script runs REPL lines. "
             "`internvl-chat quantize --help` makes 4-bit AWQ checkpoints; "
-            "`internvl-chat serve --help` serves one over an OpenAI-compatible API."
+            "`internvl-chat serve --help` serves one over an OpenAI-compatible API. "
+            "Exit status: 0 done, 1 an error (stdout unwritable included), 2 bad usage or input, "
+            "130 interrupted (Ctrl-C), 143/129 ended by SIGTERM/SIGHUP."
         ),
     )
     p.add_argument("prompt", nargs="*", help="the question (one-shot mode); same as -p")

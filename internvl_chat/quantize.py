@@ -30,6 +30,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -788,8 +789,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _end_on_signal(signum: int, frame) -> None:
+    """SIGTERM/SIGHUP as SystemExit(128 + signal), so the half-written staging folder is removed
+    (`quantize_checkpoint`) as on Ctrl-C; by default they ended the process with it left behind."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _end_on_signal)
+    signal.signal(signal.SIGHUP, _end_on_signal)
     from rich.console import Console
 
     console = Console(stderr=True)

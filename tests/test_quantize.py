@@ -247,3 +247,32 @@ def test_tinychat_v2_file_loads_to_the_same_weights(tiny_original, tmp_path, fus
     assert torch.equal(layer.self_attn.qkv_proj.dequantized_weight_out_in(torch.float32), expected_qkv.t())
     expected_down = dequantize_awq(*awq["language_model.model.layers.1.mlp.down_proj"], group, dtype=torch.float32)
     assert torch.equal(layer.mlp.down_proj.dequantized_weight_out_in(torch.float32), expected_down.t())
+
+
+def test_sigterm_while_writing_leaves_no_partial_folder(tiny_original, tmp_path):
+    """`kill` during quantize ended the process at once (status -15) and left the hidden
+    `.OUT.*.partial` staging folder (a checkpoint's size, for a real model) behind. The SIGTERM is
+    sent by the process itself once the first file is written, so it lands mid-write every time."""
+    import os
+    import subprocess
+    import sys
+
+    dst = tmp_path / "out"
+    script = (
+        "import os, signal, sys\n"
+        "import internvl_chat.quantize as q\n"
+        "real = q.write_checkpoint\n"
+        "def write_then_term(staging, *args, **kwargs):\n"
+        "    (staging / 'first.bin').write_bytes(b'x')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(staging, *args, **kwargs)\n"
+        "q.write_checkpoint = write_then_term\n"
+        "from internvl_chat.cli import main\n"
+        f"sys.exit(main(['quantize', {str(tiny_original)!r}, {str(dst)!r}, '--method', 'rtn', '--device', 'cpu']))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "INTERNVL_CHAT_CONFIG": os.devnull}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL)  # fmt: skip
+    assert run.returncode == 143, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the output nor its staging folder

@@ -8,8 +8,11 @@ ready), never for a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -271,3 +274,222 @@ def test_a_ctrl_c_that_reaches_the_prompt_after_enter_cancels_the_line_without_a
         with pytest.raises(KeyboardInterrupt):  # while the prompt runs: Ctrl-C as before
             session.prompt("> ", pre_run=lambda: session.app.key_processor.send_sigint())
         assert not late.pressed
+
+
+# --- signals around the prompt (no terminal needed) -------------------------------------------------
+
+
+@pytest.fixture
+def repl_signals():
+    """The REPL's signal handlers, installed in this process for the test and removed after it."""
+    import signal
+
+    from internvl_chat.ui.repl import ReplSignals
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    signals = ReplSignals()
+    signals.install()
+    yield signals
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _prompt_session(screen):
+    """(pipe, session): a PromptSession reading keys from the pipe and drawing into `screen`."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.data_structures import Size
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output.vt100 import Vt100_Output
+
+    with create_pipe_input() as pipe:
+        output = Vt100_Output(screen, lambda: Size(rows=24, columns=80), term="xterm")
+        yield pipe, PromptSession(input=pipe, output=output)
+
+
+@pytest.fixture
+def noise(capfd, monkeypatch):
+    """Call it to assert that nothing but the app's own output appeared: no traceback from the
+    event loop, no "Exception ignored in …" (a half-built event loop, when collected), no
+    "coroutine … was never awaited" warning."""
+    import gc
+    import warnings
+
+    unraisable: list[str] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(f"Exception ignored in {u.object!r}: {u.exc_value!r}"))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+
+        def check(screen: str) -> None:
+            gc.collect()
+            printed = capfd.readouterr()
+            found = [screen, printed.out, printed.err, *unraisable, *(str(w.message) for w in warned)]
+            for text in found:
+                for bad in ("Unhandled exception", "Press ENTER", "Exception ignored", "Traceback", "never awaited"):
+                    assert bad not in text, text
+
+        yield check
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP"])
+def test_a_signal_that_lands_inside_the_prompts_event_loop_ends_it_cleanly(signum, repl_signals, noise):
+    """SIGTERM or SIGHUP at the prompt used to raise SystemExit wherever the signal landed: inside
+    one of prompt_toolkit's tasks it became "Unhandled exception in event loop", a traceback,
+    "Press ENTER to continue..." and a terminal left raw (about one kill in six). Here it lands in
+    a task of the prompt's loop every time."""
+    import asyncio
+    import io
+    import signal
+
+    sig = getattr(signal, signum)
+    screen = io.StringIO()
+
+    async def kill_from_inside() -> None:
+        os.kill(os.getpid(), sig)
+        await asyncio.sleep(0)  # the handler runs here, in the loop's task
+
+    with _prompt_session(screen) as (pipe, session), pytest.raises(SystemExit) as ended:
+        session.app.pre_run_callables.append(lambda: session.app.create_background_task(kill_from_inside()))
+        repl_signals.prompt(session, "> ")
+    assert ended.value.code == 128 + sig
+    noise(screen.getvalue())
+    shown = screen.getvalue()
+    assert shown.rfind(INPUT_DONE) > shown.rfind(PROMPT_READY)  # the prompt was closed: bracketed paste off
+
+
+def test_a_ctrl_c_while_the_prompt_builds_its_event_loop_clears_the_line_quietly(repl_signals, noise, monkeypatch):
+    """Ctrl-C pressed twice quickly: the second SIGINT can land while asyncio.run builds the next
+    prompt's event loop; the KeyboardInterrupt raised there left a half-built loop that printed
+    "Exception ignored in BaseEventLoop.__del__ … AttributeError" and "coroutine … was never
+    awaited" over the screen. Here the SIGINT lands in that constructor every time."""
+    import io
+    import selectors
+    import signal
+    from asyncio import selector_events
+
+    real = selectors.DefaultSelector
+
+    def selector_while_ctrl_c_is_pressed():
+        os.kill(os.getpid(), signal.SIGINT)
+        return real()
+
+    monkeypatch.setattr(selector_events.selectors, "DefaultSelector", selector_while_ctrl_c_is_pressed)
+    screen = io.StringIO()
+    with _prompt_session(screen) as (pipe, session), pytest.raises(KeyboardInterrupt):  # the line is cleared
+        repl_signals.prompt(session, "> ")
+    monkeypatch.setattr(selector_events.selectors, "DefaultSelector", real)
+    noise(screen.getvalue())
+    assert not repl_signals.interrupted
+
+
+def test_a_ctrl_c_between_a_command_and_the_next_prompt_clears_that_prompt(repl_signals, noise):
+    """A Ctrl-C after a command's work, before the next prompt was up (pressed twice quickly, or
+    just as the command ended), raised KeyboardInterrupt out of the REPL's loop: the program
+    ended ("internvl-chat: interrupted", status 130) and the conversation with it."""
+    import io
+    import signal
+
+    with repl_signals.raising(), pytest.raises(KeyboardInterrupt):  # during a command: it stops it
+        os.kill(os.getpid(), signal.SIGINT)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # between two steps of the REPL: nothing is raised
+    except KeyboardInterrupt:
+        pytest.fail("a Ctrl-C between a command and the prompt ended the REPL")
+    assert repl_signals.interrupted
+    screen = io.StringIO()
+    with _prompt_session(screen) as (pipe, session):
+        with pytest.raises(KeyboardInterrupt):  # … the next prompt starts with an empty line
+            repl_signals.prompt(session, "> ", default="typed ahead")
+        assert not repl_signals.interrupted
+        pipe.send_text("hello\r")
+        assert repl_signals.prompt(session, "> ") == "hello"  # and the REPL goes on
+    noise(screen.getvalue())
+
+
+
+def _job_control_shell(home: Path) -> pexpect.spawn:
+    """An interactive bash in a pty: Ctrl-Z stops its foreground job, `fg` continues it. (Without
+    a shell's job control, the kernel ignores a stop signal sent to the program.)"""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(home),
+           "TERM": "xterm-256color", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1", "PS1": "SHELL$ "}  # fmt: skip
+    shell = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], env=env, dimensions=(50, 220), encoding="utf-8",
+                          timeout=TIMEOUT, cwd=str(home))  # fmt: skip
+    shell.expect_exact("SHELL$ ")
+    return shell
+
+
+def _start_in(shell: pexpect.spawn, model: Path, *flags: str) -> None:
+    command = [sys.executable, "-m", "internvl_chat.cli", "--model", str(model), "--device", "cpu", "--no-history", *flags]
+    shell.send(" ".join(shlex.quote(word) for word in command) + "\r")
+    shell.expect_exact(PROMPT_READY)
+
+
+def _stop_and_fg(shell: pexpect.spawn) -> None:
+    shell.sendcontrol("z")
+    assert shell.expect([r"Stopped", r"\^Z"]) == 0, "Ctrl-Z did not stop the program"
+    shell.expect_exact("SHELL$ ")
+    shell.send("fg\r")
+    shell.expect_exact("internvl_chat.cli")  # bash names the job it continues, its own line editing over
+
+
+def _modes(child: pexpect.spawn) -> dict[str, bool]:
+    import termios
+
+    lflag = termios.tcgetattr(child.child_fd)[3]
+    return {"echo": bool(lflag & termios.ECHO), "line editing": bool(lflag & termios.ICANON),
+            "Ctrl-C": bool(lflag & termios.ISIG)}  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash for job control")
+def test_ctrl_z_at_the_prompt_suspends_and_fg_resumes_with_the_line_kept(tiny_original, tmp_path):
+    """Ctrl-Z at the prompt used to type a literal ^Z (0x1a) into the message, which was then sent
+    to the model with it; a shell user expects the program to stop until `fg`."""
+    shell = _job_control_shell(tmp_path)
+    _start_in(shell, tiny_original, "--max-new-tokens", "8")
+    shell.send("abc")
+    shell.expect_exact("abc")
+    _stop_and_fg(shell)
+    shell.expect_exact("> abc")  # the prompt is drawn again, with the line kept
+    shell.send("\r")
+    shell.expect(r"tok/s")
+    shell.expect_exact(PROMPT_READY)
+    shell.send(f"/save {shlex.quote(str(tmp_path / 'talk.json'))}\r")
+    shell.expect(r"saved 1 turn")
+    shell.expect_exact(PROMPT_READY)
+    shell.sendcontrol("d")
+    shell.expect_exact("SHELL$ ")
+    shell.send("echo status=$?\r")
+    shell.expect(r"status=(\d+)")
+    assert shell.match.group(1) == "0"
+    shell.sendline("exit")
+    shell.expect(pexpect.EOF)
+    users = [m["text"] for m in json.loads((tmp_path / "talk.json").read_text())["messages"] if m["role"] == "user"]
+    assert users == ["abc"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash for job control")
+def test_after_ctrl_z_and_fg_mid_answer_typed_keys_are_still_held(tiny_original, tmp_path):
+    """Ctrl-Z while an answer streams stops the program and the shell puts its own modes on the
+    terminal; after `fg` the answer went on in cooked mode, so keys typed then were echoed into
+    it. Now the quiet modes come back on SIGCONT (echo and line editing off, Ctrl-C on)."""
+    shell = _job_control_shell(tmp_path)
+    _start_in(shell, tiny_original, "--max-new-tokens", "1500", "--plain")
+    shell.send("Tell me a long story.\r")
+    shell.expect_exact(INPUT_DONE)
+    shell.expect(r"\w\w\w")  # the answer streams
+    _stop_and_fg(shell)
+    quiet = {"echo": False, "line editing": False, "Ctrl-C": True}
+    seen = ""
+    while _modes(shell) != quiet:  # until the program has put them back, or the answer ends without it
+        assert PROMPT_READY not in seen, "the answer went on in the shell's modes to its end"
+        try:
+            seen += shell.read_nonblocking(65536, timeout=1)
+        except pexpect.TIMEOUT:
+            pass
+    shell.sendcontrol("c")
+    shell.expect(r"\[cancelled")
+    shell.expect_exact(PROMPT_READY)
+    shell.sendcontrol("d")
+    shell.expect_exact("SHELL$ ")
+    shell.sendline("exit")
+    shell.expect(pexpect.EOF)

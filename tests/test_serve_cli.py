@@ -116,3 +116,31 @@ def test_request_text_in_the_server_log_is_escaped(tiny_original):
         assert "EVIL" in line and "\x1b" not in line and "\x07" not in line, line
         proc.send_signal(signal.SIGINT)
         assert proc.wait(WAIT_S) == 0
+
+
+def test_sigterm_stops_the_server_gracefully_with_status_0(tiny_original):
+    """`kill PID` (a service manager's stop) used to end the process with status -15 after
+    uvicorn's graceful shutdown, which re-raised the signal under the default handler."""
+    with _serving(tiny_original, "--max-context", "2048", "--log-level", "warning") as (proc, lines):
+        url = _next_match(lines, r"on (http://127\.0\.0\.1:\d+/v1)")[0].group(1)
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=WAIT_S)
+        stream = client.chat.completions.create(model=tiny_original.name, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=1500, stream=True)  # fmt: skip
+        next(iter(stream))  # a request in flight
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(openai.APIError):  # it ends, or is cut after the grace period
+            for _ in stream:
+                pass
+        assert proc.wait(WAIT_S) == 0
+        rest = [lines.get(timeout=WAIT_S)]
+        while rest[-1] != "internvl-chat serve: stopped\n":
+            rest.append(lines.get(timeout=WAIT_S))
+        assert not any("Traceback" in line for line in rest), rest
+
+
+def test_sigterm_before_serving_stops_quietly_with_status_0(tiny_original):
+    with _serving(tiny_original, "--max-context", "2048", "--log-level", "warning") as (proc, lines):
+        _next_match(lines, r"on http://127\.0\.0\.1:\d+/v1")  # before or while uvicorn starts
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT_S) == 0
+        _next_match(lines, r"^internvl-chat serve: stopped$")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -74,7 +75,35 @@ def main(argv: list[str]) -> int:
     return serve(settings, log_level=args.log_level)
 
 
+class _Terminated(BaseException):
+    """SIGTERM (`kill`, a service manager), raised where the program is; not an Exception, so no
+    `except Exception` on the way swallows it."""
+
+
+def _terminate(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    raise _Terminated
+
+
 def serve(settings, log_level: str = "info") -> int:
+    """Serve until Ctrl-C or SIGTERM; both end with status 0 and one "stopped" line.
+
+    uvicorn handles both itself while it runs (it stops taking connections and lets running
+    requests end, cancelling them after 5 s), then raises the signal again under the handler
+    that was in place before. SIGTERM's default one killed the process (status -15) after the
+    clean shutdown, so ours is installed first; it also ends a model load quietly.
+    """
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _serve(settings, log_level)
+    except _Terminated:
+        print("internvl-chat serve: stopped", file=sys.stderr)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(settings, log_level: str) -> int:
     import uvicorn
 
     from ..engine.loader import load_model

@@ -5,8 +5,8 @@ takes lines until the closing `\"\"\"`; Ctrl-X Ctrl-E edits the buffer in $EDITO
 slash commands, their arguments (setting keys, media paths filtered by extension, any path for
 /save /export, saved session names and paths for /load) and media paths typed in a message;
 Ctrl-C clears the line (and cancels
-work while the model runs, see app.py); Ctrl-D on an empty line quits. Bracketed paste is
-prompt_toolkit's default: a pasted text with newlines stays one message.
+work while the model runs, see app.py); Ctrl-D on an empty line quits; Ctrl-Z suspends (`fg`
+resumes). Bracketed paste is prompt_toolkit's default: a pasted text with newlines stays one message.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import signal
 import stat
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -337,69 +338,146 @@ def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | Non
         multiline=True,
         prompt_continuation=lambda width, line_number, wrap_count: "." * max(width - 1, 0) + " ",
         enable_open_in_editor=True,
+        enable_suspend=True,  # Ctrl-Z stops the program, as in a shell (it typed a literal ^Z into the message)
         color_depth=None,
     )
 
 
-def _exit_on_signal(signum: int, frame) -> None:
-    """SIGTERM/SIGHUP end the REPL as an exception, so every `with` that changed the terminal
-    (prompt_toolkit's raw mode, `held_keys`) puts it back; by default they end the process at once."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
+class ReplSignals:
+    """How Ctrl-C (SIGINT), SIGTERM and SIGHUP reach the REPL.
+
+    SIGTERM and SIGHUP end it as SystemExit(128 + signal), so every `with` that changed the
+    terminal (prompt_toolkit's raw mode, `held_keys`) puts it back; by default they end the
+    process at once, the terminal left raw.
+
+    Ctrl-C raises KeyboardInterrupt only inside `raising()` (loading, a command, an answer: it
+    stops that work). Elsewhere, between the work and the prompt, it is kept and clears the next
+    prompt's line: raised there, it ended the REPL ("interrupted", status 130) or, inside the
+    event loop asyncio.run was building, printed "Exception ignored in BaseEventLoop.__del__".
+
+    While a prompt runs nothing is raised where a signal lands: inside prompt_toolkit's event
+    loop SystemExit became "Unhandled exception in event loop", a traceback, "Press ENTER to
+    continue..." and a terminal left without echo. The prompt is asked to exit with it instead
+    (prompt_toolkit handles Ctrl-C itself while it runs); a signal that comes as the prompt
+    starts is acted on when it starts, one that comes as it ends after it returns.
+    """
+
+    def __init__(self) -> None:
+        self.exit_code: int | None = None
+        self.interrupted = False  # a Ctrl-C not acted on yet
+        self._raising = False
+        self._prompt_app = None  # the prompt's Application while `prompt` runs
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_exit_signal)
+        signal.signal(signal.SIGHUP, self._on_exit_signal)
+        signal.signal(signal.SIGINT, self._on_interrupt)
+
+    @contextmanager
+    def raising(self) -> Iterator[None]:
+        """Ctrl-C raises KeyboardInterrupt inside the block (also one pressed just before it)."""
+        self._raising = True
+        try:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            yield
+        finally:
+            self._raising = False
+            self.interrupted = False
+
+    def _on_interrupt(self, signum: int, frame) -> None:
+        self.interrupted = True
+        if self._raising:
+            raise KeyboardInterrupt
+        self._wake_prompt()
+
+    def _on_exit_signal(self, signum: int, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.exit_code = 128 + signum
+        if self._prompt_app is None:
+            raise SystemExit(self.exit_code)
+        self._wake_prompt()
+
+    def _wake_prompt(self) -> None:
+        app = self._prompt_app
+        loop = app.loop if app is not None else None
+        if app is not None and app.is_running and loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._end_prompt)
+            except RuntimeError:
+                pass  # the loop just closed: `prompt` acts on it on its way out
+
+    def _end_prompt(self) -> None:
+        app = self._prompt_app
+        if app is None or not app.is_running or app.future is None or app.future.done():
+            return
+        if self.exit_code is not None:
+            app.exit(exception=SystemExit(self.exit_code))
+        elif self.interrupted:
+            self.interrupted = False
+            app.exit(exception=KeyboardInterrupt(), style="class:aborting")
+
+    def prompt(self, session: PromptSession, *args, **kwargs) -> str:
+        """`session.prompt(...)`; KeyboardInterrupt for a Ctrl-C kept from before it, SystemExit
+        for SIGTERM/SIGHUP. A Ctrl-C that comes as it returns a line is left in `interrupted`."""
+        self._prompt_app = session.app
+        try:
+            return session.prompt(*args, pre_run=self._end_prompt, **kwargs)
+        finally:
+            self._prompt_app = None
+            if self.exit_code is not None:
+                raise SystemExit(self.exit_code)
 
 
 def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = None) -> int:
     if not sys.stdin.isatty():
         raise UsageError("the REPL needs a terminal on stdin; use --script FILE for scripted input or -p TEXT")
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    signal.signal(signal.SIGHUP, _exit_on_signal)
+    signals = ReplSignals()
+    signals.install()
     console = make_console(sys.stdout, color="never" if settings.ui.plain else settings.ui.color)
     # keys typed while the model loads or an answer streams are not echoed into the output: they
     # wait for the next prompt, which starts with them
     with held_keys() as typed:
-        session = open_conversation(settings, show_progress=console.is_terminal)
-        app = App(session, settings, console, interactive=True)
-        app.confirm = ask_yes_no
-        app.banner()
-        try:
-            app.attach(media_from_flags(session, args, settings))
-        except InternVLChatError as e:
-            app.error(str(e))
+        with signals.raising():  # Ctrl-C while loading quits (130)
+            session = open_conversation(settings, show_progress=console.is_terminal)
+            app = App(session, settings, console, interactive=True)
+            app.confirm = ask_yes_no
+            app.banner()
+            try:
+                app.attach(media_from_flags(session, args, settings))
+            except InternVLChatError as e:
+                app.error(str(e))
         if prompt:
-            _interruptible(app, lambda: app.handle_message(prompt))
+            _interruptible(app, signals, lambda: app.handle_message(prompt))
     late = LateInterrupt()
     prompt_session = build_prompt_session(app, settings, late)
     while True:
         late.pressed = False
         try:
-            line = prompt_session.prompt(app.prompt_text(), default=typed.text)
+            line = signals.prompt(prompt_session, app.prompt_text(), default=typed.text)
         except KeyboardInterrupt:
             typed.text = ""
             continue  # Ctrl-C at the prompt: a fresh, empty line
         except EOFError:
             break
-        except SystemExit:  # SIGTERM/SIGHUP: it may land before prompt_toolkit's own clean-up is armed
-            try:
-                prompt_session.app.renderer.reset()  # bracketed paste off, cursor shown
-            except OSError:
-                pass  # the terminal is gone
-            raise
-        if late.pressed:  # Ctrl-C right after Enter: as if it had come a moment later
+        if late.pressed or signals.interrupted:  # Ctrl-C right after Enter: as if it had come a moment later
+            late.pressed = signals.interrupted = False
             typed.text = ""
             app.say("[cancelled before it began; the conversation is unchanged]", "yellow")
             continue
         with held_keys() as typed:
-            result = _interruptible(app, lambda: app.handle_line(line))
+            result = _interruptible(app, signals, lambda: app.handle_line(line))
         if result == EXIT:
             break
     return 0
 
 
-def _interruptible(app: App, action) -> str | None:
+def _interruptible(app: App, signals: ReplSignals, action) -> str | None:
     """A Ctrl-C that slips past the app's own handling (between two steps) ends only that input."""
     try:
-        return action()
+        with signals.raising():
+            return action()
     except KeyboardInterrupt:
         app.say("[interrupted]", "yellow")
         return None

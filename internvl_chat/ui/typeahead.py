@@ -4,7 +4,8 @@ A terminal in its normal (cooked) mode echoes every key at the cursor, into the 
 drawn, and keeps the typed line for whoever reads next: prompt_toolkit then gets the text with
 its Enter as a newline, which starts a continuation line. `held_keys()` turns echo and line
 editing off while the app works (Ctrl-C still interrupts), takes what was typed when the work is
-done, and restores the terminal exactly as it was on every path. `TypeAhead.text` is what the
+done, and restores the terminal exactly as it was on every path (after a Ctrl-Z and `fg`, its
+quiet modes are put back: the shell set its own). `TypeAhead.text` is what the
 next prompt starts with; `typed_text()` turns the raw bytes into it.
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 import os
 import re
 import select
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +63,27 @@ class TypeAhead:
 _holds: list[tuple[int, list, list]] = []  # (fd, saved, quiet) of the holds in force, innermost last
 
 
+_in_force: list = []  # [fd, modes]: what the holds last set, put back after a stop (Ctrl-Z, `fg`)
+
+
+def _set_modes(fd: int, modes: list) -> None:
+    termios.tcsetattr(fd, termios.TCSANOW, modes)
+    _in_force[:] = [fd, modes]
+
+
+def _reapply_after_stop(signum: int, frame) -> None:
+    """SIGCONT: a shell that stopped the program (Ctrl-Z) put its own modes on the terminal, and
+    `fg` does not bring ours back; without this, keys typed after `fg` echoed into the answer."""
+    if not _holds or not _in_force:
+        return
+    fd, modes = _in_force
+    try:
+        if os.tcgetpgrp(fd) == os.getpgrp():  # in the background (`bg`) the terminal is not ours
+            termios.tcsetattr(fd, termios.TCSANOW, modes)
+    except (OSError, termios.error):
+        pass
+
+
 @contextmanager
 def keys_released() -> Iterator[None]:
     """Inside `held_keys`, the terminal as it was (echo, line editing): for a question asked in
@@ -68,11 +92,11 @@ def keys_released() -> Iterator[None]:
         yield
         return
     fd, saved, quiet = _holds[-1]
-    termios.tcsetattr(fd, termios.TCSANOW, saved)
+    _set_modes(fd, saved)
     try:
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        _set_modes(fd, quiet)
 
 
 def _pending(fd: int) -> bytes:
@@ -102,7 +126,8 @@ def held_keys(stream=None) -> Iterator[TypeAhead]:
     quiet = termios.tcgetattr(fd)
     quiet[3] &= ~(termios.ECHO | termios.ICANON)  # ISIG stays: Ctrl-C still sends SIGINT
     quiet[6][termios.VMIN], quiet[6][termios.VTIME] = 1, 0
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    on_cont = _watch_sigcont()
+    _set_modes(fd, quiet)
     _holds.append((fd, saved, quiet))
     try:
         yield held
@@ -113,4 +138,13 @@ def held_keys(stream=None) -> Iterator[TypeAhead]:
         except OSError:
             pass
         finally:  # also when Ctrl-C lands while the keys are read
-            termios.tcsetattr(fd, termios.TCSANOW, saved)
+            _set_modes(fd, saved)
+            if on_cont is not None:
+                signal.signal(signal.SIGCONT, on_cont)
+
+
+def _watch_sigcont():
+    """Install the SIGCONT handler (main thread only); returns the one to put back, or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGCONT, _reapply_after_stop)
