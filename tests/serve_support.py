@@ -66,6 +66,20 @@ class RunningServer:
         return OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120, **kw)
 
 
+def crowd(server: RunningServer, visitor, count: int, queue_depth: int, join_s: float) -> None:
+    """Run `visitor(n)` for n < count on threads all at once against a queue `queue_depth` deep,
+    then put the fixture's depth (8) back."""
+    server.options.queue_depth = queue_depth
+    threads = [threading.Thread(target=visitor, args=(n,)) for n in range(count)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(join_s)
+    finally:
+        server.options.queue_depth = 8
+
+
 def data_url(path: Path, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from internvl_chat.chat.template import PromptBuilder
 from media_helpers import textured_rgb
-from serve_support import RunningServer, png_bytes
+from serve_support import RunningServer, crowd, png_bytes
 
 WAIT_S = 60
 
@@ -290,7 +290,6 @@ def test_a_client_that_leaves_during_its_upload_is_no_server_error(server):
 
 
 def test_concurrent_clients_are_answered_or_refused_never_lost(server):
-    server.options.queue_depth = 2
     outcomes: list[int] = []
     lock = threading.Lock()
 
@@ -306,14 +305,7 @@ def test_concurrent_clients_are_answered_or_refused_never_lost(server):
                 with lock:
                     outcomes.append(r.status_code)
 
-    threads = [threading.Thread(target=client_thread, args=(n,)) for n in range(8)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(WAIT_S * 4)
-    finally:
-        server.options.queue_depth = 8
+    crowd(server, client_thread, count=8, queue_depth=2, join_s=WAIT_S * 4)
     assert len(outcomes) == 16 and 200 in outcomes
     assert server.worker.wait_idle(WAIT_S) and server.worker.waiting == 0
 

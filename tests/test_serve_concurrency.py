@@ -23,7 +23,7 @@ from internvl_chat.serve.conversation import Prompt
 from internvl_chat.serve.engine import EngineWorker, Job
 from internvl_chat.serve.options import ServeOptions
 from media_helpers import textured_rgb
-from serve_support import RunningServer, png_bytes
+from serve_support import RunningServer, crowd, png_bytes
 
 WAIT_S = 60
 
@@ -309,7 +309,6 @@ def test_a_crowd_of_streaming_plain_and_departing_clients_is_answered_or_refused
     client = server.client()
     question = [{"role": "user", "content": "Name three colours."}]
     before = _greedy_ids(client, question)
-    server.options.queue_depth = 2  # well under the crowd: most are refused
     outcomes: list[str] = []
     lock = threading.Lock()
 
@@ -336,14 +335,7 @@ def test_a_crowd_of_streaming_plain_and_departing_clients_is_answered_or_refused
         with lock:
             outcomes.append(outcome)
 
-    threads = [threading.Thread(target=visitor, args=(n,)) for n in range(18)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(WAIT_S * 4)
-    finally:
-        server.options.queue_depth = 8
+    crowd(server, visitor, count=18, queue_depth=2, join_s=WAIT_S * 4)  # well under the crowd: most are refused
     assert len(outcomes) == 18 and set(outcomes) <= {"streamed", "left", "answered", "queue_full"}
     assert worker_is_idle(server.worker)
     assert httpx.get(f"{server.url}/health", timeout=WAIT_S).json() == {"status": "ok"}
