@@ -25,7 +25,7 @@ from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import EXIT, ERROR, OK, App, block_is_open, sanitize, unwrap_block
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from media_helpers import textured_rgb, write_numbered_video
-from app_helpers import make_app
+from app_helpers import make_app, output
 
 MAX_CONTEXT = 2048
 TOKENS_PER_TILE = 256
@@ -127,7 +127,7 @@ def test_media_list_and_drop(loaded, media, tmp_path):
     app.handle_line("/media")
     assert "nothing attached" in out.getvalue()
     app.handle_line(f"/image {media / 'small.png'} {media / 'square.png'}")
-    out.truncate(0), out.seek(0)
+    output(out)  # what came before is not under test
     app.handle_line("/media")
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("1. image small.png 900×450 → 3 tiles")
@@ -182,7 +182,7 @@ def test_message_takes_pending_media_and_context_adds_up(loaded, media, tmp_path
     assert turn2 == len(b.next_turn("And now?", [])) + len(t2.answer_ids)
     assert system + turn1 + turn2 == session.context_used
     assert items["reserved for the answer (max_new_tokens)"] == 8
-    out.truncate(0), out.seek(0)
+    output(out)  # what came before is not under test
     app.handle_line("/context")
     assert out.getvalue().startswith(f"context: {session.context_used:,} of {MAX_CONTEXT:,} tokens used")
 
@@ -228,7 +228,7 @@ def test_set_changes_generation_and_refuses_bad_values(loaded, tmp_path):
     assert app.handle_line("/set tempreature 1") == ERROR and "did you mean 'temperature'" in out.getvalue()
     app.handle_line("/set max_new_tokens 3")
     app.handle_line("/set stats false")
-    out.truncate(0), out.seek(0)
+    output(out)  # what came before is not under test
     app.handle_line("Hi.")
     assert len(app.session.turns[-1].answer_ids) <= 3
     assert "decode" not in out.getvalue()
@@ -251,7 +251,7 @@ def test_show_uses_image_placeholders(loaded, media, tmp_path):
     app, out = make_app(loaded, tmp_path)
     app.handle_line(f"/image {media / 'small.png'}")
     app.handle_line("Describe it.")
-    out.truncate(0), out.seek(0)
+    output(out)  # what came before is not under test
     app.handle_line("/show")
     text = out.getvalue()
     assert "<image>\nDescribe it.<|im_end|>" in text and "<IMG_CONTEXT>" not in text
@@ -376,12 +376,12 @@ def test_stats_shows_vision_time_only_when_a_picture_was_encoded(loaded, media, 
     app, out = make_app(loaded, tmp_path)
     app.handle_line(f"/image {media / 'small.png'}")
     app.handle_line("What is it?")
-    out.truncate(0), out.seek(0)
+    output(out)  # what came before is not under test
     app.handle_line("/stats")
     assert re.search(r"^vision +\d+\.\d{3} s$", out.getvalue(), re.M)
     for line in ("And then?", "/retry"):
         app.handle_line(line)
-        out.truncate(0), out.seek(0)
+        output(out)  # what came before is not under test
         app.handle_line("/stats")
         assert "vision" not in out.getvalue() and out.getvalue().startswith("finish")
 

@@ -15,15 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
 
-from internvl_chat.chat.session import Session
 from internvl_chat.chat.session_file import DamagedSession, SavedSession, parse_session, read_session_file
 from internvl_chat.engine.loader import load_model
 from internvl_chat.errors import UsageError
-from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import ERROR, OK, App
-from internvl_chat.chat.sampling import params_from_settings as sampling_params
+from app_helpers import make_app, output
 from media_helpers import textured_rgb
 
 VOCAB = 1000
@@ -266,10 +263,7 @@ def loaded(tiny_original):
 
 
 def _app(loaded, tmp_path) -> tuple[App, io.StringIO]:
-    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 6})
-    session = Session(loaded, params=sampling_params(settings))
-    out = io.StringIO()
-    return App(session, settings, Console(file=out, width=200, color_system=None), cwd=tmp_path), out
+    return make_app(loaded, tmp_path, max_new_tokens=6)
 
 
 def _state(app: App):
@@ -327,7 +321,7 @@ def test_a_refused_load_leaves_the_conversation_and_its_cache_as_they_were(loade
     for n, (name, content) in enumerate(bad.items()):
         path = tmp_path / "bad" / f"{n}.json"
         path.write_bytes(content)
-        out.truncate(0), out.seek(0)
+        output(out)  # what came before is not under test
         assert app.handle_line(f"/load {path}") == ERROR, name
         lines = out.getvalue().strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, lines)
