@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-alive-timeout", type=float, metavar="S",
                    help="seconds an idle connection stays open between requests (default 5)")
     p.add_argument("--max-header-kb", type=int, metavar="N",
-                   help="KiB of request line and headers; a longer head gets 400 (default 16)")
+                   help="KiB a request line and headers may fill before they are complete, else 400 (default 16)")
     p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
     p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default auto: bf16 on CUDA; on a CPU, "
                    "bf16 for decoders of 256 MiB or more where the CPU has native bf16, else fp32)")
