@@ -67,6 +67,7 @@ REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0  # 1e-40 would divi
 MAX_TILES = 64
 MAX_FRAMES = 256
 MAX_TOKENS = 1 << 20  # max_context, max_new_tokens
+TIMEOUT_MAX = 3600.0  # serve's timeouts: an hour is already far past any client's patience
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -206,6 +207,14 @@ class ServeSettings:
     feature_cache_mb: int = _setting(256, _number(0), "an integer ≥ 0 (MiB of cached image features; 0 turns it off)")
     allow_remote_media: bool = _setting(False, expect="true or false (let requests make the server fetch http(s) URLs)")
     allow_local_media: str = _setting("", expect="a folder whose files requests may name as file:// URLs (empty: none)")
+    max_connections: int = _setting(100, _number(1, 65535), "an integer from 1 to 65535 (open connections; a request on one more gets 503)")
+    header_timeout: float = _setting(10.0, _number(0.0, TIMEOUT_MAX, low_open=True),
+                                     "a number of seconds > 0 and ≤ 3600 (to send a request's line and headers)")
+    body_timeout: float = _setting(60.0, _number(0.0, TIMEOUT_MAX, low_open=True),
+                                   "a number of seconds > 0 and ≤ 3600 (to send a whole request body)")
+    keep_alive_timeout: float = _setting(5.0, _number(0.0, TIMEOUT_MAX, low_open=True),
+                                         "a number of seconds > 0 and ≤ 3600 (an idle connection is kept open)")
+    max_header_kb: int = _setting(16, _number(1, 1024), "an integer from 1 to 1024 (KiB of request line and headers)")
 
 
 @dataclass

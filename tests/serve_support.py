@@ -15,7 +15,7 @@ from internvl_chat.chat.template import PromptBuilder
 from internvl_chat.engine.loader import load_model
 from internvl_chat.serve.app import create_app
 from internvl_chat.serve.engine import EngineWorker
-from internvl_chat.serve.main import listen_socket
+from internvl_chat.serve.main import listen_socket, uvicorn_config
 from internvl_chat.serve.options import ServeOptions
 from internvl_chat.settings import load_settings
 
@@ -36,7 +36,7 @@ class RunningServer:
         self.sock = listen_socket("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2)
+        config = uvicorn_config(self.app, self.options, "warning", graceful_s=2)  # the limits `serve` has
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

@@ -9,6 +9,7 @@ ready), never for a time.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shlex
@@ -24,6 +25,7 @@ from prompt_toolkit.document import Document
 
 from internvl_chat.ui.repl import ChatCompleter
 from media_helpers import textured_rgb, write_numbered_video
+from remote_helpers import FakeServer, Reply, fixture
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT_READY = "\x1b[?2004h"  # prompt_toolkit turns bracketed paste on when it waits for input
@@ -493,3 +495,41 @@ def test_after_ctrl_z_and_fg_mid_answer_typed_keys_are_still_held(tiny_original,
     shell.expect_exact("SHELL$ ")
     shell.sendline("exit")
     shell.expect(pexpect.EOF)
+
+
+def _cursor_shown(output: str) -> bool:
+    """Whether the terminal's cursor is visible after `output` (the last show/hide sequence wins)."""
+    return output.rfind("\x1b[?25h") > output.rfind("\x1b[?25l")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash for job control")
+def test_ctrl_z_while_the_spinner_shows_leaves_the_cursor_visible(tmp_path):
+    """rich's spinner hides the cursor until it stops; a Ctrl-Z while it spun left the shell
+    (and anything run there before `fg`) without a cursor. The answer is held at the server, so
+    the spinner ("thinking …") is up for as long as the test needs."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply(pieces=[], end="hang"))  # headers, then nothing until the test releases it
+        shell = _job_control_shell(tmp_path)
+        shell.logfile_read = seen = io.StringIO()
+        command = [sys.executable, "-m", "internvl_chat.cli", "--server", server.url, "--no-history"]
+        shell.send(" ".join(shlex.quote(word) for word in command) + "\r")
+        shell.expect_exact(PROMPT_READY)
+        shell.send("Hello\r")
+        shell.expect_exact(INPUT_DONE)
+        shell.expect_exact("thinking")
+        assert not _cursor_shown(seen.getvalue())  # the spinner hid it
+        shell.sendcontrol("z")
+        assert shell.expect([r"Stopped", r"\^Z"]) == 0, "Ctrl-Z did not stop the program"
+        shell.expect_exact("SHELL$ ")
+        assert _cursor_shown(seen.getvalue()), "the shell got a hidden cursor"
+        shell.send("fg\r")
+        shell.expect_exact("internvl_chat.cli")
+        shell.expect_exact("\x1b[?25l")  # spinning again: hidden again
+        server.release.set()  # the server ends the answer without a word: one error line, the prompt
+        shell.expect(r"error")
+        shell.expect_exact(PROMPT_READY)
+        assert _cursor_shown(seen.getvalue())
+        shell.sendcontrol("d")
+        shell.expect_exact("SHELL$ ")
+        shell.sendline("exit")
+        shell.expect(pexpect.EOF)

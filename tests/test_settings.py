@@ -52,6 +52,11 @@ EXPECTED_DEFAULTS = {
         "feature_cache_mb": 256,
         "allow_remote_media": False,
         "allow_local_media": "",
+        "max_connections": 100,
+        "header_timeout": 10.0,
+        "body_timeout": 60.0,
+        "keep_alive_timeout": 5.0,
+        "max_header_kb": 16,
     },
     "remote": {"server": "", "api_key": "", "model": "", "dialect": "auto", "timeout": 300.0},
 }

@@ -85,7 +85,7 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         try:
-            body = await _read_body(request, options.max_body_bytes)
+            body = await _read_body(request, options.max_body_bytes, options.body_timeout)
         except ClientDisconnect:  # the client closed the connection before its body was in
             return Response(status_code=499)
         worker.check_capacity()  # refuse early, before parsing megabytes of images
@@ -102,18 +102,27 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     return app
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The whole body, within `limit` bytes and `timeout` seconds in all (a client that trickles
+    it, or stops half-way, must not hold a connection and a place under the limit for ever)."""
     too_large = APIError(413, f"the request body is over this server's {limit >> 20} MiB limit; send smaller or fewer "
                          "images", code="request_too_large")  # fmt: skip
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     parts, total = [], 0
-    async for block in request.stream():
-        total += len(block)
-        if total > limit:
-            raise too_large
-        parts.append(block)
+    try:
+        async with asyncio.timeout(timeout):
+            async for block in request.stream():
+                total += len(block)
+                if total > limit:
+                    raise too_large
+                parts.append(block)
+    except TimeoutError:
+        # and the connection closed: a client that stalled half-way is not worth keeping
+        raise APIError(408, f"the request body was not complete after {timeout:g} s (this server's body timeout); "
+                       "send the whole request at once", code="request_timeout",
+                       headers={"Connection": "close"}) from None  # fmt: skip
     return b"".join(parts)
 
 

@@ -32,6 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote-media", action="store_true", default=None,
                    help="let requests make the server fetch http(s) image/video URLs")  # fmt: skip
     p.add_argument("--allow-local-media", metavar="DIR", help="let requests read files inside DIR via file:// URLs")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="open connections served at once; a request on one more gets 503 (default 100)")
+    p.add_argument("--header-timeout", type=float, metavar="S",
+                   help="seconds a client has to send a request's line and headers, else 408 (default 10)")
+    p.add_argument("--body-timeout", type=float, metavar="S",
+                   help="seconds a client has to send a whole request body, else 408 (default 60)")
+    p.add_argument("--keep-alive-timeout", type=float, metavar="S",
+                   help="seconds an idle connection stays open between requests (default 5)")
+    p.add_argument("--max-header-kb", type=int, metavar="N",
+                   help="KiB a request line and headers may fill before they are complete, else 400 (default 16)")
     p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
     p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default auto: bf16 on CUDA; on a CPU, "
                    "bf16 for decoders of 256 MiB or more where the CPU has native bf16, else fp32)")
@@ -62,6 +72,11 @@ def _overrides(args: argparse.Namespace) -> dict:
         "serve.queue_depth": args.queue_depth,
         "serve.allow_remote_media": args.allow_remote_media,
         "serve.allow_local_media": args.allow_local_media,
+        "serve.max_connections": args.max_connections,
+        "serve.header_timeout": args.header_timeout,
+        "serve.body_timeout": args.body_timeout,
+        "serve.keep_alive_timeout": args.keep_alive_timeout,
+        "serve.max_header_kb": args.max_header_kb,
     }
 
 
@@ -103,6 +118,23 @@ def serve(settings, log_level: str = "info") -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def uvicorn_config(app, options, log_level: str, graceful_s: int = 5):
+    """uvicorn's settings for the app: the h11 protocol with our deadlines (always h11, even where
+    httptools is installed), the connection limit, keep-alive and head size."""
+    import uvicorn
+
+    from .connections import bounded_h11
+
+    return uvicorn.Config(
+        app, log_level=log_level, timeout_graceful_shutdown=graceful_s,
+        http=bounded_h11(options.header_timeout, options.body_timeout),
+        # uvicorn answers 503 when the open connections, this one included, reach the limit
+        limit_concurrency=options.max_connections + 1,
+        timeout_keep_alive=options.keep_alive_timeout,  # type: ignore[arg-type] # call_later takes a float
+        h11_max_incomplete_event_size=options.max_header_bytes,
+    )  # fmt: skip
+
+
 def _serve(settings, log_level: str) -> int:
     import uvicorn
 
@@ -119,7 +151,7 @@ def _serve(settings, log_level: str) -> int:
     model_id = options.model_id or path.resolve().name
     worker = EngineWorker(loaded, options)
     app = create_app(worker, model_id)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, options, log_level)
     escape_logged_requests()  # after Config: it sets up uvicorn's log handlers
     sock = listen_socket(options.host, options.port)
     port = sock.getsockname()[1]

@@ -10,6 +10,7 @@ from ..errors import UsageError
 from ..files import expand_home
 from ..settings import Settings
 
+KiB = 1 << 10
 MiB = 1 << 20
 
 
@@ -28,6 +29,12 @@ class ServeOptions:
     feature_cache_bytes: int = 256 * MiB
     allow_remote_media: bool = False
     allow_local_media: Path | None = None  # resolved folder
+    # slow and abusive clients (serve/connections.py, serve/app.py)
+    max_connections: int = 100
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keep_alive_timeout: float = 5.0
+    max_header_bytes: int = 16 * KiB
     # request defaults (a request's own values win)
     defaults: SamplingParams = field(default_factory=SamplingParams)
     max_tiles: int | None = None  # max_dynamic_patch when a request gives none (None: the checkpoint's)
@@ -59,6 +66,11 @@ class ServeOptions:
             feature_cache_bytes=s.feature_cache_mb * MiB,
             allow_remote_media=s.allow_remote_media,
             allow_local_media=local,
+            max_connections=s.max_connections,
+            header_timeout=s.header_timeout,
+            body_timeout=s.body_timeout,
+            keep_alive_timeout=s.keep_alive_timeout,
+            max_header_bytes=s.max_header_kb * KiB,
             defaults=defaults,
             max_tiles=settings.media.max_tiles,
             frames=min(settings.media.frames, s.max_frames),

@@ -50,6 +50,7 @@ from .paths import find_media_paths, media_kind, normalize_path, quote_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      wrap_text)  # fmt: skip
 from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
+from .spinner import spin
 
 OK, ERROR, EXIT = "ok", "error", "exit"
 # What the embedded demo model can answer (README, "What it can do").
@@ -296,12 +297,8 @@ class App:
         if not self.fancy:
             yield
             return
-        status = self.console.status(text, spinner="dots")
-        try:  # not `with status`: a Ctrl-C inside its start would leave it spinning over the prompt
-            status.start()
+        with spin(self.console, text):
             yield
-        finally:
-            status.stop()
 
     def prompt_text(self) -> str:
         return f"[+{len(self.pending)}] > " if self.pending else "> "

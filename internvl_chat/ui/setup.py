@@ -32,14 +32,8 @@ def resolve_model_path(settings: Settings) -> Path:
 
 def load_for_settings(settings: Settings, show_progress: bool) -> LoadedModel:
     path = resolve_model_path(settings)
-    status = nullcontext()
-    progress = None
-    if show_progress:
-        from rich.console import Console
-
-        status = Console(stderr=True).status(f"loading {path.name} …", spinner="dots")
-        progress = status.update  # e.g. "compiling the decode step …"
-    with status:
+    status = _spinner(f"loading {path.name} …") if show_progress else nullcontext()
+    with status as spinning:
         return load_model(
             path,
             device=settings.model.device,
@@ -47,9 +41,17 @@ def load_for_settings(settings: Settings, show_progress: bool) -> LoadedModel:
             max_context=settings.model.max_context,
             int4_backend=settings.model.int4_backend,
             compile=settings.model.compile,
-            progress=progress,
+            progress=spinning.update if spinning is not None else None,  # e.g. "compiling the decode step …"
             fit_context=settings.is_default("model.max_context"),
         )
+
+
+def _spinner(text: str):
+    from rich.console import Console
+
+    from .spinner import spin
+
+    return spin(Console(stderr=True), text)
 
 
 def open_conversation(settings: Settings, show_progress: bool | None = None) -> Conversation:
@@ -65,11 +67,7 @@ def open_remote(settings: Settings, show_progress: bool) -> Conversation:
     from ..chat.remote_http import without_credentials
 
     r = settings.remote
-    status = nullcontext()
-    if show_progress:
-        from rich.console import Console
-
-        status = Console(stderr=True).status(f"connecting to {visible(without_credentials(r.server))} …", spinner="dots")
+    status = _spinner(f"connecting to {visible(without_credentials(r.server))} …") if show_progress else nullcontext()
     with status:
         return RemoteConversation.connect(
             r.server,

@@ -1,0 +1,114 @@
+"""uvicorn's HTTP/1.1 protocol (h11) with the deadlines uvicorn lacks.
+
+uvicorn times out only a kept-alive connection that sends nothing, and any byte cancels that
+timer: a client could trickle a request head forever (slow loris), or keep sending the body of a
+request that was already answered without reading it (a 401 or 413 comes before the body). Each
+such connection holds a file descriptor and a place under the connection limit, which then turns
+away everybody else. Two deadlines close them:
+
+- the head: a new connection, or a kept-alive one that started its next request, must send the
+  whole request line and headers within `header_timeout` (more bytes do not extend it); one that
+  sent part of a head gets a 408 first, an idle one is just closed;
+- an unread body: once the response is out, the rest of the body must arrive within
+  `body_timeout`.
+
+A body the app reads is the app's to time (serve/app.py: 408 after `body_timeout`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .errors import APIError
+
+log = logging.getLogger("internvl_chat.serve")
+
+HEAD, DRAIN = "head", "drain"
+
+
+def bounded_h11(header_timeout: float, body_timeout: float) -> type[H11Protocol]:
+    """The protocol class for uvicorn.Config(http=...), with these deadlines in seconds."""
+    return type("BoundedH11Protocol", (BoundedH11Protocol,), {"header_timeout": header_timeout, "body_timeout": body_timeout})
+
+
+def _timeout_response(seconds: float) -> bytes:
+    message = (f"the request head (request line and headers) was not complete after {seconds:g} s; "
+               "send it at once")  # fmt: skip
+    body = json.dumps(APIError(408, message, code="request_timeout").body()).encode()
+    head = ("HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")  # fmt: skip
+    return head.encode() + body
+
+
+class BoundedH11Protocol(H11Protocol):
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._deadline_kind: str | None = None
+
+    # every place where the connection's state can change: a deadline starts, ends or stays
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._set_deadline(None)
+        super().connection_lost(exc)
+
+    def _wanted(self) -> str | None:
+        if self.transport is None or self.transport.is_closing():
+            return None
+        theirs = self.conn.their_state
+        if theirs is h11.IDLE:
+            # a new connection, or bytes of the next request on a kept-alive one (with none,
+            # uvicorn's keep-alive timeout applies)
+            started = self.cycle is None or bool(self.conn.trailing_data[0])
+            return HEAD if started else None
+        if theirs is h11.SEND_BODY and self.conn.our_state in (h11.DONE, h11.MUST_CLOSE):
+            return DRAIN  # answered; the rest of the body is read only to be dropped
+        return None  # the app has the request
+
+    def _watch(self) -> None:
+        kind = self._wanted()
+        if kind != self._deadline_kind:  # the same phase keeps its deadline: trickling does not extend it
+            self._set_deadline(kind)
+
+    def _set_deadline(self, kind: str | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline, self._deadline_kind = None, kind
+        if kind is not None:
+            seconds = self.header_timeout if kind == HEAD else self.body_timeout
+            self._deadline = self.loop.call_later(seconds, self._expired, kind)
+
+    def _expired(self, kind: str) -> None:
+        self._deadline = None
+        if self._wanted() != kind:  # the state changed since (the server's shutdown closed it)
+            self._deadline_kind = None
+            self._watch()
+            return
+        if kind == HEAD and self.conn.trailing_data[0]:
+            self.transport.write(_timeout_response(self.header_timeout))
+        log.debug("closing a connection from %s: its request %s did not arrive in time", self.client,
+                  "head" if kind == HEAD else "body")  # fmt: skip
+        try:
+            self.conn.send(h11.ConnectionClosed())
+        except h11.LocalProtocolError:
+            pass
+        self.transport.close()

@@ -1,0 +1,275 @@
+"""`internvl-chat serve` against slow and abusive clients, over real sockets.
+
+One server with small limits (2 connections, 2 s deadlines, 4 KiB heads) serves the module.
+Each test waits for an outcome (a response, the server closing the socket, uvicorn's set of
+open connections) with a generous bound; none measures how long anything took.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from serve_support import RunningServer
+
+WAIT_S = 60
+LIMITS = {"max_connections": 2, "header_timeout": 2.0, "body_timeout": 2.0, "keep_alive_timeout": 2.0, "max_header_kb": 4}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_original):
+    with RunningServer(tiny_original, **LIMITS) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def no_connections_left(server):
+    """Every test starts with no connection open and leaves none (the limit counts them all)."""
+    _wait_until(lambda: not server.server.server_state.connections, "the last test's connections closed")
+    yield
+    server.worker.on_start = None
+
+
+def _wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.01)
+
+
+def _connect(server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S)
+
+
+def _read_to_close(sock: socket.socket, keep_sending: bytes = b"") -> bytes:
+    """Everything the server sends until it closes the connection; meanwhile one byte of
+    `keep_sending` goes out every 0.1 s, as a slow-loris client trickles its request."""
+    received, pending = b"", keep_sending
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([sock], [], [], 0.1)
+        if readable:
+            try:
+                block = sock.recv(65536)
+            except ConnectionResetError:
+                return received
+            if not block:
+                return received
+            received += block
+        elif pending:
+            try:
+                sock.sendall(pending[:1])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed meanwhile: the next recv says so
+            pending = pending[1:]
+    raise AssertionError(f"the server kept the connection open; it sent {received!r}")
+
+
+def _response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def _chat(text: str, **kw) -> bytes:
+    return json.dumps({"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 2, **kw}).encode()
+
+
+def _head(path: str, length: int, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {length}\r\n\r\n").encode()  # fmt: skip
+
+
+def _record_jobs(server) -> list:
+    jobs: list = []
+    server.worker.on_start = jobs.append
+    return jobs
+
+
+def _normal_answer(server) -> None:
+    with server.client() as client:  # closed after: its kept-alive connection would count
+        out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert out.choices[0].message.content is not None
+
+
+# ---- the body -------------------------------------------------------------------------------------
+
+
+def test_a_client_that_stalls_mid_body_gets_408_and_is_closed(server):
+    jobs = _record_jobs(server)
+    body = _chat("Describe the harbour.")
+    with _connect(server) as sock:
+        sock.sendall(_head("/v1/chat/completions", len(body)) + body[: len(body) // 2])
+        status, headers, answer = _response(_read_to_close(sock))
+    assert status == 408 and headers["connection"] == "close"
+    error = json.loads(answer)["error"]
+    assert error["code"] == "request_timeout" and error["type"] == "invalid_request_error"
+    assert "2 s" in error["message"] and "body" in error["message"]
+    assert jobs == []  # the engine never saw it
+    _normal_answer(server)
+    assert len(jobs) == 1
+
+
+def test_a_body_trickled_past_the_deadline_gets_408(server):
+    """More bytes do not extend the deadline: it bounds the whole body."""
+    jobs = _record_jobs(server)
+    body = _chat("x" * 2000)
+    with _connect(server) as sock:
+        sock.sendall(_head("/v1/chat/completions", len(body)))
+        status, _, answer = _response(_read_to_close(sock, keep_sending=body))
+    assert status == 408 and json.loads(answer)["error"]["code"] == "request_timeout"
+    assert jobs == []
+
+
+def test_the_unread_body_of_an_answered_request_cannot_hold_the_connection(server):
+    """A 401 (or 413) is sent before the body is read; a client that then keeps trickling the
+    body used to keep its connection for ever (every byte restarted uvicorn's keep-alive timer)."""
+    server.options.api_key = "s3cret"
+    try:
+        with _connect(server) as sock:
+            sock.sendall(_head("/v1/chat/completions", 100_000) + b'{"model": "tiny"')
+            raw = _read_to_close(sock, keep_sending=b" " * 5000)
+    finally:
+        server.options.api_key = ""
+    assert _response(raw)[0] == 401
+    _normal_answer(server)
+
+
+# ---- the head -------------------------------------------------------------------------------------
+
+
+def test_a_trickled_head_gets_408_and_is_closed(server):
+    with _connect(server) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n")
+        raw = _read_to_close(sock, keep_sending=b"X-Slow: " + b"a" * 2000)
+    status, headers, answer = _response(raw)
+    assert status == 408 and headers["connection"] == "close"
+    error = json.loads(answer)["error"]
+    assert error["code"] == "request_timeout" and "head" in error["message"]
+    _normal_answer(server)
+
+
+def test_a_connection_that_sends_nothing_is_closed(server):
+    with _connect(server) as sock:
+        assert _read_to_close(sock) == b""  # closed without a response: there was no request
+
+
+def test_a_kept_alive_connection_must_send_its_next_head_in_time(server):
+    with _connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        first = b""
+        while b'{"status":"ok"}' not in first:
+            block = sock.recv(4096)
+            assert block, first
+            first += block
+        assert _response(first)[0] == 200
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # the next request starts, and stalls
+        status, _, answer = _response(_read_to_close(sock, keep_sending=b"X-Slow: " + b"a" * 2000))
+    assert status == 408 and json.loads(answer)["error"]["code"] == "request_timeout"
+
+
+def test_a_head_over_the_size_limit_is_refused(server):
+    with _connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 5000)  # 4 KiB limit, not complete
+        status, headers, _ = _response(_read_to_close(sock))
+    assert status == 400 and headers["connection"] == "close"  # what uvicorn answers when h11 gives up
+
+
+# ---- the connection limit ---------------------------------------------------------------------------
+
+
+def test_past_the_connection_limit_a_request_gets_503_and_the_limit_frees_up(server):
+    """Two connections are served at once: a stream held in the engine and one queued behind it
+    (streams keep their connection for the whole answer); a third gets uvicorn's 503."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(job) -> None:
+        if not started.is_set():
+            started.set()
+            assert release.wait(WAIT_S)
+
+    server.worker.on_start = hold
+    outcomes: dict[str, int] = {}
+
+    def ask(name: str) -> None:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", content=_chat(name, stream=True),
+                          headers={"content-type": "application/json"}, timeout=WAIT_S) as r:  # fmt: skip
+            r.read()
+            outcomes[name] = r.status_code
+
+    first, second = threading.Thread(target=ask, args=("first",)), threading.Thread(target=ask, args=("second",))
+    try:
+        first.start()
+        assert started.wait(WAIT_S)
+        second.start()
+        _wait_until(lambda: server.worker.waiting == 1, "the second request waits in the queue")
+        third = httpx.post(f"{server.url}/v1/chat/completions", content=_chat("third"),
+                           headers={"content-type": "application/json"}, timeout=WAIT_S)  # fmt: skip
+        assert third.status_code == 503 and third.headers["connection"] == "close"
+    finally:
+        release.set()
+        first.join(WAIT_S)
+        second.join(WAIT_S)
+    assert outcomes == {"first": 200, "second": 200}
+    _wait_until(lambda: not server.server.server_state.connections, "the streams' connections closed")
+    _normal_answer(server)
+
+
+# ---- options ------------------------------------------------------------------------------------------
+
+
+def test_the_limits_are_serve_flags_with_defaults():
+    from internvl_chat.serve.main import _overrides, build_parser
+    from internvl_chat.serve.options import ServeOptions
+    from internvl_chat.settings import load_settings
+
+    defaults = ServeOptions.from_settings(load_settings(os.devnull, {}, {}))
+    assert (defaults.max_connections, defaults.header_timeout, defaults.body_timeout, defaults.keep_alive_timeout,
+            defaults.max_header_bytes) == (100, 10.0, 60.0, 5.0, 16 << 10)  # fmt: skip
+    args = build_parser().parse_args(["--max-connections", "7", "--header-timeout", "1.5", "--body-timeout", "30",
+                                      "--keep-alive-timeout", "0.5", "--max-header-kb", "8"])  # fmt: skip
+    options = ServeOptions.from_settings(load_settings(os.devnull, {}, _overrides(args)))
+    assert (options.max_connections, options.header_timeout, options.body_timeout, options.keep_alive_timeout,
+            options.max_header_bytes) == (7, 1.5, 30.0, 0.5, 8 << 10)  # fmt: skip
+    env = {"INTERNVL_CHAT_SERVE_BODY_TIMEOUT": "12.5"}
+    assert load_settings(os.devnull, env, {}).serve.body_timeout == 12.5
+
+
+@pytest.mark.parametrize(("key", "value", "expect"), [
+    ("max_connections", 0, "an integer from 1 to 65535"),
+    ("max_connections", 2.5, "an integer from 1 to 65535"),
+    ("header_timeout", 0, "a number of seconds > 0 and ≤ 3600"),
+    ("body_timeout", -1, "a number of seconds > 0 and ≤ 3600"),
+    ("body_timeout", float("inf"), "a number of seconds > 0 and ≤ 3600"),
+    ("keep_alive_timeout", 7200, "a number of seconds > 0 and ≤ 3600"),
+    ("keep_alive_timeout", "soon", "a number of seconds > 0 and ≤ 3600"),
+    ("max_header_kb", 0, "an integer from 1 to 1024"),
+    ("max_header_kb", 2048, "an integer from 1 to 1024"),
+])  # fmt: skip
+def test_bad_limits_are_one_line_errors(key, value, expect):
+    from internvl_chat.errors import UsageError
+    from internvl_chat.settings import load_settings
+
+    with pytest.raises(UsageError) as err:
+        load_settings(os.devnull, {}, {f"serve.{key}": value})
+    assert f"serve.{key} must be {expect}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_uvicorn_gets_the_limits():
+    """uvicorn counts the connection a request came on: a limit of N+1 serves N connections."""
+    from internvl_chat.serve.main import uvicorn_config
+    from internvl_chat.serve.options import ServeOptions
+
+    options = ServeOptions(max_connections=7, header_timeout=3.0, body_timeout=4.0, keep_alive_timeout=0.5,
+                           max_header_bytes=8192)  # fmt: skip
+    config = uvicorn_config(object(), options, "warning")
+    assert (config.limit_concurrency, config.timeout_keep_alive, config.h11_max_incomplete_event_size) == (8, 0.5, 8192)
+    assert (config.http.header_timeout, config.http.body_timeout) == (3.0, 4.0)
