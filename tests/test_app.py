@@ -153,6 +153,20 @@ def test_missing_and_corrupt_files_are_errors_and_the_conversation_survives(load
     assert len(app.session.turns) == 2
 
 
+def test_a_path_with_a_nul_character_is_one_line_and_the_conversation_survives(loaded, tmp_path):
+    # a script line (past its first 8 KiB) or a pasted line can hold NUL: /save, /export and a
+    # message naming such a media path ended the app with "ValueError: embedded null byte"
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    for line in ("/save a\x00.json", "/export a\x00.md", "/image a\x00.png", "/load a\x00"):
+        assert app.handle_line(line) == ERROR
+        shown = output(out)
+        assert shown.startswith("error: ") and shown.count("\n") == 1 and "\x00" not in shown
+    assert app.handle_line("look at ./x\x00.png please") == OK
+    assert len(app.session.turns) == 2 and list(tmp_path.iterdir()) == []
+
+
 def test_unknown_command_gets_a_suggestion(loaded, tmp_path):
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line("/imgae x.png") == ERROR

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from ..errors import UsageError
+from ..files import visible
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"})
@@ -113,6 +114,8 @@ def normalize_path(text: str) -> Path:
         word = _from_file_uri(word)
     if not word:
         raise UsageError(f"empty path {text.strip()!r}; give the path of a file.")
+    if "\x00" in word:  # no file name holds one (os calls raise ValueError: embedded null byte)
+        raise UsageError(f"the path '{visible(word)}' holds a NUL character, which no file name can; remove it.")
     if word.startswith("~"):
         try:
             return Path(word).expanduser()
