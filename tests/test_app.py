@@ -167,6 +167,24 @@ def test_a_path_with_a_nul_character_is_one_line_and_the_conversation_survives(l
     assert len(app.session.turns) == 2 and list(tmp_path.iterdir()) == []
 
 
+def test_a_long_paste_without_a_media_extension_is_not_searched_word_by_word(monkeypatch, tmp_path):
+    # a pasted 15 MB log spent minutes splitting and testing words for media paths before the
+    # context check refused it; without a media extension anywhere it cannot name a file
+    import internvl_chat.ui.app as app_module
+    import internvl_chat.ui.paths as paths_module
+
+    def searched(*args, **kwargs):
+        raise AssertionError("searched word by word")
+
+    monkeypatch.setattr(app_module, "split_words", searched)
+    monkeypatch.setattr(paths_module, "_candidates", searched)
+    text = "see /var/log/x.log  and ./notes.txt (png, mp4) " * 1000
+    assert app_module.take_media_paths(text, tmp_path, (tmp_path,)) == (text, [], [])
+    (tmp_path / "cat.PNG").write_bytes(b"x")
+    monkeypatch.undo()
+    assert app_module.take_media_paths("what is ./cat.PNG?", tmp_path) == ("what is?", [tmp_path / "cat.PNG"], [])
+
+
 def test_unknown_command_gets_a_suggestion(loaded, tmp_path):
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line("/imgae x.png") == ERROR
