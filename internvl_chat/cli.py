@@ -1,6 +1,6 @@
 """`internvl-chat`: flags → Settings → a mode (REPL, one-shot, script, quantize).
 
-Exit codes: 0 success, 1 an error (also: stdout could not be written, e.g. a full disk), 2 bad
+Exit codes: 0 success, 1 an error (also: stdout could not be written: a full disk, `>&-`), 2 bad
 usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129; the REPL puts
 the terminal back first). A reader that goes away (`| head`) ends the program quietly.
 
@@ -14,6 +14,7 @@ import argparse
 import errno
 import os
 import sys
+from typing import TextIO
 
 from . import __version__
 from .errors import InternVLChatError, UsageError
@@ -224,7 +225,26 @@ def _ensure_std_fds() -> None:
                 os.close(null)
     for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
         if getattr(sys, name) is None:  # Python saw the fd closed at startup
-            setattr(sys, name, open(os.devnull, mode, encoding="utf-8"))
+            stream = open(os.devnull, mode, encoding="utf-8")
+            # the answer must not vanish with status 0 (`>&-`): writing it fails, as `echo hi >&-` does
+            setattr(sys, name, _ClosedOutput(stream) if name == "stdout" else stream)
+
+
+class _ClosedOutput:
+    """stdout when fd 1 was closed at start: every write fails with EBADF (fd 1 holds /dev/null,
+    so no file the app opens gets that number)."""
+
+    def __init__(self, null: TextIO):
+        self._null = null
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "stdout is closed")
+
+    def flush(self) -> None:
+        pass  # nothing was written
+
+    def __getattr__(self, name: str):
+        return getattr(self._null, name)
 
 
 def _print_error(text: str) -> None:

@@ -66,6 +66,7 @@ TEMPERATURE_MAX = 100.0
 REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0  # 1e-40 would divide logits into inf
 MAX_TILES = 64
 MAX_FRAMES = 256
+MAX_RANGE_SECONDS = 1e7  # a video's time range (/video --range, --video-range, session files) ends before ~4 months
 MAX_TOKENS = 1 << 20  # max_context, max_new_tokens
 TIMEOUT_MAX = 3600.0  # serve's timeouts: an hour is already far past any client's patience
 

@@ -153,6 +153,38 @@ def test_missing_and_corrupt_files_are_errors_and_the_conversation_survives(load
     assert len(app.session.turns) == 2
 
 
+def test_a_path_with_a_nul_character_is_one_line_and_the_conversation_survives(loaded, tmp_path):
+    # a script line (past its first 8 KiB) or a pasted line can hold NUL: /save, /export and a
+    # message naming such a media path ended the app with "ValueError: embedded null byte"
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    for line in ("/save a\x00.json", "/export a\x00.md", "/image a\x00.png", "/load a\x00"):
+        assert app.handle_line(line) == ERROR
+        shown = output(out)
+        assert shown.startswith("error: ") and shown.count("\n") == 1 and "\x00" not in shown
+    assert app.handle_line("look at ./x\x00.png please") == OK
+    assert len(app.session.turns) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_long_paste_without_a_media_extension_is_not_searched_word_by_word(monkeypatch, tmp_path):
+    # a pasted 15 MB log spent minutes splitting and testing words for media paths before the
+    # context check refused it; without a media extension anywhere it cannot name a file
+    import internvl_chat.ui.app as app_module
+    import internvl_chat.ui.paths as paths_module
+
+    def searched(*args, **kwargs):
+        raise AssertionError("searched word by word")
+
+    monkeypatch.setattr(app_module, "split_words", searched)
+    monkeypatch.setattr(paths_module, "_candidates", searched)
+    text = "see /var/log/x.log  and ./notes.txt (png, mp4) " * 1000
+    assert app_module.take_media_paths(text, tmp_path, (tmp_path,)) == (text, [], [])
+    (tmp_path / "cat.PNG").write_bytes(b"x")
+    monkeypatch.undo()
+    assert app_module.take_media_paths("what is ./cat.PNG?", tmp_path) == ("what is?", [tmp_path / "cat.PNG"], [])
+
+
 def test_unknown_command_gets_a_suggestion(loaded, tmp_path):
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line("/imgae x.png") == ERROR

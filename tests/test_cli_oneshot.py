@@ -189,6 +189,22 @@ def test_a_full_stdout_ends_with_one_line_and_status_1(tiny_original, tmp_path):
     assert run.stderr.strip() == "internvl-chat: error: cannot write to stdout (No space left on device); the output is incomplete"
 
 
+def test_a_closed_stdout_is_an_error_not_a_lost_answer(tiny_original, tmp_path):
+    # `>&-`: the answer went to the /dev/null put on fd 1 and the status was 0; now writing fails
+    # as `echo hi >&-` does, and a script still runs to its end (its /save is written)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
+    base = [sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "4"]
+    saved = tmp_path / "chat.json"
+    script = tmp_path / "chat.txt"
+    script.write_text(f"Hello.\n/save {saved}\n")
+    for args in (["-p", "hi"], ["-p", "hi", "--json"], ["--script", str(script)]):
+        run = subprocess.run([*base, *args], stdout=None, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                             preexec_fn=lambda: os.close(1), env=env, timeout=300)  # fmt: skip
+        assert run.returncode == 1, args
+        assert run.stderr.strip() == "internvl-chat: error: cannot write to stdout (stdout is closed); the output is incomplete"
+    assert json.loads(saved.read_text())["format"] == "internvl-chat-session"
+
+
 def test_a_closed_stderr_costs_nothing_and_never_reaches_stdout(tiny_original, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
     base = [sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu"]

@@ -158,6 +158,15 @@ def test_parse_range_errors(text):
         parse_range(text)
 
 
+@pytest.mark.parametrize("text", ["0-" + "9" * 400, "0-100000000000", "1:00-0:00:" + "9" * 400])
+def test_parse_range_refuses_an_end_no_video_has(text):
+    # 400 digits were read as inf (round(inf · fps) then crashed the next message with OverflowError),
+    # and an end past MAX_RANGE_SECONDS made a session that /load refused
+    with pytest.raises(UsageError, match="invalid time range .*: it ends after 10,000,000 s") as error:
+        parse_range(text)
+    assert len(str(error.value)) < 200  # the line quotes the range cut short
+
+
 def test_split_words_keeps_raw_text_and_spans():
     text = "a 'b c'  d\\ e \"f\\\"g\""
     words = split_words(text)

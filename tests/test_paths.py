@@ -59,6 +59,13 @@ def test_empty_path_is_an_error(typed):
         normalize_path(typed)
 
 
+@pytest.mark.parametrize("typed", ["a\x00.json", "'dir/a\x00b.md'", "file:///tmp/a%00.png"])
+def test_a_nul_character_is_no_path(typed):
+    with pytest.raises(UsageError, match="holds a NUL character") as error:  # os calls raised ValueError
+        normalize_path(typed)
+    assert "\x00" not in str(error.value)  # shown as an escape
+
+
 def test_remote_file_uri_is_an_error():
     with pytest.raises(UsageError, match="otherhost"):
         normalize_path("file://otherhost/tmp/cat.png")

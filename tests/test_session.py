@@ -122,6 +122,21 @@ def test_greedy_multi_turn_matches_transformers_generate(tiny_original, loaded, 
         assert turn.answer_ids == expected
 
 
+def test_overflow_names_the_largest_part_of_the_turn_first(tiny_original, media_dir):
+    # a long paste or a long --system message was told "use fewer tiles or frames" (there were none)
+    small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
+    fix = r"over the 1,024-token context; {}, /clear, a smaller max_new_tokens"
+    with pytest.raises(ContextOverflowError, match=fix.format("send a shorter message")):
+        _run(Session(small, _params()).ask("word " * 2000))
+    long_system = Session(small, _params(), system_message="be brief. " * 500)
+    with pytest.raises(ContextOverflowError, match=fix.format(r"use a shorter system message \(/system TEXT, --system\)")):
+        _run(long_system.ask("Hi."))
+    session = Session(small, _params())
+    _run(session.ask("Hi."))
+    with pytest.raises(ContextOverflowError, match=fix.format("use fewer tiles or frames")):
+        _run(session.ask("What is this? " * 20, [session.describe_image(media_dir / "scene.png")]))
+
+
 def test_overflow_leaves_the_session_unchanged(tiny_original, media_dir):
     small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
     session = Session(small, _params())

@@ -348,3 +348,47 @@ def test_held_keys_restores_the_terminal_on_every_path():
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_one_shot_json_on_a_terminal_escapes_what_would_drive_or_reorder_it(monkeypatch):
+    # json.dumps(ensure_ascii=False) escapes ESC but wrote the answer's C1 controls (U+009B is a CSI),
+    # DEL and bidi overrides raw to the terminal; a pipe keeps them raw (the same JSON either way)
+    import argparse
+    import json
+    from types import SimpleNamespace
+
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import oneshot
+
+    answer = "left\u202eright \u009b31m red\x7f \u2067iso\u2069 \x1b[2J é 猫"
+
+    class Answer:
+        turns = [SimpleNamespace(answer_text=answer)]
+
+        def ask(self, prompt, media):
+            yield {"text": answer, "finish_reason": "stop", "timing": {}, "usage": {}, "token_ids": [1]}
+
+        def describe(self):
+            return SimpleNamespace(load_s=0.0)
+
+    class Terminal(io.StringIO):
+        def __init__(self, tty: bool):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    monkeypatch.setattr(oneshot, "open_conversation", lambda settings: Answer())
+    monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
+    args = argparse.Namespace(json=True, prompt_flag="hi", prompt=[])
+    settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False})
+    for tty in (True, False):
+        out = Terminal(tty)
+        monkeypatch.setattr(sys, "stdout", out)
+        assert oneshot.run_oneshot(args, settings, "hi") == 0
+        line = out.getvalue()
+        assert json.loads(line)["text"] == answer
+        assert "é 猫" in line and "\x1b" not in line
+        raw = [c for c in "\u202e\u009b\x7f\u2067\u2069" if c in line]
+        assert raw == ([] if tty else list("\u202e\u009b\x7f\u2067\u2069"))

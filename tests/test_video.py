@@ -3,6 +3,7 @@ number, decoded with both backends; bad files and ranges."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import av
@@ -45,6 +46,12 @@ def test_indices_hand_computed():
     assert frame_indices(5, 30.0, 10) == [0, 0, 1, 1, 2, 2, 2, 3, 3, 4]  # more frames asked than exist: repeats
     assert frame_indices(30, 30.0, 3, end=100.0) == frame_indices(30, 30.0, 3)  # end past the clip: clamped
     assert frame_indices(30, 30.0, 2, start=0.99) == [29, 29]  # round(29.7) = 30 is clamped to the last frame
+
+
+@pytest.mark.parametrize("start, end", [(0.0, math.inf), (math.nan, 1.0), (0.0, math.nan)])
+def test_indices_refuse_bounds_that_are_not_finite(start, end):
+    with pytest.raises(MediaError, match="not finite"):  # was OverflowError / ValueError from round()
+        frame_indices(30, 30.0, 2, start=start, end=end)
 
 
 def test_indices_match_reimplementation_over_many_cases():

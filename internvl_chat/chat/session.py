@@ -141,15 +141,28 @@ class Session:
             return self.builder.first_turn(text, specs)
         return self.builder.next_turn(text, specs)
 
-    def check_budget(self, new_tokens: int, max_new_tokens: int | None = None) -> None:
+    def check_budget(self, new_tokens: int, max_new_tokens: int | None = None, first_fix: str = "use fewer tiles or frames") -> None:
+        """`first_fix`: what to shorten first, the largest part of the new tokens (`_largest_part_fix`)."""
         max_new = self.params.max_new_tokens if max_new_tokens is None else max_new_tokens
         need = self.start_pos + new_tokens + max_new
         if need > self.max_context:
             raise ContextOverflowError(
                 f"this turn needs {self.start_pos:,} cached + {new_tokens:,} new + {max_new:,} answer tokens = {need:,}, "
-                f"over the {self.max_context:,}-token context; use fewer tiles or frames, /clear, "
+                f"over the {self.max_context:,}-token context; {first_fix}, /clear, "
                 "a smaller max_new_tokens, or a larger --max-context"
             )
+
+    def _largest_part_fix(self, new_ids: list[int], media: Sequence[Media]) -> str:
+        """What shortens a turn (`new_ids`) that does not fit: its largest part, the message text (a
+        long paste), the system message (on the first turn) or the attachments."""
+        bare, with_media = len(self._turn_ids("", [])), len(self._turn_ids("", media))
+        system = bare - len(self.builder.user_turn("", [])) if not self.ids else 0
+        parts = {
+            "use fewer tiles or frames": with_media - bare,
+            "send a shorter message": len(new_ids) - with_media,
+            "use a shorter system message (/system TEXT, --system)": system,
+        }
+        return max(parts, key=parts.get)
 
     # ---- media -----------------------------------------------------------------------------
     def describe_image(self, path: str | Path, max_tiles: int | None = None) -> Media:
@@ -234,7 +247,8 @@ class Session:
         new_ids = self._turn_ids(text, media)
         pending = self.ids[self.start_pos :]  # e.g. the token that hit the length limit
         prompt = pending + new_ids
-        self.check_budget(len(prompt), params.max_new_tokens)
+        if self.start_pos + len(prompt) + params.max_new_tokens > self.max_context:  # only then: what is largest
+            self.check_budget(len(prompt), params.max_new_tokens, self._largest_part_fix(new_ids, media))
         turn = Turn(text, media, ids_before=len(self.ids), pos_before=self.start_pos, prompt_ids=new_ids)
         features, vision_s = self._encode(media, cancel)
         turn.features = features

@@ -32,6 +32,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..files import expand_home, read_text_file, undecodable_byte, visible
+from ..settings import MAX_RANGE_SECONDS
 from .dialects import DIALECTS
 
 SESSION_FORMAT = "internvl-chat-session"
@@ -42,7 +43,7 @@ MAX_TURNS = 10_000
 MAX_MEDIA_PER_TURN = 64
 MAX_TILES = 64  # the largest media.max_tiles setting
 MAX_FRAMES = 256  # the largest media.frames setting
-MAX_SECONDS = 1e7  # a video range ends before ~4 months
+MAX_SECONDS = MAX_RANGE_SECONDS  # what /video --range accepts, so a saved range loads back
 FINISH_REASONS = ("stop", "length", "cancelled")
 CANCELLED_MARK = "[cancelled]"  # a local answer that was cut by Ctrl-C ends with " [cancelled]"
 BACKEND_KINDS = ("local", "remote")

@@ -85,6 +85,8 @@ def frame_indices(
         if not fps > 0:
             raise MediaError("the video has no usable frame rate, so a time range cannot be applied; omit start/end")
         duration = num_total_frames / fps
+        if not all(math.isfinite(t) for t in (start, end) if t is not None):  # round(inf · fps) would overflow
+            raise MediaError(f"the time range {start}–{end} s is not finite; use times from 0 to {duration:.2f} s")
         if (start is not None and start < 0) or (end is not None and end < 0):
             raise MediaError(f"the time range {start}–{end} s has a negative bound; use times from 0 to {duration:.2f} s")
         if start is not None and start >= duration:

@@ -46,7 +46,7 @@ from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageE
 from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_lines, write_atomic
 from ..settings import Settings, format_settings, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
-from .paths import find_media_paths, media_kind, normalize_path, quote_path
+from .paths import find_media_paths, may_name_media, media_kind, normalize_path, quote_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      wrap_text)  # fmt: skip
 from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
@@ -79,6 +79,8 @@ def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[P
     paths of media files that do not). One-shot and REPL messages go through this alike.
 
     Relative paths are looked up in `search_dirs` (a script's folder), then in `cwd`."""
+    if not may_name_media(text):  # no word to look at (a long paste is not split word by word)
+        return text, [], []
     found: list[tuple[tuple[int, int], Path]] = []
     for folder in (*search_dirs, cwd):  # an earlier folder wins a span
         found += [(span, path) for span, path in find_media_paths(text, folder)

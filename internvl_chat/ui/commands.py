@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
-from ..settings import MAX_FRAMES
+from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
 from .paths import normalize_path, shell_unquote
 from .render import wrap_text
 
@@ -204,11 +204,14 @@ def parse_range(text: str) -> tuple[float, float]:
     """'A-B' (seconds, or m:ss / h:mm:ss) -> (A, B) with 0 ≤ A < B; UsageError otherwise."""
     m = re.fullmatch(rf"\s*({_TIME})\s*-\s*({_TIME})\s*", text)
     hint = "give START-END in seconds with START before END, e.g. 2.5-10 or 1:00-1:30"
+    shown = repr(text) if len(text) <= 40 else repr(text[:39] + "…")
     if not m:
-        raise UsageError(f"invalid time range {text!r}; {hint}.")
+        raise UsageError(f"invalid time range {shown}; {hint}.")
     start, end = _seconds(m.group(1)), _seconds(m.group(2))
+    if end > MAX_RANGE_SECONDS:  # 400 digits are read as inf; a session file could not hold it either
+        raise UsageError(f"invalid time range {shown}: it ends after {MAX_RANGE_SECONDS:,.0f} s; {hint}.")
     if not start < end:
-        raise UsageError(f"invalid time range {text!r}: its end is not after its start; {hint}.")
+        raise UsageError(f"invalid time range {shown}: its end is not after its start; {hint}.")
     return start, end
 
 

@@ -15,6 +15,11 @@ from .render import format_stats
 from .setup import media_from_flags, open_conversation
 
 
+# json.dumps escapes C0 controls (ESC included); on a terminal the answer's DEL, C1 controls and
+# bidi overrides are written as \u escapes too: the same JSON, nothing that drives or reorders the screen.
+_JSON_FOR_TERMINAL = {c: f"\\u{c:04x}" for c in [0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+
+
 def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> int:
     session = open_conversation(settings)
     media = media_from_flags(session, args, settings)
@@ -52,7 +57,8 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
             "usage": final["usage"],
             "timing": timing,
         }
-        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+        line = json.dumps(out, ensure_ascii=False)
+        sys.stdout.write((line.translate(_JSON_FOR_TERMINAL) if sys.stdout.isatty() else line) + "\n")
     else:
         sys.stdout.write("\n")
     sys.stdout.flush()

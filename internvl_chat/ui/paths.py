@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from ..errors import UsageError
+from ..files import visible
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"})
@@ -113,6 +114,8 @@ def normalize_path(text: str) -> Path:
         word = _from_file_uri(word)
     if not word:
         raise UsageError(f"empty path {text.strip()!r}; give the path of a file.")
+    if "\x00" in word:  # no file name holds one (os calls raise ValueError: embedded null byte)
+        raise UsageError(f"the path '{visible(word)}' holds a NUL character, which no file name can; remove it.")
     if word.startswith("~"):
         try:
             return Path(word).expanduser()
@@ -131,10 +134,20 @@ def media_kind(path: str | Path) -> str | None:
     return None
 
 
+_MEDIA_SUFFIXES = tuple(MEDIA_EXTENSIONS)
+# Any media extension anywhere: a message without one names no media file, and is not searched
+# word by word (a pasted 15 MB log took minutes there before the context check refused it).
+_ANY_MEDIA_EXTENSION = re.compile("|".join(re.escape(ext) for ext in sorted(MEDIA_EXTENSIONS)), re.IGNORECASE)
+
+
+def may_name_media(message: str) -> bool:
+    """False when `message` cannot name a media file (it holds no media extension)."""
+    return _ANY_MEDIA_EXTENSION.search(message) is not None
+
+
 def _looks_like_media(raw: str) -> bool:
     """A cheap filter before touching the file system: the text ends in a media extension."""
-    tail = raw.rstrip(" '\"").lower()
-    return any(tail.endswith(ext) for ext in MEDIA_EXTENSIONS)
+    return raw.rstrip(" '\"").lower().endswith(_MEDIA_SUFFIXES)
 
 
 def _candidates(message: str) -> list[tuple[int, int]]:
@@ -193,6 +206,8 @@ def find_media_paths(message: str, cwd: str | Path | None = None) -> list[tuple[
     longest one; a file named twice is reported once, at its first mention.
     """
     found: list[tuple[tuple[int, int], Path]] = []
+    if not may_name_media(message):
+        return found
     seen: set[Path] = set()
     taken_until = -1
     for start, end in sorted(set(_candidates(message)), key=lambda s: (s[0], s[0] - s[1])):
