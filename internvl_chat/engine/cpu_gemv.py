@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from .cpu_features import cpu_flags
+from .cpu_features import GEMV_FLAGS, cpu_flags
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv_avx2.cpp"
 OPERATOR = "internvl_chat::gemv"
-REQUIRED_FLAGS = ("avx2", "fma")
 DTYPES = (torch.float32, torch.bfloat16)  # weight dtypes the kernel reads
 # -fopenmp: at::parallel_for's threads (served by torch's own libgomp, already loaded)
 CXX_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w")
@@ -62,7 +61,7 @@ def supported() -> str | None:
     """None where the kernel can run on this machine, else why not."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not an x86-64 CPU ({platform.machine()})"
-    missing = [flag for flag in REQUIRED_FLAGS if flag not in cpu_flags()]
+    missing = [flag for flag in GEMV_FLAGS if flag not in cpu_flags()]
     return f"the CPU lacks {' and '.join(missing).upper()}" if missing else None
 
 
