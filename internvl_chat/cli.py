@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, metavar="S", help="make sampling reproducible")
     p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
     p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default auto: bf16 on CUDA; on a CPU, "
-                   "bf16 for decoders of 256 MiB or more where the CPU has native bf16, else fp32)")
+                   "bf16 for decoders of 256 MiB or more where the CPU has native bf16 or AVX2 and FMA, else fp32)")
     p.add_argument("--max-context", type=int, metavar="N", help="KV cache length in tokens (default 8192)")
     p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant: kernels for 4-bit weights (default auto)")
     p.add_argument("--compile", metavar="MODE", help="auto | on | off: a compiled decode step, compiled on first use, then cached "

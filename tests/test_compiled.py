@@ -20,7 +20,7 @@ import torch
 from decode_helpers import greedy_steps
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
-from internvl_chat.engine import compiled, direct_call, language
+from internvl_chat.engine import compiled, cpu_gemv, direct_call, language
 from internvl_chat.engine.loader import load_model
 from session_fuzz import SessionFuzz, fuzz_seeds, fuzz_steps, make_fuzz_media
 
@@ -343,11 +343,17 @@ def test_column_blocks_hold_every_long_row_exactly(tiny_original, monkeypatch):
     assert model.memory_bytes() == before
 
 
+@pytest.mark.parametrize("kernel", ["avx2", "inductor"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_compiled_step_over_column_blocks_gives_the_eager_greedy_tokens(tiny_original, monkeypatch, dtype):
-    """With every linear's rows cut into column blocks (the tiny model has no row as long as a real
-    down projection), the compiled step decodes the eager step's greedy tokens."""
+def test_compiled_step_over_column_blocks_gives_the_eager_greedy_tokens(tiny_original, monkeypatch, dtype, kernel):
+    """With every linear's rows longer than 40 (the tiny model has no row as long as a real down
+    projection), the compiled step decodes the eager step's greedy tokens: with the AVX2 GEMV
+    kernel (cpu_gemv.py), which reads whole rows, and with Inductor's loops over column blocks."""
     monkeypatch.setattr(language, "ROW_CHUNK", 40)
+    if kernel == "inductor":
+        monkeypatch.setattr(cpu_gemv, "loaded", lambda: False)  # as where it cannot be built
+    elif cpu_gemv.ensure_loaded(compiled.use_cache_dir()) is not None:
+        pytest.skip(f"no AVX2 GEMV kernel here: {cpu_gemv.failure()}")
     models = [load_model(tiny_original, device="cpu", dtype=dtype, max_context=256, compile=c).model for c in ("off", "on")]
     assert models[1].compiled_step is not None
     ids = list(range(5, 45))
@@ -357,7 +363,10 @@ def test_compiled_step_over_column_blocks_gives_the_eager_greedy_tokens(tiny_ori
     tol = 0.05 if dtype == "bfloat16" else TOL
     assert (got_logits - want_logits).abs().max().item() <= tol * want_logits.abs().max().item()
     lm = models[1].language_model
-    assert all(len(layer.mlp.down_proj.gemv_chunks) > 1 for layer in lm.model.layers)
+    if kernel == "inductor":
+        assert all(len(layer.mlp.down_proj.gemv_chunks) > 1 for layer in lm.model.layers)
+    else:
+        assert language.row_chunk_bytes(lm) == 0  # the kernel needs no copies
 
 
 def test_kv_buckets_waste_little_at_long_contexts():

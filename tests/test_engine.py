@@ -156,7 +156,8 @@ def test_truncated_weights_file_is_reported(tiny_original, tmp_path):
 
 
 def test_cpu_default_dtype_follows_native_bf16_and_model_size(monkeypatch):
-    """auto on CPU: bf16 for a bandwidth-bound decoder where bf16 is native, fp32 otherwise."""
+    """auto on CPU: bf16 for a bandwidth-bound decoder where bf16 decodes fast (native bf16, or
+    AVX2 and FMA for the compiled step's GEMV kernel), fp32 otherwise."""
     import bench_lib as bl
     from internvl_chat.engine import cpu_features
     from internvl_chat.engine.loader import resolve_dtype
@@ -167,13 +168,22 @@ def test_cpu_default_dtype_follows_native_bf16_and_model_size(monkeypatch):
     assert cpu_features.decoder_weight_bytes(big.text) > cpu_features.BF16_MIN_DECODER_BYTES
     assert resolve_dtype("auto", cpu, small) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda"), big) == torch.bfloat16
+    flags = cpu_features.cpu_flags()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN may not use bf16 instructions
     assert not cpu_features.native_bf16()
-    assert resolve_dtype("auto", cpu, big) == torch.float32
+    gemv = {"avx2", "fma"} <= flags
+    assert resolve_dtype("auto", cpu, big) == (torch.bfloat16 if gemv else torch.float32)
+    for without in (frozenset(), flags - {"fma"}):  # no flags at all (not Linux), or AVX2 without FMA
+        monkeypatch.setattr(cpu_features, "cpu_flags", lambda without=without: without)
+        assert resolve_dtype("auto", cpu, big) == torch.float32
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: flags | {"avx2", "fma"})
+    assert resolve_dtype("auto", cpu, big) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, small) == torch.float32  # small: fixed cost, not bytes
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: flags)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    native = bool({"avx512_bf16", "amx_bf16"} & cpu_features.cpu_flags())
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
     assert cpu_features.native_bf16() == native
-    assert resolve_dtype("auto", cpu, big) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("auto", cpu, big) == (torch.bfloat16 if native or gemv else torch.float32)
     assert resolve_dtype("float32", cpu, big) == torch.float32  # an explicit choice stands
 
 

@@ -9,9 +9,10 @@
 Per layer, eager decode makes ~53 aten calls; compiled on CPU it is two: one fused C++ kernel
 (residual + RMSNorm + the qkv GEMV, RoPE with the qkv bias, both cache writes, the o-projection,
 SiLU·mul with the GEMVs around it) and SDPA. language.py's eager code is written so that these
-fuse, and on CPU its one-row linears become multiply-reduce kernels that stream the weights at
-memory bandwidth (rows longer than 4,096, the MLP's down projection, from a copy cut into column
-blocks: `language.chunk_long_rows`). The CPU step is then called without Dynamo's per-call guard
+fuse. On a CPU with AVX2 and FMA its one-row linears call our own GEMV kernel (cpu_gemv.py,
+built on first use); elsewhere they become Inductor multiply-reduce kernels (rows longer than
+4,096, the MLP's down projection, from a copy cut into column blocks: `language.chunk_long_rows`).
+The CPU step is then called without Dynamo's per-call guard
 check and without the Python layers above Inductor's C++ entry (direct_call.py).
 
 The first compile of a shape takes tens of seconds; Inductor's FX-graph and kernel caches (kept in
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import language
+from . import cpu_gemv, language
 from .direct_call import FlatCall, unguarded
 
 MODES = ("auto", "on", "off")
@@ -122,8 +123,13 @@ class CompiledStep:
         self._say("compiling the decode step …")
         start = time.perf_counter()
         options = CUDA_OPTIONS if self.device.type == "cuda" else CPU_OPTIONS
+        kernel_failure = None
         if language.GEMV_AS_REDUCTION.get(self.device.type, False):
-            language.chunk_long_rows(self.lm)  # before tracing: the step reads these copies
+            if cpu_gemv.supported() is None:
+                self._say("preparing the AVX2 GEMV kernel …")  # built once per torch and compiler: ~20-40 s
+                kernel_failure = cpu_gemv.ensure_loaded(self.cache_dir)
+            if not cpu_gemv.loaded():
+                language.chunk_long_rows(self.lm)  # before tracing: the step reads these copies
         try:
             # each model compiles its own entry (same code, other guards): raise rather than run eagerly
             # (specialize_float: float attributes such as RMSNorm's eps are constants; symbolic floats
@@ -140,6 +146,8 @@ class CompiledStep:
         gc.freeze()
         self.compile_s = time.perf_counter() - start
         self.active = True
+        if kernel_failure is not None:  # compiled all the same, with Inductor's own loops
+            _stderr_note(f"the AVX2 GEMV kernel was not built ({kernel_failure}); decoding is slower")
         self._say(f"decode step compiled in {self.compile_s:.1f} s")
         return True
 

@@ -1,9 +1,10 @@
 """What this CPU computes fast, and the default dtype that follows from it.
 
 oneDNN runs bf16 matrix products natively only with AVX512-BF16 or AMX; on other x86 CPUs it
-emulates them, and a bf16 prefill is 2-4× slower than fp32 (benchmarks/RESULTS.md). With native
-bf16 the opposite holds: bf16 prefill is ~2× faster and decode, bound by memory bandwidth, reads
-half the bytes. $ONEDNN_MAX_CPU_ISA caps what oneDNN may use, so a cap below the bf16 ISAs counts
+emulates them (2-4× slower than fp32), so there a bf16 prefill computes in fp32 over upcast
+weights (language.UPCAST_MIN_ROWS), ×0.8-0.95 of an fp32 prefill. With native bf16 prefill is
+~2× faster. Decode is bound by memory bandwidth either way: bf16 reads half the bytes, streamed at
+full speed by native bf16 or, with AVX2 and FMA, by the compiled step's GEMV kernel (cpu_gemv.py). $ONEDNN_MAX_CPU_ISA caps what oneDNN may use, so a cap below the bf16 ISAs counts
 as "no native bf16" (it is also how the slower path is measured on a bf16 CPU).
 """
 
@@ -21,6 +22,8 @@ _BF16_ISAS = ("BF16", "AMX", "AVX10")
 # A decoder this large is bandwidth-bound on CPU: bf16 halves the bytes each token reads. Smaller
 # models are dominated by per-call overheads, where oneDNN's bf16 calls cost more than MKL's fp32.
 BF16_MIN_DECODER_BYTES = 256 * 2**20
+# x86 flags the compiled step's GEMV kernel needs (cpu_gemv.py)
+GEMV_FLAGS = ("avx2", "fma")
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,8 +69,17 @@ def kv_cache_dtype(device: torch.device, dtype: torch.dtype, decoder_bytes: int)
     return dtype
 
 
+def bf16_decodes_fast() -> bool:
+    """Whether a bf16 weight streams as fast as its bytes allow in a decode step here: native bf16,
+    or AVX2 and FMA, with which the compiled step's GEMV kernel converts bf16 in registers."""
+    return native_bf16() or all(flag in cpu_flags() for flag in GEMV_FLAGS)
+
+
 def default_cpu_dtype(cfg) -> torch.dtype:
-    """bf16 for a bandwidth-bound decoder on a CPU with native bf16, fp32 otherwise."""
-    if native_bf16() and decoder_weight_bytes(cfg.text) >= BF16_MIN_DECODER_BYTES:
+    """bf16 for a bandwidth-bound decoder where bf16 decodes fast (`bf16_decodes_fast`), fp32
+    otherwise. Without native bf16 that trades a slower prefill (fp32 products over upcast
+    weights, ×0.8–0.95 of fp32) for a decode that reads half the bytes (×1.6–1.7 of fp32 on the
+    0.5B shape, Zen 3, benchmarks/RESULTS.md) and half the memory."""
+    if bf16_decodes_fast() and decoder_weight_bytes(cfg.text) >= BF16_MIN_DECODER_BYTES:
         return torch.bfloat16
     return torch.float32

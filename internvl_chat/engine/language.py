@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_gemv
 from .config import TextConfig
 from .cpu_features import native_bf16
 from .vision import RMSNorm
@@ -101,10 +102,11 @@ def row_chunk_bytes(lm: nn.Module) -> int:
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, with two CPU fast paths for a dense nn.Linear:
 
-    - one row while being compiled: y = Σ_k W[n, k]·x[k] (+ b) in float32, which Inductor fuses
-      into one bandwidth-bound kernel (eager code never takes this form: it would materialise
-      W·x); x is stored once, not recomputed for every weight row (compiled.CPU_OPTIONS), and
-      rows longer than ROW_CHUNK are read from their column-block copy (`chunk_long_rows`);
+    - one row while being compiled: y = Σ_k W[n, k]·x[k] (+ b) in float32, by the AVX2 kernel
+      where it is loaded (cpu_gemv.py), else as a multiply-reduce that Inductor fuses into one
+      kernel (eager code never takes this form: it would materialise W·x); x is stored once, not
+      recomputed for every weight row (compiled.CPU_OPTIONS), and rows longer than ROW_CHUNK are
+      read from their column-block copy (`chunk_long_rows`);
     - bf16 prefill on a CPU without native bf16: computed in fp32 with the weight upcast."""
     if (
         type(module) is nn.Linear
@@ -114,7 +116,9 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ):
         xf = x.reshape(-1).float()
         chunks = getattr(module, "gemv_chunks", None)
-        if chunks is None:
+        if cpu_gemv.takes(module.weight):
+            y = torch.ops.internvl_chat.gemv(module.weight, xf)
+        elif chunks is None:
             y = (module.weight.float() * xf).sum(-1)
         else:
             start, y = 0, None
