@@ -6,14 +6,14 @@
 - CUDA: Triton kernels; the position lives on the device and the KV bucket is a symbolic int, so
   the same single compile is replayed from one CUDA graph per bucket (`cuda_graph.DecodeGraphs`).
 
-Per layer, eager decode makes ~53 aten calls; compiled on CPU it is two: one fused C++ kernel
-(residual + RMSNorm + the qkv GEMV, RoPE with the qkv bias, both cache writes, the o-projection,
-SiLU·mul with the GEMVs around it) and SDPA. language.py's eager code is written so that these
-fuse. On a CPU with AVX2 and FMA its one-row linears call our own GEMV kernel (cpu_gemv.py,
-built on first use); elsewhere they become Inductor multiply-reduce kernels (rows longer than
-4,096, the MLP's down projection, from a copy cut into column blocks: `language.chunk_long_rows`).
-The CPU step is then called without Dynamo's per-call guard
-check and without the Python layers above Inductor's C++ entry (direct_call.py).
+Per layer, eager decode makes ~53 aten calls; compiled on CPU a handful: fused C++ kernels
+(residual + RMSNorm, RoPE with the qkv bias and both cache writes, SiLU·mul), SDPA, and the
+GEMVs. language.py's eager code is written so that these fuse. On a CPU with AVX2 and FMA the
+one-row linears call our own GEMV kernel (cpu_gemv.py, built on first use); elsewhere they become
+Inductor multiply-reduce kernels fused with their neighbours (rows longer than 4,096, the MLP's
+down projection, from a copy cut into column blocks: `language.chunk_long_rows`). The CPU step
+is then called without Dynamo's per-call guard check and without the Python layers above
+Inductor's C++ entry (direct_call.py).
 
 The first compile of a shape takes tens of seconds; Inductor's FX-graph and kernel caches (kept in
 ~/.cache/internvl-chat/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise) turn later starts

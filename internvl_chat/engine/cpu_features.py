@@ -4,8 +4,9 @@ oneDNN runs bf16 matrix products natively only with AVX512-BF16 or AMX; on other
 emulates them (2-4× slower than fp32), so there a bf16 prefill computes in fp32 over upcast
 weights (language.UPCAST_MIN_ROWS), ×0.8-0.95 of an fp32 prefill. With native bf16 prefill is
 ~2× faster. Decode is bound by memory bandwidth either way: bf16 reads half the bytes, streamed at
-full speed by native bf16 or, with AVX2 and FMA, by the compiled step's GEMV kernel (cpu_gemv.py). $ONEDNN_MAX_CPU_ISA caps what oneDNN may use, so a cap below the bf16 ISAs counts
-as "no native bf16" (it is also how the slower path is measured on a bf16 CPU).
+full speed by native bf16 or, with AVX2 and FMA, by the compiled step's GEMV kernel (cpu_gemv.py).
+$ONEDNN_MAX_CPU_ISA caps what oneDNN may use, so a cap below the bf16 ISAs counts as "no native
+bf16" (it is also how the slower path is measured on a bf16 CPU).
 """
 
 from __future__ import annotations
