@@ -147,3 +147,21 @@ def test_a_kernel_that_does_not_build_leaves_inductors_loops_and_one_note(kernel
     assert run.stdout.split("\n")[-2] == "[true, false, true]", run.stdout
     notes = [line for line in run.stderr.splitlines() if "GEMV" in line]
     assert len(notes) == 1 and "the AVX2 GEMV kernel was not built" in notes[0] and "failed" in notes[0], run.stderr
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    """A library in the cache that no longer loads (cut short on disk) is rebuilt, not reported
+    as a failure at every start (a fresh process: the operator loads once per process)."""
+    code = (
+        "from pathlib import Path\n"
+        "from internvl_chat.engine import cpu_gemv\n"
+        f"cache = Path({str(tmp_path)!r})\n"
+        "assert cpu_gemv._build(cache).is_file()\n"
+        "library = cpu_gemv._build(cache)\n"  # already there: the same file
+        "library.write_bytes(library.read_bytes()[:4096])\n"
+        "print(cpu_gemv.ensure_loaded(cache), cpu_gemv.loaded(), library.stat().st_size > 4096)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["None", "True", "True"], run.stdout

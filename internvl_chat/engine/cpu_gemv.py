@@ -73,12 +73,16 @@ def ensure_loaded(cache_dir: Path) -> str | None:
             reason = supported()
             if reason is None:
                 try:
-                    torch.ops.load_library(str(_build(cache_dir)))
+                    _load(cache_dir)
                     _register_fake()
                 except Exception as e:  # noqa: BLE001 — any failure means "keep Inductor's loops"
                     reason = " ".join(str(e).split())[:300] or type(e).__name__
             _outcome["failure"] = reason
         return _outcome["failure"]
+
+
+def _load(cache_dir: Path) -> None:
+    torch.ops.load_library(str(_build(cache_dir)))
 
 
 def _register_fake() -> None:
@@ -99,8 +103,8 @@ def compiler() -> str:
 
 
 def _build(cache_dir: Path) -> Path:
-    """The compiled library in `cache_dir`/gemv, built now if it is not there yet. The build goes to
-    a temporary file first, so a concurrent process never loads a half-written library."""
+    """The compiled library in `cache_dir`/gemv, built now if it is not there yet (or damaged). The
+    build goes to a temporary file first, so a concurrent process never loads a half-written one."""
     from torch.utils import cpp_extension
 
     cxx = compiler()
@@ -108,7 +112,11 @@ def _build(cache_dir: Path) -> Path:
     key = hashlib.sha256(SOURCE.read_bytes() + "|".join([torch.__version__, cxx, *flags]).encode()).hexdigest()[:16]
     folder = cache_dir / "gemv"
     library = folder / f"internvl_chat_gemv_{key}.so"
-    if library.is_file():
+    # the library's digest as built: a damaged copy (cut short on disk) would crash dlopen with
+    # SIGBUS rather than fail it, so only a library that matches its digest is loaded
+    digest = library.with_suffix(".sha256")
+    built = _digest_of(library)
+    if built is not None and built == _read_digest(digest):
         return library
     folder.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
@@ -122,8 +130,29 @@ def _build(cache_dir: Path) -> Path:
         if run.returncode != 0:
             last = (run.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(f"{Path(cxx).name} failed: {last[:200]}")
+        _write_digest(digest, _digest_of(Path(partial)))
         os.replace(partial, library)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
     return library
+
+
+def _digest_of(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _read_digest(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii", errors="replace")[:64]
+    except OSError:
+        return None
+
+
+def _write_digest(path: Path, value: str | None) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(value or "", encoding="ascii")
+    os.replace(partial, path)
