@@ -73,16 +73,12 @@ def ensure_loaded(cache_dir: Path) -> str | None:
             reason = supported()
             if reason is None:
                 try:
-                    _load(cache_dir)
+                    torch.ops.load_library(str(_build(cache_dir)))
                     _register_fake()
                 except Exception as e:  # noqa: BLE001 — any failure means "keep Inductor's loops"
                     reason = " ".join(str(e).split())[:300] or type(e).__name__
             _outcome["failure"] = reason
         return _outcome["failure"]
-
-
-def _load(cache_dir: Path) -> None:
-    torch.ops.load_library(str(_build(cache_dir)))
 
 
 def _register_fake() -> None:

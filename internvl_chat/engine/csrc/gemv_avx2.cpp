@@ -86,13 +86,17 @@ at::Tensor gemv(const at::Tensor& weight, const at::Tensor& x_in) {
   } else {
     TORCH_CHECK(weight.scalar_type() == at::kBFloat16, "gemv: weight must be float32 or bfloat16");
     const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
-    std::vector<float> x_even(K / 2 + 1), x_odd(K / 2 + 1);
+    // x split into even and odd values, in a buffer kept per calling thread (no allocation per call)
+    thread_local std::vector<float> split;
+    split.resize(2 * (K / 2 + 1));
+    float* x_even = split.data();
+    float* x_odd = x_even + K / 2 + 1;
     for (int64_t j = 0; j + 1 < K; j += 2) {
       x_even[j / 2] = xp[j];
       x_odd[j / 2] = xp[j + 1];
     }
     at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) {
-      for (int64_t n = a; n < b; ++n) yp[n] = dot_bf16(wp + n * K, K, x_even.data(), x_odd.data(), xp);
+      for (int64_t n = a; n < b; ++n) yp[n] = dot_bf16(wp + n * K, K, x_even, x_odd, xp);
     });
   }
   return y;
