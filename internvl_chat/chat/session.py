@@ -14,7 +14,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,14 +141,17 @@ class Session:
             return self.builder.first_turn(text, specs)
         return self.builder.next_turn(text, specs)
 
-    def check_budget(self, new_tokens: int, max_new_tokens: int | None = None, first_fix: str = "use fewer tiles or frames") -> None:
-        """`first_fix`: what to shorten first, the largest part of the new tokens (`_largest_part_fix`)."""
+    def check_budget(self, new_tokens: int, max_new_tokens: int | None = None,
+                     first_fix: Callable[[], str] | None = None) -> None:  # fmt: skip
+        """`first_fix`: what to shorten first (the largest part of the new tokens, `_largest_part_fix`),
+        worked out only when the turn does not fit; by default the attachments."""
         max_new = self.params.max_new_tokens if max_new_tokens is None else max_new_tokens
         need = self.start_pos + new_tokens + max_new
         if need > self.max_context:
+            fix = first_fix() if first_fix is not None else "use fewer tiles or frames"
             raise ContextOverflowError(
                 f"this turn needs {self.start_pos:,} cached + {new_tokens:,} new + {max_new:,} answer tokens = {need:,}, "
-                f"over the {self.max_context:,}-token context; {first_fix}, /clear, "
+                f"over the {self.max_context:,}-token context; {fix}, /clear, "
                 "a smaller max_new_tokens, or a larger --max-context"
             )
 
@@ -247,8 +250,7 @@ class Session:
         new_ids = self._turn_ids(text, media)
         pending = self.ids[self.start_pos :]  # e.g. the token that hit the length limit
         prompt = pending + new_ids
-        if self.start_pos + len(prompt) + params.max_new_tokens > self.max_context:  # only then: what is largest
-            self.check_budget(len(prompt), params.max_new_tokens, self._largest_part_fix(new_ids, media))
+        self.check_budget(len(prompt), params.max_new_tokens, lambda: self._largest_part_fix(new_ids, media))
         turn = Turn(text, media, ids_before=len(self.ids), pos_before=self.start_pos, prompt_ids=new_ids)
         features, vision_s = self._encode(media, cancel)
         turn.features = features

@@ -115,14 +115,13 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         and GEMV_AS_REDUCTION.get(x.device.type, False)
     ):
         xf = x.reshape(-1).float()
-        chunks = getattr(module, "gemv_chunks", None)
         if cpu_gemv.takes(module.weight):
             y = torch.ops.internvl_chat.gemv(module.weight, xf)
-        elif chunks is None:
+        elif not hasattr(module, "gemv_chunks"):
             y = (module.weight.float() * xf).sum(-1)
         else:
             start, y = 0, None
-            for w in chunks:
+            for w in module.gemv_chunks:
                 part = (w.float() * xf[start : start + w.shape[1]]).sum(-1)
                 y, start = (part if y is None else y + part), start + w.shape[1]
         if module.bias is not None:
