@@ -34,15 +34,25 @@ def eager(tiny_original):
     return load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT, compile="off")
 
 
-@pytest.fixture(scope="module")
-def fast(tiny_original):
-    """The CLI's configuration (fp32; one-row linears as multiply-reduce kernels) at the CLI tests'
-    context, so the CLI process and the cache test load this compile from Inductor's cache."""
+@pytest.fixture(scope="module", params=["native", "inductor"])
+def fast(tiny_original, request):
+    """The CLI's configuration (fp32) at the CLI tests' context, so the CLI process and the cache
+    test load this compile from Inductor's cache. Twice: the whole step in C++ (cpu_step.py, where
+    the AVX2 kernels load) and Inductor's compiled step (the other CPUs')."""
+    native = request.param == "native"
+    if native and cpu_gemv.supported() is not None:
+        pytest.skip(f"no C++ step here: {cpu_gemv.supported()}")
     messages: list[str] = []
-    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT, compile="on", progress=messages.append)
+    saved, compiled.NATIVE_CPU_STEP = compiled.NATIVE_CPU_STEP, native
+    try:
+        loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT, compile="on", progress=messages.append)
+    finally:
+        compiled.NATIVE_CPU_STEP = saved
     step = loaded.model.compiled_step
     assert step is not None and step.active, "the decode step did not compile"
-    assert messages[0] == "compiling the decode step …" and messages[-1].startswith("decode step compiled in")
+    assert (step.native is not None) == native
+    assert messages[0] == "compiling the decode step …"
+    assert messages[-1].startswith("decode step ready in" if native else "decode step compiled in")
     assert step.compile_s > 0
     return loaded
 
@@ -53,7 +63,7 @@ def test_compiled_step_gives_the_eager_greedy_tokens(eager, fast):
     want, want_logits = greedy_steps(eager.model, ids, 24)
     got, got_logits = greedy_steps(fast.model, ids, 24)
     assert fast.model.compiled_step.steps - before == 24  # every step ran compiled
-    if hasattr(torch._dynamo.eval_frame, "_debug_get_cache_entry_list"):
+    if fast.model.compiled_step.native is None and hasattr(torch._dynamo.eval_frame, "_debug_get_cache_entry_list"):
         assert fast.model.compiled_step.direct  # without Dynamo's per-call guard check
         assert fast.model.compiled_step.flat is not None  # nor the Python layers above Inductor's entry
     assert got == want
@@ -265,7 +275,11 @@ def test_auto_compiles_large_decoders_on_cpu_only(eager):
 def test_the_compile_cache_serves_the_next_start(tiny_original, fast):
     """A new process finds the step that `fast` compiled (same model and settings) in Inductor's
     cache (~/.cache/internvl-chat by default) and compiles nothing."""
+    if fast.model.compiled_step.native is not None:
+        pytest.skip("Inductor's cache is checked with the Inductor step")
     code = (
+        "from internvl_chat.engine import compiled\n"
+        "compiled.NATIVE_CPU_STEP = False\n"  # Inductor's step, as where the C++ step cannot run
         "from internvl_chat.engine.loader import load_model\n"
         f"m = load_model({str(tiny_original)!r}, device='cpu', dtype='float32', max_context={CONTEXT}, compile='on').model\n"
         "from torch._dynamo.utils import counters\n"
@@ -350,6 +364,7 @@ def test_compiled_step_over_column_blocks_gives_the_eager_greedy_tokens(tiny_ori
     projection), the compiled step decodes the eager step's greedy tokens: with the AVX2 GEMV
     kernel (cpu_gemv.py), which reads whole rows, and with Inductor's loops over column blocks."""
     monkeypatch.setattr(language, "ROW_CHUNK", 40)
+    monkeypatch.setattr(compiled, "NATIVE_CPU_STEP", False)  # Inductor's step, with or without the kernel
     if kernel == "inductor":
         monkeypatch.setattr(cpu_gemv, "loaded", lambda: False)  # as where it cannot be built
     elif cpu_gemv.ensure_loaded(compiled.use_cache_dir()) is not None:

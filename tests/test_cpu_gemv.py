@@ -1,6 +1,7 @@
 """The AVX2 GEMV kernel (engine/cpu_gemv.py, engine/csrc/gemv_avx2.cpp) against float64 products,
-and its place in the compiled step: every one-row linear calls it while tracing, and a kernel that
-cannot be built leaves the step compiled with Inductor's own loops and one note.
+and its place in Inductor's compiled step: every one-row linear calls it while tracing, and a
+kernel that cannot be built (nor, then, the C++ step of cpu_step.py) leaves the step compiled with
+Inductor's own loops and one note.
 
 Cost: one build of the kernel per machine (~20-40 s, then kept in Inductor's cache folder, which
 the compiled-step tests share); the fallback test starts one process that loads the cached step.
@@ -66,6 +67,24 @@ def test_large_weights_split_across_threads_give_the_same_values(kernel):
         assert torch.equal(one, two)  # each row is summed the same way whichever thread takes it
 
 
+def test_four_rows_at_once_split_across_threads_give_the_same_values(kernel):
+    """Long rows take the four-rows-at-once path; groups of four never straddle threads, and the
+    last N % 4 rows are summed one at a time whatever the thread count."""
+    gen = torch.Generator().manual_seed(1)
+    for dtype, k in ((torch.float32, 1000), (torch.bfloat16, 1600)):  # rows of >= 3 KiB
+        weight = torch.randn(1203, k, generator=gen).to(dtype)
+        x = torch.randn(k, generator=gen)
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = _check(kernel, weight, x)
+            torch.set_num_threads(2)
+            two = _check(kernel, weight, x)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(one, two)
+
+
 def test_x_may_be_a_strided_view(kernel):
     weight, x = torch.randn(9, 20), torch.randn(40)[::2]
     assert not x.is_contiguous()
@@ -126,11 +145,11 @@ def test_a_kernel_that_does_not_build_leaves_inductors_loops_and_one_note(kernel
     """The kernel's source fails to compile (a stand-in for a broken toolchain); the step still
     compiles, from Inductor's cache, and answers as the eager step does."""
     broken = tmp_path / "gemv_avx2.cpp"
-    broken.write_text("#error a compiler that cannot build the kernel\n")
+    broken.write_text("#error a compiler that cannot build the kernel\n")  # the C++ step cannot load either
     code = (
         "import json, torch\n"
         "from internvl_chat.engine import cpu_gemv\n"
-        f"cpu_gemv.SOURCE = __import__('pathlib').Path({str(broken)!r})\n"
+        f"cpu_gemv.SOURCES = (__import__('pathlib').Path({str(broken)!r}),)\n"
         "from internvl_chat.engine.loader import load_model\n"
         "from decode_helpers import greedy_steps\n"
         "ids = list(range(5, 30))\n"

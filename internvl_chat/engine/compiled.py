@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import cpu_gemv, language
+from . import cpu_gemv, cpu_step, language
 from .direct_call import FlatCall, unguarded
 
 MODES = ("auto", "on", "off")
@@ -49,6 +49,10 @@ AUTO_MIN_DECODER_BYTES = {"cpu": 256 * 2**20, "cuda": None}
 # redundant with Dynamo's guards. realize_opcount_threshold 0: a value that is broadcast (a
 # norm's output against every weight row of a multiply-reduce GEMV) or used twice is stored
 # once, never recomputed per use; by default Inductor recomputes anything under ~50 operations.
+# On a CPU where the AVX2 kernels load, the whole step runs in C++ (cpu_step.py) instead of
+# Inductor's code: no compile, and ~1.5-2x faster on a small model (benchmarks/RESULTS.md).
+# Tests turn it off to check the Inductor step that other CPUs get.
+NATIVE_CPU_STEP = True
 CPU_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "cpp.min_chunk_size": 1 << 18, "realize_opcount_threshold": 0}
 CUDA_OPTIONS = {"size_asserts": False}
 
@@ -108,6 +112,7 @@ class CompiledStep:
         self._fn = None
         self.direct = False  # the CPU step runs without Dynamo's guard check (direct_call.unguarded)
         self.flat: FlatCall | None = None  # … and without the Python layers above Inductor's code
+        self.native: cpu_step.CpuStep | None = None  # the step in C++ instead (CPU, AVX2 kernels loaded)
         with torch.inference_mode(False):  # normal tensors whatever the caller's mode: stable guards
             self._token = torch.zeros(1, dtype=torch.long, device=device)
             self._position = torch.full((1,), 2, dtype=torch.long, device=device)
@@ -126,8 +131,10 @@ class CompiledStep:
         kernel_failure = None
         if language.GEMV_AS_REDUCTION.get(self.device.type, False):
             if cpu_gemv.supported() is None:
-                self._say("preparing the AVX2 GEMV kernel …")  # built once per torch and compiler: ~20-40 s
+                self._say("preparing the AVX2 kernels …")  # built once per torch and compiler: ~40-80 s
                 kernel_failure = cpu_gemv.ensure_loaded(self.cache_dir)
+            if NATIVE_CPU_STEP and not self.for_graphs and cpu_step.unsupported(self.lm) is None:
+                return self._ready(cpu_step.CpuStep(self.lm), start)
             if not cpu_gemv.loaded():
                 language.chunk_long_rows(self.lm)  # before tracing: the step reads these copies
         try:
@@ -149,6 +156,18 @@ class CompiledStep:
         if kernel_failure is not None:  # compiled all the same, with Inductor's own loops
             _stderr_note(f"the AVX2 GEMV kernel was not built ({kernel_failure}); decoding is slower")
         self._say(f"decode step compiled in {self.compile_s:.1f} s")
+        return True
+
+    def _ready(self, native: cpu_step.CpuStep, start: float) -> bool:
+        """Use the C++ step: checked on a scratch copy of the caches like the compiled one."""
+        try:
+            native.check(self._token)
+        except Exception as e:  # noqa: BLE001 — a step that cannot run means "stay eager"
+            return self._fail(e, "was not built")
+        self.native = native
+        self.compile_s = time.perf_counter() - start
+        self.active = True
+        self._say(f"decode step ready in {self.compile_s:.1f} s (C++ AVX2 kernels)")
         return True
 
     @torch.inference_mode()
@@ -189,7 +208,7 @@ class CompiledStep:
 
     def _fail(self, error: BaseException, what: str) -> bool:
         self.active = False
-        self._fn = self.flat = None
+        self._fn = self.flat = self.native = None
         language.drop_row_chunks(self.lm)  # the eager step never reads them
         self.failure = _one_line(error)
         # always printed (a progress display would overwrite it); Rich's live displays pass stderr through
@@ -207,14 +226,17 @@ class CompiledStep:
         if not self.active or self.for_graphs or not 2 <= pos < self.lm.max_seq_len:
             return None  # the general path: eager, or the overflow error
         try:
-            self._token.copy_(token.view(1))  # tokens come as inference or normal tensors: one kind in
-            # the caches in use now: a server swaps in each slot's own (same shape and kind)
-            flat = self.flat
-            if flat is not None and flat.version == self.lm.weights_version:
-                logits = flat(pos, self.lm.caches())
+            if self.native is not None:
+                logits = self.native(token, pos)
             else:
-                with contextlib.nullcontext() if self.direct else torch.compiler.set_stance("fail_on_recompile"):
-                    logits = self._fn(self.lm, self._token, pos, self.lm.caches())
+                self._token.copy_(token.view(1))  # tokens come as inference or normal tensors: one kind in
+                # the caches in use now: a server swaps in each slot's own (same shape and kind)
+                flat = self.flat
+                if flat is not None and flat.version == self.lm.weights_version:
+                    logits = flat(pos, self.lm.caches())
+                else:
+                    with contextlib.nullcontext() if self.direct else torch.compiler.set_stance("fail_on_recompile"):
+                        logits = self._fn(self.lm, self._token, pos, self.lm.caches())
             self.steps += 1
             return logits
         except Exception as e:  # noqa: BLE001 — a guard failure or runtime error: eager from now on

@@ -30,12 +30,15 @@ import torch
 
 from .cpu_features import GEMV_FLAGS, cpu_flags
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv_avx2.cpp"
+CSRC = Path(__file__).with_name("csrc")
+# one library: the GEMV operator and the C++ decode step (cpu_step.py), which share the kernels
+SOURCES = (CSRC / "gemv_avx2.cpp", CSRC / "decode_step.cpp")
+HEADERS = (CSRC / "gemv_avx2.h",)
 OPERATOR = "internvl_chat::gemv"
 DTYPES = (torch.float32, torch.bfloat16)  # weight dtypes the kernel reads
 # -fopenmp: at::parallel_for's threads (served by torch's own libgomp, already loaded)
 CXX_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++20", "-shared", "-fPIC", "-w")
-# torch's headers take ~20-40 s to compile on a slow 2-core machine
+# torch's headers take ~20-40 s per source file to compile on a slow 2-core machine
 BUILD_TIMEOUT_S = 600
 
 _lock = threading.Lock()
@@ -105,7 +108,8 @@ def _build(cache_dir: Path) -> Path:
 
     cxx = compiler()
     flags = [*CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    key = hashlib.sha256(SOURCE.read_bytes() + "|".join([torch.__version__, cxx, *flags]).encode()).hexdigest()[:16]
+    code = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(code + "|".join([torch.__version__, cxx, *flags]).encode()).hexdigest()[:16]
     folder = cache_dir / "gemv"
     library = folder / f"internvl_chat_gemv_{key}.so"
     # the library's digest as built: a damaged copy (cut short on disk) would crash dlopen with
@@ -118,7 +122,7 @@ def _build(cache_dir: Path) -> Path:
     fd, partial = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
     os.close(fd)
     command = [
-        cxx, *flags, *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", partial,
+        cxx, *flags, *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, SOURCES), "-o", partial,
         *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-lgomp",
     ]  # fmt: skip
     try:

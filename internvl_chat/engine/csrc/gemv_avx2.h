@@ -1,0 +1,192 @@
+#pragma once
+// The AVX2 GEMV kernels: y = weight · x in float32 for a contiguous [N, K] float32 or bfloat16
+// weight and K float32 values of x (needs AVX2 and FMA). Used by the operator internvl_chat::gemv
+// (gemv_avx2.cpp) and by the C++ decode step (decode_step.cpp).
+//
+// Two ways through a matrix, chosen by its shape (`four_rows_at_once`):
+// - one row at a time, four independent accumulators: the matrix is read as one sequential
+//   stream, which the hardware prefetcher follows best when it comes from memory and its rows
+//   are short (a large bf16 matrix with K = 896: 9 GB/s against 7 GB/s four rows at a time);
+// - four rows at a time sharing each load of x: the rows' dependency chains overlap and the
+//   horizontal sums are done four at once. Faster for a small bf16 matrix that sits in cache (a
+//   small model's, where one row's latency, not bandwidth, set the pace: ×1.3-1.5) and for long
+//   rows from memory (four long streams: 12-15 GB/s against 9-10 for K = 4864).
+// Which rows go which way depends only on the shape, never on the thread count, so every
+// thread count gives the same values.
+//
+// bf16: a 32-bit lane holds two weights, the even one in its low half; a 16-bit left shift gives
+// the even weights as float32 and masking the low half the odd ones, each multiplied with x's
+// even or odd values (split once per call).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace internvl_chat_cpu {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float dot_f32(const float* w, int64_t K, const float* x) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+  }
+  for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; k < K; ++k) s += w[k] * x[k];
+  return s;
+}
+
+// x_even[j] = x[2j], x_odd[j] = x[2j + 1]
+inline float dot_bf16(const at::BFloat16* w, int64_t K, const float* x_even, const float* x_odd, const float* x) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16));
+    a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), _mm256_loadu_ps(x_even + k / 2), a0);
+    b0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)), _mm256_loadu_ps(x_odd + k / 2), b0);
+    a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), _mm256_loadu_ps(x_even + k / 2 + 8), a1);
+    b1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, high)), _mm256_loadu_ps(x_odd + k / 2 + 8), b1);
+  }
+  for (; k + 16 <= K; k += 16) {
+    __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), _mm256_loadu_ps(x_even + k / 2), a0);
+    b0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)), _mm256_loadu_ps(x_odd + k / 2), b0);
+  }
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1)));
+  for (; k < K; ++k) s += static_cast<float>(w[k]) * x[k];
+  return s;
+}
+
+// the four sums of four rows' accumulators, as [s0 s1 s2 s3]
+inline __m128 hsum4(__m256 s0, __m256 s1, __m256 s2, __m256 s3) {
+  __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// y[0..3] = rows w[0..3] · x; two accumulators per row
+inline void dot4_f32(const float* w, int64_t K, const float* x, float* y) {
+  const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), x0, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), x0, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), x0, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), x0, a3);
+    b0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k + 8), x1, b0);
+    b1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k + 8), x1, b1);
+    b2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k + 8), x1, b2);
+    b3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k + 8), x1, b3);
+  }
+  if (k + 8 <= K) {
+    const __m256 x0 = _mm256_loadu_ps(x + k);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), x0, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), x0, a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), x0, a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), x0, a3);
+    k += 8;
+  }
+  alignas(16) float s[4];
+  _mm_store_ps(s, hsum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3)));
+  for (; k < K; ++k) {
+    s[0] += w0[k] * x[k], s[1] += w1[k] * x[k], s[2] += w2[k] * x[k], s[3] += w3[k] * x[k];
+  }
+  std::copy(s, s + 4, y);
+}
+
+// y[0..3] = rows w[0..3] · x for bf16 weights; even and odd accumulators per row
+inline void dot4_bf16(const at::BFloat16* w, int64_t K, const float* x_even, const float* x_odd, const float* x,
+                      float* y) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const at::BFloat16 *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  int64_t k = 0;
+  auto row = [&](const at::BFloat16* wr, __m256 even, __m256 odd, __m256& a, __m256& b) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+    a = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), even, a);
+    b = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), odd, b);
+  };
+  for (; k + 16 <= K; k += 16) {
+    const __m256 even = _mm256_loadu_ps(x_even + k / 2), odd = _mm256_loadu_ps(x_odd + k / 2);
+    row(w0, even, odd, a0, b0);
+    row(w1, even, odd, a1, b1);
+    row(w2, even, odd, a2, b2);
+    row(w3, even, odd, a3, b3);
+  }
+  alignas(16) float s[4];
+  _mm_store_ps(s, hsum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3)));
+  for (; k < K; ++k) {
+    const float xk = x[k];
+    s[0] += static_cast<float>(w0[k]) * xk, s[1] += static_cast<float>(w1[k]) * xk;
+    s[2] += static_cast<float>(w2[k]) * xk, s[3] += static_cast<float>(w3[k]) * xk;
+  }
+  std::copy(s, s + 4, y);
+}
+
+// Four rows at a time for rows long enough (>= 3 KiB) that four streams from memory beat one, and
+// for a small bf16 matrix (<= 1 MiB: it comes from cache, and its per-row latency set the pace).
+// A small float32 matrix read from L3 went ~7 % faster one row at a time (measured; see the top).
+inline bool four_rows_at_once(int64_t N, int64_t K, int64_t element_size) {
+  return K * element_size >= 3 * 1024 || (element_size == 2 && N * K * element_size <= (int64_t{1} << 20));
+}
+
+// Calls one(n) for each row in [0, N), or four(n) for groups of four rows (n a multiple of 4)
+// and one(n) for the last N % 4 rows; the rows are split across threads in blocks of >= 256k
+// weights (below that a parallel region's barrier costs more than the work, the same rule as
+// the compiled step's own loops).
+template <class One, class Four>
+void for_rows(int64_t N, int64_t K, bool grouped, const One& one, const Four& four) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1));
+  if (!grouped) {
+    at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) {
+      for (int64_t n = a; n < b; ++n) one(n);
+    });
+    return;
+  }
+  at::parallel_for(0, N / 4, std::max<int64_t>(1, grain / 4), [&](int64_t a, int64_t b) {
+    for (int64_t g = a; g < b; ++g) four(4 * g);
+  });
+  for (int64_t n = N / 4 * 4; n < N; ++n) one(n);
+}
+
+// y[N] = w[N, K] · x[K], float32 weights
+inline void gemv_f32(const float* wp, int64_t N, int64_t K, const float* xp, float* yp) {
+  for_rows(
+      N, K, four_rows_at_once(N, K, sizeof(float)), [&](int64_t n) { yp[n] = dot_f32(wp + n * K, K, xp); },
+      [&](int64_t n) { dot4_f32(wp + n * K, K, xp, yp + n); });
+}
+
+// y[N] = w[N, K] · x[K], bfloat16 weights
+inline void gemv_bf16(const at::BFloat16* wp, int64_t N, int64_t K, const float* xp, float* yp) {
+  // x split into even and odd values, in a buffer kept per calling thread (no allocation per call)
+  thread_local std::vector<float> split;
+  split.resize(2 * (K / 2 + 1));
+  float* x_even = split.data();
+  float* x_odd = x_even + K / 2 + 1;
+  for (int64_t j = 0; j + 1 < K; j += 2) {
+    x_even[j / 2] = xp[j];
+    x_odd[j / 2] = xp[j + 1];
+  }
+  for_rows(
+      N, K, four_rows_at_once(N, K, sizeof(at::BFloat16)),
+      [&](int64_t n) { yp[n] = dot_bf16(wp + n * K, K, x_even, x_odd, xp); },
+      [&](int64_t n) { dot4_bf16(wp + n * K, K, x_even, x_odd, xp, yp + n); });
+}
+
+}  // namespace internvl_chat_cpu
