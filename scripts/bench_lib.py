@@ -706,8 +706,9 @@ def decode_probe(model_dir: str, dtype: str, threads: int, prefill: int, decode:
         if ok:
             _decode_rate(model, first, min(decode, 8))
             runs = [_decode_rate(model, first, decode) for _ in range(repeats)]
-            out.update(compiled_tokens_per_s=median(runs), compiled_runs=runs, compiled_steps=model.compiled_step.steps)
-            # aten calls left around Inductor's fused C++ kernels (which the profiler does not list)
+            out.update(compiled_tokens_per_s=median(runs), compiled_runs=runs, compiled_steps=model.compiled_step.steps,
+                       compiled_kind="C++ step" if model.compiled_step.native is not None else "Inductor")  # fmt: skip
+            # aten calls left around Inductor's fused C++ kernels or the C++ step (neither is listed)
             out["compiled_ops_per_layer"] = ops_per_step(model, probe_token, decode)["per_step"] / layers
             if depth:
                 context = torch.randint(0, min(loaded.config.text.vocab_size, 4096), (depth,), generator=gen).tolist()
