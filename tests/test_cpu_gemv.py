@@ -51,28 +51,17 @@ def test_every_row_length_and_tail(kernel, dtype, k):
         _check(kernel, weight, torch.randn(k, generator=gen))
 
 
-def test_large_weights_split_across_threads_give_the_same_values(kernel):
-    gen = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        weight = torch.randn(2400, 640, generator=gen).to(dtype)  # 1.5M weights: several threads' worth
-        x = torch.randn(640, generator=gen)
-        before = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            one = _check(kernel, weight, x)
-            torch.set_num_threads(2)
-            two = _check(kernel, weight, x)
-        finally:
-            torch.set_num_threads(before)
-        assert torch.equal(one, two)  # each row is summed the same way whichever thread takes it
-
-
-def test_four_rows_at_once_split_across_threads_give_the_same_values(kernel):
-    """Long rows take the four-rows-at-once path; groups of four never straddle threads, and the
-    last N % 4 rows are summed one at a time whatever the thread count."""
-    gen = torch.Generator().manual_seed(1)
-    for dtype, k in ((torch.float32, 1000), (torch.bfloat16, 1600)):  # rows of >= 3 KiB
-        weight = torch.randn(1203, k, generator=gen).to(dtype)
+@pytest.mark.parametrize(
+    "n, k_fp32, k_bf16",
+    [(2400, 640, 640), (1203, 1000, 1600)],  # 1.5M weights of short rows; long rows (>= 3 KiB), N % 4 == 3
+    ids=["one-row-at-a-time", "four-rows-at-once"],
+)
+def test_large_weights_split_across_threads_give_the_same_values(kernel, n, k_fp32, k_bf16):
+    """Several threads' worth of rows: each row is summed the same way whichever thread takes it
+    (groups of four rows never straddle threads; the last N % 4 rows go one at a time)."""
+    gen = torch.Generator().manual_seed(n)
+    for dtype, k in ((torch.float32, k_fp32), (torch.bfloat16, k_bf16)):
+        weight = torch.randn(n, k, generator=gen).to(dtype)
         x = torch.randn(k, generator=gen)
         before = torch.get_num_threads()
         try:

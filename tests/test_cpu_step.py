@@ -123,6 +123,14 @@ def test_converted_weights_and_swapped_caches_are_picked_up():
     assert compare(lm, 12, 3, step) <= 0.05
 
 
+def test_a_new_cache_allocation_brings_its_own_rope_tables():
+    lm = random_lm(context=64)
+    step = cpu_step.CpuStep(lm)
+    assert compare(lm, 10, 2, step) <= 1e-5
+    lm.allocate_cache(400, torch.device("cpu"), torch.float32)  # longer than the tables the step was built with
+    assert compare(lm, 300, 3, step) <= 1e-5
+
+
 def test_bad_tokens_positions_and_caches_are_refused():
     lm = random_lm(context=64)
     step = cpu_step.CpuStep(lm)

@@ -1,18 +1,19 @@
-"""Our own AVX2 one-row linear (GEMV) for the compiled CPU decode step.
+"""Our own AVX2 one-row linear (GEMV) kernels, and the library they are built into.
 
 Inductor compiles the step's one-row linears into multiply-reduce loops with one vector
 accumulator per weight row: each row's sum is a single chain of dependent additions, and a bf16
-weight is converted inside that chain. `csrc/gemv_avx2.cpp` keeps four accumulators per row, takes
-the rows in order (one sequential stream for the hardware prefetcher), converts bf16 with one
-integer instruction per 8 weights, and splits large weights across threads. Measured in the whole
-step, interleaved in one process on a 2-vCPU Zen 3 (benchmarks/RESULTS.md, issue 10): the 0.5B
-shape decodes ×1.16–1.38 faster, the demo model ×1.55 in bf16 and the same in fp32.
+weight is converted inside that chain. `csrc/gemv_avx2.h` keeps four accumulators per row (or
+takes four rows at once, sharing each load of x, where that measured faster: small bf16 and
+long-row matrices), converts bf16 with one integer instruction per 8 weights, and splits large
+weights across threads. In Inductor's step (measured interleaved in one process on a 2-vCPU Zen 3,
+benchmarks/RESULTS.md, issue 10) the 0.5B shape decodes ×1.16–1.38 faster with it.
 
-It is the operator `internvl_chat::gemv(weight, x)` (y = weight · x in float32; weight a contiguous
-fp32 or bf16 matrix), which Inductor calls from the compiled step like any other operator. The
-library is compiled once per source, torch, compiler and flags with the C++ compiler Inductor
-already needs, into Inductor's cache folder, and loaded from there afterwards. Where it cannot
-run (not x86-64, no AVX2/FMA) or be built (no compiler), the step keeps Inductor's loops.
+The library holds the operator `internvl_chat::gemv(weight, x)` (y = weight · x in float32; weight
+a contiguous fp32 or bf16 matrix), which Inductor's step calls like any other operator, and the
+whole C++ decode step (`internvl_chat.DecodeStep`, cpu_step.py). It is compiled once per source,
+torch, compiler and flags with the C++ compiler Inductor already needs, into Inductor's cache
+folder, and loaded from there afterwards. Where it cannot run (not x86-64, no AVX2/FMA) or be
+built (no compiler), the step is Inductor's with its own loops.
 """
 
 from __future__ import annotations

@@ -23,8 +23,7 @@ from torch import nn
 from . import cpu_gemv
 from .vision import RMSNorm
 
-CLASS = "internvl_chat.DecodeStep"
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = cpu_gemv.DTYPES  # weights and KV caches it reads: float32, bfloat16
 
 
 def _layer_tensors(layer) -> list:
@@ -67,13 +66,15 @@ def unsupported(lm) -> str | None:
 class CpuStep:
     """`step(token, pos)` → float32 logits [V]: `lm.decode_exact` in one C++ call.
 
-    The C++ object holds the weights it was built from; when `lm.weights_version` moves (a
-    conversion such as `.to()`: new tensors) it is built again, and when `lm.caches()` gives
-    another list (a serve slot's own KV) the caches are bound again."""
+    The C++ object holds the weights and RoPE tables it was built from; when `lm.weights_version`
+    moves (a conversion such as `.to()`: new tensors) or the tables are new (`allocate_cache`) it
+    is built again, and when `lm.caches()` gives another list (a serve slot's own KV) the caches
+    are bound again."""
 
     def __init__(self, lm):
         self.lm = lm
         self._version = None
+        self._tables = None  # the RoPE table built into the step (a new cache allocation makes new ones)
         self._caches = None
         self._step = None
 
@@ -84,7 +85,7 @@ class CpuStep:
         tensors += [t for layer in decoder.layers for t in _layer_tensors(layer)]
         shape = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim]
         self._step = torch.classes.internvl_chat.DecodeStep([t.detach() for t in tensors], shape, float(decoder.norm.eps))
-        self._version, self._caches = lm.weights_version, None
+        self._version, self._tables, self._caches = lm.weights_version, lm.cos, None
 
     def check(self, token: torch.Tensor) -> None:
         """Build, and run one step at position 2 on scratch caches (never the conversation's)."""
@@ -100,7 +101,7 @@ class CpuStep:
             raise RuntimeError("the C++ decode step gave no finite logits")
 
     def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        if self._version != self.lm.weights_version:
+        if self._version != self.lm.weights_version or self._tables is not self.lm.cos:
             reason = unsupported(self.lm)
             if reason is not None:
                 raise RuntimeError(f"the C++ decode step cannot run this model any more: {reason}")

@@ -139,7 +139,8 @@ class DecodeStep : public torch::CustomClassHolder {
       o_.push_back(matrix(b + 3, dim_, q));
       expect(b + 4, {dim_});
       gate_up_.push_back(matrix(b + 5, -1, dim_));
-      TORCH_CHECK(gate_up_.back().rows % 2 == 0, "DecodeStep: gate_up must have an even number of rows");
+      TORCH_CHECK(gate_up_.back().rows % 2 == 0 && gate_up_.back().rows == gate_up_.front().rows,
+                  "DecodeStep: gate_up must have the same even number of rows in every layer");
       down_.push_back(matrix(b + 6, dim_, gate_up_.back().rows / 2));
     }
     h_.resize(dim_), x_.resize(std::max(dim_, q)), y_.resize(dim_), qkv_out_.resize(qkv);
