@@ -45,6 +45,11 @@ MODES = ("auto", "on", "off")
 # in benchmarks/RESULTS.md); tiny models already decode faster than anyone reads, and start
 # instantly. CUDA: not measured on a GPU in this build yet (scripts/gpu_check.sh does), so opt-in.
 AUTO_MIN_DECODER_BYTES = {"cpu": 256 * 2**20, "cuda": None}
+# On a CPU where the AVX2 kernels load, the whole step runs in C++ (cpu_step.py) instead of
+# Inductor's code: nothing to compile, and ×1.3-2.2 the speed of Inductor's step on the demo model
+# (level on the GEMV-bound 0.5B shape; benchmarks/RESULTS.md, Update 8). Tests turn it off to
+# check the Inductor step that other CPUs get.
+NATIVE_CPU_STEP = True
 # Inductor options. CPU: a C++ wrapper instead of a Python one (less per-call overhead); loops
 # run on several threads only with ≥ 256k elements of work per thread (the large GEMVs): every
 # parallel region ends in a barrier that waits for the slowest thread, and a decode step has
@@ -52,10 +57,6 @@ AUTO_MIN_DECODER_BYTES = {"cpu": 256 * 2**20, "cuda": None}
 # redundant with Dynamo's guards. realize_opcount_threshold 0: a value that is broadcast (a
 # norm's output against every weight row of a multiply-reduce GEMV) or used twice is stored
 # once, never recomputed per use; by default Inductor recomputes anything under ~50 operations.
-# On a CPU where the AVX2 kernels load, the whole step runs in C++ (cpu_step.py) instead of
-# Inductor's code: no compile, and ~1.5-2x faster on a small model (benchmarks/RESULTS.md).
-# Tests turn it off to check the Inductor step that other CPUs get.
-NATIVE_CPU_STEP = True
 CPU_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "cpp.min_chunk_size": 1 << 18, "realize_opcount_threshold": 0}
 CUDA_OPTIONS = {"size_asserts": False}
 

@@ -2,7 +2,7 @@
 
 On a small model a decode step is almost all fixed cost: Inductor's compiled step still makes
 ~20 operator calls a token (each GEMV, SDPA with its views, the allocations between them) through
-the dispatcher, which cost more than the arithmetic (the demo model: ~45 % of a step outside the
+the dispatcher, which cost more than the arithmetic (the demo model: ~55 % of a step outside the
 GEMV kernel, measured with perf). `internvl_chat.DecodeStep` does the step in one call: it holds
 the weights, writes activations into buffers it owns, and runs the same GEMV kernels
 (gemv_avx2.h), its own attention over the valid cache prefix (each kv head's group of q heads
@@ -11,8 +11,8 @@ where the eager step holds bf16 tensors. It lives in the GEMV kernel's library, 
 machine (cpu_gemv.py), so it needs no Inductor compile at all.
 
 `CompiledStep` (compiled.py) uses it for a Qwen2 decoder whose linears are plain float32 or
-bfloat16 `nn.Linear`s (a W4 model on CPU is dequantized to those) with a float32 or bfloat16 KV
-cache; anything else keeps the Inductor step.
+bfloat16 `nn.Linear`s with a float32 or bfloat16 KV cache; anything else (a W4 model's Int4Linear
+layers, fp16) keeps the Inductor step.
 """
 
 from __future__ import annotations
