@@ -137,6 +137,43 @@ def test_overflow_names_the_largest_part_of_the_turn_first(tiny_original, media_
         _run(session.ask("What is this? " * 20, [session.describe_image(media_dir / "scene.png")]))
 
 
+def test_a_hopeless_paste_is_refused_before_it_is_tokenized(tiny_original, monkeypatch):
+    """A paste whose fewest possible tokens overflow is refused without encoding it (a 15 MB one
+    took ~25 s and ~3 GB to tokenize, only to be refused); the session is unchanged after."""
+    small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
+    session = Session(small, _params())
+    _run(session.ask("Hi."))
+    state = (list(session.ids), session.start_pos, len(session.turns))
+    paste = "x" * (1 << 21)  # 2 MiB
+    assert small.tokenizer.fewest_tokens(paste) > 1024
+    real_encode = type(small.tokenizer).encode
+
+    def encode(self, text):
+        assert len(text) < 1 << 20, "the paste was tokenized"
+        return real_encode(self, text)
+
+    monkeypatch.setattr(type(small.tokenizer), "encode", encode)
+    with pytest.raises(ContextOverflowError, match=r"this message is at least [\d,]+ tokens \(2,097,152 characters\).*"
+                       r"over the 1,024-token context; send a shorter message, /clear"):  # fmt: skip
+        _run(session.ask(paste))
+    assert (session.ids, session.start_pos, len(session.turns)) == state
+    _run(session.ask("Still there?"))
+    assert len(session.turns) == 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["x" * 70000, " " * 70000, "\n" * 5000 + "ab" * 30000, "e\u0301" * 30000, "\u1100\u1161\u11a8" * 25000,
+     "<|im_start|>" * 6000, "日本語のテキスト" * 9000, "\U0001F600" * 20000],
+    ids=["one-letter", "spaces", "lines", "combining", "hangul-jamo", "special-token-text", "cjk", "emoji"],
+)
+def test_the_fewest_tokens_bound_never_exceeds_the_real_count(tiny_original, text):
+    from internvl_chat.engine.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_original)
+    assert 0 < tokenizer.fewest_tokens(text) <= len(tokenizer.encode(text))
+
+
 def test_overflow_leaves_the_session_unchanged(tiny_original, media_dir):
     small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
     session = Session(small, _params())

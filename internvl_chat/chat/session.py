@@ -41,6 +41,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+# messages shorter than this are simply tokenized (the bound below costs a pass over the vocabulary once)
+HOPELESS_TEXT_MIN_CHARS = 1 << 16
+
+
 @dataclass
 class Media:
     """An image or video attached to a turn: where it came from and what it costs."""
@@ -155,6 +159,19 @@ class Session:
                 "a smaller max_new_tokens, or a larger --max-context"
             )
 
+    def _refuse_hopeless_text(self, text: str, max_new_tokens: int) -> None:
+        """Refuse, before tokenizing it, a message whose fewest possible tokens already overflow."""
+        if len(text) < HOPELESS_TEXT_MIN_CHARS:
+            return
+        fewest = self.tokenizer.fewest_tokens(text)
+        need = self.start_pos + fewest + max_new_tokens
+        if need > self.max_context:
+            raise ContextOverflowError(
+                f"this message is at least {fewest:,} tokens ({len(text):,} characters): with {self.start_pos:,} cached "
+                f"and {max_new_tokens:,} answer tokens that is over the {self.max_context:,}-token context; "
+                "send a shorter message, /clear, or a larger --max-context"
+            )
+
     def _largest_part_fix(self, new_ids: list[int], media: Sequence[Media]) -> str:
         """What shortens a turn (`new_ids`) that does not fit: its largest part, the message text (a
         long paste), the system message (on the first turn) or the attachments."""
@@ -247,6 +264,7 @@ class Session:
         params.validate()
         # the template puts images before videos; keep features in that same order
         media = [media[i] for i in media_order([m.spec for m in media])]
+        self._refuse_hopeless_text(text, params.max_new_tokens)
         new_ids = self._turn_ids(text, media)
         pending = self.ids[self.start_pos :]  # e.g. the token that hit the length limit
         prompt = pending + new_ids
