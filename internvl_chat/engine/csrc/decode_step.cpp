@@ -284,21 +284,26 @@ class DecodeStep : public torch::CustomClassHolder {
     // split across threads by kv head only when there is enough work for a parallel region
     const int64_t grain = length * hd * group >= (int64_t{1} << 16) ? 1 : kv_heads_;
     at::parallel_for(0, kv_heads_, grain, [&](int64_t first, int64_t last) {
-      thread_local std::vector<float> scores, block;
+      thread_local std::vector<float> scores, block, totals;
       scores.resize(group * length);
+      totals.resize(group);
       block.resize(kValueBlock * hd);
       for (int64_t g = first; g < last; ++g) {
         const char* keys = static_cast<const char*>(k_base) + g * cache_len_ * hd * element;
         const char* values = static_cast<const char*>(v_base) + g * cache_len_ * hd * element;
         const float* qg = q + g * group * hd;
         for (int64_t j = 0; j < length; j += 8) key_scores(keys, j, std::min<int64_t>(8, length - j), qg, group, length, scale, block.data(), scores.data());
-        for (int64_t h = 0; h < group; ++h) softmax(scores.data() + h * length, length);
+        for (int64_t h = 0; h < group; ++h) totals[h] = exponentiate(scores.data() + h * length, length);
         float* og = out + g * group * hd;
         std::fill(og, og + group * hd, 0.0f);
         for (int64_t j = 0; j < length; j += kValueBlock) {
           const int64_t n = std::min<int64_t>(kValueBlock, length - j);
           const float* v = as_float(values + j * hd * element, cache_bf16_, n * hd, block.data());
           for (int64_t h = 0; h < group; ++h) weighted_sum(scores.data() + h * length + j, v, n, og + h * hd);
+        }
+        for (int64_t h = 0; h < group; ++h) {  // the softmax's division, once per output value
+          const float inv = 1.0f / totals[h];
+          for (int64_t c = 0; c < hd; ++c) og[h * hd + c] *= inv;
         }
       }
     });
@@ -324,10 +329,15 @@ class DecodeStep : public torch::CustomClassHolder {
       }
       const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
       const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-      alignas(32) float sums[8];
-      _mm256_store_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31)));
+      const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
+      if (n == 8 && vector_end == hd) {  // the common case: eight whole scores in one store
+        _mm256_storeu_ps(scores + h * length + j, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+        continue;
+      }
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, sums);
       for (int64_t i = 0; i < n; ++i) {
-        float s = sums[i];
+        float s = lanes[i];
         for (int64_t c = vector_end; c < hd; ++c) s += k[i][c] * qh[c];
         scores[h * length + j + i] = s * scale;
       }
@@ -356,21 +366,25 @@ class DecodeStep : public torch::CustomClassHolder {
       for (int64_t i = 0; i < n; ++i) axpy(p[i], v + i * hd + c, out + c, hd - c);
   }
 
-  static void softmax(float* s, int64_t n) {
-    float top = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
+  // s[j] = e^(s[j] - max s) for the n scores; returns their sum (the softmax's denominator)
+  static float exponentiate(float* s, int64_t n) {
+    __m256 tops = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) tops = _mm256_max_ps(tops, _mm256_loadu_ps(s + j));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, tops);
+    float top = *std::max_element(lanes, lanes + 8);
+    for (; j < n; ++j) top = std::max(top, s[j]);
     const __m256 topv = _mm256_set1_ps(top);
     __m256 sums = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
+    for (j = 0; j + 8 <= n; j += 8) {
       const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), topv));
       _mm256_storeu_ps(s + j, e);
       sums = _mm256_add_ps(sums, e);
     }
     float sum = internvl_chat_cpu::hsum(sums);
     for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - top));
-    const float inv = 1.0f / sum;
-    for (j = 0; j < n; ++j) s[j] *= inv;
+    return sum;
   }
 
   std::vector<at::Tensor> tensors_, keys_, values_;
