@@ -1,9 +1,11 @@
-"""The compiled decode step (engine/compiled.py) against the eager step, on CPU in fp32.
+"""The fast decode step (engine/compiled.py) against the eager step, on CPU in fp32: the C++ step
+(cpu_step.py, where the AVX2 kernels load) and Inductor's compiled step, each through the same
+Session, serve-slot and fuzz tests (the `fast` fixture has one instance of each).
 
-Cost: one in-process compile of the tiny checkpoint's step (2 layers; kept in Inductor's cache)
-that the Session, serve-slot, CLI and cache tests share (the CLI and cache processes load it from
-the cache); one compile of the graphs variant; the W4 compile (marked slow). The fallback test makes a compile really fail (the C++
-compiler named by $CXX does not exist, and an empty cache forces a build).
+Cost: one in-process compile of the tiny checkpoint's Inductor step (2 layers; kept in Inductor's
+cache, from which the cache test's process loads it); the CLI process takes the C++ step; one
+compile of the graphs variant; the W4 compile (marked slow). The fallback test makes a compile
+really fail (the C++ compiler named by $CXX does not exist, and an empty cache forces a build).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ def eager(tiny_original):
 
 @pytest.fixture(scope="module", params=["native", "inductor"])
 def fast(tiny_original, request):
-    """The CLI's configuration (fp32) at the CLI tests' context, so the CLI process and the cache
-    test load this compile from Inductor's cache. Twice: the whole step in C++ (cpu_step.py, where
+    """The CLI's configuration (fp32) at the CLI tests' context, so the cache test's process loads
+    the Inductor instance from Inductor's cache. Twice: the whole step in C++ (cpu_step.py, where
     the AVX2 kernels load) and Inductor's compiled step (the other CPUs')."""
     native = request.param == "native"
     if native and cpu_gemv.supported() is not None:
