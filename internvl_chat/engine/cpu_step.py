@@ -26,10 +26,17 @@ from .vision import RMSNorm
 DTYPES = cpu_gemv.DTYPES  # weights and KV caches it reads: float32, bfloat16
 
 
-def _layer_tensors(layer) -> list:
-    attn, mlp = layer.self_attn, layer.mlp
-    return [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
-            layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight]  # fmt: skip
+def _weights(lm) -> list:
+    """Every weight the step reads, in DecodeStep's order (without the RoPE tables): embedding,
+    final norm, lm_head, then per layer its input norm, qkv weight and bias, o, post-attention
+    norm, gate_up and down."""
+    decoder = lm.model
+    weights = [decoder.embed_tokens.weight, decoder.norm.weight, lm.lm_head.weight]
+    for layer in decoder.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        weights += [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+                    layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight]  # fmt: skip
+    return weights
 
 
 def unsupported(lm) -> str | None:
@@ -53,9 +60,7 @@ def unsupported(lm) -> str | None:
             return f"layer {i} has another RMSNorm epsilon"
     if type(lm.lm_head) is not nn.Linear or lm.lm_head.bias is not None or type(decoder.norm) is not RMSNorm:
         return "the output head is not a float linear without bias"
-    tensors = [decoder.embed_tokens.weight, decoder.norm.weight, lm.lm_head.weight]
-    tensors += [t for layer in decoder.layers for t in _layer_tensors(layer)]
-    if any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() for t in tensors):
+    if any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() for t in _weights(lm)):
         return "weights of mixed dtypes, or not contiguous CPU tensors"
     caches = [t for pair in lm.caches() for t in pair]
     if not caches or any(t.dtype not in DTYPES or not t.is_contiguous() for t in caches):
@@ -80,11 +85,10 @@ class CpuStep:
 
     def _build(self) -> None:
         lm, cfg = self.lm, self.lm.cfg
-        decoder = lm.model
-        tensors = [decoder.embed_tokens.weight, decoder.norm.weight, lm.lm_head.weight, lm.cos, lm.sin]
-        tensors += [t for layer in decoder.layers for t in _layer_tensors(layer)]
+        weights = _weights(lm)
+        tensors = [t.detach() for t in weights[:3] + [lm.cos, lm.sin] + weights[3:]]
         shape = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim]
-        self._step = torch.classes.internvl_chat.DecodeStep([t.detach() for t in tensors], shape, float(decoder.norm.eps))
+        self._step = torch.classes.internvl_chat.DecodeStep(tensors, shape, float(lm.model.norm.eps))
         self._version, self._tables, self._caches = lm.weights_version, lm.cos, None
 
     def check(self, token: torch.Tensor) -> None:
