@@ -143,7 +143,7 @@ class DecodeStep : public torch::CustomClassHolder {
                   "DecodeStep: gate_up must have the same even number of rows in every layer");
       down_.push_back(matrix(b + 6, dim_, gate_up_.back().rows / 2));
     }
-    h_.resize(dim_), x_.resize(std::max(dim_, q)), y_.resize(dim_), qkv_out_.resize(qkv);
+    h_.resize(dim_), x_.resize(dim_), y_.resize(dim_), qkv_out_.resize(qkv);
     attn_.resize(q), gate_up_out_.resize(gate_up_.front().rows), act_.resize(gate_up_.front().rows / 2);
   }
 
