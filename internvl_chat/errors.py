@@ -44,3 +44,9 @@ class RemoteError(InternVLChatError):
     """A remote server refused, failed or could not be reached; the conversation is left as it was."""
 
     exit_code = 1
+
+
+class Cancelled(Exception):
+    """Work stopped before an answer began because its caller set the cancel event (a client that
+    went away, a server that is stopping); the session is left as it was. Not an
+    InternVLChatError: nothing failed."""

@@ -36,7 +36,7 @@ from internvl_chat.chat.generate import stream_generate
 from internvl_chat.chat.sampling import Sampler, SamplingParams, apply_repetition_penalty
 from internvl_chat.chat.session import OwnKVCache, Session
 from internvl_chat.chat.template import MediaSpec, PromptBuilder, media_order
-from internvl_chat.errors import ContextOverflowError, GenerationError, InternVLChatError, UsageError
+from internvl_chat.errors import Cancelled, ContextOverflowError, GenerationError, InternVLChatError, UsageError
 from media_helpers import textured_rgb, write_numbered_video
 
 TOL = 1e-4  # relative to the largest logit, as tests/test_session.py
@@ -272,7 +272,7 @@ class SessionFuzz:
                 if variant == "abandon" and len(events) == stop_after and final is None:
                     stream.close()
                     break
-        except (InternVLChatError, KeyboardInterrupt, RuntimeError, MemoryError) as e:
+        except (InternVLChatError, KeyboardInterrupt, Cancelled, RuntimeError, MemoryError) as e:
             error = e
         finally:
             fired = injected.undo() if injected else 0
@@ -287,7 +287,9 @@ class SessionFuzz:
             return
         if error is not None:
             self.expect(fired > 0 or variant == "cancel_first", f"{kind} failed by itself: {error!r}")
-            if not isinstance(error, KeyboardInterrupt):  # Ctrl-C stays itself; the app prints its line
+            # a cancel set before the answer began stops it before the prefill: nothing is committed
+            self.expect(isinstance(error, Cancelled) == (variant == "cancel_first"), f"{kind} {variant} gave {error!r}")
+            if not isinstance(error, (KeyboardInterrupt, Cancelled)):  # Ctrl-C stays itself; the app prints its line
                 self.expect(isinstance(error, GenerationError), f"an injected failure surfaced as {type(error).__name__}: {error}")
                 self.expect("out of memory" in str(error), f"out of memory said {error}")
                 self._expect_one_line(error, "out of memory")
@@ -320,7 +322,7 @@ class SessionFuzz:
         self.expect(len(answer) <= params.max_new_tokens, f"{len(answer)} answer tokens over max_new_tokens {params.max_new_tokens}")
         self.expect(not set(answer) & set(self.banned), f"an answer holds an image placeholder: {answer}")
         if finish == "cancelled":
-            self.expect(variant in ("cancel", "cancel_first"), "cancelled without a cancel")
+            self.expect(variant == "cancel", "cancelled without a cancel, or after a cancel set before it began")
             self.expect(len(answer) < params.max_new_tokens, f"cancelled with {len(answer)} tokens, all that were asked for")
             same = answer == want[: len(answer)]
         else:

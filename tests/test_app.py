@@ -362,9 +362,9 @@ def test_ctrl_c_before_the_answer_leaves_everything_as_it_was(loaded, media, tmp
     app.handle_line(f"/image {media / 'square.png'}")
     real = loaded.model.encode_images
 
-    def interrupted(pixels):  # Ctrl-C pressed while the vision encoder runs
+    def interrupted(pixels, cancel=None):  # Ctrl-C pressed while the vision encoder runs
         os.kill(os.getpid(), signal.SIGINT)
-        return real(pixels)
+        return real(pixels, cancel)
 
     monkeypatch.setattr(loaded.model, "encode_images", interrupted)
     assert app.handle_line("What is it?") == OK

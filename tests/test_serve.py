@@ -345,11 +345,11 @@ def test_running_out_of_memory_in_the_vision_encoder_is_the_one_line_error_and_t
     encode = server.worker.model.encode_images
     calls = []
 
-    def out_of_memory_once(pixels):
+    def out_of_memory_once(pixels, cancel=None):
         calls.append(len(pixels))
         if len(calls) == 1:
             raise MemoryError
-        return encode(pixels)
+        return encode(pixels, cancel)
 
     monkeypatch.setattr(server.worker.model, "encode_images", out_of_memory_once)
     with pytest.raises(openai.InternalServerError) as err:

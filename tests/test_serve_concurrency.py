@@ -205,10 +205,10 @@ def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(serve
     encode, forward = model.encode_images, model.forward
     encoding, jobs, forwards = threading.Event(), [], []
 
-    def slow_encode(pixels):
+    def slow_encode(pixels, cancel=None):
         encoding.set()
         assert jobs[-1].cancel.wait(WAIT_S)  # until the handler has seen its client leave
-        return encode(pixels)
+        return encode(pixels, cancel)
 
     def counting_forward(*args, **kw):
         forwards.append(1)
@@ -227,6 +227,40 @@ def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(serve
         worker.on_start = None
     assert worker.counts["cancelled"] == cancelled + 1
     assert forwards == []  # no prefill, no token
+
+
+def test_a_client_that_leaves_during_a_long_prefill_stops_it_at_the_next_chunk(server, monkeypatch):
+    worker, model = server.worker, server.worker.model
+    lm = model.language_model
+    forward_embeds, chunks, jobs = lm.forward_embeds, [], []
+    picture = png_bytes(textured_rgb(448, 448, seed=35))
+    client = server.client()
+    want = client.chat.completions.create(**_image_body("What is this?", picture, max_tokens=6))
+
+    def first_chunk_waits(h, start_pos, *args, **kwargs):
+        if h.shape[1] > 1:  # a prefill chunk (a decode step feeds one token)
+            chunks.append(h.shape[1])
+            if len(chunks) == 1:
+                assert jobs[-1].cancel.wait(WAIT_S)  # until the handler has seen its client leave
+        return forward_embeds(h, start_pos, *args, **kwargs)
+
+    monkeypatch.setattr(model, "prefill_chunk", 32)  # the picture's 256 tokens: 9 chunks
+    monkeypatch.setattr(lm, "forward_embeds", first_chunk_waits)
+    worker.on_start = jobs.append
+    cancelled = worker.counts["cancelled"]
+    try:
+        # a new picture, so that nothing of it is cached and all of it is prefilled
+        sock = _post_raw(server.port, _image_body("What is this?", png_bytes(textured_rgb(448, 448, seed=36)), max_tokens=6))
+        _wait_until(lambda: chunks, "the prefill began")
+        sock.close()
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        worker.on_start = None
+    assert worker.counts["cancelled"] == cancelled + 1
+    assert chunks == [32]  # the other eight chunks never ran
+    monkeypatch.setattr(lm, "forward_embeds", forward_embeds)
+    again = client.chat.completions.create(**_image_body("What is this?", picture, max_tokens=6))
+    assert again.choices[0].message.content == want.choices[0].message.content
 
 
 def test_a_request_that_fails_before_its_prefill_leaves_the_slot_s_pictures_reusable(tiny_original):

@@ -231,7 +231,7 @@ def test_undo_and_retry_rewind_without_reprefill(loaded, media_dir):
     assert (session.ids, session.start_pos) == after_first
     calls = []
     original = loaded.model.encode_images
-    loaded.model.encode_images = lambda px: calls.append(px.shape[0]) or original(px)
+    loaded.model.encode_images = lambda px, cancel=None: calls.append(px.shape[0]) or original(px, cancel)
     try:
         _run(session.ask("Second."))
         assert session.turns[-1].answer_ids == first_answer  # greedy: same answer after undo

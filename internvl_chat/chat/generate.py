@@ -84,7 +84,7 @@ def stream_generate(
 
     t0 = time.perf_counter()
     with out_of_memory_as_error("during generation"):
-        logits = model.forward(prompt_ids, start_pos, image_features)
+        logits = model.forward(prompt_ids, start_pos, image_features, cancel=cancel)  # chunked: may raise Cancelled
         pos = start_pos + prompt_len
         token = sampler.next_token(logits)
         t_first = None

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..engine.loader import LoadedModel
-from ..errors import ContextOverflowError, GenerationError, MediaError, UsageError
+from ..errors import Cancelled, ContextOverflowError, GenerationError, MediaError, UsageError
 from ..files import expand_home, visible, write_atomic
 from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import load_video, probe_video
@@ -234,11 +234,9 @@ class Session:
         if not media:
             return None, 0.0
         pixels = torch.cat([self._decode(m) for m in media])
-        if cancel is not None and cancel.is_set():
-            raise KeyboardInterrupt
         t0 = time.perf_counter()
         with out_of_memory_as_error("in the vision encoder"):
-            features = self.model.encode_images(pixels)
+            features = self.model.encode_images(pixels, cancel)
         if features.device.type == "cuda":
             torch.cuda.synchronize(features.device)
         return features, time.perf_counter() - t0
@@ -289,10 +287,12 @@ class Session:
                 if event["finish_reason"] is not None:
                     self._commit(turn, prompt, event, "".join(text_parts))
                 yield event
-        except (GenerationError, KeyboardInterrupt) as e:
+        except (GenerationError, KeyboardInterrupt, Cancelled) as e:
             self._rewind(turn.ids_before, turn.pos_before)
             if isinstance(e, GenerationError):
                 self._clear_cache_from(turn.pos_before)
+            elif isinstance(e, Cancelled):  # the chunks prefilled so far: as after a failure, no NaN may stay
+                self._clear_cache_from(turn.pos_before, turn.pos_before + len(prompt))
             raise
 
     def _commit(self, turn: Turn, prompt: list[int], event: dict, text: str) -> None:

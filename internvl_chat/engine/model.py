@@ -7,13 +7,14 @@ interface the chat layer uses. `load_weights` takes canonical (original-layout) 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ContextOverflowError
+from ..errors import Cancelled, CheckpointError, ContextOverflowError
 from ..files import visible
 from . import cpu_features
 from .config import ModelConfig
@@ -40,6 +41,13 @@ _LAYER_LINEAR = re.compile(r"^(language_model\.model\.layers\.\d+\.(?:self_attn|
 # several CPU threads only adds a barrier per operation, and one busy core stalls them all (the
 # demo model decoded at 35 tok/s with 2 threads next to a busy core, ~800 with one).
 SMALL_DECODER_BYTES = 64 * 2**20
+# A prompt is prefilled in chunks of at most this many tokens, and a cancel event is looked at
+# between them (a client that left, a server that stops). CPU: about as much work per chunk as
+# 256 tokens on a 0.5B decoder (a few seconds on 2 cores), at least 128 and at most 2,048 tokens:
+# from 128 tokens on, chunks prefill as fast as one whole-prompt forward; 64 were ~20 % slower
+# (benchmarks/RESULTS.md). CUDA: a 13-tile image prompt (3,368 tokens) stays one forward.
+PREFILL_CHUNK_WORK = {"cpu": 256 * 500_000_000, "cuda": None}
+PREFILL_CHUNK_TOKENS = {"cpu": (128, 2048), "cuda": (8192, 8192)}
 
 
 @contextmanager
@@ -54,6 +62,19 @@ def decode_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def prefill_chunk_tokens(device: torch.device, decoder_parameters: int) -> int:
+    """Tokens per prefill forward on `device` for a decoder of that many parameters (a power of two)."""
+    low, high = PREFILL_CHUNK_TOKENS.get(device.type, PREFILL_CHUNK_TOKENS["cuda"])
+    work = PREFILL_CHUNK_WORK.get(device.type)
+    tokens = high if work is None else work // max(decoder_parameters, 1)
+    return max(low, min(high, 1 << max(tokens, 1).bit_length() - 1))
+
+
+def _stop_if_set(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled before the answer began")
 
 
 class PendingInt4(nn.Module):
@@ -79,6 +100,7 @@ class InternVLModel(nn.Module):
         self.image_token_id: int | None = None
         self.int4_backend = "auto"
         self.vision_batch = 8  # tiles per ViT call: bounds attention memory on long videos
+        self.prefill_chunk = 2048  # tokens per prefill forward; empty() sets it per device (prefill_chunk_tokens)
         self.decode_graphs = None  # set by enable_cuda_graphs()
         self._graphs_wanted = False
         self.compiled_step = None  # set by enable_compile()
@@ -100,8 +122,10 @@ class InternVLModel(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         model = model.to(dtype)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
-        kv_dtype = cpu_features.kv_cache_dtype(device, dtype, cpu_features.decoder_weight_bytes(cfg.text))
+        decoder_weights = cpu_features.decoder_weight_bytes(cfg.text, bytes_per_weight=1)
+        kv_dtype = cpu_features.kv_cache_dtype(device, dtype, 2 * decoder_weights)
         model.language_model.allocate_cache(max_seq_len, device, kv_dtype)
+        model.prefill_chunk = prefill_chunk_tokens(device, decoder_weights)
         return model.eval()
 
     def _make_int4_placeholders(self) -> None:
@@ -290,11 +314,14 @@ class InternVLModel(nn.Module):
 
     # ---- inference --------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n, 3, S, S] normalised tiles → projected features [n, 256, D] in the model dtype."""
+    def encode_images(self, pixel_values: torch.Tensor, cancel: threading.Event | None = None) -> torch.Tensor:
+        """[n, 3, S, S] normalised tiles → projected features [n, 256, D] in the model dtype.
+
+        `cancel` is looked at before each batch of tiles: raises Cancelled once it is set."""
         vision_dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
         outputs = []
         for start in range(0, pixel_values.shape[0], self.vision_batch):
+            _stop_if_set(cancel)
             chunk = pixel_values[start : start + self.vision_batch].to(self.device, vision_dtype)
             hidden = self.vision_model(chunk)[:, 1:]  # drop CLS
             outputs.append(self.mlp1(pixel_shuffle(hidden)))
@@ -306,8 +333,12 @@ class InternVLModel(nn.Module):
         start_pos: int,
         image_features: torch.Tensor | None = None,
         all_logits: bool = False,
+        cancel: threading.Event | None = None,
     ) -> torch.Tensor:
-        """Run `input_ids` at positions start_pos…; return float32 logits of the last ([V]) or all ([T, V])."""
+        """Run `input_ids` at positions start_pos…; return float32 logits of the last ([V]) or all ([T, V]).
+
+        A prompt longer than `prefill_chunk` tokens runs in chunks; `cancel` is looked at before each
+        one: raises Cancelled once it is set (the KV cache past start_pos then holds a partial prompt)."""
         ids = input_ids if type(input_ids) is torch.Tensor else torch.as_tensor(input_ids, dtype=torch.long)
         step = self.compiled_step
         if step is not None and ids.numel() == 1 and image_features is None and not all_logits and self.decode_graphs is None:
@@ -318,10 +349,10 @@ class InternVLModel(nn.Module):
                     logits = step.exact(ids, start_pos)
             if logits is not None:
                 return logits
-        return self._forward(ids, start_pos, image_features, all_logits)
+        return self._forward(ids, start_pos, image_features, all_logits, cancel)
 
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, start_pos: int, image_features, all_logits: bool) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, start_pos: int, image_features, all_logits: bool, cancel=None) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
         t = ids.shape[0]
         if start_pos < 0 or start_pos + t > self.max_seq_len:
@@ -335,8 +366,12 @@ class InternVLModel(nn.Module):
             with decode_threads(self.decode_threads):
                 return self.language_model.forward_embeds(self.embed(ids), start_pos, last_only=True)[-1]
         h = self.embed(ids, image_features)
-        logits = self.language_model.forward_embeds(h, start_pos, last_only=not all_logits)
-        return logits if all_logits else logits[-1]
+        if all_logits:
+            return self.language_model.forward_embeds(h, start_pos, last_only=False)
+        for first in range(0, t, self.prefill_chunk):  # the chunk's own image features are in h already
+            _stop_if_set(cancel)
+            logits = self.language_model.forward_embeds(h[:, first : first + self.prefill_chunk], start_pos + first, last_only=True)
+        return logits[-1]
 
     def embed(self, ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings [1, T, D] with image features in place of the <IMG_CONTEXT> tokens."""

@@ -27,7 +27,7 @@ from ..chat.detokenize import IncrementalDetokenizer
 from ..chat.generate import out_of_memory_as_error
 from ..chat.sampling import SamplingParams
 from ..engine.loader import LoadedModel
-from ..errors import InternVLChatError
+from ..errors import Cancelled, InternVLChatError
 from .answers import AnswerMemory
 from .conversation import Prompt, PromptMaker
 from .errors import APIError, from_app_error
@@ -244,7 +244,7 @@ class EngineWorker:
             job.emit("error", e)
         except InternVLChatError as e:
             job.emit("error", from_app_error(e))
-        except ClientGone:
+        except (ClientGone, Cancelled):  # Cancelled: between the vision encoder's batches or prefill chunks
             self.counts["cancelled"] += 1
             job.emit("error", _cancelled())
         except Exception as e:  # noqa: BLE001 - a bug must not kill the engine thread; the client gets a 500
@@ -299,7 +299,7 @@ class EngineWorker:
                     pixels = self.reader.pixels(item)
                     t0 = time.perf_counter()
                     with out_of_memory_as_error("in the vision encoder"):  # the app's one line, not a 500 crash
-                        features = self.model.encode_images(pixels)
+                        features = self.model.encode_images(pixels, job.cancel)
                     if features.device.type == "cuda":
                         torch.cuda.synchronize(features.device)
                     vision_s += time.perf_counter() - t0
