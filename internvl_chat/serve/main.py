@@ -123,13 +123,15 @@ def uvicorn_config(app, options, log_level: str, graceful_s: int = 5):
     httptools is installed), the connection limit, keep-alive and head size."""
     import uvicorn
 
-    from .connections import bounded_h11
+    from .connections import ConnectionLimit, bounded_h11
 
+    limit = ConnectionLimit(app, options.max_connections)  # instead of uvicorn's limit_concurrency: a JSON 503
     return uvicorn.Config(
-        app, log_level=log_level, timeout_graceful_shutdown=graceful_s,
-        http=bounded_h11(options.header_timeout, options.body_timeout),
-        # uvicorn answers 503 when the open connections, this one included, reach the limit
-        limit_concurrency=options.max_connections + 1,
+        limit, log_level=log_level, timeout_graceful_shutdown=graceful_s,
+        http=bounded_h11(options.header_timeout, options.body_timeout, limit),
+        # the API has no WebSocket endpoint, and an upgraded connection would leave our protocol
+        # without closing it (the limit would count it for ever)
+        ws="none",
         timeout_keep_alive=options.keep_alive_timeout,  # type: ignore[arg-type] # call_later takes a float
         h11_max_incomplete_event_size=options.max_header_bytes,
     )  # fmt: skip
