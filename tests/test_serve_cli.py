@@ -6,14 +6,17 @@ import contextlib
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import openai
+import ptyprocess
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,11 +28,12 @@ def _env() -> dict:
 
 
 @contextlib.contextmanager
-def _serving(model: Path, *flags: str, with_stdout: bool = False):
-    """`internvl-chat serve` on a free port in a subprocess; yields (proc, lines): a queue of its
-    stderr lines (and stdout's: uvicorn writes its access log there), read by a thread."""
+def _serving(model: Path, *flags: str, with_stdout: bool = False, python: list[str] | None = None):
+    """`internvl-chat serve` on a free port in a subprocess (run by `python`, default this
+    interpreter); yields (proc, lines): a queue of its stderr lines (and stdout's: uvicorn writes
+    its access log there), read by a thread."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "internvl_chat.cli", "serve", "--model", str(model), "--port", "0",
+        [*(python or [sys.executable]), "-m", "internvl_chat.cli", "serve", "--model", str(model), "--port", "0",
          "--device", "cpu", "--dtype", "float32", *flags],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if with_stdout else subprocess.DEVNULL,
         stderr=subprocess.STDOUT if with_stdout else subprocess.PIPE, text=True, env=_env(),
@@ -118,16 +122,21 @@ def test_request_text_in_the_server_log_is_escaped(tiny_original):
         assert proc.wait(WAIT_S) == 0
 
 
-def test_sigterm_stops_the_server_gracefully_with_status_0(tiny_original):
+STOP_SIGNALS = pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+
+
+@STOP_SIGNALS
+def test_a_stop_signal_stops_the_server_gracefully_with_status_0(tiny_original, sig):
     """`kill PID` (a service manager's stop) used to end the process with status -15 after
-    uvicorn's graceful shutdown, which re-raised the signal under the default handler."""
+    uvicorn's graceful shutdown, which re-raised the signal under the default handler; SIGHUP (the
+    terminal closed) killed it at once (status -1): uvicorn does not handle it."""
     with _serving(tiny_original, "--max-context", "2048", "--log-level", "warning") as (proc, lines):
         url = _next_match(lines, r"on (http://127\.0\.0\.1:\d+/v1)")[0].group(1)
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=WAIT_S)
         stream = client.chat.completions.create(model=tiny_original.name, messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=1500, stream=True)  # fmt: skip
         next(iter(stream))  # a request in flight
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         with contextlib.suppress(openai.APIError):  # it ends, or is cut after the grace period
             for _ in stream:
                 pass
@@ -138,9 +147,65 @@ def test_sigterm_stops_the_server_gracefully_with_status_0(tiny_original):
         assert not any("Traceback" in line for line in rest), rest
 
 
-def test_sigterm_before_serving_stops_quietly_with_status_0(tiny_original):
+@STOP_SIGNALS
+def test_a_stop_signal_before_serving_stops_quietly_with_status_0(tiny_original, sig):
     with _serving(tiny_original, "--max-context", "2048", "--log-level", "warning") as (proc, lines):
         _next_match(lines, r"on http://127\.0\.0\.1:\d+/v1")  # before or while uvicorn starts
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(WAIT_S) == 0
         _next_match(lines, r"^internvl-chat serve: stopped$")
+
+
+def test_under_nohup_sighup_leaves_the_server_running(tiny_original):
+    """A SIGHUP ignored at start (`nohup internvl-chat serve &`) stays ignored: the server must
+    outlive the terminal it was started from."""
+    ignoring_sighup = ("import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+                       "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")  # fmt: skip
+    with _serving(tiny_original, "--max-context", "2048", "--log-level", "warning",
+                  python=[sys.executable, "-c", ignoring_sighup]) as (proc, lines):  # fmt: skip
+        url = _next_match(lines, r"on (http://127\.0\.0\.1:\d+/v1)")[0].group(1)
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=WAIT_S)
+        stream = client.chat.completions.create(model=tiny_original.name, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=8, stream=True)  # fmt: skip
+        next(iter(stream))  # serving
+        proc.send_signal(signal.SIGHUP)
+        for _ in stream:  # the answer goes on
+            pass
+        out = client.chat.completions.create(model=tiny_original.name, messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=2)  # fmt: skip
+        assert out.usage.completion_tokens >= 1 and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(WAIT_S) == 0
+
+
+def test_the_terminal_closing_stops_the_server_gracefully_with_status_0(tiny_original):
+    """The real thing behind SIGHUP: the server runs in a terminal (a pty) that closes mid-answer.
+    The kernel sends SIGHUP, and whatever the server logs on its way out (uvicorn's info lines,
+    "stopped") goes to a terminal that is gone."""
+    argv = [sys.executable, "-m", "internvl_chat.cli", "serve", "--model", str(tiny_original), "--port", "0",
+            "--device", "cpu", "--dtype", "float32", "--max-context", "2048"]  # fmt: skip
+    term = ptyprocess.PtyProcess.spawn(argv, env=_env(), dimensions=(24, 200))
+    try:
+        seen, deadline = b"", time.monotonic() + WAIT_S
+        while not (found := re.search(rb"on (http://127\.0\.0\.1:\d+/v1)", seen)):
+            assert time.monotonic() < deadline and term.isalive(), seen
+            if select.select([term.fd], [], [], 0.1)[0]:
+                seen += term.read(4096)
+        client = openai.OpenAI(base_url=found.group(1).decode(), api_key="none", max_retries=0, timeout=WAIT_S)
+        stream = client.chat.completions.create(model=tiny_original.name, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=1500, stream=True)  # fmt: skip
+        next(iter(stream))  # a request in flight
+        term.fileobj.close()  # the terminal closes
+        with contextlib.suppress(openai.APIError):  # it ends, or is cut after the grace period
+            for _ in stream:
+                pass
+        deadline = time.monotonic() + WAIT_S
+        while term.isalive():
+            assert time.monotonic() < deadline, "the server outlived its terminal"
+            time.sleep(0.05)
+        assert (term.exitstatus, term.signalstatus) == (0, None)  # it used to die of the signal
+    finally:
+        if term.isalive():
+            term.kill(signal.SIGKILL)
+            term.wait()
+        term.close()  # the terminal is closed and the process reaped: nothing more is sent

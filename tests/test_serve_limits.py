@@ -186,9 +186,12 @@ def test_a_head_over_the_size_limit_is_refused(server):
 # ---- the connection limit ---------------------------------------------------------------------------
 
 
-def test_past_the_connection_limit_a_request_gets_503_and_the_limit_frees_up(server):
+def test_past_the_connection_limit_a_request_gets_a_json_503_and_the_limit_frees_up(server):
     """Two connections are served at once: a stream held in the engine and one queued behind it
-    (streams keep their connection for the whole answer); a third gets uvicorn's 503."""
+    (streams keep their connection for the whole answer); a third gets 503 in OpenAI's error shape
+    (uvicorn's own limit answered text/plain "Service Unavailable", which clients cannot read)."""
+    import openai
+
     started, release = threading.Event(), threading.Event()
 
     def hold(job) -> None:
@@ -211,15 +214,24 @@ def test_past_the_connection_limit_a_request_gets_503_and_the_limit_frees_up(ser
         assert started.wait(WAIT_S)
         second.start()
         _wait_until(lambda: server.worker.waiting == 1, "the second request waits in the queue")
-        third = httpx.post(f"{server.url}/v1/chat/completions", content=_chat("third"),
-                           headers={"content-type": "application/json"}, timeout=WAIT_S)  # fmt: skip
-        assert third.status_code == 503 and third.headers["connection"] == "close"
+        with server.client() as client, pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "third"}], max_tokens=2)
+        with _connect(server) as sock:  # the same refusal as bytes: one JSON error, then the connection closes
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+            status, headers, body = _response(_read_to_close(sock))
     finally:
         release.set()
         first.join(WAIT_S)
         second.join(WAIT_S)
+    err = refused.value
+    assert err.status_code == 503 and err.code == "too_many_connections" and err.type == "server_error"
+    assert "serves 2 at once; retry later" in err.message and "--max-connections" in err.message
+    assert err.response.headers["connection"] == "close" and err.response.headers["retry-after"] == "1"
+    assert status == 503 and headers["content-type"] == "application/json" and headers["connection"] == "close"
+    assert json.loads(body) == {"error": err.body}  # what the client parsed
     assert outcomes == {"first": 200, "second": 200}
     _wait_until(lambda: not server.server.server_state.connections, "the streams' connections closed")
+    assert not server.server.config.app.open  # the limit's count of open connections is back to none
     _normal_answer(server)
 
 
@@ -264,12 +276,17 @@ def test_bad_limits_are_one_line_errors(key, value, expect):
 
 
 def test_uvicorn_gets_the_limits():
-    """uvicorn counts the connection a request came on: a limit of N+1 serves N connections."""
+    """The connection limit is ours (uvicorn's limit_concurrency answers text/plain): the app
+    uvicorn runs is the limit in front of ours, and the protocol counts connections for it."""
+    from internvl_chat.serve.connections import ConnectionLimit
     from internvl_chat.serve.main import uvicorn_config
     from internvl_chat.serve.options import ServeOptions
 
     options = ServeOptions(max_connections=7, header_timeout=3.0, body_timeout=4.0, keep_alive_timeout=0.5,
                            max_header_bytes=8192)  # fmt: skip
-    config = uvicorn_config(object(), options, "warning")
-    assert (config.limit_concurrency, config.timeout_keep_alive, config.h11_max_incomplete_event_size) == (8, 0.5, 8192)
+    app = object()
+    config = uvicorn_config(app, options, "warning")
+    assert (config.limit_concurrency, config.timeout_keep_alive, config.h11_max_incomplete_event_size) == (None, 0.5, 8192)
+    assert isinstance(config.app, ConnectionLimit) and (config.app.app, config.app.limit) == (app, 7)
+    assert config.http.connection_limit is config.app and config.ws == "none"
     assert (config.http.header_timeout, config.http.body_timeout) == (3.0, 4.0)

@@ -13,6 +13,9 @@ away everybody else. Two deadlines close them:
   `body_timeout`.
 
 A body the app reads is the app's to time (serve/app.py: 408 after `body_timeout`).
+
+The protocol also counts the open connections for `ConnectionLimit`, which refuses a request
+with an OpenAI-shaped 503 while there are too many (uvicorn's own limit answers plain text).
 """
 
 from __future__ import annotations
@@ -31,9 +34,51 @@ log = logging.getLogger("internvl_chat.serve")
 HEAD, DRAIN = "head", "drain"
 
 
-def bounded_h11(header_timeout: float, body_timeout: float) -> type[H11Protocol]:
-    """The protocol class for uvicorn.Config(http=...), with these deadlines in seconds."""
-    return type("BoundedH11Protocol", (BoundedH11Protocol,), {"header_timeout": header_timeout, "body_timeout": body_timeout})
+RETRY_AFTER_S = 1  # a connection frees up when any request ends or an idle one times out
+
+
+class ConnectionLimit:
+    """The ASGI app in front of ours: while more than `limit` connections are open (the one a
+    request came on included), a request gets a 503 in OpenAI's error shape and its connection
+    is closed.
+
+    uvicorn's `limit_concurrency` answers a bare text/plain "Service Unavailable" that OpenAI
+    clients cannot read, and has no way to change it; so the protocol below counts the
+    connections (`opened`, `closed`) and this app refuses. A refused connection counts until it
+    is closed, as in uvicorn.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+        self.open: set[object] = set()  # the protocols of open connections (a set: closing twice is harmless)
+
+    def opened(self, connection: object) -> None:
+        self.open.add(connection)
+
+    def closed(self, connection: object) -> None:
+        self.open.discard(connection)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or len(self.open) <= self.limit:
+            await self.app(scope, receive, send)
+            return
+        log.warning("refused a request: %d connections are open, over the limit of %d (--max-connections)",
+                    len(self.open), self.limit)  # fmt: skip
+        message = (f"too many open connections: this server serves {self.limit} at once; retry later "
+                   "(its operator can raise --max-connections)")  # fmt: skip
+        body = json.dumps(APIError(503, message, code="too_many_connections").body()).encode()
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+
+def bounded_h11(header_timeout: float, body_timeout: float, limit: ConnectionLimit) -> type[H11Protocol]:
+    """The protocol class for uvicorn.Config(http=...), with these deadlines in seconds, counting
+    its connections for `limit`."""
+    attributes = {"header_timeout": header_timeout, "body_timeout": body_timeout, "connection_limit": limit}
+    return type("BoundedH11Protocol", (BoundedH11Protocol,), attributes)
 
 
 def _timeout_response(seconds: float) -> bytes:
@@ -48,6 +93,7 @@ def _timeout_response(seconds: float) -> bytes:
 class BoundedH11Protocol(H11Protocol):
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+    connection_limit: ConnectionLimit | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -56,6 +102,8 @@ class BoundedH11Protocol(H11Protocol):
 
     # every place where the connection's state can change: a deadline starts, ends or stays
     def connection_made(self, transport) -> None:  # type: ignore[override]
+        if self.connection_limit is not None:
+            self.connection_limit.opened(self)
         super().connection_made(transport)
         self._watch()
 
@@ -68,6 +116,8 @@ class BoundedH11Protocol(H11Protocol):
         self._watch()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.connection_limit is not None:
+            self.connection_limit.closed(self)
         self._set_deadline(None)
         super().connection_lost(exc)
 

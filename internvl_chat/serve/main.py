@@ -91,8 +91,8 @@ def main(argv: list[str]) -> int:
 
 
 class _Terminated(BaseException):
-    """SIGTERM (`kill`, a service manager), raised where the program is; not an Exception, so no
-    `except Exception` on the way swallows it."""
+    """SIGTERM (`kill`, a service manager) or SIGHUP, raised where the program is; not an
+    Exception, so no `except Exception` on the way swallows it."""
 
 
 def _terminate(signum: int, frame) -> None:
@@ -100,22 +100,33 @@ def _terminate(signum: int, frame) -> None:
     raise _Terminated
 
 
-def serve(settings, log_level: str = "info") -> int:
-    """Serve until Ctrl-C or SIGTERM; both end with status 0 and one "stopped" line.
+def _hang_up(signum: int, frame) -> None:
+    """SIGHUP (the terminal closed) stops the server as SIGTERM does: raised again as SIGTERM, it
+    reaches whichever handler has that now, ours while the model loads, uvicorn's graceful
+    shutdown while it serves (uvicorn leaves SIGHUP alone, whose default killed the process)."""
+    signal.raise_signal(signal.SIGTERM)
 
-    uvicorn handles both itself while it runs (it stops taking connections and lets running
-    requests end, cancelling them after 5 s), then raises the signal again under the handler
-    that was in place before. SIGTERM's default one killed the process (status -15) after the
-    clean shutdown, so ours is installed first; it also ends a model load quietly.
+
+def serve(settings, log_level: str = "info") -> int:
+    """Serve until Ctrl-C, SIGTERM or SIGHUP; each ends with status 0 and one "stopped" line.
+
+    uvicorn handles Ctrl-C and SIGTERM itself while it runs (it stops taking connections and lets
+    running requests end, cancelling them after 5 s), then raises the signal again under the
+    handler that was in place before. SIGTERM's default one killed the process (status -15) after
+    the clean shutdown, so ours is installed first; it also ends a model load quietly. A SIGHUP
+    that was ignored when we started (`nohup`) stays ignored.
     """
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _hang_up)
     try:
         return _serve(settings, log_level)
     except _Terminated:
         print("internvl-chat serve: stopped", file=sys.stderr)
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def uvicorn_config(app, options, log_level: str, graceful_s: int = 5):
@@ -123,13 +134,15 @@ def uvicorn_config(app, options, log_level: str, graceful_s: int = 5):
     httptools is installed), the connection limit, keep-alive and head size."""
     import uvicorn
 
-    from .connections import bounded_h11
+    from .connections import ConnectionLimit, bounded_h11
 
+    limit = ConnectionLimit(app, options.max_connections)  # instead of uvicorn's limit_concurrency: a JSON 503
     return uvicorn.Config(
-        app, log_level=log_level, timeout_graceful_shutdown=graceful_s,
-        http=bounded_h11(options.header_timeout, options.body_timeout),
-        # uvicorn answers 503 when the open connections, this one included, reach the limit
-        limit_concurrency=options.max_connections + 1,
+        limit, log_level=log_level, timeout_graceful_shutdown=graceful_s,
+        http=bounded_h11(options.header_timeout, options.body_timeout, limit),
+        # the API has no WebSocket endpoint, and an upgraded connection would leave our protocol
+        # without closing it (the limit would count it for ever)
+        ws="none",
         timeout_keep_alive=options.keep_alive_timeout,  # type: ignore[arg-type] # call_later takes a float
         h11_max_incomplete_event_size=options.max_header_bytes,
     )  # fmt: skip
