@@ -42,12 +42,12 @@ _LAYER_LINEAR = re.compile(r"^(language_model\.model\.layers\.\d+\.(?:self_attn|
 # demo model decoded at 35 tok/s with 2 threads next to a busy core, ~800 with one).
 SMALL_DECODER_BYTES = 64 * 2**20
 # A prompt is prefilled in chunks of at most this many tokens, and a cancel event is looked at
-# between them (a client that left, a server that stops). CPU: about as much work per chunk as
-# 256 tokens on a 0.5B decoder (a few seconds on 2 cores), at least 128 and at most 2,048 tokens:
-# from 128 tokens on, chunks prefill as fast as one whole-prompt forward; 64 were ~20 % slower
-# (benchmarks/RESULTS.md). CUDA: a 13-tile image prompt (3,368 tokens) stays one forward.
+# between them (a client that left, a server that stops). CPU: as much work per chunk as 256
+# tokens on a 0.5B decoder (2-3 s on 2 cores), at least 256 and at most 2,048 tokens. Chunks of
+# 256 tokens or more prefill as fast as one whole-prompt forward; 128 were 10-20 % slower
+# (benchmarks/RESULTS.md, Update 9). CUDA: a 13-tile image prompt (3,368 tokens) stays one forward.
 PREFILL_CHUNK_WORK = {"cpu": 256 * 500_000_000, "cuda": None}
-PREFILL_CHUNK_TOKENS = {"cpu": (128, 2048), "cuda": (8192, 8192)}
+PREFILL_CHUNK_TOKENS = {"cpu": (256, 2048), "cuda": (8192, 8192)}
 
 
 @contextmanager
