@@ -53,12 +53,12 @@ def test_every_row_length_and_tail(kernel, dtype, k):
 
 @pytest.mark.parametrize(
     "n, k_fp32, k_bf16",
-    [(2400, 640, 640), (1203, 1000, 1600)],  # 1.5M weights of short rows; long rows (>= 3 KiB), N % 4 == 3
-    ids=["one-row-at-a-time", "four-rows-at-once"],
+    [(2400, 640, 640), (1203, 1000, 1600), (7, 40_000, 40_000)],
+    ids=["short-rows", "long-rows-and-three-left", "a-quarter-of-one-row"],  # N % 4 == 0, 3, 3
 )
 def test_large_weights_split_across_threads_give_the_same_values(kernel, n, k_fp32, k_bf16):
-    """Several threads' worth of rows: each row is summed the same way whichever thread takes it
-    (groups of four rows never straddle threads; the last N % 4 rows go one at a time)."""
+    """Several threads' worth of rows, four at a time a quarter of the matrix apart: each row is
+    summed the same way whichever thread takes it (the last N % 4 rows go one at a time)."""
     gen = torch.Generator().manual_seed(n)
     for dtype, k in ((torch.float32, k_fp32), (torch.bfloat16, k_bf16)):
         weight = torch.randn(n, k, generator=gen).to(dtype)

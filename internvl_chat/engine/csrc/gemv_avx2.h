@@ -4,13 +4,13 @@
 // (gemv_avx2.cpp) and by the C++ decode step (decode_step.cpp).
 //
 // Two ways through a matrix, chosen by its shape (`four_rows_at_once`):
-// - one row at a time, four independent accumulators: the matrix is read as one sequential
-//   stream, which the hardware prefetcher follows best when it comes from memory and its rows
-//   are short (a large bf16 matrix with K = 896: 9 GB/s against 7 GB/s four rows at a time);
-// - four rows at a time sharing each load of x: the rows' dependency chains overlap and the
-//   horizontal sums are done four at once. Faster for a small bf16 matrix that sits in cache (a
-//   small model's, where one row's latency, not bandwidth, set the pace: ×1.3-1.5) and for long
-//   rows from memory (four long streams: 12-15 GB/s against 9-10 for K = 4864).
+// - one row at a time, four independent accumulators: for a small float32 matrix (it sits in
+//   cache, read as one sequential stream);
+// - four rows a quarter of the matrix apart at a time, sharing each load of x: the rows'
+//   dependency chains overlap, the horizontal sums are done four at once, and a large matrix is
+//   read from memory as four long sequential streams (fp32 K = 896: 17 GB/s on one thread
+//   against 11-12 one row at a time; bf16 short rows likewise). Faster too for a small bf16
+//   matrix that sits in cache (a small model's, where one row's latency set the pace: ×1.3-1.5).
 // Which rows go which way depends only on the shape, never on the thread count, so every
 // thread count gives the same values.
 //
@@ -78,9 +78,9 @@ inline __m128 hsum4(__m256 s0, __m256 s1, __m256 s2, __m256 s3) {
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// y[0..3] = rows w[0..3] · x; two accumulators per row
-inline void dot4_f32(const float* w, int64_t K, const float* x, float* y) {
-  const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+// y[0], y[q], y[2q], y[3q] = rows w, w + q·K, w + 2q·K, w + 3q·K times x; two accumulators per row
+inline void dot4_f32(const float* w, int64_t K, int64_t q, const float* x, float* y) {
+  const float *w0 = w, *w1 = w + q * K, *w2 = w + 2 * q * K, *w3 = w + 3 * q * K;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
@@ -107,14 +107,14 @@ inline void dot4_f32(const float* w, int64_t K, const float* x, float* y) {
   for (; k < K; ++k) {
     s[0] += w0[k] * x[k], s[1] += w1[k] * x[k], s[2] += w2[k] * x[k], s[3] += w3[k] * x[k];
   }
-  std::copy(s, s + 4, y);
+  y[0] = s[0], y[q] = s[1], y[2 * q] = s[2], y[3 * q] = s[3];
 }
 
-// y[0..3] = rows w[0..3] · x for bf16 weights; even and odd accumulators per row
-inline void dot4_bf16(const at::BFloat16* w, int64_t K, const float* x_even, const float* x_odd, const float* x,
-                      float* y) {
+// dot4_f32 for bf16 weights; even and odd accumulators per row
+inline void dot4_bf16(const at::BFloat16* w, int64_t K, int64_t q, const float* x_even, const float* x_odd,
+                      const float* x, float* y) {
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const at::BFloat16 *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+  const at::BFloat16 *w0 = w, *w1 = w + q * K, *w2 = w + 2 * q * K, *w3 = w + 3 * q * K;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
   int64_t k = 0;
   auto row = [&](const at::BFloat16* wr, __m256 even, __m256 odd, __m256& a, __m256& b) {
@@ -136,20 +136,24 @@ inline void dot4_bf16(const at::BFloat16* w, int64_t K, const float* x_even, con
     s[0] += static_cast<float>(w0[k]) * xk, s[1] += static_cast<float>(w1[k]) * xk;
     s[2] += static_cast<float>(w2[k]) * xk, s[3] += static_cast<float>(w3[k]) * xk;
   }
-  std::copy(s, s + 4, y);
+  y[0] = s[0], y[q] = s[1], y[2 * q] = s[2], y[3 * q] = s[3];
 }
 
-// Four rows at a time for rows long enough (>= 3 KiB) that four streams from memory beat one, and
-// for a small bf16 matrix (<= 1 MiB: it comes from cache, and its per-row latency set the pace).
-// A small float32 matrix read from L3 went ~7 % faster one row at a time (measured; see the top).
+// Four rows at a time for every matrix larger than 1 MiB (it comes from memory, where four long
+// streams beat one) and for every bf16 matrix (a small one comes from cache, and one row's
+// latency set the pace there). A small float32 matrix read from L3 went ~7 % faster one row at a
+// time (measured; see the top).
 inline bool four_rows_at_once(int64_t N, int64_t K, int64_t element_size) {
-  return K * element_size >= 3 * 1024 || (element_size == 2 && N * K * element_size <= (int64_t{1} << 20));
+  return N >= 4 && (element_size == 2 || N * K * element_size > (int64_t{1} << 20));
 }
 
-// Calls one(n) for each row in [0, N), or four(n) for groups of four rows (n a multiple of 4)
-// and one(n) for the last N % 4 rows; the rows are split across threads in blocks of >= 256k
-// weights (below that a parallel region's barrier costs more than the work, the same rule as
-// the compiled step's own loops).
+// Calls one(n) for each row in [0, N), or four(g, q) for the groups of rows g, g + q, g + 2q,
+// g + 3q (q = N / 4, g < q) and one(n) for the last N % 4 rows. A group's rows lie a quarter of
+// the matrix apart, so a thread's groups read four long sequential streams, which the hardware
+// prefetcher follows (rows side by side made four short streams that restart at every group:
+// fp32 K = 896 from memory, 12 → 17 GB/s on one thread, 20 → 23 on two). The groups are split
+// across threads in blocks of >= 256k weights (below that a parallel region's barrier costs more
+// than the work, the same rule as the compiled step's own loops).
 template <class One, class Four>
 void for_rows(int64_t N, int64_t K, bool grouped, const One& one, const Four& four) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1));
@@ -159,8 +163,9 @@ void for_rows(int64_t N, int64_t K, bool grouped, const One& one, const Four& fo
     });
     return;
   }
-  at::parallel_for(0, N / 4, std::max<int64_t>(1, grain / 4), [&](int64_t a, int64_t b) {
-    for (int64_t g = a; g < b; ++g) four(4 * g);
+  const int64_t q = N / 4;
+  at::parallel_for(0, q, std::max<int64_t>(1, grain / 4), [&](int64_t a, int64_t b) {
+    for (int64_t g = a; g < b; ++g) four(g, q);
   });
   for (int64_t n = N / 4 * 4; n < N; ++n) one(n);
 }
@@ -169,7 +174,7 @@ void for_rows(int64_t N, int64_t K, bool grouped, const One& one, const Four& fo
 inline void gemv_f32(const float* wp, int64_t N, int64_t K, const float* xp, float* yp) {
   for_rows(
       N, K, four_rows_at_once(N, K, sizeof(float)), [&](int64_t n) { yp[n] = dot_f32(wp + n * K, K, xp); },
-      [&](int64_t n) { dot4_f32(wp + n * K, K, xp, yp + n); });
+      [&](int64_t g, int64_t q) { dot4_f32(wp + g * K, K, q, xp, yp + g); });
 }
 
 // y[N] = w[N, K] · x[K], bfloat16 weights
@@ -186,7 +191,7 @@ inline void gemv_bf16(const at::BFloat16* wp, int64_t N, int64_t K, const float*
   for_rows(
       N, K, four_rows_at_once(N, K, sizeof(at::BFloat16)),
       [&](int64_t n) { yp[n] = dot_bf16(wp + n * K, K, x_even, x_odd, xp); },
-      [&](int64_t n) { dot4_bf16(wp + n * K, K, x_even, x_odd, xp, yp + n); });
+      [&](int64_t g, int64_t q) { dot4_bf16(wp + g * K, K, q, x_even, x_odd, xp, yp + g); });
 }
 
 }  // namespace internvl_chat_cpu
