@@ -5,8 +5,9 @@ accumulator per weight row: each row's sum is a single chain of dependent additi
 weight is converted inside that chain. `csrc/gemv_avx2.h` takes four rows a quarter of the
 matrix apart at once, sharing each load of x, so that a large matrix is read from memory as four
 long sequential streams (small fp32 matrices: one row at a time, four accumulators), converts
-bf16 with one integer instruction per 8 weights, and splits large weights across threads. In Inductor's step (measured interleaved in one process on a 2-vCPU Zen 3,
-benchmarks/RESULTS.md, issue 10) the 0.5B shape decodes ×1.16–1.38 faster with it.
+bf16 with one integer instruction per 8 weights, and splits large weights across threads. In
+Inductor's step (measured interleaved in one process on a 2-vCPU Zen 3, benchmarks/RESULTS.md,
+issue 10) the 0.5B shape decoded ×1.16–1.38 faster with it, before the four-row groups.
 
 The library holds the operator `internvl_chat::gemv(weight, x)` (y = weight · x in float32; weight
 a contiguous fp32 or bf16 matrix), which Inductor's step calls like any other operator, and the

@@ -368,6 +368,8 @@ class InternVLModel(nn.Module):
         h = self.embed(ids, image_features)
         if all_logits:
             return self.language_model.forward_embeds(h, start_pos, last_only=False)
+        if t == 0:
+            raise ValueError("forward needs at least one token")
         for first in range(0, t, self.prefill_chunk):  # the chunk's own image features are in h already
             _stop_if_set(cancel)
             logits = self.language_model.forward_embeds(h[:, first : first + self.prefill_chunk], start_pos + first, last_only=True)

@@ -142,7 +142,7 @@ inline void dot4_bf16(const at::BFloat16* w, int64_t K, int64_t q, const float* 
 // Four rows at a time for every matrix larger than 1 MiB (it comes from memory, where four long
 // streams beat one) and for every bf16 matrix (a small one comes from cache, and one row's
 // latency set the pace there). A small float32 matrix read from L3 went ~7 % faster one row at a
-// time (measured; see the top).
+// time (benchmarks/RESULTS.md, Update 8).
 inline bool four_rows_at_once(int64_t N, int64_t K, int64_t element_size) {
   return N >= 4 && (element_size == 2 || N * K * element_size > (int64_t{1} << 20));
 }
