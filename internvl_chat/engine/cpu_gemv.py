@@ -4,7 +4,7 @@ Inductor compiles the step's one-row linears into multiply-reduce loops with one
 accumulator per weight row: each row's sum is a single chain of dependent additions, and a bf16
 weight is converted inside that chain. `csrc/gemv_avx2.h` takes four rows a quarter of the
 matrix apart at once, sharing each load of x, so that a large matrix is read from memory as four
-long sequential streams (small fp32 matrices: one row at a time, four accumulators), converts
+long sequential streams (the last N % 4 rows: one at a time, four accumulators), converts
 bf16 with one integer instruction per 8 weights, and splits large weights across threads. In
 Inductor's step (measured interleaved in one process on a 2-vCPU Zen 3, benchmarks/RESULTS.md,
 issue 10) the 0.5B shape decoded ×1.16–1.38 faster with it, before the four-row groups.

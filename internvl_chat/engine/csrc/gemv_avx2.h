@@ -3,14 +3,12 @@
 // weight and K float32 values of x (needs AVX2 and FMA). Used by the operator internvl_chat::gemv
 // (gemv_avx2.cpp) and by the C++ decode step (decode_step.cpp).
 //
-// Two ways through a matrix, chosen by its shape (`four_rows_at_once`):
-// - one row at a time, four independent accumulators: for a small float32 matrix (it sits in
-//   cache, read as one sequential stream);
-// - four rows a quarter of the matrix apart at a time, sharing each load of x: the rows'
-//   dependency chains overlap, the horizontal sums are done four at once, and a large matrix is
-//   read from memory as four long sequential streams (fp32 K = 896: 17 GB/s on one thread
-//   against 11-12 one row at a time; bf16 short rows likewise). Faster too for a small bf16
-//   matrix that sits in cache (a small model's, where one row's latency set the pace: ×1.3-1.5).
+// Rows go four at a time, a quarter of the matrix apart, sharing each load of x: the rows'
+// dependency chains overlap, the horizontal sums are done four at once, and a large matrix is
+// read from memory as four long sequential streams (fp32 K = 896: 17 GB/s on one thread against
+// 11-12 one row at a time; bf16 short rows likewise). Small matrices that sit in cache gain too
+// (the demo model's step: fp32 ×1.2-1.7, bf16 ×1.3-1.5). The last N % 4 rows go one at a time
+// with four independent accumulators.
 // Which rows go which way depends only on the shape, never on the thread count, so every
 // thread count gives the same values.
 //
@@ -139,14 +137,6 @@ inline void dot4_bf16(const at::BFloat16* w, int64_t K, int64_t q, const float* 
   y[0] = s[0], y[q] = s[1], y[2 * q] = s[2], y[3 * q] = s[3];
 }
 
-// Four rows at a time for every matrix larger than 1 MiB (it comes from memory, where four long
-// streams beat one) and for every bf16 matrix (a small one comes from cache, and one row's
-// latency set the pace there). A small float32 matrix read from L3 went ~7 % faster one row at a
-// time (benchmarks/RESULTS.md, Update 8).
-inline bool four_rows_at_once(int64_t N, int64_t K, int64_t element_size) {
-  return N >= 4 && (element_size == 2 || N * K * element_size > (int64_t{1} << 20));
-}
-
 // Calls one(n) for each row in [0, N), or four(g, q) for the groups of rows g, g + q, g + 2q,
 // g + 3q (q = N / 4, g < q) and one(n) for the last N % 4 rows. A group's rows lie a quarter of
 // the matrix apart, so a thread's groups read four long sequential streams, which the hardware
@@ -155,14 +145,8 @@ inline bool four_rows_at_once(int64_t N, int64_t K, int64_t element_size) {
 // across threads in blocks of >= 256k weights (below that a parallel region's barrier costs more
 // than the work, the same rule as the compiled step's own loops).
 template <class One, class Four>
-void for_rows(int64_t N, int64_t K, bool grouped, const One& one, const Four& four) {
+void for_rows(int64_t N, int64_t K, const One& one, const Four& four) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1));
-  if (!grouped) {
-    at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) {
-      for (int64_t n = a; n < b; ++n) one(n);
-    });
-    return;
-  }
   const int64_t q = N / 4;
   at::parallel_for(0, q, std::max<int64_t>(1, grain / 4), [&](int64_t a, int64_t b) {
     for (int64_t g = a; g < b; ++g) four(g, q);
@@ -173,7 +157,7 @@ void for_rows(int64_t N, int64_t K, bool grouped, const One& one, const Four& fo
 // y[N] = w[N, K] · x[K], float32 weights
 inline void gemv_f32(const float* wp, int64_t N, int64_t K, const float* xp, float* yp) {
   for_rows(
-      N, K, four_rows_at_once(N, K, sizeof(float)), [&](int64_t n) { yp[n] = dot_f32(wp + n * K, K, xp); },
+      N, K, [&](int64_t n) { yp[n] = dot_f32(wp + n * K, K, xp); },
       [&](int64_t g, int64_t q) { dot4_f32(wp + g * K, K, q, xp, yp + g); });
 }
 
@@ -189,8 +173,7 @@ inline void gemv_bf16(const at::BFloat16* wp, int64_t N, int64_t K, const float*
     x_odd[j / 2] = xp[j + 1];
   }
   for_rows(
-      N, K, four_rows_at_once(N, K, sizeof(at::BFloat16)),
-      [&](int64_t n) { yp[n] = dot_bf16(wp + n * K, K, x_even, x_odd, xp); },
+      N, K, [&](int64_t n) { yp[n] = dot_bf16(wp + n * K, K, x_even, x_odd, xp); },
       [&](int64_t g, int64_t q) { dot4_bf16(wp + g * K, K, q, x_even, x_odd, xp, yp + g); });
 }
 
