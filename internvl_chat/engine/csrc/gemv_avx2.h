@@ -8,9 +8,8 @@
 // read from memory as four long sequential streams (fp32 K = 896: 17 GB/s on one thread against
 // 11-12 one row at a time; bf16 short rows likewise). Small matrices that sit in cache gain too
 // (the demo model's step: fp32 ×1.2-1.7, bf16 ×1.3-1.5). The last N % 4 rows go one at a time
-// with four independent accumulators.
-// Which rows go which way depends only on the shape, never on the thread count, so every
-// thread count gives the same values.
+// with four independent accumulators. Which rows go which way depends only on the shape, never
+// on the thread count, so every thread count gives the same values.
 //
 // bf16: a 32-bit lane holds two weights, the even one in its low half; a 16-bit left shift gives
 // the even weights as float32 and masking the low half the odd ones, each multiplied with x's
@@ -137,8 +136,8 @@ inline void dot4_bf16(const at::BFloat16* w, int64_t K, int64_t q, const float* 
   y[0] = s[0], y[q] = s[1], y[2 * q] = s[2], y[3 * q] = s[3];
 }
 
-// Calls one(n) for each row in [0, N), or four(g, q) for the groups of rows g, g + q, g + 2q,
-// g + 3q (q = N / 4, g < q) and one(n) for the last N % 4 rows. A group's rows lie a quarter of
+// Calls four(g, q) for the groups of rows g, g + q, g + 2q, g + 3q (q = N / 4, g < q), and
+// one(n) for each of the last N % 4 rows. A group's rows lie a quarter of
 // the matrix apart, so a thread's groups read four long sequential streams, which the hardware
 // prefetcher follows (rows side by side made four short streams that restart at every group:
 // fp32 K = 896 from memory, 12 → 17 GB/s on one thread, 20 → 23 on two). The groups are split
