@@ -85,7 +85,9 @@ def test_w4_section_replaces_every_decoder_linear(quick_run):
     assert set(rows) == {"fp32", "bf16", "w4-torch", "w4-dequant"}
     linears = 4 * PLAN.sizes.text_layers  # fused qkv, o, fused gate_up, down
     assert rows["w4-torch"]["replaced_linears"] == rows["w4-dequant"]["replaced_linears"] == linears
-    assert rows["bf16"]["weights_bytes"] * 2 == rows["fp32"]["weights_bytes"]
+    # (the whole model's bytes may not halve: a CPU without native bf16 keeps the vision tower in fp32)
+    assert rows["bf16"]["decoder_linear_bytes"] * 2 == rows["fp32"]["decoder_linear_bytes"]
+    assert rows["bf16"]["weights_bytes"] < rows["fp32"]["weights_bytes"]
     for name in ("w4-torch", "w4-dequant"):
         # 4 bits + per-group scale/zero vs 16 bits: about a quarter
         assert 0.2 < rows[name]["decoder_memory_ratio_vs_bf16"] < 0.35

@@ -205,6 +205,32 @@ def test_kv_cache_dtype_is_fp32_for_a_small_bf16_decoder_on_a_cpu_without_native
     assert cpu_features.kv_cache_dtype(cpu, torch.bfloat16, small) == torch.bfloat16
 
 
+def test_the_vision_tower_computes_in_fp32_on_a_cpu_without_the_model_dtype_natively(tiny_original, pixels, monkeypatch):
+    """Emulated bf16 products are ~6× slower than fp32 at the encoder's shapes on such a CPU, so
+    there the vision encoder and projector keep fp32 weights (the checkpoint's bf16 values,
+    exactly) and hand the decoder features in the model's dtype: the fp32 model's features,
+    rounded. CUDA and native bf16 keep the model's dtype."""
+    from internvl_chat.engine import cpu_features
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert cpu_features.vision_dtype(cpu, dtype) == torch.float32
+    assert cpu_features.vision_dtype(torch.device("cuda"), torch.bfloat16) == torch.bfloat16
+    ref = load_model(tiny_original, device="cpu", dtype="float32", max_context=256).model
+    model = load_model(tiny_original, device="cpu", dtype="bfloat16", max_context=256).model
+    assert {p.dtype for p in model.vision_model.parameters()} | {p.dtype for p in model.mlp1.parameters()} == {torch.float32}
+    assert model.language_model.lm_head.weight.dtype == torch.bfloat16
+    features = model.encode_images(pixels[:2])
+    assert features.dtype == torch.bfloat16
+    assert torch.equal(features, ref.encode_images(pixels[:2]).bfloat16())  # tiny_original stores bf16
+    monkeypatch.setattr(cpu_features, "native_bf16", lambda: True)
+    assert cpu_features.vision_dtype(cpu, torch.bfloat16) == torch.bfloat16
+    assert cpu_features.vision_dtype(cpu, torch.float16) == torch.float32
+    native = load_model(tiny_original, device="cpu", dtype="bfloat16", max_context=256).model
+    assert native.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+
+
 def test_an_fp32_cache_under_bf16_weights_holds_the_bf16_cache_values(tiny_original, monkeypatch):
     """The fp32 cache holds bf16-rounded keys and values (the first layer's exactly a bf16 cache's);
     attention runs in fp32 (a little more precise) and hands bf16 back to the o-projection. A chunk

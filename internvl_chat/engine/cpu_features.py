@@ -70,6 +70,19 @@ def kv_cache_dtype(device: torch.device, dtype: torch.dtype, decoder_bytes: int)
     return dtype
 
 
+def vision_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the vision encoder and projector (`vision_model`, `mlp1`) keep and compute in.
+
+    On a CPU they take fp32 unless `dtype` runs natively: emulated bf16 (and fp16) products there
+    are ~6× slower than fp32 at the encoder's shapes (an InternViT-300M tile on one Zen 3 thread:
+    ~100 s in bf16, ~16 s in fp32; benchmarks/RESULTS.md). The encoder reads each weight once per
+    batch of tiles, so holding it in fp32 costs memory (+0.6 GB for InternViT-300M), not speed;
+    its features are handed to the decoder in the model's dtype."""
+    if device.type != "cpu" or dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16()):
+        return dtype
+    return torch.float32
+
+
 def bf16_decodes_fast() -> bool:
     """Whether a bf16 weight streams as fast as its bytes allow in a decode step here: native bf16,
     or AVX2 and FMA, with which the compiled step's GEMV kernel converts bf16 in registers."""

@@ -121,7 +121,11 @@ class InternVLModel(nn.Module):
         """
         with torch.device("meta"):
             model = cls(cfg)
-        model = model.to(dtype)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+        model = model.to(dtype)
+        vision_dtype = cpu_features.vision_dtype(device, dtype)
+        for tower in (model.vision_model, model.mlp1):
+            tower.to(vision_dtype)
+        model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
         decoder_weights = cpu_features.decoder_weight_bytes(cfg.text, bytes_per_weight=1)
         kv_dtype = cpu_features.kv_cache_dtype(device, dtype, 2 * decoder_weights)
         model.language_model.allocate_cache(max_seq_len, device, kv_dtype)
