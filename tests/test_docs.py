@@ -119,6 +119,19 @@ def test_defaults_in_help_are_the_settings_defaults(mode):
     assert checked >= (15 if mode == "internvl-chat" else 9)
 
 
+def test_flags_the_chat_and_serve_share_say_the_same():
+    # serve's --compile once still said "a compiled decode step" after the chat's named the C++ step
+    differ = {"--model": "serve has no demo model", "--max-context": "per slot in serve"}
+    chat, serve = parsers()["internvl-chat"], parsers()["serve"]
+    chat_keys, serve_keys = _flag_keys(chat, cli._overrides), _flag_keys(serve, serve_main._overrides)
+    helps = {name: {flag: a.help for a in p._actions for flag in a.option_strings} for name, p in (("chat", chat), ("serve", serve))}
+    shared = [flag for flag in chat_keys if serve_keys.get(flag) == chat_keys[flag] and flag not in differ]
+    assert len(shared) >= 4, shared
+    for flag in shared:
+        assert helps["chat"][flag] == helps["serve"][flag], flag
+    assert helps["chat"]["--config"] == helps["serve"]["--config"]
+
+
 def test_stated_default_forms():
     assert stated_default("frames sampled per video (default 8)") == "8"
     assert stated_default("auto | cpu (default auto: CUDA if present)") == "auto"
