@@ -132,6 +132,19 @@ def test_flags_the_chat_and_serve_share_say_the_same():
     assert helps["chat"]["--config"] == helps["serve"]["--config"]
 
 
+def test_defaults_the_readme_gives_for_flags_are_the_settings_defaults():
+    # "`--slots`, default 2", "`--queue-depth` (8)", "`--header-timeout` (10 s)", "`--dialect` … (default `auto`"
+    forms = (r"`(--[a-z][\w-]*)(?: [A-Z]+)?`(?:,| \()\s*(?:default\s+)?(\d+(?:\.\d+)?)(?=[\s,)])",
+             r"`(--[a-z][\w-]*)(?: [A-Z]+)?` [^`()]*\(default `(\w+)`")  # fmt: skip
+    keys = {**_flag_keys(parsers()["internvl-chat"], cli._overrides), **_flag_keys(parsers()["serve"], serve_main._overrides)}
+    defaults = Settings()
+    stated = [match.groups() for form in forms for match in re.finditer(form, README)]
+    assert len(stated) >= 8, stated
+    for flag, value in stated:
+        default = defaults.get(keys[flag])
+        assert (float(value) == default) if value[0].isdigit() else (value == default), f"README: {flag} {value}, {keys[flag]} is {default!r}"
+
+
 def test_stated_default_forms():
     assert stated_default("frames sampled per video (default 8)") == "8"
     assert stated_default("auto | cpu (default auto: CUDA if present)") == "auto"

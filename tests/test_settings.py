@@ -88,6 +88,20 @@ def test_default_toml_holds_every_default():
     assert data == expected
 
 
+def test_default_toml_comments_out_exactly_the_unset_settings_with_a_valid_example():
+    section, commented = None, {}
+    for line in DEFAULT_CONFIG_FILE.read_text(encoding="utf-8").splitlines():
+        if line.startswith("["):
+            section = line[1 : line.index("]")]
+        elif line.startswith("# ") and " = " in line.split("#")[1]:
+            name, value = tomllib.loads(line[2:].split("  #")[0]).popitem()
+            commented[f"{section}.{name}"] = value
+    unset = {f"{s}.{k}" for s, kv in EXPECTED_DEFAULTS.items() for k, v in kv.items() if v is None}
+    assert set(commented) == unset
+    for key, value in commented.items():
+        Settings().set(key, value, source="example")  # a value the setting takes
+
+
 def test_defaults_when_nothing_overrides(tmp_path):
     settings = load_settings(env=clean_env(tmp_path))
     assert settings.to_dict() == EXPECTED_DEFAULTS
