@@ -1,4 +1,4 @@
-"""`internvl-chat`: flags → Settings → a mode (REPL, one-shot, script, quantize).
+"""`internvl-chat`: flags → Settings → a mode (REPL, one-shot, script, quantize, serve).
 
 Exit codes: 0 success, 1 an error (also: stdout could not be written: a full disk, `>&-`), 2 bad
 usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129; the REPL puts

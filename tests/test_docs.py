@@ -238,7 +238,9 @@ LAYERS = (("cli",), ("ui", "serve", "quantize"), ("chat",), ("engine",), ("quant
 
 
 def modules() -> list[Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
+    """Python modules and the C++ sources built from the package (engine/csrc)."""
+    sources = [p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".cpp", ".h")]
+    return sorted(p for p in sources if p.name != "__init__.py")
 
 
 def test_every_module_has_a_row_in_the_module_map_and_every_row_a_module():
@@ -247,7 +249,7 @@ def test_every_module_has_a_row_in_the_module_map_and_every_row_a_module():
     for path in modules():
         rel = path.relative_to(PACKAGE).as_posix()
         assert f"`{rel}`" in table, f"docs/architecture.md has no row for {rel}"
-    for rel in re.findall(r"`([\w/]+\.py)`", table):
+    for rel in re.findall(r"`([\w/]+\.(?:py|cpp|h))`", table):
         assert (PACKAGE / rel).is_file(), f"docs/architecture.md has a row for {rel}, which does not exist"
     scripts = section[section.index("Scripts:") :].split("\n\n")[0]
     named = set(re.findall(r"`([\w.]+\.(?:py|sh))`", scripts))
