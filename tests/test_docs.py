@@ -20,6 +20,7 @@ from internvl_chat import cli
 from internvl_chat.quantize import build_parser as quantize_parser
 from internvl_chat.serve import main as serve_main
 from internvl_chat.settings import OTHER_ENV_VARS, Settings, all_keys, env_name
+from internvl_chat.ui.app import RESTORED_SETTINGS
 from internvl_chat.ui.set_keys import START_FLAGS, changeable_while_running, runtime_keys
 from internvl_chat.ui.commands import COMMAND_BY_NAME, COMMANDS
 
@@ -173,6 +174,14 @@ def test_readme_says_which_settings_set_can_change():
     assert all(f"`{section[:-1]}`" in sentence for section in sections)
     assert sorted(re.findall(r"`(\w+\.\w+)`", sentence)) == sorted(others)
     assert all(key.startswith(sections) or key in others for key in runtime_keys())
+
+
+def test_readme_says_which_settings_load_brings_back():
+    sampling = {"generation.temperature", "generation.top_p", "generation.top_k", "generation.repetition_penalty",
+                "generation.seed"}  # fmt: skip
+    sentence = README[README.index("It brings back the sampling settings") :].split(".")[0]
+    named = {key for key in all_keys() if f"`{key.split('.')[1]}`" in sentence}
+    assert sampling | named == set(RESTORED_SETTINGS), sentence
 
 
 def test_the_flags_set_names_for_settings_read_at_start_set_them():
