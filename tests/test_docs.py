@@ -146,6 +146,15 @@ def test_defaults_the_readme_gives_for_flags_are_the_settings_defaults():
         assert (float(value) == default) if value[0].isdigit() else (value == default), f"README: {flag} {value}, {keys[flag]} is {default!r}"
 
 
+def test_readme_names_every_route_serve_has():
+    source = (PACKAGE / "serve" / "app.py").read_text(encoding="utf-8")
+    routes = re.findall(r'@app\.(get|post)\("([^"]+)"\)', source)
+    assert len(routes) >= 4
+    for method, path in routes:
+        shown = re.sub(r"\{\w+(?::\w+)?\}", "ID", path)  # /v1/models/{name:path} → /v1/models/ID
+        assert f"`{method.upper()} {shown}`" in README, f"README does not name {method.upper()} {shown}"
+
+
 def test_stated_default_forms():
     assert stated_default("frames sampled per video (default 8)") == "8"
     assert stated_default("auto | cpu (default auto: CUDA if present)") == "auto"
