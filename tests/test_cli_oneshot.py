@@ -172,7 +172,7 @@ def test_a_prompt_argument_that_is_not_utf8_is_refused(tiny_original):
 
 def test_seed_outside_the_generators_range_is_refused_when_given(tiny_original):
     _one_line(cli("--model", "/nonexistent/model", "-p", "hi", "--seed", str(2**64)), 2,
-              "generation.seed must be an integer from 0 to 2**63-1")  # refused before the model is read
+              "flag generation.seed: must be an integer from 0 to 2**63-1")  # refused before the model is read
     _one_line(cli("--model", str(tiny_original), "-p", "hi", "--seed", "-1"), 2, "generation.seed")
     top = cli("--model", str(tiny_original), "-p", "hi", "--seed", str(2**63 - 1), "--temperature", "0.7",
               "--max-new-tokens", "3", "--device", "cpu")  # fmt: skip

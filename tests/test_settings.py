@@ -355,6 +355,11 @@ def test_a_bad_value_names_its_key_once_wherever_it_came_from(tmp_path):
          f"environment variable {variable}: generation.temperature {EXPECT_TEMPERATURE}; fix the value."),
         (lambda: load_settings(env=clean_env(tmp_path), overrides={"temperature": "hot"}),
          f"flag temperature: generation.temperature {EXPECT_TEMPERATURE}; fix the value."),
+        # cli.py's overrides are dotted keys: the key was named twice ("flag generation.temperature: generation.…")
+        (lambda: load_settings(env=clean_env(tmp_path), overrides={"generation.temperature": "hot"}),
+         f"flag generation.temperature: {EXPECT_TEMPERATURE}; fix the value."),
+        (lambda: Settings().set("generation.temperature", "hot", source="session s.json"),
+         f"session s.json generation.temperature: {EXPECT_TEMPERATURE}; fix the value."),
         (lambda: Settings().set("generation.temperature", "hot"), f"/set generation.temperature: {EXPECT_TEMPERATURE}"),
     ]:  # fmt: skip
         with pytest.raises(UsageError) as err:
