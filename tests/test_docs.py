@@ -19,7 +19,7 @@ import pytest
 from internvl_chat import cli
 from internvl_chat.quantize import build_parser as quantize_parser
 from internvl_chat.serve import main as serve_main
-from internvl_chat.settings import OTHER_ENV_VARS, Settings, all_keys, env_name
+from internvl_chat.settings import OTHER_ENV_VARS, REMOTE_DIALECTS, Settings, all_keys, env_name
 from internvl_chat.ui.app import RESTORED_SETTINGS
 from internvl_chat.ui.set_keys import START_FLAGS, changeable_while_running, runtime_keys
 from internvl_chat.ui.commands import COMMAND_BY_NAME, COMMANDS
@@ -153,6 +153,17 @@ def test_readme_names_every_route_serve_has():
     for method, path in routes:
         shown = re.sub(r"\{\w+(?::\w+)?\}", "ID", path)  # /v1/models/{name:path} → /v1/models/ID
         assert f"`{method.upper()} {shown}`" in README, f"README does not name {method.upper()} {shown}"
+
+
+def test_the_dialects_help_readme_and_config_list_are_the_ones_there_are():
+    help_text = next(a.help for a in parsers()["internvl-chat"]._actions if "--dialect" in a.option_strings)
+    listed = re.sub(r" \(default[^)]*\)", "", help_text.split(": ", 1)[1])  # "auto, lmdeploy, … or generic"
+    assert re.split(r", | or ", listed) == list(REMOTE_DIALECTS)
+    readme = README[README.index("`--dialect` forces") :].split(")")[0].split("`owned_by`:")[1]  # auto detects these
+    assert ["auto", *re.findall(r"`([\w-]+)`", readme)] == list(REMOTE_DIALECTS)
+    config = next(line for line in (PACKAGE / "configs" / "default.toml").read_text(encoding="utf-8").splitlines()
+                  if line.startswith("dialect ="))  # fmt: skip
+    assert config.split("#")[1].split() == " | ".join(REMOTE_DIALECTS).split()
 
 
 def test_stated_default_forms():
