@@ -19,7 +19,8 @@ import pytest
 from internvl_chat import cli
 from internvl_chat.quantize import build_parser as quantize_parser
 from internvl_chat.serve import main as serve_main
-from internvl_chat.settings import OTHER_ENV_VARS, REMOTE_DIALECTS, Settings, all_keys, env_name
+from internvl_chat.settings import (COLORS, COMPILE_MODES, DTYPES, INT4_BACKENDS, OTHER_ENV_VARS, REMOTE_DIALECTS, Settings,
+                                    all_keys, env_name)
 from internvl_chat.ui.app import RESTORED_SETTINGS
 from internvl_chat.ui.set_keys import START_FLAGS, changeable_while_running, runtime_keys
 from internvl_chat.ui.commands import COMMAND_BY_NAME, COMMANDS
@@ -164,6 +165,19 @@ def test_the_dialects_help_readme_and_config_list_are_the_ones_there_are():
     config = next(line for line in (PACKAGE / "configs" / "default.toml").read_text(encoding="utf-8").splitlines()
                   if line.startswith("dialect ="))  # fmt: skip
     assert config.split("#")[1].split() == " | ".join(REMOTE_DIALECTS).split()
+
+
+@pytest.mark.parametrize("key, choices", [("model.dtype", DTYPES), ("model.int4_backend", INT4_BACKENDS),
+                                          ("model.compile", COMPILE_MODES), ("ui.color", COLORS)])  # fmt: skip
+def test_the_choices_help_and_config_list_are_the_ones_a_setting_takes(key, choices):
+    section, name = key.split(".")
+    toml = (PACKAGE / "configs" / "default.toml").read_text(encoding="utf-8")
+    line = re.search(rf"^\[{section}\][\s\S]*?^{name} = .*#\s*(.*)$", toml, re.M).group(1)
+    assert line.startswith(" | ".join(choices) + " "), line
+    for parser, overrides in ((cli.build_parser(), cli._overrides), (serve_main.build_parser(), serve_main._overrides)):
+        flags = [flag for flag, k in _flag_keys(parser, overrides).items() if k == key]
+        for action in (a for a in parser._actions if set(a.option_strings) & set(flags)):
+            assert re.match(rf"{re.escape(' | '.join(choices))}[:( ]", action.help), action.help
 
 
 def test_stated_default_forms():
