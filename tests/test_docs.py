@@ -74,6 +74,18 @@ def test_every_flag_the_readme_names_exists():
     assert not unknown, f"README names flags nothing defines: {sorted(unknown)}"
 
 
+def test_every_flag_the_apps_messages_name_exists():
+    ours = set().union(*(parser_flags(p) for p in parsers().values()))
+    repl_options = {option.name for spec in COMMANDS for option in spec.options}
+    named = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):  # f-string parts too
+                for flag in set(FLAG.findall(node.value)) - ours - repl_options:
+                    named.setdefault(flag, path.relative_to(PACKAGE).as_posix())
+    assert not named, f"messages name flags nothing defines: {named}"
+
+
 def _flag_keys(parser: argparse.ArgumentParser, overrides) -> dict[str, str]:
     """flag → the dotted setting it sets, found by passing a marker through the mode's overrides."""
     marker = object()
