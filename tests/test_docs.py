@@ -1,8 +1,10 @@
-"""The front door stays true: README, docs/architecture.md, benchmarks/README.md and `--help` against the code.
+"""The front door stays true: README, docs/architecture.md, benchmarks/README.md, default.toml and
+`--help` against the code.
 
 Cheap, static checks (no model, no subprocess): every flag, slash command, environment variable,
-make target and script command the docs name exists; the defaults `--help` states are the
-settings' defaults; every module has a row in the module map, and imports follow its layers.
+make target, route and script command the docs name exists (and every flag the app's messages
+name); the defaults and choices `--help`, README and default.toml state are the settings' own;
+every module has a row in the module map, and imports follow its layers.
 """
 
 from __future__ import annotations
