@@ -2,9 +2,9 @@
 `--help` against the code.
 
 Cheap, static checks (no model, no subprocess): every flag, slash command, environment variable,
-make target, route and script command the docs name exists (and every flag the app's messages
-name); the defaults and choices `--help`, README and default.toml state are the settings' own;
-every module has a row in the module map, and imports follow its layers.
+make target and script command the docs name exists (and every flag the app's messages name);
+README names every route serve has; the defaults and choices `--help`, README and default.toml
+state are the settings' own; every module has a row in the module map, and imports follow its layers.
 """
 
 from __future__ import annotations
