@@ -1,4 +1,4 @@
-"""`internvl-chat`: flags → Settings → a mode (REPL, one-shot, script, quantize).
+"""`internvl-chat`: flags → Settings → a mode (REPL, one-shot, script, quantize, serve).
 
 Exit codes: 0 success, 1 an error (also: stdout could not be written: a full disk, `>&-`), 2 bad
 usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129; the REPL puts
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "bf16 for decoders of 256 MiB or more where the CPU has native bf16 or AVX2 and FMA, else fp32)")
     p.add_argument("--max-context", type=int, metavar="N", help="KV cache length in tokens (default 8192)")
     p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant: kernels for 4-bit weights (default auto)")
-    p.add_argument("--compile", metavar="MODE", help="auto | on | off: a fast decode step (our C++ on CPUs with AVX2, else "
+    p.add_argument("--compile", metavar="MODE", help="auto | on | off: a fast decode step (our C++ on CPUs with AVX2 and FMA, else "
                    "torch.compile), built on first use, then cached (default auto: decoders of 256 MiB or more on a CPU)")
     _add_remote_flags(p)
     p.add_argument("--json", action="store_true", help="one-shot: print one JSON object instead of streaming text")

@@ -262,8 +262,11 @@ class Settings:
         Raises UsageError for an unknown key (with the closest one) or a bad value.
         """
         dotted = resolve_key(key)
-        # `/set KEY` names the key already: its message says it once ("/set generation.top_p: must be …")
-        _assign(self, dotted, value, where=f"{source} {key}".strip(), names_key=source == "/set")
+        # a message names the key once: `/set KEY` and a dotted key name it already
+        # ("/set generation.top_p: must be …", "flag media.frames: must be …; fix the value.")
+        named = source == "/set" or key.strip().lower() == dotted
+        _assign(self, dotted, value, where=f"{source} {key}".strip(), names_key=named,
+                fix="" if source == "/set" else "; fix the value.")
         self.sources[dotted] = source
         return dotted
 
@@ -363,12 +366,13 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise ValueError
 
 
-def _assign(settings: Settings, dotted: str, value: Any, where: str, names_key: bool = False) -> None:
+def _assign(settings: Settings, dotted: str, value: Any, where: str, names_key: bool = False,
+            fix: str = "; fix the value.") -> None:
     """Parse, check and set one value; a bad one is a UsageError that starts with `where` (a file,
-    variable or flag), then the key, unless `where` `names_key` already."""
+    variable or flag), then the key, unless `where` `names_key` already, and ends with `fix`
+    (empty for `/set KEY VALUE`: the message says what VALUE must be)."""
     fld, tp = _field(dotted)
     subject = "" if names_key else f" {dotted}"
-    fix = "" if names_key else "; fix the value."  # `/set KEY VALUE`: the message says what VALUE must be
     bad = undecodable_byte(value) if isinstance(value, str) and not fld.metadata.get("path") else None
     if bad is not None:
         what = f"byte 0x{bad:02x}" if bad < 0x100 else f"U+{bad:04X}"

@@ -1,6 +1,6 @@
 """Build tiny InternVL3-shaped checkpoints (random weights) and a tiny byte-level BPE tokenizer.
 
-Tests, `make demo` and the training script use these so that every loader path (original layout,
+Tests, the benchmarks and the training script use these so that every loader path (original layout,
 -hf layout in both prefix styles, single / sharded safetensors, `.bin` shards) is exercised without
 downloading anything. The model is built as transformers' `InternVLForConditionalGeneration`
 (the reference implementation), randomised with a seeded generator, then written either as

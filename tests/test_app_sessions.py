@@ -133,7 +133,7 @@ def test_load_restores_the_settings_saved_with_the_session(loaded, tmp_path, hom
     other.handle_line("Hi.")
     before = (list(other.session.ids), other.settings.to_dict())
     assert other.handle_line(f"/load {tmp_path / 'bad.json'}") == ERROR
-    assert "generation.seed must be an integer from 0 to 2**63-1" in out2.getvalue()
+    assert "session bad.json generation.seed: must be an integer from 0 to 2**63-1" in out2.getvalue()
     assert (other.session.ids, other.settings.to_dict()) == before
 
 

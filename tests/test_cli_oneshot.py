@@ -170,9 +170,21 @@ def test_a_prompt_argument_that_is_not_utf8_is_refused(tiny_original):
     assert run.stderr.decode().strip().startswith("internvl-chat: error: the prompt is not UTF-8 text (byte 0xe9)")
 
 
+def test_a_missing_demo_model_says_how_to_get_it_back(tmp_path, monkeypatch):
+    from internvl_chat.errors import UsageError
+    from internvl_chat.settings import Settings
+    from internvl_chat.ui import setup
+
+    monkeypatch.setattr(setup, "EMBEDDED_MODEL", tmp_path / "demo_model")
+    with pytest.raises(UsageError) as err:
+        setup.resolve_model_path(Settings())
+    assert "make demo" not in str(err.value)  # it once said so, but make demo stops on a missing model too
+    assert "--model DIR" in str(err.value) and "git checkout internvl_chat/demo_model" in str(err.value)
+
+
 def test_seed_outside_the_generators_range_is_refused_when_given(tiny_original):
     _one_line(cli("--model", "/nonexistent/model", "-p", "hi", "--seed", str(2**64)), 2,
-              "generation.seed must be an integer from 0 to 2**63-1")  # refused before the model is read
+              "flag generation.seed: must be an integer from 0 to 2**63-1")  # refused before the model is read
     _one_line(cli("--model", str(tiny_original), "-p", "hi", "--seed", "-1"), 2, "generation.seed")
     top = cli("--model", str(tiny_original), "-p", "hi", "--seed", str(2**63 - 1), "--temperature", "0.7",
               "--max-new-tokens", "3", "--device", "cpu")  # fmt: skip

@@ -1,8 +1,10 @@
-"""The front door stays true: README, docs/architecture.md, benchmarks/README.md and `--help` against the code.
+"""The front door stays true: README, docs/architecture.md, benchmarks/README.md, default.toml and
+`--help` against the code.
 
 Cheap, static checks (no model, no subprocess): every flag, slash command, environment variable,
-make target and script command the docs name exists; the defaults `--help` states are the
-settings' defaults; every module has a row in the module map, and imports follow its layers.
+make target and script command the docs name exists (and every flag the app's messages name);
+README names every route serve has; the defaults and choices `--help`, README and default.toml
+state are the settings' own; every module has a row in the module map, and imports follow its layers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import pytest
 from internvl_chat import cli
 from internvl_chat.quantize import build_parser as quantize_parser
 from internvl_chat.serve import main as serve_main
-from internvl_chat.settings import OTHER_ENV_VARS, Settings, all_keys, env_name
+from internvl_chat.settings import (COLORS, COMPILE_MODES, DTYPES, INT4_BACKENDS, OTHER_ENV_VARS, REMOTE_DIALECTS, Settings,
+                                    all_keys, env_name)
+from internvl_chat.ui.app import RESTORED_SETTINGS
 from internvl_chat.ui.set_keys import START_FLAGS, changeable_while_running, runtime_keys
 from internvl_chat.ui.commands import COMMAND_BY_NAME, COMMANDS
 
@@ -72,6 +76,18 @@ def test_every_flag_the_readme_names_exists():
     assert not unknown, f"README names flags nothing defines: {sorted(unknown)}"
 
 
+def test_every_flag_the_apps_messages_name_exists():
+    ours = set().union(*(parser_flags(p) for p in parsers().values()))
+    repl_options = {option.name for spec in COMMANDS for option in spec.options}
+    named = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):  # f-string parts too
+                for flag in set(FLAG.findall(node.value)) - ours - repl_options:
+                    named.setdefault(flag, path.relative_to(PACKAGE).as_posix())
+    assert not named, f"messages name flags nothing defines: {named}"
+
+
 def _flag_keys(parser: argparse.ArgumentParser, overrides) -> dict[str, str]:
     """flag → the dotted setting it sets, found by passing a marker through the mode's overrides."""
     marker = object()
@@ -119,6 +135,65 @@ def test_defaults_in_help_are_the_settings_defaults(mode):
     assert checked >= (15 if mode == "internvl-chat" else 9)
 
 
+def test_flags_the_chat_and_serve_share_say_the_same():
+    # serve's --compile once still said "a compiled decode step" after the chat's named the C++ step
+    differ = {"--model": "serve has no demo model", "--max-context": "per slot in serve"}
+    chat, serve = parsers()["internvl-chat"], parsers()["serve"]
+    chat_keys, serve_keys = _flag_keys(chat, cli._overrides), _flag_keys(serve, serve_main._overrides)
+    helps = {name: {flag: a.help for a in p._actions for flag in a.option_strings} for name, p in (("chat", chat), ("serve", serve))}
+    shared = [flag for flag in chat_keys if serve_keys.get(flag) == chat_keys[flag] and flag not in differ]
+    assert len(shared) >= 4, shared
+    for flag in shared:
+        assert helps["chat"][flag] == helps["serve"][flag], flag
+    assert helps["chat"]["--config"] == helps["serve"]["--config"]
+
+
+def test_defaults_the_readme_gives_for_flags_are_the_settings_defaults():
+    # "`--slots`, default 2", "`--queue-depth` (8)", "`--header-timeout` (10 s)", "`--dialect` … (default `auto`"
+    forms = (r"`(--[a-z][\w-]*)(?: [A-Z]+)?`(?:,| \()\s*(?:default\s+)?(\d+(?:\.\d+)?)(?=[\s,)])",
+             r"`(--[a-z][\w-]*)(?: [A-Z]+)?` [^`()]*\(default `(\w+)`")  # fmt: skip
+    keys = {**_flag_keys(parsers()["internvl-chat"], cli._overrides), **_flag_keys(parsers()["serve"], serve_main._overrides)}
+    defaults = Settings()
+    stated = [match.groups() for form in forms for match in re.finditer(form, README)]
+    assert len(stated) >= 8, stated
+    for flag, value in stated:
+        default = defaults.get(keys[flag])
+        assert (float(value) == default) if value[0].isdigit() else (value == default), f"README: {flag} {value}, {keys[flag]} is {default!r}"
+
+
+def test_readme_names_every_route_serve_has():
+    source = (PACKAGE / "serve" / "app.py").read_text(encoding="utf-8")
+    routes = re.findall(r'@app\.(get|post)\("([^"]+)"\)', source)
+    assert len(routes) >= 4
+    for method, path in routes:
+        shown = re.sub(r"\{\w+(?::\w+)?\}", "ID", path)  # /v1/models/{name:path} → /v1/models/ID
+        assert f"`{method.upper()} {shown}`" in README, f"README does not name {method.upper()} {shown}"
+
+
+def test_the_dialects_help_readme_and_config_list_are_the_ones_there_are():
+    help_text = next(a.help for a in parsers()["internvl-chat"]._actions if "--dialect" in a.option_strings)
+    listed = re.sub(r" \(default[^)]*\)", "", help_text.split(": ", 1)[1])  # "auto, lmdeploy, … or generic"
+    assert re.split(r", | or ", listed) == list(REMOTE_DIALECTS)
+    readme = README[README.index("`--dialect` forces") :].split(")")[0].split("`owned_by`:")[1]  # auto detects these
+    assert ["auto", *re.findall(r"`([\w-]+)`", readme)] == list(REMOTE_DIALECTS)
+    config = next(line for line in (PACKAGE / "configs" / "default.toml").read_text(encoding="utf-8").splitlines()
+                  if line.startswith("dialect ="))  # fmt: skip
+    assert config.split("#")[1].split() == " | ".join(REMOTE_DIALECTS).split()
+
+
+@pytest.mark.parametrize("key, choices", [("model.dtype", DTYPES), ("model.int4_backend", INT4_BACKENDS),
+                                          ("model.compile", COMPILE_MODES), ("ui.color", COLORS)])  # fmt: skip
+def test_the_choices_help_and_config_list_are_the_ones_a_setting_takes(key, choices):
+    section, name = key.split(".")
+    toml = (PACKAGE / "configs" / "default.toml").read_text(encoding="utf-8")
+    line = re.search(rf"^\[{section}\][\s\S]*?^{name} = .*#\s*(.*)$", toml, re.M).group(1)
+    assert line.startswith(" | ".join(choices) + " "), line
+    for parser, overrides in ((cli.build_parser(), cli._overrides), (serve_main.build_parser(), serve_main._overrides)):
+        flags = [flag for flag, k in _flag_keys(parser, overrides).items() if k == key]
+        for action in (a for a in parser._actions if set(a.option_strings) & set(flags)):
+            assert re.match(rf"{re.escape(' | '.join(choices))}[:( ]", action.help), action.help
+
+
 def test_stated_default_forms():
     assert stated_default("frames sampled per video (default 8)") == "8"
     assert stated_default("auto | cpu (default auto: CUDA if present)") == "auto"
@@ -147,6 +222,14 @@ def test_readme_says_which_settings_set_can_change():
     assert all(f"`{section[:-1]}`" in sentence for section in sections)
     assert sorted(re.findall(r"`(\w+\.\w+)`", sentence)) == sorted(others)
     assert all(key.startswith(sections) or key in others for key in runtime_keys())
+
+
+def test_readme_says_which_settings_load_brings_back():
+    sampling = {"generation.temperature", "generation.top_p", "generation.top_k", "generation.repetition_penalty",
+                "generation.seed"}  # fmt: skip
+    sentence = README[README.index("It brings back the sampling settings") :].split(".")[0]
+    named = {key for key in all_keys() if f"`{key.split('.')[1]}`" in sentence}
+    assert sampling | named == set(RESTORED_SETTINGS), sentence
 
 
 def test_the_flags_set_names_for_settings_read_at_start_set_them():
@@ -212,7 +295,9 @@ LAYERS = (("cli",), ("ui", "serve", "quantize"), ("chat",), ("engine",), ("quant
 
 
 def modules() -> list[Path]:
-    return sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
+    """Python modules and the C++ sources built from the package (engine/csrc)."""
+    sources = [p for p in PACKAGE.rglob("*") if p.suffix in (".py", ".cpp", ".h")]
+    return sorted(p for p in sources if p.name != "__init__.py")
 
 
 def test_every_module_has_a_row_in_the_module_map_and_every_row_a_module():
@@ -221,7 +306,7 @@ def test_every_module_has_a_row_in_the_module_map_and_every_row_a_module():
     for path in modules():
         rel = path.relative_to(PACKAGE).as_posix()
         assert f"`{rel}`" in table, f"docs/architecture.md has no row for {rel}"
-    for rel in re.findall(r"`([\w/]+\.py)`", table):
+    for rel in re.findall(r"`([\w/]+\.(?:py|cpp|h))`", table):
         assert (PACKAGE / rel).is_file(), f"docs/architecture.md has a row for {rel}, which does not exist"
     scripts = section[section.index("Scripts:") :].split("\n\n")[0]
     named = set(re.findall(r"`([\w.]+\.(?:py|sh))`", scripts))

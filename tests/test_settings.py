@@ -88,6 +88,20 @@ def test_default_toml_holds_every_default():
     assert data == expected
 
 
+def test_default_toml_comments_out_exactly_the_unset_settings_with_a_valid_example():
+    section, commented = None, {}
+    for line in DEFAULT_CONFIG_FILE.read_text(encoding="utf-8").splitlines():
+        if line.startswith("["):
+            section = line[1 : line.index("]")]
+        elif line.startswith("# ") and " = " in line.split("#")[1]:
+            name, value = tomllib.loads(line[2:].split("  #")[0]).popitem()
+            commented[f"{section}.{name}"] = value
+    unset = {f"{s}.{k}" for s, kv in EXPECTED_DEFAULTS.items() for k, v in kv.items() if v is None}
+    assert set(commented) == unset
+    for key, value in commented.items():
+        Settings().set(key, value, source="example")  # a value the setting takes
+
+
 def test_defaults_when_nothing_overrides(tmp_path):
     settings = load_settings(env=clean_env(tmp_path))
     assert settings.to_dict() == EXPECTED_DEFAULTS
@@ -341,6 +355,11 @@ def test_a_bad_value_names_its_key_once_wherever_it_came_from(tmp_path):
          f"environment variable {variable}: generation.temperature {EXPECT_TEMPERATURE}; fix the value."),
         (lambda: load_settings(env=clean_env(tmp_path), overrides={"temperature": "hot"}),
          f"flag temperature: generation.temperature {EXPECT_TEMPERATURE}; fix the value."),
+        # cli.py's overrides are dotted keys: the key was named twice ("flag generation.temperature: generation.…")
+        (lambda: load_settings(env=clean_env(tmp_path), overrides={"generation.temperature": "hot"}),
+         f"flag generation.temperature: {EXPECT_TEMPERATURE}; fix the value."),
+        (lambda: Settings().set("generation.temperature", "hot", source="session s.json"),
+         f"session s.json generation.temperature: {EXPECT_TEMPERATURE}; fix the value."),
         (lambda: Settings().set("generation.temperature", "hot"), f"/set generation.temperature: {EXPECT_TEMPERATURE}"),
     ]:  # fmt: skip
         with pytest.raises(UsageError) as err:

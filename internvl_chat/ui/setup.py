@@ -26,7 +26,9 @@ def resolve_model_path(settings: Settings) -> Path:
     if settings.model.path:
         return expand_home(settings.model.path)
     if not (EMBEDDED_MODEL / "config.json").is_file():
-        raise UsageError("no --model given and the embedded demo model is missing; pass --model DIR (or run `make demo`)")
+        # `make demo` needs it too: only git (or a fresh install) brings it back
+        raise UsageError("no --model given and the embedded demo model is missing; pass --model DIR, "
+                         "or restore it (git checkout internvl_chat/demo_model)")
     return EMBEDDED_MODEL
 
 
