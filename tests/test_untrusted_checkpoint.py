@@ -76,6 +76,8 @@ ORIGINAL_LIES = [
     ("vision_config.qkv_bias", "true"), ("vision_config.norm_type", 3), ("vision_config.layer_norm_eps", "1e-6"),
     ("downsample_ratio", "0.5"), ("select_layer", "-1"), ("template", 5), ("system_message", ["hi"]),
     ("force_image_size", "448"), ("use_thumbnail", 1), ("max_dynamic_patch", 12.5),
+    # a JSON "\\ud800" escape is a lone surrogate, which no tokenizer or terminal takes
+    ("system_message", "\ud800 be brief"), ("template", "\udc80"),
     # zero, negative, absurd sizes
     ("llm_config.hidden_size", 0), ("llm_config.hidden_size", -64), ("llm_config.hidden_size", 10**7),
     ("llm_config.vocab_size", 0), ("llm_config.vocab_size", 10**9), ("llm_config.num_hidden_layers", 0),
