@@ -300,6 +300,8 @@ def test_tokenizer_missing_or_incomplete(tmp_path, tiny_tokenizer):
         ({"tokenizer_config.json": '{"model_max_length": ' + "1" * 5000 + "}"}, "tokenizer_config.json is not usable: a number"),
         ({"tokenizer_config.json": '{"added_tokens_decoder": {"\u00b2": {"content": "<x>"}}}'}, "entry '²' is malformed"),
         ({"tokenizer_config.json": '{"added_tokens_decoder": {"' + "9" * 5000 + '": {"content": "<x>"}}}'}, "is malformed"),
+        # a "\\ud800" escape is a lone surrogate, which the tokenizer cannot take (a UnicodeEncodeError)
+        ({"tokenizer_config.json": '{"added_tokens_decoder": {"5": {"content": "\\udc80x", "special": true}}}'}, "entry '5' is malformed"),
     ],
 )  # fmt: skip
 def test_broken_tokenizer_files_are_one_clear_error(tmp_path, tiny_tokenizer, files, message):
@@ -309,3 +311,23 @@ def test_broken_tokenizer_files_are_one_clear_error(tmp_path, tiny_tokenizer, fi
         (tmp_path / name).write_text(text, encoding="utf-8")
     with pytest.raises(CheckpointError, match=message):
         load_tokenizer(tmp_path)
+
+
+def test_a_named_special_token_that_is_no_text_is_ignored(tmp_path, tiny_tokenizer):
+    """tokenizer_config.json's eos_token as a lone surrogate (a JSON "\\ud800" escape) cannot be a
+    token: it is skipped like a non-string one, instead of a UnicodeEncodeError traceback."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_tokenizer / name).read_bytes())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "\ud800"}), encoding="utf-8")
+    assert load_tokenizer(tmp_path).special_ids == load_tokenizer(tiny_tokenizer).special_ids
+
+
+def test_a_long_token_in_an_error_is_cut_short(tmp_path, tiny_tokenizer):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_tokenizer / name).read_bytes())
+    entry = {"content": "<" + "x" * 100_000 + ">", "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"0": entry}}), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="the id 0") as err:
+        load_tokenizer(tmp_path)
+    assert len(str(err.value)) < 300

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files import JSON_LIMIT, read_text_file
+from ..files import JSON_LIMIT, read_text_file, undecodable_byte
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -167,10 +167,15 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 
 
 def _token_content(value: Any) -> str | None:
-    """A special token as written in tokenizer_config.json: a string or {"content": ...}."""
+    """A special token as written in tokenizer_config.json: a string or {"content": ...}. A lone
+    surrogate (a JSON "\\ud800" escape) is no text: the backend cannot take it."""
     if isinstance(value, dict):
         value = value.get("content")
-    return value if isinstance(value, str) and value else None
+    return value if isinstance(value, str) and value and undecodable_byte(value) is None else None
+
+
+def _brief(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:39] + "…")
 
 
 def _load_fast(model_dir: Path) -> FastTokenizer:
@@ -216,7 +221,7 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
             (backend.add_special_tokens if is_special else backend.add_tokens)([token])
             known = backend.token_to_id(content)
         if known != token_id:
-            raise _config_error(model_dir, f"it gives {content!r} the id {token_id}, tokenizer.json {known}")
+            raise _config_error(model_dir, f"it gives {_brief(content)} the id {token_id}, tokenizer.json {known}")
         if is_special:
             special.add(token_id)
 
