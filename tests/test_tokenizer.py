@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -331,3 +332,26 @@ def test_a_long_token_in_an_error_is_cut_short(tmp_path, tiny_tokenizer):
     with pytest.raises(CheckpointError, match="the id 0") as err:
         load_tokenizer(tmp_path)
     assert len(str(err.value)) < 300
+
+
+def test_a_regex_the_backend_cannot_run_is_one_error_and_the_conversation_goes_on(tiny_original, tmp_path):
+    """tokenizer.json may hold a pre-tokenizer regex that backtracks without end: the Rust backend
+    panics, and pyo3's PanicException (a BaseException) ended the app with a traceback."""
+    from internvl_chat.chat.sampling import SamplingParams
+    from internvl_chat.chat.session import Session
+    from internvl_chat.engine.loader import load_model
+
+    folder = tmp_path / "redos"
+    shutil.copytree(tiny_original, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    session = Session(load_model(folder, device="cpu", dtype="float32", max_context=256), SamplingParams(max_new_tokens=2))
+    list(session.ask("Hi."))
+    state = (list(session.ids), session.start_pos, len(session.turns))
+    with pytest.raises(CheckpointError, match="tokenizer.json failed on this text.*re-download the tokenizer files") as err:
+        list(session.ask("a" * 40 + "!"))
+    assert "\n" not in str(err.value)
+    assert (session.ids, session.start_pos, len(session.turns)) == state
+    list(session.ask("Still there?"))
+    assert len(session.turns) == 2

@@ -16,9 +16,10 @@ transformers' AutoTokenizer, imported then. Both are used through one interface,
 
 from __future__ import annotations
 
+import contextlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,13 +87,15 @@ class FastTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         if not text:
             return []
-        return list(self.backend.encode(text, add_special_tokens=False).ids)
+        with _panics_as_errors():
+            return list(self.backend.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
-        return self.backend.decode(ids, skip_special_tokens=False)
+        with _panics_as_errors():
+            return self.backend.decode(ids, skip_special_tokens=False)
 
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -105,6 +108,22 @@ class FastTokenizer(Tokenizer):
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+
+@contextlib.contextmanager
+def _panics_as_errors() -> Iterator[None]:
+    """The Rust backend panics where tokenizer.json asks for what it cannot do (a regex that runs
+    past its backtracking limit); pyo3 raises that as a PanicException, a BaseException that would
+    end the app. It becomes one error line, and the conversation goes on."""
+    try:
+        yield
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise CheckpointError(
+            f"the checkpoint's tokenizer.json failed on this text ({_first_line(e)}); it is damaged or not "
+            "InternVL's: re-download the tokenizer files"
+        ) from None
 
 
 class TransformersTokenizer(Tokenizer):
