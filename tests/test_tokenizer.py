@@ -211,6 +211,17 @@ def test_without_tokenizer_json_transformers_is_the_fallback(tmp_path, qwen2_sty
     assert fallback.special_ids == fast.special_ids
 
 
+@pytest.mark.parametrize("name", ["vocab.json", "merges.txt", "tokenizer_config.json"])
+def test_the_fallback_reads_no_tokenizer_file_over_the_limit(tmp_path, name):
+    """transformers reads the slow tokenizer files whole, with no limit: a 3 GB vocab.json took
+    3.4 GB of memory before it failed. They are checked as every checkpoint file is, first."""
+    slow = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    with open(slow / name, "r+b") as f:
+        f.truncate(65 << 20)  # sparse: over the 64 MiB limit without using the disk
+    with pytest.raises(CheckpointError, match=f"{name} is 65.0 MiB, over the 64 MiB limit"):
+        load_tokenizer(slow)
+
+
 def test_startup_imports_neither_transformers_nor_torch_compilers():
     """Loading the demo model as the REPL does imports no transformers, sympy or torch._dynamo
     (each costs seconds before the first prompt), nor the Markdown renderer (needed at the first answer)."""

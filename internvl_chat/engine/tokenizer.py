@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files import JSON_LIMIT, read_text_file, undecodable_byte
+from ..files import JSON_LIMIT, read_bytes_file, read_text_file, undecodable_byte
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # files AutoTokenizer can build a tokenizer from when there is no tokenizer.json
 _SLOW_FILES = ("vocab.json", "merges.txt", "tokenizer.model")
+# what else it reads then, each whole
+_SLOW_EXTRAS = (TOKENIZER_CONFIG, "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja")
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -283,6 +286,9 @@ def _config_error(model_dir: Path, why: str) -> CheckpointError:
 
 
 def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
+    for name in (*_SLOW_FILES, *_SLOW_EXTRAS):  # transformers reads them with no limit: check them as ours first
+        if os.path.lexists(model_dir / name):
+            read_bytes_file(model_dir / name, "the tokenizer file", JSON_LIMIT, CheckpointError)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
