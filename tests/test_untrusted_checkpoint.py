@@ -285,6 +285,27 @@ def test_a_vocabulary_smaller_than_the_tokenizer(tiny_original, tmp_path):
     one_line(err, str(folder), "vocab_size", "300", "tokenizer")
 
 
+@pytest.mark.parametrize("name", ["language_model.model.embed_tokens.weight", "junk"])
+def test_a_tensor_larger_than_the_model_is_refused_before_it_is_read(tiny_original, tmp_path, monkeypatch, name):
+    """A header whose shapes agree with its offsets can still lie to the config: each tensor was read
+    into a buffer of the size the header declares, and only then compared. A file of sparse zeros
+    (`truncate -s 40G`) declaring one huge tensor filled the memory that way."""
+    from internvl_chat.engine import checkpoint
+
+    def grow(state):
+        state[name] = torch.zeros(4 * state["language_model.model.embed_tokens.weight"].numel())
+
+    folder = _with_weights(tiny_original, tmp_path / "big", grow)
+    model = load_model(tiny_original, device="cpu", dtype="float32", max_context=64).model
+    largest = max(t.numel() for t in model.state_dict().values())
+    sizes: list[int] = []
+    monkeypatch.setattr(checkpoint, "bytearray", lambda n: sizes.append(n) or bytearray(n), raising=False)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(folder), name, "larger than any tensor", "config.json and the weights disagree")
+    assert max(sizes, default=0) <= 4 * largest  # this file stores nothing wider than float32
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool, torch.uint8])
 def test_integer_or_bool_weights_for_a_float_parameter(tiny_original, tmp_path, dtype):
     """A dense weight stored as integers or bools is a damaged or mislabelled file: it used to be
