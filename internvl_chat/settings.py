@@ -412,6 +412,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {visible(str(path))} is not valid TOML ({visible(str(e))}); fix the file.") from None
+    except ValueError:  # int() refusing an integer of thousands of digits (TOMLDecodeError is caught above)
+        raise UsageError(f"config file {visible(str(path))} holds a number too large for any setting; fix the file.") from None
     except RecursionError:  # arrays nested thousands deep
         raise UsageError(f"config file {visible(str(path))} is nested too deeply to be a config file; fix the file.") from None
 

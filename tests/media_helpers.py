@@ -6,6 +6,7 @@ from straightforward PIL + numpy code, so a bug in the package cannot hide in it
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -57,6 +58,18 @@ def png_with_declared_size(width: int, height: int) -> bytes:
         + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
         + _png_chunk(b"IEND", b"")
     )
+
+
+def png_with_exif_after_pixels(pixels: np.ndarray, orientation: int) -> bytes:
+    """A PNG of `pixels` whose eXIf chunk (an EXIF orientation) comes after the pixel data, as some
+    writers put it."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    data = buffer.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    end = data.rindex(b"IEND") - 4  # the IEND chunk's length field
+    return data[:end] + _png_chunk(b"eXIf", exif.tobytes()[6:]) + data[end:]  # the chunk holds no "Exif\0\0"
 
 
 # ---------------------------------------------------------------- videos

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from media_helpers import png_with_declared_size, reference_normalize, reference_tiles, textured_rgb, write_numbered_video
+from media_helpers import png_with_declared_size, png_with_exif_after_pixels, reference_normalize, reference_tiles, textured_rgb, write_numbered_video
 from PIL import Image
 
 from internvl_chat.errors import MediaError
@@ -192,6 +192,31 @@ def test_exif_orientation_is_applied(tmp_path, orientation, to_display):
     cols, rows = expected_grid(width, height, 12)
     np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(display, cols, rows, True, 448), atol=2e-6)
     assert result.num_tiles == count_tiles(*probe_image(path))
+
+
+@pytest.mark.parametrize("kind", ["TIFF", "PNG with eXIf after the pixels"])
+def test_probe_and_decode_turn_alike_where_pillow_reads_the_orientation_itself(tmp_path, kind):
+    """350×100 is 4 tiles and 100×350 is 5: a probe and a decode that turned the picture differently
+    made its turn's tokens and tiles disagree, and it could never be sent ("changed after it was
+    attached; attach it again", each time). Pillow opens a TIFF turned already (the probe turned it a
+    second time), and reads a PNG's late eXIf chunk only with the pixels (the probe never saw it)."""
+    stored = textured_rgb(350, 100, seed=6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    if kind == "TIFF":
+        path = tmp_path / "scan.tif"
+        Image.fromarray(stored).save(path, exif=exif.tobytes())
+        display = np.ascontiguousarray(np.rot90(stored, -1))
+    else:
+        path = tmp_path / "late.png"
+        path.write_bytes(png_with_exif_after_pixels(stored, 6))
+        display = stored  # probed as stored (the documented exception), so decoded as stored
+    height, width = display.shape[:2]
+    assert probe_image(path) == (width, height)
+    result = load_image(path)
+    assert result.size == (width, height) and result.num_tiles == count_tiles(width, height)
+    cols, rows = expected_grid(width, height, 12)
+    np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(display, cols, rows, True, 448), atol=2e-6)
 
 
 def test_transparent_pixels_become_white_and_opaque_ones_stay(tmp_path):

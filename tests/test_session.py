@@ -161,6 +161,58 @@ def test_a_hopeless_paste_is_refused_before_it_is_tokenized(tiny_original, monke
     assert len(session.turns) == 2
 
 
+def _refuse_tokenizing_long_texts(loaded, monkeypatch) -> None:
+    real_encode = type(loaded.tokenizer).encode
+
+    def encode(self, text):
+        assert len(text) < 1 << 20, "a hopeless text was tokenized"
+        return real_encode(self, text)
+
+    monkeypatch.setattr(type(loaded.tokenizer), "encode", encode)
+
+
+def test_a_hopeless_system_message_is_refused_before_it_is_tokenized(tiny_original, monkeypatch):
+    """A system message that cannot fit (config.json's, a config file's, /system's) was tokenized on
+    every first turn, and by /system's replay, only to be refused: 4 MB took ~29 s and 1.6 GB."""
+    small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
+    _refuse_tokenizing_long_texts(small, monkeypatch)
+    huge = "be brief. " * (1 << 18)
+    session = Session(small, _params(), system_message=huge)
+    with pytest.raises(ContextOverflowError, match=r"the system message is at least [\d,]+ tokens \(2,621,440 characters\).*"
+                       r"over the 1,024-token context; use a shorter system message \(/system TEXT, --system\)"):  # fmt: skip
+        _run(session.ask("Hi."))
+    assert session.ids == [] and not session.turns
+    session.set_system(None)
+    _run(session.ask("Hi."))
+    state = (list(session.ids), session.start_pos, len(session.turns))
+    with pytest.raises(ContextOverflowError, match=r"the conversation needs at least [\d,]+ tokens, over the 1,024-token "
+                       "context; use a shorter system message"):  # fmt: skip
+        session.set_system(huge)
+    assert (session.ids, session.start_pos, len(session.turns), session.system_message) == (*state, None)
+    _run(session.ask("Still there?"))
+    assert len(session.turns) == 2
+
+
+def test_a_session_file_with_a_hopeless_text_is_refused_before_it_is_tokenized(tiny_original, tmp_path, monkeypatch):
+    """A 15 MB question in a session file took ~43 s and 4.5 GB to tokenize before /load refused it."""
+    small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
+    session = Session(small, _params())
+    _run(session.ask("Hi."))
+    session.save(tmp_path / "chat.json")
+    data = json.loads((tmp_path / "chat.json").read_text(encoding="utf-8"))
+    state = (list(session.ids), session.start_pos, len(session.turns))
+    _refuse_tokenizing_long_texts(small, monkeypatch)
+    question, system = json.loads(json.dumps(data)), json.loads(json.dumps(data))
+    question["messages"][0]["text"] = system["system_message"] = "word " * (1 << 18)
+    for name, hostile in (("question", question), ("system message", system)):
+        (tmp_path / "hostile.json").write_text(json.dumps(hostile), encoding="utf-8")
+        with pytest.raises(ContextOverflowError, match=r"needs more than [\d,]+ tokens, over the 1,024-token context"):
+            session.load(tmp_path / "hostile.json")
+        assert (session.ids, session.start_pos, len(session.turns)) == state, name
+    _run(session.ask("Still there?"))
+    assert len(session.turns) == 2
+
+
 @pytest.mark.parametrize(
     "text",
     ["x" * 70000, " " * 70000, "\n" * 5000 + "ab" * 30000, "e\u0301" * 30000, "\u1100\u1161\u11a8" * 25000,

@@ -458,6 +458,8 @@ def test_config_files_are_read_as_untrusted_text(tmp_path):
         write(tmp_path / "latin1.toml", ""): "not UTF-8 text (byte 0xe9 on line 2)",
         write(tmp_path / "deep.toml", "a = " + "[" * 100_000 + "]" * 100_000 + "\n"): "nested too deeply",
         write(tmp_path / "esc.toml", '["gen\\u001b[2Jeration"]\nx = 1\n'): "unknown section [gen\\e[2Jeration]",
+        # tomllib hands a 5,000-digit integer to int(), which raises a plain ValueError
+        write(tmp_path / "digits.toml", "[generation]\nseed = " + "1" * 5000 + "\n"): "holds a number too large",
     }
     (tmp_path / "latin1.toml").write_bytes(b"[system]\nmessage = \"caf\xe9\"\n")
     for path, expected in cases.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +211,17 @@ def test_without_tokenizer_json_transformers_is_the_fallback(tmp_path, qwen2_sty
     assert fallback.special_ids == fast.special_ids
 
 
+@pytest.mark.parametrize("name", ["vocab.json", "merges.txt", "tokenizer_config.json"])
+def test_the_fallback_reads_no_tokenizer_file_over_the_limit(tmp_path, name):
+    """transformers reads the slow tokenizer files whole, with no limit: a 3 GB vocab.json took
+    3.4 GB of memory before it failed. They are checked as every checkpoint file is, first."""
+    slow = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    with open(slow / name, "r+b") as f:
+        f.truncate(65 << 20)  # sparse: over the 64 MiB limit without using the disk
+    with pytest.raises(CheckpointError, match=f"{name} is 65.0 MiB, over the 64 MiB limit"):
+        load_tokenizer(slow)
+
+
 def test_startup_imports_neither_transformers_nor_torch_compilers():
     """Loading the demo model as the REPL does imports no transformers, sympy or torch._dynamo
     (each costs seconds before the first prompt), nor the Markdown renderer (needed at the first answer)."""
@@ -300,6 +312,8 @@ def test_tokenizer_missing_or_incomplete(tmp_path, tiny_tokenizer):
         ({"tokenizer_config.json": '{"model_max_length": ' + "1" * 5000 + "}"}, "tokenizer_config.json is not usable: a number"),
         ({"tokenizer_config.json": '{"added_tokens_decoder": {"\u00b2": {"content": "<x>"}}}'}, "entry '²' is malformed"),
         ({"tokenizer_config.json": '{"added_tokens_decoder": {"' + "9" * 5000 + '": {"content": "<x>"}}}'}, "is malformed"),
+        # a "\\ud800" escape is a lone surrogate, which the tokenizer cannot take (a UnicodeEncodeError)
+        ({"tokenizer_config.json": '{"added_tokens_decoder": {"5": {"content": "\\udc80x", "special": true}}}'}, "entry '5' is malformed"),
     ],
 )  # fmt: skip
 def test_broken_tokenizer_files_are_one_clear_error(tmp_path, tiny_tokenizer, files, message):
@@ -309,3 +323,46 @@ def test_broken_tokenizer_files_are_one_clear_error(tmp_path, tiny_tokenizer, fi
         (tmp_path / name).write_text(text, encoding="utf-8")
     with pytest.raises(CheckpointError, match=message):
         load_tokenizer(tmp_path)
+
+
+def test_a_named_special_token_that_is_no_text_is_ignored(tmp_path, tiny_tokenizer):
+    """tokenizer_config.json's eos_token as a lone surrogate (a JSON "\\ud800" escape) cannot be a
+    token: it is skipped like a non-string one, instead of a UnicodeEncodeError traceback."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_tokenizer / name).read_bytes())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "\ud800"}), encoding="utf-8")
+    assert load_tokenizer(tmp_path).special_ids == load_tokenizer(tiny_tokenizer).special_ids
+
+
+def test_a_long_token_in_an_error_is_cut_short(tmp_path, tiny_tokenizer):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_tokenizer / name).read_bytes())
+    entry = {"content": "<" + "x" * 100_000 + ">", "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"0": entry}}), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="the id 0") as err:
+        load_tokenizer(tmp_path)
+    assert len(str(err.value)) < 300
+
+
+def test_a_regex_the_backend_cannot_run_is_one_error_and_the_conversation_goes_on(tiny_original, tmp_path):
+    """tokenizer.json may hold a pre-tokenizer regex that backtracks without end: the Rust backend
+    panics, and pyo3's PanicException (a BaseException) ended the app with a traceback."""
+    from internvl_chat.chat.sampling import SamplingParams
+    from internvl_chat.chat.session import Session
+    from internvl_chat.engine.loader import load_model
+
+    folder = tmp_path / "redos"
+    shutil.copytree(tiny_original, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    session = Session(load_model(folder, device="cpu", dtype="float32", max_context=256), SamplingParams(max_new_tokens=2))
+    list(session.ask("Hi."))
+    state = (list(session.ids), session.start_pos, len(session.turns))
+    with pytest.raises(CheckpointError, match="tokenizer.json failed on this text.*re-download the tokenizer files") as err:
+        list(session.ask("a" * 40 + "!"))
+    assert "\n" not in str(err.value)
+    assert (session.ids, session.start_pos, len(session.turns)) == state
+    list(session.ask("Still there?"))
+    assert len(session.turns) == 2

@@ -76,6 +76,8 @@ ORIGINAL_LIES = [
     ("vision_config.qkv_bias", "true"), ("vision_config.norm_type", 3), ("vision_config.layer_norm_eps", "1e-6"),
     ("downsample_ratio", "0.5"), ("select_layer", "-1"), ("template", 5), ("system_message", ["hi"]),
     ("force_image_size", "448"), ("use_thumbnail", 1), ("max_dynamic_patch", 12.5),
+    # a JSON "\\ud800" escape is a lone surrogate, which no tokenizer or terminal takes
+    ("system_message", "\ud800 be brief"), ("template", "\udc80"),
     # zero, negative, absurd sizes
     ("llm_config.hidden_size", 0), ("llm_config.hidden_size", -64), ("llm_config.hidden_size", 10**7),
     ("llm_config.vocab_size", 0), ("llm_config.vocab_size", 10**9), ("llm_config.num_hidden_layers", 0),
@@ -281,6 +283,27 @@ def test_a_vocabulary_smaller_than_the_tokenizer(tiny_original, tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_model(folder, device="cpu", dtype="float32", max_context=64)
     one_line(err, str(folder), "vocab_size", "300", "tokenizer")
+
+
+@pytest.mark.parametrize("name", ["language_model.model.embed_tokens.weight", "junk"])
+def test_a_tensor_larger_than_the_model_is_refused_before_it_is_read(tiny_original, tmp_path, monkeypatch, name):
+    """A header whose shapes agree with its offsets can still lie to the config: each tensor was read
+    into a buffer of the size the header declares, and only then compared. A file of sparse zeros
+    (`truncate -s 40G`) declaring one huge tensor filled the memory that way."""
+    from internvl_chat.engine import checkpoint
+
+    def grow(state):
+        state[name] = torch.zeros(4 * state["language_model.model.embed_tokens.weight"].numel())
+
+    folder = _with_weights(tiny_original, tmp_path / "big", grow)
+    model = load_model(tiny_original, device="cpu", dtype="float32", max_context=64).model
+    largest = max(t.numel() for t in model.state_dict().values())
+    sizes: list[int] = []
+    monkeypatch.setattr(checkpoint, "bytearray", lambda n: sizes.append(n) or bytearray(n), raising=False)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(folder), name, "larger than any tensor", "config.json and the weights disagree")
+    assert max(sizes, default=0) <= 4 * largest  # this file stores nothing wider than float32
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool, torch.uint8])

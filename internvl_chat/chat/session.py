@@ -160,17 +160,31 @@ class Session:
             )
 
     def _refuse_hopeless_text(self, text: str, max_new_tokens: int) -> None:
-        """Refuse, before tokenizing it, a message whose fewest possible tokens already overflow."""
-        if len(text) < HOPELESS_TEXT_MIN_CHARS:
+        """Refuse, before tokenizing it, a message whose fewest possible tokens already overflow,
+        with the system message on a first turn (it may come from config.json or a config file)."""
+        system = self.builder.system_message if not self.ids else None
+        if len(text) + len(system or "") < HOPELESS_TEXT_MIN_CHARS:
             return
-        fewest = self.tokenizer.fewest_tokens(text)
-        need = self.start_pos + fewest + max_new_tokens
-        if need > self.max_context:
+        fewest, fewest_system = self._fewest_tokens(text), self._fewest_tokens(system)
+        if self.start_pos + fewest + fewest_system + max_new_tokens <= self.max_context:
+            return
+        if fewest_system > fewest:
             raise ContextOverflowError(
-                f"this message is at least {fewest:,} tokens ({len(text):,} characters): with {self.start_pos:,} cached "
-                f"and {max_new_tokens:,} answer tokens that is over the {self.max_context:,}-token context; "
-                "send a shorter message, /clear, or a larger --max-context"
+                f"the system message is at least {fewest_system:,} tokens ({len(system or ''):,} characters): with this "
+                f"message and {max_new_tokens:,} answer tokens that is over the {self.max_context:,}-token context; "
+                "use a shorter system message (/system TEXT, --system), or a larger --max-context"
             )
+        system_part = f", at least {fewest_system:,} of the system message" if fewest_system else ""
+        raise ContextOverflowError(
+            f"this message is at least {fewest:,} tokens ({len(text):,} characters): with {self.start_pos:,} cached"
+            f"{system_part} and {max_new_tokens:,} answer tokens that is over the {self.max_context:,}-token context; "
+            "send a shorter message, /clear, or a larger --max-context"
+        )
+
+    def _fewest_tokens(self, *texts: str | None) -> int:
+        """A lower bound on the tokens of these texts, each tokenized on its own, without tokenizing
+        any (a 15 MB text takes ~25 s and ~3 GB to tokenize, only to be refused)."""
+        return sum(self.tokenizer.fewest_tokens(text) for text in texts if text)
 
     def _largest_part_fix(self, new_ids: list[int], media: Sequence[Media]) -> str:
         """What shortens a turn (`new_ids`) that does not fit: its largest part, the message text (a
@@ -410,11 +424,13 @@ class Session:
         filled the context is read back as it was held, and /undo, /retry or /export still work
         (the next question is refused with its own message, as it was before the save).
         """
-        ids = self.conversation_ids(turns, builder)
-        if len(ids) > self.max_context:
+        # a bound first: a huge system message or message is refused without being tokenized
+        least = self._fewest_tokens(builder.system_message, *(t.user_text for t in turns)) + sum(len(t.answer_ids) for t in turns)
+        ids = self.conversation_ids(turns, builder) if least <= self.max_context else None
+        if ids is None or len(ids) > self.max_context:
             raise ContextOverflowError(
-                f"the conversation needs {len(ids):,} tokens, over the {self.max_context:,}-token context; "
-                f"use {advice + ', or ' if advice else ''}a larger --max-context"
+                f"the conversation needs {f'at least {least:,}' if ids is None else f'{len(ids):,}'} tokens, over the "
+                f"{self.max_context:,}-token context; use {advice + ', or ' if advice else ''}a larger --max-context"
             )
         features, _ = self._encode([m for t in turns for m in t.media], None)
         try:
@@ -489,8 +505,11 @@ class Session:
         builder = self.builder
         forbidden = (builder.img_start_id, builder.img_end_id, builder.img_context_id)
         saved = read_session_file(path, self.loaded.config.text.vocab_size, forbidden)
-        # cheap bound before hashing any media: answers and image tokens alone must fit
+        # cheap bound before hashing any media or tokenizing any text: answers, image tokens and
+        # the fewest tokens the texts can take must fit
         least = sum(len(t.answer_ids or ()) + sum(m.tiles for m in t.media) * builder.tokens_per_tile for t in saved.turns)
+        least += self._fewest_tokens(saved.system_message, *(t.user_text for t in saved.turns),
+                                     *(t.reply for t in saved.turns if t.answer_ids is None))  # fmt: skip
         if least > self.max_context:
             raise ContextOverflowError(
                 f"the conversation in {visible(str(path))} needs more than {least:,} tokens, over the "

@@ -338,16 +338,23 @@ def _safetensors_entries(path: Path, shown: str) -> list[tuple[str, torch.dtype,
     return out
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(path: Path, max_elements: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Read tensors with plain reads, one at a time, in file order.
 
     The library validates the header; the bytes are read here because memory-mapping them (what
     the library's reader does) would keep every touched page of the file resident until the file
-    is closed, doubling peak memory when loading to the CPU.
+    is closed, doubling peak memory when loading to the CPU. A tensor of more than `max_elements`
+    is refused before anything is read: a buffer is the size its header declares.
     """
     shown = visible(str(path))
     with _open_regular(path, "weight file") as f:
         entries = _safetensors_entries(path, shown)
+        for name, _, shape, _ in entries:
+            if max_elements is not None and math.prod(shape) > max_elements:
+                raise CheckpointError(
+                    f"{shown} holds tensor {_short(name)} of shape {list(shape)}, larger than any tensor its config.json "
+                    "implies; config.json and the weights disagree (a damaged file or another model)"
+                )
         try:
             (header_len,) = struct.unpack("<Q", f.read(8))
             size = os.fstat(f.fileno()).st_size
@@ -434,10 +441,10 @@ def _plain_state_dict(path: Path, state: object) -> dict[str, torch.Tensor]:
     return state
 
 
-def _iter_file(path: Path, kind: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_file(path: Path, kind: str, max_elements: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Raw (name, tensor) pairs of one file; at most this one file's tensors are referenced."""
     if kind == "safetensors":
-        yield from _iter_safetensors(path)
+        yield from _iter_safetensors(path, max_elements)
         return
     state = _plain_state_dict(path, _torch_load(path))
     names = list(state)
@@ -452,12 +459,14 @@ def _detect_layout(model_dir: Path) -> str:
     return load_config(model_dir).layout
 
 
-def iter_tensors(model_dir: str | Path, layout: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(model_dir: str | Path, layout: str | None = None,
+                 max_elements: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     """Yield `(canonical_name, tensor)` one at a time, shard by shard, tensors in their stored dtype.
 
     `layout` is "original" or "hf" (read from config.json when None). Original names pass through;
     -hf names are renamed, and the vision q/k/v pieces of each layer are held until all three are
     read, then yielded fused. Unknown names pass through unchanged; rotary `inv_freq` is skipped.
+    A safetensors tensor of more than `max_elements` (the model's largest) is refused unread.
     """
     model_dir = Path(model_dir)
     if layout is None:
@@ -467,7 +476,7 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None) -> Iterator[t
     weights = find_weight_files(model_dir)
     pending: dict[str, list[torch.Tensor | None]] = {}  # fused qkv name → [q, k, v]
     for path in weights.files:
-        for name, tensor in _iter_file(path, weights.kind):
+        for name, tensor in _iter_file(path, weights.kind, max_elements):
             if _is_ignored(name):
                 continue
             if layout == "original":

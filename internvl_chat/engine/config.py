@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files import JSON_LIMIT, read_text_file, visible
+from ..files import JSON_LIMIT, read_text_file, undecodable_byte, visible
 
 DEFAULT_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -231,6 +231,8 @@ class _Fields:
             return default
         if not isinstance(value, str):
             raise self.refuse(key, "a string")
+        if undecodable_byte(value) is not None:  # a JSON "\\ud800" escape: the tokenizer would fail on it later
+            raise self.refuse(key, "UTF-8 text (no \\ud800-\\udfff escapes)")
         return value
 
     def names(self, key: str) -> list[str]:

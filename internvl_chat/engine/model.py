@@ -132,6 +132,13 @@ class InternVLModel(nn.Module):
         model.prefill_chunk = prefill_chunk_tokens(device, decoder_weights)
         return model.eval()
 
+    def largest_tensor_elements(self) -> int:
+        """The most elements a checkpoint tensor of this model may hold (a weight, or a part of a
+        4-bit linear, which packs fewer elements than its in × out)."""
+        sizes = [t.numel() for t in self.state_dict().values()]
+        sizes += [m.in_features * m.out_features for m in self.modules() if isinstance(m, PendingInt4)]
+        return max(sizes, default=0)
+
     def _make_int4_placeholders(self) -> None:
         for layer in self.language_model.model.layers:
             for parent in (layer.self_attn, layer.mlp):

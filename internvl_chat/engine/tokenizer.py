@@ -16,20 +16,24 @@ transformers' AutoTokenizer, imported then. Both are used through one interface,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files import JSON_LIMIT, read_text_file
+from ..files import JSON_LIMIT, read_bytes_file, read_text_file, undecodable_byte
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 # files AutoTokenizer can build a tokenizer from when there is no tokenizer.json
 _SLOW_FILES = ("vocab.json", "merges.txt", "tokenizer.model")
+# what else it reads then, each whole
+_SLOW_EXTRAS = (TOKENIZER_CONFIG, "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja")
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -86,13 +90,15 @@ class FastTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         if not text:
             return []
-        return list(self.backend.encode(text, add_special_tokens=False).ids)
+        with _panics_as_errors():
+            return list(self.backend.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
-        return self.backend.decode(ids, skip_special_tokens=False)
+        with _panics_as_errors():
+            return self.backend.decode(ids, skip_special_tokens=False)
 
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -105,6 +111,22 @@ class FastTokenizer(Tokenizer):
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+
+@contextlib.contextmanager
+def _panics_as_errors() -> Iterator[None]:
+    """The Rust backend panics where tokenizer.json asks for what it cannot do (a regex that runs
+    past its backtracking limit); pyo3 raises that as a PanicException, a BaseException that would
+    end the app. It becomes one error line, and the conversation goes on."""
+    try:
+        yield
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise CheckpointError(
+            f"the checkpoint's tokenizer.json failed on this text ({_first_line(e)}); it is damaged or not "
+            "InternVL's: re-download the tokenizer files"
+        ) from None
 
 
 class TransformersTokenizer(Tokenizer):
@@ -167,10 +189,15 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 
 
 def _token_content(value: Any) -> str | None:
-    """A special token as written in tokenizer_config.json: a string or {"content": ...}."""
+    """A special token as written in tokenizer_config.json: a string or {"content": ...}. A lone
+    surrogate (a JSON "\\ud800" escape) is no text: the backend cannot take it."""
     if isinstance(value, dict):
         value = value.get("content")
-    return value if isinstance(value, str) and value else None
+    return value if isinstance(value, str) and value and undecodable_byte(value) is None else None
+
+
+def _brief(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:39] + "…")
 
 
 def _load_fast(model_dir: Path) -> FastTokenizer:
@@ -216,7 +243,7 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
             (backend.add_special_tokens if is_special else backend.add_tokens)([token])
             known = backend.token_to_id(content)
         if known != token_id:
-            raise _config_error(model_dir, f"it gives {content!r} the id {token_id}, tokenizer.json {known}")
+            raise _config_error(model_dir, f"it gives {_brief(content)} the id {token_id}, tokenizer.json {known}")
         if is_special:
             special.add(token_id)
 
@@ -259,6 +286,9 @@ def _config_error(model_dir: Path, why: str) -> CheckpointError:
 
 
 def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
+    for name in (*_SLOW_FILES, *_SLOW_EXTRAS):  # transformers reads them with no limit: check them as ours first
+        if os.path.lexists(model_dir / name):
+            read_bytes_file(model_dir / name, "the tokenizer file", JSON_LIMIT, CheckpointError)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -288,9 +288,13 @@ def _looks_like_video(path: Path) -> bool:
 
 
 def _cheap_orientation(image: Image.Image) -> int:
+    """The EXIF orientation still to apply, read from the header only: the probe and the decode both
+    go by it, so the tiles counted are the tiles made."""
     # A PNG's EXIF chunk may follow the pixel data, and looking for it there decodes everything.
     if image.format == "PNG" and "exif" not in image.info:
         return 1
+    if image.format == "TIFF" and image.size != (image.tag_v2.get(256), image.tag_v2.get(257)):
+        return 1  # recent Pillow opens a TIFF at its turned size (tags 256, 257: as stored) and turns it as it loads
     try:
         with quiet_pillow():
             return int(image.getexif().get(EXIF_ORIENTATION, 1))
@@ -301,7 +305,8 @@ def _cheap_orientation(image: Image.Image) -> int:
 def probe_image(path: str | Path) -> tuple[int, int]:
     """(width, height) after EXIF orientation, from the header alone (no pixel decoding).
 
-    Rare exception: a PNG whose EXIF chunk comes after its pixel data is reported unrotated.
+    Rare exception: a PNG whose EXIF chunk comes after its pixel data is reported, and decoded,
+    unrotated.
     """
     path = check_media_file(path, "image")
     with _open_image(path) as image:
@@ -314,6 +319,7 @@ def probe_image(path: str | Path) -> tuple[int, int]:
 def _decode(path: Path) -> Image.Image:
     """Fully decode (so truncation is caught here), apply EXIF orientation, convert to RGB."""
     with _open_image(path) as image:
+        turn = _cheap_orientation(image) != 1  # decided before the pixels, as probe_image decides
         try:
             with quiet_pillow():
                 image.load()
@@ -323,7 +329,7 @@ def _decode(path: Path) -> Image.Image:
             raise MediaError(f"cannot decode {visible(str(path))}: the file is truncated or corrupt ({visible(_one_line(e))}); re-export or re-download it") from None
         try:
             with quiet_pillow():
-                upright = ImageOps.exif_transpose(image)
+                upright = ImageOps.exif_transpose(image) if turn else image
         except Exception:  # noqa: BLE001 - malformed EXIF: keep the image as stored
             upright = image
         return to_rgb(upright)

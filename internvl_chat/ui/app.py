@@ -197,6 +197,15 @@ def recent_sessions(folder: Path) -> list[tuple[Path, float]]:
     return sorted(found, key=lambda item: item[1], reverse=True)
 
 
+def file_date(mtime: float) -> str:
+    """A file's modification time as `2026-12-02 13:37`, or `?` for one no calendar date holds (an
+    archive keeps any time, and tmpfs, btrfs or XFS store years past 9999)."""
+    try:
+        return f"{datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}"
+    except (ValueError, OverflowError, OSError):
+        return "?"
+
+
 def _setting_text(value: Any) -> str:
     """A setting as the config file writes it: true/false, unset for none."""
     if value is None:
@@ -953,7 +962,7 @@ class App:
         for path, mtime in shown:
             turns = self._saved_conversation(path)
             count = f"{len(turns) // 2} turn(s)" if turns is not None else "not readable"
-            self.say(f"  {_typed(path.stem).ljust(width)}  {count:>12}  {datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}")
+            self.say(f"  {_typed(path.stem).ljust(width)}  {count:>12}  {file_date(mtime)}")
         more = f" ({len(sessions) - limit} older not shown)" if len(sessions) > limit else ""
         self.note(f"/load NAME loads one (Tab completes the names){more}")
 

@@ -31,7 +31,7 @@ from prompt_toolkit.keys import Keys
 from ..errors import InternVLChatError, UsageError
 from ..files import visible
 from ..settings import SET_ALIASES, Settings
-from .app import EXIT, App, block_is_open, default_sessions_dir, recent_sessions
+from .app import EXIT, App, block_is_open, default_sessions_dir, file_date, recent_sessions
 from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
 from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
 from .render import make_console
@@ -232,7 +232,7 @@ def complete_session(raw: str, cwd: Path | None = None, folder: Path | None = No
         for path, mtime in recent_sessions(folder or default_sessions_dir()):
             if path.stem.startswith(raw):
                 yield Completion(_escape(path.stem), start_position=-len(raw), display=visible(path.stem),
-                                 display_meta=f"{datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}")  # fmt: skip
+                                 display_meta=file_date(mtime))  # fmt: skip
     yield from complete_path(raw, "file", cwd)
 
 
