@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 import pytest
-from media_helpers import read_frame_number, write_numbered_video
+from media_helpers import png_with_exif_after_pixels, read_frame_number, textured_rgb, write_numbered_video
 from PIL import Image
 from remote_helpers import FakeServer, Reply, fixture
 
@@ -541,6 +541,28 @@ def test_a_local_session_loads_and_its_texts_are_what_is_resent(tmp_path):
         assert [m["role"] for m in sent] == ["system", "user", "assistant", "user", "assistant", "user"]
         assert [sent[2]["content"], sent[4]["content"]] == ["A red box.", "It is"]
         assert b64_of(sent[1]["content"][0]["image_url"]["url"]) == open(image, "rb").read()
+
+
+@pytest.mark.parametrize("kind", ["TIFF", "PNG with eXIf after the pixels", "JPEG"])
+def test_a_server_is_sent_the_picture_the_way_up_the_local_model_sees_it(tmp_path, kind):
+    """The remote payload turns a picture as load_image does: a TIFF once (Pillow opens it turned:
+    turning it again sent it upside down), a PNG whose eXIf follows its pixels not at all (the
+    documented exception), a JPEG by its EXIF orientation."""
+    from internvl_chat.chat.remote import image_payload
+    from internvl_chat.media.image import load_image
+
+    stored = textured_rgb(64, 32, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / {"TIFF": "scan.tif", "JPEG": "photo.jpg"}.get(kind, "late.png")
+    if kind == "PNG with eXIf after the pixels":
+        path.write_bytes(png_with_exif_after_pixels(stored, 6))
+    else:
+        Image.fromarray(stored).save(path, exif=exif.tobytes(), **({"quality": 100} if kind == "JPEG" else {}))
+    payload, _ = image_payload(path.read_bytes(), path.name)
+    with Image.open(io.BytesIO(payload)) as sent:
+        assert sent.size == load_image(path).size
+    assert b"eXIf" not in payload  # nor a chunk a server might apply
 
 
 def test_pictures_for_a_server_are_read_as_the_app_reads_them(monkeypatch):

@@ -31,7 +31,17 @@ from PIL import Image, ImageOps
 
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
 from ..files import expand_home, read_bytes_file, visible, write_atomic
-from ..media.image import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, count_tiles, image_formats, probe_image, quiet_pillow, to_rgb
+from ..media.image import (
+    IMAGE_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    count_tiles,
+    image_formats,
+    pending_orientation,
+    probe_image,
+    quiet_pillow,
+    to_rgb,
+)
 from ..media.video import load_video, probe_video
 from .conversation import BackendInfo, PromptView
 from .dialects import (
@@ -118,13 +128,15 @@ def image_payload(data: bytes, name: str) -> tuple[bytes, str]:
     try:
         with quiet_pillow(), Image.open(io.BytesIO(data), formats=image_formats()) as image:
             kind = image.format
-            orientation = image.getexif().get(0x0112, 1)
+            orientation = pending_orientation(image)  # the turn load_image gives it
             has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-            if kind in SENT_AS_IS and orientation in (0, 1) and not has_alpha and image.mode in ("RGB", "L"):
+            # a PNG's late eXIf chunk is not applied here (as load_image does not); a server might
+            late_exif = kind == "PNG" and b"eXIf" in data
+            if kind in SENT_AS_IS and orientation in (0, 1) and not has_alpha and not late_exif and image.mode in ("RGB", "L"):
                 return data, SENT_AS_IS[kind]
             image.load()
             try:
-                upright = ImageOps.exif_transpose(image)
+                upright = ImageOps.exif_transpose(image) if orientation != 1 else image
             except Exception:  # noqa: BLE001 - malformed EXIF: the picture as stored, as load_image does
                 upright = image
             out = io.BytesIO()

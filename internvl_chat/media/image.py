@@ -287,7 +287,7 @@ def _looks_like_video(path: Path) -> bool:
     return (sniff_binary(head) or "").startswith(("a video", "a Matroska"))
 
 
-def _cheap_orientation(image: Image.Image) -> int:
+def pending_orientation(image: Image.Image) -> int:
     """The EXIF orientation still to apply, read from the header only: the probe and the decode both
     go by it, so the tiles counted are the tiles made."""
     # A PNG's EXIF chunk may follow the pixel data, and looking for it there decodes everything.
@@ -311,7 +311,7 @@ def probe_image(path: str | Path) -> tuple[int, int]:
     path = check_media_file(path, "image")
     with _open_image(path) as image:
         width, height = image.size
-        if _cheap_orientation(image) in _SWAPS_SIDES:
+        if pending_orientation(image) in _SWAPS_SIDES:
             width, height = height, width
     return width, height
 
@@ -319,7 +319,7 @@ def probe_image(path: str | Path) -> tuple[int, int]:
 def _decode(path: Path) -> Image.Image:
     """Fully decode (so truncation is caught here), apply EXIF orientation, convert to RGB."""
     with _open_image(path) as image:
-        turn = _cheap_orientation(image) != 1  # decided before the pixels, as probe_image decides
+        turn = pending_orientation(image) != 1  # decided before the pixels, as probe_image decides
         try:
             with quiet_pillow():
                 image.load()
