@@ -337,6 +337,23 @@ def test_load_reports_changed_or_vanished_media(loaded, media_dir, tmp_path):
     assert fresh.ids == [] and fresh.turns == []
 
 
+def test_a_file_every_turn_shows_is_hashed_once_on_load(loaded, media_dir, tmp_path, monkeypatch):
+    """/load checks each saved media file by its sha256: a video that every turn shows (a long one
+    takes seconds to read) is read once per load, not once per turn."""
+    from internvl_chat.chat import session as session_module
+
+    session = Session(loaded, _params(2))
+    for question in ("What happens?", "And now?", "Anything else?"):
+        _run(session.ask(question, [session.describe_video(media_dir / "clip.mp4", frames=2)]))
+    path = session.save(tmp_path / "chat.json")
+    hashed = []
+    real = session_module.sha256_of
+    monkeypatch.setattr(session_module, "sha256_of", lambda p: hashed.append(p) or real(p))
+    restored = Session(loaded, _params(2))
+    restored.load(path)
+    assert restored.ids == session.ids and len(hashed) == 1
+
+
 def test_save_is_atomic(loaded, tmp_path, monkeypatch):
     session = Session(loaded, _params())
     _run(session.ask("Hi."))

@@ -688,10 +688,11 @@ def saved_media(saved: SavedSession, describe_image, describe_video) -> list[lis
     naming what vanished or changed."""
     out: list[list[Media]] = []
     problems: list[str] = []
+    digests: dict[tuple[int, ...], str] = {}  # a file every turn shows (a long video) is read once
     for saved_turn in saved.turns:
         media = []
         for m in saved_turn.media:
-            item, problem = _media_from_saved(m, saved.path, describe_image, describe_video)
+            item, problem = _media_from_saved(m, saved.path, describe_image, describe_video, digests)
             if problem:
                 problems.append(problem)
             media.append(item)
@@ -702,7 +703,9 @@ def saved_media(saved: SavedSession, describe_image, describe_video) -> list[lis
     return out
 
 
-def _media_from_saved(m: SavedMedia, session_file: Path, describe_image, describe_video) -> tuple[Media | None, str | None]:
+def _media_from_saved(
+    m: SavedMedia, session_file: Path, describe_image, describe_video, digests: dict[tuple[int, ...], str]
+) -> tuple[Media | None, str | None]:
     candidates = media_candidates(m, session_file)
     existing = [p for p in candidates if _is_regular_file(p)]
     shown = visible(m.path)
@@ -711,7 +714,7 @@ def _media_from_saved(m: SavedMedia, session_file: Path, describe_image, describ
         if other is not None:  # a folder, a pipe, a device or a symlink loop now stands there
             return None, f"{visible(str(other))} is not a regular file"
         return None, f"{shown} has vanished"
-    path = next((p for p in existing if not m.sha256 or sha256_of(p) == m.sha256), None)
+    path = next((p for p in existing if not m.sha256 or _known_sha256(p, digests) == m.sha256), None)
     if path is None:
         return None, f"{visible(str(existing[0]))} has changed since the session was saved"
     try:
@@ -725,6 +728,15 @@ def _media_from_saved(m: SavedMedia, session_file: Path, describe_image, describ
         return None, f"{visible(str(path))} now gives {media.tiles} tiles instead of {m.tiles}"
     media.sha256 = m.sha256
     return media, None
+
+
+def _known_sha256(path: Path, digests: dict[tuple[int, ...], str]) -> str:
+    """sha256_of(path), read once per file and version (device, inode, size, mtime) in `digests`."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in digests:
+        digests[key] = sha256_of(path)
+    return digests[key]
 
 
 def _is_demo_model(path: Path) -> bool:
