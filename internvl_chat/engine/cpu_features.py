@@ -74,10 +74,10 @@ def vision_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype the vision encoder and projector (`vision_model`, `mlp1`) keep and compute in.
 
     On a CPU they take fp32 unless `dtype` runs natively: emulated bf16 (and fp16) products there
-    are ~6× slower than fp32 at the encoder's shapes (an InternViT-300M tile on one Zen 3 thread:
-    ~100 s in bf16, ~16 s in fp32; benchmarks/RESULTS.md). The encoder reads each weight once per
-    batch of tiles, so holding it in fp32 costs memory (+0.6 GB for InternViT-300M), not speed;
-    its features are handed to the decoder in the model's dtype."""
+    are ~6× slower than fp32 at the encoder's shapes (an InternVL3-1B tile through encode_images
+    on one Zen 3 thread: 76-79 s with a bf16 tower, 12.7-13.0 s with fp32; benchmarks/RESULTS.md).
+    The encoder reads each weight once per batch of tiles, so holding it in fp32 costs memory
+    (+0.6 GB for InternViT-300M), not speed; its features reach the decoder in the model's dtype."""
     if device.type != "cpu" or dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16()):
         return dtype
     return torch.float32
