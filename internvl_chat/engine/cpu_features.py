@@ -20,6 +20,8 @@ import torch
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # oneDNN ISA names (upper case) that include native bf16 dot products
 _BF16_ISAS = ("BF16", "AMX", "AVX10")
+_FP16_FLAGS = ("avx512_fp16", "amx_fp16")
+_FP16_ISAS = ("FP16", "AVX10")
 # A decoder this large is bandwidth-bound on CPU: bf16 halves the bytes each token reads. Smaller
 # models are dominated by per-call overheads, where oneDNN's bf16 calls cost more than MKL's fp32.
 BF16_MIN_DECODER_BYTES = 256 * 2**20
@@ -41,10 +43,29 @@ def cpu_flags() -> frozenset[str]:
 
 def native_bf16() -> bool:
     """Whether bf16 matrix products run natively here (not emulated in fp32 by oneDNN)."""
+    return _native(_BF16_FLAGS, _BF16_ISAS)
+
+
+def native_fp16() -> bool:
+    """Whether fp16 matrix products run natively here (AVX512-FP16 or AMX-FP16)."""
+    return _native(_FP16_FLAGS, _FP16_ISAS)
+
+
+def _native(flags: tuple[str, ...], isas: tuple[str, ...]) -> bool:
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    if cap and cap not in ("ALL", "DEFAULT") and not any(isa in cap for isa in _BF16_ISAS):
+    if cap and cap not in ("ALL", "DEFAULT") and not any(isa in cap for isa in isas):
         return False
-    return any(flag in cpu_flags() for flag in _BF16_FLAGS)
+    return any(flag in cpu_flags() for flag in flags)
+
+
+def computes_natively(dtype: torch.dtype) -> bool:
+    """Whether this CPU's matrix products in `dtype` are native (fp32 always; 16-bit ones else
+    run ~5-6× slower than fp32 at prefill shapes, emulated)."""
+    if dtype == torch.bfloat16:
+        return native_bf16()
+    if dtype == torch.float16:
+        return native_fp16()
+    return True
 
 
 def decoder_weight_bytes(text_cfg, bytes_per_weight: int = 2) -> int:
@@ -78,7 +99,7 @@ def vision_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     on one Zen 3 thread: 76-79 s with a bf16 tower, 12.7-13.0 s with fp32; benchmarks/RESULTS.md).
     The encoder reads each weight once per batch of tiles, so holding it in fp32 costs memory
     (+0.6 GB for InternViT-300M), not speed; its features reach the decoder in the model's dtype."""
-    if device.type != "cpu" or dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16()):
+    if device.type != "cpu" or computes_natively(dtype):
         return dtype
     return torch.float32
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import cpu_gemv
 from .config import TextConfig
-from .cpu_features import native_bf16
+from .cpu_features import computes_natively
 from .vision import RMSNorm
 
 
@@ -59,8 +59,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # 16-bit one all the more (oneDNN's per-call setup costs more than the whole product), so every
 # size takes it. CUDA keeps cuBLAS until measured.
 GEMV_AS_REDUCTION = {"cpu": True, "cuda": False}
-# bf16 prefill on a CPU without native bf16 (cpu_features.native_bf16): rows from which a linear
-# computes in fp32 with its weight upcast for the call
+# bf16 or fp16 prefill on a CPU that emulates the dtype (cpu_features.computes_natively): rows
+# from which a linear computes in fp32 with its weight upcast for the call
 UPCAST_MIN_ROWS = 32
 
 
@@ -107,7 +107,7 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
       kernel (eager code never takes this form: it would materialise W·x); x is stored once, not
       recomputed for every weight row (compiled.CPU_OPTIONS), and rows longer than ROW_CHUNK are
       read from their column-block copy (`chunk_long_rows`);
-    - bf16 prefill on a CPU without native bf16: computed in fp32 with the weight upcast."""
+    - 16-bit prefill on a CPU that emulates the dtype: computed in fp32 with the weight upcast."""
     if (
         type(module) is nn.Linear
         and torch.compiler.is_compiling()
@@ -128,13 +128,13 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             y = y + module.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
     if (
-        x.dtype == torch.bfloat16
+        x.dtype in (torch.bfloat16, torch.float16)
         and x.device.type == "cpu"
         and x.shape[:-1].numel() >= UPCAST_MIN_ROWS
         and type(module) is nn.Linear
-        and not native_bf16()
+        and not computes_natively(x.dtype)
     ):
-        # emulated bf16 matrix products run at a quarter to half of fp32's speed on such CPUs;
+        # emulated 16-bit matrix products run at a fifth to half of fp32's speed on such CPUs;
         # upcasting the weight for the call costs less than that (prefill only: many rows)
         bias = module.bias.float() if module.bias is not None else None
         return F.linear(x.float(), _upcast(module.weight), bias).to(x.dtype)
