@@ -730,7 +730,8 @@ def quantize_checkpoint(
     staging = staging_folder(dst)
     try:
         with progress.phase("loading", 1, "model") as step:
-            # fp32 on CPU (bf16 matmuls are slow there), bf16 on CUDA
+            # the app's default dtype (cpu_features: bf16 for a large decoder on CPU too, its products in
+            # fp32 over upcast weights where bf16 is emulated), bf16 on CUDA
             # a calibration sample is at most ~1.3k tokens; the cache may not exceed the model's positions
             context = min(4096, cfg.text.max_position_embeddings)
             loaded = load_model(src, device=device, dtype="auto", max_context=context, cuda_graphs=False)
