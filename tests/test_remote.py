@@ -270,6 +270,30 @@ def test_absurd_or_negative_usage_numbers_are_ignored():
         conv.check_budget(10)
 
 
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_lone_surrogate_in_an_answer_becomes_a_replacement_character(tmp_path, streamed):
+    """JSON lets a server write "\\ud800", which decodes to no text: kept as is, the answer could be
+    neither counted, resent (UTF-8), printed nor reloaded from its session file."""
+    content = b'"a\\ud800b\\udfff"'
+    if streamed:
+        reply = Reply.sse(b'data: {"choices": [{"index": 0, "delta": {"content": ' + content + b'}}]}\n\n'
+                          b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "odd\\udc80"}]}\n\ndata: [DONE]\n\n')  # fmt: skip
+    else:
+        reply = Reply.json(b'{"choices": [{"index": 0, "message": {"content": ' + content + b'}, "finish_reason": "stop"}]}')
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(reply, stream_of("vllm"))
+        conv = connect(server)
+        text, final = answer(conv.ask("hi"))
+        assert text == conv.turns[0].reply == "a\ufffdb\ufffd"
+        json.dumps(final["timing"], ensure_ascii=False).encode()  # --json prints it (the finish_reason it names)
+        assert conv.context_used > 0
+        answer(conv.ask("and?"))  # the answer is resent
+        assert server.chat_bodies()[1]["messages"][1]["content"] == "a\ufffdb\ufffd"
+        conv.save(tmp_path / "s.json")
+        conv.load(tmp_path / "s.json")
+        assert conv.turns[0].reply == "a\ufffdb\ufffd"
+
+
 def test_stream_interval_groups_pieces_without_changing_the_text():
     with FakeServer(models_of("vllm")) as server:
         server.chat(stream_of("vllm"), stream_of("vllm"))
