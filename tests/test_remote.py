@@ -25,7 +25,7 @@ from internvl_chat.chat.dialects import DIALECTS, detect_dialect, user_content
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
-from internvl_chat.errors import ContextOverflowError, MediaError, UsageError
+from internvl_chat.errors import ContextOverflowError, MediaError, RemoteError, UsageError
 from internvl_chat.media.image import IMAGENET_MEAN, IMAGENET_STD
 from internvl_chat.settings import REMOTE_DIALECTS
 
@@ -90,6 +90,20 @@ def test_owned_by_values_and_forcing_a_dialect():
         assert connect(server, dialect="sglang").dialect == "sglang"
         with pytest.raises(UsageError, match="unknown dialect 'klingon'"):
             connect(server, dialect="klingon")
+
+
+def test_model_cards_a_request_cannot_name_or_absurd_contexts_are_passed_over():
+    """A model id holding a lone surrogate (JSON "\\ud800") cannot be sent back in a UTF-8 request
+    body; a context beyond any real model's (2**31 tokens) is a broken card, not a limit to show."""
+    cards = b'{"data": [{"id": "bad\\ud800", "owned_by": "vllm"}, {"id": "m", "owned_by": "vllm", "max_model_len": 1' + b"0" * 40 + b'}]}'
+    with FakeServer(cards) as server:
+        server.chat(stream_of("vllm"))
+        conv = connect(server)
+        assert (conv.model, conv.max_context) == ("m", None)
+        answer(conv.ask("hi"))
+    with FakeServer(b'{"data": [{"id": "\\udfff"}]}') as server:
+        with pytest.raises(RemoteError, match="serves no model"):
+            connect(server)
 
 
 def test_a_model_the_server_does_not_serve_is_refused_with_the_served_ones():

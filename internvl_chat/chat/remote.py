@@ -611,7 +611,7 @@ def _context_of(card: dict) -> int | None:
     """The context length a model card states: `max_model_len` (vLLM, SGLang, serve) or llama.cpp's `meta.n_ctx`."""
     meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}
     for value in (card.get("max_model_len"), meta.get("n_ctx")):
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if _is_count(value) and value > 0:  # beyond 2**31 tokens: a broken card, not a context
             return value
     return None
 

@@ -20,7 +20,7 @@ import httpx
 
 from .. import __version__
 from ..errors import RemoteError, UsageError
-from ..files import visible
+from ..files import undecodable_byte, visible
 from .sse import SSEDecoder
 
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body worth reading
@@ -358,7 +358,13 @@ class ApiClient:
         cards = data.get("data") if isinstance(data, dict) else None
         if not isinstance(cards, list):
             raise RemoteError("the server's model list has no `data` array; is --server an OpenAI-compatible server (…/v1)?")
-        return [card for card in cards if isinstance(card, dict) and isinstance(card.get("id"), str) and card["id"]]
+        return [card for card in cards if isinstance(card, dict) and _usable_id(card.get("id"))]
 
     def stream_chat(self, body: dict) -> ChatStream:
         return ChatStream(self, body)
+
+
+def _usable_id(model_id: object) -> bool:
+    """A model id a request can name: a string, not empty, without a lone surrogate (a JSON
+    `\\ud800` escape), which a UTF-8 request body cannot hold."""
+    return isinstance(model_id, str) and bool(model_id) and undecodable_byte(model_id) is None
