@@ -103,6 +103,21 @@ def test_a_silent_server_times_out():
         fails_with(conv, r"^the server sent nothing for 0\.5 s; .*raise \[remote\] timeout")
 
 
+@pytest.mark.parametrize(
+    "pieces",
+    [[b": ping\n\n"], [b"\n"], [GOOD[: GOOD.index(b"\n\n") + 2], b"data: ", b"x"]],
+    ids=["keep-alives", "blank-lines", "a-line-that-never-ends"],
+)
+def test_a_server_that_only_keeps_the_stream_alive_times_out(pieces):
+    """Every byte restarts the read timeout, so a server that sends only keep-alives (or a line
+    that never ends) would hold the answer, and a one-shot run, forever."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server, timeout=0.5)
+        server.chat(Reply(pieces=pieces, end="endless"))
+        fails_with(conv, r"^the server sent no stream event for 0\.5 s \(only keep-alives or an unfinished line\); "
+                         r".*raise \[remote\] timeout")
+
+
 def test_connection_refused_at_the_start_and_mid_conversation():
     port = closed_port()
     with pytest.raises(RemoteError, match=rf"^cannot connect to http://127\.0\.0\.1:{port}/v1 \(.*\); is the server running\? check --server$"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from urllib.parse import urlsplit, urlunsplit
@@ -234,8 +235,12 @@ class ChatStream:
                         "is --server the API root of an OpenAI-compatible server (…/v1)?"
                     )
                 decoder = SSEDecoder()
+                # the read timeout restarts with every byte: keep-alives, blank lines or a line that
+                # never ends would hold the answer forever, so they count as nothing sent
+                last_event = time.monotonic()
                 for raw in response.iter_bytes():
-                    for event in decoder.feed(raw):
+                    events = decoder.feed(raw)
+                    for event in events:
                         chunk = _parse_event(event.event, event.data)
                         if chunk is None:
                             self.done = True
@@ -243,6 +248,13 @@ class ChatStream:
                         started = True
                         yield chunk
                     self.comments = decoder.comments
+                    if events:
+                        last_event = time.monotonic()
+                    elif time.monotonic() - last_event > client.timeout:
+                        raise RemoteError(
+                            f"the server sent no stream event for {client.timeout:g} s (only keep-alives or an unfinished "
+                            "line); it may be overloaded: try again, or raise [remote] timeout to wait longer"
+                        )
                 for event in decoder.finish():
                     chunk = _parse_event(event.event, event.data)
                     if chunk is None:
