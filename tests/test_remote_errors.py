@@ -118,6 +118,21 @@ def test_a_server_that_only_keeps_the_stream_alive_times_out(pieces):
                          r".*raise \[remote\] timeout")
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [Reply(401, [b"{", b" "], "application/json", end="endless"), Reply(200, [b"{", b" "], "application/json", end="endless")],
+    ids=["error-body", "whole-answer"],
+)
+def test_a_body_trickled_byte_by_byte_times_out(reply):
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server, timeout=0.5)
+        server.chat(reply)
+        fails_with(conv, r"^the server took over 0\.5 s to send its answer \([\d,]+ bytes so far\); .*raise \[remote\] timeout")
+        server.replies["/v1/models"].append(Reply(200, [b"{", b" "], "application/json", end="endless"))
+        with pytest.raises(RemoteError, match=r"^the server took over 0\.5 s to send its answer"):
+            RemoteConversation.connect(server.url, timeout=0.5)
+
+
 def test_connection_refused_at_the_start_and_mid_conversation():
     port = closed_port()
     with pytest.raises(RemoteError, match=rf"^cannot connect to http://127\.0\.0\.1:{port}/v1 \(.*\); is the server running\? check --server$"):

@@ -222,11 +222,11 @@ class ChatStream:
                                     headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
                 check_encoding(response)
                 if response.status_code != 200:
-                    raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT),
+                    raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT, client.timeout),
                                      response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
                 kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind == "application/json":  # a server that ignores stream=true
-                    yield _whole_answer_as_chunk(_read_limited(response, JSON_BODY_LIMIT))
+                    yield _whole_answer_as_chunk(_read_limited(response, JSON_BODY_LIMIT, client.timeout))
                     self.done = True
                     return
                 if kind != "text/event-stream":
@@ -265,14 +265,22 @@ class ChatStream:
             raise transport_error(e, client.shown_url, client.timeout, started) from None
 
 
-def _read_limited(response: httpx.Response, limit: int) -> bytes:
+def _read_limited(response: httpx.Response, limit: int, timeout: float) -> bytes:
+    """At most `limit` bytes of the body, within `timeout` s in all (a body trickled a byte at a time
+    would restart the read timeout with each byte)."""
     parts: list[bytes] = []
     total = 0
+    started = time.monotonic()
     for raw in response.iter_bytes():
         parts.append(raw)
         total += len(raw)
         if total > limit:
             break
+        if time.monotonic() - started > timeout:
+            raise RemoteError(
+                f"the server took over {timeout:g} s to send its answer ({total:,} bytes so far); it may be overloaded: "
+                "try again, or raise [remote] timeout to wait longer"
+            )
     return b"".join(parts)[:limit]
 
 
@@ -352,9 +360,9 @@ class ApiClient:
             with self.http.stream("GET", path) as response:
                 check_encoding(response)
                 if response.status_code != 200:
-                    raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT),
+                    raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT, self.timeout),
                                      response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
-                body = _read_limited(response, JSON_BODY_LIMIT + 1)
+                body = _read_limited(response, JSON_BODY_LIMIT + 1, self.timeout)
         except httpx.TransportError as e:
             raise transport_error(e, self.shown_url, self.timeout, mid_answer=False) from None
         if len(body) > JSON_BODY_LIMIT:
