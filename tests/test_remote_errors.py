@@ -76,6 +76,8 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply(308, [b"<html>moved</html>"], "text/html", {"Location": "https://elsewhere.example/v1/chat/completions"}),
          r"^the server answered 308 Permanent Redirect: <html>moved</html>; it redirects to "
          r"https://elsewhere\.example/v1/chat/completions, which is not followed; check --server \(https\?\)$"),
+        (Reply(302, [b""], "text/html", {"Location": "http://[::1\x1b[2J/v1"}),  # httpx cannot parse it
+         r"^the server answered 302 Found; it redirects to http://\[::1\\e\[2J/v1, which is not followed; check --server"),
         (Reply.sse(GOOD[: GOOD.index(b'"finish_reason":"stop"') - 60]), r"closed the stream before the answer finished"),
         (Reply.sse(GOOD[:500], end="reset"), r"^the connection to http://127\.0\.0\.1:\d+/v1 broke in the middle of the answer \(.*\); "
          r"the partial answer was discarded; ask again$"),
@@ -83,7 +85,7 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
     ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "503-html",
-         "error-event-mid-stream", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "redirect", "no-finish", "reset", "cut",
+         "error-event-mid-stream", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "redirect", "redirect-bad-location", "no-finish", "reset", "cut",
          "reset-at-once"],  # fmt: skip
 )
 def test_failures_are_one_line_and_keep_the_conversation(reply, pattern):

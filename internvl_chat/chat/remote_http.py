@@ -220,10 +220,6 @@ class ChatStream:
         try:
             with client.http.stream("POST", "chat/completions", json=self._body,
                                     headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
-                check_encoding(response)
-                if response.status_code != 200:
-                    raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT, client.timeout),
-                                     response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
                 kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind == "application/json":  # a server that ignores stream=true
                     yield _whole_answer_as_chunk(_read_limited(response, JSON_BODY_LIMIT, client.timeout))
@@ -347,6 +343,7 @@ class ApiClient:
                 headers=headers,
                 timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT_TIMEOUT_S)),
                 follow_redirects=False,
+                event_hooks={"response": [self._check_response]},
             )
             self.http.build_request("GET", "models")  # httpx checks the host (IDNA) only here; sends nothing
         except (httpx.InvalidURL, ValueError) as e:  # e.g. a host name that is not valid IDNA (xn--)
@@ -355,13 +352,17 @@ class ApiClient:
     def close(self) -> None:
         self.http.close()
 
+    def _check_response(self, response: httpx.Response) -> None:
+        """Every answer's compression and status, as soon as its head arrives: before httpx parses a
+        redirect's Location (a malformed one would fail there as if the connection had broken)."""
+        check_encoding(response)
+        if response.status_code != 200:
+            raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT, self.timeout),
+                             response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
+
     def get_json(self, path: str) -> object:
         try:
             with self.http.stream("GET", path) as response:
-                check_encoding(response)
-                if response.status_code != 200:
-                    raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT, self.timeout),
-                                     response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
                 body = _read_limited(response, JSON_BODY_LIMIT + 1, self.timeout)
         except httpx.TransportError as e:
             raise transport_error(e, self.shown_url, self.timeout, mid_answer=False) from None
