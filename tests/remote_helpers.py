@@ -3,7 +3,9 @@
 Replies are queued per endpoint and consumed in order; each is a status, headers and a body sent
 in pieces (chunked transfer encoding, as the real servers stream), optionally ended abnormally:
 "reset" closes the socket with an RST, "cut" closes it without the final chunk, "hang" sends
-nothing more until the test ends (for read timeouts).
+nothing more until the test ends (for read timeouts), "endless" sends the last piece again and
+again until the client hangs up or the test ends (keep-alives that never end), or for at most a
+minute, then ends the body (so a client that waits for it fails instead of hanging the test).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+ENDLESS_S = 60.0  # how long an "endless" reply lasts at most
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "remote"
 
 
@@ -29,7 +32,7 @@ class Reply:
     pieces: list[bytes] = field(default_factory=list)
     content_type: str = "text/event-stream"
     headers: dict[str, str] = field(default_factory=dict)
-    end: str = "normal"  # "normal" | "reset" | "cut" | "hang"
+    end: str = "normal"  # "normal" | "reset" | "cut" | "hang" | "endless"
 
     @classmethod
     def sse(cls, body: bytes, piece_size: int = 0, end: str = "normal") -> Reply:
@@ -135,7 +138,15 @@ def _make_handler(server: FakeServer):
             for piece in filter(None, reply.pieces):  # an empty chunk would end the body
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 self.wfile.flush()
-            if reply.end == "normal":
+            if reply.end == "endless":
+                piece, left = reply.pieces[-1], ENDLESS_S / 0.02
+                try:
+                    while not server.release.wait(0.02) and (left := left - 1) > 0:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        self.wfile.flush()
+                except OSError:  # the client hung up
+                    return
+            if reply.end in ("normal", "endless"):
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
                 server.finished.set()

@@ -25,7 +25,7 @@ from internvl_chat.chat.dialects import DIALECTS, detect_dialect, user_content
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
-from internvl_chat.errors import ContextOverflowError, MediaError, UsageError
+from internvl_chat.errors import ContextOverflowError, MediaError, RemoteError, UsageError
 from internvl_chat.media.image import IMAGENET_MEAN, IMAGENET_STD
 from internvl_chat.settings import REMOTE_DIALECTS
 
@@ -90,6 +90,20 @@ def test_owned_by_values_and_forcing_a_dialect():
         assert connect(server, dialect="sglang").dialect == "sglang"
         with pytest.raises(UsageError, match="unknown dialect 'klingon'"):
             connect(server, dialect="klingon")
+
+
+def test_model_cards_a_request_cannot_name_or_absurd_contexts_are_passed_over():
+    """A model id holding a lone surrogate (JSON "\\ud800") cannot be sent back in a UTF-8 request
+    body; a context beyond any real model's (2**31 tokens) is a broken card, not a limit to show."""
+    cards = b'{"data": [{"id": "bad\\ud800", "owned_by": "vllm"}, {"id": "m", "owned_by": "vllm", "max_model_len": 1' + b"0" * 40 + b'}]}'
+    with FakeServer(cards) as server:
+        server.chat(stream_of("vllm"))
+        conv = connect(server)
+        assert (conv.model, conv.max_context) == ("m", None)
+        answer(conv.ask("hi"))
+    with FakeServer(b'{"data": [{"id": "\\udfff"}]}') as server:
+        with pytest.raises(RemoteError, match="serves no model"):
+            connect(server)
 
 
 def test_a_model_the_server_does_not_serve_is_refused_with_the_served_ones():
@@ -268,6 +282,30 @@ def test_absurd_or_negative_usage_numbers_are_ignored():
         assert text == "Hi." and final["usage"] is None
         assert 0 < conv.context_used < 100  # an estimate, so the next turn still fits
         conv.check_budget(10)
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_lone_surrogate_in_an_answer_becomes_a_replacement_character(tmp_path, streamed):
+    """JSON lets a server write "\\ud800", which decodes to no text: kept as is, the answer could be
+    neither counted, resent (UTF-8), printed nor reloaded from its session file."""
+    content = b'"a\\ud800b\\udfff"'
+    if streamed:
+        reply = Reply.sse(b'data: {"choices": [{"index": 0, "delta": {"content": ' + content + b'}}]}\n\n'
+                          b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "odd\\udc80"}]}\n\ndata: [DONE]\n\n')  # fmt: skip
+    else:
+        reply = Reply.json(b'{"choices": [{"index": 0, "message": {"content": ' + content + b'}, "finish_reason": "stop"}]}')
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(reply, stream_of("vllm"))
+        conv = connect(server)
+        text, final = answer(conv.ask("hi"))
+        assert text == conv.turns[0].reply == "a\ufffdb\ufffd"
+        json.dumps(final["timing"], ensure_ascii=False).encode()  # --json prints it (the finish_reason it names)
+        assert conv.context_used > 0
+        answer(conv.ask("and?"))  # the answer is resent
+        assert server.chat_bodies()[1]["messages"][1]["content"] == "a\ufffdb\ufffd"
+        conv.save(tmp_path / "s.json")
+        conv.load(tmp_path / "s.json")
+        assert conv.turns[0].reply == "a\ufffdb\ufffd"
 
 
 def test_stream_interval_groups_pieces_without_changing_the_text():

@@ -76,6 +76,8 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply(308, [b"<html>moved</html>"], "text/html", {"Location": "https://elsewhere.example/v1/chat/completions"}),
          r"^the server answered 308 Permanent Redirect: <html>moved</html>; it redirects to "
          r"https://elsewhere\.example/v1/chat/completions, which is not followed; check --server \(https\?\)$"),
+        (Reply(302, [b""], "text/html", {"Location": "http://[::1\x1b[2J/v1"}),  # httpx cannot parse it
+         r"^the server answered 302 Found; it redirects to http://\[::1\\e\[2J/v1, which is not followed; check --server"),
         (Reply.sse(GOOD[: GOOD.index(b'"finish_reason":"stop"') - 60]), r"closed the stream before the answer finished"),
         (Reply.sse(GOOD[:500], end="reset"), r"^the connection to http://127\.0\.0\.1:\d+/v1 broke in the middle of the answer \(.*\); "
          r"the partial answer was discarded; ask again$"),
@@ -83,7 +85,7 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
     ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "503-html",
-         "error-event-mid-stream", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "redirect", "no-finish", "reset", "cut",
+         "error-event-mid-stream", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "redirect", "redirect-bad-location", "no-finish", "reset", "cut",
          "reset-at-once"],  # fmt: skip
 )
 def test_failures_are_one_line_and_keep_the_conversation(reply, pattern):
@@ -101,6 +103,36 @@ def test_a_silent_server_times_out():
         conv = conversation_with_one_turn(server, timeout=0.5)
         server.chat(Reply.sse(GOOD[:100], end="hang"))
         fails_with(conv, r"^the server sent nothing for 0\.5 s; .*raise \[remote\] timeout")
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [[b": ping\n\n"], [b"\n"], [GOOD[: GOOD.index(b"\n\n") + 2], b"data: ", b"x"]],
+    ids=["keep-alives", "blank-lines", "a-line-that-never-ends"],
+)
+def test_a_server_that_only_keeps_the_stream_alive_times_out(pieces):
+    """Every byte restarts the read timeout, so a server that sends only keep-alives (or a line
+    that never ends) would hold the answer, and a one-shot run, forever."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server, timeout=0.5)
+        server.chat(Reply(pieces=pieces, end="endless"))
+        fails_with(conv, r"^the server sent no stream event for 0\.5 s \(only keep-alives or an unfinished line\); "
+                         r".*raise \[remote\] timeout")
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [Reply(401, [b"{", b" "], "application/json", end="endless"), Reply(200, [b"{", b" "], "application/json", end="endless")],
+    ids=["error-body", "whole-answer"],
+)
+def test_a_body_trickled_byte_by_byte_times_out(reply):
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server, timeout=0.5)
+        server.chat(reply)
+        fails_with(conv, r"^the server took over 0\.5 s to send its answer \([\d,]+ bytes so far\); .*raise \[remote\] timeout")
+        server.replies["/v1/models"].append(Reply(200, [b"{", b" "], "application/json", end="endless"))
+        with pytest.raises(RemoteError, match=r"^the server took over 0\.5 s to send its answer"):
+            RemoteConversation.connect(server.url, timeout=0.5)
 
 
 def test_connection_refused_at_the_start_and_mid_conversation():

@@ -102,3 +102,25 @@ def test_one_long_line_trickled_in_small_pieces_is_scanned_once(monkeypatch):
     events += decoder.feed(b"\n\n")
     assert [len(e.data) for e in events] == [2_000_000]
     assert sum(scanned) < 3 * 2_000_000
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r", b":\n"], ids=["lf", "cr", "comments"])
+def test_a_read_of_many_short_lines_is_scanned_once(monkeypatch, ending):
+    """A read of many lines (a gzip-compressed flood inflates to 64 MiB of them) must cost its size,
+    not its size × its lines: looking for the line ending that never comes scanned to the end each time."""
+    import internvl_chat.chat.sse as sse
+
+    scanned = []
+
+    class Counting:
+        def search(self, text, start):
+            found = pattern.search(text, start)
+            scanned.append((found.end() if found else len(text)) - start)
+            return found
+
+    pattern = sse._LINE_BREAK
+    monkeypatch.setattr(sse, "_LINE_BREAK", Counting())
+    body = ending * 20_000 + b"data: x\n\n"
+    events, decoder = events_of([body])
+    assert [e.data for e in events] == ["x"] and decoder.comments == (20_000 if ending == b":\n" else 0)
+    assert sum(scanned) <= 2 * len(body)

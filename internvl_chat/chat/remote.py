@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -79,6 +80,9 @@ PIECES_PER_TOKEN = 4
 CHARS_PER_TOKEN = 256
 ANSWER_SLACK = 1024
 MAX_USAGE_COUNT = 1 << 31  # a token count beyond any context: a broken server's usage
+# A JSON "\ud800" escape decodes to a lone surrogate, which is no text: it could be neither resent
+# (the request body is UTF-8), counted, printed nor saved; it stands as U+FFFD, as a bad byte would.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 FINISH_REASONS = {"stop": "stop", "eos": "stop", "tool_calls": "stop", "content_filter": "stop", "length": "length"}
 
 
@@ -471,6 +475,7 @@ class RemoteConversation:
                     delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
                     content = delta.get("content")
                     if isinstance(content, str) and content:
+                        content = LONE_SURROGATE.sub("\ufffd", content)
                         now = time.perf_counter()
                         t_first = t_first or now
                         t_last = now
@@ -480,7 +485,7 @@ class RemoteConversation:
                         pending += content
                         answer_chars += len(content)
                     if choice.get("finish_reason"):
-                        raw_finish = str(choice["finish_reason"])
+                        raw_finish = LONE_SURROGATE.sub("\ufffd", str(choice["finish_reason"]))
                 if events > max_events or answer_chars > max_chars:
                     raise RemoteError(
                         f"the server sent far more than the {params.max_new_tokens:,} tokens asked for (it ignores "
@@ -606,7 +611,7 @@ def _context_of(card: dict) -> int | None:
     """The context length a model card states: `max_model_len` (vLLM, SGLang, serve) or llama.cpp's `meta.n_ctx`."""
     meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}
     for value in (card.get("max_model_len"), meta.get("n_ctx")):
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if _is_count(value) and value > 0:  # beyond 2**31 tokens: a broken card, not a context
             return value
     return None
 

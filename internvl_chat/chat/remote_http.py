@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from http import HTTPStatus
 from urllib.parse import urlsplit, urlunsplit
@@ -20,7 +21,7 @@ import httpx
 
 from .. import __version__
 from ..errors import RemoteError, UsageError
-from ..files import visible
+from ..files import undecodable_byte, visible
 from .sse import SSEDecoder
 
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body worth reading
@@ -219,13 +220,9 @@ class ChatStream:
         try:
             with client.http.stream("POST", "chat/completions", json=self._body,
                                     headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
-                check_encoding(response)
-                if response.status_code != 200:
-                    raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT),
-                                     response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
                 kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if kind == "application/json":  # a server that ignores stream=true
-                    yield _whole_answer_as_chunk(_read_limited(response, JSON_BODY_LIMIT))
+                    yield _whole_answer_as_chunk(_read_limited(response, JSON_BODY_LIMIT, client.timeout))
                     self.done = True
                     return
                 if kind != "text/event-stream":
@@ -234,8 +231,12 @@ class ChatStream:
                         "is --server the API root of an OpenAI-compatible server (…/v1)?"
                     )
                 decoder = SSEDecoder()
+                # the read timeout restarts with every byte: keep-alives, blank lines or a line that
+                # never ends would hold the answer forever, so they count as nothing sent
+                last_event = time.monotonic()
                 for raw in response.iter_bytes():
-                    for event in decoder.feed(raw):
+                    events = decoder.feed(raw)
+                    for event in events:
                         chunk = _parse_event(event.event, event.data)
                         if chunk is None:
                             self.done = True
@@ -243,6 +244,13 @@ class ChatStream:
                         started = True
                         yield chunk
                     self.comments = decoder.comments
+                    if events:
+                        last_event = time.monotonic()
+                    elif time.monotonic() - last_event > client.timeout:
+                        raise RemoteError(
+                            f"the server sent no stream event for {client.timeout:g} s (only keep-alives or an unfinished "
+                            "line); it may be overloaded: try again, or raise [remote] timeout to wait longer"
+                        )
                 for event in decoder.finish():
                     chunk = _parse_event(event.event, event.data)
                     if chunk is None:
@@ -253,14 +261,22 @@ class ChatStream:
             raise transport_error(e, client.shown_url, client.timeout, started) from None
 
 
-def _read_limited(response: httpx.Response, limit: int) -> bytes:
+def _read_limited(response: httpx.Response, limit: int, timeout: float) -> bytes:
+    """At most `limit` bytes of the body, within `timeout` s in all (a body trickled a byte at a time
+    would restart the read timeout with each byte)."""
     parts: list[bytes] = []
     total = 0
+    started = time.monotonic()
     for raw in response.iter_bytes():
         parts.append(raw)
         total += len(raw)
         if total > limit:
             break
+        if time.monotonic() - started > timeout:
+            raise RemoteError(
+                f"the server took over {timeout:g} s to send its answer ({total:,} bytes so far); it may be overloaded: "
+                "try again, or raise [remote] timeout to wait longer"
+            )
     return b"".join(parts)[:limit]
 
 
@@ -327,6 +343,7 @@ class ApiClient:
                 headers=headers,
                 timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT_TIMEOUT_S)),
                 follow_redirects=False,
+                event_hooks={"response": [self._check_response]},
             )
             self.http.build_request("GET", "models")  # httpx checks the host (IDNA) only here; sends nothing
         except (httpx.InvalidURL, ValueError) as e:  # e.g. a host name that is not valid IDNA (xn--)
@@ -335,14 +352,18 @@ class ApiClient:
     def close(self) -> None:
         self.http.close()
 
+    def _check_response(self, response: httpx.Response) -> None:
+        """Every answer's compression and status, as soon as its head arrives: before httpx parses a
+        redirect's Location (a malformed one would fail there as if the connection had broken)."""
+        check_encoding(response)
+        if response.status_code != 200:
+            raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT, self.timeout),
+                             response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
+
     def get_json(self, path: str) -> object:
         try:
             with self.http.stream("GET", path) as response:
-                check_encoding(response)
-                if response.status_code != 200:
-                    raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT),
-                                     response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
-                body = _read_limited(response, JSON_BODY_LIMIT + 1)
+                body = _read_limited(response, JSON_BODY_LIMIT + 1, self.timeout)
         except httpx.TransportError as e:
             raise transport_error(e, self.shown_url, self.timeout, mid_answer=False) from None
         if len(body) > JSON_BODY_LIMIT:
@@ -358,7 +379,13 @@ class ApiClient:
         cards = data.get("data") if isinstance(data, dict) else None
         if not isinstance(cards, list):
             raise RemoteError("the server's model list has no `data` array; is --server an OpenAI-compatible server (…/v1)?")
-        return [card for card in cards if isinstance(card, dict) and isinstance(card.get("id"), str) and card["id"]]
+        return [card for card in cards if isinstance(card, dict) and _usable_id(card.get("id"))]
 
     def stream_chat(self, body: dict) -> ChatStream:
         return ChatStream(self, body)
+
+
+def _usable_id(model_id: object) -> bool:
+    """A model id a request can name: a string, not empty, without a lone surrogate (a JSON
+    `\\ud800` escape), which a UTF-8 request body cannot hold."""
+    return isinstance(model_id, str) and bool(model_id) and undecodable_byte(model_id) is None
