@@ -197,6 +197,11 @@ def undecodable_byte(text: str) -> int | None:
     return c - 0xDC00 if 0xDC80 <= c < 0xDD00 else c
 
 
+def replace_lone_surrogates(text: str) -> str:
+    """`text` with each lone surrogate (see `undecodable_byte`) as U+FFFD, as a bad byte decodes."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 # What binary data starts with, for a message that says what the data is instead of "bad UTF-8".
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "a PNG image"),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -31,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
-from ..files import expand_home, read_bytes_file, visible, write_atomic
+from ..files import expand_home, read_bytes_file, replace_lone_surrogates, visible, write_atomic
 from ..media.image import (
     IMAGE_SIZE,
     IMAGENET_MEAN,
@@ -80,9 +79,6 @@ PIECES_PER_TOKEN = 4
 CHARS_PER_TOKEN = 256
 ANSWER_SLACK = 1024
 MAX_USAGE_COUNT = 1 << 31  # a token count beyond any context: a broken server's usage
-# A JSON "\ud800" escape decodes to a lone surrogate, which is no text: it could be neither resent
-# (the request body is UTF-8), counted, printed nor saved; it stands as U+FFFD, as a bad byte would.
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 FINISH_REASONS = {"stop": "stop", "eos": "stop", "tool_calls": "stop", "content_filter": "stop", "length": "length"}
 
 
@@ -475,7 +471,7 @@ class RemoteConversation:
                     delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
                     content = delta.get("content")
                     if isinstance(content, str) and content:
-                        content = LONE_SURROGATE.sub("\ufffd", content)
+                        content = replace_lone_surrogates(content)  # a JSON "\ud800" escape cannot be resent or saved
                         now = time.perf_counter()
                         t_first = t_first or now
                         t_last = now
@@ -485,7 +481,7 @@ class RemoteConversation:
                         pending += content
                         answer_chars += len(content)
                     if choice.get("finish_reason"):
-                        raw_finish = LONE_SURROGATE.sub("\ufffd", str(choice["finish_reason"]))
+                        raw_finish = replace_lone_surrogates(str(choice["finish_reason"]))
                 if events > max_events or answer_chars > max_chars:
                     raise RemoteError(
                         f"the server sent far more than the {params.max_new_tokens:,} tokens asked for (it ignores "
