@@ -106,6 +106,17 @@ def test_model_cards_a_request_cannot_name_or_absurd_contexts_are_passed_over():
             connect(server)
 
 
+def test_a_model_id_too_long_for_any_real_server_is_passed_over():
+    """A megabyte-long id would be named in every request body and fill the banner and /stats."""
+    huge = "m" * 5000
+    cards = {"data": [{"id": huge, "owned_by": "vllm"}, {"id": "OpenGVLab/InternVL3-8B", "owned_by": "vllm"}]}
+    with FakeServer(json.dumps(cards).encode()) as server:
+        assert connect(server).model == "OpenGVLab/InternVL3-8B"
+        with pytest.raises(UsageError, match="does not serve") as refused:
+            connect(server, model="InternVL3-9B")
+        assert len(str(refused.value)) < 600  # the served ids are named shortened
+
+
 def test_a_model_the_server_does_not_serve_is_refused_with_the_served_ones():
     with FakeServer(models_of("lmdeploy")) as server:
         with pytest.raises(UsageError, match=r"does not serve 'InternVL3-9B'.*OpenGVLab/InternVL3-8B"):
@@ -306,6 +317,18 @@ def test_a_lone_surrogate_in_an_answer_becomes_a_replacement_character(tmp_path,
         conv.save(tmp_path / "s.json")
         conv.load(tmp_path / "s.json")
         assert conv.turns[0].reply == "a\ufffdb\ufffd"
+
+
+def test_a_long_finish_reason_is_kept_short():
+    """/stats and --json show a finish_reason the server invents; a hostile one can be megabytes."""
+    reply = Reply.sse(b'data: {"choices": [{"index": 0, "delta": {"content": "ok"}}]}\n\n'
+                      b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "' + b"x" * 100_000 + b'"}]}\n\n'
+                      b"data: [DONE]\n\n")  # fmt: skip
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(reply)
+        text, final = answer(connect(server).ask("hi"))
+        assert text == "ok" and final["finish_reason"] == "stop"
+        assert final["timing"]["server"]["finish_reason"] == "x" * 64
 
 
 def test_stream_interval_groups_pieces_without_changing_the_text():

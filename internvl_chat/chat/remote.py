@@ -79,6 +79,7 @@ PIECES_PER_TOKEN = 4
 CHARS_PER_TOKEN = 256
 ANSWER_SLACK = 1024
 MAX_USAGE_COUNT = 1 << 31  # a token count beyond any context: a broken server's usage
+FINISH_REASON_MAX_CHARS = 64  # of a finish_reason the server names; real ones are one word
 FINISH_REASONS = {"stop": "stop", "eos": "stop", "tool_calls": "stop", "content_filter": "stop", "length": "length"}
 
 
@@ -214,7 +215,7 @@ class RemoteConversation:
             if model:
                 card = next((c for c in cards if c["id"] == model), None)
                 if card is None:
-                    served = ", ".join(visible(c["id"]) for c in cards[:8])
+                    served = ", ".join(shorten(c["id"], 200) for c in cards[:8])
                     raise UsageError(f"the server does not serve {visible(model)!r}; --remote-model must be one of: {served}")
             else:
                 card = cards[0]
@@ -309,7 +310,7 @@ class RemoteConversation:
             media = self.media_tokens(turn.media)
             answer = turn.answer_tokens if turn.answer_tokens is not None else estimate_text_tokens(turn.reply)
             detail = f" (media {media:,} · answer {answer:,})" if media else f" (answer {answer:,})"
-            items.append((f"turn {n}: {names}“{_short(turn.user_text, 32)}”{detail}", self._turn_total(turn)))
+            items.append((f"turn {n}: {names}“{shorten(turn.user_text, 32)}”{detail}", self._turn_total(turn)))
         # the server counts what the estimates cannot see (its own default system message, its
         # template): the difference keeps the items adding up to the context used
         rest = self.context_used - sum(tokens for _, tokens in items)
@@ -481,7 +482,7 @@ class RemoteConversation:
                         pending += content
                         answer_chars += len(content)
                     if choice.get("finish_reason"):
-                        raw_finish = replace_lone_surrogates(str(choice["finish_reason"]))
+                        raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
                 if events > max_events or answer_chars > max_chars:
                     raise RemoteError(
                         f"the server sent far more than the {params.max_new_tokens:,} tokens asked for (it ignores "
@@ -649,8 +650,3 @@ def _timing(t0, t_first, t_last, end, chunks, usage, server_timings, raw_finish)
     if server:
         timing["server"] = server
     return timing
-
-
-def _short(text: str, width: int) -> str:
-    one_line = " ".join(visible(text).split())
-    return one_line if len(one_line) <= width else one_line[: width - 1] + "…"

@@ -27,6 +27,7 @@ from .sse import SSEDecoder
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body worth reading
 JSON_BODY_LIMIT = 64 << 20  # a non-streamed answer or a model list
 SHOWN_CHARS = 300  # of a server's error message
+MODEL_ID_MAX_CHARS = 4096  # a path-like id of a real server is far shorter (PATH_MAX)
 CONNECT_TIMEOUT_S = 30.0
 BOUNDED_ENCODINGS = ("gzip", "deflate")  # inflated one network read at a time: at most ~1000× a read
 
@@ -386,6 +387,10 @@ class ApiClient:
 
 
 def _usable_id(model_id: object) -> bool:
-    """A model id a request can name: a string, not empty, without a lone surrogate (a JSON
-    `\\ud800` escape), which a UTF-8 request body cannot hold."""
-    return isinstance(model_id, str) and bool(model_id) and undecodable_byte(model_id) is None
+    """A model id a request can name and a banner can show: a string, not empty, not absurdly long,
+    without a lone surrogate (a JSON `\\ud800` escape), which a UTF-8 request body cannot hold."""
+    return (
+        isinstance(model_id, str)
+        and 0 < len(model_id) <= MODEL_ID_MAX_CHARS
+        and undecodable_byte(model_id) is None
+    )
