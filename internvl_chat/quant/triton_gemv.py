@@ -1,0 +1,345 @@
+"""Our Triton split-K GEMV for 4-bit AWQ weights: the `triton` backend of `Int4Linear` (SPEC §5).
+
+Made for decode (one row, or a few): y[m, :] = x[m, :]·W + b with W = (q − z)·s per group, read
+once from memory in a layout repacked for it at load time.
+
+Resident layout (built once by `repack_awq`, out×in like nn.Linear):
+- `qweight` int32 [N, K/8]: row n streams its K weights contiguously. Inside each quantization group
+  of g inputs the g/8 words are interleaved: bits 4i..4i+3 of word w hold k = i·(g/8) + w (i = 0..7),
+  so the activations a nibble slot needs are g/8 consecutive values (a wide load), not every 8th.
+- `scales` [N, K/g] in the checkpoint's float dtype (fp16 as published) and `zeros` uint8 [N, K/g]:
+  0.52 B/weight in all for g = 128, as the AWQ tensors.
+
+The kernel (one program per (row m, block of BLOCK_N outputs, K split)): each step loads a
+[BLOCK_N, BLOCK_G, g/8] tile of words (BLOCK_G·g ≈ 256 inputs, 128 contiguous bytes per output row),
+turns nibbles into floats exactly with the 2^23 trick (q | 0x4B000000 read as fp32 is 2^23 + q, so
+subtracting 2^23 + z gives q − z with no int→float conversion), multiplies by x and accumulates in
+fp32, applying the group's scale once per word. Rows of a batch are separate programs next to each
+other in the launch order, so they read the same weight tile while it is in L2.
+
+Split-K: a decode-sized N alone gives too few programs to fill an H100 (qkv of 8B: 144 blocks of 32
+outputs for 132 SMs), so K is split until there are about `TARGET_PROGRAMS`. Each split writes its
+fp32 partial sums and a second small kernel adds them in a fixed order (+ bias, cast). We chose that
+over atomic adds into a zeroed fp32 buffer: the result is bitwise reproducible, it needs no memset
+launch, and the extra traffic (SPLIT·M·N·4 B) is about 1 % of the weight's. Without a split the one
+kernel writes the output itself. The split depends on the weight's shape only, not on M: a row's
+result does not change with the batch it is in.
+
+Registered as the torch operator `internvl_chat::awq_triton_gemv` through `torch.library.triton_op`
+and `wrap_triton`, so torch.compile traces the kernels (no graph break) and CUDA graphs capture it:
+outputs and partial sums are allocated from shapes only, nothing reads back to the host.
+
+On a CPU the kernels run in Triton's interpreter (tests only): `triton_backend_available("cpu")` is
+true only where TRITON_INTERPRET=1 is set. Triton is imported lazily; where it is missing, or torch
+lacks `triton_op`, the backend is unavailable.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from internvl_chat.errors import UsageError
+from internvl_chat.quant.awq_format import unpack_awq
+
+OPERATOR = "internvl_chat::awq_triton_gemv"
+TARGET_PROGRAMS = 528  # 4 per SM on an H100/H200 (132 SMs); enough to keep every SM streaming
+BLOCK_N = 32  # outputs per program
+BLOCK_K = 256  # inputs per step (whole groups): 128 contiguous bytes of each output row
+NUM_WARPS = 4
+
+__all__ = [
+    "OPERATOR",
+    "awq_triton_gemv",
+    "dense_from_repacked",
+    "dequantize_repacked",
+    "ensure_registered",
+    "repack_awq",
+    "triton_backend_available",
+    "triton_shape_supported",
+    "triton_unavailable_reason",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability
+
+
+@functools.cache
+def _import_failure() -> str | None:
+    """Why Triton and torch's triton_op cannot be used here, or None."""
+    if not (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")):
+        return f"torch {torch.__version__} lacks torch.library.triton_op (needs torch >= 2.6)"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising anything
+        return f"Triton cannot be imported ({type(e).__name__}: {e}); it comes with PyTorch's CUDA wheels (pip install triton)"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the triton backend cannot run on `device`, or None when it can."""
+    device = torch.device(device)
+    failure = _import_failure()
+    if failure is not None:
+        return failure
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA GPU is available"
+    if device.type == "cpu":
+        return None if _interpreting() else "on a CPU it runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests)"
+    return f"it runs on CUDA GPUs, not on {device.type}"
+
+
+def triton_backend_available(device: torch.device | str) -> bool:
+    """Whether the triton int4 backend can run on `device` (CUDA with Triton; CPU only under
+    TRITON_INTERPRET=1)."""
+    return triton_unavailable_reason(device) is None
+
+
+def triton_shape_supported(in_features: int, out_features: int, group_size: int) -> bool:
+    """Whether the kernel takes this shape: a power-of-two group size of 8..1024 dividing K, and
+    int32 offsets."""
+    power_of_two = group_size > 0 and group_size & (group_size - 1) == 0
+    return (
+        power_of_two
+        and 8 <= group_size <= 1024
+        and in_features % group_size == 0
+        and out_features % 8 == 0
+        and out_features * in_features < 2**31
+    )
+
+
+def check_usable(device: torch.device, in_features: int, out_features: int, group_size: int) -> None:
+    """Raise a one-line UsageError when int4 backend 'triton' cannot run this linear on `device`."""
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        raise UsageError(f"int4 backend 'triton' is unavailable: {reason}; use int4 backend 'auto'.")
+    if not triton_shape_supported(in_features, out_features, group_size):
+        raise UsageError(
+            f"int4 backend 'triton' cannot run a {in_features}→{out_features} linear with group size {group_size} "
+            "(needs a power-of-two group size of 8 to 1024); use int4 backend 'auto'."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The resident layout
+
+
+def repack_awq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The AWQ GEMM triple → (qweight int32 [N, K/8] group-interleaved, scales [N, G], zeros uint8 [N, G])."""
+    q = unpack_awq(qweight, torch.uint8)  # [K, N]
+    in_features, out_features = q.shape
+    groups, words = in_features // group_size, group_size // 8
+    # [N, G, i, w] (k = g·group + i·words + w) → [N, G, w, i]: nibble slot i of word w.
+    q = q.t().reshape(out_features, groups, 8, words).transpose(2, 3).to(torch.int32)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
+    # Eight disjoint nibbles: the sum is their OR. Slot 7's bit 31 wraps to the sign, as in AWQ.
+    packed = (q << shifts).sum(dim=-1, dtype=torch.int64)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    zeros = unpack_awq(qzeros, torch.uint8).t().contiguous()
+    return packed.reshape(out_features, in_features // 8).contiguous(), scales.t().contiguous(), zeros
+
+
+def _nibbles_out_in(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Resident int32 [N, K/8] → 4-bit values uint8 [N, K] in input order."""
+    out_features, kw = qweight.shape
+    words = group_size // 8
+    as_bytes = qweight.contiguous().view(torch.uint8).reshape(out_features, kw, 4, 1)
+    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=qweight.device)
+    nibbles = ((as_bytes >> shifts) & 0xF).reshape(out_features, kw // words, words, 8)  # [N, G, w, i]
+    return nibbles.transpose(2, 3).reshape(out_features, kw * 8)
+
+
+def dequantize_repacked(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """W [N, K] (out×in) = (q − z)·s computed in fp32 (exact), then cast: dequantize_awq's values."""
+    q = _nibbles_out_in(qweight, group_size)
+    out_features, in_features = q.shape
+    q = q.reshape(out_features, -1, group_size).to(torch.float32)
+    w = (q - zeros.to(torch.float32).unsqueeze(-1)) * scales.to(torch.float32).unsqueeze(-1)
+    return w.reshape(out_features, in_features).to(dtype)
+
+
+def dense_from_repacked(
+    x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """x2 [M, K] @ W for a prefill-sized M: the weight dequantized in x's dtype, then a dense matmul.
+
+    q − z is exact in any float dtype; s·(q − z) rounds once (twice for bf16 activations with
+    fp16 scales, which are rounded to bf16 first). Keeps the transient at the activations' width.
+    """
+    dtype = x2.dtype
+    q = _nibbles_out_in(qweight, group_size)
+    out_features, in_features = q.shape
+    q = q.reshape(out_features, -1, group_size).to(dtype)
+    w = (q - zeros.to(dtype).unsqueeze(-1)) * scales.to(dtype).unsqueeze(-1)
+    return F.linear(x2, w.reshape(out_features, in_features))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration (from shapes only: deterministic, and the same for every M)
+
+
+def launch_config(in_features: int, out_features: int, group_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_G, groups per split, number of splits) for a K×N weight."""
+    groups = in_features // group_size
+    block_g = max(1, BLOCK_K // group_size)
+    n_blocks = -(-out_features // BLOCK_N)
+    steps = -(-groups // block_g)
+    splits = max(1, min(steps, -(-TARGET_PROGRAMS // n_blocks)))
+    groups_per_split = block_g * -(-steps // splits)
+    splits = -(-groups // groups_per_split)  # no split left without work
+    return BLOCK_N, block_g, groups_per_split, splits
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels (defined on first use, so that importing this module never imports Triton)
+
+
+def _kernel_sources():
+    import triton.language as tl
+
+    def gemv_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
+        M, N, G, groups_per_split,
+        GROUP_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+        HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
+    ):  # fmt: skip
+        m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        g_lane = tl.arange(0, BLOCK_G)
+        w_lane = tl.arange(0, GROUP_WORDS)
+        all_words = w_lane[None, None, :] < GROUP_WORDS  # broadcasts the masks to 3-D
+        words_per_row = G * GROUP_WORDS
+        g_begin = pid_k * groups_per_split
+        g_end = tl.minimum(g_begin + groups_per_split, G)
+        x_row = x_ptr + m * (G * GROUP_WORDS * 8)
+        acc = tl.zeros((BLOCK_N, BLOCK_G, GROUP_WORDS), dtype=tl.float32)
+        for g0 in range(g_begin, g_end, BLOCK_G):
+            g = g0 + g_lane
+            g_ok = g < g_end
+            tile_ok = row_ok[:, None] & g_ok[None, :]
+            word_at = rows[:, None, None] * words_per_row + g[None, :, None] * GROUP_WORDS + w_lane[None, None, :]
+            words = tl.load(w_ptr + word_at, mask=tile_ok[:, :, None] & all_words, other=0)
+            sz_at = rows[:, None] * G + g[None, :]
+            scale = tl.load(s_ptr + sz_at, mask=tile_ok, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + sz_at, mask=tile_ok, other=0).to(tl.float32) + 8388608.0
+            x_ok = g_ok[:, None] & (w_lane[None, :] < GROUP_WORDS)
+            part = tl.zeros((BLOCK_N, BLOCK_G, GROUP_WORDS), dtype=tl.float32)
+            for i in tl.static_range(8):
+                k = g[:, None] * (GROUP_WORDS * 8) + i * GROUP_WORDS + w_lane[None, :]
+                xi = tl.load(x_row + k, mask=x_ok, other=0.0).to(tl.float32)
+                q = ((words >> (4 * i)) & 0xF) | 0x4B000000
+                part += (q.to(tl.float32, bitcast=True) - zero[:, :, None]) * xi[None, :, :]
+            acc += part * scale[:, :, None]
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        if FINAL:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + m * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+        else:
+            tl.store(part_ptr + (pid_k * M + m) * N + rows, y, mask=row_ok)
+
+    def reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        m = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < N
+        y = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):  # a fixed order: the same bits every run
+            y += tl.load(part_ptr + (s * M + m) * N + cols, mask=ok, other=0.0)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * N + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    return gemv_kernel, reduce_kernel
+
+
+@functools.cache
+def _kernels(interpreted: bool):
+    """(gemv, reduce): compiled kernels for CUDA tensors, interpreted ones for CPU tensors."""
+    import triton
+
+    sources = _kernel_sources()
+    if interpreted:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return tuple(InterpretedFunction(fn) for fn in sources)
+    return tuple(triton.jit(fn) for fn in sources)
+
+
+REDUCE_BLOCK = 256
+
+
+def _allocate(x2: torch.Tensor, qweight: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, out_features = x2.shape[0], qweight.shape[0]
+    out = torch.empty(rows, out_features, dtype=x2.dtype, device=x2.device)
+    part = torch.empty(splits if splits > 1 else 0, rows, out_features, dtype=torch.float32, device=x2.device)
+    return out, part
+
+
+def _gemv(
+    x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """The operator's body: x2 [M, K] contiguous → [M, N] in x2's dtype."""
+    rows = x2.shape[0]
+    out_features, in_features = qweight.shape[0], qweight.shape[1] * 8
+    block_n, block_g, groups_per_split, splits = launch_config(in_features, out_features, group_size)
+    out, part = _allocate(x2, qweight, splits)
+    if rows == 0:
+        return out
+    interpreted = x2.device.type == "cpu"
+    gemv, reduce = _kernels(interpreted)
+    if not interpreted:
+        gemv, reduce = torch.library.wrap_triton(gemv), torch.library.wrap_triton(reduce)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else out  # never read without HAS_BIAS
+    grid = (rows, -(-out_features // block_n), splits)
+    gemv[grid](
+        x2, qweight, scales, zeros, bias_arg, out, part if splits > 1 else out,
+        rows, out_features, in_features // group_size, groups_per_split,
+        GROUP_WORDS=group_size // 8, BLOCK_N=block_n, BLOCK_G=block_g,
+        HAS_BIAS=has_bias, FINAL=splits == 1, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    if splits > 1:
+        reduce[(rows, -(-out_features // REDUCE_BLOCK))](
+            part, bias_arg, out, rows, out_features, SPLITS=splits, HAS_BIAS=has_bias, BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS
+        )
+    return out
+
+
+@functools.cache
+def ensure_registered() -> None:
+    """Register `internvl_chat::awq_triton_gemv` once per process (callers check availability first)."""
+
+    @torch.library.triton_op(OPERATOR, mutates_args=())
+    def awq_triton_gemv_op(
+        x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, group_size: int
+    ) -> torch.Tensor:
+        return _gemv(x2, qweight, scales, zeros, bias, group_size)
+
+    # triton_op traces the body for shapes, which the interpreter's kernels (plain Python, run at
+    # once) cannot take; outputs from shapes alone serve both.
+    @awq_triton_gemv_op.register_fake
+    def _(x2, qweight, scales, zeros, bias, group_size):
+        return _allocate(x2, qweight, 1)[0]
+
+
+def awq_triton_gemv(
+    x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """x2 [M, K] @ W (+ bias) → [M, N] in x2's dtype, for the resident layout of `repack_awq`."""
+    return torch.ops.internvl_chat.awq_triton_gemv(x2.contiguous(), qweight, scales, zeros, bias, group_size)
