@@ -204,68 +204,7 @@ def launch_config(in_features: int, out_features: int, group_size: int) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels (defined on first use, so that importing this module never imports Triton)
-
-
-def _kernel_sources():
-    import triton.language as tl
-
-    def gemv_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
-        M, N, G, groups_per_split,
-        GROUP_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-        HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
-    ):  # fmt: skip
-        m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        g_lane = tl.arange(0, BLOCK_G)
-        w_lane = tl.arange(0, GROUP_WORDS)
-        all_words = w_lane[None, None, :] < GROUP_WORDS  # broadcasts the masks to 3-D
-        words_per_row = G * GROUP_WORDS
-        g_begin = pid_k * groups_per_split
-        g_end = tl.minimum(g_begin + groups_per_split, G)
-        x_row = x_ptr + m * (G * GROUP_WORDS * 8)
-        acc = tl.zeros((BLOCK_N, BLOCK_G, GROUP_WORDS), dtype=tl.float32)
-        for g0 in range(g_begin, g_end, BLOCK_G):
-            g = g0 + g_lane
-            g_ok = g < g_end
-            tile_ok = row_ok[:, None] & g_ok[None, :]
-            word_at = rows[:, None, None] * words_per_row + g[None, :, None] * GROUP_WORDS + w_lane[None, None, :]
-            words = tl.load(w_ptr + word_at, mask=tile_ok[:, :, None] & all_words, other=0)
-            sz_at = rows[:, None] * G + g[None, :]
-            scale = tl.load(s_ptr + sz_at, mask=tile_ok, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + sz_at, mask=tile_ok, other=0).to(tl.float32) + 8388608.0
-            x_ok = g_ok[:, None] & (w_lane[None, :] < GROUP_WORDS)
-            part = tl.zeros((BLOCK_N, BLOCK_G, GROUP_WORDS), dtype=tl.float32)
-            for i in tl.static_range(8):
-                k = g[:, None] * (GROUP_WORDS * 8) + i * GROUP_WORDS + w_lane[None, :]
-                xi = tl.load(x_row + k, mask=x_ok, other=0.0).to(tl.float32)
-                q = ((words >> (4 * i)) & 0xF) | 0x4B000000
-                part += (q.to(tl.float32, bitcast=True) - zero[:, :, None]) * xi[None, :, :]
-            acc += part * scale[:, :, None]
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)
-        if FINAL:
-            if HAS_BIAS:
-                y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + m * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
-        else:
-            tl.store(part_ptr + (pid_k * M + m) * N + rows, y, mask=row_ok)
-
-    def reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        m = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = cols < N
-        y = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in tl.static_range(SPLITS):  # a fixed order: the same bits every run
-            y += tl.load(part_ptr + (s * M + m) * N + cols, mask=ok, other=0.0)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * N + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
-
-    return gemv_kernel, reduce_kernel
+# Kernels (quant/triton_kernels.py, imported on first use: importing this module never imports Triton)
 
 
 @functools.cache
@@ -273,7 +212,9 @@ def _kernels(interpreted: bool):
     """(gemv, reduce): compiled kernels for CUDA tensors, interpreted ones for CPU tensors."""
     import triton
 
-    sources = _kernel_sources()
+    from internvl_chat.quant import triton_kernels
+
+    sources = (triton_kernels.awq_gemv_kernel, triton_kernels.reduce_partials_kernel)
     if interpreted:
         from triton.runtime.interpreter import InterpretedFunction
 
@@ -302,6 +243,9 @@ def _gemv(
     if rows == 0:
         return out
     interpreted = x2.device.type == "cpu"
+    if interpreted:  # the interpreter truncates fp32 → bf16; torch rounds to nearest even, as a GPU does
+        final = out
+        out = torch.empty(out.shape, dtype=torch.float32)
     gemv, reduce = _kernels(interpreted)
     if not interpreted:
         gemv, reduce = torch.library.wrap_triton(gemv), torch.library.wrap_triton(reduce)
@@ -310,15 +254,16 @@ def _gemv(
     grid = (rows, -(-out_features // block_n), splits)
     gemv[grid](
         x2, qweight, scales, zeros, bias_arg, out, part if splits > 1 else out,
-        rows, out_features, in_features // group_size, groups_per_split,
-        GROUP_WORDS=group_size // 8, BLOCK_N=block_n, BLOCK_G=block_g,
-        HAS_BIAS=has_bias, FINAL=splits == 1, num_warps=NUM_WARPS,
+        rows, out_features, in_features // group_size,
+        GROUP_WORDS=group_size // 8, BLOCK_N=block_n, BLOCK_G=block_g, STEPS=groups_per_split // block_g,
+        HAS_BIAS=has_bias, FINAL=splits == 1, INTERPRETED=interpreted, num_warps=NUM_WARPS,
     )  # fmt: skip
     if splits > 1:
         reduce[(rows, -(-out_features // REDUCE_BLOCK))](
-            part, bias_arg, out, rows, out_features, SPLITS=splits, HAS_BIAS=has_bias, BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS
+            part, bias_arg, out, rows, out_features, SPLITS=splits, HAS_BIAS=has_bias, BLOCK=REDUCE_BLOCK,
+            num_warps=NUM_WARPS,
         )
-    return out
+    return final.copy_(out) if interpreted else out
 
 
 @functools.cache
