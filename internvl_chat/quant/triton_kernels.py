@@ -21,7 +21,6 @@ def awq_gemv_kernel(
     row_ok = rows < N
     g_lane = tl.arange(0, BLOCK_G)
     w_lane = tl.arange(0, GROUP_WORDS)
-    every_word = w_lane[None, None, :] < GROUP_WORDS  # all true: broadcasts a 2-D mask to 3-D
     words_per_row = G * GROUP_WORDS
     g_begin = pid_k * (STEPS * BLOCK_G)
     x_row = x_ptr + m * (words_per_row * 8)
@@ -32,17 +31,17 @@ def awq_gemv_kernel(
         tile_ok = row_ok[:, None] & g_ok[None, :]
         # [BLOCK_N, BLOCK_G, g/8] words: each output row's BLOCK_G·g/8 words are contiguous
         word_at = rows[:, None, None] * words_per_row + g[None, :, None] * GROUP_WORDS + w_lane[None, None, :]
-        words = tl.load(w_ptr + word_at, mask=tile_ok[:, :, None] & every_word, other=0)
+        # masks constant along the words (broadcast by tl.load), so the loads can be vectorized
+        words = tl.load(w_ptr + word_at, mask=tile_ok[:, :, None], other=0)
         group_at = rows[:, None] * G + g[None, :]
         scale = tl.load(s_ptr + group_at, mask=tile_ok, other=0.0).to(tl.float32)
         # 2^23 + z: subtracted from 2^23 + q (below), exactly q − z
         zero = tl.load(z_ptr + group_at, mask=tile_ok, other=0).to(tl.float32) + 8388608.0
-        x_ok = g_ok[:, None] & (w_lane[None, :] < GROUP_WORDS)
         part = tl.full((BLOCK_N, BLOCK_G, GROUP_WORDS), 0.0, tl.float32)
         for i in tl.static_range(8):
             # nibble slot i of word w holds input g·group + i·(group/8) + w: x[k] is contiguous in w
             k = g[:, None] * (GROUP_WORDS * 8) + i * GROUP_WORDS + w_lane[None, :]
-            xi = tl.load(x_row + k, mask=x_ok, other=0.0).to(tl.float32)
+            xi = tl.load(x_row + k, mask=g_ok[:, None], other=0.0).to(tl.float32)
             q = ((words >> (4 * i)) & 0xF) | 0x4B000000  # the fp32 bits of 2^23 + q
             part += (q.to(tl.float32, bitcast=True) - zero[:, :, None]) * xi[None, :, :]
         acc += part * scale[:, :, None]  # one multiply per word for the group's scale
