@@ -17,6 +17,7 @@ from internvl_chat.errors import UsageError
 from internvl_chat.quant import triton_gemv
 from internvl_chat.quant.awq_format import dequantize_awq, pack_awq
 from internvl_chat.quant.int4_linear import BACKENDS, Int4Linear
+from internvl_chat.settings import INT4_BACKENDS
 
 if triton_gemv._import_failure() is not None:
     pytest.skip(f"the triton backend cannot be tested here: {triton_gemv._import_failure()}", allow_module_level=True)
@@ -155,7 +156,7 @@ def test_memory_is_about_half_a_byte_per_weight():
 
 def test_auto_never_picks_triton_and_refusals_are_one_line(monkeypatch):
     triple = awq(256, 64, 128)
-    assert "triton" in BACKENDS
+    assert "triton" in BACKENDS and INT4_BACKENDS == BACKENDS  # the setting takes what the layer does
     assert Int4Linear.from_awq(*triple, backend="auto").backend != "triton"
     with pytest.raises(UsageError, match="power-of-two group size") as err:
         Int4Linear.from_awq(*awq(192, 64, 96), group_size=96, backend="triton")
