@@ -8,6 +8,7 @@ The shapes are small: the interpreter runs every program in Python. (On a GPU: t
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -59,7 +60,7 @@ def check_against_reference(layer, triple, x, bias):
     return y
 
 
-# (K, N, group, rows, dtype, bias): N not a multiple of the 32-output block, one and several K
+# (K, N, group, rows, dtype, bias): N not a multiple of the 64-output block, one and several K
 # steps and splits (a last split with part of a step), every group size from 8 to 256.
 CASES = [
     (256, 72, 32, 1, torch.float32, True),
@@ -88,7 +89,7 @@ def test_launch_config_splits_k_and_covers_every_group():
         block_n, block_g, per_split, splits = triton_gemv.launch_config(in_features, out_features, group_size)
         groups = in_features // group_size
         assert per_split % block_g == 0 and (splits - 1) * per_split < groups <= splits * per_split
-    assert triton_gemv.launch_config(3584, 4608, 128)[3] > 1  # qkv of 8B: 144 output blocks need a split
+    assert triton_gemv.launch_config(3584, 4608, 128)[3] > 1  # qkv of 8B: 72 output blocks need a split
     assert triton_gemv.launch_config(384, 24, 64)[3] > 1  # the case above that tests the reduction
 
 
@@ -221,3 +222,49 @@ def test_w4_model_decodes_the_dequant_tokens(tiny_original, tmp_path_factory):
     (want, want_logits), (got, got_logits) = runs
     assert got == want
     assert (got_logits - want_logits).abs().max().item() <= 1e-4 * want_logits.abs().max().item()
+
+
+def test_kernels_compile_for_an_h100_with_wide_weight_loads(monkeypatch):
+    """Triton's real compiler (not the interpreter) on this CPU: both kernels compile for sm_90, and
+    with 16-byte aligned pointers (as Triton specializes them at launch) each thread reads the
+    weight words 128 bits at a time."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.errors import CompilationError
+
+    from internvl_chat.quant import triton_kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # triton.jit compiles only without it
+
+    def compile_for_sm90(fn, types, constants):
+        params = list(inspect.signature(fn).parameters)
+        signature = {p: types.get(p, "constexpr") for p in params}
+        aligned = {(params.index(p),): [["tt.divisibility", 16]] for p, t in types.items() if t.startswith("*") or p == "N"}
+        try:
+            source = ASTSource(fn=triton.jit(fn), signature=signature, attrs=aligned,
+                               constexprs={(params.index(k),): v for k, v in constants.items()})  # fmt: skip
+        except TypeError as e:
+            pytest.skip(f"this Triton's ASTSource takes other arguments: {e}")
+        try:
+            return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": triton_gemv.NUM_WARPS})
+        except CompilationError:
+            raise
+        except Exception as e:  # the toolchain (ptxas) rather than our source
+            pytest.skip(f"Triton cannot build CUDA code on this machine: {type(e).__name__}: {str(e)[:200]}")
+
+    block_n, block_g, per_split, _ = triton_gemv.launch_config(3584, 4608, 128)
+    pointers = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", b_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32")
+    gemv = compile_for_sm90(
+        triton_kernels.awq_gemv_kernel,
+        {**pointers, "M": "i32", "N": "i32", "G": "i32", "magic": "i32"},
+        dict(GROUP_WORDS=16, BLOCK_N=block_n, BLOCK_G=block_g, STEPS=per_split // block_g, HAS_BIAS=True, FINAL=False, INTERPRETED=False),
+    )
+    assert re.search(r"ld\.global(\.\w+)*\.v4\.[bsu]32", gemv.asm["ptx"]), "the weight loads are not 128 bits wide"
+    compile_for_sm90(
+        triton_kernels.reduce_partials_kernel,
+        {"part_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32"},
+        dict(SPLITS=4, HAS_BIAS=True, BLOCK=triton_gemv.REDUCE_BLOCK),
+    )

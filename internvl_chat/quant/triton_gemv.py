@@ -11,13 +11,15 @@ Resident layout (built once by `repack_awq`, out×in like nn.Linear):
   0.52 B/weight in all for g = 128, as the AWQ tensors.
 
 The kernel (one program per (row m, block of BLOCK_N outputs, K split)): each step loads a
-[BLOCK_N, BLOCK_G, g/8] tile of words (BLOCK_G·g ≈ 256 inputs, 128 contiguous bytes per output row),
-turns nibbles into floats exactly with the 2^23 trick (q | 0x4B000000 read as fp32 is 2^23 + q, so
-subtracting 2^23 + z gives q − z with no int→float conversion), multiplies by x and accumulates in
-fp32, applying the group's scale once per word. Rows of a batch are separate programs next to each
-other in the launch order, so they read the same weight tile while it is in L2.
+[BLOCK_N, BLOCK_G, g/8] tile of words (BLOCK_G·g ≈ 256 inputs, 128 contiguous bytes per output row,
+128-bit loads), turns nibbles into floats exactly with the 2^23 trick (a nibble OR-ed into the
+mantissa of 2^23 reads as 2^23 + q, so subtracting 2^23 + z gives q − z with no int→float
+conversion; see the kernel for doing it without shifting each nibble down), multiplies by x and
+accumulates in fp32 with FMAs, applying the group's scale once per word: about four instructions
+per weight on sm_90. Rows of a batch are separate programs next to each other in the launch order,
+so they read the same weight tile while it is in L2.
 
-Split-K: a decode-sized N alone gives too few programs to fill an H100 (qkv of 8B: 144 blocks of 32
+Split-K: a decode-sized N alone gives too few programs to fill an H100 (qkv of 8B: 72 blocks of 64
 outputs for 132 SMs), so K is split until there are about `TARGET_PROGRAMS`. Each split writes its
 fp32 partial sums and a second small kernel adds them in a fixed order (+ bias, cast). We chose that
 over atomic adds into a zeroed fp32 buffer: the result is bitwise reproducible, it needs no memset
@@ -47,9 +49,12 @@ from internvl_chat.quant.awq_format import unpack_awq
 
 OPERATOR = "internvl_chat::awq_triton_gemv"
 TARGET_PROGRAMS = 528  # 4 per SM on an H100/H200 (132 SMs); enough to keep every SM streaming
-BLOCK_N = 32  # outputs per program
+# Outputs per program. Each thread holds BLOCK_N/32 rows, which share its activations (loaded and
+# converted once); 64 takes ~130 registers on sm_90 (4 programs per SM). To be swept on a GPU: 32-128.
+BLOCK_N = 64
 BLOCK_K = 256  # inputs per step (whole groups): 128 contiguous bytes of each output row
 NUM_WARPS = 4
+MAGIC = 0x4B000000  # the bits of 2^23 as fp32 (a kernel argument, so that it sits in a register)
 
 __all__ = [
     "OPERATOR",
@@ -254,7 +259,7 @@ def _gemv(
     grid = (rows, -(-out_features // block_n), splits)
     gemv[grid](
         x2, qweight, scales, zeros, bias_arg, out, part if splits > 1 else out,
-        rows, out_features, in_features // group_size,
+        rows, out_features, in_features // group_size, MAGIC,
         GROUP_WORDS=group_size // 8, BLOCK_N=block_n, BLOCK_G=block_g, STEPS=groups_per_split // block_g,
         HAS_BIAS=has_bias, FINAL=splits == 1, INTERPRETED=interpreted, num_warps=NUM_WARPS,
     )  # fmt: skip

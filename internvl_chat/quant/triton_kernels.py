@@ -9,7 +9,7 @@ import triton.language as tl
 
 def awq_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
-    M, N, G,
+    M, N, G, magic,
     GROUP_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, STEPS: tl.constexpr,
     HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
@@ -35,16 +35,42 @@ def awq_gemv_kernel(
         words = tl.load(w_ptr + word_at, mask=tile_ok[:, :, None], other=0)
         group_at = rows[:, None] * G + g[None, :]
         scale = tl.load(s_ptr + group_at, mask=tile_ok, other=0.0).to(tl.float32)
-        # 2^23 + z: subtracted from 2^23 + q (below), exactly q − z
-        zero = tl.load(z_ptr + group_at, mask=tile_ok, other=0).to(tl.float32) + 8388608.0
+        # Nibble j of a half word (bits 4j..4j+3, j < 4) OR-ed into the mantissa of 2^23 (`magic`,
+        # its bits, in a register so that mask and OR are one LOP3) reads as 2^23 + q·16^j; less
+        # 2^23 + z·16^j that is exactly (q − z)·16^j, and x·16^-j (exact) undoes the 16^j. No shift
+        # per nibble: one per word, for the high half.
+        z = tl.load(z_ptr + group_at, mask=tile_ok, other=0).to(tl.float32)
+        zero0 = (z + 8388608.0)[:, :, None]
+        zero1 = (z * 16.0 + 8388608.0)[:, :, None]
+        zero2 = (z * 256.0 + 8388608.0)[:, :, None]
+        zero3 = (z * 4096.0 + 8388608.0)[:, :, None]
+        high = words >> 16  # arithmetic, but only bits 0..15 are used
         part = tl.full((BLOCK_N, BLOCK_G, GROUP_WORDS), 0.0, tl.float32)
         for i in tl.static_range(8):
             # nibble slot i of word w holds input g·group + i·(group/8) + w: x[k] is contiguous in w
             k = g[:, None] * (GROUP_WORDS * 8) + i * GROUP_WORDS + w_lane[None, :]
-            xi = tl.load(x_row + k, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            q = ((words >> (4 * i)) & 0xF) | 0x4B000000  # the fp32 bits of 2^23 + q
-            part += (q.to(tl.float32, bitcast=True) - zero[:, :, None]) * xi[None, :, :]
-        acc += part * scale[:, :, None]  # one multiply per word for the group's scale
+            xi = tl.load(x_row + k, mask=g_ok[:, None], other=0.0).to(tl.float32) * (1.0 / 16 ** (i % 4))
+            if i < 4:
+                bits = (words & (0xF << (4 * i))) | magic
+            else:
+                bits = (high & (0xF << (4 * (i - 4)))) | magic
+            if i % 4 == 0:
+                w = bits.to(tl.float32, bitcast=True) - zero0
+            elif i % 4 == 1:
+                w = bits.to(tl.float32, bitcast=True) - zero1
+            elif i % 4 == 2:
+                w = bits.to(tl.float32, bitcast=True) - zero2
+            else:
+                w = bits.to(tl.float32, bitcast=True) - zero3
+            if INTERPRETED:  # triton 3.6's interpreter has no fma
+                part += w * xi[None, :, :]
+            else:  # fused whatever TRITON_DEFAULT_FP_FUSION says (Triton 3.10 stops fusing by default)
+                part = tl.fma(w, xi[None, :, :], part)
+        # the group's scale: one multiply-add per word, not per weight
+        if INTERPRETED:
+            acc += part * scale[:, :, None]
+        else:
+            acc = tl.fma(part, scale[:, :, None], acc)
     if INTERPRETED:
         # tl.sum is a jitted helper, compiled or interpreted as TRITON_INTERPRET said when triton
         # was imported; the interpreter runs a reduce with the standard sum combiner as np.sum.
