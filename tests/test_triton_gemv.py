@@ -224,7 +224,8 @@ def test_w4_model_decodes_the_dequant_tokens(tiny_original, tmp_path_factory):
     assert (got_logits - want_logits).abs().max().item() <= 1e-4 * want_logits.abs().max().item()
 
 
-def test_kernels_compile_for_an_h100_with_wide_weight_loads(monkeypatch):
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")  # Triton 3.9 announcing a default it changes
+def test_kernels_compile_for_an_h100_with_wide_weight_loads():
     """Triton's real compiler (not the interpreter) on this CPU: both kernels compile for sm_90, and
     with 16-byte aligned pointers (as Triton specializes them at launch) each thread reads the
     weight words 128 bits at a time."""
@@ -235,16 +236,14 @@ def test_kernels_compile_for_an_h100_with_wide_weight_loads(monkeypatch):
     from triton.compiler import ASTSource
     from triton.compiler.errors import CompilationError
 
-    from internvl_chat.quant import triton_kernels
+    triton_gemv.ensure_registered()  # builds the compiled kernels: what CUDA tensors get
 
-    monkeypatch.delenv("TRITON_INTERPRET")  # triton.jit compiles only without it
-
-    def compile_for_sm90(fn, types, constants):
-        params = list(inspect.signature(fn).parameters)
+    def compile_for_sm90(kernel, types, constants):
+        params = list(inspect.signature(kernel.fn).parameters)
         signature = {p: types.get(p, "constexpr") for p in params}
         aligned = {(params.index(p),): [["tt.divisibility", 16]] for p, t in types.items() if t.startswith("*") or p == "N"}
         try:
-            source = ASTSource(fn=triton.jit(fn), signature=signature, attrs=aligned,
+            source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
                                constexprs={(params.index(k),): v for k, v in constants.items()})  # fmt: skip
         except TypeError as e:
             pytest.skip(f"this Triton's ASTSource takes other arguments: {e}")
@@ -258,13 +257,25 @@ def test_kernels_compile_for_an_h100_with_wide_weight_loads(monkeypatch):
     block_n, block_g, per_split, _ = triton_gemv.launch_config(3584, 4608, 128)
     pointers = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", b_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32")
     gemv = compile_for_sm90(
-        triton_kernels.awq_gemv_kernel,
+        triton_gemv.GEMV_KERNEL,
         {**pointers, "M": "i32", "N": "i32", "G": "i32", "magic": "i32"},
         dict(GROUP_WORDS=16, BLOCK_N=block_n, BLOCK_G=block_g, STEPS=per_split // block_g, HAS_BIAS=True, FINAL=False, INTERPRETED=False),
     )
     assert re.search(r"ld\.global(\.\w+)*\.v4\.[bsu]32", gemv.asm["ptx"]), "the weight loads are not 128 bits wide"
     compile_for_sm90(
-        triton_kernels.reduce_partials_kernel,
+        triton_gemv.REDUCE_KERNEL,
         {"part_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32"},
         dict(SPLITS=4, HAS_BIAS=True, BLOCK=triton_gemv.REDUCE_BLOCK),
     )
+
+
+def test_the_operator_names_its_kernels_for_the_compile_cache():
+    """torch.compile's AOTAutograd cache keys a graph with our operator by the kernels triton_op
+    found in its body; without them an edited kernel could come back from a stale cache."""
+    from torch._library import triton as torch_triton
+
+    if not hasattr(torch_triton, "get_triton_kernels_for_op"):
+        pytest.skip(f"torch {torch.__version__} does not key its compile cache by an operator's kernels")
+    Int4Linear.from_awq(*awq(256, 64, 128), backend="triton")
+    found = torch_triton.get_triton_kernels_for_op(triton_gemv.OPERATOR)
+    assert {id(k) for k in found} == {id(triton_gemv.GEMV_KERNEL), id(triton_gemv.REDUCE_KERNEL)}

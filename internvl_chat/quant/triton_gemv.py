@@ -212,19 +212,23 @@ def launch_config(in_features: int, out_features: int, group_size: int) -> tuple
 # Kernels (quant/triton_kernels.py, imported on first use: importing this module never imports Triton)
 
 
+# The compiled kernels (triton.JITFunction, whatever TRITON_INTERPRET says), set by
+# `ensure_registered`. Module globals called through `wrap_triton(NAME)` are how triton_op finds
+# an operator's kernels, whose source then keys torch.compile's AOTAutograd cache: an edited
+# kernel is not served from a stale cache.
+GEMV_KERNEL = None
+REDUCE_KERNEL = None
+wrap_triton = getattr(torch.library, "wrap_triton", None)  # torch >= 2.6 (checked by availability)
+
+
 @functools.cache
-def _kernels(interpreted: bool):
-    """(gemv, reduce): compiled kernels for CUDA tensors, interpreted ones for CPU tensors."""
-    import triton
+def _interpreted_kernels():
+    """(gemv, reduce) as Triton interpreter functions, for CPU tensors."""
+    from triton.runtime.interpreter import InterpretedFunction
 
     from internvl_chat.quant import triton_kernels
 
-    sources = (triton_kernels.awq_gemv_kernel, triton_kernels.reduce_partials_kernel)
-    if interpreted:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return tuple(InterpretedFunction(fn) for fn in sources)
-    return tuple(triton.jit(fn) for fn in sources)
+    return InterpretedFunction(triton_kernels.awq_gemv_kernel), InterpretedFunction(triton_kernels.reduce_partials_kernel)
 
 
 REDUCE_BLOCK = 256
@@ -251,9 +255,10 @@ def _gemv(
     if interpreted:  # the interpreter truncates fp32 → bf16; torch rounds to nearest even, as a GPU does
         final = out
         out = torch.empty(out.shape, dtype=torch.float32)
-    gemv, reduce = _kernels(interpreted)
-    if not interpreted:
-        gemv, reduce = torch.library.wrap_triton(gemv), torch.library.wrap_triton(reduce)
+    if interpreted:
+        gemv, reduce = _interpreted_kernels()
+    else:
+        gemv, reduce = wrap_triton(GEMV_KERNEL), wrap_triton(REDUCE_KERNEL)
     has_bias = bias is not None
     bias_arg = bias if has_bias else out  # never read without HAS_BIAS
     grid = (rows, -(-out_features // block_n), splits)
@@ -274,6 +279,13 @@ def _gemv(
 @functools.cache
 def ensure_registered() -> None:
     """Register `internvl_chat::awq_triton_gemv` once per process (callers check availability first)."""
+    global GEMV_KERNEL, REDUCE_KERNEL
+    import triton
+
+    from internvl_chat.quant import triton_kernels
+
+    GEMV_KERNEL = triton.JITFunction(triton_kernels.awq_gemv_kernel)
+    REDUCE_KERNEL = triton.JITFunction(triton_kernels.reduce_partials_kernel)
 
     @torch.library.triton_op(OPERATOR, mutates_args=())
     def awq_triton_gemv_op(
