@@ -15,15 +15,15 @@ The kernel (one program per (row m, block of BLOCK_N outputs, K split)): each st
 128-bit loads), turns nibbles into floats exactly with the 2^23 trick (a nibble OR-ed into the
 mantissa of 2^23 reads as 2^23 + q, so subtracting 2^23 + z gives q − z with no int→float
 conversion; see the kernel for doing it without shifting each nibble down), multiplies by x and
-accumulates in fp32 with FMAs, applying the group's scale once per word: about four instructions
-per weight on sm_90. Rows of a batch are separate programs next to each other in the launch order,
+accumulates in fp32 with FMAs, applying the group's scale once per word: 4-5 instructions per
+weight in the sm_90 code (ptxas, 64 outputs per program). Rows of a batch are separate programs next to each other in the launch order,
 so they read the same weight tile while it is in L2.
 
 Split-K: a decode-sized N alone gives too few programs to fill an H100 (qkv of 8B: 72 blocks of 64
 outputs for 132 SMs), so K is split until there are about `TARGET_PROGRAMS`. Each split writes its
 fp32 partial sums and a second small kernel adds them in a fixed order (+ bias, cast). We chose that
 over atomic adds into a zeroed fp32 buffer: the result is bitwise reproducible, it needs no memset
-launch, and the extra traffic (SPLIT·M·N·4 B) is about 1 % of the weight's. Without a split the one
+launch, and the extra traffic (2·SPLIT·M·N·4 B) is 1-3 % of the weight's for 8B's layers. Without a split the one
 kernel writes the output itself. The split depends on the weight's shape only, not on M: a row's
 result does not change with the batch it is in.
 
@@ -31,8 +31,8 @@ Registered as the torch operator `internvl_chat::awq_triton_gemv` through `torch
 and `wrap_triton`, so torch.compile traces the kernels (no graph break) and CUDA graphs capture it:
 outputs and partial sums are allocated from shapes only, nothing reads back to the host.
 
-On a CPU the kernels run in Triton's interpreter (tests only): `triton_backend_available("cpu")` is
-true only where TRITON_INTERPRET=1 is set. Triton is imported lazily; where it is missing, or torch
+CUDA tensors always get the compiled kernels; on a CPU they run in Triton's interpreter (tests
+only): `triton_backend_available("cpu")` is true only where TRITON_INTERPRET=1 is set. Triton is imported lazily; where it is missing, or torch
 lacks `triton_op`, the backend is unavailable.
 """
 
@@ -59,6 +59,7 @@ MAGIC = 0x4B000000  # the bits of 2^23 as fp32 (a kernel argument, so that it si
 __all__ = [
     "OPERATOR",
     "awq_triton_gemv",
+    "check_usable",
     "dense_from_repacked",
     "dequantize_repacked",
     "ensure_registered",
@@ -146,13 +147,13 @@ def repack_awq(
     in_features, out_features = q.shape
     groups, words = in_features // group_size, group_size // 8
     # [N, G, i, w] (k = g·group + i·words + w) → [N, G, w, i]: nibble slot i of word w.
-    q = q.t().reshape(out_features, groups, 8, words).transpose(2, 3).to(torch.int32)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
-    # Eight disjoint nibbles: the sum is their OR. Slot 7's bit 31 wraps to the sign, as in AWQ.
-    packed = (q << shifts).sum(dim=-1, dtype=torch.int64)
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    q = q.t().reshape(out_features, groups, 8, words).transpose(2, 3)
+    # Byte b of a little-endian int32 holds slots 2b (low nibble) and 2b + 1: bytes only, so the
+    # transients stay at a byte per weight.
+    as_bytes = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
+    packed = as_bytes.view(torch.int32).reshape(out_features, in_features // 8)
     zeros = unpack_awq(qzeros, torch.uint8).t().contiguous()
-    return packed.reshape(out_features, in_features // 8).contiguous(), scales.t().contiguous(), zeros
+    return packed, scales.t().contiguous(), zeros
 
 
 def _nibbles_out_in(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
