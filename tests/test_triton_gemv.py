@@ -133,6 +133,23 @@ def test_dense_path_above_the_gemv_rows(dtype):
     assert layer(x[:, :0]).shape == (2, 0, 48)
 
 
+def test_the_forward_makes_no_tensor_from_host_values():
+    """Every tensor a forward uses comes from its input and buffers: on a GPU a tensor made from
+    Python values is a host copy, which synchronises and breaks CUDA graph capture."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layer = Int4Linear.from_awq(*awq(256, 48, 32), bias=torch.randn(48), group_size=32, backend="triton", dtype=torch.float32)
+    names, buffers = zip(*layer.named_buffers())
+
+    def forward(x, *tensors):
+        return torch.func.functional_call(layer, dict(zip(names, tensors)), (x,))
+
+    for rows in (1, layer.gemv_max_rows + 1):  # the GEMV and the dense path
+        graph = make_fx(forward)(torch.randn(rows, 256), *buffers).graph
+        constants = [node.target for node in graph.nodes if node.op == "get_attr"]
+        assert not constants, f"{rows} rows: tensors made from host values: {constants}"
+
+
 def test_dequantized_weight_and_layout():
     triple = awq(256, 24, 64, seed=7)
     layer = Int4Linear.from_awq(*triple, group_size=64, backend="triton")

@@ -161,7 +161,7 @@ def _nibbles_out_in(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
     out_features, kw = qweight.shape
     words = group_size // 8
     as_bytes = qweight.contiguous().view(torch.uint8).reshape(out_features, kw, 4, 1)
-    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=qweight.device)
+    shifts = torch.arange(0, 8, 4, dtype=torch.uint8, device=qweight.device)  # a kernel, not a host copy
     nibbles = ((as_bytes >> shifts) & 0xF).reshape(out_features, kw // words, words, 8)  # [N, G, w, i]
     return nibbles.transpose(2, 3).reshape(out_features, kw * 8)
 
