@@ -148,3 +148,158 @@ def test_session_on_cuda_matches_cpu_tokens(tiny_original):
             for _ in session.ask(text):
                 pass
         assert gpu.turns[-1].answer_ids == cpu.turns[-1].answer_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# The triton int4 backend (quant/triton_gemv.py): our Triton GEMV, compiled for this GPU
+
+
+def _triton_reason() -> str | None:
+    from internvl_chat.quant.triton_gemv import triton_unavailable_reason
+
+    return triton_unavailable_reason("cuda") if torch.cuda.is_available() else "needs a CUDA GPU"
+
+
+needs_triton = pytest.mark.skipif(_triton_reason() is not None, reason=f"the triton backend cannot run: {_triton_reason()}")
+SHAPES_8B = [(3584, 4608), (3584, 37888), (18944, 3584)]  # InternVL3-8B: qkv, gate_up, down
+OUT_EPS = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _triton_layer(in_features, out_features, seed, dtype=torch.bfloat16, bias=True):
+    from internvl_chat.quant.int4_linear import Int4Linear
+    from test_int4_linear import random_awq
+
+    awq = random_awq(in_features, out_features, seed=seed, device="cuda")
+    b = torch.randn(out_features, device="cuda").to(dtype) if bias else None
+    layer = Int4Linear.from_awq(*awq, bias=b, backend="triton", dtype=dtype, device="cuda")
+    assert layer.backend == "triton"
+    return layer, awq, b
+
+
+def _check_gemv(y, x, awq, bias):
+    """y against x·W + b in fp64, element by element: fp32 accumulation error plus one rounding."""
+    from internvl_chat.quant.awq_format import dequantize_awq
+
+    w = dequantize_awq(*awq).double()
+    xd = x.double()
+    ref = xd @ w + (0 if bias is None else bias.double())
+    size = xd.abs() @ w.abs() + (0 if bias is None else bias.double().abs())
+    bound = 1e-6 * x.shape[-1] ** 0.5 * size + OUT_EPS[x.dtype] * ref.abs()
+    worst = ((y.double() - ref).abs() - bound).max().item()
+    assert worst <= 0, f"error exceeds the bound by {worst:.3g}"
+
+
+@needs_triton
+@pytest.mark.parametrize("in_features, out_features", SHAPES_8B)
+@pytest.mark.parametrize("rows", [1, 3, 16, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_backend_at_8b_shapes(in_features, out_features, rows, dtype):
+    layer, awq, bias = _triton_layer(in_features, out_features, seed=rows, dtype=dtype)
+    x = torch.randn(rows, in_features, device="cuda").to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (rows, out_features)
+    if rows <= layer.gemv_max_rows:
+        _check_gemv(y, x, awq, bias)
+        assert torch.equal(layer(x), y), "the split-K sum is not reproducible"
+        assert torch.equal(layer(x[-1:])[0], y[-1]), "a row's result depends on its batch"
+    else:  # the dense path: a 16-bit weight and matmul
+        from test_int4_linear import ref_weight, rel_err
+
+        assert rel_err(y, x.float() @ ref_weight(*awq) + bias.float()) < 1e-2
+    w = layer.dequantized_weight_out_in(torch.float32)
+    from internvl_chat.quant.awq_format import dequantize_awq
+
+    assert torch.equal(w, dequantize_awq(*awq).t())
+
+
+@needs_triton
+def test_triton_backend_in_fp32_is_tight():
+    layer, awq, bias = _triton_layer(3584, 4608, seed=11, dtype=torch.float32)
+    x = torch.randn(2, 3584, device="cuda")
+    _check_gemv(layer(x), x, awq, bias)
+
+
+@needs_triton
+@pytest.mark.parametrize("rows", [1, 8, 200])
+def test_triton_backend_under_cuda_graphs_without_syncs(rows):
+    layer, awq, bias = _triton_layer(3584, 4608, seed=5)  # split K: both kernels and the partial sums
+    x = torch.randn(rows, 3584, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer(x)  # compiles the kernels outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, layer(x))
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_triton_backend_under_inductor_without_graph_breaks(mode):
+    layer, awq, bias = _triton_layer(3584, 4608, seed=7)
+
+    def block(x):
+        return torch.nn.functional.silu(layer(x * 2)) + 1
+
+    x = torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    compiled = torch.compile(block, fullgraph=True, mode=mode)
+    want = block(x)
+    for _ in range(3):  # reduce-overhead records a CUDA graph on a later call
+        got = compiled(x)
+    from test_int4_linear import rel_err
+
+    assert rel_err(got, want) < 1e-2
+    torch._dynamo.reset()
+
+
+def _w4_models(tiny_original, backends, compile_last=False):
+    from bench_lib import quantize_decoder_
+
+    models = []
+    for i, backend in enumerate(backends):
+        loaded = load_model(tiny_original, device="cuda", dtype="bfloat16", max_context=1024)
+        quantize_decoder_(loaded.model, backend, group_size=32)
+        if compile_last and i == len(backends) - 1:
+            assert loaded.model.enable_compile(True)
+        models.append(loaded.model)
+    return models
+
+
+@needs_triton
+def test_w4_triton_logits_close_to_tinygemm(tiny_original):
+    """The same tokens fed to a random-weight W4 model on both backends (their roundings differ, so
+    greedy paths may part): prefill (dense path) and each decode step's logits agree closely."""
+    tinygemm, ours = _w4_models(tiny_original, ("torch", "triton"))
+    ids = list(range(5, 300))
+    a, b = tinygemm.forward(ids, 0), ours.forward(ids, 0)
+    pos = len(ids)
+    for _ in range(12):
+        assert torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).item() > 0.999
+        token = a.argmax().view(1)
+        a, b = tinygemm.forward(token, pos), ours.forward(token, pos)
+        pos += 1
+
+
+@needs_triton
+def test_compiled_w4_triton_decode_equals_eager(tiny_original):
+    """Our Triton GEMV inside the compiled, graph-replayed decode step."""
+    eager, fast = _w4_models(tiny_original, ("triton", "triton"), compile_last=True)
+    ids = list(range(5, 300))
+    want, want_logits = greedy_steps(eager, ids, 16)
+    got, got_logits = greedy_steps(fast, ids, 16)
+    assert got == want
+    assert torch.nn.functional.cosine_similarity(got_logits.flatten(), want_logits.flatten(), dim=0).item() > 0.999

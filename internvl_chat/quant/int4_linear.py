@@ -8,7 +8,12 @@ Backends:
   dequantize the packed weight on the fly and use a dense matmul (tinygemm is slow there).
 - "dequant": keeps the AWQ tensors, dequantizes on every call and runs a dense matmul. Any device
   and dtype; the reference.
-- "auto": "torch" where `int4_backend_supported`, else "dequant".
+- "triton": our Triton split-K GEMV (quant/triton_gemv.py) on a layout repacked for it (0.52 B/weight
+  for g = 128), for batches of up to `gemv_max_rows` rows in any float dtype; larger batches
+  dequantize that layout and run a dense matmul. CUDA (CPU only in Triton's interpreter, for tests);
+  asked for where it cannot run, a UsageError says why.
+- "auto": "torch" where `int4_backend_supported`, else "dequant" (never "triton" until it is
+  measured against tinygemm on a GPU).
 
 No forward path synchronises with the host: branches depend on shapes only.
 """
@@ -20,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl_chat.errors import UsageError
+from internvl_chat.quant import triton_gemv
 from internvl_chat.quant.awq_format import dequantize_awq, unpack_awq, validate_awq
 
-BACKENDS = ("auto", "torch", "dequant")
+BACKENDS = ("auto", "torch", "dequant", "triton")
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 _TILE_K = 16  # tinygemm's k-tile; the CUDA packing holds `inner_k_tiles` of them per int32 group
 _TILE_N = 8
@@ -161,6 +167,9 @@ class Int4Linear(nn.Module):
     # crossover for 8B-sized layers measured 128-256 rows (tinygemm grows linearly with rows, the
     # dense path costs ~8.5 µs per million weights plus ~0.3 ms of launches); tune with the bench.
     dense_threshold: int = 128
+    # Rows up to which the triton backend runs its GEMV (each row re-reads the weight tile from L2
+    # and redoes the unpacking); above, the dense path. A guess until a GPU session measures it.
+    gemv_max_rows: int = 16
 
     def __init__(self, in_features: int, out_features: int, group_size: int, backend: str) -> None:
         super().__init__()
@@ -196,10 +205,20 @@ class Int4Linear(nn.Module):
                 f"PyTorch's int4 kernels cannot run a {in_features}→{out_features} linear with group size "
                 f"{group_size} on {device} (needs CUDA sm80+ or CPU and aligned shapes); use int4 backend 'auto' or 'dequant'."
             )
-        resolved = "torch" if backend == "torch" or (backend == "auto" and supported) else "dequant"
+        if backend == "triton":
+            triton_gemv.check_usable(device, in_features, out_features, group_size)
+            resolved = "triton"
+        else:
+            resolved = "torch" if backend == "torch" or (backend == "auto" and supported) else "dequant"
         layer = cls(in_features, out_features, group_size, resolved)
         if resolved == "torch":
             layer._init_tinygemm(qweight.to(device), qzeros.to(device), scales.to(device))
+        elif resolved == "triton":
+            triton_gemv.ensure_registered()
+            packed, scales_nk, zeros_nk = triton_gemv.repack_awq(qweight.to(device), qzeros.to(device), scales.to(device), group_size)
+            layer.register_buffer("qweight", packed, persistent=False)  # [N, K/8], see triton_gemv
+            layer.register_buffer("scales", scales_nk, persistent=False)  # [N, K/g]
+            layer.register_buffer("zeros", zeros_nk, persistent=False)  # uint8 [N, K/g]
         else:
             layer.register_buffer("qweight", qweight.to(device).contiguous(), persistent=False)
             layer.register_buffer("qzeros", qzeros.to(device).contiguous(), persistent=False)
@@ -237,6 +256,11 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.backend == "torch":
             y = self._forward_torch(x2)
+        elif self.backend == "triton":
+            if x2.shape[0] <= self.gemv_max_rows:  # the bias is added in the kernel, in fp32
+                y = triton_gemv.awq_triton_gemv(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size)
+                return y.reshape(*lead_shape, self.out_features)
+            y = triton_gemv.dense_from_repacked(x2, self.qweight, self.scales, self.zeros, self.group_size)
         else:
             w = dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype=x.dtype)
             y = x2 @ w
@@ -262,8 +286,10 @@ class Int4Linear(nn.Module):
     def dequantized_weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as a dense [N, K] tensor (nn.Linear layout), built from what is resident.
 
-        For tests and tools; supported for the dequant backend and the CUDA torch backend.
+        For tests and tools; supported for the dequant and triton backends and the CUDA torch backend.
         """
+        if self.backend == "triton":
+            return triton_gemv.dequantize_repacked(self.qweight, self.scales, self.zeros, self.group_size, dtype)
         if self.backend == "dequant":
             return dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype=dtype).t()
         if self.packed_weight.device.type != "cuda":

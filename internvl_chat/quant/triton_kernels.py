@@ -1,0 +1,98 @@
+"""The Triton kernels of the triton int4 backend; quant/triton_gemv.py (layout, launch, operator)
+imports this module only when the backend is used, and decorates these functions there: with
+`triton.jit` for CUDA tensors, as interpreted functions for CPU tensors (tests)."""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+
+def awq_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
+    M, N, G, magic,
+    GROUP_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, STEPS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FINAL: tl.constexpr, INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """Program (m, n block, k split): x[m] · W[:, rows] over the split's STEPS·BLOCK_G groups, in fp32."""
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    g_lane = tl.arange(0, BLOCK_G)
+    w_lane = tl.arange(0, GROUP_WORDS)
+    words_per_row = G * GROUP_WORDS
+    g_begin = pid_k * (STEPS * BLOCK_G)
+    x_row = x_ptr + m * (words_per_row * 8)
+    acc = tl.full((BLOCK_N, BLOCK_G, GROUP_WORDS), 0.0, tl.float32)  # tl.zeros is a jitted helper (see below)
+    for step in range(STEPS):  # a constant trip count (a tensor bound breaks triton 3.6's interpreter)
+        g = g_begin + step * BLOCK_G + g_lane
+        g_ok = g < G
+        tile_ok = row_ok[:, None] & g_ok[None, :]
+        # [BLOCK_N, BLOCK_G, g/8] words: each output row's BLOCK_G·g/8 words are contiguous
+        word_at = rows[:, None, None] * words_per_row + g[None, :, None] * GROUP_WORDS + w_lane[None, None, :]
+        # masks constant along the words (broadcast by tl.load), so the loads can be vectorized
+        words = tl.load(w_ptr + word_at, mask=tile_ok[:, :, None], other=0)
+        group_at = rows[:, None] * G + g[None, :]
+        scale = tl.load(s_ptr + group_at, mask=tile_ok, other=0.0).to(tl.float32)
+        # Nibble j of a half word (bits 4j..4j+3, j < 4) OR-ed into the mantissa of 2^23 (`magic`,
+        # its bits, in a register so that mask and OR are one LOP3) reads as 2^23 + q·16^j; less
+        # 2^23 + z·16^j that is exactly (q − z)·16^j, and x·16^-j (exact) undoes the 16^j. No shift
+        # per nibble: one per word, for the high half.
+        z = tl.load(z_ptr + group_at, mask=tile_ok, other=0).to(tl.float32)
+        zero0 = (z + 8388608.0)[:, :, None]
+        zero1 = (z * 16.0 + 8388608.0)[:, :, None]
+        zero2 = (z * 256.0 + 8388608.0)[:, :, None]
+        zero3 = (z * 4096.0 + 8388608.0)[:, :, None]
+        high = words >> 16  # arithmetic, but only bits 0..15 are used
+        part = tl.full((BLOCK_N, BLOCK_G, GROUP_WORDS), 0.0, tl.float32)
+        for i in tl.static_range(8):
+            # nibble slot i of word w holds input g·group + i·(group/8) + w: x[k] is contiguous in w
+            k = g[:, None] * (GROUP_WORDS * 8) + i * GROUP_WORDS + w_lane[None, :]
+            xi = tl.load(x_row + k, mask=g_ok[:, None], other=0.0).to(tl.float32) * (1.0 / 16 ** (i % 4))
+            if i < 4:
+                bits = (words & (0xF << (4 * i))) | magic
+            else:
+                bits = (high & (0xF << (4 * (i - 4)))) | magic
+            if i % 4 == 0:
+                w = bits.to(tl.float32, bitcast=True) - zero0
+            elif i % 4 == 1:
+                w = bits.to(tl.float32, bitcast=True) - zero1
+            elif i % 4 == 2:
+                w = bits.to(tl.float32, bitcast=True) - zero2
+            else:
+                w = bits.to(tl.float32, bitcast=True) - zero3
+            if INTERPRETED:  # triton 3.6's interpreter has no fma
+                part += w * xi[None, :, :]
+            else:  # fused whatever TRITON_DEFAULT_FP_FUSION says (Triton 3.10 stops fusing by default)
+                part = tl.fma(w, xi[None, :, :], part)
+        # the group's scale: one multiply-add per word, not per weight
+        if INTERPRETED:
+            acc += part * scale[:, :, None]
+        else:
+            acc = tl.fma(part, scale[:, :, None], acc)
+    if INTERPRETED:
+        # tl.sum is a jitted helper, compiled or interpreted as TRITON_INTERPRET said when triton
+        # was imported; the interpreter runs a reduce with the standard sum combiner as np.sum.
+        y = tl.reduce(tl.reduce(acc, 2, tl.standard._sum_combine), 1, tl.standard._sum_combine)
+    else:
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if FINAL:  # no split: this program has the whole sum
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        tl.store(part_ptr + (pid_k * M + m) * N + rows, y, mask=row_ok)
+
+
+def reduce_partials_kernel(part_ptr, b_ptr, out_ptr, M, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m, cols] = Σ_s part[s, m, cols] (+ bias), in a fixed order: the same bits on every run."""
+    m = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    y = tl.full((BLOCK,), 0.0, tl.float32)
+    for s in tl.static_range(SPLITS):
+        y += tl.load(part_ptr + (s * M + m) * N + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * N + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
