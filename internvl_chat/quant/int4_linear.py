@@ -8,7 +8,9 @@ Backends:
   dequantize the packed weight on the fly and use a dense matmul (tinygemm is slow there).
 - "dequant": keeps the AWQ tensors, dequantizes on every call and runs a dense matmul. Any device
   and dtype; the reference.
-- "auto": "torch" where `int4_backend_supported`, else "dequant".
+- "gemlite": GemLite's Triton GEMV (optional `pip install gemlite`; CUDA only), exact AWQ (q − z)·s;
+  batches above `gemlite_max_rows` rows use a dense matmul. See quant/gemlite_backend.py.
+- "auto": "torch" where `int4_backend_supported`, else "dequant" (never "gemlite").
 
 No forward path synchronises with the host: branches depend on shapes only.
 """
@@ -20,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl_chat.errors import UsageError
+from internvl_chat.quant import gemlite_backend
 from internvl_chat.quant.awq_format import dequantize_awq, unpack_awq, validate_awq
 
-BACKENDS = ("auto", "torch", "dequant")
+BACKENDS = ("auto", "torch", "dequant", "gemlite")
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 _TILE_K = 16  # tinygemm's k-tile; the CUDA packing holds `inner_k_tiles` of them per int32 group
 _TILE_N = 8
@@ -161,6 +164,9 @@ class Int4Linear(nn.Module):
     # crossover for 8B-sized layers measured 128-256 rows (tinygemm grows linearly with rows, the
     # dense path costs ~8.5 µs per million weights plus ~0.3 ms of launches); tune with the bench.
     dense_threshold: int = 128
+    # Rows up to which the gemlite backend runs GemLite's GEMV kernel (GemLite's own limit for 4-bit);
+    # above, a dense matmul. Tune with the bench.
+    gemlite_max_rows: int = 4
 
     def __init__(self, in_features: int, out_features: int, group_size: int, backend: str) -> None:
         super().__init__()
@@ -190,6 +196,10 @@ class Int4Linear(nn.Module):
         device = torch.device(device) if device is not None else qweight.device
         if backend not in BACKENDS:
             raise UsageError(f"unknown int4 backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+        if backend == "gemlite":
+            reason = gemlite_backend.gemlite_unavailable_reason(device, in_features, group_size)
+            if reason is not None:
+                raise UsageError(f"int4 backend 'gemlite' cannot run here: {reason}; use int4 backend 'auto'.")
         supported = int4_backend_supported(device, in_features, out_features, group_size)
         if backend == "torch" and not supported:
             raise UsageError(
@@ -197,8 +207,11 @@ class Int4Linear(nn.Module):
                 f"{group_size} on {device} (needs CUDA sm80+ or CPU and aligned shapes); use int4 backend 'auto' or 'dequant'."
             )
         resolved = "torch" if backend == "torch" or (backend == "auto" and supported) else "dequant"
+        resolved = "gemlite" if backend == "gemlite" else resolved
         layer = cls(in_features, out_features, group_size, resolved)
-        if resolved == "torch":
+        if resolved == "gemlite":
+            gemlite_backend.init_gemlite(layer, qweight.to(device), qzeros.to(device), scales.to(device), dtype)
+        elif resolved == "torch":
             layer._init_tinygemm(qweight.to(device), qzeros.to(device), scales.to(device))
         else:
             layer.register_buffer("qweight", qweight.to(device).contiguous(), persistent=False)
@@ -237,6 +250,11 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.backend == "torch":
             y = self._forward_torch(x2)
+        elif self.backend == "gemlite":
+            if x2.shape[0] > self.gemlite_max_rows:
+                y = gemlite_backend.gemlite_dense_matmul(self, x2)
+            else:
+                y = gemlite_backend.gemlite_matmul(self, x2)
         else:
             w = dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype=x.dtype)
             y = x2 @ w
@@ -262,8 +280,10 @@ class Int4Linear(nn.Module):
     def dequantized_weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as a dense [N, K] tensor (nn.Linear layout), built from what is resident.
 
-        For tests and tools; supported for the dequant backend and the CUDA torch backend.
+        For tests and tools; supported for the dequant and gemlite backends and the CUDA torch backend.
         """
+        if self.backend == "gemlite":
+            return gemlite_backend.gemlite_dense_weight(self, dtype).t()
         if self.backend == "dequant":
             return dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype=dtype).t()
         if self.packed_weight.device.type != "cuda":
