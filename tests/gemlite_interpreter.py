@@ -1,7 +1,8 @@
 """Runs Int4Linear's gemlite backend on the CPU under Triton's interpreter, in a process of its own.
 
 Used by tests/test_gemlite.py: `python tests/gemlite_interpreter.py CASES_JSON` prints one JSON
-result per case. A process of its own because the interpreter must be switched on before triton is
+result per case; `... --model FOLDER` loads a 4-bit checkpoint with int4 backend gemlite and with
+dequant and compares their logits (a prefill, then one-token steps). A process of its own because the interpreter must be switched on before triton is
 imported, and because GemLite needs a stand-in CUDA device and Triton driver:
 - GemLite reads the GPU's compute capability, name and SM count when it is imported
   (gemlite/triton_kernels/utils.py, core.py), which fails without CUDA; those reads get fixed
@@ -108,13 +109,47 @@ def run_case(case, gemlite):
     }
 
 
+def compare_model(folder, gemlite):
+    from internvl_chat.engine.loader import load_model
+
+    prompt = list(range(20, 60))
+    logits = {}
+    calls = []
+    original = gemlite.forward_functional
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    for backend in ("gemlite", "dequant"):
+        loaded = load_model(folder, device="cpu", dtype="float32", max_context=256, int4_backend=backend, compile="off")
+        backends = {m.backend for m in loaded.model.modules() if hasattr(m, "gemlite_max_rows")}
+        with mock.patch.object(gemlite, "forward_functional", counting), torch.inference_mode():
+            steps = [loaded.model.forward(prompt, 0, all_logits=True)]
+            for position, token in enumerate((5, 9, 17), start=len(prompt)):
+                steps.append(loaded.model.forward([token], position, all_logits=True))
+        logits[backend] = torch.cat([step.reshape(-1, step.shape[-1]) for step in steps])
+        if backend == "gemlite":
+            gemlite_backends, gemlite_calls = sorted(backends), list(calls)
+    ref, got = logits["dequant"], logits["gemlite"]
+    return {
+        "backends": gemlite_backends,
+        "kernel_rows": sorted(set(gemlite_calls)),
+        "kernel_calls": len(gemlite_calls),
+        "rel_err": ((got - ref).norm() / ref.norm()).item(),
+        "same_argmax": bool(torch.equal(got.argmax(-1), ref.argmax(-1))),
+    }
+
+
 def main() -> None:
-    cases = json.loads(sys.argv[1])
     gemlite = import_gemlite()
     from internvl_chat.quant import gemlite_backend
 
     print(json.dumps({"available": gemlite_backend.gemlite_backend_available("cpu")}), flush=True)
-    for case in cases:
+    if sys.argv[1] == "--model":
+        print(json.dumps(compare_model(sys.argv[2], gemlite)), flush=True)
+        return
+    for case in json.loads(sys.argv[1]):
         print(json.dumps(run_case(case, gemlite)), flush=True)
 
 

@@ -136,8 +136,8 @@ def load_model(
         cfg = dataclasses.replace(cfg, quant=QuantConfig())  # TinyChat v2 files are W4 g128 by definition
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device, cfg)
-    if int4_backend not in ("auto", "torch", "dequant"):
-        raise UsageError(f"unknown int4 backend {int4_backend!r}; use auto, torch or dequant")
+    if int4_backend not in ("auto", "torch", "dequant", "gemlite"):
+        raise UsageError(f"unknown int4 backend {int4_backend!r}; use auto, torch, dequant or gemlite")
     if compile not in COMPILE_MODES:
         raise UsageError(f"unknown compile mode {compile!r}; use auto, on or off")
     if max_context < 16:
