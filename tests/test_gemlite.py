@@ -130,6 +130,23 @@ def test_cpu_without_interpreter_is_refused_in_one_line(monkeypatch, fresh_impor
     assert not gemlite_backend.gemlite_backend_available("meta")
 
 
+def test_loading_a_4bit_model_with_gemlite_where_it_cannot_run_is_one_usage_error(
+    tiny_original, tmp_path, monkeypatch, fresh_import
+):
+    from internvl_chat.engine.loader import load_model
+    from internvl_chat.quantize import quantize_checkpoint
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    folder = quantize_checkpoint(tiny_original, tmp_path / "q", "rtn", group_size=32, samples=2, device="cpu")
+    with pytest.raises(UsageError) as info:
+        load_model(folder, device="cpu", dtype="float32", max_context=256, int4_backend="gemlite")
+    assert str(info.value) == (
+        "int4 backend 'gemlite' cannot run here: GemLite runs on CUDA GPUs (not on cpu); use int4 backend 'auto'."
+    )
+    with pytest.raises(UsageError, match="use auto, torch, dequant or gemlite"):
+        load_model(folder, device="cpu", dtype="float32", max_context=256, int4_backend="marlin")
+
+
 def test_auto_never_picks_gemlite(monkeypatch, fresh_import):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(gemlite_backend, "load_gemlite", lambda: object())  # "importable"
@@ -147,6 +164,33 @@ def test_missing_gemlite_is_named(monkeypatch, fresh_import):
     assert gemlite_backend.gemlite_unavailable_reason("cpu") == "gemlite is not installed (pip install gemlite)"
     with pytest.raises(UsageError, match="gemlite is not installed"):
         Int4Linear.from_awq(*_awq(), backend="gemlite", device="cpu")
+
+
+def test_missing_dependency_of_gemlite_is_named(monkeypatch, fresh_import):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def needs_triton(name):
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+    monkeypatch.setattr(gemlite_backend.importlib, "import_module", needs_triton)
+    assert gemlite_backend.gemlite_unavailable_reason("cpu") == "gemlite needs triton, which is not installed"
+
+
+def test_import_warnings_of_gemlite_stay_off_the_terminal(monkeypatch, fresh_import, caplog):
+    import logging
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fake = object()
+
+    def importing(name):
+        logging.getLogger("gemlite.core").warning("Loaded h100.json config.")
+        return fake
+
+    monkeypatch.setattr(gemlite_backend.importlib, "import_module", importing)
+    with caplog.at_level(logging.WARNING):
+        assert gemlite_backend.load_gemlite() is fake
+    assert caplog.records == []
+    assert logging.getLogger("gemlite").level == logging.NOTSET  # restored
 
 
 def test_failed_import_is_one_line_and_remembered(monkeypatch, fresh_import):

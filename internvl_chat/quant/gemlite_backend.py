@@ -29,6 +29,7 @@ is imported); that is for tests.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from types import ModuleType
 
@@ -64,6 +65,11 @@ def load_gemlite() -> ModuleType | None:
     """The gemlite module, or None (the reason in `_import_error`); imported once."""
     global _gemlite, _import_error
     if _gemlite is None and _import_error is None:
+        # GemLite logs a warning at import when it loads its tuned configs for this GPU (an H100's):
+        # not for the chat's terminal.
+        gemlite_logger = logging.getLogger("gemlite")
+        level = gemlite_logger.level
+        gemlite_logger.setLevel(logging.ERROR)
         try:
             _gemlite = importlib.import_module("gemlite")
         except ModuleNotFoundError as exc:
@@ -74,6 +80,8 @@ def load_gemlite() -> ModuleType | None:
         except Exception as exc:  # it reads CUDA properties at import: AssertionError, RuntimeError, ...
             first_line = (str(exc).strip().splitlines() or [""])[0]
             _import_error = f"gemlite failed to import ({type(exc).__name__}: {first_line})"
+        finally:
+            gemlite_logger.setLevel(level)
     return _gemlite
 
 
