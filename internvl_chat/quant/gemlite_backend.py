@@ -12,8 +12,9 @@ bf16 first, as tinygemm does. fma_mode=True would store −z·s instead and roun
 
 Resident layout (what `pack` builds, kept as buffers of the Int4Linear): `gemlite_qweight` int32
 [K/8, N] (bits 4i..4i+3 of word [r, n] hold q[8r + i, n]), `gemlite_scales` and `gemlite_zeros`
-[K/g, N] in the compute dtype. The GemLite layer object itself is dropped after packing: its
-weights are nn.Parameters, which a model's `.to(dtype)` would convert.
+[K/g, N] in the compute dtype, and GemLite's meta arguments (ints). The GemLite layer object is
+dropped after packing: its tensors are persistent nn.Parameters, which would show up in the model's
+parameters and state dict; non-persistent buffers are what the other backends keep.
 
 Which kernel runs: at most `Int4Linear.gemlite_max_rows` rows go through GemLite's
 GEMV_REVSPLITK kernel (the one GemLite itself picks for 4-bit and at most 4 rows); more rows
@@ -23,7 +24,8 @@ K is not a multiple of BLOCK_SIZE_K·SPLIT_K (NaN for K = 896 under Triton's int
 GEMM does not run under the interpreter, so neither can be checked without a GPU.
 
 On a CPU the kernel runs only under Triton's interpreter (TRITON_INTERPRET=1, set before triton
-is imported); that is for tests.
+is imported) and with a stand-in for the CUDA properties GemLite reads at import: that is for tests
+(tests/gemlite_interpreter.py).
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def gemlite_backend_available(device: torch.device | str) -> bool:
     return gemlite_unavailable_reason(device) is None
 
 
-def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The kernel's activation dtype for activations of `dtype` (fp32 runs in fp16, as scales are fp16)."""
     return dtype if dtype in _COMPUTE_DTYPES else torch.float16
 
@@ -118,7 +120,7 @@ def init_gemlite(layer: nn.Module, qweight: torch.Tensor, qzeros: torch.Tensor, 
     """Pack an AWQ triple with GemLite and register its tensors on `layer` (an Int4Linear)."""
     gemlite = load_gemlite()
     assert gemlite is not None, "check gemlite_unavailable_reason first"
-    compute = compute_dtype_for(dtype)
+    compute = _compute_dtype(dtype)
     gemlite_dtype = gemlite.DType.FP16 if compute == torch.float16 else gemlite.DType.BF16
     packer = gemlite.GemLiteLinear(
         W_nbits=4,
@@ -157,11 +159,14 @@ def gemlite_dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The resident GemLite weight as dense W [K, N] (in×out) of `dtype`: (q − z)·s in the compute dtype."""
     packed = layer.gemlite_qweight  # int32 [K/8, N]; little-endian byte b holds rows 8r + 2b, 8r + 2b + 1
     words, out_features = packed.shape
-    as_bytes = packed.contiguous().view(torch.uint8).reshape(words, out_features, 4)
+    as_bytes = packed.view(torch.uint8).reshape(words, out_features, 4)
     nibbles = torch.stack((as_bytes & 0xF, as_bytes >> 4), dim=-1)  # [K/8, N, 4, 2]
     q = nibbles.permute(0, 2, 3, 1).reshape(layer.in_features // layer.group_size, layer.group_size, out_features)
-    compute = layer.gemlite_dtype
-    w = (q.to(compute) - layer.gemlite_zeros.unsqueeze(1)) * layer.gemlite_scales.unsqueeze(1)
+    del nibbles
+    w = q.to(layer.gemlite_dtype)
+    del q
+    # In place, in this order: (q − z)·s rounded once, as the kernel computes it (no fused multiply-add).
+    w.sub_(layer.gemlite_zeros.unsqueeze(1)).mul_(layer.gemlite_scales.unsqueeze(1))
     return w.reshape(layer.in_features, out_features).to(dtype)
 
 
