@@ -159,7 +159,7 @@ def gemlite_dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The resident GemLite weight as dense W [K, N] (in×out) of `dtype`: (q − z)·s in the compute dtype."""
     packed = layer.gemlite_qweight  # int32 [K/8, N]; little-endian byte b holds rows 8r + 2b, 8r + 2b + 1
     words, out_features = packed.shape
-    as_bytes = packed.view(torch.uint8).reshape(words, out_features, 4)
+    as_bytes = packed.contiguous().view(torch.uint8).reshape(words, out_features, 4)
     nibbles = torch.stack((as_bytes & 0xF, as_bytes >> 4), dim=-1)  # [K/8, N, 4, 2]
     q = nibbles.permute(0, 2, 3, 1).reshape(layer.in_features // layer.group_size, layer.group_size, out_features)
     del nibbles
