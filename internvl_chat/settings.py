@@ -36,7 +36,7 @@ OTHER_ENV_VARS = (ENV_CONFIG_FILE, "INTERNVL_CHAT_VIDEO_BACKEND")
 
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-INT4_BACKENDS = ("auto", "torch", "dequant", "triton")
+INT4_BACKENDS = ("auto", "torch", "dequant", "triton", "gemlite")
 COMPILE_MODES = ("auto", "on", "off")
 COLORS = ("auto", "always", "never")
 # chat/dialects.py DIALECTS, plus "auto" (detected from the server's model list)
@@ -145,7 +145,7 @@ class ModelSettings:
         "auto", _choice(DTYPES, DTYPE_ALIASES), "one of auto, float32, bfloat16, float16 (or fp32, bf16, fp16)"
     )
     max_context: int = _setting(8192, _number(16, MAX_TOKENS), f"an integer from 16 to {MAX_TOKENS:,}")
-    int4_backend: str = _setting("auto", _choice(INT4_BACKENDS), "one of auto, torch, dequant, triton")
+    int4_backend: str = _setting("auto", _choice(INT4_BACKENDS), "one of auto, torch, dequant, triton, gemlite")
     compile: str = _setting("auto", _choice(COMPILE_MODES), "one of auto, on, off")
 
 

@@ -12,8 +12,10 @@ Backends:
   for g = 128), for batches of up to `gemv_max_rows` rows in any float dtype; larger batches
   dequantize that layout and run a dense matmul. CUDA (CPU only in Triton's interpreter, for tests);
   asked for where it cannot run, a UsageError says why.
-- "auto": "torch" where `int4_backend_supported`, else "dequant" (never "triton" until it is
-  measured against tinygemm on a GPU).
+- "gemlite": GemLite's Triton GEMV (optional `pip install gemlite`; CUDA only), exact AWQ (q − z)·s;
+  batches above `gemlite_max_rows` rows use a dense matmul. See quant/gemlite_backend.py.
+- "auto": "torch" where `int4_backend_supported`, else "dequant" (never "triton" or "gemlite" until
+  they are measured against tinygemm on a GPU).
 
 No forward path synchronises with the host: branches depend on shapes only.
 """
@@ -25,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl_chat.errors import UsageError
-from internvl_chat.quant import triton_gemv
+from internvl_chat.quant import gemlite_backend, triton_gemv
 from internvl_chat.quant.awq_format import dequantize_awq, unpack_awq, validate_awq
 
-BACKENDS = ("auto", "torch", "dequant", "triton")
+BACKENDS = ("auto", "torch", "dequant", "triton", "gemlite")
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 _TILE_K = 16  # tinygemm's k-tile; the CUDA packing holds `inner_k_tiles` of them per int32 group
 _TILE_N = 8
@@ -170,6 +172,9 @@ class Int4Linear(nn.Module):
     # Rows up to which the triton backend runs its GEMV (each row re-reads the weight tile from L2
     # and redoes the unpacking); above, the dense path. A guess until a GPU session measures it.
     gemv_max_rows: int = 16
+    # Rows up to which the gemlite backend runs GemLite's GEMV kernel (GemLite's own limit for 4-bit);
+    # above, a dense matmul. Tune with the bench.
+    gemlite_max_rows: int = 4
 
     def __init__(self, in_features: int, out_features: int, group_size: int, backend: str) -> None:
         super().__init__()
@@ -208,10 +213,17 @@ class Int4Linear(nn.Module):
         if backend == "triton":
             triton_gemv.check_usable(device, in_features, out_features, group_size)
             resolved = "triton"
+        elif backend == "gemlite":
+            reason = gemlite_backend.gemlite_unavailable_reason(device, in_features, group_size)
+            if reason is not None:
+                raise UsageError(f"int4 backend 'gemlite' cannot run here: {reason}; use int4 backend 'auto'.")
+            resolved = "gemlite"
         else:
             resolved = "torch" if backend == "torch" or (backend == "auto" and supported) else "dequant"
         layer = cls(in_features, out_features, group_size, resolved)
-        if resolved == "torch":
+        if resolved == "gemlite":
+            gemlite_backend.init_gemlite(layer, qweight.to(device), qzeros.to(device), scales.to(device), dtype)
+        elif resolved == "torch":
             layer._init_tinygemm(qweight.to(device), qzeros.to(device), scales.to(device))
         elif resolved == "triton":
             triton_gemv.ensure_registered()
@@ -261,6 +273,11 @@ class Int4Linear(nn.Module):
                 y = triton_gemv.awq_triton_gemv(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size)
                 return y.reshape(*lead_shape, self.out_features)
             y = triton_gemv.dense_from_repacked(x2, self.qweight, self.scales, self.zeros, self.group_size)
+        elif self.backend == "gemlite":
+            if x2.shape[0] > self.gemlite_max_rows:
+                y = gemlite_backend.gemlite_dense_matmul(self, x2)
+            else:
+                y = gemlite_backend.gemlite_matmul(self, x2)
         else:
             w = dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype=x.dtype)
             y = x2 @ w
@@ -286,10 +303,12 @@ class Int4Linear(nn.Module):
     def dequantized_weight_out_in(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as a dense [N, K] tensor (nn.Linear layout), built from what is resident.
 
-        For tests and tools; supported for the dequant and triton backends and the CUDA torch backend.
+        For tests and tools; supported for the dequant, triton and gemlite backends and the CUDA torch backend.
         """
         if self.backend == "triton":
             return triton_gemv.dequantize_repacked(self.qweight, self.scales, self.zeros, self.group_size, dtype)
+        if self.backend == "gemlite":
+            return gemlite_backend.gemlite_dense_weight(self, dtype).t()
         if self.backend == "dequant":
             return dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype=dtype).t()
         if self.packed_weight.device.type != "cuda":

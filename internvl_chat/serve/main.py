@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default auto: bf16 on CUDA; on a CPU, "
                    "bf16 for decoders of 256 MiB or more where the CPU has native bf16 or AVX2 and FMA, else fp32)")
     p.add_argument("--max-context", type=int, metavar="N", help="KV cache length per slot in tokens (default 8192)")
-    p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant | triton: kernels for 4-bit weights (default auto: torch where it runs, else dequant)")
+    p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant | triton | gemlite: kernels for 4-bit weights (default auto: torch where it runs, else dequant)")
     p.add_argument("--compile", metavar="MODE", help="auto | on | off: a fast decode step (our C++ on CPUs with AVX2 and FMA, else "
                    "torch.compile), built on first use, then cached (default auto: decoders of 256 MiB or more on a CPU)")
     p.add_argument("--config", metavar="FILE",
