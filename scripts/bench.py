@@ -15,8 +15,9 @@ CPU (default), on a small-but-not-trivial random-weight model built here:
   startup   seconds from starting `internvl-chat` (demo model, in a pseudo-terminal) to its first
             prompt, next to `python -c "import torch"` in the same run (issue 9: target ≤ 1.5×)
 --device cuda adds, with random weights built on the GPU:
-  shapes    InternVL3-1B/-2B/-8B: W4 and bf16 decode tokens/s (eager, CUDA graphs, compiled in the
-            graphs), share of the copy bandwidth measured in the same call, kernels per layer,
+  shapes    InternVL3-8B/-1B/-2B: W4 (tinygemm; triton, gemlite where available) and bf16 decode
+            tokens/s (eager, CUDA graphs, compiled in the graphs), share of the copy bandwidth
+            measured in the same call, kernels per layer,
             13-tile TTFT, follow-up TTFT after 1k/4k tokens of history, peak memory
             (CPU dry run: `--quick --sections shapes`)
   gemv      every int4 linear backend available (tinygemm kernel and dense path, triton, ...) and
@@ -510,6 +511,7 @@ def section_shapes(plan: bl.Plan, device: torch.device, deadline: float | None, 
     bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
     results: dict = {"copy_bandwidth_bytes_per_s": bandwidth, "bandwidth_ceiling_bytes_per_s": bandwidth}
     bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s", start)
+    compile_times: list[float] = []  # of the rows so far (largest shape first)
     for shape, variant in shape_rows(plan):
         key = f"{shape} {variant}"
         if deadline is not None and time.perf_counter() > deadline:
@@ -520,14 +522,18 @@ def section_shapes(plan: bl.Plan, device: torch.device, deadline: float | None, 
         if why is not None:  # recorded at no cost, in its place: the row a build with the backend measures
             results[key] = {"skipped": f"int4 backend {backend!r} not available: {why}"}
             continue
-        # a cold compile of a 28-layer step takes about a minute: none once less than that is left
-        compiled = plan.cuda_compiled and (deadline is None or time.perf_counter() < deadline - 60)
+        # no compile once less time is left than one takes: the longest so far, else about a
+        # minute (a cold compile of a 28-layer step)
+        compile_cost = max(compile_times, default=60.0)
+        compiled = plan.cuda_compiled and (deadline is None or time.perf_counter() < deadline - compile_cost)
         bl.log(f"  {key} ...", start)
         try:
             cfg = bl.shape_config(shape, w4=w4)
             results[key] = measure_shape(cfg, plan, device, bandwidth=bandwidth, compiled=compiled, backend=backend)
             results[key]["int4_backend"] = backend if w4 else None
             d = results[key]["decode"]
+            if "compile_s" in d.get("compiled", {}):
+                compile_times.append(d["compiled"]["compile_s"])
             bl.log(f"  {key}: " + ", ".join(f"{m} {d[m].get('tokens_per_s', float('nan')):.0f} tok/s"
                                              for m in ("eager", "graphs", "compiled") if m in d), start)  # fmt: skip
         except Exception as e:

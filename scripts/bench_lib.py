@@ -491,7 +491,8 @@ def rotation_copies(layer: nn.Module, device: torch.device, cache_bytes: int | N
     as decode does, not from a warm cache: ≥ 2× `cache_bytes` in all (default: the GPU's L2 cache;
     on the CPU none, the layer alone)."""
     if cache_bytes is None:
-        cache_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+        cache_bytes = (getattr(props, "L2_cache_size", 0) or (64 << 20)) if props is not None else 0
     n = max(1, min(max_copies, math.ceil(2 * cache_bytes / max(module_bytes(layer), 1))))
     copies = [layer]
     try:
