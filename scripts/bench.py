@@ -585,15 +585,23 @@ def section_gemv(plan: bl.Plan, device: torch.device, deadline: float | None, st
                 bl.log(f"  {key}: FAILED {e!r}", start)
             _free(device)
     if "tinygemm" in labels and "tinygemm-dense" in labels:  # the value for Int4Linear.dense_threshold
-        table = {key: {m: {"kernel_ms": row["tinygemm"]["us"] / 1e3, "dense_ms": row["tinygemm-dense"]["us"] / 1e3}
-                       for m, row in r["rows"].items() if "us" in row.get("tinygemm", {}) and "us" in row.get("tinygemm-dense", {})}
-                 for key, r in out["shapes"].items() if "rows" in r}  # fmt: skip
-        table = {key: row for key, row in table.items() if row}
-        out["dense_from_rows"] = dense_from_rows(table) if table else None
         from internvl_chat.quant import Int4Linear
 
+        out["dense_from_rows"] = dense_from_rows(kernel_vs_dense(out["shapes"]))
         out["current_dense_threshold"] = Int4Linear.dense_threshold
     return out
+
+
+def kernel_vs_dense(shapes: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """The gemv section's tinygemm and tinygemm-dense times as `dense_from_rows` reads them: per
+    shape, per measured row count, {kernel_ms, dense_ms}."""
+    table = {}
+    for key, r in shapes.items():
+        rows = {m: {"kernel_ms": row["tinygemm"]["us"] / 1e3, "dense_ms": row["tinygemm-dense"]["us"] / 1e3}
+                for m, row in r.get("rows", {}).items() if "us" in row.get("tinygemm", {}) and "us" in row.get("tinygemm-dense", {})}  # fmt: skip
+        if rows:
+            table[key] = rows
+    return table
 
 
 def dense_from_rows(table: dict[str, dict[str, dict[str, float]]]) -> int | None:
@@ -775,7 +783,7 @@ def render_gemv(g: dict) -> list[str]:
         for c, err in r.get("errors", {}).items():
             lines.append(f"    {c}: not built: {err[:200]}")
         for c, chk in r.get("check", {}).items():
-            if not chk["ok"]:
+            if chk["ok"] is False:
                 lines.append(f"    {c}: CHECK FAILED, max |err| / max |ref| = {_fmt(chk['max_rel_error'], '.3g')}")
     lines.append("  choose per shape (fastest int4 backend by rows M):")
     for key, r in g["shapes"].items():

@@ -622,11 +622,11 @@ def fastest_int4(row: dict) -> str | None:
 
 
 def check_summary(cells: Sequence[dict]) -> dict:
-    """A column's worst error over the row counts measured, and whether every one passed."""
+    """A column's worst error over the row counts measured, and whether every one passed (None:
+    nothing was measured)."""
     errors = [c["rel_error"] for c in cells if "rel_error" in c]
-    worst = max(errors) if errors else None
-    return {"max_rel_error": worst, "ok": bool(errors) and all(c.get("ok") for c in cells if "rel_error" in c),
-            "limit": GEMV_MAX_REL_ERROR}  # fmt: skip
+    ok = all(c["ok"] for c in cells if "rel_error" in c) if errors else None
+    return {"max_rel_error": max(errors, default=None), "ok": ok, "limit": GEMV_MAX_REL_ERROR}
 
 
 def choice_by_rows(rows: dict[str, dict]) -> list[dict]:

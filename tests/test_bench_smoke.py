@@ -368,6 +368,34 @@ def test_dense_from_rows_uses_rows_every_shape_has():
     full = {str(m): {"kernel_ms": 1.0, "dense_ms": 2.0 if m < 128 else 0.5} for m in (1, 64, 128, 256)}
     cut = {m: v for m, v in full.items() if m != "256"}  # a shape whose last row ran out of time
     assert bench.dense_from_rows({"a": full, "b": cut}) == 128
+    assert bench.dense_from_rows({}) is None
+
+
+def test_kernel_vs_dense_reads_the_gemv_table_with_rows_and_shapes_left_out():
+    def cell(us):
+        return {"us": us, "ok": True}
+
+    shapes = {
+        "8B qkv": {"rows": {"1": {"tinygemm": cell(10.0), "tinygemm-dense": cell(50.0)},
+                            "256": {"tinygemm": cell(900.0), "tinygemm-dense": cell(300.0)},
+                            "512": {"skipped": "time budget spent"}}},
+        "8B o": {"rows": {"1": {"tinygemm": cell(8.0), "tinygemm-dense": {"error": "boom"}}}},
+        "8B down": {"skipped": "time budget spent"},
+    }  # fmt: skip
+    table = bench.kernel_vs_dense(shapes)
+    assert table == {"8B qkv": {"1": {"kernel_ms": 0.01, "dense_ms": 0.05}, "256": {"kernel_ms": 0.9, "dense_ms": 0.3}}}
+    assert bench.dense_from_rows(table) == 256
+
+
+def test_gemv_rows_past_the_deadline_are_skipped():
+    r = bl.measure_linear(256, 128, (1, 2), ["tinygemm"], torch.device("cpu"), 1e10, deadline=0.0)
+    assert r["rows"] == {"1": {"skipped": "time budget spent"}, "2": {"skipped": "time budget spent"}}
+    assert r["check"]["tinygemm"] == {"max_rel_error": None, "ok": None, "limit": bl.GEMV_MAX_REL_ERROR}  # not checked
+    assert bl.choice_by_rows(r["rows"]) == []
+    g = {"copy_bandwidth_bytes_per_s": 1e10, "max_rel_error": bl.GEMV_MAX_REL_ERROR, "shapes": {"x": r},
+         "columns": {"tinygemm": {"available": True, "reason": None}}}  # fmt: skip
+    text = "\n".join(bench.render_gemv(g))
+    assert "time budget spent" in text and "CHECK FAILED" not in text
 
 
 def test_decode_section_times_eager_and_compiled_in_a_fresh_process(tmp_path):
