@@ -415,3 +415,11 @@ def test_decode_section_times_eager_and_compiled_in_a_fresh_process(tmp_path):
     text = "\n".join(bench.render_decode(d))
     assert "[CPU decode and prefill vs llama.cpp]" in text and "demo" in text
     assert "decode after a long context" in text and f"{depth:>9}" in text
+
+
+def test_crossover_is_the_gemv_section_by_its_former_name(tmp_path, capsys):
+    out = tmp_path / "gemv.json"
+    assert bench.main(["--quick", "--sections", "crossover,gemv", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["sections"]) == ["gemv"] and "tiny qkv" in report["sections"]["gemv"]["shapes"]
+    assert "[int4 linears by rows M]" in capsys.readouterr().out
