@@ -760,15 +760,15 @@ def render_gemv(g: dict) -> list[str]:
     lines = ["", f"[int4 linears by rows M] µs per call and share of the copy bandwidth ({g['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s) "
                  f"of the layer's bytes + activations; * fastest int4, ! output off the dequantized reference "
                  f"by > {g['max_rel_error']:g} of its scale; speedup = bf16 µs ÷ fastest int4 µs",
-             f"  {'shape':30}{'M':>5}" + "".join(f"{c:>17}" for c in cols) + f"{'fastest':>16}{'speedup':>9}"]  # fmt: skip
+             f"  {'shape':33}{'M':>5}" + "".join(f"{c:>17}" for c in cols) + f"{'fastest':>16}{'speedup':>9}"]  # fmt: skip
     for key, r in g["shapes"].items():
         if "rows" not in r:
-            lines.append(f"  {key:30}{r.get('error') or r.get('skipped')}")
+            lines.append(f"  {key:33}{r.get('error') or r.get('skipped')}")
             continue
         label = f"{key} {r['in_features']}→{r['out_features']}"
         for m, row in r["rows"].items():
             if "skipped" in row:
-                lines.append(f"  {label:30}{m:>5}  {row['skipped']}")
+                lines.append(f"  {label:33}{m:>5}  {row['skipped']}")
             else:
                 cells = ""
                 for c in cols:
@@ -778,7 +778,7 @@ def render_gemv(g: dict) -> list[str]:
                         cells += f"{cell['us']:>10.1f}{cell['bandwidth_share'] * 100:>5.0f}%{mark}"
                     else:
                         cells += f"{'error' if 'error' in cell else '-':>17}"
-                lines.append(f"  {label:30}{m:>5}{cells}{row.get('fastest') or '-':>16}{_fmt(row.get('fastest_vs_bf16'), '.2f'):>8}×")
+                lines.append(f"  {label:33}{m:>5}{cells}{row.get('fastest') or '-':>16}{_fmt(row.get('fastest_vs_bf16'), '.2f'):>8}×")
             label = ""
         for c, err in r.get("errors", {}).items():
             lines.append(f"    {c}: not built: {err[:200]}")
@@ -790,7 +790,7 @@ def render_gemv(g: dict) -> list[str]:
         if r.get("choice"):
             runs = " · ".join(f"{c['from_rows']}" + (f"–{c['to_rows']}" if c["to_rows"] != c["from_rows"] else "") + f" {c['backend']}"
                               for c in r["choice"])  # fmt: skip
-            lines.append(f"    {key:28}{runs}")
+            lines.append(f"    {key:31}{runs}")
     for label, c in g["columns"].items():
         if not c["available"]:
             lines.append(f"  {label}: not measured: {c['reason']}")
