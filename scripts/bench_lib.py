@@ -502,64 +502,59 @@ def rotation_copies(layer: nn.Module, device: torch.device, cache_bytes: int | N
     return copies
 
 
-def time_per_call(calls: Sequence[Callable[[], object]], device: torch.device, min_pass_s: float = 2e-4,
+def time_per_call(calls: Sequence[Callable[[], object]], device: torch.device, min_run_s: float = 1e-3,
                   reps: int = 5) -> dict:  # fmt: skip
-    """Median seconds per call of `calls`, called in turn (one pass = each once). CUDA: enough passes
-    to keep the GPU busy ≥ `min_pass_s`, captured once in a CUDA graph and replayed between CUDA
-    events (no Python launch cost in the number, as in the decode graphs; eager passes if capture
-    fails); CPU: perf_counter around the passes."""
+    """Median seconds per call of `calls`, called in turn (a pass = each once), over `reps` runs of
+    enough passes to last ≥ `min_run_s`. CUDA: one pass captured in a CUDA graph and replayed
+    between CUDA events, so no Python launch cost is in the number (as in the decode graphs;
+    eager passes if the capture fails); CPU: perf_counter."""
     for fn in calls:  # warm-up: kernel compiles, lazy init
         fn()
     sync(device)
     n = len(calls)
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for fn in calls:
-            fn()
-        passes = max(1, min(64, math.ceil(min_pass_s / max(time.perf_counter() - t0, 1e-9))))
-        runs = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for _ in range(passes):
-                for fn in calls:
-                    fn()
-            runs.append((time.perf_counter() - t0) / (passes * n))
-        return {"s": median(runs), "method": "perf_counter", "calls_per_run": passes * n}
-
-    def events_around(body) -> float:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        body()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / 1e3
 
     def one_pass() -> None:
         for fn in calls:
             fn()
 
-    passes = max(1, min(64, math.ceil(min_pass_s / max(events_around(one_pass), 1e-9))))
+    if device.type == "cuda":
+        method, once = "cuda graph", one_pass
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # the warm-up PyTorch asks for before a capture
+                one_pass()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                one_pass()
+            once = graph.replay
+            once()
+        except Exception as e:
+            method = f"cuda events, eager (graph capture failed: {e!r})"[:300]
 
-    def eager() -> None:
+        def clock(body: Callable[[], None]) -> float:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            body()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+    else:
+        method, once = "perf_counter", one_pass
+
+        def clock(body: Callable[[], None]) -> float:
+            t0 = time.perf_counter()
+            body()
+            return time.perf_counter() - t0
+
+    passes = max(1, min(256, math.ceil(min_run_s / max(clock(once), 1e-9))))
+
+    def run() -> None:
         for _ in range(passes):
-            one_pass()
+            once()
 
-    method = "cuda graph"
-    try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # the warm-up PyTorch asks for before a capture
-            one_pass()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            eager()
-        body = graph.replay
-        body()
-    except Exception as e:
-        method = f"cuda events, eager (graph capture failed: {e!r})"[:300]
-        body = eager
-    runs = [events_around(body) / (passes * n) for _ in range(reps)]
+    runs = [clock(run) / (passes * n) for _ in range(reps)]
     return {"s": median(runs), "method": method, "calls_per_run": passes * n}
 
 
