@@ -390,10 +390,6 @@ def build_random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtyp
 # ---------------------------------------------------------------------------------------------
 # Int4Linear backends and single linears (the gemv section)
 
-# Int4Linear backends beyond tinygemm ("torch"), measured once the build has them: the name in
-# `internvl_chat.quant.BACKENDS` and `<name>_backend_available(device)` true (looked up in
-# internvl_chat.quant, then in its modules <name>_gemv, <name>_backend, <name>).
-OPTIONAL_INT4_BACKENDS = ("triton", "gemlite")
 # The gemv section's columns: label -> (Int4Linear backend or None for a bf16 nn.Linear,
 # Int4Linear.dense_threshold for the call). Tinygemm twice: its kernel at every M and its dense
 # path (dequantize on the fly + dense matmul) at every M; the layer's own switch is between them.
@@ -411,7 +407,10 @@ GEMV_MAX_REL_ERROR = 2e-2
 
 def int4_backend_unavailable(name: str, device: torch.device | str) -> str | None:
     """Why Int4Linear backend `name` cannot run on `device`; None when it can (shape limits aside:
-    those show when a layer is built)."""
+    those show when a layer is built). A backend beyond tinygemm ("triton", "gemlite", ...) counts
+    once the build has it: the name in `internvl_chat.quant.BACKENDS` and its
+    `<name>_backend_available(device)` true (looked up in internvl_chat.quant, then in its modules
+    <name>_gemv, <name>_backend, <name>)."""
     import importlib
 
     from internvl_chat import quant
