@@ -15,11 +15,15 @@ CPU (default), on a small-but-not-trivial random-weight model built here:
   startup   seconds from starting `internvl-chat` (demo model, in a pseudo-terminal) to its first
             prompt, next to `python -c "import torch"` in the same run (issue 9: target ≤ 1.5×)
 --device cuda adds, with random weights built on the GPU:
-  shapes    InternVL3-1B/-2B/-8B: W4 and bf16 decode tokens/s (eager, CUDA graphs, compiled in the
-            graphs), share of the copy bandwidth measured in the same call, kernels per layer,
+  shapes    InternVL3-8B/-1B/-2B: W4 (tinygemm; triton, gemlite where available) and bf16 decode
+            tokens/s (eager, CUDA graphs, compiled in the graphs), share of the copy bandwidth
+            measured in the same call, kernels per layer,
             13-tile TTFT, follow-up TTFT after 1k/4k tokens of history, peak memory
             (CPU dry run: `--quick --sections shapes`)
-  crossover Int4Linear: tinygemm vs dequantize + dense matmul by rows (picks dense_threshold)
+  gemv      every int4 linear backend available (tinygemm kernel and dense path, triton, ...) and
+            bf16 on each decoder linear of the 8B/1B/2B LLMs by rows M = 1…512: µs, GB/s, share of the
+            copy bandwidth, output check, the fastest backend per (shape, M); dense_threshold
+            (`crossover`, its former name, runs it too; CPU dry run: `--quick --sections gemv`)
 
     python scripts/bench.py [--device cpu|cuda] [--quick] [--out FILE.json] [--sections a,b]
 """
@@ -60,7 +64,8 @@ FOLLOW_UPS = [
     "Anything else?",
 ]
 CPU_SECTIONS = ("engine", "overhead", "load", "chunk", "w4", "decode", "startup")
-CUDA_SECTIONS = ("shapes", "crossover", "engine", "load", "chunk")
+CUDA_SECTIONS = ("shapes", "gemv", "engine", "load", "chunk")
+SECTION_ALIASES = {"crossover": "gemv"}  # the gemv section grew out of tinygemm-vs-dense "crossover"
 
 
 def quiet_transformers() -> None:
@@ -401,10 +406,11 @@ def _round_up(x: int, m: int) -> int:
 
 
 def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                  bandwidth: float | None = None, compiled: bool | None = None) -> dict:  # fmt: skip
-    """Build one random-weight model on `device`; time the first turn with a 13-tile image (vision +
-    prefill + first token), follow-up turns after 1k/4k tokens of history, and batch-1 decode:
-    eager, CUDA graphs, and compiled inside the graphs (CPU: eager and compiled)."""
+                  bandwidth: float | None = None, compiled: bool | None = None, backend: str = "auto") -> dict:  # fmt: skip
+    """Build one random-weight model on `device` (a W4 config's linears with int4 `backend`); time
+    the first turn with a 13-tile image (vision + prefill + first token), follow-up turns after
+    1k/4k tokens of history, and batch-1 decode: eager, CUDA graphs, and compiled inside the
+    graphs (CPU: eager and compiled)."""
     is_cuda = device.type == "cuda"
     if is_cuda:
         _free(device)
@@ -416,7 +422,7 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
     history = max(plan.cuda_followup_history, default=0)
     max_seq = _round_up(max(image_tokens + 64, p + n + 64, history + plan.cuda_followup_tokens + 64), 256)
     t0 = time.perf_counter()
-    model = bl.build_random_model(cfg, device, dtype, max_seq)
+    model = bl.build_random_model(cfg, device, dtype, max_seq, backend)
     bl.sync(device)
     build_s = time.perf_counter() - t0
     gen = torch.Generator(device=device).manual_seed(1)
@@ -484,26 +490,50 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
 
 
 def shape_rows(plan: bl.Plan) -> list[tuple[str, str]]:
-    """(shape, variant) in measuring order: each variant across the shapes, W4 first."""
-    return [(shape, variant) for variant in plan.cuda_variants for shape in plan.cuda_shapes]
+    """(shape, variant) in measuring order, so that the most wanted rows come first when time runs
+    out: each shape's variants (8B W4 tinygemm, 8B W4 triton, 8B bf16, ...), then the next shape."""
+    return [(shape, variant) for shape in plan.cuda_shapes for variant in plan.cuda_variants]
+
+
+def variant_backend(variant: str) -> tuple[bool, str]:
+    """A shapes-row variant as (W4?, Int4Linear backend): "w4" → the default (auto: tinygemm on
+    CUDA), "w4-triton" → "triton", "bf16" → no int4."""
+    if variant == "bf16":
+        return False, "auto"
+    if variant == "w4":
+        return True, "auto"
+    if variant.startswith("w4-"):
+        return True, variant.removeprefix("w4-")
+    raise ValueError(f"unknown shapes variant {variant!r}")
 
 
 def section_shapes(plan: bl.Plan, device: torch.device, deadline: float | None, start: float) -> dict:
     bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
     results: dict = {"copy_bandwidth_bytes_per_s": bandwidth, "bandwidth_ceiling_bytes_per_s": bandwidth}
     bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s", start)
+    compile_times: list[float] = []  # of the rows so far (largest shape first)
     for shape, variant in shape_rows(plan):
         key = f"{shape} {variant}"
         if deadline is not None and time.perf_counter() > deadline:
             results[key] = {"skipped": "time budget spent"}
             continue
-        # a cold compile of a 28-layer step takes about a minute: none once less than that is left
-        compiled = plan.cuda_compiled and (deadline is None or time.perf_counter() < deadline - 60)
+        w4, backend = variant_backend(variant)
+        why = bl.int4_backend_unavailable(backend, device) if w4 else None
+        if why is not None:  # recorded at no cost, in its place: the row a build with the backend measures
+            results[key] = {"skipped": f"int4 backend {backend!r} not available: {why}"}
+            continue
+        # no compile once less time is left than one takes: the longest so far, else about a
+        # minute (a cold compile of a 28-layer step)
+        compile_cost = max(compile_times, default=60.0)
+        compiled = plan.cuda_compiled and (deadline is None or time.perf_counter() < deadline - compile_cost)
         bl.log(f"  {key} ...", start)
         try:
-            cfg = bl.shape_config(shape, w4=variant == "w4")
-            results[key] = measure_shape(cfg, plan, device, bandwidth=bandwidth, compiled=compiled)
+            cfg = bl.shape_config(shape, w4=w4)
+            results[key] = measure_shape(cfg, plan, device, bandwidth=bandwidth, compiled=compiled, backend=backend)
+            results[key]["int4_backend"] = backend if w4 else None
             d = results[key]["decode"]
+            if "compile_s" in d.get("compiled", {}):
+                compile_times.append(d["compiled"]["compile_s"])
             bl.log(f"  {key}: " + ", ".join(f"{m} {d[m].get('tokens_per_s', float('nan')):.0f} tok/s"
                                              for m in ("eager", "graphs", "compiled") if m in d), start)  # fmt: skip
         except Exception as e:
@@ -513,48 +543,71 @@ def section_shapes(plan: bl.Plan, device: torch.device, deadline: float | None, 
     return results
 
 
-def _time_cuda(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of fn() timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return bl.median(times)
+def section_gemv(plan: bl.Plan, device: torch.device, deadline: float | None, start: float) -> dict:
+    """Issue 10 item 4: each int4 linear backend that this build and device have (tinygemm's kernel
+    and its dense path, "triton", "gemlite", ...) and a bf16 nn.Linear on every decoder linear of
+    the InternVL3 LLMs, by rows M (1: decode; more: prefill): µs per call, effective GB/s and its
+    share of the copy bandwidth measured here, the output checked against the dequantized weight,
+    the fastest int4 backend per (shape, M). Its own time budget (`plan.gemv_budget_s`): shapes
+    and rows left when it is spent are recorded as skipped, 8B first."""
+    bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
+    own = time.perf_counter() + plan.gemv_budget_s
+    section_deadline = min(own, deadline) if deadline is not None else own
+    unavailable = {label: bl.gemv_variant_unavailable(label, device) for label in bl.GEMV_VARIANTS}
+    labels = [label for label, why in unavailable.items() if why is None]
+    out: dict = {
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "rows": list(plan.gemv_rows),
+        "columns": {label: {"int4_backend": bl.GEMV_VARIANTS[label][0], "available": why is None, "reason": why}
+                    for label, why in unavailable.items()},  # fmt: skip
+        "max_rel_error": bl.GEMV_MAX_REL_ERROR,
+        "bytes_note": "resident bytes of the layer (weights, scales, zeros) + bf16 activations in and out, per call",
+        "shapes": {},
+    }
+    bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s; columns: {', '.join(labels)}", start)
+    seed = 0
+    for model in plan.cuda_shapes:
+        for layer, (k, n) in bl.llm_linear_shapes(model).items():
+            key = f"{model} {layer}"
+            seed += 1
+            if time.perf_counter() > section_deadline:
+                out["shapes"][key] = {"skipped": "time budget spent"}
+                continue
+            try:
+                r = bl.measure_linear(k, n, plan.gemv_rows, labels, device, bandwidth, section_deadline, seed)
+                r["choice"] = bl.choice_by_rows(r["rows"])
+                out["shapes"][key] = r
+                one = r["rows"].get("1", {})
+                bl.log(f"  {key} {k}→{n}: M=1 " + ", ".join(f"{lb} {one[lb]['us']:.1f} µs" for lb in labels
+                                                            if "us" in one.get(lb, {})), start)  # fmt: skip
+            except Exception as e:
+                out["shapes"][key] = {"error": repr(e), "traceback": traceback.format_exc(limit=4)}
+                bl.log(f"  {key}: FAILED {e!r}", start)
+            _free(device)
+    if "tinygemm" in labels and "tinygemm-dense" in labels:  # the value for Int4Linear.dense_threshold
+        from internvl_chat.quant import Int4Linear
+
+        out["dense_from_rows"] = dense_from_rows(kernel_vs_dense(out["shapes"]))
+        out["current_dense_threshold"] = Int4Linear.dense_threshold
+    return out
 
 
-def section_crossover(plan: bl.Plan, device: torch.device) -> dict:
-    """Int4Linear torch backend: tinygemm kernel vs dequantize + dense matmul, by number of rows."""
-    from internvl_chat.quant import Int4Linear
-
-    shapes = {"8B qkv": (3584, 4608), "8B gate_up": (3584, 37888), "8B down": (18944, 3584), "1B qkv": (896, 1152)}
-    table: dict = {}
-    for label, (k, nout) in shapes.items():
-        layer = Int4Linear.from_awq(*bl.random_awq(k, nout, device), group_size=bl.AWQ_GROUP, backend="torch",
-                                    dtype=torch.bfloat16, device=device)  # fmt: skip
-        row = {}
-        for m in plan.crossover_rows:
-            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            layer.dense_threshold = 1 << 30
-            kernel = _time_cuda(lambda: layer(x))
-            layer.dense_threshold = 0
-            dense = _time_cuda(lambda: layer(x))
-            row[str(m)] = {"kernel_ms": kernel, "dense_ms": dense}
-        table[label] = row
-        del layer
-    return {"table": table, "dense_from_rows": dense_from_rows(table),
-            "current_dense_threshold": getattr(Int4Linear, "dense_threshold", None)}  # fmt: skip
+def kernel_vs_dense(shapes: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """The gemv section's tinygemm and tinygemm-dense times as `dense_from_rows` reads them: per
+    shape, per measured row count, {kernel_ms, dense_ms}."""
+    table = {}
+    for key, r in shapes.items():
+        rows = {m: {"kernel_ms": row["tinygemm"]["us"] / 1e3, "dense_ms": row["tinygemm-dense"]["us"] / 1e3}
+                for m, row in r.get("rows", {}).items() if "us" in row.get("tinygemm", {}) and "us" in row.get("tinygemm-dense", {})}  # fmt: skip
+        if rows:
+            table[key] = rows
+    return table
 
 
 def dense_from_rows(table: dict[str, dict[str, dict[str, float]]]) -> int | None:
     """The smallest row count from which dense is at least as fast for every shape, and stays so
     for every larger row count measured (None if there is none)."""
-    rows = sorted({int(m) for row in table.values() for m in row})
+    rows = sorted(set.intersection(*({int(m) for m in row} for row in table.values()))) if table else []
     best = None
     for m in reversed(rows):
         if all(row[str(m)]["dense_ms"] <= row[str(m)]["kernel_ms"] for row in table.values()):
@@ -652,26 +705,25 @@ def render_shapes(sh: dict) -> list[str]:
     bw = sh.get("copy_bandwidth_bytes_per_s") or sh.get("bandwidth_ceiling_bytes_per_s")
     lines = ["", f"[InternVL3 shapes, random weights, batch 1] decode tok/s (BW = bytes read per token × tok/s "
                  f"÷ the measured copy bandwidth {bw / 1e9:.0f} GB/s), ops/layer = kernels (GPU) or aten calls (CPU)",
-             f"  {'model':16}{'eager':>7}{'graphs':>8}{'compiled':>9}{'BW':>5}{'ops/layer e/g/c':>17}{'GB/tok':>8}"
+             f"  {'model':24}{'eager':>7}{'graphs':>8}{'compiled':>9}{'BW':>5}{'ops/layer e/g/c':>17}{'GB/tok':>8}"
              f"{'TTFT 13t ms':>12}{'prefill tok/s':>14}{'follow-up ms':>16}{'compile s':>10}{'peak GiB':>9}"]  # fmt: skip
     for key, r in sh.items():
         if not isinstance(r, dict):
             continue
         if "decode" not in r:
-            lines.append(f"  {key:16}{r.get('error') or r.get('skipped')}")
+            lines.append(f"  {key:24}{r.get('error') or r.get('skipped')}")
             continue
         d, pf = r["decode"], r["prefill"]
 
         def rate(mode: str) -> str:
             return _fmt(d.get(mode, {}).get("tokens_per_s"), ".0f")
 
-        best = max((m for m in ("eager", "graphs", "compiled") if "tokens_per_s" in d.get(m, {})),
-                   key=lambda m: d[m]["tokens_per_s"], default=None)  # fmt: skip
-        share = d[best]["bandwidth_share"] * 100 if best else None
+        best, _, best_share = best_decode(d)
+        share = best_share * 100 if best else None
         ops = "/".join(_fmt(d.get(m, {}).get("ops_per_layer"), ".0f") for m in ("eager", "graphs", "compiled"))
         follow = "/".join(_fmt(v, ".1f") for v in r.get("followup_ttft_ms", {}).values())
         lines.append(
-            f"  {key:16}{rate('eager'):>7}{rate('graphs'):>8}{rate('compiled'):>9}{_fmt(share, '.0f'):>4}%{ops:>17}"
+            f"  {key:24}{rate('eager'):>7}{rate('graphs'):>8}{rate('compiled'):>9}{_fmt(share, '.0f'):>4}%{ops:>17}"
             f"{d['bytes_per_token']['total'] / 1e9:>8.2f}{pf['ttft_ms']:>12.1f}{pf['llm_prefill_tokens_per_s']:>14.0f}"
             f"{follow:>16}{_fmt(d.get('compiled', {}).get('compile_s'), '.0f'):>10}"
             f"{r.get('peak_gpu_alloc_bytes', 0) / 2**30:>9.1f}"
@@ -682,6 +734,69 @@ def render_shapes(sh: dict) -> list[str]:
     hist = next((list(r["followup_ttft_ms"]) for r in sh.values() if isinstance(r, dict) and "followup_ttft_ms" in r), [])
     if hist:
         lines.append(f"  follow-up = time to first token of a short turn after {' / '.join(hist)} tokens of history")
+    for key, r in sh.items():  # each other int4 backend's best decode next to tinygemm's ("w4")
+        shape, _, variant = key.rpartition(" ")
+        base = sh.get(f"{shape} w4")
+        if not (variant.startswith("w4-") and isinstance(r, dict) and "decode" in r and isinstance(base, dict) and "decode" in base):
+            continue
+        (mode, rate, share), (bmode, brate, bshare) = best_decode(r["decode"]), best_decode(base["decode"])
+        if rate and brate:
+            lines.append(f"  {shape} W4 decode: {variant.removeprefix('w4-')} {rate:.0f} tok/s ({mode}, {share * 100:.0f} % of "
+                         f"the copy bandwidth) vs tinygemm {brate:.0f} tok/s ({bmode}, {bshare * 100:.0f} %): ×{rate / brate:.2f}")  # fmt: skip
+    return lines
+
+
+def best_decode(d: dict) -> tuple[str | None, float | None, float | None]:
+    """(mode, tokens/s, share of the copy bandwidth) of the fastest decode mode of a shapes row."""
+    best = max((m for m in ("eager", "graphs", "compiled") if "tokens_per_s" in d.get(m, {})),
+               key=lambda m: d[m]["tokens_per_s"], default=None)  # fmt: skip
+    return (best, d[best]["tokens_per_s"], d[best]["bandwidth_share"]) if best else (None, None, None)
+
+
+def render_gemv(g: dict) -> list[str]:
+    """The gemv section as one line per (shape, M): µs and share of the copy bandwidth per column,
+    the fastest int4 column marked *, a failed output check marked !; then the choice per shape."""
+    cols = [label for label, c in g["columns"].items() if c["available"]]
+    lines = ["", f"[int4 linears by rows M] µs per call and share of the copy bandwidth ({g['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s) "
+                 f"of the layer's bytes + activations; * fastest int4, ! output off the dequantized reference "
+                 f"by > {g['max_rel_error']:g} of its scale; speedup = bf16 µs ÷ fastest int4 µs",
+             f"  {'shape':33}{'M':>5}" + "".join(f"{c:>17}" for c in cols) + f"{'fastest':>16}{'speedup':>9}"]  # fmt: skip
+    for key, r in g["shapes"].items():
+        if "rows" not in r:
+            lines.append(f"  {key:33}{r.get('error') or r.get('skipped')}")
+            continue
+        label = f"{key} {r['in_features']}→{r['out_features']}"
+        for m, row in r["rows"].items():
+            if "skipped" in row:
+                lines.append(f"  {label:33}{m:>5}  {row['skipped']}")
+            else:
+                cells = ""
+                for c in cols:
+                    cell = row.get(c, {})
+                    if "us" in cell:
+                        mark = "*" if c == row.get("fastest") else ("!" if not cell["ok"] else " ")
+                        cells += f"{cell['us']:>10.1f}{cell['bandwidth_share'] * 100:>5.0f}%{mark}"
+                    else:
+                        cells += f"{'error' if 'error' in cell else '-':>17}"
+                lines.append(f"  {label:33}{m:>5}{cells}{row.get('fastest') or '-':>16}{_fmt(row.get('fastest_vs_bf16'), '.2f'):>8}×")
+            label = ""
+        for c, err in r.get("errors", {}).items():
+            lines.append(f"    {c}: not built: {err[:200]}")
+        for c, chk in r.get("check", {}).items():
+            if chk["ok"] is False:
+                lines.append(f"    {c}: CHECK FAILED, max |err| / max |ref| = {_fmt(chk['max_rel_error'], '.3g')}")
+    lines.append("  choose per shape (fastest int4 backend by rows M):")
+    for key, r in g["shapes"].items():
+        if r.get("choice"):
+            runs = " · ".join(f"{c['from_rows']}" + (f"–{c['to_rows']}" if c["to_rows"] != c["from_rows"] else "") + f" {c['backend']}"
+                              for c in r["choice"])  # fmt: skip
+            lines.append(f"    {key:31}{runs}")
+    for label, c in g["columns"].items():
+        if not c["available"]:
+            lines.append(f"  {label}: not measured: {c['reason']}")
+    if "dense_from_rows" in g:
+        lines.append(f"  tinygemm's dense path at least as fast from {g['dense_from_rows']} rows on (every shape); "
+                     f"Int4Linear.dense_threshold is {g['current_dense_threshold']}")  # fmt: skip
     return lines
 
 
@@ -772,13 +887,9 @@ def render(report: dict) -> str:
             f"[startup] {st['model']}: first prompt after {st['first_prompt_s']:.2f} s; `import torch` alone "
             f"{st['import_torch_s']:.2f} s; ×{st['ratio']:.2f} (target ≤ 1.5; fastest runs ×{st['ratio_of_fastest']:.2f})",
         ]
-    x = s.get("crossover")
-    if x and "table" in x:
-        lines += ["", f"[Int4Linear tinygemm vs dequant+dense, ms] dense from {x['dense_from_rows']} rows "
-                      f"(current threshold {x['current_dense_threshold']})"]  # fmt: skip
-        for label, row in x["table"].items():
-            cells = "  ".join(f"M={m}: {v['kernel_ms']:.3f}/{v['dense_ms']:.3f}" for m, v in row.items())
-            lines.append(f"  {label:11}{cells}")
+    g = s.get("gemv")
+    if g and "shapes" in g:
+        lines += render_gemv(g)
     if s.get("decode") and "rows" in s["decode"]:
         lines += render_decode(s["decode"])
     for name, sec in s.items():
@@ -843,7 +954,7 @@ def run(
     overhead_plan = replace(plan, decode_tokens=max(plan.decode_tokens, 64)) if plan is not bl.QUICK else plan
     jobs = {
         "shapes": lambda: section_shapes(plan, device, deadline, start),
-        "crossover": lambda: section_crossover(plan, device),
+        "gemv": lambda: section_gemv(plan, device, deadline, start),
         "engine": lambda: section_engine(small_model(), images["engine"], plan, device, dtype),
         "overhead": lambda: section_engine(tiny_model(), images["tiny"], overhead_plan, device, dtype),
         "load": lambda: section_load(small_model(), plan, device, dtype),
@@ -857,8 +968,6 @@ def run(
         for name in sections:
             if name not in jobs:
                 raise SystemExit(f"unknown section {name!r}; choose from {', '.join(jobs)}")
-            if name == "crossover" and device.type != "cuda":
-                continue
             if deadline is not None and time.perf_counter() > deadline:
                 sec[name] = {"skipped": "time budget spent"}
                 bl.log(f"{name}: skipped (time budget spent)", start)
@@ -901,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan = bl.QUICK if args.quick else bl.FULL
     if args.sections:
-        sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+        sections = tuple(dict.fromkeys(SECTION_ALIASES.get(s.strip(), s.strip()) for s in args.sections.split(",") if s.strip()))
     else:
         sections = CUDA_SECTIONS if device.type == "cuda" else CPU_SECTIONS
     budget = args.time_budget if args.time_budget is not None else (210.0 if device.type == "cuda" else None)

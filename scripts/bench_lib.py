@@ -10,7 +10,10 @@ Run as a script it is the load probe (a fresh process, so peak memory is the loa
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,9 +42,9 @@ from internvl_chat.engine.config import ModelConfig, QuantConfig, TextConfig, Vi
 H100_BANDWIDTH = 3.0e12
 AWQ_GROUP = 128
 # SPEC §1 table: hidden / layers / q heads / kv heads / FFN of the Qwen2.5 LLMs in InternVL3.
-LLM_SHAPES = {  # measured in this order: the smallest and the largest first, in case time runs out
-    "InternVL3-1B": (896, 24, 14, 2, 4864),
+LLM_SHAPES = {  # measured in this order, in case time runs out: the issue's 8B target first, then 1B, 2B
     "InternVL3-8B": (3584, 28, 28, 4, 18944),
+    "InternVL3-1B": (896, 24, 14, 2, 4864),
     "InternVL3-2B": (1536, 28, 12, 2, 8960),
 }
 VOCAB = 151674
@@ -78,8 +81,10 @@ class Plan:
     max_context: int
     # --device cuda: the InternVL3 shapes
     cuda_shapes: tuple[str, ...] = tuple(LLM_SHAPES)
-    # (shape, variant) rows in the order they are measured: the issue's targets first (W4 8B/1B/2B)
-    cuda_variants: tuple[str, ...] = ("w4", "bf16")
+    # variants of each shape, in the order they are measured: "w4" (the default int4 backend,
+    # tinygemm on CUDA), "w4-<backend>" (that Int4Linear backend; a row is recorded as not
+    # available where the backend is not), "bf16"
+    cuda_variants: tuple[str, ...] = ("w4", "w4-triton", "bf16", "w4-gemlite")
     cuda_prefill_tokens: int = 512
     cuda_decode_tokens: int = 96
     cuda_repeats: int = 2
@@ -87,7 +92,9 @@ class Plan:
     cuda_followup_history: tuple[int, ...] = (1024, 4096)  # follow-up TTFT after this much history
     cuda_followup_tokens: int = 24  # a short follow-up question
     cuda_compiled: bool = True  # also time the compiled step (one compile per row)
-    crossover_rows: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 512)
+    # the gemv section: rows M of one linear call (1: decode; more: prefill), its own time budget
+    gemv_rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    gemv_budget_s: float = 40.0
     # CPU decode/prefill vs llama.cpp: models ("demo", "qwen0.5b"), dtypes, threads, token counts
     decode_models: tuple[str, ...] = ("demo", "qwen0.5b")
     decode_dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -145,7 +152,7 @@ QUICK = Plan(
     cuda_image_tiles=1,
     cuda_followup_history=(64,),
     cuda_followup_tokens=8,
-    crossover_rows=(1, 64),
+    gemv_rows=(1, 4),
     decode_models=("demo",),
     decode_dtypes=("float32",),
     decode_threads=(1,),
@@ -378,6 +385,256 @@ def build_random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtyp
             setattr(parent, name, layer)
             del qweight, qzeros, scales
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Int4Linear backends and single linears (the gemv section)
+
+# The gemv section's columns: label -> (Int4Linear backend or None for a bf16 nn.Linear,
+# Int4Linear.dense_threshold for the call). Tinygemm twice: its kernel at every M and its dense
+# path (dequantize on the fly + dense matmul) at every M; the layer's own switch is between them.
+GEMV_VARIANTS = {
+    "tinygemm": ("torch", 1 << 30),
+    "tinygemm-dense": ("torch", 0),
+    "triton": ("triton", None),
+    "gemlite": ("gemlite", None),
+    "bf16": (None, None),
+}
+# max |y − ref| / max |ref| above which a backend's output counts as wrong: bf16 activations and
+# outputs with bf16-rounded scales stay near 1e-2 at most; a mis-packed weight gives ~1.
+GEMV_MAX_REL_ERROR = 2e-2
+
+
+def int4_backend_unavailable(name: str, device: torch.device | str) -> str | None:
+    """Why Int4Linear backend `name` cannot run on `device`; None when it can (shape limits aside:
+    those show when a layer is built). A backend beyond tinygemm ("triton", "gemlite", ...) counts
+    once the build has it: the name in `internvl_chat.quant.BACKENDS` and its
+    `<name>_backend_available(device)` true (looked up in internvl_chat.quant, then in its modules
+    <name>_gemv, <name>_backend, <name>)."""
+    import importlib
+
+    from internvl_chat import quant
+
+    if name not in quant.BACKENDS:
+        return f"not in this build (internvl_chat.quant.BACKENDS has no {name!r})"
+    if name in ("auto", "torch", "dequant"):
+        return None
+    check = f"{name}_backend_available"
+    for module in ("internvl_chat.quant", f"internvl_chat.quant.{name}_gemv", f"internvl_chat.quant.{name}_backend",
+                   f"internvl_chat.quant.{name}"):  # fmt: skip
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                continue
+            return f"importing {module} failed: {e!r}"
+        except Exception as e:  # e.g. a kernel library that cannot load here
+            return f"importing {module} failed: {e!r}"
+        if hasattr(mod, check):
+            try:
+                return None if getattr(mod, check)(torch.device(device)) else f"{check}({device}) is false"
+            except Exception as e:
+                return f"{check}({device}) failed: {e!r}"
+    return f"no {check}() in internvl_chat.quant"
+
+
+def gemv_variant_unavailable(label: str, device: torch.device | str) -> str | None:
+    """Why the gemv section's column `label` cannot be measured on `device` (None: it can)."""
+    backend, threshold = GEMV_VARIANTS[label]
+    if backend is None:
+        return None
+    if backend == "torch" and threshold == 0 and torch.device(device).type != "cuda":
+        return "CUDA only (on the CPU tinygemm has no dense path)"
+    return int4_backend_unavailable(backend, device)
+
+
+def llm_linear_shapes(name: str) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of the decoder linears of an LLM shape, fused as the engine
+    fuses them: q/k/v into qkv, gate/up into gate_up (from the same config the shapes rows build)."""
+    t = shape_config(name, w4=False).text
+    q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    return {"qkv": (t.hidden_size, q + 2 * kv), "o": (q, t.hidden_size), "gate_up": (t.hidden_size, 2 * t.intermediate_size),
+            "down": (t.intermediate_size, t.hidden_size)}  # fmt: skip
+
+
+def build_gemv_layer(label: str, awq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], device: torch.device,
+                     dtype: torch.dtype = torch.bfloat16, group_size: int = AWQ_GROUP) -> nn.Module:  # fmt: skip
+    """One linear (no bias) for the gemv column `label` from AWQ tensors: an Int4Linear of that
+    backend, or for "bf16" an nn.Linear holding the dequantized weight in `dtype`."""
+    from internvl_chat.quant import Int4Linear, dequantize_awq
+
+    backend, threshold = GEMV_VARIANTS[label]
+    if backend is None:
+        w = dequantize_awq(*awq, group_size, dtype=dtype).t().contiguous()
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        return layer.requires_grad_(False)
+    layer = Int4Linear.from_awq(*awq, group_size=group_size, backend=backend, dtype=dtype, device=device)
+    if threshold is not None:
+        layer.dense_threshold = threshold  # an instance attribute: only this layer's path changes
+    return layer
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y − ref| / max |ref| (the reference's scale), in fp32; inf for a non-finite output."""
+    err = (y.float() - ref).abs().max()
+    scale = ref.abs().max()
+    value = float(err / scale) if float(scale) > 0 else float(err)
+    return value if math.isfinite(value) else float("inf")
+
+
+def rotation_copies(layer: nn.Module, device: torch.device, cache_bytes: int | None = None,
+                    max_copies: int = 256) -> list[nn.Module]:  # fmt: skip
+    """The layer and enough copies of it that calling them in turn streams the weights from memory,
+    as decode does, not from a warm cache: ≥ 2× `cache_bytes` in all (default: the GPU's L2 cache;
+    on the CPU none, the layer alone)."""
+    if cache_bytes is None:
+        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+        cache_bytes = (getattr(props, "L2_cache_size", 0) or (64 << 20)) if props is not None else 0
+    n = max(1, min(max_copies, math.ceil(2 * cache_bytes / max(module_bytes(layer), 1))))
+    copies = [layer]
+    try:
+        copies += [copy.deepcopy(layer) for _ in range(n - 1)]
+    except Exception:  # a layer that cannot be copied is timed alone (warm cache: flagged by `copies`)
+        pass
+    return copies
+
+
+def time_per_call(calls: Sequence[Callable[[], object]], device: torch.device, min_run_s: float = 1e-3,
+                  reps: int = 5) -> dict:  # fmt: skip
+    """Median seconds per call of `calls`, called in turn (a pass = each once), over `reps` runs of
+    enough passes to last ≥ `min_run_s`. CUDA: one pass captured in a CUDA graph and replayed
+    between CUDA events, so no Python launch cost is in the number (as in the decode graphs;
+    eager passes if the capture fails); CPU: perf_counter."""
+    for fn in calls:  # warm-up: kernel compiles, lazy init
+        fn()
+    sync(device)
+    n = len(calls)
+
+    def one_pass() -> None:
+        for fn in calls:
+            fn()
+
+    if device.type == "cuda":
+        method, once = "cuda graph", one_pass
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # the warm-up PyTorch asks for before a capture
+                one_pass()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                one_pass()
+            once = graph.replay
+            once()
+        except Exception as e:
+            method = f"cuda events, eager (graph capture failed: {e!r})"[:300]
+
+        def clock(body: Callable[[], None]) -> float:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            body()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+    else:
+        method, once = "perf_counter", one_pass
+
+        def clock(body: Callable[[], None]) -> float:
+            t0 = time.perf_counter()
+            body()
+            return time.perf_counter() - t0
+
+    passes = max(1, min(256, math.ceil(min_run_s / max(clock(once), 1e-9))))
+
+    def run() -> None:
+        for _ in range(passes):
+            once()
+
+    runs = [clock(run) / (passes * n) for _ in range(reps)]
+    return {"s": median(runs), "method": method, "calls_per_run": passes * n}
+
+
+@torch.inference_mode()
+def measure_linear(in_features: int, out_features: int, rows: Sequence[int], labels: Sequence[str], device: torch.device,
+                   bandwidth: float, deadline: float | None = None, seed: int = 0, cache_bytes: int | None = None) -> dict:  # fmt: skip
+    """One K→N linear of random AWQ weights (group 128, no bias) in each gemv column `labels`, at
+    each row count: µs per call, effective GB/s = (the layer's resident bytes: weights, scales,
+    zeros + bf16 activations in and out) ÷ time, its share of `bandwidth`, and the output's error
+    against the dequantized weight in fp32 (max |y − ref| / max |ref|). Row counts left when
+    `deadline` passes are recorded as skipped."""
+    from internvl_chat.quant import dequantize_awq
+
+    awq = random_awq(in_features, out_features, device, seed=seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    x_all = torch.randn(max(rows), in_features, device=device, generator=gen).to(torch.bfloat16)
+    ref_all = x_all.float() @ dequantize_awq(*awq, AWQ_GROUP, dtype=torch.float32)
+    out: dict = {"in_features": in_features, "out_features": out_features, "bytes": {}, "copies": {}, "errors": {},
+                 "timing": set(), "rows": {}}  # fmt: skip
+    layers: dict[str, list[nn.Module]] = {}
+    for label in labels:
+        try:
+            layer = build_gemv_layer(label, awq, device)
+            out["bytes"][label] = module_bytes(layer)
+            layers[label] = rotation_copies(layer, device, cache_bytes)
+            out["copies"][label] = len(layers[label])
+        except Exception as e:  # e.g. a shape the backend does not take
+            out["errors"][label] = repr(e)[:300]
+    for m in rows:
+        if deadline is not None and time.perf_counter() > deadline:
+            out["rows"][str(m)] = {"skipped": "time budget spent"}
+            continue
+        x, ref = x_all[:m], ref_all[:m]
+        row: dict = {}
+        for label, copies in layers.items():
+            try:
+                err = relative_error(copies[0](x), ref)
+                t = time_per_call([functools.partial(layer, x) for layer in copies], device)
+                nbytes = out["bytes"][label] + m * (in_features + out_features) * x.element_size()
+                row[label] = {"us": t["s"] * 1e6, "gb_per_s": nbytes / t["s"] / 1e9, "bandwidth_share": nbytes / t["s"] / bandwidth,
+                              "rel_error": err, "ok": err <= GEMV_MAX_REL_ERROR}  # fmt: skip
+                out["timing"].add(t["method"])
+            except Exception as e:
+                row[label] = {"error": repr(e)[:300]}
+        row["fastest"] = fastest_int4(row)
+        if row["fastest"] and "us" in row.get("bf16", {}):
+            row["fastest_vs_bf16"] = row["bf16"]["us"] / row[row["fastest"]]["us"]
+        out["rows"][str(m)] = row
+    out["timing"] = sorted(out["timing"])
+    out["check"] = {label: check_summary([r.get(label, {}) for r in out["rows"].values()]) for label in layers}
+    del layers
+    return out
+
+
+def fastest_int4(row: dict) -> str | None:
+    """The int4 column with the shortest time among those whose output passed the check."""
+    timed = [(r["us"], label) for label, r in row.items()
+             if isinstance(r, dict) and GEMV_VARIANTS.get(label, (None,))[0] and r.get("ok")]  # fmt: skip
+    return min(timed)[1] if timed else None
+
+
+def check_summary(cells: Sequence[dict]) -> dict:
+    """A column's worst error over the row counts measured, and whether every one passed (None:
+    nothing was measured)."""
+    errors = [c["rel_error"] for c in cells if "rel_error" in c]
+    ok = all(c["ok"] for c in cells if "rel_error" in c) if errors else None
+    return {"max_rel_error": max(errors, default=None), "ok": ok, "limit": GEMV_MAX_REL_ERROR}
+
+
+def choice_by_rows(rows: dict[str, dict]) -> list[dict]:
+    """Runs of consecutive row counts with the same fastest int4 column: the "choose per shape" line."""
+    runs: list[dict] = []
+    for m, row in sorted(((int(m), r) for m, r in rows.items()), key=lambda item: item[0]):
+        best = row.get("fastest")
+        if best is None:
+            continue
+        if runs and runs[-1]["backend"] == best:
+            runs[-1]["to_rows"] = m
+        else:
+            runs.append({"from_rows": m, "to_rows": m, "backend": best})
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,28 +2,46 @@
 # The one prepared script for the lent GPU machine (see /work/.library/device/README.md); ≤ 6 minutes.
 #   1. environment: nvidia-smi, Python / torch / triton versions                → $OUT/env.txt
 #   2. the CUDA tests (compiled step in CUDA graphs, W4, no host sync, ...)      → $OUT/cuda_tests.txt
-#   3. the GPU rows: InternVL3-8B/-1B/-2B LLM shapes, W4 then bf16, random weights (bench.py
-#      --sections shapes): decode tok/s eager / CUDA graphs / compiled inside the graphs, share of
-#      the copy bandwidth measured in the same call, kernels per layer, 13-tile TTFT, follow-up
-#      TTFT after 1k/4k tokens of history, compile time                          → $OUT/bench_cuda.{txt,json}
-# Each step has its own timeout; a failing step does not stop the next; the exit status is
-# non-zero if any step failed. Rows left when the bench's time budget runs out are reported as
-# skipped; once less than a minute is left, rows are measured without the compiled step.
+#   3. the int4 linears (bench.py --sections gemv): every int4 backend this build has (tinygemm
+#      kernel and dense path, triton, gemlite, ...) and bf16 on each decoder linear of the
+#      8B/1B/2B LLMs by rows M = 1…512: µs, GB/s, share of the copy bandwidth, output checked
+#      against the dequantized weight, the fastest backend per (shape, M)    → $OUT/bench_gemv_cuda.{txt,json}
+#      (a process of its own: a faulty new kernel cannot take the next step's CUDA context down)
+#   4. the GPU rows: InternVL3-8B/-1B/-2B LLM shapes, random weights (bench.py --sections
+#      shapes), per shape W4 tinygemm, W4 triton (where available), bf16, W4 gemlite (where
+#      available): decode tok/s eager / CUDA graphs / compiled inside the graphs, share of the
+#      copy bandwidth measured in the same call, kernels per layer, 13-tile TTFT, follow-up TTFT
+#      after 1k/4k tokens of history, compile time                             → $OUT/bench_cuda.{txt,json}
+# Each step has its own timeout, cut to what is left of TOTAL_LIMIT (the device allows 6 minutes
+# a call); a failing step does not stop the next; the exit status is non-zero if any step failed.
+# Rows left when a bench's time budget runs out are reported as skipped; rows are measured
+# without the compiled step once less time is left than a compile took.
+#
+# Expected on an H200 (the H100 run of 2026-11-27 and the section's own budgets): environment
+# ~10 s; tests ~30 s (≤ 100); gemv ≤ 35 s of measuring + ~15 s of start-up and copies (≤ 60);
+# shapes ≤ 170 s of budget: 8B W4 tinygemm with a cold compile (~75 s), 8B W4 triton with
+# compile (~60 s), 8B bf16 (~10 s, no compile left), then 1B/2B rows until the budget, + ~20 s of
+# start-up and the last row → ~290 s in all. TOTAL_LIMIT (340 s) caps every step's timeout, so
+# the call ends within 6 minutes whatever a step does.
 #
 # Without a CUDA GPU this is a dry run on the CPU: the same code paths at a tiny shape
-# (bench.py --device cpu --quick --sections shapes, compiled step included) and the compiled-step
-# tests; it prints "DRY RUN" and no GPU number comes out of it.
+# (bench.py --device cpu --quick --sections gemv, then shapes, compiled step included) and the
+# compiled-step tests; it prints "DRY RUN" and no GPU number comes out of it.
 #
 # Run from the repository root:  OUT=/some/dir bash scripts/gpu_check.sh
 # Optional: wheels for packages the machine lacks in .wheels/ (or .whl/), carried with the tree;
 # BENCH_GIT_COMMIT=<sha> to record the commit when the copied tree has no .git; CUDA_TEST_FILES,
-# TEST_TIMEOUT, BENCH_TIMEOUT, BENCH_ARGS (e.g. '--time-budget 100') to fit the time left.
+# TEST_TIMEOUT, GEMV_TIMEOUT, GEMV_BUDGET, BENCH_TIMEOUT, SHAPES_BUDGET, TOTAL_LIMIT, BENCH_ARGS
+# (extra arguments of the shapes step, e.g. '--time-budget 100') to fit the time left.
 set -u
 
 OUT="${OUT:-$PWD/gpu_out}"
 PY="${PYTHON:-python3}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-200}"
+GEMV_TIMEOUT="${GEMV_TIMEOUT:-60}"
+GEMV_BUDGET="${GEMV_BUDGET:-35}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-230}"
+SHAPES_BUDGET="${SHAPES_BUDGET:-170}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -35,6 +53,14 @@ START=$SECONDS
 FAILED=()
 
 step() { echo; echo "=== $* (t=$((SECONDS - START))s)"; }
+# a step's timeout: what it asks for, cut to what is left of TOTAL_LIMIT (less 15 s for the kill
+# grace and the summary); at least 1
+capped() {
+    local want=$1 left=$((TOTAL_LIMIT - (SECONDS - START) - 15))
+    [ "$left" -lt "$want" ] && want=$left
+    [ "$want" -lt 1 ] && want=1
+    echo "$want"
+}
 
 # --- 0. wheels we carry (no network there) ------------------------------------------------
 for dir in .wheels .whl; do
@@ -75,17 +101,24 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     DEVICE=cuda
     BENCH_PLAN=()
     DEFAULT_TESTS="tests/test_cuda.py tests/test_sampling.py"
-    TEST_TIMEOUT="${TEST_TIMEOUT:-130}"
+    TEST_TIMEOUT="${TEST_TIMEOUT:-100}"
+    GEMV_ENV=()
+    TOTAL_LIMIT="${TOTAL_LIMIT:-340}"  # the device's 6 minutes a call, less a margin
 else
     DEVICE=cpu
     BENCH_PLAN=(--quick --threads 1)
     DEFAULT_TESTS="tests/test_compiled.py tests/test_cuda.py"
     TEST_TIMEOUT="${TEST_TIMEOUT:-900}"  # a 2-core CPU compiles slowly; the time limit is the GPU's
+    TOTAL_LIMIT="${TOTAL_LIMIT:-3600}"
+    # Triton's interpreter runs a triton backend on CPU tensors: the gemv step tries it at the tiny
+    # shape, within its budget (the backend's own availability check has the last word)
+    GEMV_ENV=(env "TRITON_INTERPRET=${TRITON_INTERPRET:-1}")
     echo; echo "DRY RUN: no CUDA GPU here; the same code paths run on the CPU at a tiny shape. No GPU numbers."
 fi
 
 # --- 2. tests -------------------------------------------------------------------------------
 read -r -a TEST_FILES <<<"${CUDA_TEST_FILES:-$DEFAULT_TESTS}"
+TEST_TIMEOUT=$(capped "$TEST_TIMEOUT")
 step "tests on $DEVICE (${TEST_FILES[*]}, timeout ${TEST_TIMEOUT}s)"
 if ! "$PY" -c "import pytest" 2>/dev/null; then
     echo "pytest is not installed and no wheel for it was carried" | tee "$OUT/cuda_tests.txt"
@@ -101,11 +134,33 @@ else
     [ $rc -eq 0 ] || { echo "tests: exit $rc"; FAILED+=("tests($rc)"); }
 fi
 
-# --- 3. the GPU rows ------------------------------------------------------------------------
-step "decode / TTFT rows on $DEVICE (timeout ${BENCH_TIMEOUT}s)"
+# the measuring budget of a bench step: its own, or what its timeout leaves after `reserve`
+# seconds of start-up and overrun (the row running when the budget ends)
+budget() {
+    local want=$1 timeout=$2 reserve=$3
+    [ $((timeout - reserve)) -lt "$want" ] && want=$((timeout - reserve))
+    [ "$want" -lt 1 ] && want=1
+    echo "$want"
+}
+
+# --- 3. the int4 linears ------------------------------------------------------------------
+GEMV_TIMEOUT=$(capped "$GEMV_TIMEOUT")
+GEMV_BUDGET=$(budget "$GEMV_BUDGET" "$GEMV_TIMEOUT" 20)
+step "int4 linears on $DEVICE (timeout ${GEMV_TIMEOUT}s, budget ${GEMV_BUDGET}s)"
+set -o pipefail
+timeout -k 10 "$GEMV_TIMEOUT" ${GEMV_ENV[@]+"${GEMV_ENV[@]}"} "$PY" scripts/bench.py --device "$DEVICE" "${BENCH_PLAN[@]}" --sections gemv \
+    --time-budget "$GEMV_BUDGET" --out "$OUT/bench_gemv_$DEVICE.json" 2>&1 | tee "$OUT/bench_gemv_$DEVICE.txt"
+rc=$?
+set +o pipefail
+[ $rc -eq 0 ] || { echo "gemv benchmark: exit $rc"; FAILED+=("gemv($rc)"); }
+
+# --- 4. the GPU rows ------------------------------------------------------------------------
+BENCH_TIMEOUT=$(capped "$BENCH_TIMEOUT")
+SHAPES_BUDGET=$(budget "$SHAPES_BUDGET" "$BENCH_TIMEOUT" 40)
+step "decode / TTFT rows on $DEVICE (timeout ${BENCH_TIMEOUT}s, budget ${SHAPES_BUDGET}s)"
 set -o pipefail
 timeout -k 10 "$BENCH_TIMEOUT" "$PY" scripts/bench.py --device "$DEVICE" "${BENCH_PLAN[@]}" --sections shapes \
-    --time-budget 130 --out "$OUT/bench_$DEVICE.json" --work-dir /tmp/internvl-bench ${BENCH_ARGS:-} 2>&1 \
+    --time-budget "$SHAPES_BUDGET" --out "$OUT/bench_$DEVICE.json" --work-dir /tmp/internvl-bench ${BENCH_ARGS:-} 2>&1 \
     | tee "$OUT/bench_$DEVICE.txt"
 rc=$?
 set +o pipefail

@@ -229,23 +229,173 @@ def test_dense_threshold_is_where_dense_wins_from_then_on():
 
 
 def test_cuda_sections_render():
-    """The GPU run prints its table last: the shapes / crossover rendering must work (run on CPU)."""
+    """The GPU run prints its table last: the shapes / gemv rendering must work (run on CPU)."""
     plan = replace(bl.QUICK, cuda_compiled=False)
-    assert bench.shape_rows(plan) == [("tiny", "w4"), ("tiny", "bf16")]
+    # the most wanted rows first: 8B W4 tinygemm, W4 triton, bf16, ... then the next shape
+    assert bench.shape_rows(plan) == [("tiny", "w4"), ("tiny", "w4-triton"), ("tiny", "bf16"), ("tiny", "w4-gemlite")]
     shapes = bench.section_shapes(plan, torch.device("cpu"), None, 0.0)
-    assert set(shapes) == {"copy_bandwidth_bytes_per_s", "bandwidth_ceiling_bytes_per_s", "tiny bf16", "tiny w4"}
+    assert set(shapes) == {"copy_bandwidth_bytes_per_s", "bandwidth_ceiling_bytes_per_s", "tiny bf16", "tiny w4",
+                           "tiny w4-triton", "tiny w4-gemlite"}  # fmt: skip
     assert _positive(shapes["copy_bandwidth_bytes_per_s"])
     assert all("decode" in shapes[k] for k in ("tiny bf16", "tiny w4")), shapes
+    for backend in ("triton", "gemlite"):  # measured where the build and device have it, else said why not
+        row = shapes[f"tiny w4-{backend}"]
+        if bl.int4_backend_unavailable(backend, "cpu") is None:
+            assert "decode" in row and row["int4_backend"] == backend, row
+        else:
+            assert row["skipped"].startswith(f"int4 backend {backend!r} not available: "), row
     w4, bf16 = shapes["tiny w4"]["decode"], shapes["tiny bf16"]["decode"]
     assert w4["bytes_per_token"]["weights"] < bf16["bytes_per_token"]["weights"]
-    crossover = {"table": {"8B qkv": {"1": {"kernel_ms": 0.1, "dense_ms": 0.3}}}, "dense_from_rows": None,
-                 "current_dense_threshold": 64}  # fmt: skip
+    gemv = bench.section_gemv(plan, torch.device("cpu"), None, 0.0)
     report = {"machine": bl.machine_info(torch.device("cpu")), "plan": bl.plan_dict(plan),
-              "sections": {"shapes": shapes, "crossover": crossover, "engine": {"error": "boom"}}}  # fmt: skip
+              "sections": {"shapes": shapes, "gemv": gemv, "engine": {"error": "boom"}}}  # fmt: skip
     text = bench.render(report)
-    assert "[InternVL3 shapes" in text and "tiny w4" in text and "M=1: 0.100/0.300" in text
+    assert "[InternVL3 shapes" in text and "tiny w4" in text
     assert "follow-up = time to first token" in text
+    assert "[int4 linears by rows M]" in text and "tiny gate_up 128→512" in text and "choose per shape" in text
     assert "[engine] FAILED: boom" in text
+
+
+def test_shapes_render_compares_another_int4_backend_with_tinygemm():
+    def row(rates: dict[str, float], share: float) -> dict:
+        decode = {m: {"tokens_per_s": v, "bandwidth_share": share * v / max(rates.values()), "ops_per_layer": 1.0}
+                  for m, v in rates.items()}  # fmt: skip
+        return {"decode": {**decode, "bytes_per_token": {"total": 4e9}}, "prefill": {"ttft_ms": 1.0, "llm_prefill_tokens_per_s": 1.0}}
+
+    sh = {"copy_bandwidth_bytes_per_s": 4e12, "InternVL3-8B w4": row({"eager": 60, "graphs": 200, "compiled": 210}, 0.3),
+          "InternVL3-8B w4-triton": row({"eager": 70, "graphs": 400}, 0.6)}  # fmt: skip
+    text = "\n".join(bench.render_shapes(sh))
+    assert "InternVL3-8B W4 decode: triton 400 tok/s (graphs, 60 % of the copy bandwidth) vs tinygemm 210 tok/s (compiled, 30 %): ×1.90" in text
+
+
+def test_llm_linear_shapes_are_the_engine_s_fused_linears():
+    model = bl.build_random_model(bl.shape_config("tiny", w4=False), torch.device("cpu"), torch.bfloat16, max_seq_len=64)
+    layer0 = [(name, m.in_features, m.out_features) for _, name, m in bl.decoder_linears(model)[:4]]
+    assert {name: (k, n) for name, k, n in layer0} == {
+        ("qkv_proj" if name == "qkv" else f"{name}_proj"): kn for name, kn in bl.llm_linear_shapes("tiny").items()
+    }
+    assert bl.llm_linear_shapes("InternVL3-8B") == {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888),
+                                                    "down": (18944, 3584)}  # fmt: skip
+
+
+def test_gemv_section_on_cpu_measures_and_checks_every_available_backend():
+    """The gemv section's code path at the tiny shape: every column this build has, or why not."""
+    g = bench.section_gemv(PLAN, torch.device("cpu"), None, 0.0)
+    json.dumps(g)  # the report is JSON
+    cols = g["columns"]
+    assert set(cols) == set(bl.GEMV_VARIANTS)
+    assert cols["tinygemm"]["available"] and cols["bf16"]["available"]
+    assert not cols["tinygemm-dense"]["available"]  # CUDA only
+    for c in cols.values():
+        assert c["available"] == (c["reason"] is None)
+    measured = [label for label, c in cols.items() if c["available"]]
+    assert set(g["shapes"]) == {f"tiny {name}" for name in ("qkv", "o", "gate_up", "down")}
+    for key, r in g["shapes"].items():
+        k, n = bl.llm_linear_shapes("tiny")[key.split()[1]]
+        assert (r["in_features"], r["out_features"]) == (k, n)
+        assert r["bytes"]["bf16"] == 2 * k * n
+        assert r["bytes"]["tinygemm"] == k * n // 2 + (k // bl.AWQ_GROUP) * n * 4  # nibbles + bf16 (scale, zero)
+        assert list(r["rows"]) == [str(m) for m in PLAN.gemv_rows]
+        assert r["timing"] == ["perf_counter"]
+        for m, row in r["rows"].items():
+            for label in measured:
+                cell = row[label]
+                assert _positive(cell["us"]) and cell["ok"], (key, m, label, cell)
+                nbytes = r["bytes"][label] + int(m) * (k + n) * 2
+                assert cell["gb_per_s"] == pytest.approx(nbytes / cell["us"] / 1e3)
+                assert cell["bandwidth_share"] == pytest.approx(cell["gb_per_s"] * 1e9 / g["copy_bandwidth_bytes_per_s"])
+            assert row["fastest"] in measured and row["fastest"] != "bf16"
+            assert row["fastest_vs_bf16"] == pytest.approx(row["bf16"]["us"] / row[row["fastest"]]["us"])
+        assert all(r["check"][label]["ok"] for label in measured)
+        assert [c["backend"] for c in r["choice"]] and r["choice"][0]["from_rows"] == PLAN.gemv_rows[0]
+        assert r["choice"][-1]["to_rows"] == PLAN.gemv_rows[-1]
+    assert "dense_from_rows" not in g  # no dense path to compare on the CPU
+
+
+def test_gemv_check_catches_a_wrong_backend(monkeypatch):
+    """A fast kernel with a wrong answer is flagged in the numbers and never chosen."""
+    real_build = bl.build_gemv_layer
+
+    def build(label, awq, device, *args, **kwargs):
+        if label != "wrong":
+            return real_build(label, awq, device, *args, **kwargs)
+        qweight, qzeros, scales = awq
+        return real_build("tinygemm", (qweight.roll(1, 0), qzeros, scales), device)  # rows of W shifted by one
+
+    monkeypatch.setattr(bl, "build_gemv_layer", build)
+    monkeypatch.setitem(bl.GEMV_VARIANTS, "wrong", ("torch", None))
+    r = bl.measure_linear(256, 128, (1, 3), ["tinygemm", "wrong", "bf16"], torch.device("cpu"), 1e10)
+    assert r["check"]["tinygemm"]["ok"] and r["check"]["bf16"]["ok"]
+    assert not r["check"]["wrong"]["ok"] and r["check"]["wrong"]["max_rel_error"] > 0.3
+    for row in r["rows"].values():
+        assert row["wrong"]["ok"] is False and row["fastest"] == "tinygemm"  # even if "wrong" timed faster
+    r["choice"] = bl.choice_by_rows(r["rows"])
+    g = {"copy_bandwidth_bytes_per_s": 1e10, "max_rel_error": bl.GEMV_MAX_REL_ERROR, "shapes": {"x": r},
+         "columns": {c: {"available": True, "reason": None} for c in ("tinygemm", "wrong", "bf16")}}  # fmt: skip
+    text = "\n".join(bench.render_gemv(g))
+    assert "wrong: CHECK FAILED" in text and "%!" in text
+
+
+def test_int4_backend_availability_is_looked_up_not_assumed(monkeypatch):
+    from internvl_chat import quant
+
+    assert bl.int4_backend_unavailable("torch", "cpu") is None
+    monkeypatch.setattr(quant, "BACKENDS", tuple(b for b in quant.BACKENDS if b != "fake"))
+    assert "not in this build" in bl.int4_backend_unavailable("fake", "cpu")
+    monkeypatch.setattr(quant, "BACKENDS", quant.BACKENDS + ("fake",))
+    assert "no fake_backend_available()" in bl.int4_backend_unavailable("fake", "cpu")
+    monkeypatch.setattr(quant, "fake_backend_available", lambda device: device.type == "cuda", raising=False)
+    assert bl.int4_backend_unavailable("fake", "cpu") == "fake_backend_available(cpu) is false"
+    assert bl.int4_backend_unavailable("fake", "cuda") is None
+    monkeypatch.setattr(quant, "fake_backend_available", lambda device: 1 / 0)
+    assert "failed: ZeroDivisionError" in bl.int4_backend_unavailable("fake", "cpu")
+    assert bench.variant_backend("w4") == (True, "auto") and bench.variant_backend("w4-fake") == (True, "fake")
+    assert bench.variant_backend("bf16") == (False, "auto")
+
+
+def test_rotation_copies_and_timing_on_cpu():
+    layer = bl.build_gemv_layer("bf16", bl.random_awq(256, 128, "cpu"), torch.device("cpu"))
+    assert bl.rotation_copies(layer, torch.device("cpu")) == [layer]  # no cache to defeat by default
+    copies = bl.rotation_copies(layer, torch.device("cpu"), cache_bytes=4 * bl.module_bytes(layer))
+    assert len(copies) == 8 and copies[0] is layer
+    assert copies[1].weight.data_ptr() != layer.weight.data_ptr() and torch.equal(copies[1].weight, layer.weight)
+    calls = []
+    t = bl.time_per_call([lambda: calls.append(1)] * 2, torch.device("cpu"), reps=3)
+    assert t["method"] == "perf_counter" and _positive(t["s"]) and len(calls) == 2 + 2 + 3 * t["calls_per_run"]
+
+
+def test_dense_from_rows_uses_rows_every_shape_has():
+    full = {str(m): {"kernel_ms": 1.0, "dense_ms": 2.0 if m < 128 else 0.5} for m in (1, 64, 128, 256)}
+    cut = {m: v for m, v in full.items() if m != "256"}  # a shape whose last row ran out of time
+    assert bench.dense_from_rows({"a": full, "b": cut}) == 128
+    assert bench.dense_from_rows({}) is None
+
+
+def test_kernel_vs_dense_reads_the_gemv_table_with_rows_and_shapes_left_out():
+    def cell(us):
+        return {"us": us, "ok": True}
+
+    shapes = {
+        "8B qkv": {"rows": {"1": {"tinygemm": cell(10.0), "tinygemm-dense": cell(50.0)},
+                            "256": {"tinygemm": cell(900.0), "tinygemm-dense": cell(300.0)},
+                            "512": {"skipped": "time budget spent"}}},
+        "8B o": {"rows": {"1": {"tinygemm": cell(8.0), "tinygemm-dense": {"error": "boom"}}}},
+        "8B down": {"skipped": "time budget spent"},
+    }  # fmt: skip
+    table = bench.kernel_vs_dense(shapes)
+    assert table == {"8B qkv": {"1": {"kernel_ms": 0.01, "dense_ms": 0.05}, "256": {"kernel_ms": 0.9, "dense_ms": 0.3}}}
+    assert bench.dense_from_rows(table) == 256
+
+
+def test_gemv_rows_past_the_deadline_are_skipped():
+    r = bl.measure_linear(256, 128, (1, 2), ["tinygemm"], torch.device("cpu"), 1e10, deadline=0.0)
+    assert r["rows"] == {"1": {"skipped": "time budget spent"}, "2": {"skipped": "time budget spent"}}
+    assert r["check"]["tinygemm"] == {"max_rel_error": None, "ok": None, "limit": bl.GEMV_MAX_REL_ERROR}  # not checked
+    assert bl.choice_by_rows(r["rows"]) == []
+    g = {"copy_bandwidth_bytes_per_s": 1e10, "max_rel_error": bl.GEMV_MAX_REL_ERROR, "shapes": {"x": r},
+         "columns": {"tinygemm": {"available": True, "reason": None}}}  # fmt: skip
+    text = "\n".join(bench.render_gemv(g))
+    assert "time budget spent" in text and "CHECK FAILED" not in text
 
 
 def test_decode_section_times_eager_and_compiled_in_a_fresh_process(tmp_path):
@@ -265,3 +415,11 @@ def test_decode_section_times_eager_and_compiled_in_a_fresh_process(tmp_path):
     text = "\n".join(bench.render_decode(d))
     assert "[CPU decode and prefill vs llama.cpp]" in text and "demo" in text
     assert "decode after a long context" in text and f"{depth:>9}" in text
+
+
+def test_crossover_is_the_gemv_section_by_its_former_name(tmp_path, capsys):
+    out = tmp_path / "gemv.json"
+    assert bench.main(["--quick", "--sections", "crossover,gemv", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["sections"]) == ["gemv"] and "tiny qkv" in report["sections"]["gemv"]["shapes"]
+    assert "[int4 linears by rows M]" in capsys.readouterr().out
