@@ -18,7 +18,7 @@
 # without the compiled step once less time is left than a compile took.
 #
 # Expected on an H200 (the H100 run of 2026-11-27 and the section's own budgets): environment
-# ~10 s; tests ~30 s (≤ 100); gemv ≤ 35 s of measuring + ~15 s of start-up and copies (≤ 60);
+# ~10 s; tests ~60 s (≤ 120); gemv ≤ 35 s of measuring + ~15 s of start-up and copies (≤ 60);
 # shapes ≤ 170 s of budget: 8B W4 tinygemm with a cold compile (~75 s), 8B W4 triton with
 # compile (~60 s), 8B bf16 (~10 s, no compile left), then 1B/2B rows until the budget, + ~20 s of
 # start-up and the last row → ~290 s in all. TOTAL_LIMIT (340 s) caps every step's timeout, so
@@ -29,7 +29,8 @@
 # compiled-step tests; it prints "DRY RUN" and no GPU number comes out of it.
 #
 # Run from the repository root:  OUT=/some/dir bash scripts/gpu_check.sh
-# Optional: wheels for packages the machine lacks in .wheels/ (or .whl/), carried with the tree;
+# Wheels for packages the machine lacks go in .wheels/ (or .whl/), carried with the tree:
+# scripts/gpu_wheels.sh builds them (gemlite);
 # BENCH_GIT_COMMIT=<sha> to record the commit when the copied tree has no .git; CUDA_TEST_FILES,
 # TEST_TIMEOUT, GEMV_TIMEOUT, GEMV_BUDGET, BENCH_TIMEOUT, SHAPES_BUDGET, TOTAL_LIMIT, BENCH_ARGS
 # (extra arguments of the shapes step, e.g. '--time-budget 100') to fit the time left.
@@ -100,8 +101,8 @@ PYEOF
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     DEVICE=cuda
     BENCH_PLAN=()
-    DEFAULT_TESTS="tests/test_cuda.py tests/test_sampling.py"
-    TEST_TIMEOUT="${TEST_TIMEOUT:-100}"
+    DEFAULT_TESTS="tests/test_cuda.py tests/test_sampling.py tests/test_gemlite.py"  # gemlite last: it autotunes
+    TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
     GEMV_ENV=()
     TOTAL_LIMIT="${TOTAL_LIMIT:-340}"  # the device's 6 minutes a call, less a margin
 else
@@ -127,7 +128,7 @@ else
     MARK=(-m cuda)
     [ "$DEVICE" = cpu ] && MARK=(-m "not slow")
     set -o pipefail
-    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -rfEs -p no:cacheprovider "${MARK[@]}" "${TEST_FILES[@]}" 2>&1 \
+    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -v -rfEs -p no:cacheprovider "${MARK[@]}" "${TEST_FILES[@]}" 2>&1 \
         | tee "$OUT/cuda_tests.txt"
     rc=$?
     set +o pipefail
