@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cuda_graph_helpers import warm_then_capture
 from decode_helpers import greedy_steps
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
@@ -224,20 +225,12 @@ def test_triton_backend_in_fp32_is_tight():
 def test_triton_backend_under_cuda_graphs_without_syncs(rows):
     layer, awq, bias = _triton_layer(3584, 4608, seed=5)  # split K: both kernels and the partial sums
     x = torch.randn(rows, 3584, device="cuda", dtype=torch.bfloat16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        layer(x)  # compiles the kernels outside the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
+    graph, y, _ = warm_then_capture(lambda: layer(x))
     torch.cuda.set_sync_debug_mode("error")
     try:
         layer(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = layer(x)
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()

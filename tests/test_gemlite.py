@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cuda_graph_helpers import warm_then_capture
 
 from internvl_chat.errors import UsageError
 from internvl_chat.quant import gemlite_backend
@@ -275,14 +276,7 @@ def test_gemlite_replays_in_a_cuda_graph():
     qweight, qzeros, scales = (t.cuda() for t in _awq(3584, 4608, seed=7))
     layer = Int4Linear.from_awq(qweight, qzeros, scales, backend="gemlite", dtype=torch.bfloat16, device="cuda")
     x = torch.randn(1, 3584, device="cuda").to(torch.bfloat16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the capture: GemLite autotunes on its first call
-        expected = layer(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = layer(x)
+    graph, out, expected = warm_then_capture(lambda: layer(x))  # GemLite autotunes in the warm-up
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.allclose(out.float(), layer(x).float(), rtol=1e-2, atol=1e-2)

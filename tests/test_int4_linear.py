@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cuda_graph_helpers import warm_then_capture
 
 from internvl_chat.errors import UsageError
 from internvl_chat.quant.int4_linear import (
@@ -269,14 +270,7 @@ def test_cuda_graph_capture_and_replay(backend, rows):
     awq = random_awq(896, 1152, device="cuda", seed=5)
     layer = Int4Linear.from_awq(*awq, backend=backend)
     x = torch.randn(rows, 896, device="cuda", dtype=torch.bfloat16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        layer(x)  # warm up outside the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = layer(x)
+    graph, y, _ = warm_then_capture(lambda: layer(x))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
