@@ -4,7 +4,7 @@ The cache is positional. `ids` holds every committed token; the cache is valid f
 `ids[:start_pos]`, and the tokens after it (at most the closing of the last answer) are
 prefilled at the head of the next turn. Each turn prefills only its own new tokens, and the vision
 encoder runs only on media attached to that turn. Undo and retry move `start_pos` back to a turn
-boundary: nothing is re-prefilled.
+boundary: nothing before it is re-prefilled (retry prefills its own turn's prompt again).
 """
 
 from __future__ import annotations
