@@ -279,6 +279,16 @@ def test_system_message_show_and_set(loaded, tmp_path):
     assert app.handle_line("Still there?") == OK and len(app.session.turns) == 2
 
 
+def test_set_takes_a_system_message_of_several_words(loaded, tmp_path):
+    # /set lists system.message among what it changes, but `/set system.message Be brief.` was
+    # refused as too many arguments unless the message was quoted
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/set system.message Be brief. Answer in one word.") == OK
+    assert app.session.system_message == "Be brief. Answer in one word."
+    assert app.handle_line("/set temperature 0.5 0.7") == ERROR  # still one value: said, not half-used
+    assert "not '0.5 0.7'" in output(out) and app.settings.generation.temperature == 0.0
+
+
 def test_show_uses_image_placeholders(loaded, media, tmp_path):
     app, out = make_app(loaded, tmp_path)
     app.handle_line(f"/image {media / 'small.png'}")

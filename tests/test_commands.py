@@ -83,6 +83,8 @@ P = Path
         ("/set top_p=0.9", Command("set", ("top_p", "0.9"))),
         ("/set seed 'none'", Command("set", ("seed", "none"))),
         ("/set temperature", Command("set", ("temperature",))),  # shows the value and its source
+        ("/set system.message  Be brief.  Say 'why'. ", Command("set", ("system.message", "Be brief.  Say 'why'."))),
+        ("/set 'system' Be brief.", Command("set", ("system", "Be brief."))),
         ("/set", Command("set")),  # lists the settings it can change
         ("/bye", Command("exit")),
         ("/system", Command("system")),
@@ -124,7 +126,7 @@ def test_parse_line(line, expected):
         ("/drop 1 2", "/drop takes at most 1 argument(s)"),
         ("/clear now", "/clear takes no arguments; usage: /clear"),
         ("/exit please", "/exit takes no arguments"),
-        ("/set a b c", "/set takes at most 2 argument(s); usage: /set [KEY] [VALUE]"),
+        ("/load a.json b.json", "/load takes at most 1 argument(s); usage: /load [NAME]"),
         ("/save a.json --force=yes", "/save: --force takes no value; usage: /save [FILE] [--force]"),
         ("/export", "/export needs FILE.md"),
         ("/save a.json b.json", "/save takes at most 1 argument(s)"),

@@ -53,7 +53,7 @@ def test_normalize_path(typed, expected):
     assert normalize_path(typed) == Path(expected)
 
 
-@pytest.mark.parametrize("typed", ["", "   ", "\n", "''", '""', "file://"])
+@pytest.mark.parametrize("typed", ["", "   ", "\n", "''", '""', "file://", "'   '", '" "', "\\ "])
 def test_empty_path_is_an_error(typed):
     with pytest.raises(UsageError, match="empty path"):
         normalize_path(typed)

@@ -125,7 +125,7 @@ def test_greedy_multi_turn_matches_transformers_generate(tiny_original, loaded, 
 def test_overflow_names_the_largest_part_of_the_turn_first(tiny_original, media_dir):
     # a long paste or a long --system message was told "use fewer tiles or frames" (there were none)
     small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
-    fix = r"over the 1,024-token context; {}, /clear, a smaller max_new_tokens"
+    fix = r"over the 1,024-token context; {}, a smaller max_new_tokens"
     with pytest.raises(ContextOverflowError, match=fix.format("send a shorter message")):
         _run(Session(small, _params()).ask("word " * 2000))
     long_system = Session(small, _params(), system_message="be brief. " * 500)
@@ -133,8 +133,28 @@ def test_overflow_names_the_largest_part_of_the_turn_first(tiny_original, media_
         _run(long_system.ask("Hi."))
     session = Session(small, _params())
     _run(session.ask("Hi."))
-    with pytest.raises(ContextOverflowError, match=fix.format("use fewer tiles or frames")):
+    with pytest.raises(ContextOverflowError, match=fix.format("use fewer tiles or frames, /clear")):
         _run(session.ask("What is this? " * 20, [session.describe_image(media_dir / "scene.png")]))
+
+
+def test_overflow_advice_fits_what_is_cached_and_reserved(tiny_original):
+    """Nothing cached (a first turn, every one-shot question): /clear frees nothing, so it is not
+    suggested; an answer reserve larger than the turn (`-p hi --max-context 100`) is named first,
+    not the 15-token system message."""
+    small = load_model(tiny_original, device="cpu", dtype="float32", max_context=256)
+    with pytest.raises(ContextOverflowError) as first:
+        _run(Session(small, _params()).ask("word " * 200))
+    assert "/clear" not in str(first.value) and "send a shorter message, a smaller max_new_tokens" in str(first.value)
+    with pytest.raises(ContextOverflowError, match=r"; use a smaller max_new_tokens, use a shorter system message "
+                       r"\(/system TEXT, --system\), or a larger --max-context$"):  # fmt: skip
+        _run(Session(small, _params(300)).ask("Hi."))
+    session = Session(small, _params())
+    _run(session.ask("Hi."))
+    with pytest.raises(ContextOverflowError, match=r"; send a shorter message, /clear, a smaller max_new_tokens"):
+        _run(session.ask("word " * 200))
+    with pytest.raises(ContextOverflowError, match=r"; use a smaller max_new_tokens, send a shorter message, /clear, "
+                       r"or a larger --max-context$"):  # fmt: skip
+        _run(session.ask("Hi.", params=_params(300)))
 
 
 def test_a_hopeless_paste_is_refused_before_it_is_tokenized(tiny_original, monkeypatch):

@@ -4,7 +4,7 @@ The cache is positional. `ids` holds every committed token; the cache is valid f
 `ids[:start_pos]`, and the tokens after it (at most the closing of the last answer) are
 prefilled at the head of the next turn. Each turn prefills only its own new tokens, and the vision
 encoder runs only on media attached to that turn. Undo and retry move `start_pos` back to a turn
-boundary: nothing is re-prefilled.
+boundary: nothing before it is re-prefilled (retry prefills its own turn's prompt again).
 """
 
 from __future__ import annotations
@@ -153,10 +153,13 @@ class Session:
         need = self.start_pos + new_tokens + max_new
         if need > self.max_context:
             fix = first_fix() if first_fix is not None else "use fewer tiles or frames"
+            # /clear frees only what is cached: nothing before the first answer, so never in one-shot mode
+            fixes = [fix, "/clear", "a smaller max_new_tokens"] if self.start_pos else [fix, "a smaller max_new_tokens"]
+            if max_new > new_tokens:  # the answer's reserve is the larger part (a short question, a small --max-context)
+                fixes = ["use a smaller max_new_tokens", *fixes[:-1]]
             raise ContextOverflowError(
                 f"this turn needs {self.start_pos:,} cached + {new_tokens:,} new + {max_new:,} answer tokens = {need:,}, "
-                f"over the {self.max_context:,}-token context; {fix}, /clear, "
-                "a smaller max_new_tokens, or a larger --max-context"
+                f"over the {self.max_context:,}-token context; {', '.join(fixes)}, or a larger --max-context"
             )
 
     def _refuse_hopeless_text(self, text: str, max_new_tokens: int) -> None:
@@ -178,7 +181,7 @@ class Session:
         raise ContextOverflowError(
             f"this message is at least {fewest:,} tokens ({len(text):,} characters): with {self.start_pos:,} cached"
             f"{system_part} and {max_new_tokens:,} answer tokens that is over the {self.max_context:,}-token context; "
-            "send a shorter message, /clear, or a larger --max-context"
+            f"send a shorter message, {'/clear, ' if self.start_pos else ''}or a larger --max-context"
         )
 
     def _fewest_tokens(self, *texts: str | None) -> int:

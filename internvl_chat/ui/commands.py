@@ -308,6 +308,10 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
     if spec.name == "set" and len(positional) == 1 and "=" in positional[0].raw:
         key, _, value = _unquote(positional[0].raw).partition("=")
         return Command("set", (key.strip(), value.strip()), options)
+    if spec.name == "set" and len(positional) > 2:
+        # a VALUE of several words is the rest of the line, as /system takes its TEXT (`/set
+        # system.message Be brief.` was refused as too many arguments)
+        return Command("set", (_unquote(positional[0].raw), rest[positional[1].start :].strip()), options)
 
     return Command(spec.name, _bind(spec, positional), options)
 

@@ -112,7 +112,7 @@ def normalize_path(text: str) -> Path:
         pass  # an apostrophe in a plain name ("it's.png"): take the text literally
     if word[:5].lower() == "file:":
         word = _from_file_uri(word)
-    if not word:
+    if not word.strip():  # quoted blanks ('   '): /save and /export wrote a file with an invisible name
         raise UsageError(f"empty path {text.strip()!r}; give the path of a file.")
     if "\x00" in word:  # no file name holds one (os calls raise ValueError: embedded null byte)
         raise UsageError(f"the path '{visible(word)}' holds a NUL character, which no file name can; remove it.")
