@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from types import ModuleType
 
 import torch
 from torch import nn
 
 from internvl_chat.quant.awq_format import unpack_awq
+from internvl_chat.quant.triton_gemv import triton_interpreting
 
 # GemLite's constraints for a grouped 4-bit layer (GemLiteLinearTriton.__init__, gemv pruning).
 _MIN_IN_FEATURES_MULTIPLE = 32
@@ -57,10 +57,6 @@ __all__ = [
     "gemlite_unavailable_reason",
     "init_gemlite",
 ]
-
-
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def load_gemlite() -> ModuleType | None:
@@ -95,7 +91,7 @@ def gemlite_unavailable_reason(
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available"
-    elif device.type != "cpu" or not _triton_interpreting():
+    elif device.type != "cpu" or not triton_interpreting():
         return f"GemLite runs on CUDA GPUs (not on {device.type})"
     if group_size is not None and group_size < _MIN_GROUP_SIZE:
         return f"GemLite needs a group size of at least {_MIN_GROUP_SIZE} (got {group_size})"

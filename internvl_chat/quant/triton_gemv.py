@@ -87,7 +87,8 @@ def _import_failure() -> str | None:
     return None
 
 
-def _interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's interpreter (kernels on CPU tensors, for tests)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -100,7 +101,7 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA GPU is available"
     if device.type == "cpu":
-        return None if _interpreting() else "on a CPU it runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests)"
+        return None if triton_interpreting() else "on a CPU it runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests)"
     return f"it runs on CUDA GPUs, not on {device.type}"
 
 
