@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -390,15 +391,22 @@ def build_random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtyp
 # ---------------------------------------------------------------------------------------------
 # Int4Linear backends and single linears (the gemv section)
 
-# The gemv section's columns: label -> (Int4Linear backend or None for a bf16 nn.Linear,
-# Int4Linear.dense_threshold for the call). Tinygemm twice: its kernel at every M and its dense
-# path (dequantize on the fly + dense matmul) at every M; the layer's own switch is between them.
+class GemvVariant(NamedTuple):
+    backend: str | None  # Int4Linear backend; None: a bf16 nn.Linear
+    dense_threshold: int | None = None  # Int4Linear.dense_threshold for the call (None: the layer's)
+    dequant_kernel: bool = True  # Int4Linear.dequant_kernel: the dense path's Triton dequantization
+
+
+# The gemv section's columns. Tinygemm three times: its kernel at every M, its dense path
+# (dequantize on the fly + dense matmul) at every M — the layer's own switch is between those
+# two — and that dense path with the torch-ops dequantization it had before the Triton kernel.
 GEMV_VARIANTS = {
-    "tinygemm": ("torch", 1 << 30),
-    "tinygemm-dense": ("torch", 0),
-    "triton": ("triton", None),
-    "gemlite": ("gemlite", None),
-    "bf16": (None, None),
+    "tinygemm": GemvVariant("torch", 1 << 30),
+    "tinygemm-dense": GemvVariant("torch", 0),
+    "tinygemm-dense-torchops": GemvVariant("torch", 0, dequant_kernel=False),
+    "triton": GemvVariant("triton"),
+    "gemlite": GemvVariant("gemlite"),
+    "bf16": GemvVariant(None),
 }
 # max |y − ref| / max |ref| above which a backend's output counts as wrong: bf16 activations and
 # outputs with bf16-rounded scales stay near 1e-2 at most; a mis-packed weight gives ~1.
@@ -440,7 +448,7 @@ def int4_backend_unavailable(name: str, device: torch.device | str) -> str | Non
 
 def gemv_variant_unavailable(label: str, device: torch.device | str) -> str | None:
     """Why the gemv section's column `label` cannot be measured on `device` (None: it can)."""
-    backend, threshold = GEMV_VARIANTS[label]
+    backend, threshold, _ = GEMV_VARIANTS[label]
     if backend is None:
         return None
     if backend == "torch" and threshold == 0 and torch.device(device).type != "cuda":
@@ -463,7 +471,7 @@ def build_gemv_layer(label: str, awq: tuple[torch.Tensor, torch.Tensor, torch.Te
     backend, or for "bf16" an nn.Linear holding the dequantized weight in `dtype`."""
     from internvl_chat.quant import Int4Linear, dequantize_awq
 
-    backend, threshold = GEMV_VARIANTS[label]
+    backend, threshold, dequant_kernel = GEMV_VARIANTS[label]
     if backend is None:
         w = dequantize_awq(*awq, group_size, dtype=dtype).t().contiguous()
         layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device=device, dtype=dtype)
@@ -473,6 +481,7 @@ def build_gemv_layer(label: str, awq: tuple[torch.Tensor, torch.Tensor, torch.Te
     layer = Int4Linear.from_awq(*awq, group_size=group_size, backend=backend, dtype=dtype, device=device)
     if threshold is not None:
         layer.dense_threshold = threshold  # an instance attribute: only this layer's path changes
+    layer.dequant_kernel = dequant_kernel
     return layer
 
 

@@ -323,7 +323,7 @@ def test_gemv_check_catches_a_wrong_backend(monkeypatch):
         return real_build("tinygemm", (qweight.roll(1, 0), qzeros, scales), device)  # rows of W shifted by one
 
     monkeypatch.setattr(bl, "build_gemv_layer", build)
-    monkeypatch.setitem(bl.GEMV_VARIANTS, "wrong", ("torch", None))
+    monkeypatch.setitem(bl.GEMV_VARIANTS, "wrong", bl.GemvVariant("torch"))
     r = bl.measure_linear(256, 128, (1, 3), ["tinygemm", "wrong", "bf16"], torch.device("cpu"), 1e10)
     assert r["check"]["tinygemm"]["ok"] and r["check"]["bf16"]["ok"]
     assert not r["check"]["wrong"]["ok"] and r["check"]["wrong"]["max_rel_error"] > 0.3

@@ -296,3 +296,40 @@ def test_compiled_w4_triton_decode_equals_eager(tiny_original):
     got, got_logits = greedy_steps(fast, ids, 16)
     assert got == want
     assert torch.nn.functional.cosine_similarity(got_logits.flatten(), want_logits.flatten(), dim=0).item() > 0.999
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-pass dequantization of the dense paths (quant/triton_dequant.py), compiled for this GPU
+
+
+@needs_triton
+@pytest.mark.parametrize("in_features, out_features", SHAPES_8B)
+def test_dequant_kernels_give_the_exact_weight(in_features, out_features):
+    """Both layouts, bit for bit: each weight exact in fp32, rounded once to the output dtype; and
+    the tinygemm layer's dense path (prefill-sized rows) with it against the AWQ weight."""
+    from internvl_chat.quant import triton_dequant
+    from internvl_chat.quant.awq_format import dequantize_awq
+    from internvl_chat.quant.int4_linear import Int4Linear, tinygemm_cuda_rows
+    from test_int4_linear import random_awq, ref_weight, rel_err
+
+    awq = random_awq(in_features, out_features, seed=in_features, device="cuda")
+    tiny = Int4Linear.from_awq(*awq, backend="torch", device="cuda")
+    assert triton_dequant.can_run(tiny.packed_weight)
+    q = tinygemm_cuda_rows(tiny.packed_weight)  # [N, K] nibbles, each k-block in block order
+    scale_and_zero = tiny.scale_and_zero.double()
+    s = scale_and_zero[..., 0].t().repeat_interleave(128, dim=1)
+    z = scale_and_zero[..., 1].t().repeat_interleave(128, dim=1)
+    exact = ((q.double() - 8) * s + z).float()  # (q − 8)·s is exact in fp32; + z rounds once
+    del q, s, z
+    for dtype in (torch.bfloat16, torch.float16):
+        got = triton_dequant.dequantize_tinygemm(tiny.packed_weight, tiny.scale_and_zero, 128, dtype)
+        assert torch.equal(got, exact.to(dtype)), f"tinygemm layout, {dtype}"
+    del exact, got
+    x = torch.randn(Int4Linear.dense_threshold + 44, in_features, device="cuda").to(torch.bfloat16)
+    assert rel_err(tiny(x), x.float() @ ref_weight(*awq)) < 1e-2
+
+    triton_layer = Int4Linear.from_awq(*awq, backend="triton", device="cuda")
+    exact = dequantize_awq(*awq, dtype=torch.float64).t()  # (q − z)·s: exact in fp32 too
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        got = triton_dequant.dequantize_repacked(triton_layer.qweight, triton_layer.scales, triton_layer.zeros, 128, dtype)
+        assert torch.equal(got, exact.to(dtype)), f"triton layout, {dtype}"

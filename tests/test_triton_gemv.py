@@ -246,30 +246,9 @@ def test_kernels_compile_for_an_h100_with_wide_weight_loads():
     """Triton's real compiler (not the interpreter) on this CPU: both kernels compile for sm_90, and
     with 16-byte aligned pointers (as Triton specializes them at launch) each thread reads the
     weight words 128 bits at a time."""
-    import inspect
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler.errors import CompilationError
+    from triton_sm90 import compile_for_sm90
 
     triton_gemv.ensure_registered()  # builds the compiled kernels: what CUDA tensors get
-
-    def compile_for_sm90(kernel, types, constants):
-        params = list(inspect.signature(kernel.fn).parameters)
-        signature = {p: types.get(p, "constexpr") for p in params}
-        aligned = {(params.index(p),): [["tt.divisibility", 16]] for p, t in types.items() if t.startswith("*") or p == "N"}
-        try:
-            source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
-                               constexprs={(params.index(k),): v for k, v in constants.items()})  # fmt: skip
-        except TypeError as e:
-            pytest.skip(f"this Triton's ASTSource takes other arguments: {e}")
-        try:
-            return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": triton_gemv.NUM_WARPS})
-        except CompilationError:
-            raise
-        except Exception as e:  # the toolchain (ptxas) rather than our source
-            pytest.skip(f"Triton cannot build CUDA code on this machine: {type(e).__name__}: {str(e)[:200]}")
 
     block_n, block_g, per_split, _ = triton_gemv.launch_config(3584, 4608, 128)
     pointers = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", b_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32")
@@ -277,12 +256,16 @@ def test_kernels_compile_for_an_h100_with_wide_weight_loads():
         triton_gemv.GEMV_KERNEL,
         {**pointers, "M": "i32", "N": "i32", "G": "i32", "magic": "i32"},
         dict(GROUP_WORDS=16, BLOCK_N=block_n, BLOCK_G=block_g, STEPS=per_split // block_g, HAS_BIAS=True, FINAL=False, INTERPRETED=False),
+        triton_gemv.NUM_WARPS,
+        aligned_ints=("N",),
     )
     assert re.search(r"ld\.global(\.\w+)*\.v4\.[bsu]32", gemv.asm["ptx"]), "the weight loads are not 128 bits wide"
     compile_for_sm90(
         triton_gemv.REDUCE_KERNEL,
         {"part_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32"},
         dict(SPLITS=4, HAS_BIAS=True, BLOCK=triton_gemv.REDUCE_BLOCK),
+        triton_gemv.NUM_WARPS,
+        aligned_ints=("N",),
     )
 
 

@@ -5,12 +5,13 @@ Backends:
   weight (0.5 B/weight) and one bf16 (scale, zero) pair per group and column. Tinygemm computes
   w = (q − 8)·scale + zero, so an AWQ zero z maps exactly to zero = (8 − z)·scale. Activations go
   through the kernel in bf16 (cast in and out). On CUDA, batches above `dense_threshold` rows
-  dequantize the packed weight on the fly and use a dense matmul (tinygemm is slow there).
+  dequantize the packed weight on the fly and use a dense matmul (tinygemm is slow there); the
+  dequantization is one Triton kernel where Triton runs (quant/triton_dequant.py), else torch ops.
 - "dequant": keeps the AWQ tensors, dequantizes on every call and runs a dense matmul. Any device
   and dtype; the reference.
 - "triton": our Triton split-K GEMV (quant/triton_gemv.py) on a layout repacked for it (0.52 B/weight
   for g = 128), for batches of up to `gemv_max_rows` rows in any float dtype; larger batches
-  dequantize that layout and run a dense matmul. CUDA (CPU only in Triton's interpreter, for tests);
+  dequantize that layout (one Triton kernel) and run a dense matmul. CUDA (CPU only in Triton's interpreter, for tests);
   asked for where it cannot run, a UsageError says why.
 - "gemlite": GemLite's Triton GEMV (optional `pip install gemlite`; CUDA only), exact AWQ (q − z)·s;
   batches above `gemlite_max_rows` rows use a dense matmul. See quant/gemlite_backend.py.
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from internvl_chat.errors import UsageError
-from internvl_chat.quant import gemlite_backend, triton_gemv
+from internvl_chat.quant import gemlite_backend, triton_dequant, triton_gemv
 from internvl_chat.quant.awq_format import dequantize_awq, unpack_awq, validate_awq
 
 BACKENDS = ("auto", "torch", "dequant", "triton", "gemlite")
@@ -123,9 +124,19 @@ def tinygemm_cuda_rows(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dense_weight_block_order(
+    packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, dtype: torch.dtype, use_kernel: bool = True
+) -> torch.Tensor:
+    """The tinygemm CUDA weight as dense [N, K] of `dtype`, each k-block in block order: one
+    Triton kernel where it can run (quant/triton_dequant.py) unless `use_kernel` is false, else torch ops."""
+    if use_kernel and triton_dequant.can_run(packed):
+        return triton_dequant.dequantize_tinygemm(packed, scale_and_zero, group_size, dtype)
+    return dense_weight_block_order_torch(packed, scale_and_zero, group_size, dtype)
+
+
+def dense_weight_block_order_torch(
     packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The tinygemm CUDA weight as dense [N, K] of `dtype`, each k-block in block order."""
+    """`dense_weight_block_order` in torch ops (~5 passes over the weight)."""
     q = tinygemm_cuda_rows(packed)
     out_features, in_features = q.shape
     groups = in_features // group_size
@@ -145,10 +156,11 @@ def dense_from_tinygemm_cuda(
     scale_and_zero: torch.Tensor,
     group_size: int,
     block_order: torch.Tensor,
+    use_kernel: bool = True,
 ) -> torch.Tensor:
     """x2 [M, K] @ W for a tinygemm CUDA weight, through a dense weight built on the fly (any device)."""
     rows, in_features = x2.shape
-    w = dense_weight_block_order(packed, scale_and_zero, group_size, x2.dtype)
+    w = dense_weight_block_order(packed, scale_and_zero, group_size, x2.dtype, use_kernel)
     block = block_order.numel()
     x_perm = x2.reshape(rows, in_features // block, block).index_select(2, block_order)
     return F.linear(x_perm.reshape(rows, in_features), w)
@@ -175,6 +187,9 @@ class Int4Linear(nn.Module):
     # Rows up to which the gemlite backend runs GemLite's GEMV kernel (GemLite's own limit for 4-bit);
     # above, a dense matmul. Tune with the bench.
     gemlite_max_rows: int = 4
+    # Whether those dense paths dequantize with our Triton kernel where it runs (False: torch ops;
+    # the bench's before/after).
+    dequant_kernel: bool = True
 
     def __init__(self, in_features: int, out_features: int, group_size: int, backend: str) -> None:
         super().__init__()
@@ -272,7 +287,10 @@ class Int4Linear(nn.Module):
             if x2.shape[0] <= self.gemv_max_rows:  # the bias is added in the kernel, in fp32
                 y = triton_gemv.awq_triton_gemv(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size)
                 return y.reshape(*lead_shape, self.out_features)
-            y = triton_gemv.dense_from_repacked(x2, self.qweight, self.scales, self.zeros, self.group_size)
+            if self.dequant_kernel and triton_dequant.can_run(self.qweight):
+                y = F.linear(x2, triton_dequant.dequantize_repacked(self.qweight, self.scales, self.zeros, self.group_size, x2.dtype))
+            else:
+                y = triton_gemv.dense_from_repacked(x2, self.qweight, self.scales, self.zeros, self.group_size)
         elif self.backend == "gemlite":
             if x2.shape[0] > self.gemlite_max_rows:
                 y = gemlite_backend.gemlite_dense_matmul(self, x2)
@@ -291,7 +309,9 @@ class Int4Linear(nn.Module):
             return x2.new_empty(0, self.out_features)
         if self.packed_weight.device.type == "cuda":
             if rows > self.dense_threshold:
-                return dense_from_tinygemm_cuda(x2, self.packed_weight, self.scale_and_zero, self.group_size, self.block_order)
+                return dense_from_tinygemm_cuda(
+                    x2, self.packed_weight, self.scale_and_zero, self.group_size, self.block_order, self.dequant_kernel
+                )
             xb = x2.to(torch.bfloat16).contiguous()
             y = torch.ops.aten._weight_int4pack_mm(xb, self.packed_weight, self.group_size, self.scale_and_zero)
         else:

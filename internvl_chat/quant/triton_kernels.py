@@ -1,6 +1,7 @@
-"""The Triton kernels of the triton int4 backend; quant/triton_gemv.py (layout, launch, operator)
-imports this module only when the backend is used, and decorates these functions there: with
-`triton.jit` for CUDA tensors, as interpreted functions for CPU tensors (tests)."""
+"""Our Triton kernels for 4-bit weights: the triton backend's GEMV (quant/triton_gemv.py: layout,
+launch, operator) and the dequantization of prefill-sized batches (quant/triton_dequant.py). Those
+modules import this one only when used, and decorate these functions there: with `triton.jit` for
+CUDA tensors, as interpreted functions for CPU tensors (tests)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,64 @@ def reduce_partials_kernel(part_ptr, b_ptr, out_ptr, M, N, SPLITS: tl.constexpr,
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + m * N + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dequantization for prefill-sized batches (quant/triton_dequant.py): one pass that reads the
+# resident int4 layout (0.5 B/weight) and writes the dense weight, instead of torch's chain of
+# unpack, shift, mask and multiply-add kernels (each a full pass over a byte or more per weight).
+
+
+def dequant_tinygemm_kernel(
+    w_ptr, sz_ptr, out_ptr, N, K, K_OUTER,
+    HALF_TILES: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """Program (n block, block of BLOCK_W words per row): the tinygemm CUDA weight int32
+    [N/8, K/(16t), 32, t/2] → out [N, K] = (q − 8)·s + z, each 16t-wide k-block in block order
+    (nibble p of a row's chunk at column p; quant/int4_linear.py). sz_ptr: (scale, zero) [G, N, 2]."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    words = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)  # a row's words, 8 columns each
+    chunk = 4 * HALF_TILES  # the words of one row's k-block; rows 8j..8j+7 of a block are adjacent
+    ok = (rows < N)[:, None] & (words < K // 8)[None, :]
+    word_at = (
+        ((rows // 8)[:, None] * K_OUTER + (words // chunk)[None, :]) * (32 * HALF_TILES)
+        + (rows % 8)[:, None] * chunk
+        + (words % chunk)[None, :]
+    )
+    packed = tl.load(w_ptr + word_at, mask=ok, other=0)
+    # a k-block lies inside one group, so a word's 8 nibbles share (scale, zero)
+    pair_at = ((words * 8 // GROUP)[None, :] * N + rows[:, None]) * 2
+    scale = tl.load(sz_ptr + pair_at, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(sz_ptr + pair_at + 1, mask=ok, other=0.0).to(tl.float32)
+    slots = tl.arange(0, 8)
+    q = ((packed[:, :, None] >> (4 * slots)[None, None, :]) & 0xF).to(tl.float32)  # [BLOCK_N, BLOCK_W, 8]
+    # (q − 8)·s is exact in fp32 (a 4-bit integer times a bf16); + z rounds once, the store once more
+    w = (q - 8.0) * scale[:, :, None] + zero[:, :, None]
+    out_at = rows[:, None, None] * K + (words[:, None] * 8 + slots[None, :])[None, :, :]
+    tl.store(out_ptr + out_at, w.to(out_ptr.dtype.element_ty), mask=ok[:, :, None])
+
+
+def dequant_repacked_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, N, G,
+    GROUP_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    """Program (n block, block of BLOCK_G groups): the triton backend's int32 [N, K/8]
+    (quant/triton_gemv.py: in each group, slot i of word w holds k = i·(g/8) + w) → out [N, K] =
+    (q − z)·s in input order: dequantize_awq's values."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    w_lane = tl.arange(0, GROUP_WORDS)
+    slots = tl.arange(0, 8)
+    group_size = GROUP_WORDS * 8
+    ok = (rows < N)[:, None] & (groups < G)[None, :]  # [BLOCK_N, BLOCK_G]
+    word_at = rows[:, None, None] * (G * GROUP_WORDS) + groups[None, :, None] * GROUP_WORDS + w_lane[None, None, :]
+    packed = tl.load(w_ptr + word_at, mask=ok[:, :, None], other=0)  # [BLOCK_N, BLOCK_G, GROUP_WORDS]
+    scale = tl.load(s_ptr + rows[:, None] * G + groups[None, :], mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + rows[:, None] * G + groups[None, :], mask=ok, other=0).to(tl.float32)
+    # [BLOCK_N, BLOCK_G, 8 slots, GROUP_WORDS]: along the words the inputs are consecutive, so the
+    # last axis is the contiguous one in the output and the stores are wide
+    q = ((packed[:, :, None, :] >> (4 * slots)[None, None, :, None]) & 0xF).to(tl.float32)
+    w = (q - zero[:, :, None, None]) * scale[:, :, None, None]  # exact in fp32: only the store rounds
+    k = groups[:, None, None] * group_size + slots[None, :, None] * GROUP_WORDS + w_lane[None, None, :]
+    out_at = rows[:, None, None, None] * (G * group_size) + k[None, :, :, :]
+    tl.store(out_ptr + out_at, w.to(out_ptr.dtype.element_ty), mask=ok[:, :, None, None])
