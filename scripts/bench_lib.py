@@ -37,6 +37,7 @@ for _p in (REPO_ROOT, REPO_ROOT / "scripts"):
 
 from make_tiny_checkpoint import TinySizes  # noqa: E402
 
+from internvl_chat.engine.compiled import inductor_options  # noqa: E402
 from internvl_chat.engine.config import ModelConfig, QuantConfig, TextConfig, VisionConfig  # noqa: E402
 
 # SPEC §6: measured device-to-device copy bandwidth of an H100 SXM, the decode ceiling.
@@ -817,6 +818,7 @@ def engine_decode(model, first_token: torch.Tensor, start: int, n: int, repeats:
             out["compile_s"] = time.perf_counter() - t0
             if not ok:
                 raise RuntimeError("the decode step did not compile")
+            out["inductor_options"] = inductor_options(device)  # e.g. whether PDL was asked for
 
         def run(steps: int) -> float:
             token = first_token.reshape(1)

@@ -274,6 +274,23 @@ def test_auto_compiles_large_decoders_on_cpu_only(eager):
         compiled.AUTO_MIN_DECODER_BYTES = saved
 
 
+def test_cuda_options_ask_for_pdl_on_hopper_only(monkeypatch):
+    """PDL where Inductor has it and the GPU is sm90+; never on older GPUs, when turned off, or on
+    the CPU; and torch.compile accepts every option set we pass."""
+    from torch._inductor import config as inductor_config
+
+    has_pdl = hasattr(inductor_config.triton, "enable_pdl")
+    cuda = torch.device("cuda", 0)
+    for major, want in ((9, has_pdl), (10, has_pdl), (8, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))
+        assert compiled.inductor_options(cuda).get("triton.enable_pdl", False) == want
+        options = compiled.inductor_options(cuda)
+        torch.compile(lambda x: x * 2 + 1, options=options)(torch.ones(3))  # an unknown key would raise here
+    monkeypatch.setattr(compiled, "CUDA_PDL", False)
+    assert "triton.enable_pdl" not in compiled.inductor_options(cuda)
+    assert compiled.inductor_options(torch.device("cpu")) == compiled.CPU_OPTIONS
+
+
 def test_the_compile_cache_serves_the_next_start(tiny_original, fast):
     """A new process finds the step that `fast` compiled (same model and settings) in Inductor's
     cache (~/.cache/internvl-chat by default) and compiles nothing."""

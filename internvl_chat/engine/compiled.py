@@ -59,6 +59,31 @@ NATIVE_CPU_STEP = True
 # once, never recomputed per use; by default Inductor recomputes anything under ~50 operations.
 CPU_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "cpp.min_chunk_size": 1 << 18, "realize_opcount_threshold": 0}
 CUDA_OPTIONS = {"size_asserts": False}
+# Programmatic Dependent Launch on Hopper and newer (sm90+), where the installed Inductor has it
+# (`triton.enable_pdl`): each of the step's generated kernels starts while the one before it
+# finishes, waiting only where it reads that kernel's output. It trims the per-kernel gap that a
+# launch-bound decode step is made of. Off: set this False (or run without --compile).
+CUDA_PDL = True
+
+
+def inductor_options(device: torch.device) -> dict:
+    """The Inductor options of the compiled step on `device`."""
+    if device.type != "cuda":
+        return dict(CPU_OPTIONS)
+    options = dict(CUDA_OPTIONS)
+    if CUDA_PDL and pdl_supported(device):
+        options["triton.enable_pdl"] = True
+    return options
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Whether Inductor can generate PDL kernels for `device`: an sm90+ GPU and an Inductor that has
+    the option (torch 2.9 and later)."""
+    from torch._inductor import config as inductor_config
+
+    if not hasattr(inductor_config.triton, "enable_pdl") or torch.version.hip:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 Notify = Callable[[str], None]
 
@@ -131,7 +156,7 @@ class CompiledStep:
         self.cache_dir = use_cache_dir()
         self._say("compiling the decode step …")
         start = time.perf_counter()
-        options = CUDA_OPTIONS if self.device.type == "cuda" else CPU_OPTIONS
+        options = inductor_options(self.device)
         kernel_failure = None
         if language.GEMV_AS_REDUCTION.get(self.device.type, False):
             if cpu_gemv.supported() is None:
