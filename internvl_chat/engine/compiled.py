@@ -26,6 +26,7 @@ attempt to recompile later, leaves the eager step in place with a one-line note:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import os
@@ -86,6 +87,15 @@ def pdl_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 Notify = Callable[[str], None]
+
+
+def _collect_frozen_at_exit() -> None:
+    """Give what `gc.freeze` kept back to the collector before the interpreter ends: frozen cycles
+    are never freed, and Triton's bindings (nanobind) print every such object of theirs still
+    alive at exit as a leak — dozens of lines after the last answer."""
+    if "triton" in sys.modules:
+        gc.unfreeze()
+        gc.collect()
 
 
 def wanted(mode: str, device: torch.device, lm=None) -> bool:
@@ -180,6 +190,8 @@ class CompiledStep:
         # on the 0.5B shape). Collect once, then move everything alive now out of the collector's way.
         gc.collect()
         gc.freeze()
+        atexit.unregister(_collect_frozen_at_exit)  # registered once however many steps compile
+        atexit.register(_collect_frozen_at_exit)
         self.compile_s = time.perf_counter() - start
         self.active = True
         if kernel_failure is not None:  # compiled all the same, with Inductor's own loops
