@@ -192,7 +192,7 @@ def _check_gemv(y, x, awq, bias):
 
 @needs_triton
 @pytest.mark.parametrize("in_features, out_features", SHAPES_8B)
-@pytest.mark.parametrize("rows", [1, 3, 16, 300])
+@pytest.mark.parametrize("rows", [1, 3, 16, 40, 128, 300])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_backend_at_8b_shapes(in_features, out_features, rows, dtype):
     layer, awq, bias = _triton_layer(in_features, out_features, seed=rows, dtype=dtype)
@@ -203,7 +203,7 @@ def test_triton_backend_at_8b_shapes(in_features, out_features, rows, dtype):
         _check_gemv(y, x, awq, bias)
         assert torch.equal(layer(x), y), "the split-K sum is not reproducible"
         assert torch.equal(layer(x[-1:])[0], y[-1]), "a row's result depends on its batch"
-    else:  # the dense path: a 16-bit weight and matmul
+    else:  # the GEMM and the dense path: a 16-bit weight (tile) and matmul
         from test_int4_linear import ref_weight, rel_err
 
         assert rel_err(y, x.float() @ ref_weight(*awq) + bias.float()) < 1e-2
@@ -221,7 +221,7 @@ def test_triton_backend_in_fp32_is_tight():
 
 
 @needs_triton
-@pytest.mark.parametrize("rows", [1, 8, 200])
+@pytest.mark.parametrize("rows", [1, 8, 40, 200])
 def test_triton_backend_under_cuda_graphs_without_syncs(rows):
     layer, awq, bias = _triton_layer(3584, 4608, seed=5)  # split K: both kernels and the partial sums
     x = torch.randn(rows, 3584, device="cuda", dtype=torch.bfloat16)

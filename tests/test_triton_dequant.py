@@ -124,7 +124,7 @@ def test_the_triton_backend_dense_path_runs_the_kernel(interpreter, spy):
     triple = awq(256, 40, 32, seed=2)
     bias = torch.randn(40)
     layer = Int4Linear.from_awq(*triple, bias=bias, group_size=32, backend="triton", dtype=torch.float32)
-    x = torch.randn(Int4Linear.gemv_max_rows + 3, 256)
+    x = torch.randn(Int4Linear.gemm_max_rows + 3, 256)
     check_against_reference(layer, triple, x, bias)
     assert spy == ["dequantize_repacked"]
 

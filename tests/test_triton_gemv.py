@@ -117,12 +117,34 @@ def test_a_row_gets_the_same_bits_in_any_batch():
     assert torch.equal(layer(x)[1], layer(x[1:2])[0])
 
 
+# (K, N, group, rows, dtype, bias) for the GEMM: from just above the GEMV's rows to its last;
+# N not a multiple of its 64-output block, the group count not a multiple of a step's groups
+GEMM_CASES = [
+    (256, 72, 32, 17, torch.float32, True),
+    (512, 40, 128, 40, torch.bfloat16, False),
+    (384, 24, 64, 70, torch.float16, True),
+    (64, 8, 8, 20, torch.float32, True),
+    (768, 16, 256, 128, torch.float32, False),
+]
+
+
+@pytest.mark.parametrize("in_features, out_features, group_size, rows, dtype, with_bias", GEMM_CASES)
+def test_gemm_matches_the_dequantized_reference(in_features, out_features, group_size, rows, dtype, with_bias):
+    triple = awq(in_features, out_features, group_size, seed=in_features + rows)
+    bias = torch.randn(out_features).to(dtype) if with_bias else None
+    layer = Int4Linear.from_awq(*triple, bias=bias, group_size=group_size, backend="triton", dtype=dtype)
+    assert layer.gemv_max_rows < rows <= layer.gemm_max_rows
+    check_against_reference(layer, triple, torch.randn(rows, in_features).to(dtype), bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_path_above_the_gemv_rows(dtype):
+@pytest.mark.parametrize("path", ["gemm", "dense"])
+def test_gemm_and_dense_paths_keep_leading_dims(dtype, path):
     triple = awq(256, 48, 32, seed=6)
     bias = torch.randn(48).to(dtype)
     layer = Int4Linear.from_awq(*triple, bias=bias, group_size=32, backend="triton", dtype=dtype)
-    x = torch.randn(2, layer.gemv_max_rows, 256).to(dtype)  # 2·16 rows: the dense path, leading dims kept
+    rows = layer.gemv_max_rows if path == "gemm" else layer.gemm_max_rows // 2 + 1
+    x = torch.randn(2, rows, 256).to(dtype)  # 2·16 rows: the GEMM; 2·65: the dense path
     if dtype == torch.float32:
         check_against_reference(layer, triple, x, bias)
     else:  # the weight is rounded to bf16 before a bf16 matmul: compare with that
@@ -144,7 +166,7 @@ def test_the_forward_makes_no_tensor_from_host_values():
     def forward(x, *tensors):
         return torch.func.functional_call(layer, dict(zip(names, tensors)), (x,))
 
-    for rows in (1, layer.gemv_max_rows + 1):  # the GEMV and the dense path
+    for rows in (1, layer.gemv_max_rows + 1, layer.gemm_max_rows + 1):  # the GEMV, the GEMM and the dense path
         graph = make_fx(forward)(torch.randn(rows, 256), *buffers).graph
         constants = [node.target for node in graph.nodes if node.op == "get_attr"]
         assert not constants, f"{rows} rows: tensors made from host values: {constants}"
@@ -243,9 +265,10 @@ def test_w4_model_decodes_the_dequant_tokens(tiny_original, tmp_path_factory):
 
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")  # Triton 3.9 announcing a default it changes
 def test_kernels_compile_for_an_h100_with_wide_weight_loads():
-    """Triton's real compiler (not the interpreter) on this CPU: both kernels compile for sm_90, and
-    with 16-byte aligned pointers (as Triton specializes them at launch) each thread reads the
-    weight words 128 bits at a time."""
+    """Triton's real compiler (not the interpreter) on this CPU: the kernels compile for sm_90; with
+    16-byte aligned pointers (as Triton specializes them at launch) each GEMV thread reads the
+    weight words 128 bits at a time, and the GEMM multiplies on tensor cores from 16-byte
+    asynchronous copies."""
     from triton_sm90 import compile_for_sm90
 
     triton_gemv.ensure_registered()  # builds the compiled kernels: what CUDA tensors get
@@ -260,6 +283,17 @@ def test_kernels_compile_for_an_h100_with_wide_weight_loads():
         aligned_ints=("N",),
     )
     assert re.search(r"ld\.global(\.\w+)*\.v4\.[bsu]32", gemv.asm["ptx"]), "the weight loads are not 128 bits wide"
+    for block_m in (16, 64):
+        gemm = compile_for_sm90(
+            triton_gemv.GEMM_KERNEL,
+            {**{p: t for p, t in pointers.items() if p != "part_ptr"}, "M": "i32", "N": "i32", "G": "i32"},
+            dict(GROUP_WORDS=16, BLOCK_M=block_m, BLOCK_N=triton_gemv.GEMM_BLOCK_N, BLOCK_G=1, STEPS=28, HAS_BIAS=True, INTERPRETED=False),
+            triton_gemv.NUM_WARPS,
+            aligned_ints=("N",),
+        )
+        ptx = gemm.asm["ptx"]
+        assert re.search(r"wgmma\.mma_async|mma\.sync", ptx), f"BLOCK_M {block_m}: the GEMM does not use tensor cores"
+        assert "cp.async.cg.shared.global" in ptx, f"BLOCK_M {block_m}: x and the weight words are not copied 16 bytes at a time"
     compile_for_sm90(
         triton_gemv.REDUCE_KERNEL,
         {"part_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32"},
@@ -279,3 +313,4 @@ def test_the_operator_names_its_kernels_for_the_compile_cache():
     Int4Linear.from_awq(*awq(256, 64, 128), backend="triton")
     found = torch_triton.get_triton_kernels_for_op(triton_gemv.OPERATOR)
     assert {id(k) for k in found} == {id(triton_gemv.GEMV_KERNEL), id(triton_gemv.REDUCE_KERNEL)}
+    assert {id(k) for k in torch_triton.get_triton_kernels_for_op(triton_gemv.GEMM_OPERATOR)} == {id(triton_gemv.GEMM_KERNEL)}

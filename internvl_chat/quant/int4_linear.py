@@ -10,8 +10,9 @@ Backends:
 - "dequant": keeps the AWQ tensors, dequantizes on every call and runs a dense matmul. Any device
   and dtype; the reference.
 - "triton": our Triton split-K GEMV (quant/triton_gemv.py) on a layout repacked for it (0.52 B/weight
-  for g = 128), for batches of up to `gemv_max_rows` rows in any float dtype; larger batches
-  dequantize that layout (one Triton kernel) and run a dense matmul. CUDA (CPU only in Triton's interpreter, for tests);
+  for g = 128), for batches of up to `gemv_max_rows` rows in any float dtype; then our tensor-core
+  GEMM on the same layout up to `gemm_max_rows`; larger batches dequantize that layout (one Triton
+  kernel) and run a dense matmul. CUDA (CPU only in Triton's interpreter, for tests);
   asked for where it cannot run, a UsageError says why.
 - "gemlite": GemLite's Triton GEMV (optional `pip install gemlite`; CUDA only), exact AWQ (q − z)·s;
   batches above `gemlite_max_rows` rows use a dense matmul. See quant/gemlite_backend.py.
@@ -184,6 +185,9 @@ class Int4Linear(nn.Module):
     # Rows up to which the triton backend runs its GEMV (each row re-reads the weight tile from L2
     # and redoes the unpacking); above, the dense path. A guess until a GPU session measures it.
     gemv_max_rows: int = 16
+    # Rows up to which it runs its tensor-core GEMM (a follow-up turn's prefill: the weight read
+    # once per 64 rows, dequantized in registers); above, the dense path. A guess, as above.
+    gemm_max_rows: int = 128
     # Rows up to which the gemlite backend runs GemLite's GEMV kernel (GemLite's own limit for 4-bit);
     # above, a dense matmul. Tune with the bench.
     gemlite_max_rows: int = 4
@@ -284,8 +288,10 @@ class Int4Linear(nn.Module):
         if self.backend == "torch":
             y = self._forward_torch(x2)
         elif self.backend == "triton":
-            if x2.shape[0] <= self.gemv_max_rows:  # the bias is added in the kernel, in fp32
-                y = triton_gemv.awq_triton_gemv(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size)
+            rows = x2.shape[0]
+            if rows <= self.gemm_max_rows:  # the bias is added in the kernels, in fp32
+                kernel = triton_gemv.awq_triton_gemv if rows <= self.gemv_max_rows else triton_gemv.awq_triton_gemm
+                y = kernel(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size)
                 return y.reshape(*lead_shape, self.out_features)
             if self.dequant_kernel and triton_dequant.can_run(self.qweight):
                 y = F.linear(x2, triton_dequant.dequantize_repacked(self.qweight, self.scales, self.zeros, self.group_size, x2.dtype))

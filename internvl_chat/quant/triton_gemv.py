@@ -27,6 +27,12 @@ launch, and the extra traffic (2·SPLIT·M·N·4 B) is 1-3 % of the weight's for
 kernel writes the output itself. The split depends on the weight's shape only, not on M: a row's
 result does not change with the batch it is in.
 
+For 17-128 rows (`Int4Linear.gemm_max_rows`; a follow-up turn's prefill) a second operator,
+`internvl_chat::awq_triton_gemm`, multiplies on tensor cores: each program takes up to 64 rows by
+64 outputs, dequantizes a [64, ≥128] weight tile in registers per step (the interleaved nibbles
+flatten to input order) and runs `tl.dot` in x's dtype with fp32 accumulation, so the weight is
+read once per 64 rows instead of being dequantized to a dense copy first.
+
 Registered as the torch operator `internvl_chat::awq_triton_gemv` through `torch.library.triton_op`
 and `wrap_triton`, so torch.compile traces the kernels (no graph break) and CUDA graphs capture it:
 outputs and partial sums are allocated from shapes only, nothing reads back to the host.
@@ -48,6 +54,7 @@ from internvl_chat.errors import UsageError
 from internvl_chat.quant.awq_format import unpack_awq
 
 OPERATOR = "internvl_chat::awq_triton_gemv"
+GEMM_OPERATOR = "internvl_chat::awq_triton_gemm"
 TARGET_PROGRAMS = 528  # 4 per SM on an H100/H200 (132 SMs); enough to keep every SM streaming
 # Outputs per program. Each thread holds BLOCK_N/32 rows, which share its activations (loaded and
 # converted once); 64 takes ~130 registers on sm_90 (4 programs per SM). To be swept on a GPU: 32-128.
@@ -58,6 +65,7 @@ MAGIC = 0x4B000000  # the bits of 2^23 as fp32 (a kernel argument, so that it si
 
 __all__ = [
     "OPERATOR",
+    "awq_triton_gemm",
     "awq_triton_gemv",
     "check_usable",
     "dense_from_repacked",
@@ -220,17 +228,22 @@ def launch_config(in_features: int, out_features: int, group_size: int) -> tuple
 # kernel is not served from a stale cache.
 GEMV_KERNEL = None
 REDUCE_KERNEL = None
+GEMM_KERNEL = None
 wrap_triton = getattr(torch.library, "wrap_triton", None)  # torch >= 2.6 (checked by availability)
 
 
 @functools.cache
 def _interpreted_kernels():
-    """(gemv, reduce) as Triton interpreter functions, for CPU tensors."""
+    """(gemv, reduce, gemm) as Triton interpreter functions, for CPU tensors."""
     from triton.runtime.interpreter import InterpretedFunction
 
     from internvl_chat.quant import triton_kernels
 
-    return InterpretedFunction(triton_kernels.awq_gemv_kernel), InterpretedFunction(triton_kernels.reduce_partials_kernel)
+    return (
+        InterpretedFunction(triton_kernels.awq_gemv_kernel),
+        InterpretedFunction(triton_kernels.reduce_partials_kernel),
+        InterpretedFunction(triton_kernels.awq_gemm_kernel),
+    )
 
 
 REDUCE_BLOCK = 256
@@ -258,7 +271,7 @@ def _gemv(
         final = out
         out = torch.empty(out.shape, dtype=torch.float32)
     if interpreted:
-        gemv, reduce = _interpreted_kernels()
+        gemv, reduce, _ = _interpreted_kernels()
     else:
         gemv, reduce = wrap_triton(GEMV_KERNEL), wrap_triton(REDUCE_KERNEL)
     has_bias = bias is not None
@@ -278,16 +291,50 @@ def _gemv(
     return final.copy_(out) if interpreted else out
 
 
+# The GEMM's tiles: 64 outputs by up to 64 rows (at least 16, tl.dot's smallest), ≥ 128 inputs a step
+GEMM_BLOCK_N = 64
+GEMM_MIN_K = 128
+
+
+def gemm_config(rows: int, group_size: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_G) of the GEMM for `rows` rows."""
+    block_m = min(64, max(16, 1 << (max(rows, 1) - 1).bit_length()))
+    return block_m, max(1, GEMM_MIN_K // group_size)
+
+
+def _gemm(
+    x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """The GEMM operator's body: x2 [M, K] contiguous → [M, N] in x2's dtype."""
+    rows = x2.shape[0]
+    out, _ = _allocate(x2, qweight, 1)
+    if rows == 0:
+        return out
+    out_features, groups = qweight.shape[0], qweight.shape[1] * 8 // group_size
+    block_m, block_g = gemm_config(rows, group_size)
+    interpreted = x2.device.type == "cpu"
+    target = torch.empty(out.shape, dtype=torch.float32) if interpreted else out  # as in _gemv
+    gemm = _interpreted_kernels()[2] if interpreted else wrap_triton(GEMM_KERNEL)
+    has_bias = bias is not None
+    gemm[(-(-rows // block_m), -(-out_features // GEMM_BLOCK_N))](
+        x2, qweight, scales, zeros, bias if has_bias else target, target, rows, out_features, groups,
+        GROUP_WORDS=group_size // 8, BLOCK_M=block_m, BLOCK_N=GEMM_BLOCK_N, BLOCK_G=block_g,
+        STEPS=-(-groups // block_g), HAS_BIAS=has_bias, INTERPRETED=interpreted, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return out.copy_(target) if interpreted else out
+
+
 @functools.cache
 def ensure_registered() -> None:
     """Register `internvl_chat::awq_triton_gemv` once per process (callers check availability first)."""
-    global GEMV_KERNEL, REDUCE_KERNEL
+    global GEMV_KERNEL, REDUCE_KERNEL, GEMM_KERNEL
     import triton
 
     from internvl_chat.quant import triton_kernels
 
     GEMV_KERNEL = triton.JITFunction(triton_kernels.awq_gemv_kernel)
     REDUCE_KERNEL = triton.JITFunction(triton_kernels.reduce_partials_kernel)
+    GEMM_KERNEL = triton.JITFunction(triton_kernels.awq_gemm_kernel)
 
     @torch.library.triton_op(OPERATOR, mutates_args=())
     def awq_triton_gemv_op(
@@ -301,9 +348,26 @@ def ensure_registered() -> None:
     def _(x2, qweight, scales, zeros, bias, group_size):
         return _allocate(x2, qweight, 1)[0]
 
+    @torch.library.triton_op(GEMM_OPERATOR, mutates_args=())
+    def awq_triton_gemm_op(
+        x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, group_size: int
+    ) -> torch.Tensor:
+        return _gemm(x2, qweight, scales, zeros, bias, group_size)
+
+    @awq_triton_gemm_op.register_fake
+    def _(x2, qweight, scales, zeros, bias, group_size):
+        return _allocate(x2, qweight, 1)[0]
+
 
 def awq_triton_gemv(
     x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
     """x2 [M, K] @ W (+ bias) → [M, N] in x2's dtype, for the resident layout of `repack_awq`."""
     return torch.ops.internvl_chat.awq_triton_gemv(x2.contiguous(), qweight, scales, zeros, bias, group_size)
+
+
+def awq_triton_gemm(
+    x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """x2 [M, K] @ W (+ bias) → [M, N] in x2's dtype with tensor cores, for a few dozen rows."""
+    return torch.ops.internvl_chat.awq_triton_gemm(x2.contiguous(), qweight, scales, zeros, bias, group_size)

@@ -86,6 +86,58 @@ def awq_gemv_kernel(
         tl.store(part_ptr + (pid_k * M + m) * N + rows, y, mask=row_ok)
 
 
+def awq_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, G,
+    GROUP_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """Program (block of BLOCK_M rows, block of BLOCK_N outputs): x[rows] · W[:, outputs] with tensor
+    cores, for batches too large for the GEMV and too small to pay for a dense weight (a follow-up
+    turn's prefill). Each step dequantizes a [BLOCK_N, BLOCK_G·g] tile of the repacked layout in
+    registers — read once at 0.5 B/weight per row block — and multiplies it in x's dtype (fp32: in
+    full fp32, no TF32), accumulating in fp32."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    group_size: tl.constexpr = GROUP_WORDS * 8
+    step_k: tl.constexpr = BLOCK_G * group_size
+    g_lane = tl.arange(0, BLOCK_G)
+    w_lane = tl.arange(0, GROUP_WORDS)
+    slots = tl.arange(0, 8)
+    k_lane = tl.arange(0, step_k)
+    in_features = G * group_size
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for step in range(STEPS):  # STEPS = ⌈G / BLOCK_G⌉, constant (see the GEMV's loop)
+        g0 = step * BLOCK_G
+        g = g0 + g_lane
+        g_ok = g < G
+        # the mask is constant along each group's inputs, so the loads can be vectorized
+        k_ok = (g0 + k_lane // group_size) < G
+        x = tl.load(x_ptr + rows[:, None] * in_features + g0 * group_size + k_lane[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        tile_ok = col_ok[:, None] & g_ok[None, :]
+        word_at = cols[:, None, None] * (G * GROUP_WORDS) + g[None, :, None] * GROUP_WORDS + w_lane[None, None, :]
+        words = tl.load(w_ptr + word_at, mask=tile_ok[:, :, None], other=0)  # [BLOCK_N, BLOCK_G, g/8]
+        scale = tl.load(s_ptr + cols[:, None] * G + g[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + cols[:, None] * G + g[None, :], mask=tile_ok, other=0).to(tl.float32)
+        # slot i of word w is input i·(g/8) + w of its group: [N, G, 8, g/8] flattens to input order
+        q = ((words[:, :, None, :] >> (4 * slots)[None, None, :, None]) & 0xF).to(tl.float32)
+        w = (q - zero[:, :, None, None]) * scale[:, :, None, None]
+        w = tl.reshape(w, (BLOCK_N, step_k))
+        if INTERPRETED:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w))
+        elif x_ptr.dtype.element_ty == tl.float32:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
 def reduce_partials_kernel(part_ptr, b_ptr, out_ptr, M, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """out[m, cols] = Σ_s part[s, m, cols] (+ bias), in a fixed order: the same bits on every run."""
     m = tl.program_id(0)
