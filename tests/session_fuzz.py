@@ -333,7 +333,10 @@ class SessionFuzz:
             self.expect(same, f"answer {answer} ({finish}) differs from the fresh model's {want} ({want_finish})")
         self.expect(final["usage"]["completion_tokens"] == len(answer), f"usage {final['usage']} for {len(answer)} tokens")
         pending = len(prior) - pos_before
-        self.expect(final["usage"]["prompt_tokens"] == pending + len(prompt), f"usage {final['usage']} for a prompt of {pending} + {len(prompt)}")
+        # a retry feeds its cached prompt's last token again, and nothing else (every committed turn's prompt is cached)
+        fed, kind = (1, "retry") if retry else (pending + len(prompt), "ask")
+        self.expect(final["usage"]["prompt_tokens"] == fed, f"{kind}: usage {final['usage']} for a prompt of {pending} + {len(prompt)}")
+        self.expect(final["timing"]["prefill_tokens"] == fed, f"{kind}: {final['timing']['prefill_tokens']} tokens prefilled, not {fed}")
         streamed = "".join(e["text"] for e in events)
         decoded = self.live.tokenizer.decode(answer, skip_special_tokens=True)  # specials are never shown
         self.expect(streamed == decoded, f"streamed text {streamed!r} is not the answer's {decoded!r}")
