@@ -231,20 +231,21 @@ def test_a_failed_retry_restores_the_old_answer_prefilling_only_past_the_prompt(
     before = (list(session.ids), session.start_pos, list(session.turns))
     expected = _next_logits(session)
     cut = last.ids_before + len(last.prompt_ids) - 1
-    real, spy = loaded.model.forward, ForwardSpy(loaded.model, monkeypatch)
-    counting = loaded.model.forward
+    spy = ForwardSpy(loaded.model, monkeypatch)
+    spied, calls = loaded.model.forward, []
 
     def failing(*a, **k):  # the new answer's first decode step runs out of memory
-        if len(spy.calls) == 1:
-            spy.calls.append((a[1], -1, False))
+        calls.append(1)
+        if len(calls) == 2:
             raise MemoryError()
-        return counting(*a, **k)
+        return spied(*a, **k)
 
     monkeypatch.setattr(loaded.model, "forward", failing)
     with pytest.raises(GenerationError, match="out of memory"):
         _run(session.retry())
-    assert spy.calls[-1] == (cut, before[1] - cut, False)  # the restore: the prompt's last token and the old answer
-    monkeypatch.setattr(loaded.model, "forward", real)
+    # the prompt's last token, then the restore: that token and the old answer, no picture
+    assert spy.calls == [(cut, 1, False), (cut, before[1] - cut, False)]
+    monkeypatch.undo()
     assert (session.ids, session.start_pos, session.turns) == before and session.turns[-1] is last
     assert _close(_next_logits(session), expected)
 
