@@ -5,9 +5,11 @@ test_compiled.py).
 random operations: asks (short, long and tricky texts; images and videos; greedy and seeded
 sampling; small max_new_tokens, so answers stop at the length limit and leave a pending token; extra
 stop ids; turns that exactly fill or overflow the context), answers cancelled or abandoned mid-stream,
-out of memory or Ctrl-C injected into the model, undo, retry, clear, /system, save then load (into a
-fresh Session, or an older file into the live one), stale values written past the valid cache, and
-server requests on a KV slot of its own (`continue_with`) between the conversation's turns.
+out of memory or Ctrl-C injected into the model, undo, retry (one cached token fed again, or now and
+then the whole prompt prefilled again, as where the cache cannot be shown to hold it), clear, /system,
+save then load (into a fresh Session, or an older file into the live one), stale values written past
+the valid cache, and server requests on a KV slot of its own (`continue_with`) between the
+conversation's turns.
 
 Each operation states its expected outcome on a shadow of the conversation (the turns as the user
 sees them). After every operation the checks compare the Session with that shadow and with `ref`, a
@@ -109,6 +111,7 @@ class SessionFuzz:
         self.ops = 0
         self.outcomes: Counter = Counter()  # what happened, by kind: shows what a run covered
         self.slot: Session | None = None  # a server's KV slot on the same model (op_serve)
+        self.prefilling_retry = False  # the retry under way prefills its whole prompt again (op_retry)
         self.main_kv: OwnKVCache | None = None  # the model's own KV tensors, which the conversation uses
         special = live.special
         self.banned = (special.img_start, special.img_end, special.img_context)
@@ -235,7 +238,10 @@ class SessionFuzz:
         s = self.session
         params = self._params()
         variant = self.rng.choice(["plain"] * 4 + ["cancel", "abandon", "oom", "oom_twice", "ctrl_c", "cancel_first"])
-        self.log.append(f"retry {self._describe(params)} {variant}")
+        # a retry feeds its cached prompt's last token again; now and then it is made to take the path
+        # kept for a cache that cannot be shown to hold the prompt: prefilling all of it again
+        self.prefilling_retry = self.rng.random() < 0.25
+        self.log.append(f"retry {self._describe(params)} {variant}{' (prefilling)' if self.prefilling_retry else ''}")
         if not self.shadow.turns:
             try:
                 for _ in s.retry(params):
@@ -248,7 +254,12 @@ class SessionFuzz:
         new_ids = self._turn_ids(self.builder(), len(self.shadow.turns) - 1, last.text, last.media)
         before = len(s.ids) - len(last.answer_ids) - len(new_ids)
         fits = before + len(new_ids) + params.max_new_tokens <= s.max_context
-        self._answer(lambda cancel: s.retry(params, cancel), params, variant, fits, new_turn=None)
+        if self.prefilling_retry:
+            s._cached_prompt_end = lambda turn: None
+        try:
+            self._answer(lambda cancel: s.retry(params, cancel), params, variant, fits, new_turn=None)
+        finally:
+            vars(s).pop("_cached_prompt_end", None)
 
     def _answer(self, start, params: SamplingParams, variant: str, fits: bool, new_turn) -> None:
         """Run one ask or retry under `variant` and check its outcome against the shadow."""
@@ -333,7 +344,11 @@ class SessionFuzz:
             self.expect(same, f"answer {answer} ({finish}) differs from the fresh model's {want} ({want_finish})")
         self.expect(final["usage"]["completion_tokens"] == len(answer), f"usage {final['usage']} for {len(answer)} tokens")
         pending = len(prior) - pos_before
-        self.expect(final["usage"]["prompt_tokens"] == pending + len(prompt), f"usage {final['usage']} for a prompt of {pending} + {len(prompt)}")
+        # a retry feeds its cached prompt's last token again, and nothing else (every committed turn's prompt is cached)
+        fed = 1 if retry and not self.prefilling_retry else pending + len(prompt)
+        kind = "retry" if retry else "ask"
+        self.expect(final["usage"]["prompt_tokens"] == fed, f"{kind}: usage {final['usage']} for a prompt of {pending} + {len(prompt)}")
+        self.expect(final["timing"]["prefill_tokens"] == fed, f"{kind}: {final['timing']['prefill_tokens']} tokens prefilled, not {fed}")
         streamed = "".join(e["text"] for e in events)
         decoded = self.live.tokenizer.decode(answer, skip_special_tokens=True)  # specials are never shown
         self.expect(streamed == decoded, f"streamed text {streamed!r} is not the answer's {decoded!r}")

@@ -412,6 +412,21 @@ def test_ctrl_c_during_retry_prefill_says_what_was_lost(loaded, tmp_path, monkey
     assert app.handle_line("Second.") == OK and len(app.session.turns) == 2
 
 
+def test_stats_after_retry_say_that_one_prompt_token_was_prefilled(loaded, media, tmp_path):
+    # /retry feeds only the last token of its turn's cached prompt again: /stats must not claim the
+    # whole prompt (a picture's hundreds of tokens) was prefilled
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line(f"/image {media / 'small.png'}")
+    app.handle_line("What is it?")
+    output(out)  # what came before is not under test
+    app.handle_line("/stats")
+    assert not re.search(r"^prefill +1 tokens ", out.getvalue(), re.M)
+    app.handle_line("/retry")
+    output(out)
+    app.handle_line("/stats")
+    assert re.search(r"^prefill +1 tokens in \d+\.\d{3} s", out.getvalue(), re.M), out.getvalue()
+
+
 def test_stats_shows_vision_time_only_when_a_picture_was_encoded(loaded, media, tmp_path):
     # /stats said "vision 0.000 s" after a text-only answer (and after /retry, which reuses the
     # features), where the stats line under the answer rightly says nothing

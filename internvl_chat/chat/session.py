@@ -3,8 +3,9 @@
 The cache is positional. `ids` holds every committed token; the cache is valid for
 `ids[:start_pos]`, and the tokens after it (at most the closing of the last answer) are
 prefilled at the head of the next turn. Each turn prefills only its own new tokens, and the vision
-encoder runs only on media attached to that turn. Undo and retry move `start_pos` back to a turn
-boundary: nothing before it is re-prefilled (retry prefills its own turn's prompt again).
+encoder runs only on media attached to that turn. Undo moves `start_pos` back to a turn boundary:
+nothing before it is re-prefilled. Retry moves it back to the last token of its turn's prompt, which
+is still cached: that one token is fed again (see `_cached_prompt_end`).
 """
 
 from __future__ import annotations
@@ -146,19 +147,21 @@ class Session:
         return self.builder.next_turn(text, specs)
 
     def check_budget(self, new_tokens: int, max_new_tokens: int | None = None,
-                     first_fix: Callable[[], str] | None = None) -> None:  # fmt: skip
+                     first_fix: Callable[[], str] | None = None, cached: int | None = None) -> None:  # fmt: skip
         """`first_fix`: what to shorten first (the largest part of the new tokens, `_largest_part_fix`),
-        worked out only when the turn does not fit; by default the attachments."""
+        worked out only when the turn does not fit; by default the attachments. `cached`: the tokens
+        before the turn (by default start_pos)."""
         max_new = self.params.max_new_tokens if max_new_tokens is None else max_new_tokens
-        need = self.start_pos + new_tokens + max_new
+        cached = self.start_pos if cached is None else cached
+        need = cached + new_tokens + max_new
         if need > self.max_context:
             fix = first_fix() if first_fix is not None else "use fewer tiles or frames"
             # /clear frees only what is cached: nothing before the first answer, so never in one-shot mode
-            fixes = [fix, "/clear", "a smaller max_new_tokens"] if self.start_pos else [fix, "a smaller max_new_tokens"]
+            fixes = [fix, "/clear", "a smaller max_new_tokens"] if cached else [fix, "a smaller max_new_tokens"]
             if max_new > new_tokens:  # the answer's reserve is the larger part (a short question, a small --max-context)
                 fixes = ["use a smaller max_new_tokens", *fixes[:-1]]
             raise ContextOverflowError(
-                f"this turn needs {self.start_pos:,} cached + {new_tokens:,} new + {max_new:,} answer tokens = {need:,}, "
+                f"this turn needs {cached:,} cached + {new_tokens:,} new + {max_new:,} answer tokens = {need:,}, "
                 f"over the {self.max_context:,}-token context; {', '.join(fixes)}, or a larger --max-context"
             )
 
@@ -290,6 +293,9 @@ class Session:
         yield from self._run_turn(turn, prompt, features, vision_s, params, cancel)
 
     def _run_turn(self, turn, prompt, features, vision_s, params, cancel) -> Iterator[dict]:
+        """Prefill `prompt` at start_pos and stream the answer; on a failure the session is as before
+        (ids and start_pos; the cache from start_pos on is zeroed where it may hold NaN)."""
+        ids_len, pos = len(self.ids), self.start_pos
         sampler = self._make_sampler(params)
         sampler.observe(torch.tensor(prompt, device=self.model.device))
         events = stream_generate(
@@ -305,11 +311,11 @@ class Session:
                     self._commit(turn, prompt, event, "".join(text_parts))
                 yield event
         except (GenerationError, KeyboardInterrupt, Cancelled) as e:
-            self._rewind(turn.ids_before, turn.pos_before)
+            self._rewind(ids_len, pos)
             if isinstance(e, GenerationError):
-                self._clear_cache_from(turn.pos_before)
+                self._clear_cache_from(pos)
             elif isinstance(e, Cancelled):  # the chunks prefilled so far: as after a failure, no NaN may stay
-                self._clear_cache_from(turn.pos_before, turn.pos_before + len(prompt))
+                self._clear_cache_from(pos, pos + len(prompt))
             raise
 
     def _commit(self, turn: Turn, prompt: list[int], event: dict, text: str) -> None:
@@ -349,16 +355,67 @@ class Session:
         return turn
 
     def retry(self, params: SamplingParams | None = None, cancel: threading.Event | None = None) -> Iterator[dict]:
-        """Drop the last answer and generate a new one for the same question (no re-prefill before it).
+        """Drop the last answer and generate a new one for the same question.
 
-        The turn's image features are kept with it, so the vision encoder does not run again. If
-        the new answer fails or is interrupted before it is committed, the old one is restored.
+        The question's prompt is still cached: only its last token is fed again, which gives the new
+        answer's first token; nothing is prefilled before it and the vision encoder does not run.
+        Where the cache cannot be shown to hold the prompt, the whole prompt is prefilled again with
+        the turn's kept image features. If the new answer fails or is interrupted before it is
+        committed, the old one is restored.
         """
         if not self.turns:
             raise UsageError("nothing to retry; ask something first")
         last = self.turns[-1]
         params = params or self.params
         params.validate()
+        prompt_end = self._cached_prompt_end(last)
+        if prompt_end is None:
+            yield from self._retry_prefilling(last, params, cancel)
+            return
+        # the prompt (its pending tokens, then prompt_ids) as the turn had it: the budget and its
+        # message are those of asking it again
+        self.check_budget(prompt_end - last.pos_before, params.max_new_tokens, cached=last.pos_before)
+        saved = (list(self.ids), self.start_pos)
+        cut = prompt_end - 1  # the prompt's last token: fed again at its own position
+        prompt = self.ids[cut:prompt_end]
+        self.turns.pop()
+        self._rewind(cut, cut)
+        turn = Turn(last.user_text, last.media, ids_before=last.ids_before, pos_before=last.pos_before,
+                    prompt_ids=list(last.prompt_ids))  # fmt: skip
+        turn.features = last.features
+        committed = False
+        try:
+            for event in self._run_turn(turn, prompt, None, 0.0, params, cancel):
+                committed = event["finish_reason"] is not None
+                yield event
+        finally:
+            if not committed:
+                self._restore_turn(last, saved, cut)
+
+    def _cached_prompt_end(self, turn: Turn) -> int | None:
+        """Where the last turn's prompt ends in ids, when the KV cache provably holds all of it; else None.
+
+        The invariant /retry relies on: a committed turn's prompt (the pending tokens from pos_before,
+        then prompt_ids from ids_before) was prefilled before its answer's first token, and nothing
+        moves start_pos back into it while the turn stays: an answer commits with start_pos past it
+        (stopped, cut at the length limit or cancelled); undo and a failed turn rewind to a turn's
+        pos_before and remove that turn; a failed retry restores start_pos (re-prefilling what it
+        overwrote); load and /system prefill the whole conversation. Checked here rather than trusted:
+        start_pos covers the prompt, and ids there are the prompt the builder gives now.
+        """
+        specs = [m.spec for m in turn.media]
+        builder = self.builder
+        prompt = builder.first_turn(turn.user_text, specs) if turn.ids_before == 0 else builder.next_turn(turn.user_text, specs)
+        end = turn.ids_before + len(prompt)
+        images = (builder.img_start_id, builder.img_end_id, builder.img_context_id)
+        if not (prompt and turn.pos_before <= turn.ids_before and end <= self.start_pos):
+            return None
+        if prompt != turn.prompt_ids or self.ids[turn.ids_before : end] != prompt or prompt[-1] in images:
+            return None
+        return end
+
+    def _retry_prefilling(self, last: Turn, params: SamplingParams, cancel: threading.Event | None) -> Iterator[dict]:
+        """Retry by prefilling the turn's whole prompt again (its cache cannot be shown to hold it)."""
         features = last.features
         if features is None and last.media:
             features, _ = self._encode(last.media, cancel)
@@ -369,24 +426,29 @@ class Session:
         prompt = self.ids[self.start_pos :] + new_ids
         turn = Turn(last.user_text, last.media, ids_before=len(self.ids), pos_before=self.start_pos, prompt_ids=new_ids)
         turn.features = features
-        committed = False
+        committed, written = False, None
         try:
             self.check_budget(len(prompt), params.max_new_tokens)
+            written = self.start_pos
             for event in self._run_turn(turn, prompt, features, 0.0, params, cancel):
                 committed = event["finish_reason"] is not None
                 yield event
         finally:
             if not committed:
-                self._restore_turn(last, saved)
+                self._restore_turn(last, saved, written)
 
-    def _restore_turn(self, turn: Turn, saved: tuple[list[int], int]) -> None:
-        """Put back a turn that a failed /retry removed, re-prefilling its cached tokens."""
+    def _restore_turn(self, turn: Turn, saved: tuple[list[int], int], written: int | None) -> None:
+        """Put back a turn that a failed /retry removed, re-prefilling its cached tokens from
+        `written` on, where the retry began to write the cache (None: it wrote nothing)."""
         ids, end = saved
-        start = turn.pos_before
-        # prefill first: if it fails too, the session stays as undo left it (consistent, turn removed);
-        # it needs more memory than the decode step that may have failed, so it may run out as well
-        with out_of_memory_as_error("putting the last answer back"):
-            self.model.forward(ids[start:end], start, turn.features)
+        # as undo leaves it, should the prefill fail too: consistent, the turn removed (the prefill
+        # needs more memory than the decode step that may have failed, so it may run out as well)
+        self.ids, self.start_pos = ids[: turn.ids_before], turn.pos_before
+        if written is not None:
+            # the prompt's image tokens are in the part written again only when it starts before the prompt
+            features = turn.features if written <= turn.ids_before else None
+            with out_of_memory_as_error("putting the last answer back"):
+                self.model.forward(ids[written:end], written, features)
         self.ids, self.start_pos = ids, end
         self.turns.append(turn)
 

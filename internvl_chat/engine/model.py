@@ -349,7 +349,9 @@ class InternVLModel(nn.Module):
         """Run `input_ids` at positions start_pos…; return float32 logits of the last ([V]) or all ([T, V]).
 
         A prompt longer than `prefill_chunk` tokens runs in chunks; `cancel` is looked at before each
-        one: raises Cancelled once it is set (the KV cache past start_pos then holds a partial prompt)."""
+        one, a one-token prompt's included (/retry feeds one): raises Cancelled once it is set (the KV
+        cache past start_pos then holds a partial prompt)."""
+        _stop_if_set(cancel)  # decode steps pass no cancel: they are stopped between tokens instead
         ids = input_ids if type(input_ids) is torch.Tensor else torch.as_tensor(input_ids, dtype=torch.long)
         step = self.compiled_step
         if step is not None and ids.numel() == 1 and image_features is None and not all_logits and self.decode_graphs is None:
