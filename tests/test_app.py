@@ -115,6 +115,7 @@ def test_warns_at_80_percent_and_refuses_past_the_budget(loaded, media, tmp_path
     assert two / MAX_CONTEXT >= 0.8 and two + 8 <= MAX_CONTEXT  # the case this test is about
     assert f"context {percent(two / MAX_CONTEXT)} %" in out.getvalue()
     assert "warning: the context will be" in out.getvalue()
+    assert "/clear" not in out.getvalue()  # no turn yet: /clear would free nothing (it keeps the attachments)
 
     assert app.handle_line(f"/image {media / 'small3.png'}") == ERROR
     last = out.getvalue().strip().splitlines()[-1]

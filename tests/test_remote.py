@@ -439,6 +439,27 @@ def test_costs_are_estimates_and_the_servers_context_is_enforced(tmp_path):
 
 
 
+def test_the_context_advice_names_clear_only_when_there_are_turns_and_flags_in_one_shot_mode(tmp_path):
+    """/clear frees nothing before the first turn, and one-shot mode has no commands at all: it
+    names the flags of the next run instead (as the local Session does)."""
+    models = json.loads(models_of("vllm"))
+    models["data"][0]["max_model_len"] = 800
+    with FakeServer(json.dumps(models).encode()) as server:
+        conv = connect(server)
+        image = conv.describe_image(png(tmp_path / "wide.png", (896, 448)), 6)
+        with pytest.raises(ContextOverflowError, match=r"context; use fewer tiles or frames, or a smaller max_new_tokens$"):
+            conv.check_attach([image])
+        conv.commands = False
+        with pytest.raises(ContextOverflowError, match=r"context; use fewer tiles or frames \(--max-tiles, --frames\), "
+                           r"or a smaller --max-new-tokens$"):  # fmt: skip
+            conv.check_attach([image])
+        conv.commands = True
+        server.chat(stream_of("vllm"))
+        answer(conv.ask("Hi."))
+        with pytest.raises(ContextOverflowError, match=r"; use fewer tiles or frames, /clear, or a smaller max_new_tokens$"):
+            conv.check_attach([image])
+
+
 def test_context_items_add_up_to_the_servers_count_and_a_cancelled_answer_keeps_it():
     """The server counts more than the client can estimate (its default system message, its
     template): /context's items still add up to the context used, and an answer the server did not

@@ -425,9 +425,10 @@ class App:
             fraction = self.context_share(self.session.context_used + self.session.turn_tokens(self.pending))
             self.say(self.attach_line(item, fraction), "green")
         if fraction is not None and fraction >= WARN_FRACTION:
+            clear = ", /clear" if self.session.turns else ""  # /clear keeps the attachments: it frees only turns
             self.warn(
                 f"the context will be {self.approx}{_percent(fraction)} full with this message; "
-                "/drop an attachment, /clear, or lower max_tiles / frames to keep room for later turns"
+                f"/drop an attachment{clear}, or lower max_tiles / frames to keep room for later turns"
             )
 
     def attach_line(self, media: Media, fraction: float | None) -> str:
