@@ -59,6 +59,7 @@ DEMO_MODEL_NOTE = (
     "left or right, top or bottom, or a one-sentence description; --model DIR loads a real InternVL3"
 )
 LISTED_VALUE_WIDTH = 40  # `/set` alone lists values up to this long, longer ones cut short
+NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
 KEYS_HELP = (
@@ -783,6 +784,9 @@ class App:
         refuses unless --force is given. Re-saving this conversation to its own file is fine.
         """
         path = self._output_path(command.args[0]) if command.args else self._default_save_path()
+        if path.suffix.lower() in NOT_SESSION_SUFFIXES:  # a session written under a Markdown or text name
+            raise UsageError(f"a session file is JSON, so /save does not write {visible(path.name)}; /save NAME or NAME.json "
+                             f"saves the session, /export {_typed(command.args[0])} writes the conversation as Markdown")
         if path.is_dir():
             raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /save {_typed(path / 'chat.json')}")
         if not command.options.get("force") and not self._may_replace(path):
