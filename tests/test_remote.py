@@ -194,6 +194,20 @@ def test_video_frames_are_our_samplers_frames(tmp_path):
     assert labels == ["Frame1: ", "Frame2: ", "Frame3: ", "Frame4: ", "Frame5: ", "What happens?"]
 
 
+def test_a_video_range_past_the_end_is_kept_as_the_range_used(tmp_path):
+    """As locally: an end past the clip is its end, in what is shown and saved; the same frames go."""
+    video = write_numbered_video(tmp_path / "v.mp4", 40)  # 1.33 s at 30 fps
+    with FakeServer(models_of("lmdeploy")) as server:
+        conv = connect(server)
+        media = conv.describe_video(video, 3, (0.5, 1000.0))
+        assert media.video_range == (0.5, 1.34)
+        server.chat(stream_of("lmdeploy"))
+        answer(conv.ask("What happens?", [media]))
+        conv.save(tmp_path / "s.json")
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert [m["range"] for msg in saved["messages"] for m in msg.get("media", [])] == [[0.5, 1.34]]
+
+
 def _lmdeploy_renders(content) -> str:
     """lmdeploy's InternVL proc_messages: text parts as they are, each picture as `<img>…</img>\\n`."""
     return "".join(p["text"] if p["type"] == "text" else "<image>\n" for p in content)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from internvl_chat.errors import MediaError, UsageError
 from internvl_chat.media import video as media_video
-from internvl_chat.media.video import BACKEND_ENV, frame_indices, load_video, probe_video
+from internvl_chat.media.video import BACKEND_ENV, frame_indices, load_video, probe_video, used_range
 
 
 def expected_indices(total: int, fps: float, n: int, start: float | None = None, end: float | None = None) -> list[int]:
@@ -95,6 +95,20 @@ def test_index_errors(kwargs, words):
     with pytest.raises(MediaError) as err:
         frame_indices(**args)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("total, fps", [(30, 10.0), (91, 30.0), (100, 29.97), (2400, 240.0), (7, 3.0)])
+def test_the_range_used_ends_at_the_video_and_samples_the_same_frames(total, fps):
+    """An end past the video becomes the video's end (to 1/100 s), for labels and session files;
+    the frames it samples are the same as for the end asked for."""
+    duration = total / fps
+    start = duration / 3
+    used = used_range((start, 1000.0), duration)
+    assert used[0] == start and duration <= used[1] < duration + 0.01 and used[1] == round(used[1], 2)
+    assert frame_indices(total, fps, 8, *used) == frame_indices(total, fps, 8, start, 1000.0)
+    assert used_range((start, duration / 2), duration) == (start, duration / 2)  # within the video: as asked
+    assert used_range((duration, 1000.0), duration) == (duration, 1000.0)  # a start past the end is refused later
+    assert used_range(None, duration) is None and used_range((1.0, 1000.0), 0.0) == (1.0, 1000.0)
 
 
 # ---------------------------------------------------------------- real videos

@@ -42,7 +42,7 @@ from ..media.image import (
     quiet_pillow,
     to_rgb,
 )
-from ..media.video import load_video, probe_video
+from ..media.video import load_video, probe_video, used_range
 from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .dialects import (
@@ -357,8 +357,8 @@ class RemoteConversation:
         if frames < 1:
             raise MediaError(f"--frames must be at least 1 (got {frames})")
         _, _, duration = probe_video(path)
-        return RemoteMedia("video", path, frames, frames=frames, video_range=video_range, duration=duration,
-                           bytes=path.stat().st_size)  # fmt: skip
+        return RemoteMedia("video", path, frames, frames=frames, video_range=used_range(video_range, duration),
+                           duration=duration, bytes=path.stat().st_size)  # fmt: skip
 
     def _prepare(self, media: RemoteMedia) -> None:
         """Read the picture or decode the video once; later turns resend the same bytes."""

@@ -24,7 +24,7 @@ from ..engine.loader import LoadedModel
 from ..errors import Cancelled, ContextOverflowError, GenerationError, MediaError, UsageError
 from ..files import expand_home, visible, write_atomic
 from ..media.image import count_tiles, load_image, probe_image
-from ..media.video import load_video, probe_video
+from ..media.video import load_video, probe_video, used_range
 from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .generate import is_out_of_memory, out_of_memory_as_error, stream_generate
@@ -229,7 +229,8 @@ class Session:
             raise MediaError(f"--frames must be at least 1 (got {frames})")
         _, _, duration = probe_video(path)
         st = path.stat()
-        return Media("video", path, frames, frames=frames, video_range=video_range, duration=duration, bytes=st.st_size)
+        return Media("video", path, frames, frames=frames, video_range=used_range(video_range, duration),
+                     duration=duration, bytes=st.st_size)  # fmt: skip
 
     def _decode(self, media: Media) -> torch.Tensor:
         if media.pixel_values is None:

@@ -99,6 +99,18 @@ def frame_indices(
     return [int(first + seg / 2 + round(seg * k)) for k in range(num_frames)]
 
 
+def used_range(video_range: tuple[float, float] | None, duration: float) -> tuple[float, float] | None:
+    """The range as it is used, to show and save: an end past the video's end becomes the end
+    (frame_indices takes the last frame for it), rounded up to 1/100 s so the label stays short
+    and still reaches the last frame. A start at or past the end is left for the caller to refuse."""
+    if video_range is None or not duration > 0:
+        return video_range
+    start, end = video_range
+    if end <= duration or start >= duration:
+        return video_range
+    return start, math.ceil(round(duration * 100, 6)) / 100
+
+
 # ---------------------------------------------------------------- orientation (pure)
 
 # The eight ways to turn or mirror a picture, as PIL operations (None: as stored) and as integer

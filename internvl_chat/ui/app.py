@@ -391,6 +391,8 @@ class App:
                     f"the range starts at {video_range[0]:g} s but {visible(path.name)} is only "
                     f"{media.duration:.1f} s long; choose an earlier start"
                 )
+            if media.video_range != video_range:  # the end was past the end of the video
+                self.note(f"{visible(path.name)} is {media.duration:.1f} s long, so the range ends there")
             return media
         return self.session.describe_image(path, self.settings.media.max_tiles)
 
