@@ -20,6 +20,7 @@ from media_helpers import (
 from PIL import Image
 
 from internvl_chat.errors import MediaError, UsageError
+from internvl_chat.files import visible
 from internvl_chat.media import video as media_video
 from internvl_chat.media.video import BACKEND_ENV, frame_indices, load_video, probe_video, used_range
 
@@ -109,6 +110,43 @@ def test_the_range_used_ends_at_the_video_and_samples_the_same_frames(total, fps
     assert used_range((start, duration / 2), duration) == (start, duration / 2)  # within the video: as asked
     assert used_range((duration, 1000.0), duration) == (duration, 1000.0)  # a start past the end is refused later
     assert used_range(None, duration) is None and used_range((1.0, 1000.0), 0.0) == (1.0, 1000.0)
+
+
+@pytest.mark.parametrize("read", [probe_video, load_video])
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("missing", "(No such file or directory); check the path"),
+        ("folder", "(Is a directory); check the path"),
+        ("no permission", "(Permission denied); check its permissions"),
+        ("not a video", "(Invalid data found when processing input); use an MP4, MKV, WebM or AVI file"),
+    ],
+)
+def test_a_file_pyav_cannot_open_is_one_line_with_the_path_escaped(tmp_path, monkeypatch, read, kind, reason):
+    """PyAV's own text was `[Errno 1094995529] Invalid data found when processing input: '/the/path'`:
+    an errno, and the path a second time, unescaped. The line has the path once, escaped, then
+    FFmpeg's reason and what to do. The file is opened by PyAV as it is then (check_media_file
+    looked at it earlier: it may have changed since)."""
+    import errno
+
+    folder = tmp_path / "odd\x1b[31m\u202e"
+    folder.mkdir()
+    path = folder / "clip.mp4"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "not a video":
+        path.write_text("hello, not a video")
+    elif kind == "no permission":  # chmod 000 does not stop root: PyAV's error as FFmpeg gives it
+        def refuse(name, *args, **kwargs):
+            raise av.error.PermissionError(errno.EACCES, "Permission denied", name)
+
+        monkeypatch.setattr(av, "open", refuse)
+    monkeypatch.setattr(media_video, "check_media_file", lambda p, what: p)
+    with pytest.raises(MediaError) as err:
+        read(path)
+    line = str(err.value)
+    assert line == f"cannot read video {visible(str(path))} {reason}"
+    assert "Errno" not in line and line.count("clip.mp4") == 1 and line.isprintable()
 
 
 # ---------------------------------------------------------------- real videos
