@@ -114,7 +114,7 @@ def test_a_range_past_the_end_of_the_video_shows_and_saves_the_range_used(loaded
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line(f"/video {media / 'clip.mp4'} --frames 2 --range 2-1000") == OK
     said = output(out)
-    assert "clip.mp4 is 3.0 s long, so the range ends there" in said
+    assert "clip.mp4 ends at 3 s, so the range ends there" in said
     assert "+ video clip.mp4 2 frames from 2–3 s →" in said and "1000" not in said
     app.handle_line("/media")
     assert "2 frames from 2–3 s" in output(out)

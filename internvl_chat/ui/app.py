@@ -392,7 +392,7 @@ class App:
                     f"{media.duration:.1f} s long; choose an earlier start"
                 )
             if media.video_range != video_range:  # the end was past the end of the video
-                self.note(f"{visible(path.name)} is {media.duration:.1f} s long, so the range ends there")
+                self.note(f"{visible(path.name)} ends at {media.video_range[1]:g} s, so the range ends there")
             return media
         return self.session.describe_image(path, self.settings.media.max_tiles)
 
