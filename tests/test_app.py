@@ -7,6 +7,7 @@ counts of known image sizes, token counts of turns, percentages of the context.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -15,12 +16,14 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from rich.console import Console
 
 from internvl_chat.chat.session import Session
 from internvl_chat.chat.template import MediaSpec
 from internvl_chat.engine.loader import load_model
+from internvl_chat.media.video import load_video
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import EXIT, ERROR, OK, App, block_is_open, sanitize, unwrap_block
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
@@ -105,6 +108,25 @@ def test_attach_prints_cost_before_decoding(loaded, media, tmp_path):
     assert [m.kind for m in app.pending] == ["image", "video"]
 
 
+def test_a_range_past_the_end_of_the_video_shows_and_saves_the_range_used(loaded, media, tmp_path):
+    """`--range 2-1000` on a 3 s clip samples up to the last frame: the attach line, /media and the
+    session file say 2–3 s, not 2–1000 s, and the frames are those of 2–3 s."""
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/video {media / 'clip.mp4'} --frames 2 --range 2-1000") == OK
+    said = output(out)
+    assert "clip.mp4 ends at 3 s, so the range ends there" in said
+    assert "+ video clip.mp4 2 frames from 2–3 s →" in said and "1000" not in said
+    app.handle_line("/media")
+    assert "2 frames from 2–3 s" in output(out)
+    assert app.handle_line("What happens?") == OK
+    app.handle_line(f"/save {tmp_path / 'clip.json'}")
+    saved = json.loads((tmp_path / "clip.json").read_text())
+    assert [m["range"] for msg in saved["messages"] for m in msg.get("media", [])] == [[2, 3.0]]
+    clamped = load_video(media / "clip.mp4", 2, 2, 1000)
+    assert torch.equal(app.session.turns[0].media[0].pixel_values, clamped.pixel_values)
+    assert clamped.indices == load_video(media / "clip.mp4", 2, 2, 3.0).indices
+
+
 def test_warns_at_80_percent_and_refuses_past_the_budget(loaded, media, tmp_path):
     app, out = make_app(loaded, tmp_path)
     image = MediaSpec("image", 3)
@@ -115,6 +137,7 @@ def test_warns_at_80_percent_and_refuses_past_the_budget(loaded, media, tmp_path
     assert two / MAX_CONTEXT >= 0.8 and two + 8 <= MAX_CONTEXT  # the case this test is about
     assert f"context {percent(two / MAX_CONTEXT)} %" in out.getvalue()
     assert "warning: the context will be" in out.getvalue()
+    assert "/clear" not in out.getvalue()  # no turn yet: /clear would free nothing (it keeps the attachments)
 
     assert app.handle_line(f"/image {media / 'small3.png'}") == ERROR
     last = out.getvalue().strip().splitlines()[-1]

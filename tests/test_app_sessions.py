@@ -88,6 +88,22 @@ def test_a_session_file_dated_past_any_calendar_is_listed_and_completed(loaded, 
     assert [c.display_meta_text for c in repl.complete_session("fa")] == ["?"]
 
 
+@pytest.mark.parametrize("name", ["notes.md", "notes.MARKDOWN", "notes.txt", "my notes.md"])
+def test_save_to_a_markdown_or_text_name_is_refused_with_what_to_do(loaded, tmp_path, home, name):
+    """/save notes.md wrote a JSON session under a Markdown name; /export writes Markdown."""
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    typed = f'"{name}"' if " " in name else name
+    assert app.handle_line(f"/save {typed} --force") == ERROR
+    lines = output(out).strip().splitlines()
+    assert lines == [f"error: a session file is JSON, so /save does not write {name}; /save NAME or NAME.json saves "
+                     f"the session, /export {typed.replace(chr(34), chr(39))} writes the conversation as Markdown"]  # fmt: skip
+    assert not (tmp_path / name).exists()
+    assert app.handle_line(f"/export {typed}") == OK and (tmp_path / name).read_text().startswith("# Conversation")
+    assert app.handle_line("/save notes") == OK and json.loads((tmp_path / "notes").read_text())
+
+
 def test_save_never_silently_replaces_another_conversation(loaded, tmp_path, home):
     first, _ = make_app(loaded, tmp_path)
     first.handle_line("The first conversation.")
@@ -101,8 +117,8 @@ def test_save_never_silently_replaces_another_conversation(loaded, tmp_path, hom
     message = output(out).strip()
     assert message.startswith(f"error: {tmp_path / 'talk.json'} already holds another conversation (1 turn(s))")
     assert "--force" in message and (tmp_path / "talk.json").read_text() == original
-    (tmp_path / "notes.txt").write_text("my notes")
-    assert second.handle_line("/save notes.txt") == ERROR
+    (tmp_path / "notes.log").write_text("my notes")
+    assert second.handle_line("/save notes.log") == ERROR
     assert "a file that is not an internvl-chat session" in output(out)
 
     asked = []

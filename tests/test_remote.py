@@ -194,6 +194,20 @@ def test_video_frames_are_our_samplers_frames(tmp_path):
     assert labels == ["Frame1: ", "Frame2: ", "Frame3: ", "Frame4: ", "Frame5: ", "What happens?"]
 
 
+def test_a_video_range_past_the_end_is_kept_as_the_range_used(tmp_path):
+    """As locally: an end past the clip is its end, in what is shown and saved; the same frames go."""
+    video = write_numbered_video(tmp_path / "v.mp4", 40)  # 1.33 s at 30 fps
+    with FakeServer(models_of("lmdeploy")) as server:
+        conv = connect(server)
+        media = conv.describe_video(video, 3, (0.5, 1000.0))
+        assert media.video_range == (0.5, 1.34)
+        server.chat(stream_of("lmdeploy"))
+        answer(conv.ask("What happens?", [media]))
+        conv.save(tmp_path / "s.json")
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert [m["range"] for msg in saved["messages"] for m in msg.get("media", [])] == [[0.5, 1.34]]
+
+
 def _lmdeploy_renders(content) -> str:
     """lmdeploy's InternVL proc_messages: text parts as they are, each picture as `<img>…</img>\\n`."""
     return "".join(p["text"] if p["type"] == "text" else "<image>\n" for p in content)
@@ -437,6 +451,27 @@ def test_costs_are_estimates_and_the_servers_context_is_enforced(tmp_path):
         items = conv.context_items([image])
         assert items[-1] == ("reserved for the answer (max_new_tokens)", 64)
 
+
+
+def test_the_context_advice_names_clear_only_when_there_are_turns_and_flags_in_one_shot_mode(tmp_path):
+    """/clear frees nothing before the first turn, and one-shot mode has no commands at all: it
+    names the flags of the next run instead (as the local Session does)."""
+    models = json.loads(models_of("vllm"))
+    models["data"][0]["max_model_len"] = 800
+    with FakeServer(json.dumps(models).encode()) as server:
+        conv = connect(server)
+        image = conv.describe_image(png(tmp_path / "wide.png", (896, 448)), 6)
+        with pytest.raises(ContextOverflowError, match=r"context; use fewer tiles or frames, or a smaller max_new_tokens$"):
+            conv.check_attach([image])
+        conv.commands = False
+        with pytest.raises(ContextOverflowError, match=r"context; use fewer tiles or frames \(--max-tiles, --frames\), "
+                           r"or a smaller --max-new-tokens$"):  # fmt: skip
+            conv.check_attach([image])
+        conv.commands = True
+        server.chat(stream_of("vllm"))
+        answer(conv.ask("Hi."))
+        with pytest.raises(ContextOverflowError, match=r"; use fewer tiles or frames, /clear, or a smaller max_new_tokens$"):
+            conv.check_attach([image])
 
 
 def test_context_items_add_up_to_the_servers_count_and_a_cancelled_answer_keeps_it():

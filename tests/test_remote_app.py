@@ -88,6 +88,16 @@ def test_oneshot_json_through_serve_gives_the_local_greedy_tokens(server, tiny_o
     assert "peak" not in text.stderr
 
 
+def test_oneshot_overflow_advice_names_flags_not_repl_commands(server, tiny_original, tmp_path):
+    """One-shot mode has no REPL: /clear, /undo or /set cannot help there, the next run's flags can."""
+    ask = ("-p", "Hi.", "--max-new-tokens", str(CONTEXT + 100))
+    for run in (cli(tmp_path, *local(tiny_original), *ask), cli(tmp_path, "--server", server.url, *ask)):
+        assert run.returncode != 0 and run.stdout == ""
+        line = run.stderr.strip()
+        assert "\n" not in line and "--max-new-tokens" in line, line
+        assert not re.search(r"/(clear|undo|set|drop|system)\b|max_new_tokens", line), line
+
+
 def test_local_model_flags_with_a_server_are_refused(tmp_path):
     run = cli(tmp_path, "--server", "http://127.0.0.1:9/v1", "--model", "somewhere", "-p", "hi")
     assert run.returncode == 2 and run.stdout == ""

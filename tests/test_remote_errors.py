@@ -251,6 +251,38 @@ def test_a_request_over_the_servers_body_limit_says_the_history_counts():
                          r"/clear, or attach smaller pictures$")
 
 
+CONTEXT_400 = Reply.json(fixture("vllm/error_nested.json"), 400)
+TOO_MANY_400 = Reply.json({"error": {"message": "At most 8 image(s) may be provided in one prompt.", "code": 400}}, 400)
+TOO_LARGE_413 = Reply.json({"error": {"message": "the request body is over this server's 64 MiB limit"}}, 413)
+
+
+@pytest.mark.parametrize(
+    ("reply", "repl_hint", "oneshot_hint"),
+    [
+        (CONTEXT_400, "; the conversation and its answer do not fit the server's context; use fewer tiles or frames, "
+                      "or a smaller max_new_tokens",
+                      "; the conversation and its answer do not fit the server's context; use fewer tiles or frames "
+                      "(--max-tiles, --frames), or a smaller --max-new-tokens"),
+        (TOO_MANY_400, "; the server takes no more pictures in one request; /drop attachments",
+                       "; the server takes no more pictures in one request; attach fewer files"),
+        (TOO_LARGE_413, "; the request is too large for this server; /drop attachments, or attach smaller pictures",
+                        "; the request is too large for this server; attach fewer or smaller pictures"),
+    ],
+)
+def test_a_first_turn_the_server_refuses_names_no_undo_or_clear_and_one_shot_names_flags(reply, repl_hint, oneshot_hint):
+    """/undo and /clear free nothing before the first turn; one-shot mode has no commands at all."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = RemoteConversation.connect(server.url, params=SamplingParams(max_new_tokens=8))
+        for commands, hint in ((True, repl_hint), (False, oneshot_hint)):
+            conv.commands = commands
+            server.chat(reply)
+            with pytest.raises(RemoteError) as err:
+                list(conv.ask("first"))
+            assert str(err.value).endswith(hint), str(err.value)
+            assert "/undo" not in str(err.value) and "/clear" not in str(err.value)
+            assert conv.turns == []
+
+
 def test_error_shapes():
     assert error_text({"error": {"message": "m", "type": "t", "code": 400}}) == "m (t)"
     assert error_text({"object": "error", "message": "m", "type": "t", "code": 404}) == "m (t)"

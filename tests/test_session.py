@@ -157,6 +157,28 @@ def test_overflow_advice_fits_what_is_cached_and_reserved(tiny_original):
         _run(session.ask("Hi.", params=_params(300)))
 
 
+def test_overflow_advice_in_one_shot_mode_names_flags_not_commands(tiny_original, media_dir):
+    """One-shot mode (`commands` False) has no /system or /set: the advice names the next run's flags."""
+    small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
+    session = Session(small, _params())
+    session.commands = False
+    picture = session.describe_image(media_dir / "scene.png")
+    with pytest.raises(ContextOverflowError, match=r"; use fewer tiles or frames \(--max-tiles, --frames\), "
+                       r"a smaller --max-new-tokens, or a larger --max-context$"):  # fmt: skip
+        _run(session.ask("What is this?", [picture, picture]))
+    with pytest.raises(ContextOverflowError, match=r"; use a smaller --max-new-tokens, use a shorter system message "
+                       r"\(--system\), or a larger --max-context$"):  # fmt: skip
+        _run(session.ask("Hi.", params=_params(1200)))
+    long_system = Session(small, _params(), system_message="be brief. " * 500)
+    long_system.commands = False
+    with pytest.raises(ContextOverflowError, match=r"; use a shorter system message \(--system\), a smaller --max-new-tokens"):
+        _run(long_system.ask("Hi."))
+    huge_system = Session(small, _params(), system_message="be brief. " * (1 << 18))
+    huge_system.commands = False  # refused before tokenizing: its fewest tokens already overflow
+    with pytest.raises(ContextOverflowError, match=r"; use a shorter system message \(--system\), or a larger --max-context$"):
+        _run(huge_system.ask("Hi."))
+
+
 def test_a_hopeless_paste_is_refused_before_it_is_tokenized(tiny_original, monkeypatch):
     """A paste whose fewest possible tokens overflow is refused without encoding it (a 15 MB one
     took ~25 s and ~3 GB to tokenize, only to be refused); the session is unchanged after."""

@@ -20,8 +20,9 @@ from media_helpers import (
 from PIL import Image
 
 from internvl_chat.errors import MediaError, UsageError
+from internvl_chat.files import visible
 from internvl_chat.media import video as media_video
-from internvl_chat.media.video import BACKEND_ENV, frame_indices, load_video, probe_video
+from internvl_chat.media.video import BACKEND_ENV, frame_indices, load_video, probe_video, used_range
 
 
 def expected_indices(total: int, fps: float, n: int, start: float | None = None, end: float | None = None) -> list[int]:
@@ -95,6 +96,57 @@ def test_index_errors(kwargs, words):
     with pytest.raises(MediaError) as err:
         frame_indices(**args)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("total, fps", [(30, 10.0), (91, 30.0), (100, 29.97), (2400, 240.0), (7, 3.0)])
+def test_the_range_used_ends_at_the_video_and_samples_the_same_frames(total, fps):
+    """An end past the video becomes the video's end (to 1/100 s), for labels and session files;
+    the frames it samples are the same as for the end asked for."""
+    duration = total / fps
+    start = duration / 3
+    used = used_range((start, 1000.0), duration)
+    assert used[0] == start and duration <= used[1] < duration + 0.01 and used[1] == round(used[1], 2)
+    assert frame_indices(total, fps, 8, *used) == frame_indices(total, fps, 8, start, 1000.0)
+    assert used_range((start, duration / 2), duration) == (start, duration / 2)  # within the video: as asked
+    assert used_range((duration, 1000.0), duration) == (duration, 1000.0)  # a start past the end is refused later
+    assert used_range(None, duration) is None and used_range((1.0, 1000.0), 0.0) == (1.0, 1000.0)
+
+
+@pytest.mark.parametrize("read", [probe_video, load_video])
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("missing", "(No such file or directory); check the path"),
+        ("folder", "(Is a directory); check the path"),
+        ("no permission", "(Permission denied); check its permissions"),
+        ("not a video", "(Invalid data found when processing input); use an MP4, MKV, WebM or AVI file"),
+    ],
+)
+def test_a_file_pyav_cannot_open_is_one_line_with_the_path_escaped(tmp_path, monkeypatch, read, kind, reason):
+    """PyAV's own text was `[Errno 1094995529] Invalid data found when processing input: '/the/path'`:
+    an errno, and the path a second time, unescaped. The line has the path once, escaped, then
+    FFmpeg's reason and what to do. The file is opened by PyAV as it is then (check_media_file
+    looked at it earlier: it may have changed since)."""
+    import errno
+
+    folder = tmp_path / "odd\x1b[31m\u202e"
+    folder.mkdir()
+    path = folder / "clip.mp4"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "not a video":
+        path.write_text("hello, not a video")
+    elif kind == "no permission":  # chmod 000 does not stop root: PyAV's error as FFmpeg gives it
+        def refuse(name, *args, **kwargs):
+            raise av.error.PermissionError(errno.EACCES, "Permission denied", name)
+
+        monkeypatch.setattr(av, "open", refuse)
+    monkeypatch.setattr(media_video, "check_media_file", lambda p, what: p)
+    with pytest.raises(MediaError) as err:
+        read(path)
+    line = str(err.value)
+    assert line == f"cannot read video {visible(str(path))} {reason}"
+    assert "Errno" not in line and line.count("clip.mp4") == 1 and line.isprintable()
 
 
 # ---------------------------------------------------------------- real videos

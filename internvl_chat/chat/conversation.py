@@ -86,6 +86,9 @@ class Conversation(Protocol):
     system_message: str | None
     turns: list  # of TurnLike
     token_counts_exact: bool  # False: token numbers below are estimates (a remote server counts the real ones)
+    # True where the user can type commands (REPL, --script); one-shot mode sets False, so that what
+    # an error says to do names the next run's flags instead (chat/advice.py)
+    commands: bool
 
     # ---- identity ---------------------------------------------------------------------------
     def describe(self) -> BackendInfo: ...

@@ -42,7 +42,8 @@ from ..media.image import (
     quiet_pillow,
     to_rgb,
 )
-from ..media.video import load_video, probe_video
+from ..media.video import load_video, probe_video, used_range
+from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .dialects import (
     LABELS,
@@ -190,6 +191,7 @@ class RemoteConversation:
         self.system_message = system_message or None
         self.stream_interval = stream_interval
         self.handshake_s = handshake_s
+        self.commands = True  # the user can type commands; one-shot mode sets False (chat/advice.py)
         self.turns: list[RemoteTurn] = []
 
     @classmethod
@@ -285,16 +287,20 @@ class RemoteConversation:
             return self._system_tokens() + sum(self._turn_total(t) for t in self.turns)
         return tokens + sum(self._turn_total(t) for t in self.turns[counted:])
 
+    def _advice(self, history: Sequence[RemoteTurn]) -> Advice:
+        return Advice(self.commands, earlier=bool(history))
+
     def check_budget(self, new_tokens: int, max_new_tokens: int | None = None) -> None:
         if self._max_context is None:
             return
         max_new = self.params.max_new_tokens if max_new_tokens is None else max_new_tokens
         need = self.context_used + new_tokens + max_new
         if need > self._max_context:
+            advice = self._advice(self.turns)
             raise ContextOverflowError(
                 f"this turn needs about {self.context_used:,} used + {new_tokens:,} new + {max_new:,} answer tokens "
-                f"= {need:,}, over the server's {self._max_context:,}-token context; use fewer tiles or frames, "
-                "/clear, or a smaller max_new_tokens"
+                f"= {need:,}, over the server's {self._max_context:,}-token context; "
+                f"{any_of([advice.fewer_media, *advice.forget('/clear'), advice.smaller_answer])}"
             )
 
     def check_attach(self, media: Sequence[Media]) -> None:
@@ -351,8 +357,8 @@ class RemoteConversation:
         if frames < 1:
             raise MediaError(f"--frames must be at least 1 (got {frames})")
         _, _, duration = probe_video(path)
-        return RemoteMedia("video", path, frames, frames=frames, video_range=video_range, duration=duration,
-                           bytes=path.stat().st_size)  # fmt: skip
+        return RemoteMedia("video", path, frames, frames=frames, video_range=used_range(video_range, duration),
+                           duration=duration, bytes=path.stat().st_size)  # fmt: skip
 
     def _prepare(self, media: RemoteMedia) -> None:
         """Read the picture or decode the video once; later turns resend the same bytes."""
@@ -437,11 +443,12 @@ class RemoteConversation:
         if tiles_are_per_request(self.dialect) and len({p.max_tiles for p in pictures}) > 1:
             raise UsageError(
                 f"{LABELS[self.dialect]} takes one tile limit per request, but this conversation's images use "
-                f"{sorted({p.max_tiles for p in pictures})}; /clear, or attach them with one max_tiles"
+                f"{sorted({p.max_tiles for p in pictures})}; "
+                f"{any_of([*self._advice(history).forget('/clear'), 'attach them with one max_tiles'])}"
             )
         body = request_body(self.dialect, self.model, self._messages(history, turn), params, pictures)
         t0 = time.perf_counter()
-        stream = self.client.stream_chat(body)
+        stream = self.client.stream_chat(body, self._advice(history))
         parts: list[str] = []
         pending = ""
         since_emit = 0

@@ -22,6 +22,7 @@ import httpx
 from .. import __version__
 from ..errors import RemoteError, UsageError
 from ..files import undecodable_byte, visible
+from .advice import Advice, any_of
 from .sse import SSEDecoder
 
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body worth reading
@@ -37,8 +38,6 @@ _HINTS = {
     403: "check --api-key (or OPENAI_API_KEY)",
     404: "check --server (it usually ends in /v1) and --remote-model",
     408: "try again",
-    413: "the request is too large for this server (every picture of the conversation is resent each turn); "
-         "/drop attachments, /undo or /clear, or attach smaller pictures",
     422: "the server did not accept the request's fields; try --dialect generic",
     429: "the server is busy; try again later",
 }
@@ -49,10 +48,28 @@ CONTEXT_OVERFLOW = re.compile(r"context[_ ](length|size|window)|exceed_context|m
 # How servers refuse a request for holding too many pictures (serve: "more than 32 images and
 # videos"; vLLM: "At most 8 image(s) may be provided in one prompt"): every turn resends them all
 TOO_MANY_MEDIA = re.compile(r"(more than|at most) \d+ (image|video)|too many (image|video)", re.IGNORECASE)
-TOO_MANY_MEDIA_HINT = ("every picture of the conversation is resent each turn and the server takes no more; "
-                       "/drop attachments, /undo or /clear")  # fmt: skip
-CONTEXT_HINT = ("the conversation and its answer do not fit the server's context; use fewer tiles or frames, "
-                "/undo or /clear, or a smaller max_new_tokens")  # fmt: skip
+
+
+def too_large_hint(advice: Advice) -> str:
+    """For a 413: the request's body is over the server's limit."""
+    if not advice.commands:
+        return "the request is too large for this server; attach fewer or smaller pictures"
+    if not advice.earlier:
+        return "the request is too large for this server; /drop attachments, or attach smaller pictures"
+    return ("the request is too large for this server (every picture of the conversation is resent each turn); "
+            "/drop attachments, /undo or /clear, or attach smaller pictures")  # fmt: skip
+
+
+def too_many_media_hint(advice: Advice) -> str:
+    if not (advice.commands and advice.earlier):
+        return f"the server takes no more pictures in one request; {advice.fewer_attachments}"
+    return ("every picture of the conversation is resent each turn and the server takes no more; "
+            "/drop attachments, /undo or /clear")  # fmt: skip
+
+
+def context_hint(advice: Advice) -> str:
+    return (f"the conversation and its answer do not fit the server's context; "
+            f"{any_of([advice.fewer_media, *advice.forget('/undo or /clear'), advice.smaller_answer])}")  # fmt: skip
 
 
 def normalize_base_url(url: str) -> str:
@@ -130,8 +147,10 @@ def _status_line(status: int) -> str:
         return str(status)
 
 
-def http_error(status: int, body: bytes, retry_after: str | None, location: str | None = None) -> RemoteError:
-    """One line for a non-200 answer: the status first, then the server's message, then a hint."""
+def http_error(status: int, body: bytes, retry_after: str | None, location: str | None = None,
+               advice: Advice = Advice()) -> RemoteError:  # fmt: skip
+    """One line for a non-200 answer: the status first, then the server's message, then a hint
+    (`advice`: the fixes a refused chat request can name, chat/advice.py)."""
     detail = None
     try:
         detail = error_text(json.loads(body.decode("utf-8", errors="replace")))
@@ -145,9 +164,11 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
         where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
         hint = f"{where} is not followed; check --server (https?)"
     elif status == 400 and CONTEXT_OVERFLOW.search(body.decode("utf-8", errors="replace")):
-        hint = CONTEXT_HINT
+        hint = context_hint(advice)
     elif status == 400 and TOO_MANY_MEDIA.search(body.decode("utf-8", errors="replace")):
-        hint = TOO_MANY_MEDIA_HINT
+        hint = too_many_media_hint(advice)
+    elif status == 413:
+        hint = too_large_hint(advice)
     else:
         hint = _HINTS.get(status, "check the request")
     wait = (retry_after or "").strip()
@@ -202,9 +223,10 @@ class ChatStream:
     the client is gone and stop generating.
     """
 
-    def __init__(self, client: ApiClient, body: dict):
+    def __init__(self, client: ApiClient, body: dict, advice: Advice):
         self._client = client
         self._body = body
+        self._advice = advice
         self.done = False
         self.comments = 0  # SSE comment lines seen (keep-alive pings)
         self._events = self._run()
@@ -218,6 +240,7 @@ class ChatStream:
     def _run(self) -> Iterator[dict]:
         client = self._client
         started = False  # any chunk received: an error after it is "in the middle of the answer"
+        client.advice = self._advice  # read by the status check, which runs as httpx's response hook
         try:
             with client.http.stream("POST", "chat/completions", json=self._body,
                                     headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
@@ -332,6 +355,7 @@ class ApiClient:
         self.base_url = normalize_base_url(server)
         self.shown_url = without_credentials(self.base_url)  # httpx sends user:password as Basic auth
         self.timeout = float(timeout)
+        self.advice = Advice()  # the fixes a refused chat request names; each ChatStream sets its own
         headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json",
                    "Accept-Encoding": ", ".join(BOUNDED_ENCODINGS)}  # fmt: skip
         if api_key:
@@ -359,7 +383,8 @@ class ApiClient:
         check_encoding(response)
         if response.status_code != 200:
             raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT, self.timeout),
-                             response.headers.get("retry-after"), response.headers.get("location"))  # fmt: skip
+                             response.headers.get("retry-after"), response.headers.get("location"),
+                             self.advice)  # fmt: skip
 
     def get_json(self, path: str) -> object:
         try:
@@ -382,8 +407,10 @@ class ApiClient:
             raise RemoteError("the server's model list has no `data` array; is --server an OpenAI-compatible server (…/v1)?")
         return [card for card in cards if isinstance(card, dict) and _usable_id(card.get("id"))]
 
-    def stream_chat(self, body: dict) -> ChatStream:
-        return ChatStream(self, body)
+    def stream_chat(self, body: dict, advice: Advice = Advice()) -> ChatStream:
+        """`advice`: what a refusal's hint may name (commands or flags; /undo or /clear only with
+        earlier turns in the request)."""
+        return ChatStream(self, body, advice)
 
 
 def _usable_id(model_id: object) -> bool:

@@ -25,7 +25,8 @@ from ..engine.loader import LoadedModel
 from ..errors import Cancelled, ContextOverflowError, GenerationError, MediaError, UsageError
 from ..files import expand_home, visible, write_atomic
 from ..media.image import count_tiles, load_image, probe_image
-from ..media.video import load_video, probe_video
+from ..media.video import load_video, probe_video, used_range
+from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .generate import is_out_of_memory, out_of_memory_as_error, stream_generate
 from .sampling import Sampler, SamplingParams
@@ -126,6 +127,7 @@ class Session:
             system_message = loaded.config.system_message
         self.system_message = system_message
         self.stream_interval = stream_interval
+        self.commands = True  # the user can type commands; one-shot mode sets False (chat/advice.py)
         self.builder = PromptBuilder(self.tokenizer, system_message, loaded.config.tokens_per_tile)
         self.ids: list[int] = []
         self.start_pos = 0
@@ -146,6 +148,11 @@ class Session:
             return self.builder.first_turn(text, specs)
         return self.builder.next_turn(text, specs)
 
+    @property
+    def advice(self) -> Advice:
+        # /clear frees only what is cached: nothing before the first answer, so never in one-shot mode
+        return Advice(self.commands, earlier=self.start_pos > 0)
+
     def check_budget(self, new_tokens: int, max_new_tokens: int | None = None,
                      first_fix: Callable[[], str] | None = None, cached: int | None = None) -> None:  # fmt: skip
         """`first_fix`: what to shorten first (the largest part of the new tokens, `_largest_part_fix`),
@@ -155,11 +162,12 @@ class Session:
         cached = self.start_pos if cached is None else cached
         need = cached + new_tokens + max_new
         if need > self.max_context:
-            fix = first_fix() if first_fix is not None else "use fewer tiles or frames"
-            # /clear frees only what is cached: nothing before the first answer, so never in one-shot mode
-            fixes = [fix, "/clear", "a smaller max_new_tokens"] if cached else [fix, "a smaller max_new_tokens"]
+            # /clear frees only what is cached before the turn: nothing before the first answer
+            advice = Advice(self.commands, earlier=cached > 0)
+            fix = first_fix() if first_fix is not None else advice.fewer_media
+            fixes = [fix, *advice.forget("/clear"), advice.smaller_answer]
             if max_new > new_tokens:  # the answer's reserve is the larger part (a short question, a small --max-context)
-                fixes = ["use a smaller max_new_tokens", *fixes[:-1]]
+                fixes = [f"use {advice.smaller_answer}", *fixes[:-1]]
             raise ContextOverflowError(
                 f"this turn needs {cached:,} cached + {new_tokens:,} new + {max_new:,} answer tokens = {need:,}, "
                 f"over the {self.max_context:,}-token context; {', '.join(fixes)}, or a larger --max-context"
@@ -178,13 +186,13 @@ class Session:
             raise ContextOverflowError(
                 f"the system message is at least {fewest_system:,} tokens ({len(system or ''):,} characters): with this "
                 f"message and {max_new_tokens:,} answer tokens that is over the {self.max_context:,}-token context; "
-                "use a shorter system message (/system TEXT, --system), or a larger --max-context"
+                f"{self.advice.shorter_system}, or a larger --max-context"
             )
         system_part = f", at least {fewest_system:,} of the system message" if fewest_system else ""
         raise ContextOverflowError(
             f"this message is at least {fewest:,} tokens ({len(text):,} characters): with {self.start_pos:,} cached"
             f"{system_part} and {max_new_tokens:,} answer tokens that is over the {self.max_context:,}-token context; "
-            f"send a shorter message, {'/clear, ' if self.start_pos else ''}or a larger --max-context"
+            f"{any_of(['send a shorter message', *self.advice.forget('/clear'), 'a larger --max-context'])}"
         )
 
     def _fewest_tokens(self, *texts: str | None) -> int:
@@ -198,9 +206,9 @@ class Session:
         bare, with_media = len(self._turn_ids("", [])), len(self._turn_ids("", media))
         system = bare - len(self.builder.user_turn("", [])) if not self.ids else 0
         parts = {
-            "use fewer tiles or frames": with_media - bare,
+            self.advice.fewer_media: with_media - bare,
             "send a shorter message": len(new_ids) - with_media,
-            "use a shorter system message (/system TEXT, --system)": system,
+            self.advice.shorter_system: system,
         }
         return max(parts, key=parts.get)
 
@@ -225,7 +233,8 @@ class Session:
             raise MediaError(f"--frames must be at least 1 (got {frames})")
         _, _, duration = probe_video(path)
         st = path.stat()
-        return Media("video", path, frames, frames=frames, video_range=video_range, duration=duration, bytes=st.st_size)
+        return Media("video", path, frames, frames=frames, video_range=used_range(video_range, duration),
+                     duration=duration, bytes=st.st_size)  # fmt: skip
 
     def _decode(self, media: Media) -> torch.Tensor:
         if media.pixel_values is None:

@@ -19,6 +19,7 @@ the caller is interrupted, so Ctrl-C is answered at once even while FFmpeg is bu
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import math
 import os
@@ -34,6 +35,7 @@ import torch
 from PIL import Image
 
 from ..errors import MediaError, UsageError
+from ..files import visible
 from .image import IMAGE_SIZE, check_media_file, normalize_tiles
 
 BACKEND_ENV = "INTERNVL_CHAT_VIDEO_BACKEND"
@@ -97,6 +99,18 @@ def frame_indices(
     final = last if end is None else min(max(round(end * fps), 0), last)
     seg = (final - first) / num_frames
     return [int(first + seg / 2 + round(seg * k)) for k in range(num_frames)]
+
+
+def used_range(video_range: tuple[float, float] | None, duration: float) -> tuple[float, float] | None:
+    """The range as it is used, to show and save: an end past the video's end becomes the end
+    (frame_indices takes the last frame for it), rounded up to 1/100 s so the label stays short
+    and still reaches the last frame. A start at or past the end is left for the caller to refuse."""
+    if video_range is None or not duration > 0:
+        return video_range
+    start, end = video_range
+    if end <= duration or start >= duration:
+        return video_range
+    return start, math.ceil(round(duration * 100, 6)) / 100
 
 
 # ---------------------------------------------------------------- orientation (pure)
@@ -183,21 +197,45 @@ class _Header:
         return None
 
 
+def _shown(path: Path) -> str:
+    """A path in a message: control and bidi characters escaped (a file name is anything but \\0 and /)."""
+    return visible(str(path))
+
+
 def _one_line(err: BaseException) -> str:
-    # decord prefixes its messages with a time and a C++ source location: keep only the reason
-    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(err))
-    text = " ".join(text.split())
+    """The reason an error gives, without what the message already says: PyAV's errors carry
+    FFmpeg's reason in `strerror`, while str() adds `[Errno 1094995529]` and the path again."""
+    reason = getattr(err, "strerror", None)
+    if isinstance(reason, str) and reason.strip():
+        text = reason
+    else:
+        # decord prefixes its messages with a time and a C++ source location: keep only the reason
+        text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(err))
+    text = " ".join(visible(text).split())
     return text or type(err).__name__
 
 
+# What the file system says when a path cannot be opened at all (not a video's content)
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG}
+_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
 def _cannot_read(path: Path, err: BaseException) -> MediaError:
-    return MediaError(f"cannot read video {path} ({_one_line(err)}); use an MP4, MKV, WebM or AVI file")
+    """One line for a file PyAV cannot open (it may have changed since check_media_file looked)."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code in _PATH_ERRNOS:
+        fix = "check the path"
+    elif code in _ACCESS_ERRNOS:
+        fix = "check its permissions"
+    else:
+        fix = "use an MP4, MKV, WebM or AVI file"
+    return MediaError(f"cannot read video {_shown(path)} ({_one_line(err)}); {fix}")
 
 
 def _check_frame_size(path: Path, width: int, height: int) -> None:
     if width * height > MAX_FRAME_PIXELS:
         raise MediaError(
-            f"{path} declares {width}×{height} frames, more than the {MAX_FRAME_PIXELS:,} pixels a frame may have; "
+            f"{_shown(path)} declares {width}×{height} frames, more than the {MAX_FRAME_PIXELS:,} pixels a frame may have; "
             "the file is damaged, or re-encode it at a smaller size"
         )
 
@@ -208,7 +246,7 @@ def _check_fps(path: Path, fps: float) -> float:
         return 0.0
     if fps > MAX_FPS:
         raise MediaError(
-            f"{path} declares {fps:g} frames per second, more than {MAX_FPS:g}; the file is damaged or not a real video"
+            f"{_shown(path)} declares {fps:g} frames per second, more than {MAX_FPS:g}; the file is damaged or not a real video"
         )
     return fps
 
@@ -216,14 +254,14 @@ def _check_fps(path: Path, fps: float) -> float:
 def _check_count(path: Path, frames: int) -> int:
     if frames > MAX_FRAMES:
         raise MediaError(
-            f"{path} declares {frames:,} frames, more than {MAX_FRAMES:,}; the file is damaged or not a real video"
+            f"{_shown(path)} declares {frames:,} frames, more than {MAX_FRAMES:,}; the file is damaged or not a real video"
         )
     return max(frames, 0)
 
 
 def _check_duration(path: Path, duration: float) -> float:
     if not math.isfinite(duration) or duration > MAX_DURATION_S:
-        raise MediaError(f"{path} declares a duration of {duration:g} s; the file is damaged or not a real video")
+        raise MediaError(f"{_shown(path)} declares a duration of {duration:g} s; the file is damaged or not a real video")
     return max(duration, 0.0)
 
 
@@ -269,10 +307,10 @@ def _read_header(path: Path, orientation: bool) -> _Header:
         raise _cannot_read(path, e) from None
     try:
         if not container.streams.video:
-            raise MediaError(f"{path} has no video stream; pass a video file")
+            raise MediaError(f"{_shown(path)} has no video stream; pass a video file")
         stream = container.streams.video[0]
         if not stream.frames and _is_still_picture(container.format.name):
-            raise MediaError(f"{path} is a still picture, not a video; attach (or send) it as an image instead")
+            raise MediaError(f"{_shown(path)} is a still picture, not a video; attach (or send) it as an image instead")
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         _check_frame_size(path, width, height)
         fps = _check_fps(path, _frame_rate(stream))
@@ -373,7 +411,8 @@ class _DecordSource:
                 self._reader.seek_accurate(number)
                 frame = self._reader.next()
             except Exception as e:  # noqa: BLE001
-                raise _DecordFailed(f"cannot decode frames of {self._path} ({_one_line(e)}); the file may be damaged") from None
+                raise _DecordFailed(f"cannot decode frames of {_shown(self._path)} ({_one_line(e)}); "
+                                   "the file may be damaged") from None  # fmt: skip
             # another library may have switched decord's output bridge to torch
             array = frame.asnumpy() if hasattr(frame, "asnumpy") else np.asarray(frame)
             del frame
@@ -382,14 +421,14 @@ class _DecordSource:
 
     def _rgb(self, array: np.ndarray) -> np.ndarray:
         if array.ndim != 3 or array.shape[2] < 3:
-            raise _DecordFailed(f"decord decoded {self._path} to frames of shape {array.shape}, not RGB")
+            raise _DecordFailed(f"decord decoded {_shown(self._path)} to frames of shape {array.shape}, not RGB")
         height, width, channels = array.shape
         if channels != 3:
             # decord gives a frame linesize/width "channels": rows padded to 4·width bytes (frames
             # narrower than 64 pixels) come out as 4; the first 3·width bytes of each row are the pixels
             array = np.ascontiguousarray(array).reshape(height, -1)[:, : 3 * width].reshape(height, width, 3)
         if (height, width) == self._mis_turned:
-            raise _DecordFailed(f"decord turned the frames of {self._path} otherwise than its header says")
+            raise _DecordFailed(f"decord turned the frames of {_shown(self._path)} otherwise than its header says")
         return array
 
     def close(self) -> None:
@@ -409,7 +448,7 @@ class _PyAVSource:
             raise _cannot_read(path, e) from None
         try:
             if not self._container.streams.video:
-                raise MediaError(f"{path} has no video stream; pass a video file")
+                raise MediaError(f"{_shown(path)} has no video stream; pass a video file")
             stream = self._container.streams.video[0]
             stream.thread_type = "AUTO"  # frame threading: faster, output order unchanged
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
@@ -434,7 +473,7 @@ class _PyAVSource:
         except _Stopped:
             raise
         except Exception as e:  # noqa: BLE001
-            raise MediaError(f"cannot read video {self._path} ({_one_line(e)}); the file may be damaged") from None
+            raise MediaError(f"cannot read video {_shown(self._path)} ({_one_line(e)}); the file may be damaged") from None
 
     def frames(self, wanted: list[int], stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
         pending = iter(wanted)
@@ -460,14 +499,15 @@ class _PyAVSource:
             raise
         except Exception as e:  # noqa: BLE001 - damage after some frames ends the stream there
             if not any_yielded and last is None:
-                raise MediaError(f"cannot decode frames of {self._path} ({_one_line(e)}); the file may be damaged") from None
+                raise MediaError(f"cannot decode frames of {_shown(self._path)} ({_one_line(e)}); "
+                                "the file may be damaged") from None  # fmt: skip
         # A header may promise more frames than the stream holds: the last decoded one stands in.
         if last is not None:
             number, frame = last
             del last
             yield number, frame.to_ndarray(format="rgb24")
         elif not any_yielded:
-            raise MediaError(f"{self._path} decoded to no frames; the file may be damaged")
+            raise MediaError(f"{_shown(self._path)} decoded to no frames; the file may be damaged")
 
     def close(self) -> None:
         self._container.close()
@@ -522,7 +562,7 @@ def _decode(
     source: _FrameSource = _DecordSource(path, decord, header) if backend == "decord" else _PyAVSource(path, header, stop)
     try:
         if source.num_total_frames < 1:
-            raise MediaError(f"{path} has no video frames; use a file that contains video")
+            raise MediaError(f"{_shown(path)} has no video frames; use a file that contains video")
         indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
         tiles: dict[int, torch.Tensor] = {}
         with contextlib.closing(source.frames(sorted(set(indices)), stop)) as frames:
@@ -532,7 +572,7 @@ def _decode(
     finally:
         source.close()
     if not tiles:
-        raise MediaError(f"{path} decoded to no frames; the file may be damaged")
+        raise MediaError(f"{_shown(path)} decoded to no frames; the file may be damaged")
     last = max(tiles)
     numbers = [i if i in tiles else last for i in indices]
     return _Decoded(torch.cat([tiles[i] for i in numbers]), numbers, source.fps, source.num_total_frames, backend)
@@ -588,7 +628,7 @@ def probe_video(path: str | Path) -> tuple[int, float, float]:
     header = _read_header(path, orientation=False)
     frames = header.frames or _check_count(path, int(round(header.duration * header.fps)))
     if frames < 1:
-        raise MediaError(f"{path} has no video frames; use a file that contains video")
+        raise MediaError(f"{_shown(path)} has no video frames; use a file that contains video")
     duration = header.duration
     if duration <= 0 and header.fps > 0:
         duration = frames / header.fps

@@ -59,6 +59,7 @@ DEMO_MODEL_NOTE = (
     "left or right, top or bottom, or a one-sentence description; --model DIR loads a real InternVL3"
 )
 LISTED_VALUE_WIDTH = 40  # `/set` alone lists values up to this long, longer ones cut short
+NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
 KEYS_HELP = (
@@ -390,6 +391,8 @@ class App:
                     f"the range starts at {video_range[0]:g} s but {visible(path.name)} is only "
                     f"{media.duration:.1f} s long; choose an earlier start"
                 )
+            if media.video_range != video_range:  # the end was past the end of the video
+                self.note(f"{visible(path.name)} ends at {media.video_range[1]:g} s, so the range ends there")
             return media
         return self.session.describe_image(path, self.settings.media.max_tiles)
 
@@ -425,9 +428,10 @@ class App:
             fraction = self.context_share(self.session.context_used + self.session.turn_tokens(self.pending))
             self.say(self.attach_line(item, fraction), "green")
         if fraction is not None and fraction >= WARN_FRACTION:
+            clear = ", /clear" if self.session.turns else ""  # /clear keeps the attachments: it frees only turns
             self.warn(
                 f"the context will be {self.approx}{_percent(fraction)} full with this message; "
-                "/drop an attachment, /clear, or lower max_tiles / frames to keep room for later turns"
+                f"/drop an attachment{clear}, or lower max_tiles / frames to keep room for later turns"
             )
 
     def attach_line(self, media: Media, fraction: float | None) -> str:
@@ -782,6 +786,9 @@ class App:
         refuses unless --force is given. Re-saving this conversation to its own file is fine.
         """
         path = self._output_path(command.args[0]) if command.args else self._default_save_path()
+        if path.suffix.lower() in NOT_SESSION_SUFFIXES:  # a session written under a Markdown or text name
+            raise UsageError(f"a session file is JSON, so /save does not write {visible(path.name)}; /save NAME or NAME.json "
+                             f"saves the session, /export {_typed(command.args[0])} writes the conversation as Markdown")
         if path.is_dir():
             raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /save {_typed(path / 'chat.json')}")
         if not command.options.get("force") and not self._may_replace(path):

@@ -93,7 +93,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("stats", "show the statistics of the last answer"),
     CommandSpec(
         "save",
-        "save the conversation (no FILE: to the sessions folder)",
+        "save the conversation as a JSON session file (no FILE: to the sessions folder)",
         (ArgSpec("FILE", "file", required=False),),
         (OptionSpec("--force", "flag", "", "replace a FILE that holds another conversation"),),
     ),

@@ -22,6 +22,7 @@ _JSON_FOR_TERMINAL = {c: f"\\u{c:04x}" for c in [0x7F, *range(0x80, 0xA0), *rang
 
 def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> int:
     session = open_conversation(settings)
+    session.commands = False  # no REPL here: a refusal names flags (--max-new-tokens), not /clear or /set
     media = media_from_flags(session, args, settings)
     typed = " ".join(([args.prompt_flag] if args.prompt_flag else []) + ([" ".join(args.prompt)] if args.prompt else []))
     if settings.media.auto_attach and typed and prompt.endswith(typed):
