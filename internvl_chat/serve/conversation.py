@@ -102,6 +102,7 @@ class PromptMaker:
             if msg.role == "assistant":
                 text = _text_only(msg.content, f"messages.{i}.content", "an assistant message")
                 prompt.ids += self._answer_ids(text)
+                self._check_room(prompt, i)
                 continue
             text, media = self._user_content(msg.content, i, max_tiles, num_frames)
             media_count += len(media)
@@ -114,10 +115,20 @@ class PromptMaker:
                 turn = builder.first_turn(text, specs) if turn_first else builder.next_turn(text, specs)
             self._add_spans(prompt, turn, [media[k] for k in media_order(specs)], builder)
             prompt.ids += turn
+            self._check_room(prompt, i)
         if messages[-1].role != "user":
             raise bad_request("the last message must be the user's: this server answers the conversation's last "
                               "user message", param=f"messages.{len(messages) - 1}.role")  # fmt: skip
         return prompt
+
+    def _check_room(self, prompt: Prompt, i: int) -> None:
+        # stop at the first message past the context: a body of many megabytes of short turns
+        # would otherwise keep a CPU busy for a minute before its refusal
+        context = self.loaded.model.max_seq_len
+        if len(prompt.ids) >= context:
+            raise APIError(400, f"the conversation fills this model's {context:,}-token context by message {i}, leaving no "
+                           "room for an answer. Send a shorter conversation or fewer images",
+                           code="context_length_exceeded", param="messages")  # fmt: skip
 
     # ---- parts -------------------------------------------------------------------------------
     def _media_kwargs(self, req: ChatCompletionRequest) -> tuple[int | None, int]:
