@@ -50,3 +50,33 @@ def test_a_conversation_past_the_context_is_refused_at_the_message_that_fills_it
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
     assert "4,096-token context by message" in error["message"], error["message"]
     assert 0 < len(built) < turns // 2  # the turns past the context were never built
+
+
+CONTROLS = "\x1b[2J\x1b]52;c;ZXZpbA==\x07\u202e"  # clear screen, write the clipboard, reverse the text
+
+
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"messages": [{"role": "user", "content": [{"type": CONTROLS + "a" * 5000, "text": "x"}]}]}, "messages.0.content.0"),
+        ({"model": CONTROLS + "m" * 5000}, "model"),
+    ],
+    ids=["part-type", "model"],
+)
+def test_refusals_quote_what_the_client_sent_escaped_and_short(server, change, param):
+    """pydantic's message for an unknown part type and the 404 for a model quoted the client's
+    text whole, escape sequences and all, to a client that may print them to a terminal."""
+    response = post(server, {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **change})
+    assert response.status_code in (400, 404)
+    error = error_of(response)
+    message = error["message"]
+    assert error["param"] == param
+    assert message.isprintable() and "\u202e" not in message, message
+    assert "\\e[2J" in message and len(message) < 400, message
+
+
+def test_a_model_card_that_does_not_exist_is_quoted_escaped(server):
+    response = httpx.get(f"{server.url}/v1/models/%1b%5b2J{'m' * 5000}", timeout=WAIT_S)
+    assert response.status_code == 404
+    message = error_of(response)["message"]
+    assert "\\e[2J" in message and message.isprintable() and len(message) < 400, message

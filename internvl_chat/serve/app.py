@@ -16,7 +16,7 @@ from . import sse
 from ..chat.sampling import SamplingParams
 from .conversation import Prompt, sampling_params
 from .engine import EngineWorker, Job
-from .errors import APIError
+from .errors import APIError, shown
 from .protocol import ChatCompletionRequest, check_model, chunk, completion, models_list, parse_request
 from .protocol import stop_strings, usage_chunk
 
@@ -72,7 +72,8 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     async def one_model(name: str, request: Request) -> JSONResponse:
         authorize(request)
         if name != model_id:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_id!r}", code="model_not_found")
+            raise APIError(404, f"the model '{shown(name, 80)}' does not exist; this server serves {model_id!r}",
+                           code="model_not_found")  # fmt: skip
         return JSONResponse(models_list(model_id, context, created)["data"][0])
 
     def prepare(body: bytes) -> tuple[ChatCompletionRequest, Prompt, SamplingParams]:

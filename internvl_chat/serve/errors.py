@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ContextOverflowError, GenerationError, InternVLChatError
+from ..files import visible
 
 # status → OpenAI's error `type` for it
 _TYPES = {
@@ -16,6 +17,16 @@ _TYPES = {
     500: "server_error",
     503: "server_error",
 }
+
+
+SHOWN_CHARS = 200  # of client-sent text quoted in an error message
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Text the client sent, fit to quote in a message: control and bidi characters escaped
+    (a client may print the message to a terminal), cut to `limit` characters."""
+    text = visible(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class APIError(Exception):

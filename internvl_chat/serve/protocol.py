@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..settings import REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, TEMPERATURE_MAX
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, shown
 
 OWNED_BY = "internvl-chat"
 
@@ -115,7 +115,11 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         param = _param(first.get("loc", ()))
         if first.get("type") == "json_invalid":
             raise bad_request(f"the request body is not valid JSON ({first.get('msg')})") from None
-        raise bad_request(f"{param or 'request'}: {first.get('msg')}", param=param) from None
+        if first.get("type") == "union_tag_invalid":  # pydantic's message quotes the whole tag as sent
+            tag = shown(str(first.get("ctx", {}).get("tag", "")), 40)
+            raise bad_request(f"{param}: the content part type '{tag}' is not one this server reads; send "
+                              "'text', 'image_url' or 'video_url' parts", param=param) from None  # fmt: skip
+        raise bad_request(f"{param or 'request'}: {shown(str(first.get('msg')))}", param=param) from None
     _refuse_unsupported(req)
     return req
 
@@ -269,5 +273,5 @@ def models_list(model_id: str, context_length: int, created: int) -> dict:
 
 def check_model(req: ChatCompletionRequest, model_id: str) -> None:
     if req.model != model_id:
-        raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_id!r}",
+        raise APIError(404, f"the model '{shown(req.model, 80)}' does not exist; this server serves {model_id!r}",
                        code="model_not_found", param="model")  # fmt: skip
