@@ -80,3 +80,16 @@ def test_a_model_card_that_does_not_exist_is_quoted_escaped(server):
     assert response.status_code == 404
     message = error_of(response)["message"]
     assert "\\e[2J" in message and message.isprintable() and len(message) < 400, message
+
+
+def test_a_missing_local_file_is_named_escaped(server, tmp_path):
+    server.options.allow_local_media = tmp_path.resolve()
+    try:
+        url = f"file://{tmp_path}/%1b%5b2J%e2%80%ae{'n' * 3000}.png"
+        image = {"type": "image_url", "image_url": {"url": url}}
+        response = post(server, {"model": "tiny", "messages": [{"role": "user", "content": [image]}], "max_tokens": 4})
+    finally:
+        server.options.allow_local_media = None
+    assert response.status_code == 400
+    message = error_of(response)["message"]
+    assert "does not exist" in message and "\\e[2J" in message and message.isprintable() and len(message) < 400, message

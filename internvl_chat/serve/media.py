@@ -38,7 +38,7 @@ from ..media.video import load_video, probe_video
 
 if TYPE_CHECKING:
     from ..engine.config import ModelConfig
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, shown
 from .options import ServeOptions
 
 REMOTE_TIMEOUT_S = 20.0
@@ -113,18 +113,18 @@ class MediaReader:
             with httpx.Client(timeout=REMOTE_TIMEOUT_S, follow_redirects=True, max_redirects=3) as client:
                 with client.stream("GET", url) as response:
                     if response.status_code != 200:
-                        raise bad_request(f"fetching the {what} at {url} gave HTTP {response.status_code}", param=param)
+                        raise bad_request(f"fetching the {what} at {shown(url)} gave HTTP {response.status_code}", param=param)
                     parts, total = [], 0
                     for block in response.iter_bytes():
                         total += len(block)
                         if total > limit:
-                            raise APIError(413, f"the {what} at {url} is over the {limit >> 20} MiB limit", param=param)
+                            raise APIError(413, f"the {what} at {shown(url)} is over the {limit >> 20} MiB limit", param=param)
                         parts.append(block)
                     return b"".join(parts)
         except httpx.HTTPError as e:
-            raise bad_request(f"cannot fetch the {what} at {url} ({type(e).__name__}: {e})", param=param) from None
+            raise bad_request(f"cannot fetch the {what} at {shown(url)} ({type(e).__name__}: {shown(str(e))})", param=param) from None
         except (httpx.InvalidURL, ValueError) as e:  # a bad port, address, host name (UnicodeError) or character
-            raise bad_request(f"the {what} URL is not a valid http(s) URL ({e}); check it", param=param) from None
+            raise bad_request(f"the {what} URL is not a valid http(s) URL ({shown(str(e))}); check it", param=param) from None
 
     def _local(self, url: str, param: str, what: str) -> bytes:
         folder = self.options.allow_local_media
@@ -134,15 +134,15 @@ class MediaReader:
         try:
             parsed = urlparse(url)
         except ValueError as e:  # e.g. an unclosed [ in the host
-            raise bad_request(f"the {what} URL is not a valid file:// URL ({e}); check it", param=param) from None
+            raise bad_request(f"the {what} URL is not a valid file:// URL ({shown(str(e))}); check it", param=param) from None
         if parsed.netloc not in ("", "localhost"):
-            raise bad_request(f"the file:// URL names host {parsed.netloc!r}; only local files can be read", param=param)
+            raise bad_request(f"the file:// URL names host '{shown(parsed.netloc, 80)}'; only local files can be read", param=param)
         if "\x00" in unquote(parsed.path):
             raise bad_request(f"the {what} file:// URL holds a NUL character (%00); name the file without it", param=param)
         try:
             path = Path(unquote(parsed.path)).resolve(strict=True)
         except (OSError, RuntimeError):
-            raise bad_request(f"the {what} file {unquote(parsed.path)} does not exist", param=param) from None
+            raise bad_request(f"the {what} file {shown(unquote(parsed.path))} does not exist", param=param) from None
         if not path.is_relative_to(folder):
             raise APIError(403, f"the {what} file is outside the folder this server may read", code="forbidden", param=param)
         try:
