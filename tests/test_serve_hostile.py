@@ -93,3 +93,31 @@ def test_a_missing_local_file_is_named_escaped(server, tmp_path):
     assert response.status_code == 400
     message = error_of(response)["message"]
     assert "does not exist" in message and "\\e[2J" in message and message.isprintable() and len(message) < 400, message
+
+
+def _raw_exchange(server, data: bytes) -> bytes:
+    """Send `data` on a fresh connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize(
+    "data, said",
+    [
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, "not valid HTTP/1.1"),  # a TLS hello
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}", "not valid HTTP/1.1"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * (20 << 10), "over this server's 16 KiB limit"),
+    ],
+    ids=["tls", "negative-length", "long-head"],
+)
+def test_a_request_that_is_not_http_gets_an_openai_shaped_400(server, data, said):
+    """uvicorn answered these in text/plain ("Invalid HTTP request received.")."""
+    head, _, body = _raw_exchange(server, data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), head
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and said in error["message"], error
+    assert httpx.get(f"{server.url}/health", timeout=WAIT_S).status_code == 200  # and the server goes on

@@ -90,6 +90,13 @@ def _timeout_response(seconds: float) -> bytes:
     return head.encode() + body
 
 
+def _error_response(status: int, reason: str, message: str, code: str) -> tuple[h11.Response, bytes]:
+    body = json.dumps(APIError(status, message, code=code).body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]  # fmt: skip
+    return h11.Response(status_code=status, headers=headers, reason=reason.encode()), body
+
+
 class BoundedH11Protocol(H11Protocol):
     header_timeout: float = 10.0
     body_timeout: float = 60.0
@@ -120,6 +127,23 @@ class BoundedH11Protocol(H11Protocol):
             self.connection_limit.closed(self)
         self._set_deadline(None)
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (not HTTP/1.1, a bad length, a head over the size limit):
+        uvicorn answers it in text/plain, which OpenAI clients cannot read; this is its JSON."""
+        limit = self.config.h11_max_incomplete_event_size or 16 << 10  # h11's default
+        if len(self.conn.trailing_data[0]) > limit:
+            message = (f"the request line and headers are over this server's {limit >> 10} KiB limit; "
+                       "send shorter headers")  # fmt: skip
+        else:
+            message = ("the request is not valid HTTP/1.1 (its request line, a header or its length is malformed); "
+                       "send a well-formed request, to an http:// URL (this server does not speak TLS)")  # fmt: skip
+        response, body = _error_response(400, "Bad Request", message, "invalid_http_request")
+        try:
+            self.transport.write(self.conn.send(response) + self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:  # a response had already begun: nothing more can be said
+            pass
+        self.transport.close()
 
     def _wanted(self) -> str | None:
         if self.transport is None or self.transport.is_closing():
