@@ -141,6 +141,14 @@ def test_stop_strings_cut_the_answer_and_end_it_with_stop(client):
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"extra_body": {"media_io_kwargs": {"video": "8 frames"}}}, "media_io_kwargs.video"),
         ({"extra_body": {"media_io_kwargs": {"video": 8}}}, "media_io_kwargs.video"),
+        # controls this server does not have were silently ignored
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"extra_body": {"function_call": {"name": "f"}}}, "function_call"),
+        ({"extra_body": {"stop_token_ids": [7]}}, "stop_token_ids"),
+        ({"extra_body": {"ignore_eos": True}}, "ignore_eos"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_400_with_the_param(client, change, param):
@@ -150,6 +158,12 @@ def test_bad_requests_are_400_with_the_param(client, change, param):
     assert err.value.status_code == 400
     assert err.value.body["param"] == param
     assert err.value.body["type"] == "invalid_request_error" and err.value.body["message"]
+
+
+def test_neutral_values_of_controls_it_does_not_have_are_accepted(client):
+    extra = {"stop_token_ids": [], "ignore_eos": False, "function_call": "none"}
+    answer = ask(client, top_logprobs=0, tool_choice="auto", functions=[], extra_body=extra)
+    assert answer.choices[0].finish_reason in ("stop", "length")
 
 
 def test_wrong_model_is_404(client):

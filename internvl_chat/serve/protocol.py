@@ -1,8 +1,9 @@
 """The OpenAI chat-completions shapes: request models (pydantic) and response/chunk builders.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do; fields we cannot honour
-with a non-default value (n or best_of > 1, logprobs, tools, penalties other than
-repetition_penalty, logit_bias, min_p, min_tokens, beam search) are refused with 400 rather than
+with a non-default value (n or best_of > 1, logprobs and top_logprobs, tools, functions and a
+tool_choice that asks for a call, penalties other than repetition_penalty, logit_bias, min_p,
+min_tokens, beam search, vLLM's stop_token_ids and ignore_eos) are refused with 400 rather than
 silently dropped. Numbers are numbers: `true` is not read as 1.
 """
 
@@ -94,13 +95,19 @@ class ChatCompletionRequest(_Model):
     presence_penalty: Float | None = None
     frequency_penalty: Float | None = None
     logprobs: bool | None = None
+    top_logprobs: Int | None = None
     tools: list[Any] | None = None
+    functions: list[Any] | None = None  # OpenAI's older function calling
+    tool_choice: Any = None
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
     logit_bias: dict[str, Any] | None = None
     min_p: Float | None = None  # vLLM, SGLang, llama.cpp
     min_tokens: Int | None = None  # vLLM
     best_of: Int | None = None
     use_beam_search: bool | None = None  # vLLM
+    stop_token_ids: list[Any] | None = None  # vLLM
+    ignore_eos: bool | None = None  # vLLM
 
 
 MAX_STOP_STRINGS = 16
@@ -147,8 +154,15 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
             raise bad_request(f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name)
     if req.logprobs:
         raise bad_request("logprobs are not supported by this server", param="logprobs")
+    if req.top_logprobs not in (None, 0):
+        raise bad_request("top_logprobs: logprobs are not supported by this server; leave it out", param="top_logprobs")
     if req.tools:
         raise bad_request("tools (function calling) are not supported by this server", param="tools")
+    if req.functions:
+        raise bad_request("functions (function calling) are not supported by this server", param="functions")
+    for name in ("tool_choice", "function_call"):
+        if getattr(req, name) not in (None, "none", "auto"):  # anything else asks for a call the answer cannot make
+            raise bad_request(f"{name}: function calling is not supported by this server; leave it out", param=name)
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise bad_request("only the text response_format is supported", param="response_format")
     # sampling controls this server does not have: refused, so an answer never silently ignores one
@@ -161,6 +175,10 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     if req.best_of not in (None, 1) or req.use_beam_search:
         param = "best_of" if req.best_of not in (None, 1) else "use_beam_search"
         raise bad_request(f"{param}: this server samples one answer, without beam search", param=param)
+    if req.stop_token_ids:
+        raise bad_request("stop_token_ids are not supported by this server; use stop strings instead", param="stop_token_ids")
+    if req.ignore_eos:
+        raise bad_request("ignore_eos is not supported by this server; leave it out", param="ignore_eos")
     stops = stop_strings(req)
     if len(stops) > MAX_STOP_STRINGS:
         raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
