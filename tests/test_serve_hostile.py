@@ -121,3 +121,9 @@ def test_a_request_that_is_not_http_gets_an_openai_shaped_400(server, data, said
     error = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"} and said in error["message"], error
     assert httpx.get(f"{server.url}/health", timeout=WAIT_S).status_code == 200  # and the server goes on
+
+
+def test_a_seed_over_the_range_names_the_exact_bound(server):
+    response = post(server, {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "seed": 2**63})
+    assert response.status_code == 400
+    assert "9223372036854775807" in error_of(response)["message"]  # not a float's 9223372036854776000

@@ -84,7 +84,7 @@ class ChatCompletionRequest(_Model):
     top_k: Int | None = Field(default=None, ge=-1)  # -1 (vLLM) and 0 both turn it off
     max_tokens: Int | None = Field(default=None, ge=1)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
-    seed: Int | None = Field(default=None, ge=0, lt=2**63)
+    seed: Int | None = Field(default=None, ge=0, le=2**63 - 1)  # lt=2**63 printed the bound as a float
     stop: Union[str, list[str], None] = None
     repetition_penalty: Float | None = Field(default=None, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)
     mm_processor_kwargs: dict[str, Any] | None = None
