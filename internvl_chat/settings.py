@@ -123,6 +123,14 @@ def _device(value: str) -> str:
     raise ValueError
 
 
+def _bearer_token(value: str) -> str:
+    # an HTTP header carries ASCII: clients cannot send any other key (the openai package refuses
+    # to), and the server reads header bytes as Latin-1, so a UTF-8 key would never match
+    if value and not (value.isascii() and value.isprintable() and value == value.strip()):
+        raise ValueError
+    return value
+
+
 def _tiles(value: int) -> int | None:
     if not 0 <= value <= MAX_TILES:
         raise ValueError
@@ -197,7 +205,8 @@ class ServeSettings:
 
     host: str = _setting("127.0.0.1", expect="an address to bind (127.0.0.1: this machine only)")
     port: int = _setting(8000, _number(0, 65535), "a port from 0 to 65535 (0: any free port)")
-    api_key: str = _setting("", expect="a key clients send as a bearer token (empty: no key)")
+    api_key: str = _setting("", _bearer_token, "a key of printable ASCII characters that clients send as a bearer token "
+                            "(empty: no key)")  # fmt: skip
     model_id: str = _setting("", expect="the model name in /v1/models (empty: the checkpoint folder's name)")
     slots: int = _setting(2, _number(1, 64), "an integer from 1 to 64 (each a KV cache of max_context tokens)")
     queue_depth: int = _setting(8, _number(0, 100_000), "an integer ≥ 0 (requests waiting behind the running one)")
@@ -384,7 +393,8 @@ def _assign(settings: Settings, dotted: str, value: Any, where: str, names_key: 
             parsed = check(parsed)
     except (ValueError, TypeError):
         expect = fld.metadata.get("expect") or "a valid value"
-        raise UsageError(f"{visible(where)}:{subject} must be {expect}, not {_brief(value)}{fix}") from None
+        given = "" if dotted in SECRET_KEYS else f", not {_brief(value)}"  # a key is never printed, even a bad one
+        raise UsageError(f"{visible(where)}:{subject} must be {expect}{given}{fix}") from None
     section, name = dotted.split(".")
     setattr(getattr(settings, section), name, parsed)
 

@@ -286,6 +286,16 @@ def test_bad_flag_value(tmp_path):
         load_settings(env=clean_env(tmp_path), overrides={"temperatur": 0.5})
 
 
+@pytest.mark.parametrize("key", ["s3cr\u20act", " padded", "line\nbreak"])
+def test_a_serve_key_clients_cannot_send_is_refused_without_printing_it(tmp_path, key):
+    """A non-ASCII key could never match (the server reads header bytes as Latin-1, and the
+    openai package cannot send one); it was taken, then every request got 401."""
+    with pytest.raises(UsageError, match="printable ASCII") as err:
+        load_settings(env=clean_env(tmp_path), overrides={"serve.api_key": key})
+    assert key.strip() not in str(err.value)
+    assert load_settings(env=clean_env(tmp_path), overrides={"serve.api_key": "sk-OK_1.2~"}).serve.api_key == "sk-OK_1.2~"
+
+
 # --- /set ---------------------------------------------------------------------------------------
 
 
