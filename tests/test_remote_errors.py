@@ -335,6 +335,12 @@ def test_a_key_with_a_line_break_is_refused_before_anything_is_sent():
         RemoteConversation.connect("http://127.0.0.1:9/v1", api_key="sk\r\nX-Evil: 1")
 
 
+def test_a_key_that_is_not_ascii_is_refused_as_the_key_not_the_url():
+    with pytest.raises(UsageError, match="^the API key has characters that are not ASCII") as err:
+        RemoteConversation.connect("http://127.0.0.1:9/v1", api_key="s3cr\u20act")
+    assert "URL" not in str(err.value) and "s3cr" not in str(err.value)
+
+
 def test_requests_carry_our_sampling_explicitly():
     with FakeServer(fixture("lmdeploy/models.json")) as server:
         server.chat(Reply.sse(fixture("lmdeploy/stream.sse")))

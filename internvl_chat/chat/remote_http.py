@@ -361,6 +361,9 @@ class ApiClient:
         if api_key:
             if any(c in api_key for c in "\r\n") or not api_key.isprintable():
                 raise UsageError("the API key has control characters; check --api-key or OPENAI_API_KEY")
+            if not api_key.isascii():  # httpx would fail later, and the error would blame the URL
+                raise UsageError("the API key has characters that are not ASCII, which an HTTP header cannot carry; "
+                                 "check --api-key or OPENAI_API_KEY")  # fmt: skip
             headers["Authorization"] = f"Bearer {api_key}"
         try:
             self.http = httpx.Client(
