@@ -127,3 +127,15 @@ def test_a_seed_over_the_range_names_the_exact_bound(server):
     response = post(server, {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "seed": 2**63})
     assert response.status_code == 400
     assert "9223372036854775807" in error_of(response)["message"]  # not a float's 9223372036854776000
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e400"])
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+def test_a_number_that_is_not_finite_is_called_so(server, field, number):
+    """JSON's NaN was refused with "should be greater than or equal to 0", which it is not told to be."""
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "%s": %s}' % (
+        field.encode(), number)
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=WAIT_S)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"] == field and "finite number" in error["message"], error

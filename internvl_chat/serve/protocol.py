@@ -33,7 +33,7 @@ def _not_a_bool(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_not_a_bool)]
-Float = Annotated[float, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool), Field(allow_inf_nan=False)]  # NaN: "finite", not "≥ 0"
 
 
 class MediaURL(_Model):
