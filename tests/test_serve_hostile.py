@@ -139,3 +139,24 @@ def test_a_number_that_is_not_finite_is_called_so(server, field, number):
     assert response.status_code == 400
     error = error_of(response)
     assert error["param"] == field and "finite number" in error["message"], error
+
+
+def test_a_local_url_outside_the_folder_does_not_say_whether_the_file_exists(server, tmp_path):
+    """With --allow-local-media, a missing file outside the folder was "does not exist" (400) and an
+    existing one "outside the folder" (403): any path on the machine could be probed."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (tmp_path / "secret.png").write_bytes(b"x")
+    server.options.allow_local_media = allowed.resolve()
+    answers = {}
+    try:
+        for name, url in [("exists", f"file://{tmp_path}/secret.png"), ("missing", f"file://{tmp_path}/missing.png"),
+                          ("missing-inside", f"file://{allowed}/missing.png"), ("relative", "file:allowed/x.png")]:  # fmt: skip
+            image = {"type": "image_url", "image_url": {"url": url}}
+            answers[name] = post(server, {"model": "tiny", "messages": [{"role": "user", "content": [image]}], "max_tokens": 4})
+    finally:
+        server.options.allow_local_media = None
+    assert answers["exists"].status_code == answers["missing"].status_code == 403
+    assert error_of(answers["exists"]) == error_of(answers["missing"])
+    assert answers["missing-inside"].status_code == 400 and "does not exist" in error_of(answers["missing-inside"])["message"]
+    assert answers["relative"].status_code == 400 and "absolute path" in error_of(answers["relative"])["message"]

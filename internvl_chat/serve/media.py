@@ -139,12 +139,19 @@ class MediaReader:
             raise bad_request(f"the file:// URL names host '{shown(parsed.netloc, 80)}'; only local files can be read", param=param)
         if "\x00" in unquote(parsed.path):
             raise bad_request(f"the {what} file:// URL holds a NUL character (%00); name the file without it", param=param)
+        named = unquote(parsed.path)
+        if not named.startswith("/"):  # would be looked up from the server's working folder
+            raise bad_request(f"the {what} file:// URL must name an absolute path (file:///FOLDER/NAME)", param=param)
+        outside = APIError(403, f"the {what} file is outside the folder this server may read", code="forbidden", param=param)
         try:
-            path = Path(unquote(parsed.path)).resolve(strict=True)
-        except (OSError, RuntimeError):
-            raise bad_request(f"the {what} file {shown(unquote(parsed.path))} does not exist", param=param) from None
-        if not path.is_relative_to(folder):
-            raise APIError(403, f"the {what} file is outside the folder this server may read", code="forbidden", param=param)
+            # the folder first: whether a file outside it exists is none of the client's business
+            if not Path(named).resolve().is_relative_to(folder):  # follows the links that exist
+                raise outside
+            path = Path(named).resolve(strict=True)
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+            raise bad_request(f"the {what} file {shown(named)} does not exist", param=param) from None
+        if not path.is_relative_to(folder):  # a link made in between
+            raise outside
         try:
             return read_bytes_file(path, what, self.options.max_body_bytes, MediaError)
         except MediaError as e:
