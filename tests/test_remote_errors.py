@@ -145,6 +145,14 @@ def test_connection_refused_at_the_start_and_mid_conversation():
     fails_with(conv, r"^cannot connect to .*is the server running")
 
 
+def test_https_to_a_plain_http_server_says_to_use_http():
+    """It said "is the server running?" of a server that was running, only without TLS."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        url = server.url.replace("http://", "https://")
+        with pytest.raises(RemoteError, match=r"^cannot connect to https://.*: the server does not speak TLS; use http://"):
+            RemoteConversation.connect(url)
+
+
 def test_the_model_list_failing_is_one_line():
     with FakeServer() as server:
         server.replies["/v1/models"].append(Reply.json(fixture("lmdeploy/error_flat.json"), 401))

@@ -50,6 +50,10 @@ CONTEXT_OVERFLOW = re.compile(r"context[_ ](length|size|window)|exceed_context|m
 TOO_MANY_MEDIA = re.compile(r"(more than|at most) \d+ (image|video)|too many (image|video)", re.IGNORECASE)
 
 
+# How OpenSSL versions say that the answer to a TLS handshake was not TLS (a plain HTTP server)
+NOT_TLS = re.compile(r"WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE|PACKET_LENGTH_TOO_LONG|HTTP_REQUEST")
+
+
 def too_large_hint(advice: Advice) -> str:
     """For a 413: the request's body is over the server's limit."""
     if not advice.commands:
@@ -201,6 +205,8 @@ def transport_error(err: httpx.TransportError, url: str, timeout: float, mid_ans
     if isinstance(err, httpx.ConnectTimeout):
         return RemoteError(f"connecting to {url} timed out after {min(timeout, CONNECT_TIMEOUT_S):g} s; check --server and the network")
     if isinstance(err, httpx.ConnectError):
+        if url.startswith("https:") and NOT_TLS.search(str(err)):
+            return RemoteError(f"cannot connect to {url}: the server does not speak TLS; use http:// in --server")
         return RemoteError(f"cannot connect to {url} ({_reason(err)}); is the server running? check --server")
     if isinstance(err, httpx.ReadTimeout):
         return RemoteError(
