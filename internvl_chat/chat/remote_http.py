@@ -51,7 +51,7 @@ TOO_MANY_MEDIA = re.compile(r"(more than|at most) \d+ (image|video)|too many (im
 
 
 # How OpenSSL versions say that the answer to a TLS handshake was not TLS (a plain HTTP server)
-NOT_TLS = re.compile(r"WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE|PACKET_LENGTH_TOO_LONG|HTTP_REQUEST")
+NOT_TLS = re.compile(r"WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE|PACKET_LENGTH_TOO_LONG")
 
 
 def too_large_hint(advice: Advice) -> str:
