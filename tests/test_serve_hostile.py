@@ -160,3 +160,10 @@ def test_a_local_url_outside_the_folder_does_not_say_whether_the_file_exists(ser
     assert error_of(answers["exists"]) == error_of(answers["missing"])
     assert answers["missing-inside"].status_code == 400 and "does not exist" in error_of(answers["missing-inside"])["message"]
     assert answers["relative"].status_code == 400 and "absolute path" in error_of(answers["relative"])["message"]
+
+
+def test_a_trailing_slash_is_an_openai_shaped_404_not_a_redirect_to_the_host_header(server):
+    response = httpx.post(f"{server.url}/v1/chat/completions/", json={"model": "tiny"}, timeout=WAIT_S,
+                          headers={"Host": "evil.example"})  # fmt: skip
+    assert response.status_code == 404 and "location" not in response.headers
+    assert "/v1/chat/completions" in error_of(response)["message"]

@@ -31,7 +31,9 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     options = worker.options
     context = worker.model.max_seq_len
     created = int(time.time())
-    app = FastAPI(title="internvl-chat", docs_url=None, redoc_url=None, openapi_url=None)
+    # no redirect_slashes: its 307 for a trailing slash had no JSON body and took its Location from
+    # the client's Host header
+    app = FastAPI(title="internvl-chat", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.worker = worker
 
     @app.exception_handler(APIError)
