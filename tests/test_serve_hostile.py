@@ -167,3 +167,9 @@ def test_a_trailing_slash_is_an_openai_shaped_404_not_a_redirect_to_the_host_hea
                           headers={"Host": "evil.example"})  # fmt: skip
     assert response.status_code == 404 and "location" not in response.headers
     assert "/v1/chat/completions" in error_of(response)["message"]
+
+
+def test_health_answers_head_as_monitors_send_it(server):
+    response = httpx.head(f"{server.url}/health", timeout=WAIT_S)
+    assert response.status_code == 200 and response.content == b""
+    assert httpx.get(f"{server.url}/health", timeout=WAIT_S).json() == {"status": "ok"}
