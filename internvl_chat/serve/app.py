@@ -59,7 +59,8 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), options.api_key.encode()):
             raise APIError(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # uptime monitors often check with HEAD
+    @app.head("/health")  # uptime monitors often check with HEAD
+    @app.get("/health")
     async def health() -> JSONResponse:
         if not worker.alive:
             raise APIError(503, "the engine is not running", code="engine_unavailable")
