@@ -48,7 +48,7 @@ def test_a_conversation_past_the_context_is_refused_at_the_message_that_fills_it
     assert response.status_code == 400
     error = error_of(response)
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
-    assert "4,096-token context by message" in error["message"], error["message"]
+    assert "(counted up to message" in error["message"] and "context holds 4,096" in error["message"], error["message"]
     assert 0 < len(built) < turns // 2  # the turns past the context were never built
 
 

@@ -126,8 +126,8 @@ class PromptMaker:
         # would otherwise keep a CPU busy for a minute before its refusal
         context = self.loaded.model.max_seq_len
         if len(prompt.ids) >= context:
-            raise APIError(400, f"the conversation fills this model's {context:,}-token context by message {i}, leaving no "
-                           "room for an answer. Send a shorter conversation or fewer images",
+            raise APIError(400, f"the conversation is at least {len(prompt.ids):,} tokens (counted up to message {i}); this "
+                           f"model's context holds {context:,}. Send a shorter conversation or fewer images",
                            code="context_length_exceeded", param="messages")  # fmt: skip
 
     # ---- parts -------------------------------------------------------------------------------
