@@ -173,3 +173,11 @@ def test_health_answers_head_as_monitors_send_it(server):
     response = httpx.head(f"{server.url}/health", timeout=WAIT_S)
     assert response.status_code == 200 and response.content == b""
     assert httpx.get(f"{server.url}/health", timeout=WAIT_S).json() == {"status": "ok"}
+
+
+def test_a_content_part_without_a_type_is_told_the_types_there_are(server):
+    parts = [{"text": "Hi"}]
+    response = post(server, {"model": "tiny", "messages": [{"role": "user", "content": parts}], "max_tokens": 4})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"] == "messages.0.content.0" and "'text', 'image_url' or 'video_url'" in error["message"], error

@@ -126,6 +126,9 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
             tag = shown(str(first.get("ctx", {}).get("tag", "")), 40)
             raise bad_request(f"{param}: the content part type '{tag}' is not one this server reads; send "
                               "'text', 'image_url' or 'video_url' parts", param=param) from None  # fmt: skip
+        if first.get("type") == "union_tag_not_found":  # "Unable to extract tag using discriminator 'type'"
+            raise bad_request(f"{param}: a content part needs a \"type\": 'text', 'image_url' or 'video_url'",
+                              param=param) from None  # fmt: skip
         raise bad_request(f"{param or 'request'}: {shown(str(first.get('msg')))}", param=param) from None
     _refuse_unsupported(req)
     return req
