@@ -181,3 +181,11 @@ def test_a_content_part_without_a_type_is_told_the_types_there_are(server):
     assert response.status_code == 400
     error = error_of(response)
     assert error["param"] == "messages.0.content.0" and "'text', 'image_url' or 'video_url'" in error["message"], error
+
+
+def test_a_video_that_cannot_be_read_is_called_the_video(server):
+    video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + "A" * 4000}}
+    response = post(server, {"model": "tiny", "messages": [{"role": "user", "content": [video]}], "max_tokens": 4})
+    assert response.status_code == 400
+    message = error_of(response)["message"]
+    assert message.startswith("cannot read the video (") and "the media" not in message, message

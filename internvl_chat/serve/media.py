@@ -277,7 +277,9 @@ class MediaReader:
             return fn(path, *args)
         except MediaError as e:
             # the messages name our temporary file; the client knows the part by its place
-            raise bad_request(str(e).replace(str(path), name), param=param) from None
+            # ("cannot read video /tmp/…" would become "cannot read video the media")
+            message = str(e).replace(f"video {path}", "the video").replace(str(path), name)
+            raise bad_request(message, param=param) from None
 
     @contextmanager
     def _file(self, data: bytes):
