@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------------------------------------
-# The triton int4 backend (quant/triton_gemv.py): our Triton GEMV, compiled for this GPU
+# The triton int4 backend (quant/triton_gemv.py): our Triton GEMV and GEMM, compiled for this GPU
 
 
 def _triton_reason() -> str | None:
