@@ -82,6 +82,16 @@ def test_every_flag_the_readme_names_exists():
     assert not unknown, f"README names flags nothing defines: {sorted(unknown)}"
 
 
+@pytest.mark.parametrize("mode", ["internvl-chat", "serve"])  # quantize's README points at its --help
+def test_readme_names_every_flag(mode):
+    other_tools = ("lmdeploy ", "vllm ", "python -m sglang", "llama-server ", "--limit-mm-per-prompt", "#")
+    ours = "\n".join(line for line in README.splitlines() if not line.lstrip().startswith(other_tools))
+    unnamed = [action.option_strings for action in parsers()[mode]._actions
+               if action.option_strings and action.dest != "help"
+               and not any(re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", ours) for flag in action.option_strings)]  # fmt: skip
+    assert not unnamed, f"README does not name {mode}'s {unnamed}"
+
+
 def test_every_flag_the_apps_messages_name_exists():
     ours = set().union(*(parser_flags(p) for p in parsers().values()))
     repl_options = {option.name for spec in COMMANDS for option in spec.options}
