@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared script for the lent GPU machine (see /work/.library/device/README.md); ≤ 6 minutes.
 #   1. environment: nvidia-smi, Python / torch / triton versions                → $OUT/env.txt
-#   2. the CUDA tests (compiled step in CUDA graphs, W4, no host sync, ...)      → $OUT/cuda_tests.txt
+#   2. the CUDA tests (int4 kernels first; compiled step in CUDA graphs, W4, no host sync, ...) → $OUT/cuda_tests.txt
 #   3. the int4 linears (bench.py --sections gemv): every int4 backend this build has (tinygemm
 #      kernel and dense path, triton, gemlite, ...) and bf16 on each decoder linear of the
 #      8B/1B/2B LLMs by rows M = 1…512: µs, GB/s, share of the copy bandwidth, output checked
@@ -101,7 +101,8 @@ PYEOF
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     DEVICE=cuda
     BENCH_PLAN=()
-    DEFAULT_TESTS="tests/test_cuda.py tests/test_sampling.py tests/test_gemlite.py"  # gemlite last: it autotunes
+    # the int4 kernels first (quick, and what the int4 numbers rest on), gemlite last: it autotunes
+    DEFAULT_TESTS="tests/test_cuda_int4.py tests/test_cuda.py tests/test_sampling.py tests/test_gemlite.py"
     TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
     GEMV_ENV=()
     TOTAL_LIMIT="${TOTAL_LIMIT:-340}"  # the device's 6 minutes a call, less a margin

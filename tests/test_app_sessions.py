@@ -97,7 +97,9 @@ def test_save_to_a_markdown_or_text_name_is_refused_with_what_to_do(loaded, tmp_
     typed = f'"{name}"' if " " in name else name
     assert app.handle_line(f"/save {typed} --force") == ERROR
     lines = output(out).strip().splitlines()
-    assert lines == [f"error: a session file is JSON, so /save does not write {name}; /save NAME or NAME.json saves "
+    as_json = str(Path(name).with_suffix(".json"))
+    as_json = f"'{as_json}'" if " " in as_json else as_json
+    assert lines == [f"error: a session file is JSON, so /save does not write {name}; /save {as_json} saves "
                      f"the session, /export {typed.replace(chr(34), chr(39))} writes the conversation as Markdown"]  # fmt: skip
     assert not (tmp_path / name).exists()
     assert app.handle_line(f"/export {typed}") == OK and (tmp_path / name).read_text().startswith("# Conversation")

@@ -4,13 +4,16 @@
 Cheap, static checks (no model, no subprocess): every flag, slash command, environment variable,
 make target and script command the docs name exists (and every flag the app's messages name);
 README names every route serve has; the defaults and choices `--help`, README and default.toml
-state are the settings' own; every module has a row in the module map, and imports follow its layers.
+state are the settings' own; the limits README quotes are the code's, and its GPU table and exact
+ratios are benchmarks/RESULTS.md's; every dependency has its reason; every module has a row in the
+module map, the code names docs/architecture.md gives exist, and imports follow its layers.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import re
 import sys
 import tomllib
@@ -18,12 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from internvl_chat import cli
+from internvl_chat import cli, files
+from internvl_chat.chat.remote_http import CONNECT_TIMEOUT_S
 from internvl_chat.quantize import build_parser as quantize_parser
 from internvl_chat.serve import main as serve_main
 from internvl_chat.settings import (COLORS, COMPILE_MODES, DTYPES, INT4_BACKENDS, OTHER_ENV_VARS, REMOTE_DIALECTS, Settings,
                                     all_keys, env_name)
-from internvl_chat.ui.app import RESTORED_SETTINGS
+from internvl_chat.ui.app import NOT_SESSION_SUFFIXES, RESTORED_SETTINGS
 from internvl_chat.ui.set_keys import START_FLAGS, changeable_while_running, runtime_keys
 from internvl_chat.ui.commands import COMMAND_BY_NAME, COMMANDS
 
@@ -32,6 +36,8 @@ PACKAGE = REPO / "internvl_chat"
 README = (REPO / "README.md").read_text(encoding="utf-8")
 ARCHITECTURE = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
 BENCH_README = (REPO / "benchmarks" / "README.md").read_text(encoding="utf-8")
+RESULTS = (REPO / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+DEFAULT_TOML = (PACKAGE / "configs" / "default.toml").read_text(encoding="utf-8")
 
 # Flags of other programs that README's server section shows (lmdeploy, vLLM, SGLang, llama.cpp).
 OTHER_TOOLS_FLAGS = {
@@ -74,6 +80,16 @@ def test_every_flag_the_readme_names_exists():
     scripts = set().union(*(script_flags(p) for p in (REPO / "scripts").glob("*.py")))
     unknown = set(FLAG.findall(README)) - ours - repl_options - scripts - OTHER_TOOLS_FLAGS
     assert not unknown, f"README names flags nothing defines: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("mode", ["internvl-chat", "serve"])  # quantize's README points at its --help
+def test_readme_names_every_flag(mode):
+    other_tools = ("lmdeploy ", "vllm ", "python -m sglang", "llama-server ", "--limit-mm-per-prompt", "#")
+    ours = "\n".join(line for line in README.splitlines() if not line.lstrip().startswith(other_tools))
+    unnamed = [action.option_strings for action in parsers()[mode]._actions
+               if action.option_strings and action.dest != "help"
+               and not any(re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", ours) for flag in action.option_strings)]  # fmt: skip
+    assert not unnamed, f"README does not name {mode}'s {unnamed}"
 
 
 def test_every_flag_the_apps_messages_name_exists():
@@ -203,6 +219,26 @@ def test_stated_default_forms():
     assert stated_default("make sampling reproducible") is None
 
 
+def test_defaults_in_quantize_help_are_its_defaults():
+    checked = 0
+    for action in quantize_parser()._actions:
+        # a default of None is computed (--group-size) or built-in data (--calib): described, not stated
+        if not action.option_strings or "default" not in (action.help or "") or action.default is None:
+            continue
+        if action.choices:  # "awq: … (default); rtn: …"
+            described = re.search(r"(\w+): [^;]*\(default\)", action.help)
+            assert described and described.group(1) == action.default, action.help
+        else:
+            assert stated_default(action.help) == str(action.default), f"{action.option_strings}: {action.help}"
+        checked += 1
+    assert checked >= 4
+
+
+def test_readme_names_the_flags_server_refuses():
+    sentence = README[: README.index("are refused with `--server`")].rsplit("\n", 1)[1]
+    assert re.findall(r"`(--[\w-]+)`", sentence) == [flag for _, flag in cli.LOCAL_MODEL_FLAGS]
+
+
 # --- REPL commands and settings ----------------------------------------------------------------
 
 
@@ -230,6 +266,11 @@ def test_readme_says_which_settings_load_brings_back():
     sentence = README[README.index("It brings back the sampling settings") :].split(".")[0]
     named = {key for key in all_keys() if f"`{key.split('.')[1]}`" in sentence}
     assert sampling | named == set(RESTORED_SETTINGS), sentence
+
+
+def test_readme_names_the_files_save_refuses():
+    sentence = re.split(r"is\s+refused", README[README.index("A session file is JSON, so") :])[0]
+    assert tuple(re.findall(r"`[^`]*?(\.\w+)`", sentence)) == NOT_SESSION_SUFFIXES
 
 
 def test_the_flags_set_names_for_settings_read_at_start_set_them():
@@ -277,6 +318,25 @@ def test_script_commands_in_the_docs_use_their_scripts_flags():
             assert not unknown, f"{script}: {sorted(unknown)}"
 
 
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.match(r"[A-Za-z0-9_.-]+", r).group().lower() for r in requirements}
+
+
+def test_readme_explains_every_dependency_and_only_those():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    required = _requirement_names(project["dependencies"])
+    tests = _requirement_names(project["optional-dependencies"]["test"])
+    section = README[README.index("## Dependencies") :].split("\n## ")[0]
+    rows = set()
+    for cells in re.findall(r"^\| ([^|]+) \|", section, re.M):
+        rows |= {re.sub(r" \(.*\)", "", name).strip().lower() for name in cells.split(",")}
+    rows -= {"package", "---"}
+    assert required <= rows, sorted(required - rows)
+    assert rows <= required | tests, sorted(rows - required - tests)  # triton, gemlite: test extras, optional
+    extras = section[section.index("Test extras:") :]
+    assert all(re.search(rf"\b{re.escape(name)}\b", extras) for name in tests), sorted(tests)
+
+
 def test_the_python_version_the_docs_state_is_the_one_the_code_needs():
     requires = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["requires-python"]
     minimum = tuple(int(n) for n in re.fullmatch(r">=(\d+)\.(\d+)", requires).groups())
@@ -285,6 +345,42 @@ def test_the_python_version_the_docs_state_is_the_one_the_code_needs():
     if any("import tomllib" in p.read_text(encoding="utf-8") for p in PACKAGE.rglob("*.py")):
         assert minimum >= (3, 11), "tomllib is new in Python 3.11"
     assert sys.version_info >= minimum
+
+
+# --- numbers the docs quote ----------------------------------------------------------------------
+
+
+def test_limits_the_docs_quote_are_the_codes():
+    assert f"regular UTF-8 files under {files.TEXT_LIMIT // files.MiB} MiB" in README
+    graceful = inspect.signature(serve_main.uvicorn_config).parameters["graceful_s"].default
+    assert f"running requests get {graceful} s to finish" in README
+    assert f"(to connect: at most {CONNECT_TIMEOUT_S:g})" in DEFAULT_TOML
+
+
+def _performance_section() -> str:
+    return README[README.index("## Performance") :].split("\n## ")[0]
+
+
+def test_the_readmes_gpu_table_is_the_results_table():
+    results = {}  # ("InternVL3-1B", "bf16") -> the row's cells
+    for line in RESULTS[RESULTS.index("## CUDA") :].splitlines():
+        match = re.match(r"\| (InternVL3-\w+) (bf16|W4) \|(.*)\|$", line)
+        if match:
+            results[match.group(1), match.group(2)] = [cell.strip() for cell in match.group(3).split("|")]
+    rows = re.findall(r"^\| (InternVL3-\w+) \| (\S+) tok/s \| (\S+) tok/s \| (\S+) vs (\S+) GiB \|$", _performance_section(), re.M)
+    assert len(rows) >= 3
+    for model, bf16, w4, w4_peak, bf16_peak in rows:  # engine (graphs) tok/s is the 2nd column, peak GiB the last
+        assert (bf16, bf16_peak) == (results[model, "bf16"][1], results[model, "bf16"][-1]), model
+        assert (w4, w4_peak) == (results[model, "W4"][1], results[model, "W4"][-1]), model
+
+
+def test_every_exact_ratio_the_readmes_performance_section_quotes_is_in_results():
+    # rounded figures are read by eye; two-decimal ones are copied, and RESULTS.md has each as a
+    # ratio: `×1.22`, `**1.40**` or a table cell `| 0.55 |`
+    quoted = set(re.findall(r"(?<![\d.])\d+\.\d\d(?![\d])", _performance_section()))
+    assert len(quoted) >= 6, quoted
+    missing = {n for n in quoted if not re.search(rf"(?:×|\*\*){re.escape(n)}(?![\d])|\| {re.escape(n)} \|", RESULTS)}
+    assert not missing, f"README quotes numbers benchmarks/RESULTS.md does not have: {sorted(missing)}"
 
 
 # --- docs/architecture.md ----------------------------------------------------------------------
@@ -341,3 +437,61 @@ def test_imports_follow_the_documented_layers():
                 if other and other != unit and other in rank and unit in rank and rank[other] <= rank[unit]:
                     wrong.append(f"{rel.as_posix()} imports {target}")
     assert not wrong, wrong
+
+
+def _defined_names(path: Path) -> dict[str, set[str]]:
+    """A module's top-level names → for a class, its attributes (methods, class fields, `self.x = …`)."""
+    names: dict[str, set[str]] = {}
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names[node.name] = set()
+        elif isinstance(node, ast.ClassDef):
+            attrs = set()
+            for sub in ast.walk(node):
+                if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    attrs.add(sub.name)
+                elif isinstance(sub, ast.AnnAssign) and isinstance(sub.target, ast.Name):
+                    attrs.add(sub.target.id)
+                elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self":
+                    attrs.add(sub.attr)
+                elif isinstance(sub, ast.Assign):
+                    attrs |= {target.id for target in sub.targets if isinstance(target, ast.Name)}
+            names[node.name] = attrs
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update({target.id: set() for target in targets if isinstance(target, ast.Name)})
+    return names
+
+
+def test_the_code_names_architecture_md_gives_exist():
+    """`chat.session.Session.ask`, `engine.cpu_step`, `Session.continue_with`: each module, name and attribute."""
+    defined = {path: _defined_names(path) for path in PACKAGE.rglob("*.py")}
+    classes: dict[str, set[str]] = {}
+    for names in defined.values():
+        for name, attrs in names.items():
+            classes.setdefault(name, set()).update(attrs)
+    units = "|".join({p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in defined})
+    wrong, checked = [], 0
+    for ref in re.findall(rf"(?<![\w./])(?:{units})(?:\.\w+)+", ARCHITECTURE):
+        parts = ref.split(".")
+        if parts[-1] in ("py", "cpp", "h", "md", "toml"):  # a file name (`cli.py`): the module map test checks those
+            continue
+        for cut in range(len(parts), 0, -1):  # the longest prefix that is a module or package
+            base = PACKAGE.joinpath(*parts[:cut])
+            module = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+            if module.is_file():
+                break
+        else:
+            wrong.append(ref)
+            continue
+        rest = parts[cut:]
+        if rest and (rest[0] not in defined[module] or (len(rest) > 1 and rest[1] not in defined[module][rest[0]])):
+            wrong.append(ref)
+        checked += 1
+    for cls, attr in re.findall(r"(?<![\w.])([A-Z]\w*[a-z]\w*)\.([a-z_]\w*)", ARCHITECTURE):
+        if cls in classes and attr not in ("py", "md"):
+            if attr not in classes[cls]:
+                wrong.append(f"{cls}.{attr}")
+            checked += 1
+    assert checked >= 20
+    assert not wrong, f"docs/architecture.md names code that does not exist: {wrong}"

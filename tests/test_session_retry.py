@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
 from internvl_chat.chat.template import PromptBuilder
 from internvl_chat.engine.loader import load_model
 from internvl_chat.errors import Cancelled, ContextOverflowError, GenerationError
 from media_helpers import textured_rgb
+from test_session import _params, _run
 
 TOL = 1e-4  # relative to the largest logit, as tests/test_session.py
 
@@ -30,17 +30,6 @@ def picture(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("media") / "wide.png"
     Image.fromarray(textured_rgb(896, 448, seed=5)).save(path)  # 2 tiles + thumbnail
     return path
-
-
-def _params(n=6):
-    return SamplingParams(max_new_tokens=n)
-
-
-def _run(events) -> dict:
-    final = None
-    for event in events:
-        final = event
-    return final
 
 
 def _prefilling(session: Session) -> Session:

@@ -170,7 +170,7 @@ class CompiledStep:
         kernel_failure = None
         if language.GEMV_AS_REDUCTION.get(self.device.type, False):
             if cpu_gemv.supported() is None:
-                self._say("preparing the AVX2 kernels …")  # built once per torch and compiler: ~30-60 s
+                self._say("preparing the AVX2 kernels …")  # built once per torch and compiler: ~25 s (RESULTS.md, Update 8)
                 kernel_failure = cpu_gemv.ensure_loaded(self.cache_dir)
             if NATIVE_CPU_STEP and not self.for_graphs and cpu_step.unsupported(self.lm) is None:
                 return self._ready(cpu_step.CpuStep(self.lm), start)

@@ -787,7 +787,8 @@ class App:
         """
         path = self._output_path(command.args[0]) if command.args else self._default_save_path()
         if path.suffix.lower() in NOT_SESSION_SUFFIXES:  # a session written under a Markdown or text name
-            raise UsageError(f"a session file is JSON, so /save does not write {visible(path.name)}; /save NAME or NAME.json "
+            as_json = _typed(str(Path(command.args[0]).with_suffix(".json")))
+            raise UsageError(f"a session file is JSON, so /save does not write {visible(path.name)}; /save {as_json} "
                              f"saves the session, /export {_typed(command.args[0])} writes the conversation as Markdown")
         if path.is_dir():
             raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /save {_typed(path / 'chat.json')}")
