@@ -412,9 +412,8 @@ class Session:
         overwrote); load and /system prefill the whole conversation. Checked here rather than trusted:
         start_pos covers the prompt, and ids there are the prompt the builder gives now.
         """
-        specs = [m.spec for m in turn.media]
         builder = self.builder
-        prompt = builder.first_turn(turn.user_text, specs) if turn.ids_before == 0 else builder.next_turn(turn.user_text, specs)
+        prompt = self._turn_prompt(builder, 0 if turn.ids_before == 0 else 1, turn)  # first or a next turn
         end = turn.ids_before + len(prompt)
         images = (builder.img_start_id, builder.img_end_id, builder.img_context_id)
         if not (prompt and turn.pos_before <= turn.ids_before and end <= self.start_pos):
