@@ -222,6 +222,8 @@ class ServeSettings:
                                      "a number of seconds > 0 and ≤ 3600 (to send a request's line and headers)")
     body_timeout: float = _setting(60.0, _number(0.0, TIMEOUT_MAX, low_open=True),
                                    "a number of seconds > 0 and ≤ 3600 (to send a whole request body)")
+    write_timeout: float = _setting(60.0, _number(0.0, TIMEOUT_MAX, low_open=True),
+                                    "a number of seconds > 0 and ≤ 3600 (to take bytes of an answer it is sent)")
     keep_alive_timeout: float = _setting(5.0, _number(0.0, TIMEOUT_MAX, low_open=True),
                                          "a number of seconds > 0 and ≤ 3600 (an idle connection is kept open)")
     max_header_kb: int = _setting(16, _number(1, 1024), "an integer from 1 to 1024 (KiB of request line and headers)")

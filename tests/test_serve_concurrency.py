@@ -12,6 +12,7 @@ import base64
 import json
 import socket
 import threading
+import types
 
 import httpx
 import pytest
@@ -92,6 +93,32 @@ def test_a_non_streaming_client_that_leaves_mid_answer_stops_the_engine(server, 
     assert seen["cancelled"]
     record = next(r for r in worker.finished if r["job"] == seen["job"].number)
     assert record["finish_reason"] == "cancelled" and record["completion_tokens"] < 400
+
+
+def test_a_stream_whose_client_is_dropped_cancels_its_job_when_it_ends():
+    """Starlette cancels the task that writes a stream when its client is gone (its connection
+    lost, or dropped after --write-timeout) and leaves the event generator suspended; the
+    generator's own `finally` runs only when it is collected, which a reference to it delays.
+    The response itself cancels the job."""
+    job = types.SimpleNamespace(cancel=threading.Event())
+    disconnect = asyncio.Event()
+
+    async def events():  # the first event, then a long wait for the engine's next text
+        yield b"data: {}\n\n"
+        await asyncio.Event().wait()
+
+    async def receive():
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message.get("body"):
+            disconnect.set()  # the client goes away once the stream has begun
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "method": "POST", "headers": []}
+    held = events()  # held here, as a reference cycle could hold it
+    asyncio.run(serve_app.JobStream(job, held, media_type="text/event-stream")(scope, receive, send))
+    assert job.cancel.is_set()
 
 
 def test_a_queued_job_whose_client_left_does_not_hold_its_place(server):

@@ -1,6 +1,7 @@
 """`internvl-chat serve` against slow and abusive clients, over real sockets.
 
-One server with small limits (2 connections, 2 s deadlines, 4 KiB heads) serves the module.
+One server with small limits (2 connections, 2 s deadlines, 4 KiB heads) and small socket send
+buffers (a client that stops reading stalls it soon) serves the module.
 Each test waits for an outcome (a response, the server closing the socket, uvicorn's set of
 open connections) with a generous bound; none measures how long anything took.
 """
@@ -20,12 +21,16 @@ import pytest
 from serve_support import RunningServer
 
 WAIT_S = 60
-LIMITS = {"max_connections": 2, "header_timeout": 2.0, "body_timeout": 2.0, "keep_alive_timeout": 2.0, "max_header_kb": 4}
+LIMITS = {"max_connections": 2, "header_timeout": 2.0, "body_timeout": 2.0, "write_timeout": 2.0,
+          "keep_alive_timeout": 2.0, "max_header_kb": 4}  # fmt: skip
+SMALL_BUFFER = 4096  # bytes; the kernel doubles it
 
 
 @pytest.fixture(scope="module")
 def server(tiny_original):
     with RunningServer(tiny_original, **LIMITS) as running:
+        # accepted connections inherit the listener's send buffer (and no autotuning to megabytes)
+        running.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
         yield running
 
 
@@ -46,6 +51,15 @@ def _wait_until(condition, what: str) -> None:
 
 def _connect(server) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S)
+
+
+def _connect_unread(server) -> socket.socket:
+    """A client with a small receive window, for tests where it never reads: its window fills soon."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)  # before connect: it sets the window
+    sock.settimeout(WAIT_S)
+    sock.connect(("127.0.0.1", server.port))
+    return sock
 
 
 def _read_to_close(sock: socket.socket, keep_sending: bytes = b"") -> bytes:
@@ -140,6 +154,66 @@ def test_the_unread_body_of_an_answered_request_cannot_hold_the_connection(serve
     finally:
         server.options.api_key = ""
     assert _response(raw)[0] == 401
+    _normal_answer(server)
+
+
+# ---- the answer -----------------------------------------------------------------------------------
+
+
+def test_a_stream_its_client_stops_reading_is_dropped_and_the_engine_freed(server):
+    """A client that opens a stream and never reads: its window fills, the server's writes wait.
+    They used to wait for ever, and the generation ran on to max_tokens for nobody (on a big
+    model, minutes to hours of the one engine); now the client is dropped after --write-timeout
+    and its generation cancelled."""
+    worker, first, seen = server.worker, threading.Event(), {}
+
+    def long_answer(job, event) -> None:  # text keeps coming, as from a long answer, until cancelled
+        if first.is_set():
+            return
+        seen["job"] = job
+        first.set()
+        for _ in range(WAIT_S * 100):
+            if job.cancel.wait(0.01):
+                break
+            job.emit("text", "x" * 16384)
+
+    worker.on_event = long_answer
+    try:
+        with _connect_unread(server) as sock:
+            body = _chat("Write a long story.", stream=True, max_tokens=8)
+            sock.sendall(_head("/v1/chat/completions", len(body)) + body)
+            assert first.wait(WAIT_S)
+            assert seen["job"].cancel.wait(WAIT_S), "the server kept waiting for a client that does not read"
+            assert worker.wait_idle(WAIT_S)
+            _wait_until(lambda: not server.server.server_state.connections, "the unread connection dropped")
+    finally:
+        worker.on_event = None
+    record = next(r for r in worker.finished if r["job"] == seen["job"].number)
+    assert record["finish_reason"] == "cancelled"
+    assert not server.server.config.app.open  # nor does it count under the connection limit any more
+    _normal_answer(server)  # the next request is served
+
+
+def test_an_answer_its_client_does_not_read_cannot_hold_the_connection(server):
+    """A non-streaming answer is written after the engine is done; a client that never reads it
+    used to keep its connection (and a place under the limit) for ever, the answer waiting in
+    the server's buffer."""
+    worker, jobs = server.worker, _record_jobs(server)
+
+    def big_answer(job, event) -> None:
+        event["text"] = "y" * (1 << 20)  # far more than the socket buffers hold
+
+    worker.on_event = big_answer
+    try:
+        with _connect_unread(server) as sock:
+            body = _chat("Describe the harbour.")
+            sock.sendall(_head("/v1/chat/completions", len(body)) + body)
+            _wait_until(lambda: len(jobs) == 1, "the request reached the engine")
+            assert worker.wait_idle(WAIT_S)  # the engine was done before the answer was written
+            _wait_until(lambda: not server.server.server_state.connections, "the unread connection dropped")
+    finally:
+        worker.on_event = None
+    assert not server.server.config.app.open
     _normal_answer(server)
 
 
@@ -244,15 +318,17 @@ def test_the_limits_are_serve_flags_with_defaults():
     from internvl_chat.settings import load_settings
 
     defaults = ServeOptions.from_settings(load_settings(os.devnull, {}, {}))
-    assert (defaults.max_connections, defaults.header_timeout, defaults.body_timeout, defaults.keep_alive_timeout,
-            defaults.max_header_bytes) == (100, 10.0, 60.0, 5.0, 16 << 10)  # fmt: skip
+    assert (defaults.max_connections, defaults.header_timeout, defaults.body_timeout, defaults.write_timeout,
+            defaults.keep_alive_timeout, defaults.max_header_bytes) == (100, 10.0, 60.0, 60.0, 5.0, 16 << 10)  # fmt: skip
     args = build_parser().parse_args(["--max-connections", "7", "--header-timeout", "1.5", "--body-timeout", "30",
-                                      "--keep-alive-timeout", "0.5", "--max-header-kb", "8"])  # fmt: skip
+                                      "--write-timeout", "45", "--keep-alive-timeout", "0.5",
+                                      "--max-header-kb", "8"])  # fmt: skip
     options = ServeOptions.from_settings(load_settings(os.devnull, {}, _overrides(args)))
-    assert (options.max_connections, options.header_timeout, options.body_timeout, options.keep_alive_timeout,
-            options.max_header_bytes) == (7, 1.5, 30.0, 0.5, 8 << 10)  # fmt: skip
-    env = {"INTERNVL_CHAT_SERVE_BODY_TIMEOUT": "12.5"}
-    assert load_settings(os.devnull, env, {}).serve.body_timeout == 12.5
+    assert (options.max_connections, options.header_timeout, options.body_timeout, options.write_timeout,
+            options.keep_alive_timeout, options.max_header_bytes) == (7, 1.5, 30.0, 45.0, 0.5, 8 << 10)  # fmt: skip
+    env = {"INTERNVL_CHAT_SERVE_BODY_TIMEOUT": "12.5", "INTERNVL_CHAT_SERVE_WRITE_TIMEOUT": "20"}
+    from_env = load_settings(os.devnull, env, {}).serve
+    assert (from_env.body_timeout, from_env.write_timeout) == (12.5, 20.0)
 
 
 @pytest.mark.parametrize(("key", "value", "expect"), [
@@ -261,6 +337,7 @@ def test_the_limits_are_serve_flags_with_defaults():
     ("header_timeout", 0, "a number of seconds > 0 and ≤ 3600"),
     ("body_timeout", -1, "a number of seconds > 0 and ≤ 3600"),
     ("body_timeout", float("inf"), "a number of seconds > 0 and ≤ 3600"),
+    ("write_timeout", 0, "a number of seconds > 0 and ≤ 3600"),
     ("keep_alive_timeout", 7200, "a number of seconds > 0 and ≤ 3600"),
     ("keep_alive_timeout", "soon", "a number of seconds > 0 and ≤ 3600"),
     ("max_header_kb", 0, "an integer from 1 to 1024"),
@@ -282,11 +359,11 @@ def test_uvicorn_gets_the_limits():
     from internvl_chat.serve.main import uvicorn_config
     from internvl_chat.serve.options import ServeOptions
 
-    options = ServeOptions(max_connections=7, header_timeout=3.0, body_timeout=4.0, keep_alive_timeout=0.5,
-                           max_header_bytes=8192)  # fmt: skip
+    options = ServeOptions(max_connections=7, header_timeout=3.0, body_timeout=4.0, write_timeout=6.0,
+                           keep_alive_timeout=0.5, max_header_bytes=8192)  # fmt: skip
     app = object()
     config = uvicorn_config(app, options, "warning")
     assert (config.limit_concurrency, config.timeout_keep_alive, config.h11_max_incomplete_event_size) == (None, 0.5, 8192)
     assert isinstance(config.app, ConnectionLimit) and (config.app.app, config.app.limit) == (app, 7)
     assert config.http.connection_limit is config.app and config.ws == "none"
-    assert (config.http.header_timeout, config.http.body_timeout) == (3.0, 4.0)
+    assert (config.http.header_timeout, config.http.body_timeout, config.http.write_timeout) == (3.0, 4.0, 6.0)

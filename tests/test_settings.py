@@ -55,6 +55,7 @@ EXPECTED_DEFAULTS = {
         "max_connections": 100,
         "header_timeout": 10.0,
         "body_timeout": 60.0,
+        "write_timeout": 60.0,
         "keep_alive_timeout": 5.0,
         "max_header_kb": 16,
     },

@@ -27,6 +27,22 @@ class ClientDisconnected(Exception):
     pass
 
 
+class JobStream(StreamingResponse):
+    """A stream that cancels its job however it ends. When the client is dropped (its connection
+    lost, or --write-timeout), Starlette cancels the task that iterates `_stream` while it waits to
+    write, and the generator's own `finally` would run only when it is garbage-collected."""
+
+    def __init__(self, job: Job, content, **kw) -> None:
+        super().__init__(content, **kw)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel.set()  # a no-op after "done"; frees the engine at once otherwise
+
+
 def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     options = worker.options
     context = worker.model.max_seq_len
@@ -100,7 +116,7 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         worker.submit(job)
         if req.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(_stream(job, request, req, model_id), media_type="text/event-stream", headers=headers)
+            return JobStream(job, _stream(job, request, req, model_id), media_type="text/event-stream", headers=headers)
         return await _complete(job, request, req, model_id)
 
     return app

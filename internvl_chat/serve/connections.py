@@ -1,16 +1,20 @@
 """uvicorn's HTTP/1.1 protocol (h11) with the deadlines uvicorn lacks.
 
 uvicorn times out only a kept-alive connection that sends nothing, and any byte cancels that
-timer: a client could trickle a request head forever (slow loris), or keep sending the body of a
-request that was already answered without reading it (a 401 or 413 comes before the body). Each
-such connection holds a file descriptor and a place under the connection limit, which then turns
-away everybody else. Two deadlines close them:
+timer: a client could trickle a request head forever (slow loris), keep sending the body of a
+request that was already answered without reading it (a 401 or 413 comes before the body), or
+stop reading its answer (a full TCP window leaves uvicorn waiting to write for ever, and a closed
+connection waiting to flush is never let go). Each such connection holds a file descriptor and a
+place under the connection limit, which then turns away everybody else. Three deadlines close them:
 
 - the head: a new connection, or a kept-alive one that started its next request, must send the
   whole request line and headers within `header_timeout` (more bytes do not extend it); one that
   sent part of a head gets a 408 first, an idle one is just closed;
 - an unread body: once the response is out, the rest of the body must arrive within
-  `body_timeout`.
+  `body_timeout`;
+- an unread answer: bytes the kernel would not take (the client's window is full) must be taken
+  within `write_timeout`, else the connection is dropped with what it had not read. A stream's
+  handler then sees its client gone and cancels the generation, which frees the engine.
 
 A body the app reads is the app's to time (serve/app.py: 408 after `body_timeout`).
 
@@ -74,10 +78,12 @@ class ConnectionLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def bounded_h11(header_timeout: float, body_timeout: float, limit: ConnectionLimit) -> type[H11Protocol]:
+def bounded_h11(header_timeout: float, body_timeout: float, limit: ConnectionLimit,
+                write_timeout: float = 60.0) -> type[H11Protocol]:  # fmt: skip
     """The protocol class for uvicorn.Config(http=...), with these deadlines in seconds, counting
     its connections for `limit`."""
-    attributes = {"header_timeout": header_timeout, "body_timeout": body_timeout, "connection_limit": limit}
+    attributes = {"header_timeout": header_timeout, "body_timeout": body_timeout, "write_timeout": write_timeout,
+                  "connection_limit": limit}  # fmt: skip
     return type("BoundedH11Protocol", (BoundedH11Protocol,), attributes)
 
 
@@ -100,18 +106,23 @@ def _error_response(status: int, reason: str, message: str, code: str) -> tuple[
 class BoundedH11Protocol(H11Protocol):
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+    write_timeout: float = 60.0
     connection_limit: ConnectionLimit | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
         self._deadline_kind: str | None = None
+        self._write_deadline: asyncio.TimerHandle | None = None
 
     # every place where the connection's state can change: a deadline starts, ends or stays
     def connection_made(self, transport) -> None:  # type: ignore[override]
         if self.connection_limit is not None:
             self.connection_limit.opened(self)
         super().connection_made(transport)
+        # writing pauses as soon as the kernel refuses a byte (asyncio's default waits for 64 KiB
+        # of our own buffer), so "paused" means exactly: the client is not taking what we send
+        transport.set_write_buffer_limits(high=0)
         self._watch()
 
     def data_received(self, data: bytes) -> None:
@@ -126,7 +137,30 @@ class BoundedH11Protocol(H11Protocol):
         if self.connection_limit is not None:
             self.connection_limit.closed(self)
         self._set_deadline(None)
+        self._end_write_deadline()
         super().connection_lost(exc)
+
+    # the unread answer: from the moment bytes wait for the client until it has taken them all
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.write_timeout, self._write_expired)
+
+    def resume_writing(self) -> None:
+        self._end_write_deadline()
+        super().resume_writing()
+
+    def _end_write_deadline(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _write_expired(self) -> None:
+        self._write_deadline = None
+        log.info("dropping a connection from %s: it took none of its answer for %g s (--write-timeout)",
+                 self.client, self.write_timeout)  # fmt: skip
+        # abort, not close: close() would wait for the unread bytes to be sent, which is what never happens
+        self.transport.abort()
 
     def send_400_response(self, msg: str) -> None:
         """A request h11 cannot parse (not HTTP/1.1, a bad length, a head over the size limit):

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a client has to send a request's line and headers, else 408 (default 10)")
     p.add_argument("--body-timeout", type=float, metavar="S",
                    help="seconds a client has to send a whole request body, else 408 (default 60)")
+    p.add_argument("--write-timeout", type=float, metavar="S",
+                   help="seconds a client may leave bytes of its answer unread before it is dropped and its "
+                   "generation cancelled (default 60)")  # fmt: skip
     p.add_argument("--keep-alive-timeout", type=float, metavar="S",
                    help="seconds an idle connection stays open between requests (default 5)")
     p.add_argument("--max-header-kb", type=int, metavar="N",
@@ -75,6 +78,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "serve.max_connections": args.max_connections,
         "serve.header_timeout": args.header_timeout,
         "serve.body_timeout": args.body_timeout,
+        "serve.write_timeout": args.write_timeout,
         "serve.keep_alive_timeout": args.keep_alive_timeout,
         "serve.max_header_kb": args.max_header_kb,
     }
@@ -139,7 +143,7 @@ def uvicorn_config(app, options, log_level: str, graceful_s: int = 5):
     limit = ConnectionLimit(app, options.max_connections)  # instead of uvicorn's limit_concurrency: a JSON 503
     return uvicorn.Config(
         limit, log_level=log_level, timeout_graceful_shutdown=graceful_s,
-        http=bounded_h11(options.header_timeout, options.body_timeout, limit),
+        http=bounded_h11(options.header_timeout, options.body_timeout, limit, options.write_timeout),
         # the API has no WebSocket endpoint, and an upgraded connection would leave our protocol
         # without closing it (the limit would count it for ever)
         ws="none",

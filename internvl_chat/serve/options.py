@@ -33,6 +33,7 @@ class ServeOptions:
     max_connections: int = 100
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+    write_timeout: float = 60.0
     keep_alive_timeout: float = 5.0
     max_header_bytes: int = 16 * KiB
     # request defaults (a request's own values win)
@@ -69,6 +70,7 @@ class ServeOptions:
             max_connections=s.max_connections,
             header_timeout=s.header_timeout,
             body_timeout=s.body_timeout,
+            write_timeout=s.write_timeout,
             keep_alive_timeout=s.keep_alive_timeout,
             max_header_bytes=s.max_header_kb * KiB,
             defaults=defaults,
