@@ -223,7 +223,7 @@ class ServeSettings:
     body_timeout: float = _setting(60.0, _number(0.0, TIMEOUT_MAX, low_open=True),
                                    "a number of seconds > 0 and ≤ 3600 (to send a whole request body)")
     write_timeout: float = _setting(60.0, _number(0.0, TIMEOUT_MAX, low_open=True),
-                                    "a number of seconds > 0 and ≤ 3600 (to take bytes of an answer it is sent)")
+                                    "a number of seconds > 0 and ≤ 3600 (a client may read none of its answer)")
     keep_alive_timeout: float = _setting(5.0, _number(0.0, TIMEOUT_MAX, low_open=True),
                                          "a number of seconds > 0 and ≤ 3600 (an idle connection is kept open)")
     max_header_kb: int = _setting(16, _number(1, 1024), "an integer from 1 to 1024 (KiB of request line and headers)")

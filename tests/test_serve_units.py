@@ -44,6 +44,87 @@ def test_no_stop_strings_passes_text_through():
     assert matcher.push("abc") == "abc" and not matcher.hit
 
 
+# ---- the write deadline (serve/connections.py) ----------------------------------------------------
+
+
+class _Timer:
+    def __init__(self, callback):
+        self.callback, self.cancelled, self.fired = callback, False, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def fire(self) -> None:
+        self.fired = True
+        self.callback()
+
+
+class _Clock:
+    """The loop's call_later, kept for the test to fire by hand (no time passes)."""
+
+    def __init__(self):
+        self.timers: list[_Timer] = []
+
+    def call_later(self, delay, callback, *args):
+        timer = _Timer(lambda: callback(*args))
+        timer.write = getattr(callback, "__name__", "") == "_write_expired"
+        self.timers.append(timer)
+        return timer
+
+    def write_deadlines(self) -> list[_Timer]:
+        return [t for t in self.timers if t.write and not (t.cancelled or t.fired)]
+
+
+class _Transport:
+    def __init__(self):
+        self.unsent, self.aborted, self.high = 0, False, None
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self.high = high
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+
+def test_the_write_deadline_drops_a_stalled_reader_not_a_slow_one():
+    """Driven by hand: a client that takes some of what waits for it within each write_timeout
+    keeps its connection; one that takes nothing for a whole write_timeout is dropped."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from internvl_chat.serve.connections import ConnectionLimit, bounded_h11
+
+    clock, transport = _Clock(), _Transport()
+    protocol_class = bounded_h11(10.0, 10.0, ConnectionLimit(object(), 5), write_timeout=5.0)
+    protocol = protocol_class(uvicorn.Config(app=object()), ServerState(), {}, _loop=clock)
+    protocol.connection_made(transport)
+    assert transport.high == 0  # paused as soon as the kernel refuses a byte
+    transport.unsent = 1000
+    protocol.pause_writing()
+    [deadline] = clock.write_deadlines()
+    transport.unsent = 600  # the client read some meanwhile
+    deadline.fire()
+    assert not transport.aborted
+    [deadline] = clock.write_deadlines()  # a new one
+    transport.unsent = 0
+    protocol.resume_writing()  # all taken: no deadline
+    assert deadline.cancelled and not clock.write_deadlines()
+    transport.unsent = 500
+    protocol.pause_writing()
+    [deadline] = clock.write_deadlines()
+    deadline.fire()  # nothing taken for a whole write_timeout
+    assert transport.aborted
+
+
 # ---- data: URLs --------------------------------------------------------------------------------
 
 

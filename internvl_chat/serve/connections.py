@@ -12,9 +12,10 @@ place under the connection limit, which then turns away everybody else. Three de
   sent part of a head gets a 408 first, an idle one is just closed;
 - an unread body: once the response is out, the rest of the body must arrive within
   `body_timeout`;
-- an unread answer: bytes the kernel would not take (the client's window is full) must be taken
-  within `write_timeout`, else the connection is dropped with what it had not read. A stream's
-  handler then sees its client gone and cancels the generation, which frees the engine.
+- an unread answer: while bytes wait because the kernel would not take them (the client's window
+  is full), the client must take some of them every `write_timeout`, else the connection is
+  dropped with what it had not read. A stream's handler then sees its client gone and cancels
+  the generation, which frees the engine.
 
 A body the app reads is the app's to time (serve/app.py: 408 after `body_timeout`).
 
@@ -114,6 +115,7 @@ class BoundedH11Protocol(H11Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._deadline_kind: str | None = None
         self._write_deadline: asyncio.TimerHandle | None = None
+        self._unsent = 0  # bytes waiting when the write deadline last started
 
     # every place where the connection's state can change: a deadline starts, ends or stays
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -144,7 +146,11 @@ class BoundedH11Protocol(H11Protocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._write_deadline is None:
-            self._write_deadline = self.loop.call_later(self.write_timeout, self._write_expired)
+            self._start_write_deadline()
+
+    def _start_write_deadline(self) -> None:
+        self._unsent = self.transport.get_write_buffer_size()
+        self._write_deadline = self.loop.call_later(self.write_timeout, self._write_expired)
 
     def resume_writing(self) -> None:
         self._end_write_deadline()
@@ -157,7 +163,10 @@ class BoundedH11Protocol(H11Protocol):
 
     def _write_expired(self) -> None:
         self._write_deadline = None
-        log.info("dropping a connection from %s: it took none of its answer for %g s (--write-timeout)",
+        if self.transport.get_write_buffer_size() < self._unsent:  # it took some: a slow reader, not a stalled one
+            self._start_write_deadline()
+            return
+        log.info("dropping a connection from %s: it read none of its answer for %g s (--write-timeout)",
                  self.client, self.write_timeout)  # fmt: skip
         # abort, not close: close() would wait for the unread bytes to be sent, which is what never happens
         self.transport.abort()

@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=float, metavar="S",
                    help="seconds a client has to send a whole request body, else 408 (default 60)")
     p.add_argument("--write-timeout", type=float, metavar="S",
-                   help="seconds a client may leave bytes of its answer unread before it is dropped and its "
-                   "generation cancelled (default 60)")  # fmt: skip
+                   help="seconds a client may read none of its answer (its TCP window full) before it is "
+                   "dropped and its generation cancelled (default 60)")  # fmt: skip
     p.add_argument("--keep-alive-timeout", type=float, metavar="S",
                    help="seconds an idle connection stays open between requests (default 5)")
     p.add_argument("--max-header-kb", type=int, metavar="N",
