@@ -60,7 +60,8 @@ def _compiled_graph(root, depth: int = 0, seen: set | None = None):
     seen.add(id(root))
     if isinstance(root, CompiledFxGraph):
         return root
-    # a cell can be empty (torch 2.11's AOTAutograd wrappers close over names bound later)
+    # a cell can be empty: torch 2.11's AOTAutograd runtime wrapper closes over `output_handlers`,
+    # bound only when an output aliases an input
     cells = [c.cell_contents for c in getattr(root, "__closure__", None) or () if _filled_cell(c)]
     children = [c for c in cells if c is not None]
     if isinstance(root, (list, tuple)):
