@@ -158,6 +158,28 @@ def test_a_function_dynamo_did_not_compile_has_no_flat_call(eager):
     assert direct_call.FlatCall.build(type(lm).decode_exact, lm, torch.tensor([3]), lm.caches(), 0) is None
 
 
+def test_the_compiled_graph_is_found_past_an_empty_closure_cell(monkeypatch):
+    """torch 2.11's AOTAutograd wrapper closes over a name not yet bound (an empty cell), which
+    raised ValueError and left the step without its flat call."""
+    from torch._inductor import output_code
+
+    class StandIn:  # a real CompiledFxGraph needs a compiled graph to be made
+        pass
+
+    monkeypatch.setattr(output_code, "CompiledFxGraph", StandIn)
+    graph = StandIn()
+
+    def wrapper_of(compiled):
+        def forward(*args):
+            return later, compiled
+
+        if False:
+            later = None  # noqa: F841 — a cell that stays empty
+        return forward
+
+    assert direct_call._compiled_graph(wrapper_of(graph)) is graph
+
+
 def test_converted_weights_leave_the_flat_call(eager, fast):
     """After `.to()`-style conversions (weights_version moves) the step must not call Inductor's
     entry with the weights it recorded: it takes Dynamo's code, which reads the module again."""

@@ -60,7 +60,10 @@ def _compiled_graph(root, depth: int = 0, seen: set | None = None):
     seen.add(id(root))
     if isinstance(root, CompiledFxGraph):
         return root
-    children = [c.cell_contents for c in getattr(root, "__closure__", None) or () if c.cell_contents is not None]
+    # a cell can be empty: torch 2.11's AOTAutograd runtime wrapper closes over `output_handlers`,
+    # bound only when an output aliases an input
+    cells = [c.cell_contents for c in getattr(root, "__closure__", None) or () if _filled_cell(c)]
+    children = [c for c in cells if c is not None]
     if isinstance(root, (list, tuple)):
         children += list(root)
     elif not isinstance(root, (types.FunctionType, types.BuiltinFunctionType)) and hasattr(root, "__dict__"):
@@ -172,6 +175,14 @@ class FlatCall:
         args[self._pos_slot] = pos
         (logits,) = self._entry(args)
         return logits
+
+
+def _filled_cell(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # "Cell is empty"
+        return False
+    return True
 
 
 def _layout(t: torch.Tensor) -> tuple:
