@@ -127,7 +127,10 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path
         raise OSError(errno.EEXIST, "not a regular file (a device or a pipe?), so it is not replaced", str(path))
     payload = data.encode("utf-8") if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only folder: the error named the temp file, which the user never asked for
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         try:
             os.fchmod(fd, mode & ~_umask())

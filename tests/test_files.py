@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import threading
 
 import pytest
@@ -95,6 +96,20 @@ def test_write_atomic_never_replaces_a_fifo_or_a_device(tmp_path):
     assert err.value.filename == str(fifo)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert [p.name for p in tmp_path.iterdir()] == ["pipe.md"]  # no temp file left behind
+
+
+def test_write_atomic_in_a_folder_it_cannot_write_names_the_users_path(tmp_path, monkeypatch):
+    """/save into a read-only folder said 'cannot use /x/.chat.json.k2j1.tmp: Permission denied':
+    the temp file's name, never typed by the user."""
+
+    def refused(prefix, suffix, dir):
+        name = os.path.join(dir, f"{prefix}k2j1{suffix}")
+        raise PermissionError(13, "Permission denied", name)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError) as err:
+        write_atomic(tmp_path / "chat.json", "new")
+    assert err.value.filename == str(tmp_path / "chat.json") and err.value.strerror == "Permission denied"
 
 
 def test_visible_makes_controls_bidi_and_undecodable_bytes_inert():
