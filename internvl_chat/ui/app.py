@@ -227,6 +227,17 @@ def _typed(path: Path | str) -> str:
     return visible(quote_path(path))
 
 
+def _refuse_special_file(path: Path) -> None:
+    """A FIFO or a device at an output path is never replaced (write_atomic refuses it): say so at
+    once, instead of offering --force (or asking y/N) for a write that then fails."""
+    try:
+        kind = os.lstat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(kind) or stat.S_ISLNK(kind) or stat.S_ISDIR(kind)):
+        raise UsageError(f"{visible(str(path))} is not a regular file (a device or a pipe?); give the name of a file")
+
+
 def _percent(fraction: float) -> str:
     return f"{int(fraction * 100 + 0.5)} %"
 
@@ -840,6 +851,7 @@ class App:
         """True when `path` is free, is this conversation's file, or the user agrees to replace it."""
         if not os.path.lexists(path) or self._current_file() == Path(os.path.abspath(path)):
             return True
+        _refuse_special_file(path)
         held = self._saved_conversation(path)
         if held is not None and self._continues(held):
             return True  # the file holds an earlier state of this very conversation
@@ -992,6 +1004,7 @@ class App:
         """True when `path` is free, holds this conversation's last export, or the user agrees."""
         if not os.path.lexists(path) or self._still_this_conversations(self._export_file) == Path(os.path.abspath(path)):
             return True
+        _refuse_special_file(path)
         shown = visible(str(path))
         if self.confirm is None:
             raise UsageError(f"{shown} already exists; /export {_typed(path)} --force replaces it, or give another name")
