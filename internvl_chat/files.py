@@ -47,6 +47,8 @@ def read_bytes_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
+        if os.path.islink(path):  # `ls` shows it: say why it cannot be read (an interrupted download's link)
+            raise error(f"{what} {shown} is a link to a file that does not exist; check the path") from None
         raise error(f"{what} {shown} does not exist; check the path") from None
     except IsADirectoryError:
         raise error(f"{what} {shown} is a folder, not a file; give a file") from None

@@ -179,7 +179,7 @@ def as_tokenizer(tokenizer: Any) -> Tokenizer:
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     """The checkpoint's tokenizer, local files only, no remote code."""
     model_dir = Path(model_dir)
-    if (model_dir / TOKENIZER_JSON).is_file():
+    if os.path.lexists(model_dir / TOKENIZER_JSON):  # a folder, a FIFO or a broken link is named, not taken for none
         return _load_fast(model_dir)
     if any((model_dir / f).is_file() for f in _SLOW_FILES):
         return _load_with_transformers(model_dir)
