@@ -15,7 +15,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import TextIO
+from typing import Mapping, TextIO
 
 from .errors import UsageError
 
@@ -34,6 +34,16 @@ def expand_home(path: str | Path) -> Path:
         user = str(path)[1:].split("/", 1)[0]
         raise UsageError(f"{visible(str(path))}: there is no user {visible(user)!r} for ~{visible(user)}; "
                          "give the full path") from None  # fmt: skip
+
+
+def xdg_dir(env: Mapping[str, str], name: str, default: str) -> Path:
+    """$XDG_<name>, or ~/`default` when it is unset, empty or relative: the XDG spec makes a
+    relative one invalid (it would put sessions and caches under whatever folder the app was
+    started in)."""
+    value = env.get(name) or ""
+    if os.path.isabs(value):
+        return Path(value)
+    return Path(env.get("HOME") or Path.home()) / default
 
 
 def read_bytes_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: type[Exception] = UsageError) -> bytes:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import UsageError
-from .files import expand_home, read_text_file, undecodable_byte, visible
+from .files import expand_home, read_text_file, undecodable_byte, visible, xdg_dir
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
 ENV_PREFIX = "INTERNVL_CHAT_"
@@ -409,8 +409,7 @@ def _brief(value: Any, width: int = 60) -> str:
 
 def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
     """The user config file: $XDG_CONFIG_HOME/internvl-chat/config.toml (~/.config by default)."""
-    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
-    return Path(base) / "internvl-chat" / "config.toml"
+    return xdg_dir(env, "XDG_CONFIG_HOME", ".config") / "internvl-chat" / "config.toml"
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

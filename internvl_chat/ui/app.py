@@ -43,7 +43,7 @@ from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_lines, write_atomic
+from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_lines, write_atomic, xdg_dir
 from ..settings import Settings, format_settings, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, may_name_media, media_kind, normalize_path, quote_path
@@ -168,8 +168,7 @@ def reset_peak_memory(device: Any) -> None:
 
 
 def default_sessions_dir(env: dict[str, str] | os._Environ = os.environ) -> Path:
-    base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local" / "state")
-    return Path(base) / "internvl-chat" / "sessions"
+    return xdg_dir(env, "XDG_STATE_HOME", ".local/state") / "internvl-chat" / "sessions"
 
 
 # What /load restores from the settings saved with a session (model and UI settings stay as run).
