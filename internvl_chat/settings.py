@@ -493,7 +493,7 @@ def load_settings(
         user_file: Path | None = expand_home(config_path)
     else:
         user_file = default_config_path(env)
-        if not user_file.is_file():
+        if not os.path.lexists(user_file):  # a folder, a FIFO or a broken link there is refused, not skipped
             user_file = None
     if user_file is not None:
         _apply_toml(settings, _read_toml(user_file), user_file, f"config {user_file}")
