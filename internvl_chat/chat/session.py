@@ -257,6 +257,7 @@ class Session:
                 media.pixel_values, media.timestamps = pixels, list(video.timestamps)
         if not media.sha256:
             media.sha256 = sha256_of(media.path)
+            media.bytes = media.path.stat().st_size  # the size hashed, saved with the hash
         return media.pixel_values
 
     def _encode(self, media: Sequence[Media], cancel: threading.Event | None) -> tuple[torch.Tensor | None, float]:
@@ -787,7 +788,10 @@ def _media_from_saved(
         if other is not None:  # a folder, a pipe, a device or a symlink loop now stands there
             return None, f"{visible(str(other))} is not a regular file"
         return None, f"{shown} has vanished"
-    path = next((p for p in existing if not m.sha256 or _known_sha256(p, digests) == m.sha256), None)
+    # a file of another size has changed: it is not read through (a large video, or any file a
+    # hand-made session names) to learn that
+    same_size = [p for p in existing if not m.size_bytes or _size(p) == m.size_bytes]
+    path = next((p for p in same_size if not m.sha256 or _known_sha256(p, digests) == m.sha256), None)
     if path is None:
         return None, f"{visible(str(existing[0]))} has changed since the session was saved"
     try:
@@ -801,6 +805,13 @@ def _media_from_saved(
         return None, f"{visible(str(path))} now gives {media.tiles} tiles instead of {m.tiles}"
     media.sha256 = m.sha256
     return media, None
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
 
 
 def _known_sha256(path: Path, digests: dict[tuple[int, ...], str]) -> str:
