@@ -343,6 +343,24 @@ def test_integer_or_bool_weights_for_a_float_parameter(tiny_original, tmp_path, 
     one_line(err, name, str(dtype).removeprefix("torch."))
 
 
+def test_nan_weights_in_float32_are_blamed_on_the_file_and_the_conversation_goes_on(tiny_original, tmp_path):
+    """A weight full of NaN (a damaged file whose header is sound) made every answer fail with
+    'usually a numeric overflow in half precision; try --dtype float32', already in float32."""
+    from internvl_chat.chat.sampling import SamplingParams
+    from internvl_chat.chat.session import Session
+    from internvl_chat.errors import GenerationError
+
+    def poison(state):
+        state["language_model.model.norm.weight"] = torch.full_like(state["language_model.model.norm.weight"], float("nan"))
+
+    folder = _with_weights(tiny_original, tmp_path / "nan", poison)
+    session = Session(load_model(folder, device="cpu", dtype="float32", max_context=256), SamplingParams(max_new_tokens=3))
+    with pytest.raises(GenerationError) as err:
+        list(session.ask("Hello."))
+    one_line(err, "float32", "weights", "re-download")
+    assert "--dtype float32" not in str(err.value) and session.turns == [] and session.ids == []
+
+
 @pytest.fixture(scope="module")
 def tiny_awq(tiny_original, tmp_path_factory) -> Path:
     from internvl_chat.quantize import quantize_checkpoint

@@ -29,7 +29,7 @@ from ..media.video import load_video, probe_video, used_range
 from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .generate import is_out_of_memory, out_of_memory_as_error, stream_generate
-from .sampling import Sampler, SamplingParams
+from .sampling import NON_FINITE_IN_FLOAT32, NON_FINITE_MESSAGE, Sampler, SamplingParams
 from .session_file import (CANCELLED_MARK, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
                            SavedTurn, media_candidates, media_json_paths, read_session_file, session_json)  # fmt: skip
 from .template import MediaSpec, PromptBuilder, media_order
@@ -324,6 +324,8 @@ class Session:
             self._rewind(ids_len, pos)
             if isinstance(e, GenerationError):
                 self._clear_cache_from(pos)
+                if str(e) == NON_FINITE_MESSAGE and self.model.dtype == torch.float32:
+                    raise GenerationError(NON_FINITE_IN_FLOAT32) from None
             elif isinstance(e, Cancelled):  # the chunks prefilled so far: as after a failure, no NaN may stay
                 self._clear_cache_from(pos, pos + len(prompt))
             raise
