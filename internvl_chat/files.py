@@ -15,7 +15,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import TextIO
+from typing import Mapping, TextIO
 
 from .errors import UsageError
 
@@ -36,6 +36,16 @@ def expand_home(path: str | Path) -> Path:
                          "give the full path") from None  # fmt: skip
 
 
+def xdg_dir(env: Mapping[str, str], name: str, default: str) -> Path:
+    """$XDG_<name>, or ~/`default` when it is unset, empty or relative: the XDG spec makes a
+    relative one invalid (it would put sessions and caches under whatever folder the app was
+    started in)."""
+    value = env.get(name) or ""
+    if os.path.isabs(value):
+        return Path(value)
+    return Path(env.get("HOME") or Path.home()) / default
+
+
 def read_bytes_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: type[Exception] = UsageError) -> bytes:
     """The bytes of a regular file of at most `limit` bytes; anything else raises `error` (one line).
 
@@ -47,6 +57,8 @@ def read_bytes_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
+        if os.path.islink(path):  # `ls` shows it: say why it cannot be read (an interrupted download's link)
+            raise error(f"{what} {shown} is a link to a file that does not exist; check the path") from None
         raise error(f"{what} {shown} does not exist; check the path") from None
     except IsADirectoryError:
         raise error(f"{what} {shown} is a folder, not a file; give a file") from None
@@ -127,7 +139,10 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path
         raise OSError(errno.EEXIST, "not a regular file (a device or a pipe?), so it is not replaced", str(path))
     payload = data.encode("utf-8") if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only folder: the error named the temp file, which the user never asked for
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         try:
             os.fchmod(fd, mode & ~_umask())

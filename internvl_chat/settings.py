@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import UsageError
-from .files import expand_home, read_text_file, undecodable_byte, visible
+from .files import expand_home, read_text_file, undecodable_byte, visible, xdg_dir
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
 ENV_PREFIX = "INTERNVL_CHAT_"
@@ -411,8 +411,7 @@ def _brief(value: Any, width: int = 60) -> str:
 
 def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
     """The user config file: $XDG_CONFIG_HOME/internvl-chat/config.toml (~/.config by default)."""
-    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
-    return Path(base) / "internvl-chat" / "config.toml"
+    return xdg_dir(env, "XDG_CONFIG_HOME", ".config") / "internvl-chat" / "config.toml"
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -496,7 +495,7 @@ def load_settings(
         user_file: Path | None = expand_home(config_path)
     else:
         user_file = default_config_path(env)
-        if not user_file.is_file():
+        if not os.path.lexists(user_file):  # a folder, a FIFO or a broken link there is refused, not skipped
             user_file = None
     if user_file is not None:
         _apply_toml(settings, _read_toml(user_file), user_file, f"config {user_file}")

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -337,6 +338,22 @@ def test_export_never_replaces_a_file_it_did_not_write_for_this_conversation(loa
     output(out)
     assert app.handle_line(f"/export {tmp_path}") == ERROR  # worded as /save words it
     assert output(out).strip() == f"error: {tmp_path} is a folder; give a file name, e.g. /export {tmp_path / 'chat.md'}"
+
+
+def test_save_and_export_onto_a_pipe_say_it_at_once(loaded, tmp_path, home):
+    """A FIFO (or /dev/null) at the name was called a file that is not a session, with --force
+    offered (or y/N asked in the REPL) for a write that then refused to replace it."""
+    pipe = tmp_path / "pipe.json"
+    os.mkfifo(pipe)
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    for command in ("/save pipe.json", "/export pipe.json"):
+        assert app.handle_line(command) == ERROR
+        assert output(out).strip() == f"error: {pipe} is not a regular file (a device or a pipe?); give the name of a file"
+    app.confirm = lambda question: pytest.fail(f"asked {question!r}")
+    assert app.handle_line("/save pipe.json") == ERROR and "not a regular file" in output(out)
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and len(app.session.turns) == 1
 
 
 def test_load_asks_before_it_replaces_a_conversation_that_is_not_saved(loaded, tmp_path, home):

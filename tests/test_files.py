@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +97,38 @@ def test_write_atomic_never_replaces_a_fifo_or_a_device(tmp_path):
     assert err.value.filename == str(fifo)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert [p.name for p in tmp_path.iterdir()] == ["pipe.md"]  # no temp file left behind
+
+
+def test_write_atomic_in_a_folder_it_cannot_write_names_the_users_path(tmp_path, monkeypatch):
+    """/save into a read-only folder said 'cannot use /x/.chat.json.k2j1.tmp: Permission denied':
+    the temp file's name, never typed by the user."""
+
+    def refused(prefix, suffix, dir):
+        name = os.path.join(dir, f"{prefix}k2j1{suffix}")
+        raise PermissionError(13, "Permission denied", name)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError) as err:
+        write_atomic(tmp_path / "chat.json", "new")
+    assert err.value.filename == str(tmp_path / "chat.json") and err.value.strerror == "Permission denied"
+
+
+def test_a_relative_xdg_folder_counts_as_unset(tmp_path, monkeypatch):
+    """XDG_STATE_HOME=state put the sessions under whatever folder the app was started in, so /load
+    listed other ones in each folder; the XDG spec makes a relative value invalid."""
+    from internvl_chat.engine.compiled import use_cache_dir
+    from internvl_chat.settings import default_config_path
+    from internvl_chat.ui.app import default_sessions_dir
+
+    for value in ("state", "./state", "", "~/state"):
+        env = {"HOME": str(tmp_path), "XDG_STATE_HOME": value, "XDG_CONFIG_HOME": value}
+        assert default_sessions_dir(env) == tmp_path / ".local/state/internvl-chat/sessions"
+        assert default_config_path(env) == tmp_path / ".config/internvl-chat/config.toml"
+    assert default_sessions_dir({"HOME": str(tmp_path), "XDG_STATE_HOME": "/srv/state"}) == Path("/srv/state/internvl-chat/sessions")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "cache")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert use_cache_dir() == tmp_path / ".cache/internvl-chat/inductor"
 
 
 def test_visible_makes_controls_bidi_and_undecodable_bytes_inert():

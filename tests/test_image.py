@@ -352,6 +352,28 @@ def test_zero_size_image(tmp_path):
         count_tiles(10, 0)
 
 
+def test_a_side_too_long_for_pillows_filter_is_still_tiled():
+    """Pillow refuses (a MemoryError, whatever the free memory) to shrink a side of more than ~67
+    million pixels with its bicubic filter: a 1×70,000,000 picture, within the pixel limit, was a
+    traceback when the message was sent. It is shrunk by box averaging first."""
+    tiles = tile_image(Image.new("L", (1, 70_000_000), 200))
+    assert len(tiles) == 13 and all(t.size == (448, 448) for t in tiles)
+    assert all(np.asarray(t).min() == np.asarray(t).max() == 200 for t in tiles)
+
+
+def test_running_out_of_memory_while_tiling_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "ok.png"
+    Image.new("RGB", (900, 300)).save(path)
+
+    def no_memory(image, size):
+        raise MemoryError
+
+    monkeypatch.setattr(media_image, "_resize", no_memory)
+    with pytest.raises(MediaError) as err:
+        load_image(path)
+    _assert_one_line(err, "not enough memory to resize", str(path))
+
+
 def test_bad_tile_limits(tmp_path):
     path = tmp_path / "ok.png"
     Image.new("RGB", (64, 64)).save(path)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,16 @@ def test_a_nul_character_is_no_path(typed):
     with pytest.raises(UsageError, match="holds a NUL character") as error:  # os calls raised ValueError
         normalize_path(typed)
     assert "\x00" not in str(error.value)  # shown as an escape
+
+
+def test_a_file_uri_of_a_name_that_is_not_utf8_finds_the_file(tmp_path):
+    """A file manager writes the byte 0xFF of a Latin-1 name as %FF; it was decoded as U+FFFD,
+    a name no file has ('does not exist')."""
+    name = tmp_path.as_posix().encode() + b"/caf\xe9.png"
+    with open(name, "wb") as f:
+        f.write(b"x")
+    path = normalize_path(f"file://{tmp_path.as_posix()}/caf%E9.png")
+    assert os.fsencode(path) == name and path.is_file()
 
 
 def test_remote_file_uri_is_an_error():

@@ -396,6 +396,33 @@ def test_a_file_every_turn_shows_is_hashed_once_on_load(loaded, media_dir, tmp_p
     assert restored.ids == session.ids and len(hashed) == 1
 
 
+def test_a_file_of_another_size_is_not_read_to_learn_it_changed(loaded, media_dir, tmp_path, monkeypatch):
+    """/load read every candidate file whole to hash it: a video that grew to gigabytes (or any
+    large file a hand-made session names) was read through before "has changed". The size saved
+    with the session tells it at once; a file of the same size is still hashed."""
+    from internvl_chat.chat import session as session_module
+
+    video = tmp_path / "clip.mp4"
+    video.write_bytes((media_dir / "clip.mp4").read_bytes())
+    session = Session(loaded, _params(2))
+    _run(session.ask("What happens?", [session.describe_video(video, frames=2)]))
+    path = session.save(tmp_path / "chat.json")
+    assert json.loads(path.read_text())["messages"][0]["media"][0]["bytes"] == video.stat().st_size
+    hashed = []
+    real = session_module.sha256_of
+    monkeypatch.setattr(session_module, "sha256_of", lambda p: hashed.append(p) or real(p))
+    with open(video, "ab") as f:
+        f.write(bytes(1000))
+    fresh = Session(loaded, _params(2))
+    with pytest.raises(MediaError, match="has changed since the session was saved"):
+        fresh.load(path)
+    assert hashed == [] and fresh.turns == []
+    with open(video, "r+b") as f:
+        f.truncate(video.stat().st_size - 1000)
+    fresh.load(path)
+    assert hashed == [video] and len(fresh.turns) == 1
+
+
 def test_save_is_atomic(loaded, tmp_path, monkeypatch):
     session = Session(loaded, _params())
     _run(session.ask("Hi."))

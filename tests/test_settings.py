@@ -160,6 +160,25 @@ def test_user_file_found_in_home_config(tmp_path):
     assert settings.sources["model.device"] == f"config {path}"
 
 
+@pytest.mark.parametrize("kind, words", [("broken link", "is a link to a file that does not exist"),
+                                         ("folder", "is a folder"), ("fifo", "not a regular file")])  # fmt: skip
+def test_a_user_file_that_is_no_file_is_refused_not_skipped(tmp_path, kind, words):
+    """A config.toml linked from a dotfiles folder that is not there, or a folder by that name, was
+    skipped without a word: the settings in it silently not applied."""
+    path = tmp_path / "home" / ".config" / "internvl-chat" / "config.toml"
+    path.parent.mkdir(parents=True)
+    if kind == "broken link":
+        path.symlink_to(tmp_path / "dotfiles" / "config.toml")
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        os.mkfifo(path)  # never opened for a blocking read
+    with pytest.raises(UsageError) as err:
+        load_settings(env=clean_env(tmp_path))
+    assert str(path) in str(err.value) and words in str(err.value) and "\n" not in str(err.value)
+    assert load_settings("/dev/null", env=clean_env(tmp_path)).ui.stats is True  # --config /dev/null: no user file
+
+
 def test_config_file_named_by_environment(tmp_path):
     path = write(tmp_path / "c.toml", "[media]\nauto_attach = false\n")
     settings = load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_CONFIG=str(path)))

@@ -222,6 +222,46 @@ def test_the_fallback_reads_no_tokenizer_file_over_the_limit(tmp_path, name):
         load_tokenizer(slow)
 
 
+SLOW_DAMAGE = {
+    # a partial download: transformers said "`vocab` and `merges` must be both be from memory or both filenames"
+    "no merges.txt": ({"merges.txt": None}, "has vocab.json but no merges.txt"),
+    "no vocab.json": ({"vocab.json": None}, "has merges.txt but no vocab.json"),
+    # it said "Couldn't instantiate the backend tokenizer from one of: "
+    "no tokenizer_config.json": ({"tokenizer_config.json": None}, "has no tokenizer_config.json"),
+    # fields of the wrong type: "'list' object has no attribute 'get'", "Special token eos_token has to be …"
+    "config a list": ({"tokenizer_config.json": "[]"}, "tokenizer_config.json is not usable: it is not a JSON object"),
+    "class a number": ({"tokenizer_class": 5}, "tokenizer_class is not a name"),
+    "added tokens a list": ({"added_tokens_decoder": [1]}, "added_tokens_decoder is not an object"),
+    "an added token a text": ({"added_tokens_decoder": {"5": "x"}}, "added_tokens_decoder entry '5' is malformed"),
+    "eos a number": ({"eos_token": 5}, "eos_token is not a token"),
+    "eos an object without content": ({"eos_token": {"x": 1}}, "eos_token is not a token"),
+    "unk empty": ({"unk_token": ""}, "unk_token is not a token"),  # transformers' encode then recursed forever
+    "extra specials a number": ({"additional_special_tokens": 5}, "additional_special_tokens is not a list of tokens"),
+    "extra specials of junk": ({"additional_special_tokens": [5, {"a": 1}]}, "additional_special_tokens is not a list"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SLOW_DAMAGE)
+def test_damaged_slow_tokenizer_files_are_named_in_our_words(tmp_path, case):
+    """Without tokenizer.json (the published InternVL3 folders) transformers reads the files; what
+    it would say about a damaged or partial download is said first, naming the file and the field."""
+    slow = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    change, words = SLOW_DAMAGE[case]
+    config = json.loads((slow / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for name, value in change.items():
+        if name.endswith((".json", ".txt")):
+            (slow / name).unlink()
+            if value is not None:
+                (slow / name).write_text(value, encoding="utf-8")
+        else:
+            config[name] = value
+            (slow / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(slow)
+    text = str(err.value)
+    assert words in text and str(slow) in text and "\n" not in text, text
+
+
 def test_startup_imports_neither_transformers_nor_torch_compilers():
     """Loading the demo model as the REPL does imports no transformers, sympy or torch._dynamo
     (each costs seconds before the first prompt), nor the Markdown renderer (needed at the first answer)."""

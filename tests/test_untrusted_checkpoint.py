@@ -188,6 +188,28 @@ def test_config_json_that_is_a_fifo_or_huge(tiny_original, tmp_path):
     one_line(err, "limit")
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+@pytest.mark.parametrize("kind, words", [("broken link", "is a link to a file that does not exist"),
+                                         ("folder", "is a folder"), ("fifo", "not a regular file")])  # fmt: skip
+def test_a_config_or_tokenizer_that_is_no_file_is_named(tiny_original, tmp_path, name, kind, words):
+    """An interrupted download into the Hugging Face cache leaves links to missing blobs: such a
+    tokenizer.json was taken for none ('has no tokenizer files (tokenizer.json / tokenizer_config.json)'
+    beside a tokenizer_config.json), such a config.json for no config.json."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_original, folder)
+    path = folder / name
+    path.unlink()
+    if kind == "broken link":
+        path.symlink_to(tmp_path / "blobs" / "0d5f1e")
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        os.mkfifo(path)  # would block forever if opened for a plain read
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(path), words)
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, tiny_tokenizer) -> Path:
     from make_tiny_checkpoint import make_tiny_checkpoint
@@ -319,6 +341,24 @@ def test_integer_or_bool_weights_for_a_float_parameter(tiny_original, tmp_path, 
     with pytest.raises(CheckpointError) as err:
         load_model(folder, device="cpu", dtype="float32", max_context=64)
     one_line(err, name, str(dtype).removeprefix("torch."))
+
+
+def test_nan_weights_in_float32_are_blamed_on_the_file_and_the_conversation_goes_on(tiny_original, tmp_path):
+    """A weight full of NaN (a damaged file whose header is sound) made every answer fail with
+    'usually a numeric overflow in half precision; try --dtype float32', already in float32."""
+    from internvl_chat.chat.sampling import SamplingParams
+    from internvl_chat.chat.session import Session
+    from internvl_chat.errors import GenerationError
+
+    def poison(state):
+        state["language_model.model.norm.weight"] = torch.full_like(state["language_model.model.norm.weight"], float("nan"))
+
+    folder = _with_weights(tiny_original, tmp_path / "nan", poison)
+    session = Session(load_model(folder, device="cpu", dtype="float32", max_context=256), SamplingParams(max_new_tokens=3))
+    with pytest.raises(GenerationError) as err:
+        list(session.ask("Hello."))
+    one_line(err, "float32", "weights", "re-download")
+    assert "--dtype float32" not in str(err.value) and session.turns == [] and session.ids == []
 
 
 @pytest.fixture(scope="module")

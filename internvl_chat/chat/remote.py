@@ -376,7 +376,9 @@ class RemoteConversation:
             start, end = media.video_range or (None, None)
             video = load_video(media.path, media.frames, start, end, IMAGE_SIZE)
             media.timestamps = list(video.timestamps)
-            media.sha256 = media.sha256 or sha256_of(media.path)
+            if not media.sha256:
+                media.sha256 = sha256_of(media.path)
+                media.bytes = media.path.stat().st_size  # the size hashed, saved with the hash
             media.clip = Clip(tuple(Picture(data_url(jpeg, "image/jpeg"), 1) for jpeg in frames_as_jpeg(video.pixel_values)))
 
     def _as_remote(self, media: Media) -> RemoteMedia:

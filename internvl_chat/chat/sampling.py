@@ -32,6 +32,11 @@ NON_FINITE_MESSAGE = (
     "the model produced non-finite logits (NaN or inf), usually a numeric overflow in half precision; "
     "try --dtype float32 (or bfloat16)"
 )
+# in float32 a sound checkpoint does not overflow: the advice above would change nothing
+NON_FINITE_IN_FLOAT32 = (
+    "the model produced non-finite logits (NaN or inf) in float32, where a sound checkpoint does not overflow: "
+    "its weights likely hold NaN or inf (a damaged file); re-download the checkpoint"
+)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from ..media.video import load_video, probe_video, used_range
 from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .generate import is_out_of_memory, out_of_memory_as_error, stream_generate
-from .sampling import Sampler, SamplingParams
+from .sampling import NON_FINITE_IN_FLOAT32, NON_FINITE_MESSAGE, Sampler, SamplingParams
 from .session_file import (CANCELLED_MARK, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
                            SavedTurn, media_candidates, media_json_paths, read_session_file, session_json)  # fmt: skip
 from .template import MediaSpec, PromptBuilder, media_order
@@ -257,6 +257,7 @@ class Session:
                 media.pixel_values, media.timestamps = pixels, list(video.timestamps)
         if not media.sha256:
             media.sha256 = sha256_of(media.path)
+            media.bytes = media.path.stat().st_size  # the size hashed, saved with the hash
         return media.pixel_values
 
     def _encode(self, media: Sequence[Media], cancel: threading.Event | None) -> tuple[torch.Tensor | None, float]:
@@ -323,6 +324,8 @@ class Session:
             self._rewind(ids_len, pos)
             if isinstance(e, GenerationError):
                 self._clear_cache_from(pos)
+                if str(e) == NON_FINITE_MESSAGE and self.model.dtype == torch.float32:
+                    raise GenerationError(NON_FINITE_IN_FLOAT32) from None
             elif isinstance(e, Cancelled):  # the chunks prefilled so far: as after a failure, no NaN may stay
                 self._clear_cache_from(pos, pos + len(prompt))
             raise
@@ -787,7 +790,10 @@ def _media_from_saved(
         if other is not None:  # a folder, a pipe, a device or a symlink loop now stands there
             return None, f"{visible(str(other))} is not a regular file"
         return None, f"{shown} has vanished"
-    path = next((p for p in existing if not m.sha256 or _known_sha256(p, digests) == m.sha256), None)
+    # a file of another size has changed: it is not read through (a large video, or any file a
+    # hand-made session names) to learn that
+    same_size = [p for p in existing if not m.size_bytes or _size(p) == m.size_bytes]
+    path = next((p for p in same_size if not m.sha256 or _known_sha256(p, digests) == m.sha256), None)
     if path is None:
         return None, f"{visible(str(existing[0]))} has changed since the session was saved"
     try:
@@ -801,6 +807,13 @@ def _media_from_saved(
         return None, f"{visible(str(path))} now gives {media.tiles} tiles instead of {m.tiles}"
     media.sha256 = m.sha256
     return media, None
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
 
 
 def _known_sha256(path: Path, digests: dict[tuple[int, ...], str]) -> str:

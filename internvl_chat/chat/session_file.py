@@ -65,6 +65,7 @@ class SavedMedia:
     frames: int
     video_range: tuple[float, float] | None
     sha256: str
+    size_bytes: int = 0  # the file's size when saved (0: not recorded)
 
 
 @dataclass(frozen=True)
@@ -258,8 +259,7 @@ class _Checker:
         sha = m.get("sha256", "")
         if not isinstance(sha, str) or sha and not _SHA256.fullmatch(sha):
             self.fail(f"{where} sha256", "must be 64 lowercase hex digits", sha)
-        if "bytes" in m:
-            self.integer(m["bytes"], f"{where} bytes", 0, 1 << 62)
+        size_bytes = self.integer(m["bytes"], f"{where} bytes", 0, 1 << 62) if "bytes" in m else 0
         if kind == "image":
             max_tiles = self.integer(m.get("max_tiles", 12), f"{where} max_tiles", 1, MAX_TILES)
             tiles = self.integer(m.get("tiles"), f"{where} tiles", 1, max_tiles + 1)  # + the thumbnail
@@ -268,7 +268,7 @@ class _Checker:
                 self.fail(f"{where} size", "must be [width, height]", size)
             for value in size:
                 self.integer(value, f"{where} size", 1, 1 << 31)
-            return SavedMedia("image", path, relative, tiles, max_tiles, 8, None, sha)
+            return SavedMedia("image", path, relative, tiles, max_tiles, 8, None, sha, size_bytes)
         frames = self.integer(m.get("frames", m.get("tiles")), f"{where} frames", 1, MAX_FRAMES)
         tiles = self.integer(m.get("tiles", frames), f"{where} tiles", frames, frames)  # one tile per frame
         rng = m.get("range")
@@ -280,7 +280,7 @@ class _Checker:
             if not start < end:
                 self.fail(f"{where} range", "must end after it starts", rng)
             video_range = (start, end)
-        return SavedMedia("video", path, relative, tiles, 12, frames, video_range, sha)
+        return SavedMedia("video", path, relative, tiles, 12, frames, video_range, sha, size_bytes)
 
 
 def _brief(value: Any, width: int = 40) -> str:

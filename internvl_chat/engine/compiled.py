@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import xdg_dir
 from . import cpu_gemv, cpu_step, language
 from .direct_call import FlatCall, unguarded
 
@@ -117,7 +118,7 @@ def use_cache_dir() -> Path:
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if current and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
         return Path(current)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    base = xdg_dir(os.environ, "XDG_CACHE_HOME", ".cache")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "internvl-chat" / "inductor")
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 

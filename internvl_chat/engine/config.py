@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -452,7 +453,7 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
             raise CheckpointError(f"model folder {shown} does not exist; pass --model with a checkpoint folder")
         if not model_dir.is_dir():
             raise CheckpointError(f"{shown} is not a folder; pass --model with the checkpoint folder, not a file")
-        if not path.exists():
+        if not os.path.lexists(path):  # a broken link is named by the reader
             raise CheckpointError(f"{shown} has no config.json; point --model at a downloaded InternVL3 "
                                   "checkpoint folder")  # fmt: skip
     except OSError as e:  # not ENOENT: a name too long for the file system, say

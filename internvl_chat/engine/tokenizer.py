@@ -179,7 +179,7 @@ def as_tokenizer(tokenizer: Any) -> Tokenizer:
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     """The checkpoint's tokenizer, local files only, no remote code."""
     model_dir = Path(model_dir)
-    if (model_dir / TOKENIZER_JSON).is_file():
+    if os.path.lexists(model_dir / TOKENIZER_JSON):  # a folder, a FIFO or a broken link is named, not taken for none
         return _load_fast(model_dir)
     if any((model_dir / f).is_file() for f in _SLOW_FILES):
         return _load_with_transformers(model_dir)
@@ -216,18 +216,7 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
     special: set[int] = set()
     # Added tokens declared only in tokenizer_config.json are added, at the ids it declares
     # (transformers does the same); a token already there keeps its id and takes the declared kind.
-    declared = config.get("added_tokens_decoder") or {}
-    if not isinstance(declared, dict):
-        raise _config_error(model_dir, "added_tokens_decoder is not an object")
-    entries: list[tuple[int, dict]] = []
-    for key, entry in declared.items():
-        # an id int() reads: ASCII digits only ("²".isdigit() is true), and short enough to convert
-        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 18
-                and isinstance(entry, dict) and _token_content(entry)):  # fmt: skip
-            shown = key if len(key) <= 20 else key[:17] + "…"
-            raise _config_error(model_dir, f"added_tokens_decoder entry {shown!r} is malformed")
-        entries.append((int(key), entry))
-    for token_id, entry in sorted(entries, key=lambda e: e[0]):
+    for token_id, entry in _declared_added_tokens(model_dir, config):
         content = entry["content"]
         is_special = bool(entry.get("special", False))
         known = backend.token_to_id(content)
@@ -265,6 +254,50 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
     return FastTokenizer(backend, frozenset(special))
 
 
+def _declared_added_tokens(model_dir: Path, config: dict) -> list[tuple[int, dict]]:
+    """tokenizer_config.json's `added_tokens_decoder` as (id, entry) pairs in id order, each checked."""
+    declared = config.get("added_tokens_decoder") or {}
+    if not isinstance(declared, dict):
+        raise _config_error(model_dir, "added_tokens_decoder is not an object")
+    entries: list[tuple[int, dict]] = []
+    for key, entry in declared.items():
+        # an id int() reads: ASCII digits only ("²".isdigit() is true), and short enough to convert
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 18
+                and isinstance(entry, dict) and _token_content(entry)):  # fmt: skip
+            shown = key if len(key) <= 20 else key[:17] + "…"
+            raise _config_error(model_dir, f"added_tokens_decoder entry {shown!r} is malformed")
+        entries.append((int(key), entry))
+    return sorted(entries, key=lambda e: e[0])
+
+
+def _check_for_transformers(model_dir: Path) -> None:
+    """What transformers would report in its own internals' words, said in ours first: a BPE
+    vocabulary without its merges (or the reverse), and tokenizer_config.json fields of the wrong
+    type ("'list' object has no attribute 'get'")."""
+    pair = ("vocab.json", "merges.txt")
+    present = [name for name in pair if os.path.lexists(model_dir / name)]
+    if len(present) == 1:
+        missing = pair[1 - pair.index(present[0])]
+        raise CheckpointError(
+            f"{model_dir} has {present[0]} but no {missing}; the tokenizer files are incomplete (re-download them)"
+        )
+    if not os.path.lexists(model_dir / TOKENIZER_CONFIG):
+        return
+    config = _read_config(model_dir)
+    if not isinstance(config.get("tokenizer_class", ""), (str, type(None))):
+        raise _config_error(model_dir, "tokenizer_class is not a name")
+    _declared_added_tokens(model_dir, config)
+    for name in _NAMED_SPECIALS:
+        value = config.get(name)
+        if value is not None and not _token_content(value):  # "" too: transformers' encode recursed forever
+            raise _config_error(model_dir, f"{name} is not a token")
+    for name in ("additional_special_tokens", "extra_special_tokens"):
+        value = config.get(name) or []
+        tokens = list(value.values()) if isinstance(value, dict) else value
+        if not isinstance(tokens, list) or not all(_token_content(t) for t in tokens):
+            raise _config_error(model_dir, f"{name} is not a list of tokens")
+
+
 def _read_config(model_dir: Path) -> dict:
     path = model_dir / TOKENIZER_CONFIG
     if not path.is_file():
@@ -289,6 +322,7 @@ def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
     for name in (*_SLOW_FILES, *_SLOW_EXTRAS):  # transformers reads them with no limit: check them as ours first
         if os.path.lexists(model_dir / name):
             read_bytes_file(model_dir / name, "the tokenizer file", JSON_LIMIT, CheckpointError)
+    _check_for_transformers(model_dir)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -299,6 +333,11 @@ def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
     try:
         hf = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError… for broken folders
+        if not os.path.lexists(model_dir / TOKENIZER_CONFIG):  # it then cannot tell which tokenizer to build
+            raise CheckpointError(
+                f"cannot load the tokenizer in {model_dir}: it has no {TOKENIZER_CONFIG}; the tokenizer files are "
+                "incomplete (re-download them)"
+            ) from None
         raise CheckpointError(
             f"cannot load the tokenizer in {model_dir}: {_first_line(e)}; the tokenizer files may be incomplete"
         ) from None

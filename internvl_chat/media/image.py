@@ -124,15 +124,27 @@ def tile_image(
 ) -> list[Image.Image]:
     """Cut an image into S×S tiles, row-major, plus the whole image at S×S last when tiled."""
     cols, rows = choose_grid(image.width, image.height, max_tiles, min_tiles, image_size)
-    resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+    resized = _resize(image, (image_size * cols, image_size * rows))
     tiles = [
         resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
         for r in range(rows)
         for c in range(cols)
     ]
     if use_thumbnail and len(tiles) > 1:
-        tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
+        tiles.append(_resize(image, (image_size, image_size)))
     return tiles
+
+
+def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Pillow's bicubic resize (the reference's). Pillow refuses with a MemoryError, whatever the
+    free memory, to shrink one side of more than ~67 million pixels (its filter weights would pass
+    2 GiB): a 1×100,000,000 picture is within the pixel limit. Such a picture is first shrunk by
+    whole factors, averaging boxes, to about four times the size asked for."""
+    try:
+        return image.resize(size, Image.Resampling.BICUBIC)
+    except MemoryError:
+        factors = tuple(max(1, side // (4 * target)) for side, target in zip(image.size, size))
+        return image.reduce(factors).resize(size, Image.Resampling.BICUBIC)
 
 
 # ---------------------------------------------------------------- pixels
@@ -348,5 +360,8 @@ def load_image(
     path = check_media_file(path, "image")
     image = _decode(path)
     grid = choose_grid(image.width, image.height, max_tiles, min_tiles, image_size)
-    tiles = tile_image(image, max_tiles, use_thumbnail, image_size, min_tiles)
+    try:
+        tiles = tile_image(image, max_tiles, use_thumbnail, image_size, min_tiles)
+    except MemoryError:
+        raise MediaError(f"not enough memory to resize {visible(str(path))}; downscale the image first") from None
     return ImageInput(pixel_values=normalize_tiles(tiles, image_size), size=image.size, grid=grid, path=path)

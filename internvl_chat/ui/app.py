@@ -43,7 +43,7 @@ from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_lines, write_atomic
+from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_lines, write_atomic, xdg_dir
 from ..settings import Settings, format_settings, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, may_name_media, media_kind, normalize_path, quote_path
@@ -168,8 +168,7 @@ def reset_peak_memory(device: Any) -> None:
 
 
 def default_sessions_dir(env: dict[str, str] | os._Environ = os.environ) -> Path:
-    base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local" / "state")
-    return Path(base) / "internvl-chat" / "sessions"
+    return xdg_dir(env, "XDG_STATE_HOME", ".local/state") / "internvl-chat" / "sessions"
 
 
 # What /load restores from the settings saved with a session (model and UI settings stay as run).
@@ -225,6 +224,17 @@ def _short(text: str, width: int = 48) -> str:
 def _typed(path: Path | str) -> str:
     """A path in a hint, quoted as the command line reads it back (and shown inert)."""
     return visible(quote_path(path))
+
+
+def _refuse_special_file(path: Path) -> None:
+    """A FIFO or a device at an output path is never replaced (write_atomic refuses it): say so at
+    once, instead of offering --force (or asking y/N) for a write that then fails."""
+    try:
+        kind = os.lstat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(kind) or stat.S_ISLNK(kind) or stat.S_ISDIR(kind)):
+        raise UsageError(f"{visible(str(path))} is not a regular file (a device or a pipe?); give the name of a file")
 
 
 def _percent(fraction: float) -> str:
@@ -840,6 +850,7 @@ class App:
         """True when `path` is free, is this conversation's file, or the user agrees to replace it."""
         if not os.path.lexists(path) or self._current_file() == Path(os.path.abspath(path)):
             return True
+        _refuse_special_file(path)
         held = self._saved_conversation(path)
         if held is not None and self._continues(held):
             return True  # the file holds an earlier state of this very conversation
@@ -992,6 +1003,7 @@ class App:
         """True when `path` is free, holds this conversation's last export, or the user agrees."""
         if not os.path.lexists(path) or self._still_this_conversations(self._export_file) == Path(os.path.abspath(path)):
             return True
+        _refuse_special_file(path)
         shown = visible(str(path))
         if self.confirm is None:
             raise UsageError(f"{shown} already exists; /export {_typed(path)} --force replaces it, or give another name")

@@ -98,7 +98,9 @@ def _from_file_uri(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.netloc not in ("", "localhost"):
         raise UsageError(f"{uri} names a file on host {parts.netloc!r}; copy the file here and give a local path.")
-    return unquote(parts.path)
+    # a name that is not UTF-8 (%FF) keeps its bytes, as the file system gives them (os.fsdecode),
+    # instead of becoming U+FFFD and naming no file
+    return unquote(parts.path, errors="surrogateescape")
 
 
 def normalize_path(text: str) -> Path:
