@@ -94,35 +94,56 @@ def main(argv: list[str]) -> int:
     return serve(settings, log_level=args.log_level)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class _Terminated(BaseException):
-    """SIGTERM (`kill`, a service manager) or SIGHUP, raised where the program is; not an
-    Exception, so no `except Exception` on the way swallows it."""
+    """SIGTERM (`kill`, a service manager) or SIGHUP while the model loads, raised where the
+    program is; not an Exception, so no `except Exception` on the way swallows it."""
 
 
 def _terminate(signum: int, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    for stop_signal in (signal.SIGTERM, signal.SIGHUP):  # a second one must not cut the clean-up short
+        signal.signal(stop_signal, signal.SIG_IGN)
     raise _Terminated
 
 
-def _hang_up(signum: int, frame) -> None:
-    """SIGHUP (the terminal closed) stops the server as SIGTERM does: raised again as SIGTERM, it
-    reaches whichever handler has that now, ours while the model loads, uvicorn's graceful
-    shutdown while it serves (uvicorn leaves SIGHUP alone, whose default killed the process)."""
-    signal.raise_signal(signal.SIGTERM)
+class _StopRequest:
+    """Once the model has loaded, Ctrl-C, SIGTERM and SIGHUP only ask the server to stop.
+
+    Raising where the program happens to be (starting the engine thread, inside the event loop
+    before uvicorn has put its own handlers in place, or as uvicorn raises the signal again after
+    its graceful shutdown) made the outcome depend on the moment the signal came; a flag makes
+    every moment end the same way: uvicorn's shutdown if it has started, then ours.
+    """
+
+    def __init__(self, server):
+        self.server = server
+        self.requested = False
+
+    def __call__(self, signum: int, frame) -> None:
+        self.requested = True
+        self.server.should_exit = True  # what uvicorn's own handler sets (SIGHUP: it has none)
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup`: SIGHUP stays ignored
+                signal.signal(signum, self)
 
 
 def serve(settings, log_level: str = "info") -> int:
     """Serve until Ctrl-C, SIGTERM or SIGHUP; each ends with status 0 and one "stopped" line.
 
-    uvicorn handles Ctrl-C and SIGTERM itself while it runs (it stops taking connections and lets
-    running requests end, cancelling them after 5 s), then raises the signal again under the
-    handler that was in place before. SIGTERM's default one killed the process (status -15) after
-    the clean shutdown, so ours is installed first; it also ends a model load quietly. A SIGHUP
-    that was ignored when we started (`nohup`) stays ignored.
+    While the model loads, SIGTERM and SIGHUP end the load quietly (Ctrl-C is "interrupted", as
+    elsewhere in the app). Then they only ask for a stop (_StopRequest): uvicorn stops taking
+    connections and lets running requests end, cancelling them after 5 s; SIGTERM's and SIGHUP's
+    defaults would kill the process (status -15 or -1). A SIGHUP that was ignored when we started
+    (`nohup`) stays ignored. The handlers found at the start are put back at the end.
     """
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, _hang_up)
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if previous[signum] is not signal.SIG_IGN:
+            signal.signal(signum, _terminate)
     try:
         return _serve(settings, log_level)
     except _Terminated:
@@ -130,7 +151,8 @@ def serve(settings, log_level: str = "info") -> int:
         return 0
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: installed outside Python, cannot be put back
+                signal.signal(signum, handler)
 
 
 def uvicorn_config(app, options, log_level: str, graceful_s: int = 5):
@@ -170,6 +192,9 @@ def _serve(settings, log_level: str) -> int:
     app = create_app(worker, model_id)
     config = uvicorn_config(app, options, log_level)
     escape_logged_requests()  # after Config: it sets up uvicorn's log handlers
+    server = uvicorn.Server(config)
+    stop = _StopRequest(server)
+    stop.install()  # before the address is printed: whoever reads it may signal at once
     sock = listen_socket(options.host, options.port)
     port = sock.getsockname()[1]
     host = f"[{options.host}]" if ":" in options.host else options.host
@@ -179,15 +204,17 @@ def _serve(settings, log_level: str) -> int:
     print(f"internvl-chat serve: {model_id} on http://{host}:{port}/v1 · {options.slots} slot(s) of "
           f"{loaded.model.max_seq_len:,} tokens ({worker.slots.kv_bytes / 2**20:,.1f} MiB KV) · queue {options.queue_depth}"
           f"{warn}", file=sys.stderr, flush=True)  # fmt: skip
-    worker.start()
     logging.getLogger("internvl_chat.serve").setLevel(log_level.upper())
     try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after a graceful shutdown
-        print("internvl-chat serve: stopped", file=sys.stderr)
+        worker.start()
+        if not stop.requested:
+            # uvicorn puts its own Ctrl-C/SIGTERM handlers in while it runs and raises a signal
+            # it handled again once it has shut down: under ours then, which only sets the flag
+            server.run(sockets=[sock])
     finally:
         worker.stop()
         sock.close()
+    print("internvl-chat serve: stopped", file=sys.stderr)
     return 0
 
 
