@@ -7,7 +7,7 @@ import json
 import types
 
 import pytest
-from remote_helpers import FakeServer, Reply, closed_port, fixture
+from remote_helpers import FakeServer, Reply, fixture, refusing_port
 
 from internvl_chat.chat import remote_http
 from internvl_chat.chat.remote import RemoteConversation
@@ -159,8 +159,9 @@ def test_a_body_trickled_byte_by_byte_times_out(reply, monkeypatch):
 
 
 def test_connection_refused_at_the_start_and_mid_conversation():
-    port = closed_port()
-    with pytest.raises(RemoteError, match=rf"^cannot connect to http://127\.0\.0\.1:{port}/v1 \(.*\); is the server running\? check --server$"):
+    with refusing_port() as port, pytest.raises(
+        RemoteError, match=rf"^cannot connect to http://127\.0\.0\.1:{port}/v1 \(.*\); is the server running\? check --server$"
+    ):
         RemoteConversation.connect(f"127.0.0.1:{port}")
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = conversation_with_one_turn(server)
