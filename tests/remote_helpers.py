@@ -14,6 +14,8 @@ import json
 import socket
 import struct
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -162,7 +164,17 @@ def _make_handler(server: FakeServer):
 
 
 def closed_port() -> int:
-    """A local port nothing listens on (connections to it are refused)."""
+    """A local port nothing listens on now (for a server the test starts on it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A local port that refuses connections while the block runs: bound and not listening. A port
+    merely freed could meanwhile be taken by another test's server, or picked as a connection's own
+    end, which then connects to itself (TCP's simultaneous open)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]

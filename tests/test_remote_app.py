@@ -27,7 +27,7 @@ from internvl_chat.ui.app import ERROR, OK, App, runtime_keys
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from app_helpers import output
 from media_helpers import textured_rgb
-from remote_helpers import FakeServer, Reply, closed_port, fixture
+from remote_helpers import FakeServer, Reply, fixture, refusing_port
 from serve_support import RunningServer
 from test_repl_pty import INPUT_DONE, PROMPT_READY
 
@@ -110,12 +110,13 @@ def test_compile_with_a_server_is_refused(tmp_path):
 
 
 def test_a_server_that_is_down_is_one_line(tmp_path):
-    url = f"http://127.0.0.1:{closed_port()}/v1"
-    for args in (("-p", "hi"), ("--script", "-")):
-        run = cli(tmp_path, "--server", url, *args)
-        assert run.returncode == 1 and "Traceback" not in run.stderr
-        assert re.fullmatch(rf"internvl-chat: error: cannot connect to {re.escape(url)} \(.*\); is the server running\? "
-                            r"check --server\n", run.stderr)  # fmt: skip
+    with refusing_port() as port:
+        url = f"http://127.0.0.1:{port}/v1"
+        for args in (("-p", "hi"), ("--script", "-")):
+            run = cli(tmp_path, "--server", url, *args)
+            assert run.returncode == 1 and "Traceback" not in run.stderr
+            assert re.fullmatch(rf"internvl-chat: error: cannot connect to {re.escape(url)} \(.*\); is the server running\? "
+                                r"check --server\n", run.stderr)  # fmt: skip
 
 
 # ---- --script: a 4-turn conversation, and session files across the two -------------------------

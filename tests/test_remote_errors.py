@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import types
 
 import pytest
-from remote_helpers import FakeServer, Reply, closed_port, fixture
+from remote_helpers import FakeServer, Reply, fixture, refusing_port
 
+from internvl_chat.chat import remote_http
 from internvl_chat.chat.remote import RemoteConversation
-from internvl_chat.chat.remote_http import error_text, normalize_base_url
+from internvl_chat.chat.remote_http import ApiClient, error_text, normalize_base_url
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.errors import InternVLChatError, RemoteError, UsageError
 
@@ -25,6 +28,24 @@ def conversation_with_one_turn_at(server: FakeServer, url: str, timeout: float =
     conv = RemoteConversation.connect(url, timeout=timeout, params=SamplingParams(max_new_tokens=8))
     list(conv.ask("first"))
     return conv
+
+
+def with_timeout(conv: RemoteConversation, timeout: float) -> RemoteConversation:
+    """The same conversation, its next requests timing out after `timeout` s. The handshake and
+    first turn ran with the default: a short timeout there would fail whenever a busy machine
+    delays the test server's thread, and test only how busy the machine is."""
+    conv.client.close()
+    conv.client = ApiClient(conv.client.base_url, "", timeout)
+    return conv
+
+
+def stepping_clock(monkeypatch, step_s: float = 100.0) -> None:
+    """The clock that bounds a whole body or the time between stream events, advanced `step_s`
+    at every reading: the default 300 s bound is passed after a few pieces of a trickle, however
+    busy the machine (a short real timeout would also bound how soon the server's first byte
+    comes), and a bound restarted by every piece, the bug, is never passed."""
+    ticks = itertools.count(step=step_s)
+    monkeypatch.setattr(remote_http, "time", types.SimpleNamespace(monotonic=lambda: next(ticks)))
 
 
 def fails_with(conv: RemoteConversation, pattern: str) -> str:
@@ -100,7 +121,7 @@ def test_failures_are_one_line_and_keep_the_conversation(reply, pattern):
 
 def test_a_silent_server_times_out():
     with FakeServer(fixture("vllm/models.json")) as server:
-        conv = conversation_with_one_turn(server, timeout=0.5)
+        conv = with_timeout(conversation_with_one_turn(server), 0.5)
         server.chat(Reply.sse(GOOD[:100], end="hang"))
         fails_with(conv, r"^the server sent nothing for 0\.5 s; .*raise \[remote\] timeout")
 
@@ -110,13 +131,14 @@ def test_a_silent_server_times_out():
     [[b": ping\n\n"], [b"\n"], [GOOD[: GOOD.index(b"\n\n") + 2], b"data: ", b"x"]],
     ids=["keep-alives", "blank-lines", "a-line-that-never-ends"],
 )
-def test_a_server_that_only_keeps_the_stream_alive_times_out(pieces):
+def test_a_server_that_only_keeps_the_stream_alive_times_out(pieces, monkeypatch):
     """Every byte restarts the read timeout, so a server that sends only keep-alives (or a line
     that never ends) would hold the answer, and a one-shot run, forever."""
     with FakeServer(fixture("vllm/models.json")) as server:
-        conv = conversation_with_one_turn(server, timeout=0.5)
+        conv = conversation_with_one_turn(server)
+        stepping_clock(monkeypatch)
         server.chat(Reply(pieces=pieces, end="endless"))
-        fails_with(conv, r"^the server sent no stream event for 0\.5 s \(only keep-alives or an unfinished line\); "
+        fails_with(conv, r"^the server sent no stream event for 300 s \(only keep-alives or an unfinished line\); "
                          r".*raise \[remote\] timeout")
 
 
@@ -125,19 +147,21 @@ def test_a_server_that_only_keeps_the_stream_alive_times_out(pieces):
     [Reply(401, [b"{", b" "], "application/json", end="endless"), Reply(200, [b"{", b" "], "application/json", end="endless")],
     ids=["error-body", "whole-answer"],
 )
-def test_a_body_trickled_byte_by_byte_times_out(reply):
+def test_a_body_trickled_byte_by_byte_times_out(reply, monkeypatch):
     with FakeServer(fixture("vllm/models.json")) as server:
-        conv = conversation_with_one_turn(server, timeout=0.5)
+        conv = conversation_with_one_turn(server)
+        stepping_clock(monkeypatch)
         server.chat(reply)
-        fails_with(conv, r"^the server took over 0\.5 s to send its answer \([\d,]+ bytes so far\); .*raise \[remote\] timeout")
+        fails_with(conv, r"^the server took over 300 s to send its answer \([\d,]+ bytes so far\); .*raise \[remote\] timeout")
         server.replies["/v1/models"].append(Reply(200, [b"{", b" "], "application/json", end="endless"))
-        with pytest.raises(RemoteError, match=r"^the server took over 0\.5 s to send its answer"):
-            RemoteConversation.connect(server.url, timeout=0.5)
+        with pytest.raises(RemoteError, match=r"^the server took over 300 s to send its answer"):
+            RemoteConversation.connect(server.url)
 
 
 def test_connection_refused_at_the_start_and_mid_conversation():
-    port = closed_port()
-    with pytest.raises(RemoteError, match=rf"^cannot connect to http://127\.0\.0\.1:{port}/v1 \(.*\); is the server running\? check --server$"):
+    with refusing_port() as port, pytest.raises(
+        RemoteError, match=rf"^cannot connect to http://127\.0\.0\.1:{port}/v1 \(.*\); is the server running\? check --server$"
+    ):
         RemoteConversation.connect(f"127.0.0.1:{port}")
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = conversation_with_one_turn(server)

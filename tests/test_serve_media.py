@@ -79,6 +79,10 @@ def test_another_picture_of_the_same_size_is_not_taken_from_the_cache(client, bu
     other = [image_part(data_url(media / "wide_other.png", "image/png")), {"type": "text", "text": "Same words."}]
     ask(client, first)
     again = ask(client, first)
+    # the other slot takes an unrelated conversation, so `first`'s slot is the least recently used and
+    # the one `swapped` goes to, whatever earlier tests left in the other (it held their prompts)
+    client.chat.completions.create(model="tiny", max_tokens=4, messages=[
+        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "Unrelated."}])  # fmt: skip
     swapped = ask(client, other)
     image_start = builder.first_turn("", [MediaSpec("image", 3)]).index(builder.img_start_id)
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1  # all but the last token
