@@ -43,7 +43,7 @@ from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_lines, write_atomic, xdg_dir
+from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_file_name, visible_lines, write_atomic, xdg_dir
 from ..settings import Settings, format_settings, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, may_name_media, media_kind, normalize_path, quote_path
@@ -1010,21 +1010,27 @@ class App:
         return self.confirm(f"{shown} already exists; replace it? [y/N] ")
 
     def export_markdown(self) -> str:
-        """The conversation as Markdown: media as links, answers as written."""
-        lines = ["# Conversation", "", f"- model: `{self.session.describe().model}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
+        """The conversation as Markdown: media as links, answers as written.
+
+        Text from the model or a loaded session file can hold terminal escapes, bidi overrides or
+        other controls; each is written as the terminal shows it (answers as they stream, the rest
+        as /show shows it), so `cat` on the file runs none of them.
+        """
+        model = visible(self.session.describe().model)
+        lines = ["# Conversation", "", f"- model: `{model}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
         if self.session.system_message:
-            lines += ["## System", "", self.session.system_message, ""]
+            lines += ["## System", "", visible_lines(self.session.system_message), ""]
         for turn in self.session.turns:
             lines += ["## User", ""]
             for media in turn.media:
-                target = f"<{media.path.resolve()}>"
+                name, target = visible(media.path.name), f"<{visible_file_name(str(media.path.resolve()))}>"
                 if media.kind == "image":
-                    lines.append(f"![{media.path.name}]({target})")
+                    lines.append(f"![{name}]({target})")
                 else:
-                    lines.append(f"[video: {media.path.name}, {media.tiles} frames]({target})")
+                    lines.append(f"[video: {name}, {media.tiles} frames]({target})")
             if turn.media:
                 lines.append("")
-            lines += [turn.user_text, "", "## Assistant", "", turn.answer_text, ""]
+            lines += [visible_lines(turn.user_text), "", "## Assistant", "", sanitize(turn.answer_text), ""]
         return "\n".join(lines)
 
     def cmd_exit(self, command: Command) -> str:
