@@ -302,6 +302,20 @@ def test_system_message_show_and_set(loaded, tmp_path):
     assert app.handle_line("Still there?") == OK and len(app.session.turns) == 2
 
 
+def test_a_system_message_of_several_lines_is_a_triple_quote_block(loaded, tmp_path):
+    # `/system """` set the system message to the three quotes; in a script the lines after it
+    # were then sent as messages, and the closing quotes opened a block that took the rest
+    assert block_is_open('/system """') and block_is_open('/SYSTEM  """\nBe brief.')
+    assert not block_is_open('/system """\nBe brief.\n"""') and not block_is_open('/system Be brief. """')
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line('/system """\nBe brief.\n\nAnswer in one word.\n"""') == OK
+    assert app.session.system_message == "Be brief.\n\nAnswer in one word."
+    assert app.handle_line('/system """') == ERROR  # unclosed: said, the message kept
+    assert output(out).splitlines()[-1] == 'error: unclosed """ block; end it with a line holding """'
+    assert app.session.system_message == "Be brief.\n\nAnswer in one word."
+    assert app.handle_line('/system """Be terse."""') == OK and app.session.system_message == "Be terse."
+
+
 def test_set_takes_a_system_message_of_several_words(loaded, tmp_path):
     # /set lists system.message among what it changes, but `/set system.message Be brief.` was
     # refused as too many arguments unless the message was quoted

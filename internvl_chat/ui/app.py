@@ -141,9 +141,16 @@ def unwrap_block(text: str) -> str | None:
     return inner.strip("\n")
 
 
+# `/system """` starts a block too: a system message of several lines, in a script as in the REPL
+# (it was set to the three quotes, and the lines after it were sent as messages)
+_SYSTEM_BLOCK = re.compile(r'/system\s+(?=""")', re.IGNORECASE)
+
+
 def block_is_open(text: str) -> bool:
-    '''True while `text` starts a `"""` block that is not closed yet (Enter then adds a line).'''
+    '''True while `text` (or `/system TEXT`) starts a `"""` block that is not closed yet (Enter then adds a line).'''
     body = text.strip()
+    opener = _SYSTEM_BLOCK.match(body)
+    body = body[opener.end() :] if opener else body
     if not body.startswith(BLOCK_QUOTES):
         return False
     return len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES)
@@ -660,6 +667,9 @@ class App:
         text = command.args[0]
         if text in ('""', "''"):
             text = ""
+        block = unwrap_block(text)  # `/system """` and lines up to `"""`
+        if block is not None:
+            text = block.strip()
         with self._uninterruptible("re-reading the conversation …"):
             self.session.set_system(text or None)
         self.settings.system.message = text
