@@ -144,6 +144,12 @@ def test_warns_at_80_percent_and_refuses_past_the_budget(loaded, media, tmp_path
     assert last.startswith("error: cannot attach small3.png:") and "--max-context" in last
     assert len(app.pending) == 2  # nothing half-attached
 
+    # a thousand at once (`/image *.png`): the reason in one short line, not every name
+    assert app.handle_line("/image " + " ".join(f"{media / 'small3.png'}" for _ in range(1000))) == ERROR
+    last = out.getvalue().strip().splitlines()[-1]
+    assert last.startswith("error: cannot attach small3.png, small3.png, small3.png and 997 more: ") and len(last) < 400
+    assert len(app.pending) == 2
+
 
 def test_media_list_and_drop(loaded, media, tmp_path):
     app, out = make_app(loaded, tmp_path)

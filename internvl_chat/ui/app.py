@@ -62,6 +62,7 @@ LISTED_VALUE_WIDTH = 40  # `/set` alone lists values up to this long, longer one
 NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
+NAMES_SHOWN = 3  # files named in a refusal to attach several at once
 KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
     "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
@@ -438,7 +439,9 @@ class App:
         try:
             self.session.check_attach(self.pending + media)
         except ContextOverflowError as e:
-            names = ", ".join(visible(m.path.name) for m in media)
+            names = ", ".join(visible(m.path.name) for m in media[:NAMES_SHOWN])
+            if len(media) > NAMES_SHOWN:  # `/image *.png` in a big folder: the reason, not a page of names
+                names += f" and {len(media) - NAMES_SHOWN:,} more"
             raise ContextOverflowError(f"cannot attach {names}: {e}") from None
         for item in media:
             self.pending.append(item)
