@@ -278,8 +278,12 @@ def test_relative_media_paths_are_looked_up_in_search_dirs_first(loaded, tmp_pat
     assert app.handle_line("/image pics/b.png") == OK  # not there: the working folder
     assert [m.path for m in app.pending] == [scripts / "pics" / "a.png", tmp_path / "pics" / "b.png"]
     app.pending.clear()
+    output(out)
     app.handle_line("Compare ./pics/a.png with ./pics/b.png please.")
     assert [m.path.name for m in app.session.turns[0].media] == ["a.png", "b.png"]
+    assert "does not exist" not in output(out)  # a.png was attached and also said to be missing (not in the working folder)
+    app.handle_line("And ./pics/c.png?")
+    assert f"warning: {tmp_path / 'pics' / 'c.png'} does not exist, so it was not attached; check the path" in output(out)
 
 
 def test_a_picture_whose_file_name_is_not_utf8_is_saved_loaded_and_exported(loaded, tmp_path):

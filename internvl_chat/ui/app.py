@@ -98,11 +98,12 @@ def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[P
         rest = re.sub(r"[ \t]{2,}", " ", rest)
         rest = re.sub(r"[ \t]+([.,;:!?)\]])", r"\1", rest)
         rest = "\n".join(line.strip() for line in rest.split("\n")).strip()
-    return rest, [path for _, path in found], _missing_media_paths(text, {p.resolve() for _, p in found}, cwd)
+    return rest, [path for _, path in found], _missing_media_paths(text, {p.resolve() for _, p in found}, (*search_dirs, cwd))
 
 
-def _missing_media_paths(text: str, found: set[Path], cwd: Path | None) -> list[Path]:
-    """Words that look like paths of media files that do not exist (said, not silently ignored)."""
+def _missing_media_paths(text: str, found: set[Path], folders: Sequence[Path | None]) -> list[Path]:
+    """Words that look like paths of media files that do not exist in any of `folders` (said, not
+    silently ignored); a relative one is named as in the last folder."""
     missing = []
     for word in split_words(text):
         raw = word.raw.strip("()[]{}<>,;:!?\"'")
@@ -112,10 +113,10 @@ def _missing_media_paths(text: str, found: set[Path], cwd: Path | None) -> list[
             path = normalize_path(raw.rstrip("."))
         except UsageError:
             continue
-        if cwd is not None and not path.is_absolute():
-            path = Path(cwd) / path
-        if not _exists(path) and path.resolve() not in found:
-            missing.append(path)
+        # a relative path found beside a script was attached, and still said not to exist in the working folder
+        candidates = [path] if path.is_absolute() else [path if folder is None else Path(folder) / path for folder in folders]
+        if not any(_exists(candidate) or candidate.resolve() in found for candidate in candidates):
+            missing.append(candidates[-1])
     return missing
 
 
