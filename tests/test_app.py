@@ -214,6 +214,22 @@ def test_a_long_paste_without_a_media_extension_is_not_searched_word_by_word(mon
     assert app_module.take_media_paths("what is ./cat.PNG?", tmp_path) == ("what is?", [tmp_path / "cat.PNG"], [])
 
 
+def test_a_typed_media_path_that_is_no_file_is_said_not_to_be_attached(loaded, tmp_path):
+    # a folder, a FIFO or a link to a device under a picture's name was left in the text silently
+    (tmp_path / "album.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.mp4")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("Compare ./album.png, ./pipe.mp4, ./zero.jpg and ./gone.png.") == OK
+    assert app.session.turns[0].media == [] and "./album.png" in app.session.turns[0].user_text
+    said = [line for line in output(out).splitlines() if line.startswith("warning:")]
+    assert said == [f"warning: {tmp_path / name} {why}, so it was not attached; check the path"
+                    for name, why in (("album.png", "is not a file (a folder, a device or a pipe)"),
+                                      ("pipe.mp4", "is not a file (a folder, a device or a pipe)"),
+                                      ("zero.jpg", "is not a file (a folder, a device or a pipe)"),
+                                      ("gone.png", "does not exist"))]  # fmt: skip
+
+
 def test_unknown_command_gets_a_suggestion(loaded, tmp_path):
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line("/imgae x.png") == ERROR

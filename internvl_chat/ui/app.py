@@ -46,7 +46,7 @@ from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageE
 from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_file_name, visible_lines, write_atomic, xdg_dir
 from ..settings import Settings, format_settings, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
-from .paths import find_media_paths, may_name_media, media_kind, normalize_path, quote_path
+from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      wrap_text)  # fmt: skip
 from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
@@ -101,9 +101,15 @@ def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[P
     return rest, [path for _, path in found], _missing_media_paths(text, {p.resolve() for _, p in found}, (*search_dirs, cwd))
 
 
+def not_attached(path: Path) -> str:
+    """The warning for a path `take_media_paths` gives as missing: why it was not attached."""
+    why = "is not a file (a folder, a device or a pipe)" if _exists(path) else "does not exist"
+    return f"{visible(str(path))} {why}, so it was not attached; check the path"
+
+
 def _missing_media_paths(text: str, found: set[Path], folders: Sequence[Path | None]) -> list[Path]:
-    """Words that look like paths of media files that do not exist in any of `folders` (said, not
-    silently ignored); a relative one is named as in the last folder."""
+    """Words that look like paths of media files that are not files in any of `folders` (said, not
+    silently ignored: a name of a FIFO or a folder too); a relative one is named as in the last folder."""
     missing = []
     for word in split_words(text):
         raw = word.raw.strip("()[]{}<>,;:!?\"'")
@@ -115,8 +121,8 @@ def _missing_media_paths(text: str, found: set[Path], folders: Sequence[Path | N
             continue
         # a relative path found beside a script was attached, and still said not to exist in the working folder
         candidates = [path] if path.is_absolute() else [path if folder is None else Path(folder) / path for folder in folders]
-        if not any(_exists(candidate) or candidate.resolve() in found for candidate in candidates):
-            missing.append(candidates[-1])
+        if not any(is_file(candidate) or candidate.resolve() in found for candidate in candidates):
+            missing.append(next((candidate for candidate in candidates if _exists(candidate)), candidates[-1]))
     return missing
 
 
@@ -475,7 +481,7 @@ class App:
             return [], text
         text, paths, missing = take_media_paths(text, self.cwd, self.search_dirs)
         for path in missing:
-            self.warn(f"{visible(str(path))} does not exist, so it was not attached; check the path")
+            self.warn(not_attached(path))
         attached = {m.path.resolve() for m in self.pending}
         return [self.describe(p, media_kind(p)) for p in paths if p.resolve() not in attached], text
 
