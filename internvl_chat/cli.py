@@ -101,8 +101,17 @@ LOCAL_MODEL_FLAGS = (("model", "--model"), ("device", "--device"), ("dtype", "--
                      ("int4_backend", "--int4-backend"), ("compile", "--compile"))  # fmt: skip
 
 
+SERVER_FLAGS = (("api_key", "--api-key"), ("remote_model", "--remote-model"), ("dialect", "--dialect"))
+
+
 def _check_remote_flags(args: argparse.Namespace, server: str) -> None:
-    """With a server, flags that only mean something for a local model are a mistake, said at once."""
+    """With a server, flags that only mean something for a local model are a mistake, said at once;
+    without one, so are the server's (they were ignored: the local model answered)."""
+    for_server = [flag for name, flag in SERVER_FLAGS if getattr(args, name) is not None]
+    if not server and for_server:
+        them = "it" if len(for_server) == 1 else "them"
+        raise UsageError(f"{', '.join(for_server)} {'is' if len(for_server) == 1 else 'are'} for a server, but no server is set; "
+                         f"add --server URL, or drop {them} to run the model here")  # fmt: skip
     given = [flag for name, flag in LOCAL_MODEL_FLAGS if getattr(args, name) is not None]
     if server and given:
         them = "it" if len(given) == 1 else "them"

@@ -196,6 +196,16 @@ def visible_lines(text: str) -> str:
     return "\n".join("\t".join(visible(part) for part in line.split("\t")) for line in text.split("\n"))
 
 
+# `visible` for a path written into a file (an /export link): a byte of the name that is not UTF-8
+# stays that byte, written back with surrogateescape, so the link still names the file.
+_VISIBLE_NAME = {c: shown for c, shown in _VISIBLE.items() if not 0xDC80 <= c < 0xDD00}
+
+
+def visible_file_name(text: str) -> str:
+    """`text` (a path) with every control, escape and bidi character shown as in `visible`, its undecodable bytes kept."""
+    return text.translate(_VISIBLE_NAME)
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

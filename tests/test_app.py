@@ -144,6 +144,12 @@ def test_warns_at_80_percent_and_refuses_past_the_budget(loaded, media, tmp_path
     assert last.startswith("error: cannot attach small3.png:") and "--max-context" in last
     assert len(app.pending) == 2  # nothing half-attached
 
+    # a thousand at once (`/image *.png`): the reason in one short line, not every name
+    assert app.handle_line("/image " + " ".join(f"{media / 'small3.png'}" for _ in range(1000))) == ERROR
+    last = out.getvalue().strip().splitlines()[-1]
+    assert last.startswith("error: cannot attach small3.png, small3.png, small3.png and 997 more: ") and len(last) < 400
+    assert len(app.pending) == 2
+
 
 def test_media_list_and_drop(loaded, media, tmp_path):
     app, out = make_app(loaded, tmp_path)
@@ -206,6 +212,22 @@ def test_a_long_paste_without_a_media_extension_is_not_searched_word_by_word(mon
     (tmp_path / "cat.PNG").write_bytes(b"x")
     monkeypatch.undo()
     assert app_module.take_media_paths("what is ./cat.PNG?", tmp_path) == ("what is?", [tmp_path / "cat.PNG"], [])
+
+
+def test_a_typed_media_path_that_is_no_file_is_said_not_to_be_attached(loaded, tmp_path):
+    # a folder, a FIFO or a link to a device under a picture's name was left in the text silently
+    (tmp_path / "album.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.mp4")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("Compare ./album.png, ./pipe.mp4, ./zero.jpg and ./gone.png.") == OK
+    assert app.session.turns[0].media == [] and "./album.png" in app.session.turns[0].user_text
+    said = [line for line in output(out).splitlines() if line.startswith("warning:")]
+    assert said == [f"warning: {tmp_path / name} {why}, so it was not attached; check the path"
+                    for name, why in (("album.png", "is not a file (a folder, a device or a pipe)"),
+                                      ("pipe.mp4", "is not a file (a folder, a device or a pipe)"),
+                                      ("zero.jpg", "is not a file (a folder, a device or a pipe)"),
+                                      ("gone.png", "does not exist"))]  # fmt: skip
 
 
 def test_unknown_command_gets_a_suggestion(loaded, tmp_path):
@@ -302,6 +324,20 @@ def test_system_message_show_and_set(loaded, tmp_path):
     assert app.handle_line("Still there?") == OK and len(app.session.turns) == 2
 
 
+def test_a_system_message_of_several_lines_is_a_triple_quote_block(loaded, tmp_path):
+    # `/system """` set the system message to the three quotes; in a script the lines after it
+    # were then sent as messages, and the closing quotes opened a block that took the rest
+    assert block_is_open('/system """') and block_is_open('/SYSTEM  """\nBe brief.')
+    assert not block_is_open('/system """\nBe brief.\n"""') and not block_is_open('/system Be brief. """')
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line('/system """\nBe brief.\n\nAnswer in one word.\n"""') == OK
+    assert app.session.system_message == "Be brief.\n\nAnswer in one word."
+    assert app.handle_line('/system """') == ERROR  # unclosed: said, the message kept
+    assert output(out).splitlines()[-1] == 'error: unclosed """ block; end it with a line holding """'
+    assert app.session.system_message == "Be brief.\n\nAnswer in one word."
+    assert app.handle_line('/system """Be terse."""') == OK and app.session.system_message == "Be terse."
+
+
 def test_set_takes_a_system_message_of_several_words(loaded, tmp_path):
     # /set lists system.message among what it changes, but `/set system.message Be brief.` was
     # refused as too many arguments unless the message was quoted
@@ -344,7 +380,7 @@ def test_save_load_export(loaded, media, tmp_path, monkeypatch):
     md = (tmp_path / "talk.md").read_text()
     assert f"![small.png](<{(media / 'small.png').resolve()}>)" in md
     assert md.index("## User") < md.index("Describe it.") < md.index("## Assistant") < md.index("More.")
-    assert app.session.turns[0].answer_text in md
+    assert sanitize(app.session.turns[0].answer_text) in md  # as shown: a random model's controls dropped
     assert other.handle_line("/load nothing-here.json") == ERROR
     assert len(other.session.turns) == 2
 

@@ -229,6 +229,33 @@ def test_nothing_from_a_session_file_drives_the_terminal(loaded, tmp_path, home)
     assert "cat\\e]0;pwned\\x07\\e[2J\\u202eevil.png" in said  # shown, inert
 
 
+def test_export_writes_what_came_from_a_session_file_or_the_model_escaped(loaded, tmp_path, home):
+    # /export wrote answers, questions, the system message and file names raw: `cat talk.md` in a
+    # terminal ran the escapes of a loaded session file (or of a model's answer)
+    picture = tmp_path / f"cat{HOSTILE}.png"
+    Image.fromarray(textured_rgb(448, 448, seed=3)).save(picture)
+    app, _ = make_app(loaded, tmp_path)
+    app.attach([app.describe(picture)])
+    app.handle_line(f"/system Be brief.\n{HOSTILE}")
+    app.handle_line(f"What is this?\n\t{HOSTILE}")
+    app.handle_line(f"/save {tmp_path / 'hostile.json'}")
+    data = json.loads((tmp_path / "hostile.json").read_text())
+    data["model"] = f"/models/{HOSTILE}"
+    answer = data["messages"][-1]
+    answer["text"], answer["token_ids"] = f"It is a cat.\n{HOSTILE}\x9b31m", None
+    (tmp_path / "hostile.json").write_text(json.dumps(data))
+
+    other, out = make_app(loaded, tmp_path)
+    assert other.handle_line(f"/load {tmp_path / 'hostile.json'}") == OK, output(out)
+    assert other.handle_line(f"/export {tmp_path / 'talk.md'}") == OK, output(out)
+    md = (tmp_path / "talk.md").read_text()
+    assert not {"\x1b", "\x07", "\x9b", "\u202e"} & set(md)
+    shown = "\\e]0;pwned\\x07\\e[2J\\u202eevil"
+    assert f"Be brief.\n{shown}" in md and f"What is this?\n\t{shown}" in md  # lines and tabs kept
+    assert "It is a cat.\n]0;pwned[2J\\u202eevil31m" in md  # an answer as it streams: controls dropped
+    assert f"![cat{shown}.png](<{tmp_path}/cat{shown}.png>)" in md
+
+
 def test_input_that_is_not_utf8_is_refused_and_the_conversation_goes_on(loaded, tmp_path, home):
     app, out = make_app(loaded, tmp_path)
     app.handle_line("Hello.")
@@ -251,8 +278,12 @@ def test_relative_media_paths_are_looked_up_in_search_dirs_first(loaded, tmp_pat
     assert app.handle_line("/image pics/b.png") == OK  # not there: the working folder
     assert [m.path for m in app.pending] == [scripts / "pics" / "a.png", tmp_path / "pics" / "b.png"]
     app.pending.clear()
+    output(out)
     app.handle_line("Compare ./pics/a.png with ./pics/b.png please.")
     assert [m.path.name for m in app.session.turns[0].media] == ["a.png", "b.png"]
+    assert "does not exist" not in output(out)  # a.png was attached and also said to be missing (not in the working folder)
+    app.handle_line("And ./pics/c.png?")
+    assert f"warning: {tmp_path / 'pics' / 'c.png'} does not exist, so it was not attached; check the path" in output(out)
 
 
 def test_a_picture_whose_file_name_is_not_utf8_is_saved_loaded_and_exported(loaded, tmp_path):

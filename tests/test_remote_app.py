@@ -104,6 +104,16 @@ def test_local_model_flags_with_a_server_are_refused(tmp_path):
     assert run.stderr.startswith("internvl-chat: error: --model is for a local model") and run.stderr.count("\n") == 1
 
 
+def test_server_flags_without_a_server_are_refused(tmp_path):
+    # they were ignored: the local model answered as if --dialect or --remote-model meant nothing
+    run = cli(tmp_path, "--dialect", "vllm", "--remote-model", "x", "-p", "hi")
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == ("internvl-chat: error: --remote-model, --dialect are for a server, but no server is set; "
+                          "add --server URL, or drop them to run the model here\n")  # fmt: skip
+    run = cli(tmp_path, "--api-key", "k", "--script", "-")
+    assert run.returncode == 2 and run.stderr.startswith("internvl-chat: error: --api-key is for a server, but no server")
+
+
 def test_compile_with_a_server_is_refused(tmp_path):
     run = cli(tmp_path, "--server", "http://127.0.0.1:9/v1", "--compile", "on", "-p", "hi")
     assert run.returncode == 2 and run.stderr.startswith("internvl-chat: error: --compile is for a local model")

@@ -49,6 +49,16 @@ def test_read_entries_joins_triple_quote_blocks():
     ]
 
 
+def test_read_entries_takes_a_system_message_block():
+    script = '/system """\nBe brief.\n\nUse lists.\n"""\nHello\n/system """One line."""\n/context\n'
+    assert [(e.line_number, e.text) for e in read_entries(script)] == [
+        (1, '/system """\nBe brief.\n\nUse lists.\n"""'),
+        (6, "Hello"),
+        (7, '/system """One line."""'),
+        (8, "/context"),
+    ]
+
+
 def test_script_transcript_of_a_multi_turn_run(tiny_original, image, tmp_path):
     saved = tmp_path / "talk.json"
     script = tmp_path / "chat.txt"

@@ -211,6 +211,27 @@ def test_without_tokenizer_json_transformers_is_the_fallback(tmp_path, qwen2_sty
     assert fallback.special_ids == fast.special_ids
 
 
+def test_the_fallback_takes_the_fast_class_the_hf_layouts_name(tmp_path, qwen2_style):
+    slow = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    config = json.loads((slow / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (slow / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2TokenizerFast"}))
+    fallback, fast = load_tokenizer(slow), load_tokenizer(qwen2_style)
+    assert [fallback.encode(text) for text in sample_texts(20, seed=4)] == [fast.encode(text) for text in sample_texts(20, seed=4)]
+
+
+def test_with_tokenizer_json_the_class_named_is_not_what_encodes(tmp_path, qwen2_style):
+    # tokenizer.json holds the whole tokenizer: a generic or mislabelled class changes nothing, and
+    # another model's tokenizer.json is refused for the tokens it lacks (special_token_ids)
+    folder = tmp_path / "relabelled"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((qwen2_style / name).read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "BertTokenizer"}))
+    relabelled, fast = load_tokenizer(folder), load_tokenizer(qwen2_style)
+    assert [relabelled.encode(text) for text in sample_texts(20, seed=5)] == [fast.encode(text) for text in sample_texts(20, seed=5)]
+
+
 @pytest.mark.parametrize("name", ["vocab.json", "merges.txt", "tokenizer_config.json"])
 def test_the_fallback_reads_no_tokenizer_file_over_the_limit(tmp_path, name):
     """transformers reads the slow tokenizer files whole, with no limit: a 3 GB vocab.json took
@@ -231,6 +252,10 @@ SLOW_DAMAGE = {
     # fields of the wrong type: "'list' object has no attribute 'get'", "Special token eos_token has to be …"
     "config a list": ({"tokenizer_config.json": "[]"}, "tokenizer_config.json is not usable: it is not a JSON object"),
     "class a number": ({"tokenizer_class": 5}, "tokenizer_class is not a name"),
+    # another model's class loaded silently and encoded wrongly: every word unknown, or nothing at all
+    **{f"class {name}": ({"tokenizer_class": name}, f"names the tokenizer class '{name}', but InternVL3's Qwen2 "
+                         "language model needs Qwen2Tokenizer; use the tokenizer files shipped with the checkpoint")
+       for name in ("BertTokenizer", "LlamaTokenizer", "GPT2Tokenizer", "TokenizersBackend")},
     "added tokens a list": ({"added_tokens_decoder": [1]}, "added_tokens_decoder is not an object"),
     "an added token a text": ({"added_tokens_decoder": {"5": "x"}}, "added_tokens_decoder entry '5' is malformed"),
     "eos a number": ({"eos_token": 5}, "eos_token is not a token"),

@@ -384,3 +384,18 @@ def test_a_still_picture_given_as_a_video_says_to_attach_it_as_an_image(tmp_path
         with pytest.raises(MediaError) as err:
             call(path)
         assert "still picture" in str(err.value) and "as an image" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, data, what",
+    [("notes.png", b"hello, this is text\nline 2\n", "text"), ("paper.jpg", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", "a PDF document"),
+     ("noise.bmp", bytes(range(256)) * 8, "binary data")],
+)  # fmt: skip
+def test_a_file_named_as_a_picture_that_is_none_says_what_it_is(tmp_path, name, data, what):
+    # FFmpeg's image demuxers go by the name: a text file called notes.png was "a still picture; attach it as an image"
+    path = tmp_path / name
+    path.write_bytes(data)
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == f"{path} is {what}, not a video or an image; pass a video file (MP4, MKV, WebM or AVI)"

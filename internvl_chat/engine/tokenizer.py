@@ -34,6 +34,9 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 _SLOW_FILES = ("vocab.json", "merges.txt", "tokenizer.model")
 # what else it reads then, each whole
 _SLOW_EXTRAS = (TOKENIZER_CONFIG, "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja")
+# the classes InternVL3's checkpoints name (-hf layouts: the fast one), which read vocab.json and
+# merges.txt as Qwen2 does; without tokenizer.json, tokenizer_class must be one of them
+QWEN2_TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -284,8 +287,16 @@ def _check_for_transformers(model_dir: Path) -> None:
     if not os.path.lexists(model_dir / TOKENIZER_CONFIG):
         return
     config = _read_config(model_dir)
-    if not isinstance(config.get("tokenizer_class", ""), (str, type(None))):
+    named_class = config.get("tokenizer_class")
+    if not isinstance(named_class, (str, type(None))):
         raise _config_error(model_dir, "tokenizer_class is not a name")
+    if named_class is not None and named_class not in QWEN2_TOKENIZER_CLASSES:
+        # here the class decides how vocab.json and merges.txt are read: another one loads without
+        # a word and then encodes wrongly (BertTokenizer: every word unknown; LlamaTokenizer: nothing)
+        raise CheckpointError(
+            f"{model_dir / TOKENIZER_CONFIG} names the tokenizer class {_brief(named_class)}, but InternVL3's Qwen2 "
+            "language model needs Qwen2Tokenizer; use the tokenizer files shipped with the checkpoint"
+        )
     _declared_added_tokens(model_dir, config)
     for name in _NAMED_SPECIALS:
         value = config.get(name)

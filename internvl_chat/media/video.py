@@ -35,8 +35,8 @@ import torch
 from PIL import Image
 
 from ..errors import MediaError, UsageError
-from ..files import visible
-from .image import IMAGE_SIZE, check_media_file, normalize_tiles
+from ..files import IMAGE_KINDS, sniff_binary, visible
+from .image import IMAGE_SIZE, check_media_file, normalize_tiles, probe_image
 
 BACKEND_ENV = "INTERNVL_CHAT_VIDEO_BACKEND"
 BACKENDS = ("decord", "pyav")
@@ -310,6 +310,9 @@ def _read_header(path: Path, orientation: bool) -> _Header:
             raise MediaError(f"{_shown(path)} has no video stream; pass a video file")
         stream = container.streams.video[0]
         if not stream.frames and _is_still_picture(container.format.name):
+            what = _what_else(path)
+            if what is not None:
+                raise MediaError(f"{_shown(path)} is {what}, not a video or an image; pass a video file (MP4, MKV, WebM or AVI)")
             raise MediaError(f"{_shown(path)} is a still picture, not a video; attach (or send) it as an image instead")
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         _check_frame_size(path, width, height)
@@ -617,6 +620,24 @@ def _is_still_picture(format_name: str) -> bool:
     # FFmpeg reads PNG, JPEG, WebP, BMP, TIFF, … files through its image demuxers ("png_pipe",
     # "image2"), as a video of one frame whose header counts none
     return any(name == "image2" or name == "ico" or name.endswith("_pipe") for name in format_name.split(","))
+
+
+def _what_else(path: Path) -> str | None:
+    """What a file FFmpeg's image demuxers took (by its name: a text file called some.png) really
+    is when no image reader knows it either ("text", "a PDF document"); None for a picture, damaged
+    or not, which the image loader then explains."""
+    try:
+        probe_image(path)
+        return None
+    except MediaError:
+        pass
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError:
+        return None
+    what = sniff_binary(head)
+    return None if what in IMAGE_KINDS else what or "text"
 
 
 def probe_video(path: str | Path) -> tuple[int, float, float]:

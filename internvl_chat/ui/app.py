@@ -43,10 +43,10 @@ from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_lines, write_atomic, xdg_dir
+from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_file_name, visible_lines, write_atomic, xdg_dir
 from ..settings import Settings, format_settings, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
-from .paths import find_media_paths, may_name_media, media_kind, normalize_path, quote_path
+from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      wrap_text)  # fmt: skip
 from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
@@ -62,6 +62,7 @@ LISTED_VALUE_WIDTH = 40  # `/set` alone lists values up to this long, longer one
 NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
+NAMES_SHOWN = 3  # files named in a refusal to attach several at once
 KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
     "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
@@ -97,11 +98,18 @@ def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[P
         rest = re.sub(r"[ \t]{2,}", " ", rest)
         rest = re.sub(r"[ \t]+([.,;:!?)\]])", r"\1", rest)
         rest = "\n".join(line.strip() for line in rest.split("\n")).strip()
-    return rest, [path for _, path in found], _missing_media_paths(text, {p.resolve() for _, p in found}, cwd)
+    return rest, [path for _, path in found], _missing_media_paths(text, {p.resolve() for _, p in found}, (*search_dirs, cwd))
 
 
-def _missing_media_paths(text: str, found: set[Path], cwd: Path | None) -> list[Path]:
-    """Words that look like paths of media files that do not exist (said, not silently ignored)."""
+def not_attached(path: Path) -> str:
+    """The warning for a path `take_media_paths` gives as missing: why it was not attached."""
+    why = "is not a file (a folder, a device or a pipe)" if _exists(path) else "does not exist"
+    return f"{visible(str(path))} {why}, so it was not attached; check the path"
+
+
+def _missing_media_paths(text: str, found: set[Path], folders: Sequence[Path | None]) -> list[Path]:
+    """Words that look like paths of media files that are not files in any of `folders` (said, not
+    silently ignored: a name of a FIFO or a folder too); a relative one is named as in the last folder."""
     missing = []
     for word in split_words(text):
         raw = word.raw.strip("()[]{}<>,;:!?\"'")
@@ -111,10 +119,10 @@ def _missing_media_paths(text: str, found: set[Path], cwd: Path | None) -> list[
             path = normalize_path(raw.rstrip("."))
         except UsageError:
             continue
-        if cwd is not None and not path.is_absolute():
-            path = Path(cwd) / path
-        if not _exists(path) and path.resolve() not in found:
-            missing.append(path)
+        # a relative path found beside a script was attached, and still said not to exist in the working folder
+        candidates = [path] if path.is_absolute() else [path if folder is None else Path(folder) / path for folder in folders]
+        if not any(is_file(candidate) or candidate.resolve() in found for candidate in candidates):
+            missing.append(next((candidate for candidate in candidates if _exists(candidate)), candidates[-1]))
     return missing
 
 
@@ -141,9 +149,16 @@ def unwrap_block(text: str) -> str | None:
     return inner.strip("\n")
 
 
+# `/system """` starts a block too: a system message of several lines, in a script as in the REPL
+# (it was set to the three quotes, and the lines after it were sent as messages)
+_SYSTEM_BLOCK = re.compile(r'/system\s+(?=""")', re.IGNORECASE)
+
+
 def block_is_open(text: str) -> bool:
-    '''True while `text` starts a `"""` block that is not closed yet (Enter then adds a line).'''
+    '''True while `text` (or `/system TEXT`) starts a `"""` block that is not closed yet (Enter then adds a line).'''
     body = text.strip()
+    opener = _SYSTEM_BLOCK.match(body)
+    body = body[opener.end() :] if opener else body
     if not body.startswith(BLOCK_QUOTES):
         return False
     return len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES)
@@ -431,7 +446,9 @@ class App:
         try:
             self.session.check_attach(self.pending + media)
         except ContextOverflowError as e:
-            names = ", ".join(visible(m.path.name) for m in media)
+            names = ", ".join(visible(m.path.name) for m in media[:NAMES_SHOWN])
+            if len(media) > NAMES_SHOWN:  # `/image *.png` in a big folder: the reason, not a page of names
+                names += f" and {len(media) - NAMES_SHOWN:,} more"
             raise ContextOverflowError(f"cannot attach {names}: {e}") from None
         for item in media:
             self.pending.append(item)
@@ -464,7 +481,7 @@ class App:
             return [], text
         text, paths, missing = take_media_paths(text, self.cwd, self.search_dirs)
         for path in missing:
-            self.warn(f"{visible(str(path))} does not exist, so it was not attached; check the path")
+            self.warn(not_attached(path))
         attached = {m.path.resolve() for m in self.pending}
         return [self.describe(p, media_kind(p)) for p in paths if p.resolve() not in attached], text
 
@@ -660,6 +677,9 @@ class App:
         text = command.args[0]
         if text in ('""', "''"):
             text = ""
+        block = unwrap_block(text)  # `/system """` and lines up to `"""`
+        if block is not None:
+            text = block.strip()
         with self._uninterruptible("re-reading the conversation …"):
             self.session.set_system(text or None)
         self.settings.system.message = text
@@ -1010,21 +1030,27 @@ class App:
         return self.confirm(f"{shown} already exists; replace it? [y/N] ")
 
     def export_markdown(self) -> str:
-        """The conversation as Markdown: media as links, answers as written."""
-        lines = ["# Conversation", "", f"- model: `{self.session.describe().model}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
+        """The conversation as Markdown: media as links, answers as written.
+
+        Text from the model or a loaded session file can hold terminal escapes, bidi overrides or
+        other controls; each is written as the terminal shows it (answers as they stream, the rest
+        as /show shows it), so `cat` on the file runs none of them.
+        """
+        model = visible(self.session.describe().model)
+        lines = ["# Conversation", "", f"- model: `{model}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
         if self.session.system_message:
-            lines += ["## System", "", self.session.system_message, ""]
+            lines += ["## System", "", visible_lines(self.session.system_message), ""]
         for turn in self.session.turns:
             lines += ["## User", ""]
             for media in turn.media:
-                target = f"<{media.path.resolve()}>"
+                name, target = visible(media.path.name), f"<{visible_file_name(str(media.path.resolve()))}>"
                 if media.kind == "image":
-                    lines.append(f"![{media.path.name}]({target})")
+                    lines.append(f"![{name}]({target})")
                 else:
-                    lines.append(f"[video: {media.path.name}, {media.tiles} frames]({target})")
+                    lines.append(f"[video: {name}, {media.tiles} frames]({target})")
             if turn.media:
                 lines.append("")
-            lines += [turn.user_text, "", "## Assistant", "", turn.answer_text, ""]
+            lines += [visible_lines(turn.user_text), "", "## Assistant", "", sanitize(turn.answer_text), ""]
         return "\n".join(lines)
 
     def cmd_exit(self, command: Command) -> str:

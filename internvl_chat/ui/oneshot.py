@@ -7,9 +7,8 @@ import json
 import os
 import sys
 
-from ..files import visible
 from ..settings import Settings
-from .app import peak_memory, sanitize, take_media_paths
+from .app import not_attached, peak_memory, sanitize, take_media_paths
 from .paths import media_kind
 from .render import format_stats
 from .setup import media_from_flags, open_conversation
@@ -31,8 +30,7 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
         text, paths, missing = take_media_paths(typed)
         prompt = prompt[: len(prompt) - len(typed)] + text
         for path in missing:
-            print(f"internvl-chat: warning: {visible(str(path))} does not exist, so it was not attached; check the path",
-                  file=sys.stderr)  # fmt: skip
+            print(f"internvl-chat: warning: {not_attached(path)}", file=sys.stderr)
         known = {m.path.resolve() for m in media}
         for path in paths:
             if path.resolve() not in known:

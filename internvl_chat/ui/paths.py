@@ -193,7 +193,7 @@ def _candidates(message: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _is_file(path: Path) -> bool:
+def is_file(path: Path) -> bool:
     try:
         return path.is_file()
     except OSError:  # a word too long to be a file name (ENAMETOOLONG) is text
@@ -221,7 +221,7 @@ def find_media_paths(message: str, cwd: str | Path | None = None) -> list[tuple[
             continue
         if cwd is not None and not path.is_absolute():
             path = Path(cwd) / path
-        if media_kind(path) is None or not _is_file(path):
+        if media_kind(path) is None or not is_file(path):
             continue
         taken_until = end
         key = path.resolve()

@@ -30,7 +30,7 @@ from typing import TextIO
 from ..errors import UsageError
 from ..files import OutputFailed, expand_home, read_bytes_file, read_stream, sniff_binary, undecodable_byte, visible
 from ..settings import Settings
-from .app import BLOCK_QUOTES, ERROR, EXIT, App
+from .app import BLOCK_QUOTES, ERROR, EXIT, App, block_is_open
 from .render import make_console
 from .setup import media_from_flags, open_conversation
 
@@ -53,7 +53,7 @@ def read_entries(text: str) -> Iterator[Entry]:
         i += 1
         if not stripped or stripped.startswith("#"):
             continue
-        if stripped.startswith(BLOCK_QUOTES) and (len(stripped) < 6 or not stripped.endswith(BLOCK_QUOTES)):
+        if block_is_open(stripped):
             block = [line]
             while i < len(lines):
                 block.append(lines[i])
