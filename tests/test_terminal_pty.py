@@ -19,6 +19,7 @@ from pathlib import Path
 import pexpect
 import pyte
 import pytest
+from process_helpers import resume, stop
 from screen_model import make_screen
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,10 +100,7 @@ class Terminal:
 
     def pause(self) -> None:
         """Stop the program and read everything it wrote: the screen is then exactly its output."""
-        os.kill(self.child.pid, signal.SIGSTOP)
-        stat = Path(f"/proc/{self.child.pid}/stat")
-        while stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
-            pass  # the stop is asynchronous; wait until the kernel has stopped it
+        stop(self.child.pid)
         while True:
             try:
                 self.child.read_nonblocking(65536, timeout=1)  # a stopped program writes nothing more
@@ -110,7 +108,7 @@ class Terminal:
                 return
 
     def resume(self) -> None:
-        os.kill(self.child.pid, signal.SIGCONT)
+        resume(self.child.pid)
 
     def resize(self, rows: int, cols: int) -> None:
         self.screen.resize(rows, cols)
