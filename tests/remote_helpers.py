@@ -6,6 +6,8 @@ in pieces (chunked transfer encoding, as the real servers stream), optionally en
 nothing more until the test ends (for read timeouts), "endless" sends the last piece again and
 again until the client hangs up or the test ends (keep-alives that never end), or for at most a
 minute, then ends the body (so a client that waits for it fails instead of hanging the test).
+A reply's `held` pieces are sent one per `go_on.release()`: the client is mid-answer for as long
+as the test needs, and shows when it has read on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ENDLESS_S = 60.0  # how long an "endless" reply lasts at most
+HELD_AT_EXIT = 1000  # `held` pieces let go when the test ends (more than any reply holds)
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "remote"
 
 
@@ -35,6 +38,7 @@ class Reply:
     content_type: str = "text/event-stream"
     headers: dict[str, str] = field(default_factory=dict)
     end: str = "normal"  # "normal" | "reset" | "cut" | "hang" | "endless"
+    held: list[bytes] = field(default_factory=list)  # sent after `pieces`, one per `go_on.release()`
 
     @classmethod
     def sse(cls, body: bytes, piece_size: int = 0, end: str = "normal") -> Reply:
@@ -68,6 +72,7 @@ class FakeServer:
         self.models = models
         self.release = threading.Event()  # lets a "hang" reply finish when the test ends
         self.finished = threading.Event()  # set after a streamed reply has been written completely
+        self.go_on = threading.Semaphore(0)  # lets a reply send its next `held` piece
         handler = _make_handler(self)
         self._server = _QuietServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -90,6 +95,7 @@ class FakeServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.go_on.release(HELD_AT_EXIT)
         self.release.set()
         self._server.shutdown()
         self._server.server_close()
@@ -137,9 +143,10 @@ def _make_handler(server: FakeServer):
                 self.send_header(name, value)
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            for piece in filter(None, reply.pieces):  # an empty chunk would end the body
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                self.wfile.flush()
+            self._write(reply.pieces)
+            for piece in reply.held:
+                server.go_on.acquire()
+                self._write([piece])
             if reply.end == "endless":
                 piece, left = reply.pieces[-1], ENDLESS_S / 0.02
                 try:
@@ -159,6 +166,11 @@ def _make_handler(server: FakeServer):
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
             self.connection.close()
+
+        def _write(self, pieces: list[bytes]) -> None:
+            for piece in filter(None, pieces):  # an empty chunk would end the body
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.flush()
 
     return Handler
 

@@ -472,32 +472,46 @@ def test_ctrl_z_at_the_prompt_suspends_and_fg_resumes_with_the_line_kept(tiny_or
     assert users == ["abc"]
 
 
+def _words(text: str) -> bytes:
+    return b'data: {"choices": [{"index": 0, "delta": {"content": "%s"}}]}\n\n' % text.encode()
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash for job control")
-def test_after_ctrl_z_and_fg_mid_answer_typed_keys_are_still_held(tiny_original, tmp_path):
+def test_after_ctrl_z_and_fg_mid_answer_typed_keys_are_still_held(tmp_path):
     """Ctrl-Z while an answer streams stops the program and the shell puts its own modes on the
     terminal; after `fg` the answer went on in cooked mode, so keys typed then were echoed into
-    it. Now the quiet modes come back on SIGCONT (echo and line editing off, Ctrl-C on)."""
-    shell = _job_control_shell(tmp_path)
-    _start_in(shell, tiny_original, "--max-new-tokens", "1500", "--plain")
-    shell.send("Tell me a long story.\r")
-    shell.expect_exact(INPUT_DONE)
-    shell.expect(r"\w\w\w")  # the answer streams
-    _stop_and_fg(shell)
-    quiet = {"echo": False, "line editing": False, "Ctrl-C": True}
-    seen = ""
-    while _modes(shell) != quiet:  # until the program has put them back, or the answer ends without it
-        assert PROMPT_READY not in seen, "the answer went on in the shell's modes to its end"
-        try:
-            seen += shell.read_nonblocking(65536, timeout=1)
-        except pexpect.TIMEOUT:
-            pass
-    shell.sendcontrol("c")
-    shell.expect(r"\[cancelled")
-    shell.expect_exact(PROMPT_READY)
-    shell.sendcontrol("d")
-    shell.expect_exact("SHELL$ ")
-    shell.sendline("exit")
-    shell.expect(pexpect.EOF)
+    it. Now the quiet modes come back on SIGCONT (echo and line editing off, Ctrl-C on). The
+    answer is held at the server, its words sent one at a time when the test says (the tiny
+    model's answer could end before a busy test looked): a word sent after `fg` and shown means
+    the program has run since SIGCONT."""
+    later = [_words(f" w{i:02d}.") for i in range(20)]
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply(pieces=[_words("Once upon a time")], held=[_words(" there was a fox."), *later], end="hang"))
+        shell = _job_control_shell(tmp_path)
+        command = [sys.executable, "-m", "internvl_chat.cli", "--server", server.url, "--no-history", "--plain"]
+        shell.send(" ".join(shlex.quote(word) for word in command) + "\r")
+        shell.expect_exact(PROMPT_READY)
+        shell.send("Tell me a long story.\r")
+        shell.expect_exact(INPUT_DONE)
+        shell.expect_exact("Once upon a time")  # the answer streams, and waits for the server
+        _stop_and_fg(shell)
+        server.go_on.release()
+        shell.expect_exact("there was a fox.")
+        assert _modes(shell) == {"echo": False, "line editing": False, "Ctrl-C": True}
+        shell.sendcontrol("c")
+        # the answer stops between two pieces (the signal itself lands a moment later): words are
+        # sent one at a time until it has
+        for i in range(len(later)):
+            server.go_on.release()
+            if shell.expect_exact(["[cancelled", f"w{i:02d}."]) == 0:
+                break
+        else:
+            raise AssertionError(f"Ctrl-C did not cancel the answer in {len(later)} more words")
+        shell.expect_exact(PROMPT_READY)
+        shell.sendcontrol("d")
+        shell.expect_exact("SHELL$ ")
+        shell.sendline("exit")
+        shell.expect(pexpect.EOF)
 
 
 def _cursor_shown(output: str) -> bool:
