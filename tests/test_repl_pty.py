@@ -25,6 +25,7 @@ from prompt_toolkit.document import Document
 
 from internvl_chat.ui.repl import ChatCompleter
 from media_helpers import textured_rgb, write_numbered_video
+from process_helpers import resume, stop
 from remote_helpers import FakeServer, Reply, fixture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,6 +86,30 @@ class Repl:
         self.prompt()
         return found
 
+    def interrupt_answer(self, question: str, attempts: int = 5) -> None:
+        """Ask `question` and press Ctrl-C while its answer streams. The program is stopped once the
+        answer shows, and Ctrl-C pressed only if the stats line (written after the answer) is not
+        out yet; an answer that had ended (a busy machine can take its whole length to look) is
+        undone and asked again."""
+        for _ in range(attempts):
+            self.enter(question)
+            # the first visible character of the answer, past any escape sequences
+            self.expect(r"\A(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*[^\s\x1b]")
+            stop(self.child.pid)
+            while True:  # everything it wrote, kept for the next expects
+                try:
+                    self.child.buffer += self.child.read_nonblocking(65536, timeout=1)
+                except pexpect.TIMEOUT:
+                    break
+            if "tok/s" not in self.child.buffer:
+                self.child.sendintr()
+                resume(self.child.pid)
+                return
+            resume(self.child.pid)
+            self.prompt()
+            self.run("/undo", r"removed turn")
+        raise AssertionError(f"the answer ended before the program could be stopped, {attempts} times")
+
     def close(self) -> int:
         self.child.expect(pexpect.EOF)
         self.child.close()
@@ -109,14 +134,9 @@ def test_chat_cancel_undo_retry_video_and_errors(tiny_original, media, tmp_path)
     repl.prompt()
     repl.run("/media", r"nothing attached")
 
-    # Ctrl-C in the middle of an answer: the partial answer is kept, marked, and the chat goes on.
-    # The tiny model answers this question with over 1,000 tokens, about 2 s for the Ctrl-C to land
-    # in (it answered a story here in 0.2 s, which a busy machine can take to deliver it).
+    # Ctrl-C in the middle of an answer: the partial answer is kept, marked, and the chat goes on
     repl.run("/set max_new_tokens 1500", r"generation\.max_new_tokens = 1500")
-    repl.enter("Describe the picture in detail.")
-    # the first visible character of the answer (--plain: no spinner), past any escape sequences
-    repl.expect(r"\A(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*[^\s\x1b]")
-    repl.child.sendintr()
+    repl.interrupt_answer("Describe the picture in detail.")  # --plain: no spinner before the answer
     repl.expect(r"\[cancelled: the partial answer is kept")
     repl.expect(STATS)
     repl.prompt()
