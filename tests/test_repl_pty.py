@@ -96,17 +96,19 @@ class Repl:
             # the first visible character of the answer, past any escape sequences
             self.expect(r"\A(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*[^\s\x1b]")
             stop(self.child.pid)
-            while True:  # everything it wrote, kept for the next expects
+            seen = self.child.buffer
+            while True:  # everything it wrote (a stopped program writes nothing more)
                 try:
-                    self.child.buffer += self.child.read_nonblocking(65536, timeout=1)
+                    seen += self.child.read_nonblocking(65536, timeout=1)
                 except pexpect.TIMEOUT:
                     break
-            if "tok/s" not in self.child.buffer:
+            if "tok/s" not in seen:
                 self.child.sendintr()
                 resume(self.child.pid)
                 return
             resume(self.child.pid)
-            self.prompt()
+            if PROMPT_READY not in seen:
+                self.prompt()
             self.run("/undo", r"removed turn")
         raise AssertionError(f"the answer ended before the program could be stopped, {attempts} times")
 
