@@ -121,6 +121,16 @@ def read_text_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: 
     return decode_utf8(read_bytes_file(path, what, limit, error), f"{what} {visible(str(path))}", error)
 
 
+def is_special_file(path: str | Path) -> bool:
+    """True for a FIFO, a device or a socket at `path` (a link is not followed): never a file to
+    write over (as root, renaming over /dev/null would replace the device)."""
+    try:
+        kind = os.lstat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(kind) or stat.S_ISLNK(kind) or stat.S_ISDIR(kind))
+
+
 def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path:
     """Write `data` to `path` atomically: a temp file in the same folder, fsync, then rename.
 
@@ -131,11 +141,7 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         raise IsADirectoryError(21, "is a folder", str(path))
-    try:
-        kind = os.lstat(path).st_mode
-    except FileNotFoundError:
-        kind = None
-    if kind is not None and not (stat.S_ISREG(kind) or stat.S_ISLNK(kind)):
+    if is_special_file(path):
         raise OSError(errno.EEXIST, "not a regular file (a device or a pipe?), so it is not replaced", str(path))
     payload = data.encode("utf-8") if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,12 +250,21 @@ _MAGIC = (
 IMAGE_KINDS = ("a PNG image", "a JPEG image", "a GIF image", "a BMP image", "a TIFF image", "a WebP image")
 
 
+SNIFF_BYTES = 8192  # what sniff_binary looks at
+
+
+def sniff_file(path: str | Path) -> str | None:
+    """sniff_binary of the file's first bytes (OSError propagates)."""
+    with open(path, "rb") as f:
+        return sniff_binary(f.read(SNIFF_BYTES))
+
+
 def sniff_binary(data: bytes) -> str | None:
     """What `data` is when it is not text ("a PNG image", "a video", "binary data"), else None.
 
     Decided from the first bytes only: a known signature, or a NUL byte (text never holds one).
     """
-    head = data[:8192]
+    head = data[:SNIFF_BYTES]
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "a WebP image"
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import MediaError
-from ..files import expand_home, sniff_binary, visible
+from ..files import expand_home, sniff_file, visible
 
 IMAGE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -292,11 +292,10 @@ def _open_image(path: Path) -> Image.Image:
 
 def _looks_like_video(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
-            head = f.read(64)
+        what = sniff_file(path)
     except OSError:
         return False
-    return (sniff_binary(head) or "").startswith(("a video", "a Matroska"))
+    return (what or "").startswith(("a video", "a Matroska"))
 
 
 def pending_orientation(image: Image.Image) -> int:

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from ..errors import MediaError, UsageError
-from ..files import IMAGE_KINDS, sniff_binary, visible
+from ..files import IMAGE_KINDS, sniff_file, visible
 from .image import IMAGE_SIZE, check_media_file, normalize_tiles, probe_image
 
 BACKEND_ENV = "INTERNVL_CHAT_VIDEO_BACKEND"
@@ -632,11 +632,9 @@ def _what_else(path: Path) -> str | None:
     except MediaError:
         pass
     try:
-        with open(path, "rb") as f:
-            head = f.read(8192)
+        what = sniff_file(path)
     except OSError:
         return None
-    what = sniff_binary(head)
     return None if what in IMAGE_KINDS else what or "text"
 
 

@@ -43,7 +43,8 @@ from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import expand_home, read_text_file, undecodable_byte, visible, visible_file_name, visible_lines, write_atomic, xdg_dir
+from ..files import (expand_home, is_special_file, read_text_file, undecodable_byte, visible, visible_file_name, visible_lines,
+                     write_atomic, xdg_dir)  # fmt: skip
 from ..settings import Settings, format_settings, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
@@ -244,11 +245,7 @@ def _typed(path: Path | str) -> str:
 def _refuse_special_file(path: Path) -> None:
     """A FIFO or a device at an output path is never replaced (write_atomic refuses it): say so at
     once, instead of offering --force (or asking y/N) for a write that then fails."""
-    try:
-        kind = os.lstat(path).st_mode
-    except OSError:
-        return
-    if not (stat.S_ISREG(kind) or stat.S_ISLNK(kind) or stat.S_ISDIR(kind)):
+    if is_special_file(path):
         raise UsageError(f"{visible(str(path))} is not a regular file (a device or a pipe?); give the name of a file")
 
 
