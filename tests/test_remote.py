@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -386,6 +388,51 @@ def test_cancel_closes_the_stream_and_keeps_the_partial_answer():
         answer(conv.ask("Go on."))
         history = server.chat_bodies()[1]["messages"]
         assert history[1] == {"role": "assistant", "content": "A red"}  # resent exactly, no marker
+
+
+SILENT_SERVER_TIMEOUT_S = 30.0  # without the abort, a cancel waited this long and ended in a timeout error
+
+
+def _blocked_reading(thread_id: int) -> bool:
+    """Whether the thread waits inside httpcore's socket read (a server gone silent)."""
+    frame = sys._current_frames().get(thread_id)
+    return frame is not None and frame.f_code.co_name == "read" and "httpcore" in frame.f_code.co_filename
+
+
+def test_cancel_ends_an_answer_whose_server_went_silent_and_keeps_it():
+    """The answer loop looks at the cancel flag between pieces; a server that sends nothing more
+    used to hold the first Ctrl-C until the read timed out (and then lost the answer)."""
+    role, words = fixture("vllm/stream.sse").split(b"\n\n")[:2]
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(Reply(pieces=[role + b"\n\n" + words + b"\n\n"], end="hang"), stream_of("vllm"))
+        conv = connect(server, timeout=SILENT_SERVER_TIMEOUT_S)
+        cancel = threading.Event()
+        events = conv.ask("What is it?", cancel=cancel)
+        assert next(events)["text"] == "A red"
+        reader = threading.get_ident()
+
+        def cancel_once_blocked() -> None:
+            while not _blocked_reading(reader):
+                time.sleep(0.01)
+            cancel.set()
+
+        threading.Thread(target=cancel_once_blocked, daemon=True).start()
+        rest_events = list(events)
+        assert rest_events[-1]["finish_reason"] == "cancelled"
+        assert conv.turns[0].answer_text == "A red [cancelled]"
+        text, final = answer(conv.ask("Go on."))  # the pooled connection was not the shut one
+        assert final["finish_reason"] == "stop" and text
+
+
+def test_a_cancel_that_comes_before_the_answers_head_still_ends_it():
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(Reply(pieces=[], end="hang"), stream_of("vllm"))
+        conv = connect(server, timeout=SILENT_SERVER_TIMEOUT_S)
+        cancel = threading.Event()
+        cancel.set()
+        text, final = answer(conv.ask("What is it?", cancel=cancel))
+        assert (text, final["finish_reason"], conv.turns[0].answer_text) == ("", "cancelled", "[cancelled]")
+        assert answer(conv.ask("Go on."))[1]["finish_reason"] == "stop"
 
 
 def test_an_abandoned_stream_leaves_the_conversation_unchanged():

@@ -536,6 +536,34 @@ def test_after_ctrl_z_and_fg_mid_answer_typed_keys_are_still_held(tmp_path):
         shell.expect(pexpect.EOF)
 
 
+def test_ctrl_c_ends_an_answer_whose_server_went_silent(tmp_path):
+    """The first Ctrl-C keeps the partial answer, but it was looked at only when the next piece
+    came: a server gone silent held it until the read timed out, and then the answer was lost."""
+    config = tmp_path / "config.toml"
+    config.write_text("[remote]\ntimeout = 60\n")  # the wait a Ctrl-C used to end in
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply(pieces=[_words("Once upon a time")], end="hang"))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(tmp_path), "TERM": "xterm-256color",
+               "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}  # fmt: skip
+        argv = ["-m", "internvl_chat.cli", "--server", server.url, "--config", str(config), "--no-history", "--plain"]
+        child = pexpect.spawn(sys.executable, argv, env=env, dimensions=(50, 220), encoding="utf-8",
+                              timeout=TIMEOUT, cwd=str(tmp_path))  # fmt: skip
+        child.expect_exact(PROMPT_READY)
+        child.send("Tell me a long story.\r")
+        child.expect_exact(INPUT_DONE)
+        child.expect_exact("Once upon a time")  # then nothing more comes
+        child.sendintr()
+        assert child.expect_exact(["[cancelled: the partial answer is kept", "error:"]) == 0, child.buffer
+        child.expect_exact(PROMPT_READY)
+        child.send("/context\r")
+        child.expect(r"turn 1: “Tell me a long story\.” \(answer [\d,]+\)")
+        child.expect_exact(PROMPT_READY)
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+
+
 def _cursor_shown(output: str) -> bool:
     """Whether the terminal's cursor is visible after `output` (the last show/hide sequence wins)."""
     return output.rfind("\x1b[?25h") > output.rfind("\x1b[?25l")

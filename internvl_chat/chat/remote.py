@@ -23,6 +23,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,7 @@ from .dialects import (
     tiles_are_per_request,
     user_content,
 )
-from .remote_http import ApiClient, shorten
+from .remote_http import ApiClient, ChatStream, shorten
 from .remote_http import without_credentials as _without_credentials
 from .sampling import SamplingParams
 from .session import SESSION_FORMAT, SESSION_VERSION, Media, ReadiedSession, saved_media, sha256_of
@@ -80,6 +81,7 @@ PIECES_PER_TOKEN = 4
 CHARS_PER_TOKEN = 256
 ANSWER_SLACK = 1024
 MAX_USAGE_COUNT = 1 << 31  # a token count beyond any context: a broken server's usage
+CANCEL_POLL_S = 0.1  # how soon a cancel ends an answer whose server has gone silent
 FINISH_REASON_MAX_CHARS = 64  # of a finish_reason the server names; real ones are one word
 FINISH_REASONS = {"stop": "stop", "eos": "stop", "tool_calls": "stop", "content_filter": "stop", "length": "length"}
 
@@ -463,46 +465,49 @@ class RemoteConversation:
         usage: dict | None = None
         server_timings: dict | None = None
         try:
-            for chunk in stream:
-                events += 1
-                if isinstance(chunk.get("usage"), dict):
-                    usage = chunk["usage"]
-                if isinstance(chunk.get("timings"), dict):
-                    server_timings = chunk["timings"]
-                choices = chunk.get("choices")
-                if choices is not None and not isinstance(choices, list):
-                    raise RemoteError(
-                        f"the server sent a stream chunk whose choices is not a list ({shorten(repr(choices), 40)}); "
-                        "try --dialect generic, or check --server"
-                    )
-                for choice in choices or []:
-                    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                        continue
-                    delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-                    content = delta.get("content")
-                    if isinstance(content, str) and content:
-                        content = replace_lone_surrogates(content)  # a JSON "\ud800" escape cannot be resent or saved
-                        now = time.perf_counter()
-                        t_first = t_first or now
-                        t_last = now
-                        chunks += 1
-                        since_emit += 1
-                        parts.append(content)
-                        pending += content
-                        answer_chars += len(content)
-                    if choice.get("finish_reason"):
-                        raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
-                if events > max_events or answer_chars > max_chars:
-                    raise RemoteError(
-                        f"the server sent far more than the {params.max_new_tokens:,} tokens asked for (it ignores "
-                        "max_tokens?); the answer was dropped; check the server, or try --dialect generic"
-                    )
-                if pending and since_emit >= self.stream_interval:
-                    yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
-                    pending, since_emit = "", 0
-                if cancel is not None and cancel.is_set():
+            with _aborted_on(cancel, stream):
+                for chunk in stream:
+                    events += 1
+                    if isinstance(chunk.get("usage"), dict):
+                        usage = chunk["usage"]
+                    if isinstance(chunk.get("timings"), dict):
+                        server_timings = chunk["timings"]
+                    choices = chunk.get("choices")
+                    if choices is not None and not isinstance(choices, list):
+                        raise RemoteError(
+                            f"the server sent a stream chunk whose choices is not a list ({shorten(repr(choices), 40)}); "
+                            "try --dialect generic, or check --server"
+                        )
+                    for choice in choices or []:
+                        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                            continue
+                        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+                        content = delta.get("content")
+                        if isinstance(content, str) and content:
+                            content = replace_lone_surrogates(content)  # a JSON "\ud800" escape cannot be resent or saved
+                            now = time.perf_counter()
+                            t_first = t_first or now
+                            t_last = now
+                            chunks += 1
+                            since_emit += 1
+                            parts.append(content)
+                            pending += content
+                            answer_chars += len(content)
+                        if choice.get("finish_reason"):
+                            raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
+                    if events > max_events or answer_chars > max_chars:
+                        raise RemoteError(
+                            f"the server sent far more than the {params.max_new_tokens:,} tokens asked for (it ignores "
+                            "max_tokens?); the answer was dropped; check the server, or try --dialect generic"
+                        )
+                    if pending and since_emit >= self.stream_interval:
+                        yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
+                        pending, since_emit = "", 0
+                    if cancel is not None and cancel.is_set():
+                        finish = "cancelled"
+                        break
+                if finish is None and stream.aborted and not stream.done:  # the server had gone silent
                     finish = "cancelled"
-                    break
         finally:
             stream.close()
         if finish is None:
@@ -659,3 +664,27 @@ def _timing(t0, t_first, t_last, end, chunks, usage, server_timings, raw_finish)
     if server:
         timing["server"] = server
     return timing
+
+
+@contextmanager
+def _aborted_on(cancel: threading.Event | None, stream: ChatStream) -> Iterator[None]:
+    """Abort `stream` when `cancel` is set. The answer loop looks at `cancel` only between pieces,
+    and a server gone silent sends none: its first Ctrl-C would wait for the read timeout."""
+    if cancel is None:
+        yield
+        return
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not cancel.wait(CANCEL_POLL_S):
+            if finished.is_set():
+                return
+        if not finished.is_set():
+            stream.abort()
+
+    watcher = threading.Thread(target=watch, name="remote-cancel", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        finished.set()

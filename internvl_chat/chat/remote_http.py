@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -226,7 +228,8 @@ class ChatStream:
 
     Iterate it; `done` tells whether the server ended with `data: [DONE]`. `close()` (also on
     garbage collection of the generator) closes the connection, which is how servers learn that
-    the client is gone and stop generating.
+    the client is gone and stop generating. `abort()`, from another thread, ends a read that
+    waits on a server gone silent: the iteration then just stops (`aborted` is set).
     """
 
     def __init__(self, client: ApiClient, body: dict, advice: Advice):
@@ -234,7 +237,11 @@ class ChatStream:
         self._body = body
         self._advice = advice
         self.done = False
+        self.aborted = False
         self.comments = 0  # SSE comment lines seen (keep-alive pings)
+        self._lock = threading.Lock()  # `_socket` is shut only while its answer is being read
+        self._socket: socket.socket | None = None
+        self._started = False  # any chunk received: an error after it is "in the middle of the answer"
         self._events = self._run()
 
     def __iter__(self) -> Iterator[dict]:
@@ -243,52 +250,87 @@ class ChatStream:
     def close(self) -> None:
         self._events.close()
 
+    def abort(self) -> None:
+        """Shut the answer's socket: a read blocked in it returns at once with the end of the
+        stream (a signal handler cannot do this: Python retries a read that a signal interrupted)."""
+        with self._lock:
+            self.aborted = True
+            if self._socket is not None:
+                try:  # the plain socket's shutdown: an SSLSocket's own would unwrap it under the read
+                    socket.socket.shutdown(self._socket, socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed by the other side
+
+    def _reading(self, response: httpx.Response) -> None:
+        stream = response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        with self._lock:
+            self._socket = sock if isinstance(sock, socket.socket) else None
+            aborted = self.aborted
+        if aborted:  # abort() came before there was a socket to shut
+            self.abort()
+
+    def _done_reading(self) -> None:
+        with self._lock:  # before the connection may go back to the pool, where it must stay open
+            self._socket = None
+
     def _run(self) -> Iterator[dict]:
         client = self._client
-        started = False  # any chunk received: an error after it is "in the middle of the answer"
         client.advice = self._advice  # read by the status check, which runs as httpx's response hook
         try:
             with client.http.stream("POST", "chat/completions", json=self._body,
                                     headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
-                kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
-                if kind == "application/json":  # a server that ignores stream=true
-                    yield _whole_answer_as_chunk(_read_limited(response, JSON_BODY_LIMIT, client.timeout))
+                self._reading(response)
+                try:
+                    yield from self._events_of(response)
+                finally:
+                    self._done_reading()
+        except httpx.TransportError as e:
+            if self.aborted:
+                return  # the shut socket, seen as a broken connection
+            raise transport_error(e, client.shown_url, client.timeout, self._started) from None
+
+    def _events_of(self, response: httpx.Response) -> Iterator[dict]:
+        client = self._client
+        kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":  # a server that ignores stream=true
+            yield _whole_answer_as_chunk(_read_limited(response, JSON_BODY_LIMIT, client.timeout))
+            self.done = True
+            return
+        if kind != "text/event-stream":
+            raise RemoteError(
+                f"the server answered with {kind or 'no content type'}, not an event stream; "
+                "is --server the API root of an OpenAI-compatible server (…/v1)?"
+            )
+        decoder = SSEDecoder()
+        # the read timeout restarts with every byte: keep-alives, blank lines or a line that
+        # never ends would hold the answer forever, so they count as nothing sent
+        last_event = time.monotonic()
+        for raw in response.iter_bytes():
+            events = decoder.feed(raw)
+            for event in events:
+                chunk = _parse_event(event.event, event.data)
+                if chunk is None:
                     self.done = True
                     return
-                if kind != "text/event-stream":
-                    raise RemoteError(
-                        f"the server answered with {kind or 'no content type'}, not an event stream; "
-                        "is --server the API root of an OpenAI-compatible server (…/v1)?"
-                    )
-                decoder = SSEDecoder()
-                # the read timeout restarts with every byte: keep-alives, blank lines or a line that
-                # never ends would hold the answer forever, so they count as nothing sent
+                self._started = True
+                yield chunk
+            self.comments = decoder.comments
+            if events:
                 last_event = time.monotonic()
-                for raw in response.iter_bytes():
-                    events = decoder.feed(raw)
-                    for event in events:
-                        chunk = _parse_event(event.event, event.data)
-                        if chunk is None:
-                            self.done = True
-                            return
-                        started = True
-                        yield chunk
-                    self.comments = decoder.comments
-                    if events:
-                        last_event = time.monotonic()
-                    elif time.monotonic() - last_event > client.timeout:
-                        raise RemoteError(
-                            f"the server sent no stream event for {client.timeout:g} s (only keep-alives or an unfinished "
-                            "line); it may be overloaded: try again, or raise [remote] timeout to wait longer"
-                        )
-                for event in decoder.finish():
-                    chunk = _parse_event(event.event, event.data)
-                    if chunk is None:
-                        self.done = True
-                        return
-                    yield chunk
-        except httpx.TransportError as e:
-            raise transport_error(e, client.shown_url, client.timeout, started) from None
+            elif time.monotonic() - last_event > client.timeout:
+                raise RemoteError(
+                    f"the server sent no stream event for {client.timeout:g} s (only keep-alives or an unfinished "
+                    "line); it may be overloaded: try again, or raise [remote] timeout to wait longer"
+                )
+        if self.aborted:
+            return  # a line cut short by the shut socket is no event
+        for event in decoder.finish():
+            chunk = _parse_event(event.event, event.data)
+            if chunk is None:
+                self.done = True
+                return
+            yield chunk
 
 
 def _read_limited(response: httpx.Response, limit: int, timeout: float) -> bytes:
