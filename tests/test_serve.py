@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from internvl_chat.chat.template import PromptBuilder
+from internvl_chat.serve.protocol import MAX_STOP_STRING_CHARS
 from media_helpers import textured_rgb
 from serve_support import RunningServer, crowd, png_bytes
 
@@ -122,6 +123,17 @@ def test_stop_strings_cut_the_answer_and_end_it_with_stop(client):
     chunks = list(ask(client, "Count to ten.", max_tokens=24, stop=stop, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
+    """The number of stop strings was capped, their length only by the body size (megabytes)."""
+    at_limit = "\u2603" * MAX_STOP_STRING_CHARS  # characters, not bytes (3 each in UTF-8)
+    assert ask(client, max_tokens=2, stop=["never", at_limit]).choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, max_tokens=2, stop=["never", at_limit + "x"])
+    assert err.value.body["param"] == "stop" and err.value.body["type"] == "invalid_request_error"
+    limit = f"{MAX_STOP_STRING_CHARS} characters"
+    assert limit in err.value.body["message"] and f"one has {MAX_STOP_STRING_CHARS + 1}" in err.value.body["message"]
 
 
 # ---- errors ----------------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ import pytest
 from serve_support import RunningServer
 
 WAIT_S = 60
-# Kept-alive connections are not under test here, and a short keep-alive would close one before a
-# busy test could send its next request (a test of the head deadline would then see no 408).
+# A short keep-alive would close a kept-alive connection before a busy test could send its next
+# request (a test of the head deadline would then see no 408); the one test that needs a short
+# keep-alive sets it for its own connection.
 LIMITS = {"max_connections": 2, "header_timeout": 2.0, "body_timeout": 2.0, "write_timeout": 2.0,
           "keep_alive_timeout": 30.0, "max_header_kb": 4}  # fmt: skip
 SMALL_BUFFER = 4096  # bytes; the kernel doubles it
@@ -250,6 +251,23 @@ def test_a_kept_alive_connection_must_send_its_next_head_in_time(server):
         sock.sendall(b"GET /health HTTP/1.1\r\n")  # the next request starts, and stalls
         status, _, answer = _response(_read_to_close(sock, keep_sending=b"X-Slow: " + b"a" * 2000))
     assert status == 408 and json.loads(answer)["error"]["code"] == "request_timeout"
+
+
+def test_a_pipelined_head_that_stalls_gets_408_not_the_keep_alive_close(server):
+    """A client that pipelines sends the start of its next request with the first one. Those bytes
+    were read before the answer was done, so none came after uvicorn started its keep-alive timer;
+    the connection was taken for idle and closed without a word at --keep-alive-timeout (here
+    shorter than the head's deadline) instead of getting the head's 408."""
+    server.server.config.timeout_keep_alive = 0.2  # each new connection takes it from the config
+    try:
+        with _connect(server) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n" + b"GET /health HTTP/1.1\r\n")
+            raw = _read_to_close(sock)
+    finally:
+        server.server.config.timeout_keep_alive = LIMITS["keep_alive_timeout"]
+    responses = [b"HTTP/1.1 " + r for r in raw.split(b"HTTP/1.1 ")[1:]]
+    assert [_response(r)[0] for r in responses] == [200, 408], raw
+    assert json.loads(_response(responses[1])[2])["error"]["code"] == "request_timeout"
 
 
 def test_a_head_over_the_size_limit_is_refused(server):

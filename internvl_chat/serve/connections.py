@@ -7,9 +7,10 @@ stop reading its answer (a full TCP window leaves uvicorn waiting to write for e
 connection waiting to flush is never let go). Each such connection holds a file descriptor and a
 place under the connection limit, which then turns away everybody else. Three deadlines close them:
 
-- the head: a new connection, or a kept-alive one that started its next request, must send the
-  whole request line and headers within `header_timeout` (more bytes do not extend it); one that
-  sent part of a head gets a 408 first, an idle one is just closed;
+- the head: a new connection, or a kept-alive one that started its next request (pipelined
+  before its answer was done, too), must send the whole request line and headers within
+  `header_timeout` (more bytes do not extend it); one that sent part of a head gets a 408 first,
+  an idle one is just closed;
 - an unread body: once the response is out, the rest of the body must arrive within
   `body_timeout`;
 - an unread answer: while bytes wait because the kernel would not take them (the client's window
@@ -170,6 +171,14 @@ class BoundedH11Protocol(H11Protocol):
                  self.client, self.write_timeout)  # fmt: skip
         # abort, not close: close() would wait for the unread bytes to be sent, which is what never happens
         self.transport.abort()
+
+    def timeout_keep_alive_handler(self) -> None:
+        # uvicorn starts its keep-alive timer when a response completes, and only bytes received
+        # after that stop it: the next head of a client that pipelines, read while the answer was
+        # still going, was closed as idle without a word. A head that has begun has its own deadline.
+        if self._wanted() == HEAD:
+            return
+        super().timeout_keep_alive_handler()
 
     def send_400_response(self, msg: str) -> None:
         """A request h11 cannot parse (not HTTP/1.1, a bad length, a head over the size limit):

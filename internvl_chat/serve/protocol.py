@@ -111,6 +111,9 @@ class ChatCompletionRequest(_Model):
 
 
 MAX_STOP_STRINGS = 16
+# far past any real stop marker ("\nUser:", "###", a closing tag). The matcher's steps do not grow with
+# a stop string's length (serve/stops.py), but the text held back unsent while the answer spells it does
+MAX_STOP_STRING_CHARS = 1000
 
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
@@ -187,6 +190,10 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
         raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
     if any(not s for s in stops):
         raise bad_request("stop strings must not be empty", param="stop")
+    longest = max(stops, key=len, default="")
+    if len(longest) > MAX_STOP_STRING_CHARS:
+        raise bad_request(f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters long; one has "
+                          f"{len(longest)}", param="stop")  # fmt: skip
 
 
 def stop_strings(req: ChatCompletionRequest) -> list[str]:

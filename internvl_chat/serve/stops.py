@@ -4,12 +4,13 @@ The answer is cut where the earliest stop string that the text so far holds begi
 before it is sent, nothing from it on. Text is held back only while its end could still begin a
 stop string, and sent as soon as it cannot.
 
-A request may send 16 stop strings as long as its body allows (megabytes), so the cost must not
-grow with their length (searching the held text again on every push was quadratic in it: one
-character pushed after 128,000 held took 11 s of the engine thread). Each stop string is followed
-by a Knuth–Morris–Pratt automaton that remembers how much of it the text's end spells, its
-failure table built only as far as the text has followed it; a pushed character costs a few
-steps per stop string, and held text is kept in pieces, copied once when it is sent.
+A request may send 16 stop strings of up to 1,000 characters (serve/protocol.py), and the cost
+must not grow with their length (before that cap they could be megabytes, and searching the held
+text again on every push was quadratic in it: one character pushed after 128,000 held took 11 s of
+the engine thread). Each stop string is followed by a Knuth–Morris–Pratt automaton that remembers
+how much of it the text's end spells, its failure table built only as far as the text has followed
+it; a pushed character costs a few steps per stop string, and held text is kept in pieces, copied
+once when it is sent.
 """
 
 from __future__ import annotations
