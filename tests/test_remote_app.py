@@ -29,7 +29,7 @@ from app_helpers import output
 from media_helpers import textured_rgb
 from remote_helpers import FakeServer, Reply, fixture, refusing_port
 from serve_support import RunningServer
-from test_repl_pty import INPUT_DONE, PROMPT_READY
+from test_repl_pty import PROMPT_READY, Repl
 
 REPO = Path(__file__).resolve().parent.parent
 CONTEXT = 3072
@@ -277,22 +277,13 @@ def test_an_answer_that_fills_the_servers_context_says_what_makes_room(tmp_path)
 # ---- the REPL in a pseudo-terminal --------------------------------------------------------------
 
 
-class RemoteRepl:
+class RemoteRepl(Repl):
+    """test_repl_pty's Repl, started with flags of our own (--server, no --model)."""
+
     def __init__(self, home: Path, *args: str):
         env = {**_env(home), "TERM": "xterm-256color", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}
         self.child = pexpect.spawn(sys.executable, ["-m", "internvl_chat.cli", *args], env=env, dimensions=(50, 220),
                                    encoding="utf-8", timeout=TIMEOUT, cwd=str(home))  # fmt: skip
-
-    def expect(self, pattern: str) -> str:
-        self.child.expect(pattern)
-        return self.child.match.group(0)
-
-    def run(self, line: str, pattern: str) -> str:
-        self.child.send(line + "\r")
-        self.child.expect_exact(INPUT_DONE)
-        found = self.expect(pattern)
-        self.child.expect_exact(PROMPT_READY)
-        return found
 
 
 STATS = r"ttft [\d.]+ s · decode [\d.,]+ tok/s · context ≈[\d,]+/3,072 \(\d+ %\) · server: prompt [\d,]+ tok"
@@ -308,11 +299,7 @@ def test_the_repl_through_serve_cancel_retry_undo_and_save(server, picture, tmp_
 
     # Ctrl-C while the answer streams: the stream is closed, the partial answer kept and marked
     repl.run("/set max_new_tokens 1500", r"generation\.max_new_tokens = 1500")
-    repl.child.send("Tell me a long story.\r")
-    repl.child.expect_exact(INPUT_DONE)
-    repl.expect(r"\A(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*[^\s\x1b]")  # the answer's first visible character
-    repl.child.sendintr()
-    repl.expect(r"\[cancelled: the partial answer is kept")
+    repl.interrupt_answer("Tell me a long story.")  # pressed while the answer still streams
     repl.child.expect_exact(PROMPT_READY)
     repl.run("/set max_new_tokens 40", r"= 40")
     repl.run("/context", r"turn 2: “Tell me a long story\.” \(answer [\d,]+\)\s+≈[\d,]+")
