@@ -6,6 +6,7 @@ import pyte
 import pytest
 from rich.console import Console
 from rich.markdown import Markdown
+from screen_model import make_screen
 
 from internvl_chat.ui.render import (
     MarkdownStream,
@@ -158,6 +159,53 @@ def test_markdown_stream_on_a_terminal_leaves_the_same_screen_as_the_whole_docum
     expected.print(Markdown(doc))
     want = "\n".join(line.rstrip() for line in expected.export_text().splitlines()).strip("\n")
     assert emulate_terminal(out.getvalue()) == want
+
+
+class ResizedTerminal:
+    """A console's file that drives a screen model, and can resize the window just before a
+    write: a resize that lands between a frame's layout and its write (or while it is in flight)."""
+
+    def __init__(self, columns: int, lines: int, reflow: bool) -> None:
+        self.screen = make_screen(columns, lines, reflow)
+        self.stream = pyte.Stream(self.screen)
+        self.console = Console(file=self, width=columns, height=lines, force_terminal=True, color_system=None)
+        self.resize_before_next_write: tuple[int, int] | None = None
+
+    def write(self, data: str) -> int:
+        if self.resize_before_next_write is not None:
+            columns, lines = self.resize_before_next_write
+            self.resize_before_next_write = None
+            self.screen.resize(lines, columns)
+            self.console.size = (columns, lines)
+        self.stream.feed(data.replace("\n", "\r\n"))  # a tty's output processing adds the \r
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def text(self) -> str:
+        return "\n".join(line.rstrip() for line in self.screen.display).strip("\n")
+
+
+@pytest.mark.parametrize("reflow", [True, False], ids=["reflowing", "xterm-like"])
+@pytest.mark.parametrize("new_columns", [50, 110])
+@pytest.mark.parametrize("at", [100, 159], ids=["mid-answer", "last frame"])
+def test_a_resize_between_a_frames_layout_and_its_write_leaves_no_stale_line(reflow, new_columns, at):
+    """The live tail laid out for 80 columns lands on a window that has just changed width: the
+    next frame (or the end of the answer) still starts where the region does, so no row of an
+    earlier frame is left behind."""
+    words = [f"word{i}" for i in range(160)]
+    doc = " ".join(words)  # one paragraph: all of it stays in the live tail until the end
+    terminal = ResizedTerminal(80, 40, reflow)
+    with MarkdownStream(terminal.console, refresh_interval_s=0) as stream:
+        for i, word in enumerate(words):
+            if i == at:  # the tail is 8 rows tall at 80 columns, 10 at the end
+                terminal.resize_before_next_write = (new_columns, 40)
+            stream.feed(word if i == 0 else " " + word)
+    expected = Console(file=io.StringIO(), width=new_columns, record=True, force_terminal=False)
+    expected.print(Markdown(doc))
+    want = "\n".join(line.rstrip() for line in expected.export_text().splitlines()).strip("\n")
+    assert terminal.text() == want
 
 
 def test_a_link_in_an_answer_shows_its_target_and_is_no_hidden_hyperlink():

@@ -151,6 +151,12 @@ def finished(rows: list[str]) -> bool:
     return any(STATS.search(row) for row in rows)
 
 
+def still_streaming(term: Terminal) -> bool:
+    """The answer is still being drawn: its live region hides the cursor until the stream ends
+    (the cursor is shown again before the notes and the stats line are printed)."""
+    return term.screen.cursor.hidden and not finished(term.rows())
+
+
 QUESTION = "Tell me a long story."
 ATTEMPTS = 5
 
@@ -158,13 +164,14 @@ ATTEMPTS = 5
 def stopped_mid_answer(home: Path, model: Path, *args: str, growing=None, **kw) -> Terminal:
     """The REPL stopped (SIGSTOP) while its answer to QUESTION streams. The tiny model answers in
     a fraction of a second, so on a busy machine the answer can end between the screen showing it
-    growing and the stop: such a run is dropped and a new one started, never acted on."""
+    growing and the stop (its stats line not printed yet, or printed): such a run is dropped and a
+    new one started, never acted on."""
     for _ in range(ATTEMPTS):
         term = Terminal(home, model, *args, **kw)
         term.enter(QUESTION)
         term.wait_for(growing or streaming(QUESTION), "the answer streaming")
         term.pause()
-        if not finished(term.rows()):
+        if still_streaming(term):
             return term
         term.child.terminate(force=True)
     raise AssertionError(f"the answer ended before the program could be stopped, {ATTEMPTS} times")

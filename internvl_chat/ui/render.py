@@ -181,9 +181,13 @@ class LiveTail:
     its bottom (rich's Live moves up by the height it drew): a terminal that reflows its lines on
     resize carries the cursor along with its line, one that does not leaves it in place, and a
     character echoed or printed at the cursor is erased with the region instead of pushing it down.
+    A frame is drawn with autowrap off: one laid out for a width the window has just left (a
+    resize between its layout and its write) is cut at the edge instead of wrapping onto rows the
+    move back up does not count, and the next draw lays it out for the new width.
     """
 
     _ERASE_BELOW = "\r\x1b[J"
+    _AUTOWRAP_OFF, _AUTOWRAP_ON = "\x1b[?7l", "\x1b[?7h"
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -205,7 +209,7 @@ class LiveTail:
             frame = console.end_capture()
         # one write per frame: a resize (or a stop) never lands between a frame's lines, which a
         # reflowing terminal would rewrap with the cursor in the middle of the region
-        self._write(self._ERASE_BELOW + frame)
+        self._write(self._ERASE_BELOW + self._AUTOWRAP_OFF + frame + self._AUTOWRAP_ON)
 
     def clear(self) -> None:
         """Erase the region; the cursor is left where the region began (printing goes on there)."""
@@ -213,9 +217,10 @@ class LiveTail:
             self._write(self._ERASE_BELOW)
 
     def close(self) -> None:
-        """Erase the region for good and show the cursor again."""
+        """Erase the region for good and show the cursor again (autowrap too, should a signal
+        have cut a frame's write short)."""
         if self.active:
-            self.clear()
+            self._write(self._ERASE_BELOW + self._AUTOWRAP_ON)
             self.console.show_cursor(True)
             self.active = False
 
