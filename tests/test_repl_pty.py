@@ -110,7 +110,11 @@ class Repl:
             resume(self.child.pid)
             if not ended:
                 outcomes = [r"\[cancelled: the partial answer is kept", r"tok/s", r"\[interrupted\]", r"\[interrupted: "]
-                outcome = self.child.expect(outcomes)
+                try:
+                    outcome = self.child.expect(outcomes)
+                except pexpect.TIMEOUT:
+                    raise AssertionError(f"no outcome of Ctrl-C; before it: {seen[-2000:]!r}; "
+                                         f"after it: {self.child.before[-2000:]!r}") from None  # fmt: skip
                 if outcome == 0:
                     return
                 ended = outcome in (1, 2)  # the answer was kept (with or without its stats line)
