@@ -91,14 +91,15 @@ class Repl:
         answer is kept". The program is stopped once the answer shows, and Ctrl-C pressed only if
         the stats line (written after the answer) is not out yet, so it is acted on as the program
         goes on. The answer can still have ended first (a busy machine can take its whole length
-        to look; a remote answer can have arrived whole while the program was to show it): then
-        the Ctrl-C came too late to cancel anything, is spent, and the question is asked again."""
+        to look; a remote answer can have arrived whole while the program was to show it), or the
+        character seen not be the answer's: then the Ctrl-C came too late (or too early) to cancel
+        an answer, is spent, and the question is asked again."""
         for _ in range(attempts):
             self.enter(question)
             # the first visible character of the answer, past any escape sequences
             self.expect(r"\A(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*[^\s\x1b]")
             stop(self.child.pid)
-            seen = self.child.buffer
+            seen = self.child.after + self.child.buffer
             while True:  # everything it wrote (a stopped program writes nothing more)
                 try:
                     seen += self.child.read_nonblocking(65536, timeout=1)
@@ -109,7 +110,8 @@ class Repl:
                 self.child.sendintr()  # pending while it is stopped: handled first thing after
             resume(self.child.pid)
             if not ended:
-                outcomes = [r"\[cancelled: the partial answer is kept", r"tok/s", r"\[interrupted\]", r"\[interrupted: "]
+                outcomes = [r"\[cancelled: the partial answer is kept", r"tok/s", r"\[interrupted\]",
+                            r"\[interrupted: ", r"\[cancelled before the answer began"]  # fmt: skip
                 try:
                     outcome = self.child.expect(outcomes)
                 except pexpect.TIMEOUT:
@@ -117,7 +119,7 @@ class Repl:
                                          f"after it: {self.child.before[-2000:]!r}") from None  # fmt: skip
                 if outcome == 0:
                     return
-                ended = outcome in (1, 2)  # the answer was kept (with or without its stats line)
+                ended = outcome in (1, 2)  # the answer was kept (with or without its stats line); else nothing was
             if PROMPT_READY not in seen:
                 self.prompt()
             if ended:
