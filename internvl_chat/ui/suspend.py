@@ -113,9 +113,9 @@ def _on_stop(signum: int, frame) -> None:
     else:
         _stop_now()
     # Continued. SIGCONT's own handler may run much later: the kernel can hand the signal to
-    # another thread while this one goes back to waiting in a read (a server between two pieces
-    # of the answer), and Python runs handlers only here. So its work is done now; done again
-    # then, it changes nothing.
+    # another thread, and Python runs handlers only in this one, which meanwhile goes back to
+    # waiting in a read (a server between two pieces of the answer). So its work is done now;
+    # done again then, it changes nothing.
     _on_continue(signal.SIGCONT, frame)
 
 
