@@ -613,3 +613,61 @@ def test_ctrl_z_while_the_spinner_shows_leaves_the_cursor_visible(tmp_path):
         shell.expect_exact("SHELL$ ")
         shell.sendline("exit")
         shell.expect(pexpect.EOF)
+
+
+def _autowrap_on(output: str) -> bool:
+    """Whether the terminal wraps long lines after `output` (the last DECAWM set/reset wins)."""
+    return output.rfind("\x1b[?7h") >= output.rfind("\x1b[?7l")
+
+
+def _finish(reason: str = "stop") -> bytes:
+    return b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "%s"}]}\n\ndata: [DONE]\n\n' % reason.encode()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash for job control")
+def test_ctrl_z_while_an_answer_streams_leaves_the_cursor_visible_and_fg_draws_it_again(tmp_path):
+    """The answer's live region hides the cursor while it is up; a Ctrl-Z mid-answer left the
+    shell without a cursor, and the region's rows under the shell's lines. Now the region is
+    erased and the cursor (and autowrap) back on before the program stops; after `fg` the cursor
+    is hidden again, the region drawn again below the shell's lines and the answer goes on. The
+    answer is held at the server: its unfinished paragraph (two rows) stays live until the test
+    lets the rest go."""
+    story = "Once upon a time" + " there was a long sentence that went on." * 8
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply(pieces=[_words(story)], held=[_words(" The end."), _finish()]))
+        shell = _job_control_shell(tmp_path)
+        shell.logfile_read = seen = io.StringIO()
+        command = [sys.executable, "-m", "internvl_chat.cli", "--server", server.url, "--no-history"]
+        shell.send(" ".join(shlex.quote(word) for word in command) + "\r")
+        shell.expect_exact(PROMPT_READY)
+        shell.send("Tell me a long story.\r")
+        shell.expect_exact(INPUT_DONE)
+        shell.expect_exact("went on.")  # the paragraph so far, in the live region
+        assert not _cursor_shown(seen.getvalue())  # the live region hid it
+        shell.sendcontrol("z")
+        assert shell.expect([r"Stopped", r"\^Z"]) == 0, "Ctrl-Z did not stop the program"
+        shell.expect_exact("SHELL$ ")
+        assert _cursor_shown(seen.getvalue()), "the shell got a hidden cursor"
+        assert _autowrap_on(seen.getvalue()), "the shell got a terminal that does not wrap lines"
+        shell.send("fg\r")
+        shell.expect_exact("internvl_chat.cli")
+        shell.expect_exact("\x1b[?25l")  # hidden again …
+        shell.expect_exact("went on.")  # … and the paragraph drawn again, before any more of it came
+        server.go_on.release()
+        shell.expect_exact("The end.")  # the answer goes on in the region
+        assert not _cursor_shown(seen.getvalue())
+        server.go_on.release()
+        shell.expect_exact(PROMPT_READY)
+        assert _cursor_shown(seen.getvalue()) and _autowrap_on(seen.getvalue())
+        shell.sendcontrol("d")
+        shell.expect_exact("SHELL$ ")
+        shell.sendline("exit")
+        shell.expect(pexpect.EOF)
+
+    import pyte
+
+    screen = pyte.Screen(220, 50)
+    pyte.Stream(screen).feed(seen.getvalue())
+    shown = "\n".join(line.rstrip() for line in screen.display)
+    assert shown.count("Once upon a time") == 1, shown  # no rows of the region left above the shell's lines
+    assert "Stopped" in shown and story + " The end." in " ".join(shown.split())  # the whole answer, once

@@ -21,6 +21,7 @@ from rich.segment import Segment
 from rich.text import Text
 
 from ..files import visible
+from .suspend import HIDE_CURSOR, SHOW_CURSOR, StopHook
 
 if TYPE_CHECKING:
     from rich.markdown import Markdown
@@ -184,6 +185,10 @@ class LiveTail:
     A frame is drawn with autowrap off: one laid out for a width the window has just left (a
     resize between its layout and its write) is cut at the edge instead of wrapping onto rows the
     move back up does not count, and the next draw lays it out for the new width.
+
+    A Ctrl-Z erases the region (the shell's lines take its place, none of it is left between them)
+    and turns autowrap and the cursor back on before the program stops; `fg` hides the cursor and
+    draws the last frame again where the shell left the cursor (suspend.py).
     """
 
     _ERASE_BELOW = "\r\x1b[J"
@@ -193,12 +198,17 @@ class LiveTail:
         self.console = console
         self.active = False
         self.size = console.size  # what the last draw was laid out for
+        self._frame = ""  # the last frame written whole
+        self._shown = False  # it is on the screen, the cursor at its top-left corner
+        self._erased_for_stop = False
+        self._on_stop = StopHook(console, self._before_stop, self._after_continue)
 
     def draw(self, renderable: RenderableType) -> None:
         console = self.console
         if not self.active:
+            self.active = True  # first: close() then closes what follows, whatever a Ctrl-C cut short
+            self._on_stop.open()
             console.show_cursor(False)
-            self.active = True
         self.size = console.size
         lines = console.render_lines(_BottomLines(renderable), console.options, pad=False)
         console.begin_capture()
@@ -209,20 +219,37 @@ class LiveTail:
             frame = console.end_capture()
         # one write per frame: a resize (or a stop) never lands between a frame's lines, which a
         # reflowing terminal would rewrap with the cursor in the middle of the region
+        self._shown = self._erased_for_stop = False  # a stop in the middle of the write erases nothing
         self._write(self._ERASE_BELOW + self._AUTOWRAP_OFF + frame + self._AUTOWRAP_ON)
+        self._frame, self._shown = frame, True
 
     def clear(self) -> None:
         """Erase the region; the cursor is left where the region began (printing goes on there)."""
         if self.active:
+            self._shown = self._erased_for_stop = False
             self._write(self._ERASE_BELOW)
 
     def close(self) -> None:
         """Erase the region for good and show the cursor again (autowrap too, should a signal
         have cut a frame's write short)."""
         if self.active:
+            self._on_stop.close()  # first: a `fg` from now on must not hide the cursor or draw
+            self._shown = self._erased_for_stop = False
             self._write(self._ERASE_BELOW + self._AUTOWRAP_ON)
             self.console.show_cursor(True)
             self.active = False
+
+    def _before_stop(self) -> str:
+        if not self._shown:  # the cursor may be anywhere in a frame or in printed text: keep it all
+            return self._AUTOWRAP_ON + SHOW_CURSOR
+        self._shown, self._erased_for_stop = False, True
+        return self._ERASE_BELOW + self._AUTOWRAP_ON + SHOW_CURSOR
+
+    def _after_continue(self) -> str:
+        if not self._erased_for_stop:
+            return HIDE_CURSOR
+        self._shown, self._erased_for_stop = True, False
+        return HIDE_CURSOR + self._ERASE_BELOW + self._AUTOWRAP_OFF + self._frame + self._AUTOWRAP_ON
 
     def _write(self, text: str) -> None:
         self.console.file.write(text)
