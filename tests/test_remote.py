@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
 import sys
 import threading
 import time
@@ -393,6 +394,13 @@ def test_cancel_closes_the_stream_and_keeps_the_partial_answer():
 SILENT_SERVER_TIMEOUT_S = 30.0  # without the abort, a cancel waited this long and ended in a timeout error
 
 
+def _blocked_signals(thread: threading.Thread) -> set[int]:
+    """The signals a thread blocks, as the kernel says (Linux)."""
+    status = open(f"/proc/self/task/{thread.native_id}/status").read()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
 def _blocked_reading(thread_id: int) -> bool:
     """Whether the thread waits inside httpcore's socket read (a server gone silent)."""
     frame = sys._current_frames().get(thread_id)
@@ -410,6 +418,9 @@ def test_cancel_ends_an_answer_whose_server_went_silent_and_keeps_it():
         events = conv.ask("What is it?", cancel=cancel)
         assert next(events)["text"] == "A red"
         reader = threading.get_ident()
+        (watcher,) = [t for t in threading.enumerate() if t.name == "remote-cancel" and t.is_alive()]
+        if sys.platform.startswith("linux"):
+            assert signal.SIGINT in _blocked_signals(watcher)  # a Ctrl-C goes to the reading thread
 
         def cancel_once_blocked() -> None:
             while not _blocked_reading(reader):

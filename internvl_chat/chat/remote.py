@@ -44,6 +44,7 @@ from ..media.image import (
     to_rgb,
 )
 from ..media.video import load_video, probe_video, used_range
+from ..threads import start_worker
 from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .dialects import (
@@ -682,8 +683,7 @@ def _aborted_on(cancel: threading.Event | None, stream: ChatStream) -> Iterator[
         if not finished.is_set():
             stream.abort()
 
-    watcher = threading.Thread(target=watch, name="remote-cancel", daemon=True)
-    watcher.start()
+    start_worker(watch, "remote-cancel")
     try:
         yield
     finally:

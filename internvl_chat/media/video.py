@@ -36,6 +36,7 @@ from PIL import Image
 
 from ..errors import MediaError, UsageError
 from ..files import IMAGE_KINDS, sniff_file, visible
+from ..threads import start_worker
 from .image import IMAGE_SIZE, check_media_file, normalize_tiles, probe_image
 
 BACKEND_ENV = "INTERNVL_CHAT_VIDEO_BACKEND"
@@ -600,11 +601,10 @@ def _interruptible(work: Callable[[threading.Event], T]) -> T:
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
             outcome["error"] = e
 
-    worker = threading.Thread(target=run, name="video-decode", daemon=True)
-    worker.start()
+    worker = start_worker(run, "video-decode")
     try:
         while worker.is_alive():
-            worker.join(0.2)  # short waits: a signal delivered to another thread is still seen
+            worker.join(0.2)  # short waits: a signal that comes anyway is seen soon
     except BaseException:
         stop.set()
         raise

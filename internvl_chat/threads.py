@@ -1,0 +1,37 @@
+"""Worker threads that leave the process's signals to the main thread.
+
+The kernel hands a signal sent to the process (Ctrl-C, Ctrl-Z, `fg`, a resize, kill) to any of
+its threads that does not block it, and Python runs the handler only in the main thread, at its
+next bytecode. When a worker takes the signal while the main thread waits in a read (a remote
+server between two pieces of the answer), the handler waits for that read: a Ctrl-C is not seen
+until more of the answer comes. Our workers block these signals, so the main thread gets them
+and its read is interrupted.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+
+# what a terminal, a shell or a service manager sends (faults like SIGSEGV stay with their thread)
+PROCESS_SIGNALS = frozenset(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGTSTP", "SIGCONT", "SIGWINCH", "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name)
+)
+
+
+def start_worker(target: Callable[[], object], name: str) -> threading.Thread:
+    """Start a daemon thread running `target` with PROCESS_SIGNALS blocked from its first
+    instruction (a thread inherits the mask of the thread that starts it)."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        thread.start()
+        return thread
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one sent meanwhile is handled now
+    return thread
