@@ -458,8 +458,9 @@ def _job_control_shell(home: Path) -> pexpect.spawn:
     return shell
 
 
-def _start_in(shell: pexpect.spawn, model: Path, *flags: str) -> None:
-    command = [sys.executable, "-m", "internvl_chat.cli", "--model", str(model), "--device", "cpu", "--no-history", *flags]
+def _start_in(shell: pexpect.spawn, *flags: str) -> None:
+    """The REPL started from `shell` (--no-history, `flags`), at its first prompt."""
+    command = [sys.executable, "-m", "internvl_chat.cli", "--no-history", *flags]
     shell.send(" ".join(shlex.quote(word) for word in command) + "\r")
     shell.expect_exact(PROMPT_READY)
 
@@ -485,7 +486,7 @@ def test_ctrl_z_at_the_prompt_suspends_and_fg_resumes_with_the_line_kept(tiny_or
     """Ctrl-Z at the prompt used to type a literal ^Z (0x1a) into the message, which was then sent
     to the model with it; a shell user expects the program to stop until `fg`."""
     shell = _job_control_shell(tmp_path)
-    _start_in(shell, tiny_original, "--max-new-tokens", "8")
+    _start_in(shell, "--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "8")
     shell.send("abc")
     shell.expect_exact("abc")
     _stop_and_fg(shell)
@@ -523,9 +524,7 @@ def test_after_ctrl_z_and_fg_mid_answer_typed_keys_are_still_held(tmp_path):
     with FakeServer(fixture("vllm/models.json")) as server:
         server.chat(Reply(pieces=[_words("Once upon a time")], held=[_words(" there was a fox."), *later], end="hang"))
         shell = _job_control_shell(tmp_path)
-        command = [sys.executable, "-m", "internvl_chat.cli", "--server", server.url, "--no-history", "--plain"]
-        shell.send(" ".join(shlex.quote(word) for word in command) + "\r")
-        shell.expect_exact(PROMPT_READY)
+        _start_in(shell, "--server", server.url, "--plain")
         shell.send("Tell me a long story.\r")
         shell.expect_exact(INPUT_DONE)
         shell.expect_exact("Once upon a time")  # the answer streams, and waits for the server
@@ -591,9 +590,7 @@ def test_ctrl_z_while_the_spinner_shows_leaves_the_cursor_visible(tmp_path):
         server.chat(Reply(pieces=[], end="hang"))  # headers, then nothing until the test releases it
         shell = _job_control_shell(tmp_path)
         shell.logfile_read = seen = io.StringIO()
-        command = [sys.executable, "-m", "internvl_chat.cli", "--server", server.url, "--no-history"]
-        shell.send(" ".join(shlex.quote(word) for word in command) + "\r")
-        shell.expect_exact(PROMPT_READY)
+        _start_in(shell, "--server", server.url)
         shell.send("Hello\r")
         shell.expect_exact(INPUT_DONE)
         shell.expect_exact("thinking")
@@ -637,9 +634,7 @@ def test_ctrl_z_while_an_answer_streams_leaves_the_cursor_visible_and_fg_draws_i
         server.chat(Reply(pieces=[_words(story)], held=[_words(" The end."), _finish()]))
         shell = _job_control_shell(tmp_path)
         shell.logfile_read = seen = io.StringIO()
-        command = [sys.executable, "-m", "internvl_chat.cli", "--server", server.url, "--no-history"]
-        shell.send(" ".join(shlex.quote(word) for word in command) + "\r")
-        shell.expect_exact(PROMPT_READY)
+        _start_in(shell, "--server", server.url)
         shell.send("Tell me a long story.\r")
         shell.expect_exact(INPUT_DONE)
         shell.expect_exact("went on.")  # the paragraph so far, in the live region
