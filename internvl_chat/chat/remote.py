@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -465,52 +465,49 @@ class RemoteConversation:
         finish = raw_finish = None
         usage: dict | None = None
         server_timings: dict | None = None
-        try:
-            with _aborted_on(cancel, stream):
-                for chunk in stream:
-                    events += 1
-                    if isinstance(chunk.get("usage"), dict):
-                        usage = chunk["usage"]
-                    if isinstance(chunk.get("timings"), dict):
-                        server_timings = chunk["timings"]
-                    choices = chunk.get("choices")
-                    if choices is not None and not isinstance(choices, list):
-                        raise RemoteError(
-                            f"the server sent a stream chunk whose choices is not a list ({shorten(repr(choices), 40)}); "
-                            "try --dialect generic, or check --server"
-                        )
-                    for choice in choices or []:
-                        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                            continue
-                        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-                        content = delta.get("content")
-                        if isinstance(content, str) and content:
-                            content = replace_lone_surrogates(content)  # a JSON "\ud800" escape cannot be resent or saved
-                            now = time.perf_counter()
-                            t_first = t_first or now
-                            t_last = now
-                            chunks += 1
-                            since_emit += 1
-                            parts.append(content)
-                            pending += content
-                            answer_chars += len(content)
-                        if choice.get("finish_reason"):
-                            raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
-                    if events > max_events or answer_chars > max_chars:
-                        raise RemoteError(
-                            f"the server sent far more than the {params.max_new_tokens:,} tokens asked for (it ignores "
-                            "max_tokens?); the answer was dropped; check the server, or try --dialect generic"
-                        )
-                    if pending and since_emit >= self.stream_interval:
-                        yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
-                        pending, since_emit = "", 0
-                    if cancel is not None and cancel.is_set():
-                        finish = "cancelled"
-                        break
-                if finish is None and stream.aborted and not stream.done:  # the server had gone silent
+        with closing(stream), _aborted_on(cancel, stream):  # the watcher stops before the stream closes
+            for chunk in stream:
+                events += 1
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                if isinstance(chunk.get("timings"), dict):
+                    server_timings = chunk["timings"]
+                choices = chunk.get("choices")
+                if choices is not None and not isinstance(choices, list):
+                    raise RemoteError(
+                        f"the server sent a stream chunk whose choices is not a list ({shorten(repr(choices), 40)}); "
+                        "try --dialect generic, or check --server"
+                    )
+                for choice in choices or []:
+                    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+                    content = delta.get("content")
+                    if isinstance(content, str) and content:
+                        content = replace_lone_surrogates(content)  # a JSON "\ud800" escape cannot be resent or saved
+                        now = time.perf_counter()
+                        t_first = t_first or now
+                        t_last = now
+                        chunks += 1
+                        since_emit += 1
+                        parts.append(content)
+                        pending += content
+                        answer_chars += len(content)
+                    if choice.get("finish_reason"):
+                        raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
+                if events > max_events or answer_chars > max_chars:
+                    raise RemoteError(
+                        f"the server sent far more than the {params.max_new_tokens:,} tokens asked for (it ignores "
+                        "max_tokens?); the answer was dropped; check the server, or try --dialect generic"
+                    )
+                if pending and since_emit >= self.stream_interval:
+                    yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
+                    pending, since_emit = "", 0
+                if cancel is not None and cancel.is_set():
                     finish = "cancelled"
-        finally:
-            stream.close()
+                    break
+            if finish is None and stream.aborted and not stream.done:  # the server had gone silent
+                finish = "cancelled"
         if finish is None:
             if raw_finish is None and not stream.done:
                 raise RemoteError(
