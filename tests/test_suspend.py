@@ -97,6 +97,41 @@ def test_ctrl_z_erases_the_live_region_and_fg_draws_its_last_frame_again(stops):
     assert out.getvalue().endswith(SHOW_CURSOR)
 
 
+class _StoppedAsTheWriteReturns(io.StringIO):
+    """A terminal on which Ctrl-Z is handled right after a frame has been written, before the
+    line after the write runs (what a busy machine does when the key comes as the frame shows)."""
+
+    stop_after: str | None = None  # the stop comes when a write that ends with this has been flushed
+    armed_at = 0
+
+    def arm(self, stop_after: str) -> None:
+        self.stop_after, self.armed_at = stop_after, len(self.getvalue())
+
+    def flush(self) -> None:
+        super().flush()
+        text = self.getvalue()
+        if self.stop_after and len(text) > self.armed_at and text.endswith(self.stop_after):
+            self.stop_after = None
+            suspend._on_stop(signal.SIGTSTP, None)
+
+
+def test_ctrl_z_as_a_frames_write_returns_erases_it_and_fg_draws_it_again(stops):
+    out = _StoppedAsTheWriteReturns()
+    console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
+    tail = LiveTail(console)
+    try:
+        tail.draw("an unfinished paragraph")
+        out.arm("\x1b[?7h")  # the end of the next frame's write
+        tail.draw("an unfinished paragraph that went on")
+        assert stops == ["stopped"]
+        written = out.getvalue()
+        frame = "\r\x1b[J\x1b[?7l" + tail._frame + "\x1b[?7h"
+        assert written.endswith(frame + "\r\x1b[J\x1b[?7h" + SHOW_CURSOR + HIDE_CURSOR + frame)  # erased, drawn again
+        assert emulate_terminal(written) == "an unfinished paragraph that went on"
+    finally:
+        tail.close()
+
+
 def test_ctrl_z_while_the_region_is_cleared_erases_nothing_printed(stops):
     """Between clear() and the next frame, finished blocks are printed at the cursor: a stop then
     only turns autowrap and the cursor back on, and `fg` hides the cursor (the next frame draws)."""

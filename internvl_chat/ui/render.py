@@ -219,9 +219,12 @@ class LiveTail:
             frame = console.end_capture()
         # one write per frame: a resize (or a stop) never lands between a frame's lines, which a
         # reflowing terminal would rewrap with the cursor in the middle of the region
-        self._shown = self._erased_for_stop = False  # a stop in the middle of the write erases nothing
+        # marked drawn before the write: a Ctrl-Z handled as the write returns (before a line after
+        # it could run) must still erase it. Before the write the cursor is at the top-left of the
+        # last frame, as after it, so erasing from there and drawing this frame after `fg` is
+        # right either way (the write then draws it once more, in place)
+        self._frame, self._shown, self._erased_for_stop = frame, True, False
         self._write(self._ERASE_BELOW + self._AUTOWRAP_OFF + frame + self._AUTOWRAP_ON)
-        self._frame, self._shown = frame, True
 
     def clear(self) -> None:
         """Erase the region; the cursor is left where the region began (printing goes on there)."""
