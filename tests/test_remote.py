@@ -312,6 +312,20 @@ def test_absurd_or_negative_usage_numbers_are_ignored():
         conv.check_budget(10)
 
 
+def test_absurd_server_timings_are_ignored_without_failing_the_answer():
+    """llama.cpp's `timings` are shown in /stats and --json: a hostile server's integer too large for
+    a float (math.isfinite raised OverflowError: a traceback) or its negative, NaN or huge values are dropped."""
+    timings = (b'{"prompt_ms": 1' + b"0" * 400 + b', "predicted_ms": -5, "prompt_n": NaN, "predicted_n": 1e300,'
+               b' "cache_n": true, "predicted_per_second": 81.5}')  # fmt: skip
+    reply = Reply.sse(b'data: {"choices": [{"index": 0, "delta": {"content": "Hi."}, "finish_reason": "stop"}], '
+                      b'"timings": ' + timings + b"}\n\ndata: [DONE]\n\n")  # fmt: skip
+    with FakeServer(models_of("llamacpp")) as server:
+        server.chat(reply)
+        text, final = answer(connect(server).ask("hi"))
+        assert text == "Hi." and final["timing"]["server"] == {"predicted_per_second": 81.5}
+        json.dumps(final["timing"], allow_nan=False)  # --json prints it
+
+
 @pytest.mark.parametrize("streamed", [True, False])
 def test_a_lone_surrogate_in_an_answer_becomes_a_replacement_character(tmp_path, streamed):
     """JSON lets a server write "\\ud800", which decodes to no text: kept as is, the answer could be

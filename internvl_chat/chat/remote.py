@@ -641,6 +641,12 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_USAGE_COUNT
 
 
+def _is_measure(value: object) -> bool:
+    """A number of the server's timings (ms, tokens, tokens/s): 0 ≤ x < 2**31. Compared, not passed
+    to math.isfinite, which raises for an int too large for a float; NaN fails the comparison."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < MAX_USAGE_COUNT
+
+
 def _timing(t0, t_first, t_last, end, chunks, usage, server_timings, raw_finish) -> dict:
     """Client-measured TTFT and decode speed; the server's own numbers under "server"."""
     timing: dict = {"request_s": end - t0}
@@ -655,7 +661,7 @@ def _timing(t0, t_first, t_last, end, chunks, usage, server_timings, raw_finish)
     if server_timings:
         for key in ("cache_n", "prompt_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms", "predicted_per_second"):
             value = server_timings.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if _is_measure(value):
                 server[key] = value
     if raw_finish and raw_finish not in FINISH_REASONS:
         server["finish_reason"] = raw_finish
