@@ -81,6 +81,17 @@ def test_a_runaway_event_is_refused_with_one_line(monkeypatch):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("line", [b"data:\n", b"data\n", b"data: \r\n"], ids=["empty", "no-colon", "space-crlf"])
+def test_empty_data_lines_count_toward_the_event_limit(monkeypatch, line):
+    """An empty `data:` line adds a line break to the event: counted as nothing, a flood of them
+    (no blank line ever) grew a list without bound for as long as the server kept sending."""
+    monkeypatch.setattr("internvl_chat.chat.sse.MAX_EVENT_CHARS", 1000)
+    decoder = SSEDecoder()
+    with pytest.raises(RemoteError, match="over 64 MiB"):
+        for _ in range(100):
+            decoder.feed(line * 100)
+
+
 def test_one_long_line_trickled_in_small_pieces_is_scanned_once(monkeypatch):
     """A server sending one huge line a kilobyte at a time must cost the size of the line, not its
     square: the text handed to the line-break search adds up to about the line, not the line × reads."""

@@ -34,7 +34,7 @@ class SSEDecoder:
         self._tail: list[str] = []  # later pieces of text without a line break: joined once, when one comes
         self._tail_chars = 0
         self._data: list[str] = []
-        self._data_chars = 0  # sum of the lengths in _data, kept so a feed costs only its own size
+        self._data_chars = 0  # the length of the joined _data (+1), kept so a feed costs only its own size
         self._event = ""
         self._last_id: str | None = None
         self._started = False
@@ -109,7 +109,7 @@ class SSEDecoder:
             value = value[1:]
         if name == "data":
             self._data.append(value)
-            self._data_chars += len(value)
+            self._data_chars += len(value) + 1  # and the \n that joins it: empty lines count too
         elif name == "event":
             self._event = value
         elif name == "id" and "\0" not in value:
