@@ -237,6 +237,32 @@ def test_a_stacked_compression_is_refused_before_it_is_inflated():
 
 
 
+def test_a_compressed_flood_of_events_is_decoded_only_as_far_as_the_answer_is_read(monkeypatch):
+    """One network read of gzip inflates to ~1000× its size, and the SSE decoder turned all of it
+    into events at once: 20 KB of `data:{}` events became a million objects (hundreds of MiB and
+    seconds of work per read) before the answer loop could stop at its bound of ~1,000 events."""
+    import gzip
+
+    decoded = []
+
+    class Counting(remote_http.SSEDecoder):
+        def feed(self, chunk: bytes) -> list:
+            events = super().feed(chunk)
+            decoded.append(len(events))
+            return events
+
+    monkeypatch.setattr(remote_http, "SSEDecoder", Counting)
+    flood = gzip.compress(b"data:{}\n\n" * 1_000_000)
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        decoded.clear()
+        server.chat(Reply(200, [flood], headers={"Content-Encoding": "gzip"}))
+        fails_with(conv, r"^the server sent far more than the 8 tokens asked for")
+        assert sum(decoded) < 100_000, sum(decoded)
+        server.chat(Reply(200, [gzip.compress(GOOD)], headers={"Content-Encoding": "gzip"}))
+        list(conv.ask("again"))
+        assert conv.turns[-1].reply
+
 @pytest.mark.parametrize(
     "reply",
     [

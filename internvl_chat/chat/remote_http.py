@@ -32,6 +32,7 @@ JSON_BODY_LIMIT = 64 << 20  # a non-streamed answer or a model list
 SHOWN_CHARS = 300  # of a server's error message
 MODEL_ID_MAX_CHARS = 4096  # a path-like id of a real server is far shorter (PATH_MAX)
 CONNECT_TIMEOUT_S = 30.0
+FEED_BYTES = 64 << 10  # of an event stream decoded at a time (a network read's size)
 BOUNDED_ENCODINGS = ("gzip", "deflate")  # inflated one network read at a time: at most ~1000× a read
 
 _HINTS = {
@@ -306,8 +307,8 @@ class ChatStream:
         # the read timeout restarts with every byte: keep-alives, blank lines or a line that
         # never ends would hold the answer forever, so they count as nothing sent
         last_event = time.monotonic()
-        for raw in response.iter_bytes():
-            events = decoder.feed(raw)
+        for piece in _pieces(response.iter_bytes()):
+            events = decoder.feed(piece)
             for event in events:
                 chunk = _parse_event(event.event, event.data)
                 if chunk is None:
@@ -331,6 +332,14 @@ class ChatStream:
                 self.done = True
                 return
             yield chunk
+
+
+def _pieces(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The body in pieces of at most FEED_BYTES: a read of gzip inflates to ~1000× its size, and all
+    its events would be decoded at once, however few of them the answer loop goes on to take."""
+    for chunk in chunks:
+        for start in range(0, len(chunk), FEED_BYTES):
+            yield chunk[start : start + FEED_BYTES]
 
 
 def _read_limited(response: httpx.Response, limit: int, timeout: float) -> bytes:
