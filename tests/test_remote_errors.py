@@ -263,6 +263,28 @@ def test_a_compressed_flood_of_events_is_decoded_only_as_far_as_the_answer_is_re
         list(conv.ask("again"))
         assert conv.turns[-1].reply
 
+PAD = "x" * (9 << 20)  # over the 8 MiB a JSON body or one stream event may be
+
+
+def test_json_over_8_mib_is_refused_before_it_is_parsed():
+    """Parsed JSON takes up to ~30× its text (`[[],[],…]`), and one read of gzip inflates ~1000×: the
+    64 MiB once allowed for a model list, a whole answer or one stream event let ~64 KB sent
+    become ~1.5 GiB here. Real ones are kilobytes; 8 MiB is ample, and over it is one line."""
+    card = {"id": "m", "owned_by": "vllm"}
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply.sse(b"data: " + json.dumps({"choices": [], "pad": PAD}).encode() + b"\n\n" + GOOD))
+        fails_with(conv, r"^the server sent one stream event of over 8 MiB; ")
+        server.chat(Reply.json({"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "pad": PAD}))
+        fails_with(conv, r"^the server's answer is over 8 MiB; is --server an OpenAI-compatible server\?$")
+        server.chat(Reply.sse(GOOD))
+        list(conv.ask("again"))
+        server.replies["/v1/models"].append(Reply.json({"data": [card], "pad": PAD}))
+        with pytest.raises(RemoteError, match=r"^the server's answer to GET models is over 8 MiB; is --server right\?$"):
+            RemoteConversation.connect(server.url)
+        server.replies["/v1/models"].append(Reply.json({"data": [card], "pad": "x" * (7 << 20)}))
+        assert RemoteConversation.connect(server.url).model == "m"
+
 @pytest.mark.parametrize(
     "reply",
     [

@@ -28,7 +28,9 @@ from .advice import Advice, any_of
 from .sse import SSEDecoder
 
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body worth reading
-JSON_BODY_LIMIT = 64 << 20  # a non-streamed answer or a model list
+# A non-streamed answer or a model list (real ones are kilobytes). Parsed JSON takes up to ~30× its
+# text, and one read of gzip inflates ~1000×: 64 MiB let ~64 KB sent become ~1.5 GiB.
+JSON_BODY_LIMIT = 8 << 20
 SHOWN_CHARS = 300  # of a server's error message
 MODEL_ID_MAX_CHARS = 4096  # a path-like id of a real server is far shorter (PATH_MAX)
 CONNECT_TIMEOUT_S = 30.0
@@ -198,6 +200,10 @@ def check_encoding(response: httpx.Response) -> None:
         )
 
 
+def _mib(limit: int) -> str:
+    return f"{limit >> 20} MiB"
+
+
 def _reason(err: BaseException) -> str:
     text = str(err) or type(err).__name__
     return shorten(text, 160)
@@ -295,7 +301,10 @@ class ChatStream:
         client = self._client
         kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "application/json":  # a server that ignores stream=true
-            yield _whole_answer_as_chunk(_read_limited(response, JSON_BODY_LIMIT, client.timeout))
+            body = _read_limited(response, JSON_BODY_LIMIT + 1, client.timeout)
+            if len(body) > JSON_BODY_LIMIT:
+                raise RemoteError(f"the server's answer is over {_mib(JSON_BODY_LIMIT)}; is --server an OpenAI-compatible server?")
+            yield _whole_answer_as_chunk(body)
             self.done = True
             return
         if kind != "text/event-stream":
@@ -453,7 +462,7 @@ class ApiClient:
         except httpx.TransportError as e:
             raise transport_error(e, self.shown_url, self.timeout, mid_answer=False) from None
         if len(body) > JSON_BODY_LIMIT:
-            raise RemoteError(f"the server's answer to GET {path} is over 64 MiB; is --server right?")
+            raise RemoteError(f"the server's answer to GET {path} is over {_mib(JSON_BODY_LIMIT)}; is --server right?")
         try:
             return json.loads(body.decode("utf-8", errors="replace"))
         except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from ..errors import RemoteError
 
-MAX_EVENT_CHARS = 64 << 20  # one event far larger than any real chunk: a broken or hostile server
+# One event far larger than any real chunk (a broken or hostile server); its JSON is parsed, at up
+# to ~30× its size, so this bounds memory too
+MAX_EVENT_CHARS = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,9 @@ class SSEDecoder:
             self._tail_chars += len(text)
             events = []
         if len(self._text) + self._tail_chars + self._data_chars > MAX_EVENT_CHARS:
-            raise RemoteError("the server sent one stream event of over 64 MiB; is --server an OpenAI-compatible endpoint?")
+            raise RemoteError(
+                f"the server sent one stream event of over {MAX_EVENT_CHARS >> 20} MiB; is --server an OpenAI-compatible endpoint?"
+            )
         return events
 
     def finish(self) -> list[SSEEvent]:
