@@ -263,6 +263,28 @@ def test_a_compressed_flood_of_events_is_decoded_only_as_far_as_the_answer_is_re
         list(conv.ask("again"))
         assert conv.turns[-1].reply
 
+NOT_GZIP = b"not gzip at all " * 8
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [Reply(200, [NOT_GZIP], headers={"Content-Encoding": "gzip"}),
+     Reply(200, [NOT_GZIP], "application/json", {"Content-Encoding": "gzip"}),
+     Reply(401, [NOT_GZIP], "application/json", {"Content-Encoding": "deflate"})],
+    ids=["stream", "whole-answer", "error-body"],
+)  # fmt: skip
+def test_a_compressed_body_that_does_not_inflate_is_one_line(reply):
+    """httpx raises DecodingError, which is not a TransportError: it went past every handler (a traceback)."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(reply)
+        fails_with(conv, r"^the server's compressed answer does not inflate \(.*\); check --server \(or the proxy in front of it\)$")
+        server.chat(Reply.sse(GOOD))
+        list(conv.ask("again"))
+        server.replies["/v1/models"].append(Reply(200, [NOT_GZIP], "application/json", {"Content-Encoding": "gzip"}))
+        with pytest.raises(RemoteError, match=r"^the server's compressed answer does not inflate"):
+            RemoteConversation.connect(server.url)
+
 PAD = "x" * (9 << 20)  # over the 8 MiB a JSON body or one stream event may be
 
 

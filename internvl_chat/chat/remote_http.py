@@ -209,8 +209,15 @@ def _reason(err: BaseException) -> str:
     return shorten(text, 160)
 
 
-def transport_error(err: httpx.TransportError, url: str, timeout: float, mid_answer: bool) -> RemoteError:
-    """One line for a failure below HTTP: refused, reset, timed out, unreadable."""
+# What can fail below HTTP: the connection, or the body's compression (DecodingError is no TransportError)
+BROKEN = (httpx.TransportError, httpx.DecodingError)
+
+
+def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, timeout: float, mid_answer: bool) -> RemoteError:
+    """One line for a failure below HTTP: refused, reset, timed out, unreadable, not inflatable."""
+    if isinstance(err, httpx.DecodingError):
+        return RemoteError(f"the server's compressed answer does not inflate ({_reason(err)}); "
+                           "check --server (or the proxy in front of it)")  # fmt: skip
     if isinstance(err, httpx.ConnectTimeout):
         return RemoteError(f"connecting to {url} timed out after {min(timeout, CONNECT_TIMEOUT_S):g} s; check --server and the network")
     if isinstance(err, httpx.ConnectError):
@@ -292,7 +299,7 @@ class ChatStream:
                     yield from self._events_of(response)
                 finally:
                     self._done_reading()
-        except httpx.TransportError as e:
+        except BROKEN as e:
             if self.aborted:
                 return  # the shut socket, seen as a broken connection
             raise transport_error(e, client.shown_url, client.timeout, self._started) from None
@@ -459,7 +466,7 @@ class ApiClient:
         try:
             with self.http.stream("GET", path) as response:
                 body = _read_limited(response, JSON_BODY_LIMIT + 1, self.timeout)
-        except httpx.TransportError as e:
+        except BROKEN as e:
             raise transport_error(e, self.shown_url, self.timeout, mid_answer=False) from None
         if len(body) > JSON_BODY_LIMIT:
             raise RemoteError(f"the server's answer to GET {path} is over {_mib(JSON_BODY_LIMIT)}; is --server right?")
