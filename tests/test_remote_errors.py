@@ -94,6 +94,8 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(b"data: {\"choices\": 1}\n\ndata: [DONE]\n\n"), r"^the server sent a stream chunk whose choices is not a list"),
         (Reply.sse(b"data: {\"choices\": true}\n\n"), r"choices is not a list.*--dialect generic"),
         (Reply(200, [b"<html>hello</html>"], "text/html"), r"answered with text/html, not an event stream"),
+        (Reply(200, [b"hi"], "text/\x1b[2J" + "x" * 50_000),  # the head may be ~100 KB: the type is cut, escaped
+         r"^the server answered with text/\\e\[2jx{40,60}…, not an event stream; .{,80}$"),
         (Reply(308, [b"<html>moved</html>"], "text/html", {"Location": "https://elsewhere.example/v1/chat/completions"}),
          r"^the server answered 308 Permanent Redirect: <html>moved</html>; it redirects to "
          r"https://elsewhere\.example/v1/chat/completions, which is not followed; check --server \(https\?\)$"),
@@ -106,7 +108,7 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
     ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "503-html",
-         "error-event-mid-stream", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "redirect", "redirect-bad-location", "no-finish", "reset", "cut",
+         "error-event-mid-stream", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "not-sse-hostile-type", "redirect", "redirect-bad-location", "no-finish", "reset", "cut",
          "reset-at-once"],  # fmt: skip
 )
 def test_failures_are_one_line_and_keep_the_conversation(reply, pattern):

@@ -316,7 +316,7 @@ class ChatStream:
             return
         if kind != "text/event-stream":
             raise RemoteError(
-                f"the server answered with {kind or 'no content type'}, not an event stream; "
+                f"the server answered with {shorten(kind, 60) or 'no content type'}, not an event stream; "
                 "is --server the API root of an OpenAI-compatible server (…/v1)?"
             )
         decoder = SSEDecoder()
