@@ -190,3 +190,46 @@ def refusing_port() -> Iterator[int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         yield s.getsockname()[1]
+
+
+@contextmanager
+def dripping_server(first: bytes, drip: bytes, seconds: float = 30.0) -> Iterator[str]:
+    """A server (its /v1 URL) that answers every request with `first`, then `drip` every 10 ms for
+    `seconds` (a head that never ends: its bytes trickled, or `100 Continue` heads one after another),
+    then closes. A plain socket: http.server cannot write a broken head."""
+    stop = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            try:
+                reader = conn.makefile("rb")
+                length = 0
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    length = int(value) if name.strip().lower() == b"content-length" else length
+                reader.read(length)
+                conn.sendall(first)
+                for _ in range(int(seconds / 0.01)):
+                    if stop.wait(0.01):
+                        return
+                    conn.sendall(drip)
+            except OSError:
+                return  # the client hung up
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the test ended
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield "http://127.0.0.1:%d/v1" % listener.getsockname()[1]
+    finally:
+        stop.set()
+        listener.close()

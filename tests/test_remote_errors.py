@@ -7,11 +7,11 @@ import json
 import types
 
 import pytest
-from remote_helpers import FakeServer, Reply, fixture, refusing_port
+from remote_helpers import FakeServer, Reply, dripping_server, fixture, refusing_port
 
 from internvl_chat.chat import remote_http
 from internvl_chat.chat.remote import RemoteConversation
-from internvl_chat.chat.remote_http import ApiClient, error_text, normalize_base_url
+from internvl_chat.chat.remote_http import ApiClient, HeadWatch, error_text, normalize_base_url
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.errors import InternVLChatError, RemoteError, UsageError
 
@@ -127,6 +127,31 @@ def test_a_silent_server_times_out():
         server.chat(Reply.sse(GOOD[:100], end="hang"))
         fails_with(conv, r"^the server sent nothing for 0\.5 s; .*raise \[remote\] timeout")
 
+
+@pytest.mark.parametrize(
+    ("first", "drip"),
+    [(b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a"), (b"", b"HTTP/1.1 100 Continue\r\n\r\n")],
+    ids=["a-head-trickled", "endless-100-continue"],
+)
+def test_a_head_that_never_ends_times_out(first, drip, monkeypatch):
+    """Every byte restarts the read timeout, so a head sent a byte at a time (up to httpcore's
+    100 KB) or `100 Continue` heads without end held a request, a one-shot run, forever. The head
+    must come within the timeout of the request's end: shortened here to 0.5 s, the reads' own
+    timeout left at 300 s (a read timeout would be a busy machine, not what is tested)."""
+    with FakeServer(fixture("vllm/models.json")) as server, dripping_server(first, drip) as slow:
+        conv = conversation_with_one_turn(server)
+        monkeypatch.setattr(remote_http, "HeadWatch", lambda sockets, timeout: HeadWatch(sockets, 0.5))
+        good = conv.client
+        conv.client = ApiClient(slow, "", 300.0)
+        fails_with(conv, r"^the server took over 300 s to send the head of its answer; .*raise \[remote\] timeout")
+        with pytest.raises(RemoteError, match=r"^the server took over 300 s to send the head of its answer"):
+            RemoteConversation.connect(slow)
+        conv.client.close()
+        conv.client = good
+        monkeypatch.undo()  # a busy machine could delay a good head by 0.5 s
+        server.chat(Reply.sse(GOOD))
+        list(conv.ask("again"))
+        assert [t.user_text for t in conv.turns] == ["first", "again"]
 
 @pytest.mark.parametrize(
     "pieces",

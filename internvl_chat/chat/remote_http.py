@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from http import HTTPStatus
 from urllib.parse import urlsplit, urlunsplit
@@ -24,6 +25,7 @@ import httpx
 from .. import __version__
 from ..errors import RemoteError, UsageError
 from ..files import undecodable_byte, visible
+from ..threads import start_worker
 from .advice import Advice, any_of
 from .sse import SSEDecoder
 
@@ -237,6 +239,49 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
     return RemoteError(f"the connection to {url} broke {where} ({_reason(err)}){dropped}; ask again")
 
 
+def _shut(sock: socket.socket) -> None:
+    """End every read blocked in `sock` at once (the plain socket's shutdown: an SSLSocket's own
+    would unwrap it under the read)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed (by either side)
+
+
+class HeadWatch:
+    """Shuts the client's sockets when the head of an answer has not come `timeout` s after the
+    request was sent. The read timeout restarts with every byte, so a head trickled a byte at a
+    time, or `100 Continue` heads without end, would hold a request (a one-shot run) forever."""
+
+    def __init__(self, sockets: weakref.WeakSet[socket.socket], timeout: float):
+        self._sockets = sockets
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self.fired = False
+        start_worker(lambda: self._watch(timeout), "remote-head")
+
+    def _watch(self, timeout: float) -> None:
+        if self._done.wait(timeout):
+            return
+        with self._lock:  # a head that arrived meanwhile wins
+            if self._done.is_set():
+                return
+            self.fired = True
+            for sock in list(self._sockets):  # requests run one at a time: the others are idle, and
+                _shut(sock)  # the pool drops an idle connection whose socket reads as ended
+
+    def stop(self) -> None:
+        with self._lock:
+            self._done.set()
+
+
+def head_late(timeout: float) -> RemoteError:
+    return RemoteError(
+        f"the server took over {timeout:g} s to send the head of its answer; it may be overloaded: try again, "
+        "or raise [remote] timeout to wait longer"
+    )
+
+
 class ChatStream:
     """The chunks of one streamed chat completion, as parsed JSON objects.
 
@@ -270,10 +315,7 @@ class ChatStream:
         with self._lock:
             self.aborted = True
             if self._socket is not None:
-                try:  # the plain socket's shutdown: an SSLSocket's own would unwrap it under the read
-                    socket.socket.shutdown(self._socket, socket.SHUT_RDWR)
-                except OSError:
-                    pass  # already closed by the other side
+                _shut(self._socket)
 
     def _reading(self, response: httpx.Response) -> None:
         stream = response.extensions.get("network_stream")
@@ -291,9 +333,10 @@ class ChatStream:
     def _run(self) -> Iterator[dict]:
         client = self._client
         client.advice = self._advice  # read by the status check, which runs as httpx's response hook
+        client.head_watch = None
         try:
-            with client.http.stream("POST", "chat/completions", json=self._body,
-                                    headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
+            with client.http.stream("POST", "chat/completions", json=self._body, headers={"Accept": "text/event-stream"},
+                                    extensions={"trace": client.trace}) as response:  # fmt: skip
                 self._reading(response)
                 try:
                     yield from self._events_of(response)
@@ -302,6 +345,8 @@ class ChatStream:
         except BROKEN as e:
             if self.aborted:
                 return  # the shut socket, seen as a broken connection
+            if client.head_watch is not None and client.head_watch.fired:
+                raise head_late(client.timeout) from None
             raise transport_error(e, client.shown_url, client.timeout, self._started) from None
 
     def _events_of(self, response: httpx.Response) -> Iterator[dict]:
@@ -429,6 +474,8 @@ class ApiClient:
         self.shown_url = without_credentials(self.base_url)  # httpx sends user:password as Basic auth
         self.timeout = float(timeout)
         self.advice = Advice()  # the fixes a refused chat request names; each ChatStream sets its own
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # of every connection made
+        self.head_watch: HeadWatch | None = None  # of the latest request
         headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json",
                    "Accept-Encoding": ", ".join(BOUNDED_ENCODINGS)}  # fmt: skip
         if api_key:
@@ -453,6 +500,19 @@ class ApiClient:
     def close(self) -> None:
         self.http.close()
 
+    def trace(self, event: str, info: dict) -> None:
+        """httpcore's trace of a request: the sockets it connects, and when the head is waited for."""
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                self._sockets.add(sock)
+        elif event == "http11.send_request_body.complete":  # the time to upload pictures does not count
+            self.head_watch = HeadWatch(self._sockets, self.timeout)
+        elif event in ("http11.receive_response_headers.complete", "http11.receive_response_headers.failed") \
+                and self.head_watch is not None:  # fmt: skip
+            self.head_watch.stop()
+
     def _check_response(self, response: httpx.Response) -> None:
         """Every answer's compression and status, as soon as its head arrives: before httpx parses a
         redirect's Location (a malformed one would fail there as if the connection had broken)."""
@@ -463,10 +523,13 @@ class ApiClient:
                              self.advice)  # fmt: skip
 
     def get_json(self, path: str) -> object:
+        self.head_watch = None
         try:
-            with self.http.stream("GET", path) as response:
+            with self.http.stream("GET", path, extensions={"trace": self.trace}) as response:
                 body = _read_limited(response, JSON_BODY_LIMIT + 1, self.timeout)
         except BROKEN as e:
+            if self.head_watch is not None and self.head_watch.fired:
+                raise head_late(self.timeout) from None
             raise transport_error(e, self.shown_url, self.timeout, mid_answer=False) from None
         if len(body) > JSON_BODY_LIMIT:
             raise RemoteError(f"the server's answer to GET {path} is over {_mib(JSON_BODY_LIMIT)}; is --server right?")
