@@ -69,6 +69,9 @@ MAX_FRAMES = 256
 MAX_RANGE_SECONDS = 1e7  # a video's time range (/video --range, --video-range, session files) ends before ~4 months
 MAX_TOKENS = 1 << 20  # max_context, max_new_tokens
 TIMEOUT_MAX = 3600.0  # serve's timeouts: an hour is already far past any client's patience
+# the wait for a server's answer: a day is past any answer, and a socket refuses a timeout beyond
+# ~292 years (1e12 s ended the first request with an OverflowError traceback)
+REMOTE_TIMEOUT_MAX = 86_400.0
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -237,7 +240,8 @@ class RemoteSettings:
     api_key: str = _setting("", expect="the server's key (better in the OPENAI_API_KEY environment variable)")
     model: str = _setting("", expect="a model id the server serves (empty: the first one it lists)")
     dialect: str = _setting("auto", _choice(REMOTE_DIALECTS), f"one of {', '.join(REMOTE_DIALECTS)}")
-    timeout: float = _setting(300.0, _number(0.0, low_open=True), "a number of seconds > 0")
+    timeout: float = _setting(300.0, _number(0.0, REMOTE_TIMEOUT_MAX, low_open=True),
+                              "a number of seconds > 0 and ≤ 86400 (a day)")
 
 
 SECTIONS: dict[str, type] = {

@@ -456,6 +456,8 @@ def test_max_tiles_unset_or_zero_means_the_checkpoints_limit(tmp_path):
         ("model.max_context", str(1 << 40), False),
         ("top_k", str(2**70), False),
         ("generation.stream_interval", "0", False),
+        ("remote.timeout", "86400", True),
+        ("remote.timeout", "1e12", False),  # a socket refuses it: a traceback at the first request
     ],
 )
 def test_numeric_settings_are_range_checked_when_given(key, text, accepted):
