@@ -394,6 +394,8 @@ def _assign(settings: Settings, dotted: str, value: Any, where: str, names_key: 
         raise UsageError(f"{visible(where)}:{subject} is not UTF-8 text ({what}){fix}")
     try:
         parsed = _coerce(value, tp)
+        if fld.metadata.get("path") and isinstance(parsed, str) and "\x00" in parsed:
+            raise ValueError  # no file name holds a NUL (a TOML "\u0000"): the history file's open raised ValueError
         check = fld.metadata.get("check")
         if parsed is not None and check is not None:
             parsed = check(parsed)

@@ -479,6 +479,14 @@ def test_text_settings_must_be_utf8_but_paths_may_hold_any_bytes(tmp_path):
     format_settings(settings).encode("utf-8")  # and --print-config can print it
 
 
+def test_a_path_setting_holding_a_nul_is_refused_by_name(tmp_path):
+    # TOML can spell a NUL ("\u0000"); the REPL's history file then failed to open with a ValueError traceback
+    for section, key in (("ui", "history_file"), ("model", "path")):
+        path = write(tmp_path / f"{key}.toml", f'[{section}]\n{key} = "/tmp/a\\u0000b"\n')
+        with pytest.raises(UsageError, match=rf"{section}\.{key} must be .*, not '/tmp/a\\x00b'; fix the value"):
+            load_settings(config_path=path, env=clean_env(tmp_path))
+
+
 def test_config_files_are_read_as_untrusted_text(tmp_path):
     env = clean_env(tmp_path)
     fifo = tmp_path / "fifo.toml"
