@@ -624,9 +624,17 @@ class Session:
         """The answer's ids: as saved, or (a session saved from a server's answers, which has no ids)
         the answer's text tokenized again, when that is clearly the same text: the ids give it back
         exactly, and it holds no U+FFFD (the mark of bytes that were not UTF-8, whose tokens the text
-        cannot give back)."""
+        cannot give back).
+
+        Saved ids are kept only when they are the saved text (decoded as the answer streamed) and
+        hold no end-of-turn token, which ends every answer before it: the model must read the
+        answer the user sees. An edited text (or ids that spell a hidden turn) is tokenized again."""
         if saved.answer_ids is not None:
-            return list(saved.answer_ids)
+            ids = list(saved.answer_ids)
+            stops = set(self.builder.stop_ids)
+            if not stops.intersection(ids) and self.tokenizer.decode(ids, skip_special_tokens=True) == saved.reply:
+                return ids
+            return self.tokenizer.encode(saved.reply)
         ids = self.tokenizer.encode(saved.reply)
         if "\ufffd" in saved.reply or self.tokenizer.decode(ids) != saved.reply:
             raise UsageError(
