@@ -17,16 +17,8 @@ import sys
 from typing import TextIO
 
 from . import __version__
-from .errors import InternVLChatError, UsageError
+from .errors import InternVLChatError, OneLineParser, UsageError
 from .files import GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, visible
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose mistakes are one line through the CLI's error handling (exit 2), shown inert:
-    its own error printed the whole usage block, and an unknown flag as typed, escape sequences and all."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message}; see {self.prog} --help")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,8 +9,7 @@ import signal
 import socket
 import sys
 
-from ..cli import OneLineParser
-from ..errors import UsageError
+from ..errors import OneLineParser, UsageError
 from ..files import expand_home, visible_lines
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
