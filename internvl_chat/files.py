@@ -135,7 +135,8 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path
     """Write `data` to `path` atomically: a temp file in the same folder, fsync, then rename.
 
     A symlink at `path` is replaced by the new file, never followed; a folder, a FIFO or a device
-    there is refused (as root, renaming over /dev/null would replace the device).
+    there is refused (as root, renaming over /dev/null would replace the device). Missing folders
+    are created, private (0700) when `mode` is private (no bits for the group and others).
     OSError propagates (the caller names the user's path, never the temp file's).
     """
     path = Path(path)
@@ -144,7 +145,8 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path
     if is_special_file(path):
         raise OSError(errno.EEXIST, "not a regular file (a device or a pipe?), so it is not replaced", str(path))
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder_mode = 0o700 if not mode & 0o077 else 0o777
+    _make_folders(path.parent, folder_mode)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:  # a read-only folder: the error named the temp file, which the user never asked for
@@ -166,6 +168,20 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _make_folders(folder: Path, mode: int) -> None:
+    """`folder` and its missing parents, each created with `mode` (Path.mkdir gives it to the last only)."""
+    missing = []
+    while not folder.is_dir() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=mode)
+        except FileExistsError:
+            if not folder.is_dir():  # a file stands where a folder is needed: say so, not "File exists"
+                raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(folder)) from None
 
 
 def _umask() -> int:

@@ -205,6 +205,27 @@ def test_write_errors_name_the_users_path_never_a_temporary_file(loaded, tmp_pat
     assert list(tmp_path.iterdir()) == []  # no temporary files left
 
 
+def test_a_session_file_is_private_like_the_history(loaded, tmp_path, home):
+    # sessions were written 0644 in folders made 0755: what was typed and answered was readable by
+    # every user of the machine, while the history file, holding the same lines, is kept 0600
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("My bank PIN is 1234.")
+    assert app.handle_line("/save") == OK
+    (saved,) = default_sessions_dir().glob("*.json")
+    shared = tmp_path / "shared.json"
+    shared.write_text("{}")
+    shared.chmod(0o644)
+    assert app.handle_line(f"/save {shared} --force") == OK
+    assert app.handle_line(f"/save {tmp_path / 'new' / 'deeper' / 'chat.json'}") == OK
+    for path in (saved, shared, tmp_path / "new" / "deeper" / "chat.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for folder in (default_sessions_dir(), tmp_path / "new", tmp_path / "new" / "deeper"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    output(out)
+    assert app.handle_line(f"/save {shared}/chat.json") == ERROR  # a file where a folder must be: said so
+    assert output(out).strip() == f"error: cannot use {shared}: a file, not a folder; check the path and its permissions"
+
+
 HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u202eevil"
 
 

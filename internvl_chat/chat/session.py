@@ -30,7 +30,7 @@ from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .generate import is_out_of_memory, out_of_memory_as_error, stream_generate
 from .sampling import NON_FINITE_IN_FLOAT32, NON_FINITE_MESSAGE, Sampler, SamplingParams
-from .session_file import (CANCELLED_MARK, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
+from .session_file import (CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
                            SavedTurn, media_candidates, media_json_paths, read_session_file, session_json)  # fmt: skip
 from .template import MediaSpec, PromptBuilder, media_order
 
@@ -559,7 +559,7 @@ class Session:
         OSError names `path` (never the temporary file).
         """
         path = expand_home(path)
-        return write_atomic(path, session_json(self.to_json(settings, path)))
+        return write_atomic(path, session_json(self.to_json(settings, path)), SESSION_FILE_MODE)
 
     def load(self, path: str | Path) -> dict:
         """Replace the conversation with a saved one, re-prefilling it. Returns the saved JSON.

@@ -36,6 +36,9 @@ from ..settings import MAX_RANGE_SECONDS
 from .dialects import DIALECTS
 
 SESSION_FORMAT = "internvl-chat-session"
+# A session holds what was typed and answered, as the history file does: private to its owner
+# (its new folders too), never readable by the other users of a shared machine.
+SESSION_FILE_MODE = 0o600
 SESSION_VERSION = 1
 
 # Limits of what a session may hold; far above any real conversation (the context caps it first).
