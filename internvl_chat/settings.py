@@ -23,6 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import UsageError
 from .files import expand_home, read_text_file, undecodable_byte, visible, xdg_dir
@@ -43,6 +44,7 @@ COLORS = ("auto", "always", "never")
 REMOTE_DIALECTS = ("auto", "lmdeploy", "vllm", "sglang", "llamacpp", "ollama", "internvl-chat", "generic")
 OPENAI_API_KEY_ENV = "OPENAI_API_KEY"
 SECRET_KEYS = ("remote.api_key", "serve.api_key")  # never printed, never saved with a session
+URL_KEYS = ("remote.server",)  # printed and saved without the user:password@ a URL may hold
 
 # Short names accepted by `/set`; every dotted key ("generation.seed") is accepted too.
 SET_ALIASES = {
@@ -292,9 +294,9 @@ class Settings:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Every value by section (secrets masked: this goes into saved session files)."""
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
-        for dotted in SECRET_KEYS:
+        for dotted in SECRET_KEYS + URL_KEYS:
             section, name = dotted.split(".")
-            out[section][name] = _masked(out[section][name])
+            out[section][name] = shown_value(dotted, out[section][name])
         return out
 
 
@@ -482,6 +484,26 @@ def _masked(value: Any) -> Any:
     return "***" if value else value
 
 
+def without_credentials(url: str) -> str:
+    """A server URL without any user:password@ part (for a session file or a line on screen)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL at all: chat/remote_http.py's normalize_base_url says so
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
+
+
+def shown_value(dotted: str, value: Any) -> Any:
+    """A value as it may be printed or saved with a session: a key masked, a URL without its password."""
+    if dotted in SECRET_KEYS:
+        return _masked(value)
+    if dotted in URL_KEYS and isinstance(value, str):
+        return without_credentials(value)
+    return value
+
+
 def load_settings(
     config_path: str | Path | None = None,
     env: Mapping[str, str] = os.environ,
@@ -534,9 +556,7 @@ def format_settings(settings: Settings) -> str:
         rows = []
         for fld in dataclasses.fields(cls):
             dotted = f"{section}.{fld.name}"
-            value = getattr(getattr(settings, section), fld.name)
-            if dotted in SECRET_KEYS:
-                value = _masked(value)
+            value = shown_value(dotted, getattr(getattr(settings, section), fld.name))
             line = f"{fld.name} = {toml_value(value)}" if value is not None else f"# {fld.name} = (not set)"
             rows.append((line, settings.sources.get(dotted, "default")))
         width = max(len(line) for line, _ in rows)

@@ -479,6 +479,13 @@ def test_text_settings_must_be_utf8_but_paths_may_hold_any_bytes(tmp_path):
     format_settings(settings).encode("utf-8")  # and --print-config can print it
 
 
+def test_a_servers_password_is_neither_printed_nor_saved(tmp_path):
+    settings = load_settings(env=clean_env(tmp_path), overrides={"remote.server": "http://alice:s3cret@gpu:8000/v1"})
+    assert settings.remote.server == "http://alice:s3cret@gpu:8000/v1"  # the client still sends it
+    assert 'server = "http://gpu:8000/v1"' in format_settings(settings) and "s3cret" not in format_settings(settings)
+    assert settings.to_dict()["remote"]["server"] == "http://gpu:8000/v1"  # what a session file holds
+
+
 def test_a_path_setting_holding_a_nul_is_refused_by_name(tmp_path):
     # TOML can spell a NUL ("\u0000"); the REPL's history file then failed to open with a ValueError traceback
     for section, key in (("ui", "history_file"), ("model", "path")):

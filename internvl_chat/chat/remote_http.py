@@ -24,6 +24,7 @@ import httpx
 from .. import __version__
 from ..errors import RemoteError, UsageError
 from ..files import undecodable_byte, visible
+from ..settings import without_credentials
 from .advice import Advice, any_of
 from .sse import SSEDecoder
 
@@ -106,17 +107,6 @@ def normalize_base_url(url: str) -> str:
     if not path:
         path = "/v1"
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
-
-
-def without_credentials(url: str) -> str:
-    """A server URL without any user:password@ part (for a session file or a line on screen)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # not a URL at all: normalize_base_url says so
-        return url
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
 
 
 def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
