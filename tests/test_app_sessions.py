@@ -250,6 +250,21 @@ def test_nothing_from_a_session_file_drives_the_terminal(loaded, tmp_path, home)
     assert "cat\\e]0;pwned\\x07\\e[2J\\u202eevil.png" in said  # shown, inert
 
 
+def test_a_session_file_shows_no_control_or_bidi_character_raw(loaded, tmp_path, home):
+    # JSON escapes only C0 controls: a C1 CSI (U+009B), DEL or a bidi override in a message was
+    # written raw, so `cat chat.json` could drive or reorder the terminal
+    app, out = make_app(loaded, tmp_path)
+    text = "left \u009b2J \x7f \u202eevil\u2066 \u200b \x1b[31m right"
+    app.handle_line(text)
+    assert app.handle_line(f"/save {tmp_path / 'chat.json'}") == OK
+    raw = (tmp_path / "chat.json").read_text(encoding="utf-8")
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]", raw)
+    assert "\\u009b2J \\u007f \\u202eevil\\u2066 \\u200b \\u001b[31m" in raw
+    other, _ = make_app(loaded, tmp_path)
+    assert other.handle_line(f"/load {tmp_path / 'chat.json'}") == OK
+    assert other.session.turns[0].user_text == text  # the same text, read back
+
+
 def test_export_writes_what_came_from_a_session_file_or_the_model_escaped(loaded, tmp_path, home):
     # /export wrote answers, questions, the system message and file names raw: `cat talk.md` in a
     # terminal ran the escapes of a loaded session file (or of a model's answer)
