@@ -540,12 +540,18 @@ def load_settings(
 # --- --print-config ----------------------------------------------------------------------------
 
 
+# JSON escapes C0 controls only; TOML refuses DEL raw, and `visible` would print it and C1 controls
+# as \x.. (no TOML escape): written \uXXXX, with the characters that reorder or hide text
+_TOML_ESCAPED = re.compile("[\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
 def toml_value(value: Any) -> str:
     """A value as the config file writes it: `true`, `0.7`, `"text"` (a TOML basic string)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+        text = json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+        return _TOML_ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return repr(value)
 
 

@@ -414,6 +414,9 @@ def test_format_settings_is_toml_with_sources(tmp_path):
     expected = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in settings.to_dict().items()}
     assert parsed == expected
     assert parsed["system"]["message"] == 'Say "hi" 你好'
+    # DEL and C1 controls were printed as \x7f, \x85, which TOML does not read back
+    settings.set("system.message", "a\x7fb\x85c\u202ed\x1be")
+    assert tomllib.loads(format_settings(settings))["system"]["message"] == "a\x7fb\x85c\u202ed\x1be"
 
     lines = {line.split("=")[0].strip(" #"): line for line in text.splitlines() if "=" in line}
     assert lines["temperature"].startswith("temperature = 0.7")
