@@ -25,6 +25,14 @@ JSON_LIMIT = 64 * MiB  # checkpoint config/index JSON (a sharded index of a 78B 
 _CHUNK = 1 << 20  # reads in chunks so Ctrl-C is seen between them
 
 
+class NoHomeFolder(UsageError):
+    """HOME is unset and the user has no account entry (a container run as an arbitrary uid)."""
+
+    def __init__(self, what: str, fix: str = "set HOME, or give a full path"):
+        super().__init__(f"{what} is in the home folder, which is unknown (HOME is not set and this user has no "
+                         f"account entry); {fix}")  # fmt: skip
+
+
 def expand_home(path: str | Path) -> Path:
     """`path` with `~` / `~user` expanded; a UsageError when `~user` names no account (where
     Path.expanduser raises RuntimeError), rather than a folder literally named `~user`."""
@@ -32,6 +40,8 @@ def expand_home(path: str | Path) -> Path:
         return Path(path).expanduser()
     except RuntimeError:
         user = str(path)[1:].split("/", 1)[0]
+        if not user:  # `~` itself: no HOME and no account entry
+            raise NoHomeFolder(visible(str(path))) from None
         raise UsageError(f"{visible(str(path))}: there is no user {visible(user)!r} for ~{visible(user)}; "
                          "give the full path") from None  # fmt: skip
 
@@ -43,7 +53,10 @@ def xdg_dir(env: Mapping[str, str], name: str, default: str) -> Path:
     value = env.get(name) or ""
     if os.path.isabs(value):
         return Path(value)
-    return Path(env.get("HOME") or Path.home()) / default
+    try:
+        return Path(env.get("HOME") or Path.home()) / default
+    except RuntimeError:  # Path.home() without HOME, for a uid with no account entry
+        raise NoHomeFolder(f"~/{default}", f"set HOME or ${name}") from None
 
 
 def read_bytes_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: type[Exception] = UsageError) -> bytes:

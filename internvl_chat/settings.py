@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import UsageError
-from .files import expand_home, read_text_file, undecodable_byte, visible, xdg_dir
+from .files import NoHomeFolder, expand_home, read_text_file, undecodable_byte, visible, xdg_dir
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
 ENV_PREFIX = "INTERNVL_CHAT_"
@@ -522,8 +522,11 @@ def load_settings(
     if config_path is not None:
         user_file: Path | None = expand_home(config_path)
     else:
-        user_file = default_config_path(env)
-        if not os.path.lexists(user_file):  # a folder, a FIFO or a broken link there is refused, not skipped
+        try:
+            user_file = default_config_path(env)
+        except NoHomeFolder:  # no home folder, so no user config file in it (a container's arbitrary uid)
+            user_file = None
+        if user_file is not None and not os.path.lexists(user_file):  # a folder, a FIFO or a broken link there is refused, not skipped
             user_file = None
     if user_file is not None:
         _apply_toml(settings, _read_toml(user_file), user_file, f"config {user_file}")
