@@ -174,7 +174,8 @@ def test_a_line_that_is_not_utf8_fails_alone_and_the_script_goes_on(tiny_origina
 def test_a_script_that_is_an_image_a_fifo_or_a_device_is_refused_in_one_line(image, tmp_path):
     fifo = tmp_path / "pipe.txt"
     os.mkfifo(fifo)
-    for path, expected in ((image, "is a PNG image, not text"), (fifo, "is not a regular file"),
+    # a pipe (`--script <(…)`) names the way that reads one: it said "save it to a file first"
+    for path, expected in ((image, "is a PNG image, not text"), (fifo, "is a pipe, not a file; give the script on stdin instead: --script -"),
                            (Path("/dev/zero"), "is not a regular file")):  # fmt: skip
         run = cli("--script", str(path))
         assert run.returncode == 2, run.stderr

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ def _read_script(name: str) -> str:
         data, shown = read_stream(sys.stdin.fileno(), "the script on stdin"), "on stdin"
     else:
         path = expand_home(name)
+        if _is_pipe(path):  # `--script <(…)` or /dev/stdin: a pipe is read from stdin, never opened by name
+            raise UsageError(f"the script {visible(str(path))} is a pipe, not a file; give the script on stdin "
+                             "instead: --script - (… | internvl-chat --script -)")  # fmt: skip
         data, shown = read_bytes_file(path, "script"), visible(str(path))
     kind = sniff_binary(data)
     if kind is not None:
@@ -78,6 +82,13 @@ def _read_script(name: str) -> str:
                          "(attach pictures with /image PATH in it, or --image FILE)")  # fmt: skip
     text = data.decode("utf-8", errors="surrogateescape")
     return text[1:] if text.startswith("\ufeff") else text
+
+
+def _is_pipe(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False  # read_bytes_file says what is wrong
 
 
 def script_folder(name: str) -> Path | None:
