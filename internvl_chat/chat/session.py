@@ -580,12 +580,15 @@ class Session:
         path = expand_home(path)
         builder = self.builder
         forbidden = (builder.img_start_id, builder.img_end_id, builder.img_context_id)
-        saved = read_session_file(path, self.loaded.config.text.vocab_size, forbidden)
-        # cheap bound before hashing any media or tokenizing any text: answers, image tokens and
-        # the fewest tokens the texts can take must fit
-        least = sum(len(t.answer_ids or ()) + sum(m.tiles for m in t.media) * builder.tokens_per_tile for t in saved.turns)
-        least += self._fewest_tokens(saved.system_message, *(t.user_text for t in saved.turns),
-                                     *(t.reply for t in saved.turns if t.answer_ids is None))  # fmt: skip
+        # ids past this vocabulary (a session saved with another model) are no damage: the answer's
+        # text is tokenized again (`_answer_ids`)
+        saved = read_session_file(path, None, forbidden)
+        # cheap bound before hashing any media or tokenizing any text: image tokens and the fewest
+        # tokens the texts can take must fit (an answer's saved ids, unless its text replaces them)
+        least = sum(sum(m.tiles for m in t.media) * builder.tokens_per_tile for t in saved.turns)
+        least += sum(self._fewest_tokens(t.reply) if t.answer_ids is None else min(len(t.answer_ids), self._fewest_tokens(t.reply))
+                     for t in saved.turns)  # fmt: skip
+        least += self._fewest_tokens(saved.system_message, *(t.user_text for t in saved.turns))
         if least > self.max_context:
             raise ContextOverflowError(
                 f"the conversation in {visible(str(path))} needs more than {least:,} tokens, over the "
@@ -628,11 +631,14 @@ class Session:
 
         Saved ids are kept only when they are the saved text (decoded as the answer streamed) and
         hold no end-of-turn token, which ends every answer before it: the model must read the
-        answer the user sees. An edited text (or ids that spell a hidden turn) is tokenized again."""
+        answer the user sees. An edited text, ids that spell a hidden turn, or ids of another
+        model's vocabulary are tokenized again from the text."""
         if saved.answer_ids is not None:
             ids = list(saved.answer_ids)
             stops = set(self.builder.stop_ids)
-            if not stops.intersection(ids) and self.tokenizer.decode(ids, skip_special_tokens=True) == saved.reply:
+            vocab = self.loaded.config.text.vocab_size
+            if (all(i < vocab for i in ids) and not stops.intersection(ids)
+                    and self.tokenizer.decode(ids, skip_special_tokens=True) == saved.reply):  # fmt: skip
                 return ids
             return self.tokenizer.encode(saved.reply)
         ids = self.tokenizer.encode(saved.reply)
