@@ -193,3 +193,11 @@ def test_without_a_home_folder_the_app_still_runs_and_says_what_to_set(tmp_path,
     assert warnings.lines == ["~/.local/state/internvl-chat/history is in the home folder, which is unknown (HOME is not "
                               "set and this user has no account entry); set HOME, or give a full path; the history is "
                               "kept in memory only this time"]  # fmt: skip
+
+
+def test_write_atomic_takes_a_name_as_long_as_the_file_system_allows(tmp_path):
+    # the temporary file was named after the target plus 14 characters: a valid 245-character name
+    # failed with "File name too long"
+    path = tmp_path / ("n" * 245 + ".json")
+    write_atomic(path, "data")
+    assert path.read_text() == "data" and os.listdir(tmp_path) == [path.name]
