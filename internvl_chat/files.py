@@ -161,8 +161,9 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path
     folder_mode = 0o700 if not mode & 0o077 else 0o777
     _make_folders(path.parent, folder_mode)
     try:
-        # the name cut short: a target name near the 255-byte limit must not make the temp name too long
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
+        # the name cut short (32 characters: at most 128 bytes): a target name near the 255-byte limit
+        # must not make the temp name too long
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".tmp", dir=path.parent)
     except OSError as e:  # a read-only folder: the error named the temp file, which the user never asked for
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:

@@ -198,6 +198,9 @@ def test_without_a_home_folder_the_app_still_runs_and_says_what_to_set(tmp_path,
 def test_write_atomic_takes_a_name_as_long_as_the_file_system_allows(tmp_path):
     # the temporary file was named after the target plus 14 characters: a valid 245-character name
     # failed with "File name too long"
-    path = tmp_path / ("n" * 245 + ".json")
-    write_atomic(path, "data")
-    assert path.read_text() == "data" and os.listdir(tmp_path) == [path.name]
+    for name in ("n" * 245 + ".json", "\U0001f600" * 60 + ".json"):  # 250 bytes, 245 of them in 4-byte characters
+        path = tmp_path / name
+        write_atomic(path, "data")
+        assert path.read_text() == "data"
+        path.unlink()
+    assert os.listdir(tmp_path) == []
