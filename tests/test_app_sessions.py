@@ -442,3 +442,20 @@ def test_load_asks_before_it_replaces_a_conversation_that_is_not_saved(loaded, t
     app.confirm = None  # a script loads as it is told
     app.handle_line("Third.")
     assert app.handle_line("/load kept") == OK and [t.user_text for t in app.session.turns] == ["First."]
+
+
+def test_without_a_home_folder_load_still_finds_a_path(loaded, tmp_path, monkeypatch):
+    """/load NAME looked in the sessions folder first thing, so with no home folder (HOME unset, a
+    uid with no account entry) even a session in the working folder could not be loaded."""
+    import pwd
+
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    assert app.handle_line(f"/save {tmp_path / 'here.json'}") == OK
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    assert app.handle_line("/load here") == OK
+    output(out)
+    assert app.handle_line("/load nothing") == ERROR
+    assert output(out) == "error: there is no session nothing here; check the path\n"

@@ -586,8 +586,8 @@ class Session:
         # cheap bound before hashing any media or tokenizing any text: image tokens and the fewest
         # tokens the texts can take must fit (an answer's saved ids, unless its text replaces them)
         least = sum(sum(m.tiles for m in t.media) * builder.tokens_per_tile for t in saved.turns)
-        least += sum(self._fewest_tokens(t.reply) if t.answer_ids is None else min(len(t.answer_ids), self._fewest_tokens(t.reply))
-                     for t in saved.turns)  # fmt: skip
+        least += sum(min(len(t.answer_ids), self._fewest_tokens(t.reply)) if t.answer_ids is not None
+                     else self._fewest_tokens(t.reply) for t in saved.turns)  # fmt: skip
         least += self._fewest_tokens(saved.system_message, *(t.user_text for t in saved.turns))
         if least > self.max_context:
             raise ContextOverflowError(
