@@ -204,4 +204,3 @@ def test_write_atomic_takes_a_name_as_long_as_the_file_system_allows(tmp_path):
         assert path.read_text() == "data"
         path.unlink()
     assert os.listdir(tmp_path) == []
-
