@@ -17,13 +17,12 @@ import sys
 from typing import TextIO
 
 from . import __version__
-from .errors import InternVLChatError, UsageError
+from .errors import InternVLChatError, OneLineParser, UsageError
 from .files import GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, visible
 
 
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="internvl-chat",
         description="Chat with InternVL3 vision-language models (bf16 or 4-bit AWQ) in the terminal.",
         epilog=(
@@ -112,11 +111,13 @@ def _check_remote_flags(args: argparse.Namespace, server: str) -> None:
         them = "it" if len(for_server) == 1 else "them"
         raise UsageError(f"{', '.join(for_server)} {'is' if len(for_server) == 1 else 'are'} for a server, but no server is set; "
                          f"add --server URL, or drop {them} to run the model here")  # fmt: skip
+    from .settings import without_credentials  # a password in the URL is never printed
+
     given = [flag for name, flag in LOCAL_MODEL_FLAGS if getattr(args, name) is not None]
     if server and given:
         them = "it" if len(given) == 1 else "them"
         raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for a local model, but the answers come "
-                         f"from the server {visible(server)}; drop {them}, or leave the server out (--server, [remote] server) "
+                         f"from the server {visible(without_credentials(server))}; drop {them}, or leave the server out (--server, [remote] server) "
                          "to run the model here")  # fmt: skip
 
 

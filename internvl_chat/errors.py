@@ -3,6 +3,8 @@
 The CLI maps `exit_code` to the process status: 2 for bad usage or input, 1 for everything else.
 """
 
+import argparse
+
 
 class InternVLChatError(Exception):
     """Base class: a failure the user can act on. `str(err)` is the one-line message."""
@@ -50,3 +52,12 @@ class Cancelled(Exception):
     """Work stopped before an answer began because its caller set the cancel event (a client that
     went away, a server that is stopping); the session is left as it was. Not an
     InternVLChatError: nothing failed."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are a UsageError: one line through the CLI's error handling (exit 2),
+    shown inert. Its own error printed the whole usage block, and an unknown flag as typed, escape
+    sequences and all."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; see {self.prog} --help")

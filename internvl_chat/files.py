@@ -25,6 +25,14 @@ JSON_LIMIT = 64 * MiB  # checkpoint config/index JSON (a sharded index of a 78B 
 _CHUNK = 1 << 20  # reads in chunks so Ctrl-C is seen between them
 
 
+class NoHomeFolder(UsageError):
+    """HOME is unset and the user has no account entry (a container run as an arbitrary uid)."""
+
+    def __init__(self, what: str, fix: str = "set HOME, or give a full path"):
+        super().__init__(f"{what} is in the home folder, which is unknown (HOME is not set and this user has no "
+                         f"account entry); {fix}")  # fmt: skip
+
+
 def expand_home(path: str | Path) -> Path:
     """`path` with `~` / `~user` expanded; a UsageError when `~user` names no account (where
     Path.expanduser raises RuntimeError), rather than a folder literally named `~user`."""
@@ -32,6 +40,8 @@ def expand_home(path: str | Path) -> Path:
         return Path(path).expanduser()
     except RuntimeError:
         user = str(path)[1:].split("/", 1)[0]
+        if not user:  # `~` itself: no HOME and no account entry
+            raise NoHomeFolder(visible(str(path))) from None
         raise UsageError(f"{visible(str(path))}: there is no user {visible(user)!r} for ~{visible(user)}; "
                          "give the full path") from None  # fmt: skip
 
@@ -43,7 +53,10 @@ def xdg_dir(env: Mapping[str, str], name: str, default: str) -> Path:
     value = env.get(name) or ""
     if os.path.isabs(value):
         return Path(value)
-    return Path(env.get("HOME") or Path.home()) / default
+    try:
+        return Path(env.get("HOME") or Path.home()) / default
+    except RuntimeError:  # Path.home() without HOME, for a uid with no account entry
+        raise NoHomeFolder(f"~/{default}", f"set HOME or ${name}") from None
 
 
 def read_bytes_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: type[Exception] = UsageError) -> bytes:
@@ -135,7 +148,8 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path
     """Write `data` to `path` atomically: a temp file in the same folder, fsync, then rename.
 
     A symlink at `path` is replaced by the new file, never followed; a folder, a FIFO or a device
-    there is refused (as root, renaming over /dev/null would replace the device).
+    there is refused (as root, renaming over /dev/null would replace the device). Missing folders
+    are created, private (0700) when `mode` is private (no bits for the group and others).
     OSError propagates (the caller names the user's path, never the temp file's).
     """
     path = Path(path)
@@ -144,9 +158,12 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path
     if is_special_file(path):
         raise OSError(errno.EEXIST, "not a regular file (a device or a pipe?), so it is not replaced", str(path))
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder_mode = 0o700 if not mode & 0o077 else 0o777
+    _make_folders(path.parent, folder_mode)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the name cut short (32 characters: at most 128 bytes): a target name near the 255-byte limit
+        # must not make the temp name too long
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:32]}.", suffix=".tmp", dir=path.parent)
     except OSError as e:  # a read-only folder: the error named the temp file, which the user never asked for
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
@@ -166,6 +183,20 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _make_folders(folder: Path, mode: int) -> None:
+    """`folder` and its missing parents, each created with `mode` (Path.mkdir gives it to the last only)."""
+    missing = []
+    while not folder.is_dir() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=mode)
+        except FileExistsError:
+            if not folder.is_dir():  # a file stands where a folder is needed: say so, not "File exists"
+                raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(folder)) from None
 
 
 def _umask() -> int:

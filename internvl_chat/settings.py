@@ -23,9 +23,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import UsageError
-from .files import expand_home, read_text_file, undecodable_byte, visible, xdg_dir
+from .files import NoHomeFolder, expand_home, read_text_file, undecodable_byte, visible, xdg_dir
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
 ENV_PREFIX = "INTERNVL_CHAT_"
@@ -43,6 +44,7 @@ COLORS = ("auto", "always", "never")
 REMOTE_DIALECTS = ("auto", "lmdeploy", "vllm", "sglang", "llamacpp", "ollama", "internvl-chat", "generic")
 OPENAI_API_KEY_ENV = "OPENAI_API_KEY"
 SECRET_KEYS = ("remote.api_key", "serve.api_key")  # never printed, never saved with a session
+URL_KEYS = ("remote.server",)  # printed and saved without the user:password@ a URL may hold
 
 # Short names accepted by `/set`; every dotted key ("generation.seed") is accepted too.
 SET_ALIASES = {
@@ -69,6 +71,9 @@ MAX_FRAMES = 256
 MAX_RANGE_SECONDS = 1e7  # a video's time range (/video --range, --video-range, session files) ends before ~4 months
 MAX_TOKENS = 1 << 20  # max_context, max_new_tokens
 TIMEOUT_MAX = 3600.0  # serve's timeouts: an hour is already far past any client's patience
+# the wait for a server's answer: a day is past any answer, and a socket refuses a timeout beyond
+# ~292 years (1e12 s ended the first request with an OverflowError traceback)
+REMOTE_TIMEOUT_MAX = 86_400.0
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -237,7 +242,8 @@ class RemoteSettings:
     api_key: str = _setting("", expect="the server's key (better in the OPENAI_API_KEY environment variable)")
     model: str = _setting("", expect="a model id the server serves (empty: the first one it lists)")
     dialect: str = _setting("auto", _choice(REMOTE_DIALECTS), f"one of {', '.join(REMOTE_DIALECTS)}")
-    timeout: float = _setting(300.0, _number(0.0, low_open=True), "a number of seconds > 0")
+    timeout: float = _setting(300.0, _number(0.0, REMOTE_TIMEOUT_MAX, low_open=True),
+                              "a number of seconds > 0 and ≤ 86400 (a day)")
 
 
 SECTIONS: dict[str, type] = {
@@ -288,9 +294,9 @@ class Settings:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Every value by section (secrets masked: this goes into saved session files)."""
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
-        for dotted in SECRET_KEYS:
+        for dotted in SECRET_KEYS + URL_KEYS:
             section, name = dotted.split(".")
-            out[section][name] = _masked(out[section][name])
+            out[section][name] = shown_value(dotted, out[section][name])
         return out
 
 
@@ -390,6 +396,8 @@ def _assign(settings: Settings, dotted: str, value: Any, where: str, names_key: 
         raise UsageError(f"{visible(where)}:{subject} is not UTF-8 text ({what}){fix}")
     try:
         parsed = _coerce(value, tp)
+        if fld.metadata.get("path") and isinstance(parsed, str) and "\x00" in parsed:
+            raise ValueError  # no file name holds a NUL (a TOML "\u0000"): the history file's open raised ValueError
         check = fld.metadata.get("check")
         if parsed is not None and check is not None:
             parsed = check(parsed)
@@ -476,6 +484,26 @@ def _masked(value: Any) -> Any:
     return "***" if value else value
 
 
+def without_credentials(url: str) -> str:
+    """A server URL without any user:password@ part (for a session file or a line on screen)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL at all: chat/remote_http.py's normalize_base_url says so
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
+
+
+def shown_value(dotted: str, value: Any) -> Any:
+    """A value as it may be printed or saved with a session: a key masked, a URL without its password."""
+    if dotted in SECRET_KEYS:
+        return _masked(value)
+    if dotted in URL_KEYS and isinstance(value, str):
+        return without_credentials(value)
+    return value
+
+
 def load_settings(
     config_path: str | Path | None = None,
     env: Mapping[str, str] = os.environ,
@@ -494,8 +522,11 @@ def load_settings(
     if config_path is not None:
         user_file: Path | None = expand_home(config_path)
     else:
-        user_file = default_config_path(env)
-        if not os.path.lexists(user_file):  # a folder, a FIFO or a broken link there is refused, not skipped
+        try:
+            user_file = default_config_path(env)
+        except NoHomeFolder:  # no home folder, so no user config file in it (a container's arbitrary uid)
+            user_file = None
+        if user_file is not None and not os.path.lexists(user_file):  # a folder, a FIFO or a broken link there is refused, not skipped
             user_file = None
     if user_file is not None:
         _apply_toml(settings, _read_toml(user_file), user_file, f"config {user_file}")
@@ -512,12 +543,18 @@ def load_settings(
 # --- --print-config ----------------------------------------------------------------------------
 
 
+# JSON escapes C0 controls only; TOML refuses DEL raw, and `visible` would print it and C1 controls
+# as \x.. (no TOML escape): written \uXXXX, with the characters that reorder or hide text
+_TOML_ESCAPED = re.compile("[\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
 def toml_value(value: Any) -> str:
     """A value as the config file writes it: `true`, `0.7`, `"text"` (a TOML basic string)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+        text = json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+        return _TOML_ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return repr(value)
 
 
@@ -528,9 +565,7 @@ def format_settings(settings: Settings) -> str:
         rows = []
         for fld in dataclasses.fields(cls):
             dotted = f"{section}.{fld.name}"
-            value = getattr(getattr(settings, section), fld.name)
-            if dotted in SECRET_KEYS:
-                value = _masked(value)
+            value = shown_value(dotted, getattr(getattr(settings, section), fld.name))
             line = f"{fld.name} = {toml_value(value)}" if value is not None else f"# {fld.name} = (not set)"
             rows.append((line, settings.sources.get(dotted, "default")))
         width = max(len(line) for line, _ in rows)

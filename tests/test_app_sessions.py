@@ -205,6 +205,27 @@ def test_write_errors_name_the_users_path_never_a_temporary_file(loaded, tmp_pat
     assert list(tmp_path.iterdir()) == []  # no temporary files left
 
 
+def test_a_session_file_is_private_like_the_history(loaded, tmp_path, home):
+    # sessions were written 0644 in folders made 0755: what was typed and answered was readable by
+    # every user of the machine, while the history file, holding the same lines, is kept 0600
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("My bank PIN is 1234.")
+    assert app.handle_line("/save") == OK
+    (saved,) = default_sessions_dir().glob("*.json")
+    shared = tmp_path / "shared.json"
+    shared.write_text("{}")
+    shared.chmod(0o644)
+    assert app.handle_line(f"/save {shared} --force") == OK
+    assert app.handle_line(f"/save {tmp_path / 'new' / 'deeper' / 'chat.json'}") == OK
+    for path in (saved, shared, tmp_path / "new" / "deeper" / "chat.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for folder in (default_sessions_dir(), tmp_path / "new", tmp_path / "new" / "deeper"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    output(out)
+    assert app.handle_line(f"/save {shared}/chat.json") == ERROR  # a file where a folder must be: said so
+    assert output(out).strip() == f"error: cannot use {shared}: a file, not a folder; check the path and its permissions"
+
+
 HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u202eevil"
 
 
@@ -227,6 +248,21 @@ def test_nothing_from_a_session_file_drives_the_terminal(loaded, tmp_path, home)
     said = out.getvalue()
     assert "\x1b" not in said and "\x07" not in said and "\u202e" not in said
     assert "cat\\e]0;pwned\\x07\\e[2J\\u202eevil.png" in said  # shown, inert
+
+
+def test_a_session_file_shows_no_control_or_bidi_character_raw(loaded, tmp_path, home):
+    # JSON escapes only C0 controls: a C1 CSI (U+009B), DEL or a bidi override in a message was
+    # written raw, so `cat chat.json` could drive or reorder the terminal
+    app, out = make_app(loaded, tmp_path)
+    text = "left \u009b2J \x7f \u202eevil\u2066 \u200b \x1b[31m right"
+    app.handle_line(text)
+    assert app.handle_line(f"/save {tmp_path / 'chat.json'}") == OK
+    raw = (tmp_path / "chat.json").read_text(encoding="utf-8")
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]", raw)
+    assert "\\u009b2J \\u007f \\u202eevil\\u2066 \\u200b \\u001b[31m" in raw
+    other, _ = make_app(loaded, tmp_path)
+    assert other.handle_line(f"/load {tmp_path / 'chat.json'}") == OK
+    assert other.session.turns[0].user_text == text  # the same text, read back
 
 
 def test_export_writes_what_came_from_a_session_file_or_the_model_escaped(loaded, tmp_path, home):
@@ -406,3 +442,20 @@ def test_load_asks_before_it_replaces_a_conversation_that_is_not_saved(loaded, t
     app.confirm = None  # a script loads as it is told
     app.handle_line("Third.")
     assert app.handle_line("/load kept") == OK and [t.user_text for t in app.session.turns] == ["First."]
+
+
+def test_without_a_home_folder_load_still_finds_a_path(loaded, tmp_path, monkeypatch):
+    """/load NAME looked in the sessions folder first thing, so with no home folder (HOME unset, a
+    uid with no account entry) even a session in the working folder could not be loaded."""
+    import pwd
+
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    assert app.handle_line(f"/save {tmp_path / 'here.json'}") == OK
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    assert app.handle_line("/load here") == OK
+    output(out)
+    assert app.handle_line("/load nothing") == ERROR
+    assert output(out) == "error: there is no session nothing here; check the path\n"

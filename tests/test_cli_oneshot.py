@@ -162,6 +162,16 @@ def test_stdin_that_is_not_text_is_refused_with_what_to_do(tiny_original, image)
     )
 
 
+def test_a_mistyped_flag_is_one_inert_line_not_the_usage_block():
+    # argparse printed its whole usage block, and an unknown flag as typed: its escape sequence
+    # reached the terminal (this one clears the screen)
+    _one_line(cli("--frames", "many", "-p", "hi"), 2, "argument --frames: invalid int value: 'many'; see internvl-chat --help")
+    run = cli("--x\x1b[2Jy", "-p", "hi")
+    _one_line(run, 2, "unrecognized arguments: --x\\e[2Jy; see internvl-chat --help")
+    assert "\x1b" not in run.stderr
+    _one_line(cli("serve", "--port", "eighty"), 2, "invalid int value: 'eighty'; see internvl-chat serve --help")
+
+
 def test_a_prompt_argument_that_is_not_utf8_is_refused(tiny_original):
     run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "-p", b"caf\xe9"],
                          capture_output=True, timeout=300, stdin=subprocess.DEVNULL,

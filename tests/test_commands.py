@@ -131,6 +131,10 @@ def test_parse_line(line, expected):
         ("/export", "/export needs FILE.md"),
         ("/save a.json b.json", "/save takes at most 1 argument(s)"),
         ("/image ''", "empty path"),
+        # a pasted word is cut short in the error, which stays one readable line
+        ("/drop " + "9" * 5000, "/drop: N must be a whole number ≥ 1, not '" + "9" * 39 + "…'; usage: /drop N"),
+        ("/" + "x" * 5000, "unknown command /" + "x" * 39 + "…; type /help"),
+        ("/video a.mp4 --" + "f" * 5000, "/video has no option --" + "f" * 37 + "…; usage"),
     ],
 )
 def test_errors(line, message):

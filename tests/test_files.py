@@ -12,6 +12,7 @@ import pytest
 
 from internvl_chat.errors import UsageError
 from internvl_chat.files import (
+    expand_home,
     read_bytes_file,
     read_stream,
     read_text_file,
@@ -160,3 +161,46 @@ def test_undecodable_byte_finds_the_original_byte():
 )
 def test_sniff_binary(data, kind):
     assert sniff_binary(data) == kind
+
+
+def test_without_a_home_folder_the_app_still_runs_and_says_what_to_set(tmp_path, monkeypatch):
+    """HOME unset for a uid with no account entry (a container's arbitrary --user): Path.home()
+    raised RuntimeError, so every start ended in a traceback while looking for the user config."""
+    import pwd
+
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui.app import default_sessions_dir
+    from internvl_chat.ui.repl import open_history
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    settings = load_settings(env={})  # no home, so no user config file: the defaults
+    assert settings.sources["generation.temperature"] == "default"
+    with pytest.raises(UsageError, match=r"^~/.local/state is in the home folder, which is unknown .*; set HOME or \$XDG_STATE_HOME$"):
+        default_sessions_dir({})
+    assert default_sessions_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "internvl-chat" / "sessions"
+    with pytest.raises(UsageError, match=r"^~/notes.json is in the home folder, which is unknown"):
+        expand_home("~/notes.json")
+
+    class Warnings:
+        lines: list[str] = []
+
+        def warn(self, text: str) -> None:
+            self.lines.append(text)
+
+    warnings = Warnings()
+    open_history(settings, warnings)  # the REPL starts, its history in memory
+    assert warnings.lines == ["~/.local/state/internvl-chat/history is in the home folder, which is unknown (HOME is not "
+                              "set and this user has no account entry); set HOME, or give a full path; the history is "
+                              "kept in memory only this time"]  # fmt: skip
+
+
+def test_write_atomic_takes_a_name_as_long_as_the_file_system_allows(tmp_path):
+    # the temporary file was named after the target plus 14 characters: a valid 245-character name
+    # failed with "File name too long"
+    for name in ("n" * 245 + ".json", "\U0001f600" * 60 + ".json"):  # 250 bytes, 245 of them in 4-byte characters
+        path = tmp_path / name
+        write_atomic(path, "data")
+        assert path.read_text() == "data"
+        path.unlink()
+    assert os.listdir(tmp_path) == []

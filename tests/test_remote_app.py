@@ -102,6 +102,10 @@ def test_local_model_flags_with_a_server_are_refused(tmp_path):
     run = cli(tmp_path, "--server", "http://127.0.0.1:9/v1", "--model", "somewhere", "-p", "hi")
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("internvl-chat: error: --model is for a local model") and run.stderr.count("\n") == 1
+    for url in ("http://alice:s3cret@127.0.0.1:9/v1", "ftp://alice:s3cret@host/v1", "http://alice:s3cret@host:x/v1"):
+        run = cli(tmp_path, "--server", url, *(("--model", "somewhere") if url.startswith("http://alice:s3cret@127") else ()),
+                  "-p", "hi")  # fmt: skip
+        assert run.returncode == 2 and "alice" not in run.stderr and "s3cret" not in run.stderr, run.stderr  # never printed
 
 
 def test_server_flags_without_a_server_are_refused(tmp_path):

@@ -261,6 +261,16 @@ def test_choose_stream():
     assert plain.file is pipe.file
 
 
+def test_a_columns_of_zero_counts_as_unset(monkeypatch):
+    # COLUMNS=0 (set where the size is unknown) made rich's width 0: nothing was printed at all, so
+    # a script's transcript was lost with status 0
+    monkeypatch.setenv("COLUMNS", "0")
+    monkeypatch.setenv("LINES", "0")
+    out = io.StringIO()
+    make_console(out).print("hello")
+    assert out.getvalue() == "hello\n"
+
+
 def test_no_color():
     assert make_console(io.StringIO(), env={"NO_COLOR": "1"}).no_color
     assert make_console(io.StringIO(), color="never", env={}).no_color

@@ -174,7 +174,15 @@ def test_a_line_that_is_not_utf8_fails_alone_and_the_script_goes_on(tiny_origina
 def test_a_script_that_is_an_image_a_fifo_or_a_device_is_refused_in_one_line(image, tmp_path):
     fifo = tmp_path / "pipe.txt"
     os.mkfifo(fifo)
-    for path, expected in ((image, "is a PNG image, not text"), (fifo, "is not a regular file"),
+    # a session file given as a script sent each of its JSON lines to the model as a message
+    session = tmp_path / "chat.json"
+    session.write_text('{\n "format": "internvl-chat-session",\n "version": 1,\n "messages": []\n}\n')
+    run = cli("--script", str(session))
+    assert run.returncode == 2 and run.stderr.strip() == (
+        f"internvl-chat: error: the script {session} is a session file saved with /save, not REPL lines; "
+        f"load it with /load {session} (in the REPL, or as a script line)")
+    # a pipe (`--script <(…)`) names the way that reads one: it said "save it to a file first"
+    for path, expected in ((image, "is a PNG image, not text"), (fifo, "is a pipe, not a file; give the script on stdin instead: --script -"),
                            (Path("/dev/zero"), "is not a regular file")):  # fmt: skip
         run = cli("--script", str(path))
         assert run.returncode == 2, run.stderr

@@ -414,6 +414,9 @@ def test_format_settings_is_toml_with_sources(tmp_path):
     expected = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in settings.to_dict().items()}
     assert parsed == expected
     assert parsed["system"]["message"] == 'Say "hi" 你好'
+    # DEL and C1 controls were printed as \x7f, \x85, which TOML does not read back
+    settings.set("system.message", "a\x7fb\x85c\u202ed\x1be")
+    assert tomllib.loads(format_settings(settings))["system"]["message"] == "a\x7fb\x85c\u202ed\x1be"
 
     lines = {line.split("=")[0].strip(" #"): line for line in text.splitlines() if "=" in line}
     assert lines["temperature"].startswith("temperature = 0.7")
@@ -456,6 +459,8 @@ def test_max_tiles_unset_or_zero_means_the_checkpoints_limit(tmp_path):
         ("model.max_context", str(1 << 40), False),
         ("top_k", str(2**70), False),
         ("generation.stream_interval", "0", False),
+        ("remote.timeout", "86400", True),
+        ("remote.timeout", "1e12", False),  # a socket refuses it: a traceback at the first request
     ],
 )
 def test_numeric_settings_are_range_checked_when_given(key, text, accepted):
@@ -475,6 +480,21 @@ def test_text_settings_must_be_utf8_but_paths_may_hold_any_bytes(tmp_path):
     settings = load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_MODEL_PATH=f"/models/{latin1}"))
     assert settings.model.path == f"/models/{latin1}"  # a real (non-UTF-8) folder name still works
     format_settings(settings).encode("utf-8")  # and --print-config can print it
+
+
+def test_a_servers_password_is_neither_printed_nor_saved(tmp_path):
+    settings = load_settings(env=clean_env(tmp_path), overrides={"remote.server": "http://alice:s3cret@gpu:8000/v1"})
+    assert settings.remote.server == "http://alice:s3cret@gpu:8000/v1"  # the client still sends it
+    assert 'server = "http://gpu:8000/v1"' in format_settings(settings) and "s3cret" not in format_settings(settings)
+    assert settings.to_dict()["remote"]["server"] == "http://gpu:8000/v1"  # what a session file holds
+
+
+def test_a_path_setting_holding_a_nul_is_refused_by_name(tmp_path):
+    # TOML can spell a NUL ("\u0000"); the REPL's history file then failed to open with a ValueError traceback
+    for section, key in (("ui", "history_file"), ("model", "path")):
+        path = write(tmp_path / f"{key}.toml", f'[{section}]\n{key} = "/tmp/a\\u0000b"\n')
+        with pytest.raises(UsageError, match=rf"{section}\.{key} must be .*, not '/tmp/a\\x00b'; fix the value"):
+            load_settings(config_path=path, env=clean_env(tmp_path))
 
 
 def test_config_files_are_read_as_untrusted_text(tmp_path):

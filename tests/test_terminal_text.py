@@ -156,6 +156,18 @@ def test_set_shows_a_value_and_its_source_and_echoes_as_the_config_file(loaded, 
     assert out.getvalue().endswith('system.message = "Be brief.\\u001b[2J"  (from /system)\n')  # TOML, no escape code
 
 
+def test_set_never_shows_a_key_or_a_servers_password(loaded, tmp_path):
+    # `/set remote.api_key` printed the key (into a script's transcript too), and /show, --print-config
+    # and /save gave the user:password of a server URL
+    app, out = make_app(loaded, tmp_path, **{"remote.api_key": "sk-live-1", "serve.api_key": "sk-live-2"})
+    app.settings.set("remote.server", "http://alice:s3cret@gpu:8000/v1", source="flag")
+    for line in ("/set remote.api_key", "/set serve.api_key", "/set remote.server", "/show", f"/save {tmp_path / 'chat.json'}"):
+        assert app.handle_line(line) == OK, line
+    shown = output(out) + (tmp_path / "chat.json").read_text()
+    assert "remote.api_key = \"***\"  (from flag)" in shown and "remote.server = \"http://gpu:8000/v1\"  (from flag)" in shown
+    assert not any(secret in shown for secret in ("sk-live", "s3cret", "alice"))
+
+
 def test_set_alone_lists_what_it_can_change_with_values_and_sources(loaded, tmp_path):
     app, out = make_app(loaded, tmp_path)
     app.handle_line("/set temperature 0.5")

@@ -63,7 +63,7 @@ from .remote_http import ApiClient, ChatStream, shorten
 from .remote_http import without_credentials as _without_credentials
 from .sampling import SamplingParams
 from .session import SESSION_FORMAT, SESSION_VERSION, Media, ReadiedSession, saved_media, sha256_of
-from .session_file import read_session_file, session_json
+from .session_file import SESSION_FILE_MODE, read_session_file, session_json
 from .template import media_order
 
 DEFAULT_MAX_TILES = 12  # max_dynamic_patch of every InternVL3 checkpoint
@@ -586,7 +586,7 @@ class RemoteConversation:
     def save(self, path: str | Path, settings: dict | None = None) -> Path:
         """Write the session as JSON atomically (a symlink at `path` is replaced, never followed)."""
         path = expand_home(path)
-        return write_atomic(path, session_json(self.to_json(settings, path)))
+        return write_atomic(path, session_json(self.to_json(settings, path)), SESSION_FILE_MODE)
 
     def read_saved(self, path: str | Path) -> ReadiedSession:
         """Read and validate a session file (every field, as the local app does) and find and measure

@@ -25,6 +25,7 @@ import httpx
 from .. import __version__
 from ..errors import RemoteError, UsageError
 from ..files import undecodable_byte, visible
+from ..settings import without_credentials
 from ..threads import start_worker
 from .advice import Advice, any_of
 from .sse import SSEDecoder
@@ -100,28 +101,17 @@ def normalize_base_url(url: str) -> str:
     except ValueError:  # e.g. an unclosed [ of an IPv6 address
         raise UsageError(f"{visible(url)} is not a valid URL; pass --server http://HOST:PORT/v1") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"{visible(url)!s} is not an http(s) server URL; pass --server http://HOST:PORT/v1")
+        raise UsageError(f"{visible(without_credentials(url))!s} is not an http(s) server URL; pass --server http://HOST:PORT/v1")
     try:
         parts.port  # noqa: B018 - raises for a port that is not a number
     except ValueError:
-        raise UsageError(f"{visible(url)} has a bad port number; pass --server http://HOST:PORT/v1") from None
+        raise UsageError(f"{visible(without_credentials(url))} has a bad port number; pass --server http://HOST:PORT/v1") from None
     if parts.query or parts.fragment:
-        raise UsageError(f"{visible(url)} has a query or fragment; pass the API root, e.g. http://HOST:PORT/v1")
+        raise UsageError(f"{visible(without_credentials(url))} has a query or fragment; pass the API root, e.g. http://HOST:PORT/v1")
     path = parts.path.rstrip("/")
     if not path:
         path = "/v1"
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
-
-
-def without_credentials(url: str) -> str:
-    """A server URL without any user:password@ part (for a session file or a line on screen)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # not a URL at all: normalize_base_url says so
-        return url
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
 
 
 def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -495,7 +485,7 @@ class ApiClient:
             )
             self.http.build_request("GET", "models")  # httpx checks the host (IDNA) only here; sends nothing
         except (httpx.InvalidURL, ValueError) as e:  # e.g. a host name that is not valid IDNA (xn--)
-            raise UsageError(f"{visible(server)} is not a usable URL ({_reason(e)}); pass --server http://HOST:PORT/v1") from None
+            raise UsageError(f"{visible(without_credentials(server))} is not a usable URL ({_reason(e)}); pass --server http://HOST:PORT/v1") from None
 
     def close(self) -> None:
         self.http.close()

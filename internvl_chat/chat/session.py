@@ -30,7 +30,7 @@ from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .generate import is_out_of_memory, out_of_memory_as_error, stream_generate
 from .sampling import NON_FINITE_IN_FLOAT32, NON_FINITE_MESSAGE, Sampler, SamplingParams
-from .session_file import (CANCELLED_MARK, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
+from .session_file import (CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
                            SavedTurn, media_candidates, media_json_paths, read_session_file, session_json)  # fmt: skip
 from .template import MediaSpec, PromptBuilder, media_order
 
@@ -559,7 +559,7 @@ class Session:
         OSError names `path` (never the temporary file).
         """
         path = expand_home(path)
-        return write_atomic(path, session_json(self.to_json(settings, path)))
+        return write_atomic(path, session_json(self.to_json(settings, path)), SESSION_FILE_MODE)
 
     def load(self, path: str | Path) -> dict:
         """Replace the conversation with a saved one, re-prefilling it. Returns the saved JSON.
@@ -580,12 +580,15 @@ class Session:
         path = expand_home(path)
         builder = self.builder
         forbidden = (builder.img_start_id, builder.img_end_id, builder.img_context_id)
-        saved = read_session_file(path, self.loaded.config.text.vocab_size, forbidden)
-        # cheap bound before hashing any media or tokenizing any text: answers, image tokens and
-        # the fewest tokens the texts can take must fit
-        least = sum(len(t.answer_ids or ()) + sum(m.tiles for m in t.media) * builder.tokens_per_tile for t in saved.turns)
-        least += self._fewest_tokens(saved.system_message, *(t.user_text for t in saved.turns),
-                                     *(t.reply for t in saved.turns if t.answer_ids is None))  # fmt: skip
+        # ids past this vocabulary (a session saved with another model) are no damage: the answer's
+        # text is tokenized again (`_answer_ids`)
+        saved = read_session_file(path, None, forbidden)
+        # cheap bound before hashing any media or tokenizing any text: image tokens and the fewest
+        # tokens the texts can take must fit (an answer's saved ids, unless its text replaces them)
+        least = sum(sum(m.tiles for m in t.media) * builder.tokens_per_tile for t in saved.turns)
+        least += sum(min(len(t.answer_ids), self._fewest_tokens(t.reply)) if t.answer_ids is not None
+                     else self._fewest_tokens(t.reply) for t in saved.turns)  # fmt: skip
+        least += self._fewest_tokens(saved.system_message, *(t.user_text for t in saved.turns))
         if least > self.max_context:
             raise ContextOverflowError(
                 f"the conversation in {visible(str(path))} needs more than {least:,} tokens, over the "
@@ -624,9 +627,20 @@ class Session:
         """The answer's ids: as saved, or (a session saved from a server's answers, which has no ids)
         the answer's text tokenized again, when that is clearly the same text: the ids give it back
         exactly, and it holds no U+FFFD (the mark of bytes that were not UTF-8, whose tokens the text
-        cannot give back)."""
+        cannot give back).
+
+        Saved ids are kept only when they are the saved text (decoded as the answer streamed) and
+        hold no end-of-turn token, which ends every answer before it: the model must read the
+        answer the user sees. An edited text, ids that spell a hidden turn, or ids of another
+        model's vocabulary are tokenized again from the text."""
         if saved.answer_ids is not None:
-            return list(saved.answer_ids)
+            ids = list(saved.answer_ids)
+            stops = set(self.builder.stop_ids)
+            vocab = self.loaded.config.text.vocab_size
+            if (all(i < vocab for i in ids) and not stops.intersection(ids)
+                    and self.tokenizer.decode(ids, skip_special_tokens=True) == saved.reply):  # fmt: skip
+                return ids
+            return self.tokenizer.encode(saved.reply)
         ids = self.tokenizer.encode(saved.reply)
         if "\ufffd" in saved.reply or self.tokenizer.decode(ids) != saved.reply:
             raise UsageError(

@@ -36,6 +36,9 @@ from ..settings import MAX_RANGE_SECONDS
 from .dialects import DIALECTS
 
 SESSION_FORMAT = "internvl-chat-session"
+# A session holds what was typed and answered, as the history file does: private to its owner
+# (its new folders too), never readable by the other users of a shared machine.
+SESSION_FILE_MODE = 0o600
 SESSION_VERSION = 1
 
 # Limits of what a session may hold; far above any real conversation (the context caps it first).
@@ -51,7 +54,9 @@ USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_toke
 MAX_TOKEN_ID = 2**31 - 1  # when no vocabulary is known (a remote conversation reads the ids, never uses them)
 MAX_COUNT = 1 << 40  # usage counts
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# Written as \u escapes too (JSON escapes only C0): DEL, C1 controls, bidi overrides and isolates,
+# zero-width marks and lone surrogates, so `cat` or `less` on a session file shows the text inert.
+_ESCAPED_IN_FILE = re.compile("[\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
 _NOT_A_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # surrogates that os.fsencode cannot turn into a byte
 
 
@@ -290,10 +295,11 @@ def _brief(value: Any, width: int = 40) -> str:
 
 
 def session_json(data: dict) -> str:
-    """A session as the text of its file: JSON, non-ASCII kept readable, and lone surrogates (the
-    bytes of a file name that is not UTF-8) as `\\udcXX` escapes, which UTF-8 can hold."""
+    """A session as the text of its file: JSON, non-ASCII kept readable, lone surrogates (the bytes
+    of a file name that is not UTF-8) as `\\udcXX` escapes, which UTF-8 can hold, and characters that
+    would drive or reorder a terminal as escapes (the same JSON text)."""
     text = json.dumps(data, ensure_ascii=False, indent=1)
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)  # surrogates occur only inside JSON strings
+    return _ESCAPED_IN_FILE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)  # they occur only inside JSON strings
 
 
 # --- media paths -------------------------------------------------------------------------------

@@ -9,14 +9,14 @@ import signal
 import socket
 import sys
 
-from ..errors import UsageError
+from ..errors import OneLineParser, UsageError
 from ..files import expand_home, visible_lines
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="internvl-chat serve",
         description="Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health).",
         epilog="Defaults come from the [serve] section of the config file; flags win. Only data: URLs are read "

@@ -43,9 +43,9 @@ from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import (expand_home, is_special_file, read_text_file, undecodable_byte, visible, visible_file_name, visible_lines,
-                     write_atomic, xdg_dir)  # fmt: skip
-from ..settings import Settings, format_settings, toml_value
+from ..files import (NoHomeFolder, expand_home, is_special_file, read_text_file, undecodable_byte, visible, visible_file_name,
+                     visible_lines, write_atomic, xdg_dir)  # fmt: skip
+from ..settings import Settings, format_settings, shown_value, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
@@ -739,8 +739,8 @@ class App:
         return visible(self.settings.sources.get(dotted, "default"))
 
     def _setting_text(self, dotted: str) -> str:
-        """A value as the config file writes it (`false`, `"text"`), made safe to print."""
-        value = self.settings.get(dotted)
+        """A value as the config file writes it (`false`, `"text"`), made safe to print (a key masked)."""
+        value = shown_value(dotted, self.settings.get(dotted))
         return "(not set)" if value is None else visible(toml_value(value))
 
     def cmd_show(self, command: Command) -> None:
@@ -977,12 +977,17 @@ class App:
         candidates = [self._resolve(raw)]
         if not raw.suffix:
             candidates.append(self._resolve(Path(f"{raw}.json")))
-        folder = default_sessions_dir()
-        if not raw.is_absolute() and len(raw.parts) == 1:
+        try:
+            folder: Path | None = default_sessions_dir()
+        except NoHomeFolder:  # no home folder: a path still loads
+            folder = None
+        if folder is not None and not raw.is_absolute() and len(raw.parts) == 1:
             candidates += [folder / raw.name, folder / f"{raw.name}.json"]
         for candidate in candidates:
             if os.path.lexists(candidate):
                 return candidate
+        if folder is None:
+            raise UsageError(f"there is no session {visible(str(raw))} here; check the path")
         raise UsageError(f"there is no session {visible(str(raw))} here or in {visible(str(folder))}; "
                          "/load alone lists the saved ones")  # fmt: skip
 

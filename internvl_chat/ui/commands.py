@@ -200,11 +200,20 @@ def _seconds(text: str) -> float:
     return total
 
 
+def _cut(text: str, width: int = 40) -> str:
+    """A typed word for an error, cut short (a pasted 5,000-digit number is one word)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _shown(text: str) -> str:
+    return repr(_cut(text))
+
+
 def parse_range(text: str) -> tuple[float, float]:
     """'A-B' (seconds, or m:ss / h:mm:ss) -> (A, B) with 0 ≤ A < B; UsageError otherwise."""
     m = re.fullmatch(rf"\s*({_TIME})\s*-\s*({_TIME})\s*", text)
     hint = "give START-END in seconds with START before END, e.g. 2.5-10 or 1:00-1:30"
-    shown = repr(text) if len(text) <= 40 else repr(text[:39] + "…")
+    shown = _shown(text)
     if not m:
         raise UsageError(f"invalid time range {shown}; {hint}.")
     start, end = _seconds(m.group(1)), _seconds(m.group(2))
@@ -222,7 +231,7 @@ def _parse_int(text: str, what: str, spec: CommandSpec, maximum: int | None = No
         value = 0
     if value < 1 or maximum is not None and value > maximum:
         bounds = "≥ 1" if maximum is None else f"from 1 to {maximum}"
-        raise UsageError(f"/{spec.name}: {what} must be a whole number {bounds}, not {text!r}; usage: {spec.usage}")
+        raise UsageError(f"/{spec.name}: {what} must be a whole number {bounds}, not {_shown(text)}; usage: {spec.usage}")
     return value
 
 
@@ -261,8 +270,8 @@ def parse_line(line: str) -> Message | Command:
     if spec is None:
         hint = _suggest(head.lower(), list(COMMAND_BY_NAME), "/")
         if hint:
-            raise UsageError(f"unknown command /{head}; did you mean {hint}?")
-        raise UsageError(f"unknown command /{head}; type /help for the commands (// starts a message with /).")
+            raise UsageError(f"unknown command /{_cut(head)}; did you mean {hint}?")
+        raise UsageError(f"unknown command /{_cut(head)}; type /help for the commands (// starts a message with /).")
     return _parse_args(spec, rest.strip())
 
 
@@ -283,7 +292,7 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
                 valid = [o.name for o in spec.options]
                 hint = _suggest(name, valid, "")
                 tip = f"did you mean {hint}?" if hint else f"usage: {spec.usage}"
-                raise UsageError(f"/{spec.name} has no option {name}; {tip}")
+                raise UsageError(f"/{spec.name} has no option {_cut(name)}; {tip}")
             if opt.kind == "flag":
                 if eq:
                     raise UsageError(f"/{spec.name}: {name} takes no value; usage: {spec.usage}")

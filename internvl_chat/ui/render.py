@@ -390,10 +390,14 @@ class PlainStream:
 
 
 def make_console(file: IO[str] | None = None, color: str = "auto", env: Mapping[str, str] = os.environ) -> Console:
-    """A Console for `file` honouring the ui.color setting and NO_COLOR (any non-empty value)."""
+    """A Console for `file` honouring the ui.color setting and NO_COLOR (any non-empty value).
+
+    COLUMNS or LINES of 0 (set where the size is unknown) count as unset: rich took COLUMNS=0 as a
+    width of 0 and printed nothing at all, so a script's transcript was lost with status 0."""
     no_color = color == "never" or bool(env.get("NO_COLOR"))
     force_terminal = True if color == "always" and not no_color else None
-    return Console(file=file, no_color=no_color, force_terminal=force_terminal)
+    environ = {k: v for k, v in env.items() if not (k in ("COLUMNS", "LINES") and v.strip().isdigit() and int(v) == 0)}
+    return Console(file=file, no_color=no_color, force_terminal=force_terminal, _environ=environ)
 
 
 def choose_stream(

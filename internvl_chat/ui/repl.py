@@ -288,7 +288,12 @@ def open_history(settings: Settings, app: App | None = None) -> History:
     """
     if not settings.ui.history:
         return InMemoryHistory()
-    path = settings.ui.history_path
+    try:
+        path = settings.ui.history_path
+    except UsageError as e:  # `~` with no home folder, `~user` with no such user: the REPL still starts
+        if app is not None:
+            app.warn(f"{e}; the history is kept in memory only this time")
+        return InMemoryHistory()
     shown = visible(str(path))
 
     def memory_only(why: str) -> History:

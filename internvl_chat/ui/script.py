@@ -21,16 +21,19 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..chat.session_file import SESSION_FORMAT
 from ..errors import UsageError
 from ..files import OutputFailed, expand_home, read_bytes_file, read_stream, sniff_binary, undecodable_byte, visible
 from ..settings import Settings
 from .app import BLOCK_QUOTES, ERROR, EXIT, App, block_is_open
+from .paths import quote_path
 from .render import make_console
 from .setup import media_from_flags, open_conversation
 
@@ -71,13 +74,27 @@ def _read_script(name: str) -> str:
         data, shown = read_stream(sys.stdin.fileno(), "the script on stdin"), "on stdin"
     else:
         path = expand_home(name)
+        if _is_pipe(path):  # `--script <(…)` or /dev/stdin: a pipe is read from stdin, never opened by name
+            raise UsageError(f"the script {visible(str(path))} is a pipe, not a file; give the script on stdin "
+                             "instead: --script - (… | internvl-chat --script -)")  # fmt: skip
         data, shown = read_bytes_file(path, "script"), visible(str(path))
     kind = sniff_binary(data)
     if kind is not None:
         raise UsageError(f"the script {shown} is {kind}, not text; a script holds REPL lines "
                          "(attach pictures with /image PATH in it, or --image FILE)")  # fmt: skip
     text = data.decode("utf-8", errors="surrogateescape")
-    return text[1:] if text.startswith("\ufeff") else text
+    text = text[1:] if text.startswith("\ufeff") else text
+    if text.lstrip().startswith("{") and f'"{SESSION_FORMAT}"' in text[:1000]:  # each JSON line would be sent as a message
+        raise UsageError(f"the script {shown} is a session file saved with /save, not REPL lines; load it with "
+                         f"/load {quote_path(name)} (in the REPL, or as a script line)")  # fmt: skip
+    return text
+
+
+def _is_pipe(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False  # read_bytes_file says what is wrong
 
 
 def script_folder(name: str) -> Path | None:
