@@ -343,6 +343,49 @@ def test_integer_or_bool_weights_for_a_float_parameter(tiny_original, tmp_path, 
     one_line(err, name, str(dtype).removeprefix("torch."))
 
 
+HF_QKV = "model.vision_tower.encoder.layer.0.attention.q_proj."
+HF_QKV_LIES = {
+    # torch.cat of the pieces failed with its own RuntimeError (a traceback)
+    "narrower": ("weight", lambda t: t[:, :32], ["[64, 32]"]),
+    "one-dimensional": ("weight", lambda t: t[0], ["[64]"]),
+    "a scalar bias": ("bias", lambda t: t[0], ["q []"]),
+    # torch.cat promoted them to floats, so they loaded as a garbage model
+    "int32": ("weight", lambda t: t.to(torch.int32), ["int32"]),
+    "bool": ("weight", lambda t: t.bool(), ["bool"]),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_QKV_LIES))
+def test_hf_vision_qkv_pieces_that_do_not_fit_together(tiny_hf, tmp_path, case):
+    """The -hf layout splits the ViT's fused qkv into q/k/v pieces, fused back on reading."""
+    leaf, change, words = HF_QKV_LIES[case]
+
+    def edit(state):
+        state[HF_QKV + leaf] = change(state[HF_QKV + leaf]).contiguous()
+
+    folder = _with_weights(tiny_hf, tmp_path / "hf", edit)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, f"attn.qkv.{leaf}", "do not fit together", *words)
+
+
+def test_an_hf_vision_qkv_piece_stored_twice(tiny_hf, tmp_path):
+    """A q piece in two shards: read before its k and v, the second copy silently replaced the
+    first; read after them, it was blamed as a missing k and v. Both are named as any other tensor
+    stored twice."""
+    from safetensors.torch import load_file
+
+    name = HF_QKV + "weight"
+    for extra in ("model-0.safetensors", "model-9.safetensors"):  # read before, after the others
+        folder = tmp_path / extra
+        shutil.copytree(tiny_hf, folder)
+        save_file({name: load_file(folder / "model.safetensors")[name] * 2}, folder / extra)
+        (folder / "model.safetensors").rename(folder / "model-5.safetensors")
+        with pytest.raises(CheckpointError) as err:
+            load_model(folder, device="cpu", dtype="float32", max_context=64)
+        one_line(err, name, "twice")
+
+
 def test_nan_weights_in_float32_are_blamed_on_the_file_and_the_conversation_goes_on(tiny_original, tmp_path):
     """A weight full of NaN (a damaged file whose header is sound) made every answer fail with
     'usually a numeric overflow in half precision; try --dtype float32', already in float32."""

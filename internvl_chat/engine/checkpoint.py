@@ -475,6 +475,7 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None,
         raise ValueError(f"layout must be 'original' or 'hf', not {layout!r}")
     weights = find_weight_files(model_dir)
     pending: dict[str, list[torch.Tensor | None]] = {}  # fused qkv name → [q, k, v]
+    fused: set[str] = set()  # those already yielded
     for path in weights.files:
         for name, tensor in _iter_file(path, weights.kind, max_elements):
             if _is_ignored(name):
@@ -490,10 +491,13 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None,
                 yield canonical, tensor
                 continue
             parts = pending.setdefault(canonical, [None, None, None])
+            if parts[slot] is not None or canonical in fused:  # a second copy would replace the first
+                raise CheckpointError(f"the checkpoint holds tensor {_short(name)} twice; its shards overlap or it is damaged")
             parts[slot] = tensor
             if all(p is not None for p in parts):
                 del pending[canonical]
-                yield canonical, torch.cat(parts, dim=0)  # type: ignore[arg-type]
+                fused.add(canonical)
+                yield canonical, _fused_qkv(canonical, parts)  # type: ignore[arg-type]
     if pending:
         name, parts = next(iter(pending.items()))
         lacking = [s for s, p in zip(_QKV_SLOTS, parts) if p is None]
@@ -501,6 +505,21 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None,
             f"the checkpoint has only part of the vision attention for {_short(name)} (no {', '.join(lacking)}); "
             "the download may be incomplete"
         )
+
+
+def _fused_qkv(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The q, k, v row blocks of a -hf vision attention stacked into one tensor. They must be float
+    pieces of one shape past their rows: torch.cat would otherwise fail with its own traceback, or
+    promote integer or bool pieces to floats, hiding a damaged file the loader refuses elsewhere."""
+    shapes = [tuple(p.shape) for p in parts]
+    if any(not p.is_floating_point() for p in parts) or any(len(s) == 0 or s[1:] != shapes[0][1:] for s in shapes):
+        pieces = ", ".join(f"{slot[0]} {list(s)} {str(p.dtype).removeprefix('torch.')}"
+                           for slot, s, p in zip(_QKV_SLOTS, shapes, parts))  # fmt: skip
+        raise CheckpointError(
+            f"the vision attention pieces of {_short(name)} do not fit together ({pieces}); "
+            "the weight file is damaged or belongs to another model"
+        )
+    return torch.cat(parts, dim=0)
 
 
 def load_state_dict(model_dir: str | Path, layout: str | None = None) -> dict[str, torch.Tensor]:
