@@ -419,6 +419,11 @@ AWQ_LIES = [
     # shape errors name the linear, not only "cannot fuse"
     ("v_proj.qweight", lambda t: t[:, :-1], ["v_proj"]),
     ("q_proj.scales", lambda t: t.reshape(-1), ["q_proj", "2-D"]),
+    # a bias of the wrong shape: a UsageError naming no tensor ("bias has shape (72,)…"), or a
+    # RuntimeError traceback from concatenating a 2-D one
+    ("q_proj.bias", lambda t: t[:8], ["q_proj.bias", "(8,)", "64 outputs"]),
+    ("k_proj.bias", lambda t: t.reshape(4, 8), ["k_proj.bias", "(4, 8)", "32 outputs"]),
+    ("v_proj.bias", lambda t: t[0], ["v_proj.bias", "()"]),
 ]  # fmt: skip
 
 

@@ -302,11 +302,16 @@ class InternVLModel(nn.Module):
         del pending[key]
         group = self.cfg.quant.group_size
         for p in parts:  # each part on its own: concatenating would promote int/bool scales to floats
-            validate_awq(*(bag[f"{p}.{s}"] for s in _AWQ_SUFFIXES), group, name=f"{prefix}.{p}")
+            _, outputs = validate_awq(*(bag[f"{p}.{s}"] for s in _AWQ_SUFFIXES), group, name=f"{prefix}.{p}")
             bias_part = bag.get(f"{p}.bias")
             if bias_part is not None and not bias_part.is_floating_point():
                 raise CheckpointError(
                     f"tensor {prefix}.{p}.bias is stored as {str(bias_part.dtype).removeprefix('torch.')}, not as floats; "
+                    "the weight file is damaged"
+                )
+            if bias_part is not None and tuple(bias_part.shape) != (outputs,):  # else cat or Int4Linear fails unnamed
+                raise CheckpointError(
+                    f"tensor {prefix}.{p}.bias has shape {tuple(bias_part.shape)} but its 4-bit weight has {outputs} outputs; "
                     "the weight file is damaged"
                 )
         qweight, qzeros, scales = concat_awq([tuple(bag[f"{p}.{s}"] for s in _AWQ_SUFFIXES) for p in parts])
