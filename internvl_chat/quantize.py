@@ -24,6 +24,7 @@ nothing behind.
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
 import math
@@ -695,6 +696,16 @@ def publish(staging: Path, dst: Path) -> None:
         raise UsageError(f"cannot create the output {visible(str(dst))} ({e.strerror or e}); choose a new output folder") from None
 
 
+def _write_error(e: OSError, src: Path, dst: Path) -> UsageError:
+    """One line for a failed write (a full disk, an I/O error) or a source file that could not be
+    copied, named by the user's paths, never the staging folder's."""
+    reason = e.strerror or str(e)
+    if isinstance(e.filename, str) and Path(e.filename).parent == src:  # a tokenizer file of the source
+        return UsageError(f"cannot read {visible(e.filename)} ({reason}); check the file and its permissions")
+    advice = "free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk"
+    return UsageError(f"cannot write the output {visible(str(dst))} ({reason}); {advice} or choose another output folder")
+
+
 def quantize_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -744,7 +755,10 @@ def quantize_checkpoint(
         packed = quantize_model(loaded, data, method, group_size, clip, progress)
         tensors = {**float_tensors(loaded), **packed}
         with progress.phase("writing", len(checkpoint_files(tensors)) + 1, "files") as step:
-            write_checkpoint(staging, original_config(src, loaded.config, group_size), tensors, src, step)
+            try:
+                write_checkpoint(staging, original_config(src, loaded.config, group_size), tensors, src, step)
+            except OSError as e:
+                raise _write_error(e, src, dst) from None
             publish(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

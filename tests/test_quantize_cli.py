@@ -192,3 +192,37 @@ def test_an_unknown_users_home_is_one_line(config_only, tmp_path, monkeypatch, c
     code, lines = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and len(lines) == 1 and "there is no user 'internvl-chat-no-such-user'" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("failure", ["disk full", "source unreadable"])
+def test_a_failed_write_is_one_line_and_leaves_nothing(tiny_original, tmp_path, monkeypatch, capsys, failure):
+    """An OSError while writing the output (a full disk, a tokenizer file of the source that cannot be
+    read) escaped as a traceback; the staging folder was removed, but the user saw Python's insides."""
+    import errno
+    import os
+
+    import internvl_chat.quantize as quantize
+
+    if failure == "disk full":
+        def fail(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(quantize, "save_file", fail)
+        expected = ["cannot write the output", str(tmp_path / "out"), "No space left on device", "free some disk space"]
+    else:
+        copy = shutil.copy2
+
+        def fail(source, target, *args, **kwargs):
+            if Path(source).name == "tokenizer.json":
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(source))
+            return copy(source, target, *args, **kwargs)
+
+        monkeypatch.setattr(quantize.shutil, "copy2", fail)
+        expected = ["cannot read", str(tiny_original / "tokenizer.json"), "Permission denied"]
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--method", "rtn", "--device", "cpu",
+                          "--group-size", "32")  # fmt: skip
+    assert code == 2
+    errors = [line for line in lines if line.startswith("internvl-chat:")]
+    assert len(errors) == 1 and all(word in errors[0] for word in expected), lines
+    assert ".partial" not in errors[0] and not any("Traceback" in line for line in lines), lines
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
