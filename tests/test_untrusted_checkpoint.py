@@ -83,6 +83,9 @@ ORIGINAL_LIES = [
     ("llm_config.vocab_size", 0), ("llm_config.vocab_size", 10**9), ("llm_config.num_hidden_layers", 0),
     ("llm_config.num_hidden_layers", 10**6), ("llm_config.intermediate_size", -1), ("llm_config.intermediate_size", 10**8),
     ("llm_config.max_position_embeddings", 0), ("llm_config.max_position_embeddings", 2**40),
+    # fewer positions than the smallest --max-context: every turn was refused with advice to raise
+    # --max-context, which was refused in turn (above the model's positions, or below 16)
+    ("llm_config.max_position_embeddings", 8),
     ("llm_config.num_attention_heads", 0), ("llm_config.num_key_value_heads", 0), ("llm_config.rms_norm_eps", 0),
     ("llm_config.rms_norm_eps", float("nan")), ("llm_config.rope_theta", -1.0), ("llm_config.rope_theta", float("inf")),
     ("vision_config.hidden_size", 0), ("vision_config.num_hidden_layers", -2), ("vision_config.intermediate_size", 0),

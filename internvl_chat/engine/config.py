@@ -40,6 +40,7 @@ MAX_HEADS = 1024
 MAX_INTERMEDIATE = 1 << 18
 MAX_VOCAB = 1 << 21
 MAX_POSITIONS = 1 << 24
+MIN_POSITIONS = 16  # the smallest --max-context the app takes: a model with fewer could never be used
 MAX_IMAGE_SIZE = 4096
 MAX_GRID = 128  # patches per tile side (InternVL: 448 / 14 = 32)
 MAX_TILES = 64  # dynamic tiling limit; the candidate search is cubic in it
@@ -336,7 +337,7 @@ def _text_config(f: _Fields, tie_word_embeddings: bool) -> TextConfig:
         intermediate_size=f.integer("intermediate_size", 1, MAX_INTERMEDIATE),
         rms_norm_eps=f.number("rms_norm_eps", 0.0, 1.0, default=1e-6),
         rope_theta=_rope_theta(f),
-        max_position_embeddings=f.integer("max_position_embeddings", 1, MAX_POSITIONS, default=32768),
+        max_position_embeddings=f.integer("max_position_embeddings", MIN_POSITIONS, MAX_POSITIONS, default=32768),
         tie_word_embeddings=tie_word_embeddings,
     )
 
