@@ -213,6 +213,29 @@ def test_a_config_or_tokenizer_that_is_no_file_is_named(tiny_original, tmp_path,
     one_line(err, str(path), words)
 
 
+@pytest.mark.parametrize("fixture, name", [
+    ("tiny_original", "tokenizer_config.json"), ("tiny_hf", "preprocessor_config.json"),
+    ("tiny_original", "model.safetensors"), ("tiny_original", "model.safetensors.index.json"),
+    ("tiny_original", "model-00002-of-00002.safetensors"),
+])  # fmt: skip
+def test_other_checkpoint_files_that_are_broken_links_are_named(request, tmp_path, fixture, name):
+    """The same interrupted download, for the files read after config.json and tokenizer.json: a
+    broken tokenizer_config.json or preprocessor_config.json link was skipped (its added tokens or
+    tile limits silently lost), a broken model.safetensors link reported as a folder with no weights
+    at all, a broken index link skipped for the loose shards beside it, a broken shard link skipped."""
+    folder = tmp_path / "m"
+    shutil.copytree(request.getfixturevalue(fixture), folder)
+    path = folder / name
+    if path.exists():
+        path.unlink()
+    if name.startswith("model-"):  # the other shard is there
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    path.symlink_to(tmp_path / "blobs" / "0d5f1e")
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(path), "is a link to a file that does not exist")
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, tiny_tokenizer) -> Path:
     from make_tiny_checkpoint import make_tiny_checkpoint

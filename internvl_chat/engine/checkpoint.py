@@ -233,6 +233,16 @@ def _short(value: object) -> str:
     return visible(text if len(text) <= 60 else text[:57] + "…")
 
 
+def _refuse_broken_links(folder: Path, pattern: str) -> None:
+    """A weight file that is a link to nothing is what an interrupted download into the Hugging
+    Face cache leaves; skipped, it made the folder look like it held no weights (or fewer)."""
+    broken = sorted(p for p in folder.glob(pattern) if p.is_symlink() and not p.exists())
+    if broken:
+        raise CheckpointError(
+            f"{visible(str(broken[0]))} is a link to a file that does not exist; the download is incomplete (download it again)"
+        )
+
+
 def find_weight_files(model_dir: str | Path) -> WeightFiles:
     """Locate the weights of a checkpoint folder (or a single weight file).
 
@@ -249,18 +259,22 @@ def find_weight_files(model_dir: str | Path) -> WeightFiles:
     if not path.is_dir():
         raise CheckpointError(f"model folder {shown} does not exist; pass --model with a checkpoint folder")
 
-    if (path / SAFETENSORS_INDEX).exists():
+    # os.path.lexists: an index that is a broken link (an interrupted download into the Hugging Face
+    # cache) is named by the reader, not taken for none
+    if os.path.lexists(path / SAFETENSORS_INDEX):
         return WeightFiles("safetensors", _files_from_index(path / SAFETENSORS_INDEX, ".safetensors"), path / SAFETENSORS_INDEX)
     if (path / SAFETENSORS_SINGLE).is_file():
         return WeightFiles("safetensors", (path / SAFETENSORS_SINGLE,))
     loose = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    _refuse_broken_links(path, "*.safetensors")
     if loose:
         return WeightFiles("safetensors", tuple(loose))
-    if (path / BIN_INDEX).exists():
+    if os.path.lexists(path / BIN_INDEX):
         return WeightFiles("bin", _files_from_index(path / BIN_INDEX, ".bin"), path / BIN_INDEX)
     if (path / BIN_SINGLE).is_file():
         return WeightFiles("bin", (path / BIN_SINGLE,))
     loose = sorted(p for p in path.glob("pytorch_model*.bin") if p.is_file())
+    _refuse_broken_links(path, "pytorch_model*.bin")
     if loose:
         return WeightFiles("bin", tuple(loose))
     tinychat = sorted(p for p in path.glob("*.pt") if p.is_file())

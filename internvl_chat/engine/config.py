@@ -467,7 +467,7 @@ def _read_hf_tiling(model_dir: Path) -> dict[str, Any]:
     """The -hf layout keeps its tile limits in preprocessor_config.json (`min_patches`,
     `max_patches`); transformers' InternVL processor always tiles (crop_to_patches)."""
     path = Path(model_dir) / "preprocessor_config.json"
-    if not path.exists():
+    if not os.path.lexists(path):  # a broken link is named by the reader, not taken for none
         return {}
     f = _Fields(read_json_object(path, "the checkpoint's preprocessor_config.json"), "", visible(str(path)))
     high = f.integer("max_patches", 1, MAX_TILES, default=12)

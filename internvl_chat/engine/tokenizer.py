@@ -311,7 +311,7 @@ def _check_for_transformers(model_dir: Path) -> None:
 
 def _read_config(model_dir: Path) -> dict:
     path = model_dir / TOKENIZER_CONFIG
-    if not path.is_file():
+    if not os.path.lexists(path):  # a folder, a FIFO or a broken link is named by the reader, not taken for none
         return {}
     try:
         config = json.loads(read_text_file(path, "the tokenizer config", JSON_LIMIT, CheckpointError))
