@@ -466,6 +466,30 @@ def test_lying_awq_parts_of_a_fused_linear(tiny_awq, tmp_path, leaf, change, wor
     one_line(err, *words)
 
 
+@pytest.mark.parametrize("bias", [torch.tensor(1.0), torch.zeros(10), torch.zeros(128, 2)], ids=["scalar", "short", "2-D"])
+def test_a_tinychat_fused_qkv_bias_of_the_wrong_shape(tiny_original, bias):
+    """A TinyChat file stores q/k/v biases fused, split here by the config's widths: a scalar one
+    raised IndexError (a traceback), a short or 2-D one was cut into parts of the wrong shapes."""
+    import dataclasses
+
+    from internvl_chat.engine.config import QuantConfig
+    from internvl_chat.engine.tinychat import convert_tinychat
+
+    cfg = dataclasses.replace(load_config(tiny_original), quant=QuantConfig(group_size=64))
+    name = "language_model.model.layers.0.self_attn.qkv_proj.bias"
+    with pytest.raises(CheckpointError) as err:
+        list(convert_tinychat([(name, bias)], cfg))
+    one_line(err, name, str(tuple(bias.shape)), "(128,)")
+
+
+def test_a_tinychat_qweight_of_the_wrong_type_names_its_linear():
+    from internvl_chat.quant.awq_format import tinychat_v2_to_awq
+
+    with pytest.raises(CheckpointError) as err:
+        tinychat_v2_to_awq(torch.zeros(2, 64, dtype=torch.int32), torch.ones(1, 8), torch.zeros(1, 8), 64, 8, 64, name="m.o_proj")
+    one_line(err, "m.o_proj", "int32", "damaged")
+
+
 # ------------------------------------------------------------------ safetensors headers
 
 
