@@ -638,6 +638,18 @@ def checkpoint_files(tensors: dict[str, torch.Tensor]) -> list[tuple[str, list[s
     return [(f"model-{i:05d}-of-{len(shards):05d}.safetensors", shard) for i, shard in enumerate(shards, 1)]
 
 
+def config_text(config: dict) -> str:
+    """config.json's text: readable UTF-8, or all-ASCII escapes where the source config holds a
+    lone surrogate (a JSON "\\ud800" escape in a key we do not read), which UTF-8 cannot encode;
+    writing it failed with a traceback once the whole run was done."""
+    text = json.dumps(config, indent=2, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(config, indent=2)  # the escapes as the source wrote them
+    return text
+
+
 def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], src_dir: Path, step: Step = _no_step) -> None:
     """The weight file(s), config.json and the tokenizer files into `dst`; `step()` after each file."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -649,7 +661,7 @@ def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], 
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": {n: file for file, names in files for n in names}}
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (dst / "config.json").write_text(config_text(config), encoding="utf-8")
     for name in TOKENIZER_FILES:
         if (src_dir / name).is_file():
             shutil.copy2(src_dir / name, dst / name)

@@ -226,3 +226,17 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tiny_original, tmp_path, 
     assert len(errors) == 1 and all(word in errors[0] for word in expected), lines
     assert ".partial" not in errors[0] and not any("Traceback" in line for line in lines), lines
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
+
+
+def test_a_source_config_with_a_lone_surrogate_escape_is_written_back_as_it_was(tiny_original, tmp_path, monkeypatch, capsys):
+    """A "\\ud800" escape under a key the engine never reads passes load_config; writing the output
+    config.json as UTF-8 then failed with a UnicodeEncodeError traceback at the very end of the run."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_original, src)
+    text = (src / "config.json").read_text(encoding="utf-8")
+    (src / "config.json").write_text(text.replace("{", '{"notes": "\\ud800 caf\\u00e9", ', 1), encoding="utf-8")
+    code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
+    assert code == 0, lines
+    raw = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
+    assert raw["notes"] == "\ud800 café" and raw["llm_config"]["quantization_config"]["group_size"] == 32
+    load_config(tmp_path / "out")
