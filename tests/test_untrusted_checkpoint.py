@@ -137,6 +137,30 @@ def test_hf_config_lies_are_one_line(tiny_hf, dotted, value):
     one_line(err, dotted.split(".")[-1])
 
 
+LONG = "X" * 100_000
+LONG_NAMES = [
+    ("architectures", [LONG]), ("model_type", LONG), ("llm_config.architectures", [LONG]),
+    ("llm_config.model_type", LONG), ("llm_config.rope_scaling", {"type": LONG}),
+    ("llm_config.quantization_config", {"quant_method": LONG}),
+    ("llm_config.quantization_config", {"quant_method": "awq", "version": LONG}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dotted, value", LONG_NAMES, ids=[d + "." + str(type(v).__name__) + str(i) for i, (d, v) in enumerate(LONG_NAMES)])
+def test_a_long_name_from_config_json_is_cut_short_in_the_error(tiny_original, dotted, value):
+    """Unsupported architectures, model types, RoPE kinds and AWQ methods were shown whole: a
+    100,000-character name made a 100,000-character error line."""
+    raw = edited(config_of(tiny_original), dotted, value)
+    if dotted.endswith("model_type"):  # shown when there are no architectures
+        raw = edited(raw, dotted.replace("model_type", "architectures"), [])
+    if dotted == "architectures":  # else the model type alone names the layout
+        raw["model_type"] = "other"
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw, "/models/x/config.json")
+    text = one_line(err)
+    assert "xxxx" in text.lower() and len(text) < 300, text
+
+
 def test_a_config_that_is_not_an_object(tmp_path):
     for value in ([], "InternVL", 3, None):
         with pytest.raises(CheckpointError) as err:
@@ -252,6 +276,8 @@ def sharded(tmp_path_factory, tiny_tokenizer) -> Path:
         ({"a": "model.bin"}, ["model.bin"]),
         ({"a": 7}, ["7"]),
         ({"a": "x\x1b[2J.safetensors"}, ["x\\e[2J.safetensors"]),
+        # longer than a file name can be: checking that it exists raised OSError (a traceback)
+        ({"a": "x" * 300 + ".safetensors"}, ["xxxx…", "not a .safetensors file name"]),
         ([], ["weight_map"]),
         ({}, ["weight_map"]),
         ("model.safetensors", ["weight_map"]),

@@ -201,6 +201,7 @@ def _is_plain_file_name(name: str, suffix: str) -> bool:
         and name not in (".", "..")
         and not any(c in name for c in "/\\\0")
         and visible(name) == name
+        and len(name.encode("utf-8")) <= 255  # NAME_MAX: a longer one made the existence check raise OSError
     )
 
 
@@ -222,7 +223,7 @@ def _files_from_index(index: Path, suffix: str) -> tuple[Path, ...]:
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(
-            f"{visible(index.name)} names {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}, which "
+            f"{visible(index.name)} names {', '.join(map(_short, missing[:3]))}{' …' if len(missing) > 3 else ''}, which "
             f"{'is' if len(missing) == 1 else 'are'} missing from {visible(str(index.parent))}; download the remaining shards"
         )
     return files
@@ -401,7 +402,7 @@ def _pickle_refusal(path: Path, error: BaseException) -> CheckpointError:
     refused = _REFUSED_GLOBAL.search(text)
     if refused:
         return CheckpointError(
-            f"{shown} holds Python objects besides tensors ({visible(refused[1])}) and is refused for safety: only plain "
+            f"{shown} holds Python objects besides tensors ({_short(refused[1])}) and is refused for safety: only plain "
             "state dicts of tensors load; use the checkpoint's safetensors files instead"
         )
     if "Weights only load failed" in text:

@@ -164,6 +164,11 @@ def _shown(value: Any) -> str:
     return visible(text)
 
 
+def _quoted(text: str) -> str:
+    """A name from the file, quoted for an error message: short, and safe to print."""
+    return visible(repr(text if len(text) <= 40 else text[:37] + "…"))
+
+
 class _Fields:
     """Typed, range-checked access to one JSON object of config.json.
 
@@ -276,7 +281,7 @@ def _check_llm_kind(f: _Fields) -> None:
         )
     if archs and not any(a in SUPPORTED_LLMS for a in archs) or (model_type and model_type != "qwen2"):
         raise CheckpointError(
-            f"unsupported LLM {visible(str(archs or model_type))} in {f.path}; "
+            f"unsupported LLM {_shown(archs or model_type)} in {f.path}; "
             "internvl-chat supports Qwen2-based InternVL3 checkpoints"
         )
 
@@ -291,7 +296,7 @@ def _rope_theta(f: _Fields) -> float:
         kind = section.text("rope_type", None) or section.text("type", None) or "default"
         if kind not in ROPE_TYPES:
             raise CheckpointError(
-                f"{f.source}: {section.path} asks for {visible(kind)!r} RoPE scaling, which internvl-chat does not "
+                f"{f.source}: {section.path} asks for {_quoted(kind)} RoPE scaling, which internvl-chat does not "
                 "compute; InternVL3 checkpoints use default or dynamic RoPE"
             )
     if f.has("rope_theta"):
@@ -393,7 +398,7 @@ def _quant_config(f: _Fields | None, text: TextConfig) -> QuantConfig | None:
     method = f.text("quant_method", "").lower()
     if method != "awq":
         raise CheckpointError(
-            f"quantization method {visible(method)!r} is not supported; internvl-chat loads AWQ 4-bit checkpoints"
+            f"quantization method {_quoted(method)} is not supported; internvl-chat loads AWQ 4-bit checkpoints"
         )
     bits = f.integer("bits", 1, 64, default=None)
     bits = f.integer("w_bit", 1, 64, default=4) if bits is None else bits
@@ -405,7 +410,7 @@ def _quant_config(f: _Fields | None, text: TextConfig) -> QuantConfig | None:
     if q.bits != 4:
         raise CheckpointError(f"AWQ with {q.bits} bits is not supported; only 4-bit AWQ checkpoints load")
     if q.version != "gemm":
-        raise CheckpointError(f"AWQ version {visible(q.version)!r} is not supported; only the 'gemm' packing loads")
+        raise CheckpointError(f"AWQ version {_quoted(q.version)} is not supported; only the 'gemm' packing loads")
     if q.group_size <= 0 or q.group_size % 32:
         raise CheckpointError(f"AWQ group size {q.group_size} is not supported; use a multiple of 32 (128 is standard)")
     if not q.zero_point:
@@ -492,7 +497,7 @@ def parse_config(raw: Any, source: str = "config.json") -> ModelConfig:
         text_f.raw = {"model_type": "qwen2", **text_f.raw}
     else:
         raise CheckpointError(
-            f"unknown architecture {visible(str(archs or model_type or '(none)'))}; internvl-chat loads InternVL3 "
+            f"unknown architecture {_shown(archs or model_type or '(none)')}; internvl-chat loads InternVL3 "
             f"checkpoints ({ORIGINAL_ARCH} or {HF_ARCH})"
         )
 
