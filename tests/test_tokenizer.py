@@ -410,6 +410,18 @@ def test_a_long_token_in_an_error_is_cut_short(tmp_path, tiny_tokenizer):
     assert len(str(err.value)) < 300
 
 
+def test_a_long_value_quoted_by_the_tokenizer_json_parser_is_cut_short(tmp_path, tiny_tokenizer):
+    """The Rust parser quotes a value of the wrong type whole: a 100,000-character string where an
+    id belongs made a 100,000-character error line."""
+    (tmp_path / "tokenizer_config.json").write_bytes((tiny_tokenizer / "tokenizer_config.json").read_bytes())
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    data["added_tokens"][0]["id"] = "y" * 100_000
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="tokenizer.json: invalid type") as err:
+        load_tokenizer(tmp_path)
+    assert "yyyy" in str(err.value) and len(str(err.value)) < 300 and "\n" not in str(err.value)
+
+
 def test_a_regex_the_backend_cannot_run_is_one_error_and_the_conversation_goes_on(tiny_original, tmp_path):
     """tokenizer.json may hold a pre-tokenizer regex that backtracks without end: the Rust backend
     panics, and pyo3's PanicException (a BaseException) ended the app with a traceback."""

@@ -358,9 +358,12 @@ def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
     return TransformersTokenizer(hf)
 
 
-def _first_line(e: Exception) -> str:
+def _first_line(e: BaseException) -> str:
+    """A library's reason, short: the JSON parser quotes the offending value whole (a
+    100,000-character string made a 100,000-character error line)."""
     text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= 120 else line[:117] + "…"
 
 
 # -------------------------------------------------------------------------------- special ids
