@@ -380,6 +380,19 @@ def test_a_tensor_larger_than_the_model_is_refused_before_it_is_read(tiny_origin
     assert max(sizes, default=0) <= 4 * largest  # this file stores nothing wider than float32
 
 
+def test_a_long_unexpected_tensor_name_is_cut_short(tiny_original, tmp_path):
+    """A header may name a tensor with 100,000 characters; the error listing unexpected tensors
+    showed it whole."""
+
+    def add(state):
+        state["\x1b[2J" + "z" * 100_000] = torch.zeros(2)
+
+    folder = _with_weights(tiny_original, tmp_path / "long", add)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    assert len(one_line(err, "unexpected tensor", "\\e[2Jzzzz")) < 300
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool, torch.uint8])
 def test_integer_or_bool_weights_for_a_float_parameter(tiny_original, tmp_path, dtype):
     """A dense weight stored as integers or bools is a damaged or mislabelled file: it used to be

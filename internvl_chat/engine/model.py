@@ -77,6 +77,12 @@ def _stop_if_set(cancel: threading.Event | None) -> None:
         raise Cancelled("cancelled before the answer began")
 
 
+def _short_name(name: str) -> str:
+    """A tensor name from the file for an error line: escaped, and cut short (a header may hold a
+    name of any length)."""
+    return visible(name if len(name) <= 80 else name[:77] + "…")
+
+
 class PendingInt4(nn.Module):
     """Stands where a 4-bit linear will go until its packed tensors have all been read."""
 
@@ -237,7 +243,7 @@ class InternVLModel(nn.Module):
             missing -= self._tie_embeddings(seen)
         if unexpected:
             raise CheckpointError(
-                f"the checkpoint has {len(unexpected)} unexpected tensor(s), e.g. {', '.join(map(visible, unexpected[:3]))}; "
+                f"the checkpoint has {len(unexpected)} unexpected tensor(s), e.g. {', '.join(map(_short_name, unexpected[:3]))}; "
                 "it does not match its config.json (wrong layout or a different model)"
             )
         if missing:
