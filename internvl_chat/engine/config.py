@@ -176,12 +176,12 @@ class _Fields:
     absent is refused by name.
     """
 
-    def __init__(self, raw: Any, path: str, source: str):
-        self.path, self.source = path, source
+    def __init__(self, raw: Any, path: str, source: str, file: str = "config.json"):
+        self.path, self.source, self.file = path, source, file  # `file`: the name advice gives
         if not isinstance(raw, dict):
             raise CheckpointError(
                 f"{source}: {path or 'the top level'} must be a JSON object, not {_shown(raw)}; "
-                "the checkpoint's config.json is damaged or not an InternVL3 config"
+                f"the checkpoint's {file} is damaged or not an InternVL3 config"
             )
         self.raw = raw
 
@@ -191,7 +191,7 @@ class _Fields:
     def refuse(self, key: str, expect: str) -> CheckpointError:
         return CheckpointError(
             f"{self.source}: {self._name(key)} must be {expect}, not {_shown(self.raw.get(key))}; "
-            "the checkpoint's config.json is damaged or was edited"
+            f"the checkpoint's {self.file} is damaged or was edited"
         )
 
     def _get(self, key: str, default: Any) -> Any:
@@ -199,7 +199,7 @@ class _Fields:
         if value is None:
             if default is _REQUIRED:
                 raise CheckpointError(
-                    f"{self.source}: {self._name(key)} is missing; the checkpoint's config.json is incomplete"
+                    f"{self.source}: {self._name(key)} is missing; the checkpoint's {self.file} is incomplete"
                 )
             return None
         return value
@@ -265,7 +265,7 @@ class _Fields:
         value = self._get(key, _REQUIRED if required else None)
         if value is None:
             return None
-        return _Fields(value, self._name(key), self.source)
+        return _Fields(value, self._name(key), self.source, self.file)
 
 
 # -------------------------------------------------------------------------------- sections
@@ -474,7 +474,7 @@ def _read_hf_tiling(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "preprocessor_config.json"
     if not os.path.lexists(path):  # a broken link is named by the reader, not taken for none
         return {}
-    f = _Fields(read_json_object(path, "the checkpoint's preprocessor_config.json"), "", visible(str(path)))
+    f = _Fields(read_json_object(path, "the checkpoint's preprocessor_config.json"), "", visible(str(path)), path.name)
     high = f.integer("max_patches", 1, MAX_TILES, default=12)
     low = f.integer("min_patches", 1, high, default=1)
     return {"max_dynamic_patch": high, "min_dynamic_patch": low}
