@@ -578,6 +578,27 @@ def test_lying_safetensors_header_is_one_line(tiny_original, tmp_path, case):
     assert one_line(err, str(path)).split(" (")[0] == text.split(" (")[0]
 
 
+def test_a_header_larger_than_any_checkpoint_needs_is_refused_unparsed(tiny_original, tmp_path, monkeypatch):
+    """The library parses headers of up to 100 MB: ~1.5 million tensor entries, which took ~1.5 GB
+    and tens of seconds to parse and list (twice). 16 MiB is ~50 times what InternVL3-78B needs."""
+    from internvl_chat.engine import checkpoint
+
+    folder = tmp_path / "big header"
+    shutil.copytree(tiny_original, folder)
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = data[8 : 8 + length] + b" " * (17 << 20)  # whitespace padding, which the format allows
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length :])
+    parsed: list[str] = []
+    real = checkpoint.safe_open
+    monkeypatch.setattr(checkpoint, "safe_open", lambda name, **kw: parsed.append(name) or real(name, **kw))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(path), "safetensors", "17 MiB")
+    assert parsed == []
+
+
 def test_a_dtype_the_engine_does_not_load(tiny_original, tmp_path):
     folder = tmp_path / "f8"
     shutil.copytree(tiny_original, folder)

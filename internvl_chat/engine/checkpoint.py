@@ -324,12 +324,30 @@ def _open_regular(path: Path, what: str):
         raise
 
 
+# A header lists each tensor in ~100 bytes: InternVL3-78B's ~3,000 tensors take ~300 KiB. The
+# library takes up to 100 MB (~1.5 million tensors), which costs ~1.5 GB and ~10 s to parse and
+# list, twice per file (sizes first, then the weights): a file we did not write must not.
+MAX_HEADER_BYTES = 16 << 20
+
+
+def _check_header_size(path: Path, shown: str) -> None:
+    with _open_regular(path, "weight file") as f:
+        head = f.read(8)
+    if len(head) == 8 and struct.unpack("<Q", head)[0] > MAX_HEADER_BYTES:  # a short file: the library says so
+        size = struct.unpack("<Q", head)[0]
+        raise CheckpointError(
+            f"{shown} is not a safetensors file, or a damaged one (its header claims {size / 2**20:,.0f} MiB, "
+            f"over the {MAX_HEADER_BYTES >> 20} MiB any checkpoint needs); download it again"
+        )
+
+
 def _safetensors_entries(path: Path, shown: str) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
     """(name, dtype, shape, byte count) of every tensor, in file order, from a header that the
     safetensors library has parsed and validated: a JSON object of sane depth and size, every
     tensor with a known dtype, offsets that are ordered, contiguous, match shape × dtype and
     cover the data exactly. Because they are contiguous, each tensor's offset is the sum of
     the byte counts before it."""
+    _check_header_size(path, shown)
     try:
         with safe_open(str(path), framework="pt") as f:
             entries = []
