@@ -750,7 +750,12 @@ def quantize_checkpoint(
     calib = expand_home(calib_dir) if calib_dir else None
     if calib is not None and method == "awq":
         calibration_files(calib)
-    staging = staging_folder(dst)
+    new_parents = _missing_parents(dst)
+    try:
+        staging = staging_folder(dst)
+    except BaseException:
+        _remove_empty(new_parents)
+        raise
     try:
         with progress.phase("loading", 1, "model") as step:
             # the app's default dtype (cpu_features: bf16 for a large decoder on CPU too, its products in
@@ -774,8 +779,28 @@ def quantize_checkpoint(
             publish(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(new_parents)
         raise
     return dst
+
+
+def _missing_parents(dst: Path) -> list[Path]:
+    """The folders above `dst` that do not exist yet, deepest first: the staging folder's creation
+    makes them, and a failed run removes them again (it left `a/b/` behind for `a/b/out`)."""
+    missing = []
+    for parent in dst.parents:
+        if os.path.lexists(parent):
+            break
+        missing.append(parent)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; one that is no longer empty is someone else's now
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 class _Parser(argparse.ArgumentParser):

@@ -240,3 +240,17 @@ def test_a_source_config_with_a_lone_surrogate_escape_is_written_back_as_it_was(
     raw = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
     assert raw["notes"] == "\ud800 café" and raw["llm_config"]["quantization_config"]["group_size"] == 32
     load_config(tmp_path / "out")
+
+
+def test_a_failed_run_removes_the_parent_folders_it_made(config_only, tiny_original, tmp_path, monkeypatch, capsys):
+    """The output's missing parent folders are made with the staging folder; a run that failed (here:
+    no weights) or was interrupted removed the staging folder but left `a/b/` behind."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "a" / "b" / "out", "--method", "rtn")
+    assert code == 2 and "no weights" in lines[-1], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    (tmp_path / "a").mkdir()  # a folder that was there stays
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_original, tmp_path / "a" / "b" / "c" / "out", "awq", group_size=32, samples=2,
+                            device="cpu", progress=InterruptWhile("AWQ search"))  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "a"]) and list((tmp_path / "a").iterdir()) == []
