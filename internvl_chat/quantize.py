@@ -49,7 +49,7 @@ from .chat.template import MediaSpec, PromptBuilder
 from .engine.config import ModelConfig, load_config, read_config_json
 from .engine.language import Attention, DecoderLayer, Qwen2ForCausalLM
 from .engine.loader import LoadedModel, load_model, resolve_device
-from .errors import UsageError
+from .errors import CheckpointError, UsageError
 from .files import MiB, expand_home, read_bytes_file, visible
 from .media.image import load_image, normalize_tiles
 from .quant.awq_format import SCALE_MIN, dequantize_awq, quantize_rtn
@@ -559,6 +559,24 @@ def quantize_model(
     return packed
 
 
+_FILE_NAMES = {".qkv_proj.": ".{q,k,v}_proj.", ".gate_up_proj.": ".{gate,up}_proj."}  # the engine fuses them
+
+
+def check_finite(loaded: LoadedModel) -> None:
+    """Refuse a source whose weights hold NaN or inf: quantizing it wrote a NaN scale (and garbage
+    4-bit values) without a word, and the output then failed in chat, blamed on itself. Checked in
+    slices, so no mask the size of the embeddings is made."""
+    with torch.inference_mode():
+        for name, tensor in loaded.model.named_parameters():
+            if tensor.is_floating_point() and not all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(1 << 24)):
+                for fused, pieces in _FILE_NAMES.items():  # the names the weight file uses
+                    name = name.replace(fused, pieces)
+                raise CheckpointError(
+                    f"the source checkpoint's tensor {visible(name)} holds NaN or inf values: its weight file is damaged; "
+                    "download it again before quantizing"
+                )
+
+
 # ---- writing the checkpoint -------------------------------------------------------------------
 
 
@@ -763,6 +781,7 @@ def quantize_checkpoint(
             # a calibration sample is at most ~1.3k tokens; the cache may not exceed the model's positions
             context = min(4096, cfg.text.max_position_embeddings)
             loaded = load_model(src, device=device, dtype="auto", max_context=context, cuda_graphs=False)
+            check_finite(loaded)
             step()
         data: list[Sample] = []
         if method == "awq":

@@ -254,3 +254,22 @@ def test_a_failed_run_removes_the_parent_folders_it_made(config_only, tiny_origi
         quantize_checkpoint(tiny_original, tmp_path / "a" / "b" / "c" / "out", "awq", group_size=32, samples=2,
                             device="cpu", progress=InterruptWhile("AWQ search"))  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "a"]) and list((tmp_path / "a").iterdir()) == []
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("language_model.model.layers.0.self_attn.k_proj.weight", "layers.0.self_attn.{q,k,v}_proj.weight"),
+    ("language_model.model.layers.1.input_layernorm.weight", "layers.1.input_layernorm.weight"),
+])  # fmt: skip
+def test_a_source_with_nan_weights_is_refused_before_quantizing(tiny_original, tmp_path, monkeypatch, capsys, name, shown):
+    """A NaN in the source was quantized without a word into a NaN scale (RTN and AWQ alike); the
+    output then failed in chat with advice to re-download it."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_original, src)
+    state = load_file(src / "model.safetensors")
+    state[name][0] = float("nan")
+    save_file(state, src / "model.safetensors")
+    code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
+    assert code == 2 and shown in lines[-1] and "NaN" in lines[-1] and "download it again" in lines[-1], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
