@@ -410,6 +410,51 @@ def test_a_long_token_in_an_error_is_cut_short(tmp_path, tiny_tokenizer):
     assert len(str(err.value)) < 300
 
 
+def test_many_tokens_declared_only_in_tokenizer_config_are_added_at_once(tmp_path, tiny_tokenizer, monkeypatch):
+    """Each token added on its own rebuilt the backend's matcher: a tokenizer_config.json declaring
+    8,000 new tokens took a minute to load, 60,000 (a 2 MB file) hours. They are added in one call,
+    at the ids declared, each of its declared kind."""
+    import tokenizers
+
+    (tmp_path / "tokenizer.json").write_bytes((tiny_tokenizer / "tokenizer.json").read_bytes())
+    config = json.loads((tiny_tokenizer / "tokenizer_config.json").read_text(encoding="utf-8"))
+    first = load_tokenizer(tiny_tokenizer)
+    base = len(first)
+    declared = {str(base + i): {"content": f"<new{i}>", "special": i % 3 == 0} for i in range(3000)}
+    config["added_tokens_decoder"] = {**config.get("added_tokens_decoder", {}), **declared}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+
+    calls: list[int] = []
+    real = tokenizers.Tokenizer
+
+    class Counting:  # the backend, counting the tokens of each call that adds some
+        def __init__(self, backend):
+            object.__setattr__(self, "_backend", backend)
+
+        def __getattr__(self, name):
+            attr = getattr(self._backend, name)
+            if name in ("add_tokens", "add_special_tokens"):
+                return lambda tokens: calls.append(len(tokens)) or attr(tokens)
+            return attr
+
+        def __setattr__(self, name, value):
+            setattr(self._backend, name, value)
+
+    class Backend:
+        @staticmethod
+        def from_str(text):
+            return Counting(real.from_str(text))
+
+    monkeypatch.setattr(tokenizers, "Tokenizer", Backend)
+    tok = load_tokenizer(tmp_path)
+    assert calls == [3000]
+    assert len(tok) == base + 3000
+    for i in (0, 1, 2, 2999):
+        assert tok.convert_tokens_to_ids(f"<new{i}>") == base + i
+        assert ((base + i) in tok.special_ids) == (i % 3 == 0)
+    assert first.special_ids <= tok.special_ids
+
+
 def test_a_long_value_quoted_by_the_tokenizer_json_parser_is_cut_short(tmp_path, tiny_tokenizer):
     """The Rust parser quotes a value of the wrong type whole: a 100,000-character string where an
     id belongs made a 100,000-character error line."""

@@ -219,24 +219,29 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
     special: set[int] = set()
     # Added tokens declared only in tokenizer_config.json are added, at the ids it declares
     # (transformers does the same); a token already there keeps its id and takes the declared kind.
-    for token_id, entry in _declared_added_tokens(model_dir, config):
+    # They are added in one call, in id order (each takes the next id): one call per token rebuilt
+    # the backend's matcher every time, so 8,000 of them took a minute and 60,000 hours.
+    declared = _declared_added_tokens(model_dir, config)
+    new: dict[str, AddedToken] = {}
+    for _, entry in declared:
         content = entry["content"]
-        is_special = bool(entry.get("special", False))
-        known = backend.token_to_id(content)
-        if known is None:
-            token = AddedToken(
+        if content not in new and backend.token_to_id(content) is None:
+            is_special = bool(entry.get("special", False))
+            new[content] = AddedToken(
                 content,
                 single_word=bool(entry.get("single_word", False)),
                 lstrip=bool(entry.get("lstrip", False)),
                 rstrip=bool(entry.get("rstrip", False)),
                 normalized=bool(entry.get("normalized", not is_special)),
-                special=is_special,
+                special=is_special,  # add_tokens keeps the kind
             )
-            (backend.add_special_tokens if is_special else backend.add_tokens)([token])
-            known = backend.token_to_id(content)
+    if new:
+        backend.add_tokens(list(new.values()))
+    for token_id, entry in declared:
+        known = backend.token_to_id(entry["content"])
         if known != token_id:
-            raise _config_error(model_dir, f"it gives {_brief(content)} the id {token_id}, tokenizer.json {known}")
-        if is_special:
+            raise _config_error(model_dir, f"it gives {_brief(entry['content'])} the id {token_id}, tokenizer.json {known}")
+        if entry.get("special", False):
             special.add(token_id)
 
     for token in backend.get_added_tokens_decoder().items():
