@@ -253,12 +253,11 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
     if isinstance(extra, dict):  # transformers 5 may store {name: token}
         extra = list(extra.values())
     named += [_token_content(t) for t in extra] if isinstance(extra, list) else []
-    for content in named:
-        if content is None:
-            continue
-        if backend.token_to_id(content) is None:  # transformers adds a named special token it lacks
-            backend.add_special_tokens([AddedToken(content, special=True, normalized=False)])
-        special.add(backend.token_to_id(content))
+    named = [content for content in dict.fromkeys(named) if content is not None]
+    lacking = [content for content in named if backend.token_to_id(content) is None]
+    if lacking:  # transformers adds a named special token it lacks; all at once, as above
+        backend.add_special_tokens([AddedToken(content, special=True, normalized=False) for content in lacking])
+    special.update(backend.token_to_id(content) for content in named)
     return FastTokenizer(backend, frozenset(special))
 
 
