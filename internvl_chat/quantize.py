@@ -46,7 +46,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from .chat.template import MediaSpec, PromptBuilder
-from .engine.config import ModelConfig, load_config, read_config_json
+from .engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, load_config, read_config_json
 from .engine.language import Attention, DecoderLayer, Qwen2ForCausalLM
 from .engine.loader import LoadedModel, load_model, resolve_device
 from .errors import CheckpointError, UsageError
@@ -488,8 +488,9 @@ def _fold(prev_weight: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.T
 
 
 def check_group_size(cfg: ModelConfig, group_size: int | None) -> int:
-    """The group size to use: the one asked for if it divides every quantized linear's input width,
-    or by default the largest standard one that does (128 when it can). Refused in one line otherwise."""
+    """The group size to use: the one asked for if it divides every quantized linear's input width
+    and the loader takes it (a multiple of 32), or by default the largest standard one that does (128
+    when it can). Refused in one line otherwise."""
     t = cfg.text
     widths = {"hidden size": t.hidden_size, "attention width (heads × head_dim)": t.q_size, "intermediate size": t.intermediate_size}
     outputs = {"hidden size": t.hidden_size, "query width": t.q_size, "key/value width": t.kv_size, "intermediate size": t.intermediate_size}
@@ -497,17 +498,20 @@ def check_group_size(cfg: ModelConfig, group_size: int | None) -> int:
         if dim % 8:
             raise UsageError(f"the model's {what} {dim} is not a multiple of 8; the AWQ GEMM layout cannot store it")
     fitting = [g for g in STANDARD_GROUP_SIZES if all(dim % g == 0 for dim in widths.values())]
+    if not fitting:  # 32 is one: no multiple of 32 divides them either, and the loader takes no other
+        raise UsageError(f"the model's widths ({', '.join(str(d) for d in widths.values())}) are not all multiples of "
+                         f"{AWQ_GROUP_MULTIPLE}, which every 4-bit group size needs; this model cannot be quantized")  # fmt: skip
     if group_size is None:
-        if not fitting:
-            raise UsageError(f"no standard group size ({', '.join(map(str, STANDARD_GROUP_SIZES))}) divides the model's widths "
-                             f"({', '.join(str(d) for d in widths.values())}); give --group-size N that divides them")  # fmt: skip
         return 128 if 128 in fitting else max(fitting)
     if group_size < 1:
         raise UsageError(f"--group-size must be positive, not {group_size}")
     for what, dim in widths.items():
         if dim % group_size:
-            hint = f"use {' or '.join(map(str, sorted(fitting, reverse=True)))}" if fitting else "use a divisor of it"
+            hint = f"use {' or '.join(map(str, sorted(fitting, reverse=True)))}"
             raise UsageError(f"group size {group_size} does not divide the model's {what} {dim}; {hint}")
+    if group_size % AWQ_GROUP_MULTIPLE:  # the loader refuses it: the whole run would make an unloadable checkpoint
+        hint = f"use {' or '.join(map(str, sorted(fitting, reverse=True)))}"
+        raise UsageError(f"group size {group_size} is not a multiple of {AWQ_GROUP_MULTIPLE}, which the 4-bit loader needs; {hint}")
     return group_size
 
 
@@ -849,8 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="awq: activation-aware scales + clipping, calibrated on images and text (default); "
                         "rtn: round to nearest, no calibration")  # fmt: skip
     p.add_argument("--group-size", type=_positive_int, metavar="N",
-                   help="weights per scale/zero group along each input; must divide the model's widths "
-                        "(default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
+                   help="weights per scale/zero group along each input: a multiple of 32 that divides the "
+                        "model's widths (default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
     p.add_argument("--calib", metavar="DIR", help="folder of calibration images and .txt files (default: built-in generated data)")
     p.add_argument("--samples", type=_positive_int, default=32, metavar="N",
                    help=f"calibration samples, half with an image (default 32, at most {MAX_SAMPLES})")  # fmt: skip

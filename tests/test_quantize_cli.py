@@ -12,6 +12,7 @@ from rich.console import Console
 
 from internvl_chat import cli
 from internvl_chat.engine.config import load_config
+from internvl_chat.errors import UsageError
 from internvl_chat.quantize import BarProgress, Progress, build_parser, check_group_size, quantize_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +40,16 @@ def test_group_size_that_does_not_divide_the_widths_is_refused_before_loading(co
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("size", ["16", "8", "1"])
+def test_a_group_size_the_loader_refuses_is_refused_before_loading(config_only, tmp_path, monkeypatch, capsys, size):
+    """16 divides the tiny model's widths, so the whole run went through and wrote a checkpoint that
+    loading refused ('AWQ group size 16 is not supported; use a multiple of 32')."""
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--group-size", size)
+    assert code == 2
+    assert len(lines) == 1 and f"group size {size} is not a multiple of 32" in lines[0] and "use 64 or 32" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
+
+
 @pytest.mark.parametrize("value", ["0", "-32", "abc"])
 def test_bad_flag_values_are_one_line(config_only, tmp_path, monkeypatch, capsys, value):
     code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--group-size", value)
@@ -50,6 +61,20 @@ def test_an_absurd_sample_count_is_refused_before_loading(config_only, tmp_path,
     code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--samples", str(10**9))
     assert code == 2 and len(lines) == 1 and "--samples" in lines[0] and "at most" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", [None, 16])
+def test_a_model_whose_widths_no_loadable_group_size_divides(tiny_original, size):
+    """Widths of 48 and 96: the default refusal advised '--group-size N that divides them', and 16 or
+    48 then made a checkpoint the loader refuses; no group size can work."""
+    import dataclasses
+
+    cfg = load_config(tiny_original)
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hidden_size=48, num_heads=3, num_kv_heads=1,
+                                                            head_dim=16, intermediate_size=96))  # fmt: skip
+    with pytest.raises(UsageError) as err:
+        check_group_size(cfg, size)
+    assert "(48, 48, 96) are not all multiples of 32" in str(err.value) and "cannot be quantized" in str(err.value)
 
 
 def test_default_group_size_is_128_where_it_divides_else_the_largest_that_does():

@@ -44,6 +44,7 @@ MIN_POSITIONS = 16  # the smallest --max-context the app takes: a model with few
 MAX_IMAGE_SIZE = 4096
 MAX_GRID = 128  # patches per tile side (InternVL: 448 / 14 = 32)
 MAX_TILES = 64  # dynamic tiling limit; the candidate search is cubic in it
+AWQ_GROUP_MULTIPLE = 32  # the 4-bit kernels take group sizes that are multiples of this (128 is standard)
 ROPE_TYPES = ("default", "dynamic")  # dynamic NTK changes nothing within max_position_embeddings
 
 _REQUIRED = object()
@@ -411,7 +412,7 @@ def _quant_config(f: _Fields | None, text: TextConfig) -> QuantConfig | None:
         raise CheckpointError(f"AWQ with {q.bits} bits is not supported; only 4-bit AWQ checkpoints load")
     if q.version != "gemm":
         raise CheckpointError(f"AWQ version {_quoted(q.version)} is not supported; only the 'gemm' packing loads")
-    if q.group_size <= 0 or q.group_size % 32:
+    if q.group_size <= 0 or q.group_size % AWQ_GROUP_MULTIPLE:
         raise CheckpointError(f"AWQ group size {q.group_size} is not supported; use a multiple of 32 (128 is standard)")
     if not q.zero_point:
         raise CheckpointError("AWQ without zero points is not supported; quantize with zero_point=true")
