@@ -126,6 +126,8 @@ HF_LIES = [
     ("text_config.hidden_size", "64"), ("text_config", DELETE), ("text_config", 7), ("vision_config.image_size", [448, 224]),
     ("vision_config.patch_size", [14, "14"]), ("tie_word_embeddings", "yes"), ("vision_feature_layer", [-1]),
     ("vision_config.use_qk_norm", "no"), ("vision_config.attention_bias", 0), ("text_config.num_key_value_heads", 5),
+    # variants transformers would compute and the engine does not: they loaded and answered wrongly
+    ("projector_hidden_act", "relu"), ("projector_hidden_act", 1), ("vision_feature_select_strategy", "full"),
 ]  # fmt: skip
 
 

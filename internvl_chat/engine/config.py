@@ -529,6 +529,12 @@ def parse_config(raw: Any, source: str = "config.json") -> ModelConfig:
         }
     else:
         select_layer = top.integer("vision_feature_layer", -MAX_LAYERS, MAX_LAYERS, default=-1)
+        # what the engine computes (as the original layout always does); transformers would follow
+        # another value here, so a config that names one is a different model, not this one's
+        if top.text("projector_hidden_act", "gelu") != "gelu":
+            raise top.refuse("projector_hidden_act", '"gelu" (InternVL\'s projector uses exact GELU)')
+        if top.text("vision_feature_select_strategy", "default") != "default":
+            raise top.refuse("vision_feature_select_strategy", '"default" (InternVL drops the ViT\'s CLS token)')
         image_size = None
         template = "internvl2_5"
         tiling = {}
