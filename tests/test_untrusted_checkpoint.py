@@ -217,6 +217,21 @@ def test_config_json_that_is_a_fifo_or_huge(tiny_original, tmp_path):
     one_line(err, "limit")
 
 
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json", "tokenizer_config.json"])
+def test_checkpoint_json_over_16_mib_is_refused_unparsed(tiny_original, tmp_path, name):
+    """These files are a few KiB; up to 64 MiB of them were parsed, and Python's parser takes ~25
+    bytes of memory per byte of `[{}, {}, …]`: 1.6 GB and seconds, per read (quantize reads
+    config.json twice)."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_original, folder)
+    path = folder / name
+    with open(path, "wb") as f:
+        f.truncate(17 << 20)  # sparse: over 16 MiB without using the disk
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(path), "17.0 MiB, over the 16 MiB limit")
+
+
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
 @pytest.mark.parametrize("kind, words", [("broken link", "is a link to a file that does not exist"),
                                          ("folder", "is a folder"), ("fifo", "not a regular file")])  # fmt: skip

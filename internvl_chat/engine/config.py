@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files import JSON_LIMIT, read_text_file, undecodable_byte, visible
+from ..files import TEXT_LIMIT, read_text_file, undecodable_byte, visible
 
 DEFAULT_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -438,7 +438,9 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     (not a regular file, too large, not UTF-8, not JSON, not an object, nested too deep) is one
     CheckpointError line naming the user's path."""
     shown = visible(str(path))
-    text = read_text_file(path, what, limit=JSON_LIMIT, error=CheckpointError)
+    # 16 MiB, not the tokenizer's 64: a real one is a few KiB (an index of a 78B model ~300 KiB), and
+    # Python's parser takes ~25 bytes of memory per byte of `[{}, {}, …]` (64 MiB took 1.6 GB)
+    text = read_text_file(path, what, limit=TEXT_LIMIT, error=CheckpointError)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

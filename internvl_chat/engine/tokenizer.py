@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files import JSON_LIMIT, read_bytes_file, read_text_file, undecodable_byte
+from ..files import JSON_LIMIT, TEXT_LIMIT, read_bytes_file, read_text_file, undecodable_byte
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -318,7 +318,7 @@ def _read_config(model_dir: Path) -> dict:
     if not os.path.lexists(path):  # a folder, a FIFO or a broken link is named by the reader, not taken for none
         return {}
     try:
-        config = json.loads(read_text_file(path, "the tokenizer config", JSON_LIMIT, CheckpointError))
+        config = json.loads(read_text_file(path, "the tokenizer config", TEXT_LIMIT, CheckpointError))  # as config.json
     except json.JSONDecodeError as e:
         raise _config_error(model_dir, f"it is not valid JSON ({e.msg} at line {e.lineno})") from None
     except (ValueError, RecursionError) as e:  # a number too long for int(), absurd nesting
