@@ -21,7 +21,7 @@ from .errors import UsageError
 
 MiB = 1 << 20
 TEXT_LIMIT = 16 * MiB  # sessions, scripts, configs: far above any real one
-JSON_LIMIT = 64 * MiB  # checkpoint config/index JSON (a sharded index of a 78B model is ~100 KiB)
+JSON_LIMIT = 64 * MiB  # tokenizer files (Qwen2's tokenizer.json is ~7 MiB); checkpoint JSON takes TEXT_LIMIT
 _CHUNK = 1 << 20  # reads in chunks so Ctrl-C is seen between them
 
 

@@ -24,6 +24,7 @@ nothing behind.
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
 import math
@@ -45,10 +46,10 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from .chat.template import MediaSpec, PromptBuilder
-from .engine.config import ModelConfig, load_config, read_config_json
+from .engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, load_config, read_config_json
 from .engine.language import Attention, DecoderLayer, Qwen2ForCausalLM
 from .engine.loader import LoadedModel, load_model, resolve_device
-from .errors import UsageError
+from .errors import CheckpointError, UsageError
 from .files import MiB, expand_home, read_bytes_file, visible
 from .media.image import load_image, normalize_tiles
 from .quant.awq_format import SCALE_MIN, dequantize_awq, quantize_rtn
@@ -487,8 +488,9 @@ def _fold(prev_weight: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.T
 
 
 def check_group_size(cfg: ModelConfig, group_size: int | None) -> int:
-    """The group size to use: the one asked for if it divides every quantized linear's input width,
-    or by default the largest standard one that does (128 when it can). Refused in one line otherwise."""
+    """The group size to use: the one asked for if it divides every quantized linear's input width
+    and the loader takes it (a multiple of 32), or by default the largest standard one that does (128
+    when it can). Refused in one line otherwise."""
     t = cfg.text
     widths = {"hidden size": t.hidden_size, "attention width (heads × head_dim)": t.q_size, "intermediate size": t.intermediate_size}
     outputs = {"hidden size": t.hidden_size, "query width": t.q_size, "key/value width": t.kv_size, "intermediate size": t.intermediate_size}
@@ -496,17 +498,20 @@ def check_group_size(cfg: ModelConfig, group_size: int | None) -> int:
         if dim % 8:
             raise UsageError(f"the model's {what} {dim} is not a multiple of 8; the AWQ GEMM layout cannot store it")
     fitting = [g for g in STANDARD_GROUP_SIZES if all(dim % g == 0 for dim in widths.values())]
+    if not fitting:  # 32 is one: no multiple of 32 divides them either, and the loader takes no other
+        raise UsageError(f"the model's widths ({', '.join(str(d) for d in widths.values())}) are not all multiples of "
+                         f"{AWQ_GROUP_MULTIPLE}, which every 4-bit group size needs; this model cannot be quantized")  # fmt: skip
     if group_size is None:
-        if not fitting:
-            raise UsageError(f"no standard group size ({', '.join(map(str, STANDARD_GROUP_SIZES))}) divides the model's widths "
-                             f"({', '.join(str(d) for d in widths.values())}); give --group-size N that divides them")  # fmt: skip
         return 128 if 128 in fitting else max(fitting)
     if group_size < 1:
         raise UsageError(f"--group-size must be positive, not {group_size}")
     for what, dim in widths.items():
         if dim % group_size:
-            hint = f"use {' or '.join(map(str, sorted(fitting, reverse=True)))}" if fitting else "use a divisor of it"
+            hint = f"use {' or '.join(map(str, sorted(fitting, reverse=True)))}"
             raise UsageError(f"group size {group_size} does not divide the model's {what} {dim}; {hint}")
+    if group_size % AWQ_GROUP_MULTIPLE:  # the loader refuses it: the whole run would make an unloadable checkpoint
+        hint = f"use {' or '.join(map(str, sorted(fitting, reverse=True)))}"
+        raise UsageError(f"group size {group_size} is not a multiple of {AWQ_GROUP_MULTIPLE}, which the 4-bit loader needs; {hint}")
     return group_size
 
 
@@ -556,6 +561,24 @@ def quantize_model(
                     packed[f"{prefix}.{piece}.scales"] = scales[:, start:end].contiguous().cpu()
             step(1, where)
     return packed
+
+
+_FILE_NAMES = {".qkv_proj.": ".{q,k,v}_proj.", ".gate_up_proj.": ".{gate,up}_proj."}  # the engine fuses them
+
+
+def check_finite(loaded: LoadedModel) -> None:
+    """Refuse a source whose weights hold NaN or inf: quantizing it wrote a NaN scale (and garbage
+    4-bit values) without a word, and the output then failed in chat, blamed on itself. Checked in
+    slices, so no mask the size of the embeddings is made."""
+    with torch.inference_mode():
+        for name, tensor in loaded.model.named_parameters():
+            if tensor.is_floating_point() and not all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(1 << 24)):
+                for fused, pieces in _FILE_NAMES.items():  # the names the weight file uses
+                    name = name.replace(fused, pieces)
+                raise CheckpointError(
+                    f"the source checkpoint's tensor {visible(name)} holds NaN or inf values: its weight file is damaged; "
+                    "download it again before quantizing"
+                )
 
 
 # ---- writing the checkpoint -------------------------------------------------------------------
@@ -637,6 +660,18 @@ def checkpoint_files(tensors: dict[str, torch.Tensor]) -> list[tuple[str, list[s
     return [(f"model-{i:05d}-of-{len(shards):05d}.safetensors", shard) for i, shard in enumerate(shards, 1)]
 
 
+def config_text(config: dict) -> str:
+    """config.json's text: readable UTF-8, or all-ASCII escapes where the source config holds a
+    lone surrogate (a JSON "\\ud800" escape in a key we do not read), which UTF-8 cannot encode;
+    writing it failed with a traceback once the whole run was done."""
+    text = json.dumps(config, indent=2, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(config, indent=2)  # the escapes as the source wrote them
+    return text
+
+
 def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], src_dir: Path, step: Step = _no_step) -> None:
     """The weight file(s), config.json and the tokenizer files into `dst`; `step()` after each file."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -648,7 +683,7 @@ def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], 
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": {n: file for file, names in files for n in names}}
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (dst / "config.json").write_text(config_text(config), encoding="utf-8")
     for name in TOKENIZER_FILES:
         if (src_dir / name).is_file():
             shutil.copy2(src_dir / name, dst / name)
@@ -695,6 +730,16 @@ def publish(staging: Path, dst: Path) -> None:
         raise UsageError(f"cannot create the output {visible(str(dst))} ({e.strerror or e}); choose a new output folder") from None
 
 
+def _write_error(e: OSError, src: Path, dst: Path) -> UsageError:
+    """One line for a failed write (a full disk, an I/O error) or a source file that could not be
+    copied, named by the user's paths, never the staging folder's."""
+    reason = e.strerror or str(e)
+    if isinstance(e.filename, str) and Path(e.filename).parent == src:  # a tokenizer file of the source
+        return UsageError(f"cannot read {visible(e.filename)} ({reason}); check the file and its permissions")
+    advice = "free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk"
+    return UsageError(f"cannot write the output {visible(str(dst))} ({reason}); {advice} or choose another output folder")
+
+
 def quantize_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -727,7 +772,12 @@ def quantize_checkpoint(
     calib = expand_home(calib_dir) if calib_dir else None
     if calib is not None and method == "awq":
         calibration_files(calib)
-    staging = staging_folder(dst)
+    new_parents = _missing_parents(dst)
+    try:
+        staging = staging_folder(dst)
+    except BaseException:
+        _remove_empty(new_parents)
+        raise
     try:
         with progress.phase("loading", 1, "model") as step:
             # the app's default dtype (cpu_features: bf16 for a large decoder on CPU too, its products in
@@ -735,6 +785,7 @@ def quantize_checkpoint(
             # a calibration sample is at most ~1.3k tokens; the cache may not exceed the model's positions
             context = min(4096, cfg.text.max_position_embeddings)
             loaded = load_model(src, device=device, dtype="auto", max_context=context, cuda_graphs=False)
+            check_finite(loaded)
             step()
         data: list[Sample] = []
         if method == "awq":
@@ -744,12 +795,35 @@ def quantize_checkpoint(
         packed = quantize_model(loaded, data, method, group_size, clip, progress)
         tensors = {**float_tensors(loaded), **packed}
         with progress.phase("writing", len(checkpoint_files(tensors)) + 1, "files") as step:
-            write_checkpoint(staging, original_config(src, loaded.config, group_size), tensors, src, step)
+            try:
+                write_checkpoint(staging, original_config(src, loaded.config, group_size), tensors, src, step)
+            except OSError as e:
+                raise _write_error(e, src, dst) from None
             publish(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(new_parents)
         raise
     return dst
+
+
+def _missing_parents(dst: Path) -> list[Path]:
+    """The folders above `dst` that do not exist yet, deepest first: the staging folder's creation
+    makes them, and a failed run removes them again (it left `a/b/` behind for `a/b/out`)."""
+    missing = []
+    for parent in dst.parents:
+        if os.path.lexists(parent):
+            break
+        missing.append(parent)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; one that is no longer empty is someone else's now
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 class _Parser(argparse.ArgumentParser):
@@ -779,8 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="awq: activation-aware scales + clipping, calibrated on images and text (default); "
                         "rtn: round to nearest, no calibration")  # fmt: skip
     p.add_argument("--group-size", type=_positive_int, metavar="N",
-                   help="weights per scale/zero group along each input; must divide the model's widths "
-                        "(default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
+                   help="weights per scale/zero group along each input: a multiple of 32 that divides the "
+                        "model's widths (default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
     p.add_argument("--calib", metavar="DIR", help="folder of calibration images and .txt files (default: built-in generated data)")
     p.add_argument("--samples", type=_positive_int, default=32, metavar="N",
                    help=f"calibration samples, half with an image (default 32, at most {MAX_SAMPLES})")  # fmt: skip

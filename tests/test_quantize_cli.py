@@ -12,6 +12,7 @@ from rich.console import Console
 
 from internvl_chat import cli
 from internvl_chat.engine.config import load_config
+from internvl_chat.errors import UsageError
 from internvl_chat.quantize import BarProgress, Progress, build_parser, check_group_size, quantize_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +40,16 @@ def test_group_size_that_does_not_divide_the_widths_is_refused_before_loading(co
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("size", ["16", "8", "1"])
+def test_a_group_size_the_loader_refuses_is_refused_before_loading(config_only, tmp_path, monkeypatch, capsys, size):
+    """16 divides the tiny model's widths, so the whole run went through and wrote a checkpoint that
+    loading refused ('AWQ group size 16 is not supported; use a multiple of 32')."""
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--group-size", size)
+    assert code == 2
+    assert len(lines) == 1 and f"group size {size} is not a multiple of 32" in lines[0] and "use 64 or 32" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
+
+
 @pytest.mark.parametrize("value", ["0", "-32", "abc"])
 def test_bad_flag_values_are_one_line(config_only, tmp_path, monkeypatch, capsys, value):
     code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--group-size", value)
@@ -50,6 +61,20 @@ def test_an_absurd_sample_count_is_refused_before_loading(config_only, tmp_path,
     code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--samples", str(10**9))
     assert code == 2 and len(lines) == 1 and "--samples" in lines[0] and "at most" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", [None, 16])
+def test_a_model_whose_widths_no_loadable_group_size_divides(tiny_original, size):
+    """Widths of 48 and 96: the default refusal advised '--group-size N that divides them', and 16 or
+    48 then made a checkpoint the loader refuses; no group size can work."""
+    import dataclasses
+
+    cfg = load_config(tiny_original)
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hidden_size=48, num_heads=3, num_kv_heads=1,
+                                                            head_dim=16, intermediate_size=96))  # fmt: skip
+    with pytest.raises(UsageError) as err:
+        check_group_size(cfg, size)
+    assert "(48, 48, 96) are not all multiples of 32" in str(err.value) and "cannot be quantized" in str(err.value)
 
 
 def test_default_group_size_is_128_where_it_divides_else_the_largest_that_does():
@@ -192,3 +217,84 @@ def test_an_unknown_users_home_is_one_line(config_only, tmp_path, monkeypatch, c
     code, lines = run_cli(monkeypatch, capsys, *args)
     assert code == 2 and len(lines) == 1 and "there is no user 'internvl-chat-no-such-user'" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("failure", ["disk full", "source unreadable"])
+def test_a_failed_write_is_one_line_and_leaves_nothing(tiny_original, tmp_path, monkeypatch, capsys, failure):
+    """An OSError while writing the output (a full disk, a tokenizer file of the source that cannot be
+    read) escaped as a traceback; the staging folder was removed, but the user saw Python's insides."""
+    import errno
+    import os
+
+    import internvl_chat.quantize as quantize
+
+    if failure == "disk full":
+        def fail(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(quantize, "save_file", fail)
+        expected = ["cannot write the output", str(tmp_path / "out"), "No space left on device", "free some disk space"]
+    else:
+        copy = shutil.copy2
+
+        def fail(source, target, *args, **kwargs):
+            if Path(source).name == "tokenizer.json":
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(source))
+            return copy(source, target, *args, **kwargs)
+
+        monkeypatch.setattr(quantize.shutil, "copy2", fail)
+        expected = ["cannot read", str(tiny_original / "tokenizer.json"), "Permission denied"]
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--method", "rtn", "--device", "cpu",
+                          "--group-size", "32")  # fmt: skip
+    assert code == 2
+    errors = [line for line in lines if line.startswith("internvl-chat:")]
+    assert len(errors) == 1 and all(word in errors[0] for word in expected), lines
+    assert ".partial" not in errors[0] and not any("Traceback" in line for line in lines), lines
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
+
+
+def test_a_source_config_with_a_lone_surrogate_escape_is_written_back_as_it_was(tiny_original, tmp_path, monkeypatch, capsys):
+    """A "\\ud800" escape under a key the engine never reads passes load_config; writing the output
+    config.json as UTF-8 then failed with a UnicodeEncodeError traceback at the very end of the run."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_original, src)
+    text = (src / "config.json").read_text(encoding="utf-8")
+    (src / "config.json").write_text(text.replace("{", '{"notes": "\\ud800 caf\\u00e9", ', 1), encoding="utf-8")
+    code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
+    assert code == 0, lines
+    raw = json.loads((tmp_path / "out" / "config.json").read_text(encoding="utf-8"))
+    assert raw["notes"] == "\ud800 café" and raw["llm_config"]["quantization_config"]["group_size"] == 32
+    load_config(tmp_path / "out")
+
+
+def test_a_failed_run_removes_the_parent_folders_it_made(config_only, tiny_original, tmp_path, monkeypatch, capsys):
+    """The output's missing parent folders are made with the staging folder; a run that failed (here:
+    no weights) or was interrupted removed the staging folder but left `a/b/` behind."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "a" / "b" / "out", "--method", "rtn")
+    assert code == 2 and "no weights" in lines[-1], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    (tmp_path / "a").mkdir()  # a folder that was there stays
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_original, tmp_path / "a" / "b" / "c" / "out", "awq", group_size=32, samples=2,
+                            device="cpu", progress=InterruptWhile("AWQ search"))  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "a"]) and list((tmp_path / "a").iterdir()) == []
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("language_model.model.layers.0.self_attn.k_proj.weight", "layers.0.self_attn.{q,k,v}_proj.weight"),
+    ("language_model.model.layers.1.input_layernorm.weight", "layers.1.input_layernorm.weight"),
+])  # fmt: skip
+def test_a_source_with_nan_weights_is_refused_before_quantizing(tiny_original, tmp_path, monkeypatch, capsys, name, shown):
+    """A NaN in the source was quantized without a word into a NaN scale (RTN and AWQ alike); the
+    output then failed in chat with advice to re-download it."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_original, src)
+    state = load_file(src / "model.safetensors")
+    state[name][0] = float("nan")
+    save_file(state, src / "model.safetensors")
+    code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
+    assert code == 2 and shown in lines[-1] and "NaN" in lines[-1] and "download it again" in lines[-1], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

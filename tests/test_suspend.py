@@ -82,6 +82,16 @@ def test_ctrl_z_while_the_spinner_spins_shows_the_cursor_and_fg_hides_it(stops):
     assert stops == ["stopped"]
 
 
+@pytest.mark.parametrize("name", ["m[/x]", "m[red]"])
+def test_the_spinner_shows_a_file_name_as_it_is(stops, name):
+    """`--model 'models/m[/x]'` (or a video, a session file so named) raised rich's MarkupError while
+    loading; `[red]` coloured the line."""
+    console, out = _terminal()
+    with spin(console, f"loading {name} …"):
+        pass
+    assert f"loading {name} …" in out.getvalue()
+
+
 def test_ctrl_z_erases_the_live_region_and_fg_draws_its_last_frame_again(stops):
     console, out = _terminal()
     tail = LiveTail(console)

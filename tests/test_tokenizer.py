@@ -410,6 +410,73 @@ def test_a_long_token_in_an_error_is_cut_short(tmp_path, tiny_tokenizer):
     assert len(str(err.value)) < 300
 
 
+@pytest.fixture
+def added_per_call(monkeypatch) -> list[int]:
+    """The number of tokens each call that adds tokens to the backend adds (the backend is wrapped)."""
+    import tokenizers
+
+    calls: list[int] = []
+    real = tokenizers.Tokenizer
+
+    class Counting:
+        def __init__(self, backend):
+            object.__setattr__(self, "_backend", backend)
+
+        def __getattr__(self, name):
+            attr = getattr(self._backend, name)
+            if name in ("add_tokens", "add_special_tokens"):
+                return lambda tokens: calls.append(len(tokens)) or attr(tokens)
+            return attr
+
+        def __setattr__(self, name, value):
+            setattr(self._backend, name, value)
+
+    class Backend:
+        @staticmethod
+        def from_str(text):
+            return Counting(real.from_str(text))
+
+    monkeypatch.setattr(tokenizers, "Tokenizer", Backend)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["added_tokens_decoder", "additional_special_tokens"])
+def test_many_tokens_declared_only_in_tokenizer_config_are_added_at_once(tmp_path, tiny_tokenizer, added_per_call, where):
+    """Each token added on its own rebuilt the backend's matcher: a tokenizer_config.json declaring
+    8,000 new tokens took a minute to load, 60,000 (a 2 MB file) hours. They are added in one call,
+    at the ids declared (or the next ones, for named special tokens), each of its declared kind."""
+    (tmp_path / "tokenizer.json").write_bytes((tiny_tokenizer / "tokenizer.json").read_bytes())
+    config = json.loads((tiny_tokenizer / "tokenizer_config.json").read_text(encoding="utf-8"))
+    first = load_tokenizer(tiny_tokenizer)
+    base = len(first)
+    added_per_call.clear()
+    if where == "added_tokens_decoder":
+        declared = {str(base + i): {"content": f"<new{i}>", "special": i % 3 == 0} for i in range(3000)}
+        config["added_tokens_decoder"] = {**config.get("added_tokens_decoder", {}), **declared}
+    else:
+        config["additional_special_tokens"] = [f"<new{i}>" for i in range(3000)]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    tok = load_tokenizer(tmp_path)
+    assert added_per_call == [3000]
+    assert len(tok) == base + 3000
+    for i in (0, 1, 2, 2999):
+        assert tok.convert_tokens_to_ids(f"<new{i}>") == base + i
+        assert ((base + i) in tok.special_ids) == (i % 3 == 0 or where == "additional_special_tokens")
+    assert first.special_ids <= tok.special_ids
+
+
+def test_a_long_value_quoted_by_the_tokenizer_json_parser_is_cut_short(tmp_path, tiny_tokenizer):
+    """The Rust parser quotes a value of the wrong type whole: a 100,000-character string where an
+    id belongs made a 100,000-character error line."""
+    (tmp_path / "tokenizer_config.json").write_bytes((tiny_tokenizer / "tokenizer_config.json").read_bytes())
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    data["added_tokens"][0]["id"] = "y" * 100_000
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="tokenizer.json: invalid type") as err:
+        load_tokenizer(tmp_path)
+    assert "yyyy" in str(err.value) and len(str(err.value)) < 300 and "\n" not in str(err.value)
+
+
 def test_a_regex_the_backend_cannot_run_is_one_error_and_the_conversation_goes_on(tiny_original, tmp_path):
     """tokenizer.json may hold a pre-tokenizer regex that backtracks without end: the Rust backend
     panics, and pyo3's PanicException (a BaseException) ended the app with a traceback."""

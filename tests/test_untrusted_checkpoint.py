@@ -83,6 +83,9 @@ ORIGINAL_LIES = [
     ("llm_config.vocab_size", 0), ("llm_config.vocab_size", 10**9), ("llm_config.num_hidden_layers", 0),
     ("llm_config.num_hidden_layers", 10**6), ("llm_config.intermediate_size", -1), ("llm_config.intermediate_size", 10**8),
     ("llm_config.max_position_embeddings", 0), ("llm_config.max_position_embeddings", 2**40),
+    # fewer positions than the smallest --max-context: every turn was refused with advice to raise
+    # --max-context, which was refused in turn (above the model's positions, or below 16)
+    ("llm_config.max_position_embeddings", 8),
     ("llm_config.num_attention_heads", 0), ("llm_config.num_key_value_heads", 0), ("llm_config.rms_norm_eps", 0),
     ("llm_config.rms_norm_eps", float("nan")), ("llm_config.rope_theta", -1.0), ("llm_config.rope_theta", float("inf")),
     ("vision_config.hidden_size", 0), ("vision_config.num_hidden_layers", -2), ("vision_config.intermediate_size", 0),
@@ -123,6 +126,8 @@ HF_LIES = [
     ("text_config.hidden_size", "64"), ("text_config", DELETE), ("text_config", 7), ("vision_config.image_size", [448, 224]),
     ("vision_config.patch_size", [14, "14"]), ("tie_word_embeddings", "yes"), ("vision_feature_layer", [-1]),
     ("vision_config.use_qk_norm", "no"), ("vision_config.attention_bias", 0), ("text_config.num_key_value_heads", 5),
+    # variants transformers would compute and the engine does not: they loaded and answered wrongly
+    ("projector_hidden_act", "relu"), ("projector_hidden_act", 1), ("vision_feature_select_strategy", "full"),
 ]  # fmt: skip
 
 
@@ -132,6 +137,30 @@ def test_hf_config_lies_are_one_line(tiny_hf, dotted, value):
     with pytest.raises(CheckpointError) as err:
         parse_config(raw)
     one_line(err, dotted.split(".")[-1])
+
+
+LONG = "X" * 100_000
+LONG_NAMES = [
+    ("architectures", [LONG]), ("model_type", LONG), ("llm_config.architectures", [LONG]),
+    ("llm_config.model_type", LONG), ("llm_config.rope_scaling", {"type": LONG}),
+    ("llm_config.quantization_config", {"quant_method": LONG}),
+    ("llm_config.quantization_config", {"quant_method": "awq", "version": LONG}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dotted, value", LONG_NAMES, ids=[d + "." + str(type(v).__name__) + str(i) for i, (d, v) in enumerate(LONG_NAMES)])
+def test_a_long_name_from_config_json_is_cut_short_in_the_error(tiny_original, dotted, value):
+    """Unsupported architectures, model types, RoPE kinds and AWQ methods were shown whole: a
+    100,000-character name made a 100,000-character error line."""
+    raw = edited(config_of(tiny_original), dotted, value)
+    if dotted.endswith("model_type"):  # shown when there are no architectures
+        raw = edited(raw, dotted.replace("model_type", "architectures"), [])
+    if dotted == "architectures":  # else the model type alone names the layout
+        raw["model_type"] = "other"
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw, "/models/x/config.json")
+    text = one_line(err)
+    assert "xxxx" in text.lower() and len(text) < 300, text
 
 
 def test_a_config_that_is_not_an_object(tmp_path):
@@ -188,6 +217,21 @@ def test_config_json_that_is_a_fifo_or_huge(tiny_original, tmp_path):
     one_line(err, "limit")
 
 
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json", "tokenizer_config.json"])
+def test_checkpoint_json_over_16_mib_is_refused_unparsed(tiny_original, tmp_path, name):
+    """These files are a few KiB; up to 64 MiB of them were parsed, and Python's parser takes ~25
+    bytes of memory per byte of `[{}, {}, …]`: 1.6 GB and seconds, per read (quantize reads
+    config.json twice)."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_original, folder)
+    path = folder / name
+    with open(path, "wb") as f:
+        f.truncate(17 << 20)  # sparse: over 16 MiB without using the disk
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(path), "17.0 MiB, over the 16 MiB limit")
+
+
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
 @pytest.mark.parametrize("kind, words", [("broken link", "is a link to a file that does not exist"),
                                          ("folder", "is a folder"), ("fifo", "not a regular file")])  # fmt: skip
@@ -210,6 +254,29 @@ def test_a_config_or_tokenizer_that_is_no_file_is_named(tiny_original, tmp_path,
     one_line(err, str(path), words)
 
 
+@pytest.mark.parametrize("fixture, name", [
+    ("tiny_original", "tokenizer_config.json"), ("tiny_hf", "preprocessor_config.json"),
+    ("tiny_original", "model.safetensors"), ("tiny_original", "model.safetensors.index.json"),
+    ("tiny_original", "model-00002-of-00002.safetensors"),
+])  # fmt: skip
+def test_other_checkpoint_files_that_are_broken_links_are_named(request, tmp_path, fixture, name):
+    """The same interrupted download, for the files read after config.json and tokenizer.json: a
+    broken tokenizer_config.json or preprocessor_config.json link was skipped (its added tokens or
+    tile limits silently lost), a broken model.safetensors link reported as a folder with no weights
+    at all, a broken index link skipped for the loose shards beside it, a broken shard link skipped."""
+    folder = tmp_path / "m"
+    shutil.copytree(request.getfixturevalue(fixture), folder)
+    path = folder / name
+    if path.exists():
+        path.unlink()
+    if name.startswith("model-"):  # the other shard is there
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    path.symlink_to(tmp_path / "blobs" / "0d5f1e")
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(path), "is a link to a file that does not exist")
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, tiny_tokenizer) -> Path:
     from make_tiny_checkpoint import make_tiny_checkpoint
@@ -226,6 +293,8 @@ def sharded(tmp_path_factory, tiny_tokenizer) -> Path:
         ({"a": "model.bin"}, ["model.bin"]),
         ({"a": 7}, ["7"]),
         ({"a": "x\x1b[2J.safetensors"}, ["x\\e[2J.safetensors"]),
+        # longer than a file name can be: checking that it exists raised OSError (a traceback)
+        ({"a": "x" * 300 + ".safetensors"}, ["xxxx…", "not a .safetensors file name"]),
         ([], ["weight_map"]),
         ({}, ["weight_map"]),
         ("model.safetensors", ["weight_map"]),
@@ -328,6 +397,19 @@ def test_a_tensor_larger_than_the_model_is_refused_before_it_is_read(tiny_origin
     assert max(sizes, default=0) <= 4 * largest  # this file stores nothing wider than float32
 
 
+def test_a_long_unexpected_tensor_name_is_cut_short(tiny_original, tmp_path):
+    """A header may name a tensor with 100,000 characters; the error listing unexpected tensors
+    showed it whole."""
+
+    def add(state):
+        state["\x1b[2J" + "z" * 100_000] = torch.zeros(2)
+
+    folder = _with_weights(tiny_original, tmp_path / "long", add)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    assert len(one_line(err, "unexpected tensor", "\\e[2Jzzzz")) < 300
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool, torch.uint8])
 def test_integer_or_bool_weights_for_a_float_parameter(tiny_original, tmp_path, dtype):
     """A dense weight stored as integers or bools is a damaged or mislabelled file: it used to be
@@ -341,6 +423,49 @@ def test_integer_or_bool_weights_for_a_float_parameter(tiny_original, tmp_path, 
     with pytest.raises(CheckpointError) as err:
         load_model(folder, device="cpu", dtype="float32", max_context=64)
     one_line(err, name, str(dtype).removeprefix("torch."))
+
+
+HF_QKV = "model.vision_tower.encoder.layer.0.attention.q_proj."
+HF_QKV_LIES = {
+    # torch.cat of the pieces failed with its own RuntimeError (a traceback)
+    "narrower": ("weight", lambda t: t[:, :32], ["[64, 32]"]),
+    "one-dimensional": ("weight", lambda t: t[0], ["[64]"]),
+    "a scalar bias": ("bias", lambda t: t[0], ["q []"]),
+    # torch.cat promoted them to floats, so they loaded as a garbage model
+    "int32": ("weight", lambda t: t.to(torch.int32), ["int32"]),
+    "bool": ("weight", lambda t: t.bool(), ["bool"]),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_QKV_LIES))
+def test_hf_vision_qkv_pieces_that_do_not_fit_together(tiny_hf, tmp_path, case):
+    """The -hf layout splits the ViT's fused qkv into q/k/v pieces, fused back on reading."""
+    leaf, change, words = HF_QKV_LIES[case]
+
+    def edit(state):
+        state[HF_QKV + leaf] = change(state[HF_QKV + leaf]).contiguous()
+
+    folder = _with_weights(tiny_hf, tmp_path / "hf", edit)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, f"attn.qkv.{leaf}", "do not fit together", *words)
+
+
+def test_an_hf_vision_qkv_piece_stored_twice(tiny_hf, tmp_path):
+    """A q piece in two shards: read before its k and v, the second copy silently replaced the
+    first; read after them, it was blamed as a missing k and v. Both are named as any other tensor
+    stored twice."""
+    from safetensors.torch import load_file
+
+    name = HF_QKV + "weight"
+    for extra in ("model-0.safetensors", "model-9.safetensors"):  # read before, after the others
+        folder = tmp_path / extra
+        shutil.copytree(tiny_hf, folder)
+        save_file({name: load_file(folder / "model.safetensors")[name] * 2}, folder / extra)
+        (folder / "model.safetensors").rename(folder / "model-5.safetensors")
+        with pytest.raises(CheckpointError) as err:
+            load_model(folder, device="cpu", dtype="float32", max_context=64)
+        one_line(err, name, "twice")
 
 
 def test_nan_weights_in_float32_are_blamed_on_the_file_and_the_conversation_goes_on(tiny_original, tmp_path):
@@ -376,6 +501,11 @@ AWQ_LIES = [
     # shape errors name the linear, not only "cannot fuse"
     ("v_proj.qweight", lambda t: t[:, :-1], ["v_proj"]),
     ("q_proj.scales", lambda t: t.reshape(-1), ["q_proj", "2-D"]),
+    # a bias of the wrong shape: a UsageError naming no tensor ("bias has shape (72,)…"), or a
+    # RuntimeError traceback from concatenating a 2-D one
+    ("q_proj.bias", lambda t: t[:8], ["q_proj.bias", "(8,)", "64 outputs"]),
+    ("k_proj.bias", lambda t: t.reshape(4, 8), ["k_proj.bias", "(4, 8)", "32 outputs"]),
+    ("v_proj.bias", lambda t: t[0], ["v_proj.bias", "()"]),
 ]  # fmt: skip
 
 
@@ -390,6 +520,30 @@ def test_lying_awq_parts_of_a_fused_linear(tiny_awq, tmp_path, leaf, change, wor
     with pytest.raises(CheckpointError) as err:
         load_model(folder, device="cpu", dtype="float32", max_context=64)
     one_line(err, *words)
+
+
+@pytest.mark.parametrize("bias", [torch.tensor(1.0), torch.zeros(10), torch.zeros(128, 2)], ids=["scalar", "short", "2-D"])
+def test_a_tinychat_fused_qkv_bias_of_the_wrong_shape(tiny_original, bias):
+    """A TinyChat file stores q/k/v biases fused, split here by the config's widths: a scalar one
+    raised IndexError (a traceback), a short or 2-D one was cut into parts of the wrong shapes."""
+    import dataclasses
+
+    from internvl_chat.engine.config import QuantConfig
+    from internvl_chat.engine.tinychat import convert_tinychat
+
+    cfg = dataclasses.replace(load_config(tiny_original), quant=QuantConfig(group_size=64))
+    name = "language_model.model.layers.0.self_attn.qkv_proj.bias"
+    with pytest.raises(CheckpointError) as err:
+        list(convert_tinychat([(name, bias)], cfg))
+    one_line(err, name, str(tuple(bias.shape)), "(128,)")
+
+
+def test_a_tinychat_qweight_of_the_wrong_type_names_its_linear():
+    from internvl_chat.quant.awq_format import tinychat_v2_to_awq
+
+    with pytest.raises(CheckpointError) as err:
+        tinychat_v2_to_awq(torch.zeros(2, 64, dtype=torch.int32), torch.ones(1, 8), torch.zeros(1, 8), 64, 8, 64, name="m.o_proj")
+    one_line(err, "m.o_proj", "int32", "damaged")
 
 
 # ------------------------------------------------------------------ safetensors headers
@@ -439,6 +593,27 @@ def test_lying_safetensors_header_is_one_line(tiny_original, tmp_path, case):
     with pytest.raises(CheckpointError) as err:  # the loader refuses before building the model
         load_model(folder, device="cpu", dtype="float32", max_context=64)
     assert one_line(err, str(path)).split(" (")[0] == text.split(" (")[0]
+
+
+def test_a_header_larger_than_any_checkpoint_needs_is_refused_unparsed(tiny_original, tmp_path, monkeypatch):
+    """The library parses headers of up to 100 MB: ~1.5 million tensor entries, which took ~1.5 GB
+    and tens of seconds to parse and list (twice). 16 MiB is ~50 times what InternVL3-78B needs."""
+    from internvl_chat.engine import checkpoint
+
+    folder = tmp_path / "big header"
+    shutil.copytree(tiny_original, folder)
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = data[8 : 8 + length] + b" " * (17 << 20)  # whitespace padding, which the format allows
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length :])
+    parsed: list[str] = []
+    real = checkpoint.safe_open
+    monkeypatch.setattr(checkpoint, "safe_open", lambda name, **kw: parsed.append(name) or real(name, **kw))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(path), "safetensors", "17 MiB")
+    assert parsed == []
 
 
 def test_a_dtype_the_engine_does_not_load(tiny_original, tmp_path):

@@ -201,6 +201,7 @@ def _is_plain_file_name(name: str, suffix: str) -> bool:
         and name not in (".", "..")
         and not any(c in name for c in "/\\\0")
         and visible(name) == name
+        and len(name.encode("utf-8")) <= 255  # NAME_MAX: a longer one made the existence check raise OSError
     )
 
 
@@ -222,7 +223,7 @@ def _files_from_index(index: Path, suffix: str) -> tuple[Path, ...]:
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(
-            f"{visible(index.name)} names {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}, which "
+            f"{visible(index.name)} names {', '.join(map(_short, missing[:3]))}{' …' if len(missing) > 3 else ''}, which "
             f"{'is' if len(missing) == 1 else 'are'} missing from {visible(str(index.parent))}; download the remaining shards"
         )
     return files
@@ -231,6 +232,16 @@ def _files_from_index(index: Path, suffix: str) -> tuple[Path, ...]:
 def _short(value: object) -> str:
     text = value if isinstance(value, str) else repr(value)
     return visible(text if len(text) <= 60 else text[:57] + "…")
+
+
+def _refuse_broken_links(folder: Path, pattern: str) -> None:
+    """A weight file that is a link to nothing is what an interrupted download into the Hugging
+    Face cache leaves; skipped, it made the folder look like it held no weights (or fewer)."""
+    broken = sorted(p for p in folder.glob(pattern) if p.is_symlink() and not p.exists())
+    if broken:
+        raise CheckpointError(
+            f"{visible(str(broken[0]))} is a link to a file that does not exist; the download is incomplete (download it again)"
+        )
 
 
 def find_weight_files(model_dir: str | Path) -> WeightFiles:
@@ -249,18 +260,22 @@ def find_weight_files(model_dir: str | Path) -> WeightFiles:
     if not path.is_dir():
         raise CheckpointError(f"model folder {shown} does not exist; pass --model with a checkpoint folder")
 
-    if (path / SAFETENSORS_INDEX).exists():
+    # os.path.lexists: an index that is a broken link (an interrupted download into the Hugging Face
+    # cache) is named by the reader, not taken for none
+    if os.path.lexists(path / SAFETENSORS_INDEX):
         return WeightFiles("safetensors", _files_from_index(path / SAFETENSORS_INDEX, ".safetensors"), path / SAFETENSORS_INDEX)
     if (path / SAFETENSORS_SINGLE).is_file():
         return WeightFiles("safetensors", (path / SAFETENSORS_SINGLE,))
     loose = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    _refuse_broken_links(path, "*.safetensors")
     if loose:
         return WeightFiles("safetensors", tuple(loose))
-    if (path / BIN_INDEX).exists():
+    if os.path.lexists(path / BIN_INDEX):
         return WeightFiles("bin", _files_from_index(path / BIN_INDEX, ".bin"), path / BIN_INDEX)
     if (path / BIN_SINGLE).is_file():
         return WeightFiles("bin", (path / BIN_SINGLE,))
     loose = sorted(p for p in path.glob("pytorch_model*.bin") if p.is_file())
+    _refuse_broken_links(path, "pytorch_model*.bin")
     if loose:
         return WeightFiles("bin", tuple(loose))
     tinychat = sorted(p for p in path.glob("*.pt") if p.is_file())
@@ -309,12 +324,30 @@ def _open_regular(path: Path, what: str):
         raise
 
 
+# A header lists each tensor in ~100 bytes: InternVL3-78B's ~3,000 tensors take ~300 KiB. The
+# library takes up to 100 MB (~1.5 million tensors), which costs ~1.5 GB and ~10 s to parse and
+# list, twice per file (sizes first, then the weights): a file we did not write must not.
+MAX_HEADER_BYTES = 16 << 20
+
+
+def _check_header_size(path: Path, shown: str) -> None:
+    with _open_regular(path, "weight file") as f:
+        head = f.read(8)
+    if len(head) == 8 and struct.unpack("<Q", head)[0] > MAX_HEADER_BYTES:  # a short file: the library says so
+        size = struct.unpack("<Q", head)[0]
+        raise CheckpointError(
+            f"{shown} is not a safetensors file, or a damaged one (its header claims {size / 2**20:,.0f} MiB, "
+            f"over the {MAX_HEADER_BYTES >> 20} MiB any checkpoint needs); download it again"
+        )
+
+
 def _safetensors_entries(path: Path, shown: str) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
     """(name, dtype, shape, byte count) of every tensor, in file order, from a header that the
     safetensors library has parsed and validated: a JSON object of sane depth and size, every
     tensor with a known dtype, offsets that are ordered, contiguous, match shape × dtype and
     cover the data exactly. Because they are contiguous, each tensor's offset is the sum of
     the byte counts before it."""
+    _check_header_size(path, shown)
     try:
         with safe_open(str(path), framework="pt") as f:
             entries = []
@@ -387,7 +420,7 @@ def _pickle_refusal(path: Path, error: BaseException) -> CheckpointError:
     refused = _REFUSED_GLOBAL.search(text)
     if refused:
         return CheckpointError(
-            f"{shown} holds Python objects besides tensors ({visible(refused[1])}) and is refused for safety: only plain "
+            f"{shown} holds Python objects besides tensors ({_short(refused[1])}) and is refused for safety: only plain "
             "state dicts of tensors load; use the checkpoint's safetensors files instead"
         )
     if "Weights only load failed" in text:
@@ -475,6 +508,7 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None,
         raise ValueError(f"layout must be 'original' or 'hf', not {layout!r}")
     weights = find_weight_files(model_dir)
     pending: dict[str, list[torch.Tensor | None]] = {}  # fused qkv name → [q, k, v]
+    fused: set[str] = set()  # those already yielded
     for path in weights.files:
         for name, tensor in _iter_file(path, weights.kind, max_elements):
             if _is_ignored(name):
@@ -490,10 +524,13 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None,
                 yield canonical, tensor
                 continue
             parts = pending.setdefault(canonical, [None, None, None])
+            if parts[slot] is not None or canonical in fused:  # a second copy would replace the first
+                raise CheckpointError(f"the checkpoint holds tensor {_short(name)} twice; its shards overlap or it is damaged")
             parts[slot] = tensor
             if all(p is not None for p in parts):
                 del pending[canonical]
-                yield canonical, torch.cat(parts, dim=0)  # type: ignore[arg-type]
+                fused.add(canonical)
+                yield canonical, _fused_qkv(canonical, parts)  # type: ignore[arg-type]
     if pending:
         name, parts = next(iter(pending.items()))
         lacking = [s for s, p in zip(_QKV_SLOTS, parts) if p is None]
@@ -501,6 +538,21 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None,
             f"the checkpoint has only part of the vision attention for {_short(name)} (no {', '.join(lacking)}); "
             "the download may be incomplete"
         )
+
+
+def _fused_qkv(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The q, k, v row blocks of a -hf vision attention stacked into one tensor. They must be float
+    pieces of one shape past their rows: torch.cat would otherwise fail with its own traceback, or
+    promote integer or bool pieces to floats, hiding a damaged file the loader refuses elsewhere."""
+    shapes = [tuple(p.shape) for p in parts]
+    if any(not p.is_floating_point() for p in parts) or any(len(s) == 0 or s[1:] != shapes[0][1:] for s in shapes):
+        pieces = ", ".join(f"{slot[0]} {list(s)} {str(p.dtype).removeprefix('torch.')}"
+                           for slot, s, p in zip(_QKV_SLOTS, shapes, parts))  # fmt: skip
+        raise CheckpointError(
+            f"the vision attention pieces of {_short(name)} do not fit together ({pieces}); "
+            "the weight file is damaged or belongs to another model"
+        )
+    return torch.cat(parts, dim=0)
 
 
 def load_state_dict(model_dir: str | Path, layout: str | None = None) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files import JSON_LIMIT, read_text_file, undecodable_byte, visible
+from ..files import TEXT_LIMIT, read_text_file, undecodable_byte, visible
 
 DEFAULT_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -40,9 +40,11 @@ MAX_HEADS = 1024
 MAX_INTERMEDIATE = 1 << 18
 MAX_VOCAB = 1 << 21
 MAX_POSITIONS = 1 << 24
+MIN_POSITIONS = 16  # the smallest --max-context the app takes: a model with fewer could never be used
 MAX_IMAGE_SIZE = 4096
 MAX_GRID = 128  # patches per tile side (InternVL: 448 / 14 = 32)
 MAX_TILES = 64  # dynamic tiling limit; the candidate search is cubic in it
+AWQ_GROUP_MULTIPLE = 32  # the 4-bit kernels take group sizes that are multiples of this (128 is standard)
 ROPE_TYPES = ("default", "dynamic")  # dynamic NTK changes nothing within max_position_embeddings
 
 _REQUIRED = object()
@@ -163,6 +165,11 @@ def _shown(value: Any) -> str:
     return visible(text)
 
 
+def _quoted(text: str) -> str:
+    """A name from the file, quoted for an error message: short, and safe to print."""
+    return visible(repr(text if len(text) <= 40 else text[:37] + "…"))
+
+
 class _Fields:
     """Typed, range-checked access to one JSON object of config.json.
 
@@ -170,12 +177,12 @@ class _Fields:
     absent is refused by name.
     """
 
-    def __init__(self, raw: Any, path: str, source: str):
-        self.path, self.source = path, source
+    def __init__(self, raw: Any, path: str, source: str, file: str = "config.json"):
+        self.path, self.source, self.file = path, source, file  # `file`: the name advice gives
         if not isinstance(raw, dict):
             raise CheckpointError(
                 f"{source}: {path or 'the top level'} must be a JSON object, not {_shown(raw)}; "
-                "the checkpoint's config.json is damaged or not an InternVL3 config"
+                f"the checkpoint's {file} is damaged or not an InternVL3 config"
             )
         self.raw = raw
 
@@ -185,7 +192,7 @@ class _Fields:
     def refuse(self, key: str, expect: str) -> CheckpointError:
         return CheckpointError(
             f"{self.source}: {self._name(key)} must be {expect}, not {_shown(self.raw.get(key))}; "
-            "the checkpoint's config.json is damaged or was edited"
+            f"the checkpoint's {self.file} is damaged or was edited"
         )
 
     def _get(self, key: str, default: Any) -> Any:
@@ -193,7 +200,7 @@ class _Fields:
         if value is None:
             if default is _REQUIRED:
                 raise CheckpointError(
-                    f"{self.source}: {self._name(key)} is missing; the checkpoint's config.json is incomplete"
+                    f"{self.source}: {self._name(key)} is missing; the checkpoint's {self.file} is incomplete"
                 )
             return None
         return value
@@ -259,7 +266,7 @@ class _Fields:
         value = self._get(key, _REQUIRED if required else None)
         if value is None:
             return None
-        return _Fields(value, self._name(key), self.source)
+        return _Fields(value, self._name(key), self.source, self.file)
 
 
 # -------------------------------------------------------------------------------- sections
@@ -275,7 +282,7 @@ def _check_llm_kind(f: _Fields) -> None:
         )
     if archs and not any(a in SUPPORTED_LLMS for a in archs) or (model_type and model_type != "qwen2"):
         raise CheckpointError(
-            f"unsupported LLM {visible(str(archs or model_type))} in {f.path}; "
+            f"unsupported LLM {_shown(archs or model_type)} in {f.path}; "
             "internvl-chat supports Qwen2-based InternVL3 checkpoints"
         )
 
@@ -290,7 +297,7 @@ def _rope_theta(f: _Fields) -> float:
         kind = section.text("rope_type", None) or section.text("type", None) or "default"
         if kind not in ROPE_TYPES:
             raise CheckpointError(
-                f"{f.source}: {section.path} asks for {visible(kind)!r} RoPE scaling, which internvl-chat does not "
+                f"{f.source}: {section.path} asks for {_quoted(kind)} RoPE scaling, which internvl-chat does not "
                 "compute; InternVL3 checkpoints use default or dynamic RoPE"
             )
     if f.has("rope_theta"):
@@ -336,7 +343,7 @@ def _text_config(f: _Fields, tie_word_embeddings: bool) -> TextConfig:
         intermediate_size=f.integer("intermediate_size", 1, MAX_INTERMEDIATE),
         rms_norm_eps=f.number("rms_norm_eps", 0.0, 1.0, default=1e-6),
         rope_theta=_rope_theta(f),
-        max_position_embeddings=f.integer("max_position_embeddings", 1, MAX_POSITIONS, default=32768),
+        max_position_embeddings=f.integer("max_position_embeddings", MIN_POSITIONS, MAX_POSITIONS, default=32768),
         tie_word_embeddings=tie_word_embeddings,
     )
 
@@ -392,7 +399,7 @@ def _quant_config(f: _Fields | None, text: TextConfig) -> QuantConfig | None:
     method = f.text("quant_method", "").lower()
     if method != "awq":
         raise CheckpointError(
-            f"quantization method {visible(method)!r} is not supported; internvl-chat loads AWQ 4-bit checkpoints"
+            f"quantization method {_quoted(method)} is not supported; internvl-chat loads AWQ 4-bit checkpoints"
         )
     bits = f.integer("bits", 1, 64, default=None)
     bits = f.integer("w_bit", 1, 64, default=4) if bits is None else bits
@@ -404,8 +411,8 @@ def _quant_config(f: _Fields | None, text: TextConfig) -> QuantConfig | None:
     if q.bits != 4:
         raise CheckpointError(f"AWQ with {q.bits} bits is not supported; only 4-bit AWQ checkpoints load")
     if q.version != "gemm":
-        raise CheckpointError(f"AWQ version {visible(q.version)!r} is not supported; only the 'gemm' packing loads")
-    if q.group_size <= 0 or q.group_size % 32:
+        raise CheckpointError(f"AWQ version {_quoted(q.version)} is not supported; only the 'gemm' packing loads")
+    if q.group_size <= 0 or q.group_size % AWQ_GROUP_MULTIPLE:
         raise CheckpointError(f"AWQ group size {q.group_size} is not supported; use a multiple of 32 (128 is standard)")
     if not q.zero_point:
         raise CheckpointError("AWQ without zero points is not supported; quantize with zero_point=true")
@@ -431,7 +438,9 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     (not a regular file, too large, not UTF-8, not JSON, not an object, nested too deep) is one
     CheckpointError line naming the user's path."""
     shown = visible(str(path))
-    text = read_text_file(path, what, limit=JSON_LIMIT, error=CheckpointError)
+    # 16 MiB, not the tokenizer's 64: a real one is a few KiB (an index of a 78B model ~300 KiB), and
+    # Python's parser takes ~25 bytes of memory per byte of `[{}, {}, …]` (64 MiB took 1.6 GB)
+    text = read_text_file(path, what, limit=TEXT_LIMIT, error=CheckpointError)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -466,9 +475,9 @@ def _read_hf_tiling(model_dir: Path) -> dict[str, Any]:
     """The -hf layout keeps its tile limits in preprocessor_config.json (`min_patches`,
     `max_patches`); transformers' InternVL processor always tiles (crop_to_patches)."""
     path = Path(model_dir) / "preprocessor_config.json"
-    if not path.exists():
+    if not os.path.lexists(path):  # a broken link is named by the reader, not taken for none
         return {}
-    f = _Fields(read_json_object(path, "the checkpoint's preprocessor_config.json"), "", visible(str(path)))
+    f = _Fields(read_json_object(path, "the checkpoint's preprocessor_config.json"), "", visible(str(path)), path.name)
     high = f.integer("max_patches", 1, MAX_TILES, default=12)
     low = f.integer("min_patches", 1, high, default=1)
     return {"max_dynamic_patch": high, "min_dynamic_patch": low}
@@ -491,7 +500,7 @@ def parse_config(raw: Any, source: str = "config.json") -> ModelConfig:
         text_f.raw = {"model_type": "qwen2", **text_f.raw}
     else:
         raise CheckpointError(
-            f"unknown architecture {visible(str(archs or model_type or '(none)'))}; internvl-chat loads InternVL3 "
+            f"unknown architecture {_shown(archs or model_type or '(none)')}; internvl-chat loads InternVL3 "
             f"checkpoints ({ORIGINAL_ARCH} or {HF_ARCH})"
         )
 
@@ -522,6 +531,12 @@ def parse_config(raw: Any, source: str = "config.json") -> ModelConfig:
         }
     else:
         select_layer = top.integer("vision_feature_layer", -MAX_LAYERS, MAX_LAYERS, default=-1)
+        # what the engine computes (as the original layout always does); transformers would follow
+        # another value here, so a config that names one is a different model, not this one's
+        if top.text("projector_hidden_act", "gelu") != "gelu":
+            raise top.refuse("projector_hidden_act", '"gelu" (InternVL\'s projector uses exact GELU)')
+        if top.text("vision_feature_select_strategy", "default") != "default":
+            raise top.refuse("vision_feature_select_strategy", '"default" (InternVL drops the ViT\'s CLS token)')
         image_size = None
         template = "internvl2_5"
         tiling = {}

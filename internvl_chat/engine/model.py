@@ -77,6 +77,12 @@ def _stop_if_set(cancel: threading.Event | None) -> None:
         raise Cancelled("cancelled before the answer began")
 
 
+def _short_name(name: str) -> str:
+    """A tensor name from the file for an error line: escaped, and cut short (a header may hold a
+    name of any length)."""
+    return visible(name if len(name) <= 80 else name[:77] + "…")
+
+
 class PendingInt4(nn.Module):
     """Stands where a 4-bit linear will go until its packed tensors have all been read."""
 
@@ -237,7 +243,7 @@ class InternVLModel(nn.Module):
             missing -= self._tie_embeddings(seen)
         if unexpected:
             raise CheckpointError(
-                f"the checkpoint has {len(unexpected)} unexpected tensor(s), e.g. {', '.join(map(visible, unexpected[:3]))}; "
+                f"the checkpoint has {len(unexpected)} unexpected tensor(s), e.g. {', '.join(map(_short_name, unexpected[:3]))}; "
                 "it does not match its config.json (wrong layout or a different model)"
             )
         if missing:
@@ -302,11 +308,16 @@ class InternVLModel(nn.Module):
         del pending[key]
         group = self.cfg.quant.group_size
         for p in parts:  # each part on its own: concatenating would promote int/bool scales to floats
-            validate_awq(*(bag[f"{p}.{s}"] for s in _AWQ_SUFFIXES), group, name=f"{prefix}.{p}")
+            _, outputs = validate_awq(*(bag[f"{p}.{s}"] for s in _AWQ_SUFFIXES), group, name=f"{prefix}.{p}")
             bias_part = bag.get(f"{p}.bias")
             if bias_part is not None and not bias_part.is_floating_point():
                 raise CheckpointError(
                     f"tensor {prefix}.{p}.bias is stored as {str(bias_part.dtype).removeprefix('torch.')}, not as floats; "
+                    "the weight file is damaged"
+                )
+            if bias_part is not None and tuple(bias_part.shape) != (outputs,):  # else cat or Int4Linear fails unnamed
+                raise CheckpointError(
+                    f"tensor {prefix}.{p}.bias has shape {tuple(bias_part.shape)} but its 4-bit weight has {outputs} outputs; "
                     "the weight file is damaged"
                 )
         qweight, qzeros, scales = concat_awq([tuple(bag[f"{p}.{s}"] for s in _AWQ_SUFFIXES) for p in parts])

@@ -77,6 +77,12 @@ def convert_tinychat(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConf
 
 
 def _split_rows(name: str, tensor: torch.Tensor, parts: list[tuple[str, int]], fused: str) -> Iterator[tuple[str, torch.Tensor]]:
+    total = sum(n for _, n in parts)
+    if tuple(tensor.shape) != (total,):  # slicing a scalar raised IndexError; a short one gave short parts
+        raise CheckpointError(
+            f"tensor {name} has shape {tuple(tensor.shape)} but the config implies ({total},); "
+            "config.json and the TinyChat file disagree"
+        )
     start = 0
     for part, n in parts:
         yield name.replace(f".{fused}.", f".{part}."), tensor[start : start + n]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files import JSON_LIMIT, read_bytes_file, read_text_file, undecodable_byte
+from ..files import JSON_LIMIT, TEXT_LIMIT, read_bytes_file, read_text_file, undecodable_byte
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -219,24 +219,29 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
     special: set[int] = set()
     # Added tokens declared only in tokenizer_config.json are added, at the ids it declares
     # (transformers does the same); a token already there keeps its id and takes the declared kind.
-    for token_id, entry in _declared_added_tokens(model_dir, config):
+    # They are added in one call, in id order (each takes the next id): one call per token rebuilt
+    # the backend's matcher every time, so 8,000 of them took a minute and 60,000 hours.
+    declared = _declared_added_tokens(model_dir, config)
+    new: dict[str, AddedToken] = {}
+    for _, entry in declared:
         content = entry["content"]
-        is_special = bool(entry.get("special", False))
-        known = backend.token_to_id(content)
-        if known is None:
-            token = AddedToken(
+        if content not in new and backend.token_to_id(content) is None:
+            is_special = bool(entry.get("special", False))
+            new[content] = AddedToken(
                 content,
                 single_word=bool(entry.get("single_word", False)),
                 lstrip=bool(entry.get("lstrip", False)),
                 rstrip=bool(entry.get("rstrip", False)),
                 normalized=bool(entry.get("normalized", not is_special)),
-                special=is_special,
+                special=is_special,  # add_tokens keeps the kind
             )
-            (backend.add_special_tokens if is_special else backend.add_tokens)([token])
-            known = backend.token_to_id(content)
+    if new:
+        backend.add_tokens(list(new.values()))
+    for token_id, entry in declared:
+        known = backend.token_to_id(entry["content"])
         if known != token_id:
-            raise _config_error(model_dir, f"it gives {_brief(content)} the id {token_id}, tokenizer.json {known}")
-        if is_special:
+            raise _config_error(model_dir, f"it gives {_brief(entry['content'])} the id {token_id}, tokenizer.json {known}")
+        if entry.get("special", False):
             special.add(token_id)
 
     for token in backend.get_added_tokens_decoder().items():
@@ -248,12 +253,11 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
     if isinstance(extra, dict):  # transformers 5 may store {name: token}
         extra = list(extra.values())
     named += [_token_content(t) for t in extra] if isinstance(extra, list) else []
-    for content in named:
-        if content is None:
-            continue
-        if backend.token_to_id(content) is None:  # transformers adds a named special token it lacks
-            backend.add_special_tokens([AddedToken(content, special=True, normalized=False)])
-        special.add(backend.token_to_id(content))
+    named = [content for content in dict.fromkeys(named) if content is not None]
+    lacking = [content for content in named if backend.token_to_id(content) is None]
+    if lacking:  # transformers adds a named special token it lacks; all at once, as above
+        backend.add_special_tokens([AddedToken(content, special=True, normalized=False) for content in lacking])
+    special.update(backend.token_to_id(content) for content in named)
     return FastTokenizer(backend, frozenset(special))
 
 
@@ -311,10 +315,10 @@ def _check_for_transformers(model_dir: Path) -> None:
 
 def _read_config(model_dir: Path) -> dict:
     path = model_dir / TOKENIZER_CONFIG
-    if not path.is_file():
+    if not os.path.lexists(path):  # a folder, a FIFO or a broken link is named by the reader, not taken for none
         return {}
     try:
-        config = json.loads(read_text_file(path, "the tokenizer config", JSON_LIMIT, CheckpointError))
+        config = json.loads(read_text_file(path, "the tokenizer config", TEXT_LIMIT, CheckpointError))  # as config.json
     except json.JSONDecodeError as e:
         raise _config_error(model_dir, f"it is not valid JSON ({e.msg} at line {e.lineno})") from None
     except (ValueError, RecursionError) as e:  # a number too long for int(), absurd nesting
@@ -358,9 +362,12 @@ def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
     return TransformersTokenizer(hf)
 
 
-def _first_line(e: Exception) -> str:
+def _first_line(e: BaseException) -> str:
+    """A library's reason, short: the JSON parser quotes the offending value whole (a
+    100,000-character string made a 100,000-character error line)."""
     text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= 120 else line[:117] + "…"
 
 
 # -------------------------------------------------------------------------------- special ids

@@ -312,6 +312,11 @@ def tinychat_v2_to_awq(
                 f"{where}TinyChat v2 {label} must be a float tensor of shape [>= {groups}, {out_features}]; "
                 f"got {tensor.dtype} {tuple(tensor.shape)}."
             )
+    if qweight.dtype != torch.int16 or tuple(qweight.shape) != (out_features // 4, in_features):
+        raise CheckpointError(
+            f"{where}TinyChat v2 qweight must be int16 of shape {(out_features // 4, in_features)}; got "
+            f"{str(qweight.dtype).removeprefix('torch.')} {tuple(qweight.shape)}: the file is damaged or not a TinyChat v2 checkpoint."
+        )
     q = unpack_tinychat_v2_qweight(qweight, out_features, in_features)  # [N, K]
     s = scales[:groups].to(torch.float32).t()  # [N, G]
     sz = scaled_zeros[:groups].to(torch.float32).t()

@@ -34,7 +34,7 @@ def resolve_model_path(settings: Settings) -> Path:
 
 def load_for_settings(settings: Settings, show_progress: bool) -> LoadedModel:
     path = resolve_model_path(settings)
-    status = _spinner(f"loading {path.name} …") if show_progress else nullcontext()
+    status = _spinner(f"loading {visible(path.name)} …") if show_progress else nullcontext()
     with status as spinning:
         return load_model(
             path,

@@ -13,14 +13,18 @@ from contextlib import contextmanager
 
 from rich.console import Console
 from rich.status import Status
+from rich.text import Text
 
 from .suspend import HIDE_CURSOR, SHOW_CURSOR, StopHook
 
 
 @contextmanager
 def spin(console: Console, text: str) -> Iterator[Status]:
-    """rich's status line with `text` while the block runs; yields it (`update` changes the text)."""
-    status = console.status(text, spinner="dots")
+    """rich's status line with `text` while the block runs; yields it (`update` changes the text).
+
+    `text` is shown as it is, never as rich markup: it names files ("loading m[/x] …"), and a
+    bracket there raised MarkupError (a traceback) or restyled the line."""
+    status = console.status(Text(text), spinner="dots")
     hook = StopHook(console, before_stop=lambda: SHOW_CURSOR, after_continue=lambda: HIDE_CURSOR)
     try:  # not `with status`: a Ctrl-C inside its start would leave it spinning over the prompt
         hook.open()  # first: a Ctrl-Z inside the start, once it has hidden the cursor, shows it
