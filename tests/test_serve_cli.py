@@ -7,6 +7,7 @@ import os
 import queue
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -127,6 +128,17 @@ def test_request_text_in_the_server_log_is_escaped(tiny_original):
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         line = _next_match(lines, "GET /health")[1]
         assert "EVIL" in line and "\x1b" not in line and "\x07" not in line, line
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT_S) == 0
+
+
+def test_a_model_folder_name_is_shown_escaped_at_start(tiny_original, tmp_path):
+    # the model id is the folder's name: an unpacked archive can name it with terminal controls
+    folder = tmp_path / "tiny\x1b]0;pwned\x07\x1b[31m"
+    shutil.copytree(tiny_original, folder)
+    with _serving(folder, "--max-context", "256") as (proc, lines):
+        line = _next_match(lines, r"on http://127\.0\.0\.1:\d+/v1")[1]
+        assert line.startswith("internvl-chat serve: tiny\\e]0;pwned\\x07\\e[31m on "), line
         proc.send_signal(signal.SIGINT)
         assert proc.wait(WAIT_S) == 0
 

@@ -10,7 +10,7 @@ import socket
 import sys
 
 from ..errors import OneLineParser, UsageError
-from ..files import expand_home, visible_lines
+from ..files import expand_home, visible, visible_lines
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -201,7 +201,7 @@ def _serve(settings, log_level: str) -> int:
     warn = ""
     if options.host not in LOOPBACK and not options.api_key:
         warn = " (reachable from the network without an API key: set --api-key)"
-    print(f"internvl-chat serve: {model_id} on http://{host}:{port}/v1 · {options.slots} slot(s) of "
+    print(f"internvl-chat serve: {visible(model_id)} on http://{host}:{port}/v1 · {options.slots} slot(s) of "
           f"{loaded.model.max_seq_len:,} tokens ({worker.slots.kv_bytes / 2**20:,.1f} MiB KV) · queue {options.queue_depth}"
           f"{warn}", file=sys.stderr, flush=True)  # fmt: skip
     logging.getLogger("internvl_chat.serve").setLevel(log_level.upper())
