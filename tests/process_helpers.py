@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
+
+PENDING_WAIT_S = 120  # generous: a pass never waits for it
 
 
 def stop(pid: int) -> None:
@@ -24,6 +27,31 @@ def stop(pid: int) -> None:
 
 def resume(pid: int) -> None:
     os.kill(pid, signal.SIGCONT)
+
+
+def signal_pending(pid: int, signum: int) -> bool:
+    """Whether `signum` waits to be delivered to `pid` (a stopped process keeps it until SIGCONT)."""
+    bit = 1 << (signum - 1)
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & bit:
+            return True
+    return False
+
+
+def interrupt_stopped(child) -> bool:
+    """Press Ctrl-C (through the terminal driver) for a stopped pexpect `child` and return once the
+    driver has turned it into a pending SIGINT; False if it did not (the key went to a program
+    reading keys raw). The driver acts on the key later, on a kernel worker, and when it does it
+    also discards what the program wrote that was not read yet: resumed before then, the program
+    could write the rest of its answer and its stats line, all thrown away, and only then get the
+    SIGINT, at the next prompt."""
+    child.sendintr()
+    deadline = time.monotonic() + PENDING_WAIT_S
+    while not signal_pending(child.pid, signal.SIGINT):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def read_waiting(fd: int) -> bytes:

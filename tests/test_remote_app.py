@@ -288,6 +288,7 @@ class RemoteRepl(Repl):
         env = {**_env(home), "TERM": "xterm-256color", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}
         self.child = pexpect.spawn(sys.executable, ["-m", "internvl_chat.cli", *args], env=env, dimensions=(50, 220),
                                    encoding="utf-8", timeout=TIMEOUT, cwd=str(home))  # fmt: skip
+        self.record()
 
 
 STATS = r"ttft [\d.]+ s · decode [\d.,]+ tok/s · context ≈[\d,]+/3,072 \(\d+ %\) · server: prompt [\d,]+ tok"

@@ -25,7 +25,7 @@ from prompt_toolkit.document import Document
 
 from internvl_chat.ui.repl import ChatCompleter
 from media_helpers import textured_rgb, write_numbered_video
-from process_helpers import resume, stop
+from process_helpers import interrupt_stopped, resume, stop
 from remote_helpers import FakeServer, Reply, fixture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +63,13 @@ class Repl:
         argv = ["-m", "internvl_chat.cli", "--model", str(model), "--device", "cpu", *args]
         self.child = pexpect.spawn(sys.executable, argv, env=env, dimensions=(50, 220), encoding="utf-8",
                                    timeout=TIMEOUT, cwd=str(home))  # fmt: skip
+        self.record()
         self.child.expect_exact(PROMPT_READY)
+
+    def record(self) -> None:
+        """Keep all the program wrote, for the messages of failed checks."""
+        self.transcript = io.StringIO()
+        self.child.logfile_read = self.transcript
 
     def type(self, text: str) -> None:
         self.child.send(text)
@@ -107,7 +113,7 @@ class Repl:
                     break
             ended = "tok/s" in seen
             if not ended:
-                self.child.sendintr()  # pending while it is stopped: handled first thing after
+                interrupt_stopped(self.child)  # pending while it is stopped: handled first thing after
             resume(self.child.pid)
             if not ended:
                 outcomes = [r"\[cancelled: the partial answer is kept", r"tok/s", r"\[interrupted\]",
@@ -116,7 +122,8 @@ class Repl:
                     outcome = self.child.expect(outcomes)
                 except pexpect.TIMEOUT:
                     raise AssertionError(f"no outcome of Ctrl-C; before it: {seen[-2000:]!r}; "
-                                         f"after it: {self.child.before[-2000:]!r}") from None  # fmt: skip
+                                         f"after it: {self.child.before[-2000:]!r}; "
+                                         f"all it wrote: {self.transcript.getvalue()[-4000:]!r}") from None  # fmt: skip
                 if outcome == 0:
                     return
                 ended = outcome in (1, 2)  # the answer was kept (with or without its stats line); else nothing was

@@ -19,7 +19,7 @@ from pathlib import Path
 import pexpect
 import pyte
 import pytest
-from process_helpers import resume, stop
+from process_helpers import interrupt_stopped, resume, stop
 from screen_model import make_screen
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,7 +181,7 @@ def test_ctrl_c_mid_answer_draws_the_partial_answer_once(tiny_original, tmp_path
     term = stopped_mid_answer(tmp_path, tiny_original, "--max-new-tokens", "1500", cols=80,
                               growing=streaming(QUESTION, min_chars=30))  # fmt: skip
     first = squeeze(answer_rows(term.rows(), QUESTION)[0])[:12]
-    term.child.sendintr()  # Ctrl-C, through the terminal driver (its echo included)
+    assert interrupt_stopped(term.child)  # Ctrl-C, through the terminal driver (its echo included)
     term.resume()
     term.wait_for(lambda rows: any("[cancelled" in r for r in rows) and finished(rows), "the cancel note")
     term.prompt()
