@@ -260,6 +260,27 @@ def test_decord_and_pyav_give_the_same_frames(videos, monkeypatch):
         assert diff.mean().item() < 0.02, name
 
 
+# Streams decord 0.6 seeks in wrongly (it returned other frames, repeated or out of order, with no
+# error): B-frames of MPEG-4 Part 2 (Xvid-style) even in MP4, MPEG-2 in AVI, H.264 in MPEG-TS
+SEEK_TRAPS = {
+    "bframes_mpeg4.mp4": ("mpeg4", dict(options={"bf": "2"})),
+    "mpeg2.avi": ("mpeg2video", {}),
+    "bframes_h264.ts": ("libx264", dict(options={"bf": "3", "g": "12"})),
+}
+
+
+@pytest.mark.parametrize("name", list(SEEK_TRAPS))
+def test_the_default_backend_gives_the_frames_asked_for_where_decord_would_seek_wrong(tmp_path, monkeypatch, name):
+    codec, extra = SEEK_TRAPS[name]
+    if codec == "libx264" and not HAS_X264:
+        pytest.skip("no libx264 in this PyAV build")
+    path = write_numbered_video(tmp_path / name, 60, 30, codec, **extra)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    result = load_video(path, num_frames=7)
+    assert result.indices == expected_indices(60, 30.0, 7)
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices, result.backend
+
+
 def test_probe_reads_the_header(videos):
     for name, path in videos.items():
         total, fps = VIDEOS[name][0], float(VIDEOS[name][1])

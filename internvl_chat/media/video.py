@@ -2,9 +2,10 @@
 
 Frames are sampled with the published formula (`frame_indices`): the clip, or the part between
 `start` and `end` seconds, is cut into N equal segments and one frame is taken near the middle of
-each. Decoding uses decord when it imports and PyAV otherwise; both give the frame with the same
-number (the n-th frame in presentation order), so the choice changes speed, not content.
-`INTERNVL_CHAT_VIDEO_BACKEND=pyav|decord` forces one.
+each. Frame n is the n-th frame in presentation order. decord seeks to each frame (fast on long
+clips) but lands on another frame where the stream reorders frames it cannot place after a seek
+(see `decord_is_exact`); PyAV, which decodes from the start, is used there and where decord does
+not import. `INTERNVL_CHAT_VIDEO_BACKEND=pyav|decord` forces one.
 
 When N is larger than the number of frames in the range, frames repeat (as in the published
 formula) rather than failing: the model still gets N frames.
@@ -187,6 +188,8 @@ class _Header:
     format_name: str
     display_matrix: tuple[int, ...] | None  # from the first decoded frame (FFmpeg attaches it there)
     rotate_tag: str | None
+    codec: str = ""  # FFmpeg's decoder name ("h264", "mpeg4", …)
+    reorders: bool = False  # the stream has B-frames (frames decoded before they are shown)
 
     @property
     def orientation(self) -> Orientation:
@@ -327,8 +330,9 @@ def _read_header(path: Path, orientation: bool) -> _Header:
             duration = 0.0
         duration = _check_duration(path, duration)
         rotate_tag = _tag(stream.metadata, "rotate")
+        codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
         matrix = _first_display_matrix(container, stream) if orientation else None
-        return _Header(width, height, fps, frames, duration, container.format.name, matrix, rotate_tag)
+        return _Header(width, height, fps, frames, duration, container.format.name, matrix, rotate_tag, codec, reorders)
     except MediaError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -386,6 +390,23 @@ def decord_rotation(header: _Header) -> Orientation:
     degrees = math.fmod(degrees, 360.0)
     degrees = int(degrees + 360 if degrees < 0 else degrees)
     return {90: _CLOCKWISE[1], 180: _CLOCKWISE[2], 270: _CLOCKWISE[3]}.get(degrees)
+
+
+# Containers that store each frame's presentation time and an index to seek by
+_EXACT_CONTAINERS = ("mov", "mp4", "matroska", "webm")
+# Codecs whose B-frames decord still places right after a seek (closed or H.264-style open GOPs)
+_REORDERING_CODECS_OK = ("h264", "vp8", "vp9", "av1", "libdav1d", "libaom-av1")
+
+
+def decord_is_exact(header: _Header) -> bool:
+    """Whether decord 0.6 returns the frame asked for, as checked against PyAV on clips whose
+    frames show their number: it seeks to the key frame before it and counts from there, which
+    goes wrong (silently: other frames, repeated or out of order) in AVI, MPEG-TS/PS and other
+    containers without per-frame times, and for MPEG-1/2/4 Part 2 and HEVC streams with B-frames
+    (their open GOPs hold frames that cannot be decoded after a seek)."""
+    if not any(name in _EXACT_CONTAINERS for name in header.format_name.split(",")):
+        return False
+    return not header.reorders or header.codec in _REORDERING_CODECS_OK
 
 
 class _DecordSource:
@@ -674,7 +695,7 @@ def load_video(
 
     def work(stop: threading.Event) -> _Decoded:
         header = _read_header(path, orientation=True)
-        if decord is not None:
+        if decord is not None and (forced == "decord" or decord_is_exact(header)):
             try:
                 return _decode(path, "decord", header, decord, num_frames, start, end, image_size, stop)
             except _DecordFailed as e:
