@@ -219,6 +219,39 @@ def test_probe_and_decode_turn_alike_where_pillow_reads_the_orientation_itself(t
     np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(display, cols, rows, True, 448), atol=2e-6)
 
 
+def _exif_with_orientation_entry(field_type: int, count: int, value: bytes, extra: bytes = b"") -> bytes:
+    """Raw big-endian EXIF holding one orientation entry of any type (`extra`: data after the IFD)."""
+    import struct
+
+    ifd = struct.pack(">H", 1) + struct.pack(">HHI", 0x0112, field_type, count) + value + b"\0\0\0\0"
+    return b"Exif\0\0MM\0*\0\0\0\x08" + ifd + extra
+
+
+@pytest.mark.parametrize(
+    "name, entry, turned",
+    [
+        ("text '6'", (2, 2, b"6\0\0\0"), False),  # ASCII: exif_transpose's lookup finds no turn for "6"
+        ("rational 13/2", (5, 1, b"\0\0\0\x1a", b"\0\0\0\x0d\0\0\0\x02"), False),  # int() made it 6
+        ("rational 6/1", (5, 1, b"\0\0\0\x1a", b"\0\0\0\x06\0\0\0\x01"), True),
+    ],
+)
+def test_a_malformed_orientation_is_probed_and_decoded_alike(tmp_path, name, entry, turned):
+    """223×100 is 3 tiles and 100×223 is 11. An orientation stored as the text "6" was read as 6 by
+    the probe (turned: 11 tiles) and ignored by the decode (3 tiles): the picture could never be
+    sent ("changed after it was attached; attach it again", each time)."""
+    stored = textured_rgb(223, 100, seed=9)
+    path = tmp_path / "odd_exif.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=_exif_with_orientation_entry(*entry))
+    decoded = np.asarray(Image.open(path).convert("RGB"))
+    display = np.ascontiguousarray(np.rot90(decoded, -1) if turned else decoded)
+    height, width = display.shape[:2]
+    assert probe_image(path) == (width, height)
+    result = load_image(path)
+    assert result.size == (width, height) and result.num_tiles == count_tiles(width, height)
+    cols, rows = expected_grid(width, height, 12)
+    np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(display, cols, rows, True, 448), atol=2e-6)
+
+
 def test_transparent_pixels_become_white_and_opaque_ones_stay(tmp_path):
     rgba = np.zeros((448, 448, 4), np.uint8)
     rgba[..., :3] = textured_rgb(448, 448, seed=9)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import MediaError
 from ..files import expand_home, sniff_file, visible
@@ -298,9 +298,22 @@ def _looks_like_video(path: Path) -> bool:
     return (what or "").startswith(("a video", "a Matroska"))
 
 
+# EXIF orientation → the operation that shows the picture upright (as ImageOps.exif_transpose has it)
+_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
 def pending_orientation(image: Image.Image) -> int:
     """The EXIF orientation still to apply, read from the header only: the probe and the decode both
-    go by it, so the tiles counted are the tiles made."""
+    go by it, so the tiles counted are the tiles made. 1 (as stored) unless it is a whole number 2…8:
+    a damaged tag ("6" as text, 13/2, two values) turns nothing."""
     # A PNG's EXIF chunk may follow the pixel data, and looking for it there decodes everything.
     if image.format == "PNG" and "exif" not in image.info:
         return 1
@@ -308,9 +321,17 @@ def pending_orientation(image: Image.Image) -> int:
         return 1  # recent Pillow opens a TIFF at its turned size (tags 256, 257: as stored) and turns it as it loads
     try:
         with quiet_pillow():
-            return int(image.getexif().get(EXIF_ORIENTATION, 1))
-    except Exception:  # noqa: BLE001 - malformed EXIF: orientation unknown, keep the image as stored
+            value = image.getexif().get(EXIF_ORIENTATION, 1)
+        # a dict lookup, as exif_transpose does it: 6 and a rational 6/1 match, "6" and 6.5 do not
+        return int(value) if value in _TURNS else 1
+    except Exception:  # noqa: BLE001 - malformed EXIF, an unhashable value: orientation unknown, keep the image as stored
         return 1
+
+
+def upright(image: Image.Image, orientation: int) -> Image.Image:
+    """The image turned as `pending_orientation` says (the image itself when there is nothing to turn)."""
+    turn = _TURNS.get(orientation)
+    return image.transpose(turn) if turn is not None else image
 
 
 def probe_image(path: str | Path) -> tuple[int, int]:
@@ -330,7 +351,7 @@ def probe_image(path: str | Path) -> tuple[int, int]:
 def _decode(path: Path) -> Image.Image:
     """Fully decode (so truncation is caught here), apply EXIF orientation, convert to RGB."""
     with _open_image(path) as image:
-        turn = pending_orientation(image) != 1  # decided before the pixels, as probe_image decides
+        orientation = pending_orientation(image)  # decided before the pixels, as probe_image decides
         try:
             with quiet_pillow():
                 image.load()
@@ -338,12 +359,7 @@ def _decode(path: Path) -> Image.Image:
             raise MediaError(f"not enough memory to decode {visible(str(path))}; downscale the image first") from None
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
             raise MediaError(f"cannot decode {visible(str(path))}: the file is truncated or corrupt ({visible(_one_line(e))}); re-export or re-download it") from None
-        try:
-            with quiet_pillow():
-                upright = ImageOps.exif_transpose(image) if turn else image
-        except Exception:  # noqa: BLE001 - malformed EXIF: keep the image as stored
-            upright = image
-        return to_rgb(upright)
+        return to_rgb(upright(image, orientation))
 
 
 def load_image(
