@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 from media_helpers import (
+    numbered_frame,
     read_frame_number,
     reference_normalize,
     video_backends,
@@ -379,6 +380,26 @@ def test_probe_errors(tmp_path, videos):
         assert "\n" not in str(err.value)
         if what != "garbage":  # the header alone may read fine; probing does not decode
             assert words in str(err.value), what
+
+
+@pytest.mark.parametrize("kind", ["MPEG-PS", "APNG"])
+def test_a_header_without_a_usable_frame_count_or_duration_is_probed_by_counting(tmp_path, kind):
+    """An MPEG program stream (.mpg) stores no frame count and FFmpeg guesses its duration from the
+    bit rate (here 1/60 of the real one); an animated PNG stores neither. The probe estimated under
+    one frame and refused them ("has no video frames"), though their frames decode: /video and the
+    server refused a playable clip."""
+    if kind == "MPEG-PS":
+        path = write_numbered_video(tmp_path / "clip.mpg", 30, 30, "mpeg1video")
+        total, fps = 30, 30.0
+    else:
+        path = tmp_path / "moving.png"
+        frames = [Image.fromarray(numbered_frame(n)) for n in range(40)]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=40)
+        total, fps = 40, 25.0
+    frames, rate, duration = probe_video(path)
+    assert (frames, rate) == (total, pytest.approx(fps)) and duration == pytest.approx(total / fps)
+    result = load_video(path, num_frames=5)
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices == expected_indices(total, fps, 5)
 
 
 @pytest.mark.parametrize("backend", video_backends())

@@ -464,7 +464,6 @@ class _PyAVSource:
     def __init__(self, path: Path, header: _Header, stop: threading.Event) -> None:
         import av
 
-        self._av = av
         self._path = path
         self.orientation = header.orientation
         try:
@@ -479,26 +478,10 @@ class _PyAVSource:
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
             self.fps = header.fps
-            self.num_total_frames = header.frames or _check_count(path, self._count_packets(stop))
+            self.num_total_frames = header.frames or _count_packets(path, stop)
         except BaseException:
             self._container.close()
             raise
-
-    def _count_packets(self, stop: threading.Event) -> int:
-        # Containers such as MKV and WebM do not store a frame count; demuxing (no decoding)
-        # counts one packet per frame.
-        try:
-            with self._av.open(str(self._path)) as container:
-                count = 0
-                for packet in container.demux(container.streams.video[0]):
-                    if stop.is_set():
-                        raise _Stopped
-                    count += 1 if packet.size else 0
-                return count
-        except _Stopped:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise MediaError(f"cannot read video {_shown(self._path)} ({_one_line(e)}); the file may be damaged") from None
 
     def frames(self, wanted: list[int], stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
         pending = iter(wanted)
@@ -536,6 +519,25 @@ class _PyAVSource:
 
     def close(self) -> None:
         self._container.close()
+
+
+def _count_packets(path: Path, stop: threading.Event | None = None) -> int:
+    """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG): demuxing
+    (no decoding) counts one packet per frame."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            count = 0
+            for packet in container.demux(container.streams.video[0]):
+                if stop is not None and stop.is_set():
+                    raise _Stopped
+                count += 1 if packet.size else 0
+    except _Stopped:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise MediaError(f"cannot read video {_shown(path)} ({_one_line(e)}); the file may be damaged") from None
+    return _check_count(path, count)
 
 
 def _import_decord():
@@ -666,10 +668,14 @@ def probe_video(path: str | Path) -> tuple[int, float, float]:
     """
     path = check_media_file(path, "video")
     header = _read_header(path, orientation=False)
-    frames = header.frames or _check_count(path, int(round(header.duration * header.fps)))
+    duration = header.duration
+    frames = header.frames or _check_count(path, int(round(duration * header.fps)))
+    if frames < 1:
+        # no usable duration either (APNG), or one FFmpeg guessed from the bit rate (MPEG-PS): count
+        frames = _count_packets(path)
+        duration = 0.0
     if frames < 1:
         raise MediaError(f"{_shown(path)} has no video frames; use a file that contains video")
-    duration = header.duration
     if duration <= 0 and header.fps > 0:
         duration = frames / header.fps
     return frames, header.fps, duration
