@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -22,6 +23,7 @@ from internvl_chat.media.image import (
     tile_image,
     to_rgb,
 )
+from internvl_chat.media.video import probe_video
 
 
 def expected_grid(width: int, height: int, max_tiles: int, size: int = 448) -> tuple[int, int]:
@@ -564,3 +566,15 @@ def test_a_folder_or_device_is_named_with_its_article(tmp_path):
     with pytest.raises(MediaError) as err:
         probe_image(tmp_path)
     _assert_one_line(err, "is a folder, not an image file")
+
+
+def test_a_dangling_or_looping_link_is_called_a_link(tmp_path):
+    # "does not exist" sent the user looking for a file that `ls` shows
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
+    os.symlink(tmp_path / "b.png", tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    for name in ("dangling.png", "a.png"):
+        for call in (probe_image, load_image, probe_video):
+            with pytest.raises(MediaError) as err:
+                call(tmp_path / name)
+            _assert_one_line(err, name, "is a link to a file that does not exist")

@@ -225,6 +225,8 @@ def check_media_file(path: str | Path, what: str) -> Path:
     a_what = f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
     try:
         if not path.exists():
+            if path.is_symlink():  # `ls` lists it: say why it cannot be read
+                raise MediaError(f"{what} {visible(str(path))} is a link to a file that does not exist (or a loop of links); check the path")
             raise MediaError(f"{what} {visible(str(path))} does not exist; check the path")
         if path.is_dir():
             raise MediaError(f"{visible(str(path))} is a folder, not {a_what} file; pass the path of one file")
