@@ -8,7 +8,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from media_helpers import png_with_declared_size, png_with_exif_after_pixels, reference_normalize, reference_tiles, textured_rgb, write_numbered_video
+from media_helpers import (
+    png_with_declared_size,
+    png_with_exif_after_pixels,
+    reference_normalize,
+    reference_tiles,
+    textured_rgb,
+    tiled_tiff,
+    write_numbered_video,
+)
 from PIL import Image
 
 from internvl_chat.errors import MediaError
@@ -578,3 +586,24 @@ def test_a_dangling_or_looping_link_is_called_a_link(tmp_path):
             with pytest.raises(MediaError) as err:
                 call(tmp_path / name)
             _assert_one_line(err, name, "is a link to a file that does not exist")
+
+
+def test_a_tiff_whose_tiles_dwarf_the_picture_is_refused_before_decoding(tmp_path):
+    """Each TIFF tile is decoded whole before it is cut to the picture: a 64×64 TIFF declaring
+    8192×8192 tiles decoded 200 MB (a 16384² tile: 805 MB from 3 MB; a 64 MB request body could
+    ask for gigabytes), none of it limited by the picture's pixel count."""
+    bomb = tmp_path / "bomb.tif"
+    bomb.write_bytes(tiled_tiff(64, 64, 8192, grey=None))
+    for call in (probe_image, load_image):
+        with pytest.raises(MediaError) as err:
+            call(bomb)
+        _assert_one_line(err, "bomb.tif", "tiles of 67,108,864 pixels", "decompression bomb")
+    # ordinary tiles, larger than the picture or not, still load
+    for width, height, tile in ((300, 200, 256), (64, 64, 256)):
+        path = tmp_path / f"tiled_{width}_{tile}.tif"
+        path.write_bytes(tiled_tiff(width, height, tile, grey=77))
+        assert probe_image(path) == (width, height)
+        result = load_image(path)
+        assert result.size == (width, height)
+        np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(np.full((height, width, 3), 77, np.uint8),
+                                   *expected_grid(width, height, 12), True, 448), atol=2e-6)  # fmt: skip

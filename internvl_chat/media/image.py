@@ -27,6 +27,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Twice Pillow's default MAX_IMAGE_PIXELS: the size at which Pillow itself refuses to open an image.
 # Checked here too, so a caller that changed Pillow's global limit does not change ours.
 MAX_PIXELS = 2 * 89_478_485
+# Real tiled TIFFs use tiles of 256² to 1024²; a larger one than the picture is refused past this size
+MAX_TIFF_TILE_PIXELS = 1 << 24
 EXIF_ORIENTATION = 0x0112
 # The formats a file is opened as. Pillow would otherwise try some forty, among them EPS, which it
 # renders by running Ghostscript on the file, and rarely used parsers; none of them is a photo.
@@ -289,7 +291,26 @@ def _open_image(path: Path) -> Image.Image:
     if width <= 0 or height <= 0:
         image.close()
         raise MediaError(f"{visible(str(path))} is {width}×{height} pixels; use an image with a non-zero size")
+    tile = _tiff_tile_pixels(image)
+    if tile > max(width * height, MAX_TIFF_TILE_PIXELS):
+        image.close()
+        raise MediaError(
+            f"{visible(str(path))} is {width}×{height} pixels stored in tiles of {tile:,} pixels each, "
+            "refused as a possible decompression bomb; re-save it as PNG or an untiled TIFF"
+        )
     return image
+
+
+def _tiff_tile_pixels(image: Image.Image) -> int:
+    """Pixels in one tile of a tiled TIFF (0 if untiled). Each tile is decoded whole before it is cut
+    to the picture, and nothing ties its size to the picture's: a 64×64 TIFF of 3 MB can declare
+    16384×16384 tiles that decode to 805 MB each. (Strips are cut to the picture's height.)"""
+    if image.format != "TIFF":
+        return 0
+    width, height = image.tag_v2.get(322), image.tag_v2.get(323)  # TileWidth, TileLength
+    if not isinstance(width, int) or not isinstance(height, int):
+        return 0
+    return max(width, 0) * max(height, 0)
 
 
 def _looks_like_video(path: Path) -> bool:
