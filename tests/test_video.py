@@ -382,6 +382,50 @@ def test_probe_errors(tmp_path, videos):
             assert words in str(err.value), what
 
 
+def test_a_song_with_cover_art_has_no_video_stream(tmp_path):
+    # its artwork is a one-frame video stream at 90,000 "frames per second": the file was called damaged
+    if "libmp3lame" not in av.codecs_available:
+        pytest.skip("no MP3 encoder in this PyAV build")
+    path = tmp_path / "song.mp3"
+    with av.open(str(path), "w") as container:
+        audio = container.add_stream("libmp3lame", rate=44100)
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width = cover.height = 64
+        cover.pix_fmt = "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        for packet in [*cover.encode(av.VideoFrame.from_ndarray(numbered_frame(3)[:, :64].copy(), format="rgb24")), *cover.encode()]:
+            container.mux(packet)
+        sound = av.AudioFrame.from_ndarray(np.zeros((1, 4410), np.float32), format="fltp", layout="mono")
+        sound.sample_rate = 44100
+        for packet in [*audio.encode(sound), *audio.encode()]:
+            container.mux(packet)
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == f"{path} has no video stream (only a cover picture); pass a video file"
+
+
+def test_with_two_video_streams_the_frames_come_from_the_stream_the_header_was_read_from(tmp_path, monkeypatch):
+    """decord reads the stream FFmpeg rates best, the header (its size, turn and frame rate) and
+    PyAV the first one: which backend ran decided which stream the model saw."""
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), "w") as container:
+        still = container.add_stream("mjpeg", rate=1)  # a poster frame, as some tools write one
+        still.width, still.height, still.pix_fmt = 64, 48, "yuvj420p"
+        clip = container.add_stream("mpeg4", rate=30)
+        clip.width, clip.height, clip.pix_fmt = 64, 48, "yuv420p"
+        for packet in [*still.encode(av.VideoFrame.from_ndarray(numbered_frame(200), format="rgb24")), *still.encode()]:
+            container.mux(packet)
+        for number in range(30):
+            for packet in clip.encode(av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")):
+                container.mux(packet)
+        for packet in clip.encode():
+            container.mux(packet)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    result = load_video(path, num_frames=4)
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == [200] * 4, result.backend
+
+
 @pytest.mark.parametrize("kind", ["MPEG-PS", "APNG"])
 def test_a_header_without_a_usable_frame_count_or_duration_is_probed_by_counting(tmp_path, kind):
     """An MPEG program stream (.mpg) stores no frame count and FFmpeg guesses its duration from the

@@ -190,6 +190,7 @@ class _Header:
     rotate_tag: str | None
     codec: str = ""  # FFmpeg's decoder name ("h264", "mpeg4", …)
     reorders: bool = False  # the stream has B-frames (frames decoded before they are shown)
+    alone: bool = True  # the file's only video stream (no cover picture, no second video)
 
     @property
     def orientation(self) -> Orientation:
@@ -301,6 +302,18 @@ def _first_display_matrix(container, stream) -> tuple[int, ...] | None:
     return None
 
 
+ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC
+
+
+def video_stream(container):
+    """The first video stream that is not a cover picture (an MP3's or M4A's artwork is a video
+    stream of one frame), or None."""
+    for stream in container.streams.video:
+        if not int(getattr(stream, "disposition", 0) or 0) & ATTACHED_PIC:
+            return stream
+    return None
+
+
 def _read_header(path: Path, orientation: bool) -> _Header:
     """Read and check the container header with PyAV; with `orientation`, also decode one frame."""
     import av
@@ -310,9 +323,10 @@ def _read_header(path: Path, orientation: bool) -> _Header:
     except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
         raise _cannot_read(path, e) from None
     try:
-        if not container.streams.video:
-            raise MediaError(f"{_shown(path)} has no video stream; pass a video file")
-        stream = container.streams.video[0]
+        stream = video_stream(container)
+        if stream is None:
+            covers = " (only a cover picture)" if container.streams.video else ""
+            raise MediaError(f"{_shown(path)} has no video stream{covers}; pass a video file")
         if not stream.frames and _is_still_picture(container.format.name):
             what = _what_else(path)
             if what is not None:
@@ -331,8 +345,9 @@ def _read_header(path: Path, orientation: bool) -> _Header:
         duration = _check_duration(path, duration)
         rotate_tag = _tag(stream.metadata, "rotate")
         codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
+        alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         matrix = _first_display_matrix(container, stream) if orientation else None
-        return _Header(width, height, fps, frames, duration, container.format.name, matrix, rotate_tag, codec, reorders)
+        return _Header(width, height, fps, frames, duration, container.format.name, matrix, rotate_tag, codec, reorders, alone)
     except MediaError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -403,8 +418,9 @@ def decord_is_exact(header: _Header) -> bool:
     frames show their number: it seeks to the key frame before it and counts from there, which
     goes wrong (silently: other frames, repeated or out of order) in AVI, MPEG-TS/PS and other
     containers without per-frame times, and for MPEG-1/2/4 Part 2 and HEVC streams with B-frames
-    (their open GOPs hold frames that cannot be decoded after a seek)."""
-    if not any(name in _EXACT_CONTAINERS for name in header.format_name.split(",")):
+    (their open GOPs hold frames that cannot be decoded after a seek). With several video streams
+    it reads the one FFmpeg rates best, not necessarily the one the header was read from."""
+    if not header.alone or not any(name in _EXACT_CONTAINERS for name in header.format_name.split(",")):
         return False
     return not header.reorders or header.codec in _REORDERING_CODECS_OK
 
@@ -471,9 +487,10 @@ class _PyAVSource:
         except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
             raise _cannot_read(path, e) from None
         try:
-            if not self._container.streams.video:
+            stream = video_stream(self._container)
+            if stream is None:
                 raise MediaError(f"{_shown(path)} has no video stream; pass a video file")
-            stream = self._container.streams.video[0]
+            self._stream = stream
             stream.thread_type = "AUTO"  # frame threading: faster, output order unchanged
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
@@ -489,7 +506,7 @@ class _PyAVSource:
         any_yielded = False
         last = None  # (number, frame): the latest decoded frame when it was not a wanted one
         try:
-            for number, frame in enumerate(self._container.decode(video=0)):
+            for number, frame in enumerate(self._container.decode(self._stream)):
                 if stop.is_set():
                     raise _Stopped
                 _check_frame_size(self._path, frame.width, frame.height)
@@ -529,7 +546,7 @@ def _count_packets(path: Path, stop: threading.Event | None = None) -> int:
     try:
         with av.open(str(path)) as container:
             count = 0
-            for packet in container.demux(container.streams.video[0]):
+            for packet in container.demux(video_stream(container)):
                 if stop is not None and stop.is_set():
                     raise _Stopped
                 count += 1 if packet.size else 0
