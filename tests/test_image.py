@@ -607,3 +607,31 @@ def test_a_tiff_whose_tiles_dwarf_the_picture_is_refused_before_decoding(tmp_pat
         assert result.size == (width, height)
         np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(np.full((height, width, 3), 77, np.uint8),
                                    *expected_grid(width, height, 12), True, 448), atol=2e-6)  # fmt: skip
+
+
+def _grey_png(width: int, height: int, grey: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = (b"\0" + bytes([grey]) * width) * height
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")  # fmt: skip
+
+
+def test_a_side_too_long_for_any_picture_is_refused_at_the_header(tmp_path):
+    """Pillow spends ~20 bytes a pixel on a picture one pixel wide (a row pointer each): a 194 KB
+    PNG of 1×100,000,000, within the pixel limit, took 2.2 GB and 19 s to be tiled."""
+    for width, height in ((1, media_image.MAX_SIDE + 1), (media_image.MAX_SIDE + 1, 1)):
+        path = tmp_path / f"strip_{width}x{height}.png"
+        path.write_bytes(png_with_declared_size(width, height))
+        for call in (probe_image, load_image):
+            with pytest.raises(MediaError) as err:
+                call(path)
+            _assert_one_line(err, path.name, "a side longer than 1,048,576", "crop or downscale")
+    path = tmp_path / "longest.png"
+    path.write_bytes(_grey_png(1, media_image.MAX_SIDE, 90))
+    result = load_image(path)
+    assert result.size == (1, media_image.MAX_SIDE) and result.num_tiles == 13

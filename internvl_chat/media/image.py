@@ -29,6 +29,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 2 * 89_478_485
 # Real tiled TIFFs use tiles of 256² to 1024²; a larger one than the picture is refused past this size
 MAX_TIFF_TILE_PIXELS = 1 << 24
+# Pillow keeps a pointer (and bookkeeping) per row of each image it makes, so a picture one pixel
+# wide costs ~20 bytes a pixel, not 3: a 194 KB PNG of 1×100,000,000 took 2.2 GB and 19 s, within
+# MAX_PIXELS. No real picture has a side this long (a turn makes a long row a long column).
+MAX_SIDE = 1 << 20
 EXIF_ORIENTATION = 0x0112
 # The formats a file is opened as. Pillow would otherwise try some forty, among them EPS, which it
 # renders by running Ghostscript on the file, and rarely used parsers; none of them is a photo.
@@ -140,8 +144,9 @@ def tile_image(
 def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Pillow's bicubic resize (the reference's). Pillow refuses with a MemoryError, whatever the
     free memory, to shrink one side of more than ~67 million pixels (its filter weights would pass
-    2 GiB): a 1×100,000,000 picture is within the pixel limit. Such a picture is first shrunk by
-    whole factors, averaging boxes, to about four times the size asked for."""
+    2 GiB): a 1×100,000,000 picture is within the pixel limit (load_image refuses sides over
+    MAX_SIDE; tile_image may be given one). Such a picture is first shrunk by whole factors,
+    averaging boxes, to about four times the size asked for."""
     try:
         return image.resize(size, Image.Resampling.BICUBIC)
     except MemoryError:
@@ -291,6 +296,12 @@ def _open_image(path: Path) -> Image.Image:
     if width <= 0 or height <= 0:
         image.close()
         raise MediaError(f"{visible(str(path))} is {width}×{height} pixels; use an image with a non-zero size")
+    if max(width, height) > MAX_SIDE:
+        image.close()
+        raise MediaError(
+            f"{visible(str(path))} is {width}×{height} pixels, a side longer than {MAX_SIDE:,}, and is refused as a possible "
+            "decompression bomb; crop or downscale it"
+        )
     tile = _tiff_tile_pixels(image)
     if tile > max(width * height, MAX_TIFF_TILE_PIXELS):
         image.close()
