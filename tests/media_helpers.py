@@ -283,3 +283,27 @@ def tiled_tiff(width: int, height: int, tile: int, grey: int | None = 128) -> by
     out += b"".join(struct.pack("<I", data_at + k * len(block)) for k in range(count))
     out += struct.pack("<I", len(block)) * count
     return out + block * count
+
+
+def jpeg_with_empty_scans(side: int, scans: int) -> bytes:
+    """A grey progressive JPEG followed by `scans` more AC scans of its luma, each a few bytes: one
+    EOB-run code per 32,767 blocks (a Huffman table of that one symbol is added first). Each costs
+    the decoder a pass over the whole picture."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, "JPEG", progressive=True, quality=50)
+    data = buffer.getvalue()
+    end = data.rindex(b"\xff\xd9")
+    table = b"\xff\xc4" + struct.pack(">H", 20) + bytes([0x11, 1] + [0] * 15 + [0xE0])  # AC table 1: EOB14 = "0"
+    bits = []
+    left = -(-side // 8) ** 2
+    while left > 0:
+        run = min(left, 32767)
+        bits += [0] + [(run - (1 << 14)) >> i & 1 for i in range(13, -1, -1)]
+        left -= run
+    bits += [1] * (-len(bits) % 8)
+    coded = bytearray()
+    for k in range(0, len(bits), 8):
+        byte = int("".join(map(str, bits[k : k + 8])), 2)
+        coded += bytes([byte, 0]) if byte == 0xFF else bytes([byte])
+    scan = b"\xff\xda" + struct.pack(">H", 8) + bytes([1, 1, 0x01, 1, 63, 0]) + bytes(coded)
+    return data[:end] + table + scan * scans + b"\xff\xd9"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from media_helpers import (
+    jpeg_with_empty_scans,
     png_with_declared_size,
     png_with_exif_after_pixels,
     reference_normalize,
@@ -635,3 +636,19 @@ def test_a_side_too_long_for_any_picture_is_refused_at_the_header(tmp_path):
     path.write_bytes(_grey_png(1, media_image.MAX_SIDE, 90))
     result = load_image(path)
     assert result.size == (1, media_image.MAX_SIDE) and result.num_tiles == 13
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
+    """The decoder passes over the whole picture once per scan, and a scan can be 31 bytes: a 683 KB
+    JPEG of 4000×4000 with 20,000 of them took 33 s (a 64 MB request body: about an hour)."""
+    bomb = tmp_path / "scans.jpg"
+    bomb.write_bytes(jpeg_with_empty_scans(64, 300))
+    for call in (probe_image, load_image):
+        with pytest.raises(MediaError) as err:
+            call(bomb)
+        _assert_one_line(err, "scans.jpg", "a JPEG of 306 scans", "decompression bomb")
+    fine = tmp_path / "fine.jpg"
+    fine.write_bytes(jpeg_with_empty_scans(64, 200))  # odd but cheap: decoded
+    assert load_image(fine).size == (64, 64)
+    Image.fromarray(textured_rgb(300, 200, seed=4)).save(fine, "JPEG", progressive=True, optimize=True)
+    assert load_image(fine).size == (300, 200)
