@@ -314,10 +314,88 @@ def video_stream(container):
     return None
 
 
+# ISO BMFF (MP4, MOV, 3GP) boxes that hold others on the way to a track's sample tables
+_MP4_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl"}
+MP4_MOOV_LIMIT = 512 << 20  # read of the sample tables at most (a 24-hour recording's are far smaller)
+MP4_TOP_BOXES = 4096
+
+
+def _mp4_boxes(data: memoryview, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, payload end) of the boxes between start and end; stops at a damaged one."""
+    at = start
+    while at + 8 <= end:
+        size, kind = int.from_bytes(data[at : at + 4], "big"), bytes(data[at + 4 : at + 8])
+        head = 8
+        if size == 1 and at + 16 <= end:
+            size, head = int.from_bytes(data[at + 8 : at + 16], "big"), 16
+        elif size == 0:
+            size = end - at
+        if size < head or at + size > end:
+            return
+        yield kind, at + head, at + size
+        at += size
+
+
+def _mp4_sample_bomb(path: Path) -> tuple[int, int, int] | None:
+    """(samples, bytes each, file size) for a track whose sample table declares samples of a fixed
+    size that the file is too small to hold, or None. FFmpeg builds an index entry (~35 bytes) per declared
+    sample when it opens the file, before any count can be checked: a 764-byte MOV declaring 20
+    million took 700 MB; FFmpeg allows ~178 million (6 GB)."""
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"):
+                return None  # not ISO BMFF
+            at = 0
+            for _ in range(MP4_TOP_BOXES):  # real files have a handful; a file of tiny boxes is left to FFmpeg
+                if at + 8 > file_size:
+                    return None
+                f.seek(at)
+                header = f.read(16)
+                size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+                head_size = 8
+                if size == 1 and len(header) == 16:
+                    size, head_size = int.from_bytes(header[8:16], "big"), 16
+                elif size == 0:
+                    size = file_size - at
+                if size < head_size:
+                    return None
+                if kind == b"moov":
+                    f.seek(at + head_size)
+                    moov = f.read(min(size - head_size, MP4_MOOV_LIMIT))  # what a box declares is not what it holds
+                    found = _sample_bomb_in(memoryview(moov), file_size)
+                    return None if found is None else (*found, file_size)
+                at += size
+    except OSError:
+        return None  # PyAV then says what is wrong with the file
+    return None
+
+
+def _sample_bomb_in(moov: memoryview, file_size: int) -> tuple[int, int] | None:
+    stack = [(0, len(moov))]
+    while stack:
+        start, end = stack.pop()
+        for kind, begin, finish in _mp4_boxes(moov, start, end):
+            if kind in _MP4_CONTAINERS:
+                stack.append((begin, finish))
+            elif kind == b"stsz" and finish - begin >= 12:
+                each = int.from_bytes(moov[begin + 4 : begin + 8], "big")
+                count = int.from_bytes(moov[begin + 8 : begin + 12], "big")
+                if each and count * each > file_size:
+                    return count, each
+    return None
+
+
 def _read_header(path: Path, orientation: bool) -> _Header:
     """Read and check the container header with PyAV; with `orientation`, also decode one frame."""
     import av
 
+    bomb = _mp4_sample_bomb(path)
+    if bomb is not None:
+        count, each, size = bomb
+        raise MediaError(f"{_shown(path)} declares {count:,} frames (or samples) of {each:,} bytes, more than its "
+                         f"{size:,} bytes hold; the file is damaged or not a real video")  # fmt: skip
     try:
         container = av.open(str(path))
     except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
