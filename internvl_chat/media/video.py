@@ -315,9 +315,9 @@ def video_stream(container):
 
 
 # ISO BMFF (MP4, MOV, 3GP) boxes that hold others on the way to a track's sample tables
-_MP4_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl"}
+_MP4_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"moof", b"traf"}
 MP4_MOOV_LIMIT = 512 << 20  # read of the sample tables at most (a 24-hour recording's are far smaller)
-MP4_TOP_BOXES = 4096
+MP4_TOP_BOXES = 16384
 
 
 def _mp4_boxes(data: memoryview, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
@@ -337,20 +337,21 @@ def _mp4_boxes(data: memoryview, start: int, end: int) -> Iterator[tuple[bytes, 
 
 
 def _mp4_sample_bomb(path: Path) -> tuple[int, int, int] | None:
-    """(samples, bytes each, file size) for a track whose sample table declares samples of a fixed
-    size that the file is too small to hold, or None. FFmpeg builds an index entry (~35 bytes) per declared
-    sample when it opens the file, before any count can be checked: a 764-byte MOV declaring 20
-    million took 700 MB; FFmpeg allows ~178 million (6 GB)."""
+    """(samples, bytes each, file size) for a track whose sample table declares more samples than
+    the file can hold, or None. FFmpeg builds an index entry (~35 bytes) per declared sample when it
+    opens the file, before any count can be checked: one stsz entry (a fixed size and a count) or a
+    fragment's trun without per-sample sizes declares any number in a few bytes (a 764-byte MOV of
+    20 million frames took 700 MB; FFmpeg allows ~178 million, 6 GB)."""
+    fragments = 0  # samples declared by all trun boxes
     try:
         file_size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if head[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"):
+            if f.read(8)[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot", b"styp"):
                 return None  # not ISO BMFF
             at = 0
-            for _ in range(MP4_TOP_BOXES):  # real files have a handful; a file of tiny boxes is left to FFmpeg
+            for _ in range(MP4_TOP_BOXES):  # real files have a handful (or a moof and mdat per fragment)
                 if at + 8 > file_size:
-                    return None
+                    break
                 f.seek(at)
                 header = f.read(16)
                 size, kind = int.from_bytes(header[:4], "big"), header[4:8]
@@ -360,31 +361,37 @@ def _mp4_sample_bomb(path: Path) -> tuple[int, int, int] | None:
                 elif size == 0:
                     size = file_size - at
                 if size < head_size:
-                    return None
-                if kind == b"moov":
+                    break
+                if kind in (b"moov", b"moof"):
                     f.seek(at + head_size)
-                    moov = f.read(min(size - head_size, MP4_MOOV_LIMIT))  # what a box declares is not what it holds
-                    found = _sample_bomb_in(memoryview(moov), file_size)
-                    return None if found is None else (*found, file_size)
+                    box = memoryview(f.read(min(size - head_size, MP4_MOOV_LIMIT)))  # what a box declares is not what it holds
+                    fixed, declared = _declared_samples(box, file_size)
+                    if fixed is not None:
+                        return (*fixed, file_size)
+                    fragments += declared
                 at += size
     except OSError:
         return None  # PyAV then says what is wrong with the file
-    return None
+    return (fragments, 1, file_size) if fragments > file_size else None
 
 
-def _sample_bomb_in(moov: memoryview, file_size: int) -> tuple[int, int] | None:
-    stack = [(0, len(moov))]
+def _declared_samples(box: memoryview, file_size: int) -> tuple[tuple[int, int] | None, int]:
+    """In a moov or moof box: (count, size) of a fixed-size stsz the file cannot hold, or None; and
+    the samples its trun boxes declare (each at least a byte of the file)."""
+    stack, declared = [(0, len(box))], 0
     while stack:
         start, end = stack.pop()
-        for kind, begin, finish in _mp4_boxes(moov, start, end):
+        for kind, begin, finish in _mp4_boxes(box, start, end):
             if kind in _MP4_CONTAINERS:
                 stack.append((begin, finish))
             elif kind == b"stsz" and finish - begin >= 12:
-                each = int.from_bytes(moov[begin + 4 : begin + 8], "big")
-                count = int.from_bytes(moov[begin + 8 : begin + 12], "big")
+                each = int.from_bytes(box[begin + 4 : begin + 8], "big")
+                count = int.from_bytes(box[begin + 8 : begin + 12], "big")
                 if each and count * each > file_size:
-                    return count, each
-    return None
+                    return (count, each), declared
+            elif kind == b"trun" and finish - begin >= 8:
+                declared += int.from_bytes(box[begin + 4 : begin + 8], "big")
+    return None, declared
 
 
 def _read_header(path: Path, orientation: bool) -> _Header:
@@ -394,8 +401,9 @@ def _read_header(path: Path, orientation: bool) -> _Header:
     bomb = _mp4_sample_bomb(path)
     if bomb is not None:
         count, each, size = bomb
-        raise MediaError(f"{_shown(path)} declares {count:,} frames (or samples) of {each:,} bytes, more than its "
-                         f"{size:,} bytes hold; the file is damaged or not a real video")  # fmt: skip
+        of = f" of {each:,} bytes" if each > 1 else ""
+        raise MediaError(f"{_shown(path)} declares {count:,} frames (or samples){of}, more than its {size:,} bytes hold; "
+                         "the file is damaged or not a real video")  # fmt: skip
     try:
         container = av.open(str(path))
     except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
