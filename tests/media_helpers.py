@@ -251,3 +251,59 @@ def video_backends() -> list:
     except Exception:  # noqa: BLE001
         decord_param = pytest.param("decord", id="decord", marks=pytest.mark.skip(reason="decord not installed"))
     return [decord_param, pytest.param("pyav", id="pyav")]
+
+
+def tiled_tiff(width: int, height: int, tile: int, grey: int | None = 128) -> bytes:
+    """A deflate-compressed RGB TIFF of width×height in tile×tile tiles, every pixel grey (Pillow
+    writes no tiled TIFFs); grey None: tiles of 16 bytes, for a header that is never decoded."""
+    across, down = -(-width // tile), -(-height // tile)
+    block = zlib.compress(bytes(16) if grey is None else bytes([grey]) * (tile * tile * 3))
+    entries = [(256, 4, width), (257, 4, height), (258, 3, None), (259, 3, 8), (262, 3, 2), (277, 3, 3), (284, 3, 1),
+               (322, 4, tile), (323, 4, tile), (324, 4, None), (325, 4, None)]  # fmt: skip
+    count = across * down
+    ifd_size = 2 + 12 * len(entries) + 4
+    bits_at = 8 + ifd_size
+    offsets_at = bits_at + 6
+    sizes_at = offsets_at + 4 * count
+    data_at = sizes_at + 4 * count
+    out = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        if tag == 258:
+            field = struct.pack("<HHI", tag, 3, 3) + struct.pack("<I", bits_at)
+        elif tag == 324:
+            field = struct.pack("<HHI", tag, 4, count) + struct.pack("<I", offsets_at if count > 1 else data_at)
+        elif tag == 325:
+            field = struct.pack("<HHI", tag, 4, count) + struct.pack("<I", sizes_at if count > 1 else len(block))
+        elif kind == 3:
+            field = struct.pack("<HHIHH", tag, 3, 1, value, 0)
+        else:
+            field = struct.pack("<HHII", tag, 4, 1, value)
+        out += field
+    out += b"\0\0\0\0" + struct.pack("<HHH", 8, 8, 8)
+    out += b"".join(struct.pack("<I", data_at + k * len(block)) for k in range(count))
+    out += struct.pack("<I", len(block)) * count
+    return out + block * count
+
+
+def jpeg_with_empty_scans(side: int, scans: int) -> bytes:
+    """A grey progressive JPEG followed by `scans` more AC scans of its luma, each a few bytes: one
+    EOB-run code per 32,767 blocks (a Huffman table of that one symbol is added first). Each costs
+    the decoder a pass over the whole picture."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, "JPEG", progressive=True, quality=50)
+    data = buffer.getvalue()
+    end = data.rindex(b"\xff\xd9")
+    table = b"\xff\xc4" + struct.pack(">H", 20) + bytes([0x11, 1] + [0] * 15 + [0xE0])  # AC table 1: EOB14 = "0"
+    bits = []
+    left = -(-side // 8) ** 2
+    while left > 0:
+        run = min(left, 32767)
+        bits += [0] + [(run - (1 << 14)) >> i & 1 for i in range(13, -1, -1)]
+        left -= run
+    bits += [1] * (-len(bits) % 8)
+    coded = bytearray()
+    for k in range(0, len(bits), 8):
+        byte = int("".join(map(str, bits[k : k + 8])), 2)
+        coded += bytes([byte, 0]) if byte == 0xFF else bytes([byte])
+    scan = b"\xff\xda" + struct.pack(">H", 8) + bytes([1, 1, 0x01, 1, 63, 0]) + bytes(coded)
+    return data[:end] + table + scan * scans + b"\xff\xd9"

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from media_helpers import png_with_declared_size, png_with_exif_after_pixels, reference_normalize, reference_tiles, textured_rgb, write_numbered_video
+from media_helpers import (
+    jpeg_with_empty_scans,
+    png_with_declared_size,
+    png_with_exif_after_pixels,
+    reference_normalize,
+    reference_tiles,
+    textured_rgb,
+    tiled_tiff,
+    write_numbered_video,
+)
 from PIL import Image
 
 from internvl_chat.errors import MediaError
@@ -22,6 +32,7 @@ from internvl_chat.media.image import (
     tile_image,
     to_rgb,
 )
+from internvl_chat.media.video import probe_video
 
 
 def expected_grid(width: int, height: int, max_tiles: int, size: int = 448) -> tuple[int, int]:
@@ -211,6 +222,39 @@ def test_probe_and_decode_turn_alike_where_pillow_reads_the_orientation_itself(t
         path = tmp_path / "late.png"
         path.write_bytes(png_with_exif_after_pixels(stored, 6))
         display = stored  # probed as stored (the documented exception), so decoded as stored
+    height, width = display.shape[:2]
+    assert probe_image(path) == (width, height)
+    result = load_image(path)
+    assert result.size == (width, height) and result.num_tiles == count_tiles(width, height)
+    cols, rows = expected_grid(width, height, 12)
+    np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(display, cols, rows, True, 448), atol=2e-6)
+
+
+def _exif_with_orientation_entry(field_type: int, count: int, value: bytes, extra: bytes = b"") -> bytes:
+    """Raw big-endian EXIF holding one orientation entry of any type (`extra`: data after the IFD)."""
+    import struct
+
+    ifd = struct.pack(">H", 1) + struct.pack(">HHI", 0x0112, field_type, count) + value + b"\0\0\0\0"
+    return b"Exif\0\0MM\0*\0\0\0\x08" + ifd + extra
+
+
+@pytest.mark.parametrize(
+    "name, entry, turned",
+    [
+        ("text '6'", (2, 2, b"6\0\0\0"), False),  # ASCII: exif_transpose's lookup finds no turn for "6"
+        ("rational 13/2", (5, 1, b"\0\0\0\x1a", b"\0\0\0\x0d\0\0\0\x02"), False),  # int() made it 6
+        ("rational 6/1", (5, 1, b"\0\0\0\x1a", b"\0\0\0\x06\0\0\0\x01"), True),
+    ],
+)
+def test_a_malformed_orientation_is_probed_and_decoded_alike(tmp_path, name, entry, turned):
+    """223×100 is 3 tiles and 100×223 is 11. An orientation stored as the text "6" was read as 6 by
+    the probe (turned: 11 tiles) and ignored by the decode (3 tiles): the picture could never be
+    sent ("changed after it was attached; attach it again", each time)."""
+    stored = textured_rgb(223, 100, seed=9)
+    path = tmp_path / "odd_exif.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=_exif_with_orientation_entry(*entry))
+    decoded = np.asarray(Image.open(path).convert("RGB"))
+    display = np.ascontiguousarray(np.rot90(decoded, -1) if turned else decoded)
     height, width = display.shape[:2]
     assert probe_image(path) == (width, height)
     result = load_image(path)
@@ -531,3 +575,80 @@ def test_a_folder_or_device_is_named_with_its_article(tmp_path):
     with pytest.raises(MediaError) as err:
         probe_image(tmp_path)
     _assert_one_line(err, "is a folder, not an image file")
+
+
+def test_a_dangling_or_looping_link_is_called_a_link(tmp_path):
+    # "does not exist" sent the user looking for a file that `ls` shows
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
+    os.symlink(tmp_path / "b.png", tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    for name in ("dangling.png", "a.png"):
+        for call in (probe_image, load_image, probe_video):
+            with pytest.raises(MediaError) as err:
+                call(tmp_path / name)
+            _assert_one_line(err, name, "is a link to a file that does not exist")
+
+
+def test_a_tiff_whose_tiles_dwarf_the_picture_is_refused_before_decoding(tmp_path):
+    """Each TIFF tile is decoded whole before it is cut to the picture: a 64×64 TIFF declaring
+    8192×8192 tiles decoded 200 MB (a 16384² tile: 805 MB from 3 MB; a 64 MB request body could
+    ask for gigabytes), none of it limited by the picture's pixel count."""
+    bomb = tmp_path / "bomb.tif"
+    bomb.write_bytes(tiled_tiff(64, 64, 8192, grey=None))
+    for call in (probe_image, load_image):
+        with pytest.raises(MediaError) as err:
+            call(bomb)
+        _assert_one_line(err, "bomb.tif", "tiles of 67,108,864 pixels", "decompression bomb")
+    # ordinary tiles, larger than the picture or not, still load
+    for width, height, tile in ((300, 200, 256), (64, 64, 256)):
+        path = tmp_path / f"tiled_{width}_{tile}.tif"
+        path.write_bytes(tiled_tiff(width, height, tile, grey=77))
+        assert probe_image(path) == (width, height)
+        result = load_image(path)
+        assert result.size == (width, height)
+        np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(np.full((height, width, 3), 77, np.uint8),
+                                   *expected_grid(width, height, 12), True, 448), atol=2e-6)  # fmt: skip
+
+
+def _grey_png(width: int, height: int, grey: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = (b"\0" + bytes([grey]) * width) * height
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")  # fmt: skip
+
+
+def test_a_side_too_long_for_any_picture_is_refused_at_the_header(tmp_path):
+    """Pillow spends ~20 bytes a pixel on a picture one pixel wide (a row pointer each): a 194 KB
+    PNG of 1×100,000,000, within the pixel limit, took 2.2 GB and 19 s to be tiled."""
+    for width, height in ((1, media_image.MAX_SIDE + 1), (media_image.MAX_SIDE + 1, 1)):
+        path = tmp_path / f"strip_{width}x{height}.png"
+        path.write_bytes(png_with_declared_size(width, height))
+        for call in (probe_image, load_image):
+            with pytest.raises(MediaError) as err:
+                call(path)
+            _assert_one_line(err, path.name, "a side longer than 1,048,576", "crop or downscale")
+    path = tmp_path / "longest.png"
+    path.write_bytes(_grey_png(1, media_image.MAX_SIDE, 90))
+    result = load_image(path)
+    assert result.size == (1, media_image.MAX_SIDE) and result.num_tiles == 13
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
+    """The decoder passes over the whole picture once per scan, and a scan can be 31 bytes: a 683 KB
+    JPEG of 4000×4000 with 20,000 of them took 33 s (a 64 MB request body: about an hour)."""
+    bomb = tmp_path / "scans.jpg"
+    bomb.write_bytes(jpeg_with_empty_scans(64, 300))
+    for call in (probe_image, load_image):
+        with pytest.raises(MediaError) as err:
+            call(bomb)
+        _assert_one_line(err, "scans.jpg", "a JPEG of 306 scans", "decompression bomb")
+    fine = tmp_path / "fine.jpg"
+    fine.write_bytes(jpeg_with_empty_scans(64, 200))  # odd but cheap: decoded
+    assert load_image(fine).size == (64, 64)
+    Image.fromarray(textured_rgb(300, 200, seed=4)).save(fine, "JPEG", progressive=True, optimize=True)
+    assert load_image(fine).size == (300, 200)

@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 from media_helpers import (
+    numbered_frame,
     read_frame_number,
     reference_normalize,
     video_backends,
@@ -260,6 +261,27 @@ def test_decord_and_pyav_give_the_same_frames(videos, monkeypatch):
         assert diff.mean().item() < 0.02, name
 
 
+# Streams decord 0.6 seeks in wrongly (it returned other frames, repeated or out of order, with no
+# error): B-frames of MPEG-4 Part 2 (Xvid-style) even in MP4, MPEG-2 in AVI, H.264 in MPEG-TS
+SEEK_TRAPS = {
+    "bframes_mpeg4.mp4": ("mpeg4", dict(options={"bf": "2"})),
+    "mpeg2.avi": ("mpeg2video", {}),
+    "bframes_h264.ts": ("libx264", dict(options={"bf": "3", "g": "12"})),
+}
+
+
+@pytest.mark.parametrize("name", list(SEEK_TRAPS))
+def test_the_default_backend_gives_the_frames_asked_for_where_decord_would_seek_wrong(tmp_path, monkeypatch, name):
+    codec, extra = SEEK_TRAPS[name]
+    if codec == "libx264" and not HAS_X264:
+        pytest.skip("no libx264 in this PyAV build")
+    path = write_numbered_video(tmp_path / name, 60, 30, codec, **extra)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    result = load_video(path, num_frames=7)
+    assert result.indices == expected_indices(60, 30.0, 7)
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices, result.backend
+
+
 def test_probe_reads_the_header(videos):
     for name, path in videos.items():
         total, fps = VIDEOS[name][0], float(VIDEOS[name][1])
@@ -358,6 +380,70 @@ def test_probe_errors(tmp_path, videos):
         assert "\n" not in str(err.value)
         if what != "garbage":  # the header alone may read fine; probing does not decode
             assert words in str(err.value), what
+
+
+def test_a_song_with_cover_art_has_no_video_stream(tmp_path):
+    # its artwork is a one-frame video stream at 90,000 "frames per second": the file was called damaged
+    if "libmp3lame" not in av.codecs_available:
+        pytest.skip("no MP3 encoder in this PyAV build")
+    path = tmp_path / "song.mp3"
+    with av.open(str(path), "w") as container:
+        audio = container.add_stream("libmp3lame", rate=44100)
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width = cover.height = 64
+        cover.pix_fmt = "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        for packet in [*cover.encode(av.VideoFrame.from_ndarray(numbered_frame(3)[:, :64].copy(), format="rgb24")), *cover.encode()]:
+            container.mux(packet)
+        sound = av.AudioFrame.from_ndarray(np.zeros((1, 4410), np.float32), format="fltp", layout="mono")
+        sound.sample_rate = 44100
+        for packet in [*audio.encode(sound), *audio.encode()]:
+            container.mux(packet)
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == f"{path} has no video stream (only a cover picture); pass a video file"
+
+
+def test_with_two_video_streams_the_frames_come_from_the_stream_the_header_was_read_from(tmp_path, monkeypatch):
+    """decord reads the stream FFmpeg rates best, the header (its size, turn and frame rate) and
+    PyAV the first one: which backend ran decided which stream the model saw."""
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), "w") as container:
+        still = container.add_stream("mjpeg", rate=1)  # a poster frame, as some tools write one
+        still.width, still.height, still.pix_fmt = 64, 48, "yuvj420p"
+        clip = container.add_stream("mpeg4", rate=30)
+        clip.width, clip.height, clip.pix_fmt = 64, 48, "yuv420p"
+        for packet in [*still.encode(av.VideoFrame.from_ndarray(numbered_frame(200), format="rgb24")), *still.encode()]:
+            container.mux(packet)
+        for number in range(30):
+            for packet in clip.encode(av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")):
+                container.mux(packet)
+        for packet in clip.encode():
+            container.mux(packet)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    result = load_video(path, num_frames=4)
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == [200] * 4, result.backend
+
+
+@pytest.mark.parametrize("kind", ["MPEG-PS", "APNG"])
+def test_a_header_without_a_usable_frame_count_or_duration_is_probed_by_counting(tmp_path, kind):
+    """An MPEG program stream (.mpg) stores no frame count and FFmpeg guesses its duration from the
+    bit rate (here 1/60 of the real one); an animated PNG stores neither. The probe estimated under
+    one frame and refused them ("has no video frames"), though their frames decode: /video and the
+    server refused a playable clip."""
+    if kind == "MPEG-PS":
+        path = write_numbered_video(tmp_path / "clip.mpg", 30, 30, "mpeg1video")
+        total, fps = 30, 30.0
+    else:
+        path = tmp_path / "moving.png"
+        frames = [Image.fromarray(numbered_frame(n)) for n in range(40)]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=40)
+        total, fps = 40, 25.0
+    frames, rate, duration = probe_video(path)
+    assert (frames, rate) == (total, pytest.approx(fps)) and duration == pytest.approx(total / fps)
+    result = load_video(path, num_frames=5)
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices == expected_indices(total, fps, 5)
 
 
 @pytest.mark.parametrize("backend", video_backends())

@@ -22,7 +22,7 @@ from media_helpers import video_backends, write_large_video, write_numbered_vide
 
 from internvl_chat.errors import MediaError
 from internvl_chat.media import video as media_video
-from internvl_chat.media.video import BACKEND_ENV, load_video
+from internvl_chat.media.video import BACKEND_ENV, load_video, probe_video
 
 ROOT = Path(__file__).resolve().parents[1]
 LARGE = 4096  # side of the large clip: one RGB frame is 48 MiB
@@ -208,3 +208,65 @@ def test_damaged_videos_give_frames_or_one_line(tmp_path, monkeypatch, capfd, ba
             outcomes.append("refused")
     # decord's FFmpeg reports damaged macroblocks on stderr unless silenced
     assert capfd.readouterr().err == "", outcomes
+
+
+def test_an_mp4_declaring_millions_of_fixed_size_frames_it_cannot_hold_is_refused_before_ffmpeg_opens_it(tmp_path):
+    """One stsz entry (a fixed sample size and a count) and one stts and stsc entry can declare any
+    number of frames: FFmpeg builds a ~35-byte index entry for each as it opens the file, before any
+    count is checked (a 764-byte MOV of 20 million frames took 700 MB, ~178 million allowed)."""
+    import av
+    import numpy as np
+
+    path = tmp_path / "raw.mov"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("rawvideo", rate=30)
+        stream.width = stream.height = 2
+        stream.pix_fmt = "rgb24"
+        for number in range(4):
+            frame = av.VideoFrame.from_ndarray(np.full((2, 2, 3), number * 50, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    assert load_video(path, num_frames=4).num_total_frames == 4  # as written: fine
+    data = bytearray(path.read_bytes())
+    for box, offset in ((b"stts", 8), (b"stsz", 8), (b"stsc", 12)):  # counts of the one entry each holds
+        at = data.index(box)
+        assert struct.unpack_from(">I", data, at + 4 + offset)[0] == 4, box
+        struct.pack_into(">I", data, at + 4 + offset, 2_000_000)
+    path.write_bytes(bytes(data))
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == (f"{path} declares 2,000,000 frames (or samples) of 12 bytes, more than its "
+                                  f"{len(data):,} bytes hold; the file is damaged or not a real video")  # fmt: skip
+
+
+def test_a_fragmented_mp4_declaring_millions_of_frames_it_cannot_hold_is_refused_before_ffmpeg_opens_it(tmp_path):
+    """A fragment's trun box without per-sample sizes declares any number of frames in 4 bytes, and
+    FFmpeg indexes each as it opens the file (a 1,300-byte MOV of 20 million: 942 MB to probe)."""
+    import av
+    import numpy as np
+
+    path = tmp_path / "fragments.mov"
+    with av.open(str(path), "w", options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}) as container:
+        stream = container.add_stream("rawvideo", rate=30)
+        stream.width = stream.height = 2
+        stream.pix_fmt = "rgb24"
+        for number in range(4):
+            frame = av.VideoFrame.from_ndarray(np.full((2, 2, 3), number * 50, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    assert load_video(path, num_frames=4).num_total_frames == 4  # as written: fine
+    data = bytearray(path.read_bytes())
+    at = data.index(b"trun")
+    assert struct.unpack_from(">I", data, at + 8)[0] == 1  # the first fragment's sample count
+    struct.pack_into(">I", data, at + 8, 2_000_000)
+    path.write_bytes(bytes(data))
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == (f"{path} declares 2,000,003 frames (or samples), more than its {len(data):,} bytes hold; "
+                                  "the file is damaged or not a real video")  # fmt: skip

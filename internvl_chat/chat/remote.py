@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
 from ..files import expand_home, read_bytes_file, replace_lone_surrogates, visible, write_atomic
@@ -42,6 +42,7 @@ from ..media.image import (
     probe_image,
     quiet_pillow,
     to_rgb,
+    upright,
 )
 from ..media.video import load_video, probe_video, used_range
 from ..threads import start_worker
@@ -140,12 +141,8 @@ def image_payload(data: bytes, name: str) -> tuple[bytes, str]:
             if kind in SENT_AS_IS and orientation in (0, 1) and not has_alpha and not late_exif and image.mode in ("RGB", "L"):
                 return data, SENT_AS_IS[kind]
             image.load()
-            try:
-                upright = ImageOps.exif_transpose(image) if orientation != 1 else image
-            except Exception:  # noqa: BLE001 - malformed EXIF: the picture as stored, as load_image does
-                upright = image
             out = io.BytesIO()
-            to_rgb(upright).save(out, format="PNG")
+            to_rgb(upright(image, orientation)).save(out, format="PNG")  # turned as load_image turns it
             return out.getvalue(), "image/png"
     except MediaError:
         raise

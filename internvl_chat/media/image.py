@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import MediaError
 from ..files import expand_home, sniff_file, visible
@@ -27,6 +27,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Twice Pillow's default MAX_IMAGE_PIXELS: the size at which Pillow itself refuses to open an image.
 # Checked here too, so a caller that changed Pillow's global limit does not change ours.
 MAX_PIXELS = 2 * 89_478_485
+# Progressive JPEGs from libjpeg have 6 or 10 scans, mozjpeg's a few more
+MAX_JPEG_SCANS = 256
+# Real tiled TIFFs use tiles of 256² to 1024²; a larger one than the picture is refused past this size
+MAX_TIFF_TILE_PIXELS = 1 << 24
+# Pillow keeps a pointer (and bookkeeping) per row of each image it makes, so a picture one pixel
+# wide costs ~20 bytes a pixel, not 3: a 194 KB PNG of 1×100,000,000 took 2.2 GB and 19 s, within
+# MAX_PIXELS. No real picture has a side this long (a turn makes a long row a long column).
+MAX_SIDE = 1 << 20
 EXIF_ORIENTATION = 0x0112
 # The formats a file is opened as. Pillow would otherwise try some forty, among them EPS, which it
 # renders by running Ghostscript on the file, and rarely used parsers; none of them is a photo.
@@ -138,8 +146,9 @@ def tile_image(
 def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Pillow's bicubic resize (the reference's). Pillow refuses with a MemoryError, whatever the
     free memory, to shrink one side of more than ~67 million pixels (its filter weights would pass
-    2 GiB): a 1×100,000,000 picture is within the pixel limit. Such a picture is first shrunk by
-    whole factors, averaging boxes, to about four times the size asked for."""
+    2 GiB): a 1×100,000,000 picture is within the pixel limit (load_image refuses sides over
+    MAX_SIDE; tile_image may be given one). Such a picture is first shrunk by whole factors,
+    averaging boxes, to about four times the size asked for."""
     try:
         return image.resize(size, Image.Resampling.BICUBIC)
     except MemoryError:
@@ -225,6 +234,8 @@ def check_media_file(path: str | Path, what: str) -> Path:
     a_what = f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
     try:
         if not path.exists():
+            if path.is_symlink():  # `ls` lists it: say why it cannot be read
+                raise MediaError(f"{what} {visible(str(path))} is a link to a file that does not exist (or a loop of links); check the path")
             raise MediaError(f"{what} {visible(str(path))} does not exist; check the path")
         if path.is_dir():
             raise MediaError(f"{visible(str(path))} is a folder, not {a_what} file; pass the path of one file")
@@ -287,7 +298,55 @@ def _open_image(path: Path) -> Image.Image:
     if width <= 0 or height <= 0:
         image.close()
         raise MediaError(f"{visible(str(path))} is {width}×{height} pixels; use an image with a non-zero size")
+    if max(width, height) > MAX_SIDE:
+        image.close()
+        raise MediaError(
+            f"{visible(str(path))} is {width}×{height} pixels, a side longer than {MAX_SIDE:,}, and is refused as a possible "
+            "decompression bomb; crop or downscale it"
+        )
+    scans = _jpeg_scans(path) if image.format in ("JPEG", "MPO") else 0
+    if scans > MAX_JPEG_SCANS:
+        image.close()
+        raise MediaError(
+            f"{visible(str(path))} is a JPEG of {scans:,} scans (real ones have a few dozen at most), refused as a possible "
+            "decompression bomb; re-save it as a baseline JPEG or PNG"
+        )
+    tile = _tiff_tile_pixels(image)
+    if tile > max(width * height, MAX_TIFF_TILE_PIXELS):
+        image.close()
+        raise MediaError(
+            f"{visible(str(path))} is {width}×{height} pixels stored in tiles of {tile:,} pixels each, "
+            "refused as a possible decompression bomb; re-save it as PNG or an untiled TIFF"
+        )
     return image
+
+
+def _jpeg_scans(path: Path) -> int:
+    """How many scans (SOS markers) the file holds. A progressive JPEG's decoder passes over the whole
+    picture for each scan, and a scan can be 31 bytes: a 683 KB JPEG of 4000×4000 with 20,000 of them
+    took 33 s to decode. 0xFF 0xDA cannot occur in coded data (0xFF is stuffed as 0xFF 0x00)."""
+    count, carry = 0, b""
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                data = carry + block
+                count += data.count(b"\xff\xda")
+                carry = data[-1:] if data.endswith(b"\xff") else b""
+    except OSError:
+        return 0  # the decoder reports the file's trouble
+    return count
+
+
+def _tiff_tile_pixels(image: Image.Image) -> int:
+    """Pixels in one tile of a tiled TIFF (0 if untiled). Each tile is decoded whole before it is cut
+    to the picture, and nothing ties its size to the picture's: a 64×64 TIFF of 3 MB can declare
+    16384×16384 tiles that decode to 805 MB each. (Strips are cut to the picture's height.)"""
+    if image.format != "TIFF":
+        return 0
+    width, height = image.tag_v2.get(322), image.tag_v2.get(323)  # TileWidth, TileLength
+    if not isinstance(width, int) or not isinstance(height, int):
+        return 0
+    return max(width, 0) * max(height, 0)
 
 
 def _looks_like_video(path: Path) -> bool:
@@ -298,9 +357,22 @@ def _looks_like_video(path: Path) -> bool:
     return (what or "").startswith(("a video", "a Matroska"))
 
 
+# EXIF orientation → the operation that shows the picture upright (as ImageOps.exif_transpose has it)
+_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
 def pending_orientation(image: Image.Image) -> int:
     """The EXIF orientation still to apply, read from the header only: the probe and the decode both
-    go by it, so the tiles counted are the tiles made."""
+    go by it, so the tiles counted are the tiles made. 1 (as stored) unless it is a whole number 2…8:
+    a damaged tag ("6" as text, 13/2, two values) turns nothing."""
     # A PNG's EXIF chunk may follow the pixel data, and looking for it there decodes everything.
     if image.format == "PNG" and "exif" not in image.info:
         return 1
@@ -308,9 +380,17 @@ def pending_orientation(image: Image.Image) -> int:
         return 1  # recent Pillow opens a TIFF at its turned size (tags 256, 257: as stored) and turns it as it loads
     try:
         with quiet_pillow():
-            return int(image.getexif().get(EXIF_ORIENTATION, 1))
-    except Exception:  # noqa: BLE001 - malformed EXIF: orientation unknown, keep the image as stored
+            value = image.getexif().get(EXIF_ORIENTATION, 1)
+        # a dict lookup, as exif_transpose does it: 6 and a rational 6/1 match, "6" and 6.5 do not
+        return int(value) if value in _TURNS else 1
+    except Exception:  # noqa: BLE001 - malformed EXIF, an unhashable value: orientation unknown, keep the image as stored
         return 1
+
+
+def upright(image: Image.Image, orientation: int) -> Image.Image:
+    """The image turned as `pending_orientation` says (the image itself when there is nothing to turn)."""
+    turn = _TURNS.get(orientation)
+    return image.transpose(turn) if turn is not None else image
 
 
 def probe_image(path: str | Path) -> tuple[int, int]:
@@ -330,7 +410,7 @@ def probe_image(path: str | Path) -> tuple[int, int]:
 def _decode(path: Path) -> Image.Image:
     """Fully decode (so truncation is caught here), apply EXIF orientation, convert to RGB."""
     with _open_image(path) as image:
-        turn = pending_orientation(image) != 1  # decided before the pixels, as probe_image decides
+        orientation = pending_orientation(image)  # decided before the pixels, as probe_image decides
         try:
             with quiet_pillow():
                 image.load()
@@ -338,12 +418,7 @@ def _decode(path: Path) -> Image.Image:
             raise MediaError(f"not enough memory to decode {visible(str(path))}; downscale the image first") from None
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
             raise MediaError(f"cannot decode {visible(str(path))}: the file is truncated or corrupt ({visible(_one_line(e))}); re-export or re-download it") from None
-        try:
-            with quiet_pillow():
-                upright = ImageOps.exif_transpose(image) if turn else image
-        except Exception:  # noqa: BLE001 - malformed EXIF: keep the image as stored
-            upright = image
-        return to_rgb(upright)
+        return to_rgb(upright(image, orientation))
 
 
 def load_image(

@@ -2,9 +2,10 @@
 
 Frames are sampled with the published formula (`frame_indices`): the clip, or the part between
 `start` and `end` seconds, is cut into N equal segments and one frame is taken near the middle of
-each. Decoding uses decord when it imports and PyAV otherwise; both give the frame with the same
-number (the n-th frame in presentation order), so the choice changes speed, not content.
-`INTERNVL_CHAT_VIDEO_BACKEND=pyav|decord` forces one.
+each. Frame n is the n-th frame in presentation order. decord seeks to each frame (fast on long
+clips) but lands on another frame where the stream reorders frames it cannot place after a seek
+(see `decord_is_exact`); PyAV, which decodes from the start, is used there and where decord does
+not import. `INTERNVL_CHAT_VIDEO_BACKEND=pyav|decord` forces one.
 
 When N is larger than the number of frames in the range, frames repeat (as in the published
 formula) rather than failing: the model still gets N frames.
@@ -187,6 +188,9 @@ class _Header:
     format_name: str
     display_matrix: tuple[int, ...] | None  # from the first decoded frame (FFmpeg attaches it there)
     rotate_tag: str | None
+    codec: str = ""  # FFmpeg's decoder name ("h264", "mpeg4", …)
+    reorders: bool = False  # the stream has B-frames (frames decoded before they are shown)
+    alone: bool = True  # the file's only video stream (no cover picture, no second video)
 
     @property
     def orientation(self) -> Orientation:
@@ -298,18 +302,117 @@ def _first_display_matrix(container, stream) -> tuple[int, ...] | None:
     return None
 
 
+ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC
+
+
+def video_stream(container):
+    """The first video stream that is not a cover picture (an MP3's or M4A's artwork is a video
+    stream of one frame), or None."""
+    for stream in container.streams.video:
+        if not int(getattr(stream, "disposition", 0) or 0) & ATTACHED_PIC:
+            return stream
+    return None
+
+
+# ISO BMFF (MP4, MOV, 3GP) boxes that hold others on the way to a track's sample tables
+_MP4_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"moof", b"traf"}
+MP4_MOOV_LIMIT = 512 << 20  # read of the sample tables at most (a 24-hour recording's are far smaller)
+MP4_TOP_BOXES = 16384
+
+
+def _mp4_boxes(data: memoryview, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, payload end) of the boxes between start and end; stops at a damaged one."""
+    at = start
+    while at + 8 <= end:
+        size, kind = int.from_bytes(data[at : at + 4], "big"), bytes(data[at + 4 : at + 8])
+        head = 8
+        if size == 1 and at + 16 <= end:
+            size, head = int.from_bytes(data[at + 8 : at + 16], "big"), 16
+        elif size == 0:
+            size = end - at
+        if size < head or at + size > end:
+            return
+        yield kind, at + head, at + size
+        at += size
+
+
+def _mp4_sample_bomb(path: Path) -> tuple[int, int, int] | None:
+    """(samples, bytes each, file size) for a track whose sample table declares more samples than
+    the file can hold, or None. FFmpeg builds an index entry (~35 bytes) per declared sample when it
+    opens the file, before any count can be checked: one stsz entry (a fixed size and a count) or a
+    fragment's trun without per-sample sizes declares any number in a few bytes (a 764-byte MOV of
+    20 million frames took 700 MB; FFmpeg allows ~178 million, 6 GB)."""
+    fragments = 0  # samples declared by all trun boxes
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as f:
+            if f.read(8)[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot", b"styp"):
+                return None  # not ISO BMFF
+            at = 0
+            for _ in range(MP4_TOP_BOXES):  # real files have a handful (or a moof and mdat per fragment)
+                if at + 8 > file_size:
+                    break
+                f.seek(at)
+                header = f.read(16)
+                size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+                head_size = 8
+                if size == 1 and len(header) == 16:
+                    size, head_size = int.from_bytes(header[8:16], "big"), 16
+                elif size == 0:
+                    size = file_size - at
+                if size < head_size:
+                    break
+                if kind in (b"moov", b"moof"):
+                    f.seek(at + head_size)
+                    box = memoryview(f.read(min(size - head_size, MP4_MOOV_LIMIT)))  # what a box declares is not what it holds
+                    fixed, declared = _declared_samples(box, file_size)
+                    if fixed is not None:
+                        return (*fixed, file_size)
+                    fragments += declared
+                at += size
+    except OSError:
+        return None  # PyAV then says what is wrong with the file
+    return (fragments, 1, file_size) if fragments > file_size else None
+
+
+def _declared_samples(box: memoryview, file_size: int) -> tuple[tuple[int, int] | None, int]:
+    """In a moov or moof box: (count, size) of a fixed-size stsz the file cannot hold, or None; and
+    the samples its trun boxes declare (each at least a byte of the file)."""
+    stack, declared = [(0, len(box))], 0
+    while stack:
+        start, end = stack.pop()
+        for kind, begin, finish in _mp4_boxes(box, start, end):
+            if kind in _MP4_CONTAINERS:
+                stack.append((begin, finish))
+            elif kind == b"stsz" and finish - begin >= 12:
+                each = int.from_bytes(box[begin + 4 : begin + 8], "big")
+                count = int.from_bytes(box[begin + 8 : begin + 12], "big")
+                if each and count * each > file_size:
+                    return (count, each), declared
+            elif kind == b"trun" and finish - begin >= 8:
+                declared += int.from_bytes(box[begin + 4 : begin + 8], "big")
+    return None, declared
+
+
 def _read_header(path: Path, orientation: bool) -> _Header:
     """Read and check the container header with PyAV; with `orientation`, also decode one frame."""
     import av
 
+    bomb = _mp4_sample_bomb(path)
+    if bomb is not None:
+        count, each, size = bomb
+        of = f" of {each:,} bytes" if each > 1 else ""
+        raise MediaError(f"{_shown(path)} declares {count:,} frames (or samples){of}, more than its {size:,} bytes hold; "
+                         "the file is damaged or not a real video")  # fmt: skip
     try:
         container = av.open(str(path))
     except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
         raise _cannot_read(path, e) from None
     try:
-        if not container.streams.video:
-            raise MediaError(f"{_shown(path)} has no video stream; pass a video file")
-        stream = container.streams.video[0]
+        stream = video_stream(container)
+        if stream is None:
+            covers = " (only a cover picture)" if container.streams.video else ""
+            raise MediaError(f"{_shown(path)} has no video stream{covers}; pass a video file")
         if not stream.frames and _is_still_picture(container.format.name):
             what = _what_else(path)
             if what is not None:
@@ -327,8 +430,10 @@ def _read_header(path: Path, orientation: bool) -> _Header:
             duration = 0.0
         duration = _check_duration(path, duration)
         rotate_tag = _tag(stream.metadata, "rotate")
+        codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
+        alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         matrix = _first_display_matrix(container, stream) if orientation else None
-        return _Header(width, height, fps, frames, duration, container.format.name, matrix, rotate_tag)
+        return _Header(width, height, fps, frames, duration, container.format.name, matrix, rotate_tag, codec, reorders, alone)
     except MediaError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -388,6 +493,24 @@ def decord_rotation(header: _Header) -> Orientation:
     return {90: _CLOCKWISE[1], 180: _CLOCKWISE[2], 270: _CLOCKWISE[3]}.get(degrees)
 
 
+# Containers that store each frame's presentation time and an index to seek by
+_EXACT_CONTAINERS = ("mov", "mp4", "matroska", "webm")
+# Codecs whose B-frames decord still places right after a seek (closed or H.264-style open GOPs)
+_REORDERING_CODECS_OK = ("h264", "vp8", "vp9", "av1", "libdav1d", "libaom-av1")
+
+
+def decord_is_exact(header: _Header) -> bool:
+    """Whether decord 0.6 returns the frame asked for, as checked against PyAV on clips whose
+    frames show their number: it seeks to the key frame before it and counts from there, which
+    goes wrong (silently: other frames, repeated or out of order) in AVI, MPEG-TS/PS and other
+    containers without per-frame times, and for MPEG-1/2/4 Part 2 and HEVC streams with B-frames
+    (their open GOPs hold frames that cannot be decoded after a seek). With several video streams
+    it reads the one FFmpeg rates best, not necessarily the one the header was read from."""
+    if not header.alone or not any(name in _EXACT_CONTAINERS for name in header.format_name.split(",")):
+        return False
+    return not header.reorders or header.codec in _REORDERING_CODECS_OK
+
+
 class _DecordSource:
     def __init__(self, path: Path, decord, header: _Header) -> None:
         self._path = path
@@ -443,7 +566,6 @@ class _PyAVSource:
     def __init__(self, path: Path, header: _Header, stop: threading.Event) -> None:
         import av
 
-        self._av = av
         self._path = path
         self.orientation = header.orientation
         try:
@@ -451,33 +573,18 @@ class _PyAVSource:
         except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
             raise _cannot_read(path, e) from None
         try:
-            if not self._container.streams.video:
+            stream = video_stream(self._container)
+            if stream is None:
                 raise MediaError(f"{_shown(path)} has no video stream; pass a video file")
-            stream = self._container.streams.video[0]
+            self._stream = stream
             stream.thread_type = "AUTO"  # frame threading: faster, output order unchanged
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
             self.fps = header.fps
-            self.num_total_frames = header.frames or _check_count(path, self._count_packets(stop))
+            self.num_total_frames = header.frames or _count_packets(path, stop)
         except BaseException:
             self._container.close()
             raise
-
-    def _count_packets(self, stop: threading.Event) -> int:
-        # Containers such as MKV and WebM do not store a frame count; demuxing (no decoding)
-        # counts one packet per frame.
-        try:
-            with self._av.open(str(self._path)) as container:
-                count = 0
-                for packet in container.demux(container.streams.video[0]):
-                    if stop.is_set():
-                        raise _Stopped
-                    count += 1 if packet.size else 0
-                return count
-        except _Stopped:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise MediaError(f"cannot read video {_shown(self._path)} ({_one_line(e)}); the file may be damaged") from None
 
     def frames(self, wanted: list[int], stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
         pending = iter(wanted)
@@ -485,7 +592,7 @@ class _PyAVSource:
         any_yielded = False
         last = None  # (number, frame): the latest decoded frame when it was not a wanted one
         try:
-            for number, frame in enumerate(self._container.decode(video=0)):
+            for number, frame in enumerate(self._container.decode(self._stream)):
                 if stop.is_set():
                     raise _Stopped
                 _check_frame_size(self._path, frame.width, frame.height)
@@ -515,6 +622,25 @@ class _PyAVSource:
 
     def close(self) -> None:
         self._container.close()
+
+
+def _count_packets(path: Path, stop: threading.Event | None = None) -> int:
+    """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG): demuxing
+    (no decoding) counts one packet per frame."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            count = 0
+            for packet in container.demux(video_stream(container)):
+                if stop is not None and stop.is_set():
+                    raise _Stopped
+                count += 1 if packet.size else 0
+    except _Stopped:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise MediaError(f"cannot read video {_shown(path)} ({_one_line(e)}); the file may be damaged") from None
+    return _check_count(path, count)
 
 
 def _import_decord():
@@ -645,10 +771,14 @@ def probe_video(path: str | Path) -> tuple[int, float, float]:
     """
     path = check_media_file(path, "video")
     header = _read_header(path, orientation=False)
-    frames = header.frames or _check_count(path, int(round(header.duration * header.fps)))
+    duration = header.duration
+    frames = header.frames or _check_count(path, int(round(duration * header.fps)))
+    if frames < 1:
+        # no usable duration either (APNG), or one FFmpeg guessed from the bit rate (MPEG-PS): count
+        frames = _count_packets(path)
+        duration = 0.0
     if frames < 1:
         raise MediaError(f"{_shown(path)} has no video frames; use a file that contains video")
-    duration = header.duration
     if duration <= 0 and header.fps > 0:
         duration = frames / header.fps
     return frames, header.fps, duration
@@ -674,7 +804,7 @@ def load_video(
 
     def work(stop: threading.Event) -> _Decoded:
         header = _read_header(path, orientation=True)
-        if decord is not None:
+        if decord is not None and (forced == "decord" or decord_is_exact(header)):
             try:
                 return _decode(path, "decord", header, decord, num_frames, start, end, image_size, stop)
             except _DecordFailed as e:

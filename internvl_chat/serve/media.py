@@ -34,7 +34,7 @@ from ..chat.template import MediaSpec
 from ..errors import MediaError
 from ..files import read_bytes_file
 from ..media.image import count_tiles, load_image, probe_image
-from ..media.video import load_video, probe_video
+from ..media.video import load_video, probe_video, video_stream
 
 if TYPE_CHECKING:
     from ..engine.config import ModelConfig
@@ -297,7 +297,7 @@ def _video_frame_pixels(path: Path) -> int:
     import av
 
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         return int(stream.width or 0) * int(stream.height or 0)
 
 

@@ -100,6 +100,9 @@ def media_from_flags(session: Conversation, args: argparse.Namespace, settings: 
     video_range = parse_range(args.video_range) if args.video_range else None
     if video_range and not args.video:
         raise UsageError("--video-range needs a --video")
+    for flag, paths in (("--image", args.image), ("--video", args.video)):
+        if any(not str(p).strip() for p in paths):  # Path("") is the working folder: "'.' is a folder" misled
+            raise UsageError(f"{flag} was given an empty path; pass the path of a file")
     media = [session.describe_image(p, settings.media.max_tiles) for p in args.image]
     media += [session.describe_video(p, settings.media.frames, video_range) for p in args.video]
     return media
