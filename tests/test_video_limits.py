@@ -210,15 +210,12 @@ def test_damaged_videos_give_frames_or_one_line(tmp_path, monkeypatch, capfd, ba
     assert capfd.readouterr().err == "", outcomes
 
 
-def test_an_mp4_declaring_millions_of_fixed_size_frames_it_cannot_hold_is_refused_before_ffmpeg_opens_it(tmp_path):
-    """One stsz entry (a fixed sample size and a count) and one stts and stsc entry can declare any
-    number of frames: FFmpeg builds a ~35-byte index entry for each as it opens the file, before any
-    count is checked (a 764-byte MOV of 20 million frames took 700 MB, ~178 million allowed)."""
+def _write_tiny_mov(path: Path, **options: str) -> Path:
+    """A MOV of four 2×2 raw frames (`options`: the muxer's, e.g. movflags)."""
     import av
     import numpy as np
 
-    path = tmp_path / "raw.mov"
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", options=options) as container:
         stream = container.add_stream("rawvideo", rate=30)
         stream.width = stream.height = 2
         stream.pix_fmt = "rgb24"
@@ -228,6 +225,14 @@ def test_an_mp4_declaring_millions_of_fixed_size_frames_it_cannot_hold_is_refuse
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
+
+
+def test_an_mp4_declaring_millions_of_fixed_size_frames_it_cannot_hold_is_refused_before_ffmpeg_opens_it(tmp_path):
+    """One stsz entry (a fixed sample size and a count) and one stts and stsc entry can declare any
+    number of frames: FFmpeg builds a ~35-byte index entry for each as it opens the file, before any
+    count is checked (a 764-byte MOV of 20 million frames took 700 MB, ~178 million allowed)."""
+    path = _write_tiny_mov(tmp_path / "raw.mov")
     assert load_video(path, num_frames=4).num_total_frames == 4  # as written: fine
     data = bytearray(path.read_bytes())
     for box, offset in ((b"stts", 8), (b"stsz", 8), (b"stsc", 12)):  # counts of the one entry each holds
@@ -245,20 +250,7 @@ def test_an_mp4_declaring_millions_of_fixed_size_frames_it_cannot_hold_is_refuse
 def test_a_fragmented_mp4_declaring_millions_of_frames_it_cannot_hold_is_refused_before_ffmpeg_opens_it(tmp_path):
     """A fragment's trun box without per-sample sizes declares any number of frames in 4 bytes, and
     FFmpeg indexes each as it opens the file (a 1,300-byte MOV of 20 million: 942 MB to probe)."""
-    import av
-    import numpy as np
-
-    path = tmp_path / "fragments.mov"
-    with av.open(str(path), "w", options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}) as container:
-        stream = container.add_stream("rawvideo", rate=30)
-        stream.width = stream.height = 2
-        stream.pix_fmt = "rgb24"
-        for number in range(4):
-            frame = av.VideoFrame.from_ndarray(np.full((2, 2, 3), number * 50, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path = _write_tiny_mov(tmp_path / "fragments.mov", movflags="frag_keyframe+empty_moov+default_base_moof")
     assert load_video(path, num_frames=4).num_total_frames == 4  # as written: fine
     data = bytearray(path.read_bytes())
     at = data.index(b"trun")
