@@ -32,10 +32,13 @@ def _sync(device: torch.device) -> None:
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` says the device or the host ran out of memory (the CPU allocator raises a
-    plain RuntimeError "can't allocate memory"; Python's own allocations raise MemoryError)."""
+    plain RuntimeError "can't allocate memory"; Python's own allocations raise MemoryError; a CUDA
+    allocation outside the caching allocator, e.g. a cuBLAS workspace, raises "CUDA error: out of
+    memory", a torch.AcceleratorError)."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(error, RuntimeError) and "allocate memory" in str(error)
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("allocate memory" in text or "out of memory" in text)
 
 
 @contextlib.contextmanager
@@ -116,8 +119,8 @@ def stream_generate(
                     pending_text, since_emit = "", 0
                 token = sampler.next_token(next_logits)
         _sync(device)
-    end = time.perf_counter()
-    pending_text += detok.flush()
+        end = time.perf_counter()
+        pending_text += detok.flush()  # it may allocate too: the same one line, not a traceback
     prefill_s = (t_first or end) - t0
     decode_tokens = max(len(generated) - 1, 0)  # the first token belongs to the prefill
     decode_s = end - (decode_start or end)

@@ -263,7 +263,8 @@ class Session:
     def _encode(self, media: Sequence[Media], cancel: threading.Event | None) -> tuple[torch.Tensor | None, float]:
         if not media:
             return None, 0.0
-        pixels = torch.cat([self._decode(m) for m in media])
+        with out_of_memory_as_error("reading the attachments"):  # decoding and tiling allocate too
+            pixels = torch.cat([self._decode(m) for m in media])
         t0 = time.perf_counter()
         with out_of_memory_as_error("in the vision encoder"):
             features = self.model.encode_images(pixels, cancel)
@@ -306,8 +307,9 @@ class Session:
         """Prefill `prompt` at start_pos and stream the answer; on a failure the session is as before
         (ids and start_pos; the cache from start_pos on is zeroed where it may hold NaN)."""
         ids_len, pos = len(self.ids), self.start_pos
-        sampler = self._make_sampler(params)
-        sampler.observe(torch.tensor(prompt, device=self.model.device))
+        with out_of_memory_as_error("during generation"):  # its masks are the size of the vocabulary
+            sampler = self._make_sampler(params)
+            sampler.observe(torch.tensor(prompt, device=self.model.device))
         events = stream_generate(
             self.model, self.tokenizer, prompt, self.start_pos, params, sampler,
             image_features=features, stop_ids=self.builder.stop_ids,
