@@ -138,3 +138,49 @@ def test_the_app_shows_out_of_memory_as_one_line_and_goes_on(loaded, picture, tm
     assert _state(app.session) == before
     assert app.handle_line(f"What is this? {picture}") == app_module.OK  # the typed path attaches it again
     assert len(app.session.turns) == 2
+
+
+class _InterruptedStream:
+    """choose_stream whose stream raises KeyboardInterrupt as it prints its `at`-th event (a second
+    Ctrl-C that lands in the app, between two events, rather than in the model)."""
+
+    def __init__(self, at: int):
+        self.at, self.fed = at, 0
+        self.real = app_module.choose_stream
+
+    def __call__(self, *a, **k):
+        stream = self.real(*a, **k)
+        feed = stream.feed
+
+        def interrupted(text):
+            self.fed += 1
+            if self.fed == self.at:
+                raise KeyboardInterrupt
+            return feed(text)
+
+        stream.feed = interrupted
+        return stream
+
+
+def test_a_retry_interrupted_between_events_says_the_old_answer_stayed(loaded, tmp_path, monkeypatch):
+    app, out = make_app(loaded, tmp_path, max_new_tokens=6, interactive=True)
+    app.handle_line("Hello there.")
+    before = _state(app.session)
+    output(out)
+    monkeypatch.setattr(app_module, "choose_stream", _InterruptedStream(2))
+    app.handle_line("/retry")
+    assert _state(app.session) == before  # put back as the retry's events closed
+    assert output(out).strip().splitlines()[-1] == "[interrupted: this answer was discarded; the conversation is unchanged]"
+
+
+def test_an_answer_interrupted_while_its_last_text_is_printed_is_said_to_be_kept(loaded, tmp_path, monkeypatch):
+    fresh = Session(loaded, _params(6))
+    _run(fresh.ask("Hello there."))
+    events = list(fresh.ask("Next?"))
+    app, out = make_app(loaded, tmp_path, max_new_tokens=6, interactive=True)
+    app.handle_line("Hello there.")
+    output(out)
+    monkeypatch.setattr(app_module, "choose_stream", _InterruptedStream(len(events)))  # the final event
+    app.handle_line("Next?")
+    assert _state(app.session) == _state(fresh)  # committed before the final event reached the app
+    assert "kept" in output(out).strip().splitlines()[-1]
