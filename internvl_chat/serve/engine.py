@@ -296,7 +296,8 @@ class EngineWorker:
                 if features is None:
                     if job.cancel.is_set():
                         raise ClientGone
-                    pixels = self.reader.pixels(item)
+                    with out_of_memory_as_error("reading the attachments"):  # decoding and tiling allocate too
+                        pixels = self.reader.pixels(item)
                     t0 = time.perf_counter()
                     with out_of_memory_as_error("in the vision encoder"):  # the app's one line, not a 500 crash
                         features = self.model.encode_images(pixels, job.cancel)
