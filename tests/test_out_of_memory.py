@@ -184,3 +184,24 @@ def test_an_answer_interrupted_while_its_last_text_is_printed_is_said_to_be_kept
     app.handle_line("Next?")
     assert _state(app.session) == _state(fresh)  # committed before the final event reached the app
     assert "kept" in output(out).strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("error", [MemoryError, _cuda_error, KeyboardInterrupt])
+def test_a_failure_in_the_third_prefill_chunk_after_an_undo_leaves_the_undone_conversation(loaded, picture, monkeypatch,
+                                                                                          error):  # fmt: skip
+    monkeypatch.setattr(loaded.model, "prefill_chunk", 64)  # the image turn's ~280 tokens in 5 chunks
+    session = Session(loaded, _params(4))
+    _run(session.ask("First."))
+    _run(session.ask("Second."))
+    session.undo()
+    before = _state(session)
+    _fail_once(monkeypatch, loaded.model.language_model, "forward_embeds", error, 3)
+    with pytest.raises(GenerationError if error is not KeyboardInterrupt else KeyboardInterrupt):
+        _run(session.ask("What is this?", [session.describe_image(picture)]))
+    assert _state(session) == before
+    monkeypatch.undo()
+    fresh = Session(loaded, _params(4))
+    _run(fresh.ask("First."))
+    assert _close(_next_logits(session), _next_logits(fresh))
+    want = _run(fresh.ask("What is this?", [fresh.describe_image(picture)]))["token_ids"]
+    assert _run(session.ask("What is this?", [session.describe_image(picture)]))["token_ids"] == want
