@@ -1,4 +1,4 @@
-"""Running out of memory anywhere in a turn, not only in the model's forward or vision encoder
+"""Running out of memory (or a Ctrl-C) anywhere in a turn, not only in the model's forward or vision encoder
 (tests/test_session.py and the session fuzz cover those): the user gets one line, the conversation
 is as before, and the next turn answers exactly as a fresh session with the same history does."""
 
@@ -205,3 +205,26 @@ def test_a_failure_in_the_third_prefill_chunk_after_an_undo_leaves_the_undone_co
     assert _close(_next_logits(session), _next_logits(fresh))
     want = _run(fresh.ask("What is this?", [fresh.describe_image(picture)]))["token_ids"]
     assert _run(session.ask("What is this?", [session.describe_image(picture)]))["token_ids"] == want
+
+
+class _InterruptedAppend(list):
+    """A turns list that takes the turn, then gets a Ctrl-C (between the commit and its event)."""
+
+    def append(self, item):
+        super().append(item)
+        raise KeyboardInterrupt
+
+
+def test_a_ctrl_c_as_the_answer_is_committed_leaves_the_conversation_as_before(loaded):
+    session = Session(loaded, _params(4))
+    _run(session.ask("First."))
+    before = _state(session)
+    session.turns = _InterruptedAppend(session.turns)
+    with pytest.raises(KeyboardInterrupt):
+        _run(session.ask("Second."))
+    session.turns = list(session.turns)
+    assert _state(session) == before  # not a turn whose ids were rewound
+    fresh = Session(loaded, _params(4))
+    _run(fresh.ask("First."))
+    assert _run(session.ask("Second."))["token_ids"] == _run(fresh.ask("Second."))["token_ids"]
+    assert _state(session) == _state(fresh)

@@ -323,6 +323,8 @@ class Session:
                     self._commit(turn, prompt, event, "".join(text_parts))
                 yield event
         except (GenerationError, KeyboardInterrupt, Cancelled) as e:
+            if self.turns and self.turns[-1] is turn:  # a Ctrl-C as the commit ended, before its event was given
+                self.turns.pop()
             self._rewind(ids_len, pos)
             if isinstance(e, GenerationError):
                 self._clear_cache_from(pos)
