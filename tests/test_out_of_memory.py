@@ -228,3 +228,34 @@ def test_a_ctrl_c_as_the_answer_is_committed_leaves_the_conversation_as_before(l
     _run(fresh.ask("First."))
     assert _run(session.ask("Second."))["token_ids"] == _run(fresh.ask("Second."))["token_ids"]
     assert _state(session) == _state(fresh)
+
+
+def test_a_cuda_error_out_of_memory_while_loading_is_the_one_line_error(tiny_original, monkeypatch):
+    from internvl_chat.engine.model import InternVLModel
+    from internvl_chat.errors import CheckpointError
+
+    def out_of_memory(self, tensors):
+        raise _cuda_error()
+
+    monkeypatch.setattr(InternVLModel, "load_weights", out_of_memory)
+    with pytest.raises(CheckpointError, match="^out of memory loading "):
+        load_model(tiny_original, device="cpu", dtype="float32", max_context=256, compile="off")
+
+
+def test_out_of_memory_in_the_compiled_step_runs_that_token_eager_and_keeps_the_step(loaded, capsys):
+    # it was taken for the step's own failure: a note, and the eager step for the rest of the run
+    from internvl_chat.engine.compiled import CompiledStep
+
+    step = CompiledStep(loaded.model.language_model, loaded.model.device, for_graphs=False)
+    errors = [MemoryError(), RuntimeError(CPU_OOM), _cuda_error(), ValueError("a guard failed")]
+
+    def failing(token, pos):
+        raise errors.pop(0)
+
+    step.native, step.active = failing, True
+    for _ in range(3):
+        assert step.exact(torch.tensor([5]), 7) is None
+        assert step.active and step.native is failing
+    assert "using the eager step" not in capsys.readouterr().err
+    assert step.exact(torch.tensor([5]), 7) is None  # any other error: eager from now on, with its note
+    assert not step.active and "using the eager step" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..engine.model import InternVLModel
+from ..engine.out_of_memory import is_out_of_memory
 from ..errors import GenerationError
 from .detokenize import IncrementalDetokenizer
 from .sampling import Sampler, SamplingParams
@@ -28,17 +29,6 @@ from .sampling import Sampler, SamplingParams
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether `error` says the device or the host ran out of memory (the CPU allocator raises a
-    plain RuntimeError "can't allocate memory"; Python's own allocations raise MemoryError; a CUDA
-    allocation outside the caching allocator, e.g. a cuBLAS workspace, raises "CUDA error: out of
-    memory", a torch.AcceleratorError)."""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("allocate memory" in text or "out of memory" in text)
 
 
 @contextlib.contextmanager
