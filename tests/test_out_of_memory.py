@@ -134,7 +134,7 @@ def test_the_app_shows_out_of_memory_as_one_line_and_goes_on(loaded, picture, tm
     assert app.handle_line(f"What is this? {picture}") == app_module.ERROR
     monkeypatch.undo()
     lines = [line for line in output(out).splitlines() if line.strip()]
-    assert lines[-1].startswith(f"error: {said}; use ") and "Traceback" not in "".join(lines)
+    assert lines[-1].startswith(f"error: {said}; ") and "Traceback" not in "".join(lines)
     assert _state(app.session) == before
     assert app.handle_line(f"What is this? {picture}") == app_module.OK  # the typed path attaches it again
     assert len(app.session.turns) == 2

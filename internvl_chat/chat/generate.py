@@ -31,8 +31,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+OUT_OF_MEMORY_ADVICE = "use fewer tiles or frames, a smaller --max-context, or a 4-bit model"
+# decoding and tiling pictures and videos: the model's size and the context do not matter there
+MEDIA_ADVICE = "attach fewer or smaller pictures, or use fewer tiles or frames"
+
+
 @contextlib.contextmanager
-def out_of_memory_as_error(during: str) -> Iterator[None]:
+def out_of_memory_as_error(during: str, advice: str = OUT_OF_MEMORY_ADVICE) -> Iterator[None]:
     """Running out of memory in the block becomes one GenerationError line (the turn can be asked
     again); any other error passes through."""
     try:
@@ -40,9 +45,7 @@ def out_of_memory_as_error(during: str) -> Iterator[None]:
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
-        raise GenerationError(
-            f"out of memory {during}; use fewer tiles or frames, a smaller --max-context, or a 4-bit model"
-        ) from None
+        raise GenerationError(f"out of memory {during}; {advice}") from None
 
 
 def stream_generate(

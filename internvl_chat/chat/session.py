@@ -28,7 +28,7 @@ from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import load_video, probe_video, used_range
 from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
-from .generate import is_out_of_memory, out_of_memory_as_error, stream_generate
+from .generate import MEDIA_ADVICE, is_out_of_memory, out_of_memory_as_error, stream_generate
 from .sampling import NON_FINITE_IN_FLOAT32, NON_FINITE_MESSAGE, Sampler, SamplingParams
 from .session_file import (CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
                            SavedTurn, media_candidates, media_json_paths, read_session_file, session_json)  # fmt: skip
@@ -263,7 +263,7 @@ class Session:
     def _encode(self, media: Sequence[Media], cancel: threading.Event | None) -> tuple[torch.Tensor | None, float]:
         if not media:
             return None, 0.0
-        with out_of_memory_as_error("reading the attachments"):  # decoding and tiling allocate too
+        with out_of_memory_as_error("reading the attachments", MEDIA_ADVICE):  # decoding and tiling allocate too
             pixels = torch.cat([self._decode(m) for m in media])
         t0 = time.perf_counter()
         with out_of_memory_as_error("in the vision encoder"):
