@@ -259,3 +259,30 @@ def test_out_of_memory_in_the_compiled_step_runs_that_token_eager_and_keeps_the_
     assert "using the eager step" not in capsys.readouterr().err
     assert step.exact(torch.tensor([5]), 7) is None  # any other error: eager from now on, with its note
     assert not step.active and "using the eager step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prefilling", [False, True], ids=["one cached token", "whole prompt"])
+@pytest.mark.parametrize("at", ["Turn", "check_budget"])
+def test_a_ctrl_c_as_a_retry_removes_the_old_answer_puts_it_back(loaded, monkeypatch, prefilling, at):
+    # between the retry's removing the old answer and its guard, a Ctrl-C lost the turn and left
+    # ids cut inside its prompt
+    session = Session(loaded, _params(4))
+    _run(session.ask("First."))
+    _run(session.ask("Second."))
+    if prefilling:
+        session._cached_prompt_end = lambda turn: None
+    before = _state(session)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    if at == "Turn":
+        monkeypatch.setattr(session_module, "Turn", interrupted)
+    else:
+        monkeypatch.setattr(session, "check_budget", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(session.retry())
+    monkeypatch.undo()
+    assert _state(session) == before
+    assert _run(session.retry())["token_ids"] == before[2][-1][1]
+    assert _state(session) == before

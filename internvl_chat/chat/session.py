@@ -394,19 +394,20 @@ class Session:
         saved = (list(self.ids), self.start_pos)
         cut = prompt_end - 1  # the prompt's last token: fed again at its own position
         prompt = self.ids[cut:prompt_end]
-        self.turns.pop()
-        self._rewind(cut, cut)
-        turn = Turn(last.user_text, last.media, ids_before=last.ids_before, pos_before=last.pos_before,
-                    prompt_ids=list(last.prompt_ids))  # fmt: skip
-        turn.features = last.features
-        committed = False
-        try:
+        committed, written = False, None
+        try:  # from the pop on: a Ctrl-C at any point puts the old answer back
+            self.turns.pop()
+            self._rewind(cut, cut)
+            written = cut
+            turn = Turn(last.user_text, last.media, ids_before=last.ids_before, pos_before=last.pos_before,
+                        prompt_ids=list(last.prompt_ids))  # fmt: skip
+            turn.features = last.features
             for event in self._run_turn(turn, prompt, None, 0.0, params, cancel):
                 committed = event["finish_reason"] is not None
                 yield event
         finally:
             if not committed:
-                self._restore_turn(last, saved, cut)
+                self._restore_turn(last, saved, written)
 
     def _cached_prompt_end(self, turn: Turn) -> int | None:
         """Where the last turn's prompt ends in ids, when the KV cache provably holds all of it; else None.
@@ -436,13 +437,13 @@ class Session:
             features, _ = self._encode(last.media, cancel)
             last.features = features
         saved = (list(self.ids), self.start_pos)
-        self.undo()
-        new_ids = self._turn_ids(last.user_text, last.media)
-        prompt = self.ids[self.start_pos :] + new_ids
-        turn = Turn(last.user_text, last.media, ids_before=len(self.ids), pos_before=self.start_pos, prompt_ids=new_ids)
-        turn.features = features
         committed, written = False, None
-        try:
+        try:  # from the undo on: a Ctrl-C at any point puts the old answer back
+            self.undo()
+            new_ids = self._turn_ids(last.user_text, last.media)
+            prompt = self.ids[self.start_pos :] + new_ids
+            turn = Turn(last.user_text, last.media, ids_before=len(self.ids), pos_before=self.start_pos, prompt_ids=new_ids)
+            turn.features = features
             self.check_budget(len(prompt), params.max_new_tokens)
             written = self.start_pos
             for event in self._run_turn(turn, prompt, features, 0.0, params, cancel):
@@ -456,6 +457,9 @@ class Session:
         """Put back a turn that a failed /retry removed, re-prefilling its cached tokens from
         `written` on, where the retry began to write the cache (None: it wrote nothing)."""
         ids, end = saved
+        if self.turns and self.turns[-1] is turn:  # interrupted before the retry removed it: nothing changed
+            self.ids, self.start_pos = ids, end
+            return
         # as undo leaves it, should the prefill fail too: consistent, the turn removed (the prefill
         # needs more memory than the decode step that may have failed, so it may run out as well)
         self.ids, self.start_pos = ids[: turn.ids_before], turn.pos_before
