@@ -117,7 +117,8 @@ class Repl:
             resume(self.child.pid)
             if not ended:
                 outcomes = [r"\[cancelled: the partial answer is kept", r"tok/s", r"\[interrupted\]",
-                            r"\[interrupted: ", r"\[cancelled before the answer began"]  # fmt: skip
+                            r"\[interrupted: ", r"\[cancelled before the answer began",
+                            r"\[interrupted while printing: the answer is kept"]  # fmt: skip
                 try:
                     outcome = self.child.expect(outcomes)
                 except pexpect.TIMEOUT:
@@ -126,7 +127,7 @@ class Repl:
                                          f"all it wrote: {self.transcript.getvalue()[-4000:]!r}") from None  # fmt: skip
                 if outcome == 0:
                     return
-                ended = outcome in (1, 2)  # the answer was kept (with or without its stats line); else nothing was
+                ended = outcome in (1, 2, 5)  # the answer was kept (with or without its stats line); else nothing was
             if PROMPT_READY not in seen:
                 self.prompt()
             if ended:

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from PIL import Image
 
 from internvl_chat.chat.template import PromptBuilder
@@ -386,3 +387,49 @@ def test_running_out_of_memory_in_the_vision_encoder_is_the_one_line_error_and_t
     assert client.chat.completions.create(**body).choices[0].finish_reason in ("stop", "length")
     assert len(calls) == 2  # the failed features were not cached: the picture is encoded again
 
+
+
+
+def _cuda_out_of_memory() -> RuntimeError:
+    # what torch raises when a CUDA allocation outside its caching allocator fails (torch >= 2.8)
+    return getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: out of memory")
+
+
+def _cpu_out_of_memory() -> RuntimeError:
+    return RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8")
+
+
+@pytest.mark.parametrize("where", ["decode", "pixels"])
+def test_running_out_of_memory_anywhere_in_a_request_is_the_one_line_error_and_the_slot_answers_the_same(
+    server, client, monkeypatch, where
+):
+    # a CUDA error that says out of memory, or the CPU allocator's while the picture was decoded, was a
+    # 500 "internal error" with a traceback in the log
+    seed = {"decode": 31, "pixels": 32}[where]  # a picture of its own: not in the feature cache yet
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(textured_rgb(448, 448, seed=seed))).decode()
+    body = _body("What is this?", max_tokens=5)
+    body["messages"][0]["content"] = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]
+    owner, name, at, error = {
+        "decode": (server.worker.model, "forward", 3, _cuda_out_of_memory),  # the second decode step
+        "pixels": (server.worker.reader, "pixels", 1, _cpu_out_of_memory),
+    }[where]
+    real, calls = getattr(owner, name), []
+
+    def out_of_memory_once(*a, **k):
+        calls.append(1)
+        if len(calls) == at:
+            raise error()
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, out_of_memory_once)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(**body)
+    error_body = err.value.body
+    assert error_body["code"] == "generation_failed" and error_body["message"].startswith("out of memory")
+    assert server.worker.alive
+    monkeypatch.undo()
+    # the same answer from the slot the failure left, and after other requests moved the slots
+    first = client.chat.completions.create(**body).choices[0].message.content
+    client.chat.completions.create(**_body("Something else entirely.", max_tokens=2))
+    client.chat.completions.create(**_body("And another thing.", max_tokens=2))
+    assert client.chat.completions.create(**body).choices[0].message.content == first

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..engine.model import InternVLModel
+from ..engine.out_of_memory import is_out_of_memory
 from ..errors import GenerationError
 from .detokenize import IncrementalDetokenizer
 from .sampling import Sampler, SamplingParams
@@ -30,16 +31,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether `error` says the device or the host ran out of memory (the CPU allocator raises a
-    plain RuntimeError "can't allocate memory"; Python's own allocations raise MemoryError)."""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and "allocate memory" in str(error)
+OUT_OF_MEMORY_ADVICE = "use fewer tiles or frames, a smaller --max-context, or a 4-bit model"
+# decoding and tiling pictures and videos: the model's size and the context do not matter there
+MEDIA_ADVICE = "attach fewer or smaller pictures, or use fewer tiles or frames"
 
 
 @contextlib.contextmanager
-def out_of_memory_as_error(during: str) -> Iterator[None]:
+def out_of_memory_as_error(during: str, advice: str = OUT_OF_MEMORY_ADVICE) -> Iterator[None]:
     """Running out of memory in the block becomes one GenerationError line (the turn can be asked
     again); any other error passes through."""
     try:
@@ -47,9 +45,7 @@ def out_of_memory_as_error(during: str) -> Iterator[None]:
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
-        raise GenerationError(
-            f"out of memory {during}; use fewer tiles or frames, a smaller --max-context, or a 4-bit model"
-        ) from None
+        raise GenerationError(f"out of memory {during}; {advice}") from None
 
 
 def stream_generate(
@@ -116,8 +112,8 @@ def stream_generate(
                     pending_text, since_emit = "", 0
                 token = sampler.next_token(next_logits)
         _sync(device)
-    end = time.perf_counter()
-    pending_text += detok.flush()
+        end = time.perf_counter()
+        pending_text += detok.flush()  # it may allocate too: the same one line, not a traceback
     prefill_s = (t_first or end) - t0
     decode_tokens = max(len(generated) - 1, 0)  # the first token belongs to the prefill
     decode_s = end - (decode_start or end)

@@ -28,7 +28,7 @@ from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import load_video, probe_video, used_range
 from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
-from .generate import is_out_of_memory, out_of_memory_as_error, stream_generate
+from .generate import MEDIA_ADVICE, is_out_of_memory, out_of_memory_as_error, stream_generate
 from .sampling import NON_FINITE_IN_FLOAT32, NON_FINITE_MESSAGE, Sampler, SamplingParams
 from .session_file import (CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
                            SavedTurn, media_candidates, media_json_paths, read_session_file, session_json)  # fmt: skip
@@ -263,7 +263,8 @@ class Session:
     def _encode(self, media: Sequence[Media], cancel: threading.Event | None) -> tuple[torch.Tensor | None, float]:
         if not media:
             return None, 0.0
-        pixels = torch.cat([self._decode(m) for m in media])
+        with out_of_memory_as_error("reading the attachments", MEDIA_ADVICE):  # decoding and tiling allocate too
+            pixels = torch.cat([self._decode(m) for m in media])
         t0 = time.perf_counter()
         with out_of_memory_as_error("in the vision encoder"):
             features = self.model.encode_images(pixels, cancel)
@@ -306,8 +307,9 @@ class Session:
         """Prefill `prompt` at start_pos and stream the answer; on a failure the session is as before
         (ids and start_pos; the cache from start_pos on is zeroed where it may hold NaN)."""
         ids_len, pos = len(self.ids), self.start_pos
-        sampler = self._make_sampler(params)
-        sampler.observe(torch.tensor(prompt, device=self.model.device))
+        with out_of_memory_as_error("during generation"):  # its masks are the size of the vocabulary
+            sampler = self._make_sampler(params)
+            sampler.observe(torch.tensor(prompt, device=self.model.device))
         events = stream_generate(
             self.model, self.tokenizer, prompt, self.start_pos, params, sampler,
             image_features=features, stop_ids=self.builder.stop_ids,
@@ -321,6 +323,8 @@ class Session:
                     self._commit(turn, prompt, event, "".join(text_parts))
                 yield event
         except (GenerationError, KeyboardInterrupt, Cancelled) as e:
+            if self.turns and self.turns[-1] is turn:  # a Ctrl-C as the commit ended, before its event was given
+                self.turns.pop()
             self._rewind(ids_len, pos)
             if isinstance(e, GenerationError):
                 self._clear_cache_from(pos)
@@ -390,19 +394,20 @@ class Session:
         saved = (list(self.ids), self.start_pos)
         cut = prompt_end - 1  # the prompt's last token: fed again at its own position
         prompt = self.ids[cut:prompt_end]
-        self.turns.pop()
-        self._rewind(cut, cut)
-        turn = Turn(last.user_text, last.media, ids_before=last.ids_before, pos_before=last.pos_before,
-                    prompt_ids=list(last.prompt_ids))  # fmt: skip
-        turn.features = last.features
-        committed = False
-        try:
+        committed, written = False, None
+        try:  # from the pop on: a Ctrl-C at any point puts the old answer back
+            self.turns.pop()
+            self._rewind(cut, cut)
+            written = cut
+            turn = Turn(last.user_text, last.media, ids_before=last.ids_before, pos_before=last.pos_before,
+                        prompt_ids=list(last.prompt_ids))  # fmt: skip
+            turn.features = last.features
             for event in self._run_turn(turn, prompt, None, 0.0, params, cancel):
                 committed = event["finish_reason"] is not None
                 yield event
         finally:
             if not committed:
-                self._restore_turn(last, saved, cut)
+                self._restore_turn(last, saved, written)
 
     def _cached_prompt_end(self, turn: Turn) -> int | None:
         """Where the last turn's prompt ends in ids, when the KV cache provably holds all of it; else None.
@@ -432,13 +437,13 @@ class Session:
             features, _ = self._encode(last.media, cancel)
             last.features = features
         saved = (list(self.ids), self.start_pos)
-        self.undo()
-        new_ids = self._turn_ids(last.user_text, last.media)
-        prompt = self.ids[self.start_pos :] + new_ids
-        turn = Turn(last.user_text, last.media, ids_before=len(self.ids), pos_before=self.start_pos, prompt_ids=new_ids)
-        turn.features = features
         committed, written = False, None
-        try:
+        try:  # from the undo on: a Ctrl-C at any point puts the old answer back
+            self.undo()
+            new_ids = self._turn_ids(last.user_text, last.media)
+            prompt = self.ids[self.start_pos :] + new_ids
+            turn = Turn(last.user_text, last.media, ids_before=len(self.ids), pos_before=self.start_pos, prompt_ids=new_ids)
+            turn.features = features
             self.check_budget(len(prompt), params.max_new_tokens)
             written = self.start_pos
             for event in self._run_turn(turn, prompt, features, 0.0, params, cancel):
@@ -452,6 +457,9 @@ class Session:
         """Put back a turn that a failed /retry removed, re-prefilling its cached tokens from
         `written` on, where the retry began to write the cache (None: it wrote nothing)."""
         ids, end = saved
+        if self.turns and self.turns[-1] is turn:  # interrupted before the retry removed it: nothing changed
+            self.ids, self.start_pos = ids, end
+            return
         # as undo leaves it, should the prefill fail too: consistent, the turn removed (the prefill
         # needs more memory than the decode step that may have failed, so it may run out as well)
         self.ids, self.start_pos = ids[: turn.ids_before], turn.pos_before

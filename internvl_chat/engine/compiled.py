@@ -40,6 +40,7 @@ import torch
 from ..files import xdg_dir
 from . import cpu_gemv, cpu_step, language
 from .direct_call import FlatCall, unguarded
+from .out_of_memory import is_out_of_memory
 
 MODES = ("auto", "on", "off")
 # Where "auto" compiles. CPU: decoders whose weights a token streams are large enough that the
@@ -282,6 +283,8 @@ class CompiledStep:
             self.steps += 1
             return logits
         except Exception as e:  # noqa: BLE001 — a guard failure or runtime error: eager from now on
+            if is_out_of_memory(e):  # not the step's fault: this token runs eager (or fails there), later ones here
+                return None
             self._fail(e, "failed")
             return None
 

@@ -22,6 +22,7 @@ from .compiled import wanted as compile_wanted
 from .config import ModelConfig, QuantConfig, load_config
 from .cpu_features import default_cpu_dtype
 from .model import SMALL_DECODER_BYTES, InternVLModel
+from .out_of_memory import is_out_of_memory
 from .tinychat import convert_tinychat
 from .tokenizer import SpecialTokens, Tokenizer, load_tokenizer, special_token_ids
 
@@ -164,8 +165,7 @@ def load_model(
         if compile_wanted(compile, device, model.language_model):
             model.enable_compile(True, progress)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        # the CPU allocator reports exhaustion as a plain RuntimeError ("can't allocate memory")
-        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and "allocate memory" not in str(e):
+        if not is_out_of_memory(e):  # the CPU allocator and CUDA outside torch's allocator raise RuntimeErrors
             raise
         advice = "use a 4-bit checkpoint or a smaller --max-context"
         raise CheckpointError(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..chat.detokenize import IncrementalDetokenizer
-from ..chat.generate import out_of_memory_as_error
+from ..chat.generate import MEDIA_ADVICE, out_of_memory_as_error
 from ..chat.sampling import SamplingParams
 from ..engine.loader import LoadedModel
 from ..errors import Cancelled, InternVLChatError
@@ -296,7 +296,8 @@ class EngineWorker:
                 if features is None:
                     if job.cancel.is_set():
                         raise ClientGone
-                    pixels = self.reader.pixels(item)
+                    with out_of_memory_as_error("reading the attachments", MEDIA_ADVICE):  # decoding and tiling allocate too
+                        pixels = self.reader.pixels(item)
                     t0 = time.perf_counter()
                     with out_of_memory_as_error("in the vision encoder"):  # the app's one line, not a 500 crash
                         features = self.model.encode_images(pixels, job.cancel)

@@ -546,11 +546,14 @@ class App:
         with self._sigint(on_sigint):
             if device is not None:
                 reset_peak_memory(device)
+            events = None
             try:
                 with self.spinner(label):
                     events = start(cancel)
                     first = next(events)
             except KeyboardInterrupt:
+                if events is not None:
+                    events.close()  # see below
                 if not self.interactive:
                     raise
                 self.say(f"[cancelled before the answer began; {outcome()}]", "yellow")
@@ -568,8 +571,15 @@ class App:
                     event = next(events)
             except KeyboardInterrupt:
                 stream.finish()
+                # a Ctrl-C that lands here, between two events, leaves the turn's generator open: a
+                # /retry puts its old answer back only as that closes, so close it before telling
+                events.close()
                 if not self.interactive:
                     raise
+                if event["finish_reason"] is not None:  # the last text was being printed: the turn is committed
+                    self.say("[interrupted while printing: the answer is kept; /retry answers again, /undo removes it]",
+                             "yellow")  # fmt: skip
+                    return None
                 self.say(f"[interrupted: this answer was discarded; {outcome()}]", "yellow")
                 return None
             finally:
