@@ -34,6 +34,7 @@ from ..files import visible
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, block_is_open, default_sessions_dir, file_date, recent_sessions
 from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
+from .editor import edit_in_editor
 from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
 from .render import make_console
 from .set_keys import runtime_keys
@@ -246,6 +247,10 @@ def key_bindings(late: LateInterrupt | None = None) -> KeyBindings:
     def _newline(event) -> None:
         event.current_buffer.insert_text("\n")
 
+    @kb.add("c-x", "c-e")
+    def _editor(event) -> None:  # prompt_toolkit's own raised UnicodeError on bytes that are not UTF-8
+        event.app.create_background_task(edit_in_editor(event.current_buffer))
+
     return kb
 
 
@@ -365,7 +370,7 @@ def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | Non
         key_bindings=key_bindings(late),
         multiline=True,
         prompt_continuation=lambda width, line_number, wrap_count: "." * max(width - 1, 0) + " ",
-        enable_open_in_editor=True,
+        enable_open_in_editor=False,  # Ctrl-X Ctrl-E is bound in key_bindings (editor.py)
         enable_suspend=True,  # Ctrl-Z stops the program, as in a shell (it typed a literal ^Z into the message)
         color_depth=None,
     )
