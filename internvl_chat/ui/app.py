@@ -139,6 +139,35 @@ def sanitize(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+# A code fence: up to 3 spaces, then 3 or more backticks or tildes (CommonMark).
+_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+
+
+def close_fences(text: str) -> str:
+    """`text` (Markdown) with a code fence it leaves open closed at its end: an answer cut short
+    (max_new_tokens, Ctrl-C) inside a code block turned the rest of an export into code."""
+    open_fence = None
+    for line in text.split("\n"):
+        m = _FENCE.match(line)
+        if m is None:
+            continue
+        fence, rest = m.group(1), line[m.end() :]
+        if open_fence is None:
+            if not (fence[0] == "`" and "`" in rest):  # a backtick after ``` makes it inline code
+                open_fence = fence
+        elif fence[0] == open_fence[0] and len(fence) >= len(open_fence) and not rest.strip():
+            open_fence = None
+    return text if open_fence is None else f"{text}\n{open_fence}"
+
+
+def markdown_link(label: str, target: str, image: bool = False) -> str:
+    """A Markdown link to a local file: a `]` in the label or a `>` in the target (any file name
+    may hold them) ended the link early, and the rest of the name became Markdown."""
+    label = re.sub(r"([\\\[\]])", r"\\\1", label)
+    target = re.sub(r"([\\<>])", r"\\\1", target)
+    return f"{'!' if image else ''}[{label}](<{target}>)"
+
+
 def unwrap_block(text: str) -> str | None:
     '''The inside of a `"""` block (`"""\\nline 1\\nline 2\\n"""`), or None when `text` is not one.'''
     body = text.strip()
@@ -1041,18 +1070,18 @@ class App:
         model = visible(self.session.describe().model)
         lines = ["# Conversation", "", f"- model: `{model}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
         if self.session.system_message:
-            lines += ["## System", "", visible_lines(self.session.system_message), ""]
+            lines += ["## System", "", close_fences(visible_lines(self.session.system_message)), ""]
         for turn in self.session.turns:
             lines += ["## User", ""]
             for media in turn.media:
-                name, target = visible(media.path.name), f"<{visible_file_name(str(media.path.resolve()))}>"
+                name, target = visible(media.path.name), visible_file_name(str(media.path.resolve()))
                 if media.kind == "image":
-                    lines.append(f"![{name}]({target})")
+                    lines.append(markdown_link(name, target, image=True))
                 else:
-                    lines.append(f"[video: {name}, {media.tiles} frames]({target})")
+                    lines.append(markdown_link(f"video: {name}, {media.tiles} frames", target))
             if turn.media:
                 lines.append("")
-            lines += [visible_lines(turn.user_text), "", "## Assistant", "", sanitize(turn.answer_text), ""]
+            lines += [close_fences(visible_lines(turn.user_text)), "", "## Assistant", "", close_fences(sanitize(turn.answer_text)), ""]
         return "\n".join(lines)
 
     def cmd_exit(self, command: Command) -> str:
