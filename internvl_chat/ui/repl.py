@@ -288,6 +288,9 @@ class PrivateFileHistory(History):
             data = os.pread(self.fd, size - start, start)
         except OSError:
             return []
+        if start > 0:  # the read began inside an entry: its tail, recalled with Up, was sent cut short
+            cut = data.find(b"\n#")
+            data = data[cut + 1 :] if cut >= 0 else b""
         entries: list[str] = []
         lines: list[str] = []
         for raw in data.decode("utf-8", errors="replace").split("\n"):
