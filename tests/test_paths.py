@@ -230,3 +230,19 @@ def test_a_name_too_long_for_the_file_system_is_no_path(tmp_path):
     """stat() fails with ENAMETOOLONG, not ENOENT: the word is text, not a traceback."""
     long_name = "x" * 300 + ".png"
     assert find_media_paths(f"look at /tmp/{long_name} and {long_name}", tmp_path) == []
+
+
+def test_quoted_spans_longer_than_any_path_are_not_looked_at(tmp_path, monkeypatch):
+    """A 1 MB paste with 256 quotes on one line: each of the 32,000 quote pairs copied its span
+    (half a megabyte on average) to look for a line break and an extension, seconds of work."""
+    from internvl_chat.ui import paths
+
+    looked = []
+    real = paths._looks_like_media
+    monkeypatch.setattr(paths, "_looks_like_media", lambda raw: looked.append(raw[:1]) or real(raw))
+    (tmp_path / "a b.png").write_bytes(b"")
+    message = ("x" * 4000 + "'") * 256 + " see 'a b.png'"
+    found = find_media_paths(message, tmp_path)
+    assert len(looked) < 1000  # each quote is paired with the few near it, not with all 255 others
+    assert [path.name for _, path in find_media_paths("look at 'a b.png' 'it''s'", tmp_path)] == ["a b.png"]
+    assert found == []  # the quote of 'a b.png' is past the first 256 quotes: only words are tried there

@@ -121,3 +121,17 @@ def test_save_asks_before_replacing_another_conversation_in_the_terminal(tiny_or
     repl.enter("/exit")
     assert repl.close() == 0
     assert json.loads((home / "theirs.json").read_text())["messages"][0]["text"] == "Hello."
+
+
+def test_a_history_file_over_the_read_limit_gives_only_whole_entries(tmp_path, monkeypatch):
+    """Only the file's last bytes are read: the entry they began inside came back as its tail,
+    which Up recalled and Enter sent cut short (its first line cut mid-character, too)."""
+    from internvl_chat.ui import repl
+
+    data = "\n# 1\n+rm -rf build/é and then\n+the second line\n\n# 2\n+ok\n\n# 3\n+fine\n".encode()
+    monkeypatch.setattr(repl, "HISTORY_READ_LIMIT", len(data) - data.index(b"build"))  # begins at "build/"
+    path = tmp_path / "history"
+    path.write_bytes(data)
+    assert list(open_history(_settings(path), Warnings()).load_history_strings()) == ["fine", "ok"]
+    path.write_bytes(b"+" + b"x" * 200)  # no entry starts in the part read: nothing, no error
+    assert list(open_history(_settings(path), Warnings()).load_history_strings()) == []

@@ -139,6 +139,65 @@ def sanitize(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+# A code fence: up to 3 spaces, then 3 or more backticks or tildes (CommonMark).
+_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+
+
+_CODE_RUN = re.compile(r"`+")
+_HTML_START = re.compile(r"<(?=[A-Za-z/!?])")  # a tag, a comment, a declaration: raw HTML
+_IMAGE_START = re.compile(r"!\[")
+
+
+def _inert_line(line: str) -> str:
+    """One line outside code blocks with raw HTML and image syntax made text; code spans kept."""
+    out, i = [], 0
+    while True:
+        m = _CODE_RUN.search(line, i)
+        end = m.start() if m else len(line)
+        out.append(_IMAGE_START.sub("&#33;[", _HTML_START.sub("&lt;", line[i:end])))
+        if m is None:
+            return "".join(out)
+        close = re.compile(rf"(?<!`){m.group()}(?!`)").search(line, m.end())
+        stop = close.end() if close else m.end()  # no closing run: the backticks are plain text
+        out.append(line[m.start() : stop])
+        i = stop
+
+
+def export_block(text: str) -> str:
+    """`text` (a message, an answer) as a safe part of an export's Markdown.
+
+    Raw HTML and images are written as text (`&lt;img …`, `&#33;[…](…)`): a viewer showing the
+    export fetched `![](https://host/?q=…)` or `<img src=…>` from the network, a channel out for
+    what a hostile picture or page made the model write. Code is left as written. A code fence
+    left open (an answer cut short by max_new_tokens or Ctrl-C) is closed at the end: open, it
+    turned every later heading of the export into code.
+    """
+    open_fence = None
+    lines = []
+    for line in text.split("\n"):
+        m = _FENCE.match(line)
+        if open_fence is not None:
+            if m and m.group(1)[0] == open_fence[0] and len(m.group(1)) >= len(open_fence) and not line[m.end() :].strip():
+                open_fence = None
+            lines.append(line)
+        elif m and not (m.group(1)[0] == "`" and "`" in line[m.end() :]):  # a backtick after ``` makes it inline code
+            open_fence = m.group(1)
+            lines.append(line)
+        else:
+            lines.append(_inert_line(line))
+    if open_fence is not None:
+        lines.append(open_fence)
+    return "\n".join(lines)
+
+
+def markdown_link(label: str, target: str, image: bool = False) -> str:
+    """A Markdown link to a local file: a `]` in the label or a `>` in the target (any file name
+    may hold them) ended the link early, and the rest of the name became Markdown."""
+    label = re.sub(r"([\\\[\]])", r"\\\1", label)
+    target = re.sub(r"([\\<>])", r"\\\1", target)
+    return f"{'!' if image else ''}[{label}](<{target}>)"
+
+
 def unwrap_block(text: str) -> str | None:
     '''The inside of a `"""` block (`"""\\nline 1\\nline 2\\n"""`), or None when `text` is not one.'''
     body = text.strip()
@@ -1042,7 +1101,8 @@ class App:
         return self.confirm(f"{shown} already exists; replace it? [y/N] ")
 
     def export_markdown(self) -> str:
-        """The conversation as Markdown: media as links, answers as written.
+        """The conversation as Markdown: media as links, answers as written but for raw HTML and
+        images (see `export_block`).
 
         Text from the model or a loaded session file can hold terminal escapes, bidi overrides or
         other controls; each is written as the terminal shows it (answers as they stream, the rest
@@ -1051,18 +1111,18 @@ class App:
         model = visible(self.session.describe().model)
         lines = ["# Conversation", "", f"- model: `{model}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
         if self.session.system_message:
-            lines += ["## System", "", visible_lines(self.session.system_message), ""]
+            lines += ["## System", "", export_block(visible_lines(self.session.system_message)), ""]
         for turn in self.session.turns:
             lines += ["## User", ""]
             for media in turn.media:
-                name, target = visible(media.path.name), f"<{visible_file_name(str(media.path.resolve()))}>"
+                name, target = visible(media.path.name), visible_file_name(str(media.path.resolve()))
                 if media.kind == "image":
-                    lines.append(f"![{name}]({target})")
+                    lines.append(markdown_link(name, target, image=True))
                 else:
-                    lines.append(f"[video: {name}, {media.tiles} frames]({target})")
+                    lines.append(markdown_link(f"video: {name}, {media.tiles} frames", target))
             if turn.media:
                 lines.append("")
-            lines += [visible_lines(turn.user_text), "", "## Assistant", "", sanitize(turn.answer_text), ""]
+            lines += [export_block(visible_lines(turn.user_text)), "", "## Assistant", "", export_block(sanitize(turn.answer_text)), ""]
         return "\n".join(lines)
 
     def cmd_exit(self, command: Command) -> str:

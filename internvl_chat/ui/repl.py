@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import stat
 import sys
@@ -33,6 +34,7 @@ from ..files import visible
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, block_is_open, default_sessions_dir, file_date, recent_sessions
 from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
+from .editor import edit_in_editor
 from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
 from .render import make_console
 from .set_keys import runtime_keys
@@ -48,45 +50,67 @@ def _escape(path: str) -> str:
     return "".join("\\" + c if c in _ESCAPE else c for c in path)
 
 
+# A menu of this many paths is already too long to read; a folder of 200,000 files made every Tab
+# build 200,000 completions (seconds) and every redraw measure them all.
+COMPLETION_LIMIT = 1000
+
+
+def _path_text(full: str, quote: str, is_dir: bool) -> str:
+    """`full` as it is inserted: typed back through `normalize_path` it names the same file."""
+    if "\n" in full or "\r" in full:
+        quote = ""  # only a backslash keeps a line break inside the word (a quoted one ends the path in a message)
+    if quote == "'":
+        body = full.replace("'", "'\\''")
+    elif quote == '"':
+        body = re.sub(r'([\\"$`])', r"\\\1", full)
+    else:
+        return "".join("\\" + c if c in _ESCAPE or c in "\n\r" else c for c in full)
+    return quote + body + ("" if is_dir else quote)
+
+
 def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Completion]:
     """Completions of the partly typed path `raw` (as typed: quoted, escaped or plain).
 
     `kind`: "image", "video", "media" (either) or "file" (anything). Folders are always offered.
-    The replacement keeps the user's quoting style and `~`.
+    The replacement keeps the user's quoting style and `~`; at most COMPLETION_LIMIT are offered.
     """
     quote = raw[0] if raw[:1] in ("'", '"') else ""
-    typed = raw[1:] if quote else raw
-    if not quote:
-        try:
-            typed = shell_unquote(typed)
-        except ValueError:
-            pass
+    try:
+        typed = shell_unquote(raw + quote)  # a quote still open is closed to read what it holds
+    except ValueError:
+        typed = raw[1:] if quote else raw
     head, prefix = os.path.split(typed)
     folder = Path(os.path.expanduser(head or "."))
     if cwd is not None and not folder.is_absolute():
         folder = cwd / folder
     wanted = _EXTENSIONS[kind]
+    hidden = prefix.startswith(".")
+    matches: list[tuple[str, bool]] = []
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = entry.name
+                if not name.startswith(prefix) or (name.startswith(".") and not hidden):
+                    continue
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    continue
+                if is_dir or wanted is None or os.path.splitext(name)[1].lower() in wanted:
+                    matches.append((name, is_dir))
+    except (OSError, ValueError):  # unreadable or vanished folder; a NUL in the typed text
         return
-    for entry in entries:
-        name = entry.name
-        if not name.startswith(prefix) or (name.startswith(".") and not prefix.startswith(".")):
-            continue
-        try:
-            is_dir = entry.is_dir()
-        except OSError:
-            continue
-        if not is_dir and wanted is not None and Path(name).suffix.lower() not in wanted:
-            continue
-        full = os.path.join(head, name) + ("/" if is_dir else "")
-        if quote:
-            text = quote + full + ("" if is_dir else quote)
-        else:
-            text = _escape(full)
+    matches.sort()
+    for name, is_dir in matches[:COMPLETION_LIMIT]:
+        lead = head
+        if not head and (name.startswith(("-", "~")) or name[:5].lower() == "file:"):
+            lead = "."  # read as an option (`--x.png`), a home folder or a URI otherwise
+        full = os.path.join(lead, name) + ("/" if is_dir else "")
         shown = visible(name) + ("/" if is_dir else "")  # a listed name is untrusted: no raw controls or bidi
-        yield Completion(text, start_position=-len(raw), display=shown)
+        yield Completion(_path_text(full, quote, is_dir), start_position=-len(raw), display=shown)
+    if len(matches) > COMPLETION_LIMIT:  # picking it changes nothing, and Tab then inserts no common part
+        more = len(matches) - COMPLETION_LIMIT
+        yield Completion(raw, start_position=-len(raw), display=f"… {more:,} more: type more of the name")
 
 
 def current_word_start(text: str) -> int:
@@ -223,6 +247,10 @@ def key_bindings(late: LateInterrupt | None = None) -> KeyBindings:
     def _newline(event) -> None:
         event.current_buffer.insert_text("\n")
 
+    @kb.add("c-x", "c-e")
+    def _editor(event) -> None:  # prompt_toolkit's own raised UnicodeError on bytes that are not UTF-8
+        event.app.create_background_task(edit_in_editor(event.current_buffer))
+
     return kb
 
 
@@ -260,6 +288,9 @@ class PrivateFileHistory(History):
             data = os.pread(self.fd, size - start, start)
         except OSError:
             return []
+        if start > 0:  # the read began inside an entry: its tail, recalled with Up, was sent cut short
+            cut = data.find(b"\n#")
+            data = data[cut + 1 :] if cut >= 0 else b""
         entries: list[str] = []
         lines: list[str] = []
         for raw in data.decode("utf-8", errors="replace").split("\n"):
@@ -342,7 +373,7 @@ def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | Non
         key_bindings=key_bindings(late),
         multiline=True,
         prompt_continuation=lambda width, line_number, wrap_count: "." * max(width - 1, 0) + " ",
-        enable_open_in_editor=True,
+        enable_open_in_editor=False,  # Ctrl-X Ctrl-E is bound in key_bindings (editor.py)
         enable_suspend=True,  # Ctrl-Z stops the program, as in a shell (it typed a literal ^Z into the message)
         color_depth=None,
     )

@@ -1,0 +1,70 @@
+"""Ctrl-X Ctrl-E: the prompt's text edited in $VISUAL / $EDITOR, then sent.
+
+prompt_toolkit's own version encodes and decodes strict UTF-8 inside its event loop: a line
+holding bytes that are not UTF-8 (typed in a Latin-1 terminal: they arrive as surrogates) or an
+editor that saved Latin-1 raised UnicodeError there ("Unhandled exception in event loop", a
+traceback, "Press ENTER to continue..."). Here such bytes go out and come back as they are
+(surrogateescape), and the line is then refused by the app with one line, like any other input
+that is not UTF-8. The temporary file is private and removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+
+from prompt_toolkit.application import run_in_terminal
+from prompt_toolkit.buffer import Buffer
+from prompt_toolkit.document import Document
+
+_NO_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # surrogates that no byte was decoded to
+_FALLBACK_EDITORS = ("editor", "nano", "vi")  # when neither $VISUAL nor $EDITOR is set or runs
+
+
+def encode_text(text: str) -> bytes:
+    """UTF-8, with undecodable bytes (surrogates U+DC80..U+DCFF) written back as those bytes and
+    any other lone surrogate as U+FFFD (no byte stands for it)."""
+    return _NO_BYTE.sub("\ufffd", text).encode("utf-8", "surrogateescape")
+
+
+def run_editor(path: str) -> bool:
+    """Run the user's editor on `path` in the foreground; True when it ended well."""
+    for command in (os.environ.get("VISUAL"), os.environ.get("EDITOR"), *_FALLBACK_EDITORS):
+        if not command:
+            continue
+        try:
+            argv = shlex.split(command)
+        except ValueError:  # an unclosed quote in $EDITOR: try the next one
+            continue
+        if not argv:
+            continue
+        try:
+            return subprocess.call([*argv, path]) == 0
+        except OSError:  # not installed, not executable
+            continue
+    return False
+
+
+async def edit_in_editor(buffer: Buffer, accept: bool = True) -> None:
+    """Replace `buffer`'s text with what the editor leaves (one trailing newline dropped); then
+    accept it, as Enter would, when `accept`. A failed editor leaves the text as it was."""
+    fd, path = tempfile.mkstemp(prefix="internvl-chat-", suffix=".txt")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(encode_text(buffer.text))
+        if not await run_in_terminal(lambda: run_editor(path), in_executor=True):
+            return
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "surrogateescape")
+        text = text[:-1] if text.endswith("\n") else text
+        buffer.document = Document(text, cursor_position=len(text))
+        if accept:
+            buffer.validate_and_handle()
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

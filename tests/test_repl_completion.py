@@ -1,0 +1,99 @@
+"""Tab completion of paths against hostile folders: what it inserts must read back as the same
+file, and a huge folder or odd typed text must neither hang nor raise (no terminal needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from prompt_toolkit.document import Document
+
+from internvl_chat.files import expand_home
+from internvl_chat.ui import repl
+from internvl_chat.ui.commands import parse_line
+from internvl_chat.ui.paths import find_media_paths
+from internvl_chat.ui.repl import ChatCompleter
+
+ODD_NAMES = ["it's.png", 'q"x.png', "back\\slash.png", "--x.png", "-y.png", "nl\nx.png", "cr\rx.png",
+             "esc\x1b[31m.png", os.fsdecode(b"bad\xff.png"), "dollar$HOME.png", "`tick`.png", "tab\tx.png",
+             "file:x.png", "a b.png"]  # fmt: skip
+
+
+def _completions(text: str, cwd: Path):
+    return list(ChatCompleter(cwd).get_completions(Document(text), None))
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("quote", ["", "'", '"'])
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_a_completed_path_reads_back_as_the_same_file(tmp_path, name, quote):
+    """The text Tab inserts, sent as `/image …` or as a message, names the file it listed:
+    `'it's.png'` and `"q"x.png"` were cut at the quote, a name with a line break was split in
+    two, and `--x.png` read as an option, `file:x.png` as a URI."""
+    (tmp_path / name).write_bytes(b"")
+    for typed in (quote + name[:1], quote + "./" + name[:1]):
+        for before in ("/image ", "look at "):
+            if before == "look at " and not typed.lstrip("'\"").startswith("./"):
+                continue  # a message word is completed only when it looks like a path
+            text = before + typed
+            completions = _completions(text, tmp_path)
+            assert completions, (text, name)
+            read_back = []
+            for completion in completions:
+                line = text[: len(text) + completion.start_position] + completion.text
+                if before == "/image ":
+                    read_back += [tmp_path / expand_home(p) for p in parse_line(line).args]  # as App reads it
+                else:
+                    read_back += [path for _, path in find_media_paths(line, tmp_path)]
+            assert any(_same(p, tmp_path / name) for p in read_back), (text, [c.text for c in completions])
+
+
+def test_a_completed_path_keeps_the_folder_typed_with_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "~odd.png").write_bytes(b"")
+    assert [c.text for c in _completions("/image ~/~o", tmp_path)] == ["~/~odd.png"]
+
+
+def test_a_huge_folder_offers_a_bounded_menu_that_inserts_nothing_wrong(tmp_path, monkeypatch):
+    """A folder of 200,000 files built 200,000 completions per Tab. The menu is cut at the limit;
+    the last entry says how many more there are, and the common part Tab inserts is still right."""
+    monkeypatch.setattr(repl, "COMPLETION_LIMIT", 5)
+    for i in range(12):
+        (tmp_path / f"f{i:02d}.png").write_bytes(b"")
+    completions = _completions("/image ./f", tmp_path)
+    assert [c.text for c in completions[:5]] == [f"./f{i:02d}.png" for i in range(5)]
+    assert len(completions) == 6
+    assert completions[-1].text == "./f" and completions[-1].start_position == -3  # changes nothing
+    assert "7 more" in completions[-1].display_text
+    from prompt_toolkit.completion.base import get_common_complete_suffix
+
+    # the 5 shown share "./f0", but f10 and f11 exist: Tab must not insert the "0"
+    assert get_common_complete_suffix(Document("/image ./f"), completions) == ""
+
+
+@pytest.mark.parametrize("text", ["/image ./a\x00b/", "look ./a\x00b/c", "/save ./\x00/", "/image '" + "x/" * 3000])
+def test_odd_typed_text_completes_to_nothing_without_raising(tmp_path, text):
+    """A pasted NUL raised ValueError (embedded null byte) out of the completer: a traceback at Tab."""
+    assert _completions(text, tmp_path) == []
+
+
+def test_an_unreadable_or_vanished_folder_or_a_link_loop_completes_quietly(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "ok.png").write_bytes(b"")
+    assert [c.text for c in _completions("/image ./", tmp_path)] == ["./ok.png"]
+    assert _completions("/image ./loop/", tmp_path) == []
+    assert _completions("/image ./gone/", tmp_path) == []
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0)
+    try:
+        assert _completions("/image ./locked/", tmp_path) == []
+    finally:
+        locked.chmod(0o700)
