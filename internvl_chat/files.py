@@ -144,6 +144,11 @@ def is_special_file(path: str | Path) -> bool:
     return not (stat.S_ISREG(kind) or stat.S_ISLNK(kind) or stat.S_ISDIR(kind))
 
 
+# Files that hold a conversation (sessions, exports), as the input history does: private to their
+# owner (their new folders too), never readable by the other users of a shared machine.
+PRIVATE_FILE_MODE = 0o600
+
+
 def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path:
     """Write `data` to `path` atomically: a temp file in the same folder, fsync, then rename.
 

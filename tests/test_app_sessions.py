@@ -205,7 +205,7 @@ def test_write_errors_name_the_users_path_never_a_temporary_file(loaded, tmp_pat
     assert list(tmp_path.iterdir()) == []  # no temporary files left
 
 
-def test_a_session_file_is_private_like_the_history(loaded, tmp_path, home):
+def test_session_and_export_files_are_private_like_the_history(loaded, tmp_path, home):
     # sessions were written 0644 in folders made 0755: what was typed and answered was readable by
     # every user of the machine, while the history file, holding the same lines, is kept 0600
     app, out = make_app(loaded, tmp_path)
@@ -217,7 +217,8 @@ def test_a_session_file_is_private_like_the_history(loaded, tmp_path, home):
     shared.chmod(0o644)
     assert app.handle_line(f"/save {shared} --force") == OK
     assert app.handle_line(f"/save {tmp_path / 'new' / 'deeper' / 'chat.json'}") == OK
-    for path in (saved, shared, tmp_path / "new" / "deeper" / "chat.json"):
+    assert app.handle_line(f"/export {tmp_path / 'new' / 'chat.md'}") == OK  # an export holds the same text
+    for path in (saved, shared, tmp_path / "new" / "deeper" / "chat.json", tmp_path / "new" / "chat.md"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     for folder in (default_sessions_dir(), tmp_path / "new", tmp_path / "new" / "deeper"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder

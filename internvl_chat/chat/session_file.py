@@ -31,14 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..files import expand_home, read_text_file, undecodable_byte, visible
+from ..files import PRIVATE_FILE_MODE, expand_home, read_text_file, undecodable_byte, visible
 from ..settings import MAX_RANGE_SECONDS
 from .dialects import DIALECTS
 
 SESSION_FORMAT = "internvl-chat-session"
-# A session holds what was typed and answered, as the history file does: private to its owner
-# (its new folders too), never readable by the other users of a shared machine.
-SESSION_FILE_MODE = 0o600
+SESSION_FILE_MODE = PRIVATE_FILE_MODE  # it holds what was typed and answered
 SESSION_VERSION = 1
 
 # Limits of what a session may hold; far above any real conversation (the context caps it first).

@@ -43,7 +43,7 @@ from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import (NoHomeFolder, expand_home, is_special_file, read_text_file, undecodable_byte, visible, visible_file_name,
+from ..files import (PRIVATE_FILE_MODE, NoHomeFolder, expand_home, is_special_file, read_text_file, undecodable_byte, visible, visible_file_name,
                      visible_lines, write_atomic, xdg_dir)  # fmt: skip
 from ..settings import Settings, format_settings, shown_value, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
@@ -1086,7 +1086,7 @@ class App:
             self.say("not exported")
             return
         # a symlink at the target is replaced, never followed; a file name that is not UTF-8 keeps its bytes
-        write_atomic(path, self.export_markdown().encode("utf-8", "surrogateescape"))
+        write_atomic(path, self.export_markdown().encode("utf-8", "surrogateescape"), PRIVATE_FILE_MODE)
         self._export_file = self._file_mark(path)
         self.say(f"exported {len(self.session.turns)} turn(s) to {visible(str(path))}")
 
