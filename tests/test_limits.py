@@ -16,7 +16,7 @@ import torch
 from internvl_chat.chat.sampling import Sampler, SamplingParams
 from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
-from internvl_chat.errors import UsageError
+from internvl_chat.errors import ContextOverflowError, UsageError
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import ERROR, OK
 from internvl_chat.ui.setup import load_for_settings
@@ -179,6 +179,28 @@ def test_the_default_context_fits_a_model_with_fewer_positions_but_an_asked_for_
                               overrides={"model.path": str(short_model), "model.device": "cpu", **source.get("overrides", {})})  # fmt: skip
         with pytest.raises(UsageError, match="exceeds the model's 512 positions; use --max-context 512 or less"):
             load_for_settings(asked, show_progress=False)
+
+
+def test_at_the_model_s_own_limit_no_message_suggests_a_larger_max_context(short_model, small, tmp_path):
+    # "a larger --max-context" was suggested when the context was already the model's own 512
+    # positions, a value the loader then refuses (above); below that limit it is still suggested
+    at_limit = load_model(short_model, device="cpu", dtype="float32", max_context=512)
+    for loaded, suggested in ((at_limit, False), (small, True)):
+        session = Session(loaded, SamplingParams(max_new_tokens=4))
+        with pytest.raises(ContextOverflowError) as refused:
+            list(session.ask("word " * 600))
+        with pytest.raises(ContextOverflowError) as long_system:
+            list(Session(loaded, SamplingParams(max_new_tokens=4), system_message="be brief. " * 400).ask("Hi."))
+        with pytest.raises(ContextOverflowError) as in_model:
+            loaded.model.forward([1] * (loaded.model.max_seq_len + 1), 0)
+        for error in (refused, long_system, in_model):
+            assert ("--max-context" in str(error.value)) is suggested, str(error.value)
+        assert str(in_model.value).endswith(", /clear, or a larger --max-context" if suggested else "frames or /clear")
+        assert session.describe().more_room == ("a larger --max-context" if suggested else "")
+    room = 4
+    app, out = make_app(at_limit, tmp_path, **{"generation.max_new_tokens": room})
+    assert app.handle_line(_filling_question(at_limit, room)) == OK
+    assert "[stopped: the context is full; /undo or /clear make room]" in output(out)
 
 
 # ---- the KV cache stays clean --------------------------------------------------------------------

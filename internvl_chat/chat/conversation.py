@@ -52,7 +52,8 @@ class BackendInfo:
     load_s: float | None = None  # model load, or the server handshake
     memory_device: str | None = None
     demo: bool = False  # the embedded demo model, which answers only a few kinds of questions
-    more_room: str = "a larger --max-context"  # what else makes room when the context is full
+    # what else makes room when the context is full; "" when nothing does (already the model's limit)
+    more_room: str = "a larger --max-context"
 
 
 @dataclass(frozen=True)

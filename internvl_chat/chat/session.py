@@ -138,6 +138,13 @@ class Session:
     def max_context(self) -> int:
         return self.model.max_seq_len
 
+    @property
+    def more_context(self) -> list[str]:
+        """"a larger --max-context" as a fix, unless the context is already the model's own limit
+        (the loader refuses any larger one)."""
+        at_limit = self.max_context >= self.loaded.config.text.max_position_embeddings
+        return [] if at_limit else ["a larger --max-context"]
+
     def media_tokens(self, media: Sequence[Media]) -> int:
         """Tokens these media add to a turn, labels such as `Image-1: ` included."""
         return len(self._turn_ids("", media)) - len(self._turn_ids("", []))
@@ -170,7 +177,7 @@ class Session:
                 fixes = [f"use {advice.smaller_answer}", *fixes[:-1]]
             raise ContextOverflowError(
                 f"this turn needs {cached:,} cached + {new_tokens:,} new + {max_new:,} answer tokens = {need:,}, "
-                f"over the {self.max_context:,}-token context; {', '.join(fixes)}, or a larger --max-context"
+                f"over the {self.max_context:,}-token context; {any_of([*fixes, *self.more_context])}"
             )
 
     def _refuse_hopeless_text(self, text: str, max_new_tokens: int) -> None:
@@ -186,13 +193,13 @@ class Session:
             raise ContextOverflowError(
                 f"the system message is at least {fewest_system:,} tokens ({len(system or ''):,} characters): with this "
                 f"message and {max_new_tokens:,} answer tokens that is over the {self.max_context:,}-token context; "
-                f"{self.advice.shorter_system}, or a larger --max-context"
+                f"{any_of([self.advice.shorter_system, *self.more_context])}"
             )
         system_part = f", at least {fewest_system:,} of the system message" if fewest_system else ""
         raise ContextOverflowError(
             f"this message is at least {fewest:,} tokens ({len(text):,} characters): with {self.start_pos:,} cached"
             f"{system_part} and {max_new_tokens:,} answer tokens that is over the {self.max_context:,}-token context; "
-            f"{any_of(['send a shorter message', *self.advice.forget('/clear'), 'a larger --max-context'])}"
+            f"{any_of(['send a shorter message', *self.advice.forget('/clear'), *self.more_context])}"
         )
 
     def _fewest_tokens(self, *texts: str | None) -> int:
@@ -512,9 +519,11 @@ class Session:
         least = self._fewest_tokens(builder.system_message, *(t.user_text for t in turns)) + sum(len(t.answer_ids) for t in turns)
         ids = self.conversation_ids(turns, builder) if least <= self.max_context else None
         if ids is None or len(ids) > self.max_context:
+            fixes = [advice] if advice else []
+            fixes += self.more_context
             raise ContextOverflowError(
                 f"the conversation needs {f'at least {least:,}' if ids is None else f'{len(ids):,}'} tokens, over the "
-                f"{self.max_context:,}-token context; use {advice + ', or ' if advice else ''}a larger --max-context"
+                f"{self.max_context:,}-token context{_use(fixes)}"
             )
         features, _ = self._encode([m for t in turns for m in t.media], None)
         try:
@@ -600,7 +609,7 @@ class Session:
         if least > self.max_context:
             raise ContextOverflowError(
                 f"the conversation in {visible(str(path))} needs more than {least:,} tokens, over the "
-                f"{self.max_context:,}-token context; use a larger --max-context"
+                f"{self.max_context:,}-token context{_use(self.more_context)}"
             )
         return ReadiedSession(saved, self._turns_from_saved(saved))
 
@@ -674,6 +683,7 @@ class Session:
             load_s=self.loaded.load_s,
             memory_device=str(self.loaded.device),
             demo=_is_demo_model(self.loaded.path),
+            more_room=any_of(self.more_context) if self.more_context else "",
         )
 
 
@@ -897,3 +907,8 @@ class OwnKVCache:
     @property
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def _use(fixes: list[str]) -> str:
+    """`; use a, or b` ending an overflow message, or nothing when no fix is left to name."""
+    return f"; use {any_of(fixes)}" if fixes else ""

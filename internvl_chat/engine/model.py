@@ -380,9 +380,11 @@ class InternVLModel(nn.Module):
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
         t = ids.shape[0]
         if start_pos < 0 or start_pos + t > self.max_seq_len:
+            # a larger --max-context is refused past the model's own positions (loader.py)
+            more = ", or a larger --max-context" if self.max_seq_len < self.cfg.text.max_position_embeddings else ""
             raise ContextOverflowError(
                 f"{start_pos} cached + {t} new tokens exceed the KV cache of {self.max_seq_len}; "
-                "use fewer tiles or frames, /clear, or a larger --max-context"
+                f"use fewer tiles or frames{',' if more else ' or'} /clear{more}"
             )
         if t == 1 and not all_logits and image_features is None:
             if self.decode_graphs is not None:

@@ -655,8 +655,9 @@ class App:
         elif reason == "length":
             limit = self.session.max_context
             if limit is not None and self.session.context_used >= limit - 1:
-                more = self.session.describe().more_room
-                self.say(f"[stopped: the context is full; /undo, /clear or {more} make room]", "yellow")
+                more = self.session.describe().more_room  # "" when the context is the model's own limit
+                fixes = f"/undo, /clear or {more}" if more else "/undo or /clear"
+                self.say(f"[stopped: the context is full; {fixes} make room]", "yellow")
             else:
                 limit = self.session.params.max_new_tokens
                 self.say(f"[stopped at max_new_tokens ({limit:,}); /set max_new_tokens N allows longer answers]", "yellow")
