@@ -34,8 +34,14 @@ class NoHomeFolder(UsageError):
 
 
 def expand_home(path: str | Path) -> Path:
-    """`path` with `~` / `~user` expanded; a UsageError when `~user` names no account (where
+    """`path` with a leading `~` / `~user` expanded, decided on its text; a UsageError when `~user` names no account (where
     Path.expanduser raises RuntimeError), rather than a folder literally named `~user`."""
+    text = os.fspath(path)
+    if not text.startswith("~"):
+        # `./~draft.png` is a file in this folder: Path drops the `./`, and a later expand_home
+        # would read what is left as ~user, so it is anchored at the working folder
+        plain = Path(text)
+        return Path.cwd() / plain if plain.parts and plain.parts[0].startswith("~") else plain
     try:
         return Path(path).expanduser()
     except RuntimeError:

@@ -527,3 +527,27 @@ def test_a_ctrl_c_while_the_spinner_starts_leaves_no_spinner_behind(loaded, tmp_
     finally:
         for status in started:
             status.stop()
+
+
+@pytest.mark.parametrize("cwd_known", [True, False])
+def test_a_file_named_tilde_something_is_attached_as_dot_slash_tilde(loaded, tmp_path, monkeypatch, cwd_known):
+    # `./~root.png` reached Path as `~root.png` (pathlib drops the `./`), which the app then read as
+    # root's home folder (or "there is no user" for another name), so such a file could not be
+    # attached at all, although tab completion inserts it as `./~…`; `~/…` still means home
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    for name in ("~root.png", "~no-such-user-internvl-chat.png", "home/cat.png"):
+        Image.fromarray(textured_rgb(64, 48, seed=1)).save(tmp_path / name)
+    app, out = make_app(loaded, tmp_path if cwd_known else None, **{"media.max_tiles": 1})
+    from internvl_chat.ui.repl import complete_path
+
+    assert [c.text for c in complete_path("./~r", "image", tmp_path)] == ["./~root.png"]  # as Tab inserts it
+    assert app.handle_line("/image ./~root.png './~no-such-user-internvl-chat.png' ~/cat.png") == OK, output(out)
+    assert [m.path.resolve() for m in app.pending] == [tmp_path / "~root.png", tmp_path / "~no-such-user-internvl-chat.png",
+                                                       tmp_path / "home" / "cat.png"]  # fmt: skip
+    app, out = make_app(loaded, tmp_path if cwd_known else None, **{"media.max_tiles": 1})
+    assert app.handle_line("What is in ./~root.png?") == OK, output(out)
+    assert [m.path.resolve() for t in app.session.turns for m in t.media] == [tmp_path / "~root.png"]
+    assert app.handle_line("/image ~no-such-user-internvl-chat/x.png") == ERROR
+    assert "there is no user 'no-such-user-internvl-chat'" in output(out)

@@ -204,3 +204,15 @@ def test_write_atomic_takes_a_name_as_long_as_the_file_system_allows(tmp_path):
         assert path.read_text() == "data"
         path.unlink()
     assert os.listdir(tmp_path) == []
+
+
+def test_expand_home_decides_on_the_text_so_dot_slash_tilde_is_a_file_here(tmp_path, monkeypatch):
+    # `--image ./~root.png` became Path("~root.png") and then root's home folder
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert expand_home("./~root.png") == tmp_path / "~root.png"
+    assert expand_home(expand_home("./~root.png")) == tmp_path / "~root.png"  # anchored: never re-read as ~root
+    assert expand_home("~/x.png") == expand_home(Path("~/x.png")) == tmp_path / "home" / "x.png"
+    assert expand_home("notes/x.png") == Path("notes/x.png")  # other relative paths stay as given
+    with pytest.raises(UsageError, match="there is no user 'no-such-user-internvl-chat'"):
+        expand_home("~no-such-user-internvl-chat/x.png")

@@ -43,7 +43,7 @@ from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import (PRIVATE_FILE_MODE, NoHomeFolder, expand_home, is_special_file, read_text_file, undecodable_byte, visible, visible_file_name,
+from ..files import (PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, read_text_file, undecodable_byte, visible, visible_file_name,
                      visible_lines, write_atomic, xdg_dir)  # fmt: skip
 from ..settings import Settings, format_settings, shown_value, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
@@ -479,7 +479,7 @@ class App:
 
     def _resolve(self, path: Path) -> Path:
         """A path to read: relative ones are looked up in `search_dirs`, then the working folder."""
-        path = expand_home(path)
+        path = Path(path)  # `~` was expanded by normalize_path, on the typed text
         if path.is_absolute():
             return path
         for folder in self.search_dirs:
@@ -489,9 +489,11 @@ class App:
 
     def _output_path(self, path: Path) -> Path:
         """A path to write: relative to the working folder."""
-        path = expand_home(path)
+        path = Path(path)  # `~` was expanded by normalize_path, on the typed text
         if self.cwd is not None and not path.is_absolute():
             path = self.cwd / path
+        elif path.parts and path.parts[0].startswith("~"):  # typed as `./~draft.png`: never read as ~user further on
+            path = Path.cwd() / path
         return path
 
     def attach(self, media: Sequence[Media]) -> None:

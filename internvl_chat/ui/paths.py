@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from ..errors import UsageError
-from ..files import visible
+from ..files import expand_home, visible
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"})
@@ -122,12 +122,9 @@ def normalize_path(text: str) -> Path:
         raise UsageError(f"empty path {text.strip()!r}; give the path of a file.")
     if "\x00" in word:  # no file name holds one (os calls raise ValueError: embedded null byte)
         raise UsageError(f"the path '{visible(word)}' holds a NUL character, which no file name can; remove it.")
-    if word.startswith("~"):
-        try:
-            return Path(word).expanduser()
-        except RuntimeError:  # ~unknownuser: leave it for the "file not found" message
-            return Path(word)
-    return Path(word)
+    if word.startswith("~"):  # decided on the text: Path("./~x") drops the `./` and reads as ~x
+        return expand_home(word)  # ~unknownuser: a UsageError saying so
+    return Path(word)  # relative ones are anchored by the caller (App._output_path)
 
 
 def media_kind(path: str | Path) -> str | None:
