@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 from prompt_toolkit.document import Document
 
-from internvl_chat.files import expand_home
 from internvl_chat.ui import repl
 from internvl_chat.ui.commands import parse_line
 from internvl_chat.ui.paths import find_media_paths
 from internvl_chat.ui.repl import ChatCompleter
 
 ODD_NAMES = ["it's.png", 'q"x.png', "back\\slash.png", "--x.png", "-y.png", "nl\nx.png", "cr\rx.png",
-             "esc\x1b[31m.png", os.fsdecode(b"bad\xff.png"), "dollar$HOME.png", "`tick`.png", "tab\tx.png",
+             "esc\x1b[31m.png", "~root.png", "~no-such-user-internvl-chat.png", "dollar$HOME.png", "`tick`.png", "tab\tx.png",
              "file:x.png", "a b.png"]  # fmt: skip
 
 
@@ -49,10 +48,20 @@ def test_a_completed_path_reads_back_as_the_same_file(tmp_path, name, quote):
             for completion in completions:
                 line = text[: len(text) + completion.start_position] + completion.text
                 if before == "/image ":
-                    read_back += [tmp_path / expand_home(p) for p in parse_line(line).args]  # as App reads it
+                    read_back += [tmp_path / p for p in parse_line(line).args]  # as App reads it (`~` expanded by parse_line)
                 else:
                     read_back += [path for _, path in find_media_paths(line, tmp_path)]
             assert any(_same(p, tmp_path / name) for p in read_back), (text, [c.text for c in completions])
+
+
+def test_a_name_that_is_not_utf8_is_not_offered(tmp_path):
+    """The app refuses any line holding bytes that are not UTF-8 ("check the terminal's encoding",
+    wrong advice for a listed file name), so such a name, once inserted, could never be used."""
+    (tmp_path / os.fsdecode(b"bad\xff.png")).write_bytes(b"")
+    (tmp_path / "bad.png").write_bytes(b"")
+    (tmp_path / os.fsdecode(b"dir\xff")).mkdir()
+    for text, offered in (("/image ", ["bad.png"]), ("/image ./b", ["./bad.png"]), ("/image ./d", []), ("look at ./", ["./bad.png"])):
+        assert [c.text for c in _completions(text, tmp_path)] == offered, text
 
 
 def test_a_completed_path_keeps_the_folder_typed_with_a_tilde(tmp_path, monkeypatch):

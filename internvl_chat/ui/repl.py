@@ -30,7 +30,7 @@ from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.keys import Keys
 
 from ..errors import InternVLChatError, UsageError
-from ..files import visible
+from ..files import undecodable_byte, visible
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, block_is_open, default_sessions_dir, file_date, recent_sessions
 from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
@@ -92,6 +92,8 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
                 name = entry.name
                 if not name.startswith(prefix) or (name.startswith(".") and not hidden):
                     continue
+                if undecodable_byte(name) is not None:
+                    continue  # not UTF-8: the app refuses any line holding it, so offering it only misleads
                 try:
                     is_dir = entry.is_dir()
                 except OSError:
