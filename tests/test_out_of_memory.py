@@ -19,6 +19,7 @@ from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
 from internvl_chat.errors import GenerationError
 from app_helpers import make_app, output
+from fault_helpers import fail_once
 from media_helpers import textured_rgb
 from test_session import _params, _run
 from test_session_retry import _close, _next_logits
@@ -52,19 +53,6 @@ def test_cuda_errors_that_say_out_of_memory_are_out_of_memory():
     assert not is_out_of_memory(ValueError("out of memory"))
 
 
-def _fail_once(monkeypatch, owner, name, error, at_call=1):
-    """Make `owner.name` (a function of a module or class, or a bound method) raise on its `at_call`-th call."""
-    original, calls = getattr(owner, name), []
-
-    def flaky(*a, **k):
-        calls.append(1)
-        if len(calls) == at_call:
-            raise error()
-        return original(*a, **k)
-
-    monkeypatch.setattr(owner, name, flaky)
-
-
 def _state(s: Session):
     turns = [(t.user_text, t.answer_ids, t.finish_reason, t.ids_before, t.pos_before, t.prompt_ids) for t in s.turns]
     return list(s.ids), s.start_pos, turns
@@ -89,7 +77,7 @@ def test_out_of_memory_in_an_ask_is_one_error_and_the_next_turn_is_a_fresh_sessi
     session = Session(loaded, _params(4))
     _run(session.ask("First."))
     before = _state(session)
-    _fail_once(monkeypatch, owner(loaded.model), name, error, at_call)
+    fail_once(monkeypatch, owner(loaded.model), name, error, at_call)
     with pytest.raises(GenerationError, match=f"^{said}; "):
         _run(session.ask("What is this?", [session.describe_image(picture)]))
     monkeypatch.undo()
@@ -109,7 +97,7 @@ def test_out_of_memory_in_a_retry_keeps_the_old_answer(loaded, picture, monkeypa
     _run(session.ask("Look.", [session.describe_image(picture)]))
     _run(session.ask("Tell me more."))
     before = _state(session)
-    _fail_once(monkeypatch, owner(loaded.model), name, error, at_call)
+    fail_once(monkeypatch, owner(loaded.model), name, error, at_call)
     with pytest.raises(GenerationError, match=f"^{said}; "):
         _run(session.retry())
     monkeypatch.undo()
@@ -130,7 +118,7 @@ def test_the_app_shows_out_of_memory_as_one_line_and_goes_on(loaded, picture, tm
     app.handle_line("First.")
     before = _state(app.session)
     output(out)
-    _fail_once(monkeypatch, owner(loaded.model), name, error, at_call)
+    fail_once(monkeypatch, owner(loaded.model), name, error, at_call)
     assert app.handle_line(f"What is this? {picture}") == app_module.ERROR
     monkeypatch.undo()
     lines = [line for line in output(out).splitlines() if line.strip()]
@@ -195,7 +183,7 @@ def test_a_failure_in_the_third_prefill_chunk_after_an_undo_leaves_the_undone_co
     _run(session.ask("Second."))
     session.undo()
     before = _state(session)
-    _fail_once(monkeypatch, loaded.model.language_model, "forward_embeds", error, 3)
+    fail_once(monkeypatch, loaded.model.language_model, "forward_embeds", error, 3)
     with pytest.raises(GenerationError if error is not KeyboardInterrupt else KeyboardInterrupt):
         _run(session.ask("What is this?", [session.describe_image(picture)]))
     assert _state(session) == before

@@ -21,6 +21,7 @@ from PIL import Image
 
 from internvl_chat.chat.template import PromptBuilder
 from internvl_chat.serve.protocol import MAX_STOP_STRING_CHARS
+from fault_helpers import fail_once
 from media_helpers import textured_rgb
 from serve_support import RunningServer, crowd, png_bytes
 
@@ -413,15 +414,7 @@ def test_running_out_of_memory_anywhere_in_a_request_is_the_one_line_error_and_t
         "decode": (server.worker.model, "forward", 3, _cuda_out_of_memory),  # the second decode step
         "pixels": (server.worker.reader, "pixels", 1, _cpu_out_of_memory),
     }[where]
-    real, calls = getattr(owner, name), []
-
-    def out_of_memory_once(*a, **k):
-        calls.append(1)
-        if len(calls) == at:
-            raise error()
-        return real(*a, **k)
-
-    monkeypatch.setattr(owner, name, out_of_memory_once)
+    fail_once(monkeypatch, owner, name, error, at)
     with pytest.raises(openai.InternalServerError) as err:
         client.chat.completions.create(**body)
     error_body = err.value.body

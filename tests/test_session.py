@@ -14,6 +14,7 @@ from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
 from internvl_chat.errors import ContextOverflowError, GenerationError, MediaError
+from fault_helpers import fail_once
 from media_helpers import textured_rgb, write_numbered_video
 from reference import reference_model
 
@@ -608,19 +609,6 @@ def test_a_retry_whose_restore_also_fails_leaves_the_conversation_without_the_la
     assert _run(fresh.ask("Third?"))["token_ids"] == follow["token_ids"]
 
 
-def _fail_once(monkeypatch, owner, name, error, at_call=1):
-    """Make `owner.name` raise `error` on its `at_call`-th call, then behave again."""
-    original, calls = getattr(owner, name), []
-
-    def flaky(*a, **k):
-        calls.append(1)
-        if len(calls) == at_call:
-            raise error
-        return original(*a, **k)
-
-    monkeypatch.setattr(owner, name, flaky)
-
-
 CPU_OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8")
 
 
@@ -631,11 +619,11 @@ def test_running_out_of_memory_in_a_turn_is_one_error_and_the_turn_can_be_asked_
     _run(session.ask("First."))
     before = (list(session.ids), session.start_pos, len(session.turns))
     image = session.describe_image(media_dir / "small.png")
-    _fail_once(monkeypatch, loaded.model, "forward", error, at_call)  # prefill, or a decode step
+    fail_once(monkeypatch, loaded.model, "forward", error, at_call)  # prefill, or a decode step
     with pytest.raises(GenerationError, match="out of memory during generation"):
         _run(session.ask("What is this?", [image]))
     assert (session.ids, session.start_pos, len(session.turns)) == before
-    _fail_once(monkeypatch, loaded.model, "encode_images", error)  # the vision encoder
+    fail_once(monkeypatch, loaded.model, "encode_images", error)  # the vision encoder
     with pytest.raises(GenerationError, match="out of memory in the vision encoder"):
         _run(session.ask("What is this?", [image]))
     assert (session.ids, session.start_pos, len(session.turns)) == before
@@ -644,7 +632,7 @@ def test_running_out_of_memory_in_a_turn_is_one_error_and_the_turn_can_be_asked_
     fresh = Session(loaded, _params(4))
     _run(fresh.ask("First."))
     assert _run(fresh.ask("What is this?", [fresh.describe_image(media_dir / "small.png")]))["token_ids"] == answer
-    _fail_once(monkeypatch, loaded.model, "forward", error)  # /system prefills the conversation again
+    fail_once(monkeypatch, loaded.model, "forward", error)  # /system prefills the conversation again
     with pytest.raises(GenerationError, match="out of memory reading the .* conversation again, so it was cleared"):
         session.set_system("Be brief.")
     assert (session.ids, session.start_pos, session.turns) == ([], 0, [])
