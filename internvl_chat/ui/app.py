@@ -146,10 +146,14 @@ _FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
 _CODE_RUN = re.compile(r"`+")
 _HTML_START = re.compile(r"<(?=[A-Za-z/!?])")  # a tag, a comment, a declaration: raw HTML
 _IMAGE_START = re.compile(r"!\[")
+# the export's own headings (`export_markdown`): a message line reading as one started a turn of its own
+_EXPORT_HEADING = re.compile(r"^( {0,3})(#{1,6}[ \t]+(?:Conversation|System|User|Assistant)[ \t#]*)$", re.IGNORECASE)
 
 
 def _inert_line(line: str) -> str:
-    """One line outside code blocks with raw HTML and image syntax made text; code spans kept."""
+    """One line outside code blocks with raw HTML, image syntax and the export's own headings made
+    text; code spans kept."""
+    line = _EXPORT_HEADING.sub(r"\1\\\2", line)  # `\## User`: shown as text, not a heading
     out, i = [], 0
     while True:
         m = _CODE_RUN.search(line, i)
@@ -168,7 +172,8 @@ def export_block(text: str) -> str:
 
     Raw HTML and images are written as text (`&lt;img …`, `&#33;[…](…)`): a viewer showing the
     export fetched `![](https://host/?q=…)` or `<img src=…>` from the network, a channel out for
-    what a hostile picture or page made the model write. Code is left as written. A code fence
+    what a hostile picture or page made the model write. A line that reads as one of the export's
+    own headings (`## User`) is written as text: it faked a turn. Code is left as written. A code fence
     left open (an answer cut short by max_new_tokens or Ctrl-C) is closed at the end: open, it
     turned every later heading of the export into code.
     """
