@@ -544,7 +544,7 @@ def load_settings(
 
 
 # JSON escapes C0 controls only; TOML refuses DEL raw, and `visible` would print it and C1 controls
-# as \x.. (no TOML escape): written \uXXXX, with the characters that reorder or hide text
+# as \x.. (no TOML escape): written as \u escapes (\u007f), with the characters that reorder or hide text
 _TOML_ESCAPED = re.compile("[\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
 
 
