@@ -323,10 +323,9 @@ class ChatStream:
     def _run(self) -> Iterator[dict]:
         client = self._client
         client.advice = self._advice  # read by the status check, which runs as httpx's response hook
-        client.head_watch = None
         try:
-            with client.http.stream("POST", "chat/completions", json=self._body, headers={"Accept": "text/event-stream"},
-                                    extensions={"trace": client.trace}) as response:  # fmt: skip
+            with client.stream("POST", "chat/completions", json=self._body,
+                               headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
                 self._reading(response)
                 try:
                     yield from self._events_of(response)
@@ -335,9 +334,7 @@ class ChatStream:
         except BROKEN as e:
             if self.aborted:
                 return  # the shut socket, seen as a broken connection
-            if client.head_watch is not None and client.head_watch.fired:
-                raise head_late(client.timeout) from None
-            raise transport_error(e, client.shown_url, client.timeout, self._started) from None
+            raise client.broken(e, self._started) from None
 
     def _events_of(self, response: httpx.Response) -> Iterator[dict]:
         client = self._client
@@ -512,15 +509,23 @@ class ApiClient:
                              response.headers.get("retry-after"), response.headers.get("location"),
                              self.advice)  # fmt: skip
 
-    def get_json(self, path: str) -> object:
+    def stream(self, method: str, path: str, **kwargs):
+        """httpx's streamed request, its head watched (`trace`)."""
         self.head_watch = None
+        return self.http.stream(method, path, extensions={"trace": self.trace}, **kwargs)
+
+    def broken(self, err: httpx.TransportError | httpx.DecodingError, mid_answer: bool) -> RemoteError:
+        """One line for a request that failed below HTTP (a head that came too late says so)."""
+        if self.head_watch is not None and self.head_watch.fired:
+            return head_late(self.timeout)
+        return transport_error(err, self.shown_url, self.timeout, mid_answer)
+
+    def get_json(self, path: str) -> object:
         try:
-            with self.http.stream("GET", path, extensions={"trace": self.trace}) as response:
+            with self.stream("GET", path) as response:
                 body = _read_limited(response, JSON_BODY_LIMIT + 1, self.timeout)
         except BROKEN as e:
-            if self.head_watch is not None and self.head_watch.fired:
-                raise head_late(self.timeout) from None
-            raise transport_error(e, self.shown_url, self.timeout, mid_answer=False) from None
+            raise self.broken(e, mid_answer=False) from None
         if len(body) > JSON_BODY_LIMIT:
             raise RemoteError(f"the server's answer to GET {path} is over {_mib(JSON_BODY_LIMIT)}; is --server right?")
         try:

@@ -320,17 +320,27 @@ MP4_MOOV_LIMIT = 512 << 20  # read of the sample tables at most (a 24-hour recor
 MP4_TOP_BOXES = 16384
 
 
+def _box_header(raw: bytes | memoryview, left: int) -> tuple[bytes, int, int] | None:
+    """(type, header size, box size) from a box's first 8–16 bytes, `left` bytes from its start to
+    the end of what holds it (a size of 0 means all of them); None for a damaged header."""
+    if len(raw) < 8:
+        return None
+    size, kind, head = int.from_bytes(raw[:4], "big"), bytes(raw[4:8]), 8
+    if size == 1:  # a 64-bit size follows
+        if len(raw) < 16:
+            return None
+        size, head = int.from_bytes(raw[8:16], "big"), 16
+    elif size == 0:
+        size = left
+    return (kind, head, size) if size >= head else None
+
+
 def _mp4_boxes(data: memoryview, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
     """(type, payload start, payload end) of the boxes between start and end; stops at a damaged one."""
     at = start
-    while at + 8 <= end:
-        size, kind = int.from_bytes(data[at : at + 4], "big"), bytes(data[at + 4 : at + 8])
-        head = 8
-        if size == 1 and at + 16 <= end:
-            size, head = int.from_bytes(data[at + 8 : at + 16], "big"), 16
-        elif size == 0:
-            size = end - at
-        if size < head or at + size > end:
+    while (box := _box_header(data[at : min(at + 16, end)], end - at)) is not None:
+        kind, head, size = box
+        if at + size > end:
             return
         yield kind, at + head, at + size
         at += size
@@ -353,19 +363,14 @@ def _mp4_sample_bomb(path: Path) -> tuple[int, int, int] | None:
                 if at + 8 > file_size:
                     break
                 f.seek(at)
-                header = f.read(16)
-                size, kind = int.from_bytes(header[:4], "big"), header[4:8]
-                head_size = 8
-                if size == 1 and len(header) == 16:
-                    size, head_size = int.from_bytes(header[8:16], "big"), 16
-                elif size == 0:
-                    size = file_size - at
-                if size < head_size:
+                box = _box_header(f.read(16), file_size - at)
+                if box is None:
                     break
+                kind, head_size, size = box
                 if kind in (b"moov", b"moof"):
                     f.seek(at + head_size)
-                    box = memoryview(f.read(min(size - head_size, MP4_MOOV_LIMIT)))  # what a box declares is not what it holds
-                    fixed, declared = _declared_samples(box, file_size)
+                    payload = memoryview(f.read(min(size - head_size, MP4_MOOV_LIMIT)))  # what a box declares is not what it holds
+                    fixed, declared = _declared_samples(payload, file_size)
                     if fixed is not None:
                         return (*fixed, file_size)
                     fragments += declared
