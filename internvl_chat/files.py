@@ -230,6 +230,21 @@ _VISIBLE.update({c: f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)})
 _VISIBLE.update({c: f"\\u{c:04x}" for c in range(0xD800, 0xE000) if c not in _VISIBLE})
 
 
+# What JSON leaves raw (it escapes C0 controls only) that drives, reorders or hides text on a
+# terminal: DEL, C1 controls, zero-width marks, bidi overrides and isolates, the byte-order mark
+_HIDDEN_CHARS = "\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff"
+_HIDDEN = re.compile(f"[{_HIDDEN_CHARS}]")
+_HIDDEN_OR_SURROGATE = re.compile(f"[{_HIDDEN_CHARS}\ud800-\udfff]")
+
+
+def escape_hidden(quoted: str, surrogates: bool = False) -> str:
+    """JSON text (or a TOML basic string made by json.dumps) with those characters written as `\\u`
+    escapes, the same value, inert under `cat`; with `surrogates`, lone surrogates too (the bytes of
+    a file name that is not UTF-8, which a JSON file holds so; TOML has no escape for them)."""
+    pattern = _HIDDEN_OR_SURROGATE if surrogates else _HIDDEN
+    return pattern.sub(lambda m: f"\\u{ord(m.group()):04x}", quoted)
+
+
 def visible(text: str) -> str:
     """`text` for one line on a terminal: control, escape and bidi characters shown as `\\x..` escapes.
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import UsageError
-from .files import NoHomeFolder, expand_home, read_text_file, undecodable_byte, visible, xdg_dir
+from .files import NoHomeFolder, escape_hidden, expand_home, read_text_file, undecodable_byte, visible, xdg_dir
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
 ENV_PREFIX = "INTERNVL_CHAT_"
@@ -543,18 +543,14 @@ def load_settings(
 # --- --print-config ----------------------------------------------------------------------------
 
 
-# JSON escapes C0 controls only; TOML refuses DEL raw, and `visible` would print it and C1 controls
-# as \x.. (no TOML escape): written as \u escapes (\u007f), with the characters that reorder or hide text
-_TOML_ESCAPED = re.compile("[\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
-
-
 def toml_value(value: Any) -> str:
     """A value as the config file writes it: `true`, `0.7`, `"text"` (a TOML basic string)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
-        return _TOML_ESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+        # a valid TOML basic string; TOML refuses DEL raw, and `visible` would write it and C1 controls
+        # as \x.., which TOML cannot read: \u escapes
+        return escape_hidden(json.dumps(value, ensure_ascii=False))
     return repr(value)
 
 

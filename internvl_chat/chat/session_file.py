@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..files import PRIVATE_FILE_MODE, expand_home, read_text_file, undecodable_byte, visible
+from ..files import PRIVATE_FILE_MODE, escape_hidden, expand_home, read_text_file, undecodable_byte, visible
 from ..settings import MAX_RANGE_SECONDS
 from .dialects import DIALECTS
 
@@ -52,9 +52,6 @@ USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_toke
 MAX_TOKEN_ID = 2**31 - 1  # when no vocabulary is known (a remote conversation reads the ids, never uses them)
 MAX_COUNT = 1 << 40  # usage counts
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-# Written as \u escapes too (JSON escapes only C0): DEL, C1 controls, bidi overrides and isolates,
-# zero-width marks and lone surrogates, so `cat` or `less` on a session file shows the text inert.
-_ESCAPED_IN_FILE = re.compile("[\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
 _NOT_A_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # surrogates that os.fsencode cannot turn into a byte
 
 
@@ -297,7 +294,7 @@ def session_json(data: dict) -> str:
     of a file name that is not UTF-8) as `\\udcXX` escapes, which UTF-8 can hold, and characters that
     would drive or reorder a terminal as escapes (the same JSON text)."""
     text = json.dumps(data, ensure_ascii=False, indent=1)
-    return _ESCAPED_IN_FILE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)  # they occur only inside JSON strings
+    return escape_hidden(text, surrogates=True)  # so `cat` or `less` on a session file shows the text inert
 
 
 # --- media paths -------------------------------------------------------------------------------
