@@ -43,7 +43,7 @@ from .typeahead import held_keys, keys_released
 
 _EXTENSIONS = {"image": IMAGE_EXTENSIONS, "video": VIDEO_EXTENSIONS, "media": MEDIA_EXTENSIONS, "file": None}
 _PATH_STARTS = ("/", "~", "./", "../")
-_ESCAPE = set(" \t'\"\\")
+_ESCAPE = set(" \t'\"\\\n\r")  # a line break too: only a backslash keeps one inside a word
 
 
 def _escape(path: str) -> str:
@@ -64,7 +64,7 @@ def _path_text(full: str, quote: str, is_dir: bool) -> str:
     elif quote == '"':
         body = re.sub(r'([\\"$`])', r"\\\1", full)
     else:
-        return "".join("\\" + c if c in _ESCAPE or c in "\n\r" else c for c in full)
+        return _escape(full)
     return quote + body + ("" if is_dir else quote)
 
 
