@@ -49,7 +49,7 @@ from .chat.template import MediaSpec, PromptBuilder
 from .engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, load_config, read_config_json
 from .engine.language import Attention, DecoderLayer, Qwen2ForCausalLM
 from .engine.loader import LoadedModel, load_model, resolve_device
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, OneLineParser, UsageError
 from .files import MiB, expand_home, read_bytes_file, visible
 from .media.image import load_image, normalize_tiles
 from .quant.awq_format import SCALE_MIN, dequantize_awq, quantize_rtn
@@ -826,11 +826,6 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (through the CLI's error handling)
-        raise UsageError(f"{message}; see internvl-chat quantize --help")
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -842,7 +837,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="internvl-chat quantize",
         description="Quantize an InternVL3 checkpoint's LLM to 4-bit AWQ (published GEMM layout); "
         "the vision encoder and projector stay 16-bit. Progress goes to stderr.",
