@@ -337,6 +337,18 @@ def test_readme_explains_every_dependency_and_only_those():
     assert all(re.search(rf"\b{re.escape(name)}\b", extras) for name in tests), sorted(tests)
 
 
+def test_readme_says_which_packages_only_the_test_extra_installs():
+    # gemlite's row said "not installed by default" after it joined the test extra, which `make` installs
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extra_only = _requirement_names(project["optional-dependencies"]["test"]) - _requirement_names(project["dependencies"])
+    section = README[README.index("## Dependencies") :].split("\n## ")[0]
+    rows = {re.sub(r" \(.*\)", "", cells).strip().lower(): why for cells, why in re.findall(r"^\| ([^|]+) \| (.*) \|$", section, re.M)}
+    named = extra_only & set(rows)
+    assert named, sorted(rows)
+    for name in named:
+        assert "test extra" in rows[name] and "not installed" not in rows[name], f"README's {name} row: {rows[name]}"
+
+
 def test_the_python_version_the_docs_state_is_the_one_the_code_needs():
     requires = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["requires-python"]
     minimum = tuple(int(n) for n in re.fullmatch(r">=(\d+)\.(\d+)", requires).groups())
