@@ -5,8 +5,10 @@ Cheap, static checks (no model, no subprocess): every flag, slash command, envir
 make target and script command the docs name exists (and every flag the app's messages name);
 README names every route serve has; the defaults and choices `--help`, README and default.toml
 state are the settings' own; the limits README quotes are the code's, and its GPU table and exact
-ratios are benchmarks/RESULTS.md's; every dependency has its reason; every module has a row in the
-module map, the code names docs/architecture.md gives exist, and imports follow its layers.
+ratios are benchmarks/RESULTS.md's; every dependency has its reason (and one only the test extra
+installs says so); every module has a row in the module map, the code names docs/architecture.md
+gives exist, every unit of the package has a layer and imports follow the layers; a package's own
+list of its modules is complete.
 """
 
 from __future__ import annotations
