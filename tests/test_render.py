@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 from screen_model import make_screen
 
+from internvl_chat.ui import render
 from internvl_chat.ui.render import (
     MarkdownStream,
     PlainStream,
@@ -159,6 +160,48 @@ def test_markdown_stream_on_a_terminal_leaves_the_same_screen_as_the_whole_docum
     expected.print(Markdown(doc))
     want = "\n".join(line.rstrip() for line in expected.export_text().splitlines()).strip("\n")
     assert emulate_terminal(out.getvalue()) == want
+
+
+def test_a_long_unfinished_block_costs_each_token_the_same(monkeypatch):
+    """A list (or code block) that goes on for the whole answer stays unfinished: each of its
+    lines is looked at once, not the whole tail again on every token (time quadratic in a
+    30,000-token answer)."""
+    looked_at = []
+    indent = render._indent
+    monkeypatch.setattr(render, "_indent", lambda line: looked_at.append(line) or indent(line))
+    lines = [f"- item {i}\n" for i in range(400)]
+    stream = MarkdownStream(recording_console())
+    for line in lines:
+        stream.feed(line[:3])
+        stream.feed(line[3:])
+    stream.finish()
+    assert len(looked_at) <= len(lines) + 1
+
+
+def test_the_live_tail_renders_only_the_end_of_a_long_unfinished_block(monkeypatch):
+    """Each frame renders at most LIVE_TAIL_CHARS of the tail (a code block keeps its opening
+    fence, so it still looks like code); the finished screen is the whole document."""
+    import markdown_it
+
+    parsed: list[str] = []
+    parse = markdown_it.MarkdownIt.parse
+    monkeypatch.setattr(markdown_it.MarkdownIt, "parse", lambda self, src, env=None: parsed.append(src) or parse(self, src, env))
+    monkeypatch.setattr(render, "LIVE_TAIL_CHARS", 200, raising=False)
+    code = "".join(f"x{i} = {i}\n" for i in range(60))
+    doc = "".join(f"- item {i}\n" for i in range(60)) + "\nText.\n\n```python\n" + code + "```\n\nEnd."
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=30, force_terminal=True, color_system=None)
+    with MarkdownStream(console, refresh_interval_s=0) as stream:
+        for line in doc.splitlines(keepends=True):
+            stream.feed(line)
+    frames = [src for src in parsed if src.strip() not in {block.strip() for block in split_committable(doc)[0]}]
+    frames = [src for src in frames if src.strip() != "End."]  # the last paragraph, printed whole at the end
+    assert frames and max(len(src) for src in frames) <= 200 + len("```python\n")
+    assert any(src.startswith("```python\n") and "x59 = 59" in src and "x0 = 0" not in src for src in frames)
+    expected = Console(file=io.StringIO(), width=60, record=True, force_terminal=False)
+    expected.print(Markdown(doc))
+    want = "\n".join(line.rstrip() for line in expected.export_text().splitlines()).strip("\n")
+    assert emulate_terminal(out.getvalue(), width=60, height=300) == want
 
 
 class ResizedTerminal:
