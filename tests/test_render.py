@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pyte
 import pytest
@@ -261,6 +262,61 @@ def test_a_link_in_an_answer_shows_its_target_and_is_no_hidden_hyperlink():
     assert "\x1b]8;" not in out.getvalue()
     screen = emulate_terminal(out.getvalue())
     assert "https://evil.example/x" in screen and "https://e.example/" in screen
+
+
+def shown(doc: str, width: int = 80) -> str:
+    """The answer as the stream prints it, without trailing spaces."""
+    console = Console(record=True, width=width, force_terminal=False, file=io.StringIO())
+    with MarkdownStream(console) as stream:
+        stream.feed(doc)
+    return "\n".join(line.rstrip() for line in console.export_text().splitlines())
+
+
+def test_html_in_an_answer_is_shown_as_text():
+    """rich drops raw HTML: `if x<y and y>z` lost `<y and y>`, a `<div>` block vanished."""
+    screen = shown("Since x<y and y>z, use <b>bold</b> or <kbd>Ctrl</kbd>.\n\n<div>\nin a div\n</div>\n")
+    assert "Since x<y and y>z, use <b>bold</b> or <kbd>Ctrl</kbd>." in screen
+    assert "<div>" in screen and "in a div" in screen and "</div>" in screen
+
+
+def test_an_image_shows_its_target_where_it_stands():
+    """rich drew an image as its alt text before the paragraph it stood in, its target hidden."""
+    screen = shown("See ![a cat](https://img.example/cat.png) here.\n")
+    assert "See 🌆 a cat (https://img.example/cat.png) here." in screen
+
+
+def test_a_reference_definition_is_shown_as_text():
+    """The answer is printed block by block: the definition rendered as nothing and the `[docs]`
+    of a later block named no link, so the target was lost."""
+    screen = shown("[docs]: https://ref.example/x\n\nRead [docs] now.\n")
+    assert "[docs]: https://ref.example/x" in screen and "Read [docs] now." in screen
+
+
+@pytest.mark.parametrize(
+    "doc, width",
+    [
+        (">" * 30 + " deepest words\n", 80),  # past markdown-it's nesting limit: it dropped them
+        ("- " * 12 + "deepest words\n", 80),
+        ("> " * 12 + "deepest words\n", 30),  # the quote bars took the whole width
+        ("- a\n  - b\n    - deepest words\n", 6),
+        ("```\ndeepest words\n```\n", 2),  # the code block's padding took it
+    ],
+)
+def test_nesting_deeper_than_the_width_allows_shows_the_text(doc, width):
+    screen = "".join(shown(doc, width).split())
+    assert "deepestwords" in screen
+
+
+def test_a_table_wider_than_the_terminal_loses_no_cell():
+    """rich cut a cell that did not fit with … and gave columns past the width no room at all."""
+    doc = "| a | b | c | d | e | f |\n|---|---|---|---|---|---|\n| 1 | 2 | 3 | 4 | 5 | abcdefghijklmnop |\n"
+    screen = shown(doc, 20)
+    assert "…" not in screen
+    assert set("abcdef12345") <= set(screen)
+    assert "abcdefghijklmnop" in "".join(line.split()[-1] for line in screen.splitlines() if line.strip())  # folded in its column
+    wide = "|" + "".join(f" c{i} |" for i in range(300)) + "\n|" + "---|" * 300 + "\n|" + "".join(f" v{i} |" for i in range(300)) + "\n"
+    words = re.findall(r"[cv]\d+", shown(wide, 80))
+    assert sorted(words) == sorted([f"c{i}" for i in range(300)] + [f"v{i}" for i in range(300)])
 
 
 def test_plain_stream_writes_raw_deltas():

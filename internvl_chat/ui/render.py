@@ -390,11 +390,9 @@ class MarkdownStream:
         self.finish()
 
     def _markdown(self, text: str) -> tuple[RenderableType, Markdown]:
-        from rich.markdown import Markdown  # with its parser and highlighter: only once an answer streams
+        from .answer_markdown import AnswerMarkdown  # with rich's parser and highlighter: only once an answer streams
 
-        # hyperlinks=False: a link's target is printed beside its words, never hidden in an OSC 8
-        # link that a click would follow (the answer is untrusted text)
-        markdown = Markdown(text.strip("\n"), code_theme=self.code_theme, hyperlinks=False)
+        markdown = AnswerMarkdown(text.strip("\n"), code_theme=self.code_theme)
         # Rendered as one document, rich puts a blank line between top-level elements, except
         # before a list, quote or table (which bring their own) and after a rule; blocks printed one
         # by one get the same spacing here.
