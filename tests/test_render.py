@@ -319,6 +319,14 @@ def test_a_table_wider_than_the_terminal_loses_no_cell():
     assert sorted(words) == sorted([f"c{i}" for i in range(300)] + [f"v{i}" for i in range(300)])
 
 
+def test_a_joined_emoji_in_code_at_the_edge_of_the_width_loses_no_text():
+    """The highlighter split 👨‍👩‍👧‍👦 into one token per emoji; rich measured them 8 cells wide
+    where the wrapped line counted 2, and cut 6 cells off the line's end: `](http` vanished."""
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466"
+    screen = shown(f"```python\n- {family}[l](http://x.example/u1)\n```\n", 12)
+    assert f"{family}[l](http://x.example/u1)" in "".join(screen.split())
+
+
 def test_plain_stream_writes_raw_deltas():
     out = io.StringIO()
     stream = PlainStream(out)

@@ -2,10 +2,10 @@
 
 rich drops raw HTML (`if x<y and y>z` lost `<y and y>`), draws an image as its alt text apart from
 the words around it with its target hidden, cuts table cells with … and drops columns that do not
-fit, renders nothing of a quote or list nested deeper than the width leaves room for, and
-markdown-it drops what is nested deeper than its limit. Here HTML is text, an image is shown like
-a link (`🌆 alt (target)`), table cells wrap, and a block that cannot be shown whole is shown as
-its plain text.
+fit, renders nothing of a quote or list nested deeper than the width leaves room for, cuts the end
+off a highlighted code line holding a joined emoji, and markdown-it drops what is nested deeper
+than its limit. Here HTML is text, an image is shown like a link (`🌆 alt (target)`), table cells
+wrap, such code is not highlighted, and a block that cannot be shown whole is shown as its plain text.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Iterable
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from rich.console import Console, ConsoleOptions, RenderResult
-from rich.markdown import Markdown, TableElement
+from rich.markdown import CodeBlock, Markdown, TableElement
 from rich.table import Table
 from rich.text import Text
 
@@ -48,8 +48,18 @@ class _Table(TableElement):
             yield renderable
 
 
+class _CodeBlock(CodeBlock):
+    """Code not highlighted where an emoji is joined (ZWJ): a highlighter split the sequence into
+    tokens, each measured as wide as its emoji, and rich cut the line's end off to fit."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if "\u200d" in self.text.plain:
+            self.lexer_name = "text"
+        yield from super().__rich_console__(console, options)
+
+
 class AnswerMarkdown(Markdown):
-    elements = {**Markdown.elements, "table_open": _Table}
+    elements = {**Markdown.elements, "table_open": _Table, "fence": _CodeBlock, "code_block": _CodeBlock}
 
     def __init__(self, markup: str, code_theme: str = "monokai") -> None:
         # hyperlinks=False: a link's target is printed beside its words, never hidden in an OSC 8
