@@ -11,6 +11,7 @@ from screen_model import make_screen
 
 from internvl_chat.ui import render
 from internvl_chat.ui.render import (
+    BlockSplitter,
     MarkdownStream,
     PlainStream,
     choose_stream,
@@ -203,6 +204,22 @@ def test_the_live_tail_renders_only_the_end_of_a_long_unfinished_block(monkeypat
     expected.print(Markdown(doc))
     want = "\n".join(line.rstrip() for line in expected.export_text().splitlines()).strip("\n")
     assert emulate_terminal(out.getvalue(), width=60, height=300) == want
+
+
+@pytest.mark.parametrize("piece", ["w{i} ", "w{i}\n"], ids=["one long line", "many lines"])
+def test_the_live_preview_of_a_long_tail_moves_seldom(piece):
+    """The end of a long tail that a frame renders starts at the same place for many tokens (at
+    a word or line start): starting it afresh on each frame wrapped the rows shown differently
+    every time."""
+    splitter = BlockSplitter()
+    starts = set()
+    for i in range(2000):
+        splitter.feed(piece.format(i=i))
+        if splitter.chars > 200:
+            preview = splitter.preview(200)
+            assert splitter.tail.endswith(preview) and len(preview) <= 200 and preview.startswith("w")
+            starts.add(splitter.chars - len(preview))
+    assert len(starts) <= splitter.chars // 100 + 1
 
 
 class ResizedTerminal:

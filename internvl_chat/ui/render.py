@@ -125,15 +125,24 @@ class BlockSplitter:
         return tail
 
     def preview(self, max_chars: int) -> str:
-        """The end of the tail, at most `max_chars` long, cut at a line start where it can be (with
-        the line that opened a code block it ends in): enough to show its last rows."""
+        """The end of the tail, at most `max_chars` long (with the line that opened a code block it
+        ends in): enough to show its last rows. It starts at the first line start (or space, in one
+        long line) past a point that moves by half of `max_chars` at a time, so the rows shown are
+        not wrapped differently on every frame."""
+        step = max(max_chars // 2, 1)
+        start = -(-(self.chars - max_chars) // step) * step  # rounded up: what is kept fits
         partial = self._partial_text()
-        kept, size = [partial[-max_chars:]], len(partial)
-        for line in reversed(self._lines):
-            if size + len(line) > max_chars:
-                break
-            kept.append(line)
-            size += len(line)
+        at = self.chars - len(partial)  # where the partial line starts in the tail
+        if at < start:
+            space = partial.find(" ", start - at)
+            kept = [partial[space + 1 if space >= 0 and space - (start - at) < step else start - at :]]
+        else:
+            kept = [partial]
+            for line in reversed(self._lines):
+                at -= len(line)
+                if at < start:
+                    break
+                kept.append(line)
         if self._fence is not None and len(kept) <= len(self._lines):  # the opening line was left out
             kept.append(self._fence_line)
         return "".join(reversed(kept))
