@@ -324,6 +324,14 @@ def test_nesting_deeper_than_the_width_allows_shows_the_text(doc, width):
     assert "deepestwords" in screen
 
 
+def test_a_long_list_with_a_short_numbered_list_inside_is_still_drawn_as_a_list():
+    """Only nesting that leaves too little width falls back to plain text: a numbered list's
+    marker is as wide as its own last number, however long the block around it."""
+    doc = "".join(f"- x{i}\n" for i in range(500)) + "- last\n  1. a\n  2. b\n"
+    screen = shown(doc, 16)
+    assert " • x0" in screen and "1 a" in screen and "- x0" not in screen
+
+
 def test_a_table_wider_than_the_terminal_loses_no_cell():
     """rich cut a cell that did not fit with … and gave columns past the width no room at all."""
     doc = "| a | b | c | d | e | f |\n|---|---|---|---|---|---|\n| 1 | 2 | 3 | 4 | 5 | abcdefghijklmnop |\n"

@@ -94,15 +94,25 @@ def _images_as_links(tokens: list[Token]) -> Iterable[Token]:
 
 def _nested_width(tokens: list[Token]) -> int:
     """The most cells that quotes, list markers and code padding take from the width of the text inside them."""
+    items: dict[int, int] = {}  # a list's opening token -> its item count (an ordered list's numbers are as wide as the last)
+    lists: list[int] = []
+    for i, token in enumerate(tokens):
+        if token.type in ("bullet_list_open", "ordered_list_open"):
+            lists.append(i)
+            items[i] = 0
+        elif token.type == "list_item_open" and lists:
+            items[lists[-1]] += 1
+        elif token.type in ("bullet_list_close", "ordered_list_close") and lists:
+            lists.pop()
     widths: list[int] = []
     deepest = 0
-    for token in tokens:
+    for i, token in enumerate(tokens):
         if token.type == "blockquote_open":
             widths.append(_QUOTE_WIDTH)
         elif token.type == "bullet_list_open":
             widths.append(_BULLET_WIDTH)
-        elif token.type == "ordered_list_open":  # numbers as wide as the last one could be, and ". "
-            widths.append(len(str(int(token.attrs.get("start", 1)) + len(tokens))) + 2)
+        elif token.type == "ordered_list_open":  # as rich numbers it: the last number, then ". "
+            widths.append(len(str(int(token.attrs.get("start", 1)) + items[i])) + 2)
         elif token.type in ("blockquote_close", "bullet_list_close", "ordered_list_close") and widths:
             widths.pop()
         deepest = max(deepest, sum(widths) + (_CODE_PADDING if token.type in ("fence", "code_block") else 0))
