@@ -342,6 +342,10 @@ def test_a_table_wider_than_the_terminal_loses_no_cell():
     wide = "|" + "".join(f" c{i} |" for i in range(300)) + "\n|" + "---|" * 300 + "\n|" + "".join(f" v{i} |" for i in range(300)) + "\n"
     words = re.findall(r"[cv]\d+", shown(wide, 80))
     assert sorted(words) == sorted([f"c{i}" for i in range(300)] + [f"v{i}" for i in range(300)])
+    # as narrow as 3 cells a column, rich gave a column no room at all
+    cells = ["hdhe", "jhjeeci", "hedddabe", "fjjhgcb", "bjejeejhbbdcej", "cjaidd", "qq", "zz"]
+    doc = f"| {' | '.join(cells[:4])} |\n|---|---|---|---|\n| {' | '.join(cells[4:])} |\n"
+    assert sorted(re.sub(r"[^a-z]", "", shown(doc, 12))) == sorted("".join(cells))
 
 
 def test_a_joined_emoji_in_code_at_the_edge_of_the_width_loses_no_text():

@@ -22,7 +22,7 @@ from rich.text import Text
 MIN_CONTENT_WIDTH = 8  # cells left for the innermost text of nested quotes and lists, else plain text
 _QUOTE_WIDTH, _BULLET_WIDTH = 4, 3  # what rich's quote and bullet take from the width
 _CODE_PADDING = 2  # rich's code block pads its lines with a cell on each side
-_MIN_COLUMN_WIDTH = 3  # a table column's text and padding; with less a column may get no room
+_MIN_COLUMN_WIDTH = 4  # cells per table column (its text, padding and a margin); with 3, rich gave some no room
 
 
 # no reference definitions: an answer is printed block by block, so `[a]: url` would vanish and
