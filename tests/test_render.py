@@ -324,6 +324,10 @@ def test_nesting_deeper_than_the_width_allows_shows_the_text(doc, width):
     assert "deepestwords" in screen
 
 
+def test_a_nested_block_shown_as_plain_text_keeps_its_blank_line():
+    assert shown("Before.\n\n" + ">" * 30 + " deep\n\nAfter.\n").startswith("Before.\n\n>>>")
+
+
 def test_a_long_list_with_a_short_numbered_list_inside_is_still_drawn_as_a_list():
     """Only nesting that leaves too little width falls back to plain text: a numbered list's
     marker is as wide as its own last number, however long the block around it."""

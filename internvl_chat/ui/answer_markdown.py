@@ -22,6 +22,7 @@ from rich.text import Text
 MIN_CONTENT_WIDTH = 8  # cells left for the innermost text of nested quotes and lists, else plain text
 _QUOTE_WIDTH, _BULLET_WIDTH = 4, 3  # what rich's quote and bullet take from the width
 _CODE_PADDING = 2  # rich's code block pads its lines with a cell on each side
+_OWN_BLANK_LINE = ("bullet_list_open", "ordered_list_open", "blockquote_open")  # rich starts them with one
 _MIN_COLUMN_WIDTH = 4  # cells per table column (its text, padding and a margin); with 3, rich gave some no room
 
 
@@ -75,6 +76,8 @@ class AnswerMarkdown(Markdown):
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if self._cut_short or (self._indent and options.max_width - self._indent < MIN_CONTENT_WIDTH):
+            if self.parsed and self.parsed[0].type in _OWN_BLANK_LINE:
+                yield Text("")  # as rich draws them, with the blank line before them that they bring
             yield Text(self.markup.strip("\n"))
             return
         yield from super().__rich_console__(console, options)
