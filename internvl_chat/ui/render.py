@@ -3,7 +3,9 @@
 `MarkdownStream` prints each finished Markdown block once, as soon as it is finished, and keeps
 only the unfinished tail in a live region (`LiveTail`) redrawn in place: long answers scroll like
 normal output and the screen never redraws the whole answer. Which part is finished is decided by
-the pure `split_committable`. `PlainStream` writes the raw text for pipes, `--plain` and `TERM=dumb`.
+`BlockSplitter`, a line at a time; a frame renders at most the end of a long unfinished block, so
+each token costs the same however long the answer. The Markdown itself is `AnswerMarkdown`
+(answer_markdown.py). `PlainStream` writes the raw text for pipes, `--plain` and `TERM=dumb`.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ class BlockSplitter:
     def take_tail(self) -> str:
         """The tail, which is then empty (the answer has ended)."""
         tail = self.tail
-        self.__init__()  # type: ignore[misc]
+        self.__init__()  # type: ignore[misc]  # all state back to the start
         return tail
 
     def preview(self, max_chars: int) -> str:
