@@ -216,10 +216,24 @@ def test_the_live_preview_of_a_long_tail_moves_seldom(piece):
     for i in range(2000):
         splitter.feed(piece.format(i=i))
         if splitter.chars > 200:
-            preview = splitter.preview(200)
+            preview = splitter.preview(200, 10_000)
             assert splitter.tail.endswith(preview) and len(preview) <= 200 and preview.startswith("w")
             starts.add(splitter.chars - len(preview))
     assert len(starts) <= splitter.chars // 100 + 1
+
+
+def test_the_live_preview_of_many_short_lines_holds_two_screens_of_them():
+    """10,000 short lines are one paragraph: a frame renders the last two screens of its lines
+    (rendering rows that cannot be shown cost most of a frame), cut at a line that moves seldom."""
+    splitter = BlockSplitter()
+    starts = set()
+    for i in range(3000):
+        splitter.feed(f"l{i}\n")
+        if splitter.lines > 40:
+            preview = splitter.preview(100_000, 40)
+            assert splitter.tail.endswith(preview) and 20 <= preview.count("\n") <= 40
+            starts.add(splitter.chars - len(preview))
+    assert len(starts) <= 3000 // 20 + 1
 
 
 class ResizedTerminal:

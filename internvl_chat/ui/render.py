@@ -126,13 +126,20 @@ class BlockSplitter:
         self.__init__()  # type: ignore[misc]  # all state back to the start
         return tail
 
-    def preview(self, max_chars: int) -> str:
-        """The end of the tail, at most `max_chars` long (with the line that opened a code block it
-        ends in): enough to show its last rows. It starts at the first line start (or space, in one
-        long line) past a point that moves by half of `max_chars` at a time, so the rows shown are
-        not wrapped differently on every frame."""
+    @property
+    def lines(self) -> int:
+        """The tail's finished lines."""
+        return len(self._lines)
+
+    def preview(self, max_chars: int, max_lines: int) -> str:
+        """The end of the tail, at most `max_chars` long and `max_lines` finished lines (with the
+        line that opened a code block it ends in): enough to show its last rows. It starts at the
+        first line start (or space, in one long line) past points that move by half of either
+        bound at a time, so the rows shown are not wrapped differently on every frame."""
         step = max(max_chars // 2, 1)
         start = -(-(self.chars - max_chars) // step) * step  # rounded up: what is kept fits
+        line_step = max(max_lines // 2, 1)
+        first_line = -(-(len(self._lines) - max_lines) // line_step) * line_step
         partial = self._partial_text()
         at = self.chars - len(partial)  # where the partial line starts in the tail
         if at < start:
@@ -140,11 +147,11 @@ class BlockSplitter:
             kept = [partial[space + 1 if space >= 0 and space - (start - at) < step else start - at :]]
         else:
             kept = [partial]
-            for line in reversed(self._lines):
-                at -= len(line)
+            for index in range(len(self._lines) - 1, max(first_line, 0) - 1, -1):
+                at -= len(self._lines[index])
                 if at < start:
                     break
-                kept.append(line)
+                kept.append(self._lines[index])
         if self._fence is not None and len(kept) <= len(self._lines):  # the opening line was left out
             kept.append(self._fence_line)
         return "".join(reversed(kept))
@@ -231,6 +238,7 @@ def split_committable(text: str) -> tuple[list[str], str]:
 # --- streams -----------------------------------------------------------------------------------
 
 LIVE_TAIL_CHARS = 4000  # of an unfinished block, rendered in the live tail (its end; more fills no screen)
+LIVE_TAIL_SCREENS = 2  # the live tail renders at most this many screen heights of the block's last lines
 
 
 class _BottomLines:
@@ -436,11 +444,14 @@ class MarkdownStream:
             return
         if self._live is None:
             self._live = LiveTail(self.console)
-        # only the tail's last rows are shown: past LIVE_TAIL_CHARS, only its end is rendered (each
-        # frame rendering all of a long tail, a list or code block not yet finished, took time
-        # quadratic in the answer); the whole block is printed once it is finished
-        splitter = self._splitter
-        text = splitter.tail if splitter.chars <= LIVE_TAIL_CHARS else splitter.preview(LIVE_TAIL_CHARS)
+        # only the tail's last rows are shown: past LIVE_TAIL_CHARS (or two screens of lines), only
+        # its end is rendered (each frame rendering all of a long tail, a list or code block not yet
+        # finished, took time quadratic in the answer); the whole block is printed once it is finished
+        splitter, max_lines = self._splitter, LIVE_TAIL_SCREENS * self.console.size.height
+        if splitter.chars <= LIVE_TAIL_CHARS and splitter.lines <= max_lines:
+            text = splitter.tail
+        else:
+            text = splitter.preview(LIVE_TAIL_CHARS, max_lines)
         self._live.draw(self._markdown(text)[0])
 
 
