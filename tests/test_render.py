@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pyte
 import pytest
@@ -8,7 +9,9 @@ from rich.console import Console
 from rich.markdown import Markdown
 from screen_model import make_screen
 
+from internvl_chat.ui import render
 from internvl_chat.ui.render import (
+    BlockSplitter,
     MarkdownStream,
     PlainStream,
     choose_stream,
@@ -161,6 +164,78 @@ def test_markdown_stream_on_a_terminal_leaves_the_same_screen_as_the_whole_docum
     assert emulate_terminal(out.getvalue()) == want
 
 
+def test_a_long_unfinished_block_costs_each_token_the_same(monkeypatch):
+    """A list (or code block) that goes on for the whole answer stays unfinished: each of its
+    lines is looked at once, not the whole tail again on every token (time quadratic in a
+    30,000-token answer)."""
+    looked_at = []
+    indent = render._indent
+    monkeypatch.setattr(render, "_indent", lambda line: looked_at.append(line) or indent(line))
+    lines = [f"- item {i}\n" for i in range(400)]
+    stream = MarkdownStream(recording_console())
+    for line in lines:
+        stream.feed(line[:3])
+        stream.feed(line[3:])
+    stream.finish()
+    assert len(looked_at) <= len(lines) + 1
+
+
+def test_the_live_tail_renders_only_the_end_of_a_long_unfinished_block(monkeypatch):
+    """Each frame renders at most LIVE_TAIL_CHARS of the tail (a code block keeps its opening
+    fence, so it still looks like code); the finished screen is the whole document."""
+    import markdown_it
+
+    parsed: list[str] = []
+    parse = markdown_it.MarkdownIt.parse
+    monkeypatch.setattr(markdown_it.MarkdownIt, "parse", lambda self, src, env=None: parsed.append(src) or parse(self, src, env))
+    monkeypatch.setattr(render, "LIVE_TAIL_CHARS", 200, raising=False)
+    code = "".join(f"x{i} = {i}\n" for i in range(60))
+    doc = "".join(f"- item {i}\n" for i in range(60)) + "\nText.\n\n```python\n" + code + "```\n\nEnd."
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=30, force_terminal=True, color_system=None)
+    with MarkdownStream(console, refresh_interval_s=0) as stream:
+        for line in doc.splitlines(keepends=True):
+            stream.feed(line)
+    frames = [src for src in parsed if src.strip() not in {block.strip() for block in split_committable(doc)[0]}]
+    frames = [src for src in frames if src.strip() != "End."]  # the last paragraph, printed whole at the end
+    assert frames and max(len(src) for src in frames) <= 200 + len("```python\n")
+    assert any(src.startswith("```python\n") and "x59 = 59" in src and "x0 = 0" not in src for src in frames)
+    expected = Console(file=io.StringIO(), width=60, record=True, force_terminal=False)
+    expected.print(Markdown(doc))
+    want = "\n".join(line.rstrip() for line in expected.export_text().splitlines()).strip("\n")
+    assert emulate_terminal(out.getvalue(), width=60, height=300) == want
+
+
+@pytest.mark.parametrize("piece", ["w{i} ", "w{i}\n"], ids=["one long line", "many lines"])
+def test_the_live_preview_of_a_long_tail_moves_seldom(piece):
+    """The end of a long tail that a frame renders starts at the same place for many tokens (at
+    a word or line start): starting it afresh on each frame wrapped the rows shown differently
+    every time."""
+    splitter = BlockSplitter()
+    starts = set()
+    for i in range(2000):
+        splitter.feed(piece.format(i=i))
+        if splitter.chars > 200:
+            preview = splitter.preview(200, 10_000)
+            assert splitter.tail.endswith(preview) and len(preview) <= 200 and preview.startswith("w")
+            starts.add(splitter.chars - len(preview))
+    assert len(starts) <= splitter.chars // 100 + 1
+
+
+def test_the_live_preview_of_many_short_lines_holds_two_screens_of_them():
+    """10,000 short lines are one paragraph: a frame renders the last two screens of its lines
+    (rendering rows that cannot be shown cost most of a frame), cut at a line that moves seldom."""
+    splitter = BlockSplitter()
+    starts = set()
+    for i in range(3000):
+        splitter.feed(f"l{i}\n")
+        if splitter.lines > 40:
+            preview = splitter.preview(100_000, 40)
+            assert splitter.tail.endswith(preview) and 20 <= preview.count("\n") <= 40
+            starts.add(splitter.chars - len(preview))
+    assert len(starts) <= 3000 // 20 + 1
+
+
 class ResizedTerminal:
     """A console's file that drives a screen model, and can resize the window just before a
     write: a resize that lands between a frame's layout and its write (or while it is in flight)."""
@@ -218,6 +293,87 @@ def test_a_link_in_an_answer_shows_its_target_and_is_no_hidden_hyperlink():
     assert "\x1b]8;" not in out.getvalue()
     screen = emulate_terminal(out.getvalue())
     assert "https://evil.example/x" in screen and "https://e.example/" in screen
+
+
+def shown(doc: str, width: int = 80) -> str:
+    """The answer as the stream prints it, without trailing spaces."""
+    console = Console(record=True, width=width, force_terminal=False, file=io.StringIO())
+    with MarkdownStream(console) as stream:
+        stream.feed(doc)
+    return "\n".join(line.rstrip() for line in console.export_text().splitlines())
+
+
+def test_html_in_an_answer_is_shown_as_text():
+    """rich drops raw HTML: `if x<y and y>z` lost `<y and y>`, a `<div>` block vanished."""
+    screen = shown("Since x<y and y>z, use <b>bold</b> or <kbd>Ctrl</kbd>.\n\n<div>\nin a div\n</div>\n")
+    assert "Since x<y and y>z, use <b>bold</b> or <kbd>Ctrl</kbd>." in screen
+    assert "<div>" in screen and "in a div" in screen and "</div>" in screen
+
+
+def test_an_image_shows_its_target_where_it_stands():
+    """rich drew an image as its alt text before the paragraph it stood in, its target hidden."""
+    screen = shown("See ![a cat](https://img.example/cat.png) here.\n")
+    assert "See 🌆 a cat (https://img.example/cat.png) here." in screen
+
+
+def test_a_reference_definition_is_shown_as_text():
+    """The answer is printed block by block: the definition rendered as nothing and the `[docs]`
+    of a later block named no link, so the target was lost."""
+    screen = shown("[docs]: https://ref.example/x\n\nRead [docs] now.\n")
+    assert "[docs]: https://ref.example/x" in screen and "Read [docs] now." in screen
+
+
+@pytest.mark.parametrize(
+    "doc, width",
+    [
+        (">" * 30 + " deepest words\n", 80),  # past markdown-it's nesting limit: it dropped them
+        ("- " * 12 + "deepest words\n", 80),
+        ("> " * 12 + "deepest words\n", 30),  # the quote bars took the whole width
+        ("- a\n  - b\n    - deepest words\n", 6),
+        ("```\ndeepest words\n```\n", 2),  # the code block's padding took it
+    ],
+)
+def test_nesting_deeper_than_the_width_allows_shows_the_text(doc, width):
+    screen = "".join(shown(doc, width).split())
+    assert "deepestwords" in screen
+
+
+def test_a_nested_block_shown_as_plain_text_keeps_its_blank_line():
+    assert shown("Before.\n\n" + ">" * 30 + " deep\n\nAfter.\n").startswith("Before.\n\n>>>")
+
+
+def test_a_long_list_with_a_short_numbered_list_inside_is_still_drawn_as_a_list():
+    """Only nesting that leaves too little width falls back to plain text: a numbered list's
+    marker is as wide as its own last number, however long the block around it."""
+    doc = "".join(f"- x{i}\n" for i in range(500)) + "- last\n  1. a\n  2. b\n"
+    screen = shown(doc, 16)
+    assert " • x0" in screen and "1 a" in screen and "- x0" not in screen
+
+
+def test_a_table_wider_than_the_terminal_loses_no_cell():
+    """rich cut a cell that did not fit with … and gave columns past the width no room at all."""
+    doc = "| a | b | c | d | e | f |\n|---|---|---|---|---|---|\n| 1 | 2 | 3 | 4 | 5 | abcdefghijklmnop |\n"
+    screen = shown(doc, 20)
+    assert "…" not in screen
+    assert set("abcdef12345") <= set(screen)
+    assert "abcdefghijklmnop" in "".join(line.split()[-1] for line in screen.splitlines() if line.strip())  # folded in its column
+    header = "|" + "".join(f" c{i} |" for i in range(300))
+    row = "|" + "".join(f" v{i} |" for i in range(300))
+    wide = f"{header}\n|{'---|' * 300}\n{row}\n"
+    words = re.findall(r"[cv]\d+", shown(wide, 80))
+    assert sorted(words) == sorted([f"c{i}" for i in range(300)] + [f"v{i}" for i in range(300)])
+    # as narrow as 3 cells a column, rich gave a column no room at all
+    cells = ["hdhe", "jhjeeci", "hedddabe", "fjjhgcb", "bjejeejhbbdcej", "cjaidd", "qq", "zz"]
+    doc = f"| {' | '.join(cells[:4])} |\n|---|---|---|---|\n| {' | '.join(cells[4:])} |\n"
+    assert sorted(re.sub(r"[^a-z]", "", shown(doc, 12))) == sorted("".join(cells))
+
+
+def test_a_joined_emoji_in_code_at_the_edge_of_the_width_loses_no_text():
+    """The highlighter split 👨‍👩‍👧‍👦 into one token per emoji; rich measured them 8 cells wide
+    where the wrapped line counted 2, and cut 6 cells off the line's end: `](http` vanished."""
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466"
+    screen = shown(f"```python\n- {family}[l](http://x.example/u1)\n```\n", 12)
+    assert f"{family}[l](http://x.example/u1)" in "".join(screen.split())
 
 
 def test_plain_stream_writes_raw_deltas():

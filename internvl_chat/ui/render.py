@@ -3,7 +3,9 @@
 `MarkdownStream` prints each finished Markdown block once, as soon as it is finished, and keeps
 only the unfinished tail in a live region (`LiveTail`) redrawn in place: long answers scroll like
 normal output and the screen never redraws the whole answer. Which part is finished is decided by
-the pure `split_committable`. `PlainStream` writes the raw text for pipes, `--plain` and `TERM=dumb`.
+`BlockSplitter`, a line at a time; a frame renders at most the end of a long unfinished block, so
+each token costs the same however long the answer. The Markdown itself is `AnswerMarkdown`
+(answer_markdown.py). `PlainStream` writes the raw text for pipes, `--plain` and `TERM=dumb`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ if TYPE_CHECKING:
 
 # --- block splitting ---------------------------------------------------------------------------
 
-_LINE = re.compile(r"[^\n]*\n|[^\n]+$")
 _FENCE_OPEN = re.compile(r"^(\s*)(`{3,}|~{3,})")
 _LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,9}[.)])(?:[ \t]|$)")
 _HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]|$)")
@@ -46,6 +47,7 @@ def _indent(line: str) -> int:
 def _partial_ends_list(partial: str) -> bool | None:
     """After a list and a blank line, does this unfinished line start something else?
     True / False, or None while too little of it is there to tell."""
+    partial = partial.rstrip("\r")  # a \r may be the first half of the line's \r\n
     if not partial.strip(" \t"):
         return None
     if _indent(partial) >= _LIST_CONTINUATION_INDENT:
@@ -64,87 +66,179 @@ def _partial_ends_list(partial: str) -> bool | None:
     return True
 
 
-def split_committable(text: str) -> tuple[list[str], str]:
-    """Split streamed Markdown into finished blocks and the unfinished tail.
+_HEAD_CHARS = 16  # of an unfinished line: all `_partial_ends_list` needs (an indent of 2, a 9-digit number)
+
+
+class BlockSplitter:
+    """Split streamed Markdown into finished blocks and the unfinished tail, a delta at a time.
 
     A block is finished when nothing typed later can change how it renders: a paragraph at its
     blank line, a heading at the end of its line, a fenced code block at its closing fence (blank
     lines inside it never split it), a list only when the first line after it starts something
-    that is not part of the list. `"".join(blocks) + tail == text`; blocks keep their newlines.
+    that is not part of the list. Blocks keep their newlines; what was fed is the blocks, in
+    order, then `tail`. Each line is looked at once, when it ends: splitting the whole tail again
+    on every token took time quadratic in a long block (a 30,000-token list or code block).
     """
-    cuts: list[int] = []
-    block_start = 0
-    has_content = False
-    is_list = False
-    blank_after_list = False
-    fence: tuple[str, int, bool] | None = None  # (char, length, is the whole block)
-    pos = 0
 
-    def cut(at: int) -> None:
-        nonlocal block_start, has_content, is_list, blank_after_list
-        if at > block_start and has_content:
-            cuts.append(at)
-            block_start = at
-        has_content = is_list = blank_after_list = False
+    def __init__(self) -> None:
+        self._lines: list[str] = []  # the tail's finished lines
+        self._partial: list[str] = []  # pieces of its unfinished last line
+        self._head = ""  # the first _HEAD_CHARS characters of that line
+        self.chars = 0  # the length of the tail
+        self._blank_lines = True  # the tail's finished lines hold only whitespace
+        self._blank_partial = True
+        self._has_content = self._is_list = self._blank_after_list = False
+        self._fence: tuple[str, int, bool] | None = None  # (char, length, is the whole block)
+        self._fence_line = ""  # the line that opened it
 
-    lines = _LINE.findall(text)
-    partial = lines.pop() if lines and not lines[-1].endswith("\n") else ""
-    for line in lines:
-        end = pos + len(line)
+    @property
+    def blank(self) -> bool:
+        """The tail holds only whitespace."""
+        return self._blank_lines and self._blank_partial
+
+    @property
+    def tail(self) -> str:
+        return "".join(self._lines) + self._partial_text()
+
+    def feed(self, delta: str) -> list[str]:
+        """The blocks `delta` finished."""
+        blocks: list[str] = []
+        start = 0
+        while (newline := delta.find("\n", start)) >= 0:
+            line = self._partial_text() + delta[start : newline + 1]
+            self._partial, self._head, self._blank_partial = [], "", True
+            self.chars += newline + 1 - start
+            self._take_line(line, blocks)
+            start = newline + 1
+        rest = delta[start:]
+        if rest:
+            self._partial.append(rest)
+            self._head = (self._head + rest[:_HEAD_CHARS])[:_HEAD_CHARS]
+            self._blank_partial = self._blank_partial and not rest.strip()
+            self.chars += len(rest)
+        if self._fence is None and self._is_list and self._blank_after_list and _partial_ends_list(self._head):
+            self._cut(blocks)
+        return blocks
+
+    def take_tail(self) -> str:
+        """The tail, which is then empty (the answer has ended)."""
+        tail = self.tail
+        self.__init__()  # type: ignore[misc]  # all state back to the start
+        return tail
+
+    @property
+    def lines(self) -> int:
+        """The tail's finished lines."""
+        return len(self._lines)
+
+    def preview(self, max_chars: int, max_lines: int) -> str:
+        """The end of the tail, at most `max_chars` long and `max_lines` finished lines (with the
+        line that opened a code block it ends in): enough to show its last rows. It starts at the
+        first line start (or space, in one long line) past points that move by half of either
+        bound at a time, so the rows shown are not wrapped differently on every frame."""
+        step = max(max_chars // 2, 1)
+        start = -(-(self.chars - max_chars) // step) * step  # rounded up: what is kept fits
+        line_step = max(max_lines // 2, 1)
+        first_line = -(-(len(self._lines) - max_lines) // line_step) * line_step
+        partial = self._partial_text()
+        at = self.chars - len(partial)  # where the partial line starts in the tail
+        if at < start:
+            space = partial.find(" ", start - at)
+            kept = [partial[space + 1 if space >= 0 and space - (start - at) < step else start - at :]]
+        else:
+            kept = [partial]
+            for index in range(len(self._lines) - 1, max(first_line, 0) - 1, -1):
+                at -= len(self._lines[index])
+                if at < start:
+                    break
+                kept.append(self._lines[index])
+        if self._fence is not None and len(kept) <= len(self._lines):  # the opening line was left out
+            kept.append(self._fence_line)
+        return "".join(reversed(kept))
+
+    def _partial_text(self) -> str:
+        if len(self._partial) > 1:
+            self._partial = ["".join(self._partial)]
+        return self._partial[0] if self._partial else ""
+
+    def _cut(self, blocks: list[str]) -> None:
+        """The tail's finished lines are a block (if they hold one)."""
+        if self._lines and self._has_content:
+            block = "".join(self._lines)
+            blocks.append(block)
+            self._lines, self._blank_lines = [], True
+            self.chars -= len(block)
+        self._has_content = self._is_list = self._blank_after_list = False
+
+    def _add(self, line: str, content: str) -> None:
+        self._lines.append(line)
+        self._blank_lines = self._blank_lines and not content.strip()
+
+    def _take_line(self, line: str, blocks: list[str]) -> None:
         content = line.rstrip("\n").rstrip("\r")
-        if fence is not None:
-            char, length, whole_block = fence
+        if self._fence is not None:
+            char, length, whole_block = self._fence
+            self._add(line, content)
             stripped = content.strip(" \t")
             if stripped.startswith(char * length) and not stripped.strip(char):
-                fence = None
+                self._fence = None
                 if whole_block:
-                    has_content = True
-                    cut(end)
-            pos = end
-            continue
+                    self._has_content = True
+                    self._cut(blocks)
+            return
         if not content.strip(" \t"):
-            if has_content and not is_list:
-                cut(end)
-            elif is_list:
-                blank_after_list = True
-            pos = end
-            continue
+            if self._has_content and not self._is_list:
+                self._add(line, content)
+                self._cut(blocks)
+                return
+            if self._is_list:
+                self._blank_after_list = True
+            self._add(line, content)
+            return
 
         indent = _indent(content)
         item = _LIST_ITEM.match(content) is not None
         opener = _FENCE_OPEN.match(content)
         starts_block = opener is not None or _HEADING.match(content) is not None
         starts_block = starts_block or _THEMATIC_BREAK.match(content) is not None
-        if is_list:
-            if blank_after_list and not item and indent < _LIST_CONTINUATION_INDENT:
-                cut(pos)
-            elif not blank_after_list and starts_block and indent < _LIST_CONTINUATION_INDENT:
-                cut(pos)  # a fence or heading at the margin ends the list (else: lazy continuation)
+        if self._is_list:
+            if self._blank_after_list and not item and indent < _LIST_CONTINUATION_INDENT:
+                self._cut(blocks)
+            elif not self._blank_after_list and starts_block and indent < _LIST_CONTINUATION_INDENT:
+                self._cut(blocks)  # a fence or heading at the margin ends the list (else: lazy continuation)
             else:
-                blank_after_list = False
+                self._blank_after_list = False
 
         if opener is not None:
-            if not is_list:
-                cut(pos)  # the paragraph before the fence is finished
-            fence = (opener.group(2)[0], len(opener.group(2)), not is_list)
-            has_content = True
-        elif _HEADING.match(content) and not is_list:
-            cut(pos)
-            has_content = True
-            cut(end)
+            if not self._is_list:
+                self._cut(blocks)  # the paragraph before the fence is finished
+            self._fence = (opener.group(2)[0], len(opener.group(2)), not self._is_list)
+            self._fence_line = line
+            self._has_content = True
+            self._add(line, content)
+        elif _HEADING.match(content) and not self._is_list:
+            self._cut(blocks)
+            self._has_content = True
+            self._add(line, content)
+            self._cut(blocks)
         else:
-            is_list = is_list or item
-            has_content = True
-        pos = end
+            self._is_list = self._is_list or item
+            self._has_content = True
+            self._add(line, content)
 
-    if fence is None and is_list and blank_after_list and _partial_ends_list(partial):
-        cut(pos)
-    bounds = [0] + cuts
-    blocks = [text[a:b] for a, b in zip(bounds, bounds[1:])]
-    return blocks, text[bounds[-1] :]
+
+def split_committable(text: str) -> tuple[list[str], str]:
+    """`text` as finished blocks and the unfinished tail (see `BlockSplitter`);
+    `"".join(blocks) + tail == text`."""
+    splitter = BlockSplitter()
+    blocks = splitter.feed(text)
+    return blocks, splitter.tail
 
 
 # --- streams -----------------------------------------------------------------------------------
+
+LIVE_TAIL_CHARS = 4000  # of an unfinished block, rendered in the live tail (its end; more fills no screen)
+LIVE_TAIL_SCREENS = 2  # the live tail renders at most this many screen heights of the block's last lines
 
 
 class _BottomLines:
@@ -279,7 +373,7 @@ class MarkdownStream:
         self.code_theme = code_theme
         self.refresh_interval_s = refresh_interval_s
         self._chunks: list[str] = []
-        self._pending = ""
+        self._splitter = BlockSplitter()
         self._printed_blocks = 0
         self._after_rule = False
         self._live: LiveTail | None = None
@@ -295,15 +389,14 @@ class MarkdownStream:
         if not delta:
             return
         self._chunks.append(delta)
-        blocks, self._pending = split_committable(self._pending + delta)
+        blocks = self._splitter.feed(delta)
         for block in blocks:
             self._print_block(block)
         self._show_tail(force=bool(blocks))
 
     def finish(self) -> str:
         """Stop the live region and print what is left; returns the whole text. Safe to call twice."""
-        tail, self._pending = self._pending, ""
-        self._print_block(tail)
+        self._print_block(self._splitter.take_tail())
         if self._live is not None:
             self._live.close()
             self._live = None
@@ -316,11 +409,9 @@ class MarkdownStream:
         self.finish()
 
     def _markdown(self, text: str) -> tuple[RenderableType, Markdown]:
-        from rich.markdown import Markdown  # with its parser and highlighter: only once an answer streams
+        from .answer_markdown import AnswerMarkdown  # with rich's parser and highlighter: only once an answer streams
 
-        # hyperlinks=False: a link's target is printed beside its words, never hidden in an OSC 8
-        # link that a click would follow (the answer is untrusted text)
-        markdown = Markdown(text.strip("\n"), code_theme=self.code_theme, hyperlinks=False)
+        markdown = AnswerMarkdown(text.strip("\n"), code_theme=self.code_theme)
         # Rendered as one document, rich puts a blank line between top-level elements, except
         # before a list, quote or table (which bring their own) and after a rule; blocks printed one
         # by one get the same spacing here.
@@ -347,13 +438,21 @@ class MarkdownStream:
         if not force and not resized and now - self._last_refresh < self.refresh_interval_s:
             return  # re-rendering Markdown per token is the cost to avoid; the next feed catches up
         self._last_refresh = now
-        if not self._pending.strip():
+        if self._splitter.blank:
             if self._live is not None:
                 self._live.clear()
             return
         if self._live is None:
             self._live = LiveTail(self.console)
-        self._live.draw(self._markdown(self._pending)[0])
+        # only the tail's last rows are shown: past LIVE_TAIL_CHARS (or two screens of lines), only
+        # its end is rendered (each frame rendering all of a long tail, a list or code block not yet
+        # finished, took time quadratic in the answer); the whole block is printed once it is finished
+        splitter, max_lines = self._splitter, LIVE_TAIL_SCREENS * self.console.size.height
+        if splitter.chars <= LIVE_TAIL_CHARS and splitter.lines <= max_lines:
+            text = splitter.tail
+        else:
+            text = splitter.preview(LIVE_TAIL_CHARS, max_lines)
+        self._live.draw(self._markdown(text)[0])
 
 
 class PlainStream:

@@ -1,0 +1,122 @@
+"""rich's Markdown for an answer, which is untrusted text: every word of it reaches the screen.
+
+rich drops raw HTML (`if x<y and y>z` lost `<y and y>`), draws an image as its alt text apart from
+the words around it with its target hidden, cuts table cells with … and drops columns that do not
+fit, renders nothing of a quote or list nested deeper than the width leaves room for, cuts the end
+off a highlighted code line holding a joined emoji, and markdown-it drops what is nested deeper
+than its limit. Here HTML is text, an image is shown like a link (`🌆 alt (target)`), table cells
+wrap, such code is not highlighted, and a block that cannot be shown whole is shown as its plain text.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from markdown_it import MarkdownIt
+from markdown_it.token import Token
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.markdown import CodeBlock, Markdown, TableElement
+from rich.table import Table
+from rich.text import Text
+
+MIN_CONTENT_WIDTH = 8  # cells left for the innermost text of nested quotes and lists, else plain text
+_QUOTE_WIDTH, _BULLET_WIDTH = 4, 3  # what rich's quote and bullet take from the width
+_CODE_PADDING = 2  # rich's code block pads its lines with a cell on each side
+_OWN_BLANK_LINE = ("bullet_list_open", "ordered_list_open", "blockquote_open")  # rich starts them with one
+_MIN_COLUMN_WIDTH = 4  # cells per table column (its text, padding and a margin); with 3, rich gave some no room
+
+
+# no reference definitions: an answer is printed block by block, so `[a]: url` would vanish and
+# `[a]` in a later block name nothing; both stay text
+_PARSER = MarkdownIt("commonmark", {"html": False}).enable("strikethrough").enable("table").disable("reference")
+
+
+class _Table(TableElement):
+    """A table whose cells wrap a word too long for its column (rich cut it with …), or its rows as
+    plain text when its columns cannot all get room."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        rows = [self.header.row] if self.header is not None and self.header.row is not None else []
+        rows += self.body.rows if self.body is not None else []
+        columns = max((len(row.cells) for row in rows), default=0)
+        if columns * _MIN_COLUMN_WIDTH > options.max_width:
+            yield Text("\n".join(" | ".join(cell.content.plain for cell in row.cells) for row in rows))
+            return
+        for renderable in super().__rich_console__(console, options):
+            if isinstance(renderable, Table):
+                for column in renderable.columns:
+                    column.overflow = "fold"
+            yield renderable
+
+
+class _CodeBlock(CodeBlock):
+    """Code not highlighted where an emoji is joined (ZWJ): a highlighter split the sequence into
+    tokens, each measured as wide as its emoji, and rich cut the line's end off to fit."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if "\u200d" in self.text.plain:
+            self.lexer_name = "text"
+        yield from super().__rich_console__(console, options)
+
+
+class AnswerMarkdown(Markdown):
+    elements = {**Markdown.elements, "table_open": _Table, "fence": _CodeBlock, "code_block": _CodeBlock}
+
+    def __init__(self, markup: str, code_theme: str = "monokai") -> None:
+        # hyperlinks=False: a link's target is printed beside its words, never hidden in an OSC 8
+        # link that a click would follow
+        super().__init__("", code_theme=code_theme, hyperlinks=False)
+        self.markup = markup
+        self.parsed = _PARSER.parse(markup)
+        for token in self.parsed:
+            if token.children:
+                token.children = list(_images_as_links(token.children))
+        self._indent = _nested_width(self.parsed)
+        self._cut_short = any(token.level >= _PARSER.options["maxNesting"] - 2 for token in self.parsed)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self._cut_short or (self._indent and options.max_width - self._indent < MIN_CONTENT_WIDTH):
+            if self.parsed and self.parsed[0].type in _OWN_BLANK_LINE:
+                yield Text("")  # as rich draws them, with the blank line before them that they bring
+            yield Text(self.markup.strip("\n"))
+            return
+        yield from super().__rich_console__(console, options)
+
+
+def _images_as_links(tokens: list[Token]) -> Iterable[Token]:
+    """`![alt](target)` as the marker, then `[alt](target)`, where it stands in the text."""
+    for token in tokens:
+        if token.type != "image":
+            yield token
+            continue
+        yield Token("text", "", 0, content="🌆 ")
+        yield Token("link_open", "a", 1, attrs={"href": str(token.attrs.get("src", ""))})
+        yield from _images_as_links(token.children or [])
+        yield Token("link_close", "a", -1)
+
+
+def _nested_width(tokens: list[Token]) -> int:
+    """The most cells that quotes, list markers and code padding take from the width of the text inside them."""
+    items: dict[int, int] = {}  # a list's opening token -> its item count (an ordered list's numbers are as wide as the last)
+    lists: list[int] = []
+    for i, token in enumerate(tokens):
+        if token.type in ("bullet_list_open", "ordered_list_open"):
+            lists.append(i)
+            items[i] = 0
+        elif token.type == "list_item_open" and lists:
+            items[lists[-1]] += 1
+        elif token.type in ("bullet_list_close", "ordered_list_close") and lists:
+            lists.pop()
+    widths: list[int] = []
+    deepest = 0
+    for i, token in enumerate(tokens):
+        if token.type == "blockquote_open":
+            widths.append(_QUOTE_WIDTH)
+        elif token.type == "bullet_list_open":
+            widths.append(_BULLET_WIDTH)
+        elif token.type == "ordered_list_open":  # as rich numbers it: the last number, then ". "
+            widths.append(len(str(int(token.attrs.get("start", 1)) + items[i])) + 2)
+        elif token.type in ("blockquote_close", "bullet_list_close", "ordered_list_close") and widths:
+            widths.pop()
+        deepest = max(deepest, sum(widths) + (_CODE_PADDING if token.type in ("fence", "code_block") else 0))
+    return deepest
