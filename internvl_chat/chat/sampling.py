@@ -264,11 +264,6 @@ class Sampler:
         q.clamp_min_(torch.finfo(q.dtype).tiny)  # Exp(1) can return 0 on CPU; 0/0 would be NaN
         return torch.argmax(probs / q, dim=-1, keepdim=True)
 
-    @property
-    def bad_flag(self) -> torch.Tensor:
-        """Device bool scalar: has any step since construction seen non-finite logits?"""
-        return self._bad
-
     def check(self) -> None:
         """Sync on the non-finite flag alone and raise GenerationError if it is set."""
         if bool(self._bad):
