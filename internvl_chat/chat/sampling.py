@@ -208,12 +208,6 @@ class Sampler:
         ids = torch.as_tensor(token_ids, dtype=torch.long).to(self.device, non_blocking=True)
         self._seen.index_fill_(0, ids.reshape(-1).clamp(max=self.vocab_size), True)
 
-    def reset_seen(self, token_ids: torch.Tensor | list[int] | None = None) -> None:
-        """Forget the penalty set (e.g. after /undo) and optionally rebuild it from `token_ids`."""
-        self._seen.zero_()
-        if token_ids is not None:
-            self.observe(token_ids)
-
     def next_token(self, logits: torch.Tensor) -> torch.Tensor:
         """Pick the next token from float logits [V] (or [1, V]); returns LongTensor [1] on device.
 
