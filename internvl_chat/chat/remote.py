@@ -63,8 +63,8 @@ from .dialects import (
 from .remote_http import ApiClient, ChatStream, shorten
 from .remote_http import without_credentials as _without_credentials
 from .sampling import SamplingParams
-from .session import SESSION_FORMAT, SESSION_VERSION, Media, ReadiedSession, saved_media, sha256_of
-from .session_file import SESSION_FILE_MODE, read_session_file, session_json
+from .session import Media, ReadiedSession, saved_media, sha256_of
+from .session_file import SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
 from .template import media_order
 
 DEFAULT_MAX_TILES = 12  # max_dynamic_patch of every InternVL3 checkpoint

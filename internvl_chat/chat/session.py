@@ -30,7 +30,7 @@ from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .generate import MEDIA_ADVICE, is_out_of_memory, out_of_memory_as_error, stream_generate
 from .sampling import NON_FINITE_IN_FLOAT32, NON_FINITE_MESSAGE, Sampler, SamplingParams
-from .session_file import (CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
+from .session_file import (CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,
                            SavedTurn, media_candidates, media_json_paths, read_session_file, session_json)  # fmt: skip
 from .template import MediaSpec, PromptBuilder, media_order
 
