@@ -1,7 +1,7 @@
 """A conversation over one KV cache: turns, start_pos, budget, undo/retry, save/load.
 
 The cache is positional. `ids` holds every committed token; the cache is valid for
-`ids[:start_pos]`, and the tokens after it (at most the closing of the last answer) are
+`ids[:start_pos]`, and the tokens after it (at most one: the token that hit the length limit) are
 prefilled at the head of the next turn. Each turn prefills only its own new tokens, and the vision
 encoder runs only on media attached to that turn. Undo moves `start_pos` back to a turn boundary:
 nothing before it is re-prefilled. Retry moves it back to the last token of its turn's prompt, which
