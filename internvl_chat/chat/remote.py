@@ -64,7 +64,7 @@ from .remote_http import ApiClient, ChatStream, shorten
 from .remote_http import without_credentials as _without_credentials
 from .sampling import SamplingParams
 from .session import Media, ReadiedSession, saved_media, sha256_of
-from .session_file import SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
+from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
 from .template import media_order
 
 DEFAULT_MAX_TILES = 12  # max_dynamic_patch of every InternVL3 checkpoint
@@ -117,7 +117,7 @@ class RemoteTurn:
     @property
     def answer_text(self) -> str:
         if self.finish_reason == "cancelled":
-            return self.reply + (" [cancelled]" if self.reply else "[cancelled]")
+            return self.reply + (f" {CANCELLED_MARK}" if self.reply else CANCELLED_MARK)
         return self.reply
 
     @property

@@ -350,7 +350,7 @@ class Session:
             # outlive an /undo, read by the masked decode step (see _clear_cache_from)
             self._clear_cache_from(self.start_pos, self.start_pos + 1)
         if event["finish_reason"] == "cancelled":
-            text += " [cancelled]" if text else "[cancelled]"
+            text += f" {CANCELLED_MARK}" if text else CANCELLED_MARK
         turn.answer_ids = list(event["token_ids"])
         turn.answer_text = text
         turn.finish_reason = event["finish_reason"]
