@@ -257,11 +257,6 @@ class Sampler:
         q.clamp_min_(torch.finfo(q.dtype).tiny)  # Exp(1) can return 0 on CPU; 0/0 would be NaN
         return torch.argmax(probs / q, dim=-1, keepdim=True)
 
-    def check(self) -> None:
-        """Sync on the non-finite flag alone and raise GenerationError if it is set."""
-        if bool(self._bad):
-            raise GenerationError(NON_FINITE_MESSAGE)
-
     def read(self, token: torch.Tensor) -> int:
         """The token id as an int, fetched together with the non-finite flag in one transfer."""
         if self.device.type == "cpu":  # nothing to transfer: two plain reads cost less than a cat
