@@ -590,8 +590,8 @@ class App:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str) -> dict | None:
-        """Run one turn's event stream on the console; returns its final event (None if abandoned)."""
+    def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str) -> None:
+        """Run one turn's event stream on the console."""
         cancel = threading.Event()
         streaming = threading.Event()
 
@@ -623,7 +623,7 @@ class App:
                 if not self.interactive:
                     raise
                 self.say(f"[cancelled before the answer began; {outcome()}]", "yellow")
-                return None
+                return
             stream = choose_stream(self.console, plain=self.plain)
             streaming.set()
             final = None
@@ -645,15 +645,14 @@ class App:
                 if event["finish_reason"] is not None:  # the last text was being printed: the turn is committed
                     self.say("[interrupted while printing: the answer is kept; /retry answers again, /undo removes it]",
                              "yellow")  # fmt: skip
-                    return None
+                    return
                 self.say(f"[interrupted: this answer was discarded; {outcome()}]", "yellow")
-                return None
+                return
             finally:
                 streaming.clear()
                 stream.finish()
         self.last_peak = peak_memory(device) if device is not None else None
         self._after_answer(final)
-        return final
 
     def _after_answer(self, final: dict) -> None:
         reason = final["finish_reason"]
