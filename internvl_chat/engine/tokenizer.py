@@ -372,10 +372,6 @@ class SpecialTokens:
     img_end: int
     img_context: int
 
-    @property
-    def stop_ids(self) -> tuple[int, int]:
-        return (self.im_end, self.endoftext)
-
 
 _SPECIAL_TEXT = {
     "im_start": "<|im_start|>",
