@@ -179,7 +179,7 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         try:
-            os.fchmod(fd, mode & ~_umask())
+            os.fchmod(fd, mode & ~current_umask())
             view = memoryview(payload)
             while view:
                 view = view[os.write(fd, view) :]
@@ -227,7 +227,8 @@ def _make_folders(folder: Path, mode: int) -> None:
                 raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(folder)) from None
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is put straight back)."""
     current = os.umask(0)
     os.umask(current)
     return current

@@ -50,7 +50,7 @@ from .engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, load_config, read_co
 from .engine.language import Attention, DecoderLayer, Qwen2ForCausalLM
 from .engine.loader import LoadedModel, load_model, resolve_device
 from .errors import CheckpointError, OneLineParser, UsageError
-from .files import MiB, expand_home, read_bytes_file, visible
+from .files import MiB, current_umask, expand_home, read_bytes_file, visible
 from .media.image import load_image, normalize_tiles
 from .quant.awq_format import SCALE_MIN, dequantize_awq, quantize_rtn
 
@@ -712,14 +712,8 @@ def staging_folder(dst: Path) -> Path:
     except OSError as e:  # named by the user's paths, never the staging folder's
         raise UsageError(f"cannot write the output {shown} in {visible(str(dst.parent))} ({e.strerror or e}); "
                          "choose a folder you can write to") from None  # fmt: skip
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the checkpoint should not be
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; the checkpoint should not be
     return staging
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def publish(staging: Path, dst: Path) -> None:

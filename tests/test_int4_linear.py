@@ -16,7 +16,6 @@ from internvl_chat.quant.int4_linear import (
     dense_from_tinygemm_cuda,
     int4_backend_supported,
     tinygemm_cuda_block_order,
-    unpack_tinygemm_cuda,
 )
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # SPEC §2: slot s of word j holds column 8j + ORDER[s]
@@ -168,6 +167,18 @@ def ref_pack_tinygemm_cuda(q_out_in: torch.Tensor, inner_k_tiles: int) -> torch.
                             word |= int(q_out_in[n, k]) << (4 * (4 * h + jj))
                     out[nt, ko, lane, i2] = word - (1 << 32) if word >= (1 << 31) else word
     return out
+
+
+def unpack_tinygemm_cuda(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ref_pack_tinygemm_cuda, by reshaping instead of loops: int32 [N/8, K/(16t),
+    32, t/2] → 4-bit values uint8 [N, K] (out×in)."""
+    n_tiles, k_outer, lanes, half_tiles = packed.shape
+    as_bytes = packed.contiguous().view(torch.uint8)  # [..., t/2 * 4]; byte b = slots 2b, 2b + 1
+    nibbles = torch.stack((as_bytes & 0xF, as_bytes >> 4), dim=-1)
+    # [nt, ko, lane_hi(8), lane_lo(4), i2, h(2), jj(4)] → n = (nt, lane_hi), k = (ko, i2, jj, lane_lo, h)
+    nibbles = nibbles.reshape(n_tiles, k_outer, lanes // 4, 4, half_tiles, 2, 4)
+    ordered = nibbles.permute(0, 2, 1, 4, 6, 3, 5)
+    return ordered.reshape(n_tiles * 8, k_outer * half_tiles * 2 * 16)
 
 
 @pytest.mark.parametrize("inner_k_tiles", [2, 4, 8])

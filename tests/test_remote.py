@@ -33,7 +33,6 @@ from internvl_chat.media.image import IMAGENET_MEAN, IMAGENET_STD
 from internvl_chat.settings import REMOTE_DIALECTS
 
 REPLY = "A red circle on white.\n"
-PARAMS = SamplingParams(max_new_tokens=64)
 
 
 def models_of(dialect: str) -> bytes:

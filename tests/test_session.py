@@ -313,7 +313,8 @@ def test_cancel_keeps_partial_answer_and_next_turn_works(loaded):
     # the cache holds the partial answer; the next turn closes it with <|im_end|>
     assert session.start_pos == len(session.ids)
     final = _run(session.ask("Go on."))
-    assert session.turns[-1].prompt_ids[: len(session.builder.closing_ids())] == session.builder.closing_ids()
+    closing = [session.builder.im_end_id, *session.builder.tokenizer.encode("\n")]
+    assert session.turns[-1].prompt_ids[: len(closing)] == closing
 
 
 def test_undo_and_retry_rewind_without_reprefill(loaded, media_dir):

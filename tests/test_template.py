@@ -165,11 +165,10 @@ def test_user_text_cannot_inject_control_tokens(tokenizer: Any) -> None:
 # ---- other API -------------------------------------------------------------------------------
 
 
-def test_special_ids_stop_ids_and_closing(tokenizer: Any) -> None:
+def test_special_ids_and_stop_ids(tokenizer: Any) -> None:
     builder = PromptBuilder(tokenizer, SYS)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert builder.stop_ids == (im_end, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-    assert builder.closing_ids() == ids_of(tokenizer, "<|im_end|>\n")
     assert builder.img_context_id == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
 
 

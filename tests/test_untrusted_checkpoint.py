@@ -654,10 +654,6 @@ def test_a_weight_file_that_is_a_fifo(tiny_original, tmp_path):
 # ------------------------------------------------------------------ pickles
 
 
-class _Opaque:
-    pass
-
-
 def _pickles(folder: Path) -> dict[str, tuple[Path, list[str]]]:
     """name -> (file, words the refusal must contain)."""
     out = {}

@@ -125,8 +125,9 @@ class Conversation(Protocol):
         ...
 
     # ---- media ------------------------------------------------------------------------------
-    def describe_image(self, path: str | Path, max_tiles: int = 12) -> Media:
-        """Measure an image without decoding it: the UI shows the cost before any work."""
+    def describe_image(self, path: str | Path, max_tiles: int | None = None) -> Media:
+        """Measure an image without decoding it: the UI shows the cost before any work. `max_tiles`
+        None (or 0): the model's own limit (a remote one's is taken to be InternVL3's, 12)."""
         ...
 
     def describe_video(self, path: str | Path, frames: int = 8, video_range: tuple[float, float] | None = None) -> Media: ...

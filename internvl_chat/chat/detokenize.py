@@ -38,7 +38,6 @@ class IncrementalDetokenizer:
         self._read = 0  # end of the printed part
         self._prefix_text: str | None = None  # decode(ids[prefix:read]), cached until offsets move
         self._printed_pending = 0  # chars past the prefix text already printed while the window is open
-        self._chunks: list[str] = []  # everything emitted so far
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
@@ -73,11 +72,4 @@ class IncrementalDetokenizer:
             self._printed_pending = 0
         else:
             self._printed_pending += len(delta)
-        if delta:
-            self._chunks.append(delta)
         return delta
-
-    @property
-    def text(self) -> str:
-        """All text emitted so far."""
-        return "".join(self._chunks)

@@ -58,7 +58,6 @@ OWNED_BY = {
     "library": "ollama",
     "ollama": "ollama",
 }
-FRAME_TILES = 1  # a video frame is one tile, as InternVL's own video path does
 
 
 def detect_dialect(owned_by: Any) -> str:
@@ -219,10 +218,6 @@ def request_body(
 def tiles_are_per_request(dialect: str) -> bool:
     """True where one tile limit covers every image of a request (vLLM's mm_processor_kwargs)."""
     return dialect == "vllm"
-
-
-def sends_tile_limit(dialect: str) -> bool:
-    return dialect in ("lmdeploy", "vllm", "sglang", "internvl-chat")
 
 
 def render_content(content: str | list[dict]) -> str:

@@ -45,6 +45,7 @@ from ..media.image import (
     upright,
 )
 from ..media.video import load_video, probe_video, used_range
+from ..settings import without_credentials
 from ..threads import start_worker
 from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
@@ -61,10 +62,9 @@ from .dialects import (
     user_content,
 )
 from .remote_http import ApiClient, ChatStream, shorten
-from .remote_http import without_credentials as _without_credentials
 from .sampling import SamplingParams
-from .session import SESSION_FORMAT, SESSION_VERSION, Media, ReadiedSession, saved_media, sha256_of
-from .session_file import SESSION_FILE_MODE, read_session_file, session_json
+from .session import Media, ReadiedSession, saved_media, sha256_of
+from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
 from .template import media_order
 
 DEFAULT_MAX_TILES = 12  # max_dynamic_patch of every InternVL3 checkpoint
@@ -117,7 +117,7 @@ class RemoteTurn:
     @property
     def answer_text(self) -> str:
         if self.finish_reason == "cancelled":
-            return self.reply + (" [cancelled]" if self.reply else "[cancelled]")
+            return self.reply + (f" {CANCELLED_MARK}" if self.reply else CANCELLED_MARK)
         return self.reply
 
     @property
@@ -560,7 +560,7 @@ class RemoteConversation:
     def to_json(self, settings: dict | None = None, path: str | Path | None = None) -> dict:
         """The conversation as JSON; with `path` (where it is saved) media also get a path relative to it."""
         where = Path(path) if path is not None else Path("session.json")
-        backend = {"kind": "remote", "server": _without_credentials(self.client.base_url), "model": self.model,
+        backend = {"kind": "remote", "server": without_credentials(self.client.base_url), "model": self.model,
                    "dialect": self.dialect}  # fmt: skip
         return {
             "format": SESSION_FORMAT,

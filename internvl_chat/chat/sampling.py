@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from ..errors import GenerationError, UsageError
-from ..settings import REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, TEMPERATURE_MAX, Settings
+from ..settings import REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, SEED_MAX, TEMPERATURE_MAX, Settings
 
-MAX_SEED = 2**63 - 1  # what every torch generator accepts (the settings use the same range)
 # A temperature below this samples the argmax, its limit: logits divided by 1e-45 overflow float32
 # to inf (and the draw would fail as non-finite), and long before that the distribution is one-hot.
 GREEDY_BELOW = 1e-5
@@ -71,8 +70,8 @@ class SamplingParams:
             )
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be an integer >= 1, not {self.max_new_tokens!r}; try 512")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            raise UsageError(f"seed must be an integer from 0 to {MAX_SEED}, not {self.seed!r}; omit it for a random seed")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX):
+            raise UsageError(f"seed must be an integer from 0 to {SEED_MAX}, not {self.seed!r}; omit it for a random seed")
         if not all(_is_int(t) and t >= 0 for t in self.stop_ids):
             raise UsageError(f"stop_ids must be token ids (integers >= 0), not {self.stop_ids!r}")
         return self
@@ -208,12 +207,6 @@ class Sampler:
         ids = torch.as_tensor(token_ids, dtype=torch.long).to(self.device, non_blocking=True)
         self._seen.index_fill_(0, ids.reshape(-1).clamp(max=self.vocab_size), True)
 
-    def reset_seen(self, token_ids: torch.Tensor | list[int] | None = None) -> None:
-        """Forget the penalty set (e.g. after /undo) and optionally rebuild it from `token_ids`."""
-        self._seen.zero_()
-        if token_ids is not None:
-            self.observe(token_ids)
-
     def next_token(self, logits: torch.Tensor) -> torch.Tensor:
         """Pick the next token from float logits [V] (or [1, V]); returns LongTensor [1] on device.
 
@@ -263,16 +256,6 @@ class Sampler:
         q = torch.empty_like(probs).exponential_(1.0, generator=self.generator)
         q.clamp_min_(torch.finfo(q.dtype).tiny)  # Exp(1) can return 0 on CPU; 0/0 would be NaN
         return torch.argmax(probs / q, dim=-1, keepdim=True)
-
-    @property
-    def bad_flag(self) -> torch.Tensor:
-        """Device bool scalar: has any step since construction seen non-finite logits?"""
-        return self._bad
-
-    def check(self) -> None:
-        """Sync on the non-finite flag alone and raise GenerationError if it is set."""
-        if bool(self._bad):
-            raise GenerationError(NON_FINITE_MESSAGE)
 
     def read(self, token: torch.Tensor) -> int:
         """The token id as an int, fetched together with the non-finite flag in one transfer."""

@@ -1,7 +1,7 @@
 """A conversation over one KV cache: turns, start_pos, budget, undo/retry, save/load.
 
 The cache is positional. `ids` holds every committed token; the cache is valid for
-`ids[:start_pos]`, and the tokens after it (at most the closing of the last answer) are
+`ids[:start_pos]`, and the tokens after it (at most one: the token that hit the length limit) are
 prefilled at the head of the next turn. Each turn prefills only its own new tokens, and the vision
 encoder runs only on media attached to that turn. Undo moves `start_pos` back to a turn boundary:
 nothing before it is re-prefilled. Retry moves it back to the last token of its turn's prompt, which
@@ -30,7 +30,7 @@ from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .generate import MEDIA_ADVICE, is_out_of_memory, out_of_memory_as_error, stream_generate
 from .sampling import NON_FINITE_IN_FLOAT32, NON_FINITE_MESSAGE, Sampler, SamplingParams
-from .session_file import (CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,  # noqa: F401
+from .session_file import (CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, SavedMedia, SavedSession,
                            SavedTurn, media_candidates, media_json_paths, read_session_file, session_json)  # fmt: skip
 from .template import MediaSpec, PromptBuilder, media_order
 
@@ -350,7 +350,7 @@ class Session:
             # outlive an /undo, read by the masked decode step (see _clear_cache_from)
             self._clear_cache_from(self.start_pos, self.start_pos + 1)
         if event["finish_reason"] == "cancelled":
-            text += " [cancelled]" if text else "[cancelled]"
+            text += f" {CANCELLED_MARK}" if text else CANCELLED_MARK
         turn.answer_ids = list(event["token_ids"])
         turn.answer_text = text
         turn.finish_reason = event["finish_reason"]

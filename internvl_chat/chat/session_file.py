@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..files import PRIVATE_FILE_MODE, escape_hidden, expand_home, read_text_file, undecodable_byte, visible
-from ..settings import MAX_RANGE_SECONDS
+from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS, MAX_TILES
 from .dialects import DIALECTS
 
 SESSION_FORMAT = "internvl-chat-session"
@@ -42,9 +42,8 @@ SESSION_VERSION = 1
 # Limits of what a session may hold; far above any real conversation (the context caps it first).
 MAX_TURNS = 10_000
 MAX_MEDIA_PER_TURN = 64
-MAX_TILES = 64  # the largest media.max_tiles setting
-MAX_FRAMES = 256  # the largest media.frames setting
-MAX_SECONDS = MAX_RANGE_SECONDS  # what /video --range accepts, so a saved range loads back
+# media.max_tiles and media.frames go up to the settings' MAX_TILES and MAX_FRAMES, and a saved
+# video range as far as /video --range accepts (MAX_RANGE_SECONDS), so what was saved loads back
 FINISH_REASONS = ("stop", "length", "cancelled")
 CANCELLED_MARK = "[cancelled]"  # a local answer that was cut by Ctrl-C ends with " [cancelled]"
 BACKEND_KINDS = ("local", "remote")
@@ -181,7 +180,7 @@ class _Checker:
         return value
 
     def seconds(self, value: Any, where: str) -> float:
-        if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value <= MAX_RANGE_SECONDS:
             self.fail(where, "must be a number of seconds ≥ 0", value)
         return float(value)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import RemoteError
@@ -41,11 +40,6 @@ class SSEDecoder:
         self._last_id: str | None = None
         self._started = False
         self.comments = 0
-
-    @property
-    def incomplete(self) -> bool:
-        """True when the stream stopped inside an event (data read, no blank line after it)."""
-        return bool(self._data or self._tail_chars or self._text.strip("\r\n"))
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         text = self._utf8.decode(chunk)
@@ -138,11 +132,3 @@ def _next_break(text: str, start: int) -> tuple[int, int] | None:
     """(index of the next line break at or after start, index after it), or None."""
     found = _LINE_BREAK.search(text, start)
     return None if found is None else found.span()
-
-
-def iter_events(chunks: Iterable[bytes], decoder: SSEDecoder | None = None) -> Iterator[SSEEvent]:
-    """Events from an iterable of byte chunks (an HTTP response body)."""
-    decoder = decoder or SSEDecoder()
-    for chunk in chunks:
-        yield from decoder.feed(chunk)
-    yield from decoder.finish()

@@ -91,7 +91,6 @@ class PromptBuilder:
             IMG_END: self.img_end_id,
             IMG_CONTEXT: self.img_context_id,
         }
-        self._newline_ids = self._encode("\n")
 
     def _special_id(self, token: str, required: bool = True) -> int | None:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -125,10 +124,6 @@ class PromptBuilder:
     def user_turn(self, text: str, media: Sequence[MediaSpec] = ()) -> list[int]:
         """`next_turn` without the leading `<|im_end|>\\n` (for a cache whose last answer is already closed)."""
         return self._to_ids(self._user_pieces(text, media))
-
-    def closing_ids(self) -> list[int]:
-        """`<|im_end|>\\n`: closes a finished or cancelled answer."""
-        return [self.im_end_id, *self._newline_ids]
 
     def render_text(
         self, text: str, media: Sequence[MediaSpec] = (), first: bool = True, expand_images: bool = True

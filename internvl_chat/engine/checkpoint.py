@@ -170,10 +170,6 @@ class WeightFiles:
     files: tuple[Path, ...]
     index: Path | None = None
 
-    @property
-    def sharded(self) -> bool:
-        return len(self.files) > 1 or self.index is not None
-
     def payload_bytes(self) -> int:
         """Bytes of weight data, for checking config.json against before anything is allocated.
 

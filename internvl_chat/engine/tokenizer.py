@@ -10,7 +10,7 @@ transformers' AutoTokenizer, imported then. Both are used through one interface,
   special token (a user typing "<|im_end|>") is tokenized as plain text, as transformers does
   with `split_special_tokens=True` (SPEC §3: user text cannot inject control tokens);
 - `decode(ids, skip_special_tokens=False)`: text, without transformers' space clean-up;
-- `convert_tokens_to_ids` / `convert_ids_to_tokens` (None when absent), `get_vocab`, `len()`;
+- `convert_tokens_to_ids` (None when absent), `get_vocab`, `len()`;
 - `special_ids`: every special token (never printed), and `SpecialTokens` for the chat template.
 """
 
@@ -58,10 +58,6 @@ class Tokenizer(ABC):
         """See the module docstring."""
 
     @abstractmethod
-    def convert_ids_to_tokens(self, token_id: int) -> str | None:
-        """See the module docstring."""
-
-    @abstractmethod
     def get_vocab(self) -> dict[str, int]:
         """See the module docstring."""
 
@@ -105,9 +101,6 @@ class FastTokenizer(Tokenizer):
 
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
-
-    def convert_ids_to_tokens(self, token_id: int) -> str | None:
-        return self.backend.id_to_token(int(token_id))
 
     def get_vocab(self) -> dict[str, int]:
         return self.backend.get_vocab(with_added_tokens=True)
@@ -160,9 +153,6 @@ class TransformersTokenizer(Tokenizer):
         if isinstance(token_id, int) and self.hf.convert_ids_to_tokens(token_id) == token:
             return token_id
         return None
-
-    def convert_ids_to_tokens(self, token_id: int) -> str | None:
-        return self.hf.convert_ids_to_tokens(int(token_id))
 
     def get_vocab(self) -> dict[str, int]:
         return self.hf.get_vocab()
@@ -381,10 +371,6 @@ class SpecialTokens:
     img_start: int
     img_end: int
     img_context: int
-
-    @property
-    def stop_ids(self) -> tuple[int, int]:
-        return (self.im_end, self.endoftext)
 
 
 _SPECIAL_TEXT = {

@@ -85,18 +85,7 @@ def _awq_to_tinygemm_bytes(q_in_out: torch.Tensor) -> torch.Tensor:
     return ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
 
 
-def unpack_tinygemm_cuda(packed: torch.Tensor) -> torch.Tensor:
-    """Tinygemm's CUDA int32 [N/8, K/(16t), 32, t/2] → 4-bit values uint8 [N, K] (out×in)."""
-    n_tiles, k_outer, lanes, half_tiles = packed.shape
-    as_bytes = packed.contiguous().view(torch.uint8)  # [..., t/2 * 4]; byte b = slots 2b, 2b + 1
-    nibbles = torch.stack((as_bytes & 0xF, as_bytes >> 4), dim=-1)
-    # [nt, ko, lane_hi(8), lane_lo(4), i2, h(2), jj(4)] → n = (nt, lane_hi), k = (ko, i2, jj, lane_lo, h)
-    nibbles = nibbles.reshape(n_tiles, k_outer, lanes // 4, 4, half_tiles, 2, 4)
-    ordered = nibbles.permute(0, 2, 1, 4, 6, 3, 5)
-    return ordered.reshape(n_tiles * _TILE_N, k_outer * half_tiles * 2 * _TILE_K)
-
-
-# The fast dense path avoids that nibble shuffle. For one n, the 4·(t/2) words of lanes
+# The fast dense path needs no nibble shuffle back to k order. For one n, the 4·(t/2) words of lanes
 # 4·lane_hi .. +3 are contiguous and hold the whole 16t-wide k-block, so copying those chunks
 # (0.5 B/weight) gives rows n in order with each k-block's nibbles in a fixed scrambled order.
 # The weight is dequantized in that order and the activations' columns are permuted to match.

@@ -590,8 +590,8 @@ class App:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str) -> dict | None:
-        """Run one turn's event stream on the console; returns its final event (None if abandoned)."""
+    def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str) -> None:
+        """Run one turn's event stream on the console."""
         cancel = threading.Event()
         streaming = threading.Event()
 
@@ -623,7 +623,7 @@ class App:
                 if not self.interactive:
                     raise
                 self.say(f"[cancelled before the answer began; {outcome()}]", "yellow")
-                return None
+                return
             stream = choose_stream(self.console, plain=self.plain)
             streaming.set()
             final = None
@@ -645,15 +645,14 @@ class App:
                 if event["finish_reason"] is not None:  # the last text was being printed: the turn is committed
                     self.say("[interrupted while printing: the answer is kept; /retry answers again, /undo removes it]",
                              "yellow")  # fmt: skip
-                    return None
+                    return
                 self.say(f"[interrupted: this answer was discarded; {outcome()}]", "yellow")
-                return None
+                return
             finally:
                 streaming.clear()
                 stream.finish()
         self.last_peak = peak_memory(device) if device is not None else None
         self._after_answer(final)
-        return final
 
     def _after_answer(self, final: dict) -> None:
         reason = final["finish_reason"]
@@ -982,7 +981,7 @@ class App:
         with self.spinner(f"reading {visible(path.name)} …"):
             readied = self.session.read_saved(path)
         source = f"session {visible(path.name)}"
-        restored, changes = self._restored_settings(readied.saved.settings, source)
+        changes = self._session_setting_changes(readied.saved.settings, source)
         if not self._may_discard_conversation(f"load {visible(path.name)}"):
             self.say("not loaded")
             return
@@ -1029,12 +1028,10 @@ class App:
             return True
         return self.confirm(f"the conversation so far ({len(turns)} turn(s)) is not saved; {doing} anyway? [y/N] ")
 
-    def _restored_settings(self, saved: dict[str, Any], source: str) -> tuple[Settings, list[tuple[str, Any, Any]]]:
-        """The settings with the session's generation and media values, checked on a copy.
-
-        Returns the copy and [(key, old, new)] for the values that change. A bad value raises
-        UsageError naming the key, before anything was changed.
-        """
+    def _session_setting_changes(self, saved: dict[str, Any], source: str) -> list[tuple[str, Any, Any]]:
+        """[(key, old, new)] for the session's generation and media values that differ from ours,
+        checked on a copy of the settings: a bad value raises UsageError naming the key, before
+        anything was changed."""
         trial = copy.deepcopy(self.settings)
         changes = []
         for key in RESTORED_SETTINGS:
@@ -1046,7 +1043,7 @@ class App:
                 if old != new or type(old) is not type(new):
                     changes.append((key, old, new))
         params_from_settings(trial)  # the values must also be valid together
-        return trial, changes
+        return changes
 
     def _find_session(self, raw: Path) -> Path:
         """A path as given (.json optional), else a file of that name in the sessions folder."""

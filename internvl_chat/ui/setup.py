@@ -14,7 +14,7 @@ from ..chat.session import Media, Session
 from ..engine.loader import LoadedModel, load_model
 from ..errors import UsageError
 from ..files import expand_home, visible
-from ..settings import Settings
+from ..settings import Settings, without_credentials
 from .commands import parse_range
 
 
@@ -66,7 +66,6 @@ def open_conversation(settings: Settings, show_progress: bool | None = None) -> 
 def open_remote(settings: Settings, show_progress: bool) -> Conversation:
     """Connect (GET /models: the model id, dialect and context). The model flags do not apply."""
     from ..chat.remote import RemoteConversation  # httpx is imported only for a server
-    from ..chat.remote_http import without_credentials
 
     r = settings.remote
     status = _spinner(f"connecting to {visible(without_credentials(r.server))} …") if show_progress else nullcontext()
