@@ -21,7 +21,8 @@ from internvl_chat.errors import GenerationError
 from app_helpers import make_app, output
 from fault_helpers import fail_once
 from media_helpers import textured_rgb
-from test_session import _params, _run
+from session_helpers import final_event
+from test_session import _params
 from test_session_retry import _close, _next_logits
 
 CPU_OOM = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8"
@@ -75,18 +76,18 @@ POINTS = {
 def test_out_of_memory_in_an_ask_is_one_error_and_the_next_turn_is_a_fresh_sessions(loaded, picture, monkeypatch, point):
     owner, name, error, at_call, said = POINTS[point]
     session = Session(loaded, _params(4))
-    _run(session.ask("First."))
+    final_event(session.ask("First."))
     before = _state(session)
     fail_once(monkeypatch, owner(loaded.model), name, error, at_call)
     with pytest.raises(GenerationError, match=f"^{said}; "):
-        _run(session.ask("What is this?", [session.describe_image(picture)]))
+        final_event(session.ask("What is this?", [session.describe_image(picture)]))
     monkeypatch.undo()
     assert _state(session) == before
     fresh = Session(loaded, _params(4))
-    _run(fresh.ask("First."))
+    final_event(fresh.ask("First."))
     assert _close(_next_logits(session), _next_logits(fresh))
-    want = _run(fresh.ask("What is this?", [fresh.describe_image(picture)]))["token_ids"]
-    assert _run(session.ask("What is this?", [session.describe_image(picture)]))["token_ids"] == want
+    want = final_event(fresh.ask("What is this?", [fresh.describe_image(picture)]))["token_ids"]
+    assert final_event(session.ask("What is this?", [session.describe_image(picture)]))["token_ids"] == want
     assert _state(session) == _state(fresh)
 
 
@@ -94,19 +95,19 @@ def test_out_of_memory_in_an_ask_is_one_error_and_the_next_turn_is_a_fresh_sessi
 def test_out_of_memory_in_a_retry_keeps_the_old_answer(loaded, picture, monkeypatch, point):
     owner, name, error, at_call, said = POINTS[point]
     session = Session(loaded, _params(4))
-    _run(session.ask("Look.", [session.describe_image(picture)]))
-    _run(session.ask("Tell me more."))
+    final_event(session.ask("Look.", [session.describe_image(picture)]))
+    final_event(session.ask("Tell me more."))
     before = _state(session)
     fail_once(monkeypatch, owner(loaded.model), name, error, at_call)
     with pytest.raises(GenerationError, match=f"^{said}; "):
-        _run(session.retry())
+        final_event(session.retry())
     monkeypatch.undo()
     assert _state(session) == before
-    want = _run(session.retry())["token_ids"]
+    want = final_event(session.retry())["token_ids"]
     assert want == before[2][-1][1]  # greedy: the same answer again
     session.undo()
     fresh = Session(loaded, _params(4))
-    _run(fresh.ask("Look.", [fresh.describe_image(picture)]))
+    final_event(fresh.ask("Look.", [fresh.describe_image(picture)]))
     assert _close(_next_logits(session), _next_logits(fresh))
 
 
@@ -163,7 +164,7 @@ def test_a_retry_interrupted_between_events_says_the_old_answer_stayed(loaded, t
 
 def test_an_answer_interrupted_while_its_last_text_is_printed_is_said_to_be_kept(loaded, tmp_path, monkeypatch):
     fresh = Session(loaded, _params(6))
-    _run(fresh.ask("Hello there."))
+    final_event(fresh.ask("Hello there."))
     events = list(fresh.ask("Next?"))
     app, out = make_app(loaded, tmp_path, max_new_tokens=6, interactive=True)
     app.handle_line("Hello there.")
@@ -179,20 +180,20 @@ def test_a_failure_in_the_third_prefill_chunk_after_an_undo_leaves_the_undone_co
                                                                                           error):  # fmt: skip
     monkeypatch.setattr(loaded.model, "prefill_chunk", 64)  # the image turn's ~280 tokens in 5 chunks
     session = Session(loaded, _params(4))
-    _run(session.ask("First."))
-    _run(session.ask("Second."))
+    final_event(session.ask("First."))
+    final_event(session.ask("Second."))
     session.undo()
     before = _state(session)
     fail_once(monkeypatch, loaded.model.language_model, "forward_embeds", error, 3)
     with pytest.raises(GenerationError if error is not KeyboardInterrupt else KeyboardInterrupt):
-        _run(session.ask("What is this?", [session.describe_image(picture)]))
+        final_event(session.ask("What is this?", [session.describe_image(picture)]))
     assert _state(session) == before
     monkeypatch.undo()
     fresh = Session(loaded, _params(4))
-    _run(fresh.ask("First."))
+    final_event(fresh.ask("First."))
     assert _close(_next_logits(session), _next_logits(fresh))
-    want = _run(fresh.ask("What is this?", [fresh.describe_image(picture)]))["token_ids"]
-    assert _run(session.ask("What is this?", [session.describe_image(picture)]))["token_ids"] == want
+    want = final_event(fresh.ask("What is this?", [fresh.describe_image(picture)]))["token_ids"]
+    assert final_event(session.ask("What is this?", [session.describe_image(picture)]))["token_ids"] == want
 
 
 class _InterruptedAppend(list):
@@ -205,16 +206,16 @@ class _InterruptedAppend(list):
 
 def test_a_ctrl_c_as_the_answer_is_committed_leaves_the_conversation_as_before(loaded):
     session = Session(loaded, _params(4))
-    _run(session.ask("First."))
+    final_event(session.ask("First."))
     before = _state(session)
     session.turns = _InterruptedAppend(session.turns)
     with pytest.raises(KeyboardInterrupt):
-        _run(session.ask("Second."))
+        final_event(session.ask("Second."))
     session.turns = list(session.turns)
     assert _state(session) == before  # not a turn whose ids were rewound
     fresh = Session(loaded, _params(4))
-    _run(fresh.ask("First."))
-    assert _run(session.ask("Second."))["token_ids"] == _run(fresh.ask("Second."))["token_ids"]
+    final_event(fresh.ask("First."))
+    assert final_event(session.ask("Second."))["token_ids"] == final_event(fresh.ask("Second."))["token_ids"]
     assert _state(session) == _state(fresh)
 
 
@@ -255,8 +256,8 @@ def test_a_ctrl_c_as_a_retry_removes_the_old_answer_puts_it_back(loaded, monkeyp
     # between the retry's removing the old answer and its guard, a Ctrl-C lost the turn and left
     # ids cut inside its prompt
     session = Session(loaded, _params(4))
-    _run(session.ask("First."))
-    _run(session.ask("Second."))
+    final_event(session.ask("First."))
+    final_event(session.ask("Second."))
     if prefilling:
         session._cached_prompt_end = lambda turn: None
     before = _state(session)
@@ -269,8 +270,8 @@ def test_a_ctrl_c_as_a_retry_removes_the_old_answer_puts_it_back(loaded, monkeyp
     else:
         monkeypatch.setattr(session, "check_budget", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _run(session.retry())
+        final_event(session.retry())
     monkeypatch.undo()
     assert _state(session) == before
-    assert _run(session.retry())["token_ids"] == before[2][-1][1]
+    assert final_event(session.retry())["token_ids"] == before[2][-1][1]
     assert _state(session) == before

@@ -20,6 +20,7 @@ from internvl_chat.engine.loader import load_model
 from internvl_chat.engine.model import prefill_chunk_tokens
 from internvl_chat.errors import Cancelled
 from media_helpers import textured_rgb
+from session_helpers import final_event
 
 TOL = 1e-4
 
@@ -38,21 +39,14 @@ def picture(tmp_path_factory):
     return path
 
 
-def _run(events) -> dict:
-    final = None
-    for event in events:
-        final = event
-    return final
-
-
 def _cache_rows(model, end: int) -> list[torch.Tensor]:
     return [t[:, :, :end].clone() for pair in model.language_model.caches() for t in pair]
 
 
 def test_chunks_give_the_logits_and_cache_of_one_forward(loaded, picture, monkeypatch):
     session = Session(loaded, SamplingParams(max_new_tokens=4))
-    _run(session.ask("Hello."))  # the picture's turn starts after cached tokens
-    _run(session.ask("What is in the picture?", [session.describe_image(picture)]))
+    final_event(session.ask("Hello."))  # the picture's turn starts after cached tokens
+    final_event(session.ask("What is in the picture?", [session.describe_image(picture)]))
     turn = session.turns[-1]
     ids = session.ids[turn.pos_before : turn.ids_before] + turn.prompt_ids
     features, start = turn.features, turn.pos_before
@@ -92,11 +86,11 @@ def test_chunk_size_follows_the_device_and_the_decoder_size():
 def test_a_cancel_between_chunks_leaves_the_session_as_before(loaded, picture, monkeypatch):
     params = SamplingParams(max_new_tokens=6)
     reference = Session(loaded, params)
-    _run(reference.ask("Hello."))
-    want = _run(reference.ask("What is in the picture?", [reference.describe_image(picture)]))
+    final_event(reference.ask("Hello."))
+    want = final_event(reference.ask("What is in the picture?", [reference.describe_image(picture)]))
 
     session = Session(loaded, params)
-    _run(session.ask("Hello."))
+    final_event(session.ask("Hello."))
     before = (list(session.ids), session.start_pos, len(session.turns))
     monkeypatch.setattr(loaded.model, "prefill_chunk", 64)
     lm = loaded.model.language_model
@@ -110,14 +104,14 @@ def test_a_cancel_between_chunks_leaves_the_session_as_before(loaded, picture, m
 
     monkeypatch.setattr(lm, "forward_embeds", counting)
     with pytest.raises(Cancelled):
-        _run(session.ask("What is in the picture?", [session.describe_image(picture)], cancel=cancel))
+        final_event(session.ask("What is in the picture?", [session.describe_image(picture)], cancel=cancel))
     assert chunks == [64, 64]  # stopped at the next chunk, not at the end of the prefill
     assert (list(session.ids), session.start_pos, len(session.turns)) == before
     for t in (t for pair in lm.caches() for t in pair):
         assert not t[:, :, session.start_pos : session.start_pos + 128].any()  # the two chunks were cleared
 
     monkeypatch.setattr(lm, "forward_embeds", forward_embeds)
-    got = _run(session.ask("What is in the picture?", [session.describe_image(picture)]))
+    got = final_event(session.ask("What is in the picture?", [session.describe_image(picture)]))
     assert got["token_ids"] == want["token_ids"]  # asked again: as if it had never been cancelled
 
 
@@ -135,6 +129,6 @@ def test_a_cancel_stops_the_vision_encoder_between_batches(loaded, picture, monk
     monkeypatch.setattr(vision, "forward", counting)
     media = session.describe_image(picture)
     with pytest.raises(Cancelled):
-        _run(session.ask("What is in the picture?", [media], cancel=cancel))
+        final_event(session.ask("What is in the picture?", [media], cancel=cancel))
     assert batches == [4]
     assert session.turns == [] and session.start_pos == 0

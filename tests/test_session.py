@@ -17,6 +17,7 @@ from internvl_chat.errors import ContextOverflowError, GenerationError, MediaErr
 from fault_helpers import fail_once
 from media_helpers import textured_rgb, write_numbered_video
 from reference import reference_model
+from session_helpers import final_event
 
 TOL = 1e-4
 
@@ -39,17 +40,10 @@ def _params(n=6):
     return SamplingParams(max_new_tokens=n)
 
 
-def _run(events) -> dict:
-    final = None
-    for event in events:
-        final = event
-    return final
-
-
 def _three_turns(session: Session, media_dir: Path) -> None:
-    _run(session.ask("Describe the picture.", [session.describe_image(media_dir / "scene.png")]))
-    _run(session.ask("And this clip?", [session.describe_video(media_dir / "clip.mp4", frames=4)]))
-    _run(session.ask("Thanks, one more thing."))
+    final_event(session.ask("Describe the picture.", [session.describe_image(media_dir / "scene.png")]))
+    final_event(session.ask("And this clip?", [session.describe_video(media_dir / "clip.mp4", frames=4)]))
+    final_event(session.ask("Thanks, one more thing."))
 
 
 def test_chunk_prefilling_equals_prefilling_everything(loaded, media_dir):
@@ -78,10 +72,10 @@ def test_each_turn_prefills_only_its_own_tokens(loaded, media_dir):
 
     loaded.model.forward = spy
     try:
-        _run(session.ask("Hello there."))
+        final_event(session.ask("Hello there."))
         before = session.start_pos
         calls.clear()
-        _run(session.ask("Second turn."))
+        final_event(session.ask("Second turn."))
     finally:
         del loaded.model.forward
     start, length = calls[0]
@@ -102,7 +96,7 @@ def test_greedy_multi_turn_matches_transformers_generate(tiny_original, loaded, 
     pixels = []
     for text, media in turns:
         context = session.ids + session.builder.next_turn(text, [m.spec for m in media]) if session.ids else None
-        _run(session.ask(text, media))
+        final_event(session.ask(text, media))
         turn = session.turns[-1]
         pixels += [m.pixel_values for m in media]
         prompt = session.ids[: turn.ids_before] + turn.prompt_ids
@@ -128,14 +122,14 @@ def test_overflow_names_the_largest_part_of_the_turn_first(tiny_original, media_
     small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
     fix = r"over the 1,024-token context; {}, a smaller max_new_tokens"
     with pytest.raises(ContextOverflowError, match=fix.format("send a shorter message")):
-        _run(Session(small, _params()).ask("word " * 2000))
+        final_event(Session(small, _params()).ask("word " * 2000))
     long_system = Session(small, _params(), system_message="be brief. " * 500)
     with pytest.raises(ContextOverflowError, match=fix.format(r"use a shorter system message \(/system TEXT, --system\)")):
-        _run(long_system.ask("Hi."))
+        final_event(long_system.ask("Hi."))
     session = Session(small, _params())
-    _run(session.ask("Hi."))
+    final_event(session.ask("Hi."))
     with pytest.raises(ContextOverflowError, match=fix.format("use fewer tiles or frames, /clear")):
-        _run(session.ask("What is this? " * 20, [session.describe_image(media_dir / "scene.png")]))
+        final_event(session.ask("What is this? " * 20, [session.describe_image(media_dir / "scene.png")]))
 
 
 def test_overflow_advice_fits_what_is_cached_and_reserved(tiny_original):
@@ -144,18 +138,18 @@ def test_overflow_advice_fits_what_is_cached_and_reserved(tiny_original):
     not the 15-token system message."""
     small = load_model(tiny_original, device="cpu", dtype="float32", max_context=256)
     with pytest.raises(ContextOverflowError) as first:
-        _run(Session(small, _params()).ask("word " * 200))
+        final_event(Session(small, _params()).ask("word " * 200))
     assert "/clear" not in str(first.value) and "send a shorter message, a smaller max_new_tokens" in str(first.value)
     with pytest.raises(ContextOverflowError, match=r"; use a smaller max_new_tokens, use a shorter system message "
                        r"\(/system TEXT, --system\), or a larger --max-context$"):  # fmt: skip
-        _run(Session(small, _params(300)).ask("Hi."))
+        final_event(Session(small, _params(300)).ask("Hi."))
     session = Session(small, _params())
-    _run(session.ask("Hi."))
+    final_event(session.ask("Hi."))
     with pytest.raises(ContextOverflowError, match=r"; send a shorter message, /clear, a smaller max_new_tokens"):
-        _run(session.ask("word " * 200))
+        final_event(session.ask("word " * 200))
     with pytest.raises(ContextOverflowError, match=r"; use a smaller max_new_tokens, send a shorter message, /clear, "
                        r"or a larger --max-context$"):  # fmt: skip
-        _run(session.ask("Hi.", params=_params(300)))
+        final_event(session.ask("Hi.", params=_params(300)))
 
 
 def test_overflow_advice_in_one_shot_mode_names_flags_not_commands(tiny_original, media_dir):
@@ -166,18 +160,18 @@ def test_overflow_advice_in_one_shot_mode_names_flags_not_commands(tiny_original
     picture = session.describe_image(media_dir / "scene.png")
     with pytest.raises(ContextOverflowError, match=r"; use fewer tiles or frames \(--max-tiles, --frames\), "
                        r"a smaller --max-new-tokens, or a larger --max-context$"):  # fmt: skip
-        _run(session.ask("What is this?", [picture, picture]))
+        final_event(session.ask("What is this?", [picture, picture]))
     with pytest.raises(ContextOverflowError, match=r"; use a smaller --max-new-tokens, use a shorter system message "
                        r"\(--system\), or a larger --max-context$"):  # fmt: skip
-        _run(session.ask("Hi.", params=_params(1200)))
+        final_event(session.ask("Hi.", params=_params(1200)))
     long_system = Session(small, _params(), system_message="be brief. " * 500)
     long_system.commands = False
     with pytest.raises(ContextOverflowError, match=r"; use a shorter system message \(--system\), a smaller --max-new-tokens"):
-        _run(long_system.ask("Hi."))
+        final_event(long_system.ask("Hi."))
     huge_system = Session(small, _params(), system_message="be brief. " * (1 << 18))
     huge_system.commands = False  # refused before tokenizing: its fewest tokens already overflow
     with pytest.raises(ContextOverflowError, match=r"; use a shorter system message \(--system\), or a larger --max-context$"):
-        _run(huge_system.ask("Hi."))
+        final_event(huge_system.ask("Hi."))
 
 
 def test_a_hopeless_paste_is_refused_before_it_is_tokenized(tiny_original, monkeypatch):
@@ -185,7 +179,7 @@ def test_a_hopeless_paste_is_refused_before_it_is_tokenized(tiny_original, monke
     took ~25 s and ~3 GB to tokenize, only to be refused); the session is unchanged after."""
     small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
     session = Session(small, _params())
-    _run(session.ask("Hi."))
+    final_event(session.ask("Hi."))
     state = (list(session.ids), session.start_pos, len(session.turns))
     paste = "x" * (1 << 21)  # 2 MiB
     assert small.tokenizer.fewest_tokens(paste) > 1024
@@ -198,9 +192,9 @@ def test_a_hopeless_paste_is_refused_before_it_is_tokenized(tiny_original, monke
     monkeypatch.setattr(type(small.tokenizer), "encode", encode)
     with pytest.raises(ContextOverflowError, match=r"this message is at least [\d,]+ tokens \(2,097,152 characters\).*"
                        r"over the 1,024-token context; send a shorter message, /clear"):  # fmt: skip
-        _run(session.ask(paste))
+        final_event(session.ask(paste))
     assert (session.ids, session.start_pos, len(session.turns)) == state
-    _run(session.ask("Still there?"))
+    final_event(session.ask("Still there?"))
     assert len(session.turns) == 2
 
 
@@ -223,16 +217,16 @@ def test_a_hopeless_system_message_is_refused_before_it_is_tokenized(tiny_origin
     session = Session(small, _params(), system_message=huge)
     with pytest.raises(ContextOverflowError, match=r"the system message is at least [\d,]+ tokens \(2,621,440 characters\).*"
                        r"over the 1,024-token context; use a shorter system message \(/system TEXT, --system\)"):  # fmt: skip
-        _run(session.ask("Hi."))
+        final_event(session.ask("Hi."))
     assert session.ids == [] and not session.turns
     session.set_system(None)
-    _run(session.ask("Hi."))
+    final_event(session.ask("Hi."))
     state = (list(session.ids), session.start_pos, len(session.turns))
     with pytest.raises(ContextOverflowError, match=r"the conversation needs at least [\d,]+ tokens, over the 1,024-token "
                        "context; use a shorter system message"):  # fmt: skip
         session.set_system(huge)
     assert (session.ids, session.start_pos, len(session.turns), session.system_message) == (*state, None)
-    _run(session.ask("Still there?"))
+    final_event(session.ask("Still there?"))
     assert len(session.turns) == 2
 
 
@@ -240,7 +234,7 @@ def test_a_session_file_with_a_hopeless_text_is_refused_before_it_is_tokenized(t
     """A 15 MB question in a session file took ~43 s and 4.5 GB to tokenize before /load refused it."""
     small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
     session = Session(small, _params())
-    _run(session.ask("Hi."))
+    final_event(session.ask("Hi."))
     session.save(tmp_path / "chat.json")
     data = json.loads((tmp_path / "chat.json").read_text(encoding="utf-8"))
     state = (list(session.ids), session.start_pos, len(session.turns))
@@ -252,7 +246,7 @@ def test_a_session_file_with_a_hopeless_text_is_refused_before_it_is_tokenized(t
         with pytest.raises(ContextOverflowError, match=r"needs more than [\d,]+ tokens, over the 1,024-token context"):
             session.load(tmp_path / "hostile.json")
         assert (session.ids, session.start_pos, len(session.turns)) == state, name
-    _run(session.ask("Still there?"))
+    final_event(session.ask("Still there?"))
     assert len(session.turns) == 2
 
 
@@ -272,13 +266,13 @@ def test_the_fewest_tokens_bound_never_exceeds_the_real_count(tiny_original, tex
 def test_overflow_leaves_the_session_unchanged(tiny_original, media_dir):
     small = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
     session = Session(small, _params())
-    _run(session.ask("Hi."))
+    final_event(session.ask("Hi."))
     state = (list(session.ids), session.start_pos, len(session.turns))
     big = session.describe_image(media_dir / "scene.png")
     with pytest.raises(ContextOverflowError, match=r"over the 1,024-token context; use fewer tiles or frames, /clear"):
-        _run(session.ask("What is this?", [big]))
+        final_event(session.ask("What is this?", [big]))
     assert (session.ids, session.start_pos, len(session.turns)) == state
-    _run(session.ask("Still there?"))
+    final_event(session.ask("Still there?"))
     assert len(session.turns) == 2
 
 
@@ -291,7 +285,7 @@ def test_decoding_stops_with_length_when_the_cache_is_full(tiny_original):
     prompt = small.tokenizer.encode("one two three four five six seven eight nine ten " * 3)
     prompt = (prompt * 4)[:60]
     sampler = Sampler(params, small.config.text.vocab_size, "cpu")
-    final = _run(stream_generate(small.model, small.tokenizer, prompt, 0, params, sampler, stop_ids=()))
+    final = final_event(stream_generate(small.model, small.tokenizer, prompt, 0, params, sampler, stop_ids=()))
     assert final["finish_reason"] == "length"
     assert final["cache_end"] == 64 and len(final["token_ids"]) == 5  # 4 fed + 1 that did not fit
 
@@ -312,16 +306,16 @@ def test_cancel_keeps_partial_answer_and_next_turn_works(loaded):
     assert session.turns[-1].answer_text.endswith("[cancelled]")
     # the cache holds the partial answer; the next turn closes it with <|im_end|>
     assert session.start_pos == len(session.ids)
-    final = _run(session.ask("Go on."))
+    final = final_event(session.ask("Go on."))
     closing = [session.builder.im_end_id, *session.builder.tokenizer.encode("\n")]
     assert session.turns[-1].prompt_ids[: len(closing)] == closing
 
 
 def test_undo_and_retry_rewind_without_reprefill(loaded, media_dir):
     session = Session(loaded, _params())
-    _run(session.ask("First.", [session.describe_image(media_dir / "small.png")]))
+    final_event(session.ask("First.", [session.describe_image(media_dir / "small.png")]))
     after_first = (list(session.ids), session.start_pos)
-    _run(session.ask("Second."))
+    final_event(session.ask("Second."))
     first_answer = session.turns[-1].answer_ids
     session.undo()
     assert (session.ids, session.start_pos) == after_first
@@ -329,13 +323,13 @@ def test_undo_and_retry_rewind_without_reprefill(loaded, media_dir):
     original = loaded.model.encode_images
     loaded.model.encode_images = lambda px, cancel=None: calls.append(px.shape[0]) or original(px, cancel)
     try:
-        _run(session.ask("Second."))
+        final_event(session.ask("Second."))
         assert session.turns[-1].answer_ids == first_answer  # greedy: same answer after undo
-        _run(session.retry())
+        final_event(session.retry())
         assert session.turns[-1].answer_ids == first_answer
         assert len(session.turns) == 2
         session.undo()
-        _run(session.retry())  # retry of turn 1 reuses its kept features: no vision run
+        final_event(session.retry())  # retry of turn 1 reuses its kept features: no vision run
     finally:
         del loaded.model.encode_images
     assert calls == []
@@ -366,7 +360,7 @@ def test_load_reports_changed_or_vanished_media(loaded, media_dir, tmp_path):
     image = tmp_path / "photo.png"
     Image.fromarray(textured_rgb(448, 448, seed=9)).save(image)
     session = Session(loaded, _params())
-    _run(session.ask("What is this?", [session.describe_image(image)]))
+    final_event(session.ask("What is this?", [session.describe_image(image)]))
     path = session.save(tmp_path / "chat.json")
     Image.fromarray(textured_rgb(448, 448, seed=10)).save(image)
     fresh = Session(loaded, _params())
@@ -388,7 +382,7 @@ def test_a_file_every_turn_shows_is_hashed_once_on_load(loaded, media_dir, tmp_p
 
     session = Session(loaded, _params(2))
     for question in ("What happens?", "And now?", "Anything else?"):
-        _run(session.ask(question, [session.describe_video(media_dir / "clip.mp4", frames=2)]))
+        final_event(session.ask(question, [session.describe_video(media_dir / "clip.mp4", frames=2)]))
     path = session.save(tmp_path / "chat.json")
     hashed = []
     real = session_module.sha256_of
@@ -407,7 +401,7 @@ def test_a_file_of_another_size_is_not_read_to_learn_it_changed(loaded, media_di
     video = tmp_path / "clip.mp4"
     video.write_bytes((media_dir / "clip.mp4").read_bytes())
     session = Session(loaded, _params(2))
-    _run(session.ask("What happens?", [session.describe_video(video, frames=2)]))
+    final_event(session.ask("What happens?", [session.describe_video(video, frames=2)]))
     path = session.save(tmp_path / "chat.json")
     assert json.loads(path.read_text())["messages"][0]["media"][0]["bytes"] == video.stat().st_size
     hashed = []
@@ -427,7 +421,7 @@ def test_a_file_of_another_size_is_not_read_to_learn_it_changed(loaded, media_di
 
 def test_save_is_atomic(loaded, tmp_path, monkeypatch):
     session = Session(loaded, _params())
-    _run(session.ask("Hi."))
+    final_event(session.ask("Hi."))
     target = tmp_path / "chat.json"
     target.write_text("previous content")
 
@@ -443,8 +437,8 @@ def test_save_is_atomic(loaded, tmp_path, monkeypatch):
 
 def test_interrupted_retry_restores_the_previous_answer(loaded):
     session = Session(loaded, _params())
-    _run(session.ask("First."))
-    _run(session.ask("Second."))
+    final_event(session.ask("First."))
+    final_event(session.ask("Second."))
     before = (list(session.ids), session.start_pos, [t.answer_ids for t in session.turns])
     follow = session.builder.next_turn("Third?", [])
     expected = loaded.model.forward(session.ids[session.start_pos :] + follow, session.start_pos)
@@ -459,7 +453,7 @@ def test_interrupted_retry_restores_the_previous_answer(loaded):
 def test_set_system_that_overflows_changes_nothing(tiny_original):
     small = load_model(tiny_original, device="cpu", dtype="float32", max_context=400)
     session = Session(small, SamplingParams(max_new_tokens=8), system_message="Be brief.")
-    _run(session.ask("Hi."))
+    final_event(session.ask("Hi."))
     state = (list(session.ids), session.start_pos, session.system_message)
     with pytest.raises(ContextOverflowError):
         session.set_system("A much longer system message. " * 40)
@@ -486,7 +480,7 @@ def test_media_paths_are_saved_absolute_and_found_again_after_a_move(loaded, tmp
     Image.fromarray(textured_rgb(448, 448, seed=11)).save(project / "pics" / "cat.png")
     monkeypatch.chdir(project)
     session = Session(loaded, _params())
-    _run(session.ask("What is this?", [session.describe_image(Path("pics/cat.png"))]))  # a relative path
+    final_event(session.ask("What is this?", [session.describe_image(Path("pics/cat.png"))]))  # a relative path
     session.save(project / "chat.json")
     media = json.loads((project / "chat.json").read_text())["messages"][0]["media"][0]
     assert media["path"] == str(project / "pics" / "cat.png") and media["relative_path"] == "pics/cat.png"
@@ -516,7 +510,7 @@ def test_media_paths_are_saved_absolute_and_found_again_after_a_move(loaded, tmp
 
 def test_save_replaces_a_symlink_and_errors_name_the_users_path(loaded, tmp_path, monkeypatch):
     session = Session(loaded, _params())
-    _run(session.ask("Hi."))
+    final_event(session.ask("Hi."))
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     link = tmp_path / "chat.json"
@@ -564,7 +558,7 @@ def test_media_that_changed_after_attaching_fails_the_same_way_when_resent(loade
     path.write_bytes((media_dir / "scene.png").read_bytes())  # replaced before sending: 13 tiles
     for _ in range(2):
         with pytest.raises(MediaError, match="photo.png changed after it was attached: it gave 13 tiles, expected 1; attach it again"):
-            _run(session.ask("What is this?", [media]))
+            final_event(session.ask("What is this?", [media]))
     assert (session.ids, session.start_pos, session.turns) == ([], 0, [])
     assert media.pixel_values is None and media.size == (448, 448)
 
@@ -573,7 +567,7 @@ def test_a_session_file_listing_a_video_before_an_image_loads_in_prompt_order(lo
     # the template puts images before videos; the features of a loaded turn must follow that order
     session = Session(loaded, _params(4))
     video, image = session.describe_video(media_dir / "clip.mp4", frames=2), session.describe_image(media_dir / "small.png")
-    _run(session.ask("Look.", [video, image]))
+    final_event(session.ask("Look.", [video, image]))
     data = session.to_json(path=tmp_path / "chat.json")
     assert [m["kind"] for m in data["messages"][0]["media"]] == ["image", "video"]
     data["messages"][0]["media"].reverse()  # written by hand, or by another tool
@@ -591,23 +585,23 @@ def test_a_session_file_listing_a_video_before_an_image_loads_in_prompt_order(lo
 def test_a_retry_whose_restore_also_fails_leaves_the_conversation_without_the_last_turn(loaded, media_dir, monkeypatch):
     # the failed retry's new answer and the re-prefill of the old one both fail (e.g. out of memory twice)
     session = Session(loaded, _params(3))
-    _run(session.ask("First."))
+    final_event(session.ask("First."))
     after_first = (list(session.ids), session.start_pos)
-    _run(session.ask("Second.", [session.describe_image(media_dir / "small.png")]))
+    final_event(session.ask("Second.", [session.describe_image(media_dir / "small.png")]))
 
     def fail(*_a, **_k):
         raise RuntimeError("injected failure")
 
     monkeypatch.setattr(loaded.model, "forward", fail)
     with pytest.raises(RuntimeError, match="injected failure"):
-        _run(session.retry())
+        final_event(session.retry())
     monkeypatch.undo()
     # as the app says: the last question and its answer were removed; nothing stale is left to prefill
     assert (session.ids, session.start_pos, len(session.turns)) == (*after_first, 1)
-    follow = _run(session.ask("Third?"))
+    follow = final_event(session.ask("Third?"))
     fresh = Session(loaded, _params(3))
-    _run(fresh.ask("First."))
-    assert _run(fresh.ask("Third?"))["token_ids"] == follow["token_ids"]
+    final_event(fresh.ask("First."))
+    assert final_event(fresh.ask("Third?"))["token_ids"] == follow["token_ids"]
 
 
 CPU_OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8")
@@ -617,22 +611,23 @@ CPU_OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator:
 def test_running_out_of_memory_in_a_turn_is_one_error_and_the_turn_can_be_asked_again(loaded, media_dir, monkeypatch,
                                                                                       error, at_call):  # fmt: skip
     session = Session(loaded, _params(4))
-    _run(session.ask("First."))
+    final_event(session.ask("First."))
     before = (list(session.ids), session.start_pos, len(session.turns))
     image = session.describe_image(media_dir / "small.png")
     fail_once(monkeypatch, loaded.model, "forward", error, at_call)  # prefill, or a decode step
     with pytest.raises(GenerationError, match="out of memory during generation"):
-        _run(session.ask("What is this?", [image]))
+        final_event(session.ask("What is this?", [image]))
     assert (session.ids, session.start_pos, len(session.turns)) == before
     fail_once(monkeypatch, loaded.model, "encode_images", error)  # the vision encoder
     with pytest.raises(GenerationError, match="out of memory in the vision encoder"):
-        _run(session.ask("What is this?", [image]))
+        final_event(session.ask("What is this?", [image]))
     assert (session.ids, session.start_pos, len(session.turns)) == before
     monkeypatch.undo()
-    answer = _run(session.ask("What is this?", [image]))["token_ids"]
+    answer = final_event(session.ask("What is this?", [image]))["token_ids"]
     fresh = Session(loaded, _params(4))
-    _run(fresh.ask("First."))
-    assert _run(fresh.ask("What is this?", [fresh.describe_image(media_dir / "small.png")]))["token_ids"] == answer
+    final_event(fresh.ask("First."))
+    again = final_event(fresh.ask("What is this?", [fresh.describe_image(media_dir / "small.png")]))
+    assert again["token_ids"] == answer
     fail_once(monkeypatch, loaded.model, "forward", error)  # /system prefills the conversation again
     with pytest.raises(GenerationError, match="out of memory reading the .* conversation again, so it was cleared"):
         session.set_system("Be brief.")
@@ -642,16 +637,16 @@ def test_running_out_of_memory_in_a_turn_is_one_error_and_the_turn_can_be_asked_
 def test_an_answer_abandoned_mid_stream_leaves_no_trace_in_the_next_answer(loaded):
     # the consumer stops reading (generator closed, or an exception in the consumer drops it)
     session = Session(loaded, SamplingParams(max_new_tokens=8, stop_ids=()))
-    _run(session.ask("First."))
+    final_event(session.ask("First."))
     before = (list(session.ids), session.start_pos, len(session.turns))
     events = session.ask("Tell me a long story.")
     next(events), next(events)
     events.close()
     assert (session.ids, session.start_pos, len(session.turns)) == before
-    answer = _run(session.ask("Second."))["token_ids"]
+    answer = final_event(session.ask("Second."))["token_ids"]
     fresh = Session(loaded, SamplingParams(max_new_tokens=8, stop_ids=()))
-    _run(fresh.ask("First."))
-    assert _run(fresh.ask("Second."))["token_ids"] == answer
+    final_event(fresh.ask("First."))
+    assert final_event(fresh.ask("Second."))["token_ids"] == answer
 
 
 def test_a_turn_that_overflowed_to_nan_leaves_no_nan_in_the_cache(loaded, monkeypatch):
@@ -659,7 +654,7 @@ def test_a_turn_that_overflowed_to_nan_leaves_no_nan_in_the_cache(loaded, monkey
     # logits. The masked decode step (CUDA graphs) reads a whole bucket past its position with the
     # tail masked out, where 0 × NaN is NaN: NaN left there would fail every later turn.
     session = Session(loaded, _params(4))
-    _run(session.ask("Remember forty-two."))
+    final_event(session.ask("Remember forty-two."))
     model, lm = loaded.model, loaded.model.language_model
     forward = model.forward
 
@@ -672,15 +667,15 @@ def test_a_turn_that_overflowed_to_nan_leaves_no_nan_in_the_cache(loaded, monkey
 
     monkeypatch.setattr(model, "forward", overflowing)
     with pytest.raises(GenerationError, match="non-finite"):
-        _run(session.ask("Which number?"))
+        final_event(session.ask("Which number?"))
     monkeypatch.undo()
     with torch.inference_mode():
         logits = lm.decode_masked(torch.tensor([5]), torch.tensor([session.start_pos]), lm.max_seq_len)
     assert torch.isfinite(logits).all()
-    answer = _run(session.ask("Which number?"))["token_ids"]
+    answer = final_event(session.ask("Which number?"))["token_ids"]
     fresh = Session(loaded, _params(4))
-    _run(fresh.ask("Remember forty-two."))
-    assert _run(fresh.ask("Which number?"))["token_ids"] == answer
+    final_event(fresh.ask("Remember forty-two."))
+    assert final_event(fresh.ask("Which number?"))["token_ids"] == answer
 
 
 def test_a_conversation_saved_empty_loads_back_empty(loaded, tmp_path):
@@ -688,12 +683,12 @@ def test_a_conversation_saved_empty_loads_back_empty(loaded, tmp_path):
     # nothing and failed with an IndexError (found by tests/test_session_fuzz.py)
     path = Session(loaded, _params(3), system_message="Be brief.").save(tmp_path / "empty.json")
     session = Session(loaded, _params(3))
-    _run(session.ask("Hello there."))
+    final_event(session.ask("Hello there."))
     session.load(path)
     assert (session.ids, session.start_pos, session.turns, session.system_message) == ([], 0, [], "Be brief.")
-    answer = _run(session.ask("Hi."))["token_ids"]
+    answer = final_event(session.ask("Hi."))["token_ids"]
     fresh = Session(loaded, _params(3), system_message="Be brief.")
-    assert _run(fresh.ask("Hi."))["token_ids"] == answer
+    assert final_event(fresh.ask("Hi."))["token_ids"] == answer
 
 
 @pytest.mark.parametrize("error", [MemoryError(), CPU_OOM, torch.OutOfMemoryError("CUDA out of memory")])
@@ -702,9 +697,9 @@ def test_running_out_of_memory_again_while_putting_back_a_failed_retrys_answer_i
     # more memory than the decode step that failed: that failure escaped as a raw MemoryError or
     # RuntimeError (a traceback in the REPL) (found by tests/test_session_fuzz.py)
     session = Session(loaded, _params(3))
-    _run(session.ask("First."))
+    final_event(session.ask("First."))
     after_first = (list(session.ids), session.start_pos)
-    _run(session.ask("Second."))
+    final_event(session.ask("Second."))
     forward, calls = loaded.model.forward, []
 
     def failing(*a, **k):
@@ -715,10 +710,10 @@ def test_running_out_of_memory_again_while_putting_back_a_failed_retrys_answer_i
 
     monkeypatch.setattr(loaded.model, "forward", failing)
     with pytest.raises(GenerationError, match=r"^out of memory putting the last answer back; use fewer tiles or frames"):
-        _run(session.retry())
+        final_event(session.retry())
     monkeypatch.undo()
     assert (session.ids, session.start_pos, len(session.turns)) == (*after_first, 1)  # as the app then says
-    answer = _run(session.ask("Third?"))["token_ids"]
+    answer = final_event(session.ask("Third?"))["token_ids"]
     fresh = Session(loaded, _params(3))
-    _run(fresh.ask("First."))
-    assert _run(fresh.ask("Third?"))["token_ids"] == answer
+    final_event(fresh.ask("First."))
+    assert final_event(fresh.ask("Third?"))["token_ids"] == answer

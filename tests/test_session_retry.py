@@ -15,7 +15,8 @@ from internvl_chat.chat.template import PromptBuilder
 from internvl_chat.engine.loader import load_model
 from internvl_chat.errors import Cancelled, ContextOverflowError, GenerationError
 from media_helpers import textured_rgb
-from test_session import _params, _run
+from session_helpers import final_event
+from test_session import _params
 
 TOL = 1e-4  # relative to the largest logit, as tests/test_session.py
 
@@ -65,33 +66,33 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 # ---- each scenario runs on a fresh Session; it returns what its retries answered -------------------
 def _image_then_text(s: Session, picture: Path, tmp_path: Path) -> list:
-    answers = [_run(s.ask("Describe it.", [s.describe_image(picture)]))["token_ids"]]
-    _run(s.ask("And the colours?"))
-    answers.append(_run(s.retry())["token_ids"])
+    answers = [final_event(s.ask("Describe it.", [s.describe_image(picture)]))["token_ids"]]
+    final_event(s.ask("And the colours?"))
+    answers.append(final_event(s.retry())["token_ids"])
     s.undo()
-    answers.append(_run(s.retry())["token_ids"])  # the image turn itself
-    answers.append(_run(s.retry(_params(9)))["token_ids"])
+    answers.append(final_event(s.retry())["token_ids"])  # the image turn itself
+    answers.append(final_event(s.retry(_params(9)))["token_ids"])
     return answers
 
 
 def _undo_retry_sequence(s: Session, picture: Path, tmp_path: Path) -> list:
     # answers cut at the length limit: the next prompt begins with the cut answer's uncached token
-    _run(s.ask("First.", (), _params(2)))
-    _run(s.ask("Second.", (), _params(3)))
-    _run(s.ask("Third?"))
-    answers = [_run(s.retry())["token_ids"], _run(s.retry(_params(4)))["token_ids"]]
+    final_event(s.ask("First.", (), _params(2)))
+    final_event(s.ask("Second.", (), _params(3)))
+    final_event(s.ask("Third?"))
+    answers = [final_event(s.retry())["token_ids"], final_event(s.retry(_params(4)))["token_ids"]]
     s.undo()
-    answers.append(_run(s.retry())["token_ids"])  # its prompt begins with the pending token
+    answers.append(final_event(s.retry())["token_ids"])  # its prompt begins with the pending token
     s.undo()
-    answers.append(_run(s.retry())["token_ids"])  # the first turn, system message and all
-    answers.append(_run(s.ask("Fourth?"))["token_ids"])
-    answers.append(_run(s.retry())["token_ids"])
+    answers.append(final_event(s.retry())["token_ids"])  # the first turn, system message and all
+    answers.append(final_event(s.ask("Fourth?"))["token_ids"])
+    answers.append(final_event(s.retry())["token_ids"])
     return answers
 
 
 def _failed_and_cancelled_retries(s: Session, picture: Path, tmp_path: Path) -> list:
-    _run(s.ask("Look.", [s.describe_image(picture)]))
-    _run(s.ask("Tell me a long story.", (), _params(8)))
+    final_event(s.ask("Look.", [s.describe_image(picture)]))
+    final_event(s.ask("Tell me a long story.", (), _params(8)))
     answers = []
     real, calls = s.model.forward, []
 
@@ -104,41 +105,41 @@ def _failed_and_cancelled_retries(s: Session, picture: Path, tmp_path: Path) -> 
     s.model.forward = failing
     try:
         with pytest.raises(GenerationError):
-            _run(s.retry())
+            final_event(s.retry())
     finally:
         del s.model.forward
-    answers.append(_run(s.retry())["token_ids"])  # after a failed retry was restored
+    answers.append(final_event(s.retry())["token_ids"])  # after a failed retry was restored
     events = s.retry()
     next(events)
     events.close()  # abandoned before it was committed: the old answer is restored
-    answers.append(_run(s.retry())["token_ids"])
+    answers.append(final_event(s.retry())["token_ids"])
     cancel = threading.Event()
     for event in s.retry(_params(8), cancel):
         cancel.set()  # the answer is cut and kept
     answers.append((event["finish_reason"], event["token_ids"]))
-    answers.append(_run(s.retry())["token_ids"])  # the retry of a cancelled answer
+    answers.append(final_event(s.retry())["token_ids"])  # the retry of a cancelled answer
     return answers
 
 
 def _after_load(s: Session, picture: Path, tmp_path: Path) -> list:
-    _run(s.ask("Describe it.", [s.describe_image(picture)], _params(3)))
-    _run(s.ask("And more?"))
+    final_event(s.ask("Describe it.", [s.describe_image(picture)], _params(3)))
+    final_event(s.ask("And more?"))
     path = s.save(tmp_path / f"chat-{id(s)}.json")
     s.clear()
     s.load(path)
-    answers = [_run(s.retry())["token_ids"]]
+    answers = [final_event(s.retry())["token_ids"]]
     s.undo()
-    answers.append(_run(s.retry())["token_ids"])
+    answers.append(final_event(s.retry())["token_ids"])
     return answers
 
 
 def _after_system_change(s: Session, picture: Path, tmp_path: Path) -> list:
-    _run(s.ask("Describe it.", [s.describe_image(picture)]))
-    _run(s.ask("And more?", (), _params(2)))
+    final_event(s.ask("Describe it.", [s.describe_image(picture)]))
+    final_event(s.ask("And more?", (), _params(2)))
     s.set_system("Answer in French.")
-    answers = [_run(s.retry())["token_ids"]]
+    answers = [final_event(s.retry())["token_ids"]]
     s.undo()
-    answers.append(_run(s.retry())["token_ids"])  # its first prompt holds the new system message
+    answers.append(final_event(s.retry())["token_ids"])  # its first prompt holds the new system message
     return answers
 
 
@@ -160,17 +161,17 @@ def test_retry_answers_as_prefilling_the_whole_prompt_again(loaded, picture, tmp
 
 def test_retry_prefills_one_token_and_runs_no_vision(loaded, picture, monkeypatch):
     session = Session(loaded, _params())
-    _run(session.ask("Describe it.", [session.describe_image(picture)]))
-    _run(session.ask("And more?", (), _params(2)))  # cut at the limit: one token left uncached
-    _run(session.ask("Why?"))
+    final_event(session.ask("Describe it.", [session.describe_image(picture)]))
+    final_event(session.ask("And more?", (), _params(2)))  # cut at the limit: one token left uncached
+    final_event(session.ask("Why?"))
     last = session.turns[-1]
     prompt_end = last.ids_before + len(last.prompt_ids)
     spy = ForwardSpy(loaded.model, monkeypatch)
     monkeypatch.setattr(loaded.model, "encode_images", lambda *a, **k: pytest.fail("the vision encoder ran"))
-    final = _run(session.retry())  # its prompt begins with the cut answer's pending token
+    final = final_event(session.retry())  # its prompt begins with the cut answer's pending token
     session.undo()
     session.undo()
-    image_turn = _run(session.retry())
+    image_turn = final_event(session.retry())
     assert spy.calls[0] == (prompt_end - 1, 1, False)  # the prompt's last token, at its own position
     assert all(n == 1 for _, n, _ in spy.calls)  # and then one token a step
     assert final["timing"]["prefill_tokens"] == 1 and final["usage"]["prompt_tokens"] == 1
@@ -180,22 +181,23 @@ def test_retry_prefills_one_token_and_runs_no_vision(loaded, picture, monkeypatc
 
 def test_the_fallback_prefills_the_whole_prompt(loaded, monkeypatch):
     session = _prefilling(Session(loaded, _params()))
-    _run(session.ask("First."))
-    _run(session.ask("Second."))
+    final_event(session.ask("First."))
+    final_event(session.ask("Second."))
     last = session.turns[-1]
     spy = ForwardSpy(loaded.model, monkeypatch)
-    assert _run(session.retry())["timing"]["prefill_tokens"] == len(last.prompt_ids) + last.ids_before - last.pos_before
+    retried = final_event(session.retry())
+    assert retried["timing"]["prefill_tokens"] == len(last.prompt_ids) + last.ids_before - last.pos_before
     assert spy.calls[0] == (last.pos_before, len(last.prompt_ids) + last.ids_before - last.pos_before, False)
 
 
 def test_a_prompt_the_builder_no_longer_gives_is_prefilled_again(loaded, monkeypatch):
     session = Session(loaded, _params(), system_message="Be brief.")
-    _run(session.ask("Hi."))
+    final_event(session.ask("Hi."))
     # the system message changed without a replay: the cached first prompt is not the one asked now
     session.builder = PromptBuilder(loaded.tokenizer, "Be long.", loaded.config.tokens_per_tile)
     assert session._cached_prompt_end(session.turns[-1]) is None
     spy = ForwardSpy(loaded.model, monkeypatch)
-    final = _run(session.retry())
+    final = final_event(session.retry())
     assert spy.calls[0] == (0, len(session.turns[-1].prompt_ids), False)
     assert session.ids[: len(session.turns[-1].prompt_ids)] == session.builder.first_turn("Hi.")
     assert final["timing"]["prefill_tokens"] == len(session.turns[-1].prompt_ids)
@@ -203,8 +205,8 @@ def test_a_prompt_the_builder_no_longer_gives_is_prefilled_again(loaded, monkeyp
 
 def test_a_prompt_past_start_pos_is_not_taken_as_cached(loaded):
     session = Session(loaded, _params())
-    _run(session.ask("First."))
-    _run(session.ask("Second."))
+    final_event(session.ask("First."))
+    final_event(session.ask("Second."))
     last = session.turns[-1]
     end = last.ids_before + len(last.prompt_ids)
     assert session._cached_prompt_end(last) == end
@@ -214,8 +216,8 @@ def test_a_prompt_past_start_pos_is_not_taken_as_cached(loaded):
 
 def test_a_failed_retry_restores_the_old_answer_prefilling_only_past_the_prompt(loaded, picture, monkeypatch):
     session = Session(loaded, _params())
-    _run(session.ask("Describe it.", [session.describe_image(picture)]))
-    _run(session.ask("Go on."))
+    final_event(session.ask("Describe it.", [session.describe_image(picture)]))
+    final_event(session.ask("Go on."))
     last = session.turns[-1]
     before = (list(session.ids), session.start_pos, list(session.turns))
     expected = _next_logits(session)
@@ -231,7 +233,7 @@ def test_a_failed_retry_restores_the_old_answer_prefilling_only_past_the_prompt(
 
     monkeypatch.setattr(loaded.model, "forward", failing)
     with pytest.raises(GenerationError, match="out of memory"):
-        _run(session.retry())
+        final_event(session.retry())
     # the prompt's last token, then the restore: that token and the old answer, no picture
     assert spy.calls == [(cut, 1, False), (cut, before[1] - cut, False)]
     monkeypatch.undo()
@@ -241,28 +243,28 @@ def test_a_failed_retry_restores_the_old_answer_prefilling_only_past_the_prompt(
 
 def test_a_cancel_set_before_the_retry_stops_it_before_its_prefill(loaded):
     session = Session(loaded, _params())
-    _run(session.ask("First."))
-    _run(session.ask("Second."))
+    final_event(session.ask("First."))
+    final_event(session.ask("Second."))
     before = (list(session.ids), session.start_pos, list(session.turns))
     expected = _next_logits(session)
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Cancelled):
-        _run(session.retry(None, cancel))
+        final_event(session.retry(None, cancel))
     assert (session.ids, session.start_pos, session.turns) == before
     assert _close(_next_logits(session), expected)
 
 
 def test_a_retry_over_the_context_changes_nothing_and_prefills_nothing(loaded, monkeypatch):
     session = Session(loaded, _params())
-    _run(session.ask("First."))
-    _run(session.ask("Second."))
+    final_event(session.ask("First."))
+    final_event(session.ask("Second."))
     before = (list(session.ids), session.start_pos, list(session.turns))
     last = session.turns[-1]
     spy = ForwardSpy(loaded.model, monkeypatch)
     too_many = session.max_context - (last.ids_before + len(last.prompt_ids)) + 1
     with pytest.raises(ContextOverflowError, match=f"needs {last.pos_before:,} cached"):
-        _run(session.retry(_params(too_many)))
+        final_event(session.retry(_params(too_many)))
     assert (session.ids, session.start_pos, session.turns) == before and spy.calls == []
 
 
@@ -270,9 +272,9 @@ def test_a_system_change_reuses_the_kept_image_features(loaded, picture, tmp_pat
     """/system prefills the conversation again under the new message, with the image features its
     turns kept (the vision encoder does not run again); it holds what loading it afresh gives."""
     session = Session(loaded, _params())
-    _run(session.ask("Describe it.", [session.describe_image(picture)]))
-    _run(session.ask("And more?"))
-    _run(session.ask("Compare them.", [session.describe_image(picture)]))
+    final_event(session.ask("Describe it.", [session.describe_image(picture)]))
+    final_event(session.ask("And more?"))
+    final_event(session.ask("Compare them.", [session.describe_image(picture)]))
     with monkeypatch.context() as patch:
         patch.setattr(loaded.model, "encode_images", lambda *a, **k: pytest.fail("the vision encoder ran"))
         session.set_system("Answer in French.")
