@@ -80,6 +80,11 @@ def crowd(server: RunningServer, visitor, count: int, queue_depth: int, join_s: 
         server.options.queue_depth = 8
 
 
+def chat_body(text: str, **kw) -> dict:
+    """A greedy chat-completions request for the test server's model: one user message `text`; `kw` adds fields."""
+    return {"model": "tiny", "messages": [{"role": "user", "content": text}], "temperature": 0, **kw}
+
+
 def data_url(path: Path, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
 

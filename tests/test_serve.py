@@ -23,7 +23,7 @@ from internvl_chat.chat.template import PromptBuilder
 from internvl_chat.serve.protocol import MAX_STOP_STRING_CHARS
 from fault_helpers import fail_once
 from media_helpers import textured_rgb
-from serve_support import RunningServer, crowd, png_bytes
+from serve_support import RunningServer, chat_body, crowd, png_bytes
 
 WAIT_S = 60
 
@@ -219,10 +219,6 @@ def test_api_key_is_required_when_set(server, client):
 # ---- queueing and cancellation ---------------------------------------------------------------------
 
 
-def _body(text: str, **kw) -> dict:
-    return {"model": "tiny", "messages": [{"role": "user", "content": text}], "temperature": 0, **kw}
-
-
 def test_full_queue_is_429_with_retry_after(server, client):
     worker = server.worker
     started, release = threading.Event(), threading.Event()
@@ -233,11 +229,11 @@ def test_full_queue_is_429_with_retry_after(server, client):
 
     worker.on_start, server.options.queue_depth = hold, 1
     try:
-        first = client.chat.completions.create(**_body("one", max_tokens=4), stream=True)  # returns at the headers
+        first = client.chat.completions.create(**chat_body("one", max_tokens=4), stream=True)  # returns at the headers
         assert started.wait(WAIT_S)  # running (held), so the queue is empty
-        second = client.chat.completions.create(**_body("two", max_tokens=4), stream=True)  # waits in the queue
+        second = client.chat.completions.create(**chat_body("two", max_tokens=4), stream=True)  # waits in the queue
         with pytest.raises(openai.RateLimitError) as err:
-            client.chat.completions.create(**_body("three", max_tokens=4))
+            client.chat.completions.create(**chat_body("three", max_tokens=4))
         assert int(err.value.response.headers["retry-after"]) >= 1
         assert err.value.body["code"] == "queue_full"
         release.set()
@@ -261,10 +257,10 @@ def test_queue_depth_zero_still_serves_an_idle_engine(server, client):
         assert server.worker.wait_idle(WAIT_S)
         assert ask(client).choices[0].finish_reason in ("stop", "length")
         worker.on_start = hold
-        first = client.chat.completions.create(**_body("one", max_tokens=4), stream=True)
+        first = client.chat.completions.create(**chat_body("one", max_tokens=4), stream=True)
         assert started.wait(WAIT_S)
         with pytest.raises(openai.RateLimitError) as err:  # busy, and nothing may wait: said so, not "0 waiting"
-            client.chat.completions.create(**_body("two", max_tokens=4))
+            client.chat.completions.create(**chat_body("two", max_tokens=4))
         assert err.value.body["message"].startswith("the model is busy and its queue is full (none may wait")
         release.set()
         assert [c.choices[0].finish_reason for c in first if c.choices and c.choices[0].finish_reason]
@@ -285,7 +281,7 @@ def test_client_disconnect_stops_generation(server, client):
 
     worker.on_event = watch
     try:
-        stream = client.chat.completions.create(**_body("Write a long story.", max_tokens=400), stream=True)
+        stream = client.chat.completions.create(**chat_body("Write a long story.", max_tokens=400), stream=True)
         assert next(iter(stream)).choices[0].delta.role == "assistant"
         assert first_event.wait(WAIT_S) and not held["first_final"]
         stream.close()  # the client goes away mid-answer
@@ -324,7 +320,8 @@ def test_concurrent_clients_are_answered_or_refused_never_lost(server):
     def client_thread(n: int) -> None:
         with httpx.Client(timeout=WAIT_S) as http:
             for k in range(2):
-                r = http.post(f"{server.url}/v1/chat/completions", json=_body(f"client {n} request {k}", max_tokens=4))
+                body = chat_body(f"client {n} request {k}", max_tokens=4)
+                r = http.post(f"{server.url}/v1/chat/completions", json=body)
                 assert r.status_code in (200, 429), r.text
                 if r.status_code == 200:
                     assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
@@ -343,7 +340,7 @@ def test_an_error_after_streaming_began_is_an_sse_error_event_then_done(server, 
     # (so decoding fails in the engine thread, after the stream has started)
     truncated = photo.read_bytes()[:4000]
     url = "data:image/png;base64," + base64.b64encode(truncated).decode()
-    body = _body("What is this?", max_tokens=4, stream=True)
+    body = chat_body("What is this?", max_tokens=4, stream=True)
     body["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": url}}]
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S) as r:
         assert r.status_code == 200
@@ -368,7 +365,7 @@ def test_running_out_of_memory_in_the_vision_encoder_is_the_one_line_error_and_t
     server, client, monkeypatch
 ):
     url = "data:image/png;base64," + base64.b64encode(png_bytes(textured_rgb(448, 448, seed=21))).decode()
-    body = _body("What is this?", max_tokens=4)
+    body = chat_body("What is this?", max_tokens=4)
     body["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": url}}]
     encode = server.worker.model.encode_images
     calls = []
@@ -408,7 +405,7 @@ def test_running_out_of_memory_anywhere_in_a_request_is_the_one_line_error_and_t
     # 500 "internal error" with a traceback in the log
     seed = {"decode": 31, "pixels": 32}[where]  # a picture of its own: not in the feature cache yet
     url = "data:image/png;base64," + base64.b64encode(png_bytes(textured_rgb(448, 448, seed=seed))).decode()
-    body = _body("What is this?", max_tokens=5)
+    body = chat_body("What is this?", max_tokens=5)
     body["messages"][0]["content"] = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]
     owner, name, at, error = {
         "decode": (server.worker.model, "forward", 3, _cuda_out_of_memory),  # the second decode step
@@ -423,6 +420,6 @@ def test_running_out_of_memory_anywhere_in_a_request_is_the_one_line_error_and_t
     monkeypatch.undo()
     # the same answer from the slot the failure left, and after other requests moved the slots
     first = client.chat.completions.create(**body).choices[0].message.content
-    client.chat.completions.create(**_body("Something else entirely.", max_tokens=2))
-    client.chat.completions.create(**_body("And another thing.", max_tokens=2))
+    client.chat.completions.create(**chat_body("Something else entirely.", max_tokens=2))
+    client.chat.completions.create(**chat_body("And another thing.", max_tokens=2))
     assert client.chat.completions.create(**body).choices[0].message.content == first

@@ -24,7 +24,7 @@ from internvl_chat.serve.conversation import Prompt
 from internvl_chat.serve.engine import EngineWorker, Job
 from internvl_chat.serve.options import ServeOptions
 from media_helpers import textured_rgb
-from serve_support import RunningServer, crowd, png_bytes
+from serve_support import RunningServer, chat_body, crowd, png_bytes
 
 WAIT_S = 60
 
@@ -33,10 +33,6 @@ WAIT_S = 60
 def server(tiny_original):
     with RunningServer(tiny_original, queue_depth=8, slots=2) as running:
         yield running
-
-
-def _body(text: str, **kw) -> dict:
-    return {"model": "tiny", "messages": [{"role": "user", "content": text}], "temperature": 0, **kw}
 
 
 def _post_raw(port: int, body: dict) -> socket.socket:
@@ -83,7 +79,7 @@ def test_a_non_streaming_client_that_leaves_mid_answer_stops_the_engine(server, 
 
     worker.on_event = watch
     try:
-        sock = _post_raw(server.port, _body("Write a long story.", max_tokens=400))
+        sock = _post_raw(server.port, chat_body("Write a long story.", max_tokens=400))
         assert first.wait(WAIT_S)
         sock.close()  # the client goes away while the answer is being generated
         closed.set()
@@ -128,14 +124,14 @@ def test_a_queued_job_whose_client_left_does_not_hold_its_place(server):
     outcomes: dict[str, int] = {}
 
     def ask(name: str) -> None:
-        r = httpx.post(f"{server.url}/v1/chat/completions", json=_body(name, max_tokens=2), timeout=WAIT_S)
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=chat_body(name, max_tokens=2), timeout=WAIT_S)
         outcomes[name] = r.status_code
 
     first = threading.Thread(target=ask, args=("first",))
     try:
         first.start()
         assert started.wait(WAIT_S)  # running (held): the one place in the queue is free
-        second = _body("second", max_tokens=2, stream=True)
+        second = chat_body("second", max_tokens=2, stream=True)
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=second, timeout=WAIT_S) as r:
             assert r.status_code == 200  # queued; the stream has begun
             assert worker.waiting == 1
@@ -213,7 +209,7 @@ def test_a_client_that_leaves_while_its_request_is_read_is_never_queued(server, 
     worker.on_start = started.append
     state = server.server.server_state
     try:
-        sock = _post_raw(server.port, _body("Describe a harbour.", max_tokens=50))
+        sock = _post_raw(server.port, chat_body("Describe a harbour.", max_tokens=50))
         assert reading.wait(WAIT_S)
         port = sock.getsockname()[1]
         sock.close()
@@ -350,7 +346,7 @@ def test_after_cancelled_stopped_and_abandoned_requests_greedy_answers_are_a_fre
         held = threading.Thread(target=_greedy_ids, args=(client, other), kwargs={"max_tokens": 50})
         held.start()
         assert started.wait(WAIT_S)
-        sock = _post_raw(server.port, _body("Something else entirely.", max_tokens=50))
+        sock = _post_raw(server.port, chat_body("Something else entirely.", max_tokens=50))
         _wait_until(lambda: worker.waiting == 1, "the request was queued")
         queued = worker._queue[0]
         sock.close()
@@ -374,7 +370,7 @@ def test_a_crowd_of_streaming_plain_and_departing_clients_is_answered_or_refused
     lock = threading.Lock()
 
     def visitor(n: int) -> None:
-        body = _body(f"visitor {n}: say something", max_tokens=6)
+        body = chat_body(f"visitor {n}: say something", max_tokens=6)
         if n % 3 == 0:  # streams to the end
             with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True,
                               "stream_options": {"include_usage": True}}, timeout=WAIT_S) as r:  # fmt: skip
