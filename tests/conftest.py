@@ -26,6 +26,12 @@ for name in ("COLUMNS", "LINES"):
     os.environ.pop(name, None)
 
 
+@pytest.fixture
+def fixed_home(monkeypatch) -> None:
+    """HOME is /home/tester, so what ~ expands to is known (modules opt in with usefixtures)."""
+    monkeypatch.setenv("HOME", "/home/tester")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """A folder holding only the tiny byte-level BPE tokenizer."""

@@ -18,9 +18,7 @@ from internvl_chat.ui.commands import (
 )
 
 
-@pytest.fixture(autouse=True)
-def fixed_home(monkeypatch):
-    monkeypatch.setenv("HOME", "/home/tester")
+pytestmark = pytest.mark.usefixtures("fixed_home")  # ~ expands to /home/tester
 
 
 P = Path

@@ -10,9 +10,7 @@ from internvl_chat.ui.commands import Command, parse_line
 from internvl_chat.ui.paths import find_media_paths, media_kind, normalize_path, quote_path, shell_unquote
 
 
-@pytest.fixture(autouse=True)
-def fixed_home(monkeypatch):
-    monkeypatch.setenv("HOME", "/home/tester")
+pytestmark = pytest.mark.usefixtures("fixed_home")  # ~ expands to /home/tester
 
 
 @pytest.mark.parametrize(
