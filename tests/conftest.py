@@ -75,6 +75,15 @@ def tiny_hf_legacy(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="module")
+def loaded(tiny_original):
+    """The tiny model on the CPU in float32 with a 2048-token context, loaded once per test module
+    (its KV cache is shared only by that module's tests); a module that needs another loads its own."""
+    from internvl_chat.engine.loader import load_model
+
+    return load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
+
+
+@pytest.fixture(scope="module")
 def tiny_loaded_tokenizer(tiny_tokenizer: Path):
     """The project's tiny tokenizer (GPT-2-style split), loaded the way the app loads one."""
     from transformers import AutoTokenizer

@@ -22,7 +22,6 @@ from rich.console import Console
 
 from internvl_chat.chat.session import Session
 from internvl_chat.chat.template import MediaSpec
-from internvl_chat.engine.loader import load_model
 from internvl_chat.media.video import load_video
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import EXIT, ERROR, OK, App, block_is_open, sanitize, unwrap_block
@@ -30,13 +29,8 @@ from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from media_helpers import textured_rgb, write_numbered_video
 from app_helpers import make_app, output
 
-MAX_CONTEXT = 2048
+MAX_CONTEXT = 2048  # the context conftest's `loaded` fixture gives the model
 TOKENS_PER_TILE = 256
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_original):
-    return load_model(tiny_original, device="cpu", dtype="float32", max_context=MAX_CONTEXT)
 
 
 @pytest.fixture(scope="module")

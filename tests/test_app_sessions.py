@@ -13,18 +13,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from internvl_chat.engine.loader import load_model
 from internvl_chat.ui.app import ERROR, OK, default_sessions_dir
 from media_helpers import textured_rgb
 from app_helpers import make_app as _make_app
 from app_helpers import output
 
 make_app = functools.partial(_make_app, max_new_tokens=6)
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_original):
-    return load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
 
 
 @pytest.fixture

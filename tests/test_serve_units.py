@@ -157,11 +157,6 @@ def test_answer_memory_returns_our_ids_and_forgets_the_oldest():
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_original):
-    return load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
-
-
-@pytest.fixture(scope="module")
 def builder(loaded):
     return PromptBuilder(loaded.tokenizer, None, loaded.config.tokens_per_tile)
 

@@ -117,11 +117,6 @@ def test_columns_fit_and_keep_the_numbers_aligned(width):
 # --- the app -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_original):
-    return load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
-
-
 @pytest.mark.parametrize("width", WIDTHS)
 def test_everything_the_app_prints_fits_a_terminal(loaded, tmp_path, width):
     app, out = make_app(loaded, tmp_path, width=width, terminal=True)
