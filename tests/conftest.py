@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints (random weights, same seed) built once per test session."""
+"""Shared fixtures: tiny checkpoints (random weights, same seed) built once per test session, and the
+tiny model loaded, or served, once per test module (a module with its own fixture of the name overrides it)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,22 @@ def loaded(tiny_original):
     from internvl_chat.engine.loader import load_model
 
     return load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_original):
+    """An in-process `serve` of the tiny model, 2 slots and a queue 8 deep, one per test module
+    (serve_support.crowd puts that depth back); a module that needs other limits starts its own."""
+    from serve_support import RunningServer
+
+    with RunningServer(tiny_original, queue_depth=8, slots=2) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The `openai` client of the module's `server` (its own fixture, where it has one)."""
+    return server.client()
 
 
 @pytest.fixture(scope="module")

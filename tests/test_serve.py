@@ -29,17 +29,6 @@ WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
-def server(tiny_original):
-    with RunningServer(tiny_original, queue_depth=8, slots=2) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-@pytest.fixture(scope="module")
 def builder(server) -> PromptBuilder:
     return server.prompt_builder()
 

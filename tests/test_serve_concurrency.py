@@ -29,12 +29,6 @@ from serve_support import RunningServer, chat_body, crowd, png_bytes
 WAIT_S = 60
 
 
-@pytest.fixture(scope="module")
-def server(tiny_original):
-    with RunningServer(tiny_original, queue_depth=8, slots=2) as running:
-        yield running
-
-
 def _post_raw(port: int, body: dict) -> socket.socket:
     """A complete request on a socket of our own, so the test decides when the client goes away."""
     payload = json.dumps(body).encode()

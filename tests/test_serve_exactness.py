@@ -33,11 +33,6 @@ def server(tiny_original):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-@pytest.fixture(scope="module")
 def local(tiny_original):
     return load_model(tiny_original, device="cpu", dtype="float32", max_context=4096)
 

@@ -10,15 +10,8 @@ import httpx
 import pytest
 
 from internvl_chat.chat.template import PromptBuilder
-from serve_support import RunningServer
 
 WAIT_S = 60
-
-
-@pytest.fixture(scope="module")
-def server(tiny_original):
-    with RunningServer(tiny_original, queue_depth=8, slots=2) as running:
-        yield running
 
 
 def post(server, body: dict) -> httpx.Response:
