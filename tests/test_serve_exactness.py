@@ -21,15 +21,9 @@ from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
 from media_helpers import textured_rgb, write_numbered_video
-from serve_support import RunningServer, data_url
+from serve_support import data_url
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def server(tiny_original):
-    with RunningServer(tiny_original, slots=2) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
