@@ -47,19 +47,26 @@ def media(tmp_path_factory) -> Path:
     return d
 
 
+def pty_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment the REPL runs in under a pseudo-terminal: this checkout, no config file,
+    `home` as HOME (and, with XDG_STATE_HOME unset, where its state goes), `extra` on top."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "INTERNVL_CHAT_CONFIG": os.devnull,
+        "HOME": str(home),
+        "TERM": "xterm-256color",
+        "NO_COLOR": "1",
+        "PROMPT_TOOLKIT_NO_CPR": "1",  # nobody answers cursor-position requests here
+        **extra,
+    }
+    env.pop("XDG_STATE_HOME", None)
+    return env
+
+
 class Repl:
     def __init__(self, home: Path, model: Path, *args: str, env_extra: dict | None = None):
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "INTERNVL_CHAT_CONFIG": os.devnull,
-            "HOME": str(home),
-            "TERM": "xterm-256color",
-            "NO_COLOR": "1",
-            "PROMPT_TOOLKIT_NO_CPR": "1",  # nobody answers cursor-position requests here
-            **(env_extra or {}),
-        }
-        env.pop("XDG_STATE_HOME", None)
+        env = pty_env(home, **(env_extra or {}))
         argv = ["-m", "internvl_chat.cli", "--model", str(model), "--device", "cpu", *args]
         self.child = pexpect.spawn(sys.executable, argv, env=env, dimensions=(50, 220), encoding="utf-8",
                                    timeout=TIMEOUT, cwd=str(home))  # fmt: skip

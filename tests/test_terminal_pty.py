@@ -21,8 +21,8 @@ import pyte
 import pytest
 from process_helpers import interrupt_stopped, resume, stop
 from screen_model import make_screen
+from test_repl_pty import pty_env
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPT_READY = "\x1b[?2004h"  # prompt_toolkit turns bracketed paste on when it waits for input
 INPUT_DONE = "\x1b[?2004l"
 TIMEOUT = 120
@@ -35,16 +35,7 @@ class Terminal:
     def __init__(self, home: Path, model: Path, *args: str, rows: int = 40, cols: int = 80, reflow: bool = False):
         self.screen = make_screen(cols, rows, reflow)
         self.stream = pyte.Stream(self.screen)
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "INTERNVL_CHAT_CONFIG": os.devnull,
-            "HOME": str(home),
-            "TERM": "xterm-256color",
-            "NO_COLOR": "1",
-            "PROMPT_TOOLKIT_NO_CPR": "1",
-        }
-        env.pop("XDG_STATE_HOME", None)
+        env = pty_env(home)
         env.pop("COLUMNS", None)
         env.pop("LINES", None)
         argv = ["-m", "internvl_chat.cli", "--model", str(model), "--device", "cpu", "--no-history", *args]
