@@ -20,6 +20,7 @@ from internvl_chat.quant.awq_format import (
     unpack_awq,
     validate_awq,
 )
+from awq_helpers import random_awq
 
 # SPEC §2: nibble slot s of int32 column j holds output column 8j + ORDER[s].
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -58,14 +59,6 @@ def ref_dequant(qweight, qzeros, scales, group_size):
     s = scales.double()
     k = torch.arange(q.shape[0]) // group_size
     return (q - z[k]) * s[k]
-
-
-def random_awq(in_features, out_features, group_size=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    qweight = torch.randint(-(2**31), 2**31 - 1, (in_features, out_features // 8), dtype=torch.int32, generator=g)
-    qzeros = torch.randint(-(2**31), 2**31 - 1, (in_features // group_size, out_features // 8), dtype=torch.int32, generator=g)
-    scales = (torch.rand(in_features // group_size, out_features, generator=g) * 0.02 + 0.001).half()
-    return qweight, qzeros, scales
 
 
 # ---------------------------------------------------------------------------------------------

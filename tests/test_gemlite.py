@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from awq_helpers import random_awq
 from cuda_graph_helpers import warm_then_capture
 
 from internvl_chat.errors import UsageError
@@ -105,14 +106,6 @@ def test_model_loads_with_gemlite_and_matches_dequant(tiny_original, tmp_path):
 # Availability (no GemLite needed)
 
 
-def _awq(in_features=256, out_features=64, group_size=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    qweight = torch.randint(-(2**31), 2**31 - 1, (in_features, out_features // 8), dtype=torch.int32, generator=g)
-    qzeros = torch.randint(-(2**31), 2**31 - 1, (in_features // group_size, out_features // 8), dtype=torch.int32, generator=g)
-    scales = (torch.rand(in_features // group_size, out_features, generator=g) * 0.02 + 0.001).half()
-    return qweight, qzeros, scales
-
-
 @pytest.fixture
 def fresh_import(monkeypatch):
     """Forget any earlier import attempt, so that one test's stand-in for the import is seen."""
@@ -125,7 +118,7 @@ def test_cpu_without_interpreter_is_refused_in_one_line(monkeypatch, fresh_impor
     assert not gemlite_backend.gemlite_backend_available("cpu")
     assert "CUDA" in gemlite_backend.gemlite_unavailable_reason("cpu")
     with pytest.raises(UsageError) as info:
-        Int4Linear.from_awq(*_awq(), backend="gemlite", device="cpu")
+        Int4Linear.from_awq(*random_awq(256, 64), backend="gemlite", device="cpu")
     message = str(info.value)
     assert "\n" not in message and "gemlite" in message and "use int4 backend 'auto'" in message
     assert not gemlite_backend.gemlite_backend_available("meta")
@@ -151,8 +144,8 @@ def test_loading_a_4bit_model_with_gemlite_where_it_cannot_run_is_one_usage_erro
 def test_auto_never_picks_gemlite(monkeypatch, fresh_import):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(gemlite_backend, "load_gemlite", lambda: object())  # "importable"
-    assert Int4Linear.from_awq(*_awq(), backend="auto").backend == "torch"
-    assert Int4Linear.from_awq(*_awq(out_features=8), backend="auto").backend == "dequant"
+    assert Int4Linear.from_awq(*random_awq(256, 64), backend="auto").backend == "torch"
+    assert Int4Linear.from_awq(*random_awq(256, 8), backend="auto").backend == "dequant"
 
 
 def test_missing_gemlite_is_named(monkeypatch, fresh_import):
@@ -164,7 +157,7 @@ def test_missing_gemlite_is_named(monkeypatch, fresh_import):
     monkeypatch.setattr(gemlite_backend.importlib, "import_module", missing)
     assert gemlite_backend.gemlite_unavailable_reason("cpu") == "gemlite is not installed (pip install gemlite)"
     with pytest.raises(UsageError, match="gemlite is not installed"):
-        Int4Linear.from_awq(*_awq(), backend="gemlite", device="cpu")
+        Int4Linear.from_awq(*random_awq(256, 64), backend="gemlite", device="cpu")
 
 
 def test_missing_dependency_of_gemlite_is_named(monkeypatch, fresh_import):
@@ -254,7 +247,7 @@ def _ref_weight(qweight, qzeros, scales, dtype, group_size=128):
 )
 def test_gemlite_8b_shapes_cuda(shape, dtype, row_counts):
     in_features, out_features = shape
-    qweight, qzeros, scales = (t.cuda() for t in _awq(in_features, out_features, seed=in_features + out_features))
+    qweight, qzeros, scales = (t.cuda() for t in random_awq(in_features, out_features, seed=in_features + out_features))
     bias = torch.randn(out_features, device="cuda")
     layer = Int4Linear.from_awq(qweight, qzeros, scales, bias=bias, backend="gemlite", dtype=dtype, device="cuda")
     assert layer.backend == "gemlite" and layer.gemlite_dtype == dtype
@@ -273,7 +266,7 @@ def test_gemlite_8b_shapes_cuda(shape, dtype, row_counts):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @needs_gemlite
 def test_gemlite_replays_in_a_cuda_graph():
-    qweight, qzeros, scales = (t.cuda() for t in _awq(3584, 4608, seed=7))
+    qweight, qzeros, scales = (t.cuda() for t in random_awq(3584, 4608, seed=7))
     layer = Int4Linear.from_awq(qweight, qzeros, scales, backend="gemlite", dtype=torch.bfloat16, device="cuda")
     x = torch.randn(1, 3584, device="cuda").to(torch.bfloat16)
     graph, out, expected = warm_then_capture(lambda: layer(x))  # GemLite autotunes in the warm-up

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from awq_helpers import random_awq
 from cuda_graph_helpers import warm_then_capture
 
 from internvl_chat.errors import UsageError
@@ -26,14 +27,6 @@ SHAPES_8B = [(3584, 4608), (3584, 3584), (3584, 37888), (18944, 3584)]
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-
-def random_awq(in_features, out_features, group_size=128, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    qweight = torch.randint(-(2**31), 2**31 - 1, (in_features, out_features // 8), dtype=torch.int32, generator=g)
-    qzeros = torch.randint(-(2**31), 2**31 - 1, (in_features // group_size, out_features // 8), dtype=torch.int32, generator=g)
-    scales = (torch.rand(in_features // group_size, out_features, generator=g) * 0.02 + 0.001).half()
-    return qweight.to(device), qzeros.to(device), scales.to(device)
 
 
 def ref_nibbles(packed: torch.Tensor) -> torch.Tensor:
