@@ -49,7 +49,9 @@ def picture(tmp_path_factory) -> Path:
     return path
 
 
-def _env(home: Path) -> dict:
+def app_env(home: Path) -> dict:
+    """The app's environment: this checkout, no config file, `home` as HOME, nothing that picks a colour
+    mode, state folder or server for it (test_remote_llamacpp.py runs the app so too)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(home)}
     for name in ("NO_COLOR", "XDG_STATE_HOME", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
         env.pop(name, None)
@@ -58,7 +60,7 @@ def _env(home: Path) -> dict:
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "internvl_chat.cli", *args], input="", capture_output=True,
-                          text=True, env=_env(home), timeout=TIMEOUT, cwd=home)  # fmt: skip
+                          text=True, env=app_env(home), timeout=TIMEOUT, cwd=home)  # fmt: skip
 
 
 def local(model: Path) -> tuple[str, ...]:
@@ -285,7 +287,7 @@ class RemoteRepl(Repl):
     """test_repl_pty's Repl, started with flags of our own (--server, no --model)."""
 
     def __init__(self, home: Path, *args: str):
-        env = {**_env(home), "TERM": "xterm-256color", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}
+        env = {**app_env(home), "TERM": "xterm-256color", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}
         self.child = pexpect.spawn(sys.executable, ["-m", "internvl_chat.cli", *args], env=env, dimensions=(50, 220),
                                    encoding="utf-8", timeout=TIMEOUT, cwd=str(home))  # fmt: skip
         self.record()

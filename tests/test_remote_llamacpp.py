@@ -25,6 +25,7 @@ from internvl_chat.engine.loader import load_model
 from internvl_chat.demo.scenes import make_scene
 from internvl_chat.errors import RemoteError
 from remote_helpers import closed_port
+from test_remote_app import app_env
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = Path(os.environ.get("INTERNVL_CHAT_LLAMA_CPP_TOOL", REPO.parent / "shared" / "tools" / "llama-cpp"))
@@ -156,19 +157,12 @@ def test_video_frames_reach_llama_server_as_internvls_own_prompt(llama_server, t
 # ---- the terminal app against llama-server: one-shot and the REPL -----------------------------
 
 
-def _app_env(home: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(home)}
-    for name in ("NO_COLOR", "XDG_STATE_HOME", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
-        env.pop(name, None)
-    return env
-
-
 def test_the_app_one_shot_through_llama_server_answers_as_the_local_model(llama_server, scene, tmp_path):
     ask = ["--image", str(scene), "-p", "How many shapes are there?", "--max-new-tokens", "12", "--json"]
     # llama.cpp's chat template has no default system message: send the model's own, as the local app does
     remote = ["--server", llama_server, "--system", system_message()]
     runs = [subprocess.run([sys.executable, "-m", "internvl_chat.cli", *flags, *ask], capture_output=True, text=True,
-                           env=_app_env(tmp_path), timeout=600, cwd=tmp_path)
+                           env=app_env(tmp_path), timeout=600, cwd=tmp_path)
             for flags in (remote, ["--model", str(DEMO_MODEL), "--max-context", str(CONTEXT)])]  # fmt: skip
     assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
     there, here = (json.loads(run.stdout) for run in runs)
@@ -184,7 +178,7 @@ def test_the_app_repl_through_llama_server(llama_server, scene, tmp_path):
 
     from test_repl_pty import INPUT_DONE, PROMPT_READY
 
-    env = {**_app_env(tmp_path), "TERM": "xterm-256color", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    env = {**app_env(tmp_path), "TERM": "xterm-256color", "NO_COLOR": "1", "PROMPT_TOOLKIT_NO_CPR": "1"}
     child = pexpect.spawn(sys.executable, ["-m", "internvl_chat.cli", "--server", llama_server, "--plain",
                                            "--max-new-tokens", "12", "--system", system_message()],
                           env=env, dimensions=(50, 200), encoding="utf-8", timeout=600, cwd=str(tmp_path))  # fmt: skip
