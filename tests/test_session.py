@@ -183,13 +183,7 @@ def test_a_hopeless_paste_is_refused_before_it_is_tokenized(tiny_original, monke
     state = (list(session.ids), session.start_pos, len(session.turns))
     paste = "x" * (1 << 21)  # 2 MiB
     assert small.tokenizer.fewest_tokens(paste) > 1024
-    real_encode = type(small.tokenizer).encode
-
-    def encode(self, text):
-        assert len(text) < 1 << 20, "the paste was tokenized"
-        return real_encode(self, text)
-
-    monkeypatch.setattr(type(small.tokenizer), "encode", encode)
+    _refuse_tokenizing_long_texts(small, monkeypatch)
     with pytest.raises(ContextOverflowError, match=r"this message is at least [\d,]+ tokens \(2,097,152 characters\).*"
                        r"over the 1,024-token context; send a shorter message, /clear"):  # fmt: skip
         final_event(session.ask(paste))
