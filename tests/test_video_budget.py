@@ -1,0 +1,105 @@
+"""The decoding a video sampling takes: planned from the header and key frames (decode_cost),
+counted as it happens (VideoInput.decoded_frames), refused over a limit before decoding, and
+stopped at the limit when the frames are larger than the header says. Frames are counted; no
+timings are asserted."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from media_helpers import read_frame_number, video_backends, write_growing_video, write_numbered_video
+
+from internvl_chat.media import video as media_video
+from internvl_chat.media.video import BACKEND_ENV, DecodeCost, DecodeOverBudget, decode_cost, decord_work, load_video
+
+CLIPS = {  # name: (frames, codec, options)
+    "intra.avi": (40, "mpeg4", dict(gop=1)),  # PyAV, every frame a key frame: still decoded from the start
+    "gop12.avi": (40, "mpeg4", dict(gop=12)),
+    "gop12.mp4": (40, "mpeg4", dict(gop=12)),  # decord by default
+    "one_key.mp4": (40, "mpeg4", dict(gop=1000)),
+}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("budget")
+    return {name: write_numbered_video(folder / name, frames, 30, codec, **extra) for name, (frames, codec, extra) in CLIPS.items()}
+
+
+def test_decord_work_follows_its_seek_rule():
+    """decord decodes from the key frame at or before a frame it seeks to, and on from where it
+    is when the frame is further on in the same group (keys 0, 10, 20; 30 frames)."""
+    keys = [0, 10, 20]
+    assert decord_work([0], keys, 30) == [1]
+    assert decord_work([3, 7], keys, 30) == [4, 4]  # same group: on from frame 4
+    assert decord_work([3, 12, 15, 29], keys, 30) == [4, 3, 3, 10]  # 12: from key 10; 15: on from 13; 29: from key 20
+    assert decord_work([10, 20], keys, 30) == [1, 1]  # a key frame is decoded alone
+    assert decord_work([5, 25], [0], 30) == [6, 20]  # one key frame: on from the start
+    assert decord_work([5], [], 30) == [6]
+
+
+def test_each_frame_costs_at_least_a_128_pixel_square():
+    """Decoding a frame has a fixed cost whatever its size: a million 16×16 frames are no cheap request."""
+    assert DecodeCost(1_000_000, 16, 16, "pyav").pixels == 1_000_000 * 128 * 128
+    assert str(DecodeCost(1_000_000, 16, 16, "pyav")) == "1,000,000 frames of 16×16 (16,384 megapixels, each frame counted as 128×128)"
+    assert str(DecodeCost(1874, 4096, 4096, "pyav")) == "1,874 frames of 4096×4096 (31,440.5 megapixels)"
+
+
+@pytest.mark.parametrize("backend", video_backends())
+def test_the_decoding_planned_is_the_decoding_done(clips, monkeypatch, backend):
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    for name, path in clips.items():
+        if backend == "decord" and not name.endswith(".mp4"):
+            continue  # decord seeks to other frames in AVI (see decord_is_exact)
+        for num_frames in (1, 4, 8):
+            cost = decode_cost(path, num_frames)
+            result = load_video(path, num_frames, max_decode_pixels=cost.pixels)  # exactly the limit: allowed
+            assert (cost.backend, cost.width, cost.height) == (backend, 64, 48)
+            assert (result.decoded_frames, result.decoded_pixels) == (cost.frames, cost.pixels), (name, num_frames)
+            if backend == "pyav":  # from the start up to the last frame sampled
+                assert cost.frames == max(result.indices) + 1, (name, num_frames)
+            assert [read_frame_number(t) for t in result.pixel_values.numpy()] == result.indices
+
+
+def test_decord_decodes_less_than_the_whole_clip_where_key_frames_allow(clips, monkeypatch):
+    pytest.importorskip("decord")
+    # 8 frames of 40 with a key frame every 12: from the key frame before each, not all from the start
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    assert decode_cost(clips["gop12.mp4"], 8).frames == 37  # the last one sampled is frame 36
+    monkeypatch.setenv(BACKEND_ENV, "decord")
+    assert decode_cost(clips["gop12.mp4"], 8).frames < 37
+
+
+@pytest.mark.parametrize("backend", video_backends())
+def test_a_plan_over_the_limit_is_refused_before_any_frame_is_decoded(clips, monkeypatch, backend):
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    decoded = []
+    monkeypatch.setattr(media_video, "frame_to_tile", lambda *a: decoded.append(1))
+    path = clips["one_key.mp4"]
+    cost = decode_cost(path, 8)
+    with pytest.raises(DecodeOverBudget) as err:
+        load_video(path, 8, max_decode_pixels=cost.pixels - 1)
+    message = str(err.value)
+    assert message == (f"video {path} needs {cost.frames} frames of 64×48 ({cost.pixels / 1e6:.6g} megapixels, each "
+                       f"frame counted as 128×128) decoded to reach the frames sampled, over the limit of "
+                       f"{(cost.pixels - 1) / 1e6:.6g} megapixels per video; cut the clip shorter or scale it down")  # fmt: skip
+    assert decoded == []
+
+
+def test_frames_larger_than_the_header_says_stop_the_decode_at_the_limit(tmp_path, monkeypatch):
+    """The header tells of 64×48 frames; the stream grows to 512×512 after 10: the plan fits the
+    limit, the decoding does not, and it stops at the frame that passes it."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = write_growing_video(tmp_path / "growing.ts", small=10, large=20)
+    cost = decode_cost(path, 4)
+    assert (cost.backend, cost.width, cost.height) == ("pyav", 64, 48) and cost.pixels < 500_000
+    unbounded = load_video(path, 4)
+    assert unbounded.decoded_pixels > 1_000_000  # what the limit below would allow
+    with pytest.raises(DecodeOverBudget) as err:
+        load_video(path, 4, max_decode_pixels=1_000_000)
+    # about 10 frames of 64×48 (each counted as 128×128), then the 4th of 512×512 passes 1,000,000 pixels
+    message = str(err.value)
+    after = re.fullmatch(rf"decoding video {re.escape(str(path))} passed the limit of 1 megapixels per video after (\d+) "
+                         r"frames \(its frames are larger than its header says\); cut the clip shorter or scale it down", message)  # fmt: skip
+    assert after and 12 <= int(after.group(1)) <= 14, message
