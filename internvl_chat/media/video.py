@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import MediaError, UsageError
+from ..errors import Cancelled, MediaError, UsageError
 from ..files import IMAGE_KINDS, sniff_file, visible
 from ..threads import start_worker
 from .image import IMAGE_SIZE, check_media_file, normalize_tiles, probe_image
@@ -466,6 +466,20 @@ class _Stopped(Exception):
     """The caller was interrupted: stop decoding at the next frame."""
 
 
+class _Stop:
+    """What the decoding worker checks before each frame: set by the thread waiting for it
+    (Ctrl-C), or the caller's cancel event (a `serve` client gone), seen at once by the worker."""
+
+    def __init__(self, cancel: threading.Event | None = None) -> None:
+        self._own, self._cancel = threading.Event(), cancel
+
+    def set(self) -> None:
+        self._own.set()
+
+    def is_set(self) -> bool:
+        return self._own.is_set() or (self._cancel is not None and self._cancel.is_set())
+
+
 class _FrameSource(Protocol):
     num_total_frames: int
     fps: float
@@ -475,7 +489,7 @@ class _FrameSource(Protocol):
         """The frames the decoder will produce to reach the wanted ones (ascending, distinct)."""
         ...
 
-    def frames(self, wanted: list[int], stop: threading.Event, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
+    def frames(self, wanted: list[int], stop: _Stop, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
         """(number, RGB uint8 [H, W, 3]) for each wanted number (ascending, distinct), each frame
         decoded charged to `meter`. A stream shorter than its header said ends with its last frame,
         under its own number."""
@@ -634,7 +648,7 @@ class _DecordSource:
     def plan(self, wanted: list[int]) -> int:
         return sum(decord_work(wanted, self._keys, self.num_total_frames))
 
-    def frames(self, wanted: list[int], stop: threading.Event, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
+    def frames(self, wanted: list[int], stop: _Stop, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
         for number, work in zip(wanted, decord_work(wanted, self._keys, self.num_total_frames)):
             if stop.is_set():
                 raise _Stopped
@@ -669,7 +683,7 @@ class _DecordSource:
 
 
 class _PyAVSource:
-    def __init__(self, path: Path, header: _Header, stop: threading.Event) -> None:
+    def __init__(self, path: Path, header: _Header, stop: _Stop) -> None:
         import av
 
         self._path = path
@@ -695,7 +709,7 @@ class _PyAVSource:
     def plan(self, wanted: list[int]) -> int:
         return wanted[-1] + 1  # decoded from the start up to the last one
 
-    def frames(self, wanted: list[int], stop: threading.Event, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
+    def frames(self, wanted: list[int], stop: _Stop, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
         pending = iter(wanted)
         target = next(pending)
         any_yielded = False
@@ -734,7 +748,7 @@ class _PyAVSource:
         self._container.close()
 
 
-def _count_packets(path: Path, stop: threading.Event | None = None) -> int:
+def _count_packets(path: Path, stop: _Stop | None = None) -> int:
     """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG): demuxing
     (no decoding) counts one packet per frame."""
     import av
@@ -799,7 +813,7 @@ class _Decoded:
     meter: _Meter
 
 
-def _open(path: Path, backend: str, header: _Header, decord, stop: threading.Event) -> _FrameSource:
+def _open(path: Path, backend: str, header: _Header, decord, stop: _Stop) -> _FrameSource:
     source: _FrameSource = _DecordSource(path, decord, header) if backend == "decord" else _PyAVSource(path, header, stop)
     if source.num_total_frames < 1:
         source.close()
@@ -813,7 +827,7 @@ def _cost(backend: str, header: _Header, source: _FrameSource, indices: list[int
 
 def _decode(
     path: Path, backend: str, header: _Header, decord, num_frames: int, start, end, image_size: int,
-    stop: threading.Event, max_pixels: int | None,
+    stop: _Stop, max_pixels: int | None,
 ) -> _Decoded:  # fmt: skip
     source = _open(path, backend, header, decord, stop)
     meter = _Meter(path, max_pixels)
@@ -860,14 +874,15 @@ def _decoders():
     return forced, decord
 
 
-def _interruptible(work: Callable[[threading.Event], T]) -> T:
-    """Run `work(stop)` on a worker thread and wait for it in a way Ctrl-C interrupts.
+def _interruptible(work: Callable[[_Stop], T], cancel: threading.Event | None = None) -> T:
+    """Run `work(stop)` on a worker thread and wait for it in a way Ctrl-C (or `cancel`) interrupts.
 
     FFmpeg and decord spend long stretches in C, where Python cannot raise KeyboardInterrupt. The
     waiting thread can: it sets `stop` (the worker quits before its next frame) and re-raises
-    at once, leaving the worker to finish the frame it is on by itself.
+    at once, leaving the worker to finish the frame it is on by itself. `cancel` set (a `serve`
+    client gone, the server stopping) ends the wait the same way, with Cancelled.
     """
-    stop = threading.Event()
+    stop = _Stop(cancel)
     outcome: dict[str, object] = {}
 
     def run() -> None:
@@ -877,12 +892,17 @@ def _interruptible(work: Callable[[threading.Event], T]) -> T:
             outcome["error"] = e
 
     worker = start_worker(run, "video-decode")
+    cancelled = Cancelled("cancelled while the video was decoded")
     try:
         while worker.is_alive():
             worker.join(0.2)  # short waits: a signal that comes anyway is seen soon
+            if stop.is_set():
+                raise cancelled
     except BaseException:
         stop.set()
         raise
+    if stop.is_set():  # the worker stopped for `cancel` before the first wait
+        raise cancelled
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["value"]  # type: ignore[return-value]
@@ -941,7 +961,7 @@ def decode_cost(path: str | Path, num_frames: int = 8, start: float | None = Non
     path = check_media_file(path, "video")
     forced, decord = _decoders()
 
-    def work(stop: threading.Event) -> DecodeCost:
+    def work(stop: _Stop) -> DecodeCost:
         header = _read_header(path, orientation=False)
 
         def attempt(backend: str) -> DecodeCost:
@@ -964,22 +984,24 @@ def load_video(
     end: float | None = None,
     image_size: int = IMAGE_SIZE,
     max_decode_pixels: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> VideoInput:
     """Sample `num_frames` frames from the video (or its [start, end] seconds) as normalised tiles.
 
     With `max_decode_pixels`, a sampling whose decoding (see DecodeCost) takes more pixels is
-    refused before decoding, and a decode that passes it is stopped (DecodeOverBudget)."""
+    refused before decoding, and a decode that passes it is stopped (DecodeOverBudget). `cancel`
+    set stops the decoding at its next frame and raises Cancelled at once."""
     if num_frames < 1:
         raise MediaError(f"num_frames is {num_frames}; sample at least 1 frame (8 is the default)")
     path = check_media_file(path, "video")
     forced, decord = _decoders()
 
-    def work(stop: threading.Event) -> _Decoded:
+    def work(stop: _Stop) -> _Decoded:
         header = _read_header(path, orientation=True)
         return _by_backend(decord, forced, header, lambda backend: _decode(
             path, backend, header, decord, num_frames, start, end, image_size, stop, max_decode_pixels))  # fmt: skip
 
-    decoded = _interruptible(work)
+    decoded = _interruptible(work, cancel)
     fps = decoded.fps
     return VideoInput(
         pixel_values=decoded.tiles,

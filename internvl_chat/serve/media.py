@@ -269,8 +269,9 @@ class MediaReader:
                               param=param)  # fmt: skip
 
     # ---- pixels (engine thread) ------------------------------------------------------------
-    def pixels(self, item: MediaItem) -> torch.Tensor:
-        """Normalised tiles [tiles, 3, S, S] of an item, decoded now (features were not cached)."""
+    def pixels(self, item: MediaItem, cancel: threading.Event | None = None) -> torch.Tensor:
+        """Normalised tiles [tiles, 3, S, S] of an item, decoded now (features were not cached).
+        `cancel` set stops a video's decoding at its next frame (Cancelled)."""
         size = self.image_size
         data = _data_url(item.url, item.param, item.kind)[0] if item.url else item.data
         if item.frame_list:
@@ -287,7 +288,7 @@ class MediaReader:
         else:
             with self._file(data) as path:
                 limit = self.options.max_video_decode_pixels
-                pixels = self._checked(load_video, path, item.param, item.tiles, None, None, size, limit).pixel_values
+                pixels = self._checked(load_video, path, item.param, item.tiles, None, None, size, limit, cancel).pixel_values
         if pixels.shape[0] != item.tiles:
             raise bad_request(f"the {item.kind} gave {pixels.shape[0]} tiles, expected {item.tiles}", param=item.param)
         return pixels
