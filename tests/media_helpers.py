@@ -108,9 +108,10 @@ def read_frame_number(tile: np.ndarray) -> int:
 
 
 def write_numbered_video(
-    path: Path, num_frames: int, fps: int | float = 30, codec: str = "mpeg4", gop: int | None = None, options: dict | None = None
-) -> Path:
-    """Encode frames 0…num_frames−1, each showing its own number, with PyAV."""
+    path: Path, num_frames: int, fps: int | float = 30, codec: str = "mpeg4", gop: int | None = None, options: dict | None = None,
+    pix_fmt: str = "yuv420p",
+) -> Path:  # fmt: skip
+    """Encode frames 0…num_frames−1, each showing its own number, with PyAV (MJPEG wants pix_fmt yuvj420p)."""
     import av
     from fractions import Fraction
 
@@ -118,7 +119,7 @@ def write_numbered_video(
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = VIDEO_SIZE
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         if gop is not None:
             stream.codec_context.gop_size = gop
         if options:

@@ -6,8 +6,11 @@ timings are asserted."""
 from __future__ import annotations
 
 import re
+import struct
 
+import av
 import pytest
+import torch
 from media_helpers import read_frame_number, video_backends, write_growing_video, write_numbered_video
 
 from internvl_chat.media import video as media_video
@@ -103,3 +106,49 @@ def test_frames_larger_than_the_header_says_stop_the_decode_at_the_limit(tmp_pat
     after = re.fullmatch(rf"decoding video {re.escape(str(path))} passed the limit of 1 megapixels per video after (\d+) "
                          r"frames \(its frames are larger than its header says\); cut the clip shorter or scale it down", message)  # fmt: skip
     assert after and 12 <= int(after.group(1)) <= 14, message
+
+
+# ---------------------------------------------------------------- intra-only streams
+
+INTRA_CLIPS = {"mjpeg.avi": ("mjpeg", "yuvj420p"), "raw.avi": ("rawvideo", "yuv420p")}
+
+
+def _promising(path, frames: int):
+    """A copy of an AVI whose header promises `frames` frames (strh dwLength, avih dwTotalFrames)."""
+    data = bytearray(path.read_bytes())
+    for chunk, offset in ((b"strh", 32), (b"avih", 16)):
+        at = data.index(chunk) + 8 + offset
+        data[at : at + 4] = struct.pack("<I", frames)
+    copy = path.with_name("promising_" + path.name)
+    copy.write_bytes(bytes(data))
+    return copy
+
+
+@pytest.mark.parametrize("name", list(INTRA_CLIPS))
+def test_intra_only_streams_decode_only_the_frames_sampled_and_give_the_frames_of_a_decode_from_the_start(tmp_path, monkeypatch, name):
+    """MJPEG or raw frames keep nothing from one frame to the next: each sampled frame is decoded
+    alone, and equals, bit for bit, the frame of that number in a decode of the whole stream."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    codec, pix_fmt = INTRA_CLIPS[name]
+    path = write_numbered_video(tmp_path / name, 40, 30, codec, pix_fmt=pix_fmt)
+    with av.open(str(path)) as container:
+        full = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(full) == 40
+    for num_frames, start, end in [(8, None, None), (5, 0.3, 1.2), (1, None, None), (64, None, None)]:
+        result = load_video(path, num_frames, start, end)
+        assert result.backend == "pyav" and result.decoded_frames == len(set(result.indices))
+        assert decode_cost(path, num_frames, start, end).frames == len(set(result.indices))
+        assert [read_frame_number(t) for t in result.pixel_values.numpy()] == result.indices
+        for tile, number in zip(result.pixel_values, result.indices):
+            assert torch.equal(tile, media_video.frame_to_tile(full[number], None, 448)[0]), (name, number)
+    # a header that promises 60 frames: as in a decode from the start, the last one stands in for the rest
+    result = load_video(_promising(path, 60), 6)
+    assert result.indices == [min(i, 39) for i in media_video.frame_indices(60, 30.0, 6)] == [4, 14, 24, 34, 39, 39]
+    assert result.decoded_frames == 5
+    assert [read_frame_number(t) for t in result.pixel_values.numpy()] == result.indices
+
+
+def test_streams_of_key_frames_of_a_codec_that_is_not_intra_only_are_still_decoded_from_the_start(clips, monkeypatch):
+    """MPEG-4 may refer to earlier frames whatever the key frame flags say: no skipping there."""
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    assert decode_cost(clips["intra.avi"], 8).frames == load_video(clips["intra.avi"], 8).decoded_frames == 37

@@ -5,7 +5,9 @@ Frames are sampled with the published formula (`frame_indices`): the clip, or th
 each. Frame n is the n-th frame in presentation order. decord seeks to each frame (fast on long
 clips) but lands on another frame where the stream reorders frames it cannot place after a seek
 (see `decord_is_exact`); PyAV, which decodes from the start, is used there and where decord does
-not import. `INTERNVL_CHAT_VIDEO_BACKEND=pyav|decord` forces one.
+not import. `INTERNVL_CHAT_VIDEO_BACKEND=pyav|decord` forces one. PyAV decodes only the sampled
+frames of intra-only streams (MJPEG, DV, ProRes, raw: each packet a whole frame on its own); other
+codecs may refer to earlier frames whatever their key frame flags say, so those decode from the start.
 
 When N is larger than the number of frames in the range, frames repeat (as in the published
 formula) rather than failing: the model still gets N frames.
@@ -697,7 +699,11 @@ class _PyAVSource:
             if stream is None:
                 raise MediaError(f"{_shown(path)} has no video stream; pass a video file")
             self._stream = stream
-            stream.thread_type = "AUTO"  # frame threading: faster, output order unchanged
+            # Intra-only codecs (MJPEG, DV, ProRes, raw…) keep nothing from one frame to the next and do
+            # not reorder: packet n is frame n, decoded alone exactly as in a decode from the start
+            self._intra = bool(getattr(stream.codec_context.codec, "intra_only", False)) and not header.reorders
+            # frame threading: faster, output order unchanged; it holds frames back, so not for one packet at a time
+            stream.thread_type = "SLICE" if self._intra else "AUTO"
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
             self.fps = header.fps
@@ -707,15 +713,39 @@ class _PyAVSource:
             raise
 
     def plan(self, wanted: list[int]) -> int:
-        return wanted[-1] + 1  # decoded from the start up to the last one
+        # intra-only: the wanted frames alone; else decoded from the start up to the last one
+        return len(wanted) if self._intra else wanted[-1] + 1
+
+    def _intra_frames(self, wanted: list[int]) -> Iterator[tuple[int, object]]:
+        """(number, frame) for the wanted packets of an intra-only stream, each decoded alone; at
+        the end of a stream shorter than its header said, its last packet's frame if not wanted."""
+        wanted_set, number, skipped = set(wanted), -1, None
+        for packet in self._container.demux(self._stream):
+            if not packet.size:  # the end-of-stream packet (_count_packets counts no empty one either)
+                continue
+            number += 1
+            if number in wanted_set:
+                skipped = None
+                yield number, self._alone(packet)
+            else:
+                skipped = packet
+        if skipped is not None:
+            yield number, self._alone(skipped)
+
+    def _alone(self, packet):
+        frames = self._stream.codec_context.decode(packet)
+        if len(frames) != 1:  # damaged: a decode from the start would lose or gain frames here
+            raise ValueError(f"a frame's data decoded to {len(frames)} pictures")
+        return frames[0]
 
     def frames(self, wanted: list[int], stop: _Stop, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
         pending = iter(wanted)
         target = next(pending)
         any_yielded = False
         last = None  # (number, frame): the latest decoded frame when it was not a wanted one
+        decoded = self._intra_frames(wanted) if self._intra else enumerate(self._container.decode(self._stream))
         try:
-            for number, frame in enumerate(self._container.decode(self._stream)):
+            for number, frame in decoded:
                 if stop.is_set():
                     raise _Stopped
                 _check_frame_size(self._path, frame.width, frame.height)
