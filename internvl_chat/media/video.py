@@ -486,6 +486,7 @@ class _FrameSource(Protocol):
     num_total_frames: int
     fps: float
     orientation: Orientation  # what is still to be applied to the frames it yields
+    from_start: bool  # decodes every frame up to the last one wanted
 
     def plan(self, wanted: list[int]) -> int:
         """The frames the decoder will produce to reach the wanted ones (ascending, distinct)."""
@@ -517,6 +518,7 @@ class DecodeCost:
     width: int
     height: int
     backend: str
+    from_start: bool = False  # decoded from the start up to the last frame sampled: fewer frames save little
 
     @property
     def pixels(self) -> int:
@@ -640,6 +642,7 @@ class _DecordSource:
         except Exception as e:  # noqa: BLE001 - decord raises DECORDError / RuntimeError for bad files
             raise _DecordFailed(str(_cannot_read(path, e))) from None
         self._size = (header.width, header.height)  # decord's decoding is not seen frame by frame: the header's size
+        self.from_start = False  # from the key frame before each wanted one
         applied = decord_rotation(header)
         self.orientation = compose(inverse(applied), header.orientation)
         # a frame of these (rows, columns) would mean decord turned it otherwise than predicted
@@ -704,6 +707,7 @@ class _PyAVSource:
             self._intra = bool(getattr(stream.codec_context.codec, "intra_only", False)) and not header.reorders
             # frame threading: faster, output order unchanged; it holds frames back, so not for one packet at a time
             stream.thread_type = "SLICE" if self._intra else "AUTO"
+            self.from_start = not self._intra
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
             self.fps = header.fps
@@ -852,7 +856,7 @@ def _open(path: Path, backend: str, header: _Header, decord, stop: _Stop) -> _Fr
 
 
 def _cost(backend: str, header: _Header, source: _FrameSource, indices: list[int]) -> DecodeCost:
-    return DecodeCost(source.plan(sorted(set(indices))), header.width, header.height, backend)
+    return DecodeCost(source.plan(sorted(set(indices))), header.width, header.height, backend, source.from_start)
 
 
 def _decode(

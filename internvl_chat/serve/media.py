@@ -215,6 +215,7 @@ class MediaReader:
         with self._file(data) as path:
             self._checked(probe_video, path, param)
             pixels = _video_frame_pixels(path)
+            self._check_pixels(pixels, param, "a video frame")  # before decode_cost opens it again (and decord indexes it)
             cost = self._checked(decode_cost, path, param, num_frames)
         return f"video:{num_frames}:{_sha256(data)}", num_frames, pixels, cost
 
@@ -263,7 +264,7 @@ class MediaReader:
     def _check_decoding(self, cost: DecodeCost, param: str) -> None:
         limit = self.options.max_video_decode_pixels
         if limit is not None and cost.pixels > limit:
-            fewer = ", fewer frames (num_frames)" if cost.backend == "decord" else ""  # PyAV decodes from the start anyway
+            fewer = "" if cost.from_start else ", fewer frames (num_frames)"
             raise bad_request(f"the video needs {cost} decoded to reach the frames sampled, over this server's limit of "
                               f"{megapixels(limit)} megapixels per video; send a shorter or smaller clip{fewer}, or {PRESAMPLED}",
                               param=param)  # fmt: skip
