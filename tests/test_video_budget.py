@@ -83,10 +83,11 @@ def test_a_plan_over_the_limit_is_refused_before_any_frame_is_decoded(clips, mon
     cost = decode_cost(path, 8)
     with pytest.raises(DecodeOverBudget) as err:
         load_video(path, 8, max_decode_pixels=cost.pixels - 1)
+    assert err.value.cost == cost
     message = str(err.value)
     assert message == (f"video {path} needs {cost.frames} frames of 64×48 ({cost.pixels / 1e6:.6g} megapixels, each "
                        f"frame counted as 128×128) decoded to reach the frames sampled, over the limit of "
-                       f"{(cost.pixels - 1) / 1e6:.6g} megapixels per video; cut the clip shorter or scale it down")  # fmt: skip
+                       f"{(cost.pixels - 1) / 1e6:.6g} megapixels; cut the clip shorter or scale it down")  # fmt: skip
     assert decoded == []
 
 
@@ -103,7 +104,7 @@ def test_frames_larger_than_the_header_says_stop_the_decode_at_the_limit(tmp_pat
         load_video(path, 4, max_decode_pixels=1_000_000)
     # about 10 frames of 64×48 (each counted as 128×128), then the 4th of 512×512 passes 1,000,000 pixels
     message = str(err.value)
-    after = re.fullmatch(rf"decoding video {re.escape(str(path))} passed the limit of 1 megapixels per video after (\d+) "
+    after = re.fullmatch(rf"decoding video {re.escape(str(path))} passed the limit of 1 megapixels after (\d+) "
                          r"frames \(its frames are larger than its header says\); cut the clip shorter or scale it down", message)  # fmt: skip
     assert after and 12 <= int(after.group(1)) <= 14, message
 

@@ -506,7 +506,12 @@ class _DecordFailed(MediaError):
 
 
 class DecodeOverBudget(MediaError):
-    """Decoding the frames sampled takes more pixels than the caller allows (load_video's max_decode_pixels)."""
+    """Decoding the frames sampled takes more pixels than the caller allows (load_video's
+    max_decode_pixels): `cost` is the plan refused, None when the decoding itself passed the limit."""
+
+    def __init__(self, message: str, cost: DecodeCost | None = None) -> None:
+        super().__init__(message)
+        self.cost = cost
 
 
 @dataclass(frozen=True)
@@ -541,7 +546,8 @@ def megapixels(pixels: int) -> str:
 def _plan_over_budget(path: Path, cost: DecodeCost, limit: int) -> DecodeOverBudget:
     return DecodeOverBudget(
         f"video {_shown(path)} needs {cost} decoded to reach the frames sampled, over the limit of {megapixels(limit)} "
-        "megapixels per video; cut the clip shorter or scale it down"
+        "megapixels; cut the clip shorter or scale it down",
+        cost,
     )
 
 
@@ -559,7 +565,7 @@ class _Meter:
         self.pixels += frames * frame_work(width, height)
         if self.limit is not None and self.pixels > self.limit:
             raise DecodeOverBudget(
-                f"decoding video {_shown(self.path)} passed the limit of {megapixels(self.limit)} megapixels per video after "
+                f"decoding video {_shown(self.path)} passed the limit of {megapixels(self.limit)} megapixels after "
                 f"{self.frames:,} frames (its frames are larger than its header says); cut the clip shorter or scale it down"
             )
 

@@ -32,7 +32,7 @@ from .answers import AnswerMemory
 from .conversation import Prompt, PromptMaker
 from .errors import APIError, from_app_error
 from .features import FeatureCache
-from .media import MediaReader
+from .media import DecodeAllowance, MediaReader
 from .options import ServeOptions
 from .protocol import completion_id, timings, usage
 from .slots import SlotPool
@@ -287,6 +287,7 @@ class EngineWorker:
             return None, 0.0
         by_media: dict[int, torch.Tensor] = {}
         vision_s = 0.0
+        allowance = DecodeAllowance(self.options.max_video_decode_pixels)  # for all the video files decoded for this job
         parts = []
         for span in needed:
             features = by_media.get(span.media)
@@ -297,7 +298,7 @@ class EngineWorker:
                     if job.cancel.is_set():
                         raise ClientGone
                     with out_of_memory_as_error("reading the attachments", MEDIA_ADVICE):  # decoding and tiling allocate too
-                        pixels = self.reader.pixels(item, job.cancel)  # a video's decoding stops when it is set
+                        pixels = self.reader.pixels(item, job.cancel, allowance)  # a video's decoding stops at cancel
                     t0 = time.perf_counter()
                     with out_of_memory_as_error("in the vision encoder"):  # the app's one line, not a 500 crash
                         features = self.model.encode_images(pixels, job.cancel)

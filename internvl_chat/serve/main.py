@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let requests make the server fetch http(s) image/video URLs")  # fmt: skip
     p.add_argument("--allow-local-media", metavar="DIR", help="let requests read files inside DIR via file:// URLs")
     p.add_argument("--max-video-decode-megapixels", type=int, metavar="N",
-                   help="megapixels of frames decoding one video file may produce, those decoded to reach the sampled "
-                   "ones included; a request over it gets 400 (default 20000: about 5 minutes of 1080p; 0: no limit)")  # fmt: skip
+                   help="megapixels of frames the decoding of a request's video files may produce in all, those decoded to "
+                   "reach the sampled ones included; a request over it gets 400 (default 20000: about 5 minutes of 1080p; "
+                   "0: no limit)")  # fmt: skip
     p.add_argument("--max-connections", type=int, metavar="N",
                    help="open connections served at once; a request on one more gets 503 (default 100)")
     p.add_argument("--header-timeout", type=float, metavar="S",

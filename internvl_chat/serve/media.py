@@ -9,10 +9,12 @@ image is tiled exactly as the same file attached in the terminal app.
 Forms: `image_url` (an image file); `video_url` with a video file (frames sampled here), or
 with `data:video/jpeg;base64,F1,F2,…` (frames already sampled: one tile each, as vLLM reads it).
 
-A video file's decoding is planned when the request is read (media/video.py `decode_cost`: the
-frames decoded to reach the sampled ones, from the header and key frames) and refused there if
-over `max_video_decode_pixels`, so one small file of many large frames cannot hold the engine;
-the decode itself stops at the limit too, for files whose frames are larger than their header says.
+`max_video_decode_pixels` bounds the decoding of a request's video files, all together, so one
+small file of many large frames (or many files) cannot hold the engine: each file's decoding is
+planned when the request is read (media/video.py `decode_cost`: the frames decoded to reach the
+sampled ones, from the header and key frames) and refused there if over the limit alone; the
+engine then counts what it decodes for the request (DecodeAllowance; files whose features are
+cached cost nothing), and a decode stops at the limit, also for frames larger than the header says.
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ FRAME_LIST_TYPES = ("video/jpeg", "video/png", "video/webp")  # data:video/jpeg;
 
 # (content key, tiles, largest width·height, the decoding a video file takes or None)
 Measured = tuple[str, int, int, DecodeCost | None]
+
+
+@dataclass
+class DecodeAllowance:
+    """What the decoding of one request's video files has used of `limit` pixels (None: no limit)."""
+
+    limit: int | None
+    used: int = 0
+
+    @property
+    def left(self) -> int | None:
+        return None if self.limit is None else max(self.limit - self.used, 0)
 
 
 @dataclass
@@ -266,13 +280,14 @@ class MediaReader:
         if limit is not None and cost.pixels > limit:
             fewer = "" if cost.from_start else ", fewer frames (num_frames)"
             raise bad_request(f"the video needs {cost} decoded to reach the frames sampled, over this server's limit of "
-                              f"{megapixels(limit)} megapixels per video; send a shorter or smaller clip{fewer}, or {PRESAMPLED}",
-                              param=param)  # fmt: skip
+                              f"{megapixels(limit)} megapixels for a request's videos; send a shorter or smaller clip{fewer}, "
+                              f"or {PRESAMPLED}", param=param)  # fmt: skip
 
     # ---- pixels (engine thread) ------------------------------------------------------------
-    def pixels(self, item: MediaItem, cancel: threading.Event | None = None) -> torch.Tensor:
+    def pixels(self, item: MediaItem, cancel: threading.Event | None = None, allowance: DecodeAllowance | None = None) -> torch.Tensor:
         """Normalised tiles [tiles, 3, S, S] of an item, decoded now (features were not cached).
-        `cancel` set stops a video's decoding at its next frame (Cancelled)."""
+        `cancel` set stops a video's decoding at its next frame (Cancelled); a video file decodes
+        within what `allowance` has left (its request's; None: a new one), and uses it up."""
         size = self.image_size
         data = _data_url(item.url, item.param, item.kind)[0] if item.url else item.data
         if item.frame_list:
@@ -287,12 +302,26 @@ class MediaReader:
             with self._file(data) as path:
                 pixels = self._checked(load_image, path, item.param, high, self.use_thumbnail, size, low).pixel_values
         else:
+            allowance = allowance or DecodeAllowance(self.options.max_video_decode_pixels)
             with self._file(data) as path:
-                limit = self.options.max_video_decode_pixels
-                pixels = self._checked(load_video, path, item.param, item.tiles, None, None, size, limit, cancel).pixel_values
+                pixels = self._checked(self._video, path, item.param, item.tiles, cancel, allowance)
         if pixels.shape[0] != item.tiles:
             raise bad_request(f"the {item.kind} gave {pixels.shape[0]} tiles, expected {item.tiles}", param=item.param)
         return pixels
+
+    def _video(self, path: Path, frames: int, cancel: threading.Event | None, allowance: DecodeAllowance) -> torch.Tensor:
+        try:
+            video = load_video(path, frames, None, None, self.image_size, allowance.left, cancel)
+        except DecodeOverBudget as e:
+            if not allowance.used:
+                raise
+            this = f"this one needs {e.cost}" if e.cost is not None else "this one's frames are larger than its header says"
+            raise DecodeOverBudget(f"the videos of this request need more decoding than this server's limit of "
+                                   f"{megapixels(allowance.limit or 0)} megapixels for a request's videos: "
+                                   f"{megapixels(allowance.used)} used by those before this one, and {this}; send fewer, "
+                                   "shorter or smaller clips") from None  # fmt: skip
+        allowance.used += video.decoded_pixels
+        return video.pixel_values
 
     # ---- helpers ---------------------------------------------------------------------------
     @staticmethod
