@@ -154,3 +154,27 @@ def test_streams_of_key_frames_of_a_codec_that_is_not_intra_only_are_still_decod
     """MPEG-4 may refer to earlier frames whatever the key frame flags say: no skipping there."""
     monkeypatch.setenv(BACKEND_ENV, "pyav")
     assert decode_cost(clips["intra.avi"], 8).frames == load_video(clips["intra.avi"], 8).decoded_frames == 37
+
+
+def test_what_decord_decoded_before_it_failed_counts_against_the_limit(clips, monkeypatch):
+    """decord failing midway hands the file to PyAV, which must fit in what is left."""
+    pytest.importorskip("decord")
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = clips["gop12.mp4"]
+    decord_cost = decode_cost(path, 8)
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    pyav_cost = decode_cost(path, 8)
+    monkeypatch.delenv(BACKEND_ENV)
+    assert decord_cost.backend == "decord"
+
+    def fail_after_the_plan(self, wanted, stop, meter):
+        meter.charge(self.plan(wanted), *self._size)  # as if it had decoded them all
+        raise media_video._DecordFailed("decord gave up")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(media_video._DecordSource, "frames", fail_after_the_plan)
+    both = decord_cost.pixels + pyav_cost.pixels
+    assert load_video(path, 8, max_decode_pixels=both).decoded_pixels == both
+    with pytest.raises(DecodeOverBudget) as err:
+        load_video(path, 8, max_decode_pixels=both - 1)
+    assert f"({decord_cost.pixels / 1e6:.6g} of them spent already by decord, which failed)" in str(err.value)

@@ -543,10 +543,11 @@ def megapixels(pixels: int) -> str:
     return f"{pixels / 1e6:,.6g}"
 
 
-def _plan_over_budget(path: Path, cost: DecodeCost, limit: int) -> DecodeOverBudget:
+def _plan_over_budget(path: Path, cost: DecodeCost, limit: int, spent: int) -> DecodeOverBudget:
+    after = f" ({megapixels(spent)} of them spent already by decord, which failed)" if spent else ""
     return DecodeOverBudget(
         f"video {_shown(path)} needs {cost} decoded to reach the frames sampled, over the limit of {megapixels(limit)} "
-        "megapixels; cut the clip shorter or scale it down",
+        f"megapixels{after}; cut the clip shorter or scale it down",
         cost,
     )
 
@@ -867,15 +868,15 @@ def _cost(backend: str, header: _Header, source: _FrameSource, indices: list[int
 
 def _decode(
     path: Path, backend: str, header: _Header, decord, num_frames: int, start, end, image_size: int,
-    stop: _Stop, max_pixels: int | None,
+    stop: _Stop, meter: _Meter,
 ) -> _Decoded:  # fmt: skip
+    """`meter` may hold what an attempt with decord decoded before it failed: it counts too."""
     source = _open(path, backend, header, decord, stop)
-    meter = _Meter(path, max_pixels)
     try:
         indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
         cost = _cost(backend, header, source, indices)
-        if max_pixels is not None and cost.pixels > max_pixels:
-            raise _plan_over_budget(path, cost, max_pixels)
+        if meter.limit is not None and meter.pixels + cost.pixels > meter.limit:
+            raise _plan_over_budget(path, cost, meter.limit, meter.pixels)
         tiles: dict[int, torch.Tensor] = {}
         with contextlib.closing(source.frames(sorted(set(indices)), stop, meter)) as frames:
             for number, rgb in frames:
@@ -1038,8 +1039,9 @@ def load_video(
 
     def work(stop: _Stop) -> _Decoded:
         header = _read_header(path, orientation=True)
+        meter = _Meter(path, max_decode_pixels)  # one for both attempts
         return _by_backend(decord, forced, header, lambda backend: _decode(
-            path, backend, header, decord, num_frames, start, end, image_size, stop, max_decode_pixels))  # fmt: skip
+            path, backend, header, decord, num_frames, start, end, image_size, stop, meter))  # fmt: skip
 
     decoded = _interruptible(work, cancel)
     fps = decoded.fps
