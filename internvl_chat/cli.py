@@ -19,6 +19,7 @@ from typing import TextIO
 from . import __version__
 from .errors import InternVLChatError, OneLineParser, UsageError
 from .files import GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, visible
+from .settings import add_engine_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,13 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens, 0 is off (default)")
     p.add_argument("--repetition-penalty", type=float, metavar="R", help="penalise tokens already in the conversation, 1 is off (default)")
     p.add_argument("--seed", type=int, metavar="S", help="make sampling reproducible")
-    p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
-    p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default auto: bf16 on CUDA; on a CPU, "
-                   "bf16 for decoders of 256 MiB or more where the CPU has native bf16 or AVX2 and FMA, else fp32)")
-    p.add_argument("--max-context", type=int, metavar="N", help="KV cache length in tokens (default 8192)")
-    p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant | triton | gemlite: kernels for 4-bit weights (default auto: torch where it runs, else dequant)")
-    p.add_argument("--compile", metavar="MODE", help="auto | on | off: a fast decode step (our C++ on CPUs with AVX2 and FMA, else "
-                   "torch.compile), built on first use, then cached (default auto: decoders of 256 MiB or more on a CPU)")
+    add_engine_flags(p, "KV cache length in tokens")
     _add_remote_flags(p)
     p.add_argument("--json", action="store_true", help="one-shot: print one JSON object instead of streaming text")
     p.add_argument("--script", metavar="FILE", help="run REPL lines from FILE ('-' for stdin), printed as a transcript; "

@@ -156,7 +156,7 @@ PRIVATE_FILE_MODE = 0o600
 
 
 def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path:
-    """Write `data` to `path` atomically: a temp file in the same folder, fsync, then rename.
+    """Write `data` to `path` atomically: a temp file in the same folder, fsync, rename, fsync the folder.
 
     A symlink at `path` is replaced by the new file, never followed; a folder, a FIFO or a device
     there is refused (as root, renaming over /dev/null would replace the device). Missing folders
@@ -193,7 +193,24 @@ def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
     return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable: until the folder's entry reaches the disk, a power cut can
+    leave the old file (or none). Best effort: some file systems cannot sync a folder, and the
+    file is already written in full either way."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _make_folders(folder: Path, mode: int) -> None:

@@ -114,6 +114,30 @@ def test_write_atomic_in_a_folder_it_cannot_write_names_the_users_path(tmp_path,
     assert err.value.filename == str(tmp_path / "chat.json") and err.value.strerror == "Permission denied"
 
 
+def test_write_atomic_syncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    """The rename is durable only once the folder's entry is on disk; a folder that cannot be
+    synced (some file systems) still leaves the file written."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    write_atomic(tmp_path / "chat.json", "{}")
+    assert synced == ["file", "folder"]
+
+    def folder_refuses(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", folder_refuses)
+    write_atomic(tmp_path / "chat.json", "{1}")
+    assert (tmp_path / "chat.json").read_text() == "{1}"
+
+
 def test_a_relative_xdg_folder_counts_as_unset(tmp_path, monkeypatch):
     """XDG_STATE_HOME=state put the sessions under whatever folder the app was started in, so /load
     listed other ones in each folder; the XDG spec makes a relative value invalid."""

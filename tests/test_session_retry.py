@@ -264,3 +264,21 @@ def test_a_retry_over_the_context_changes_nothing_and_prefills_nothing(loaded, m
     with pytest.raises(ContextOverflowError, match=f"needs {last.pos_before:,} cached"):
         _run(session.retry(_params(too_many)))
     assert (session.ids, session.start_pos, session.turns) == before and spy.calls == []
+
+
+def test_a_system_change_reuses_the_kept_image_features(loaded, picture, tmp_path, monkeypatch):
+    """/system prefills the conversation again under the new message, with the image features its
+    turns kept (the vision encoder does not run again); it holds what loading it afresh gives."""
+    session = Session(loaded, _params())
+    _run(session.ask("Describe it.", [session.describe_image(picture)]))
+    _run(session.ask("And more?"))
+    _run(session.ask("Compare them.", [session.describe_image(picture)]))
+    with monkeypatch.context() as patch:
+        patch.setattr(loaded.model, "encode_images", lambda *a, **k: pytest.fail("the vision encoder ran"))
+        session.set_system("Answer in French.")
+    assert session.ids == session.conversation_ids(session.turns)
+    assert [t.features.shape[0] if t.features is not None else 0 for t in session.turns] == [3, 0, 3]
+    fresh = Session(loaded, _params())
+    fresh.load(session.save(tmp_path / "chat.json"))  # a loaded session's turns kept nothing: encoded
+    assert fresh.ids == session.ids and fresh.start_pos == session.start_pos
+    assert _close(_next_logits(session), _next_logits(fresh))

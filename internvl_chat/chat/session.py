@@ -525,7 +525,9 @@ class Session:
                 f"the conversation needs {f'at least {least:,}' if ids is None else f'{len(ids):,}'} tokens, over the "
                 f"{self.max_context:,}-token context{_use(fixes)}"
             )
-        features, _ = self._encode([m for t in turns for m in t.media], None)
+        features = self._kept_features(turns)
+        if features is None:
+            features, _ = self._encode([m for t in turns for m in t.media], None)
         try:
             if ids:  # a conversation saved before its first question has nothing to prefill
                 self.model.forward(ids, 0, features)
@@ -549,6 +551,15 @@ class Session:
             self.ids += turn.prompt_ids + turn.answer_ids
             self.turns.append(turn)
         self.start_pos = len(self.ids)
+
+    @staticmethod
+    def _kept_features(turns: Sequence[Turn]) -> torch.Tensor | None:
+        """The image features the turns kept (asked or replayed in this session), in prompt order;
+        None where a turn with media kept none (a loaded session's turns), so they are encoded."""
+        parts = [t.features for t in turns if t.media]
+        if not parts or any(p is None for p in parts):
+            return None
+        return torch.cat(parts)
 
     def to_json(self, settings: dict | None = None, path: str | Path | None = None) -> dict:
         """The session as JSON; with `path` (where it is saved) media also get a path relative to it."""

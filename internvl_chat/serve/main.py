@@ -11,6 +11,7 @@ import sys
 
 from ..errors import OneLineParser, UsageError
 from ..files import expand_home, visible, visible_lines
+from ..settings import add_engine_flags
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -49,13 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an idle connection stays open between requests (default 5)")
     p.add_argument("--max-header-kb", type=int, metavar="N",
                    help="KiB a request line and headers may fill before they are complete, else 400 (default 16)")
-    p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
-    p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default auto: bf16 on CUDA; on a CPU, "
-                   "bf16 for decoders of 256 MiB or more where the CPU has native bf16 or AVX2 and FMA, else fp32)")
-    p.add_argument("--max-context", type=int, metavar="N", help="KV cache length per slot in tokens (default 8192)")
-    p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant | triton | gemlite: kernels for 4-bit weights (default auto: torch where it runs, else dequant)")
-    p.add_argument("--compile", metavar="MODE", help="auto | on | off: a fast decode step (our C++ on CPUs with AVX2 and FMA, else "
-                   "torch.compile), built on first use, then cached (default auto: decoders of 256 MiB or more on a CPU)")
+    add_engine_flags(p, "KV cache length per slot in tokens")
     p.add_argument("--config", metavar="FILE",
                    help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
