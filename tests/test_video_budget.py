@@ -177,4 +177,24 @@ def test_what_decord_decoded_before_it_failed_counts_against_the_limit(clips, mo
     assert load_video(path, 8, max_decode_pixels=both).decoded_pixels == both
     with pytest.raises(DecodeOverBudget) as err:
         load_video(path, 8, max_decode_pixels=both - 1)
-    assert f"({decord_cost.pixels / 1e6:.6g} of them spent already by decord, which failed)" in str(err.value)
+    assert f"({decord_cost.pixels / 1e6:.6g} of them spent already by an attempt that failed)" in str(err.value)
+
+
+def test_an_intra_only_stream_whose_packets_are_not_one_frame_each_is_decoded_from_the_start(tmp_path, monkeypatch):
+    """MJPEG fields may come in packets of their own (a packet that gives no picture): packet n is
+    not frame n there, so, found out at a wanted packet, the stream is decoded again from the start."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = write_numbered_video(tmp_path / "mjpeg.avi", 40, 30, "mjpeg", pix_fmt="yuvj420p")
+    alone = media_video._PyAVSource._alone
+    calls = []
+
+    def third_gives_none(self, packet):
+        calls.append(1)
+        if len(calls) == 3:
+            raise media_video._NotOnePerPacket
+        return alone(self, packet)
+
+    monkeypatch.setattr(media_video._PyAVSource, "_alone", third_gives_none)
+    result = load_video(path, 8)
+    assert [read_frame_number(t) for t in result.pixel_values.numpy()] == result.indices
+    assert result.decoded_frames == 2 + max(result.indices) + 1  # two alone, then all from the start

@@ -544,7 +544,7 @@ def megapixels(pixels: int) -> str:
 
 
 def _plan_over_budget(path: Path, cost: DecodeCost, limit: int, spent: int) -> DecodeOverBudget:
-    after = f" ({megapixels(spent)} of them spent already by decord, which failed)" if spent else ""
+    after = f" ({megapixels(spent)} of them spent already by an attempt that failed)" if spent else ""
     return DecodeOverBudget(
         f"video {_shown(path)} needs {cost} decoded to reach the frames sampled, over the limit of {megapixels(limit)} "
         f"megapixels{after}; cut the clip shorter or scale it down",
@@ -694,8 +694,13 @@ class _DecordSource:
         self._reader = None
 
 
+class _NotOnePerPacket(Exception):
+    """A packet of an intra-only stream decoded to no picture or several (MJPEG fields in packets of
+    their own, damage): packet n is not frame n there, so the stream is decoded from the start."""
+
+
 class _PyAVSource:
-    def __init__(self, path: Path, header: _Header, stop: _Stop) -> None:
+    def __init__(self, path: Path, header: _Header, stop: _Stop, packets_alone: bool = True) -> None:
         import av
 
         self._path = path
@@ -711,7 +716,8 @@ class _PyAVSource:
             self._stream = stream
             # Intra-only codecs (MJPEG, DV, ProRes, raw…) keep nothing from one frame to the next and do
             # not reorder: packet n is frame n, decoded alone exactly as in a decode from the start
-            self._intra = bool(getattr(stream.codec_context.codec, "intra_only", False)) and not header.reorders
+            intra = bool(getattr(stream.codec_context.codec, "intra_only", False)) and not header.reorders
+            self._intra = intra and packets_alone
             # frame threading: faster, output order unchanged; it holds frames back, so not for one packet at a time
             stream.thread_type = "SLICE" if self._intra else "AUTO"
             self.from_start = not self._intra
@@ -745,8 +751,8 @@ class _PyAVSource:
 
     def _alone(self, packet):
         frames = self._stream.codec_context.decode(packet)
-        if len(frames) != 1:  # damaged: a decode from the start would lose or gain frames here
-            raise ValueError(f"a frame's data decoded to {len(frames)} pictures")
+        if len(frames) != 1:
+            raise _NotOnePerPacket
         return frames[0]
 
     def frames(self, wanted: list[int], stop: _Stop, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
@@ -771,7 +777,7 @@ class _PyAVSource:
                 else:
                     last = (number, frame)
                 del frame
-        except (_Stopped, MediaError):
+        except (_Stopped, MediaError, _NotOnePerPacket):
             raise
         except Exception as e:  # noqa: BLE001 - damage after some frames ends the stream there
             if not any_yielded and last is None:
@@ -854,8 +860,11 @@ class _Decoded:
     meter: _Meter
 
 
-def _open(path: Path, backend: str, header: _Header, decord, stop: _Stop) -> _FrameSource:
-    source: _FrameSource = _DecordSource(path, decord, header) if backend == "decord" else _PyAVSource(path, header, stop)
+def _open(path: Path, backend: str, header: _Header, decord, stop: _Stop, packets_alone: bool = True) -> _FrameSource:
+    if backend == "decord":
+        source: _FrameSource = _DecordSource(path, decord, header)
+    else:
+        source = _PyAVSource(path, header, stop, packets_alone)
     if source.num_total_frames < 1:
         source.close()
         raise MediaError(f"{_shown(path)} has no video frames; use a file that contains video")
@@ -870,8 +879,20 @@ def _decode(
     path: Path, backend: str, header: _Header, decord, num_frames: int, start, end, image_size: int,
     stop: _Stop, meter: _Meter,
 ) -> _Decoded:  # fmt: skip
-    """`meter` may hold what an attempt with decord decoded before it failed: it counts too."""
-    source = _open(path, backend, header, decord, stop)
+    """`meter` may hold what an attempt that failed decoded (decord's, or PyAV's packet by packet
+    on an intra-only stream whose packets are not one frame each): it counts too."""
+    args = (path, backend, header, decord, num_frames, start, end, image_size, stop, meter)
+    try:
+        return _decode_once(*args, packets_alone=True)
+    except _NotOnePerPacket:
+        return _decode_once(*args, packets_alone=False)
+
+
+def _decode_once(
+    path: Path, backend: str, header: _Header, decord, num_frames: int, start, end, image_size: int,
+    stop: _Stop, meter: _Meter, packets_alone: bool,
+) -> _Decoded:  # fmt: skip
+    source = _open(path, backend, header, decord, stop, packets_alone)
     try:
         indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
         cost = _cost(backend, header, source, indices)
