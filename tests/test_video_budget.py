@@ -27,7 +27,7 @@ CLIPS = {  # name: (frames, codec, options)
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     folder = tmp_path_factory.mktemp("budget")
-    return {name: write_numbered_video(folder / name, frames, 30, codec, **extra) for name, (frames, codec, extra) in CLIPS.items()}
+    return {name: write_numbered_video(folder / name, n, 30, codec, **extra) for name, (n, codec, extra) in CLIPS.items()}
 
 
 def test_decord_work_follows_its_seek_rule():
@@ -45,7 +45,8 @@ def test_decord_work_follows_its_seek_rule():
 def test_each_frame_costs_at_least_a_128_pixel_square():
     """Decoding a frame has a fixed cost whatever its size: a million 16×16 frames are no cheap request."""
     assert DecodeCost(1_000_000, 16, 16, "pyav").pixels == 1_000_000 * 128 * 128
-    assert str(DecodeCost(1_000_000, 16, 16, "pyav")) == "1,000,000 frames of 16×16 (16,384 megapixels, each frame counted as 128×128)"
+    shown = "1,000,000 frames of 16×16 (16,384 megapixels, each frame counted as 128×128)"
+    assert str(DecodeCost(1_000_000, 16, 16, "pyav")) == shown
     assert str(DecodeCost(1874, 4096, 4096, "pyav")) == "1,874 frames of 4096×4096 (31,440.5 megapixels)"
 
 
@@ -104,8 +105,8 @@ def test_frames_larger_than_the_header_says_stop_the_decode_at_the_limit(tmp_pat
         load_video(path, 4, max_decode_pixels=1_000_000)
     # about 10 frames of 64×48 (each counted as 128×128), then the 4th of 512×512 passes 1,000,000 pixels
     message = str(err.value)
-    after = re.fullmatch(rf"decoding video {re.escape(str(path))} passed the limit of 1 megapixels after (\d+) "
-                         r"frames \(its frames are larger than its header says\); cut the clip shorter or scale it down", message)  # fmt: skip
+    after = re.fullmatch(rf"decoding video {re.escape(str(path))} passed the limit of 1 megapixels after (\d+) frames "
+                         r"\(its frames are larger than its header says\); cut the clip shorter or scale it down", message)
     assert after and 12 <= int(after.group(1)) <= 14, message
 
 
@@ -126,7 +127,7 @@ def _promising(path, frames: int):
 
 
 @pytest.mark.parametrize("name", list(INTRA_CLIPS))
-def test_intra_only_streams_decode_only_the_frames_sampled_and_give_the_frames_of_a_decode_from_the_start(tmp_path, monkeypatch, name):
+def test_intra_only_streams_decode_only_the_sampled_frames_and_give_those_of_a_full_decode(tmp_path, monkeypatch, name):
     """MJPEG or raw frames keep nothing from one frame to the next: each sampled frame is decoded
     alone, and equals, bit for bit, the frame of that number in a decode of the whole stream."""
     monkeypatch.delenv(BACKEND_ENV, raising=False)

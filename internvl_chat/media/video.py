@@ -531,7 +531,8 @@ class DecodeCost:
 
     def __str__(self) -> str:
         """How the pixels come about, for messages: "1,874 frames of 4096×4096 (31,440.5 megapixels)"."""
-        floor = "" if self.width * self.height >= MIN_FRAME_SIDE**2 else f", each frame counted as {MIN_FRAME_SIDE}×{MIN_FRAME_SIDE}"
+        side = MIN_FRAME_SIDE
+        floor = "" if self.width * self.height >= side**2 else f", each frame counted as {side}×{side}"
         return f"{self.frames:,} frames of {self.width}×{self.height} ({megapixels(self.pixels)} megapixels{floor})"
 
 

@@ -5,7 +5,8 @@ uncached part needs (feature LRU, else decode + vision encoder), runs the slot S
 `continue_with` and sends text deltas back to the handler's event loop. A job whose client went
 away has its `cancel` event set: generation stops at the next token, a job that has not started
 is skipped (and gives up its place in the queue), a video being decoded for it stops at the next
-frame, and a job whose client left while its pictures were encoded gets no prefill. Stop strings end generation the same way and cut the text where they begin.
+frame, and a job whose client left while its pictures were encoded gets no prefill. Stop strings
+end generation the same way and cut the text where they begin.
 """
 
 from __future__ import annotations

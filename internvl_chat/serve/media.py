@@ -284,7 +284,9 @@ class MediaReader:
                               f"or {PRESAMPLED}", param=param)  # fmt: skip
 
     # ---- pixels (engine thread) ------------------------------------------------------------
-    def pixels(self, item: MediaItem, cancel: threading.Event | None = None, allowance: DecodeAllowance | None = None) -> torch.Tensor:
+    def pixels(
+        self, item: MediaItem, cancel: threading.Event | None = None, allowance: DecodeAllowance | None = None
+    ) -> torch.Tensor:
         """Normalised tiles [tiles, 3, S, S] of an item, decoded now (features were not cached).
         `cancel` set stops a video's decoding at its next frame (Cancelled); a video file decodes
         within what `allowance` has left (its request's; None: a new one), and uses it up."""
