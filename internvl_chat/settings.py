@@ -220,6 +220,9 @@ class ServeSettings:
     max_images: int = _setting(32, _number(1, 1024), "an integer from 1 to 1024 (images and videos per request)")
     max_image_pixels: int = _setting(40_000_000, _number(1, 178_956_970), "an integer from 1 to 178956970")
     max_frames: int = _setting(64, _number(1, 256), "an integer from 1 to 256 (frames per video)")
+    max_video_decode_megapixels: int = _setting(20_000, _number(0), "an integer ≥ 0 (megapixels of frames decoded "
+                                                "for a request's video files in all, those passed through to reach the sampled "
+                                                "ones included; 0: no limit)")  # fmt: skip
     feature_cache_mb: int = _setting(256, _number(0), "an integer ≥ 0 (MiB of cached image features; 0 turns it off)")
     allow_remote_media: bool = _setting(False, expect="true or false (let requests make the server fetch http(s) URLs)")
     allow_local_media: str = _setting("", expect="a folder whose files requests may name as file:// URLs (empty: none)")

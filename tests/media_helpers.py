@@ -108,9 +108,10 @@ def read_frame_number(tile: np.ndarray) -> int:
 
 
 def write_numbered_video(
-    path: Path, num_frames: int, fps: int | float = 30, codec: str = "mpeg4", gop: int | None = None, options: dict | None = None
-) -> Path:
-    """Encode frames 0…num_frames−1, each showing its own number, with PyAV."""
+    path: Path, num_frames: int, fps: int | float = 30, codec: str = "mpeg4", gop: int | None = None, options: dict | None = None,
+    pix_fmt: str = "yuv420p",
+) -> Path:  # fmt: skip
+    """Encode frames 0…num_frames−1, each showing its own number, with PyAV (MJPEG wants pix_fmt yuvj420p)."""
     import av
     from fractions import Fraction
 
@@ -118,7 +119,7 @@ def write_numbered_video(
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = VIDEO_SIZE
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         if gop is not None:
             stream.codec_context.gop_size = gop
         if options:
@@ -307,3 +308,32 @@ def jpeg_with_empty_scans(side: int, scans: int) -> bytes:
         coded += bytes([byte, 0]) if byte == 0xFF else bytes([byte])
     scan = b"\xff\xda" + struct.pack(">H", 8) + bytes([1, 1, 0x01, 1, 63, 0]) + bytes(coded)
     return data[:end] + table + scan * scans + b"\xff\xd9"
+
+
+def write_growing_video(path: Path, small: int, large: int, side: int = 512) -> Path:
+    """An MPEG-TS clip whose header tells of 64×48 frames: `small` of them, then `large` frames of
+    side×side in the same stream (MPEG-2 carries its frame size in the stream; FFmpeg reads the
+    header's from the first frames)."""
+    import av
+    from fractions import Fraction
+
+    packets = []
+    for (width, height), count in (((64, 48), small), ((side, side), large)):
+        encoder = av.CodecContext.create("mpeg2video", "w")
+        encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
+        encoder.time_base, encoder.framerate, encoder.gop_size = Fraction(1, 30), 30, 12
+        for number in range(count):
+            planes = np.full((height * 3 // 2, width), 100 + number, np.uint8)
+            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+            frame.pts = number
+            packets += encoder.encode(frame)
+        packets += encoder.encode()
+    with av.open(str(path), "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg2video", rate=30)
+        stream.width, stream.height = 64, 48
+        for number, packet in enumerate(packets):
+            packet.stream = stream
+            packet.time_base = Fraction(1, 90000)
+            packet.pts = packet.dts = number * 3000
+            container.mux(packet)
+    return path

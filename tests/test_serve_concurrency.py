@@ -23,7 +23,7 @@ from internvl_chat.serve import app as serve_app
 from internvl_chat.serve.conversation import Prompt
 from internvl_chat.serve.engine import EngineWorker, Job
 from internvl_chat.serve.options import ServeOptions
-from media_helpers import textured_rgb
+from media_helpers import textured_rgb, write_numbered_video
 from serve_support import RunningServer, chat_body, crowd, png_bytes
 
 WAIT_S = 60
@@ -244,6 +244,39 @@ def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(serve
         worker.on_start = None
     assert worker.counts["cancelled"] == cancelled + 1
     assert forwards == []  # no prefill, no token
+
+
+def test_a_client_that_leaves_while_its_video_is_decoded_stops_the_decoding_at_the_next_frame(server, monkeypatch, tmp_path):
+    from internvl_chat.media import video as media_video
+
+    worker, model = server.worker, server.worker.model
+    real_frame_to_tile, decoded, jobs, encodes = media_video.frame_to_tile, [], [], []
+
+    def first_frame_waits(rgb, orientation, size):
+        decoded.append(1)
+        if len(decoded) == 1:
+            assert jobs[-1].cancel.wait(WAIT_S)  # until the handler has seen its client leave
+        return real_frame_to_tile(rgb, orientation, size)
+
+    monkeypatch.setattr(media_video, "frame_to_tile", first_frame_waits)
+    monkeypatch.setattr(model, "encode_images", lambda *a, **kw: encodes.append(1))
+    clip = write_numbered_video(tmp_path / "clip.avi", 40)
+    url = "data:video/x-msvideo;base64," + base64.b64encode(clip.read_bytes()).decode()
+    body = {"model": "tiny", "temperature": 0, "max_tokens": 4, "media_io_kwargs": {"video": {"num_frames": 8}},
+            "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}]}]}  # fmt: skip
+    worker.on_start = jobs.append
+    cancelled = worker.counts["cancelled"]
+    try:
+        sock = _post_raw(server.port, body)
+        _wait_until(lambda: decoded, "the decoding began")
+        sock.close()
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        worker.on_start = None
+    assert worker.counts["cancelled"] == cancelled + 1
+    assert encodes == []
+    _wait_until(lambda: not any(t.name == "video-decode" and t.is_alive() for t in threading.enumerate()), "the decoder stopped")
+    assert decoded == [1]  # the other seven frames were never decoded
 
 
 def test_a_client_that_leaves_during_a_long_prefill_stops_it_at_the_next_chunk(server, monkeypatch):

@@ -351,6 +351,25 @@ def test_the_limits_are_serve_flags_with_defaults():
     assert (from_env.body_timeout, from_env.write_timeout) == (12.5, 20.0)
 
 
+def test_the_video_decoding_limit_is_a_flag_and_a_setting_in_megapixels():
+    from internvl_chat.errors import UsageError
+    from internvl_chat.serve.main import _overrides, build_parser
+    from internvl_chat.serve.options import ServeOptions
+    from internvl_chat.settings import load_settings
+
+    def limit(argv: list[str], env: dict | None = None) -> int | None:
+        settings = load_settings(os.devnull, env or {}, _overrides(build_parser().parse_args(argv)))
+        return ServeOptions.from_settings(settings).max_video_decode_pixels
+
+    assert limit([]) == ServeOptions().max_video_decode_pixels == 20_000_000_000  # about 5 minutes of 1080p at 30 fps
+    assert limit(["--max-video-decode-megapixels", "5"]) == 5_000_000
+    assert limit(["--max-video-decode-megapixels", "0"]) is None  # no limit
+    assert limit([], {"INTERNVL_CHAT_SERVE_MAX_VIDEO_DECODE_MEGAPIXELS": "7"}) == 7_000_000
+    with pytest.raises(UsageError) as err:
+        limit(["--max-video-decode-megapixels", "-1"])
+    assert "must be an integer ≥ 0" in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(("key", "value", "expect"), [
     ("max_connections", 0, "an integer from 1 to 65535"),
     ("max_connections", 2.5, "an integer from 1 to 65535"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import http.server
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
-from media_helpers import numbered_frame, textured_rgb, write_numbered_video
+from media_helpers import numbered_frame, textured_rgb, write_growing_video, write_numbered_video
 from serve_support import RunningServer, data_url, jpeg_frames_url, png_bytes
 
 WAIT_S = 60
@@ -168,6 +169,72 @@ def test_hostile_media_are_400_that_say_what_to_do_and_the_server_goes_on(client
     wrapped = head + "," + "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
     out = ask(client, [image_part(wrapped), {"type": "text", "text": "Q"}])
     assert out.usage.prompt_tokens == len(builder.first_turn("Q", [MediaSpec("image", 1)]))
+
+
+def video_part(path: Path, mime: str = "video/mp4") -> dict:
+    return {"type": "video_url", "video_url": {"url": data_url(path, mime)}}
+
+
+def test_a_video_whose_decoding_is_over_the_limit_is_400_before_any_frame_is_decoded(server, client, builder, tmp_path,
+                                                                                     monkeypatch):  # fmt: skip
+    from internvl_chat.serve import media as serve_media
+
+    clip = write_numbered_video(tmp_path / "clip.mp4", num_frames=31)  # its features are in no cache
+    decodes = []
+    real_load_video = serve_media.load_video
+    monkeypatch.setattr(serve_media, "load_video", lambda *a, **kw: decodes.append(1) or real_load_video(*a, **kw))
+    # 31 frames of 64×48; 4 sampled need at least 4 decoded (12,288 pixels)
+    monkeypatch.setattr(server.options, "max_video_decode_pixels", 12_000)
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, [video_part(clip)], extra_body={"media_io_kwargs": {"video": {"num_frames": 4}}})
+    message = err.value.body["message"]
+    assert re.fullmatch(r"the video needs \d+ frames of 64×48 \([\d.]+ megapixels, each frame counted as 128×128\) decoded "
+                        r"to reach the frames sampled, over this server's limit of 0\.012 megapixels for a request's videos; send a "
+                        r"shorter or smaller clip"
+                        r"(, fewer frames \(num_frames\))?, or frames sampled already \(data:video/jpeg;base64,F1,F2,…\)",
+                        message), message  # fmt: skip
+    assert err.value.body["param"] == "messages.0.content.0" and decodes == []
+    monkeypatch.setattr(server.options, "max_video_decode_pixels", None)  # no limit: the same request is answered
+    out = ask(client, [video_part(clip), {"type": "text", "text": "Q"}],
+              extra_body={"media_io_kwargs": {"video": {"num_frames": 4}}})  # fmt: skip
+    assert out.usage.prompt_tokens == len(builder.first_turn("Q", [MediaSpec("video", 4)])) and decodes == [1]
+
+
+def test_a_video_whose_frames_outgrow_its_header_is_stopped_at_the_limit_and_the_server_goes_on(server, client, builder,
+                                                                                               tmp_path, monkeypatch):  # fmt: skip
+    path = write_growing_video(tmp_path / "growing.ts", small=10, large=20)  # 64×48 says the header, then 512×512
+    monkeypatch.setattr(server.options, "max_video_decode_pixels", 1_000_000)  # the plan (under 100,000) fits
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, [video_part(path, "video/mp2t")], extra_body={"media_io_kwargs": {"video": {"num_frames": 4}}})
+    message = err.value.body["message"]
+    assert message.startswith("decoding the video passed the limit of 1 megapixels after ") and message.endswith(
+        "frames (its frames are larger than its header says); cut the clip shorter or scale it down, or send frames "
+        "sampled already (data:video/jpeg;base64,F1,F2,…)"), message  # fmt: skip
+    assert err.value.body["param"] == "messages.0.content.0"
+    out = ask(client, [{"type": "text", "text": "Q"}])
+    assert out.usage.prompt_tokens == len(builder.first_turn("Q", []))
+
+
+def test_the_limit_is_for_all_the_video_files_a_request_decodes(server, client, builder, tmp_path, monkeypatch):
+    """Each file fits the limit alone, not both together: the engine decodes the first and stops
+    before the second. A file whose features are cached costs nothing."""
+    from internvl_chat.media.video import decode_cost
+
+    first, second = (write_numbered_video(tmp_path / f"clip{n}.mp4", num_frames=n) for n in (33, 34))
+    costs = [decode_cost(path, 4).pixels for path in (first, second)]
+    monkeypatch.setattr(server.options, "max_video_decode_pixels", sum(costs) - 1)
+    both = [video_part(first), video_part(second), {"type": "text", "text": "Q"}]
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, both, extra_body={"media_io_kwargs": {"video": {"num_frames": 4}}})
+    message = err.value.body["message"]
+    assert message == (f"the videos of this request need more decoding than this server's limit of {(sum(costs) - 1) / 1e6:.6g} "
+                       f"megapixels for a request's videos: {costs[0] / 1e6:.6g} used by those before this one, and this one "
+                       f"needs {decode_cost(second, 4)}; send fewer, shorter or smaller clips, or send frames sampled already "
+                       "(data:video/jpeg;base64,F1,F2,…)"), message  # fmt: skip
+    assert err.value.body["param"] == "messages.0.content.1"
+    # the first one's features are cached now: asked again, only the second one is decoded, and fits
+    out = ask(client, both, extra_body={"media_io_kwargs": {"video": {"num_frames": 4}}})
+    assert out.usage.prompt_tokens == len(builder.first_turn("Q", [MediaSpec("video", 4)] * 2))
 
 
 # ---- what a request may read --------------------------------------------------------------------

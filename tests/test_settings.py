@@ -49,6 +49,7 @@ EXPECTED_DEFAULTS = {
         "max_images": 32,
         "max_image_pixels": 40_000_000,
         "max_frames": 64,
+        "max_video_decode_megapixels": 20_000,
         "feature_cache_mb": 256,
         "allow_remote_media": False,
         "allow_local_media": "",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from media_helpers import video_backends, write_large_video, write_numbered_video
 
-from internvl_chat.errors import MediaError
+from internvl_chat.errors import Cancelled, MediaError
 from internvl_chat.media import video as media_video
 from internvl_chat.media.video import BACKEND_ENV, load_video, probe_video
 
@@ -119,7 +119,7 @@ def test_absurd_header_values_are_refused_in_one_line(tmp_path):
     backends = [p.values[0] for p in video_backends() if not p.marks]
     code = f"""
         import json, os
-        from internvl_chat.errors import MediaError
+        from internvl_chat.errors import Cancelled, MediaError
         from internvl_chat.media.video import load_video, probe_video
         out = {{}}
         for backend in {backends!r}:
@@ -176,6 +176,27 @@ def test_ctrl_c_while_decoding_returns_at_once_and_stops_the_decoder(tmp_path, m
     worker.join(60)
     assert not worker.is_alive()
     assert len(decoded) == 1  # stopped before decoding another frame
+
+
+@pytest.mark.parametrize("backend", video_backends())
+def test_a_cancel_event_set_while_decoding_stops_the_decoder_at_the_next_frame(tmp_path, monkeypatch, backend):
+    """`serve` passes a request's cancel event: set (the client left), the caller gets Cancelled
+    and the decoder decodes no further frame."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_numbered_video(tmp_path / "clip.mp4", 40, 30, "mpeg4")
+    cancel, decoded = threading.Event(), []
+    real_frame_to_tile = media_video.frame_to_tile
+
+    def frame_to_tile_then_cancel(rgb, orientation, size):
+        decoded.append(threading.current_thread())
+        cancel.set()
+        return real_frame_to_tile(rgb, orientation, size)
+
+    monkeypatch.setattr(media_video, "frame_to_tile", frame_to_tile_then_cancel)
+    with pytest.raises(Cancelled):
+        load_video(path, num_frames=8, cancel=cancel)
+    decoded[0].join(60)
+    assert not decoded[0].is_alive() and len(decoded) == 1
 
 
 # ---------------------------------------------------------------- damaged files

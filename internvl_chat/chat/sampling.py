@@ -60,7 +60,7 @@ class SamplingParams:
             )
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise UsageError(f"top_p must be in (0, 1], not {self.top_p!r}; use 1 to turn it off or e.g. 0.9")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise UsageError(f"top_k must be an integer >= 0, not {self.top_k!r}; use 0 to turn it off or e.g. 50")
         low, high = REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX
         if not _is_real(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
@@ -68,11 +68,11 @@ class SamplingParams:
                 f"repetition_penalty must be a number from {low:g} to {high:g}, not {self.repetition_penalty!r}; "
                 "use 1 to turn it off or e.g. 1.1"
             )
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be an integer >= 1, not {self.max_new_tokens!r}; try 512")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= SEED_MAX):
             raise UsageError(f"seed must be an integer from 0 to {SEED_MAX}, not {self.seed!r}; omit it for a random seed")
-        if not all(_is_int(t) and t >= 0 for t in self.stop_ids):
+        if not all(is_int(t) and t >= 0 for t in self.stop_ids):
             raise UsageError(f"stop_ids must be token ids (integers >= 0), not {self.stop_ids!r}")
         return self
 
@@ -98,7 +98,8 @@ def _is_real(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> bool:
+    """An int that is not a bool (JSON and TOML give both)."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 

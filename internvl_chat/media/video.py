@@ -5,7 +5,9 @@ Frames are sampled with the published formula (`frame_indices`): the clip, or th
 each. Frame n is the n-th frame in presentation order. decord seeks to each frame (fast on long
 clips) but lands on another frame where the stream reorders frames it cannot place after a seek
 (see `decord_is_exact`); PyAV, which decodes from the start, is used there and where decord does
-not import. `INTERNVL_CHAT_VIDEO_BACKEND=pyav|decord` forces one.
+not import. `INTERNVL_CHAT_VIDEO_BACKEND=pyav|decord` forces one. PyAV decodes only the sampled
+frames of intra-only streams (MJPEG, DV, ProRes, raw: each packet a whole frame on its own); other
+codecs may refer to earlier frames whatever their key frame flags say, so those decode from the start.
 
 When N is larger than the number of frames in the range, frames repeat (as in the published
 formula) rather than failing: the model still gets N frames.
@@ -15,10 +17,17 @@ matrix, as phones write, or an older `rotate` tag) is applied before the tile tr
 is reduced to its tile as soon as it is decoded, so memory holds one full-size frame at a time
 whatever the resolution and N. Decoding runs on a worker thread that stops at the next frame when
 the caller is interrupted, so Ctrl-C is answered at once even while FFmpeg is busy in C code.
+
+Decoding work is counted in pixels of the frames the decoder produces (each at least 128×128),
+the sampled ones and those it passes through to reach them: `decode_cost` plans it from the
+header and the key frames before any decoding; `load_video(max_decode_pixels=…)` refuses a plan
+over the limit and stops a decode that goes past it, as a header may lie. `serve` sets a limit;
+in the terminal app Ctrl-C is one.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import importlib
@@ -35,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import MediaError, UsageError
+from ..errors import Cancelled, MediaError, UsageError
 from ..files import IMAGE_KINDS, sniff_file, visible
 from ..threads import start_worker
 from .image import IMAGE_SIZE, check_media_file, normalize_tiles, probe_image
@@ -51,6 +60,9 @@ MAX_FPS = 10_000.0  # high-speed cameras reach about 1,000
 MAX_DURATION_S = 1_000_000.0  # 11.6 days
 # FFmpeg's frame threading keeps one frame in flight per thread: cap their memory for huge frames.
 FRAME_THREADS_BYTES = 512 << 20
+# Decoding work is counted in pixels, each frame as at least this side squared: a frame has a fixed
+# cost too (a 16×16 one takes as long as about 130×130 pixels of a large one, in FFmpeg and here)
+MIN_FRAME_SIDE = 128
 
 
 @dataclass
@@ -62,6 +74,8 @@ class VideoInput:
     num_total_frames: int
     backend: str  # "decord" or "pyav"
     path: Path
+    decoded_frames: int = 0  # frames the decoder produced to reach the sampled ones
+    decoded_pixels: int = 0  # their width × height (at least MIN_FRAME_SIDE²), summed
 
     @property
     def num_frames(self) -> int:
@@ -454,14 +468,34 @@ class _Stopped(Exception):
     """The caller was interrupted: stop decoding at the next frame."""
 
 
+class _Stop:
+    """What the decoding worker checks before each frame: set by the thread waiting for it
+    (Ctrl-C), or the caller's cancel event (a `serve` client gone), seen at once by the worker."""
+
+    def __init__(self, cancel: threading.Event | None = None) -> None:
+        self._own, self._cancel = threading.Event(), cancel
+
+    def set(self) -> None:
+        self._own.set()
+
+    def is_set(self) -> bool:
+        return self._own.is_set() or (self._cancel is not None and self._cancel.is_set())
+
+
 class _FrameSource(Protocol):
     num_total_frames: int
     fps: float
     orientation: Orientation  # what is still to be applied to the frames it yields
+    from_start: bool  # decodes every frame up to the last one wanted
 
-    def frames(self, wanted: list[int], stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
-        """(number, RGB uint8 [H, W, 3]) for each wanted number (ascending, distinct). A stream
-        shorter than its header said ends with its last frame, under its own number."""
+    def plan(self, wanted: list[int]) -> int:
+        """The frames the decoder will produce to reach the wanted ones (ascending, distinct)."""
+        ...
+
+    def frames(self, wanted: list[int], stop: _Stop, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
+        """(number, RGB uint8 [H, W, 3]) for each wanted number (ascending, distinct), each frame
+        decoded charged to `meter`. A stream shorter than its header said ends with its last frame,
+        under its own number."""
         ...
 
     def close(self) -> None: ...
@@ -469,6 +503,93 @@ class _FrameSource(Protocol):
 
 class _DecordFailed(MediaError):
     """decord could not open or decode this file: PyAV may still manage."""
+
+
+class DecodeOverBudget(MediaError):
+    """Decoding the frames sampled takes more pixels than the caller allows (load_video's
+    max_decode_pixels): `cost` is the plan refused, None when the decoding itself passed the limit."""
+
+    def __init__(self, message: str, cost: DecodeCost | None = None) -> None:
+        super().__init__(message)
+        self.cost = cost
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """The decoding a sampling takes: `frames` frames of width × height, the sampled ones and those
+    the decoder passes through to reach them (frames after a key frame need the ones before them)."""
+
+    frames: int
+    width: int
+    height: int
+    backend: str
+    from_start: bool = False  # decoded from the start up to the last frame sampled: fewer frames save little
+
+    @property
+    def pixels(self) -> int:
+        return self.frames * frame_work(self.width, self.height)
+
+    def __str__(self) -> str:
+        """How the pixels come about, for messages: "1,874 frames of 4096×4096 (31,440.5 megapixels)"."""
+        side = MIN_FRAME_SIDE
+        floor = "" if self.width * self.height >= side**2 else f", each frame counted as {side}×{side}"
+        return f"{self.frames:,} frames of {self.width}×{self.height} ({megapixels(self.pixels)} megapixels{floor})"
+
+
+def frame_work(width: int, height: int) -> int:
+    return max(width * height, MIN_FRAME_SIDE**2)
+
+
+def megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:,.6g}"
+
+
+def _plan_over_budget(path: Path, cost: DecodeCost, limit: int, spent: int) -> DecodeOverBudget:
+    after = f" ({megapixels(spent)} of them spent already by an attempt that failed)" if spent else ""
+    return DecodeOverBudget(
+        f"video {_shown(path)} needs {cost} decoded to reach the frames sampled, over the limit of {megapixels(limit)} "
+        f"megapixels{after}; cut the clip shorter or scale it down",
+        cost,
+    )
+
+
+class _Meter:
+    """Counts the frames and pixels a decoder produces. The plan was checked against the limit
+    before decoding; a stream whose frames are larger than its header says passes the limit here,
+    and its decoding ends."""
+
+    def __init__(self, path: Path, limit: int | None) -> None:
+        self.path, self.limit = path, limit
+        self.frames = self.pixels = 0
+
+    def charge(self, frames: int, width: int, height: int) -> None:
+        self.frames += frames
+        self.pixels += frames * frame_work(width, height)
+        if self.limit is not None and self.pixels > self.limit:
+            raise DecodeOverBudget(
+                f"decoding video {_shown(self.path)} passed the limit of {megapixels(self.limit)} megapixels after "
+                f"{self.frames:,} frames (its frames are larger than its header says); cut the clip shorter or scale it down"
+            )
+
+
+def decord_work(wanted: list[int], keys: list[int], total: int) -> list[int]:
+    """Frames decord 0.6 decodes for each wanted frame (ascending, distinct): its seek_accurate goes
+    to the key frame at or before the frame and decodes from there, unless the frame is ahead in
+    the group of frames it is already in; then it decodes on from where it is."""
+
+    def key_of(number: int) -> int:  # decord's LocateKeyframe
+        if not keys or number <= keys[0]:
+            return 0
+        if number >= total:
+            return keys[-1]
+        return keys[bisect.bisect_right(keys, number) - 1]
+
+    work, current = [], 0  # `current`: the frame decord's next() would decode
+    for number in wanted:
+        seeks = number < current or key_of(number) != key_of(current)
+        work.append(number - (key_of(number) if seeks else current) + 1)
+        current = number + 1
+    return work
 
 
 def decord_rotation(header: _Header) -> Orientation:
@@ -523,10 +644,13 @@ class _DecordSource:
             self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
             self.num_total_frames = _check_count(path, len(self._reader))
             self.fps = _check_fps(path, float(self._reader.get_avg_fps()))
+            self._keys = sorted(int(k) for k in self._reader.get_key_indices())  # from the packets, as it seeks by them
         except MediaError:
             raise
         except Exception as e:  # noqa: BLE001 - decord raises DECORDError / RuntimeError for bad files
             raise _DecordFailed(str(_cannot_read(path, e))) from None
+        self._size = (header.width, header.height)  # decord's decoding is not seen frame by frame: the header's size
+        self.from_start = False  # from the key frame before each wanted one
         applied = decord_rotation(header)
         self.orientation = compose(inverse(applied), header.orientation)
         # a frame of these (rows, columns) would mean decord turned it otherwise than predicted
@@ -534,10 +658,14 @@ class _DecordSource:
         if header.width and header.height and header.width != header.height:
             self._mis_turned = (header.height, header.width) if swaps_sides(applied) else (header.width, header.height)
 
-    def frames(self, wanted: list[int], stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
-        for number in wanted:
+    def plan(self, wanted: list[int]) -> int:
+        return sum(decord_work(wanted, self._keys, self.num_total_frames))
+
+    def frames(self, wanted: list[int], stop: _Stop, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
+        for number, work in zip(wanted, decord_work(wanted, self._keys, self.num_total_frames)):
             if stop.is_set():
                 raise _Stopped
+            meter.charge(work, *self._size)  # as planned
             try:
                 # one frame per call (as get_batch does inside), so Ctrl-C and memory wait for one frame
                 self._reader.seek_accurate(number)
@@ -567,8 +695,13 @@ class _DecordSource:
         self._reader = None
 
 
+class _NotOnePerPacket(Exception):
+    """A packet of an intra-only stream decoded to no picture or several (MJPEG fields in packets of
+    their own, damage): packet n is not frame n there, so the stream is decoded from the start."""
+
+
 class _PyAVSource:
-    def __init__(self, path: Path, header: _Header, stop: threading.Event) -> None:
+    def __init__(self, path: Path, header: _Header, stop: _Stop, packets_alone: bool = True) -> None:
         import av
 
         self._path = path
@@ -582,7 +715,13 @@ class _PyAVSource:
             if stream is None:
                 raise MediaError(f"{_shown(path)} has no video stream; pass a video file")
             self._stream = stream
-            stream.thread_type = "AUTO"  # frame threading: faster, output order unchanged
+            # Intra-only codecs (MJPEG, DV, ProRes, raw…) keep nothing from one frame to the next and do
+            # not reorder: packet n is frame n, decoded alone exactly as in a decode from the start
+            intra = bool(getattr(stream.codec_context.codec, "intra_only", False)) and not header.reorders
+            self._intra = intra and packets_alone
+            # frame threading: faster, output order unchanged; it holds frames back, so not for one packet at a time
+            stream.thread_type = "SLICE" if self._intra else "AUTO"
+            self.from_start = not self._intra
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
             self.fps = header.fps
@@ -591,16 +730,44 @@ class _PyAVSource:
             self._container.close()
             raise
 
-    def frames(self, wanted: list[int], stop: threading.Event) -> Iterator[tuple[int, np.ndarray]]:
+    def plan(self, wanted: list[int]) -> int:
+        # intra-only: the wanted frames alone; else decoded from the start up to the last one
+        return len(wanted) if self._intra else wanted[-1] + 1
+
+    def _intra_frames(self, wanted: list[int]) -> Iterator[tuple[int, object]]:
+        """(number, frame) for the wanted packets of an intra-only stream, each decoded alone; at
+        the end of a stream shorter than its header said, its last packet's frame if not wanted."""
+        wanted_set, number, skipped = set(wanted), -1, None
+        for packet in self._container.demux(self._stream):
+            if not packet.size:  # the end-of-stream packet (_count_packets counts no empty one either)
+                continue
+            number += 1
+            if number in wanted_set:
+                skipped = None
+                yield number, self._alone(packet)
+            else:
+                skipped = packet
+        if skipped is not None:
+            yield number, self._alone(skipped)
+
+    def _alone(self, packet):
+        frames = self._stream.codec_context.decode(packet)
+        if len(frames) != 1:
+            raise _NotOnePerPacket
+        return frames[0]
+
+    def frames(self, wanted: list[int], stop: _Stop, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
         pending = iter(wanted)
         target = next(pending)
         any_yielded = False
         last = None  # (number, frame): the latest decoded frame when it was not a wanted one
+        decoded = self._intra_frames(wanted) if self._intra else enumerate(self._container.decode(self._stream))
         try:
-            for number, frame in enumerate(self._container.decode(self._stream)):
+            for number, frame in decoded:
                 if stop.is_set():
                     raise _Stopped
                 _check_frame_size(self._path, frame.width, frame.height)
+                meter.charge(1, frame.width, frame.height)
                 if number == target:
                     last = None
                     yield number, frame.to_ndarray(format="rgb24")
@@ -611,7 +778,7 @@ class _PyAVSource:
                 else:
                     last = (number, frame)
                 del frame
-        except (_Stopped, MediaError):
+        except (_Stopped, MediaError, _NotOnePerPacket):
             raise
         except Exception as e:  # noqa: BLE001 - damage after some frames ends the stream there
             if not any_yielded and last is None:
@@ -629,7 +796,7 @@ class _PyAVSource:
         self._container.close()
 
 
-def _count_packets(path: Path, stop: threading.Event | None = None) -> int:
+def _count_packets(path: Path, stop: _Stop | None = None) -> int:
     """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG): demuxing
     (no decoding) counts one packet per frame."""
     import av
@@ -672,6 +839,8 @@ def _forced_backend() -> str | None:
 
 # ---------------------------------------------------------------- decoding
 
+T = TypeVar("T")
+
 
 def frame_to_tile(rgb: np.ndarray, orientation: Orientation, image_size: int) -> torch.Tensor:
     """One decoded frame → its normalised tile [1, 3, S, S]: turned as a player shows it, then the
@@ -689,18 +858,49 @@ class _Decoded:
     fps: float
     num_total_frames: int
     backend: str
+    meter: _Meter
+
+
+def _open(path: Path, backend: str, header: _Header, decord, stop: _Stop, packets_alone: bool = True) -> _FrameSource:
+    if backend == "decord":
+        source: _FrameSource = _DecordSource(path, decord, header)
+    else:
+        source = _PyAVSource(path, header, stop, packets_alone)
+    if source.num_total_frames < 1:
+        source.close()
+        raise MediaError(f"{_shown(path)} has no video frames; use a file that contains video")
+    return source
+
+
+def _cost(backend: str, header: _Header, source: _FrameSource, indices: list[int]) -> DecodeCost:
+    return DecodeCost(source.plan(sorted(set(indices))), header.width, header.height, backend, source.from_start)
 
 
 def _decode(
-    path: Path, backend: str, header: _Header, decord, num_frames: int, start, end, image_size: int, stop: threading.Event
-) -> _Decoded:
-    source: _FrameSource = _DecordSource(path, decord, header) if backend == "decord" else _PyAVSource(path, header, stop)
+    path: Path, backend: str, header: _Header, decord, num_frames: int, start, end, image_size: int,
+    stop: _Stop, meter: _Meter,
+) -> _Decoded:  # fmt: skip
+    """`meter` may hold what an attempt that failed decoded (decord's, or PyAV's packet by packet
+    on an intra-only stream whose packets are not one frame each): it counts too."""
+    args = (path, backend, header, decord, num_frames, start, end, image_size, stop, meter)
     try:
-        if source.num_total_frames < 1:
-            raise MediaError(f"{_shown(path)} has no video frames; use a file that contains video")
+        return _decode_once(*args, packets_alone=True)
+    except _NotOnePerPacket:
+        return _decode_once(*args, packets_alone=False)
+
+
+def _decode_once(
+    path: Path, backend: str, header: _Header, decord, num_frames: int, start, end, image_size: int,
+    stop: _Stop, meter: _Meter, packets_alone: bool,
+) -> _Decoded:  # fmt: skip
+    source = _open(path, backend, header, decord, stop, packets_alone)
+    try:
         indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
+        cost = _cost(backend, header, source, indices)
+        if meter.limit is not None and meter.pixels + cost.pixels > meter.limit:
+            raise _plan_over_budget(path, cost, meter.limit, meter.pixels)
         tiles: dict[int, torch.Tensor] = {}
-        with contextlib.closing(source.frames(sorted(set(indices)), stop)) as frames:
+        with contextlib.closing(source.frames(sorted(set(indices)), stop, meter)) as frames:
             for number, rgb in frames:
                 tiles[number] = frame_to_tile(rgb, source.orientation, image_size)
                 del rgb  # before the next frame is decoded
@@ -710,20 +910,42 @@ def _decode(
         raise MediaError(f"{_shown(path)} decoded to no frames; the file may be damaged")
     last = max(tiles)
     numbers = [i if i in tiles else last for i in indices]
-    return _Decoded(torch.cat([tiles[i] for i in numbers]), numbers, source.fps, source.num_total_frames, backend)
+    return _Decoded(torch.cat([tiles[i] for i in numbers]), numbers, source.fps, source.num_total_frames, backend, meter)
 
 
-T = TypeVar("T")
+def _by_backend(decord, forced: str | None, header: _Header, attempt: Callable[[str], T]) -> T:
+    """`attempt(backend)` with decord where it gives exact frames (or is forced), else, or where
+    decord cannot open or decode the file, with PyAV."""
+    if decord is not None and (forced == "decord" or decord_is_exact(header)):
+        try:
+            return attempt("decord")
+        except _DecordFailed as e:
+            if forced == "decord":
+                raise MediaError(str(e)) from None
+            # decord lacks some codecs FFmpeg via PyAV has: try that before giving up
+    return attempt("pyav")
 
 
-def _interruptible(work: Callable[[threading.Event], T]) -> T:
-    """Run `work(stop)` on a worker thread and wait for it in a way Ctrl-C interrupts.
+def _decoders():
+    """(the forced backend or None, the decord module or None)."""
+    forced = _forced_backend()
+    decord = None
+    if forced != "pyav":
+        decord = _import_decord()
+        if decord is None and forced == "decord":
+            raise MediaError(f"{BACKEND_ENV}=decord but decord cannot be imported; install decord or unset {BACKEND_ENV}")
+    return forced, decord
+
+
+def _interruptible(work: Callable[[_Stop], T], cancel: threading.Event | None = None) -> T:
+    """Run `work(stop)` on a worker thread and wait for it in a way Ctrl-C (or `cancel`) interrupts.
 
     FFmpeg and decord spend long stretches in C, where Python cannot raise KeyboardInterrupt. The
     waiting thread can: it sets `stop` (the worker quits before its next frame) and re-raises
-    at once, leaving the worker to finish the frame it is on by itself.
+    at once, leaving the worker to finish the frame it is on by itself. `cancel` set (a `serve`
+    client gone, the server stopping) ends the wait the same way, with Cancelled.
     """
-    stop = threading.Event()
+    stop = _Stop(cancel)
     outcome: dict[str, object] = {}
 
     def run() -> None:
@@ -733,12 +955,17 @@ def _interruptible(work: Callable[[threading.Event], T]) -> T:
             outcome["error"] = e
 
     worker = start_worker(run, "video-decode")
+    cancelled = Cancelled("cancelled while the video was decoded")
     try:
         while worker.is_alive():
             worker.join(0.2)  # short waits: a signal that comes anyway is seen soon
+            if stop.is_set():
+                raise cancelled
     except BaseException:
         stop.set()
         raise
+    if stop.is_set():  # the worker stopped for `cancel` before the first wait
+        raise cancelled
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["value"]  # type: ignore[return-value]
@@ -789,36 +1016,56 @@ def probe_video(path: str | Path) -> tuple[int, float, float]:
     return frames, header.fps, duration
 
 
+def decode_cost(path: str | Path, num_frames: int = 8, start: float | None = None, end: float | None = None) -> DecodeCost:
+    """What load_video with these arguments will decode, from the header and the key frames (no
+    frame is decoded): the check `serve` makes before it queues a request."""
+    if num_frames < 1:
+        raise MediaError(f"num_frames is {num_frames}; sample at least 1 frame (8 is the default)")
+    path = check_media_file(path, "video")
+    forced, decord = _decoders()
+
+    def work(stop: _Stop) -> DecodeCost:
+        header = _read_header(path, orientation=False)
+
+        def attempt(backend: str) -> DecodeCost:
+            source = _open(path, backend, header, decord, stop)
+            try:
+                indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
+                return _cost(backend, header, source, indices)
+            finally:
+                source.close()
+
+        return _by_backend(decord, forced, header, attempt)
+
+    return _interruptible(work)
+
+
 def load_video(
     path: str | Path,
     num_frames: int = 8,
     start: float | None = None,
     end: float | None = None,
     image_size: int = IMAGE_SIZE,
+    max_decode_pixels: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> VideoInput:
-    """Sample `num_frames` frames from the video (or its [start, end] seconds) as normalised tiles."""
+    """Sample `num_frames` frames from the video (or its [start, end] seconds) as normalised tiles.
+
+    With `max_decode_pixels`, a sampling whose decoding (see DecodeCost) takes more pixels is
+    refused before decoding, and a decode that passes it is stopped (DecodeOverBudget). `cancel`
+    set stops the decoding at its next frame and raises Cancelled at once."""
     if num_frames < 1:
         raise MediaError(f"num_frames is {num_frames}; sample at least 1 frame (8 is the default)")
     path = check_media_file(path, "video")
-    forced = _forced_backend()
-    decord = None
-    if forced != "pyav":
-        decord = _import_decord()
-        if decord is None and forced == "decord":
-            raise MediaError(f"{BACKEND_ENV}=decord but decord cannot be imported; install decord or unset {BACKEND_ENV}")
+    forced, decord = _decoders()
 
-    def work(stop: threading.Event) -> _Decoded:
+    def work(stop: _Stop) -> _Decoded:
         header = _read_header(path, orientation=True)
-        if decord is not None and (forced == "decord" or decord_is_exact(header)):
-            try:
-                return _decode(path, "decord", header, decord, num_frames, start, end, image_size, stop)
-            except _DecordFailed as e:
-                if forced == "decord":
-                    raise MediaError(str(e)) from None
-                # decord lacks some codecs FFmpeg via PyAV has: try that before giving up
-        return _decode(path, "pyav", header, None, num_frames, start, end, image_size, stop)
+        meter = _Meter(path, max_decode_pixels)  # one for both attempts
+        return _by_backend(decord, forced, header, lambda backend: _decode(
+            path, backend, header, decord, num_frames, start, end, image_size, stop, meter))  # fmt: skip
 
-    decoded = _interruptible(work)
+    decoded = _interruptible(work, cancel)
     fps = decoded.fps
     return VideoInput(
         pixel_values=decoded.tiles,
@@ -828,4 +1075,6 @@ def load_video(
         num_total_frames=decoded.num_total_frames,
         backend=decoded.backend,
         path=path,
+        decoded_frames=decoded.meter.frames,
+        decoded_pixels=decoded.meter.pixels,
     )

@@ -15,10 +15,11 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from ..chat.sampling import SamplingParams
+from ..chat.sampling import SamplingParams, is_int
 from ..chat.template import PromptBuilder, media_order
 from ..engine.loader import LoadedModel
 from ..errors import InternVLChatError, UsageError
+from ..settings import MAX_TILES
 from .answers import AnswerMemory
 from .errors import APIError, bad_request, from_app_error
 from .media import MediaItem, MediaReader
@@ -140,9 +141,9 @@ class PromptMaker:
                               param="media_io_kwargs.video")  # fmt: skip
         default_frames = min(self.options.frames, self.options.max_frames)
         num_frames = video_io.get("num_frames", mm.get("num_frames", default_frames))
-        if max_tiles is not None and (not _is_int(max_tiles) or not 1 <= max_tiles <= 64):  # None: the checkpoint's
-            raise bad_request("max_dynamic_patch must be an integer from 1 to 64", param="mm_processor_kwargs.max_dynamic_patch")
-        if not _is_int(num_frames) or not 1 <= num_frames <= self.options.max_frames:
+        if max_tiles is not None and (not is_int(max_tiles) or not 1 <= max_tiles <= MAX_TILES):  # None: the checkpoint's
+            raise bad_request(f"max_dynamic_patch must be an integer from 1 to {MAX_TILES}", param="mm_processor_kwargs.max_dynamic_patch")
+        if not is_int(num_frames) or not 1 <= num_frames <= self.options.max_frames:
             raise bad_request(f"num_frames must be an integer from 1 to {self.options.max_frames}",
                               param="media_io_kwargs.video.num_frames")  # fmt: skip
         return max_tiles, num_frames
@@ -205,10 +206,6 @@ def _text_only(content, param: str, what: str) -> str:
     if any(not isinstance(p, TextPart) for p in content):
         raise bad_request(f"{what} may only hold text", param=param)
     return "".join(p.text for p in content)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, prompt_len: int, context: int) -> SamplingParams:

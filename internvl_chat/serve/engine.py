@@ -4,8 +4,9 @@ Request handlers (asyncio) submit Jobs; the thread picks a KV slot, gets the ima
 uncached part needs (feature LRU, else decode + vision encoder), runs the slot Session's
 `continue_with` and sends text deltas back to the handler's event loop. A job whose client went
 away has its `cancel` event set: generation stops at the next token, a job that has not started
-is skipped (and gives up its place in the queue), and a job whose client left while its pictures
-were encoded gets no prefill. Stop strings end generation the same way and cut the text where they begin.
+is skipped (and gives up its place in the queue), a video being decoded for it stops at the next
+frame, and a job whose client left while its pictures were encoded gets no prefill. Stop strings
+end generation the same way and cut the text where they begin.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .answers import AnswerMemory
 from .conversation import Prompt, PromptMaker
 from .errors import APIError, from_app_error
 from .features import FeatureCache
-from .media import MediaReader
+from .media import DecodeAllowance, MediaReader
 from .options import ServeOptions
 from .protocol import completion_id, timings, usage
 from .slots import SlotPool
@@ -244,7 +245,7 @@ class EngineWorker:
             job.emit("error", e)
         except InternVLChatError as e:
             job.emit("error", from_app_error(e))
-        except (ClientGone, Cancelled):  # Cancelled: between the vision encoder's batches or prefill chunks
+        except (ClientGone, Cancelled):  # Cancelled: between video frames, the vision encoder's batches or prefill chunks
             self.counts["cancelled"] += 1
             job.emit("error", _cancelled())
         except Exception as e:  # noqa: BLE001 - a bug must not kill the engine thread; the client gets a 500
@@ -287,6 +288,7 @@ class EngineWorker:
             return None, 0.0
         by_media: dict[int, torch.Tensor] = {}
         vision_s = 0.0
+        allowance = DecodeAllowance(self.options.max_video_decode_pixels)  # for all the video files decoded for this job
         parts = []
         for span in needed:
             features = by_media.get(span.media)
@@ -297,7 +299,7 @@ class EngineWorker:
                     if job.cancel.is_set():
                         raise ClientGone
                     with out_of_memory_as_error("reading the attachments", MEDIA_ADVICE):  # decoding and tiling allocate too
-                        pixels = self.reader.pixels(item)
+                        pixels = self.reader.pixels(item, job.cancel, allowance)  # a video's decoding stops at cancel
                     t0 = time.perf_counter()
                     with out_of_memory_as_error("in the vision encoder"):  # the app's one line, not a 500 crash
                         features = self.model.encode_images(pixels, job.cancel)

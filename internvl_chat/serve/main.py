@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote-media", action="store_true", default=None,
                    help="let requests make the server fetch http(s) image/video URLs")  # fmt: skip
     p.add_argument("--allow-local-media", metavar="DIR", help="let requests read files inside DIR via file:// URLs")
+    p.add_argument("--max-video-decode-megapixels", type=int, metavar="N",
+                   help="megapixels of frames the decoding of a request's video files may produce in all, those decoded to "
+                   "reach the sampled ones included; a request over it gets 400 (default 20000: about 5 minutes of 1080p; "
+                   "0: no limit)")  # fmt: skip
     p.add_argument("--max-connections", type=int, metavar="N",
                    help="open connections served at once; a request on one more gets 503 (default 100)")
     p.add_argument("--header-timeout", type=float, metavar="S",
@@ -70,6 +74,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "serve.queue_depth": args.queue_depth,
         "serve.allow_remote_media": args.allow_remote_media,
         "serve.allow_local_media": args.allow_local_media,
+        "serve.max_video_decode_megapixels": args.max_video_decode_megapixels,
         "serve.max_connections": args.max_connections,
         "serve.header_timeout": args.header_timeout,
         "serve.body_timeout": args.body_timeout,

@@ -8,6 +8,13 @@ image is tiled exactly as the same file attached in the terminal app.
 
 Forms: `image_url` (an image file); `video_url` with a video file (frames sampled here), or
 with `data:video/jpeg;base64,F1,F2,…` (frames already sampled: one tile each, as vLLM reads it).
+
+`max_video_decode_pixels` bounds the decoding of a request's video files, all together, so one
+small file of many large frames (or many files) cannot hold the engine: each file's decoding is
+planned when the request is read (media/video.py `decode_cost`: the frames decoded to reach the
+sampled ones, from the header and key frames) and refused there if over the limit alone; the
+engine then counts what it decodes for the request (DecodeAllowance; files whose features are
+cached cost nothing), and a decode stops at the limit, also for frames larger than the header says.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from ..chat.template import MediaSpec
 from ..errors import MediaError
 from ..files import read_bytes_file
 from ..media.image import count_tiles, load_image, probe_image
-from ..media.video import load_video, probe_video, video_stream
+from ..media.video import DecodeCost, DecodeOverBudget, decode_cost, load_video, megapixels, probe_video, video_stream
 
 if TYPE_CHECKING:
     from ..engine.config import ModelConfig
@@ -42,7 +49,24 @@ from .errors import APIError, bad_request, shown
 from .options import ServeOptions
 
 REMOTE_TIMEOUT_S = 20.0
+PRESAMPLED = "frames sampled already (data:video/jpeg;base64,F1,F2,…)"
 FRAME_LIST_TYPES = ("video/jpeg", "video/png", "video/webp")  # data:video/jpeg;base64,F1,F2,…
+
+
+# (content key, tiles, largest width·height, the decoding a video file takes or None)
+Measured = tuple[str, int, int, DecodeCost | None]
+
+
+@dataclass
+class DecodeAllowance:
+    """What the decoding of one request's video files has used of `limit` pixels (None: no limit)."""
+
+    limit: int | None
+    used: int = 0
+
+    @property
+    def left(self) -> int | None:
+        return None if self.limit is None else max(self.limit - self.used, 0)
 
 
 @dataclass
@@ -80,8 +104,8 @@ class MediaReader:
         self.config = config  # tile limits, tile size and thumbnail exactly as the app uses them
         self.image_size = config.image_size
         self.use_thumbnail = config.use_thumbnail
-        # (kind, parameters, url) → (content key, tiles, largest width·height)
-        self._by_url: OrderedDict[tuple, tuple[str, int, int]] = OrderedDict()
+        # (kind, parameters, url) → ((content key, tiles, largest width·height, a video file's decoding), frame list)
+        self._by_url: OrderedDict[tuple, tuple[Measured, bool]] = OrderedDict()
         self._url_chars = 0
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="internvl-chat-serve-"))
@@ -180,8 +204,10 @@ class MediaReader:
             self._remember(cache_key, known, frame_list)
         else:
             known, frame_list = known
-        key, tiles, pixels = known
+        key, tiles, pixels, cost = known
         self._check_pixels(pixels, param, "the image" if kind == "image" else "a video frame")
+        if cost is not None:
+            self._check_decoding(cost, param)
         if kind == "video" and not frame_list and not 1 <= tiles <= self.options.max_frames:
             raise bad_request(f"num_frames must be from 1 to {self.options.max_frames}", param=param)
         if frame_list and tiles > self.options.max_frames:
@@ -190,22 +216,24 @@ class MediaReader:
         return MediaItem(kind, key, tiles, param, url=url if cache_key else "", data=b"" if cache_key else data,
                          frame_list=frame_list, max_tiles=count)  # fmt: skip
 
-    def _measure_image(self, data: bytes, param: str, max_tiles: int | None) -> tuple[str, int, int]:
+    def _measure_image(self, data: bytes, param: str, max_tiles: int | None) -> Measured:
         with self._file(data) as path:
             width, height = self._checked(probe_image, path, param)
         low, high = self.config.tile_limits(max_tiles)
         tiles = count_tiles(width, height, high, self.use_thumbnail, self.image_size, low)
-        return f"image:{low}-{high}:{_sha256(data)}", tiles, width * height
+        return f"image:{low}-{high}:{_sha256(data)}", tiles, width * height, None
 
-    def _measure_video(self, data: bytes, param: str, num_frames: int) -> tuple[str, int, int]:
+    def _measure_video(self, data: bytes, param: str, num_frames: int) -> Measured:
         if not 1 <= num_frames <= self.options.max_frames:
             raise bad_request(f"num_frames must be from 1 to {self.options.max_frames}", param=param)
         with self._file(data) as path:
             self._checked(probe_video, path, param)
             pixels = _video_frame_pixels(path)
-        return f"video:{num_frames}:{_sha256(data)}", num_frames, pixels
+            self._check_pixels(pixels, param, "a video frame")  # before decode_cost opens it again (and decord indexes it)
+            cost = self._checked(decode_cost, path, param, num_frames)
+        return f"video:{num_frames}:{_sha256(data)}", num_frames, pixels, cost
 
-    def _measure_frames(self, data: bytes, param: str) -> tuple[str, int, int]:
+    def _measure_frames(self, data: bytes, param: str) -> Measured:
         # `data` holds the frames' base64 texts joined by commas (see _data_url)
         texts = data.split(b",")
         if len(texts) > self.options.max_frames:
@@ -219,7 +247,7 @@ class MediaReader:
             with self._file(frame) as path:
                 width, height = self._checked(probe_image, path, param, name=f"video frame {number}")
             largest = max(largest, width * height)
-        return f"frames:{digest.hexdigest()}", len(texts), largest
+        return f"frames:{digest.hexdigest()}", len(texts), largest, None
 
     def _recall(self, cache_key: tuple | None):
         if cache_key is None:
@@ -230,7 +258,7 @@ class MediaReader:
                 self._by_url.move_to_end(cache_key)
             return known
 
-    def _remember(self, cache_key: tuple | None, known: tuple[str, int, int], frame_list: bool) -> None:
+    def _remember(self, cache_key: tuple | None, known: Measured, frame_list: bool) -> None:
         if cache_key is None or len(cache_key[2]) > URL_CACHE_CHARS // 4:
             return
         with self._lock:
@@ -247,9 +275,21 @@ class MediaReader:
             raise bad_request(f"{what} has {pixels:,} pixels, over this server's limit of {limit:,}; downscale it",
                               param=param)  # fmt: skip
 
+    def _check_decoding(self, cost: DecodeCost, param: str) -> None:
+        limit = self.options.max_video_decode_pixels
+        if limit is not None and cost.pixels > limit:
+            fewer = "" if cost.from_start else ", fewer frames (num_frames)"
+            raise bad_request(f"the video needs {cost} decoded to reach the frames sampled, over this server's limit of "
+                              f"{megapixels(limit)} megapixels for a request's videos; send a shorter or smaller clip{fewer}, "
+                              f"or {PRESAMPLED}", param=param)  # fmt: skip
+
     # ---- pixels (engine thread) ------------------------------------------------------------
-    def pixels(self, item: MediaItem) -> torch.Tensor:
-        """Normalised tiles [tiles, 3, S, S] of an item, decoded now (features were not cached)."""
+    def pixels(
+        self, item: MediaItem, cancel: threading.Event | None = None, allowance: DecodeAllowance | None = None
+    ) -> torch.Tensor:
+        """Normalised tiles [tiles, 3, S, S] of an item, decoded now (features were not cached).
+        `cancel` set stops a video's decoding at its next frame (Cancelled); a video file decodes
+        within what `allowance` has left (its request's; None: a new one), and uses it up."""
         size = self.image_size
         data = _data_url(item.url, item.param, item.kind)[0] if item.url else item.data
         if item.frame_list:
@@ -264,11 +304,26 @@ class MediaReader:
             with self._file(data) as path:
                 pixels = self._checked(load_image, path, item.param, high, self.use_thumbnail, size, low).pixel_values
         else:
+            allowance = allowance or DecodeAllowance(self.options.max_video_decode_pixels)
             with self._file(data) as path:
-                pixels = self._checked(load_video, path, item.param, item.tiles, None, None, size).pixel_values
+                pixels = self._checked(self._video, path, item.param, item.tiles, cancel, allowance)
         if pixels.shape[0] != item.tiles:
             raise bad_request(f"the {item.kind} gave {pixels.shape[0]} tiles, expected {item.tiles}", param=item.param)
         return pixels
+
+    def _video(self, path: Path, frames: int, cancel: threading.Event | None, allowance: DecodeAllowance) -> torch.Tensor:
+        try:
+            video = load_video(path, frames, None, None, self.image_size, allowance.left, cancel)
+        except DecodeOverBudget as e:
+            if not allowance.used:
+                raise
+            this = f"this one needs {e.cost}" if e.cost is not None else "this one's frames are larger than its header says"
+            raise DecodeOverBudget(f"the videos of this request need more decoding than this server's limit of "
+                                   f"{megapixels(allowance.limit or 0)} megapixels for a request's videos: "
+                                   f"{megapixels(allowance.used)} used by those before this one, and {this}; send fewer, "
+                                   "shorter or smaller clips") from None  # fmt: skip
+        allowance.used += video.decoded_pixels
+        return video.pixel_values
 
     # ---- helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -279,6 +334,8 @@ class MediaReader:
             # the messages name our temporary file; the client knows the part by its place
             # ("cannot read video /tmp/…" would become "cannot read video the media")
             message = str(e).replace(f"video {path}", "the video").replace(str(path), name)
+            if isinstance(e, DecodeOverBudget):
+                message += f", or send {PRESAMPLED}"
             raise bad_request(message, param=param) from None
 
     @contextmanager

@@ -26,6 +26,7 @@ class ServeOptions:
     max_images: int = 32
     max_image_pixels: int = 40_000_000
     max_frames: int = 64
+    max_video_decode_pixels: int | None = 20_000 * 10**6  # None: no limit
     feature_cache_bytes: int = 256 * MiB
     allow_remote_media: bool = False
     allow_local_media: Path | None = None  # resolved folder
@@ -64,6 +65,7 @@ class ServeOptions:
             max_images=s.max_images,
             max_image_pixels=s.max_image_pixels,
             max_frames=s.max_frames,
+            max_video_decode_pixels=s.max_video_decode_megapixels * 10**6 or None,
             feature_cache_bytes=s.feature_cache_mb * MiB,
             allow_remote_media=s.allow_remote_media,
             allow_local_media=local,

@@ -49,7 +49,7 @@ from ..settings import Settings, format_settings, shown_value, toml_value
 from .commands import Command, Message, format_help, parse_line, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
-                     wrap_text)  # fmt: skip
+                     percent, wrap_text)  # fmt: skip
 from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
 from .spinner import spin
 
@@ -313,10 +313,6 @@ def _refuse_special_file(path: Path) -> None:
         raise UsageError(f"{visible(str(path))} is not a regular file (a device or a pipe?); give the name of a file")
 
 
-def _percent(fraction: float) -> str:
-    return f"{int(fraction * 100 + 0.5)} %"
-
-
 def _check_utf8(text: str) -> None:
     """Refuse input holding bytes that are not UTF-8 (the terminal decodes them as surrogates)."""
     bad = undecodable_byte(text)
@@ -520,7 +516,7 @@ class App:
         if fraction is not None and fraction >= WARN_FRACTION:
             clear = ", /clear" if self.session.turns else ""  # /clear keeps the attachments: it frees only turns
             self.warn(
-                f"the context will be {self.approx}{_percent(fraction)} full with this message; "
+                f"the context will be {self.approx}{percent(fraction)} full with this message; "
                 f"/drop an attachment{clear}, or lower max_tiles / frames to keep room for later turns"
             )
 
@@ -835,7 +831,7 @@ class App:
         limit = self.session.max_context
         if not limit:
             return f"{self.approx}{used:,} tokens {verb} (the server's limit is not known)"
-        return f"{self.approx}{used:,} of {limit:,} tokens {verb} ({_percent(used / limit)})"
+        return f"{self.approx}{used:,} of {limit:,} tokens {verb} ({percent(used / limit)})"
 
     def cmd_context(self, command: Command) -> None:
         self.say(f"context: {self._used_text(self.session.context_used)}", "bold")

@@ -531,7 +531,7 @@ def _seconds(s: float) -> str:
     return f"{s:.2f} s" if s < 10 else f"{s:,.1f} s"
 
 
-def _percent(fraction: float) -> str:
+def percent(fraction: float) -> str:
     return f"{int(fraction * 100 + 0.5)} %"  # half up, unlike round()
 
 
@@ -601,7 +601,7 @@ def format_stats(
 
     about = "≈" if approximate else ""
     if context_used is not None and context_limit:
-        share = _percent(context_used / context_limit)
+        share = percent(context_used / context_limit)
         add("context", f"context {about}{_count(context_used)}/{_count(context_limit)} ({share})", f"context {about}{share}")
     elif context_used is not None and approximate:
         add("context", f"context {about}{_count(context_used)}")
@@ -773,5 +773,5 @@ def format_attach_line(
     if tokens is not None:
         costs.append(f"{about}{_count(tokens)} tokens")
     if context_fraction is not None:
-        costs.append(f"context {about}{_percent(context_fraction)}")
+        costs.append(f"context {about}{percent(context_fraction)}")
     return head + (" → " + " · ".join(costs) if costs else "")
