@@ -305,6 +305,14 @@ def _first_display_matrix(container, stream) -> tuple[int, ...] | None:
 ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC
 
 
+def open_container(path: Path):
+    """PyAV's container of `path`, for reading. A tag that is not UTF-8 (a title in Latin-1, say)
+    reads with U+FFFD: PyAV's strict default refused the whole video for it."""
+    import av
+
+    return av.open(str(path), metadata_errors="replace")
+
+
 def video_stream(container):
     """The first video stream that is not a cover picture (an MP3's or M4A's artwork is a video
     stream of one frame), or None."""
@@ -410,7 +418,7 @@ def _read_header(path: Path, orientation: bool) -> _Header:
         raise MediaError(f"{_shown(path)} declares {count:,} frames (or samples){of}, more than its {size:,} bytes hold; "
                          "the file is damaged or not a real video")  # fmt: skip
     try:
-        container = av.open(str(path))
+        container = open_container(path)
     except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
         raise _cannot_read(path, e) from None
     try:
@@ -569,12 +577,10 @@ class _DecordSource:
 
 class _PyAVSource:
     def __init__(self, path: Path, header: _Header, stop: threading.Event) -> None:
-        import av
-
         self._path = path
         self.orientation = header.orientation
         try:
-            self._container = av.open(str(path))
+            self._container = open_container(path)
         except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
             raise _cannot_read(path, e) from None
         try:
@@ -632,10 +638,8 @@ class _PyAVSource:
 def _count_packets(path: Path, stop: threading.Event | None = None) -> int:
     """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG): demuxing
     (no decoding) counts one packet per frame."""
-    import av
-
     try:
-        with av.open(str(path)) as container:
+        with open_container(path) as container:
             count = 0
             for packet in container.demux(video_stream(container)):
                 if stop is not None and stop.is_set():

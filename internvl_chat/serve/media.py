@@ -34,7 +34,7 @@ from ..chat.template import MediaSpec
 from ..errors import MediaError
 from ..files import read_bytes_file
 from ..media.image import count_tiles, load_image, probe_image
-from ..media.video import load_video, probe_video, video_stream
+from ..media.video import load_video, open_container, probe_video, video_stream
 
 if TYPE_CHECKING:
     from ..engine.config import ModelConfig
@@ -294,9 +294,7 @@ class MediaReader:
 
 def _video_frame_pixels(path: Path) -> int:
     """Width × height of the video's frames, from the container header (probe_video checked it opens)."""
-    import av
-
-    with av.open(str(path)) as container:
+    with open_container(path) as container:
         stream = video_stream(container)
         return int(stream.width or 0) * int(stream.height or 0)
 
