@@ -303,6 +303,19 @@ def test_a_tag_that_is_not_utf8_does_not_refuse_the_video(tmp_path, monkeypatch,
     assert load_video(path, num_frames=2).indices == expected_indices(6, 10.0, 2)
 
 
+def test_a_codec_ffmpeg_cannot_decode_is_named(tmp_path):
+    # found by fuzzing: an unknown sample entry without its decoder config leaves PyAV no codec
+    # context, and the reason was "('NoneType' object has no attribute 'width'); use an MP4 …"
+    data = write_numbered_video(tmp_path / "clip.mp4", 4, 10).read_bytes()
+    assert data.count(b"mp4v") == 1 and data.count(b"esds") == 1
+    path = tmp_path / "unknown.mp4"
+    path.write_bytes(data.replace(b"mp4v", b"zzzz").replace(b"esds", b"xxxx"))
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == f"{path} stores its video in a codec FFmpeg cannot decode; re-encode it as an H.264 MP4"
+
+
 # ---------------------------------------------------------------- backend choice
 
 

@@ -431,6 +431,8 @@ def _read_header(path: Path, orientation: bool) -> _Header:
             if what is not None:
                 raise MediaError(f"{_shown(path)} is {what}, not a video or an image; pass a video file (MP4, MKV, WebM or AVI)")
             raise MediaError(f"{_shown(path)} is a still picture, not a video; attach (or send) it as an image instead")
+        if stream.codec_context is None:  # PyAV has no decoder for the stream's codec (an unknown one)
+            raise MediaError(f"{_shown(path)} stores its video in a codec FFmpeg cannot decode; re-encode it as an H.264 MP4")
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         _check_frame_size(path, width, height)
         fps = _check_fps(path, _frame_rate(stream))
