@@ -208,9 +208,13 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
     from tokenizers import Tokenizer as Backend
 
     text = read_text_file(model_dir / TOKENIZER_JSON, "the tokenizer file", JSON_LIMIT, CheckpointError)
+    # The Rust parser raises plain Exceptions for a malformed file, and panics on some values (a BPE's
+    # continuing_subword_prefix, for one): pyo3's PanicException, a BaseException that ended the app
     try:
         backend = Backend.from_str(text)
-    except Exception as e:  # the Rust parser raises plain Exceptions for any malformed file
+    except BaseException as e:
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
         raise CheckpointError(
             f"cannot read {_shown(model_dir / TOKENIZER_JSON)}: {_first_line(e)}; the tokenizer files may be incomplete"
         ) from None
