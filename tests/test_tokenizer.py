@@ -389,6 +389,31 @@ def test_broken_tokenizer_files_are_one_clear_error(tmp_path, tiny_tokenizer, fi
         load_tokenizer(tmp_path)
 
 
+def test_the_parsers_reason_and_the_folder_are_shown_inert(tmp_path, tiny_tokenizer):
+    # found by fuzzing: the Rust parser quotes a bad value, and an escape sequence in it (here one
+    # that sets the terminal's title) reached the terminal as it was
+    folder = tmp_path / "model\x1b[2J"
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_bytes((tiny_tokenizer / "tokenizer_config.json").read_bytes())
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    (folder / "tokenizer.json").write_text(json.dumps({**data, "version": "1.0\x1b]0;t\x07"}), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="Unknown tokenizer version") as err:
+        load_tokenizer(folder)
+    assert "\x1b" not in str(err.value) and "\x07" not in str(err.value)
+    assert "model\\e[2J" in str(err.value) and "1.0\\e]0;t\\x07" in str(err.value)
+
+
+def test_a_tokenizer_json_the_parser_panics_on_is_one_clear_error(tmp_path, tiny_tokenizer):
+    # found by fuzzing: tokenizers panics building this BPE; pyo3 raises that as a PanicException,
+    # a BaseException that went past `except Exception` and ended the app with a traceback
+    (tmp_path / "tokenizer_config.json").write_bytes((tiny_tokenizer / "tokenizer_config.json").read_bytes())
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["continuing_subword_prefix"] = "##"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"^cannot read .*tokenizer\.json: .*; the tokenizer files may be incomplete$"):
+        load_tokenizer(tmp_path)
+
+
 def test_a_named_special_token_that_is_no_text_is_ignored(tmp_path, tiny_tokenizer):
     """tokenizer_config.json's eos_token as a lone surrogate (a JSON "\\ud800" escape) cannot be a
     token: it is skipped like a non-string one, instead of a UnicodeEncodeError traceback."""

@@ -290,6 +290,32 @@ def test_probe_reads_the_header(videos):
         assert duration == pytest.approx(total / fps, abs=0.05)
 
 
+@pytest.mark.parametrize("backend", video_backends())
+def test_a_tag_that_is_not_utf8_does_not_refuse_the_video(tmp_path, monkeypatch, backend):
+    # found by fuzzing: PyAV decodes tags strictly, so a Latin-1 title (here the encoder tag) made
+    # the video "cannot read video … ('utf-8' codec can't decode byte 0xe9 …); use an MP4 …"
+    data = write_numbered_video(tmp_path / "clip.mp4", 6, 10).read_bytes()
+    assert data.count(b"Lavf") == 1
+    path = tmp_path / "latin1.mp4"
+    path.write_bytes(data.replace(b"Lavf", b"L\xe9vf"))
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    assert probe_video(path)[:2] == (6, pytest.approx(10.0))
+    assert load_video(path, num_frames=2).indices == expected_indices(6, 10.0, 2)
+
+
+def test_a_codec_ffmpeg_cannot_decode_is_named(tmp_path):
+    # found by fuzzing: an unknown sample entry without its decoder config leaves PyAV no codec
+    # context, and the reason was "('NoneType' object has no attribute 'width'); use an MP4 …"
+    data = write_numbered_video(tmp_path / "clip.mp4", 4, 10).read_bytes()
+    assert data.count(b"mp4v") == 1 and data.count(b"esds") == 1
+    path = tmp_path / "unknown.mp4"
+    path.write_bytes(data.replace(b"mp4v", b"zzzz").replace(b"esds", b"xxxx"))
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == f"{path} stores its video in a codec FFmpeg cannot decode; re-encode it as an H.264 MP4"
+
+
 # ---------------------------------------------------------------- backend choice
 
 

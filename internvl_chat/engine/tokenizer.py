@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files import JSON_LIMIT, TEXT_LIMIT, read_bytes_file, read_text_file, undecodable_byte
+from ..files import JSON_LIMIT, TEXT_LIMIT, read_bytes_file, read_text_file, undecodable_byte, visible
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -177,7 +177,7 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     if any((model_dir / f).is_file() for f in _SLOW_FILES):
         return _load_with_transformers(model_dir)
     raise CheckpointError(
-        f"{model_dir} has no tokenizer files (tokenizer.json / tokenizer_config.json); download the full checkpoint"
+        f"{_shown(model_dir)} has no tokenizer files (tokenizer.json / tokenizer_config.json); download the full checkpoint"
     )
 
 
@@ -198,11 +198,15 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
     from tokenizers import Tokenizer as Backend
 
     text = read_text_file(model_dir / TOKENIZER_JSON, "the tokenizer file", JSON_LIMIT, CheckpointError)
+    # The Rust parser raises plain Exceptions for a malformed file, and panics on some values (a BPE's
+    # continuing_subword_prefix, for one): pyo3's PanicException, a BaseException that ended the app
     try:
         backend = Backend.from_str(text)
-    except Exception as e:  # the Rust parser raises plain Exceptions for any malformed file
+    except BaseException as e:
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
         raise CheckpointError(
-            f"cannot read {model_dir / TOKENIZER_JSON}: {_first_line(e)}; the tokenizer files may be incomplete"
+            f"cannot read {_shown(model_dir / TOKENIZER_JSON)}: {_first_line(e)}; the tokenizer files may be incomplete"
         ) from None
     config = _read_config(model_dir)
 
@@ -276,7 +280,7 @@ def _check_for_transformers(model_dir: Path) -> None:
     if len(present) == 1:
         missing = pair[1 - pair.index(present[0])]
         raise CheckpointError(
-            f"{model_dir} has {present[0]} but no {missing}; the tokenizer files are incomplete (re-download them)"
+            f"{_shown(model_dir)} has {present[0]} but no {missing}; the tokenizer files are incomplete (re-download them)"
         )
     if not os.path.lexists(model_dir / TOKENIZER_CONFIG):
         return
@@ -288,7 +292,7 @@ def _check_for_transformers(model_dir: Path) -> None:
         # here the class decides how vocab.json and merges.txt are read: another one loads without
         # a word and then encodes wrongly (BertTokenizer: every word unknown; LlamaTokenizer: nothing)
         raise CheckpointError(
-            f"{model_dir / TOKENIZER_CONFIG} names the tokenizer class {_brief(named_class)}, but InternVL3's Qwen2 "
+            f"{_shown(model_dir / TOKENIZER_CONFIG)} names the tokenizer class {_brief(named_class)}, but InternVL3's Qwen2 "
             "language model needs Qwen2Tokenizer; use the tokenizer files shipped with the checkpoint"
         )
     _declared_added_tokens(model_dir, config)
@@ -320,7 +324,7 @@ def _read_config(model_dir: Path) -> dict:
 
 
 def _config_error(model_dir: Path, why: str) -> CheckpointError:
-    return CheckpointError(f"{model_dir / TOKENIZER_CONFIG} is not usable: {why}; re-download the tokenizer files")
+    return CheckpointError(f"{_shown(model_dir / TOKENIZER_CONFIG)} is not usable: {why}; re-download the tokenizer files")
 
 
 def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
@@ -340,11 +344,11 @@ def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
     except Exception as e:  # transformers raises OSError, ValueError, KeyError… for broken folders
         if not os.path.lexists(model_dir / TOKENIZER_CONFIG):  # it then cannot tell which tokenizer to build
             raise CheckpointError(
-                f"cannot load the tokenizer in {model_dir}: it has no {TOKENIZER_CONFIG}; the tokenizer files are "
+                f"cannot load the tokenizer in {_shown(model_dir)}: it has no {TOKENIZER_CONFIG}; the tokenizer files are "
                 "incomplete (re-download them)"
             ) from None
         raise CheckpointError(
-            f"cannot load the tokenizer in {model_dir}: {_first_line(e)}; the tokenizer files may be incomplete"
+            f"cannot load the tokenizer in {_shown(model_dir)}: {_first_line(e)}; the tokenizer files may be incomplete"
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -353,11 +357,15 @@ def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
 
 
 def _first_line(e: BaseException) -> str:
-    """A library's reason, short: the JSON parser quotes the offending value whole (a
-    100,000-character string made a 100,000-character error line)."""
+    """A library's reason, short and inert: the JSON parser quotes the offending value whole (a
+    100,000-character string made a 100,000-character error line, escape sequences and all)."""
     text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
+    line = visible(text[0] if text else type(e).__name__)
     return line if len(line) <= 120 else line[:117] + "…"
+
+
+def _shown(path: Path) -> str:
+    return visible(str(path))
 
 
 # -------------------------------------------------------------------------------- special ids

@@ -319,6 +319,14 @@ def _first_display_matrix(container, stream) -> tuple[int, ...] | None:
 ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC
 
 
+def open_container(path: Path):
+    """PyAV's container of `path`, for reading. A tag that is not UTF-8 (a title in Latin-1, say)
+    reads with U+FFFD: PyAV's strict default refused the whole video for it."""
+    import av
+
+    return av.open(str(path), metadata_errors="replace")
+
+
 def video_stream(container):
     """The first video stream that is not a cover picture (an MP3's or M4A's artwork is a video
     stream of one frame), or None."""
@@ -424,7 +432,7 @@ def _read_header(path: Path, orientation: bool) -> _Header:
         raise MediaError(f"{_shown(path)} declares {count:,} frames (or samples){of}, more than its {size:,} bytes hold; "
                          "the file is damaged or not a real video")  # fmt: skip
     try:
-        container = av.open(str(path))
+        container = open_container(path)
     except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
         raise _cannot_read(path, e) from None
     try:
@@ -437,6 +445,8 @@ def _read_header(path: Path, orientation: bool) -> _Header:
             if what is not None:
                 raise MediaError(f"{_shown(path)} is {what}, not a video or an image; pass a video file (MP4, MKV, WebM or AVI)")
             raise MediaError(f"{_shown(path)} is a still picture, not a video; attach (or send) it as an image instead")
+        if stream.codec_context is None:  # PyAV has no decoder for the stream's codec (an unknown one)
+            raise MediaError(f"{_shown(path)} stores its video in a codec FFmpeg cannot decode; re-encode it as an H.264 MP4")
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         _check_frame_size(path, width, height)
         fps = _check_fps(path, _frame_rate(stream))
@@ -702,12 +712,10 @@ class _NotOnePerPacket(Exception):
 
 class _PyAVSource:
     def __init__(self, path: Path, header: _Header, stop: _Stop, packets_alone: bool = True) -> None:
-        import av
-
         self._path = path
         self.orientation = header.orientation
         try:
-            self._container = av.open(str(path))
+            self._container = open_container(path)
         except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
             raise _cannot_read(path, e) from None
         try:
@@ -799,10 +807,8 @@ class _PyAVSource:
 def _count_packets(path: Path, stop: _Stop | None = None) -> int:
     """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG): demuxing
     (no decoding) counts one packet per frame."""
-    import av
-
     try:
-        with av.open(str(path)) as container:
+        with open_container(path) as container:
             count = 0
             for packet in container.demux(video_stream(container)):
                 if stop is not None and stop.is_set():

@@ -41,7 +41,8 @@ from ..chat.template import MediaSpec
 from ..errors import MediaError
 from ..files import read_bytes_file
 from ..media.image import count_tiles, load_image, probe_image
-from ..media.video import DecodeCost, DecodeOverBudget, decode_cost, load_video, megapixels, probe_video, video_stream
+from ..media.video import (DecodeCost, DecodeOverBudget, decode_cost, load_video, megapixels, open_container, probe_video,
+                           video_stream)  # fmt: skip
 
 if TYPE_CHECKING:
     from ..engine.config import ModelConfig
@@ -351,9 +352,7 @@ class MediaReader:
 
 def _video_frame_pixels(path: Path) -> int:
     """Width × height of the video's frames, from the container header (probe_video checked it opens)."""
-    import av
-
-    with av.open(str(path)) as container:
+    with open_container(path) as container:
         stream = video_stream(container)
         return int(stream.width or 0) * int(stream.height or 0)
 
