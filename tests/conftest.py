@@ -101,6 +101,12 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
+def builder(server):
+    """The PromptBuilder of the module's `server`: the prompts it builds, to check ids against."""
+    return server.prompt_builder()
+
+
+@pytest.fixture(scope="module")
 def tiny_loaded_tokenizer(tiny_tokenizer: Path):
     """The project's tiny tokenizer (GPT-2-style split), loaded the way the app loads one."""
     from transformers import AutoTokenizer

@@ -19,18 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from internvl_chat.chat.template import PromptBuilder
 from internvl_chat.serve.protocol import MAX_STOP_STRING_CHARS
 from fault_helpers import fail_once
 from media_helpers import textured_rgb
 from serve_support import RunningServer, chat_body, crowd, png_bytes
 
 WAIT_S = 60
-
-
-@pytest.fixture(scope="module")
-def builder(server) -> PromptBuilder:
-    return server.prompt_builder()
 
 
 @pytest.fixture(scope="module")

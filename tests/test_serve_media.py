@@ -17,27 +17,11 @@ import openai
 import pytest
 from PIL import Image
 
-from internvl_chat.chat.template import MediaSpec, PromptBuilder
+from internvl_chat.chat.template import MediaSpec
 from media_helpers import numbered_frame, textured_rgb, write_growing_video, write_numbered_video
-from serve_support import RunningServer, data_url, jpeg_frames_url, png_bytes
+from serve_support import data_url, jpeg_frames_url, png_bytes
 
 WAIT_S = 60
-
-
-@pytest.fixture(scope="module")
-def server(tiny_original):
-    with RunningServer(tiny_original, slots=2) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-@pytest.fixture(scope="module")
-def builder(server) -> PromptBuilder:
-    return server.prompt_builder()
 
 
 @pytest.fixture(scope="module")

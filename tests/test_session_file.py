@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from internvl_chat.chat.session_file import DamagedSession, SavedSession, parse_session, read_session_file
-from internvl_chat.engine.loader import load_model
 from internvl_chat.errors import UsageError
 from internvl_chat.ui.app import ERROR, OK, App
 from app_helpers import make_app, output
@@ -255,11 +254,6 @@ def test_random_damage_is_either_accepted_or_refused_cleanly():
 
 
 # --- in the app: a refused /load changes nothing --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_original):
-    return load_model(tiny_original, device="cpu", dtype="float32", max_context=2048)
 
 
 def _app(loaded, tmp_path) -> tuple[App, io.StringIO]:
