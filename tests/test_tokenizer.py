@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from qwen_like_tokenizer import SPECIALS, build_qwen_like_tokenizer
+from test_checkpoint import tokenizer_json_ids
 from transformers import AutoTokenizer
 
 from internvl_chat.chat.detokenize import IncrementalDetokenizer
@@ -306,13 +307,6 @@ def test_startup_imports_neither_transformers_nor_torch_compilers():
 
 
 # --- the tiny tokenizer's files (moved from test_checkpoint.py) --------------------------------
-
-
-def tokenizer_json_ids(model_dir: Path) -> dict[str, int]:
-    data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    ids = dict(data["model"]["vocab"])
-    ids.update({t["content"]: t["id"] for t in data["added_tokens"]})
-    return ids
 
 
 def test_tokenizer_special_tokens(tiny_original):
