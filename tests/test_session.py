@@ -369,6 +369,64 @@ def test_load_reports_changed_or_vanished_media(loaded, media_dir, tmp_path):
     assert fresh.ids == [] and fresh.turns == []
 
 
+def test_skip_missing_loads_the_conversation_without_the_pictures_that_vanished(loaded, tmp_path):
+    """A session naming a picture that vanished is refused by default (the refusal names the way
+    out); with skip_missing it loads: that turn keeps its text with a note where the picture was,
+    the other turn keeps its picture, and the conversation goes on, undoes, retries and saves."""
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    Image.fromarray(textured_rgb(448, 448, seed=21)).save(first)
+    Image.fromarray(textured_rgb(448, 448, seed=22)).save(second)
+    session = Session(loaded, _params())
+    final_event(session.ask("What is this?", [session.describe_image(first)]))
+    final_event(session.ask("And this one?", [session.describe_image(second)]))
+    path = session.save(tmp_path / "chat.json")
+    first.unlink()
+
+    fresh = Session(loaded, _params())
+    final_event(fresh.ask("Kept."))
+    kept = list(fresh.ids)
+    with pytest.raises(MediaError, match=r"first\.png has vanished; put the files back, add --skip-missing to /load"):
+        fresh.load(path)
+    assert fresh.ids == kept and [t.user_text for t in fresh.turns] == ["Kept."]
+
+    readied = fresh.read_saved(path, skip_missing=True)
+    assert [(m.turn, m.kind, m.name, m.found) for m in readied.left_out] == [(1, "image", "first.png", False)]
+    fresh.restore(readied)
+    assert [t.user_text for t in fresh.turns] == ["[image first.png was not found]\nWhat is this?", "And this one?"]
+    assert [[m.path for m in t.media] for t in fresh.turns] == [[], [second]]
+    assert [t.answer_ids for t in fresh.turns] == [t.answer_ids for t in session.turns]
+    assert fresh.ids == fresh.conversation_ids(fresh.turns) and fresh.start_pos == len(fresh.ids)
+
+    final_event(fresh.ask("Anything else?"))
+    assert len(fresh.turns) == 3
+    fresh.undo()
+    final_event(fresh.retry())
+    assert fresh.ids == fresh.conversation_ids(fresh.turns)
+
+    again = fresh.save(tmp_path / "again.json")
+    data = json.loads(again.read_text())
+    assert [m["media"] for m in data["messages"][::2]][0] == []
+    assert [m["path"] for m in data["messages"][2]["media"]] == [str(second)]
+    back = Session(loaded, _params())
+    back.load(again)  # nothing is missing from it: it loads without the flag
+    assert back.ids == fresh.ids
+
+
+def test_skip_missing_notes_a_changed_picture_and_escapes_its_name(loaded, tmp_path):
+    image = tmp_path / "cat\x1b[31m.png"
+    Image.fromarray(textured_rgb(448, 448, seed=23)).save(image)
+    session = Session(loaded, _params())
+    final_event(session.ask("", [session.describe_image(image)]))
+    path = session.save(tmp_path / "chat.json")
+    Image.fromarray(textured_rgb(448, 448, seed=24)).save(image)
+    with pytest.raises(MediaError, match="has changed since the session was saved"):
+        Session(loaded, _params()).load(path)
+    fresh = Session(loaded, _params())
+    fresh.load(path, skip_missing=True)
+    assert fresh.turns[0].user_text == "[image cat\\e[31m.png has changed]" and fresh.turns[0].media == []
+    assert fresh.ids == fresh.conversation_ids(fresh.turns)
+
+
 def test_a_file_every_turn_shows_is_hashed_once_on_load(loaded, media_dir, tmp_path, monkeypatch):
     """/load checks each saved media file by its sha256: a video that every turn shows (a long one
     takes seconds to read) is read once per load, not once per turn."""

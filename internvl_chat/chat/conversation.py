@@ -164,9 +164,11 @@ class Conversation(Protocol):
 
     def save(self, path: str | Path, settings: dict | None = None) -> Path: ...
 
-    def read_saved(self, path: str | Path) -> Any:
+    def read_saved(self, path: str | Path, skip_missing: bool = False) -> Any:
         """Read, validate and measure a session file (a `ReadiedSession`), changing nothing:
-        a damaged file, media that vanished or changed raise one-line errors."""
+        a damaged file, media that vanished or changed raise one-line errors. `skip_missing`:
+        such media are left out of their turns instead (listed in its `left_out`), and each
+        turn's text gets a note in their place, e.g. `[image cat.png was not found]`."""
         ...
 
     def restore(self, readied: Any) -> None:
@@ -174,6 +176,6 @@ class Conversation(Protocol):
         It must fit in the context, not leave room for another answer (the next question says so)."""
         ...
 
-    def load(self, path: str | Path) -> dict:
+    def load(self, path: str | Path, skip_missing: bool = False) -> dict:
         """Replace the conversation with a saved one; returns the saved JSON."""
         ...

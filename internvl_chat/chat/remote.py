@@ -63,7 +63,7 @@ from .dialects import (
 )
 from .remote_http import ApiClient, ChatStream, shorten
 from .sampling import SamplingParams
-from .session import Media, ReadiedSession, saved_media, sha256_of
+from .session import Media, ReadiedSession, saved_media, sha256_of, with_notes
 from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
 from .template import media_order
 
@@ -585,16 +585,18 @@ class RemoteConversation:
         path = expand_home(path)
         return write_atomic(path, session_json(self.to_json(settings, path)), SESSION_FILE_MODE)
 
-    def read_saved(self, path: str | Path) -> ReadiedSession:
+    def read_saved(self, path: str | Path, skip_missing: bool = False) -> ReadiedSession:
         """Read and validate a session file (every field, as the local app does) and find and measure
-        its media; changes nothing. Token ids in a local session are checked, then not needed."""
+        its media; changes nothing. Token ids in a local session are checked, then not needed.
+        `skip_missing`: media that vanished or changed are left out, as the local Session does."""
         saved = read_session_file(expand_home(path), None, ())
-        media = saved_media(saved, self._measure_image, self.describe_video)
+        media, left_out = saved_media(saved, self._measure_image, self.describe_video, skip_missing)
         turns = [
-            RemoteTurn(t.user_text, turn_media, "", t.reply, t.finish_reason, None, t.usage)  # type: ignore[arg-type]
-            for t, turn_media in zip(saved.turns, media)
-        ]
-        return ReadiedSession(saved, turns)
+            RemoteTurn(with_notes(t.user_text, [m for m in left_out if m.turn == number]), turn_media, "", t.reply,
+                       t.finish_reason, None, t.usage)  # type: ignore[arg-type]
+            for number, (t, turn_media) in enumerate(zip(saved.turns, media), start=1)
+        ]  # fmt: skip
+        return ReadiedSession(saved, turns, left_out)
 
     def restore(self, readied: ReadiedSession) -> None:
         """Take a conversation `read_saved` returned: each picture read (a video sampled) once, now,
@@ -606,9 +608,9 @@ class RemoteConversation:
             turn.content = self._content(turn.user_text, turn.media)
         self.turns, self.system_message = list(turns), readied.saved.system_message
 
-    def load(self, path: str | Path) -> dict:
+    def load(self, path: str | Path, skip_missing: bool = False) -> dict:
         """Replace the conversation with a saved one (local or remote); files are checked by sha256."""
-        readied = self.read_saved(path)
+        readied = self.read_saved(path, skip_missing)
         self.restore(readied)
         return readied.saved.data
 

@@ -108,6 +108,7 @@ class ReadiedSession:
 
     saved: SavedSession
     turns: list
+    left_out: list[LeftOut] = field(default_factory=list)  # media a load without missing ones left out
 
 
 class Session:
@@ -589,20 +590,21 @@ class Session:
         path = expand_home(path)
         return write_atomic(path, session_json(self.to_json(settings, path)), SESSION_FILE_MODE)
 
-    def load(self, path: str | Path) -> dict:
+    def load(self, path: str | Path, skip_missing: bool = False) -> dict:
         """Replace the conversation with a saved one, re-prefilling it. Returns the saved JSON.
 
         The whole file is validated and its media found and measured first; a file that fails
         any check leaves the conversation exactly as it was.
         """
-        readied = self.read_saved(path)
+        readied = self.read_saved(path, skip_missing)
         self.restore(readied)
         return readied.saved.data
 
-    def read_saved(self, path: str | Path) -> ReadiedSession:
+    def read_saved(self, path: str | Path, skip_missing: bool = False) -> ReadiedSession:
         """Read, validate and resolve a session file without touching the conversation.
 
-        Raises UsageError for a damaged file, MediaError for media that vanished or changed, and
+        Raises UsageError for a damaged file, MediaError for media that vanished or changed (with
+        `skip_missing`: they are left out of their turns, each turn's text noting its gap), and
         ContextOverflowError for a conversation that cannot fit.
         """
         path = expand_home(path)
@@ -613,7 +615,8 @@ class Session:
         saved = read_session_file(path, None, forbidden)
         # cheap bound before hashing any media or tokenizing any text: image tokens and the fewest
         # tokens the texts can take must fit (an answer's saved ids, unless its text replaces them)
-        least = sum(sum(m.tiles for m in t.media) * builder.tokens_per_tile for t in saved.turns)
+        # (media that may be left out count for nothing: the replay counts exactly)
+        least = 0 if skip_missing else sum(sum(m.tiles for m in t.media) * builder.tokens_per_tile for t in saved.turns)
         least += sum(min(len(t.answer_ids), self._fewest_tokens(t.reply)) if t.answer_ids is not None
                      else self._fewest_tokens(t.reply) for t in saved.turns)  # fmt: skip
         least += self._fewest_tokens(saved.system_message, *(t.user_text for t in saved.turns))
@@ -622,7 +625,8 @@ class Session:
                 f"the conversation in {visible(str(path))} needs more than {least:,} tokens, over the "
                 f"{self.max_context:,}-token context{_use(self.more_context)}"
             )
-        return ReadiedSession(saved, self._turns_from_saved(saved))
+        turns, left_out = self._turns_from_saved(saved, skip_missing)
+        return ReadiedSession(saved, turns, left_out)
 
     def restore(self, readied: ReadiedSession) -> None:
         """Replay a conversation read by `read_saved` (prefilling it); on error nothing changed.
@@ -636,20 +640,21 @@ class Session:
         self._replay(list(readied.turns), builder)
         self.builder, self.system_message = builder, system
 
-    def _turns_from_saved(self, saved: SavedSession) -> list[Turn]:
-        media = saved_media(saved, self.describe_image, self.describe_video)
+    def _turns_from_saved(self, saved: SavedSession, skip_missing: bool = False) -> tuple[list[Turn], list[LeftOut]]:
+        media, left_out = saved_media(saved, self.describe_image, self.describe_video, skip_missing)
         turns: list[Turn] = []
-        for saved_turn, turn_media in zip(saved.turns, media):
+        for number, (saved_turn, turn_media) in enumerate(zip(saved.turns, media), start=1):
             # in prompt order (images before videos), as `ask` keeps them: features are encoded in this order
             turn_media = [turn_media[i] for i in media_order([m.spec for m in turn_media])]
-            turn = Turn(saved_turn.user_text, turn_media, 0, 0)
+            text = with_notes(saved_turn.user_text, [m for m in left_out if m.turn == number])
+            turn = Turn(text, turn_media, 0, 0)
             turn.answer_ids = self._answer_ids(saved_turn, len(turns) + 1, saved.path)
             turn.answer_text = saved_turn.reply
             if saved_turn.finish_reason == "cancelled":
                 turn.answer_text += f" {CANCELLED_MARK}" if saved_turn.reply else CANCELLED_MARK
             turn.finish_reason = saved_turn.finish_reason
             turns.append(turn)
-        return turns
+        return turns, left_out
 
     def _answer_ids(self, saved: SavedTurn, number: int, path: Path) -> list[int]:
         """The answer's ids: as saved, or (a session saved from a server's answers, which has no ids)
@@ -801,25 +806,56 @@ class Session:
         yield from self._run_turn(turn, ids[reuse:], features, vision_s, params, cancel)
 
 
-def saved_media(saved: SavedSession, describe_image, describe_video) -> list[list[Media]]:
+# the opt-in that loads a session without the media files that vanished or changed (/load's flag)
+SKIP_MISSING_FLAG = "--skip-missing"
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A saved media file that a load without missing media left out of its turn."""
+
+    turn: int  # 1-based
+    kind: str  # "image" or "video"
+    name: str  # the file's name, escaped for a terminal and for the session file (`visible`)
+    found: bool  # a file stands there, but it changed (or cannot be read as it was)
+
+    @property
+    def note(self) -> str:
+        """What the turn's text says in the file's place, so the model reads that something was there."""
+        return f"[{self.kind} {self.name} {'has changed' if self.found else 'was not found'}]"
+
+
+def with_notes(text: str, left_out: Sequence[LeftOut]) -> str:
+    """A turn's text with a note for each left-out file before it, where the template puts media."""
+    return "\n".join([*(m.note for m in left_out), *([text] if text or not left_out else [])])
+
+
+def saved_media(saved: SavedSession, describe_image, describe_video,
+                skip_missing: bool = False) -> tuple[list[list[Media]], list[LeftOut]]:  # fmt: skip
     """Each saved turn's media found (see `media_candidates`), checked by sha256 and measured again
     (`describe_image(path, max_tiles)`, `describe_video(path, frames, range)`); one MediaError
-    naming what vanished or changed."""
+    naming what vanished or changed, or with `skip_missing` those left out of their turns (and
+    listed as `LeftOut`, in turn order)."""
     out: list[list[Media]] = []
     problems: list[str] = []
+    left_out: list[LeftOut] = []
     digests: dict[tuple[int, ...], str] = {}  # a file every turn shows (a long video) is read once
-    for saved_turn in saved.turns:
+    for number, saved_turn in enumerate(saved.turns, start=1):
         media = []
         for m in saved_turn.media:
             item, problem = _media_from_saved(m, saved.path, describe_image, describe_video, digests)
             if problem:
                 problems.append(problem)
-            media.append(item)
+                found = any(_is_regular_file(p) for p in media_candidates(m, saved.path))
+                left_out.append(LeftOut(number, m.kind, visible(Path(m.path).name), found))
+            else:
+                media.append(item)
         out.append(media)
-    if problems:
+    if problems and not skip_missing:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise MediaError(f"cannot restore the session: {shown}; put the files back or start anew")
-    return out
+        raise MediaError(f"cannot restore the session: {shown}; put the files back, add {SKIP_MISSING_FLAG} to "
+                         "/load to load it without them, or start anew")  # fmt: skip
+    return out, left_out
 
 
 def _media_from_saved(

@@ -975,7 +975,7 @@ class App:
         shown = visible(str(path))
         # reading and checking touch nothing, so Ctrl-C may stop them; the replay must finish
         with self.spinner(f"reading {visible(path.name)} …"):
-            readied = self.session.read_saved(path)
+            readied = self.session.read_saved(path, bool(command.options.get("skip-missing")))
         source = f"session {visible(path.name)}"
         changes = self._session_setting_changes(readied.saved.settings, source)
         if not self._may_discard_conversation(f"load {visible(path.name)}"):
@@ -991,13 +991,18 @@ class App:
         if self.session.system_message != system_before:
             self.settings.system.message = self.session.system_message or ""
             self.settings.sources["system.message"] = source
-        self._remember_file(path)
+        # loaded without some media it is not the file's conversation: a plain /save then writes a
+        # new file, and the file that still names them is replaced only when the user agrees
+        self._session_file = None if readied.left_out else self._file_mark(path)
         self._saved_turns = self._turn_texts()
 
         turns = self.session.turns
         limit = self.session.max_context
         self.say(f"loaded {len(turns)} turn(s) from {shown} · context {self.approx}{self.session.context_used:,}"
                  + (f"/{limit:,}" if limit else ""))  # fmt: skip
+        if readied.left_out:
+            listed = ", ".join(f"{m.name} (turn {m.turn})" for m in readied.left_out)  # names escaped by `visible`
+            self.warn(f"left out {len(readied.left_out)} file(s) that vanished or changed: {listed}")
         if changes:
             listed = ", ".join(f"{key.split('.')[1]} {_setting_text(new)} (was {_setting_text(old)})" for key, old, new in changes)
             self.note(f"settings from the session: {listed}")

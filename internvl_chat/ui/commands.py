@@ -101,6 +101,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "load",
         "load a saved conversation and its settings (no NAME: list the saved ones)",
         (ArgSpec("NAME", "session", required=False),),
+        (OptionSpec("--skip-missing", "flag", "", "load it without the images and videos that vanished or changed"),),
     ),
     CommandSpec(
         "export",
