@@ -500,3 +500,45 @@ def test_a_message_line_reading_as_an_export_heading_fakes_no_turn(loaded, tmp_p
     assert turns == ["## User", "## Assistant"], md
     assert "My question.\n\\## Assistant\nThe answer is 42." in md
 
+
+
+def test_load_skip_missing_goes_on_without_a_picture_that_vanished(loaded, tmp_path, home):
+    """/load refuses a session whose picture vanished and says how to load it anyway; with
+    --skip-missing the conversation loads without it, says in one line what was left out, and
+    every command goes on. The file that still names the picture is not replaced silently."""
+    for name, seed in (("first.png", 31), ("second.png", 32)):
+        Image.fromarray(textured_rgb(448, 448, seed=seed)).save(tmp_path / name)
+    app, out = make_app(loaded, tmp_path)
+    for line in ("/image first.png", "What is this?", "/image second.png", "And this?"):
+        assert app.handle_line(line) == OK
+    assert app.handle_line("/save chat.json") == OK
+    original = (tmp_path / "chat.json").read_text()
+    (tmp_path / "first.png").unlink()
+
+    other, out2 = make_app(loaded, tmp_path)
+    other.handle_line("Kept.")
+    output(out2)
+    assert other.handle_line("/load chat.json") == ERROR
+    refusal = output(out2)
+    assert "first.png has vanished; put the files back, add --skip-missing to /load" in refusal
+    assert [t.user_text for t in other.session.turns] == ["Kept."]
+
+    assert other.handle_line("/load chat.json --skip-missing") == OK
+    shown = output(out2)
+    assert "loaded 2 turn(s)" in shown
+    assert "warning: left out 1 file(s) that vanished or changed: first.png (turn 1)\n" in shown
+    turns = other.session.turns
+    assert [t.user_text for t in turns] == ["[image first.png was not found]\nWhat is this?", "And this?"]
+    assert [[m.path.name for m in t.media] for t in turns] == [[], ["second.png"]]
+    for line in ("Go on.", "/undo", "/retry", "/export chat.md"):
+        assert other.handle_line(line) == OK, line
+    assert "[image first.png was not found]" in (tmp_path / "chat.md").read_text()
+
+    assert other.handle_line("/save chat.json") == ERROR  # it no longer is the file's conversation
+    assert "already holds another conversation" in output(out2)
+    assert (tmp_path / "chat.json").read_text() == original
+    assert other.handle_line("/save") == OK  # a new file in the sessions folder
+    (saved,) = default_sessions_dir().glob("session-*.json")
+    data = json.loads(saved.read_text())
+    assert [[m["relative_path"] for m in msg["media"]] for msg in data["messages"][::2]] == [[], [os.path.relpath(tmp_path / "second.png", saved.parent)]]
+    assert other.handle_line(f"/load {saved}") == OK and "left out" not in output(out2)

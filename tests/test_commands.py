@@ -74,6 +74,8 @@ P = Path
         ("/load", Command("load")),
         ("/load talk", Command("load", (P("talk"),))),
         ("/load ~/chats/a\\ b.json", Command("load", (P("/home/tester/chats/a b.json"),))),
+        ("/load --skip-missing talk", Command("load", (P("talk"),), {"skip-missing": True})),
+        ("/load talk --skip-missing", Command("load", (P("talk"),), {"skip-missing": True})),
         ("/export notes.md", Command("export", (P("notes.md"),))),
         # numbers, settings and text
         ("/drop 2", Command("drop", (2,))),
@@ -212,5 +214,6 @@ def test_help_lists_every_command():
         assert f"{spec.usage} " in text and spec.help in text
     assert "/quit" in text
     assert "--range A-B" in format_help("video") and "--frames N" in format_help("/video")
+    assert "--skip-missing" in format_help("load") and "[--skip-missing]" in text
     with pytest.raises(UsageError, match="did you mean /image"):
         format_help("imgae")

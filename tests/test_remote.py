@@ -681,6 +681,34 @@ def test_loading_a_session_whose_files_vanished_or_changed(tmp_path):
             connect(server).load(saved)
 
 
+def test_skip_missing_loads_a_session_without_its_vanished_picture_and_resends_the_note(tmp_path):
+    """The remote conversation loads through the same saved_media: the refusal by default, and with
+    skip_missing the turn without its picture, its text noting the gap in what is resent."""
+    first, second = png(tmp_path / "a.png"), png(tmp_path / "b.png", color=(1, 2, 3))
+    with FakeServer(models_of("vllm")) as server:
+        for _ in range(3):
+            server.chat(stream_of("vllm"))
+        conv = connect(server)
+        answer(conv.ask("Look.", [conv.describe_image(first)]))
+        answer(conv.ask("And here.", [conv.describe_image(second)]))
+        saved = conv.save(tmp_path / "s.json")
+        (tmp_path / "a.png").unlink()
+        with pytest.raises(MediaError, match="a.png has vanished; put the files back, add --skip-missing"):
+            connect(server).load(saved)
+        loaded = connect(server)
+        readied = loaded.read_saved(saved, skip_missing=True)
+        assert [(m.turn, m.name, m.found) for m in readied.left_out] == [(1, "a.png", False)]
+        loaded.restore(readied)
+        assert [t.user_text for t in loaded.turns] == ["[image a.png was not found]\nLook.", "And here."]
+        assert [len(t.media) for t in loaded.turns] == [0, 1]
+        answer(loaded.ask("Next."))
+        sent = server.chat_bodies()[-1]["messages"]
+        assert sent[0] == {"role": "user", "content": "[image a.png was not found]\nLook."}
+        assert b64_of(sent[2]["content"][1]["image_url"]["url"]) == open(second, "rb").read()
+        again = loaded.save(tmp_path / "again.json")
+        assert [m["media"] for m in json.loads(again.read_text())["messages"][::2]][0] == []
+
+
 def test_a_local_session_loads_and_its_texts_are_what_is_resent(tmp_path):
     """A session saved by the local app (ids, the " [cancelled]" mark) continues on a server from its texts."""
     image = png(tmp_path / "a.png")

@@ -106,3 +106,8 @@ def test_an_unreadable_or_vanished_folder_or_a_link_loop_completes_quietly(tmp_p
         assert _completions("/image ./locked/", tmp_path) == []
     finally:
         locked.chmod(0o700)
+
+
+def test_load_completes_its_skip_missing_flag(tmp_path):
+    assert [c.text for c in _completions("/load --sk", tmp_path)] == ["--skip-missing"]
+    assert [c.text for c in _completions("/load chat.json -", tmp_path)] == ["--skip-missing"]
