@@ -540,5 +540,6 @@ def test_load_skip_missing_goes_on_without_a_picture_that_vanished(loaded, tmp_p
     assert other.handle_line("/save") == OK  # a new file in the sessions folder
     (saved,) = default_sessions_dir().glob("session-*.json")
     data = json.loads(saved.read_text())
-    assert [[m["relative_path"] for m in msg["media"]] for msg in data["messages"][::2]] == [[], [os.path.relpath(tmp_path / "second.png", saved.parent)]]
+    second = os.path.relpath(tmp_path / "second.png", saved.parent)
+    assert [[m["relative_path"] for m in msg["media"]] for msg in data["messages"][::2]] == [[], [second]]
     assert other.handle_line(f"/load {saved}") == OK and "left out" not in output(out2)
