@@ -577,9 +577,8 @@ def format_settings(settings: Settings) -> str:
     return "\n".join(out) + "\n"
 
 
-def add_engine_flags(parser: argparse.ArgumentParser, max_context_help: str) -> None:
+def add_engine_flags(p: argparse.ArgumentParser, max_context_help: str) -> None:
     """The flags that choose how the model runs, alike in the chat app and `serve`."""
-    p = parser
     p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
     p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default auto: bf16 on CUDA; on a CPU, "
                    "bf16 for decoders of 256 MiB or more where the CPU has native bf16 or AVX2 and FMA, else fp32)")

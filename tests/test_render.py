@@ -18,10 +18,17 @@ from internvl_chat.ui.render import (
     format_attach_line,
     format_stats,
     make_console,
-    split_committable,
 )
 
 # --- the block committer -----------------------------------------------------------------------
+
+
+def split_committable(text: str) -> tuple[list[str], str]:
+    """`text` as finished blocks and the unfinished tail (see `BlockSplitter`);
+    `"".join(blocks) + tail == text`."""
+    splitter = BlockSplitter()
+    blocks = splitter.feed(text)
+    return blocks, splitter.tail
 
 
 @pytest.mark.parametrize(

@@ -554,23 +554,26 @@ def megapixels(pixels: int) -> str:
     return f"{pixels / 1e6:,.6g}"
 
 
-def _plan_over_budget(path: Path, cost: DecodeCost, limit: int, spent: int) -> DecodeOverBudget:
-    after = f" ({megapixels(spent)} of them spent already by an attempt that failed)" if spent else ""
-    return DecodeOverBudget(
-        f"video {_shown(path)} needs {cost} decoded to reach the frames sampled, over the limit of {megapixels(limit)} "
-        f"megapixels{after}; cut the clip shorter or scale it down",
-        cost,
-    )
-
-
 class _Meter:
-    """Counts the frames and pixels a decoder produces. The plan was checked against the limit
-    before decoding; a stream whose frames are larger than its header says passes the limit here,
-    and its decoding ends."""
+    """Counts the frames and pixels a decoder produces against the limit: a plan is checked
+    before decoding (`check_plan`); a stream whose frames are larger than its header says passes
+    the limit while it decodes (`charge`), and its decoding ends."""
 
     def __init__(self, path: Path, limit: int | None) -> None:
         self.path, self.limit = path, limit
         self.frames = self.pixels = 0
+
+    def check_plan(self, cost: DecodeCost) -> None:
+        """Refuse a plan that would take the decoding past the limit (with what an attempt that
+        failed has spent already), before any of it is decoded."""
+        if self.limit is None or self.pixels + cost.pixels <= self.limit:
+            return
+        after = f" ({megapixels(self.pixels)} of them spent already by an attempt that failed)" if self.pixels else ""
+        raise DecodeOverBudget(
+            f"video {_shown(self.path)} needs {cost} decoded to reach the frames sampled, over the limit of "
+            f"{megapixels(self.limit)} megapixels{after}; cut the clip shorter or scale it down",
+            cost,
+        )
 
     def charge(self, frames: int, width: int, height: int) -> None:
         self.frames += frames
@@ -902,9 +905,7 @@ def _decode_once(
     source = _open(path, backend, header, decord, stop, packets_alone)
     try:
         indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
-        cost = _cost(backend, header, source, indices)
-        if meter.limit is not None and meter.pixels + cost.pixels > meter.limit:
-            raise _plan_over_budget(path, cost, meter.limit, meter.pixels)
+        meter.check_plan(_cost(backend, header, source, indices))
         tiles: dict[int, torch.Tensor] = {}
         with contextlib.closing(source.frames(sorted(set(indices)), stop, meter)) as frames:
             for number, rgb in frames:

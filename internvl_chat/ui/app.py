@@ -897,7 +897,7 @@ class App:
         if not self.session.turns:
             self.warn("the conversation is empty; saving it anyway")
         saved = self.session.save(path, self.settings.to_dict())
-        self._remember_file(saved)
+        self._session_file = self._file_mark(saved)
         self._saved_turns = self._turn_texts()
         self.say(f"saved {len(self.session.turns)} turn(s) to {visible(str(saved))}")
 
@@ -913,9 +913,6 @@ class App:
             n += 1
             path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}-{n}.json"
         return path
-
-    def _remember_file(self, path: Path) -> None:
-        self._session_file = self._file_mark(path)
 
     def _file_mark(self, path: Path) -> tuple[Path, Any]:
         """(the absolute path, the conversation's first turn now): see `_still_this_conversations`."""

@@ -227,14 +227,6 @@ class BlockSplitter:
             self._add(line, content)
 
 
-def split_committable(text: str) -> tuple[list[str], str]:
-    """`text` as finished blocks and the unfinished tail (see `BlockSplitter`);
-    `"".join(blocks) + tail == text`."""
-    splitter = BlockSplitter()
-    blocks = splitter.feed(text)
-    return blocks, splitter.tail
-
-
 # --- streams -----------------------------------------------------------------------------------
 
 LIVE_TAIL_CHARS = 4000  # of an unfinished block, rendered in the live tail (its end; more fills no screen)
