@@ -383,8 +383,8 @@ class App:
 
     @property
     def fancy(self) -> bool:
-        """Spinners and live regions: only on a real terminal, and not with --plain."""
-        return self.console.is_terminal and not self.console.is_dumb_terminal and not self.settings.ui.plain
+        """Spinners and live regions: only on a real terminal (not a file given colours), and not with --plain."""
+        return self.console.is_interactive and not self.settings.ui.plain
 
     @contextmanager
     def spinner(self, text: str) -> Iterator[None]:
