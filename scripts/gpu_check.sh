@@ -111,8 +111,9 @@ fi
 if [ $rc -eq 0 ]; then
     DEVICE=cuda
     BENCH_PLAN=()
-    # the int4 kernels first (quick, and what the int4 numbers rest on), gemlite last: it autotunes
-    DEFAULT_TESTS="tests/test_cuda_int4.py tests/test_cuda.py tests/test_sampling.py tests/test_gemlite.py"
+    # the int4 kernels first (quick, and what the int4 numbers rest on), then the sampler's (quick),
+    # then the engine's (several cold compiles: the ones a tight timeout may cut), gemlite last: it autotunes
+    DEFAULT_TESTS="tests/test_cuda_int4.py tests/test_sampling.py tests/test_cuda.py tests/test_gemlite.py"
     TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
     GEMV_ENV=()
     TOTAL_LIMIT="${TOTAL_LIMIT:-340}"  # the device's 6 minutes a call, less a margin
@@ -139,7 +140,7 @@ else
     MARK=(-m cuda)
     [ "$DEVICE" = cpu ] && MARK=(-m "not slow")
     set -o pipefail
-    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -v -rfEs -p no:cacheprovider "${MARK[@]}" "${TEST_FILES[@]}" 2>&1 \
+    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -v -rfEs --durations=15 -p no:cacheprovider "${MARK[@]}" "${TEST_FILES[@]}" 2>&1 \
         | tee "$OUT/cuda_tests.txt"
     rc=$?
     set +o pipefail
