@@ -136,3 +136,29 @@ def test_running_out_of_memory_after_a_failed_capture_is_one_error_and_the_conve
     for text in ("First.", LONG):
         final_event(want.ask(text))
     assert [t.answer_ids for t in session.turns] == [t.answer_ids for t in want.turns]
+
+
+def test_a_compiled_step_that_fails_leaves_the_eager_step_inside_the_graphs(eager, graphed, monkeypatch, capfd):
+    # the compiled step DecodeGraphs captures (CompiledStep.masked) raising, as a recompile or a
+    # kernel's launch can, in the warm-up before a capture: one note, the eager step is captured
+    # instead, and the answers are the eager model's
+    from internvl_chat.engine.compiled import CompiledStep
+
+    model = graphed.model
+    step = CompiledStep(model.language_model, model.device, for_graphs=True)
+    calls = []
+
+    def failing(*args):
+        calls.append(args)
+        raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
+
+    step._fn, step.active = failing, True  # as compile() leaves it
+    model.compiled_step = step
+    model.decode_graphs = DecodeGraphs(model, step.masked)
+    monkeypatch.setattr(DecodeGraphs, "_capture", _capture_on_cpu)
+    assert _answers(graphed, _two_turns) == _answers(eager, _two_turns)
+    assert len(calls) == 1 and not step.active and "Detected recompile" in step.failure
+    graphs = model.decode_graphs
+    assert graphs.failure is None and sorted(graphs.graphs) == [256, 512]
+    notes = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(notes) == 1 and "using the eager step" in notes[0]
