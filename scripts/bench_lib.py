@@ -528,18 +528,22 @@ def time_per_call(calls: Sequence[Callable[[], object]], device: torch.device, m
 
     if device.type == "cuda":
         method, once = "cuda graph", one_pass
+        caller = torch.cuda.current_stream(device)
         try:
             side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
+            side.wait_stream(caller)
             with torch.cuda.stream(side):  # the warm-up PyTorch asks for before a capture
                 one_pass()
-            torch.cuda.current_stream(device).wait_stream(side)
+            caller.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 one_pass()
             once = graph.replay
             once()
         except Exception as e:
+            # torch.cuda.graph leaves its capture stream current when capture_end raises: the
+            # eager passes and their events belong on the caller's stream
+            torch.cuda.set_stream(caller)
             method = f"cuda events, eager (graph capture failed: {e!r})"[:300]
 
         def clock(body: Callable[[], None]) -> float:

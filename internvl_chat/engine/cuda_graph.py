@@ -38,6 +38,7 @@ class DecodeGraphs:
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.capture_stream = None  # made on the model's device at the first capture
         self.failure: str | None = None  # why a capture failed: the step then runs without graphs
 
     def bucket(self, pos: int) -> int:
@@ -47,26 +48,32 @@ class DecodeGraphs:
         return self.step_fn(self.token, self.position, kv_len)
 
     def _capture(self, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # warm up on a side stream (lazy init, autotuning) before capturing, as PyTorch advises;
-        # the warm-up writes K/V at the current position, which replay rewrites identically
-        caller = torch.cuda.current_stream(self.model.device)
-        stream = torch.cuda.Stream(device=self.model.device)
-        stream.wait_stream(caller)
-        try:
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._step(kv_len)
-        finally:  # a failed warm-up's kernels must be ordered before whatever runs next
-            caller.wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._step(kv_len)
-        except BaseException:
-            # torch.cuda.graph leaves its capture stream current when capture_begin or
-            # capture_end raises (it restores the stream after capture_end only)
-            torch.cuda.set_stream(caller)
-            raise
+        # On the model's device whichever is current (--device cuda:1): torch.cuda.graph syncs and
+        # empties the current device's cache, and its default capture stream is made once, on the
+        # device current then; a capture stream on another device records none of the step's kernels.
+        with torch.cuda.device(self.model.device):
+            caller = torch.cuda.current_stream()
+            if self.capture_stream is None:  # one for every capture: they share the memory pool
+                self.capture_stream = torch.cuda.Stream()
+            # warm up on a side stream (lazy init, autotuning) before capturing, as PyTorch advises;
+            # the warm-up writes K/V at the current position, which replay rewrites identically
+            warm = torch.cuda.Stream()
+            warm.wait_stream(caller)
+            try:
+                with torch.cuda.stream(warm):
+                    for _ in range(2):
+                        self._step(kv_len)
+            finally:  # a failed warm-up's kernels must be ordered before whatever runs next
+                caller.wait_stream(warm)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream):
+                    logits = self._step(kv_len)
+            except BaseException:
+                # torch.cuda.graph leaves its capture stream current when capture_begin or
+                # capture_end raises (it restores the stream after capture_end only)
+                torch.cuda.set_stream(caller)
+                raise
         if self.pool is None:
             self.pool = graph.pool()
         return graph, logits
