@@ -146,6 +146,15 @@ def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
         ({"extra_body": {"function_call": {"name": "f"}}}, "function_call"),
         ({"extra_body": {"stop_token_ids": [7]}}, "stop_token_ids"),
         ({"extra_body": {"ignore_eos": True}}, "ignore_eos"),
+        # asked for what a text-only server without tools cannot give, and were answered as if not asked
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"reasoning_effort": "high"}, "reasoning_effort"),
+        ({"verbosity": "low"}, "verbosity"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "user", "content": "b"}]}, "messages.1.tool_calls"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_400_with_the_param(client, change, param):
@@ -161,6 +170,19 @@ def test_neutral_values_of_controls_it_does_not_have_are_accepted(client):
     extra = {"stop_token_ids": [], "ignore_eos": False, "function_call": "none"}
     answer = ask(client, top_logprobs=0, tool_choice="auto", functions=[], extra_body=extra)
     assert answer.choices[0].finish_reason in ("stop", "length")
+    # and what does not change an answer: bookkeeping, a latency hint, the neutral levels
+    answer = ask(client, modalities=["text"], reasoning_effort="none", verbosity="medium", metadata={"k": "v"},
+                 store=False, user="u1", parallel_tool_calls=False, prediction={"type": "content", "content": "x"})
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_tool_message_is_told_there_is_no_function_calling(client):
+    messages = [{"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4)
+    assert err.value.body["param"] == "messages.1.role"
+    assert "'tool' messages are not supported" in err.value.body["message"]
+    assert "as text in a user message" in err.value.body["message"]
 
 
 def test_wrong_model_is_404(client):

@@ -2,9 +2,10 @@
 
 Unknown request fields are ignored, as OpenAI-compatible servers do; fields we cannot honour
 with a non-default value (n or best_of > 1, logprobs and top_logprobs, tools, functions and a
-tool_choice that asks for a call, penalties other than repetition_penalty, logit_bias, min_p,
-min_tokens, beam search, vLLM's stop_token_ids and ignore_eos) are refused with 400 rather than
-silently dropped. Numbers are numbers: `true` is not read as 1.
+tool_choice that asks for a call, tool calls and tool messages in the history, penalties other
+than repetition_penalty, logit_bias, min_p, min_tokens, beam search, vLLM's stop_token_ids and
+ignore_eos, output modalities or audio, web search, reasoning_effort, verbosity) are refused
+with 400 rather than silently dropped. Numbers are numbers: `true` is not read as 1.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminat
 class Message(_Model):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[ContentPart], None] = None
+    # an assistant's calls in the history: refused (see _refuse_unsupported), never silently dropped
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
 
 
 class StreamOptions(_Model):
@@ -108,6 +112,11 @@ class ChatCompletionRequest(_Model):
     use_beam_search: bool | None = None  # vLLM
     stop_token_ids: list[Any] | None = None  # vLLM
     ignore_eos: bool | None = None  # vLLM
+    modalities: list[Any] | None = None  # OpenAI's output kinds: ["text"] alone is what we answer
+    audio: Any = None  # OpenAI's audio output settings
+    web_search_options: Any = None
+    reasoning_effort: Any = None  # "none" and "minimal" are neutral: the model has no reasoning phase
+    verbosity: Any = None  # "medium" is OpenAI's default
 
 
 MAX_STOP_STRINGS = 16
@@ -129,6 +138,9 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
             tag = shown(str(first.get("ctx", {}).get("tag", "")), 40)
             raise bad_request(f"{param}: the content part type '{tag}' is not one this server reads; send "
                               "'text', 'image_url' or 'video_url' parts", param=param) from None  # fmt: skip
+        if first.get("type") == "literal_error" and param and param.endswith(".role") and first.get("input") in ("tool", "function"):
+            raise bad_request(f"{param}: '{first['input']}' messages are not supported: this server has no function calling; "
+                              "send a tool's result as text in a user message", param=param) from None  # fmt: skip
         if first.get("type") == "union_tag_not_found":  # "Unable to extract tag using discriminator 'type'"
             raise bad_request(f"{param}: a content part needs a \"type\": 'text', 'image_url' or 'video_url'",
                               param=param) from None  # fmt: skip
@@ -169,6 +181,22 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     for name in ("tool_choice", "function_call"):
         if getattr(req, name) not in (None, "none", "auto"):  # anything else asks for a call the answer cannot make
             raise bad_request(f"{name}: function calling is not supported by this server; leave it out", param=name)
+    for i, msg in enumerate(req.messages):
+        for name in ("tool_calls", "function_call"):
+            if getattr(msg, name):
+                raise bad_request(f"messages.{i}.{name}: this server has no function calling, so the conversation cannot hold "
+                                  "calls; send them and their results as text", param=f"messages.{i}.{name}")  # fmt: skip
+    if req.modalities is not None and any(kind != "text" for kind in req.modalities):
+        raise bad_request('modalities: this server answers in text only; send ["text"] or leave it out', param="modalities")
+    if req.audio is not None:
+        raise bad_request("audio: this server answers in text only, without audio; leave it out", param="audio")
+    if req.web_search_options is not None:
+        raise bad_request("web_search_options: this server cannot search the web; leave it out", param="web_search_options")
+    if req.reasoning_effort not in (None, "none", "minimal"):
+        raise bad_request("reasoning_effort: this model answers without a reasoning phase; leave it out (or send 'none')",
+                          param="reasoning_effort")  # fmt: skip
+    if req.verbosity not in (None, "medium"):
+        raise bad_request("verbosity is not supported by this server; leave it out", param="verbosity")
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise bad_request("only the text response_format is supported", param="response_format")
     # sampling controls this server does not have: refused, so an answer never silently ignores one
