@@ -59,6 +59,22 @@ def test_max_dynamic_patch_per_image_or_per_request(client, builder, media):
     assert out.usage.prompt_tokens == one_tile
 
 
+def test_low_detail_is_one_tile_and_a_detail_openai_does_not_have_is_400(client, builder, media):
+    # "low" was read and ignored: the client paid for 3 tiles after asking for one low-resolution view
+    url = data_url(media / "wide.png", "image/png")
+    one_tile, default = (len(builder.first_turn("Q", [MediaSpec("image", n)])) for n in (1, 3))
+    assert ask(client, [image_part(url, detail="low"), {"type": "text", "text": "Q"}]).usage.prompt_tokens == one_tile
+    for detail in ("high", "auto"):
+        assert ask(client, [image_part(url, detail=detail), {"type": "text", "text": "Q"}]).usage.prompt_tokens == default
+    # an explicit tile limit wins over the detail
+    both = ask(client, [image_part(url, detail="low", max_dynamic_patch=2), {"type": "text", "text": "Q"}])
+    assert both.usage.prompt_tokens == default
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, [image_part(url, detail="medium"), {"type": "text", "text": "Q"}])
+    assert err.value.body["param"] == "messages.0.content.0.image_url.detail"
+    assert "'auto', 'low' or 'high'" in err.value.body["message"]
+
+
 def test_another_picture_of_the_same_size_is_not_taken_from_the_cache(client, builder, media):
     first = [image_part(data_url(media / "wide.png", "image/png")), {"type": "text", "text": "Same words."}]
     other = [image_part(data_url(media / "wide_other.png", "image/png")), {"type": "text", "text": "Same words."}]

@@ -160,7 +160,9 @@ class PromptMaker:
             if isinstance(part, TextPart):
                 texts.append(part.text)
             elif isinstance(part, ImagePart):
-                tiles = part.image_url.max_dynamic_patch or part.max_dynamic_patch or max_tiles
+                # OpenAI's "low" detail is one low-resolution view: here one tile, the whole image
+                low = 1 if part.image_url.detail == "low" else None
+                tiles = part.image_url.max_dynamic_patch or part.max_dynamic_patch or low or max_tiles
                 media.append(self.reader.image(part.image_url.url, param, tiles))
             elif isinstance(part, VideoPart):
                 media.append(self.reader.video(part.video_url.url, param, num_frames))

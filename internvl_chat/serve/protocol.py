@@ -39,7 +39,7 @@ Float = Annotated[float, BeforeValidator(_not_a_bool), Field(allow_inf_nan=False
 
 class MediaURL(_Model):
     url: str
-    detail: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None  # "low": one tile for an image (as max_dynamic_patch 1)
     max_dynamic_patch: Int | None = Field(default=None, ge=1, le=64)  # lmdeploy's per-image tile limit
 
 
