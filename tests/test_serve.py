@@ -136,6 +136,7 @@ def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]},
          "messages.0.content.0"),
         ({"max_tokens": 10**6}, "max_tokens"),
+        ({"max_completion_tokens": 10**6}, "max_completion_tokens"),  # was named max_tokens, which it had not sent
         ({"extra_body": {"media_io_kwargs": {"video": "8 frames"}}}, "media_io_kwargs.video"),
         ({"extra_body": {"media_io_kwargs": {"video": 8}}}, "media_io_kwargs.video"),
         # controls this server does not have were silently ignored

@@ -217,10 +217,11 @@ def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, prompt
         raise APIError(400, f"the conversation is {prompt_len:,} tokens; this model's context holds {context:,}. "
                        "Send a shorter conversation or fewer images", code="context_length_exceeded", param="messages")  # fmt: skip
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"  # the one the client sent
     if asked is not None and asked > room:
-        raise APIError(400, f"the conversation is {prompt_len:,} tokens and max_tokens is {asked:,}: together over "
+        raise APIError(400, f"the conversation is {prompt_len:,} tokens and {name} is {asked:,}: together over "
                        f"this model's {context:,}-token context; ask for at most {room:,}",
-                       code="context_length_exceeded", param="max_tokens")  # fmt: skip
+                       code="context_length_exceeded", param=name)  # fmt: skip
     top_k = req.top_k if req.top_k is not None else defaults.top_k
     params = SamplingParams(
         temperature=req.temperature if req.temperature is not None else defaults.temperature,
