@@ -175,6 +175,20 @@ def video_part(path: Path, mime: str = "video/mp4") -> dict:
     return {"type": "video_url", "video_url": {"url": data_url(path, mime)}}
 
 
+def test_a_new_video_s_header_is_read_once_when_its_request_is_measured(server, tmp_path, monkeypatch):
+    # probe_video, the frame-size check and decode_cost each opened the file and read its header
+    from internvl_chat.media import video
+
+    clip = write_numbered_video(tmp_path / "once.mp4", num_frames=12)  # its URL is in no cache
+    headers, opens = [], []
+    real_header, real_open = video._read_header, video.open_container
+    monkeypatch.setattr(video, "_read_header", lambda *a, **kw: headers.append(1) or real_header(*a, **kw))
+    monkeypatch.setattr(video, "open_container", lambda *a, **kw: opens.append(1) or real_open(*a, **kw))
+    item = server.worker.reader.video(data_url(clip, "video/mp4"), "messages.0.content.0", 4)
+    assert item.tiles == 4 and headers == [1]
+    assert len(opens) <= 2  # the header's, and PyAV's key-frame scan where it plans (decord opens the file itself)
+
+
 def test_a_video_whose_decoding_is_over_the_limit_is_400_before_any_frame_is_decoded(server, client, builder, tmp_path,
                                                                                      monkeypatch):  # fmt: skip
     from internvl_chat.serve import media as serve_media
