@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..chat.sampling import SamplingParams, is_int
+from ..chat.session import HOPELESS_TEXT_MIN_CHARS
 from ..chat.template import PromptBuilder, media_order
 from ..engine.loader import LoadedModel
 from ..errors import InternVLChatError, UsageError
@@ -102,7 +103,7 @@ class PromptMaker:
                 raise bad_request(where, param=f"messages.{i}.role")
             if msg.role == "assistant":
                 text = _text_only(msg.content, f"messages.{i}.content", "an assistant message")
-                prompt.ids += self._answer_ids(text)
+                prompt.ids += self._answer_ids(text, len(prompt.ids), i)
                 self._check_room(prompt, i)
                 continue
             text, media = self._user_content(msg.content, i, max_tiles, num_frames)
@@ -111,6 +112,7 @@ class PromptMaker:
                 raise bad_request(f"the request has more than {self.options.max_images} images and videos; "
                                   "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
             turn_first = not prompt.ids
+            self._check_bound(len(prompt.ids), i, text, system if turn_first else None)
             specs = [m.spec for m in media]
             with self.lock:
                 turn = builder.first_turn(text, specs) if turn_first else builder.next_turn(text, specs)
@@ -122,12 +124,23 @@ class PromptMaker:
                               "user message", param=f"messages.{len(messages) - 1}.role")  # fmt: skip
         return prompt
 
+    def _check_bound(self, held: int, i: int, *texts: str | None) -> None:
+        """Refuse texts that cannot fit after `held` tokens before tokenizing them: a message of tens
+        of megabytes took a minute and gigabytes to tokenize, holding the tokenizer's lock, only to
+        be refused (the bound is the Session's: a pass over the bytes)."""
+        if sum(len(t) for t in texts if t) < HOPELESS_TEXT_MIN_CHARS:
+            return
+        self._check_count(held + sum(self.tokenizer.fewest_tokens(t) for t in texts if t), i)
+
     def _check_room(self, prompt: Prompt, i: int) -> None:
         # stop at the first message past the context: a body of many megabytes of short turns
         # would otherwise keep a CPU busy for a minute before its refusal
+        self._check_count(len(prompt.ids), i)
+
+    def _check_count(self, tokens: int, i: int) -> None:
         context = self.loaded.model.max_seq_len
-        if len(prompt.ids) >= context:
-            raise APIError(400, f"the conversation is at least {len(prompt.ids):,} tokens (counted up to message {i}); this "
+        if tokens >= context:
+            raise APIError(400, f"the conversation is at least {tokens:,} tokens (counted up to message {i}); this "
                            f"model's context holds {context:,}. Send a shorter conversation or fewer images",
                            code="context_length_exceeded", param="messages")  # fmt: skip
 
@@ -169,12 +182,13 @@ class PromptMaker:
         # the template puts the media first, then the text; text parts are joined by newlines
         return "\n".join(texts), media
 
-    def _answer_ids(self, text: str) -> list[int]:
+    def _answer_ids(self, text: str, held: int, i: int) -> list[int]:
         ids = self.answers.lookup(text)
         if ids is not None:
             return ids
         if not text:
             return []
+        self._check_bound(held, i, text)
         with self.lock:
             return list(self.tokenizer.encode(text))  # typed special-token text stays text
 
