@@ -177,6 +177,16 @@ def test_neutral_values_of_controls_it_does_not_have_are_accepted(client):
     assert answer.choices[0].finish_reason in ("stop", "length")
 
 
+def test_switches_sent_as_null_are_off(server):
+    # a client that passes every argument sends stream=None; that was a 400 ("Input should be a valid boolean")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": None,
+            "stream_options": {"include_usage": None}, "return_token_ids": None}  # fmt: skip
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["object"] == "chat.completion" and "token_ids" not in answer["choices"][0]
+
+
 def test_a_tool_message_is_told_there_is_no_function_calling(client):
     messages = [{"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "c1", "content": "42"}]
     with pytest.raises(openai.BadRequestError) as err:

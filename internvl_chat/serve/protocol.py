@@ -34,6 +34,8 @@ def _not_a_bool(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_not_a_bool)]
+# a switch sent as null is off, as OpenAI reads it (clients that pass every argument send stream=None)
+Switch = Annotated[bool, BeforeValidator(lambda value: False if value is None else value)]
 Float = Annotated[float, BeforeValidator(_not_a_bool), Field(allow_inf_nan=False)]  # NaN: "finite", not "≥ 0"
 
 
@@ -75,13 +77,13 @@ class Message(_Model):
 
 
 class StreamOptions(_Model):
-    include_usage: bool = False
+    include_usage: Switch = False
 
 
 class ChatCompletionRequest(_Model):
     model: str
     messages: list[Message] = Field(min_length=1)
-    stream: bool = False
+    stream: Switch = False
     stream_options: StreamOptions | None = None
     temperature: Float | None = Field(default=None, ge=0, le=TEMPERATURE_MAX)  # below 1e-5: greedy
     top_p: Float | None = Field(default=None, gt=0, le=1)
@@ -93,7 +95,7 @@ class ChatCompletionRequest(_Model):
     repetition_penalty: Float | None = Field(default=None, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)
     mm_processor_kwargs: dict[str, Any] | None = None
     media_io_kwargs: dict[str, Any] | None = None  # vLLM: {"video": {"num_frames": N}}
-    return_token_ids: bool = False  # vLLM's extension: the ids of the answer
+    return_token_ids: Switch = False  # vLLM's extension: the ids of the answer
     # accepted only at their neutral values
     n: Int | None = None
     presence_penalty: Float | None = None
