@@ -62,6 +62,7 @@ class PromptMaker:
         # (media fetching and hashing do not hold this lock).
         self.lock = threading.Lock()
         self.builder(self.default_system).first_turn("warm-up")  # sets that flag once, before any decode runs
+        self.tokenizer.fewest_tokens("")  # its one pass over the vocabulary, here rather than on a request thread
 
     def builder(self, system: str | None) -> PromptBuilder:
         with self.lock:
