@@ -139,6 +139,10 @@ def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
         ({"max_completion_tokens": 10**6}, "max_completion_tokens"),  # was named max_tokens, which it had not sent
         ({"extra_body": {"media_io_kwargs": {"video": "8 frames"}}}, "media_io_kwargs.video"),
         ({"extra_body": {"media_io_kwargs": {"video": 8}}}, "media_io_kwargs.video"),
+        # options other servers read, dropped: a video sampled at 8 frames when 2 per second were asked
+        ({"extra_body": {"media_io_kwargs": {"video": {"fps": 2}}}}, "media_io_kwargs.video.fps"),
+        ({"extra_body": {"media_io_kwargs": {"image": {"mode": "RGB"}}}}, "media_io_kwargs.image"),
+        ({"extra_body": {"mm_processor_kwargs": {"min_dynamic_patch": 2}}}, "mm_processor_kwargs.min_dynamic_patch"),
         # controls this server does not have were silently ignored
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),

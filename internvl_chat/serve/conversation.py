@@ -22,7 +22,7 @@ from ..engine.loader import LoadedModel
 from ..errors import InternVLChatError, UsageError
 from ..settings import MAX_TILES
 from .answers import AnswerMemory
-from .errors import APIError, bad_request, from_app_error
+from .errors import APIError, bad_request, from_app_error, shown
 from .media import MediaItem, MediaReader
 from .options import ServeOptions
 from .protocol import ChatCompletionRequest, ImagePart, TextPart, VideoPart
@@ -148,11 +148,14 @@ class PromptMaker:
     # ---- parts -------------------------------------------------------------------------------
     def _media_kwargs(self, req: ChatCompletionRequest) -> tuple[int | None, int]:
         mm = req.mm_processor_kwargs or {}
+        _only_keys(mm, "mm_processor_kwargs", ("max_dynamic_patch", "num_frames"))
         max_tiles = mm.get("max_dynamic_patch", self.options.max_tiles)
+        _only_keys(req.media_io_kwargs or {}, "media_io_kwargs", ("video",))
         video_io = (req.media_io_kwargs or {}).get("video") or {}
         if not isinstance(video_io, dict):  # a free-form field: its shape is checked here, not by pydantic
             raise bad_request('media_io_kwargs.video must be an object such as {"num_frames": 8}',
                               param="media_io_kwargs.video")  # fmt: skip
+        _only_keys(video_io, "media_io_kwargs.video", ("num_frames",))
         default_frames = min(self.options.frames, self.options.max_frames)
         num_frames = video_io.get("num_frames", mm.get("num_frames", default_frames))
         if max_tiles is not None and (not is_int(max_tiles) or not 1 <= max_tiles <= MAX_TILES):  # None: the checkpoint's
@@ -213,6 +216,16 @@ class PromptMaker:
             tiles = item.tiles if whole else 1
             prompt.spans.append(Span(offset + s, offset + e, key, index[id(item)], 0 if whole else frame, tiles))
         prompt.media += ordered
+
+
+def _only_keys(kwargs: dict, where: str, known: tuple[str, ...]) -> None:
+    """A free-form options object may hold only what this server reads: vLLM's `fps` or another
+    processor's option, silently dropped, would sample or tile otherwise than the client asked."""
+    for key in kwargs:
+        if key not in known:
+            names = " and ".join(known)
+            raise bad_request(f"{where}.{shown(str(key), 40)} is not supported by this server; it reads {names} there",
+                              param=f"{where}.{shown(str(key), 40)}")  # fmt: skip
 
 
 def _text_only(content, param: str, what: str) -> str:
