@@ -128,6 +128,7 @@ def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
     "change, param",
     [
         ({"temperature": -1}, "temperature"),
+        ({"top_p": -0.1}, "top_p"),
         ({"n": 2}, "n"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages.1.role"),
@@ -179,6 +180,14 @@ def test_neutral_values_of_controls_it_does_not_have_are_accepted(client):
     answer = ask(client, modalities=["text"], reasoning_effort="none", verbosity="medium", metadata={"k": "v"},
                  store=False, user="u1", parallel_tool_calls=False, prediction={"type": "content", "content": "x"})
     assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_top_p_zero_keeps_the_most_likely_token(client):
+    # OpenAI accepts top_p 0 (clients send it with temperature for determinism); it was a 400
+    greedy = ask(client, "Tell me a story.", max_tokens=12, temperature=0).choices[0].message.content
+    for seed in (1, 2):
+        sampled = ask(client, "Tell me a story.", max_tokens=12, temperature=1.5, top_p=0, seed=seed)
+        assert sampled.choices[0].message.content == greedy
 
 
 def test_switches_sent_as_null_are_off(server):

@@ -251,9 +251,12 @@ def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, prompt
                        f"this model's {context:,}-token context; ask for at most {room:,}",
                        code="context_length_exceeded", param=name)  # fmt: skip
     top_k = req.top_k if req.top_k is not None else defaults.top_k
+    top_p = req.top_p if req.top_p is not None else defaults.top_p
+    if top_p == 0:  # the nucleus as p shrinks to 0: the most likely token, which top_k 1 keeps
+        top_p, top_k = 1.0, 1
     params = SamplingParams(
         temperature=req.temperature if req.temperature is not None else defaults.temperature,
-        top_p=req.top_p if req.top_p is not None else defaults.top_p,
+        top_p=top_p,
         top_k=max(top_k, 0),
         repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else defaults.repetition_penalty,
         max_new_tokens=asked if asked is not None else min(defaults.max_new_tokens, room),

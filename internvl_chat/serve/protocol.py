@@ -86,7 +86,7 @@ class ChatCompletionRequest(_Model):
     stream: Switch = False
     stream_options: StreamOptions | None = None
     temperature: Float | None = Field(default=None, ge=0, le=TEMPERATURE_MAX)  # below 1e-5: greedy
-    top_p: Float | None = Field(default=None, gt=0, le=1)
+    top_p: Float | None = Field(default=None, ge=0, le=1)  # 0 (OpenAI accepts it): the most likely token alone
     top_k: Int | None = Field(default=None, ge=-1)  # -1 (vLLM) and 0 both turn it off
     max_tokens: Int | None = Field(default=None, ge=1)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
