@@ -200,6 +200,24 @@ def test_switches_sent_as_null_are_off(server):
     assert answer["object"] == "chat.completion" and "token_ids" not in answer["choices"][0]
 
 
+def test_an_assistant_s_refusal_is_what_it_said(client):
+    # OpenAI returns a refusal with content null; resent, it was dropped (an empty answer in the prompt)
+    said = "I cannot help with that request."
+
+    def prompt_tokens(assistant: dict) -> int:
+        messages = [{"role": "user", "content": "a"}, {"role": "assistant", **assistant}, {"role": "user", "content": "b"}]
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=1).usage.prompt_tokens
+
+    as_text = prompt_tokens({"content": said})
+    assert prompt_tokens({"content": None, "refusal": said}) == as_text
+    assert prompt_tokens({"content": [{"type": "refusal", "refusal": said}]}) == as_text
+    assert as_text > prompt_tokens({"content": None})
+    for user in ({"refusal": said}, {"content": [{"type": "refusal", "refusal": said}]}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "", **user}], max_tokens=1)
+        assert "only an assistant message holds a refusal" in err.value.body["message"]
+
+
 def test_a_tool_message_is_told_there_is_no_function_calling(client):
     messages = [{"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "c1", "content": "42"}]
     with pytest.raises(openai.BadRequestError) as err:

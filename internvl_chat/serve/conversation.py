@@ -25,7 +25,7 @@ from .answers import AnswerMemory
 from .errors import APIError, bad_request, from_app_error, shown
 from .media import MediaItem, MediaReader
 from .options import ServeOptions
-from .protocol import ChatCompletionRequest, ImagePart, TextPart, VideoPart
+from .protocol import ChatCompletionRequest, ImagePart, RefusalPart, TextPart, VideoPart
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class PromptMaker:
                     f"messages must alternate user and assistant after the system message; message {i} should be {expected}")  # fmt: skip
                 raise bad_request(where, param=f"messages.{i}.role")
             if msg.role == "assistant":
-                text = _text_only(msg.content, f"messages.{i}.content", "an assistant message")
+                text = _text_only(msg.content, f"messages.{i}.content", "an assistant message") + (msg.refusal or "")
                 prompt.ids += self._answer_ids(text, len(prompt.ids), i)
                 self._check_room(prompt, i)
                 continue
@@ -233,9 +233,9 @@ def _text_only(content, param: str, what: str) -> str:
         return ""
     if isinstance(content, str):
         return content
-    if any(not isinstance(p, TextPart) for p in content):
+    if any(not isinstance(p, (TextPart, RefusalPart)) for p in content):  # a refusal: only an assistant's (protocol.py)
         raise bad_request(f"{what} may only hold text", param=param)
-    return "".join(p.text for p in content)
+    return "".join(p.text if isinstance(p, TextPart) else p.refusal for p in content)
 
 
 def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, prompt_len: int, context: int) -> SamplingParams:

@@ -50,6 +50,13 @@ class TextPart(_Model):
     text: str
 
 
+class RefusalPart(_Model):
+    """An assistant's refusal as OpenAI returned it: what the assistant said, read as its text."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
 def _url_object(value: Any) -> Any:
     return {"url": value} if isinstance(value, str) else value  # some clients send the URL as a bare string
 
@@ -65,12 +72,13 @@ class VideoPart(_Model):
     video_url: Annotated[MediaURL, BeforeValidator(_url_object)]
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+ContentPart = Annotated[Union[TextPart, RefusalPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
 class Message(_Model):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[ContentPart], None] = None
+    refusal: str | None = None  # an assistant's refusal (OpenAI sends it instead of content)
     # an assistant's calls in the history: refused (see _refuse_unsupported), never silently dropped
     tool_calls: list[Any] | None = None
     function_call: Any = None
@@ -163,7 +171,7 @@ def _param(loc: tuple) -> str | None:
     return ".".join(out) or None
 
 
-_PART_TYPES = ("text", "image_url", "video_url")
+_PART_TYPES = ("text", "refusal", "image_url", "video_url")
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
@@ -184,6 +192,11 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
         if getattr(req, name) not in (None, "none", "auto"):  # anything else asks for a call the answer cannot make
             raise bad_request(f"{name}: function calling is not supported by this server; leave it out", param=name)
     for i, msg in enumerate(req.messages):
+        if msg.role != "assistant":
+            parts = msg.content if isinstance(msg.content, list) else []
+            where = next((f".content.{k}" for k, p in enumerate(parts) if isinstance(p, RefusalPart)), ".refusal" if msg.refusal else None)
+            if where is not None:
+                raise bad_request(f"messages.{i}{where}: only an assistant message holds a refusal", param=f"messages.{i}{where}")
         for name in ("tool_calls", "function_call"):
             if getattr(msg, name):
                 raise bad_request(f"messages.{i}.{name}: this server has no function calling, so the conversation cannot hold "
