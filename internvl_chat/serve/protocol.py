@@ -148,8 +148,9 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
             tag = shown(str(first.get("ctx", {}).get("tag", "")), 40)
             raise bad_request(f"{param}: the content part type '{tag}' is not one this server reads; send "
                               "'text', 'image_url' or 'video_url' parts", param=param) from None  # fmt: skip
-        if first.get("type") == "literal_error" and param and param.endswith(".role") and first.get("input") in ("tool", "function"):
-            raise bad_request(f"{param}: '{first['input']}' messages are not supported: this server has no function calling; "
+        role = first.get("input") if param and param.endswith(".role") else None
+        if first.get("type") == "literal_error" and role in ("tool", "function"):
+            raise bad_request(f"{param}: '{role}' messages are not supported: this server has no function calling; "
                               "send a tool's result as text in a user message", param=param) from None  # fmt: skip
         if first.get("type") == "union_tag_not_found":  # "Unable to extract tag using discriminator 'type'"
             raise bad_request(f"{param}: a content part needs a \"type\": 'text', 'image_url' or 'video_url'",
@@ -194,9 +195,10 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     for i, msg in enumerate(req.messages):
         if msg.role != "assistant":
             parts = msg.content if isinstance(msg.content, list) else []
-            where = next((f".content.{k}" for k, p in enumerate(parts) if isinstance(p, RefusalPart)), ".refusal" if msg.refusal else None)
-            if where is not None:
-                raise bad_request(f"messages.{i}{where}: only an assistant message holds a refusal", param=f"messages.{i}{where}")
+            where = [f"messages.{i}.content.{k}" for k, p in enumerate(parts) if isinstance(p, RefusalPart)]
+            where += [f"messages.{i}.refusal"] if msg.refusal else []
+            if where:
+                raise bad_request(f"{where[0]}: only an assistant message holds a refusal", param=where[0])
         for name in ("tool_calls", "function_call"):
             if getattr(msg, name):
                 raise bad_request(f"messages.{i}.{name}: this server has no function calling, so the conversation cannot hold "
