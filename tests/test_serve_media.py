@@ -178,6 +178,7 @@ def video_part(path: Path, mime: str = "video/mp4") -> dict:
 def test_a_new_video_s_header_is_read_once_when_its_request_is_measured(server, tmp_path, monkeypatch):
     # probe_video, the frame-size check and decode_cost each opened the file and read its header
     from internvl_chat.media import video
+    from internvl_chat.serve.errors import APIError
 
     clip = write_numbered_video(tmp_path / "once.mp4", num_frames=12)  # its URL is in no cache
     headers, opens = [], []
@@ -187,6 +188,15 @@ def test_a_new_video_s_header_is_read_once_when_its_request_is_measured(server, 
     item = server.worker.reader.video(data_url(clip, "video/mp4"), "messages.0.content.0", 4)
     assert item.tiles == 4 and headers == [1]
     assert len(opens) <= 2  # the header's, and PyAV's key-frame scan where it plans (decord opens the file itself)
+    # a frame over the pixel limit is refused from that header, before any key frame is read
+    headers.clear(), opens.clear()
+    monkeypatch.setattr(server.options, "max_image_pixels", 1000)
+    monkeypatch.setattr(video, "_DecordSource", lambda *a, **kw: pytest.fail("decord opened the video"))
+    with pytest.raises(APIError) as err:  # 13 frames: another file, not the cached URL
+        server.worker.reader.video(data_url(write_numbered_video(tmp_path / "big.mp4", num_frames=13), "video/mp4"),
+                                   "messages.0.content.0", 4)  # fmt: skip
+    assert err.value.status == 400 and "a video frame has 3,072 pixels, over this server's limit of 1,000" in str(err.value)
+    assert headers == [1] and opens == [1]
 
 
 def test_a_video_whose_decoding_is_over_the_limit_is_400_before_any_frame_is_decoded(server, client, builder, tmp_path,
