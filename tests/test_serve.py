@@ -218,6 +218,24 @@ def test_an_assistant_s_refusal_is_what_it_said(client):
         assert "only an assistant message holds a refusal" in err.value.body["message"]
 
 
+@pytest.mark.parametrize(
+    "roles, said",
+    [
+        (["user", "user"], "messages 0 and 1 are both user messages; join them into one"),
+        (["user", "assistant", "assistant", "user"], "messages 1 and 2 are both assistant messages; join them into one"),
+        (["system", "assistant", "user"], "must start with a user message after the system messages; message 1 is the assistant's"),
+        (["user", "system", "user"], "put the system (and developer) messages before the conversation"),
+    ],
+)  # fmt: skip
+def test_a_conversation_out_of_order_is_told_how_to_mend_it(client, roles, said):
+    # it said "messages must alternate ...; message 1 should be assistant" to a client that sent a picture and its question
+    # as two user messages (as many do), without saying to join them
+    messages = [{"role": role, "content": "x"} for role in roles]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    assert said in err.value.body["message"]
+
+
 def test_a_tool_message_is_told_there_is_no_function_calling(client):
     messages = [{"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "c1", "content": "42"}]
     with pytest.raises(openai.BadRequestError) as err:

@@ -99,9 +99,7 @@ class PromptMaker:
             msg = messages[i]
             expected = "user" if (i - first) % 2 == 0 else "assistant"
             if msg.role != expected:
-                where = "a system message must come first" if msg.role in ("system", "developer") else (
-                    f"messages must alternate user and assistant after the system message; message {i} should be {expected}")  # fmt: skip
-                raise bad_request(where, param=f"messages.{i}.role")
+                raise bad_request(_order_error(i, msg.role, i > first), param=f"messages.{i}.role")
             if msg.role == "assistant":
                 text = _text_only(msg.content, f"messages.{i}.content", "an assistant message") + (msg.refusal or "")
                 prompt.ids += self._answer_ids(text, len(prompt.ids), i)
@@ -216,6 +214,15 @@ class PromptMaker:
             tiles = item.tiles if whole else 1
             prompt.spans.append(Span(offset + s, offset + e, key, index[id(item)], 0 if whole else frame, tiles))
         prompt.media += ordered
+
+
+def _order_error(i: int, role: str, after_another: bool) -> str:
+    if role in ("system", "developer"):
+        return "a system message must come first: put the system (and developer) messages before the conversation"
+    if after_another:  # two of a kind in a row (a client that sends a picture and its question as two messages)
+        return (f"messages {i - 1} and {i} are both {role} messages; join them into one (its content parts can hold several "
+                "texts and images): the conversation must alternate user and assistant")
+    return f"the conversation must start with a user message after the system messages; message {i} is the {role}'s"
 
 
 def _only_keys(kwargs: dict, where: str, known: tuple[str, ...]) -> None:
