@@ -236,6 +236,17 @@ def test_a_conversation_out_of_order_is_told_how_to_mend_it(client, roles, said)
     assert said in err.value.body["message"]
 
 
+@pytest.mark.parametrize("kind", ["json_object", "json_schema"])
+def test_a_json_response_format_is_refused_with_what_to_do(client, kind):
+    # it said "only the text response_format is supported" and no more
+    body = {"type": kind, **({"json_schema": {"name": "x", "schema": {"type": "object"}}} if kind == "json_schema" else {})}
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, response_format=body)
+    assert err.value.body["param"] == "response_format"
+    assert "ask for JSON in the message" in err.value.body["message"]
+    assert ask(client, response_format={"type": "text"}).choices[0].message.content is not None
+
+
 def test_a_tool_message_is_told_there_is_no_function_calling(client):
     messages = [{"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "c1", "content": "42"}]
     with pytest.raises(openai.BadRequestError) as err:

@@ -215,7 +215,8 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     if req.verbosity not in (None, "medium"):
         raise bad_request("verbosity is not supported by this server; leave it out", param="verbosity")
     if req.response_format and req.response_format.get("type", "text") != "text":
-        raise bad_request("only the text response_format is supported", param="response_format")
+        raise bad_request("response_format: only 'text' is supported (this server cannot constrain the answer to JSON); "
+                          "leave it out and ask for JSON in the message", param="response_format")  # fmt: skip
     # sampling controls this server does not have: refused, so an answer never silently ignores one
     if req.logit_bias:
         raise bad_request("logit_bias is not supported by this server; leave it out", param="logit_bias")
