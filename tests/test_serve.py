@@ -172,6 +172,22 @@ def test_bad_requests_are_400_with_the_param(client, change, param):
     assert err.value.body["type"] == "invalid_request_error" and err.value.body["message"]
 
 
+@pytest.mark.parametrize(
+    "change, fix",
+    [
+        ({"n": 2}, "send n requests for n answers"),
+        ({"logprobs": True}, "leave it out"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "leave them out"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "leave them out"),
+    ],
+)  # fmt: skip
+def test_refusals_of_controls_it_does_not_have_say_what_to_do(client, change, fix):
+    # these said only what is not supported
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, **change)
+    assert fix in err.value.body["message"]
+
+
 def test_neutral_values_of_controls_it_does_not_have_are_accepted(client):
     extra = {"stop_token_ids": [], "ignore_eos": False, "function_call": "none"}
     answer = ask(client, top_logprobs=0, tool_choice="auto", functions=[], extra_body=extra)

@@ -177,18 +177,18 @@ _PART_TYPES = ("text", "refusal", "image_url", "video_url")
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     if req.n not in (None, 1):
-        raise bad_request("n must be 1: this server returns one choice per request", param="n")
+        raise bad_request("n must be 1: this server returns one choice per request; send n requests for n answers", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) not in (None, 0, 0.0):
             raise bad_request(f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name)
     if req.logprobs:
-        raise bad_request("logprobs are not supported by this server", param="logprobs")
+        raise bad_request("logprobs are not supported by this server; leave it out (or send false)", param="logprobs")
     if req.top_logprobs not in (None, 0):
         raise bad_request("top_logprobs: logprobs are not supported by this server; leave it out", param="top_logprobs")
     if req.tools:
-        raise bad_request("tools (function calling) are not supported by this server", param="tools")
+        raise bad_request("tools (function calling) are not supported by this server; leave them out", param="tools")
     if req.functions:
-        raise bad_request("functions (function calling) are not supported by this server", param="functions")
+        raise bad_request("functions (function calling) are not supported by this server; leave them out", param="functions")
     for name in ("tool_choice", "function_call"):
         if getattr(req, name) not in (None, "none", "auto"):  # anything else asks for a call the answer cannot make
             raise bad_request(f"{name}: function calling is not supported by this server; leave it out", param=name)
