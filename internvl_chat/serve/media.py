@@ -12,8 +12,8 @@ with `data:video/jpeg;base64,F1,F2,…` (frames already sampled: one tile each, 
 `max_video_decode_pixels` bounds the decoding of a request's video files, all together, so one
 small file of many large frames (or many files) cannot hold the engine: each file's decoding is
 planned when the request is read (media/video.py `plan_video`: the frames decoded to reach the
-sampled ones, from the header, read once, and key frames) and refused there if over the limit alone; the
-engine then counts what it decodes for the request (DecodeAllowance; files whose features are
+sampled ones, from the header, read once, and the key frames) and refused there if over the limit
+alone; the engine then counts what it decodes for the request (DecodeAllowance; files whose features are
 cached cost nothing), and a decode stops at the limit, also for frames larger than the header says.
 """
 
@@ -226,6 +226,7 @@ class MediaReader:
     def _measure_video(self, data: bytes, param: str, num_frames: int) -> Measured:
         if not 1 <= num_frames <= self.options.max_frames:
             raise bad_request(f"num_frames must be from 1 to {self.options.max_frames}", param=param)
+
         def check_frame(width: int, height: int) -> None:  # before the key frames are read (and decord indexes it)
             self._check_pixels(width * height, param, "a video frame")
 
