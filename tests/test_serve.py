@@ -146,6 +146,8 @@ def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
         ({"extra_body": {"mm_processor_kwargs": {"min_dynamic_patch": 2}}}, "mm_processor_kwargs.min_dynamic_patch"),
         # controls this server does not have were silently ignored
         ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {"42": 0, "43": -100}}, "logit_bias"),
+        ({"logit_bias": {"42": False}}, "logit_bias"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
@@ -190,7 +192,7 @@ def test_refusals_of_controls_it_does_not_have_say_what_to_do(client, change, fi
 
 def test_neutral_values_of_controls_it_does_not_have_are_accepted(client):
     extra = {"stop_token_ids": [], "ignore_eos": False, "function_call": "none"}
-    answer = ask(client, top_logprobs=0, tool_choice="auto", functions=[], extra_body=extra)
+    answer = ask(client, top_logprobs=0, tool_choice="auto", functions=[], logit_bias={"42": 0}, extra_body=extra)
     assert answer.choices[0].finish_reason in ("stop", "length")
     # and what does not change an answer: bookkeeping, a latency hint, the neutral levels
     answer = ask(client, modalities=["text"], reasoning_effort="none", verbosity="medium", metadata={"k": "v"},

@@ -218,7 +218,8 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
         raise bad_request("response_format: only 'text' is supported (this server cannot constrain the answer to JSON); "
                           "leave it out and ask for JSON in the message", param="response_format")  # fmt: skip
     # sampling controls this server does not have: refused, so an answer never silently ignores one
-    if req.logit_bias:
+    # a bias of 0 changes nothing (clients that zero a map rather than drop it send one)
+    if req.logit_bias and any(isinstance(v, bool) or v not in (0, 0.0) for v in req.logit_bias.values()):
         raise bad_request("logit_bias is not supported by this server; leave it out", param="logit_bias")
     if req.min_p not in (None, 0, 0.0):
         raise bad_request("min_p is not supported; use top_p (e.g. 0.9) or top_k instead", param="min_p")
