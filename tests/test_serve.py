@@ -128,6 +128,7 @@ def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
     "change, param",
     [
         ({"temperature": -1}, "temperature"),
+        ({"top_p": -0.1}, "top_p"),
         ({"n": 2}, "n"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages.1.role"),
@@ -136,16 +137,32 @@ def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]},
          "messages.0.content.0"),
         ({"max_tokens": 10**6}, "max_tokens"),
+        ({"max_completion_tokens": 10**6}, "max_completion_tokens"),  # was named max_tokens, which it had not sent
         ({"extra_body": {"media_io_kwargs": {"video": "8 frames"}}}, "media_io_kwargs.video"),
         ({"extra_body": {"media_io_kwargs": {"video": 8}}}, "media_io_kwargs.video"),
+        # options other servers read, dropped: a video sampled at 8 frames when 2 per second were asked
+        ({"extra_body": {"media_io_kwargs": {"video": {"fps": 2}}}}, "media_io_kwargs.video.fps"),
+        ({"extra_body": {"media_io_kwargs": {"image": {"mode": "RGB"}}}}, "media_io_kwargs.image"),
+        ({"extra_body": {"mm_processor_kwargs": {"min_dynamic_patch": 2}}}, "mm_processor_kwargs.min_dynamic_patch"),
         # controls this server does not have were silently ignored
         ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {"42": 0, "43": -100}}, "logit_bias"),
+        ({"logit_bias": {"42": False}}, "logit_bias"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"extra_body": {"function_call": {"name": "f"}}}, "function_call"),
         ({"extra_body": {"stop_token_ids": [7]}}, "stop_token_ids"),
         ({"extra_body": {"ignore_eos": True}}, "ignore_eos"),
+        # asked for what a text-only server without tools cannot give, and were answered as if not asked
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"web_search_options": {}}, "web_search_options"),
+        ({"reasoning_effort": "high"}, "reasoning_effort"),
+        ({"verbosity": "low"}, "verbosity"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "user", "content": "b"}]}, "messages.1.tool_calls"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_400_with_the_param(client, change, param):
@@ -157,10 +174,104 @@ def test_bad_requests_are_400_with_the_param(client, change, param):
     assert err.value.body["type"] == "invalid_request_error" and err.value.body["message"]
 
 
+@pytest.mark.parametrize(
+    "change, fix",
+    [
+        ({"n": 2}, "send n requests for n answers"),
+        ({"logprobs": True}, "leave it out"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "leave them out"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "leave them out"),
+    ],
+)  # fmt: skip
+def test_refusals_of_controls_it_does_not_have_say_what_to_do(client, change, fix):
+    # these said only what is not supported
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, **change)
+    assert fix in err.value.body["message"]
+
+
 def test_neutral_values_of_controls_it_does_not_have_are_accepted(client):
     extra = {"stop_token_ids": [], "ignore_eos": False, "function_call": "none"}
-    answer = ask(client, top_logprobs=0, tool_choice="auto", functions=[], extra_body=extra)
+    answer = ask(client, top_logprobs=0, tool_choice="auto", functions=[], logit_bias={"42": 0}, extra_body=extra)
     assert answer.choices[0].finish_reason in ("stop", "length")
+    # and what does not change an answer: bookkeeping, a latency hint, the neutral levels
+    answer = ask(client, modalities=["text"], reasoning_effort="none", verbosity="medium", metadata={"k": "v"},
+                 store=False, user="u1", parallel_tool_calls=False, prediction={"type": "content", "content": "x"})
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_top_p_zero_keeps_the_most_likely_token(client):
+    # OpenAI accepts top_p 0 (clients send it with temperature for determinism); it was a 400
+    greedy = ask(client, "Tell me a story.", max_tokens=12, temperature=0).choices[0].message.content
+    for seed in (1, 2):
+        sampled = ask(client, "Tell me a story.", max_tokens=12, temperature=1.5, top_p=0, seed=seed)
+        assert sampled.choices[0].message.content == greedy
+
+
+def test_switches_sent_as_null_are_off(server):
+    # a client that passes every argument sends stream=None; that was a 400 ("Input should be a valid boolean")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": None,
+            "stream_options": {"include_usage": None}, "return_token_ids": None}  # fmt: skip
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["object"] == "chat.completion" and "token_ids" not in answer["choices"][0]
+
+
+def test_an_assistant_s_refusal_is_what_it_said(client):
+    # OpenAI returns a refusal with content null; resent, it was dropped (an empty answer in the prompt)
+    said = "I cannot help with that request."
+
+    def prompt_tokens(assistant: dict) -> int:
+        messages = [{"role": "user", "content": "a"}, {"role": "assistant", **assistant}, {"role": "user", "content": "b"}]
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=1).usage.prompt_tokens
+
+    as_text = prompt_tokens({"content": said})
+    assert prompt_tokens({"content": None, "refusal": said}) == as_text
+    assert prompt_tokens({"content": [{"type": "refusal", "refusal": said}]}) == as_text
+    assert as_text > prompt_tokens({"content": None})
+    for user in ({"refusal": said}, {"content": [{"type": "refusal", "refusal": said}]}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "", **user}], max_tokens=1)
+        assert "only an assistant message holds a refusal" in err.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    "roles, said",
+    [
+        (["user", "user"], "messages 0 and 1 are both user messages; join them into one"),
+        (["user", "assistant", "assistant", "user"], "messages 1 and 2 are both assistant messages; join them into one"),
+        (["system", "assistant", "user"], "must start with a user message after the system messages; message 1 is the assistant's"),
+        (["user", "system", "user"], "put the system (and developer) messages before the conversation"),
+    ],
+)  # fmt: skip
+def test_a_conversation_out_of_order_is_told_how_to_mend_it(client, roles, said):
+    # it said "messages must alternate ...; message 1 should be assistant" to a client that sent a picture and its question
+    # as two user messages (as many do), without saying to join them
+    messages = [{"role": role, "content": "x"} for role in roles]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    assert said in err.value.body["message"]
+
+
+@pytest.mark.parametrize("kind", ["json_object", "json_schema"])
+def test_a_json_response_format_is_refused_with_what_to_do(client, kind):
+    # it said "only the text response_format is supported" and no more
+    body = {"type": kind, **({"json_schema": {"name": "x", "schema": {"type": "object"}}} if kind == "json_schema" else {})}
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, response_format=body)
+    assert err.value.body["param"] == "response_format"
+    assert "ask for JSON in the message" in err.value.body["message"]
+    assert ask(client, response_format={"type": "text"}).choices[0].message.content is not None
+
+
+def test_a_tool_message_is_told_there_is_no_function_calling(client):
+    messages = [{"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4)
+    assert err.value.body["param"] == "messages.1.role"
+    assert "'tool' messages are not supported" in err.value.body["message"]
+    assert "as text in a user message" in err.value.body["message"]
 
 
 def test_wrong_model_is_404(client):

@@ -45,6 +45,31 @@ def test_a_conversation_past_the_context_is_refused_at_the_message_that_fills_it
     assert 0 < len(built) < turns // 2  # the turns past the context were never built
 
 
+@pytest.mark.parametrize(
+    "messages, counted_to",
+    [
+        ([{"role": "user", "content": "x" * (1 << 20)}], 0),
+        ([{"role": "system", "content": "x" * (1 << 20)}, {"role": "user", "content": "Hi"}], 1),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x" * (1 << 20)},
+          {"role": "user", "content": "Hi"}], 1),
+    ],
+    ids=["user", "system", "assistant"],
+)  # fmt: skip
+def test_a_text_that_cannot_fit_is_refused_before_it_is_tokenized(server, monkeypatch, messages, counted_to):
+    """A message of megabytes was tokenized before its refusal: tens of them under the body limit
+    took a minute and gigabytes, holding the tokenizer's lock that every request's prompt needs."""
+    tokenizer = server.worker.prompts.tokenizer
+    encoded = []
+    real = type(tokenizer).encode
+    monkeypatch.setattr(type(tokenizer), "encode", lambda self, text: encoded.append(len(text)) or real(self, text))
+    response = post(server, {"model": "tiny", "messages": messages, "max_tokens": 4})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert f"(counted up to message {counted_to})" in error["message"], error["message"]
+    assert max(encoded, default=0) < 1000  # the megabyte never reached the tokenizer
+
+
 CONTROLS = "\x1b[2J\x1b]52;c;ZXZpbA==\x07\u202e"  # clear screen, write the clipboard, reverse the text
 
 

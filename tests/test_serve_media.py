@@ -59,6 +59,22 @@ def test_max_dynamic_patch_per_image_or_per_request(client, builder, media):
     assert out.usage.prompt_tokens == one_tile
 
 
+def test_low_detail_is_one_tile_and_a_detail_openai_does_not_have_is_400(client, builder, media):
+    # "low" was read and ignored: the client paid for 3 tiles after asking for one low-resolution view
+    url = data_url(media / "wide.png", "image/png")
+    one_tile, default = (len(builder.first_turn("Q", [MediaSpec("image", n)])) for n in (1, 3))
+    assert ask(client, [image_part(url, detail="low"), {"type": "text", "text": "Q"}]).usage.prompt_tokens == one_tile
+    for detail in ("high", "auto"):
+        assert ask(client, [image_part(url, detail=detail), {"type": "text", "text": "Q"}]).usage.prompt_tokens == default
+    # an explicit tile limit wins over the detail
+    both = ask(client, [image_part(url, detail="low", max_dynamic_patch=2), {"type": "text", "text": "Q"}])
+    assert both.usage.prompt_tokens == default
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, [image_part(url, detail="medium"), {"type": "text", "text": "Q"}])
+    assert err.value.body["param"] == "messages.0.content.0.image_url.detail"
+    assert "'auto', 'low' or 'high'" in err.value.body["message"]
+
+
 def test_another_picture_of_the_same_size_is_not_taken_from_the_cache(client, builder, media):
     first = [image_part(data_url(media / "wide.png", "image/png")), {"type": "text", "text": "Same words."}]
     other = [image_part(data_url(media / "wide_other.png", "image/png")), {"type": "text", "text": "Same words."}]
@@ -157,6 +173,30 @@ def test_hostile_media_are_400_that_say_what_to_do_and_the_server_goes_on(client
 
 def video_part(path: Path, mime: str = "video/mp4") -> dict:
     return {"type": "video_url", "video_url": {"url": data_url(path, mime)}}
+
+
+def test_a_new_video_s_header_is_read_once_when_its_request_is_measured(server, tmp_path, monkeypatch):
+    # probe_video, the frame-size check and decode_cost each opened the file and read its header
+    from internvl_chat.media import video
+    from internvl_chat.serve.errors import APIError
+
+    clip = write_numbered_video(tmp_path / "once.mp4", num_frames=12)  # its URL is in no cache
+    headers, opens = [], []
+    real_header, real_open = video._read_header, video.open_container
+    monkeypatch.setattr(video, "_read_header", lambda *a, **kw: headers.append(1) or real_header(*a, **kw))
+    monkeypatch.setattr(video, "open_container", lambda *a, **kw: opens.append(1) or real_open(*a, **kw))
+    item = server.worker.reader.video(data_url(clip, "video/mp4"), "messages.0.content.0", 4)
+    assert item.tiles == 4 and headers == [1]
+    assert len(opens) <= 2  # the header's, and PyAV's key-frame scan where it plans (decord opens the file itself)
+    # a frame over the pixel limit is refused from that header, before any key frame is read
+    headers.clear(), opens.clear()
+    monkeypatch.setattr(server.options, "max_image_pixels", 1000)
+    monkeypatch.setattr(video, "_DecordSource", lambda *a, **kw: pytest.fail("decord opened the video"))
+    with pytest.raises(APIError) as err:  # 13 frames: another file, not the cached URL
+        server.worker.reader.video(data_url(write_numbered_video(tmp_path / "big.mp4", num_frames=13), "video/mp4"),
+                                   "messages.0.content.0", 4)  # fmt: skip
+    assert err.value.status == 400 and "a video frame has 3,072 pixels, over this server's limit of 1,000" in str(err.value)
+    assert headers == [1] and opens == [1]
 
 
 def test_a_video_whose_decoding_is_over_the_limit_is_400_before_any_frame_is_decoded(server, client, builder, tmp_path,

@@ -1009,7 +1009,11 @@ def probe_video(path: str | Path) -> tuple[int, float, float]:
     Where the container stores no frame count (MKV, WebM) it is estimated as duration·fps.
     """
     path = check_media_file(path, "video")
-    header = _read_header(path, orientation=False)
+    return _probed(path, _read_header(path, orientation=False))
+
+
+def _probed(path: Path, header: _Header) -> tuple[int, float, float]:
+    """probe_video's answer and checks from a header already read."""
     duration = header.duration
     frames = header.frames or _check_count(path, int(round(duration * header.fps)))
     if frames < 1:
@@ -1029,20 +1033,38 @@ def decode_cost(path: str | Path, num_frames: int = 8, start: float | None = Non
     if num_frames < 1:
         raise MediaError(f"num_frames is {num_frames}; sample at least 1 frame (8 is the default)")
     path = check_media_file(path, "video")
+    return _planned(path, None, num_frames, start, end)
+
+
+def plan_video(path: str | Path, num_frames: int, check_frame: Callable[[int, int], None]) -> DecodeCost:
+    """probe_video's checks, then `check_frame(width, height)` (the caller's own limit, before the
+    key frames are read), then decode_cost of the whole clip: one read of the header for all three
+    (`serve` measures each new video with it)."""
+    if num_frames < 1:
+        raise MediaError(f"num_frames is {num_frames}; sample at least 1 frame (8 is the default)")
+    path = check_media_file(path, "video")
+    header = _read_header(path, orientation=False)
+    _probed(path, header)
+    check_frame(header.width, header.height)
+    return _planned(path, header, num_frames, None, None)
+
+
+def _planned(path: Path, header: _Header | None, num_frames: int, start: float | None, end: float | None) -> DecodeCost:
+    """decode_cost's work, from `header` when it has been read (else read here, interruptibly)."""
     forced, decord = _decoders()
 
     def work(stop: _Stop) -> DecodeCost:
-        header = _read_header(path, orientation=False)
+        read = header if header is not None else _read_header(path, orientation=False)
 
         def attempt(backend: str) -> DecodeCost:
-            source = _open(path, backend, header, decord, stop)
+            source = _open(path, backend, read, decord, stop)
             try:
                 indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
-                return _cost(backend, header, source, indices)
+                return _cost(backend, read, source, indices)
             finally:
                 source.close()
 
-        return _by_backend(decord, forced, header, attempt)
+        return _by_backend(decord, forced, read, attempt)
 
     return _interruptible(work)
 

@@ -16,15 +16,16 @@ import threading
 from dataclasses import dataclass, field
 
 from ..chat.sampling import SamplingParams, is_int
+from ..chat.session import HOPELESS_TEXT_MIN_CHARS
 from ..chat.template import PromptBuilder, media_order
 from ..engine.loader import LoadedModel
 from ..errors import InternVLChatError, UsageError
 from ..settings import MAX_TILES
 from .answers import AnswerMemory
-from .errors import APIError, bad_request, from_app_error
+from .errors import APIError, bad_request, from_app_error, shown
 from .media import MediaItem, MediaReader
 from .options import ServeOptions
-from .protocol import ChatCompletionRequest, ImagePart, TextPart, VideoPart
+from .protocol import ChatCompletionRequest, ImagePart, RefusalPart, TextPart, VideoPart
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class PromptMaker:
         # (media fetching and hashing do not hold this lock).
         self.lock = threading.Lock()
         self.builder(self.default_system).first_turn("warm-up")  # sets that flag once, before any decode runs
+        self.tokenizer.fewest_tokens("")  # its one pass over the vocabulary, here rather than on a request thread
 
     def builder(self, system: str | None) -> PromptBuilder:
         with self.lock:
@@ -97,12 +99,10 @@ class PromptMaker:
             msg = messages[i]
             expected = "user" if (i - first) % 2 == 0 else "assistant"
             if msg.role != expected:
-                where = "a system message must come first" if msg.role in ("system", "developer") else (
-                    f"messages must alternate user and assistant after the system message; message {i} should be {expected}")  # fmt: skip
-                raise bad_request(where, param=f"messages.{i}.role")
+                raise bad_request(_order_error(i, msg.role, i > first), param=f"messages.{i}.role")
             if msg.role == "assistant":
-                text = _text_only(msg.content, f"messages.{i}.content", "an assistant message")
-                prompt.ids += self._answer_ids(text)
+                text = _text_only(msg.content, f"messages.{i}.content", "an assistant message") + (msg.refusal or "")
+                prompt.ids += self._answer_ids(text, len(prompt.ids), i)
                 self._check_room(prompt, i)
                 continue
             text, media = self._user_content(msg.content, i, max_tiles, num_frames)
@@ -111,6 +111,7 @@ class PromptMaker:
                 raise bad_request(f"the request has more than {self.options.max_images} images and videos; "
                                   "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
             turn_first = not prompt.ids
+            self._check_bound(len(prompt.ids), i, text, system if turn_first else None)
             specs = [m.spec for m in media]
             with self.lock:
                 turn = builder.first_turn(text, specs) if turn_first else builder.next_turn(text, specs)
@@ -122,23 +123,37 @@ class PromptMaker:
                               "user message", param=f"messages.{len(messages) - 1}.role")  # fmt: skip
         return prompt
 
+    def _check_bound(self, held: int, i: int, *texts: str | None) -> None:
+        """Refuse texts that cannot fit after `held` tokens before tokenizing them: a message of tens
+        of megabytes took a minute and gigabytes to tokenize, holding the tokenizer's lock, only to
+        be refused (the bound is the Session's: a pass over the bytes)."""
+        if sum(len(t) for t in texts if t) < HOPELESS_TEXT_MIN_CHARS:
+            return
+        self._check_count(held + sum(self.tokenizer.fewest_tokens(t) for t in texts if t), i)
+
     def _check_room(self, prompt: Prompt, i: int) -> None:
         # stop at the first message past the context: a body of many megabytes of short turns
         # would otherwise keep a CPU busy for a minute before its refusal
+        self._check_count(len(prompt.ids), i)
+
+    def _check_count(self, tokens: int, i: int) -> None:
         context = self.loaded.model.max_seq_len
-        if len(prompt.ids) >= context:
-            raise APIError(400, f"the conversation is at least {len(prompt.ids):,} tokens (counted up to message {i}); this "
+        if tokens >= context:
+            raise APIError(400, f"the conversation is at least {tokens:,} tokens (counted up to message {i}); this "
                            f"model's context holds {context:,}. Send a shorter conversation or fewer images",
                            code="context_length_exceeded", param="messages")  # fmt: skip
 
     # ---- parts -------------------------------------------------------------------------------
     def _media_kwargs(self, req: ChatCompletionRequest) -> tuple[int | None, int]:
         mm = req.mm_processor_kwargs or {}
+        _only_keys(mm, "mm_processor_kwargs", ("max_dynamic_patch", "num_frames"))
         max_tiles = mm.get("max_dynamic_patch", self.options.max_tiles)
+        _only_keys(req.media_io_kwargs or {}, "media_io_kwargs", ("video",))
         video_io = (req.media_io_kwargs or {}).get("video") or {}
         if not isinstance(video_io, dict):  # a free-form field: its shape is checked here, not by pydantic
             raise bad_request('media_io_kwargs.video must be an object such as {"num_frames": 8}',
                               param="media_io_kwargs.video")  # fmt: skip
+        _only_keys(video_io, "media_io_kwargs.video", ("num_frames",))
         default_frames = min(self.options.frames, self.options.max_frames)
         num_frames = video_io.get("num_frames", mm.get("num_frames", default_frames))
         if max_tiles is not None and (not is_int(max_tiles) or not 1 <= max_tiles <= MAX_TILES):  # None: the checkpoint's
@@ -160,19 +175,22 @@ class PromptMaker:
             if isinstance(part, TextPart):
                 texts.append(part.text)
             elif isinstance(part, ImagePart):
-                tiles = part.image_url.max_dynamic_patch or part.max_dynamic_patch or max_tiles
+                # OpenAI's "low" detail is one low-resolution view: here one tile, the whole image
+                low = 1 if part.image_url.detail == "low" else None
+                tiles = part.image_url.max_dynamic_patch or part.max_dynamic_patch or low or max_tiles
                 media.append(self.reader.image(part.image_url.url, param, tiles))
             elif isinstance(part, VideoPart):
                 media.append(self.reader.video(part.video_url.url, param, num_frames))
         # the template puts the media first, then the text; text parts are joined by newlines
         return "\n".join(texts), media
 
-    def _answer_ids(self, text: str) -> list[int]:
+    def _answer_ids(self, text: str, held: int, i: int) -> list[int]:
         ids = self.answers.lookup(text)
         if ids is not None:
             return ids
         if not text:
             return []
+        self._check_bound(held, i, text)
         with self.lock:
             return list(self.tokenizer.encode(text))  # typed special-token text stays text
 
@@ -198,14 +216,33 @@ class PromptMaker:
         prompt.media += ordered
 
 
+def _order_error(i: int, role: str, after_another: bool) -> str:
+    if role in ("system", "developer"):
+        return "a system message must come first: put the system (and developer) messages before the conversation"
+    if after_another:  # two of a kind in a row (a client that sends a picture and its question as two messages)
+        return (f"messages {i - 1} and {i} are both {role} messages; join them into one (its content parts can hold several "
+                "texts and images): the conversation must alternate user and assistant")
+    return f"the conversation must start with a user message after the system messages; message {i} is the {role}'s"
+
+
+def _only_keys(kwargs: dict, where: str, known: tuple[str, ...]) -> None:
+    """A free-form options object may hold only what this server reads: vLLM's `fps` or another
+    processor's option, silently dropped, would sample or tile otherwise than the client asked."""
+    for key in kwargs:
+        if key not in known:
+            names = " and ".join(known)
+            raise bad_request(f"{where}.{shown(str(key), 40)} is not supported by this server; it reads {names} there",
+                              param=f"{where}.{shown(str(key), 40)}")  # fmt: skip
+
+
 def _text_only(content, param: str, what: str) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    if any(not isinstance(p, TextPart) for p in content):
+    if any(not isinstance(p, (TextPart, RefusalPart)) for p in content):  # a refusal: only an assistant's (protocol.py)
         raise bad_request(f"{what} may only hold text", param=param)
-    return "".join(p.text for p in content)
+    return "".join(p.text if isinstance(p, TextPart) else p.refusal for p in content)
 
 
 def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, prompt_len: int, context: int) -> SamplingParams:
@@ -215,14 +252,18 @@ def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, prompt
         raise APIError(400, f"the conversation is {prompt_len:,} tokens; this model's context holds {context:,}. "
                        "Send a shorter conversation or fewer images", code="context_length_exceeded", param="messages")  # fmt: skip
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"  # the one the client sent
     if asked is not None and asked > room:
-        raise APIError(400, f"the conversation is {prompt_len:,} tokens and max_tokens is {asked:,}: together over "
+        raise APIError(400, f"the conversation is {prompt_len:,} tokens and {name} is {asked:,}: together over "
                        f"this model's {context:,}-token context; ask for at most {room:,}",
-                       code="context_length_exceeded", param="max_tokens")  # fmt: skip
+                       code="context_length_exceeded", param=name)  # fmt: skip
     top_k = req.top_k if req.top_k is not None else defaults.top_k
+    top_p = req.top_p if req.top_p is not None else defaults.top_p
+    if top_p == 0:  # the nucleus as p shrinks to 0: the most likely token, which top_k 1 keeps
+        top_p, top_k = 1.0, 1
     params = SamplingParams(
         temperature=req.temperature if req.temperature is not None else defaults.temperature,
-        top_p=req.top_p if req.top_p is not None else defaults.top_p,
+        top_p=top_p,
         top_k=max(top_k, 0),
         repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else defaults.repetition_penalty,
         max_new_tokens=asked if asked is not None else min(defaults.max_new_tokens, room),

@@ -11,9 +11,9 @@ with `data:video/jpeg;base64,F1,F2,…` (frames already sampled: one tile each, 
 
 `max_video_decode_pixels` bounds the decoding of a request's video files, all together, so one
 small file of many large frames (or many files) cannot hold the engine: each file's decoding is
-planned when the request is read (media/video.py `decode_cost`: the frames decoded to reach the
-sampled ones, from the header and key frames) and refused there if over the limit alone; the
-engine then counts what it decodes for the request (DecodeAllowance; files whose features are
+planned when the request is read (media/video.py `plan_video`: the frames decoded to reach the
+sampled ones, from the header, read once, and the key frames) and refused there if over the limit
+alone; the engine then counts what it decodes for the request (DecodeAllowance; files whose features are
 cached cost nothing), and a decode stops at the limit, also for frames larger than the header says.
 """
 
@@ -41,8 +41,7 @@ from ..chat.template import MediaSpec
 from ..errors import MediaError
 from ..files import read_bytes_file
 from ..media.image import count_tiles, load_image, probe_image
-from ..media.video import (DecodeCost, DecodeOverBudget, decode_cost, load_video, megapixels, open_container, probe_video,
-                           video_stream)  # fmt: skip
+from ..media.video import DecodeCost, DecodeOverBudget, load_video, megapixels, plan_video
 
 if TYPE_CHECKING:
     from ..engine.config import ModelConfig
@@ -227,12 +226,13 @@ class MediaReader:
     def _measure_video(self, data: bytes, param: str, num_frames: int) -> Measured:
         if not 1 <= num_frames <= self.options.max_frames:
             raise bad_request(f"num_frames must be from 1 to {self.options.max_frames}", param=param)
+
+        def check_frame(width: int, height: int) -> None:  # before the key frames are read (and decord indexes it)
+            self._check_pixels(width * height, param, "a video frame")
+
         with self._file(data) as path:
-            self._checked(probe_video, path, param)
-            pixels = _video_frame_pixels(path)
-            self._check_pixels(pixels, param, "a video frame")  # before decode_cost opens it again (and decord indexes it)
-            cost = self._checked(decode_cost, path, param, num_frames)
-        return f"video:{num_frames}:{_sha256(data)}", num_frames, pixels, cost
+            cost = self._checked(plan_video, path, param, num_frames, check_frame)  # one read of the header
+        return f"video:{num_frames}:{_sha256(data)}", num_frames, cost.width * cost.height, cost
 
     def _measure_frames(self, data: bytes, param: str) -> Measured:
         # `data` holds the frames' base64 texts joined by commas (see _data_url)
@@ -348,13 +348,6 @@ class MediaReader:
             yield Path(name)
         finally:
             Path(name).unlink(missing_ok=True)
-
-
-def _video_frame_pixels(path: Path) -> int:
-    """Width × height of the video's frames, from the container header (probe_video checked it opens)."""
-    with open_container(path) as container:
-        stream = video_stream(container)
-        return int(stream.width or 0) * int(stream.height or 0)
 
 
 def _sha256(data: bytes) -> str:

@@ -2,9 +2,10 @@
 
 Unknown request fields are ignored, as OpenAI-compatible servers do; fields we cannot honour
 with a non-default value (n or best_of > 1, logprobs and top_logprobs, tools, functions and a
-tool_choice that asks for a call, penalties other than repetition_penalty, logit_bias, min_p,
-min_tokens, beam search, vLLM's stop_token_ids and ignore_eos) are refused with 400 rather than
-silently dropped. Numbers are numbers: `true` is not read as 1.
+tool_choice that asks for a call, tool calls and tool messages in the history, penalties other
+than repetition_penalty, logit_bias, min_p, min_tokens, beam search, vLLM's stop_token_ids and
+ignore_eos, output modalities or audio, web search, reasoning_effort, verbosity) are refused
+with 400 rather than silently dropped. Numbers are numbers: `true` is not read as 1.
 """
 
 from __future__ import annotations
@@ -33,18 +34,27 @@ def _not_a_bool(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_not_a_bool)]
+# a switch sent as null is off, as OpenAI reads it (clients that pass every argument send stream=None)
+Switch = Annotated[bool, BeforeValidator(lambda value: False if value is None else value)]
 Float = Annotated[float, BeforeValidator(_not_a_bool), Field(allow_inf_nan=False)]  # NaN: "finite", not "≥ 0"
 
 
 class MediaURL(_Model):
     url: str
-    detail: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None  # "low": one tile for an image (as max_dynamic_patch 1)
     max_dynamic_patch: Int | None = Field(default=None, ge=1, le=64)  # lmdeploy's per-image tile limit
 
 
 class TextPart(_Model):
     type: Literal["text"]
     text: str
+
+
+class RefusalPart(_Model):
+    """An assistant's refusal as OpenAI returned it: what the assistant said, read as its text."""
+
+    type: Literal["refusal"]
+    refusal: str
 
 
 def _url_object(value: Any) -> Any:
@@ -62,25 +72,29 @@ class VideoPart(_Model):
     video_url: Annotated[MediaURL, BeforeValidator(_url_object)]
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+ContentPart = Annotated[Union[TextPart, RefusalPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
 class Message(_Model):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[ContentPart], None] = None
+    refusal: str | None = None  # an assistant's refusal (OpenAI sends it instead of content)
+    # an assistant's calls in the history: refused (see _refuse_unsupported), never silently dropped
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
 
 
 class StreamOptions(_Model):
-    include_usage: bool = False
+    include_usage: Switch = False
 
 
 class ChatCompletionRequest(_Model):
     model: str
     messages: list[Message] = Field(min_length=1)
-    stream: bool = False
+    stream: Switch = False
     stream_options: StreamOptions | None = None
     temperature: Float | None = Field(default=None, ge=0, le=TEMPERATURE_MAX)  # below 1e-5: greedy
-    top_p: Float | None = Field(default=None, gt=0, le=1)
+    top_p: Float | None = Field(default=None, ge=0, le=1)  # 0 (OpenAI accepts it): the most likely token alone
     top_k: Int | None = Field(default=None, ge=-1)  # -1 (vLLM) and 0 both turn it off
     max_tokens: Int | None = Field(default=None, ge=1)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
@@ -89,7 +103,7 @@ class ChatCompletionRequest(_Model):
     repetition_penalty: Float | None = Field(default=None, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)
     mm_processor_kwargs: dict[str, Any] | None = None
     media_io_kwargs: dict[str, Any] | None = None  # vLLM: {"video": {"num_frames": N}}
-    return_token_ids: bool = False  # vLLM's extension: the ids of the answer
+    return_token_ids: Switch = False  # vLLM's extension: the ids of the answer
     # accepted only at their neutral values
     n: Int | None = None
     presence_penalty: Float | None = None
@@ -108,6 +122,11 @@ class ChatCompletionRequest(_Model):
     use_beam_search: bool | None = None  # vLLM
     stop_token_ids: list[Any] | None = None  # vLLM
     ignore_eos: bool | None = None  # vLLM
+    modalities: list[Any] | None = None  # OpenAI's output kinds: ["text"] alone is what we answer
+    audio: Any = None  # OpenAI's audio output settings
+    web_search_options: Any = None
+    reasoning_effort: Any = None  # "none" and "minimal" are neutral: the model has no reasoning phase
+    verbosity: Any = None  # "medium" is OpenAI's default
 
 
 MAX_STOP_STRINGS = 16
@@ -129,6 +148,10 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
             tag = shown(str(first.get("ctx", {}).get("tag", "")), 40)
             raise bad_request(f"{param}: the content part type '{tag}' is not one this server reads; send "
                               "'text', 'image_url' or 'video_url' parts", param=param) from None  # fmt: skip
+        role = first.get("input") if param and param.endswith(".role") else None
+        if first.get("type") == "literal_error" and role in ("tool", "function"):
+            raise bad_request(f"{param}: '{role}' messages are not supported: this server has no function calling; "
+                              "send a tool's result as text in a user message", param=param) from None  # fmt: skip
         if first.get("type") == "union_tag_not_found":  # "Unable to extract tag using discriminator 'type'"
             raise bad_request(f"{param}: a content part needs a \"type\": 'text', 'image_url' or 'video_url'",
                               param=param) from None  # fmt: skip
@@ -149,30 +172,54 @@ def _param(loc: tuple) -> str | None:
     return ".".join(out) or None
 
 
-_PART_TYPES = ("text", "image_url", "video_url")
+_PART_TYPES = ("text", "refusal", "image_url", "video_url")
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     if req.n not in (None, 1):
-        raise bad_request("n must be 1: this server returns one choice per request", param="n")
+        raise bad_request("n must be 1: this server returns one choice per request; send n requests for n answers", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) not in (None, 0, 0.0):
             raise bad_request(f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name)
     if req.logprobs:
-        raise bad_request("logprobs are not supported by this server", param="logprobs")
+        raise bad_request("logprobs are not supported by this server; leave it out (or send false)", param="logprobs")
     if req.top_logprobs not in (None, 0):
         raise bad_request("top_logprobs: logprobs are not supported by this server; leave it out", param="top_logprobs")
     if req.tools:
-        raise bad_request("tools (function calling) are not supported by this server", param="tools")
+        raise bad_request("tools (function calling) are not supported by this server; leave them out", param="tools")
     if req.functions:
-        raise bad_request("functions (function calling) are not supported by this server", param="functions")
+        raise bad_request("functions (function calling) are not supported by this server; leave them out", param="functions")
     for name in ("tool_choice", "function_call"):
         if getattr(req, name) not in (None, "none", "auto"):  # anything else asks for a call the answer cannot make
             raise bad_request(f"{name}: function calling is not supported by this server; leave it out", param=name)
+    for i, msg in enumerate(req.messages):
+        if msg.role != "assistant":
+            parts = msg.content if isinstance(msg.content, list) else []
+            where = [f"messages.{i}.content.{k}" for k, p in enumerate(parts) if isinstance(p, RefusalPart)]
+            where += [f"messages.{i}.refusal"] if msg.refusal else []
+            if where:
+                raise bad_request(f"{where[0]}: only an assistant message holds a refusal", param=where[0])
+        for name in ("tool_calls", "function_call"):
+            if getattr(msg, name):
+                raise bad_request(f"messages.{i}.{name}: this server has no function calling, so the conversation cannot hold "
+                                  "calls; send them and their results as text", param=f"messages.{i}.{name}")  # fmt: skip
+    if req.modalities is not None and any(kind != "text" for kind in req.modalities):
+        raise bad_request('modalities: this server answers in text only; send ["text"] or leave it out', param="modalities")
+    if req.audio is not None:
+        raise bad_request("audio: this server answers in text only, without audio; leave it out", param="audio")
+    if req.web_search_options is not None:
+        raise bad_request("web_search_options: this server cannot search the web; leave it out", param="web_search_options")
+    if req.reasoning_effort not in (None, "none", "minimal"):
+        raise bad_request("reasoning_effort: this model answers without a reasoning phase; leave it out (or send 'none')",
+                          param="reasoning_effort")  # fmt: skip
+    if req.verbosity not in (None, "medium"):
+        raise bad_request("verbosity is not supported by this server; leave it out", param="verbosity")
     if req.response_format and req.response_format.get("type", "text") != "text":
-        raise bad_request("only the text response_format is supported", param="response_format")
+        raise bad_request("response_format: only 'text' is supported (this server cannot constrain the answer to JSON); "
+                          "leave it out and ask for JSON in the message", param="response_format")  # fmt: skip
     # sampling controls this server does not have: refused, so an answer never silently ignores one
-    if req.logit_bias:
+    # a bias of 0 changes nothing (clients that zero a map rather than drop it send one)
+    if req.logit_bias and any(isinstance(v, bool) or v not in (0, 0.0) for v in req.logit_bias.values()):
         raise bad_request("logit_bias is not supported by this server; leave it out", param="logit_bias")
     if req.min_p not in (None, 0, 0.0):
         raise bad_request("min_p is not supported; use top_p (e.g. 0.9) or top_k instead", param="min_p")
