@@ -522,6 +522,8 @@ def test_load_skip_missing_goes_on_without_a_picture_that_vanished(loaded, tmp_p
     refusal = output(out2)
     assert "first.png has vanished; put the files back, add --skip-missing to /load" in refusal
     assert [t.user_text for t in other.session.turns] == ["Kept."]
+    assert other.handle_line("/load --skip-missing") == ERROR  # no NAME: said, not a list that drops the flag
+    assert "/load NAME --skip-missing" in output(out2) and [t.user_text for t in other.session.turns] == ["Kept."]
 
     assert other.handle_line("/load chat.json --skip-missing") == OK
     shown = output(out2)

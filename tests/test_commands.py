@@ -127,6 +127,8 @@ def test_parse_line(line, expected):
         ("/clear now", "/clear takes no arguments; usage: /clear"),
         ("/exit please", "/exit takes no arguments"),
         ("/load a.json b.json", "/load takes at most 1 argument(s); usage: /load [NAME]"),
+        # without a NAME /load lists the sessions: the flag would be dropped unsaid
+        ("/load --skip-missing", "/load --skip-missing needs NAME: /load NAME --skip-missing; /load alone lists the saved ones"),
         ("/save a.json --force=yes", "/save: --force takes no value; usage: /save [FILE] [--force]"),
         ("/export", "/export needs FILE.md"),
         ("/save a.json b.json", "/save takes at most 1 argument(s)"),

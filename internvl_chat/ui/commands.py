@@ -39,6 +39,10 @@ class OptionSpec:
     metavar: str
     help: str
     maximum: int | None = None  # for "int": the largest value (what the setting allows)
+    # set: the option applies only with the command's first argument, and this says what the command
+    # does without it; refused there, never silently ignored (`/load --skip-missing` alone listed
+    # the sessions and dropped the flag)
+    alone: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "load",
         "load a saved conversation and its settings (no NAME: list the saved ones)",
         (ArgSpec("NAME", "session", required=False),),
-        (OptionSpec("--skip-missing", "flag", "", "load it without the images and videos that vanished or changed"),),
+        (OptionSpec("--skip-missing", "flag", "", "load it without the images and videos that vanished or changed",
+                    alone="lists the saved ones"),),
     ),
     CommandSpec(
         "export",
@@ -323,6 +328,10 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
         # system.message Be brief.` was refused as too many arguments)
         return Command("set", (_unquote(positional[0].raw), rest[positional[1].start :].strip()), options)
 
+    for opt in spec.options:
+        if opt.alone and opt.name[2:] in options and not positional:
+            arg = spec.args[0].name
+            raise UsageError(f"/{spec.name} {opt.name} needs {arg}: /{spec.name} {arg} {opt.name}; /{spec.name} alone {opt.alone}")
     return Command(spec.name, _bind(spec, positional), options)
 
 
