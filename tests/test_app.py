@@ -176,6 +176,20 @@ def test_missing_and_corrupt_files_are_errors_and_the_conversation_survives(load
     assert len(app.session.turns) == 2
 
 
+def test_an_image_path_typed_with_bare_spaces_gets_the_quoted_path_to_type(loaded, media, tmp_path):
+    # `/image ~/My Pics/cat 1.png` is three words: the error was "…/My does not exist", nothing
+    # said that the words together name a file
+    (tmp_path / "My Pics").mkdir()
+    (tmp_path / "My Pics" / "cat 1.png").write_bytes((media / "small.png").read_bytes())
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    assert app.handle_line("/image My Pics/cat 1.png") == ERROR
+    assert output(out) == "error: My does not exist; a path with spaces goes in quotes: /image 'My Pics/cat 1.png'\n"
+    assert app.pending == [] and len(app.session.turns) == 1
+    assert app.handle_line("/image 'My Pics/cat 1.png'") == OK and len(app.pending) == 1
+
+
 def test_a_path_with_a_nul_character_is_one_line_and_the_conversation_survives(loaded, tmp_path):
     # a script line (past its first 8 KiB) or a pasted line can hold NUL: /save, /export and a
     # message naming such a media path ended the app with "ValueError: embedded null byte"

@@ -127,6 +127,13 @@ def test_parse_line(line, expected):
         ("/clear now", "/clear takes no arguments; usage: /clear"),
         ("/exit please", "/exit takes no arguments"),
         ("/load a.json b.json", "/load takes at most 1 argument(s); usage: /load [NAME]"),
+        # one path typed with bare spaces: the hint is that path, quoted, ready to type
+        ("/save ~/My Chats/talk 1.json", "/save takes at most 1 argument(s); a path with spaces goes in quotes: "
+                                         "/save '~/My Chats/talk 1.json'"),
+        ("/export it's my.md", "/export takes at most 1 argument(s); a path with spaces goes in quotes: "
+                               "/export 'it'\\''s my.md'"),
+        ("/video My Clips/a b.mp4 --frames 2", "a path with spaces goes in quotes: /video 'My Clips/a b.mp4'"),
+        ("/load My talk --skip-missing", "a path with spaces goes in quotes: /load 'My talk'"),
         # without a NAME /load lists the sessions: the flag would be dropped unsaid
         ("/load --skip-missing", "/load --skip-missing needs NAME: /load NAME --skip-missing; /load alone lists the saved ones"),
         ("/save a.json --force=yes", "/save: --force takes no value; usage: /save [FILE] [--force]"),

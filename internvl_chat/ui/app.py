@@ -46,7 +46,7 @@ from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageE
 from ..files import (PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, read_text_file, undecodable_byte, visible, visible_file_name,
                      visible_lines, write_atomic, xdg_dir)  # fmt: skip
 from ..settings import Settings, format_settings, shown_value, toml_value
-from .commands import Command, Message, format_help, parse_line, split_words
+from .commands import Command, Message, format_help, parse_line, quote_spaced, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      percent, wrap_text)  # fmt: skip
@@ -64,6 +64,7 @@ NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /expo
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
 NAMES_SHOWN = 3  # files named in a refusal to attach several at once
+MAX_JOINED_WORDS = 6  # /image words tried together as one path typed with bare spaces
 KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
     "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
@@ -695,7 +696,20 @@ class App:
             self.note("a message naming an image or video file attaches it; /set media.auto_attach false turns that off")
 
     def cmd_image(self, command: Command) -> None:
+        self._refuse_bare_spaces(command.args)
         self.attach([self.describe(path, "image") for path in command.args])
+
+    def _refuse_bare_spaces(self, paths: Sequence[Path]) -> None:
+        """`/image ~/My Pics/cat.png` is read as three paths: where words that name nothing join
+        into a file's path, say how to type it (the error was only "…/My does not exist")."""
+        for i, path in enumerate(paths):
+            if _exists(self._resolve(path)):
+                continue
+            for j in range(i + 1, min(len(paths), i + MAX_JOINED_WORDS)):
+                joined = Path(" ".join(str(p) for p in paths[i : j + 1]))
+                if is_file(self._resolve(joined)):
+                    raise UsageError(f"{visible(str(path))} does not exist; a path with spaces goes in quotes: "
+                                     f"/image {quote_spaced(str(joined))}")  # fmt: skip
 
     def cmd_video(self, command: Command) -> None:
         frames = command.options.get("frames")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
@@ -343,6 +344,14 @@ def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
         raise UsageError(f"/{spec.name} needs {missing.name}; usage: {spec.usage}")
     if not repeat and len(words) > len(spec.args):
         what = "no arguments" if not spec.args else f"at most {len(spec.args)} argument(s)"
+        spare = words[len(spec.args) - 1 : -1]
+        # `/save ~/My Chats/a.json`: one path typed with bare spaces (words but the last without a
+        # suffix; `/load a.json b.json` is two names)
+        if spec.args and spec.args[-1].kind in PATH_KINDS and not any(Path(_unquote(w.raw)).suffix for w in spare):
+            typed = " ".join(w.raw for w in words[: len(spec.args) - 1])
+            spaced = quote_spaced(" ".join(_unquote(w.raw) for w in words[len(spec.args) - 1 :]))
+            raise UsageError(f"/{spec.name} takes {what}; a path with spaces goes in quotes: "
+                             f"/{spec.name} {typed + ' ' if typed else ''}{_cut(spaced, 80)}")  # fmt: skip
         raise UsageError(f"/{spec.name} takes {what}; usage: {spec.usage}")
 
     values: list[Any] = []
@@ -355,6 +364,11 @@ def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
         else:
             values.append(_unquote(word.raw))
     return tuple(values)
+
+
+def quote_spaced(text: str) -> str:
+    """`text` (a path as typed, `~` kept) in single quotes, as a hint to type it back as one word."""
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def format_help(name: str | None = None, width: int | None = None) -> str:
