@@ -176,7 +176,7 @@ def test_missing_and_corrupt_files_are_errors_and_the_conversation_survives(load
     assert len(app.session.turns) == 2
 
 
-def test_an_image_path_typed_with_bare_spaces_gets_the_quoted_path_to_type(loaded, media, tmp_path):
+def test_an_image_path_typed_with_bare_spaces_or_a_question_after_it_is_said_plainly(loaded, media, tmp_path):
     # `/image ~/My Pics/cat 1.png` is three words: the error was "…/My does not exist", nothing
     # said that the words together name a file
     (tmp_path / "My Pics").mkdir()
@@ -188,6 +188,11 @@ def test_an_image_path_typed_with_bare_spaces_gets_the_quoted_path_to_type(loade
     assert output(out) == "error: My does not exist; a path with spaces goes in quotes: /image 'My Pics/cat 1.png'\n"
     assert app.pending == [] and len(app.session.turns) == 1
     assert app.handle_line("/image 'My Pics/cat 1.png'") == OK and len(app.pending) == 1
+    # a question after the path: the word was said not to exist as an image, nothing said why
+    assert app.handle_line("/image 'My Pics/cat 1.png' How many cats?") == ERROR
+    assert output(out).endswith("error: How is not a file: /image takes only paths, so send the question as the next "
+                                "message (or name the file in it)\n")
+    assert len(app.pending) == 1 and len(app.session.turns) == 1
 
 
 def test_a_path_with_a_nul_character_is_one_line_and_the_conversation_survives(loaded, tmp_path):

@@ -696,20 +696,24 @@ class App:
             self.note("a message naming an image or video file attaches it; /set media.auto_attach false turns that off")
 
     def cmd_image(self, command: Command) -> None:
-        self._refuse_bare_spaces(command.args)
+        self._check_typed_paths(command.args)
         self.attach([self.describe(path, "image") for path in command.args])
 
-    def _refuse_bare_spaces(self, paths: Sequence[Path]) -> None:
-        """`/image ~/My Pics/cat.png` is read as three paths: where words that name nothing join
-        into a file's path, say how to type it (the error was only "…/My does not exist")."""
+    def _check_typed_paths(self, paths: Sequence[Path]) -> None:
+        """Words of `/image` that name nothing, where what was meant is plain: the error was only
+        "…/My does not exist" for `/image ~/My Pics/cat.png` (one path with bare spaces) and
+        "image How does not exist" for `/image cat.png How many?` (a question after the path)."""
         for i, path in enumerate(paths):
             if _exists(self._resolve(path)):
                 continue
+            shown = visible(str(path))
             for j in range(i + 1, min(len(paths), i + MAX_JOINED_WORDS)):
                 joined = Path(" ".join(str(p) for p in paths[i : j + 1]))
                 if is_file(self._resolve(joined)):
-                    raise UsageError(f"{visible(str(path))} does not exist; a path with spaces goes in quotes: "
-                                     f"/image {quote_spaced(str(joined))}")  # fmt: skip
+                    raise UsageError(f"{shown} does not exist; a path with spaces goes in quotes: /image {quote_spaced(str(joined))}")
+            if i and not any(media_kind(p) for p in paths[i:]):
+                raise UsageError(f"{shown} is not a file: /image takes only paths, so send the question as the next message "
+                                 "(or name the file in it)")  # fmt: skip
 
     def cmd_video(self, command: Command) -> None:
         frames = command.options.get("frames")

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
-from .paths import normalize_path, shell_unquote
+from .paths import media_kind, normalize_path, shell_unquote
 from .render import wrap_text
 
 # Argument kinds (what a completer offers): "image", "video" and "file" are paths, "session" a
@@ -345,6 +345,10 @@ def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
     if not repeat and len(words) > len(spec.args):
         what = "no arguments" if not spec.args else f"at most {len(spec.args)} argument(s)"
         spare = words[len(spec.args) - 1 : -1]
+        kinds = [media_kind(_unquote(w.raw)) for w in words]
+        if spec.name == "video" and kinds[0] and not any(kinds[1:]):  # `/video clip.mp4 What happens?`
+            raise UsageError("/video takes one path (and options), so send the question as the next message "
+                             "(or name the file in it)")
         # `/save ~/My Chats/a.json`: one path typed with bare spaces (words but the last without a
         # suffix; `/load a.json b.json` is two names)
         if spec.args and spec.args[-1].kind in PATH_KINDS and not any(Path(_unquote(w.raw)).suffix for w in spare):
