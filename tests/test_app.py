@@ -195,6 +195,28 @@ def test_an_image_path_typed_with_bare_spaces_or_a_question_after_it_is_said_pla
     assert len(app.pending) == 1 and len(app.session.turns) == 1
 
 
+def test_image_takes_wildcards_as_a_shell_does(loaded, media, tmp_path):
+    # `/image shots/*.png` said "image shots/*.png does not exist"
+    shots = tmp_path / "my shots"
+    shots.mkdir()
+    for name in ("b.png", "a.png", "notes.txt"):
+        (shots / name).write_bytes((media / "square.png").read_bytes())
+    (shots / "[x].png").write_bytes((media / "square.png").read_bytes())  # a name that reads as a pattern
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    assert app.handle_line("/image my\\ shots/?.png") == OK
+    assert [m.path.name for m in app.pending] == ["a.png", "b.png"]  # in name order, the text file left out
+    assert app.handle_line("/image 'my shots/[x].png'") == OK
+    assert app.pending[-1].path.name == "[x].png"  # the file itself
+    assert app.handle_line("/drop 3") == OK and app.handle_line("/drop 2") == OK
+    assert app.handle_line("/image 'my shots'/*") == OK
+    assert [m.path.name for m in app.pending] == ["a.png", "[x].png", "a.png", "b.png"]
+    output(out)
+    assert app.handle_line("/image 'my shots/*.jpg'") == ERROR
+    assert output(out) == "error: no image file matches my shots/*.jpg; check the pattern\n"
+    assert len(app.pending) == 4 and len(app.session.turns) == 1
+
+
 def test_a_path_with_a_nul_character_is_one_line_and_the_conversation_survives(loaded, tmp_path):
     # a script line (past its first 8 KiB) or a pasted line can hold NUL: /save, /export and a
     # message naming such a media path ended the app with "ValueError: embedded null byte"

@@ -20,6 +20,7 @@ sets the cancel flag, so the answer stops between tokens and its partial text is
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import re
@@ -64,6 +65,7 @@ NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /expo
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
 NAMES_SHOWN = 3  # files named in a refusal to attach several at once
+_WILDCARD = re.compile(r"[*?\[]")  # what makes an /image path a pattern
 MAX_JOINED_WORDS = 6  # /image words tried together as one path typed with bare spaces
 KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
@@ -696,8 +698,25 @@ class App:
             self.note("a message naming an image or video file attaches it; /set media.auto_attach false turns that off")
 
     def cmd_image(self, command: Command) -> None:
-        self._check_typed_paths(command.args)
-        self.attach([self.describe(path, "image") for path in command.args])
+        paths = [found for path in command.args for found in self._expand_wildcards(path)]
+        self._check_typed_paths(paths)
+        self.attach([self.describe(path, "image") for path in paths])
+
+    def _expand_wildcards(self, path: Path) -> list[Path]:
+        """`/image shots/*.png`: a path holding * ? or [ that names no file, and ends in an image
+        extension or *, is a pattern, as in a shell; it stands for the image files it matches, in
+        name order (it said "does not exist")."""
+        text = str(path)
+        # `cats?` in `/image cat.png How many cats?` is a word of a question, not a pattern
+        pattern = _WILDCARD.search(text) and (media_kind(text) == "image" or text.endswith("*"))
+        if not pattern or _exists(self._resolve(path)):
+            return [path]
+        where = [path] if path.is_absolute() else [*(folder / path for folder in self.search_dirs), self._output_path(path)]
+        for full in where:
+            found = sorted(Path(p) for p in glob.glob(str(full)) if media_kind(p) == "image" and is_file(Path(p)))
+            if found:
+                return found
+        raise UsageError(f"no image file matches {visible(str(path))}; check the pattern")
 
     def _check_typed_paths(self, paths: Sequence[Path]) -> None:
         """Words of `/image` that name nothing, where what was meant is plain: the error was only

@@ -67,7 +67,8 @@ class CommandSpec:
 
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("help", "show the commands, or the usage of one", (ArgSpec("COMMAND", "command", required=False),)),
-    CommandSpec("image", "attach images to the next message", (ArgSpec("PATH", "image", repeat=True),)),
+    CommandSpec("image", "attach images to the next message (* ? [ ] match names, as in a shell)",
+                (ArgSpec("PATH", "image", repeat=True),)),
     CommandSpec(
         "video",
         "attach a video to the next message",
