@@ -338,7 +338,14 @@ def test_set_changes_generation_and_refuses_bad_values(loaded, tmp_path):
     assert out.getvalue().endswith("error: /set generation.top_p: must be a number in (0, 1], not '2'\n")  # the key once
     assert app.handle_line("/set model.max_context 100") == ERROR and "model.max_context is read at start" in out.getvalue()
     assert app.handle_line("/set tempreature 1") == ERROR and "did you mean 'temperature'" in out.getvalue()
+    # a value the context cannot hold is said at once, not only when the next message is refused for it
+    output(out)
+    assert app.handle_line(f"/set max_new_tokens {MAX_CONTEXT}") == OK
+    assert output(out) == (f"generation.max_new_tokens = {MAX_CONTEXT}\nwarning: the answer alone could fill the "
+                           f"{MAX_CONTEXT:,}-token context, so every message will be refused; give a max_new_tokens "
+                           f"well under {MAX_CONTEXT:,}\n")  # fmt: skip
     app.handle_line("/set max_new_tokens 3")
+    assert "warning" not in output(out)
     app.handle_line("/set stats false")
     output(out)  # what came before is not under test
     app.handle_line("Hi.")

@@ -820,6 +820,11 @@ class App:
         self.say(f"{dotted} = {self._setting_text(dotted)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
+        limit = self.session.max_context
+        if dotted == "generation.max_new_tokens" and limit and self.session.params.max_new_tokens >= limit:
+            # said now, not only when the next message is refused for it
+            self.warn(f"the answer alone could fill the {limit:,}-token context, so every message will be refused; "
+                      f"give a max_new_tokens well under {limit:,}")  # fmt: skip
 
     def _list_settings(self) -> None:
         """`/set` alone: each setting it can change, its value and where the value came from."""
