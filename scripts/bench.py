@@ -34,6 +34,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -507,7 +508,9 @@ def variant_backend(variant: str) -> tuple[bool, str]:
     raise ValueError(f"unknown shapes variant {variant!r}")
 
 
-def section_shapes(plan: bl.Plan, device: torch.device, deadline: float | None, start: float) -> dict:
+def section_shapes(plan: bl.Plan, device: torch.device, deadline: float | None, start: float, rows_done=None) -> dict:
+    """`rows_done(results)`, if given, hears the results so far after each measured row (run()
+    saves them: a step killed by its timeout keeps its finished rows)."""
     bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
     results: dict = {"copy_bandwidth_bytes_per_s": bandwidth, "bandwidth_ceiling_bytes_per_s": bandwidth}
     bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s", start)
@@ -540,16 +543,19 @@ def section_shapes(plan: bl.Plan, device: torch.device, deadline: float | None, 
             results[key] = {"error": repr(e), "traceback": traceback.format_exc(limit=4)}
             bl.log(f"  {key}: FAILED {e!r}", start)
         _free(device)
+        if rows_done is not None:
+            rows_done(results)
     return results
 
 
-def section_gemv(plan: bl.Plan, device: torch.device, deadline: float | None, start: float) -> dict:
+def section_gemv(plan: bl.Plan, device: torch.device, deadline: float | None, start: float, rows_done=None) -> dict:
     """Issue 10 item 4: each int4 linear backend that this build and device have (tinygemm's kernel
     and its dense path, "triton", "gemlite", ...) and a bf16 nn.Linear on every decoder linear of
     the InternVL3 LLMs, by rows M (1: decode; more: prefill): µs per call, effective GB/s and its
     share of the copy bandwidth measured here, the output checked against the dequantized weight,
     the fastest int4 backend per (shape, M). Its own time budget (`plan.gemv_budget_s`): shapes
-    and rows left when it is spent are recorded as skipped, 8B first."""
+    and rows left when it is spent are recorded as skipped, 8B first. `rows_done`: as for
+    section_shapes, after each measured shape."""
     bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
     own = time.perf_counter() + plan.gemv_budget_s
     section_deadline = min(own, deadline) if deadline is not None else own
@@ -584,6 +590,8 @@ def section_gemv(plan: bl.Plan, device: torch.device, deadline: float | None, st
                 out["shapes"][key] = {"error": repr(e), "traceback": traceback.format_exc(limit=4)}
                 bl.log(f"  {key}: FAILED {e!r}", start)
             _free(device)
+            if rows_done is not None:
+                rows_done(out)
     if "tinygemm" in labels and "tinygemm-dense" in labels:  # the value for Int4Linear.dense_threshold
         from internvl_chat.quant import Int4Linear
 
@@ -924,9 +932,22 @@ def run(
 
     def save() -> None:
         report["elapsed_s"] = time.perf_counter() - start
-        if out is not None:
+        if out is not None:  # whole or not at all: a kill mid-write must not leave half a file
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+            part = out.with_name(out.name + ".part")
+            part.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+            os.replace(part, out)
+
+    def rows_done(name: str):
+        """Save a long section's rows as they come: scripts/gpu_check.sh kills a step at its timeout,
+        and the JSON of the rows measured before that must not be lost with it."""
+
+        def keep(results: dict) -> None:
+            sec[name] = results
+            report["unfinished_section"] = name
+            save()
+
+        return keep
 
     ckpt: Path | None = None
     tiny_ckpt: Path | None = None
@@ -953,8 +974,8 @@ def run(
 
     overhead_plan = replace(plan, decode_tokens=max(plan.decode_tokens, 64)) if plan is not bl.QUICK else plan
     jobs = {
-        "shapes": lambda: section_shapes(plan, device, deadline, start),
-        "gemv": lambda: section_gemv(plan, device, deadline, start),
+        "shapes": lambda: section_shapes(plan, device, deadline, start, rows_done("shapes")),
+        "gemv": lambda: section_gemv(plan, device, deadline, start, rows_done("gemv")),
         "engine": lambda: section_engine(small_model(), images["engine"], plan, device, dtype),
         "overhead": lambda: section_engine(tiny_model(), images["tiny"], overhead_plan, device, dtype),
         "load": lambda: section_load(small_model(), plan, device, dtype),
@@ -979,6 +1000,7 @@ def run(
                 sec[name] = {"error": repr(e), "traceback": traceback.format_exc(limit=6)}
                 failed.append(name)
                 bl.log(f"{name}: FAILED {e!r}", start)
+            report.pop("unfinished_section", None)
             _free(device)
             save()
     finally:

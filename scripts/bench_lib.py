@@ -528,18 +528,22 @@ def time_per_call(calls: Sequence[Callable[[], object]], device: torch.device, m
 
     if device.type == "cuda":
         method, once = "cuda graph", one_pass
+        caller = torch.cuda.current_stream(device)
         try:
             side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
+            side.wait_stream(caller)
             with torch.cuda.stream(side):  # the warm-up PyTorch asks for before a capture
                 one_pass()
-            torch.cuda.current_stream(device).wait_stream(side)
+            caller.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 one_pass()
             once = graph.replay
             once()
         except Exception as e:
+            # torch.cuda.graph leaves its capture stream current when capture_end raises: the
+            # eager passes and their events belong on the caller's stream
+            torch.cuda.set_stream(caller)
             method = f"cuda events, eager (graph capture failed: {e!r})"[:300]
 
         def clock(body: Callable[[], None]) -> float:
@@ -835,10 +839,17 @@ def engine_decode(model, first_token: torch.Tensor, start: int, n: int, repeats:
         with torch.inference_mode():
             run(min(8, n))  # warm-up: captures graphs / first compiled calls
             runs = [run(n) for _ in range(repeats)]
+        # a mode that fell back during the runs (with its one-line note) measured the eager step:
+        # its number must not stand in the table as that mode's
+        step, graph_runner = model.compiled_step, model.decode_graphs
+        if compiled and not step.active:
+            raise RuntimeError(f"the compiled step fell back to the eager one: {step.failure}")
+        if graphs and graph_runner is not None and graph_runner.failure is not None:
+            raise RuntimeError(f"the CUDA graphs fell back to launches without graphs: {graph_runner.failure}")
         out.update(tokens_per_s=median(runs), runs=runs)
         out["ops"] = ops_per_step(model, first_token.reshape(1), start + n)
         if compiled:
-            out["compiled_steps"] = model.compiled_step.steps if model.compiled_step else 0
+            out["compiled_steps"] = step.steps
     finally:
         model.enable_compile(False)
         model.enable_cuda_graphs(False)

@@ -13,7 +13,9 @@
 #      copy bandwidth measured in the same call, kernels per layer, 13-tile TTFT, follow-up TTFT
 #      after 1k/4k tokens of history, compile time                             → $OUT/bench_cuda.{txt,json}
 # Each step has its own timeout, cut to what is left of TOTAL_LIMIT (the device allows 6 minutes
-# a call); a failing step does not stop the next; the exit status is non-zero if any step failed.
+# a call); the steps before the tests (wheels, environment, the CUDA check) have short fixed ones
+# (SETUP_TIMEOUT each), as a wedged driver can hang nvidia-smi or CUDA's start; a failing step does
+# not stop the next; the exit status is non-zero if any step failed.
 # Rows left when a bench's time budget runs out are reported as skipped; rows are measured
 # without the compiled step once less time is left than a compile took.
 #
@@ -32,7 +34,7 @@
 # Wheels for packages the machine lacks go in .wheels/ (or .whl/), carried with the tree:
 # scripts/gpu_wheels.sh builds them (gemlite);
 # BENCH_GIT_COMMIT=<sha> to record the commit when the copied tree has no .git; CUDA_TEST_FILES,
-# TEST_TIMEOUT, GEMV_TIMEOUT, GEMV_BUDGET, BENCH_TIMEOUT, SHAPES_BUDGET, TOTAL_LIMIT, BENCH_ARGS
+# TEST_TIMEOUT, GEMV_TIMEOUT, GEMV_BUDGET, BENCH_TIMEOUT, SHAPES_BUDGET, TOTAL_LIMIT, SETUP_TIMEOUT, BENCH_ARGS
 # (extra arguments of the shapes step, e.g. '--time-budget 100') to fit the time left.
 set -u
 
@@ -43,6 +45,7 @@ GEMV_TIMEOUT="${GEMV_TIMEOUT:-60}"
 GEMV_BUDGET="${GEMV_BUDGET:-35}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-230}"
 SHAPES_BUDGET="${SHAPES_BUDGET:-170}"
+SETUP_TIMEOUT="${SETUP_TIMEOUT:-45}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -67,8 +70,8 @@ capped() {
 for dir in .wheels .whl; do
     if compgen -G "$dir/*.whl" >/dev/null; then
         step "installing carried wheels from $dir"
-        if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site "$dir"/*.whl; then
+        if timeout -k 5 "$SETUP_TIMEOUT" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --upgrade --target /tmp/site "$dir"/*.whl; then
             export PYTHONPATH="$PYTHONPATH:/tmp/site"  # after the repo: never shadow the image's torch
         else
             FAILED+=("wheels")
@@ -79,9 +82,9 @@ done
 # --- 1. environment -------------------------------------------------------------------------
 step "environment"
 {
-    nvidia-smi || echo "nvidia-smi failed"
+    timeout -k 5 20 nvidia-smi || echo "nvidia-smi failed or timed out"
     echo
-    "$PY" - <<'PYEOF'
+    timeout -k 5 "$SETUP_TIMEOUT" "$PY" - <<'PYEOF' || echo "the environment report failed or timed out"
 import importlib, platform, sys
 print("python", platform.python_version(), sys.executable)
 for name in ("torch", "triton", "transformers", "tokenizers", "safetensors", "PIL", "rich", "pytest",
@@ -98,11 +101,19 @@ if torch.cuda.is_available():
     print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", "sm", torch.cuda.get_device_capability(0), p.multi_processor_count, "SMs")
 PYEOF
 } 2>&1 | tee "$OUT/env.txt"
-if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+# 0: a GPU; 3: none; anything else (a torch that fails to import, a hang) is a failed step
+timeout -k 5 "$SETUP_TIMEOUT" "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"
+rc=$?
+if [ $rc -ne 0 ] && [ $rc -ne 3 ]; then  # what follows is a dry run, and the summary says why
+    echo "the CUDA check failed or timed out (exit $rc)"
+    FAILED+=("cuda-check($rc)")
+fi
+if [ $rc -eq 0 ]; then
     DEVICE=cuda
     BENCH_PLAN=()
-    # the int4 kernels first (quick, and what the int4 numbers rest on), gemlite last: it autotunes
-    DEFAULT_TESTS="tests/test_cuda_int4.py tests/test_cuda.py tests/test_sampling.py tests/test_gemlite.py"
+    # the int4 kernels first (quick, and what the int4 numbers rest on), then the sampler's (quick),
+    # then the engine's (several cold compiles: the ones a tight timeout may cut), gemlite last: it autotunes
+    DEFAULT_TESTS="tests/test_cuda_int4.py tests/test_sampling.py tests/test_cuda.py tests/test_gemlite.py"
     TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
     GEMV_ENV=()
     TOTAL_LIMIT="${TOTAL_LIMIT:-340}"  # the device's 6 minutes a call, less a margin
@@ -129,7 +140,7 @@ else
     MARK=(-m cuda)
     [ "$DEVICE" = cpu ] && MARK=(-m "not slow")
     set -o pipefail
-    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -v -rfEs -p no:cacheprovider "${MARK[@]}" "${TEST_FILES[@]}" 2>&1 \
+    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -v -rfEs --durations=15 -p no:cacheprovider "${MARK[@]}" "${TEST_FILES[@]}" 2>&1 \
         | tee "$OUT/cuda_tests.txt"
     rc=$?
     set +o pipefail

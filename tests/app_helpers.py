@@ -32,3 +32,38 @@ def output(out: io.StringIO) -> str:
     text = out.getvalue()
     out.truncate(0), out.seek(0)
     return text
+
+
+class ChunkedAnswers:
+    """A conversation without a model: each message is answered with the next list of text deltas,
+    streamed as given (where the tokenizer splits an answer is what the display must cope with)."""
+
+    system_message = None
+    stream_interval = 1
+    token_counts_exact = True
+    commands = True
+    max_context = None
+    context_used = 0
+
+    def __init__(self, *answers: list[str]) -> None:
+        self.answers = list(answers)
+        self.turns: list = []
+        self.params = None
+
+    def describe(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(model="chunked", memory_device=None, load_s=0.0, more_room="")
+
+    def check_attach(self, media) -> None:
+        pass
+
+    def ask(self, text, media=(), params=None, cancel=None):
+        from types import SimpleNamespace
+
+        chunks = self.answers.pop(0)
+        for chunk in chunks:
+            yield {"text": chunk, "finish_reason": None}
+        self.turns.append(SimpleNamespace(user_text=text, answer_text="".join(chunks), media=list(media), timing={},
+                                          answer_tokens=None, finish_reason="stop"))  # fmt: skip
+        yield {"text": "", "finish_reason": "stop", "timing": {}, "usage": {}}

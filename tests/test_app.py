@@ -24,10 +24,11 @@ from internvl_chat.chat.session import Session
 from internvl_chat.chat.template import MediaSpec
 from internvl_chat.media.video import load_video
 from internvl_chat.settings import load_settings
+from internvl_chat.ui.answer_text import AnswerCleaner
 from internvl_chat.ui.app import EXIT, ERROR, OK, App, block_is_open, sanitize, unwrap_block
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from media_helpers import textured_rgb, write_numbered_video
-from app_helpers import make_app, output
+from app_helpers import ChunkedAnswers, make_app, output
 
 MAX_CONTEXT = 2048  # the context conftest's `loaded` fixture gives the model
 TOKENS_PER_TILE = 256
@@ -64,7 +65,53 @@ def percent(fraction: float) -> int:
 
 
 def test_sanitize_removes_terminal_controls_but_keeps_text():
-    assert sanitize("a\x1b[31mb\x07\tc\n\r\x9bd 中文") == "a[31mb\tc\nd 中文"
+    assert sanitize("a\x1b[31mb\x07\tc\n\x9bd 中文") == "a[31mb\tc\nd 中文"
+
+
+# (the answer's deltas, as the tokenizer may split them; the text shown): a lone \r is a line break
+# (it was dropped, running "a" and "b" together), \r\n one line break even when split over two deltas
+CARRIAGE_RETURNS = [
+    (["a\r", "\nb"], "a\nb"),
+    (["a\r", "b"], "a\nb"),
+    (["a\r"], "a\n"),
+    (["a\r\r\nb"], "a\n\nb"),
+    (["a\r", "", "\r", "\n", "b\r\n"], "a\n\nb\n"),
+]
+
+
+@pytest.mark.parametrize("chunks, shown", CARRIAGE_RETURNS)
+def test_a_carriage_return_in_an_answer_is_a_line_break_as_it_streams_and_in_the_export(chunks, shown, tmp_path):
+    settings = load_settings(os.devnull, env={}, overrides={"ui.stats": False})
+    out = io.StringIO()
+    app = App(ChunkedAnswers(chunks), settings, Console(file=out, width=80, color_system=None), cwd=tmp_path)
+    assert app.handle_line("Go.") == OK
+    assert out.getvalue() == shown.rstrip("\n") + "\n"  # a pipe: the raw text, its line ended
+    assert app.session.turns[0].answer_text == "".join(chunks)  # stored as generated
+    assert app.handle_line("/export talk.md") == OK
+    assert "## Assistant\n\n" + shown + "\n" in (tmp_path / "talk.md").read_text()
+
+
+@pytest.mark.parametrize("chunks, shown", CARRIAGE_RETURNS)
+def test_a_carriage_return_in_markdown_shows_as_a_newline_would(chunks, shown, tmp_path):
+    def markdown(*answer: list[str]) -> str:
+        out = io.StringIO()
+        console = Console(file=out, width=80, color_system=None, force_terminal=True, force_interactive=False)
+        app = App(ChunkedAnswers(*answer), load_settings(os.devnull, env={}, overrides={"ui.stats": False}), console,
+                  cwd=tmp_path)  # fmt: skip
+        for _ in answer:
+            assert app.handle_line("Go.") == OK
+        return out.getvalue()
+
+    assert markdown(chunks) == markdown([shown])
+    assert markdown(chunks, ["x\r", "y"]) == markdown([shown], ["x\ny"])  # nothing held over into the next answer
+
+
+def test_the_cleaner_holds_a_last_carriage_return_until_the_next_delta():
+    clean = AnswerCleaner()
+    assert clean.feed("a\r") == "a"  # \r or \r\n: not known yet
+    assert clean.feed("\n") == "\n" and clean.finish() == ""
+    assert clean.feed("b\r") == "b" and clean.feed("") == "" and clean.finish() == "\n"
+    assert clean.finish() == ""
 
 
 def test_sanitize_shows_bidi_overrides_in_an_answer():

@@ -423,3 +423,56 @@ def test_crossover_is_the_gemv_section_by_its_former_name(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert list(report["sections"]) == ["gemv"] and "tiny qkv" in report["sections"]["gemv"]["shapes"]
     assert "[int4 linears by rows M]" in capsys.readouterr().out
+
+
+class _Killed(BaseException):
+    """What a timeout's kill is to the section: it gets no chance to return its rows."""
+
+
+@pytest.mark.parametrize("section", ["gemv", "shapes"])
+def test_a_long_section_s_rows_are_saved_as_they_are_measured(tmp_path, monkeypatch, section):
+    # scripts/gpu_check.sh kills a bench step at its timeout: the rows measured before must be on disk
+    out = tmp_path / "report.json"
+    name = "measure_linear" if section == "gemv" else "measure_shape"
+    owner = bl if section == "gemv" else bench
+    measure, seen = getattr(owner, name), []
+
+    def second_is_killed(*args, **kwargs):
+        if seen:
+            seen.append(json.loads(out.read_text(encoding="utf-8")))
+            raise _Killed
+        seen.append(None)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, second_is_killed)
+    plan = replace(PLAN, cuda_compiled=False)
+    with pytest.raises(_Killed):
+        bench.run(torch.device("cpu"), plan, (section,), out=out, work_dir=tmp_path)
+    on_disk = seen[1]
+    assert on_disk["unfinished_section"] == section
+    rows = on_disk["sections"][section]
+    rows = rows["shapes"] if section == "gemv" else rows
+    done = [key for key, row in rows.items() if isinstance(row, dict) and "skipped" not in row]
+    assert len(done) == 1 and "error" not in rows[done[0]], rows
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_compiled_step_that_falls_back_during_the_runs_is_no_compiled_number(monkeypatch, capfd):
+    # the step compiled, then failed at its first call and left the eager step in place (one
+    # note): the row measured eager decoding, which must not be reported as the compiled mode's
+    from internvl_chat.engine import compiled as compiled_module
+
+    def failing(token, pos):
+        raise ValueError("a kernel failed")
+
+    def compile_then_fail(self):
+        self.native, self.active = failing, True  # as a successful compile() leaves it
+        return True
+
+    monkeypatch.setattr(compiled_module.CompiledStep, "compile", compile_then_fail)
+    model = bl.build_random_model(_tiny_cfg(w4=False), torch.device("cpu"), torch.float32, max_seq_len=64)
+    first = torch.tensor([7])
+    with pytest.raises(RuntimeError, match="^the compiled step fell back to the eager one: ValueError: a kernel failed"):
+        bl.engine_decode(model, first, 5, 4, 1, graphs=False, compiled=True)
+    assert "using the eager step" in capfd.readouterr().err
+    assert model.compiled_step is None  # the engine is eager again for the next mode

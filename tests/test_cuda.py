@@ -215,3 +215,32 @@ def test_compiled_w4_triton_decode_equals_eager(tiny_original):
     got, got_logits = greedy_steps(fast, ids, 16)
     assert got == want
     assert torch.nn.functional.cosine_similarity(got_logits.flatten(), want_logits.flatten(), dim=0).item() > 0.999
+
+
+# last in this file: it makes a capture fail on purpose (tests/test_decode_graphs.py covers the
+# code around it on the CPU; this checks what only CUDA can: the stream and context afterwards)
+def test_a_failed_capture_decodes_without_graphs_on_the_callers_stream(tiny_original, capfd):
+    """A host sync inside the capture, which CUDA refuses while a stream captures (capture_end
+    then raises too): one note, the caller's stream is current again, and decoding goes on
+    without graphs, with the eager tokens."""
+    loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, cuda_graphs=False)
+    ids = loaded.tokenizer.encode("one two three four five six") * 40
+    want, want_logits = greedy_steps(loaded.model, ids, 12)
+    loaded.model.enable_cuda_graphs()
+    graphs = loaded.model.decode_graphs
+    step = graphs.step_fn
+
+    def syncing(token, position, kv_len):
+        logits = step(token, position, kv_len)
+        if torch.cuda.is_current_stream_capturing():
+            logits.sum().item()
+        return logits
+
+    graphs.step_fn = syncing
+    caller = torch.cuda.current_stream()
+    got, got_logits = greedy_steps(loaded.model, ids, 12)
+    assert graphs.failure and not graphs.graphs
+    assert torch.cuda.current_stream() == caller and not torch.cuda.is_current_stream_capturing()
+    assert got == want
+    assert (got_logits - want_logits).abs().max().item() <= 1e-4 * want_logits.abs().max().item()
+    assert "decoding without CUDA graphs" in capfd.readouterr().err

@@ -439,6 +439,9 @@ def test_no_color():
     assert make_console(io.StringIO(), color="never", env={}).no_color
     assert not make_console(io.StringIO(), env={}).no_color
     assert make_console(io.StringIO(), color="always", env={}).is_terminal
+    # colours into a file: Markdown in colour, but no spinner or live tail (their cursor moves)
+    assert not make_console(io.StringIO(), color="always", env={}).is_interactive
+    assert make_console(FakeTTY(), color="always", env={}).is_interactive
 
     out = FakeTTY()
     stream = choose_stream(out, plain=False, env={"TERM": "xterm-256color", "NO_COLOR": "1"})

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +17,7 @@ from PIL import Image
 
 from internvl_chat.ui.script import read_entries
 from media_helpers import textured_rgb
+from app_helpers import ChunkedAnswers
 from process_helpers import read_waiting, resume, stop
 
 REPO = Path(__file__).resolve().parent.parent
@@ -227,3 +230,34 @@ def test_a_script_or_config_under_an_unknown_users_home_exits_2_in_one_line(flag
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "there is no user" in lines[0], run.stderr
+
+
+# a cursor move, an erasure, a cursor hidden or shown, autowrap off or on, a carriage return: what
+# only a terminal undoes (colours, `ESC [ … m`, are not among them)
+_SCREEN_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-HJKSTfhl]|\r")
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def test_a_transcript_in_colour_has_no_spinner_or_live_tail(monkeypatch, tmp_path):
+    # ui.color = always made the console a terminal: every frame of the spinner and of the answer's
+    # live tail, with the cursor moves and erasures between them, went into the transcript
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import script
+
+    answer = ["# Shapes\n\n", "There are ", "**two** shapes: a star ", "and a tri", "angle.\n\n", "- star\n", "- triangle"]
+    monkeypatch.setattr(script, "open_conversation", lambda settings: ChunkedAnswers(answer))
+    monkeypatch.setattr(script, "media_from_flags", lambda session, args, settings: [])
+    path = tmp_path / "chat.txt"
+    path.write_text("How many shapes are there?\n", encoding="utf-8")
+    out = tmp_path / "transcript.txt"
+    settings = load_settings(os.devnull, env={}, overrides={"ui.color": "always", "ui.stats": False})
+    with open(out, "w", encoding="utf-8") as file:
+        monkeypatch.setattr(sys, "stdout", file)
+        assert script.run_script(argparse.Namespace(script=str(path)), settings) == 0
+    transcript = out.read_text(encoding="utf-8")
+    assert _COLOUR.search(transcript)  # the colours asked for
+    assert not _SCREEN_CONTROL.search(transcript), repr(transcript)
+    shown = _COLOUR.sub("", transcript)
+    assert [line.strip() for line in shown.splitlines()] == [  # each line once: no frames
+        ">>> How many shapes are there?", "Shapes", "", "There are two shapes: a star and a triangle.", "",
+        "• star", "• triangle"]  # fmt: skip

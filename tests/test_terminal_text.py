@@ -29,7 +29,7 @@ from internvl_chat.ui.setup import EMBEDDED_MODEL
 from internvl_chat.ui.typeahead import held_keys, keys_released, typed_text
 from media_helpers import textured_rgb
 from screen_model import ReflowScreen
-from app_helpers import make_app, output
+from app_helpers import ChunkedAnswers, make_app, output
 
 REPO = Path(__file__).resolve().parent.parent
 WIDTHS = (40, 60, 80)
@@ -403,3 +403,32 @@ def test_one_shot_json_on_a_terminal_escapes_what_would_drive_or_reorder_it(monk
         assert "é 猫" in line and "\x1b" not in line
         raw = [c for c in "\u202e\u009b\x7f\u2067\u2069" if c in line]
         assert raw == ([] if tty else list("\u202e\u009b\x7f\u2067\u2069"))
+
+
+@pytest.mark.parametrize("chunks, shown", [(["a\r", "\nb"], "a\nb"), (["a\r", "b"], "a\nb"), (["a\r"], "a\n"),
+                                           (["a\r\r\nb"], "a\n\nb")])  # fmt: skip
+def test_one_shot_on_a_terminal_shows_a_carriage_return_as_a_line_break(monkeypatch, chunks, shown):
+    # it was dropped ("a\rb" showed "ab"); a \r\n split over two deltas is still one line break.
+    # A pipe gets the answer's text as generated.
+    import argparse
+
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import oneshot
+
+    class Terminal(io.StringIO):
+        def __init__(self, tty: bool):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
+    args = argparse.Namespace(json=False, prompt_flag="hi", prompt=[])
+    settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False, "ui.stats": False})
+    for tty, expected in ((True, shown), (False, "".join(chunks))):
+        monkeypatch.setattr(oneshot, "open_conversation", lambda settings: ChunkedAnswers(chunks))
+        out = Terminal(tty)
+        monkeypatch.setattr(sys, "stdout", out)
+        assert oneshot.run_oneshot(args, settings, "hi") == 0
+        assert out.getvalue() == expected + "\n"

@@ -303,6 +303,40 @@ def test_kernels_compile_for_an_h100_with_wide_weight_loads():
     )
 
 
+# what an H100 or H200 gives one program (Triton refuses a launch that asks for more)
+SM90_SHARED_BYTES = 227 * 1024
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_the_gemm_runs_only_group_sizes_whose_tiles_fit_an_h100():
+    """Built for sm_90 by Triton's real compiler, the GEMM's 64-row program needs more shared memory
+    as its group (a step's whole groups) grows: every group size it takes fits, the next does not."""
+    from triton_sm90 import compile_for_sm90
+
+    triton_gemv.ensure_registered()
+    for dtype in ("bf16", "fp32"):
+        for group_size in (triton_gemv.GEMM_MAX_GROUP // 2, triton_gemv.GEMM_MAX_GROUP, 2 * triton_gemv.GEMM_MAX_GROUP):
+            block_m, block_g = triton_gemv.gemm_config(triton_gemv.GEMM_BLOCK_N, group_size)
+            types = dict(x_ptr=f"*{dtype}", w_ptr="*i32", s_ptr="*fp16", z_ptr="*u8", b_ptr=f"*{dtype}", out_ptr=f"*{dtype}",
+                         M="i32", N="i32", G="i32")  # fmt: skip
+            constants = dict(GROUP_WORDS=group_size // 8, BLOCK_M=block_m, BLOCK_N=triton_gemv.GEMM_BLOCK_N, BLOCK_G=block_g,
+                             STEPS=4, HAS_BIAS=True, INTERPRETED=False)  # fmt: skip
+            kernel = compile_for_sm90(triton_gemv.GEMM_KERNEL, types, constants, triton_gemv.NUM_WARPS, aligned_ints=("N",))
+            fits = kernel.metadata.shared <= SM90_SHARED_BYTES
+            assert fits == triton_gemv.gemm_takes(group_size), (dtype, group_size, kernel.metadata.shared)
+
+
+def test_rows_past_the_gemv_with_a_large_group_take_the_dense_path(monkeypatch):
+    # group 512: the GEMM's tiles would not fit an H100 (above); on the CPU's interpreter they would
+    group_size, rows = 2 * triton_gemv.GEMM_MAX_GROUP, Int4Linear.gemv_max_rows + 1
+    triple = awq(1024, 16, group_size, seed=3)
+    layer = Int4Linear.from_awq(*triple, group_size=group_size, backend="triton", dtype=torch.float32)
+    gemm_calls = []
+    monkeypatch.setattr(triton_gemv, "awq_triton_gemm", lambda *a: gemm_calls.append(a) or pytest.fail("the GEMM ran"))
+    check_against_reference(layer, triple, torch.randn(rows, 1024), None)
+    assert not gemm_calls
+
+
 def test_the_operator_names_its_kernels_for_the_compile_cache():
     """torch.compile's AOTAutograd cache keys a graph with our operator by the kernels triton_op
     found in its body; without them an edited kernel could come back from a stale cache."""

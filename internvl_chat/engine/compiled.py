@@ -293,6 +293,16 @@ class CompiledStep:
         captures it, the two copies included, so they cost no launch of their own)."""
         if not self.active:
             return self.lm.decode_masked(token, position, kv_len)
-        self._token.copy_(token.view(1))
-        self._position.copy_(position.view(1))
-        return self._fn(self._token, self._position, kv_len, self.lm.caches())  # captured per cache set
+        try:
+            self._token.copy_(token.view(1))
+            self._position.copy_(position.view(1))
+            return self._fn(self._token, self._position, kv_len, self.lm.caches())  # captured per cache set
+        except Exception as e:  # noqa: BLE001 — as in `exact`: the eager step from now on
+            # Out of memory is not the step's fault, and an error while a graph is captured is the
+            # capture's (DecodeGraphs runs the step without graphs then): both go to the caller.
+            # Anything else failed before a capture, in DecodeGraphs' warm-up or in a launch
+            # without graphs, where the eager step can take over at once.
+            if is_out_of_memory(e) or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                raise
+            self._fail(e, "failed")
+            return self.lm.decode_masked(token, position, kv_len)

@@ -6,6 +6,9 @@ must be static, so the token and its position live in fixed device buffers, and 
 fixed `kv_len` bucket of the cache with a mask built on the device (positions beyond the
 valid cache are masked out). One graph per bucket (`kv_bucket`), captured on first use, sharing
 one memory pool; with the compiled step (compiled.py) one compile serves every bucket.
+
+A capture that fails (out of memory for the graph's pool, or an operation a graph cannot hold)
+costs no answer: a one-line note, and from then on the same step is launched without graphs.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class DecodeGraphs:
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.capture_stream = None  # made on the model's device at the first capture
+        self.failure: str | None = None  # why a capture failed: the step then runs without graphs
 
     def bucket(self, pos: int) -> int:
         return kv_bucket(pos, self.model.max_seq_len)
@@ -43,17 +48,32 @@ class DecodeGraphs:
         return self.step_fn(self.token, self.position, kv_len)
 
     def _capture(self, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # warm up on a side stream (lazy init, autotuning) before capturing, as PyTorch advises;
-        # the warm-up writes K/V at the current position, which replay rewrites identically
-        stream = torch.cuda.Stream(device=self.model.device)
-        stream.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(kv_len)
-        torch.cuda.current_stream(self.model.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(kv_len)
+        # On the model's device whichever is current (--device cuda:1): torch.cuda.graph syncs and
+        # empties the current device's cache, and its default capture stream is made once, on the
+        # device current then; a capture stream on another device records none of the step's kernels.
+        with torch.cuda.device(self.model.device):
+            caller = torch.cuda.current_stream()
+            if self.capture_stream is None:  # one for every capture: they share the memory pool
+                self.capture_stream = torch.cuda.Stream()
+            # warm up on a side stream (lazy init, autotuning) before capturing, as PyTorch advises;
+            # the warm-up writes K/V at the current position, which replay rewrites identically
+            warm = torch.cuda.Stream()
+            warm.wait_stream(caller)
+            try:
+                with torch.cuda.stream(warm):
+                    for _ in range(2):
+                        self._step(kv_len)
+            finally:  # a failed warm-up's kernels must be ordered before whatever runs next
+                caller.wait_stream(warm)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream):
+                    logits = self._step(kv_len)
+            except BaseException:
+                # torch.cuda.graph leaves its capture stream current when capture_begin or
+                # capture_end raises (it restores the stream after capture_end only)
+                torch.cuda.set_stream(caller)
+                raise
         if self.pool is None:
             self.pool = graph.pool()
         return graph, logits
@@ -67,8 +87,22 @@ class DecodeGraphs:
         self.token.copy_(token.view(1), non_blocking=True)
         self.position.fill_(pos)
         kv_len = self.bucket(pos)
-        if kv_len not in self.graphs:
-            self.graphs[kv_len] = self._capture(kv_len)
+        if self.failure is None and kv_len not in self.graphs:
+            try:
+                self.graphs[kv_len] = self._capture(kv_len)
+            except Exception as e:  # noqa: BLE001 — no graph is no reason to lose the answer
+                self._give_up(e)
+        if self.failure is not None:
+            return self._step(kv_len)  # the same step, launched kernel by kernel (or it raises itself)
         graph, logits = self.graphs[kv_len]
         graph.replay()
         return logits
+
+    def _give_up(self, error: BaseException) -> None:
+        """Stop capturing (and replaying: the graphs' pool is freed) after `error`, with one note."""
+        from .compiled import _one_line, _stderr_note
+
+        self.graphs.clear()
+        self.pool = None
+        self.failure = _one_line(error)
+        _stderr_note(f"a CUDA graph of the decode step could not be captured ({self.failure}); decoding without CUDA graphs")

@@ -153,6 +153,10 @@ def load_model(
     tokenizer = load_tokenizer(path)
     special = special_token_ids(tokenizer)
     check_tokenizer_fits_vocab(tokenizer, cfg, path)
+    if device.type == "cuda" and device.index is not None:
+        # Triton launches our int4 kernels (and GemLite's) on the current device's stream, not on
+        # their tensors' device: with --device cuda:1 they must be one
+        torch.cuda.set_device(device)
     try:
         model = InternVLModel.empty(cfg, device, dtype, max_context)
         model.int4_backend = int4_backend

@@ -175,7 +175,8 @@ class Int4Linear(nn.Module):
     # and redoes the unpacking); above, the dense path. A guess until a GPU session measures it.
     gemv_max_rows: int = 16
     # Rows up to which it runs its tensor-core GEMM (a follow-up turn's prefill: the weight read
-    # once per 64 rows, dequantized in registers); above, the dense path. A guess, as above.
+    # once per 64 rows, dequantized in registers; groups of at most 256, `triton_gemv.gemm_takes`);
+    # above, the dense path. A guess, as above.
     gemm_max_rows: int = 128
     # Rows up to which the gemlite backend runs GemLite's GEMV kernel (GemLite's own limit for 4-bit);
     # above, a dense matmul. Tune with the bench.
@@ -278,7 +279,8 @@ class Int4Linear(nn.Module):
             y = self._forward_torch(x2)
         elif self.backend == "triton":
             rows = x2.shape[0]
-            if rows <= self.gemm_max_rows:  # the bias is added in the kernels, in fp32
+            gemm = rows <= self.gemm_max_rows and triton_gemv.gemm_takes(self.group_size)
+            if rows <= self.gemv_max_rows or gemm:  # the bias is added in the kernels, in fp32
                 kernel = triton_gemv.awq_triton_gemv if rows <= self.gemv_max_rows else triton_gemv.awq_triton_gemm
                 y = kernel(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size)
                 return y.reshape(*lead_shape, self.out_features)

@@ -31,7 +31,8 @@ For 17-128 rows (`Int4Linear.gemm_max_rows`; a follow-up turn's prefill) a secon
 `internvl_chat::awq_triton_gemm`, multiplies on tensor cores: each program takes up to 64 rows by
 64 outputs, dequantizes a [64, ≥128] weight tile in registers per step (the interleaved nibbles
 flatten to input order) and runs `tl.dot` in x's dtype with fp32 accumulation, so the weight is
-read once per 64 rows instead of being dequantized to a dense copy first.
+read once per 64 rows instead of being dequantized to a dense copy first. Groups larger than 256
+need tiles larger than a GPU's shared memory (`GEMM_MAX_GROUP`): their rows take the dense path.
 
 Registered as the torch operator `internvl_chat::awq_triton_gemv` through `torch.library.triton_op`
 and `wrap_triton`, so torch.compile traces the kernels (no graph break) and CUDA graphs capture it:
@@ -71,6 +72,7 @@ __all__ = [
     "dense_from_repacked",
     "dequantize_repacked",
     "ensure_registered",
+    "gemm_takes",
     "repack_awq",
     "triton_backend_available",
     "triton_shape_supported",
@@ -294,6 +296,15 @@ def _gemv(
 # The GEMM's tiles: 64 outputs by up to 64 rows (at least 16, tl.dot's smallest), ≥ 128 inputs a step
 GEMM_BLOCK_N = 64
 GEMM_MIN_K = 128
+# A GEMM step takes whole groups, so its tiles grow with the group size: built for sm_90, 64 rows
+# need 147 KB of shared memory at g = 256 in bf16 (213 KB in fp32) but 295 KB at g = 512, over the
+# 227 KB an H100/H200 gives a program (Triton refuses the launch). Larger groups take the dense path.
+GEMM_MAX_GROUP = 256
+
+
+def gemm_takes(group_size: int) -> bool:
+    """Whether the GEMM runs this group size (else rows beyond the GEMV take the dense path)."""
+    return group_size <= GEMM_MAX_GROUP
 
 
 def gemm_config(rows: int, group_size: int) -> tuple[int, int]:

@@ -47,6 +47,7 @@ from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageE
 from ..files import (PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, read_text_file, undecodable_byte, visible, visible_file_name,
                      visible_lines, write_atomic, xdg_dir)  # fmt: skip
 from ..settings import Settings, format_settings, shown_value, toml_value
+from .answer_text import AnswerCleaner, sanitize
 from .commands import Command, Message, format_help, parse_line, quote_spaced, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
@@ -71,14 +72,6 @@ KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
     "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
 )
-
-# Model output is shown on a terminal: control characters (escape sequences, bells, carriage
-# returns) must not reach it. Tabs and newlines stay.
-_CONTROL = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)]}
-# Bidi embeddings, overrides and isolates would reorder what is shown (Trojan Source): shown as
-# escapes. Right-to-left text itself, its marks (U+200E/F) and joiners are text and stay.
-_CONTROL.update({c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]})
-
 
 def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[Path] = ()) -> tuple[str, list[Path], list[Path]]:
     """The media paths typed in a message: (the message without them, the files that exist, the
@@ -135,11 +128,6 @@ def _exists(path: Path) -> bool:
         return path.exists()
     except OSError:  # a name too long for the file system: no such file
         return False
-
-
-def sanitize(text: str) -> str:
-    """`text` without terminal control characters (except tab and newline), bidi overrides shown as escapes."""
-    return text.translate(_CONTROL)
 
 
 # A code fence: up to 3 spaces, then 3 or more backticks or tildes (CommonMark).
@@ -386,8 +374,8 @@ class App:
 
     @property
     def fancy(self) -> bool:
-        """Spinners and live regions: only on a real terminal, and not with --plain."""
-        return self.console.is_terminal and not self.console.is_dumb_terminal and not self.settings.ui.plain
+        """Spinners and live regions: only on a real terminal (not a file given colours), and not with --plain."""
+        return self.console.is_interactive and not self.settings.ui.plain
 
     @contextmanager
     def spinner(self, text: str) -> Iterator[None]:
@@ -624,18 +612,24 @@ class App:
                 self.say(f"[cancelled before the answer began; {outcome()}]", "yellow")
                 return
             stream = choose_stream(self.console, plain=self.plain)
+            clean = AnswerCleaner()  # holds a \r that may be the first half of a \r\n split over two events
+
+            def end_stream() -> None:
+                stream.feed(clean.finish())
+                stream.finish()
+
             streaming.set()
             final = None
             try:
                 event = first
                 while True:
-                    stream.feed(sanitize(event["text"]))
+                    stream.feed(clean.feed(event["text"]))
                     if event["finish_reason"] is not None:
                         final = event
                         break
                     event = next(events)
             except KeyboardInterrupt:
-                stream.finish()
+                end_stream()
                 # a Ctrl-C that lands here, between two events, leaves the turn's generator open: a
                 # /retry puts its old answer back only as that closes, so close it before telling
                 events.close()
@@ -649,7 +643,7 @@ class App:
                 return
             finally:
                 streaming.clear()
-                stream.finish()
+                end_stream()
         self.last_peak = peak_memory(device) if device is not None else None
         self._after_answer(final)
 

@@ -8,7 +8,8 @@ import os
 import sys
 
 from ..settings import Settings
-from .app import not_attached, peak_memory, sanitize, take_media_paths
+from .answer_text import AnswerCleaner
+from .app import not_attached, peak_memory, take_media_paths
 from .paths import media_kind
 from .render import format_stats
 from .setup import media_from_flags, open_conversation
@@ -38,14 +39,16 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
                 media.append(session.describe_video(path, settings.media.frames) if kind == "video"
                              else session.describe_image(path, settings.media.max_tiles))  # fmt: skip
     final = None
-    # raw text for pipes; a terminal must not receive the model's control characters
-    clean = sanitize if sys.stdout.isatty() else str
+    # raw text for pipes; a terminal must not receive the model's control characters (its \r are line breaks)
+    clean = AnswerCleaner() if sys.stdout.isatty() else None
     for event in session.ask(prompt, media):
         if not args.json and event["text"]:
-            sys.stdout.write(clean(event["text"]))
+            sys.stdout.write(clean.feed(event["text"]) if clean else event["text"])
             sys.stdout.flush()
         if event["finish_reason"] is not None:
             final = event
+    if clean is not None and not args.json:
+        sys.stdout.write(clean.finish())
     info = session.describe()
     timing = dict(final["timing"], load_s=info.load_s)  # load_s: the model's load, or the server handshake
     if args.json:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Mapping
@@ -370,7 +371,7 @@ class MarkdownStream:
         self._after_rule = False
         self._live: LiveTail | None = None
         self._last_refresh = 0.0
-        self._use_live = console.is_terminal and not console.is_dumb_terminal
+        self._use_live = console.is_interactive  # a terminal: not a file given colours (make_console)
 
     @property
     def text(self) -> str:
@@ -483,12 +484,25 @@ class PlainStream:
 def make_console(file: IO[str] | None = None, color: str = "auto", env: Mapping[str, str] = os.environ) -> Console:
     """A Console for `file` honouring the ui.color setting and NO_COLOR (any non-empty value).
 
+    `color` "always" into a file or pipe gives colours and Markdown, but the console is not
+    interactive (`is_interactive`): no spinner and no live tail, whose cursor moves and erasures
+    only a terminal undoes (a `--script` transcript held every frame of every answer).
+
     COLUMNS or LINES of 0 (set where the size is unknown) count as unset: rich took COLUMNS=0 as a
     width of 0 and printed nothing at all, so a script's transcript was lost with status 0."""
     no_color = color == "never" or bool(env.get("NO_COLOR"))
     force_terminal = True if color == "always" and not no_color else None
+    interactive = False if force_terminal and not _isatty(sys.stdout if file is None else file) else None
     environ = {k: v for k, v in env.items() if not (k in ("COLUMNS", "LINES") and v.strip().isdigit() and int(v) == 0)}
-    return Console(file=file, no_color=no_color, force_terminal=force_terminal, _environ=environ)
+    return Console(file=file, no_color=no_color, force_terminal=force_terminal, force_interactive=interactive,
+                   _environ=environ)  # fmt: skip
+
+
+def _isatty(file: IO[str]) -> bool:
+    try:
+        return bool(file.isatty())
+    except (AttributeError, ValueError, OSError):  # no such method, or a closed file
+        return False
 
 
 def choose_stream(
