@@ -205,6 +205,12 @@ def test_media_list_and_drop(loaded, media, tmp_path):
     assert app.handle_line("/drop 3") == ERROR
     assert app.handle_line("/drop 1") == OK
     assert [m.path.name for m in app.pending] == ["square.png"]
+    # the same picture again (Up, Enter): attached, as asked, and said, since it doubles the cost
+    output(out)
+    assert app.handle_line(f"/image {media / 'square.png'}") == OK and len(app.pending) == 2
+    assert output(out).endswith("warning: square.png attached more than once; /media lists the attachments, "
+                                "/drop N removes one\n")
+    assert app.handle_line(f"/image {media / 'small.png'}") == OK and "warning" not in output(out)
 
 
 def test_missing_and_corrupt_files_are_errors_and_the_conversation_survives(loaded, media, tmp_path):

@@ -694,7 +694,20 @@ class App:
     def cmd_image(self, command: Command) -> None:
         paths = [found for path in command.args for found in self._expand_wildcards(path)]
         self._check_typed_paths(paths)
-        self.attach([self.describe(path, "image") for path in paths])
+        before = {m.path.resolve() for m in self.pending}
+        media = [self.describe(path, "image") for path in paths]
+        self.attach(media)
+        # `/image` sent again (Up, Enter) doubled the picture's cost without a word; attaching one
+        # twice may be meant, so it is said, not refused
+        seen, twice = set(before), []
+        for item in media:
+            key = item.path.resolve()
+            if key in seen and item.path.name not in twice:
+                twice.append(item.path.name)
+            seen.add(key)
+        if twice:
+            names = ", ".join(visible(name) for name in twice[:NAMES_SHOWN]) + (" …" if len(twice) > NAMES_SHOWN else "")
+            self.warn(f"{names} attached more than once; /media lists the attachments, /drop N removes one")
 
     def _expand_wildcards(self, path: Path) -> list[Path]:
         """`/image shots/*.png`: a path holding * ? or [ that names no file, and ends in an image
