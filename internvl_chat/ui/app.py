@@ -1137,6 +1137,8 @@ class App:
         if not command.options.get("force") and not self._may_export_to(path):
             self.say("not exported")
             return
+        if not self.session.turns:  # as /save says it: an export of nothing is rarely what was meant
+            self.warn("the conversation is empty; exporting it anyway")
         # a symlink at the target is replaced, never followed; a file name that is not UTF-8 keeps its bytes
         write_atomic(path, self.export_markdown().encode("utf-8", "surrogateescape"), PRIVATE_FILE_MODE)
         self._export_file = self._file_mark(path)
