@@ -81,6 +81,14 @@ P = Path
         ("/drop 2", Command("drop", (2,))),
         ("/set temperature 0.7", Command("set", ("temperature", "0.7"))),
         ("/set top_p=0.9", Command("set", ("top_p", "0.9"))),
+        # the = with spaces around it, or before a value of several words (it was read as part of
+        # the key or of the value: unknown setting 'top_p=', "not '= 0.9'")
+        ("/set top_p = 0.9", Command("set", ("top_p", "0.9"))),
+        ("/set top_p= 0.9", Command("set", ("top_p", "0.9"))),
+        ("/set top_p =0.9", Command("set", ("top_p", "0.9"))),
+        ("/set seed = 'none'", Command("set", ("seed", "none"))),
+        ("/set system.message=Be brief.  Say 'why'.", Command("set", ("system.message", "Be brief.  Say 'why'."))),
+        ("/set system.message = Be brief.", Command("set", ("system.message", "Be brief."))),
         ("/set seed 'none'", Command("set", ("seed", "none"))),
         ("/set temperature", Command("set", ("temperature",))),  # shows the value and its source
         ("/set system.message  Be brief.  Say 'why'. ", Command("set", ("system.message", "Be brief.  Say 'why'."))),

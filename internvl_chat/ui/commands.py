@@ -325,6 +325,15 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
     if spec.name == "set" and len(positional) == 1 and "=" in positional[0].raw:
         key, _, value = _unquote(positional[0].raw).partition("=")
         return Command("set", (key.strip(), value.strip()), options)
+    if spec.name == "set" and len(positional) > 1:
+        # `KEY= VALUE`, `KEY = VALUE`, `KEY=VALUE WORDS`: the = read as part of the key or of the value
+        # (unknown setting 'temperature=', "not '= 0.5'")
+        first, second = positional[0], positional[1]
+        if "=" in first.raw:
+            cut = first.start + first.raw.index("=")
+            return Command("set", (_unquote(rest[first.start : cut]).strip(), _set_value(rest[cut + 1 :])), options)
+        if second.raw.startswith("="):
+            return Command("set", (_unquote(first.raw), _set_value(rest[second.start + 1 :])), options)
     if spec.name == "set" and len(positional) > 2:
         # a VALUE of several words is the rest of the line, as /system takes its TEXT (`/set
         # system.message Be brief.` was refused as too many arguments)
@@ -335,6 +344,12 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
             arg = spec.args[0].name
             raise UsageError(f"/{spec.name} {opt.name} needs {arg}: /{spec.name} {arg} {opt.name}; /{spec.name} alone {opt.alone}")
     return Command(spec.name, _bind(spec, positional), options)
+
+
+def _set_value(text: str) -> str:
+    """The VALUE of `/set`: one word unquoted, several the text as typed (as /system takes its TEXT)."""
+    words = split_words(text)
+    return _unquote(words[0].raw) if len(words) == 1 else text.strip()
 
 
 def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
