@@ -113,6 +113,10 @@ def test_parse_line(line, expected):
         ("/qiut", "unknown command /qiut; did you mean /quit?"),
         ("/sav", "unknown command /sav; did you mean /save?"),
         ("/frobnicate", "unknown command /frobnicate; type /help"),
+        # a command with punctuation typed after it was sent to the model as a message
+        ("/help?", "unknown command /help?; did you mean /help?"),
+        ("/exit.", "unknown command /exit.; did you mean /exit?"),
+        ("/Image, cat.png", "unknown command /Image,; did you mean /image?"),
         ("/", "empty command"),
         ("/image", "/image needs PATH; usage: /image PATH…"),
         ("/video", "/video needs PATH; usage: /video PATH [--frames N] [--range A-B]"),

@@ -254,6 +254,7 @@ def _suggest(word: str, names: list[str], prefix: str) -> str | None:
 # --- lines -------------------------------------------------------------------------------------
 
 _COMMAND_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_PUNCTUATED = re.compile(r"([A-Za-z][A-Za-z0-9_-]*)[.,;:!?]+")
 
 
 def parse_line(line: str) -> Message | Command:
@@ -273,6 +274,9 @@ def parse_line(line: str) -> Message | Command:
     if not head:
         raise UsageError("empty command; type /help for the commands.")
     if not _COMMAND_NAME.fullmatch(head):
+        typo = _PUNCTUATED.fullmatch(head)  # `/help?`, `/exit.`, `/image,`: a command, not a path to send
+        if typo and typo.group(1).lower() in COMMAND_BY_NAME:
+            raise UsageError(f"unknown command /{_cut(head)}; did you mean /{typo.group(1).lower()}?")
         return Message(line)  # a dropped path such as /tmp/cat.png
     spec = COMMAND_BY_NAME.get(head.lower())
     if spec is None:
