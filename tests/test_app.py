@@ -270,6 +270,28 @@ def test_image_takes_wildcards_as_a_shell_does(loaded, media, tmp_path):
     assert len(app.pending) == 4 and len(app.session.turns) == 1
 
 
+def test_pasted_lines_that_start_with_commands_run_one_by_one(loaded, media, tmp_path):
+    # a paste of `/image cat.png` and a question was one /image command with the question as its
+    # paths ("What is not a file"); `/set a 1` and `/set b 2` set a to "1\n/set b 2"
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/image {media / 'square.png'}\nWhat is it?\nSay it briefly.") == OK
+    assert [(t.user_text, [m.path.name for m in t.media]) for t in app.session.turns] == [
+        ("What is it?\nSay it briefly.", ["square.png"])]  # the text after the commands is one message
+    assert app.handle_line("/set temperature 0.5\n/set top_p 0.9\n") == OK
+    assert (app.session.params.temperature, app.session.params.top_p) == (0.5, 0.9)
+    output(out)
+    # a command that fails stops there, and says what was not run
+    assert app.handle_line("/image nothing.png\nWhat?\nMore.") == ERROR
+    assert output(out) == (f"error: image {tmp_path / 'nothing.png'} does not exist; check the path\n"
+                           "(the 2 line(s) after it were not run)\n")  # fmt: skip
+    assert app.handle_line("/imgae x.png\nWhat?") == ERROR
+    assert output(out) == "error: unknown command /imgae; did you mean /image? (nothing of the 2 lines was run)\n"
+    assert len(app.session.turns) == 1 and app.pending == []
+    # the text of /system and of /set system.message may hold several lines
+    assert app.handle_line("/set system.message Be\nbrief.") == OK and app.session.system_message == "Be\nbrief."
+    assert app.handle_line("/system One\nTwo.") == OK and app.session.system_message == "One\nTwo."
+
+
 def test_a_path_with_a_nul_character_is_one_line_and_the_conversation_survives(loaded, tmp_path):
     # a script line (past its first 8 KiB) or a pasted line can hold NUL: /save, /export and a
     # message naming such a media path ended the app with "ValueError: embedded null byte"

@@ -419,12 +419,43 @@ class App:
                 return self._send_text(block)
             if not line.strip():
                 return OK
-            parsed = parse_line(line)
-            if isinstance(parsed, Message):
-                return self._send_text(parsed.text)
-            return self.run_command(parsed)
+            return self._run_input(line.strip("\n"))
 
         return self._guard(run)
+
+    def _run_input(self, text: str) -> str:
+        """An input of one or more lines. Pasted lines that start with one-line commands (`/image
+        cat.png` then a question) run one by one, the text after them goes as one message: the whole
+        paste was one command with the other lines as its arguments ("How is not a file")."""
+        first, newline, after = text.partition("\n")
+        if newline:
+            try:
+                command = parse_line(first)
+            except UsageError as e:
+                raise UsageError(f"{e} (nothing of the {text.count(chr(10)) + 1} lines was run)") from None
+            if isinstance(command, Command) and self._one_line_command(command):
+                result = self._guard(lambda: self.run_command(command))
+                if result != OK or not after.strip():
+                    if result == ERROR and after.strip():
+                        self.note(f"(the {after.count(chr(10)) + 1} line(s) after it were not run)")
+                    return result
+                return self._run_input(after.strip("\n"))
+        parsed = parse_line(text)
+        if isinstance(parsed, Message):
+            return self._send_text(parsed.text)
+        return self.run_command(parsed)
+
+    def _one_line_command(self, command: Command) -> bool:
+        """A command that ends with its line: not /system TEXT nor /set system.message VALUE, whose
+        text may hold several lines."""
+        if command.name == "system":
+            return False
+        if command.name == "set" and command.args:
+            try:
+                return set_key(command.args[0], self.settings.remote.server) != "system.message"
+            except UsageError:
+                return True  # said when it runs
+        return True
 
     def handle_message(self, text: str) -> str:
         """Send `text` as a message even when it starts with a slash (the prompt of `-I`)."""
