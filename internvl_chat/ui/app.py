@@ -1163,6 +1163,10 @@ class App:
         """`/export FILE.md [--force]`: an existing file is replaced only when this conversation
         wrote it, or with the user's yes (REPL) or --force (script), as /save does."""
         path = self._output_path(command.args[0])
+        if path.suffix.lower() == ".json":  # Markdown under a session's name: /load then calls it no session
+            as_md = _typed(str(Path(command.args[0]).with_suffix(".md")))
+            raise UsageError(f"an export is Markdown, so /export does not write {visible(path.name)}; /export {as_md} "
+                             f"writes the conversation as Markdown, /save {_typed(command.args[0])} saves the session")
         if path.is_dir():
             raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /export {_typed(path / 'chat.md')}")
         if not command.options.get("force") and not self._may_export_to(path):
