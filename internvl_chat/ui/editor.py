@@ -65,6 +65,7 @@ async def edit_in_editor(buffer: Buffer, accept: bool = True) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(encode_text(buffer.text))
+
         def edit() -> bool:
             failed = run_editor(path)
             if failed:

@@ -84,7 +84,8 @@ def set_key(key: str, server: str = "") -> str:
     if close and not changeable_while_running(meaning[close[0]]) and not _nearly(word, close[0]):
         # loosely alike only (`nope` and `compile`, `foo` and `color`): naming that setting as the
         # one read at start told the user about a setting they never meant; suggest a key /set can change
-        close = difflib.get_close_matches(word, [k for k, v in meaning.items() if changeable_while_running(v)], n=1, cutoff=0.5)
+        changeable = [name for name, dotted in meaning.items() if changeable_while_running(dotted)]
+        close = difflib.get_close_matches(word, changeable, n=1, cutoff=0.5)
     if not close:
         raise UsageError(f"unknown setting {key!r}; /set alone lists the settings it can change")
     dotted = meaning[close[0]]
