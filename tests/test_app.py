@@ -205,6 +205,12 @@ def test_media_list_and_drop(loaded, media, tmp_path):
     assert app.handle_line("/drop 3") == ERROR
     assert app.handle_line("/drop 1") == OK
     assert [m.path.name for m in app.pending] == ["square.png"]
+    # the same picture again (Up, Enter): attached, as asked, and said, since it doubles the cost
+    output(out)
+    assert app.handle_line(f"/image {media / 'square.png'}") == OK and len(app.pending) == 2
+    assert output(out).endswith("warning: square.png attached more than once; /media lists the attachments, "
+                                "/drop N removes one\n")
+    assert app.handle_line(f"/image {media / 'small.png'}") == OK and "warning" not in output(out)
 
 
 def test_missing_and_corrupt_files_are_errors_and_the_conversation_survives(loaded, media, tmp_path):
@@ -221,6 +227,69 @@ def test_missing_and_corrupt_files_are_errors_and_the_conversation_survives(load
     app.handle_line("/drop 1")
     assert app.handle_line("Then just talk.") == OK
     assert len(app.session.turns) == 2
+
+
+def test_an_image_path_typed_with_bare_spaces_or_a_question_after_it_is_said_plainly(loaded, media, tmp_path):
+    # `/image ~/My Pics/cat 1.png` is three words: the error was "…/My does not exist", nothing
+    # said that the words together name a file
+    (tmp_path / "My Pics").mkdir()
+    (tmp_path / "My Pics" / "cat 1.png").write_bytes((media / "small.png").read_bytes())
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    assert app.handle_line("/image My Pics/cat 1.png") == ERROR
+    assert output(out) == "error: My does not exist; a path with spaces goes in quotes: /image 'My Pics/cat 1.png'\n"
+    assert app.pending == [] and len(app.session.turns) == 1
+    assert app.handle_line("/image 'My Pics/cat 1.png'") == OK and len(app.pending) == 1
+    # a question after the path: the word was said not to exist as an image, nothing said why
+    assert app.handle_line("/image 'My Pics/cat 1.png' How many cats?") == ERROR
+    assert output(out).endswith("error: How is not a file: /image takes only paths, so send the question as the next "
+                                "message (or name the file in it)\n")
+    assert len(app.pending) == 1 and len(app.session.turns) == 1
+
+
+def test_image_takes_wildcards_as_a_shell_does(loaded, media, tmp_path):
+    # `/image shots/*.png` said "image shots/*.png does not exist"
+    shots = tmp_path / "my shots"
+    shots.mkdir()
+    for name in ("b.png", "a.png", "notes.txt"):
+        (shots / name).write_bytes((media / "square.png").read_bytes())
+    (shots / "[x].png").write_bytes((media / "square.png").read_bytes())  # a name that reads as a pattern
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    assert app.handle_line("/image my\\ shots/?.png") == OK
+    assert [m.path.name for m in app.pending] == ["a.png", "b.png"]  # in name order, the text file left out
+    assert app.handle_line("/image 'my shots/[x].png'") == OK
+    assert app.pending[-1].path.name == "[x].png"  # the file itself
+    assert app.handle_line("/drop 3") == OK and app.handle_line("/drop 2") == OK
+    assert app.handle_line("/image 'my shots'/*") == OK
+    assert [m.path.name for m in app.pending] == ["a.png", "[x].png", "a.png", "b.png"]
+    output(out)
+    assert app.handle_line("/image 'my shots/*.jpg'") == ERROR
+    assert output(out) == "error: no image file matches my shots/*.jpg; check the pattern\n"
+    assert len(app.pending) == 4 and len(app.session.turns) == 1
+
+
+def test_pasted_lines_that_start_with_commands_run_one_by_one(loaded, media, tmp_path):
+    # a paste of `/image cat.png` and a question was one /image command with the question as its
+    # paths ("What is not a file"); `/set a 1` and `/set b 2` set a to "1\n/set b 2"
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/image {media / 'square.png'}\nWhat is it?\nSay it briefly.") == OK
+    assert [(t.user_text, [m.path.name for m in t.media]) for t in app.session.turns] == [
+        ("What is it?\nSay it briefly.", ["square.png"])]  # the text after the commands is one message
+    assert app.handle_line("/set temperature 0.5\n/set top_p 0.9\n") == OK
+    assert (app.session.params.temperature, app.session.params.top_p) == (0.5, 0.9)
+    output(out)
+    # a command that fails stops there, and says what was not run
+    assert app.handle_line("/image nothing.png\nWhat?\nMore.") == ERROR
+    assert output(out) == (f"error: image {tmp_path / 'nothing.png'} does not exist; check the path\n"
+                           "(the 2 line(s) after it were not run)\n")  # fmt: skip
+    assert app.handle_line("/imgae x.png\nWhat?") == ERROR
+    assert output(out) == "error: unknown command /imgae; did you mean /image? (nothing of the 2 lines was run)\n"
+    assert len(app.session.turns) == 1 and app.pending == []
+    # the text of /system and of /set system.message may hold several lines
+    assert app.handle_line("/set system.message Be\nbrief.") == OK and app.session.system_message == "Be\nbrief."
+    assert app.handle_line("/system One\nTwo.") == OK and app.session.system_message == "One\nTwo."
 
 
 def test_a_path_with_a_nul_character_is_one_line_and_the_conversation_survives(loaded, tmp_path):
@@ -344,7 +413,14 @@ def test_set_changes_generation_and_refuses_bad_values(loaded, tmp_path):
     assert out.getvalue().endswith("error: /set generation.top_p: must be a number in (0, 1], not '2'\n")  # the key once
     assert app.handle_line("/set model.max_context 100") == ERROR and "model.max_context is read at start" in out.getvalue()
     assert app.handle_line("/set tempreature 1") == ERROR and "did you mean 'temperature'" in out.getvalue()
+    # a value the context cannot hold is said at once, not only when the next message is refused for it
+    output(out)
+    assert app.handle_line(f"/set max_new_tokens {MAX_CONTEXT}") == OK
+    assert output(out) == (f"generation.max_new_tokens = {MAX_CONTEXT}\nwarning: the answer alone could fill the "
+                           f"{MAX_CONTEXT:,}-token context, so every message will be refused; give a max_new_tokens "
+                           f"well under {MAX_CONTEXT:,}\n")  # fmt: skip
     app.handle_line("/set max_new_tokens 3")
+    assert "warning" not in output(out)
     app.handle_line("/set stats false")
     output(out)  # what came before is not under test
     app.handle_line("Hi.")
@@ -404,6 +480,9 @@ def test_save_load_export(loaded, media, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/export empty.md") == OK  # said, as /save says it
+    assert output(out) == "warning: the conversation is empty; exporting it anyway\nexported 0 turn(s) to " \
+                          f"{tmp_path / 'empty.md'}\n"
     app.handle_line(f"/image {media / 'small.png'}")
     app.handle_line("Describe it.")
     app.handle_line("More.")

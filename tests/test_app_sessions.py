@@ -101,6 +101,17 @@ def test_save_to_a_markdown_or_text_name_is_refused_with_what_to_do(loaded, tmp_
     assert app.handle_line("/save notes") == OK and json.loads((tmp_path / "notes").read_text())
 
 
+def test_export_to_a_session_name_is_refused_with_what_to_do(loaded, tmp_path, home):
+    """/export chat.json wrote Markdown under a session's name (/load then called it no session)."""
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    assert app.handle_line("/export 'my chat.JSON' --force") == ERROR
+    assert output(out) == ("error: an export is Markdown, so /export does not write my chat.JSON; /export 'my chat.md' "
+                           "writes the conversation as Markdown, /save 'my chat.JSON' saves the session\n")  # fmt: skip
+    assert list(tmp_path.glob("my chat*")) == [] and len(app.session.turns) == 1
+
+
 def test_save_never_silently_replaces_another_conversation(loaded, tmp_path, home):
     first, _ = make_app(loaded, tmp_path)
     first.handle_line("The first conversation.")
@@ -408,12 +419,13 @@ def test_save_and_export_onto_a_pipe_say_it_at_once(loaded, tmp_path, home):
     offered (or y/N asked in the REPL) for a write that then refused to replace it."""
     pipe = tmp_path / "pipe.json"
     os.mkfifo(pipe)
+    os.mkfifo(tmp_path / "pipe.md")
     app, out = make_app(loaded, tmp_path)
     app.handle_line("Hello.")
     output(out)
-    for command in ("/save pipe.json", "/export pipe.json"):
+    for command, name in (("/save pipe.json", "pipe.json"), ("/export pipe.md", "pipe.md")):
         assert app.handle_line(command) == ERROR
-        assert output(out).strip() == f"error: {pipe} is not a regular file (a device or a pipe?); give the name of a file"
+        assert output(out).strip() == f"error: {tmp_path / name} is not a regular file (a device or a pipe?); give the name of a file"
     app.confirm = lambda question: pytest.fail(f"asked {question!r}")
     assert app.handle_line("/save pipe.json") == ERROR and "not a regular file" in output(out)
     assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and len(app.session.turns) == 1
@@ -522,6 +534,8 @@ def test_load_skip_missing_goes_on_without_a_picture_that_vanished(loaded, tmp_p
     refusal = output(out2)
     assert "first.png has vanished; put the files back, add --skip-missing to /load" in refusal
     assert [t.user_text for t in other.session.turns] == ["Kept."]
+    assert other.handle_line("/load --skip-missing") == ERROR  # no NAME: said, not a list that drops the flag
+    assert "/load NAME --skip-missing" in output(out2) and [t.user_text for t in other.session.turns] == ["Kept."]
 
     assert other.handle_line("/load chat.json --skip-missing") == OK
     shown = output(out2)

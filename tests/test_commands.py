@@ -81,6 +81,14 @@ P = Path
         ("/drop 2", Command("drop", (2,))),
         ("/set temperature 0.7", Command("set", ("temperature", "0.7"))),
         ("/set top_p=0.9", Command("set", ("top_p", "0.9"))),
+        # the = with spaces around it, or before a value of several words (it was read as part of
+        # the key or of the value: unknown setting 'top_p=', "not '= 0.9'")
+        ("/set top_p = 0.9", Command("set", ("top_p", "0.9"))),
+        ("/set top_p= 0.9", Command("set", ("top_p", "0.9"))),
+        ("/set top_p =0.9", Command("set", ("top_p", "0.9"))),
+        ("/set seed = 'none'", Command("set", ("seed", "none"))),
+        ("/set system.message=Be brief.  Say 'why'.", Command("set", ("system.message", "Be brief.  Say 'why'."))),
+        ("/set system.message = Be brief.", Command("set", ("system.message", "Be brief."))),
         ("/set seed 'none'", Command("set", ("seed", "none"))),
         ("/set temperature", Command("set", ("temperature",))),  # shows the value and its source
         ("/set system.message  Be brief.  Say 'why'. ", Command("set", ("system.message", "Be brief.  Say 'why'."))),
@@ -105,6 +113,10 @@ def test_parse_line(line, expected):
         ("/qiut", "unknown command /qiut; did you mean /quit?"),
         ("/sav", "unknown command /sav; did you mean /save?"),
         ("/frobnicate", "unknown command /frobnicate; type /help"),
+        # a command with punctuation typed after it was sent to the model as a message
+        ("/help?", "unknown command /help?; did you mean /help?"),
+        ("/exit.", "unknown command /exit.; did you mean /exit?"),
+        ("/Image, cat.png", "unknown command /Image,; did you mean /image?"),
         ("/", "empty command"),
         ("/image", "/image needs PATH; usage: /image PATH…"),
         ("/video", "/video needs PATH; usage: /video PATH [--frames N] [--range A-B]"),
@@ -127,6 +139,18 @@ def test_parse_line(line, expected):
         ("/clear now", "/clear takes no arguments; usage: /clear"),
         ("/exit please", "/exit takes no arguments"),
         ("/load a.json b.json", "/load takes at most 1 argument(s); usage: /load [NAME]"),
+        # one path typed with bare spaces: the hint is that path, quoted, ready to type
+        ("/save ~/My Chats/talk 1.json", "/save takes at most 1 argument(s); a path with spaces goes in quotes: "
+                                         "/save '~/My Chats/talk 1.json'"),
+        ("/export it's my.md", "/export takes at most 1 argument(s); a path with spaces goes in quotes: "
+                               "/export 'it'\\''s my.md'"),
+        ("/video My Clips/a b.mp4 --frames 2", "a path with spaces goes in quotes: /video 'My Clips/a b.mp4'"),
+        ("/load My talk --skip-missing", "a path with spaces goes in quotes: /load 'My talk'"),
+        # a question typed after the path
+        ("/video clip.mp4 --frames 2 What happens?", "/video takes one path (and options), so send the question as the "
+                                                     "next message (or name the file in it)"),
+        # without a NAME /load lists the sessions: the flag would be dropped unsaid
+        ("/load --skip-missing", "/load --skip-missing needs NAME: /load NAME --skip-missing; /load alone lists the saved ones"),
         ("/save a.json --force=yes", "/save: --force takes no value; usage: /save [FILE] [--force]"),
         ("/export", "/export needs FILE.md"),
         ("/save a.json b.json", "/save takes at most 1 argument(s)"),

@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.buffer import Buffer
+from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
+from internvl_chat.ui.editor import edit_in_editor
 from internvl_chat.ui.repl import key_bindings
 
 
@@ -64,3 +67,25 @@ def test_the_temporary_file_is_private_and_removed(tmp_path, monkeypatch):
 def test_a_failing_editor_leaves_the_text_as_it_was(tmp_path, monkeypatch):
     editor = _editor(tmp_path, "open(path, 'w').write('lost'); sys.exit(1)")
     assert _edit(monkeypatch, editor, "kept", keys="\x18\x05\r") == "kept"
+
+
+def _edit_buffer(monkeypatch, editor: Path, text: str) -> str:
+    """The buffer's text after the editor key's work, awaited (no prompt: nothing races it)."""
+    monkeypatch.setenv("VISUAL", str(editor))
+    monkeypatch.setenv("EDITOR", str(editor))
+    buffer = Buffer(document=Document(text))
+    asyncio.run(asyncio.wait_for(edit_in_editor(buffer, accept=False), 60))
+    return buffer.text
+
+
+def test_a_failing_editor_is_said_in_one_line(tmp_path, monkeypatch, capfd):
+    # the line stayed as it was without a word: the user could not tell that the editor had failed
+    editor = _editor(tmp_path, "open(path, 'w').write('lost'); sys.exit(1)")
+    assert _edit_buffer(monkeypatch, editor, "kept") == "kept"
+    assert capfd.readouterr().err == f"the editor ({editor}) ended with status 1; the line is as it was\n"
+
+
+def test_no_editor_that_runs_is_said_in_one_line(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no editor, nano or vi to fall back on
+    assert _edit_buffer(monkeypatch, tmp_path / "no-such-editor", "kept") == "kept"
+    assert capfd.readouterr().err == "no editor could be run (set $VISUAL or $EDITOR); the line is as it was\n"

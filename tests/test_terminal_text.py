@@ -213,6 +213,10 @@ def test_set_refuses_what_cannot_change_while_running(loaded, tmp_path, key):
                               "/set alone lists the settings it can change"),
         ("/set max_new_token 5", "unknown setting 'max_new_token' (did you mean 'max_new_tokens'?)"),
         ("/set xyzzy 1", "unknown setting 'xyzzy'; /set alone lists the settings it can change"),
+        # a word that only shares letters with a setting read at start is not taken for it
+        ("/set nope 1", "unknown setting 'nope'; /set alone lists the settings it can change"),
+        ("/set foo 1", "unknown setting 'foo'; /set alone lists the settings it can change"),
+        ("/set test 1", "unknown setting 'test'; /set alone lists the settings it can change"),
     ],
 )
 def test_set_suggests_only_keys_it_can_change(loaded, tmp_path, line, message):

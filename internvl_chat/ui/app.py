@@ -20,6 +20,7 @@ sets the cancel flag, so the answer stops between tokens and its partial text is
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import re
@@ -47,7 +48,7 @@ from ..files import (PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, read_text
                      visible_lines, write_atomic, xdg_dir)  # fmt: skip
 from ..settings import Settings, format_settings, shown_value, toml_value
 from .answer_text import AnswerCleaner, sanitize
-from .commands import Command, Message, format_help, parse_line, split_words
+from .commands import Command, Message, format_help, parse_line, quote_spaced, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
 from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      percent, wrap_text)  # fmt: skip
@@ -65,6 +66,8 @@ NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /expo
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
 NAMES_SHOWN = 3  # files named in a refusal to attach several at once
+_WILDCARD = re.compile(r"[*?\[]")  # what makes an /image path a pattern
+MAX_JOINED_WORDS = 6  # /image words tried together as one path typed with bare spaces
 KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
     "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
@@ -416,12 +419,43 @@ class App:
                 return self._send_text(block)
             if not line.strip():
                 return OK
-            parsed = parse_line(line)
-            if isinstance(parsed, Message):
-                return self._send_text(parsed.text)
-            return self.run_command(parsed)
+            return self._run_input(line.strip("\n"))
 
         return self._guard(run)
+
+    def _run_input(self, text: str) -> str:
+        """An input of one or more lines. Pasted lines that start with one-line commands (`/image
+        cat.png` then a question) run one by one, the text after them goes as one message: the whole
+        paste was one command with the other lines as its arguments ("How is not a file")."""
+        first, newline, after = text.partition("\n")
+        if newline:
+            try:
+                command = parse_line(first)
+            except UsageError as e:
+                raise UsageError(f"{e} (nothing of the {text.count(chr(10)) + 1} lines was run)") from None
+            if isinstance(command, Command) and self._one_line_command(command):
+                result = self._guard(lambda: self.run_command(command))
+                if result != OK or not after.strip():
+                    if result == ERROR and after.strip():
+                        self.note(f"(the {after.count(chr(10)) + 1} line(s) after it were not run)")
+                    return result
+                return self._run_input(after.strip("\n"))
+        parsed = parse_line(text)
+        if isinstance(parsed, Message):
+            return self._send_text(parsed.text)
+        return self.run_command(parsed)
+
+    def _one_line_command(self, command: Command) -> bool:
+        """A command that ends with its line: not /system TEXT nor /set system.message VALUE, whose
+        text may hold several lines."""
+        if command.name == "system":
+            return False
+        if command.name == "set" and command.args:
+            try:
+                return set_key(command.args[0], self.settings.remote.server) != "system.message"
+            except UsageError:
+                return True  # said when it runs
+        return True
 
     def handle_message(self, text: str) -> str:
         """Send `text` as a message even when it starts with a slash (the prompt of `-I`)."""
@@ -689,7 +723,54 @@ class App:
             self.note("a message naming an image or video file attaches it; /set media.auto_attach false turns that off")
 
     def cmd_image(self, command: Command) -> None:
-        self.attach([self.describe(path, "image") for path in command.args])
+        paths = [found for path in command.args for found in self._expand_wildcards(path)]
+        self._check_typed_paths(paths)
+        before = {m.path.resolve() for m in self.pending}
+        media = [self.describe(path, "image") for path in paths]
+        self.attach(media)
+        # `/image` sent again (Up, Enter) doubled the picture's cost without a word; attaching one
+        # twice may be meant, so it is said, not refused
+        seen, twice = set(before), []
+        for item in media:
+            key = item.path.resolve()
+            if key in seen and item.path.name not in twice:
+                twice.append(item.path.name)
+            seen.add(key)
+        if twice:
+            names = ", ".join(visible(name) for name in twice[:NAMES_SHOWN]) + (" …" if len(twice) > NAMES_SHOWN else "")
+            self.warn(f"{names} attached more than once; /media lists the attachments, /drop N removes one")
+
+    def _expand_wildcards(self, path: Path) -> list[Path]:
+        """`/image shots/*.png`: a path holding * ? or [ that names no file, and ends in an image
+        extension or *, is a pattern, as in a shell; it stands for the image files it matches, in
+        name order (it said "does not exist")."""
+        text = str(path)
+        # `cats?` in `/image cat.png How many cats?` is a word of a question, not a pattern
+        pattern = _WILDCARD.search(text) and (media_kind(text) == "image" or text.endswith("*"))
+        if not pattern or _exists(self._resolve(path)):
+            return [path]
+        where = [path] if path.is_absolute() else [*(folder / path for folder in self.search_dirs), self._output_path(path)]
+        for full in where:
+            found = sorted(Path(p) for p in glob.glob(str(full)) if media_kind(p) == "image" and is_file(Path(p)))
+            if found:
+                return found
+        raise UsageError(f"no image file matches {visible(str(path))}; check the pattern")
+
+    def _check_typed_paths(self, paths: Sequence[Path]) -> None:
+        """Words of `/image` that name nothing, where what was meant is plain: the error was only
+        "…/My does not exist" for `/image ~/My Pics/cat.png` (one path with bare spaces) and
+        "image How does not exist" for `/image cat.png How many?` (a question after the path)."""
+        for i, path in enumerate(paths):
+            if _exists(self._resolve(path)):
+                continue
+            shown = visible(str(path))
+            for j in range(i + 1, min(len(paths), i + MAX_JOINED_WORDS)):
+                joined = Path(" ".join(str(p) for p in paths[i : j + 1]))
+                if is_file(self._resolve(joined)):
+                    raise UsageError(f"{shown} does not exist; a path with spaces goes in quotes: /image {quote_spaced(str(joined))}")
+            if i and not any(media_kind(p) for p in paths[i:]):
+                raise UsageError(f"{shown} is not a file: /image takes only paths, so send the question as the next message "
+                                 "(or name the file in it)")  # fmt: skip
 
     def cmd_video(self, command: Command) -> None:
         frames = command.options.get("frames")
@@ -777,6 +858,11 @@ class App:
         self.say(f"{dotted} = {self._setting_text(dotted)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
+        limit = self.session.max_context
+        if dotted == "generation.max_new_tokens" and limit and self.session.params.max_new_tokens >= limit:
+            # said now, not only when the next message is refused for it
+            self.warn(f"the answer alone could fill the {limit:,}-token context, so every message will be refused; "
+                      f"give a max_new_tokens well under {limit:,}")  # fmt: skip
 
     def _list_settings(self) -> None:
         """`/set` alone: each setting it can change, its value and where the value came from."""
@@ -1077,11 +1163,17 @@ class App:
         """`/export FILE.md [--force]`: an existing file is replaced only when this conversation
         wrote it, or with the user's yes (REPL) or --force (script), as /save does."""
         path = self._output_path(command.args[0])
+        if path.suffix.lower() == ".json":  # Markdown under a session's name: /load then calls it no session
+            as_md = _typed(str(Path(command.args[0]).with_suffix(".md")))
+            raise UsageError(f"an export is Markdown, so /export does not write {visible(path.name)}; /export {as_md} "
+                             f"writes the conversation as Markdown, /save {_typed(command.args[0])} saves the session")
         if path.is_dir():
             raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /export {_typed(path / 'chat.md')}")
         if not command.options.get("force") and not self._may_export_to(path):
             self.say("not exported")
             return
+        if not self.session.turns:  # as /save says it: an export of nothing is rarely what was meant
+            self.warn("the conversation is empty; exporting it anyway")
         # a symlink at the target is replaced, never followed; a file name that is not UTF-8 keeps its bytes
         write_atomic(path, self.export_markdown().encode("utf-8", "surrogateescape"), PRIVATE_FILE_MODE)
         self._export_file = self._file_mark(path)

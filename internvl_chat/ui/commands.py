@@ -11,11 +11,12 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
-from .paths import normalize_path, shell_unquote
+from .paths import media_kind, normalize_path, shell_unquote
 from .render import wrap_text
 
 # Argument kinds (what a completer offers): "image", "video" and "file" are paths, "session" a
@@ -39,6 +40,10 @@ class OptionSpec:
     metavar: str
     help: str
     maximum: int | None = None  # for "int": the largest value (what the setting allows)
+    # set: the option applies only with the command's first argument, and this says what the command
+    # does without it; refused there, never silently ignored (`/load --skip-missing` alone listed
+    # the sessions and dropped the flag)
+    alone: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,8 @@ class CommandSpec:
 
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("help", "show the commands, or the usage of one", (ArgSpec("COMMAND", "command", required=False),)),
-    CommandSpec("image", "attach images to the next message", (ArgSpec("PATH", "image", repeat=True),)),
+    CommandSpec("image", "attach images to the next message (* ? [ ] match names, as in a shell)",
+                (ArgSpec("PATH", "image", repeat=True),)),
     CommandSpec(
         "video",
         "attach a video to the next message",
@@ -101,7 +107,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "load",
         "load a saved conversation and its settings (no NAME: list the saved ones)",
         (ArgSpec("NAME", "session", required=False),),
-        (OptionSpec("--skip-missing", "flag", "", "load it without the images and videos that vanished or changed"),),
+        (OptionSpec("--skip-missing", "flag", "", "load it without the images and videos that vanished or changed",
+                    alone="lists the saved ones"),),
     ),
     CommandSpec(
         "export",
@@ -247,6 +254,7 @@ def _suggest(word: str, names: list[str], prefix: str) -> str | None:
 # --- lines -------------------------------------------------------------------------------------
 
 _COMMAND_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_PUNCTUATED = re.compile(r"([A-Za-z][A-Za-z0-9_-]*)[.,;:!?]+")
 
 
 def parse_line(line: str) -> Message | Command:
@@ -266,6 +274,9 @@ def parse_line(line: str) -> Message | Command:
     if not head:
         raise UsageError("empty command; type /help for the commands.")
     if not _COMMAND_NAME.fullmatch(head):
+        typo = _PUNCTUATED.fullmatch(head)  # `/help?`, `/exit.`, `/image,`: a command, not a path to send
+        if typo and typo.group(1).lower() in COMMAND_BY_NAME:
+            raise UsageError(f"unknown command /{_cut(head)}; did you mean /{typo.group(1).lower()}?")
         return Message(line)  # a dropped path such as /tmp/cat.png
     spec = COMMAND_BY_NAME.get(head.lower())
     if spec is None:
@@ -318,12 +329,31 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
     if spec.name == "set" and len(positional) == 1 and "=" in positional[0].raw:
         key, _, value = _unquote(positional[0].raw).partition("=")
         return Command("set", (key.strip(), value.strip()), options)
+    if spec.name == "set" and len(positional) > 1:
+        # `KEY= VALUE`, `KEY = VALUE`, `KEY=VALUE WORDS`: the = read as part of the key or of the value
+        # (unknown setting 'temperature=', "not '= 0.5'")
+        first, second = positional[0], positional[1]
+        if "=" in first.raw:
+            cut = first.start + first.raw.index("=")
+            return Command("set", (_unquote(rest[first.start : cut]).strip(), _set_value(rest[cut + 1 :])), options)
+        if second.raw.startswith("="):
+            return Command("set", (_unquote(first.raw), _set_value(rest[second.start + 1 :])), options)
     if spec.name == "set" and len(positional) > 2:
         # a VALUE of several words is the rest of the line, as /system takes its TEXT (`/set
         # system.message Be brief.` was refused as too many arguments)
         return Command("set", (_unquote(positional[0].raw), rest[positional[1].start :].strip()), options)
 
+    for opt in spec.options:
+        if opt.alone and opt.name[2:] in options and not positional:
+            arg = spec.args[0].name
+            raise UsageError(f"/{spec.name} {opt.name} needs {arg}: /{spec.name} {arg} {opt.name}; /{spec.name} alone {opt.alone}")
     return Command(spec.name, _bind(spec, positional), options)
+
+
+def _set_value(text: str) -> str:
+    """The VALUE of `/set`: one word unquoted, several the text as typed (as /system takes its TEXT)."""
+    words = split_words(text)
+    return _unquote(words[0].raw) if len(words) == 1 else text.strip()
 
 
 def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
@@ -334,6 +364,18 @@ def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
         raise UsageError(f"/{spec.name} needs {missing.name}; usage: {spec.usage}")
     if not repeat and len(words) > len(spec.args):
         what = "no arguments" if not spec.args else f"at most {len(spec.args)} argument(s)"
+        spare = words[len(spec.args) - 1 : -1]
+        kinds = [media_kind(_unquote(w.raw)) for w in words]
+        if spec.name == "video" and kinds[0] and not any(kinds[1:]):  # `/video clip.mp4 What happens?`
+            raise UsageError("/video takes one path (and options), so send the question as the next message "
+                             "(or name the file in it)")
+        # `/save ~/My Chats/a.json`: one path typed with bare spaces (words but the last without a
+        # suffix; `/load a.json b.json` is two names)
+        if spec.args and spec.args[-1].kind in PATH_KINDS and not any(Path(_unquote(w.raw)).suffix for w in spare):
+            typed = " ".join(w.raw for w in words[: len(spec.args) - 1])
+            spaced = quote_spaced(" ".join(_unquote(w.raw) for w in words[len(spec.args) - 1 :]))
+            raise UsageError(f"/{spec.name} takes {what}; a path with spaces goes in quotes: "
+                             f"/{spec.name} {typed + ' ' if typed else ''}{_cut(spaced, 80)}")  # fmt: skip
         raise UsageError(f"/{spec.name} takes {what}; usage: {spec.usage}")
 
     values: list[Any] = []
@@ -346,6 +388,11 @@ def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
         else:
             values.append(_unquote(word.raw))
     return tuple(values)
+
+
+def quote_spaced(text: str) -> str:
+    """`text` (a path as typed, `~` kept) in single quotes, as a hint to type it back as one word."""
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def format_help(name: str | None = None, width: int | None = None) -> str:

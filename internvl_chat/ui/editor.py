@@ -14,11 +14,14 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import tempfile
 
 from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.document import Document
+
+from ..files import visible
 
 _NO_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # surrogates that no byte was decoded to
 _FALLBACK_EDITORS = ("editor", "nano", "vi")  # when neither $VISUAL nor $EDITOR is set or runs
@@ -30,8 +33,10 @@ def encode_text(text: str) -> bytes:
     return _NO_BYTE.sub("\ufffd", text).encode("utf-8", "surrogateescape")
 
 
-def run_editor(path: str) -> bool:
-    """Run the user's editor on `path` in the foreground; True when it ended well."""
+def run_editor(path: str) -> str | None:
+    """Run the user's editor on `path` in the foreground; None when it ended well, else why not
+    (one line: a failed editor used to leave the line as it was without a word)."""
+    failed = None
     for command in (os.environ.get("VISUAL"), os.environ.get("EDITOR"), *_FALLBACK_EDITORS):
         if not command:
             continue
@@ -42,10 +47,15 @@ def run_editor(path: str) -> bool:
         if not argv:
             continue
         try:
-            return subprocess.call([*argv, path]) == 0
+            status = subprocess.call([*argv, path])
         except OSError:  # not installed, not executable
             continue
-    return False
+        if status == 0:
+            return None
+        failed = f"the editor ({visible(command)}) ended with status {status}"
+        break
+    failed = failed or "no editor could be run (set $VISUAL or $EDITOR)"
+    return f"{failed}; the line is as it was"
 
 
 async def edit_in_editor(buffer: Buffer, accept: bool = True) -> None:
@@ -55,7 +65,14 @@ async def edit_in_editor(buffer: Buffer, accept: bool = True) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(encode_text(buffer.text))
-        if not await run_in_terminal(lambda: run_editor(path), in_executor=True):
+
+        def edit() -> bool:
+            failed = run_editor(path)
+            if failed:
+                print(failed, file=sys.stderr, flush=True)  # above the prompt, which then comes back
+            return failed is None
+
+        if not await run_in_terminal(edit, in_executor=True):
             return
         with open(path, "rb") as f:
             text = f.read().decode("utf-8", "surrogateescape")

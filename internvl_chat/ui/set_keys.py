@@ -81,9 +81,19 @@ def set_key(key: str, server: str = "") -> str:
         raise UsageError(read_at_start(bare[word], server))
     meaning = {**{key: key for key in all_keys()}, **bare, **SET_ALIASES}
     close = difflib.get_close_matches(word, list(meaning), n=1, cutoff=0.5)
+    if close and not changeable_while_running(meaning[close[0]]) and not _nearly(word, close[0]):
+        # loosely alike only (`nope` and `compile`, `foo` and `color`): naming that setting as the
+        # one read at start told the user about a setting they never meant; suggest a key /set can change
+        changeable = [name for name, dotted in meaning.items() if changeable_while_running(dotted)]
+        close = difflib.get_close_matches(word, changeable, n=1, cutoff=0.5)
     if not close:
         raise UsageError(f"unknown setting {key!r}; /set alone lists the settings it can change")
     dotted = meaning[close[0]]
     if not changeable_while_running(dotted):
         raise UsageError(f"unknown setting {key!r}; {read_at_start(dotted, server)}")
     raise UsageError(f"unknown setting {key!r} (did you mean {close[0]!r}?); /set alone lists the settings it can change")
+
+
+def _nearly(word: str, key: str) -> bool:
+    """A typo of `key` (a letter or two wrong), not a different word that shares a few letters."""
+    return difflib.SequenceMatcher(None, word, key).ratio() >= 0.8
