@@ -61,6 +61,8 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     else:
         sys.stdout.write("\n")
     sys.stdout.flush()
+    if final.get("note"):  # the client stopped the answer (chat/answer_bounds.py): the text is cut
+        print(f"internvl-chat: warning: stopped: {final['note']}", file=sys.stderr)
     if settings.ui.stats and not args.json:
         device = info.memory_device  # None: the model runs elsewhere, its memory is not ours to show
         width = os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None
