@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from remote_helpers import FakeServer, Reply, fixture
+from remote_helpers import FakeServer, Reply, dripping_server, fixture
 from rich.console import Console
 
 from internvl_chat.chat import answer_bounds
@@ -161,6 +161,21 @@ def test_no_text_within_answer_timeout_is_one_line_and_the_conversation_is_uncha
         clock.step = 100.0  # past the bound a few readings after the request starts
         with pytest.raises(RemoteError, match=r"^the server sent no answer text within \[remote\] answer_timeout \(600 s\)"):
             answer(conv)
+        assert [t.user_text for t in conv.turns] == ["first"]
+
+
+def test_a_head_that_never_ends_is_cut_at_answer_timeout(clock):
+    """Before the head there is no answer socket to shut: the deadline must still end the request,
+    not wait for the head's own bound (the read timeout, two minutes here)."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server, answer_timeout=600)
+    with dripping_server(b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a", seconds=120) as url:
+        conv.client.close()
+        conv.client = type(conv.client)(url, "", 120)
+        clock.step = 100.0
+        with pytest.raises(RemoteError, match=r"^the server sent no answer text within \[remote\] answer_timeout"):
+            answer(conv)
+        assert not conv.client.head_watch.fired
         assert [t.user_text for t in conv.turns] == ["first"]
 
 

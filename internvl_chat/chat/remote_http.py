@@ -291,6 +291,7 @@ class ChatStream:
         self._lock = threading.Lock()  # `_socket` is shut only while its answer is being read
         self._socket: socket.socket | None = None
         self._started = False  # any chunk received: an error after it is "in the middle of the answer"
+        self._in_flight = False  # the request is being sent, or its head awaited
         self._events = self._run()
 
     def __iter__(self) -> Iterator[dict]:
@@ -301,11 +302,16 @@ class ChatStream:
 
     def abort(self) -> None:
         """Shut the answer's socket: a read blocked in it returns at once with the end of the
-        stream (a signal handler cannot do this: Python retries a read that a signal interrupted)."""
+        stream (a signal handler cannot do this: Python retries a read that a signal interrupted).
+        Before the head has come there is no answer socket yet: the client's are shut, as HeadWatch
+        does (requests run one at a time, so the others are idle)."""
         with self._lock:
             self.aborted = True
             if self._socket is not None:
                 _shut(self._socket)
+            elif self._in_flight:
+                for sock in list(self._client._sockets):
+                    _shut(sock)
 
     def _reading(self, response: httpx.Response) -> None:
         stream = response.extensions.get("network_stream")
@@ -324,8 +330,12 @@ class ChatStream:
         client = self._client
         client.advice = self._advice  # read by the status check, which runs as httpx's response hook
         try:
+            with self._lock:
+                self._in_flight = True
             with client.stream("POST", "chat/completions", json=self._body,
                                headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
+                with self._lock:
+                    self._in_flight = False
                 self._reading(response)
                 try:
                     yield from self._events_of(response)
@@ -335,6 +345,9 @@ class ChatStream:
             if self.aborted:
                 return  # the shut socket, seen as a broken connection
             raise client.broken(e, self._started) from None
+        finally:
+            with self._lock:
+                self._in_flight = False
 
     def _events_of(self, response: httpx.Response) -> Iterator[dict]:
         client = self._client
