@@ -496,13 +496,14 @@ class RemoteConversation:
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
                     break
-            stopped = stream.aborted and not stream.done  # by the watcher: a cancel, or the time was up
         note = None
-        if finish is None and (bounds.over == "length" or (stopped and bounds.over == "time" and raw_finish is None)):
+        # the watcher sets `over` before it aborts the stream: the loop may have seen either first
+        timed_out = bounds.over == "time" and raw_finish is None and not stream.done
+        if finish is None and (bounds.over == "length" or timed_out):
             if not parts:  # nothing to keep: the turn is not taken
                 raise RemoteError(bounds.failure())
             finish, note, usage = "length", bounds.note(), None  # a usage before the cut is not the answer's
-        elif finish is None and stopped and bounds.over != "time":
+        elif finish is None and stream.aborted and not stream.done and bounds.over is None:  # a cancel
             finish = "cancelled"
         if finish is None:
             if raw_finish is None and not stream.done:
