@@ -223,16 +223,31 @@ def test_the_app_says_why_the_answer_stopped_and_goes_on(tmp_path):
         assert [t.reply for t in app.session.turns] == ["x" * PIECES, "ok"]
 
 
+def one_shot(url: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(home)}
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--server", url, "--max-new-tokens", "8",
+                           "--no-stats", "-p", "hi"], input="", capture_output=True, text=True, env=env,
+                          timeout=300, cwd=home)  # fmt: skip
+
+
 def test_a_one_shot_run_against_an_endless_server_ends_with_what_arrived(tmp_path):
     with FakeServer(fixture("vllm/models.json")) as server:
         server.chat(Reply(pieces=[piece("x")], end="endless"))
-        env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(tmp_path)}
-        for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
-            env.pop(name, None)
-        run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--server", server.url, "--max-new-tokens", "8",
-                              "--no-stats", "-p", "hi"], input="", capture_output=True, text=True, env=env,
-                             timeout=300, cwd=tmp_path)  # fmt: skip
+        run = one_shot(server.url, tmp_path)
         assert run.returncode == 0, run.stderr
         assert run.stdout == "x" * PIECES + "\n"
         assert run.stderr == ("internvl-chat: warning: stopped: the server sent more than the 8 tokens asked for (does it "
                               "ignore max_tokens?); the answer is cut there\n")  # fmt: skip
+
+
+def test_a_one_shot_answer_broken_off_ends_its_line_before_the_error(tmp_path):
+    """The partial answer is on stdout already: without a line break there, the error line that
+    follows on a terminal read `Hellinternvl-chat: error: …`."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply(pieces=[piece("Hell")], end="cut"))
+        run = one_shot(server.url, tmp_path)
+        assert run.returncode == 1
+        assert run.stdout == "Hell\n"
+        assert run.stderr.startswith("internvl-chat: error: the connection to ") and run.stderr.count("\n") == 1

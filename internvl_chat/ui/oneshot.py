@@ -6,7 +6,10 @@ import argparse
 import json
 import os
 import sys
+from contextlib import suppress
 
+from ..errors import InternVLChatError
+from ..files import OutputFailed
 from ..settings import Settings
 from .app import not_attached, peak_memory, sanitize, take_media_paths
 from .paths import media_kind
@@ -40,12 +43,21 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     final = None
     # raw text for pipes; a terminal must not receive the model's control characters
     clean = sanitize if sys.stdout.isatty() else str
-    for event in session.ask(prompt, media):
-        if not args.json and event["text"]:
-            sys.stdout.write(clean(event["text"]))
-            sys.stdout.flush()
-        if event["finish_reason"] is not None:
-            final = event
+    wrote = False
+    try:
+        for event in session.ask(prompt, media):
+            if not args.json and event["text"]:
+                wrote = True
+                sys.stdout.write(clean(event["text"]))
+                sys.stdout.flush()
+            if event["finish_reason"] is not None:
+                final = event
+    except (InternVLChatError, KeyboardInterrupt):
+        if wrote:  # the partial answer's line is ended: the error line (stderr) must not continue it
+            with suppress(OutputFailed):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+        raise
     info = session.describe()
     timing = dict(final["timing"], load_s=info.load_s)  # load_s: the model's load, or the server handshake
     if args.json:
