@@ -211,7 +211,8 @@ def test_answer_timeout_is_range_checked(text, accepted):
 def test_the_app_says_why_the_answer_stopped_and_goes_on(tmp_path):
     with FakeServer(fixture("vllm/models.json")) as server:
         server.chat(Reply.sse(piece("x") * 5000 + STOP), Reply.sse(piece("ok") + STOP))
-        settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": MAX_NEW, "remote.server": server.url})
+        overrides = {"generation.max_new_tokens": MAX_NEW, "remote.server": server.url}
+        settings = load_settings(os.devnull, env={}, overrides=overrides)
         conv = RemoteConversation.connect(server.url, params=sampling_params(settings))
         out = io.StringIO()
         app = App(conv, settings, Console(file=out, width=300, color_system=None), cwd=tmp_path)

@@ -61,7 +61,7 @@ from .dialects import (
     tiles_are_per_request,
     user_content,
 )
-from .remote_http import ApiClient, ChatStream, shorten
+from .remote_http import ApiClient, shorten
 from .sampling import SamplingParams
 from .session import Media, ReadiedSession, saved_media, sha256_of, with_notes
 from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
@@ -476,7 +476,8 @@ class RemoteConversation:
                     delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
                     content = delta.get("content")
                     if isinstance(content, str) and content:
-                        content = bounds.take(replace_lone_surrogates(content))  # a JSON "\ud800" escape cannot be resent or saved
+                        # a JSON "\ud800" escape cannot be resent or saved
+                        content = bounds.take(replace_lone_surrogates(content))
                         if not content:
                             break
                         now = time.perf_counter()
