@@ -252,3 +252,28 @@ def test_a_one_shot_answer_broken_off_ends_its_line_before_the_error(tmp_path):
         assert run.returncode == 1
         assert run.stdout == "Hell\n"
         assert run.stderr.startswith("internvl-chat: error: the connection to ") and run.stderr.count("\n") == 1
+
+
+def test_shutting_a_clients_sockets_survives_a_connection_added_meanwhile():
+    """The watcher threads read the client's sockets while the thread making requests may add one:
+    the set's iteration then fails ("Set changed size during iteration"), and the socket that was to
+    be shut stayed open (a deadline or a late head waited on)."""
+    import socket
+    import weakref
+
+    from internvl_chat.chat import remote_http
+
+    class Changing(weakref.WeakSet):
+        failures = 1
+
+        def __iter__(self):
+            if Changing.failures:
+                Changing.failures -= 1
+                raise RuntimeError("Set changed size during iteration")
+            return super().__iter__()
+
+    a, b = socket.socketpair()
+    with a, b:
+        sockets = Changing([a])
+        remote_http.shut_all(sockets)
+        assert b.recv(1) == b""  # a was shut: its peer reads the end

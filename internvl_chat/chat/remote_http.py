@@ -238,6 +238,19 @@ def _shut(sock: socket.socket) -> None:
         pass  # already closed (by either side)
 
 
+def shut_all(sockets: weakref.WeakSet[socket.socket]) -> None:
+    """`_shut` each of a client's sockets, from a watcher thread: the thread making requests may
+    add one meanwhile, which ends an iteration of the set with a RuntimeError; it is read again."""
+    for _ in range(100):
+        try:
+            current = list(sockets)
+        except RuntimeError:  # "Set changed size during iteration"
+            continue
+        for sock in current:
+            _shut(sock)
+        return
+
+
 class HeadWatch:
     """Shuts the client's sockets when the head of an answer has not come `timeout` s after the
     request was sent. The read timeout restarts with every byte, so a head trickled a byte at a
@@ -257,8 +270,9 @@ class HeadWatch:
             if self._done.is_set():
                 return
             self.fired = True
-            for sock in list(self._sockets):  # requests run one at a time: the others are idle, and
-                _shut(sock)  # the pool drops an idle connection whose socket reads as ended
+            # requests run one at a time: the others are idle, and the pool drops an idle
+            # connection whose socket reads as ended
+            shut_all(self._sockets)
 
     def stop(self) -> None:
         with self._lock:
@@ -310,8 +324,7 @@ class ChatStream:
             if self._socket is not None:
                 _shut(self._socket)
             elif self._in_flight:
-                for sock in list(self._client._sockets):
-                    _shut(sock)
+                shut_all(self._client._sockets)
 
     def _reading(self, response: httpx.Response) -> None:
         stream = response.extensions.get("network_stream")
