@@ -248,6 +248,8 @@ class RemoteSettings:
     dialect: str = _setting("auto", _choice(REMOTE_DIALECTS), f"one of {', '.join(REMOTE_DIALECTS)}")
     timeout: float = _setting(300.0, _number(0.0, REMOTE_TIMEOUT_MAX, low_open=True),
                               "a number of seconds > 0 and ≤ 86400 (a day)")
+    answer_timeout: float = _setting(3600.0, _number(0.0, REMOTE_TIMEOUT_MAX),
+                                     "a number of seconds from 0 to 86400 (a day): one answer's total time; 0: no bound")
 
 
 SECTIONS: dict[str, type] = {

@@ -431,7 +431,7 @@ def test_cancel_ends_an_answer_whose_server_went_silent_and_keeps_it():
         events = conv.ask("What is it?", cancel=cancel)
         assert next(events)["text"] == "A red"
         reader = threading.get_ident()
-        (watcher,) = [t for t in threading.enumerate() if t.name == "remote-cancel" and t.is_alive()]
+        (watcher,) = [t for t in threading.enumerate() if t.name == "remote-watch" and t.is_alive()]
         if sys.platform.startswith("linux"):
             assert signal.SIGINT in _blocked_signals(watcher)  # a Ctrl-C goes to the reading thread
 

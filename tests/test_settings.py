@@ -60,7 +60,7 @@ EXPECTED_DEFAULTS = {
         "keep_alive_timeout": 5.0,
         "max_header_kb": 16,
     },
-    "remote": {"server": "", "api_key": "", "model": "", "dialect": "auto", "timeout": 300.0},
+    "remote": {"server": "", "api_key": "", "model": "", "dialect": "auto", "timeout": 300.0, "answer_timeout": 3600.0},
 }
 
 

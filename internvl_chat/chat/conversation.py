@@ -10,7 +10,8 @@ in `token_counts_exact`; the UI shows `≈` instead of branching on the backend.
 Events from `ask` and `retry` (both implementations):
     {"text": new text since the last event, "usage": {...} | None, "finish_reason": None, "timing": None}
     … then one final event with "finish_reason" ("stop", "length" or "cancelled"), "usage",
-    "timing" and "token_ids" (the answer's ids; None when the server does not send them).
+    "timing" and "token_ids" (the answer's ids; None when the server does not send them); a
+    remote answer's may also have a "note": one line saying why the client cut it ("length").
 On an error or an interrupt before the final event, the conversation is as it was before the turn.
 
 Timing keys (all optional; the UI shows what is there): `vision_s`, `prefill_tokens`,

@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +46,8 @@ from ..media.image import (
 )
 from ..media.video import load_video, probe_video, used_range
 from ..settings import without_credentials
-from ..threads import start_worker
 from .advice import Advice, any_of
+from .answer_bounds import AnswerBounds, watched
 from .conversation import BackendInfo, PromptView
 from .dialects import (
     LABELS,
@@ -61,7 +61,7 @@ from .dialects import (
     tiles_are_per_request,
     user_content,
 )
-from .remote_http import ApiClient, ChatStream, shorten
+from .remote_http import ApiClient, shorten
 from .sampling import SamplingParams
 from .session import Media, ReadiedSession, saved_media, sha256_of, with_notes
 from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
@@ -77,13 +77,7 @@ BYTES_PER_TOKEN = 4  # Qwen's tokenizer: ~4 bytes of English or of Chinese text 
 MAX_IMAGE_BYTES = 64 << 20
 SENT_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png"}  # read alike by PIL, stb_image, lmdeploy, vLLM
 JPEG_QUALITY = 95
-# Bounds on one answer, per max_new_tokens, far above any real server's: past them the server is
-# ignoring max_tokens (an endless stream) and holding on would fill memory.
-PIECES_PER_TOKEN = 4
-CHARS_PER_TOKEN = 256
-ANSWER_SLACK = 1024
 MAX_USAGE_COUNT = 1 << 31  # a token count beyond any context: a broken server's usage
-CANCEL_POLL_S = 0.1  # how soon a cancel ends an answer whose server has gone silent
 FINISH_REASON_MAX_CHARS = 64  # of a finish_reason the server names; real ones are one word
 FINISH_REASONS = {"stop": "stop", "eos": "stop", "tool_calls": "stop", "content_filter": "stop", "length": "length"}
 
@@ -182,6 +176,7 @@ class RemoteConversation:
         system_message: str | None = None,
         stream_interval: int = 1,
         handshake_s: float | None = None,
+        answer_timeout: float | None = None,
     ):
         self.client = client
         self.model = model
@@ -191,6 +186,7 @@ class RemoteConversation:
         self.system_message = system_message or None
         self.stream_interval = stream_interval
         self.handshake_s = handshake_s
+        self.answer_timeout = answer_timeout or None  # seconds one answer may take in all; None: no bound
         self.commands = True  # the user can type commands; one-shot mode sets False (chat/advice.py)
         self.turns: list[RemoteTurn] = []
 
@@ -455,16 +451,15 @@ class RemoteConversation:
         pending = ""
         since_emit = 0
         chunks = 0
-        events = answer_chars = 0
-        max_events = params.max_new_tokens * PIECES_PER_TOKEN + ANSWER_SLACK
-        max_chars = params.max_new_tokens * CHARS_PER_TOKEN + ANSWER_SLACK
+        bounds = AnswerBounds(params.max_new_tokens, self.answer_timeout)
         t_first = t_last = None
         finish = raw_finish = None
         usage: dict | None = None
         server_timings: dict | None = None
-        with closing(stream), _aborted_on(cancel, stream):  # the watcher stops before the stream closes
+        with closing(stream), watched(stream, cancel, bounds):  # the watcher stops before the stream closes
             for chunk in stream:
-                events += 1
+                if not bounds.event():
+                    break
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 if isinstance(chunk.get("timings"), dict):
@@ -481,7 +476,10 @@ class RemoteConversation:
                     delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
                     content = delta.get("content")
                     if isinstance(content, str) and content:
-                        content = replace_lone_surrogates(content)  # a JSON "\ud800" escape cannot be resent or saved
+                        # a JSON "\ud800" escape cannot be resent or saved
+                        content = bounds.take(replace_lone_surrogates(content))
+                        if not content:
+                            break
                         now = time.perf_counter()
                         t_first = t_first or now
                         t_last = now
@@ -489,22 +487,25 @@ class RemoteConversation:
                         since_emit += 1
                         parts.append(content)
                         pending += content
-                        answer_chars += len(content)
-                    if choice.get("finish_reason"):
+                    if choice.get("finish_reason") and bounds.over is None:
                         raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
-                if events > max_events or answer_chars > max_chars:
-                    raise RemoteError(
-                        f"the server sent far more than the {params.max_new_tokens:,} tokens asked for (it ignores "
-                        "max_tokens?); the answer was dropped; check the server, or try --dialect generic"
-                    )
+                if bounds.over is not None:
+                    break
                 if pending and since_emit >= self.stream_interval:
                     yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
                     pending, since_emit = "", 0
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
                     break
-            if finish is None and stream.aborted and not stream.done:  # the server had gone silent
-                finish = "cancelled"
+        note = None
+        # the watcher sets `over` before it aborts the stream: the loop may have seen either first
+        timed_out = bounds.over == "time" and raw_finish is None and not stream.done
+        if finish is None and (bounds.over == "length" or timed_out):
+            if not parts:  # nothing to keep: the turn is not taken
+                raise RemoteError(bounds.failure())
+            finish, note, usage = "length", bounds.note(), None  # a usage before the cut is not the answer's
+        elif finish is None and stream.aborted and not stream.done and bounds.over is None:  # a cancel
+            finish = "cancelled"
         if finish is None:
             if raw_finish is None and not stream.done:
                 raise RemoteError(
@@ -529,6 +530,7 @@ class RemoteConversation:
             "finish_reason": finish,
             "timing": turn.timing,
             "token_ids": None,
+            "note": note,  # why the client stopped the answer, or None
         }
 
     def undo(self) -> RemoteTurn:
@@ -667,26 +669,3 @@ def _timing(t0, t_first, t_last, end, chunks, usage, server_timings, raw_finish)
     if server:
         timing["server"] = server
     return timing
-
-
-@contextmanager
-def _aborted_on(cancel: threading.Event | None, stream: ChatStream) -> Iterator[None]:
-    """Abort `stream` when `cancel` is set. The answer loop looks at `cancel` only between pieces,
-    and a server gone silent sends none: its first Ctrl-C would wait for the read timeout."""
-    if cancel is None:
-        yield
-        return
-    finished = threading.Event()
-
-    def watch() -> None:
-        while not cancel.wait(CANCEL_POLL_S):
-            if finished.is_set():
-                return
-        if not finished.is_set():
-            stream.abort()
-
-    start_worker(watch, "remote-cancel")
-    try:
-        yield
-    finally:
-        finished.set()

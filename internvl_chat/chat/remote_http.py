@@ -238,6 +238,19 @@ def _shut(sock: socket.socket) -> None:
         pass  # already closed (by either side)
 
 
+def shut_all(sockets: weakref.WeakSet[socket.socket]) -> None:
+    """`_shut` each of a client's sockets, from a watcher thread: the thread making requests may
+    add one meanwhile, which ends an iteration of the set with a RuntimeError; it is read again."""
+    for _ in range(100):
+        try:
+            current = list(sockets)
+        except RuntimeError:  # "Set changed size during iteration"
+            continue
+        for sock in current:
+            _shut(sock)
+        return
+
+
 class HeadWatch:
     """Shuts the client's sockets when the head of an answer has not come `timeout` s after the
     request was sent. The read timeout restarts with every byte, so a head trickled a byte at a
@@ -257,8 +270,9 @@ class HeadWatch:
             if self._done.is_set():
                 return
             self.fired = True
-            for sock in list(self._sockets):  # requests run one at a time: the others are idle, and
-                _shut(sock)  # the pool drops an idle connection whose socket reads as ended
+            # requests run one at a time: the others are idle, and the pool drops an idle
+            # connection whose socket reads as ended
+            shut_all(self._sockets)
 
     def stop(self) -> None:
         with self._lock:
@@ -291,6 +305,7 @@ class ChatStream:
         self._lock = threading.Lock()  # `_socket` is shut only while its answer is being read
         self._socket: socket.socket | None = None
         self._started = False  # any chunk received: an error after it is "in the middle of the answer"
+        self._in_flight = False  # the request is being sent, or its head awaited
         self._events = self._run()
 
     def __iter__(self) -> Iterator[dict]:
@@ -301,11 +316,15 @@ class ChatStream:
 
     def abort(self) -> None:
         """Shut the answer's socket: a read blocked in it returns at once with the end of the
-        stream (a signal handler cannot do this: Python retries a read that a signal interrupted)."""
+        stream (a signal handler cannot do this: Python retries a read that a signal interrupted).
+        Before the head has come there is no answer socket yet: the client's are shut, as HeadWatch
+        does (requests run one at a time, so the others are idle)."""
         with self._lock:
             self.aborted = True
             if self._socket is not None:
                 _shut(self._socket)
+            elif self._in_flight:
+                shut_all(self._client._sockets)
 
     def _reading(self, response: httpx.Response) -> None:
         stream = response.extensions.get("network_stream")
@@ -324,8 +343,12 @@ class ChatStream:
         client = self._client
         client.advice = self._advice  # read by the status check, which runs as httpx's response hook
         try:
+            with self._lock:
+                self._in_flight = True
             with client.stream("POST", "chat/completions", json=self._body,
                                headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
+                with self._lock:
+                    self._in_flight = False
                 self._reading(response)
                 try:
                     yield from self._events_of(response)
@@ -335,6 +358,9 @@ class ChatStream:
             if self.aborted:
                 return  # the shut socket, seen as a broken connection
             raise client.broken(e, self._started) from None
+        finally:
+            with self._lock:
+                self._in_flight = False
 
     def _events_of(self, response: httpx.Response) -> Iterator[dict]:
         client = self._client

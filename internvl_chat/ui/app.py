@@ -680,7 +680,9 @@ class App:
 
     def _after_answer(self, final: dict) -> None:
         reason = final["finish_reason"]
-        if reason == "cancelled":
+        if final.get("note"):  # the client stopped the answer (chat/answer_bounds.py)
+            self.say(f"[stopped: {final['note']}; /retry answers again, /undo removes it]", "yellow")
+        elif reason == "cancelled":
             self.say("[cancelled: the partial answer is kept; /retry answers again, /undo removes it]", "yellow")
         elif reason == "length":
             limit = self.session.max_context

@@ -6,7 +6,10 @@ import argparse
 import json
 import os
 import sys
+from contextlib import suppress
 
+from ..errors import InternVLChatError
+from ..files import OutputFailed
 from ..settings import Settings
 from .answer_text import AnswerCleaner
 from .app import not_attached, peak_memory, take_media_paths
@@ -41,12 +44,21 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     final = None
     # raw text for pipes; a terminal must not receive the model's control characters (its \r are line breaks)
     clean = AnswerCleaner() if sys.stdout.isatty() else None
-    for event in session.ask(prompt, media):
-        if not args.json and event["text"]:
-            sys.stdout.write(clean.feed(event["text"]) if clean else event["text"])
-            sys.stdout.flush()
-        if event["finish_reason"] is not None:
-            final = event
+    wrote = False
+    try:
+        for event in session.ask(prompt, media):
+            if not args.json and event["text"]:
+                wrote = True
+                sys.stdout.write(clean.feed(event["text"]) if clean else event["text"])
+                sys.stdout.flush()
+            if event["finish_reason"] is not None:
+                final = event
+    except (InternVLChatError, KeyboardInterrupt):
+        if wrote:  # the partial answer's line is ended: the error line (stderr) must not continue it
+            with suppress(OutputFailed):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+        raise
     if clean is not None and not args.json:
         sys.stdout.write(clean.finish())
     info = session.describe()
@@ -64,6 +76,8 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     else:
         sys.stdout.write("\n")
     sys.stdout.flush()
+    if final.get("note"):  # the client stopped the answer (chat/answer_bounds.py): the text is cut
+        print(f"internvl-chat: warning: stopped: {final['note']}", file=sys.stderr)
     if settings.ui.stats and not args.json:
         device = info.memory_device  # None: the model runs elsewhere, its memory is not ours to show
         width = os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None

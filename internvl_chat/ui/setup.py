@@ -76,6 +76,7 @@ def open_remote(settings: Settings, show_progress: bool) -> Conversation:
             model=r.model,
             dialect=r.dialect,
             timeout=r.timeout,
+            answer_timeout=r.answer_timeout,
             params=params_from_settings(settings),
             system_message=settings.system.message,
             stream_interval=settings.generation.stream_interval,

@@ -1,0 +1,279 @@
+"""A server that streams valid events without end (ignores max_tokens, never finishes, trickles):
+the client cuts the answer at the length it asked for, or at [remote] answer_timeout, keeps what
+arrived with a one-line note, and the conversation goes on. Real local HTTP servers; the time
+bound is driven by a clock the test moves, never by waiting."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from remote_helpers import FakeServer, Reply, dripping_server, fixture
+from rich.console import Console
+
+from internvl_chat.chat import answer_bounds
+from internvl_chat.chat.remote import RemoteConversation
+from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.chat.sampling import params_from_settings as sampling_params
+from internvl_chat.errors import RemoteError
+from internvl_chat.settings import Settings, load_settings
+from internvl_chat.ui.app import OK, App
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD = fixture("vllm/stream.sse")
+STOP = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+LENGTH = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}\n\ndata: [DONE]\n\n'
+MAX_NEW = 8
+PIECES = MAX_NEW * answer_bounds.PIECES_PER_TOKEN + answer_bounds.PIECE_SLACK
+CHARS = MAX_NEW * answer_bounds.CHARS_PER_TOKEN + answer_bounds.ANSWER_SLACK
+
+
+def piece(text: str) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}).encode() + b"\n\n"
+
+
+def connected(server: FakeServer, answer_timeout: float | None = None) -> RemoteConversation:
+    """A conversation with one good turn (max_new_tokens 8). Its read timeout, a minute, only ends a
+    test whose bound failed (a hang, else) and never comes first: the bound is moved by a fake clock."""
+    server.chat(Reply.sse(GOOD))
+    conv = RemoteConversation.connect(server.url, timeout=60, params=SamplingParams(max_new_tokens=MAX_NEW),
+                                      answer_timeout=answer_timeout)  # fmt: skip
+    list(conv.ask("first"))
+    return conv
+
+
+def answer(conv: RemoteConversation, text: str = "second") -> tuple[str, dict]:
+    events = list(conv.ask(text))
+    return "".join(e["text"] for e in events), events[-1]
+
+
+class Clock:
+    """answer_bounds' clock, moved by the test (`step`: by itself, at every reading)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.step = 0.0
+
+    def __call__(self) -> float:
+        now = self.now
+        self.now += self.step
+        return now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(answer_bounds, "clock", clock)
+    return clock
+
+
+# ---- the length asked for ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "kept"),
+    [
+        (Reply.sse(piece("x") * 5000 + STOP), "x" * PIECES),  # one token a piece, far past max_tokens
+        (Reply(pieces=[piece("x")], end="endless"), "x" * PIECES),  # the same, never finishing
+        (Reply.sse(piece("y" * 200_000) + STOP), "y" * CHARS),  # one piece packed with text
+        (Reply.sse(piece("z" * 100) * 40 + STOP), "z" * CHARS),
+    ],
+    ids=["many-pieces", "endless", "one-huge-piece", "packed-pieces"],
+)
+def test_an_answer_past_the_length_asked_for_is_cut_and_kept(reply, kept):
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        server.chat(reply)
+        text, final = answer(conv)
+        assert text == kept and conv.turns[-1].reply == kept
+        assert final["finish_reason"] == "length" and conv.turns[-1].finish_reason == "length"
+        assert final["note"].startswith("the server sent more than the 8 tokens asked for (does it ignore max_tokens?)")
+        assert "\n" not in final["note"]
+        server.chat(Reply.sse(piece("ok") + STOP))
+        assert answer(conv, "third")[0] == "ok"  # the conversation goes on, the cut answer resent as kept
+        assert [m["content"] for m in server.chat_bodies()[-1]["messages"] if m["role"] == "assistant"][-1] == kept
+
+
+@pytest.mark.parametrize("end", [STOP, LENGTH])
+def test_an_honest_answer_of_the_length_asked_for_is_not_cut(end):
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        server.chat(Reply.sse(piece("w") * MAX_NEW + end))
+        text, final = answer(conv)
+        assert text == "w" * MAX_NEW and final["note"] is None
+        assert final["finish_reason"] == ("stop" if end is STOP else "length")
+
+
+def test_a_flood_of_events_without_text_is_one_line_and_the_conversation_is_unchanged():
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        server.chat(Reply.sse(b"data: {}\n\n" * 5000 + STOP))
+        with pytest.raises(RemoteError, match=r"^the server sent far more than the 8 tokens asked for, and no text"):
+            answer(conv)
+        assert [t.user_text for t in conv.turns] == ["first"]
+
+
+# ---- the time an answer may take -----------------------------------------------------------------
+
+
+def test_an_answer_past_answer_timeout_is_cut_and_kept(clock):
+    """A server that sends a piece, then nothing (its next piece would come in a few seconds, or never):
+    past the total time the answer stops at once, with what arrived."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server, answer_timeout=600)
+        server.chat(Reply(pieces=[piece("Hel")], end="hang"))
+        events = conv.ask("second")
+        assert next(events)["text"] == "Hel"
+        clock.now = 601.0
+        rest = list(events)
+        assert rest[-1]["finish_reason"] == "length" and conv.turns[-1].reply == "Hel"
+        assert rest[-1]["note"] == ("the answer took longer than [remote] answer_timeout (600 s) and is cut there; "
+                                    "raise it to wait longer")  # fmt: skip
+        server.chat(Reply.sse(piece("ok") + STOP))
+        assert answer(conv, "third")[0] == "ok"
+
+
+def test_a_trickle_of_pieces_is_cut_at_answer_timeout(clock):
+    """Pieces that keep coming (each restarts the read timeout) do not hold the answer past the bound."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server, answer_timeout=600)
+        server.chat(Reply(pieces=[piece("a")], held=[piece("b")] * 5, end="hang"))
+        events = conv.ask("second")
+        assert next(events)["text"] == "a"
+        server.go_on.release()
+        assert next(events)["text"] == "b"
+        clock.now = 601.0
+        server.go_on.release()  # another piece may or may not come before the watcher stops the answer
+        final = list(events)[-1]
+        assert final["finish_reason"] == "length" and conv.turns[-1].reply in ("ab", "abb")
+        assert "answer_timeout" in final["note"]
+
+
+def test_no_text_within_answer_timeout_is_one_line_and_the_conversation_is_unchanged(clock):
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server, answer_timeout=600)
+        server.chat(Reply(pieces=[b": ping\n\n"], end="hang"))
+        clock.step = 100.0  # past the bound a few readings after the request starts
+        with pytest.raises(RemoteError, match=r"^the server sent no answer text within \[remote\] answer_timeout \(600 s\)"):
+            answer(conv)
+        assert [t.user_text for t in conv.turns] == ["first"]
+
+
+def test_a_head_that_never_ends_is_cut_at_answer_timeout(clock):
+    """Before the head there is no answer socket to shut: the deadline must still end the request,
+    not wait for the head's own bound (the read timeout, two minutes here)."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server, answer_timeout=600)
+    with dripping_server(b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a", seconds=120) as url:
+        conv.client.close()
+        conv.client = type(conv.client)(url, "", 120)
+        clock.step = 100.0
+        with pytest.raises(RemoteError, match=r"^the server sent no answer text within \[remote\] answer_timeout"):
+            answer(conv)
+        assert not conv.client.head_watch.fired
+        assert [t.user_text for t in conv.turns] == ["first"]
+
+
+def test_an_answer_that_finished_is_not_cut_by_a_late_deadline(clock):
+    """The server said finish_reason, then left the stream open: the answer is whole."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server, answer_timeout=600)
+        finished = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+        server.chat(Reply(pieces=[piece("done") + finished], end="hang"))
+        events = conv.ask("second")
+        assert next(events)["text"] == "done"
+        clock.now = 601.0
+        final = list(events)[-1]
+        assert final["finish_reason"] == "stop" and final["note"] is None
+
+
+# ---- the setting, and what the user sees ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "accepted"), [("0", True), ("0.5", True), ("86400", True), ("-1", False),
+                                                ("86401", False), ("nan", False), ("inf", False)])  # fmt: skip
+def test_answer_timeout_is_range_checked(text, accepted):
+    settings = Settings()
+    if accepted:
+        settings.set("remote.answer_timeout", text)
+        assert settings.remote.answer_timeout == float(text)
+        return
+    with pytest.raises(Exception, match=r"answer_timeout.*must be") as err:
+        settings.set("remote.answer_timeout", text)
+    assert "\n" not in str(err.value)
+
+
+def test_the_app_says_why_the_answer_stopped_and_goes_on(tmp_path):
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply.sse(piece("x") * 5000 + STOP), Reply.sse(piece("ok") + STOP))
+        overrides = {"generation.max_new_tokens": MAX_NEW, "remote.server": server.url}
+        settings = load_settings(os.devnull, env={}, overrides=overrides)
+        conv = RemoteConversation.connect(server.url, params=sampling_params(settings))
+        out = io.StringIO()
+        app = App(conv, settings, Console(file=out, width=300, color_system=None), cwd=tmp_path)
+        assert app.handle_line("first") == OK
+        assert ("[stopped: the server sent more than the 8 tokens asked for (does it ignore max_tokens?); the answer is "
+                "cut there; /retry answers again, /undo removes it]") in out.getvalue()  # fmt: skip
+        assert "stopped at max_new_tokens" not in out.getvalue()
+        assert app.handle_line("second") == OK
+        assert [t.reply for t in app.session.turns] == ["x" * PIECES, "ok"]
+
+
+def one_shot(url: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(home)}
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--server", url, "--max-new-tokens", "8",
+                           "--no-stats", "-p", "hi"], input="", capture_output=True, text=True, env=env,
+                          timeout=300, cwd=home)  # fmt: skip
+
+
+def test_a_one_shot_run_against_an_endless_server_ends_with_what_arrived(tmp_path):
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply(pieces=[piece("x")], end="endless"))
+        run = one_shot(server.url, tmp_path)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == "x" * PIECES + "\n"
+        assert run.stderr == ("internvl-chat: warning: stopped: the server sent more than the 8 tokens asked for (does it "
+                              "ignore max_tokens?); the answer is cut there\n")  # fmt: skip
+
+
+def test_a_one_shot_answer_broken_off_ends_its_line_before_the_error(tmp_path):
+    """The partial answer is on stdout already: without a line break there, the error line that
+    follows on a terminal read `Hellinternvl-chat: error: …`."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply(pieces=[piece("Hell")], end="cut"))
+        run = one_shot(server.url, tmp_path)
+        assert run.returncode == 1
+        assert run.stdout == "Hell\n"
+        assert run.stderr.startswith("internvl-chat: error: the connection to ") and run.stderr.count("\n") == 1
+
+
+def test_shutting_a_clients_sockets_survives_a_connection_added_meanwhile():
+    """The watcher threads read the client's sockets while the thread making requests may add one:
+    the set's iteration then fails ("Set changed size during iteration"), and the socket that was to
+    be shut stayed open (a deadline or a late head waited on)."""
+    import socket
+    import weakref
+
+    from internvl_chat.chat import remote_http
+
+    class Changing(weakref.WeakSet):
+        failures = 1
+
+        def __iter__(self):
+            if Changing.failures:
+                Changing.failures -= 1
+                raise RuntimeError("Set changed size during iteration")
+            return super().__iter__()
+
+    a, b = socket.socketpair()
+    with a, b:
+        sockets = Changing([a])
+        remote_http.shut_all(sockets)
+        assert b.recv(1) == b""  # a was shut: its peer reads the end
