@@ -31,6 +31,17 @@ from media_helpers import textured_rgb
 from screen_model import ReflowScreen
 from app_helpers import ChunkedAnswers, make_app, output
 
+
+class FakeStdout(io.StringIO):
+    """A stdout that is a terminal or not, as `tty` says."""
+
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
 REPO = Path(__file__).resolve().parent.parent
 WIDTHS = (40, 60, 80)
 NUMBER = re.compile(r"\d[\d,.]*\d|\d")
@@ -382,20 +393,12 @@ def test_one_shot_json_on_a_terminal_escapes_what_would_drive_or_reorder_it(monk
         def describe(self):
             return SimpleNamespace(load_s=0.0)
 
-    class Terminal(io.StringIO):
-        def __init__(self, tty: bool):
-            super().__init__()
-            self.tty = tty
-
-        def isatty(self) -> bool:
-            return self.tty
-
     monkeypatch.setattr(oneshot, "open_conversation", lambda settings: Answer())
     monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
     args = argparse.Namespace(json=True, prompt_flag="hi", prompt=[])
     settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False})
     for tty in (True, False):
-        out = Terminal(tty)
+        out = FakeStdout(tty)
         monkeypatch.setattr(sys, "stdout", out)
         assert oneshot.run_oneshot(args, settings, "hi") == 0
         line = out.getvalue()
@@ -415,20 +418,12 @@ def test_one_shot_on_a_terminal_shows_a_carriage_return_as_a_line_break(monkeypa
     from internvl_chat.settings import load_settings
     from internvl_chat.ui import oneshot
 
-    class Terminal(io.StringIO):
-        def __init__(self, tty: bool):
-            super().__init__()
-            self.tty = tty
-
-        def isatty(self) -> bool:
-            return self.tty
-
     monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
     args = argparse.Namespace(json=False, prompt_flag="hi", prompt=[])
     settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False, "ui.stats": False})
     for tty, expected in ((True, shown), (False, "".join(chunks))):
         monkeypatch.setattr(oneshot, "open_conversation", lambda settings: ChunkedAnswers(chunks))
-        out = Terminal(tty)
+        out = FakeStdout(tty)
         monkeypatch.setattr(sys, "stdout", out)
         assert oneshot.run_oneshot(args, settings, "hi") == 0
         assert out.getvalue() == expected + "\n"
