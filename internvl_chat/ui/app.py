@@ -297,6 +297,13 @@ def _typed(path: Path | str) -> str:
     return visible(quote_path(path))
 
 
+def media_names(media: Sequence[Media]) -> str:
+    """`a.png, b.png, c.png and 9 more`: the files named, shown inert (`/image *.png` in a big folder
+    gives the reason, not a page of names)."""
+    names = ", ".join(visible(m.path.name) for m in media[:NAMES_SHOWN])
+    return names + (f" and {len(media) - NAMES_SHOWN:,} more" if len(media) > NAMES_SHOWN else "")
+
+
 def _refuse_special_file(path: Path) -> None:
     """A FIFO or a device at an output path is never replaced (write_atomic refuses it): say so at
     once, instead of offering --force (or asking y/N) for a write that then fails."""
@@ -527,10 +534,7 @@ class App:
         try:
             self.session.check_attach(self.pending + media)
         except ContextOverflowError as e:
-            names = ", ".join(visible(m.path.name) for m in media[:NAMES_SHOWN])
-            if len(media) > NAMES_SHOWN:  # `/image *.png` in a big folder: the reason, not a page of names
-                names += f" and {len(media) - NAMES_SHOWN:,} more"
-            raise ContextOverflowError(f"cannot attach {names}: {e}") from None
+            raise ContextOverflowError(f"cannot attach {media_names(media)}: {e}") from None
         for item in media:
             self.pending.append(item)
             fraction = self.context_share(self.session.context_used + self.session.turn_tokens(self.pending))
