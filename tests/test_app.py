@@ -476,6 +476,24 @@ def test_show_uses_image_placeholders(loaded, media, tmp_path):
     assert "[generation]" in text and "max_new_tokens = 8" in text
 
 
+def test_show_after_the_first_turn_says_it_shows_only_what_the_turn_added(loaded, media, tmp_path):
+    # turn 2's /show started with a bare <|im_end|> (the end of turn 1's answer) and did not say
+    # that it was only the part of the prompt that turn added
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    app.handle_line("/show")
+    assert output(out).startswith(f"last prompt, turn 1:\n<|im_start|>system\n{loaded.config.system_message}")
+    app.handle_line(f"/image {media / 'small.png'}")
+    app.handle_line("Describe it.")
+    output(out)
+    app.handle_line("/show")
+    text = output(out)
+    assert text.startswith("last prompt, turn 2 (only what it added to the conversation before it; the first "
+                           "<|im_end|> closes turn 1's answer; each <image> stands for ")  # fmt: skip
+    assert " in all):\n<|im_end|>\n<|im_start|>user\n<image>\nDescribe it.<|im_end|>\n" in text
+
+
 def test_save_load_export(loaded, media, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
