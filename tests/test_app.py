@@ -431,7 +431,7 @@ def test_set_changes_generation_and_refuses_bad_values(loaded, tmp_path):
 def test_system_message_show_and_set(loaded, tmp_path):
     app, out = make_app(loaded, tmp_path)
     app.handle_line("/system")
-    assert out.getvalue().startswith(f"system message: {loaded.config.system_message}")
+    assert out.getvalue().startswith(f"system message (the model's default): {loaded.config.system_message}")
     app.handle_line("Hello.")
     app.handle_line("/system You are terse.")
     assert app.session.system_message == "You are terse." and app.settings.system.message == "You are terse."
@@ -453,6 +453,28 @@ def test_a_system_message_of_several_lines_is_a_triple_quote_block(loaded, tmp_p
     assert output(out).splitlines()[-1] == 'error: unclosed """ block; end it with a line holding """'
     assert app.session.system_message == "Be brief.\n\nAnswer in one word."
     assert app.handle_line('/system """Be terse."""') == OK and app.session.system_message == "Be terse."
+
+
+def test_set_and_show_say_an_unset_system_message_is_the_models_default(loaded, tmp_path):
+    # `/set` listed `system.message = (not set)` while /system showed the model's default in use
+    app, out = make_app(loaded, tmp_path)
+    default = loaded.config.system_message
+    assert default and app.handle_line("/set system.message") == OK
+    assert output(out) == f'system.message = (not set: the model\'s default, "{default}")  (from default)\n'
+    assert app.handle_line("/set") == OK
+    listed = output(out)  # the default is long: only … here, /set KEY shows it whole
+    assert "  system.message                = (not set: the model's default, …)  (from default)\n" in listed
+    assert listed.endswith("(… marks a value cut short; /set KEY shows it whole)\n")
+    app.handle_line("Hello.")
+    output(out)
+    assert app.handle_line("/show") == OK
+    assert "\n# message = (not set: the model's default, …)  # from default\n" in output(out)
+    app.settings.set("remote.server", "http://gpu:8000/v1", source="flag")  # none sent: the server decides
+    app.session.system_message = None
+    app.handle_line("/set system.message")
+    app.handle_line("/system")
+    assert output(out) == ("system.message = (not set: none is sent; the server's chat template decides)  (from default)\n"
+                           "no system message is sent; the server's chat template decides\n")  # fmt: skip
 
 
 def test_set_takes_a_system_message_of_several_words(loaded, tmp_path):

@@ -819,8 +819,14 @@ class App:
 
     def cmd_system(self, command: Command) -> None:
         if not command.args:
-            text = self.session.system_message
-            self.say(f"system message: {visible_lines(text)}" if text else "no system message")
+            text, unset = self.session.system_message, self.settings.system.message is None
+            if text:
+                whose = " (the model's default)" if unset else ""
+                self.say(f"system message{whose}: {visible_lines(text)}")
+            elif unset and self.settings.remote.server:
+                self.say("no system message is sent; the server's chat template decides")
+            else:
+                self.say("no system message")
             return
         text = command.args[0]
         if text in ('""', "''"):
@@ -872,9 +878,8 @@ class App:
         """`/set` alone: each setting it can change, its value and where the value came from."""
         rows, cut = [], False
         for dotted in runtime_keys():
-            value = self._setting_text(dotted)
-            if len(value) > LISTED_VALUE_WIDTH:  # a long system message: /set KEY shows it whole
-                value, cut = value[: LISTED_VALUE_WIDTH - 1] + "…", True
+            value = self._setting_text(dotted, LISTED_VALUE_WIDTH)  # a long system message: /set KEY shows it whole
+            cut = cut or value != self._setting_text(dotted)
             rows.append((dotted, value, f"(from {self._setting_source(dotted)})"))
         width = self.width
         column = max(len(dotted) for dotted, _, _ in rows)
@@ -888,16 +893,32 @@ class App:
         self.say("settings /set can change:", "bold")
         self.say("\n".join(lines))
         if cut:
-            self.note("(a value ending in … is cut short; /set KEY shows it whole)")
+            self.note("(… marks a value cut short; /set KEY shows it whole)")
 
     def _setting_source(self, dotted: str) -> str:
         """Where a value came from: default, flag, /set, env NAME, config PATH (a path: shown inert)."""
         return visible(self.settings.sources.get(dotted, "default"))
 
-    def _setting_text(self, dotted: str) -> str:
-        """A value as the config file writes it (`false`, `"text"`), made safe to print (a key masked)."""
+    def _setting_text(self, dotted: str, width: int | None = None) -> str:
+        """A value as the config file writes it (`false`, `"text"`), made safe to print (a key masked);
+        with `width`, one longer than that is cut short with …"""
         value = shown_value(dotted, self.settings.get(dotted))
-        return "(not set)" if value is None else visible(toml_value(value))
+        if value is None and dotted == "system.message":
+            return self._unset_system(width)
+        text = "(not set)" if value is None else visible(toml_value(value))
+        return text if width is None or len(text) <= width else text[: width - 1] + "…"
+
+    def _unset_system(self, width: int | None = None) -> str:
+        """What an unset system.message means here (`/system` shows the message in use): the model's
+        default, quoted and escaped (only … when that is over `width`), none, or what the server decides."""
+        if self.settings.remote.server:
+            return "(not set: none is sent; the server's chat template decides)"
+        if not self.session.system_message:
+            return "(not set: the model has no default)"
+        text = visible(toml_value(self.session.system_message))
+        if width is not None and len(text) > width:
+            text = "…"  # a few of its words after these would only be cut off mid-sentence
+        return f"(not set: the model's default, {text})"
 
     def cmd_show(self, command: Command) -> None:
         view = self.session.last_prompt()
@@ -908,7 +929,8 @@ class App:
         else:
             self.say("no prompt sent yet", "bold")
         self.say("settings:", "bold")
-        self.say(format_settings(self.settings).rstrip("\n"))
+        unset = {"system.message": self._unset_system(LISTED_VALUE_WIDTH)}  # as /set says it
+        self.say(format_settings(self.settings, unset).rstrip("\n"))
 
     def _used_text(self, used: int, verb: str = "used") -> str:
         """`2,480 of 8,192 tokens used (30 %)`, with ≈ for estimates and without an unknown limit."""
