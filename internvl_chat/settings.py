@@ -59,6 +59,7 @@ SET_ALIASES = {
     "frames": "media.frames",
     "stats": "ui.stats",
     "markdown": "ui.markdown",
+    "plain": "ui.plain",
 }
 
 # Ranges: what the generator accepts (torch's manual_seed takes [-2**63, 2**64); we document the

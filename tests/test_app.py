@@ -477,6 +477,29 @@ def test_set_and_show_say_an_unset_system_message_is_the_models_default(loaded, 
                            "no system message is sent; the server's chat template decides\n")  # fmt: skip
 
 
+@pytest.mark.parametrize("start", ["colour", "plain", "never"])
+def test_set_plain_turns_the_colours_off_and_back_on_as_at_start(loaded, tmp_path, monkeypatch, start):
+    # `/set plain` was an unknown setting ("did you mean 'ui.plain'?"), and `/set ui.plain on` kept
+    # the colours (and `off` after --plain did not bring them back): only Markdown followed it
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    overrides = {"ui.plain": start == "plain", "ui.color": "never" if start == "never" else "auto"}
+    settings = load_settings(os.devnull, env={}, overrides=overrides)
+    out = io.StringIO()  # a terminal's console, with colours unless the start said none (as make_console does)
+    console = Console(file=out, width=200, force_terminal=True, color_system="standard", no_color=start != "colour")
+    app = App(Session(loaded, params=sampling_params(settings)), settings, console, cwd=tmp_path)
+
+    def green() -> bool:
+        output(out)
+        app.say("text", "green")
+        return "\x1b[32m" in output(out)
+
+    assert green() == (start == "colour")
+    assert app.handle_line("/set plain on") == OK and app.settings.ui.plain and app.plain
+    assert not green()
+    assert app.handle_line("/set ui.plain off") == OK and not app.settings.ui.plain
+    assert green() == (start != "never")  # ui.color = never still holds
+
+
 def test_set_takes_a_system_message_of_several_words(loaded, tmp_path):
     # /set lists system.message among what it changes, but `/set system.message Be brief.` was
     # refused as too many arguments unless the message was quoted

@@ -50,7 +50,7 @@ from ..settings import Settings, format_settings, shown_value, toml_value
 from .answer_text import AnswerCleaner, sanitize
 from .commands import Command, Message, format_help, parse_line, quote_spaced, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
-from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
+from .render import (choose_stream, colour_off, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      percent, wrap_text)  # fmt: skip
 from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
 from .spinner import spin
@@ -345,6 +345,8 @@ class App:
         self.session = session
         self.settings = settings
         self.console = console or Console()
+        # colours without ui.plain (the console was made with the value at start): `/set plain off` brings them back
+        self._colour_off = colour_off(settings.ui.color) if settings.ui.plain else bool(self.console.no_color)
         self.interactive = interactive  # Ctrl-C cancels work instead of ending the program
         self.cwd = Path(cwd) if cwd is not None else None
         self.pending: list[Media] = []
@@ -865,6 +867,8 @@ class App:
         except InternVLChatError:
             self.settings.set(dotted, old, source=old_source or "default")
             raise
+        if dotted == "ui.plain":  # Markdown and spinners read it as they start; the colours are the console's
+            self.console.no_color = self.settings.ui.plain or self._colour_off
         self.say(f"{dotted} = {self._setting_text(dotted)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
