@@ -473,7 +473,7 @@ def test_set_and_show_say_an_unset_system_message_is_the_models_default(loaded, 
     app.session.system_message = None
     app.handle_line("/set system.message")
     app.handle_line("/system")
-    assert output(out) == ("system.message = (not set: none is sent; the server's chat template decides)  (from default)\n"
+    assert output(out) == ("system.message = (not set: none is sent, the server decides)  (from default)\n"
                            "no system message is sent; the server's chat template decides\n")  # fmt: skip
 
 

@@ -916,12 +916,12 @@ class App:
         """What an unset system.message means here (`/system` shows the message in use): the model's
         default, quoted and escaped (only … when that is over `width`), none, or what the server decides."""
         if self.settings.remote.server:
-            return "(not set: none is sent; the server's chat template decides)"
+            return "(not set: none is sent, the server decides)"
         if not self.session.system_message:
             return "(not set: the model has no default)"
         text = visible(toml_value(self.session.system_message))
         if width is not None and len(text) > width:
-            text = "…"  # a few of its words after these would only be cut off mid-sentence
+            text = "…"  # no room left for a useful excerpt beside these words
         return f"(not set: the model's default, {text})"
 
     def cmd_show(self, command: Command) -> None:
