@@ -59,6 +59,7 @@ SET_ALIASES = {
     "frames": "media.frames",
     "stats": "ui.stats",
     "markdown": "ui.markdown",
+    "plain": "ui.plain",
 }
 
 # Ranges: what the generator accepts (torch's manual_seed takes [-2**63, 2**64); we document the
@@ -560,15 +561,17 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
-def format_settings(settings: Settings) -> str:
-    """The merged settings as TOML lines, each with a `# from …` comment; unset values commented out."""
+def format_settings(settings: Settings, unset: Mapping[str, str] | None = None) -> str:
+    """The merged settings as TOML lines, each with a `# from …` comment; unset values commented out,
+    as `(not set)` or the words `unset` gives for that key (what is in use instead)."""
     out: list[str] = []
     for section, cls in SECTIONS.items():
         rows = []
         for fld in dataclasses.fields(cls):
             dotted = f"{section}.{fld.name}"
             value = shown_value(dotted, getattr(getattr(settings, section), fld.name))
-            line = f"{fld.name} = {toml_value(value)}" if value is not None else f"# {fld.name} = (not set)"
+            instead = (unset or {}).get(dotted, "(not set)")
+            line = f"{fld.name} = {toml_value(value)}" if value is not None else f"# {fld.name} = {instead}"
             rows.append((line, settings.sources.get(dotted, "default")))
         width = max(len(line) for line, _ in rows)
         if out:

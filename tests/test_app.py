@@ -431,7 +431,7 @@ def test_set_changes_generation_and_refuses_bad_values(loaded, tmp_path):
 def test_system_message_show_and_set(loaded, tmp_path):
     app, out = make_app(loaded, tmp_path)
     app.handle_line("/system")
-    assert out.getvalue().startswith(f"system message: {loaded.config.system_message}")
+    assert out.getvalue().startswith(f"system message (the model's default): {loaded.config.system_message}")
     app.handle_line("Hello.")
     app.handle_line("/system You are terse.")
     assert app.session.system_message == "You are terse." and app.settings.system.message == "You are terse."
@@ -455,6 +455,51 @@ def test_a_system_message_of_several_lines_is_a_triple_quote_block(loaded, tmp_p
     assert app.handle_line('/system """Be terse."""') == OK and app.session.system_message == "Be terse."
 
 
+def test_set_and_show_say_an_unset_system_message_is_the_models_default(loaded, tmp_path):
+    # `/set` listed `system.message = (not set)` while /system showed the model's default in use
+    app, out = make_app(loaded, tmp_path)
+    default = loaded.config.system_message
+    assert default and app.handle_line("/set system.message") == OK
+    assert output(out) == f'system.message = (not set: the model\'s default, "{default}")  (from default)\n'
+    assert app.handle_line("/set") == OK
+    listed = output(out)  # the default is long: only … here, /set KEY shows it whole
+    assert "  system.message                = (not set: the model's default, …)  (from default)\n" in listed
+    assert listed.endswith("(… marks a value cut short; /set KEY shows it whole)\n")
+    app.handle_line("Hello.")
+    output(out)
+    assert app.handle_line("/show") == OK
+    assert "\n# message = (not set: the model's default, …)  # from default\n" in output(out)
+    app.settings.set("remote.server", "http://gpu:8000/v1", source="flag")  # none sent: the server decides
+    app.session.system_message = None
+    app.handle_line("/set system.message")
+    app.handle_line("/system")
+    assert output(out) == ("system.message = (not set: none is sent, the server decides)  (from default)\n"
+                           "no system message is sent; the server's chat template decides\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("start", ["colour", "plain", "never"])
+def test_set_plain_turns_the_colours_off_and_back_on_as_at_start(loaded, tmp_path, monkeypatch, start):
+    # `/set plain` was an unknown setting ("did you mean 'ui.plain'?"), and `/set ui.plain on` kept
+    # the colours (and `off` after --plain did not bring them back): only Markdown followed it
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    overrides = {"ui.plain": start == "plain", "ui.color": "never" if start == "never" else "auto"}
+    settings = load_settings(os.devnull, env={}, overrides=overrides)
+    out = io.StringIO()  # a terminal's console, with colours unless the start said none (as make_console does)
+    console = Console(file=out, width=200, force_terminal=True, color_system="standard", no_color=start != "colour")
+    app = App(Session(loaded, params=sampling_params(settings)), settings, console, cwd=tmp_path)
+
+    def green() -> bool:
+        output(out)
+        app.say("text", "green")
+        return "\x1b[32m" in output(out)
+
+    assert green() == (start == "colour")
+    assert app.handle_line("/set plain on") == OK and app.settings.ui.plain and app.plain
+    assert not green()
+    assert app.handle_line("/set ui.plain off") == OK and not app.settings.ui.plain
+    assert green() == (start != "never")  # ui.color = never still holds
+
+
 def test_set_takes_a_system_message_of_several_words(loaded, tmp_path):
     # /set lists system.message among what it changes, but `/set system.message Be brief.` was
     # refused as too many arguments unless the message was quoted
@@ -474,6 +519,24 @@ def test_show_uses_image_placeholders(loaded, media, tmp_path):
     text = out.getvalue()
     assert "<image>\nDescribe it.<|im_end|>" in text and "<IMG_CONTEXT>" not in text
     assert "[generation]" in text and "max_new_tokens = 8" in text
+
+
+def test_show_after_the_first_turn_says_it_shows_only_what_the_turn_added(loaded, media, tmp_path):
+    # turn 2's /show started with a bare <|im_end|> (the end of turn 1's answer) and did not say
+    # that it was only the part of the prompt that turn added
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    app.handle_line("/show")
+    assert output(out).startswith(f"last prompt, turn 1:\n<|im_start|>system\n{loaded.config.system_message}")
+    app.handle_line(f"/image {media / 'small.png'}")
+    app.handle_line("Describe it.")
+    output(out)
+    app.handle_line("/show")
+    text = output(out)
+    assert text.startswith("last prompt, turn 2 (only what it added to the conversation before it; the first "
+                           "<|im_end|> closes turn 1's answer; each <image> stands for ")  # fmt: skip
+    assert " in all):\n<|im_end|>\n<|im_start|>user\n<image>\nDescribe it.<|im_end|>\n" in text
 
 
 def test_save_load_export(loaded, media, tmp_path, monkeypatch):

@@ -228,7 +228,7 @@ def test_command_table_covers_the_issue():
 def test_set_keys_are_the_documented_ones():
     assert set(SET_ALIASES) == {
         "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens",
-        "seed", "max_tiles", "frames", "stats", "markdown",
+        "seed", "max_tiles", "frames", "stats", "markdown", "plain",
     }  # fmt: skip
 
 

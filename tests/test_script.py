@@ -261,3 +261,29 @@ def test_a_transcript_in_colour_has_no_spinner_or_live_tail(monkeypatch, tmp_pat
     assert [line.strip() for line in shown.splitlines()] == [  # each line once: no frames
         ">>> How many shapes are there?", "Shapes", "", "There are two shapes: a star and a triangle.", "",
         "• star", "• triangle"]  # fmt: skip
+
+
+@pytest.mark.parametrize("ending", ["", "/exit\n"])
+def test_attachments_the_script_never_sent_are_named_in_a_warning(loaded, image, monkeypatch, capsys, tmp_path, ending):
+    # a script that ended right after /image (or /exit) dropped the picture without a word, status 0
+    from internvl_chat.chat.sampling import params_from_settings
+    from internvl_chat.chat.session import Session
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import script
+
+    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 4, "ui.stats": False,
+                                                            "media.max_tiles": 1})
+    monkeypatch.setattr(script, "open_conversation", lambda settings: Session(loaded, params=params_from_settings(settings)))
+    monkeypatch.setattr(script, "media_from_flags", lambda session, args, settings: [])
+    shutil.copy(image, tmp_path / "second.png")
+    path = tmp_path / "chat.txt"
+    path.write_text(f"/image {image}\nHello.\n/image {image}\n/image second.png\n{ending}", encoding="utf-8")
+    assert script.run_script(argparse.Namespace(script=str(path)), settings) == 0  # no line failed: /context users
+    run = capsys.readouterr()
+    assert ">>> Hello." in run.out and "warning" not in run.out
+    assert run.err == ("internvl-chat: warning: 2 attachments were never sent (photo.png, second.png): attachments go "
+                       "with the next message, and the script ended before one; add a message line after them\n")  # fmt: skip
+
+    path.write_text(f"/image {image}\nHello.\n", encoding="utf-8")  # all sent: nothing said
+    assert script.run_script(argparse.Namespace(script=str(path)), settings) == 0
+    assert capsys.readouterr().err == ""

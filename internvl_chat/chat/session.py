@@ -742,11 +742,13 @@ class Session:
         turn = self.turns[index]
         specs = [m.spec for m in turn.media]
         text = self.builder.render_text(turn.user_text, specs, first=index == 0, expand_images=False)
-        note = ""
+        notes = []
+        if index:  # a later turn's prompt is what it added: it starts by closing the answer before it
+            notes.append(f"only what it added to the conversation before it; the first <|im_end|> closes turn {index}'s answer")
         if specs:
-            note = (f"each <image> stands for {self.builder.tokens_per_tile} tokens per tile, "
-                    f"{self.builder.image_token_count(specs):,} in all")  # fmt: skip
-        return PromptView(index + 1, text, note)
+            notes.append(f"each <image> stands for {self.builder.tokens_per_tile} tokens per tile, "
+                         f"{self.builder.image_token_count(specs):,} in all")  # fmt: skip
+        return PromptView(index + 1, text, "; ".join(notes))
 
     # ---- prefix reuse across requests (used by `internvl-chat serve`) --------------------------
     #

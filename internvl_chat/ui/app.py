@@ -50,7 +50,7 @@ from ..settings import Settings, format_settings, shown_value, toml_value
 from .answer_text import AnswerCleaner, sanitize
 from .commands import Command, Message, format_help, parse_line, quote_spaced, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
-from .render import (choose_stream, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
+from .render import (choose_stream, colour_off, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      percent, wrap_text)  # fmt: skip
 from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
 from .spinner import spin
@@ -297,6 +297,13 @@ def _typed(path: Path | str) -> str:
     return visible(quote_path(path))
 
 
+def media_names(media: Sequence[Media]) -> str:
+    """`a.png, b.png, c.png and 9 more`: the files named, shown inert (`/image *.png` in a big folder
+    gives the reason, not a page of names)."""
+    names = ", ".join(visible(m.path.name) for m in media[:NAMES_SHOWN])
+    return names + (f" and {len(media) - NAMES_SHOWN:,} more" if len(media) > NAMES_SHOWN else "")
+
+
 def _refuse_special_file(path: Path) -> None:
     """A FIFO or a device at an output path is never replaced (write_atomic refuses it): say so at
     once, instead of offering --force (or asking y/N) for a write that then fails."""
@@ -338,6 +345,8 @@ class App:
         self.session = session
         self.settings = settings
         self.console = console or Console()
+        # colours without ui.plain (the console was made with the value at start): `/set plain off` brings them back
+        self._colour_off = colour_off(settings.ui.color) if settings.ui.plain else bool(self.console.no_color)
         self.interactive = interactive  # Ctrl-C cancels work instead of ending the program
         self.cwd = Path(cwd) if cwd is not None else None
         self.pending: list[Media] = []
@@ -527,10 +536,7 @@ class App:
         try:
             self.session.check_attach(self.pending + media)
         except ContextOverflowError as e:
-            names = ", ".join(visible(m.path.name) for m in media[:NAMES_SHOWN])
-            if len(media) > NAMES_SHOWN:  # `/image *.png` in a big folder: the reason, not a page of names
-                names += f" and {len(media) - NAMES_SHOWN:,} more"
-            raise ContextOverflowError(f"cannot attach {names}: {e}") from None
+            raise ContextOverflowError(f"cannot attach {media_names(media)}: {e}") from None
         for item in media:
             self.pending.append(item)
             fraction = self.context_share(self.session.context_used + self.session.turn_tokens(self.pending))
@@ -817,8 +823,14 @@ class App:
 
     def cmd_system(self, command: Command) -> None:
         if not command.args:
-            text = self.session.system_message
-            self.say(f"system message: {visible_lines(text)}" if text else "no system message")
+            text, unset = self.session.system_message, self.settings.system.message is None
+            if text:
+                whose = " (the model's default)" if unset else ""
+                self.say(f"system message{whose}: {visible_lines(text)}")
+            elif unset and self.settings.remote.server:
+                self.say("no system message is sent; the server's chat template decides")
+            else:
+                self.say("no system message")
             return
         text = command.args[0]
         if text in ('""', "''"):
@@ -857,6 +869,8 @@ class App:
         except InternVLChatError:
             self.settings.set(dotted, old, source=old_source or "default")
             raise
+        if dotted == "ui.plain":  # Markdown and spinners read it as they start; the colours are the console's
+            self.console.no_color = self.settings.ui.plain or self._colour_off
         self.say(f"{dotted} = {self._setting_text(dotted)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
@@ -870,9 +884,8 @@ class App:
         """`/set` alone: each setting it can change, its value and where the value came from."""
         rows, cut = [], False
         for dotted in runtime_keys():
-            value = self._setting_text(dotted)
-            if len(value) > LISTED_VALUE_WIDTH:  # a long system message: /set KEY shows it whole
-                value, cut = value[: LISTED_VALUE_WIDTH - 1] + "…", True
+            value = self._setting_text(dotted, LISTED_VALUE_WIDTH)  # a long system message: /set KEY shows it whole
+            cut = cut or value != self._setting_text(dotted)
             rows.append((dotted, value, f"(from {self._setting_source(dotted)})"))
         width = self.width
         column = max(len(dotted) for dotted, _, _ in rows)
@@ -886,16 +899,32 @@ class App:
         self.say("settings /set can change:", "bold")
         self.say("\n".join(lines))
         if cut:
-            self.note("(a value ending in … is cut short; /set KEY shows it whole)")
+            self.note("(… marks a value cut short; /set KEY shows it whole)")
 
     def _setting_source(self, dotted: str) -> str:
         """Where a value came from: default, flag, /set, env NAME, config PATH (a path: shown inert)."""
         return visible(self.settings.sources.get(dotted, "default"))
 
-    def _setting_text(self, dotted: str) -> str:
-        """A value as the config file writes it (`false`, `"text"`), made safe to print (a key masked)."""
+    def _setting_text(self, dotted: str, width: int | None = None) -> str:
+        """A value as the config file writes it (`false`, `"text"`), made safe to print (a key masked);
+        with `width`, one longer than that is cut short with …"""
         value = shown_value(dotted, self.settings.get(dotted))
-        return "(not set)" if value is None else visible(toml_value(value))
+        if value is None and dotted == "system.message":
+            return self._unset_system(width)
+        text = "(not set)" if value is None else visible(toml_value(value))
+        return text if width is None or len(text) <= width else text[: width - 1] + "…"
+
+    def _unset_system(self, width: int | None = None) -> str:
+        """What an unset system.message means here (`/system` shows the message in use): the model's
+        default, quoted and escaped (only … when that is over `width`), none, or what the server decides."""
+        if self.settings.remote.server:
+            return "(not set: none is sent, the server decides)"
+        if not self.session.system_message:
+            return "(not set: the model has no default)"
+        text = visible(toml_value(self.session.system_message))
+        if width is not None and len(text) > width:
+            text = "…"  # no room left for a useful excerpt beside these words
+        return f"(not set: the model's default, {text})"
 
     def cmd_show(self, command: Command) -> None:
         view = self.session.last_prompt()
@@ -906,7 +935,8 @@ class App:
         else:
             self.say("no prompt sent yet", "bold")
         self.say("settings:", "bold")
-        self.say(format_settings(self.settings).rstrip("\n"))
+        unset = {"system.message": self._unset_system(LISTED_VALUE_WIDTH)}  # as /set says it
+        self.say(format_settings(self.settings, unset).rstrip("\n"))
 
     def _used_text(self, used: int, verb: str = "used") -> str:
         """`2,480 of 8,192 tokens used (30 %)`, with ≈ for estimates and without an unknown limit."""

@@ -490,12 +490,17 @@ def make_console(file: IO[str] | None = None, color: str = "auto", env: Mapping[
 
     COLUMNS or LINES of 0 (set where the size is unknown) count as unset: rich took COLUMNS=0 as a
     width of 0 and printed nothing at all, so a script's transcript was lost with status 0."""
-    no_color = color == "never" or bool(env.get("NO_COLOR"))
+    no_color = colour_off(color, env)
     force_terminal = True if color == "always" and not no_color else None
     interactive = False if force_terminal and not _isatty(sys.stdout if file is None else file) else None
     environ = {k: v for k, v in env.items() if not (k in ("COLUMNS", "LINES") and v.strip().isdigit() and int(v) == 0)}
     return Console(file=file, no_color=no_color, force_terminal=force_terminal, force_interactive=interactive,
                    _environ=environ)  # fmt: skip
+
+
+def colour_off(color: str, env: Mapping[str, str] = os.environ) -> bool:
+    """No colours: the ui.color setting says never, or NO_COLOR is set (any non-empty value)."""
+    return color == "never" or bool(env.get("NO_COLOR"))
 
 
 def _isatty(file: IO[str]) -> bool:

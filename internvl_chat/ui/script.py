@@ -5,6 +5,8 @@ its output follows, exactly as the REPL would show it. Blank lines and lines sta
 are skipped (a message that starts with # goes inside a `\"\"\"` block).
 A failing line prints its one-line error and the script goes on; the exit status is 1 when any
 line failed (the failed line numbers go to stderr), else 0. `/exit` ends the script early.
+Attachments still waiting for a message when it ends are named in a warning on stderr; the status
+stays as it was (no line failed: a script may attach only to see the cost with /context).
 Ctrl-C ends it with status 130.
 
 The script is read as untrusted text (a regular file under the size limit, or stdin). A line that
@@ -23,16 +25,17 @@ import errno
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import UsageError
 from ..files import OutputFailed, expand_home, read_bytes_file, read_stream, sniff_binary, undecodable_byte, visible
 from ..settings import Settings
-from .app import BLOCK_QUOTES, ERROR, EXIT, App, block_is_open
+from .app import BLOCK_QUOTES, ERROR, EXIT, App, block_is_open, media_names
 from .paths import quote_path
 from .render import make_console
 from .setup import media_from_flags, open_conversation
@@ -133,6 +136,14 @@ def run_entries(app: App, entries: Iterator[Entry]) -> list[int]:
     return failed
 
 
+def unsent_note(pending: Sequence[Media]) -> str:
+    """The warning for attachments the script ended with: they go with a message, and none came."""
+    n = len(pending)
+    what = f"{n} attachment was" if n == 1 else f"{n} attachments were"
+    return (f"{what} never sent ({media_names(pending)}): attachments go with the next message, and the script "
+            f"ended before one; add a message line after {'it' if n == 1 else 'them'}")  # fmt: skip
+
+
 class _Transcript:
     """stdout for the transcript: after a write error (other than a reader gone) output is dropped
     and the error kept, so the script's remaining lines (a /save) still run."""
@@ -174,6 +185,8 @@ def run_script(args: argparse.Namespace, settings: Settings) -> int:
     app.attach(media_from_flags(session, args, settings))
     failed = run_entries(app, read_entries(text))
     transcript.flush()
+    if app.pending:  # no line failed, but what they attached would vanish without a word
+        print(f"internvl-chat: warning: {unsent_note(app.pending)}", file=sys.stderr)
     if transcript.failed is not None:
         raise transcript.failed
     if failed:
