@@ -224,12 +224,12 @@ def test_the_app_says_why_the_answer_stopped_and_goes_on(tmp_path):
         assert [t.reply for t in app.session.turns] == ["x" * PIECES, "ok"]
 
 
-def one_shot(url: str, home: Path) -> subprocess.CompletedProcess:
+def one_shot(url: str, home: Path, *more: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(home)}
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
         env.pop(name, None)
     return subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--server", url, "--max-new-tokens", "8",
-                           "--no-stats", "-p", "hi"], input="", capture_output=True, text=True, env=env,
+                           "--no-stats", "-p", "hi", *more], input="", capture_output=True, text=True, env=env,
                           timeout=300, cwd=home)  # fmt: skip
 
 
@@ -241,6 +241,22 @@ def test_a_one_shot_run_against_an_endless_server_ends_with_what_arrived(tmp_pat
         assert run.stdout == "x" * PIECES + "\n"
         assert run.stderr == ("internvl-chat: warning: stopped: the server sent more than the 8 tokens asked for (does it "
                               "ignore max_tokens?); the answer is cut there\n")  # fmt: skip
+
+
+def test_one_shot_json_says_the_client_cut_the_answer(tmp_path):
+    """A program reading --json saw finish_reason "length" (as for an honest answer of the length
+    asked for) and could not tell that the client cut it: the stderr warning is for a person."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply(pieces=[piece("x")], end="endless"), Reply.sse(piece("w") * MAX_NEW + LENGTH))
+        cut = one_shot(server.url, tmp_path, "--json")
+        whole = one_shot(server.url, tmp_path, "--json")
+    assert cut.returncode == 0 and whole.returncode == 0, cut.stderr + whole.stderr
+    out = json.loads(cut.stdout)
+    assert out["text"] == "x" * PIECES and out["finish_reason"] == "length"
+    assert out["note"] == ("the server sent more than the 8 tokens asked for (does it ignore max_tokens?); "
+                           "the answer is cut there")  # fmt: skip
+    out = json.loads(whole.stdout)
+    assert (out["text"], out["finish_reason"], out["note"]) == ("w" * MAX_NEW, "length", None)
 
 
 def test_a_one_shot_answer_broken_off_ends_its_line_before_the_error(tmp_path):
