@@ -79,6 +79,21 @@ def too_many_media_hint(advice: Advice) -> str:
             "/drop attachments, /undo or /clear")  # fmt: skip
 
 
+# How servers refuse a model they do not serve (serve, vLLM, lmdeploy, SGLang: "The model 'x' does
+# not exist"; Ollama: "model 'x' not found")
+NAMES_A_MODEL = re.compile(r"\bmodel\b", re.IGNORECASE)
+
+
+def unknown_model_hint(model: str, advice: Advice) -> str:
+    """For a chat request's 404 that names the model, after the handshake found it: the server now
+    serves another (it was restarted). The model cannot change in a running conversation."""
+    if not advice.commands:
+        return "check --server (it usually ends in /v1) and --remote-model"
+    return (f"the server no longer serves {shorten(model, 80)!r} (restarted with another model?) and the model "
+            "cannot change here: /save, then restart internvl-chat with --remote-model set to the model it "
+            "serves, and /load the conversation")  # fmt: skip
+
+
 def context_hint(advice: Advice) -> str:
     return (f"the conversation and its answer do not fit the server's context; "
             f"{any_of([advice.fewer_media, *advice.forget('/undo or /clear'), advice.smaller_answer])}")  # fmt: skip
@@ -149,9 +164,10 @@ def _status_line(status: int) -> str:
 
 
 def http_error(status: int, body: bytes, retry_after: str | None, location: str | None = None,
-               advice: Advice = Advice()) -> RemoteError:  # fmt: skip
+               advice: Advice = Advice(), model: str | None = None) -> RemoteError:  # fmt: skip
     """One line for a non-200 answer: the status first, then the server's message, then a hint
-    (`advice`: the fixes a refused chat request can name, chat/advice.py)."""
+    (`advice`: the fixes a refused chat request can name, chat/advice.py; `model`: the model a
+    chat request named, None for other requests)."""
     detail = None
     try:
         detail = error_text(json.loads(body.decode("utf-8", errors="replace")))
@@ -170,6 +186,8 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
         hint = too_many_media_hint(advice)
     elif status == 413:
         hint = too_large_hint(advice)
+    elif status == 404 and model is not None and NAMES_A_MODEL.search(body.decode("utf-8", errors="replace")):
+        hint = unknown_model_hint(model, advice)
     else:
         hint = _HINTS.get(status, "check the request")
     wait = (retry_after or "").strip()
@@ -341,7 +359,8 @@ class ChatStream:
 
     def _run(self) -> Iterator[dict]:
         client = self._client
-        client.advice = self._advice  # read by the status check, which runs as httpx's response hook
+        # read by the status check, which runs as httpx's response hook
+        client.advice, client.chat_model = self._advice, str(self._body.get("model", ""))
         try:
             with self._lock:
                 self._in_flight = True
@@ -487,6 +506,7 @@ class ApiClient:
         self.shown_url = without_credentials(self.base_url)  # httpx sends user:password as Basic auth
         self.timeout = float(timeout)
         self.advice = Advice()  # the fixes a refused chat request names; each ChatStream sets its own
+        self.chat_model: str | None = None  # the model the chat request being made names; None: no chat
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # of every connection made
         self.head_watch: HeadWatch | None = None  # of the latest request
         headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json",
@@ -533,7 +553,7 @@ class ApiClient:
         if response.status_code != 200:
             raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT, self.timeout),
                              response.headers.get("retry-after"), response.headers.get("location"),
-                             self.advice)  # fmt: skip
+                             self.advice, self.chat_model)  # fmt: skip
 
     def stream(self, method: str, path: str, **kwargs):
         """httpx's streamed request, its head watched (`trace`)."""
@@ -547,6 +567,7 @@ class ApiClient:
         return transport_error(err, self.shown_url, self.timeout, mid_answer)
 
     def get_json(self, path: str) -> object:
+        self.advice, self.chat_model = Advice(), None  # not a chat: no chat request's hints
         try:
             with self.stream("GET", path) as response:
                 body = _read_limited(response, JSON_BODY_LIMIT + 1, self.timeout)
