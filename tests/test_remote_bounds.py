@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from remote_helpers import FakeServer, Reply, dripping_server, fixture
+from remote_helpers import FakeServer, Reply, dripping_server, fixture, unanswered_port
 from rich.console import Console
 
 from internvl_chat.chat import answer_bounds
@@ -177,6 +177,40 @@ def test_a_head_that_never_ends_is_cut_at_answer_timeout(clock):
             answer(conv)
         assert not conv.client.head_watch.fired
         assert [t.user_text for t in conv.turns] == ["first"]
+
+
+def test_a_connection_still_being_made_ends_at_answer_timeout(clock):
+    """A connect that never completes (a host gone away) held the answer for the connect timeout
+    (30 s) past the deadline: the watcher has no socket to shut before it connects. The clock does
+    not move here, so only the connect's own timeout, ending at the deadline, can end it."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server, answer_timeout=0.5)
+    with unanswered_port() as port:
+        conv.client.close()
+        conv.client = type(conv.client)(f"http://127.0.0.1:{port}/v1", "", 120)
+        with pytest.raises(RemoteError, match=r"^the server sent no answer text within \[remote\] answer_timeout \(0.5 s\)"):
+            answer(conv)
+        assert [t.user_text for t in conv.turns] == ["first"]
+
+
+def test_a_connect_within_answer_timeout_keeps_its_own_timeout(clock):
+    """The deadline only shortens a connect that would outlast it."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server, answer_timeout=600)
+        conv.client.close()
+        conv.client = client = type(conv.client)(server.url, "", 120)  # a new connection is made
+        seen: list[float] = []
+        trace = client.trace
+
+        def spy(event: str, info: dict) -> None:
+            if event == "connection.connect_tcp.started":
+                seen.append(info["timeout"])
+            trace(event, info)
+
+        client.trace = spy
+        server.chat(Reply.sse(piece("ok") + STOP))
+        assert answer(conv)[0] == "ok"
+        assert seen == [30.0]
 
 
 def test_an_answer_that_finished_is_not_cut_by_a_late_deadline(clock):

@@ -313,12 +313,16 @@ class ChatStream:
     waits on a server gone silent: the iteration then just stops (`aborted` is set).
     """
 
-    def __init__(self, client: ApiClient, body: dict, advice: Advice):
+    def __init__(self, client: ApiClient, body: dict, advice: Advice, connect_s: float | None = None):
         self._client = client
         self._body = body
         self._advice = advice
+        # the answer's deadline, when it comes before the connect timeout: a connect that takes longer
+        # ends there (no thread can end a connect: there is no socket to shut until it is made)
+        self._connect_s = connect_s if connect_s is not None and connect_s < client.connect_s else None
         self.done = False
         self.aborted = False
+        self.out_of_time = False  # the connect ended at the answer's deadline (`aborted` is set too)
         self.comments = 0  # SSE comment lines seen (keep-alive pings)
         self._lock = threading.Lock()  # `_socket` is shut only while its answer is being read
         self._socket: socket.socket | None = None
@@ -364,8 +368,8 @@ class ChatStream:
         try:
             with self._lock:
                 self._in_flight = True
-            with client.stream("POST", "chat/completions", json=self._body,
-                               headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
+            with client.stream("POST", "chat/completions", json=self._body, headers={"Accept": "text/event-stream"},
+                               connect_s=self._connect_s) as response:  # fmt: skip
                 with self._lock:
                     self._in_flight = False
                 self._reading(response)
@@ -374,6 +378,8 @@ class ChatStream:
                 finally:
                     self._done_reading()
         except BROKEN as e:
+            if isinstance(e, httpx.ConnectTimeout) and self._connect_s is not None:
+                self.out_of_time = self.aborted = True  # as if the watcher had ended it at the deadline
             if self.aborted:
                 return  # the shut socket, seen as a broken connection
             raise client.broken(e, self._started) from None
@@ -505,6 +511,7 @@ class ApiClient:
         self.base_url = normalize_base_url(server)
         self.shown_url = without_credentials(self.base_url)  # httpx sends user:password as Basic auth
         self.timeout = float(timeout)
+        self.connect_s = min(self.timeout, CONNECT_TIMEOUT_S)
         self.advice = Advice()  # the fixes a refused chat request names; each ChatStream sets its own
         self.chat_model: str | None = None  # the model the chat request being made names; None: no chat
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # of every connection made
@@ -522,7 +529,7 @@ class ApiClient:
             self.http = httpx.Client(
                 base_url=self.base_url + "/",
                 headers=headers,
-                timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT_TIMEOUT_S)),
+                timeout=httpx.Timeout(self.timeout, connect=self.connect_s),
                 follow_redirects=False,
                 event_hooks={"response": [self._check_response]},
             )
@@ -555,9 +562,11 @@ class ApiClient:
                              response.headers.get("retry-after"), response.headers.get("location"),
                              self.advice, self.chat_model)  # fmt: skip
 
-    def stream(self, method: str, path: str, **kwargs):
-        """httpx's streamed request, its head watched (`trace`)."""
+    def stream(self, method: str, path: str, connect_s: float | None = None, **kwargs):
+        """httpx's streamed request, its head watched (`trace`); `connect_s`: a shorter connect timeout."""
         self.head_watch = None
+        if connect_s is not None:
+            kwargs["timeout"] = httpx.Timeout(self.timeout, connect=min(connect_s, self.connect_s))
         return self.http.stream(method, path, extensions={"trace": self.trace}, **kwargs)
 
     def broken(self, err: httpx.TransportError | httpx.DecodingError, mid_answer: bool) -> RemoteError:
@@ -588,10 +597,10 @@ class ApiClient:
             raise RemoteError("the server's model list has no `data` array; is --server an OpenAI-compatible server (…/v1)?")
         return [card for card in cards if isinstance(card, dict) and _usable_id(card.get("id"))]
 
-    def stream_chat(self, body: dict, advice: Advice = Advice()) -> ChatStream:
+    def stream_chat(self, body: dict, advice: Advice = Advice(), connect_s: float | None = None) -> ChatStream:
         """`advice`: what a refusal's hint may name (commands or flags; /undo or /clear only with
-        earlier turns in the request)."""
-        return ChatStream(self, body, advice)
+        earlier turns in the request); `connect_s`: the time left to the answer's deadline."""
+        return ChatStream(self, body, advice, connect_s)
 
 
 def _usable_id(model_id: object) -> bool:
