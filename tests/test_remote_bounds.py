@@ -8,8 +8,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from internvl_chat.errors import RemoteError
 from internvl_chat.settings import Settings, load_settings
+from internvl_chat.threads import start_worker
 from internvl_chat.ui.app import OK, App
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,6 +193,32 @@ def test_a_connection_still_being_made_ends_at_answer_timeout(clock):
         conv.client = type(conv.client)(f"http://127.0.0.1:{port}/v1", "", 120)
         with pytest.raises(RemoteError, match=r"^the server sent no answer text within \[remote\] answer_timeout \(0.5 s\)"):
             answer(conv)
+        assert [t.user_text for t in conv.turns] == ["first"]
+
+
+def test_ctrl_c_while_connecting_ends_the_attempt_at_once(tmp_path):
+    """The REPL's Ctrl-C before the first piece raises KeyboardInterrupt in the main thread, which
+    ends the connect's wait (Python retries a wait a signal interrupts only when its handler
+    returns): a host gone away does not hold the REPL for the connect timeout."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        settings = load_settings(os.devnull, env={}, overrides={"remote.server": server.url})
+    with unanswered_port() as port:
+        conv.client.close()
+        conv.client = client = type(conv.client)(f"http://127.0.0.1:{port}/v1", "", 120)
+        trace = client.trace
+        main = threading.main_thread().ident
+
+        def spy(event: str, info: dict) -> None:
+            if event == "connection.connect_tcp.started":  # the user presses Ctrl-C now, or a little later
+                start_worker(lambda: signal.pthread_kill(main, signal.SIGINT), "test-ctrl-c")
+            trace(event, info)
+
+        client.trace = spy
+        out = io.StringIO()
+        app = App(conv, settings, Console(file=out, width=300, color_system=None), interactive=True, cwd=tmp_path)
+        assert app.handle_line("second") == OK
+        assert "[cancelled before the answer began; the conversation is unchanged]" in out.getvalue()
         assert [t.user_text for t in conv.turns] == ["first"]
 
 

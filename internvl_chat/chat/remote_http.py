@@ -340,7 +340,9 @@ class ChatStream:
         """Shut the answer's socket: a read blocked in it returns at once with the end of the
         stream (a signal handler cannot do this: Python retries a read that a signal interrupted).
         Before the head has come there is no answer socket yet: the client's are shut, as HeadWatch
-        does (requests run one at a time, so the others are idle)."""
+        does (requests run one at a time, so the others are idle). A connect in progress has no
+        socket to shut: its timeout ends at the answer's deadline (`connect_s`), and a Ctrl-C ends it
+        by raising KeyboardInterrupt in the main thread, which the REPL does before the first piece."""
         with self._lock:
             self.aborted = True
             if self._socket is not None:
