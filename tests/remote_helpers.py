@@ -193,6 +193,19 @@ def refusing_port() -> Iterator[int]:
 
 
 @contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A local port where a connection is never made while the block runs: a listener whose accept
+    queue (backlog 0: one connection) is full, so the kernel drops every new SYN, as a host that has
+    gone away does (it retries for about two minutes, then refuses)."""
+    with socket.socket() as listener, socket.socket() as first:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        first.connect(("127.0.0.1", port))  # made at once (the queue was empty), then never accepted
+        yield port
+
+
+@contextmanager
 def dripping_server(first: bytes, drip: bytes, seconds: float = 30.0) -> Iterator[str]:
     """A server (its /v1 URL) that answers every request with `first`, then `drip` every 10 ms for
     `seconds` (a head that never ends: its bytes trickled, or `100 Continue` heads one after another),

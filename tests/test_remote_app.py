@@ -77,6 +77,7 @@ def test_oneshot_json_through_serve_gives_the_local_greedy_tokens(server, tiny_o
     assert here.returncode == 0 and there.returncode == 0, here.stderr + there.stderr
     mine, theirs = json.loads(here.stdout), json.loads(there.stdout)
     assert theirs["token_ids"] is None  # a server does not send ids
+    assert set(theirs) == set(mine) and theirs["note"] is None and mine["note"] is None  # one schema, nothing cut
     assert (theirs["text"], theirs["finish_reason"]) == (mine["text"], mine["finish_reason"])
     assert server.worker.answers.lookup(theirs["text"]) == mine["token_ids"]  # the very tokens, not only the text
     assert theirs["usage"]["prompt_tokens"] == mine["usage"]["prompt_tokens"]

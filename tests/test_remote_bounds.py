@@ -8,12 +8,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
-from remote_helpers import FakeServer, Reply, dripping_server, fixture
+from remote_helpers import FakeServer, Reply, dripping_server, fixture, unanswered_port
 from rich.console import Console
 
 from internvl_chat.chat import answer_bounds
@@ -22,6 +24,7 @@ from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from internvl_chat.errors import RemoteError
 from internvl_chat.settings import Settings, load_settings
+from internvl_chat.threads import start_worker
 from internvl_chat.ui.app import OK, App
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,6 +182,66 @@ def test_a_head_that_never_ends_is_cut_at_answer_timeout(clock):
         assert [t.user_text for t in conv.turns] == ["first"]
 
 
+def test_a_connection_still_being_made_ends_at_answer_timeout(clock):
+    """A connect that never completes (a host gone away) held the answer for the connect timeout
+    (30 s) past the deadline: the watcher has no socket to shut before it connects. The clock does
+    not move here, so only the connect's own timeout, ending at the deadline, can end it."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server, answer_timeout=0.5)
+    with unanswered_port() as port:
+        conv.client.close()
+        conv.client = type(conv.client)(f"http://127.0.0.1:{port}/v1", "", 120)
+        with pytest.raises(RemoteError, match=r"^the server sent no answer text within \[remote\] answer_timeout \(0.5 s\)"):
+            answer(conv)
+        assert [t.user_text for t in conv.turns] == ["first"]
+
+
+def test_ctrl_c_while_connecting_ends_the_attempt_at_once(tmp_path):
+    """The REPL's Ctrl-C before the first piece raises KeyboardInterrupt in the main thread, which
+    ends the connect's wait (Python retries a wait a signal interrupts only when its handler
+    returns): a host gone away does not hold the REPL for the connect timeout."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        settings = load_settings(os.devnull, env={}, overrides={"remote.server": server.url})
+    with unanswered_port() as port:
+        conv.client.close()
+        conv.client = client = type(conv.client)(f"http://127.0.0.1:{port}/v1", "", 120)
+        trace = client.trace
+        main = threading.main_thread().ident
+
+        def spy(event: str, info: dict) -> None:
+            if event == "connection.connect_tcp.started":  # the user presses Ctrl-C now, or a little later
+                start_worker(lambda: signal.pthread_kill(main, signal.SIGINT), "test-ctrl-c")
+            trace(event, info)
+
+        client.trace = spy
+        out = io.StringIO()
+        app = App(conv, settings, Console(file=out, width=300, color_system=None), interactive=True, cwd=tmp_path)
+        assert app.handle_line("second") == OK
+        assert "[cancelled before the answer began; the conversation is unchanged]" in out.getvalue()
+        assert [t.user_text for t in conv.turns] == ["first"]
+
+
+def test_a_connect_within_answer_timeout_keeps_its_own_timeout(clock):
+    """The deadline only shortens a connect that would outlast it."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server, answer_timeout=600)
+        conv.client.close()
+        conv.client = client = type(conv.client)(server.url, "", 120)  # a new connection is made
+        seen: list[float] = []
+        trace = client.trace
+
+        def spy(event: str, info: dict) -> None:
+            if event == "connection.connect_tcp.started":
+                seen.append(info["timeout"])
+            trace(event, info)
+
+        client.trace = spy
+        server.chat(Reply.sse(piece("ok") + STOP))
+        assert answer(conv)[0] == "ok"
+        assert seen == [30.0]
+
+
 def test_an_answer_that_finished_is_not_cut_by_a_late_deadline(clock):
     """The server said finish_reason, then left the stream open: the answer is whole."""
     with FakeServer(fixture("vllm/models.json")) as server:
@@ -224,12 +287,12 @@ def test_the_app_says_why_the_answer_stopped_and_goes_on(tmp_path):
         assert [t.reply for t in app.session.turns] == ["x" * PIECES, "ok"]
 
 
-def one_shot(url: str, home: Path) -> subprocess.CompletedProcess:
+def one_shot(url: str, home: Path, *more: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(home)}
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
         env.pop(name, None)
     return subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--server", url, "--max-new-tokens", "8",
-                           "--no-stats", "-p", "hi"], input="", capture_output=True, text=True, env=env,
+                           "--no-stats", "-p", "hi", *more], input="", capture_output=True, text=True, env=env,
                           timeout=300, cwd=home)  # fmt: skip
 
 
@@ -241,6 +304,22 @@ def test_a_one_shot_run_against_an_endless_server_ends_with_what_arrived(tmp_pat
         assert run.stdout == "x" * PIECES + "\n"
         assert run.stderr == ("internvl-chat: warning: stopped: the server sent more than the 8 tokens asked for (does it "
                               "ignore max_tokens?); the answer is cut there\n")  # fmt: skip
+
+
+def test_one_shot_json_says_the_client_cut_the_answer(tmp_path):
+    """A program reading --json saw finish_reason "length" (as for an honest answer of the length
+    asked for) and could not tell that the client cut it: the stderr warning is for a person."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        server.chat(Reply(pieces=[piece("x")], end="endless"), Reply.sse(piece("w") * MAX_NEW + LENGTH))
+        cut = one_shot(server.url, tmp_path, "--json")
+        whole = one_shot(server.url, tmp_path, "--json")
+    assert cut.returncode == 0 and whole.returncode == 0, cut.stderr + whole.stderr
+    out = json.loads(cut.stdout)
+    assert out["text"] == "x" * PIECES and out["finish_reason"] == "length"
+    assert out["note"] == ("the server sent more than the 8 tokens asked for (does it ignore max_tokens?); "
+                           "the answer is cut there")  # fmt: skip
+    out = json.loads(whole.stdout)
+    assert (out["text"], out["finish_reason"], out["note"]) == ("w" * MAX_NEW, "length", None)
 
 
 def test_a_one_shot_answer_broken_off_ends_its_line_before_the_error(tmp_path):

@@ -461,3 +461,47 @@ def test_requests_carry_our_sampling_explicitly():
     assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")} == {
         "max_tokens": 33, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "seed": 5}  # fmt: skip
     assert json.dumps(body)  # plain JSON
+
+
+def model_gone(served: str) -> Reply:
+    """serve's 404 for a request naming a model it does not serve (it was restarted with another)."""
+    return Reply.json({"error": {"message": f"the model 'OpenGVLab/InternVL3-8B' does not exist; this server serves "
+                                            f"{served!r}", "type": "invalid_request_error", "param": "model",
+                                 "code": "model_not_found"}}, 404)  # fmt: skip
+
+
+def test_a_server_restarted_with_another_model_says_how_to_go_on(tmp_path):
+    """Every turn got a 404 that said "check --remote-model", a flag the running REPL cannot take
+    (nor /set): the hint names what works, and it does: /save, restart on the model it serves, /load."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(model_gone("b"))
+        line = fails_with(conv, r"^the server answered 404 Not Found: the model 'OpenGVLab/InternVL3-8B' does not exist; "
+                                r"this server serves 'b' \(invalid_request_error\); ")  # fmt: skip
+        assert line.endswith("; the server no longer serves 'OpenGVLab/InternVL3-8B' (restarted with another model?) "
+                             "and the model cannot change here: /save, then restart internvl-chat with --remote-model "
+                             "set to the model it serves, and /load the conversation")  # fmt: skip
+        conv.commands = False  # one-shot: the next run's flags
+        server.chat(model_gone("b"))
+        assert fails_with(conv, r"404").endswith("; check --server (it usually ends in /v1) and --remote-model")
+
+        saved = conv.save(tmp_path / "chat.json")
+        server.replies["/v1/models"].append(Reply.json({"object": "list", "data": [{"id": "b", "owned_by": "vllm"}]}))
+        again = RemoteConversation.connect(server.url, model="b", params=SamplingParams(max_new_tokens=8))
+        again.load(saved)
+        server.chat(Reply.sse(GOOD))
+        list(again.ask("second"))
+        body = server.chat_bodies()[-1]
+        assert body["model"] == "b" and [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+
+
+def test_a_404_of_the_model_list_or_without_a_model_keeps_the_plain_hint():
+    """Only a chat request's 404 that names the model is a model the server stopped serving."""
+    with FakeServer() as server:
+        server.replies["/v1/models"].append(Reply.json({"error": {"message": "model list not here"}}, 404))
+        with pytest.raises(RemoteError, match=r"; check --server \(it usually ends in /v1\) and --remote-model$"):
+            RemoteConversation.connect(server.url)
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply.json({"error": {"message": "no such route"}}, 404))
+        assert fails_with(conv, r"404").endswith("; check --server (it usually ends in /v1) and --remote-model")

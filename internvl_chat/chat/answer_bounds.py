@@ -28,6 +28,7 @@ PIECE_SLACK = 16  # content pieces beyond that before the answer is cut
 CHARS_PER_TOKEN = 64
 EVENTS_PER_TOKEN = 4
 ANSWER_SLACK = 1024  # characters and events beyond the per-token bounds
+MIN_CONNECT_S = 0.01  # a connect timeout of 0 would be a non-blocking connect, which fails at once
 CANCEL_POLL_S = 0.1  # how soon a cancel or the deadline ends an answer whose server has gone silent
 
 
@@ -76,6 +77,14 @@ class AnswerBounds:
 
     def time_up(self) -> bool:
         return self.deadline is not None and clock() >= self.deadline
+
+    def time_left(self) -> float | None:
+        """Seconds until the deadline (a little at least), or None without one: what a connection
+        still being made may take. The watcher cannot end a connect (its socket is not ours to shut
+        before it connects), so the connect's own timeout must end at the deadline."""
+        if self.deadline is None:
+            return None
+        return max(self.deadline - clock(), MIN_CONNECT_S)
 
     def note(self) -> str | None:
         """One line for the user when the answer was stopped here, else None."""

@@ -446,12 +446,12 @@ class RemoteConversation:
             )
         body = request_body(self.dialect, self.model, self._messages(history, turn), params, pictures)
         t0 = time.perf_counter()
-        stream = self.client.stream_chat(body, self._advice(history))
+        bounds = AnswerBounds(params.max_new_tokens, self.answer_timeout)
+        stream = self.client.stream_chat(body, self._advice(history), bounds.time_left())
         parts: list[str] = []
         pending = ""
         since_emit = 0
         chunks = 0
-        bounds = AnswerBounds(params.max_new_tokens, self.answer_timeout)
         t_first = t_last = None
         finish = raw_finish = None
         usage: dict | None = None
@@ -498,6 +498,8 @@ class RemoteConversation:
                     finish = "cancelled"
                     break
         note = None
+        if stream.out_of_time:  # the connect ended at the deadline, maybe before the watcher saw it
+            bounds.over = bounds.over or "time"
         # the watcher sets `over` before it aborts the stream: the loop may have seen either first
         timed_out = bounds.over == "time" and raw_finish is None and not stream.done
         if finish is None and (bounds.over == "length" or timed_out):

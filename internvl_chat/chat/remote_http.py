@@ -79,6 +79,21 @@ def too_many_media_hint(advice: Advice) -> str:
             "/drop attachments, /undo or /clear")  # fmt: skip
 
 
+# How servers refuse a model they do not serve (serve, vLLM, lmdeploy, SGLang: "The model 'x' does
+# not exist"; Ollama: "model 'x' not found")
+NAMES_A_MODEL = re.compile(r"\bmodel\b", re.IGNORECASE)
+
+
+def unknown_model_hint(model: str, advice: Advice) -> str:
+    """For a chat request's 404 that names the model, after the handshake found it: the server now
+    serves another (it was restarted). The model cannot change in a running conversation."""
+    if not advice.commands:
+        return "check --server (it usually ends in /v1) and --remote-model"
+    return (f"the server no longer serves {shorten(model, 80)!r} (restarted with another model?) and the model "
+            "cannot change here: /save, then restart internvl-chat with --remote-model set to the model it "
+            "serves, and /load the conversation")  # fmt: skip
+
+
 def context_hint(advice: Advice) -> str:
     return (f"the conversation and its answer do not fit the server's context; "
             f"{any_of([advice.fewer_media, *advice.forget('/undo or /clear'), advice.smaller_answer])}")  # fmt: skip
@@ -149,9 +164,10 @@ def _status_line(status: int) -> str:
 
 
 def http_error(status: int, body: bytes, retry_after: str | None, location: str | None = None,
-               advice: Advice = Advice()) -> RemoteError:  # fmt: skip
+               advice: Advice = Advice(), model: str | None = None) -> RemoteError:  # fmt: skip
     """One line for a non-200 answer: the status first, then the server's message, then a hint
-    (`advice`: the fixes a refused chat request can name, chat/advice.py)."""
+    (`advice`: the fixes a refused chat request can name, chat/advice.py; `model`: the model a
+    chat request named, None for other requests)."""
     detail = None
     try:
         detail = error_text(json.loads(body.decode("utf-8", errors="replace")))
@@ -170,6 +186,8 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
         hint = too_many_media_hint(advice)
     elif status == 413:
         hint = too_large_hint(advice)
+    elif status == 404 and model is not None and NAMES_A_MODEL.search(body.decode("utf-8", errors="replace")):
+        hint = unknown_model_hint(model, advice)
     else:
         hint = _HINTS.get(status, "check the request")
     wait = (retry_after or "").strip()
@@ -295,12 +313,16 @@ class ChatStream:
     waits on a server gone silent: the iteration then just stops (`aborted` is set).
     """
 
-    def __init__(self, client: ApiClient, body: dict, advice: Advice):
+    def __init__(self, client: ApiClient, body: dict, advice: Advice, connect_s: float | None = None):
         self._client = client
         self._body = body
         self._advice = advice
+        # the answer's deadline, when it comes before the connect timeout: a connect that takes longer
+        # ends there (no thread can end a connect: there is no socket to shut until it is made)
+        self._connect_s = connect_s if connect_s is not None and connect_s < client.connect_s else None
         self.done = False
         self.aborted = False
+        self.out_of_time = False  # the connect ended at the answer's deadline (`aborted` is set too)
         self.comments = 0  # SSE comment lines seen (keep-alive pings)
         self._lock = threading.Lock()  # `_socket` is shut only while its answer is being read
         self._socket: socket.socket | None = None
@@ -318,7 +340,9 @@ class ChatStream:
         """Shut the answer's socket: a read blocked in it returns at once with the end of the
         stream (a signal handler cannot do this: Python retries a read that a signal interrupted).
         Before the head has come there is no answer socket yet: the client's are shut, as HeadWatch
-        does (requests run one at a time, so the others are idle)."""
+        does (requests run one at a time, so the others are idle). A connect in progress has no
+        socket to shut: its timeout ends at the answer's deadline (`connect_s`), and a Ctrl-C ends it
+        by raising KeyboardInterrupt in the main thread, which the REPL does before the first piece."""
         with self._lock:
             self.aborted = True
             if self._socket is not None:
@@ -341,12 +365,13 @@ class ChatStream:
 
     def _run(self) -> Iterator[dict]:
         client = self._client
-        client.advice = self._advice  # read by the status check, which runs as httpx's response hook
+        # read by the status check, which runs as httpx's response hook
+        client.advice, client.chat_model = self._advice, str(self._body.get("model", ""))
         try:
             with self._lock:
                 self._in_flight = True
-            with client.stream("POST", "chat/completions", json=self._body,
-                               headers={"Accept": "text/event-stream"}) as response:  # fmt: skip
+            with client.stream("POST", "chat/completions", json=self._body, headers={"Accept": "text/event-stream"},
+                               connect_s=self._connect_s) as response:  # fmt: skip
                 with self._lock:
                     self._in_flight = False
                 self._reading(response)
@@ -355,6 +380,8 @@ class ChatStream:
                 finally:
                     self._done_reading()
         except BROKEN as e:
+            if isinstance(e, httpx.ConnectTimeout) and self._connect_s is not None:
+                self.out_of_time = self.aborted = True  # as if the watcher had ended it at the deadline
             if self.aborted:
                 return  # the shut socket, seen as a broken connection
             raise client.broken(e, self._started) from None
@@ -486,7 +513,9 @@ class ApiClient:
         self.base_url = normalize_base_url(server)
         self.shown_url = without_credentials(self.base_url)  # httpx sends user:password as Basic auth
         self.timeout = float(timeout)
+        self.connect_s = min(self.timeout, CONNECT_TIMEOUT_S)
         self.advice = Advice()  # the fixes a refused chat request names; each ChatStream sets its own
+        self.chat_model: str | None = None  # the model the chat request being made names; None: no chat
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # of every connection made
         self.head_watch: HeadWatch | None = None  # of the latest request
         headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json",
@@ -502,7 +531,7 @@ class ApiClient:
             self.http = httpx.Client(
                 base_url=self.base_url + "/",
                 headers=headers,
-                timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT_TIMEOUT_S)),
+                timeout=httpx.Timeout(self.timeout, connect=self.connect_s),
                 follow_redirects=False,
                 event_hooks={"response": [self._check_response]},
             )
@@ -533,11 +562,13 @@ class ApiClient:
         if response.status_code != 200:
             raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT, self.timeout),
                              response.headers.get("retry-after"), response.headers.get("location"),
-                             self.advice)  # fmt: skip
+                             self.advice, self.chat_model)  # fmt: skip
 
-    def stream(self, method: str, path: str, **kwargs):
-        """httpx's streamed request, its head watched (`trace`)."""
+    def stream(self, method: str, path: str, connect_s: float | None = None, **kwargs):
+        """httpx's streamed request, its head watched (`trace`); `connect_s`: a shorter connect timeout."""
         self.head_watch = None
+        if connect_s is not None:
+            kwargs["timeout"] = httpx.Timeout(self.timeout, connect=min(connect_s, self.connect_s))
         return self.http.stream(method, path, extensions={"trace": self.trace}, **kwargs)
 
     def broken(self, err: httpx.TransportError | httpx.DecodingError, mid_answer: bool) -> RemoteError:
@@ -547,6 +578,7 @@ class ApiClient:
         return transport_error(err, self.shown_url, self.timeout, mid_answer)
 
     def get_json(self, path: str) -> object:
+        self.advice, self.chat_model = Advice(), None  # not a chat: no chat request's hints
         try:
             with self.stream("GET", path) as response:
                 body = _read_limited(response, JSON_BODY_LIMIT + 1, self.timeout)
@@ -567,10 +599,10 @@ class ApiClient:
             raise RemoteError("the server's model list has no `data` array; is --server an OpenAI-compatible server (…/v1)?")
         return [card for card in cards if isinstance(card, dict) and _usable_id(card.get("id"))]
 
-    def stream_chat(self, body: dict, advice: Advice = Advice()) -> ChatStream:
+    def stream_chat(self, body: dict, advice: Advice = Advice(), connect_s: float | None = None) -> ChatStream:
         """`advice`: what a refusal's hint may name (commands or flags; /undo or /clear only with
-        earlier turns in the request)."""
-        return ChatStream(self, body, advice)
+        earlier turns in the request); `connect_s`: the time left to the answer's deadline."""
+        return ChatStream(self, body, advice, connect_s)
 
 
 def _usable_id(model_id: object) -> bool:

@@ -70,6 +70,9 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
             "finish_reason": final["finish_reason"],
             "usage": final["usage"],
             "timing": timing,
+            # why the client cut the answer (chat/answer_bounds.py: a server past the length asked
+            # for, or [remote] answer_timeout), else null; a local model's answer is never cut so
+            "note": final.get("note"),
         }
         line = json.dumps(out, ensure_ascii=False)
         sys.stdout.write((line.translate(_JSON_FOR_TERMINAL) if sys.stdout.isatty() else line) + "\n")
