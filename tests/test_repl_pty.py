@@ -65,9 +65,10 @@ def pty_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 class Repl:
-    def __init__(self, home: Path, model: Path, *args: str, env_extra: dict | None = None):
+    def __init__(self, home: Path, model: Path | None, *args: str, env_extra: dict | None = None):
+        """`model` None: the embedded demo model."""
         env = pty_env(home, **(env_extra or {}))
-        argv = ["-m", "internvl_chat.cli", "--model", str(model), "--device", "cpu", *args]
+        argv = ["-m", "internvl_chat.cli", *(["--model", str(model)] if model else []), "--device", "cpu", *args]
         self.child = pexpect.spawn(sys.executable, argv, env=env, dimensions=(50, 220), encoding="utf-8",
                                    timeout=TIMEOUT, cwd=str(home))  # fmt: skip
         self.record()
@@ -254,6 +255,20 @@ def test_markdown_multiline_completion_and_save_load_in_a_new_process(tiny_origi
     one, two = (tmp_path / "one.md").read_text(), (tmp_path / "two.md").read_text()
     assert _conversation(one) == _conversation(two)
     assert not (home2 / ".local" / "state" / "internvl-chat" / "history").exists()
+
+
+@pytest.mark.parametrize("leave", ["ctrl-d", "/exit"])
+def test_quitting_with_attachments_not_sent_names_them(media, tmp_path, leave):
+    # Ctrl-D or /exit at a `[+2] >` prompt dropped the pictures without a word (a script said it)
+    repl = Repl(tmp_path, None, "--no-history", "--plain")
+    repl.run(f"/image {media / 'small.png'} {media / 'big.png'}", r"\+ image big\.png")
+    if leave == "ctrl-d":
+        repl.child.sendcontrol("d")
+    else:
+        repl.enter("/exit")
+    repl.expect(r"warning: 2 attachments were never sent \(small\.png, big\.png\): attachments go with the next "
+                r"message, and you quit before one")  # fmt: skip
+    assert repl.close() == 0  # no question asked: quitting is still one key
 
 
 # --- completion (no terminal needed) ------------------------------------------------------------

@@ -304,6 +304,15 @@ def media_names(media: Sequence[Media]) -> str:
     return names + (f" and {len(media) - NAMES_SHOWN:,} more" if len(media) > NAMES_SHOWN else "")
 
 
+def unsent_note(pending: Sequence[Media], ended: str, fix: str = "") -> str:
+    """The warning for attachments left when the input ended (`ended`: `the script ended`): they go
+    with a message, and none came; `fix` says what to do about it, where something can be done."""
+    n = len(pending)
+    what = f"{n} attachment was" if n == 1 else f"{n} attachments were"
+    note = f"{what} never sent ({media_names(pending)}): attachments go with the next message, and {ended} before one"
+    return f"{note}; {fix}" if fix else note
+
+
 def _refuse_special_file(path: Path) -> None:
     """A FIFO or a device at an output path is never replaced (write_atomic refuses it): say so at
     once, instead of offering --force (or asking y/N) for a write that then fails."""

@@ -5,8 +5,8 @@ takes lines until the closing `\"\"\"`; Ctrl-X Ctrl-E edits the buffer in $EDITO
 slash commands, their arguments (setting keys, media paths filtered by extension, any path for
 /save /export, saved session names and paths for /load) and media paths typed in a message;
 Ctrl-C clears the line (and cancels
-work while the model runs, see app.py); Ctrl-D on an empty line quits; Ctrl-Z suspends (`fg`
-resumes). Bracketed paste is prompt_toolkit's default: a pasted text with newlines stays one message.
+work while the model runs, see app.py); Ctrl-D on an empty line quits (attachments still waiting
+for a message are named in a warning, never asked about); Ctrl-Z suspends (`fg` resumes). Bracketed paste is prompt_toolkit's default: a pasted text with newlines stays one message.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from prompt_toolkit.keys import Keys
 from ..errors import InternVLChatError, UsageError
 from ..files import undecodable_byte, visible
 from ..settings import SET_ALIASES, Settings
-from .app import EXIT, App, block_is_open, default_sessions_dir, file_date, recent_sessions
+from .app import EXIT, App, block_is_open, default_sessions_dir, file_date, recent_sessions, unsent_note
 from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
 from .editor import edit_in_editor
 from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
@@ -508,6 +508,8 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
             result = _interruptible(app, signals, lambda: app.handle_line(line))
         if result == EXIT:
             break
+    if app.pending:  # they would vanish without a word; said, not asked: quitting stays one key
+        app.warn(unsent_note(app.pending, "you quit"))
     return 0
 
 

@@ -25,17 +25,16 @@ import errno
 import os
 import stat
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import UsageError
 from ..files import OutputFailed, expand_home, read_bytes_file, read_stream, sniff_binary, undecodable_byte, visible
 from ..settings import Settings
-from .app import BLOCK_QUOTES, ERROR, EXIT, App, block_is_open, media_names
+from .app import BLOCK_QUOTES, ERROR, EXIT, App, block_is_open, unsent_note
 from .paths import quote_path
 from .render import make_console
 from .setup import media_from_flags, open_conversation
@@ -136,14 +135,6 @@ def run_entries(app: App, entries: Iterator[Entry]) -> list[int]:
     return failed
 
 
-def unsent_note(pending: Sequence[Media]) -> str:
-    """The warning for attachments the script ended with: they go with a message, and none came."""
-    n = len(pending)
-    what = f"{n} attachment was" if n == 1 else f"{n} attachments were"
-    return (f"{what} never sent ({media_names(pending)}): attachments go with the next message, and the script "
-            f"ended before one; add a message line after {'it' if n == 1 else 'them'}")  # fmt: skip
-
-
 class _Transcript:
     """stdout for the transcript: after a write error (other than a reader gone) output is dropped
     and the error kept, so the script's remaining lines (a /save) still run."""
@@ -186,7 +177,8 @@ def run_script(args: argparse.Namespace, settings: Settings) -> int:
     failed = run_entries(app, read_entries(text))
     transcript.flush()
     if app.pending:  # no line failed, but what they attached would vanish without a word
-        print(f"internvl-chat: warning: {unsent_note(app.pending)}", file=sys.stderr)
+        fix = f"add a message line after {'it' if len(app.pending) == 1 else 'them'}"
+        print(f"internvl-chat: warning: {unsent_note(app.pending, 'the script ended', fix)}", file=sys.stderr)
     if transcript.failed is not None:
         raise transcript.failed
     if failed:
