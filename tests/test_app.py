@@ -455,6 +455,23 @@ def test_a_system_message_of_several_lines_is_a_triple_quote_block(loaded, tmp_p
     assert app.handle_line('/system """Be terse."""') == OK and app.session.system_message == "Be terse."
 
 
+def test_set_says_an_empty_system_message_means_none_in_words(loaded, tmp_path):
+    # after `/set system.message ""` (removing it), `/set system.message` showed only `""`, which
+    # read as a message of two quotes; the value stays as the config file writes it
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line('/set system.message ""') == OK and app.session.system_message is None
+    output(out)
+    assert app.handle_line("/set system.message") == OK
+    assert output(out) == 'system.message = "" (none: no system message is sent)  (from /system)\n'
+    assert app.handle_line("/set") == OK
+    assert '  system.message                = "" (none: no system message is sent)  (from /system)\n' in output(out)
+    app.settings.set("remote.server", "http://gpu:8000/v1", source="flag")  # none sent: the server's template decides
+    app.handle_line("/set system.message")
+    app.handle_line("/system")
+    assert output(out) == ('system.message = "" (none is sent, the server decides)  (from /system)\n'
+                           "no system message is sent; the server's chat template decides\n")  # fmt: skip
+
+
 def test_set_and_show_say_an_unset_system_message_is_the_models_default(loaded, tmp_path):
     # `/set` listed `system.message = (not set)` while /system showed the model's default in use
     app, out = make_app(loaded, tmp_path)

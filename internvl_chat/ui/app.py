@@ -836,7 +836,7 @@ class App:
             if text:
                 whose = " (the model's default)" if unset else ""
                 self.say(f"system message{whose}: {visible_lines(text)}")
-            elif unset and self.settings.remote.server:
+            elif self.settings.remote.server:  # unset or "": none is sent either way
                 self.say("no system message is sent; the server's chat template decides")
             else:
                 self.say("no system message")
@@ -921,6 +921,8 @@ class App:
         if value is None and dotted == "system.message":
             return self._unset_system(width)
         text = "(not set)" if value is None else visible(toml_value(value))
+        if value == "" and dotted == "system.message":  # `""` alone read as a message of two quotes
+            text += " (none is sent, the server decides)" if self.settings.remote.server else " (none: no system message is sent)"
         return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
     def _unset_system(self, width: int | None = None) -> str:
