@@ -263,6 +263,32 @@ def test_a_transcript_in_colour_has_no_spinner_or_live_tail(monkeypatch, tmp_pat
         "• star", "• triangle"]  # fmt: skip
 
 
+def test_set_plain_off_after_plain_brings_colours_and_markdown_back_into_a_file(monkeypatch, tmp_path):
+    # with ui.color = always and --plain, the console was made as no terminal for good: `/set plain
+    # off` brought back neither colours nor Markdown (and `on` again must leave no escapes at all)
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import script
+
+    answers = [["**One** star.\n"], ["**Two** stars.\n"], ["**Three** stars.\n"]]
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setattr(script, "open_conversation", lambda settings: ChunkedAnswers(*answers))
+    monkeypatch.setattr(script, "media_from_flags", lambda session, args, settings: [])
+    path = tmp_path / "chat.txt"
+    path.write_text("Count.\n/set plain off\nCount again.\n/set plain on\nOnce more.\n", encoding="utf-8")
+    out = tmp_path / "transcript.txt"
+    settings = load_settings(os.devnull, env={}, overrides={"ui.color": "always", "ui.plain": True, "ui.stats": False})
+    with open(out, "w", encoding="utf-8") as file:
+        monkeypatch.setattr(sys, "stdout", file)
+        assert script.run_script(argparse.Namespace(script=str(path)), settings) == 0
+    text = out.read_text(encoding="utf-8")
+    off, on = text.index("ui.plain = false"), text.index("ui.plain = true")
+    plain_start, markdown, plain_again = text[:off], text[off:on], text[on:]
+    assert "**One** star." in plain_start and not _COLOUR.search(plain_start)
+    assert _COLOUR.search(markdown) and "**" not in markdown and "Two stars." in _COLOUR.sub("", markdown)
+    assert not _SCREEN_CONTROL.search(markdown)  # a file given colours: still no live tail
+    assert "**Three** stars." in plain_again and "\x1b" not in plain_again
+
+
 @pytest.mark.parametrize("ending", ["", "/exit\n"])
 def test_attachments_the_script_never_sent_are_named_in_a_warning(loaded, image, monkeypatch, capsys, tmp_path, ending):
     # a script that ended right after /image (or /exit) dropped the picture without a word, status 0

@@ -341,6 +341,11 @@ class App:
     # The Markdown file /export last wrote, and the conversation's first turn then: re-exporting
     # the same conversation there replaces it without asking.
     _export_file: tuple[Path, Any] | None = None
+    # Makes the console again for the ui settings now, after `/set plain` (the REPL and --script
+    # set it: render.ui_console). A console made with ui.plain into a pipe is no terminal for good:
+    # `/set plain off` after --plain with ui.color = always got neither colours nor Markdown back.
+    # None: only the console's colours follow ui.plain.
+    remake_console: Callable[[], Console] | None = None
 
     def __init__(
         self,
@@ -879,7 +884,10 @@ class App:
             self.settings.set(dotted, old, source=old_source or "default")
             raise
         if dotted == "ui.plain":  # Markdown and spinners read it as they start; the colours are the console's
-            self.console.no_color = self.settings.ui.plain or self._colour_off
+            if self.remake_console is not None:
+                self.console = self.remake_console()
+            else:
+                self.console.no_color = self.settings.ui.plain or self._colour_off
         self.say(f"{dotted} = {self._setting_text(dotted)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")

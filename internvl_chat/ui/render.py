@@ -29,6 +29,8 @@ from .suspend import HIDE_CURSOR, SHOW_CURSOR, StopHook
 if TYPE_CHECKING:
     from rich.markdown import Markdown
 
+    from ..settings import UISettings
+
 # --- block splitting ---------------------------------------------------------------------------
 
 _FENCE_OPEN = re.compile(r"^(\s*)(`{3,}|~{3,})")
@@ -496,6 +498,13 @@ def make_console(file: IO[str] | None = None, color: str = "auto", env: Mapping[
     environ = {k: v for k, v in env.items() if not (k in ("COLUMNS", "LINES") and v.strip().isdigit() and int(v) == 0)}
     return Console(file=file, no_color=no_color, force_terminal=force_terminal, force_interactive=interactive,
                    _environ=environ)  # fmt: skip
+
+
+def ui_console(file: IO[str], ui: UISettings) -> Console:
+    """The console of the REPL and of `--script` for the ui settings now: ui.plain makes it as
+    ui.color = never does (no escapes at all into a pipe). Whether a console is a terminal, and its
+    colours, are fixed when it is made, so `/set plain` makes it again (App.remake_console)."""
+    return make_console(file, color="never" if ui.plain else ui.color)
 
 
 def colour_off(color: str, env: Mapping[str, str] = os.environ) -> bool:

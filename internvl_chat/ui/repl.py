@@ -36,7 +36,7 @@ from .app import EXIT, App, block_is_open, default_sessions_dir, file_date, rece
 from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
 from .editor import edit_in_editor
 from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
-from .render import make_console
+from .render import ui_console
 from .set_keys import runtime_keys
 from .setup import media_from_flags, open_conversation
 from .typeahead import held_keys, keys_released
@@ -473,7 +473,7 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
         raise UsageError("the REPL needs a terminal on stdin; use --script FILE for scripted input or -p TEXT")
     signals = ReplSignals()
     signals.install()
-    console = make_console(sys.stdout, color="never" if settings.ui.plain else settings.ui.color)
+    console = ui_console(sys.stdout, settings.ui)
     # keys typed while the model loads or an answer streams are not echoed into the output: they
     # wait for the next prompt, which starts with them
     with held_keys() as typed:
@@ -481,6 +481,7 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
             session = open_conversation(settings, show_progress=console.is_terminal)
             app = App(session, settings, console, interactive=True)
             app.confirm = ask_yes_no
+            app.remake_console = lambda: ui_console(sys.stdout, settings.ui)
             app.banner()
             try:
                 app.attach(media_from_flags(session, args, settings))

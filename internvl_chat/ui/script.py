@@ -36,7 +36,7 @@ from ..files import OutputFailed, expand_home, read_bytes_file, read_stream, sni
 from ..settings import Settings
 from .app import BLOCK_QUOTES, ERROR, EXIT, App, block_is_open, unsent_note
 from .paths import quote_path
-from .render import make_console
+from .render import ui_console
 from .setup import media_from_flags, open_conversation
 
 
@@ -167,9 +167,9 @@ class _Transcript:
 def run_script(args: argparse.Namespace, settings: Settings) -> int:
     text = _read_script(args.script)  # before loading the model: a wrong path fails fast
     transcript = _Transcript(sys.stdout)
-    console = make_console(transcript, color="never" if settings.ui.plain else settings.ui.color)  # type: ignore[arg-type]
     session = open_conversation(settings)
-    app = App(session, settings, console, interactive=False)
+    app = App(session, settings, ui_console(transcript, settings.ui), interactive=False)  # type: ignore[arg-type]
+    app.remake_console = lambda: ui_console(transcript, settings.ui)  # type: ignore[arg-type]
     folder = script_folder(args.script)
     if folder is not None:
         app.search_dirs = (folder,)
