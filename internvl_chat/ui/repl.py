@@ -7,7 +7,8 @@ slash commands, their arguments (setting keys, media paths filtered by extension
 Ctrl-C clears the line (and cancels
 work while the model runs, see app.py); Ctrl-D on an empty line quits (attachments still waiting
 for a message are named in a warning, never asked about); Ctrl-Z suspends (`fg` resumes).
-Bracketed paste is prompt_toolkit's default: a pasted text with newlines stays one message.
+Bracketed paste is prompt_toolkit's default: a pasted text with newlines stays one input (app.py
+runs the one-line commands it starts with one by one, and the rest as one message).
 """
 
 from __future__ import annotations
