@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--script", metavar="FILE", help="run REPL lines from FILE ('-' for stdin), printed as a transcript; "
                    "failing lines are reported and skipped, and the exit status is then 1")
     p.add_argument("-I", "--interactive", action="store_true", help="stay in the REPL after the prompt's answer")
-    p.add_argument("--plain", action="store_true", default=None, help="raw text output, no Markdown or colour")
+    p.add_argument("--plain", action="store_true", default=None, help="raw text output, no Markdown, colour or spinner")
     p.add_argument("--no-stats", action="store_true", help="hide the stats line after each answer")
     p.add_argument("--no-history", action="store_true", help="do not read or write the REPL input history")
     p.add_argument("--no-auto-attach", action="store_true", help="do not attach media paths typed in messages")
