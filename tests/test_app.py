@@ -290,6 +290,20 @@ def test_pasted_lines_that_start_with_commands_run_one_by_one(loaded, media, tmp
     # the text of /system and of /set system.message may hold several lines
     assert app.handle_line("/set system.message Be\nbrief.") == OK and app.session.system_message == "Be\nbrief."
     assert app.handle_line("/system One\nTwo.") == OK and app.session.system_message == "One\nTwo."
+    # a later line that is no command stops there too, and says it was not the first
+    assert app.handle_line("/set temperature 0.4\n/imgae x.png\nWhat?") == ERROR
+    assert output(out).endswith("did you mean /image? (it and the 1 line(s) after it were not run)\n")
+    assert app.session.params.temperature == 0.4
+
+
+def test_a_paste_of_thousands_of_command_lines_runs_them_all(loaded, tmp_path):
+    # each leading command line was a call deeper: 1,000 of them passed Python's recursion limit
+    # and the RecursionError escaped the app
+    app, out = make_app(loaded, tmp_path)
+    lines = [f"/set temperature 0.{i % 9 + 1}" for i in range(3000)]
+    assert app.handle_line("\n".join([*lines, "", "  ", "Hello."])) == OK
+    assert app.session.params.temperature == 0.3  # the last of them: 2999 % 9 + 1
+    assert [t.user_text for t in app.session.turns] == ["Hello."]
 
 
 def test_a_path_with_a_nul_character_is_one_line_and_the_conversation_survives(loaded, tmp_path):

@@ -449,21 +449,29 @@ class App:
     def _run_input(self, text: str) -> str:
         """An input of one or more lines. Pasted lines that start with one-line commands (`/image
         cat.png` then a question) run one by one, the text after them goes as one message: the whole
-        paste was one command with the other lines as its arguments ("How is not a file")."""
-        first, newline, after = text.partition("\n")
-        if newline:
+        paste was one command with the other lines as its arguments ("How is not a file"). A loop, not
+        a call per line: a paste of a thousand commands passed Python's recursion limit."""
+        lines = text.split("\n")
+        i = 0  # lines[:i] have run
+        while i < len(lines) - 1:
             try:
-                command = parse_line(first)
+                command = parse_line(lines[i])
             except UsageError as e:
-                raise UsageError(f"{e} (nothing of the {text.count(chr(10)) + 1} lines was run)") from None
-            if isinstance(command, Command) and self._one_line_command(command):
-                result = self._guard(lambda: self.run_command(command))
-                if result != OK or not after.strip():
-                    if result == ERROR and after.strip():
-                        self.note(f"(the {after.count(chr(10)) + 1} line(s) after it were not run)")
-                    return result
-                return self._run_input(after.strip("\n"))
-        parsed = parse_line(text)
+                left = len(lines) - i
+                raise UsageError(f"{e} (nothing of the {left} lines was run)" if i == 0 else
+                                 f"{e} (it and the {left - 1} line(s) after it were not run)") from None  # fmt: skip
+            if not (isinstance(command, Command) and self._one_line_command(command)):
+                break
+            result = self._guard(lambda: self.run_command(command))
+            i += 1
+            more = any(line.strip() for line in lines[i:])
+            if result != OK or not more:
+                if result == ERROR and more:
+                    self.note(f"(the {len(lines) - i} line(s) after it were not run)")
+                return result
+            while not lines[i].strip():  # blank lines between commands (`more`: a line with text follows)
+                i += 1
+        parsed = parse_line("\n".join(lines[i:]))
         if isinstance(parsed, Message):
             return self._send_text(parsed.text)
         return self.run_command(parsed)
