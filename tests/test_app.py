@@ -270,6 +270,23 @@ def test_image_takes_wildcards_as_a_shell_does(loaded, media, tmp_path):
     assert len(app.pending) == 4 and len(app.session.turns) == 1
 
 
+def test_an_image_pattern_over_a_big_folder_is_refused_before_any_file_is_read(loaded, tmp_path, monkeypatch):
+    # each match was read and hashed before the context check: a pattern over a photo library
+    # took minutes only to be refused
+    import internvl_chat.ui.app as app_module
+
+    folder = tmp_path / "library"
+    folder.mkdir()
+    for i in range(app_module.MAX_PATTERN_MATCHES + 1):
+        (folder / f"{i:04d}.png").write_bytes(b"not read")
+    app, out = make_app(loaded, tmp_path)
+    monkeypatch.setattr(app, "describe", lambda *a, **k: pytest.fail("a file was read"))
+    assert app.handle_line("/image library/*.png") == ERROR
+    assert output(out) == (f"error: library/*.png matches {app_module.MAX_PATTERN_MATCHES + 1} images; /image attaches "
+                           f"at most {app_module.MAX_PATTERN_MATCHES} at once, so narrow the pattern\n")  # fmt: skip
+    assert app.pending == []
+
+
 def test_pasted_lines_that_start_with_commands_run_one_by_one(loaded, media, tmp_path):
     # a paste of `/image cat.png` and a question was one /image command with the question as its
     # paths ("What is not a file"); `/set a 1` and `/set b 2` set a to "1\n/set b 2"

@@ -68,6 +68,9 @@ BLOCK_QUOTES = '"""'
 NAMES_SHOWN = 3  # files named in a refusal to attach several at once
 _WILDCARD = re.compile(r"[*?\[]")  # what makes an /image path a pattern
 MAX_JOINED_WORDS = 6  # /image words tried together as one path typed with bare spaces
+# images one /image pattern may attach: past any context at one tile each, and each match is read
+# and hashed before the context check (`~/Pictures/*.jpg` over 20,000 photos took minutes to refuse)
+MAX_PATTERN_MATCHES = 100
 KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
     "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
@@ -782,6 +785,9 @@ class App:
         where = [path] if path.is_absolute() else [*(folder / path for folder in self.search_dirs), self._output_path(path)]
         for full in where:
             found = sorted(Path(p) for p in glob.glob(str(full)) if media_kind(p) == "image" and is_file(Path(p)))
+            if len(found) > MAX_PATTERN_MATCHES:
+                raise UsageError(f"{visible(str(path))} matches {len(found):,} images; /image attaches at most "
+                                 f"{MAX_PATTERN_MATCHES} at once, so narrow the pattern")  # fmt: skip
             if found:
                 return found
         raise UsageError(f"no image file matches {visible(str(path))}; check the pattern")
