@@ -189,6 +189,22 @@ def _wait_until(condition, what: str) -> None:
     raise AssertionError(f"timed out waiting until {what}")
 
 
+def _leave_once_begun(server, body: dict, jobs: list, began, what: str) -> None:
+    """Post `body`, close the connection once `began()` holds, and wait for the engine to go idle:
+    the job is counted as cancelled once (`jobs` collects the jobs the engine starts)."""
+    worker = server.worker
+    worker.on_start = jobs.append
+    cancelled = worker.counts["cancelled"]
+    try:
+        sock = _post_raw(server.port, body)
+        _wait_until(began, what)
+        sock.close()
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        worker.on_start = None
+    assert worker.counts["cancelled"] == cancelled + 1
+
+
 def test_a_client_that_leaves_while_its_request_is_read_is_never_queued(server, monkeypatch):
     worker = server.worker
     make = worker.prompts.make
@@ -218,7 +234,7 @@ def test_a_client_that_leaves_while_its_request_is_read_is_never_queued(server, 
 
 
 def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(server, monkeypatch):
-    worker, model = server.worker, server.worker.model
+    model = server.worker.model
     encode, forward = model.encode_images, model.forward
     encoding, jobs, forwards = threading.Event(), [], []
 
@@ -233,23 +249,15 @@ def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(serve
 
     monkeypatch.setattr(model, "encode_images", slow_encode)
     monkeypatch.setattr(model, "forward", counting_forward)
-    worker.on_start = jobs.append
-    cancelled = worker.counts["cancelled"]
-    try:
-        sock = _post_raw(server.port, _image_body("What is this?", png_bytes(textured_rgb(448, 448, seed=31)), max_tokens=50))
-        assert encoding.wait(WAIT_S)
-        sock.close()
-        assert worker.wait_idle(WAIT_S)
-    finally:
-        worker.on_start = None
-    assert worker.counts["cancelled"] == cancelled + 1
+    body = _image_body("What is this?", png_bytes(textured_rgb(448, 448, seed=31)), max_tokens=50)
+    _leave_once_begun(server, body, jobs, encoding.is_set, "the encoding began")
     assert forwards == []  # no prefill, no token
 
 
 def test_a_client_that_leaves_while_its_video_is_decoded_stops_the_decoding_at_the_next_frame(server, monkeypatch, tmp_path):
     from internvl_chat.media import video as media_video
 
-    worker, model = server.worker, server.worker.model
+    model = server.worker.model
     real_frame_to_tile, decoded, jobs, encodes = media_video.frame_to_tile, [], [], []
 
     def first_frame_waits(rgb, orientation, size):
@@ -264,23 +272,14 @@ def test_a_client_that_leaves_while_its_video_is_decoded_stops_the_decoding_at_t
     url = "data:video/x-msvideo;base64," + base64.b64encode(clip.read_bytes()).decode()
     body = {"model": "tiny", "temperature": 0, "max_tokens": 4, "media_io_kwargs": {"video": {"num_frames": 8}},
             "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}]}]}  # fmt: skip
-    worker.on_start = jobs.append
-    cancelled = worker.counts["cancelled"]
-    try:
-        sock = _post_raw(server.port, body)
-        _wait_until(lambda: decoded, "the decoding began")
-        sock.close()
-        assert worker.wait_idle(WAIT_S)
-    finally:
-        worker.on_start = None
-    assert worker.counts["cancelled"] == cancelled + 1
+    _leave_once_begun(server, body, jobs, lambda: decoded, "the decoding began")
     assert encodes == []
     _wait_until(lambda: not any(t.name == "video-decode" and t.is_alive() for t in threading.enumerate()), "the decoder stopped")
     assert decoded == [1]  # the other seven frames were never decoded
 
 
 def test_a_client_that_leaves_during_a_long_prefill_stops_it_at_the_next_chunk(server, monkeypatch):
-    worker, model = server.worker, server.worker.model
+    model = server.worker.model
     lm = model.language_model
     forward_embeds, chunks, jobs = lm.forward_embeds, [], []
     picture = png_bytes(textured_rgb(448, 448, seed=35))
@@ -296,17 +295,9 @@ def test_a_client_that_leaves_during_a_long_prefill_stops_it_at_the_next_chunk(s
 
     monkeypatch.setattr(model, "prefill_chunk", 32)  # the picture's 256 tokens: 9 chunks
     monkeypatch.setattr(lm, "forward_embeds", first_chunk_waits)
-    worker.on_start = jobs.append
-    cancelled = worker.counts["cancelled"]
-    try:
-        # a new picture, so that nothing of it is cached and all of it is prefilled
-        sock = _post_raw(server.port, _image_body("What is this?", png_bytes(textured_rgb(448, 448, seed=36)), max_tokens=6))
-        _wait_until(lambda: chunks, "the prefill began")
-        sock.close()
-        assert worker.wait_idle(WAIT_S)
-    finally:
-        worker.on_start = None
-    assert worker.counts["cancelled"] == cancelled + 1
+    # a new picture, so that nothing of it is cached and all of it is prefilled
+    body = _image_body("What is this?", png_bytes(textured_rgb(448, 448, seed=36)), max_tokens=6)
+    _leave_once_begun(server, body, jobs, lambda: chunks, "the prefill began")
     assert chunks == [32]  # the other eight chunks never ran
     monkeypatch.setattr(lm, "forward_embeds", forward_embeds)
     again = client.chat.completions.create(**_image_body("What is this?", picture, max_tokens=6))

@@ -350,13 +350,19 @@ def test_save_load_gives_identical_next_token_logits(loaded, media_dir, tmp_path
     assert len(restored.turns) == 2
 
 
+def _saved_then_picture_changed(loaded, image: Path, question: str, seeds: tuple[int, int]) -> Path:
+    """A session of one turn about `image`, saved, and then `image` rewritten with other pixels."""
+    Image.fromarray(textured_rgb(448, 448, seed=seeds[0])).save(image)
+    session = Session(loaded, _params())
+    final_event(session.ask(question, [session.describe_image(image)]))
+    path = session.save(image.parent / "chat.json")
+    Image.fromarray(textured_rgb(448, 448, seed=seeds[1])).save(image)
+    return path
+
+
 def test_load_reports_changed_or_vanished_media(loaded, media_dir, tmp_path):
     image = tmp_path / "photo.png"
-    Image.fromarray(textured_rgb(448, 448, seed=9)).save(image)
-    session = Session(loaded, _params())
-    final_event(session.ask("What is this?", [session.describe_image(image)]))
-    path = session.save(tmp_path / "chat.json")
-    Image.fromarray(textured_rgb(448, 448, seed=10)).save(image)
+    path = _saved_then_picture_changed(loaded, image, "What is this?", (9, 10))
     fresh = Session(loaded, _params())
     with pytest.raises(MediaError, match="has changed since the session was saved"):
         fresh.load(path)
@@ -414,11 +420,7 @@ def test_skip_missing_loads_the_conversation_without_the_pictures_that_vanished(
 
 def test_skip_missing_notes_a_changed_picture_and_escapes_its_name(loaded, tmp_path):
     image = tmp_path / "cat\x1b[31m.png"
-    Image.fromarray(textured_rgb(448, 448, seed=23)).save(image)
-    session = Session(loaded, _params())
-    final_event(session.ask("", [session.describe_image(image)]))
-    path = session.save(tmp_path / "chat.json")
-    Image.fromarray(textured_rgb(448, 448, seed=24)).save(image)
+    path = _saved_then_picture_changed(loaded, image, "", (23, 24))
     with pytest.raises(MediaError, match="has changed since the session was saved"):
         Session(loaded, _params()).load(path)
     fresh = Session(loaded, _params())
