@@ -28,13 +28,13 @@ def test_a_conversation_past_the_context_is_refused_at_the_message_that_fills_it
     """Megabytes of empty turns were all tokenized before the refusal (a 27 MiB body kept a CPU
     busy for half a minute); now building stops at the first message past the context."""
     built = []
-    original = PromptBuilder.next_turn
+    original = PromptBuilder.message  # each message's block (serve/conversation.py)
 
     def counting(self, *args, **kw):
         built.append(1)
         return original(self, *args, **kw)
 
-    monkeypatch.setattr(PromptBuilder, "next_turn", counting)
+    monkeypatch.setattr(PromptBuilder, "message", counting)
     turns = 5000
     messages = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}] * turns
     response = post(server, {"model": "tiny", "messages": [*messages, {"role": "user", "content": "Hi"}], "max_tokens": 4})

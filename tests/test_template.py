@@ -122,6 +122,20 @@ def test_whole_conversation_equals_the_full_string(tokenizer: Any) -> None:
     assert ids == ids_of(tokenizer, text)
 
 
+@pytest.mark.parametrize("question", ["\n\n  What is this?", "trailing newlines\n\n\n", ""])
+def test_messages_laid_end_to_end_are_the_turns_and_the_template_s_blocks(tokenizer: Any, question: str) -> None:
+    # serve renders a conversation that does not alternate message by message (serve/conversation.py)
+    builder = PromptBuilder(tokenizer, SYS, tokens_per_tile=4)
+    media = [MediaSpec("video", 2), MediaSpec("image", 1), MediaSpec("image", 3)]
+    content = f"Image-1: {image(1, 4)}\nImage-2: {image(3, 4)}\nFrame1: {image(1, 4)}\nFrame2: {image(1, 4)}\n{question}"
+    cue, close = builder.answer_cue(), builder.answer_close()
+    assert builder.message("user", question, media) == ids_of(tokenizer, f"<|im_start|>user\n{content}<|im_end|>\n")
+    assert builder.message("system", question) == ids_of(tokenizer, f"<|im_start|>system\n{question}<|im_end|>\n")
+    assert cue == ids_of(tokenizer, "<|im_start|>assistant\n") and close == ids_of(tokenizer, "<|im_end|>\n")
+    assert builder.first_turn(question, media) == builder.message("system", SYS) + builder.message("user", question, media) + cue
+    assert builder.next_turn(question, media) == close + builder.message("user", question, media) + cue
+
+
 @pytest.mark.parametrize(
     "question",
     [

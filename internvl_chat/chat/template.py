@@ -12,7 +12,10 @@ Turn layout (the session keeps earlier turns in the KV cache):
     first:  [<|im_start|>system\\n{SYS}<|im_end|>\\n]<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n
     next:   <|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n
 The `<|im_end|>\\n` opening a later turn closes the previous answer (whose stop token was sampled
-but never fed to the model). Content puts all images (given order) before all videos (given order):
+but never fed to the model). serve lays a conversation that does not alternate out message by message:
+    message:  <|im_start|>{role}\\n{content}<|im_end|>\\n   (`answer_cue` and `answer_close`: an assistant's halves)
+Every boundary is a special token, so both layouts give the same ids for the same conversation.
+Content puts all images (given order) before all videos (given order):
     one image: <image>\\n{Q}     several: Image-1: <image>\\nImage-2: <image>\\n{Q}
     a video:   Frame1: <image>\\nFrame2: <image>\\n…{Q}   (numbering restarts for each video)
 and every <image> is <img> + <IMG_CONTEXT> × (tokens_per_tile · tiles) + </img>, one tile per frame.
@@ -125,6 +128,20 @@ class PromptBuilder:
         """`next_turn` without the leading `<|im_end|>\\n` (for a cache whose last answer is already closed)."""
         return self._to_ids(self._user_pieces(text, media))
 
+    def message(self, role: str, text: str, media: Sequence[MediaSpec] = ()) -> list[int]:
+        """Ids of one whole message, `<|im_start|>{role}\\n{content}<|im_end|>\\n`, as the chat template
+        renders every message (serve's conversations that do not alternate). Every piece boundary
+        is a special token, so the turns above are these blocks and `answer_cue` laid end to end."""
+        return self._to_ids(self._block_pieces(role, text, media))
+
+    def answer_cue(self) -> list[int]:
+        """`<|im_start|>assistant\\n`: an assistant message's opening, or the cue for the answer."""
+        return self._to_ids([_Run(IM_START), "assistant\n"])
+
+    def answer_close(self) -> list[int]:
+        """`<|im_end|>\\n`: closes an assistant message (the cue's side of `message`)."""
+        return self._to_ids([_Run(IM_END), "\n"])
+
     def render_text(
         self, text: str, media: Sequence[MediaSpec] = (), first: bool = True, expand_images: bool = True
     ) -> str:
@@ -148,15 +165,17 @@ class PromptBuilder:
     def _first_turn_pieces(self, text: str, media: Sequence[MediaSpec]) -> list[_Piece]:
         pieces: list[_Piece] = []
         if self.system_message:
-            pieces += [_Run(IM_START), "system\n" + self.system_message, _Run(IM_END), "\n"]
+            pieces += self._block_pieces("system", self.system_message, ())
         return pieces + self._user_pieces(text, media)
 
     def _next_turn_pieces(self, text: str, media: Sequence[MediaSpec]) -> list[_Piece]:
         return [_Run(IM_END), "\n", *self._user_pieces(text, media)]
 
     def _user_pieces(self, text: str, media: Sequence[MediaSpec]) -> list[_Piece]:
-        content = self._content_pieces(text, media)
-        return [_Run(IM_START), "user\n", *content, _Run(IM_END), "\n", _Run(IM_START), "assistant\n"]
+        return [*self._block_pieces("user", text, media), _Run(IM_START), "assistant\n"]
+
+    def _block_pieces(self, role: str, text: str, media: Sequence[MediaSpec]) -> list[_Piece]:
+        return [_Run(IM_START), f"{role}\n", *self._content_pieces(text, media), _Run(IM_END), "\n"]
 
     def _content_pieces(self, text: str, media: Sequence[MediaSpec]) -> list[_Piece]:
         ordered = [media[i] for i in media_order(media)]

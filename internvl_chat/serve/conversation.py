@@ -1,10 +1,16 @@
 """A chat request → the prompt ids the terminal app's Session would hold for that conversation.
 
-The ids are built turn by turn with the same PromptBuilder (first turn with the system block,
-later turns opening with `<|im_end|>\\n`, images before videos, `Image-k:`/`FrameK:` labels, one
-`<img>…</img>` run per image or frame), and each assistant message contributes our exact ids when
-it is a reply we sent (see answers.py), else its re-tokenized text. The system message is the
-request's own, else the server's default: `[system] message` when set, else the checkpoint's.
+Each message is its own `<|im_start|>{role}\\n…<|im_end|>\\n` block, in the order sent, as the
+chat template renders it (so two user messages in a row, two assistant messages, or a system
+reminder mid-conversation are what a template-based server would give the model), then the cue
+`<|im_start|>assistant\\n`. The blocks come from the Session's PromptBuilder (images before videos,
+`Image-k:`/`FrameK:` labels per message, one `<img>…</img>` run per image or frame); every block
+boundary is a special token, so an alternating conversation gets exactly the ids of the Session's
+turns (an answer's `<|im_end|>\\n` opening the next turn). Each assistant message contributes our
+exact ids when it is a reply we sent (see answers.py), else its re-tokenized text. The leading
+system (and developer) messages, joined by newlines, are the system message, else the server's
+default: `[system] message` when set, else the checkpoint's; a later one is rendered as a system
+block where it stands.
 
 Every `<img>…</img>` run is recorded as a Span with the content key of its media, so prefix
 reuse can tell two different pictures of the same size apart and never splits an image.
@@ -26,6 +32,8 @@ from .errors import APIError, bad_request, from_app_error, shown
 from .media import MediaItem, MediaReader
 from .options import ServeOptions
 from .protocol import ChatCompletionRequest, ImagePart, RefusalPart, TextPart, VideoPart
+
+SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system role: rendered as "system"
 
 
 @dataclass(frozen=True)
@@ -84,43 +92,55 @@ class PromptMaker:
         messages = req.messages
         system = None
         first = 0
-        while first < len(messages) and messages[first].role in ("system", "developer"):
+        while first < len(messages) and messages[first].role in SYSTEM_ROLES:
             text = _text_only(messages[first].content, f"messages.{first}.content", "a system message")
             system = text if system is None else f"{system}\n{text}"
             first += 1
         if system is None:
             system = self.default_system
+        _check_order(messages)  # before any media is read
         builder = self.builder(system)
         max_tiles, num_frames = self._media_kwargs(req)
+        with self.lock:
+            cue, close = builder.answer_cue(), builder.answer_close()
 
         prompt = Prompt(ids=[], system=system)
+        if builder.system_message:  # ("" is none, as in the app)
+            self._check_bound(0, first, system)  # counted with the first message after it (there is one: a user's)
+            with self.lock:
+                prompt.ids += builder.message("system", system)
         media_count = 0
+        answering = False  # the ids end inside an assistant message: its <|im_end|>\n comes with the next message
         for i in range(first, len(messages)):
             msg = messages[i]
-            expected = "user" if (i - first) % 2 == 0 else "assistant"
-            if msg.role != expected:
-                raise bad_request(_order_error(i, msg.role, i > first), param=f"messages.{i}.role")
+            if answering:
+                prompt.ids += close
+                answering = False
             if msg.role == "assistant":
                 text = _text_only(msg.content, f"messages.{i}.content", "an assistant message") + (msg.refusal or "")
+                prompt.ids += cue
                 prompt.ids += self._answer_ids(text, len(prompt.ids), i)
+                answering = True
                 self._check_room(prompt, i)
                 continue
-            text, media = self._user_content(msg.content, i, max_tiles, num_frames)
-            media_count += len(media)
-            if media_count > self.options.max_images:
-                raise bad_request(f"the request has more than {self.options.max_images} images and videos; "
-                                  "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
-            turn_first = not prompt.ids
-            self._check_bound(len(prompt.ids), i, text, system if turn_first else None)
+            if msg.role in SYSTEM_ROLES:  # one past the first position: its own block, as the template renders it
+                role, media = "system", []
+                text = _text_only(msg.content, f"messages.{i}.content", "a system message")
+            else:
+                role = "user"
+                text, media = self._user_content(msg.content, i, max_tiles, num_frames)
+                media_count += len(media)
+                if media_count > self.options.max_images:
+                    raise bad_request(f"the request has more than {self.options.max_images} images and videos; "
+                                      "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
+            self._check_bound(len(prompt.ids), i, text)
             specs = [m.spec for m in media]
             with self.lock:
-                turn = builder.first_turn(text, specs) if turn_first else builder.next_turn(text, specs)
-            self._add_spans(prompt, turn, [media[k] for k in media_order(specs)], builder)
-            prompt.ids += turn
+                block = builder.message(role, text, specs)
+            self._add_spans(prompt, block, [media[k] for k in media_order(specs)], builder)
+            prompt.ids += block
             self._check_room(prompt, i)
-        if messages[-1].role != "user":
-            raise bad_request("the last message must be the user's: this server answers the conversation's last "
-                              "user message", param=f"messages.{len(messages) - 1}.role")  # fmt: skip
+        prompt.ids += cue
         return prompt
 
     def _check_bound(self, held: int, i: int, *texts: str | None) -> None:
@@ -216,13 +236,19 @@ class PromptMaker:
         prompt.media += ordered
 
 
-def _order_error(i: int, role: str, after_another: bool) -> str:
-    if role in ("system", "developer"):
-        return "a system message must come first: put the system (and developer) messages before the conversation"
-    if after_another:  # two of a kind in a row (a client that sends a picture and its question as two messages)
-        return (f"messages {i - 1} and {i} are both {role} messages; join them into one (its content parts can hold several "
-                "texts and images): the conversation must alternate user and assistant")
-    return f"the conversation must start with a user message after the system messages; message {i} is the {role}'s"
+def _check_order(messages) -> None:
+    """Refuse what the template renders but this server cannot answer: a conversation that ends with
+    an assistant message (a continuation of it is not offered) or holds no user message. Any other order
+    is rendered message by message, as the chat template does (consecutive user or assistant messages,
+    a system reminder mid-conversation)."""
+    last = len(messages) - 1
+    if messages[last].role == "assistant":
+        raise bad_request(f"message {last}, the last, is the assistant's: this server writes the reply to a conversation "
+                          "that ends with a user (or system) message; end it with the message to answer",
+                          param=f"messages.{last}.role")  # fmt: skip
+    if not any(m.role == "user" for m in messages):
+        raise bad_request("the conversation has no user message; send the question or instruction as a user message",
+                          param="messages")  # fmt: skip
 
 
 def _only_keys(kwargs: dict, where: str, known: tuple[str, ...]) -> None:
