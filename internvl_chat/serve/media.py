@@ -14,7 +14,9 @@ small file of many large frames (or many files) cannot hold the engine: each fil
 planned when the request is read (media/video.py `plan_video`: the frames decoded to reach the
 sampled ones, from the header, read once, and the key frames) and refused there if over the limit
 alone; the engine then counts what it decodes for the request (DecodeAllowance; files whose features are
-cached cost nothing), and a decode stops at the limit, also for frames larger than the header says.
+cached, or whose frames the reused KV prefix holds, cost nothing), and a decode stops at the limit, also for
+frames larger than the header says. A resent file that is decoded again counts again: the limit bounds the
+work a request makes the engine do, and that work is done again.
 """
 
 from __future__ import annotations
