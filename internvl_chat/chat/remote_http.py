@@ -28,7 +28,7 @@ from ..files import undecodable_byte, visible
 from ..settings import without_credentials
 from ..threads import start_worker
 from .advice import Advice, any_of
-from .sse import SSEDecoder
+from .sse import SSEDecoder, StreamFailed
 
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body worth reading
 # A non-streamed answer or a model list (real ones are kilobytes). Parsed JSON takes up to ~30× its
@@ -226,8 +226,8 @@ BROKEN = (httpx.TransportError, httpx.DecodingError)
 def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, timeout: float, mid_answer: bool) -> RemoteError:
     """One line for a failure below HTTP: refused, reset, timed out, unreadable, not inflatable."""
     if isinstance(err, httpx.DecodingError):
-        return RemoteError(f"the server's compressed answer does not inflate ({_reason(err)}); "
-                           "check --server (or the proxy in front of it)")  # fmt: skip
+        return StreamFailed(f"the server's compressed answer does not inflate ({_reason(err)})",
+                            "check --server (or the proxy in front of it)")  # fmt: skip
     if isinstance(err, httpx.ConnectTimeout):
         return RemoteError(f"connecting to {url} timed out after {min(timeout, CONNECT_TIMEOUT_S):g} s; check --server and the network")
     if isinstance(err, httpx.ConnectError):
@@ -235,16 +235,13 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
             return RemoteError(f"cannot connect to {url}: the server does not speak TLS; use http:// in --server")
         return RemoteError(f"cannot connect to {url} ({_reason(err)}); is the server running? check --server")
     if isinstance(err, httpx.ReadTimeout):
-        return RemoteError(
-            f"the server sent nothing for {timeout:g} s; it may be overloaded: try again, "
-            "or raise [remote] timeout to wait longer"
-        )
+        return StreamFailed(f"the server sent nothing for {timeout:g} s",
+                            "it may be overloaded: try again, or raise [remote] timeout to wait longer")  # fmt: skip
     if isinstance(err, httpx.TimeoutException):
-        return RemoteError(f"talking to {url} timed out ({_reason(err)}); try again")
-    # as when a stream ends early: the conversation is as before the question (nothing half-answered)
+        return StreamFailed(f"talking to {url} timed out ({_reason(err)})", "try again")
+    # mid-answer, RemoteConversation keeps the text that came before the break (`what` is its note)
     where = "in the middle of the answer" if mid_answer else "before the answer began"
-    dropped = "; the partial answer was discarded" if mid_answer else ""
-    return RemoteError(f"the connection to {url} broke {where} ({_reason(err)}){dropped}; ask again")
+    return StreamFailed(f"the connection to {url} broke {where} ({_reason(err)})", "ask again")
 
 
 def _shut(sock: socket.socket) -> None:
@@ -421,9 +418,9 @@ class ChatStream:
             if events:
                 last_event = time.monotonic()
             elif time.monotonic() - last_event > client.timeout:
-                raise RemoteError(
-                    f"the server sent no stream event for {client.timeout:g} s (only keep-alives or an unfinished "
-                    "line); it may be overloaded: try again, or raise [remote] timeout to wait longer"
+                raise StreamFailed(
+                    f"the server sent no stream event for {client.timeout:g} s (only keep-alives or an unfinished line)",
+                    "it may be overloaded: try again, or raise [remote] timeout to wait longer",
                 )
         if self.aborted:
             return  # a line cut short by the shut socket is no event
@@ -470,17 +467,16 @@ def _parse_event(event: str, data: str) -> dict | None:
         obj = json.loads(data)
     except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         if event == "error":
-            raise RemoteError(f"the server stopped the answer with an error: {shorten(data)}; ask again") from None
-        raise RemoteError(
-            f"the server sent a stream event that is not JSON ({shorten(data, 80)}); "
-            "is --server an OpenAI-compatible server?"
+            raise StreamFailed(f"the server stopped the answer with an error: {shorten(data)}", "ask again") from None
+        raise StreamFailed(
+            f"the server sent a stream event that is not JSON ({shorten(data, 80)})", "is --server an OpenAI-compatible server?"
         ) from None
     is_error = isinstance(obj, dict) and (obj.get("error") is not None or obj.get("object") == "error")
     if is_error or event == "error":
         message = error_text(obj) or data
-        raise RemoteError(f"the server stopped the answer with an error: {shorten(message)}; ask again")
+        raise StreamFailed(f"the server stopped the answer with an error: {shorten(message)}", "ask again")
     if not isinstance(obj, dict):
-        raise RemoteError(f"the server sent a stream event that is not an object ({shorten(data, 80)}); try --dialect generic")
+        raise StreamFailed(f"the server sent a stream event that is not an object ({shorten(data, 80)})", "try --dialect generic")
     return obj
 
 
