@@ -453,7 +453,14 @@ def test_a_cancel_that_comes_before_the_answers_head_still_ends_it():
         server.chat(Reply(pieces=[], end="hang"), stream_of("vllm"))
         conv = connect(server, timeout=SILENT_SERVER_TIMEOUT_S)
         cancel = threading.Event()
-        cancel.set()
+        trace = conv.client.trace
+
+        def spy(event: str, info: dict) -> None:
+            trace(event, info)
+            if event == "http11.send_request_body.complete":  # the request is sent, its head awaited
+                cancel.set()
+
+        conv.client.trace = spy
         text, final = answer(conv.ask("What is it?", cancel=cancel))
         assert (text, final["finish_reason"], conv.turns[0].answer_text) == ("", "cancelled", "[cancelled]")
         assert answer(conv.ask("Go on."))[1]["finish_reason"] == "stop"
