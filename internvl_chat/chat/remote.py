@@ -422,7 +422,8 @@ class RemoteConversation:
         yield from self._run(turn, list(self.turns), params, cancel, replace_last=False)
 
     def retry(self, params: SamplingParams | None = None, cancel: threading.Event | None = None) -> Iterator[dict]:
-        """Ask the last question again; the old answer stays until the new one is complete."""
+        """Ask the last question again; the old answer stays until the new one's final event (an
+        answer cancelled, cut or broken off after some text replaces it too: it is what was shown)."""
         if not self.turns:
             raise UsageError("nothing to retry; ask something first")
         params = (params or self.params).validate()
