@@ -174,6 +174,22 @@ def test_the_app_keeps_a_broken_off_answer_says_so_and_saves_and_loads_it(tmp_pa
             "first", "A red circle on white.\n", "second", "A red circle on white.\n"]  # fmt: skip
 
 
+def test_a_broken_off_answer_saved_from_a_server_loads_into_the_local_model(loaded, tmp_path):
+    """Sessions saved either way load either way: the local model reads the text that came."""
+    from app_helpers import make_app
+
+    with FakeServer(fixture("vllm/models.json")) as fake:
+        fake.chat(Reply.sse(UNFINISHED, end="cut"))
+        app, _ = _app(fake.url, tmp_path)
+        assert app.handle_line("What is it?") == ERROR
+        assert app.handle_line(f"/save {tmp_path / 'talk.json'}") == OK
+    here, out = make_app(loaded, tmp_path)
+    assert here.handle_line(f"/load {tmp_path / 'talk.json'}") == OK, out.getvalue()
+    (turn,) = here.session.turns
+    assert (turn.answer_text, turn.finish_reason) == ("A red circle on white.\n", "error")
+    assert here.handle_line("And then?") == OK and len(here.session.turns) == 2
+
+
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(home)}
     for name in ("NO_COLOR", "XDG_STATE_HOME", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
