@@ -62,10 +62,10 @@ from .dialects import (
     user_content,
 )
 from .remote_http import ApiClient, shorten
-from .sse import StreamFailed
 from .sampling import SamplingParams
 from .session import Media, ReadiedSession, saved_media, sha256_of, with_notes
 from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
+from .sse import StreamFailed
 from .template import media_order
 
 DEFAULT_MAX_TILES = 12  # max_dynamic_patch of every InternVL3 checkpoint
