@@ -499,7 +499,7 @@ class RemoteConversation:
                         yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
                         pending, since_emit = "", 0
                     if cancel is not None and cancel.is_set():
-                        finish = "cancelled"
+                        finish = "cancelled" if raw_finish is None else None  # a finished answer is not cut
                         break
             except StreamFailed as e:
                 if not parts:  # nothing to keep: one error line, the turn is not taken
@@ -515,8 +515,8 @@ class RemoteConversation:
             if not parts:  # nothing to keep: the turn is not taken
                 raise RemoteError(bounds.failure())
             finish, note, usage = "length", bounds.note(), None  # a usage before the cut is not the answer's
-        elif finish is None and stream.aborted and not stream.done and bounds.over is None:  # a cancel
-            finish = "cancelled"
+        elif finish is None and stream.aborted and not stream.done and bounds.over is None and raw_finish is None:
+            finish = "cancelled"  # a cancel (after the server's finish_reason it cut nothing)
         if finish is None and failed is None:
             if raw_finish is None and not stream.done:
                 failed = "the server closed the stream before the answer finished"
