@@ -453,10 +453,43 @@ def test_a_cancel_that_comes_before_the_answers_head_still_ends_it():
         server.chat(Reply(pieces=[], end="hang"), stream_of("vllm"))
         conv = connect(server, timeout=SILENT_SERVER_TIMEOUT_S)
         cancel = threading.Event()
-        cancel.set()
+        trace = conv.client.trace
+
+        def spy(event: str, info: dict) -> None:
+            trace(event, info)
+            if event == "http11.send_request_body.complete":  # the request is sent, its head awaited
+                cancel.set()
+
+        conv.client.trace = spy
         text, final = answer(conv.ask("What is it?", cancel=cancel))
         assert (text, final["finish_reason"], conv.turns[0].answer_text) == ("", "cancelled", "[cancelled]")
         assert answer(conv.ask("Go on."))[1]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("when", ["at-the-next-piece", "while-reading"])
+def test_a_cancel_after_the_server_finished_the_answer_keeps_it_whole(when):
+    """The server said finish_reason stop and left the stream open (the usage or [DONE] still to
+    come): a Ctrl-C then cut nothing, but the answer was saved as cancelled, marked [cancelled]."""
+    done = b'data: {"choices": [{"index": 0, "delta": {"content": "Whole."}, "finish_reason": "stop"}]}\n\n'
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(Reply(pieces=[done], end="hang"))
+        conv = connect(server, timeout=SILENT_SERVER_TIMEOUT_S)
+        cancel = threading.Event()
+        events = conv.ask("What is it?", cancel=cancel)
+        assert next(events)["text"] == "Whole."
+        if when == "while-reading":  # the loop reads on; the watcher's abort ends that read
+            reader = threading.get_ident()
+
+            def cancel_once_blocked() -> None:
+                while not _blocked_reading(reader):
+                    time.sleep(0.01)
+                cancel.set()
+
+            threading.Thread(target=cancel_once_blocked, daemon=True).start()
+        else:
+            cancel.set()
+        final = list(events)[-1]
+        assert (final["finish_reason"], conv.turns[0].answer_text) == ("stop", "Whole.")
 
 
 def test_an_abandoned_stream_leaves_the_conversation_unchanged():

@@ -12,13 +12,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from remote_helpers import FakeServer, Reply, dripping_server, fixture, unanswered_port
 from rich.console import Console
 
-from internvl_chat.chat import answer_bounds
+from internvl_chat.chat import answer_bounds, remote_http
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
@@ -34,6 +35,7 @@ LENGTH = b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "length
 MAX_NEW = 8
 PIECES = MAX_NEW * answer_bounds.PIECES_PER_TOKEN + answer_bounds.PIECE_SLACK
 CHARS = MAX_NEW * answer_bounds.CHARS_PER_TOKEN + answer_bounds.ANSWER_SLACK
+CONNECTING_WAIT_S = 60.0
 
 
 def piece(text: str) -> bytes:
@@ -220,6 +222,79 @@ def test_ctrl_c_while_connecting_ends_the_attempt_at_once(tmp_path):
         assert app.handle_line("second") == OK
         assert "[cancelled before the answer began; the conversation is unchanged]" in out.getvalue()
         assert [t.user_text for t in conv.turns] == ["first"]
+
+
+def test_a_cancel_while_connecting_ends_the_attempt_at_once(monkeypatch):
+    """A program that sets `cancel` while the connection is being made (no socket to shut yet)
+    waited for the connect timeout (30 s); here it would be a connect timeout of an hour, which
+    the kernel's SYN retries end after about two minutes. The cancel comes as the connect starts,
+    or a little later."""
+    monkeypatch.setattr(remote_http, "CONNECT_TIMEOUT_S", 3600.0)
+    with unanswered_port() as port:
+        client = remote_http.ApiClient(f"http://127.0.0.1:{port}/v1", "", 3600)
+        conv = RemoteConversation(client, "m", "generic", params=SamplingParams(max_new_tokens=MAX_NEW))
+        cancel = threading.Event()
+        trace = client.trace
+
+        def spy(event: str, info: dict) -> None:
+            if event == "connection.connect_tcp.started":
+                cancel.set()
+            trace(event, info)
+
+        client.trace = spy
+        outcome: list = []
+        asking = start_worker(lambda: outcome.append(list(conv.ask("hi", cancel=cancel))), "test-ask")
+        asking.join(CONNECTING_WAIT_S)  # generous; without the fix the connect goes on for minutes
+        assert not asking.is_alive(), "the cancel did not end the connect"
+        assert outcome and outcome[0][-1]["finish_reason"] == "cancelled"
+
+
+def test_after_a_cancel_while_connecting_the_next_answer_connects():
+    """The abandon is of that request only; a connection made after it is closed, not used."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        client = remote_http.ApiClient(server.url, "", 120)
+        conv = RemoteConversation(client, "m", "generic", params=SamplingParams(max_new_tokens=MAX_NEW))
+        cancel = threading.Event()
+        trace = client.trace
+
+        def spy(event: str, info: dict) -> None:
+            if event == "connection.connect_tcp.started" and not cancel.is_set():
+                cancel.set()
+                for _ in range(int(CONNECTING_WAIT_S / 0.01)):  # the watcher abandons the connect before it begins
+                    if client.connector.abandoned:
+                        break
+                    time.sleep(0.01)
+            trace(event, info)
+
+        client.trace = spy
+        server.chat(Reply.sse(piece("ok") + STOP))
+        assert list(conv.ask("hi", cancel=cancel))[-1]["finish_reason"] == "cancelled"
+        text, final = answer(conv, "again")
+        assert (text, final["finish_reason"]) == ("ok", "stop")
+        assert len(server.chat_bodies()) == 1  # the abandoned connect sent nothing
+
+
+def test_an_abort_before_the_request_is_made_sends_none():
+    """The watcher starts before the answer's request: a cancel already set aborted the stream
+    before it had a socket or a connect in progress, and the request was then made all the same,
+    waiting for a head that a silent server never sends (up to the timeout, an hour here)."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # connections are made by the kernel, and never answered
+        client = remote_http.ApiClient("http://127.0.0.1:%d/v1" % listener.getsockname()[1], "", 3600)
+        stream = client.stream_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        stream.abort()
+        chunks: list = []
+        reading = start_worker(lambda: chunks.extend(stream), "test-read")
+        reading.join(CONNECTING_WAIT_S)
+        assert not reading.is_alive(), "the aborted stream made its request and waits for the head"
+        assert chunks == [] and stream.aborted
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # no connection was made
+        client.close()
 
 
 def test_a_connect_within_answer_timeout_keeps_its_own_timeout(clock):

@@ -80,8 +80,8 @@ class AnswerBounds:
 
     def time_left(self) -> float | None:
         """Seconds until the deadline (a little at least), or None without one: what a connection
-        still being made may take. The watcher cannot end a connect (its socket is not ours to shut
-        before it connects), so the connect's own timeout must end at the deadline."""
+        still being made may take. The watcher's abort abandons a connect (remote_http.Connector);
+        the connect's own timeout ends at the deadline too, where httpx takes no Connector."""
         if self.deadline is None:
             return None
         return max(self.deadline - clock(), MIN_CONNECT_S)

@@ -9,9 +9,10 @@ in `token_counts_exact`; the UI shows `≈` instead of branching on the backend.
 
 Events from `ask` and `retry` (both implementations):
     {"text": new text since the last event, "usage": {...} | None, "finish_reason": None, "timing": None}
-    … then one final event with "finish_reason" ("stop", "length" or "cancelled"), "usage",
-    "timing" and "token_ids" (the answer's ids; None when the server does not send them); a
-    remote answer's may also have a "note": one line saying why the client cut it ("length").
+    … then one final event with "finish_reason" ("stop", "length" or "cancelled"; a remote answer
+    that broke off after some text: "error"), "usage", "timing" and "token_ids" (the answer's ids;
+    None when the server does not send them); a remote answer's may also have a "note": one line
+    saying why it was cut ("length", "error").
 On an error or an interrupt before the final event, the conversation is as it was before the turn.
 
 Timing keys (all optional; the UI shows what is there): `vision_s`, `prefill_tokens`,

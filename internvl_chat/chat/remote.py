@@ -65,6 +65,7 @@ from .remote_http import ApiClient, shorten
 from .sampling import SamplingParams
 from .session import Media, ReadiedSession, saved_media, sha256_of, with_notes
 from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
+from .sse import StreamFailed
 from .template import media_order
 
 DEFAULT_MAX_TILES = 12  # max_dynamic_patch of every InternVL3 checkpoint
@@ -421,7 +422,8 @@ class RemoteConversation:
         yield from self._run(turn, list(self.turns), params, cancel, replace_last=False)
 
     def retry(self, params: SamplingParams | None = None, cancel: threading.Event | None = None) -> Iterator[dict]:
-        """Ask the last question again; the old answer stays until the new one is complete."""
+        """Ask the last question again; the old answer stays until the new one's final event (an
+        answer cancelled, cut or broken off after some text replaces it too: it is what was shown)."""
         if not self.turns:
             raise UsageError("nothing to retry; ask something first")
         params = (params or self.params).validate()
@@ -456,47 +458,54 @@ class RemoteConversation:
         finish = raw_finish = None
         usage: dict | None = None
         server_timings: dict | None = None
+        failed: str | None = None  # what broke the stream after some text came (the kept answer's note)
         with closing(stream), watched(stream, cancel, bounds):  # the watcher stops before the stream closes
-            for chunk in stream:
-                if not bounds.event():
-                    break
-                if isinstance(chunk.get("usage"), dict):
-                    usage = chunk["usage"]
-                if isinstance(chunk.get("timings"), dict):
-                    server_timings = chunk["timings"]
-                choices = chunk.get("choices")
-                if choices is not None and not isinstance(choices, list):
-                    raise RemoteError(
-                        f"the server sent a stream chunk whose choices is not a list ({shorten(repr(choices), 40)}); "
-                        "try --dialect generic, or check --server"
-                    )
-                for choice in choices or []:
-                    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                        continue
-                    delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-                    content = delta.get("content")
-                    if isinstance(content, str) and content:
-                        # a JSON "\ud800" escape cannot be resent or saved
-                        content = bounds.take(replace_lone_surrogates(content))
-                        if not content:
-                            break
-                        now = time.perf_counter()
-                        t_first = t_first or now
-                        t_last = now
-                        chunks += 1
-                        since_emit += 1
-                        parts.append(content)
-                        pending += content
-                    if choice.get("finish_reason") and bounds.over is None:
-                        raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
-                if bounds.over is not None:
-                    break
-                if pending and since_emit >= self.stream_interval:
-                    yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
-                    pending, since_emit = "", 0
-                if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
-                    break
+            try:
+                for chunk in stream:
+                    if not bounds.event():
+                        break
+                    if isinstance(chunk.get("usage"), dict):
+                        usage = chunk["usage"]
+                    if isinstance(chunk.get("timings"), dict):
+                        server_timings = chunk["timings"]
+                    choices = chunk.get("choices")
+                    if choices is not None and not isinstance(choices, list):
+                        raise StreamFailed(
+                            f"the server sent a stream chunk whose choices is not a list ({shorten(repr(choices), 40)})",
+                            "try --dialect generic, or check --server",
+                        )
+                    for choice in choices or []:
+                        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                            continue
+                        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+                        content = delta.get("content")
+                        if isinstance(content, str) and content:
+                            # a JSON "\ud800" escape cannot be resent or saved
+                            content = bounds.take(replace_lone_surrogates(content))
+                            if not content:
+                                break
+                            now = time.perf_counter()
+                            t_first = t_first or now
+                            t_last = now
+                            chunks += 1
+                            since_emit += 1
+                            parts.append(content)
+                            pending += content
+                        if choice.get("finish_reason") and bounds.over is None:
+                            raw_finish = replace_lone_surrogates(str(choice["finish_reason"])[:FINISH_REASON_MAX_CHARS])
+                    if bounds.over is not None:
+                        break
+                    if pending and since_emit >= self.stream_interval:
+                        yield {"text": pending, "usage": None, "finish_reason": None, "timing": None}
+                        pending, since_emit = "", 0
+                    if cancel is not None and cancel.is_set():
+                        finish = "cancelled" if raw_finish is None else None  # a finished answer is not cut
+                        break
+            except StreamFailed as e:
+                if not parts:  # nothing to keep: one error line, the turn is not taken
+                    raise
+                if raw_finish is None:  # else the server had finished: only what follows (usage, [DONE]) is lost
+                    failed = e.what  # what came was shown as it came: it is kept, as an answer the client cuts is
         note = None
         if stream.out_of_time:  # the connect ended at the deadline, maybe before the watcher saw it
             bounds.over = bounds.over or "time"
@@ -506,16 +515,19 @@ class RemoteConversation:
             if not parts:  # nothing to keep: the turn is not taken
                 raise RemoteError(bounds.failure())
             finish, note, usage = "length", bounds.note(), None  # a usage before the cut is not the answer's
-        elif finish is None and stream.aborted and not stream.done and bounds.over is None:  # a cancel
-            finish = "cancelled"
-        if finish is None:
+        elif finish is None and stream.aborted and not stream.done and bounds.over is None and raw_finish is None:
+            finish = "cancelled"  # a cancel (after the server's finish_reason it cut nothing)
+        if finish is None and failed is None:
             if raw_finish is None and not stream.done:
-                raise RemoteError(
-                    f"the server closed the stream before the answer finished ({chunks} pieces received); "
-                    "the partial answer was discarded; ask again"
-                )
-            if raw_finish in ("error", "abort"):
-                raise RemoteError(f"the server ended the answer with finish_reason {raw_finish!r}; ask again")
+                failed = "the server closed the stream before the answer finished"
+            elif raw_finish in ("error", "abort"):
+                failed = f"the server ended the answer with finish_reason {raw_finish!r}"
+        if finish is None and failed is not None:
+            if not parts:
+                raise RemoteError(f"{failed}; ask again")
+            # what arrived was shown as it came: kept, marked as broken off ("error"), like a cut answer
+            finish, note = "error", f"{failed}; the answer is cut there" + ("" if self.commands else "; ask again")
+        if finish is None:
             finish = FINISH_REASONS.get(raw_finish or "stop", "stop")
         end = time.perf_counter()
         turn.reply = "".join(parts)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from http import HTTPStatus
 from urllib.parse import urlsplit, urlunsplit
 
+import httpcore
 import httpx
 
 from .. import __version__
@@ -28,7 +29,7 @@ from ..files import undecodable_byte, visible
 from ..settings import without_credentials
 from ..threads import start_worker
 from .advice import Advice, any_of
-from .sse import SSEDecoder
+from .sse import SSEDecoder, StreamFailed
 
 ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body worth reading
 # A non-streamed answer or a model list (real ones are kilobytes). Parsed JSON takes up to ~30× its
@@ -226,8 +227,8 @@ BROKEN = (httpx.TransportError, httpx.DecodingError)
 def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, timeout: float, mid_answer: bool) -> RemoteError:
     """One line for a failure below HTTP: refused, reset, timed out, unreadable, not inflatable."""
     if isinstance(err, httpx.DecodingError):
-        return RemoteError(f"the server's compressed answer does not inflate ({_reason(err)}); "
-                           "check --server (or the proxy in front of it)")  # fmt: skip
+        return StreamFailed(f"the server's compressed answer does not inflate ({_reason(err)})",
+                            "check --server (or the proxy in front of it)")  # fmt: skip
     if isinstance(err, httpx.ConnectTimeout):
         return RemoteError(f"connecting to {url} timed out after {min(timeout, CONNECT_TIMEOUT_S):g} s; check --server and the network")
     if isinstance(err, httpx.ConnectError):
@@ -235,16 +236,13 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
             return RemoteError(f"cannot connect to {url}: the server does not speak TLS; use http:// in --server")
         return RemoteError(f"cannot connect to {url} ({_reason(err)}); is the server running? check --server")
     if isinstance(err, httpx.ReadTimeout):
-        return RemoteError(
-            f"the server sent nothing for {timeout:g} s; it may be overloaded: try again, "
-            "or raise [remote] timeout to wait longer"
-        )
+        return StreamFailed(f"the server sent nothing for {timeout:g} s",
+                            "it may be overloaded: try again, or raise [remote] timeout to wait longer")  # fmt: skip
     if isinstance(err, httpx.TimeoutException):
-        return RemoteError(f"talking to {url} timed out ({_reason(err)}); try again")
-    # as when a stream ends early: the conversation is as before the question (nothing half-answered)
+        return StreamFailed(f"talking to {url} timed out ({_reason(err)})", "try again")
+    # mid-answer, RemoteConversation keeps the text that came before the break (`what` is its note)
     where = "in the middle of the answer" if mid_answer else "before the answer began"
-    dropped = "; the partial answer was discarded" if mid_answer else ""
-    return RemoteError(f"the connection to {url} broke {where} ({_reason(err)}){dropped}; ask again")
+    return StreamFailed(f"the connection to {url} broke {where} ({_reason(err)})", "ask again")
 
 
 def _shut(sock: socket.socket) -> None:
@@ -297,6 +295,101 @@ class HeadWatch:
             self._done.set()
 
 
+class _Attempt:
+    """One connect made in a worker thread, for a requester that may stop waiting for it."""
+
+    def __init__(self) -> None:
+        self.settled = threading.Event()  # made, failed, or given up on
+        self._lock = threading.Lock()
+        self._stream: httpcore.NetworkStream | None = None
+        self._error: BaseException | None = None
+        self._given_up = False
+
+    def run(self, connect) -> None:
+        stream = error = None
+        try:
+            stream = connect()
+        except BaseException as e:  # noqa: BLE001 - handed to the requester, raised there
+            error = e
+        with self._lock:
+            self._stream, self._error = stream, error
+            given_up = self._given_up
+        if given_up and stream is not None:  # nobody takes it
+            stream.close()
+        self.settled.set()
+
+    def outcome(self) -> httpcore.NetworkStream:
+        if self._error is not None:
+            raise self._error
+        return self._stream  # type: ignore[return-value]
+
+    def give_up(self) -> None:
+        """The connection is closed now if it was made, else by the worker once it is."""
+        with self._lock:
+            self._given_up = True
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+
+class Connector(httpcore.SyncBackend):
+    """httpcore's connects, each ended at once by `abandon()` (ChatStream.abort: a cancel, the
+    deadline). A connect has no socket that another thread could shut, so it is made in a worker
+    thread while the request's thread waits for it or for the abandon; a connection made after
+    that is closed. The wait also ends at a Ctrl-C, as the connect itself did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._attempt: _Attempt | None = None
+
+    def reset(self) -> None:
+        """Before a request: its connects are made again."""
+        with self._lock:
+            self._abandoned = False
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            attempt = self._attempt
+        if attempt is not None:
+            attempt.settled.set()
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None) -> httpcore.NetworkStream:
+        attempt = _Attempt()
+        with self._lock:
+            if self._abandoned:
+                raise httpcore.ConnectError("abandoned")  # ChatStream takes it for the abort it is
+            self._attempt = attempt
+        connect = super().connect_tcp
+        start_worker(lambda: attempt.run(lambda: connect(host, port, timeout, local_address, socket_options)),
+                     "remote-connect")  # fmt: skip
+        try:
+            attempt.settled.wait()
+            with self._lock:
+                self._attempt = None
+                abandoned = self._abandoned
+            if abandoned:
+                raise httpcore.ConnectError("abandoned")
+            return attempt.outcome()
+        except BaseException:
+            attempt.give_up()
+            raise
+
+
+def _connect_with(http: httpx.Client, connector: Connector) -> None:
+    """httpx takes no network backend of its own: it goes into its transport's connection pool.
+    Where that is not there (another httpx), connects end at their timeout, as they did."""
+    pool = getattr(getattr(http, "_transport", None), "_pool", None)
+    if isinstance(pool, httpcore.ConnectionPool) and hasattr(pool, "_network_backend"):
+        pool._network_backend = connector
+
+
 def head_late(timeout: float) -> RemoteError:
     return RemoteError(
         f"the server took over {timeout:g} s to send the head of its answer; it may be overloaded: try again, "
@@ -318,7 +411,7 @@ class ChatStream:
         self._body = body
         self._advice = advice
         # the answer's deadline, when it comes before the connect timeout: a connect that takes longer
-        # ends there (no thread can end a connect: there is no socket to shut until it is made)
+        # ends there, also where the watcher's abort cannot abandon it (no Connector in httpx's pool)
         self._connect_s = connect_s if connect_s is not None and connect_s < client.connect_s else None
         self.done = False
         self.aborted = False
@@ -340,14 +433,14 @@ class ChatStream:
         """Shut the answer's socket: a read blocked in it returns at once with the end of the
         stream (a signal handler cannot do this: Python retries a read that a signal interrupted).
         Before the head has come there is no answer socket yet: the client's are shut, as HeadWatch
-        does (requests run one at a time, so the others are idle). A connect in progress has no
-        socket to shut: its timeout ends at the answer's deadline (`connect_s`), and a Ctrl-C ends it
-        by raising KeyboardInterrupt in the main thread, which the REPL does before the first piece."""
+        does (requests run one at a time, so the others are idle), and a connect in progress is
+        abandoned (Connector)."""
         with self._lock:
             self.aborted = True
             if self._socket is not None:
                 _shut(self._socket)
             elif self._in_flight:
+                self._client.connector.abandon()
                 shut_all(self._client._sockets)
 
     def _reading(self, response: httpx.Response) -> None:
@@ -369,7 +462,10 @@ class ChatStream:
         client.advice, client.chat_model = self._advice, str(self._body.get("model", ""))
         try:
             with self._lock:
+                if self.aborted:  # a cancel before the request: none is made
+                    return
                 self._in_flight = True
+                client.connector.reset()
             with client.stream("POST", "chat/completions", json=self._body, headers={"Accept": "text/event-stream"},
                                connect_s=self._connect_s) as response:  # fmt: skip
                 with self._lock:
@@ -421,9 +517,9 @@ class ChatStream:
             if events:
                 last_event = time.monotonic()
             elif time.monotonic() - last_event > client.timeout:
-                raise RemoteError(
-                    f"the server sent no stream event for {client.timeout:g} s (only keep-alives or an unfinished "
-                    "line); it may be overloaded: try again, or raise [remote] timeout to wait longer"
+                raise StreamFailed(
+                    f"the server sent no stream event for {client.timeout:g} s (only keep-alives or an unfinished line)",
+                    "it may be overloaded: try again, or raise [remote] timeout to wait longer",
                 )
         if self.aborted:
             return  # a line cut short by the shut socket is no event
@@ -470,17 +566,16 @@ def _parse_event(event: str, data: str) -> dict | None:
         obj = json.loads(data)
     except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         if event == "error":
-            raise RemoteError(f"the server stopped the answer with an error: {shorten(data)}; ask again") from None
-        raise RemoteError(
-            f"the server sent a stream event that is not JSON ({shorten(data, 80)}); "
-            "is --server an OpenAI-compatible server?"
+            raise StreamFailed(f"the server stopped the answer with an error: {shorten(data)}", "ask again") from None
+        raise StreamFailed(
+            f"the server sent a stream event that is not JSON ({shorten(data, 80)})", "is --server an OpenAI-compatible server?"
         ) from None
     is_error = isinstance(obj, dict) and (obj.get("error") is not None or obj.get("object") == "error")
     if is_error or event == "error":
         message = error_text(obj) or data
-        raise RemoteError(f"the server stopped the answer with an error: {shorten(message)}; ask again")
+        raise StreamFailed(f"the server stopped the answer with an error: {shorten(message)}", "ask again")
     if not isinstance(obj, dict):
-        raise RemoteError(f"the server sent a stream event that is not an object ({shorten(data, 80)}); try --dialect generic")
+        raise StreamFailed(f"the server sent a stream event that is not an object ({shorten(data, 80)})", "try --dialect generic")
     return obj
 
 
@@ -517,6 +612,7 @@ class ApiClient:
         self.advice = Advice()  # the fixes a refused chat request names; each ChatStream sets its own
         self.chat_model: str | None = None  # the model the chat request being made names; None: no chat
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # of every connection made
+        self.connector = Connector()  # makes the connects, which ChatStream.abort can end
         self.head_watch: HeadWatch | None = None  # of the latest request
         headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json",
                    "Accept-Encoding": ", ".join(BOUNDED_ENCODINGS)}  # fmt: skip
@@ -536,6 +632,7 @@ class ApiClient:
                 event_hooks={"response": [self._check_response]},
             )
             self.http.build_request("GET", "models")  # httpx checks the host (IDNA) only here; sends nothing
+            _connect_with(self.http, self.connector)
         except (httpx.InvalidURL, ValueError) as e:  # e.g. a host name that is not valid IDNA (xn--)
             raise UsageError(f"{visible(without_credentials(server))} is not a usable URL ({_reason(e)}); pass --server http://HOST:PORT/v1") from None
 
@@ -579,6 +676,7 @@ class ApiClient:
 
     def get_json(self, path: str) -> object:
         self.advice, self.chat_model = Advice(), None  # not a chat: no chat request's hints
+        self.connector.reset()
         try:
             with self.stream("GET", path) as response:
                 body = _read_limited(response, JSON_BODY_LIMIT + 1, self.timeout)

@@ -44,7 +44,8 @@ MAX_TURNS = 10_000
 MAX_MEDIA_PER_TURN = 64
 # media.max_tiles and media.frames go up to the settings' MAX_TILES and MAX_FRAMES, and a saved
 # video range as far as /video --range accepts (MAX_RANGE_SECONDS), so what was saved loads back
-FINISH_REASONS = ("stop", "length", "cancelled")
+# "error": a server's answer that broke off (the connection, an error event); its text is what came
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
 CANCELLED_MARK = "[cancelled]"  # a local answer that was cut by Ctrl-C ends with " [cancelled]"
 BACKEND_KINDS = ("local", "remote")
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")

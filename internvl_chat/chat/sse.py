@@ -19,6 +19,16 @@ from ..errors import RemoteError
 MAX_EVENT_CHARS = 8 << 20
 
 
+class StreamFailed(RemoteError):
+    """An answer's stream failed once it had begun (the connection broke, the server sent an error
+    or garbage): `what` says what happened, the line adds what to do. RemoteConversation keeps the
+    text that came before it, with `what` in the answer's note."""
+
+    def __init__(self, what: str, todo: str):
+        super().__init__(f"{what}; {todo}")
+        self.what = what
+
+
 @dataclass(frozen=True)
 class SSEEvent:
     data: str
@@ -53,8 +63,8 @@ class SSEDecoder:
             self._tail_chars += len(text)
             events = []
         if len(self._text) + self._tail_chars + self._data_chars > MAX_EVENT_CHARS:
-            raise RemoteError(
-                f"the server sent one stream event of over {MAX_EVENT_CHARS >> 20} MiB; is --server an OpenAI-compatible endpoint?"
+            raise StreamFailed(
+                f"the server sent one stream event of over {MAX_EVENT_CHARS >> 20} MiB", "is --server an OpenAI-compatible endpoint?"
             )
         return events
 

@@ -508,7 +508,7 @@ class App:
 
     def _send_text(self, text: str) -> str:
         if text.strip():
-            self.send(text.strip())
+            return self.send(text.strip())
         return OK
 
     def run_command(self, command: Command) -> str:
@@ -599,7 +599,7 @@ class App:
 
     # ---- turns ----------------------------------------------------------------------------
 
-    def send(self, text: str) -> None:
+    def send(self, text: str) -> str:
         """Ask `text` with the pending attachments (and media paths found in it)."""
         auto, text = self._auto_attach(text)
         if auto:
@@ -610,7 +610,7 @@ class App:
         media = list(self.pending)
         before = len(self.session.turns)
         try:
-            self._answer(
+            return self._answer(
                 lambda cancel: self.session.ask(text, media, self.session.params, cancel),
                 self._work_label(media),
             )
@@ -639,8 +639,8 @@ class App:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str) -> None:
-        """Run one turn's event stream on the console."""
+    def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str) -> str:
+        """Run one turn's event stream on the console; ERROR when a server's answer broke off (kept)."""
         cancel = threading.Event()
         streaming = threading.Event()
 
@@ -672,7 +672,7 @@ class App:
                 if not self.interactive:
                     raise
                 self.say(f"[cancelled before the answer began; {outcome()}]", "yellow")
-                return
+                return OK
             stream = choose_stream(self.console, plain=self.plain)
             clean = AnswerCleaner()  # holds a \r that may be the first half of a \r\n split over two events
 
@@ -700,16 +700,16 @@ class App:
                 if event["finish_reason"] is not None:  # the last text was being printed: the turn is committed
                     self.say("[interrupted while printing: the answer is kept; /retry answers again, /undo removes it]",
                              "yellow")  # fmt: skip
-                    return
+                    return OK
                 self.say(f"[interrupted: this answer was discarded; {outcome()}]", "yellow")
-                return
+                return OK
             finally:
                 streaming.clear()
                 end_stream()
         self.last_peak = peak_memory(device) if device is not None else None
-        self._after_answer(final)
+        return self._after_answer(final)
 
-    def _after_answer(self, final: dict) -> None:
+    def _after_answer(self, final: dict) -> str:
         reason = final["finish_reason"]
         if final.get("note"):  # the client stopped the answer (chat/answer_bounds.py)
             self.say(f"[stopped: {final['note']}; /retry answers again, /undo removes it]", "yellow")
@@ -726,6 +726,7 @@ class App:
                 self.say(f"[stopped at max_new_tokens ({limit:,}); /set max_new_tokens N allows longer answers]", "yellow")
         if self.settings.ui.stats:
             self.note(self.stats_line())
+        return ERROR if reason == "error" else OK  # kept, but broken off: a --script counts the line as failed
 
     def stats_line(self) -> str:
         if not self.session.turns:
@@ -838,12 +839,12 @@ class App:
         turn = self.session.undo()
         self.say(f"removed turn {len(self.session.turns) + 1}: “{_short(turn.user_text)}” and its answer")
 
-    def cmd_retry(self, command: Command) -> None:
+    def cmd_retry(self, command: Command) -> str:
         if not self.session.turns:
             raise UsageError("nothing to retry; ask something first")
         before = len(self.session.turns)
         try:
-            self._answer(lambda cancel: self.session.retry(self.session.params, cancel), "thinking …")
+            return self._answer(lambda cancel: self.session.retry(self.session.params, cancel), "thinking …")
         except InternVLChatError as e:
             if len(self.session.turns) < before:  # retry drops the old answer before it generates
                 raise type(e)(f"{e} (the last question and its answer were removed; ask it again)") from None

@@ -79,8 +79,9 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     else:
         sys.stdout.write("\n")
     sys.stdout.flush()
+    broken = final["finish_reason"] == "error"  # a server's answer broke off: what came is out, but it failed
     if final.get("note"):  # the client stopped the answer (chat/answer_bounds.py): the text is cut
-        print(f"internvl-chat: warning: stopped: {final['note']}", file=sys.stderr)
+        print(f"internvl-chat: {'error' if broken else 'warning: stopped'}: {final['note']}", file=sys.stderr)
     if settings.ui.stats and not args.json:
         device = info.memory_device  # None: the model runs elsewhere, its memory is not ours to show
         width = os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None
@@ -88,4 +89,4 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
         stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak, device,
                              width=width, approximate=not session.token_counts_exact)  # fmt: skip
         print(stats, file=sys.stderr)
-    return 0
+    return 1 if broken else 0
