@@ -640,6 +640,21 @@ def test_sent_media_keep_their_features_and_free_their_pixels(loaded, media_dir,
     assert [m.pixel_values is None for m in other.turns[0].media] == [True, True]
 
 
+def test_each_turn_read_again_keeps_only_its_own_features(loaded, media_dir, tmp_path):
+    """A load (or /system) encodes all media at once; each turn kept a view of that one tensor, so
+    the features of a turn taken off by /undo stayed in memory while any other picture's turn stayed."""
+    session = Session(loaded, _params(3))
+    final_event(session.ask("Look.", [session.describe_image(media_dir / "scene.png")]))
+    final_event(session.ask("And this?", [session.describe_video(media_dir / "clip.mp4", frames=2)]))
+    session.save(tmp_path / "chat.json")
+    for replay in (lambda: session.load(tmp_path / "chat.json"), lambda: session.set_system("Answer briefly.")):
+        replay()
+        for turn, tiles in zip(session.turns, (13, 2)):
+            assert turn.features.shape[0] == tiles
+            held = turn.features.untyped_storage().nbytes()
+            assert held == turn.features.numel() * turn.features.element_size()
+
+
 def test_media_that_changed_after_attaching_fails_the_same_way_when_resent(loaded, media_dir, tmp_path):
     # the UI keeps attachments after a failed send; the second send must not trust the bad pixels
     path = tmp_path / "photo.png"

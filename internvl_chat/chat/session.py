@@ -548,7 +548,10 @@ class Session:
             turn.prompt_ids = self._turn_prompt(builder, i, turn)
             turn.ids_before = turn.pos_before = len(self.ids)
             tiles = sum(m.tiles for m in turn.media)
-            turn.features = features[offset : offset + tiles] if tiles else None
+            # a copy unless it is all of them: a view would keep every turn's features alive for as
+            # long as any one turn stays (an /undo of a picture's turn would free nothing)
+            part = features[offset : offset + tiles] if tiles else None
+            turn.features = part.clone() if part is not None and tiles < features.shape[0] else part
             offset += tiles
             self.ids += turn.prompt_ids + turn.answer_ids
             self.turns.append(turn)
