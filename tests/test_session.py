@@ -655,6 +655,29 @@ def test_each_turn_read_again_keeps_only_its_own_features(loaded, media_dir, tmp
             assert held == turn.features.numel() * turn.features.element_size()
 
 
+def test_a_turn_makes_no_tensor_of_the_whole_conversation_without_a_repetition_penalty(loaded, monkeypatch):
+    """Every turn turned all the conversation's ids into a tensor for the repetition penalty, even
+    with the penalty off (1.0, the default), where the sampler never reads them."""
+    session = Session(loaded, _params(8))
+    for text in ("A first question, long enough to make the conversation longer than one turn.", "Another.", "More."):
+        final_event(session.ask(text))
+    made = []
+    for name in ("tensor", "as_tensor"):
+        real = getattr(torch, name)
+
+        def counting(data, *args, _real=real, **kwargs):
+            made.append(len(data) if isinstance(data, (list, tuple)) else 1)
+            return _real(data, *args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counting)
+    before = len(session.ids)
+    final_event(session.ask("Last."))
+    monkeypatch.undo()
+    turn = session.turns[-1]
+    prompt = turn.ids_before - turn.pos_before + len(turn.prompt_ids)  # what this turn prefilled
+    assert before > 3 * prompt and max(made) <= prompt
+
+
 def test_media_that_changed_after_attaching_fails_the_same_way_when_resent(loaded, media_dir, tmp_path):
     # the UI keeps attachments after a failed send; the second send must not trust the bad pixels
     path = tmp_path / "photo.png"

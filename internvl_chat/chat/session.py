@@ -285,8 +285,7 @@ class Session:
         special = self.loaded.special
         sampler = Sampler(params, self.loaded.config.text.vocab_size, self.model.device,
                           banned_ids=(special.img_start, special.img_end, special.img_context))  # fmt: skip
-        if self.ids:
-            sampler.observe(torch.tensor(self.ids, device=self.model.device))
+        sampler.observe(self.ids)  # converted only with a repetition penalty: the whole conversation each turn
         return sampler
 
     def ask(
@@ -317,7 +316,7 @@ class Session:
         ids_len, pos = len(self.ids), self.start_pos
         with out_of_memory_as_error("during generation"):  # its masks are the size of the vocabulary
             sampler = self._make_sampler(params)
-            sampler.observe(torch.tensor(prompt, device=self.model.device))
+            sampler.observe(prompt)
         events = stream_generate(
             self.model, self.tokenizer, prompt, self.start_pos, params, sampler,
             image_features=features, stop_ids=self.builder.stop_ids,
