@@ -678,6 +678,24 @@ def test_a_turn_makes_no_tensor_of_the_whole_conversation_without_a_repetition_p
     assert before > 3 * prompt and max(made) <= prompt
 
 
+def test_the_context_budget_tokenizes_no_more_for_more_text_turns(loaded, monkeypatch):
+    """/context tokenized a template twice for every turn, pictures or not: ten texts a turn, 1,661
+    at 160 turns; now only a turn with media is measured so."""
+    session = Session(loaded, _params(2))
+    tokenizer = session.builder.tokenizer
+    counts = []
+    for turns in (2, 6):
+        while len(session.turns) < turns:
+            final_event(session.ask(f"Question {len(session.turns)}."))
+        encoded = []
+        monkeypatch.setattr(tokenizer, "encode", lambda text, _real=tokenizer.encode: encoded.append(text) or _real(text))
+        items = session.context_items([])
+        monkeypatch.undo()
+        assert len(items) == turns + 3
+        counts.append(len(encoded))
+    assert counts[0] == counts[1]
+
+
 def test_media_that_changed_after_attaching_fails_the_same_way_when_resent(loaded, media_dir, tmp_path):
     # the UI keeps attachments after a failed send; the second send must not trust the bad pixels
     path = tmp_path / "photo.png"

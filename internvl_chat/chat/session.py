@@ -725,7 +725,7 @@ class Session:
         bounds = [t.ids_before for t in self.turns] + [self.context_used]
         for n, turn in enumerate(self.turns):
             total = bounds[n + 1] - bounds[n] - (system if n == 0 else 0)
-            media = self.media_tokens(turn.media)
+            media = self.media_tokens(turn.media) if turn.media else 0  # no tokenizing per text-only turn
             answer = len(turn.answer_ids)
             names = "".join(f"{m.kind} {m.path.name}, " for m in turn.media)
             text = " ".join(turn.user_text.split())
