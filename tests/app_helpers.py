@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 from rich.console import Console
 
@@ -51,19 +52,19 @@ class ChunkedAnswers:
         self.params = None
 
     def describe(self):
-        from types import SimpleNamespace
-
         return SimpleNamespace(model="chunked", memory_device=None, load_s=0.0, more_room="")
 
     def check_attach(self, media) -> None:
         pass
 
     def ask(self, text, media=(), params=None, cancel=None):
-        from types import SimpleNamespace
-
         chunks = self.answers.pop(0)
         for chunk in chunks:
             yield {"text": chunk, "finish_reason": None}
-        self.turns.append(SimpleNamespace(user_text=text, answer_text="".join(chunks), media=list(media), timing={},
-                                          answer_tokens=None, finish_reason="stop"))  # fmt: skip
+        self.turns.append(_Turn(user_text=text, answer_text="".join(chunks), media=list(media), timing={},
+                                answer_tokens=None, finish_reason="stop"))  # fmt: skip
         yield {"text": "", "finish_reason": "stop", "timing": {}, "usage": {}}
+
+
+class _Turn(SimpleNamespace):
+    """A turn of `ChunkedAnswers`; weakly referable as the app's turns are (App._file_mark)."""

@@ -24,6 +24,7 @@ A failure message starts with the seed and the operations so far: rerun that see
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import threading
@@ -213,8 +214,13 @@ class SessionFuzz:
     def _remember_pixels(self, media) -> None:
         for m in media:
             key = self._key_of(m)
-            if key not in self.ref_features and m.pixel_values is not None:
+            if key in self.ref_features:
+                continue
+            if m.pixel_values is not None:
                 self.ref_features[key] = self.ref.model.encode_images(m.pixel_values)
+            elif self.session.turns and any(x is m for x in self.session.turns[-1].media):
+                # committed: the turn kept its features, not its pixels; decode a copy as it was sent
+                self.ref_features[key] = self.ref.model.encode_images(self.session._decode(dataclasses.replace(m)))
 
     # ---- operations ----------------------------------------------------------------------------
     def op_ask(self, max_new: int | None = None, variant: str | None = None) -> None:

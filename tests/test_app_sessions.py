@@ -4,10 +4,12 @@ silently, settings restored with the session, and nothing from a file reaching t
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import re
 import stat
+import weakref
 from pathlib import Path
 
 import pytest
@@ -412,6 +414,24 @@ def test_export_never_replaces_a_file_it_did_not_write_for_this_conversation(loa
     output(out)
     assert app.handle_line(f"/export {tmp_path}") == ERROR  # worded as /save words it
     assert output(out).strip() == f"error: {tmp_path} is a folder; give a file name, e.g. /export {tmp_path / 'chat.md'}"
+
+
+def test_a_conversation_replaced_is_not_kept_alive_by_the_files_it_was_saved_and_exported_to(loaded, tmp_path, home):
+    """/save and /export remembered the conversation by its first turn, held strongly: after /clear
+    or /load, the old conversation (its pictures' pixels and features) stayed in memory for good."""
+    app, _ = make_app(loaded, tmp_path)
+    for command in ("/save first.json", "/export first.md", "/load first.json", "/clear"):
+        app.handle_line("Hello.")
+        held = [weakref.ref(turn) for turn in app.session.turns]
+        assert app.handle_line(command) == OK
+        if command != "/clear":
+            app.session.clear()  # no turn of this conversation is held by the session now
+        gc.collect()
+        assert [ref() for ref in held] == [None], command
+    app.handle_line("A new conversation.")
+    app.confirm = None
+    assert app.handle_line("/save first.json") == ERROR  # another conversation's file, as before
+    assert app.handle_line("/export first.md") == ERROR
 
 
 def test_save_and_export_onto_a_pipe_say_it_at_once(loaded, tmp_path, home):

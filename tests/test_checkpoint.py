@@ -669,7 +669,7 @@ def test_checkpoint_tiling_reaches_cost_decode_and_saved_session(
     assert media.tiles == tiles
     cost = session.media_tokens([media])
     events = list(session.ask("what is it?", [media], SamplingParams(max_new_tokens=1)))
-    assert media.pixel_values.shape[0] == tiles  # what was decoded is what was priced
+    assert session.turns[-1].features.shape[0] == tiles  # what was decoded is what was priced
     usage = next(e["usage"] for e in events if "usage" in e)
     assert usage["prompt_tokens"] >= cost >= 256 * tiles
     saved = session.to_json()["messages"][0]["media"][0]

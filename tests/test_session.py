@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -40,6 +41,11 @@ def _params(n=6):
     return SamplingParams(max_new_tokens=n)
 
 
+def _pixels(session: Session, media) -> torch.Tensor:
+    """The pixels of sent media, decoded again (a committed turn keeps its features, not its pixels)."""
+    return session._decode(dataclasses.replace(media))
+
+
 def _three_turns(session: Session, media_dir: Path) -> None:
     final_event(session.ask("Describe the picture.", [session.describe_image(media_dir / "scene.png")]))
     final_event(session.ask("And this clip?", [session.describe_video(media_dir / "clip.mp4", frames=4)]))
@@ -55,7 +61,7 @@ def test_chunk_prefilling_equals_prefilling_everything(loaded, media_dir):
     chunked = loaded.model.forward(session.ids[session.start_pos :] + follow_up, session.start_pos)
 
     media = [m for t in session.turns for m in t.media]
-    features = loaded.model.encode_images(torch.cat([m.pixel_values for m in media]))
+    features = loaded.model.encode_images(torch.cat([_pixels(session, m) for m in media]))
     fresh = loaded.model.forward(session.ids + follow_up, 0, features)
     diff = (chunked - fresh).abs().max().item()
     assert diff <= TOL * fresh.abs().max().item(), diff
@@ -98,7 +104,7 @@ def test_greedy_multi_turn_matches_transformers_generate(tiny_original, loaded, 
         context = session.ids + session.builder.next_turn(text, [m.spec for m in media]) if session.ids else None
         final_event(session.ask(text, media))
         turn = session.turns[-1]
-        pixels += [m.pixel_values for m in media]
+        pixels += [_pixels(session, m) for m in media]
         prompt = session.ids[: turn.ids_before] + turn.prompt_ids
         if context is not None:
             assert prompt == context
@@ -601,6 +607,93 @@ def test_answers_never_hold_image_placeholders(tiny_original):
     answer = session.turns[-1].answer_ids
     assert answer and not {special.img_start, special.img_end, special.img_context} & set(answer), answer
     assert events[-1]["finish_reason"] in ("stop", "length")
+
+
+def test_sent_media_keep_their_features_and_free_their_pixels(loaded, media_dir, tmp_path, monkeypatch):
+    """The decoded pixels of every picture and video sent were held for the whole session (float32:
+    ~31 MB for a 13-tile picture, ~600 MB for a 256-frame video), though once a turn keeps their
+    features nothing reads them again: a retry, /system and a load's replay use the features."""
+    from internvl_chat.chat import session as session_module
+
+    session = Session(loaded, _params(3))
+    picture, clip = session.describe_image(media_dir / "scene.png"), session.describe_video(media_dir / "clip.mp4", frames=2)
+    final_event(session.ask("Look.", [picture, clip]))
+    final_event(session.ask("And now?"))
+    assert session.turns[0].features.shape[0] == 13 + 2
+    assert [m.pixel_values is None for t in session.turns for m in t.media] == [True, True]
+    refuse = lambda *a, **k: pytest.fail("decoded again")  # noqa: E731
+    monkeypatch.setattr(session_module, "load_image", refuse)
+    monkeypatch.setattr(session_module, "load_video", refuse)
+    session.undo()
+    assert final_event(session.retry())["finish_reason"] is not None  # its cached prompt: one token fed again
+    session._cached_prompt_end = lambda turn: None  # the retry that prefills the prompt again
+    assert final_event(session.retry())["finish_reason"] is not None
+    del session._cached_prompt_end
+    session.set_system("Answer briefly.")  # the whole conversation prefilled again
+    assert session.turns[0].features.shape[0] == 13 + 2 and picture.pixel_values is None
+    session.save(tmp_path / "chat.json")
+    monkeypatch.undo()
+
+    other = Session(loaded, _params(3))
+    other.load(tmp_path / "chat.json")  # decoded once for the replay, then freed
+    assert other.turns[0].features.shape[0] == 13 + 2
+    assert [m.pixel_values is None for m in other.turns[0].media] == [True, True]
+
+
+def test_each_turn_read_again_keeps_only_its_own_features(loaded, media_dir, tmp_path):
+    """A load (or /system) encodes all media at once; each turn kept a view of that one tensor, so
+    the features of a turn taken off by /undo stayed in memory while any other picture's turn stayed."""
+    session = Session(loaded, _params(3))
+    final_event(session.ask("Look.", [session.describe_image(media_dir / "scene.png")]))
+    final_event(session.ask("And this?", [session.describe_video(media_dir / "clip.mp4", frames=2)]))
+    session.save(tmp_path / "chat.json")
+    for replay in (lambda: session.load(tmp_path / "chat.json"), lambda: session.set_system("Answer briefly.")):
+        replay()
+        for turn, tiles in zip(session.turns, (13, 2)):
+            assert turn.features.shape[0] == tiles
+            held = turn.features.untyped_storage().nbytes()
+            assert held == turn.features.numel() * turn.features.element_size()
+
+
+def test_a_turn_makes_no_tensor_of_the_whole_conversation_without_a_repetition_penalty(loaded, monkeypatch):
+    """Every turn turned all the conversation's ids into a tensor for the repetition penalty, even
+    with the penalty off (1.0, the default), where the sampler never reads them."""
+    session = Session(loaded, _params(8))
+    for text in ("A first question, long enough to make the conversation longer than one turn.", "Another.", "More."):
+        final_event(session.ask(text))
+    made = []
+    for name in ("tensor", "as_tensor"):
+        real = getattr(torch, name)
+
+        def counting(data, *args, _real=real, **kwargs):
+            made.append(len(data) if isinstance(data, (list, tuple)) else 1)
+            return _real(data, *args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counting)
+    before = len(session.ids)
+    final_event(session.ask("Last."))
+    monkeypatch.undo()
+    turn = session.turns[-1]
+    prompt = turn.ids_before - turn.pos_before + len(turn.prompt_ids)  # what this turn prefilled
+    assert before > 3 * prompt and max(made) <= prompt
+
+
+def test_the_context_budget_tokenizes_no_more_for_more_text_turns(loaded, monkeypatch):
+    """/context tokenized a template twice for every turn, pictures or not: ten texts a turn, 1,661
+    at 160 turns; now only a turn with media is measured so."""
+    session = Session(loaded, _params(2))
+    tokenizer = session.builder.tokenizer
+    counts = []
+    for turns in (2, 6):
+        while len(session.turns) < turns:
+            final_event(session.ask(f"Question {len(session.turns)}."))
+        encoded = []
+        monkeypatch.setattr(tokenizer, "encode", lambda text, _real=tokenizer.encode: encoded.append(text) or _real(text))
+        items = session.context_items([])
+        monkeypatch.undo()
+        assert len(items) == turns + 3
+        counts.append(len(encoded))
+    assert counts[0] == counts[1]
 
 
 def test_media_that_changed_after_attaching_fails_the_same_way_when_resent(loaded, media_dir, tmp_path):

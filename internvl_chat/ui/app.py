@@ -29,6 +29,7 @@ import signal
 import stat
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -339,11 +340,11 @@ class App:
     # Asks a yes/no question (the REPL sets it); None: never ask, refuse instead (scripts).
     confirm: Callable[[str], bool] | None = None
     # The file this conversation was last saved to or loaded from, and its first turn then
-    # (a conversation is "the same" while that turn still opens it).
-    _session_file: tuple[Path, Any] | None = None
+    # (a conversation is "the same" while that turn still opens it; see `_file_mark`).
+    _session_file: tuple[Path, weakref.ref | None] | None = None
     # The Markdown file /export last wrote, and the conversation's first turn then: re-exporting
     # the same conversation there replaces it without asking.
-    _export_file: tuple[Path, Any] | None = None
+    _export_file: tuple[Path, weakref.ref | None] | None = None
     # Makes the console again for the ui settings now, after `/set plain` (the REPL and --script
     # set it: render.ui_console). A console made with ui.plain into a pipe is no terminal for good:
     # `/set plain off` after --plain with ui.color = always got neither colours nor Markdown back.
@@ -1060,19 +1061,23 @@ class App:
             path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}-{n}.json"
         return path
 
-    def _file_mark(self, path: Path) -> tuple[Path, Any]:
-        """(the absolute path, the conversation's first turn now): see `_still_this_conversations`."""
+    def _file_mark(self, path: Path) -> tuple[Path, weakref.ref | None]:
+        """(the absolute path, the conversation's first turn now): see `_still_this_conversations`.
+        The turn is held weakly: a conversation replaced by /load or /clear must not stay alive
+        for the mark, with its pictures' features (hundreds of MB on a long session)."""
         turns = self.session.turns
-        return Path(os.path.abspath(path)), turns[0] if turns else None
+        return Path(os.path.abspath(path)), weakref.ref(turns[0]) if turns else None
 
-    def _still_this_conversations(self, mark: tuple[Path, Any] | None) -> Path | None:
+    def _still_this_conversations(self, mark: tuple[Path, weakref.ref | None] | None) -> Path | None:
         """The marked file, while the conversation that wrote it is still this one (its first turn
         still opens it)."""
         if mark is None:
             return None
         path, first = mark
+        if first is None:
+            return path
         turns = self.session.turns
-        return path if first is None or (turns and turns[0] is first) else None
+        return path if turns and turns[0] is first() else None
 
     def _current_file(self) -> Path | None:
         """The file this conversation was saved to or loaded from, while it is still that conversation."""
