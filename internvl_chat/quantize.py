@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -43,6 +44,7 @@ from typing import TextIO
 
 import torch
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .chat.template import MediaSpec, PromptBuilder
@@ -672,12 +674,24 @@ def config_text(config: dict) -> str:
     return text
 
 
+def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, its I/O failures as the OSError they are: safetensors raises its own
+    SafetensorError ("… No space left on device (os error 28)"), which escaped the one-line write
+    error (`_write_error`) as a traceback on a full disk."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:
+        found = re.search(r"os error (\d+)", str(e))
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], src_dir: Path, step: Step = _no_step) -> None:
     """The weight file(s), config.json and the tokenizer files into `dst`; `step()` after each file."""
     dst.mkdir(parents=True, exist_ok=True)
     files = checkpoint_files(tensors)
     for file, names in files:
-        save_file({n: tensors[n] for n in names}, dst / file, metadata={"format": "pt"})
+        _save_weights({n: tensors[n] for n in names}, dst / file)
         step()
     if len(files) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -298,3 +298,23 @@ def test_a_source_with_nan_weights_is_refused_before_quantizing(tiny_original, t
     code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
     assert code == 2 and shown in lines[-1] and "NaN" in lines[-1] and "download it again" in lines[-1], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_weight_file_the_disk_cannot_hold_is_one_line_and_leaves_nothing(tiny_original, tmp_path, monkeypatch, capsys):
+    """safetensors reports a failed write as its own SafetensorError ('… No space left on device (os
+    error 28)'), not an OSError, so a full disk ended the run in a traceback. A file size limit makes
+    the library's real write fail here (EFBIG) without a small file system to fill."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # the weights are ~0.5 MiB; Python ignores SIGXFSZ
+    try:
+        code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--method", "rtn", "--device", "cpu",
+                              "--group-size", "32")  # fmt: skip
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 2, lines
+    errors = [line for line in lines if line.startswith("internvl-chat:")]
+    assert len(errors) == 1 and f"cannot write the output {tmp_path / 'out'} (File too large)" in errors[0], lines
+    assert ".partial" not in errors[0] and not any("Traceback" in line for line in lines), lines
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
