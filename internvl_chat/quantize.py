@@ -675,15 +675,18 @@ def config_text(config: dict) -> str:
 
 
 def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """save_file, its I/O failures as the OSError they are: safetensors raises its own
-    SafetensorError ("… No space left on device (os error 28)"), which escaped the one-line write
-    error (`_write_error`) as a traceback on a full disk."""
+    """save_file with the umask's permissions, its I/O failures as the OSError they are: safetensors
+    raises its own SafetensorError ("… No space left on device (os error 28)"), which escaped the
+    one-line write error (`_write_error`) as a traceback on a full disk."""
     try:
         save_file(tensors, path, metadata={"format": "pt"})
     except SafetensorError as e:
         found = re.search(r"os error (\d+)", str(e))
         code = int(found.group(1)) if found else errno.EIO
         raise OSError(code, os.strerror(code), str(path)) from None
+    # the library makes the file private (0600) whatever the umask: the rest of the checkpoint was
+    # readable by others and the weights not, so a server run as another user could not load it
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], src_dir: Path, step: Step = _no_step) -> None:

@@ -318,3 +318,25 @@ def test_a_weight_file_the_disk_cannot_hold_is_one_line_and_leaves_nothing(tiny_
     assert len(errors) == 1 and f"cannot write the output {tmp_path / 'out'} (File too large)" in errors[0], lines
     assert ".partial" not in errors[0] and not any("Traceback" in line for line in lines), lines
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_the_weight_files_are_as_readable_as_the_rest_of_the_checkpoint(tiny_original, tmp_path, monkeypatch, shards):
+    """safetensors writes its files 0600 whatever the umask: the config and tokenizer of the output
+    were readable by others and its weights not (a server run as another user could not load it)."""
+    import os
+    import stat
+
+    import internvl_chat.quantize as quantize
+
+    if shards:
+        monkeypatch.setattr(quantize, "SHARD_BYTES", 64 * 1024)
+    old = os.umask(0o022)
+    try:
+        quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu")
+    finally:
+        os.umask(old)
+    weights = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(weights) > 1 if shards else len(weights) == 1
+    for path in [*weights, tmp_path / "out" / "config.json"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
