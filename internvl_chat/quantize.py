@@ -218,27 +218,44 @@ class Sample:
     pixel_values: torch.Tensor | None  # tiles for the <image> run in ids
 
 
+@dataclass
+class Calibration:
+    """What a --calib folder gives: the tiles of the images the samples use, and its texts."""
+
+    tiles: list[torch.Tensor]
+    texts: list[str]
+
+
+def calibration_tiles(images: Sequence[Path], max_tiles: int = 2, step: Step = _no_step) -> list[torch.Tensor]:
+    """The images decoded and tiled; done before the model loads: a damaged or unreadable image
+    stopped the run only once the model was loaded (minutes for a large one)."""
+    tiles = []
+    for path in images:
+        tiles.append(load_image(path, max_tiles=max_tiles).pixel_values)
+        step()
+    return tiles
+
+
 def calibration_samples(
     builder: PromptBuilder,
     tokenizer,
     count: int,
     seed: int = 0,
-    calib_dir: Path | None = None,
-    max_tiles: int = 2,
+    calib: Calibration | None = None,
     step: Step = _no_step,
 ) -> list[Sample]:
-    """`count` prompts + answers, half of them with an image (built-in, or from `calib_dir`)."""
+    """`count` prompts + answers, half of them with an image (built-in, or from `calib`)."""
     rng = random.Random(seed)
     texts, images = list(CALIBRATION_TEXT), []
-    if calib_dir is not None:
-        images, extra = calibration_files(calib_dir)
-        texts += extra
+    if calib is not None:
+        images = calib.tiles
+        texts += calib.texts
     samples = []
     for i in range(count):
         answer = tokenizer.encode(rng.choice(texts))[:MAX_ANSWER_TOKENS]
         if i % 2 == 0:
             if images:
-                tiles = load_image(images[(i // 2) % len(images)], max_tiles=max_tiles).pixel_values
+                tiles = images[(i // 2) % len(images)]
             else:
                 tiles = normalize_tiles([synthetic_image(rng)])
             ids = builder.first_turn(rng.choice(QUESTIONS), [MediaSpec("image", tiles.shape[0])]) + answer
@@ -780,9 +797,10 @@ def quantize_checkpoint(
         raise UsageError("the source checkpoint is already quantized; quantize a 16-bit checkpoint")
     group_size = check_group_size(cfg, group_size)
     resolve_device(device)
-    calib = expand_home(calib_dir) if calib_dir else None
-    if calib is not None and method == "awq":
-        calibration_files(calib)
+    calib_images, calib_texts = [], []
+    if calib_dir and method == "awq":
+        calib_images, calib_texts = calibration_files(expand_home(calib_dir))
+        calib_images = calib_images[: (samples + 1) // 2]  # the ones the samples use (every other one has an image)
     new_parents = _missing_parents(dst)
     try:
         staging = staging_folder(dst)
@@ -790,6 +808,13 @@ def quantize_checkpoint(
         _remove_empty(new_parents)
         raise
     try:
+        calib = None
+        if calib_dir and method == "awq":
+            tiles = []
+            if calib_images:
+                with progress.phase("calibration images", len(calib_images), "images") as step:
+                    tiles = calibration_tiles(calib_images, step=step)
+            calib = Calibration(tiles, calib_texts)
         with progress.phase("loading", 1, "model") as step:
             # the app's default dtype (cpu_features: bf16 for a large decoder on CPU too, its products in
             # fp32 over upcast weights where bf16 is emulated), bf16 on CUDA
@@ -861,7 +886,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=_positive_int, metavar="N",
                    help="weights per scale/zero group along each input: a multiple of 32 that divides the "
                         "model's widths (default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
-    p.add_argument("--calib", metavar="DIR", help="folder of calibration images and .txt files (default: built-in generated data)")
+    p.add_argument("--calib", metavar="DIR", help="folder of calibration images and .txt files; every other sample has an image, "
+                   "the first ones by name (default: built-in generated data)")  # fmt: skip
     p.add_argument("--samples", type=_positive_int, default=32, metavar="N",
                    help=f"calibration samples, half with an image (default 32, at most {MAX_SAMPLES})")  # fmt: skip
     p.add_argument("--no-clip", action="store_true", help="skip AWQ's weight-clipping search")

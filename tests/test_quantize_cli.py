@@ -340,3 +340,43 @@ def test_the_weight_files_are_as_readable_as_the_rest_of_the_checkpoint(tiny_ori
     assert len(weights) > 1 if shards else len(weights) == 1
     for path in [*weights, tmp_path / "out" / "config.json"]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+
+
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_a_damaged_calibration_image_is_refused_before_loading(config_only, tmp_path, monkeypatch, capsys, damage):
+    """--calib images were decoded only while building the samples, after the model had loaded
+    (minutes for a large one); a source without weights shows that nothing is loaded first."""
+    import io as bytes_io
+
+    from PIL import Image
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(calib / "a.png")
+    png = bytes_io.BytesIO()
+    Image.effect_noise((256, 256), 64).convert("RGB").save(png, "PNG")
+    (calib / "b.png").write_bytes(b"not a picture" if damage == "not an image" else png.getvalue()[: len(png.getvalue()) // 2])
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--calib", calib, "--samples", "4")
+    assert code == 2 and len(lines) == 1 and str(calib / "b.png") in lines[0], lines
+    assert ("not an image format" if damage == "not an image" else "truncated or corrupt") in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "no_weights"]
+
+
+def test_calibration_images_are_the_ones_the_samples_use(tiny_original, tmp_path):
+    """Each of the first ⌈samples/2⌉ images is decoded once, before loading; the others are not read."""
+    from PIL import Image
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(5):
+        Image.new("RGB", (64 + 16 * i, 64), (40 * i, 30, 30)).save(calib / f"{i}.png")
+    (calib / "notes.txt").write_text("caf\u00e9 " * 10)
+    seen = []
+
+    class Record(Progress):
+        def begin(self, name, total, unit):
+            seen.append((name, total, unit))
+
+    quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=5, calib_dir=calib, device="cpu",
+                        progress=Record())  # fmt: skip
+    assert seen[:3] == [("calibration images", 3, "images"), ("loading", 1, "model"), ("calibration data", 5, "samples")]
