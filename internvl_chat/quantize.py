@@ -48,6 +48,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .chat.template import MediaSpec, PromptBuilder
+from .engine.checkpoint import find_weight_files
 from .engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, load_config, read_config_json
 from .engine.language import Attention, DecoderLayer, Qwen2ForCausalLM
 from .engine.loader import LoadedModel, load_model, resolve_device
@@ -792,9 +793,12 @@ def quantize_checkpoint(
         raise UsageError(f"--samples {samples} is too many: every sample is held in memory; use at most {MAX_SAMPLES} (32 is the default)")
     if not src.is_dir():
         raise UsageError(f"the source {visible(str(src))} is not a folder; give a 16-bit checkpoint folder")
+    if not os.path.lexists(src / "config.json"):  # the loader's own words advise --model, the chat's flag
+        raise UsageError(f"the source {visible(str(src))} has no config.json; give a downloaded 16-bit InternVL3 checkpoint folder")
     cfg = load_config(src)
-    if cfg.quant is not None:
+    if cfg.quant is not None or _weights_kind(src) == "tinychat":
         raise UsageError("the source checkpoint is already quantized; quantize a 16-bit checkpoint")
+    check_copied_files(src)
     group_size = check_group_size(cfg, group_size)
     resolve_device(device)
     calib_images, calib_texts = [], []
@@ -841,6 +845,28 @@ def quantize_checkpoint(
         _remove_empty(new_parents)
         raise
     return dst
+
+
+def _weights_kind(src: Path) -> str | None:
+    """safetensors, bin or tinychat (llm-awq's 4-bit .pt: 4-bit whatever config.json says); None
+    where there are no weights, which loading reports in its place."""
+    try:
+        return find_weight_files(src).kind
+    except CheckpointError:
+        return None
+
+
+def check_copied_files(src: Path) -> None:
+    """The source files copied to the output at the end can be opened: one that could not ended a
+    whole run (an hour for a large model) with nothing written."""
+    for name in TOKENIZER_FILES:
+        path = src / name
+        if path.is_file():
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise UsageError(f"cannot read {visible(str(path))} ({e.strerror or e}); check the file and its permissions") from None
 
 
 def _missing_parents(dst: Path) -> list[Path]:

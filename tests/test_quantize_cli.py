@@ -380,3 +380,42 @@ def test_calibration_images_are_the_ones_the_samples_use(tiny_original, tmp_path
     quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=5, calib_dir=calib, device="cpu",
                         progress=Record())  # fmt: skip
     assert seen[:3] == [("calibration images", 3, "images"), ("loading", 1, "model"), ("calibration data", 5, "samples")]
+
+
+def test_a_source_without_config_json_is_named_without_the_chat_s_flag(tmp_path, monkeypatch, capsys):
+    """The loader's message advised 'point --model at …', a flag quantize does not have."""
+    (tmp_path / "src").mkdir()
+    code, lines = run_cli(monkeypatch, capsys, tmp_path / "src", tmp_path / "out")
+    assert code == 2 and len(lines) == 1 and f"the source {tmp_path / 'src'} has no config.json" in lines[0], lines
+    assert "--model" not in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_a_tinychat_source_is_already_quantized_before_loading(config_only, tmp_path, monkeypatch, capsys):
+    """An llm-awq `*-awq-v2.pt` is 4-bit whatever its config.json says (llm-awq ships the original
+    config): it was loaded and converted in full before being refused (or failed in the conversion)."""
+    (config_only / "model-w4-g128-awq-v2.pt").write_bytes(b"not read")
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn")
+    assert code == 2 and len(lines) == 1 and "already quantized" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
+
+
+def test_an_unreadable_source_file_that_is_copied_is_refused_before_loading(config_only, tiny_original, tmp_path, monkeypatch, capsys):
+    """generation_config.json, chat_template.jinja & co. are only copied at the very end: one that
+    could not be read ended a whole run with nothing written."""
+    import builtins
+    import errno
+    import os
+
+    shutil.copy2(tiny_original / "generation_config.json", config_only / "generation_config.json")
+    real_open = builtins.open
+
+    def refuse(file, *args, **kwargs):  # as for a file of another user (root reads everything)
+        if Path(str(file)).name == "generation_config.json":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"cannot read {config_only / 'generation_config.json'} (Permission denied)" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
