@@ -654,13 +654,18 @@ def original_config(src_dir: Path, cfg: ModelConfig, group_size: int) -> dict:
             "llm_config": {**t, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
                            "tie_word_embeddings": cfg.text.tie_word_embeddings},
         }
+        # transformers ≥ 5 keeps rope_theta under rope_parameters; the original layout's readers
+        # (InternVL's own code, lmdeploy, transformers 4) read it at the top and default to 10,000
+        out["llm_config"].setdefault("rope_theta", cfg.text.rope_theta)
         if cfg.system_message is None:
             out["system_message"] = ""  # the -hf template has no system prompt; keep it that way
     out["llm_config"]["quantization_config"] = {
         "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group_size, "zero_point": True,
     }  # fmt: skip
-    out["llm_config"]["torch_dtype"] = "float16"
-    out["torch_dtype"] = "float16"
+    for section in (out["llm_config"], out):  # transformers ≥ 5 names it dtype: one left at bfloat16 would contradict
+        section["torch_dtype"] = "float16"
+        if "dtype" in section:
+            section["dtype"] = "float16"
     return out
 
 
