@@ -17,7 +17,8 @@ clip error goes through per-group Gram matrices X_gᵀX_g (all groups of a weigh
 all rows at the cost of a few), and a linear's own output error too where that is cheaper.
 
 Only one decoder block's activations are alive at a time, next to the model itself. The output is
-written to a hidden folder next to DST and renamed to DST at the end: an interrupted run leaves
+written to a hidden folder next to DST and renamed to DST at the end (inside DST where that is an
+existing empty folder, its files moved up at the end, config.json last): an interrupted run leaves
 nothing behind.
 """
 
@@ -734,9 +735,12 @@ def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], 
 
 
 def staging_folder(dst: Path) -> Path:
-    """Refuse an output folder we cannot use, before any work, and make the hidden folder next to it
-    that the checkpoint is written to (renamed to `dst` when complete)."""
+    """Refuse an output folder we cannot use, before any work, and make the hidden folder that the
+    checkpoint is written to: next to a new `dst` (renamed to it when complete), inside an empty
+    one. Renaming over an existing folder failed at the end of the run where it is a mount point (a
+    fresh disk: the checkpoint had been written to the disk above it) or its parent is not ours."""
     shown = visible(str(dst))
+    where = dst
     try:
         if dst.is_symlink():
             raise UsageError(f"output {shown} is a symlink; give a new folder")
@@ -745,21 +749,38 @@ def staging_folder(dst: Path) -> Path:
                 raise UsageError(f"output {shown} exists and is not a folder; choose a new output folder")
             if any(dst.iterdir()):
                 raise UsageError(f"output {shown} exists and is not empty; choose a new output folder")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+        else:
+            where = dst.parent
+            where.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=where))
     except UsageError:
         raise
     except OSError as e:  # named by the user's paths, never the staging folder's
-        raise UsageError(f"cannot write the output {shown} in {visible(str(dst.parent))} ({e.strerror or e}); "
+        inside = "" if where == dst else f" in {visible(str(where))}"
+        raise UsageError(f"cannot write the output {shown}{inside} ({e.strerror or e}); "
                          "choose a folder you can write to") from None  # fmt: skip
     os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; the checkpoint should not be
     return staging
 
 
 def publish(staging: Path, dst: Path) -> None:
-    """Rename the finished staging folder to `dst` (replacing an empty folder there)."""
+    """Rename the finished staging folder to `dst`, or, staged inside `dst`, move its files there
+    with config.json last (a folder without it is no checkpoint), taking them back out if a move
+    fails or is interrupted."""
+    moved: list[Path] = []
     try:
-        os.rename(staging, dst)
+        if staging.parent != dst:
+            os.rename(staging, dst)
+            return
+        try:
+            for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+                os.rename(entry, dst / entry.name)
+                moved.append(dst / entry.name)
+            os.rmdir(staging)
+        except BaseException:
+            for path in moved:
+                path.unlink(missing_ok=True)
+            raise
     except OSError as e:
         raise UsageError(f"cannot create the output {visible(str(dst))} ({e.strerror or e}); choose a new output folder") from None
 

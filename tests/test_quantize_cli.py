@@ -419,3 +419,54 @@ def test_an_unreadable_source_file_that_is_copied_is_refused_before_loading(conf
     assert code == 2 and len(lines) == 1, lines
     assert f"cannot read {config_only / 'generation_config.json'} (Permission denied)" in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
+
+
+def test_an_empty_output_folder_that_cannot_be_renamed_over_is_filled(tiny_original, tmp_path, monkeypatch):
+    """The checkpoint was written next to the output folder and renamed over it at the end: where
+    the folder is a mount point (a fresh disk) that rename fails (EBUSY), so the whole run was lost,
+    after filling the disk above. An existing empty folder is now filled from inside."""
+    import errno
+    import os
+
+    import internvl_chat.quantize as quantize
+
+    dst = tmp_path / "disk"
+    dst.mkdir()
+    rename = os.rename
+
+    def like_a_mount_point(source, target, *args, **kwargs):
+        if Path(target) == dst:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(target))
+        return rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(quantize.os, "rename", like_a_mount_point)
+    quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk"]
+    assert (dst / "model.safetensors").is_file() and not any(p.name.startswith(".") for p in dst.iterdir())
+    assert load_config(dst).quant is not None
+
+
+@pytest.mark.parametrize("when", ["writing", "moving"])
+def test_ctrl_c_leaves_an_existing_empty_output_folder_empty(tiny_original, tmp_path, monkeypatch, when):
+    import os
+
+    import internvl_chat.quantize as quantize
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    progress = Progress()
+    if when == "writing":
+        progress = InterruptWhile("writing")
+    else:  # after the first file is moved into the folder
+        rename, calls = os.rename, []
+
+        def interrupted(source, target, *args, **kwargs):
+            calls.append(target)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return rename(source, target, *args, **kwargs)
+
+        monkeypatch.setattr(quantize.os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu", progress=progress)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and list(dst.iterdir()) == []
