@@ -587,19 +587,54 @@ def quantize_model(
 _FILE_NAMES = {".qkv_proj.": ".{q,k,v}_proj.", ".gate_up_proj.": ".{gate,up}_proj."}  # the engine fuses them
 
 
-def check_finite(loaded: LoadedModel) -> None:
-    """Refuse a source whose weights hold NaN or inf: quantizing it wrote a NaN scale (and garbage
-    4-bit values) without a word, and the output then failed in chat, blamed on itself. Checked in
-    slices, so no mask the size of the embeddings is made."""
+def _file_name(name: str) -> str:
+    for fused, pieces in _FILE_NAMES.items():  # the names the weight file uses
+        name = name.replace(fused, pieces)
+    return name
+
+
+def _is_quantized(name: str) -> bool:
+    return name.startswith("language_model.model.layers.") and name.endswith("_proj.weight")
+
+
+FP16_OVERFLOW = 65520.0  # magnitudes from here up round to inf in float16 (its largest value is 65,504)
+
+
+def check_source_values(loaded: LoadedModel) -> None:
+    """Refuse a source whose weights hold NaN or inf (quantizing it wrote a NaN scale and garbage
+    4-bit values without a word), or whose tensors that stay 16-bit exceed float16's range, the type
+    the AWQ layout stores them in (bf16 reaches 3e38: they were written as inf). Either way the output
+    then failed in chat, with advice to re-download it. One pass in slices, so no copy the size of
+    the embeddings is made."""
     with torch.inference_mode():
         for name, tensor in loaded.model.named_parameters():
-            if tensor.is_floating_point() and not all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(1 << 24)):
-                for fused, pieces in _FILE_NAMES.items():  # the names the weight file uses
-                    name = name.replace(fused, pieces)
+            if not tensor.is_floating_point():
+                continue
+            largest = 0.0
+            for part in tensor.reshape(-1).split(1 << 24):
+                part_largest = float(part.abs().amax())
+                if not math.isfinite(part_largest):  # amax passes a NaN on (max() would not)
+                    raise CheckpointError(
+                        f"the source checkpoint's tensor {visible(_file_name(name))} holds NaN or inf values: its weight file "
+                        "is damaged; download it again before quantizing"
+                    )
+                largest = max(largest, part_largest)
+            if largest >= FP16_OVERFLOW and not _is_quantized(name):
                 raise CheckpointError(
-                    f"the source checkpoint's tensor {visible(name)} holds NaN or inf values: its weight file is damaged; "
-                    "download it again before quantizing"
+                    f"the source checkpoint's tensor {visible(_file_name(name))} holds values beyond float16's range "
+                    "(±65,504), the type the AWQ layout stores it in; keep this model in 16 bits"
                 )
+
+
+def check_written_range(tensors: dict[str, torch.Tensor], method: str) -> None:
+    """The last word before writing: no float16 tensor of the output overflowed (a group's scale of
+    a huge weight, a norm that AWQ's scales pushed past 65,504)."""
+    for name, tensor in tensors.items():
+        if tensor.dtype == torch.float16 and not bool(torch.isfinite(tensor).all()):
+            advice = "try --method rtn, which does not rescale the weights" if method == "awq" else "keep this model in 16 bits"
+            raise CheckpointError(
+                f"the quantized tensor {visible(name)} exceeds float16's range (±65,504), the type the AWQ layout stores it in; {advice}"
+            )
 
 
 # ---- writing the checkpoint -------------------------------------------------------------------
@@ -615,8 +650,8 @@ def float_tensors(loaded: LoadedModel) -> dict[str, torch.Tensor]:
             prefix = name.removesuffix("self_attn.qkv_proj.bias")
             for part, start, end in parts:
                 out[f"{prefix}{part}.bias"] = tensor.data[start:end]
-        elif name.startswith("language_model.model.layers.") and name.endswith("_proj.weight"):
-            continue  # quantized
+        elif _is_quantized(name):
+            continue
         elif name == "language_model.lm_head.weight" and cfg.text.tie_word_embeddings:
             continue
         else:
@@ -851,7 +886,7 @@ def quantize_checkpoint(
             # a calibration sample is at most ~1.3k tokens; the cache may not exceed the model's positions
             context = min(4096, cfg.text.max_position_embeddings)
             loaded = load_model(src, device=device, dtype="auto", max_context=context, cuda_graphs=False)
-            check_finite(loaded)
+            check_source_values(loaded)
             step()
         data: list[Sample] = []
         if method == "awq":
@@ -860,6 +895,7 @@ def quantize_checkpoint(
                 data = calibration_samples(builder, loaded.tokenizer, samples, seed, calib, step=step)
         packed = quantize_model(loaded, data, method, group_size, clip, progress)
         tensors = {**float_tensors(loaded), **packed}
+        check_written_range(tensors, method)
         with progress.phase("writing", len(checkpoint_files(tensors)) + 1, "files") as step:
             try:
                 write_checkpoint(staging, original_config(src, loaded.config, group_size), tensors, src, step)

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 from internvl_chat import cli
@@ -470,3 +471,41 @@ def test_ctrl_c_leaves_an_existing_empty_output_folder_empty(tiny_original, tmp_
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu", progress=progress)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and list(dst.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, value, shown", [
+    ("language_model.model.layers.1.post_attention_layernorm.weight", 1e5,
+     "the source checkpoint's tensor language_model.model.layers.1.post_attention_layernorm.weight holds values beyond float16's range"),
+    ("vision_model.encoder.layers.0.norm1.weight", -2e5, "tensor vision_model.encoder.layers.0.norm1.weight holds values beyond"),
+    ("language_model.model.layers.0.mlp.down_proj.weight", 1e6,  # a group's range / 15 overflows its scale
+     "the quantized tensor language_model.model.layers.0.mlp.down_proj.scales exceeds float16's range"),
+])  # fmt: skip
+def test_values_beyond_float16_are_refused_not_written_as_inf(tiny_original, tmp_path, monkeypatch, capsys, name, value, shown):
+    """bf16 holds values up to 3e38, the AWQ layout's float16 only to 65,504: such a tensor was
+    written as inf without a word, and the output then failed in chat with advice to re-download it."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_original, src)
+    state = load_file(src / "model.safetensors")
+    assert state[name].dtype == torch.bfloat16
+    state[name].view(-1)[3] = value  # one value
+    save_file(state, src / "model.safetensors")
+    code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
+    assert code == 2 and shown in lines[-1] and "±65,504" in lines[-1] and "keep this model in 16 bits" in lines[-1], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_nan_past_the_first_slice_of_a_large_tensor_is_found():
+    """The source check reads tensors in slices of 2**24 values; a NaN in a later one must not be
+    lost in taking the largest magnitude over the slices."""
+    from types import SimpleNamespace
+
+    from internvl_chat.errors import CheckpointError
+    from internvl_chat.quantize import check_source_values
+
+    model = torch.nn.Module()
+    model.embed = torch.nn.Parameter(torch.zeros((1 << 24) + 8, dtype=torch.bfloat16), requires_grad=False)
+    model.embed.data[-1] = float("nan")
+    with pytest.raises(CheckpointError, match="holds NaN or inf values"):
+        check_source_values(SimpleNamespace(model=model))
