@@ -807,6 +807,8 @@ def publish(staging: Path, dst: Path) -> None:
         if staging.parent != dst:
             os.rename(staging, dst)
             return
+        if [p.name for p in dst.iterdir()] != [staging.name]:  # a move would replace (and mix with) what is there now
+            raise UsageError(f"output {visible(str(dst))} is no longer empty (another run writing to it?); choose a new output folder")
         try:
             for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
                 os.rename(entry, dst / entry.name)

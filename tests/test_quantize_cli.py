@@ -509,3 +509,20 @@ def test_a_nan_past_the_first_slice_of_a_large_tensor_is_found():
     model.embed.data[-1] = float("nan")
     with pytest.raises(CheckpointError, match="holds NaN or inf values"):
         check_source_values(SimpleNamespace(model=model))
+
+
+def test_an_output_folder_filled_by_someone_else_meanwhile_is_left_as_it_is(tiny_original, tmp_path):
+    """Staged inside an existing empty folder, the files are moved up at the end; a move replaces a
+    file of the same name, so a second run into the same folder would have mixed the two
+    checkpoints (one's shards and index, the other's config)."""
+    dst = tmp_path / "out"
+    dst.mkdir()
+
+    class Intruder(Progress):
+        def begin(self, name, total, unit):
+            if name == "writing":
+                (dst / "config.json").write_text("theirs")
+
+    with pytest.raises(UsageError, match="is no longer empty"):
+        quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu", progress=Intruder())
+    assert [p.name for p in dst.iterdir()] == ["config.json"] and (dst / "config.json").read_text() == "theirs"
