@@ -782,7 +782,12 @@ def staging_folder(dst: Path) -> Path:
         if dst.exists():
             if not dst.is_dir():
                 raise UsageError(f"output {shown} exists and is not a folder; choose a new output folder")
-            if any(dst.iterdir()):
+            entries = sorted(p.name for p in dst.iterdir())
+            if entries and all(name.startswith(f".{dst.name}.") and name.endswith(".partial") for name in entries):
+                # a run killed outright (SIGKILL, out of memory) leaves its hidden staging folder; `ls` shows nothing
+                raise UsageError(f"output {shown} holds only {visible(entries[0])}, left by a quantize run that was killed "
+                                 "(or is still running); delete it, or choose a new output folder")  # fmt: skip
+            if entries:
                 raise UsageError(f"output {shown} exists and is not empty; choose a new output folder")
         else:
             where = dst.parent

@@ -526,3 +526,14 @@ def test_an_output_folder_filled_by_someone_else_meanwhile_is_left_as_it_is(tiny
     with pytest.raises(UsageError, match="is no longer empty"):
         quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu", progress=Intruder())
     assert [p.name for p in dst.iterdir()] == ["config.json"] and (dst / "config.json").read_text() == "theirs"
+
+
+def test_an_output_folder_holding_a_killed_run_s_staging_folder_says_so(config_only, tmp_path, monkeypatch, capsys):
+    """A run killed outright (SIGKILL, the out-of-memory killer) leaves its hidden staging folder
+    inside an existing output folder: 'exists and is not empty' of a folder `ls` shows empty."""
+    dst = tmp_path / "out"
+    (dst / ".out.k2j4x1.partial").mkdir(parents=True)
+    code, lines = run_cli(monkeypatch, capsys, config_only, dst)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"output {dst} holds only .out.k2j4x1.partial, left by a quantize run that was killed" in lines[0], lines
+    assert [p.name for p in dst.iterdir()] == [".out.k2j4x1.partial"]
