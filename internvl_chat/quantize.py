@@ -816,8 +816,8 @@ def publish(staging: Path, dst: Path) -> None:
             raise UsageError(f"output {visible(str(dst))} is no longer empty (another run writing to it?); choose a new output folder")
         try:
             for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+                moved.append(dst / entry.name)  # before the move: an interrupt right after it must not leave it
                 os.rename(entry, dst / entry.name)
-                moved.append(dst / entry.name)
             os.rmdir(staging)
         except BaseException:
             for path in moved:
