@@ -54,7 +54,7 @@ from .engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, load_config, read_co
 from .engine.language import Attention, DecoderLayer, Qwen2ForCausalLM
 from .engine.loader import LoadedModel, load_model, resolve_device
 from .errors import CheckpointError, OneLineParser, UsageError
-from .files import MiB, current_umask, expand_home, read_bytes_file, visible
+from .files import MiB, current_umask, expand_home, read_bytes_file, sniff_binary, visible
 from .media.image import load_image, normalize_tiles
 from .quant.awq_format import SCALE_MIN, dequantize_awq, quantize_rtn
 
@@ -273,8 +273,7 @@ CALIB_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def calibration_files(calib_dir: Path) -> tuple[list[Path], list[str]]:
-    """The images of a --calib folder and the texts of its .txt files (each a regular file, at most
-    1 MiB, undecodable bytes replaced; 2,000 characters of each are used)."""
+    """The images of a --calib folder and the texts of its .txt files (`calibration_text`)."""
     shown = visible(str(calib_dir))
     if not calib_dir.is_dir():
         raise UsageError(f"--calib {shown} is not a folder; give a folder of images and .txt files")
@@ -283,11 +282,22 @@ def calibration_files(calib_dir: Path) -> tuple[list[Path], list[str]]:
     except OSError as e:
         raise UsageError(f"cannot list --calib {shown} ({e.strerror or e}); check its permissions") from None
     images = [p for p in entries if p.suffix.lower() in CALIB_IMAGE_SUFFIXES and p.is_file()]
-    texts = [read_bytes_file(p, "calibration text", limit=MiB).decode("utf-8", errors="replace")[:2000]
-             for p in entries if p.suffix.lower() == ".txt"]  # fmt: skip
+    texts = [calibration_text(p) for p in entries if p.suffix.lower() == ".txt"]
     if not images and not texts:
         raise UsageError(f"--calib {shown} has no images ({', '.join(CALIB_IMAGE_SUFFIXES)}) or .txt files")
     return images, texts
+
+
+def calibration_text(path: Path) -> str:
+    """The first 2,000 characters of a --calib .txt file (a regular file of at most 1 MiB),
+    undecodable bytes replaced; one that holds binary data (an image or archive named .txt) is
+    refused: it was tokenized as calibration text without a word, skewing the statistics the
+    scales are searched on."""
+    data = read_bytes_file(path, "calibration text", limit=MiB)
+    kind = sniff_binary(data)
+    if kind is not None:
+        raise UsageError(f"calibration text {visible(str(path))} holds {kind}, not text; take it out of the --calib folder")
+    return data.decode("utf-8", errors="replace")[:2000]
 
 
 # ---- running one block ----------------------------------------------------------------------

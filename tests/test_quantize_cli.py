@@ -537,3 +537,21 @@ def test_an_output_folder_holding_a_killed_run_s_staging_folder_says_so(config_o
     assert code == 2 and len(lines) == 1, lines
     assert f"output {dst} holds only .out.k2j4x1.partial, left by a quantize run that was killed" in lines[0], lines
     assert [p.name for p in dst.iterdir()] == [".out.k2j4x1.partial"]
+
+
+@pytest.mark.parametrize("data, kind", [(b"\x89PNG\r\n\x1a\n" + bytes(64), "a PNG image"), (b"text\x00\x01\x02 more", "binary data")])
+def test_a_calibration_text_that_holds_binary_data_is_refused(config_only, tmp_path, monkeypatch, capsys, data, kind):
+    """An image or archive named .txt was tokenized as calibration text without a word."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "notes.txt").write_bytes(data)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--calib", calib)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"calibration text {calib / 'notes.txt'} holds {kind}, not text; take it out of the --calib folder" in lines[0], lines
+
+
+def test_a_non_utf8_calibration_text_is_used_with_its_bad_bytes_replaced(tmp_path):
+    from internvl_chat.quantize import calibration_files
+
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9 cr\xe8me")
+    assert calibration_files(tmp_path) == ([], ["caf\ufffd cr\ufffdme"])
