@@ -779,6 +779,16 @@ def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], 
 # ---- the command --------------------------------------------------------------------------------
 
 
+def _staging_prefix(dst: Path) -> str:
+    """The staging folder's name up to its random part: `dst`'s name, cut to 100 bytes. Whole, a
+    valid name of 238 bytes or more made one over the file system's 255, and the output was
+    refused as 'File name too long'."""
+    name = dst.name
+    while len(os.fsencode(name)) > 100:
+        name = name[:-1]
+    return f".{name}."
+
+
 def staging_folder(dst: Path) -> Path:
     """Refuse an output folder we cannot use, before any work, and make the hidden folder that the
     checkpoint is written to: next to a new `dst` (renamed to it when complete), inside an empty
@@ -793,7 +803,7 @@ def staging_folder(dst: Path) -> Path:
             if not dst.is_dir():
                 raise UsageError(f"output {shown} exists and is not a folder; choose a new output folder")
             entries = sorted(p.name for p in dst.iterdir())
-            if entries and all(name.startswith(f".{dst.name}.") and name.endswith(".partial") for name in entries):
+            if entries and all(name.startswith(_staging_prefix(dst)) and name.endswith(".partial") for name in entries):
                 # a run killed outright (SIGKILL, out of memory) leaves its hidden staging folder; `ls` shows nothing
                 raise UsageError(f"output {shown} holds only {visible(entries[0])}, left by a quantize run that was killed "
                                  "(or is still running); delete it, or choose a new output folder")  # fmt: skip
@@ -802,7 +812,7 @@ def staging_folder(dst: Path) -> Path:
         else:
             where = dst.parent
             where.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=where))
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(dst), suffix=".partial", dir=where))
     except UsageError:
         raise
     except OSError as e:  # named by the user's paths, never the staging folder's

@@ -555,3 +555,14 @@ def test_a_non_utf8_calibration_text_is_used_with_its_bad_bytes_replaced(tmp_pat
 
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9 cr\xe8me")
     assert calibration_files(tmp_path) == ([], ["caf\ufffd cr\ufffdme"])
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_an_output_name_near_the_file_system_s_limit_is_taken(tiny_original, tmp_path, exists):
+    """The hidden staging folder's name is the output's plus 18 characters: a valid name of 238
+    bytes or more made it too long, refused as 'File name too long; choose a folder you can write to'."""
+    dst = tmp_path / ("é" * 120 + "w4")  # 242 bytes
+    if exists:
+        dst.mkdir()
+    quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
+    assert [p.name for p in tmp_path.iterdir()] == [dst.name] and (dst / "config.json").is_file()
