@@ -751,8 +751,9 @@ def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
         save_file(tensors, path, metadata={"format": "pt"})
     except SafetensorError as e:
         found = re.search(r"os error (\d+)", str(e))
-        code = int(found.group(1)) if found else errno.EIO
-        raise OSError(code, os.strerror(code), str(path)) from None
+        if found is None:  # not the disk's doing: a bug of ours, which a message about the disk would hide
+            raise
+        raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(path)) from None
     # the library makes the file private (0600) whatever the umask: the rest of the checkpoint was
     # readable by others and the weights not, so a server run as another user could not load it
     os.chmod(path, 0o666 & ~current_umask())
