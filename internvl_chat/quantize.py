@@ -884,7 +884,14 @@ def quantize_checkpoint(
         raise UsageError(f"the source {visible(str(src))} is not a folder; give a 16-bit checkpoint folder")
     if not os.path.lexists(src / "config.json"):  # the loader's own words advise --model, the chat's flag
         raise UsageError(f"the source {visible(str(src))} has no config.json; give a downloaded 16-bit InternVL3 checkpoint folder")
-    cfg = load_config(src)
+    try:
+        cfg = load_config(src)
+    except CheckpointError:
+        declared = _declared_quantization(src)
+        if declared is None:
+            raise
+        # the loader's words ("… not supported; internvl-chat loads AWQ 4-bit checkpoints") are for chatting
+        raise UsageError(f"the source checkpoint is already quantized ({visible(declared)}); quantize a 16-bit checkpoint") from None
     if cfg.quant is not None or _weights_kind(src) == "tinychat":
         raise UsageError("the source checkpoint is already quantized; quantize a 16-bit checkpoint")
     check_copied_files(src)
@@ -935,6 +942,21 @@ def quantize_checkpoint(
         _remove_empty(new_parents)
         raise
     return dst
+
+
+def _declared_quantization(src: Path) -> str | None:
+    """The quant_method (or bits) of a quantization_config where either layout keeps one: a GPTQ,
+    FP8 or 8-bit AWQ source is refused by the loader in words meant for chatting with it."""
+    try:
+        raw = read_config_json(src)
+    except CheckpointError:
+        return None
+    for section in (raw, raw.get("llm_config"), raw.get("text_config")):
+        quant = section.get("quantization_config") if isinstance(section, dict) else None
+        if isinstance(quant, dict) and quant:
+            method = quant.get("quant_method")
+            return str(method) if method else "quantization_config"
+    return None
 
 
 def _weights_kind(src: Path) -> str | None:

@@ -566,3 +566,19 @@ def test_an_output_name_near_the_file_system_s_limit_is_taken(tiny_original, tmp
         dst.mkdir()
     quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
     assert [p.name for p in tmp_path.iterdir()] == [dst.name] and (dst / "config.json").is_file()
+
+
+@pytest.mark.parametrize("quant, shown", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "(gptq)"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "(fp8)"),
+    ({"quant_method": "awq", "bits": 8, "group_size": 128}, "(awq)"),
+])  # fmt: skip
+def test_a_source_quantized_another_way_is_already_quantized(config_only, tmp_path, monkeypatch, capsys, quant, shown):
+    """The loader's refusal ('quantization method 'gptq' is not supported; internvl-chat loads AWQ
+    4-bit checkpoints') spoke of chatting with the model, not of quantizing it."""
+    raw = json.loads((config_only / "config.json").read_text())
+    raw["llm_config"]["quantization_config"] = quant
+    (config_only / "config.json").write_text(json.dumps(raw))
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"the source checkpoint is already quantized {shown}; quantize a 16-bit checkpoint" in lines[0], lines
