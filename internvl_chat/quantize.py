@@ -705,6 +705,9 @@ def original_config(src_dir: Path, cfg: ModelConfig, group_size: int) -> dict:
         out["llm_config"].setdefault("rope_theta", cfg.text.rope_theta)
         if cfg.system_message is None:
             out["system_message"] = ""  # the -hf template has no system prompt; keep it that way
+    # one the source carried empty (or null) at the top would be read there first by tools that
+    # look for it there; the published layout keeps it under llm_config only (SPEC §2)
+    out.pop("quantization_config", None)
     out["llm_config"]["quantization_config"] = {
         "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group_size, "zero_point": True,
     }  # fmt: skip

@@ -195,6 +195,20 @@ def test_an_hf_source_is_written_as_the_original_layout_other_tools_read(tiny_hf
     assert "dtype" not in config or config["dtype"] == "float16"
 
 
+@pytest.mark.parametrize("empty", [{}, None])
+def test_an_empty_top_level_quantization_config_of_the_source_is_not_carried_over(tiny_original, tmp_path, empty):
+    """The published layout keeps quantization_config under llm_config only; an empty (or null) one
+    the source had at the top was copied along, where tools that look there first read it."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_original, src)
+    raw = json.loads((src / "config.json").read_text())
+    raw["quantization_config"] = empty
+    (src / "config.json").write_text(json.dumps(raw))
+    quantize_checkpoint(src, tmp_path / "out", "rtn", group_size=GROUP, device="cpu")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config and config["llm_config"]["quantization_config"]["quant_method"] == "awq"
+
+
 def _edit_config(folder: Path, edit) -> None:
     raw = json.loads((folder / "config.json").read_text())
     edit(raw["llm_config"]["quantization_config"])
