@@ -308,7 +308,7 @@ def test_a_weight_file_the_disk_cannot_hold_is_one_line_and_leaves_nothing(tiny_
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # the weights are ~0.5 MiB; Python ignores SIGXFSZ
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))  # the weights are ~0.5 MiB; Python ignores SIGXFSZ
     try:
         code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--method", "rtn", "--device", "cpu",
                               "--group-size", "32")  # fmt: skip
