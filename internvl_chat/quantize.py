@@ -36,6 +36,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -941,10 +942,26 @@ def quantize_checkpoint(
                 raise _write_error(e, src, dst) from None
             publish(staging, dst)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        _remove_empty(new_parents)
+        with _no_second_interrupt():
+            shutil.rmtree(staging, ignore_errors=True)
+            _remove_empty(new_parents)
         raise
     return dst
+
+
+@contextmanager
+def _no_second_interrupt() -> Iterator[None]:
+    """Ctrl-C ignored while a failed or interrupted run cleans up: pressed again (people do), it cut
+    the removal of the staging folder short and left part of it, a checkpoint's size, behind.
+    (SIGTERM and SIGHUP are ignored by `_end_on_signal` once one arrived.)"""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _declared_quantization(src: Path) -> str | None:

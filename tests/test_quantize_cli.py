@@ -582,3 +582,25 @@ def test_a_source_quantized_another_way_is_already_quantized(config_only, tmp_pa
     code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out")
     assert code == 2 and len(lines) == 1, lines
     assert f"the source checkpoint is already quantized {shown}; quantize a 16-bit checkpoint" in lines[0], lines
+
+
+def test_a_second_ctrl_c_does_not_cut_the_clean_up_short(tiny_original, tmp_path, monkeypatch):
+    """Ctrl-C pressed again while the interrupted run removed its staging folder stopped the removal
+    and left part of it (a checkpoint's size) behind."""
+    import os
+    import signal
+
+    import internvl_chat.quantize as quantize
+
+    remove = shutil.rmtree
+
+    def pressed_again(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # handled (or ignored) before the next line runs
+        return remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(quantize.shutil, "rmtree", pressed_again)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=InterruptWhile("writing"))
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is handler
