@@ -17,7 +17,8 @@ clip error goes through per-group Gram matrices X_gᵀX_g (all groups of a weigh
 all rows at the cost of a few), and a linear's own output error too where that is cheaper.
 
 Only one decoder block's activations are alive at a time, next to the model itself. The output is
-written to a hidden folder next to DST and renamed to DST at the end: an interrupted run leaves
+written to a hidden folder next to DST and renamed to DST at the end (inside DST where that is an
+existing empty folder, its files moved up at the end, config.json last): an interrupted run leaves
 nothing behind.
 """
 
@@ -30,10 +31,12 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,14 +46,16 @@ from typing import TextIO
 
 import torch
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .chat.template import MediaSpec, PromptBuilder
+from .engine.checkpoint import find_weight_files
 from .engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, load_config, read_config_json
 from .engine.language import Attention, DecoderLayer, Qwen2ForCausalLM
 from .engine.loader import LoadedModel, load_model, resolve_device
 from .errors import CheckpointError, OneLineParser, UsageError
-from .files import MiB, current_umask, expand_home, read_bytes_file, visible
+from .files import MiB, current_umask, expand_home, read_bytes_file, sniff_binary, visible
 from .media.image import load_image, normalize_tiles
 from .quant.awq_format import SCALE_MIN, dequantize_awq, quantize_rtn
 
@@ -216,27 +221,44 @@ class Sample:
     pixel_values: torch.Tensor | None  # tiles for the <image> run in ids
 
 
+@dataclass
+class Calibration:
+    """What a --calib folder gives: the tiles of the images the samples use, and its texts."""
+
+    tiles: list[torch.Tensor]
+    texts: list[str]
+
+
+def calibration_tiles(images: Sequence[Path], max_tiles: int = 2, step: Step = _no_step) -> list[torch.Tensor]:
+    """The images decoded and tiled; done before the model loads: a damaged or unreadable image
+    stopped the run only once the model was loaded (minutes for a large one)."""
+    tiles = []
+    for path in images:
+        tiles.append(load_image(path, max_tiles=max_tiles).pixel_values)
+        step()
+    return tiles
+
+
 def calibration_samples(
     builder: PromptBuilder,
     tokenizer,
     count: int,
     seed: int = 0,
-    calib_dir: Path | None = None,
-    max_tiles: int = 2,
+    calib: Calibration | None = None,
     step: Step = _no_step,
 ) -> list[Sample]:
-    """`count` prompts + answers, half of them with an image (built-in, or from `calib_dir`)."""
+    """`count` prompts + answers, half of them with an image (built-in, or from `calib`)."""
     rng = random.Random(seed)
     texts, images = list(CALIBRATION_TEXT), []
-    if calib_dir is not None:
-        images, extra = calibration_files(calib_dir)
-        texts += extra
+    if calib is not None:
+        images = calib.tiles
+        texts += calib.texts
     samples = []
     for i in range(count):
         answer = tokenizer.encode(rng.choice(texts))[:MAX_ANSWER_TOKENS]
         if i % 2 == 0:
             if images:
-                tiles = load_image(images[(i // 2) % len(images)], max_tiles=max_tiles).pixel_values
+                tiles = images[(i // 2) % len(images)]
             else:
                 tiles = normalize_tiles([synthetic_image(rng)])
             ids = builder.first_turn(rng.choice(QUESTIONS), [MediaSpec("image", tiles.shape[0])]) + answer
@@ -252,8 +274,7 @@ CALIB_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def calibration_files(calib_dir: Path) -> tuple[list[Path], list[str]]:
-    """The images of a --calib folder and the texts of its .txt files (each a regular file, at most
-    1 MiB, undecodable bytes replaced; 2,000 characters of each are used)."""
+    """The images of a --calib folder and the texts of its .txt files (`calibration_text`)."""
     shown = visible(str(calib_dir))
     if not calib_dir.is_dir():
         raise UsageError(f"--calib {shown} is not a folder; give a folder of images and .txt files")
@@ -262,11 +283,22 @@ def calibration_files(calib_dir: Path) -> tuple[list[Path], list[str]]:
     except OSError as e:
         raise UsageError(f"cannot list --calib {shown} ({e.strerror or e}); check its permissions") from None
     images = [p for p in entries if p.suffix.lower() in CALIB_IMAGE_SUFFIXES and p.is_file()]
-    texts = [read_bytes_file(p, "calibration text", limit=MiB).decode("utf-8", errors="replace")[:2000]
-             for p in entries if p.suffix.lower() == ".txt"]  # fmt: skip
+    texts = [calibration_text(p) for p in entries if p.suffix.lower() == ".txt"]
     if not images and not texts:
         raise UsageError(f"--calib {shown} has no images ({', '.join(CALIB_IMAGE_SUFFIXES)}) or .txt files")
     return images, texts
+
+
+def calibration_text(path: Path) -> str:
+    """The first 2,000 characters of a --calib .txt file (a regular file of at most 1 MiB),
+    undecodable bytes replaced; one that holds binary data (an image or archive named .txt) is
+    refused: it was tokenized as calibration text without a word, skewing the statistics the
+    scales are searched on."""
+    data = read_bytes_file(path, "calibration text", limit=MiB)
+    kind = sniff_binary(data)
+    if kind is not None:
+        raise UsageError(f"calibration text {visible(str(path))} holds {kind}, not text; take it out of the --calib folder")
+    return data.decode("utf-8", errors="replace")[:2000]
 
 
 # ---- running one block ----------------------------------------------------------------------
@@ -566,19 +598,54 @@ def quantize_model(
 _FILE_NAMES = {".qkv_proj.": ".{q,k,v}_proj.", ".gate_up_proj.": ".{gate,up}_proj."}  # the engine fuses them
 
 
-def check_finite(loaded: LoadedModel) -> None:
-    """Refuse a source whose weights hold NaN or inf: quantizing it wrote a NaN scale (and garbage
-    4-bit values) without a word, and the output then failed in chat, blamed on itself. Checked in
-    slices, so no mask the size of the embeddings is made."""
+def _file_name(name: str) -> str:
+    for fused, pieces in _FILE_NAMES.items():  # the names the weight file uses
+        name = name.replace(fused, pieces)
+    return name
+
+
+def _is_quantized(name: str) -> bool:
+    return name.startswith("language_model.model.layers.") and name.endswith("_proj.weight")
+
+
+FP16_OVERFLOW = 65520.0  # magnitudes from here up round to inf in float16 (its largest value is 65,504)
+
+
+def check_source_values(loaded: LoadedModel) -> None:
+    """Refuse a source whose weights hold NaN or inf (quantizing it wrote a NaN scale and garbage
+    4-bit values without a word), or whose tensors that stay 16-bit exceed float16's range, the type
+    the AWQ layout stores them in (bf16 reaches 3e38: they were written as inf). Either way the output
+    then failed in chat, with advice to re-download it. One pass in slices, so no copy the size of
+    the embeddings is made."""
     with torch.inference_mode():
         for name, tensor in loaded.model.named_parameters():
-            if tensor.is_floating_point() and not all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(1 << 24)):
-                for fused, pieces in _FILE_NAMES.items():  # the names the weight file uses
-                    name = name.replace(fused, pieces)
+            if not tensor.is_floating_point():
+                continue
+            largest = 0.0
+            for part in tensor.reshape(-1).split(1 << 24):
+                part_largest = float(part.abs().amax())
+                if not math.isfinite(part_largest):  # amax passes a NaN on (max() would not)
+                    raise CheckpointError(
+                        f"the source checkpoint's tensor {visible(_file_name(name))} holds NaN or inf values: its weight file "
+                        "is damaged; download it again before quantizing"
+                    )
+                largest = max(largest, part_largest)
+            if largest >= FP16_OVERFLOW and not _is_quantized(name):
                 raise CheckpointError(
-                    f"the source checkpoint's tensor {visible(name)} holds NaN or inf values: its weight file is damaged; "
-                    "download it again before quantizing"
+                    f"the source checkpoint's tensor {visible(_file_name(name))} holds values beyond float16's range "
+                    "(±65,504), the type the AWQ layout stores it in; keep this model in 16 bits"
                 )
+
+
+def check_written_range(tensors: dict[str, torch.Tensor], method: str) -> None:
+    """The last word before writing: no float16 tensor of the output overflowed (a group's scale of
+    a huge weight, a norm that AWQ's scales pushed past 65,504)."""
+    for name, tensor in tensors.items():
+        if tensor.dtype == torch.float16 and not all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(1 << 24)):
+            advice = "try --method rtn, which does not rescale the weights" if method == "awq" else "keep this model in 16 bits"
+            raise CheckpointError(
+                f"the quantized tensor {visible(name)} exceeds float16's range (±65,504), the type the AWQ layout stores it in; {advice}"
+            )
 
 
 # ---- writing the checkpoint -------------------------------------------------------------------
@@ -594,8 +661,8 @@ def float_tensors(loaded: LoadedModel) -> dict[str, torch.Tensor]:
             prefix = name.removesuffix("self_attn.qkv_proj.bias")
             for part, start, end in parts:
                 out[f"{prefix}{part}.bias"] = tensor.data[start:end]
-        elif name.startswith("language_model.model.layers.") and name.endswith("_proj.weight"):
-            continue  # quantized
+        elif _is_quantized(name):
+            continue
         elif name == "language_model.lm_head.weight" and cfg.text.tie_word_embeddings:
             continue
         else:
@@ -634,13 +701,21 @@ def original_config(src_dir: Path, cfg: ModelConfig, group_size: int) -> dict:
             "llm_config": {**t, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
                            "tie_word_embeddings": cfg.text.tie_word_embeddings},
         }
+        # transformers ≥ 5 keeps rope_theta under rope_parameters; the original layout's readers
+        # (InternVL's own code, lmdeploy, transformers 4) read it at the top and default to 10,000
+        out["llm_config"].setdefault("rope_theta", cfg.text.rope_theta)
         if cfg.system_message is None:
             out["system_message"] = ""  # the -hf template has no system prompt; keep it that way
+    # one the source carried empty (or null) at the top would be read there first by tools that
+    # look for it there; the published layout keeps it under llm_config only (SPEC §2)
+    out.pop("quantization_config", None)
     out["llm_config"]["quantization_config"] = {
         "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group_size, "zero_point": True,
     }  # fmt: skip
-    out["llm_config"]["torch_dtype"] = "float16"
-    out["torch_dtype"] = "float16"
+    for section in (out["llm_config"], out):  # transformers ≥ 5 names it dtype: one left at bfloat16 would contradict
+        section["torch_dtype"] = "float16"
+        if "dtype" in section:
+            section["dtype"] = "float16"
     return out
 
 
@@ -672,12 +747,28 @@ def config_text(config: dict) -> str:
     return text
 
 
+def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file with the umask's permissions, its I/O failures as the OSError they are: safetensors
+    raises its own SafetensorError ("… No space left on device (os error 28)"), which escaped the
+    one-line write error (`_write_error`) as a traceback on a full disk."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:
+        found = re.search(r"os error (\d+)", str(e))
+        if found is None:  # not the disk's doing: a bug of ours, which a message about the disk would hide
+            raise
+        raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(path)) from None
+    # the library makes the file private (0600) whatever the umask: the rest of the checkpoint was
+    # readable by others and the weights not, so a server run as another user could not load it
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], src_dir: Path, step: Step = _no_step) -> None:
     """The weight file(s), config.json and the tokenizer files into `dst`; `step()` after each file."""
     dst.mkdir(parents=True, exist_ok=True)
     files = checkpoint_files(tensors)
     for file, names in files:
-        save_file({n: tensors[n] for n in names}, dst / file, metadata={"format": "pt"})
+        _save_weights({n: tensors[n] for n in names}, dst / file)
         step()
     if len(files) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -693,33 +784,70 @@ def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], 
 # ---- the command --------------------------------------------------------------------------------
 
 
+def _staging_prefix(dst: Path) -> str:
+    """The staging folder's name up to its random part: `dst`'s name, cut to 100 bytes. Whole, a
+    valid name of 238 bytes or more made one over the file system's 255, and the output was
+    refused as 'File name too long'."""
+    name = dst.name
+    while len(os.fsencode(name)) > 100:
+        name = name[:-1]
+    return f".{name}."
+
+
 def staging_folder(dst: Path) -> Path:
-    """Refuse an output folder we cannot use, before any work, and make the hidden folder next to it
-    that the checkpoint is written to (renamed to `dst` when complete)."""
+    """Refuse an output folder we cannot use, before any work, and make the hidden folder that the
+    checkpoint is written to: next to a new `dst` (renamed to it when complete), inside an empty
+    one. Renaming over an existing folder failed at the end of the run where it is a mount point (a
+    fresh disk: the checkpoint had been written to the disk above it) or its parent is not ours."""
     shown = visible(str(dst))
+    where = dst
     try:
         if dst.is_symlink():
             raise UsageError(f"output {shown} is a symlink; give a new folder")
         if dst.exists():
             if not dst.is_dir():
                 raise UsageError(f"output {shown} exists and is not a folder; choose a new output folder")
-            if any(dst.iterdir()):
+            entries = sorted(p.name for p in dst.iterdir())
+            if entries and all(name.startswith(_staging_prefix(dst)) and name.endswith(".partial") for name in entries):
+                # a run killed outright (SIGKILL, out of memory) leaves its hidden staging folder; `ls` shows nothing
+                raise UsageError(f"output {shown} holds only {visible(entries[0])}, left by a quantize run that was killed "
+                                 "(or is still running); delete it, or choose a new output folder")  # fmt: skip
+            if entries:
                 raise UsageError(f"output {shown} exists and is not empty; choose a new output folder")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+        else:
+            where = dst.parent
+            where.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(dst), suffix=".partial", dir=where))
     except UsageError:
         raise
     except OSError as e:  # named by the user's paths, never the staging folder's
-        raise UsageError(f"cannot write the output {shown} in {visible(str(dst.parent))} ({e.strerror or e}); "
+        inside = "" if where == dst else f" in {visible(str(where))}"
+        raise UsageError(f"cannot write the output {shown}{inside} ({e.strerror or e}); "
                          "choose a folder you can write to") from None  # fmt: skip
     os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; the checkpoint should not be
     return staging
 
 
 def publish(staging: Path, dst: Path) -> None:
-    """Rename the finished staging folder to `dst` (replacing an empty folder there)."""
+    """Rename the finished staging folder to `dst`, or, staged inside `dst`, move its files there
+    with config.json last (a folder without it is no checkpoint), taking them back out if a move
+    fails or is interrupted."""
+    moved: list[Path] = []
     try:
-        os.rename(staging, dst)
+        if staging.parent != dst:
+            os.rename(staging, dst)
+            return
+        if [p.name for p in dst.iterdir()] != [staging.name]:  # a move would replace (and mix with) what is there now
+            raise UsageError(f"output {visible(str(dst))} is no longer empty (another run writing to it?); choose a new output folder")
+        try:
+            for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+                moved.append(dst / entry.name)  # before the move: an interrupt right after it must not leave it
+                os.rename(entry, dst / entry.name)
+            os.rmdir(staging)
+        except BaseException:
+            for path in moved:
+                path.unlink(missing_ok=True)
+            raise
     except OSError as e:
         raise UsageError(f"cannot create the output {visible(str(dst))} ({e.strerror or e}); choose a new output folder") from None
 
@@ -758,14 +886,25 @@ def quantize_checkpoint(
         raise UsageError(f"--samples {samples} is too many: every sample is held in memory; use at most {MAX_SAMPLES} (32 is the default)")
     if not src.is_dir():
         raise UsageError(f"the source {visible(str(src))} is not a folder; give a 16-bit checkpoint folder")
-    cfg = load_config(src)
-    if cfg.quant is not None:
+    if not os.path.lexists(src / "config.json"):  # the loader's own words advise --model, the chat's flag
+        raise UsageError(f"the source {visible(str(src))} has no config.json; give a downloaded 16-bit InternVL3 checkpoint folder")
+    try:
+        cfg = load_config(src)
+    except CheckpointError:
+        declared = _declared_quantization(src)
+        if declared is None:
+            raise
+        # the loader's words ("… not supported; internvl-chat loads AWQ 4-bit checkpoints") are for chatting
+        raise UsageError(f"the source checkpoint is already quantized ({visible(declared)}); quantize a 16-bit checkpoint") from None
+    if cfg.quant is not None or _weights_kind(src) == "tinychat":
         raise UsageError("the source checkpoint is already quantized; quantize a 16-bit checkpoint")
+    check_copied_files(src)
     group_size = check_group_size(cfg, group_size)
     resolve_device(device)
-    calib = expand_home(calib_dir) if calib_dir else None
-    if calib is not None and method == "awq":
-        calibration_files(calib)
+    calib_images, calib_texts = [], []
+    if calib_dir and method == "awq":
+        calib_images, calib_texts = calibration_files(expand_home(calib_dir))
+        calib_images = calib_images[: (samples + 1) // 2]  # the ones the samples use (every other one has an image)
     new_parents = _missing_parents(dst)
     try:
         staging = staging_folder(dst)
@@ -773,13 +912,20 @@ def quantize_checkpoint(
         _remove_empty(new_parents)
         raise
     try:
+        calib = None
+        if calib_dir and method == "awq":
+            tiles = []
+            if calib_images:
+                with progress.phase("calibration images", len(calib_images), "images") as step:
+                    tiles = calibration_tiles(calib_images, step=step)
+            calib = Calibration(tiles, calib_texts)
         with progress.phase("loading", 1, "model") as step:
             # the app's default dtype (cpu_features: bf16 for a large decoder on CPU too, its products in
             # fp32 over upcast weights where bf16 is emulated), bf16 on CUDA
             # a calibration sample is at most ~1.3k tokens; the cache may not exceed the model's positions
             context = min(4096, cfg.text.max_position_embeddings)
             loaded = load_model(src, device=device, dtype="auto", max_context=context, cuda_graphs=False)
-            check_finite(loaded)
+            check_source_values(loaded)
             step()
         data: list[Sample] = []
         if method == "awq":
@@ -788,6 +934,7 @@ def quantize_checkpoint(
                 data = calibration_samples(builder, loaded.tokenizer, samples, seed, calib, step=step)
         packed = quantize_model(loaded, data, method, group_size, clip, progress)
         tensors = {**float_tensors(loaded), **packed}
+        check_written_range(tensors, method)
         with progress.phase("writing", len(checkpoint_files(tensors)) + 1, "files") as step:
             try:
                 write_checkpoint(staging, original_config(src, loaded.config, group_size), tensors, src, step)
@@ -795,10 +942,63 @@ def quantize_checkpoint(
                 raise _write_error(e, src, dst) from None
             publish(staging, dst)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        _remove_empty(new_parents)
+        with _no_second_interrupt():
+            shutil.rmtree(staging, ignore_errors=True)
+            _remove_empty(new_parents)
         raise
     return dst
+
+
+@contextmanager
+def _no_second_interrupt() -> Iterator[None]:
+    """Ctrl-C ignored while a failed or interrupted run cleans up: pressed again (people do), it cut
+    the removal of the staging folder short and left part of it, a checkpoint's size, behind.
+    (SIGTERM and SIGHUP are ignored by `_end_on_signal` once one arrived.)"""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _declared_quantization(src: Path) -> str | None:
+    """The quant_method (or bits) of a quantization_config where either layout keeps one: a GPTQ,
+    FP8 or 8-bit AWQ source is refused by the loader in words meant for chatting with it."""
+    try:
+        raw = read_config_json(src)
+    except CheckpointError:
+        return None
+    for section in (raw, raw.get("llm_config"), raw.get("text_config")):
+        quant = section.get("quantization_config") if isinstance(section, dict) else None
+        if isinstance(quant, dict) and quant:
+            method = quant.get("quant_method")
+            return str(method) if method else "quantization_config"
+    return None
+
+
+def _weights_kind(src: Path) -> str | None:
+    """safetensors, bin or tinychat (llm-awq's 4-bit .pt: 4-bit whatever config.json says); None
+    where there are no weights, which loading reports in its place."""
+    try:
+        return find_weight_files(src).kind
+    except CheckpointError:
+        return None
+
+
+def check_copied_files(src: Path) -> None:
+    """The source files copied to the output at the end can be opened: one that could not ended a
+    whole run (an hour for a large model) with nothing written."""
+    for name in TOKENIZER_FILES:
+        path = src / name
+        if path.is_file():
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise UsageError(f"cannot read {visible(str(path))} ({e.strerror or e}); check the file and its permissions") from None
 
 
 def _missing_parents(dst: Path) -> list[Path]:
@@ -844,7 +1044,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=_positive_int, metavar="N",
                    help="weights per scale/zero group along each input: a multiple of 32 that divides the "
                         "model's widths (default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
-    p.add_argument("--calib", metavar="DIR", help="folder of calibration images and .txt files (default: built-in generated data)")
+    p.add_argument("--calib", metavar="DIR", help="folder of calibration images and .txt files; every other sample has an image, "
+                   "the first ones by name (default: built-in generated data)")  # fmt: skip
     p.add_argument("--samples", type=_positive_int, default=32, metavar="N",
                    help=f"calibration samples, half with an image (default 32, at most {MAX_SAMPLES})")  # fmt: skip
     p.add_argument("--no-clip", action="store_true", help="skip AWQ's weight-clipping search")

@@ -174,6 +174,41 @@ def test_saved_checkpoint_matches_the_published_layout(tiny_original, quantized)
         assert (folder / name).is_file()
 
 
+def test_an_hf_source_is_written_as_the_original_layout_other_tools_read(tiny_hf, tmp_path):
+    """The output of an -hf source carries its llm_config over from text_config. transformers ≥ 5
+    keeps rope_theta only under rope_parameters, where the original layout's readers (InternVL's own
+    code, lmdeploy, transformers 4) do not look: they would run the output with a θ of 10,000."""
+    source = json.loads((tiny_hf / "config.json").read_text())
+    text = source["text_config"]
+    assert "rope_theta" not in text and text["rope_parameters"]["rope_theta"] == 1e6  # as transformers 5 saves it
+    text["dtype"] = "bfloat16"  # and where it names the dtype so, under text_config too
+    src = tmp_path / "src"
+    shutil.copytree(tiny_hf, src)
+    (src / "config.json").write_text(json.dumps(source))
+    quantize_checkpoint(src, tmp_path / "out", "rtn", group_size=GROUP, device="cpu")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    llm = config["llm_config"]
+    assert config["architectures"] == ["InternVLChatModel"] and llm["model_type"] == "qwen2"
+    assert llm["rope_theta"] == 1e6
+    assert llm["quantization_config"] == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": GROUP, "zero_point": True}
+    assert llm["torch_dtype"] == llm["dtype"] == config["torch_dtype"] == "float16"
+    assert "dtype" not in config or config["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("empty", [{}, None])
+def test_an_empty_top_level_quantization_config_of_the_source_is_not_carried_over(tiny_original, tmp_path, empty):
+    """The published layout keeps quantization_config under llm_config only; an empty (or null) one
+    the source had at the top was copied along, where tools that look there first read it."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_original, src)
+    raw = json.loads((src / "config.json").read_text())
+    raw["quantization_config"] = empty
+    (src / "config.json").write_text(json.dumps(raw))
+    quantize_checkpoint(src, tmp_path / "out", "rtn", group_size=GROUP, device="cpu")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config and config["llm_config"]["quantization_config"]["quant_method"] == "awq"
+
+
 def _edit_config(folder: Path, edit) -> None:
     raw = json.loads((folder / "config.json").read_text())
     edit(raw["llm_config"]["quantization_config"])

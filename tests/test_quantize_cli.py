@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 from internvl_chat import cli
@@ -298,3 +299,308 @@ def test_a_source_with_nan_weights_is_refused_before_quantizing(tiny_original, t
     code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
     assert code == 2 and shown in lines[-1] and "NaN" in lines[-1] and "download it again" in lines[-1], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_weight_file_the_disk_cannot_hold_is_one_line_and_leaves_nothing(tiny_original, tmp_path, monkeypatch, capsys):
+    """safetensors reports a failed write as its own SafetensorError ('… No space left on device (os
+    error 28)'), not an OSError, so a full disk ended the run in a traceback. A file size limit makes
+    the library's real write fail here (EFBIG) without a small file system to fill."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))  # the weights are ~0.5 MiB; Python ignores SIGXFSZ
+    try:
+        code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--method", "rtn", "--device", "cpu",
+                              "--group-size", "32")  # fmt: skip
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 2, lines
+    errors = [line for line in lines if line.startswith("internvl-chat:")]
+    assert len(errors) == 1 and f"cannot write the output {tmp_path / 'out'} (File too large)" in errors[0], lines
+    assert ".partial" not in errors[0] and not any("Traceback" in line for line in lines), lines
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_the_weight_files_are_as_readable_as_the_rest_of_the_checkpoint(tiny_original, tmp_path, monkeypatch, shards):
+    """safetensors writes its files 0600 whatever the umask: the config and tokenizer of the output
+    were readable by others and its weights not (a server run as another user could not load it)."""
+    import os
+    import stat
+
+    import internvl_chat.quantize as quantize
+
+    if shards:
+        monkeypatch.setattr(quantize, "SHARD_BYTES", 64 * 1024)
+    old = os.umask(0o022)
+    try:
+        quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu")
+    finally:
+        os.umask(old)
+    weights = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(weights) > 1 if shards else len(weights) == 1
+    for path in [*weights, tmp_path / "out" / "config.json"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+
+
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_a_damaged_calibration_image_is_refused_before_loading(config_only, tmp_path, monkeypatch, capsys, damage):
+    """--calib images were decoded only while building the samples, after the model had loaded
+    (minutes for a large one); a source without weights shows that nothing is loaded first."""
+    import io as bytes_io
+
+    from PIL import Image
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(calib / "a.png")
+    png = bytes_io.BytesIO()
+    Image.effect_noise((256, 256), 64).convert("RGB").save(png, "PNG")
+    (calib / "b.png").write_bytes(b"not a picture" if damage == "not an image" else png.getvalue()[: len(png.getvalue()) // 2])
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--calib", calib, "--samples", "4")
+    assert code == 2 and len(lines) == 1 and str(calib / "b.png") in lines[0], lines
+    assert ("not an image format" if damage == "not an image" else "truncated or corrupt") in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "no_weights"]
+
+
+def test_calibration_images_are_the_ones_the_samples_use(tiny_original, tmp_path):
+    """Each of the first ⌈samples/2⌉ images is decoded once, before loading; the others are not read."""
+    from PIL import Image
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(5):
+        Image.new("RGB", (64 + 16 * i, 64), (40 * i, 30, 30)).save(calib / f"{i}.png")
+    (calib / "notes.txt").write_text("caf\u00e9 " * 10)
+    seen = []
+
+    class Record(Progress):
+        def begin(self, name, total, unit):
+            seen.append((name, total, unit))
+
+    quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=5, calib_dir=calib, device="cpu",
+                        progress=Record())  # fmt: skip
+    assert seen[:3] == [("calibration images", 3, "images"), ("loading", 1, "model"), ("calibration data", 5, "samples")]
+
+
+def test_a_source_without_config_json_is_named_without_the_chat_s_flag(tmp_path, monkeypatch, capsys):
+    """The loader's message advised 'point --model at …', a flag quantize does not have."""
+    (tmp_path / "src").mkdir()
+    code, lines = run_cli(monkeypatch, capsys, tmp_path / "src", tmp_path / "out")
+    assert code == 2 and len(lines) == 1 and f"the source {tmp_path / 'src'} has no config.json" in lines[0], lines
+    assert "--model" not in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_a_tinychat_source_is_already_quantized_before_loading(config_only, tmp_path, monkeypatch, capsys):
+    """An llm-awq `*-awq-v2.pt` is 4-bit whatever its config.json says (llm-awq ships the original
+    config): it was loaded and converted in full before being refused (or failed in the conversion)."""
+    (config_only / "model-w4-g128-awq-v2.pt").write_bytes(b"not read")
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn")
+    assert code == 2 and len(lines) == 1 and "already quantized" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
+
+
+def test_an_unreadable_source_file_that_is_copied_is_refused_before_loading(config_only, tiny_original, tmp_path, monkeypatch, capsys):
+    """generation_config.json, chat_template.jinja & co. are only copied at the very end: one that
+    could not be read ended a whole run with nothing written."""
+    import builtins
+    import errno
+    import os
+
+    shutil.copy2(tiny_original / "generation_config.json", config_only / "generation_config.json")
+    real_open = builtins.open
+
+    def refuse(file, *args, **kwargs):  # as for a file of another user (root reads everything)
+        if Path(str(file)).name == "generation_config.json":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"cannot read {config_only / 'generation_config.json'} (Permission denied)" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
+
+
+def test_an_empty_output_folder_that_cannot_be_renamed_over_is_filled(tiny_original, tmp_path, monkeypatch):
+    """The checkpoint was written next to the output folder and renamed over it at the end: where
+    the folder is a mount point (a fresh disk) that rename fails (EBUSY), so the whole run was lost,
+    after filling the disk above. An existing empty folder is now filled from inside."""
+    import errno
+    import os
+
+    import internvl_chat.quantize as quantize
+
+    dst = tmp_path / "disk"
+    dst.mkdir()
+    rename = os.rename
+
+    def like_a_mount_point(source, target, *args, **kwargs):
+        if Path(target) == dst:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(target))
+        return rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(quantize.os, "rename", like_a_mount_point)
+    quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk"]
+    assert (dst / "model.safetensors").is_file() and not any(p.name.startswith(".") for p in dst.iterdir())
+    assert load_config(dst).quant is not None
+
+
+@pytest.mark.parametrize("when", ["writing", "moving"])
+def test_ctrl_c_leaves_an_existing_empty_output_folder_empty(tiny_original, tmp_path, monkeypatch, when):
+    import os
+
+    import internvl_chat.quantize as quantize
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    progress = Progress()
+    if when == "writing":
+        progress = InterruptWhile("writing")
+    else:  # after the first file is moved into the folder
+        rename, calls = os.rename, []
+
+        def interrupted(source, target, *args, **kwargs):
+            calls.append(target)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return rename(source, target, *args, **kwargs)
+
+        monkeypatch.setattr(quantize.os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu", progress=progress)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and list(dst.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, value, shown", [
+    ("language_model.model.layers.1.post_attention_layernorm.weight", 1e5,
+     "the source checkpoint's tensor language_model.model.layers.1.post_attention_layernorm.weight holds values beyond float16's range"),
+    ("vision_model.encoder.layers.0.norm1.weight", -2e5, "tensor vision_model.encoder.layers.0.norm1.weight holds values beyond"),
+    ("language_model.model.layers.0.mlp.down_proj.weight", 1e6,  # a group's range / 15 overflows its scale
+     "the quantized tensor language_model.model.layers.0.mlp.down_proj.scales exceeds float16's range"),
+])  # fmt: skip
+def test_values_beyond_float16_are_refused_not_written_as_inf(tiny_original, tmp_path, monkeypatch, capsys, name, value, shown):
+    """bf16 holds values up to 3e38, the AWQ layout's float16 only to 65,504: such a tensor was
+    written as inf without a word, and the output then failed in chat with advice to re-download it."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_original, src)
+    state = load_file(src / "model.safetensors")
+    assert state[name].dtype == torch.bfloat16
+    state[name].view(-1)[3] = value  # one value
+    save_file(state, src / "model.safetensors")
+    code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
+    assert code == 2 and shown in lines[-1] and "±65,504" in lines[-1] and "keep this model in 16 bits" in lines[-1], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_nan_past_the_first_slice_of_a_large_tensor_is_found():
+    """The source check reads tensors in slices of 2**24 values; a NaN in a later one must not be
+    lost in taking the largest magnitude over the slices."""
+    from types import SimpleNamespace
+
+    from internvl_chat.errors import CheckpointError
+    from internvl_chat.quantize import check_source_values
+
+    model = torch.nn.Module()
+    model.embed = torch.nn.Parameter(torch.zeros((1 << 24) + 8, dtype=torch.bfloat16), requires_grad=False)
+    model.embed.data[-1] = float("nan")
+    with pytest.raises(CheckpointError, match="holds NaN or inf values"):
+        check_source_values(SimpleNamespace(model=model))
+
+
+def test_an_output_folder_filled_by_someone_else_meanwhile_is_left_as_it_is(tiny_original, tmp_path):
+    """Staged inside an existing empty folder, the files are moved up at the end; a move replaces a
+    file of the same name, so a second run into the same folder would have mixed the two
+    checkpoints (one's shards and index, the other's config)."""
+    dst = tmp_path / "out"
+    dst.mkdir()
+
+    class Intruder(Progress):
+        def begin(self, name, total, unit):
+            if name == "writing":
+                (dst / "config.json").write_text("theirs")
+
+    with pytest.raises(UsageError, match="is no longer empty"):
+        quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu", progress=Intruder())
+    assert [p.name for p in dst.iterdir()] == ["config.json"] and (dst / "config.json").read_text() == "theirs"
+
+
+def test_an_output_folder_holding_a_killed_run_s_staging_folder_says_so(config_only, tmp_path, monkeypatch, capsys):
+    """A run killed outright (SIGKILL, the out-of-memory killer) leaves its hidden staging folder
+    inside an existing output folder: 'exists and is not empty' of a folder `ls` shows empty."""
+    dst = tmp_path / "out"
+    (dst / ".out.k2j4x1.partial").mkdir(parents=True)
+    code, lines = run_cli(monkeypatch, capsys, config_only, dst)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"output {dst} holds only .out.k2j4x1.partial, left by a quantize run that was killed" in lines[0], lines
+    assert [p.name for p in dst.iterdir()] == [".out.k2j4x1.partial"]
+
+
+@pytest.mark.parametrize("data, kind", [(b"\x89PNG\r\n\x1a\n" + bytes(64), "a PNG image"), (b"text\x00\x01\x02 more", "binary data")])
+def test_a_calibration_text_that_holds_binary_data_is_refused(config_only, tmp_path, monkeypatch, capsys, data, kind):
+    """An image or archive named .txt was tokenized as calibration text without a word."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "notes.txt").write_bytes(data)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--calib", calib)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"calibration text {calib / 'notes.txt'} holds {kind}, not text; take it out of the --calib folder" in lines[0], lines
+
+
+def test_a_non_utf8_calibration_text_is_used_with_its_bad_bytes_replaced(tmp_path):
+    from internvl_chat.quantize import calibration_files
+
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9 cr\xe8me")
+    assert calibration_files(tmp_path) == ([], ["caf\ufffd cr\ufffdme"])
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_an_output_name_near_the_file_system_s_limit_is_taken(tiny_original, tmp_path, exists):
+    """The hidden staging folder's name is the output's plus 18 characters: a valid name of 238
+    bytes or more made it too long, refused as 'File name too long; choose a folder you can write to'."""
+    dst = tmp_path / ("é" * 120 + "w4")  # 242 bytes
+    if exists:
+        dst.mkdir()
+    quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
+    assert [p.name for p in tmp_path.iterdir()] == [dst.name] and (dst / "config.json").is_file()
+
+
+@pytest.mark.parametrize("quant, shown", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "(gptq)"),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "(fp8)"),
+    ({"quant_method": "awq", "bits": 8, "group_size": 128}, "(awq)"),
+])  # fmt: skip
+def test_a_source_quantized_another_way_is_already_quantized(config_only, tmp_path, monkeypatch, capsys, quant, shown):
+    """The loader's refusal ('quantization method 'gptq' is not supported; internvl-chat loads AWQ
+    4-bit checkpoints') spoke of chatting with the model, not of quantizing it."""
+    raw = json.loads((config_only / "config.json").read_text())
+    raw["llm_config"]["quantization_config"] = quant
+    (config_only / "config.json").write_text(json.dumps(raw))
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"the source checkpoint is already quantized {shown}; quantize a 16-bit checkpoint" in lines[0], lines
+
+
+def test_a_second_ctrl_c_does_not_cut_the_clean_up_short(tiny_original, tmp_path, monkeypatch):
+    """Ctrl-C pressed again while the interrupted run removed its staging folder stopped the removal
+    and left part of it (a checkpoint's size) behind."""
+    import os
+    import signal
+
+    import internvl_chat.quantize as quantize
+
+    remove = shutil.rmtree
+
+    def pressed_again(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # handled (or ignored) before the next line runs
+        return remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(quantize.shutil, "rmtree", pressed_again)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=InterruptWhile("writing"))
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is handler
