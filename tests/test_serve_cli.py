@@ -93,6 +93,24 @@ def test_serve_without_a_model_says_what_to_do():
                                                "(e.g. --model internvl_chat/demo_model)"]  # fmt: skip
 
 
+
+def test_a_port_in_use_is_a_one_line_error_that_leaves_no_temp_folder(tiny_original, tmp_path):
+    """The media temp folder is made with the engine, before the port is bound: each start on a
+    taken port left an empty internvl-chat-serve-* folder in the temp dir."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proc = subprocess.run(
+            [sys.executable, "-m", "internvl_chat.cli", "serve", "--model", str(tiny_original), "--port", port,
+             "--device", "cpu", "--dtype", "float32", "--max-context", "2048"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, env={**_env(), "TMPDIR": str(temp)}, timeout=WAIT_S,
+        )  # fmt: skip
+    assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and list(temp.iterdir()) == []
+
 def test_serve_compile_flag_reaches_the_model_settings():
     """`serve --compile MODE` sets model.compile, which serve() passes to load_model; a bad mode is refused."""
     from internvl_chat.errors import UsageError

@@ -153,6 +153,22 @@ def test_answer_memory_returns_our_ids_and_forgets_the_oldest():
     assert memory.lookup("two") is None and memory.lookup("one") == [1] and memory.lookup("three") == [3]
 
 
+
+def test_answer_memory_is_bounded_in_tokens_too():
+    """1,024 answers of 8,192 tokens held 320 MiB that no setting accounted for."""
+    memory = AnswerMemory(capacity=100, max_tokens=10)
+    memory.remember("a", [1] * 4)
+    memory.remember("b", [2] * 4)
+    memory.remember("c", [3] * 4)  # 12 tokens: the oldest goes
+    assert memory.lookup("a") is None and memory.lookup("b") == [2] * 4 and memory.lookup("c") == [3] * 4
+    assert memory.tokens == 8
+    memory.remember("b", [7] * 2)  # a text said again replaces its ids
+    assert memory.lookup("b") == [7] * 2 and memory.tokens == 6
+    memory.remember("huge", [5] * 11)  # over the whole budget: not kept, and nothing evicted for it
+    assert memory.lookup("huge") is None and len(memory) == 2 and memory.tokens == 6
+    memory.remember("ids", [0, 151_642, 2**31 - 1])
+    assert memory.lookup("ids") == [0, 151_642, 2**31 - 1]
+
 # ---- slots ---------------------------------------------------------------------------------------
 
 

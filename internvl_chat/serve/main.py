@@ -189,23 +189,26 @@ def _serve(settings, log_level: str) -> int:
                         fit_context=settings.is_default("model.max_context"))  # fmt: skip
     model_id = options.model_id or path.resolve().name
     worker = EngineWorker(loaded, options)
-    app = create_app(worker, model_id)
-    config = uvicorn_config(app, options, log_level)
-    escape_logged_requests()  # after Config: it sets up uvicorn's log handlers
-    server = uvicorn.Server(config)
-    stop = _StopRequest(server)
-    stop.install()  # before the address is printed: whoever reads it may signal at once
-    sock = listen_socket(options.host, options.port)
-    port = sock.getsockname()[1]
-    host = f"[{options.host}]" if ":" in options.host else options.host
-    warn = ""
-    if options.host not in LOOPBACK and not options.api_key:
-        warn = " (reachable from the network without an API key: set --api-key)"
-    print(f"internvl-chat serve: {visible(model_id)} on http://{host}:{port}/v1 · {options.slots} slot(s) of "
-          f"{loaded.model.max_seq_len:,} tokens ({worker.slots.kv_bytes / 2**20:,.1f} MiB KV) · queue {options.queue_depth}"
-          f"{warn}", file=sys.stderr, flush=True)  # fmt: skip
-    logging.getLogger("internvl_chat.serve").setLevel(log_level.upper())
+    sock = None
+    # from here the worker holds a temp folder for media: stopping it removes that, also when the
+    # port is taken (each failed start left an empty /tmp/internvl-chat-serve-* behind)
     try:
+        app = create_app(worker, model_id)
+        config = uvicorn_config(app, options, log_level)
+        escape_logged_requests()  # after Config: it sets up uvicorn's log handlers
+        server = uvicorn.Server(config)
+        stop = _StopRequest(server)
+        stop.install()  # before the address is printed: whoever reads it may signal at once
+        sock = listen_socket(options.host, options.port)
+        port = sock.getsockname()[1]
+        host = f"[{options.host}]" if ":" in options.host else options.host
+        warn = ""
+        if options.host not in LOOPBACK and not options.api_key:
+            warn = " (reachable from the network without an API key: set --api-key)"
+        print(f"internvl-chat serve: {visible(model_id)} on http://{host}:{port}/v1 · {options.slots} slot(s) of "
+              f"{loaded.model.max_seq_len:,} tokens ({worker.slots.kv_bytes / 2**20:,.1f} MiB KV) · queue "
+              f"{options.queue_depth}{warn}", file=sys.stderr, flush=True)  # fmt: skip
+        logging.getLogger("internvl_chat.serve").setLevel(log_level.upper())
         worker.start()
         if not stop.requested:
             # uvicorn puts its own Ctrl-C/SIGTERM handlers in while it runs and raises a signal
@@ -213,7 +216,8 @@ def _serve(settings, log_level: str) -> int:
             server.run(sockets=[sock])
     finally:
         worker.stop()
-        sock.close()
+        if sock is not None:
+            sock.close()
     print("internvl-chat serve: stopped", file=sys.stderr)
     return 0
 
