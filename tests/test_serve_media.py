@@ -343,3 +343,22 @@ def test_media_urls_that_cannot_be_parsed_are_400(server, client, tmp_path):
     finally:
         server.options.allow_remote_media, server.options.allow_local_media = False, None
     assert ask(client, "Hi").choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_resent_picture_is_remembered_by_a_digest_not_by_its_url_text(server, client, media):
+    # the cache held each data: URL's text (up to 256 MiB in all, in no setting); a resend must still
+    # skip decoding and probing
+    reader = server.worker.reader
+    url = data_url(media / "square.png", "image/png")
+    content = [image_part(url), {"type": "text", "text": "Remembered?"}]
+    ask(client, content)
+    fetched = []
+    real_fetch = reader.fetch
+    reader.fetch = lambda *a: fetched.append(a) or real_fetch(*a)
+    try:
+        ask(client, content)
+    finally:
+        del reader.fetch
+    assert fetched == []  # not decoded again
+    held = [part for key in reader._by_url for part in key if isinstance(part, (str, bytes))]
+    assert held and max(len(part) for part in held) <= 64

@@ -89,16 +89,16 @@ class MediaItem:
         return MediaSpec(self.kind, self.tiles)
 
 
-URL_CACHE_CHARS = 256 << 20  # data: URLs remembered (by their exact text) so a resend skips decoding
+URL_CACHE_ENTRIES = 1024  # data: URLs remembered (by a digest of their text) so a resend skips decoding
 
 
 class MediaReader:
     """Turns request media parts into MediaItems and, on demand, into pixel tiles.
 
-    A conversation resends its images with every request. Their data: URLs are remembered by
-    their exact text (a dict lookup: one hash and one comparison of the string), so a resent image
-    is neither base64-decoded, hashed nor probed again; the measurements are then re-checked
-    against the current limits.
+    A conversation resends its images with every request. Their data: URLs are remembered by a
+    BLAKE2 digest of their text (not the text: a cache of megabyte strings would hold hundreds of
+    megabytes no setting accounts for), so a resent image is neither base64-decoded nor probed
+    again; the measurements are then re-checked against the current limits.
     """
 
     def __init__(self, options: ServeOptions, config: ModelConfig):
@@ -106,9 +106,8 @@ class MediaReader:
         self.config = config  # tile limits, tile size and thumbnail exactly as the app uses them
         self.image_size = config.image_size
         self.use_thumbnail = config.use_thumbnail
-        # (kind, parameters, url) → ((content key, tiles, largest width·height, a video file's decoding), frame list)
+        # (kind, parameters, url digest) → ((content key, tiles, largest width·height, a video file's decoding), frame list)
         self._by_url: OrderedDict[tuple, tuple[Measured, bool]] = OrderedDict()
-        self._url_chars = 0
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="internvl-chat-serve-"))
 
@@ -191,7 +190,7 @@ class MediaReader:
         return self._item("video", (num_frames,), url, param, num_frames)
 
     def _item(self, kind: str, params: tuple, url: str, param: str, count: int) -> MediaItem:
-        cache_key = (kind, params, url) if url[:5].lower() == "data:" else None
+        cache_key = (kind, params, _url_digest(url)) if url[:5].lower() == "data:" else None
         known = self._recall(cache_key)
         data, frame_list = b"", False
         if known is None:
@@ -262,15 +261,13 @@ class MediaReader:
             return known
 
     def _remember(self, cache_key: tuple | None, known: Measured, frame_list: bool) -> None:
-        if cache_key is None or len(cache_key[2]) > URL_CACHE_CHARS // 4:
+        if cache_key is None:
             return
         with self._lock:
-            if cache_key not in self._by_url:
-                self._url_chars += len(cache_key[2])
             self._by_url[cache_key] = (known, frame_list)
-            while self._url_chars > URL_CACHE_CHARS or len(self._by_url) > 1024:
-                old, _ = self._by_url.popitem(last=False)
-                self._url_chars -= len(old[2])
+            self._by_url.move_to_end(cache_key)
+            while len(self._by_url) > URL_CACHE_ENTRIES:
+                self._by_url.popitem(last=False)
 
     def _check_pixels(self, pixels: int, param: str, what: str) -> None:
         limit = self.options.max_image_pixels
@@ -350,6 +347,11 @@ class MediaReader:
             yield Path(name)
         finally:
             Path(name).unlink(missing_ok=True)
+
+
+def _url_digest(url: str) -> bytes:
+    # 256 bits: two different URLs never meet by chance; surrogatepass, as a JSON body may hold "\\ud800"
+    return hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=32).digest()
 
 
 def _sha256(data: bytes) -> str:
