@@ -288,7 +288,7 @@ def _open_image(path: Path) -> Image.Image:
         raise MediaError(
             f"{visible(str(path))} is not an image format that can be read (or it is damaged); use a JPEG, PNG, WebP, GIF, BMP or TIFF file"
         ) from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, RuntimeError) as e:  # RuntimeError: Pillow's AVIF plugin on a damaged file
         raise MediaError(f"cannot read image {visible(str(path))} ({visible(_one_line(e))}); re-export it as PNG or JPEG") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
