@@ -19,6 +19,7 @@ window to open redirects it and the last to close puts it back.
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import tempfile
@@ -104,13 +105,24 @@ def separate_python_stderr(stream: TextIO) -> TextIO:
         os.close(fd)
         return stream
     _python_fd = fd
-    # as Python makes sys.stderr: line-buffered text over a buffered writer
-    return io.TextIOWrapper(
-        io.BufferedWriter(io.FileIO(fd, "w")),
+    # as Python makes sys.stderr: line-buffered text over a buffered writer. The fd stays open for
+    # the process's life (a window still open in a worker puts fd 2 back from it), and what is
+    # left in the buffer is written at exit, as Python does for sys.stderr.
+    separate = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(fd, "w", closefd=False)),
         encoding=getattr(stream, "encoding", None) or "utf-8",
         errors=getattr(stream, "errors", None) or "backslashreplace",
         line_buffering=True,
     )
+    atexit.register(_flush, separate)
+    return separate
+
+
+def _flush(stream: TextIO) -> None:
+    try:
+        stream.flush()
+    except (OSError, ValueError):
+        pass  # stderr gone: nothing to tell it with
 
 
 def _temporary_sink() -> int | None:

@@ -182,3 +182,4 @@ def test_an_excerpt_is_one_short_line():
     window.data = b"\n  ZIPDecode:\tDecoding error \xff" + b"x" * 500 + b"\nsecond line\n"
     excerpt = window.excerpt()
     assert excerpt.startswith("ZIPDecode: Decoding error \ufffd") and excerpt.endswith("…") and len(excerpt) == 160
+
