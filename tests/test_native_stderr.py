@@ -183,3 +183,25 @@ def test_an_excerpt_is_one_short_line():
     excerpt = window.excerpt()
     assert excerpt.startswith("ZIPDecode: Decoding error \ufffd") and excerpt.endswith("…") and len(excerpt) == 160
 
+
+
+def test_a_window_still_open_when_the_app_drops_its_stderr_puts_fd_2_back():
+    """cli.main() puts the original sys.stderr back on its way out, while a video worker may still
+    be inside a window (Ctrl-C leaves it to finish its frame): the window must still find fd 2's
+    terminal, not a closed descriptor or a file that took its number meanwhile."""
+    run = _python("""
+        import gc, os, sys, tempfile
+        from internvl_chat import native_stderr
+        original = sys.stderr
+        sys.stderr = native_stderr.separate_python_stderr(sys.stderr)
+        window = native_stderr.captured()
+        window.__enter__()
+        sys.stderr = original
+        gc.collect()
+        other = tempfile.TemporaryFile()  # would take a freed descriptor's number
+        window.__exit__(None, None, None)
+        os.write(2, b"back\\n")
+        other.seek(0)
+        print(repr(other.read()))
+    """)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "b''\n", "back\n")
