@@ -42,12 +42,18 @@ def _python(code: str) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------- the app
 
 
-def test_a_tokenizer_panic_in_a_script_is_our_error_line_only(tiny_original, tmp_path):
+def _redos_checkpoint(tiny_original: Path, tmp_path: Path) -> Path:
+    """The tiny model with a pre-tokenizer regex that backtracks past Oniguruma's limit on "aaa…!"."""
     folder = tmp_path / "redos"
     shutil.copytree(tiny_original, folder)
     spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     spec["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
     (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    return folder
+
+
+def test_a_tokenizer_panic_in_a_script_is_our_error_line_only(tiny_original, tmp_path):
+    folder = _redos_checkpoint(tiny_original, tmp_path)
     script = tmp_path / "chat.txt"
     script.write_text("Hi.\n" + "a" * 40 + "!\nStill there?\n", encoding="utf-8")
     run = _app("--model", str(folder), "--script", str(script))
@@ -67,6 +73,20 @@ def test_a_tokenizer_json_that_panics_the_parser_is_one_line(tiny_original, tmp_
     assert run.returncode == 2
     assert len(run.stderr.splitlines()) == 1, run.stderr
     assert run.stderr.startswith("internvl-chat: error: cannot read ") and "tokenizer.json" in run.stderr
+
+
+def test_a_tokenizer_panic_in_the_repl_leaves_the_screen_to_our_error(tiny_original, tmp_path):
+    """Before: Rust's "thread '<unnamed>' panicked at …" and its backtrace written over the prompt line."""
+    import test_repl_pty as pty  # the module, not its names: its tests are not collected twice
+
+    folder = _redos_checkpoint(tiny_original, tmp_path)
+    repl = pty.Repl(tmp_path, folder, "--max-new-tokens", "2", env_extra={"RUST_BACKTRACE": "1"})
+    repl.run("a" * 40 + "!", r"error: the checkpoint's tokenizer.json failed on this text")
+    repl.run("Still there?", pty.STATS)
+    repl.enter("/exit")
+    assert repl.close() == 0
+    screen = repl.transcript.getvalue()
+    assert "panicked" not in screen and "backtrace" not in screen and "onig" not in screen
 
 
 def _tiff_libtiff_cannot_decode() -> bytes:
