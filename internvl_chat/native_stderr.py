@@ -1,6 +1,6 @@
 """What native libraries write straight to file descriptor 2, kept off the terminal.
 
-decord (its own "ERROR opening: PATH, …" line, FFmpeg's log), libtiff through Pillow ("ZIPDecode:
+decord (its own "ERROR opening: PATH, …" line and notes), libtiff through Pillow ("ZIPDecode:
 Decoding error at scanline 0, …") and the Rust side of `tokenizers` (a panic's message and
 backtrace) write to fd 2 themselves, past Python: in the REPL that text lands inside the prompt
 or the answer, in one-shot and `--script` runs among our one-line errors, and a file name in it
