@@ -50,18 +50,30 @@ class captured:  # noqa: N801 - used as a function: `with captured() as capture:
         global _open
         if _python_fd is None or _sink is None:
             return self
-        # The counter and the flag change together, with no call between them: Python runs a
-        # signal handler (KeyboardInterrupt) only at a call or a jump, so the window is open and
-        # counted, or neither, wherever Ctrl-C comes.
-        with _lock:
-            self._start = os.fstat(_sink).st_size if _open else 0  # emptied when the last one closed
-            _open += 1
-            self._entered = True
-            if _open == 1:
-                os.dup2(_sink, 2)
+        try:
+            # The counter and the flag change together, with no call between them: Python runs a
+            # signal handler (KeyboardInterrupt) only at a call or a jump, so the window is open and
+            # counted, or neither, wherever Ctrl-C comes.
+            with _lock:
+                self._start = os.fstat(_sink).st_size
+                _open += 1
+                self._entered = True
+                if _open == 1:
+                    os.dup2(_sink, 2)
+        except OSError:
+            self._close()  # fd 2 as it was: the call runs uncaptured
+        except BaseException:
+            self._close()  # `with` calls no __exit__ when __enter__ raises
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
+        try:
+            self._close()
+        except OSError:
+            pass  # the call's own outcome matters more; fd 2 is back unless dup2 itself failed
+
+    def _close(self) -> None:
         global _open
         if not self._entered:
             return
