@@ -19,6 +19,7 @@ from typing import TextIO
 from . import __version__
 from .errors import InternVLChatError, OneLineParser, UsageError
 from .files import GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, visible
+from .native_stderr import separate_python_stderr
 from .settings import add_engine_flags
 
 
@@ -276,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     # for users: the app checks lengths itself. Set before transformers is first imported.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     saved_streams = sys.stdout, sys.stderr
+    if argv[:1] not in (["serve"], ["quantize"]):
+        # the terminal app: what native libraries print to fd 2 is kept off the terminal (native_stderr.py)
+        sys.stderr = separate_python_stderr(sys.stderr)
     sys.stdout = GuardedStream(sys.stdout, fatal=True)  # type: ignore[assignment]
     sys.stderr = GuardedStream(sys.stderr, fatal=False)  # type: ignore[assignment]
     try:

@@ -652,3 +652,21 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
     assert load_image(fine).size == (64, 64)
     Image.fromarray(textured_rgb(300, 200, seed=4)).save(fine, "JPEG", progressive=True, optimize=True)
     assert load_image(fine).size == (300, 200)
+
+
+def test_a_damaged_avif_is_one_error_not_a_traceback(tmp_path):
+    """Pillow's AVIF plugin raises RuntimeError for a file with no primary item (found by fuzzing);
+    it went past the except clause and ended one-shot runs with a traceback."""
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow reads no AVIF")
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 48, 3), 90, np.uint8)).save(buffer, format="AVIF")
+    path = tmp_path / "photo.avif"
+    path.write_bytes(buffer.getvalue().replace(b"pitm", b"free", 1))  # the box naming the primary image
+    for read in (probe_image, load_image):
+        with pytest.raises(MediaError, match=r"^cannot read image .*photo\.avif \(Failed to decode image: .*\); re-export it as PNG or JPEG$"):
+            read(path)

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..files import JSON_LIMIT, TEXT_LIMIT, read_bytes_file, read_text_file, undecodable_byte, visible
+from ..native_stderr import captured
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -113,9 +114,12 @@ class FastTokenizer(Tokenizer):
 def _panics_as_errors() -> Iterator[None]:
     """The Rust backend panics where tokenizer.json asks for what it cannot do (a regex that runs
     past its backtracking limit); pyo3 raises that as a PanicException, a BaseException that would
-    end the app. It becomes one error line, and the conversation goes on."""
+    end the app. It becomes one error line, and the conversation goes on. Rust's panic hook has
+    already written the panic and a backtrace to fd 2 by then, which `captured` keeps off the
+    terminal (the exception holds the reason)."""
     try:
-        yield
+        with captured():
+            yield
     except BaseException as e:
         if type(e).__name__ != "PanicException":
             raise
@@ -200,8 +204,10 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
     text = read_text_file(model_dir / TOKENIZER_JSON, "the tokenizer file", JSON_LIMIT, CheckpointError)
     # The Rust parser raises plain Exceptions for a malformed file, and panics on some values (a BPE's
     # continuing_subword_prefix, for one): pyo3's PanicException, a BaseException that ended the app
+    # (the panic's own text on fd 2 kept off the terminal: the exception holds its reason)
     try:
-        backend = Backend.from_str(text)
+        with captured():
+            backend = Backend.from_str(text)
     except BaseException as e:
         if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
             raise

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import MediaError
 from ..files import expand_home, sniff_file, visible
+from ..native_stderr import captured
 
 IMAGE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -274,7 +275,7 @@ def image_formats() -> list[str]:
 def _open_image(path: Path) -> Image.Image:
     """Open the header only, refusing non-images, decompression bombs and empty images."""
     try:
-        with quiet_pillow():
+        with quiet_pillow(), captured():  # a plugin's native library may write to fd 2 (native_stderr.py)
             image = Image.open(path, formats=image_formats())
     except Image.DecompressionBombError:
         raise MediaError(
@@ -287,7 +288,7 @@ def _open_image(path: Path) -> Image.Image:
         raise MediaError(
             f"{visible(str(path))} is not an image format that can be read (or it is damaged); use a JPEG, PNG, WebP, GIF, BMP or TIFF file"
         ) from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, RuntimeError) as e:  # RuntimeError: Pillow's AVIF plugin on a damaged file
         raise MediaError(f"cannot read image {visible(str(path))} ({visible(_one_line(e))}); re-export it as PNG or JPEG") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
@@ -411,13 +412,15 @@ def _decode(path: Path) -> Image.Image:
     """Fully decode (so truncation is caught here), apply EXIF orientation, convert to RGB."""
     with _open_image(path) as image:
         orientation = pending_orientation(image)  # decided before the pixels, as probe_image decides
+        native = captured()  # libtiff writes its errors to fd 2 ("ZIPDecode: Decoding error …"); Pillow says "decoder error -2"
         try:
-            with quiet_pillow():
+            with quiet_pillow(), native:
                 image.load()
         except MemoryError:
             raise MediaError(f"not enough memory to decode {visible(str(path))}; downscale the image first") from None
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
-            raise MediaError(f"cannot decode {visible(str(path))}: the file is truncated or corrupt ({visible(_one_line(e))}); re-export or re-download it") from None
+            reason = _one_line(e) + (f": {native.excerpt()}" if native.excerpt() else "")
+            raise MediaError(f"cannot decode {visible(str(path))}: the file is truncated or corrupt ({visible(reason)}); re-export or re-download it") from None
         return to_rgb(upright(image, orientation))
 
 

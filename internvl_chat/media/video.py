@@ -46,6 +46,7 @@ from PIL import Image
 
 from ..errors import Cancelled, MediaError, UsageError
 from ..files import IMAGE_KINDS, sniff_file, visible
+from ..native_stderr import captured
 from ..threads import start_worker
 from .image import IMAGE_SIZE, check_media_file, normalize_tiles, probe_image
 
@@ -925,7 +926,10 @@ def _by_backend(decord, forced: str | None, header: _Header, attempt: Callable[[
     decord cannot open or decode the file, with PyAV."""
     if decord is not None and (forced == "decord" or decord_is_exact(header)):
         try:
-            return attempt("decord")
+            # decord writes its own "ERROR opening: PATH, …" (the path unescaped) and other notes to
+            # fd 2, which its FFmpeg log level does not cover; its exceptions hold the reasons
+            with captured():
+                return attempt("decord")
         except _DecordFailed as e:
             if forced == "decord":
                 raise MediaError(str(e)) from None

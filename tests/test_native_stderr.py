@@ -1,0 +1,254 @@
+"""Text native libraries write to fd 2 themselves stays off the terminal (native_stderr.py).
+
+Each app test runs the app on a file that makes a library write to fd 2 (before: decord's
+"[hh:mm:ss] …video_reader.cc:83: ERROR opening: PATH, …", libtiff's "ZIPDecode: Decoding error …",
+a Rust panic with its backtrace) and asserts that stderr holds our lines and nothing else.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from media_helpers import write_numbered_video
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _app(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    # RUST_BACKTRACE=1 as a developer's shell may have it: a panic then writes ~50 lines
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "RUST_BACKTRACE": "1"}
+    env.pop("INTERNVL_CHAT_VIDEO_BACKEND", None)
+    return subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--device", "cpu", "--max-new-tokens", "2", *args],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)  # fmt: skip
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)  # fmt: skip
+
+
+# ---------------------------------------------------------------- the app
+
+
+def _redos_checkpoint(tiny_original: Path, tmp_path: Path) -> Path:
+    """The tiny model with a pre-tokenizer regex that backtracks past Oniguruma's limit on "aaa…!"."""
+    folder = tmp_path / "redos"
+    shutil.copytree(tiny_original, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    return folder
+
+
+def test_a_tokenizer_panic_in_a_script_is_our_error_line_only(tiny_original, tmp_path):
+    folder = _redos_checkpoint(tiny_original, tmp_path)
+    script = tmp_path / "chat.txt"
+    script.write_text("Hi.\n" + "a" * 40 + "!\nStill there?\n", encoding="utf-8")
+    run = _app("--model", str(folder), "--script", str(script))
+    assert run.returncode == 1
+    assert run.stderr == "internvl-chat: 1 script line(s) failed (line 2)\n"  # before: "thread '<unnamed>' panicked at …" and a backtrace
+    assert "error: the checkpoint's tokenizer.json failed on this text" in run.stdout
+    assert run.stdout.count("[stopped at max_new_tokens") == 2  # the turns before and after still answered
+
+
+def test_a_tokenizer_json_that_panics_the_parser_is_one_line(tiny_original, tmp_path):
+    folder = tmp_path / "bad"
+    shutil.copytree(tiny_original, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["model"]["continuing_subword_prefix"] = "##"  # tokenizers panics building this BPE
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    run = _app("--model", str(folder), "-p", "hi")
+    assert run.returncode == 2
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("internvl-chat: error: cannot read ") and "tokenizer.json" in run.stderr
+
+
+def test_a_tokenizer_panic_in_the_repl_leaves_the_screen_to_our_error(tiny_original, tmp_path):
+    """Before: Rust's "thread '<unnamed>' panicked at …" and its backtrace written over the prompt line."""
+    import test_repl_pty as pty  # the module, not its names: its tests are not collected twice
+
+    folder = _redos_checkpoint(tiny_original, tmp_path)
+    repl = pty.Repl(tmp_path, folder, "--max-new-tokens", "2", env_extra={"RUST_BACKTRACE": "1"})
+    repl.run("a" * 40 + "!", r"error: the checkpoint's tokenizer.json failed on this text")
+    repl.run("Still there?", pty.STATS)
+    repl.enter("/exit")
+    assert repl.close() == 0
+    screen = repl.transcript.getvalue()
+    assert "panicked" not in screen and "backtrace" not in screen and "onig" not in screen
+
+
+def _tiff_libtiff_cannot_decode() -> bytes:
+    """A deflate TIFF whose zlib checksum is wrong: libtiff prints its error to fd 2, Pillow raises
+    "decoder error -2"."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 48, 3), 200, np.uint8)).save(buf, format="TIFF", compression="tiff_deflate")
+    data = bytearray(buf.getvalue())
+    with Image.open(io.BytesIO(bytes(data))) as image:
+        offset, count = image.tag_v2[273][0], image.tag_v2[279][0]  # StripOffsets, StripByteCounts
+    data[offset + count - 1] ^= 0xFF  # the last byte of the Adler-32 checksum
+    return bytes(data)
+
+
+def test_libtiffs_error_is_inside_our_one_line(tiny_original, tmp_path):
+    path = tmp_path / "scan.tif"
+    path.write_bytes(_tiff_libtiff_cannot_decode())
+    run = _app("--model", str(tiny_original), "--image", str(path), "-p", "What is it?")
+    assert run.returncode == 2
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr  # before: libtiff's own line first
+    assert lines[0].startswith("internvl-chat: error: cannot decode ")
+    assert "(decoder error -2: ZIPDecode: Decoding error at scanline 0, incorrect data check.)" in lines[0]
+
+
+def _mp4_with_a_sample_past_the_end(path: Path) -> Path:
+    """An MP4 whose sample table gives its fourth frame a size past the end of the file: PyAV
+    decodes the others; decord 0.6 cannot open it and writes "ERROR opening: PATH, …" to fd 2."""
+    write_numbered_video(path, 20)
+    data = bytearray(path.read_bytes())
+    stsz = data.find(b"stsz")
+    assert stsz > 0 and struct.unpack(">I", data[stsz + 4 : stsz + 8])[0] == 0  # one size per sample follows
+    data[stsz + 16 + 4 * 3] = 0xA6  # the top byte of the size of sample 3
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_decords_own_line_is_not_printed_when_pyav_then_decodes_the_video(tiny_original, tmp_path):
+    pytest.importorskip("decord")
+    path = _mp4_with_a_sample_past_the_end(tmp_path / "clip\x1b[2J.mp4")  # decord printed the name raw
+    run = _app("--model", str(tiny_original), "--video", str(path), "--frames", "2", "-p", "What happens?")
+    assert run.returncode == 0, run.stderr
+    assert "ERROR opening" not in run.stderr and "\x1b" not in run.stderr
+    assert len(run.stderr.splitlines()) == 1, run.stderr  # the stats line only
+
+
+# ---------------------------------------------------------------- the module
+
+
+def test_a_window_keeps_native_writes_and_lets_python_write_from_any_thread():
+    run = _python("""
+        import os, sys, threading
+        from internvl_chat import native_stderr
+        sys.stderr = native_stderr.separate_python_stderr(sys.stderr)
+        with native_stderr.captured() as outer:
+            os.write(2, b"native one\\n")
+            print("python, main thread", file=sys.stderr)
+            def worker():
+                with native_stderr.captured() as inner:
+                    os.write(2, b"native two\\n")
+                    print("python, worker", file=sys.stderr)
+            thread = threading.Thread(target=worker)
+            thread.start(); thread.join()
+            os.write(2, b"native three\\n")  # the inner window closed; this one is still open
+        os.write(2, b"fd 2 is back\\n")
+        print(repr(outer.data), repr(outer.excerpt()))
+    """)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "python, main thread\npython, worker\nfd 2 is back\n"
+    assert run.stdout == "b'native one\\nnative two\\nnative three\\n' 'native one'\n"
+
+
+def test_fd_2_comes_back_after_an_error_and_a_ctrl_c():
+    run = _python("""
+        import os, signal, sys
+        from internvl_chat import native_stderr
+        sys.stderr = native_stderr.separate_python_stderr(sys.stderr)
+        for error in (ValueError("bad file"), KeyboardInterrupt()):
+            try:
+                with native_stderr.captured() as window:
+                    os.write(2, b"native\\n")
+                    raise error
+            except BaseException as e:
+                print(type(e).__name__, repr(window.data))
+            os.write(2, b"back\\n")
+        try:
+            with native_stderr.captured():
+                signal.raise_signal(signal.SIGINT)  # a real Ctrl-C inside a window
+        except KeyboardInterrupt:
+            os.write(2, b"back after SIGINT\\n")
+    """)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "ValueError b'native\\n'\nKeyboardInterrupt b'native\\n'\n"
+    assert run.stderr == "back\nback\nback after SIGINT\n"
+
+
+def test_without_the_apps_start_a_window_changes_nothing():
+    """serve (whose uvicorn logs from other threads through fd 2) and library users keep every line."""
+    run = _python("""
+        import os
+        from internvl_chat import native_stderr
+        with native_stderr.captured() as window:
+            os.write(2, b"native\\n")
+        print(repr(window.data))
+    """)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "b''\n", "native\n")
+
+
+def test_an_excerpt_is_one_short_line():
+    from internvl_chat.native_stderr import captured
+
+    window = captured()
+    window.data = b"\n  ZIPDecode:\tDecoding error \xff" + b"x" * 500 + b"\nsecond line\n"
+    excerpt = window.excerpt()
+    assert excerpt.startswith("ZIPDecode: Decoding error \ufffd") and excerpt.endswith("…") and len(excerpt) == 160
+
+
+
+def test_a_window_still_open_when_the_app_drops_its_stderr_puts_fd_2_back():
+    """cli.main() puts the original sys.stderr back on its way out, while a video worker may still
+    be inside a window (Ctrl-C leaves it to finish its frame): the window must still find fd 2's
+    terminal, not a closed descriptor or a file that took its number meanwhile."""
+    run = _python("""
+        import gc, os, sys, tempfile
+        from internvl_chat import native_stderr
+        original = sys.stderr
+        sys.stderr = native_stderr.separate_python_stderr(sys.stderr)
+        window = native_stderr.captured()
+        window.__enter__()
+        sys.stderr = original
+        gc.collect()
+        other = tempfile.TemporaryFile()  # would take a freed descriptor's number
+        window.__exit__(None, None, None)
+        os.write(2, b"back\\n")
+        other.seek(0)
+        print(repr(other.read()))
+    """)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "b''\n", "back\n")
+
+
+def test_a_ctrl_c_just_as_a_window_opens_leaves_fd_2_where_it_was():
+    """The signal handler can run right after dup2 returns, inside __enter__, and `with` calls no
+    __exit__ when __enter__ raises: the window must close itself."""
+    run = _python("""
+        import os, sys
+        from internvl_chat import native_stderr
+        sys.stderr = native_stderr.separate_python_stderr(sys.stderr)
+        real_dup2, calls = os.dup2, []
+        def dup2_then_ctrl_c(fd, fd2):
+            real_dup2(fd, fd2)
+            calls.append(fd)
+            if len(calls) == 1:
+                raise KeyboardInterrupt  # as Python's handler raises it at the call's return
+        os.dup2 = dup2_then_ctrl_c
+        try:
+            with native_stderr.captured():
+                print("not reached")
+        except KeyboardInterrupt:
+            pass
+        os.write(2, b"back\\n")
+        with native_stderr.captured():
+            os.write(2, b"native\\n")
+        os.write(2, b"and back again\\n")
+    """)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "back\nand back again\n")
