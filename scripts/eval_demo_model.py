@@ -151,11 +151,11 @@ def write_calibration_scenes(folder: Path, count: int) -> Path:
 
 
 def quantized_checkpoint(model_dir: Path, method: str, work_dir: Path, group_size: int, device: str, calib_scenes: int) -> Path:
-    """The model quantized to 4 bits by our own quantizer (internvl_chat/quantize.py), in work_dir."""
+    """The model quantized to 4 bits by our own quantizer (internvl_chat/quantize/), in work_dir."""
     try:
         from internvl_chat.quantize import quantize_checkpoint
     except ImportError:
-        raise UsageError("--quantized needs internvl_chat/quantize.py, which this build lacks; use --quantized none") from None
+        raise UsageError("--quantized needs internvl_chat/quantize/, which this build lacks; use --quantized none") from None
     calib = write_calibration_scenes(work_dir / "calib", calib_scenes) if calib_scenes > 0 else None
     return quantize_checkpoint(model_dir, work_dir / f"demo-{method}", method=method, group_size=group_size, calib_dir=calib, device=device)
 

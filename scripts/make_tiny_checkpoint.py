@@ -26,6 +26,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from internvl_chat.engine.checkpoint import canonical_to_hf, hf_to_canonical  # noqa: E402
+from internvl_chat.files import current_umask  # noqa: E402
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -384,17 +385,23 @@ def _split_shards(state: dict[str, torch.Tensor], num_shards: int) -> list[dict[
     return shards
 
 
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    # the library makes the file 0600 whatever the umask; the rest of the folder follows it
+    path.chmod(0o666 & ~current_umask())
+
+
 def write_state_dict(
     state: dict[str, torch.Tensor], out_dir: Path, file_format: str = "safetensors", num_shards: int = 2
 ) -> list[Path]:
     """Write tensors as transformers names them: model.safetensors, model-0000k-of-0000n.safetensors
     + model.safetensors.index.json, or pytorch_model-0000k-of-0000n.bin + pytorch_model.bin.index.json."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     if file_format == "safetensors":
         path = out_dir / "model.safetensors"
-        save_file(state, str(path), metadata={"format": "pt"})
+        _save_safetensors(state, path)
         return [path]
     if file_format not in ("sharded", "bin"):
         raise ValueError(f"file_format must be safetensors, sharded or bin, not {file_format!r}")
@@ -409,7 +416,7 @@ def write_state_dict(
     for k, shard in enumerate(shards, start=1):
         path = out_dir / f"{stem}-{k:05d}-of-{n:05d}.{ext}"
         if file_format == "sharded":
-            save_file(shard, str(path), metadata={"format": "pt"})
+            _save_safetensors(shard, path)
         else:
             torch.save(shard, str(path))
         weight_map.update({name: path.name for name in shard})

@@ -405,6 +405,26 @@ def test_float32_and_6b_checkpoints(tmp_path, tiny_tokenizer, tiny_original_6b):
     assert six_b["vision_model.encoder.layers.0.attn.qkv.weight"].shape == (3 * V_HIDDEN, V_HIDDEN)
 
 
+@pytest.mark.parametrize("file_format", ["safetensors", "sharded", "bin"])
+def test_tiny_checkpoint_weight_files_follow_the_umask(tmp_path, file_format):
+    """safetensors writes its files 0600 whatever the umask: a tiny checkpoint's config and tokenizer
+    were readable by others and its weights not."""
+    import os
+    import stat
+
+    from make_tiny_checkpoint import write_state_dict
+
+    state = {"a.weight": torch.ones(4, 4), "b.weight": torch.zeros(8)}
+    old = os.umask(0o022)
+    try:
+        paths = write_state_dict(state, tmp_path, file_format)
+    finally:
+        os.umask(old)
+    assert len(paths) == (1 if file_format == "safetensors" else 2)
+    for path in paths:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path.name
+
+
 def test_weights_are_not_trivial(tiny_original):
     state = load_state_dict(tiny_original)
     for name, t in state.items():

@@ -295,7 +295,7 @@ def test_sigterm_while_writing_leaves_no_partial_folder(tiny_original, tmp_path)
     dst = tmp_path / "out"
     script = (
         "import os, signal, sys\n"
-        "import internvl_chat.quantize as q\n"
+        "import internvl_chat.quantize.pipeline as q\n"
         "real = q.write_checkpoint\n"
         "def write_then_term(staging, *args, **kwargs):\n"
         "    (staging / 'first.bin').write_bytes(b'x')\n"

@@ -227,13 +227,13 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tiny_original, tmp_path, 
     import errno
     import os
 
-    import internvl_chat.quantize as quantize
+    import internvl_chat.quantize.writer as writer
 
     if failure == "disk full":
         def fail(*args, **kwargs):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr(quantize, "save_file", fail)
+        monkeypatch.setattr(writer, "save_file", fail)
         expected = ["cannot write the output", str(tmp_path / "out"), "No space left on device", "free some disk space"]
     else:
         copy = shutil.copy2
@@ -243,7 +243,7 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tiny_original, tmp_path, 
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(source))
             return copy(source, target, *args, **kwargs)
 
-        monkeypatch.setattr(quantize.shutil, "copy2", fail)
+        monkeypatch.setattr(writer.shutil, "copy2", fail)
         expected = ["cannot read", str(tiny_original / "tokenizer.json"), "Permission denied"]
     code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--method", "rtn", "--device", "cpu",
                           "--group-size", "32")  # fmt: skip
@@ -328,10 +328,10 @@ def test_the_weight_files_are_as_readable_as_the_rest_of_the_checkpoint(tiny_ori
     import os
     import stat
 
-    import internvl_chat.quantize as quantize
+    import internvl_chat.quantize.writer as writer
 
     if shards:
-        monkeypatch.setattr(quantize, "SHARD_BYTES", 64 * 1024)
+        monkeypatch.setattr(writer, "SHARD_BYTES", 64 * 1024)
     old = os.umask(0o022)
     try:
         quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu")
@@ -429,7 +429,7 @@ def test_an_empty_output_folder_that_cannot_be_renamed_over_is_filled(tiny_origi
     import errno
     import os
 
-    import internvl_chat.quantize as quantize
+    import internvl_chat.quantize.output_folder as output_folder
 
     dst = tmp_path / "disk"
     dst.mkdir()
@@ -440,7 +440,7 @@ def test_an_empty_output_folder_that_cannot_be_renamed_over_is_filled(tiny_origi
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(target))
         return rename(source, target, *args, **kwargs)
 
-    monkeypatch.setattr(quantize.os, "rename", like_a_mount_point)
+    monkeypatch.setattr(output_folder.os, "rename", like_a_mount_point)
     quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk"]
     assert (dst / "model.safetensors").is_file() and not any(p.name.startswith(".") for p in dst.iterdir())
@@ -451,7 +451,7 @@ def test_an_empty_output_folder_that_cannot_be_renamed_over_is_filled(tiny_origi
 def test_ctrl_c_leaves_an_existing_empty_output_folder_empty(tiny_original, tmp_path, monkeypatch, when):
     import os
 
-    import internvl_chat.quantize as quantize
+    import internvl_chat.quantize.output_folder as output_folder
 
     dst = tmp_path / "out"
     dst.mkdir()
@@ -467,7 +467,7 @@ def test_ctrl_c_leaves_an_existing_empty_output_folder_empty(tiny_original, tmp_
                 raise KeyboardInterrupt
             return rename(source, target, *args, **kwargs)
 
-        monkeypatch.setattr(quantize.os, "rename", interrupted)
+        monkeypatch.setattr(output_folder.os, "rename", interrupted)
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu", progress=progress)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and list(dst.iterdir()) == []
@@ -590,7 +590,7 @@ def test_a_second_ctrl_c_does_not_cut_the_clean_up_short(tiny_original, tmp_path
     import os
     import signal
 
-    import internvl_chat.quantize as quantize
+    import internvl_chat.quantize.output_folder as output_folder
 
     remove = shutil.rmtree
 
@@ -598,7 +598,7 @@ def test_a_second_ctrl_c_does_not_cut_the_clean_up_short(tiny_original, tmp_path
         os.kill(os.getpid(), signal.SIGINT)  # handled (or ignored) before the next line runs
         return remove(path, *args, **kwargs)
 
-    monkeypatch.setattr(quantize.shutil, "rmtree", pressed_again)
+    monkeypatch.setattr(output_folder.shutil, "rmtree", pressed_again)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=InterruptWhile("writing"))

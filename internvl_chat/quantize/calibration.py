@@ -1,0 +1,155 @@
+"""Calibration data: prompts and answers, half of them with an image, built in (generated pictures
+and texts) or from a --calib folder of images and .txt files, read and checked before the model loads."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from ..chat.template import MediaSpec, PromptBuilder
+from ..errors import UsageError
+from ..files import MiB, read_bytes_file, sniff_binary, visible
+from ..media.image import load_image, normalize_tiles
+from .progress import Step, no_step
+
+MAX_ANSWER_TOKENS = 512  # calibration text per sample
+MAX_SAMPLES = 1024  # all are held in memory (an image sample's tiles are megabytes); AWQ needs 32-128
+
+CALIBRATION_TEXT = [
+    "The quick brown fox jumps over the lazy dog while the sun sets behind the hills.",
+    "In 1905, Albert Einstein published four papers that changed physics: on the photoelectric "
+    "effect, Brownian motion, special relativity and the equivalence of mass and energy.",
+    "To make bread, mix flour, water, salt and yeast, knead for ten minutes, let the dough rise, "
+    "shape it, and bake at 230 °C until the crust is deep brown.",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+    "人工智能是计算机科学的一个分支，它试图理解智能的实质，并生产出一种新的能以人类智能相似的方式做出反应的智能机器。",
+    "The picture shows a red circle in the upper left, a blue square near the centre and a small "
+    "green triangle at the bottom right, all on a light grey background.",
+    "Q: What is the capital of France? A: Paris. Q: And of Japan? A: Tokyo.",
+    "Photosynthesis converts light energy into chemical energy: carbon dioxide and water become "
+    "glucose and oxygen inside the chloroplasts of plant cells.",
+    "| year | revenue | profit |\n|---|---|---|\n| 2021 | 4.2 | 0.8 |\n| 2022 | 5.1 | 1.1 |",
+    "Dear team, the meeting moves to Thursday at 3 pm; please bring the quarterly figures.",
+    "La tour Eiffel a été construite pour l'Exposition universelle de 1889 à Paris.",
+    "A video of a cat jumping onto a table, knocking over a glass of water, then running away.",
+]
+QUESTIONS = [
+    "Describe this image in detail.",
+    "What objects can you see, and where are they?",
+    "What colours dominate the picture?",
+    "Is there any text in the image? Read it.",
+]
+
+
+def synthetic_image(rng: random.Random, size: int = 448) -> Image.Image:
+    """Shapes, gradients, lines and text on a random background: varied, deterministic content."""
+    w, h = rng.choice([(size, size), (size * 2, size), (size, size * 2)])
+    image = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(3, 12)):
+        color = tuple(rng.randrange(256) for _ in range(3))
+        x0, y0 = rng.randrange(w), rng.randrange(h)
+        x1, y1 = min(w, x0 + rng.randint(10, w // 2)), min(h, y0 + rng.randint(10, h // 2))
+        kind = rng.choice(["ellipse", "rectangle", "line", "polygon", "text"])
+        if kind == "ellipse":
+            draw.ellipse([x0, y0, x1, y1], fill=color)
+        elif kind == "rectangle":
+            draw.rectangle([x0, y0, x1, y1], fill=color)
+        elif kind == "line":
+            draw.line([x0, y0, x1, y1], fill=color, width=rng.randint(1, 12))
+        elif kind == "polygon":
+            draw.polygon([(rng.randrange(w), rng.randrange(h)) for _ in range(rng.randint(3, 6))], fill=color)
+        else:
+            draw.text((x0, y0), rng.choice(CALIBRATION_TEXT)[:30], fill=color)
+    return image
+
+
+@dataclass
+class Sample:
+    ids: list[int]
+    pixel_values: torch.Tensor | None  # tiles for the <image> run in ids
+
+
+@dataclass
+class Calibration:
+    """What a --calib folder gives: the tiles of the images the samples use, and its texts."""
+
+    tiles: list[torch.Tensor]
+    texts: list[str]
+
+
+def calibration_tiles(images: Sequence[Path], max_tiles: int = 2, step: Step = no_step) -> list[torch.Tensor]:
+    """The images decoded and tiled; done before the model loads: a damaged or unreadable image
+    stopped the run only once the model was loaded (minutes for a large one)."""
+    tiles = []
+    for path in images:
+        tiles.append(load_image(path, max_tiles=max_tiles).pixel_values)
+        step()
+    return tiles
+
+
+def calibration_samples(
+    builder: PromptBuilder,
+    tokenizer,
+    count: int,
+    seed: int = 0,
+    calib: Calibration | None = None,
+    step: Step = no_step,
+) -> list[Sample]:
+    """`count` prompts + answers, half of them with an image (built-in, or from `calib`)."""
+    rng = random.Random(seed)
+    texts, images = list(CALIBRATION_TEXT), []
+    if calib is not None:
+        images = calib.tiles
+        texts += calib.texts
+    samples = []
+    for i in range(count):
+        answer = tokenizer.encode(rng.choice(texts))[:MAX_ANSWER_TOKENS]
+        if i % 2 == 0:
+            if images:
+                tiles = images[(i // 2) % len(images)]
+            else:
+                tiles = normalize_tiles([synthetic_image(rng)])
+            ids = builder.first_turn(rng.choice(QUESTIONS), [MediaSpec("image", tiles.shape[0])]) + answer
+            samples.append(Sample(ids, tiles))
+        else:
+            ids = builder.first_turn(rng.choice(CALIBRATION_TEXT[:6]) + " Continue.", []) + answer
+            samples.append(Sample(ids, None))
+        step()
+    return samples
+
+
+CALIB_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def calibration_files(calib_dir: Path) -> tuple[list[Path], list[str]]:
+    """The images of a --calib folder and the texts of its .txt files (`calibration_text`)."""
+    shown = visible(str(calib_dir))
+    if not calib_dir.is_dir():
+        raise UsageError(f"--calib {shown} is not a folder; give a folder of images and .txt files")
+    try:
+        entries = sorted(calib_dir.iterdir())
+    except OSError as e:
+        raise UsageError(f"cannot list --calib {shown} ({e.strerror or e}); check its permissions") from None
+    images = [p for p in entries if p.suffix.lower() in CALIB_IMAGE_SUFFIXES and p.is_file()]
+    texts = [calibration_text(p) for p in entries if p.suffix.lower() == ".txt"]
+    if not images and not texts:
+        raise UsageError(f"--calib {shown} has no images ({', '.join(CALIB_IMAGE_SUFFIXES)}) or .txt files")
+    return images, texts
+
+
+def calibration_text(path: Path) -> str:
+    """The first 2,000 characters of a --calib .txt file (a regular file of at most 1 MiB),
+    undecodable bytes replaced; one that holds binary data (an image or archive named .txt) is
+    refused: it was tokenized as calibration text without a word, skewing the statistics the
+    scales are searched on."""
+    data = read_bytes_file(path, "calibration text", limit=MiB)
+    kind = sniff_binary(data)
+    if kind is not None:
+        raise UsageError(f"calibration text {visible(str(path))} holds {kind}, not text; take it out of the --calib folder")
+    return data.decode("utf-8", errors="replace")[:2000]

@@ -1,0 +1,145 @@
+"""What is refused before the work, and why: a source already quantized, a group size the model's
+widths or the loader do not take, a tokenizer file that cannot be read, weights that are NaN or
+inf or beyond float16's range; and, the last word before writing, an output tensor that overflowed."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ..engine.checkpoint import find_weight_files
+from ..engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, load_config, read_config_json
+from ..engine.loader import LoadedModel
+from ..errors import CheckpointError, UsageError
+from ..files import visible
+from .tensor_names import is_quantized, weight_file_name
+from .writer import TOKENIZER_FILES
+
+STANDARD_GROUP_SIZES = (32, 64, 128, 256)  # the ones the int4 kernels take; 128 is the published default
+FP16_OVERFLOW = 65520.0  # magnitudes from here up round to inf in float16 (its largest value is 65,504)
+
+
+def check_group_size(cfg: ModelConfig, group_size: int | None) -> int:
+    """The group size to use: the one asked for if it divides every quantized linear's input width
+    and the loader takes it (a multiple of 32), or by default the largest standard one that does (128
+    when it can). Refused in one line otherwise."""
+    t = cfg.text
+    widths = {"hidden size": t.hidden_size, "attention width (heads × head_dim)": t.q_size, "intermediate size": t.intermediate_size}
+    outputs = {"hidden size": t.hidden_size, "query width": t.q_size, "key/value width": t.kv_size, "intermediate size": t.intermediate_size}
+    for what, dim in outputs.items():
+        if dim % 8:
+            raise UsageError(f"the model's {what} {dim} is not a multiple of 8; the AWQ GEMM layout cannot store it")
+    fitting = [g for g in STANDARD_GROUP_SIZES if all(dim % g == 0 for dim in widths.values())]
+    if not fitting:  # 32 is one: no multiple of 32 divides them either, and the loader takes no other
+        raise UsageError(f"the model's widths ({', '.join(str(d) for d in widths.values())}) are not all multiples of "
+                         f"{AWQ_GROUP_MULTIPLE}, which every 4-bit group size needs; this model cannot be quantized")  # fmt: skip
+    if group_size is None:
+        return 128 if 128 in fitting else max(fitting)
+    if group_size < 1:
+        raise UsageError(f"--group-size must be positive, not {group_size}")
+    for what, dim in widths.items():
+        if dim % group_size:
+            hint = f"use {' or '.join(map(str, sorted(fitting, reverse=True)))}"
+            raise UsageError(f"group size {group_size} does not divide the model's {what} {dim}; {hint}")
+    if group_size % AWQ_GROUP_MULTIPLE:  # the loader refuses it: the whole run would make an unloadable checkpoint
+        hint = f"use {' or '.join(map(str, sorted(fitting, reverse=True)))}"
+        raise UsageError(f"group size {group_size} is not a multiple of {AWQ_GROUP_MULTIPLE}, which the 4-bit loader needs; {hint}")
+    return group_size
+
+
+def check_source(src: Path) -> ModelConfig:
+    """The source's config; refused in one line: no folder, no config.json, a checkpoint already
+    quantized (by its config or its weight files), a tokenizer file that cannot be read."""
+    if not src.is_dir():
+        raise UsageError(f"the source {visible(str(src))} is not a folder; give a 16-bit checkpoint folder")
+    if not os.path.lexists(src / "config.json"):  # the loader's own words advise --model, the chat's flag
+        raise UsageError(f"the source {visible(str(src))} has no config.json; give a downloaded 16-bit InternVL3 checkpoint folder")
+    try:
+        cfg = load_config(src)
+    except CheckpointError:
+        declared = _declared_quantization(src)
+        if declared is None:
+            raise
+        # the loader's words ("… not supported; internvl-chat loads AWQ 4-bit checkpoints") are for chatting
+        raise UsageError(f"the source checkpoint is already quantized ({visible(declared)}); quantize a 16-bit checkpoint") from None
+    if cfg.quant is not None or _weights_kind(src) == "tinychat":
+        raise UsageError("the source checkpoint is already quantized; quantize a 16-bit checkpoint")
+    check_copied_files(src)
+    return cfg
+
+
+def _declared_quantization(src: Path) -> str | None:
+    """The quant_method (or bits) of a quantization_config where either layout keeps one: a GPTQ,
+    FP8 or 8-bit AWQ source is refused by the loader in words meant for chatting with it."""
+    try:
+        raw = read_config_json(src)
+    except CheckpointError:
+        return None
+    for section in (raw, raw.get("llm_config"), raw.get("text_config")):
+        quant = section.get("quantization_config") if isinstance(section, dict) else None
+        if isinstance(quant, dict) and quant:
+            method = quant.get("quant_method")
+            return str(method) if method else "quantization_config"
+    return None
+
+
+def _weights_kind(src: Path) -> str | None:
+    """safetensors, bin or tinychat (llm-awq's 4-bit .pt: 4-bit whatever config.json says); None
+    where there are no weights, which loading reports in its place."""
+    try:
+        return find_weight_files(src).kind
+    except CheckpointError:
+        return None
+
+
+def check_copied_files(src: Path) -> None:
+    """The source files copied to the output at the end can be opened: one that could not ended a
+    whole run (an hour for a large model) with nothing written."""
+    for name in TOKENIZER_FILES:
+        path = src / name
+        if path.is_file():
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise UsageError(f"cannot read {visible(str(path))} ({e.strerror or e}); check the file and its permissions") from None
+
+
+def check_source_values(loaded: LoadedModel) -> None:
+    """Refuse a source whose weights hold NaN or inf (quantizing it wrote a NaN scale and garbage
+    4-bit values without a word), or whose tensors that stay 16-bit exceed float16's range, the type
+    the AWQ layout stores them in (bf16 reaches 3e38: they were written as inf). Either way the output
+    then failed in chat, with advice to re-download it. One pass in slices, so no copy the size of
+    the embeddings is made."""
+    with torch.inference_mode():
+        for name, tensor in loaded.model.named_parameters():
+            if not tensor.is_floating_point():
+                continue
+            largest = 0.0
+            for part in tensor.reshape(-1).split(1 << 24):
+                part_largest = float(part.abs().amax())
+                if not math.isfinite(part_largest):  # amax passes a NaN on (max() would not)
+                    raise CheckpointError(
+                        f"the source checkpoint's tensor {visible(weight_file_name(name))} holds NaN or inf values: its weight file "
+                        "is damaged; download it again before quantizing"
+                    )
+                largest = max(largest, part_largest)
+            if largest >= FP16_OVERFLOW and not is_quantized(name):
+                raise CheckpointError(
+                    f"the source checkpoint's tensor {visible(weight_file_name(name))} holds values beyond float16's range "
+                    "(±65,504), the type the AWQ layout stores it in; keep this model in 16 bits"
+                )
+
+
+def check_written_range(tensors: dict[str, torch.Tensor], method: str) -> None:
+    """The last word before writing: no float16 tensor of the output overflowed (a group's scale of
+    a huge weight, a norm that AWQ's scales pushed past 65,504)."""
+    for name, tensor in tensors.items():
+        if tensor.dtype == torch.float16 and not all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(1 << 24)):
+            advice = "try --method rtn, which does not rescale the weights" if method == "awq" else "keep this model in 16 bits"
+            raise CheckpointError(
+                f"the quantized tensor {visible(name)} exceeds float16's range (±65,504), the type the AWQ layout stores it in; {advice}"
+            )

@@ -1,0 +1,78 @@
+"""`internvl-chat quantize SRC DST`: flags → `quantize_checkpoint`, with progress on stderr (bars on a
+terminal, plain lines elsewhere); SIGTERM and SIGHUP end it as Ctrl-C does, its output removed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+from ..errors import OneLineParser
+from ..files import visible
+from .calibration import MAX_SAMPLES
+from .pipeline import quantize_checkpoint
+from .progress import BarProgress, LineProgress
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="internvl-chat quantize",
+        description="Quantize an InternVL3 checkpoint's LLM to 4-bit AWQ (published GEMM layout); "
+        "the vision encoder and projector stay 16-bit. Progress goes to stderr.",
+    )
+    p.add_argument("src", help="16-bit checkpoint folder (original or -hf layout)")
+    p.add_argument("dst", help="output folder: new or empty; written complete or not at all")
+    p.add_argument("--method", choices=["awq", "rtn"], default="awq",
+                   help="awq: activation-aware scales + clipping, calibrated on images and text (default); "
+                        "rtn: round to nearest, no calibration")  # fmt: skip
+    p.add_argument("--group-size", type=_positive_int, metavar="N",
+                   help="weights per scale/zero group along each input: a multiple of 32 that divides the "
+                        "model's widths (default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
+    p.add_argument("--calib", metavar="DIR", help="folder of calibration images and .txt files; every other sample has an image, "
+                   "the first ones by name (default: built-in generated data)")  # fmt: skip
+    p.add_argument("--samples", type=_positive_int, default=32, metavar="N",
+                   help=f"calibration samples, half with an image (default 32, at most {MAX_SAMPLES})")  # fmt: skip
+    p.add_argument("--no-clip", action="store_true", help="skip AWQ's weight-clipping search")
+    p.add_argument("--device", default="auto", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the built-in calibration data (default 0)")
+    return p
+
+
+def _end_on_signal(signum: int, frame) -> None:
+    """SIGTERM/SIGHUP as SystemExit(128 + signal), so the half-written staging folder is removed
+    (`output_folder.staged_output`) as on Ctrl-C; by default they ended the process with it left behind."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _end_on_signal)
+    signal.signal(signal.SIGHUP, _end_on_signal)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    run = dict(method=args.method, group_size=args.group_size, samples=args.samples, calib_dir=args.calib,
+               device=args.device, clip=not args.no_clip, seed=args.seed)  # fmt: skip
+    if console.is_terminal:
+        with BarProgress(console) as bars:
+            dst = quantize_checkpoint(args.src, args.dst, progress=bars, **run)
+    else:
+        dst = quantize_checkpoint(args.src, args.dst, progress=LineProgress(sys.stderr), **run)
+    group = json.loads((dst / "config.json").read_text())["llm_config"]["quantization_config"]["group_size"]
+    print(f"wrote {visible(str(dst))} ({args.method}, group {group}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return 0

@@ -1,0 +1,140 @@
+"""The output folder, complete or not at all: the checkpoint is written to a hidden staging folder
+next to a new output folder and renamed to it at the end, or inside an existing empty one and its
+files moved up at the end, config.json last. A failed or interrupted run removes what it made (the
+staging folder, and the folders above the output that it created), with Ctrl-C ignored meanwhile;
+a staging folder left by a run that was killed outright is named when its folder is given again."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import UsageError
+from ..files import current_umask, visible
+
+
+@contextmanager
+def staged_output(dst: Path) -> Iterator[Path]:
+    """The staging folder for `dst` (`staging_folder`), removed with the folders it made above `dst`
+    if the work inside fails or is interrupted."""
+    new_parents = _missing_parents(dst)
+    try:
+        staging = staging_folder(dst)
+    except BaseException:
+        _remove_empty(new_parents)
+        raise
+    try:
+        yield staging
+    except BaseException:
+        with _no_second_interrupt():
+            shutil.rmtree(staging, ignore_errors=True)
+            _remove_empty(new_parents)
+        raise
+
+
+def _staging_prefix(dst: Path) -> str:
+    """The staging folder's name up to its random part: `dst`'s name, cut to 100 bytes. Whole, a
+    valid name of 238 bytes or more made one over the file system's 255, and the output was
+    refused as 'File name too long'."""
+    name = dst.name
+    while len(os.fsencode(name)) > 100:
+        name = name[:-1]
+    return f".{name}."
+
+
+def staging_folder(dst: Path) -> Path:
+    """Refuse an output folder we cannot use, before any work, and make the hidden folder that the
+    checkpoint is written to: next to a new `dst` (renamed to it when complete), inside an empty
+    one. Renaming over an existing folder failed at the end of the run where it is a mount point (a
+    fresh disk: the checkpoint had been written to the disk above it) or its parent is not ours."""
+    shown = visible(str(dst))
+    where = dst
+    try:
+        if dst.is_symlink():
+            raise UsageError(f"output {shown} is a symlink; give a new folder")
+        if dst.exists():
+            if not dst.is_dir():
+                raise UsageError(f"output {shown} exists and is not a folder; choose a new output folder")
+            entries = sorted(p.name for p in dst.iterdir())
+            if entries and all(name.startswith(_staging_prefix(dst)) and name.endswith(".partial") for name in entries):
+                # a run killed outright (SIGKILL, out of memory) leaves its hidden staging folder; `ls` shows nothing
+                raise UsageError(f"output {shown} holds only {visible(entries[0])}, left by a quantize run that was killed "
+                                 "(or is still running); delete it, or choose a new output folder")  # fmt: skip
+            if entries:
+                raise UsageError(f"output {shown} exists and is not empty; choose a new output folder")
+        else:
+            where = dst.parent
+            where.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(dst), suffix=".partial", dir=where))
+    except UsageError:
+        raise
+    except OSError as e:  # named by the user's paths, never the staging folder's
+        inside = "" if where == dst else f" in {visible(str(where))}"
+        raise UsageError(f"cannot write the output {shown}{inside} ({e.strerror or e}); "
+                         "choose a folder you can write to") from None  # fmt: skip
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; the checkpoint should not be
+    return staging
+
+
+def publish(staging: Path, dst: Path) -> None:
+    """Rename the finished staging folder to `dst`, or, staged inside `dst`, move its files there
+    with config.json last (a folder without it is no checkpoint), taking them back out if a move
+    fails or is interrupted."""
+    moved: list[Path] = []
+    try:
+        if staging.parent != dst:
+            os.rename(staging, dst)
+            return
+        if [p.name for p in dst.iterdir()] != [staging.name]:  # a move would replace (and mix with) what is there now
+            raise UsageError(f"output {visible(str(dst))} is no longer empty (another run writing to it?); choose a new output folder")
+        try:
+            for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+                moved.append(dst / entry.name)  # before the move: an interrupt right after it must not leave it
+                os.rename(entry, dst / entry.name)
+            os.rmdir(staging)
+        except BaseException:
+            for path in moved:
+                path.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise UsageError(f"cannot create the output {visible(str(dst))} ({e.strerror or e}); choose a new output folder") from None
+
+
+@contextmanager
+def _no_second_interrupt() -> Iterator[None]:
+    """Ctrl-C ignored while a failed or interrupted run cleans up: pressed again (people do), it cut
+    the removal of the staging folder short and left part of it, a checkpoint's size, behind.
+    (SIGTERM and SIGHUP are ignored by command.py's `_end_on_signal` once one arrived.)"""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _missing_parents(dst: Path) -> list[Path]:
+    """The folders above `dst` that do not exist yet, deepest first: the staging folder's creation
+    makes them, and a failed run removes them again (it left `a/b/` behind for `a/b/out`)."""
+    missing = []
+    for parent in dst.parents:
+        if os.path.lexists(parent):
+            break
+        missing.append(parent)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; one that is no longer empty is someone else's now
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return

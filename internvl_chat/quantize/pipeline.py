@@ -1,0 +1,80 @@
+"""`quantize_checkpoint`, a whole run in order: the flags and the source checked, the output folder
+claimed, calibration inputs read, the model loaded and checked, quantized, and written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..chat.template import PromptBuilder
+from ..engine.loader import load_model, resolve_device
+from ..errors import UsageError
+from ..files import expand_home
+from .blocks import quantize_model
+from .calibration import MAX_SAMPLES, Calibration, Sample, calibration_files, calibration_samples, calibration_tiles
+from .checks import check_group_size, check_source, check_source_values, check_written_range
+from .output_folder import publish, staged_output
+from .progress import Progress
+from .writer import checkpoint_files, float_tensors, original_config, write_checkpoint, write_error
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    method: str = "awq",
+    group_size: int | None = None,
+    samples: int = 32,
+    calib_dir: str | Path | None = None,
+    device: str = "auto",
+    clip: bool = True,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Path:
+    """Quantize `src` into the new folder `dst`. Everything that can be checked without the weights
+    (flags, group size against config.json, the output folder) is checked before loading them."""
+    progress = progress or Progress()
+    src, dst = expand_home(src), Path(os.path.abspath(expand_home(dst)))
+    if method not in ("awq", "rtn"):
+        raise UsageError(f"unknown method {method!r}; use awq or rtn")
+    if samples < 1:
+        raise UsageError("--samples must be at least 1")
+    if samples > MAX_SAMPLES:
+        raise UsageError(f"--samples {samples} is too many: every sample is held in memory; use at most {MAX_SAMPLES} (32 is the default)")
+    cfg = check_source(src)
+    group_size = check_group_size(cfg, group_size)
+    resolve_device(device)
+    calib_images, calib_texts = [], []
+    if calib_dir and method == "awq":
+        calib_images, calib_texts = calibration_files(expand_home(calib_dir))
+        calib_images = calib_images[: (samples + 1) // 2]  # the ones the samples use (every other one has an image)
+    with staged_output(dst) as staging:
+        calib = None
+        if calib_dir and method == "awq":
+            tiles = []
+            if calib_images:
+                with progress.phase("calibration images", len(calib_images), "images") as step:
+                    tiles = calibration_tiles(calib_images, step=step)
+            calib = Calibration(tiles, calib_texts)
+        with progress.phase("loading", 1, "model") as step:
+            # the app's default dtype (cpu_features: bf16 for a large decoder on CPU too, its products in
+            # fp32 over upcast weights where bf16 is emulated), bf16 on CUDA
+            # a calibration sample is at most ~1.3k tokens; the cache may not exceed the model's positions
+            context = min(4096, cfg.text.max_position_embeddings)
+            loaded = load_model(src, device=device, dtype="auto", max_context=context, cuda_graphs=False)
+            check_source_values(loaded)
+            step()
+        data: list[Sample] = []
+        if method == "awq":
+            builder = PromptBuilder(loaded.tokenizer, loaded.config.system_message, loaded.config.tokens_per_tile)
+            with progress.phase("calibration data", samples, "samples") as step:
+                data = calibration_samples(builder, loaded.tokenizer, samples, seed, calib, step=step)
+        packed = quantize_model(loaded, data, method, group_size, clip, progress)
+        tensors = {**float_tensors(loaded), **packed}
+        check_written_range(tensors, method)
+        with progress.phase("writing", len(checkpoint_files(tensors)) + 1, "files") as step:
+            try:
+                write_checkpoint(staging, original_config(src, loaded.config, group_size), tensors, src, step)
+            except OSError as e:
+                raise write_error(e, src, dst) from None
+            publish(staging, dst)
+    return dst
