@@ -604,3 +604,46 @@ def test_a_second_ctrl_c_does_not_cut_the_clean_up_short(tiny_original, tmp_path
         quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=InterruptWhile("writing"))
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def _with_remote_code(tiny_original: Path, folder: Path) -> Path:
+    """The tiny checkpoint laid out as a published original one: an auto_map and its Python files."""
+    shutil.copytree(tiny_original, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                          "AutoModel": "modeling_internvl_chat.InternVLChatModel"}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_internvl_chat.py").write_text("raise SystemExit('never run by internvl-chat')\n")
+    (folder / "modeling_internvl_chat.py").write_text("from .conversation import get_conv_template\n")
+    (folder / "conversation.py").write_text("# imported by modeling_internvl_chat.py\n")
+    return folder
+
+
+def test_the_original_layouts_code_files_go_with_its_auto_map(tiny_original, tiny_hf, tmp_path):
+    """The output kept the source's auto_map but not the files it names, so InternVL's code and
+    lmdeploy's vision loader could not read it; an -hf source's output names no code and gets none."""
+    src = _with_remote_code(tiny_original, tmp_path / "src")
+    quantize_checkpoint(src, tmp_path / "out", "rtn", group_size=32, device="cpu")
+    out = tmp_path / "out"
+    assert "auto_map" in json.loads((out / "config.json").read_text())
+    for name in ("configuration_internvl_chat.py", "modeling_internvl_chat.py", "conversation.py"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_hf, hf)
+    (hf / "stray.py").write_text("# not named by any config\n")
+    quantize_checkpoint(hf, tmp_path / "out_hf", "rtn", group_size=32, device="cpu")
+    assert "auto_map" not in json.loads((tmp_path / "out_hf" / "config.json").read_text())
+    assert not list((tmp_path / "out_hf").glob("*.py"))
+
+
+def test_code_files_beyond_a_checkpoints_are_refused_before_loading(config_only, tmp_path, monkeypatch, capsys):
+    (config_only / "modeling_internvl_chat.py").write_bytes(b"#" * 100)
+    monkeypatch.setattr("internvl_chat.quantize.checks.MAX_CODE_FILE_BYTES", 99)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn")
+    assert code == 2 and len(lines) == 1 and "modeling_internvl_chat.py is 100 bytes" in lines[0], lines
+    for k in range(3):
+        (config_only / f"extra_{k}.py").write_text("")
+    monkeypatch.setattr("internvl_chat.quantize.checks.MAX_CODE_FILES", 3)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn")
+    assert code == 2 and len(lines) == 1 and "holds 4 .py files" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]

@@ -28,6 +28,27 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.json", "chat_template.jinja",
     "generation_config.json", "preprocessor_config.json",
 )  # fmt: skip
+# The original layout's own Python files (configuration_internvl_chat.py, modeling_*.py, conversation.py):
+# its config's auto_map names them, and the tools that read that layout (InternVL's code, lmdeploy's
+# vision loader) import them. Copied as bytes, never run here; bounded, as the source is untrusted.
+MAX_CODE_FILES = 64
+MAX_CODE_FILE_BYTES = 4 << 20
+
+
+def code_files(src_dir: Path) -> list[Path]:
+    """The source folder's top-level .py files (a link to a regular file counts: a hub cache links them)."""
+    return sorted(p for p in src_dir.glob("*.py") if p.is_file())
+
+
+def settings_files(src_dir: Path) -> list[Path]:
+    """The source's tokenizer, template, generation and preprocessor files that it has."""
+    return [src_dir / name for name in TOKENIZER_FILES if (src_dir / name).is_file()]
+
+
+def copied_files(src_dir: Path, config: dict) -> list[Path]:
+    """The source files the output keeps as they are: its settings files, and the Python files
+    where the output's config names code (auto_map)."""
+    return settings_files(src_dir) + (code_files(src_dir) if "auto_map" in config else [])
 
 
 def float_tensors(loaded: LoadedModel) -> dict[str, torch.Tensor]:
@@ -143,7 +164,7 @@ def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], src_dir: Path, step: Step = no_step) -> None:
-    """The weight file(s), config.json and the tokenizer files into `dst`; `step()` after each file."""
+    """The weight file(s), config.json and the copied source files into `dst`; `step()` after each file."""
     dst.mkdir(parents=True, exist_ok=True)
     files = checkpoint_files(tensors)
     for file, names in files:
@@ -154,9 +175,8 @@ def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], 
         index = {"metadata": {"total_size": total}, "weight_map": {n: file for file, names in files for n in names}}
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (dst / "config.json").write_text(config_text(config), encoding="utf-8")
-    for name in TOKENIZER_FILES:
-        if (src_dir / name).is_file():
-            shutil.copy2(src_dir / name, dst / name)
+    for path in copied_files(src_dir, config):
+        shutil.copy2(path, dst / path.name)
     step()
 
 
