@@ -261,6 +261,7 @@ class EngineWorker:
         if job.cancel.is_set():  # the client left while its pictures were encoded: no prefill for nobody
             raise ClientGone
         # from here the slot's cache is rewound to `reuse` (until then it still held its last conversation)
+        self.slots.use(slot)
         slot.spans = [s for s in prompt.spans if s.end <= reuse]  # the same runs the slot held up to `reuse`
         stops = StopStrings(job.stops)
         sent: list[str] = []
