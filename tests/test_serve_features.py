@@ -117,13 +117,23 @@ def test_a_video_in_two_user_messages_in_a_row_is_decoded_and_encoded_once(serve
     messages = [{"role": "user", "content": [video(media / "clip.mp4"), {"type": "text", "text": "Watch this."}]},
                 {"role": "user", "content": [video(media / "clip.mp4"), {"type": "text", "text": "And again?"}]}]  # fmt: skip
     ids, text, usage = complete(client, messages, **FRAMES)
-    assert calls == {"decoded": [calls["decoded"][0]], "videos": 1, "encoded": [4]}
+    assert (len(calls["decoded"]), calls["videos"], calls["encoded"]) == (1, 1, [4])
     second = builder.message("user", "And again?", [MediaSpec("video", 4)])
     assert usage.prompt_tokens == len(builder.first_turn("Watch this.", [MediaSpec("video", 4)])) + len(second)
     # the same answer as a request whose second video comes from the feature cache
     server.worker.features = FeatureCache(256 << 20)
     forget_prompts(server)
     assert complete(client, messages, **FRAMES) == (ids, text, usage)
+
+
+def test_a_video_twice_in_one_message_is_decoded_once_and_answered_as_the_session_answers(
+        server, client, local, media, calls, cache):  # fmt: skip
+    forget_prompts(server)
+    wanted = local_answer(local, "Twice?", lambda s: [s.describe_video(media / "clip.mp4", frames=4)] * 2)
+    content = [video(media / "clip.mp4"), video(media / "clip.mp4"), {"type": "text", "text": "Twice?"}]
+    ids, text, usage = complete(client, [{"role": "user", "content": content}], **FRAMES)
+    assert (ids, text, usage.prompt_tokens) == wanted
+    assert (len(calls["decoded"]), calls["videos"], calls["encoded"]) == (1, 1, [4])
 
 
 def test_the_decoding_limit_counts_a_video_read_once_for_all_its_occurrences(server, client, media, calls, cache,
@@ -136,7 +146,7 @@ def test_the_decoding_limit_counts_a_video_read_once_for_all_its_occurrences(ser
     monkeypatch.setattr(server.options, "max_video_decode_pixels", 2 * cost - 1)  # one decode fits, two would not
     messages = [{"role": "user", "content": [video(clip), {"type": "text", "text": "One."}]},
                 {"role": "user", "content": [video(clip), {"type": "text", "text": "Two."}]}]  # fmt: skip
-    complete(client, messages, **FRAMES)
+    complete(client, messages, **FRAMES)  # refused as over the limit (used by "those before this one": itself) when decoded twice
     assert calls["videos"] == 1
 
 
