@@ -164,3 +164,12 @@ def test_one_picture_at_two_tile_limits_is_two_contents(server, client, builder,
     complete(client, [{"role": "user", "content": content}])
     assert calls["encoded"] == [1]
 
+
+
+def test_a_slot_keeps_no_features_once_its_request_is_answered(server, client, media):
+    # the Session keeps a turn's features for /retry, which serve never does: in a slot they were
+    # memory (on the GPU) that no setting accounts for, held until the slot's next request
+    forget_prompts(server)
+    complete(client, [{"role": "user", "content": [image(media / "wide.png"), {"type": "text", "text": "Kept?"}]}])
+    turns = [turn for slot in server.worker.slots.slots for turn in slot.session.turns]
+    assert turns and all(turn.features is None for turn in turns)

@@ -279,6 +279,8 @@ class EngineWorker:
             if text:
                 sent.append(text)
                 job.emit("text", text)
+        for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts
+            turn.features = None
         slot.spans = list(prompt.spans)
         self._finish(job, slot.index, reuse, final, "".join(sent))
 
