@@ -2,6 +2,7 @@
 holds: the same content twice in one request (two user messages in a row, or one message) is read
 once and its features are used for every occurrence, and the request's video decoding limit counts
 that one decode. Answers are those of the terminal app's Session, which encodes each attachment.
+Once answered, a slot keeps no features (only the LRU holds them, within its size).
 """
 
 from __future__ import annotations
