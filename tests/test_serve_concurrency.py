@@ -319,6 +319,22 @@ def test_a_request_that_fails_before_its_prefill_leaves_the_slot_s_pictures_reus
     assert again.choices[0].message.content == first.choices[0].message.content
 
 
+def test_a_request_that_fails_before_its_prefill_does_not_change_which_slot_is_replaced_next(tiny_original):
+    x = "Tell me about the harbour: the boats, the cranes, the gulls and the fishermen mending nets. " * 3
+    y = "Explain how a mountain glacier moves, melts and carves the valley below it over the centuries. " * 3
+    broken = png_bytes(textured_rgb(448, 448, seed=35))[:4000]  # its header reads; its pixels do not
+    with RunningServer(tiny_original, slots=2) as two:
+        client = two.client()
+        client.chat.completions.create(**chat_body(x, max_tokens=4))  # both slots empty: x in one, y in the other
+        client.chat.completions.create(**chat_body(y, max_tokens=4))
+        again = client.chat.completions.create(**chat_body(x, max_tokens=4))  # y's slot is now the least recently used
+        assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+        r = httpx.post(f"{two.url}/v1/chat/completions", json=_image_body("What is this?", broken, max_tokens=4), timeout=WAIT_S)
+        assert r.status_code == 400  # it chose y's slot, then failed decoding the picture: y's slot was not used
+        client.chat.completions.create(**chat_body("Something else entirely.", max_tokens=4))  # replaces y, not x
+        kept = client.chat.completions.create(**chat_body(x, max_tokens=4))
+    assert kept.usage.prompt_tokens_details.cached_tokens == kept.usage.prompt_tokens - 1
+
 def _greedy_ids(client, messages, **kw) -> tuple[str, list[int]]:
     out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=kw.pop("max_tokens", 10), temperature=0,
                                          extra_body={"return_token_ids": True}, **kw)  # fmt: skip

@@ -261,6 +261,7 @@ class EngineWorker:
         if job.cancel.is_set():  # the client left while its pictures were encoded: no prefill for nobody
             raise ClientGone
         # from here the slot's cache is rewound to `reuse` (until then it still held its last conversation)
+        self.slots.use(slot)
         slot.spans = [s for s in prompt.spans if s.end <= reuse]  # the same runs the slot held up to `reuse`
         stops = StopStrings(job.stops)
         sent: list[str] = []
@@ -278,22 +279,28 @@ class EngineWorker:
             if text:
                 sent.append(text)
                 job.emit("text", text)
+        for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts
+            turn.features = None
         slot.spans = list(prompt.spans)
         self._finish(job, slot.index, reuse, final, "".join(sent))
 
     def _features(self, prompt: Prompt, reuse: int, job: Job) -> tuple[torch.Tensor | None, float]:
-        """Features for the image runs after `reuse`, in prompt order (LRU first, else the vision encoder)."""
+        """Features for the image runs after `reuse`, in prompt order (LRU first, else the vision encoder).
+
+        Each content key is decoded and encoded at most once per job, whatever the LRU holds (off,
+        or too small for it): a picture or video sent twice in one request uses one set of features,
+        and its decoding counts once against the request's allowance."""
         needed = [s for s in prompt.spans if s.start >= reuse]
         if not needed:
             return None, 0.0
-        by_media: dict[int, torch.Tensor] = {}
+        by_key: dict[str, torch.Tensor] = {}
         vision_s = 0.0
         allowance = DecodeAllowance(self.options.max_video_decode_pixels)  # for all the video files decoded for this job
         parts = []
         for span in needed:
-            features = by_media.get(span.media)
+            item = prompt.media[span.media]
+            features = by_key.get(item.key)
             if features is None:
-                item = prompt.media[span.media]
                 features = self.features.get(item.key)
                 if features is None:
                     if job.cancel.is_set():
@@ -307,7 +314,7 @@ class EngineWorker:
                         torch.cuda.synchronize(features.device)
                     vision_s += time.perf_counter() - t0
                     self.features.put(item.key, features)
-                by_media[span.media] = features
+                by_key[item.key] = features
             parts.append(features[span.tile : span.tile + span.tiles])
         return torch.cat(parts), vision_s
 

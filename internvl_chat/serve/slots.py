@@ -54,7 +54,9 @@ class SlotPool:
             self.slots.append(Slot(i, session, kv_bytes))
 
     def choose(self, prompt: Prompt) -> tuple[Slot, int]:
-        """The slot for this prompt and how many of its tokens are already cached there."""
+        """The slot for this prompt and how many of its tokens are already cached there. The slot
+        counts as used only from `use` on: a request that fails before its prefill (media that do not
+        decode, a client that left) leaves the slot's conversation, and its place in the LRU order, as they were."""
         scored = [(slot.reusable(prompt), slot) for slot in self.slots]
         lru = min(self.slots, key=lambda s: s.last_used)
         keeping = [(r, s) for r, s in scored if r > 0 and (r >= KEEP_FRACTION * s.cached or s is lru)]
@@ -64,9 +66,12 @@ class SlotPool:
             empty = [s for s in self.slots if s.cached == 0]
             slot = empty[0] if empty else lru
             reuse = next(r for r, s in scored if s is slot)
+        return slot, reuse
+
+    def use(self, slot: Slot) -> None:
+        """The chosen slot's cache is about to be rewound and prefilled: it is the most recently used."""
         self._clock += 1
         slot.last_used = self._clock
-        return slot, reuse
 
     @property
     def kv_bytes(self) -> int:
