@@ -78,11 +78,14 @@ class captured:  # noqa: N801 - used as a function: `with captured() as capture:
         if not self._entered:
             return
         with _lock:
-            end = os.fstat(_sink).st_size
+            # uncounted and fd 2 back before any other call: a Ctrl-C's handler runs as a call
+            # returns, and raised from here it would leave the window counted for good (fd 2 on the
+            # sink for the rest of the run, every later window included)
             _open -= 1
             self._entered = False
             if _open == 0:
-                os.dup2(_python_fd, 2)  # first: whatever happens next, fd 2 is back
+                os.dup2(_python_fd, 2)
+            end = os.fstat(_sink).st_size  # nothing more comes in once fd 2 is back (or others' writes)
             if end > self._start:
                 self.data = os.pread(_sink, min(end - self._start, EXCERPT_BYTES), self._start)
             if _open == 0 and end:
