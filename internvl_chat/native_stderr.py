@@ -120,9 +120,10 @@ def separate_python_stderr(stream: TextIO) -> TextIO:
         os.close(fd)
         return stream
     _python_fd = fd
-    # as Python makes sys.stderr: line-buffered text over a buffered writer. The fd stays open for
-    # the process's life (a window still open in a worker puts fd 2 back from it), and what is
-    # left in the buffer is written at exit, as Python does for sys.stderr.
+    # line-buffered text over a buffered writer (Python's own sys.stderr writes each write through:
+    # here a piece without a newline waits for one or a flush, as rich and print(flush=True) give).
+    # The fd stays open for the process's life (a window still open in a worker puts fd 2 back
+    # from it), and what is left in the buffer is written at exit.
     separate = io.TextIOWrapper(
         io.BufferedWriter(io.FileIO(fd, "w", closefd=False)),
         encoding=getattr(stream, "encoding", None) or "utf-8",
