@@ -78,11 +78,14 @@ class captured:  # noqa: N801 - used as a function: `with captured() as capture:
         if not self._entered:
             return
         with _lock:
-            end = os.fstat(_sink).st_size
+            # uncounted and fd 2 back before any other call: a Ctrl-C's handler runs as a call
+            # returns, and raised from here it would leave the window counted for good (fd 2 on the
+            # sink for the rest of the run, every later window included)
             _open -= 1
             self._entered = False
             if _open == 0:
-                os.dup2(_python_fd, 2)  # first: whatever happens next, fd 2 is back
+                os.dup2(_python_fd, 2)
+            end = os.fstat(_sink).st_size  # nothing more comes in once fd 2 is back (or others' writes)
             if end > self._start:
                 self.data = os.pread(_sink, min(end - self._start, EXCERPT_BYTES), self._start)
             if _open == 0 and end:
@@ -117,9 +120,10 @@ def separate_python_stderr(stream: TextIO) -> TextIO:
         os.close(fd)
         return stream
     _python_fd = fd
-    # as Python makes sys.stderr: line-buffered text over a buffered writer. The fd stays open for
-    # the process's life (a window still open in a worker puts fd 2 back from it), and what is
-    # left in the buffer is written at exit, as Python does for sys.stderr.
+    # line-buffered text over a buffered writer (Python's own sys.stderr writes each write through:
+    # here a piece without a newline waits for one or a flush, as rich and print(flush=True) give).
+    # The fd stays open for the process's life (a window still open in a worker puts fd 2 back
+    # from it), and what is left in the buffer is written at exit.
     separate = io.TextIOWrapper(
         io.BufferedWriter(io.FileIO(fd, "w", closefd=False)),
         encoding=getattr(stream, "encoding", None) or "utf-8",

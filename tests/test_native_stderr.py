@@ -252,3 +252,32 @@ def test_a_ctrl_c_just_as_a_window_opens_leaves_fd_2_where_it_was():
         os.write(2, b"and back again\\n")
     """)
     assert (run.returncode, run.stdout, run.stderr) == (0, "", "back\nand back again\n")
+
+
+def test_a_ctrl_c_just_as_a_window_closes_puts_fd_2_back():
+    """The signal handler can run when any call inside __exit__ returns (the size of the sink is
+    read there): fd 2 must be back and the window uncounted wherever it lands, or every later
+    window would leave fd 2 on the sink for good."""
+    run = _python("""
+        import os, sys
+        from internvl_chat import native_stderr
+        sys.stderr = native_stderr.separate_python_stderr(sys.stderr)
+        real_fstat, calls = os.fstat, []
+        def fstat_then_ctrl_c(fd):
+            result = real_fstat(fd)
+            calls.append(fd)
+            if len(calls) == 2:  # the window's close
+                raise KeyboardInterrupt  # as Python's handler raises it at the call's return
+            return result
+        os.fstat = fstat_then_ctrl_c
+        try:
+            with native_stderr.captured():
+                os.write(2, b"native\\n")
+        except KeyboardInterrupt:
+            pass
+        os.write(2, b"back\\n")
+        with native_stderr.captured():
+            os.write(2, b"native again\\n")
+        os.write(2, b"and back again\\n")
+    """)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "back\nand back again\n")

@@ -297,6 +297,36 @@ def test_an_abort_before_the_request_is_made_sends_none():
         client.close()
 
 
+def test_an_abort_just_as_the_connect_ends_shuts_the_new_connection(monkeypatch):
+    """An abort that lands after the Connector saw no abandon, but before httpcore's trace adds the
+    new socket to the client's: abandon had nothing to end and shut_all did not see the socket, so
+    the request went out and waited for a head that a silent server never sends (up to the
+    timeout, an hour here). The abort comes exactly there (the connect's outcome is being taken)."""
+    import socket
+
+    real_outcome = remote_http._Attempt.outcome
+    streams: list = []
+
+    def outcome_then_abort(attempt):
+        made = real_outcome(attempt)
+        streams[0].abort()
+        return made
+
+    monkeypatch.setattr(remote_http._Attempt, "outcome", outcome_then_abort)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # connections are made by the kernel, and never answered
+        client = remote_http.ApiClient("http://127.0.0.1:%d/v1" % listener.getsockname()[1], "", 3600)
+        stream = client.stream_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        streams.append(stream)
+        chunks: list = []
+        reading = start_worker(lambda: chunks.extend(stream), "test-read")
+        reading.join(CONNECTING_WAIT_S)
+        assert not reading.is_alive(), "the abort was lost: the request waits for the head"
+        assert chunks == [] and stream.aborted
+        client.close()
+
+
 def test_a_connect_within_answer_timeout_keeps_its_own_timeout(clock):
     """The deadline only shortens a connect that would outlast it."""
     with FakeServer(fixture("vllm/models.json")) as server:

@@ -646,6 +646,8 @@ class ApiClient:
             sock = stream.get_extra_info("socket") if stream is not None else None
             if isinstance(sock, socket.socket):
                 self._sockets.add(sock)
+                if self.connector.abandoned:  # an abort as the connect ended: after abandon and shut_all had looked
+                    _shut(sock)
         elif event == "http11.send_request_body.complete":  # the time to upload pictures does not count
             self.head_watch = HeadWatch(self._sockets, self.timeout)
         elif event in ("http11.receive_response_headers.complete", "http11.receive_response_headers.failed") \

@@ -12,7 +12,7 @@ Turn layout (the session keeps earlier turns in the KV cache):
     first:  [<|im_start|>system\\n{SYS}<|im_end|>\\n]<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n
     next:   <|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n
 The `<|im_end|>\\n` opening a later turn closes the previous answer (whose stop token was sampled
-but never fed to the model). serve lays a conversation that does not alternate out message by message:
+but never fed to the model). serve lays every conversation out message by message (any order of roles):
     message:  <|im_start|>{role}\\n{content}<|im_end|>\\n   (`answer_cue` and `answer_close`: an assistant's halves)
 Every boundary is a special token, so both layouts give the same ids for the same conversation.
 Content puts all images (given order) before all videos (given order):
@@ -130,7 +130,7 @@ class PromptBuilder:
 
     def message(self, role: str, text: str, media: Sequence[MediaSpec] = ()) -> list[int]:
         """Ids of one whole message, `<|im_start|>{role}\\n{content}<|im_end|>\\n`, as the chat template
-        renders every message (serve's conversations that do not alternate). Every piece boundary
+        renders every message (serve, which takes the messages in any order). Every piece boundary
         is a special token, so the turns above are these blocks and `answer_cue` laid end to end."""
         return self._to_ids(self._block_pieces(role, text, media))
 
