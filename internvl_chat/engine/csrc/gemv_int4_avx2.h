@@ -1,0 +1,119 @@
+#pragma once
+// The AVX2 int4 GEMV: y = W · x in float32 for a 4-bit weight with one scale s and one offset m
+// per group of g input columns and output row, W[n, k] = q[n, k] · s[n, k/g] + m[n, k/g] (AWQ:
+// m = −z·s; PyTorch's CPU int4 kernel: m = zero − 8·s), x float32. engine/cpu_int4.py makes the
+// layout from an Int4Linear. Used by the operator internvl_chat::gemv_int4 (gemv_avx2.cpp, for
+// tests) and the C++ decode step (decode_step.cpp).
+//
+// Layout, per row: K/2 bytes in blocks of 32 weights (16 bytes = four 32-bit words w = 0..3); the
+// nibble at bits 4p..4p+3 of word w holds k = 8·(p / 2) + 4·(p % 2) + w of the block. A block is
+// loaded into both halves of a register; masking nibble 2i in the low half and 2i + 1 in the high
+// half gives, with no shift, eight values q·2^e that convert to float exactly; x is prescaled by
+// 2^−e once per call, so each 8 weights cost one AND, one conversion and one FMA (the top nibble
+// pair is shifted down 4 bits first, to stay clear of the sign bit). g must be a multiple of 32.
+//
+// Per row: Σ_g s_g · (q_g · x_g) in vector accumulators, plus Σ_g m_g · (Σ x_g) at the end. Rows
+// go four a quarter of the matrix apart (for_rows, gemv_avx2.h), so every thread count gives
+// the same values.
+
+#include "gemv_avx2.h"
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace internvl_chat_cpu {
+
+struct Int4Weight {
+  const uint8_t* q = nullptr;         // [N, K/2], the layout above
+  const float* scales = nullptr;      // [N, K/g]
+  const float* offsets = nullptr;     // [N, K/g]
+  int64_t rows = 0, cols = 0, group = 0;
+};
+
+// checks the three tensors of an int4 weight (q uint8 [N, K/2], scales and offsets float32
+// [N, K/g], contiguous CPU tensors, g a multiple of 32) and returns the weight they hold
+inline Int4Weight int4_weight(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets, int64_t group) {
+  TORCH_CHECK(group > 0 && group % 32 == 0, "int4 weight: the group size must be a multiple of 32");
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 2 && q.size(1) % (group / 2) == 0 && q.size(1) > 0,
+              "int4 weight: q must be uint8 [N, K/2] with K a multiple of the group size");
+  const int64_t N = q.size(0), K = 2 * q.size(1);
+  for (const at::Tensor* t : {&q, &scales, &offsets}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "int4 weight: tensors must be contiguous CPU tensors");
+  }
+  for (const at::Tensor* t : {&scales, &offsets}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->sizes() == at::IntArrayRef({N, K / group}),
+                "int4 weight: scales and offsets must be float32 [N, K/g]");
+  }
+  return {q.data_ptr<uint8_t>(), scales.data_ptr<float>(), offsets.data_ptr<float>(), N, K, group};
+}
+
+// the exponent e of block position j (0..31): lanes of step i = j / 8, half h = (j % 8) / 4
+inline int int4_exponent(int j) {
+  const int i = j / 8, h = (j % 8) / 4;
+  return i < 3 ? 8 * i + 4 * h : 8 * i + 4 * h - 4;
+}
+
+// y[r · stride] for R rows starting at q (rows `stride` rows apart); xs prescaled x, sums Σx per group
+template <int R>
+inline void dot_int4(const Int4Weight& w, int64_t row, int64_t stride, const float* xs, const float* sums, float* y) {
+  const int64_t K = w.cols, G = K / w.group, blocks = w.group / 32;
+  const __m256i low = _mm256_setr_epi32(0xF, 0xF, 0xF, 0xF, 0xF0, 0xF0, 0xF0, 0xF0);
+  const __m256i mask[4] = {low, _mm256_slli_epi32(low, 8), _mm256_slli_epi32(low, 16), _mm256_slli_epi32(low, 20)};
+  const uint8_t* q[R];
+  const float *s[R], *m[R];
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = row + r * stride;
+    q[r] = w.q + n * (K / 2), s[r] = w.scales + n * G, m[r] = w.offsets + n * G;
+    acc[r] = _mm256_setzero_ps();
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 d[R];
+    for (int r = 0; r < R; ++r) d[r] = _mm256_setzero_ps();
+    for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
+      const float* x = xs + b * 32;
+      __m256i v[R];
+      for (int r = 0; r < R; ++r) v[r] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + b * 16)));
+      for (int i = 0; i < 4; ++i) {
+        const __m256 xv = _mm256_loadu_ps(x + 8 * i);
+        for (int r = 0; r < R; ++r) {
+          const __m256i t = i < 3 ? v[r] : _mm256_srli_epi32(v[r], 4);
+          d[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(t, mask[i])), xv, d[r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(d[r], _mm256_set1_ps(s[r][g]), acc[r]);
+  }
+  float out[4];
+  if constexpr (R == 4) {
+    _mm_storeu_ps(out, hsum4(acc[0], acc[1], acc[2], acc[3]));
+  } else {
+    for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  }
+  for (int r = 0; r < R; ++r) y[r * stride] = out[r] + dot_f32(m[r], G, sums);
+}
+
+// y[N] = W · x[K]
+inline void gemv_int4(const Int4Weight& w, const float* xp, float* yp) {
+  const int64_t K = w.cols, G = K / w.group;
+  // x prescaled per block position and summed per group, in a buffer kept per calling thread
+  thread_local std::vector<float> prepared;
+  prepared.resize(K + G);
+  float* xs = prepared.data();
+  float* sums = xs + K;
+  float factor[32];
+  for (int j = 0; j < 32; ++j) factor[j] = std::ldexp(1.0f, -int4_exponent(j));
+  for (int64_t k = 0; k < K; ++k) xs[k] = xp[k] * factor[k % 32];  // exact: powers of two
+  for (int64_t g = 0; g < G; ++g) {
+    float total = 0;
+    for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) total += xp[k];
+    sums[g] = total;
+  }
+  for_rows(
+      w.rows, K,
+      [&](int64_t n) { dot_int4<1>(w, n, 0, xs, sums, yp + n); },
+      [&](int64_t g, int64_t q) { dot_int4<4>(w, g, q, xs, sums, yp + g); });
+}
+
+}  // namespace internvl_chat_cpu
