@@ -69,8 +69,9 @@ inline void dot_int4(const Int4Weight& w, int64_t row, int64_t stride, const flo
     acc[r] = _mm256_setzero_ps();
   }
   for (int64_t g = 0; g < G; ++g) {
-    __m256 d[R];
-    for (int r = 0; r < R; ++r) d[r] = _mm256_setzero_ps();
+    // two accumulators per row (even and odd steps): half the chain of dependent FMAs per block
+    __m256 d[R], e[R];
+    for (int r = 0; r < R; ++r) d[r] = e[r] = _mm256_setzero_ps();
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
       const float* x = xs + b * 32;
       __m256i v[R];
@@ -79,11 +80,12 @@ inline void dot_int4(const Int4Weight& w, int64_t row, int64_t stride, const flo
         const __m256 xv = _mm256_loadu_ps(x + 8 * i);
         for (int r = 0; r < R; ++r) {
           const __m256i t = i < 3 ? v[r] : _mm256_srli_epi32(v[r], 4);
-          d[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(t, mask[i])), xv, d[r]);
+          __m256& a = i % 2 ? e[r] : d[r];
+          a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(t, mask[i])), xv, a);
         }
       }
     }
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(d[r], _mm256_set1_ps(s[r][g]), acc[r]);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_add_ps(d[r], e[r]), _mm256_set1_ps(s[r][g]), acc[r]);
   }
   float out[4];
   if constexpr (R == 4) {
