@@ -209,7 +209,7 @@ def test_the_int4_kernel_computes_q_times_s_plus_m(rows, cols, group):
     scales = torch.rand(rows, cols // group, generator=gen) * 0.02 + 0.001
     offsets = -torch.randint(0, 16, (rows, cols // group), generator=gen) * scales
     x = torch.randn(cols, generator=gen)
-    y = torch.ops.internvl_chat.gemv_int4(cpu_int4.pack(q), scales, offsets, group, x)
+    y = torch.ops.internvl_chat.gemv_int4(cpu_int4.layout(q, scales, offsets), group, x)
     assert y.dtype == torch.float32 and relative(y, int4_reference(q, scales, offsets, x)) <= 2e-6
 
 
@@ -230,9 +230,9 @@ def test_the_int4_layout_holds_what_the_layer_holds(cols, cols_out, group, backe
 
     qweight, qzeros, scales = random_awq(cols, cols_out, group, seed=cols)
     layer = Int4Linear.from_awq(qweight, qzeros, scales, group_size=group, backend=backend, dtype=torch.float32)
-    q, s, m = cpu_int4.tensors(layer)
-    exact = cpu_int4.tensors(Int4Linear.from_awq(qweight, qzeros, scales, group_size=group, backend="dequant"))[0]
-    assert torch.equal(q, exact) and q.shape == (cols_out, cols // 2)
+    q = cpu_int4.values(layer)[0]
+    exact = cpu_int4.values(Int4Linear.from_awq(qweight, qzeros, scales, group_size=group, backend="dequant"))[0]
+    assert torch.equal(q, exact) and q.shape == (cols_out, cols)
     x = torch.randn(cols, generator=torch.Generator().manual_seed(1))
     if backend == "dequant":
         want = dequantize_awq(qweight, qzeros, scales, group, torch.float64).t() @ x.double()
@@ -240,7 +240,9 @@ def test_the_int4_layout_holds_what_the_layer_holds(cols, cols_out, group, backe
         pairs = layer.scale_and_zero.double().repeat_interleave(group, 0)  # [K, N, 2]
         w = (unpack_awq(qweight).double() - 8) * pairs[..., 0] + pairs[..., 1]
         want = w.t() @ x.double()
-    assert relative(torch.ops.internvl_chat.gemv_int4(q, s, m, group, x), want) <= 2e-6
+    weight = cpu_int4.tensor(layer)
+    assert weight.shape == (cols_out, cols // group * (group // 2 + 8))
+    assert relative(torch.ops.internvl_chat.gemv_int4(weight, group, x), want) <= 2e-6
 
 
 def test_the_int4_kernel_gives_the_same_values_on_one_and_two_threads():
@@ -254,9 +256,9 @@ def test_the_int4_kernel_gives_the_same_values_on_one_and_two_threads():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.internvl_chat.gemv_int4(cpu_int4.pack(q), scales, offsets, 128, x)
+        one = torch.ops.internvl_chat.gemv_int4(cpu_int4.layout(q, scales, offsets), 128, x)
         torch.set_num_threads(2)
-        two = torch.ops.internvl_chat.gemv_int4(cpu_int4.pack(q), scales, offsets, 128, x)
+        two = torch.ops.internvl_chat.gemv_int4(cpu_int4.layout(q, scales, offsets), 128, x)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)

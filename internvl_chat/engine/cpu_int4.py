@@ -1,8 +1,9 @@
 """The layout of our AVX2 int4 GEMV (csrc/gemv_int4_avx2.h), made once from an Int4Linear.
 
-The kernel reads, per output row, the 4-bit values packed along K (0.5 B/weight, in blocks of 32
-that its registers unpack without shifts), and per group of g columns a float32 scale s and
-offset m with W[n, k] = q·s + m. From what the layer holds:
+The kernel reads, per output row and group of g columns, the group's 4-bit values (g/2 bytes, in
+blocks of 32 that its registers unpack without shifts) followed by a float32 scale s and offset m,
+W[n, k] = q·s + m: one uint8 tensor [N, K/g · (g/2 + 8)], each row one sequential stream. From
+what the layer holds:
 - backend "dequant" (the AWQ tensors): q, z and s exactly, m = −z·s (exact in float32).
 - backend "torch" on a CPU (PyTorch's int4 kernel, "tinygemm"): its packed weight (a layout
   that depends on the CPU PyTorch runs on, so the nibble order is found by packing probes of the
@@ -47,9 +48,22 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     return pairs.transpose(2, 3).contiguous().reshape(n, k // 2)
 
 
-def tensors(m: Int4Linear, orders: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q packed [N, K/2] uint8, scales [N, G] float32, offsets [N, G] float32) for the kernel.
-    `orders` caches tinygemm's nibble order per shape across the layers of one model."""
+def layout(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The kernel's tensor from q [N, K] (0..15) and float32 scales and offsets [N, K/g]."""
+    n, groups = scales.shape
+    packed = pack(q).reshape(n, groups, -1)
+    pairs = torch.stack((scales.float(), offsets.float()), dim=-1).contiguous().view(torch.uint8)  # [N, G, 8]
+    return torch.cat((packed, pairs), dim=-1).reshape(n, -1)
+
+
+def tensor(m: Int4Linear, orders: dict | None = None) -> torch.Tensor:
+    """The layer's weight in the kernel's layout. `orders` caches tinygemm's nibble order per
+    shape across the layers of one model."""
+    return layout(*values(m, orders))
+
+
+def values(m: Int4Linear, orders: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [N, K] uint8, scales [N, G] float32, offsets [N, G] float32) of the weight the layer computes with."""
     if m.backend == "dequant":
         q = unpack_awq(m.qweight, torch.uint8).t()
         s = m.scales.float().t()
@@ -58,7 +72,7 @@ def tensors(m: Int4Linear, orders: dict | None = None) -> tuple[torch.Tensor, to
         q = _tinygemm_cpu_values(m.packed_weight, m.out_features, m.in_features, {} if orders is None else orders)
         s = m.scale_and_zero[..., 0].float().t()
         offsets = m.scale_and_zero[..., 1].float().t() - 8 * s
-    return pack(q), s.contiguous(), offsets.contiguous()
+    return q, s.contiguous(), offsets.contiguous()
 
 
 def _tinygemm_cpu_values(packed: torch.Tensor, n: int, k: int, orders: dict) -> torch.Tensor:

@@ -112,7 +112,7 @@ class CpuStep:
         if _is_int4(lm):
             orders: dict = {}  # tinygemm's nibble order per shape, found once per build
             with torch.inference_mode():
-                weights = _weights(lm, lambda m: cpu_int4.tensors(m, orders))
+                weights = _weights(lm, lambda m: [cpu_int4.tensor(m, orders)])
             first = lm.model.layers[0].self_attn.qkv_proj
             shape += [first.group_size, int(cpu_int4.rounds_to_bf16(first))]
         else:

@@ -28,8 +28,7 @@ namespace {
 
 using internvl_chat_cpu::dot_f32;
 
-// per layer: ln1, qkv weight, qkv bias, o, ln2, gate_up, down (an int4 weight is three tensors)
-constexpr int kLayerTensors = 7, kLayerTensorsInt4 = 7 + 4 * 2;
+constexpr int kLayerTensors = 7;  // ln1, qkv weight, qkv bias, o, ln2, gate_up, down
 // values converted (bf16) and summed per block of this many positions (the block stays in L1)
 constexpr int64_t kValueBlock = 64;
 
@@ -112,8 +111,7 @@ class DecodeStep : public torch::CustomClassHolder {
   // post-attention norm [D], gate_up weight [2·I, D], down weight [D, I]; all contiguous, CPU, and
   // (but cos and sin) of one dtype, float32 or bfloat16. shape: heads, kv heads, head dim, and for
   // a 4-bit model two more: the group size g and 1 where the linears round to bf16 (else 0); its
-  // qkv, o, gate_up and down weights are then three tensors each, gemv_int4_avx2.h's q [N, K/2]
-  // uint8, scales and offsets [N, K/g] float32.
+  // qkv, o, gate_up and down weights are then in gemv_int4_avx2.h's layout (uint8).
   DecodeStep(std::vector<at::Tensor> tensors, std::vector<int64_t> shape, double eps)
       : tensors_(std::move(tensors)), eps_(static_cast<float>(eps)) {
     TORCH_CHECK(shape.size() == 3 || shape.size() == 5, "DecodeStep: shape is (heads, kv heads, head dim[, group, bf16])");
@@ -123,8 +121,7 @@ class DecodeStep : public torch::CustomClassHolder {
     TORCH_CHECK(heads_ > 0 && kv_heads_ > 0 && head_dim_ > 0 && head_dim_ % 2 == 0 && heads_ % kv_heads_ == 0,
                 "DecodeStep: bad head layout");
     TORCH_CHECK(shape.size() == 3 || group_ > 0, "DecodeStep: bad int4 group size");
-    const size_t per_layer = group_ ? kLayerTensorsInt4 : kLayerTensors;
-    TORCH_CHECK(tensors_.size() >= 5 && (tensors_.size() - 5) % per_layer == 0, "DecodeStep: wrong number of tensors");
+    TORCH_CHECK(tensors_.size() >= 5 && (tensors_.size() - 5) % kLayerTensors == 0, "DecodeStep: wrong number of tensors");
     const at::Tensor& embed = tensors_[0];
     TORCH_CHECK(embed.dim() == 2, "DecodeStep: the embedding must be a matrix");
     const auto dtype = embed.scalar_type();
@@ -133,15 +130,16 @@ class DecodeStep : public torch::CustomClassHolder {
     for (size_t i = 0; i < tensors_.size(); ++i) {
       const at::Tensor& t = tensors_[i];
       TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "DecodeStep: tensor ", i, " is not a contiguous CPU tensor");
-      // an int4 weight's tensors are checked by int4_weight
-      const bool int4_part = group_ && i >= 5 && !is_layer_vector((i - 5) % per_layer);
-      TORCH_CHECK(int4_part || t.scalar_type() == ((i == 3 || i == 4) ? at::kFloat : dtype), "DecodeStep: tensor ", i,
+      // an int4 weight is checked by int4_weight
+      const size_t j = (i - 5) % kLayerTensors;
+      const bool int4 = group_ && i >= 5 && j != 0 && j != 2 && j != 4;
+      TORCH_CHECK(int4 || t.scalar_type() == ((i == 3 || i == 4) ? at::kFloat : dtype), "DecodeStep: tensor ", i,
                   " has the wrong dtype");
     }
     dim_ = embed.size(1);
     vocab_in_ = embed.size(0);
     const int64_t q = heads_ * head_dim_, qkv = (heads_ + 2 * kv_heads_) * head_dim_;
-    layers_ = static_cast<int64_t>((tensors_.size() - 5) / per_layer);
+    layers_ = static_cast<int64_t>((tensors_.size() - 5) / kLayerTensors);
     TORCH_CHECK(layers_ > 0, "DecodeStep: no layers");
     expect(1, {dim_});
     lm_head_ = matrix(2, -1, dim_);
@@ -150,20 +148,17 @@ class DecodeStep : public torch::CustomClassHolder {
     expect(4, {rope_len_, 1, head_dim_ / 2});
     cos_ = tensors_[3].data_ptr<float>(), sin_ = tensors_[4].data_ptr<float>();
     for (int64_t l = 0; l < layers_; ++l) {
-      size_t i = 5 + l * per_layer;  // the next tensor: a linear takes 1 (float) or 3 (int4)
-      const size_t ln1 = i++;
-      expect(ln1, {dim_});
-      qkv_.push_back(linear(i, qkv, dim_));
-      const size_t bias = i++;
-      expect(bias, {qkv});
-      o_.push_back(linear(i, dim_, q));
-      const size_t ln2 = i++;
-      expect(ln2, {dim_});
-      vectors_.insert(vectors_.end(), {tensors_[ln1].data_ptr(), tensors_[bias].data_ptr(), tensors_[ln2].data_ptr()});
-      gate_up_.push_back(linear(i, -1, dim_));
+      const size_t b = 5 + l * kLayerTensors;
+      expect(b, {dim_});
+      vectors_.insert(vectors_.end(), {tensors_[b].data_ptr(), tensors_[b + 2].data_ptr(), tensors_[b + 4].data_ptr()});
+      qkv_.push_back(linear(b + 1, qkv, dim_));
+      expect(b + 2, {qkv});
+      o_.push_back(linear(b + 3, dim_, q));
+      expect(b + 4, {dim_});
+      gate_up_.push_back(linear(b + 5, -1, dim_));
       TORCH_CHECK(gate_up_.back().rows % 2 == 0 && gate_up_.back().rows == gate_up_.front().rows,
                   "DecodeStep: gate_up must have the same even number of rows in every layer");
-      down_.push_back(linear(i, dim_, gate_up_.back().rows / 2));
+      down_.push_back(linear(b + 6, dim_, gate_up_.back().rows / 2));
     }
     x_bf16_.resize(std::max({dim_, q, gate_up_.front().rows / 2}));
     h_.resize(dim_), x_.resize(dim_), y_.resize(dim_), qkv_out_.resize(qkv);
@@ -213,23 +208,15 @@ class DecodeStep : public torch::CustomClassHolder {
                 ", expected ", at::IntArrayRef(sizes));
   }
 
-  // whether tensor j of a layer (0-based) is one of its vectors: ln1, the qkv bias, ln2 (after a
-  // linear of three tensors each, in an int4 step)
-  bool is_layer_vector(size_t j) const {
-    const size_t w = group_ ? 3 : 1;
-    return j == 0 || j == 1 + w || j == 2 + 2 * w;
-  }
-
-  // the linear weight from tensor i (float: one tensor; int4: three), moving i past it
-  Matrix linear(size_t& i, int64_t rows, int64_t cols) {
-    if (!group_) return matrix(i++, rows, cols);
+  // a decoder linear's weight: tensor i as float, or as int4 in a 4-bit step
+  Matrix linear(size_t i, int64_t rows, int64_t cols) const {
+    if (!group_) return matrix(i, rows, cols);
     Matrix m;
     m.int4 = true;
-    m.q4 = internvl_chat_cpu::int4_weight(tensors_[i], tensors_[i + 1], tensors_[i + 2], group_);
+    m.q4 = internvl_chat_cpu::int4_weight(tensors_[i], group_);
     m.rows = m.q4.rows, m.cols = m.q4.cols;
     TORCH_CHECK((rows < 0 || m.rows == rows) && m.cols == cols, "DecodeStep: int4 weight at tensor ", i, " is ",
                 m.rows, " x ", m.cols);
-    i += 3;
     return m;
   }
 

@@ -28,9 +28,8 @@ at::Tensor gemv(const at::Tensor& weight, const at::Tensor& x_in) {
 }
 
 // y = W · x for an int4 weight in gemv_int4_avx2.h's layout (engine/cpu_int4.py makes it)
-at::Tensor gemv_int4(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets, int64_t group,
-                     const at::Tensor& x_in) {
-  const internvl_chat_cpu::Int4Weight w = internvl_chat_cpu::int4_weight(q, scales, offsets, group);
+at::Tensor gemv_int4(const at::Tensor& weight, int64_t group, const at::Tensor& x_in) {
+  const internvl_chat_cpu::Int4Weight w = internvl_chat_cpu::int4_weight(weight, group);
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.numel() == w.cols,
               "gemv_int4: x must be float32 with one value per weight column");
   const at::Tensor x = x_in.contiguous();
@@ -43,7 +42,7 @@ at::Tensor gemv_int4(const at::Tensor& q, const at::Tensor& scales, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(internvl_chat, m) {
   m.def("gemv(Tensor weight, Tensor x) -> Tensor");
-  m.def("gemv_int4(Tensor q, Tensor scales, Tensor offsets, int group, Tensor x) -> Tensor");
+  m.def("gemv_int4(Tensor weight, int group, Tensor x) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(internvl_chat, CPU, m) {
   m.impl("gemv", &gemv);
