@@ -93,13 +93,17 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def _tinygemm_cpu_order(n: int, k: int) -> torch.Tensor:
     """order[p] = the flat index n·K + k of the value that nibble p of the packed weight holds:
-    the packing is a fixed permutation per shape, read off by packing each 4 bits of the index."""
-    index = torch.arange(n * k, dtype=torch.int64)
-    order = torch.zeros(n * k, dtype=torch.int64)
+    the packing is a fixed permutation per shape, read off by packing each 4 bits of the index.
+    int32 throughout (a linear has < 2^31 weights): ~13 bytes per weight while it runs."""
+    if n * k >= 2**31:
+        raise RuntimeError(f"a {n}×{k} int4 weight is too large for the C++ step")
+    index = torch.arange(n * k, dtype=torch.int32)
+    order = torch.zeros(n * k, dtype=torch.int32)
     for shift in range(0, max(1, (n * k - 1).bit_length()), 4):
-        probe = ((index >> shift) & 0xF).to(torch.int32).reshape(n, k)
+        probe = ((index >> shift) & 0xF).reshape(n, k)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
-        order |= _nibbles(packed).to(torch.int64) << shift
+        order |= _nibbles(packed).to(torch.int32) << shift
+    del index, probe
     if order.max() >= n * k or not torch.bincount(order, minlength=n * k).eq(1).all():
         raise RuntimeError("PyTorch's CPU int4 packing is not a permutation of the weight here")
     return order
