@@ -370,6 +370,12 @@ def test_a_w4_checkpoint_decodes_the_eager_greedy_tokens(w4_pair):
     got, got_logits = greedy_steps(fast.model, ids, 40)
     assert got == want and fast.model.compiled_step.steps - before == 40
     assert relative(got_logits, want_logits) <= 0.01
+    # the int4 copy the C++ step holds counts in the model's memory: 0.5 B/weight + 8 B per group and row
+    lm = eager.model.language_model
+    linears = [m for m in lm.modules() if type(m).__name__ == "Int4Linear"]
+    copy = sum(m.out_features * (m.in_features // 2 + m.in_features // m.group_size * 8) for m in linears)
+    assert fast.model.compiled_step.native.extra_bytes == copy
+    assert fast.model.memory_bytes() == eager.model.memory_bytes() + copy
 
 
 def test_a_w4_session_with_undo_and_retry_matches_eager(w4_pair):

@@ -104,17 +104,20 @@ class CpuStep:
         self._tables = None  # the RoPE table built into the step (a new cache allocation makes new ones)
         self._caches = None
         self._step = None
+        self.extra_bytes = 0  # bytes of the weight copies the built step holds (a W4 model's int4 layout)
 
     def _build(self) -> None:
         lm, cfg = self.lm, self.lm.cfg
         shape = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim]
         self._step = None  # a rebuild's int4 copy is made after the old one is dropped
+        self.extra_bytes = 0
         if _is_int4(lm):
             orders: dict = {}  # tinygemm's nibble order per shape, found once per build
             with torch.inference_mode():
                 weights = _weights(lm, lambda m: [cpu_int4.tensor(m, orders)])
             first = lm.model.layers[0].self_attn.qkv_proj
             shape += [first.group_size, int(cpu_int4.rounds_to_bf16(first))]
+            self.extra_bytes = sum(t.numel() for t in weights if t.dtype == torch.uint8)  # the int4 copies
         else:
             weights = _weights(lm)
         tensors = [t.detach() for t in weights[:3] + [lm.cos, lm.sin] + weights[3:]]
