@@ -1,8 +1,8 @@
 """W4 (AWQ g128, the `torch` int4 backend) against bf16 on a CPU, side by side in one process: a
 Qwen2.5-0.5B-shaped decoder (InternVL3-1B's LLM, random weights) built twice from the same seed,
 greedy decode from the same context, eager and then with the fast decode step `model.compile`
-picks (the C++ step where the AVX2 kernels load, W4 through our int4 kernel; else Inductor's step,
-W4 around tinygemm's CPU kernel), rounds interleaved so that load from other jobs falls on both alike. Prints tokens/s and
+picks (bf16: the C++ step where the AVX2 kernels load; W4: Inductor's step around tinygemm's CPU
+kernel), rounds interleaved so that load from other jobs falls on both alike. Prints tokens/s and
 the bytes each step reads.
 
     .venv/bin/python scripts/bench_w4_cpu_ab.py --threads 2 --rounds 3

@@ -1,9 +1,8 @@
 """The fast one-token decode step: our C++ step, or `torch.compile` (Inductor) of the decoder's step.
 
 - CPU with AVX2 and FMA, where our kernels' library builds (cpu_gemv.py): the whole step in one
-  C++ call (cpu_step.py), for every float32 or bfloat16 Qwen2 decoder, W4 ones too (our int4
-  kernel over the Int4Linear layers; `cpu_step.unsupported` names what it cannot run); nothing is
-  traced or compiled by Inductor. What follows is the step everywhere else.
+  C++ call (cpu_step.py), for every float32 or bfloat16 Qwen2 decoder; nothing is traced or
+  compiled by Inductor. What follows is the step everywhere else.
 - CPU: Inductor's C++ kernels (gcc or clang is needed the first time a model shape is compiled).
   The position is a symbolic int, so one compiled graph serves every cache length, and attention
   reads exactly the valid prefix: no bucket padding and no mask.

@@ -35,7 +35,7 @@ from .cpu_features import GEMV_FLAGS, cpu_flags
 CSRC = Path(__file__).with_name("csrc")
 # one library: the GEMV operator and the C++ decode step (cpu_step.py), which share the kernels
 SOURCES = (CSRC / "gemv_avx2.cpp", CSRC / "decode_step.cpp")
-HEADERS = (CSRC / "gemv_avx2.h", CSRC / "gemv_int4_avx2.h")
+HEADERS = (CSRC / "gemv_avx2.h",)
 OPERATOR = "internvl_chat::gemv"
 DTYPES = (torch.float32, torch.bfloat16)  # weight dtypes the kernel reads
 # -fopenmp: at::parallel_for's threads (served by torch's own libgomp, already loaded)

@@ -11,10 +11,8 @@ where the eager step holds bf16 tensors. It lives in the GEMV kernel's library, 
 machine (cpu_gemv.py), so it needs no Inductor compile at all.
 
 `CompiledStep` (compiled.py) uses it for a Qwen2 decoder whose linears are plain float32 or
-bfloat16 `nn.Linear`s, or a W4 model's Int4Linear layers (backend "torch" on the CPU or "dequant",
-group size a multiple of 32: run by our AVX2 int4 kernel, gemv_int4_avx2.h, on a copy of the
-weights in its layout made at build time, cpu_int4.py), with a float32 or bfloat16 KV cache;
-anything else (fp16, other int4 backends) keeps the Inductor step.
+bfloat16 `nn.Linear`s with a float32 or bfloat16 KV cache; anything else (a W4 model's Int4Linear
+layers, fp16) keeps the Inductor step.
 """
 
 from __future__ import annotations
@@ -22,29 +20,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from internvl_chat.quant.int4_linear import Int4Linear
-
-from . import cpu_gemv, cpu_int4
+from . import cpu_gemv
 from .vision import RMSNorm
 
 DTYPES = cpu_gemv.DTYPES  # weights and KV caches it reads: float32, bfloat16
 
 
-def _weights(lm, linear=lambda m: [m.weight]) -> list:
+def _weights(lm) -> list:
     """Every weight the step reads, in DecodeStep's order (without the RoPE tables): embedding,
     final norm, lm_head, then per layer its input norm, qkv weight and bias, o, post-attention
-    norm, gate_up and down; `linear(module)` gives a decoder linear's weight tensors."""
+    norm, gate_up and down."""
     decoder = lm.model
     weights = [decoder.embed_tokens.weight, decoder.norm.weight, lm.lm_head.weight]
     for layer in decoder.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        weights += [layer.input_layernorm.weight, *linear(attn.qkv_proj), attn.qkv_proj.bias, *linear(attn.o_proj),
-                    layer.post_attention_layernorm.weight, *linear(mlp.gate_up_proj), *linear(mlp.down_proj)]  # fmt: skip
+        weights += [layer.input_layernorm.weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+                    layer.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight]  # fmt: skip
     return weights
-
-
-def _is_int4(lm) -> bool:
-    return type(lm.model.layers[0].self_attn.qkv_proj) is Int4Linear
 
 
 def unsupported(lm) -> str | None:
@@ -55,24 +47,11 @@ def unsupported(lm) -> str | None:
     dtype = decoder.embed_tokens.weight.dtype
     if dtype not in DTYPES:
         return f"weights in {dtype}"
-    int4 = _is_int4(lm)
-    first = lm.model.layers[0].self_attn.qkv_proj
     for i, layer in enumerate(decoder.layers):
         attn, mlp = layer.self_attn, layer.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if int4:
-            if any(type(m) is not Int4Linear for m in linears):
-                return f"layer {i} mixes float and 4-bit linears"
-            for m in linears:
-                reason = cpu_int4.unsupported(m)
-                if reason is None and (m.backend, m.group_size) != (first.backend, first.group_size):
-                    reason = "int4 linears of several backends or group sizes"
-                if reason is not None:
-                    return f"layer {i}: {reason}"
-        elif any(type(m) is not nn.Linear for m in linears):
-            return f"layer {i} is not a float or 4-bit Qwen2 layer"
-        if attn.qkv_proj.bias is None:
-            return f"layer {i} has no qkv bias"
+        if any(type(m) is not nn.Linear for m in linears) or attn.qkv_proj.bias is None:
+            return f"layer {i} is not a float Qwen2 layer"
         if any(m.bias is not None for m in linears[1:]):
             return f"layer {i} has a bias the C++ step does not add"
         if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
@@ -81,8 +60,7 @@ def unsupported(lm) -> str | None:
             return f"layer {i} has another RMSNorm epsilon"
     if type(lm.lm_head) is not nn.Linear or lm.lm_head.bias is not None or type(decoder.norm) is not RMSNorm:
         return "the output head is not a float linear without bias"
-    if any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous()
-           for t in _weights(lm, (lambda m: []) if int4 else (lambda m: [m.weight]))):  # fmt: skip
+    if any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() for t in _weights(lm)):
         return "weights of mixed dtypes, or not contiguous CPU tensors"
     caches = [t for pair in lm.caches() for t in pair]
     if not caches or any(t.dtype not in DTYPES or not t.is_contiguous() for t in caches):
@@ -104,23 +82,12 @@ class CpuStep:
         self._tables = None  # the RoPE table built into the step (a new cache allocation makes new ones)
         self._caches = None
         self._step = None
-        self.extra_bytes = 0  # bytes of the weight copies the built step holds (a W4 model's int4 layout)
 
     def _build(self) -> None:
         lm, cfg = self.lm, self.lm.cfg
-        shape = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim]
-        self._step = None  # a rebuild's int4 copy is made after the old one is dropped
-        self.extra_bytes = 0
-        if _is_int4(lm):
-            orders: dict = {}  # tinygemm's nibble order per shape, found once per build
-            with torch.inference_mode():
-                weights = _weights(lm, lambda m: [cpu_int4.tensor(m, orders)])
-            first = lm.model.layers[0].self_attn.qkv_proj
-            shape += [first.group_size, int(cpu_int4.rounds_to_bf16(first))]
-            self.extra_bytes = sum(t.numel() for t in weights if t.dtype == torch.uint8)  # the int4 copies
-        else:
-            weights = _weights(lm)
+        weights = _weights(lm)
         tensors = [t.detach() for t in weights[:3] + [lm.cos, lm.sin] + weights[3:]]
+        shape = [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim]
         self._step = torch.classes.internvl_chat.DecodeStep(tensors, shape, float(lm.model.norm.eps))
         self._version, self._tables, self._caches = lm.weights_version, lm.cos, None
 

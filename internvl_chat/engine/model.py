@@ -422,13 +422,10 @@ class InternVLModel(nn.Module):
 
     def memory_bytes(self) -> int:
         """Resident weight bytes (parameters, the packed buffers of 4-bit linears and the compiled
-        CPU step's column-block copies of long rows, or the C++ step's copy of the 4-bit weights;
-        not the KV cache)."""
+        CPU step's column-block copies of long rows; not the KV cache)."""
         seen, total = {t.data_ptr() for t in self.language_model.k_cache + self.language_model.v_cache}, 0
         for t in list(self.parameters()) + list(self.buffers()):
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
-        step = getattr(self, "compiled_step", None)
-        native = step.native if step is not None else None
-        return total + row_chunk_bytes(self.language_model) + (native.extra_bytes if native is not None else 0)
+        return total + row_chunk_bytes(self.language_model)

@@ -2,10 +2,7 @@
 // and FMA (engine/cpu_step.py says when it is used and why). One call per token: embedding row,
 // every layer (RMSNorm, qkv with bias, RoPE, cache write, attention over the valid prefix, o,
 // residual, RMSNorm, gate/up, SiLU·mul, down, residual), final norm, lm_head. Activations live in
-// preallocated float32 buffers; the linears are gemv_avx2.h's kernels, or gemv_int4_avx2.h's for a
-// 4-bit model's decoder linears (qkv, o, gate_up, down; the lm_head stays float). Where PyTorch's
-// CPU int4 kernel would run those (it takes and gives bf16), their input and output are rounded to
-// bf16 here too.
+// preallocated float32 buffers; the linears are gemv_avx2.h's kernels.
 //
 // With bfloat16 weights the step rounds to bfloat16 wherever the eager step (language.py) holds a
 // bfloat16 tensor: each linear's output, the norm's cast before and product after its weight,
@@ -14,7 +11,6 @@
 // float32 tolerance, not bit for bit.
 
 #include "gemv_avx2.h"
-#include "gemv_int4_avx2.h"
 
 #include <ATen/ops/empty.h>
 #include <torch/custom_class.h>
@@ -89,15 +85,11 @@ struct Matrix {
   const void* data = nullptr;
   bool bf16 = false;
   int64_t rows = 0, cols = 0;
-  bool int4 = false;
-  internvl_chat_cpu::Int4Weight q4;
 };
 
 // y = w · x
 inline void gemv(const Matrix& w, const float* x, float* y) {
-  if (w.int4) {
-    internvl_chat_cpu::gemv_int4(w.q4, x, y);
-  } else if (w.bf16) {
+  if (w.bf16) {
     internvl_chat_cpu::gemv_bf16(static_cast<const at::BFloat16*>(w.data), w.rows, w.cols, x, y);
   } else {
     internvl_chat_cpu::gemv_f32(static_cast<const float*>(w.data), w.rows, w.cols, x, y);
@@ -109,18 +101,13 @@ class DecodeStep : public torch::CustomClassHolder {
   // tensors: embedding [V', D], final norm [D], lm_head [V, D], cos and sin [S', 1, hd/2] (float32),
   // then per layer: input norm [D], qkv weight [(H + 2·KV)·hd, D], qkv bias, o weight [D, H·hd],
   // post-attention norm [D], gate_up weight [2·I, D], down weight [D, I]; all contiguous, CPU, and
-  // (but cos and sin) of one dtype, float32 or bfloat16. shape: heads, kv heads, head dim, and for
-  // a 4-bit model two more: the group size g and 1 where the linears round to bf16 (else 0); its
-  // qkv, o, gate_up and down weights are then in gemv_int4_avx2.h's layout (uint8).
+  // (but cos and sin) of one dtype, float32 or bfloat16. shape: heads, kv heads, head dim.
   DecodeStep(std::vector<at::Tensor> tensors, std::vector<int64_t> shape, double eps)
       : tensors_(std::move(tensors)), eps_(static_cast<float>(eps)) {
-    TORCH_CHECK(shape.size() == 3 || shape.size() == 5, "DecodeStep: shape is (heads, kv heads, head dim[, group, bf16])");
+    TORCH_CHECK(shape.size() == 3, "DecodeStep: shape is (heads, kv heads, head dim)");
     heads_ = shape[0], kv_heads_ = shape[1], head_dim_ = shape[2];
-    group_ = shape.size() == 5 ? shape[3] : 0;
-    int4_bf16_ = shape.size() == 5 && shape[4] != 0;
     TORCH_CHECK(heads_ > 0 && kv_heads_ > 0 && head_dim_ > 0 && head_dim_ % 2 == 0 && heads_ % kv_heads_ == 0,
                 "DecodeStep: bad head layout");
-    TORCH_CHECK(shape.size() == 3 || group_ > 0, "DecodeStep: bad int4 group size");
     TORCH_CHECK(tensors_.size() >= 5 && (tensors_.size() - 5) % kLayerTensors == 0, "DecodeStep: wrong number of tensors");
     const at::Tensor& embed = tensors_[0];
     TORCH_CHECK(embed.dim() == 2, "DecodeStep: the embedding must be a matrix");
@@ -130,11 +117,7 @@ class DecodeStep : public torch::CustomClassHolder {
     for (size_t i = 0; i < tensors_.size(); ++i) {
       const at::Tensor& t = tensors_[i];
       TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "DecodeStep: tensor ", i, " is not a contiguous CPU tensor");
-      // an int4 weight is checked by int4_weight
-      const size_t j = (i - 5) % kLayerTensors;
-      const bool int4 = group_ && i >= 5 && j != 0 && j != 2 && j != 4;
-      TORCH_CHECK(int4 || t.scalar_type() == ((i == 3 || i == 4) ? at::kFloat : dtype), "DecodeStep: tensor ", i,
-                  " has the wrong dtype");
+      TORCH_CHECK(t.scalar_type() == ((i == 3 || i == 4) ? at::kFloat : dtype), "DecodeStep: tensor ", i, " has the wrong dtype");
     }
     dim_ = embed.size(1);
     vocab_in_ = embed.size(0);
@@ -151,16 +134,15 @@ class DecodeStep : public torch::CustomClassHolder {
       const size_t b = 5 + l * kLayerTensors;
       expect(b, {dim_});
       vectors_.insert(vectors_.end(), {tensors_[b].data_ptr(), tensors_[b + 2].data_ptr(), tensors_[b + 4].data_ptr()});
-      qkv_.push_back(linear(b + 1, qkv, dim_));
+      qkv_.push_back(matrix(b + 1, qkv, dim_));
       expect(b + 2, {qkv});
-      o_.push_back(linear(b + 3, dim_, q));
+      o_.push_back(matrix(b + 3, dim_, q));
       expect(b + 4, {dim_});
-      gate_up_.push_back(linear(b + 5, -1, dim_));
+      gate_up_.push_back(matrix(b + 5, -1, dim_));
       TORCH_CHECK(gate_up_.back().rows % 2 == 0 && gate_up_.back().rows == gate_up_.front().rows,
                   "DecodeStep: gate_up must have the same even number of rows in every layer");
-      down_.push_back(linear(b + 6, dim_, gate_up_.back().rows / 2));
+      down_.push_back(matrix(b + 6, dim_, gate_up_.back().rows / 2));
     }
-    x_bf16_.resize(std::max({dim_, q, gate_up_.front().rows / 2}));
     h_.resize(dim_), x_.resize(dim_), y_.resize(dim_), qkv_out_.resize(qkv);
     attn_.resize(q), gate_up_out_.resize(gate_up_.front().rows), act_.resize(gate_up_.front().rows / 2);
   }
@@ -208,32 +190,6 @@ class DecodeStep : public torch::CustomClassHolder {
                 ", expected ", at::IntArrayRef(sizes));
   }
 
-  // a decoder linear's weight: tensor i as float, or as int4 in a 4-bit step
-  Matrix linear(size_t i, int64_t rows, int64_t cols) const {
-    if (!group_) return matrix(i, rows, cols);
-    Matrix m;
-    m.int4 = true;
-    m.q4 = internvl_chat_cpu::int4_weight(tensors_[i], group_);
-    m.rows = m.q4.rows, m.cols = m.q4.cols;
-    TORCH_CHECK((rows < 0 || m.rows == rows) && m.cols == cols, "DecodeStep: int4 weight at tensor ", i, " is ",
-                m.rows, " x ", m.cols);
-    return m;
-  }
-
-  // y = w · x for a decoder linear. An int4 layer gives y in the activations' dtype before its bias
-  // is added (rounded to bf16 in a bf16 model), and where the kernel it stands for takes bf16, x
-  // is rounded to bf16 first and y after whatever the activations' dtype.
-  void project(const Matrix& w, const float* x, float* y) {
-    if (!w.int4) return gemv(w, x, y);
-    if (int4_bf16_) {
-      for (int64_t k = 0; k < w.cols; ++k) x_bf16_[k] = round_bf16(x[k]);
-      x = x_bf16_.data();
-    }
-    gemv(w, x, y);
-    if (int4_bf16_ || round_)
-      for (int64_t n = 0; n < w.rows; ++n) y[n] = round_bf16(y[n]);
-  }
-
   Matrix matrix(size_t i, int64_t rows, int64_t cols) const {
     const at::Tensor& t = tensors_[i];
     TORCH_CHECK(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && t.size(1) == cols, "DecodeStep: tensor ", i,
@@ -275,7 +231,7 @@ class DecodeStep : public torch::CustomClassHolder {
   void layer(int64_t l, int64_t pos) {
     const int64_t hd = head_dim_, half = hd / 2, q = heads_ * hd, kv = kv_heads_ * hd;
     norm(vectors_[3 * l], h_.data(), x_.data());
-    project(qkv_[l], x_.data(), qkv_out_.data());
+    gemv(qkv_[l], x_.data(), qkv_out_.data());
     add_bias(vectors_[3 * l + 1], qkv_out_.data(), q + 2 * kv);
     // RoPE (rotate-half) on the q and k heads, computed in float32 like the reference
     const float* c = cos_ + pos * half;
@@ -293,16 +249,16 @@ class DecodeStep : public torch::CustomClassHolder {
     if (cache_bf16_) round_all(qkv_out_.data(), q);  // attention runs in the cache's dtype
     attend(keys_[l].data_ptr(), values_[l].data_ptr(), qkv_out_.data(), pos + 1, attn_.data());
     if (cache_bf16_ || round_) round_all(attn_.data(), q);
-    project(o_[l], attn_.data(), y_.data());
+    gemv(o_[l], attn_.data(), y_.data());
     for (int64_t d = 0; d < dim_; ++d) h_[d] = r(h_[d] + r(y_[d]));
     norm(vectors_[3 * l + 2], h_.data(), x_.data());
     const int64_t inter = gate_up_[l].rows / 2;
-    project(gate_up_[l], x_.data(), gate_up_out_.data());
+    gemv(gate_up_[l], x_.data(), gate_up_out_.data());
     for (int64_t i = 0; i < inter; ++i) {
       const float g = r(gate_up_out_[i]), u = r(gate_up_out_[inter + i]);
       act_[i] = r(r(g / (1.0f + std::exp(-g))) * u);
     }
-    project(down_[l], act_.data(), y_.data());
+    gemv(down_[l], act_.data(), y_.data());
     for (int64_t d = 0; d < dim_; ++d) h_[d] = r(h_[d] + r(y_[d]));
   }
 
@@ -436,9 +392,6 @@ class DecodeStep : public torch::CustomClassHolder {
   std::vector<const void*> vectors_;  // per layer: input norm, qkv bias, post-attention norm
   const float *cos_ = nullptr, *sin_ = nullptr;
   Matrix lm_head_;
-  int64_t group_ = 0;  // the int4 group size; 0: float linears
-  bool int4_bf16_ = false;
-  std::vector<float> x_bf16_;
   int64_t heads_ = 0, kv_heads_ = 0, head_dim_ = 0, dim_ = 0, vocab_in_ = 0, layers_ = 0, rope_len_ = 0, cache_len_ = 0;
   float eps_;
   bool round_ = false, cache_bf16_ = false;

@@ -1,9 +1,7 @@
 // internvl_chat::gemv(weight, x): y = weight · x in float32, for the compiled CPU decode step's
-// one-row linears (engine/cpu_gemv.py says when and why); the kernels are in gemv_avx2.h. And
-// internvl_chat::gemv_int4, the int4 kernel of gemv_int4_avx2.h on its own (for tests).
+// one-row linears (engine/cpu_gemv.py says when and why); the kernels are in gemv_avx2.h.
 
 #include "gemv_avx2.h"
-#include "gemv_int4_avx2.h"
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -27,24 +25,7 @@ at::Tensor gemv(const at::Tensor& weight, const at::Tensor& x_in) {
   return y;
 }
 
-// y = W · x for an int4 weight in gemv_int4_avx2.h's layout (engine/cpu_int4.py makes it)
-at::Tensor gemv_int4(const at::Tensor& weight, int64_t group, const at::Tensor& x_in) {
-  const internvl_chat_cpu::Int4Weight w = internvl_chat_cpu::int4_weight(weight, group);
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.numel() == w.cols,
-              "gemv_int4: x must be float32 with one value per weight column");
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty({w.rows}, x.options());
-  internvl_chat_cpu::gemv_int4(w, x.data_ptr<float>(), y.data_ptr<float>());
-  return y;
-}
-
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(internvl_chat, m) {
-  m.def("gemv(Tensor weight, Tensor x) -> Tensor");
-  m.def("gemv_int4(Tensor weight, int group, Tensor x) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(internvl_chat, CPU, m) {
-  m.impl("gemv", &gemv);
-  m.impl("gemv_int4", &gemv_int4);
-}
+TORCH_LIBRARY_FRAGMENT(internvl_chat, m) { m.def("gemv(Tensor weight, Tensor x) -> Tensor"); }
+TORCH_LIBRARY_IMPL(internvl_chat, CPU, m) { m.impl("gemv", &gemv); }
