@@ -263,3 +263,12 @@ def test_the_tokenizers_own_warnings_never_reach_the_user(tiny_original, tmp_pat
     assert run.returncode == 0, run.stderr
     assert "Token indices" not in run.stderr and "transformers" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1  # the stats line only
+
+
+def test_python_dash_m_runs_the_app():
+    # a checkout used without `pip install` runs as `python -m internvl_chat`
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    out = subprocess.run([sys.executable, "-m", "internvl_chat", "--version"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("internvl-chat ")
