@@ -107,7 +107,8 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(ROLE), r"^the server closed the stream before the answer finished; ask again$"),
         (Reply.sse(ROLE, end="reset"), r"^the connection to http://127\.0\.0\.1:\d+/v1 broke (in the middle of the answer|"
          r"before the answer began) \(.*\); ask again$"),  # the RST may drop the head too
-        (Reply.sse(ROLE, end="cut"), r"broke in the middle of the answer"),
+        # a role-only chunk is no answer text yet (it said "in the middle of the answer")
+        (Reply.sse(ROLE, end="cut"), r"broke before the answer began"),
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
     ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "503-html",

@@ -245,6 +245,14 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
     return StreamFailed(f"the connection to {url} broke {where} ({_reason(err)})", "ask again")
 
 
+def _has_text(chunk: dict) -> bool:
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and isinstance(c.get("delta"), dict) and isinstance(c["delta"].get("content"), str)
+        and c["delta"]["content"] != "" for c in choices
+    )  # fmt: skip
+
+
 def _shut(sock: socket.socket) -> None:
     """End every read blocked in `sock` at once (the plain socket's shutdown: an SSLSocket's own
     would unwrap it under the read)."""
@@ -419,7 +427,7 @@ class ChatStream:
         self.comments = 0  # SSE comment lines seen (keep-alive pings)
         self._lock = threading.Lock()  # `_socket` is shut only while its answer is being read
         self._socket: socket.socket | None = None
-        self._started = False  # any chunk received: an error after it is "in the middle of the answer"
+        self._started = False  # answer text received: an error after it is "in the middle of the answer"
         self._in_flight = False  # the request is being sent, or its head awaited
         self._events = self._run()
 
@@ -511,7 +519,8 @@ class ChatStream:
                 if chunk is None:
                     self.done = True
                     return
-                self._started = True
+                # a role-only first chunk is no answer yet: a break after it said "in the middle of the answer"
+                self._started = self._started or _has_text(chunk)
                 yield chunk
             self.comments = decoder.comments
             if events:
