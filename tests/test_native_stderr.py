@@ -227,49 +227,24 @@ def test_a_window_still_open_when_the_app_drops_its_stderr_puts_fd_2_back():
     assert (run.returncode, run.stdout, run.stderr) == (0, "b''\n", "back\n")
 
 
-def test_a_ctrl_c_just_as_a_window_opens_leaves_fd_2_where_it_was():
-    """The signal handler can run right after dup2 returns, inside __enter__, and `with` calls no
-    __exit__ when __enter__ raises: the window must close itself."""
-    run = _python("""
+@pytest.mark.parametrize("call, nth", [("dup2", 1), ("fstat", 2)], ids=["as-it-opens", "as-it-closes"])
+def test_a_ctrl_c_just_as_a_window_opens_or_closes_puts_fd_2_back(call, nth):
+    """The signal handler can run when any call inside the window's __enter__ or __exit__ returns
+    (right after dup2 in __enter__, and `with` calls no __exit__ when __enter__ raises; as the sink's
+    size is read in __exit__): fd 2 must be back and the window uncounted wherever it lands, or every
+    later window would leave fd 2 on the sink for good."""
+    run = _python(f"""
         import os, sys
         from internvl_chat import native_stderr
         sys.stderr = native_stderr.separate_python_stderr(sys.stderr)
-        real_dup2, calls = os.dup2, []
-        def dup2_then_ctrl_c(fd, fd2):
-            real_dup2(fd, fd2)
-            calls.append(fd)
-            if len(calls) == 1:
-                raise KeyboardInterrupt  # as Python's handler raises it at the call's return
-        os.dup2 = dup2_then_ctrl_c
-        try:
-            with native_stderr.captured():
-                print("not reached")
-        except KeyboardInterrupt:
-            pass
-        os.write(2, b"back\\n")
-        with native_stderr.captured():
-            os.write(2, b"native\\n")
-        os.write(2, b"and back again\\n")
-    """)
-    assert (run.returncode, run.stdout, run.stderr) == (0, "", "back\nand back again\n")
-
-
-def test_a_ctrl_c_just_as_a_window_closes_puts_fd_2_back():
-    """The signal handler can run when any call inside __exit__ returns (the size of the sink is
-    read there): fd 2 must be back and the window uncounted wherever it lands, or every later
-    window would leave fd 2 on the sink for good."""
-    run = _python("""
-        import os, sys
-        from internvl_chat import native_stderr
-        sys.stderr = native_stderr.separate_python_stderr(sys.stderr)
-        real_fstat, calls = os.fstat, []
-        def fstat_then_ctrl_c(fd):
-            result = real_fstat(fd)
-            calls.append(fd)
-            if len(calls) == 2:  # the window's close
+        real, calls = os.{call}, []
+        def then_ctrl_c(*args):
+            result = real(*args)
+            calls.append(args)
+            if len(calls) == {nth}:
                 raise KeyboardInterrupt  # as Python's handler raises it at the call's return
             return result
-        os.fstat = fstat_then_ctrl_c
+        os.{call} = then_ctrl_c
         try:
             with native_stderr.captured():
                 os.write(2, b"native\\n")
