@@ -37,7 +37,7 @@ _open = 0  # windows open now, in all threads
 class captured:  # noqa: N801 - used as a function: `with captured() as capture:`
     """fd 2 sent to a private file while the block runs (where the app asked for it), put back on
     every way out, exceptions and KeyboardInterrupt included; `data` holds what was written.
-    (A class, not a generator: the tokenizer opens one per decoded token.)"""
+    (A class, not a generator: one opens for every encode of a message and every picture read.)"""
 
     __slots__ = ("data", "_start", "_entered")
 

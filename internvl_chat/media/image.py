@@ -419,7 +419,8 @@ def _decode(path: Path) -> Image.Image:
         except MemoryError:
             raise MediaError(f"not enough memory to decode {visible(str(path))}; downscale the image first") from None
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
-            reason = _one_line(e) + (f": {native.excerpt()}" if native.excerpt() else "")
+            excerpt = native.excerpt()
+            reason = _one_line(e) + (f": {excerpt}" if excerpt else "")
             raise MediaError(f"cannot decode {visible(str(path))}: the file is truncated or corrupt ({visible(reason)}); re-export or re-download it") from None
         return to_rgb(upright(image, orientation))
 
