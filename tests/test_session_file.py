@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from internvl_chat.chat.session_file import DamagedSession, SavedSession, parse_session, read_session_file
+from internvl_chat.chat.session_file import DamagedSession, SavedSession, parse_session, read_session_file, session_json
 from internvl_chat.errors import UsageError
 from internvl_chat.ui.app import ERROR, OK, App
 from app_helpers import make_app, output
@@ -60,6 +60,17 @@ def test_a_valid_session_parses():
     assert (image.kind, image.tiles, image.max_tiles, image.relative_path) == ("image", 3, 12, "cat.png")
     assert (video.kind, video.frames, video.video_range) == ("video", 4, (0.5, 2.0))
     assert saved.turns[0].answer_ids == (5, 6, 7) and saved.turns[1].finish_reason == "cancelled"
+
+
+def test_the_file_writes_lists_of_numbers_on_one_line_and_leaves_strings_alone():
+    data = valid_session()
+    data["messages"][1]["token_ids"] = list(range(900, 996))
+    data["messages"][0]["text"] = "ids [\n1,\n2\n] and [1,2]"  # a string that looks like a list
+    text = session_json(data)
+    assert json.loads(text) == data
+    assert '"token_ids": [' + ", ".join(map(str, range(900, 996))) + "]" in text
+    assert len(text.splitlines()) < 96  # not one line per token id (96 of them)
+    assert parse_session(json.loads(text), Path("s.json"), VOCAB, FORBIDDEN).turns[0].answer_ids == tuple(range(900, 996))
 
 
 def test_a_remote_session_parses_without_token_ids_and_keeps_replies_as_returned():

@@ -293,8 +293,18 @@ def session_json(data: dict) -> str:
     """A session as the text of its file: JSON, non-ASCII kept readable, lone surrogates (the bytes
     of a file name that is not UTF-8) as `\\udcXX` escapes, which UTF-8 can hold, and characters that
     would drive or reorder a terminal as escapes (the same JSON text)."""
-    text = json.dumps(data, ensure_ascii=False, indent=1)
+    text = _NUMBER_LIST.sub(_one_line, json.dumps(data, ensure_ascii=False, indent=1))
     return escape_hidden(text, surrogates=True)  # so `cat` or `less` on a session file shows the text inert
+
+
+# A list of numbers as json.dumps(indent=1) writes it, one number per line. Only structural
+# whitespace holds a raw line break (a string's is written `\n`), so the text of a string never matches.
+_NUMBER_LIST = re.compile(r"\[\n *(-?[0-9][0-9.eE+-]*(?:,\n *-?[0-9][0-9.eE+-]*)*)\n *\]")
+
+
+def _one_line(match: re.Match[str]) -> str:
+    """A list of numbers (an answer's token ids: thousands) on one line, not one line each."""
+    return "[" + ", ".join(item.strip() for item in match.group(1).split(",\n")) + "]"
 
 
 # --- media paths -------------------------------------------------------------------------------
