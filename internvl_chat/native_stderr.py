@@ -52,8 +52,8 @@ class captured:  # noqa: N801 - used as a function: `with captured() as capture:
             return self
         try:
             # The counter and the flag change together, with no call between them: Python runs a
-            # signal handler (KeyboardInterrupt) only at a call or a jump, so the window is open and
-            # counted, or neither, wherever Ctrl-C comes.
+            # signal handler (KeyboardInterrupt) only as a call returns, at a function's start or at
+            # a jump back, so the window is open and counted, or neither, wherever Ctrl-C comes.
             with _lock:
                 self._start = os.fstat(_sink).st_size
                 _open += 1
@@ -72,6 +72,18 @@ class captured:  # noqa: N801 - used as a function: `with captured() as capture:
             self._close()
         except OSError:
             pass  # the call's own outcome matters more; fd 2 is back unless dup2 itself failed
+        except BaseException:
+            # a signal handler raised (Ctrl-C's KeyboardInterrupt, the REPL's SystemExit for SIGTERM)
+            # before the window was uncounted: at _close's first instruction, or in the lock's
+            # acquire that another thread's window made wait. Close it, then let it through. (Not
+            # pthread_sigmask: a signal the main thread blocks goes to a thread that does not,
+            # torch's or tokenizers' own, and the main thread's handler still runs. One that runs at
+            # this method's own first instruction is out of any code's reach here.)
+            try:
+                self._close()
+            except OSError:
+                pass
+            raise
 
     def _close(self) -> None:
         global _open

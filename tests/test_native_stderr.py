@@ -256,3 +256,51 @@ def test_a_ctrl_c_just_as_a_window_opens_or_closes_puts_fd_2_back(call, nth):
         os.write(2, b"and back again\\n")
     """)
     assert (run.returncode, run.stdout, run.stderr) == (0, "", "back\nand back again\n")
+
+
+@pytest.mark.parametrize("where", ["as-close-is-called", "in-the-lock-wait"])
+def test_a_ctrl_c_before_a_closing_window_is_uncounted_puts_fd_2_back_and_still_arrives(where):
+    """The handler can also run before __exit__ has uncounted the window: at the first instruction
+    of the function it calls (modelled by raising there), or from the lock's acquire, which a
+    real SIGINT interrupts while another thread's window holds the lock (modelled by sending one
+    just before it). Before: the KeyboardInterrupt came through, the window stayed counted and fd 2
+    stayed on the private file ("back" vanished)."""
+    run = _python(f"""
+        import os, signal, sys
+        from internvl_chat import native_stderr
+        sys.stderr = native_stderr.separate_python_stderr(sys.stderr)
+        armed = False
+        if "{where}" == "as-close-is-called":
+            close = native_stderr.captured._close
+            def interrupted_close(self):
+                global armed
+                if armed:
+                    armed = False
+                    raise KeyboardInterrupt  # as Python's handler raises it at a function's start
+                close(self)
+            native_stderr.captured._close = interrupted_close
+        else:
+            lock = native_stderr._lock
+            class InterruptedLock:
+                def __enter__(self):
+                    global armed
+                    if armed:
+                        armed = False
+                        signal.raise_signal(signal.SIGINT)  # a real Ctrl-C: its handler raises here
+                    return lock.__enter__()
+                def __exit__(self, *exc):
+                    return lock.__exit__(*exc)
+            native_stderr._lock = InterruptedLock()
+        try:
+            with native_stderr.captured():
+                os.write(2, b"native\\n")
+                armed = True
+            print("no KeyboardInterrupt")
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt")
+        os.write(2, b"back\\n")
+        with native_stderr.captured():
+            os.write(2, b"native again\\n")
+        os.write(2, b"and back again\\n")
+    """)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "KeyboardInterrupt\n", "back\nand back again\n")

@@ -203,6 +203,17 @@ def test_rtn_needs_no_calibration(tiny_original, tmp_path):
     assert config["llm_config"]["quantization_config"]["group_size"] == 32
 
 
+def test_calibration_data_with_rtn_is_refused_before_loading(config_only, tmp_path, monkeypatch, capsys):
+    """RTN uses no calibration data: --calib with it was silently ignored, so the user believed theirs was used."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "a.txt").write_text("some text\n", encoding="utf-8")
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn", "--calib", calib)
+    assert code == 2 and len(lines) == 1, lines
+    assert "--calib is for --method awq" in lines[0] and "drop --calib or use --method awq" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_source_is_named_without_flags_of_other_commands(tmp_path, monkeypatch, capsys):
     code, lines = run_cli(monkeypatch, capsys, tmp_path / "missing", tmp_path / "out")
     assert code == 2 and len(lines) == 1, lines

@@ -36,6 +36,8 @@ def quantize_checkpoint(
     src, dst = expand_home(src), Path(os.path.abspath(expand_home(dst)))
     if method not in ("awq", "rtn"):
         raise UsageError(f"unknown method {method!r}; use awq or rtn")
+    if calib_dir and method == "rtn":  # ignored, a user would believe their data was used
+        raise UsageError("--calib is for --method awq: RTN uses no calibration data; drop --calib or use --method awq")
     if samples < 1:
         raise UsageError("--samples must be at least 1")
     if samples > MAX_SAMPLES:
@@ -44,12 +46,12 @@ def quantize_checkpoint(
     group_size = check_group_size(cfg, group_size)
     resolve_device(device)
     calib_images, calib_texts = [], []
-    if calib_dir and method == "awq":
+    if calib_dir:
         calib_images, calib_texts = calibration_files(expand_home(calib_dir))
         calib_images = calib_images[: (samples + 1) // 2]  # the ones the samples use (every other one has an image)
     with staged_output(dst) as staging:
         calib = None
-        if calib_dir and method == "awq":
+        if calib_dir:
             tiles = []
             if calib_images:
                 with progress.phase("calibration images", len(calib_images), "images") as step:
