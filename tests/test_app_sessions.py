@@ -576,7 +576,8 @@ def test_an_export_marks_each_answer_that_was_cut_short_also_after_save_and_load
     assert [t.finish_reason for t in other.session.turns] == reasons
     assert other.handle_line(f"/save {tmp_path / 'again.json'}") == OK, output(out)  # the reasons survive the file
     again, out = make_app(loaded, tmp_path)
-    assert again.handle_line(f"/load {tmp_path / 'again.json'}") == OK, output(out)
+    assert again.handle_line(f"/load {tmp_path / 'again.json'}") == OK
+    assert "[cancelled]” (cut short: it broke off with an error)\n" in output(out)  # /load's last turn says it too
     assert again.handle_line(f"/export {tmp_path / 'cut.md'}") == OK, output(out)
     assert _assistant_parts((tmp_path / "cut.md").read_text()) == [
         "A whole [cancelled]\n\n" + CUT_MARKS["length"],  # the model's own words are kept as written

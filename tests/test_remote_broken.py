@@ -201,6 +201,7 @@ def test_an_export_marks_the_server_answers_cut_short_also_after_save_and_load(t
 
         again, out = _app(fake.url, tmp_path)
         assert again.handle_line(f"/load {tmp_path / 'talk.json'}") == OK, out.getvalue()
+        assert "→ “A red” (cut short: cancelled by the user)" in out.getvalue()  # /load's last turn says it too
         assert again.handle_line(f"/export {tmp_path / 'loaded.md'}") == OK, out.getvalue()
         assert _assistant_parts((tmp_path / "loaded.md").read_text()) == expected
 

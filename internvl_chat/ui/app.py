@@ -190,7 +190,7 @@ def export_block(text: str) -> str:
     return "\n".join(lines)
 
 
-# Why an answer that did not end by itself stopped (its finish_reason), as an export says it:
+# Why an answer that did not end by itself stopped (its finish_reason), as an export and /load say it:
 # a reader must not take the part for the whole answer
 CUT_SHORT = {
     "length": "it reached the length limit",  # max_new_tokens, the context, or a server's answer bounds
@@ -1181,7 +1181,8 @@ class App:
         if saved_model and saved_model != model:
             self.note(f"(it was saved with {visible(saved_model)}; it continues with {visible(model)})")
         if turns:
-            self.note(f"last: “{_short(turns[-1].user_text)}” → “{_short(turns[-1].answer_text)}”")
+            answer, cut = answer_and_cut(turns[-1])  # the excerpt may end before a " [cancelled]"
+            self.note(f"last: “{_short(turns[-1].user_text)}” → “{_short(answer)}”" + (f" (cut short: {cut})" if cut else ""))
         try:
             self.session.check_attach([])
         except ContextOverflowError:  # it filled the context when it was saved, or this one is smaller
