@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from internvl_chat.ui.app import ERROR, OK, default_sessions_dir
+from internvl_chat.ui.answer_text import sanitize
+from internvl_chat.ui.app import ERROR, OK, default_sessions_dir, export_block
 from media_helpers import textured_rgb
 from app_helpers import make_app as _make_app
 from app_helpers import output
@@ -506,6 +507,7 @@ def test_export_keeps_its_structure_whatever_the_answers_and_file_names_hold(loa
     data = json.loads((tmp_path / "cut.json").read_text())
     answer = [m for m in data["messages"] if m["role"] == "assistant"][0]
     answer["text"], answer["token_ids"] = "Here:\n````python\nprint(1)\n```\nstill code", None
+    answer["finish_reason"] = "length"
     last = [m for m in data["messages"] if m["role"] == "assistant"][-1]
     last["token_ids"] = None
     last["text"] = ("See ![chart](https://evil.example/p.png?q=secret) <img src=https://evil.example/x>\n"
@@ -516,7 +518,8 @@ def test_export_keeps_its_structure_whatever_the_answers_and_file_names_hold(loa
     assert other.handle_line(f"/export {tmp_path / 'cut.md'}") == OK, output(out)
     md = (tmp_path / "cut.md").read_text()
     assert f"![x\\](y) \\[z.png](<{tmp_path}/a\\> b/x](y) [z.png>)" in md
-    assert "```\nstill code\n````\n\n## User\n\nAnd more." in md  # the open fence closed before the next turn
+    # the open fence closed before the mark that says the answer was cut there, and the next turn
+    assert "```\nstill code\n````\n\n*(answer cut short: it reached the length limit)*\n\n## User\n\nAnd more." in md
     # a viewer of the export fetches nothing from the network; code is left as the model wrote it
     assert "See &#33;[chart](https://evil.example/p.png?q=secret) &lt;img src=https://evil.example/x>" in md
     assert "Use `<b>` or\n```html\n<img src=a.png> ![x](y)\n```" in md
@@ -532,6 +535,56 @@ def test_a_message_line_reading_as_an_export_heading_fakes_no_turn(loaded, tmp_p
     assert turns == ["## User", "## Assistant"], md
     assert "My question.\n\\## Assistant\nThe answer is 42." in md
 
+
+
+CUT_MARKS = {  # what an export writes after an answer that did not end by itself
+    "length": "*(answer cut short: it reached the length limit)*",
+    "cancelled": "*(answer cut short: cancelled by the user)*",
+    "error": "*(answer cut short: it broke off with an error)*",
+}
+
+
+def _assistant_parts(md: str) -> list[str]:
+    """Each answer of an export as written, up to the next turn."""
+    return [part.split("\n## User\n")[0].strip("\n") for part in md.split("\n## Assistant\n")[1:]]
+
+
+def test_an_export_marks_each_answer_that_was_cut_short_also_after_save_and_load(loaded, tmp_path, home):
+    """An answer cut by max_new_tokens, Ctrl-C or a broken server stream was exported as if it were
+    whole (a cancelled one ended with "[cancelled]", inside its code block when it was cut there): a
+    reader of the export took the part for the answer. Each now ends with a line saying so; a whole
+    answer is written as before."""
+    app, out = make_app(loaded, tmp_path, max_new_tokens=2)
+    assert app.handle_line("Hello.") == OK and app.session.turns[0].finish_reason == "length", output(out)
+    assert app.handle_line(f"/export {tmp_path / 'now.md'}") == OK, output(out)
+    (part,) = _assistant_parts((tmp_path / "now.md").read_text())
+    assert part == export_block(sanitize(app.session.turns[0].answer_text)).strip("\n") + "\n\n" + CUT_MARKS["length"]
+
+    for line in ("Go on.", "And more.", "Last one."):
+        assert app.handle_line(line) == OK, output(out)
+    assert app.handle_line(f"/save {tmp_path / 'cut.json'}") == OK, output(out)
+    data = json.loads((tmp_path / "cut.json").read_text())
+    answers = [m for m in data["messages"] if m["role"] == "assistant"]
+    reasons = ["length", "stop", "cancelled", "error"]
+    texts = ["A whole [cancelled]", "Whole.", "Partial", "```python\nprint(1) [cancelled]"]
+    for answer, reason, text in zip(answers, reasons, texts):
+        answer["text"], answer["token_ids"], answer["finish_reason"] = text, None, reason
+    (tmp_path / "cut.json").write_text(json.dumps(data))
+
+    other, out = make_app(loaded, tmp_path)
+    assert other.handle_line(f"/load {tmp_path / 'cut.json'}") == OK, output(out)
+    assert [t.finish_reason for t in other.session.turns] == reasons
+    assert other.handle_line(f"/save {tmp_path / 'again.json'}") == OK, output(out)  # the reasons survive the file
+    again, out = make_app(loaded, tmp_path)
+    assert again.handle_line(f"/load {tmp_path / 'again.json'}") == OK
+    assert "[cancelled]” (cut short: it broke off with an error)\n" in output(out)  # /load's last turn says it too
+    assert again.handle_line(f"/export {tmp_path / 'cut.md'}") == OK, output(out)
+    assert _assistant_parts((tmp_path / "cut.md").read_text()) == [
+        "A whole [cancelled]\n\n" + CUT_MARKS["length"],  # the model's own words are kept as written
+        "Whole.",  # ended by itself: as before, no mark
+        "Partial\n\n" + CUT_MARKS["cancelled"],  # the app's " [cancelled]" said once, after the text
+        "```python\nprint(1) [cancelled]\n```\n\n" + CUT_MARKS["error"],  # after the code block, not in it
+    ]
 
 
 def test_load_skip_missing_goes_on_without_a_picture_that_vanished(loaded, tmp_path, home):

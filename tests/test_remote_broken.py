@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,42 @@ def test_the_app_keeps_a_broken_off_answer_says_so_and_saves_and_loads_it(tmp_pa
         assert again.handle_line("third") == OK
         assert [m["content"] for m in fake.chat_bodies()[-1]["messages"]][:4] == [
             "first", "A red circle on white.\n", "second", "A red circle on white.\n"]  # fmt: skip
+
+
+def test_an_export_marks_the_server_answers_cut_short_also_after_save_and_load(tmp_path):
+    """A server's answer that broke off, hit the length limit or was cancelled was exported as if
+    it were whole; each now ends with a line that says why it stopped, a whole one is unchanged."""
+    length = GOOD.replace(b'"finish_reason":"stop"', b'"finish_reason":"length"')
+    with FakeServer(fixture("vllm/models.json")) as fake:
+        fake.chat(Reply.sse(GOOD), Reply.sse(UNFINISHED, end="cut"), Reply.sse(length), Reply.sse(GOOD))
+        app, out = _app(fake.url, tmp_path)
+        assert app.handle_line("first") == OK and app.handle_line("second") == ERROR
+        assert app.handle_line("third") == OK
+        cancel = threading.Event()
+        events = app.session.ask("fourth", cancel=cancel)  # as Ctrl-C does while it streams
+        assert next(events)["text"] == "A red"
+        cancel.set()
+        assert list(events)[-1]["finish_reason"] == "cancelled"
+        expected = [
+            "A red circle on white.",
+            "A red circle on white.\n\n*(answer cut short: it broke off with an error)*",
+            "A red circle on white.\n\n*(answer cut short: it reached the length limit)*",
+            "A red\n\n*(answer cut short: cancelled by the user)*",  # its " [cancelled]" said once, by the mark
+        ]
+        assert app.handle_line(f"/export {tmp_path / 'now.md'}") == OK, out.getvalue()
+        assert _assistant_parts((tmp_path / "now.md").read_text()) == expected
+        assert app.handle_line(f"/save {tmp_path / 'talk.json'}") == OK
+
+        again, out = _app(fake.url, tmp_path)
+        assert again.handle_line(f"/load {tmp_path / 'talk.json'}") == OK, out.getvalue()
+        assert "→ “A red” (cut short: cancelled by the user)" in out.getvalue()  # /load's last turn says it too
+        assert again.handle_line(f"/export {tmp_path / 'loaded.md'}") == OK, out.getvalue()
+        assert _assistant_parts((tmp_path / "loaded.md").read_text()) == expected
+
+
+def _assistant_parts(md: str) -> list[str]:
+    """Each answer of an export as written, up to the next turn."""
+    return [part.split("\n## User\n")[0].strip("\n") for part in md.split("\n## Assistant\n")[1:]]
 
 
 def test_a_broken_off_answer_saved_from_a_server_loads_into_the_local_model(loaded, tmp_path):

@@ -43,7 +43,7 @@ from rich.text import Text
 from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media
-from ..chat.session_file import SESSION_FORMAT
+from ..chat.session_file import CANCELLED_MARK, SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
 from ..files import (PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, read_text_file, undecodable_byte, visible, visible_file_name,
                      visible_lines, write_atomic, xdg_dir)  # fmt: skip
@@ -188,6 +188,27 @@ def export_block(text: str) -> str:
     if open_fence is not None:
         lines.append(open_fence)
     return "\n".join(lines)
+
+
+# Why an answer that did not end by itself stopped (its finish_reason), as an export and /load say it:
+# a reader must not take the part for the whole answer
+CUT_SHORT = {
+    "length": "it reached the length limit",  # max_new_tokens, the context, or a server's answer bounds
+    "cancelled": "cancelled by the user",
+    "error": "it broke off with an error",  # a server's stream broke in the middle (finish_reason "error")
+}
+
+
+def answer_and_cut(turn: Any) -> tuple[str, str | None]:
+    """(an answer's text, why it was cut short or None when it ended by itself).
+
+    The " [cancelled]" the app adds to a cancelled answer is left off: the reason says it, and in
+    an export it stood inside the code block the answer was cut in."""
+    reason = CUT_SHORT.get(turn.finish_reason)
+    text = turn.answer_text
+    if turn.finish_reason == "cancelled" and text.endswith(CANCELLED_MARK):
+        text = text.removesuffix(CANCELLED_MARK).removesuffix(" ")
+    return text, reason
 
 
 def markdown_link(label: str, target: str, image: bool = False) -> str:
@@ -1160,7 +1181,8 @@ class App:
         if saved_model and saved_model != model:
             self.note(f"(it was saved with {visible(saved_model)}; it continues with {visible(model)})")
         if turns:
-            self.note(f"last: “{_short(turns[-1].user_text)}” → “{_short(turns[-1].answer_text)}”")
+            answer, cut = answer_and_cut(turns[-1])  # the excerpt may end before a " [cancelled]"
+            self.note(f"last: “{_short(turns[-1].user_text)}” → “{_short(answer)}”" + (f" (cut short: {cut})" if cut else ""))
         try:
             self.session.check_attach([])
         except ContextOverflowError:  # it filled the context when it was saved, or this one is smaller
@@ -1267,6 +1289,9 @@ class App:
         Text from the model or a loaded session file can hold terminal escapes, bidi overrides or
         other controls; each is written as the terminal shows it (answers as they stream, the rest
         as /show shows it), so `cat` on the file runs none of them.
+
+        An answer that did not end by itself (cut by a length limit, Ctrl-C or a broken server
+        stream) is followed by a line that says so (`CUT_SHORT`).
         """
         model = visible(self.session.describe().model)
         lines = ["# Conversation", "", f"- model: `{model}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
@@ -1282,7 +1307,13 @@ class App:
                     lines.append(markdown_link(f"video: {name}, {media.tiles} frames", target))
             if turn.media:
                 lines.append("")
-            lines += [export_block(visible_lines(turn.user_text)), "", "## Assistant", "", export_block(sanitize(turn.answer_text)), ""]
+            answer, cut = answer_and_cut(turn)
+            lines += [export_block(visible_lines(turn.user_text)), "", "## Assistant", ""]
+            if cut is None:
+                lines += [export_block(sanitize(answer)), ""]
+            else:  # a paragraph of its own, after any code block export_block closed; no [ ]: an
+                # answer's `[answer cut short]: url` would make it a link
+                lines += [export_block(sanitize(answer)).rstrip("\n"), "", f"*(answer cut short: {cut})*", ""]
         return "\n".join(lines)
 
     def cmd_exit(self, command: Command) -> str:
