@@ -25,7 +25,7 @@ import pytest
 
 from internvl_chat import cli, files
 from internvl_chat.chat.remote_http import CONNECT_TIMEOUT_S
-from internvl_chat.quantize import build_parser as quantize_parser
+from internvl_chat.quantize import build_parser as quantize_parser, quantize_checkpoint
 from internvl_chat.serve import main as serve_main
 from internvl_chat.settings import (COLORS, COMPILE_MODES, DTYPES, INT4_BACKENDS, OTHER_ENV_VARS, REMOTE_DIALECTS, Settings,
                                     all_keys, env_name)
@@ -223,7 +223,11 @@ def test_stated_default_forms():
 
 def test_defaults_in_quantize_help_are_its_defaults():
     checked = 0
+    # --samples and --seed have no parser default (given with --method rtn, they are refused): quantize_checkpoint's applies
+    pipeline_defaults = {name: p.default for name, p in inspect.signature(quantize_checkpoint).parameters.items()}
     for action in quantize_parser()._actions:
+        if action.dest in ("samples", "seed"):
+            action.default = pipeline_defaults[action.dest]
         # a default of None is computed (--group-size) or built-in data (--calib): described, not stated
         if not action.option_strings or "default" not in (action.help or "") or action.default is None:
             continue

@@ -214,6 +214,18 @@ def test_calibration_data_with_rtn_is_refused_before_loading(config_only, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--samples", "8"], "--samples is for"),
+    (["--seed", "0"], "--seed is for"),  # given, even at its default value
+    (["--no-clip"], "--no-clip is for"),
+    (["--no-clip", "--samples", "4"], "--samples, --no-clip are for"),
+])  # fmt: skip
+def test_other_awq_flags_with_rtn_are_refused_before_loading(config_only, tmp_path, monkeypatch, capsys, flags, named):
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn", *flags)
+    assert code == 2 and len(lines) == 1 and named in lines[0] and "or use --method awq" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_source_is_named_without_flags_of_other_commands(tmp_path, monkeypatch, capsys):
     code, lines = run_cli(monkeypatch, capsys, tmp_path / "missing", tmp_path / "out")
     assert code == 2 and len(lines) == 1, lines

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from ..errors import OneLineParser
+from ..errors import OneLineParser, UsageError
 from ..files import visible
 from .calibration import MAX_SAMPLES
 from .pipeline import quantize_checkpoint
@@ -42,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's widths (default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
     p.add_argument("--calib", metavar="DIR", help="awq: folder of calibration images and .txt files; every other sample has "
                    "an image, the first ones by name (default: built-in generated data)")  # fmt: skip
-    p.add_argument("--samples", type=_positive_int, default=32, metavar="N",
-                   help=f"calibration samples, half with an image (default 32, at most {MAX_SAMPLES})")  # fmt: skip
-    p.add_argument("--no-clip", action="store_true", help="skip AWQ's weight-clipping search")
+    p.add_argument("--samples", type=_positive_int, metavar="N",
+                   help=f"awq: calibration samples, half with an image (default 32, at most {MAX_SAMPLES})")  # fmt: skip
+    p.add_argument("--no-clip", action="store_true", help="awq: skip the weight-clipping search")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the built-in calibration data (default 0)")
+    p.add_argument("--seed", type=int, metavar="S", help="awq: seed of the built-in calibration data (default 0)")
     return p
 
 
@@ -66,8 +66,14 @@ def main(argv: list[str]) -> int:
 
     console = Console(stderr=True)
     start = time.perf_counter()
-    run = dict(method=args.method, group_size=args.group_size, samples=args.samples, calib_dir=args.calib,
-               device=args.device, clip=not args.no_clip, seed=args.seed)  # fmt: skip
+    awq_only = [flag for flag, given in (("--calib", args.calib), ("--samples", args.samples is not None),
+                                         ("--no-clip", args.no_clip), ("--seed", args.seed is not None)) if given]
+    if args.method == "rtn" and awq_only:  # a user would believe they changed the result
+        flags = ", ".join(awq_only)
+        raise UsageError(f"{flags} {'is' if len(awq_only) == 1 else 'are'} for --method awq: RTN uses no calibration "
+                         f"data and no clipping search; drop {flags} or use --method awq")
+    run = dict(method=args.method, group_size=args.group_size, calib_dir=args.calib, device=args.device, clip=not args.no_clip)
+    run.update({name: value for name, value in (("samples", args.samples), ("seed", args.seed)) if value is not None})
     if console.is_terminal:
         with BarProgress(console) as bars:
             dst = quantize_checkpoint(args.src, args.dst, progress=bars, **run)
