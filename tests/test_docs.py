@@ -4,8 +4,8 @@
 Cheap, static checks (no model, no subprocess): every flag, slash command, environment variable,
 make target and script command the docs name exists (and every flag the app's messages name);
 README names every route serve has; the defaults and choices `--help`, README and default.toml
-state are the settings' own; the limits README quotes are the code's, and its GPU table and exact
-ratios are benchmarks/RESULTS.md's; every dependency has its reason (and one only the test extra
+state are the settings' own; the limits README and docs/architecture.md quote are the code's, and
+README's GPU table and exact ratios are benchmarks/RESULTS.md's; every dependency has its reason (and one only the test extra
 installs says so); every module has a row in the module map, the code names docs/architecture.md
 gives exist, every unit of the package has a layer and imports follow the layers; a package's own
 list of its modules is complete.
@@ -369,6 +369,49 @@ def test_limits_the_docs_quote_are_the_codes():
     graceful = inspect.signature(serve_main.uvicorn_config).parameters["graceful_s"].default
     assert f"running requests get {graceful} s to finish" in README
     assert f"(to connect: at most {CONNECT_TIMEOUT_S:g})" in DEFAULT_TOML
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())  # a quoted phrase may be wrapped across lines
+
+
+def test_more_limits_the_docs_quote_are_the_codes():
+    # each was checked by hand once; these keep a changed constant from leaving its number behind
+    from internvl_chat.chat import answer_bounds
+    from internvl_chat.chat.sampling import GREEDY_BELOW
+    from internvl_chat.media import image, video
+    from internvl_chat.quant.int4_linear import Int4Linear
+    from internvl_chat.serve import answers, protocol
+    from internvl_chat.settings import REMOTE_TIMEOUT_MAX
+    from internvl_chat.ui import app, render
+
+    readme, architecture = _flat(README), _flat(ARCHITECTURE)
+    quoted = [
+        f"in name order, at most {app.MAX_PATTERN_MATCHES}, when",
+        f"over {round(image.MAX_PIXELS / 1e6)} M pixels, a side over {image.MAX_SIDE:,}",
+        f"a JPEG of over {image.MAX_JPEG_SCANS} scans",
+        f"`stop` (up to {protocol.MAX_STOP_STRINGS} strings of up to {protocol.MAX_STOP_STRING_CHARS:,} characters each)",
+        f"each counted as at least {video.MIN_FRAME_SIDE}×{video.MIN_FRAME_SIDE}",
+        f"`--max-video-decode-megapixels` in all ({Settings().serve.max_video_decode_megapixels}:",
+        f"(+{answer_bounds.PIECE_SLACK};", f"more than {answer_bounds.CHARS_PER_TOKEN} characters a token",
+        f"(default {Settings().remote.answer_timeout:g}, at most {REMOTE_TIMEOUT_MAX:g}; 0: no bound)",
+        f"on CUDA above {Int4Linear.dense_threshold} rows a dense matmul",
+        f"kernel for up to {Int4Linear.gemv_max_rows} rows, a tensor-core GEMM that dequantizes in registers up to "
+        f"{Int4Linear.gemm_max_rows},",
+        f"GemLite's Triton GEMV for up to {Int4Linear.gemlite_max_rows} rows",
+    ]  # fmt: skip
+    assert [q for q in quoted if q not in readme] == []
+    assert answer_bounds.PIECES_PER_TOKEN == 2 and "more text pieces than twice `max_new_tokens`" in readme
+    greedy = re.search(r"a `temperature` below (\S+) is greedy", readme)
+    assert greedy and float(greedy.group(1)) == GREEDY_BELOW
+    capacity = inspect.signature(answers.AnswerMemory).parameters["capacity"].default
+    in_architecture = [
+        f"(at most {capacity:,} answers and {answers.MAX_TOKENS >> 20}M packed ids)",
+        f"({render.LIVE_TAIL_CHARS:,} characters, two screens of lines)",
+        f"over {round(image.MAX_PIXELS / 1e6)} M pixels, a side over 2^{image.MAX_SIDE.bit_length() - 1}",
+        f"JPEGs of over {image.MAX_JPEG_SCANS} scans",
+    ]
+    assert [q for q in in_architecture if q not in architecture] == []
 
 
 def _performance_section() -> str:
