@@ -416,6 +416,20 @@ def test_more_limits_the_docs_quote_are_the_codes():
     assert [q for q in in_architecture if q not in architecture] == []
 
 
+def test_the_folders_and_modes_the_readme_gives_are_the_codes():
+    from internvl_chat.settings import default_config_path
+    from internvl_chat.ui.app import default_sessions_dir
+
+    readme, home = _flat(README), Path("/home/u")
+    sessions = default_sessions_dir({"HOME": str(home)}).relative_to(home).as_posix()
+    assert f"`/save` with no FILE writes to `~/{sessions}/` (under `$XDG_STATE_HOME`" in readme
+    assert default_sessions_dir({"HOME": str(home), "XDG_STATE_HOME": "/s"}) == Path("/s/internvl-chat/sessions")
+    config = default_config_path({"HOME": str(home)}).relative_to(home).as_posix()
+    assert f"`~/{config}` (under `$XDG_CONFIG_HOME`" in readme
+    assert default_config_path({"HOME": str(home), "XDG_CONFIG_HOME": "/c"}) == Path("/c/internvl-chat/config.toml")
+    assert f"are private (mode {files.PRIVATE_FILE_MODE:04o}, new folders 0700)" in readme
+
+
 def _performance_section() -> str:
     return README[README.index("## Performance") :].split("\n## ")[0]
 
