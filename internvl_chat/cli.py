@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-history", action="store_true", help="do not read or write the REPL input history")
     p.add_argument("--no-auto-attach", action="store_true", help="do not attach media paths typed in messages")
     p.add_argument("--config", metavar="FILE",
-                   help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml)")
+                   help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml; $XDG_CONFIG_HOME replaces ~/.config)")
     p.add_argument("--print-config", action="store_true", help="print the merged settings and where each came from")
     p.add_argument("--version", action="version", version=f"internvl-chat {__version__}")
     return p
