@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, metavar="N", help="frames sampled per video (default 8)")
     p.add_argument("--video-range", metavar="A-B", help="only sample frames between A and B seconds")
     p.add_argument("--max-tiles", type=int, metavar="N", help="448-pixel tiles per image (default: the checkpoint's, 12)")
-    p.add_argument("--system", metavar="TEXT", help="system message ('' for none; default: the checkpoint's)")
+    p.add_argument("--system", metavar="TEXT", help="system message ('' for none; default: the checkpoint's, or with --server the server's)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer in tokens (default 1024)")
     p.add_argument("--temperature", type=float, metavar="T", help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass, 1 is off (default)")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-history", action="store_true", help="do not read or write the REPL input history")
     p.add_argument("--no-auto-attach", action="store_true", help="do not attach media paths typed in messages")
     p.add_argument("--config", metavar="FILE",
-                   help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml)")
+                   help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml; $XDG_CONFIG_HOME replaces ~/.config)")
     p.add_argument("--print-config", action="store_true", help="print the merged settings and where each came from")
     p.add_argument("--version", action="version", version=f"internvl-chat {__version__}")
     return p

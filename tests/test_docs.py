@@ -4,8 +4,8 @@
 Cheap, static checks (no model, no subprocess): every flag, slash command, environment variable,
 make target and script command the docs name exists (and every flag the app's messages name);
 README names every route serve has; the defaults and choices `--help`, README and default.toml
-state are the settings' own; the limits README quotes are the code's, and its GPU table and exact
-ratios are benchmarks/RESULTS.md's; every dependency has its reason (and one only the test extra
+state are the settings' own; the limits README and docs/architecture.md quote are the code's, and
+README's GPU table and exact ratios are benchmarks/RESULTS.md's; every dependency has its reason (and one only the test extra
 installs says so); every module has a row in the module map, the code names docs/architecture.md
 gives exist, every unit of the package has a layer and imports follow the layers; a package's own
 list of its modules is complete.
@@ -375,6 +375,65 @@ def test_limits_the_docs_quote_are_the_codes():
     assert f"(to connect: at most {CONNECT_TIMEOUT_S:g})" in DEFAULT_TOML
 
 
+def _flat(text: str) -> str:
+    return " ".join(text.split())  # a quoted phrase may be wrapped across lines
+
+
+def test_more_limits_the_docs_quote_are_the_codes():
+    # each was checked by hand once; these keep a changed constant from leaving its number behind
+    from internvl_chat.chat import answer_bounds
+    from internvl_chat.chat.sampling import GREEDY_BELOW
+    from internvl_chat.engine import checkpoint
+    from internvl_chat.media import image, video
+    from internvl_chat.quant.int4_linear import Int4Linear
+    from internvl_chat.serve import answers, protocol
+    from internvl_chat.settings import REMOTE_TIMEOUT_MAX
+    from internvl_chat.ui import app, render
+
+    readme, architecture = _flat(README), _flat(ARCHITECTURE)
+    quoted = [
+        f"in name order, at most {app.MAX_PATTERN_MATCHES}, when",
+        f"over {round(image.MAX_PIXELS / 1e6)} M pixels, a side over {image.MAX_SIDE:,}",
+        f"a JPEG of over {image.MAX_JPEG_SCANS} scans",
+        f"`stop` (up to {protocol.MAX_STOP_STRINGS} strings of up to {protocol.MAX_STOP_STRING_CHARS:,} characters each)",
+        f"each counted as at least {video.MIN_FRAME_SIDE}×{video.MIN_FRAME_SIDE}",
+        f"`--max-video-decode-megapixels` in all ({Settings().serve.max_video_decode_megapixels}:",
+        f"(+{answer_bounds.PIECE_SLACK};", f"more than {answer_bounds.CHARS_PER_TOKEN} characters a token",
+        f"(default {Settings().remote.answer_timeout:g}, at most {REMOTE_TIMEOUT_MAX:g}; 0: no bound)",
+        f"on CUDA above {Int4Linear.dense_threshold} rows a dense matmul",
+        f"kernel for up to {Int4Linear.gemv_max_rows} rows, a tensor-core GEMM that dequantizes in registers up to "
+        f"{Int4Linear.gemm_max_rows},",
+        f"GemLite's Triton GEMV for up to {Int4Linear.gemlite_max_rows} rows",
+    ]  # fmt: skip
+    assert [q for q in quoted if q not in readme] == []
+    assert answer_bounds.PIECES_PER_TOKEN == 2 and "more text pieces than twice `max_new_tokens`" in readme
+    greedy = re.search(r"a `temperature` below (\S+) is greedy", readme)
+    assert greedy and float(greedy.group(1)) == GREEDY_BELOW
+    capacity = inspect.signature(answers.AnswerMemory).parameters["capacity"].default
+    in_architecture = [
+        f"(at most {capacity:,} answers and {answers.MAX_TOKENS >> 20}M packed ids)",
+        f"({render.LIVE_TAIL_CHARS:,} characters, two screens of lines)",
+        f"over {round(image.MAX_PIXELS / 1e6)} M pixels, a side over 2^{image.MAX_SIDE.bit_length() - 1}",
+        f"JPEGs of over {image.MAX_JPEG_SCANS} scans",
+        f"safetensors headers (at most {checkpoint.MAX_HEADER_BYTES >> 20} MiB,",
+    ]
+    assert [q for q in in_architecture if q not in architecture] == []
+
+
+def test_the_folders_and_modes_the_readme_gives_are_the_codes():
+    from internvl_chat.settings import default_config_path
+    from internvl_chat.ui.app import default_sessions_dir
+
+    readme, home = _flat(README), Path("/home/u")
+    sessions = default_sessions_dir({"HOME": str(home)}).relative_to(home).as_posix()
+    assert f"`/save` with no FILE writes to `~/{sessions}/` (under `$XDG_STATE_HOME`" in readme
+    assert default_sessions_dir({"HOME": str(home), "XDG_STATE_HOME": "/s"}) == Path("/s/internvl-chat/sessions")
+    config = default_config_path({"HOME": str(home)}).relative_to(home).as_posix()
+    assert f"`~/{config}` (under `$XDG_CONFIG_HOME`" in readme
+    assert default_config_path({"HOME": str(home), "XDG_CONFIG_HOME": "/c"}) == Path("/c/internvl-chat/config.toml")
+    assert f"are private (mode {files.PRIVATE_FILE_MODE:04o}, new folders 0700)" in readme
+
+
 def _performance_section() -> str:
     return README[README.index("## Performance") :].split("\n## ")[0]
 
@@ -416,11 +475,15 @@ def modules() -> list[Path]:
 
 def test_every_module_has_a_row_in_the_module_map_and_every_row_a_module():
     section = ARCHITECTURE[ARCHITECTURE.index("## Module map") :]
-    table = "\n".join(line for line in section.splitlines() if line.startswith("| `"))
+    rows = [re.fullmatch(r"\| (.+?) \| (.+) \|", line).groups() for line in section.splitlines() if line.startswith("| `")]
+    # a module is named in the first column of one row (a mention in another row's job is not its row)
+    named = [rel for modules_cell, _ in rows for rel in re.findall(r"`([\w/]+\.(?:py|cpp|h))`", modules_cell)]
+    assert len(named) == len(set(named)), f"docs/architecture.md has two rows for {sorted({n for n in named if named.count(n) > 1})}"
+    assert all(job.strip() for _, job in rows)
     for path in modules():
         rel = path.relative_to(PACKAGE).as_posix()
-        assert f"`{rel}`" in table, f"docs/architecture.md has no row for {rel}"
-    for rel in re.findall(r"`([\w/]+\.(?:py|cpp|h))`", table):
+        assert rel in named, f"docs/architecture.md has no row for {rel}"
+    for rel in named:
         assert (PACKAGE / rel).is_file(), f"docs/architecture.md has a row for {rel}, which does not exist"
     scripts = section[section.index("Scripts:") :].split("\n\n")[0]
     named = set(re.findall(r"`([\w.]+\.(?:py|sh))`", scripts))

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KiB a request line and headers may fill before they are complete, else 400 (default 16)")
     add_engine_flags(p, "KV cache length per slot in tokens")
     p.add_argument("--config", metavar="FILE",
-                   help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml)")
+                   help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml; $XDG_CONFIG_HOME replaces ~/.config)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default info)")
     return p
