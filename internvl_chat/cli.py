@@ -19,7 +19,7 @@ from typing import TextIO
 from . import __version__
 from .errors import InternVLChatError, OneLineParser, UsageError
 from .files import GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, visible
-from .native_stderr import separate_python_stderr
+from .native_stderr import close_leftover_windows, separate_python_stderr
 from .settings import add_engine_flags
 
 
@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             _print_error(f"error: cannot write to stdout ({e}); the output is incomplete")
         code = 1
     finally:
+        # a Ctrl-C or SIGTERM whose handler raised just as a window was to close left fd 2 on the
+        # private file: the original sys.stderr put back below writes there (native_stderr.py)
+        close_leftover_windows()
         sys.stdout, sys.stderr = saved_streams
     return code
 

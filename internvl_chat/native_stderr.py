@@ -15,6 +15,15 @@ while a library call runs, and only native writers are affected: everything the 
 a process that did not ask (`serve`, whose other threads log through fd 2; a library user) keeps
 every line. Windows may nest and overlap across threads: fd 2 is the process's, so the first
 window to open redirects it and the last to close puts it back.
+
+A window closes itself on every way out of its block, a KeyboardInterrupt included, except one
+that no code in it can catch: a signal handler (Ctrl-C's KeyboardInterrupt, the REPL's SystemExit
+for SIGTERM) that raises at the first instruction of `captured.__exit__`, or between the block's
+end and that call, leaves the window open and fd 2 on the private file for good (every later
+native message lost, the file growing). So each window records the thread that opened it, and
+the code that handles such an exception outside any window (the REPL after each input, cli.main
+on its way out) calls `close_leftover_windows()`, which closes that thread's windows still open;
+another thread's (a video worker's) stay open until they close themselves.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ _lock = threading.Lock()
 _python_fd: int | None = None  # the terminal (or pipe) fd 2 was at the start, which sys.stderr now writes to
 _sink: int | None = None  # where fd 2 points while a window is open
 _open = 0  # windows open now, in all threads
+_windows: set[captured] = set()  # those windows (and any an interrupt caught half-opened or half-closed)
 
 
 class captured:  # noqa: N801 - used as a function: `with captured() as capture:`
@@ -39,23 +49,27 @@ class captured:  # noqa: N801 - used as a function: `with captured() as capture:
     every way out, exceptions and KeyboardInterrupt included; `data` holds what was written.
     (A class, not a generator: one opens for every encode of a message and every picture read.)"""
 
-    __slots__ = ("data", "_start", "_entered")
+    __slots__ = ("data", "_start", "_entered", "_owner")
 
     def __init__(self) -> None:
         self.data = b""  # what reached fd 2 meanwhile (other threads' native writes included)
         self._start = 0  # the sink's size when the window opened
-        self._entered = False
+        self._entered = False  # counted in _open
+        self._owner: int | None = None  # the thread that opened it, while it is in _windows
 
     def __enter__(self) -> captured:
         global _open
         if _python_fd is None or _sink is None:
             return self
         try:
+            self._owner = threading.get_ident()
             # The counter and the flag change together, with no call between them: Python runs a
             # signal handler (KeyboardInterrupt) only as a call returns, at a function's start or at
-            # a jump back, so the window is open and counted, or neither, wherever Ctrl-C comes.
+            # a jump back, so the window is open and counted, or neither, wherever Ctrl-C comes. It
+            # is in _windows before either (close_leftover_windows finds it, whichever came last).
             with _lock:
                 self._start = os.fstat(_sink).st_size
+                _windows.add(self)
                 _open += 1
                 self._entered = True
                 if _open == 1:
@@ -78,7 +92,8 @@ class captured:  # noqa: N801 - used as a function: `with captured() as capture:
             # acquire that another thread's window made wait. Close it, then let it through. (Not
             # pthread_sigmask: a signal the main thread blocks goes to a thread that does not,
             # torch's or tokenizers' own, and the main thread's handler still runs. One that runs at
-            # this method's own first instruction is out of any code's reach here.)
+            # this method's own first instruction is out of any code's reach here: the code that
+            # catches it calls close_leftover_windows.)
             try:
                 self._close()
             except OSError:
@@ -87,21 +102,27 @@ class captured:  # noqa: N801 - used as a function: `with captured() as capture:
 
     def _close(self) -> None:
         global _open
-        if not self._entered:
+        if self._owner is None:  # never opened (no separate stderr), or closed
             return
         with _lock:
-            # uncounted and fd 2 back before any other call: a Ctrl-C's handler runs as a call
-            # returns, and raised from here it would leave the window counted for good (fd 2 on the
-            # sink for the rest of the run, every later window included)
-            _open -= 1
-            self._entered = False
-            if _open == 0:
-                os.dup2(_python_fd, 2)
-            end = os.fstat(_sink).st_size  # nothing more comes in once fd 2 is back (or others' writes)
-            if end > self._start:
-                self.data = os.pread(_sink, min(end - self._start, EXCERPT_BYTES), self._start)
-            if _open == 0 and end:
-                os.ftruncate(_sink, 0)
+            try:
+                if not self._entered:
+                    return  # half-opened (interrupted or failed), or a second close
+                # uncounted and fd 2 back before any other call: a Ctrl-C's handler runs as a call
+                # returns, and raised from here it would leave the window counted (fd 2 on the sink
+                # for the rest of the run, every later window included) until close_leftover_windows
+                _open -= 1
+                self._entered = False
+                if _open == 0:
+                    os.dup2(_python_fd, 2)
+                end = os.fstat(_sink).st_size  # nothing more comes in once fd 2 is back (or others' writes)
+                if end > self._start:
+                    self.data = os.pread(_sink, min(end - self._start, EXCERPT_BYTES), self._start)
+                if _open == 0 and end:
+                    os.ftruncate(_sink, 0)
+            finally:
+                _windows.discard(self)  # uncounted by now, whatever raised
+                self._owner = None
 
     def excerpt(self, limit: int = 160) -> str:
         """The first non-empty line, cut to `limit` characters, for a one-line error ('' if none).
@@ -111,6 +132,24 @@ class captured:  # noqa: N801 - used as a function: `with captured() as capture:
             if line:
                 return line if len(line) <= limit else line[: limit - 1] + "…"
         return ""
+
+
+def close_leftover_windows() -> int:
+    """Close the windows the calling thread opened that are still open (how many): those a signal
+    handler's exception skipped the close of. Call it only where that thread has no window open by
+    design, where such an exception is handled: the windows of other threads are left alone, and
+    fd 2 comes back when none is left. Cheap when nothing is open."""
+    if not _windows:
+        return 0
+    me = threading.get_ident()
+    with _lock:
+        mine = [window for window in _windows if window._owner == me]
+    for window in mine:
+        try:
+            window._close()
+        except OSError:
+            pass  # fd 2 is back unless dup2 itself failed; nothing better to do here
+    return len(mine)
 
 
 def separate_python_stderr(stream: TextIO) -> TextIO:

@@ -304,3 +304,111 @@ def test_a_ctrl_c_before_a_closing_window_is_uncounted_puts_fd_2_back_and_still_
         os.write(2, b"and back again\\n")
     """)
     assert (run.returncode, run.stdout, run.stderr) == (0, "KeyboardInterrupt\n", "back\nand back again\n")
+
+
+# A signal handler that raises at the first instruction of captured.__exit__ (or between the
+# block's end and that call): no code in the window can close it. Modelled by an __exit__ that
+# raises before doing anything, as Python's handler would raise there.
+_SKIPPED_EXIT = """
+    from internvl_chat import native_stderr
+    skip = [{exception}]
+    close = native_stderr.captured.__exit__
+    def interrupted_exit(self, *exc):
+        if skip:
+            raise skip.pop()
+        return close(self, *exc)
+    native_stderr.captured.__exit__ = interrupted_exit
+"""
+
+
+def _skipping_exit(exception: str, code: str) -> str:
+    return textwrap.dedent(_SKIPPED_EXIT.format(exception=exception)) + textwrap.dedent(code)
+
+
+@pytest.mark.parametrize("exception", ["KeyboardInterrupt()", "SystemExit(143)"], ids=["ctrl-c", "sigterm"])
+def test_a_window_whose_close_a_signal_skipped_is_closed_on_the_way_out_of_the_app(tiny_original, exception):
+    """The one-shot run (script runs end the same way): the first window, around the tokenizer's
+    load, is left open; cli.main's handler and clean-up run, and the process goes on with fd 2 on
+    the private file. Before: "back" (and any later message of the interpreter's) vanished."""
+    run = _python(_skipping_exit(exception, f"""
+        import os, sys
+        from internvl_chat import cli
+        os.environ["INTERNVL_CHAT_CONFIG"] = os.devnull
+        try:
+            code = cli.main(["--model", {str(tiny_original)!r}, "--device", "cpu", "-p", "hi"])
+        except SystemExit as e:
+            code = e.code
+        print(code, skip)
+        os.write(2, b"back\\n")
+        print("python's stderr", file=sys.stderr)
+    """))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == ("130 []\n" if exception.startswith("Keyboard") else "143 []\n")
+    assert run.stderr == ("internvl-chat: interrupted\n" if exception.startswith("Keyboard") else "") + "back\npython's stderr\n"
+
+
+@pytest.mark.parametrize("where", ["raised", "caught-by-the-app"])
+def test_a_window_whose_close_a_ctrl_c_skipped_is_closed_after_the_repls_input(where):
+    """The REPL goes on after a Ctrl-C: through its own handler, or after the app caught it (a
+    turn's, in App._answer). Before: fd 2 stayed on the private file for the rest of the session."""
+    run = _python(_skipping_exit("KeyboardInterrupt()", f"""
+        import os, sys
+        sys.stderr = native_stderr.separate_python_stderr(sys.stderr)
+        from internvl_chat.ui.repl import ReplSignals, _interruptible
+        class App:
+            def say(self, text, style=None):
+                print(text)
+        def turn():
+            try:
+                with native_stderr.captured():
+                    os.write(2, b"native\\n")
+            except KeyboardInterrupt:
+                if "{where}" == "raised":
+                    raise
+                print("[cancelled]")
+            return "ok"
+        print(_interruptible(App(), ReplSignals(), turn))
+        os.write(2, b"back\\n")
+        with native_stderr.captured():
+            os.write(2, b"native again\\n")
+        os.write(2, b"and back again\\n")
+    """))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == ("[interrupted]\nNone\n" if where == "raised" else "[cancelled]\nok\n")
+    assert run.stderr == "back\nand back again\n"
+
+
+def test_leftover_windows_are_closed_only_in_the_thread_that_opened_them():
+    """A video worker's window open meanwhile stays open (its frame's native messages are still
+    kept) until it closes; a leftover closed again by a late __exit__ is not uncounted twice."""
+    run = _python("""
+        import os, sys, threading
+        from internvl_chat import native_stderr
+        sys.stderr = native_stderr.separate_python_stderr(sys.stderr)
+        print(native_stderr.close_leftover_windows())  # none open: nothing to do
+        opened, release = threading.Event(), threading.Event()
+        def worker():
+            with native_stderr.captured() as window:
+                opened.set()
+                release.wait(60)
+            print(repr(window.data))
+        thread = threading.Thread(target=worker)
+        thread.start()
+        opened.wait(60)
+        leftover = native_stderr.captured()
+        leftover.__enter__()  # its __exit__ skipped
+        os.write(2, b"native one\\n")
+        print(native_stderr.close_leftover_windows(), repr(leftover.data))
+        os.write(2, b"native two\\n")  # the worker's window is still open
+        release.set()
+        thread.join()
+        os.write(2, b"back\\n")
+        leftover.__exit__(None, None, None)
+        with native_stderr.captured():
+            os.write(2, b"native three\\n")
+        os.write(2, b"and back again\\n")
+        print(native_stderr._open, len(native_stderr._windows))
+    """)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "0\n1 b'native one\\n'\nb'native one\\nnative two\\n'\n0 0\n"
+    assert run.stderr == "back\nand back again\n"

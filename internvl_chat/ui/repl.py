@@ -33,6 +33,7 @@ from prompt_toolkit.keys import Keys
 
 from ..errors import InternVLChatError, UsageError
 from ..files import undecodable_byte, visible
+from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, block_is_open, default_sessions_dir, file_date, recent_sessions, unsent_note
 from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
@@ -524,3 +525,7 @@ def _interruptible(app: App, signals: ReplSignals, action) -> str | None:
     except KeyboardInterrupt:
         app.say("[interrupted]", "yellow")
         return None
+    finally:
+        # a Ctrl-C (here or caught by the app: a turn's) whose handler raised just as a native
+        # stderr window was to close left fd 2 on the private file for the rest of the run
+        close_leftover_windows()
