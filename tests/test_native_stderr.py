@@ -328,8 +328,9 @@ def _skipping_exit(exception: str, code: str) -> str:
 @pytest.mark.parametrize("exception", ["KeyboardInterrupt()", "SystemExit(143)"], ids=["ctrl-c", "sigterm"])
 def test_a_window_whose_close_a_signal_skipped_is_closed_on_the_way_out_of_the_app(tiny_original, exception):
     """The one-shot run (script runs end the same way): the first window, around the tokenizer's
-    load, is left open; cli.main's handler and clean-up run, and the process goes on with fd 2 on
-    the private file. Before: "back" (and any later message of the interpreter's) vanished."""
+    load, is left open; cli.main's handler and clean-up run, then the process goes on, and what it
+    writes to fd 2 must reach stderr. Before: "back" (and any later message of the interpreter's,
+    through the original sys.stderr cli.main puts back) vanished into the private file."""
     run = _python(_skipping_exit(exception, f"""
         import os, sys
         from internvl_chat import cli
