@@ -391,11 +391,16 @@ class Connector(httpcore.SyncBackend):
 
 
 def _connect_with(http: httpx.Client, connector: Connector) -> None:
-    """httpx takes no network backend of its own: it goes into its transport's connection pool.
-    Where that is not there (another httpx), connects end at their timeout, as they did."""
-    pool = getattr(getattr(http, "_transport", None), "_pool", None)
-    if isinstance(pool, httpcore.ConnectionPool) and hasattr(pool, "_network_backend"):
-        pool._network_backend = connector
+    """httpx takes no network backend of its own: it goes into the connection pool of each transport
+    the client may use, its default one and one per proxy from the environment (HTTP_PROXY, …;
+    their pools, httpcore's HTTPProxy and SOCKSProxy, are ConnectionPools too). Where that is not
+    there (another httpx), connects end at their timeout, as they did."""
+    mounts = getattr(http, "_mounts", None)
+    proxies = list(mounts.values()) if isinstance(mounts, dict) else []
+    for transport in [getattr(http, "_transport", None), *proxies]:  # a NO_PROXY host's is None
+        pool = getattr(transport, "_pool", None)
+        if isinstance(pool, httpcore.ConnectionPool) and hasattr(pool, "_network_backend"):
+            pool._network_backend = connector
 
 
 def head_late(timeout: float) -> RemoteError:

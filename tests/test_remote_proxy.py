@@ -1,0 +1,85 @@
+"""The remote backend behind a proxy named in the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY,
+NO_PROXY, which httpx reads): a cancel while the connection to the proxy is being made ends it at
+once, as without a proxy; NO_PROXY is honoured as httpx does it. Real local sockets; no waits on
+timings, only generous bounds that a hang would pass."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from remote_helpers import FakeServer, Reply, fixture, unanswered_port
+
+from internvl_chat.chat import remote_http
+from internvl_chat.chat.remote import RemoteConversation
+from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.threads import start_worker
+
+CONNECTING_WAIT_S = 60.0  # generous; a connect that the cancel does not end goes on for minutes
+STOP = b'data: {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+
+
+@pytest.fixture
+def proxy_env(monkeypatch):
+    """Sets proxy variables after clearing any the test machine has (either case: urllib, which
+    httpx asks, prefers the lower-case one)."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy") or name == "REQUEST_METHOD":
+            monkeypatch.delenv(name)
+
+    def set_env(**variables: str) -> None:
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+
+    return set_env
+
+
+@pytest.mark.parametrize(
+    ("variable", "server"),
+    [("HTTP_PROXY", "http://gpu-box.invalid:8000/v1"),
+     ("HTTPS_PROXY", "https://gpu-box.invalid:8000/v1"),
+     ("ALL_PROXY", "http://gpu-box.invalid:8000/v1")],
+)  # fmt: skip
+def test_a_cancel_while_connecting_to_a_proxy_ends_the_attempt_at_once(monkeypatch, proxy_env, variable, server):
+    """Behind a proxy, httpx connects through another pool than its default one; a cancel while the
+    connection to the proxy was being made (no socket to shut yet) waited for the connect timeout
+    (30 s; an hour here, which the kernel's SYN retries end after about two minutes)."""
+    monkeypatch.setattr(remote_http, "CONNECT_TIMEOUT_S", 3600.0)
+    with unanswered_port() as port:
+        proxy_env(**{variable: f"http://127.0.0.1:{port}"})
+        client = remote_http.ApiClient(server, "", 3600)
+        conv = RemoteConversation(client, "m", "generic", params=SamplingParams(max_new_tokens=8))
+        cancel = threading.Event()
+        ports: list = []
+        trace = client.trace
+
+        def spy(event: str, info: dict) -> None:
+            if event == "connection.connect_tcp.started":
+                ports.append(info.get("port"))
+                cancel.set()
+            trace(event, info)
+
+        client.trace = spy
+        outcome: list = []
+        asking = start_worker(lambda: outcome.append(list(conv.ask("hi", cancel=cancel))), "test-ask")
+        asking.join(CONNECTING_WAIT_S)
+        assert not asking.is_alive(), "the cancel did not end the connect to the proxy"
+        assert ports == [port]  # the connect was the proxy's
+        assert outcome and outcome[0][-1]["finish_reason"] == "cancelled"
+        client.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_no_proxy_still_reaches_the_server_directly(proxy_env, host):
+    """A host that NO_PROXY names is connected to directly, as httpx does it, even with a proxy for
+    everything else (here one that never answers)."""
+    with unanswered_port() as port, FakeServer(fixture("vllm/models.json")) as server:
+        proxy_env(HTTP_PROXY=f"http://127.0.0.1:{port}", ALL_PROXY=f"http://127.0.0.1:{port}", NO_PROXY=f"example.org,{host}")
+        url = server.url.replace("127.0.0.1", host)
+        server.chat(Reply.sse(STOP))
+        conv = RemoteConversation.connect(url, timeout=60, params=SamplingParams(max_new_tokens=8))
+        events = list(conv.ask("hi"))
+        assert "".join(e["text"] for e in events) == "ok"
+        assert len(server.chat_bodies()) == 1
+        conv.client.close()
