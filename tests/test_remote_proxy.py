@@ -6,6 +6,7 @@ timings, only generous bounds that a hang would pass."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import pytest
@@ -14,6 +15,7 @@ from remote_helpers import FakeServer, Reply, fixture, unanswered_port
 from internvl_chat.chat import remote_http
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.errors import UsageError
 from internvl_chat.threads import start_worker
 
 CONNECTING_WAIT_S = 60.0  # generous; a connect that the cancel does not end goes on for minutes
@@ -83,3 +85,36 @@ def test_no_proxy_still_reaches_the_server_directly(proxy_env, host):
         assert "".join(e["text"] for e in events) == "ok"
         assert len(server.chat_bodies()) == 1
         conv.client.close()
+
+
+@pytest.mark.parametrize("variable", ["ALL_PROXY", "all_proxy", "HTTPS_PROXY"])
+def test_a_socks_proxy_without_socksio_is_one_line_that_says_what_to_do(monkeypatch, proxy_env, variable):
+    """httpx needs the optional socksio package for a SOCKS proxy and raised an ImportError as the
+    client was made: a traceback instead of the answer."""
+    monkeypatch.setitem(sys.modules, "socksio", None)  # not installed (an import of it fails)
+    proxy_env(**{variable: "socks5://me:s3cret@127.0.0.1:1080"})
+    with pytest.raises(UsageError) as err:
+        RemoteConversation.connect("http://gpu-box.invalid:8000/v1")
+    line = str(err.value)
+    assert line == (f"{variable} names a SOCKS proxy, which needs the socksio package: "
+                    f"pip install 'httpx[socks]', or unset {variable}")  # fmt: skip
+    assert err.value.exit_code == 2
+
+
+@pytest.mark.parametrize("value", ["ftp://me:s3cret@127.0.0.1:21", "socks4://127.0.0.1:1080"])
+def test_a_proxy_url_httpx_cannot_use_is_blamed_not_the_server_url(proxy_env, value):
+    """httpx refuses the proxy's URL as the client is made; the line blamed --server, and showed
+    the proxy's user name."""
+    proxy_env(ALL_PROXY="http://127.0.0.1:9", https_proxy=value)
+    with pytest.raises(UsageError) as err:
+        RemoteConversation.connect("http://gpu-box.invalid:8000/v1")
+    line = str(err.value)
+    assert line.startswith("the proxy in https_proxy is not a usable URL") and line.endswith("fix or unset https_proxy")
+    assert "--server" not in line and "s3cret" not in line and "me:" not in line
+    assert err.value.exit_code == 2 and "\n" not in line
+
+
+def test_a_bad_server_url_is_still_blamed_with_a_proxy_set(proxy_env):
+    proxy_env(HTTP_PROXY="http://127.0.0.1:9")
+    with pytest.raises(UsageError, match=r"pass --server http://HOST:PORT/v1$"):
+        RemoteConversation.connect("http://xn--/v1")

@@ -11,6 +11,7 @@ retried behind the user's back. Text that came from the server is shown escaped 
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import threading
@@ -638,7 +639,7 @@ class ApiClient:
                                  "check --api-key or OPENAI_API_KEY")  # fmt: skip
             headers["Authorization"] = f"Bearer {api_key}"
         try:
-            self.http = httpx.Client(
+            self.http = _client(
                 base_url=self.base_url + "/",
                 headers=headers,
                 timeout=httpx.Timeout(self.timeout, connect=self.connect_s),
@@ -717,6 +718,47 @@ class ApiClient:
         """`advice`: what a refusal's hint may name (commands or flags; /undo or /clear only with
         earlier turns in the request); `connect_s`: the time left to the answer's deadline."""
         return ChatStream(self, body, advice, connect_s)
+
+
+PROXY_VARIABLES = ("all_proxy", "http_proxy", "https_proxy")  # what httpx reads (urllib's getproxies), either case
+
+
+def _proxy_variables() -> list[tuple[str, str]]:
+    """(name, value) of each proxy variable set in the environment."""
+    return sorted((name, value) for name, value in os.environ.items() if name.lower() in PROXY_VARIABLES and value)
+
+
+def _client(**kwargs) -> httpx.Client:
+    """httpx's client, which goes through the proxies that the environment names (as other tools
+    do): a proxy it cannot use is one line naming the variable, never a traceback or a line that
+    blames --server."""
+    try:
+        return httpx.Client(**kwargs)
+    except ImportError as e:  # httpx imports socksio, an optional package, for a SOCKS proxy only
+        if "socks" not in str(e).lower():
+            raise
+        named = [name for name, value in _proxy_variables() if value.strip().lower().startswith("socks")]
+        where, undo = (named[0], f"unset {named[0]}") if named else ("the system's proxy setting", "change it")
+        raise UsageError(f"{where} names a SOCKS proxy, which needs the socksio package: "
+                         f"pip install 'httpx[socks]', or {undo}") from None  # fmt: skip
+    except (httpx.InvalidURL, ValueError):
+        try:  # the same client without the environment's proxies: is the server URL at fault?
+            httpx.Client(**kwargs, trust_env=False).close()
+        except (httpx.InvalidURL, ValueError):
+            raise  # said by the caller, about --server
+        named = [name for name, value in _proxy_variables() if not _usable_proxy(value)]
+        where, undo = (named[0], f"fix or unset {named[0]}") if named else ("the system's proxy setting", "fix it")
+        raise UsageError(f"the proxy in {where} is not a usable URL (http://, https:// or socks5://HOST:PORT); "
+                         f"{undo}") from None  # fmt: skip
+
+
+def _usable_proxy(value: str) -> bool:
+    """Whether httpx takes `value` as a proxy URL (a bare HOST:PORT is http://, as httpx reads it)."""
+    try:
+        httpx.Proxy(value if "://" in value else "http://" + value)
+    except (httpx.InvalidURL, ValueError):
+        return False
+    return True
 
 
 def _usable_id(model_id: object) -> bool:
