@@ -6,8 +6,10 @@ timings, only generous bounds that a hang would pass."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
+from types import SimpleNamespace
 
 import pytest
 from remote_helpers import FakeServer, Reply, fixture, unanswered_port
@@ -118,3 +120,41 @@ def test_a_bad_server_url_is_still_blamed_with_a_proxy_set(proxy_env):
     proxy_env(HTTP_PROXY="http://127.0.0.1:9")
     with pytest.raises(UsageError, match=r"pass --server http://HOST:PORT/v1$"):
         RemoteConversation.connect("http://xn--/v1")
+
+
+def test_a_socket_connected_through_a_socks_proxy_is_one_the_client_can_shut():
+    """httpcore traces a SOCKS proxy's connects as `socks.connect_tcp`, not `connection.…`: their
+    sockets were not among the client's, so an abort before the head, or a head that came too late
+    (HeadWatch), did not shut them and waited for the read timeout. (No SOCKS proxy runs here: it
+    needs socksio, which the tests do not install.)"""
+    client = remote_http.ApiClient("http://gpu-box.invalid:8000/v1", "", 60)
+    with socket.socket() as sock:
+        stream = SimpleNamespace(get_extra_info=lambda name: sock if name == "socket" else None)
+        client.trace("socks.connect_tcp.complete", {"return_value": stream})
+        assert sock in client._sockets
+    client.close()
+
+
+def test_a_cancel_while_a_proxy_keeps_the_head_ends_the_answer_at_once(monkeypatch, proxy_env):
+    """Connected to the proxy, the request sent, no head comes: the cancel shuts the connection."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # connections are made by the kernel, and never answered
+        proxy_env(HTTP_PROXY="http://127.0.0.1:%d" % listener.getsockname()[1])
+        client = remote_http.ApiClient("http://gpu-box.invalid:8000/v1", "", 3600)
+        conv = RemoteConversation(client, "m", "generic", params=SamplingParams(max_new_tokens=8))
+        cancel = threading.Event()
+        trace = client.trace
+
+        def spy(event: str, info: dict) -> None:
+            trace(event, info)
+            if event == "http11.send_request_body.complete":
+                cancel.set()
+
+        client.trace = spy
+        outcome: list = []
+        asking = start_worker(lambda: outcome.append(list(conv.ask("hi", cancel=cancel))), "test-ask")
+        asking.join(CONNECTING_WAIT_S)
+        assert not asking.is_alive(), "the cancel did not end the wait for the proxy's head"
+        assert outcome and outcome[0][-1]["finish_reason"] == "cancelled"
+        client.close()

@@ -656,7 +656,8 @@ class ApiClient:
 
     def trace(self, event: str, info: dict) -> None:
         """httpcore's trace of a request: the sockets it connects, and when the head is waited for."""
-        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+        # connection.…; socks.… for a connect through a SOCKS proxy, proxy.… for TLS in an HTTP proxy's tunnel
+        if event.endswith((".connect_tcp.complete", ".start_tls.complete")):
             stream = info.get("return_value")
             sock = stream.get_extra_info("socket") if stream is not None else None
             if isinstance(sock, socket.socket):
