@@ -12,12 +12,12 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-from remote_helpers import FakeServer, Reply, fixture, unanswered_port
+from remote_helpers import FakeServer, Reply, fixture, refusing_port, unanswered_port
 
 from internvl_chat.chat import remote_http
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.sampling import SamplingParams
-from internvl_chat.errors import UsageError
+from internvl_chat.errors import RemoteError, UsageError
 from internvl_chat.threads import start_worker
 
 CONNECTING_WAIT_S = 60.0  # generous; a connect that the cancel does not end goes on for minutes
@@ -158,3 +158,31 @@ def test_a_cancel_while_a_proxy_keeps_the_head_ends_the_answer_at_once(monkeypat
         assert not asking.is_alive(), "the cancel did not end the wait for the proxy's head"
         assert outcome and outcome[0][-1]["finish_reason"] == "cancelled"
         client.close()
+
+
+@pytest.mark.parametrize(("variable", "server"), [("HTTP_PROXY", "http://gpu-box.invalid:8000/v1"),
+                                                  ("all_proxy", "https://gpu-box.invalid/v1")])  # fmt: skip
+def test_a_proxy_that_cannot_be_reached_is_blamed_not_the_server(proxy_env, variable, server):
+    """The line said "is the server running? check --server" when the proxy was down."""
+    with refusing_port() as port:
+        proxy_env(**{variable: f"http://127.0.0.1:{port}"})
+        with pytest.raises(RemoteError) as err:
+            RemoteConversation.connect(server)
+    line = str(err.value)
+    assert line.startswith(f"cannot reach {server} through the proxy in {variable} (")
+    assert line.endswith("; check the proxy, or add the server's host to NO_PROXY")
+
+
+def test_a_proxy_that_refuses_the_tunnel_is_blamed_not_the_server(proxy_env):
+    """An https server is reached through a tunnel (CONNECT) that the proxy may refuse."""
+    with FakeServer(fixture("vllm/models.json")) as proxy:  # answers CONNECT with 501
+        proxy_env(HTTPS_PROXY=proxy.url.removesuffix("/v1"))
+        with pytest.raises(RemoteError, match=r"^cannot reach https://gpu-box\.invalid/v1 through the proxy in HTTPS_PROXY \("):
+            RemoteConversation.connect("https://gpu-box.invalid/v1")
+
+
+def test_a_server_in_no_proxy_that_is_down_is_still_the_servers_fault(proxy_env):
+    with refusing_port() as port, unanswered_port() as proxy_port:
+        proxy_env(ALL_PROXY=f"http://127.0.0.1:{proxy_port}", NO_PROXY="127.0.0.1")
+        with pytest.raises(RemoteError, match=r"^cannot connect to http://127\.0\.0\.1:\d+/v1 .*is the server running\?"):
+            RemoteConversation.connect(f"http://127.0.0.1:{port}/v1")

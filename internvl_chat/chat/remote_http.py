@@ -648,6 +648,7 @@ class ApiClient:
             )
             self.http.build_request("GET", "models")  # httpx checks the host (IDNA) only here; sends nothing
             _connect_with(self.http, self.connector)
+            self.proxy = _proxy_of(self.http, self.base_url)  # a failed connect blames it, not the server
         except (httpx.InvalidURL, ValueError) as e:  # e.g. a host name that is not valid IDNA (xn--)
             raise UsageError(f"{visible(without_credentials(server))} is not a usable URL ({_reason(e)}); pass --server http://HOST:PORT/v1") from None
 
@@ -690,6 +691,9 @@ class ApiClient:
         """One line for a request that failed below HTTP (a head that came too late says so)."""
         if self.head_watch is not None and self.head_watch.fired:
             return head_late(self.timeout)
+        if self.proxy is not None and isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError)):
+            return RemoteError(f"cannot reach {self.shown_url} through {self.proxy} ({_reason(err)}); "
+                               "check the proxy, or add the server's host to NO_PROXY")  # fmt: skip
         return transport_error(err, self.shown_url, self.timeout, mid_answer)
 
     def get_json(self, path: str) -> object:
@@ -751,6 +755,20 @@ def _client(**kwargs) -> httpx.Client:
         where, undo = (named[0], f"fix or unset {named[0]}") if named else ("the system's proxy setting", "fix it")
         raise UsageError(f"the proxy in {where} is not a usable URL (http://, https:// or socks5://HOST:PORT); "
                          f"{undo}") from None  # fmt: skip
+
+
+def _proxy_of(http: httpx.Client, base_url: str) -> str | None:
+    """The proxy that requests to `base_url` go through, as a line names it; None when they go
+    directly (no proxy, a host in NO_PROXY), or where httpx's private choice of transport is not
+    there (another httpx)."""
+    choose = getattr(http, "_transport_for_url", None)
+    if choose is None or choose(httpx.URL(base_url)) is getattr(http, "_transport", None):
+        return None
+    for wanted in (urlsplit(base_url).scheme + "_proxy", "all_proxy"):  # httpx prefers the scheme's own
+        names = [name for name, _ in _proxy_variables() if name.lower() == wanted]
+        if names:
+            return "the proxy in " + min(names, key=str.isupper)  # urllib prefers the lower-case one
+    return "the system's proxy"
 
 
 def _usable_proxy(value: str) -> bool:
