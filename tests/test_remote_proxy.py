@@ -1,0 +1,188 @@
+"""The remote backend behind a proxy named in the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY,
+NO_PROXY, which httpx reads): a cancel while the connection to the proxy is being made ends it at
+once, as without a proxy; NO_PROXY is honoured as httpx does it. Real local sockets; no waits on
+timings, only generous bounds that a hang would pass."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from types import SimpleNamespace
+
+import pytest
+from remote_helpers import FakeServer, Reply, fixture, refusing_port, unanswered_port
+
+from internvl_chat.chat import remote_http
+from internvl_chat.chat.remote import RemoteConversation
+from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.errors import RemoteError, UsageError
+from internvl_chat.threads import start_worker
+
+CONNECTING_WAIT_S = 60.0  # generous; a connect that the cancel does not end goes on for minutes
+STOP = b'data: {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+
+
+@pytest.fixture
+def proxy_env(monkeypatch):
+    """Sets proxy variables after clearing any the test machine has (either case: urllib, which
+    httpx asks, prefers the lower-case one)."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy") or name == "REQUEST_METHOD":
+            monkeypatch.delenv(name)
+
+    def set_env(**variables: str) -> None:
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+
+    return set_env
+
+
+@pytest.mark.parametrize(
+    ("variable", "server"),
+    [("HTTP_PROXY", "http://gpu-box.invalid:8000/v1"),
+     ("HTTPS_PROXY", "https://gpu-box.invalid:8000/v1"),
+     ("ALL_PROXY", "http://gpu-box.invalid:8000/v1")],
+)  # fmt: skip
+def test_a_cancel_while_connecting_to_a_proxy_ends_the_attempt_at_once(monkeypatch, proxy_env, variable, server):
+    """Behind a proxy, httpx connects through another pool than its default one; a cancel while the
+    connection to the proxy was being made (no socket to shut yet) waited for the connect timeout
+    (30 s; an hour here, which the kernel's SYN retries end after about two minutes)."""
+    monkeypatch.setattr(remote_http, "CONNECT_TIMEOUT_S", 3600.0)
+    with unanswered_port() as port:
+        proxy_env(**{variable: f"http://127.0.0.1:{port}"})
+        client = remote_http.ApiClient(server, "", 3600)
+        conv = RemoteConversation(client, "m", "generic", params=SamplingParams(max_new_tokens=8))
+        cancel = threading.Event()
+        ports: list = []
+        trace = client.trace
+
+        def spy(event: str, info: dict) -> None:
+            if event == "connection.connect_tcp.started":
+                ports.append(info.get("port"))
+                cancel.set()
+            trace(event, info)
+
+        client.trace = spy
+        outcome: list = []
+        asking = start_worker(lambda: outcome.append(list(conv.ask("hi", cancel=cancel))), "test-ask")
+        asking.join(CONNECTING_WAIT_S)
+        assert not asking.is_alive(), "the cancel did not end the connect to the proxy"
+        assert ports == [port]  # the connect was the proxy's
+        assert outcome and outcome[0][-1]["finish_reason"] == "cancelled"
+        client.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_no_proxy_still_reaches_the_server_directly(proxy_env, host):
+    """A host that NO_PROXY names is connected to directly, as httpx does it, even with a proxy for
+    everything else (here one that never answers)."""
+    with unanswered_port() as port, FakeServer(fixture("vllm/models.json")) as server:
+        proxy_env(HTTP_PROXY=f"http://127.0.0.1:{port}", ALL_PROXY=f"http://127.0.0.1:{port}", NO_PROXY=f"example.org,{host}")
+        url = server.url.replace("127.0.0.1", host)
+        server.chat(Reply.sse(STOP))
+        conv = RemoteConversation.connect(url, timeout=60, params=SamplingParams(max_new_tokens=8))
+        events = list(conv.ask("hi"))
+        assert "".join(e["text"] for e in events) == "ok"
+        assert len(server.chat_bodies()) == 1
+        conv.client.close()
+
+
+@pytest.mark.parametrize("variable", ["ALL_PROXY", "all_proxy", "HTTPS_PROXY"])
+def test_a_socks_proxy_without_socksio_is_one_line_that_says_what_to_do(monkeypatch, proxy_env, variable):
+    """httpx needs the optional socksio package for a SOCKS proxy and raised an ImportError as the
+    client was made: a traceback instead of the answer."""
+    monkeypatch.setitem(sys.modules, "socksio", None)  # not installed (an import of it fails)
+    proxy_env(**{variable: "socks5://me:s3cret@127.0.0.1:1080"})
+    with pytest.raises(UsageError) as err:
+        RemoteConversation.connect("http://gpu-box.invalid:8000/v1")
+    line = str(err.value)
+    assert line == (f"{variable} names a SOCKS proxy, which needs the socksio package: "
+                    f"pip install 'httpx[socks]', or unset {variable}")  # fmt: skip
+    assert err.value.exit_code == 2
+
+
+@pytest.mark.parametrize("value", ["ftp://me:s3cret@127.0.0.1:21", "socks4://127.0.0.1:1080"])
+def test_a_proxy_url_httpx_cannot_use_is_blamed_not_the_server_url(proxy_env, value):
+    """httpx refuses the proxy's URL as the client is made; the line blamed --server, and showed
+    the proxy's user name."""
+    proxy_env(ALL_PROXY="http://127.0.0.1:9", https_proxy=value)
+    with pytest.raises(UsageError) as err:
+        RemoteConversation.connect("http://gpu-box.invalid:8000/v1")
+    line = str(err.value)
+    assert line.startswith("the proxy in https_proxy is not a usable URL") and line.endswith("fix or unset https_proxy")
+    assert "--server" not in line and "s3cret" not in line and "me:" not in line
+    assert err.value.exit_code == 2 and "\n" not in line
+
+
+def test_a_bad_server_url_is_still_blamed_with_a_proxy_set(proxy_env):
+    proxy_env(HTTP_PROXY="http://127.0.0.1:9")
+    with pytest.raises(UsageError, match=r"pass --server http://HOST:PORT/v1$"):
+        RemoteConversation.connect("http://xn--/v1")
+
+
+def test_a_socket_connected_through_a_socks_proxy_is_one_the_client_can_shut():
+    """httpcore traces a SOCKS proxy's connects as `socks.connect_tcp`, not `connection.…`: their
+    sockets were not among the client's, so an abort before the head, or a head that came too late
+    (HeadWatch), did not shut them and waited for the read timeout. (No SOCKS proxy runs here: it
+    needs socksio, which the tests do not install.)"""
+    client = remote_http.ApiClient("http://gpu-box.invalid:8000/v1", "", 60)
+    with socket.socket() as sock:
+        stream = SimpleNamespace(get_extra_info=lambda name: sock if name == "socket" else None)
+        client.trace("socks.connect_tcp.complete", {"return_value": stream})
+        assert sock in client._sockets
+    client.close()
+
+
+def test_a_cancel_while_a_proxy_keeps_the_head_ends_the_answer_at_once(monkeypatch, proxy_env):
+    """Connected to the proxy, the request sent, no head comes: the cancel shuts the connection."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # connections are made by the kernel, and never answered
+        proxy_env(HTTP_PROXY="http://127.0.0.1:%d" % listener.getsockname()[1])
+        client = remote_http.ApiClient("http://gpu-box.invalid:8000/v1", "", 3600)
+        conv = RemoteConversation(client, "m", "generic", params=SamplingParams(max_new_tokens=8))
+        cancel = threading.Event()
+        trace = client.trace
+
+        def spy(event: str, info: dict) -> None:
+            trace(event, info)
+            if event == "http11.send_request_body.complete":
+                cancel.set()
+
+        client.trace = spy
+        outcome: list = []
+        asking = start_worker(lambda: outcome.append(list(conv.ask("hi", cancel=cancel))), "test-ask")
+        asking.join(CONNECTING_WAIT_S)
+        assert not asking.is_alive(), "the cancel did not end the wait for the proxy's head"
+        assert outcome and outcome[0][-1]["finish_reason"] == "cancelled"
+        client.close()
+
+
+@pytest.mark.parametrize(("variable", "server"), [("HTTP_PROXY", "http://gpu-box.invalid:8000/v1"),
+                                                  ("all_proxy", "https://gpu-box.invalid/v1")])  # fmt: skip
+def test_a_proxy_that_cannot_be_reached_is_blamed_not_the_server(proxy_env, variable, server):
+    """The line said "is the server running? check --server" when the proxy was down."""
+    with refusing_port() as port:
+        proxy_env(**{variable: f"http://127.0.0.1:{port}"})
+        with pytest.raises(RemoteError) as err:
+            RemoteConversation.connect(server)
+    line = str(err.value)
+    assert line.startswith(f"cannot reach {server} through the proxy in {variable} (")
+    assert line.endswith("; check the proxy, or add the server's host to NO_PROXY")
+
+
+def test_a_proxy_that_refuses_the_tunnel_is_blamed_not_the_server(proxy_env):
+    """An https server is reached through a tunnel (CONNECT) that the proxy may refuse."""
+    with FakeServer(fixture("vllm/models.json")) as proxy:  # answers CONNECT with 501
+        proxy_env(HTTPS_PROXY=proxy.url.removesuffix("/v1"))
+        with pytest.raises(RemoteError, match=r"^cannot reach https://gpu-box\.invalid/v1 through the proxy in HTTPS_PROXY \("):
+            RemoteConversation.connect("https://gpu-box.invalid/v1")
+
+
+def test_a_server_in_no_proxy_that_is_down_is_still_the_servers_fault(proxy_env):
+    with refusing_port() as port, unanswered_port() as proxy_port:
+        proxy_env(ALL_PROXY=f"http://127.0.0.1:{proxy_port}", NO_PROXY="127.0.0.1")
+        with pytest.raises(RemoteError, match=r"^cannot connect to http://127\.0\.0\.1:\d+/v1 .*is the server running\?"):
+            RemoteConversation.connect(f"http://127.0.0.1:{port}/v1")
