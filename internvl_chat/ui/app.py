@@ -643,13 +643,16 @@ class App:
     def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str) -> str:
         """Run one turn's event stream on the console; ERROR when a server's answer broke off (kept)."""
         cancel = threading.Event()
-        streaming = threading.Event()
+        streaming = threading.Event()  # from the first event to the end: the answer is on the screen
 
         def on_sigint(signum: int, frame: Any) -> None:
-            if streaming.is_set() and not cancel.is_set():
-                cancel.set()  # stop between tokens, keep the partial answer
-            else:
+            if not streaming.is_set():
                 raise KeyboardInterrupt
+            # stop between tokens, keep the partial answer. Once asked (a server's stream is shut at
+            # once, a model stops at its next token), more presses change nothing: raised, one landed
+            # anywhere as the turn wound down, in the turn's commit (an answer kept, or dropped though
+            # shown) or in the printing of its end (the text printed twice, a bare "[interrupted]")
+            cancel.set()
 
         device = self.session.describe().memory_device  # None: the model runs elsewhere
         before = (len(self.session.turns), self.session.context_used)
@@ -705,10 +708,9 @@ class App:
                 self.say(f"[interrupted: this answer was discarded; {outcome()}]", "yellow")
                 return OK
             finally:
-                streaming.clear()
                 end_stream()
-        self.last_peak = peak_memory(device) if device is not None else None
-        return self._after_answer(final)
+            self.last_peak = peak_memory(device) if device is not None else None
+            return self._after_answer(final)
 
     def _after_answer(self, final: dict) -> str:
         reason = final["finish_reason"]
