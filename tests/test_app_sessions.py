@@ -157,6 +157,23 @@ def test_save_never_silently_replaces_another_conversation(loaded, tmp_path, hom
     assert third.handle_line("/save earlier.json") == OK
 
 
+def test_stats_after_load_say_the_answer_was_loaded(loaded, tmp_path, home):
+    """/stats after /load said "no answer yet", with the loaded answers on the screen."""
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/stats") == OK and output(out).strip() == "no answer yet"
+    app.handle_line("Hello.")
+    app.handle_line(f"/save {tmp_path / 'talk.json'}")
+    other, out2 = make_app(loaded, tmp_path)
+    assert other.handle_line(f"/load {tmp_path / 'talk.json'}") == OK
+    output(out2)
+    assert other.handle_line("/stats") == OK
+    assert output(out2).strip() == "no stats for the last answer: it was loaded from a session file; the next answer has them"
+    other.handle_line("More.")
+    output(out2)
+    other.handle_line("/stats")
+    assert output(out2).startswith("finish")
+
+
 def test_load_restores_the_settings_saved_with_the_session(loaded, tmp_path, home):
     app, _ = make_app(loaded, tmp_path)
     for line in ("/set temperature 0.7", "/set top_k 40", "/set seed 7", "/set max_tiles 4", "/set max_new_tokens 5"):

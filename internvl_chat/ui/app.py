@@ -993,8 +993,11 @@ class App:
             self.note("  (estimates: the server counts the real tokens, and reports them after each answer)")
 
     def cmd_stats(self, command: Command) -> None:
-        if not self.session.turns or not self.session.turns[-1].timing:
+        if not self.session.turns:
             self.say("no answer yet")
+            return
+        if not self.session.turns[-1].timing:  # session files keep no timings: they are this run's
+            self.say("no stats for the last answer: it was loaded from a session file; the next answer has them")
             return
         turn = self.session.turns[-1]
         t = turn.timing
