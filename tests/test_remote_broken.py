@@ -167,6 +167,9 @@ def test_the_app_keeps_a_broken_off_answer_says_so_and_saves_and_loads_it(tmp_pa
 
         again, out = _app(fake.url, tmp_path)
         assert again.handle_line(f"/load {tmp_path / 'talk.json'}") == OK, out.getvalue()
+        # the last answer broke off: said again, as nothing in "last: …" shows it (it said nothing)
+        assert out.getvalue().splitlines()[-1] == "(that answer broke off when it came: it is cut; /retry answers again, " \
+                                                  "/undo removes it)"
         assert [(t.user_text, t.reply, t.finish_reason) for t in again.session.turns] == [
             ("first", "A red circle on white.\n", "stop"), ("second", "A red circle on white.\n", "error")]  # fmt: skip
         assert again.handle_line("third") == OK

@@ -1166,6 +1166,8 @@ class App:
             self.note(f"(it was saved with {visible(saved_model)}; it continues with {visible(model)})")
         if turns:
             self.note(f"last: “{_short(turns[-1].user_text)}” → “{_short(turns[-1].answer_text)}”")
+            if turns[-1].finish_reason == "error":  # the file keeps no "[stopped: …]" line: it would pass for whole
+                self.note("(that answer broke off when it came: it is cut; /retry answers again, /undo removes it)")
         try:
             self.session.check_attach([])
         except ContextOverflowError:  # it filled the context when it was saved, or this one is smaller
