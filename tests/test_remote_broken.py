@@ -177,6 +177,20 @@ def test_the_app_keeps_a_broken_off_answer_says_so_and_saves_and_loads_it(tmp_pa
             "first", "A red circle on white.\n", "second", "A red circle on white.\n"]  # fmt: skip
 
 
+def test_an_answer_cut_after_its_first_piece_claims_no_decode_speed(tmp_path):
+    """The server killed after the answer's first piece: no decode was measured, but the line
+    under the answer said "decode 0.0 tok/s" and /stats "decode 0 tokens in 0.000 s (0.0 tok/s)"."""
+    with FakeServer(fixture("vllm/models.json")) as fake:
+        fake.chat(Reply.sse(event({"content": "A red"}), end="cut"))
+        app, out = _app(fake.url, tmp_path)
+        assert app.handle_line("What is it?") == ERROR
+        assert app.handle_line("/stats") == OK
+    text = out.getvalue()
+    assert re.search(r"^ttft [\d.]+ s · context ≈", text, re.M), text  # the stats line
+    assert "tok/s" not in text and not re.search(r"^decode", text, re.M), text
+    assert re.search(r"^time to first token\s+[\d.]+ s$", text, re.M), text
+
+
 def test_a_broken_off_answer_saved_from_a_server_loads_into_the_local_model(loaded, tmp_path):
     """Sessions saved either way load either way: the local model reads the text that came."""
     from app_helpers import make_app

@@ -1010,7 +1010,7 @@ class App:
                                     f" ({t.get('prefill_tokens_per_s', 0):,.0f} tok/s)"))  # fmt: skip
         if "ttft_s" in t:
             rows.append(("time to first token", f"{t['ttft_s']:.3f} s"))
-        if "decode_tokens" in t:
+        if t.get("decode_tokens"):  # 0: the answer's one token (or piece) came as the first: no rate to tell
             rows.append(("decode", f"{t['decode_tokens']:,} tokens in {t.get('decode_s', 0):.3f} s"
                                    f" ({t.get('decode_tokens_per_s', 0):,.1f} tok/s)"))  # fmt: skip
         answer = turn.answer_tokens
