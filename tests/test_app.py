@@ -28,7 +28,7 @@ from internvl_chat.ui.answer_text import AnswerCleaner
 from internvl_chat.ui.app import EXIT, ERROR, OK, App, block_is_open, sanitize, unwrap_block
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from media_helpers import textured_rgb, write_numbered_video
-from app_helpers import ChunkedAnswers, make_app, output
+from app_helpers import ChunkedAnswers, _Turn, make_app, output
 
 MAX_CONTEXT = 2048  # the context conftest's `loaded` fixture gives the model
 TOKENS_PER_TILE = 256
@@ -673,6 +673,61 @@ def test_ctrl_c_before_the_answer_leaves_everything_as_it_was(loaded, media, tmp
     monkeypatch.setattr(loaded.model, "encode_images", real)
     assert app.handle_line("What is it?") == OK
     assert len(app.session.turns) == 2 and app.session.turns[1].media[0].path.name == "square.png"
+
+
+class CtrlCTwice(ChunkedAnswers):
+    """A server's answer that stops coming after its first words, and a user who presses Ctrl-C
+    twice: the first asks the answer to stop (the app's handler sets `cancel`), the second lands as
+    the turn winds down, in the conversation (`where` "commit") or as the answer's end is printed
+    ("end"). `signal.raise_signal` runs the handler at once, where it is called."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+
+    def ask(self, text, media=(), params=None, cancel=None):
+        yield {"text": "Once upon a time", "finish_reason": None}
+        signal.raise_signal(signal.SIGINT)  # the server is silent: the user presses Ctrl-C
+        assert cancel.is_set()
+        if self.where == "commit":
+            signal.raise_signal(signal.SIGINT)  # and again, before the cut answer is kept
+        self.turns.append(_Turn(user_text=text, answer_text="Once upon a time", media=list(media), timing={},
+                                answer_tokens=None, finish_reason="cancelled"))  # fmt: skip
+        yield {"text": "", "finish_reason": "cancelled", "timing": {}, "usage": {}}
+
+
+class InterruptOnNewline(io.StringIO):
+    """Sends this process a SIGINT (at once) when a line break is written, once armed."""
+
+    armed = False
+
+    def write(self, s: str) -> int:
+        if self.armed and "\n" in s:
+            self.armed = False
+            signal.raise_signal(signal.SIGINT)
+        return super().write(s)
+
+
+@pytest.mark.parametrize("where", ["commit", "end"])
+def test_a_second_ctrl_c_as_a_cancelled_answer_winds_down_changes_nothing(tmp_path, where):
+    """Found over --server (a server gone silent, Ctrl-C pressed twice): the second Ctrl-C raised
+    wherever it landed. In the turn's commit the answer the user had watched, and asked to keep, was
+    discarded ("[interrupted: this answer was discarded …]"); as its end printed it escaped the
+    answer: the REPL said only "[interrupted]" though the answer was kept, and rich printed it twice."""
+    out = InterruptOnNewline()
+    settings = load_settings(os.devnull, env={}, overrides={"ui.plain": True})
+    conversation = CtrlCTwice(where)
+    app = App(conversation, settings, Console(file=out, width=80, color_system=None), interactive=True, cwd=tmp_path)
+    out.armed = where == "end"  # the line break that ends the cut answer's text
+    try:
+        result = app.handle_line("Tell me a story.")
+    except KeyboardInterrupt:  # uncaught, it would end the test run
+        pytest.fail("the second Ctrl-C escaped the answer: the REPL says only [interrupted]")
+    assert result == OK and [t.finish_reason for t in conversation.turns] == ["cancelled"]
+    text = out.getvalue()
+    assert text.count("Once upon a time") == 1 and "[cancelled: the partial answer is kept" in text, text
+    assert "interrupted" not in text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def test_without_interactive_ctrl_c_propagates(loaded, tmp_path):

@@ -158,6 +158,23 @@ def test_save_never_silently_replaces_another_conversation(loaded, tmp_path, hom
     assert third.handle_line("/save earlier.json") == OK
 
 
+def test_stats_after_load_say_the_answer_was_loaded(loaded, tmp_path, home):
+    """/stats after /load said "no answer yet", with the loaded answers on the screen."""
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/stats") == OK and output(out).strip() == "no answer yet"
+    app.handle_line("Hello.")
+    app.handle_line(f"/save {tmp_path / 'talk.json'}")
+    other, out2 = make_app(loaded, tmp_path)
+    assert other.handle_line(f"/load {tmp_path / 'talk.json'}") == OK
+    output(out2)
+    assert other.handle_line("/stats") == OK
+    assert output(out2).strip() == "no stats for the last answer: it was loaded from a session file; the next answer has them"
+    other.handle_line("More.")
+    output(out2)
+    other.handle_line("/stats")
+    assert output(out2).startswith("finish")
+
+
 def test_load_restores_the_settings_saved_with_the_session(loaded, tmp_path, home):
     app, _ = make_app(loaded, tmp_path)
     for line in ("/set temperature 0.7", "/set top_k 40", "/set seed 7", "/set max_tiles 4", "/set max_new_tokens 5"):
@@ -577,7 +594,7 @@ def test_an_export_marks_each_answer_that_was_cut_short_also_after_save_and_load
     assert other.handle_line(f"/save {tmp_path / 'again.json'}") == OK, output(out)  # the reasons survive the file
     again, out = make_app(loaded, tmp_path)
     assert again.handle_line(f"/load {tmp_path / 'again.json'}") == OK
-    assert "[cancelled]” (cut short: it broke off with an error)\n" in output(out)  # /load's last turn says it too
+    assert "[cancelled]” (cut short: it broke off with an error; /retry answers again, /undo removes it)\n" in output(out)  # /load's last turn says it too
     assert again.handle_line(f"/export {tmp_path / 'cut.md'}") == OK, output(out)
     assert _assistant_parts((tmp_path / "cut.md").read_text()) == [
         "A whole [cancelled]\n\n" + CUT_MARKS["length"],  # the model's own words are kept as written

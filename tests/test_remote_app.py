@@ -12,8 +12,11 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pexpect
@@ -27,7 +30,7 @@ from internvl_chat.ui.app import ERROR, OK, App, runtime_keys
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from app_helpers import output
 from media_helpers import textured_rgb
-from remote_helpers import FakeServer, Reply, fixture, refusing_port
+from remote_helpers import FakeServer, Reply, closed_port, fixture, refusing_port
 from serve_support import RunningServer
 from test_repl_pty import PROMPT_READY, Repl
 
@@ -329,3 +332,71 @@ def test_the_repl_through_serve_cancel_retry_undo_and_save(server, picture, tmp_
     answers = saved["messages"][1::2]
     assert answers[1]["finish_reason"] in ("stop", "length")  # /retry replaced the cancelled answer
     assert answers[1]["usage"]["completion_tokens"] <= 40
+
+
+DEMO_MODEL = REPO / "internvl_chat" / "demo_model"
+
+
+def _serve(script: list[str], port: int, home: Path) -> subprocess.Popen:
+    """`serve` of the demo model in its own process on `port`, once it answers /health."""
+    argv = [sys.executable, *script, "--model", str(DEMO_MODEL), "--port", str(port), "--device", "cpu",
+            "--dtype", "float32", "--log-level", "warning"]  # fmt: skip
+    process = subprocess.Popen(argv, env=app_env(home), cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("serve did not start") from None
+            time.sleep(0.1)
+
+
+def _shown(output: str) -> str:
+    """The text of terminal output, its control sequences left out."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output).strip()
+
+
+def test_the_repl_through_a_server_killed_mid_answer_then_restarted_retries_and_goes_on(picture, tmp_path):
+    """SIGKILL of the server in the middle of an answer: the text shown is kept with one line
+    saying so, the prompt comes back; the server restarted on the same port (its KV cache gone),
+    /retry answers again from the conversation resent whole, a next turn works, /undo removes it.
+    The first server stalls after its answer's first piece (tests/stalled_serve.py): the kill
+    lands mid-answer on any machine, with no race."""
+    port = closed_port()
+    servers = [_serve([str(REPO / "tests" / "stalled_serve.py")], port, tmp_path)]
+    try:
+        repl = RemoteRepl(tmp_path, "--server", f"127.0.0.1:{port}", "--plain", "--max-new-tokens", "12")
+        repl.child.expect_exact(PROMPT_READY)
+        repl.run(f"/image {picture}", r"\+ image photo\.png")
+        repl.enter("What is in the picture?")
+        # --plain: no spinner; the answer's first piece (past any cursor sequence), then nothing more
+        repl.child.expect(r"\A(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*[^\s\x1b]")
+        first = repl.child.after + repl.child.buffer
+        servers[0].kill()
+        servers[0].wait()
+        repl.expect(r"\[stopped: the connection to http://127\.0\.0\.1:\d+/v1 broke in the middle of the answer")
+        first = _shown(first + repl.child.before)
+        repl.prompt()
+        repl.run("/context", r"turn 1: image photo\.png, “What is in the picture\?” \(media [\d,]+ · answer")
+        repl.run("/stats", r"finish\s+error")
+
+        servers.append(_serve(["-m", "internvl_chat", "serve"], port, tmp_path))  # the same port, a new cache
+        repl.enter("/retry")
+        repl.expect(r"server: prompt [\d,]+ tok \(0 cached\)")  # the whole conversation resent, picture too
+        retried = _shown(repl.child.before)
+        repl.prompt()
+        assert first and retried.startswith(first), (first, retried)  # the same greedy answer, now whole
+        repl.run("And then?", r"server: prompt [\d,]+ tok \([\d,]+ cached\)")
+        repl.run("/undo", r"removed turn 2: “And then\?”")
+        repl.run("/context", r"turn 1: image photo\.png")
+        repl.child.send("/exit\r")
+        repl.child.expect(pexpect.EOF)
+        repl.child.close()
+        assert repl.child.exitstatus == 0
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()

@@ -168,6 +168,8 @@ def test_the_app_keeps_a_broken_off_answer_says_so_and_saves_and_loads_it(tmp_pa
 
         again, out = _app(fake.url, tmp_path)
         assert again.handle_line(f"/load {tmp_path / 'talk.json'}") == OK, out.getvalue()
+        # the last answer broke off: said again, as the file keeps no "[stopped: …]" line (it said nothing)
+        assert "(cut short: it broke off with an error; /retry answers again, /undo removes it)" in out.getvalue()
         assert [(t.user_text, t.reply, t.finish_reason) for t in again.session.turns] == [
             ("first", "A red circle on white.\n", "stop"), ("second", "A red circle on white.\n", "error")]  # fmt: skip
         assert again.handle_line("third") == OK
@@ -209,6 +211,20 @@ def test_an_export_marks_the_server_answers_cut_short_also_after_save_and_load(t
 def _assistant_parts(md: str) -> list[str]:
     """Each answer of an export as written, up to the next turn."""
     return [part.split("\n## User\n")[0].strip("\n") for part in md.split("\n## Assistant\n")[1:]]
+
+
+def test_an_answer_cut_after_its_first_piece_claims_no_decode_speed(tmp_path):
+    """The server killed after the answer's first piece: no decode was measured, but the line
+    under the answer said "decode 0.0 tok/s" and /stats "decode 0 tokens in 0.000 s (0.0 tok/s)"."""
+    with FakeServer(fixture("vllm/models.json")) as fake:
+        fake.chat(Reply.sse(event({"content": "A red"}), end="cut"))
+        app, out = _app(fake.url, tmp_path)
+        assert app.handle_line("What is it?") == ERROR
+        assert app.handle_line("/stats") == OK
+    text = out.getvalue()
+    assert re.search(r"^ttft [\d.]+ s · context ≈", text, re.M), text  # the stats line
+    assert "tok/s" not in text and not re.search(r"^decode", text, re.M), text
+    assert re.search(r"^time to first token\s+[\d.]+ s$", text, re.M), text
 
 
 def test_a_broken_off_answer_saved_from_a_server_loads_into_the_local_model(loaded, tmp_path):

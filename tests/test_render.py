@@ -479,6 +479,9 @@ def test_format_stats_full_line():
         ({"vision_s": 0.0, "ttft_s": 0.1}, None, (None, None), None, None, "ttft 0.10 s"),
         ({"decode_tokens": 100, "decode_s": 4.0}, None, (None, None), None, None, "decode 25.0 tok/s"),
         ({"decode_s": 2.0}, {"completion_tokens": 300}, (None, None), None, None, "decode 150 tok/s"),
+        # one token, or a server's answer cut after its first piece: it said "decode 0.0 tok/s"
+        ({"ttft_s": 0.5, "decode_tokens": 0, "decode_s": 0.0, "decode_tokens_per_s": 0.0}, None, (None, None), None,
+         None, "ttft 0.50 s"),  # fmt: skip
         ({"prefill_tokens": 12}, None, (None, None), None, None, "prefill 12 tok"),
         ({"prefill_s": 12.345}, None, (None, None), None, None, "prefill 12.3 s"),
         ({}, None, (7, 8192), None, None, "context 7/8,192 (0 %)"),

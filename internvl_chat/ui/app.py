@@ -664,13 +664,16 @@ class App:
     def _answer(self, start: Callable[[threading.Event], Iterator[dict]], label: str) -> str:
         """Run one turn's event stream on the console; ERROR when a server's answer broke off (kept)."""
         cancel = threading.Event()
-        streaming = threading.Event()
+        streaming = threading.Event()  # from the first event to the end: the answer is on the screen
 
         def on_sigint(signum: int, frame: Any) -> None:
-            if streaming.is_set() and not cancel.is_set():
-                cancel.set()  # stop between tokens, keep the partial answer
-            else:
+            if not streaming.is_set():
                 raise KeyboardInterrupt
+            # stop between tokens, keep the partial answer. Once asked (a server's stream is shut at
+            # once, a model stops at its next token), more presses change nothing: raised, one landed
+            # anywhere as the turn wound down, in the turn's commit (an answer kept, or dropped though
+            # shown) or in the printing of its end (the text printed twice, a bare "[interrupted]")
+            cancel.set()
 
         device = self.session.describe().memory_device  # None: the model runs elsewhere
         before = (len(self.session.turns), self.session.context_used)
@@ -726,10 +729,9 @@ class App:
                 self.say(f"[interrupted: this answer was discarded; {outcome()}]", "yellow")
                 return OK
             finally:
-                streaming.clear()
                 end_stream()
-        self.last_peak = peak_memory(device) if device is not None else None
-        return self._after_answer(final)
+            self.last_peak = peak_memory(device) if device is not None else None
+            return self._after_answer(final)
 
     def _after_answer(self, final: dict) -> str:
         reason = final["finish_reason"]
@@ -1012,8 +1014,11 @@ class App:
             self.note("  (estimates: the server counts the real tokens, and reports them after each answer)")
 
     def cmd_stats(self, command: Command) -> None:
-        if not self.session.turns or not self.session.turns[-1].timing:
+        if not self.session.turns:
             self.say("no answer yet")
+            return
+        if not self.session.turns[-1].timing:  # session files keep no timings: they are this run's
+            self.say("no stats for the last answer: it was loaded from a session file; the next answer has them")
             return
         turn = self.session.turns[-1]
         t = turn.timing
@@ -1026,7 +1031,7 @@ class App:
                                     f" ({t.get('prefill_tokens_per_s', 0):,.0f} tok/s)"))  # fmt: skip
         if "ttft_s" in t:
             rows.append(("time to first token", f"{t['ttft_s']:.3f} s"))
-        if "decode_tokens" in t:
+        if t.get("decode_tokens"):  # 0: the answer's one token (or piece) came as the first: no rate to tell
             rows.append(("decode", f"{t['decode_tokens']:,} tokens in {t.get('decode_s', 0):.3f} s"
                                    f" ({t.get('decode_tokens_per_s', 0):,.1f} tok/s)"))  # fmt: skip
         answer = turn.answer_tokens
@@ -1182,6 +1187,8 @@ class App:
             self.note(f"(it was saved with {visible(saved_model)}; it continues with {visible(model)})")
         if turns:
             answer, cut = answer_and_cut(turns[-1])  # the excerpt may end before a " [cancelled]"
+            if turns[-1].finish_reason == "error":  # the file keeps no "[stopped: …]" line: say what to do again
+                cut += "; /retry answers again, /undo removes it"
             self.note(f"last: “{_short(turns[-1].user_text)}” → “{_short(answer)}”" + (f" (cut short: {cut})" if cut else ""))
         try:
             self.session.check_attach([])

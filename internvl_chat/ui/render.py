@@ -614,7 +614,9 @@ def format_stats(
     decode_tokens = timing.get("decode_tokens", usage.get("completion_tokens"))
     if decode_rate is None and decode_tokens is not None and timing.get("decode_s"):
         decode_rate = decode_tokens / timing["decode_s"]
-    if decode_rate is not None:
+    if decode_tokens == 0:
+        pass  # one token, or one piece of a server's answer (cut by a kill): no decode to measure, not "0.0 tok/s"
+    elif decode_rate is not None:
         add("decode", f"decode {_rate(decode_rate)} tok/s")
     elif decode_tokens is not None:
         add("decode", f"decode {_count(decode_tokens)} tok")
