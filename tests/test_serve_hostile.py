@@ -70,6 +70,26 @@ def test_a_text_that_cannot_fit_is_refused_before_it_is_tokenized(server, monkey
     assert max(encoded, default=0) < 1000  # the megabyte never reached the tokenizer
 
 
+@pytest.mark.parametrize("fits", [False, True], ids=["refused", "answered"])
+def test_the_server_keeps_no_system_message_after_its_request(server, fits):
+    """Each distinct system message was kept (as the key of a cached prompt builder, 65 of them)
+    after its request, a refused one of tens of megabytes too: a few requests held gigabytes."""
+    import sys
+
+    from internvl_chat.serve.errors import APIError
+    from internvl_chat.serve.protocol import parse_request
+
+    text = "Be brief. " * (10 if fits else 1 << 17)
+    body = {"model": "tiny", "messages": [{"role": "system", "content": text}, {"role": "user", "content": "Hi"}]}
+    req = parse_request(json.dumps(body).encode())
+    system = req.messages[0].content
+    held = sys.getrefcount(system)
+    try:
+        server.worker.prompts.make(req)
+    except APIError as e:
+        assert not fits and e.code == "context_length_exceeded", e
+    assert sys.getrefcount(system) == held
+
 CONTROLS = "\x1b[2J\x1b]52;c;ZXZpbA==\x07\u202e"  # clear screen, write the clipboard, reverse the text
 
 

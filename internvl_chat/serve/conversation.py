@@ -64,23 +64,16 @@ class PromptMaker:
         self.answers = answers
         self.reader = reader
         self.default_system = options.system_message if options.system_message is not None else loaded.config.system_message
-        self._builders: dict[str | None, PromptBuilder] = {}
+        # One builder for every request: the system message is a block like any other message. A
+        # builder per system message, kept in a cache, kept each request's system text after it
+        # (65 of them, a refused one of tens of megabytes too).
+        self.builder = PromptBuilder(self.tokenizer, None, loaded.config.tokens_per_tile)
         # Requests are prepared on several threads and the engine thread decodes meanwhile. A
         # tokenizer call may flip a flag of the shared tokenizer, so tokenizer calls take turns
         # (media fetching and hashing do not hold this lock).
         self.lock = threading.Lock()
-        self.builder(self.default_system).first_turn("warm-up")  # sets that flag once, before any decode runs
+        self.builder.first_turn("warm-up")  # sets that flag once, before any decode runs
         self.tokenizer.fewest_tokens("")  # its one pass over the vocabulary, here rather than on a request thread
-
-    def builder(self, system: str | None) -> PromptBuilder:
-        with self.lock:
-            builder = self._builders.get(system)
-            if builder is None:
-                if len(self._builders) > 64:
-                    self._builders.clear()
-                builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
-                self._builders[system] = builder
-            return builder
 
     def make(self, req: ChatCompletionRequest) -> Prompt:
         try:
@@ -90,22 +83,20 @@ class PromptMaker:
 
     def _make(self, req: ChatCompletionRequest) -> Prompt:
         messages = req.messages
-        system = None
         first = 0
         while first < len(messages) and messages[first].role in SYSTEM_ROLES:
-            text = _text_only(messages[first].content, f"messages.{first}.content", "a system message")
-            system = text if system is None else f"{system}\n{text}"
             first += 1
-        if system is None:
-            system = self.default_system
+        # joined once: adding each to the text so far took minutes for a body of a million empty ones
+        texts = [_text_only(messages[k].content, f"messages.{k}.content", "a system message") for k in range(first)]
+        system = "\n".join(texts) if first else self.default_system
         _check_order(messages)  # before any media is read
-        builder = self.builder(system)
+        builder = self.builder
         max_tiles, num_frames = self._media_kwargs(req)
         with self.lock:
             cue, close = builder.answer_cue(), builder.answer_close()
 
         prompt = Prompt(ids=[], system=system)
-        if builder.system_message:  # ("" is none, as in the app)
+        if system:  # ("" is none, as in the app)
             self._check_bound(0, first, system)  # counted with the first message after it (there is one: a user's)
             with self.lock:
                 prompt.ids += builder.message("system", system)
