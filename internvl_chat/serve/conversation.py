@@ -158,20 +158,26 @@ class PromptMaker:
     def _media_kwargs(self, req: ChatCompletionRequest) -> tuple[int | None, int]:
         mm = req.mm_processor_kwargs or {}
         _only_keys(mm, "mm_processor_kwargs", ("max_dynamic_patch", "num_frames"))
-        max_tiles = mm.get("max_dynamic_patch", self.options.max_tiles)
         _only_keys(req.media_io_kwargs or {}, "media_io_kwargs", ("video",))
-        video_io = (req.media_io_kwargs or {}).get("video") or {}
+        video_io = (req.media_io_kwargs or {}).get("video")
+        video_io = {} if video_io is None else video_io  # only null is none: a list or 0 is a mistake
         if not isinstance(video_io, dict):  # a free-form field: its shape is checked here, not by pydantic
             raise bad_request('media_io_kwargs.video must be an object such as {"num_frames": 8}',
                               param="media_io_kwargs.video")  # fmt: skip
         _only_keys(video_io, "media_io_kwargs.video", ("num_frames",))
-        default_frames = min(self.options.frames, self.options.max_frames)
-        num_frames = video_io.get("num_frames", mm.get("num_frames", default_frames))
-        if max_tiles is not None and (not is_int(max_tiles) or not 1 <= max_tiles <= MAX_TILES):  # None: the checkpoint's
+        # a value sent as null is the server's default, as one left out; a bad one is named where it was sent
+        max_tiles = mm.get("max_dynamic_patch")
+        if max_tiles is None:
+            max_tiles = self.options.max_tiles  # None: the checkpoint's
+        elif not is_int(max_tiles) or not 1 <= max_tiles <= MAX_TILES:
             raise bad_request(f"max_dynamic_patch must be an integer from 1 to {MAX_TILES}", param="mm_processor_kwargs.max_dynamic_patch")
-        if not is_int(num_frames) or not 1 <= num_frames <= self.options.max_frames:
-            raise bad_request(f"num_frames must be an integer from 1 to {self.options.max_frames}",
-                              param="media_io_kwargs.video.num_frames")  # fmt: skip
+        num_frames, where = video_io.get("num_frames"), "media_io_kwargs.video.num_frames"
+        if num_frames is None:
+            num_frames, where = mm.get("num_frames"), "mm_processor_kwargs.num_frames"
+        if num_frames is None:
+            num_frames = min(self.options.frames, self.options.max_frames)
+        elif not is_int(num_frames) or not 1 <= num_frames <= self.options.max_frames:
+            raise bad_request(f"num_frames must be an integer from 1 to {self.options.max_frames}", param=where)
         return max_tiles, num_frames
 
     def _user_content(self, content, i: int, max_tiles: int | None, num_frames: int) -> tuple[str, list[MediaItem]]:
