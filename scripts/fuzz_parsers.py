@@ -414,11 +414,17 @@ class RemoteTarget(Target):
         step = spec["piece"]
         for cut in cuts:
             sent = whole[:cut]
-            want = fuzz_shapes.stream_outcome([(name, data) for end, name, data in events if end <= cut], replace_lone_surrogates)
+            broken = spec.get("broken", False) and cut < len(whole)
+            came = [(name, data) for end, name, data in events if end <= cut]
+            want = fuzz_shapes.stream_outcome(came, replace_lone_surrogates, broken)
 
-            def answer(request: httpx.Request, sent=sent) -> httpx.Response:
-                pieces = [sent[i : i + step] for i in range(0, len(sent), step)] if step else [sent]
-                return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=iter(pieces))
+            def answer(request: httpx.Request, sent=sent, broken=broken) -> httpx.Response:
+                def pieces():
+                    yield from ([sent[i : i + step] for i in range(0, len(sent), step)] if step else [sent])
+                    if broken:  # as a connection lost there: what came before is all the client has
+                        raise httpx.ReadError("connection reset by the fuzzer")
+
+                return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=pieces())
 
             client = ApiClient("http://fuzz.invalid/v1", timeout=30)
             client.http._transport = httpx.MockTransport(answer)

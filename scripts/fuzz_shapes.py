@@ -9,8 +9,9 @@ inputs built whole:
   the chat template lays it out (`expected_prompt_text`) and hold one image run per picture or frame.
 - remote: an event stream with comments, CRLF or CR line ends, multi-line data, retry/id/unknown
   fields, named and error events, chunks with empty or odd choices, usage-only chunks, duplicate
-  [DONE], cut at one byte offset or at every offset in turn (`stream_outcome`): the answer kept,
-  its finish_reason, or a one-line error when nothing came.
+  [DONE], cut at one byte offset or at every offset in turn, the stream ending there or the
+  connection breaking (`stream_outcome`): the answer kept, its finish_reason, or a one-line error
+  when nothing came.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def stream_spec(rng: random.Random) -> dict:
             add("data", data="[DONE]")
     cut = "sweep" if rng.random() < 0.1 else rng.choice(["whole", "whole", rng.randrange(1 << 16)])
     return {"items": items, "bom": rng.random() < 0.05, "cut": cut, "piece": rng.choice([0, 1, 2, 3, 7, 64]),
-            "ascii": rng.random() < 0.5}  # fmt: skip
+            "ascii": rng.random() < 0.5, "broken": rng.random() < 0.5}  # fmt: skip
 
 
 def build_stream(spec: dict) -> tuple[bytes, list[tuple[int, str, str]]]:
@@ -234,12 +235,13 @@ def build_stream(spec: dict) -> tuple[bytes, list[tuple[int, str, str]]]:
     return bytes(out), events
 
 
-def stream_outcome(events: list[tuple[str, str]], replace) -> tuple[str, str] | None:
+def stream_outcome(events: list[tuple[str, str]], replace, broken: bool = False) -> tuple[str, str] | None:
     """What the remote conversation must make of the events that came whole, (name, data) in
-    order: (finish_reason, kept answer), or None for a one-line error with no turn taken."""
+    order: (finish_reason, kept answer), or None for a one-line error with no turn taken.
+    `broken`: the connection broke after them (else the stream just ended), unless [DONE] came first."""
     parts: list[str] = []
     raw_finish = None
-    broken = done = False
+    connection_broke, broken, done = broken, False, False
     for name, data in events:
         if data.strip() == "[DONE]":
             done = True
@@ -264,6 +266,7 @@ def stream_outcome(events: list[tuple[str, str]], replace) -> tuple[str, str] | 
                 parts.append(replace(delta["content"]))
             if choice.get("finish_reason"):
                 raw_finish = replace(str(choice["finish_reason"])[:64])
+    broken = broken or (connection_broke and not done)
     text = "".join(parts)
     if broken and not parts:
         return None
