@@ -90,6 +90,31 @@ def test_the_server_keeps_no_system_message_after_its_request(server, fits):
         assert not fits and e.code == "context_length_exceeded", e
     assert sys.getrefcount(system) == held
 
+@pytest.mark.parametrize("where", ["one message", "the history"])
+def test_a_request_over_the_media_limit_is_refused_before_its_media_are_read(server, monkeypatch, where):
+    """Each picture was fetched and probed (a temporary file each) before the count was checked: a
+    64 MiB body of distinct one-pixel GIFs kept a CPU busy for minutes to be refused."""
+    import base64
+
+    read = []
+    for kind in ("image", "video"):
+        real = getattr(server.worker.reader, kind)
+        monkeypatch.setattr(server.worker.reader, kind, lambda *a, real=real: read.append(1) or real(*a))
+    limit = 4
+    monkeypatch.setattr(server.options, "max_images", limit)
+    gif = base64.b64decode("R0lGODlhAQABAIAAAP///wAAACwAAAAAAQABAAACAkQBADs=")
+    urls = [f"data:image/gif;base64,{base64.b64encode(gif + bytes([n])).decode()}" for n in range(limit + 8)]
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    if where == "one message":
+        messages = [{"role": "user", "content": parts}]
+    else:  # the limit's worth in earlier messages, then one message of many
+        messages = [{"role": "user", "content": [part]} for part in parts[:limit]] + [{"role": "user", "content": parts[limit:]}]
+    response = post(server, {"model": "tiny", "messages": messages, "max_tokens": 2})
+    assert response.status_code == 400
+    assert f"more than {limit} images and videos" in error_of(response)["message"]
+    assert len(read) <= limit  # what the limit allows, at most: never the parts past it
+
+
 CONTROLS = "\x1b[2J\x1b]52;c;ZXZpbA==\x07\u202e"  # clear screen, write the clipboard, reverse the text
 
 

@@ -119,11 +119,14 @@ class PromptMaker:
                 text = _text_only(msg.content, f"messages.{i}.content", "a system message")
             else:
                 role = "user"
-                text, media = self._user_content(msg.content, i, max_tiles, num_frames)
-                media_count += len(media)
+                # counted before any is read: each is fetched and probed, and a body of 64 MiB holds
+                # hundreds of thousands of tiny pictures
+                parts = msg.content if isinstance(msg.content, list) else []
+                media_count += sum(isinstance(p, (ImagePart, VideoPart)) for p in parts)
                 if media_count > self.options.max_images:
                     raise bad_request(f"the request has more than {self.options.max_images} images and videos; "
                                       "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
+                text, media = self._user_content(msg.content, i, max_tiles, num_frames)
             self._check_bound(len(prompt.ids), i, text)
             specs = [m.spec for m in media]
             with self.lock:
