@@ -116,12 +116,12 @@ def test_a_request_over_the_media_limit_is_refused_before_its_media_are_read(ser
 
 
 @pytest.mark.parametrize(
-    "messages",
-    [[{"role": "robot"}] * 2000, [{"role": "user", "content": [{"type": "x"}] * 2000}],
-     [{"role": "user", "content": [{"type": "text"}] * 2000}]],
-    ids=["messages", "parts", "fields"],
+    "change",
+    [{"messages": [{"role": "robot"}] * 2000}, {"messages": [{"role": "user", "content": [{"type": "x"}] * 2000}]},
+     {"messages": [{"role": "user", "content": [{"type": "text"}] * 2000}]}, {"stop": [1] * 2000}],
+    ids=["messages", "parts", "fields", "stop"],
 )  # fmt: skip
-def test_a_body_of_many_bad_messages_is_refused_at_the_first(monkeypatch, messages):
+def test_a_body_of_many_bad_messages_is_refused_at_the_first(monkeypatch, change):
     """Every bad message or part was validated and reported (then one of them shown): 12 MiB of
     parts with an unknown type took 10 s and 2.4 GB to refuse, 64 MiB would exhaust the memory."""
     from pydantic import ValidationError
@@ -141,8 +141,8 @@ def test_a_body_of_many_bad_messages_is_refused_at_the_first(monkeypatch, messag
 
     monkeypatch.setattr(protocol.ChatCompletionRequest, "model_validate_json", validate)
     with pytest.raises(APIError) as err:
-        protocol.parse_request(json.dumps({"model": "tiny", "messages": messages}).encode())
-    assert err.value.status == 400 and err.value.param.startswith("messages.0")
+        protocol.parse_request(json.dumps({"model": "tiny", "messages": [{"role": "user"}], **change}).encode())
+    assert err.value.status == 400 and err.value.param.startswith(("messages.0", "stop.0"))
     assert found and found[0] < 10, found
 
 

@@ -104,7 +104,7 @@ class ChatCompletionRequest(_Model):
     max_tokens: Int | None = Field(default=None, ge=1)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
     seed: Int | None = Field(default=None, ge=0, le=2**63 - 1)  # lt=2**63 printed the bound as a float
-    stop: Union[str, list[str], None] = None
+    stop: Union[str, Annotated[list[str], Field(fail_fast=True)], None] = None
     repetition_penalty: Float | None = Field(default=None, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)
     mm_processor_kwargs: dict[str, Any] | None = None
     media_io_kwargs: dict[str, Any] | None = None  # vLLM: {"video": {"num_frames": N}}
