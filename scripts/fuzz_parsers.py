@@ -161,7 +161,7 @@ def _write_video(path: Path, frames: int = 4, options: dict | None = None) -> Pa
         stream = container.add_stream("mpeg4", rate=Fraction(10))
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         for n in range(frames):
-            rgb = np.full((48, 64, 3), n * 60, np.uint8)
+            rgb = np.full((48, 64, 3), n * 60 % 256, np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -402,9 +402,9 @@ class RemoteTarget(Target):
         from internvl_chat.chat.remote import RemoteConversation
         from internvl_chat.chat.remote_http import ApiClient
         from internvl_chat.chat.sampling import SamplingParams
+        from internvl_chat.chat.session_file import read_session_file
         from internvl_chat.errors import RemoteError
         from internvl_chat.files import replace_lone_surrogates
-        from internvl_chat.chat.session_file import read_session_file
 
         whole, events = fuzz_shapes.build_stream(spec)
         if spec["cut"] == "sweep":
