@@ -7,9 +7,12 @@ Each target mutates valid samples built here (bit flips, inserted and deleted by
 chunks, boundary integers, truncation, splices; JSON and TOML also one value at a time) and feeds
 them to the project's own entry point: a session file to /load's reading and replay, a picture or
 a video to the media loaders, a checkpoint folder to load_model, a server's answer to the remote
-conversation, a request body to serve's validation, a config file to load_settings. Anything but
-the project's one-line error is a finding: another exception, a message of several lines or with
-a control character, an input that runs past --timeout or past --max-rss-mb. Each runs in a
+conversation, a request body to serve's validation, a config file to load_settings. serve and
+remote also get inputs built whole (fuzz_shapes.py): conversations in any order of roles and
+content shapes, and event streams of every odd form cut at a byte offset, each with the outcome
+it must have. Anything but the project's one-line error is a finding: another exception (an
+outcome other than the one expected fails an assertion), a message of several lines or with a
+control character, an input that runs past --timeout or past --max-rss-mb. Each runs in a
 child process that the parent watches; a finding's input and traceback are written to --out.
 Input i of a seed is the same on every run, so a finding is reproduced with --start i.
 Not a test: the suite never runs it. Exit status 1 when something was found.
@@ -34,6 +37,8 @@ import tomllib
 import traceback
 from fractions import Fraction
 from pathlib import Path
+
+import fuzz_shapes
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = ("session", "image", "video", "checkpoint", "remote", "serve", "settings")
@@ -156,7 +161,7 @@ def _write_video(path: Path, frames: int = 4, options: dict | None = None) -> Pa
         stream = container.add_stream("mpeg4", rate=Fraction(10))
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         for n in range(frames):
-            rgb = np.full((48, 64, 3), n * 60, np.uint8)
+            rgb = np.full((48, 64, 3), n * 60 % 256, np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -332,6 +337,9 @@ class RemoteTarget(Target):
                 b"M\0" + json.dumps(models).encode()]  # fmt: skip
 
     def mutate(self, samples: list[bytes], rng: random.Random) -> bytes:
+        if rng.random() < 0.4:  # a stream built whole, cut somewhere: its outcome is known (fuzz_shapes.py)
+            dialect = rng.choice(["vllm", "lmdeploy", "sglang", "llamacpp", "internvl-chat", "generic"])
+            return b"\0".join([b"G", b"200", b"0", dialect.encode(), json.dumps(fuzz_shapes.stream_spec(rng)).encode()])
         base = rng.choice(samples)
         kind, body = base[:1], base[2:]
         if kind == b"S" and rng.random() < 0.6:
@@ -360,6 +368,9 @@ class RemoteTarget(Target):
         from internvl_chat.chat.sampling import SamplingParams
 
         kind, status, piece, dialect, body = data.split(b"\0", 4)
+        if kind == b"G":
+            self.run_built(json.loads(body), dialect.decode())
+            return
         piece = int(piece)
         content_type = "text/event-stream" if kind == b"S" else "application/json"
 
@@ -383,6 +394,56 @@ class RemoteTarget(Target):
         finally:
             client.close()
 
+    def run_built(self, spec: dict, dialect: str) -> None:
+        """A built stream cut at its offset (or at each in turn): the answer kept and its finish_reason,
+        or our one-line error when no text came, as `fuzz_shapes.stream_outcome` says."""
+        import httpx
+
+        from internvl_chat.chat.remote import RemoteConversation
+        from internvl_chat.chat.remote_http import ApiClient
+        from internvl_chat.chat.sampling import SamplingParams
+        from internvl_chat.chat.session_file import read_session_file
+        from internvl_chat.errors import RemoteError
+        from internvl_chat.files import replace_lone_surrogates
+
+        whole, events = fuzz_shapes.build_stream(spec)
+        if spec["cut"] == "sweep":
+            cuts = range(0, len(whole) + 1, max(1, len(whole) // 150))
+        else:
+            cuts = [len(whole) if spec["cut"] == "whole" else spec["cut"] % (len(whole) + 1)]
+        step = spec["piece"]
+        for cut in cuts:
+            sent = whole[:cut]
+            broken = spec.get("broken", False) and cut < len(whole)
+            came = [(name, data) for end, name, data in events if end <= cut]
+            want = fuzz_shapes.stream_outcome(came, replace_lone_surrogates, broken)
+
+            def answer(request: httpx.Request, sent=sent, broken=broken) -> httpx.Response:
+                def pieces():
+                    yield from ([sent[i : i + step] for i in range(0, len(sent), step)] if step else [sent])
+                    if broken:  # as a connection lost there: what came before is all the client has
+                        raise httpx.ReadError("connection reset by the fuzzer")
+
+                return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=pieces())
+
+            client = ApiClient("http://fuzz.invalid/v1", timeout=30)
+            client.http._transport = httpx.MockTransport(answer)
+            try:
+                conversation = RemoteConversation(client, "m", dialect, 100_000, SamplingParams(max_new_tokens=64))
+                try:
+                    finals = [e for e in conversation.ask("hi") if e["finish_reason"] is not None]
+                except RemoteError as e:
+                    assert want is None, f"cut at {cut} of {len(whole)}: {e} (want {want!r})"
+                    assert not conversation.turns, "a failed answer left a turn"
+                    continue
+                got = (finals[-1]["finish_reason"], conversation.turns[-1].reply)
+                assert got == want, f"cut at {cut} of {len(whole)}: got {got!r}, want {want!r}"
+                path = conversation.save(self.work / "built.json", {})
+                saved = read_session_file(path, None, ())
+                assert (saved.turns[-1].finish_reason, saved.turns[-1].reply) == want, "save/load changed the answer"
+            finally:
+                client.close()
+
 
 class ServeTarget(Target):
     """A chat-completions request body through serve's validation and prompt building."""
@@ -404,6 +465,14 @@ class ServeTarget(Target):
         _picture().save(buf, "PNG")
         png = base64.b64encode(buf.getvalue()).decode()
         mp4 = base64.b64encode(_write_video(self.work / "clip.mp4").read_bytes()).decode()
+        frames = []
+        for shade in (40, 200):
+            out = io.BytesIO()
+            _picture().point(lambda v, shade=shade: (v + shade) % 256).save(out, "JPEG")
+            frames.append(base64.b64encode(out.getvalue()).decode())
+        self.urls = {"png": f"data:image/png;base64,{png}", "mp4": f"data:video/mp4;base64,{mp4}",
+                     "frames": "data:video/jpeg;base64," + ",".join(frames)}  # fmt: skip
+        self.loaded = loaded
         bodies = [
             {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
             {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.7, "top_p": 0.9,
@@ -419,6 +488,11 @@ class ServeTarget(Target):
         return [json.dumps(b).encode() for b in bodies]
 
     def mutate(self, samples: list[bytes], rng: random.Random) -> bytes:
+        if rng.random() < 0.5:  # a conversation built whole: any order of roles and content shapes
+            body = fuzz_shapes.conversation(rng, self.urls)
+            if rng.random() < 0.2:
+                body = mutate_value(body, rng)
+            return json.dumps(body, ensure_ascii=rng.random() < 0.85).encode("utf-8", "surrogatepass")
         return mutate_json(samples, rng)
 
     def allowed(self) -> tuple[type[BaseException], ...]:
@@ -434,6 +508,24 @@ class ServeTarget(Target):
         request = parse_request(data)
         prompt = self.maker.make(request)
         sampling_params(request, SamplingParams(), len(prompt.ids), 8192)
+        self.check(request, prompt)
+
+    def check(self, request, prompt) -> None:
+        """An accepted request's prompt is its conversation as the chat template lays it out."""
+        builder = self.maker.builder
+        tokens_per_tile = self.loaded.config.tokens_per_tile
+        want = fuzz_shapes.expected_prompt_text(request, prompt, self.maker.default_system, tokens_per_tile)
+        got = self.maker.tokenizer.decode(prompt.ids)
+        if got != want:
+            at = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            raise AssertionError(f"the prompt differs from its conversation at character {at}: {got[at:at + 40]!r} for {want[at:at + 40]!r}")
+        tiles = sum(m.tiles for m in prompt.media)
+        assert prompt.ids.count(builder.img_context_id) == tokens_per_tile * tiles, "image tokens do not match the media"
+        runs = sum(1 if m.kind == "image" else m.tiles for m in prompt.media)
+        assert len(prompt.spans) == runs, f"{len(prompt.spans)} image runs recorded for {runs}"
+        for span in prompt.spans:
+            assert prompt.ids[span.start] == builder.img_start_id and prompt.ids[span.end - 1] == builder.img_end_id
+            assert span.end - span.start - 2 == tokens_per_tile * span.tiles, "a run's length is not its tiles'"
 
 
 class SettingsTarget(Target):

@@ -114,6 +114,17 @@ def test_broken_off_before_any_text_is_one_line_and_changes_nothing(reply, line)
         assert [t.user_text for t in conv.turns] == ["first"]
 
 
+def test_a_crlf_stream_cut_after_a_whole_event_keeps_that_event_s_text():
+    """Events framed with CRLF (sse-starlette's default) were returned one read late: the last
+    whole event before a cut was lost, its text missing from the kept answer."""
+    crlf = (event({"content": "A red"}) + event({"content": " circle"})).replace(b"\n", b"\r\n")
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = connected(server)
+        server.chat(Reply.sse(crlf, end="cut"))
+        final = list(conv.ask("second"))[-1]
+        assert (final["finish_reason"], conv.turns[-1].reply) == ("error", "A red circle")
+
+
 @pytest.mark.parametrize("end", ["reset", "cut"])
 def test_a_connection_lost_after_the_server_said_finish_reason_keeps_the_whole_answer(end):
     """The answer was whole (finish_reason stop); only what follows it (the usage, [DONE]) was lost.

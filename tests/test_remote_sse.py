@@ -63,6 +63,28 @@ def test_every_line_ending_of_the_format(newline):
         assert [e.data for e in events] == ["a\nb", "[DONE]"], (newline, size)
 
 
+@pytest.mark.parametrize("newline", [b"\r\n", b"\r"])
+def test_an_event_is_returned_by_the_read_that_completes_it(newline):
+    """A read that ended in its event's CRLF blank line (sse-starlette's line ending) or in a CR
+    returned nothing: the event came with the next read, a token late, and was lost with a
+    connection broken meanwhile (the kept answer lacked text the server had sent)."""
+    decoder = SSEDecoder()
+    assert [e.data for e in decoder.feed(b"data: a" + newline + newline)] == ["a"]
+    assert decoder.feed(b"data: b" + newline) == []
+    assert [e.data for e in decoder.feed(newline)] == ["b"]
+
+
+def test_a_crlf_split_between_reads_is_one_line_ending():
+    # a CR is taken as the end of its line at once: the LF of the same CRLF, read next, is no empty line
+    for cut in (b"data: a\r", b"data: a\r\ndata: b\r"):
+        body = b"data: a\r\ndata: b\r\n\r\n"
+        events, _ = events_of([cut, body[len(cut) :]])
+        assert [e.data for e in events] == ["a\nb"], cut
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\r") == [] and decoder.feed(b"") == [] and decoder.feed(b"\n") == []
+    assert [e.data for e in decoder.feed(b"\n")] == ["a"]
+
+
 def test_an_event_without_its_blank_line_at_the_end_is_dropped():
     events, _ = events_of([b"data: whole\n\ndata: cut off"])
     assert [e.data for e in events] == ["whole"]

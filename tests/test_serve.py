@@ -140,6 +140,14 @@ def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
         ({"max_completion_tokens": 10**6}, "max_completion_tokens"),  # was named max_tokens, which it had not sent
         ({"extra_body": {"media_io_kwargs": {"video": "8 frames"}}}, "media_io_kwargs.video"),
         ({"extra_body": {"media_io_kwargs": {"video": 8}}}, "media_io_kwargs.video"),
+        # a list (or 0, false, "") was read as no options at all
+        ({"extra_body": {"media_io_kwargs": {"video": []}}}, "media_io_kwargs.video"),
+        ({"extra_body": {"media_io_kwargs": {"video": 0}}}, "media_io_kwargs.video"),
+        # the param named media_io_kwargs.video.num_frames, which the client had not sent
+        ({"extra_body": {"mm_processor_kwargs": {"num_frames": "8"}}}, "mm_processor_kwargs.num_frames"),
+        ({"extra_body": {"mm_processor_kwargs": {"num_frames": 0}}}, "mm_processor_kwargs.num_frames"),
+        ({"extra_body": {"media_io_kwargs": {"video": {"num_frames": 0}}, "mm_processor_kwargs": {"num_frames": 4}}},
+         "media_io_kwargs.video.num_frames"),
         # options other servers read, dropped: a video sampled at 8 frames when 2 per second were asked
         ({"extra_body": {"media_io_kwargs": {"video": {"fps": 2}}}}, "media_io_kwargs.video.fps"),
         ({"extra_body": {"media_io_kwargs": {"image": {"mode": "RGB"}}}}, "media_io_kwargs.image"),
@@ -216,6 +224,23 @@ def test_switches_sent_as_null_are_off(server):
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["object"] == "chat.completion" and "token_ids" not in answer["choices"][0]
+
+
+def test_media_options_sent_as_null_are_the_server_s_defaults(server, photo):
+    # max_dynamic_patch null took the checkpoint's 12 tiles over the server's [media] max_tiles; num_frames null was a 400
+    from internvl_chat.serve.protocol import parse_request
+
+    url = "data:image/png;base64," + base64.b64encode(photo.read_bytes()).decode()
+    body = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+            "mm_processor_kwargs": {"max_dynamic_patch": None, "num_frames": None},
+            "media_io_kwargs": {"video": {"num_frames": None}}}  # fmt: skip
+    before = server.options.max_tiles
+    server.options.max_tiles = 1
+    try:
+        prompt = server.worker.prompts.make(parse_request(json.dumps(body).encode()))
+    finally:
+        server.options.max_tiles = before
+    assert [(m.max_tiles, m.tiles) for m in prompt.media] == [(1, 1)]  # one tile: the server's default, no thumbnail
 
 
 def test_an_assistant_s_refusal_is_what_it_said(client):

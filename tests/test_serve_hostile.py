@@ -70,6 +70,82 @@ def test_a_text_that_cannot_fit_is_refused_before_it_is_tokenized(server, monkey
     assert max(encoded, default=0) < 1000  # the megabyte never reached the tokenizer
 
 
+@pytest.mark.parametrize("fits", [False, True], ids=["refused", "answered"])
+def test_the_server_keeps_no_system_message_after_its_request(server, fits):
+    """Each distinct system message was kept (as the key of a cached prompt builder, 65 of them)
+    after its request, a refused one of tens of megabytes too: a few requests held gigabytes."""
+    import sys
+
+    from internvl_chat.serve.errors import APIError
+    from internvl_chat.serve.protocol import parse_request
+
+    text = "Be brief. " * (10 if fits else 1 << 17)
+    body = {"model": "tiny", "messages": [{"role": "system", "content": text}, {"role": "user", "content": "Hi"}]}
+    req = parse_request(json.dumps(body).encode())
+    system = req.messages[0].content
+    held = sys.getrefcount(system)
+    try:
+        server.worker.prompts.make(req)
+    except APIError as e:
+        assert not fits and e.code == "context_length_exceeded", e
+    assert sys.getrefcount(system) == held
+
+@pytest.mark.parametrize("where", ["one message", "the history"])
+def test_a_request_over_the_media_limit_is_refused_before_its_media_are_read(server, monkeypatch, where):
+    """Each picture was fetched and probed (a temporary file each) before the count was checked: a
+    64 MiB body of distinct one-pixel GIFs kept a CPU busy for minutes to be refused."""
+    import base64
+
+    read = []
+    for kind in ("image", "video"):
+        real = getattr(server.worker.reader, kind)
+        monkeypatch.setattr(server.worker.reader, kind, lambda *a, real=real: read.append(1) or real(*a))
+    limit = 4
+    monkeypatch.setattr(server.options, "max_images", limit)
+    gif = base64.b64decode("R0lGODlhAQABAIAAAP///wAAACwAAAAAAQABAAACAkQBADs=")
+    urls = [f"data:image/gif;base64,{base64.b64encode(gif + bytes([n])).decode()}" for n in range(limit + 8)]
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    if where == "one message":
+        messages = [{"role": "user", "content": parts}]
+    else:  # the limit's worth in earlier messages, then one message of many
+        messages = [{"role": "user", "content": [part]} for part in parts[:limit]] + [{"role": "user", "content": parts[limit:]}]
+    response = post(server, {"model": "tiny", "messages": messages, "max_tokens": 2})
+    assert response.status_code == 400
+    assert f"more than {limit} images and videos" in error_of(response)["message"]
+    assert len(read) <= limit  # what the limit allows, at most: never the parts past it
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"messages": [{"role": "robot"}] * 2000}, {"messages": [{"role": "user", "content": [{"type": "x"}] * 2000}]},
+     {"messages": [{"role": "user", "content": [{"type": "text"}] * 2000}]}, {"stop": [1] * 2000}],
+    ids=["messages", "parts", "fields", "stop"],
+)  # fmt: skip
+def test_a_body_of_many_bad_messages_is_refused_at_the_first(monkeypatch, change):
+    """Every bad message or part was validated and reported (then one of them shown): 12 MiB of
+    parts with an unknown type took 10 s and 2.4 GB to refuse, 64 MiB would exhaust the memory."""
+    from pydantic import ValidationError
+
+    from internvl_chat.serve import protocol
+    from internvl_chat.serve.errors import APIError
+
+    found = []
+    real = protocol.ChatCompletionRequest.model_validate_json
+
+    def validate(body):
+        try:
+            return real(body)
+        except ValidationError as e:
+            found.append(e.error_count())
+            raise
+
+    monkeypatch.setattr(protocol.ChatCompletionRequest, "model_validate_json", validate)
+    with pytest.raises(APIError) as err:
+        protocol.parse_request(json.dumps({"model": "tiny", "messages": [{"role": "user"}], **change}).encode())
+    assert err.value.status == 400 and err.value.param.startswith(("messages.0", "stop.0"))
+    assert found and found[0] < 10, found
+
+
 CONTROLS = "\x1b[2J\x1b]52;c;ZXZpbA==\x07\u202e"  # clear screen, write the clipboard, reverse the text
 
 

@@ -141,6 +141,12 @@ def test_jpeg_frame_lists_keep_their_frames_apart():
     assert mime == "video/jpeg" and data.split(b",") == [b"aGk=", b"aG8="]
 
 
+def test_an_image_typed_as_a_video_frame_is_read_as_the_image_it_is():
+    # an image's declared type is not trusted (the bytes are probed), but video/jpeg kept the base64
+    # text undecoded, as a frame list, and the image was refused as "not an image format"
+    assert _data_url("data:video/jpeg;base64,aGk=", "p", "image") == (b"hi", "video/jpeg")
+
+
 # ---- answer memory -----------------------------------------------------------------------------
 
 

@@ -49,6 +49,7 @@ class SSEDecoder:
         self._event = ""
         self._last_id: str | None = None
         self._started = False
+        self._after_cr = False  # the text so far ended in a CR, taken as its line's end: an LF next is its CRLF's
         self.comments = 0
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
@@ -56,7 +57,10 @@ class SSEDecoder:
         if not self._started and text:
             self._started = True
             text = text.removeprefix("\ufeff")
-        if "\n" in text or "\r" in text or self._text.endswith(("\r", "\n")):
+        if self._after_cr and text:
+            self._after_cr = False
+            text = text.removeprefix("\n")
+        if "\n" in text or "\r" in text:
             events = self._split_lines(final=False, searched=self._join_tail(text))
         else:  # one long line grows piece by piece: neither copied nor scanned again on each read
             self._tail.append(text)
@@ -91,8 +95,10 @@ class SSEDecoder:
             if cut is None:
                 break
             end, after = cut
-            if text[end] == "\r" and after == len(text) and not final:
-                break  # a \r at the end may be the first half of \r\n: wait for the next read
+            if after == len(text) and text[end:] == "\r" and not final:
+                # a CR at the end may be the first half of a CRLF: its line ends here either way (the
+                # event it completes is returned by this read, not the next), and an LF next is skipped
+                self._after_cr = True
             event = self._line(text[start:end])
             if event is not None:
                 events.append(event)

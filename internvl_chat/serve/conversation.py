@@ -64,23 +64,16 @@ class PromptMaker:
         self.answers = answers
         self.reader = reader
         self.default_system = options.system_message if options.system_message is not None else loaded.config.system_message
-        self._builders: dict[str | None, PromptBuilder] = {}
+        # One builder for every request: the system message is a block like any other message. A
+        # builder per system message, kept in a cache, kept each request's system text after it
+        # (65 of them, a refused one of tens of megabytes too).
+        self.builder = PromptBuilder(self.tokenizer, None, loaded.config.tokens_per_tile)
         # Requests are prepared on several threads and the engine thread decodes meanwhile. A
         # tokenizer call may flip a flag of the shared tokenizer, so tokenizer calls take turns
         # (media fetching and hashing do not hold this lock).
         self.lock = threading.Lock()
-        self.builder(self.default_system).first_turn("warm-up")  # sets that flag once, before any decode runs
+        self.builder.first_turn("warm-up")  # sets that flag once, before any decode runs
         self.tokenizer.fewest_tokens("")  # its one pass over the vocabulary, here rather than on a request thread
-
-    def builder(self, system: str | None) -> PromptBuilder:
-        with self.lock:
-            builder = self._builders.get(system)
-            if builder is None:
-                if len(self._builders) > 64:
-                    self._builders.clear()
-                builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
-                self._builders[system] = builder
-            return builder
 
     def make(self, req: ChatCompletionRequest) -> Prompt:
         try:
@@ -90,22 +83,20 @@ class PromptMaker:
 
     def _make(self, req: ChatCompletionRequest) -> Prompt:
         messages = req.messages
-        system = None
         first = 0
         while first < len(messages) and messages[first].role in SYSTEM_ROLES:
-            text = _text_only(messages[first].content, f"messages.{first}.content", "a system message")
-            system = text if system is None else f"{system}\n{text}"
             first += 1
-        if system is None:
-            system = self.default_system
+        # joined once: adding each to the text so far took minutes for a body of a million empty ones
+        texts = [_text_only(messages[k].content, f"messages.{k}.content", "a system message") for k in range(first)]
+        system = "\n".join(texts) if first else self.default_system
         _check_order(messages)  # before any media is read
-        builder = self.builder(system)
+        builder = self.builder
         max_tiles, num_frames = self._media_kwargs(req)
         with self.lock:
             cue, close = builder.answer_cue(), builder.answer_close()
 
         prompt = Prompt(ids=[], system=system)
-        if builder.system_message:  # ("" is none, as in the app)
+        if system:  # ("" is none, as in the app)
             self._check_bound(0, first, system)  # counted with the first message after it (there is one: a user's)
             with self.lock:
                 prompt.ids += builder.message("system", system)
@@ -128,11 +119,14 @@ class PromptMaker:
                 text = _text_only(msg.content, f"messages.{i}.content", "a system message")
             else:
                 role = "user"
-                text, media = self._user_content(msg.content, i, max_tiles, num_frames)
-                media_count += len(media)
+                # counted before any is read: each is fetched and probed, and a body of 64 MiB holds
+                # hundreds of thousands of tiny pictures
+                parts = msg.content if isinstance(msg.content, list) else []
+                media_count += sum(isinstance(p, (ImagePart, VideoPart)) for p in parts)
                 if media_count > self.options.max_images:
                     raise bad_request(f"the request has more than {self.options.max_images} images and videos; "
                                       "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
+                text, media = self._user_content(msg.content, i, max_tiles, num_frames)
             self._check_bound(len(prompt.ids), i, text)
             specs = [m.spec for m in media]
             with self.lock:
@@ -167,20 +161,26 @@ class PromptMaker:
     def _media_kwargs(self, req: ChatCompletionRequest) -> tuple[int | None, int]:
         mm = req.mm_processor_kwargs or {}
         _only_keys(mm, "mm_processor_kwargs", ("max_dynamic_patch", "num_frames"))
-        max_tiles = mm.get("max_dynamic_patch", self.options.max_tiles)
         _only_keys(req.media_io_kwargs or {}, "media_io_kwargs", ("video",))
-        video_io = (req.media_io_kwargs or {}).get("video") or {}
+        video_io = (req.media_io_kwargs or {}).get("video")
+        video_io = {} if video_io is None else video_io  # only null is none: a list or 0 is a mistake
         if not isinstance(video_io, dict):  # a free-form field: its shape is checked here, not by pydantic
             raise bad_request('media_io_kwargs.video must be an object such as {"num_frames": 8}',
                               param="media_io_kwargs.video")  # fmt: skip
         _only_keys(video_io, "media_io_kwargs.video", ("num_frames",))
-        default_frames = min(self.options.frames, self.options.max_frames)
-        num_frames = video_io.get("num_frames", mm.get("num_frames", default_frames))
-        if max_tiles is not None and (not is_int(max_tiles) or not 1 <= max_tiles <= MAX_TILES):  # None: the checkpoint's
+        # a value sent as null is the server's default, as one left out; a bad one is named where it was sent
+        max_tiles = mm.get("max_dynamic_patch")
+        if max_tiles is None:
+            max_tiles = self.options.max_tiles  # None: the checkpoint's
+        elif not is_int(max_tiles) or not 1 <= max_tiles <= MAX_TILES:
             raise bad_request(f"max_dynamic_patch must be an integer from 1 to {MAX_TILES}", param="mm_processor_kwargs.max_dynamic_patch")
-        if not is_int(num_frames) or not 1 <= num_frames <= self.options.max_frames:
-            raise bad_request(f"num_frames must be an integer from 1 to {self.options.max_frames}",
-                              param="media_io_kwargs.video.num_frames")  # fmt: skip
+        num_frames, where = video_io.get("num_frames"), "media_io_kwargs.video.num_frames"
+        if num_frames is None:
+            num_frames, where = mm.get("num_frames"), "mm_processor_kwargs.num_frames"
+        if num_frames is None:
+            num_frames = min(self.options.frames, self.options.max_frames)
+        elif not is_int(num_frames) or not 1 <= num_frames <= self.options.max_frames:
+            raise bad_request(f"num_frames must be an integer from 1 to {self.options.max_frames}", param=where)
         return max_tiles, num_frames
 
     def _user_content(self, content, i: int, max_tiles: int | None, num_frames: int) -> tuple[str, list[MediaItem]]:

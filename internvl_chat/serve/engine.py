@@ -135,7 +135,7 @@ class EngineWorker:
         self.answers = AnswerMemory()
         self.reader = MediaReader(options, loaded.config)
         self.prompts = PromptMaker(loaded, options, self.answers, self.reader)
-        builder = self.prompts.builder(None)
+        builder = self.prompts.builder
         self._image_ids = {builder.img_start_id, builder.img_end_id, builder.img_context_id}
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()

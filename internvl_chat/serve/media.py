@@ -393,6 +393,6 @@ def _data_url(url: str, param: str, what: str) -> tuple[bytes, str]:
     mime = attrs[0] if attrs else ""
     if "base64" not in attrs[1:]:
         raise bad_request(f"the {what} data: URL must be base64-encoded (data:TYPE;base64,…)", param=param)
-    if mime in FRAME_LIST_TYPES:
+    if mime in FRAME_LIST_TYPES and what == "video":  # an image_url's type is not trusted: its bytes are probed
         return payload.encode("ascii", "replace"), mime  # decoded frame by frame
     return _b64(payload, param, what), mime

@@ -75,9 +75,14 @@ class VideoPart(_Model):
 ContentPart = Annotated[Union[TextPart, RefusalPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
+# Lists a request may hold by the million (a 64 MiB body of tiny items) are refused at their first
+# bad item: every error was collected, 12 MiB of bad parts took 10 s and 2.4 GB to refuse
+Parts = Annotated[list[ContentPart], Field(fail_fast=True)]
+
+
 class Message(_Model):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
+    content: Union[str, Parts, None] = None
     refusal: str | None = None  # an assistant's refusal (OpenAI sends it instead of content)
     # an assistant's calls in the history: refused (see _refuse_unsupported), never silently dropped
     tool_calls: list[Any] | None = None
@@ -90,7 +95,7 @@ class StreamOptions(_Model):
 
 class ChatCompletionRequest(_Model):
     model: str
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, fail_fast=True)
     stream: Switch = False
     stream_options: StreamOptions | None = None
     temperature: Float | None = Field(default=None, ge=0, le=TEMPERATURE_MAX)  # below 1e-5: greedy
@@ -99,7 +104,7 @@ class ChatCompletionRequest(_Model):
     max_tokens: Int | None = Field(default=None, ge=1)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
     seed: Int | None = Field(default=None, ge=0, le=2**63 - 1)  # lt=2**63 printed the bound as a float
-    stop: Union[str, list[str], None] = None
+    stop: Union[str, Annotated[list[str], Field(fail_fast=True)], None] = None
     repetition_penalty: Float | None = Field(default=None, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)
     mm_processor_kwargs: dict[str, Any] | None = None
     media_io_kwargs: dict[str, Any] | None = None  # vLLM: {"video": {"num_frames": N}}
