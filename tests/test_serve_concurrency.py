@@ -435,3 +435,63 @@ def test_a_crowd_of_streaming_plain_and_departing_clients_is_answered_or_refused
 
 def worker_is_idle(worker) -> bool:
     return worker.wait_idle(WAIT_S) and worker.waiting == 0 and worker.running is None
+
+
+def test_large_bodies_are_parsed_one_at_a_time_and_small_ones_alongside(server, monkeypatch):
+    # parsing holds ~45× a body's size and every request in flight parsed at once: 40 bodies of
+    # 64 MiB at the same time were ~100 GB of parse trees before the queue could refuse any
+    real_parse, real_read, lock = serve_app.parse_request, serve_app._read_body, threading.Lock()
+    inside, peak, bodies_read = [], {"large": 0, "any": 0}, []
+    first_in, second_large_in, both_read, small_done, release = (threading.Event() for _ in range(5))
+
+    def parse(body: bytes):
+        large = len(body) > serve_app.LARGE_BODY_BYTES
+        with lock:
+            inside.append(large)
+            peak["large"], peak["any"] = max(peak["large"], inside.count(True)), max(peak["any"], len(inside))
+            (second_large_in if inside.count(True) == 2 else first_in).set()
+        try:
+            if large and not release.is_set():
+                release.wait(WAIT_S)  # the first large body stays in its parse until the test lets it go
+            return real_parse(body)
+        finally:
+            with lock:
+                inside.remove(large)
+
+    async def read(request, limit, timeout):
+        body = await real_read(request, limit, timeout)
+        bodies_read.append(len(body))
+        if len(bodies_read) == 2:
+            both_read.set()
+        return body
+
+    monkeypatch.setattr(serve_app, "parse_request", parse)
+    monkeypatch.setattr(serve_app, "_read_body", read)
+    small_body = json.dumps(chat_body("Hi.", max_tokens=1)).encode()
+    large_body = small_body + b" " * (serve_app.LARGE_BODY_BYTES + 1)  # still valid JSON
+    codes = {}
+
+    def post(name: str, body: bytes) -> None:
+        with httpx.Client(timeout=WAIT_S * 3) as http:
+            codes[name] = http.post(f"{server.url}/v1/chat/completions", content=body,
+                                    headers={"Content-Type": "application/json"}).status_code  # fmt: skip
+        if name == "small":
+            small_done.set()
+
+    threads = [threading.Thread(target=post, args=("large0", large_body))]
+    threads[0].start()
+    assert first_in.wait(WAIT_S)
+    threads.append(threading.Thread(target=post, args=("large1", large_body)))
+    threads[1].start()
+    try:
+        assert both_read.wait(WAIT_S)  # the second large body is in: let in, it would reach its parse at once
+        assert not second_large_in.wait(5)
+        threads.append(threading.Thread(target=post, args=("small", small_body)))
+        threads[2].start()
+        assert small_done.wait(WAIT_S)  # a small body is parsed (and answered) while the large one is held
+    finally:
+        release.set()
+        for t in threads:
+            t.join(WAIT_S * 3)
+    assert codes == {"large0": 200, "large1": 200, "small": 200}
+    assert peak == {"large": 1, "any": 2}

@@ -21,6 +21,9 @@ from .protocol import ChatCompletionRequest, check_model, chunk, completion, mod
 from .protocol import stop_strings, usage_chunk
 
 POLL_S = 0.5  # how often a waiting handler checks that its client is still there
+# Parsing holds ~45× a body's size (pydantic's tree of a 30 MiB body: +1.3 GB), and every request
+# in flight parses before the queue can refuse it: bodies over this size are parsed one at a time.
+LARGE_BODY_BYTES = 1 << 20
 
 
 class ClientDisconnected(Exception):
@@ -51,6 +54,7 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     # the client's Host header
     app = FastAPI(title="internvl-chat", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.worker = worker
+    large_bodies = asyncio.Semaphore(1)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -109,7 +113,14 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         except ClientDisconnect:  # the client closed the connection before its body was in
             return Response(status_code=499)
         worker.check_capacity()  # refuse early, before parsing megabytes of images
-        req, prompt, params = await run_in_threadpool(prepare, body)  # JSON, base64, hashing: off the event loop
+        if len(body) > LARGE_BODY_BYTES:
+            async with large_bodies:
+                if await request.is_disconnected():  # it left while others were parsed
+                    return Response(status_code=499)
+                worker.check_capacity()  # the queue may have filled meanwhile
+                req, prompt, params = await run_in_threadpool(prepare, body)
+        else:
+            req, prompt, params = await run_in_threadpool(prepare, body)  # JSON, base64, hashing: off the event loop
         if await request.is_disconnected():  # it left while its images were read: nothing to answer
             return Response(status_code=499)
         job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop())
