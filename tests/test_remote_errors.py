@@ -69,11 +69,12 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.json(fixture("lmdeploy/error_flat.json"), 401),
          r"^the server answered 401 Unauthorized: Please request with valid api key! \(authentication_error\); check --api-key"),
         (Reply.json(fixture("vllm/error_nested.json"), 400),
-         r"^the server answered 400 Bad Request: This model's maximum context length is 32768 tokens\..*\(BadRequestError\)"),
+         r"^this turn and its answer do not fit the server's 32,768-token context; use fewer tiles or frames, /undo or /clear, "
+         r"or a smaller max_new_tokens$"),  # the server's words left out: one short line
         (Reply.json(fixture("vllm/error_flat.json"), 404),
          r"^the server answered 404 Not Found: The model `InternVL3-9B` does not exist\..*--remote-model"),
         (Reply.json(fixture("llamacpp/error_nested.json"), 400),
-         r"^the server answered 400 Bad Request: the request exceeds the available context size"),
+         r"^this turn and its answer do not fit the server's 32,768-token context; "),
         (Reply.json({"detail": [{"loc": ["body", "messages"], "msg": "field required"}]}, 422),
          r"^the server answered 422 Unprocessable (Entity|Content): field required; .*--dialect generic"),
         (Reply.json({"error": "slow down"}, 429, {"Retry-After": "7"}),
@@ -331,13 +332,13 @@ def test_json_over_8_mib_is_refused_before_it_is_parsed():
     ],
 )
 def test_a_conversation_over_the_servers_context_says_how_to_make_room(reply):
-    """The server's words name its own field (max_tokens); the hint names the app's commands."""
+    """The server's words (naming its own field, max_tokens) are left out: the line names the app's commands."""
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = conversation_with_one_turn(server)
         server.chat(reply)
-        line = fails_with(conv, r"^the server answered 400 Bad Request: .*; the conversation and its answer do not fit "
-                                r"the server's context; use fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens$")
-        assert "check the message, the attachments" not in line
+        line = fails_with(conv, r"^this turn and its answer do not fit the server's 32,768-token context; use fewer tiles "
+                                r"or frames, /undo or /clear, or a smaller max_new_tokens$")
+        assert "check the message, the attachments" not in line and "max_tokens" not in line
 
 
 
@@ -374,9 +375,9 @@ TOO_LARGE_413 = Reply.json({"error": {"message": "the request body is over this 
 @pytest.mark.parametrize(
     ("reply", "repl_hint", "oneshot_hint"),
     [
-        (CONTEXT_400, "; the conversation and its answer do not fit the server's context; use fewer tiles or frames, "
+        (CONTEXT_400, " do not fit the server's 32,768-token context; use fewer tiles or frames, "
                       "or a smaller max_new_tokens",
-                      "; the conversation and its answer do not fit the server's context; use fewer tiles or frames "
+                      " do not fit the server's 32,768-token context; use fewer tiles or frames "
                       "(--max-tiles, --frames), or a smaller --max-new-tokens"),
         (TOO_MANY_400, "; the server takes no more pictures in one request; /drop attachments",
                        "; the server takes no more pictures in one request; attach fewer files"),

@@ -61,7 +61,7 @@ from .dialects import (
     tiles_are_per_request,
     user_content,
 )
-from .remote_http import ApiClient, shorten
+from .remote_http import ApiClient, ContextRefused, context_refusal, shorten
 from .sampling import SamplingParams
 from .session import Media, ReadiedSession, saved_media, sha256_of, with_notes
 from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
@@ -327,6 +327,22 @@ class RemoteConversation:
         items.append(("reserved for the answer (max_new_tokens)", self.params.max_new_tokens))
         return items
 
+    def refresh_context(self) -> str | None:
+        """Read the server's context again (one GET /models): a server restarted with another
+        `--max-context` (or `max_model_len`) keeps its address. Returns a line when the limit
+        changed, else None. A server that no longer serves the model, or whose list cannot be
+        read, changes nothing here (the chat request says what is wrong)."""
+        try:
+            cards = self.client.models()
+        except RemoteError:
+            return None
+        card = next((c for c in cards if c["id"] == self.model), None)
+        limit = _context_of(card) if card is not None else None
+        if limit is None or limit == self._max_context:
+            return None
+        self._max_context = limit
+        return f"the server's context is now {limit:,} tokens"
+
     # ---- media ------------------------------------------------------------------------------
 
     def describe_image(self, path: str | Path, max_tiles: int | None = None) -> RemoteMedia:
@@ -447,6 +463,22 @@ class RemoteConversation:
                 f"{any_of([*self._advice(history).forget('/clear'), 'attach them with one max_tiles'])}"
             )
         body = request_body(self.dialect, self.model, self._messages(history, turn), params, pictures)
+        was = self._max_context
+        try:
+            yield from self._answer(turn, history, params, cancel, replace_last, body)
+        except ContextRefused:
+            self.refresh_context()  # a server restarted with a smaller context refuses so
+            raise ContextRefused(context_refusal(self._advice(history), self._max_context, was)) from None
+
+    def _answer(
+        self,
+        turn: RemoteTurn,
+        history: list[RemoteTurn],
+        params: SamplingParams,
+        cancel: threading.Event | None,
+        replace_last: bool,
+        body: dict,
+    ) -> Iterator[dict]:
         t0 = time.perf_counter()
         bounds = AnswerBounds(params.max_new_tokens, self.answer_timeout)
         stream = self.client.stream_chat(body, self._advice(history), bounds.time_left())

@@ -96,9 +96,22 @@ def unknown_model_hint(model: str, advice: Advice) -> str:
             "serves, and /load the conversation")  # fmt: skip
 
 
-def context_hint(advice: Advice) -> str:
-    return (f"the conversation and its answer do not fit the server's context; "
-            f"{any_of([advice.fewer_media, *advice.forget('/undo or /clear'), advice.smaller_answer])}")  # fmt: skip
+class ContextRefused(RemoteError):
+    """A 400 that says the conversation and its answer do not fit the server's context (CONTEXT_OVERFLOW)."""
+
+
+def context_refusal(advice: Advice, limit: int | None = None, was: int | None = None) -> str:
+    """The one line for a turn the server refused as too long for its context: without the server's
+    own words (vLLM's alone fill two terminal lines), with the limit when known, said as news when
+    it is not `was` (a re-read of the model list found a server restarted with another context)."""
+    if limit is None:
+        context = "the server's context"
+    elif was is not None and was != limit:
+        context = f"the server's context, now {limit:,} tokens"  # (the old limit would wrap the line)
+    else:
+        context = f"the server's {limit:,}-token context"
+    fixes = any_of([advice.fewer_media, *advice.forget("/undo or /clear"), advice.smaller_answer])
+    return f"this turn and its answer do not fit {context}; {fixes}"
 
 
 def normalize_base_url(url: str) -> str:
@@ -168,6 +181,7 @@ def _status_line(status: int) -> str:
 def http_error(status: int, body: bytes, retry_after: str | None, location: str | None = None,
                advice: Advice = Advice(), model: str | None = None) -> RemoteError:  # fmt: skip
     """One line for a non-200 answer: the status first, then the server's message, then a hint
+    (a context overflow is its own short line, context_refusal)
     (`advice`: the fixes a refused chat request can name, chat/advice.py; `model`: the model a
     chat request named, None for other requests)."""
     detail = None
@@ -183,7 +197,7 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
         where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
         hint = f"{where} is not followed; check --server (https?)"
     elif status == 400 and CONTEXT_OVERFLOW.search(body.decode("utf-8", errors="replace")):
-        hint = context_hint(advice)
+        return ContextRefused(context_refusal(advice))  # RemoteConversation adds the limit
     elif status == 400 and TOO_MANY_MEDIA.search(body.decode("utf-8", errors="replace")):
         hint = too_many_media_hint(advice)
     elif status == 413:
