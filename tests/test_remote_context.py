@@ -1,17 +1,25 @@
 """The server's context limit after the start: a server restarted at the same address with another
-context (`serve --max-context 4096` after 8192) is noticed when it refuses a turn as too long; then
-the model list is read again."""
+context (`serve --max-context 4096` after 8192) is noticed when it refuses a turn as too long, or
+when a request failed below HTTP (the connection broke or was refused: the server may have
+restarted); then the model list is read again. Otherwise no request is added to a turn."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+from pathlib import Path
 
 import pytest
 from remote_helpers import FakeServer, Reply, fixture
+from rich.console import Console
 
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.sampling import SamplingParams
+from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from internvl_chat.errors import RemoteError
+from internvl_chat.settings import load_settings
+from internvl_chat.ui.app import ERROR, OK, App
 
 GOOD = fixture("vllm/stream.sse")
 # what `internvl-chat serve` answers for a conversation over its context (serve/conversation.py)
@@ -56,3 +64,83 @@ def test_a_turn_refused_as_too_long_reads_the_new_limit_and_says_it_in_one_line(
         with pytest.raises(RemoteError, match=r"^this turn and its answer do not fit the server's 4,096-token context; "):
             list(conv.ask("second"))
         assert [t.user_text for t in conv.turns] == ["first"]
+
+
+def test_after_a_broken_connection_the_next_turn_reads_the_limit_first():
+    with FakeServer(models(8192)) as server:
+        conv = connected(server)
+        reads = model_reads(server)
+        server.chat(Reply.sse(GOOD))
+        final = list(conv.ask("no break, no read"))[-1]
+        assert model_reads(server) == reads and final["notice"] is None  # no request added to a turn
+        server.chat(Reply.sse(b"", end="reset"))  # the server went away
+        with pytest.raises(RemoteError, match="broke before the answer began"):
+            list(conv.ask("second"))
+        server.models = models(4096)  # and came back with a smaller context
+        server.chat(Reply.sse(GOOD))
+        final = list(conv.ask("third"))[-1]
+        assert final["notice"] == "the server's context is now 4,096 tokens"
+        assert conv.max_context == 4096
+        assert [r.path for r in server.requests[-2:]] == ["/v1/models", "/v1/chat/completions"]
+        assert [t.user_text for t in conv.turns] == ["first", "no break, no read", "third"]
+        server.chat(Reply.sse(GOOD))
+        reads = model_reads(server)
+        assert list(conv.ask("fourth"))[-1]["notice"] is None and model_reads(server) == reads  # read once
+
+
+def test_a_model_list_that_fails_after_a_break_changes_nothing():
+    """A list that cannot be read (here: no longer scripted, a 404) leaves the limit; the chat goes on."""
+    with FakeServer(models(8192)) as server:
+        conv = connected(server)
+        server.chat(Reply.sse(b"", end="reset"))
+        with pytest.raises(RemoteError):
+            list(conv.ask("second"))
+        server.models = None
+        server.chat(Reply.sse(GOOD))
+        assert list(conv.ask("third"))[-1]["notice"] is None
+        assert conv.max_context == 8192 and [t.user_text for t in conv.turns] == ["first", "third"]
+
+
+def test_a_model_list_whose_connection_breaks_after_a_break_is_the_turns_error():
+    """The server is still unreachable: its one line, no chat request, and the list is read again next time."""
+    with FakeServer(models(8192)) as server:
+        conv = connected(server)
+        server.chat(Reply.sse(b"", end="reset"))
+        with pytest.raises(RemoteError):
+            list(conv.ask("second"))
+        server.replies["/v1/models"].append(Reply(200, [b'{"data": ['], "application/json", end="reset"))
+        chats = len(server.chat_bodies())
+        with pytest.raises(RemoteError, match=r"^the connection to .* broke before the answer began"):
+            list(conv.ask("third"))
+        assert len(server.chat_bodies()) == chats and [t.user_text for t in conv.turns] == ["first"]
+        server.models = models(4096)
+        server.chat(Reply.sse(GOOD))
+        assert list(conv.ask("fourth"))[-1]["notice"] == "the server's context is now 4,096 tokens"
+        assert [t.user_text for t in conv.turns] == ["first", "fourth"]
+
+
+def _app(url: str, tmp_path: Path) -> tuple[App, io.StringIO]:
+    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 8, "remote.server": url})
+    conversation = RemoteConversation.connect(url, params=sampling_params(settings))
+    out = io.StringIO()
+    return App(conversation, settings, Console(file=out, width=200, color_system=None), cwd=tmp_path), out
+
+
+def test_the_app_shows_a_refusal_as_one_short_line_and_the_new_limit(tmp_path):
+    with FakeServer(models(8192)) as server:
+        server.chat(Reply.sse(GOOD), SERVE_400, Reply.sse(b"", end="reset"), Reply.sse(GOOD))
+        app, out = _app(server.url, tmp_path)
+        assert app.handle_line("first") == OK
+        server.models = models(4096)
+        assert app.handle_line("second") == ERROR
+        errors = [x for x in out.getvalue().splitlines() if x.startswith("error:")]
+        assert errors == ["error: this turn and its answer do not fit the server's context, now 4,096 tokens; use "
+                          "fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens"]  # fmt: skip
+        assert len(errors[0]) <= 160  # two lines of an 80-column terminal at most
+        assert app.session.max_context == 4096
+        # a restart noticed after a broken connection: one line says so, the answer follows
+        server.models = models(2048)
+        assert app.handle_line("again") == ERROR
+        assert app.handle_line("third") == OK
+        assert "(the server's context is now 2,048 tokens)" in out.getvalue()
+        assert [t.user_text for t in app.session.turns] == ["first", "third"]

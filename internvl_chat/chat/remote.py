@@ -331,11 +331,18 @@ class RemoteConversation:
         """Read the server's context again (one GET /models): a server restarted with another
         `--max-context` (or `max_model_len`) keeps its address. Returns a line when the limit
         changed, else None. A server that no longer serves the model, or whose list cannot be
-        read, changes nothing here (the chat request says what is wrong)."""
+        read, changes nothing here (the chat request says what is wrong); a connection that
+        fails is raised (the chat request would fail alike)."""
+        self.client.broke = False
         try:
             cards = self.client.models()
         except RemoteError:
+            if self.client.broke:
+                raise
             return None
+        except BaseException:  # Ctrl-C: read it again before the next turn
+            self.client.broke = True
+            raise
         card = next((c for c in cards if c["id"] == self.model), None)
         limit = _context_of(card) if card is not None else None
         if limit is None or limit == self._max_context:
@@ -464,10 +471,16 @@ class RemoteConversation:
             )
         body = request_body(self.dialect, self.model, self._messages(history, turn), params, pictures)
         was = self._max_context
+        # a request that failed below HTTP may mean a restart: only then is the limit read again
+        notice = self.refresh_context() if self.client.broke else None
         try:
-            yield from self._answer(turn, history, params, cancel, replace_last, body)
+            yield from self._answer(turn, history, params, cancel, replace_last, body, notice)
         except ContextRefused:
-            self.refresh_context()  # a server restarted with a smaller context refuses so
+            if notice is None:
+                try:
+                    self.refresh_context()  # a server restarted with a smaller context refuses so
+                except RemoteError:
+                    pass  # the refusal is what to tell
             raise ContextRefused(context_refusal(self._advice(history), self._max_context, was)) from None
 
     def _answer(
@@ -478,6 +491,7 @@ class RemoteConversation:
         cancel: threading.Event | None,
         replace_last: bool,
         body: dict,
+        notice: str | None,
     ) -> Iterator[dict]:
         t0 = time.perf_counter()
         bounds = AnswerBounds(params.max_new_tokens, self.answer_timeout)
@@ -577,6 +591,7 @@ class RemoteConversation:
             "timing": turn.timing,
             "token_ids": None,
             "note": note,  # why the client stopped the answer, or None
+            "notice": notice,  # news of the server's (its context changed), or None
         }
 
     def undo(self) -> RemoteTurn:

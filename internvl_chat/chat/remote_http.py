@@ -643,6 +643,9 @@ class ApiClient:
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # of every connection made
         self.connector = Connector()  # makes the connects, which ChatStream.abort can end
         self.head_watch: HeadWatch | None = None  # of the latest request
+        # a request failed below HTTP (refused, reset, timed out): the server may have restarted since,
+        # with another context; RemoteConversation re-reads the model list before its next request
+        self.broke = False
         headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json",
                    "Accept-Encoding": ", ".join(BOUNDED_ENCODINGS)}  # fmt: skip
         if api_key:
@@ -703,6 +706,7 @@ class ApiClient:
 
     def broken(self, err: httpx.TransportError | httpx.DecodingError, mid_answer: bool) -> RemoteError:
         """One line for a request that failed below HTTP (a head that came too late says so)."""
+        self.broke = True
         if self.head_watch is not None and self.head_watch.fired:
             return head_late(self.timeout)
         if self.proxy is not None and isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError)):
