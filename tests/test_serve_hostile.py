@@ -41,7 +41,7 @@ def test_a_conversation_past_the_context_is_refused_at_the_message_that_fills_it
     assert response.status_code == 400
     error = error_of(response)
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
-    assert "(counted up to message" in error["message"] and "context holds 4,096" in error["message"], error["message"]
+    assert "(counted up to messages." in error["message"] and "context holds 4,096" in error["message"], error["message"]
     assert 0 < len(built) < turns // 2  # the turns past the context were never built
 
 
@@ -66,7 +66,7 @@ def test_a_text_that_cannot_fit_is_refused_before_it_is_tokenized(server, monkey
     assert response.status_code == 400
     error = error_of(response)
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
-    assert f"(counted up to message {counted_to})" in error["message"], error["message"]
+    assert f"(counted up to messages.{counted_to})" in error["message"], error["message"]
     assert max(encoded, default=0) < 1000  # the megabyte never reached the tokenizer
 
 

@@ -153,7 +153,7 @@ class PromptMaker:
     def _check_count(self, tokens: int, i: int) -> None:
         context = self.loaded.model.max_seq_len
         if tokens >= context:
-            raise APIError(400, f"the conversation is at least {tokens:,} tokens (counted up to message {i}); this "
+            raise APIError(400, f"the conversation is at least {tokens:,} tokens (counted up to messages.{i}); this "
                            f"model's context holds {context:,}. Send a shorter conversation or fewer images",
                            code="context_length_exceeded", param="messages")  # fmt: skip
 
