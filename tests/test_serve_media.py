@@ -362,3 +362,75 @@ def test_a_resent_picture_is_remembered_by_a_digest_not_by_its_url_text(server, 
     assert fetched == []  # not decoded again
     held = [part for key in reader._by_url for part in key if isinstance(part, (str, bytes))]
     assert held and max(len(part) for part in held) <= 64
+
+
+@pytest.fixture
+def tunnel_refused():
+    """A proxy that answers every request with 403 and an HTML page (a CONNECT it refuses)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    block = conn.recv(4096)
+                    if not block:
+                        break
+                    head += block
+                page = b"<html>denied by proxy</html>"
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(page), page))  # fmt: skip
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    listener.close()
+    thread.join(WAIT_S)
+
+
+@pytest.mark.parametrize("case", ["socks without socksio", "unusable URL", "down", "tunnel refused"])
+def test_a_proxy_the_server_cannot_fetch_through_is_a_502_that_blames_it_not_the_url(server, client, monkeypatch, case,
+                                                                                     tunnel_refused):
+    """With --allow-remote-media and proxy variables in the server's environment, a SOCKS proxy
+    without socksio was an ImportError (500), a proxy URL httpx refuses a 400 saying the client's
+    URL was not valid (with the proxy's user name), and a proxy down or refusing the tunnel a 400
+    that blamed the client's URL."""
+    import socket
+
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # the test's own client goes directly
+    monkeypatch.setitem(__import__("sys").modules, "socksio", None)  # not installed (an import of it fails)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: refuses
+    variable, value = {
+        "socks without socksio": ("ALL_PROXY", "socks5://me:s3cret@127.0.0.1:1080"),
+        "unusable URL": ("https_proxy", "ftp://me:s3cret@127.0.0.1:21"),
+        "down": ("HTTPS_PROXY", f"http://me:s3cret@127.0.0.1:{closed.getsockname()[1]}"),
+        "tunnel refused": ("HTTPS_PROXY", f"http://me:s3cret@127.0.0.1:{tunnel_refused}"),
+    }[case]
+    monkeypatch.setenv(variable, value)
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(client, [image_part("https://media.invalid/x.png")])
+    finally:
+        server.options.allow_remote_media = False
+        closed.close()
+    body = err.value.body
+    assert err.value.status_code == 502 and body["code"] == "proxy_error" and body["param"] == "messages.0.content.0"
+    message = body["message"]
+    assert variable in message and "s3cret" not in message and "me:" not in message and "\n" not in message
+    assert "not a valid" not in message and message.endswith("send the image inline as a data: URL")
+    monkeypatch.delenv(variable)
+    assert ask(client, "Hi").choices[0].finish_reason in ("stop", "length")  # the server goes on
