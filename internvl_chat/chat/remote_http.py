@@ -674,6 +674,9 @@ class ApiClient:
         """Every answer's compression and status, as soon as its head arrives: before httpx parses a
         redirect's Location (a malformed one would fail there as if the connection had broken)."""
         check_encoding(response)
+        if response.status_code == 407 and self.proxy is not None:  # only a proxy sends it: the one we went through
+            raise RemoteError(f"{self.proxy} asks for credentials (407 Proxy Authentication Required); put the right "
+                              "ones in its URL (http://USER:PASSWORD@HOST:PORT), or add the server's host to NO_PROXY")  # fmt: skip
         if response.status_code != 200:
             raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT, self.timeout),
                              response.headers.get("retry-after"), response.headers.get("location"),
