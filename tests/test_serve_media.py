@@ -365,19 +365,20 @@ def test_a_resent_picture_is_remembered_by_a_digest_not_by_its_url_text(server, 
 
 
 @pytest.fixture
-def tunnel_refused():
-    """A proxy that answers every request with 403 and an HTML page (a CONNECT it refuses)."""
+def naysaying_proxy():
+    """A proxy that answers every request with an HTML page: 403 to a CONNECT (a tunnel refused),
+    407 to a plain-HTTP proxy's GET (credentials wanted)."""
     import socket
 
-    listener = socket.socket()
+    listener, stopping = socket.socket(), threading.Event()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
 
     def answer() -> None:
         while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:  # closed: the test is over
+            conn, _ = listener.accept()
+            if stopping.is_set():
+                conn.close()
                 return
             with conn:
                 head = b""
@@ -387,23 +388,26 @@ def tunnel_refused():
                         break
                     head += block
                 page = b"<html>denied by proxy</html>"
-                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nConnection: close\r\n"
+                status = b"403 Forbidden" if head.startswith(b"CONNECT ") else b"407 Proxy Authentication Required"
+                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/html\r\nConnection: close\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(page), page))  # fmt: skip
 
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
     yield listener.getsockname()[1]
-    listener.close()
+    stopping.set()
+    socket.create_connection(listener.getsockname()).close()  # wakes the accept (a close does not)
     thread.join(WAIT_S)
+    listener.close()
 
 
-@pytest.mark.parametrize("case", ["socks without socksio", "unusable URL", "down", "tunnel refused"])
+@pytest.mark.parametrize("case", ["socks without socksio", "unusable URL", "down", "tunnel refused", "credentials wanted"])
 def test_a_proxy_the_server_cannot_fetch_through_is_a_502_that_blames_it_not_the_url(server, client, monkeypatch, case,
-                                                                                     tunnel_refused):
+                                                                                     naysaying_proxy):
     """With --allow-remote-media and proxy variables in the server's environment, a SOCKS proxy
     without socksio was an ImportError (500), a proxy URL httpx refuses a 400 saying the client's
-    URL was not valid (with the proxy's user name), and a proxy down or refusing the tunnel a 400
-    that blamed the client's URL."""
+    URL was not valid (with the proxy's user name), and a proxy down, refusing the tunnel or asking
+    for credentials a 400 that blamed the client's URL."""
     import socket
 
     for name in list(os.environ):
@@ -417,13 +421,14 @@ def test_a_proxy_the_server_cannot_fetch_through_is_a_502_that_blames_it_not_the
         "socks without socksio": ("ALL_PROXY", "socks5://me:s3cret@127.0.0.1:1080"),
         "unusable URL": ("https_proxy", "ftp://me:s3cret@127.0.0.1:21"),
         "down": ("HTTPS_PROXY", f"http://me:s3cret@127.0.0.1:{closed.getsockname()[1]}"),
-        "tunnel refused": ("HTTPS_PROXY", f"http://me:s3cret@127.0.0.1:{tunnel_refused}"),
+        "tunnel refused": ("HTTPS_PROXY", f"http://me:s3cret@127.0.0.1:{naysaying_proxy}"),
+        "credentials wanted": ("HTTP_PROXY", f"http://me:s3cret@127.0.0.1:{naysaying_proxy}"),
     }[case]
     monkeypatch.setenv(variable, value)
     server.options.allow_remote_media = True
     try:
         with pytest.raises(openai.APIStatusError) as err:
-            ask(client, [image_part("https://media.invalid/x.png")])
+            ask(client, [image_part(("http" if variable == "HTTP_PROXY" else "https") + "://media.invalid/x.png")])
     finally:
         server.options.allow_remote_media = False
         closed.close()

@@ -146,6 +146,10 @@ class MediaReader:
             with client:
                 proxy = proxy_env.proxy_of(client, url)
                 with client.stream("GET", url) as response:
+                    if response.status_code == 407 and proxy is not None:  # only a proxy sends it: ours
+                        raise APIError(502, f"cannot fetch the {what} at {shown(url)}: this server goes through {proxy}, "
+                                       "which asks for credentials (407); ask the server's operator to check it, or send "
+                                       f"the {what} inline as a data: URL", code="proxy_error", param=param)  # fmt: skip
                     if response.status_code != 200:
                         raise bad_request(f"fetching the {what} at {shown(url)} gave HTTP {response.status_code}", param=param)
                     parts, total = [], 0
