@@ -439,3 +439,38 @@ def test_a_proxy_the_server_cannot_fetch_through_is_a_502_that_blames_it_not_the
     assert "not a valid" not in message and message.endswith("send the image inline as a data: URL")
     monkeypatch.delenv(variable)
     assert ask(client, "Hi").choices[0].finish_reason in ("stop", "length")  # the server goes on
+
+
+def test_a_redirect_to_a_host_behind_a_proxy_that_is_down_blames_the_proxy(server, client, monkeypatch):
+    """The proxy is the one of the request that failed: a redirect from a NO_PROXY host to one
+    reached through the proxy was a 400 that blamed the client's URL."""
+    import socket
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(302)
+            self.send_header("Location", "https://media.invalid/x.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refuses
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        server.options.allow_remote_media = True
+        try:
+            with pytest.raises(openai.APIStatusError) as err:
+                ask(client, [image_part(f"http://127.0.0.1:{httpd.server_address[1]}/x.png")])
+        finally:
+            server.options.allow_remote_media = False
+            httpd.shutdown()
+            httpd.server_close()
+    assert err.value.status_code == 502 and "the proxy in HTTPS_PROXY" in err.value.body["message"]

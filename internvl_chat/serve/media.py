@@ -136,7 +136,6 @@ class MediaReader:
         from .. import proxy_env
 
         limit = self.options.max_body_bytes
-        proxy = None
         try:
             client = proxy_env.client(timeout=REMOTE_TIMEOUT_S, follow_redirects=True, max_redirects=3)
         except UsageError as e:  # the server's proxy setting, not the URL: the operator's to fix (checked at start too)
@@ -144,8 +143,8 @@ class MediaReader:
                            code="proxy_error", param=param) from None  # fmt: skip
         try:
             with client:
-                proxy = proxy_env.proxy_of(client, url)
-                with client.stream("GET", url) as response:
+                with client.stream("GET", url) as response:  # redirects followed: response.url is the last one's
+                    proxy = proxy_env.proxy_of(client, str(response.url))
                     if response.status_code == 407 and proxy is not None:  # only a proxy sends it: ours
                         raise APIError(502, f"cannot fetch the {what} at {shown(url)}: this server goes through {proxy}, "
                                        "which asks for credentials (407); ask the server's operator to check it, or send "
@@ -160,6 +159,11 @@ class MediaReader:
                         parts.append(block)
                     return b"".join(parts)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
+            try:
+                failed = str(e.request.url)  # the request that failed (a redirect's, maybe)
+            except RuntimeError:  # httpx had not set it
+                failed = url
+            proxy = proxy_env.proxy_of(client, failed)
             if proxy is None:
                 raise bad_request(f"cannot fetch the {what} at {shown(url)} ({type(e).__name__}: {shown(str(e))})", param=param) from None
             # the server's proxy is down or refused the connection: not the client's URL at fault
