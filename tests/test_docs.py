@@ -464,7 +464,7 @@ def test_every_exact_ratio_the_readmes_performance_section_quotes_is_in_results(
 
 # Layers, top to bottom (docs/architecture.md): a module may import only from its own unit or lower.
 LAYERS = (("__main__",), ("cli",), ("ui", "serve", "quantize"), ("chat",), ("engine",), ("quant", "media", "settings", "demo"),
-          ("files", "threads", "native_stderr"), ("errors",))  # fmt: skip
+          ("files", "threads", "native_stderr", "proxy_env"), ("errors",))  # fmt: skip
 
 
 def modules() -> list[Path]:

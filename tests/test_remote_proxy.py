@@ -186,3 +186,74 @@ def test_a_server_in_no_proxy_that_is_down_is_still_the_servers_fault(proxy_env)
         proxy_env(ALL_PROXY=f"http://127.0.0.1:{proxy_port}", NO_PROXY="127.0.0.1")
         with pytest.raises(RemoteError, match=r"^cannot connect to http://127\.0\.0\.1:\d+/v1 .*is the server running\?"):
             RemoteConversation.connect(f"http://127.0.0.1:{port}/v1")
+
+
+@pytest.fixture
+def answering_proxy():
+    """A proxy that answers every request (a plain-HTTP one's GET, or a CONNECT) with the status in
+    `status[0]` and an HTML page, as a proxy's own error page."""
+    status = [403]
+    listener, stopping = socket.socket(), threading.Event()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def answer() -> None:
+        while True:
+            conn, _ = listener.accept()
+            if stopping.is_set():
+                conn.close()
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    block = conn.recv(4096)
+                    if not block:
+                        break
+                    head += block
+                page = b"<html>the proxy says no</html>"
+                conn.sendall(b"HTTP/1.1 %d Nope\r\nContent-Type: text/html\r\nConnection: close\r\n"
+                             b"Proxy-Authenticate: Basic realm=\"p\"\r\nContent-Length: %d\r\n\r\n%s"
+                             % (status[0], len(page), page))  # fmt: skip
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1], status
+    stopping.set()
+    socket.create_connection(listener.getsockname()).close()  # wakes the accept (a close does not)
+    thread.join(CONNECTING_WAIT_S)
+    listener.close()
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "all_proxy"])
+def test_a_plain_http_proxy_that_asks_for_credentials_is_blamed_not_the_server(proxy_env, answering_proxy, variable):
+    """Only a proxy sends 407; it was "the server answered 407 …; check the request"."""
+    port, status = answering_proxy
+    status[0] = 407
+    proxy_env(**{variable: f"http://me:wrong@127.0.0.1:{port}"})
+    with pytest.raises(RemoteError) as err:
+        RemoteConversation.connect("http://gpu-box.invalid:8000/v1")
+    line = str(err.value)
+    assert line == (f"the proxy in {variable} asks for credentials (407 Proxy Authentication Required); put the right "
+                    "ones in its URL (http://USER:PASSWORD@HOST:PORT), or add the server's host to NO_PROXY")  # fmt: skip
+
+
+def test_a_proxy_s_error_page_through_a_tunnel_is_blamed_not_the_server(proxy_env, answering_proxy):
+    """A refused CONNECT (httpx's ProxyError) is the proxy's, whatever its status and page."""
+    port, status = answering_proxy
+    for status[0] in (403, 407, 502):
+        proxy_env(HTTPS_PROXY=f"http://me:s3cret@127.0.0.1:{port}")
+        with pytest.raises(RemoteError) as err:
+            RemoteConversation.connect("https://gpu-box.invalid/v1")
+        line = str(err.value)
+        assert line.startswith(f"cannot reach https://gpu-box.invalid/v1 through the proxy in HTTPS_PROXY ({status[0]} "), line
+        assert "s3cret" not in line and "the server answered" not in line
+
+
+def test_a_407_without_a_proxy_is_still_the_servers_answer(proxy_env):
+    with FakeServer() as server:
+        server.chat(Reply.json({"error": {"message": "who?"}}, status=407))
+        client = remote_http.ApiClient(server.url, "", 60)
+        conv = RemoteConversation(client, "m", "generic", params=SamplingParams(max_new_tokens=8))
+        with pytest.raises(RemoteError, match=r"^the server answered 407"):
+            list(conv.ask("hi"))
+        client.close()

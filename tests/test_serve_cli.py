@@ -282,3 +282,26 @@ def test_the_terminal_closing_stops_the_server_gracefully_with_status_0(tiny_ori
             term.kill(signal.SIGKILL)
             term.wait()
         term.close()  # the terminal is closed and the process reaped: nothing more is sent
+
+
+@pytest.mark.parametrize(("variable", "value", "line"), [
+    ("ALL_PROXY", "socks5://me:s3cret@127.0.0.1:1080",
+     "ALL_PROXY names a SOCKS proxy, which needs the socksio package: pip install 'httpx[socks]', or unset ALL_PROXY"),
+    ("https_proxy", "ftp://me:s3cret@127.0.0.1:21",
+     "the proxy in https_proxy is not a usable URL (http://, https:// or socks5://HOST:PORT); fix or unset https_proxy"),
+])  # fmt: skip
+def test_a_proxy_that_remote_media_cannot_use_is_a_one_line_error_at_start(monkeypatch, tmp_path, variable, value, line):
+    """`--allow-remote-media` fetches through the environment's proxies: one httpx cannot use was
+    found only by each request (an ImportError as a 500, or a 400 blaming the client's URL)."""
+    from internvl_chat.errors import UsageError
+    from internvl_chat.serve.main import main
+
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setitem(sys.modules, "socksio", None)  # not installed (an import of it fails)
+    missing = str(tmp_path / "no-model")  # the check comes before the model loads
+    with pytest.raises(UsageError) as err:
+        main(["--config", os.devnull, "--model", missing, "--allow-remote-media"])
+    assert str(err.value) == line and err.value.exit_code == 2

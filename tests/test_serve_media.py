@@ -362,3 +362,115 @@ def test_a_resent_picture_is_remembered_by_a_digest_not_by_its_url_text(server, 
     assert fetched == []  # not decoded again
     held = [part for key in reader._by_url for part in key if isinstance(part, (str, bytes))]
     assert held and max(len(part) for part in held) <= 64
+
+
+@pytest.fixture
+def naysaying_proxy():
+    """A proxy that answers every request with an HTML page: 403 to a CONNECT (a tunnel refused),
+    407 to a plain-HTTP proxy's GET (credentials wanted)."""
+    import socket
+
+    listener, stopping = socket.socket(), threading.Event()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def answer() -> None:
+        while True:
+            conn, _ = listener.accept()
+            if stopping.is_set():
+                conn.close()
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    block = conn.recv(4096)
+                    if not block:
+                        break
+                    head += block
+                page = b"<html>denied by proxy</html>"
+                status = b"403 Forbidden" if head.startswith(b"CONNECT ") else b"407 Proxy Authentication Required"
+                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/html\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(page), page))  # fmt: skip
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stopping.set()
+    socket.create_connection(listener.getsockname()).close()  # wakes the accept (a close does not)
+    thread.join(WAIT_S)
+    listener.close()
+
+
+@pytest.mark.parametrize("case", ["socks without socksio", "unusable URL", "down", "tunnel refused", "credentials wanted"])
+def test_a_proxy_the_server_cannot_fetch_through_is_a_502_that_blames_it_not_the_url(server, client, monkeypatch, case,
+                                                                                     naysaying_proxy):
+    """With --allow-remote-media and proxy variables in the server's environment, a SOCKS proxy
+    without socksio was an ImportError (500), a proxy URL httpx refuses a 400 saying the client's
+    URL was not valid (with the proxy's user name), and a proxy down, refusing the tunnel or asking
+    for credentials a 400 that blamed the client's URL."""
+    import socket
+
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # the test's own client goes directly
+    monkeypatch.setitem(__import__("sys").modules, "socksio", None)  # not installed (an import of it fails)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: refuses
+    variable, value = {
+        "socks without socksio": ("ALL_PROXY", "socks5://me:s3cret@127.0.0.1:1080"),
+        "unusable URL": ("https_proxy", "ftp://me:s3cret@127.0.0.1:21"),
+        "down": ("HTTPS_PROXY", f"http://me:s3cret@127.0.0.1:{closed.getsockname()[1]}"),
+        "tunnel refused": ("HTTPS_PROXY", f"http://me:s3cret@127.0.0.1:{naysaying_proxy}"),
+        "credentials wanted": ("HTTP_PROXY", f"http://me:s3cret@127.0.0.1:{naysaying_proxy}"),
+    }[case]
+    monkeypatch.setenv(variable, value)
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(client, [image_part(("http" if variable == "HTTP_PROXY" else "https") + "://media.invalid/x.png")])
+    finally:
+        server.options.allow_remote_media = False
+        closed.close()
+    body = err.value.body
+    assert err.value.status_code == 502 and body["code"] == "proxy_error" and body["param"] == "messages.0.content.0"
+    message = body["message"]
+    assert variable in message and "s3cret" not in message and "me:" not in message and "\n" not in message
+    assert "not a valid" not in message and message.endswith("send the image inline as a data: URL")
+    monkeypatch.delenv(variable)
+    assert ask(client, "Hi").choices[0].finish_reason in ("stop", "length")  # the server goes on
+
+
+def test_a_redirect_to_a_host_behind_a_proxy_that_is_down_blames_the_proxy(server, client, monkeypatch):
+    """The proxy is the one of the request that failed: a redirect from a NO_PROXY host to one
+    reached through the proxy was a 400 that blamed the client's URL."""
+    import socket
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            self.send_response(302)
+            self.send_header("Location", "https://media.invalid/x.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refuses
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        server.options.allow_remote_media = True
+        try:
+            with pytest.raises(openai.APIStatusError) as err:
+                ask(client, [image_part(f"http://127.0.0.1:{httpd.server_address[1]}/x.png")])
+        finally:
+            server.options.allow_remote_media = False
+            httpd.shutdown()
+            httpd.server_close()
+    assert err.value.status_code == 502 and "the proxy in HTTPS_PROXY" in err.value.body["message"]

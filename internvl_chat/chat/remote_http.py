@@ -11,7 +11,6 @@ retried behind the user's back. Text that came from the server is shown escaped 
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import threading
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpcore
 import httpx
 
-from .. import __version__
+from .. import __version__, proxy_env
 from ..errors import RemoteError, UsageError
 from ..files import undecodable_byte, visible
 from ..settings import without_credentials
@@ -656,7 +655,7 @@ class ApiClient:
                                  "check --api-key or OPENAI_API_KEY")  # fmt: skip
             headers["Authorization"] = f"Bearer {api_key}"
         try:
-            self.http = _client(
+            self.http = proxy_env.client(
                 base_url=self.base_url + "/",
                 headers=headers,
                 timeout=httpx.Timeout(self.timeout, connect=self.connect_s),
@@ -665,7 +664,7 @@ class ApiClient:
             )
             self.http.build_request("GET", "models")  # httpx checks the host (IDNA) only here; sends nothing
             _connect_with(self.http, self.connector)
-            self.proxy = _proxy_of(self.http, self.base_url)  # a failed connect blames it, not the server
+            self.proxy = proxy_env.proxy_of(self.http, self.base_url)  # a failed connect blames it, not the server
         except (httpx.InvalidURL, ValueError) as e:  # e.g. a host name that is not valid IDNA (xn--)
             raise UsageError(f"{visible(without_credentials(server))} is not a usable URL ({_reason(e)}); pass --server http://HOST:PORT/v1") from None
 
@@ -692,6 +691,9 @@ class ApiClient:
         """Every answer's compression and status, as soon as its head arrives: before httpx parses a
         redirect's Location (a malformed one would fail there as if the connection had broken)."""
         check_encoding(response)
+        if response.status_code == 407 and self.proxy is not None:  # only a proxy sends it: the one we went through
+            raise RemoteError(f"{self.proxy} asks for credentials (407 Proxy Authentication Required); put the right "
+                              "ones in its URL (http://USER:PASSWORD@HOST:PORT), or add the server's host to NO_PROXY")  # fmt: skip
         if response.status_code != 200:
             raise http_error(response.status_code, _read_limited(response, ERROR_BODY_LIMIT, self.timeout),
                              response.headers.get("retry-after"), response.headers.get("location"),
@@ -741,61 +743,6 @@ class ApiClient:
         """`advice`: what a refusal's hint may name (commands or flags; /undo or /clear only with
         earlier turns in the request); `connect_s`: the time left to the answer's deadline."""
         return ChatStream(self, body, advice, connect_s)
-
-
-PROXY_VARIABLES = ("all_proxy", "http_proxy", "https_proxy")  # what httpx reads (urllib's getproxies), either case
-
-
-def _proxy_variables() -> list[tuple[str, str]]:
-    """(name, value) of each proxy variable set in the environment."""
-    return sorted((name, value) for name, value in os.environ.items() if name.lower() in PROXY_VARIABLES and value)
-
-
-def _client(**kwargs) -> httpx.Client:
-    """httpx's client, which goes through the proxies that the environment names (as other tools
-    do): a proxy it cannot use is one line naming the variable, never a traceback or a line that
-    blames --server."""
-    try:
-        return httpx.Client(**kwargs)
-    except ImportError as e:  # httpx imports socksio, an optional package, for a SOCKS proxy only
-        if "socks" not in str(e).lower():
-            raise
-        named = [name for name, value in _proxy_variables() if value.strip().lower().startswith("socks")]
-        where, undo = (named[0], f"unset {named[0]}") if named else ("the system's proxy setting", "change it")
-        raise UsageError(f"{where} names a SOCKS proxy, which needs the socksio package: "
-                         f"pip install 'httpx[socks]', or {undo}") from None  # fmt: skip
-    except (httpx.InvalidURL, ValueError):
-        try:  # the same client without the environment's proxies: is the server URL at fault?
-            httpx.Client(**kwargs, trust_env=False).close()
-        except (httpx.InvalidURL, ValueError):
-            raise  # said by the caller, about --server
-        named = [name for name, value in _proxy_variables() if not _usable_proxy(value)]
-        where, undo = (named[0], f"fix or unset {named[0]}") if named else ("the system's proxy setting", "fix it")
-        raise UsageError(f"the proxy in {where} is not a usable URL (http://, https:// or socks5://HOST:PORT); "
-                         f"{undo}") from None  # fmt: skip
-
-
-def _proxy_of(http: httpx.Client, base_url: str) -> str | None:
-    """The proxy that requests to `base_url` go through, as a line names it; None when they go
-    directly (no proxy, a host in NO_PROXY), or where httpx's private choice of transport is not
-    there (another httpx)."""
-    choose = getattr(http, "_transport_for_url", None)
-    if choose is None or choose(httpx.URL(base_url)) is getattr(http, "_transport", None):
-        return None
-    for wanted in (urlsplit(base_url).scheme + "_proxy", "all_proxy"):  # httpx prefers the scheme's own
-        names = [name for name, _ in _proxy_variables() if name.lower() == wanted]
-        if names:
-            return "the proxy in " + min(names, key=str.isupper)  # urllib prefers the lower-case one
-    return "the system's proxy"
-
-
-def _usable_proxy(value: str) -> bool:
-    """Whether httpx takes `value` as a proxy URL (a bare HOST:PORT is http://, as httpx reads it)."""
-    try:
-        httpx.Proxy(value if "://" in value else "http://" + value)
-    except (httpx.InvalidURL, ValueError):
-        return False
-    return True
 
 
 def _usable_id(model_id: object) -> bool:

@@ -183,6 +183,10 @@ def _serve(settings, log_level: str) -> int:
     from .options import ServeOptions
 
     options = ServeOptions.from_settings(settings)
+    if options.allow_remote_media:  # a proxy httpx cannot use is said now, not as every fetch fails
+        from .. import proxy_env
+
+        proxy_env.check()
     path = expand_home(settings.model.path)
     loaded = load_model(path, settings.model.device, settings.model.dtype, settings.model.max_context,
                         settings.model.int4_backend, compile=settings.model.compile,

@@ -40,7 +40,7 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from ..chat.template import MediaSpec
-from ..errors import MediaError
+from ..errors import MediaError, UsageError
 from ..files import read_bytes_file
 from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import DecodeCost, DecodeOverBudget, load_video, megapixels, plan_video
@@ -133,10 +133,22 @@ class MediaReader:
     def _remote(self, url: str, param: str, what: str) -> bytes:
         import httpx
 
+        from .. import proxy_env
+
         limit = self.options.max_body_bytes
         try:
-            with httpx.Client(timeout=REMOTE_TIMEOUT_S, follow_redirects=True, max_redirects=3) as client:
-                with client.stream("GET", url) as response:
+            client = proxy_env.client(timeout=REMOTE_TIMEOUT_S, follow_redirects=True, max_redirects=3)
+        except UsageError as e:  # the server's proxy setting, not the URL: the operator's to fix (checked at start too)
+            raise APIError(502, f"this server cannot fetch {what} URLs: {e}; send the {what} inline as a data: URL",
+                           code="proxy_error", param=param) from None  # fmt: skip
+        try:
+            with client:
+                with client.stream("GET", url) as response:  # redirects followed: response.url is the last one's
+                    proxy = proxy_env.proxy_of(client, str(response.url))
+                    if response.status_code == 407 and proxy is not None:  # only a proxy sends it: ours
+                        raise APIError(502, f"cannot fetch the {what} at {shown(url)}: this server goes through {proxy}, "
+                                       "which asks for credentials (407); ask the server's operator to check it, or send "
+                                       f"the {what} inline as a data: URL", code="proxy_error", param=param)  # fmt: skip
                     if response.status_code != 200:
                         raise bad_request(f"fetching the {what} at {shown(url)} gave HTTP {response.status_code}", param=param)
                     parts, total = [], 0
@@ -146,6 +158,18 @@ class MediaReader:
                             raise APIError(413, f"the {what} at {shown(url)} is over the {limit >> 20} MiB limit", param=param)
                         parts.append(block)
                     return b"".join(parts)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
+            try:
+                failed = str(e.request.url)  # the request that failed (a redirect's, maybe)
+            except RuntimeError:  # httpx had not set it
+                failed = url
+            proxy = proxy_env.proxy_of(client, failed)
+            if proxy is None:
+                raise bad_request(f"cannot fetch the {what} at {shown(url)} ({type(e).__name__}: {shown(str(e))})", param=param) from None
+            # the server's proxy is down or refused the connection: not the client's URL at fault
+            raise APIError(502, f"cannot fetch the {what} at {shown(url)}: this server goes through {proxy}, which failed "
+                           f"({type(e).__name__}: {shown(str(e))}); ask the server's operator to check it, or send the "
+                           f"{what} inline as a data: URL", code="proxy_error", param=param) from None  # fmt: skip
         except httpx.HTTPError as e:
             raise bad_request(f"cannot fetch the {what} at {shown(url)} ({type(e).__name__}: {shown(str(e))})", param=param) from None
         except (httpx.InvalidURL, ValueError) as e:  # a bad port, address, host name (UnicodeError) or character
