@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from remote_helpers import FakeServer, Reply, fixture, refusing_port, unanswered_port
+from proxy_helpers import error_page_proxy
 
 from internvl_chat.chat import remote_http
 from internvl_chat.chat.remote import RemoteConversation
@@ -190,38 +191,11 @@ def test_a_server_in_no_proxy_that_is_down_is_still_the_servers_fault(proxy_env)
 
 @pytest.fixture
 def answering_proxy():
-    """A proxy that answers every request (a plain-HTTP one's GET, or a CONNECT) with the status in
-    `status[0]` and an HTML page, as a proxy's own error page."""
+    """A proxy that answers every request with the status in `status[0]` and an HTML page, as a
+    proxy's own error page."""
     status = [403]
-    listener, stopping = socket.socket(), threading.Event()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-
-    def answer() -> None:
-        while True:
-            conn, _ = listener.accept()
-            if stopping.is_set():
-                conn.close()
-                return
-            with conn:
-                head = b""
-                while b"\r\n\r\n" not in head and len(head) < 65536:
-                    block = conn.recv(4096)
-                    if not block:
-                        break
-                    head += block
-                page = b"<html>the proxy says no</html>"
-                conn.sendall(b"HTTP/1.1 %d Nope\r\nContent-Type: text/html\r\nConnection: close\r\n"
-                             b"Proxy-Authenticate: Basic realm=\"p\"\r\nContent-Length: %d\r\n\r\n%s"
-                             % (status[0], len(page), page))  # fmt: skip
-
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
-    yield listener.getsockname()[1], status
-    stopping.set()
-    socket.create_connection(listener.getsockname()).close()  # wakes the accept (a close does not)
-    thread.join(CONNECTING_WAIT_S)
-    listener.close()
+    with error_page_proxy(lambda head: status[0], CONNECTING_WAIT_S) as port:
+        yield port, status
 
 
 @pytest.mark.parametrize("variable", ["HTTP_PROXY", "all_proxy"])

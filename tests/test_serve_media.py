@@ -19,6 +19,7 @@ from PIL import Image
 
 from internvl_chat.chat.template import MediaSpec
 from media_helpers import numbered_frame, textured_rgb, write_growing_video, write_numbered_video
+from proxy_helpers import error_page_proxy
 from serve_support import data_url, jpeg_frames_url, png_bytes
 
 WAIT_S = 60
@@ -368,37 +369,8 @@ def test_a_resent_picture_is_remembered_by_a_digest_not_by_its_url_text(server, 
 def naysaying_proxy():
     """A proxy that answers every request with an HTML page: 403 to a CONNECT (a tunnel refused),
     407 to a plain-HTTP proxy's GET (credentials wanted)."""
-    import socket
-
-    listener, stopping = socket.socket(), threading.Event()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-
-    def answer() -> None:
-        while True:
-            conn, _ = listener.accept()
-            if stopping.is_set():
-                conn.close()
-                return
-            with conn:
-                head = b""
-                while b"\r\n\r\n" not in head and len(head) < 65536:
-                    block = conn.recv(4096)
-                    if not block:
-                        break
-                    head += block
-                page = b"<html>denied by proxy</html>"
-                status = b"403 Forbidden" if head.startswith(b"CONNECT ") else b"407 Proxy Authentication Required"
-                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/html\r\nConnection: close\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(page), page))  # fmt: skip
-
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
-    yield listener.getsockname()[1]
-    stopping.set()
-    socket.create_connection(listener.getsockname()).close()  # wakes the accept (a close does not)
-    thread.join(WAIT_S)
-    listener.close()
+    with error_page_proxy(lambda head: 403 if head.startswith(b"CONNECT ") else 407, WAIT_S) as port:
+        yield port
 
 
 @pytest.mark.parametrize("case", ["socks without socksio", "unusable URL", "down", "tunnel refused", "credentials wanted"])
