@@ -626,7 +626,7 @@ def test_ctrl_z_while_the_spinner_shows_leaves_the_cursor_visible(tmp_path):
         shell.expect_exact("thinking")
         assert not _cursor_shown(seen.getvalue())  # the spinner hid it
         shell.sendcontrol("z")
-        assert shell.expect([r"Stopped", r"\^Z"]) == 0, "Ctrl-Z did not stop the program"
+        shell.expect(r"Stopped")  # (a "^Z" the terminal echoes may come first: not a failure)
         shell.expect_exact("SHELL$ ")
         assert _cursor_shown(seen.getvalue()), "the shell got a hidden cursor"
         shell.send("fg\r")
