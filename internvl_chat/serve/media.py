@@ -144,11 +144,10 @@ class MediaReader:
         try:
             with client:
                 with client.stream("GET", url) as response:  # redirects followed: response.url is the last one's
-                    proxy = proxy_env.proxy_of(client, str(response.url))
-                    if response.status_code == 407 and proxy is not None:  # only a proxy sends it: ours
-                        raise APIError(502, f"cannot fetch the {what} at {shown(url)}: this server goes through {proxy}, "
-                                       "which asks for credentials (407); ask the server's operator to check it, or send "
-                                       f"the {what} inline as a data: URL", code="proxy_error", param=param)  # fmt: skip
+                    if response.status_code == 407:  # only a proxy sends it: ours, when the URL went through one
+                        proxy = proxy_env.proxy_of(client, str(response.url))
+                        if proxy is not None:
+                            raise _proxy_failed(what, url, proxy, "asks for credentials (407)", param)
                     if response.status_code != 200:
                         raise bad_request(f"fetching the {what} at {shown(url)} gave HTTP {response.status_code}", param=param)
                     parts, total = [], 0
@@ -165,13 +164,11 @@ class MediaReader:
                 failed = url
             proxy = proxy_env.proxy_of(client, failed)
             if proxy is None:
-                raise bad_request(f"cannot fetch the {what} at {shown(url)} ({type(e).__name__}: {shown(str(e))})", param=param) from None
+                raise _fetch_failed(what, url, e, param) from None
             # the server's proxy is down or refused the connection: not the client's URL at fault
-            raise APIError(502, f"cannot fetch the {what} at {shown(url)}: this server goes through {proxy}, which failed "
-                           f"({type(e).__name__}: {shown(str(e))}); ask the server's operator to check it, or send the "
-                           f"{what} inline as a data: URL", code="proxy_error", param=param) from None  # fmt: skip
+            raise _proxy_failed(what, url, proxy, f"failed ({type(e).__name__}: {shown(str(e))})", param) from None
         except httpx.HTTPError as e:
-            raise bad_request(f"cannot fetch the {what} at {shown(url)} ({type(e).__name__}: {shown(str(e))})", param=param) from None
+            raise _fetch_failed(what, url, e, param) from None
         except (httpx.InvalidURL, ValueError) as e:  # a bad port, address, host name (UnicodeError) or character
             raise bad_request(f"the {what} URL is not a valid http(s) URL ({shown(str(e))}); check it", param=param) from None
 
@@ -406,6 +403,17 @@ def _b64(text: bytes | str, param: str, what: str) -> bytes:
                               param=param) from None  # fmt: skip
         raise bad_request(f"the {what} data is not valid base64 ({e}); send the file's bytes base64-encoded",
                           param=param) from None  # fmt: skip
+
+
+def _fetch_failed(what: str, url: str, err: Exception, param: str) -> APIError:
+    return bad_request(f"cannot fetch the {what} at {shown(url)} ({type(err).__name__}: {shown(str(err))})", param=param)
+
+
+def _proxy_failed(what: str, url: str, proxy: str, which: str, param: str) -> APIError:
+    """A fetch the server's own proxy failed (502): the operator's to fix, not the client's URL."""
+    return APIError(502, f"cannot fetch the {what} at {shown(url)}: this server goes through {proxy}, which {which}; "
+                    f"ask the server's operator to check it, or send the {what} inline as a data: URL",
+                    code="proxy_error", param=param)  # fmt: skip
 
 
 def _data_url(url: str, param: str, what: str) -> tuple[bytes, str]:
