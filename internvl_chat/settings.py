@@ -192,11 +192,14 @@ class UISettings:
     stats: bool = _setting(True, expect="true or false")
     color: str = _setting("auto", _choice(COLORS), "one of auto, always, never")
     history: bool = _setting(True, expect="true or false")
-    history_file: str = _setting("~/.local/state/internvl-chat/history", expect="a file path", path=True)
+    # empty: the state folder's history file, so $XDG_STATE_HOME moves it as it moves /save's sessions
+    history_file: str = _setting("", expect="a file path (empty: the state folder's history)", path=True)
     plain: bool = _setting(False, expect="true or false")
 
     @property
     def history_path(self) -> Path:
+        if not self.history_file:
+            return xdg_dir(os.environ, "XDG_STATE_HOME", ".local/state") / "internvl-chat" / "history"
         return expand_home(self.history_file)
 
 

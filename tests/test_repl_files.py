@@ -65,6 +65,19 @@ def test_a_fifo_or_folder_as_history_file_is_refused_without_blocking(tmp_path):
     assert isinstance(open_history(_settings(tmp_path), warnings), InMemoryHistory)
 
 
+def test_the_default_history_file_follows_xdg_state_home_as_sessions_do(tmp_path, monkeypatch):
+    # it stayed under ~/.local/state whatever $XDG_STATE_HOME said, while /save's sessions moved
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    history = open_history(Settings(), Warnings())
+    assert isinstance(history, PrivateFileHistory)
+    history.store_string("hello")
+    assert (tmp_path / "state" / "internvl-chat" / "history").read_text().endswith("+hello\n")
+    assert not (tmp_path / "home").exists()
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/state")  # invalid by the XDG spec: the home default
+    assert Settings().ui.history_path == tmp_path / "home" / ".local" / "state" / "internvl-chat" / "history"
+
+
 def test_the_history_file_is_private_and_round_trips_entries(tmp_path):
     path = tmp_path / "state" / "history"
     path.parent.mkdir()

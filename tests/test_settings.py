@@ -34,7 +34,7 @@ EXPECTED_DEFAULTS = {
         "stats": True,
         "color": "auto",
         "history": True,
-        "history_file": "~/.local/state/internvl-chat/history",
+        "history_file": "",
         "plain": False,
     },
     "system": {"message": None},
