@@ -63,7 +63,8 @@ from .dialects import (
 )
 from .remote_http import ApiClient, ContextRefused, context_refusal, shorten
 from .sampling import SamplingParams
-from .session import Media, ReadiedSession, saved_media, sha256_of, with_notes
+from .saved_media import ReadiedSession, saved_media, sha256_of, with_notes
+from .session import Media
 from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
 from .sse import StreamFailed
 from .template import media_order
