@@ -26,6 +26,7 @@ from ..media.video import load_video, probe_video, used_range
 from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .generate import MEDIA_ADVICE, is_out_of_memory, out_of_memory_as_error, stream_generate
+from .kv_slots import OwnKVCache, common_prefix_length
 from .sampling import NON_FINITE_IN_FLOAT32, NON_FINITE_MESSAGE, Sampler, SamplingParams
 from .saved_media import LeftOut, ReadiedSession, saved_media, sha256_of, with_notes
 from .session_file import (CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, SavedSession, SavedTurn,
@@ -808,44 +809,6 @@ def _is_demo_model(path: Path) -> bool:
         return Path(path).resolve() == (Path(__file__).resolve().parent.parent / "demo_model")
     except OSError:
         return False
-
-
-def common_prefix_length(cached: Sequence[int], ids: Sequence[int]) -> int:
-    """How many leading tokens `cached` and `ids` share."""
-    n = min(len(cached), len(ids))
-    i = 0
-    while i + 256 <= n and list(cached[i : i + 256]) == list(ids[i : i + 256]):  # blocks first: prompts are long
-        i += 256
-    while i < n and cached[i] == ids[i]:
-        i += 1
-    return i
-
-
-class OwnKVCache:
-    """KV tensors (and the CUDA decode graphs captured over them) that one Session owns."""
-
-    def __init__(self, model, share_model_cache: bool):
-        lm = model.language_model
-        if share_model_cache:
-            self.k, self.v, self.graphs = lm.k_cache, lm.v_cache, model.decode_graphs
-            return
-        # zeros like the engine's own cache: a masked attention weight is 0, and 0 × garbage may be NaN
-        self.k = [torch.zeros_like(t) for t in lm.k_cache]
-        self.v = [torch.zeros_like(t) for t in lm.v_cache]
-        self.graphs = None
-        if model.decode_graphs is not None:
-            from ..engine.cuda_graph import DecodeGraphs  # a graph captures tensor addresses: one set per cache
-
-            step = model.compiled_step  # the compiled step, if any, reads whichever caches are active
-            self.graphs = DecodeGraphs(model, step.masked if step is not None else None)
-
-    def activate(self, model) -> None:
-        lm = model.language_model
-        lm.k_cache, lm.v_cache, model.decode_graphs = self.k, self.v, self.graphs
-
-    @property
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 def _use(fixes: list[str]) -> str:
