@@ -61,7 +61,8 @@ from .dialects import (
     tiles_are_per_request,
     user_content,
 )
-from .remote_http import ApiClient, ContextRefused, context_refusal, shorten
+from .remote_errors import ContextRefused, context_refusal, shorten
+from .remote_http import ApiClient
 from .sampling import SamplingParams
 from .saved_media import ReadiedSession, saved_media, sha256_of, with_notes
 from .session import Media
