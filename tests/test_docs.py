@@ -384,7 +384,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
     from internvl_chat.chat import answer_bounds
     from internvl_chat.chat.sampling import GREEDY_BELOW
     from internvl_chat.engine import checkpoint
-    from internvl_chat.media import image, video
+    from internvl_chat.media import image, video_cost
     from internvl_chat.quant.int4_linear import Int4Linear
     from internvl_chat.serve import answers, protocol
     from internvl_chat.settings import REMOTE_TIMEOUT_MAX
@@ -396,7 +396,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"over {round(image.MAX_PIXELS / 1e6)} M pixels, a side over {image.MAX_SIDE:,}",
         f"a JPEG of over {image.MAX_JPEG_SCANS} scans",
         f"`stop` (up to {protocol.MAX_STOP_STRINGS} strings of up to {protocol.MAX_STOP_STRING_CHARS:,} characters each)",
-        f"each counted as at least {video.MIN_FRAME_SIDE}×{video.MIN_FRAME_SIDE}",
+        f"each counted as at least {video_cost.MIN_FRAME_SIDE}×{video_cost.MIN_FRAME_SIDE}",
         f"`--max-video-decode-megapixels` in all ({Settings().serve.max_video_decode_megapixels}:",
         f"(+{answer_bounds.PIECE_SLACK};", f"more than {answer_bounds.CHARS_PER_TOKEN} characters a token",
         f"(default {Settings().remote.answer_timeout:g}, at most {REMOTE_TIMEOUT_MAX:g}; 0: no bound)",

@@ -174,7 +174,7 @@ def test_images_are_sent_as_the_files_own_bytes(tmp_path):
 
 def test_video_frames_are_our_samplers_frames(tmp_path):
     """The frames sent are the ones media/video.py samples (frame numbers read back from the JPEGs)."""
-    from internvl_chat.media.video import frame_indices
+    from internvl_chat.media.video_sampling import frame_indices
 
     video = write_numbered_video(tmp_path / "v.mp4", 40)
     with FakeServer(models_of("lmdeploy")) as server:

@@ -44,7 +44,8 @@ from ..media.image import (
     to_rgb,
     upright,
 )
-from ..media.video import load_video, probe_video, used_range
+from ..media.video import load_video, probe_video
+from ..media.video_sampling import used_range
 from ..settings import without_credentials
 from .advice import Advice, any_of
 from .answer_bounds import AnswerBounds, watched

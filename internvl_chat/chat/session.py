@@ -22,7 +22,8 @@ from ..engine.loader import LoadedModel
 from ..errors import Cancelled, ContextOverflowError, GenerationError, MediaError, UsageError
 from ..files import expand_home, visible, write_atomic
 from ..media.image import count_tiles, load_image, probe_image
-from ..media.video import load_video, probe_video, used_range
+from ..media.video import load_video, probe_video
+from ..media.video_sampling import used_range
 from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
 from .generate import MEDIA_ADVICE, is_out_of_memory, out_of_memory_as_error, stream_generate
