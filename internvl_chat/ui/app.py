@@ -51,10 +51,11 @@ from ..settings import Settings, format_settings, shown_value, toml_value
 from .answer_text import AnswerCleaner, sanitize
 from .commands import Command, Message, format_help, parse_line, quote_spaced, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
-from .render import (choose_stream, colour_off, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
-                     percent, wrap_text)  # fmt: skip
+from .render import choose_stream, colour_off
 from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
 from .spinner import spin
+from .summary_lines import format_attach_line, format_bytes, format_server_numbers, format_stats, percent
+from .text_wrap import format_columns, wrap_text
 
 OK, ERROR, EXIT = "ok", "error", "exit"
 # What the embedded demo model can answer (README, "What it can do").

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import UsageError
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
 from .paths import media_kind, normalize_path, shell_unquote
-from .render import wrap_text
+from .text_wrap import wrap_text
 
 # Argument kinds (what a completer offers): "image", "video" and "file" are paths, "session" a
 # path or a name in the sessions folder; "int" a number; "setting" a key of `/set`; "value",

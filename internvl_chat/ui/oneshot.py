@@ -14,7 +14,7 @@ from ..settings import Settings
 from .answer_text import AnswerCleaner
 from .app import not_attached, peak_memory, take_media_paths
 from .paths import media_kind
-from .render import format_stats
+from .summary_lines import format_stats
 from .setup import media_from_flags, open_conversation
 
 
