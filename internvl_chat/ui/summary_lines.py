@@ -122,7 +122,7 @@ def format_stats(
         kept.pop()
 
 
-# What a server reported about an answer (chat/remote.py `timing["server"]`), in /stats.
+# What a server reported about an answer (chat/remote_numbers.py `timing["server"]`), in /stats.
 _SERVER_NUMBERS = (
     ("prompt_tokens", "prompt {:,} tokens"),
     ("cached_tokens", "{:,} cached"),
