@@ -388,11 +388,11 @@ def test_more_limits_the_docs_quote_are_the_codes():
     from internvl_chat.quant.int4_linear import Int4Linear
     from internvl_chat.serve import answers, protocol
     from internvl_chat.settings import REMOTE_TIMEOUT_MAX
-    from internvl_chat.ui import app, render
+    from internvl_chat.ui import media_paths, render
 
     readme, architecture = _flat(README), _flat(ARCHITECTURE)
     quoted = [
-        f"in name order, at most {app.MAX_PATTERN_MATCHES}, when",
+        f"in name order, at most {media_paths.MAX_PATTERN_MATCHES}, when",
         f"over {round(image.MAX_PIXELS / 1e6)} M pixels, a side over {image.MAX_SIDE:,}",
         f"a JPEG of over {image.MAX_JPEG_SCANS} scans",
         f"`stop` (up to {protocol.MAX_STOP_STRINGS} strings of up to {protocol.MAX_STOP_STRING_CHARS:,} characters each)",

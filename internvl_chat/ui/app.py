@@ -20,7 +20,6 @@ sets the cancel flag, so the answer stops between tokens and its partial text is
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
 import re
@@ -49,8 +48,9 @@ from ..files import (PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, read_text
                      visible_lines, write_atomic, xdg_dir)  # fmt: skip
 from ..settings import Settings, format_settings, shown_value, toml_value
 from .answer_text import AnswerCleaner, sanitize
-from .commands import Command, Message, format_help, parse_line, quote_spaced, split_words
-from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
+from .commands import Command, Message, format_help, parse_line
+from .media_paths import check_typed_paths, expand_wildcards, not_attached, take_media_paths
+from .paths import media_kind, quote_path
 from .render import (choose_stream, colour_off, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      percent, wrap_text)  # fmt: skip
 from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
@@ -67,71 +67,10 @@ NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /expo
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 BLOCK_QUOTES = '"""'
 NAMES_SHOWN = 3  # files named in a refusal to attach several at once
-_WILDCARD = re.compile(r"[*?\[]")  # what makes an /image path a pattern
-MAX_JOINED_WORDS = 6  # /image words tried together as one path typed with bare spaces
-# images one /image pattern may attach: past any context at one tile each, and each match is read
-# and hashed before the context check (`~/Pictures/*.jpg` over 20,000 photos took minutes to refuse)
-MAX_PATTERN_MATCHES = 100
 KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
     "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
 )
-
-def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[Path] = ()) -> tuple[str, list[Path], list[Path]]:
-    """The media paths typed in a message: (the message without them, the files that exist, the
-    paths of media files that do not). One-shot and REPL messages go through this alike.
-
-    Relative paths are looked up in `search_dirs` (a script's folder), then in `cwd`."""
-    if not may_name_media(text):  # no word to look at (a long paste is not split word by word)
-        return text, [], []
-    found: list[tuple[tuple[int, int], Path]] = []
-    for folder in (*search_dirs, cwd):  # an earlier folder wins a span
-        found += [(span, path) for span, path in find_media_paths(text, folder)
-                  if not any(span[0] < end and start < span[1] for (start, end), _ in found)]  # fmt: skip
-    found.sort(key=lambda item: item[0])
-    kept, last = [], 0
-    for (start, end), _ in found:
-        kept.append(text[last:start])
-        last = end
-    kept.append(text[last:])
-    rest = "".join(kept)
-    if found:  # tidy the gap a path leaves: "What is in ?" -> "What is in?"
-        rest = re.sub(r"[ \t]{2,}", " ", rest)
-        rest = re.sub(r"[ \t]+([.,;:!?)\]])", r"\1", rest)
-        rest = "\n".join(line.strip() for line in rest.split("\n")).strip()
-    return rest, [path for _, path in found], _missing_media_paths(text, {p.resolve() for _, p in found}, (*search_dirs, cwd))
-
-
-def not_attached(path: Path) -> str:
-    """The warning for a path `take_media_paths` gives as missing: why it was not attached."""
-    why = "is not a file (a folder, a device or a pipe)" if _exists(path) else "does not exist"
-    return f"{visible(str(path))} {why}, so it was not attached; check the path"
-
-
-def _missing_media_paths(text: str, found: set[Path], folders: Sequence[Path | None]) -> list[Path]:
-    """Words that look like paths of media files that are not files in any of `folders` (said, not
-    silently ignored: a name of a FIFO or a folder too); a relative one is named as in the last folder."""
-    missing = []
-    for word in split_words(text):
-        raw = word.raw.strip("()[]{}<>,;:!?\"'")
-        if not raw.startswith(("/", "~", "./", "../", "file:")) or media_kind(raw.rstrip(".")) is None:
-            continue
-        try:
-            path = normalize_path(raw.rstrip("."))
-        except UsageError:
-            continue
-        # a relative path found beside a script was attached, and still said not to exist in the working folder
-        candidates = [path] if path.is_absolute() else [path if folder is None else Path(folder) / path for folder in folders]
-        if not any(is_file(candidate) or candidate.resolve() in found for candidate in candidates):
-            missing.append(next((candidate for candidate in candidates if _exists(candidate)), candidates[-1]))
-    return missing
-
-
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except OSError:  # a name too long for the file system: no such file
-        return False
 
 
 # A code fence: up to 3 spaces, then 3 or more backticks or tildes (CommonMark).
@@ -575,6 +514,11 @@ class App:
             path = Path.cwd() / path
         return path
 
+    def _places(self, path: Path) -> list[Path]:
+        """Where a path is looked for, in order: as given when absolute, else in `search_dirs`, then
+        the working folder (`_resolve` takes the first that exists)."""
+        return [path] if path.is_absolute() else [*(folder / path for folder in self.search_dirs), self._output_path(path)]
+
     def attach(self, media: Sequence[Media]) -> None:
         """Add described media to the next message, printing each one's cost; refuse what cannot fit."""
         media = list(media)
@@ -783,8 +727,8 @@ class App:
             self.note("a message naming an image or video file attaches it; /set media.auto_attach false turns that off")
 
     def cmd_image(self, command: Command) -> None:
-        paths = [found for path in command.args for found in self._expand_wildcards(path)]
-        self._check_typed_paths(paths)
+        paths = [found for path in command.args for found in expand_wildcards(path, self._resolve, self._places)]
+        check_typed_paths(paths, self._resolve)
         before = {m.path.resolve() for m in self.pending}
         media = [self.describe(path, "image") for path in paths]
         self.attach(media)
@@ -799,41 +743,6 @@ class App:
         if twice:
             names = ", ".join(visible(name) for name in twice[:NAMES_SHOWN]) + (" …" if len(twice) > NAMES_SHOWN else "")
             self.warn(f"{names} attached more than once; /media lists the attachments, /drop N removes one")
-
-    def _expand_wildcards(self, path: Path) -> list[Path]:
-        """`/image shots/*.png`: a path holding * ? or [ that names no file, and ends in an image
-        extension or *, is a pattern, as in a shell; it stands for the image files it matches, in
-        name order (it said "does not exist")."""
-        text = str(path)
-        # `cats?` in `/image cat.png How many cats?` is a word of a question, not a pattern
-        pattern = _WILDCARD.search(text) and (media_kind(text) == "image" or text.endswith("*"))
-        if not pattern or _exists(self._resolve(path)):
-            return [path]
-        where = [path] if path.is_absolute() else [*(folder / path for folder in self.search_dirs), self._output_path(path)]
-        for full in where:
-            found = sorted(Path(p) for p in glob.glob(str(full)) if media_kind(p) == "image" and is_file(Path(p)))
-            if len(found) > MAX_PATTERN_MATCHES:
-                raise UsageError(f"{visible(str(path))} matches {len(found):,} images; /image attaches at most "
-                                 f"{MAX_PATTERN_MATCHES} at once, so narrow the pattern")  # fmt: skip
-            if found:
-                return found
-        raise UsageError(f"no image file matches {visible(str(path))}; check the pattern")
-
-    def _check_typed_paths(self, paths: Sequence[Path]) -> None:
-        """Words of `/image` that name nothing, where what was meant is plain: the error was only
-        "…/My does not exist" for `/image ~/My Pics/cat.png` (one path with bare spaces) and
-        "image How does not exist" for `/image cat.png How many?` (a question after the path)."""
-        for i, path in enumerate(paths):
-            if _exists(self._resolve(path)):
-                continue
-            shown = visible(str(path))
-            for j in range(i + 1, min(len(paths), i + MAX_JOINED_WORDS)):
-                joined = Path(" ".join(str(p) for p in paths[i : j + 1]))
-                if is_file(self._resolve(joined)):
-                    raise UsageError(f"{shown} does not exist; a path with spaces goes in quotes: /image {quote_spaced(str(joined))}")
-            if i and not any(media_kind(p) for p in paths[i:]):
-                raise UsageError(f"{shown} is not a file: /image takes only paths, so send the question as the next message "
-                                 "(or name the file in it)")  # fmt: skip
 
     def cmd_video(self, command: Command) -> None:
         frames = command.options.get("frames")
