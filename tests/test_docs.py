@@ -29,7 +29,8 @@ from internvl_chat.quantize import build_parser as quantize_parser, quantize_che
 from internvl_chat.serve import main as serve_main
 from internvl_chat.settings import (COLORS, COMPILE_MODES, DTYPES, INT4_BACKENDS, OTHER_ENV_VARS, REMOTE_DIALECTS, Settings,
                                     all_keys, env_name)
-from internvl_chat.ui.app import NOT_SESSION_SUFFIXES, RESTORED_SETTINGS
+from internvl_chat.ui.app import NOT_SESSION_SUFFIXES
+from internvl_chat.ui.saved_sessions import RESTORED_SETTINGS
 from internvl_chat.ui.set_keys import START_FLAGS, changeable_while_running, runtime_keys
 from internvl_chat.ui.commands import COMMAND_BY_NAME, COMMANDS
 
@@ -422,7 +423,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
 
 def test_the_folders_and_modes_the_readme_gives_are_the_codes():
     from internvl_chat.settings import default_config_path
-    from internvl_chat.ui.app import default_sessions_dir
+    from internvl_chat.ui.saved_sessions import default_sessions_dir
 
     readme, home = _flat(README), Path("/home/u")
     sessions = default_sessions_dir({"HOME": str(home)}).relative_to(home).as_posix()

@@ -20,12 +20,10 @@ sets the cancel flag, so the answer stops between tokens and its partial text is
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import resource
 import signal
-import stat
 import sys
 import threading
 import weakref
@@ -42,10 +40,8 @@ from rich.text import Text
 from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media
-from ..chat.session_file import SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import (PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, read_text_file, undecodable_byte, visible, visible_lines,
-                     write_atomic, xdg_dir)  # fmt: skip
+from ..files import PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, undecodable_byte, visible, visible_lines, write_atomic
 from ..settings import Settings, format_settings, shown_value, toml_value
 from .answer_text import AnswerCleaner
 from .commands import Command, Message, format_help, parse_line
@@ -54,6 +50,7 @@ from .media_paths import check_typed_paths, expand_wildcards, not_attached, take
 from .paths import media_kind, quote_path
 from .render import (choose_stream, colour_off, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      percent, wrap_text)  # fmt: skip
+from .saved_sessions import RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages
 from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
 from .spinner import spin
 
@@ -116,45 +113,6 @@ def reset_peak_memory(device: Any) -> None:
         import torch
 
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def default_sessions_dir(env: dict[str, str] | os._Environ = os.environ) -> Path:
-    return xdg_dir(env, "XDG_STATE_HOME", ".local/state") / "internvl-chat" / "sessions"
-
-
-# What /load restores from the settings saved with a session (model and UI settings stay as run).
-RESTORED_SETTINGS = (
-    "generation.temperature", "generation.top_p", "generation.top_k", "generation.repetition_penalty",
-    "generation.max_new_tokens", "generation.seed", "media.max_tiles", "media.frames",
-)  # fmt: skip
-
-
-def recent_sessions(folder: Path) -> list[tuple[Path, float]]:
-    """The session files (*.json) in `folder`, newest first, with their modification times."""
-    found = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.name.endswith(".json") or entry.name.startswith("."):
-            continue
-        try:
-            info = entry.stat()  # follows a symlink: what /load would read
-        except OSError:
-            continue
-        if stat.S_ISREG(info.st_mode):
-            found.append((Path(entry.path), info.st_mtime))
-    return sorted(found, key=lambda item: item[1], reverse=True)
-
-
-def file_date(mtime: float) -> str:
-    """A file's modification time as `2026-12-02 13:37`, or `?` for one no calendar date holds (an
-    archive keeps any time, and tmpfs, btrfs or XFS store years past 9999)."""
-    try:
-        return f"{datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}"
-    except (ValueError, OverflowError, OSError):
-        return "?"
 
 
 def _setting_text(value: Any) -> str:
@@ -941,7 +899,7 @@ class App:
         if not os.path.lexists(path) or self._current_file() == Path(os.path.abspath(path)):
             return True
         _refuse_special_file(path)
-        held = self._saved_conversation(path)
+        held = saved_messages(path)
         if held is not None and self._continues(held):
             return True  # the file holds an earlier state of this very conversation
         what = (f"another conversation ({len(held) // 2} turn(s))" if held is not None
@@ -950,18 +908,6 @@ class App:
         if self.confirm is None:
             raise UsageError(f"{shown} already holds {what}; /save {_typed(path)} --force replaces it, or give another name")
         return self.confirm(f"{shown} holds {what}; replace it? [y/N] ")
-
-    @staticmethod
-    def _saved_conversation(path: Path) -> list[tuple[Any, Any]] | None:
-        """(role, text) of each message in a session file, or None when it is not one."""
-        try:
-            data = json.loads(read_text_file(path, "session file"))
-        except (InternVLChatError, ValueError, RecursionError):
-            return None
-        messages = data.get("messages") if isinstance(data, dict) and data.get("format") == SESSION_FORMAT else None
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            return None
-        return [(m.get("role"), m.get("text")) for m in messages]
 
     def _continues(self, held: list[tuple[Any, Any]]) -> bool:
         ours = [(m["role"], m["text"]) for m in self.session.to_json()["messages"]]  # as this conversation saves
@@ -1080,7 +1026,7 @@ class App:
         shown = sessions[:limit]
         width = max(len(_typed(p.stem)) for p, _ in shown)
         for path, mtime in shown:
-            turns = self._saved_conversation(path)
+            turns = saved_messages(path)
             count = f"{len(turns) // 2} turn(s)" if turns is not None else "not readable"
             self.say(f"  {_typed(path.stem).ljust(width)}  {count:>12}  {file_date(mtime)}")
         more = f" ({len(sessions) - limit} older not shown)" if len(sessions) > limit else ""
