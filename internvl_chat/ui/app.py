@@ -22,9 +22,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-import resource
 import signal
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +46,7 @@ from .commands import Command, Message, format_help, parse_line
 from .export import answer_and_cut, export_markdown
 from .media_paths import check_typed_paths, expand_wildcards, not_attached, take_media_paths
 from .paths import media_kind, quote_path
+from .peak_memory import peak_memory, reset_peak_memory
 from .render import (choose_stream, colour_off, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
                      percent, wrap_text)  # fmt: skip
 from .saved_sessions import RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages
@@ -95,24 +94,6 @@ def block_is_open(text: str) -> bool:
     if not body.startswith(BLOCK_QUOTES):
         return False
     return len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES)
-
-
-def peak_memory(device: Any) -> int | None:
-    """Peak memory in bytes: allocated GPU memory on CUDA, else the process's peak resident size."""
-    if str(device).startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
-
-
-def reset_peak_memory(device: Any) -> None:
-    """Start a new GPU peak for the next turn (the process peak on CPU cannot be reset)."""
-    if str(device).startswith("cuda"):
-        import torch
-
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _setting_text(value: Any) -> str:
