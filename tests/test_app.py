@@ -24,9 +24,9 @@ from internvl_chat.chat.session import Session
 from internvl_chat.chat.template import MediaSpec
 from internvl_chat.media.video import load_video
 from internvl_chat.settings import load_settings
-from internvl_chat.ui.answer_text import AnswerCleaner
-from internvl_chat.ui.answer_text import sanitize
-from internvl_chat.ui.app import EXIT, ERROR, OK, App, block_is_open, unwrap_block
+from internvl_chat.ui.answer_text import AnswerCleaner, sanitize
+from internvl_chat.ui.app import EXIT, ERROR, OK, App
+from internvl_chat.ui.commands import block_is_open, unwrap_block
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from media_helpers import textured_rgb, write_numbered_video
 from app_helpers import ChunkedAnswers, _Turn, make_app, output

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import signal
 import threading
 import weakref
@@ -42,7 +41,7 @@ from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageE
 from ..files import PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, undecodable_byte, visible, visible_lines, write_atomic
 from ..settings import Settings, format_settings, shown_value, toml_value
 from .answer_text import AnswerCleaner
-from .commands import Command, Message, format_help, parse_line
+from .commands import Command, Message, format_help, parse_line, unwrap_block
 from .export import answer_and_cut, export_markdown
 from .media_paths import check_typed_paths, expand_wildcards, not_attached, take_media_paths
 from .paths import media_kind, quote_path
@@ -62,38 +61,11 @@ DEMO_MODEL_NOTE = (
 LISTED_VALUE_WIDTH = 40  # `/set` alone lists values up to this long, longer ones cut short
 NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
-BLOCK_QUOTES = '"""'
 NAMES_SHOWN = 3  # files named in a refusal to attach several at once
 KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
     "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
 )
-
-
-def unwrap_block(text: str) -> str | None:
-    '''The inside of a `"""` block (`"""\\nline 1\\nline 2\\n"""`), or None when `text` is not one.'''
-    body = text.strip()
-    if not body.startswith(BLOCK_QUOTES):
-        return None
-    if len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES):
-        raise UsageError('unclosed """ block; end it with a line holding """')
-    inner = body[len(BLOCK_QUOTES) : -len(BLOCK_QUOTES)]
-    return inner.strip("\n")
-
-
-# `/system """` starts a block too: a system message of several lines, in a script as in the REPL
-# (it was set to the three quotes, and the lines after it were sent as messages)
-_SYSTEM_BLOCK = re.compile(r'/system\s+(?=""")', re.IGNORECASE)
-
-
-def block_is_open(text: str) -> bool:
-    '''True while `text` (or `/system TEXT`) starts a `"""` block that is not closed yet (Enter then adds a line).'''
-    body = text.strip()
-    opener = _SYSTEM_BLOCK.match(body)
-    body = body[opener.end() :] if opener else body
-    if not body.startswith(BLOCK_QUOTES):
-        return False
-    return len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES)
 
 
 def _setting_text(value: Any) -> str:

@@ -35,8 +35,8 @@ from ..errors import InternVLChatError, UsageError
 from ..files import undecodable_byte, visible
 from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
-from .app import EXIT, App, block_is_open, unsent_note
-from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
+from .app import EXIT, App, unsent_note
+from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, block_is_open, split_words
 from .editor import edit_in_editor
 from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
 from .render import ui_console
