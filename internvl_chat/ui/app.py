@@ -46,11 +46,11 @@ from .export import answer_and_cut, export_markdown
 from .media_paths import check_typed_paths, expand_wildcards, not_attached, take_media_paths
 from .paths import media_kind, quote_path
 from .peak_memory import peak_memory, reset_peak_memory
-from .render import (choose_stream, colour_off, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
-                     percent, wrap_text)  # fmt: skip
+from .render import choose_stream, colour_off, format_attach_line, format_columns, format_stats, percent, wrap_text
 from .saved_sessions import RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages
 from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
 from .spinner import spin
+from .stats_table import stats_rows
 
 OK, ERROR, EXIT = "ok", "error", "exit"
 # What the embedded demo model can answer (README, "What it can do").
@@ -758,33 +758,8 @@ class App:
         if not self.session.turns[-1].timing:  # session files keep no timings: they are this run's
             self.say("no stats for the last answer: it was loaded from a session file; the next answer has them")
             return
-        turn = self.session.turns[-1]
-        t = turn.timing
-        info = self.session.describe()
-        rows = [("finish", str(turn.finish_reason))]
-        if t.get("vision_s"):  # as the stats line: no row when no picture was encoded
-            rows.append(("vision", f"{t['vision_s']:.3f} s"))
-        if "prefill_tokens" in t:
-            rows.append(("prefill", f"{t['prefill_tokens']:,} tokens in {t.get('prefill_s', 0):.3f} s"
-                                    f" ({t.get('prefill_tokens_per_s', 0):,.0f} tok/s)"))  # fmt: skip
-        if "ttft_s" in t:
-            rows.append(("time to first token", f"{t['ttft_s']:.3f} s"))
-        if t.get("decode_tokens"):  # 0: the answer's one token (or piece) came as the first: no rate to tell
-            rows.append(("decode", f"{t['decode_tokens']:,} tokens in {t.get('decode_s', 0):.3f} s"
-                                   f" ({t.get('decode_tokens_per_s', 0):,.1f} tok/s)"))  # fmt: skip
-        answer = turn.answer_tokens
-        rows.append(("answer", "? tokens (not reported)" if answer is None else f"{answer:,} tokens"))
-        limit = self.session.max_context
-        rows.append(("context", f"{self.approx}{self.session.context_used:,} / {f'{limit:,}' if limit else '?'}"))
-        server = format_server_numbers(t.get("server"))
-        if server:
-            rows.append(("server reports", server))
-        rows.append(("model", f"{visible(info.name)} · {visible(info.where)}"))
-        if info.load_s is not None:
-            rows.append(("start-up", f"{info.load_s:.2f} s"))  # the model's load, or the server's first answer
-        if self.last_peak and info.memory_device is not None:
-            where = "GPU" if info.memory_device.startswith("cuda") else "RAM"
-            rows.append(("peak memory", f"{format_bytes(self.last_peak)} {where}"))
+        rows = stats_rows(self.session.turns[-1], self.session.describe(), self.session.context_used,
+                          self.session.max_context, self.approx, self.last_peak)  # fmt: skip
         self.say(format_columns(rows, self.width))
 
     # ---- sessions: /save, /load, /export ---------------------------------------------------
