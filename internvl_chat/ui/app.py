@@ -30,7 +30,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
@@ -39,7 +38,7 @@ from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
 from ..files import PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, undecodable_byte, visible, visible_lines, write_atomic
-from ..settings import Settings, format_settings, shown_value, toml_value
+from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
 from .commands import Command, Message, format_help, parse_line, unwrap_block
 from .export import answer_and_cut, export_markdown
@@ -48,7 +47,8 @@ from .paths import media_kind, quote_path
 from .peak_memory import peak_memory, reset_peak_memory
 from .render import choose_stream, colour_off, format_attach_line, format_columns, format_stats, percent, wrap_text
 from .saved_sessions import RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages
-from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
+from .set_keys import changeable_while_running, read_at_start, set_key
+from .settings_text import LISTED_VALUE_WIDTH, plain_value, setting_source, setting_text, settings_table, unset_system
 from .spinner import spin
 from .stats_table import stats_rows
 
@@ -58,7 +58,6 @@ DEMO_MODEL_NOTE = (
     "it only answers short questions about simple drawn shapes: how many, what colour, which shape, "
     "left or right, top or bottom, or a one-sentence description; --model DIR loads a real InternVL3"
 )
-LISTED_VALUE_WIDTH = 40  # `/set` alone lists values up to this long, longer ones cut short
 NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 NAMES_SHOWN = 3  # files named in a refusal to attach several at once
@@ -66,15 +65,6 @@ KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
     "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
 )
-
-
-def _setting_text(value: Any) -> str:
-    """A setting as the config file writes it: true/false, unset for none."""
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def _short(text: str, width: int = 48) -> str:
@@ -643,7 +633,8 @@ class App:
         key = command.args[0]
         dotted = set_key(key, self.settings.remote.server)
         if len(command.args) < 2:
-            self.say(f"{dotted} = {self._setting_text(dotted)}  (from {self._setting_source(dotted)})")
+            self.say(f"{dotted} = {setting_text(self.settings, dotted, self.session.system_message)}  "
+                     f"(from {setting_source(self.settings, dotted)})")
             return
         value = command.args[1]
         if not changeable_while_running(dotted):
@@ -665,7 +656,7 @@ class App:
                 self.console = self.remake_console()
             else:
                 self.console.no_color = self.settings.ui.plain or self._colour_off
-        self.say(f"{dotted} = {self._setting_text(dotted)}")
+        self.say(f"{dotted} = {setting_text(self.settings, dotted, self.session.system_message)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
         limit = self.session.max_context
@@ -676,51 +667,11 @@ class App:
 
     def _list_settings(self) -> None:
         """`/set` alone: each setting it can change, its value and where the value came from."""
-        rows, cut = [], False
-        for dotted in runtime_keys():
-            value = self._setting_text(dotted, LISTED_VALUE_WIDTH)  # a long system message: /set KEY shows it whole
-            cut = cut or value != self._setting_text(dotted)
-            rows.append((dotted, value, f"(from {self._setting_source(dotted)})"))
-        width = self.width
-        column = max(len(dotted) for dotted, _, _ in rows)
-        if width is not None and column + 5 + 24 > width:  # too narrow to align the values
-            column = 0
-        lines = []
-        for dotted, value, source in rows:
-            line = f"  {dotted.ljust(column)} = {value}"
-            fits = width is None or cell_len(line) + 2 + cell_len(source) <= width
-            lines.append(f"{line}  {source}" if fits else f"{line}\n    {source}")  # a source stays whole
+        table, cut = settings_table(self.settings, self.session.system_message, self.width)
         self.say("settings /set can change:", "bold")
-        self.say("\n".join(lines))
+        self.say(table)
         if cut:
             self.note("(… marks a value cut short; /set KEY shows it whole)")
-
-    def _setting_source(self, dotted: str) -> str:
-        """Where a value came from: default, flag, /set, env NAME, config PATH (a path: shown inert)."""
-        return visible(self.settings.sources.get(dotted, "default"))
-
-    def _setting_text(self, dotted: str, width: int | None = None) -> str:
-        """A value as the config file writes it (`false`, `"text"`), made safe to print (a key masked);
-        with `width`, one longer than that is cut short with …"""
-        value = shown_value(dotted, self.settings.get(dotted))
-        if value is None and dotted == "system.message":
-            return self._unset_system(width)
-        text = "(not set)" if value is None else visible(toml_value(value))
-        if value == "" and dotted == "system.message":  # `""` alone read as a message of two quotes
-            text += " (none is sent, the server decides)" if self.settings.remote.server else " (none: no system message is sent)"
-        return text if width is None or len(text) <= width else text[: width - 1] + "…"
-
-    def _unset_system(self, width: int | None = None) -> str:
-        """What an unset system.message means here (`/system` shows the message in use): the model's
-        default, quoted and escaped (only … when that is over `width`), none, or what the server decides."""
-        if self.settings.remote.server:
-            return "(not set: none is sent, the server decides)"
-        if not self.session.system_message:
-            return "(not set: the model has no default)"
-        text = visible(toml_value(self.session.system_message))
-        if width is not None and len(text) > width:
-            text = "…"  # no room left for a useful excerpt beside these words
-        return f"(not set: the model's default, {text})"
 
     def cmd_show(self, command: Command) -> None:
         view = self.session.last_prompt()
@@ -731,7 +682,7 @@ class App:
         else:
             self.say("no prompt sent yet", "bold")
         self.say("settings:", "bold")
-        unset = {"system.message": self._unset_system(LISTED_VALUE_WIDTH)}  # as /set says it
+        unset = {"system.message": unset_system(self.settings, self.session.system_message, LISTED_VALUE_WIDTH)}  # as /set says
         self.say(format_settings(self.settings, unset).rstrip("\n"))
 
     def _used_text(self, used: int, verb: str = "used") -> str:
@@ -879,7 +830,7 @@ class App:
             listed = ", ".join(f"{m.name} (turn {m.turn})" for m in readied.left_out)  # names escaped by `visible`
             self.warn(f"left out {len(readied.left_out)} file(s) that vanished or changed: {listed}")
         if changes:
-            listed = ", ".join(f"{key.split('.')[1]} {_setting_text(new)} (was {_setting_text(old)})" for key, old, new in changes)
+            listed = ", ".join(f"{key.split('.')[1]} {plain_value(new)} (was {plain_value(old)})" for key, old, new in changes)
             self.note(f"settings from the session: {listed}")
         if self.session.system_message != system_before:
             self.note("the system message saved with the session is in use (/system shows it)")
