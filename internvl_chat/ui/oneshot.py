@@ -12,8 +12,9 @@ from ..errors import InternVLChatError
 from ..files import OutputFailed
 from ..settings import Settings
 from .answer_text import AnswerCleaner
-from .app import not_attached, peak_memory, take_media_paths
+from .media_paths import not_attached, take_media_paths
 from .paths import media_kind
+from .peak_memory import peak_memory
 from .render import format_stats
 from .setup import media_from_flags, open_conversation
 
