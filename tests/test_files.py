@@ -214,9 +214,9 @@ def test_without_a_home_folder_the_app_still_runs_and_says_what_to_set(tmp_path,
 
     warnings = Warnings()
     open_history(settings, warnings)  # the REPL starts, its history in memory
-    assert warnings.lines == ["~/.local/state/internvl-chat/history is in the home folder, which is unknown (HOME is not "
-                              "set and this user has no account entry); set HOME, or give a full path; the history is "
-                              "kept in memory only this time"]  # fmt: skip
+    assert warnings.lines == ["~/.local/state is in the home folder, which is unknown (HOME is not set and this user "
+                              "has no account entry); set HOME or $XDG_STATE_HOME; the history is kept in memory only "
+                              "this time"]  # fmt: skip
 
 
 def test_write_atomic_takes_a_name_as_long_as_the_file_system_allows(tmp_path):
