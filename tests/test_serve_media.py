@@ -183,8 +183,8 @@ def test_a_new_video_s_header_is_read_once_when_its_request_is_measured(server, 
 
     clip = write_numbered_video(tmp_path / "once.mp4", num_frames=12)  # its URL is in no cache
     headers, opens = [], []
-    real_header, real_open = video._read_header, video_header.open_container
-    monkeypatch.setattr(video, "_read_header", lambda *a, **kw: headers.append(1) or real_header(*a, **kw))
+    real_header, real_open = video.read_header, video_header.open_container
+    monkeypatch.setattr(video, "read_header", lambda *a, **kw: headers.append(1) or real_header(*a, **kw))
     for opener in (video_header, video_sources):  # the header's read and PyAV's frame source each open the file
         monkeypatch.setattr(opener, "open_container", lambda *a, **kw: opens.append(1) or real_open(*a, **kw))
     item = server.worker.reader.video(data_url(clip, "video/mp4"), "messages.0.content.0", 4)
@@ -193,7 +193,7 @@ def test_a_new_video_s_header_is_read_once_when_its_request_is_measured(server, 
     # a frame over the pixel limit is refused from that header, before any key frame is read
     headers.clear(), opens.clear()
     monkeypatch.setattr(server.options, "max_image_pixels", 1000)
-    monkeypatch.setattr(video, "_DecordSource", lambda *a, **kw: pytest.fail("decord opened the video"))
+    monkeypatch.setattr(video, "DecordSource", lambda *a, **kw: pytest.fail("decord opened the video"))
     with pytest.raises(APIError) as err:  # 13 frames: another file, not the cached URL
         server.worker.reader.video(data_url(write_numbered_video(tmp_path / "big.mp4", num_frames=13), "video/mp4"),
                                    "messages.0.content.0", 4)  # fmt: skip

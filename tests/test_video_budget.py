@@ -172,10 +172,10 @@ def test_what_decord_decoded_before_it_failed_counts_against_the_limit(clips, mo
 
     def fail_after_the_plan(self, wanted, stop, meter):
         meter.charge(self.plan(wanted), *self._size)  # as if it had decoded them all
-        raise video_sources._DecordFailed("decord gave up")
+        raise video_sources.DecordFailed("decord gave up")
         yield  # a generator, as the real one
 
-    monkeypatch.setattr(video_sources._DecordSource, "frames", fail_after_the_plan)
+    monkeypatch.setattr(video_sources.DecordSource, "frames", fail_after_the_plan)
     both = decord_cost.pixels + pyav_cost.pixels
     assert load_video(path, 8, max_decode_pixels=both).decoded_pixels == both
     with pytest.raises(DecodeOverBudget) as err:
@@ -188,16 +188,16 @@ def test_an_intra_only_stream_whose_packets_are_not_one_frame_each_is_decoded_fr
     not frame n there, so, found out at a wanted packet, the stream is decoded again from the start."""
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     path = write_numbered_video(tmp_path / "mjpeg.avi", 40, 30, "mjpeg", pix_fmt="yuvj420p")
-    alone = video_sources._PyAVSource._alone
+    alone = video_sources.PyAVSource._alone
     calls = []
 
     def third_gives_none(self, packet):
         calls.append(1)
         if len(calls) == 3:
-            raise video_sources._NotOnePerPacket
+            raise video_sources.NotOnePerPacket
         return alone(self, packet)
 
-    monkeypatch.setattr(video_sources._PyAVSource, "_alone", third_gives_none)
+    monkeypatch.setattr(video_sources.PyAVSource, "_alone", third_gives_none)
     result = load_video(path, 8)
     assert [read_frame_number(t) for t in result.pixel_values.numpy()] == result.indices
     assert result.decoded_frames == 2 + max(result.indices) + 1  # two alone, then all from the start

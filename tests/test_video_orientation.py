@@ -196,7 +196,7 @@ def test_decord_turns_by_itself_as_the_code_assumes(clips):
     width, height = SIZES[1]  # rows not padded: decord's own output is usable as is
     for name in CLIPS:
         path = clips[name, width, height]
-        header = video_header._read_header(path, orientation=True)
+        header = video_header.read_header(path, orientation=True)
         applied = video_sources.decord_rotation(header)
         stored = _stored_frames(path)[0]
         expected = stored if applied is None else np.asarray(Image.fromarray(stored).transpose(applied))

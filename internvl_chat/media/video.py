@@ -48,12 +48,12 @@ from PIL import Image
 from ..errors import MediaError, UsageError
 from ..native_stderr import captured
 from .image import IMAGE_SIZE, check_media_file, normalize_tiles
-from .video_cost import DecodeCost, _Meter
-from .video_header import _check_count, _count_packets, _Header, _read_header, _shown
+from .video_cost import DecodeCost, DecodeMeter
+from .video_header import VideoHeader, check_count, count_packets, read_header, shown_path
 from .video_orientation import Orientation
 from .video_sampling import frame_indices
-from .video_sources import _DecordFailed, _DecordSource, _FrameSource, _NotOnePerPacket, _PyAVSource, decord_is_exact
-from .video_worker import _interruptible, _Stop
+from .video_sources import DecordFailed, DecordSource, FrameSource, NotOnePerPacket, PyAVSource, decord_is_exact
+from .video_worker import DecodeStop, interruptible
 
 BACKEND_ENV = "INTERNVL_CHAT_VIDEO_BACKEND"
 BACKENDS = ("decord", "pyav")
@@ -119,40 +119,40 @@ class _Decoded:
     fps: float
     num_total_frames: int
     backend: str
-    meter: _Meter
+    meter: DecodeMeter
 
 
-def _open(path: Path, backend: str, header: _Header, decord, stop: _Stop, packets_alone: bool = True) -> _FrameSource:
+def _open(path: Path, backend: str, header: VideoHeader, decord, stop: DecodeStop, packets_alone: bool = True) -> FrameSource:
     if backend == "decord":
-        source: _FrameSource = _DecordSource(path, decord, header)
+        source: FrameSource = DecordSource(path, decord, header)
     else:
-        source = _PyAVSource(path, header, stop, packets_alone)
+        source = PyAVSource(path, header, stop, packets_alone)
     if source.num_total_frames < 1:
         source.close()
-        raise MediaError(f"{_shown(path)} has no video frames; use a file that contains video")
+        raise MediaError(f"{shown_path(path)} has no video frames; use a file that contains video")
     return source
 
 
-def _cost(backend: str, header: _Header, source: _FrameSource, indices: list[int]) -> DecodeCost:
+def _cost(backend: str, header: VideoHeader, source: FrameSource, indices: list[int]) -> DecodeCost:
     return DecodeCost(source.plan(sorted(set(indices))), header.width, header.height, backend, source.from_start)
 
 
 def _decode(
-    path: Path, backend: str, header: _Header, decord, num_frames: int, start, end, image_size: int,
-    stop: _Stop, meter: _Meter,
+    path: Path, backend: str, header: VideoHeader, decord, num_frames: int, start, end, image_size: int,
+    stop: DecodeStop, meter: DecodeMeter,
 ) -> _Decoded:  # fmt: skip
     """`meter` may hold what an attempt that failed decoded (decord's, or PyAV's packet by packet
     on an intra-only stream whose packets are not one frame each): it counts too."""
     args = (path, backend, header, decord, num_frames, start, end, image_size, stop, meter)
     try:
         return _decode_once(*args, packets_alone=True)
-    except _NotOnePerPacket:
+    except NotOnePerPacket:
         return _decode_once(*args, packets_alone=False)
 
 
 def _decode_once(
-    path: Path, backend: str, header: _Header, decord, num_frames: int, start, end, image_size: int,
-    stop: _Stop, meter: _Meter, packets_alone: bool,
+    path: Path, backend: str, header: VideoHeader, decord, num_frames: int, start, end, image_size: int,
+    stop: DecodeStop, meter: DecodeMeter, packets_alone: bool,
 ) -> _Decoded:  # fmt: skip
     source = _open(path, backend, header, decord, stop, packets_alone)
     try:
@@ -166,13 +166,13 @@ def _decode_once(
     finally:
         source.close()
     if not tiles:
-        raise MediaError(f"{_shown(path)} decoded to no frames; the file may be damaged")
+        raise MediaError(f"{shown_path(path)} decoded to no frames; the file may be damaged")
     last = max(tiles)
     numbers = [i if i in tiles else last for i in indices]
     return _Decoded(torch.cat([tiles[i] for i in numbers]), numbers, source.fps, source.num_total_frames, backend, meter)
 
 
-def _by_backend(decord, forced: str | None, header: _Header, attempt: Callable[[str], T]) -> T:
+def _by_backend(decord, forced: str | None, header: VideoHeader, attempt: Callable[[str], T]) -> T:
     """`attempt(backend)` with decord where it gives exact frames (or is forced), else, or where
     decord cannot open or decode the file, with PyAV."""
     if decord is not None and (forced == "decord" or decord_is_exact(header)):
@@ -181,7 +181,7 @@ def _by_backend(decord, forced: str | None, header: _Header, attempt: Callable[[
             # fd 2, which its FFmpeg log level does not cover; its exceptions hold the reasons
             with captured():
                 return attempt("decord")
-        except _DecordFailed as e:
+        except DecordFailed as e:
             if forced == "decord":
                 raise MediaError(str(e)) from None
             # decord lacks some codecs FFmpeg via PyAV has: try that before giving up
@@ -207,19 +207,19 @@ def probe_video(path: str | Path) -> tuple[int, float, float]:
     Where the container stores no frame count (MKV, WebM) it is estimated as duration·fps.
     """
     path = check_media_file(path, "video")
-    return _probed(path, _read_header(path, orientation=False))
+    return _probed(path, read_header(path, orientation=False))
 
 
-def _probed(path: Path, header: _Header) -> tuple[int, float, float]:
+def _probed(path: Path, header: VideoHeader) -> tuple[int, float, float]:
     """probe_video's answer and checks from a header already read."""
     duration = header.duration
-    frames = header.frames or _check_count(path, int(round(duration * header.fps)))
+    frames = header.frames or check_count(path, int(round(duration * header.fps)))
     if frames < 1:
         # no usable duration either (APNG), or one FFmpeg guessed from the bit rate (MPEG-PS): count
-        frames = _count_packets(path)
+        frames = count_packets(path)
         duration = 0.0
     if frames < 1:
-        raise MediaError(f"{_shown(path)} has no video frames; use a file that contains video")
+        raise MediaError(f"{shown_path(path)} has no video frames; use a file that contains video")
     if duration <= 0 and header.fps > 0:
         duration = frames / header.fps
     return frames, header.fps, duration
@@ -241,18 +241,18 @@ def plan_video(path: str | Path, num_frames: int, check_frame: Callable[[int, in
     if num_frames < 1:
         raise MediaError(f"num_frames is {num_frames}; sample at least 1 frame (8 is the default)")
     path = check_media_file(path, "video")
-    header = _read_header(path, orientation=False)
+    header = read_header(path, orientation=False)
     _probed(path, header)
     check_frame(header.width, header.height)
     return _planned(path, header, num_frames, None, None)
 
 
-def _planned(path: Path, header: _Header | None, num_frames: int, start: float | None, end: float | None) -> DecodeCost:
+def _planned(path: Path, header: VideoHeader | None, num_frames: int, start: float | None, end: float | None) -> DecodeCost:
     """decode_cost's work, from `header` when it has been read (else read here, interruptibly)."""
     forced, decord = _decoders()
 
-    def work(stop: _Stop) -> DecodeCost:
-        read = header if header is not None else _read_header(path, orientation=False)
+    def work(stop: DecodeStop) -> DecodeCost:
+        read = header if header is not None else read_header(path, orientation=False)
 
         def attempt(backend: str) -> DecodeCost:
             source = _open(path, backend, read, decord, stop)
@@ -264,7 +264,7 @@ def _planned(path: Path, header: _Header | None, num_frames: int, start: float |
 
         return _by_backend(decord, forced, read, attempt)
 
-    return _interruptible(work)
+    return interruptible(work)
 
 
 def load_video(
@@ -286,13 +286,13 @@ def load_video(
     path = check_media_file(path, "video")
     forced, decord = _decoders()
 
-    def work(stop: _Stop) -> _Decoded:
-        header = _read_header(path, orientation=True)
-        meter = _Meter(path, max_decode_pixels)  # one for both attempts
+    def work(stop: DecodeStop) -> _Decoded:
+        header = read_header(path, orientation=True)
+        meter = DecodeMeter(path, max_decode_pixels)  # one for both attempts
         return _by_backend(decord, forced, header, lambda backend: _decode(
             path, backend, header, decord, num_frames, start, end, image_size, stop, meter))  # fmt: skip
 
-    decoded = _interruptible(work, cancel)
+    decoded = interruptible(work, cancel)
     fps = decoded.fps
     return VideoInput(
         pixel_values=decoded.tiles,

@@ -1,5 +1,5 @@
 """Decoding work, counted in pixels of the frames a decoder produces (the sampled ones and those it
-passes through to reach them): `DecodeCost`, planned before decoding, and `_Meter`, which refuses a
+passes through to reach them): `DecodeCost`, planned before decoding, and `DecodeMeter`, which refuses a
 plan over the caller's limit and stops a decode that passes it (`DecodeOverBudget`)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MediaError
-from .video_header import _shown
+from .video_header import shown_path
 
 # Decoding work is counted in pixels, each frame as at least this side squared: a frame has a fixed
 # cost too (a 16×16 one takes as long as about 130×130 pixels of a large one, in FFmpeg and here)
@@ -54,7 +54,7 @@ def megapixels(pixels: int) -> str:
     return f"{pixels / 1e6:,.6g}"
 
 
-class _Meter:
+class DecodeMeter:
     """Counts the frames and pixels a decoder produces against the limit: a plan is checked
     before decoding (`check_plan`); a stream whose frames are larger than its header says passes
     the limit while it decodes (`charge`), and its decoding ends."""
@@ -70,7 +70,7 @@ class _Meter:
             return
         after = f" ({megapixels(self.pixels)} of them spent already by an attempt that failed)" if self.pixels else ""
         raise DecodeOverBudget(
-            f"video {_shown(self.path)} needs {cost} decoded to reach the frames sampled, over the limit of "
+            f"video {shown_path(self.path)} needs {cost} decoded to reach the frames sampled, over the limit of "
             f"{megapixels(self.limit)} megapixels{after}; cut the clip shorter or scale it down",
             cost,
         )
@@ -80,6 +80,6 @@ class _Meter:
         self.pixels += frames * frame_work(width, height)
         if self.limit is not None and self.pixels > self.limit:
             raise DecodeOverBudget(
-                f"decoding video {_shown(self.path)} passed the limit of {megapixels(self.limit)} megapixels after "
+                f"decoding video {shown_path(self.path)} passed the limit of {megapixels(self.limit)} megapixels after "
                 f"{self.frames:,} frames (its frames are larger than its header says); cut the clip shorter or scale it down"
             )

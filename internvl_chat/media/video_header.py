@@ -19,7 +19,7 @@ from ..errors import MediaError
 from ..files import IMAGE_KINDS, sniff_file, visible
 from .image import probe_image
 from .video_orientation import Orientation, orientation_from_display_matrix, orientation_from_rotate_tag
-from .video_worker import _Stop, _Stopped
+from .video_worker import DecodeStop, DecodeStopped
 
 # Limits on what a container header may claim (the file is untrusted). FFmpeg itself decodes frames
 # up to about 16256×16256; anything beyond 2^28 pixels per frame is a damaged or hostile header.
@@ -30,7 +30,7 @@ MAX_DURATION_S = 1_000_000.0  # 11.6 days
 
 
 @dataclass
-class _Header:
+class VideoHeader:
     width: int  # as stored, before any turn
     height: int
     fps: float  # 0.0 when the header has none
@@ -53,12 +53,12 @@ class _Header:
         return None
 
 
-def _shown(path: Path) -> str:
+def shown_path(path: Path) -> str:
     """A path in a message: control and bidi characters escaped (a file name is anything but \\0 and /)."""
     return visible(str(path))
 
 
-def _one_line(err: BaseException) -> str:
+def error_reason(err: BaseException) -> str:
     """The reason an error gives, without what the message already says: PyAV's errors carry
     FFmpeg's reason in `strerror`, while str() adds `[Errno 1094995529]` and the path again."""
     reason = getattr(err, "strerror", None)
@@ -76,7 +76,7 @@ _PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EN
 _ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
 
 
-def _cannot_read(path: Path, err: BaseException) -> MediaError:
+def cannot_read(path: Path, err: BaseException) -> MediaError:
     """One line for a file PyAV cannot open (it may have changed since check_media_file looked)."""
     code = err.errno if isinstance(err, OSError) else None
     if code in _PATH_ERRNOS:
@@ -85,39 +85,39 @@ def _cannot_read(path: Path, err: BaseException) -> MediaError:
         fix = "check its permissions"
     else:
         fix = "use an MP4, MKV, WebM or AVI file"
-    return MediaError(f"cannot read video {_shown(path)} ({_one_line(err)}); {fix}")
+    return MediaError(f"cannot read video {shown_path(path)} ({error_reason(err)}); {fix}")
 
 
-def _check_frame_size(path: Path, width: int, height: int) -> None:
+def check_frame_size(path: Path, width: int, height: int) -> None:
     if width * height > MAX_FRAME_PIXELS:
         raise MediaError(
-            f"{_shown(path)} declares {width}×{height} frames, more than the {MAX_FRAME_PIXELS:,} pixels a frame may have; "
+            f"{shown_path(path)} declares {width}×{height} frames, more than the {MAX_FRAME_PIXELS:,} pixels a frame may have; "
             "the file is damaged, or re-encode it at a smaller size"
         )
 
 
-def _check_fps(path: Path, fps: float) -> float:
+def check_fps(path: Path, fps: float) -> float:
     """A usable frame rate, 0.0 for none; a header claiming more than MAX_FPS is refused."""
     if not math.isfinite(fps) or fps <= 0:
         return 0.0
     if fps > MAX_FPS:
         raise MediaError(
-            f"{_shown(path)} declares {fps:g} frames per second, more than {MAX_FPS:g}; the file is damaged or not a real video"
+            f"{shown_path(path)} declares {fps:g} frames per second, more than {MAX_FPS:g}; the file is damaged or not a real video"
         )
     return fps
 
 
-def _check_count(path: Path, frames: int) -> int:
+def check_count(path: Path, frames: int) -> int:
     if frames > MAX_FRAMES:
         raise MediaError(
-            f"{_shown(path)} declares {frames:,} frames, more than {MAX_FRAMES:,}; the file is damaged or not a real video"
+            f"{shown_path(path)} declares {frames:,} frames, more than {MAX_FRAMES:,}; the file is damaged or not a real video"
         )
     return max(frames, 0)
 
 
 def _check_duration(path: Path, duration: float) -> float:
     if not math.isfinite(duration) or duration > MAX_DURATION_S:
-        raise MediaError(f"{_shown(path)} declares a duration of {duration:g} s; the file is damaged or not a real video")
+        raise MediaError(f"{shown_path(path)} declares a duration of {duration:g} s; the file is damaged or not a real video")
     return max(duration, 0.0)
 
 
@@ -258,7 +258,7 @@ def _declared_samples(box: memoryview, file_size: int) -> tuple[tuple[int, int] 
     return None, declared
 
 
-def _read_header(path: Path, orientation: bool) -> _Header:
+def read_header(path: Path, orientation: bool) -> VideoHeader:
     """Read and check the container header with PyAV; with `orientation`, also decode one frame."""
     import av
 
@@ -266,28 +266,28 @@ def _read_header(path: Path, orientation: bool) -> _Header:
     if bomb is not None:
         count, each, size = bomb
         of = f" of {each:,} bytes" if each > 1 else ""
-        raise MediaError(f"{_shown(path)} declares {count:,} frames (or samples){of}, more than its {size:,} bytes hold; "
+        raise MediaError(f"{shown_path(path)} declares {count:,} frames (or samples){of}, more than its {size:,} bytes hold; "
                          "the file is damaged or not a real video")  # fmt: skip
     try:
         container = open_container(path)
     except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
-        raise _cannot_read(path, e) from None
+        raise cannot_read(path, e) from None
     try:
         stream = video_stream(container)
         if stream is None:
             covers = " (only a cover picture)" if container.streams.video else ""
-            raise MediaError(f"{_shown(path)} has no video stream{covers}; pass a video file")
+            raise MediaError(f"{shown_path(path)} has no video stream{covers}; pass a video file")
         if not stream.frames and _is_still_picture(container.format.name):
             what = _what_else(path)
             if what is not None:
-                raise MediaError(f"{_shown(path)} is {what}, not a video or an image; pass a video file (MP4, MKV, WebM or AVI)")
-            raise MediaError(f"{_shown(path)} is a still picture, not a video; attach (or send) it as an image instead")
+                raise MediaError(f"{shown_path(path)} is {what}, not a video or an image; pass a video file (MP4, MKV, WebM or AVI)")
+            raise MediaError(f"{shown_path(path)} is a still picture, not a video; attach (or send) it as an image instead")
         if stream.codec_context is None:  # PyAV has no decoder for the stream's codec (an unknown one)
-            raise MediaError(f"{_shown(path)} stores its video in a codec FFmpeg cannot decode; re-encode it as an H.264 MP4")
+            raise MediaError(f"{shown_path(path)} stores its video in a codec FFmpeg cannot decode; re-encode it as an H.264 MP4")
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
-        _check_frame_size(path, width, height)
-        fps = _check_fps(path, _frame_rate(stream))
-        frames = _check_count(path, int(stream.frames or 0))
+        check_frame_size(path, width, height)
+        fps = check_fps(path, _frame_rate(stream))
+        frames = check_count(path, int(stream.frames or 0))
         if stream.duration is not None and stream.time_base is not None:
             duration = float(stream.duration * stream.time_base)
         elif container.duration is not None:
@@ -299,11 +299,11 @@ def _read_header(path: Path, orientation: bool) -> _Header:
         codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         matrix = _first_display_matrix(container, stream) if orientation else None
-        return _Header(width, height, fps, frames, duration, container.format.name, matrix, rotate_tag, codec, reorders, alone)
+        return VideoHeader(width, height, fps, frames, duration, container.format.name, matrix, rotate_tag, codec, reorders, alone)
     except MediaError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise _cannot_read(path, e) from None
+        raise cannot_read(path, e) from None
     finally:
         container.close()
 
@@ -330,7 +330,7 @@ def _what_else(path: Path) -> str | None:
     return None if what in IMAGE_KINDS else what or "text"
 
 
-def _count_packets(path: Path, stop: _Stop | None = None) -> int:
+def count_packets(path: Path, stop: DecodeStop | None = None) -> int:
     """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG): demuxing
     (no decoding) counts one packet per frame."""
     try:
@@ -338,10 +338,10 @@ def _count_packets(path: Path, stop: _Stop | None = None) -> int:
             count = 0
             for packet in container.demux(video_stream(container)):
                 if stop is not None and stop.is_set():
-                    raise _Stopped
+                    raise DecodeStopped
                 count += 1 if packet.size else 0
-    except _Stopped:
+    except DecodeStopped:
         raise
     except Exception as e:  # noqa: BLE001
-        raise MediaError(f"cannot read video {_shown(path)} ({_one_line(e)}); the file may be damaged") from None
-    return _check_count(path, count)
+        raise MediaError(f"cannot read video {shown_path(path)} ({error_reason(e)}); the file may be damaged") from None
+    return check_count(path, count)

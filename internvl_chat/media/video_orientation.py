@@ -24,7 +24,7 @@ _MATRICES: dict[Orientation, tuple[int, int, int, int]] = {
     Image.Transpose.TRANSVERSE: (0, -1, -1, 0),
 }
 _BY_MATRIX = {m: o for o, m in _MATRICES.items()}
-_CLOCKWISE = [None, Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_90]
+CLOCKWISE = [None, Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_90]
 
 
 def orientation_from_display_matrix(matrix: Sequence[int]) -> Orientation:
@@ -48,7 +48,7 @@ def orientation_from_rotate_tag(value: str) -> Orientation:
         return None
     if not math.isfinite(degrees):
         return None
-    return _CLOCKWISE[round(degrees / 90) % 4]
+    return CLOCKWISE[round(degrees / 90) % 4]
 
 
 def compose(first: Orientation, then: Orientation) -> Orientation:

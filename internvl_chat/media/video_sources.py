@@ -1,7 +1,7 @@
-"""The two decoders of a video's sampled frames, behind one interface (`_FrameSource`): decord,
+"""The two decoders of a video's sampled frames, behind one interface (`FrameSource`): decord,
 which seeks to each frame (with what decord 0.6 decodes, turns by itself and seeks exactly, as
 checked against PyAV), and PyAV, which decodes from the start, or only the sampled packets of an
-intra-only stream (MJPEG, DV, ProRes, raw). Each charges the frames it decodes to a `_Meter`."""
+intra-only stream (MJPEG, DV, ProRes, raw). Each charges the frames it decodes to a `DecodeMeter`."""
 
 from __future__ import annotations
 
@@ -16,27 +16,27 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import MediaError
-from .video_cost import _Meter
+from .video_cost import DecodeMeter
 from .video_header import (
-    _check_count,
-    _check_fps,
-    _check_frame_size,
-    _count_packets,
-    _cannot_read,
-    _Header,
-    _one_line,
-    _shown,
+    VideoHeader,
+    cannot_read,
+    check_count,
+    check_fps,
+    check_frame_size,
+    count_packets,
+    error_reason,
     open_container,
+    shown_path,
     video_stream,
 )
-from .video_orientation import _CLOCKWISE, Orientation, compose, inverse, swaps_sides
-from .video_worker import _Stop, _Stopped
+from .video_orientation import CLOCKWISE, Orientation, compose, inverse, swaps_sides
+from .video_worker import DecodeStop, DecodeStopped
 
 # FFmpeg's frame threading keeps one frame in flight per thread: cap their memory for huge frames.
 FRAME_THREADS_BYTES = 512 << 20
 
 
-class _FrameSource(Protocol):
+class FrameSource(Protocol):
     num_total_frames: int
     fps: float
     orientation: Orientation  # what is still to be applied to the frames it yields
@@ -46,7 +46,7 @@ class _FrameSource(Protocol):
         """The frames the decoder will produce to reach the wanted ones (ascending, distinct)."""
         ...
 
-    def frames(self, wanted: list[int], stop: _Stop, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
+    def frames(self, wanted: list[int], stop: DecodeStop, meter: DecodeMeter) -> Iterator[tuple[int, np.ndarray]]:
         """(number, RGB uint8 [H, W, 3]) for each wanted number (ascending, distinct), each frame
         decoded charged to `meter`. A stream shorter than its header said ends with its last frame,
         under its own number."""
@@ -55,7 +55,7 @@ class _FrameSource(Protocol):
     def close(self) -> None: ...
 
 
-class _DecordFailed(MediaError):
+class DecordFailed(MediaError):
     """decord could not open or decode this file: PyAV may still manage."""
 
 
@@ -79,7 +79,7 @@ def decord_work(wanted: list[int], keys: list[int], total: int) -> list[int]:
     return work
 
 
-def decord_rotation(header: _Header) -> Orientation:
+def decord_rotation(header: VideoHeader) -> Orientation:
     """The turn decord 0.6 (FFmpeg 4.1 inside) applies by itself, so the rest can be applied after it.
 
     decord reads the stream's `rotate` tag, which FFmpeg 4.1 derives from an MP4/MOV display matrix
@@ -103,7 +103,7 @@ def decord_rotation(header: _Header) -> Orientation:
         return None
     degrees = math.fmod(degrees, 360.0)
     degrees = int(degrees + 360 if degrees < 0 else degrees)
-    return {90: _CLOCKWISE[1], 180: _CLOCKWISE[2], 270: _CLOCKWISE[3]}.get(degrees)
+    return {90: CLOCKWISE[1], 180: CLOCKWISE[2], 270: CLOCKWISE[3]}.get(degrees)
 
 
 # Containers that store each frame's presentation time and an index to seek by
@@ -112,7 +112,7 @@ _EXACT_CONTAINERS = ("mov", "mp4", "matroska", "webm")
 _REORDERING_CODECS_OK = ("h264", "vp8", "vp9", "av1", "libdav1d", "libaom-av1")
 
 
-def decord_is_exact(header: _Header) -> bool:
+def decord_is_exact(header: VideoHeader) -> bool:
     """Whether decord 0.6 returns the frame asked for, as checked against PyAV on clips whose
     frames show their number: it seeks to the key frame before it and counts from there, which
     goes wrong (silently: other frames, repeated or out of order) in AVI, MPEG-TS/PS and other
@@ -124,18 +124,18 @@ def decord_is_exact(header: _Header) -> bool:
     return not header.reorders or header.codec in _REORDERING_CODECS_OK
 
 
-class _DecordSource:
-    def __init__(self, path: Path, decord, header: _Header) -> None:
+class DecordSource:
+    def __init__(self, path: Path, decord, header: VideoHeader) -> None:
         self._path = path
         try:
             self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-            self.num_total_frames = _check_count(path, len(self._reader))
-            self.fps = _check_fps(path, float(self._reader.get_avg_fps()))
+            self.num_total_frames = check_count(path, len(self._reader))
+            self.fps = check_fps(path, float(self._reader.get_avg_fps()))
             self._keys = sorted(int(k) for k in self._reader.get_key_indices())  # from the packets, as it seeks by them
         except MediaError:
             raise
         except Exception as e:  # noqa: BLE001 - decord raises DECORDError / RuntimeError for bad files
-            raise _DecordFailed(str(_cannot_read(path, e))) from None
+            raise DecordFailed(str(cannot_read(path, e))) from None
         self._size = (header.width, header.height)  # decord's decoding is not seen frame by frame: the header's size
         self.from_start = False  # from the key frame before each wanted one
         applied = decord_rotation(header)
@@ -148,17 +148,17 @@ class _DecordSource:
     def plan(self, wanted: list[int]) -> int:
         return sum(decord_work(wanted, self._keys, self.num_total_frames))
 
-    def frames(self, wanted: list[int], stop: _Stop, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
+    def frames(self, wanted: list[int], stop: DecodeStop, meter: DecodeMeter) -> Iterator[tuple[int, np.ndarray]]:
         for number, work in zip(wanted, decord_work(wanted, self._keys, self.num_total_frames)):
             if stop.is_set():
-                raise _Stopped
+                raise DecodeStopped
             meter.charge(work, *self._size)  # as planned
             try:
                 # one frame per call (as get_batch does inside), so Ctrl-C and memory wait for one frame
                 self._reader.seek_accurate(number)
                 frame = self._reader.next()
             except Exception as e:  # noqa: BLE001
-                raise _DecordFailed(f"cannot decode frames of {_shown(self._path)} ({_one_line(e)}); "
+                raise DecordFailed(f"cannot decode frames of {shown_path(self._path)} ({error_reason(e)}); "
                                    "the file may be damaged") from None  # fmt: skip
             # another library may have switched decord's output bridge to torch
             array = frame.asnumpy() if hasattr(frame, "asnumpy") else np.asarray(frame)
@@ -168,37 +168,37 @@ class _DecordSource:
 
     def _rgb(self, array: np.ndarray) -> np.ndarray:
         if array.ndim != 3 or array.shape[2] < 3:
-            raise _DecordFailed(f"decord decoded {_shown(self._path)} to frames of shape {array.shape}, not RGB")
+            raise DecordFailed(f"decord decoded {shown_path(self._path)} to frames of shape {array.shape}, not RGB")
         height, width, channels = array.shape
         if channels != 3:
             # decord gives a frame linesize/width "channels": rows padded to 4·width bytes (frames
             # narrower than 64 pixels) come out as 4; the first 3·width bytes of each row are the pixels
             array = np.ascontiguousarray(array).reshape(height, -1)[:, : 3 * width].reshape(height, width, 3)
         if (height, width) == self._mis_turned:
-            raise _DecordFailed(f"decord turned the frames of {_shown(self._path)} otherwise than its header says")
+            raise DecordFailed(f"decord turned the frames of {shown_path(self._path)} otherwise than its header says")
         return array
 
     def close(self) -> None:
         self._reader = None
 
 
-class _NotOnePerPacket(Exception):
+class NotOnePerPacket(Exception):
     """A packet of an intra-only stream decoded to no picture or several (MJPEG fields in packets of
     their own, damage): packet n is not frame n there, so the stream is decoded from the start."""
 
 
-class _PyAVSource:
-    def __init__(self, path: Path, header: _Header, stop: _Stop, packets_alone: bool = True) -> None:
+class PyAVSource:
+    def __init__(self, path: Path, header: VideoHeader, stop: DecodeStop, packets_alone: bool = True) -> None:
         self._path = path
         self.orientation = header.orientation
         try:
             self._container = open_container(path)
         except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
-            raise _cannot_read(path, e) from None
+            raise cannot_read(path, e) from None
         try:
             stream = video_stream(self._container)
             if stream is None:
-                raise MediaError(f"{_shown(path)} has no video stream; pass a video file")
+                raise MediaError(f"{shown_path(path)} has no video stream; pass a video file")
             self._stream = stream
             # Intra-only codecs (MJPEG, DV, ProRes, raw…) keep nothing from one frame to the next and do
             # not reorder: packet n is frame n, decoded alone exactly as in a decode from the start
@@ -210,7 +210,7 @@ class _PyAVSource:
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
             self.fps = header.fps
-            self.num_total_frames = header.frames or _count_packets(path, stop)
+            self.num_total_frames = header.frames or count_packets(path, stop)
         except BaseException:
             self._container.close()
             raise
@@ -224,7 +224,7 @@ class _PyAVSource:
         the end of a stream shorter than its header said, its last packet's frame if not wanted."""
         wanted_set, number, skipped = set(wanted), -1, None
         for packet in self._container.demux(self._stream):
-            if not packet.size:  # the end-of-stream packet (_count_packets counts no empty one either)
+            if not packet.size:  # the end-of-stream packet (count_packets counts no empty one either)
                 continue
             number += 1
             if number in wanted_set:
@@ -238,10 +238,10 @@ class _PyAVSource:
     def _alone(self, packet):
         frames = self._stream.codec_context.decode(packet)
         if len(frames) != 1:
-            raise _NotOnePerPacket
+            raise NotOnePerPacket
         return frames[0]
 
-    def frames(self, wanted: list[int], stop: _Stop, meter: _Meter) -> Iterator[tuple[int, np.ndarray]]:
+    def frames(self, wanted: list[int], stop: DecodeStop, meter: DecodeMeter) -> Iterator[tuple[int, np.ndarray]]:
         pending = iter(wanted)
         target = next(pending)
         any_yielded = False
@@ -250,8 +250,8 @@ class _PyAVSource:
         try:
             for number, frame in decoded:
                 if stop.is_set():
-                    raise _Stopped
-                _check_frame_size(self._path, frame.width, frame.height)
+                    raise DecodeStopped
+                check_frame_size(self._path, frame.width, frame.height)
                 meter.charge(1, frame.width, frame.height)
                 if number == target:
                     last = None
@@ -263,11 +263,11 @@ class _PyAVSource:
                 else:
                     last = (number, frame)
                 del frame
-        except (_Stopped, MediaError, _NotOnePerPacket):
+        except (DecodeStopped, MediaError, NotOnePerPacket):
             raise
         except Exception as e:  # noqa: BLE001 - damage after some frames ends the stream there
             if not any_yielded and last is None:
-                raise MediaError(f"cannot decode frames of {_shown(self._path)} ({_one_line(e)}); "
+                raise MediaError(f"cannot decode frames of {shown_path(self._path)} ({error_reason(e)}); "
                                 "the file may be damaged") from None  # fmt: skip
         # A header may promise more frames than the stream holds: the last decoded one stands in.
         if last is not None:
@@ -275,7 +275,7 @@ class _PyAVSource:
             del last
             yield number, frame.to_ndarray(format="rgb24")
         elif not any_yielded:
-            raise MediaError(f"{_shown(self._path)} decoded to no frames; the file may be damaged")
+            raise MediaError(f"{shown_path(self._path)} decoded to no frames; the file may be damaged")
 
     def close(self) -> None:
         self._container.close()

@@ -14,11 +14,11 @@ from ..threads import start_worker
 T = TypeVar("T")
 
 
-class _Stopped(Exception):
+class DecodeStopped(Exception):
     """The caller was interrupted: stop decoding at the next frame."""
 
 
-class _Stop:
+class DecodeStop:
     """What the decoding worker checks before each frame: set by the thread waiting for it
     (Ctrl-C), or the caller's cancel event (a `serve` client gone), seen at once by the worker."""
 
@@ -32,7 +32,7 @@ class _Stop:
         return self._own.is_set() or (self._cancel is not None and self._cancel.is_set())
 
 
-def _interruptible(work: Callable[[_Stop], T], cancel: threading.Event | None = None) -> T:
+def interruptible(work: Callable[[DecodeStop], T], cancel: threading.Event | None = None) -> T:
     """Run `work(stop)` on a worker thread and wait for it in a way Ctrl-C (or `cancel`) interrupts.
 
     FFmpeg and decord spend long stretches in C, where Python cannot raise KeyboardInterrupt. The
@@ -40,7 +40,7 @@ def _interruptible(work: Callable[[_Stop], T], cancel: threading.Event | None = 
     at once, leaving the worker to finish the frame it is on by itself. `cancel` set (a `serve`
     client gone, the server stopping) ends the wait the same way, with Cancelled.
     """
-    stop = _Stop(cancel)
+    stop = DecodeStop(cancel)
     outcome: dict[str, object] = {}
 
     def run() -> None:
