@@ -1,4 +1,4 @@
-"""`/stats`: the last answer's numbers, one row each (the stats line after an answer is render.py's
+"""`/stats`: the last answer's numbers, one row each (the stats line after an answer is summary_lines.py's
 `format_stats`)."""
 
 from __future__ import annotations
