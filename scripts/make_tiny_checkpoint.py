@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from internvl_chat.engine.checkpoint import canonical_to_hf, hf_to_canonical  # noqa: E402
+from internvl_chat.engine.weight_names import canonical_to_hf, hf_to_canonical  # noqa: E402
 from internvl_chat.files import current_umask  # noqa: E402
 
 SPECIAL_TOKENS = (

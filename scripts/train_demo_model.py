@@ -75,7 +75,8 @@ from internvl_chat.demo.scenes import (  # noqa: E402
     corpus_texts,
     make_scene,
 )
-from internvl_chat.engine.checkpoint import canonical_to_hf, load_state_dict  # noqa: E402
+from internvl_chat.engine.checkpoint import load_state_dict  # noqa: E402
+from internvl_chat.engine.weight_names import canonical_to_hf  # noqa: E402
 from internvl_chat.engine.tokenizer import load_tokenizer  # noqa: E402
 from internvl_chat.media.image import IMAGENET_MEAN, IMAGENET_STD, choose_grid, count_tiles, tile_image  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from internvl_chat.engine.checkpoint import canonical_to_hf, iter_tensors
+from internvl_chat.engine.checkpoint import iter_tensors
+from internvl_chat.engine.weight_names import canonical_to_hf
 from internvl_chat.engine.tokenizer import load_tokenizer, special_token_ids
 
 

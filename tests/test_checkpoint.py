@@ -16,17 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from internvl_chat.engine.checkpoint import (
-    CheckpointError,
-    canonical_to_hf,
-    find_weight_files,
-    hf_to_canonical,
-    iter_tensors,
-    load_state_dict,
-    qkv_slot,
-)
+from internvl_chat.engine.checkpoint import CheckpointError, iter_tensors, load_state_dict
 from internvl_chat.engine.config import DEFAULT_SYSTEM_MESSAGE, load_config, parse_config
 from internvl_chat.engine.tokenizer import load_tokenizer, special_token_ids
+from internvl_chat.engine.weight_files import find_weight_files
+from internvl_chat.engine.weight_names import canonical_to_hf, hf_to_canonical, qkv_slot
 
 # tiny model sizes as make_tiny_checkpoint's defaults (TinySizes)
 V_HIDDEN, V_LAYERS, V_HEADS, V_MLP = 64, 2, 4, 128

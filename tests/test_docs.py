@@ -384,7 +384,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
     # each was checked by hand once; these keep a changed constant from leaving its number behind
     from internvl_chat.chat import answer_bounds
     from internvl_chat.chat.sampling import GREEDY_BELOW
-    from internvl_chat.engine import checkpoint
+    from internvl_chat.engine import tensor_reader
     from internvl_chat.media import image, video_cost
     from internvl_chat.quant.int4_linear import Int4Linear
     from internvl_chat.serve import answers, protocol
@@ -416,7 +416,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"({render.LIVE_TAIL_CHARS:,} characters, two screens of lines)",
         f"over {round(image.MAX_PIXELS / 1e6)} M pixels, a side over 2^{image.MAX_SIDE.bit_length() - 1}",
         f"JPEGs of over {image.MAX_JPEG_SCANS} scans",
-        f"safetensors headers (at most {checkpoint.MAX_HEADER_BYTES >> 20} MiB,",
+        f"safetensors headers (at most {tensor_reader.MAX_HEADER_BYTES >> 20} MiB,",
     ]
     assert [q for q in in_architecture if q not in architecture] == []
 

@@ -21,9 +21,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from internvl_chat.engine.checkpoint import find_weight_files, iter_tensors
+from internvl_chat.engine.checkpoint import iter_tensors
 from internvl_chat.engine.config import load_config, parse_config
 from internvl_chat.engine.loader import load_model
+from internvl_chat.engine.weight_files import find_weight_files
 from internvl_chat.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -381,7 +382,7 @@ def test_a_tensor_larger_than_the_model_is_refused_before_it_is_read(tiny_origin
     """A header whose shapes agree with its offsets can still lie to the config: each tensor was read
     into a buffer of the size the header declares, and only then compared. A file of sparse zeros
     (`truncate -s 40G`) declaring one huge tensor filled the memory that way."""
-    from internvl_chat.engine import checkpoint
+    from internvl_chat.engine import tensor_reader
 
     def grow(state):
         state[name] = torch.zeros(4 * state["language_model.model.embed_tokens.weight"].numel())
@@ -390,7 +391,7 @@ def test_a_tensor_larger_than_the_model_is_refused_before_it_is_read(tiny_origin
     model = load_model(tiny_original, device="cpu", dtype="float32", max_context=64).model
     largest = max(t.numel() for t in model.state_dict().values())
     sizes: list[int] = []
-    monkeypatch.setattr(checkpoint, "bytearray", lambda n: sizes.append(n) or bytearray(n), raising=False)
+    monkeypatch.setattr(tensor_reader, "bytearray", lambda n: sizes.append(n) or bytearray(n), raising=False)
     with pytest.raises(CheckpointError) as err:
         load_model(folder, device="cpu", dtype="float32", max_context=64)
     one_line(err, str(folder), name, "larger than any tensor", "config.json and the weights disagree")
@@ -598,7 +599,7 @@ def test_lying_safetensors_header_is_one_line(tiny_original, tmp_path, case):
 def test_a_header_larger_than_any_checkpoint_needs_is_refused_unparsed(tiny_original, tmp_path, monkeypatch):
     """The library parses headers of up to 100 MB: ~1.5 million tensor entries, which took ~1.5 GB
     and tens of seconds to parse and list (twice). 16 MiB is ~50 times what InternVL3-78B needs."""
-    from internvl_chat.engine import checkpoint
+    from internvl_chat.engine import tensor_reader
 
     folder = tmp_path / "big header"
     shutil.copytree(tiny_original, folder)
@@ -608,8 +609,8 @@ def test_a_header_larger_than_any_checkpoint_needs_is_refused_unparsed(tiny_orig
     header = data[8 : 8 + length] + b" " * (17 << 20)  # whitespace padding, which the format allows
     path.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length :])
     parsed: list[str] = []
-    real = checkpoint.safe_open
-    monkeypatch.setattr(checkpoint, "safe_open", lambda name, **kw: parsed.append(name) or real(name, **kw))
+    real = tensor_reader.safe_open
+    monkeypatch.setattr(tensor_reader, "safe_open", lambda name, **kw: parsed.append(name) or real(name, **kw))
     with pytest.raises(CheckpointError) as err:
         load_model(folder, device="cpu", dtype="float32", max_context=64)
     one_line(err, str(path), "safetensors", "17 MiB")
@@ -641,13 +642,13 @@ def test_an_honest_file_still_reads_exactly(tmp_path):
 
 
 def test_a_weight_file_that_is_a_fifo(tiny_original, tmp_path):
-    from internvl_chat.engine.checkpoint import _iter_file
+    from internvl_chat.engine.tensor_reader import iter_file
 
     fifo = tmp_path / "model.safetensors"
     os.mkfifo(fifo)
     for kind in ("safetensors", "bin"):
         with pytest.raises(CheckpointError) as err:
-            list(_iter_file(fifo, kind))
+            list(iter_file(fifo, kind))
         one_line(err, str(fifo), "not a regular file")
 
 

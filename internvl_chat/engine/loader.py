@@ -16,7 +16,7 @@ import torch
 from ..errors import CheckpointError, UsageError
 from ..files import expand_home, visible
 from ..settings import INT4_BACKENDS
-from .checkpoint import find_weight_files, iter_tensors
+from .checkpoint import iter_tensors
 from .compiled import MODES as COMPILE_MODES
 from .compiled import wanted as compile_wanted
 from .config import ModelConfig, QuantConfig, load_config
@@ -25,6 +25,7 @@ from .model import SMALL_DECODER_BYTES, InternVLModel
 from .out_of_memory import is_out_of_memory
 from .tinychat import convert_tinychat
 from .tokenizer import SpecialTokens, Tokenizer, load_tokenizer, special_token_ids
+from .weight_files import find_weight_files
 
 DTYPES = {
     "float32": torch.float32,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.checkpoint import find_weight_files
+from ..engine.weight_files import find_weight_files
 from ..engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, load_config, read_config_json
 from ..engine.loader import LoadedModel
 from ..errors import CheckpointError, UsageError

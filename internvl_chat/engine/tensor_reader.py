@@ -1,0 +1,223 @@
+"""Read one weight file's tensors safely, one at a time.
+
+Safetensors headers are parsed and validated by the safetensors library (after a size check) and
+the bytes read with plain reads; pickles only through `torch.load(weights_only=True)` and only when
+they hold a plain dict of dense tensors. Weight files are untrusted: every refusal is one line
+naming the user's path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+import struct
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+from ..files import visible
+
+
+def _first_line(error: BaseException) -> str:
+    """Library errors can span many lines; our messages are one sentence."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+_LOADABLE_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
+
+
+def open_regular(path: Path, what: str):
+    """`path` opened for binary reading if it is a regular file; a FIFO or a device is refused
+    without blocking (opening a FIFO for reading waits for a writer forever)."""
+    shown = visible(str(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as e:
+        raise CheckpointError(f"cannot open {what} {shown} ({e.strerror or e}); check the file and its permissions") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{what} {shown} is not a regular file (a pipe or a device?); point --model at a checkpoint folder")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def shown_value(value: object) -> str:
+    """A name or value from a weight file, for a message: escaped and cut to 60 characters."""
+    text = value if isinstance(value, str) else repr(value)
+    return visible(text if len(text) <= 60 else text[:57] + "…")
+
+
+# A header lists each tensor in ~100 bytes: InternVL3-78B's ~3,000 tensors take ~300 KiB. The
+# library takes up to 100 MB (~1.5 million tensors), which costs ~1.5 GB and ~10 s to parse and
+# list, twice per file (sizes first, then the weights): a file we did not write must not.
+MAX_HEADER_BYTES = 16 << 20
+
+
+def _check_header_size(path: Path, shown: str) -> None:
+    with open_regular(path, "weight file") as f:
+        head = f.read(8)
+    if len(head) == 8 and struct.unpack("<Q", head)[0] > MAX_HEADER_BYTES:  # a short file: the library says so
+        size = struct.unpack("<Q", head)[0]
+        raise CheckpointError(
+            f"{shown} is not a safetensors file, or a damaged one (its header claims {size / 2**20:,.0f} MiB, "
+            f"over the {MAX_HEADER_BYTES >> 20} MiB any checkpoint needs); download it again"
+        )
+
+
+def safetensors_entries(path: Path, shown: str) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
+    """(name, dtype, shape, byte count) of every tensor, in file order, from a header that the
+    safetensors library has parsed and validated: a JSON object of sane depth and size, every
+    tensor with a known dtype, offsets that are ordered, contiguous, match shape × dtype and
+    cover the data exactly. Because they are contiguous, each tensor's offset is the sum of
+    the byte counts before it."""
+    _check_header_size(path, shown)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            entries = []
+            for name in f.offset_keys():
+                piece = f.get_slice(name)
+                entries.append((name, piece.get_dtype(), tuple(piece.get_shape())))
+    except Exception as e:  # SafetensorError, OSError; the library's reason is one short line
+        reason = _first_line(e).removeprefix("Error while deserializing header: ")
+        reason = visible(reason if len(reason) <= 120 else reason[:117] + "…")
+        damage = "is truncated or damaged" if "not fully covered" in reason else "is not a safetensors file, or a damaged one"
+        raise CheckpointError(f"{shown} {damage} ({reason}); download it again") from None
+    out = []
+    for name, dtype_name, shape in entries:
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise CheckpointError(
+                f"{shown} stores tensor {shown_value(name)} as {visible(dtype_name)}, which internvl-chat does not load; "
+                "use a float16/bfloat16/float32 checkpoint (or AWQ int32)"
+            )
+        out.append((name, dtype, shape, math.prod(shape) * dtype.itemsize))
+    return out
+
+
+def _iter_safetensors(path: Path, max_elements: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read tensors with plain reads, one at a time, in file order.
+
+    The library validates the header; the bytes are read here because memory-mapping them (what
+    the library's reader does) would keep every touched page of the file resident until the file
+    is closed, doubling peak memory when loading to the CPU. A tensor of more than `max_elements`
+    is refused before anything is read: a buffer is the size its header declares.
+    """
+    shown = visible(str(path))
+    with open_regular(path, "weight file") as f:
+        entries = safetensors_entries(path, shown)
+        for name, _, shape, _ in entries:
+            if max_elements is not None and math.prod(shape) > max_elements:
+                raise CheckpointError(
+                    f"{shown} holds tensor {shown_value(name)} of shape {list(shape)}, larger than any tensor its config.json "
+                    "implies; config.json and the weights disagree (a damaged file or another model)"
+                )
+        try:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            size = os.fstat(f.fileno()).st_size
+        except (struct.error, OSError):
+            raise CheckpointError(f"cannot read {shown}; download it again") from None
+        data_start = 8 + header_len
+        if data_start + sum(n for *_, n in entries) != size:  # replaced since the header was checked
+            raise CheckpointError(f"{shown} changed while it was being read; load it again")
+        f.seek(data_start)
+        for name, dtype, shape, nbytes in entries:
+            buffer = bytearray(nbytes)
+            try:
+                got = f.readinto(buffer) if nbytes else 0
+            except OSError as e:
+                raise CheckpointError(f"cannot read {shown} ({e.strerror or e}); check the disk and download it again") from None
+            if got != nbytes:
+                raise CheckpointError(f"{shown} is truncated (tensor {shown_value(name)} runs past the end); download it again")
+            tensor = torch.frombuffer(buffer, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+            yield name, tensor.reshape(shape)
+
+
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+
+
+def _pickle_refusal(path: Path, error: BaseException) -> CheckpointError:
+    """One line for a pickle torch.load refused. torch's own text is never passed on: it advises
+    loading with weights_only=False, which would run code from the file."""
+    shown = visible(str(path))
+    text = str(error)
+    refused = _REFUSED_GLOBAL.search(text)
+    if refused:
+        return CheckpointError(
+            f"{shown} holds Python objects besides tensors ({shown_value(refused[1])}) and is refused for safety: only plain "
+            "state dicts of tensors load; use the checkpoint's safetensors files instead"
+        )
+    if "Weights only load failed" in text:
+        return CheckpointError(
+            f"{shown} is not a PyTorch weights file, or holds pickled data other than plain tensors, and is refused "
+            "for safety; use the checkpoint's safetensors files instead"
+        )
+    if isinstance(error, MemoryError) or "allocate" in text:
+        return CheckpointError(f"{shown} declares more data than fits in memory; it is damaged or not a weights file")
+    return CheckpointError(
+        f"cannot read {shown}: it is truncated, damaged or not a PyTorch weights file; download it again"
+    )
+
+
+def _torch_load(path: Path):
+    """torch.load with weights_only=True (never anything else), memory-mapped where the format
+    allows; legacy (non-zip) pickles cannot be mapped and are read whole."""
+    open_regular(path, "weight file").close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": noise for the user
+        try:
+            try:
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, OSError, MemoryError…
+            raise _pickle_refusal(path, e) from None
+
+
+def _plain_state_dict(path: Path, state: object) -> dict[str, torch.Tensor]:
+    """The loaded object as a dict of dense CPU tensors by name, or one line saying why it is not."""
+    shown = visible(str(path))
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # training checkpoints wrap the weights with optimizer/step entries
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{shown} holds a {type(state).__name__}, not a state dict of tensors; it is not a supported weights file")
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{shown} has a tensor name that is not a string ({shown_value(name)}); it is not a supported weights file")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{shown} holds {shown_value(name)} = a {type(value).__name__}, not a tensor; only plain state dicts of tensors load"
+            )
+        if value.layout != torch.strided or value.is_meta or value.is_quantized or value.dtype not in _LOADABLE_DTYPES:
+            raise CheckpointError(
+                f"{shown} holds {shown_value(name)} as a {str(value.dtype).removeprefix('torch.')} {value.layout} tensor, "
+                "which internvl-chat does not load; only dense float/int tensors load"
+            )
+    return state
+
+
+def iter_file(path: Path, kind: str, max_elements: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Raw (name, tensor) pairs of one file; at most this one file's tensors are referenced."""
+    if kind == "safetensors":
+        yield from _iter_safetensors(path, max_elements)
+        return
+    state = _plain_state_dict(path, _torch_load(path))
+    names = list(state)
+    for name in names:
+        yield name, state.pop(name)
+    del state

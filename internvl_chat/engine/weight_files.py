@@ -1,0 +1,144 @@
+"""Find a checkpoint's weight files and check its shard index.
+
+Weight files and index files are untrusted: an index may only name plain files in the checkpoint
+folder, and every refusal is one line naming the user's path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError
+from ..files import visible
+from .config import read_json_object
+from .tensor_reader import open_regular, safetensors_entries, shown_value
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The weight files of a checkpoint, in reading order.
+
+    kind: "safetensors" (single or sharded), "bin" (PyTorch pickle shards) or "tinychat" (one `.pt`
+    state dict, llm-awq's TinyChat format). `index` is the shard index file when there is one.
+    """
+
+    kind: str
+    files: tuple[Path, ...]
+    index: Path | None = None
+
+    def payload_bytes(self) -> int:
+        """Bytes of weight data, for checking config.json against before anything is allocated.
+
+        Safetensors headers are validated here, every shard's, so a damaged shard is reported
+        before the model is built; pickles count their size on disk.
+        """
+        total = 0
+        for path in self.files:
+            shown = visible(str(path))
+            if self.kind == "safetensors":
+                open_regular(path, "weight file").close()
+                total += sum(n for *_, n in safetensors_entries(path, shown))
+                continue
+            try:
+                total += path.stat().st_size
+            except OSError as e:
+                raise CheckpointError(f"cannot read {shown} ({e.strerror or e}); check the file") from None
+        return total
+
+
+def _is_plain_file_name(name: str, suffix: str) -> bool:
+    """A shard name an index may use: one file in the checkpoint folder, never a path elsewhere."""
+    return (
+        name.endswith(suffix)
+        and name not in (".", "..")
+        and not any(c in name for c in "/\\\0")
+        and visible(name) == name
+        and len(name.encode("utf-8")) <= 255  # NAME_MAX: a longer one made the existence check raise OSError
+    )
+
+
+def _files_from_index(index: Path, suffix: str) -> tuple[Path, ...]:
+    shown = visible(str(index))
+    data = read_json_object(index, "the shard index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"the shard index {shown} has no weight_map of tensor names to files; the download may be incomplete")
+    names: set[str] = set()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not _is_plain_file_name(name, suffix):
+            raise CheckpointError(
+                f"the shard index {shown} maps {shown_value(tensor)} to {shown_value(name)}, which is not a {suffix} file name "
+                "in the checkpoint folder; the index is damaged"
+            )
+        names.add(name)
+    files = tuple(index.parent / n for n in sorted(names))
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{visible(index.name)} names {', '.join(map(shown_value, missing[:3]))}{' …' if len(missing) > 3 else ''}, which "
+            f"{'is' if len(missing) == 1 else 'are'} missing from {visible(str(index.parent))}; download the remaining shards"
+        )
+    return files
+
+
+def _refuse_broken_links(folder: Path, pattern: str) -> None:
+    """A weight file that is a link to nothing is what an interrupted download into the Hugging
+    Face cache leaves; skipped, it made the folder look like it held no weights (or fewer)."""
+    broken = sorted(p for p in folder.glob(pattern) if p.is_symlink() and not p.exists())
+    if broken:
+        raise CheckpointError(
+            f"{visible(str(broken[0]))} is a link to a file that does not exist; the download is incomplete (download it again)"
+        )
+
+
+def find_weight_files(model_dir: str | Path) -> WeightFiles:
+    """Locate the weights of a checkpoint folder (or a single weight file).
+
+    Preference: safetensors (index, model.safetensors, any *.safetensors), then PyTorch `.bin`
+    (index, pytorch_model.bin), then a TinyChat `.pt`.
+    """
+    path = Path(model_dir)
+    shown = visible(str(path))
+    if path.is_file():
+        kind = {".safetensors": "safetensors", ".bin": "bin", ".pt": "tinychat"}.get(path.suffix)
+        if kind is None:
+            raise CheckpointError(f"{shown} is not a .safetensors, .bin or .pt weight file; pass the checkpoint folder")
+        return WeightFiles(kind, (path,))
+    if not path.is_dir():
+        raise CheckpointError(f"model folder {shown} does not exist; pass --model with a checkpoint folder")
+
+    # os.path.lexists: an index that is a broken link (an interrupted download into the Hugging Face
+    # cache) is named by the reader, not taken for none
+    if os.path.lexists(path / SAFETENSORS_INDEX):
+        return WeightFiles("safetensors", _files_from_index(path / SAFETENSORS_INDEX, ".safetensors"), path / SAFETENSORS_INDEX)
+    if (path / SAFETENSORS_SINGLE).is_file():
+        return WeightFiles("safetensors", (path / SAFETENSORS_SINGLE,))
+    loose = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    _refuse_broken_links(path, "*.safetensors")
+    if loose:
+        return WeightFiles("safetensors", tuple(loose))
+    if os.path.lexists(path / BIN_INDEX):
+        return WeightFiles("bin", _files_from_index(path / BIN_INDEX, ".bin"), path / BIN_INDEX)
+    if (path / BIN_SINGLE).is_file():
+        return WeightFiles("bin", (path / BIN_SINGLE,))
+    loose = sorted(p for p in path.glob("pytorch_model*.bin") if p.is_file())
+    _refuse_broken_links(path, "pytorch_model*.bin")
+    if loose:
+        return WeightFiles("bin", tuple(loose))
+    tinychat = sorted(p for p in path.glob("*.pt") if p.is_file())
+    if len(tinychat) == 1:
+        return WeightFiles("tinychat", tuple(tinychat))
+    if len(tinychat) > 1:
+        raise CheckpointError(
+            f"{shown} holds several .pt files ({', '.join(visible(p.name) for p in tinychat[:4])}); keep only the one to load"
+        )
+    raise CheckpointError(
+        f"no weights in {shown} (no *.safetensors, pytorch_model*.bin or TinyChat *.pt); the download may be incomplete"
+    )
