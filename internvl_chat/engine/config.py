@@ -5,23 +5,22 @@ Two layouts exist (SPEC §2): the original OpenGVLab one (`InternVLChatModel`, `
 Everything the engine needs is read here, once; nothing downstream looks at raw JSON.
 
 config.json is a file we did not write: every field the engine uses is checked for its JSON type
-(a string is never a number, a bool never an integer), its range and the divisibilities the
-model's shapes rely on, with caps so that an absurd size never reaches an allocator. Any problem
-is one CheckpointError line naming the file and the key.
+(a string is never a number, a bool never an integer; checkpoint_json.py's Fields), its range and
+the divisibilities the model's shapes rely on, with caps so that an absurd size never reaches an
+allocator. Any problem is one CheckpointError line naming the file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files import TEXT_LIMIT, read_text_file, undecodable_byte, visible
+from ..files import visible
+from .checkpoint_json import Fields, read_json_object, shown_json
 
 DEFAULT_SYSTEM_MESSAGE = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -46,8 +45,6 @@ MAX_GRID = 128  # patches per tile side (InternVL: 448 / 14 = 32)
 MAX_TILES = 64  # dynamic tiling limit; the candidate search is cubic in it
 AWQ_GROUP_MULTIPLE = 32  # the 4-bit kernels take group sizes that are multiples of this (128 is standard)
 ROPE_TYPES = ("default", "dynamic")  # dynamic NTK changes nothing within max_position_embeddings
-
-_REQUIRED = object()
 
 
 @dataclass(frozen=True)
@@ -151,18 +148,7 @@ class ModelConfig:
         return vision + projector + t.vocab_size * h + t.num_layers * layer
 
 
-# -------------------------------------------------------------------------------- typed fields
-
-
-def _shown(value: Any) -> str:
-    """A JSON value for an error message: short, and safe to print."""
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
-    if len(text) > 40:
-        text = text[:37] + "…"
-    return visible(text)
+# -------------------------------------------------------------------------------- sections
 
 
 def _quoted(text: str) -> str:
@@ -170,109 +156,7 @@ def _quoted(text: str) -> str:
     return visible(repr(text if len(text) <= 40 else text[:37] + "…"))
 
 
-class _Fields:
-    """Typed, range-checked access to one JSON object of config.json.
-
-    A null value counts as absent (the documented default applies); a required key that is
-    absent is refused by name.
-    """
-
-    def __init__(self, raw: Any, path: str, source: str, file: str = "config.json"):
-        self.path, self.source, self.file = path, source, file  # `file`: the name advice gives
-        if not isinstance(raw, dict):
-            raise CheckpointError(
-                f"{source}: {path or 'the top level'} must be a JSON object, not {_shown(raw)}; "
-                f"the checkpoint's {file} is damaged or not an InternVL3 config"
-            )
-        self.raw = raw
-
-    def _name(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def refuse(self, key: str, expect: str) -> CheckpointError:
-        return CheckpointError(
-            f"{self.source}: {self._name(key)} must be {expect}, not {_shown(self.raw.get(key))}; "
-            f"the checkpoint's {self.file} is damaged or was edited"
-        )
-
-    def _get(self, key: str, default: Any) -> Any:
-        value = self.raw.get(key)
-        if value is None:
-            if default is _REQUIRED:
-                raise CheckpointError(
-                    f"{self.source}: {self._name(key)} is missing; the checkpoint's {self.file} is incomplete"
-                )
-            return None
-        return value
-
-    def has(self, key: str) -> bool:
-        return self.raw.get(key) is not None
-
-    def integer(self, key: str, low: int, high: int, default: Any = _REQUIRED) -> int:
-        value = self._get(key, default)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self.refuse(key, f"an integer from {low:,} to {high:,}")
-        return value
-
-    def number(self, key: str, low: float, high: float, default: Any = _REQUIRED, low_open: bool = True) -> float:
-        value = self._get(key, default)
-        if value is None:
-            return default
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or value > high or value < low or (low_open and value == low):
-            raise self.refuse(key, f"a number {'above' if low_open else 'from'} {low:g} {'up to' if low_open else 'to'} {high:g}")
-        return float(value)
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self._get(key, default)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self.refuse(key, "true or false")
-        return value
-
-    def text(self, key: str, default: Any = _REQUIRED) -> Any:
-        value = self._get(key, default)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise self.refuse(key, "a string")
-        if undecodable_byte(value) is not None:  # a JSON "\\ud800" escape: the tokenizer would fail on it later
-            raise self.refuse(key, "UTF-8 text (no \\ud800-\\udfff escapes)")
-        return value
-
-    def names(self, key: str) -> list[str]:
-        value = self._get(key, [])
-        if value is None:
-            return []
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.refuse(key, "a list of strings")
-        return value
-
-    def square_size(self, key: str, low: int, high: int, default: Any = _REQUIRED) -> int:
-        """An image or patch size: an integer, or an [h, w] pair of equal integers (-hf layout)."""
-        value = self._get(key, default)
-        if value is None:
-            return default
-        if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
-            value = value[0]
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self.refuse(key, f"an integer from {low} to {high} (or a square [h, w] pair; InternVL uses square tiles)")
-        return value
-
-    def child(self, key: str, required: bool = True) -> _Fields | None:
-        value = self._get(key, _REQUIRED if required else None)
-        if value is None:
-            return None
-        return _Fields(value, self._name(key), self.source, self.file)
-
-
-# -------------------------------------------------------------------------------- sections
-
-
-def _check_llm_kind(f: _Fields) -> None:
+def _check_llm_kind(f: Fields) -> None:
     archs = f.names("architectures")
     model_type = f.text("model_type", "")
     if any("InternLM2" in a for a in archs) or model_type == "internlm2":
@@ -282,12 +166,12 @@ def _check_llm_kind(f: _Fields) -> None:
         )
     if archs and not any(a in SUPPORTED_LLMS for a in archs) or (model_type and model_type != "qwen2"):
         raise CheckpointError(
-            f"unsupported LLM {_shown(archs or model_type)} in {f.path}; "
+            f"unsupported LLM {shown_json(archs or model_type)} in {f.path}; "
             "internvl-chat supports Qwen2-based InternVL3 checkpoints"
         )
 
 
-def _rope_theta(f: _Fields) -> float:
+def _rope_theta(f: Fields) -> float:
     """rope_theta, and a refusal for RoPE variants this engine does not compute."""
     params = f.child("rope_parameters", required=False)  # transformers ≥ 5
     scaling = f.child("rope_scaling", required=False)
@@ -307,7 +191,7 @@ def _rope_theta(f: _Fields) -> float:
     return 1e6
 
 
-def _text_config(f: _Fields, tie_word_embeddings: bool) -> TextConfig:
+def _text_config(f: Fields, tie_word_embeddings: bool) -> TextConfig:
     _check_llm_kind(f)
     if f.text("hidden_act", "silu") != "silu":
         raise f.refuse("hidden_act", '"silu" (Qwen2 uses SwiGLU)')
@@ -348,7 +232,7 @@ def _text_config(f: _Fields, tie_word_embeddings: bool) -> TextConfig:
     )
 
 
-def _vision_config(f: _Fields, layout: str, image_size: int | None) -> VisionConfig:
+def _vision_config(f: Fields, layout: str, image_size: int | None) -> VisionConfig:
     if layout == "original":
         qkv_bias = f.flag("qkv_bias", True)
         qk_norm = f.flag("qk_normalization", False)
@@ -393,7 +277,7 @@ def _vision_config(f: _Fields, layout: str, image_size: int | None) -> VisionCon
     )
 
 
-def _quant_config(f: _Fields | None, text: TextConfig) -> QuantConfig | None:
+def _quant_config(f: Fields | None, text: TextConfig) -> QuantConfig | None:
     if f is None or not f.raw:
         return None
     method = f.text("quant_method", "").lower()
@@ -433,26 +317,6 @@ def _quant_config(f: _Fields | None, text: TextConfig) -> QuantConfig | None:
 # -------------------------------------------------------------------------------- files
 
 
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A checkpoint JSON file (config, shard index, preprocessor config) as a dict; anything else
-    (not a regular file, too large, not UTF-8, not JSON, not an object, nested too deep) is one
-    CheckpointError line naming the user's path."""
-    shown = visible(str(path))
-    # 16 MiB, not the tokenizer's 64: a real one is a few KiB (an index of a 78B model ~300 KiB), and
-    # Python's parser takes ~25 bytes of memory per byte of `[{}, {}, …]` (64 MiB took 1.6 GB)
-    text = read_text_file(path, what, limit=TEXT_LIMIT, error=CheckpointError)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{what} {shown} is not valid JSON ({e.msg} at line {e.lineno}); the download may be incomplete") from None
-    except (ValueError, RecursionError) as e:  # huge integers, absurd nesting
-        reason = "nested too deeply" if isinstance(e, RecursionError) else "a number is too large"
-        raise CheckpointError(f"{what} {shown} cannot be read ({reason}); it is not a checkpoint file") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{what} {shown} must hold a JSON object, not {_shown(data)}; it is not a checkpoint file")
-    return data
-
-
 def read_config_json(model_dir: Path) -> dict[str, Any]:
     model_dir = Path(model_dir)
     shown = visible(str(model_dir))
@@ -477,7 +341,7 @@ def _read_hf_tiling(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "preprocessor_config.json"
     if not os.path.lexists(path):  # a broken link is named by the reader, not taken for none
         return {}
-    f = _Fields(read_json_object(path, "the checkpoint's preprocessor_config.json"), "", visible(str(path)), path.name)
+    f = Fields(read_json_object(path, "the checkpoint's preprocessor_config.json"), "", visible(str(path)), path.name)
     high = f.integer("max_patches", 1, MAX_TILES, default=12)
     low = f.integer("min_patches", 1, high, default=1)
     return {"max_dynamic_patch": high, "min_dynamic_patch": low}
@@ -488,7 +352,7 @@ def _read_hf_tiling(model_dir: Path) -> dict[str, Any]:
 
 def parse_config(raw: Any, source: str = "config.json") -> ModelConfig:
     """A ModelConfig from the parsed config.json; `source` names the file in error messages."""
-    top = _Fields(raw, "", source)
+    top = Fields(raw, "", source)
     archs = top.names("architectures")
     model_type = top.text("model_type", "")
     if ORIGINAL_ARCH in archs or model_type == "internvl_chat":
@@ -500,7 +364,7 @@ def parse_config(raw: Any, source: str = "config.json") -> ModelConfig:
         text_f.raw = {"model_type": "qwen2", **text_f.raw}
     else:
         raise CheckpointError(
-            f"unknown architecture {_shown(archs or model_type or '(none)')}; internvl-chat loads InternVL3 "
+            f"unknown architecture {shown_json(archs or model_type or '(none)')}; internvl-chat loads InternVL3 "
             f"checkpoints ({ORIGINAL_ARCH} or {HF_ARCH})"
         )
 

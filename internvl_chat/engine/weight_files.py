@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..files import visible
-from .config import read_json_object
+from .checkpoint_json import read_json_object
 from .tensor_reader import open_regular, safetensors_entries, shown_value
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
