@@ -200,10 +200,12 @@ def run(argv: list[str]) -> int:
         from .ui.script import run_script
 
         return run_script(args, settings)  # stdin is left alone unless the script is '-'
+    if args.json and args.interactive:  # the REPL prints text: --json was silently dropped
+        raise UsageError("--json prints one answer as JSON, but -I goes on in the REPL, which prints text; drop one of them")
     prompt = _read_prompt(args)
     if prompt is not None and not prompt.strip():
         prompt = None  # a prompt of only spaces is no prompt
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json  # --json is one-shot
     if prompt is None and interactive or args.interactive:
         from .ui.repl import run_repl
 

@@ -272,3 +272,26 @@ def test_python_dash_m_runs_the_app():
     out = subprocess.run([sys.executable, "-m", "internvl_chat", "--version"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("internvl-chat ")
+
+
+class _Terminal:
+    """stdin or stdout as a terminal, for cli.run's choice of mode."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_json_never_opens_the_repl_where_it_would_be_dropped(monkeypatch):
+    # with -I, or with no prompt on a terminal, the REPL ran and printed text: --json was dropped silently
+    from internvl_chat import cli as cli_module
+    from internvl_chat.errors import UsageError
+    from internvl_chat.ui import repl
+
+    monkeypatch.setattr(repl, "run_repl", lambda *a: pytest.fail("the REPL ran"))
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(sys, "stdout", _Terminal())
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    with pytest.raises(UsageError, match="--json prints one answer as JSON, but -I goes on in the REPL"):
+        cli_module.run(["--json", "-I", "-p", "hi"])
+    with pytest.raises(UsageError, match="no prompt given"):
+        cli_module.run(["--json"])
