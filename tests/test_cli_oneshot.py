@@ -262,7 +262,8 @@ def test_the_tokenizers_own_warnings_never_reach_the_user(tiny_original, tmp_pat
               stdin="one two three four five six seven eight nine ten " * 10)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "Token indices" not in run.stderr and "transformers" not in run.stderr
-    assert len(run.stderr.strip().splitlines()) == 1  # the stats line only
+    lines = run.stderr.strip().splitlines()  # the answer cut at 2 tokens, and the stats line: nothing else
+    assert len(lines) == 2 and lines[0].startswith("internvl-chat: warning: the answer stopped at --max-new-tokens"), run.stderr
 
 
 def test_python_dash_m_runs_the_app():
@@ -295,3 +296,13 @@ def test_json_never_opens_the_repl_where_it_would_be_dropped(monkeypatch):
         cli_module.run(["--json", "-I", "-p", "hi"])
     with pytest.raises(UsageError, match="no prompt given"):
         cli_module.run(["--json"])
+
+
+def test_an_answer_cut_at_the_length_limit_is_said_on_stderr(tiny_original):
+    # stdout held the cut answer, exit 0, and nothing anywhere (--no-stats) said it was not whole
+    run = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "1", "--no-stats", "-p", "Tell me a story.")
+    assert run.returncode == 0 and run.stdout.strip(), run.stderr
+    assert run.stderr == ("internvl-chat: warning: the answer stopped at --max-new-tokens (1); "
+                          "a larger --max-new-tokens allows a longer one\n")  # fmt: skip
+    as_json = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "1", "--json", "-p", "Tell me a story.")
+    assert json.loads(as_json.stdout)["finish_reason"] == "length" and as_json.stderr == ""  # finish_reason says it

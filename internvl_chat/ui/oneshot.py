@@ -82,6 +82,9 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     broken = final["finish_reason"] == "error"  # a server's answer broke off: what came is out, but it failed
     if final.get("note"):  # the client stopped the answer (chat/answer_bounds.py): the text is cut
         print(f"internvl-chat: {'error' if broken else 'warning: stopped'}: {final['note']}", file=sys.stderr)
+    elif final["finish_reason"] == "length" and not args.json:  # --json says so in finish_reason
+        # the text alone on stdout cannot tell a cut answer from a whole one (the REPL says it too)
+        print(f"internvl-chat: warning: {_why_cut(session, info.more_room)}", file=sys.stderr)
     if settings.ui.stats and not args.json:
         device = info.memory_device  # None: the model runs elsewhere, its memory is not ours to show
         width = os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None
@@ -90,3 +93,12 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
                              width=width, approximate=not session.token_counts_exact)  # fmt: skip
         print(stats, file=sys.stderr)
     return 1 if broken else 0
+
+
+def _why_cut(session, more_room: str) -> str:
+    """Where an answer that ended with finish_reason "length" stopped, and the flag for more."""
+    limit = session.max_context
+    if limit is not None and session.context_used >= limit - 1:
+        return f"the answer stopped where the {limit:,}-token context is full" + (f"; {more_room} makes room" if more_room else "")
+    return (f"the answer stopped at --max-new-tokens ({session.params.max_new_tokens:,}); "
+            "a larger --max-new-tokens allows a longer one")  # fmt: skip
