@@ -306,3 +306,58 @@ def test_an_answer_cut_at_the_length_limit_is_said_on_stderr(tiny_original):
                           "a larger --max-new-tokens allows a longer one\n")  # fmt: skip
     as_json = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "1", "--json", "-p", "Tell me a story.")
     assert json.loads(as_json.stdout)["finish_reason"] == "length" and as_json.stderr == ""  # finish_reason says it
+
+
+class _SignalledAnswer:
+    """A conversation without a model whose answer is stopped by `signum`, sent once it has begun."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.turns: list = []
+
+    def ask(self, prompt, media, params=None, cancel=None):
+        import signal
+        import time
+        from types import SimpleNamespace
+
+        yield {"text": "Once upon", "finish_reason": None}
+        if signal.getsignal(self.signum) in (signal.SIG_DFL, signal.default_int_handler):
+            pytest.fail("nothing stops the answer for the signal: it would end the program, or the test run")
+        os.kill(os.getpid(), self.signum)
+        for _ in range(6000):  # the handler runs in this thread, at the latest as the sleep returns
+            if cancel is not None and cancel.is_set():
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the signal did not stop the answer")
+        self.turns.append(SimpleNamespace(answer_text="Once upon a [cancelled]"))
+        yield {"text": " a", "finish_reason": "cancelled", "token_ids": [1, 2, 3], "timing": {}, "usage": {"completion_tokens": 3}}
+
+    def describe(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(load_s=0.0, memory_device=None, more_room="")
+
+
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_json_stopped_by_a_signal_still_prints_the_partial_answer(monkeypatch, capsys, signame, code):
+    # stdout stayed empty (status 130, or killed by SIGTERM under `timeout`): the text so far was lost,
+    # where the text mode keeps it
+    import argparse
+    import signal
+
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import oneshot
+
+    signum = getattr(signal, signame)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(oneshot, "open_conversation", lambda settings: _SignalledAnswer(signum))
+    monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
+    args = argparse.Namespace(json=True, prompt_flag="Tell me a story.", prompt=[])
+    settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False})
+    assert oneshot.run_oneshot(args, settings, "Tell me a story.") == code
+    out, err = capsys.readouterr()
+    answer = json.loads(out)
+    assert answer["text"] == "Once upon a" and answer["finish_reason"] == "cancelled"
+    assert err == ("internvl-chat: interrupted\n" if signame == "SIGINT" else "")
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers are put back

@@ -387,7 +387,7 @@ def test_one_shot_json_on_a_terminal_escapes_what_would_drive_or_reorder_it(monk
     class Answer:
         turns = [SimpleNamespace(answer_text=answer)]
 
-        def ask(self, prompt, media):
+        def ask(self, prompt, media, params=None, cancel=None):
             yield {"text": answer, "finish_reason": "stop", "timing": {}, "usage": {}, "token_ids": [1]}
 
         def describe(self):

@@ -1,11 +1,17 @@
-"""One-shot mode: one question, the answer streamed as raw text to stdout, stats to stderr."""
+"""One-shot mode: one question, the answer streamed as raw text to stdout, stats to stderr.
+
+With --json, Ctrl-C, SIGTERM or SIGHUP once the answer has begun stop it between tokens: the
+object is printed with what came (finish_reason "cancelled") and the status is 128 + the signal.
+Before that they act as anywhere else (nothing to keep yet)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from contextlib import suppress
 
 from ..errors import InternVLChatError
@@ -45,8 +51,13 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     # raw text for pipes; a terminal must not receive the model's control characters (its \r are line breaks)
     clean = AnswerCleaner() if sys.stdout.isatty() else None
     wrote = False
+    cancel, stopped_by, parts = threading.Event(), [], []  # --json: the signals that stopped the answer
+    handlers = None
     try:
-        for event in session.ask(prompt, media):
+        for event in session.ask(prompt, media, cancel=cancel):
+            parts.append(event["text"])
+            if args.json and handlers is None:  # the answer has begun: a signal now keeps what came
+                handlers = _stop_on_signals(cancel, stopped_by)
             if not args.json and event["text"]:
                 wrote = True
                 sys.stdout.write(clean.feed(event["text"]) if clean else event["text"])
@@ -59,13 +70,17 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
                 sys.stdout.write("\n")
                 sys.stdout.flush()
         raise
+    finally:
+        for signum, handler in (handlers or {}).items():
+            signal.signal(signum, handler)
     if clean is not None and not args.json:
         sys.stdout.write(clean.finish())
     info = session.describe()
     timing = dict(final["timing"], load_s=info.load_s)  # load_s: the model's load, or the server handshake
     if args.json:
+        cancelled = final["finish_reason"] == "cancelled"
         out = {
-            "text": session.turns[-1].answer_text,
+            "text": "".join(parts) if cancelled else session.turns[-1].answer_text,  # without the " [cancelled]" mark
             "token_ids": final.get("token_ids"),  # null from a server (it does not send them)
             "finish_reason": final["finish_reason"],
             "usage": final["usage"],
@@ -92,7 +107,29 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
         stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak, device,
                              width=width, approximate=not session.token_counts_exact)  # fmt: skip
         print(stats, file=sys.stderr)
+    if stopped_by:  # the object is out; the status still says the run was stopped (130, 143, 129)
+        if stopped_by[0] == signal.SIGINT:
+            print("internvl-chat: interrupted", file=sys.stderr)
+        return 128 + stopped_by[0]
     return 1 if broken else 0
+
+
+def _stop_on_signals(cancel: threading.Event, stopped_by: list[int]) -> dict:
+    """--json: Ctrl-C, SIGTERM and SIGHUP stop the answer between tokens, so the object is printed
+    with what came (finish_reason "cancelled") instead of nothing; returns the handlers replaced.
+    A signal the caller ignores (nohup, a background job) stays ignored."""
+
+    def stop(signum: int, frame) -> None:
+        stopped_by.append(signum)
+        cancel.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    replaced = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            replaced[signum] = signal.signal(signum, stop)
+    return replaced
 
 
 def _why_cut(session, more_room: str) -> str:
