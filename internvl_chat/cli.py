@@ -154,6 +154,8 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
         if bad is not None:
             raise UsageError(f"the prompt is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding, "
                              "or put the text in a UTF-8 file and pipe it in")  # fmt: skip
+        if not prompt.strip():
+            prompt = None  # only spaces: no prompt (with piped text they were sent after it as "\n\n   ")
     if args.script != "-" and not sys.stdin.isatty():
         piped = read_piped_text()
         if piped.strip():
