@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 an error (also: stdout could not be written: a full disk, `>&-`), 2 bad
 usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129; the REPL puts
-the terminal back first). A reader that goes away (`| head`) ends the program quietly.
+the terminal back first). A reader that goes away (`| head`) ends the program quietly. A stdout that cannot hold every
+character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`) for those it cannot.
 
 Text from stdin, `-p` and the prompt words must be UTF-8; anything else is refused in one line
 (exit 2), and binary data on stdin (an image, say) is named, with the flag to use instead.
@@ -14,6 +15,7 @@ import argparse
 import errno
 import os
 import sys
+from contextlib import suppress
 from typing import TextIO
 
 from . import __version__
@@ -281,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     # for users: the app checks lengths itself. Set before transformers is first imported.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     saved_streams = sys.stdout, sys.stderr
+    with suppress(AttributeError, ValueError):  # a stdout that is not ASCII-only UTF-8 (PYTHONIOENCODING=ascii,
+        # a Latin-1 locale) shows what it cannot hold as \u escapes, as stderr does: it raised, a traceback
+        sys.stdout.reconfigure(errors="backslashreplace")
     if argv[:1] not in (["serve"], ["quantize"]):
         # the terminal app: what native libraries print to fd 2 is kept off the terminal (native_stderr.py)
         sys.stderr = separate_python_stderr(sys.stderr)

@@ -361,3 +361,20 @@ def test_json_stopped_by_a_signal_still_prints_the_partial_answer(monkeypatch, c
     assert answer["text"] == "Once upon a" and answer["finish_reason"] == "cancelled"
     assert err == ("internvl-chat: interrupted\n" if signame == "SIGINT" else "")
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers are put back
+
+
+def test_a_stdout_that_cannot_hold_the_answer_gets_escapes_not_a_traceback(tiny_original):
+    # PYTHONIOENCODING=ascii (or a Latin-1 locale): the first character it could not encode raised
+    # UnicodeEncodeError, a traceback and status 1, in one-shot, --json and --script alike
+    flags = ("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "30", "--no-stats")
+    whole = json.loads(cli(*flags, "--json", "-p", "hi").stdout)["text"]
+    assert not whole.isascii()  # the tiny model's answer holds characters ASCII has not
+    ascii_env = {"PYTHONIOENCODING": "ascii"}
+    as_json = cli(*flags, "--json", "-p", "hi", env=ascii_env)
+    assert as_json.returncode == 0 and as_json.stdout.isascii(), as_json.stderr
+    assert json.loads(as_json.stdout)["text"] == whole  # \u escapes: the same JSON
+    text = cli(*flags, "-p", "hi", env=ascii_env)
+    assert text.returncode == 0 and "Traceback" not in text.stderr, text.stderr
+    assert text.stdout == whole.encode("ascii", "backslashreplace").decode() + "\n"
+    script = cli(*flags, "--script", "-", stdin="hi\n", env=ascii_env)
+    assert script.returncode == 0 and "Traceback" not in script.stderr, script.stderr

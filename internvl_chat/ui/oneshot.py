@@ -7,6 +7,7 @@ Before that they act as anywhere else (nothing to keep yet)."""
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import signal
@@ -89,7 +90,9 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
             # for, or [remote] answer_timeout), else null; a local model's answer is never cut so
             "note": final.get("note"),
         }
-        line = json.dumps(out, ensure_ascii=False)
+        # a stdout that cannot hold all of Unicode (PYTHONIOENCODING=ascii) gets \u escapes: the same JSON
+        encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+        line = json.dumps(out, ensure_ascii=codecs.lookup(encoding).name != "utf-8")
         sys.stdout.write((line.translate(_JSON_FOR_TERMINAL) if sys.stdout.isatty() else line) + "\n")
     else:
         sys.stdout.write("\n")
