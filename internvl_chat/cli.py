@@ -2,8 +2,8 @@
 
 Exit codes: 0 success, 1 an error (also: stdout could not be written: a full disk, `>&-`), 2 bad
 usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129; the REPL puts
-the terminal back first). A reader that goes away (`| head`) ends the program quietly. A stdout that cannot hold every
-character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`) for those it cannot.
+the terminal back first). A reader that goes away (`| head`) ends the program quietly. A stdout
+that cannot hold every character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`).
 
 Text from stdin, `-p` and the prompt words must be UTF-8; anything else is refused in one line
 (exit 2), and binary data on stdin (an image, say) is named, with the flag to use instead.
@@ -156,8 +156,8 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
         if bad is not None:
             raise UsageError(f"the prompt is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding, "
                              "or put the text in a UTF-8 file and pipe it in")  # fmt: skip
-        if not prompt.strip():
-            prompt = None  # only spaces: no prompt (with piped text they were sent after it as "\n\n   ")
+        if not prompt.strip():  # only spaces are no prompt (with piped text they were sent after it as "\n\n   ")
+            prompt = None
     if args.script != "-" and not sys.stdin.isatty():
         piped = read_piped_text()
         if piped.strip():
@@ -206,9 +206,7 @@ def run(argv: list[str]) -> int:
         return run_script(args, settings)  # stdin is left alone unless the script is '-'
     if args.json and args.interactive:  # the REPL prints text: --json was silently dropped
         raise UsageError("--json prints one answer as JSON, but -I goes on in the REPL, which prints text; drop one of them")
-    prompt = _read_prompt(args)
-    if prompt is not None and not prompt.strip():
-        prompt = None  # a prompt of only spaces is no prompt
+    prompt = _read_prompt(args)  # None for a prompt of only spaces
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json  # --json is one-shot
     if prompt is None and interactive or args.interactive:
         from .ui.repl import run_repl

@@ -306,6 +306,12 @@ def test_an_answer_cut_at_the_length_limit_is_said_on_stderr(tiny_original):
                           "a larger --max-new-tokens allows a longer one\n")  # fmt: skip
     as_json = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "1", "--json", "-p", "Tell me a story.")
     assert json.loads(as_json.stdout)["finish_reason"] == "length" and as_json.stderr == ""  # finish_reason says it
+    prompt = json.loads(as_json.stdout)["usage"]["prompt_tokens"]
+    full = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "3", "--max-context", str(prompt + 3),
+               "--no-stats", "-p", "Tell me a story.")  # fmt: skip
+    assert full.returncode == 0, full.stderr
+    assert full.stderr == (f"internvl-chat: warning: the answer stopped where the {prompt + 3:,}-token context is full; "
+                           "a larger --max-context makes room\n")  # fmt: skip
 
 
 class _SignalledAnswer:
@@ -331,7 +337,8 @@ class _SignalledAnswer:
         else:
             pytest.fail("the signal did not stop the answer")
         self.turns.append(SimpleNamespace(answer_text="Once upon a [cancelled]"))
-        yield {"text": " a", "finish_reason": "cancelled", "token_ids": [1, 2, 3], "timing": {}, "usage": {"completion_tokens": 3}}
+        yield {"text": " a", "finish_reason": "cancelled", "token_ids": [1, 2, 3], "timing": {},
+               "usage": {"completion_tokens": 3}}  # fmt: skip
 
     def describe(self):
         from types import SimpleNamespace

@@ -139,6 +139,7 @@ def _why_cut(session, more_room: str) -> str:
     """Where an answer that ended with finish_reason "length" stopped, and the flag for more."""
     limit = session.max_context
     if limit is not None and session.context_used >= limit - 1:
-        return f"the answer stopped where the {limit:,}-token context is full" + (f"; {more_room} makes room" if more_room else "")
+        full = f"the answer stopped where the {limit:,}-token context is full"
+        return f"{full}; {more_room} makes room" if more_room else full
     return (f"the answer stopped at --max-new-tokens ({session.params.max_new_tokens:,}); "
             "a larger --max-new-tokens allows a longer one")  # fmt: skip
