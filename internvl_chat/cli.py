@@ -158,11 +158,27 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
                              "or put the text in a UTF-8 file and pipe it in")  # fmt: skip
         if not prompt.strip():  # only spaces are no prompt (with piped text they were sent after it as "\n\n   ")
             prompt = None
-    if args.script != "-" and not sys.stdin.isatty():
+    if args.script != "-" and not sys.stdin.isatty() and not _media_on_stdin(args):
         piped = read_piped_text()
         if piped.strip():
             prompt = f"{piped.rstrip()}\n\n{prompt}" if prompt else piped.rstrip()
     return prompt
+
+
+def _media_on_stdin(args: argparse.Namespace) -> bool:
+    """Whether --image/--video names stdin (`-`, /dev/stdin): then stdin is that file, not prompt text
+    (read as text first, the picture was refused with "pass it with --image FILE", which it was)."""
+    try:
+        stdin = os.fstat(0)
+    except OSError:
+        return False
+    for path in [*args.image, *args.video]:
+        try:
+            if path == "-" or os.path.samestat(os.stat(path), stdin):
+                return True
+        except (OSError, ValueError):
+            pass  # media_from_flags says what is wrong with it
+    return False
 
 
 def read_piped_text() -> str:

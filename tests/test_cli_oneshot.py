@@ -385,3 +385,19 @@ def test_a_stdout_that_cannot_hold_the_answer_gets_escapes_not_a_traceback(tiny_
     assert text.stdout == whole.encode("ascii", "backslashreplace").decode() + "\n"
     script = cli(*flags, "--script", "-", stdin="hi\n", env=ascii_env)
     assert script.returncode == 0 and "Traceback" not in script.stderr, script.stderr
+
+
+def test_media_named_as_stdin_is_not_read_as_the_prompt(tiny_original, image):
+    # stdin was read as prompt text first and its picture refused with "pass it with --image FILE",
+    # which the command line did
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
+    base = [sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu",
+            "--max-new-tokens", "2", "--no-stats", "-p", "hi"]  # fmt: skip
+    with open(image, "rb") as stdin:  # `--image /dev/stdin < photo.png`: the picture is that file
+        run = subprocess.run([*base, "--image", "/dev/stdin"], stdin=stdin, capture_output=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    for flag in ("--image", "--video"):
+        run = subprocess.run([*base, flag, "-"], input=image.read_bytes(), capture_output=True, env=env, timeout=300)
+        assert run.returncode == 2 and run.stderr.decode().strip() == (
+            f"internvl-chat: error: {flag} - : pictures and videos are read from files, not from stdin; "
+            f"save it to a file and pass {flag} FILE")  # fmt: skip
