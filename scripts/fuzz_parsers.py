@@ -257,7 +257,7 @@ class SessionTarget(Target):
 
         from internvl_chat.chat.sampling import params_from_settings
         from internvl_chat.chat.session_file import read_session_file
-        from internvl_chat.ui.app import RESTORED_SETTINGS
+        from internvl_chat.ui.saved_sessions import RESTORED_SETTINGS
 
         path = self.work / "input.json"
         path.write_bytes(data)

@@ -37,7 +37,8 @@ from PIL import Image
 
 from internvl_chat.chat.generate import stream_generate
 from internvl_chat.chat.sampling import Sampler, SamplingParams, apply_repetition_penalty
-from internvl_chat.chat.session import OwnKVCache, Session
+from internvl_chat.chat.kv_slots import OwnKVCache
+from internvl_chat.chat.session import Session
 from internvl_chat.chat.template import MediaSpec, PromptBuilder, media_order
 from internvl_chat.errors import Cancelled, ContextOverflowError, GenerationError, InternVLChatError, UsageError
 from media_helpers import textured_rgb, write_numbered_video

@@ -24,8 +24,9 @@ from internvl_chat.chat.session import Session
 from internvl_chat.chat.template import MediaSpec
 from internvl_chat.media.video import load_video
 from internvl_chat.settings import load_settings
-from internvl_chat.ui.answer_text import AnswerCleaner
-from internvl_chat.ui.app import EXIT, ERROR, OK, App, block_is_open, sanitize, unwrap_block
+from internvl_chat.ui.answer_text import AnswerCleaner, sanitize
+from internvl_chat.ui.app import EXIT, ERROR, OK, App
+from internvl_chat.ui.commands import block_is_open, unwrap_block
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from media_helpers import textured_rgb, write_numbered_video
 from app_helpers import ChunkedAnswers, _Turn, make_app, output
@@ -273,17 +274,17 @@ def test_image_takes_wildcards_as_a_shell_does(loaded, media, tmp_path):
 def test_an_image_pattern_over_a_big_folder_is_refused_before_any_file_is_read(loaded, tmp_path, monkeypatch):
     # each match was read and hashed before the context check: a pattern over a photo library
     # took minutes only to be refused
-    import internvl_chat.ui.app as app_module
+    import internvl_chat.ui.media_paths as media_paths
 
     folder = tmp_path / "library"
     folder.mkdir()
-    for i in range(app_module.MAX_PATTERN_MATCHES + 1):
+    for i in range(media_paths.MAX_PATTERN_MATCHES + 1):
         (folder / f"{i:04d}.png").write_bytes(b"not read")
     app, out = make_app(loaded, tmp_path)
     monkeypatch.setattr(app, "describe", lambda *a, **k: pytest.fail("a file was read"))
     assert app.handle_line("/image library/*.png") == ERROR
-    assert output(out) == (f"error: library/*.png matches {app_module.MAX_PATTERN_MATCHES + 1} images; /image attaches "
-                           f"at most {app_module.MAX_PATTERN_MATCHES} at once, so narrow the pattern\n")  # fmt: skip
+    assert output(out) == (f"error: library/*.png matches {media_paths.MAX_PATTERN_MATCHES + 1} images; /image attaches "
+                           f"at most {media_paths.MAX_PATTERN_MATCHES} at once, so narrow the pattern\n")  # fmt: skip
     assert app.pending == []
 
 
@@ -340,19 +341,19 @@ def test_a_path_with_a_nul_character_is_one_line_and_the_conversation_survives(l
 def test_a_long_paste_without_a_media_extension_is_not_searched_word_by_word(monkeypatch, tmp_path):
     # a pasted 15 MB log spent minutes splitting and testing words for media paths before the
     # context check refused it; without a media extension anywhere it cannot name a file
-    import internvl_chat.ui.app as app_module
+    import internvl_chat.ui.media_paths as media_paths
     import internvl_chat.ui.paths as paths_module
 
     def searched(*args, **kwargs):
         raise AssertionError("searched word by word")
 
-    monkeypatch.setattr(app_module, "split_words", searched)
+    monkeypatch.setattr(media_paths, "split_words", searched)
     monkeypatch.setattr(paths_module, "_candidates", searched)
     text = "see /var/log/x.log  and ./notes.txt (png, mp4) " * 1000
-    assert app_module.take_media_paths(text, tmp_path, (tmp_path,)) == (text, [], [])
+    assert media_paths.take_media_paths(text, tmp_path, (tmp_path,)) == (text, [], [])
     (tmp_path / "cat.PNG").write_bytes(b"x")
     monkeypatch.undo()
-    assert app_module.take_media_paths("what is ./cat.PNG?", tmp_path) == ("what is?", [tmp_path / "cat.PNG"], [])
+    assert media_paths.take_media_paths("what is ./cat.PNG?", tmp_path) == ("what is?", [tmp_path / "cat.PNG"], [])
 
 
 def test_a_typed_media_path_that_is_no_file_is_said_not_to_be_attached(loaded, tmp_path):

@@ -16,7 +16,9 @@ import pytest
 from PIL import Image
 
 from internvl_chat.ui.answer_text import sanitize
-from internvl_chat.ui.app import ERROR, OK, default_sessions_dir, export_block
+from internvl_chat.ui.app import ERROR, OK
+from internvl_chat.ui.export import export_block
+from internvl_chat.ui.saved_sessions import default_sessions_dir
 from media_helpers import textured_rgb
 from app_helpers import make_app as _make_app
 from app_helpers import output

@@ -106,7 +106,7 @@ def test_session_with_undo_and_retry_matches_eager(eager, fast):
 
 def test_serve_slots_swap_kv_caches_under_the_compiled_step(eager, fast):
     """`internvl-chat serve` keeps one KV cache per slot and points the model at the active one
-    (chat/session.OwnKVCache); the compiled step must read and write that one, never the cache it
+    (chat/kv_slots.OwnKVCache); the compiled step must read and write that one, never the cache it
     was compiled with. Interleaved compiled conversations match each conversation run alone, eager."""
     params = SamplingParams(max_new_tokens=8)
     prompts = [["Hello there!", "Tell me more."], ["Something else?", "And finally?"]]

@@ -29,7 +29,8 @@ from internvl_chat.quantize import build_parser as quantize_parser, quantize_che
 from internvl_chat.serve import main as serve_main
 from internvl_chat.settings import (COLORS, COMPILE_MODES, DTYPES, INT4_BACKENDS, OTHER_ENV_VARS, REMOTE_DIALECTS, Settings,
                                     all_keys, env_name)
-from internvl_chat.ui.app import NOT_SESSION_SUFFIXES, RESTORED_SETTINGS
+from internvl_chat.ui.app import NOT_SESSION_SUFFIXES
+from internvl_chat.ui.saved_sessions import RESTORED_SETTINGS
 from internvl_chat.ui.set_keys import START_FLAGS, changeable_while_running, runtime_keys
 from internvl_chat.ui.commands import COMMAND_BY_NAME, COMMANDS
 
@@ -384,19 +385,19 @@ def test_more_limits_the_docs_quote_are_the_codes():
     from internvl_chat.chat import answer_bounds
     from internvl_chat.chat.sampling import GREEDY_BELOW
     from internvl_chat.engine import checkpoint
-    from internvl_chat.media import image, video
+    from internvl_chat.media import image, video_cost
     from internvl_chat.quant.int4_linear import Int4Linear
     from internvl_chat.serve import answers, protocol
     from internvl_chat.settings import REMOTE_TIMEOUT_MAX
-    from internvl_chat.ui import app, render
+    from internvl_chat.ui import media_paths, render
 
     readme, architecture = _flat(README), _flat(ARCHITECTURE)
     quoted = [
-        f"in name order, at most {app.MAX_PATTERN_MATCHES}, when",
+        f"in name order, at most {media_paths.MAX_PATTERN_MATCHES}, when",
         f"over {round(image.MAX_PIXELS / 1e6)} M pixels, a side over {image.MAX_SIDE:,}",
         f"a JPEG of over {image.MAX_JPEG_SCANS} scans",
         f"`stop` (up to {protocol.MAX_STOP_STRINGS} strings of up to {protocol.MAX_STOP_STRING_CHARS:,} characters each)",
-        f"each counted as at least {video.MIN_FRAME_SIDE}×{video.MIN_FRAME_SIDE}",
+        f"each counted as at least {video_cost.MIN_FRAME_SIDE}×{video_cost.MIN_FRAME_SIDE}",
         f"`--max-video-decode-megapixels` in all ({Settings().serve.max_video_decode_megapixels}:",
         f"(+{answer_bounds.PIECE_SLACK};", f"more than {answer_bounds.CHARS_PER_TOKEN} characters a token",
         f"(default {Settings().remote.answer_timeout:g}, at most {REMOTE_TIMEOUT_MAX:g}; 0: no bound)",
@@ -422,7 +423,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
 
 def test_the_folders_and_modes_the_readme_gives_are_the_codes():
     from internvl_chat.settings import default_config_path
-    from internvl_chat.ui.app import default_sessions_dir
+    from internvl_chat.ui.saved_sessions import default_sessions_dir
 
     readme, home = _flat(README), Path("/home/u")
     sessions = default_sessions_dir({"HOME": str(home)}).relative_to(home).as_posix()

@@ -143,7 +143,7 @@ def test_a_relative_xdg_folder_counts_as_unset(tmp_path, monkeypatch):
     listed other ones in each folder; the XDG spec makes a relative value invalid."""
     from internvl_chat.engine.compiled import use_cache_dir
     from internvl_chat.settings import default_config_path
-    from internvl_chat.ui.app import default_sessions_dir
+    from internvl_chat.ui.saved_sessions import default_sessions_dir
 
     for value in ("state", "./state", "", "~/state"):
         env = {"HOME": str(tmp_path), "XDG_STATE_HOME": value, "XDG_CONFIG_HOME": value}
@@ -193,7 +193,7 @@ def test_without_a_home_folder_the_app_still_runs_and_says_what_to_set(tmp_path,
     import pwd
 
     from internvl_chat.settings import load_settings
-    from internvl_chat.ui.app import default_sessions_dir
+    from internvl_chat.ui.saved_sessions import default_sessions_dir
     from internvl_chat.ui.repl import open_history
 
     monkeypatch.delenv("HOME", raising=False)
@@ -214,9 +214,9 @@ def test_without_a_home_folder_the_app_still_runs_and_says_what_to_set(tmp_path,
 
     warnings = Warnings()
     open_history(settings, warnings)  # the REPL starts, its history in memory
-    assert warnings.lines == ["~/.local/state/internvl-chat/history is in the home folder, which is unknown (HOME is not "
-                              "set and this user has no account entry); set HOME, or give a full path; the history is "
-                              "kept in memory only this time"]  # fmt: skip
+    assert warnings.lines == ["~/.local/state is in the home folder, which is unknown (HOME is not set and this user "
+                              "has no account entry); set HOME or $XDG_STATE_HOME; the history is kept in memory only "
+                              "this time"]  # fmt: skip
 
 
 def test_write_atomic_takes_a_name_as_long_as_the_file_system_allows(tmp_path):

@@ -174,7 +174,7 @@ def test_images_are_sent_as_the_files_own_bytes(tmp_path):
 
 def test_video_frames_are_our_samplers_frames(tmp_path):
     """The frames sent are the ones media/video.py samples (frame numbers read back from the JPEGs)."""
-    from internvl_chat.media.video import frame_indices
+    from internvl_chat.media.video_sampling import frame_indices
 
     video = write_numbered_video(tmp_path / "v.mp4", 40)
     with FakeServer(models_of("lmdeploy")) as server:
@@ -776,7 +776,7 @@ def test_a_server_is_sent_the_picture_the_way_up_the_local_model_sees_it(tmp_pat
     """The remote payload turns a picture as load_image does: a TIFF once (Pillow opens it turned:
     turning it again sent it upside down), a PNG whose eXIf follows its pixels not at all (the
     documented exception), a JPEG by its EXIF orientation."""
-    from internvl_chat.chat.remote import image_payload
+    from internvl_chat.chat.remote_media import image_payload
     from internvl_chat.media.image import load_image
 
     stored = textured_rgb(64, 32, seed=3)
@@ -797,7 +797,7 @@ def test_pictures_for_a_server_are_read_as_the_app_reads_them(monkeypatch):
     # an EPS (Pillow runs Ghostscript on it) is refused; garbage EXIF prints no Python warnings
     from PIL import EpsImagePlugin
 
-    from internvl_chat.chat.remote import image_payload
+    from internvl_chat.chat.remote_media import image_payload
 
     ran = []
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or (_ for _ in ()).throw(OSError("ran")))

@@ -26,7 +26,8 @@ from rich.console import Console
 
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.settings import load_settings
-from internvl_chat.ui.app import ERROR, OK, App, runtime_keys
+from internvl_chat.ui.app import ERROR, OK, App
+from internvl_chat.ui.set_keys import runtime_keys
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from app_helpers import output
 from media_helpers import textured_rgb

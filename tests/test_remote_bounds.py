@@ -19,7 +19,7 @@ import pytest
 from remote_helpers import FakeServer, Reply, dripping_server, fixture, unanswered_port
 from rich.console import Console
 
-from internvl_chat.chat import answer_bounds, remote_http
+from internvl_chat.chat import answer_bounds, remote_http, remote_sockets
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
@@ -304,7 +304,7 @@ def test_an_abort_just_as_the_connect_ends_shuts_the_new_connection(monkeypatch)
     timeout, an hour here). The abort comes exactly there (the connect's outcome is being taken)."""
     import socket
 
-    real_outcome = remote_http._Attempt.outcome
+    real_outcome = remote_sockets._Attempt.outcome
     streams: list = []
 
     def outcome_then_abort(attempt):
@@ -312,7 +312,7 @@ def test_an_abort_just_as_the_connect_ends_shuts_the_new_connection(monkeypatch)
         streams[0].abort()
         return made
 
-    monkeypatch.setattr(remote_http._Attempt, "outcome", outcome_then_abort)
+    monkeypatch.setattr(remote_sockets._Attempt, "outcome", outcome_then_abort)
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)  # connections are made by the kernel, and never answered
@@ -445,7 +445,7 @@ def test_shutting_a_clients_sockets_survives_a_connection_added_meanwhile():
     import socket
     import weakref
 
-    from internvl_chat.chat import remote_http
+    from internvl_chat.chat import remote_sockets
 
     class Changing(weakref.WeakSet):
         failures = 1
@@ -459,5 +459,5 @@ def test_shutting_a_clients_sockets_survives_a_connection_added_meanwhile():
     a, b = socket.socketpair()
     with a, b:
         sockets = Changing([a])
-        remote_http.shut_all(sockets)
+        remote_sockets.shut_all(sockets)
         assert b.recv(1) == b""  # a was shut: its peer reads the end

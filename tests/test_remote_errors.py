@@ -9,9 +9,11 @@ import types
 import pytest
 from remote_helpers import FakeServer, Reply, dripping_server, fixture, refusing_port
 
-from internvl_chat.chat import remote_http
+from internvl_chat.chat import remote_http, remote_stream
 from internvl_chat.chat.remote import RemoteConversation
-from internvl_chat.chat.remote_http import ApiClient, HeadWatch, error_text, normalize_base_url
+from internvl_chat.chat.remote_errors import error_text
+from internvl_chat.chat.remote_http import ApiClient, normalize_base_url
+from internvl_chat.chat.remote_sockets import HeadWatch
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.errors import InternVLChatError, RemoteError, UsageError
 
@@ -47,7 +49,7 @@ def stepping_clock(monkeypatch, step_s: float = 100.0) -> None:
     busy the machine (a short real timeout would also bound how soon the server's first byte
     comes), and a bound restarted by every piece, the bug, is never passed."""
     ticks = itertools.count(step=step_s)
-    monkeypatch.setattr(remote_http, "time", types.SimpleNamespace(monotonic=lambda: next(ticks)))
+    monkeypatch.setattr(remote_stream, "time", types.SimpleNamespace(monotonic=lambda: next(ticks)))
 
 
 def fails_with(conv: RemoteConversation, pattern: str) -> str:
@@ -259,13 +261,13 @@ def test_a_compressed_flood_of_events_is_decoded_only_as_far_as_the_answer_is_re
 
     decoded = []
 
-    class Counting(remote_http.SSEDecoder):
+    class Counting(remote_stream.SSEDecoder):
         def feed(self, chunk: bytes) -> list:
             events = super().feed(chunk)
             decoded.append(len(events))
             return events
 
-    monkeypatch.setattr(remote_http, "SSEDecoder", Counting)
+    monkeypatch.setattr(remote_stream, "SSEDecoder", Counting)
     flood = gzip.compress(b"data:{}\n\n" * 1_000_000)
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = conversation_with_one_turn(server)

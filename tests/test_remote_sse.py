@@ -12,7 +12,7 @@ from internvl_chat.errors import RemoteError
 
 
 def events_of(pieces: list[bytes]) -> tuple[list[SSEEvent], SSEDecoder]:
-    """The events of a body read in these pieces, as remote_http reads one: feed each, then finish."""
+    """The events of a body read in these pieces, as remote_stream reads one: feed each, then finish."""
     decoder = SSEDecoder()
     events = [event for piece in pieces for event in decoder.feed(piece)]
     return events + decoder.finish(), decoder

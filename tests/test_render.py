@@ -9,16 +9,10 @@ from rich.console import Console
 from rich.markdown import Markdown
 from screen_model import make_screen
 
-from internvl_chat.ui import render
-from internvl_chat.ui.render import (
-    BlockSplitter,
-    MarkdownStream,
-    PlainStream,
-    choose_stream,
-    format_attach_line,
-    format_stats,
-    make_console,
-)
+from internvl_chat.ui import markdown_blocks, render
+from internvl_chat.ui.markdown_blocks import BlockSplitter
+from internvl_chat.ui.render import MarkdownStream, PlainStream, choose_stream, make_console
+from internvl_chat.ui.summary_lines import format_attach_line, format_stats
 
 # --- the block committer -----------------------------------------------------------------------
 
@@ -176,8 +170,8 @@ def test_a_long_unfinished_block_costs_each_token_the_same(monkeypatch):
     lines is looked at once, not the whole tail again on every token (time quadratic in a
     30,000-token answer)."""
     looked_at = []
-    indent = render._indent
-    monkeypatch.setattr(render, "_indent", lambda line: looked_at.append(line) or indent(line))
+    indent = markdown_blocks._indent
+    monkeypatch.setattr(markdown_blocks, "_indent", lambda line: looked_at.append(line) or indent(line))
     lines = [f"- item {i}\n" for i in range(400)]
     stream = MarkdownStream(recording_console())
     for line in lines:

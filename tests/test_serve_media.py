@@ -178,21 +178,22 @@ def video_part(path: Path, mime: str = "video/mp4") -> dict:
 
 def test_a_new_video_s_header_is_read_once_when_its_request_is_measured(server, tmp_path, monkeypatch):
     # probe_video, the frame-size check and decode_cost each opened the file and read its header
-    from internvl_chat.media import video
+    from internvl_chat.media import video, video_header, video_sources
     from internvl_chat.serve.errors import APIError
 
     clip = write_numbered_video(tmp_path / "once.mp4", num_frames=12)  # its URL is in no cache
     headers, opens = [], []
-    real_header, real_open = video._read_header, video.open_container
-    monkeypatch.setattr(video, "_read_header", lambda *a, **kw: headers.append(1) or real_header(*a, **kw))
-    monkeypatch.setattr(video, "open_container", lambda *a, **kw: opens.append(1) or real_open(*a, **kw))
+    real_header, real_open = video.read_header, video_header.open_container
+    monkeypatch.setattr(video, "read_header", lambda *a, **kw: headers.append(1) or real_header(*a, **kw))
+    for opener in (video_header, video_sources):  # the header's read and PyAV's frame source each open the file
+        monkeypatch.setattr(opener, "open_container", lambda *a, **kw: opens.append(1) or real_open(*a, **kw))
     item = server.worker.reader.video(data_url(clip, "video/mp4"), "messages.0.content.0", 4)
     assert item.tiles == 4 and headers == [1]
     assert len(opens) <= 2  # the header's, and PyAV's key-frame scan where it plans (decord opens the file itself)
     # a frame over the pixel limit is refused from that header, before any key frame is read
     headers.clear(), opens.clear()
     monkeypatch.setattr(server.options, "max_image_pixels", 1000)
-    monkeypatch.setattr(video, "_DecordSource", lambda *a, **kw: pytest.fail("decord opened the video"))
+    monkeypatch.setattr(video, "DecordSource", lambda *a, **kw: pytest.fail("decord opened the video"))
     with pytest.raises(APIError) as err:  # 13 frames: another file, not the cached URL
         server.worker.reader.video(data_url(write_numbered_video(tmp_path / "big.mp4", num_frames=13), "video/mp4"),
                                    "messages.0.content.0", 4)  # fmt: skip

@@ -438,15 +438,15 @@ def test_skip_missing_notes_a_changed_picture_and_escapes_its_name(loaded, tmp_p
 def test_a_file_every_turn_shows_is_hashed_once_on_load(loaded, media_dir, tmp_path, monkeypatch):
     """/load checks each saved media file by its sha256: a video that every turn shows (a long one
     takes seconds to read) is read once per load, not once per turn."""
-    from internvl_chat.chat import session as session_module
+    from internvl_chat.chat import saved_media as saved_media_module
 
     session = Session(loaded, _params(2))
     for question in ("What happens?", "And now?", "Anything else?"):
         final_event(session.ask(question, [session.describe_video(media_dir / "clip.mp4", frames=2)]))
     path = session.save(tmp_path / "chat.json")
     hashed = []
-    real = session_module.sha256_of
-    monkeypatch.setattr(session_module, "sha256_of", lambda p: hashed.append(p) or real(p))
+    real = saved_media_module.sha256_of
+    monkeypatch.setattr(saved_media_module, "sha256_of", lambda p: hashed.append(p) or real(p))
     restored = Session(loaded, _params(2))
     restored.load(path)
     assert restored.ids == session.ids and len(hashed) == 1
@@ -456,7 +456,7 @@ def test_a_file_of_another_size_is_not_read_to_learn_it_changed(loaded, media_di
     """/load read every candidate file whole to hash it: a video that grew to gigabytes (or any
     large file a hand-made session names) was read through before "has changed". The size saved
     with the session tells it at once; a file of the same size is still hashed."""
-    from internvl_chat.chat import session as session_module
+    from internvl_chat.chat import saved_media as saved_media_module
 
     video = tmp_path / "clip.mp4"
     video.write_bytes((media_dir / "clip.mp4").read_bytes())
@@ -465,8 +465,8 @@ def test_a_file_of_another_size_is_not_read_to_learn_it_changed(loaded, media_di
     path = session.save(tmp_path / "chat.json")
     assert json.loads(path.read_text())["messages"][0]["media"][0]["bytes"] == video.stat().st_size
     hashed = []
-    real = session_module.sha256_of
-    monkeypatch.setattr(session_module, "sha256_of", lambda p: hashed.append(p) or real(p))
+    real = saved_media_module.sha256_of
+    monkeypatch.setattr(saved_media_module, "sha256_of", lambda p: hashed.append(p) or real(p))
     with open(video, "ab") as f:
         f.write(bytes(1000))
     fresh = Session(loaded, _params(2))

@@ -12,7 +12,8 @@ import pytest
 from rich.console import Console
 
 from internvl_chat.ui import suspend
-from internvl_chat.ui.render import LiveTail, MarkdownStream
+from internvl_chat.ui.live_tail import LiveTail
+from internvl_chat.ui.render import MarkdownStream
 from internvl_chat.ui.spinner import spin
 from internvl_chat.ui.suspend import HIDE_CURSOR, SHOW_CURSOR, StopHook
 from test_render import emulate_terminal

@@ -21,10 +21,13 @@ from rich.cells import cell_len
 
 from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
-from internvl_chat.ui.app import EXIT, ERROR, OK, runtime_keys, take_media_paths
+from internvl_chat.ui.app import EXIT, ERROR, OK
 from internvl_chat.ui.commands import COMMANDS, format_help
-from internvl_chat.ui.render import format_columns, format_stats, wrap_text
+from internvl_chat.ui.media_paths import take_media_paths
+from internvl_chat.ui.summary_lines import format_stats
+from internvl_chat.ui.text_wrap import format_columns, wrap_text
 from internvl_chat.ui.repl import ChatCompleter
+from internvl_chat.ui.set_keys import runtime_keys
 from internvl_chat.ui.setup import EMBEDDED_MODEL
 from internvl_chat.ui.typeahead import held_keys, keys_released, typed_text
 from media_helpers import textured_rgb

@@ -23,7 +23,8 @@ from PIL import Image
 from internvl_chat.errors import MediaError, UsageError
 from internvl_chat.files import visible
 from internvl_chat.media import video as media_video
-from internvl_chat.media.video import BACKEND_ENV, frame_indices, load_video, probe_video, used_range
+from internvl_chat.media.video import BACKEND_ENV, load_video, probe_video
+from internvl_chat.media.video_sampling import frame_indices, used_range
 
 
 def expected_indices(total: int, fps: float, n: int, start: float | None = None, end: float | None = None) -> list[int]:

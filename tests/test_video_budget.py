@@ -13,8 +13,10 @@ import pytest
 import torch
 from media_helpers import read_frame_number, video_backends, write_growing_video, write_numbered_video
 
-from internvl_chat.media import video as media_video
-from internvl_chat.media.video import BACKEND_ENV, DecodeCost, DecodeOverBudget, decode_cost, decord_work, load_video
+from internvl_chat.media import video as media_video, video_sampling, video_sources
+from internvl_chat.media.video import BACKEND_ENV, decode_cost, load_video
+from internvl_chat.media.video_cost import DecodeCost, DecodeOverBudget
+from internvl_chat.media.video_sources import decord_work
 
 CLIPS = {  # name: (frames, codec, options)
     "intra.avi": (40, "mpeg4", dict(gop=1)),  # PyAV, every frame a key frame: still decoded from the start
@@ -146,7 +148,7 @@ def test_intra_only_streams_decode_only_the_sampled_frames_and_give_those_of_a_f
             assert torch.equal(tile, media_video.frame_to_tile(full[number], None, 448)[0]), (name, number)
     # a header that promises 60 frames: as in a decode from the start, the last one stands in for the rest
     result = load_video(_promising(path, 60), 6)
-    assert result.indices == [min(i, 39) for i in media_video.frame_indices(60, 30.0, 6)] == [4, 14, 24, 34, 39, 39]
+    assert result.indices == [min(i, 39) for i in video_sampling.frame_indices(60, 30.0, 6)] == [4, 14, 24, 34, 39, 39]
     assert result.decoded_frames == 5
     assert [read_frame_number(t) for t in result.pixel_values.numpy()] == result.indices
 
@@ -170,10 +172,10 @@ def test_what_decord_decoded_before_it_failed_counts_against_the_limit(clips, mo
 
     def fail_after_the_plan(self, wanted, stop, meter):
         meter.charge(self.plan(wanted), *self._size)  # as if it had decoded them all
-        raise media_video._DecordFailed("decord gave up")
+        raise video_sources.DecordFailed("decord gave up")
         yield  # a generator, as the real one
 
-    monkeypatch.setattr(media_video._DecordSource, "frames", fail_after_the_plan)
+    monkeypatch.setattr(video_sources.DecordSource, "frames", fail_after_the_plan)
     both = decord_cost.pixels + pyav_cost.pixels
     assert load_video(path, 8, max_decode_pixels=both).decoded_pixels == both
     with pytest.raises(DecodeOverBudget) as err:
@@ -186,16 +188,16 @@ def test_an_intra_only_stream_whose_packets_are_not_one_frame_each_is_decoded_fr
     not frame n there, so, found out at a wanted packet, the stream is decoded again from the start."""
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     path = write_numbered_video(tmp_path / "mjpeg.avi", 40, 30, "mjpeg", pix_fmt="yuvj420p")
-    alone = media_video._PyAVSource._alone
+    alone = video_sources.PyAVSource._alone
     calls = []
 
     def third_gives_none(self, packet):
         calls.append(1)
         if len(calls) == 3:
-            raise media_video._NotOnePerPacket
+            raise video_sources.NotOnePerPacket
         return alone(self, packet)
 
-    monkeypatch.setattr(media_video._PyAVSource, "_alone", third_gives_none)
+    monkeypatch.setattr(video_sources.PyAVSource, "_alone", third_gives_none)
     result = load_video(path, 8)
     assert [read_frame_number(t) for t in result.pixel_values.numpy()] == result.indices
     assert result.decoded_frames == 2 + max(result.indices) + 1  # two alone, then all from the start

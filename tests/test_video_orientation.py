@@ -15,12 +15,11 @@ import pytest
 from media_helpers import display_matrix, orientation_pattern, reference_normalize, video_backends, write_pattern_video
 from PIL import Image
 
-from internvl_chat.media import video as media_video
-from internvl_chat.media.video import (
-    BACKEND_ENV,
+from internvl_chat.media import video_header, video_sources
+from internvl_chat.media.video import BACKEND_ENV, load_video
+from internvl_chat.media.video_orientation import (
     compose,
     inverse,
-    load_video,
     orientation_from_display_matrix,
     orientation_from_rotate_tag,
 )
@@ -197,8 +196,8 @@ def test_decord_turns_by_itself_as_the_code_assumes(clips):
     width, height = SIZES[1]  # rows not padded: decord's own output is usable as is
     for name in CLIPS:
         path = clips[name, width, height]
-        header = media_video._read_header(path, orientation=True)
-        applied = media_video.decord_rotation(header)
+        header = video_header.read_header(path, orientation=True)
+        applied = video_sources.decord_rotation(header)
         stored = _stored_frames(path)[0]
         expected = stored if applied is None else np.asarray(Image.fromarray(stored).transpose(applied))
         raw = decord.VideoReader(str(path), num_threads=1)[0].asnumpy()

@@ -80,7 +80,7 @@ class AnswerBounds:
 
     def time_left(self) -> float | None:
         """Seconds until the deadline (a little at least), or None without one: what a connection
-        still being made may take. The watcher's abort abandons a connect (remote_http.Connector);
+        still being made may take. The watcher's abort abandons a connect (remote_sockets.Connector);
         the connect's own timeout ends at the deadline too, where httpx takes no Connector."""
         if self.deadline is None:
             return None

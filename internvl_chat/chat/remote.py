@@ -9,7 +9,8 @@ Images go as the file's own bytes when every server reads them as we do (JPEG an
 EXIF rotation or transparency); otherwise as a PNG made once from the picture our own pipeline
 sees (rotated upright, transparency on white). Videos are sampled locally with our frame sampler
 (media/video.py) and sent as 448×448 JPEG frames, one tile each, in the form the dialect wants
-(chat/dialects.py).
+(chat/dialects.py). What is sent is made by remote_media.py; the numbers a server reports are
+checked by remote_numbers.py.
 
 Token numbers are the server's when it reports them (`usage`); before a request they are
 estimates (256 tokens a tile, about 4 bytes of text a token), so `token_counts_exact` is False.
@@ -18,33 +19,19 @@ estimates (256 tokens a tile, about 4 bytes of text a token), so `token_counts_e
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
 from ..files import expand_home, read_bytes_file, replace_lone_surrogates, visible, write_atomic
-from ..media.image import (
-    IMAGE_SIZE,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    count_tiles,
-    image_formats,
-    pending_orientation,
-    probe_image,
-    quiet_pillow,
-    to_rgb,
-    upright,
-)
-from ..media.video import load_video, probe_video, used_range
+from ..media.image import IMAGE_SIZE, count_tiles, probe_image
+from ..media.video import load_video, probe_video
+from ..media.video_sampling import used_range
 from ..settings import without_credentials
 from .advice import Advice, any_of
 from .answer_bounds import AnswerBounds, watched
@@ -61,9 +48,13 @@ from .dialects import (
     tiles_are_per_request,
     user_content,
 )
-from .remote_http import ApiClient, ContextRefused, context_refusal, shorten
+from .remote_errors import ContextRefused, context_refusal, shorten
+from .remote_http import ApiClient
+from .remote_media import RemoteMedia, frames_as_jpeg, image_payload
+from .remote_numbers import FINISH_REASONS, answer_timing, clean_usage, context_of
 from .sampling import SamplingParams
-from .session import Media, ReadiedSession, saved_media, sha256_of, with_notes
+from .saved_media import ReadiedSession, saved_media, sha256_of, with_notes
+from .session import Media
 from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
 from .sse import StreamFailed
 from .template import media_order
@@ -76,27 +67,11 @@ TURN_TEMPLATE_TOKENS = 10  # <|im_end|>\n<|im_start|>user\n … <|im_end|>\n<|im
 SYSTEM_TEMPLATE_TOKENS = 5
 BYTES_PER_TOKEN = 4  # Qwen's tokenizer: ~4 bytes of English or of Chinese text per token
 MAX_IMAGE_BYTES = 64 << 20
-SENT_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png"}  # read alike by PIL, stb_image, lmdeploy, vLLM
-JPEG_QUALITY = 95
-MAX_USAGE_COUNT = 1 << 31  # a token count beyond any context: a broken server's usage
 FINISH_REASON_MAX_CHARS = 64  # of a finish_reason the server names; real ones are one word
-FINISH_REASONS = {"stop": "stop", "eos": "stop", "tool_calls": "stop", "content_filter": "stop", "length": "length"}
 
 
 def estimate_text_tokens(text: str) -> int:
     return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN)
-
-
-@dataclass
-class RemoteMedia(Media):
-    """A Media with what is sent for it, made once: a picture, or a video's frames."""
-
-    picture: Picture | None = field(default=None, repr=False)
-    clip: Clip | None = field(default=None, repr=False)
-
-    @property
-    def prepared(self) -> bool:
-        return self.picture is not None or self.clip is not None
 
 
 @dataclass
@@ -119,44 +94,6 @@ class RemoteTurn:
     def answer_tokens(self) -> int | None:
         n = (self.usage or {}).get("completion_tokens")
         return n if isinstance(n, int) and n >= 0 else None
-
-
-# ---- pictures ----------------------------------------------------------------------------------
-
-
-def image_payload(data: bytes, name: str) -> tuple[bytes, str]:
-    """(bytes to send, MIME type) for an image file's bytes: as is when servers read it as we do."""
-    try:
-        with quiet_pillow(), Image.open(io.BytesIO(data), formats=image_formats()) as image:
-            kind = image.format
-            orientation = pending_orientation(image)  # the turn load_image gives it
-            has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-            # a PNG's late eXIf chunk is not applied here (as load_image does not); a server might
-            late_exif = kind == "PNG" and b"eXIf" in data
-            if kind in SENT_AS_IS and orientation in (0, 1) and not has_alpha and not late_exif and image.mode in ("RGB", "L"):
-                return data, SENT_AS_IS[kind]
-            image.load()
-            out = io.BytesIO()
-            to_rgb(upright(image, orientation)).save(out, format="PNG")  # turned as load_image turns it
-            return out.getvalue(), "image/png"
-    except MediaError:
-        raise
-    except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for damaged files
-        raise MediaError(f"cannot read image {name} ({shorten(str(e), 120)}); re-export it as PNG or JPEG") from None
-
-
-def frames_as_jpeg(pixel_values) -> list[bytes]:
-    """Normalised 448×448 tiles [N, 3, S, S] back to 8-bit pictures, as JPEG (exact inverse of the
-    normalisation: the tiles were made from 8-bit pixels, so rounding restores them)."""
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None, None]
-    out = []
-    for tile in pixel_values.numpy():
-        rgb = np.clip(np.rint((tile * std + mean) * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-        buf = io.BytesIO()
-        Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
-        out.append(buf.getvalue())
-    return out
 
 
 # ---- the conversation --------------------------------------------------------------------------
@@ -219,7 +156,7 @@ class RemoteConversation:
             else:
                 card = cards[0]
             chosen = detect_dialect(card.get("owned_by")) if dialect.strip().lower() in ("", "auto") else dialect
-            return cls(client, card["id"], chosen, _context_of(card), handshake_s=handshake_s, **kwargs)
+            return cls(client, card["id"], chosen, context_of(card), handshake_s=handshake_s, **kwargs)
         except BaseException:
             client.close()
             raise
@@ -344,7 +281,7 @@ class RemoteConversation:
             self.client.broke = True
             raise
         card = next((c for c in cards if c["id"] == self.model), None)
-        limit = _context_of(card) if card is not None else None
+        limit = context_of(card) if card is not None else None
         if limit is None or limit == self._max_context:
             return None
         self._max_context = limit
@@ -578,8 +515,8 @@ class RemoteConversation:
         end = time.perf_counter()
         turn.reply = "".join(parts)
         turn.finish_reason = finish
-        turn.usage = _clean_usage(usage)
-        turn.timing = _timing(t0, t_first, t_last, end, chunks, turn.usage, server_timings, raw_finish)
+        turn.usage = clean_usage(usage)
+        turn.timing = answer_timing(t0, t_first, t_last, end, chunks, turn.usage, server_timings, raw_finish)
         if replace_last:
             self.turns[-1] = turn
         else:
@@ -676,57 +613,3 @@ class RemoteConversation:
         readied = self.read_saved(path, skip_missing)
         self.restore(readied)
         return readied.saved.data
-
-
-def _context_of(card: dict) -> int | None:
-    """The context length a model card states: `max_model_len` (vLLM, SGLang, serve) or llama.cpp's `meta.n_ctx`."""
-    meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}
-    for value in (card.get("max_model_len"), meta.get("n_ctx")):
-        if _is_count(value) and value > 0:  # beyond 2**31 tokens: a broken card, not a context
-            return value
-    return None
-
-
-def _clean_usage(usage: dict | None) -> dict | None:
-    """The server's usage with only well-formed counts (prompt, completion, total, cached)."""
-    if not usage:
-        return None
-    out = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if _is_count(usage.get(k))}
-    details = usage.get("prompt_tokens_details")
-    if isinstance(details, dict) and _is_count(details.get("cached_tokens")):
-        out["cached_tokens"] = details["cached_tokens"]
-    return out or None
-
-
-def _is_count(value: object) -> bool:
-    """A token count a request can have: an int (not a bool), 0 ≤ n < 2**31."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_USAGE_COUNT
-
-
-def _is_measure(value: object) -> bool:
-    """A number of the server's timings (ms, tokens, tokens/s): 0 ≤ x < 2**31. Compared, not passed
-    to math.isfinite, which raises for an int too large for a float; NaN fails the comparison."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < MAX_USAGE_COUNT
-
-
-def _timing(t0, t_first, t_last, end, chunks, usage, server_timings, raw_finish) -> dict:
-    """Client-measured TTFT and decode speed; the server's own numbers under "server"."""
-    timing: dict = {"request_s": end - t0}
-    if t_first is not None:
-        timing["ttft_s"] = t_first - t0
-        completion = (usage or {}).get("completion_tokens", chunks)
-        decode_tokens = max(completion - 1, 0)  # the first token belongs to the time to first token
-        decode_s = (t_last or t_first) - t_first
-        timing.update(decode_tokens=decode_tokens, decode_s=decode_s,
-                      decode_tokens_per_s=decode_tokens / decode_s if decode_s > 0 else 0.0)  # fmt: skip
-    server: dict = dict(usage or {})
-    if server_timings:
-        for key in ("cache_n", "prompt_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms", "predicted_per_second"):
-            value = server_timings.get(key)
-            if _is_measure(value):
-                server[key] = value
-    if raw_finish and raw_finish not in FINISH_REASONS:
-        server["finish_reason"] = raw_finish
-    if server:
-        timing["server"] = server
-    return timing

@@ -1,7 +1,8 @@
 """Media inputs: images → dynamic tiles, videos → sampled frames (one tile each)."""
 
 from .image import ImageInput, choose_grid, count_tiles, load_image, normalize_tiles, probe_image, tile_image
-from .video import VideoInput, frame_indices, load_video, probe_video
+from .video import VideoInput, load_video, probe_video
+from .video_sampling import frame_indices
 
 __all__ = [
     "ImageInput",

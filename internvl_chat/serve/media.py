@@ -43,7 +43,8 @@ from ..chat.template import MediaSpec
 from ..errors import MediaError, UsageError
 from ..files import read_bytes_file
 from ..media.image import count_tiles, load_image, probe_image
-from ..media.video import DecodeCost, DecodeOverBudget, load_video, megapixels, plan_video
+from ..media.video import load_video, plan_video
+from ..media.video_cost import DecodeCost, DecodeOverBudget, megapixels
 
 if TYPE_CHECKING:
     from ..engine.config import ModelConfig

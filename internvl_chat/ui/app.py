@@ -20,14 +20,8 @@ sets the cancel flag, so the answer stops between tokens and its partial text is
 from __future__ import annotations
 
 import copy
-import glob
-import json
 import os
-import re
-import resource
 import signal
-import stat
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -36,25 +30,29 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
 from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media
-from ..chat.session_file import CANCELLED_MARK, SESSION_FORMAT
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import (PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, read_text_file, undecodable_byte, visible, visible_file_name,
-                     visible_lines, write_atomic, xdg_dir)  # fmt: skip
-from ..settings import Settings, format_settings, shown_value, toml_value
-from .answer_text import AnswerCleaner, sanitize
-from .commands import Command, Message, format_help, parse_line, quote_spaced, split_words
-from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path, quote_path
-from .render import (choose_stream, colour_off, format_attach_line, format_bytes, format_columns, format_server_numbers, format_stats,
-                     percent, wrap_text)  # fmt: skip
-from .set_keys import changeable_while_running, read_at_start, runtime_keys, set_key
+from ..files import PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, undecodable_byte, visible, visible_lines, write_atomic
+from ..settings import Settings, format_settings
+from .answer_text import AnswerCleaner
+from .commands import Command, Message, format_help, parse_line, unwrap_block
+from .export import answer_and_cut, export_markdown
+from .media_paths import check_typed_paths, expand_wildcards, not_attached, take_media_paths
+from .paths import media_kind, quote_path
+from .peak_memory import peak_memory, reset_peak_memory
+from .render import choose_stream, colour_off
+from .saved_sessions import RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages
+from .set_keys import changeable_while_running, read_at_start, set_key
+from .settings_text import LISTED_VALUE_WIDTH, plain_value, setting_source, setting_text, settings_table, unset_system
 from .spinner import spin
+from .stats_table import stats_rows
+from .summary_lines import format_attach_line, format_stats, percent
+from .text_wrap import format_columns, wrap_text
 
 OK, ERROR, EXIT = "ok", "error", "exit"
 # What the embedded demo model can answer (README, "What it can do").
@@ -62,253 +60,13 @@ DEMO_MODEL_NOTE = (
     "it only answers short questions about simple drawn shapes: how many, what colour, which shape, "
     "left or right, top or bottom, or a one-sentence description; --model DIR loads a real InternVL3"
 )
-LISTED_VALUE_WIDTH = 40  # `/set` alone lists values up to this long, longer ones cut short
 NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
-BLOCK_QUOTES = '"""'
 NAMES_SHOWN = 3  # files named in a refusal to attach several at once
-_WILDCARD = re.compile(r"[*?\[]")  # what makes an /image path a pattern
-MAX_JOINED_WORDS = 6  # /image words tried together as one path typed with bare spaces
-# images one /image pattern may attach: past any context at one tile each, and each match is read
-# and hashed before the context check (`~/Pictures/*.jpg` over 20,000 photos took minutes to refuse)
-MAX_PATTERN_MATCHES = 100
 KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
     "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
 )
-
-def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[Path] = ()) -> tuple[str, list[Path], list[Path]]:
-    """The media paths typed in a message: (the message without them, the files that exist, the
-    paths of media files that do not). One-shot and REPL messages go through this alike.
-
-    Relative paths are looked up in `search_dirs` (a script's folder), then in `cwd`."""
-    if not may_name_media(text):  # no word to look at (a long paste is not split word by word)
-        return text, [], []
-    found: list[tuple[tuple[int, int], Path]] = []
-    for folder in (*search_dirs, cwd):  # an earlier folder wins a span
-        found += [(span, path) for span, path in find_media_paths(text, folder)
-                  if not any(span[0] < end and start < span[1] for (start, end), _ in found)]  # fmt: skip
-    found.sort(key=lambda item: item[0])
-    kept, last = [], 0
-    for (start, end), _ in found:
-        kept.append(text[last:start])
-        last = end
-    kept.append(text[last:])
-    rest = "".join(kept)
-    if found:  # tidy the gap a path leaves: "What is in ?" -> "What is in?"
-        rest = re.sub(r"[ \t]{2,}", " ", rest)
-        rest = re.sub(r"[ \t]+([.,;:!?)\]])", r"\1", rest)
-        rest = "\n".join(line.strip() for line in rest.split("\n")).strip()
-    return rest, [path for _, path in found], _missing_media_paths(text, {p.resolve() for _, p in found}, (*search_dirs, cwd))
-
-
-def not_attached(path: Path) -> str:
-    """The warning for a path `take_media_paths` gives as missing: why it was not attached."""
-    why = "is not a file (a folder, a device or a pipe)" if _exists(path) else "does not exist"
-    return f"{visible(str(path))} {why}, so it was not attached; check the path"
-
-
-def _missing_media_paths(text: str, found: set[Path], folders: Sequence[Path | None]) -> list[Path]:
-    """Words that look like paths of media files that are not files in any of `folders` (said, not
-    silently ignored: a name of a FIFO or a folder too); a relative one is named as in the last folder."""
-    missing = []
-    for word in split_words(text):
-        raw = word.raw.strip("()[]{}<>,;:!?\"'")
-        if not raw.startswith(("/", "~", "./", "../", "file:")) or media_kind(raw.rstrip(".")) is None:
-            continue
-        try:
-            path = normalize_path(raw.rstrip("."))
-        except UsageError:
-            continue
-        # a relative path found beside a script was attached, and still said not to exist in the working folder
-        candidates = [path] if path.is_absolute() else [path if folder is None else Path(folder) / path for folder in folders]
-        if not any(is_file(candidate) or candidate.resolve() in found for candidate in candidates):
-            missing.append(next((candidate for candidate in candidates if _exists(candidate)), candidates[-1]))
-    return missing
-
-
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except OSError:  # a name too long for the file system: no such file
-        return False
-
-
-# A code fence: up to 3 spaces, then 3 or more backticks or tildes (CommonMark).
-_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
-
-
-_CODE_RUN = re.compile(r"`+")
-_HTML_START = re.compile(r"<(?=[A-Za-z/!?])")  # a tag, a comment, a declaration: raw HTML
-_IMAGE_START = re.compile(r"!\[")
-# the export's own headings (`export_markdown`): a message line reading as one started a turn of its own
-_EXPORT_HEADING = re.compile(r"^( {0,3})(#{1,6}[ \t]+(?:Conversation|System|User|Assistant)[ \t#]*)$", re.IGNORECASE)
-
-
-def _inert_line(line: str) -> str:
-    """One line outside code blocks with raw HTML, image syntax and the export's own headings made
-    text; code spans kept."""
-    line = _EXPORT_HEADING.sub(r"\1\\\2", line)  # `\## User`: shown as text, not a heading
-    out, i = [], 0
-    while True:
-        m = _CODE_RUN.search(line, i)
-        end = m.start() if m else len(line)
-        out.append(_IMAGE_START.sub("&#33;[", _HTML_START.sub("&lt;", line[i:end])))
-        if m is None:
-            return "".join(out)
-        close = re.compile(rf"(?<!`){m.group()}(?!`)").search(line, m.end())
-        stop = close.end() if close else m.end()  # no closing run: the backticks are plain text
-        out.append(line[m.start() : stop])
-        i = stop
-
-
-def export_block(text: str) -> str:
-    """`text` (a message, an answer) as a safe part of an export's Markdown.
-
-    Raw HTML and images are written as text (`&lt;img …`, `&#33;[…](…)`): a viewer showing the
-    export fetched `![](https://host/?q=…)` or `<img src=…>` from the network, a channel out for
-    what a hostile picture or page made the model write. A line that reads as one of the export's
-    own headings (`## User`) is written as text: it faked a turn. Code is left as written. A code fence
-    left open (an answer cut short by max_new_tokens or Ctrl-C) is closed at the end: open, it
-    turned every later heading of the export into code.
-    """
-    open_fence = None
-    lines = []
-    for line in text.split("\n"):
-        m = _FENCE.match(line)
-        if open_fence is not None:
-            if m and m.group(1)[0] == open_fence[0] and len(m.group(1)) >= len(open_fence) and not line[m.end() :].strip():
-                open_fence = None
-            lines.append(line)
-        elif m and not (m.group(1)[0] == "`" and "`" in line[m.end() :]):  # a backtick after ``` makes it inline code
-            open_fence = m.group(1)
-            lines.append(line)
-        else:
-            lines.append(_inert_line(line))
-    if open_fence is not None:
-        lines.append(open_fence)
-    return "\n".join(lines)
-
-
-# Why an answer that did not end by itself stopped (its finish_reason), as an export and /load say it:
-# a reader must not take the part for the whole answer
-CUT_SHORT = {
-    "length": "it reached the length limit",  # max_new_tokens, the context, or a server's answer bounds
-    "cancelled": "cancelled by the user",
-    "error": "it broke off with an error",  # a server's stream broke in the middle (finish_reason "error")
-}
-
-
-def answer_and_cut(turn: Any) -> tuple[str, str | None]:
-    """(an answer's text, why it was cut short or None when it ended by itself).
-
-    The " [cancelled]" the app adds to a cancelled answer is left off: the reason says it, and in
-    an export it stood inside the code block the answer was cut in."""
-    reason = CUT_SHORT.get(turn.finish_reason)
-    text = turn.answer_text
-    if turn.finish_reason == "cancelled" and text.endswith(CANCELLED_MARK):
-        text = text.removesuffix(CANCELLED_MARK).removesuffix(" ")
-    return text, reason
-
-
-def markdown_link(label: str, target: str, image: bool = False) -> str:
-    """A Markdown link to a local file: a `]` in the label or a `>` in the target (any file name
-    may hold them) ended the link early, and the rest of the name became Markdown."""
-    label = re.sub(r"([\\\[\]])", r"\\\1", label)
-    target = re.sub(r"([\\<>])", r"\\\1", target)
-    return f"{'!' if image else ''}[{label}](<{target}>)"
-
-
-def unwrap_block(text: str) -> str | None:
-    '''The inside of a `"""` block (`"""\\nline 1\\nline 2\\n"""`), or None when `text` is not one.'''
-    body = text.strip()
-    if not body.startswith(BLOCK_QUOTES):
-        return None
-    if len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES):
-        raise UsageError('unclosed """ block; end it with a line holding """')
-    inner = body[len(BLOCK_QUOTES) : -len(BLOCK_QUOTES)]
-    return inner.strip("\n")
-
-
-# `/system """` starts a block too: a system message of several lines, in a script as in the REPL
-# (it was set to the three quotes, and the lines after it were sent as messages)
-_SYSTEM_BLOCK = re.compile(r'/system\s+(?=""")', re.IGNORECASE)
-
-
-def block_is_open(text: str) -> bool:
-    '''True while `text` (or `/system TEXT`) starts a `"""` block that is not closed yet (Enter then adds a line).'''
-    body = text.strip()
-    opener = _SYSTEM_BLOCK.match(body)
-    body = body[opener.end() :] if opener else body
-    if not body.startswith(BLOCK_QUOTES):
-        return False
-    return len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES)
-
-
-def peak_memory(device: Any) -> int | None:
-    """Peak memory in bytes: allocated GPU memory on CUDA, else the process's peak resident size."""
-    if str(device).startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
-
-
-def reset_peak_memory(device: Any) -> None:
-    """Start a new GPU peak for the next turn (the process peak on CPU cannot be reset)."""
-    if str(device).startswith("cuda"):
-        import torch
-
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def default_sessions_dir(env: dict[str, str] | os._Environ = os.environ) -> Path:
-    return xdg_dir(env, "XDG_STATE_HOME", ".local/state") / "internvl-chat" / "sessions"
-
-
-# What /load restores from the settings saved with a session (model and UI settings stay as run).
-RESTORED_SETTINGS = (
-    "generation.temperature", "generation.top_p", "generation.top_k", "generation.repetition_penalty",
-    "generation.max_new_tokens", "generation.seed", "media.max_tiles", "media.frames",
-)  # fmt: skip
-
-
-def recent_sessions(folder: Path) -> list[tuple[Path, float]]:
-    """The session files (*.json) in `folder`, newest first, with their modification times."""
-    found = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.name.endswith(".json") or entry.name.startswith("."):
-            continue
-        try:
-            info = entry.stat()  # follows a symlink: what /load would read
-        except OSError:
-            continue
-        if stat.S_ISREG(info.st_mode):
-            found.append((Path(entry.path), info.st_mtime))
-    return sorted(found, key=lambda item: item[1], reverse=True)
-
-
-def file_date(mtime: float) -> str:
-    """A file's modification time as `2026-12-02 13:37`, or `?` for one no calendar date holds (an
-    archive keeps any time, and tmpfs, btrfs or XFS store years past 9999)."""
-    try:
-        return f"{datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}"
-    except (ValueError, OverflowError, OSError):
-        return "?"
-
-
-def _setting_text(value: Any) -> str:
-    """A setting as the config file writes it: true/false, unset for none."""
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def _short(text: str, width: int = 48) -> str:
@@ -575,6 +333,11 @@ class App:
             path = Path.cwd() / path
         return path
 
+    def _places(self, path: Path) -> list[Path]:
+        """Where a path is looked for, in order: as given when absolute, else in `search_dirs`, then
+        the working folder (`_resolve` takes the first that exists)."""
+        return [path] if path.is_absolute() else [*(folder / path for folder in self.search_dirs), self._output_path(path)]
+
     def attach(self, media: Sequence[Media]) -> None:
         """Add described media to the next message, printing each one's cost; refuse what cannot fit."""
         media = list(media)
@@ -783,8 +546,8 @@ class App:
             self.note("a message naming an image or video file attaches it; /set media.auto_attach false turns that off")
 
     def cmd_image(self, command: Command) -> None:
-        paths = [found for path in command.args for found in self._expand_wildcards(path)]
-        self._check_typed_paths(paths)
+        paths = [found for path in command.args for found in expand_wildcards(path, self._resolve, self._places)]
+        check_typed_paths(paths, self._resolve)
         before = {m.path.resolve() for m in self.pending}
         media = [self.describe(path, "image") for path in paths]
         self.attach(media)
@@ -799,41 +562,6 @@ class App:
         if twice:
             names = ", ".join(visible(name) for name in twice[:NAMES_SHOWN]) + (" …" if len(twice) > NAMES_SHOWN else "")
             self.warn(f"{names} attached more than once; /media lists the attachments, /drop N removes one")
-
-    def _expand_wildcards(self, path: Path) -> list[Path]:
-        """`/image shots/*.png`: a path holding * ? or [ that names no file, and ends in an image
-        extension or *, is a pattern, as in a shell; it stands for the image files it matches, in
-        name order (it said "does not exist")."""
-        text = str(path)
-        # `cats?` in `/image cat.png How many cats?` is a word of a question, not a pattern
-        pattern = _WILDCARD.search(text) and (media_kind(text) == "image" or text.endswith("*"))
-        if not pattern or _exists(self._resolve(path)):
-            return [path]
-        where = [path] if path.is_absolute() else [*(folder / path for folder in self.search_dirs), self._output_path(path)]
-        for full in where:
-            found = sorted(Path(p) for p in glob.glob(str(full)) if media_kind(p) == "image" and is_file(Path(p)))
-            if len(found) > MAX_PATTERN_MATCHES:
-                raise UsageError(f"{visible(str(path))} matches {len(found):,} images; /image attaches at most "
-                                 f"{MAX_PATTERN_MATCHES} at once, so narrow the pattern")  # fmt: skip
-            if found:
-                return found
-        raise UsageError(f"no image file matches {visible(str(path))}; check the pattern")
-
-    def _check_typed_paths(self, paths: Sequence[Path]) -> None:
-        """Words of `/image` that name nothing, where what was meant is plain: the error was only
-        "…/My does not exist" for `/image ~/My Pics/cat.png` (one path with bare spaces) and
-        "image How does not exist" for `/image cat.png How many?` (a question after the path)."""
-        for i, path in enumerate(paths):
-            if _exists(self._resolve(path)):
-                continue
-            shown = visible(str(path))
-            for j in range(i + 1, min(len(paths), i + MAX_JOINED_WORDS)):
-                joined = Path(" ".join(str(p) for p in paths[i : j + 1]))
-                if is_file(self._resolve(joined)):
-                    raise UsageError(f"{shown} does not exist; a path with spaces goes in quotes: /image {quote_spaced(str(joined))}")
-            if i and not any(media_kind(p) for p in paths[i:]):
-                raise UsageError(f"{shown} is not a file: /image takes only paths, so send the question as the next message "
-                                 "(or name the file in it)")  # fmt: skip
 
     def cmd_video(self, command: Command) -> None:
         frames = command.options.get("frames")
@@ -907,7 +635,8 @@ class App:
         key = command.args[0]
         dotted = set_key(key, self.settings.remote.server)
         if len(command.args) < 2:
-            self.say(f"{dotted} = {self._setting_text(dotted)}  (from {self._setting_source(dotted)})")
+            self.say(f"{dotted} = {setting_text(self.settings, dotted, self.session.system_message)}  "
+                     f"(from {setting_source(self.settings, dotted)})")
             return
         value = command.args[1]
         if not changeable_while_running(dotted):
@@ -929,7 +658,7 @@ class App:
                 self.console = self.remake_console()
             else:
                 self.console.no_color = self.settings.ui.plain or self._colour_off
-        self.say(f"{dotted} = {self._setting_text(dotted)}")
+        self.say(f"{dotted} = {setting_text(self.settings, dotted, self.session.system_message)}")
         if dotted.startswith("media."):
             self.note("applies to the next attachments")
         limit = self.session.max_context
@@ -940,51 +669,11 @@ class App:
 
     def _list_settings(self) -> None:
         """`/set` alone: each setting it can change, its value and where the value came from."""
-        rows, cut = [], False
-        for dotted in runtime_keys():
-            value = self._setting_text(dotted, LISTED_VALUE_WIDTH)  # a long system message: /set KEY shows it whole
-            cut = cut or value != self._setting_text(dotted)
-            rows.append((dotted, value, f"(from {self._setting_source(dotted)})"))
-        width = self.width
-        column = max(len(dotted) for dotted, _, _ in rows)
-        if width is not None and column + 5 + 24 > width:  # too narrow to align the values
-            column = 0
-        lines = []
-        for dotted, value, source in rows:
-            line = f"  {dotted.ljust(column)} = {value}"
-            fits = width is None or cell_len(line) + 2 + cell_len(source) <= width
-            lines.append(f"{line}  {source}" if fits else f"{line}\n    {source}")  # a source stays whole
+        table, cut = settings_table(self.settings, self.session.system_message, self.width)
         self.say("settings /set can change:", "bold")
-        self.say("\n".join(lines))
+        self.say(table)
         if cut:
             self.note("(… marks a value cut short; /set KEY shows it whole)")
-
-    def _setting_source(self, dotted: str) -> str:
-        """Where a value came from: default, flag, /set, env NAME, config PATH (a path: shown inert)."""
-        return visible(self.settings.sources.get(dotted, "default"))
-
-    def _setting_text(self, dotted: str, width: int | None = None) -> str:
-        """A value as the config file writes it (`false`, `"text"`), made safe to print (a key masked);
-        with `width`, one longer than that is cut short with …"""
-        value = shown_value(dotted, self.settings.get(dotted))
-        if value is None and dotted == "system.message":
-            return self._unset_system(width)
-        text = "(not set)" if value is None else visible(toml_value(value))
-        if value == "" and dotted == "system.message":  # `""` alone read as a message of two quotes
-            text += " (none is sent, the server decides)" if self.settings.remote.server else " (none: no system message is sent)"
-        return text if width is None or len(text) <= width else text[: width - 1] + "…"
-
-    def _unset_system(self, width: int | None = None) -> str:
-        """What an unset system.message means here (`/system` shows the message in use): the model's
-        default, quoted and escaped (only … when that is over `width`), none, or what the server decides."""
-        if self.settings.remote.server:
-            return "(not set: none is sent, the server decides)"
-        if not self.session.system_message:
-            return "(not set: the model has no default)"
-        text = visible(toml_value(self.session.system_message))
-        if width is not None and len(text) > width:
-            text = "…"  # no room left for a useful excerpt beside these words
-        return f"(not set: the model's default, {text})"
 
     def cmd_show(self, command: Command) -> None:
         view = self.session.last_prompt()
@@ -995,7 +684,7 @@ class App:
         else:
             self.say("no prompt sent yet", "bold")
         self.say("settings:", "bold")
-        unset = {"system.message": self._unset_system(LISTED_VALUE_WIDTH)}  # as /set says it
+        unset = {"system.message": unset_system(self.settings, self.session.system_message, LISTED_VALUE_WIDTH)}  # as /set says
         self.say(format_settings(self.settings, unset).rstrip("\n"))
 
     def _used_text(self, used: int, verb: str = "used") -> str:
@@ -1022,33 +711,8 @@ class App:
         if not self.session.turns[-1].timing:  # session files keep no timings: they are this run's
             self.say("no stats for the last answer: it was loaded from a session file; the next answer has them")
             return
-        turn = self.session.turns[-1]
-        t = turn.timing
-        info = self.session.describe()
-        rows = [("finish", str(turn.finish_reason))]
-        if t.get("vision_s"):  # as the stats line: no row when no picture was encoded
-            rows.append(("vision", f"{t['vision_s']:.3f} s"))
-        if "prefill_tokens" in t:
-            rows.append(("prefill", f"{t['prefill_tokens']:,} tokens in {t.get('prefill_s', 0):.3f} s"
-                                    f" ({t.get('prefill_tokens_per_s', 0):,.0f} tok/s)"))  # fmt: skip
-        if "ttft_s" in t:
-            rows.append(("time to first token", f"{t['ttft_s']:.3f} s"))
-        if t.get("decode_tokens"):  # 0: the answer's one token (or piece) came as the first: no rate to tell
-            rows.append(("decode", f"{t['decode_tokens']:,} tokens in {t.get('decode_s', 0):.3f} s"
-                                   f" ({t.get('decode_tokens_per_s', 0):,.1f} tok/s)"))  # fmt: skip
-        answer = turn.answer_tokens
-        rows.append(("answer", "? tokens (not reported)" if answer is None else f"{answer:,} tokens"))
-        limit = self.session.max_context
-        rows.append(("context", f"{self.approx}{self.session.context_used:,} / {f'{limit:,}' if limit else '?'}"))
-        server = format_server_numbers(t.get("server"))
-        if server:
-            rows.append(("server reports", server))
-        rows.append(("model", f"{visible(info.name)} · {visible(info.where)}"))
-        if info.load_s is not None:
-            rows.append(("start-up", f"{info.load_s:.2f} s"))  # the model's load, or the server's first answer
-        if self.last_peak and info.memory_device is not None:
-            where = "GPU" if info.memory_device.startswith("cuda") else "RAM"
-            rows.append(("peak memory", f"{format_bytes(self.last_peak)} {where}"))
+        rows = stats_rows(self.session.turns[-1], self.session.describe(), self.session.context_used,
+                          self.session.max_context, self.approx, self.last_peak)  # fmt: skip
         self.say(format_columns(rows, self.width))
 
     # ---- sessions: /save, /load, /export ---------------------------------------------------
@@ -1116,7 +780,7 @@ class App:
         if not os.path.lexists(path) or self._current_file() == Path(os.path.abspath(path)):
             return True
         _refuse_special_file(path)
-        held = self._saved_conversation(path)
+        held = saved_messages(path)
         if held is not None and self._continues(held):
             return True  # the file holds an earlier state of this very conversation
         what = (f"another conversation ({len(held) // 2} turn(s))" if held is not None
@@ -1125,18 +789,6 @@ class App:
         if self.confirm is None:
             raise UsageError(f"{shown} already holds {what}; /save {_typed(path)} --force replaces it, or give another name")
         return self.confirm(f"{shown} holds {what}; replace it? [y/N] ")
-
-    @staticmethod
-    def _saved_conversation(path: Path) -> list[tuple[Any, Any]] | None:
-        """(role, text) of each message in a session file, or None when it is not one."""
-        try:
-            data = json.loads(read_text_file(path, "session file"))
-        except (InternVLChatError, ValueError, RecursionError):
-            return None
-        messages = data.get("messages") if isinstance(data, dict) and data.get("format") == SESSION_FORMAT else None
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            return None
-        return [(m.get("role"), m.get("text")) for m in messages]
 
     def _continues(self, held: list[tuple[Any, Any]]) -> bool:
         ours = [(m["role"], m["text"]) for m in self.session.to_json()["messages"]]  # as this conversation saves
@@ -1180,7 +832,7 @@ class App:
             listed = ", ".join(f"{m.name} (turn {m.turn})" for m in readied.left_out)  # names escaped by `visible`
             self.warn(f"left out {len(readied.left_out)} file(s) that vanished or changed: {listed}")
         if changes:
-            listed = ", ".join(f"{key.split('.')[1]} {_setting_text(new)} (was {_setting_text(old)})" for key, old, new in changes)
+            listed = ", ".join(f"{key.split('.')[1]} {plain_value(new)} (was {plain_value(old)})" for key, old, new in changes)
             self.note(f"settings from the session: {listed}")
         if self.session.system_message != system_before:
             self.note("the system message saved with the session is in use (/system shows it)")
@@ -1255,7 +907,7 @@ class App:
         shown = sessions[:limit]
         width = max(len(_typed(p.stem)) for p, _ in shown)
         for path, mtime in shown:
-            turns = self._saved_conversation(path)
+            turns = saved_messages(path)
             count = f"{len(turns) // 2} turn(s)" if turns is not None else "not readable"
             self.say(f"  {_typed(path.stem).ljust(width)}  {count:>12}  {file_date(mtime)}")
         more = f" ({len(sessions) - limit} older not shown)" if len(sessions) > limit else ""
@@ -1277,7 +929,7 @@ class App:
         if not self.session.turns:  # as /save says it: an export of nothing is rarely what was meant
             self.warn("the conversation is empty; exporting it anyway")
         # a symlink at the target is replaced, never followed; a file name that is not UTF-8 keeps its bytes
-        write_atomic(path, self.export_markdown().encode("utf-8", "surrogateescape"), PRIVATE_FILE_MODE)
+        write_atomic(path, export_markdown(self.session).encode("utf-8", "surrogateescape"), PRIVATE_FILE_MODE)
         self._export_file = self._file_mark(path)
         self.say(f"exported {len(self.session.turns)} turn(s) to {visible(str(path))}")
 
@@ -1290,40 +942,6 @@ class App:
         if self.confirm is None:
             raise UsageError(f"{shown} already exists; /export {_typed(path)} --force replaces it, or give another name")
         return self.confirm(f"{shown} already exists; replace it? [y/N] ")
-
-    def export_markdown(self) -> str:
-        """The conversation as Markdown: media as links, answers as written but for raw HTML and
-        images (see `export_block`).
-
-        Text from the model or a loaded session file can hold terminal escapes, bidi overrides or
-        other controls; each is written as the terminal shows it (answers as they stream, the rest
-        as /show shows it), so `cat` on the file runs none of them.
-
-        An answer that did not end by itself (cut by a length limit, Ctrl-C or a broken server
-        stream) is followed by a line that says so (`CUT_SHORT`).
-        """
-        model = visible(self.session.describe().model)
-        lines = ["# Conversation", "", f"- model: `{model}`", f"- exported: {datetime.now():%Y-%m-%d %H:%M}", ""]
-        if self.session.system_message:
-            lines += ["## System", "", export_block(visible_lines(self.session.system_message)), ""]
-        for turn in self.session.turns:
-            lines += ["## User", ""]
-            for media in turn.media:
-                name, target = visible(media.path.name), visible_file_name(str(media.path.resolve()))
-                if media.kind == "image":
-                    lines.append(markdown_link(name, target, image=True))
-                else:
-                    lines.append(markdown_link(f"video: {name}, {media.tiles} frames", target))
-            if turn.media:
-                lines.append("")
-            answer, cut = answer_and_cut(turn)
-            lines += [export_block(visible_lines(turn.user_text)), "", "## Assistant", ""]
-            if cut is None:
-                lines += [export_block(sanitize(answer)), ""]
-            else:  # a paragraph of its own, after any code block export_block closed; no [ ]: an
-                # answer's `[answer cut short]: url` would make it a link
-                lines += [export_block(sanitize(answer)).rstrip("\n"), "", f"*(answer cut short: {cut})*", ""]
-        return "\n".join(lines)
 
     def cmd_exit(self, command: Command) -> str:
         return EXIT

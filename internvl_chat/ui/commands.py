@@ -3,7 +3,8 @@
 `parse_line` returns a `Message` or a validated `Command`: paths are normalised (`paths.py`),
 numbers and ranges parsed, and every mistake is a `UsageError` that shows the usage or suggests
 the command that was meant. `COMMANDS` describes each command (help text, argument kinds) for
-`/help` and for completion.
+`/help` and for completion. `unwrap_block` and `block_is_open` read the triple-quote blocks an
+input of several lines may be.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..errors import UsageError
 from ..files import visible
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
 from .paths import media_kind, normalize_path, shell_unquote
-from .render import wrap_text
+from .text_wrap import wrap_text
 
 # Argument kinds (what a completer offers): "image", "video" and "file" are paths, "session" a
 # path or a name in the sessions folder; "int" a number; "setting" a key of `/set`; "value",
@@ -254,6 +255,35 @@ def _suggest(word: str, names: list[str], prefix: str) -> str | None:
 
 
 # --- lines -------------------------------------------------------------------------------------
+
+BLOCK_QUOTES = '"""'
+
+
+def unwrap_block(text: str) -> str | None:
+    '''The inside of a `"""` block (`"""\\nline 1\\nline 2\\n"""`), or None when `text` is not one.'''
+    body = text.strip()
+    if not body.startswith(BLOCK_QUOTES):
+        return None
+    if len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES):
+        raise UsageError('unclosed """ block; end it with a line holding """')
+    inner = body[len(BLOCK_QUOTES) : -len(BLOCK_QUOTES)]
+    return inner.strip("\n")
+
+
+# `/system """` starts a block too: a system message of several lines, in a script as in the REPL
+# (it was set to the three quotes, and the lines after it were sent as messages)
+_SYSTEM_BLOCK = re.compile(r'/system\s+(?=""")', re.IGNORECASE)
+
+
+def block_is_open(text: str) -> bool:
+    '''True while `text` (or `/system TEXT`) starts a `"""` block that is not closed yet (Enter then adds a line).'''
+    body = text.strip()
+    opener = _SYSTEM_BLOCK.match(body)
+    body = body[opener.end() :] if opener else body
+    if not body.startswith(BLOCK_QUOTES):
+        return False
+    return len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES)
+
 
 _COMMAND_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _PUNCTUATED = re.compile(r"([A-Za-z][A-Za-z0-9_-]*)[.,;:!?]+")

@@ -19,10 +19,11 @@ from ..errors import InternVLChatError
 from ..files import OutputFailed
 from ..settings import Settings
 from .answer_text import AnswerCleaner
-from .app import not_attached, peak_memory, take_media_paths
+from .media_paths import not_attached, take_media_paths
 from .paths import media_kind
-from .render import format_stats
+from .peak_memory import peak_memory
 from .setup import media_from_flags, open_conversation
+from .summary_lines import format_stats
 
 
 # json.dumps escapes C0 controls (ESC included); on a terminal the answer's DEL, C1 controls and

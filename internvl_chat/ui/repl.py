@@ -35,11 +35,12 @@ from ..errors import InternVLChatError, UsageError
 from ..files import undecodable_byte, visible
 from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
-from .app import EXIT, App, block_is_open, default_sessions_dir, file_date, recent_sessions, unsent_note
-from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, split_words
+from .app import EXIT, App, unsent_note
+from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, block_is_open, split_words
 from .editor import edit_in_editor
 from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
 from .render import ui_console
+from .saved_sessions import default_sessions_dir, file_date, recent_sessions
 from .set_keys import runtime_keys
 from .setup import media_from_flags, open_conversation
 from .typeahead import held_keys, keys_released

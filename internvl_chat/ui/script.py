@@ -34,7 +34,8 @@ from ..chat.session_file import SESSION_FORMAT
 from ..errors import UsageError
 from ..files import OutputFailed, expand_home, read_bytes_file, read_stream, sniff_binary, undecodable_byte, visible
 from ..settings import Settings
-from .app import BLOCK_QUOTES, ERROR, EXIT, App, block_is_open, unsent_note
+from .app import ERROR, EXIT, App, unsent_note
+from .commands import BLOCK_QUOTES, block_is_open
 from .paths import quote_path
 from .render import ui_console
 from .setup import media_from_flags, open_conversation

@@ -1,0 +1,206 @@
+"""What a failed request to a server says: one `RemoteError` line that starts with what happened
+(the HTTP status first, when there is one) and ends with what to do.
+
+Error bodies come in two shapes and both are read: OpenAI's nested `{"error": {"message", "type",
+"code"}}` (vLLM, llama.cpp, Ollama) and the flat `{"object": "error", "message", "type", "code"}`
+(lmdeploy, SGLang, older vLLM). Text that came from the server is shown escaped and shortened.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from http import HTTPStatus
+
+import httpx
+
+from ..errors import RemoteError
+from ..files import visible
+from .advice import Advice, any_of
+from .sse import StreamFailed
+
+SHOWN_CHARS = 300  # of a server's error message
+
+_HINTS = {
+    400: "check the message, the attachments and the settings",
+    401: "check --api-key (or OPENAI_API_KEY)",
+    403: "check --api-key (or OPENAI_API_KEY)",
+    404: "check --server (it usually ends in /v1) and --remote-model",
+    408: "try again",
+    422: "the server did not accept the request's fields; try --dialect generic",
+    429: "the server is busy; try again later",
+}
+# How servers say that the conversation and the answer asked for do not fit their context (serve
+# and OpenAI: code context_length_exceeded; llama.cpp: exceed_context_size_error; vLLM, SGLang:
+# "maximum context length", "context length"; lmdeploy: session_len)
+CONTEXT_OVERFLOW = re.compile(r"context[_ ](length|size|window)|exceed_context|maximum context|session_len", re.IGNORECASE)
+# How servers refuse a request for holding too many pictures (serve: "more than 32 images and
+# videos"; vLLM: "At most 8 image(s) may be provided in one prompt"): every turn resends them all
+TOO_MANY_MEDIA = re.compile(r"(more than|at most) \d+ (image|video)|too many (image|video)", re.IGNORECASE)
+
+
+# How OpenSSL versions say that the answer to a TLS handshake was not TLS (a plain HTTP server)
+NOT_TLS = re.compile(r"WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE|PACKET_LENGTH_TOO_LONG")
+
+
+def too_large_hint(advice: Advice) -> str:
+    """For a 413: the request's body is over the server's limit."""
+    if not advice.commands:
+        return "the request is too large for this server; attach fewer or smaller pictures"
+    if not advice.earlier:
+        return "the request is too large for this server; /drop attachments, or attach smaller pictures"
+    return ("the request is too large for this server (every picture of the conversation is resent each turn); "
+            "/drop attachments, /undo or /clear, or attach smaller pictures")  # fmt: skip
+
+
+def too_many_media_hint(advice: Advice) -> str:
+    if not (advice.commands and advice.earlier):
+        return f"the server takes no more pictures in one request; {advice.fewer_attachments}"
+    return ("every picture of the conversation is resent each turn and the server takes no more; "
+            "/drop attachments, /undo or /clear")  # fmt: skip
+
+
+# How servers refuse a model they do not serve (serve, vLLM, lmdeploy, SGLang: "The model 'x' does
+# not exist"; Ollama: "model 'x' not found")
+NAMES_A_MODEL = re.compile(r"\bmodel\b", re.IGNORECASE)
+
+
+def unknown_model_hint(model: str, advice: Advice) -> str:
+    """For a chat request's 404 that names the model, after the handshake found it: the server now
+    serves another (it was restarted). The model cannot change in a running conversation."""
+    if not advice.commands:
+        return "check --server (it usually ends in /v1) and --remote-model"
+    return (f"the server no longer serves {shorten(model, 80)!r} (restarted with another model?) and the model "
+            "cannot change here: /save, then restart internvl-chat with --remote-model set to the model it "
+            "serves, and /load the conversation")  # fmt: skip
+
+
+class ContextRefused(RemoteError):
+    """A 400 that says the conversation and its answer do not fit the server's context (CONTEXT_OVERFLOW)."""
+
+
+def context_refusal(advice: Advice, limit: int | None = None, was: int | None = None) -> str:
+    """The one line for a turn the server refused as too long for its context: without the server's
+    own words (vLLM's alone fill two terminal lines), with the limit when known, said as news when
+    it is not `was` (a re-read of the model list found a server restarted with another context)."""
+    if limit is None:
+        context = "the server's context"
+    elif was is not None and was != limit:
+        context = f"the server's context, now {limit:,} tokens"  # (the old limit would wrap the line)
+    else:
+        context = f"the server's {limit:,}-token context"
+    fixes = any_of([advice.fewer_media, *advice.forget("/undo or /clear"), advice.smaller_answer])
+    return f"this turn and its answer do not fit {context}; {fixes}"
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Server text for one terminal line: escaped, whitespace folded, cut to `limit`."""
+    one_line = " ".join(visible(text).split())
+    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
+
+
+def error_text(obj: object) -> str | None:
+    """The message of an OpenAI-style error object, nested or flat; None when it is not one."""
+    if not isinstance(obj, dict):
+        return None
+    inner = obj.get("error")
+    if isinstance(inner, str):
+        return inner
+    if isinstance(inner, dict):
+        obj = inner
+    elif obj.get("object") != "error" and "message" not in obj and "detail" not in obj:
+        return None  # not an error object (FastAPI's own errors carry `detail`)
+    message = obj.get("message") or obj.get("msg") or obj.get("detail")
+    if isinstance(message, list):  # FastAPI validation errors: [{"loc": …, "msg": …}]
+        message = "; ".join(str(m.get("msg", m)) if isinstance(m, dict) else str(m) for m in message)
+    text = str(message) if message else ""
+    kind = obj.get("type") or obj.get("code")
+    if kind and str(kind) not in text:
+        text = f"{text} ({kind})" if text else str(kind)
+    return text or None
+
+
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
+        return str(status)
+
+
+def http_error(status: int, body: bytes, retry_after: str | None, location: str | None = None,
+               advice: Advice = Advice(), model: str | None = None) -> RemoteError:  # fmt: skip
+    """One line for a non-200 answer: the status first, then the server's message, then a hint
+    (a context overflow is its own short line, context_refusal)
+    (`advice`: the fixes a refused chat request can name, chat/advice.py; `model`: the model a
+    chat request named, None for other requests)."""
+    detail = None
+    try:
+        detail = error_text(json.loads(body.decode("utf-8", errors="replace")))
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
+        pass
+    if detail is None and body.strip():
+        detail = body.decode("utf-8", errors="replace")
+    if status >= 500:
+        hint = "the server failed; try again, or look at its log"
+    elif 300 <= status < 400:  # redirects are never followed (they could lead anywhere, with the key)
+        where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
+        hint = f"{where} is not followed; check --server (https?)"
+    elif status == 400 and CONTEXT_OVERFLOW.search(body.decode("utf-8", errors="replace")):
+        return ContextRefused(context_refusal(advice))  # RemoteConversation adds the limit
+    elif status == 400 and TOO_MANY_MEDIA.search(body.decode("utf-8", errors="replace")):
+        hint = too_many_media_hint(advice)
+    elif status == 413:
+        hint = too_large_hint(advice)
+    elif status == 404 and model is not None and NAMES_A_MODEL.search(body.decode("utf-8", errors="replace")):
+        hint = unknown_model_hint(model, advice)
+    else:
+        hint = _HINTS.get(status, "check the request")
+    wait = (retry_after or "").strip()
+    if status in (429, 503) and wait.isascii() and wait.isdigit() and len(wait) <= 6:  # int() refuses "²" and 5000 digits
+        hint += f" (it asks to wait {int(wait)} s)"
+    said = f": {shorten(detail)}" if detail else ""
+    return RemoteError(f"the server answered {_status_line(status)}{said}; {hint}")
+
+
+def mib(limit: int) -> str:
+    return f"{limit >> 20} MiB"
+
+
+def reason(err: BaseException) -> str:
+    """An exception's own words, shortened for an error line."""
+    text = str(err) or type(err).__name__
+    return shorten(text, 160)
+
+
+# What can fail below HTTP: the connection, or the body's compression (DecodingError is no TransportError)
+BROKEN = (httpx.TransportError, httpx.DecodingError)
+
+
+def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, timeout: float, connect_s: float,
+                    mid_answer: bool) -> RemoteError:  # fmt: skip
+    """One line for a failure below HTTP: refused, reset, timed out, unreadable, not inflatable
+    (`connect_s`: the connect timeout, at most `timeout`)."""
+    if isinstance(err, httpx.DecodingError):
+        return StreamFailed(f"the server's compressed answer does not inflate ({reason(err)})",
+                            "check --server (or the proxy in front of it)")  # fmt: skip
+    if isinstance(err, httpx.ConnectTimeout):
+        return RemoteError(f"connecting to {url} timed out after {connect_s:g} s; check --server and the network")
+    if isinstance(err, httpx.ConnectError):
+        if url.startswith("https:") and NOT_TLS.search(str(err)):
+            return RemoteError(f"cannot connect to {url}: the server does not speak TLS; use http:// in --server")
+        return RemoteError(f"cannot connect to {url} ({reason(err)}); is the server running? check --server")
+    if isinstance(err, httpx.ReadTimeout):
+        return StreamFailed(f"the server sent nothing for {timeout:g} s",
+                            "it may be overloaded: try again, or raise [remote] timeout to wait longer")  # fmt: skip
+    if isinstance(err, httpx.TimeoutException):
+        return StreamFailed(f"talking to {url} timed out ({reason(err)})", "try again")
+    # mid-answer, RemoteConversation keeps the text that came before the break (`what` is its note)
+    where = "in the middle of the answer" if mid_answer else "before the answer began"
+    return StreamFailed(f"the connection to {url} broke {where} ({reason(err)})", "ask again")
+
+
+def head_late(timeout: float) -> RemoteError:
+    return RemoteError(
+        f"the server took over {timeout:g} s to send the head of its answer; it may be overloaded: try again, "
+        "or raise [remote] timeout to wait longer"
+    )

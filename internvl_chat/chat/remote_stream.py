@@ -1,0 +1,241 @@
+"""A streamed chat completion read from a server: its chunks as parsed JSON objects, an error in
+the middle of the stream (a `data: {"error": …}` event, or an `event: error`) as `StreamFailed`,
+a server that ignores stream=true read as one chunk, each body read with a size and a time limit.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import httpx
+
+from ..errors import RemoteError
+from .advice import Advice
+from .remote_errors import BROKEN, error_text, mib, shorten
+from .remote_sockets import shut, shut_all
+from .sse import SSEDecoder, StreamFailed
+
+if TYPE_CHECKING:  # remote_http.py imports this module: no import cycle at run time
+    from .remote_http import ApiClient
+
+
+# A non-streamed answer or a model list (real ones are kilobytes). Parsed JSON takes up to ~30× its
+# text, and one read of gzip inflates ~1000×: 64 MiB let ~64 KB sent become ~1.5 GiB.
+JSON_BODY_LIMIT = 8 << 20
+FEED_BYTES = 64 << 10  # of an event stream decoded at a time (a network read's size)
+
+
+def _has_text(chunk: dict) -> bool:
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and isinstance(c.get("delta"), dict) and isinstance(c["delta"].get("content"), str)
+        and c["delta"]["content"] != "" for c in choices
+    )  # fmt: skip
+
+
+class ChatStream:
+    """The chunks of one streamed chat completion, as parsed JSON objects.
+
+    Iterate it; `done` tells whether the server ended with `data: [DONE]`. `close()` (also on
+    garbage collection of the generator) closes the connection, which is how servers learn that
+    the client is gone and stop generating. `abort()`, from another thread, ends a read that
+    waits on a server gone silent: the iteration then just stops (`aborted` is set).
+    """
+
+    def __init__(self, client: ApiClient, body: dict, advice: Advice, connect_s: float | None = None):
+        self._client = client
+        self._body = body
+        self._advice = advice
+        # the answer's deadline, when it comes before the connect timeout: a connect that takes longer
+        # ends there, also where the watcher's abort cannot abandon it (no Connector in httpx's pool)
+        self._connect_s = connect_s if connect_s is not None and connect_s < client.connect_s else None
+        self.done = False
+        self.aborted = False
+        self.out_of_time = False  # the connect ended at the answer's deadline (`aborted` is set too)
+        self.comments = 0  # SSE comment lines seen (keep-alive pings)
+        self._lock = threading.Lock()  # `_socket` is shut only while its answer is being read
+        self._socket: socket.socket | None = None
+        self._started = False  # answer text received: an error after it is "in the middle of the answer"
+        self._in_flight = False  # the request is being sent, or its head awaited
+        self._events = self._run()
+
+    def __iter__(self) -> Iterator[dict]:
+        return self._events
+
+    def close(self) -> None:
+        self._events.close()
+
+    def abort(self) -> None:
+        """Shut the answer's socket: a read blocked in it returns at once with the end of the
+        stream (a signal handler cannot do this: Python retries a read that a signal interrupted).
+        Before the head has come there is no answer socket yet: the client's are shut, as HeadWatch
+        does (requests run one at a time, so the others are idle), and a connect in progress is
+        abandoned (Connector)."""
+        with self._lock:
+            self.aborted = True
+            if self._socket is not None:
+                shut(self._socket)
+            elif self._in_flight:
+                self._client.connector.abandon()
+                shut_all(self._client._sockets)
+
+    def _reading(self, response: httpx.Response) -> None:
+        stream = response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        with self._lock:
+            self._socket = sock if isinstance(sock, socket.socket) else None
+            aborted = self.aborted
+        if aborted:  # abort() came before there was a socket to shut
+            self.abort()
+
+    def _done_reading(self) -> None:
+        with self._lock:  # before the connection may go back to the pool, where it must stay open
+            self._socket = None
+
+    def _run(self) -> Iterator[dict]:
+        client = self._client
+        # read by the status check, which runs as httpx's response hook
+        client.advice, client.chat_model = self._advice, str(self._body.get("model", ""))
+        try:
+            with self._lock:
+                if self.aborted:  # a cancel before the request: none is made
+                    return
+                self._in_flight = True
+                client.connector.reset()
+            with client.stream("POST", "chat/completions", json=self._body, headers={"Accept": "text/event-stream"},
+                               connect_s=self._connect_s) as response:  # fmt: skip
+                with self._lock:
+                    self._in_flight = False
+                self._reading(response)
+                try:
+                    yield from self._events_of(response)
+                finally:
+                    self._done_reading()
+        except BROKEN as e:
+            if isinstance(e, httpx.ConnectTimeout) and self._connect_s is not None:
+                self.out_of_time = self.aborted = True  # as if the watcher had ended it at the deadline
+            if self.aborted:
+                return  # the shut socket, seen as a broken connection
+            raise client.broken(e, self._started) from None
+        finally:
+            with self._lock:
+                self._in_flight = False
+
+    def _events_of(self, response: httpx.Response) -> Iterator[dict]:
+        client = self._client
+        kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":  # a server that ignores stream=true
+            body = read_limited(response, JSON_BODY_LIMIT + 1, client.timeout)
+            if len(body) > JSON_BODY_LIMIT:
+                raise RemoteError(f"the server's answer is over {mib(JSON_BODY_LIMIT)}; is --server an OpenAI-compatible server?")
+            yield _whole_answer_as_chunk(body)
+            self.done = True
+            return
+        if kind != "text/event-stream":
+            raise RemoteError(
+                f"the server answered with {shorten(kind, 60) or 'no content type'}, not an event stream; "
+                "is --server the API root of an OpenAI-compatible server (…/v1)?"
+            )
+        decoder = SSEDecoder()
+        # the read timeout restarts with every byte: keep-alives, blank lines or a line that
+        # never ends would hold the answer forever, so they count as nothing sent
+        last_event = time.monotonic()
+        for piece in _pieces(response.iter_bytes()):
+            events = decoder.feed(piece)
+            for event in events:
+                chunk = _parse_event(event.event, event.data)
+                if chunk is None:
+                    self.done = True
+                    return
+                # a role-only first chunk is no answer yet: a break after it said "in the middle of the answer"
+                self._started = self._started or _has_text(chunk)
+                yield chunk
+            self.comments = decoder.comments
+            if events:
+                last_event = time.monotonic()
+            elif time.monotonic() - last_event > client.timeout:
+                raise StreamFailed(
+                    f"the server sent no stream event for {client.timeout:g} s (only keep-alives or an unfinished line)",
+                    "it may be overloaded: try again, or raise [remote] timeout to wait longer",
+                )
+        if self.aborted:
+            return  # a line cut short by the shut socket is no event
+        for event in decoder.finish():
+            chunk = _parse_event(event.event, event.data)
+            if chunk is None:
+                self.done = True
+                return
+            yield chunk
+
+
+def _pieces(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The body in pieces of at most FEED_BYTES: a read of gzip inflates to ~1000× its size, and all
+    its events would be decoded at once, however few of them the answer loop goes on to take."""
+    for chunk in chunks:
+        for start in range(0, len(chunk), FEED_BYTES):
+            yield chunk[start : start + FEED_BYTES]
+
+
+def read_limited(response: httpx.Response, limit: int, timeout: float) -> bytes:
+    """At most `limit` bytes of the body, within `timeout` s in all (a body trickled a byte at a time
+    would restart the read timeout with each byte)."""
+    parts: list[bytes] = []
+    total = 0
+    started = time.monotonic()
+    for raw in response.iter_bytes():
+        parts.append(raw)
+        total += len(raw)
+        if total > limit:
+            break
+        if time.monotonic() - started > timeout:
+            raise RemoteError(
+                f"the server took over {timeout:g} s to send its answer ({total:,} bytes so far); it may be overloaded: "
+                "try again, or raise [remote] timeout to wait longer"
+            )
+    return b"".join(parts)[:limit]
+
+
+def _parse_event(event: str, data: str) -> dict | None:
+    """A chunk object; None for `[DONE]`; RemoteError for an error event or malformed data."""
+    if data.strip() == "[DONE]":
+        return None
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
+        if event == "error":
+            raise StreamFailed(f"the server stopped the answer with an error: {shorten(data)}", "ask again") from None
+        raise StreamFailed(
+            f"the server sent a stream event that is not JSON ({shorten(data, 80)})", "is --server an OpenAI-compatible server?"
+        ) from None
+    is_error = isinstance(obj, dict) and (obj.get("error") is not None or obj.get("object") == "error")
+    if is_error or event == "error":
+        message = error_text(obj) or data
+        raise StreamFailed(f"the server stopped the answer with an error: {shorten(message)}", "ask again")
+    if not isinstance(obj, dict):
+        raise StreamFailed(f"the server sent a stream event that is not an object ({shorten(data, 80)})", "try --dialect generic")
+    return obj
+
+
+def _whole_answer_as_chunk(body: bytes) -> dict:
+    """A non-streamed chat.completion turned into one stream chunk."""
+    try:
+        obj = json.loads(body.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
+        raise RemoteError("the server's answer is not valid JSON; is --server an OpenAI-compatible server?") from None
+    message = error_text(obj)
+    if message is not None:
+        raise RemoteError(f"the server answered with an error: {shorten(message)}; ask again")
+    if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+        raise RemoteError("the server's answer has no choices; is --server an OpenAI-compatible server?")
+    choices = []
+    for choice in obj["choices"]:
+        if isinstance(choice, dict):
+            msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+            choices.append({"index": choice.get("index", 0), "delta": {"content": msg.get("content")},
+                            "finish_reason": choice.get("finish_reason")})  # fmt: skip
+    return {**obj, "choices": choices}

@@ -1,0 +1,347 @@
+"""A video's container header, read with PyAV and checked before any decoding (the file is
+untrusted): frame size, rate, count and duration limits; an MP4 sample table or fragments that
+declare more frames than the file holds, refused before FFmpeg indexes them; cover pictures, still
+pictures and files that are not videos at all; the frame count by demuxing where the header stores
+none. Also the one-line messages for a file that cannot be read."""
+
+from __future__ import annotations
+
+import errno
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MediaError
+from ..files import IMAGE_KINDS, sniff_file, visible
+from .image import probe_image
+from .video_orientation import Orientation, orientation_from_display_matrix, orientation_from_rotate_tag
+from .video_worker import DecodeStop, DecodeStopped
+
+# Limits on what a container header may claim (the file is untrusted). FFmpeg itself decodes frames
+# up to about 16256×16256; anything beyond 2^28 pixels per frame is a damaged or hostile header.
+MAX_FRAME_PIXELS = 1 << 28
+MAX_FRAMES = 100_000_000  # 11 days at 100 fps
+MAX_FPS = 10_000.0  # high-speed cameras reach about 1,000
+MAX_DURATION_S = 1_000_000.0  # 11.6 days
+
+
+@dataclass
+class VideoHeader:
+    width: int  # as stored, before any turn
+    height: int
+    fps: float  # 0.0 when the header has none
+    frames: int  # the header's count; 0 when it stores none
+    duration: float  # seconds; 0.0 when unknown
+    format_name: str
+    display_matrix: tuple[int, ...] | None  # from the first decoded frame (FFmpeg attaches it there)
+    rotate_tag: str | None
+    codec: str = ""  # FFmpeg's decoder name ("h264", "mpeg4", …)
+    reorders: bool = False  # the stream has B-frames (frames decoded before they are shown)
+    alone: bool = True  # the file's only video stream (no cover picture, no second video)
+
+    @property
+    def orientation(self) -> Orientation:
+        """How a player turns the stored frames: the display matrix, else the older `rotate` tag."""
+        if self.display_matrix is not None:
+            return orientation_from_display_matrix(self.display_matrix)
+        if self.rotate_tag is not None:
+            return orientation_from_rotate_tag(self.rotate_tag)
+        return None
+
+
+def shown_path(path: Path) -> str:
+    """A path in a message: control and bidi characters escaped (a file name is anything but \\0 and /)."""
+    return visible(str(path))
+
+
+def error_reason(err: BaseException) -> str:
+    """The reason an error gives, without what the message already says: PyAV's errors carry
+    FFmpeg's reason in `strerror`, while str() adds `[Errno 1094995529]` and the path again."""
+    reason = getattr(err, "strerror", None)
+    if isinstance(reason, str) and reason.strip():
+        text = reason
+    else:
+        # decord prefixes its messages with a time and a C++ source location: keep only the reason
+        text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", str(err))
+    text = " ".join(visible(text).split())
+    return text or type(err).__name__
+
+
+# What the file system says when a path cannot be opened at all (not a video's content)
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG}
+_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
+def cannot_read(path: Path, err: BaseException) -> MediaError:
+    """One line for a file PyAV cannot open (it may have changed since check_media_file looked)."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code in _PATH_ERRNOS:
+        fix = "check the path"
+    elif code in _ACCESS_ERRNOS:
+        fix = "check its permissions"
+    else:
+        fix = "use an MP4, MKV, WebM or AVI file"
+    return MediaError(f"cannot read video {shown_path(path)} ({error_reason(err)}); {fix}")
+
+
+def check_frame_size(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_FRAME_PIXELS:
+        raise MediaError(
+            f"{shown_path(path)} declares {width}×{height} frames, more than the {MAX_FRAME_PIXELS:,} pixels a frame may have; "
+            "the file is damaged, or re-encode it at a smaller size"
+        )
+
+
+def check_fps(path: Path, fps: float) -> float:
+    """A usable frame rate, 0.0 for none; a header claiming more than MAX_FPS is refused."""
+    if not math.isfinite(fps) or fps <= 0:
+        return 0.0
+    if fps > MAX_FPS:
+        raise MediaError(
+            f"{shown_path(path)} declares {fps:g} frames per second, more than {MAX_FPS:g}; the file is damaged or not a real video"
+        )
+    return fps
+
+
+def check_count(path: Path, frames: int) -> int:
+    if frames > MAX_FRAMES:
+        raise MediaError(
+            f"{shown_path(path)} declares {frames:,} frames, more than {MAX_FRAMES:,}; the file is damaged or not a real video"
+        )
+    return max(frames, 0)
+
+
+def _check_duration(path: Path, duration: float) -> float:
+    if not math.isfinite(duration) or duration > MAX_DURATION_S:
+        raise MediaError(f"{shown_path(path)} declares a duration of {duration:g} s; the file is damaged or not a real video")
+    return max(duration, 0.0)
+
+
+def _frame_rate(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else 0.0
+
+
+def _tag(metadata, name: str) -> str | None:
+    # Matroska tags keep the case they were written in (ROTATE); MP4's are lower case
+    for key, value in dict(metadata).items():
+        if key.lower() == name:
+            return str(value)
+    return None
+
+
+def _first_display_matrix(container, stream) -> tuple[int, ...] | None:
+    """The display matrix FFmpeg attaches to the first decoded frame (from the container or the stream).
+
+    A first frame that does not decode leaves the orientation to the `rotate` tag; the decoding
+    proper then reports the damage.
+    """
+    import av
+
+    try:
+        for frame in container.decode(stream):
+            data = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+            if data is None or len(bytes(data)) < 36:
+                return None
+            return tuple(int(v) for v in np.frombuffer(bytes(data)[:36], dtype="<i4"))
+    except Exception:  # noqa: BLE001 - av raises FFmpegError subclasses for damaged data
+        return None
+    return None
+
+
+ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC
+
+
+def open_container(path: Path):
+    """PyAV's container of `path`, for reading. A tag that is not UTF-8 (a title in Latin-1, say)
+    reads with U+FFFD: PyAV's strict default refused the whole video for it."""
+    import av
+
+    return av.open(str(path), metadata_errors="replace")
+
+
+def video_stream(container):
+    """The first video stream that is not a cover picture (an MP3's or M4A's artwork is a video
+    stream of one frame), or None."""
+    for stream in container.streams.video:
+        if not int(getattr(stream, "disposition", 0) or 0) & ATTACHED_PIC:
+            return stream
+    return None
+
+
+# ISO BMFF (MP4, MOV, 3GP) boxes that hold others on the way to a track's sample tables
+_MP4_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"moof", b"traf"}
+MP4_MOOV_LIMIT = 512 << 20  # read of the sample tables at most (a 24-hour recording's are far smaller)
+MP4_TOP_BOXES = 16384
+
+
+def _box_header(raw: bytes | memoryview, left: int) -> tuple[bytes, int, int] | None:
+    """(type, header size, box size) from a box's first 8–16 bytes, `left` bytes from its start to
+    the end of what holds it (a size of 0 means all of them); None for a damaged header."""
+    if len(raw) < 8:
+        return None
+    size, kind, head = int.from_bytes(raw[:4], "big"), bytes(raw[4:8]), 8
+    if size == 1:  # a 64-bit size follows
+        if len(raw) < 16:
+            return None
+        size, head = int.from_bytes(raw[8:16], "big"), 16
+    elif size == 0:
+        size = left
+    return (kind, head, size) if size >= head else None
+
+
+def _mp4_boxes(data: memoryview, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, payload end) of the boxes between start and end; stops at a damaged one."""
+    at = start
+    while (box := _box_header(data[at : min(at + 16, end)], end - at)) is not None:
+        kind, head, size = box
+        if at + size > end:
+            return
+        yield kind, at + head, at + size
+        at += size
+
+
+def _mp4_sample_bomb(path: Path) -> tuple[int, int, int] | None:
+    """(samples, bytes each, file size) for a track whose sample table declares more samples than
+    the file can hold, or None. FFmpeg builds an index entry (~35 bytes) per declared sample when it
+    opens the file, before any count can be checked: one stsz entry (a fixed size and a count) or a
+    fragment's trun without per-sample sizes declares any number in a few bytes (a 764-byte MOV of
+    20 million frames took 700 MB; FFmpeg allows ~178 million, 6 GB)."""
+    fragments = 0  # samples declared by all trun boxes
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as f:
+            if f.read(8)[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot", b"styp"):
+                return None  # not ISO BMFF
+            at = 0
+            for _ in range(MP4_TOP_BOXES):  # real files have a handful (or a moof and mdat per fragment)
+                if at + 8 > file_size:
+                    break
+                f.seek(at)
+                box = _box_header(f.read(16), file_size - at)
+                if box is None:
+                    break
+                kind, head_size, size = box
+                if kind in (b"moov", b"moof"):
+                    f.seek(at + head_size)
+                    payload = memoryview(f.read(min(size - head_size, MP4_MOOV_LIMIT)))  # what a box declares is not what it holds
+                    fixed, declared = _declared_samples(payload, file_size)
+                    if fixed is not None:
+                        return (*fixed, file_size)
+                    fragments += declared
+                at += size
+    except OSError:
+        return None  # PyAV then says what is wrong with the file
+    return (fragments, 1, file_size) if fragments > file_size else None
+
+
+def _declared_samples(box: memoryview, file_size: int) -> tuple[tuple[int, int] | None, int]:
+    """In a moov or moof box: (count, size) of a fixed-size stsz the file cannot hold, or None; and
+    the samples its trun boxes declare (each at least a byte of the file)."""
+    stack, declared = [(0, len(box))], 0
+    while stack:
+        start, end = stack.pop()
+        for kind, begin, finish in _mp4_boxes(box, start, end):
+            if kind in _MP4_CONTAINERS:
+                stack.append((begin, finish))
+            elif kind == b"stsz" and finish - begin >= 12:
+                each = int.from_bytes(box[begin + 4 : begin + 8], "big")
+                count = int.from_bytes(box[begin + 8 : begin + 12], "big")
+                if each and count * each > file_size:
+                    return (count, each), declared
+            elif kind == b"trun" and finish - begin >= 8:
+                declared += int.from_bytes(box[begin + 4 : begin + 8], "big")
+    return None, declared
+
+
+def read_header(path: Path, orientation: bool) -> VideoHeader:
+    """Read and check the container header with PyAV; with `orientation`, also decode one frame."""
+    import av
+
+    bomb = _mp4_sample_bomb(path)
+    if bomb is not None:
+        count, each, size = bomb
+        of = f" of {each:,} bytes" if each > 1 else ""
+        raise MediaError(f"{shown_path(path)} declares {count:,} frames (or samples){of}, more than its {size:,} bytes hold; "
+                         "the file is damaged or not a real video")  # fmt: skip
+    try:
+        container = open_container(path)
+    except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
+        raise cannot_read(path, e) from None
+    try:
+        stream = video_stream(container)
+        if stream is None:
+            covers = " (only a cover picture)" if container.streams.video else ""
+            raise MediaError(f"{shown_path(path)} has no video stream{covers}; pass a video file")
+        if not stream.frames and _is_still_picture(container.format.name):
+            what = _what_else(path)
+            if what is not None:
+                raise MediaError(f"{shown_path(path)} is {what}, not a video or an image; pass a video file (MP4, MKV, WebM or AVI)")
+            raise MediaError(f"{shown_path(path)} is a still picture, not a video; attach (or send) it as an image instead")
+        if stream.codec_context is None:  # PyAV has no decoder for the stream's codec (an unknown one)
+            raise MediaError(f"{shown_path(path)} stores its video in a codec FFmpeg cannot decode; re-encode it as an H.264 MP4")
+        width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        check_frame_size(path, width, height)
+        fps = check_fps(path, _frame_rate(stream))
+        frames = check_count(path, int(stream.frames or 0))
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        else:
+            duration = 0.0
+        duration = _check_duration(path, duration)
+        rotate_tag = _tag(stream.metadata, "rotate")
+        codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
+        alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
+        matrix = _first_display_matrix(container, stream) if orientation else None
+        return VideoHeader(width, height, fps, frames, duration, container.format.name, matrix, rotate_tag, codec, reorders, alone)
+    except MediaError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise cannot_read(path, e) from None
+    finally:
+        container.close()
+
+
+def _is_still_picture(format_name: str) -> bool:
+    # FFmpeg reads PNG, JPEG, WebP, BMP, TIFF, … files through its image demuxers ("png_pipe",
+    # "image2"), as a video of one frame whose header counts none
+    return any(name == "image2" or name == "ico" or name.endswith("_pipe") for name in format_name.split(","))
+
+
+def _what_else(path: Path) -> str | None:
+    """What a file FFmpeg's image demuxers took (by its name: a text file called some.png) really
+    is when no image reader knows it either ("text", "a PDF document"); None for a picture, damaged
+    or not, which the image loader then explains."""
+    try:
+        probe_image(path)
+        return None
+    except MediaError:
+        pass
+    try:
+        what = sniff_file(path)
+    except OSError:
+        return None
+    return None if what in IMAGE_KINDS else what or "text"
+
+
+def count_packets(path: Path, stop: DecodeStop | None = None) -> int:
+    """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG): demuxing
+    (no decoding) counts one packet per frame."""
+    try:
+        with open_container(path) as container:
+            count = 0
+            for packet in container.demux(video_stream(container)):
+                if stop is not None and stop.is_set():
+                    raise DecodeStopped
+                count += 1 if packet.size else 0
+    except DecodeStopped:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise MediaError(f"cannot read video {shown_path(path)} ({error_reason(e)}); the file may be damaged") from None
+    return check_count(path, count)

@@ -1,0 +1,52 @@
+"""Which frames of a video are sampled (SPEC §4): the published formula (`frame_indices`), and the
+time range as it is used (`used_range`)."""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import MediaError
+
+
+def frame_indices(
+    num_total_frames: int, fps: float, num_frames: int, start: float | None = None, end: float | None = None
+) -> list[int]:
+    """The frame numbers to sample (SPEC §4).
+
+    Bounds in seconds become frame numbers by round(s·fps), clamped to [0, total−1]; the defaults
+    are the first and last frame. seg = (last − first)/N and frame k is
+    int(first + seg/2 + round(seg·k)), with Python's round (half to even).
+    """
+    if num_frames < 1:
+        raise MediaError(f"num_frames is {num_frames}; sample at least 1 frame (8 is the default)")
+    if num_total_frames < 1:
+        raise MediaError("the video has no frames; use a file that contains video")
+    last = num_total_frames - 1
+    if start is not None or end is not None:
+        if not fps > 0:
+            raise MediaError("the video has no usable frame rate, so a time range cannot be applied; omit start/end")
+        duration = num_total_frames / fps
+        if not all(math.isfinite(t) for t in (start, end) if t is not None):  # round(inf · fps) would overflow
+            raise MediaError(f"the time range {start}–{end} s is not finite; use times from 0 to {duration:.2f} s")
+        if (start is not None and start < 0) or (end is not None and end < 0):
+            raise MediaError(f"the time range {start}–{end} s has a negative bound; use times from 0 to {duration:.2f} s")
+        if start is not None and start >= duration:
+            raise MediaError(f"start {start} s is at or past the end of the video ({duration:.2f} s); choose an earlier start")
+        if end is not None and end <= (start or 0.0):
+            raise MediaError(f"end {end} s is not after start {start or 0.0} s; choose an end later than the start")
+    first = 0 if start is None else min(max(round(start * fps), 0), last)
+    final = last if end is None else min(max(round(end * fps), 0), last)
+    seg = (final - first) / num_frames
+    return [int(first + seg / 2 + round(seg * k)) for k in range(num_frames)]
+
+
+def used_range(video_range: tuple[float, float] | None, duration: float) -> tuple[float, float] | None:
+    """The range as it is used, to show and save: an end past the video's end becomes the end
+    (frame_indices takes the last frame for it), rounded up to 1/100 s so the label stays short
+    and still reaches the last frame. A start at or past the end is left for the caller to refuse."""
+    if video_range is None or not duration > 0:
+        return video_range
+    start, end = video_range
+    if end <= duration or start >= duration:
+        return video_range
+    return start, math.ceil(round(duration * 100, 6)) / 100

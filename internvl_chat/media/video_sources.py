@@ -1,0 +1,281 @@
+"""The two decoders of a video's sampled frames, behind one interface (`FrameSource`): decord,
+which seeks to each frame (with what decord 0.6 decodes, turns by itself and seeks exactly, as
+checked against PyAV), and PyAV, which decodes from the start, or only the sampled packets of an
+intra-only stream (MJPEG, DV, ProRes, raw). Each charges the frames it decodes to a `DecodeMeter`."""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import MediaError
+from .video_cost import DecodeMeter
+from .video_header import (
+    VideoHeader,
+    cannot_read,
+    check_count,
+    check_fps,
+    check_frame_size,
+    count_packets,
+    error_reason,
+    open_container,
+    shown_path,
+    video_stream,
+)
+from .video_orientation import CLOCKWISE, Orientation, compose, inverse, swaps_sides
+from .video_worker import DecodeStop, DecodeStopped
+
+# FFmpeg's frame threading keeps one frame in flight per thread: cap their memory for huge frames.
+FRAME_THREADS_BYTES = 512 << 20
+
+
+class FrameSource(Protocol):
+    num_total_frames: int
+    fps: float
+    orientation: Orientation  # what is still to be applied to the frames it yields
+    from_start: bool  # decodes every frame up to the last one wanted
+
+    def plan(self, wanted: list[int]) -> int:
+        """The frames the decoder will produce to reach the wanted ones (ascending, distinct)."""
+        ...
+
+    def frames(self, wanted: list[int], stop: DecodeStop, meter: DecodeMeter) -> Iterator[tuple[int, np.ndarray]]:
+        """(number, RGB uint8 [H, W, 3]) for each wanted number (ascending, distinct), each frame
+        decoded charged to `meter`. A stream shorter than its header said ends with its last frame,
+        under its own number."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DecordFailed(MediaError):
+    """decord could not open or decode this file: PyAV may still manage."""
+
+
+def decord_work(wanted: list[int], keys: list[int], total: int) -> list[int]:
+    """Frames decord 0.6 decodes for each wanted frame (ascending, distinct): its seek_accurate goes
+    to the key frame at or before the frame and decodes from there, unless the frame is ahead in
+    the group of frames it is already in; then it decodes on from where it is."""
+
+    def key_of(number: int) -> int:  # decord's LocateKeyframe
+        if not keys or number <= keys[0]:
+            return 0
+        if number >= total:
+            return keys[-1]
+        return keys[bisect.bisect_right(keys, number) - 1]
+
+    work, current = [], 0  # `current`: the frame decord's next() would decode
+    for number in wanted:
+        seeks = number < current or key_of(number) != key_of(current)
+        work.append(number - (key_of(number) if seeks else current) + 1)
+        current = number + 1
+    return work
+
+
+def decord_rotation(header: VideoHeader) -> Orientation:
+    """The turn decord 0.6 (FFmpeg 4.1 inside) applies by itself, so the rest can be applied after it.
+
+    decord reads the stream's `rotate` tag, which FFmpeg 4.1 derives from an MP4/MOV display matrix
+    as "%g" of its clockwise angle (mirrors lost); it turns by that many degrees clockwise when the
+    whole-degree part is 90, 180 or 270. It does not see display matrices in other containers.
+    """
+    tag = header.rotate_tag
+    if (tag is None or tag == "0") and header.display_matrix is not None and "mov" in header.format_name.split(","):
+        m = [v / 65536.0 for v in header.display_matrix]
+        scale0, scale1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+        if scale0 and scale1:
+            degrees = math.degrees(math.atan2(m[1] / scale1, m[0] / scale0))
+            tag = f"{degrees + 360 if degrees < 0 else degrees:g}"
+    if not tag or tag == "0":
+        return None
+    number = re.match(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", tag)  # C's atof reads a prefix
+    if number is None:
+        return None
+    degrees = float(number.group(0))
+    if not math.isfinite(degrees):  # "1e400": atof gives inf, and decord turns nothing
+        return None
+    degrees = math.fmod(degrees, 360.0)
+    degrees = int(degrees + 360 if degrees < 0 else degrees)
+    return {90: CLOCKWISE[1], 180: CLOCKWISE[2], 270: CLOCKWISE[3]}.get(degrees)
+
+
+# Containers that store each frame's presentation time and an index to seek by
+_EXACT_CONTAINERS = ("mov", "mp4", "matroska", "webm")
+# Codecs whose B-frames decord still places right after a seek (closed or H.264-style open GOPs)
+_REORDERING_CODECS_OK = ("h264", "vp8", "vp9", "av1", "libdav1d", "libaom-av1")
+
+
+def decord_is_exact(header: VideoHeader) -> bool:
+    """Whether decord 0.6 returns the frame asked for, as checked against PyAV on clips whose
+    frames show their number: it seeks to the key frame before it and counts from there, which
+    goes wrong (silently: other frames, repeated or out of order) in AVI, MPEG-TS/PS and other
+    containers without per-frame times, and for MPEG-1/2/4 Part 2 and HEVC streams with B-frames
+    (their open GOPs hold frames that cannot be decoded after a seek). With several video streams
+    it reads the one FFmpeg rates best, not necessarily the one the header was read from."""
+    if not header.alone or not any(name in _EXACT_CONTAINERS for name in header.format_name.split(",")):
+        return False
+    return not header.reorders or header.codec in _REORDERING_CODECS_OK
+
+
+class DecordSource:
+    def __init__(self, path: Path, decord, header: VideoHeader) -> None:
+        self._path = path
+        try:
+            self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+            self.num_total_frames = check_count(path, len(self._reader))
+            self.fps = check_fps(path, float(self._reader.get_avg_fps()))
+            self._keys = sorted(int(k) for k in self._reader.get_key_indices())  # from the packets, as it seeks by them
+        except MediaError:
+            raise
+        except Exception as e:  # noqa: BLE001 - decord raises DECORDError / RuntimeError for bad files
+            raise DecordFailed(str(cannot_read(path, e))) from None
+        self._size = (header.width, header.height)  # decord's decoding is not seen frame by frame: the header's size
+        self.from_start = False  # from the key frame before each wanted one
+        applied = decord_rotation(header)
+        self.orientation = compose(inverse(applied), header.orientation)
+        # a frame of these (rows, columns) would mean decord turned it otherwise than predicted
+        self._mis_turned = None
+        if header.width and header.height and header.width != header.height:
+            self._mis_turned = (header.height, header.width) if swaps_sides(applied) else (header.width, header.height)
+
+    def plan(self, wanted: list[int]) -> int:
+        return sum(decord_work(wanted, self._keys, self.num_total_frames))
+
+    def frames(self, wanted: list[int], stop: DecodeStop, meter: DecodeMeter) -> Iterator[tuple[int, np.ndarray]]:
+        for number, work in zip(wanted, decord_work(wanted, self._keys, self.num_total_frames)):
+            if stop.is_set():
+                raise DecodeStopped
+            meter.charge(work, *self._size)  # as planned
+            try:
+                # one frame per call (as get_batch does inside), so Ctrl-C and memory wait for one frame
+                self._reader.seek_accurate(number)
+                frame = self._reader.next()
+            except Exception as e:  # noqa: BLE001
+                raise DecordFailed(f"cannot decode frames of {shown_path(self._path)} ({error_reason(e)}); "
+                                   "the file may be damaged") from None  # fmt: skip
+            # another library may have switched decord's output bridge to torch
+            array = frame.asnumpy() if hasattr(frame, "asnumpy") else np.asarray(frame)
+            del frame
+            yield number, self._rgb(array)
+            del array
+
+    def _rgb(self, array: np.ndarray) -> np.ndarray:
+        if array.ndim != 3 or array.shape[2] < 3:
+            raise DecordFailed(f"decord decoded {shown_path(self._path)} to frames of shape {array.shape}, not RGB")
+        height, width, channels = array.shape
+        if channels != 3:
+            # decord gives a frame linesize/width "channels": rows padded to 4·width bytes (frames
+            # narrower than 64 pixels) come out as 4; the first 3·width bytes of each row are the pixels
+            array = np.ascontiguousarray(array).reshape(height, -1)[:, : 3 * width].reshape(height, width, 3)
+        if (height, width) == self._mis_turned:
+            raise DecordFailed(f"decord turned the frames of {shown_path(self._path)} otherwise than its header says")
+        return array
+
+    def close(self) -> None:
+        self._reader = None
+
+
+class NotOnePerPacket(Exception):
+    """A packet of an intra-only stream decoded to no picture or several (MJPEG fields in packets of
+    their own, damage): packet n is not frame n there, so the stream is decoded from the start."""
+
+
+class PyAVSource:
+    def __init__(self, path: Path, header: VideoHeader, stop: DecodeStop, packets_alone: bool = True) -> None:
+        self._path = path
+        self.orientation = header.orientation
+        try:
+            self._container = open_container(path)
+        except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
+            raise cannot_read(path, e) from None
+        try:
+            stream = video_stream(self._container)
+            if stream is None:
+                raise MediaError(f"{shown_path(path)} has no video stream; pass a video file")
+            self._stream = stream
+            # Intra-only codecs (MJPEG, DV, ProRes, raw…) keep nothing from one frame to the next and do
+            # not reorder: packet n is frame n, decoded alone exactly as in a decode from the start
+            intra = bool(getattr(stream.codec_context.codec, "intra_only", False)) and not header.reorders
+            self._intra = intra and packets_alone
+            # frame threading: faster, output order unchanged; it holds frames back, so not for one packet at a time
+            stream.thread_type = "SLICE" if self._intra else "AUTO"
+            self.from_start = not self._intra
+            frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
+            stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
+            self.fps = header.fps
+            self.num_total_frames = header.frames or count_packets(path, stop)
+        except BaseException:
+            self._container.close()
+            raise
+
+    def plan(self, wanted: list[int]) -> int:
+        # intra-only: the wanted frames alone; else decoded from the start up to the last one
+        return len(wanted) if self._intra else wanted[-1] + 1
+
+    def _intra_frames(self, wanted: list[int]) -> Iterator[tuple[int, object]]:
+        """(number, frame) for the wanted packets of an intra-only stream, each decoded alone; at
+        the end of a stream shorter than its header said, its last packet's frame if not wanted."""
+        wanted_set, number, skipped = set(wanted), -1, None
+        for packet in self._container.demux(self._stream):
+            if not packet.size:  # the end-of-stream packet (count_packets counts no empty one either)
+                continue
+            number += 1
+            if number in wanted_set:
+                skipped = None
+                yield number, self._alone(packet)
+            else:
+                skipped = packet
+        if skipped is not None:
+            yield number, self._alone(skipped)
+
+    def _alone(self, packet):
+        frames = self._stream.codec_context.decode(packet)
+        if len(frames) != 1:
+            raise NotOnePerPacket
+        return frames[0]
+
+    def frames(self, wanted: list[int], stop: DecodeStop, meter: DecodeMeter) -> Iterator[tuple[int, np.ndarray]]:
+        pending = iter(wanted)
+        target = next(pending)
+        any_yielded = False
+        last = None  # (number, frame): the latest decoded frame when it was not a wanted one
+        decoded = self._intra_frames(wanted) if self._intra else enumerate(self._container.decode(self._stream))
+        try:
+            for number, frame in decoded:
+                if stop.is_set():
+                    raise DecodeStopped
+                check_frame_size(self._path, frame.width, frame.height)
+                meter.charge(1, frame.width, frame.height)
+                if number == target:
+                    last = None
+                    yield number, frame.to_ndarray(format="rgb24")
+                    any_yielded = True
+                    target = next(pending, None)
+                    if target is None:
+                        return
+                else:
+                    last = (number, frame)
+                del frame
+        except (DecodeStopped, MediaError, NotOnePerPacket):
+            raise
+        except Exception as e:  # noqa: BLE001 - damage after some frames ends the stream there
+            if not any_yielded and last is None:
+                raise MediaError(f"cannot decode frames of {shown_path(self._path)} ({error_reason(e)}); "
+                                "the file may be damaged") from None  # fmt: skip
+        # A header may promise more frames than the stream holds: the last decoded one stands in.
+        if last is not None:
+            number, frame = last
+            del last
+            yield number, frame.to_ndarray(format="rgb24")
+        elif not any_yielded:
+            raise MediaError(f"{shown_path(self._path)} decoded to no frames; the file may be damaged")
+
+    def close(self) -> None:
+        self._container.close()

@@ -1,0 +1,205 @@
+"""Which part of a streamed Markdown answer is finished: `BlockSplitter`, a line at a time.
+
+render.py prints each finished block once and keeps only the unfinished tail live; this module
+decides where a block ends (a paragraph at its blank line, a fence at its closing fence, a list
+when something else starts), looking at each line once, so each token costs the same however long
+the answer.
+"""
+
+from __future__ import annotations
+
+import re
+
+_FENCE_OPEN = re.compile(r"^(\s*)(`{3,}|~{3,})")
+_LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,9}[.)])(?:[ \t]|$)")
+_HEADING = re.compile(r"^ {0,3}#{1,6}(?:[ \t]|$)")
+_THEMATIC_BREAK = re.compile(r"^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$")
+_LIST_CONTINUATION_INDENT = 2  # a line indented this much after a blank line stays in the list
+
+
+def _indent(line: str) -> int:
+    expanded = line.expandtabs(4)
+    return len(expanded) - len(expanded.lstrip(" "))
+
+
+def _partial_ends_list(partial: str) -> bool | None:
+    """After a list and a blank line, does this unfinished line start something else?
+    True / False, or None while too little of it is there to tell."""
+    partial = partial.rstrip("\r")  # a \r may be the first half of the line's \r\n
+    if not partial.strip(" \t"):
+        return None
+    if _indent(partial) >= _LIST_CONTINUATION_INDENT:
+        return False
+    body = partial.lstrip(" \t")
+    if body[0] in "-*+":
+        return None if len(body) == 1 else body[1] not in " \t"
+    digits = re.match(r"\d{1,9}", body)
+    if digits:
+        rest = body[digits.end() :]
+        if not rest:
+            return None
+        if rest[0] not in ".)":
+            return True
+        return None if len(rest) == 1 else rest[1] not in " \t"
+    return True
+
+
+_HEAD_CHARS = 16  # of an unfinished line: all `_partial_ends_list` needs (an indent of 2, a 9-digit number)
+
+
+class BlockSplitter:
+    """Split streamed Markdown into finished blocks and the unfinished tail, a delta at a time.
+
+    A block is finished when nothing typed later can change how it renders: a paragraph at its
+    blank line, a heading at the end of its line, a fenced code block at its closing fence (blank
+    lines inside it never split it), a list only when the first line after it starts something
+    that is not part of the list. Blocks keep their newlines; what was fed is the blocks, in
+    order, then `tail`. Each line is looked at once, when it ends: splitting the whole tail again
+    on every token took time quadratic in a long block (a 30,000-token list or code block).
+    """
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []  # the tail's finished lines
+        self._partial: list[str] = []  # pieces of its unfinished last line
+        self._head = ""  # the first _HEAD_CHARS characters of that line
+        self.chars = 0  # the length of the tail
+        self._blank_lines = True  # the tail's finished lines hold only whitespace
+        self._blank_partial = True
+        self._has_content = self._is_list = self._blank_after_list = False
+        self._fence: tuple[str, int, bool] | None = None  # (char, length, is the whole block)
+        self._fence_line = ""  # the line that opened it
+
+    @property
+    def blank(self) -> bool:
+        """The tail holds only whitespace."""
+        return self._blank_lines and self._blank_partial
+
+    @property
+    def tail(self) -> str:
+        return "".join(self._lines) + self._partial_text()
+
+    def feed(self, delta: str) -> list[str]:
+        """The blocks `delta` finished."""
+        blocks: list[str] = []
+        start = 0
+        while (newline := delta.find("\n", start)) >= 0:
+            line = self._partial_text() + delta[start : newline + 1]
+            self._partial, self._head, self._blank_partial = [], "", True
+            self.chars += newline + 1 - start
+            self._take_line(line, blocks)
+            start = newline + 1
+        rest = delta[start:]
+        if rest:
+            self._partial.append(rest)
+            self._head = (self._head + rest[:_HEAD_CHARS])[:_HEAD_CHARS]
+            self._blank_partial = self._blank_partial and not rest.strip()
+            self.chars += len(rest)
+        if self._fence is None and self._is_list and self._blank_after_list and _partial_ends_list(self._head):
+            self._cut(blocks)
+        return blocks
+
+    def take_tail(self) -> str:
+        """The tail, which is then empty (the answer has ended)."""
+        tail = self.tail
+        self.__init__()  # type: ignore[misc]  # all state back to the start
+        return tail
+
+    @property
+    def lines(self) -> int:
+        """The tail's finished lines."""
+        return len(self._lines)
+
+    def preview(self, max_chars: int, max_lines: int) -> str:
+        """The end of the tail, at most `max_chars` long and `max_lines` finished lines (with the
+        line that opened a code block it ends in): enough to show its last rows. It starts at the
+        first line start (or space, in one long line) past points that move by half of either
+        bound at a time, so the rows shown are not wrapped differently on every frame."""
+        step = max(max_chars // 2, 1)
+        start = -(-(self.chars - max_chars) // step) * step  # rounded up: what is kept fits
+        line_step = max(max_lines // 2, 1)
+        first_line = -(-(len(self._lines) - max_lines) // line_step) * line_step
+        partial = self._partial_text()
+        at = self.chars - len(partial)  # where the partial line starts in the tail
+        if at < start:
+            space = partial.find(" ", start - at)
+            kept = [partial[space + 1 if space >= 0 and space - (start - at) < step else start - at :]]
+        else:
+            kept = [partial]
+            for index in range(len(self._lines) - 1, max(first_line, 0) - 1, -1):
+                at -= len(self._lines[index])
+                if at < start:
+                    break
+                kept.append(self._lines[index])
+        if self._fence is not None and len(kept) <= len(self._lines):  # the opening line was left out
+            kept.append(self._fence_line)
+        return "".join(reversed(kept))
+
+    def _partial_text(self) -> str:
+        if len(self._partial) > 1:
+            self._partial = ["".join(self._partial)]
+        return self._partial[0] if self._partial else ""
+
+    def _cut(self, blocks: list[str]) -> None:
+        """The tail's finished lines are a block (if they hold one)."""
+        if self._lines and self._has_content:
+            block = "".join(self._lines)
+            blocks.append(block)
+            self._lines, self._blank_lines = [], True
+            self.chars -= len(block)
+        self._has_content = self._is_list = self._blank_after_list = False
+
+    def _add(self, line: str, content: str) -> None:
+        self._lines.append(line)
+        self._blank_lines = self._blank_lines and not content.strip()
+
+    def _take_line(self, line: str, blocks: list[str]) -> None:
+        content = line.rstrip("\n").rstrip("\r")
+        if self._fence is not None:
+            char, length, whole_block = self._fence
+            self._add(line, content)
+            stripped = content.strip(" \t")
+            if stripped.startswith(char * length) and not stripped.strip(char):
+                self._fence = None
+                if whole_block:
+                    self._has_content = True
+                    self._cut(blocks)
+            return
+        if not content.strip(" \t"):
+            if self._has_content and not self._is_list:
+                self._add(line, content)
+                self._cut(blocks)
+                return
+            if self._is_list:
+                self._blank_after_list = True
+            self._add(line, content)
+            return
+
+        indent = _indent(content)
+        item = _LIST_ITEM.match(content) is not None
+        opener = _FENCE_OPEN.match(content)
+        starts_block = opener is not None or _HEADING.match(content) is not None
+        starts_block = starts_block or _THEMATIC_BREAK.match(content) is not None
+        if self._is_list:
+            if self._blank_after_list and not item and indent < _LIST_CONTINUATION_INDENT:
+                self._cut(blocks)
+            elif not self._blank_after_list and starts_block and indent < _LIST_CONTINUATION_INDENT:
+                self._cut(blocks)  # a fence or heading at the margin ends the list (else: lazy continuation)
+            else:
+                self._blank_after_list = False
+
+        if opener is not None:
+            if not self._is_list:
+                self._cut(blocks)  # the paragraph before the fence is finished
+            self._fence = (opener.group(2)[0], len(opener.group(2)), not self._is_list)
+            self._fence_line = line
+            self._has_content = True
+            self._add(line, content)
+        elif _HEADING.match(content) and not self._is_list:
+            self._cut(blocks)
+            self._has_content = True
+            self._add(line, content)
+            self._cut(blocks)
+        else:
+            self._is_list = self._is_list or item
+            self._has_content = True
+            self._add(line, content)

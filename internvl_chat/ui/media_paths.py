@@ -1,0 +1,121 @@
+"""Which media files a message or `/image` names, and what to say about the words that name none.
+
+paths.py reads one path from typed text; this module looks the paths up (a script's folder, then
+the working folder), takes them out of a message, expands `/image` wildcards and explains the words
+that name no file (a missing file, a path with bare spaces, a question typed after the paths).
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..errors import UsageError
+from ..files import visible
+from .commands import quote_spaced, split_words
+from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path
+
+_WILDCARD = re.compile(r"[*?\[]")  # what makes an /image path a pattern
+MAX_JOINED_WORDS = 6  # /image words tried together as one path typed with bare spaces
+# images one /image pattern may attach: past any context at one tile each, and each match is read
+# and hashed before the context check (`~/Pictures/*.jpg` over 20,000 photos took minutes to refuse)
+MAX_PATTERN_MATCHES = 100
+
+
+def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[Path] = ()) -> tuple[str, list[Path], list[Path]]:
+    """The media paths typed in a message: (the message without them, the files that exist, the
+    paths of media files that do not). One-shot and REPL messages go through this alike.
+
+    Relative paths are looked up in `search_dirs` (a script's folder), then in `cwd`."""
+    if not may_name_media(text):  # no word to look at (a long paste is not split word by word)
+        return text, [], []
+    found: list[tuple[tuple[int, int], Path]] = []
+    for folder in (*search_dirs, cwd):  # an earlier folder wins a span
+        found += [(span, path) for span, path in find_media_paths(text, folder)
+                  if not any(span[0] < end and start < span[1] for (start, end), _ in found)]  # fmt: skip
+    found.sort(key=lambda item: item[0])
+    kept, last = [], 0
+    for (start, end), _ in found:
+        kept.append(text[last:start])
+        last = end
+    kept.append(text[last:])
+    rest = "".join(kept)
+    if found:  # tidy the gap a path leaves: "What is in ?" -> "What is in?"
+        rest = re.sub(r"[ \t]{2,}", " ", rest)
+        rest = re.sub(r"[ \t]+([.,;:!?)\]])", r"\1", rest)
+        rest = "\n".join(line.strip() for line in rest.split("\n")).strip()
+    return rest, [path for _, path in found], _missing_media_paths(text, {p.resolve() for _, p in found}, (*search_dirs, cwd))
+
+
+def not_attached(path: Path) -> str:
+    """The warning for a path `take_media_paths` gives as missing: why it was not attached."""
+    why = "is not a file (a folder, a device or a pipe)" if _exists(path) else "does not exist"
+    return f"{visible(str(path))} {why}, so it was not attached; check the path"
+
+
+def _missing_media_paths(text: str, found: set[Path], folders: Sequence[Path | None]) -> list[Path]:
+    """Words that look like paths of media files that are not files in any of `folders` (said, not
+    silently ignored: a name of a FIFO or a folder too); a relative one is named as in the last folder."""
+    missing = []
+    for word in split_words(text):
+        raw = word.raw.strip("()[]{}<>,;:!?\"'")
+        if not raw.startswith(("/", "~", "./", "../", "file:")) or media_kind(raw.rstrip(".")) is None:
+            continue
+        try:
+            path = normalize_path(raw.rstrip("."))
+        except UsageError:
+            continue
+        # a relative path found beside a script was attached, and still said not to exist in the working folder
+        candidates = [path] if path.is_absolute() else [path if folder is None else Path(folder) / path for folder in folders]
+        if not any(is_file(candidate) or candidate.resolve() in found for candidate in candidates):
+            missing.append(next((candidate for candidate in candidates if _exists(candidate)), candidates[-1]))
+    return missing
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system: no such file
+        return False
+
+
+def expand_wildcards(path: Path, resolve: Callable[[Path], Path], places: Callable[[Path], list[Path]]) -> list[Path]:
+    """`/image shots/*.png`: a path holding * ? or [ that names no file, and ends in an image
+    extension or *, is a pattern, as in a shell; it stands for the image files it matches, in
+    name order (it said "does not exist").
+
+    `resolve`: the file a path names; `places`: where a path is looked for, in order."""
+    text = str(path)
+    # `cats?` in `/image cat.png How many cats?` is a word of a question, not a pattern
+    pattern = _WILDCARD.search(text) and (media_kind(text) == "image" or text.endswith("*"))
+    if not pattern or _exists(resolve(path)):
+        return [path]
+    for full in places(path):
+        found = sorted(Path(p) for p in glob.glob(str(full)) if media_kind(p) == "image" and is_file(Path(p)))
+        if len(found) > MAX_PATTERN_MATCHES:
+            raise UsageError(f"{visible(str(path))} matches {len(found):,} images; /image attaches at most "
+                             f"{MAX_PATTERN_MATCHES} at once, so narrow the pattern")  # fmt: skip
+        if found:
+            return found
+    raise UsageError(f"no image file matches {visible(str(path))}; check the pattern")
+
+
+def check_typed_paths(paths: Sequence[Path], resolve: Callable[[Path], Path]) -> None:
+    """Words of `/image` that name nothing, where what was meant is plain: the error was only
+    "…/My does not exist" for `/image ~/My Pics/cat.png` (one path with bare spaces) and
+    "image How does not exist" for `/image cat.png How many?` (a question after the path).
+
+    `resolve`: the file a path names."""
+    for i, path in enumerate(paths):
+        if _exists(resolve(path)):
+            continue
+        shown = visible(str(path))
+        for j in range(i + 1, min(len(paths), i + MAX_JOINED_WORDS)):
+            joined = Path(" ".join(str(p) for p in paths[i : j + 1]))
+            if is_file(resolve(joined)):
+                raise UsageError(f"{shown} does not exist; a path with spaces goes in quotes: /image {quote_spaced(str(joined))}")
+        if i and not any(media_kind(p) for p in paths[i:]):
+            raise UsageError(f"{shown} is not a file: /image takes only paths, so send the question as the next message "
+                             "(or name the file in it)")  # fmt: skip

@@ -1,0 +1,67 @@
+"""The saved sessions folder: where `/save` writes by default, the session files listed there (for
+`/load` alone and its Tab completion), what a session file holds at a glance, and which saved
+settings `/load` restores."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..chat.session_file import SESSION_FORMAT
+from ..errors import InternVLChatError
+from ..files import read_text_file, xdg_dir
+
+
+def default_sessions_dir(env: dict[str, str] | os._Environ = os.environ) -> Path:
+    return xdg_dir(env, "XDG_STATE_HOME", ".local/state") / "internvl-chat" / "sessions"
+
+
+# What /load restores from the settings saved with a session (model and UI settings stay as run).
+RESTORED_SETTINGS = (
+    "generation.temperature", "generation.top_p", "generation.top_k", "generation.repetition_penalty",
+    "generation.max_new_tokens", "generation.seed", "media.max_tiles", "media.frames",
+)  # fmt: skip
+
+
+def recent_sessions(folder: Path) -> list[tuple[Path, float]]:
+    """The session files (*.json) in `folder`, newest first, with their modification times."""
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.endswith(".json") or entry.name.startswith("."):
+            continue
+        try:
+            info = entry.stat()  # follows a symlink: what /load would read
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            found.append((Path(entry.path), info.st_mtime))
+    return sorted(found, key=lambda item: item[1], reverse=True)
+
+
+def file_date(mtime: float) -> str:
+    """A file's modification time as `2026-12-02 13:37`, or `?` for one no calendar date holds (an
+    archive keeps any time, and tmpfs, btrfs or XFS store years past 9999)."""
+    try:
+        return f"{datetime.fromtimestamp(mtime):%Y-%m-%d %H:%M}"
+    except (ValueError, OverflowError, OSError):
+        return "?"
+
+
+def saved_messages(path: Path) -> list[tuple[Any, Any]] | None:
+    """(role, text) of each message in a session file, or None when it is not one."""
+    try:
+        data = json.loads(read_text_file(path, "session file"))
+    except (InternVLChatError, ValueError, RecursionError):
+        return None
+    messages = data.get("messages") if isinstance(data, dict) and data.get("format") == SESSION_FORMAT else None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return None
+    return [(m.get("role"), m.get("text")) for m in messages]
