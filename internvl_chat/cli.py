@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 an error (also: stdout could not be written: a full disk, `>&-`), 2 bad
 usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129; the REPL puts
-the terminal back first). A reader that goes away (`| head`) ends the program quietly.
+the terminal back first). A reader that goes away (`| head`) ends the program quietly. A stdout
+that cannot hold every character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`).
 
 Text from stdin, `-p` and the prompt words must be UTF-8; anything else is refused in one line
 (exit 2), and binary data on stdin (an image, say) is named, with the flag to use instead.
@@ -14,6 +15,7 @@ import argparse
 import errno
 import os
 import sys
+from contextlib import suppress
 from typing import TextIO
 
 from . import __version__
@@ -154,11 +156,29 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
         if bad is not None:
             raise UsageError(f"the prompt is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding, "
                              "or put the text in a UTF-8 file and pipe it in")  # fmt: skip
-    if args.script != "-" and not sys.stdin.isatty():
+        if not prompt.strip():  # only spaces are no prompt (with piped text they were sent after it as "\n\n   ")
+            prompt = None
+    if args.script != "-" and not sys.stdin.isatty() and not _media_on_stdin(args):
         piped = read_piped_text()
         if piped.strip():
             prompt = f"{piped.rstrip()}\n\n{prompt}" if prompt else piped.rstrip()
     return prompt
+
+
+def _media_on_stdin(args: argparse.Namespace) -> bool:
+    """Whether --image/--video names stdin (`-`, /dev/stdin): then stdin is that file, not prompt text
+    (read as text first, the picture was refused with "pass it with --image FILE", which it was)."""
+    try:
+        stdin = os.fstat(0)
+    except OSError:
+        return False
+    for path in [*args.image, *args.video]:
+        try:
+            if path == "-" or os.path.samestat(os.stat(path), stdin):
+                return True
+        except (OSError, ValueError):
+            pass  # media_from_flags says what is wrong with it
+    return False
 
 
 def read_piped_text() -> str:
@@ -200,10 +220,10 @@ def run(argv: list[str]) -> int:
         from .ui.script import run_script
 
         return run_script(args, settings)  # stdin is left alone unless the script is '-'
-    prompt = _read_prompt(args)
-    if prompt is not None and not prompt.strip():
-        prompt = None  # a prompt of only spaces is no prompt
-    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if args.json and args.interactive:  # the REPL prints text: --json was silently dropped
+        raise UsageError("--json prints one answer as JSON, but -I goes on in the REPL, which prints text; drop one of them")
+    prompt = _read_prompt(args)  # None for a prompt of only spaces
+    interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json  # --json is one-shot
     if prompt is None and interactive or args.interactive:
         from .ui.repl import run_repl
 
@@ -277,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     # for users: the app checks lengths itself. Set before transformers is first imported.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     saved_streams = sys.stdout, sys.stderr
+    with suppress(AttributeError, ValueError):  # a stdout that is not ASCII-only UTF-8 (PYTHONIOENCODING=ascii,
+        # a Latin-1 locale) shows what it cannot hold as \u escapes, as stderr does: it raised, a traceback
+        sys.stdout.reconfigure(errors="backslashreplace")
     if argv[:1] not in (["serve"], ["quantize"]):
         # the terminal app: what native libraries print to fd 2 is kept off the terminal (native_stderr.py)
         sys.stderr = separate_python_stderr(sys.stderr)

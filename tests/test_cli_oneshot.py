@@ -262,7 +262,8 @@ def test_the_tokenizers_own_warnings_never_reach_the_user(tiny_original, tmp_pat
               stdin="one two three four five six seven eight nine ten " * 10)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "Token indices" not in run.stderr and "transformers" not in run.stderr
-    assert len(run.stderr.strip().splitlines()) == 1  # the stats line only
+    lines = run.stderr.strip().splitlines()  # the answer cut at 2 tokens, and the stats line: nothing else
+    assert len(lines) == 2 and lines[0].startswith("internvl-chat: warning: the answer stopped at --max-new-tokens"), run.stderr
 
 
 def test_python_dash_m_runs_the_app():
@@ -272,3 +273,131 @@ def test_python_dash_m_runs_the_app():
     out = subprocess.run([sys.executable, "-m", "internvl_chat", "--version"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("internvl-chat ")
+
+
+class _Terminal:
+    """stdin or stdout as a terminal, for cli.run's choice of mode."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_json_never_opens_the_repl_where_it_would_be_dropped(monkeypatch):
+    # with -I, or with no prompt on a terminal, the REPL ran and printed text: --json was dropped silently
+    from internvl_chat import cli as cli_module
+    from internvl_chat.errors import UsageError
+    from internvl_chat.ui import repl
+
+    monkeypatch.setattr(repl, "run_repl", lambda *a: pytest.fail("the REPL ran"))
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(sys, "stdout", _Terminal())
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    with pytest.raises(UsageError, match="--json prints one answer as JSON, but -I goes on in the REPL"):
+        cli_module.run(["--json", "-I", "-p", "hi"])
+    with pytest.raises(UsageError, match="no prompt given"):
+        cli_module.run(["--json"])
+
+
+def test_an_answer_cut_at_the_length_limit_is_said_on_stderr(tiny_original):
+    # stdout held the cut answer, exit 0, and nothing anywhere (--no-stats) said it was not whole
+    run = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "1", "--no-stats", "-p", "Tell me a story.")
+    assert run.returncode == 0 and run.stdout.strip(), run.stderr
+    assert run.stderr == ("internvl-chat: warning: the answer stopped at --max-new-tokens (1); "
+                          "a larger --max-new-tokens allows a longer one\n")  # fmt: skip
+    as_json = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "1", "--json", "-p", "Tell me a story.")
+    assert json.loads(as_json.stdout)["finish_reason"] == "length" and as_json.stderr == ""  # finish_reason says it
+    prompt = json.loads(as_json.stdout)["usage"]["prompt_tokens"]
+    full = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "3", "--max-context", str(prompt + 3),
+               "--no-stats", "-p", "Tell me a story.")  # fmt: skip
+    assert full.returncode == 0, full.stderr
+    assert full.stderr == (f"internvl-chat: warning: the answer stopped where the {prompt + 3:,}-token context is full; "
+                           "a larger --max-context makes room\n")  # fmt: skip
+
+
+class _SignalledAnswer:
+    """A conversation without a model whose answer is stopped by `signum`, sent once it has begun."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.turns: list = []
+
+    def ask(self, prompt, media, params=None, cancel=None):
+        import signal
+        import time
+        from types import SimpleNamespace
+
+        yield {"text": "Once upon", "finish_reason": None}
+        if signal.getsignal(self.signum) in (signal.SIG_DFL, signal.default_int_handler):
+            pytest.fail("nothing stops the answer for the signal: it would end the program, or the test run")
+        os.kill(os.getpid(), self.signum)
+        for _ in range(6000):  # the handler runs in this thread, at the latest as the sleep returns
+            if cancel is not None and cancel.is_set():
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the signal did not stop the answer")
+        self.turns.append(SimpleNamespace(answer_text="Once upon a [cancelled]"))
+        yield {"text": " a", "finish_reason": "cancelled", "token_ids": [1, 2, 3], "timing": {},
+               "usage": {"completion_tokens": 3}}  # fmt: skip
+
+    def describe(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(load_s=0.0, memory_device=None, more_room="")
+
+
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_json_stopped_by_a_signal_still_prints_the_partial_answer(monkeypatch, capsys, signame, code):
+    # stdout stayed empty (status 130, or killed by SIGTERM under `timeout`): the text so far was lost,
+    # where the text mode keeps it
+    import argparse
+    import signal
+
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import oneshot
+
+    signum = getattr(signal, signame)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(oneshot, "open_conversation", lambda settings: _SignalledAnswer(signum))
+    monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
+    args = argparse.Namespace(json=True, prompt_flag="Tell me a story.", prompt=[])
+    settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False})
+    assert oneshot.run_oneshot(args, settings, "Tell me a story.") == code
+    out, err = capsys.readouterr()
+    answer = json.loads(out)
+    assert answer["text"] == "Once upon a" and answer["finish_reason"] == "cancelled"
+    assert err == ("internvl-chat: interrupted\n" if signame == "SIGINT" else "")
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers are put back
+
+
+def test_a_stdout_that_cannot_hold_the_answer_gets_escapes_not_a_traceback(tiny_original):
+    # PYTHONIOENCODING=ascii (or a Latin-1 locale): the first character it could not encode raised
+    # UnicodeEncodeError, a traceback and status 1, in one-shot, --json and --script alike
+    flags = ("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "30", "--no-stats")
+    whole = json.loads(cli(*flags, "--json", "-p", "hi").stdout)["text"]
+    assert not whole.isascii()  # the tiny model's answer holds characters ASCII has not
+    ascii_env = {"PYTHONIOENCODING": "ascii"}
+    as_json = cli(*flags, "--json", "-p", "hi", env=ascii_env)
+    assert as_json.returncode == 0 and as_json.stdout.isascii(), as_json.stderr
+    assert json.loads(as_json.stdout)["text"] == whole  # \u escapes: the same JSON
+    text = cli(*flags, "-p", "hi", env=ascii_env)
+    assert text.returncode == 0 and "Traceback" not in text.stderr, text.stderr
+    assert text.stdout == whole.encode("ascii", "backslashreplace").decode() + "\n"
+    script = cli(*flags, "--script", "-", stdin="hi\n", env=ascii_env)
+    assert script.returncode == 0 and "Traceback" not in script.stderr, script.stderr
+
+
+def test_media_named_as_stdin_is_not_read_as_the_prompt(tiny_original, image):
+    # stdin was read as prompt text first and its picture refused with "pass it with --image FILE",
+    # which the command line did
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
+    base = [sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "--device", "cpu",
+            "--max-new-tokens", "2", "--no-stats", "-p", "hi"]  # fmt: skip
+    with open(image, "rb") as stdin:  # `--image /dev/stdin < photo.png`: the picture is that file
+        run = subprocess.run([*base, "--image", "/dev/stdin"], stdin=stdin, capture_output=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    for flag in ("--image", "--video"):
+        run = subprocess.run([*base, flag, "-"], input=image.read_bytes(), capture_output=True, env=env, timeout=300)
+        assert run.returncode == 2 and run.stderr.decode().strip() == (
+            f"internvl-chat: error: {flag} - : pictures and videos are read from files, not from stdin; "
+            f"save it to a file and pass {flag} FILE")  # fmt: skip

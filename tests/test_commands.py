@@ -241,3 +241,10 @@ def test_help_lists_every_command():
     assert "--skip-missing" in format_help("load") and "[--skip-missing]" in text
     with pytest.raises(UsageError, match="did you mean /image"):
         format_help("imgae")
+
+
+def test_a_range_that_is_not_utf8_is_shown_as_its_bytes():
+    # argv is decoded with surrogateescape: repr showed the byte as '\udcff', every other line says \xff
+    with pytest.raises(UsageError) as error:
+        parse_range("1-\udcff\x1b")
+    assert "invalid time range '1-\\xff\\e';" in str(error.value)

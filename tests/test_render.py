@@ -437,6 +437,18 @@ def test_no_color():
     assert not make_console(io.StringIO(), color="always", env={}).is_interactive
     assert make_console(FakeTTY(), color="always", env={}).is_interactive
 
+    # CI runners set FORCE_COLOR or TTY_COMPATIBLE: rich took either as a terminal, so a transcript
+    # into a pipe held spinner frames and erasures, and --plain (colour never) still wrote bold
+    for forced in ({"FORCE_COLOR": "1"}, {"TTY_COMPATIBLE": "1"}, {"FORCE_COLOR": "1", "TTY_INTERACTIVE": "1"}):
+        coloured = make_console(io.StringIO(), env=forced)
+        assert coloured.is_terminal and not coloured.is_interactive  # as color "always": colours, no live display
+        for color, env in (("never", forced), ("auto", {**forced, "NO_COLOR": "1"})):
+            out = io.StringIO()
+            console = make_console(out, color=color, env=env)
+            assert not console.is_terminal and not console.is_interactive
+            console.print("[bold]bold[/] [dim]dim[/]")
+            assert out.getvalue() == "bold dim\n"
+
     out = FakeTTY()
     stream = choose_stream(out, plain=False, env={"TERM": "xterm-256color", "NO_COLOR": "1"})
     assert isinstance(stream, MarkdownStream)

@@ -54,6 +54,13 @@ def test_read_entries_joins_triple_quote_blocks():
     ]
 
 
+def test_an_unclosed_block_holds_the_lines_of_the_script_only():
+    # the newline that ends the last line made one more, empty line: echoed as "... " in the transcript
+    assert [e.lines for e in read_entries('Hello\n"""\nabc\n')] == [("Hello",), ('"""', "abc")]
+    assert [e.lines for e in read_entries('"""\r\nabc\r\n\r\n')] == [('"""', "abc", "")]  # a blank line it has
+    assert [e.lines for e in read_entries('"""\nabc')] == [('"""', "abc")]  # no newline at the end
+
+
 def test_read_entries_takes_a_system_message_block():
     script = '/system """\nBe brief.\n\nUse lists.\n"""\nHello\n/system """One line."""\n/context\n'
     assert [(e.line_number, e.text) for e in read_entries(script)] == [

@@ -323,6 +323,19 @@ def test_a_prompt_of_spaces_is_no_prompt(tiny_original):
     assert run.returncode == 2 and "no prompt given" in run.stderr and "Traceback" not in run.stderr
 
 
+
+def test_a_prompt_of_spaces_adds_nothing_to_piped_text(tiny_original):
+    # the spaces were sent after the piped text, as "\n\n \t " (more prompt tokens, for nothing)
+    import json
+
+    def prompt_tokens(*prompt: str) -> int:
+        run = _cli("--model", str(tiny_original), "--max-new-tokens", "1", "--json", *prompt, stdin="Some document.\n")
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)["usage"]["prompt_tokens"]
+
+    assert prompt_tokens("-p", " \t ") == prompt_tokens("  ") == prompt_tokens()
+
+
 # --- type-ahead ----------------------------------------------------------------------------------
 
 
@@ -390,7 +403,7 @@ def test_one_shot_json_on_a_terminal_escapes_what_would_drive_or_reorder_it(monk
     class Answer:
         turns = [SimpleNamespace(answer_text=answer)]
 
-        def ask(self, prompt, media):
+        def ask(self, prompt, media, params=None, cancel=None):
             yield {"text": answer, "finish_reason": "stop", "timing": {}, "usage": {}, "token_ids": [1]}
 
         def describe(self):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..files import visible
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
 from .paths import media_kind, normalize_path, shell_unquote
 from .text_wrap import wrap_text
@@ -215,7 +216,8 @@ def _cut(text: str, width: int = 40) -> str:
 
 
 def _shown(text: str) -> str:
-    return repr(_cut(text))
+    # visible, not repr: a byte of argv that is not UTF-8 reads \xff, as everywhere else (repr said \udcff)
+    return f"'{visible(_cut(text))}'"
 
 
 def parse_range(text: str) -> tuple[float, float]:

@@ -1,11 +1,18 @@
-"""One-shot mode: one question, the answer streamed as raw text to stdout, stats to stderr."""
+"""One-shot mode: one question, the answer streamed as raw text to stdout, stats to stderr.
+
+With --json, Ctrl-C, SIGTERM or SIGHUP once the answer has begun stop it between tokens: the
+object is printed with what came (finish_reason "cancelled") and the status is 128 + the signal.
+Before that they act as anywhere else (nothing to keep yet)."""
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
+import signal
 import sys
+import threading
 from contextlib import suppress
 
 from ..errors import InternVLChatError
@@ -46,8 +53,13 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     # raw text for pipes; a terminal must not receive the model's control characters (its \r are line breaks)
     clean = AnswerCleaner() if sys.stdout.isatty() else None
     wrote = False
+    cancel, stopped_by, parts = threading.Event(), [], []  # --json: the signals that stopped the answer
+    handlers = None
     try:
-        for event in session.ask(prompt, media):
+        for event in session.ask(prompt, media, cancel=cancel):
+            parts.append(event["text"])
+            if args.json and handlers is None:  # the answer has begun: a signal now keeps what came
+                handlers = _stop_on_signals(cancel, stopped_by)
             if not args.json and event["text"]:
                 wrote = True
                 sys.stdout.write(clean.feed(event["text"]) if clean else event["text"])
@@ -60,13 +72,17 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
                 sys.stdout.write("\n")
                 sys.stdout.flush()
         raise
+    finally:
+        for signum, handler in (handlers or {}).items():
+            signal.signal(signum, handler)
     if clean is not None and not args.json:
         sys.stdout.write(clean.finish())
     info = session.describe()
     timing = dict(final["timing"], load_s=info.load_s)  # load_s: the model's load, or the server handshake
     if args.json:
+        cancelled = final["finish_reason"] == "cancelled"
         out = {
-            "text": session.turns[-1].answer_text,
+            "text": "".join(parts) if cancelled else session.turns[-1].answer_text,  # without the " [cancelled]" mark
             "token_ids": final.get("token_ids"),  # null from a server (it does not send them)
             "finish_reason": final["finish_reason"],
             "usage": final["usage"],
@@ -75,7 +91,9 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
             # for, or [remote] answer_timeout), else null; a local model's answer is never cut so
             "note": final.get("note"),
         }
-        line = json.dumps(out, ensure_ascii=False)
+        # a stdout that cannot hold all of Unicode (PYTHONIOENCODING=ascii) gets \u escapes: the same JSON
+        encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+        line = json.dumps(out, ensure_ascii=codecs.lookup(encoding).name != "utf-8")
         sys.stdout.write((line.translate(_JSON_FOR_TERMINAL) if sys.stdout.isatty() else line) + "\n")
     else:
         sys.stdout.write("\n")
@@ -83,6 +101,9 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     broken = final["finish_reason"] == "error"  # a server's answer broke off: what came is out, but it failed
     if final.get("note"):  # the client stopped the answer (chat/answer_bounds.py): the text is cut
         print(f"internvl-chat: {'error' if broken else 'warning: stopped'}: {final['note']}", file=sys.stderr)
+    elif final["finish_reason"] == "length" and not args.json:  # --json says so in finish_reason
+        # the text alone on stdout cannot tell a cut answer from a whole one (the REPL says it too)
+        print(f"internvl-chat: warning: {_why_cut(session, info.more_room)}", file=sys.stderr)
     if settings.ui.stats and not args.json:
         device = info.memory_device  # None: the model runs elsewhere, its memory is not ours to show
         width = os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None
@@ -90,4 +111,36 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
         stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak, device,
                              width=width, approximate=not session.token_counts_exact)  # fmt: skip
         print(stats, file=sys.stderr)
+    if stopped_by:  # the object is out; the status still says the run was stopped (130, 143, 129)
+        if stopped_by[0] == signal.SIGINT:
+            print("internvl-chat: interrupted", file=sys.stderr)
+        return 128 + stopped_by[0]
     return 1 if broken else 0
+
+
+def _stop_on_signals(cancel: threading.Event, stopped_by: list[int]) -> dict:
+    """--json: Ctrl-C, SIGTERM and SIGHUP stop the answer between tokens, so the object is printed
+    with what came (finish_reason "cancelled") instead of nothing; returns the handlers replaced.
+    A signal the caller ignores (nohup, a background job) stays ignored."""
+
+    def stop(signum: int, frame) -> None:
+        stopped_by.append(signum)
+        cancel.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    replaced = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            replaced[signum] = signal.signal(signum, stop)
+    return replaced
+
+
+def _why_cut(session, more_room: str) -> str:
+    """Where an answer that ended with finish_reason "length" stopped, and the flag for more."""
+    limit = session.max_context
+    if limit is not None and session.context_used >= limit - 1:
+        full = f"the answer stopped where the {limit:,}-token context is full"
+        return f"{full}; {more_room} makes room" if more_room else full
+    return (f"the answer stopped at --max-new-tokens ({session.params.max_new_tokens:,}); "
+            "a larger --max-new-tokens allows a longer one")  # fmt: skip

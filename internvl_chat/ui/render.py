@@ -165,10 +165,19 @@ def make_console(file: IO[str] | None = None, color: str = "auto", env: Mapping[
     only a terminal undoes (a `--script` transcript held every frame of every answer).
 
     COLUMNS or LINES of 0 (set where the size is unknown) count as unset: rich took COLUMNS=0 as a
-    width of 0 and printed nothing at all, so a script's transcript was lost with status 0."""
+    width of 0 and printed nothing at all, so a script's transcript was lost with status 0.
+
+    Into a file or pipe, FORCE_COLOR (or TTY_COMPATIBLE=1, as CI runners set) counts as "always"
+    when the setting is "auto"; never more: rich took either as a terminal, so a transcript held
+    spinner frames and erasures, and --plain or NO_COLOR still wrote bold and dim escapes."""
     no_color = colour_off(color, env)
-    force_terminal = True if color == "always" and not no_color else None
-    interactive = False if force_terminal and not _isatty(sys.stdout if file is None else file) else None
+    tty = _isatty(sys.stdout if file is None else file)
+    env_forced = env.get("FORCE_COLOR", "") != "" or env.get("TTY_COMPATIBLE") == "1"
+    colour_anyway = not no_color and (color == "always" or color == "auto" and env_forced)
+    if tty:
+        force_terminal, interactive = (True if color == "always" and not no_color else None), None
+    else:  # decided here, not by rich from the environment
+        force_terminal, interactive = colour_anyway, False
     environ = {k: v for k, v in env.items() if not (k in ("COLUMNS", "LINES") and v.strip().isdigit() and int(v) == 0)}
     return Console(file=file, no_color=no_color, force_terminal=force_terminal, force_interactive=interactive,
                    _environ=environ)  # fmt: skip

@@ -4,6 +4,7 @@ or a server's RemoteConversation when `remote.server` is set), media from flags.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -103,6 +104,9 @@ def media_from_flags(session: Conversation, args: argparse.Namespace, settings: 
     for flag, paths in (("--image", args.image), ("--video", args.video)):
         if any(not str(p).strip() for p in paths):  # Path("") is the working folder: "'.' is a folder" misled
             raise UsageError(f"{flag} was given an empty path; pass the path of a file")
+        if "-" in paths and not os.path.lexists("-"):  # no file of that name: it meant stdin
+            raise UsageError(f"{flag} - : pictures and videos are read from files, not from stdin; "
+                             f"save it to a file and pass {flag} FILE")  # fmt: skip
     media = [session.describe_image(p, settings.media.max_tiles) for p in args.image]
     media += [session.describe_video(p, settings.media.frames, video_range) for p in args.video]
     return media
