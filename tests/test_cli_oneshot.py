@@ -366,8 +366,48 @@ def test_json_stopped_by_a_signal_still_prints_the_partial_answer(monkeypatch, c
     out, err = capsys.readouterr()
     answer = json.loads(out)
     assert answer["text"] == "Once upon a" and answer["finish_reason"] == "cancelled"
-    assert err == ("internvl-chat: interrupted\n" if signame == "SIGINT" else "")
+    assert err == ("internvl-chat: interrupted\n" if signame == "SIGINT" else "internvl-chat: stopped by SIGTERM\n")
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers are put back
+
+
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
+def test_text_stopped_by_a_signal_keeps_the_partial_answer_and_says_so(monkeypatch, capsys, signame, code):
+    # SIGTERM (`timeout 60 internvl-chat -p …`) or SIGHUP killed the process mid-line: the answer
+    # had no line end, stderr said nothing, and the status was the signal's; Ctrl-C kept it
+    import argparse
+    import signal
+
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import oneshot
+
+    signum = getattr(signal, signame)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(oneshot, "open_conversation", lambda settings: _SignalledAnswer(signum))
+    monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
+    args = argparse.Namespace(json=False, prompt_flag="Tell me a story.", prompt=[])
+    settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False})
+    assert oneshot.run_oneshot(args, settings, "Tell me a story.") == code
+    out, err = capsys.readouterr()
+    assert out == "Once upon a\n"  # the text so far, its line ended; no stats line for an answer cut short
+    assert err == ("internvl-chat: interrupted\n" if signame == "SIGINT" else f"internvl-chat: stopped by {signame}\n")
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers are put back
+
+
+def test_a_signal_ignored_at_the_start_stays_ignored_while_the_answer_runs():
+    # `nohup internvl-chat -p …`: a closed terminal's SIGHUP must not stop the answer
+    import signal
+    import threading
+
+    from internvl_chat.ui import oneshot
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        replaced = oneshot._stop_on_signals(threading.Event(), [])
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.SIGHUP not in replaced
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_a_stdout_that_cannot_hold_the_answer_gets_escapes_not_a_traceback(tiny_original):

@@ -1,8 +1,9 @@
 """One-shot mode: one question, the answer streamed as raw text to stdout, stats to stderr.
 
-With --json, Ctrl-C, SIGTERM or SIGHUP once the answer has begun stop it between tokens: the
-object is printed with what came (finish_reason "cancelled") and the status is 128 + the signal.
-Before that they act as anywhere else (nothing to keep yet)."""
+Ctrl-C, SIGTERM or SIGHUP once the answer has begun stop it between tokens: the text so far is
+kept (its line ended; with --json the object is printed, finish_reason "cancelled"), one line on
+stderr says why it stopped, and the status is 128 + the signal (130, 143, 129; `timeout` sends
+SIGTERM). Before that they act as anywhere else (nothing to keep yet). Ignored ones stay ignored."""
 
 from __future__ import annotations
 
@@ -53,12 +54,12 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     # raw text for pipes; a terminal must not receive the model's control characters (its \r are line breaks)
     clean = AnswerCleaner() if sys.stdout.isatty() else None
     wrote = False
-    cancel, stopped_by, parts = threading.Event(), [], []  # --json: the signals that stopped the answer
+    cancel, stopped_by, parts = threading.Event(), [], []  # stopped_by: the signals that stopped the answer
     handlers = None
     try:
         for event in session.ask(prompt, media, cancel=cancel):
             parts.append(event["text"])
-            if args.json and handlers is None:  # the answer has begun: a signal now keeps what came
+            if handlers is None:  # the answer has begun: a signal now keeps what came
                 handlers = _stop_on_signals(cancel, stopped_by)
             if not args.json and event["text"]:
                 wrote = True
@@ -98,6 +99,9 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     else:
         sys.stdout.write("\n")
     sys.stdout.flush()
+    if stopped_by:  # the text so far is out, its line ended; no stats for an answer cut short
+        print(f"internvl-chat: {_stopped_note(stopped_by[0])}", file=sys.stderr)
+        return 128 + stopped_by[0]
     broken = final["finish_reason"] == "error"  # a server's answer broke off: what came is out, but it failed
     if final.get("note"):  # the client stopped the answer (chat/answer_bounds.py): the text is cut
         print(f"internvl-chat: {'error' if broken else 'warning: stopped'}: {final['note']}", file=sys.stderr)
@@ -111,16 +115,18 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
         stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak, device,
                              width=width, approximate=not session.token_counts_exact)  # fmt: skip
         print(stats, file=sys.stderr)
-    if stopped_by:  # the object is out; the status still says the run was stopped (130, 143, 129)
-        if stopped_by[0] == signal.SIGINT:
-            print("internvl-chat: interrupted", file=sys.stderr)
-        return 128 + stopped_by[0]
     return 1 if broken else 0
 
 
+def _stopped_note(signum: int) -> str:
+    """The line saying why the answer stopped: Ctrl-C's is the app's usual one (cli.main)."""
+    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+
+
 def _stop_on_signals(cancel: threading.Event, stopped_by: list[int]) -> dict:
-    """--json: Ctrl-C, SIGTERM and SIGHUP stop the answer between tokens, so the object is printed
-    with what came (finish_reason "cancelled") instead of nothing; returns the handlers replaced.
+    """Ctrl-C, SIGTERM and SIGHUP stop the answer between tokens, so what came is kept (the text's
+    line ended, or the --json object printed) instead of lost, or the process killed mid-line
+    without a word (SIGTERM's default, `timeout`); returns the handlers replaced.
     A signal the caller ignores (nohup, a background job) stays ignored."""
 
     def stop(signum: int, frame) -> None:
