@@ -147,6 +147,17 @@ def _overrides(args: argparse.Namespace) -> dict:
     }
 
 
+# the flag that gives each setting, as the user types it: a bad value's message names it
+# ("--dtype: must be …", not the setting "model.dtype"); switches (--no-stats) cannot be wrong
+FLAGS = {"remote.server": "--server", "remote.api_key": "--api-key", "remote.model": "--remote-model",
+         "remote.dialect": "--dialect", "model.path": "--model", "model.device": "--device", "model.dtype": "--dtype",
+         "model.max_context": "--max-context", "model.int4_backend": "--int4-backend", "model.compile": "--compile",
+         "generation.temperature": "--temperature", "generation.top_p": "--top-p", "generation.top_k": "--top-k",
+         "generation.repetition_penalty": "--repetition-penalty", "generation.max_new_tokens": "--max-new-tokens",
+         "generation.seed": "--seed", "media.max_tiles": "--max-tiles", "media.frames": "--frames",
+         "system.message": "--system"}  # fmt: skip
+
+
 def _read_prompt(args: argparse.Namespace) -> str | None:
     parts = [args.prompt_flag] if args.prompt_flag else []
     parts += [" ".join(args.prompt)] if args.prompt else []
@@ -209,7 +220,7 @@ def run(argv: list[str]) -> int:
     from .settings import format_settings, load_settings
 
     args = build_parser().parse_args(argv)
-    settings = load_settings(args.config, os.environ, _overrides(args))
+    settings = load_settings(args.config, os.environ, _overrides(args), FLAGS)
     if args.print_config:
         sys.stdout.write(format_settings(settings))
         return 0

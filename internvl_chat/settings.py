@@ -283,16 +283,17 @@ class Settings:
         section, name = resolve_key(key).split(".")
         return getattr(getattr(self, section), name)
 
-    def set(self, key: str, value: Any, source: str = "/set") -> str:
+    def set(self, key: str, value: Any, source: str = "/set", flag: str | None = None) -> str:
         """Set one value (text is parsed by the field's type); returns the dotted key.
 
-        Raises UsageError for an unknown key (with the closest one) or a bad value.
+        Raises UsageError for an unknown key (with the closest one) or a bad value; `flag` is the
+        flag the user typed for it (`--dtype`), which the message then names instead of the key.
         """
         dotted = resolve_key(key)
         # a message names the key once: `/set KEY` and a dotted key name it already
-        # ("/set generation.top_p: must be …", "flag media.frames: must be …; fix the value.")
-        named = source == "/set" or key.strip().lower() == dotted
-        _assign(self, dotted, value, where=f"{source} {key}".strip(), names_key=named,
+        # ("/set generation.top_p: must be …", "--frames: must be …; fix the value.")
+        named = source == "/set" or key.strip().lower() == dotted or flag is not None
+        _assign(self, dotted, value, where=flag or f"{source} {key}".strip(), names_key=named,
                 fix="" if source == "/set" else "; fix the value.")
         self.sources[dotted] = source
         return dotted
@@ -518,8 +519,11 @@ def load_settings(
     config_path: str | Path | None = None,
     env: Mapping[str, str] = os.environ,
     overrides: Mapping[str, Any] | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> Settings:
     """Merge the layers. `overrides` keys are dotted keys or `/set` aliases; None values are skipped.
+    `flags` names the flag that gave an override (`{"model.dtype": "--dtype"}`): a bad value's
+    message names it, as the user typed it, instead of the setting.
 
     `config_path` (or $INTERNVL_CHAT_CONFIG) must exist; the default user file may be absent.
     """
@@ -546,7 +550,7 @@ def load_settings(
 
     for key, value in (overrides or {}).items():
         if value is not None:
-            settings.set(key, value, source="flag")
+            settings.set(key, value, source="flag", flag=(flags or {}).get(key))
     return settings
 
 

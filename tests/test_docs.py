@@ -154,6 +154,14 @@ def test_defaults_in_help_are_the_settings_defaults(mode):
     assert checked >= (15 if mode == "internvl-chat" else 9)
 
 
+@pytest.mark.parametrize("mode", ["internvl-chat", "serve"])
+def test_the_flag_a_bad_value_names_is_the_one_that_set_it(mode):
+    # FLAGS is a second table beside _overrides: a flag added to one only is caught here
+    module = cli if mode == "internvl-chat" else serve_main
+    keys = _flag_keys(parsers()[mode], module._overrides)
+    assert {key: flag for flag, key in keys.items()} == module.FLAGS
+
+
 def test_flags_the_chat_and_serve_share_say_the_same():
     # serve's --compile once still said "a compiled decode step" after the chat's named the C++ step
     differ = {"--model": "serve has no demo model", "--max-context": "per slot in serve"}

@@ -519,3 +519,17 @@ def test_config_files_are_read_as_untrusted_text(tmp_path):
         message = str(err.value)
         assert expected in message and "\n" not in message and "\x1b" not in message, message
     assert load_settings(config_path=os.devnull, env=env).model.max_context == 8192  # /dev/null: no user settings
+
+
+def test_a_bad_flag_value_names_the_flag_typed(tmp_path):
+    # it said "flag model.dtype: must be …", a name the user never typed; env and config messages keep the key
+    with pytest.raises(UsageError) as err:
+        load_settings(env=clean_env(tmp_path), overrides={"model.dtype": "fp8"}, flags={"model.dtype": "--dtype"})
+    assert str(err.value).startswith("--dtype: must be ") and str(err.value).endswith(", not 'fp8'; fix the value.")
+    assert "model.dtype" not in str(err.value)
+    with pytest.raises(UsageError) as err:
+        load_settings(env=clean_env(tmp_path), overrides={"system.message": "a\udcffb"}, flags={"system.message": "--system"})
+    assert str(err.value) == "--system: is not UTF-8 text (byte 0xff); fix the value."
+    settings = load_settings(env=clean_env(tmp_path), overrides={"model.dtype": "float32"}, flags={"model.dtype": "--dtype"})
+    assert settings.sources["model.dtype"] == "flag"  # --print-config still says where it came from
+

@@ -84,11 +84,23 @@ def _overrides(args: argparse.Namespace) -> dict:
     }
 
 
+# the flag that gives each setting, as typed: a bad value's message names it ("--slots: must be …");
+# switches (--allow-remote-media) cannot be wrong
+FLAGS = {"model.path": "--model", "model.device": "--device", "model.dtype": "--dtype", "model.max_context": "--max-context",
+         "model.int4_backend": "--int4-backend", "model.compile": "--compile", "serve.host": "--host", "serve.port": "--port",
+         "serve.api_key": "--api-key", "serve.model_id": "--model-id", "serve.slots": "--slots",
+         "serve.queue_depth": "--queue-depth", "serve.allow_local_media": "--allow-local-media",
+         "serve.max_video_decode_megapixels": "--max-video-decode-megapixels",
+         "serve.max_connections": "--max-connections", "serve.header_timeout": "--header-timeout",
+         "serve.body_timeout": "--body-timeout", "serve.write_timeout": "--write-timeout",
+         "serve.keep_alive_timeout": "--keep-alive-timeout", "serve.max_header_kb": "--max-header-kb"}  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     from ..settings import load_settings
 
     args = build_parser().parse_args(argv)
-    settings = load_settings(args.config, os.environ, _overrides(args))
+    settings = load_settings(args.config, os.environ, _overrides(args), FLAGS)
     if not settings.model.path:
         raise UsageError("serve needs a model: pass --model DIR (e.g. --model internvl_chat/demo_model)")
     return serve(settings, log_level=args.log_level)
