@@ -441,3 +441,17 @@ def test_media_named_as_stdin_is_not_read_as_the_prompt(tiny_original, image):
         assert run.returncode == 2 and run.stderr.decode().strip() == (
             f"internvl-chat: error: {flag} - : pictures and videos are read from files, not from stdin; "
             f"save it to a file and pass {flag} FILE")  # fmt: skip
+
+
+def test_piped_text_with_windows_line_ends_reaches_the_model_with_newlines(monkeypatch, tmp_path):
+    # a file saved on Windows reached the model with "\r\n" (a script's lines drop the \r); a lone \r
+    # is kept (a progress bar's redraw in captured output, not a line end)
+    from internvl_chat import cli as cli_module
+
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"line one\r\nline two\r\n50%\r100%\r\n")
+    with open(notes, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        args = cli_module.build_parser().parse_args(["-p", "Summarise."])
+        assert cli_module._read_prompt(args) == "line one\nline two\n50%\r100%\n\nSummarise."
+
