@@ -21,7 +21,8 @@ from typing import TextIO
 
 from . import __version__
 from .errors import InternVLChatError, OneLineParser, UsageError
-from .files import GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, visible
+from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, unread_bytes,
+                    visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
 from .settings import add_engine_flags
 
@@ -180,16 +181,21 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
 def _media_on_stdin(args: argparse.Namespace) -> bool:
     """Whether --image/--video names stdin (`-`, /dev/stdin): then stdin is that file, not prompt text
     (read as text first, the picture was refused with "pass it with --image FILE", which it was)."""
+    return _names_stdin([*args.image, *args.video])
+
+
+def _names_stdin(paths: list[str]) -> bool:
+    """Whether one of `paths` is stdin: `-`, or a name of the same file (/dev/stdin, `< file`'s file)."""
     try:
         stdin = os.fstat(0)
     except OSError:
         return False
-    for path in [*args.image, *args.video]:
+    for path in paths:
         try:
             if path == "-" or os.path.samestat(os.stat(path), stdin):
                 return True
         except (OSError, ValueError):
-            pass  # media_from_flags says what is wrong with it
+            pass  # the flag's own check says what is wrong with it
     return False
 
 
@@ -234,7 +240,9 @@ def run(argv: list[str]) -> int:
             raise UsageError("--script takes its messages from the script; drop -p/the prompt words, -I and --json")
         from .ui.script import run_script
 
-        return run_script(args, settings)  # stdin is left alone unless the script is '-'
+        # stdin is left alone unless the script or a media flag names it; text piped to it is said
+        unread = not _names_stdin([args.script, *args.image, *args.video]) and unread_bytes(0) > 0
+        return run_script(args, settings, stdin_unread=unread)
     if args.json and args.interactive:  # the REPL prints text: --json was silently dropped
         raise UsageError("--json prints one answer as JSON, but -I goes on in the REPL, which prints text; drop one of them")
     prompt = _read_prompt(args)  # None for a prompt of only spaces

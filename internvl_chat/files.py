@@ -13,11 +13,18 @@ import errno
 import os
 import re
 import stat
+import struct
 import tempfile
 from pathlib import Path
 from typing import Mapping, TextIO
 
 from .errors import UsageError
+
+try:  # POSIX: how many bytes wait in a pipe (unread_bytes)
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover
+    fcntl = termios = None  # type: ignore[assignment]
 
 MiB = 1 << 20
 TEXT_LIMIT = 16 * MiB  # sessions, scripts, configs: far above any real one
@@ -111,6 +118,20 @@ def read_stream(fd: int, what: str, limit: int = TEXT_LIMIT, error: type[Excepti
         return _read_all(fd, limit, error(f"{what} holds more than {limit / MiB:,.0f} MiB; pass a smaller text"))
     except OSError as e:
         raise error(f"cannot read {what} ({e.strerror or e})") from None
+
+
+def unread_bytes(fd: int) -> int:
+    """How many bytes `fd` (stdin) holds that nothing has read: the rest of a redirected file, or
+    what waits in a pipe or socket now. Never reads, so nothing is taken from it; 0 when unknown."""
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return max(st.st_size - os.lseek(fd, 0, os.SEEK_CUR), 0)
+        if fcntl is not None and (stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
+            return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _read_all(fd: int, limit: int, too_big: Exception) -> bytes:

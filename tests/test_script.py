@@ -114,6 +114,58 @@ def test_script_usage_errors_exit_2_before_loading(tmp_path):
     assert both.returncode == 2 and "--script" in both.stderr
 
 
+_STDIN_NOT_READ = ("internvl-chat: warning: stdin is not read with --script FILE (its lines are the messages); put the "
+                   'text in the script (inside a """ block), or pipe the script itself: --script -')
+
+
+def test_text_piped_to_a_script_file_is_said_not_dropped_silently(tmp_path):
+    # `cat notes.txt | internvl-chat --script s.txt`: the notes never reached a message, and nothing said so
+    script, notes = tmp_path / "s.txt", tmp_path / "notes.txt"
+    script.write_text("Summarise the notes.\n", encoding="utf-8")
+    notes.write_text("The meeting moved to Friday.\n", encoding="utf-8")
+
+    def run(*args: str, stdin) -> list[str]:
+        # a model that is not there: the run ends at its load, after the script is read and stdin looked at
+        done = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--model", str(tmp_path / "no-model"), *args],
+                              stdin=stdin, capture_output=True, text=True, env=_env(), timeout=300)  # fmt: skip
+        assert done.returncode == 2 and "no-model" in done.stderr.splitlines()[-1], done.stderr
+        return done.stderr.splitlines()[:-1]
+
+    with open(notes, "rb") as stdin:  # `< notes.txt`
+        assert run("--script", str(script), stdin=stdin) == [_STDIN_NOT_READ]
+    read_end, write_end = os.pipe()  # `cat notes.txt |`: the text waits in the pipe before the program starts
+    os.write(write_end, notes.read_bytes())
+    os.close(write_end)
+    try:
+        assert run("--script", str(script), stdin=read_end) == [_STDIN_NOT_READ]
+    finally:
+        os.close(read_end)
+    assert run("--script", str(script), stdin=subprocess.DEVNULL) == []  # nothing piped: nothing said
+    with open(script, "rb") as stdin:  # the script is stdin, read by name: nothing was left unread
+        assert run("--script", "/dev/stdin", stdin=stdin) == []
+
+
+def test_unread_bytes_counts_what_waits_without_reading_it(tmp_path):
+    from internvl_chat.files import unread_bytes
+
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"12345")
+    with open(path, "rb", buffering=0) as f:
+        assert unread_bytes(f.fileno()) == 5
+        f.read(2)
+        assert unread_bytes(f.fileno()) == 3  # a redirected file: what is left after the offset
+    read_end, write_end = os.pipe()
+    try:
+        assert unread_bytes(read_end) == 0
+        os.write(write_end, b"abc")
+        assert unread_bytes(read_end) == 3 and os.read(read_end, 10) == b"abc"  # counting took nothing
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    with open(os.devnull, "rb") as null:
+        assert unread_bytes(null.fileno()) == 0
+
+
 def test_the_scripted_demo_runs_from_any_folder(tiny_original, tmp_path):
     # a copy of the repository's layout: examples/demo.txt and .cache/demo/ made as `make demo` does
     (tmp_path / "examples").mkdir()

@@ -7,7 +7,8 @@ A failing line prints its one-line error and the script goes on; the exit status
 line failed (the failed line numbers go to stderr), else 0. `/exit` ends the script early.
 Attachments still waiting for a message when it ends are named in a warning on stderr; the status
 stays as it was (no line failed: a script may attach only to see the cost with /context).
-Ctrl-C ends it with status 130.
+Ctrl-C ends it with status 130. Stdin is read only for `--script -` (or media flags naming it);
+text piped to a script FILE is said in a warning on stderr (the run goes on), not dropped silently.
 
 The script is read as untrusted text (a regular file under the size limit, or stdin). A line that
 is not UTF-8 fails on its own, like any bad line; binary data (an image given as the script) is
@@ -167,8 +168,12 @@ class _Transcript:
         return getattr(self._stream, name)
 
 
-def run_script(args: argparse.Namespace, settings: Settings) -> int:
+def run_script(args: argparse.Namespace, settings: Settings, stdin_unread: bool = False) -> int:
+    """`stdin_unread`: text waits on stdin, which a script FILE never reads (cli.py decides)."""
     text = _read_script(args.script)  # before loading the model: a wrong path fails fast
+    if stdin_unread:  # it was ignored without a word: the user meant it for the messages
+        print("internvl-chat: warning: stdin is not read with --script FILE (its lines are the messages); put the "
+              'text in the script (inside a """ block), or pipe the script itself: --script -', file=sys.stderr)
     transcript = _Transcript(sys.stdout)
     session = open_conversation(settings)
     app = App(session, settings, ui_console(transcript, settings.ui), interactive=False)  # type: ignore[arg-type]
