@@ -346,34 +346,11 @@ class _SignalledAnswer:
         return SimpleNamespace(load_s=0.0, memory_device=None, more_room="")
 
 
-@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_json_stopped_by_a_signal_still_prints_the_partial_answer(monkeypatch, capsys, signame, code):
-    # stdout stayed empty (status 130, or killed by SIGTERM under `timeout`): the text so far was lost,
-    # where the text mode keeps it
-    import argparse
-    import signal
-
-    from internvl_chat.settings import load_settings
-    from internvl_chat.ui import oneshot
-
-    signum = getattr(signal, signame)
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    monkeypatch.setattr(oneshot, "open_conversation", lambda settings: _SignalledAnswer(signum))
-    monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
-    args = argparse.Namespace(json=True, prompt_flag="Tell me a story.", prompt=[])
-    settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False})
-    assert oneshot.run_oneshot(args, settings, "Tell me a story.") == code
-    out, err = capsys.readouterr()
-    answer = json.loads(out)
-    assert answer["text"] == "Once upon a" and answer["finish_reason"] == "cancelled"
-    assert err == ("internvl-chat: interrupted\n" if signame == "SIGINT" else "internvl-chat: stopped by SIGTERM\n")
-    assert {s: signal.getsignal(s) for s in before} == before  # the handlers are put back
-
-
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
 @pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
-def test_text_stopped_by_a_signal_keeps_the_partial_answer_and_says_so(monkeypatch, capsys, signame, code):
-    # SIGTERM (`timeout 60 internvl-chat -p …`) or SIGHUP killed the process mid-line: the answer
-    # had no line end, stderr said nothing, and the status was the signal's; Ctrl-C kept it
+def test_a_signal_mid_answer_keeps_the_partial_answer_and_says_so(monkeypatch, capsys, as_json, signame, code):
+    # --json: stdout stayed empty (status 130, or killed by SIGTERM under `timeout`), the text so far lost;
+    # text: SIGTERM or SIGHUP killed the process mid-line (no line end, nothing on stderr); Ctrl-C kept it
     import argparse
     import signal
 
@@ -384,11 +361,15 @@ def test_text_stopped_by_a_signal_keeps_the_partial_answer_and_says_so(monkeypat
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     monkeypatch.setattr(oneshot, "open_conversation", lambda settings: _SignalledAnswer(signum))
     monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
-    args = argparse.Namespace(json=False, prompt_flag="Tell me a story.", prompt=[])
+    args = argparse.Namespace(json=as_json, prompt_flag="Tell me a story.", prompt=[])
     settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False})
     assert oneshot.run_oneshot(args, settings, "Tell me a story.") == code
     out, err = capsys.readouterr()
-    assert out == "Once upon a\n"  # the text so far, its line ended; no stats line for an answer cut short
+    if as_json:
+        answer = json.loads(out)
+        assert answer["text"] == "Once upon a" and answer["finish_reason"] == "cancelled"
+    else:
+        assert out == "Once upon a\n"  # the text so far, its line ended; no stats line for an answer cut short
     assert err == ("internvl-chat: interrupted\n" if signame == "SIGINT" else f"internvl-chat: stopped by {signame}\n")
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers are put back
 
