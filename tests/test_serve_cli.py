@@ -111,6 +111,17 @@ def test_a_port_in_use_is_a_one_line_error_that_leaves_no_temp_folder(tiny_origi
     assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and list(temp.iterdir()) == []
 
+@pytest.mark.parametrize("host", ["bad..host", "a" * 64 + ".example", "x" * 300, "\udcff"])
+def test_a_host_name_the_resolver_cannot_encode_is_a_one_line_error(host):
+    """An empty label, one over 63 characters, or an undecodable byte made the IDNA codec raise
+    UnicodeError, which ended `serve` in a traceback (after the model had loaded)."""
+    from internvl_chat.errors import UsageError
+    from internvl_chat.serve.main import listen_socket
+
+    with pytest.raises(UsageError, match=r"\(not a valid host name\); check --host"):
+        listen_socket(host, 0)
+
+
 def test_serve_compile_flag_reaches_the_model_settings():
     """`serve --compile MODE` sets model.compile, which serve() passes to load_model; a bad mode is refused."""
     from internvl_chat.errors import UsageError

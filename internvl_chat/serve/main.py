@@ -277,6 +277,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host") from None
+    except UnicodeError:  # the IDNA codec refuses the name (an empty label, one over 63 characters)
+        raise UsageError(f"cannot listen on {host}:{port} (not a valid host name); check --host") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
