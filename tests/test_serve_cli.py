@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
@@ -316,3 +317,98 @@ def test_a_proxy_that_remote_media_cannot_use_is_a_one_line_error_at_start(monke
     with pytest.raises(UsageError) as err:
         main(["--config", os.devnull, "--model", missing, "--allow-remote-media"])
     assert str(err.value) == line and err.value.exit_code == 2
+
+
+# `internvl-chat serve` whose answers stop after their first piece of text until they are cancelled:
+# a request still running when the grace period of a shutdown is over, at no moment to race for
+_STALLING = """
+import sys
+from internvl_chat.cli import main
+from internvl_chat.serve import engine
+real_init = engine.EngineWorker.__init__
+def init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    def on_event(job, event):
+        if job.texts:
+            job.cancel.wait()
+        job.texts += bool(event["text"])
+    self.on_event = on_event
+engine.Job.texts = 0
+engine.EngineWorker.__init__ = init
+sys.exit(main(sys.argv[3:]))  # past "-c", "-m", "internvl_chat.cli"
+"""
+
+
+def test_requests_still_running_after_the_grace_period_get_a_clean_503(tiny_original):
+    """uvicorn's end of the grace period cancelled the handlers: a stream was cut mid-chunk (no
+    error, no [DONE]), a queued non-streamed request got a text/plain 500, and the log showed a
+    CancelledError traceback for each."""
+    import httpx
+
+    python = [sys.executable, "-c", _STALLING]
+    flags = ("--max-context", "2048", "--queue-depth", "1", "--log-level", "info")
+    with _serving(tiny_original, *flags, python=python, with_stdout=True) as (proc, lines):
+        url = _next_match(lines, r"on (http://127\.0\.0\.1:\d+)/v1")[0].group(1)
+        body = {"model": tiny_original.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 500}
+        answers: queue.Queue[httpx.Response] = queue.Queue()
+
+        def post() -> None:
+            answers.put(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=WAIT_S))
+
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=WAIT_S) as stream:
+            events = stream.iter_lines()
+            while '"content":""' in (line := next(events)) or not line:  # up to its first text: it runs
+                pass
+            # two more: one waits in the queue (depth 1), the other is refused; which one is which does not matter
+            for _ in range(2):
+                threading.Thread(target=post, daemon=True).start()
+            assert answers.get(timeout=WAIT_S).status_code == 429
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in events if line]
+        # the engine's "cancelled" or the handler's "shutting_down": both say why
+        assert rest[-1] == "data: [DONE]" and "the server is shutting down" in rest[-2], rest
+        queued = answers.get(timeout=WAIT_S)
+        assert queued.status_code == 503 and queued.json()["error"]["code"] == "shutting_down", queued.text
+        code = proc.wait(WAIT_S)
+        said = _drain(lines)
+        assert code == 0 and "internvl-chat serve: stopped\n" in said, (code, said)
+        assert not any("Traceback" in line or "Cancel" in line for line in said), said
+
+
+@pytest.mark.parametrize("during", [True, False], ids=["during the shutdown", "before it starts"])
+def test_a_second_stop_signal_ends_the_running_requests_at_once(during):
+    """uvicorn says "CTRL+C to force quit" while it waits for running requests, but its handler is
+    replaced by ours, which only set the stop flag again: a second signal changed nothing."""
+    import uvicorn
+    from uvicorn.lifespan.off import LifespanOff
+
+    from internvl_chat.serve.main import GracefulServer, _StopRequest
+
+    class Worker:
+        def __init__(self) -> None:
+            self.ended = asyncio.Event()
+
+        def end_jobs(self) -> None:
+            self.ended.set()
+
+    async def scenario() -> None:
+        worker = Worker()
+        config = uvicorn.Config(lambda *a: None, timeout_graceful_shutdown=600, log_level="error")
+        config.load()
+        server = GracefulServer(config, worker)
+        server.servers, server.lifespan = [], LifespanOff(config)  # what startup() sets
+        stop = _StopRequest(server)
+        request = asyncio.create_task(worker.ended.wait())  # a request that runs until the engine's jobs end
+        server.server_state.tasks.add(request)
+        request.add_done_callback(server.server_state.tasks.discard)  # as uvicorn does
+        stop(signal.SIGINT, None)
+        if not during:
+            stop(signal.SIGINT, None)
+        shutdown = asyncio.create_task(server.shutdown())
+        if during:
+            await asyncio.sleep(0)  # the shutdown has begun
+            stop(signal.SIGINT, None)
+        await asyncio.wait_for(shutdown, WAIT_S)  # not the 600 s grace
+        assert worker.ended.is_set() and request.done() and not request.cancelled()
+
+    asyncio.run(scenario())

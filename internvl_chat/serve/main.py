@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -122,6 +123,8 @@ class _StopRequest:
         self.requested = False
 
     def __call__(self, signum: int, frame) -> None:
+        if self.requested:  # a second one: uvicorn says "CTRL+C to force quit" while it waits
+            self.server.hurry()
         self.requested = True
         self.server.should_exit = True  # what uvicorn's own handler sets (SIGHUP: it has none)
 
@@ -174,6 +177,49 @@ def uvicorn_config(app, options, log_level: str, graceful_s: int = 5):
     )  # fmt: skip
 
 
+BACKSTOP_S = 5
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, whose graceful shutdown ends the engine's jobs itself when the grace
+        period is over: each client then gets a 503 (a stream: an error event and `[DONE]`).
+
+        uvicorn's own end of the grace period cancels the handlers' tasks: a stream was cut
+        mid-chunk, a non-streamed request got a text/plain 500, and the log a traceback per
+        request. Its deadline is moved BACKSTOP_S later and stays as a backstop.
+        """
+
+        def __init__(self, config, worker) -> None:
+            super().__init__(config)
+            self.worker = worker
+            self.grace_s = config.timeout_graceful_shutdown
+            config.timeout_graceful_shutdown = self.grace_s + BACKSTOP_S
+            self._loop: asyncio.AbstractEventLoop | None = None
+
+        def hurry(self) -> None:
+            """A second stop signal: the running requests end now (a signal handler: only schedules)."""
+            self.grace_s = 0
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self.worker.end_jobs)
+
+        async def shutdown(self, sockets=None) -> None:
+            self._loop = asyncio.get_running_loop()
+            end = self._loop.call_later(self.grace_s, self.worker.end_jobs)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                end.cancel()
+
+    return GracefulServer
+
+
+def GracefulServer(config, worker):  # noqa: N802 - uvicorn is imported only when serving
+    return _graceful_server_class()(config, worker)
+
+
 def _serve(settings, log_level: str) -> int:
     import uvicorn
 
@@ -200,7 +246,7 @@ def _serve(settings, log_level: str) -> int:
         app = create_app(worker, model_id)
         config = uvicorn_config(app, options, log_level)
         escape_logged_requests()  # after Config: it sets up uvicorn's log handlers
-        server = uvicorn.Server(config)
+        server = GracefulServer(config, worker)
         stop = _StopRequest(server)
         stop.install()  # before the address is printed: whoever reads it may signal at once
         sock = listen_socket(options.host, options.port)
