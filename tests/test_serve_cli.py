@@ -412,3 +412,20 @@ def test_a_second_stop_signal_ends_the_running_requests_at_once(during):
         assert worker.ended.is_set() and request.done() and not request.cancelled()
 
     asyncio.run(scenario())
+
+
+def test_the_servers_own_info_and_debug_lines_are_shown_at_those_levels(tiny_original):
+    """"closing a connection …: its request head did not arrive in time" (debug) and the other
+    lines of internvl_chat.serve below warning went to Python's last-resort handler, which
+    prints warnings only: --log-level debug or info never showed them."""
+    flags = ("--max-context", "256", "--log-level", "debug", "--header-timeout", "1")
+    with _serving(tiny_original, *flags, with_stdout=True) as (proc, lines):
+        port = int(_next_match(lines, r"on http://127\.0\.0\.1:(\d+)/v1")[0].group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")  # and no more
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408")  # the line is logged before the close
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT_S) == 0
+        said = _drain(lines)
+    assert any(re.match(r"DEBUG: +closing a connection from .*: its request head did not arrive in time", line)
+               for line in said), said  # fmt: skip

@@ -258,7 +258,7 @@ def _serve(settings, log_level: str) -> int:
         print(f"internvl-chat serve: {visible(model_id)} on http://{host}:{port}/v1 · {options.slots} slot(s) of "
               f"{loaded.model.max_seq_len:,} tokens ({worker.slots.kv_bytes / 2**20:,.1f} MiB KV) · queue "
               f"{options.queue_depth}{warn}", file=sys.stderr, flush=True)  # fmt: skip
-        logging.getLogger("internvl_chat.serve").setLevel(log_level.upper())
+        show_server_log(log_level)
         worker.start()
         if not stop.requested:
             # uvicorn puts its own Ctrl-C/SIGTERM handlers in while it runs and raises a signal
@@ -301,6 +301,24 @@ def escape_logged_requests() -> None:
         for target in (logger, *logger.handlers):
             if _ESCAPE not in target.filters:
                 target.addFilter(_ESCAPE)
+
+
+def show_server_log(log_level: str) -> None:
+    """Our own log lines (a connection dropped at --write-timeout, one closed at --header-timeout,
+    one refused at --max-connections) on stderr as uvicorn prints its own, `INFO:     …`.
+
+    With no handler, they went to Python's last-resort handler, which prints warnings and worse
+    only: --log-level info or debug showed none of the others, and warnings had no level."""
+    from uvicorn.logging import DefaultFormatter
+
+    logger = logging.getLogger("internvl_chat.serve")
+    logger.setLevel(log_level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+        handler.addFilter(_ESCAPE)
+        logger.addHandler(handler)
+    logger.propagate = False
 
 
 LISTEN_BACKLOG = 2048  # uvicorn's own default
