@@ -429,3 +429,30 @@ def test_the_servers_own_info_and_debug_lines_are_shown_at_those_levels(tiny_ori
         said = _drain(lines)
     assert any(re.match(r"DEBUG: +closing a connection from .*: its request head did not arrive in time", line)
                for line in said), said  # fmt: skip
+
+
+def test_a_closed_stdout_does_not_fill_stderr_with_tracebacks(tiny_original):
+    """uvicorn writes its access log to stdout; with that pipe's reader gone (`serve | head`), the
+    log's handler failed on every request and logging printed a traceback for each on stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "internvl_chat.cli", "serve", "--model", str(tiny_original), "--port", "0",
+         "--device", "cpu", "--dtype", "float32", "--max-context", "256"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        proc.stdout.close()  # its reader left
+        line = proc.stderr.readline()
+        port = int(re.search(r"on http://127\.0\.0\.1:(\d+)/v1", line).group(1))
+        for _ in range(3):  # the access log is written before the answer
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(WAIT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in rest and "Logging error" not in rest, rest
+    assert rest.endswith("internvl-chat serve: stopped\n"), rest

@@ -11,7 +11,7 @@ import socket
 import sys
 
 from ..errors import OneLineParser, UsageError
-from ..files import expand_home, visible, visible_lines
+from ..files import OutputFailed, expand_home, visible, visible_lines
 from ..settings import add_engine_flags
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -295,12 +295,33 @@ _ESCAPE = _EscapeControls()
 
 
 def escape_logged_requests() -> None:
-    """Escape what the server's loggers print (their handlers catch records of child loggers too)."""
+    """Escape what the server's loggers print (their handlers catch records of child loggers too),
+    and stop writing to a stream that was closed."""
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "internvl_chat.serve"):
         logger = logging.getLogger(name)
         for target in (logger, *logger.handlers):
             if _ESCAPE not in target.filters:
                 target.addFilter(_ESCAPE)
+        for handler in logger.handlers:
+            _drop_when_closed(logger, handler)
+
+
+def _drop_when_closed(logger: logging.Logger, handler: logging.Handler) -> None:
+    """A handler whose stream fails (stdout, where uvicorn writes its access log, piped into a
+    reader that left: `serve | head`) is taken off its logger; logging printed a traceback of
+    some 40 lines on stderr for every request instead."""
+    report = handler.handleError
+    if getattr(report, "drops_handler", False):
+        return
+
+    def handle_error(record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], (OSError, OutputFailed)):  # a closed pipe, a full disk: no bug of ours
+            logger.removeHandler(handler)
+        else:
+            report(record)
+
+    handle_error.drops_handler = True  # type: ignore[attr-defined]
+    handler.handleError = handle_error  # type: ignore[method-assign]
 
 
 def show_server_log(log_level: str) -> None:
@@ -317,6 +338,7 @@ def show_server_log(log_level: str) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
         handler.addFilter(_ESCAPE)
+        _drop_when_closed(logger, handler)
         logger.addHandler(handler)
     logger.propagate = False
 
