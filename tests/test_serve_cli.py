@@ -123,6 +123,27 @@ def test_a_host_name_the_resolver_cannot_encode_is_a_one_line_error(host):
         listen_socket(host, 0)
 
 
+def test_a_privileged_port_without_permission_says_which_ports_are_free_to_use(monkeypatch):
+    """A port below 1024 without root got "(Permission denied); choose another --port or --host",
+    which does not say why, nor which ports would do."""
+    import errno
+
+    from internvl_chat.errors import UsageError
+    from internvl_chat.serve.main import listen_socket
+
+    class Unprivileged(socket.socket):
+        def bind(self, address):
+            if 0 < address[1] < 1024:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            super().bind(address)
+
+    monkeypatch.setattr(socket, "socket", Unprivileged)
+    with pytest.raises(UsageError, match=r"127\.0\.0\.1:80 \(Permission denied\): ports below 1024 need root or "
+                       r"CAP_NET_BIND_SERVICE; choose a --port from 1024 up"):  # fmt: skip
+        listen_socket("127.0.0.1", 80)
+    listen_socket("127.0.0.1", 0).close()
+
+
 def test_serve_compile_flag_reaches_the_model_settings():
     """`serve --compile MODE` sets model.compile, which serve() passes to load_model; a bad mode is refused."""
     from internvl_chat.errors import UsageError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -372,5 +373,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.listen(LISTEN_BACKLOG)
     except OSError as e:
         sock.close()
+        if e.errno == errno.EACCES and 0 < port < 1024:
+            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): ports below 1024 need root or "
+                             "CAP_NET_BIND_SERVICE; choose a --port from 1024 up") from None  # fmt: skip
         raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
     return sock
