@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import queue
 import re
@@ -416,7 +417,7 @@ def test_a_second_stop_signal_ends_the_running_requests_at_once(during):
         worker = Worker()
         config = uvicorn.Config(lambda *a: None, timeout_graceful_shutdown=600, log_level="error")
         config.load()
-        server = GracefulServer(config, worker)
+        server = GracefulServer(config, worker.end_jobs)
         server.servers, server.lifespan = [], LifespanOff(config)  # what startup() sets
         stop = _StopRequest(server)
         request = asyncio.create_task(worker.ended.wait())  # a request that runs until the engine's jobs end
@@ -477,3 +478,25 @@ def test_a_closed_stdout_does_not_fill_stderr_with_tracebacks(tiny_original):
             proc.wait()
     assert "Traceback" not in rest and "Logging error" not in rest, rest
     assert rest.endswith("internvl-chat serve: stopped\n"), rest
+
+
+def test_a_body_still_coming_when_the_grace_period_ends_gets_a_clean_503(tiny_original):
+    """A slow upload in flight at a shutdown was cancelled by uvicorn: a text/plain 500 and a
+    CancelledError traceback in the log."""
+    with _serving(tiny_original, "--max-context", "256", "--log-level", "info", with_stdout=True) as (proc, lines):
+        port = int(_next_match(lines, r"on http://127\.0\.0\.1:(\d+)/v1")[0].group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")  # fmt: skip
+            # uvicorn says "100 Continue" when the handler starts reading the body: it waits for it now
+            assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+            sock.sendall(b'{"model"')
+            proc.send_signal(signal.SIGTERM)
+            answer = b""
+            while block := sock.recv(4096):
+                answer += block
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and json.loads(body)["error"]["code"] == "shutting_down", answer
+        assert proc.wait(WAIT_S) == 0
+        said = _drain(lines)
+    assert not any("Traceback" in line or "Cancel" in line for line in said), said

@@ -185,17 +185,18 @@ def _graceful_server_class():
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
-        """uvicorn's server, whose graceful shutdown ends the engine's jobs itself when the grace
-        period is over: each client then gets a 503 (a stream: an error event and `[DONE]`).
+        """uvicorn's server, whose graceful shutdown ends the requests itself (`end_requests`: the
+        engine's jobs, bodies still coming) when the grace period is over: each client then gets a
+        503 (a stream: an error event and `[DONE]`).
 
         uvicorn's own end of the grace period cancels the handlers' tasks: a stream was cut
         mid-chunk, a non-streamed request got a text/plain 500, and the log a traceback per
         request. Its deadline is moved BACKSTOP_S later and stays as a backstop.
         """
 
-        def __init__(self, config, worker) -> None:
+        def __init__(self, config, end_requests) -> None:
             super().__init__(config)
-            self.worker = worker
+            self.end_requests = end_requests
             self.grace_s = config.timeout_graceful_shutdown
             config.timeout_graceful_shutdown = self.grace_s + BACKSTOP_S
             self._loop: asyncio.AbstractEventLoop | None = None
@@ -204,11 +205,11 @@ def _graceful_server_class():
             """A second stop signal: the running requests end now (a signal handler: only schedules)."""
             self.grace_s = 0
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(self.worker.end_jobs)
+                self._loop.call_soon_threadsafe(self.end_requests)
 
         async def shutdown(self, sockets=None) -> None:
             self._loop = asyncio.get_running_loop()
-            end = self._loop.call_later(self.grace_s, self.worker.end_jobs)
+            end = self._loop.call_later(self.grace_s, self.end_requests)
             try:
                 await super().shutdown(sockets)
             finally:
@@ -217,8 +218,8 @@ def _graceful_server_class():
     return GracefulServer
 
 
-def GracefulServer(config, worker):  # noqa: N802 - uvicorn is imported only when serving
-    return _graceful_server_class()(config, worker)
+def GracefulServer(config, end_requests):  # noqa: N802 - uvicorn is imported only when serving
+    return _graceful_server_class()(config, end_requests)
 
 
 def _serve(settings, log_level: str) -> int:
@@ -247,7 +248,11 @@ def _serve(settings, log_level: str) -> int:
         app = create_app(worker, model_id)
         config = uvicorn_config(app, options, log_level)
         escape_logged_requests()  # after Config: it sets up uvicorn's log handlers
-        server = GracefulServer(config, worker)
+        def end_requests() -> None:
+            worker.end_jobs()
+            app.state.ending.set()  # bodies still being received
+
+        server = GracefulServer(config, end_requests)
         stop = _StopRequest(server)
         stop.install()  # before the address is printed: whoever reads it may signal at once
         sock = listen_socket(options.host, options.port)
