@@ -201,6 +201,15 @@ def _graceful_server_class():
             config.timeout_graceful_shutdown = self.grace_s + BACKSTOP_S
             self._loop: asyncio.AbstractEventLoop | None = None
 
+        def handle_exit(self, sig: int, frame) -> None:
+            # uvicorn's handler while it runs: a second Ctrl-C set force_exit, which stopped the
+            # wait and left the handlers to be cancelled as the loop closed (cut streams, 500s)
+            if self.should_exit:
+                self._captured_signals.append(sig)  # raised again after the run, under _StopRequest
+                self.hurry()
+                return
+            super().handle_exit(sig, frame)
+
         def hurry(self) -> None:
             """A second stop signal: the running requests end now (a signal handler: only schedules)."""
             self.grace_s = 0
