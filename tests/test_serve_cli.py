@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import queue
 import re
@@ -110,6 +112,38 @@ def test_a_port_in_use_is_a_one_line_error_that_leaves_no_temp_folder(tiny_origi
         )  # fmt: skip
     assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and list(temp.iterdir()) == []
+
+@pytest.mark.parametrize("host", ["bad..host", "a" * 64 + ".example", "x" * 300, "\udcff"])
+def test_a_host_name_the_resolver_cannot_encode_is_a_one_line_error(host):
+    """An empty label, one over 63 characters, or an undecodable byte made the IDNA codec raise
+    UnicodeError, which ended `serve` in a traceback (after the model had loaded)."""
+    from internvl_chat.errors import UsageError
+    from internvl_chat.serve.main import listen_socket
+
+    with pytest.raises(UsageError, match=r"\(not a valid host name\); check --host"):
+        listen_socket(host, 0)
+
+
+def test_a_privileged_port_without_permission_says_which_ports_are_free_to_use(monkeypatch):
+    """A port below 1024 without root got "(Permission denied); choose another --port or --host",
+    which does not say why, nor which ports would do."""
+    import errno
+
+    from internvl_chat.errors import UsageError
+    from internvl_chat.serve.main import listen_socket
+
+    class Unprivileged(socket.socket):
+        def bind(self, address):
+            if 0 < address[1] < 1024:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            super().bind(address)
+
+    monkeypatch.setattr(socket, "socket", Unprivileged)
+    with pytest.raises(UsageError, match=r"127\.0\.0\.1:80 \(Permission denied\): ports below 1024 need root or "
+                       r"CAP_NET_BIND_SERVICE; choose a --port from 1024 up"):  # fmt: skip
+        listen_socket("127.0.0.1", 80)
+    listen_socket("127.0.0.1", 0).close()
+
 
 def test_serve_compile_flag_reaches_the_model_settings():
     """`serve --compile MODE` sets model.compile, which serve() passes to load_model; a bad mode is refused."""
@@ -305,3 +339,164 @@ def test_a_proxy_that_remote_media_cannot_use_is_a_one_line_error_at_start(monke
     with pytest.raises(UsageError) as err:
         main(["--config", os.devnull, "--model", missing, "--allow-remote-media"])
     assert str(err.value) == line and err.value.exit_code == 2
+
+
+# `internvl-chat serve` whose answers stop after their first piece of text until they are cancelled:
+# a request still running when the grace period of a shutdown is over, at no moment to race for
+_STALLING = """
+import sys
+from internvl_chat.cli import main
+from internvl_chat.serve import engine
+real_init = engine.EngineWorker.__init__
+def init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    def on_event(job, event):
+        if job.texts:
+            job.cancel.wait()
+        job.texts += bool(event["text"])
+    self.on_event = on_event
+engine.Job.texts = 0
+engine.EngineWorker.__init__ = init
+sys.exit(main(sys.argv[3:]))  # past "-c", "-m", "internvl_chat.cli"
+"""
+
+
+def test_requests_still_running_after_the_grace_period_get_a_clean_503(tiny_original):
+    """uvicorn's end of the grace period cancelled the handlers: a stream was cut mid-chunk (no
+    error, no [DONE]), a queued non-streamed request got a text/plain 500, and the log showed a
+    CancelledError traceback for each."""
+    import httpx
+
+    python = [sys.executable, "-c", _STALLING]
+    flags = ("--max-context", "2048", "--queue-depth", "1", "--log-level", "info")
+    with _serving(tiny_original, *flags, python=python, with_stdout=True) as (proc, lines):
+        url = _next_match(lines, r"on (http://127\.0\.0\.1:\d+)/v1")[0].group(1)
+        body = {"model": tiny_original.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 500}
+        answers: queue.Queue[httpx.Response] = queue.Queue()
+
+        def post() -> None:
+            answers.put(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=WAIT_S))
+
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=WAIT_S) as stream:
+            events = stream.iter_lines()
+            while '"content":""' in (line := next(events)) or not line:  # up to its first text: it runs
+                pass
+            # two more: one waits in the queue (depth 1), the other is refused; which one is which does not matter
+            for _ in range(2):
+                threading.Thread(target=post, daemon=True).start()
+            assert answers.get(timeout=WAIT_S).status_code == 429
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in events if line]
+        # the engine's "cancelled" or the handler's "shutting_down": both say why
+        assert rest[-1] == "data: [DONE]" and "the server is shutting down" in rest[-2], rest
+        queued = answers.get(timeout=WAIT_S)
+        assert queued.status_code == 503 and queued.json()["error"]["code"] == "shutting_down", queued.text
+        code = proc.wait(WAIT_S)
+        said = _drain(lines)
+        assert code == 0 and "internvl-chat serve: stopped\n" in said, (code, said)
+        assert not any("Traceback" in line or "Cancel" in line for line in said), said
+
+
+@pytest.mark.parametrize("during", [True, False], ids=["during the shutdown", "before it starts"])
+def test_a_second_stop_signal_ends_the_running_requests_at_once(during):
+    """uvicorn says "CTRL+C to force quit" while it waits for running requests, but its handler is
+    replaced by ours, which only set the stop flag again: a second signal changed nothing."""
+    import uvicorn
+    from uvicorn.lifespan.off import LifespanOff
+
+    from internvl_chat.serve.main import GracefulServer, _StopRequest
+
+    class Worker:
+        def __init__(self) -> None:
+            self.ended = asyncio.Event()
+
+        def end_jobs(self) -> None:
+            self.ended.set()
+
+    async def scenario() -> None:
+        worker = Worker()
+        config = uvicorn.Config(lambda *a: None, timeout_graceful_shutdown=600, log_level="error")
+        config.load()
+        server = GracefulServer(config, worker.end_jobs)
+        server.servers, server.lifespan = [], LifespanOff(config)  # what startup() sets
+        stop = _StopRequest(server)
+        request = asyncio.create_task(worker.ended.wait())  # a request that runs until the engine's jobs end
+        server.server_state.tasks.add(request)
+        request.add_done_callback(server.server_state.tasks.discard)  # as uvicorn does
+        stop(signal.SIGINT, None)
+        if not during:
+            stop(signal.SIGINT, None)
+        shutdown = asyncio.create_task(server.shutdown())
+        if during:
+            await asyncio.sleep(0)  # the shutdown has begun, under uvicorn's signal handler
+            server.handle_exit(signal.SIGINT, None)
+        await asyncio.wait_for(shutdown, WAIT_S)  # not the 600 s grace
+        assert worker.ended.is_set() and request.done() and not request.cancelled() and not server.force_exit
+
+    asyncio.run(scenario())
+
+
+def test_the_servers_own_info_and_debug_lines_are_shown_at_those_levels(tiny_original):
+    """"closing a connection …: its request head did not arrive in time" (debug) and the other
+    lines of internvl_chat.serve below warning went to Python's last-resort handler, which
+    prints warnings only: --log-level debug or info never showed them."""
+    flags = ("--max-context", "256", "--log-level", "debug", "--header-timeout", "1")
+    with _serving(tiny_original, *flags, with_stdout=True) as (proc, lines):
+        port = int(_next_match(lines, r"on http://127\.0\.0\.1:(\d+)/v1")[0].group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\n")  # and no more
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408")  # the line is logged before the close
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT_S) == 0
+        said = _drain(lines)
+    assert any(re.match(r"DEBUG: +closing a connection from .*: its request head did not arrive in time", line)
+               for line in said), said  # fmt: skip
+
+
+def test_a_closed_stdout_does_not_fill_stderr_with_tracebacks(tiny_original):
+    """uvicorn writes its access log to stdout; with that pipe's reader gone (`serve | head`), the
+    log's handler failed on every request and logging printed a traceback for each on stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "internvl_chat.cli", "serve", "--model", str(tiny_original), "--port", "0",
+         "--device", "cpu", "--dtype", "float32", "--max-context", "256"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        proc.stdout.close()  # its reader left
+        line = proc.stderr.readline()
+        port = int(re.search(r"on http://127\.0\.0\.1:(\d+)/v1", line).group(1))
+        for _ in range(3):  # the access log is written before the answer
+            with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(WAIT_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in rest and "Logging error" not in rest, rest
+    assert rest.endswith("internvl-chat serve: stopped\n"), rest
+
+
+def test_a_body_still_coming_when_the_grace_period_ends_gets_a_clean_503(tiny_original):
+    """A slow upload in flight at a shutdown was cancelled by uvicorn: a text/plain 500 and a
+    CancelledError traceback in the log."""
+    with _serving(tiny_original, "--max-context", "256", "--log-level", "info", with_stdout=True) as (proc, lines):
+        port = int(_next_match(lines, r"on http://127\.0\.0\.1:(\d+)/v1")[0].group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")  # fmt: skip
+            # uvicorn says "100 Continue" when the handler starts reading the body: it waits for it now
+            assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+            sock.sendall(b'{"model"')
+            proc.send_signal(signal.SIGTERM)
+            answer = b""
+            while block := sock.recv(4096):
+                answer += block
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and json.loads(body)["error"]["code"] == "shutting_down", answer
+        assert proc.wait(WAIT_S) == 0
+        said = _drain(lines)
+    assert not any("Traceback" in line or "Cancel" in line for line in said), said

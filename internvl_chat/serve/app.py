@@ -55,6 +55,7 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     app = FastAPI(title="internvl-chat", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.worker = worker
     large_bodies = asyncio.Semaphore(1)
+    app.state.ending = ending = asyncio.Event()  # set when the server's shutdown grace period is over
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -109,7 +110,7 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         try:
-            body = await _read_body(request, options.max_body_bytes, options.body_timeout)
+            body = await _unless_ending(_read_body(request, options.max_body_bytes, options.body_timeout), ending)
         except ClientDisconnect:  # the client closed the connection before its body was in
             return Response(status_code=499)
         worker.check_capacity()  # refuse early, before parsing megabytes of images
@@ -131,6 +132,25 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         return await _complete(job, request, req, model_id)
 
     return app
+
+
+async def _unless_ending(reading, ending: asyncio.Event):
+    """`reading`'s result, or a 503 once the shutdown's grace period is over: a body still coming
+    then (a slow upload) was cancelled by uvicorn, a text/plain 500 and a traceback in the log."""
+    task = asyncio.ensure_future(reading)
+    ended = asyncio.ensure_future(ending.wait())
+    try:
+        await asyncio.wait({task, ended}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        ended.cancel()
+    if not task.done():
+        task.cancel()
+        raise APIError(503, "the server is shutting down; retry later", code="shutting_down",
+                       headers={"Connection": "close"})  # fmt: skip
+    return task.result()
 
 
 async def _read_body(request: Request, limit: int, timeout: float) -> bytes:

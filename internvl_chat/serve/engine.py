@@ -154,18 +154,29 @@ class EngineWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        with self._cond:
-            self._stopping = True
-            pending = list(self._queue)
-            self._queue.clear()
-            if self.running is not None:
-                self.running.cancel.set()
-            self._cond.notify_all()
-        for job in pending:
-            job.emit("error", APIError(503, "the server is shutting down; retry later", code="shutting_down"))
+        self.end_jobs(include_running=False)  # the running one ends with its own "cancelled" error
         if self._thread.is_alive():
             self._thread.join(timeout)
         self.reader.close()
+
+    def end_jobs(self, include_running: bool = True) -> None:
+        """Take no more jobs, cancel the running one and tell every handler waiting for one (the
+        running one's too, unless `include_running` is False) that the server is shutting down.
+
+        The handler hears it at once, whatever the engine thread is doing (a long prefill chunk
+        or video decode): its client gets a 503 or a stream's error event and `[DONE]`, not a
+        connection cut when the server's grace period is over."""
+        with self._cond:
+            self._stopping = True
+            jobs = list(self._queue)
+            self._queue.clear()
+            if self.running is not None:
+                self.running.cancel.set()
+                if include_running:
+                    jobs.append(self.running)
+            self._cond.notify_all()
+        for job in jobs:
+            job.emit("error", APIError(503, "the server is shutting down; retry later", code="shutting_down"))
 
     @property
     def alive(self) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import errno
 import logging
 import os
 import signal
@@ -10,7 +12,7 @@ import socket
 import sys
 
 from ..errors import OneLineParser, UsageError
-from ..files import expand_home, visible, visible_lines
+from ..files import OutputFailed, expand_home, visible, visible_lines
 from ..settings import add_engine_flags
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -134,6 +136,8 @@ class _StopRequest:
         self.requested = False
 
     def __call__(self, signum: int, frame) -> None:
+        if self.requested:  # a second one: uvicorn says "CTRL+C to force quit" while it waits
+            self.server.hurry()
         self.requested = True
         self.server.should_exit = True  # what uvicorn's own handler sets (SIGHUP: it has none)
 
@@ -186,6 +190,59 @@ def uvicorn_config(app, options, log_level: str, graceful_s: int = 5):
     )  # fmt: skip
 
 
+BACKSTOP_S = 5
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, whose graceful shutdown ends the requests itself (`end_requests`: the
+        engine's jobs, bodies still coming) when the grace period is over: each client then gets a
+        503 (a stream: an error event and `[DONE]`).
+
+        uvicorn's own end of the grace period cancels the handlers' tasks: a stream was cut
+        mid-chunk, a non-streamed request got a text/plain 500, and the log a traceback per
+        request. Its deadline is moved BACKSTOP_S later and stays as a backstop.
+        """
+
+        def __init__(self, config, end_requests) -> None:
+            super().__init__(config)
+            self.end_requests = end_requests
+            self.grace_s = config.timeout_graceful_shutdown
+            config.timeout_graceful_shutdown = self.grace_s + BACKSTOP_S
+            self._loop: asyncio.AbstractEventLoop | None = None
+
+        def handle_exit(self, sig: int, frame) -> None:
+            # uvicorn's handler while it runs: a second Ctrl-C set force_exit, which stopped the
+            # wait and left the handlers to be cancelled as the loop closed (cut streams, 500s)
+            if self.should_exit:
+                self._captured_signals.append(sig)  # raised again after the run, under _StopRequest
+                self.hurry()
+                return
+            super().handle_exit(sig, frame)
+
+        def hurry(self) -> None:
+            """A second stop signal: the running requests end now (a signal handler: only schedules)."""
+            self.grace_s = 0
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self.end_requests)
+
+        async def shutdown(self, sockets=None) -> None:
+            self._loop = asyncio.get_running_loop()
+            end = self._loop.call_later(self.grace_s, self.end_requests)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                end.cancel()
+
+    return GracefulServer
+
+
+def GracefulServer(config, end_requests):  # noqa: N802 - uvicorn is imported only when serving
+    return _graceful_server_class()(config, end_requests)
+
+
 def _serve(settings, log_level: str) -> int:
     import uvicorn
 
@@ -212,7 +269,11 @@ def _serve(settings, log_level: str) -> int:
         app = create_app(worker, model_id)
         config = uvicorn_config(app, options, log_level)
         escape_logged_requests()  # after Config: it sets up uvicorn's log handlers
-        server = uvicorn.Server(config)
+        def end_requests() -> None:
+            worker.end_jobs()
+            app.state.ending.set()  # bodies still being received
+
+        server = GracefulServer(config, end_requests)
         stop = _StopRequest(server)
         stop.install()  # before the address is printed: whoever reads it may signal at once
         sock = listen_socket(options.host, options.port)
@@ -224,7 +285,7 @@ def _serve(settings, log_level: str) -> int:
         print(f"internvl-chat serve: {visible(model_id)} on http://{host}:{port}/v1 · {options.slots} slot(s) of "
               f"{loaded.model.max_seq_len:,} tokens ({worker.slots.kv_bytes / 2**20:,.1f} MiB KV) · queue "
               f"{options.queue_depth}{warn}", file=sys.stderr, flush=True)  # fmt: skip
-        logging.getLogger("internvl_chat.serve").setLevel(log_level.upper())
+        show_server_log(log_level)
         worker.start()
         if not stop.requested:
             # uvicorn puts its own Ctrl-C/SIGTERM handlers in while it runs and raises a signal
@@ -261,12 +322,52 @@ _ESCAPE = _EscapeControls()
 
 
 def escape_logged_requests() -> None:
-    """Escape what the server's loggers print (their handlers catch records of child loggers too)."""
+    """Escape what the server's loggers print (their handlers catch records of child loggers too),
+    and stop writing to a stream that was closed."""
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "internvl_chat.serve"):
         logger = logging.getLogger(name)
         for target in (logger, *logger.handlers):
             if _ESCAPE not in target.filters:
                 target.addFilter(_ESCAPE)
+        for handler in logger.handlers:
+            _drop_when_closed(logger, handler)
+
+
+def _drop_when_closed(logger: logging.Logger, handler: logging.Handler) -> None:
+    """A handler whose stream fails (stdout, where uvicorn writes its access log, piped into a
+    reader that left: `serve | head`) is taken off its logger; logging printed a traceback of
+    some 40 lines on stderr for every request instead."""
+    report = handler.handleError
+    if getattr(report, "drops_handler", False):
+        return
+
+    def handle_error(record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], (OSError, OutputFailed)):  # a closed pipe, a full disk: no bug of ours
+            logger.removeHandler(handler)
+        else:
+            report(record)
+
+    handle_error.drops_handler = True  # type: ignore[attr-defined]
+    handler.handleError = handle_error  # type: ignore[method-assign]
+
+
+def show_server_log(log_level: str) -> None:
+    """Our own log lines (a connection dropped at --write-timeout, one closed at --header-timeout,
+    one refused at --max-connections) on stderr as uvicorn prints its own, `INFO:     …`.
+
+    With no handler, they went to Python's last-resort handler, which prints warnings and worse
+    only: --log-level info or debug showed none of the others, and warnings had no level."""
+    from uvicorn.logging import DefaultFormatter
+
+    logger = logging.getLogger("internvl_chat.serve")
+    logger.setLevel(log_level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+        handler.addFilter(_ESCAPE)
+        _drop_when_closed(logger, handler)
+        logger.addHandler(handler)
+    logger.propagate = False
 
 
 LISTEN_BACKLOG = 2048  # uvicorn's own default
@@ -289,6 +390,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host") from None
+    except UnicodeError:  # the IDNA codec refuses the name (an empty label, one over 63 characters)
+        raise UsageError(f"cannot listen on {host}:{port} (not a valid host name); check --host") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -296,5 +399,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.listen(LISTEN_BACKLOG)
     except OSError as e:
         sock.close()
+        if e.errno == errno.EACCES and 0 < port < 1024:
+            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): ports below 1024 need root or "
+                             "CAP_NET_BIND_SERVICE; choose a --port from 1024 up") from None  # fmt: skip
         raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
     return sock
