@@ -733,11 +733,11 @@ class App:
         if not command.options.get("force") and not self._may_replace(path):
             self.say("not saved")
             return
-        if not self.session.turns:
-            self.warn("the conversation is empty; saving it anyway")
         saved = self.session.save(path, self.settings.to_dict())
         self._session_file = self._file_mark(saved)
         self._saved_turns = self._turn_texts()
+        if not self.session.turns:  # after the save: a save that fails must not first say it goes ahead
+            self.warn("the conversation is empty; saved it anyway")
         self.say(f"saved {len(self.session.turns)} turn(s) to {visible(str(saved))}")
 
     def _default_save_path(self) -> Path:
