@@ -651,7 +651,7 @@ def test_load_skip_missing_goes_on_without_a_picture_that_vanished(loaded, tmp_p
     assert other.handle_line(f"/load {saved}") == OK and "left out" not in output(out2)
 
 
-def test_saving_an_empty_conversation_warns_only_once_it_is_saved(loaded, tmp_path, home):
+def test_saving_or_exporting_an_empty_conversation_warns_only_once_it_is_written(loaded, tmp_path, home):
     """An empty conversation saved where no file can be written gets the one error line, not first
     "saving it anyway" (the save that then fails never went ahead)."""
     app, out = make_app(loaded, tmp_path)
@@ -661,3 +661,6 @@ def test_saving_an_empty_conversation_warns_only_once_it_is_saved(loaded, tmp_pa
     assert "anyway" not in text and text.count("error:") == 1
     assert app.handle_line(f"/save {tmp_path / 'empty.json'}") == OK
     assert "the conversation is empty; saved it anyway" in output(out)
+    assert app.handle_line(f"/export {tmp_path / 'a-file' / 'chat.md'}") == ERROR  # /export alike
+    text = output(out)
+    assert "anyway" not in text and text.count("error:") == 1
