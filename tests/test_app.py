@@ -593,7 +593,7 @@ def test_save_load_export(loaded, media, tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line("/export empty.md") == OK  # said, as /save says it
-    assert output(out) == "warning: the conversation is empty; exporting it anyway\nexported 0 turn(s) to " \
+    assert output(out) == "warning: the conversation is empty; exported it anyway\nexported 0 turn(s) to " \
                           f"{tmp_path / 'empty.md'}\n"
     app.handle_line(f"/image {media / 'small.png'}")
     app.handle_line("Describe it.")

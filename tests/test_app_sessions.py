@@ -649,3 +649,18 @@ def test_load_skip_missing_goes_on_without_a_picture_that_vanished(loaded, tmp_p
     second = os.path.relpath(tmp_path / "second.png", saved.parent)
     assert [[m["relative_path"] for m in msg["media"]] for msg in data["messages"][::2]] == [[], [second]]
     assert other.handle_line(f"/load {saved}") == OK and "left out" not in output(out2)
+
+
+def test_saving_or_exporting_an_empty_conversation_warns_only_once_it_is_written(loaded, tmp_path, home):
+    """An empty conversation saved where no file can be written gets the one error line, not first
+    "saving it anyway" (the save that then fails never went ahead)."""
+    app, out = make_app(loaded, tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    assert app.handle_line(f"/save {tmp_path / 'a-file' / 'chat.json'}") == ERROR
+    text = output(out)
+    assert "anyway" not in text and text.count("error:") == 1
+    assert app.handle_line(f"/save {tmp_path / 'empty.json'}") == OK
+    assert "the conversation is empty; saved it anyway" in output(out)
+    assert app.handle_line(f"/export {tmp_path / 'a-file' / 'chat.md'}") == ERROR  # /export alike
+    text = output(out)
+    assert "anyway" not in text and text.count("error:") == 1

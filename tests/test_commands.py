@@ -228,8 +228,19 @@ def test_command_table_covers_the_issue():
 def test_set_keys_are_the_documented_ones():
     assert set(SET_ALIASES) == {
         "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens",
-        "seed", "max_tiles", "frames", "stats", "markdown", "plain",
+        "seed", "stream_interval", "max_tiles", "frames", "auto_attach", "stats", "markdown", "plain",
     }  # fmt: skip
+
+
+def test_every_setting_set_lists_has_its_bare_name():
+    """`/set` lists generation.stream_interval and media.auto_attach as changeable; their bare names
+    work as temperature's does (they were refused: "unknown setting 'stream_interval'")."""
+    from internvl_chat.settings import resolve_key
+    from internvl_chat.ui.set_keys import runtime_keys
+
+    for dotted in runtime_keys():
+        if dotted != "system.message":  # "message" alone would be vague; /system sets it
+            assert resolve_key(dotted.split(".")[1]) == dotted
 
 
 def test_help_lists_every_command():

@@ -733,11 +733,11 @@ class App:
         if not command.options.get("force") and not self._may_replace(path):
             self.say("not saved")
             return
-        if not self.session.turns:
-            self.warn("the conversation is empty; saving it anyway")
         saved = self.session.save(path, self.settings.to_dict())
         self._session_file = self._file_mark(saved)
         self._saved_turns = self._turn_texts()
+        if not self.session.turns:  # after the save: a save that fails must not first say it goes ahead
+            self.warn("the conversation is empty; saved it anyway")
         self.say(f"saved {len(self.session.turns)} turn(s) to {visible(str(saved))}")
 
     def _default_save_path(self) -> Path:
@@ -926,11 +926,11 @@ class App:
         if not command.options.get("force") and not self._may_export_to(path):
             self.say("not exported")
             return
-        if not self.session.turns:  # as /save says it: an export of nothing is rarely what was meant
-            self.warn("the conversation is empty; exporting it anyway")
         # a symlink at the target is replaced, never followed; a file name that is not UTF-8 keeps its bytes
         write_atomic(path, export_markdown(self.session).encode("utf-8", "surrogateescape"), PRIVATE_FILE_MODE)
         self._export_file = self._file_mark(path)
+        if not self.session.turns:  # as /save says it, once written: an export of nothing is rarely what was meant
+            self.warn("the conversation is empty; exported it anyway")
         self.say(f"exported {len(self.session.turns)} turn(s) to {visible(str(path))}")
 
     def _may_export_to(self, path: Path) -> bool:
