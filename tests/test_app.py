@@ -22,6 +22,7 @@ from rich.console import Console
 
 from internvl_chat.chat.session import Session
 from internvl_chat.chat.template import MediaSpec
+from internvl_chat.errors import ContextOverflowError
 from internvl_chat.media.video import load_video
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.answer_text import AnswerCleaner, sanitize
@@ -228,6 +229,40 @@ def test_missing_and_corrupt_files_are_errors_and_the_conversation_survives(load
     app.handle_line("/drop 1")
     assert app.handle_line("Then just talk.") == OK
     assert len(app.session.turns) == 2
+
+
+def test_a_message_whose_image_does_not_decode_is_offered_back_for_the_next_prompt(loaded, media, tmp_path):
+    """The pty walkthrough: the picture passed /image's header probe, the message failed as it was
+    decoded, and the typed question was gone from the prompt (only Up found it)."""
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line(f"/image {media / 'corrupt.png'}")
+    assert app.handle_line("What is it?") == ERROR
+    assert app.failed_message == "What is it?"
+    assert app.handle_line("/drop 5") == ERROR and app.failed_message is None  # a command is not given back
+    # pasted with the command before it: that has run, only the message comes back, as typed
+    assert app.handle_line(f"/image {media / 'corrupt.png'}\n//etc is a folder\nand this?") == ERROR
+    assert app.failed_message == "//etc is a folder\nand this?"
+    assert app.handle_line('"""\nA block\n"""') == ERROR and app.failed_message == '"""\nA block\n"""'
+    assert len(app.session.turns) == 0 and len(app.pending) == 2  # the pasted /image ran
+
+
+class _Refusing(ChunkedAnswers):
+    """Refuses a message that holds "long" before any answer, as a context too small does."""
+
+    def ask(self, text, media=(), params=None, cancel=None):
+        if "long" in text:
+            raise ContextOverflowError("the message is too long for the context")
+        return super().ask(text, media, params, cancel)
+
+
+def test_a_message_refused_as_too_long_is_offered_back_and_a_sent_one_is_not(tmp_path):
+    out = io.StringIO()
+    app = App(_Refusing(["Fine."]), load_settings(os.devnull, env={}, overrides={"ui.stats": False}),
+              Console(file=out, width=200, color_system=None), cwd=tmp_path)  # fmt: skip
+    assert app.handle_line("A very long message") == ERROR and app.failed_message == "A very long message"
+    assert "error: the message is too long" in output(out)
+    assert app.handle_line("A short one") == OK and app.failed_message is None
+    assert app.handle_message("long again") == ERROR and app.failed_message is None  # -I's prompt: not typed
 
 
 def test_an_image_path_typed_with_bare_spaces_or_a_question_after_it_is_said_plainly(loaded, media, tmp_path):

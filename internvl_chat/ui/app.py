@@ -151,6 +151,9 @@ class App:
         # (question, answer) of each turn when the conversation was last saved or loaded: /load
         # asks before it replaces a conversation that differs from it
         self._saved_turns: list[tuple[str, str]] = []
+        # the last input's message as typed, when it failed before a turn was kept (a picture that
+        # does not decode, a message too long): the REPL's next prompt starts with it, nothing is lost
+        self.failed_message: str | None = None
 
     # ---- output ---------------------------------------------------------------------------
 
@@ -222,11 +225,12 @@ class App:
             _check_utf8(line)
             block = unwrap_block(line)
             if block is not None:
-                return self._send_text(block)
+                return self._send_text(block, typed=line)
             if not line.strip():
                 return OK
             return self._run_input(line.strip("\n"))
 
+        self.failed_message = None
         return self._guard(run)
 
     def _run_input(self, text: str) -> str:
@@ -254,9 +258,10 @@ class App:
                 return result
             while not lines[i].strip():  # blank lines between commands (`more`: a line with text follows)
                 i += 1
-        parsed = parse_line("\n".join(lines[i:]))
+        typed = "\n".join(lines[i:])
+        parsed = parse_line(typed)
         if isinstance(parsed, Message):
-            return self._send_text(parsed.text)
+            return self._send_text(parsed.text, typed=typed)  # the commands before it have run: not given back
         return self.run_command(parsed)
 
     def _one_line_command(self, command: Command) -> bool:
@@ -286,10 +291,18 @@ class App:
             self.error(f"cannot use{where}: {e.strerror or e}; check the path and its permissions")
             return ERROR
 
-    def _send_text(self, text: str) -> str:
-        if text.strip():
+    def _send_text(self, text: str, typed: str | None = None) -> str:
+        """Send `text`; `typed`: the input as typed (`//`, `\"\"\"` kept), kept in `failed_message`
+        when the message fails before a turn is kept."""
+        if not text.strip():
+            return OK
+        before = len(self.session.turns)
+        try:
             return self.send(text.strip())
-        return OK
+        except (InternVLChatError, OSError):
+            if typed is not None and len(self.session.turns) == before:
+                self.failed_message = typed
+            raise
 
     def run_command(self, command: Command) -> str:
         handler: Callable[[Command], str | None] = getattr(self, f"cmd_{command.name}")

@@ -513,9 +513,19 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
             result = _interruptible(app, signals, lambda: app.handle_line(line))
         if result == EXIT:
             break
+        typed.text = next_prompt_text(app.failed_message, typed.text)
     if app.pending:  # they would vanish without a word; said, not asked: quitting stays one key
         app.warn(unsent_note(app.pending, "you quit"))
     return 0
+
+
+def next_prompt_text(failed: str | None, typed: str) -> str:
+    """What the next prompt starts with: a message that failed before it was sent (a picture that
+    does not decode: fixed with /drop, it is sent again with Enter), then on a line of its own what
+    was typed while it ran; neither is lost."""
+    if not failed:
+        return typed
+    return f"{failed}\n{typed}" if typed else failed
 
 
 def _interruptible(app: App, signals: ReplSignals, action) -> str | None:
