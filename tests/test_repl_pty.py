@@ -636,6 +636,9 @@ def test_ctrl_z_while_the_spinner_shows_leaves_the_cursor_visible(tmp_path):
         shell.expect(r"error")
         shell.expect_exact(PROMPT_READY)
         assert _cursor_shown(seen.getvalue())
+        shell.expect_exact("Hello")  # no turn was kept: the prompt starts with the message again
+        shell.sendcontrol("c")  # a fresh, empty line, where Ctrl-D quits
+        shell.expect_exact(PROMPT_READY)
         shell.sendcontrol("d")
         shell.expect_exact("SHELL$ ")
         shell.sendline("exit")
