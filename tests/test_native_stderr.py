@@ -82,6 +82,9 @@ def test_a_tokenizer_panic_in_the_repl_leaves_the_screen_to_our_error(tiny_origi
     folder = _redos_checkpoint(tiny_original, tmp_path)
     repl = pty.Repl(tmp_path, folder, "--max-new-tokens", "2", env_extra={"RUST_BACKTRACE": "1"})
     repl.run("a" * 40 + "!", r"error: the checkpoint's tokenizer.json failed on this text")
+    repl.child.expect_exact("a" * 40 + "!")  # the message failed before it was sent: offered back
+    repl.child.sendcontrol("c")  # a fresh, empty line
+    repl.prompt()
     repl.run("Still there?", pty.STATS)
     repl.enter("/exit")
     assert repl.close() == 0
