@@ -19,101 +19,25 @@ import sys
 from contextlib import suppress
 from typing import TextIO
 
-from . import __version__
-from .errors import InternVLChatError, OneLineParser, UsageError
+from .errors import InternVLChatError, UsageError
 from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, unread_bytes,
                     visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
-from .settings import add_engine_flags
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        prog="internvl-chat",
-        description="Chat with InternVL3 vision-language models (bf16 or 4-bit AWQ) in the terminal.",
-        epilog=(
-            "modes: a REPL when stdin and stdout are terminals and no prompt is given (-I keeps it after a "
-            "prompt); one-shot otherwise (piped stdin is prepended to the prompt); --script runs REPL lines. "
-            "`internvl-chat quantize --help` makes 4-bit AWQ checkpoints; "
-            "`internvl-chat serve --help` serves one over an OpenAI-compatible API. "
-            "Exit status: 0 done, 1 an error (stdout unwritable included), 2 bad usage or input, "
-            "130 interrupted (Ctrl-C), 143/129 ended by SIGTERM/SIGHUP."
-        ),
-    )
-    p.add_argument("prompt", nargs="*", help="the question (one-shot mode); same as -p")
-    p.add_argument("-p", "--prompt", dest="prompt_flag", metavar="TEXT", help="the question (one-shot mode)")
-    p.add_argument("--model", metavar="DIR", help="checkpoint folder (default: the embedded demo model)")
-    p.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an image (repeatable)")
-    p.add_argument("--video", action="append", default=[], metavar="FILE", help="attach a video (repeatable)")
-    p.add_argument("--frames", type=int, metavar="N", help="frames sampled per video (default 8)")
-    p.add_argument("--video-range", metavar="A-B", help="only sample frames between A and B seconds")
-    p.add_argument("--max-tiles", type=int, metavar="N", help="448-pixel tiles per image (default: the checkpoint's, 12)")
-    p.add_argument("--system", metavar="TEXT", help="system message ('' for none; default: the checkpoint's, or with --server the server's)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer in tokens (default 1024)")
-    p.add_argument("--temperature", type=float, metavar="T", help="0 is greedy (default)")
-    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass, 1 is off (default)")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens, 0 is off (default)")
-    p.add_argument("--repetition-penalty", type=float, metavar="R", help="penalise tokens already in the conversation, 1 is off (default)")
-    p.add_argument("--seed", type=int, metavar="S", help="make sampling reproducible")
-    add_engine_flags(p, "KV cache length in tokens")
-    _add_remote_flags(p)
-    p.add_argument("--json", action="store_true", help="one-shot: print one JSON object instead of streaming text")
-    p.add_argument("--script", metavar="FILE", help="run REPL lines from FILE ('-' for stdin), printed as a transcript; "
-                   "failing lines are reported and skipped, and the exit status is then 1")
-    p.add_argument("-I", "--interactive", action="store_true", help="stay in the REPL after the prompt's answer")
-    p.add_argument("--plain", action="store_true", default=None, help="raw text output, no Markdown, colour or spinner")
-    p.add_argument("--no-stats", action="store_true", help="hide the stats line after each answer")
-    p.add_argument("--no-history", action="store_true", help="do not read or write the REPL input history")
-    p.add_argument("--no-auto-attach", action="store_true", help="do not attach media paths typed in messages")
-    p.add_argument("--config", metavar="FILE",
-                   help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml; $XDG_CONFIG_HOME replaces ~/.config)")
-    p.add_argument("--print-config", action="store_true", help="print the merged settings and where each came from")
-    p.add_argument("--version", action="version", version=f"internvl-chat {__version__}")
-    return p
-
-
-# --- remote backend (chat/remote.py) ----------------------------------------------------------
-OPENAI_BASE_URL_ENV = "OPENAI_BASE_URL"
-_SERVER_FROM_ENV = object()  # `--server` given without a URL
-
-
-def _add_remote_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", nargs="?", const=_SERVER_FROM_ENV, metavar="URL",
-                   help="chat with an OpenAI-compatible server (lmdeploy, vLLM, SGLang, llama-server, "
-                        f"internvl-chat serve) instead of a local model; without URL: ${OPENAI_BASE_URL_ENV}")  # fmt: skip
-    p.add_argument("--api-key", metavar="KEY", help="the server's key (better: the OPENAI_API_KEY environment variable)")
-    p.add_argument("--remote-model", metavar="ID", help="a model id the server serves (default: the first it lists)")
-    p.add_argument("--dialect", metavar="D", help="the server's request dialect: auto (default, from its model list), "
-                   "lmdeploy, vllm, sglang, llamacpp, ollama, internvl-chat or generic")  # fmt: skip
-
-
-def _server_flag(value: object) -> str | None:
-    if value is not _SERVER_FROM_ENV:
-        return value  # type: ignore[return-value]
-    url = os.environ.get(OPENAI_BASE_URL_ENV, "").strip()
-    if not url:
-        raise UsageError(f"--server without a URL reads {OPENAI_BASE_URL_ENV}, which is not set; pass --server http://HOST:PORT/v1")
-    return url
-
-
-LOCAL_MODEL_FLAGS = (("model", "--model"), ("device", "--device"), ("dtype", "--dtype"), ("max_context", "--max-context"),
-                     ("int4_backend", "--int4-backend"), ("compile", "--compile"))  # fmt: skip
-
-
-SERVER_FLAGS = (("api_key", "--api-key"), ("remote_model", "--remote-model"), ("dialect", "--dialect"))
+from .ui.chat_flags import build_parser, chat_setting_flags, server_flag
 
 
 def _check_remote_flags(args: argparse.Namespace, server: str) -> None:
     """With a server, flags that only mean something for a local model are a mistake, said at once;
     without one, so are the server's (they were ignored: the local model answered)."""
-    for_server = [flag for name, flag in SERVER_FLAGS if getattr(args, name) is not None]
+    flags = chat_setting_flags()
+    for_server = [flag for flag in flags.given(args, "remote.") if flag != "--server"]
     if not server and for_server:
         them = "it" if len(for_server) == 1 else "them"
         raise UsageError(f"{', '.join(for_server)} {'is' if len(for_server) == 1 else 'are'} for a server, but no server is set; "
                          f"add --server URL, or drop {them} to run the model here")  # fmt: skip
     from .settings import without_credentials  # a password in the URL is never printed
 
-    given = [flag for name, flag in LOCAL_MODEL_FLAGS if getattr(args, name) is not None]
+    given = flags.given(args, "model.")
     if server and given:
         them = "it" if len(given) == 1 else "them"
         raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for a local model, but the answers come "
@@ -122,42 +46,10 @@ def _check_remote_flags(args: argparse.Namespace, server: str) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {
-        "remote.server": _server_flag(args.server),
-        "remote.api_key": args.api_key,
-        "remote.model": args.remote_model,
-        "remote.dialect": args.dialect,
-        "model.path": args.model,
-        "model.device": args.device,
-        "model.dtype": args.dtype,
-        "model.max_context": args.max_context,
-        "model.int4_backend": args.int4_backend,
-        "model.compile": args.compile,
-        "generation.temperature": args.temperature,
-        "generation.top_p": args.top_p,
-        "generation.top_k": args.top_k,
-        "generation.repetition_penalty": args.repetition_penalty,
-        "generation.max_new_tokens": args.max_new_tokens,
-        "generation.seed": args.seed,
-        "media.max_tiles": args.max_tiles,
-        "media.frames": args.frames,
-        "media.auto_attach": False if args.no_auto_attach else None,
-        "ui.stats": False if args.no_stats else None,
-        "ui.history": False if args.no_history else None,
-        "ui.plain": True if args.plain else None,
-        "system.message": args.system,
-    }
-
-
-# the flag that gives each setting, as the user types it: a bad value's message names it
-# ("--dtype: must be …", not the setting "model.dtype"); switches (--no-stats) cannot be wrong
-FLAGS = {"remote.server": "--server", "remote.api_key": "--api-key", "remote.model": "--remote-model",
-         "remote.dialect": "--dialect", "model.path": "--model", "model.device": "--device", "model.dtype": "--dtype",
-         "model.max_context": "--max-context", "model.int4_backend": "--int4-backend", "model.compile": "--compile",
-         "generation.temperature": "--temperature", "generation.top_p": "--top-p", "generation.top_k": "--top-k",
-         "generation.repetition_penalty": "--repetition-penalty", "generation.max_new_tokens": "--max-new-tokens",
-         "generation.seed": "--seed", "media.max_tiles": "--max-tiles", "media.frames": "--frames",
-         "system.message": "--system"}  # fmt: skip
+    """setting → the value its flag gave (None: not given); `--server` alone reads $OPENAI_BASE_URL."""
+    overrides = chat_setting_flags().overrides(args)
+    overrides["remote.server"] = server_flag(args.server)
+    return overrides
 
 
 def _read_prompt(args: argparse.Namespace) -> str | None:
@@ -230,7 +122,8 @@ def run(argv: list[str]) -> int:
     from .settings import format_settings, load_settings
 
     args = build_parser().parse_args(argv)
-    settings = load_settings(args.config, os.environ, _overrides(args), FLAGS)
+    # a bad value's message names the flag as typed ("--dtype: must be …", not the setting "model.dtype")
+    settings = load_settings(args.config, os.environ, _overrides(args), chat_setting_flags().names())
     if args.print_config:
         sys.stdout.write(format_settings(settings))
         return 0

@@ -11,7 +11,6 @@ is reported once, by name, with where it came from; nothing downstream re-valida
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
@@ -590,13 +589,3 @@ def format_settings(settings: Settings, unset: Mapping[str, str] | None = None) 
         out.extend(visible(f"{line.ljust(width)}  # from {source}") for line, source in rows)
     return "\n".join(out) + "\n"
 
-
-def add_engine_flags(p: argparse.ArgumentParser, max_context_help: str) -> None:
-    """The flags that choose how the model runs, alike in the chat app and `serve`."""
-    p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
-    p.add_argument("--dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default auto: bf16 on CUDA; on a CPU, "
-                   "bf16 for decoders of 256 MiB or more where the CPU has native bf16 or AVX2 and FMA, else fp32)")
-    p.add_argument("--max-context", type=int, metavar="N", help=f"{max_context_help} (default 8192)")
-    p.add_argument("--int4-backend", metavar="B", help="auto | torch | dequant | triton | gemlite: kernels for 4-bit weights (default auto: torch where it runs, else dequant)")
-    p.add_argument("--compile", metavar="MODE", help="auto | on | off: a fast decode step (our C++ on CPUs with AVX2 and FMA, else "
-                   "torch.compile), built on first use, then cached (default auto: decoders of 256 MiB or more on a CPU)")

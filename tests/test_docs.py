@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import os
 import re
 import sys
 import tomllib
@@ -27,11 +28,13 @@ from internvl_chat import cli, files
 from internvl_chat.chat.remote_http import CONNECT_TIMEOUT_S
 from internvl_chat.quantize import build_parser as quantize_parser, quantize_checkpoint
 from internvl_chat.serve import main as serve_main
+from internvl_chat.errors import UsageError
+from internvl_chat.setting_flags import SettingFlags
 from internvl_chat.settings import (COLORS, COMPILE_MODES, DTYPES, INT4_BACKENDS, OTHER_ENV_VARS, REMOTE_DIALECTS, Settings,
-                                    all_keys, env_name)
+                                    all_keys, env_name, load_settings)
 from internvl_chat.ui.app import NOT_SESSION_SUFFIXES
 from internvl_chat.ui.saved_sessions import RESTORED_SETTINGS
-from internvl_chat.ui.set_keys import START_FLAGS, changeable_while_running, runtime_keys
+from internvl_chat.ui.set_keys import START_FLAGS, changeable_while_running, read_at_start, runtime_keys
 from internvl_chat.ui.commands import COMMAND_BY_NAME, COMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,19 +110,13 @@ def test_every_flag_the_apps_messages_name_exists():
     assert not named, f"messages name flags nothing defines: {named}"
 
 
-def _flag_keys(parser: argparse.ArgumentParser, overrides) -> dict[str, str]:
-    """flag → the dotted setting it sets, found by passing a marker through the mode's overrides."""
-    marker = object()
-    dests = {action.dest: None for action in parser._actions if action.dest != "help"}
-    found = {}
-    for action in parser._actions:
-        if not action.option_strings or action.nargs == 0:  # switches set fixed values, not the given one
-            continue
-        out = overrides(argparse.Namespace(**{**dests, action.dest: marker}))
-        keys = [key for key, value in out.items() if value is marker]
-        if keys:
-            found[action.option_strings[-1]] = keys[0]
-    return found
+def setting_flags(mode: str) -> SettingFlags:
+    return cli.chat_setting_flags() if mode == "internvl-chat" else serve_main.serve_setting_flags()
+
+
+def _flag_keys(mode: str) -> dict[str, str]:
+    """flag → the dotted setting it sets, for flags that take a value (switches set fixed values)."""
+    return {flag: setting for setting, flag in setting_flags(mode).names().items()}
 
 
 def stated_default(help_text: str) -> str | None:
@@ -135,10 +132,9 @@ def stated_default(help_text: str) -> str | None:
 @pytest.mark.parametrize("mode", ["internvl-chat", "serve"])
 def test_defaults_in_help_are_the_settings_defaults(mode):
     parser = parsers()[mode]
-    overrides = cli._overrides if mode == "internvl-chat" else serve_main._overrides
     defaults = Settings()
     checked = 0
-    for flag, key in _flag_keys(parser, overrides).items():
+    for flag, key in _flag_keys(mode).items():
         action = next(a for a in parser._actions if flag in a.option_strings)
         stated = stated_default(action.help)
         if stated is None:
@@ -156,17 +152,53 @@ def test_defaults_in_help_are_the_settings_defaults(mode):
 
 @pytest.mark.parametrize("mode", ["internvl-chat", "serve"])
 def test_the_flag_a_bad_value_names_is_the_one_that_set_it(mode):
-    # FLAGS is a second table beside _overrides: a flag added to one only is caught here
+    # through the mode's own path (parse → overrides → load_settings): a value no setting takes
+    # (a list) must be refused naming the flag as typed, not the setting
     module = cli if mode == "internvl-chat" else serve_main
-    keys = _flag_keys(parsers()[mode], module._overrides)
-    assert {key: flag for flag, key in keys.items()} == module.FLAGS
+    parser = parsers()[mode]
+    flags = _flag_keys(mode)
+    assert len(flags) >= 15
+    for flag in flags:
+        args = parser.parse_args([])
+        setattr(args, next(a.dest for a in parser._actions if flag in a.option_strings), [])
+        with pytest.raises(UsageError) as caught:
+            load_settings(os.devnull, {}, module._overrides(args), setting_flags(mode).names())
+        assert str(caught.value).startswith(f"{flag}: "), (flag, str(caught.value))
+
+
+@pytest.mark.parametrize("mode", ["internvl-chat", "serve"])
+def test_a_switch_moves_its_setting_off_the_default(mode):
+    # --no-stats sets ui.stats False, --plain ui.plain True: the switch's value is not the default
+    module = cli if mode == "internvl-chat" else serve_main
+    switches = [flag for flag in setting_flags(mode) if flag.is_switch]
+    assert len(switches) >= (4 if mode == "internvl-chat" else 1)
+    for switch in switches:
+        settings = load_settings(os.devnull, {}, module._overrides(parsers()[mode].parse_args([switch.flag])))
+        assert settings.get(switch.setting) != Settings().get(switch.setting), switch.flag
+        assert settings.sources[switch.setting] == "flag", switch.flag
+
+
+# flags that give no setting: each is used by the mode itself (a new flag for a setting must be
+# declared with add_setting_flag, or the setting it was meant for stays unchanged)
+NOT_SETTINGS = {
+    "internvl-chat": {"--prompt", "--image", "--video", "--video-range", "--json", "--script", "--interactive",
+                      "--config", "--print-config", "--version", "--help"},
+    "serve": {"--config", "--log-level", "--help"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["internvl-chat", "serve"])
+def test_every_flag_gives_a_setting_or_is_known_not_to(mode):
+    given = {flag.flag for flag in setting_flags(mode)}
+    others = {action.option_strings[-1] for action in parsers()[mode]._actions if action.option_strings} - given
+    assert others == NOT_SETTINGS[mode]
 
 
 def test_flags_the_chat_and_serve_share_say_the_same():
     # serve's --compile once still said "a compiled decode step" after the chat's named the C++ step
     differ = {"--model": "serve has no demo model", "--max-context": "per slot in serve"}
     chat, serve = parsers()["internvl-chat"], parsers()["serve"]
-    chat_keys, serve_keys = _flag_keys(chat, cli._overrides), _flag_keys(serve, serve_main._overrides)
+    chat_keys, serve_keys = _flag_keys("internvl-chat"), _flag_keys("serve")
     helps = {name: {flag: a.help for a in p._actions for flag in a.option_strings} for name, p in (("chat", chat), ("serve", serve))}
     shared = [flag for flag in chat_keys if serve_keys.get(flag) == chat_keys[flag] and flag not in differ]
     assert len(shared) >= 4, shared
@@ -179,7 +211,7 @@ def test_defaults_the_readme_gives_for_flags_are_the_settings_defaults():
     # "`--slots`, default 2", "`--queue-depth` (8)", "`--header-timeout` (10 s)", "`--dialect` … (default `auto`"
     forms = (r"`(--[a-z][\w-]*)(?: [A-Z]+)?`(?:,| \()\s*(?:default\s+)?(\d+(?:\.\d+)?)(?=[\s,)])",
              r"`(--[a-z][\w-]*)(?: [A-Z]+)?` [^`()]*\(default `(\w+)`")  # fmt: skip
-    keys = {**_flag_keys(parsers()["internvl-chat"], cli._overrides), **_flag_keys(parsers()["serve"], serve_main._overrides)}
+    keys = {**_flag_keys("internvl-chat"), **_flag_keys("serve")}
     defaults = Settings()
     stated = [match.groups() for form in forms for match in re.finditer(form, README)]
     assert len(stated) >= 8, stated
@@ -215,8 +247,8 @@ def test_the_choices_help_and_config_list_are_the_ones_a_setting_takes(key, choi
     toml = (PACKAGE / "configs" / "default.toml").read_text(encoding="utf-8")
     line = re.search(rf"^\[{section}\][\s\S]*?^{name} = .*#\s*(.*)$", toml, re.M).group(1)
     assert line.startswith(" | ".join(choices) + " "), line
-    for parser, overrides in ((cli.build_parser(), cli._overrides), (serve_main.build_parser(), serve_main._overrides)):
-        flags = [flag for flag, k in _flag_keys(parser, overrides).items() if k == key]
+    for mode, parser in (("internvl-chat", cli.build_parser()), ("serve", serve_main.build_parser())):
+        flags = [flag for flag, k in _flag_keys(mode).items() if k == key]
         for action in (a for a in parser._actions if set(a.option_strings) & set(flags)):
             assert re.match(rf"{re.escape(' | '.join(choices))}[:( ]", action.help), action.help
 
@@ -251,7 +283,8 @@ def test_defaults_in_quantize_help_are_its_defaults():
 
 def test_readme_names_the_flags_server_refuses():
     sentence = README[: README.index("are refused with `--server`")].rsplit("\n", 1)[1]
-    assert re.findall(r"`(--[\w-]+)`", sentence) == [flag for _, flag in cli.LOCAL_MODEL_FLAGS]
+    local = [flag.flag for flag in cli.chat_setting_flags() if flag.setting.startswith("model.")]
+    assert re.findall(r"`(--[\w-]+)`", sentence) == local
 
 
 # --- REPL commands and settings ----------------------------------------------------------------
@@ -290,18 +323,20 @@ def test_readme_names_the_files_save_refuses():
 
 def test_the_flags_set_names_for_settings_read_at_start_set_them():
     parser = cli.build_parser()
-    flags = _flag_keys(parser, cli._overrides)
+    help_text = parser.format_help()
     for key, hint in START_FLAGS.items():
         assert not changeable_while_running(key), key
         flag, _, metavar = hint.partition(" ")
+        shown = re.escape(flag) + (rf" \[?{re.escape(metavar)}\]?" if metavar else "")  # --server [URL]: optional
+        assert re.search(rf"(?<![\w-]){shown}(?![\w-])", help_text), hint  # as --help shows it
         action = next(a for a in parser._actions if flag in a.option_strings)
-        if metavar:
-            assert flags.get(flag) == key and action.metavar == metavar, hint
-        else:  # a switch: it sets the key to a fixed value
-            given = {a.dest: None for a in parser._actions if a.dest != "help"}
-            assert cli._overrides(argparse.Namespace(**{**given, action.dest: True}))[key] is not None, hint
-    said = {key for key in flags.values() if not changeable_while_running(key)}
-    assert said <= set(START_FLAGS), sorted(said - set(START_FLAGS))  # every such flag is named
+        value = "7" if action.type in (int, float) else metavar  # "--dtype T" gives model.dtype "T"
+        args = parser.parse_args([flag, value] if metavar else [flag])  # a switch alone
+        assert cli._overrides(args)[key] not in (None, Settings().get(key)), hint
+        assert read_at_start(key).endswith(f"restart with {hint}")
+    # every setting read at start that a chat flag gives is named
+    said = {flag.setting for flag in cli.chat_setting_flags() if not changeable_while_running(flag.setting)}
+    assert said == set(START_FLAGS) and len(said) >= 10, sorted(said ^ set(START_FLAGS))
 
 
 def test_environment_variables_named_in_docs_and_help_exist():
@@ -472,7 +507,7 @@ def test_every_exact_ratio_the_readmes_performance_section_quotes_is_in_results(
 # --- docs/architecture.md ----------------------------------------------------------------------
 
 # Layers, top to bottom (docs/architecture.md): a module may import only from its own unit or lower.
-LAYERS = (("__main__",), ("cli",), ("ui", "serve", "quantize"), ("chat",), ("engine",), ("quant", "media", "settings", "demo"),
+LAYERS = (("__main__",), ("cli",), ("ui", "serve", "quantize"), ("chat",), ("engine",), ("quant", "media", "settings", "setting_flags", "demo"),
           ("files", "threads", "native_stderr", "proxy_env"), ("errors",))  # fmt: skip
 
 

@@ -10,10 +10,11 @@ import os
 import signal
 import socket
 import sys
+from functools import cache
 
 from ..errors import OneLineParser, UsageError
 from ..files import OutputFailed, expand_home, visible, visible_lines
-from ..settings import add_engine_flags
+from ..setting_flags import SettingFlags, add_engine_flags, add_setting_flag, add_setting_switch
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -25,33 +26,41 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Defaults come from the [serve] section of the config file; flags win. Only data: URLs are read "
         "unless --allow-remote-media / --allow-local-media say otherwise.",
     )
-    p.add_argument("--model", metavar="DIR", help="checkpoint folder (required unless model.path is set in the config)")
-    p.add_argument("--host", metavar="ADDR", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, metavar="N", help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or set INTERNVL_CHAT_SERVE_API_KEY)")
-    p.add_argument("--model-id", metavar="NAME", help="model name clients use (default: the checkpoint folder's name)")
-    p.add_argument("--slots", type=int, metavar="N", help="conversations kept in KV caches for prefix reuse (default 2)")
-    p.add_argument("--queue-depth", type=int, metavar="N", help="requests waiting behind the running one before 429 (default 8)")
-    p.add_argument("--allow-remote-media", action="store_true", default=None,
-                   help="let requests make the server fetch http(s) image/video URLs")  # fmt: skip
-    p.add_argument("--allow-local-media", metavar="DIR", help="let requests read files inside DIR via file:// URLs")
-    p.add_argument("--max-video-decode-megapixels", type=int, metavar="N",
-                   help="megapixels of frames the decoding of a request's video files may produce in all, those decoded to "
-                   "reach the sampled ones included; a request over it gets 400 (default 20000: about 5 minutes of 1080p; "
-                   "0: no limit)")  # fmt: skip
-    p.add_argument("--max-connections", type=int, metavar="N",
-                   help="open connections served at once; a request on one more gets 503 (default 100)")
-    p.add_argument("--header-timeout", type=float, metavar="S",
-                   help="seconds a client has to send a request's line and headers, else 408 (default 10)")
-    p.add_argument("--body-timeout", type=float, metavar="S",
-                   help="seconds a client has to send a whole request body, else 408 (default 60)")
-    p.add_argument("--write-timeout", type=float, metavar="S",
-                   help="seconds a client may read none of its answer (its TCP window full) before it is "
-                   "dropped and its generation cancelled (default 60)")  # fmt: skip
-    p.add_argument("--keep-alive-timeout", type=float, metavar="S",
-                   help="seconds an idle connection stays open between requests (default 5)")
-    p.add_argument("--max-header-kb", type=int, metavar="N",
-                   help="KiB a request line and headers may fill before they are complete, else 400 (default 16)")
+    add_setting_flag(p, "--model", setting="model.path", metavar="DIR",
+                     help="checkpoint folder (required unless model.path is set in the config)")
+    add_setting_flag(p, "--host", setting="serve.host", metavar="ADDR",
+                     help="address to bind (default 127.0.0.1: this machine only)")
+    add_setting_flag(p, "--port", setting="serve.port", type=int, metavar="N",
+                     help="port (default 8000; 0 picks a free one)")
+    add_setting_flag(p, "--api-key", setting="serve.api_key", metavar="KEY",
+                     help="require 'Authorization: Bearer KEY' (or set INTERNVL_CHAT_SERVE_API_KEY)")
+    add_setting_flag(p, "--model-id", setting="serve.model_id", metavar="NAME",
+                     help="model name clients use (default: the checkpoint folder's name)")
+    add_setting_flag(p, "--slots", setting="serve.slots", type=int, metavar="N",
+                     help="conversations kept in KV caches for prefix reuse (default 2)")
+    add_setting_flag(p, "--queue-depth", setting="serve.queue_depth", type=int, metavar="N",
+                     help="requests waiting behind the running one before 429 (default 8)")
+    add_setting_switch(p, "--allow-remote-media", setting="serve.allow_remote_media", value=True, default=None,
+                       help="let requests make the server fetch http(s) image/video URLs")  # fmt: skip
+    add_setting_flag(p, "--allow-local-media", setting="serve.allow_local_media", metavar="DIR",
+                     help="let requests read files inside DIR via file:// URLs")
+    add_setting_flag(p, "--max-video-decode-megapixels", setting="serve.max_video_decode_megapixels", type=int, metavar="N",
+                     help="megapixels of frames the decoding of a request's video files may produce in all, those decoded to "
+                     "reach the sampled ones included; a request over it gets 400 (default 20000: about 5 minutes of 1080p; "
+                     "0: no limit)")  # fmt: skip
+    add_setting_flag(p, "--max-connections", setting="serve.max_connections", type=int, metavar="N",
+                     help="open connections served at once; a request on one more gets 503 (default 100)")
+    add_setting_flag(p, "--header-timeout", setting="serve.header_timeout", type=float, metavar="S",
+                     help="seconds a client has to send a request's line and headers, else 408 (default 10)")
+    add_setting_flag(p, "--body-timeout", setting="serve.body_timeout", type=float, metavar="S",
+                     help="seconds a client has to send a whole request body, else 408 (default 60)")
+    add_setting_flag(p, "--write-timeout", setting="serve.write_timeout", type=float, metavar="S",
+                     help="seconds a client may read none of its answer (its TCP window full) before it is "
+                     "dropped and its generation cancelled (default 60)")  # fmt: skip
+    add_setting_flag(p, "--keep-alive-timeout", setting="serve.keep_alive_timeout", type=float, metavar="S",
+                     help="seconds an idle connection stays open between requests (default 5)")
+    add_setting_flag(p, "--max-header-kb", setting="serve.max_header_kb", type=int, metavar="N",
+                     help="KiB a request line and headers may fill before they are complete, else 400 (default 16)")
     add_engine_flags(p, "KV cache length per slot in tokens")
     p.add_argument("--config", metavar="FILE",
                    help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml; $XDG_CONFIG_HOME replaces ~/.config)")
@@ -60,49 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cache
+def serve_setting_flags() -> SettingFlags:
+    """serve's flags that give settings (a parser of its own: nothing parses with it)."""
+    return SettingFlags(build_parser())
+
+
 def _overrides(args: argparse.Namespace) -> dict:
-    return {
-        "model.path": args.model,
-        "model.device": args.device,
-        "model.dtype": args.dtype,
-        "model.max_context": args.max_context,
-        "model.int4_backend": args.int4_backend,
-        "model.compile": args.compile,
-        "serve.host": args.host,
-        "serve.port": args.port,
-        "serve.api_key": args.api_key,
-        "serve.model_id": args.model_id,
-        "serve.slots": args.slots,
-        "serve.queue_depth": args.queue_depth,
-        "serve.allow_remote_media": args.allow_remote_media,
-        "serve.allow_local_media": args.allow_local_media,
-        "serve.max_video_decode_megapixels": args.max_video_decode_megapixels,
-        "serve.max_connections": args.max_connections,
-        "serve.header_timeout": args.header_timeout,
-        "serve.body_timeout": args.body_timeout,
-        "serve.write_timeout": args.write_timeout,
-        "serve.keep_alive_timeout": args.keep_alive_timeout,
-        "serve.max_header_kb": args.max_header_kb,
-    }
-
-
-# the flag that gives each setting, as typed: a bad value's message names it ("--slots: must be …");
-# switches (--allow-remote-media) cannot be wrong
-FLAGS = {"model.path": "--model", "model.device": "--device", "model.dtype": "--dtype", "model.max_context": "--max-context",
-         "model.int4_backend": "--int4-backend", "model.compile": "--compile", "serve.host": "--host", "serve.port": "--port",
-         "serve.api_key": "--api-key", "serve.model_id": "--model-id", "serve.slots": "--slots",
-         "serve.queue_depth": "--queue-depth", "serve.allow_local_media": "--allow-local-media",
-         "serve.max_video_decode_megapixels": "--max-video-decode-megapixels",
-         "serve.max_connections": "--max-connections", "serve.header_timeout": "--header-timeout",
-         "serve.body_timeout": "--body-timeout", "serve.write_timeout": "--write-timeout",
-         "serve.keep_alive_timeout": "--keep-alive-timeout", "serve.max_header_kb": "--max-header-kb"}  # fmt: skip
+    """setting → the value its flag gave (None: not given)."""
+    return serve_setting_flags().overrides(args)
 
 
 def main(argv: list[str]) -> int:
     from ..settings import load_settings
 
     args = build_parser().parse_args(argv)
-    settings = load_settings(args.config, os.environ, _overrides(args), FLAGS)
+    # a bad value's message names the flag as typed ("--slots: must be …", not the setting "serve.slots")
+    settings = load_settings(args.config, os.environ, _overrides(args), serve_setting_flags().names())
     if not settings.model.path:
         raise UsageError("serve needs a model: pass --model DIR (e.g. --model internvl_chat/demo_model)")
     return serve(settings, log_level=args.log_level)

@@ -10,31 +10,22 @@ import difflib
 
 from ..errors import UsageError
 from ..settings import SECTIONS, SET_ALIASES, all_keys, env_name, resolve_key
+from .chat_flags import chat_setting_flags
 
 # Settings read once at start: /set refuses them (and Tab does not offer them). Whole sections too:
 # the model, the server this app talks to, and `internvl-chat serve`'s own settings.
 FIXED_AT_START = ("ui.color", "ui.history", "ui.history_file")
 FIXED_SECTIONS = ("model.", "remote.", "serve.")
-# The chat's flag for each setting read at start that has one (tests/test_docs.py checks them
-# against cli.py); the others come from the config file or the environment only.
-START_FLAGS = {
-    "model.path": "--model DIR",
-    "model.device": "--device DEV",
-    "model.dtype": "--dtype T",
-    "model.max_context": "--max-context N",
-    "model.int4_backend": "--int4-backend B",
-    "model.compile": "--compile MODE",
-    "remote.server": "--server URL",
-    "remote.api_key": "--api-key KEY",
-    "remote.model": "--remote-model ID",
-    "remote.dialect": "--dialect D",
-    "ui.history": "--no-history",
-}
 
 
 def changeable_while_running(dotted: str) -> bool:
     """Whether `/set` can change this setting: not the model's or the server's, nor those read once at start."""
     return not dotted.startswith(FIXED_SECTIONS) and dotted not in FIXED_AT_START
+
+
+# The chat's flag for each setting read at start that has one, as typed ("--dtype T", "--no-history"),
+# from its parser; the others come from the config file or the environment only.
+START_FLAGS = {flag.setting: flag.usage for flag in chat_setting_flags() if not changeable_while_running(flag.setting)}
 
 
 def runtime_keys() -> list[str]:
