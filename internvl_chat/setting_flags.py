@@ -30,14 +30,19 @@ def add_setting_switch(p: argparse.ArgumentParser, name: str, *, setting: str, v
 
 def add_engine_flags(p: argparse.ArgumentParser, max_context_help: str) -> None:
     """The flags that choose how the model runs, alike in the chat app and `serve`."""
-    add_setting_flag(p, "--device", setting="model.device", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
-    add_setting_flag(p, "--dtype", setting="model.dtype", metavar="T", help="auto | float32 | bfloat16 | float16 (default auto: bf16 on CUDA; on a CPU, "
-                     "bf16 for decoders of 256 MiB or more where the CPU has native bf16 or AVX2 and FMA, else fp32)")  # fmt: skip
-    add_setting_flag(p, "--max-context", setting="model.max_context", type=int, metavar="N", help=f"{max_context_help} (default 8192)")
+    add_setting_flag(p, "--device", setting="model.device", metavar="DEV",
+                     help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
+    add_setting_flag(p, "--dtype", setting="model.dtype", metavar="T",
+                     help="auto | float32 | bfloat16 | float16 (default auto: bf16 on CUDA; on a CPU, bf16 for decoders "
+                     "of 256 MiB or more where the CPU has native bf16 or AVX2 and FMA, else fp32)")
+    add_setting_flag(p, "--max-context", setting="model.max_context", type=int, metavar="N",
+                     help=f"{max_context_help} (default 8192)")
     add_setting_flag(p, "--int4-backend", setting="model.int4_backend", metavar="B",
-                     help="auto | torch | dequant | triton | gemlite: kernels for 4-bit weights (default auto: torch where it runs, else dequant)")  # fmt: skip
-    add_setting_flag(p, "--compile", setting="model.compile", metavar="MODE", help="auto | on | off: a fast decode step (our C++ on CPUs with AVX2 and FMA, else "
-                     "torch.compile), built on first use, then cached (default auto: decoders of 256 MiB or more on a CPU)")  # fmt: skip
+                     help="auto | torch | dequant | triton | gemlite: kernels for 4-bit weights (default auto: torch "
+                     "where it runs, else dequant)")
+    add_setting_flag(p, "--compile", setting="model.compile", metavar="MODE",
+                     help="auto | on | off: a fast decode step (our C++ on CPUs with AVX2 and FMA, else torch.compile), "
+                     "built on first use, then cached (default auto: decoders of 256 MiB or more on a CPU)")
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ import pytest
 
 from internvl_chat import cli, files
 from internvl_chat.chat.remote_http import CONNECT_TIMEOUT_S
+from internvl_chat.errors import UsageError
 from internvl_chat.quantize import build_parser as quantize_parser, quantize_checkpoint
 from internvl_chat.serve import main as serve_main
-from internvl_chat.errors import UsageError
 from internvl_chat.setting_flags import SettingFlags
 from internvl_chat.settings import (COLORS, COMPILE_MODES, DTYPES, INT4_BACKENDS, OTHER_ENV_VARS, REMOTE_DIALECTS, Settings,
                                     all_keys, env_name, load_settings)
