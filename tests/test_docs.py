@@ -440,6 +440,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"over {round(image.MAX_PIXELS / 1e6)} M pixels, a side over {image.MAX_SIDE:,}",
         f"a JPEG of over {image.MAX_JPEG_SCANS} scans",
         f"`stop` (up to {protocol.MAX_STOP_STRINGS} strings of up to {protocol.MAX_STOP_STRING_CHARS:,} characters each)",
+        f"of more than {protocol.MAX_JSON_ITEMS:,} JSON items, counted as its `{{`, `[` and `,` bytes",
         f"each counted as at least {video_cost.MIN_FRAME_SIDE}×{video_cost.MIN_FRAME_SIDE}",
         f"`--max-video-decode-megapixels` in all ({Settings().serve.max_video_decode_megapixels}:",
         f"(+{answer_bounds.PIECE_SLACK};", f"more than {answer_bounds.CHARS_PER_TOKEN} characters a token",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import logging
 import os
 import queue
 import re
@@ -16,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -31,14 +35,17 @@ def _env() -> dict:
 
 
 @contextlib.contextmanager
-def _serving(model: Path, *flags: str, with_stdout: bool = False, python: list[str] | None = None):
+def _serving(model: Path, *flags: str, with_stdout: bool = False, python: list[str] | None = None,
+             stdout_to: Path | None = None):  # fmt: skip
     """`internvl-chat serve` on a free port in a subprocess (run by `python`, default this
     interpreter); yields (proc, lines): a queue of its stderr lines (and stdout's: uvicorn writes
-    its access log there), read by a thread, then None when the stream ends."""
+    its access log there), read by a thread, then None when the stream ends. `stdout_to`: a file
+    for stdout alone."""
+    stdout = stdout_to.open("w") if stdout_to else subprocess.PIPE if with_stdout else subprocess.DEVNULL
     proc = subprocess.Popen(
         [*(python or [sys.executable]), "-m", "internvl_chat.cli", "serve", "--model", str(model), "--port", "0",
          "--device", "cpu", "--dtype", "float32", *flags],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if with_stdout else subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, stdout=stdout,
         stderr=subprocess.STDOUT if with_stdout else subprocess.PIPE, text=True, env=_env(),
     )  # fmt: skip
     lines: queue.Queue[str | None] = queue.Queue()
@@ -50,6 +57,8 @@ def _serving(model: Path, *flags: str, with_stdout: bool = False, python: list[s
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if stdout_to:
+            stdout.close()
 
 
 def _next_match(lines: queue.Queue[str | None], pattern: str) -> tuple[re.Match, str]:
@@ -182,6 +191,85 @@ def test_request_text_in_the_server_log_is_escaped(tiny_original):
         assert "EVIL" in line and "\x1b" not in line and "\x07" not in line, line
         proc.send_signal(signal.SIGINT)
         assert proc.wait(WAIT_S) == 0
+
+
+
+FORGED = '127.0.0.1:6 - "POST /v1/chat/completions HTTP/1.1" 200 OK'
+
+
+def _log_lines(emit) -> list[str]:
+    """What `emit(logger, access_logger)` prints through the server's formatters (uvicorn's) and its
+    escaping filter, set on the logger and on its handler as `serve` sets it."""
+    from uvicorn.logging import AccessFormatter, DefaultFormatter
+
+    from internvl_chat.serve.main import _ESCAPE, _ESCAPE_ACCESS
+
+    stream = io.StringIO()
+    loggers = []
+    access_format = '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'
+    for name, formatter, escape in [
+        ("test.serve-log", DefaultFormatter("%(levelprefix)s %(message)s", use_colors=False), _ESCAPE),
+        ("test.serve-log.access", AccessFormatter(access_format, use_colors=False), _ESCAPE_ACCESS),
+    ]:
+        logger = logging.getLogger(name)
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(formatter)
+        handler.addFilter(escape)
+        logger.addFilter(escape)
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        loggers.append((logger, handler, escape))
+    try:
+        emit(*(logger for logger, _, _ in loggers))
+    finally:
+        for logger, handler, escape in loggers:
+            logger.removeHandler(handler)
+            logger.removeFilter(escape)
+    return stream.getvalue().splitlines()  # as a log reader splits them: \u2028 and \x85 too
+
+
+def test_text_with_line_breaks_in_the_server_log_cannot_forge_a_line():
+    """A traceback (or an argument) quoting a client's text with a newline printed that text as a
+    line of its own: a fake access-log line. Now only a record's first line starts at the left edge."""
+
+    def emit(log, access):
+        try:
+            raise ValueError(f"bad field '\n{FORGED}'")
+        except ValueError:
+            log.error("request failed:\n%s", traceback.format_exc())  # as serve/engine.py logs one
+            log.exception("failed")  # as uvicorn logs an exception in the app
+        log.warning("from the client: %s", f"a\n{FORGED}\rb\u2028{FORGED}\x85{FORGED}")
+        log.warning(ValueError(f"not a string\n{FORGED}"))
+        access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET", f"/x\n{FORGED}", "1.1", 404)
+
+    lines = _log_lines(emit)
+    records = [line for line in lines if line and not line[0].isspace()]
+    assert [line.split()[0] for line in records] == ["ERROR:", "ERROR:", "WARNING:", "WARNING:", "INFO:"], lines
+    # an access-log line stays one line, its newline escaped
+    assert records[-1] == 'INFO:     127.0.0.1:5 - "GET /x\\n' + FORGED + ' HTTP/1.1" 404 Not Found', records[-1]
+    forged = [line for line in lines[:-1] if FORGED in line]
+    assert len(forged) == 4 and all(line.startswith(" " * 10 + FORGED) for line in forged), lines
+    assert "\\u2028" in forged[2] and "\\x85" in forged[2]  # line breaks of other tools: escaped
+    assert not any(line.startswith(" " * 20) for line in lines), lines  # indented once, by the logger's and the handler's filter
+
+
+@pytest.mark.parametrize("level", ["info", "warning"])
+def test_the_access_log_is_on_stdout_the_rest_on_stderr_and_warning_leaves_it_out(tiny_original, tmp_path, level):
+    """What README says of the two logs: a switch for the access log alone there is not."""
+    out = tmp_path / "stdout"
+    with _serving(tiny_original, "--max-context", "256", "--log-level", level, stdout_to=out) as (proc, lines):
+        url = _next_match(lines, r"on (http://127\.0\.0\.1:\d+)/v1")[0].group(1)
+        assert urllib.request.urlopen(f"{url}/health", timeout=WAIT_S).status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT_S) == 0
+        stderr = _drain(lines)
+    access = out.read_text().splitlines()
+    if level == "info":
+        assert len(access) == 1 and access[0].startswith("INFO:     127.0.0.1:") and '"GET /health HTTP/1.1" 200' in access[0]
+        assert "INFO:     Shutting down\n" in stderr and not any("/health" in line for line in stderr), stderr
+    else:
+        assert access == [] and stderr == ["internvl-chat serve: stopped\n"], (access, stderr)
 
 
 def test_a_model_folder_name_is_shown_escaped_at_start(tiny_original, tmp_path):

@@ -4,7 +4,12 @@ error that says what to do, costs little, and shows no control character the cli
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,6 +17,7 @@ import pytest
 from internvl_chat.chat.template import PromptBuilder
 
 WAIT_S = 60
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def post(server, body: dict) -> httpx.Response:
@@ -144,6 +150,86 @@ def test_a_body_of_many_bad_messages_is_refused_at_the_first(monkeypatch, change
         protocol.parse_request(json.dumps({"model": "tiny", "messages": [{"role": "user"}], **change}).encode())
     assert err.value.status == 400 and err.value.param.startswith(("messages.0", "stop.0"))
     assert found and found[0] < 10, found
+
+
+
+def _json_items_body(count: int, item: bytes = b'{"role":"user"}') -> bytes:
+    """A request of `count` messages (or list items), ~two counted bytes each."""
+    return b'{"model":"tiny","messages":[' + ((item + b",") * count)[:-1] + b'],"max_tokens":4}'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [_json_items_body(600_000, b"{}"), _json_items_body(600_000),
+     b'{"model":"tiny","messages":[{"role":"user","content":"Hi"}],"stop":[' + b"0," * 1_100_000 + b'0]}'],
+    ids=["empty-objects", "messages", "numbers"],
+)  # fmt: skip
+def test_a_body_of_millions_of_tiny_items_is_refused_before_it_is_parsed(server, monkeypatch, body):
+    """Parsing builds the whole JSON tree before any field is checked: 64 MiB of `{"role":"user"},…`
+    took 2.6 GB (and 14 s), of `0,0,…` in a list 1.5 GB, even when the first item was already wrong."""
+    from internvl_chat.serve import protocol
+
+    parsed = []
+    real = protocol.ChatCompletionRequest.model_validate_json
+    monkeypatch.setattr(protocol.ChatCompletionRequest, "model_validate_json", lambda body: parsed.append(1) or real(body))
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=WAIT_S)
+    assert response.status_code == 413
+    error = error_of(response)
+    assert error["code"] == "request_too_large" and "send fewer messages, parts or list items" in error["message"], error
+    assert f"at most {protocol.MAX_JSON_ITEMS:,}" in error["message"] and not parsed
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak resident size from /proc")
+def test_refusing_a_body_of_tiny_items_takes_no_memory(tmp_path):
+    """8 MiB of one-field messages took ~320 MB to parse. Measured in a child as its peak resident
+    size, VmHWM: ru_maxrss would start from the size of this process, inherited across fork and exec."""
+    body = tmp_path / "body.json"
+    body.write_bytes(_json_items_body(530_000))  # 8 MiB
+    code = f"""
+        import json, pathlib, re
+        from internvl_chat.serve.errors import APIError
+        from internvl_chat.serve.protocol import parse_request
+        def peak_kib():
+            return int(re.search(r"VmHWM:\\s*(\\d+) kB", pathlib.Path("/proc/self/status").read_text()).group(1))
+        body = pathlib.Path({str(body)!r}).read_bytes()
+        before = peak_kib()
+        try:
+            parse_request(body)
+            status = 200
+        except APIError as e:
+            status = e.status
+        print(json.dumps(dict(status=status, grew_kib=peak_kib() - before)))
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["status"] == 413 and got["grew_kib"] < 64 << 10, got  # under 64 MB, not hundreds
+
+
+def test_large_real_bodies_are_not_counted_as_too_many_items():
+    """Base64 media has no '{', '[' or ','; text keeps its own: a megabyte of dense code must pass."""
+    from internvl_chat.serve.protocol import MAX_JSON_ITEMS, parse_request
+
+    code = "def f(a, b):\n    return {'k': [a, b], 'v': (a, b)}\n" * 20_000  # 1 MB, 7 items a line
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "iVBORw0KGgo+/" * 3_000_000}}
+    history = [{"role": role, "content": f"turn {k}, with {{braces}} and [brackets]"}
+               for k in range(500) for role in ("user", "assistant")]  # fmt: skip
+    last = {"role": "user", "content": [{"type": "text", "text": code}, image]}
+    body = json.dumps({"model": "tiny", "messages": [*history, last]})
+    items = sum(body.count(c) for c in "{[,")
+    assert 100_000 < items < MAX_JSON_ITEMS  # the check counts it, and it stays under the limit
+    req = parse_request(body.encode())
+    assert len(req.messages) == 1001 and req.messages[-1].content[0].text == code
+
+
+def test_json_nested_too_deep_is_a_400_that_says_so(server):
+    """The parser's recursion limit, not a RecursionError's 500."""
+    nested = b"[" * 5000 + b"]" * 5000
+    body = b'{"model":"tiny","messages":[{"role":"user","content":"Hi"}],"mm_processor_kwargs":{"a":%s}}' % nested
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=WAIT_S)
+    assert response.status_code == 400
+    assert "nests deeper than this server reads" in error_of(response)["message"]
 
 
 CONTROLS = "\x1b[2J\x1b]52;c;ZXZpbA==\x07\u202e"  # clear screen, write the clipboard, reverse the text

@@ -146,6 +146,30 @@ def test_the_leading_system_messages_are_one_system_block(server, tiny_loaded_to
     assert served_prompt(server, messages).ids == tiny_loaded_tokenizer(text, add_special_tokens=False).input_ids
 
 
+
+@pytest.mark.parametrize("role", ["leading system", "later system", "assistant", "assistant refusal", "user"])
+def test_text_parts_are_joined_by_newlines_in_every_role(server, role):
+    """A user message's text parts were joined by newlines, a system or assistant message's by
+    nothing: "a" and "b" became "ab", a word the client never sent."""
+    second = {"type": "refusal", "refusal": "Another."} if role == "assistant refusal" else {"type": "text", "text": "Another."}
+    parts, joined = [{"type": "text", "text": "One part."}, second], "One part.\nAnother."
+    before = [] if role == "leading system" else [{"role": "user", "content": "Q."}]
+    name = role.split()[-1] if role.endswith("system") else role.split()[0]
+
+    def ids(content) -> list[int]:
+        return served_prompt(server, [*before, {"role": name, "content": content}, {"role": "user", "content": "Next?"}]).ids
+
+    assert ids(parts) == ids(joined) != ids("One part.Another.")
+
+
+def test_an_assistant_s_text_and_refusal_are_joined_by_a_newline(server):
+    def ids(assistant: dict) -> list[int]:
+        messages = [{"role": "user", "content": "Q."}, {"role": "assistant", **assistant}, {"role": "user", "content": "Next?"}]
+        return served_prompt(server, messages).ids
+
+    assert ids({"content": "Partly.", "refusal": "No more."}) == ids({"content": "Partly.\nNo more."})
+    assert ids({"content": None, "refusal": "No."}) == ids({"content": "No."})
+
 def complete(client, messages):
     out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
                                          extra_body={"return_token_ids": True})  # fmt: skip

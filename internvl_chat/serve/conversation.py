@@ -108,7 +108,8 @@ class PromptMaker:
                 prompt.ids += close
                 answering = False
             if msg.role == "assistant":
-                text = _text_only(msg.content, f"messages.{i}.content", "an assistant message") + (msg.refusal or "")
+                said = _text_only(msg.content, f"messages.{i}.content", "an assistant message")
+                text = "\n".join(t for t in (said, msg.refusal) if t)  # its refusal is one more part
                 prompt.ids += cue
                 prompt.ids += self._answer_ids(text, len(prompt.ids), i)
                 answering = True
@@ -262,13 +263,15 @@ def _only_keys(kwargs: dict, where: str, known: tuple[str, ...]) -> None:
 
 
 def _text_only(content, param: str, what: str) -> str:
+    """A system or assistant message's text: its parts joined by newlines, as a user message's are
+    (and as vLLM joins them): "a" and "b" read as "ab" were one word the client never sent."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if any(not isinstance(p, (TextPart, RefusalPart)) for p in content):  # a refusal: only an assistant's (protocol.py)
         raise bad_request(f"{what} may only hold text", param=param)
-    return "".join(p.text if isinstance(p, TextPart) else p.refusal for p in content)
+    return "\n".join(p.text if isinstance(p, TextPart) else p.refusal for p in content)
 
 
 def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, prompt_len: int, context: int) -> SamplingParams:

@@ -260,7 +260,7 @@ class EngineWorker:
             self.counts["cancelled"] += 1
             job.emit("error", _cancelled())
         except Exception as e:  # noqa: BLE001 - a bug must not kill the engine thread; the client gets a 500
-            log.error("request failed:\n%s", traceback.format_exc())
+            log.error("request failed:\n%s", traceback.format_exc().rstrip())
             job.emit("error", APIError(500, f"internal error ({type(e).__name__}: {e})", code="internal_error"))
 
     def _generate(self, job: Job) -> None:

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE",
                    help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml; $XDG_CONFIG_HOME replaces ~/.config)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                   help="server log level (default info)")
+                   help="server log level (default info; the access log, on stdout, is info: warning leaves it out)")
     return p
 
 
@@ -282,26 +282,51 @@ def _serve(settings, log_level: str) -> int:
     return 0
 
 
+# A record's lines after its first (a traceback, a client's text with newlines) start under its
+# message, past uvicorn's `LEVEL:    ` prefix: only a record's first line starts at the left edge.
+CONTINUATION = " " * 10
+# line breaks `visible_lines` leaves, for tools that split lines as Python does (it escapes the others)
+_LINE_SEPARATORS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _log_text(text: str, one_line: bool = False) -> str:
+    text = visible(text) if one_line else visible_lines(text)
+    return text.translate(_LINE_SEPARATORS).replace("\n", "\n" + CONTINUATION)
+
+
 class _EscapeControls(logging.Filter):
-    """Log records with control, escape and bidi characters made visible.
+    """Log records with control, escape and bidi characters made visible, and their continuation
+    lines indented.
 
     uvicorn's access log prints the client address, which it takes from X-Forwarded-For when the
     peer is 127.0.0.1, and a traceback may quote request text: a client must not be able to send
-    escape sequences to the server's terminal. Arguments are escaped one by one, so the colours
-    uvicorn adds when it formats the line stay.
+    escape sequences to the server's terminal, nor a newline and a line that reads as a record of
+    its own (a forged access-log line). Arguments are escaped one by one, so the colours uvicorn
+    adds when it formats the line stay; with `one_line_args` (the access log: an address, a path)
+    each is kept to one line, its newlines escaped too.
     """
 
+    def __init__(self, one_line_args: bool = False) -> None:
+        super().__init__()
+        self.one_line_args = one_line_args
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
-            record.msg = visible_lines(record.msg)
-        if isinstance(record.args, tuple):
-            record.args = tuple(visible_lines(a) if isinstance(a, str) else a for a in record.args)
+        if getattr(record, "internvl_escaped", False):  # a logger's filter and its handler's both see it
+            return True
+        record.internvl_escaped = True
+        record.msg = _log_text(str(record.msg))  # an exception logged as the message too
+        if isinstance(record.args, tuple):  # numbers stay numbers, for %d; anything else is text
+            record.args = tuple(a if isinstance(a, (int, float)) else _log_text(str(a), self.one_line_args)
+                                for a in record.args)  # fmt: skip
         if record.exc_info and not record.exc_text:
-            record.exc_text = visible_lines(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = CONTINUATION + _log_text(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = CONTINUATION + _log_text(record.stack_info)
         return True
 
 
 _ESCAPE = _EscapeControls()
+_ESCAPE_ACCESS = _EscapeControls(one_line_args=True)
 
 
 def escape_logged_requests() -> None:
@@ -309,9 +334,10 @@ def escape_logged_requests() -> None:
     and stop writing to a stream that was closed."""
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "internvl_chat.serve"):
         logger = logging.getLogger(name)
+        escape = _ESCAPE_ACCESS if name == "uvicorn.access" else _ESCAPE
         for target in (logger, *logger.handlers):
-            if _ESCAPE not in target.filters:
-                target.addFilter(_ESCAPE)
+            if escape not in target.filters:
+                target.addFilter(escape)
         for handler in logger.handlers:
             _drop_when_closed(logger, handler)
 
