@@ -71,12 +71,14 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.json(fixture("lmdeploy/error_flat.json"), 401),
          r"^the server answered 401 Unauthorized: Please request with valid api key! \(authentication_error\); check --api-key"),
         (Reply.json(fixture("vllm/error_nested.json"), 400),
-         r"^this turn and its answer do not fit the server's 32,768-token context; use fewer tiles or frames, /undo or /clear, "
-         r"or a smaller max_new_tokens$"),  # the server's words left out: one short line
+         r"^this turn and its answer do not fit the server's 32,768-token context \(the server said: This model's maximum "
+         r"context length is 32768 tokens\. However, you requested 33050 tokens .{20,80}…\); use fewer tiles or frames, "
+         r"/undo or /clear, or a smaller max_new_tokens$"),  # the server's words cut: its counts come first
         (Reply.json(fixture("vllm/error_flat.json"), 404),
          r"^the server answered 404 Not Found: The model `InternVL3-9B` does not exist\..*--remote-model"),
         (Reply.json(fixture("llamacpp/error_nested.json"), 400),
-         r"^this turn and its answer do not fit the server's 32,768-token context; "),
+         r"^this turn and its answer do not fit the server's 32,768-token context \(the server said: the request exceeds "
+         r"the available context size, try increasing it\); "),
         (Reply.json({"detail": [{"loc": ["body", "messages"], "msg": "field required"}]}, 422),
          r"^the server answered 422 Unprocessable (Entity|Content): field required; .*--dialect generic"),
         (Reply.json({"error": "slow down"}, 429, {"Retry-After": "7"}),
@@ -323,24 +325,55 @@ def test_json_over_8_mib_is_refused_before_it_is_parsed():
         server.replies["/v1/models"].append(Reply.json({"data": [card], "pad": "x" * (7 << 20)}))
         assert RemoteConversation.connect(server.url).model == "m"
 
+def serve_refusal(message: str) -> Reply:
+    """A refusal as `internvl-chat serve` words it (serve/conversation.py, serve/errors.py)."""
+    return Reply.json({"error": {"message": message, "type": "invalid_request_error", "param": "max_tokens",
+                                 "code": "context_length_exceeded"}}, 400)  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "reply",
+    ("reply", "said"),
     [
-        Reply.json(fixture("vllm/error_nested.json"), 400),
-        Reply.json(fixture("llamacpp/error_nested.json"), 400),
-        Reply.json({"error": {"message": "the conversation is 798 tokens and max_tokens is 300: together over this "
-                              "model's 1,024-token context; ask for at most 226", "type": "invalid_request_error",
-                              "param": "max_tokens", "code": "context_length_exceeded"}}, 400),  # internvl-chat serve
+        (Reply.json(fixture("vllm/error_nested.json"), 400),
+         "This model's maximum context length is 32768 tokens. However, you requested 33050 tokens (32026 in the "
+         "messages, 1024 in the completion). Please reduce the len…"),
+        (Reply.json(fixture("llamacpp/error_nested.json"), 400),
+         "the request exceeds the available context size, try increasing it"),
+        (serve_refusal("the conversation is 798 tokens and max_tokens is 300: together over this model's 1,024-token "
+                       "context; ask for at most 226"),
+         "the conversation is 798 tokens and max_tokens is 300: together over this model's 1,024-token context; ask "
+         "for at most 226"),
+        (serve_refusal("the conversation is at least 1,030 tokens (counted up to messages.3); this model's context "
+                       "holds 1,024. Send a shorter conversation or fewer images"),
+         "the conversation is at least 1,030 tokens (counted up to messages.3); this model's context holds 1,024. "
+         "Send a shorter conversation or fewer images"),
+        # a plain-text body (a server or proxy without OpenAI's error shape)
+        (Reply(400, [b"context length exceeded: 40000 > 32768\n"], "text/plain"), "context length exceeded: 40000 > 32768"),
     ],
+    ids=["vllm", "llamacpp", "serve-max-tokens", "serve-messages", "plain-text"],
 )
-def test_a_conversation_over_the_servers_context_says_how_to_make_room(reply):
-    """The server's words (naming its own field, max_tokens) are left out: the line names the app's commands."""
+def test_a_conversation_over_the_servers_context_says_the_servers_reason_and_how_to_make_room(reply, said):
+    """The server's own words carry its counts: they are in the line, cut, without their error type;
+    what to do comes last, in the app's commands (not the server's field, max_tokens)."""
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = conversation_with_one_turn(server)
         server.chat(reply)
-        line = fails_with(conv, r"^this turn and its answer do not fit the server's 32,768-token context; use fewer tiles "
-                                r"or frames, /undo or /clear, or a smaller max_new_tokens$")
-        assert "check the message, the attachments" not in line and "max_tokens" not in line
+        line = fails_with(conv, r"^this turn and its answer do not fit the server's 32,768-token context \(the server "
+                                r"said: .+\); use fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens$")
+        assert f"(the server said: {said}); use fewer" in line
+        assert "check the message, the attachments" not in line and "invalid_request_error" not in line
+
+
+def test_a_hostile_context_refusal_is_shown_escaped_on_one_short_line():
+    """Line breaks, escape sequences and a flood of text in the server's message: escaped, cut."""
+    message = "maximum context length is 4096 tokens\r\n\x1b[2J\x1b]0;pwned\x07\u202e" + "A" * 30_000  # under the 64 KiB of an error body read
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply.json({"error": {"message": message, "code": 400}}, 400))
+        line = fails_with(conv, r"^this turn and its answer do not fit the server's 32,768-token context \(the server "
+                                r"said: maximum context length is 4096 tokens\\r\\n\\e\[2J\\e\]0;pwned\\x07\\u202eA+…\); ")
+        assert not any(c in line for c in "\r\x1b\x07\u202e")
+        assert len(line) < 400
 
 
 
@@ -377,10 +410,9 @@ TOO_LARGE_413 = Reply.json({"error": {"message": "the request body is over this 
 @pytest.mark.parametrize(
     ("reply", "repl_hint", "oneshot_hint"),
     [
-        (CONTEXT_400, " do not fit the server's 32,768-token context; use fewer tiles or frames, "
-                      "or a smaller max_new_tokens",
-                      " do not fit the server's 32,768-token context; use fewer tiles or frames "
-                      "(--max-tiles, --frames), or a smaller --max-new-tokens"),
+        (CONTEXT_400, " Please reduce the len…); use fewer tiles or frames, or a smaller max_new_tokens",
+                      " Please reduce the len…); use fewer tiles or frames (--max-tiles, --frames), or a smaller "
+                      "--max-new-tokens"),
         (TOO_MANY_400, "; the server takes no more pictures in one request; /drop attachments",
                        "; the server takes no more pictures in one request; attach fewer files"),
         (TOO_LARGE_413, "; the request is too large for this server; /drop attachments, or attach smaller pictures",

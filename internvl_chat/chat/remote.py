@@ -412,13 +412,14 @@ class RemoteConversation:
         notice = self.refresh_context() if self.client.broke else None
         try:
             yield from self._answer(turn, history, params, cancel, replace_last, body, notice)
-        except ContextRefused:
+        except ContextRefused as refused:
             if notice is None:
                 try:
                     self.refresh_context()  # a server restarted with a smaller context refuses so
                 except RemoteError:
                     pass  # the refusal is what to tell
-            raise ContextRefused(context_refusal(self._advice(history), self._max_context, was)) from None
+            line = context_refusal(self._advice(history), self._max_context, was, refused.said)
+            raise ContextRefused(line, refused.said) from None
 
     def _answer(
         self,

@@ -20,6 +20,7 @@ from .advice import Advice, any_of
 from .sse import StreamFailed
 
 SHOWN_CHARS = 300  # of a server's error message
+CONTEXT_SAID_CHARS = 160  # of a context refusal's message: its counts come first (vLLM's whole is ~220)
 
 _HINTS = {
     400: "check the message, the attachments and the settings",
@@ -76,21 +77,29 @@ def unknown_model_hint(model: str, advice: Advice) -> str:
 
 
 class ContextRefused(RemoteError):
-    """A 400 that says the conversation and its answer do not fit the server's context (CONTEXT_OVERFLOW)."""
+    """A 400 that says the conversation and its answer do not fit the server's context (CONTEXT_OVERFLOW);
+    `said`: the server's own message, kept for the line RemoteConversation makes again with the limit."""
+
+    def __init__(self, line: str, said: str | None = None):
+        super().__init__(line)
+        self.said = said
 
 
-def context_refusal(advice: Advice, limit: int | None = None, was: int | None = None) -> str:
-    """The one line for a turn the server refused as too long for its context: without the server's
-    own words (vLLM's alone fill two terminal lines), with the limit when known, said as news when
-    it is not `was` (a re-read of the model list found a server restarted with another context)."""
+def context_refusal(advice: Advice, limit: int | None = None, was: int | None = None, said: str | None = None) -> str:
+    """The one line for a turn the server refused as too long for its context: with the limit when
+    known, said as news when it is not `was` (a re-read of the model list found a server restarted
+    with another context), and the start of the server's own words (`said`), which hold its counts
+    (vLLM: "maximum context length is 32768 tokens. However, you requested 33050 tokens"); the
+    fixes come last, in the app's terms (the server's words name its own fields: max_tokens)."""
     if limit is None:
         context = "the server's context"
     elif was is not None and was != limit:
         context = f"the server's context, now {limit:,} tokens"  # (the old limit would wrap the line)
     else:
         context = f"the server's {limit:,}-token context"
+    reason = f" (the server said: {shorten(said, CONTEXT_SAID_CHARS)})" if said and said.strip() else ""
     fixes = any_of([advice.fewer_media, *advice.forget("/undo or /clear"), advice.smaller_answer])
-    return f"this turn and its answer do not fit {context}; {fixes}"
+    return f"this turn and its answer do not fit {context}{reason}; {fixes}"
 
 
 def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -99,8 +108,9 @@ def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
     return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
 
 
-def error_text(obj: object) -> str | None:
-    """The message of an OpenAI-style error object, nested or flat; None when it is not one."""
+def error_text(obj: object, with_kind: bool = True) -> str | None:
+    """The message of an OpenAI-style error object, nested or flat, followed by its type or code
+    unless `with_kind` is False; None when it is not one."""
     if not isinstance(obj, dict):
         return None
     inner = obj.get("error")
@@ -115,9 +125,22 @@ def error_text(obj: object) -> str | None:
         message = "; ".join(str(m.get("msg", m)) if isinstance(m, dict) else str(m) for m in message)
     text = str(message) if message else ""
     kind = obj.get("type") or obj.get("code")
+    if not with_kind and text:
+        return text
     if kind and str(kind) not in text:
         text = f"{text} ({kind})" if text else str(kind)
     return text or None
+
+
+def body_message(body: bytes, with_kind: bool = True) -> str | None:
+    """What an error body says: an OpenAI-style error's message (`error_text`), else the body's
+    text (the line break that ends a plain-text body is no part of it); None for an empty body."""
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        message = error_text(json.loads(text), with_kind)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
+        message = None
+    return text or None if message is None else message
 
 
 def _status_line(status: int) -> str:
@@ -130,23 +153,18 @@ def _status_line(status: int) -> str:
 def http_error(status: int, body: bytes, retry_after: str | None, location: str | None = None,
                advice: Advice = Advice(), model: str | None = None) -> RemoteError:  # fmt: skip
     """One line for a non-200 answer: the status first, then the server's message, then a hint
-    (a context overflow is its own short line, context_refusal)
+    (a context overflow is its own line, context_refusal)
     (`advice`: the fixes a refused chat request can name, chat/advice.py; `model`: the model a
     chat request named, None for other requests)."""
-    detail = None
-    try:
-        detail = error_text(json.loads(body.decode("utf-8", errors="replace")))
-    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
-        pass
-    if detail is None and body.strip():
-        detail = body.decode("utf-8", errors="replace")
+    detail = body_message(body)
     if status >= 500:
         hint = "the server failed; try again, or look at its log"
     elif 300 <= status < 400:  # redirects are never followed (they could lead anywhere, with the key)
         where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
         hint = f"{where} is not followed; check --server (https?)"
     elif status == 400 and CONTEXT_OVERFLOW.search(body.decode("utf-8", errors="replace")):
-        return ContextRefused(context_refusal(advice))  # RemoteConversation adds the limit
+        said = body_message(body, with_kind=False)
+        return ContextRefused(context_refusal(advice, said=said), said)  # RemoteConversation adds the limit
     elif status == 400 and TOO_MANY_MEDIA.search(body.decode("utf-8", errors="replace")):
         hint = too_many_media_hint(advice)
     elif status == 413:
