@@ -27,6 +27,9 @@ ERROR_BODY_LIMIT = 64 << 10  # bytes of an error body worth reading
 MODEL_ID_MAX_CHARS = 4096  # a path-like id of a real server is far shorter (PATH_MAX)
 CONNECT_TIMEOUT_S = 30.0
 BOUNDED_ENCODINGS = ("gzip", "deflate")  # inflated one network read at a time: at most ~1000× a read
+# What a proxy or load balancer answers while the server behind it is down or starting (Bad Gateway,
+# Service Unavailable, Gateway Timeout); a server's own 503 (busy) costs one re-read of the model list
+RESTARTING = (502, 503, 504)
 
 
 def normalize_base_url(url: str) -> str:
@@ -87,8 +90,9 @@ class ApiClient:
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # of every connection made
         self.connector = Connector()  # makes the connects, which ChatStream.abort can end
         self.head_watch: HeadWatch | None = None  # of the latest request
-        # a request failed below HTTP (refused, reset, timed out): the server may have restarted since,
-        # with another context; RemoteConversation re-reads the model list before its next request
+        # a request failed below HTTP (refused, reset, timed out), or a proxy said the server behind it
+        # is not there (RESTARTING): the server may have restarted since, with another context;
+        # RemoteConversation re-reads the model list before its next request
         self.broke = False
         headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json",
                    "Accept-Encoding": ", ".join(BOUNDED_ENCODINGS)}  # fmt: skip
@@ -139,6 +143,8 @@ class ApiClient:
         if response.status_code == 407 and self.proxy is not None:  # only a proxy sends it: the one we went through
             raise RemoteError(f"{self.proxy} asks for credentials (407 Proxy Authentication Required); put the right "
                               "ones in its URL (http://USER:PASSWORD@HOST:PORT), or add the server's host to NO_PROXY")  # fmt: skip
+        if response.status_code in RESTARTING:
+            self.broke = True
         if response.status_code != 200:
             raise http_error(response.status_code, read_limited(response, ERROR_BODY_LIMIT, self.timeout),
                              response.headers.get("retry-after"), response.headers.get("location"),
