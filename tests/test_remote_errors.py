@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import types
 
 import pytest
@@ -87,8 +88,9 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
          r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later$"),
         (Reply.json({"error": "slow down"}, 503, {"Retry-After": "9" * 5000}),  # over int()'s 4300 digits
          r"^the server answered 503 Service Unavailable: slow down; the server failed; try again, or look at its log$"),
-        (Reply(503, [b"<html><body>Bad gateway \x1b[31m</body></html>"], "text/html"),
-         r"^the server answered 503 Service Unavailable: <html><body>Bad gateway \\e\[31m</body></html>; the server failed"),
+        (Reply(503, [b"<html><body>Bad gateway \x1b[31m</body></html>"], "text/html"),  # a proxy's page: its text, escaped
+         r"^the server \(or a proxy in front of it\) answered 503 Service Unavailable: Bad gateway \\e\[31m; check that "
+         r"the server is running, or try again later$"),
         (Reply.sse(ERROR_AT_ONCE),
          r"^the server stopped the answer with an error: the engine stopped: out of KV cache blocks \(server_error\); ask again$"),
         (Reply.sse(b"event: error\ndata: {\"message\": \"overloaded\"}\n\n"),
@@ -100,11 +102,11 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply(500, [b'{"error": ' + DEEP + b"}"], "application/json"), r"^the server answered 500 Internal Server Error: \{\"error\": \[\[\["),
         (Reply.sse(b"data: {\"choices\": 1}\n\ndata: [DONE]\n\n"), r"^the server sent a stream chunk whose choices is not a list"),
         (Reply.sse(b"data: {\"choices\": true}\n\n"), r"choices is not a list.*--dialect generic"),
-        (Reply(200, [b"<html>hello</html>"], "text/html"), r"answered with text/html, not an event stream"),
+        (Reply(200, [b"<html>hello</html>"], "text/html"), r"answered with text/html \(an HTML page: hello\), not an event stream"),
         (Reply(200, [b"hi"], "text/\x1b[2J" + "x" * 50_000),  # the head may be ~100 KB: the type is cut, escaped
          r"^the server answered with text/\\e\[2jx{40,60}…, not an event stream; .{,80}$"),
         (Reply(308, [b"<html>moved</html>"], "text/html", {"Location": "https://elsewhere.example/v1/chat/completions"}),
-         r"^the server answered 308 Permanent Redirect: <html>moved</html>; it redirects to "
+         r"^the server answered 308 Permanent Redirect: moved; it redirects to "
          r"https://elsewhere\.example/v1/chat/completions, which is not followed; check --server \(https\?\)$"),
         (Reply(302, [b""], "text/html", {"Location": "http://[::1\x1b[2J/v1"}),  # httpx cannot parse it
          r"^the server answered 302 Found; it redirects to http://\[::1\\e\[2J/v1, which is not followed; check --server"),
@@ -222,7 +224,7 @@ def test_the_model_list_failing_is_one_line():
         with pytest.raises(RemoteError, match="serves no model"):
             RemoteConversation.connect(server.url)
         server.replies["/v1/models"].append(Reply(200, [b"<html/>"], "text/html"))
-        with pytest.raises(RemoteError, match="not JSON; is --server the API root"):
+        with pytest.raises(RemoteError, match=r"not JSON \(an HTML page\); is --server the API root"):
             RemoteConversation.connect(server.url)
         server.replies["/v1/models"].append(Reply.json(DEEP))
         with pytest.raises(RemoteError, match="not JSON; is --server the API root"):
@@ -431,6 +433,92 @@ def test_a_first_turn_the_server_refuses_names_no_undo_or_clear_and_one_shot_nam
             assert str(err.value).endswith(hint), str(err.value)
             assert "/undo" not in str(err.value) and "/clear" not in str(err.value)
             assert conv.turns == []
+
+
+NGINX_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+             b"</center>\r\n<hr><center>nginx/1.25.3</center>\r\n</body>\r\n</html>\r\n")
+APACHE_502 = (b'<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">\n<html><head>\n<title>502 Proxy Error</title>\n'
+              b"</head><body>\n<h1>Proxy Error</h1>\n<p>The proxy server received an invalid response</p>\n</body></html>\n")
+HAPROXY_503 = (b"<html><body><h1>503 Service Unavailable</h1>\nNo server is available to handle this request.\n"
+               b"</body></html>\n")  # no title: the page's text
+CLOUD_504 = (b"<!DOCTYPE html><html><head><style>body { color: red }</style><script>var x = '<b>';</script>"
+             b"<title>gpu.example.org | 504: Gateway time-out</title></head><body><!-- <p>x</p> -->...</body></html>")
+ENVOY_503 = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+
+
+@pytest.mark.parametrize(
+    ("reply", "line"),
+    [
+        (Reply(502, [NGINX_502], "text/html"),  # its title only repeats the status
+         "the server (or a proxy in front of it) answered 502 Bad Gateway; check that the server is running (and that "
+         "the proxy reaches it)"),
+        (Reply(502, [APACHE_502], "text/html"),
+         "the server (or a proxy in front of it) answered 502 Bad Gateway: Proxy Error; check that the server is running "
+         "(and that the proxy reaches it)"),
+        (Reply(503, [HAPROXY_503], "text/html"),
+         "the server (or a proxy in front of it) answered 503 Service Unavailable: No server is available to handle this "
+         "request.; check that the server is running, or try again later"),
+        (Reply(504, [CLOUD_504], "text/html"),
+         "the server (or a proxy in front of it) answered 504 Gateway Timeout: gpu.example.org | 504: Gateway time-out; "
+         "the server did not answer the proxy in time; check that it is running, or try again"),
+        (Reply(503, [ENVOY_503], "text/plain"),
+         f"the server (or a proxy in front of it) answered 503 Service Unavailable: {ENVOY_503.decode()}; check that the "
+         "server is running, or try again later"),
+        (Reply(502, [b"Bad Gateway\n"], "text/plain; charset=utf-8"),  # Traefik
+         "the server (or a proxy in front of it) answered 502 Bad Gateway; check that the server is running (and that "
+         "the proxy reaches it)"),
+        (Reply(502, [b"<HTML><BODY>\r\n<H1>Bad\r\n   Gateway</H1>\r\nthe   upstream\n\tis down</BODY></HTML>"], ""),  # no type
+         "the server (or a proxy in front of it) answered 502 Bad Gateway: the upstream is down; check that the server is "
+         "running (and that the proxy reaches it)"),
+        (Reply(503, [b"<html><title>down</title></html>"], "text/html", {"Retry-After": "30"}),
+         "the server (or a proxy in front of it) answered 503 Service Unavailable: down; check that the server is running, "
+         "or try again later (it asks to wait 30 s)"),
+        (Reply(413, [b"<html><head><title>413 Request Entity Too Large</title></head><body>nginx</body></html>"], "text/html"),
+         None),  # not a gateway status: the server's answer, its page's title without the status
+    ],
+    ids=["nginx", "apache", "haproxy-no-title", "cloud-504-script-style", "envoy-plain-text", "traefik-plain-text",
+         "html-without-type", "retry-after", "413-nginx"],
+)
+def test_a_proxys_error_page_is_its_status_and_title_on_one_line(reply, line):
+    """A proxy or load balancer in front of the server answers with its own page, HTML or plain text:
+    the line says the status and what the page says (its title, else its text), never its markup,
+    both for the chat request (streamed) and for the model list (read whole)."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(reply)
+        said = fails_with(conv, "")
+        if line is None:  # 413
+            assert re.fullmatch(r"the server answered 413 (Request Entity|Content) Too Large(: Request Entity Too Large)?; "
+                                r"the request is too large .*", said), said
+            return
+        assert said == line
+        server.replies["/v1/models"].append(reply)
+        with pytest.raises(RemoteError) as err:
+            RemoteConversation.connect(server.url)
+        assert str(err.value) == line
+
+
+def test_a_hostile_error_page_is_escaped_cut_and_read_in_one_pass():
+    """Escape sequences raw or as entities, a title that never ends, a flood of `<`: one short line,
+    escaped (html.unescape drops the controls written as entities), never the markup."""
+    title = b"<html><head><title>\x1b[2J&#27;]0;pwned&#7;\xe2\x80\xae&lt;b&gt;" + b"x" * 60_000 + b"</title></head></html>"
+    floods = [
+        b"<html><title>" + b"<" * 60_000,  # a title never closed, then all markup: nothing to show
+        b"<html><body>gone" + b"<title>" * 8_000,
+        b"<html><body>" + b"<script>" * 8_000 + b"gone",
+        b"<html><body>" + b"<!--" * 15_000,
+    ]
+    gateway = r"^the server \(or a proxy in front of it\) answered 502 Bad Gateway(: .*)?; check that the server is running"
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply(502, [title], "text/html"))
+        line = fails_with(conv, gateway)
+        assert line.startswith(r"the server (or a proxy in front of it) answered 502 Bad Gateway: \e[2J]0;pwned\u202e<b>xxx")
+        assert len(line) < 300 and not any(c in line for c in "\x1b\x07\u202e")
+        for page in floods:
+            server.chat(Reply(502, [page], "text/html"))
+            line = fails_with(conv, gateway)
+            assert len(line) < 200 and "<" not in line, line
 
 
 def test_error_shapes():

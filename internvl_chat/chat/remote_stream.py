@@ -16,7 +16,7 @@ import httpx
 
 from ..errors import RemoteError
 from .advice import Advice
-from .remote_errors import BROKEN, error_text, mib, shorten
+from .remote_errors import BROKEN, error_text, mib, page_note, shorten
 from .remote_sockets import shut, shut_all
 from .sse import SSEDecoder, StreamFailed
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # remote_http.py imports this module: no import cycle at run 
 # text, and one read of gzip inflates ~1000×: 64 MiB let ~64 KB sent become ~1.5 GiB.
 JSON_BODY_LIMIT = 8 << 20
 FEED_BYTES = 64 << 10  # of an event stream decoded at a time (a network read's size)
+PAGE_BYTES = 64 << 10  # of an HTML page answered instead of a stream, for its title
 
 
 def _has_text(chunk: dict) -> bool:
@@ -137,9 +138,10 @@ class ChatStream:
             self.done = True
             return
         if kind != "text/event-stream":
+            page = read_limited(response, PAGE_BYTES, client.timeout) if kind in ("text/html", "") else b""
             raise RemoteError(
-                f"the server answered with {shorten(kind, 60) or 'no content type'}, not an event stream; "
-                "is --server the API root of an OpenAI-compatible server (…/v1)?"
+                f"the server answered with {shorten(kind, 60) or 'no content type'}{page_note(page, kind)}, not an event "
+                "stream; is --server the API root of an OpenAI-compatible server (…/v1)?"
             )
         decoder = SSEDecoder()
         # the read timeout restarts with every byte: keep-alives, blank lines or a line that
