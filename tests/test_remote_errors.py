@@ -226,6 +226,11 @@ def test_the_model_list_failing_is_one_line():
         server.replies["/v1/models"].append(Reply(200, [b"<html/>"], "text/html"))
         with pytest.raises(RemoteError, match=r"not JSON \(an HTML page\); is --server the API root"):
             RemoteConversation.connect(server.url)
+        web_ui = b"<!DOCTYPE html><html><head><script>boot()</script><title>Open WebUI</title></head><body></body></html>"
+        server.replies["/v1/models"].append(Reply(200, [web_ui], "text/html; charset=utf-8"))
+        with pytest.raises(RemoteError, match=r"^the server's answer to GET models is not JSON \(an HTML page: Open WebUI\); "
+                                              r"is --server the API root \(…/v1\)\?$"):  # a web UI's port, not its API's
+            RemoteConversation.connect(server.url)
         server.replies["/v1/models"].append(Reply.json(DEEP))
         with pytest.raises(RemoteError, match="not JSON; is --server the API root"):
             RemoteConversation.connect(server.url)

@@ -22,6 +22,7 @@ from .sse import StreamFailed
 
 SHOWN_CHARS = 300  # of a server's error message
 PAGE_CHARS = 160  # of a body that is no error object (a proxy's HTML page, plain text)
+PAGE_BYTES = 64 << 10  # of an HTML page answered where JSON or a stream was due, read for its title
 CONTEXT_SAID_CHARS = 160  # of a context refusal's message: its counts come first (vLLM's whole is ~220)
 
 _HINTS = {
@@ -192,7 +193,7 @@ def _without_markup(page: str, lower: str) -> str:
 
 
 def without_status(text: str, status: int) -> str:
-    """`text` without a first words that repeat the status line ("502 Bad Gateway" titles nginx's page)."""
+    """`text` without the first words when they repeat the status line (nginx's page is titled "502 Bad Gateway")."""
     for said in (_status_line(status), _status_line(status).partition(" ")[2], str(status)):
         if said and text.lower().startswith(said.lower()):
             return text[len(said) :].lstrip(" -–—:|.,")
@@ -217,7 +218,7 @@ def _status_line(status: int) -> str:
 def page_note(body: bytes, content_type: str | None) -> str:
     """For an answer that should have been JSON or an event stream: what it is, when an HTML page
     (a web UI or a proxy's page at the address: its title says which)."""
-    text = body.decode("utf-8", errors="replace").strip()
+    text = body[:PAGE_BYTES].decode("utf-8", errors="replace").strip()  # a title comes early
     if not is_html(text, content_type):
         return ""
     said = shorten(page_text(text), PAGE_CHARS)

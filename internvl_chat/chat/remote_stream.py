@@ -16,7 +16,7 @@ import httpx
 
 from ..errors import RemoteError
 from .advice import Advice
-from .remote_errors import BROKEN, error_text, mib, page_note, shorten
+from .remote_errors import BROKEN, PAGE_BYTES, error_text, mib, page_note, shorten
 from .remote_sockets import shut, shut_all
 from .sse import SSEDecoder, StreamFailed
 
@@ -28,7 +28,6 @@ if TYPE_CHECKING:  # remote_http.py imports this module: no import cycle at run 
 # text, and one read of gzip inflates ~1000×: 64 MiB let ~64 KB sent become ~1.5 GiB.
 JSON_BODY_LIMIT = 8 << 20
 FEED_BYTES = 64 << 10  # of an event stream decoded at a time (a network read's size)
-PAGE_BYTES = 64 << 10  # of an HTML page answered instead of a stream, for its title
 
 
 def _has_text(chunk: dict) -> bool:
