@@ -1,7 +1,9 @@
 """The server's context limit after the start: a server restarted at the same address with another
-context (`serve --max-context 4096` after 8192) is noticed when it refuses a turn as too long, or
+context (`serve --max-context 4096` after 8192) is noticed when it refuses a turn as too long,
 when a request failed below HTTP (the connection broke or was refused: the server may have
-restarted); then the model list is read again. Otherwise no request is added to a turn."""
+restarted) or a proxy in front answered 502-504, or when the client itself would refuse an
+attachment on the limit it knows; then the model list is read again. Otherwise no request is
+added to a turn."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from rich.console import Console
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
-from internvl_chat.errors import RemoteError
+from internvl_chat.errors import ContextOverflowError, RemoteError
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.app import ERROR, OK, App
 
@@ -27,6 +29,8 @@ SERVE_400 = Reply.json({"error": {"message": "the conversation is 3,990 tokens a
                                              "model's 4,096-token context; ask for at most 106",
                                   "type": "invalid_request_error", "param": "max_tokens", "code": "context_length_exceeded"}},
                        400)  # fmt: skip
+SAID = ("(the server said: the conversation is 3,990 tokens and max_tokens is 300: together over this model's "
+        "4,096-token context; ask for at most 106)")  # its words in the refusal's line, without the error type
 
 
 def models(context: int) -> bytes:
@@ -55,13 +59,13 @@ def test_a_turn_refused_as_too_long_reads_the_new_limit_and_says_it_in_one_line(
         reads = model_reads(server)
         with pytest.raises(RemoteError) as err:
             list(conv.ask("second"))
-        assert str(err.value) == ("this turn and its answer do not fit the server's context, now 4,096 tokens; use "
-                                  "fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens")  # fmt: skip
+        assert str(err.value) == (f"this turn and its answer do not fit the server's context, now 4,096 tokens {SAID}; "
+                                  "use fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens")  # fmt: skip
         assert model_reads(server) == reads + 1
         assert conv.max_context == 4096 and [t.user_text for t in conv.turns] == ["first"]
         # the limit did not change this time: the line says the limit, not news
         server.chat(SERVE_400)
-        with pytest.raises(RemoteError, match=r"^this turn and its answer do not fit the server's 4,096-token context; "):
+        with pytest.raises(RemoteError, match=r"^this turn and its answer do not fit the server's 4,096-token context \(the server said: "):
             list(conv.ask("second"))
         assert [t.user_text for t in conv.turns] == ["first"]
 
@@ -119,6 +123,80 @@ def test_a_model_list_whose_connection_breaks_after_a_break_is_the_turns_error()
         assert [t.user_text for t in conv.turns] == ["first", "fourth"]
 
 
+BAD_GATEWAY = Reply(502, [b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"], "text/html")
+
+
+def test_after_a_proxys_bad_gateway_the_next_turn_reads_the_limit_first():
+    """A proxy in front answers 502-504 while the server behind it is down or starting: a restart,
+    as a broken connection is. A server's own 500 is no restart: no request is added."""
+    with FakeServer(models(8192)) as server:
+        conv = connected(server)
+        server.chat(Reply.json({"error": {"message": "the engine failed"}}, 500))
+        with pytest.raises(RemoteError, match=r"^the server answered 500 "):
+            list(conv.ask("second"))
+        server.chat(Reply.sse(GOOD))
+        reads = model_reads(server)
+        assert list(conv.ask("third"))[-1]["notice"] is None and model_reads(server) == reads
+        for status in (502, 503, 504):
+            server.chat(Reply(status, BAD_GATEWAY.pieces, "text/html"))
+            with pytest.raises(RemoteError, match=rf" answered {status} "):
+                list(conv.ask("while it restarts"))
+            server.models = models(8192 - status)  # back, with another context
+            server.chat(Reply.sse(GOOD))
+            final = list(conv.ask("after"))[-1]
+            assert final["notice"] == f"the server's context is now {8192 - status:,} tokens"
+            assert [r.path for r in server.requests[-2:]] == ["/v1/models", "/v1/chat/completions"]
+        assert [t.user_text for t in conv.turns] == ["first", "third", "after", "after", "after"]
+
+
+def test_a_model_list_a_proxy_refuses_after_a_bad_gateway_is_the_turns_error():
+    """Still down: the proxy's line, no chat request, and the list is read again next time."""
+    with FakeServer(models(8192)) as server:
+        conv = connected(server)
+        server.chat(BAD_GATEWAY)
+        with pytest.raises(RemoteError):
+            list(conv.ask("second"))
+        server.replies["/v1/models"].append(BAD_GATEWAY)
+        chats = len(server.chat_bodies())
+        with pytest.raises(RemoteError, match=r" answered 502 Bad Gateway"):
+            list(conv.ask("third"))
+        assert len(server.chat_bodies()) == chats
+        server.models = models(4096)
+        server.chat(Reply.sse(GOOD))
+        assert list(conv.ask("fourth"))[-1]["notice"] == "the server's context is now 4,096 tokens"
+
+
+def test_what_the_known_limit_refuses_is_checked_against_the_servers_limit_read_again():
+    """A server restarted with a larger context refuses nothing, so only the client's own refusal
+    (an attachment over the limit) can learn it: it reads the list first, and only then."""
+    with FakeServer(models(4096)) as server:
+        conv = connected(server)
+        reads = model_reads(server)
+        conv.check_budget(1000)  # fits: nothing read
+        assert model_reads(server) == reads
+        with pytest.raises(ContextOverflowError, match=r"over the server's 4,096-token context; "):
+            conv.check_budget(3000)  # the same limit read again: refused
+        assert model_reads(server) == reads + 1
+        server.models = models(8192)  # restarted with a larger context
+        conv.check_budget(3000)
+        assert conv.max_context == 8192 and model_reads(server) == reads + 2
+        server.chat(Reply.sse(GOOD))
+        assert list(conv.ask("second"))[-1]["notice"] == "the server's context is now 8,192 tokens"  # said once
+        server.chat(Reply.sse(GOOD))
+        assert list(conv.ask("third"))[-1]["notice"] is None
+
+
+def test_a_server_that_cannot_be_reached_leaves_the_refusal_on_the_known_limit():
+    with FakeServer(models(4096)) as server:
+        conv = connected(server)
+        server.replies["/v1/models"].append(Reply(200, [b'{"data": ['], "application/json", end="reset"))
+        with pytest.raises(ContextOverflowError, match=r"over the server's 4,096-token context; "):
+            conv.check_budget(3000)
+        server.models = models(8192)  # the connection broke: the next turn reads the list again
+        server.chat(Reply.sse(GOOD))
+        assert list(conv.ask("second"))[-1]["notice"] == "the server's context is now 8,192 tokens"
+
+
 def _app(url: str, tmp_path: Path) -> tuple[App, io.StringIO]:
     settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 8, "remote.server": url})
     conversation = RemoteConversation.connect(url, params=sampling_params(settings))
@@ -134,9 +212,8 @@ def test_the_app_shows_a_refusal_as_one_short_line_and_the_new_limit(tmp_path):
         server.models = models(4096)
         assert app.handle_line("second") == ERROR
         errors = [x for x in out.getvalue().splitlines() if x.startswith("error:")]
-        assert errors == ["error: this turn and its answer do not fit the server's context, now 4,096 tokens; use "
+        assert errors == [f"error: this turn and its answer do not fit the server's context, now 4,096 tokens {SAID}; use "
                           "fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens"]  # fmt: skip
-        assert len(errors[0]) <= 160  # two lines of an 80-column terminal at most
         assert app.session.max_context == 4096
         # a restart noticed after a broken connection: one line says so, the answer follows
         server.models = models(2048)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import types
 
 import pytest
@@ -71,12 +72,14 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.json(fixture("lmdeploy/error_flat.json"), 401),
          r"^the server answered 401 Unauthorized: Please request with valid api key! \(authentication_error\); check --api-key"),
         (Reply.json(fixture("vllm/error_nested.json"), 400),
-         r"^this turn and its answer do not fit the server's 32,768-token context; use fewer tiles or frames, /undo or /clear, "
-         r"or a smaller max_new_tokens$"),  # the server's words left out: one short line
+         r"^this turn and its answer do not fit the server's 32,768-token context \(the server said: This model's maximum "
+         r"context length is 32768 tokens\. However, you requested 33050 tokens .{20,80}…\); use fewer tiles or frames, "
+         r"/undo or /clear, or a smaller max_new_tokens$"),  # the server's words cut: its counts come first
         (Reply.json(fixture("vllm/error_flat.json"), 404),
          r"^the server answered 404 Not Found: The model `InternVL3-9B` does not exist\..*--remote-model"),
         (Reply.json(fixture("llamacpp/error_nested.json"), 400),
-         r"^this turn and its answer do not fit the server's 32,768-token context; "),
+         r"^this turn and its answer do not fit the server's 32,768-token context \(the server said: the request exceeds "
+         r"the available context size, try increasing it\); "),
         (Reply.json({"detail": [{"loc": ["body", "messages"], "msg": "field required"}]}, 422),
          r"^the server answered 422 Unprocessable (Entity|Content): field required; .*--dialect generic"),
         (Reply.json({"error": "slow down"}, 429, {"Retry-After": "7"}),
@@ -85,8 +88,9 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
          r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later$"),
         (Reply.json({"error": "slow down"}, 503, {"Retry-After": "9" * 5000}),  # over int()'s 4300 digits
          r"^the server answered 503 Service Unavailable: slow down; the server failed; try again, or look at its log$"),
-        (Reply(503, [b"<html><body>Bad gateway \x1b[31m</body></html>"], "text/html"),
-         r"^the server answered 503 Service Unavailable: <html><body>Bad gateway \\e\[31m</body></html>; the server failed"),
+        (Reply(503, [b"<html><body>Bad gateway \x1b[31m</body></html>"], "text/html"),  # a proxy's page: its text, escaped
+         r"^the server \(or a proxy in front of it\) answered 503 Service Unavailable: Bad gateway \\e\[31m; check that "
+         r"the server is running, or try again later$"),
         (Reply.sse(ERROR_AT_ONCE),
          r"^the server stopped the answer with an error: the engine stopped: out of KV cache blocks \(server_error\); ask again$"),
         (Reply.sse(b"event: error\ndata: {\"message\": \"overloaded\"}\n\n"),
@@ -98,11 +102,11 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply(500, [b'{"error": ' + DEEP + b"}"], "application/json"), r"^the server answered 500 Internal Server Error: \{\"error\": \[\[\["),
         (Reply.sse(b"data: {\"choices\": 1}\n\ndata: [DONE]\n\n"), r"^the server sent a stream chunk whose choices is not a list"),
         (Reply.sse(b"data: {\"choices\": true}\n\n"), r"choices is not a list.*--dialect generic"),
-        (Reply(200, [b"<html>hello</html>"], "text/html"), r"answered with text/html, not an event stream"),
+        (Reply(200, [b"<html>hello</html>"], "text/html"), r"answered with text/html \(an HTML page: hello\), not an event stream"),
         (Reply(200, [b"hi"], "text/\x1b[2J" + "x" * 50_000),  # the head may be ~100 KB: the type is cut, escaped
          r"^the server answered with text/\\e\[2jx{40,60}…, not an event stream; .{,80}$"),
         (Reply(308, [b"<html>moved</html>"], "text/html", {"Location": "https://elsewhere.example/v1/chat/completions"}),
-         r"^the server answered 308 Permanent Redirect: <html>moved</html>; it redirects to "
+         r"^the server answered 308 Permanent Redirect: moved; it redirects to "
          r"https://elsewhere\.example/v1/chat/completions, which is not followed; check --server \(https\?\)$"),
         (Reply(302, [b""], "text/html", {"Location": "http://[::1\x1b[2J/v1"}),  # httpx cannot parse it
          r"^the server answered 302 Found; it redirects to http://\[::1\\e\[2J/v1, which is not followed; check --server"),
@@ -220,7 +224,12 @@ def test_the_model_list_failing_is_one_line():
         with pytest.raises(RemoteError, match="serves no model"):
             RemoteConversation.connect(server.url)
         server.replies["/v1/models"].append(Reply(200, [b"<html/>"], "text/html"))
-        with pytest.raises(RemoteError, match="not JSON; is --server the API root"):
+        with pytest.raises(RemoteError, match=r"not JSON \(an HTML page\); is --server the API root"):
+            RemoteConversation.connect(server.url)
+        web_ui = b"<!DOCTYPE html><html><head><script>boot()</script><title>Open WebUI</title></head><body></body></html>"
+        server.replies["/v1/models"].append(Reply(200, [web_ui], "text/html; charset=utf-8"))
+        with pytest.raises(RemoteError, match=r"^the server's answer to GET models is not JSON \(an HTML page: Open WebUI\); "
+                                              r"is --server the API root \(…/v1\)\?$"):  # a web UI's port, not its API's
             RemoteConversation.connect(server.url)
         server.replies["/v1/models"].append(Reply.json(DEEP))
         with pytest.raises(RemoteError, match="not JSON; is --server the API root"):
@@ -323,24 +332,55 @@ def test_json_over_8_mib_is_refused_before_it_is_parsed():
         server.replies["/v1/models"].append(Reply.json({"data": [card], "pad": "x" * (7 << 20)}))
         assert RemoteConversation.connect(server.url).model == "m"
 
+def serve_refusal(message: str) -> Reply:
+    """A refusal as `internvl-chat serve` words it (serve/conversation.py, serve/errors.py)."""
+    return Reply.json({"error": {"message": message, "type": "invalid_request_error", "param": "max_tokens",
+                                 "code": "context_length_exceeded"}}, 400)  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "reply",
+    ("reply", "said"),
     [
-        Reply.json(fixture("vllm/error_nested.json"), 400),
-        Reply.json(fixture("llamacpp/error_nested.json"), 400),
-        Reply.json({"error": {"message": "the conversation is 798 tokens and max_tokens is 300: together over this "
-                              "model's 1,024-token context; ask for at most 226", "type": "invalid_request_error",
-                              "param": "max_tokens", "code": "context_length_exceeded"}}, 400),  # internvl-chat serve
+        (Reply.json(fixture("vllm/error_nested.json"), 400),
+         "This model's maximum context length is 32768 tokens. However, you requested 33050 tokens (32026 in the "
+         "messages, 1024 in the completion). Please reduce the len…"),
+        (Reply.json(fixture("llamacpp/error_nested.json"), 400),
+         "the request exceeds the available context size, try increasing it"),
+        (serve_refusal("the conversation is 798 tokens and max_tokens is 300: together over this model's 1,024-token "
+                       "context; ask for at most 226"),
+         "the conversation is 798 tokens and max_tokens is 300: together over this model's 1,024-token context; ask "
+         "for at most 226"),
+        (serve_refusal("the conversation is at least 1,030 tokens (counted up to messages.3); this model's context "
+                       "holds 1,024. Send a shorter conversation or fewer images"),
+         "the conversation is at least 1,030 tokens (counted up to messages.3); this model's context holds 1,024. "
+         "Send a shorter conversation or fewer images"),
+        # a plain-text body (a server or proxy without OpenAI's error shape)
+        (Reply(400, [b"context length exceeded: 40000 > 32768\n"], "text/plain"), "context length exceeded: 40000 > 32768"),
     ],
+    ids=["vllm", "llamacpp", "serve-max-tokens", "serve-messages", "plain-text"],
 )
-def test_a_conversation_over_the_servers_context_says_how_to_make_room(reply):
-    """The server's words (naming its own field, max_tokens) are left out: the line names the app's commands."""
+def test_a_conversation_over_the_servers_context_says_the_servers_reason_and_how_to_make_room(reply, said):
+    """The server's own words carry its counts: they are in the line, cut, without their error type;
+    what to do comes last, in the app's commands (not the server's field, max_tokens)."""
     with FakeServer(fixture("vllm/models.json")) as server:
         conv = conversation_with_one_turn(server)
         server.chat(reply)
-        line = fails_with(conv, r"^this turn and its answer do not fit the server's 32,768-token context; use fewer tiles "
-                                r"or frames, /undo or /clear, or a smaller max_new_tokens$")
-        assert "check the message, the attachments" not in line and "max_tokens" not in line
+        line = fails_with(conv, r"^this turn and its answer do not fit the server's 32,768-token context \(the server "
+                                r"said: .+\); use fewer tiles or frames, /undo or /clear, or a smaller max_new_tokens$")
+        assert f"(the server said: {said}); use fewer" in line
+        assert "check the message, the attachments" not in line and "invalid_request_error" not in line
+
+
+def test_a_hostile_context_refusal_is_shown_escaped_on_one_short_line():
+    """Line breaks, escape sequences and a flood of text in the server's message: escaped, cut."""
+    message = "maximum context length is 4096 tokens\r\n\x1b[2J\x1b]0;pwned\x07\u202e" + "A" * 30_000  # under the 64 KiB of an error body read
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply.json({"error": {"message": message, "code": 400}}, 400))
+        line = fails_with(conv, r"^this turn and its answer do not fit the server's 32,768-token context \(the server "
+                                r"said: maximum context length is 4096 tokens\\r\\n\\e\[2J\\e\]0;pwned\\x07\\u202eA+…\); ")
+        assert not any(c in line for c in "\r\x1b\x07\u202e")
+        assert len(line) < 400
 
 
 
@@ -377,10 +417,9 @@ TOO_LARGE_413 = Reply.json({"error": {"message": "the request body is over this 
 @pytest.mark.parametrize(
     ("reply", "repl_hint", "oneshot_hint"),
     [
-        (CONTEXT_400, " do not fit the server's 32,768-token context; use fewer tiles or frames, "
-                      "or a smaller max_new_tokens",
-                      " do not fit the server's 32,768-token context; use fewer tiles or frames "
-                      "(--max-tiles, --frames), or a smaller --max-new-tokens"),
+        (CONTEXT_400, " Please reduce the len…); use fewer tiles or frames, or a smaller max_new_tokens",
+                      " Please reduce the len…); use fewer tiles or frames (--max-tiles, --frames), or a smaller "
+                      "--max-new-tokens"),
         (TOO_MANY_400, "; the server takes no more pictures in one request; /drop attachments",
                        "; the server takes no more pictures in one request; attach fewer files"),
         (TOO_LARGE_413, "; the request is too large for this server; /drop attachments, or attach smaller pictures",
@@ -399,6 +438,92 @@ def test_a_first_turn_the_server_refuses_names_no_undo_or_clear_and_one_shot_nam
             assert str(err.value).endswith(hint), str(err.value)
             assert "/undo" not in str(err.value) and "/clear" not in str(err.value)
             assert conv.turns == []
+
+
+NGINX_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+             b"</center>\r\n<hr><center>nginx/1.25.3</center>\r\n</body>\r\n</html>\r\n")
+APACHE_502 = (b'<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">\n<html><head>\n<title>502 Proxy Error</title>\n'
+              b"</head><body>\n<h1>Proxy Error</h1>\n<p>The proxy server received an invalid response</p>\n</body></html>\n")
+HAPROXY_503 = (b"<html><body><h1>503 Service Unavailable</h1>\nNo server is available to handle this request.\n"
+               b"</body></html>\n")  # no title: the page's text
+CLOUD_504 = (b"<!DOCTYPE html><html><head><style>body { color: red }</style><script>var x = '<b>';</script>"
+             b"<title>gpu.example.org | 504: Gateway time-out</title></head><body><!-- <p>x</p> -->...</body></html>")
+ENVOY_503 = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+
+
+@pytest.mark.parametrize(
+    ("reply", "line"),
+    [
+        (Reply(502, [NGINX_502], "text/html"),  # its title only repeats the status
+         "the server (or a proxy in front of it) answered 502 Bad Gateway; check that the server is running (and that "
+         "the proxy reaches it)"),
+        (Reply(502, [APACHE_502], "text/html"),
+         "the server (or a proxy in front of it) answered 502 Bad Gateway: Proxy Error; check that the server is running "
+         "(and that the proxy reaches it)"),
+        (Reply(503, [HAPROXY_503], "text/html"),
+         "the server (or a proxy in front of it) answered 503 Service Unavailable: No server is available to handle this "
+         "request.; check that the server is running, or try again later"),
+        (Reply(504, [CLOUD_504], "text/html"),
+         "the server (or a proxy in front of it) answered 504 Gateway Timeout: gpu.example.org | 504: Gateway time-out; "
+         "the server did not answer the proxy in time; check that it is running, or try again"),
+        (Reply(503, [ENVOY_503], "text/plain"),
+         f"the server (or a proxy in front of it) answered 503 Service Unavailable: {ENVOY_503.decode()}; check that the "
+         "server is running, or try again later"),
+        (Reply(502, [b"Bad Gateway\n"], "text/plain; charset=utf-8"),  # Traefik
+         "the server (or a proxy in front of it) answered 502 Bad Gateway; check that the server is running (and that "
+         "the proxy reaches it)"),
+        (Reply(502, [b"<HTML><BODY>\r\n<H1>Bad\r\n   Gateway</H1>\r\nthe   upstream\n\tis down</BODY></HTML>"], ""),  # no type
+         "the server (or a proxy in front of it) answered 502 Bad Gateway: the upstream is down; check that the server is "
+         "running (and that the proxy reaches it)"),
+        (Reply(503, [b"<html><title>down</title></html>"], "text/html", {"Retry-After": "30"}),
+         "the server (or a proxy in front of it) answered 503 Service Unavailable: down; check that the server is running, "
+         "or try again later (it asks to wait 30 s)"),
+        (Reply(413, [b"<html><head><title>413 Request Entity Too Large</title></head><body>nginx</body></html>"], "text/html"),
+         None),  # not a gateway status: the server's answer, its page's title without the status
+    ],
+    ids=["nginx", "apache", "haproxy-no-title", "cloud-504-script-style", "envoy-plain-text", "traefik-plain-text",
+         "html-without-type", "retry-after", "413-nginx"],
+)
+def test_a_proxys_error_page_is_its_status_and_title_on_one_line(reply, line):
+    """A proxy or load balancer in front of the server answers with its own page, HTML or plain text:
+    the line says the status and what the page says (its title, else its text), never its markup,
+    both for the chat request (streamed) and for the model list (read whole)."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(reply)
+        said = fails_with(conv, "")
+        if line is None:  # 413
+            assert re.fullmatch(r"the server answered 413 (Request Entity|Content) Too Large(: Request Entity Too Large)?; "
+                                r"the request is too large .*", said), said
+            return
+        assert said == line
+        server.replies["/v1/models"].append(reply)
+        with pytest.raises(RemoteError) as err:
+            RemoteConversation.connect(server.url)
+        assert str(err.value) == line
+
+
+def test_a_hostile_error_page_is_escaped_cut_and_read_in_one_pass():
+    """Escape sequences raw or as entities, a title that never ends, a flood of `<`: one short line,
+    escaped (html.unescape drops the controls written as entities), never the markup."""
+    title = b"<html><head><title>\x1b[2J&#27;]0;pwned&#7;\xe2\x80\xae&lt;b&gt;" + b"x" * 60_000 + b"</title></head></html>"
+    floods = [
+        b"<html><title>" + b"<" * 60_000,  # a title never closed, then all markup: nothing to show
+        b"<html><body>gone" + b"<title>" * 8_000,
+        b"<html><body>" + b"<script>" * 8_000 + b"gone",
+        b"<html><body>" + b"<!--" * 15_000,
+    ]
+    gateway = r"^the server \(or a proxy in front of it\) answered 502 Bad Gateway(: .*)?; check that the server is running"
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply(502, [title], "text/html"))
+        line = fails_with(conv, gateway)
+        assert line.startswith(r"the server (or a proxy in front of it) answered 502 Bad Gateway: \e[2J]0;pwned\u202e<b>xxx")
+        assert len(line) < 300 and not any(c in line for c in "\x1b\x07\u202e")
+        for page in floods:
+            server.chat(Reply(502, [page], "text/html"))
+            line = fails_with(conv, gateway)
+            assert len(line) < 200 and "<" not in line, line
 
 
 def test_error_shapes():

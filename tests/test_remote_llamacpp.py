@@ -132,7 +132,8 @@ def test_cancel_and_errors_against_llama_server(llama_server):
     cancel.set()
     assert list(events)[-1]["finish_reason"] == "cancelled"
     partial = conv.turns[0].reply
-    with pytest.raises(RemoteError, match=r"^this turn and its answer do not fit the server's ([\d,]+-token )?context; ") as err:
+    with pytest.raises(RemoteError, match=r"^this turn and its answer do not fit the server's ([\d,]+-token )?context "
+                       r"\(the server said: .+\); ") as err:
         list(conv.ask("word " * (CONTEXT + 500)))
     assert "\n" not in str(err.value) and len(conv.turns) == 1
     list(conv.ask("Thanks."))

@@ -231,3 +231,15 @@ def test_a_407_without_a_proxy_is_still_the_servers_answer(proxy_env):
         with pytest.raises(RemoteError, match=r"^the server answered 407"):
             list(conv.ask("hi"))
         client.close()
+
+
+def test_a_plain_http_proxys_error_page_says_its_status_and_text(proxy_env, answering_proxy):
+    """A plain-HTTP proxy's own page cannot be told from the server's answer: the line says both may
+    have sent it, with the status and the page's text, not its markup."""
+    port, status = answering_proxy
+    status[0] = 502
+    proxy_env(HTTP_PROXY=f"http://127.0.0.1:{port}")
+    with pytest.raises(RemoteError) as err:
+        RemoteConversation.connect("http://gpu-box.invalid:8000/v1")
+    assert str(err.value) == ("the server (or a proxy in front of it) answered 502 Bad Gateway: the proxy says no; check "
+                              "that the server is running (and that the proxy reaches it)")  # fmt: skip

@@ -127,6 +127,7 @@ class RemoteConversation:
         self.answer_timeout = answer_timeout or None  # seconds one answer may take in all; None: no bound
         self.commands = True  # the user can type commands; one-shot mode sets False (chat/advice.py)
         self.turns: list[RemoteTurn] = []
+        self._context_news: str | None = None  # a new limit read outside a turn (check_budget), not yet said
 
     @classmethod
     def connect(
@@ -225,10 +226,18 @@ class RemoteConversation:
         return Advice(self.commands, earlier=bool(history))
 
     def check_budget(self, new_tokens: int, max_new_tokens: int | None = None) -> None:
+        """Refuse what would not fit the server's context; before a refusal the limit is read again
+        (one GET /models, only then): a server restarted with a larger context refuses nothing, so
+        nothing else would ever tell this client."""
         if self._max_context is None:
             return
         max_new = self.params.max_new_tokens if max_new_tokens is None else max_new_tokens
         need = self.context_used + new_tokens + max_new
+        if need > self._max_context:
+            try:
+                self._context_news = self.refresh_context() or self._context_news  # said with the next answer
+            except RemoteError:
+                pass  # the server cannot be reached now: refused with the limit known
         if need > self._max_context:
             advice = self._advice(self.turns)
             raise ContextOverflowError(
@@ -408,17 +417,20 @@ class RemoteConversation:
             )
         body = request_body(self.dialect, self.model, self._messages(history, turn), params, pictures)
         was = self._max_context
-        # a request that failed below HTTP may mean a restart: only then is the limit read again
-        notice = self.refresh_context() if self.client.broke else None
+        # a request that failed below HTTP (or a proxy's 502-504) may mean a restart: only then is the
+        # limit read again
+        fresh = self.refresh_context() if self.client.broke else None
+        notice, self._context_news = fresh or self._context_news, None
         try:
             yield from self._answer(turn, history, params, cancel, replace_last, body, notice)
-        except ContextRefused:
-            if notice is None:
+        except ContextRefused as refused:
+            if fresh is None:
                 try:
                     self.refresh_context()  # a server restarted with a smaller context refuses so
                 except RemoteError:
                     pass  # the refusal is what to tell
-            raise ContextRefused(context_refusal(self._advice(history), self._max_context, was)) from None
+            line = context_refusal(self._advice(history), self._max_context, was, refused.said)
+            raise ContextRefused(line, refused.said) from None
 
     def _answer(
         self,

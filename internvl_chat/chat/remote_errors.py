@@ -8,6 +8,7 @@ Error bodies come in two shapes and both are read: OpenAI's nested `{"error": {"
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from http import HTTPStatus
@@ -20,6 +21,9 @@ from .advice import Advice, any_of
 from .sse import StreamFailed
 
 SHOWN_CHARS = 300  # of a server's error message
+PAGE_CHARS = 160  # of a body that is no error object (a proxy's HTML page, plain text)
+PAGE_BYTES = 64 << 10  # of an HTML page answered where JSON or a stream was due, read for its title
+CONTEXT_SAID_CHARS = 160  # of a context refusal's message: its counts come first (vLLM's whole is ~220)
 
 _HINTS = {
     400: "check the message, the attachments and the settings",
@@ -37,6 +41,18 @@ CONTEXT_OVERFLOW = re.compile(r"context[_ ](length|size|window)|exceed_context|m
 # How servers refuse a request for holding too many pictures (serve: "more than 32 images and
 # videos"; vLLM: "At most 8 image(s) may be provided in one prompt"): every turn resends them all
 TOO_MANY_MEDIA = re.compile(r"(more than|at most) \d+ (image|video)|too many (image|video)", re.IGNORECASE)
+
+
+# What a proxy or load balancer in front of a server answers while the server is down, starting or
+# slow (nginx, HAProxy, Envoy, cloud balancers; their bodies are HTML pages or plain text)
+GATEWAY_HINTS = {
+    502: "check that the server is running (and that the proxy reaches it)",
+    503: "check that the server is running, or try again later",
+    504: "the server did not answer the proxy in time; check that it is running, or try again",
+}
+# How an HTML page starts (after a byte-order mark or blank lines)
+HTML_START = re.compile(r"\s*<(!doctype\s+html|html|head|body|title|h1)\b", re.IGNORECASE)
+UNSHOWN_ELEMENTS = ("script", "style")  # markup whose text is no message
 
 
 # How OpenSSL versions say that the answer to a TLS handshake was not TLS (a plain HTTP server)
@@ -76,21 +92,29 @@ def unknown_model_hint(model: str, advice: Advice) -> str:
 
 
 class ContextRefused(RemoteError):
-    """A 400 that says the conversation and its answer do not fit the server's context (CONTEXT_OVERFLOW)."""
+    """A 400 that says the conversation and its answer do not fit the server's context (CONTEXT_OVERFLOW);
+    `said`: the server's own message, kept for the line RemoteConversation makes again with the limit."""
+
+    def __init__(self, line: str, said: str | None = None):
+        super().__init__(line)
+        self.said = said
 
 
-def context_refusal(advice: Advice, limit: int | None = None, was: int | None = None) -> str:
-    """The one line for a turn the server refused as too long for its context: without the server's
-    own words (vLLM's alone fill two terminal lines), with the limit when known, said as news when
-    it is not `was` (a re-read of the model list found a server restarted with another context)."""
+def context_refusal(advice: Advice, limit: int | None = None, was: int | None = None, said: str | None = None) -> str:
+    """The one line for a turn the server refused as too long for its context: with the limit when
+    known, said as news when it is not `was` (a re-read of the model list found a server restarted
+    with another context), and the start of the server's own words (`said`), which hold its counts
+    (vLLM: "maximum context length is 32768 tokens. However, you requested 33050 tokens"); the
+    fixes come last, in the app's terms (the server's words name its own fields: max_tokens)."""
     if limit is None:
         context = "the server's context"
     elif was is not None and was != limit:
         context = f"the server's context, now {limit:,} tokens"  # (the old limit would wrap the line)
     else:
         context = f"the server's {limit:,}-token context"
+    reason = f" (the server said: {shorten(said, CONTEXT_SAID_CHARS)})" if said and said.strip() else ""
     fixes = any_of([advice.fewer_media, *advice.forget("/undo or /clear"), advice.smaller_answer])
-    return f"this turn and its answer do not fit {context}; {fixes}"
+    return f"this turn and its answer do not fit {context}{reason}; {fixes}"
 
 
 def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -99,8 +123,9 @@ def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
     return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
 
 
-def error_text(obj: object) -> str | None:
-    """The message of an OpenAI-style error object, nested or flat; None when it is not one."""
+def error_text(obj: object, with_kind: bool = True) -> str | None:
+    """The message of an OpenAI-style error object, nested or flat, followed by its type or code
+    unless `with_kind` is False; None when it is not one."""
     if not isinstance(obj, dict):
         return None
     inner = obj.get("error")
@@ -115,9 +140,72 @@ def error_text(obj: object) -> str | None:
         message = "; ".join(str(m.get("msg", m)) if isinstance(m, dict) else str(m) for m in message)
     text = str(message) if message else ""
     kind = obj.get("type") or obj.get("code")
+    if not with_kind and text:
+        return text
     if kind and str(kind) not in text:
         text = f"{text} ({kind})" if text else str(kind)
     return text or None
+
+
+def error_message(body: bytes, with_kind: bool = True) -> str | None:
+    """The message of a body that is an OpenAI-style error (`error_text`); None for any other body."""
+    try:
+        return error_text(json.loads(body.decode("utf-8", errors="replace")), with_kind)
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
+        return None
+
+
+def is_html(text: str, content_type: str | None = None) -> bool:
+    kind = (content_type or "").split(";")[0].strip().lower()
+    return kind in ("text/html", "application/xhtml+xml") or HTML_START.match(text) is not None
+
+
+def page_text(page: str) -> str:
+    """What an HTML page says, as one line: its title, else its text without the markup. Found
+    with str.find, in one pass: a regex over a hostile page (`<<<<…`, a `<title>` never closed)
+    could take quadratic time."""
+    lower = page.lower()
+    start = lower.find("<title")
+    opened = lower.find(">", start) if start >= 0 else -1
+    end = lower.find("</title", opened) if opened >= 0 else -1
+    title = " ".join(html.unescape(page[opened + 1 : end]).split()) if end >= 0 else ""
+    return title or " ".join(html.unescape(_without_markup(page, lower)).split())
+
+
+def _without_markup(page: str, lower: str) -> str:
+    """`page` with its tags, comments, scripts and styles left out (`lower`: the page in lower case)."""
+    parts: list[str] = []
+    at = 0
+    while (tag := lower.find("<", at)) >= 0:
+        parts.append(page[at:tag])
+        name = next((n for n in UNSHOWN_ELEMENTS if lower.startswith(n, tag + 1)), None)
+        if lower.startswith("<!--", tag):
+            close, after = lower.find("-->", tag + 4), 3
+        elif name is not None:
+            close, after = lower.find(f"</{name}", tag), 0
+        else:
+            close, after = lower.find(">", tag), 1
+        if close < 0:  # never closed: the rest is markup
+            return " ".join(parts)
+        at = close + after
+    parts.append(page[at:])
+    return " ".join(parts)
+
+
+def without_status(text: str, status: int) -> str:
+    """`text` without the first words when they repeat the status line (nginx's page is titled "502 Bad Gateway")."""
+    for said in (_status_line(status), _status_line(status).partition(" ")[2], str(status)):
+        if said and text.lower().startswith(said.lower()):
+            return text[len(said) :].lstrip(" -–—:|.,")
+    return text
+
+
+def unshaped_body(body: bytes, status: int, content_type: str | None = None) -> str:
+    """A body that is no error object (a proxy's page, plain text) as one line: an HTML page's title
+    or text, plain text with its lines joined, without a repeat of the status line; escaped, cut."""
+    text = body.decode("utf-8", errors="replace").strip()
+    text = page_text(text) if is_html(text, content_type) else " ".join(text.split())
+    return shorten(without_status(text, status), PAGE_CHARS)
 
 
 def _status_line(status: int) -> str:
@@ -127,26 +215,36 @@ def _status_line(status: int) -> str:
         return str(status)
 
 
+def page_note(body: bytes, content_type: str | None) -> str:
+    """For an answer that should have been JSON or an event stream: what it is, when an HTML page
+    (a web UI or a proxy's page at the address: its title says which)."""
+    text = body[:PAGE_BYTES].decode("utf-8", errors="replace").strip()  # a title comes early
+    if not is_html(text, content_type):
+        return ""
+    said = shorten(page_text(text), PAGE_CHARS)
+    return f" (an HTML page: {said})" if said else " (an HTML page)"
+
+
 def http_error(status: int, body: bytes, retry_after: str | None, location: str | None = None,
-               advice: Advice = Advice(), model: str | None = None) -> RemoteError:  # fmt: skip
+               advice: Advice = Advice(), model: str | None = None, content_type: str | None = None) -> RemoteError:  # fmt: skip
     """One line for a non-200 answer: the status first, then the server's message, then a hint
-    (a context overflow is its own short line, context_refusal)
+    (a context overflow is its own line, context_refusal)
     (`advice`: the fixes a refused chat request can name, chat/advice.py; `model`: the model a
-    chat request named, None for other requests)."""
-    detail = None
-    try:
-        detail = error_text(json.loads(body.decode("utf-8", errors="replace")))
-    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
-        pass
-    if detail is None and body.strip():
-        detail = body.decode("utf-8", errors="replace")
-    if status >= 500:
+    chat request named, None for other requests). A body that is no OpenAI-style error (an HTML
+    page, plain text) is shown by `unshaped_body`; with a 502-504 it is most likely a proxy's."""
+    message = error_message(body)
+    detail = message if message is not None else unshaped_body(body, status, content_type)
+    who = "the server"
+    if status in GATEWAY_HINTS and message is None:
+        who, hint = "the server (or a proxy in front of it)", GATEWAY_HINTS[status]
+    elif status >= 500:
         hint = "the server failed; try again, or look at its log"
     elif 300 <= status < 400:  # redirects are never followed (they could lead anywhere, with the key)
         where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
         hint = f"{where} is not followed; check --server (https?)"
     elif status == 400 and CONTEXT_OVERFLOW.search(body.decode("utf-8", errors="replace")):
-        return ContextRefused(context_refusal(advice))  # RemoteConversation adds the limit
+        said = error_message(body, with_kind=False) or unshaped_body(body, status, content_type)
+        return ContextRefused(context_refusal(advice, said=said), said)  # RemoteConversation adds the limit
     elif status == 400 and TOO_MANY_MEDIA.search(body.decode("utf-8", errors="replace")):
         hint = too_many_media_hint(advice)
     elif status == 413:
@@ -159,7 +257,7 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
     if status in (429, 503) and wait.isascii() and wait.isdigit() and len(wait) <= 6:  # int() refuses "²" and 5000 digits
         hint += f" (it asks to wait {int(wait)} s)"
     said = f": {shorten(detail)}" if detail else ""
-    return RemoteError(f"the server answered {_status_line(status)}{said}; {hint}")
+    return RemoteError(f"{who} answered {_status_line(status)}{said}; {hint}")
 
 
 def mib(limit: int) -> str:

@@ -19,7 +19,7 @@ from ..errors import RemoteError, UsageError
 from ..files import undecodable_byte, visible
 from ..settings import without_credentials
 from .advice import Advice
-from .remote_errors import BROKEN, head_late, http_error, mib, reason, shorten, transport_error
+from .remote_errors import BROKEN, GATEWAY_HINTS, head_late, http_error, mib, page_note, reason, shorten, transport_error
 from .remote_sockets import Connector, HeadWatch, connect_with, shut
 from .remote_stream import JSON_BODY_LIMIT, ChatStream, read_limited
 
@@ -87,8 +87,9 @@ class ApiClient:
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # of every connection made
         self.connector = Connector()  # makes the connects, which ChatStream.abort can end
         self.head_watch: HeadWatch | None = None  # of the latest request
-        # a request failed below HTTP (refused, reset, timed out): the server may have restarted since,
-        # with another context; RemoteConversation re-reads the model list before its next request
+        # a request failed below HTTP (refused, reset, timed out), or a proxy said the server behind it
+        # is not there (502-504): the server may have restarted since, with another context;
+        # RemoteConversation re-reads the model list before its next request
         self.broke = False
         headers = {"User-Agent": f"internvl-chat/{__version__}", "Accept": "application/json",
                    "Accept-Encoding": ", ".join(BOUNDED_ENCODINGS)}  # fmt: skip
@@ -139,10 +140,12 @@ class ApiClient:
         if response.status_code == 407 and self.proxy is not None:  # only a proxy sends it: the one we went through
             raise RemoteError(f"{self.proxy} asks for credentials (407 Proxy Authentication Required); put the right "
                               "ones in its URL (http://USER:PASSWORD@HOST:PORT), or add the server's host to NO_PROXY")  # fmt: skip
+        if response.status_code in GATEWAY_HINTS:  # a proxy's: the server behind it down or starting
+            self.broke = True  # (a server's own 503, busy, costs one re-read of the model list)
         if response.status_code != 200:
             raise http_error(response.status_code, read_limited(response, ERROR_BODY_LIMIT, self.timeout),
                              response.headers.get("retry-after"), response.headers.get("location"),
-                             self.advice, self.chat_model)  # fmt: skip
+                             self.advice, self.chat_model, response.headers.get("content-type"))  # fmt: skip
 
     def stream(self, method: str, path: str, connect_s: float | None = None, **kwargs):
         """httpx's streamed request, its head watched (`trace`); `connect_s`: a shorter connect timeout."""
@@ -167,6 +170,7 @@ class ApiClient:
         try:
             with self.stream("GET", path) as response:
                 body = read_limited(response, JSON_BODY_LIMIT + 1, self.timeout)
+                content_type = response.headers.get("content-type")
         except BROKEN as e:
             raise self.broken(e, mid_answer=False) from None
         if len(body) > JSON_BODY_LIMIT:
@@ -174,7 +178,8 @@ class ApiClient:
         try:
             return json.loads(body.decode("utf-8", errors="replace"))
         except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
-            raise RemoteError(f"the server's answer to GET {path} is not JSON; is --server the API root (…/v1)?") from None
+            raise RemoteError(f"the server's answer to GET {path} is not JSON{page_note(body, content_type)}; "
+                              "is --server the API root (…/v1)?") from None  # fmt: skip
 
     def models(self) -> list[dict]:
         """The model cards of GET /models (each with a string `id`), in the server's order."""

@@ -16,7 +16,7 @@ import httpx
 
 from ..errors import RemoteError
 from .advice import Advice
-from .remote_errors import BROKEN, error_text, mib, shorten
+from .remote_errors import BROKEN, PAGE_BYTES, error_text, mib, page_note, shorten
 from .remote_sockets import shut, shut_all
 from .sse import SSEDecoder, StreamFailed
 
@@ -137,9 +137,10 @@ class ChatStream:
             self.done = True
             return
         if kind != "text/event-stream":
+            page = read_limited(response, PAGE_BYTES, client.timeout) if kind in ("text/html", "") else b""
             raise RemoteError(
-                f"the server answered with {shorten(kind, 60) or 'no content type'}, not an event stream; "
-                "is --server the API root of an OpenAI-compatible server (…/v1)?"
+                f"the server answered with {shorten(kind, 60) or 'no content type'}{page_note(page, kind)}, not an event "
+                "stream; is --server the API root of an OpenAI-compatible server (…/v1)?"
             )
         decoder = SSEDecoder()
         # the read timeout restarts with every byte: keep-alives, blank lines or a line that
