@@ -372,3 +372,25 @@ def test_attachments_the_script_never_sent_are_named_in_a_warning(loaded, image,
     path.write_text(f"/image {image}\nHello.\n", encoding="utf-8")  # all sent: nothing said
     assert script.run_script(argparse.Namespace(script=str(path)), settings) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_truncated_image_flag_is_refused_before_the_script_runs(loaded, image, monkeypatch, capsys, tmp_path):
+    # its header passed, the script's first message failed as the picture was decoded, the rest went on without it
+    from internvl_chat.chat.sampling import params_from_settings
+    from internvl_chat.chat.session import Session
+    from internvl_chat.errors import MediaError
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import script
+
+    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 4, "ui.stats": False})
+    monkeypatch.setattr(script, "open_conversation", lambda settings: Session(loaded, params=params_from_settings(settings)))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    path = tmp_path / "chat.txt"
+    path.write_text("What is it?\n", encoding="utf-8")
+    args = argparse.Namespace(script=str(path), image=[str(cut)], video=[], video_range=None)
+    with pytest.raises(MediaError, match=r"^cannot decode .*cut\.png: the file is truncated or corrupt \(.*\); re-export") as err:
+        script.run_script(args, settings)
+    assert "\n" not in str(err.value) and ">>> What is it?" not in capsys.readouterr().out
+    args.image = [str(image)]  # a whole one is attached and sent
+    assert script.run_script(args, settings) == 0 and "+ image photo.png" in capsys.readouterr().out
