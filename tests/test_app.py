@@ -627,6 +627,30 @@ def test_set_and_show_say_an_unset_system_message_is_the_models_default(loaded, 
                            "no system message is sent; the server's chat template decides\n")  # fmt: skip
 
 
+def test_show_lists_only_the_settings_sections_this_chat_uses(loaded, tmp_path):
+    # /show listed [serve] (internvl-chat serve's) and, without a server, [remote], read as in use
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/show") == OK
+    shown = output(out)
+    sections = [line for line in shown.splitlines() if line.startswith("[")]
+    assert sections == ["[model]", "[generation]", "[media]", "[ui]", "[system]"]
+    assert shown.endswith("not shown, as they do not apply to this chat: [serve] (internvl-chat serve's), "
+                          "[remote] (for --server); --print-config lists every setting\n")  # fmt: skip
+    app.handle_line("/set serve.port")  # shown when asked, and said not to apply
+    assert output(out).endswith("serve.port = 8000  (from default)\n(not used by this chat: [serve] is internvl-chat serve's)\n")
+    app.handle_line("/set temperature")
+    assert "not used" not in output(out)
+
+    app.settings.set("remote.server", "http://gpu:8000/v1", source="flag")  # a server's chat: [remote], not [model]
+    app.session.system_message = None
+    app.handle_line("/show")
+    shown = output(out)
+    assert [line for line in shown.splitlines() if line.startswith("[")] == ["[generation]", "[media]", "[ui]", "[system]", "[remote]"]
+    assert 'server = "http://gpu:8000/v1"' in shown and "[model] (for a local model)" in shown.splitlines()[-1]
+    app.handle_line("/set model.max_context")
+    assert output(out).endswith("(not used by this chat: [model] is for a local model)\n")
+
+
 @pytest.mark.parametrize("start", ["colour", "plain", "never"])
 def test_set_plain_turns_the_colours_off_and_back_on_as_at_start(loaded, tmp_path, monkeypatch, start):
     # `/set plain` was an unknown setting ("did you mean 'ui.plain'?"), and `/set ui.plain on` kept

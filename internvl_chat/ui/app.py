@@ -50,7 +50,8 @@ from .peak_memory import peak_memory, reset_peak_memory
 from .render import choose_stream, colour_off
 from .saved_sessions import RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages
 from .set_keys import changeable_while_running, read_at_start, set_key
-from .settings_text import LISTED_VALUE_WIDTH, plain_value, setting_source, setting_text, settings_table, unset_system
+from .settings_text import (LISTED_VALUE_WIDTH, NOT_THIS_CHATS, chat_sections, left_out_note, plain_value, setting_source,
+                            setting_text, settings_table, unset_system)
 from .spinner import spin
 from .stats_table import stats_rows
 from .summary_lines import format_attach_line, format_stats, percent
@@ -661,6 +662,9 @@ class App:
         if len(command.args) < 2:
             self.say(f"{dotted} = {setting_text(self.settings, dotted, self.session.system_message)}  "
                      f"(from {setting_source(self.settings, dotted)})")
+            section = dotted.split(".")[0]
+            if section in chat_sections(self.settings)[1]:  # as /show leaves it out
+                self.note(f"(not used by this chat: [{section}] is {NOT_THIS_CHATS[section]})")
             return
         value = command.args[1]
         if not changeable_while_running(dotted):
@@ -709,7 +713,9 @@ class App:
             self.say("no prompt sent yet", "bold")
         self.say("settings:", "bold")
         unset = {"system.message": unset_system(self.settings, self.session.system_message, LISTED_VALUE_WIDTH)}  # as /set says
-        self.say(format_settings(self.settings, unset).rstrip("\n"))
+        shown, left_out = chat_sections(self.settings)  # [serve] listed here, and [remote] without a server, read as in use
+        self.say(format_settings(self.settings, unset, shown).rstrip("\n"))
+        self.note(left_out_note(left_out))
 
     def _used_text(self, used: int, verb: str = "used") -> str:
         """`2,480 of 8,192 tokens used (30 %)`, with ≈ for estimates and without an unknown limit."""
