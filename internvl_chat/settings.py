@@ -22,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import UsageError
@@ -569,11 +569,14 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
-def format_settings(settings: Settings, unset: Mapping[str, str] | None = None) -> str:
+def format_settings(settings: Settings, unset: Mapping[str, str] | None = None, sections: Iterable[str] | None = None) -> str:
     """The merged settings as TOML lines, each with a `# from …` comment; unset values commented out,
-    as `(not set)` or the words `unset` gives for that key (what is in use instead)."""
+    as `(not set)` or the words `unset` gives for that key (what is in use instead). `sections`:
+    only these (in the file's order); None: all."""
     out: list[str] = []
     for section, cls in SECTIONS.items():
+        if sections is not None and section not in sections:
+            continue
         rows = []
         for fld in dataclasses.fields(cls):
             dotted = f"{section}.{fld.name}"

@@ -215,13 +215,23 @@ def test_media_list_and_drop(loaded, media, tmp_path):
     assert app.handle_line(f"/image {media / 'small.png'}") == OK and "warning" not in output(out)
 
 
+def damaged_after_attaching(app: App, media: Path, folder: Path) -> Path:
+    """A picture attached whole, then overwritten with one whose pixel data is garbage: the damage
+    /image cannot see, which only sending the message finds."""
+    path = folder / "changed.png"
+    path.write_bytes((media / "square.png").read_bytes())
+    assert app.handle_line(f"/image {path}") == OK
+    path.write_bytes((media / "corrupt.png").read_bytes())
+    return path
+
+
 def test_missing_and_corrupt_files_are_errors_and_the_conversation_survives(loaded, media, tmp_path):
     app, out = make_app(loaded, tmp_path)
     app.handle_line("Hello.")
     assert len(app.session.turns) == 1
     assert app.handle_line("/image /nonexistent/cat.png") == ERROR
     assert "error: " in out.getvalue() and "does not exist" in out.getvalue()
-    assert app.handle_line(f"/image {media / 'corrupt.png'}") == OK  # the header is readable
+    damaged_after_attaching(app, media, tmp_path)
     ids_before = list(app.session.ids)
     assert app.handle_line("What is it?") == ERROR
     assert "/drop N" in out.getvalue().strip().splitlines()[-1]
@@ -231,16 +241,72 @@ def test_missing_and_corrupt_files_are_errors_and_the_conversation_survives(load
     assert len(app.session.turns) == 2
 
 
-def test_a_message_whose_image_does_not_decode_is_offered_back_for_the_next_prompt(loaded, media, tmp_path):
-    """The pty walkthrough: the picture passed /image's header probe, the message failed as it was
-    decoded, and the typed question was gone from the prompt (only Up found it)."""
+def cut_in_half(source: Path, path: Path) -> Path:
+    data = source.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def as_jpeg(source: Path, path: Path) -> Path:
+    with Image.open(source) as image:
+        image.save(path, "JPEG")
+    return path
+
+
+def jpeg_with_garbage_after_its_header(source: Path, path: Path) -> Path:
+    """The header and the start of the scan intact, then bytes that are no JPEG data."""
+    data = as_jpeg(source, path).read_bytes()
+    start = data.index(b"\xff\xda") + 20
+    path.write_bytes(data[:start] + bytes(range(256)) * 20)
+    return path
+
+
+DAMAGED_IMAGES = {
+    "png cut in half": lambda media, folder: cut_in_half(media / "small.png", folder / "cut.png"),
+    "jpeg cut in half": lambda media, folder: cut_in_half(as_jpeg(media / "small.png", folder / "whole.jpg"), folder / "cut.jpg"),
+    "jpeg with garbage": lambda media, folder: jpeg_with_garbage_after_its_header(media / "small.png", folder / "bad.jpg"),
+    "png with garbage pixel data": lambda media, folder: media / "corrupt.png",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_IMAGES)
+def test_a_damaged_image_is_refused_at_image_with_nothing_attached(loaded, media, tmp_path, damage):
+    """The header alone passed /image, and the message sent with the picture failed as it was decoded."""
+    path = DAMAGED_IMAGES[damage](media, tmp_path)
     app, out = make_app(loaded, tmp_path)
-    app.handle_line(f"/image {media / 'corrupt.png'}")
+    assert app.handle_line("Hello.") == OK
+    ids_before = list(app.session.ids)
+    output(out)
+    assert app.handle_line(f"/image {path}") == ERROR
+    printed = output(out)
+    assert printed.startswith("error: cannot decode ") and "truncated or corrupt" in printed and "re-export" in printed
+    assert printed.count("\n") == 1, printed  # one line
+    assert app.pending == [] and len(app.session.turns) == 1 and app.session.ids == ids_before
+    # with a good picture before it in the same command: neither is attached
+    assert app.handle_line(f"/image {media / 'square.png'} {path}") == ERROR and app.pending == []
+    assert app.handle_line(f"/image {media / 'square.png'}") == OK and len(app.pending) == 1  # a valid one still attaches
+    assert app.handle_line("What is it?") == OK and len(app.session.turns) == 2
+
+
+def test_a_damaged_image_named_in_a_message_fails_it_before_it_is_sent(loaded, media, tmp_path):
+    app, out = make_app(loaded, tmp_path)
+    path = cut_in_half(media / "small.png", tmp_path / "cut.png")
+    assert app.handle_line(f"What is in {path}?") == ERROR
+    printed = output(out)  # no "+ image cut.png" line before it: it was never attached
+    assert printed.startswith("error: cannot decode ") and printed.count("\n") == 1 and "truncated or corrupt" in printed
+    assert app.pending == [] and app.session.turns == [] and app.failed_message == f"What is in {path}?"
+
+
+def test_a_message_whose_image_does_not_decode_is_offered_back_for_the_next_prompt(loaded, media, tmp_path):
+    """The pty walkthrough: the picture passed /image (it changed after), the message failed as it
+    was decoded, and the typed question was gone from the prompt (only Up found it)."""
+    app, out = make_app(loaded, tmp_path)
+    damaged_after_attaching(app, media, tmp_path)
     assert app.handle_line("What is it?") == ERROR
     assert app.failed_message == "What is it?"
     assert app.handle_line("/drop 5") == ERROR and app.failed_message is None  # a command is not given back
     # pasted with the command before it: that has run, only the message comes back, as typed
-    assert app.handle_line(f"/image {media / 'corrupt.png'}\n//etc is a folder\nand this?") == ERROR
+    assert app.handle_line(f"/image {media / 'square.png'}\n//etc is a folder\nand this?") == ERROR
     assert app.failed_message == "//etc is a folder\nand this?"
     assert app.handle_line('"""\nA block\n"""') == ERROR and app.failed_message == '"""\nA block\n"""'
     assert len(app.session.turns) == 0 and len(app.pending) == 2  # the pasted /image ran
@@ -559,6 +625,30 @@ def test_set_and_show_say_an_unset_system_message_is_the_models_default(loaded, 
     app.handle_line("/system")
     assert output(out) == ("system.message = (not set: none is sent, the server decides)  (from default)\n"
                            "no system message is sent; the server's chat template decides\n")  # fmt: skip
+
+
+def test_show_lists_only_the_settings_sections_this_chat_uses(loaded, tmp_path):
+    # /show listed [serve] (internvl-chat serve's) and, without a server, [remote], read as in use
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/show") == OK
+    shown = output(out)
+    sections = [line for line in shown.splitlines() if line.startswith("[")]
+    assert sections == ["[model]", "[generation]", "[media]", "[ui]", "[system]"]
+    assert shown.endswith("not shown, as they do not apply to this chat: [serve] (internvl-chat serve's), "
+                          "[remote] (for --server); --print-config lists every setting\n")  # fmt: skip
+    app.handle_line("/set serve.port")  # shown when asked, and said not to apply
+    assert output(out).endswith("serve.port = 8000  (from default)\n(not used by this chat: [serve] is internvl-chat serve's)\n")
+    app.handle_line("/set temperature")
+    assert "not used" not in output(out)
+
+    app.settings.set("remote.server", "http://gpu:8000/v1", source="flag")  # a server's chat: [remote], not [model]
+    app.session.system_message = None
+    app.handle_line("/show")
+    shown = output(out)
+    assert [line for line in shown.splitlines() if line.startswith("[")] == ["[generation]", "[media]", "[ui]", "[system]", "[remote]"]
+    assert 'server = "http://gpu:8000/v1"' in shown and "[model] (for a local model)" in shown.splitlines()[-1]
+    app.handle_line("/set model.max_context")
+    assert output(out).endswith("(not used by this chat: [model] is for a local model)\n")
 
 
 @pytest.mark.parametrize("start", ["colour", "plain", "never"])

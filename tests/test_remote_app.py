@@ -133,7 +133,8 @@ def test_compile_with_a_server_is_refused(tmp_path):
 def test_a_server_that_is_down_is_one_line(tmp_path):
     with refusing_port() as port:
         url = f"http://127.0.0.1:{port}/v1"
-        for args in (("-p", "hi"), ("--script", "-")):
+        (tmp_path / "hi.txt").write_text("hi\n", encoding="utf-8")  # an empty script is refused before connecting
+        for args in (("-p", "hi"), ("--script", "hi.txt")):
             run = cli(tmp_path, "--server", url, *args)
             assert run.returncode == 1 and "Traceback" not in run.stderr
             assert re.fullmatch(rf"internvl-chat: error: cannot connect to {re.escape(url)} \(.*\); is the server running\? "

@@ -372,3 +372,52 @@ def test_attachments_the_script_never_sent_are_named_in_a_warning(loaded, image,
     path.write_text(f"/image {image}\nHello.\n", encoding="utf-8")  # all sent: nothing said
     assert script.run_script(argparse.Namespace(script=str(path)), settings) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_truncated_image_flag_is_refused_before_the_script_runs(loaded, image, monkeypatch, capsys, tmp_path):
+    # its header passed, the script's first message failed as the picture was decoded, the rest went on without it
+    from internvl_chat.chat.sampling import params_from_settings
+    from internvl_chat.chat.session import Session
+    from internvl_chat.errors import MediaError
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import script
+
+    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 4, "ui.stats": False})
+    monkeypatch.setattr(script, "open_conversation", lambda settings: Session(loaded, params=params_from_settings(settings)))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    path = tmp_path / "chat.txt"
+    path.write_text("What is it?\n", encoding="utf-8")
+    args = argparse.Namespace(script=str(path), image=[str(cut)], video=[], video_range=None)
+    with pytest.raises(MediaError, match=r"^cannot decode .*cut\.png: the file is truncated or corrupt \(.*\); re-export") as err:
+        script.run_script(args, settings)
+    assert "\n" not in str(err.value) and ">>> What is it?" not in capsys.readouterr().out
+    args.image = [str(image)]  # a whole one is attached and sent
+    assert script.run_script(args, settings) == 0 and "+ image photo.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", ["", "\n\n   \n", "# only a comment\n\n# and another\n", "\ufeff\r\n"])
+def test_a_script_with_nothing_to_run_is_a_usage_error_before_the_model_loads(monkeypatch, tmp_path, content):
+    # it loaded the model, printed nothing and ended with status 0
+    from internvl_chat.errors import UsageError
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import script
+
+    monkeypatch.setattr(script, "open_conversation", lambda settings: pytest.fail("the model was loaded"))
+    path = tmp_path / "chat.txt"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UsageError) as err:
+        script.run_script(argparse.Namespace(script=str(path)), load_settings(os.devnull, env={}))
+    assert str(err.value) == (f"the script {path} holds no messages or commands (only blank lines and # comments); "
+                              "nothing was sent; write REPL lines in it, one a line")  # fmt: skip
+    assert err.value.exit_code == 2
+
+
+def test_an_empty_script_exits_2_with_one_line_on_stderr(tmp_path):
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    run = cli("--script", "empty.txt", cwd=tmp_path)
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr == "internvl-chat: error: the script empty.txt holds no messages or commands " \
+                         "(only blank lines and # comments); nothing was sent; write REPL lines in it, one a line\n"
+    run = cli("--script", "-", stdin="\n# nothing\n", cwd=tmp_path)  # as an empty piped prompt is refused
+    assert run.returncode == 2 and run.stderr.startswith("internvl-chat: error: the script on stdin holds no messages")

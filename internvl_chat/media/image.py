@@ -3,7 +3,7 @@
 The grid choice must match the published preprocessing bit for bit: the number of tiles decides
 how many image tokens the model sees, so a different grid is a different prompt. The helpers are
 pure and cheap (`choose_grid`, `count_tiles`, `probe_image`) so the UI can show a token cost
-before any pixel is decoded.
+before any pixel is decoded; `check_image_decodes` then refuses a damaged file as it is attached.
 """
 
 from __future__ import annotations
@@ -423,6 +423,15 @@ def _decode(path: Path) -> Image.Image:
             reason = _one_line(e) + (f": {excerpt}" if excerpt else "")
             raise MediaError(f"cannot decode {visible(str(path))}: the file is truncated or corrupt ({visible(reason)}); re-export or re-download it") from None
         return to_rgb(upright(image, orientation))
+
+
+def check_image_decodes(path: str | Path) -> None:
+    """Decode the whole picture and let it go: a truncated or corrupt file is refused when it is
+    attached, with the error sending it would give, instead of only when the message is sent.
+    The size limits come first (`_open_image`), so a decompression bomb is refused before a pixel
+    is decoded. The pixels are decoded again when sent: kept for every attachment, they could
+    hold gigabytes."""
+    _decode(check_media_file(path, "image"))
 
 
 def load_image(

@@ -10,7 +10,8 @@ act on are printed as one line and never end the app; the conversation survives 
 
 Attachments (`/image`, `/video`, media paths typed in a message) wait in `pending` and go with
 the next message. Their cost is measured and shown before anything is decoded, and an attachment
-that would not fit in the context is refused.
+that would not fit in the context is refused. A picture is then decoded once (and let go), so a
+truncated or corrupt one is refused as it is attached, not when the message is sent.
 
 Ctrl-C (with `interactive=True`): before the answer's first text (media decoding, vision,
 prefill) it abandons the turn and leaves the conversation as it was; once the answer streams it
@@ -38,6 +39,7 @@ from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
 from ..files import PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, undecodable_byte, visible, visible_lines, write_atomic
+from ..media.image import check_image_decodes
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
 from .commands import Command, Message, format_help, parse_line, unwrap_block
@@ -48,7 +50,8 @@ from .peak_memory import peak_memory, reset_peak_memory
 from .render import choose_stream, colour_off
 from .saved_sessions import RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages
 from .set_keys import changeable_while_running, read_at_start, set_key
-from .settings_text import LISTED_VALUE_WIDTH, plain_value, setting_source, setting_text, settings_table, unset_system
+from .settings_text import (LISTED_VALUE_WIDTH, NOT_THIS_CHATS, chat_sections, left_out_note, plain_value, setting_source,
+                            setting_text, settings_table, unset_system)
 from .spinner import spin
 from .stats_table import stats_rows
 from .summary_lines import format_attach_line, format_stats, percent
@@ -360,6 +363,7 @@ class App:
             self.session.check_attach(self.pending + media)
         except ContextOverflowError as e:
             raise ContextOverflowError(f"cannot attach {media_names(media)}: {e}") from None
+        self._check_images_decode(media)
         for item in media:
             self.pending.append(item)
             fraction = self.context_share(self.session.context_used + self.session.turn_tokens(self.pending))
@@ -370,6 +374,14 @@ class App:
                 f"the context will be {self.approx}{percent(fraction)} full with this message; "
                 f"/drop an attachment{clear}, or lower max_tiles / frames to keep room for later turns"
             )
+
+    def _check_images_decode(self, media: Sequence[Media]) -> None:
+        """Decode each picture once, before any is attached: a truncated one passed the header probe
+        and failed only when the message was sent, the question typed for it with it."""
+        for item in media:
+            if item.kind == "image":
+                with self.spinner(f"reading {visible(item.path.name)} …"):
+                    check_image_decodes(item.path)
 
     def attach_line(self, media: Media, fraction: float | None) -> str:
         tokens = self.session.media_tokens([media])
@@ -650,6 +662,9 @@ class App:
         if len(command.args) < 2:
             self.say(f"{dotted} = {setting_text(self.settings, dotted, self.session.system_message)}  "
                      f"(from {setting_source(self.settings, dotted)})")
+            section = dotted.split(".")[0]
+            if section in chat_sections(self.settings)[1]:  # as /show leaves it out
+                self.note(f"(not used by this chat: [{section}] is {NOT_THIS_CHATS[section]})")
             return
         value = command.args[1]
         if not changeable_while_running(dotted):
@@ -698,7 +713,9 @@ class App:
             self.say("no prompt sent yet", "bold")
         self.say("settings:", "bold")
         unset = {"system.message": unset_system(self.settings, self.session.system_message, LISTED_VALUE_WIDTH)}  # as /set says
-        self.say(format_settings(self.settings, unset).rstrip("\n"))
+        shown, left_out = chat_sections(self.settings)  # [serve] listed here, and [remote] without a server, read as in use
+        self.say(format_settings(self.settings, unset, shown).rstrip("\n"))
+        self.note(left_out_note(left_out))
 
     def _used_text(self, used: int, verb: str = "used") -> str:
         """`2,480 of 8,192 tokens used (30 %)`, with ≈ for estimates and without an unknown limit."""

@@ -96,7 +96,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "change or show a setting (temperature, top_p, max_tiles …); no KEY: list them",
         (ArgSpec("KEY", "setting", required=False), ArgSpec("VALUE", "value", required=False)),
     ),
-    CommandSpec("show", "show the last turn's prompt (what it added; images as <image>) and the settings"),
+    CommandSpec("show", "show the last turn's prompt (what it added; images as <image>) and the settings this chat uses"),
     CommandSpec("context", "show how the context is used, item by item"),
     CommandSpec("stats", "show the statistics of the last answer"),
     CommandSpec(

@@ -2,7 +2,8 @@
 
 Each entry is echoed as `>>> line` (continuation lines of a `\"\"\"` block as `... line`), then
 its output follows, exactly as the REPL would show it. Blank lines and lines starting with `#`
-are skipped (a message that starts with # goes inside a `\"\"\"` block).
+are skipped (a message that starts with # goes inside a `\"\"\"` block). A script with nothing
+else (an empty file) is refused before the model loads, exit status 2, as an empty prompt is.
 A failing line prints its one-line error and the script goes on; the exit status is 1 when any
 line failed (the failed line numbers go to stderr), else 0. `/exit` ends the script early.
 Attachments still waiting for a message when it ends are named in a warning on stderr; the status
@@ -72,6 +73,11 @@ def read_entries(text: str) -> Iterator[Entry]:
             yield Entry(start + 1, "\n".join(block), tuple(block))
         else:
             yield Entry(start + 1, line, (line,))
+
+
+def _script_name(name: str) -> str:
+    """`the script chat.txt`, `the script on stdin`: the script as an error names it (shown inert)."""
+    return "the script on stdin" if name == "-" else f"the script {visible(str(expand_home(name)))}"
 
 
 def _read_script(name: str) -> str:
@@ -171,6 +177,10 @@ class _Transcript:
 def run_script(args: argparse.Namespace, settings: Settings, stdin_unread: bool = False) -> int:
     """`stdin_unread`: text waits on stdin, which a script FILE never reads (cli.py decides)."""
     text = _read_script(args.script)  # before loading the model: a wrong path fails fast
+    entries = list(read_entries(text))
+    if not entries:  # it ran, printed nothing and ended 0: an empty file or a wrong one is a mistake
+        raise UsageError(f"{_script_name(args.script)} holds no messages or commands (only blank lines and # comments); "
+                         "nothing was sent; write REPL lines in it, one a line")  # fmt: skip
     if stdin_unread:  # it was ignored without a word: the user meant it for the messages
         print("internvl-chat: warning: stdin is not read with --script FILE (its lines are the messages); put the "
               'text in the script (inside a """ block), or pipe the script itself: --script -', file=sys.stderr)
@@ -182,7 +192,7 @@ def run_script(args: argparse.Namespace, settings: Settings, stdin_unread: bool 
     if folder is not None:
         app.search_dirs = (folder,)
     app.attach(media_from_flags(session, args, settings))
-    failed = run_entries(app, read_entries(text))
+    failed = run_entries(app, iter(entries))
     transcript.flush()
     if app.pending:  # no line failed, but what they attached would vanish without a word
         fix = f"add a message line after {'it' if len(app.pending) == 1 else 'them'}"

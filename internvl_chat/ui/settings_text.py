@@ -1,6 +1,7 @@
 """Settings as the app shows them: `/set` alone (the table of what it can change), `/set KEY`,
-`/show` and `/load`'s note. A value is written as the config file writes it and made safe to print
-(a key masked, text from a file or the model escaped), with where it came from."""
+`/show` (the sections that apply to this chat) and `/load`'s note. A value is written as the
+config file writes it and made safe to print (a key masked, text from a file or the model
+escaped), with where it came from."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Any
 from rich.cells import cell_len
 
 from ..files import visible
-from ..settings import Settings, shown_value, toml_value
+from ..settings import SECTIONS, Settings, shown_value, toml_value
 from .set_keys import runtime_keys
 
 LISTED_VALUE_WIDTH = 40  # `/set` alone lists values up to this long, longer ones cut short
+# Settings sections that apply to no chat, or not to this one, and whose they are (/show leaves them out)
+NOT_THIS_CHATS = {"serve": "internvl-chat serve's", "model": "for a local model", "remote": "for --server"}
 
 
 def plain_value(value: Any) -> str:
@@ -72,3 +75,17 @@ def settings_table(settings: Settings, system_message: str | None, width: int | 
         fits = width is None or cell_len(line) + 2 + cell_len(source) <= width
         lines.append(f"{line}  {source}" if fits else f"{line}\n    {source}")  # a source stays whole
     return "\n".join(lines), cut
+
+
+def chat_sections(settings: Settings) -> tuple[list[str], list[str]]:
+    """(the sections that apply to this chat, those that do not): [serve] is the server command's,
+    [model] applies to a local model and [remote] to a server, so only one of them is this chat's."""
+    left_out = ["serve", "model" if settings.remote.server else "remote"]
+    applies = [section for section in SECTIONS if section not in left_out]
+    return applies, [section for section in SECTIONS if section in left_out]
+
+
+def left_out_note(left_out: list[str]) -> str:
+    """`/show`'s line saying which sections it left out and where every setting is listed."""
+    named = ", ".join(f"[{section}] ({NOT_THIS_CHATS[section]})" for section in left_out)
+    return f"not shown, as they do not apply to this chat: {named}; --print-config lists every setting"
