@@ -337,3 +337,31 @@ def write_growing_video(path: Path, small: int, large: int, side: int = 512) -> 
             packet.pts = packet.dts = number * 3000
             container.mux(packet)
     return path
+
+
+def faststart_copy(path: Path, copy: Path) -> Path:
+    """`path` remuxed (no re-encoding) with its index (moov) before the frames, as streaming sites
+    write MP4s: a copy cut short keeps an index that lists every frame."""
+    import av
+
+    with av.open(str(path)) as source, av.open(str(copy), "w", options={"movflags": "faststart"}) as target:
+        stream = source.streams.video[0]
+        out = target.add_stream_from_template(stream)
+        for packet in source.demux(stream):
+            if packet.dts is None:  # the flush packet at the end
+                continue
+            packet.stream = out
+            target.mux(packet)
+    return copy
+
+
+def cut_at_frame(whole: Path, copy: Path, frame: int, inside: bool = False) -> Path:
+    """A copy of `whole` that ends where frame `frame`'s data begins, or halfway through it (as an
+    unfinished download does: with faststart_copy's index, which lists every frame)."""
+    import av
+
+    with av.open(str(whole)) as container:
+        packets = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
+    pos, size = packets[frame]
+    copy.write_bytes(whole.read_bytes()[: pos + (size // 2 if inside else 0)])
+    return copy

@@ -29,7 +29,7 @@ from internvl_chat.ui.answer_text import AnswerCleaner, sanitize
 from internvl_chat.ui.app import EXIT, ERROR, OK, App
 from internvl_chat.ui.commands import block_is_open, unwrap_block
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
-from media_helpers import textured_rgb, write_numbered_video
+from media_helpers import cut_at_frame, faststart_copy, textured_rgb, write_numbered_video
 from app_helpers import ChunkedAnswers, _Turn, make_app, output
 
 MAX_CONTEXT = 2048  # the context conftest's `loaded` fixture gives the model
@@ -168,6 +168,22 @@ def test_a_range_past_the_end_of_the_video_shows_and_saves_the_range_used(loaded
     clamped = load_video(media / "clip.mp4", 2, 2, 1000)
     assert torch.equal(app.session.turns[0].features, loaded.model.encode_images(clamped.pixel_values))
     assert clamped.indices == load_video(media / "clip.mp4", 2, 2, 3.0).indices
+
+
+def test_a_video_cut_short_is_said_once_with_the_answer_it_was_sent_with(loaded, media, tmp_path):
+    """Its frames are sampled from the ones it holds (media/video.py); the user learns why the clip
+    is shorter than its attach line said."""
+    whole = faststart_copy(media / "clip.mp4", tmp_path / "whole.mp4")
+    cut = cut_at_frame(whole, tmp_path / "cut.mp4", 10)
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/video {cut} --frames 2") == OK
+    assert "+ video cut.mp4 2 frames of 3.0 s" in output(out)  # the header's length, before decoding
+    assert app.handle_line("What happens?") == OK
+    said = output(out)
+    assert (f"({cut} holds only 10 of the 30 frames its header lists (1.0 s of 3.0 s): the file may be cut short "
+            "(an unfinished download or copy); its frames were sampled from those 10)") in said  # fmt: skip
+    assert app.handle_line("And then?") == OK
+    assert "holds only" not in output(out)
 
 
 def test_warns_at_80_percent_and_refuses_past_the_budget(loaded, media, tmp_path):

@@ -140,6 +140,18 @@ def test_video_flags(tiny_original, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
+def test_a_video_cut_short_is_noted_on_stderr(tiny_original, tmp_path):
+    from media_helpers import cut_at_frame, faststart_copy, write_numbered_video
+
+    whole = faststart_copy(write_numbered_video(tmp_path / "clip.mp4", num_frames=30), tmp_path / "whole.mp4")
+    cut = cut_at_frame(whole, tmp_path / "cut.mp4", 12)
+    run = cli("--model", str(tiny_original), "--max-new-tokens", "2", "--device", "cpu", "--json", "-p", "What happens?",
+              "--video", str(cut), "--frames", "2")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["finish_reason"] in ("stop", "length")
+    assert f"internvl-chat: note: {cut} holds only 12 of the 30 frames its header lists (0.4 s of 1.0 s)" in run.stderr
+
+
 # --- untrusted input and broken output streams --------------------------------------------------
 
 

@@ -19,7 +19,14 @@ import warnings
 
 import numpy as np
 import pytest
-from media_helpers import png_with_exif_after_pixels, read_frame_number, textured_rgb, write_numbered_video
+from media_helpers import (
+    cut_at_frame,
+    faststart_copy,
+    png_with_exif_after_pixels,
+    read_frame_number,
+    textured_rgb,
+    write_numbered_video,
+)
 from PIL import Image
 from remote_helpers import FakeServer, Reply, fixture
 
@@ -194,6 +201,28 @@ def test_video_frames_are_our_samplers_frames(tmp_path):
     assert numbers == frame_indices(40, 30.0, 5)
     labels = [p["text"] for p in parts if p["type"] == "text"]
     assert labels == ["Frame1: ", "Frame2: ", "Frame3: ", "Frame4: ", "Frame5: ", "What happens?"]
+
+
+def test_a_video_cut_short_sends_the_frames_it_holds_and_says_so_once(tmp_path):
+    from internvl_chat.media.video_sampling import frame_indices
+
+    whole = faststart_copy(write_numbered_video(tmp_path / "v.mp4", 40), tmp_path / "whole.mp4")
+    cut = cut_at_frame(whole, tmp_path / "cut.mp4", 16)
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(stream_of("vllm"), stream_of("vllm"))
+        conv = connect(server)
+        _, final = answer(conv.ask("What happens?", [conv.describe_video(cut, 4)]))
+        assert final["notice"].startswith(f"{cut} holds only 16 of the 40 frames its header lists")
+        _, final = answer(conv.ask("And then?"))
+        assert final["notice"] is None
+        clip = conv.turns[0].media[0].clip
+    assert [_frame_number(p.url) for p in clip.frames] == frame_indices(16, 30.0, 4)
+
+
+def _frame_number(url: str) -> int:
+    mean, std = np.asarray(IMAGENET_MEAN)[:, None, None], np.asarray(IMAGENET_STD)[:, None, None]
+    rgb = np.asarray(Image.open(io.BytesIO(b64_of(url))).convert("RGB"), dtype=np.float32) / 255
+    return read_frame_number((rgb.transpose(2, 0, 1) - mean) / std)
 
 
 def test_a_video_range_past_the_end_is_kept_as_the_range_used(tmp_path):

@@ -146,11 +146,14 @@ def test_intra_only_streams_decode_only_the_sampled_frames_and_give_those_of_a_f
         assert [read_frame_number(t) for t in result.pixel_values.numpy()] == result.indices
         for tile, number in zip(result.pixel_values, result.indices):
             assert torch.equal(tile, media_video.frame_to_tile(full[number], None, 448)[0]), (name, number)
-    # a header that promises 60 frames: as in a decode from the start, the last one stands in for the rest
+    # a header that promises 60 frames: the 40 there are sampled again (the first try decoded the 4
+    # it wanted below 40 and the last one, 39; none is among the second's 6), and the shortfall is noted
     result = load_video(_promising(path, 60), 6)
-    assert result.indices == [min(i, 39) for i in video_sampling.frame_indices(60, 30.0, 6)] == [4, 14, 24, 34, 39, 39]
-    assert result.decoded_frames == 5
+    assert video_sampling.frame_indices(60, 30.0, 6)[-2:] == [43, 53]  # past the end
+    assert result.indices == video_sampling.frame_indices(40, 30.0, 6) == [3, 9, 16, 23, 29, 35]
+    assert (result.num_total_frames, result.listed_frames, result.decoded_frames) == (40, 60, 4 + 1 + 6)
     assert [read_frame_number(t) for t in result.pixel_values.numpy()] == result.indices
+    assert "holds only 40 of the 60 frames its header lists (1.3 s of 2.0 s)" in result.shortfall_note
 
 
 def test_streams_of_key_frames_of_a_codec_that_is_not_intra_only_are_still_decoded_from_the_start(clips, monkeypatch):
@@ -180,7 +183,7 @@ def test_what_decord_decoded_before_it_failed_counts_against_the_limit(clips, mo
     assert load_video(path, 8, max_decode_pixels=both).decoded_pixels == both
     with pytest.raises(DecodeOverBudget) as err:
         load_video(path, 8, max_decode_pixels=both - 1)
-    assert f"({decord_cost.pixels / 1e6:.6g} of them spent already by an attempt that failed)" in str(err.value)
+    assert f"({decord_cost.pixels / 1e6:.6g} of them spent already by an earlier pass over the file)" in str(err.value)
 
 
 def test_an_intra_only_stream_whose_packets_are_not_one_frame_each_is_decoded_from_the_start(tmp_path, monkeypatch):

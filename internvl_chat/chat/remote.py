@@ -54,7 +54,7 @@ from .remote_media import RemoteMedia, frames_as_jpeg, image_payload
 from .remote_numbers import FINISH_REASONS, answer_timing, clean_usage, context_of
 from .sampling import SamplingParams
 from .saved_media import ReadiedSession, saved_media, sha256_of, with_notes
-from .session import Media
+from .session import Media, media_notes
 from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
 from .sse import StreamFailed
 from .template import media_order
@@ -341,7 +341,7 @@ class RemoteConversation:
         else:
             start, end = media.video_range or (None, None)
             video = load_video(media.path, media.frames, start, end, IMAGE_SIZE)
-            media.timestamps = list(video.timestamps)
+            media.timestamps, media.decode_note = list(video.timestamps), video.shortfall_note
             if not media.sha256:
                 media.sha256 = sha256_of(media.path)
                 media.bytes = media.path.stat().st_size  # the size hashed, saved with the hash
@@ -420,7 +420,7 @@ class RemoteConversation:
         # a request that failed below HTTP (or a proxy's 502-504) may mean a restart: only then is the
         # limit read again
         fresh = self.refresh_context() if self.client.broke else None
-        notice, self._context_news = fresh or self._context_news, None
+        notice, self._context_news = media_notes(turn.media, fresh or self._context_news), None
         try:
             yield from self._answer(turn, history, params, cancel, replace_last, body, notice)
         except ContextRefused as refused:
@@ -540,7 +540,7 @@ class RemoteConversation:
             "timing": turn.timing,
             "token_ids": None,
             "note": note,  # why the client stopped the answer, or None
-            "notice": notice,  # news of the server's (its context changed), or None
+            "notice": notice,  # news of the server's (its context changed), or of the media sent, or None
         }
 
     def undo(self) -> RemoteTurn:

@@ -55,6 +55,12 @@ class Media:
     bytes: int = 0
     pixel_values: torch.Tensor | None = field(default=None, repr=False)
     timestamps: list[float] | None = None
+    decode_note: str | None = None  # what decoding found the user should know (a video cut short); not saved
+
+    def take_note(self) -> str | None:
+        """The decode note, once: it is said with the answer it was sent with."""
+        note, self.decode_note = self.decode_note, None
+        return note
 
     @property
     def spec(self) -> MediaSpec:
@@ -245,6 +251,7 @@ class Session:
                 media.pixel_values, media.size = pixels, image.size
             else:
                 media.pixel_values, media.timestamps = pixels, list(video.timestamps)
+                media.decode_note = video.shortfall_note
         if not media.sha256:
             media.sha256 = sha256_of(media.path)
             media.bytes = media.path.stat().st_size  # the size hashed, saved with the hash
@@ -310,6 +317,9 @@ class Session:
                 text_parts.append(event["text"])
                 if event["finish_reason"] is not None:
                     self._commit(turn, prompt, event, "".join(text_parts))
+                    notice = media_notes(turn.media)
+                    if notice:
+                        event["notice"] = notice
                 yield event
         except (GenerationError, KeyboardInterrupt, Cancelled) as e:
             if self.turns and self.turns[-1] is turn:  # a Ctrl-C as the commit ended, before its event was given
@@ -792,6 +802,12 @@ class Session:
         turn = Turn("", [], ids_before=reuse, pos_before=reuse, prompt_ids=ids[reuse:])
         turn.features = features
         yield from self._run_turn(turn, ids[reuse:], features, vision_s, params, cancel)
+
+
+def media_notes(media: Sequence[Media], *more: str | None) -> str | None:
+    """The notes decoding left on a turn's media (taken: said once) and `more`, as one line, or None."""
+    notes = [note for note in (*more, *(m.take_note() for m in media)) if note]
+    return "; ".join(notes) or None
 
 
 def _release_pixels(turn: Turn) -> None:

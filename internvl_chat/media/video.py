@@ -10,7 +10,10 @@ frames of intra-only streams (MJPEG, DV, ProRes, raw: each packet a whole frame 
 codecs may refer to earlier frames whatever their key frame flags say, so those decode from the start.
 
 When N is larger than the number of frames in the range, frames repeat (as in the published
-formula) rather than failing: the model still gets N frames.
+formula) rather than failing: the model still gets N frames. A stream that ends before its header's
+count (a file cut short, a header that counts more) is sampled again from the frames it really
+holds, and `VideoInput.shortfall_note` says so; one whose decoding fails before a sampled frame is
+refused (the file is damaged there).
 
 Frames come out as a player shows them: a rotation or mirror stored with the video (a display
 matrix, as phones write, or an older `rotate` tag) is applied before the tile transform. Each frame
@@ -52,7 +55,15 @@ from .video_cost import DecodeCost, DecodeMeter
 from .video_header import VideoHeader, check_count, count_packets, read_header, shown_path
 from .video_orientation import Orientation
 from .video_sampling import frame_indices
-from .video_sources import DecordFailed, DecordSource, FrameSource, NotOnePerPacket, PyAVSource, decord_is_exact
+from .video_sources import (
+    DecordFailed,
+    DecordSource,
+    FrameSource,
+    NotOnePerPacket,
+    PyAVSource,
+    StreamEnded,
+    decord_is_exact,
+)
 from .video_worker import DecodeStop, interruptible
 
 BACKEND_ENV = "INTERNVL_CHAT_VIDEO_BACKEND"
@@ -70,10 +81,21 @@ class VideoInput:
     path: Path
     decoded_frames: int = 0  # frames the decoder produced to reach the sampled ones
     decoded_pixels: int = 0  # their width × height (at least MIN_FRAME_SIDE²), summed
+    listed_frames: int | None = None  # the header's count, where the stream held fewer (num_total_frames)
 
     @property
     def num_frames(self) -> int:
         return int(self.pixel_values.shape[0])
+
+    @property
+    def shortfall_note(self) -> str | None:
+        """One line for the user where the file held fewer frames than its header lists, else None."""
+        if self.listed_frames is None:
+            return None
+        held, listed = self.num_total_frames, self.listed_frames
+        seconds = f" ({held / self.fps:.1f} s of {listed / self.fps:.1f} s)" if self.fps > 0 else ""
+        return (f"{shown_path(self.path)} holds only {held:,} of the {listed:,} frames its header lists{seconds}: "
+                f"the file may be cut short (an unfinished download or copy); its frames were sampled from those {held:,}")
 
 
 def _import_decord():
@@ -120,6 +142,7 @@ class _Decoded:
     num_total_frames: int
     backend: str
     meter: DecodeMeter
+    listed_frames: int | None = None  # the header's count, where the stream held fewer
 
 
 def _open(path: Path, backend: str, header: VideoHeader, decord, stop: DecodeStop, packets_alone: bool = True) -> FrameSource:
@@ -142,7 +165,8 @@ def _decode(
     stop: DecodeStop, meter: DecodeMeter,
 ) -> _Decoded:  # fmt: skip
     """`meter` may hold what an attempt that failed decoded (decord's, or PyAV's packet by packet
-    on an intra-only stream whose packets are not one frame each): it counts too."""
+    on an intra-only stream whose packets are not one frame each): it counts too, as does a first
+    pass that found the stream shorter than its header lists."""
     args = (path, backend, header, decord, num_frames, start, end, image_size, stop, meter)
     try:
         return _decode_once(*args, packets_alone=True)
@@ -155,21 +179,57 @@ def _decode_once(
     stop: DecodeStop, meter: DecodeMeter, packets_alone: bool,
 ) -> _Decoded:  # fmt: skip
     source = _open(path, backend, header, decord, stop, packets_alone)
+    total = source.num_total_frames
+    # decord counts the frames it can read; the header's count is what the file's index lists
+    listed = header.frames if 0 < total < header.frames else None
     try:
-        indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
+        indices = frame_indices(total, source.fps, num_frames, start, end)
         meter.check_plan(_cost(backend, header, source, indices))
         tiles: dict[int, torch.Tensor] = {}
-        with contextlib.closing(source.frames(sorted(set(indices)), stop, meter)) as frames:
-            for number, rgb in frames:
-                tiles[number] = frame_to_tile(rgb, source.orientation, image_size)
-                del rgb  # before the next frame is decoded
+        try:
+            _decode_tiles(source, indices, tiles, stop, meter, image_size)
+        except StreamEnded as ended:
+            # fewer frames than the header lists: sample the frames the file really holds
+            listed, total = listed or total, _frames_held(path, ended, listed or total, source.fps)
+            indices = frame_indices(total, source.fps, num_frames, start, end)
+            tiles = {number: tile for number, tile in tiles.items() if number in indices}
+            source.close()
+            source = _open(path, backend, header, decord, stop, packets_alone)
+            missing = sorted(set(indices) - set(tiles))
+            if missing:
+                meter.check_plan(_cost(backend, header, source, missing))
+                try:
+                    _decode_tiles(source, missing, tiles, stop, meter, image_size)
+                except StreamEnded:
+                    raise MediaError(f"{shown_path(path)} changed while it was read; attach it again") from None
     finally:
         source.close()
-    if not tiles:
+    return _Decoded(torch.cat([tiles[i] for i in indices]), indices, source.fps, total, backend, meter, listed)
+
+
+def _decode_tiles(
+    source: FrameSource, indices: list[int], tiles: dict[int, torch.Tensor], stop: DecodeStop, meter: DecodeMeter,
+    image_size: int,
+) -> None:  # fmt: skip
+    """Decode the frames `indices` names into `tiles` (number → tile), one full-size frame at a time."""
+    with contextlib.closing(source.frames(sorted(set(indices)), stop, meter)) as frames:
+        for number, rgb in frames:
+            tiles[number] = frame_to_tile(rgb, source.orientation, image_size)
+            del rgb  # before the next frame is decoded
+
+
+def _frames_held(path: Path, ended: StreamEnded, listed: int, fps: float) -> int:
+    """The frames a stream that ended early holds, to sample from: refused where decoding failed
+    (the file is damaged there; what follows may be anything) or where nothing decoded."""
+    if ended.reason is not None:
+        if not ended.frames:
+            raise MediaError(f"cannot decode frames of {shown_path(path)} ({ended.reason}); the file may be damaged")
+        at = f", at {ended.frames / fps:.2f} s" if fps > 0 else ""
+        raise MediaError(f"cannot decode {shown_path(path)} past frame {ended.frames:,} of {listed:,}{at} ({ended.reason}); "
+                         "the file is damaged there: use a time range that ends before it, or an undamaged copy")  # fmt: skip
+    if not ended.frames:
         raise MediaError(f"{shown_path(path)} decoded to no frames; the file may be damaged")
-    last = max(tiles)
-    numbers = [i if i in tiles else last for i in indices]
-    return _Decoded(torch.cat([tiles[i] for i in numbers]), numbers, source.fps, source.num_total_frames, backend, meter)
+    return ended.frames
 
 
 def _by_backend(decord, forced: str | None, header: VideoHeader, attempt: Callable[[str], T]) -> T:
@@ -304,4 +364,5 @@ def load_video(
         path=path,
         decoded_frames=decoded.meter.frames,
         decoded_pixels=decoded.meter.pixels,
+        listed_frames=decoded.listed_frames,
     )

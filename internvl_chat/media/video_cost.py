@@ -64,11 +64,12 @@ class DecodeMeter:
         self.frames = self.pixels = 0
 
     def check_plan(self, cost: DecodeCost) -> None:
-        """Refuse a plan that would take the decoding past the limit (with what an attempt that
-        failed has spent already), before any of it is decoded."""
+        """Refuse a plan that would take the decoding past the limit (with what an earlier pass
+        spent already: an attempt that failed, or one that found the stream shorter), before any
+        of it is decoded."""
         if self.limit is None or self.pixels + cost.pixels <= self.limit:
             return
-        after = f" ({megapixels(self.pixels)} of them spent already by an attempt that failed)" if self.pixels else ""
+        after = f" ({megapixels(self.pixels)} of them spent already by an earlier pass over the file)" if self.pixels else ""
         raise DecodeOverBudget(
             f"video {shown_path(self.path)} needs {cost} decoded to reach the frames sampled, over the limit of "
             f"{megapixels(self.limit)} megapixels{after}; cut the clip shorter or scale it down",

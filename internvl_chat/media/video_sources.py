@@ -48,11 +48,28 @@ class FrameSource(Protocol):
 
     def frames(self, wanted: list[int], stop: DecodeStop, meter: DecodeMeter) -> Iterator[tuple[int, np.ndarray]]:
         """(number, RGB uint8 [H, W, 3]) for each wanted number (ascending, distinct), each frame
-        decoded charged to `meter`. A stream shorter than its header said ends with its last frame,
-        under its own number."""
+        decoded charged to `meter`. A stream that ends before a wanted frame raises StreamEnded."""
         ...
 
     def close(self) -> None: ...
+
+
+class StreamEnded(Exception):
+    """The stream ended before a wanted frame: it holds `frames` frames (fewer than its header
+    lists: a file cut short, or a header that counts more). `reason`: why decoding failed there
+    (damage), or None where the stream simply ended."""
+
+    def __init__(self, frames: int, reason: str | None = None) -> None:
+        super().__init__(frames, reason)
+        self.frames, self.reason = frames, reason
+
+
+class _DemuxFailed(Exception):
+    """The demuxer could not read on (`reason`): the packets before it came out."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class DecordFailed(MediaError):
@@ -219,21 +236,64 @@ class PyAVSource:
         # intra-only: the wanted frames alone; else decoded from the start up to the last one
         return len(wanted) if self._intra else wanted[-1] + 1
 
+    def _packets(self) -> Iterator[tuple[object, bool]]:
+        """The stream's packets, each with whether a packet with data follows it: a file cut short
+        ends with a cut packet, which does not decode; a packet that does not decode elsewhere is
+        damage. A demuxing error ends with _DemuxFailed once the packets before it are out."""
+        packets = self._container.demux(self._stream)
+        try:
+            packet = next(packets, None)
+        except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses for damaged data
+            raise _DemuxFailed(error_reason(e)) from None
+        while packet is not None:
+            failed = None
+            try:
+                following = next(packets, None)
+            except Exception as e:  # noqa: BLE001
+                following, failed = None, error_reason(e)
+            yield packet, failed is not None or (following is not None and bool(following.size))
+            if failed is not None:
+                raise _DemuxFailed(failed)
+            packet = following
+
+    def _from_start(self) -> Iterator[tuple[int, object]]:
+        """(number, frame) for every frame in presentation order; StreamEnded at the end."""
+        number = -1
+        try:
+            for packet, more in self._packets():
+                try:
+                    frames = packet.decode()  # the empty packet at the end returns what the decoder holds
+                except Exception as e:  # noqa: BLE001
+                    if more:
+                        raise StreamEnded(number + 1, error_reason(e)) from None
+                    continue  # the file's last packet, cut with it
+                for frame in frames:
+                    number += 1
+                    yield number, frame
+        except _DemuxFailed as e:
+            raise StreamEnded(number + 1, e.reason) from None
+        raise StreamEnded(number + 1)
+
     def _intra_frames(self, wanted: list[int]) -> Iterator[tuple[int, object]]:
-        """(number, frame) for the wanted packets of an intra-only stream, each decoded alone; at
-        the end of a stream shorter than its header said, its last packet's frame if not wanted."""
-        wanted_set, number, skipped = set(wanted), -1, None
-        for packet in self._container.demux(self._stream):
-            if not packet.size:  # the end-of-stream packet (count_packets counts no empty one either)
-                continue
-            number += 1
-            if number in wanted_set:
-                skipped = None
-                yield number, self._alone(packet)
-            else:
-                skipped = packet
-        if skipped is not None:
-            yield number, self._alone(skipped)
+        """(number, frame) for the wanted packets of an intra-only stream, each decoded alone, and
+        the last packet's (to know that it is whole); StreamEnded at the end."""
+        wanted_set, number = set(wanted), -1
+        try:
+            for packet, more in self._packets():
+                if not packet.size:  # the end-of-stream packet (count_packets counts no empty one either)
+                    continue
+                number += 1
+                if number in wanted_set or not more:
+                    try:
+                        frame = self._alone(packet)
+                    except NotOnePerPacket:
+                        raise
+                    except Exception as e:  # noqa: BLE001
+                        raise StreamEnded(number, error_reason(e) if more else None) from None
+                    yield number, frame
+        except _DemuxFailed as e:
+            raise StreamEnded(number + 1, e.reason) from None
+        raise StreamEnded(number + 1)
 
     def _alone(self, packet):
         frames = self._stream.codec_context.decode(packet)
@@ -244,38 +304,18 @@ class PyAVSource:
     def frames(self, wanted: list[int], stop: DecodeStop, meter: DecodeMeter) -> Iterator[tuple[int, np.ndarray]]:
         pending = iter(wanted)
         target = next(pending)
-        any_yielded = False
-        last = None  # (number, frame): the latest decoded frame when it was not a wanted one
-        decoded = self._intra_frames(wanted) if self._intra else enumerate(self._container.decode(self._stream))
-        try:
-            for number, frame in decoded:
-                if stop.is_set():
-                    raise DecodeStopped
-                check_frame_size(self._path, frame.width, frame.height)
-                meter.charge(1, frame.width, frame.height)
-                if number == target:
-                    last = None
-                    yield number, frame.to_ndarray(format="rgb24")
-                    any_yielded = True
-                    target = next(pending, None)
-                    if target is None:
-                        return
-                else:
-                    last = (number, frame)
-                del frame
-        except (DecodeStopped, MediaError, NotOnePerPacket):
-            raise
-        except Exception as e:  # noqa: BLE001 - damage after some frames ends the stream there
-            if not any_yielded and last is None:
-                raise MediaError(f"cannot decode frames of {shown_path(self._path)} ({error_reason(e)}); "
-                                "the file may be damaged") from None  # fmt: skip
-        # A header may promise more frames than the stream holds: the last decoded one stands in.
-        if last is not None:
-            number, frame = last
-            del last
-            yield number, frame.to_ndarray(format="rgb24")
-        elif not any_yielded:
-            raise MediaError(f"{shown_path(self._path)} decoded to no frames; the file may be damaged")
+        decoded = self._intra_frames(wanted) if self._intra else self._from_start()
+        for number, frame in decoded:
+            if stop.is_set():
+                raise DecodeStopped
+            check_frame_size(self._path, frame.width, frame.height)
+            meter.charge(1, frame.width, frame.height)
+            if number == target:
+                yield number, frame.to_ndarray(format="rgb24")
+                target = next(pending, None)
+                if target is None:
+                    return
+            del frame
 
     def close(self) -> None:
         self._container.close()

@@ -523,7 +523,7 @@ class App:
 
     def _after_answer(self, final: dict) -> str:
         reason = final["finish_reason"]
-        if final.get("notice"):  # a server's news, e.g. its context changed (chat/remote.py)
+        if final.get("notice"):  # news of a server's (its context changed) or of the media sent (a video cut short)
             self.say(f"({final['notice']})", "yellow")
         if final.get("note"):  # the client stopped the answer (chat/answer_bounds.py)
             self.say(f"[stopped: {final['note']}; /retry answers again, /undo removes it]", "yellow")

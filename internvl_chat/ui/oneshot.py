@@ -17,7 +17,7 @@ import threading
 from contextlib import suppress
 
 from ..errors import InternVLChatError
-from ..files import OutputFailed
+from ..files import OutputFailed, visible
 from ..settings import Settings
 from .answer_text import AnswerCleaner
 from .media_paths import not_attached, take_media_paths
@@ -99,6 +99,8 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     else:
         sys.stdout.write("\n")
     sys.stdout.flush()
+    if final.get("notice"):  # e.g. a video cut short, sampled from the frames it holds
+        print(f"internvl-chat: note: {visible(final['notice'])}", file=sys.stderr)
     if stopped_by:  # the text so far is out, its line ended; no stats for an answer cut short
         print(f"internvl-chat: {_stopped_note(stopped_by[0])}", file=sys.stderr)
         return 128 + stopped_by[0]

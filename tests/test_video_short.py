@@ -1,0 +1,152 @@
+"""Videos whose stream ends before the count their header lists: an MP4 cut short whose index sits
+before the frames (as streaming sites write them: the index survives the cut and lists every
+frame), and one damaged inside. The frames sent are the ones the file holds, never a stand-in."""
+
+from __future__ import annotations
+
+import av
+import pytest
+from media_helpers import cut_at_frame, faststart_copy, read_frame_number, video_backends, write_numbered_video
+
+from internvl_chat.errors import MediaError
+from internvl_chat.media.video import BACKEND_ENV, load_video, probe_video
+from internvl_chat.media.video_cost import DecodeOverBudget, frame_work
+from internvl_chat.media.video_header import count_packets
+from internvl_chat.media.video_sampling import frame_indices
+from internvl_chat.media.video import VideoInput
+
+FRAMES, FPS = 60, 10
+
+
+def _whole(folder, codec: str = "mpeg4", pix_fmt: str = "yuv420p", suffix: str = ".mp4"):
+    made = write_numbered_video(folder / f"made{suffix}", FRAMES, FPS, codec, pix_fmt=pix_fmt)
+    path = faststart_copy(made, folder / f"whole{suffix}")
+    data = path.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")  # the index first
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    return _whole(tmp_path_factory.mktemp("short"))
+
+
+@pytest.fixture(scope="module")
+def whole_mjpeg(tmp_path_factory):
+    """Each packet a whole picture: PyAV decodes only the sampled packets, and the last one."""
+    return _whole(tmp_path_factory.mktemp("short_mjpeg"), "mjpeg", "yuvj420p", ".mov")
+
+
+def _cut(whole, tmp_path, frame: int, inside: bool = False):
+    return cut_at_frame(whole, tmp_path / f"cut{whole.suffix}", frame, inside)
+
+
+def _frames_in(path) -> int:
+    """The frames a plain decode gives before it ends or fails (at a packet cut with the file)."""
+    count = 0
+    with av.open(str(path)) as container:
+        try:
+            for _ in container.decode(video=0):
+                count += 1
+        except av.error.InvalidDataError:
+            pass
+    return count
+
+
+def _shown(result: VideoInput) -> list[int]:
+    return [read_frame_number(tile) for tile in result.pixel_values.numpy()]
+
+
+@pytest.mark.parametrize("frame, inside", [(14, False), (50, True)])  # inside: the last packet is cut too
+@pytest.mark.parametrize("clip", ["whole", "whole_mjpeg"])
+def test_a_cut_file_is_sampled_from_the_frames_it_holds_and_says_so(request, tmp_path, monkeypatch, frame, inside, clip):
+    """The default choice: decord refuses the file, PyAV decodes it. Before, the sampled frames past
+    the cut all repeated the last one decoded (half a 60-frame clip: frames 3, 10, 13, 13, 13, …)."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    whole = request.getfixturevalue(clip)
+    path = _cut(whole, tmp_path, frame, inside)
+    held = _frames_in(path)
+    assert held == frame or (inside and held == frame + 1)  # a decoder may conceal what a half packet lacks
+    assert probe_video(path)[0] == FRAMES  # the header still lists them all
+    result = load_video(path, 8)
+    assert (result.num_total_frames, result.listed_frames) == (held, FRAMES)
+    assert result.indices == frame_indices(held, FPS, 8) == _shown(result)
+    assert len(set(result.indices)) == 8  # eight different frames, none standing in for another
+    assert result.timestamps == pytest.approx([i / FPS for i in result.indices])
+    note = result.shortfall_note
+    assert note == (f"{path} holds only {held} of the {FRAMES} frames its header lists ({held / FPS:.1f} s of 6.0 s): "
+                    f"the file may be cut short (an unfinished download or copy); its frames were sampled from those {held}")  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", video_backends())
+def test_either_backend_refuses_or_gives_the_frames_the_file_holds(whole, tmp_path, monkeypatch, backend):
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = _cut(whole, tmp_path, 30)
+    held = _frames_in(path)
+    try:
+        result = load_video(path, 8)
+    except MediaError as e:  # forced decord cannot read the file: a one-line refusal
+        assert backend == "decord" and "\n" not in str(e) and str(path) in str(e)
+        return
+    assert result.indices == frame_indices(held, FPS, 8) == _shown(result)
+
+
+def test_the_whole_file_has_no_note(whole, monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    result = load_video(whole, 8)
+    assert result.listed_frames is None and result.shortfall_note is None
+    assert result.indices == frame_indices(FRAMES, FPS, 8) == _shown(result)
+
+
+def test_frames_decoded_before_the_end_was_found_are_kept_when_sampled_again(whole, tmp_path, monkeypatch):
+    """Both passes decode from the start; the second only as far as its last missing frame."""
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    path = _cut(whole, tmp_path, 30)
+    held = _frames_in(path)
+    result = load_video(path, 2)
+    assert result.indices == frame_indices(held, FPS, 2)
+    assert result.decoded_frames == held + result.indices[-1] + 1
+
+
+def test_a_time_range_past_the_frames_held_is_refused_with_their_length(whole, tmp_path, monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    path = _cut(whole, tmp_path, 30)
+    held = _frames_in(path)
+    with pytest.raises(MediaError, match=rf"start 5\.0 s is at or past the end of the video \({held / FPS:.2f} s\)"):
+        load_video(path, 4, start=5.0)
+    result = load_video(path, 4, start=0.5, end=5.0)  # an end past it: its last frame
+    assert result.indices == frame_indices(held, FPS, 4, 0.5, 5.0) == _shown(result)
+    assert result.indices[-1] < held
+
+
+def test_the_second_pass_counts_against_the_decoding_limit(whole, tmp_path, monkeypatch):
+    """The first pass is planned from the header (frames 0…55) and decodes the 52 or so there are,
+    the second decodes frames 0…46 or so again: together more than the plan."""
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    path = _cut(whole, tmp_path, 52, inside=True)
+    held = _frames_in(path)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        each = frame_work(stream.codec_context.width, stream.codec_context.height)
+    second = frame_indices(held, FPS, 8)[-1] + 1
+    assert held + second > frame_indices(FRAMES, FPS, 8)[-1] + 1
+    load_video(path, 8, max_decode_pixels=(held + second) * each)  # both passes fit
+    with pytest.raises(DecodeOverBudget, match=r"spent already by an earlier pass over the file"):
+        load_video(path, 8, max_decode_pixels=(held + second - 1) * each)
+
+
+def test_a_file_damaged_inside_is_refused_where_its_decoding_fails(whole, tmp_path, monkeypatch):
+    """Frames past the damage are garbage the decoder rejects: neither a stand-in nor a resampling."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    data = whole.read_bytes()
+    start = data.index(b"mdat") + 4 + 400  # the first frames whole, the rest overwritten
+    path = tmp_path / "damaged.mp4"
+    path.write_bytes(data[:start] + bytes(range(256)) * ((len(data) - start) // 256 + 1))
+    assert count_packets(path) == FRAMES  # every frame is there, as bytes
+    with pytest.raises(MediaError) as err:
+        load_video(path, 8)
+    message = str(err.value)
+    assert message.startswith(f"cannot decode {path} past frame ")
+    assert f" of {FRAMES}, at " in message and message.endswith(
+        "; the file is damaged there: use a time range that ends before it, or an undamaged copy")
+    assert "\n" not in message
