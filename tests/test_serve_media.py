@@ -18,7 +18,14 @@ import pytest
 from PIL import Image
 
 from internvl_chat.chat.template import MediaSpec
-from media_helpers import numbered_frame, textured_rgb, write_growing_video, write_numbered_video
+from media_helpers import (
+    cut_at_frame,
+    faststart_copy,
+    numbered_frame,
+    textured_rgb,
+    write_growing_video,
+    write_numbered_video,
+)
 from proxy_helpers import error_page_proxy
 from serve_support import data_url, jpeg_frames_url, png_bytes
 
@@ -174,6 +181,25 @@ def test_hostile_media_are_400_that_say_what_to_do_and_the_server_goes_on(client
 
 def video_part(path: Path, mime: str = "video/mp4") -> dict:
     return {"type": "video_url", "video_url": {"url": data_url(path, mime)}}
+
+
+def test_a_video_cut_short_is_answered_from_its_frames_and_one_damaged_before_a_sampled_frame_is_400(
+    client, builder, media, tmp_path
+):  # fmt: skip
+    whole = faststart_copy(media / "clip.mp4", tmp_path / "whole.mp4")
+    frames = {"media_io_kwargs": {"video": {"num_frames": 4}}}
+    out = ask(client, [video_part(cut_at_frame(whole, tmp_path / "cut.mp4", 9)), {"type": "text", "text": "Q"}],
+              extra_body=frames)  # fmt: skip
+    assert out.usage.prompt_tokens == len(builder.first_turn("Q", [MediaSpec("video", 4)]))
+    data = whole.read_bytes()
+    start = data.index(b"mdat") + 400
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(data[:start] + bytes(range(256)) * ((len(data) - start) // 256 + 1))
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, [video_part(damaged), {"type": "text", "text": "Q"}], extra_body=frames)
+    message = err.value.body["message"]
+    assert message.startswith("cannot decode the media past frame ") and "the file is damaged there" in message, message
+    assert "\n" not in message and "internvl-chat-serve-" not in message
 
 
 def test_a_new_video_s_header_is_read_once_when_its_request_is_measured(server, tmp_path, monkeypatch):

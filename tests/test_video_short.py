@@ -148,5 +148,5 @@ def test_a_file_damaged_inside_is_refused_where_its_decoding_fails(whole, tmp_pa
     message = str(err.value)
     assert message.startswith(f"cannot decode {path} past frame ")
     assert f" of {FRAMES}, at " in message and message.endswith(
-        "; the file is damaged there: use a time range that ends before it, or an undamaged copy")
+        "; the file is damaged there: cut the clip before that point (a time range does), or use an undamaged copy")
     assert "\n" not in message

@@ -226,7 +226,7 @@ def _frames_held(path: Path, ended: StreamEnded, listed: int, fps: float) -> int
             raise MediaError(f"cannot decode frames of {shown_path(path)} ({ended.reason}); the file may be damaged")
         at = f", at {ended.frames / fps:.2f} s" if fps > 0 else ""
         raise MediaError(f"cannot decode {shown_path(path)} past frame {ended.frames:,} of {listed:,}{at} ({ended.reason}); "
-                         "the file is damaged there: use a time range that ends before it, or an undamaged copy")  # fmt: skip
+                         "the file is damaged there: cut the clip before that point (a time range does), or use an undamaged copy")  # fmt: skip
     if not ended.frames:
         raise MediaError(f"{shown_path(path)} decoded to no frames; the file may be damaged")
     return ended.frames
