@@ -69,18 +69,18 @@ def test_save_without_a_name_goes_to_the_sessions_folder_and_load_finds_it_by_na
 def test_a_session_file_dated_past_any_calendar_is_listed_and_completed(loaded, tmp_path, home, monkeypatch):
     """A file's time comes with it (an archive keeps it); on tmpfs, btrfs or XFS it can be a year past
     9999, where datetime raised ValueError: /load's list and its Tab completion ended the app."""
-    from internvl_chat.ui import app as app_module
+    from internvl_chat.ui import session_commands
     from internvl_chat.ui import repl
 
     app, out = make_app(loaded, tmp_path)
     app.handle_line("Hello.")
     assert app.handle_line(f"/save {default_sessions_dir() / 'far.json'}") == OK
-    real = app_module.recent_sessions
+    real = session_commands.recent_sessions
 
     def far_future(folder):
         return [(path, 1e12) for path, _ in real(folder)]  # the year 33658
 
-    monkeypatch.setattr(app_module, "recent_sessions", far_future)
+    monkeypatch.setattr(session_commands, "recent_sessions", far_future)
     monkeypatch.setattr(repl, "recent_sessions", far_future)
     output(out)
     assert app.handle_line("/load") == OK

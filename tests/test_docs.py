@@ -32,7 +32,7 @@ from internvl_chat.serve import main as serve_main
 from internvl_chat.setting_flags import SettingFlags
 from internvl_chat.settings import (COLORS, COMPILE_MODES, DTYPES, INT4_BACKENDS, OTHER_ENV_VARS, REMOTE_DIALECTS, Settings,
                                     all_keys, env_name, load_settings)
-from internvl_chat.ui.app import NOT_SESSION_SUFFIXES
+from internvl_chat.ui.session_commands import NOT_SESSION_SUFFIXES
 from internvl_chat.ui.saved_sessions import RESTORED_SETTINGS
 from internvl_chat.ui.set_keys import START_FLAGS, changeable_while_running, read_at_start, runtime_keys
 from internvl_chat.ui.commands import COMMAND_BY_NAME, COMMANDS

@@ -20,14 +20,10 @@ sets the cancel flag, so the answer stops between tokens and its partial text is
 
 from __future__ import annotations
 
-import copy
-import os
 import signal
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +34,23 @@ from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, undecodable_byte, visible, visible_lines, write_atomic
+from ..files import undecodable_byte, visible, visible_lines
 from ..media.image import check_image_decodes
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
 from .commands import Command, Message, format_help, parse_line, unwrap_block
-from .export import answer_and_cut, export_markdown
 from .media_paths import check_typed_paths, expand_wildcards, not_attached, take_media_paths
-from .paths import media_kind, quote_path
+from .paths import media_kind
 from .peak_memory import peak_memory, reset_peak_memory
 from .render import choose_stream, colour_off
-from .saved_sessions import RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages
 from .set_keys import changeable_while_running, read_at_start, set_key
-from .settings_text import (LISTED_VALUE_WIDTH, NOT_THIS_CHATS, chat_sections, left_out_note, plain_value, setting_source,
+from .session_commands import SessionFileCommands
+from .settings_text import (LISTED_VALUE_WIDTH, NOT_THIS_CHATS, chat_sections, left_out_note, setting_source,
                             setting_text, settings_table, unset_system)
 from .spinner import spin
 from .stats_table import stats_rows
 from .summary_lines import format_attach_line, format_stats, percent
-from .text_wrap import format_columns, wrap_text
+from .text_wrap import format_columns, one_line_excerpt, wrap_text
 
 OK, ERROR, EXIT = "ok", "error", "exit"
 # What the embedded demo model can answer (README, "What it can do").
@@ -63,24 +58,12 @@ DEMO_MODEL_NOTE = (
     "it only answers short questions about simple drawn shapes: how many, what colour, which shape, "
     "left or right, top or bottom, or a one-sentence description; --model DIR loads a real InternVL3"
 )
-NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 NAMES_SHOWN = 3  # files named in a refusal to attach several at once
 KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
     "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
 )
-
-
-def _short(text: str, width: int = 48) -> str:
-    """A one-line excerpt of a message (it may come from a session file: shown inert)."""
-    one_line = visible(" ".join(text.split()))
-    return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
-
-
-def _typed(path: Path | str) -> str:
-    """A path in a hint, quoted as the command line reads it back (and shown inert)."""
-    return visible(quote_path(path))
 
 
 def media_names(media: Sequence[Media]) -> str:
@@ -99,13 +82,6 @@ def unsent_note(pending: Sequence[Media], ended: str, fix: str = "") -> str:
     return f"{note}; {fix}" if fix else note
 
 
-def _refuse_special_file(path: Path) -> None:
-    """A FIFO or a device at an output path is never replaced (write_atomic refuses it): say so at
-    once, instead of offering --force (or asking y/N) for a write that then fails."""
-    if is_special_file(path):
-        raise UsageError(f"{visible(str(path))} is not a regular file (a device or a pipe?); give the name of a file")
-
-
 def _check_utf8(text: str) -> None:
     """Refuse input holding bytes that are not UTF-8 (the terminal decodes them as surrogates)."""
     bad = undecodable_byte(text)
@@ -113,7 +89,7 @@ def _check_utf8(text: str) -> None:
         raise UsageError(f"the input is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding")
 
 
-class App:
+class App(SessionFileCommands):
     """The REPL's brain; the REPL and `--script` only read lines and hand them here."""
 
     # Folders searched before the working folder for relative media and session paths (the
@@ -121,12 +97,6 @@ class App:
     search_dirs: tuple[Path, ...] = ()
     # Asks a yes/no question (the REPL sets it); None: never ask, refuse instead (scripts).
     confirm: Callable[[str], bool] | None = None
-    # The file this conversation was last saved to or loaded from, and its first turn then
-    # (a conversation is "the same" while that turn still opens it; see `_file_mark`).
-    _session_file: tuple[Path, weakref.ref | None] | None = None
-    # The Markdown file /export last wrote, and the conversation's first turn then: re-exporting
-    # the same conversation there replaces it without asking.
-    _export_file: tuple[Path, weakref.ref | None] | None = None
     # Makes the console again for the ui settings now, after `/set plain` (the REPL and --script
     # set it: render.ui_console). A console made with ui.plain into a pipe is no terminal for good:
     # `/set plain off` after --plain with ui.color = always got neither colours nor Markdown back.
@@ -616,7 +586,7 @@ class App:
 
     def cmd_undo(self, command: Command) -> None:
         turn = self.session.undo()
-        self.say(f"removed turn {len(self.session.turns) + 1}: “{_short(turn.user_text)}” and its answer")
+        self.say(f"removed turn {len(self.session.turns) + 1}: “{one_line_excerpt(turn.user_text)}” and its answer")
 
     def cmd_retry(self, command: Command) -> str:
         if not self.session.turns:
@@ -744,234 +714,6 @@ class App:
         rows = stats_rows(self.session.turns[-1], self.session.describe(), self.session.context_used,
                           self.session.max_context, self.approx, self.last_peak)  # fmt: skip
         self.say(format_columns(rows, self.width))
-
-    # ---- sessions: /save, /load, /export ---------------------------------------------------
-
-    def cmd_save(self, command: Command) -> None:
-        """`/save [FILE] [--force]`: FILE relative to the working folder; none: the sessions folder.
-
-        A file holding another conversation is not replaced silently: the REPL asks, a script
-        refuses unless --force is given. Re-saving this conversation to its own file is fine.
-        """
-        path = self._output_path(command.args[0]) if command.args else self._default_save_path()
-        if path.suffix.lower() in NOT_SESSION_SUFFIXES:  # a session written under a Markdown or text name
-            as_json = _typed(str(Path(command.args[0]).with_suffix(".json")))
-            raise UsageError(f"a session file is JSON, so /save does not write {visible(path.name)}; /save {as_json} "
-                             f"saves the session, /export {_typed(command.args[0])} writes the conversation as Markdown")
-        if path.is_dir():
-            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /save {_typed(path / 'chat.json')}")
-        if not command.options.get("force") and not self._may_replace(path):
-            self.say("not saved")
-            return
-        saved = self.session.save(path, self.settings.to_dict())
-        self._session_file = self._file_mark(saved)
-        self._saved_turns = self._turn_texts()
-        if not self.session.turns:  # after the save: a save that fails must not first say it goes ahead
-            self.warn("the conversation is empty; saved it anyway")
-        self.say(f"saved {len(self.session.turns)} turn(s) to {visible(str(saved))}")
-
-    def _default_save_path(self) -> Path:
-        """This conversation's file in the sessions folder, or a new dated one there."""
-        folder = default_sessions_dir()
-        current = self._current_file()
-        if current is not None and current.parent == Path(os.path.abspath(folder)):
-            return current
-        path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}.json"
-        n = 1
-        while os.path.lexists(path):
-            n += 1
-            path = folder / f"session-{datetime.now():%Y%m%d-%H%M%S}-{n}.json"
-        return path
-
-    def _file_mark(self, path: Path) -> tuple[Path, weakref.ref | None]:
-        """(the absolute path, the conversation's first turn now): see `_still_this_conversations`.
-        The turn is held weakly: a conversation replaced by /load or /clear must not stay alive
-        for the mark, with its pictures' features (hundreds of MB on a long session)."""
-        turns = self.session.turns
-        return Path(os.path.abspath(path)), weakref.ref(turns[0]) if turns else None
-
-    def _still_this_conversations(self, mark: tuple[Path, weakref.ref | None] | None) -> Path | None:
-        """The marked file, while the conversation that wrote it is still this one (its first turn
-        still opens it)."""
-        if mark is None:
-            return None
-        path, first = mark
-        if first is None:
-            return path
-        turns = self.session.turns
-        return path if turns and turns[0] is first() else None
-
-    def _current_file(self) -> Path | None:
-        """The file this conversation was saved to or loaded from, while it is still that conversation."""
-        return self._still_this_conversations(self._session_file)
-
-    def _may_replace(self, path: Path) -> bool:
-        """True when `path` is free, is this conversation's file, or the user agrees to replace it."""
-        if not os.path.lexists(path) or self._current_file() == Path(os.path.abspath(path)):
-            return True
-        _refuse_special_file(path)
-        held = saved_messages(path)
-        if held is not None and self._continues(held):
-            return True  # the file holds an earlier state of this very conversation
-        what = (f"another conversation ({len(held) // 2} turn(s))" if held is not None
-                else "a file that is not an internvl-chat session")  # fmt: skip
-        shown = visible(str(path))
-        if self.confirm is None:
-            raise UsageError(f"{shown} already holds {what}; /save {_typed(path)} --force replaces it, or give another name")
-        return self.confirm(f"{shown} holds {what}; replace it? [y/N] ")
-
-    def _continues(self, held: list[tuple[Any, Any]]) -> bool:
-        ours = [(m["role"], m["text"]) for m in self.session.to_json()["messages"]]  # as this conversation saves
-        return len(held) <= len(ours) and ours[: len(held)] == held
-
-    def cmd_load(self, command: Command) -> None:
-        """`/load NAME`: a path, or a name in the sessions folder (.json optional); `/load`: the list."""
-        if not command.args:
-            self._list_sessions()
-            return
-        path = self._find_session(command.args[0])
-        shown = visible(str(path))
-        # reading and checking touch nothing, so Ctrl-C may stop them; the replay must finish
-        with self.spinner(f"reading {visible(path.name)} …"):
-            readied = self.session.read_saved(path, bool(command.options.get("skip-missing")))
-        source = f"session {visible(path.name)}"
-        changes = self._session_setting_changes(readied.saved.settings, source)
-        if not self._may_discard_conversation(f"load {visible(path.name)}"):
-            self.say("not loaded")
-            return
-        system_before = self.session.system_message
-        with self._uninterruptible(f"loading {visible(path.name)} …"):
-            self.session.restore(readied)
-        for key, _, new in changes:
-            self.settings.set(key, new, source=source)
-        if changes:
-            self.session.params = params_from_settings(self.settings)
-        if self.session.system_message != system_before:
-            self.settings.system.message = self.session.system_message or ""
-            self.settings.sources["system.message"] = source
-        # loaded without some media it is not the file's conversation: a plain /save then writes a
-        # new file, and the file that still names them is replaced only when the user agrees
-        self._session_file = None if readied.left_out else self._file_mark(path)
-        self._saved_turns = self._turn_texts()
-
-        turns = self.session.turns
-        limit = self.session.max_context
-        self.say(f"loaded {len(turns)} turn(s) from {shown} · context {self.approx}{self.session.context_used:,}"
-                 + (f"/{limit:,}" if limit else ""))  # fmt: skip
-        if readied.left_out:
-            listed = ", ".join(f"{m.name} (turn {m.turn})" for m in readied.left_out)  # names escaped by `visible`
-            self.warn(f"left out {len(readied.left_out)} file(s) that vanished or changed: {listed}")
-        if changes:
-            listed = ", ".join(f"{key.split('.')[1]} {plain_value(new)} (was {plain_value(old)})" for key, old, new in changes)
-            self.note(f"settings from the session: {listed}")
-        if self.session.system_message != system_before:
-            self.note("the system message saved with the session is in use (/system shows it)")
-        saved_model, model = readied.saved.model, self.session.describe().model
-        if saved_model and saved_model != model:
-            self.note(f"(it was saved with {visible(saved_model)}; it continues with {visible(model)})")
-        if turns:
-            answer, cut = answer_and_cut(turns[-1])  # the excerpt may end before a " [cancelled]"
-            if turns[-1].finish_reason == "error":  # the file keeps no "[stopped: …]" line: say what to do again
-                cut += "; /retry answers again, /undo removes it"
-            self.note(f"last: “{_short(turns[-1].user_text)}” → “{_short(answer)}”" + (f" (cut short: {cut})" if cut else ""))
-        try:
-            self.session.check_attach([])
-        except ContextOverflowError:  # it filled the context when it was saved, or this one is smaller
-            self.warn("the context has no room for another question and its answer; /undo or /clear make room, "
-                      "or /set max_new_tokens N with a smaller N")
-
-    def _turn_texts(self) -> list[tuple[str, str]]:
-        return [(turn.user_text, turn.answer_text) for turn in self.session.turns]
-
-    def _may_discard_conversation(self, doing: str) -> bool:
-        """True when nothing unsaved would be lost, or the user agrees to lose it (a script never asks)."""
-        turns = self._turn_texts()
-        if self.confirm is None or not turns or turns == self._saved_turns:
-            return True
-        return self.confirm(f"the conversation so far ({len(turns)} turn(s)) is not saved; {doing} anyway? [y/N] ")
-
-    def _session_setting_changes(self, saved: dict[str, Any], source: str) -> list[tuple[str, Any, Any]]:
-        """[(key, old, new)] for the session's generation and media values that differ from ours,
-        checked on a copy of the settings: a bad value raises UsageError naming the key, before
-        anything was changed."""
-        trial = copy.deepcopy(self.settings)
-        changes = []
-        for key in RESTORED_SETTINGS:
-            section, name = key.split(".")
-            table = saved.get(section, {})
-            if name in table:
-                trial.set(key, table[name], source=source)
-                old, new = self.settings.get(key), trial.get(key)
-                if old != new or type(old) is not type(new):
-                    changes.append((key, old, new))
-        params_from_settings(trial)  # the values must also be valid together
-        return changes
-
-    def _find_session(self, raw: Path) -> Path:
-        """A path as given (.json optional), else a file of that name in the sessions folder."""
-        raw = Path(raw)
-        candidates = [self._resolve(raw)]
-        if not raw.suffix:
-            candidates.append(self._resolve(Path(f"{raw}.json")))
-        try:
-            folder: Path | None = default_sessions_dir()
-        except NoHomeFolder:  # no home folder: a path still loads
-            folder = None
-        if folder is not None and not raw.is_absolute() and len(raw.parts) == 1:
-            candidates += [folder / raw.name, folder / f"{raw.name}.json"]
-        for candidate in candidates:
-            if os.path.lexists(candidate):
-                return candidate
-        if folder is None:
-            raise UsageError(f"there is no session {visible(str(raw))} here; check the path")
-        raise UsageError(f"there is no session {visible(str(raw))} here or in {visible(str(folder))}; "
-                         "/load alone lists the saved ones")  # fmt: skip
-
-    def _list_sessions(self, limit: int = 10) -> None:
-        folder = default_sessions_dir()
-        sessions = recent_sessions(folder)
-        if not sessions:
-            self.say(f"no saved sessions in {visible(str(folder))}; /save saves the conversation there")
-            return
-        self.say(f"saved sessions in {visible(str(folder))}, newest first:", "bold")
-        shown = sessions[:limit]
-        width = max(len(_typed(p.stem)) for p, _ in shown)
-        for path, mtime in shown:
-            turns = saved_messages(path)
-            count = f"{len(turns) // 2} turn(s)" if turns is not None else "not readable"
-            self.say(f"  {_typed(path.stem).ljust(width)}  {count:>12}  {file_date(mtime)}")
-        more = f" ({len(sessions) - limit} older not shown)" if len(sessions) > limit else ""
-        self.note(f"/load NAME loads one (Tab completes the names){more}")
-
-    def cmd_export(self, command: Command) -> None:
-        """`/export FILE.md [--force]`: an existing file is replaced only when this conversation
-        wrote it, or with the user's yes (REPL) or --force (script), as /save does."""
-        path = self._output_path(command.args[0])
-        if path.suffix.lower() == ".json":  # Markdown under a session's name: /load then calls it no session
-            as_md = _typed(str(Path(command.args[0]).with_suffix(".md")))
-            raise UsageError(f"an export is Markdown, so /export does not write {visible(path.name)}; /export {as_md} "
-                             f"writes the conversation as Markdown, /save {_typed(command.args[0])} saves the session")
-        if path.is_dir():
-            raise UsageError(f"{visible(str(path))} is a folder; give a file name, e.g. /export {_typed(path / 'chat.md')}")
-        if not command.options.get("force") and not self._may_export_to(path):
-            self.say("not exported")
-            return
-        # a symlink at the target is replaced, never followed; a file name that is not UTF-8 keeps its bytes
-        write_atomic(path, export_markdown(self.session).encode("utf-8", "surrogateescape"), PRIVATE_FILE_MODE)
-        self._export_file = self._file_mark(path)
-        if not self.session.turns:  # as /save says it, once written: an export of nothing is rarely what was meant
-            self.warn("the conversation is empty; exported it anyway")
-        self.say(f"exported {len(self.session.turns)} turn(s) to {visible(str(path))}")
-
-    def _may_export_to(self, path: Path) -> bool:
-        """True when `path` is free, holds this conversation's last export, or the user agrees."""
-        if not os.path.lexists(path) or self._still_this_conversations(self._export_file) == Path(os.path.abspath(path)):
-            return True
-        _refuse_special_file(path)
-        shown = visible(str(path))
-        if self.confirm is None:
-            raise UsageError(f"{shown} already exists; /export {_typed(path)} --force replaces it, or give another name")
-        return self.confirm(f"{shown} already exists; replace it? [y/N] ")
 
     def cmd_exit(self, command: Command) -> str:
         return EXIT

@@ -1,11 +1,14 @@
 """Fitting text to the terminal: `wrap_text` breaks lines at spaces (a number and its unit kept
-together), `format_columns` lays label/value rows out in two columns that fit."""
+together), `format_columns` lays label/value rows out in two columns that fit, `one_line_excerpt`
+shortens a message to one line."""
 
 from __future__ import annotations
 
 import re
 
 from rich.cells import cell_len
+
+from ..files import visible
 
 # A unit stays on the line of the number before it ("30 %", "0.41 s", "1.2 GiB").
 _UNITS = frozenset({"%", "s", "ms", "KiB", "MiB", "GiB", "tok", "tok/s", "tokens", "tiles", "frames"})
@@ -96,3 +99,9 @@ def format_columns(rows: list[tuple[str, str]], width: int | None, *, indent: in
         lines.append(wrap_text(pad + label, width))
         lines.append(wrap_text(pad + "    " + value, width))
     return "\n".join(lines)
+
+
+def one_line_excerpt(text: str, width: int = 48) -> str:
+    """A one-line excerpt of a message (it may come from a session file: shown inert)."""
+    one_line = visible(" ".join(text.split()))
+    return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
