@@ -365,3 +365,25 @@ def cut_at_frame(whole: Path, copy: Path, frame: int, inside: bool = False) -> P
     pos, size = packets[frame]
     copy.write_bytes(whole.read_bytes()[: pos + (size // 2 if inside else 0)])
     return copy
+
+
+def write_trimmed_video(path: Path, num_frames: int, hidden: int, fps: int = 10) -> Path:
+    """An MP4 of frames 0…num_frames−1 (each showing its number) whose first `hidden` come before
+    time 0: the muxer writes an edit list that hides them, as `ffmpeg -ss … -c copy` does when it
+    cuts a clip without re-encoding. A player (and FFmpeg's decoding) shows frame `hidden` first."""
+    import av
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, fps)
+        for number in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")
+            frame.pts, frame.time_base = number - hidden, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -1,17 +1,25 @@
 """Videos whose stream ends before the count their header lists: an MP4 cut short whose index sits
 before the frames (as streaming sites write them: the index survives the cut and lists every
-frame), and one damaged inside. The frames sent are the ones the file holds, never a stand-in."""
+frame), one damaged inside, and one whose edit list hides its first frames. The frames sent are
+the ones a player shows, never a stand-in."""
 
 from __future__ import annotations
 
 import av
 import pytest
-from media_helpers import cut_at_frame, faststart_copy, read_frame_number, video_backends, write_numbered_video
+from media_helpers import (
+    cut_at_frame,
+    faststart_copy,
+    read_frame_number,
+    video_backends,
+    write_numbered_video,
+    write_trimmed_video,
+)
 
 from internvl_chat.errors import MediaError
 from internvl_chat.media.video import BACKEND_ENV, load_video, probe_video
 from internvl_chat.media.video_cost import DecodeOverBudget, frame_work
-from internvl_chat.media.video_header import count_packets
+from internvl_chat.media.video_header import count_packets, read_header
 from internvl_chat.media.video_sampling import frame_indices
 from internvl_chat.media.video import VideoInput
 
@@ -150,3 +158,20 @@ def test_a_file_damaged_inside_is_refused_where_its_decoding_fails(whole, tmp_pa
     assert f" of {FRAMES}, at " in message and message.endswith(
         "; the file is damaged there: cut the clip before that point (a time range does), or use an undamaged copy")
     assert "\n" not in message
+
+
+def test_frames_an_edit_list_hides_are_not_sampled_nor_noted(tmp_path, monkeypatch):
+    """A clip cut without re-encoding stores frames before its start, hidden by an edit list: its
+    header counts them (60), its duration does not (5.5 s). The frames sampled are those a player
+    shows (5…59 of the stored ones), by PyAV: decord counts and seeks the stored frames, and came
+    back with frames 8, 15, 18, 25, … for 3, 10, 17, 23, …"""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = write_trimmed_video(tmp_path / "trimmed.mp4", FRAMES, hidden=5)
+    header = read_header(path, orientation=False)
+    assert (header.frames, header.duration, header.frames_shown) == (FRAMES, 5.5, 55)
+    assert _frames_in(path) == 55
+    result = load_video(path, 8)
+    assert (result.backend, result.num_total_frames, result.listed_frames) == ("pyav", 55, None)
+    assert result.indices == frame_indices(55, FPS, 8)
+    assert _shown(result) == [i + 5 for i in result.indices]
+    assert result.decoded_frames == result.indices[-1] + 1  # one pass: the count came from the duration

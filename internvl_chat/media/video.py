@@ -180,8 +180,6 @@ def _decode_once(
 ) -> _Decoded:  # fmt: skip
     source = _open(path, backend, header, decord, stop, packets_alone)
     total = source.num_total_frames
-    # decord counts the frames it can read; the header's count is what the file's index lists
-    listed = header.frames if 0 < total < header.frames else None
     try:
         indices = frame_indices(total, source.fps, num_frames, start, end)
         meter.check_plan(_cost(backend, header, source, indices))
@@ -190,7 +188,7 @@ def _decode_once(
             _decode_tiles(source, indices, tiles, stop, meter, image_size)
         except StreamEnded as ended:
             # fewer frames than the header lists: sample the frames the file really holds
-            listed, total = listed or total, _frames_held(path, ended, listed or total, source.fps)
+            total = _frames_held(path, ended, total, source.fps)
             indices = frame_indices(total, source.fps, num_frames, start, end)
             tiles = {number: tile for number, tile in tiles.items() if number in indices}
             source.close()
@@ -204,7 +202,8 @@ def _decode_once(
                     raise MediaError(f"{shown_path(path)} changed while it was read; attach it again") from None
     finally:
         source.close()
-    return _Decoded(torch.cat([tiles[i] for i in indices]), indices, source.fps, total, backend, meter, listed)
+    return _Decoded(torch.cat([tiles[i] for i in indices]), indices, source.fps, total, backend, meter,
+                    _listed_if_short(header, total))  # fmt: skip
 
 
 def _decode_tiles(
@@ -216,6 +215,13 @@ def _decode_tiles(
         for number, rgb in frames:
             tiles[number] = frame_to_tile(rgb, source.orientation, image_size)
             del rgb  # before the next frame is decoded
+
+
+def _listed_if_short(header: VideoHeader, held: int) -> int | None:
+    """The frames the header says a player shows, where the file held more than one fewer (cut
+    short); else None. A count estimated from the duration (MKV, WebM) is not exact enough to tell."""
+    shown = header.frames_shown
+    return shown if held + 1 < shown else None
 
 
 def _frames_held(path: Path, ended: StreamEnded, listed: int, fps: float) -> int:

@@ -44,6 +44,20 @@ class VideoHeader:
     alone: bool = True  # the file's only video stream (no cover picture, no second video)
 
     @property
+    def frames_by_duration(self) -> int:
+        """The frames its duration holds at its rate (0 when either is unknown)."""
+        return round(self.duration * self.fps) if self.duration > 0 and self.fps > 0 else 0
+
+    @property
+    def frames_shown(self) -> int:
+        """The frames a player shows: the count, or fewer where the duration holds fewer (an MP4
+        edit list hides the frames before a cut made without re-encoding, `ffmpeg -ss … -c copy`,
+        and FFmpeg drops them as it decodes); 0 where the header stores no count."""
+        if not self.frames:
+            return 0
+        return min(self.frames, self.frames_by_duration or self.frames)
+
+    @property
     def orientation(self) -> Orientation:
         """How a player turns the stored frames: the display matrix, else the older `rotate` tag."""
         if self.display_matrix is not None:

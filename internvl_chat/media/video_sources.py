@@ -135,8 +135,12 @@ def decord_is_exact(header: VideoHeader) -> bool:
     goes wrong (silently: other frames, repeated or out of order) in AVI, MPEG-TS/PS and other
     containers without per-frame times, and for MPEG-1/2/4 Part 2 and HEVC streams with B-frames
     (their open GOPs hold frames that cannot be decoded after a seek). With several video streams
-    it reads the one FFmpeg rates best, not necessarily the one the header was read from."""
+    it reads the one FFmpeg rates best, not necessarily the one the header was read from. Where an
+    edit list hides frames (fewer shown than stored), it counts and seeks the stored ones, landing
+    off by the hidden frames for some."""
     if not header.alone or not any(name in _EXACT_CONTAINERS for name in header.format_name.split(",")):
+        return False
+    if header.frames_shown < header.frames:
         return False
     return not header.reorders or header.codec in _REORDERING_CODECS_OK
 
@@ -227,7 +231,7 @@ class PyAVSource:
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
             self.fps = header.fps
-            self.num_total_frames = header.frames or count_packets(path, stop)
+            self.num_total_frames = header.frames_shown or count_packets(path, stop)
         except BaseException:
             self._container.close()
             raise
