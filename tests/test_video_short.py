@@ -8,8 +8,10 @@ from __future__ import annotations
 import av
 import pytest
 from media_helpers import (
+    VIDEO_SIZE,
     cut_at_frame,
     faststart_copy,
+    numbered_frame,
     read_frame_number,
     video_backends,
     write_numbered_video,
@@ -175,3 +177,25 @@ def test_frames_an_edit_list_hides_are_not_sampled_nor_noted(tmp_path, monkeypat
     assert result.indices == frame_indices(55, FPS, 8)
     assert _shown(result) == [i + 5 for i in result.indices]
     assert result.decoded_frames == result.indices[-1] + 1  # one pass: the count came from the duration
+
+
+def test_an_avi_whose_capture_dropped_frames_is_sampled_from_its_frames_without_a_note(tmp_path, monkeypatch):
+    """AVI counts the frames a capture dropped (the muxer writes nothing for them): 26 counted, 20
+    stored. They are sampled from the 20, and no note calls the file cut short."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = tmp_path / "drops.avi"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=FPS)
+        stream.width, stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuvj420p"
+        pts = 0
+        for number in range(20):
+            frame = av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")
+            frame.pts = pts
+            container.mux(stream.encode(frame))
+            pts += 2 if number % 3 == 1 else 1  # a frame dropped after frames 1, 4, 7, 10, 13, 16
+        container.mux(stream.encode())
+    assert probe_video(path)[0] == 26 and _frames_in(path) == 20
+    result = load_video(path, 8)
+    assert (result.num_total_frames, result.listed_frames, result.shortfall_note) == (20, None, None)
+    assert result.indices == frame_indices(20, FPS, 8) == _shown(result)

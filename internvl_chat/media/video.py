@@ -218,8 +218,11 @@ def _decode_tiles(
 
 
 def _listed_if_short(header: VideoHeader, held: int) -> int | None:
-    """The frames the header says a player shows, where the file held more than one fewer (cut
-    short); else None. A count estimated from the duration (MKV, WebM) is not exact enough to tell."""
+    """The frames an MP4's (or MOV's) header says a player shows, where the file held more than one
+    fewer: it is cut short; else None. Elsewhere the count does not tell: MKV and WebM store none
+    (it is estimated from the duration), an AVI's counts the frames its capture dropped."""
+    if "mov" not in header.format_name.split(","):
+        return None
     shown = header.frames_shown
     return shown if held + 1 < shown else None
 

@@ -9,6 +9,7 @@ import bisect
 import math
 import os
 import re
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +35,8 @@ from .video_worker import DecodeStop, DecodeStopped
 
 # FFmpeg's frame threading keeps one frame in flight per thread: cap their memory for huge frames.
 FRAME_THREADS_BYTES = 512 << 20
+# Empty packets (an AVI's dropped frames) read ahead at most, looking for one with data
+MAX_EMPTY_AHEAD = 1024
 
 
 class FrameSource(Protocol):
@@ -241,24 +244,33 @@ class PyAVSource:
         return len(wanted) if self._intra else wanted[-1] + 1
 
     def _packets(self) -> Iterator[tuple[object, bool]]:
-        """The stream's packets, each with whether a packet with data follows it: a file cut short
-        ends with a cut packet, which does not decode; a packet that does not decode elsewhere is
-        damage. A demuxing error ends with _DemuxFailed once the packets before it are out."""
+        """The stream's packets, each with whether a packet with data follows it (empty ones, an
+        AVI's dropped frames or the end's, do not count): a file cut short ends with a cut packet,
+        which does not decode; a packet that does not decode elsewhere is damage. A demuxing error
+        ends with _DemuxFailed once the packets before it are out."""
         packets = self._container.demux(self._stream)
-        try:
-            packet = next(packets, None)
-        except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses for damaged data
-            raise _DemuxFailed(error_reason(e)) from None
-        while packet is not None:
-            failed = None
-            try:
-                following = next(packets, None)
-            except Exception as e:  # noqa: BLE001
-                following, failed = None, error_reason(e)
-            yield packet, failed is not None or (following is not None and bool(following.size))
-            if failed is not None:
-                raise _DemuxFailed(failed)
-            packet = following
+        queue: deque = deque()  # read ahead up to the next packet with data
+        failed, ended = None, False
+        while True:
+            while not ended and (len(queue) < 2 or not queue[-1].size) and len(queue) <= MAX_EMPTY_AHEAD:
+                try:
+                    packet = next(packets, None)
+                except MemoryError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses for damaged data
+                    failed, ended = error_reason(e), True
+                    break
+                if packet is None:
+                    ended = True
+                else:
+                    queue.append(packet)
+            if not queue:
+                break
+            capped = len(queue) > MAX_EMPTY_AHEAD  # so many empty packets ahead: taken as data following
+            packet = queue.popleft()
+            yield packet, failed is not None or capped or any(p.size for p in queue)
+        if failed is not None:
+            raise _DemuxFailed(failed)
 
     def _from_start(self) -> Iterator[tuple[int, object]]:
         """(number, frame) for every frame in presentation order; StreamEnded at the end."""
@@ -267,6 +279,8 @@ class PyAVSource:
             for packet, more in self._packets():
                 try:
                     frames = packet.decode()  # the empty packet at the end returns what the decoder holds
+                except MemoryError:
+                    raise
                 except Exception as e:  # noqa: BLE001
                     if more:
                         raise StreamEnded(number + 1, error_reason(e)) from None
@@ -290,7 +304,7 @@ class PyAVSource:
                 if number in wanted_set or not more:
                     try:
                         frame = self._alone(packet)
-                    except NotOnePerPacket:
+                    except (NotOnePerPacket, MemoryError):
                         raise
                     except Exception as e:  # noqa: BLE001
                         raise StreamEnded(number, error_reason(e) if more else None) from None
