@@ -408,6 +408,50 @@ def test_a_tokenizer_json_the_parser_panics_on_is_one_clear_error(tmp_path, tiny
         load_tokenizer(tmp_path)
 
 
+def _without_added_token(entries: list, content: str) -> list:
+    return [e for e in entries if e["content"] != content]
+
+
+def _with_id(entries: list, content: str, token_id: int) -> list:
+    return [{**e, "id": token_id} if e["content"] == content else e for e in entries]
+
+
+ADDED_TOKEN_LIES = {
+    # the backend numbers added tokens in list order: each lie moved <img> and the tokens after it
+    "one removed": lambda entries: _without_added_token(entries, "<|im_end|>"),
+    "an id repeated": lambda entries: _with_id(entries, "<img>", 541),
+    "an id past the others": lambda entries: _with_id(entries, "<IMG_CONTEXT>", 10**6),
+    "two swapped": lambda entries: _with_id(_with_id(entries, "<img>", 543), "</img>", 542),
+}
+
+
+@pytest.mark.parametrize("case", list(ADDED_TOKEN_LIES))
+def test_added_tokens_not_at_the_ids_tokenizer_json_gives_are_refused(tmp_path, tiny_tokenizer, case):
+    """Without tokenizer_config.json's added_tokens_decoder to compare with, a damaged added_tokens
+    list in tokenizer.json loaded: <img>, </img> and <IMG_CONTEXT> took other ids than the file
+    gives them (the embedding rows the model was trained with), and prompts were silently wrong."""
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    assert [e["content"] for e in data["added_tokens"]][:6] == [
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]  # fmt: skip
+    data["added_tokens"] = ADDED_TOKEN_LIES[case](data["added_tokens"])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(tmp_path)
+    text = str(err.value)
+    assert "\n" not in text and str(tmp_path / "tokenizer.json") in text and "the file is damaged" in text, text
+
+
+def test_added_token_ids_are_read_from_the_top_level_list(tmp_path, tiny_tokenizer):
+    """A quoted "added_tokens": [...] inside a string (here a vocabulary entry) is not the list."""
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    decoy = '"added_tokens": [{"id": 7, "content": "<img>"}]'
+    data["model"]["vocab"][decoy] = len(data["model"]["vocab"])
+    data["added_tokens"] = [{**e, "id": e["id"] + 1} for e in data["added_tokens"]]  # after the new entry
+    data = {"model": data.pop("model"), **data}  # the vocabulary first: its decoy comes before the list
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    assert load_tokenizer(tmp_path).convert_tokens_to_ids("<img>") == data["added_tokens"][3]["id"]
+
+
 def test_a_named_special_token_that_is_no_text_is_ignored(tmp_path, tiny_tokenizer):
     """tokenizer_config.json's eos_token as a lone surrogate (a JSON "\\ud800" escape) cannot be a
     token: it is skipped like a non-string one, instead of a UnicodeEncodeError traceback."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -215,6 +216,7 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
         raise CheckpointError(
             f"cannot read {_shown(model_dir / TOKENIZER_JSON)}: {_first_line(e)}; the tokenizer files may be incomplete"
         ) from None
+    _check_added_token_ids(model_dir / TOKENIZER_JSON, text, backend)
     config = _read_config(model_dir)
 
     special: set[int] = set()
@@ -260,6 +262,42 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
         backend.add_special_tokens([AddedToken(content, special=True, normalized=False) for content in lacking])
     special.update(backend.token_to_id(content) for content in named)
     return FastTokenizer(backend, frozenset(special))
+
+
+def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
+    """Every added token of tokenizer.json must have the id the file gives it. The backend ignores
+    those ids: it numbers the added tokens one after another, so a token missing from the list or
+    an id skipped or repeated moved every token after it (`<IMG_CONTEXT>`, `<|im_end|>`) onto
+    another embedding row, and the model was prompted with the wrong ids without a word."""
+    for declared, content in _declared_added_ids(text):
+        if not isinstance(content, str) or isinstance(declared, bool) or not isinstance(declared, int):
+            continue  # the backend has already refused what it cannot read
+        actual = backend.token_to_id(content)
+        if actual != declared:
+            raise CheckpointError(
+                f"{_shown(path)} gives {visible(_brief(content))} the id {declared}, but its tokens put it at {actual}; "
+                "the file is damaged or was edited (re-download the tokenizer files)"
+            )
+
+
+def _declared_added_ids(text: str) -> list[tuple[Any, Any]]:
+    """(id, content) of each entry of tokenizer.json's top-level `added_tokens`, decoded without the
+    rest of the file (a Qwen2 vocabulary and merges: ~7 MiB the backend has parsed already). Inside a
+    JSON string a quote is escaped, so `"added_tokens":` followed by a list of objects is the key;
+    [] where there is none."""
+    def id_and_content(pairs: list[tuple[str, Any]]) -> tuple[Any, Any]:
+        entry = dict(pairs)
+        return entry.get("id"), entry.get("content")
+
+    decoder = json.JSONDecoder(object_pairs_hook=id_and_content)
+    for key in re.finditer(r'"added_tokens"\s*:\s*(?=\[)', text):
+        try:
+            value, _ = decoder.raw_decode(text, key.end())
+        except (ValueError, RecursionError):
+            continue
+        if all(isinstance(entry, tuple) for entry in value):
+            return value
+    return []
 
 
 def _declared_added_tokens(model_dir: Path, config: dict) -> list[tuple[int, dict]]:
