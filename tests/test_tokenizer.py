@@ -452,6 +452,39 @@ def test_added_token_ids_are_read_from_the_top_level_list(tmp_path, tiny_tokeniz
     assert load_tokenizer(tmp_path).convert_tokens_to_ids("<img>") == data["added_tokens"][3]["id"]
 
 
+def _replace(pattern: str, content: str) -> dict:
+    return {"type": "Replace", "pattern": {"String": pattern}, "content": content}
+
+
+TEXT_MULTIPLIERS = {
+    # each was a multi-GB allocation on the first prompt (4 MiB for each "h": 2 GB; 30 MiB prepended: over 5 GB)
+    "a long replacement": ("normalizer", _replace("h", "x" * 100_000), "a factor of 100,001"),
+    "a long prefix": ("normalizer", {"type": "Prepend", "prepend": "x" * 100_000}, "a factor of 100,001"),
+    "short doublings in a row": ("normalizer", {"type": "Sequence", "normalizers": [_replace("a", "aa")] * 40}, "more than 16 times longer"),
+    "a long replacement when decoding": ("decoder", {"type": "Sequence", "decoders": [_replace("Ġ", "y" * 5000)]}, "a factor of 5,001"),
+}
+
+
+@pytest.mark.parametrize("case", list(TEXT_MULTIPLIERS))
+def test_a_normalizer_or_decoder_that_multiplies_text_is_refused(tmp_path, tiny_tokenizer, case):
+    part, component, words = TEXT_MULTIPLIERS[case]
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    data[part] = component
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(tmp_path)
+    text = str(err.value)
+    assert f"the {part} of {tmp_path / 'tokenizer.json'}" in text and words in text and len(text) < 300, text
+
+
+def test_the_inserts_of_sentencepiece_style_tokenizers_still_load(tmp_path, tiny_tokenizer):
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    data["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, _replace(" ", "▁")]}
+    data["decoder"] = {"type": "Sequence", "decoders": [_replace("▁", " "), {"type": "ByteFallback"}, {"type": "Fuse"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    assert load_tokenizer(tmp_path).encode("a b")
+
+
 def test_a_named_special_token_that_is_no_text_is_ignored(tmp_path, tiny_tokenizer):
     """tokenizer_config.json's eos_token as a lone surrogate (a JSON "\\ud800" escape) cannot be a
     token: it is skipped like a non-string one, instead of a UnicodeEncodeError traceback."""

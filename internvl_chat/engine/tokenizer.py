@@ -217,6 +217,7 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
             f"cannot read {_shown(model_dir / TOKENIZER_JSON)}: {_first_line(e)}; the tokenizer files may be incomplete"
         ) from None
     _check_added_token_ids(model_dir / TOKENIZER_JSON, text, backend)
+    _check_text_growth(model_dir / TOKENIZER_JSON, backend)
     config = _read_config(model_dir)
 
     special: set[int] = set()
@@ -278,6 +279,43 @@ def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
                 f"{_shown(path)} gives {visible(_brief(content))} the id {declared}, but its tokens put it at {actual}; "
                 "the file is damaged or was edited (re-download the tokenizer files)"
             )
+
+
+# Normalizers and decoders that insert text (Prepend, Replace) multiply what they are given, and in
+# a Sequence their factors multiply: a tokenizer.json that put 4 MiB in place of each "h" took 2 GB
+# for the first prompt, one that prepended 30 MiB more than 5 GB. Those that insert anything insert
+# a "▁" or a space (Qwen2's, which InternVL3 uses, insert nothing): this is far above them.
+MAX_TEXT_GROWTH = 16
+
+
+def _check_text_growth(path: Path, backend: Any) -> None:
+    for part, component in (("normalizer", backend.normalizer), ("decoder", backend.decoder)):
+        if component is None:
+            continue
+        growth = _text_growth(json.loads(component.__getstate__()))
+        if growth > MAX_TEXT_GROWTH:
+            raise CheckpointError(
+                f"the {part} of {_shown(path)} can make text more than {MAX_TEXT_GROWTH} times longer (a factor of "
+                f"{growth:,}), which no tokenizer needs; the file is damaged or not InternVL's (re-download the tokenizer files)"
+            )
+
+
+def _text_growth(node: Any) -> int:
+    """At most how many times longer a normalizer or decoder (its JSON) makes text: a Replace or a
+    Prepend 1 + the length of what it inserts, a Sequence the product of its steps (counted only
+    until it is over the limit: 1,000 doublings are a 300-digit number)."""
+    if not isinstance(node, dict):
+        return 1
+    kind = node.get("type")
+    if kind == "Sequence":
+        growth = 1
+        for step in node.get("normalizers") or node.get("decoders") or []:
+            growth *= _text_growth(step)
+            if growth > MAX_TEXT_GROWTH:
+                break
+        return growth
+    inserted = {"Replace": node.get("content"), "Prepend": node.get("prepend")}.get(kind)
+    return 1 + len(inserted) if isinstance(inserted, str) else 1
 
 
 def _declared_added_ids(text: str) -> list[tuple[Any, Any]]:
