@@ -407,6 +407,21 @@ def test_a_vocabulary_smaller_than_the_tokenizer(tiny_original, tmp_path):
     one_line(err, str(folder), "vocab_size", "300", "tokenizer")
 
 
+def test_two_tokens_with_one_id_are_refused(tiny_original, tmp_path):
+    """tokenizer.json loads a vocabulary in which two tokens share an id: one of them then encoded
+    as the other, and the id it had decoded to nothing, without a word."""
+    folder = tmp_path / "shared id"
+    shutil.copytree(tiny_original, folder)
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    first, second = list(vocab)[:2]
+    vocab[first] = vocab[second]
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(folder), f"gives the id {vocab[second]} to both", "tokenizer files are damaged")
+
+
 @pytest.mark.parametrize("name", ["language_model.model.embed_tokens.weight", "junk"])
 def test_a_tensor_larger_than_the_model_is_refused_before_it_is_read(tiny_original, tmp_path, monkeypatch, name):
     """A header whose shapes agree with its offsets can still lie to the config: each tensor was read
