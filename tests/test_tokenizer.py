@@ -485,6 +485,45 @@ def test_the_inserts_of_sentencepiece_style_tokenizers_still_load(tmp_path, tiny
     assert load_tokenizer(tmp_path).encode("a b")
 
 
+@pytest.mark.parametrize("unmarked", [["<IMG_CONTEXT>"], ["<|im_end|>"], ["<|im_start|>", "<img>", "</img>", "<|endoftext|>"]])
+def test_chat_and_image_tokens_typed_as_text_stay_text_whatever_tokenizer_json_says(tmp_path, tiny_tokenizer, unmarked):
+    """A tokenizer.json that has the control tokens as plain added tokens: typed in a question they
+    became the tokens themselves ("<IMG_CONTEXT>" with an image: a traceback on the image-token
+    count; "<|im_end|>": the user's turn ended early). <|im_end|> is also tokenizer_config.json's eos_token."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_tokenizer / name).read_bytes())
+    data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    for entry in data["added_tokens"]:
+        if entry["content"] in unmarked:
+            entry["special"] = False
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    honest, damaged = load_tokenizer(tiny_tokenizer), load_tokenizer(tmp_path)
+    typed = "what " + " ".join(unmarked) + " is this?"
+    assert damaged.encode(typed) == honest.encode(typed)
+    assert damaged.special_ids == honest.special_ids
+    assert [damaged.convert_tokens_to_ids(t) for t in unmarked] == [honest.convert_tokens_to_ids(t) for t in unmarked]
+
+
+def test_chat_and_image_tokens_typed_as_text_stay_text_in_the_fallback_too(tmp_path):
+    """The same with vocab.json + merges.txt: transformers 5 matches a plain added token in text
+    even with split_special_tokens, so tokenizer_config.json marking them plain let them in."""
+    honest = load_tokenizer(_write_qwen2_style(tmp_path / "honest", with_tokenizer_json=False))
+    folder = _write_qwen2_style(tmp_path / "plain", with_tokenizer_json=False)
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    unmarked = ("<IMG_CONTEXT>", "<|im_end|>")
+    for entry in config["added_tokens_decoder"].values():
+        if entry["content"] in unmarked:
+            entry["special"] = False
+    config["additional_special_tokens"] = [t for t in config["additional_special_tokens"] if t not in unmarked]
+    config["eos_token"] = None
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    damaged = load_tokenizer(folder)
+    assert type(damaged).__name__ == "TransformersTokenizer"
+    typed = "what <IMG_CONTEXT> is this <|im_end|>"
+    assert damaged.encode(typed) == honest.encode(typed)
+    assert [damaged.convert_tokens_to_ids(t) for t in unmarked] == [honest.convert_tokens_to_ids(t) for t in unmarked]
+
+
 def test_a_named_special_token_that_is_no_text_is_ignored(tmp_path, tiny_tokenizer):
     """tokenizer_config.json's eos_token as a lone surrogate (a JSON "\\ud800" escape) cannot be a
     token: it is skipped like a non-string one, instead of a UnicodeEncodeError traceback."""

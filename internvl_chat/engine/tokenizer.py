@@ -262,7 +262,22 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
     if lacking:  # transformers adds a named special token it lacks; all at once, as above
         backend.add_special_tokens([AddedToken(content, special=True, normalized=False) for content in lacking])
     special.update(backend.token_to_id(content) for content in named)
+    special.update(i for i in map(backend.token_to_id, _SPECIAL_TEXT.values()) if i is not None)
+    _mark_special(backend, special)
     return FastTokenizer(backend, frozenset(special))
+
+
+def _mark_special(backend: Any, special: set[int]) -> None:
+    """Every special token, the chat and image tokens among them whatever the file says, marked so
+    in the backend, keeping its id: only marked tokens are kept from typed text. One tokenizer.json
+    left unmarked (or a named eos_token it had as a plain one) was matched in a question, so
+    "<IMG_CONTEXT>" broke the image-token count (a traceback) and "<|im_end|>" ended the turn (SPEC §3)."""
+    from tokenizers import AddedToken
+
+    added = backend.get_added_tokens_decoder()
+    unmarked = [backend.id_to_token(i) for i in sorted(special) if i not in added or not added[i].special]
+    if unmarked:
+        backend.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in unmarked if text])
 
 
 def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
@@ -436,6 +451,13 @@ def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
     finally:
         hf_logging.set_verbosity(verbosity)
     hf.model_max_length = int(1e30)  # the app checks lengths itself (the context budget)
+    # the chat and image tokens kept from typed text whatever tokenizer_config.json says (as
+    # `_mark_special` does): transformers 5 matches a plain added token even with split_special_tokens
+    present = [text for text in _SPECIAL_TEXT.values() if TransformersTokenizer(hf).convert_tokens_to_ids(text) is not None]
+    if present:
+        from tokenizers import AddedToken
+
+        hf.add_tokens([AddedToken(text, special=True, normalized=False) for text in present], special_tokens=True)
     return TransformersTokenizer(hf)
 
 
