@@ -670,3 +670,13 @@ def test_code_files_beyond_a_checkpoints_are_refused_before_loading(config_only,
     code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn")
     assert code == 2 and len(lines) == 1 and "holds 4 .py files" in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
+
+
+def test_a_settings_file_beyond_a_checkpoints_is_refused_before_loading(config_only, tmp_path, monkeypatch, capsys):
+    """Copied whole into the output: a 2 GiB generation_config.json of zeros was, without a word."""
+    (config_only / "generation_config.json").write_bytes(b" " * 100)
+    monkeypatch.setattr("internvl_chat.quantize.checks.MAX_SETTINGS_FILE_BYTES", 99)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn")
+    assert code == 2 and len(lines) == 1, lines
+    assert "generation_config.json is 100 bytes, larger than a checkpoint's settings file (99 at most)" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]

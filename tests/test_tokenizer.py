@@ -408,6 +408,122 @@ def test_a_tokenizer_json_the_parser_panics_on_is_one_clear_error(tmp_path, tiny
         load_tokenizer(tmp_path)
 
 
+def _without_added_token(entries: list, content: str) -> list:
+    return [e for e in entries if e["content"] != content]
+
+
+def _with_id(entries: list, content: str, token_id: int) -> list:
+    return [{**e, "id": token_id} if e["content"] == content else e for e in entries]
+
+
+ADDED_TOKEN_LIES = {
+    # the backend numbers added tokens in list order: each lie moved <img> and the tokens after it
+    "one removed": lambda entries: _without_added_token(entries, "<|im_end|>"),
+    "an id repeated": lambda entries: _with_id(entries, "<img>", 541),
+    "an id past the others": lambda entries: _with_id(entries, "<IMG_CONTEXT>", 10**6),
+    "two swapped": lambda entries: _with_id(_with_id(entries, "<img>", 543), "</img>", 542),
+}
+
+
+@pytest.mark.parametrize("case", list(ADDED_TOKEN_LIES))
+def test_added_tokens_not_at_the_ids_tokenizer_json_gives_are_refused(tmp_path, tiny_tokenizer, case):
+    """Without tokenizer_config.json's added_tokens_decoder to compare with, a damaged added_tokens
+    list in tokenizer.json loaded: <img>, </img> and <IMG_CONTEXT> took other ids than the file
+    gives them (the embedding rows the model was trained with), and prompts were silently wrong."""
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    assert [e["content"] for e in data["added_tokens"]][:6] == [
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]  # fmt: skip
+    data["added_tokens"] = ADDED_TOKEN_LIES[case](data["added_tokens"])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(tmp_path)
+    text = str(err.value)
+    assert "\n" not in text and str(tmp_path / "tokenizer.json") in text and "the file is damaged" in text, text
+
+
+def test_added_token_ids_are_read_from_the_top_level_list(tmp_path, tiny_tokenizer):
+    """A quoted "added_tokens": [...] inside a string (here a vocabulary entry) is not the list."""
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    decoy = '"added_tokens": [{"id": 7, "content": "<img>"}]'
+    data["model"]["vocab"][decoy] = len(data["model"]["vocab"])
+    data["added_tokens"] = [{**e, "id": e["id"] + 1} for e in data["added_tokens"]]  # after the new entry
+    data = {"model": data.pop("model"), **data}  # the vocabulary first: its decoy comes before the list
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    assert load_tokenizer(tmp_path).convert_tokens_to_ids("<img>") == data["added_tokens"][3]["id"]
+
+
+def _replace(pattern: str, content: str) -> dict:
+    return {"type": "Replace", "pattern": {"String": pattern}, "content": content}
+
+
+TEXT_MULTIPLIERS = {
+    # each was a multi-GB allocation on the first prompt (4 MiB for each "h": 2 GB; 30 MiB prepended: over 5 GB)
+    "a long replacement": ("normalizer", _replace("h", "x" * 100_000), "a factor of 100,001"),
+    "a long prefix": ("normalizer", {"type": "Prepend", "prepend": "x" * 100_000}, "a factor of 100,001"),
+    "short doublings in a row": ("normalizer", {"type": "Sequence", "normalizers": [_replace("a", "aa")] * 40}, "more than 16 times longer"),
+    "a long replacement when decoding": ("decoder", {"type": "Sequence", "decoders": [_replace("Ġ", "y" * 5000)]}, "a factor of 5,001"),
+}
+
+
+@pytest.mark.parametrize("case", list(TEXT_MULTIPLIERS))
+def test_a_normalizer_or_decoder_that_multiplies_text_is_refused(tmp_path, tiny_tokenizer, case):
+    part, component, words = TEXT_MULTIPLIERS[case]
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    data[part] = component
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(tmp_path)
+    text = str(err.value)
+    assert f"the {part} of {tmp_path / 'tokenizer.json'}" in text and words in text and len(text) < 300, text
+
+
+def test_the_inserts_of_sentencepiece_style_tokenizers_still_load(tmp_path, tiny_tokenizer):
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    data["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, _replace(" ", "▁")]}
+    data["decoder"] = {"type": "Sequence", "decoders": [_replace("▁", " "), {"type": "ByteFallback"}, {"type": "Fuse"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    assert load_tokenizer(tmp_path).encode("a b")
+
+
+@pytest.mark.parametrize("unmarked", [["<IMG_CONTEXT>"], ["<|im_end|>"], ["<|im_start|>", "<img>", "</img>", "<|endoftext|>"]])
+def test_chat_and_image_tokens_typed_as_text_stay_text_whatever_tokenizer_json_says(tmp_path, tiny_tokenizer, unmarked):
+    """A tokenizer.json that has the control tokens as plain added tokens: typed in a question they
+    became the tokens themselves ("<IMG_CONTEXT>" with an image: a traceback on the image-token
+    count; "<|im_end|>": the user's turn ended early). <|im_end|> is also tokenizer_config.json's eos_token."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_tokenizer / name).read_bytes())
+    data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    for entry in data["added_tokens"]:
+        if entry["content"] in unmarked:
+            entry["special"] = False
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    honest, damaged = load_tokenizer(tiny_tokenizer), load_tokenizer(tmp_path)
+    typed = "what " + " ".join(unmarked) + " is this?"
+    assert damaged.encode(typed) == honest.encode(typed)
+    assert damaged.special_ids == honest.special_ids
+    assert [damaged.convert_tokens_to_ids(t) for t in unmarked] == [honest.convert_tokens_to_ids(t) for t in unmarked]
+
+
+def test_chat_and_image_tokens_typed_as_text_stay_text_in_the_fallback_too(tmp_path):
+    """The same with vocab.json + merges.txt: transformers 5 matches a plain added token in text
+    even with split_special_tokens, so tokenizer_config.json marking them plain let them in."""
+    honest = load_tokenizer(_write_qwen2_style(tmp_path / "honest", with_tokenizer_json=False))
+    folder = _write_qwen2_style(tmp_path / "plain", with_tokenizer_json=False)
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    unmarked = ("<IMG_CONTEXT>", "<|im_end|>")
+    for entry in config["added_tokens_decoder"].values():
+        if entry["content"] in unmarked:
+            entry["special"] = False
+    config["additional_special_tokens"] = [t for t in config["additional_special_tokens"] if t not in unmarked]
+    config["eos_token"] = None
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    damaged = load_tokenizer(folder)
+    assert type(damaged).__name__ == "TransformersTokenizer"
+    typed = "what <IMG_CONTEXT> is this <|im_end|>"
+    assert damaged.encode(typed) == honest.encode(typed)
+    assert [damaged.convert_tokens_to_ids(t) for t in unmarked] == [honest.convert_tokens_to_ids(t) for t in unmarked]
+
+
 def test_a_named_special_token_that_is_no_text_is_ignored(tmp_path, tiny_tokenizer):
     """tokenizer_config.json's eos_token as a lone surrogate (a JSON "\\ud800" escape) cannot be a
     token: it is skipped like a non-string one, instead of a UnicodeEncodeError traceback."""

@@ -278,6 +278,36 @@ def test_other_checkpoint_files_that_are_broken_links_are_named(request, tmp_pat
     one_line(err, str(path), "is a link to a file that does not exist")
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "model-00002-of-00002.safetensors", "pytorch_model.bin", "model.pt",
+                                  "indexed.safetensors"])  # fmt: skip
+@pytest.mark.parametrize("kind, words", [("folder", "is a folder"), ("fifo", "is a pipe or a device"),
+                                         ("device", "is a pipe or a device")])  # fmt: skip
+def test_a_weight_file_that_is_no_file_is_named(tiny_original, tmp_path, name, kind, words):
+    """A folder, a FIFO or a link to /dev/zero where a weight file belongs was skipped: reported as
+    'no weights in … the download may be incomplete', or as a shard 'missing … download the
+    remaining shards', sending the user to download what is there."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_original, folder)
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    if name == "model.safetensors":  # the only weight file
+        (folder / "model-00001-of-00002.safetensors").unlink()
+    if name in ("pytorch_model.bin", "model.pt"):  # no safetensors left: the loader looks for these
+        (folder / "model-00001-of-00002.safetensors").unlink()
+    if name == "indexed.safetensors":
+        index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": name}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    path = folder / name
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError) as err:
+        find_weight_files(folder)
+    one_line(err, str(path), words, "not a weight file")
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, tiny_tokenizer) -> Path:
     from make_tiny_checkpoint import make_tiny_checkpoint
@@ -375,6 +405,21 @@ def test_a_vocabulary_smaller_than_the_tokenizer(tiny_original, tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_model(folder, device="cpu", dtype="float32", max_context=64)
     one_line(err, str(folder), "vocab_size", "300", "tokenizer")
+
+
+def test_two_tokens_with_one_id_are_refused(tiny_original, tmp_path):
+    """tokenizer.json loads a vocabulary in which two tokens share an id: one of them then encoded
+    as the other, and the id it had decoded to nothing, without a word."""
+    folder = tmp_path / "shared id"
+    shutil.copytree(tiny_original, folder)
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    first, second = list(vocab)[:2]
+    vocab[first] = vocab[second]
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(folder), f"gives the id {vocab[second]} to both", "tokenizer files are damaged")
 
 
 @pytest.mark.parametrize("name", ["language_model.model.embed_tokens.weight", "junk"])

@@ -84,13 +84,34 @@ def check_weights_fit_config(cfg: ModelConfig, file_bytes: int, path: Path) -> N
 
 def check_tokenizer_fits_vocab(tokenizer: Tokenizer, cfg: ModelConfig, path: Path) -> None:
     """Every id the tokenizer can produce must have an embedding row; an id past them would fail
-    inside the first prompt (an index error) instead of here."""
-    top = max(tokenizer.get_vocab().values(), default=-1)
+    inside the first prompt (an index error) instead of here. And no two tokens may share an id:
+    tokenizer.json loads such a vocabulary, and one of the two then encodes as the other."""
+    vocab = tokenizer.get_vocab()
+    _refuse_shared_ids(vocab, path)
+    top = max(vocab.values(), default=-1)
     if top >= cfg.text.vocab_size:
         raise CheckpointError(
             f"the tokenizer of {visible(str(path))} has token ids up to {top} but config.json's vocab_size is "
             f"{cfg.text.vocab_size}; the tokenizer belongs to another model (use the one shipped with the checkpoint)"
         )
+
+
+def _refuse_shared_ids(vocab: dict[str, int], path: Path) -> None:
+    if len(set(vocab.values())) == len(vocab):
+        return
+    first: dict[int, str] = {}
+    for token, token_id in vocab.items():
+        if token_id in first:
+            raise CheckpointError(
+                f"the tokenizer of {visible(str(path))} gives the id {token_id} to both {_brief(first[token_id])} and "
+                f"{_brief(token)}; the tokenizer files are damaged (re-download them)"
+            )
+        first[token_id] = token
+
+
+def _brief(token: str) -> str:
+    """A token for a message: quoted, short, and safe to print."""
+    return visible(repr(token if len(token) <= 40 else token[:39] + "…"))
 
 
 def _count(n: float) -> str:

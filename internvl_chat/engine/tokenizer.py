@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -215,6 +216,8 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
         raise CheckpointError(
             f"cannot read {_shown(model_dir / TOKENIZER_JSON)}: {_first_line(e)}; the tokenizer files may be incomplete"
         ) from None
+    _check_added_token_ids(model_dir / TOKENIZER_JSON, text, backend)
+    _check_text_growth(model_dir / TOKENIZER_JSON, backend)
     config = _read_config(model_dir)
 
     special: set[int] = set()
@@ -259,7 +262,95 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
     if lacking:  # transformers adds a named special token it lacks; all at once, as above
         backend.add_special_tokens([AddedToken(content, special=True, normalized=False) for content in lacking])
     special.update(backend.token_to_id(content) for content in named)
+    special.update(i for i in map(backend.token_to_id, _SPECIAL_TEXT.values()) if i is not None)
+    _mark_special(backend, special)
     return FastTokenizer(backend, frozenset(special))
+
+
+def _mark_special(backend: Any, special: set[int]) -> None:
+    """Every special token, the chat and image tokens among them whatever the file says, marked so
+    in the backend, keeping its id: only marked tokens are kept from typed text. One tokenizer.json
+    left unmarked (or a named eos_token it had as a plain one) was matched in a question, so
+    "<IMG_CONTEXT>" broke the image-token count (a traceback) and "<|im_end|>" ended the turn (SPEC §3)."""
+    from tokenizers import AddedToken
+
+    added = backend.get_added_tokens_decoder()
+    unmarked = [backend.id_to_token(i) for i in sorted(special) if i not in added or not added[i].special]
+    if unmarked:
+        backend.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in unmarked if text])
+
+
+def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
+    """Every added token of tokenizer.json must have the id the file gives it. The backend ignores
+    those ids: it numbers the added tokens one after another, so a token missing from the list or
+    an id skipped or repeated moved every token after it (`<IMG_CONTEXT>`, `<|im_end|>`) onto
+    another embedding row, and the model was prompted with the wrong ids without a word."""
+    for declared, content in _declared_added_ids(text):
+        if not isinstance(content, str) or isinstance(declared, bool) or not isinstance(declared, int):
+            continue  # the backend has already refused what it cannot read
+        actual = backend.token_to_id(content)
+        if actual != declared:
+            raise CheckpointError(
+                f"{_shown(path)} gives {visible(_brief(content))} the id {declared}, but its tokens put it at {actual}; "
+                "the file is damaged or was edited (re-download the tokenizer files)"
+            )
+
+
+# Normalizers and decoders that insert text (Prepend, Replace) multiply what they are given, and in
+# a Sequence their factors multiply: a tokenizer.json that put 4 MiB in place of each "h" took 2 GB
+# for the first prompt, one that prepended 30 MiB more than 5 GB. Those that insert anything insert
+# a "▁" or a space (Qwen2's, which InternVL3 uses, insert nothing): this is far above them.
+MAX_TEXT_GROWTH = 16
+
+
+def _check_text_growth(path: Path, backend: Any) -> None:
+    for part, component in (("normalizer", backend.normalizer), ("decoder", backend.decoder)):
+        if component is None:
+            continue
+        growth = _text_growth(json.loads(component.__getstate__()))
+        if growth > MAX_TEXT_GROWTH:
+            raise CheckpointError(
+                f"the {part} of {_shown(path)} can make text more than {MAX_TEXT_GROWTH} times longer (a factor of "
+                f"{growth:,}), which no tokenizer needs; the file is damaged or not InternVL's (re-download the tokenizer files)"
+            )
+
+
+def _text_growth(node: Any) -> int:
+    """At most how many times longer a normalizer or decoder (its JSON) makes text: a Replace or a
+    Prepend 1 + the length of what it inserts, a Sequence the product of its steps (counted only
+    until it is over the limit: 1,000 doublings are a 300-digit number)."""
+    if not isinstance(node, dict):
+        return 1
+    kind = node.get("type")
+    if kind == "Sequence":
+        growth = 1
+        for step in node.get("normalizers") or node.get("decoders") or []:
+            growth *= _text_growth(step)
+            if growth > MAX_TEXT_GROWTH:
+                break
+        return growth
+    inserted = {"Replace": node.get("content"), "Prepend": node.get("prepend")}.get(kind)
+    return 1 + len(inserted) if isinstance(inserted, str) else 1
+
+
+def _declared_added_ids(text: str) -> list[tuple[Any, Any]]:
+    """(id, content) of each entry of tokenizer.json's top-level `added_tokens`, decoded without the
+    rest of the file (a Qwen2 vocabulary and merges: ~7 MiB the backend has parsed already). Inside a
+    JSON string a quote is escaped, so `"added_tokens":` followed by a list of objects is the key;
+    [] where there is none."""
+    def id_and_content(pairs: list[tuple[str, Any]]) -> tuple[Any, Any]:
+        entry = dict(pairs)
+        return entry.get("id"), entry.get("content")
+
+    decoder = json.JSONDecoder(object_pairs_hook=id_and_content)
+    for key in re.finditer(r'"added_tokens"\s*:\s*(?=\[)', text):
+        try:
+            value, _ = decoder.raw_decode(text, key.end())
+        except (ValueError, RecursionError):
+            continue
+        if all(isinstance(entry, tuple) for entry in value):
+            return value
+    return []
 
 
 def _declared_added_tokens(model_dir: Path, config: dict) -> list[tuple[int, dict]]:
@@ -360,6 +451,13 @@ def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
     finally:
         hf_logging.set_verbosity(verbosity)
     hf.model_max_length = int(1e30)  # the app checks lengths itself (the context budget)
+    # the chat and image tokens kept from typed text whatever tokenizer_config.json says (as
+    # `_mark_special` does): transformers 5 matches a plain added token even with split_special_tokens
+    present = [text for text in _SPECIAL_TEXT.values() if TransformersTokenizer(hf).convert_tokens_to_ids(text) is not None]
+    if present:
+        from tokenizers import AddedToken
+
+        hf.add_tokens([AddedToken(text, special=True, normalized=False) for text in present], special_tokens=True)
     return TransformersTokenizer(hf)
 
 

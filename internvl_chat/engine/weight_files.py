@@ -79,6 +79,9 @@ def _files_from_index(index: Path, suffix: str) -> tuple[Path, ...]:
             )
         names.add(name)
     files = tuple(index.parent / n for n in sorted(names))
+    for file in files:
+        if file.exists() and not file.is_file():  # there, but no file: "missing" sent the user downloading
+            raise _not_a_file(file)
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(
@@ -88,14 +91,23 @@ def _files_from_index(index: Path, suffix: str) -> tuple[Path, ...]:
     return files
 
 
-def _refuse_broken_links(folder: Path, pattern: str) -> None:
-    """A weight file that is a link to nothing is what an interrupted download into the Hugging
-    Face cache leaves; skipped, it made the folder look like it held no weights (or fewer)."""
-    broken = sorted(p for p in folder.glob(pattern) if p.is_symlink() and not p.exists())
-    if broken:
-        raise CheckpointError(
-            f"{visible(str(broken[0]))} is a link to a file that does not exist; the download is incomplete (download it again)"
-        )
+def _not_a_file(path: Path) -> CheckpointError:
+    """Why a weight file's name holds nothing to read. A link to nothing is what an interrupted
+    download into the Hugging Face cache leaves; a folder, a pipe or a device (a link to /dev/zero)
+    in its place is no download at all."""
+    shown = visible(str(path))
+    if path.is_symlink() and not path.exists():
+        return CheckpointError(f"{shown} is a link to a file that does not exist; the download is incomplete (download it again)")
+    kind = "a folder" if path.is_dir() else "a pipe or a device"
+    return CheckpointError(f"{shown} is {kind}, not a weight file; replace it with the checkpoint's downloaded file")
+
+
+def _refuse_non_files(folder: Path, pattern: str) -> None:
+    """Weight file names that hold no regular file are named: skipped, they made the folder look
+    like it held no weights ("the download may be incomplete"), or fewer shards than it does."""
+    for path in sorted(folder.glob(pattern)):
+        if not path.is_file():
+            raise _not_a_file(path)
 
 
 def find_weight_files(model_dir: str | Path) -> WeightFiles:
@@ -121,7 +133,7 @@ def find_weight_files(model_dir: str | Path) -> WeightFiles:
     if (path / SAFETENSORS_SINGLE).is_file():
         return WeightFiles("safetensors", (path / SAFETENSORS_SINGLE,))
     loose = sorted(p for p in path.glob("*.safetensors") if p.is_file())
-    _refuse_broken_links(path, "*.safetensors")
+    _refuse_non_files(path, "*.safetensors")
     if loose:
         return WeightFiles("safetensors", tuple(loose))
     if os.path.lexists(path / BIN_INDEX):
@@ -129,10 +141,11 @@ def find_weight_files(model_dir: str | Path) -> WeightFiles:
     if (path / BIN_SINGLE).is_file():
         return WeightFiles("bin", (path / BIN_SINGLE,))
     loose = sorted(p for p in path.glob("pytorch_model*.bin") if p.is_file())
-    _refuse_broken_links(path, "pytorch_model*.bin")
+    _refuse_non_files(path, "pytorch_model*.bin")
     if loose:
         return WeightFiles("bin", tuple(loose))
-    tinychat = sorted(p for p in path.glob("*.pt") if p.is_file())
+    _refuse_non_files(path, "*.pt")
+    tinychat = sorted(path.glob("*.pt"))
     if len(tinychat) == 1:
         return WeightFiles("tinychat", tuple(tinychat))
     if len(tinychat) > 1:

@@ -16,7 +16,7 @@ from ..engine.loader import LoadedModel
 from ..errors import CheckpointError, UsageError
 from ..files import visible
 from .tensor_names import is_quantized, weight_file_name
-from .writer import MAX_CODE_FILE_BYTES, MAX_CODE_FILES, code_files, settings_files
+from .writer import MAX_CODE_FILE_BYTES, MAX_CODE_FILES, MAX_SETTINGS_FILE_BYTES, code_files, settings_files
 
 STANDARD_GROUP_SIZES = (32, 64, 128, 256)  # the ones the int4 kernels take; 128 is the published default
 FP16_OVERFLOW = 65520.0  # magnitudes from here up round to inf in float16 (its largest value is 65,504)
@@ -98,7 +98,8 @@ def _weights_kind(src: Path) -> str | None:
 def check_copied_files(src: Path) -> None:
     """The source files copied to the output at the end can be opened: one that could not ended a
     whole run (an hour for a large model) with nothing written. Its Python files are bounded in
-    number and size (they are copied where its config names code, writer.code_files)."""
+    number and size (they are copied where its config names code, writer.code_files), its
+    settings files in size."""
     code = code_files(src)
     if len(code) > MAX_CODE_FILES:
         raise UsageError(f"the source folder holds {len(code)} .py files, more than a checkpoint's "
@@ -109,9 +110,10 @@ def check_copied_files(src: Path) -> None:
                 size = path.stat().st_size
         except OSError as e:
             raise UsageError(f"cannot read {visible(str(path))} ({e.strerror or e}); check the file and its permissions") from None
-        if path.suffix == ".py" and size > MAX_CODE_FILE_BYTES:
-            raise UsageError(f"{visible(str(path))} is {size:,} bytes, larger than a checkpoint's code file "
-                             f"({MAX_CODE_FILE_BYTES:,} at most); remove it from the source folder")  # fmt: skip
+        limit, kind = (MAX_CODE_FILE_BYTES, "code file") if path.suffix == ".py" else (MAX_SETTINGS_FILE_BYTES, "settings file")
+        if size > limit:
+            raise UsageError(f"{visible(str(path))} is {size:,} bytes, larger than a checkpoint's {kind} "
+                             f"({limit:,} at most); remove it from the source folder")  # fmt: skip
 
 
 def check_source_values(loaded: LoadedModel) -> None:

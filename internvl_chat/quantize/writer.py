@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from ..engine.config import ModelConfig, read_config_json
 from ..engine.loader import LoadedModel
 from ..errors import UsageError
-from ..files import current_umask, visible
+from ..files import JSON_LIMIT, current_umask, visible
 from .progress import Step, no_step
 from .tensor_names import fused_parts, is_quantized
 
@@ -33,6 +33,9 @@ TOKENIZER_FILES = (
 # vision loader) import them. Copied as bytes, never run here; bounded, as the source is untrusted.
 MAX_CODE_FILES = 64
 MAX_CODE_FILE_BYTES = 4 << 20
+# The settings files are copied whole too: the limit tokenizer files are read under (a 2 GiB
+# generation_config.json of zeros was copied into the output without a word)
+MAX_SETTINGS_FILE_BYTES = JSON_LIMIT
 
 
 def code_files(src_dir: Path) -> list[Path]:
