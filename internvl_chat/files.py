@@ -16,7 +16,7 @@ import stat
 import struct
 import tempfile
 from pathlib import Path
-from typing import Mapping, TextIO
+from typing import Any, Mapping, TextIO
 
 from .errors import UsageError
 
@@ -291,6 +291,12 @@ def visible(text: str) -> str:
     printing the result can never fail with an encoding error.
     """
     return text.translate(_VISIBLE)
+
+
+def brief_repr(value: Any, width: int = 40) -> str:
+    """A value for an error message: its repr, cut to `width` characters, printable."""
+    text = repr(value)
+    return visible(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def visible_lines(text: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import UsageError
-from .files import NoHomeFolder, escape_hidden, expand_home, read_text_file, undecodable_byte, visible, xdg_dir
+from .files import NoHomeFolder, brief_repr, escape_hidden, expand_home, read_text_file, undecodable_byte, visible, xdg_dir
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
 ENV_PREFIX = "INTERNVL_CHAT_"
@@ -415,15 +415,10 @@ def _assign(settings: Settings, dotted: str, value: Any, where: str, names_key: 
             parsed = check(parsed)
     except (ValueError, TypeError):
         expect = fld.metadata.get("expect") or "a valid value"
-        given = "" if dotted in SECRET_KEYS else f", not {_brief(value)}"  # a key is never printed, even a bad one
+        given = "" if dotted in SECRET_KEYS else f", not {brief_repr(value, 60)}"  # a key is never printed, even a bad one
         raise UsageError(f"{visible(where)}:{subject} must be {expect}{given}{fix}") from None
     section, name = dotted.split(".")
     setattr(getattr(settings, section), name, parsed)
-
-
-def _brief(value: Any, width: int = 60) -> str:
-    text = repr(value)
-    return visible(text if len(text) <= width else text[: width - 1] + "…")
 
 
 # --- layers ------------------------------------------------------------------------------------

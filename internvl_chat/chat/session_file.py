@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..files import PRIVATE_FILE_MODE, escape_hidden, expand_home, read_text_file, undecodable_byte, visible
+from ..files import PRIVATE_FILE_MODE, brief_repr, escape_hidden, expand_home, read_text_file, undecodable_byte, visible
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS, MAX_TILES
 from .dialects import DIALECTS
 
@@ -122,7 +122,7 @@ def parse_session(data: Any, path: Path, vocab_size: int | None, forbidden_ids: 
         raise DamagedSession(f"{shown} is not an internvl-chat session file; give a file saved with /save")
     version = data.get("version")
     if type(version) is not int or version != SESSION_VERSION:
-        raise DamagedSession(f"{shown} has session format version {_brief(version)}; this build reads version "
+        raise DamagedSession(f"{shown} has session format version {brief_repr(version)}; this build reads version "
                              f"{SESSION_VERSION}, so it was not loaded")  # fmt: skip
     check = _Checker(shown)
     backend = check.backend(data.get("backend", {"kind": "local"}))
@@ -153,7 +153,7 @@ class _Checker:
         self.shown = shown
 
     def fail(self, where: str, problem: str, value: Any) -> None:
-        got = "" if value is None else f", not {_brief(value)}"
+        got = "" if value is None else f", not {brief_repr(value)}"
         raise DamagedSession(f"session file {self.shown} is damaged: {where} {problem}{got}; it was not loaded")
 
     def text(self, value: Any, where: str) -> str:
@@ -194,7 +194,7 @@ class _Checker:
         allowed = ("kind",) if kind == "local" else ("kind", "server", "model", "dialect")
         for key in value:
             if key not in allowed:
-                self.fail(f"backend {_brief(key)}", f"is not a field of a {kind} backend", None)
+                self.fail(f"backend {brief_repr(key)}", f"is not a field of a {kind} backend", None)
         out = {"kind": kind}
         for key in allowed[1:]:
             if key in value:
@@ -210,7 +210,7 @@ class _Checker:
             self.fail(where, "must be an object of token counts or null", value)
         for key, count in value.items():
             if key not in USAGE_KEYS:
-                self.fail(f"{where} {_brief(key)}", f"is not one of {', '.join(USAGE_KEYS)}", None)
+                self.fail(f"{where} {brief_repr(key)}", f"is not one of {', '.join(USAGE_KEYS)}", None)
             self.integer(count, f"{where} {key}", 0, MAX_COUNT)
         return dict(value) or None
 
@@ -281,12 +281,6 @@ class _Checker:
                 self.fail(f"{where} range", "must end after it starts", rng)
             video_range = (start, end)
         return SavedMedia("video", path, relative, tiles, 12, frames, video_range, sha, size_bytes)
-
-
-def _brief(value: Any, width: int = 40) -> str:
-    """A value for an error message: its repr, short and printable."""
-    text = repr(value)
-    return visible(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def session_json(data: dict) -> str:

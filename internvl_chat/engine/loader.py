@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, UsageError
-from ..files import expand_home, visible
+from ..files import brief_repr, expand_home, visible
 from ..settings import INT4_BACKENDS
 from .checkpoint import iter_tensors
 from .compiled import MODES as COMPILE_MODES
@@ -103,15 +103,10 @@ def _refuse_shared_ids(vocab: dict[str, int], path: Path) -> None:
     for token, token_id in vocab.items():
         if token_id in first:
             raise CheckpointError(
-                f"the tokenizer of {visible(str(path))} gives the id {token_id} to both {_brief(first[token_id])} and "
-                f"{_brief(token)}; the tokenizer files are damaged (re-download them)"
+                f"the tokenizer of {visible(str(path))} gives the id {token_id} to both {brief_repr(first[token_id])} and "
+                f"{brief_repr(token)}; the tokenizer files are damaged (re-download them)"
             )
         first[token_id] = token
-
-
-def _brief(token: str) -> str:
-    """A token for a message: quoted, short, and safe to print."""
-    return visible(repr(token if len(token) <= 40 else token[:39] + "…"))
 
 
 def _count(n: float) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files import JSON_LIMIT, TEXT_LIMIT, read_bytes_file, read_text_file, undecodable_byte, visible
+from ..files import JSON_LIMIT, TEXT_LIMIT, brief_repr, read_bytes_file, read_text_file, undecodable_byte, visible
 from ..native_stderr import captured
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -195,10 +195,6 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) and value and undecodable_byte(value) is None else None
 
 
-def _brief(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:39] + "…")
-
-
 def _load_fast(model_dir: Path) -> FastTokenizer:
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as Backend
@@ -244,7 +240,7 @@ def _load_fast(model_dir: Path) -> FastTokenizer:
     for token_id, entry in declared:
         known = backend.token_to_id(entry["content"])
         if known != token_id:
-            raise _config_error(model_dir, f"it gives {_brief(entry['content'])} the id {token_id}, tokenizer.json {known}")
+            raise _config_error(model_dir, f"it gives {brief_repr(entry['content'])} the id {token_id}, tokenizer.json {known}")
         if entry.get("special", False):
             special.add(token_id)
 
@@ -291,7 +287,7 @@ def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
         actual = backend.token_to_id(content)
         if actual != declared:
             raise CheckpointError(
-                f"{_shown(path)} gives {visible(_brief(content))} the id {declared}, but its tokens put it at {actual}; "
+                f"{_shown(path)} gives {brief_repr(content)} the id {declared}, but its tokens put it at {actual}; "
                 "the file is damaged or was edited (re-download the tokenizer files)"
             )
 
@@ -390,7 +386,7 @@ def _check_for_transformers(model_dir: Path) -> None:
         # here the class decides how vocab.json and merges.txt are read: another one loads without
         # a word and then encodes wrongly (BertTokenizer: every word unknown; LlamaTokenizer: nothing)
         raise CheckpointError(
-            f"{_shown(model_dir / TOKENIZER_CONFIG)} names the tokenizer class {_brief(named_class)}, but InternVL3's Qwen2 "
+            f"{_shown(model_dir / TOKENIZER_CONFIG)} names the tokenizer class {brief_repr(named_class)}, but InternVL3's Qwen2 "
             "language model needs Qwen2Tokenizer; use the tokenizer files shipped with the checkpoint"
         )
     _declared_added_tokens(model_dir, config)
