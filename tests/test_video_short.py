@@ -199,3 +199,19 @@ def test_an_avi_whose_capture_dropped_frames_is_sampled_from_its_frames_without_
     result = load_video(path, 8)
     assert (result.num_total_frames, result.listed_frames, result.shortfall_note) == (20, None, None)
     assert result.indices == frame_indices(20, FPS, 8) == _shown(result)
+
+
+def test_an_avi_cut_short_is_sampled_to_its_last_frame_held(tmp_path, monkeypatch):
+    """An AVI keeps its count at the start and its index at the end: cut short, it lists 60 frames
+    and FFmpeg guesses its duration from its size (5.3 s for the 58 frames held). The count stands:
+    the guess hid frames 53…57, and refused a start at 5.5 s as past the end. (A range to the end:
+    the first pass reaches past the cut, as sampling the whole clip here does not.)"""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    whole = write_numbered_video(tmp_path / "whole.avi", FRAMES, FPS, "mpeg4")
+    path = _cut(whole, tmp_path, 58)
+    held = _frames_in(path)
+    assert held == 58 and read_header(path, orientation=False).frames == FRAMES
+    for start in (5.0, 5.5):
+        result = load_video(path, 8, start=start)
+        assert result.indices == frame_indices(held, FPS, 8, start) == _shown(result)
+        assert (result.num_total_frames, result.shortfall_note) == (held, None)  # an AVI's count may count drops

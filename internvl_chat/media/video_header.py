@@ -52,9 +52,13 @@ class VideoHeader:
     def frames_shown(self) -> int:
         """The frames a player shows: the count, or fewer where the duration holds fewer (an MP4
         edit list hides the frames before a cut made without re-encoding, `ffmpeg -ss … -c copy`,
-        and FFmpeg drops them as it decodes); 0 where the header stores no count."""
+        and FFmpeg drops them as it decodes); 0 where the header stores no count. Only MP4 and MOV
+        have edit lists; elsewhere the duration may be a guess (an AVI cut short, its index lost
+        with its end: from its size), so the count stands."""
         if not self.frames:
             return 0
+        if "mov" not in self.format_name.split(","):
+            return self.frames
         return min(self.frames, self.frames_by_duration or self.frames)
 
     @property
