@@ -31,6 +31,7 @@ CPU (default), on a small-but-not-trivial random-weight model built here:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -493,6 +494,8 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
 def shape_rows(plan: bl.Plan) -> list[tuple[str, str]]:
     """(shape, variant) in measuring order, so that the most wanted rows come first when time runs
     out: each shape's variants (8B W4 tinygemm, 8B W4 triton, 8B bf16, ...), then the next shape."""
+    if plan.cuda_rows is not None:
+        return list(plan.cuda_rows)
     return [(shape, variant) for shape in plan.cuda_shapes for variant in plan.cuda_variants]
 
 
@@ -560,7 +563,8 @@ def section_gemv(plan: bl.Plan, device: torch.device, deadline: float | None, st
     own = time.perf_counter() + plan.gemv_budget_s
     section_deadline = min(own, deadline) if deadline is not None else own
     unavailable = {label: bl.gemv_variant_unavailable(label, device) for label in bl.GEMV_VARIANTS}
-    labels = [label for label, why in unavailable.items() if why is None]
+    labels = [label for label, why in unavailable.items() if why is None
+              and (plan.gemv_columns is None or label in plan.gemv_columns)]  # fmt: skip
     out: dict = {
         "copy_bandwidth_bytes_per_s": bandwidth,
         "rows": list(plan.gemv_rows),
@@ -1011,6 +1015,39 @@ def run(
     return report
 
 
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def plan_with_overrides(plan: bl.Plan, args: argparse.Namespace) -> bl.Plan:
+    """`plan` narrowed by --shape-rows / --gemv-rows / --gemv-columns / --gemv-budget (checked:
+    a typo must not cost a GPU call its rows)."""
+    changes: dict = {}
+    if args.shape_rows:
+        rows = []
+        for item in _csv(args.shape_rows):
+            shape, _, variant = item.partition(":")
+            if shape not in bl.LLM_SHAPES and shape not in bl.DRY_SHAPES:
+                raise SystemExit(f"--shape-rows: unknown shape {shape!r} (one of {', '.join(bl.LLM_SHAPES)})")
+            try:
+                variant_backend(variant)
+            except ValueError as e:
+                raise SystemExit(f"--shape-rows: {e} (w4, w4-<backend> or bf16)") from None
+            rows.append((shape, variant))
+        changes["cuda_rows"] = tuple(rows)
+    if args.gemv_rows:
+        changes["gemv_rows"] = tuple(int(m) for m in _csv(args.gemv_rows))
+    if args.gemv_columns:
+        columns = tuple(_csv(args.gemv_columns))
+        unknown = [c for c in columns if c not in bl.GEMV_VARIANTS]
+        if unknown:
+            raise SystemExit(f"--gemv-columns: unknown {unknown} (of {', '.join(bl.GEMV_VARIANTS)})")
+        changes["gemv_columns"] = columns
+    if args.gemv_budget is not None:
+        changes["gemv_budget_s"] = args.gemv_budget
+    return dataclasses.replace(plan, **changes) if changes else plan
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="internvl-chat benchmark")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
@@ -1022,6 +1059,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; the decode section sets its own)")
     p.add_argument("--decode-dir", type=Path, default=bl.REPO_ROOT / ".cache" / "bench-decode",
                    help="where the decode section keeps its 0.5B checkpoint and GGUF files (reused across runs)")
+    p.add_argument("--shape-rows", help="shapes section: only these rows, in order, as SHAPE:VARIANT,... "
+                   "(e.g. InternVL3-1B:w4,InternVL3-8B:bf16)")
+    p.add_argument("--gemv-rows", help="gemv section: rows M to time, e.g. 1,16,128")
+    p.add_argument("--gemv-columns", help="gemv section: only these columns, e.g. tinygemm,triton,bf16")
+    p.add_argument("--gemv-budget", type=float, help="gemv section: its own time budget in seconds")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1030,7 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda asked for but no CUDA GPU is visible", file=sys.stderr)
         return 2
-    plan = bl.QUICK if args.quick else bl.FULL
+    plan = plan_with_overrides(bl.QUICK if args.quick else bl.FULL, args)
     if args.sections:
         sections = tuple(dict.fromkeys(SECTION_ALIASES.get(s.strip(), s.strip()) for s in args.sections.split(",") if s.strip()))
     else:

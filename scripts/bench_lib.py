@@ -94,9 +94,13 @@ class Plan:
     cuda_followup_history: tuple[int, ...] = (1024, 4096)  # follow-up TTFT after this much history
     cuda_followup_tokens: int = 24  # a short follow-up question
     cuda_compiled: bool = True  # also time the compiled step (one compile per row)
+    # (shape, variant) rows to measure, in order, instead of every shape × variant (--shape-rows:
+    # a rerun measures only the rows an earlier call of a short lease did not reach)
+    cuda_rows: tuple[tuple[str, str], ...] | None = None
     # the gemv section: rows M of one linear call (1: decode; more: prefill), its own time budget
     gemv_rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
     gemv_budget_s: float = 40.0
+    gemv_columns: tuple[str, ...] | None = None  # a subset of GEMV_VARIANTS (--gemv-columns); None: all
     # CPU decode/prefill vs llama.cpp: models ("demo", "qwen0.5b"), dtypes, threads, token counts
     decode_models: tuple[str, ...] = ("demo", "qwen0.5b")
     decode_dtypes: tuple[str, ...] = ("float32", "bfloat16")

@@ -34,8 +34,9 @@
 # Wheels for packages the machine lacks go in .wheels/ (or .whl/), carried with the tree:
 # scripts/gpu_wheels.sh builds them (gemlite);
 # BENCH_GIT_COMMIT=<sha> to record the commit when the copied tree has no .git; CUDA_TEST_FILES,
-# TEST_TIMEOUT, GEMV_TIMEOUT, GEMV_BUDGET, BENCH_TIMEOUT, SHAPES_BUDGET, TOTAL_LIMIT, SETUP_TIMEOUT, BENCH_ARGS
-# (extra arguments of the shapes step, e.g. '--time-budget 100') to fit the time left.
+# TEST_TIMEOUT, GEMV_TIMEOUT, GEMV_BUDGET, BENCH_TIMEOUT, SHAPES_BUDGET, TOTAL_LIMIT, SETUP_TIMEOUT to fit the
+# time left; BENCH_ARGS / GEMV_ARGS: extra arguments of the shapes / gemv step, e.g. a rerun's
+# '--shape-rows InternVL3-1B:w4,InternVL3-8B:bf16' / '--gemv-rows 1,16 --gemv-columns tinygemm,triton,bf16'.
 set -u
 
 OUT="${OUT:-$PWD/gpu_out}"
@@ -162,7 +163,8 @@ GEMV_BUDGET=$(budget "$GEMV_BUDGET" "$GEMV_TIMEOUT" 20)
 step "int4 linears on $DEVICE (timeout ${GEMV_TIMEOUT}s, budget ${GEMV_BUDGET}s)"
 set -o pipefail
 timeout -k 10 "$GEMV_TIMEOUT" ${GEMV_ENV[@]+"${GEMV_ENV[@]}"} "$PY" scripts/bench.py --device "$DEVICE" "${BENCH_PLAN[@]}" --sections gemv \
-    --time-budget "$GEMV_BUDGET" --out "$OUT/bench_gemv_$DEVICE.json" 2>&1 | tee "$OUT/bench_gemv_$DEVICE.txt"
+    --time-budget "$GEMV_BUDGET" --gemv-budget "$GEMV_BUDGET" --out "$OUT/bench_gemv_$DEVICE.json" ${GEMV_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_gemv_$DEVICE.txt"
 rc=$?
 set +o pipefail
 [ $rc -eq 0 ] || { echo "gemv benchmark: exit $rc"; FAILED+=("gemv($rc)"); }

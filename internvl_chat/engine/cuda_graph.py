@@ -73,6 +73,7 @@ class DecodeGraphs:
                 # torch.cuda.graph leaves its capture stream current when capture_begin or
                 # capture_end raises (it restores the stream after capture_end only)
                 torch.cuda.set_stream(caller)
+                _release_default_generator(self.model.device)
                 raise
         if self.pool is None:
             self.pool = graph.pool()
@@ -106,3 +107,21 @@ class DecodeGraphs:
         self.pool = None
         self.failure = _one_line(error)
         _stderr_note(f"a CUDA graph of the decode step could not be captured ({self.failure}); decoding without CUDA graphs")
+
+
+def _release_default_generator(device: torch.device) -> None:
+    """Give the device's default CUDA generator a fresh state holding the same seed and offset.
+
+    A capture that fails at its end (capture_end raises, e.g. after a host sync inside it) skips
+    the generator's capture epilogue, and torch (2.11 seen on an H200) then refuses every later
+    random op on that generator ("Offset increment outside graph capture encountered
+    unexpectedly"): any code of the process using torch's default CUDA randomness would fail.
+    The sampler has a generator of its own, so this is about the rest of the process."""
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        default = torch.cuda.default_generators[index]
+        fresh = torch.Generator(device=torch.device("cuda", index))
+        fresh.set_state(default.get_state())
+        default.graphsafe_set_state(fresh)
+    except Exception:  # noqa: BLE001 — best effort: the capture's own error is what gets reported
+        pass
