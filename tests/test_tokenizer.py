@@ -632,3 +632,23 @@ def test_a_regex_the_backend_cannot_run_is_one_error_and_the_conversation_goes_o
     assert (session.ids, session.start_pos, len(session.turns)) == state
     list(session.ask("Still there?"))
     assert len(session.turns) == 2
+
+
+@pytest.mark.parametrize("merges_as", ["pairs", "strings"])
+def test_a_tokenizer_of_qwen2s_size_is_within_the_entry_bound(tmp_path, merges_as):
+    """The bound on tokenizer.json's entries (checked before parsing) leaves room for InternVL3's own:
+    Qwen2's 151,643 BPE entries and 151,387 merges (saved as ["a", "b"] pairs by recent tokenizers,
+    as "a b" strings before) and 29 added tokens, for a vocab_size of 151,674. One token in 8 here
+    holds a ':' and a ',' (which the counts take for structure), far more than Qwen2's."""
+    from internvl_chat.engine.tokenizer import _check_entry_count
+
+    tokens = [f"Ġ{i:x}" + (":," if i % 8 == 0 else "") for i in range(151_643)]
+    merges = [[tokens[i // 2], tokens[i]] for i in range(256, 151_643)]
+    added = [{"id": 151_643 + i, "content": f"<|extra_{i}|>", "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i in range(29)]  # fmt: skip
+    data = {"added_tokens": added, "model": {"type": "BPE", "vocab": dict(zip(tokens, range(len(tokens)))),
+            "merges": merges if merges_as == "pairs" else [" ".join(pair) for pair in merges]}}  # fmt: skip
+    _check_entry_count(tmp_path / "tokenizer.json", json.dumps(data, indent=2), 151_674)
+    with pytest.raises(CheckpointError, match="holds up to"):  # while five times the merges are not
+        data["model"]["merges"] *= 5
+        _check_entry_count(tmp_path / "tokenizer.json", json.dumps(data, indent=2), 151_674)

@@ -167,7 +167,7 @@ def load_model(
     if max_context > limit:
         raise UsageError(f"a max_context of {max_context} exceeds the model's {limit} positions; "
                          f"use --max-context {limit} or less")  # it may come from a config file or variable
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, cfg.text.vocab_size)
     special = special_token_ids(tokenizer)
     check_tokenizer_fits_vocab(tokenizer, cfg, path)
     if device.type == "cuda" and device.index is not None:

@@ -29,6 +29,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..files import JSON_LIMIT, TEXT_LIMIT, brief_repr, read_bytes_file, read_text_file, undecodable_byte, visible
 from ..native_stderr import captured
+from .config import MAX_VOCAB
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -175,11 +176,12 @@ def as_tokenizer(tokenizer: Any) -> Tokenizer:
 # -------------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """The checkpoint's tokenizer, local files only, no remote code."""
+def load_tokenizer(model_dir: str | Path, vocab_size: int | None = None) -> Tokenizer:
+    """The checkpoint's tokenizer, local files only, no remote code. `vocab_size`: config.json's,
+    which bounds how many entries tokenizer.json may hold (None: the largest a config may declare)."""
     model_dir = Path(model_dir)
     if os.path.lexists(model_dir / TOKENIZER_JSON):  # a folder, a FIFO or a broken link is named, not taken for none
-        return _load_fast(model_dir)
+        return _load_fast(model_dir, vocab_size)
     if any((model_dir / f).is_file() for f in _SLOW_FILES):
         return _load_with_transformers(model_dir)
     raise CheckpointError(
@@ -195,11 +197,12 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) and value and undecodable_byte(value) is None else None
 
 
-def _load_fast(model_dir: Path) -> FastTokenizer:
+def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as Backend
 
     text = read_text_file(model_dir / TOKENIZER_JSON, "the tokenizer file", JSON_LIMIT, CheckpointError)
+    _check_entry_count(model_dir / TOKENIZER_JSON, text, vocab_size)
     # The Rust parser raises plain Exceptions for a malformed file, and panics on some values (a BPE's
     # continuing_subword_prefix, for one): pyo3's PanicException, a BaseException that ended the app
     # (the panic's own text on fd 2 kept off the terminal: the exception holds its reason)
@@ -274,6 +277,33 @@ def _mark_special(backend: Any, special: set[int]) -> None:
     unmarked = [backend.id_to_token(i) for i in sorted(special) if i not in added or not added[i].special]
     if unmarked:
         backend.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in unmarked if text])
+
+
+# How many entries tokenizer.json may hold for a config.json vocab_size V. Every entry of a vocabulary
+# object (BPE, WordPiece, WordLevel) is a member, with one ':' outside strings; a merge is a list item
+# (an "a b" string, or an ["a", "b"] pair: two items), and so is a Unigram [piece, score] entry, each
+# item but the last of its list followed by one ','. A ':' or ',' inside a string only adds to the
+# counts, so they bound the entries from above, and take ~10 ms on a Qwen2 file. Qwen2's (InternVL3's)
+# has ~1.0 V members and ~3 V commas (151,643 entries, 151,387 pairs); a file of 2.4 million entries
+# took 1.3 GB and 13 s to parse and build before the ids were found past V.
+MAX_MEMBERS_PER_VOCAB = 2
+MAX_ITEMS_PER_VOCAB = 5
+ENTRY_SLACK = 65_536  # added tokens (8 members each), tiny vocabularies, the rest of the file
+
+
+def _check_entry_count(path: Path, text: str, vocab_size: int | None) -> None:
+    """Refuse a tokenizer.json with far more entries than the model has ids, before the backend
+    parses it (its cost grows with the entries, not with the ~64 MiB file limit)."""
+    limit = vocab_size if vocab_size is not None else MAX_VOCAB
+    source = f"config.json's vocab_size of {limit:,}" if vocab_size is not None else f"the largest vocabulary ({limit:,})"
+    for what, count, per_id in (("vocabulary entries", text.count(":"), MAX_MEMBERS_PER_VOCAB),
+                                ("entries and merges", text.count(","), MAX_ITEMS_PER_VOCAB)):  # fmt: skip
+        allowed = per_id * limit + ENTRY_SLACK
+        if count > allowed:
+            raise CheckpointError(
+                f"{_shown(path)} holds up to {count:,} {what}, more than {source} allows ({allowed:,}); the tokenizer "
+                "is damaged or belongs to another model (use the one shipped with the checkpoint)"
+            )
 
 
 def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
