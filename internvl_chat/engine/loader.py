@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def check_tokenizer_fits_vocab(tokenizer: Tokenizer, cfg: ModelConfig, path: Pat
         )
 
 
-def _refuse_shared_ids(vocab: dict[str, int], path: Path) -> None:
+def _refuse_shared_ids(vocab: Mapping[str, int], path: Path) -> None:
     if len(set(vocab.values())) == len(vocab):
         return
     first: dict[int, str] = {}
