@@ -11,9 +11,11 @@ are (tokenizer_config.json with added_tokens_decoder, one token declared only th
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -456,11 +458,27 @@ def _replace(pattern: str, content: str) -> dict:
     return {"type": "Replace", "pattern": {"String": pattern}, "content": content}
 
 
+def _charsmap(key: str, replacement: str) -> dict:
+    """A SentencePiece "Precompiled" normalizer whose charsmap maps the one-byte `key` to
+    `replacement`: a darts-clone double array (the root at 0, `key`'s unit at its byte, that unit's
+    leaf 1024 further) and the pool of NUL-terminated strings its values point into."""
+    byte = key.encode("utf-8")[0]
+    units = [0] * 1129
+    units[byte] = (1024 << 10) | (1 << 8) | byte  # offset to its leaf, has a leaf, label
+    units[byte ^ 1024] = 1 << 31  # the leaf: the string at offset 0 of the pool
+    trie = b"".join(struct.pack("<I", unit) for unit in units)
+    blob = struct.pack("<I", len(trie)) + trie + replacement.encode("utf-8") + b"\0"
+    return {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(blob).decode("ascii")}
+
+
 TEXT_MULTIPLIERS = {
     # each was a multi-GB allocation on the first prompt (4 MiB for each "h": 2 GB; 30 MiB prepended: over 5 GB)
     "a long replacement": ("normalizer", _replace("h", "x" * 100_000), "a factor of 100,001"),
     "a long prefix": ("normalizer", {"type": "Prepend", "prepend": "x" * 100_000}, "a factor of 100,001"),
     "short doublings in a row": ("normalizer", {"type": "Sequence", "normalizers": [_replace("a", "aa")] * 40}, "more than 16 times longer"),
+    # a SentencePiece charsmap's string in place of each "h" (the backend wrote 100,000 x's for it)
+    "a long charsmap string": ("normalizer", _charsmap("h", "x" * 100_000), "a factor of 100,000"),
+    "short charsmap strings in a row": ("normalizer", {"type": "Sequence", "normalizers": [_charsmap("h", "hé")] * 5}, "a factor of 32"),
     "a long replacement when decoding": ("decoder", {"type": "Sequence", "decoders": [_replace("Ġ", "y" * 5000)]}, "a factor of 5,001"),
 }
 
@@ -483,6 +501,15 @@ def test_the_inserts_of_sentencepiece_style_tokenizers_still_load(tmp_path, tiny
     data["decoder"] = {"type": "Sequence", "decoders": [_replace("▁", " "), {"type": "ByteFallback"}, {"type": "Fuse"}]}
     (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
     assert load_tokenizer(tmp_path).encode("a b")
+
+
+def test_a_charsmap_of_short_strings_still_loads(tmp_path, tiny_tokenizer):
+    """What a charsmap's strings are measured by: it does replace "h" as the tests above take it."""
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    data["normalizer"] = _charsmap("h", "é" * 16)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.backend.normalizer.normalize_str("ah!") == "a" + "é" * 16 + "!"
 
 
 @pytest.mark.parametrize("unmarked", [["<IMG_CONTEXT>"], ["<|im_end|>"], ["<|im_start|>", "<img>", "</img>", "<|endoftext|>"]])

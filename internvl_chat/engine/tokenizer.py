@@ -16,6 +16,8 @@ transformers' AutoTokenizer, imported then. Both are used through one interface,
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import os
@@ -334,7 +336,14 @@ def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
 # a Sequence their factors multiply: a tokenizer.json that put 4 MiB in place of each "h" took 2 GB
 # for the first prompt, one that prepended 30 MiB more than 5 GB. Those that insert anything insert
 # a "▁" or a space (Qwen2's, which InternVL3 uses, insert nothing): this is far above them.
+# A SentencePiece "Precompiled" normalizer multiplies text too: its charsmap puts one of its pool's
+# strings in place of each character (or short grapheme) it has a rule for, and a string may be as
+# long as the file allows. Its factor is its longest string; one built from Unicode's NFKC holds 18
+# characters for U+FDFA and is refused, as no InternVL3 tokenizer has one. The other normalizers
+# (NFC, NFKC, Lowercase...) grow text by Unicode's bounded factors at most and are not counted.
 MAX_TEXT_GROWTH = 16
+# a UTF-8 continuation byte: what a string's bytes have beyond one per character
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
 
 
 def _check_text_growth(path: Path, backend: Any) -> None:
@@ -363,8 +372,25 @@ def _text_growth(node: Any) -> int:
             if growth > MAX_TEXT_GROWTH:
                 break
         return growth
+    if kind == "Precompiled":
+        return _charsmap_growth(node.get("precompiled_charsmap"))
     inserted = {"Replace": node.get("content"), "Prepend": node.get("prepend")}.get(kind)
     return 1 + len(inserted) if isinstance(inserted, str) else 1
+
+
+def _charsmap_growth(charsmap: Any) -> int:
+    """The longest string, in characters, of a SentencePiece charsmap's pool (base64 of: the trie's
+    size in bytes as a little-endian u32, the trie, then the NUL-terminated strings the trie's
+    values point into): each character or short grapheme becomes at most that. The backend has
+    parsed it already; 1 where it is not what it should be."""
+    try:
+        blob = base64.b64decode(charsmap, validate=True) if isinstance(charsmap, str) else b""
+    except (binascii.Error, ValueError):
+        return 1
+    if len(blob) < 4:
+        return 1
+    pool = blob[4 + int.from_bytes(blob[:4], "little"):]
+    return max((len(piece.translate(None, _CONTINUATION_BYTES)) for piece in pool.split(b"\0")), default=1) or 1
 
 
 def _declared_added_ids(text: str) -> list[tuple[Any, Any]]:
