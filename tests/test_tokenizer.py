@@ -289,6 +289,27 @@ def test_damaged_slow_tokenizer_files_are_named_in_our_words(tmp_path, case):
     assert words in text and str(slow) in text and "\n" not in text, text
 
 
+@pytest.mark.parametrize("name, words", [("vocab.json", "vocabulary entries"), ("merges.txt", "merges")])
+def test_the_fallback_refuses_files_far_larger_than_the_vocabulary_unread(tmp_path, monkeypatch, name, words):
+    """As tokenizer.json: transformers parsed a vocab.json of millions of entries whole (gigabytes)
+    before anything compared them with config.json's vocab_size. Counted first, from the bytes."""
+    import transformers
+
+    slow = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    if name == "vocab.json":
+        vocab = json.loads((slow / name).read_text(encoding="utf-8"))
+        vocab.update((f"x{i:x}", len(vocab) + i) for i in range(70_000))
+        (slow / name).write_text(json.dumps(vocab), encoding="utf-8")
+    else:
+        lines = (slow / name).read_text(encoding="utf-8").splitlines()[1:]
+        (slow / name).write_text("#version: 0.2\n" + "\n".join(lines * (70_000 // len(lines) + 1)) + "\n", encoding="utf-8")
+    monkeypatch.setattr(transformers, "AutoTokenizer", None)  # not reached
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(slow, vocab_size=500)
+    text = str(err.value)
+    assert f"{slow / name} holds up to" in text and words in text and "vocab_size of 500" in text, text
+
+
 def test_startup_imports_neither_transformers_nor_torch_compilers():
     """Loading the demo model as the REPL does imports no transformers, sympy or torch._dynamo
     (each costs seconds before the first prompt), nor the Markdown renderer (needed at the first answer)."""

@@ -188,12 +188,12 @@ def as_tokenizer(tokenizer: Any) -> Tokenizer:
 
 def load_tokenizer(model_dir: str | Path, vocab_size: int | None = None) -> Tokenizer:
     """The checkpoint's tokenizer, local files only, no remote code. `vocab_size`: config.json's,
-    which bounds how many entries tokenizer.json may hold (None: the largest a config may declare)."""
+    which bounds how many entries the tokenizer files may hold (None: the largest a config may declare)."""
     model_dir = Path(model_dir)
     if os.path.lexists(model_dir / TOKENIZER_JSON):  # a folder, a FIFO or a broken link is named, not taken for none
         return _load_fast(model_dir, vocab_size)
     if any((model_dir / f).is_file() for f in _SLOW_FILES):
-        return _load_with_transformers(model_dir)
+        return _load_with_transformers(model_dir, vocab_size)
     raise CheckpointError(
         f"{_shown(model_dir)} has no tokenizer files (tokenizer.json / tokenizer_config.json); download the full checkpoint"
     )
@@ -289,25 +289,29 @@ def _mark_special(backend: Any, special: set[int]) -> None:
         backend.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in unmarked if text])
 
 
-# How many entries tokenizer.json may hold for a config.json vocab_size V. Every entry of a vocabulary
-# object (BPE, WordPiece, WordLevel) is a member, with one ':' outside strings; a merge is a list item
-# (an "a b" string, or an ["a", "b"] pair: two items), and so is a Unigram [piece, score] entry, each
-# item but the last of its list followed by one ','. A ':' or ',' inside a string only adds to the
-# counts, so they bound the entries from above, and take ~10 ms on a Qwen2 file. Qwen2's (InternVL3's)
-# has ~1.0 V members and ~3 V commas (151,643 entries, 151,387 pairs); a file of 2.4 million entries
-# took 1.3 GB and 13 s to parse and build before the ids were found past V.
-MAX_MEMBERS_PER_VOCAB = 2
-MAX_ITEMS_PER_VOCAB = 5
+# How many entries a tokenizer file may hold for a config.json vocab_size V: (what, the character
+# each entry brings, entries allowed per id). Every entry of a JSON vocabulary object (BPE, WordPiece,
+# WordLevel; vocab.json) is a member, with one ':' outside strings; a merge is a list item (an "a b"
+# string, or an ["a", "b"] pair: two items), and so is a Unigram [piece, score] entry, each item but
+# the last of its list followed by one ','; merges.txt has a line per merge. A ':' or ',' inside a
+# string only adds to the counts, so they bound the entries from above, and take ~10 ms on a Qwen2
+# file. Qwen2's (InternVL3's) has ~1.0 V members and ~3 V commas (151,643 entries, 151,387 pairs); a
+# file of 2.4 million entries took 1.3 GB and 13 s to parse and build before its ids were found past V.
+_ENTRY_COUNTS = {
+    TOKENIZER_JSON: (("vocabulary entries", ":", 2), ("entries and merges", ",", 5)),
+    "vocab.json": (("vocabulary entries", ":", 2),),
+    "merges.txt": (("merges", "\n", 2),),
+}
 ENTRY_SLACK = 65_536  # added tokens (8 members each), tiny vocabularies, the rest of the file
 
 
-def _check_entry_count(path: Path, text: str, vocab_size: int | None) -> None:
-    """Refuse a tokenizer.json with far more entries than the model has ids, before the backend
-    parses it (its cost grows with the entries, not with the ~64 MiB file limit)."""
+def _check_entry_count(path: Path, content: str | bytes, vocab_size: int | None) -> None:
+    """Refuse a tokenizer file with far more entries than the model has ids, before a parser reads
+    it (its cost grows with the entries, not with the 64 MiB file limit)."""
     limit = vocab_size if vocab_size is not None else MAX_VOCAB
     source = f"config.json's vocab_size of {limit:,}" if vocab_size is not None else f"the largest vocabulary ({limit:,})"
-    for what, count, per_id in (("vocabulary entries", text.count(":"), MAX_MEMBERS_PER_VOCAB),
-                                ("entries and merges", text.count(","), MAX_ITEMS_PER_VOCAB)):  # fmt: skip
+    for what, separator, per_id in _ENTRY_COUNTS[path.name]:
+        count = content.count(separator if isinstance(content, str) else separator.encode("ascii"))
         allowed = per_id * limit + ENTRY_SLACK
         if count > allowed:
             raise CheckpointError(
@@ -485,10 +489,12 @@ def _config_error(model_dir: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{_shown(model_dir / TOKENIZER_CONFIG)} is not usable: {why}; re-download the tokenizer files")
 
 
-def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
+def _load_with_transformers(model_dir: Path, vocab_size: int | None) -> TransformersTokenizer:
     for name in (*_SLOW_FILES, *_SLOW_EXTRAS):  # transformers reads them with no limit: check them as ours first
         if os.path.lexists(model_dir / name):
-            read_bytes_file(model_dir / name, "the tokenizer file", JSON_LIMIT, CheckpointError)
+            data = read_bytes_file(model_dir / name, "the tokenizer file", JSON_LIMIT, CheckpointError)
+            if name in _ENTRY_COUNTS:
+                _check_entry_count(model_dir / name, data, vocab_size)
     _check_for_transformers(model_dir)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
