@@ -720,3 +720,14 @@ def test_a_start_builds_the_vocabulary_once(tiny_original, monkeypatch):
     assert builds == ["get_vocab"]
     tokenizer.backend.add_tokens(["<new>"])
     assert tokenizer.get_vocab()["<new>"] == len(tokenizer) - 1 and len(builds) == 2
+
+
+def test_a_tokenizer_with_its_vocabulary_built_still_pickles(tiny_tokenizer):
+    """The vocabulary it keeps is a plain dict (a read-only view of it is handed out)."""
+    import pickle
+
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    vocab = tokenizer.get_vocab()
+    with pytest.raises(TypeError):
+        vocab["<new>"] = len(vocab)  # type: ignore[index]
+    assert pickle.loads(pickle.dumps(tokenizer)).get_vocab() == vocab

@@ -88,7 +88,7 @@ class FastTokenizer(Tokenizer):
     def __init__(self, backend: Any, special_ids: frozenset[int]):
         self.backend = backend
         self.special_ids = special_ids
-        self._vocab: Mapping[str, int] = MappingProxyType({})
+        self._vocab: dict[str, int] = {}  # kept as a dict (a read-only view of it is handed out): it pickles
         self._vocab_size = -1  # the backend's size when `_vocab` was built
         backend.no_truncation()  # a truncation/padding setting saved in tokenizer.json must not cut prompts
         backend.no_padding()
@@ -117,8 +117,8 @@ class FastTokenizer(Tokenizer):
         asks for it three times (the special ids, the id checks, fewest_tokens' longest entry)."""
         size = self.backend.get_vocab_size(with_added_tokens=True)
         if size != self._vocab_size:
-            self._vocab, self._vocab_size = MappingProxyType(self.backend.get_vocab(with_added_tokens=True)), size
-        return self._vocab
+            self._vocab, self._vocab_size = self.backend.get_vocab(with_added_tokens=True), size
+        return MappingProxyType(self._vocab)
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
