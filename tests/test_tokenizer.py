@@ -11,9 +11,11 @@ are (tokenizer_config.json with added_tokens_decoder, one token declared only th
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -287,6 +289,27 @@ def test_damaged_slow_tokenizer_files_are_named_in_our_words(tmp_path, case):
     assert words in text and str(slow) in text and "\n" not in text, text
 
 
+@pytest.mark.parametrize("name, words", [("vocab.json", "vocabulary entries"), ("merges.txt", "merges")])
+def test_the_fallback_refuses_files_far_larger_than_the_vocabulary_unread(tmp_path, monkeypatch, name, words):
+    """As tokenizer.json: transformers parsed a vocab.json of millions of entries whole (gigabytes)
+    before anything compared them with config.json's vocab_size. Counted first, from the bytes."""
+    import transformers
+
+    slow = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    if name == "vocab.json":
+        vocab = json.loads((slow / name).read_text(encoding="utf-8"))
+        vocab.update((f"x{i:x}", len(vocab) + i) for i in range(70_000))
+        (slow / name).write_text(json.dumps(vocab), encoding="utf-8")
+    else:
+        lines = (slow / name).read_text(encoding="utf-8").splitlines()[1:]
+        (slow / name).write_text("#version: 0.2\n" + "\n".join(lines * (70_000 // len(lines) + 1)) + "\n", encoding="utf-8")
+    monkeypatch.setattr(transformers, "AutoTokenizer", None)  # not reached
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(slow, vocab_size=500)
+    text = str(err.value)
+    assert f"{slow / name} holds up to" in text and words in text and "vocab_size of 500" in text, text
+
+
 def test_startup_imports_neither_transformers_nor_torch_compilers():
     """Loading the demo model as the REPL does imports no transformers, sympy or torch._dynamo
     (each costs seconds before the first prompt), nor the Markdown renderer (needed at the first answer)."""
@@ -456,11 +479,27 @@ def _replace(pattern: str, content: str) -> dict:
     return {"type": "Replace", "pattern": {"String": pattern}, "content": content}
 
 
+def _charsmap(key: str, replacement: str) -> dict:
+    """A SentencePiece "Precompiled" normalizer whose charsmap maps the one-byte `key` to
+    `replacement`: a darts-clone double array (the root at 0, `key`'s unit at its byte, that unit's
+    leaf 1024 further) and the pool of NUL-terminated strings its values point into."""
+    byte = key.encode("utf-8")[0]
+    units = [0] * 1129
+    units[byte] = (1024 << 10) | (1 << 8) | byte  # offset to its leaf, has a leaf, label
+    units[byte ^ 1024] = 1 << 31  # the leaf: the string at offset 0 of the pool
+    trie = b"".join(struct.pack("<I", unit) for unit in units)
+    blob = struct.pack("<I", len(trie)) + trie + replacement.encode("utf-8") + b"\0"
+    return {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(blob).decode("ascii")}
+
+
 TEXT_MULTIPLIERS = {
     # each was a multi-GB allocation on the first prompt (4 MiB for each "h": 2 GB; 30 MiB prepended: over 5 GB)
     "a long replacement": ("normalizer", _replace("h", "x" * 100_000), "a factor of 100,001"),
     "a long prefix": ("normalizer", {"type": "Prepend", "prepend": "x" * 100_000}, "a factor of 100,001"),
     "short doublings in a row": ("normalizer", {"type": "Sequence", "normalizers": [_replace("a", "aa")] * 40}, "more than 16 times longer"),
+    # a SentencePiece charsmap's string in place of each "h" (the backend wrote 100,000 x's for it)
+    "a long charsmap string": ("normalizer", _charsmap("h", "x" * 100_000), "a factor of 100,000"),
+    "short charsmap strings in a row": ("normalizer", {"type": "Sequence", "normalizers": [_charsmap("h", "hé")] * 5}, "a factor of 32"),
     "a long replacement when decoding": ("decoder", {"type": "Sequence", "decoders": [_replace("Ġ", "y" * 5000)]}, "a factor of 5,001"),
 }
 
@@ -483,6 +522,15 @@ def test_the_inserts_of_sentencepiece_style_tokenizers_still_load(tmp_path, tiny
     data["decoder"] = {"type": "Sequence", "decoders": [_replace("▁", " "), {"type": "ByteFallback"}, {"type": "Fuse"}]}
     (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
     assert load_tokenizer(tmp_path).encode("a b")
+
+
+def test_a_charsmap_of_short_strings_still_loads(tmp_path, tiny_tokenizer):
+    """What a charsmap's strings are measured by: it does replace "h" as the tests above take it."""
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    data["normalizer"] = _charsmap("h", "é" * 16)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.backend.normalizer.normalize_str("ah!") == "a" + "é" * 16 + "!"
 
 
 @pytest.mark.parametrize("unmarked", [["<IMG_CONTEXT>"], ["<|im_end|>"], ["<|im_start|>", "<img>", "</img>", "<|endoftext|>"]])
@@ -544,22 +592,21 @@ def test_a_long_token_in_an_error_is_cut_short(tmp_path, tiny_tokenizer):
     assert len(str(err.value)) < 300
 
 
-@pytest.fixture
-def added_per_call(monkeypatch) -> list[int]:
-    """The number of tokens each call that adds tokens to the backend adds (the backend is wrapped)."""
+def _watch_backend(monkeypatch, watched: tuple[str, ...], heard) -> None:
+    """Each backend loaded from a tokenizer.json is wrapped: a call of a `watched` method is told
+    to `heard(name, args)` first."""
     import tokenizers
 
-    calls: list[int] = []
     real = tokenizers.Tokenizer
 
-    class Counting:
+    class Watched:
         def __init__(self, backend):
             object.__setattr__(self, "_backend", backend)
 
         def __getattr__(self, name):
             attr = getattr(self._backend, name)
-            if name in ("add_tokens", "add_special_tokens"):
-                return lambda tokens: calls.append(len(tokens)) or attr(tokens)
+            if name in watched:
+                return lambda *args, **kwargs: heard(name, args) or attr(*args, **kwargs)
             return attr
 
         def __setattr__(self, name, value):
@@ -568,9 +615,16 @@ def added_per_call(monkeypatch) -> list[int]:
     class Backend:
         @staticmethod
         def from_str(text):
-            return Counting(real.from_str(text))
+            return Watched(real.from_str(text))
 
     monkeypatch.setattr(tokenizers, "Tokenizer", Backend)
+
+
+@pytest.fixture
+def added_per_call(monkeypatch) -> list[int]:
+    """The number of tokens each call that adds tokens to the backend adds."""
+    calls: list[int] = []
+    _watch_backend(monkeypatch, ("add_tokens", "add_special_tokens"), lambda name, args: calls.append(len(args[0])))
     return calls
 
 
@@ -632,3 +686,48 @@ def test_a_regex_the_backend_cannot_run_is_one_error_and_the_conversation_goes_o
     assert (session.ids, session.start_pos, len(session.turns)) == state
     list(session.ask("Still there?"))
     assert len(session.turns) == 2
+
+
+@pytest.mark.parametrize("merges_as", ["pairs", "strings"])
+def test_a_tokenizer_of_qwen2s_size_is_within_the_entry_bound(tmp_path, merges_as):
+    """The bound on tokenizer.json's entries (checked before parsing) leaves room for InternVL3's own:
+    Qwen2's 151,643 BPE entries and 151,387 merges (saved as ["a", "b"] pairs by recent tokenizers,
+    as "a b" strings before) and 29 added tokens, for a vocab_size of 151,674. One token in 8 here
+    holds a ':' and a ',' (which the counts take for structure), far more than Qwen2's."""
+    from internvl_chat.engine.tokenizer import _check_entry_count
+
+    tokens = [f"Ġ{i:x}" + (":," if i % 8 == 0 else "") for i in range(151_643)]
+    merges = [[tokens[i // 2], tokens[i]] for i in range(256, 151_643)]
+    added = [{"id": 151_643 + i, "content": f"<|extra_{i}|>", "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i in range(29)]  # fmt: skip
+    data = {"added_tokens": added, "model": {"type": "BPE", "vocab": dict(zip(tokens, range(len(tokens)))),
+            "merges": merges if merges_as == "pairs" else [" ".join(pair) for pair in merges]}}  # fmt: skip
+    _check_entry_count(tmp_path / "tokenizer.json", json.dumps(data, indent=2), 151_674)
+    with pytest.raises(CheckpointError, match="holds up to"):  # while five times the merges are not
+        data["model"]["merges"] *= 5
+        _check_entry_count(tmp_path / "tokenizer.json", json.dumps(data, indent=2), 151_674)
+
+
+def test_a_start_builds_the_vocabulary_once(tiny_original, monkeypatch):
+    """Building the vocabulary takes ~0.14 s on Qwen2's: a start built it three times (the special
+    ids, the loader's id checks, fewest_tokens' longest entry). Once, until a token is added."""
+    from internvl_chat.engine.loader import load_model
+
+    builds: list[str] = []
+    _watch_backend(monkeypatch, ("get_vocab",), lambda name, args: builds.append(name))
+    tokenizer = load_model(tiny_original, device="cpu", dtype="float32", max_context=64).tokenizer
+    assert tokenizer.fewest_tokens("a question" * 100) > 0
+    assert builds == ["get_vocab"]
+    tokenizer.backend.add_tokens(["<new>"])
+    assert tokenizer.get_vocab()["<new>"] == len(tokenizer) - 1 and len(builds) == 2
+
+
+def test_a_tokenizer_with_its_vocabulary_built_still_pickles(tiny_tokenizer):
+    """The vocabulary it keeps is a plain dict (a read-only view of it is handed out)."""
+    import pickle
+
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    vocab = tokenizer.get_vocab()
+    with pytest.raises(TypeError):
+        vocab["<new>"] = len(vocab)  # type: ignore[index]
+    assert pickle.loads(pickle.dumps(tokenizer)).get_vocab() == vocab

@@ -422,6 +422,39 @@ def test_two_tokens_with_one_id_are_refused(tiny_original, tmp_path):
     one_line(err, str(folder), f"gives the id {vocab[second]} to both", "tokenizer files are damaged")
 
 
+def _grow_vocabulary(data: dict, vocab_size: int) -> None:
+    vocab = data["model"]["vocab"]
+    vocab.update((f"x{i:x}", len(vocab) + i) for i in range(3 * vocab_size + 70_000))
+
+
+def _grow_merges(data: dict, vocab_size: int) -> None:
+    merges = data["model"]["merges"]
+    merges.extend(merges[i % len(merges)] for i in range(5 * vocab_size + 70_000))
+
+
+@pytest.mark.parametrize("grow, words", [(_grow_vocabulary, "vocabulary entries"), (_grow_merges, "entries and merges")])
+def test_a_tokenizer_far_larger_than_the_vocabulary_is_refused_unparsed(tiny_original, tmp_path, monkeypatch, grow, words):
+    """A tokenizer.json of 2.4 million entries (39 MiB, within the file limit) took 1.3 GB and 13 s
+    to parse and build before its ids were found past vocab_size; as many merges (repeated ones
+    among them) loaded. Both are refused from a count of the text, before the backend parses it."""
+    import tokenizers
+
+    folder = tmp_path / "huge"
+    shutil.copytree(tiny_original, folder)
+    vocab_size = config_of(folder)["llm_config"]["vocab_size"]
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    grow(data, vocab_size)
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+
+    def no_parse(text):
+        raise AssertionError("the backend parsed the file")
+
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_str", no_parse)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(folder / "tokenizer.json"), words, f"vocab_size of {vocab_size:,}", "use the one shipped")
+
+
 @pytest.mark.parametrize("name", ["language_model.model.embed_tokens.weight", "junk"])
 def test_a_tensor_larger_than_the_model_is_refused_before_it_is_read(tiny_original, tmp_path, monkeypatch, name):
     """A header whose shapes agree with its offsets can still lie to the config: each tensor was read

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def check_tokenizer_fits_vocab(tokenizer: Tokenizer, cfg: ModelConfig, path: Pat
         )
 
 
-def _refuse_shared_ids(vocab: dict[str, int], path: Path) -> None:
+def _refuse_shared_ids(vocab: Mapping[str, int], path: Path) -> None:
     if len(set(vocab.values())) == len(vocab):
         return
     first: dict[int, str] = {}
@@ -167,7 +168,7 @@ def load_model(
     if max_context > limit:
         raise UsageError(f"a max_context of {max_context} exceeds the model's {limit} positions; "
                          f"use --max-context {limit} or less")  # it may come from a config file or variable
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, cfg.text.vocab_size)
     special = special_token_ids(tokenizer)
     check_tokenizer_fits_vocab(tokenizer, cfg, path)
     if device.type == "cuda" and device.index is not None:

@@ -10,25 +10,29 @@ transformers' AutoTokenizer, imported then. Both are used through one interface,
   special token (a user typing "<|im_end|>") is tokenized as plain text, as transformers does
   with `split_special_tokens=True` (SPEC §3: user text cannot inject control tokens);
 - `decode(ids, skip_special_tokens=False)`: text, without transformers' space clean-up;
-- `convert_tokens_to_ids` (None when absent), `get_vocab`, `len()`;
+- `convert_tokens_to_ids` (None when absent), `get_vocab` (read-only), `len()`;
 - `special_ids`: every special token (never printed), and `SpecialTokens` for the chat template.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ..errors import CheckpointError
 from ..files import JSON_LIMIT, TEXT_LIMIT, brief_repr, read_bytes_file, read_text_file, undecodable_byte, visible
 from ..native_stderr import captured
+from .config import MAX_VOCAB
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -60,7 +64,7 @@ class Tokenizer(ABC):
         """See the module docstring."""
 
     @abstractmethod
-    def get_vocab(self) -> dict[str, int]:
+    def get_vocab(self) -> Mapping[str, int]:
         """See the module docstring."""
 
     def __len__(self) -> int:
@@ -84,6 +88,8 @@ class FastTokenizer(Tokenizer):
     def __init__(self, backend: Any, special_ids: frozenset[int]):
         self.backend = backend
         self.special_ids = special_ids
+        self._vocab: dict[str, int] = {}  # kept as a dict (a read-only view of it is handed out): it pickles
+        self._vocab_size = -1  # the backend's size when `_vocab` was built
         backend.no_truncation()  # a truncation/padding setting saved in tokenizer.json must not cut prompts
         backend.no_padding()
         backend.encode_special_tokens = True  # special-token text in the input stays text
@@ -106,8 +112,13 @@ class FastTokenizer(Tokenizer):
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def get_vocab(self) -> dict[str, int]:
-        return self.backend.get_vocab(with_added_tokens=True)
+    def get_vocab(self) -> Mapping[str, int]:
+        """Built once per vocabulary size (tokens can only be added): ~0.14 s on Qwen2's, and a start
+        asks for it three times (the special ids, the id checks, fewest_tokens' longest entry)."""
+        size = self.backend.get_vocab_size(with_added_tokens=True)
+        if size != self._vocab_size:
+            self._vocab, self._vocab_size = self.backend.get_vocab(with_added_tokens=True), size
+        return MappingProxyType(self._vocab)
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -160,7 +171,7 @@ class TransformersTokenizer(Tokenizer):
             return token_id
         return None
 
-    def get_vocab(self) -> dict[str, int]:
+    def get_vocab(self) -> Mapping[str, int]:
         return self.hf.get_vocab()
 
     def __len__(self) -> int:
@@ -175,13 +186,14 @@ def as_tokenizer(tokenizer: Any) -> Tokenizer:
 # -------------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """The checkpoint's tokenizer, local files only, no remote code."""
+def load_tokenizer(model_dir: str | Path, vocab_size: int | None = None) -> Tokenizer:
+    """The checkpoint's tokenizer, local files only, no remote code. `vocab_size`: config.json's,
+    which bounds how many entries the tokenizer files may hold (None: the largest a config may declare)."""
     model_dir = Path(model_dir)
     if os.path.lexists(model_dir / TOKENIZER_JSON):  # a folder, a FIFO or a broken link is named, not taken for none
-        return _load_fast(model_dir)
+        return _load_fast(model_dir, vocab_size)
     if any((model_dir / f).is_file() for f in _SLOW_FILES):
-        return _load_with_transformers(model_dir)
+        return _load_with_transformers(model_dir, vocab_size)
     raise CheckpointError(
         f"{_shown(model_dir)} has no tokenizer files (tokenizer.json / tokenizer_config.json); download the full checkpoint"
     )
@@ -195,11 +207,12 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) and value and undecodable_byte(value) is None else None
 
 
-def _load_fast(model_dir: Path) -> FastTokenizer:
+def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as Backend
 
     text = read_text_file(model_dir / TOKENIZER_JSON, "the tokenizer file", JSON_LIMIT, CheckpointError)
+    _check_entry_count(model_dir / TOKENIZER_JSON, text, vocab_size)
     # The Rust parser raises plain Exceptions for a malformed file, and panics on some values (a BPE's
     # continuing_subword_prefix, for one): pyo3's PanicException, a BaseException that ended the app
     # (the panic's own text on fd 2 kept off the terminal: the exception holds its reason)
@@ -276,6 +289,37 @@ def _mark_special(backend: Any, special: set[int]) -> None:
         backend.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in unmarked if text])
 
 
+# How many entries a tokenizer file may hold for a config.json vocab_size V: (what, the character
+# each entry brings, entries allowed per id). Every entry of a JSON vocabulary object (BPE, WordPiece,
+# WordLevel; vocab.json) is a member, with one ':' outside strings; a merge is a list item (an "a b"
+# string, or an ["a", "b"] pair: two items), and so is a Unigram [piece, score] entry, each item but
+# the last of its list followed by one ','; merges.txt has a line per merge. A ':' or ',' inside a
+# string only adds to the counts, so they bound the entries from above, and take ~10 ms on a Qwen2
+# file. Qwen2's (InternVL3's) has ~1.0 V members and ~3 V commas (151,643 entries, 151,387 pairs); a
+# file of 2.4 million entries took 1.3 GB and 13 s to parse and build before its ids were found past V.
+_ENTRY_COUNTS = {
+    TOKENIZER_JSON: (("vocabulary entries", ":", 2), ("entries and merges", ",", 5)),
+    "vocab.json": (("vocabulary entries", ":", 2),),
+    "merges.txt": (("merges", "\n", 2),),
+}
+ENTRY_SLACK = 65_536  # added tokens (8 members each), tiny vocabularies, the rest of the file
+
+
+def _check_entry_count(path: Path, content: str | bytes, vocab_size: int | None) -> None:
+    """Refuse a tokenizer file with far more entries than the model has ids, before a parser reads
+    it (its cost grows with the entries, not with the 64 MiB file limit)."""
+    limit = vocab_size if vocab_size is not None else MAX_VOCAB
+    source = f"config.json's vocab_size of {limit:,}" if vocab_size is not None else f"the largest vocabulary ({limit:,})"
+    for what, separator, per_id in _ENTRY_COUNTS[path.name]:
+        count = content.count(separator if isinstance(content, str) else separator.encode("ascii"))
+        allowed = per_id * limit + ENTRY_SLACK
+        if count > allowed:
+            raise CheckpointError(
+                f"{_shown(path)} holds up to {count:,} {what}, more than {source} allows ({allowed:,}); the tokenizer "
+                "is damaged or belongs to another model (use the one shipped with the checkpoint)"
+            )
+
+
 def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
     """Every added token of tokenizer.json must have the id the file gives it. The backend ignores
     those ids: it numbers the added tokens one after another, so a token missing from the list or
@@ -296,7 +340,14 @@ def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
 # a Sequence their factors multiply: a tokenizer.json that put 4 MiB in place of each "h" took 2 GB
 # for the first prompt, one that prepended 30 MiB more than 5 GB. Those that insert anything insert
 # a "▁" or a space (Qwen2's, which InternVL3 uses, insert nothing): this is far above them.
+# A SentencePiece "Precompiled" normalizer multiplies text too: its charsmap puts one of its pool's
+# strings in place of each character (or short grapheme) it has a rule for, and a string may be as
+# long as the file allows. Its factor is its longest string; one built from Unicode's NFKC holds 18
+# characters for U+FDFA and is refused, as no InternVL3 tokenizer has one. The other normalizers
+# (NFC, NFKC, Lowercase...) grow text by Unicode's bounded factors at most and are not counted.
 MAX_TEXT_GROWTH = 16
+# a UTF-8 continuation byte: what a string's bytes have beyond one per character
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
 
 
 def _check_text_growth(path: Path, backend: Any) -> None:
@@ -325,8 +376,25 @@ def _text_growth(node: Any) -> int:
             if growth > MAX_TEXT_GROWTH:
                 break
         return growth
+    if kind == "Precompiled":
+        return _charsmap_growth(node.get("precompiled_charsmap"))
     inserted = {"Replace": node.get("content"), "Prepend": node.get("prepend")}.get(kind)
     return 1 + len(inserted) if isinstance(inserted, str) else 1
+
+
+def _charsmap_growth(charsmap: Any) -> int:
+    """The longest string, in characters, of a SentencePiece charsmap's pool (base64 of: the trie's
+    size in bytes as a little-endian u32, the trie, then the NUL-terminated strings the trie's
+    values point into): each character or short grapheme becomes at most that. The backend has
+    parsed it already; 1 where it is not what it should be."""
+    try:
+        blob = base64.b64decode(charsmap, validate=True) if isinstance(charsmap, str) else b""
+    except (binascii.Error, ValueError):
+        return 1
+    if len(blob) < 4:
+        return 1
+    pool = blob[4 + int.from_bytes(blob[:4], "little"):]
+    return max((len(piece.translate(None, _CONTINUATION_BYTES)) for piece in pool.split(b"\0")), default=1) or 1
 
 
 def _declared_added_ids(text: str) -> list[tuple[Any, Any]]:
@@ -421,10 +489,12 @@ def _config_error(model_dir: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{_shown(model_dir / TOKENIZER_CONFIG)} is not usable: {why}; re-download the tokenizer files")
 
 
-def _load_with_transformers(model_dir: Path) -> TransformersTokenizer:
+def _load_with_transformers(model_dir: Path, vocab_size: int | None) -> TransformersTokenizer:
     for name in (*_SLOW_FILES, *_SLOW_EXTRAS):  # transformers reads them with no limit: check them as ours first
         if os.path.lexists(model_dir / name):
-            read_bytes_file(model_dir / name, "the tokenizer file", JSON_LIMIT, CheckpointError)
+            data = read_bytes_file(model_dir / name, "the tokenizer file", JSON_LIMIT, CheckpointError)
+            if name in _ENTRY_COUNTS:
+                _check_entry_count(model_dir / name, data, vocab_size)
     _check_for_transformers(model_dir)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
