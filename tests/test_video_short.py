@@ -177,8 +177,8 @@ def test_an_mp4_whose_index_at_the_end_was_cut_off_is_refused_in_one_line(whole,
     for call in (probe_video, load_video):
         with pytest.raises(MediaError) as err:
             call(path)
-        assert str(err.value) == (f"{path} has no index (an MP4 or MOV without its moov box): the file is cut short, as an "
-                                  "unfinished download, copy or recording is; use a complete copy")  # fmt: skip
+        assert str(err.value) == (f"{path} has no index (an MP4 or MOV without its moov box): the file is cut short "
+                                  "(an unfinished download, copy or recording); use a complete copy")  # fmt: skip
 
 
 def test_a_cut_file_whose_edit_list_hides_frames_counts_the_frames_shown(tmp_path, monkeypatch):

@@ -331,8 +331,8 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         container = open_container(path)
     except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
         if _mp4_without_index(path):
-            raise MediaError(f"{shown_path(path)} has no index (an MP4 or MOV without its moov box): the file is cut short, "
-                             "as an unfinished download, copy or recording is; use a complete copy") from None  # fmt: skip
+            raise MediaError(f"{shown_path(path)} has no index (an MP4 or MOV without its moov box): the file is cut short "
+                             "(an unfinished download, copy or recording); use a complete copy") from None  # fmt: skip
         raise cannot_read(path, e) from None
     try:
         stream = video_stream(container)
