@@ -170,14 +170,19 @@ def test_a_range_past_the_end_of_the_video_shows_and_saves_the_range_used(loaded
     assert clamped.indices == load_video(media / "clip.mp4", 2, 2, 3.0).indices
 
 
-def test_a_video_cut_short_is_said_once_with_the_answer_it_was_sent_with(loaded, media, tmp_path):
-    """Its frames are sampled from the ones it holds (media/video.py); the user learns why the clip
-    is shorter than its attach line said."""
+def test_a_video_cut_short_is_said_at_attach_and_once_with_the_answer_it_was_sent_with(loaded, media, tmp_path):
+    """Its frames are sampled from the ones it holds (media/video.py). The attach line gives the
+    length it holds, from its index (it gave the header's 3.0 s, and the cut was learnt only with
+    the answer); the note with the answer says what was sampled."""
     whole = faststart_copy(media / "clip.mp4", tmp_path / "whole.mp4")
     cut = cut_at_frame(whole, tmp_path / "cut.mp4", 10)
     app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/video {cut} --frames 2 --range 2-3") == ERROR  # the length held
+    assert "the range starts at 2 s but cut.mp4 is only 1.0 s long; choose an earlier start" in output(out)
     assert app.handle_line(f"/video {cut} --frames 2") == OK
-    assert "+ video cut.mp4 2 frames of 3.0 s" in output(out)  # the header's length, before decoding
+    assert "+ video cut.mp4 2 frames of 1.0 s (cut short: it holds 10 of its 30 frames) → " in output(out)
+    app.handle_line("/media")
+    assert "2 frames of 1.0 s (cut short: it holds 10 of its 30 frames)" in output(out)
     assert app.handle_line("What happens?") == OK
     said = output(out)
     assert (f"({cut} holds only 10 of the 30 frames its header lists (1.0 s of 3.0 s): the file may be cut short "

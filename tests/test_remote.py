@@ -211,7 +211,9 @@ def test_a_video_cut_short_sends_the_frames_it_holds_and_says_so_once(tmp_path):
     with FakeServer(models_of("vllm")) as server:
         server.chat(stream_of("vllm"), stream_of("vllm"))
         conv = connect(server)
-        _, final = answer(conv.ask("What happens?", [conv.describe_video(cut, 4)]))
+        video = conv.describe_video(cut, 4)
+        assert (video.cut_short, video.duration) == ((16, 40), pytest.approx(16 / 30))  # from its index, at attach
+        _, final = answer(conv.ask("What happens?", [video]))
         assert final["notice"].startswith(f"{cut} holds only 16 of the 40 frames its header lists")
         _, final = answer(conv.ask("And then?"))
         assert final["notice"] is None

@@ -364,7 +364,7 @@ def _bad_files(tmp_path, videos) -> dict:
         "folder": (tmp_path, "folder"),
         "text": (text, "cannot read video"),
         "empty": (empty, "cannot read video"),
-        "truncated": (half, "cannot read video"),
+        "truncated": (half, "has no index (an MP4 or MOV without its moov box): the file is cut short"),
         "audio only": (write_audio_only(tmp_path / "sound.wav"), "no video stream"),
         "garbage": (image, "still picture"),  # FFmpeg's PNG demuxer takes it: a picture, not a video
     }

@@ -1,9 +1,12 @@
 """Videos whose stream ends before the count their header lists: an MP4 cut short whose index sits
 before the frames (as streaming sites write them: the index survives the cut and lists every
-frame), one damaged inside, and one whose edit list hides its first frames. The frames sent are
-the ones a player shows, never a stand-in."""
+frame; it also tells where each frame lies, so the cut is found before any decoding), one whose
+index was lost with its end, one damaged inside, and one whose edit list hides its first frames.
+The frames sent are the ones a player shows, never a stand-in."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import av
 import pytest
@@ -19,9 +22,10 @@ from media_helpers import (
 )
 
 from internvl_chat.errors import MediaError
-from internvl_chat.media.video import BACKEND_ENV, load_video, probe_video
+from internvl_chat.media import video_header
+from internvl_chat.media.video import BACKEND_ENV, VideoLength, load_video, measure_video, probe_video
 from internvl_chat.media.video_cost import DecodeOverBudget, frame_work
-from internvl_chat.media.video_header import count_packets, read_header
+from internvl_chat.media.video_header import count_packets, frames_lost, read_header
 from internvl_chat.media.video_sampling import frame_indices
 from internvl_chat.media.video import VideoInput
 
@@ -67,25 +71,157 @@ def _shown(result: VideoInput) -> list[int]:
     return [read_frame_number(tile) for tile in result.pixel_values.numpy()]
 
 
+def _note(path, held: int, listed: int = FRAMES) -> str:
+    return (f"{path} holds only {held} of the {listed} frames its header lists ({held / FPS:.1f} s of {listed / FPS:.1f} s): "
+            f"the file may be cut short (an unfinished download or copy); its frames were sampled from those {held}")
+
+
+@pytest.fixture
+def without_index(monkeypatch):
+    """As with a PyAV that does not show FFmpeg's index (stream.index_entries): the cut is found
+    only while decoding, as the stream ends."""
+    monkeypatch.setattr(video_header, "frames_lost", lambda stream, path, hides: 0)
+
+
 @pytest.mark.parametrize("frame, inside", [(14, False), (50, True)])  # inside: the last packet is cut too
 @pytest.mark.parametrize("clip", ["whole", "whole_mjpeg"])
-def test_a_cut_file_is_sampled_from_the_frames_it_holds_and_says_so(request, tmp_path, monkeypatch, frame, inside, clip):
-    """The default choice: decord refuses the file, PyAV decodes it. Before, the sampled frames past
-    the cut all repeated the last one decoded (half a 60-frame clip: frames 3, 10, 13, 13, 13, …)."""
+def test_a_cut_file_is_measured_and_sampled_from_the_frames_it_holds_and_says_so(request, tmp_path, monkeypatch, frame, inside,
+                                                                                   clip):  # fmt: skip
+    """The index places the samples of frames `frame`… past the end of the file: the length, the
+    sampling and the note count the frames before it, whole (a decoder may conceal what a half
+    packet lacks, and made one more frame of it). Before, the sampled frames past the cut all
+    repeated the last one decoded (half a 60-frame clip: frames 3, 10, 13, 13, 13, …), then were
+    sampled again once decoding found the end; the length said at attach was the header's."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    whole = request.getfixturevalue(clip)
+    path = _cut(whole, tmp_path, frame, inside)
+    assert read_header(path, orientation=False).frames == FRAMES  # the header still lists them all
+    assert measure_video(path) == VideoLength(frame, FPS, frame / FPS, FRAMES)
+    assert probe_video(path) == (frame, FPS, frame / FPS)
+    result = load_video(path, 8)
+    assert (result.num_total_frames, result.listed_frames) == (frame, FRAMES)
+    assert result.indices == frame_indices(frame, FPS, 8) == _shown(result)
+    assert len(set(result.indices)) == 8  # eight different frames, none standing in for another
+    assert result.timestamps == pytest.approx([i / FPS for i in result.indices])
+    assert result.shortfall_note == _note(path, frame)
+
+
+@pytest.mark.parametrize("frame, inside", [(14, False), (50, True)])
+@pytest.mark.parametrize("clip", ["whole", "whole_mjpeg"])
+def test_without_the_index_a_cut_file_is_sampled_again_once_decoding_finds_its_end(request, tmp_path, monkeypatch, frame,
+                                                                                   inside, clip, without_index):  # fmt: skip
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     whole = request.getfixturevalue(clip)
     path = _cut(whole, tmp_path, frame, inside)
     held = _frames_in(path)
     assert held == frame or (inside and held == frame + 1)  # a decoder may conceal what a half packet lacks
-    assert probe_video(path)[0] == FRAMES  # the header still lists them all
+    assert probe_video(path)[0] == FRAMES  # the header's count, all it can tell
     result = load_video(path, 8)
     assert (result.num_total_frames, result.listed_frames) == (held, FRAMES)
     assert result.indices == frame_indices(held, FPS, 8) == _shown(result)
-    assert len(set(result.indices)) == 8  # eight different frames, none standing in for another
-    assert result.timestamps == pytest.approx([i / FPS for i in result.indices])
-    note = result.shortfall_note
-    assert note == (f"{path} holds only {held} of the {FRAMES} frames its header lists ({held / FPS:.1f} s of 6.0 s): "
-                    f"the file may be cut short (an unfinished download or copy); its frames were sampled from those {held}")  # fmt: skip
+    assert len(set(result.indices)) == 8
+    assert result.shortfall_note == _note(path, held)
+
+
+def test_a_cut_that_no_sampled_frame_reaches_is_found_and_said(tmp_path, monkeypatch):
+    """The last 3 of 40 frames lost, 8 sampled: the frames the header's 40 sample (…, 31, 36) all
+    lie before the cut, so decoding never reached it: the frames were spread over 4.0 s the file
+    does not hold, with no note. Now they are sampled from the 37 it holds, in one pass."""
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    made = write_numbered_video(tmp_path / "made.mp4", 40, FPS)
+    path = cut_at_frame(faststart_copy(made, tmp_path / "whole.mp4"), tmp_path / "cut.mp4", 37)
+    assert frame_indices(40, FPS, 8)[-1] < 37
+    assert measure_video(path) == VideoLength(37, FPS, 3.7, 40)
+    result = load_video(path, 8)
+    assert result.indices == frame_indices(37, FPS, 8) == _shown(result)
+    assert result.decoded_frames == result.indices[-1] + 1  # one pass
+    assert result.shortfall_note == _note(path, 37, 40)
+
+
+def test_the_whole_file_measures_as_its_header_says(whole, tmp_path):
+    assert read_header(whole, orientation=False).lost == 0
+    assert measure_video(whole) == VideoLength(FRAMES, FPS, 6.0, None)
+    made = tmp_path / "index_last.mp4"
+    made.write_bytes((whole.parent / "made.mp4").read_bytes())
+    assert measure_video(made) == VideoLength(FRAMES, FPS, 6.0, None)
+
+
+def test_the_last_frame_alone_lost_is_measured_without_a_note(whole, tmp_path, monkeypatch):
+    """One frame fewer than the header may be its rounding (a count from the duration): the frames
+    held are sampled, and nothing is said."""
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    path = _cut(whole, tmp_path, FRAMES - 1)
+    assert measure_video(path) == VideoLength(FRAMES - 1, FPS, (FRAMES - 1) / FPS, None)
+    result = load_video(path, 8)
+    assert result.indices == frame_indices(FRAMES - 1, FPS, 8) == _shown(result)
+    assert (result.num_total_frames, result.listed_frames, result.shortfall_note) == (FRAMES - 1, None, None)
+
+
+def test_a_file_cut_before_its_first_frame_is_refused_in_one_line(whole, tmp_path):
+    path = _cut(whole, tmp_path, 0)
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == (f"{path} holds none of the {FRAMES} frames its header lists: the file is cut short "
+                                  "(an unfinished download or copy); use a complete copy")  # fmt: skip
+
+
+def test_an_mp4_whose_index_at_the_end_was_cut_off_is_refused_in_one_line(whole, tmp_path):
+    """Written without faststart, an MP4 keeps its index (moov) after the frames: cut short, it has
+    none, and FFmpeg reads nothing. Before: "… (Invalid data found when processing input); use an
+    MP4, MKV, WebM or AVI file" — for an MP4."""
+    data = (whole.parent / "made.mp4").read_bytes()
+    assert data.index(b"mdat") < data.index(b"moov")
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: data.index(b"moov") - 200])
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == (f"{path} has no index (an MP4 or MOV without its moov box): the file is cut short "
+                                  "(an unfinished download, copy or recording); use a complete copy")  # fmt: skip
+
+
+def test_a_cut_file_whose_edit_list_hides_frames_counts_the_frames_shown(tmp_path, monkeypatch):
+    """Frames 0…4 hidden, the file cut where stored frame 40 begins: it shows frames 5…39, 35 of the 55."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    trimmed = faststart_copy(write_trimmed_video(tmp_path / "trimmed.mp4", FRAMES, hidden=5), tmp_path / "fast.mp4")
+    path = cut_at_frame(trimmed, tmp_path / "cut.mp4", 40)
+    assert measure_video(path) == VideoLength(35, FPS, 3.5, 55)
+    result = load_video(path, 8)
+    assert (result.backend, result.num_total_frames, result.listed_frames) == ("pyav", 35, 55)
+    assert result.indices == frame_indices(35, FPS, 8)
+    assert _shown(result) == [i + 5 for i in result.indices]
+
+
+def _entry(pos, size=10, discard=False):
+    return SimpleNamespace(pos=pos, size=size, is_discard=discard)
+
+
+@pytest.mark.parametrize("entries, hides, lost", [
+    ([_entry(0), _entry(10), _entry(20)], False, 0),  # all within the 30 bytes
+    ([_entry(0), _entry(10), _entry(25)], False, 1),  # the last one half
+    ([_entry(0), _entry(40), _entry(50)], False, 2),
+    ([_entry(100), _entry(110), _entry(120)], False, 3),  # read_header then refuses the file
+    ([_entry(0), _entry(10), _entry(-1)], False, 0),  # an unknown position tells nothing
+    ([_entry(0), _entry(None), _entry(50)], False, 1),
+    ([_entry(0), _entry(10), _entry("50")], False, 0),
+    ([_entry(0), _entry(2**62), _entry(2**63)], False, 2),  # far past the end
+    ([_entry(0), _entry(10, size=-5), _entry(20, size=None)], False, 0),
+    ([_entry(0), _entry(40), _entry(50, discard=True)], True, 1),  # an edit list hides the last
+    ([_entry(0), _entry(40), _entry(50, discard=True)], False, 2),  # not looked for where none is hidden
+    ([], False, 0),
+])  # fmt: skip
+def test_frames_lost_reads_odd_index_entries_without_failing(tmp_path, entries, hides, lost):
+    path = tmp_path / "thirty"
+    path.write_bytes(bytes(30))
+    assert frames_lost(SimpleNamespace(index_entries=entries), path, hides) == lost
+
+
+def test_frames_lost_tells_nothing_without_an_index_or_a_file(tmp_path):
+    path = tmp_path / "thirty"
+    path.write_bytes(bytes(30))
+    assert frames_lost(SimpleNamespace(), path, False) == 0  # a PyAV without index_entries
+    assert frames_lost(SimpleNamespace(index_entries=[_entry(40)]), tmp_path / "gone", False) == 0
 
 
 @pytest.mark.parametrize("backend", video_backends())
@@ -108,7 +244,7 @@ def test_the_whole_file_has_no_note(whole, monkeypatch):
     assert result.indices == frame_indices(FRAMES, FPS, 8) == _shown(result)
 
 
-def test_frames_decoded_before_the_end_was_found_are_kept_when_sampled_again(whole, tmp_path, monkeypatch):
+def test_frames_decoded_before_the_end_was_found_are_kept_when_sampled_again(whole, tmp_path, monkeypatch, without_index):
     """Both passes decode from the start; the second only as far as its last missing frame."""
     monkeypatch.setenv(BACKEND_ENV, "pyav")
     path = _cut(whole, tmp_path, 30)
@@ -129,7 +265,7 @@ def test_a_time_range_past_the_frames_held_is_refused_with_their_length(whole, t
     assert result.indices[-1] < held
 
 
-def test_the_second_pass_counts_against_the_decoding_limit(whole, tmp_path, monkeypatch):
+def test_the_second_pass_counts_against_the_decoding_limit(whole, tmp_path, monkeypatch, without_index):
     """The first pass is planned from the header (frames 0…55) and decodes the 52 or so there are,
     the second decodes frames 0…46 or so again: together more than the plan."""
     monkeypatch.setenv(BACKEND_ENV, "pyav")

@@ -30,7 +30,7 @@ from pathlib import Path
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
 from ..files import expand_home, read_bytes_file, replace_lone_surrogates, visible, write_atomic
 from ..media.image import IMAGE_SIZE, count_tiles, probe_image
-from ..media.video import load_video, probe_video
+from ..media.video import load_video, measure_video
 from ..media.video_sampling import used_range
 from ..settings import without_credentials
 from .advice import Advice, any_of
@@ -54,7 +54,7 @@ from .remote_media import RemoteMedia, frames_as_jpeg, image_payload
 from .remote_numbers import FINISH_REASONS, answer_timing, clean_usage, context_of
 from .sampling import SamplingParams
 from .saved_media import ReadiedSession, saved_media, sha256_of, with_notes
-from .session import Media, media_notes
+from .session import Media, cut_short, media_notes
 from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
 from .sse import StreamFailed
 from .template import media_order
@@ -322,9 +322,9 @@ class RemoteConversation:
         path = expand_home(path)
         if frames < 1:
             raise MediaError(f"--frames must be at least 1 (got {frames})")
-        _, _, duration = probe_video(path)
-        return RemoteMedia("video", path, frames, frames=frames, video_range=used_range(video_range, duration),
-                           duration=duration, bytes=path.stat().st_size)  # fmt: skip
+        length = measure_video(path)
+        return RemoteMedia("video", path, frames, frames=frames, video_range=used_range(video_range, length.duration),
+                           duration=length.duration, cut_short=cut_short(length), bytes=path.stat().st_size)  # fmt: skip
 
     def _prepare(self, media: RemoteMedia) -> None:
         """Read the picture or decode the video once; later turns resend the same bytes."""

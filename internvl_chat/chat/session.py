@@ -22,7 +22,7 @@ from ..engine.loader import LoadedModel
 from ..errors import Cancelled, ContextOverflowError, GenerationError, MediaError, UsageError
 from ..files import expand_home, visible, write_atomic
 from ..media.image import count_tiles, load_image, probe_image
-from ..media.video import load_video, probe_video
+from ..media.video import VideoLength, load_video, measure_video
 from ..media.video_sampling import used_range
 from .advice import Advice, any_of
 from .conversation import BackendInfo, PromptView
@@ -50,7 +50,8 @@ class Media:
     frames: int = 8
     video_range: tuple[float, float] | None = None
     size: tuple[int, int] | None = None  # image (w, h)
-    duration: float | None = None  # video seconds
+    duration: float | None = None  # video seconds (those the file holds)
+    cut_short: tuple[int, int] | None = None  # a video cut short: (frames it holds, frames its header lists)
     sha256: str = ""
     bytes: int = 0
     pixel_values: torch.Tensor | None = field(default=None, repr=False)
@@ -227,10 +228,10 @@ class Session:
         path = expand_home(path)
         if frames < 1:
             raise MediaError(f"--frames must be at least 1 (got {frames})")
-        _, _, duration = probe_video(path)
+        length = measure_video(path)
         st = path.stat()
-        return Media("video", path, frames, frames=frames, video_range=used_range(video_range, duration),
-                     duration=duration, bytes=st.st_size)  # fmt: skip
+        return Media("video", path, frames, frames=frames, video_range=used_range(video_range, length.duration),
+                     duration=length.duration, cut_short=cut_short(length), bytes=st.st_size)  # fmt: skip
 
     def _decode(self, media: Media) -> torch.Tensor:
         if media.pixel_values is None:
@@ -802,6 +803,11 @@ class Session:
         turn = Turn("", [], ids_before=reuse, pos_before=reuse, prompt_ids=ids[reuse:])
         turn.features = features
         yield from self._run_turn(turn, ids[reuse:], features, vision_s, params, cancel)
+
+
+def cut_short(length: VideoLength) -> tuple[int, int] | None:
+    """(frames held, frames listed) for a video file cut short (Media.cut_short), else None."""
+    return (length.frames, length.listed_frames) if length.listed_frames else None
 
 
 def media_notes(media: Sequence[Media], *more: str | None) -> str | None:

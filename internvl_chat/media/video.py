@@ -10,10 +10,13 @@ frames of intra-only streams (MJPEG, DV, ProRes, raw: each packet a whole frame 
 codecs may refer to earlier frames whatever their key frame flags say, so those decode from the start.
 
 When N is larger than the number of frames in the range, frames repeat (as in the published
-formula) rather than failing: the model still gets N frames. A stream that ends before its header's
-count (a file cut short, a header that counts more) is sampled again from the frames it really
-holds, and `VideoInput.shortfall_note` says so; one whose decoding fails before a sampled frame is
-refused (the file is damaged there).
+formula) rather than failing: the model still gets N frames. An MP4 or MOV cut short whose index
+comes before its frames still lists them all; the index also says where each lies, so the frames
+past the end of the file are known before any decoding (video_header.frames_lost): such a file is
+measured (`measure_video`) and sampled from the frames it holds. A stream that ends before its
+header's count otherwise (no index to tell, a header that counts more) is sampled again from the
+frames it really holds once decoding finds its end. Either way `VideoInput.shortfall_note` says so;
+a stream whose decoding fails before a sampled frame is refused (the file is damaged there).
 
 Frames come out as a player shows them: a rotation or mirror stored with the video (a display
 matrix, as phones write, or an older `rotate` tag) is applied before the tile transform. Each frame
@@ -203,7 +206,7 @@ def _decode_once(
     finally:
         source.close()
     return _Decoded(torch.cat([tiles[i] for i in indices]), indices, source.fps, total, backend, meter,
-                    _listed_if_short(header, total))  # fmt: skip
+                    header.listed_if_short(total))  # fmt: skip
 
 
 def _decode_tiles(
@@ -215,16 +218,6 @@ def _decode_tiles(
         for number, rgb in frames:
             tiles[number] = frame_to_tile(rgb, source.orientation, image_size)
             del rgb  # before the next frame is decoded
-
-
-def _listed_if_short(header: VideoHeader, held: int) -> int | None:
-    """The frames an MP4's (or MOV's) header says a player shows, where the file held more than one
-    fewer: it is cut short; else None. Elsewhere the count does not tell: MKV and WebM store none
-    (it is estimated from the duration), an AVI's counts the frames its capture dropped."""
-    if "mov" not in header.format_name.split(","):
-        return None
-    shown = header.frames_shown
-    return shown if held + 1 < shown else None
 
 
 def _frames_held(path: Path, ended: StreamEnded, listed: int, fps: float) -> int:
@@ -270,17 +263,40 @@ def _decoders():
 
 # ---------------------------------------------------------------- public API
 
+@dataclass(frozen=True)
+class VideoLength:
+    """What a video holds, from its header (and an MP4's index), without decoding."""
+
+    frames: int  # the frames it holds (those its header lists, unless the file is cut short)
+    fps: float
+    duration: float  # seconds, of those frames
+    listed_frames: int | None = None  # the header's count, where the file holds more than one fewer (cut short)
+
+
 def probe_video(path: str | Path) -> tuple[int, float, float]:
     """(num_total_frames, fps, duration in seconds) from the container header, without decoding.
 
-    Where the container stores no frame count (MKV, WebM) it is estimated as duration·fps.
+    Where the container stores no frame count (MKV, WebM) it is estimated as duration·fps. An MP4
+    (or MOV) cut short counts the frames it holds (see `measure_video`).
     """
+    length = measure_video(path)
+    return length.frames, length.fps, length.duration
+
+
+def measure_video(path: str | Path) -> VideoLength:
+    """probe_video's numbers, and the count the header lists where an MP4 (or MOV) is cut short: its
+    index places the samples of more than its last frame past the end of the file (see
+    video_header.frames_lost; no frame is read)."""
     path = check_media_file(path, "video")
     return _probed(path, read_header(path, orientation=False))
 
 
-def _probed(path: Path, header: VideoHeader) -> tuple[int, float, float]:
-    """probe_video's answer and checks from a header already read."""
+def _probed(path: Path, header: VideoHeader) -> VideoLength:
+    """measure_video's answer and probe_video's checks from a header already read."""
+    if header.lost:  # an MP4 or MOV cut short: the frames (and the time) it holds
+        held = header.frames_held
+        duration = held / header.fps if header.fps > 0 else header.duration * held / header.frames_shown
+        return VideoLength(held, header.fps, duration, header.listed_if_short(held))
     duration = header.duration
     frames = header.frames or check_count(path, int(round(duration * header.fps)))
     if frames < 1:
@@ -291,7 +307,7 @@ def _probed(path: Path, header: VideoHeader) -> tuple[int, float, float]:
         raise MediaError(f"{shown_path(path)} has no video frames; use a file that contains video")
     if duration <= 0 and header.fps > 0:
         duration = frames / header.fps
-    return frames, header.fps, duration
+    return VideoLength(frames, header.fps, duration)
 
 
 def decode_cost(path: str | Path, num_frames: int = 8, start: float | None = None, end: float | None = None) -> DecodeCost:

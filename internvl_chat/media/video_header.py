@@ -2,7 +2,8 @@
 untrusted): frame size, rate, count and duration limits; an MP4 sample table or fragments that
 declare more frames than the file holds, refused before FFmpeg indexes them; cover pictures, still
 pictures and files that are not videos at all; the frame count by demuxing where the header stores
-none. Also the one-line messages for a file that cannot be read."""
+none; an MP4 (or MOV) cut short: the frames its index places past the end of the file, or its index
+lost with its end. Also the one-line messages for a file that cannot be read."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class VideoHeader:
     codec: str = ""  # FFmpeg's decoder name ("h264", "mpeg4", …)
     reorders: bool = False  # the stream has B-frames (frames decoded before they are shown)
     alone: bool = True  # the file's only video stream (no cover picture, no second video)
+    lost: int = 0  # MP4/MOV: frames shown whose samples the index places past the end of the file (cut short)
 
     @property
     def frames_by_duration(self) -> int:
@@ -60,6 +62,21 @@ class VideoHeader:
         if "mov" not in self.format_name.split(","):
             return self.frames
         return min(self.frames, self.frames_by_duration or self.frames)
+
+    @property
+    def frames_held(self) -> int:
+        """The frames shown that the file holds: `frames_shown` less those lost with a cut-off end."""
+        return max(self.frames_shown - self.lost, 0)
+
+    def listed_if_short(self, held: int) -> int | None:
+        """The frames the header says a player shows, where the file holds `held`, more than one
+        fewer: it is cut short; else None. Only an MP4's (or MOV's) count tells (within one: it may
+        come from the duration): MKV and WebM store none (it is estimated from the duration), an
+        AVI's counts the frames its capture dropped."""
+        if "mov" not in self.format_name.split(","):
+            return None
+        shown = self.frames_shown
+        return shown if held + 1 < shown else None
 
     @property
     def orientation(self) -> Orientation:
@@ -223,6 +240,29 @@ def _mp4_boxes(data: memoryview, start: int, end: int) -> Iterator[tuple[bytes, 
         at += size
 
 
+# The first box of an ISO BMFF file (MP4, MOV, 3GP) is one of these
+_MP4_FIRST_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot", b"styp")
+
+
+def _top_boxes(f, file_size: int) -> Iterator[tuple[bytes, int, int, int]]:
+    """(type, start, header size, size) of an ISO BMFF file's top-level boxes, at most
+    MP4_TOP_BOXES of them; none where the file is not one. Stops at a damaged header."""
+    f.seek(0)
+    if f.read(8)[4:8] not in _MP4_FIRST_BOXES:
+        return
+    at = 0
+    for _ in range(MP4_TOP_BOXES):  # real files have a handful (or a moof and mdat per fragment)
+        if at + 8 > file_size:
+            return
+        f.seek(at)
+        box = _box_header(f.read(16), file_size - at)
+        if box is None:
+            return
+        kind, head_size, size = box
+        yield kind, at, head_size, size
+        at += size
+
+
 def _mp4_sample_bomb(path: Path) -> tuple[int, int, int] | None:
     """(samples, bytes each, file size) for a track whose sample table declares more samples than
     the file can hold, or None. FFmpeg builds an index entry (~35 bytes) per declared sample when it
@@ -233,17 +273,7 @@ def _mp4_sample_bomb(path: Path) -> tuple[int, int, int] | None:
     try:
         file_size = path.stat().st_size
         with open(path, "rb") as f:
-            if f.read(8)[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot", b"styp"):
-                return None  # not ISO BMFF
-            at = 0
-            for _ in range(MP4_TOP_BOXES):  # real files have a handful (or a moof and mdat per fragment)
-                if at + 8 > file_size:
-                    break
-                f.seek(at)
-                box = _box_header(f.read(16), file_size - at)
-                if box is None:
-                    break
-                kind, head_size, size = box
+            for kind, at, head_size, size in _top_boxes(f, file_size):
                 if kind in (b"moov", b"moof"):
                     f.seek(at + head_size)
                     payload = memoryview(f.read(min(size - head_size, MP4_MOOV_LIMIT)))  # what a box declares is not what it holds
@@ -251,10 +281,21 @@ def _mp4_sample_bomb(path: Path) -> tuple[int, int, int] | None:
                     if fixed is not None:
                         return (*fixed, file_size)
                     fragments += declared
-                at += size
     except OSError:
         return None  # PyAV then says what is wrong with the file
     return (fragments, 1, file_size) if fragments > file_size else None
+
+
+def _mp4_without_index(path: Path) -> bool:
+    """Whether `path` is an ISO BMFF file with frames (mdat) and no index (moov, or fragments with
+    their own): one written with its index at the end and cut short (an unfinished download, copy
+    or recording) loses it, and FFmpeg cannot read any frame."""
+    try:
+        with open(path, "rb") as f:
+            kinds = {kind for kind, *_ in _top_boxes(f, path.stat().st_size)}
+    except OSError:
+        return False
+    return b"mdat" in kinds and not kinds & {b"moov", b"moof"}
 
 
 def _declared_samples(box: memoryview, file_size: int) -> tuple[tuple[int, int] | None, int]:
@@ -289,6 +330,9 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
     try:
         container = open_container(path)
     except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
+        if _mp4_without_index(path):
+            raise MediaError(f"{shown_path(path)} has no index (an MP4 or MOV without its moov box): the file is cut short "
+                             "(an unfinished download, copy or recording); use a complete copy") from None  # fmt: skip
         raise cannot_read(path, e) from None
     try:
         stream = video_stream(container)
@@ -316,14 +360,59 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         rotate_tag = _tag(stream.metadata, "rotate")
         codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
-        matrix = _first_display_matrix(container, stream) if orientation else None
-        return VideoHeader(width, height, fps, frames, duration, container.format.name, matrix, rotate_tag, codec, reorders, alone)
+        header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
+                             alone)  # fmt: skip
+        if frames and "mov" in container.format.name.split(","):  # its index tells where each frame lies
+            header.lost = frames_lost(stream, path, hides=header.frames_shown < frames)
+        if orientation:
+            header.display_matrix = _first_display_matrix(container, stream)
+        if header.lost and not header.frames_held:
+            raise MediaError(f"{shown_path(path)} holds none of the {header.frames_shown:,} frames its header lists: the file is "
+                             "cut short (an unfinished download or copy); use a complete copy")  # fmt: skip
+        return header
     except MediaError:
         raise
     except Exception as e:  # noqa: BLE001
         raise cannot_read(path, e) from None
     finally:
         container.close()
+
+
+def frames_lost(stream, path: Path, hides: bool) -> int:
+    """The frames shown whose samples lie past the end of the file, from the index FFmpeg built
+    from an MP4's (or MOV's) sample tables as it opened the file: no sample is read. One cut short
+    with its index before the frames ("faststart", as streaming sites write them) still lists them
+    all. Samples lie in the file in decode order, each after the one before: the first past the end
+    is found by bisection, and the frames from it on are lost (FFmpeg's demuxing stops there), less
+    those an edit list hides (flagged to be discarded: looked for only where the header `hides`
+    some, as each entry costs ~0.25 µs to read). An index without positions, or a PyAV that does
+    not show the index, tells nothing: 0."""
+    try:
+        size = path.stat().st_size
+        entries = stream.index_entries
+        count = len(entries)
+        if not count or _inside(entries[count - 1], size) is not False:
+            return 0
+        first, last = 0, count - 1  # entries[last] lies past the end; find the first that does
+        while first < last:
+            middle = (first + last) // 2
+            if _inside(entries[middle], size) is False:
+                last = middle
+            else:
+                first = middle + 1
+        past = range(first, count)
+        return sum(1 for number in past if not entries[number].is_discard) if hides else len(past)
+    except Exception:  # noqa: BLE001 - OSError, an older PyAV without index_entries, an odd entry
+        return 0
+
+
+def _inside(entry, size: int) -> bool | None:
+    """Whether an index entry's sample lies wholly within the first `size` bytes; None where its
+    position is unknown (-1, or none)."""
+    pos, length = entry.pos, entry.size
+    if not isinstance(pos, int) or not isinstance(length, int) or pos < 0:
+        return None
+    return pos + max(length, 0) <= size
 
 
 def _is_still_picture(format_name: str) -> bool:

@@ -154,6 +154,8 @@ class DecordSource:
         try:
             self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
             self.num_total_frames = check_count(path, len(self._reader))
+            if header.lost:  # cut short: decord counts the packets it demuxes, which may end inside one
+                self.num_total_frames = min(self.num_total_frames, header.frames_held)
             self.fps = check_fps(path, float(self._reader.get_avg_fps()))
             self._keys = sorted(int(k) for k in self._reader.get_key_indices())  # from the packets, as it seeks by them
         except MediaError:
@@ -234,7 +236,7 @@ class PyAVSource:
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
             self.fps = header.fps
-            self.num_total_frames = header.frames_shown or count_packets(path, stop)
+            self.num_total_frames = header.frames_held or count_packets(path, stop)
         except BaseException:
             self._container.close()
             raise

@@ -364,6 +364,9 @@ class App(SessionFileCommands):
             what += f" from {media.video_range[0]:g}–{media.video_range[1]:g} s"
         elif media.duration:
             what += f" of {media.duration:.1f} s"
+        if media.cut_short:  # the length above is what it holds; the note with the answer says more
+            held, listed = media.cut_short
+            what += f" (cut short: it holds {held:,} of its {listed:,} frames)"
         return format_attach_line("video", name, what, None, tokens, fraction, approx)
 
     def _auto_attach(self, text: str) -> tuple[list[Media], str]:
