@@ -339,13 +339,15 @@ def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
 # Normalizers and decoders that insert text (Prepend, Replace) multiply what they are given, and in
 # a Sequence their factors multiply: a tokenizer.json that put 4 MiB in place of each "h" took 2 GB
 # for the first prompt, one that prepended 30 MiB more than 5 GB. Those that insert anything insert
-# a "▁" or a space (Qwen2's, which InternVL3 uses, insert nothing): this is far above them.
+# a "▁" or a space (Qwen2's, which InternVL3 uses, insert nothing).
 # A SentencePiece "Precompiled" normalizer multiplies text too: its charsmap puts one of its pool's
 # strings in place of each character (or short grapheme) it has a rule for, and a string may be as
-# long as the file allows. Its factor is its longest string; one built from Unicode's NFKC holds 18
-# characters for U+FDFA and is refused, as no InternVL3 tokenizer has one. The other normalizers
-# (NFC, NFKC, Lowercase...) grow text by Unicode's bounded factors at most and are not counted.
-MAX_TEXT_GROWTH = 16
+# long as the file allows. Its factor is its longest string: 18 characters (for U+FDFA) in one built
+# from Unicode's NFKC, and an ALBERT-style Sequence (two one-character Replaces before it) counts
+# 2 × 2 × 18 = 72 by this worst-case product. The limit passes those and stops the hostile ones,
+# whose factors run to millions. The other normalizers (NFC, NFKC, Lowercase...) grow text by
+# Unicode's bounded factors at most and are not counted.
+MAX_TEXT_GROWTH = 128
 # a UTF-8 continuation byte: what a string's bytes have beyond one per character
 _CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
 
