@@ -141,6 +141,19 @@ def test_loading_a_4bit_model_with_gemlite_where_it_cannot_run_is_one_usage_erro
         load_model(folder, device="cpu", dtype="float32", max_context=256, int4_backend="marlin")
 
 
+def test_bf16_is_refused_in_one_line(monkeypatch, fresh_import):
+    """GemLite's bf16 kernels were 1.2-4 % off the exact product on an H200 (its fp16 ones within
+    1 %): a bf16 model with --int4-backend gemlite is refused, saying what to use instead."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(gemlite_backend, "load_gemlite", lambda: object())  # "importable"
+    assert gemlite_backend.gemlite_unavailable_reason("cpu", dtype=torch.float16) is None
+    qweight, qzeros, scales = random_awq(256, 64, seed=3)
+    with pytest.raises(UsageError) as err:
+        Int4Linear.from_awq(qweight, qzeros, scales, backend="gemlite", dtype=torch.bfloat16, device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and "bf16" in message and "--dtype float16" in message
+
+
 def test_auto_never_picks_gemlite(monkeypatch, fresh_import):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(gemlite_backend, "load_gemlite", lambda: object())  # "importable"
@@ -217,11 +230,11 @@ def test_shape_limits(monkeypatch, fresh_import):
 QKV, GATE_UP, DOWN = (3584, 4608), (3584, 37888), (18944, 3584)
 # GemLite autotunes (compiles ~17 kernels) on the first call of each shape, row count and dtype:
 # the kernel's row counts (1, MAX_ROWS) are spread over the cases to keep the GPU run short.
+# fp16 only: bf16 is refused (its kernels were 1.2-4 % off on an H200, test_bf16_is_refused_in_one_line)
 CUDA_CASES = [
-    (QKV, torch.bfloat16, (1, MAX_ROWS, MAX_ROWS + 1, 64)),
-    (GATE_UP, torch.bfloat16, (1, MAX_ROWS + 1)),
-    (DOWN, torch.bfloat16, (1, MAX_ROWS + 1)),
-    (QKV, torch.float16, (1,)),
+    (QKV, torch.float16, (1, MAX_ROWS, MAX_ROWS + 1, 64)),
+    (GATE_UP, torch.float16, (1, MAX_ROWS + 1)),
+    (DOWN, torch.float16, (1, MAX_ROWS + 1)),
 ]
 
 
@@ -267,8 +280,8 @@ def test_gemlite_8b_shapes_cuda(shape, dtype, row_counts):
 @needs_gemlite
 def test_gemlite_replays_in_a_cuda_graph():
     qweight, qzeros, scales = (t.cuda() for t in random_awq(3584, 4608, seed=7))
-    layer = Int4Linear.from_awq(qweight, qzeros, scales, backend="gemlite", dtype=torch.bfloat16, device="cuda")
-    x = torch.randn(1, 3584, device="cuda").to(torch.bfloat16)
+    layer = Int4Linear.from_awq(qweight, qzeros, scales, backend="gemlite", dtype=torch.float16, device="cuda")
+    x = torch.randn(1, 3584, device="cuda").to(torch.float16)
     graph, out, expected = warm_then_capture(lambda: layer(x))  # GemLite autotunes in the warm-up
     x.copy_(torch.randn_like(x))
     graph.replay()

@@ -83,10 +83,21 @@ def load_gemlite() -> ModuleType | None:
     return _gemlite
 
 
+# On an H200 (gemlite 0.6.0.post2, torch 2.11, 2026-12-04) GemLite's bf16 GEMV gave outputs 1.2-4 %
+# (relative norm) off the exact product of the same weights, worst at the longest inputs (K = 18,944),
+# and a CUDA-graph replay differed from the eager call: it sums its K-splits into the output in bf16.
+# Its fp16 kernels were within 1 %, so activations in bf16 are refused rather than silently off.
+BF16_REFUSAL = "GemLite's bf16 kernels are 1-4 % off the exact product (measured on an H200): with it, use --dtype float16"
+
+
 def gemlite_unavailable_reason(
-    device: torch.device | str, in_features: int | None = None, group_size: int | None = None
+    device: torch.device | str,
+    in_features: int | None = None,
+    group_size: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> str | None:
-    """Why the gemlite backend cannot run here (one phrase), or None when it can."""
+    """Why the gemlite backend cannot run here (one phrase), or None when it can; `dtype`: the
+    activations' (None: not checked)."""
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -99,6 +110,8 @@ def gemlite_unavailable_reason(
         return f"GemLite needs in_features divisible by {_MIN_IN_FEATURES_MULTIPLE} (got {in_features})"
     if load_gemlite() is None:
         return _import_error
+    if dtype == torch.bfloat16:
+        return BF16_REFUSAL
     return None
 
 

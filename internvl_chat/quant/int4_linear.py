@@ -167,10 +167,15 @@ class Int4Linear(nn.Module):
     weight is device-specific (buffers are not saved in state dicts).
     """
 
-    # Rows above which the CUDA torch backend dequantizes and runs a dense matmul. On an H100 the
-    # crossover for 8B-sized layers measured 128-256 rows (tinygemm grows linearly with rows, the
-    # dense path costs ~8.5 µs per million weights plus ~0.3 ms of launches); tune with the bench.
-    dense_threshold: int = 128
+    # Rows above which the CUDA torch backend dequantizes and runs a dense matmul. tinygemm grows
+    # linearly with rows; the dense path costs about the same at any row count up to a few hundred
+    # (one dequantization, then a bf16 matmul that is memory-bound: 11-12 µs at M = 1-128 for the
+    # 8B qkv on an H200). With the one-pass Triton dequantization (H200, 2026-12-04, gemv section)
+    # the 8B qkv cost 49 µs dense against tinygemm's 30 µs at 16 rows and 154 µs at 128: crossing
+    # near 33 rows, and near 38-40 for the 8B o/gate_up/down by the same measured slopes. 64 keeps
+    # clear of the small (1B) layers, whose kernel calls cost a few µs either way. (With the
+    # torch-ops dequantization, 3.6× slower, an H100 measured 128-256.) Tune with the bench.
+    dense_threshold: int = 64
     # Rows up to which the triton backend runs its GEMV (each row re-reads the weight tile from L2
     # and redoes the unpacking); above, the dense path. A guess until a GPU session measures it.
     gemv_max_rows: int = 16
@@ -223,7 +228,7 @@ class Int4Linear(nn.Module):
             triton_gemv.check_usable(device, in_features, out_features, group_size)
             resolved = "triton"
         elif backend == "gemlite":
-            reason = gemlite_backend.gemlite_unavailable_reason(device, in_features, group_size)
+            reason = gemlite_backend.gemlite_unavailable_reason(device, in_features, group_size, dtype)
             if reason is not None:
                 raise UsageError(f"int4 backend 'gemlite' cannot run here: {reason}; use int4 backend 'auto'.")
             resolved = "gemlite"
