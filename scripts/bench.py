@@ -493,10 +493,13 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
 
 def shape_rows(plan: bl.Plan) -> list[tuple[str, str]]:
     """(shape, variant) in measuring order, so that the most wanted rows come first when time runs
-    out: each shape's variants (8B W4 tinygemm, 8B W4 triton, 8B bf16, ...), then the next shape."""
+    out: the first two variants (W4 as the app runs, and bf16) of every shape, 8B first, then the
+    other variants (our own and GemLite's int4 kernels: each a long cold compile, and the gemv
+    section times their kernels anyway)."""
     if plan.cuda_rows is not None:
         return list(plan.cuda_rows)
-    return [(shape, variant) for shape in plan.cuda_shapes for variant in plan.cuda_variants]
+    return [(shape, variant) for variants in (plan.cuda_variants[:2], plan.cuda_variants[2:])
+            for shape in plan.cuda_shapes for variant in variants]  # fmt: skip
 
 
 def variant_backend(variant: str) -> tuple[bool, str]:
@@ -562,9 +565,10 @@ def section_gemv(plan: bl.Plan, device: torch.device, deadline: float | None, st
     bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
     own = time.perf_counter() + plan.gemv_budget_s
     section_deadline = min(own, deadline) if deadline is not None else own
-    unavailable = {label: bl.gemv_variant_unavailable(label, device) for label in bl.GEMV_VARIANTS}
-    labels = [label for label, why in unavailable.items() if why is None
-              and (plan.gemv_columns is None or label in plan.gemv_columns)]  # fmt: skip
+    unavailable = {label: bl.gemv_variant_unavailable(label, device)
+                   if plan.gemv_columns is None or label in plan.gemv_columns else "not selected (--gemv-columns)"
+                   for label in bl.GEMV_VARIANTS}  # fmt: skip
+    labels = [label for label, why in unavailable.items() if why is None]
     out: dict = {
         "copy_bandwidth_bytes_per_s": bandwidth,
         "rows": list(plan.gemv_rows),
@@ -746,6 +750,14 @@ def render_shapes(sh: dict) -> list[str]:
     hist = next((list(r["followup_ttft_ms"]) for r in sh.values() if isinstance(r, dict) and "followup_ttft_ms" in r), [])
     if hist:
         lines.append(f"  follow-up = time to first token of a short turn after {' / '.join(hist)} tokens of history")
+    for key, r in sh.items():  # where the fastest mode's step goes, by kernel (the first few)
+        if not (isinstance(r, dict) and "decode" in r):
+            continue
+        mode = best_decode(r["decode"])[0]
+        top = r["decode"].get(mode, {}).get("ops", {}).get("top") if mode else None
+        if top:
+            shown = "; ".join(f"{t['name'][:48]} {t['us']:.0f} µs ×{t['calls']}" for t in top[:6])
+            lines.append(f"  {key} ({mode}) per step: {shown}")
     for key, r in sh.items():  # each other int4 backend's best decode next to tinygemm's ("w4")
         shape, _, variant = key.rpartition(" ")
         base = sh.get(f"{shape} w4")

@@ -231,8 +231,10 @@ def test_dense_threshold_is_where_dense_wins_from_then_on():
 def test_cuda_sections_render():
     """The GPU run prints its table last: the shapes / gemv rendering must work (run on CPU)."""
     plan = replace(bl.QUICK, cuda_compiled=False)
-    # the most wanted rows first: 8B W4 tinygemm, W4 triton, bf16, ... then the next shape
-    assert bench.shape_rows(plan) == [("tiny", "w4"), ("tiny", "w4-triton"), ("tiny", "bf16"), ("tiny", "w4-gemlite")]
+    # the most wanted rows first: W4 as the app runs and bf16 of every shape, then the other int4 kernels
+    assert bench.shape_rows(plan) == [("tiny", "w4"), ("tiny", "bf16"), ("tiny", "w4-triton"), ("tiny", "w4-gemlite")]
+    two = replace(plan, cuda_shapes=("InternVL3-8B", "InternVL3-1B"))
+    assert bench.shape_rows(two)[:4] == [("InternVL3-8B", "w4"), ("InternVL3-8B", "bf16"), ("InternVL3-1B", "w4"), ("InternVL3-1B", "bf16")]
     shapes = bench.section_shapes(plan, torch.device("cpu"), None, 0.0)
     assert set(shapes) == {"copy_bandwidth_bytes_per_s", "bandwidth_ceiling_bytes_per_s", "tiny bf16", "tiny w4",
                            "tiny w4-triton", "tiny w4-gemlite"}  # fmt: skip
@@ -252,6 +254,9 @@ def test_cuda_sections_render():
     text = bench.render(report)
     assert "[InternVL3 shapes" in text and "tiny w4" in text
     assert "follow-up = time to first token" in text
+    assert "tiny w4 (eager) per step: " in text and " µs ×" in text  # where a step's time goes, by op
+    top = shapes["tiny w4"]["decode"]["eager"]["ops"]["top"]
+    assert top and all(t["calls"] >= 1 and t["us"] >= 0 for t in top) and top[0]["us"] >= top[-1]["us"]
     assert "[int4 linears by rows M]" in text and "tiny gate_up 128→512" in text and "choose per shape" in text
     assert "[engine] FAILED: boom" in text
 
