@@ -445,6 +445,19 @@ def test_an_unreadable_source_file_that_is_copied_is_refused_before_loading(conf
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
 
 
+@pytest.mark.parametrize("name", ["preprocessor_config.json", "chat_template.jinja"])
+def test_a_source_settings_file_that_is_a_pipe_is_named_before_loading(config_only, tmp_path, monkeypatch, capsys, name):
+    """A pipe (or a device) under a settings file's name was skipped without a word: the output went
+    without that file. Named before loading, without opening it (a pipe would block the open)."""
+    import os
+
+    os.mkfifo(config_only / name)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"{config_only / name} is not a regular file (a pipe or a device?); remove it from the source folder" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
+
+
 def test_an_empty_output_folder_that_cannot_be_renamed_over_is_filled(tiny_original, tmp_path, monkeypatch):
     """The checkpoint was written next to the output folder and renamed over it at the end: where
     the folder is a mount point (a fresh disk) that rename fails (EBUSY), so the whole run was lost,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -106,6 +107,9 @@ def check_copied_files(src: Path) -> None:
                          f"{MAX_CODE_FILES}; quantize a folder that holds only the checkpoint")  # fmt: skip
     for path in settings_files(src) + code:
         try:
+            if not stat.S_ISREG(path.stat().st_mode):  # before opening: a pipe would block it
+                raise UsageError(f"{visible(str(path))} is not a regular file (a pipe or a device?); "
+                                 f"remove it from the source folder")  # fmt: skip
             with open(path, "rb"):
                 size = path.stat().st_size
         except OSError as e:

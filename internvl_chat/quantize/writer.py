@@ -38,14 +38,21 @@ MAX_CODE_FILE_BYTES = 4 << 20
 MAX_SETTINGS_FILE_BYTES = JSON_LIMIT
 
 
+def _present(path: Path) -> bool:
+    """Whether the source has something at `path` to copy: not a folder and not a broken link. A
+    pipe or a device counts, so that checks.check_copied_files names it (skipped, the output went
+    without that file and no word said why)."""
+    return path.exists() and not path.is_dir()
+
+
 def code_files(src_dir: Path) -> list[Path]:
     """The source folder's top-level .py files (a link to a regular file counts: a hub cache links them)."""
-    return sorted(p for p in src_dir.glob("*.py") if p.is_file())
+    return sorted(p for p in src_dir.glob("*.py") if _present(p))
 
 
 def settings_files(src_dir: Path) -> list[Path]:
     """The source's tokenizer, template, generation and preprocessor files that it has."""
-    return [src_dir / name for name in TOKENIZER_FILES if (src_dir / name).is_file()]
+    return [src_dir / name for name in TOKENIZER_FILES if _present(src_dir / name)]
 
 
 def copied_files(src_dir: Path, config: dict) -> list[Path]:
