@@ -463,6 +463,10 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
         follow[str(h)] = _ms(bl.median([_timed_first_token(model, turn, h, None)[0] for _ in range(max(2, reps))]))
     out["followup_ttft_ms"] = follow
     out["followup_tokens"] = plan.cuda_followup_tokens
+    if plan.cuda_followup_history:  # the last turn's kernels: their time against its wall time says
+        # whether the GPU or the host (launches) sets a follow-up's pace
+        h = plan.cuda_followup_history[-1]
+        out["followup_ops"] = bl.profiled_ops(lambda: model.forward(turn, h).argmax().item(), device)
 
     # batch-1 decode after a p-token prefill
     prompt = text(p).tolist()
@@ -722,7 +726,7 @@ def render_shapes(sh: dict) -> list[str]:
     lines = ["", f"[InternVL3 shapes, random weights, batch 1] decode tok/s (BW = bytes read per token × tok/s "
                  f"÷ the measured copy bandwidth {bw / 1e9:.0f} GB/s), ops/layer = kernels (GPU) or aten calls (CPU)",
              f"  {'model':24}{'eager':>7}{'graphs':>8}{'compiled':>9}{'BW':>5}{'ops/layer e/g/c':>17}{'GB/tok':>8}"
-             f"{'TTFT 13t ms':>12}{'prefill tok/s':>14}{'follow-up ms':>16}{'compile s':>10}{'peak GiB':>9}"]  # fmt: skip
+             f"{'TTFT 13t ms':>12}{'prefill tok/s':>14}{'follow-up ms':>22}{'compile s':>10}{'peak GiB':>9}"]  # fmt: skip
     for key, r in sh.items():
         if not isinstance(r, dict):
             continue
@@ -738,10 +742,12 @@ def render_shapes(sh: dict) -> list[str]:
         share = best_share * 100 if best else None
         ops = "/".join(_fmt(d.get(m, {}).get("ops_per_layer"), ".0f") for m in ("eager", "graphs", "compiled"))
         follow = "/".join(_fmt(v, ".1f") for v in r.get("followup_ttft_ms", {}).values())
+        if "followup_ops" in r:  # the ops' own time of the last follow-up, after its wall time
+            follow += f" ({r['followup_ops']['op_us'] / 1000:.1f})"
         lines.append(
             f"  {key:24}{rate('eager'):>7}{rate('graphs'):>8}{rate('compiled'):>9}{_fmt(share, '.0f'):>4}%{ops:>17}"
             f"{d['bytes_per_token']['total'] / 1e9:>8.2f}{pf['ttft_ms']:>12.1f}{pf['llm_prefill_tokens_per_s']:>14.0f}"
-            f"{follow:>16}{_fmt(d.get('compiled', {}).get('compile_s'), '.0f'):>10}"
+            f"{follow:>22}{_fmt(d.get('compiled', {}).get('compile_s'), '.0f'):>10}"
             f"{r.get('peak_gpu_alloc_bytes', 0) / 2**30:>9.1f}"
         )
         for m in ("eager", "graphs", "compiled"):
@@ -749,7 +755,8 @@ def render_shapes(sh: dict) -> list[str]:
                 lines.append(f"    {m}: {d[m]['error'][:300]}")
     hist = next((list(r["followup_ttft_ms"]) for r in sh.values() if isinstance(r, dict) and "followup_ttft_ms" in r), [])
     if hist:
-        lines.append(f"  follow-up = time to first token of a short turn after {' / '.join(hist)} tokens of history")
+        lines.append(f"  follow-up = time to first token of a short turn after {' / '.join(hist)} tokens of history "
+                     f"(in brackets: the time its kernels, or aten ops on a CPU, take as the profiler times them)")
     for key, r in sh.items():  # where the fastest mode's step goes, by kernel (the first few)
         if not (isinstance(r, dict) and "decode" in r):
             continue

@@ -799,20 +799,27 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) 
 def ops_per_step(model, token: torch.Tensor, pos: int) -> dict:
     """What one decode step launches: CUDA kernels (graph replays included) on a GPU; on CPU the
     top-level aten calls (Inductor's own fused C++ kernels do not appear there)."""
+    return profiled_ops(lambda: model.forward(token, pos), model.device)
+
+
+def profiled_ops(call, device: torch.device) -> dict:
+    """What `call()` launches (see ops_per_step): the count, the time the ops took as the profiler
+    times them (`op_us`; on a GPU, well under the call's wall time when launches, not kernels, set
+    the pace) and where it goes (`top`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    device = model.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.inference_mode(), profile(activities=activities) as prof:
-        model.forward(token, pos)
+        call()
         sync(device)
     events = prof.events()
     if device.type == "cuda":
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        return {"kind": "CUDA kernels", "per_step": len(kernels), "top": top_ops(kernels)}
-    aten = [e for e in events if e.name.startswith(("aten::", "aoti_torch_")) and
-            (e.cpu_parent is None or not e.cpu_parent.name.startswith(("aten::", "aoti_torch_")))]  # fmt: skip
-    return {"kind": "aten calls", "per_step": len(aten), "top": top_ops(aten)}
+        ops, kind = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA], "CUDA kernels"
+    else:
+        ops, kind = [e for e in events if e.name.startswith(("aten::", "aoti_torch_")) and
+                     (e.cpu_parent is None or not e.cpu_parent.name.startswith(("aten::", "aoti_torch_")))], "aten calls"  # fmt: skip
+    return {"kind": kind, "per_step": len(ops), "op_us": round(sum(e.time_range.elapsed_us() for e in ops), 1),
+            "top": top_ops(ops)}  # fmt: skip
 
 
 def top_ops(events, keep: int = 12) -> list[dict]:

@@ -255,6 +255,8 @@ def test_cuda_sections_render():
     assert "[InternVL3 shapes" in text and "tiny w4" in text
     assert "follow-up = time to first token" in text
     assert "tiny w4 (eager) per step: " in text and " µs ×" in text  # where a step's time goes, by op
+    follow = shapes["tiny w4"]["followup_ops"]
+    assert follow["per_step"] > 0 and follow["op_us"] > 0 and follow["top"], follow
     top = shapes["tiny w4"]["decode"]["eager"]["ops"]["top"]
     assert top and all(t["calls"] >= 1 and t["us"] >= 0 for t in top) and top[0]["us"] >= top[-1]["us"]
     assert "[int4 linears by rows M]" in text and "tiny gate_up 128→512" in text and "choose per shape" in text
