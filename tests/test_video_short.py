@@ -22,7 +22,7 @@ from media_helpers import (
 )
 
 from internvl_chat.errors import MediaError
-from internvl_chat.media import video_header
+from internvl_chat.media import video_header, video_sources
 from internvl_chat.media.video import BACKEND_ENV, VideoLength, load_video, measure_video, probe_video
 from internvl_chat.media.video_cost import DecodeOverBudget, frame_work
 from internvl_chat.media.video_header import count_packets, frames_lost, read_header
@@ -351,3 +351,21 @@ def test_an_avi_cut_short_is_sampled_to_its_last_frame_held(tmp_path, monkeypatc
         result = load_video(path, 8, start=start)
         assert result.indices == frame_indices(held, FPS, 8, start) == _shown(result)
         assert (result.num_total_frames, result.shortfall_note) == (held, None)  # an AVI's count may count drops
+
+
+@pytest.mark.skipif("libx264" not in av.codecs_available, reason="PyAV without libx264")
+@pytest.mark.parametrize("frame", [5, 13])  # after a B-frame: the frames held are frames 0…frame-1
+def test_an_h264_cut_inside_a_frame_gives_every_frame_it_holds_whole(tmp_path, monkeypatch, frame):
+    """H.264 with B-frames decodes in frame threads, which hold frames back: the half packet at the
+    cut failed at the end, and took the frames held back with it (11 of the 13 frames the attach
+    line counted were sent; with 2 held, the file was refused as decoding to none). The samples the
+    index places wholly within the file are decoded; the half one is not given to the decoder."""
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    monkeypatch.setattr(video_sources.os, "cpu_count", lambda: 4)  # frame threads, as on any machine of several cores
+    made = write_numbered_video(tmp_path / "made.mp4", 30, FPS, "libx264", options={"bf": "3", "g": "12", "x264-params": "b-adapt=0:scenecut=0"})
+    path = cut_at_frame(faststart_copy(made, tmp_path / "whole.mp4"), tmp_path / "cut.mp4", frame, inside=True)
+    assert measure_video(path) == VideoLength(frame, FPS, frame / FPS, 30)
+    result = load_video(path, 30)
+    assert result.num_total_frames == frame
+    assert result.indices == frame_indices(frame, FPS, 30) == _shown(result)
+    assert result.indices[-1] == frame - 1  # the last frame held is among them

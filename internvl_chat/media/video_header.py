@@ -44,6 +44,7 @@ class VideoHeader:
     reorders: bool = False  # the stream has B-frames (frames decoded before they are shown)
     alone: bool = True  # the file's only video stream (no cover picture, no second video)
     lost: int = 0  # MP4/MOV: frames shown whose samples the index places past the end of the file (cut short)
+    samples_whole: int | None = None  # and then: the samples, in decode order, before the first such one
 
     @property
     def frames_by_duration(self) -> int:
@@ -364,6 +365,8 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
                              alone)  # fmt: skip
         if frames and "mov" in container.format.name.split(","):  # its index tells where each frame lies
             header.lost = frames_lost(stream, path, hides=header.frames_shown < frames)
+            if header.lost:
+                header.samples_whole = first_sample_lost(stream, path)
         if orientation:
             header.display_matrix = _first_display_matrix(container, stream)
         if header.lost and not header.frames_held:
@@ -382,17 +385,33 @@ def frames_lost(stream, path: Path, hides: bool) -> int:
     """The frames shown whose samples lie past the end of the file, from the index FFmpeg built
     from an MP4's (or MOV's) sample tables as it opened the file: no sample is read. One cut short
     with its index before the frames ("faststart", as streaming sites write them) still lists them
-    all. Samples lie in the file in decode order, each after the one before: the first past the end
-    is found by bisection, and the frames from it on are lost (FFmpeg's demuxing stops there), less
-    those an edit list hides (flagged to be discarded: looked for only where the header `hides`
-    some, as each entry costs ~0.25 µs to read). An index without positions, or a PyAV that does
-    not show the index, tells nothing: 0."""
+    all. The frames from the first sample past the end on are lost (FFmpeg's demuxing stops there;
+    see first_sample_lost), less those an edit list hides (flagged to be discarded: looked for only
+    where the header `hides` some, as each entry costs ~0.25 µs to read). An index without
+    positions, or a PyAV that does not show the index, tells nothing: 0."""
+    first = first_sample_lost(stream, path)
+    if first is None:
+        return 0
+    try:
+        entries = stream.index_entries
+        past = range(first, len(entries))
+        return sum(1 for number in past if not entries[number].is_discard) if hides else len(past)
+    except Exception:  # noqa: BLE001 - an odd entry
+        return 0
+
+
+def first_sample_lost(stream, path: Path) -> int | None:
+    """The number, in decode order, of the first sample FFmpeg's index places (wholly or in part)
+    past the end of the file; None where the last one lies within it, or the index tells nothing.
+    Samples lie in the file in decode order, each after the one before: it is found by bisection
+    (~10 µs). Where they do not, the sample found may come after the first one lost, never before:
+    decoding then finds the end earlier, as without an index."""
     try:
         size = path.stat().st_size
         entries = stream.index_entries
         count = len(entries)
         if not count or _inside(entries[count - 1], size) is not False:
-            return 0
+            return None
         first, last = 0, count - 1  # entries[last] lies past the end; find the first that does
         while first < last:
             middle = (first + last) // 2
@@ -400,10 +419,9 @@ def frames_lost(stream, path: Path, hides: bool) -> int:
                 last = middle
             else:
                 first = middle + 1
-        past = range(first, count)
-        return sum(1 for number in past if not entries[number].is_discard) if hides else len(past)
+        return first
     except Exception:  # noqa: BLE001 - OSError, an older PyAV without index_entries, an odd entry
-        return 0
+        return None
 
 
 def _inside(entry, size: int) -> bool | None:
