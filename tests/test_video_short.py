@@ -181,6 +181,25 @@ def test_an_mp4_whose_index_at_the_end_was_cut_off_is_refused_in_one_line(whole,
                                   "(an unfinished download, copy or recording); use a complete copy")  # fmt: skip
 
 
+@pytest.mark.parametrize("layout", ["faststart", "index last"])
+@pytest.mark.parametrize("inside", [b"moov", b"trak", b"stsd", b"stts", b"stsz"])
+def test_an_mp4_cut_inside_its_index_is_refused_as_cut_short(whole, tmp_path, layout, inside):
+    """A download cut inside the index (moov) of an MP4 that keeps it before its frames holds no
+    frame; one that keeps it after them, cut inside its sample tables, has none FFmpeg can place.
+    Before: "has no video stream; pass a video file", "stores its video in a codec FFmpeg cannot
+    decode; re-encode it as an H.264 MP4", "cannot read video … (End of file); use an MP4, …", or
+    measured whole at attach and refused at send as "decoded to no frames"."""
+    data = (whole if layout == "faststart" else whole.parent / "made.mp4").read_bytes()
+    moov = data.index(b"moov") - 4
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: data.index(inside, moov) + 12])  # a few bytes into that box
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == (f"{path} ends before its index (the moov box of an MP4 or MOV) is whole: the file is cut "
+                                  "short (an unfinished download, copy or recording); use a complete copy")  # fmt: skip
+
+
 def test_a_cut_file_whose_edit_list_hides_frames_counts_the_frames_shown(tmp_path, monkeypatch):
     """Frames 0…4 hidden, the file cut where stored frame 40 begins: it shows frames 5…39, 35 of the 55."""
     monkeypatch.delenv(BACKEND_ENV, raising=False)

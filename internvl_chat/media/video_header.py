@@ -287,16 +287,30 @@ def _mp4_sample_bomb(path: Path) -> tuple[int, int, int] | None:
     return (fragments, 1, file_size) if fragments > file_size else None
 
 
-def _mp4_without_index(path: Path) -> bool:
-    """Whether `path` is an ISO BMFF file with frames (mdat) and no index (moov, or fragments with
-    their own): one written with its index at the end and cut short (an unfinished download, copy
-    or recording) loses it, and FFmpeg cannot read any frame."""
+def _lost_index(path: Path, after_frames: bool) -> MediaError | None:
+    """The refusal for an ISO BMFF file cut short with its index (moov, or fragments with their
+    own), and None for any other: one written with its index at the end and cut before it keeps its
+    frames (mdat) and no index; one written with it first ("faststart") and cut inside it ends there,
+    its moov running past the end of the file (or a box header cut short), and holds no frame. With
+    `after_frames`, where FFmpeg could not use the index, also an index cut short after the frames
+    (without it, FFmpeg may still read one whose tail alone is cut off)."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            kinds = {kind for kind, *_ in _top_boxes(f, path.stat().st_size)}
+            boxes = list(_top_boxes(f, size))
     except OSError:
-        return False
-    return b"mdat" in kinds and not kinds & {b"moov", b"moof"}
+        return None
+    if not boxes:
+        return None  # not ISO BMFF
+    kinds = {kind for kind, *_ in boxes}
+    cut = "the file is cut short (an unfinished download, copy or recording); use a complete copy"
+    if b"mdat" in kinds and not kinds & {b"moov", b"moof"}:
+        return MediaError(f"{shown_path(path)} has no index (an MP4 or MOV without its moov box): {cut}")
+    kind, at, _, box_size = boxes[-1]
+    inside = kind == b"moov" and at + box_size > size or at + box_size < size  # it ends in its index, or in a box header
+    if inside and (after_frames or b"mdat" not in kinds):
+        return MediaError(f"{shown_path(path)} ends before its index (the moov box of an MP4 or MOV) is whole: {cut}")
+    return None
 
 
 def _declared_samples(box: memoryview, file_size: int) -> tuple[tuple[int, int] | None, int]:
@@ -328,25 +342,30 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         of = f" of {each:,} bytes" if each > 1 else ""
         raise MediaError(f"{shown_path(path)} declares {count:,} frames (or samples){of}, more than its {size:,} bytes hold; "
                          "the file is damaged or not a real video")  # fmt: skip
+    lost = _lost_index(path, after_frames=False)  # what FFmpeg would make of it is not what it is
+    if lost is not None:
+        raise lost
     try:
         container = open_container(path)
     except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
-        if _mp4_without_index(path):
-            raise MediaError(f"{shown_path(path)} has no index (an MP4 or MOV without its moov box): the file is cut short "
-                             "(an unfinished download, copy or recording); use a complete copy") from None  # fmt: skip
-        raise cannot_read(path, e) from None
+        raise _lost_index(path, after_frames=True) or cannot_read(path, e) from None
     try:
         stream = video_stream(container)
         if stream is None:
             covers = " (only a cover picture)" if container.streams.video else ""
-            raise MediaError(f"{shown_path(path)} has no video stream{covers}; pass a video file")
+            raise _lost_index(path, after_frames=True) or MediaError(f"{shown_path(path)} has no video stream{covers}; pass a video file")
         if not stream.frames and _is_still_picture(container.format.name):
             what = _what_else(path)
             if what is not None:
                 raise MediaError(f"{shown_path(path)} is {what}, not a video or an image; pass a video file (MP4, MKV, WebM or AVI)")
             raise MediaError(f"{shown_path(path)} is a still picture, not a video; attach (or send) it as an image instead")
-        if stream.codec_context is None:  # PyAV has no decoder for the stream's codec (an unknown one)
-            raise MediaError(f"{shown_path(path)} stores its video in a codec FFmpeg cannot decode; re-encode it as an H.264 MP4")
+        if stream.codec_context is None:  # PyAV has no decoder for the stream's codec (an unknown one, or a cut index)
+            raise _lost_index(path, after_frames=True) or MediaError(
+                f"{shown_path(path)} stores its video in a codec FFmpeg cannot decode; re-encode it as an H.264 MP4")
+        if "mov" in container.format.name.split(",") and _index_is_empty(stream):
+            lost = _lost_index(path, after_frames=True)  # cut inside its sample tables: FFmpeg placed no frame
+            if lost is not None:
+                raise lost
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         check_frame_size(path, width, height)
         fps = check_fps(path, _frame_rate(stream))
@@ -422,6 +441,14 @@ def first_sample_lost(stream, path: Path) -> int | None:
         return first
     except Exception:  # noqa: BLE001 - OSError, an older PyAV without index_entries, an odd entry
         return None
+
+
+def _index_is_empty(stream) -> bool:
+    """Whether FFmpeg's index of the stream lists no sample (False where PyAV does not show it)."""
+    try:
+        return len(stream.index_entries) == 0
+    except Exception:  # noqa: BLE001 - an older PyAV without index_entries
+        return False
 
 
 def _inside(entry, size: int) -> bool | None:
