@@ -388,3 +388,42 @@ def test_an_h264_cut_inside_a_frame_gives_every_frame_it_holds_whole(tmp_path, m
     assert result.num_total_frames == frame
     assert result.indices == frame_indices(frame, FPS, 30) == _shown(result)
     assert result.indices[-1] == frame - 1  # the last frame held is among them
+
+
+def _with_audio(path, frames: int):
+    """An MP4 of numbered frames with an audio track: the muxer interleaves them, so the video's
+    first samples sit in chunks of their own, each placed by its own offset."""
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=FPS)
+        video.width, video.height = VIDEO_SIZE
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=8000)
+        audio.layout = "mono"
+        for number in range(frames):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")))
+            sound = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.float32), format="fltp", layout="mono")
+            sound.sample_rate, sound.pts = 8000, number * 800
+            container.mux(audio.encode(sound))
+        container.mux(video.encode())
+        container.mux(audio.encode())
+    return path
+
+
+def test_a_sample_declared_far_larger_than_the_file_is_damage_not_lack_of_memory(tmp_path, monkeypatch):
+    """FFmpeg answers a sample the index declares 1 GiB long (in a file of a few KiB) with ENOMEM
+    as it reads it: load_video raised that MemoryError, which the app takes for running out of
+    memory ('out of memory reading the attachments; attach fewer or smaller pictures …')."""
+    import struct
+
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    data = bytearray(_with_audio(tmp_path / "made.mp4", 20).read_bytes())
+    sizes = data.index(b"stsz")  # the video's: its track comes first
+    assert struct.unpack(">II", data[sizes + 8 : sizes + 16]) == (0, 20)  # one size per sample follows
+    struct.pack_into(">I", data, sizes + 16 + 4 * 2, 0x3FFFFFFF)  # sample 2
+    path = tmp_path / "hostile.mp4"
+    path.write_bytes(bytes(data))
+    with pytest.raises(MediaError, match=r"past frame \d+ of 20, .*; the file is damaged there") as err:  # (Cannot allocate memory)
+        load_video(path, 8)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

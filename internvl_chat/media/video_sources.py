@@ -213,6 +213,13 @@ class NotOnePerPacket(Exception):
     their own, damage): packet n is not frame n there, so the stream is decoded from the start."""
 
 
+def _from_ffmpeg(error: BaseException) -> bool:
+    """Whether a MemoryError is FFmpeg's ENOMEM (av.error.MemoryError), not Python's own."""
+    from av.error import FFmpegError
+
+    return isinstance(error, FFmpegError)
+
+
 class PyAVSource:
     def __init__(self, path: Path, header: VideoHeader, stop: DecodeStop, packets_alone: bool = True) -> None:
         self._path = path
@@ -261,8 +268,12 @@ class PyAVSource:
             while not ended and (len(queue) < 2 or not queue[-1].size) and len(queue) <= MAX_EMPTY_AHEAD:
                 try:
                     packet = next(packets, None)
-                except MemoryError:
-                    raise
+                except MemoryError as e:
+                    if not _from_ffmpeg(e):
+                        raise
+                    # FFmpeg's: a sample the index declares far larger than the file (a hostile size)
+                    failed, ended = error_reason(e), True
+                    break
                 except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses for damaged data
                     failed, ended = error_reason(e), True
                     break
