@@ -307,7 +307,8 @@ def _lost_index(path: Path, after_frames: bool) -> MediaError | None:
     if b"mdat" in kinds and not kinds & {b"moov", b"moof"}:
         return MediaError(f"{shown_path(path)} has no index (an MP4 or MOV without its moov box): {cut}")
     kind, at, _, box_size = boxes[-1]
-    inside = kind == b"moov" and at + box_size > size or at + box_size < size  # it ends in its index, or in a box header
+    left = size - (at + box_size)  # what follows the last box read: a header cut short is under 8 bytes
+    inside = kind == b"moov" and left < 0 or 0 < left < 8  # it ends in its index, or in a box header
     if inside and (after_frames or b"mdat" not in kinds):
         return MediaError(f"{shown_path(path)} ends before its index (the moov box of an MP4 or MOV) is whole: {cut}")
     return None
