@@ -751,7 +751,10 @@ def test_regular_expressions_far_longer_than_a_tokenizers_are_refused_before_par
     def split(pattern: str) -> dict:
         return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
 
-    splits = [split("|".join(words))] if shape == "one long" else [split("|".join(words[i:i + 100])) for i in range(0, 15_000, 100)]
+    if shape == "one long":
+        splits = [split("|".join(words))]
+    else:
+        splits = [split("|".join(words[i : i + 100])) for i in range(0, 15_000, 100)]
     data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [*splits, data["pre_tokenizer"]]}
     (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
     parsed: list[int] = []

@@ -377,11 +377,12 @@ def test_an_avi_cut_short_is_sampled_to_its_last_frame_held(tmp_path, monkeypatc
 def test_an_h264_cut_inside_a_frame_gives_every_frame_it_holds_whole(tmp_path, monkeypatch, frame):
     """H.264 with B-frames decodes in frame threads, which hold frames back: the half packet at the
     cut failed at the end, and took the frames held back with it (11 of the 13 frames the attach
-    line counted were sent; with 2 held, the file was refused as decoding to none). The samples the
+    line counted were sent, 3 of 5; a file holding 2 was refused as decoding to none). The samples the
     index places wholly within the file are decoded; the half one is not given to the decoder."""
     monkeypatch.setenv(BACKEND_ENV, "pyav")
     monkeypatch.setattr(video_sources.os, "cpu_count", lambda: 4)  # frame threads, as on any machine of several cores
-    made = write_numbered_video(tmp_path / "made.mp4", 30, FPS, "libx264", options={"bf": "3", "g": "12", "x264-params": "b-adapt=0:scenecut=0"})
+    options = {"bf": "3", "g": "12", "x264-params": "b-adapt=0:scenecut=0"}  # I0 P4 B1 B2 B3 P8 B5 …
+    made = write_numbered_video(tmp_path / "made.mp4", 30, FPS, "libx264", options=options)
     path = cut_at_frame(faststart_copy(made, tmp_path / "whole.mp4"), tmp_path / "cut.mp4", frame, inside=True)
     assert measure_video(path) == VideoLength(frame, FPS, frame / FPS, 30)
     result = load_video(path, 30)

@@ -354,7 +354,8 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         stream = video_stream(container)
         if stream is None:
             covers = " (only a cover picture)" if container.streams.video else ""
-            raise _lost_index(path, after_frames=True) or MediaError(f"{shown_path(path)} has no video stream{covers}; pass a video file")
+            raise _lost_index(path, after_frames=True) or MediaError(
+                f"{shown_path(path)} has no video stream{covers}; pass a video file")
         if not stream.frames and _is_still_picture(container.format.name):
             what = _what_else(path)
             if what is not None:
