@@ -321,19 +321,32 @@ def _check_entry_count(path: Path, content: str | bytes, vocab_size: int | None)
             )
 
 
-# The regular expressions of tokenizer.json (a Split pre-tokenizer's, a Replace's) are compiled as
-# it is parsed, at a cost the entry counts do not see: an alternation of 4 million words (30 MiB,
-# two ':' and no ',' of its own) took 4.5 s and 1.2 GB, and the 64 MiB file limit allows twice
-# that. Real ones are short: Qwen2's is ~100 characters; the limit is on all of them together.
+# The patterns of tokenizer.json (a Split pre-tokenizer's, a Replace's: {"Regex": …} or {"String":
+# …}, escaped into one) are compiled as it is parsed, at a cost the entry counts do not see: an
+# alternation of 4 million words (30 MiB, two ':' and no ',' of its own) took 4.5 s and 1.2 GB, and
+# the 64 MiB file limit allows twice that. Real ones are short: Qwen2's is ~100 characters; the
+# limit is on all of them together.
 MAX_PATTERN_CHARS = 65_536
-_REGEX_VALUE = re.compile(r'"Regex"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"')  # its characters as written (escapes count more)
+
+
+def _json_key(word: str) -> str:
+    """A regular expression for `word` as a JSON key, each letter as itself or as a \\u escape."""
+    def escaped(char: str) -> str:
+        return "\\\\u" + "".join(f"[{h}{h.upper()}]" if h.isalpha() else h for h in f"{ord(char):04x}")
+
+    return '"' + "".join(f"(?:{char}|{escaped(char)})" for char in word) + '"'
+
+
+_PATTERN_VALUE = re.compile(  # the value's characters as written (escapes count more)
+    f'(?:{_json_key("Regex")}|{_json_key("String")})' + r'\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
+)
 
 
 def _check_pattern_size(path: Path, text: str) -> None:
-    """Refuse a tokenizer.json whose regular expressions are far longer than a tokenizer's, before
-    the parser compiles them. A "Regex" key inside a string (a token) is escaped, and not matched."""
+    """Refuse a tokenizer.json whose patterns are far longer than a tokenizer's, before the parser
+    compiles them. A "Regex" key inside a string (a token) is escaped, and not matched."""
     total = 0
-    for match in _REGEX_VALUE.finditer(text):
+    for match in _PATTERN_VALUE.finditer(text):
         total += match.end(1) - match.start(1)
         if total > MAX_PATTERN_CHARS:
             raise CheckpointError(
