@@ -428,3 +428,27 @@ def test_a_sample_declared_far_larger_than_the_file_is_damage_not_lack_of_memory
     with pytest.raises(MediaError, match=r"past frame \d+ of 20, .*; the file is damaged there") as err:  # (Cannot allocate memory)
         load_video(path, 8)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.skipif("libx264" not in av.codecs_available, reason="PyAV without libx264")
+def test_a_b_frame_stream_cut_short_counts_the_frames_shown_before_the_first_it_lacks(tmp_path, monkeypatch):
+    """Samples are stored in decode order: cut short, a file may hold a P-frame shown after a B-frame
+    it lacks (frames 0…12 and 16, say). Frame 16 was counted as frame 13, and sampled as such: a
+    stand-in for a frame the file does not hold, with the time of another. The sample tables' times
+    put the frames held in the order they are shown: 13 frames."""
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    options = {"bf": "3", "g": "12", "x264-params": "b-adapt=0:scenecut=0"}
+    made = write_numbered_video(tmp_path / "made.mp4", 30, FPS, "libx264", options=options)
+    whole = faststart_copy(made, tmp_path / "whole.mp4")
+    with av.open(str(whole)) as container:
+        shown = [packet.pts for packet in container.demux(video=0) if packet.size]  # in decode order
+    # the first cut that leaves a frame held shown after one lost, and the frames shown before that one
+    cut = next(k for k in range(10, 30) if max(shown[:k]) > min(shown[k:]))
+    before = sum(t < min(shown[cut:]) for t in shown[:cut])
+    assert before < cut
+    path = cut_at_frame(whole, tmp_path / "cut.mp4", cut)
+    assert measure_video(path) == VideoLength(before, FPS, before / FPS, 30)
+    result = load_video(path, 30)
+    assert result.num_total_frames == before
+    assert result.indices == frame_indices(before, FPS, 30) == _shown(result)
+    assert result.indices[-1] == before - 1

@@ -388,6 +388,9 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
             header.lost = frames_lost(stream, path, hides=header.frames_shown < frames)
             if header.lost:
                 header.samples_whole = first_sample_lost(stream, path)
+                if reorders and header.frames_shown == frames and header.samples_whole is not None:
+                    shown = _shown_before_the_cut(path, stream.index, header.samples_whole, frames)
+                    header.lost = frames - shown if shown is not None else header.lost  # in the order shown
         if orientation:
             header.display_matrix = _first_display_matrix(container, stream)
         if header.lost and not header.frames_held:
@@ -443,6 +446,70 @@ def first_sample_lost(stream, path: Path) -> int | None:
         return first
     except Exception:  # noqa: BLE001 - OSError, an older PyAV without index_entries, an odd entry
         return None
+
+
+# A B-frame stream's sample tables are read to put the frames held in the order they are shown
+# only where they list this many samples at most (~30 ms; a table larger than this is left as it is)
+ORDER_SAMPLES = 1 << 20
+
+
+def _shown_before_the_cut(path: Path, track: int, whole: int, samples: int) -> int | None:
+    """How many frames of an MP4's (or MOV's) B-frame track a player shows before the first one it
+    lacks, the file holding its first `whole` samples (of `samples`). Samples are stored in decode
+    order, which is not the order they are shown in: a P-frame held may be shown after a B-frame
+    lost, and counting it would make it stand in for one shown earlier. Their times (stts, and
+    ctts, what each is shown after its decoding) say: the frames held shown before any lost one.
+    None where the track's tables cannot tell (none found, not `samples` long, or the first frame
+    shown is not held)."""
+    if samples > ORDER_SAMPLES or not 0 < whole < samples:
+        return None
+    try:
+        tables = _sample_times(path, track)
+    except Exception:  # noqa: BLE001 - an odd box: its tables tell nothing
+        return None
+    if tables is None or any(table is not None and int(table[:, 0].sum()) != samples for table in tables):
+        return None  # counted before any table is expanded: a count may be anything
+    stts, ctts = tables
+    decoded = np.concatenate(([0], np.repeat(stts[:, 1], stts[:, 0]).cumsum()[:-1]))
+    shown = decoded + np.repeat(ctts[:, 1], ctts[:, 0]) if ctts is not None else decoded
+    return int((shown[:whole] < shown[whole:].min()).sum()) or None  # none: the tables are not a real stream's
+
+
+def _sample_times(path: Path, track: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The stts and ctts tables ((count, value) rows, int64) of the moov's `track`-th trak (FFmpeg
+    makes a stream of each trak, in order); ctts None where it has none; None where not found."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            moov = next(((at, head, box) for kind, at, head, box in _top_boxes(f, size) if kind == b"moov"), None)
+            if moov is None:
+                return None
+            at, head, box = moov
+            f.seek(at + head)
+            data = memoryview(f.read(min(box - head, MP4_MOOV_LIMIT)))
+    except OSError:
+        return None
+    traks = [(start, end) for kind, start, end in _mp4_boxes(data, 0, len(data)) if kind == b"trak"]
+    if track >= len(traks):
+        return None
+    box = traks[track]
+    for name in (b"mdia", b"minf", b"stbl"):
+        box = next(((start, end) for kind, start, end in _mp4_boxes(data, *box) if kind == name), None)
+        if box is None:
+            return None
+    found = {kind: data[start:end] for kind, start, end in _mp4_boxes(data, *box) if kind in (b"stts", b"ctts")}
+    if b"stts" not in found:
+        return None
+    return _rows(found[b"stts"]), _rows(found[b"ctts"]) if b"ctts" in found else None
+
+
+def _rows(table: memoryview) -> np.ndarray:
+    """A full box's (count, value) rows: after version and flags, an entry count, then the rows;
+    the value signed, as FFmpeg reads a ctts offset (and an stts delta never reaches 2^31)."""
+    count = min(int.from_bytes(table[4:8], "big"), (len(table) - 8) // 8) if len(table) >= 8 else 0  # what it holds
+    rows = np.frombuffer(table[8 : 8 + 8 * count], dtype=">i4").reshape(-1, 2).astype(np.int64)
+    rows[:, 0] &= 0xFFFFFFFF  # the counts are unsigned
+    return rows
 
 
 def _index_is_empty(stream) -> bool:
