@@ -449,7 +449,7 @@ def first_sample_lost(stream, path: Path) -> int | None:
 
 
 # A B-frame stream's sample tables are read to put the frames held in the order they are shown
-# only where they list this many samples at most (~30 ms; a table larger than this is left as it is)
+# only where they list this many samples at most (~50 ms; a table larger than this is left as it is)
 ORDER_SAMPLES = 1 << 20
 
 
