@@ -734,3 +734,58 @@ def test_a_tokenizer_with_its_vocabulary_built_still_pickles(tiny_tokenizer):
     with pytest.raises(TypeError):
         vocab["<new>"] = len(vocab)  # type: ignore[index]
     assert pickle.loads(pickle.dumps(tokenizer)).get_vocab() == vocab
+
+
+@pytest.mark.parametrize("shape", ["one long", "many short", "key escaped", "a String pattern"])
+def test_regular_expressions_far_longer_than_a_tokenizers_are_refused_before_parsing(tmp_path, tiny_tokenizer, monkeypatch,
+                                                                                      shape):  # fmt: skip
+    """The parser compiles tokenizer.json's patterns, at a cost the entry counts do not see: an
+    alternation of 4 million words (30 MiB, two ':' and no ',' of its own) took 4.5 s and 1.2 GB.
+    Over 65,536 characters in all is refused unparsed: one pattern or a Sequence of many, under a
+    key written with an escape ("\\u0052egex" is "Regex" to the parser), or a String pattern (a
+    literal, compiled as a regular expression too)."""
+    from tokenizers import Tokenizer as Backend
+
+    (tmp_path / "tokenizer_config.json").write_bytes((tiny_tokenizer / "tokenizer_config.json").read_bytes())
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    words = [f"w{i:x}" for i in range(15_000)]  # ~90,000 characters
+
+    def split(pattern: str, kind: str = "Regex") -> dict:
+        return {"type": "Split", "pattern": {kind: pattern}, "behavior": "Isolated", "invert": False}
+
+    if shape == "many short":
+        splits = [split("|".join(words[i : i + 100])) for i in range(0, 15_000, 100)]
+    else:
+        splits = [split("|".join(words), "String" if shape == "a String pattern" else "Regex")]
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [*splits, data["pre_tokenizer"]]}
+    text = json.dumps(data)
+    if shape == "key escaped":
+        text = text.replace('"Regex"', '"\\u0052egex"')
+        assert json.loads(text)["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"].startswith("w0|w1|")
+    (tmp_path / "tokenizer.json").write_text(text, encoding="utf-8")
+    parsed: list[int] = []
+    monkeypatch.setattr(Backend, "from_str", lambda text: parsed.append(len(text)))
+    with pytest.raises(CheckpointError, match="holds regular expressions of over 65,536 characters") as err:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(err.value) and "use the one shipped with the checkpoint" in str(err.value)
+    assert parsed == []
+
+
+def test_a_tokenizers_own_regular_expressions_pass_the_length_check(tmp_path, tiny_tokenizer):
+    """Qwen2's split, as escaped in tokenizer.json, several times over (a Sequence of Splits and a
+    Replace normalizer), is far within the limit; a "Regex" key in a token is no pattern."""
+    from qwen_like_tokenizer import QWEN_SPLIT
+
+    from internvl_chat.engine.tokenizer import MAX_PATTERN_CHARS, _check_pattern_size
+
+    (tmp_path / "tokenizer_config.json").write_bytes((tiny_tokenizer / "tokenizer_config.json").read_bytes())
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    split = {"type": "Split", "pattern": {"Regex": QWEN_SPLIT}, "behavior": "Isolated", "invert": False}
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split] * 20 + [data["pre_tokenizer"]]}
+    data["normalizer"] = {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}
+    assert 20 * len(json.dumps(QWEN_SPLIT)) < MAX_PATTERN_CHARS
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.encode("a  b") == tokenizer.encode("a b")
+    token = '"Regex": "' + "x" * 2 * MAX_PATTERN_CHARS + '"'
+    _check_pattern_size(tmp_path / "tokenizer.json", json.dumps({"model": {"vocab": {token: 5}}}, indent=2))

@@ -22,7 +22,7 @@ from media_helpers import (
 )
 
 from internvl_chat.errors import MediaError
-from internvl_chat.media import video_header
+from internvl_chat.media import video_header, video_sources
 from internvl_chat.media.video import BACKEND_ENV, VideoLength, load_video, measure_video, probe_video
 from internvl_chat.media.video_cost import DecodeOverBudget, frame_work
 from internvl_chat.media.video_header import count_packets, frames_lost, read_header
@@ -179,6 +179,25 @@ def test_an_mp4_whose_index_at_the_end_was_cut_off_is_refused_in_one_line(whole,
             call(path)
         assert str(err.value) == (f"{path} has no index (an MP4 or MOV without its moov box): the file is cut short "
                                   "(an unfinished download, copy or recording); use a complete copy")  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["faststart", "index last"])
+@pytest.mark.parametrize("inside", [b"moov", b"trak", b"stsd", b"stts", b"stsz"])
+def test_an_mp4_cut_inside_its_index_is_refused_as_cut_short(whole, tmp_path, layout, inside):
+    """A download cut inside the index (moov) of an MP4 that keeps it before its frames holds no
+    frame; one that keeps it after them, cut inside its sample tables, has none FFmpeg can place.
+    Before: "has no video stream; pass a video file", "stores its video in a codec FFmpeg cannot
+    decode; re-encode it as an H.264 MP4", "cannot read video … (End of file); use an MP4, …", or
+    measured whole at attach and refused at send as "decoded to no frames"."""
+    data = (whole if layout == "faststart" else whole.parent / "made.mp4").read_bytes()
+    moov = data.index(b"moov") - 4
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: data.index(inside, moov) + 12])  # a few bytes into that box
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == (f"{path} ends before its index (the moov box of an MP4 or MOV) is whole: the file is cut "
+                                  "short (an unfinished download, copy or recording); use a complete copy")  # fmt: skip
 
 
 def test_a_cut_file_whose_edit_list_hides_frames_counts_the_frames_shown(tmp_path, monkeypatch):
@@ -351,3 +370,85 @@ def test_an_avi_cut_short_is_sampled_to_its_last_frame_held(tmp_path, monkeypatc
         result = load_video(path, 8, start=start)
         assert result.indices == frame_indices(held, FPS, 8, start) == _shown(result)
         assert (result.num_total_frames, result.shortfall_note) == (held, None)  # an AVI's count may count drops
+
+
+@pytest.mark.skipif("libx264" not in av.codecs_available, reason="PyAV without libx264")
+@pytest.mark.parametrize("frame", [5, 13])  # after a B-frame: the frames held are frames 0…frame-1
+def test_an_h264_cut_inside_a_frame_gives_every_frame_it_holds_whole(tmp_path, monkeypatch, frame):
+    """H.264 with B-frames decodes in frame threads, which hold frames back: the half packet at the
+    cut failed at the end, and took the frames held back with it (11 of the 13 frames the attach
+    line counted were sent, 3 of 5; a file holding 2 was refused as decoding to none). The samples the
+    index places wholly within the file are decoded; the half one is not given to the decoder."""
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    monkeypatch.setattr(video_sources.os, "cpu_count", lambda: 4)  # frame threads, as on any machine of several cores
+    options = {"bf": "3", "g": "12", "x264-params": "b-adapt=0:scenecut=0"}  # I0 P4 B1 B2 B3 P8 B5 …
+    made = write_numbered_video(tmp_path / "made.mp4", 30, FPS, "libx264", options=options)
+    path = cut_at_frame(faststart_copy(made, tmp_path / "whole.mp4"), tmp_path / "cut.mp4", frame, inside=True)
+    assert measure_video(path) == VideoLength(frame, FPS, frame / FPS, 30)
+    result = load_video(path, 30)
+    assert result.num_total_frames == frame
+    assert result.indices == frame_indices(frame, FPS, 30) == _shown(result)
+    assert result.indices[-1] == frame - 1  # the last frame held is among them
+
+
+def _with_audio(path, frames: int):
+    """An MP4 of numbered frames with an audio track: the muxer interleaves them, so the video's
+    first samples sit in chunks of their own, each placed by its own offset."""
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=FPS)
+        video.width, video.height = VIDEO_SIZE
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=8000)
+        audio.layout = "mono"
+        for number in range(frames):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")))
+            sound = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.float32), format="fltp", layout="mono")
+            sound.sample_rate, sound.pts = 8000, number * 800
+            container.mux(audio.encode(sound))
+        container.mux(video.encode())
+        container.mux(audio.encode())
+    return path
+
+
+def test_a_sample_declared_far_larger_than_the_file_is_damage_not_lack_of_memory(tmp_path, monkeypatch):
+    """FFmpeg answers a sample the index declares 1 GiB long (in a file of a few KiB) with ENOMEM
+    as it reads it: load_video raised that MemoryError, which the app takes for running out of
+    memory ('out of memory reading the attachments; attach fewer or smaller pictures …')."""
+    import struct
+
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    data = bytearray(_with_audio(tmp_path / "made.mp4", 20).read_bytes())
+    sizes = data.index(b"stsz")  # the video's: its track comes first
+    assert struct.unpack(">II", data[sizes + 8 : sizes + 16]) == (0, 20)  # one size per sample follows
+    struct.pack_into(">I", data, sizes + 16 + 4 * 2, 0x3FFFFFFF)  # sample 2
+    path = tmp_path / "hostile.mp4"
+    path.write_bytes(bytes(data))
+    with pytest.raises(MediaError, match=r"past frame \d+ of 20, .*; the file is damaged there") as err:  # (Cannot allocate memory)
+        load_video(path, 8)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.skipif("libx264" not in av.codecs_available, reason="PyAV without libx264")
+def test_a_b_frame_stream_cut_short_counts_the_frames_shown_before_the_first_it_lacks(tmp_path, monkeypatch):
+    """Samples are stored in decode order: cut short, a file may hold a P-frame shown after a B-frame
+    it lacks (frames 0…12 and 16, say). Frame 16 was counted as frame 13, and sampled as such: a
+    stand-in for a frame the file does not hold, with the time of another. The sample tables' times
+    put the frames held in the order they are shown: 13 frames."""
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    options = {"bf": "3", "g": "12", "x264-params": "b-adapt=0:scenecut=0"}
+    made = write_numbered_video(tmp_path / "made.mp4", 30, FPS, "libx264", options=options)
+    whole = faststart_copy(made, tmp_path / "whole.mp4")
+    with av.open(str(whole)) as container:
+        shown = [packet.pts for packet in container.demux(video=0) if packet.size]  # in decode order
+    # the first cut that leaves a frame held shown after one lost, and the frames shown before that one
+    cut = next(k for k in range(10, 30) if max(shown[:k]) > min(shown[k:]))
+    before = sum(t < min(shown[cut:]) for t in shown[:cut])
+    assert before < cut
+    path = cut_at_frame(whole, tmp_path / "cut.mp4", cut)
+    assert measure_video(path) == VideoLength(before, FPS, before / FPS, 30)
+    result = load_video(path, 30)
+    assert result.num_total_frames == before
+    assert result.indices == frame_indices(before, FPS, 30) == _shown(result)
+    assert result.indices[-1] == before - 1

@@ -213,6 +213,7 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
 
     text = read_text_file(model_dir / TOKENIZER_JSON, "the tokenizer file", JSON_LIMIT, CheckpointError)
     _check_entry_count(model_dir / TOKENIZER_JSON, text, vocab_size)
+    _check_pattern_size(model_dir / TOKENIZER_JSON, text)
     # The Rust parser raises plain Exceptions for a malformed file, and panics on some values (a BPE's
     # continuing_subword_prefix, for one): pyo3's PanicException, a BaseException that ended the app
     # (the panic's own text on fd 2 kept off the terminal: the exception holds its reason)
@@ -317,6 +318,40 @@ def _check_entry_count(path: Path, content: str | bytes, vocab_size: int | None)
             raise CheckpointError(
                 f"{_shown(path)} holds up to {count:,} {what}, more than {source} allows ({allowed:,}); the tokenizer "
                 "is damaged or belongs to another model (use the one shipped with the checkpoint)"
+            )
+
+
+# The patterns of tokenizer.json (a Split pre-tokenizer's, a Replace's: {"Regex": …} or {"String":
+# …}, escaped into one) are compiled as it is parsed, at a cost the entry counts do not see: an
+# alternation of 4 million words (30 MiB, two ':' and no ',' of its own) took 4.5 s and 1.2 GB, and
+# the 64 MiB file limit allows twice that. Real ones are short: Qwen2's is ~100 characters; the
+# limit is on all of them together.
+MAX_PATTERN_CHARS = 65_536
+
+
+def _json_key(word: str) -> str:
+    """A regular expression for `word` as a JSON key, each letter as itself or as a \\u escape."""
+    def escaped(char: str) -> str:
+        return "\\\\u" + "".join(f"[{h}{h.upper()}]" if h.isalpha() else h for h in f"{ord(char):04x}")
+
+    return '"' + "".join(f"(?:{char}|{escaped(char)})" for char in word) + '"'
+
+
+_PATTERN_VALUE = re.compile(  # the value's characters as written (escapes count more)
+    f'(?:{_json_key("Regex")}|{_json_key("String")})' + r'\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
+)
+
+
+def _check_pattern_size(path: Path, text: str) -> None:
+    """Refuse a tokenizer.json whose patterns are far longer than a tokenizer's, before the parser
+    compiles them. A "Regex" key inside a string (a token) is escaped, and not matched."""
+    total = 0
+    for match in _PATTERN_VALUE.finditer(text):
+        total += match.end(1) - match.start(1)
+        if total > MAX_PATTERN_CHARS:
+            raise CheckpointError(
+                f"{_shown(path)} holds regular expressions of over {MAX_PATTERN_CHARS:,} characters (a tokenizer's are a "
+                "few hundred); the tokenizer is damaged or not a real one (use the one shipped with the checkpoint)"
             )
 
 

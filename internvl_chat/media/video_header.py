@@ -44,6 +44,7 @@ class VideoHeader:
     reorders: bool = False  # the stream has B-frames (frames decoded before they are shown)
     alone: bool = True  # the file's only video stream (no cover picture, no second video)
     lost: int = 0  # MP4/MOV: frames shown whose samples the index places past the end of the file (cut short)
+    samples_whole: int | None = None  # and then: the samples, in decode order, before the first such one
 
     @property
     def frames_by_duration(self) -> int:
@@ -286,16 +287,31 @@ def _mp4_sample_bomb(path: Path) -> tuple[int, int, int] | None:
     return (fragments, 1, file_size) if fragments > file_size else None
 
 
-def _mp4_without_index(path: Path) -> bool:
-    """Whether `path` is an ISO BMFF file with frames (mdat) and no index (moov, or fragments with
-    their own): one written with its index at the end and cut short (an unfinished download, copy
-    or recording) loses it, and FFmpeg cannot read any frame."""
+def _lost_index(path: Path, after_frames: bool) -> MediaError | None:
+    """The refusal for an ISO BMFF file cut short with its index (moov, or fragments with their
+    own), and None for any other: one written with its index at the end and cut before it keeps its
+    frames (mdat) and no index; one written with it first ("faststart") and cut inside it ends there,
+    its moov running past the end of the file (or a box header cut short), and holds no frame. With
+    `after_frames`, where FFmpeg could not use the index, also an index cut short after the frames
+    (without it, FFmpeg may still read one whose tail alone is cut off)."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            kinds = {kind for kind, *_ in _top_boxes(f, path.stat().st_size)}
+            boxes = list(_top_boxes(f, size))
     except OSError:
-        return False
-    return b"mdat" in kinds and not kinds & {b"moov", b"moof"}
+        return None
+    if not boxes:
+        return None  # not ISO BMFF
+    kinds = {kind for kind, *_ in boxes}
+    cut = "the file is cut short (an unfinished download, copy or recording); use a complete copy"
+    if b"mdat" in kinds and not kinds & {b"moov", b"moof"}:
+        return MediaError(f"{shown_path(path)} has no index (an MP4 or MOV without its moov box): {cut}")
+    kind, at, _, box_size = boxes[-1]
+    left = size - (at + box_size)  # what follows the last box read: a header cut short is under 8 bytes
+    inside = kind == b"moov" and left < 0 or 0 < left < 8  # it ends in its index, or in a box header
+    if inside and (after_frames or b"mdat" not in kinds):
+        return MediaError(f"{shown_path(path)} ends before its index (the moov box of an MP4 or MOV) is whole: {cut}")
+    return None
 
 
 def _declared_samples(box: memoryview, file_size: int) -> tuple[tuple[int, int] | None, int]:
@@ -327,25 +343,31 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         of = f" of {each:,} bytes" if each > 1 else ""
         raise MediaError(f"{shown_path(path)} declares {count:,} frames (or samples){of}, more than its {size:,} bytes hold; "
                          "the file is damaged or not a real video")  # fmt: skip
+    lost = _lost_index(path, after_frames=False)  # what FFmpeg would make of it is not what it is
+    if lost is not None:
+        raise lost
     try:
         container = open_container(path)
     except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
-        if _mp4_without_index(path):
-            raise MediaError(f"{shown_path(path)} has no index (an MP4 or MOV without its moov box): the file is cut short "
-                             "(an unfinished download, copy or recording); use a complete copy") from None  # fmt: skip
-        raise cannot_read(path, e) from None
+        raise _lost_index(path, after_frames=True) or cannot_read(path, e) from None
     try:
         stream = video_stream(container)
         if stream is None:
             covers = " (only a cover picture)" if container.streams.video else ""
-            raise MediaError(f"{shown_path(path)} has no video stream{covers}; pass a video file")
+            raise _lost_index(path, after_frames=True) or MediaError(
+                f"{shown_path(path)} has no video stream{covers}; pass a video file")
         if not stream.frames and _is_still_picture(container.format.name):
             what = _what_else(path)
             if what is not None:
                 raise MediaError(f"{shown_path(path)} is {what}, not a video or an image; pass a video file (MP4, MKV, WebM or AVI)")
             raise MediaError(f"{shown_path(path)} is a still picture, not a video; attach (or send) it as an image instead")
-        if stream.codec_context is None:  # PyAV has no decoder for the stream's codec (an unknown one)
-            raise MediaError(f"{shown_path(path)} stores its video in a codec FFmpeg cannot decode; re-encode it as an H.264 MP4")
+        if stream.codec_context is None:  # PyAV has no decoder for the stream's codec (an unknown one, or a cut index)
+            raise _lost_index(path, after_frames=True) or MediaError(
+                f"{shown_path(path)} stores its video in a codec FFmpeg cannot decode; re-encode it as an H.264 MP4")
+        if "mov" in container.format.name.split(",") and _index_is_empty(stream):
+            lost = _lost_index(path, after_frames=True)  # cut inside its sample tables: FFmpeg placed no frame
+            if lost is not None:
+                raise lost
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         check_frame_size(path, width, height)
         fps = check_fps(path, _frame_rate(stream))
@@ -364,6 +386,11 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
                              alone)  # fmt: skip
         if frames and "mov" in container.format.name.split(","):  # its index tells where each frame lies
             header.lost = frames_lost(stream, path, hides=header.frames_shown < frames)
+            if header.lost:
+                header.samples_whole = first_sample_lost(stream, path)
+                if reorders and header.frames_shown == frames and header.samples_whole is not None:
+                    shown = _shown_before_the_cut(path, stream.index, header.samples_whole, frames)
+                    header.lost = frames - shown if shown is not None else header.lost  # in the order shown
         if orientation:
             header.display_matrix = _first_display_matrix(container, stream)
         if header.lost and not header.frames_held:
@@ -382,17 +409,33 @@ def frames_lost(stream, path: Path, hides: bool) -> int:
     """The frames shown whose samples lie past the end of the file, from the index FFmpeg built
     from an MP4's (or MOV's) sample tables as it opened the file: no sample is read. One cut short
     with its index before the frames ("faststart", as streaming sites write them) still lists them
-    all. Samples lie in the file in decode order, each after the one before: the first past the end
-    is found by bisection, and the frames from it on are lost (FFmpeg's demuxing stops there), less
-    those an edit list hides (flagged to be discarded: looked for only where the header `hides`
-    some, as each entry costs ~0.25 µs to read). An index without positions, or a PyAV that does
-    not show the index, tells nothing: 0."""
+    all. The frames from the first sample past the end on are lost (FFmpeg's demuxing stops there;
+    see first_sample_lost), less those an edit list hides (flagged to be discarded: looked for only
+    where the header `hides` some, as each entry costs ~0.25 µs to read). An index without
+    positions, or a PyAV that does not show the index, tells nothing: 0."""
+    first = first_sample_lost(stream, path)
+    if first is None:
+        return 0
+    try:
+        entries = stream.index_entries
+        past = range(first, len(entries))
+        return sum(1 for number in past if not entries[number].is_discard) if hides else len(past)
+    except Exception:  # noqa: BLE001 - an odd entry
+        return 0
+
+
+def first_sample_lost(stream, path: Path) -> int | None:
+    """The number, in decode order, of the first sample FFmpeg's index places (wholly or in part)
+    past the end of the file; None where the last one lies within it, or the index tells nothing.
+    Samples lie in the file in decode order, each after the one before: it is found by bisection
+    (~10 µs). Where they do not, the sample found may come after the first one lost, never before:
+    decoding then finds the end earlier, as without an index."""
     try:
         size = path.stat().st_size
         entries = stream.index_entries
         count = len(entries)
         if not count or _inside(entries[count - 1], size) is not False:
-            return 0
+            return None
         first, last = 0, count - 1  # entries[last] lies past the end; find the first that does
         while first < last:
             middle = (first + last) // 2
@@ -400,10 +443,81 @@ def frames_lost(stream, path: Path, hides: bool) -> int:
                 last = middle
             else:
                 first = middle + 1
-        past = range(first, count)
-        return sum(1 for number in past if not entries[number].is_discard) if hides else len(past)
+        return first
     except Exception:  # noqa: BLE001 - OSError, an older PyAV without index_entries, an odd entry
-        return 0
+        return None
+
+
+# A B-frame stream's sample tables are read to put the frames held in the order they are shown
+# only where they list this many samples at most (~50 ms; a table larger than this is left as it is)
+ORDER_SAMPLES = 1 << 20
+
+
+def _shown_before_the_cut(path: Path, track: int, whole: int, samples: int) -> int | None:
+    """How many frames of an MP4's (or MOV's) B-frame track a player shows before the first one it
+    lacks, the file holding its first `whole` samples (of `samples`). Samples are stored in decode
+    order, which is not the order they are shown in: a P-frame held may be shown after a B-frame
+    lost, and counting it would make it stand in for one shown earlier. Their times (stts, and
+    ctts, what each is shown after its decoding) say: the frames held shown before any lost one.
+    None where the track's tables cannot tell (none found, not `samples` long, or the first frame
+    shown is not held)."""
+    if samples > ORDER_SAMPLES or not 0 < whole < samples:
+        return None
+    try:
+        tables = _sample_times(path, track)
+    except Exception:  # noqa: BLE001 - an odd box: its tables tell nothing
+        return None
+    if tables is None or any(table is not None and int(table[:, 0].sum()) != samples for table in tables):
+        return None  # counted before any table is expanded: a count may be anything
+    stts, ctts = tables
+    decoded = np.concatenate(([0], np.repeat(stts[:, 1], stts[:, 0]).cumsum()[:-1]))
+    shown = decoded + np.repeat(ctts[:, 1], ctts[:, 0]) if ctts is not None else decoded
+    return int((shown[:whole] < shown[whole:].min()).sum()) or None  # none: the tables are not a real stream's
+
+
+def _sample_times(path: Path, track: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The stts and ctts tables ((count, value) rows, int64) of the moov's `track`-th trak (FFmpeg
+    makes a stream of each trak, in order); ctts None where it has none; None where not found."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            moov = next(((at, head, box) for kind, at, head, box in _top_boxes(f, size) if kind == b"moov"), None)
+            if moov is None:
+                return None
+            at, head, box = moov
+            f.seek(at + head)
+            data = memoryview(f.read(min(box - head, MP4_MOOV_LIMIT)))
+    except OSError:
+        return None
+    traks = [(start, end) for kind, start, end in _mp4_boxes(data, 0, len(data)) if kind == b"trak"]
+    if track >= len(traks):
+        return None
+    box = traks[track]
+    for name in (b"mdia", b"minf", b"stbl"):
+        box = next(((start, end) for kind, start, end in _mp4_boxes(data, *box) if kind == name), None)
+        if box is None:
+            return None
+    found = {kind: data[start:end] for kind, start, end in _mp4_boxes(data, *box) if kind in (b"stts", b"ctts")}
+    if b"stts" not in found:
+        return None
+    return _rows(found[b"stts"]), _rows(found[b"ctts"]) if b"ctts" in found else None
+
+
+def _rows(table: memoryview) -> np.ndarray:
+    """A full box's (count, value) rows: after version and flags, an entry count, then the rows;
+    the value signed, as FFmpeg reads a ctts offset (and an stts delta never reaches 2^31)."""
+    count = min(int.from_bytes(table[4:8], "big"), (len(table) - 8) // 8) if len(table) >= 8 else 0  # what it holds
+    rows = np.frombuffer(table[8 : 8 + 8 * count], dtype=">i4").reshape(-1, 2).astype(np.int64)
+    rows[:, 0] &= 0xFFFFFFFF  # the counts are unsigned
+    return rows
+
+
+def _index_is_empty(stream) -> bool:
+    """Whether FFmpeg's index of the stream lists no sample (False where PyAV does not show it)."""
+    try:
+        return len(stream.index_entries) == 0
+    except Exception:  # noqa: BLE001 - an older PyAV without index_entries
+        return False
 
 
 def _inside(entry, size: int) -> bool | None:

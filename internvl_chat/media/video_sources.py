@@ -213,6 +213,13 @@ class NotOnePerPacket(Exception):
     their own, damage): packet n is not frame n there, so the stream is decoded from the start."""
 
 
+def _from_ffmpeg(error: BaseException) -> bool:
+    """Whether a MemoryError is FFmpeg's ENOMEM (av.error.MemoryError), not Python's own."""
+    from av.error import FFmpegError
+
+    return isinstance(error, FFmpegError)
+
+
 class PyAVSource:
     def __init__(self, path: Path, header: VideoHeader, stop: DecodeStop, packets_alone: bool = True) -> None:
         self._path = path
@@ -237,6 +244,9 @@ class PyAVSource:
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
             self.fps = header.fps
             self.num_total_frames = header.frames_held or count_packets(path, stop)
+            # cut short: a decoder is given the samples the file holds whole, not the half one after
+            # them, which fails, and makes a frame-threaded decoder drop the frames it holds back
+            self._whole = header.samples_whole if header.lost else None
         except BaseException:
             self._container.close()
             raise
@@ -248,23 +258,31 @@ class PyAVSource:
     def _packets(self) -> Iterator[tuple[object, bool]]:
         """The stream's packets, each with whether a packet with data follows it (empty ones, an
         AVI's dropped frames or the end's, do not count): a file cut short ends with a cut packet,
-        which does not decode; a packet that does not decode elsewhere is damage. A demuxing error
-        ends with _DemuxFailed once the packets before it are out."""
+        which does not decode; a packet that does not decode elsewhere is damage (an MP4 or MOV
+        whose index tells the cut ends with the last sample it holds whole). A demuxing error ends
+        with _DemuxFailed once the packets before it are out."""
         packets = self._container.demux(self._stream)
         queue: deque = deque()  # read ahead up to the next packet with data
-        failed, ended = None, False
+        failed, ended, fed = None, False, 0
         while True:
             while not ended and (len(queue) < 2 or not queue[-1].size) and len(queue) <= MAX_EMPTY_AHEAD:
                 try:
                     packet = next(packets, None)
-                except MemoryError:
-                    raise
+                except MemoryError as e:
+                    if not _from_ffmpeg(e):
+                        raise
+                    # FFmpeg's: a sample the index declares far larger than the file (a hostile size)
+                    failed, ended = error_reason(e), True
+                    break
                 except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses for damaged data
                     failed, ended = error_reason(e), True
                     break
                 if packet is None:
                     ended = True
+                elif packet.size and self._whole is not None and fed >= self._whole:
+                    continue  # past the samples held whole (the demuxer ends at the file's end)
                 else:
+                    fed += 1 if packet.size else 0
                     queue.append(packet)
             if not queue:
                 break
