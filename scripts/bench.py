@@ -466,7 +466,7 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
     if plan.cuda_followup_history:  # the last turn's kernels: their time against its wall time says
         # whether the GPU or the host (launches) sets a follow-up's pace
         h = plan.cuda_followup_history[-1]
-        out["followup_ops"] = bl.profiled_ops(lambda: model.forward(turn, h).argmax().item(), device)
+        out["followup_ops"] = bl.profiled_ops(lambda m=model: m.forward(turn, h).argmax().item(), device)
 
     # batch-1 decode after a p-token prefill
     prompt = text(p).tolist()

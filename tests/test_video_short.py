@@ -6,6 +6,7 @@ The frames sent are the ones a player shows, never a stand-in."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import av
@@ -157,13 +158,18 @@ def test_the_last_frame_alone_lost_is_measured_without_a_note(whole, tmp_path, m
     assert (result.num_total_frames, result.listed_frames, result.shortfall_note) == (FRAMES - 1, None, None)
 
 
-def test_a_file_cut_before_its_first_frame_is_refused_in_one_line(whole, tmp_path):
-    path = _cut(whole, tmp_path, 0)
+def _refused_at_attach_and_send(path: Path, message: str) -> None:
+    """Both the attach (probe_video) and the send (load_video) refuse `path` with exactly `message`."""
     for call in (probe_video, load_video):
         with pytest.raises(MediaError) as err:
             call(path)
-        assert str(err.value) == (f"{path} holds none of the {FRAMES} frames its header lists: the file is cut short "
-                                  "(an unfinished download or copy); use a complete copy")  # fmt: skip
+        assert str(err.value) == message
+
+
+def test_a_file_cut_before_its_first_frame_is_refused_in_one_line(whole, tmp_path):
+    path = _cut(whole, tmp_path, 0)
+    _refused_at_attach_and_send(path, f"{path} holds none of the {FRAMES} frames its header lists: the file is cut "
+                                      "short (an unfinished download or copy); use a complete copy")  # fmt: skip
 
 
 def test_an_mp4_whose_index_at_the_end_was_cut_off_is_refused_in_one_line(whole, tmp_path):
@@ -174,11 +180,8 @@ def test_an_mp4_whose_index_at_the_end_was_cut_off_is_refused_in_one_line(whole,
     assert data.index(b"mdat") < data.index(b"moov")
     path = tmp_path / "cut.mp4"
     path.write_bytes(data[: data.index(b"moov") - 200])
-    for call in (probe_video, load_video):
-        with pytest.raises(MediaError) as err:
-            call(path)
-        assert str(err.value) == (f"{path} has no index (an MP4 or MOV without its moov box): the file is cut short "
-                                  "(an unfinished download, copy or recording); use a complete copy")  # fmt: skip
+    _refused_at_attach_and_send(path, f"{path} has no index (an MP4 or MOV without its moov box): the file is cut "
+                                      "short (an unfinished download, copy or recording); use a complete copy")  # fmt: skip
 
 
 @pytest.mark.parametrize("layout", ["faststart", "index last"])
@@ -193,11 +196,8 @@ def test_an_mp4_cut_inside_its_index_is_refused_as_cut_short(whole, tmp_path, la
     moov = data.index(b"moov") - 4
     path = tmp_path / "cut.mp4"
     path.write_bytes(data[: data.index(inside, moov) + 12])  # a few bytes into that box
-    for call in (probe_video, load_video):
-        with pytest.raises(MediaError) as err:
-            call(path)
-        assert str(err.value) == (f"{path} ends before its index (the moov box of an MP4 or MOV) is whole: the file is cut "
-                                  "short (an unfinished download, copy or recording); use a complete copy")  # fmt: skip
+    _refused_at_attach_and_send(path, f"{path} ends before its index (the moov box of an MP4 or MOV) is whole: the "
+                                      "file is cut short (an unfinished download, copy or recording); use a complete copy")  # fmt: skip
 
 
 def test_a_cut_file_whose_edit_list_hides_frames_counts_the_frames_shown(tmp_path, monkeypatch):
