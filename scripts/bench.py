@@ -24,6 +24,11 @@ CPU (default), on a small-but-not-trivial random-weight model built here:
             bf16 on each decoder linear of the 8B/1B/2B LLMs by rows M = 1…512: µs, GB/s, share of the
             copy bandwidth, output check, the fastest backend per (shape, M); dense_threshold
             (`crossover`, its former name, runs it too; CPU dry run: `--quick --sections gemv`)
+  gemv-sweep  (only when --sections names it) the triton GEMV's launch configuration tuned: on the
+            four 8B decoder linears at M = 1 (--sweep-rows), the default (BLOCK_N, BLOCK_K,
+            NUM_WARPS, TARGET_PROGRAMS) and ~15 others: µs, share of the copy bandwidth, output
+            check, the best per shape vs the default and tinygemm (--sweep-budget, default 100 s;
+            CPU dry run: TRITON_INTERPRET=1 ... --device cpu --quick --sections gemv-sweep)
 
     python scripts/bench.py [--device cpu|cuda] [--quick] [--out FILE.json] [--sections a,b]
 """
@@ -67,6 +72,7 @@ FOLLOW_UPS = [
 ]
 CPU_SECTIONS = ("engine", "overhead", "load", "chunk", "w4", "decode", "startup")
 CUDA_SECTIONS = ("shapes", "gemv", "engine", "load", "chunk")
+OPT_IN_SECTIONS = ("gemv-sweep",)  # run only when --sections names them (tuning, not a default measurement)
 SECTION_ALIASES = {"crossover": "gemv"}  # the gemv section grew out of tinygemm-vs-dense "crossover"
 
 
@@ -612,6 +618,67 @@ def section_gemv(plan: bl.Plan, device: torch.device, deadline: float | None, st
     return out
 
 
+def section_gemv_sweep(plan: bl.Plan, device: torch.device, deadline: float | None, start: float, rows_done=None) -> dict:
+    """The triton GEMV's launch configuration, tuned: on the decoder linears of `plan.sweep_shape`
+    (8B: fused qkv, o, fused gate_up, down) at rows `plan.sweep_rows`, the module's default
+    configuration (the baseline) and then each of `plan.sweep_configs` (most promising first;
+    configurations outer, shapes inner, so a spent budget leaves whole configurations out): µs,
+    share of the copy bandwidth, output check, per shape the best configuration against the
+    default and tinygemm, and the best one over all shapes. Its own time budget
+    (`plan.sweep_budget_s`); cells left are recorded as skipped. `rows_done`: after each configuration."""
+    from internvl_chat.quant import triton_gemv
+
+    why = triton_gemv.triton_unavailable_reason(device)
+    if why is not None:
+        return {"skipped": f"the triton backend cannot run here: {why}"}
+    bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
+    own = time.perf_counter() + plan.sweep_budget_s
+    section_deadline = min(own, deadline) if deadline is not None else own
+    default = triton_gemv.default_config()
+    configs = [default] + [c for c in dict.fromkeys(triton_gemv.GemvConfig(*t) for t in plan.sweep_configs) if c != default]
+    default_label = bl.sweep_label(default)
+    out: dict = {
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "model": plan.sweep_shape,
+        "rows": list(plan.sweep_rows),
+        "default_config": default_label,
+        "configs": {bl.sweep_label(c): c._asdict() for c in configs},
+        "max_rel_error": bl.GEMV_MAX_REL_ERROR,
+        "bytes_note": "resident bytes of the layer (weights, scales, zeros) + bf16 activations in and out, per call",
+        "shapes": {},
+    }
+    bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s; {len(configs)} configurations, default {default_label}", start)
+    prepared = {}
+    for seed, (layer, (k, n)) in enumerate(bl.llm_linear_shapes(plan.sweep_shape).items(), 1):
+        key = f"{plan.sweep_shape} {layer}"
+        try:
+            prepared[key], out["shapes"][key] = bl.prepare_sweep_shape(k, n, plan.sweep_rows, device, bandwidth, seed)
+        except Exception as e:
+            out["shapes"][key] = {"error": repr(e), "traceback": traceback.format_exc(limit=4)}
+            bl.log(f"  {key}: FAILED {e!r}", start)
+    for config in configs:
+        label = bl.sweep_label(config)
+        for key, shape in prepared.items():
+            cells = out["shapes"][key]["configs"].setdefault(label, {})
+            for m in plan.sweep_rows:
+                if time.perf_counter() > section_deadline:
+                    cells[str(m)] = {"skipped": "time budget spent"}
+                else:
+                    cells[str(m)] = bl.measure_gemv_config(shape, config, m, device, bandwidth)
+        one = [(key, r["configs"][label].get(str(plan.sweep_rows[0]), {})) for key, r in out["shapes"].items() if "configs" in r]
+        bl.log(f"  {label}: " + ", ".join(f"{key.split()[-1]} " + (f"{c['us']:.1f} µs" if "us" in c else
+                                                                      "failed" if "error" in c else "skipped")
+                                          for key, c in one), start)  # fmt: skip
+        if rows_done is not None:
+            rows_done(out)
+    for r in out["shapes"].values():
+        if "configs" in r:
+            r["best"] = {str(m): bl.best_config(r, m, default_label) for m in plan.sweep_rows}
+    out["best_overall"] = {str(m): bl.best_overall(out["shapes"], m, default_label) for m in plan.sweep_rows}
+    del prepared
+    return out
+
+
 def kernel_vs_dense(shapes: dict) -> dict[str, dict[str, dict[str, float]]]:
     """The gemv section's tinygemm and tinygemm-dense times as `dense_from_rows` reads them: per
     shape, per measured row count, {kernel_ms, dense_ms}."""
@@ -831,6 +898,62 @@ def render_gemv(g: dict) -> list[str]:
     return lines
 
 
+def render_gemv_sweep(w: dict) -> list[str]:
+    """The gemv-sweep section: one line per (configuration, M) with µs and share of the copy
+    bandwidth per shape (* the shape's best, ! a failed output check), tinygemm's line below,
+    then per M the best configuration per shape and over all shapes, and why configurations failed."""
+    if "shapes" not in w:
+        return ["", f"[triton GEMV launch configurations] skipped: {w.get('skipped') or w.get('error')}"]
+    shapes = {key: r for key, r in w["shapes"].items() if "configs" in r}
+    names = [key.split()[-1] for key in shapes]
+    lines = ["", f"[triton GEMV launch configurations] {w['model']}: µs per call and share of the copy bandwidth "
+                 f"({w['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s); * best per shape, ! output off the reference by "
+                 f"> {w['max_rel_error']:g} of its scale; n BLOCK_N, k BLOCK_K, w NUM_WARPS, p TARGET_PROGRAMS; "
+                 f"the default {w['default_config']} first",
+             "  " + " · ".join(f"{key.split()[-1]} {r['in_features']}→{r['out_features']}" for key, r in shapes.items()),
+             f"  {'config':22}{'M':>4}" + "".join(f"{name:>15}" for name in names)]  # fmt: skip
+    for key, r in w["shapes"].items():
+        if key not in shapes:
+            lines.append(f"  {key}: {r.get('error') or r.get('skipped')}")
+
+    def cell(c: dict, best: bool) -> str:
+        if "us" in c:
+            mark = "*" if best else ("!" if not c["ok"] else " ")
+            return f"{c['us']:>9.1f}{c['bandwidth_share'] * 100:>4.0f}%{mark}"
+        return f"{'failed' if 'error' in c else '-':>15}"
+
+    for label in w["configs"]:
+        for m in w["rows"]:
+            row = [cell(r["configs"].get(label, {}).get(str(m), {}), (r.get("best", {}).get(str(m)) or {}).get("config") == label)
+                   for r in shapes.values()]  # fmt: skip
+            lines.append(f"  {label:22}{m:>4}" + "".join(row))
+    for m in w["rows"]:
+        lines.append(f"  {'tinygemm':22}{m:>4}" + "".join(cell(r["tinygemm"].get(str(m), {}), False) for r in shapes.values()))
+    for m in w["rows"]:
+        lines.append(f"  best at M={m} (× = the other's µs ÷ the best's):")
+        for name, r in zip(names, shapes.values()):
+            b = (r.get("best") or {}).get(str(m))
+            lines.append(f"    {name:10}{b['config']:22}×{_fmt(b['vs_default'], '.2f')} vs the default, ×{_fmt(b['vs_tinygemm'], '.2f')} vs tinygemm"
+                         if b else f"    {name:10}none passed")  # fmt: skip
+        o = (w.get("best_overall") or {}).get(str(m))
+        if o:
+            lines.append(f"    {'all':10}{o['config']:22}×{_fmt(o['vs_default'], '.2f')} vs the default "
+                         f"({o['total_us']:.1f} vs {_fmt(o['default_total_us'])} µs for the {len(shapes)} shapes)")  # fmt: skip
+    failures: dict[tuple[str, str], list[str]] = {}
+    for name, r in zip(names, shapes.values()):
+        for label, cells in r["configs"].items():
+            for m, c in cells.items():
+                if "error" in c:
+                    failures.setdefault((label, c["error"]), []).append(f"{name} M={m}")
+    for (label, error), where in failures.items():
+        lines.append(f"  {label} failed ({', '.join(where)}): {error[:200]}")
+    for name, r in zip(names, shapes.values()):
+        why = r["tinygemm"].get("error") or r["tinygemm"].get("not_measured")
+        if why:
+            lines.append(f"  tinygemm on {name} not measured: {why[:200]}")
+    return lines
+
+
 def render(report: dict) -> str:
     m = report["machine"]
     lines = [
@@ -921,6 +1044,8 @@ def render(report: dict) -> str:
     g = s.get("gemv")
     if g and "shapes" in g:
         lines += render_gemv(g)
+    if s.get("gemv-sweep") and "error" not in s["gemv-sweep"]:
+        lines += render_gemv_sweep(s["gemv-sweep"])
     if s.get("decode") and "rows" in s["decode"]:
         lines += render_decode(s["decode"])
     for name, sec in s.items():
@@ -999,6 +1124,7 @@ def run(
     jobs = {
         "shapes": lambda: section_shapes(plan, device, deadline, start, rows_done("shapes")),
         "gemv": lambda: section_gemv(plan, device, deadline, start, rows_done("gemv")),
+        "gemv-sweep": lambda: section_gemv_sweep(plan, device, deadline, start, rows_done("gemv-sweep")),
         "engine": lambda: section_engine(small_model(), images["engine"], plan, device, dtype),
         "overhead": lambda: section_engine(tiny_model(), images["tiny"], overhead_plan, device, dtype),
         "load": lambda: section_load(small_model(), plan, device, dtype),
@@ -1064,7 +1190,21 @@ def plan_with_overrides(plan: bl.Plan, args: argparse.Namespace) -> bl.Plan:
         changes["gemv_columns"] = columns
     if args.gemv_budget is not None:
         changes["gemv_budget_s"] = args.gemv_budget
+    if args.sweep_rows:
+        changes["sweep_rows"] = tuple(int(m) for m in _csv(args.sweep_rows))
+    if args.sweep_configs:
+        changes["sweep_configs"] = tuple(sweep_config(item) for item in _csv(args.sweep_configs))
+    if args.sweep_budget is not None:
+        changes["sweep_budget_s"] = args.sweep_budget
     return dataclasses.replace(plan, **changes) if changes else plan
+
+
+def sweep_config(text: str) -> tuple[int, int, int, int]:
+    """--sweep-configs item BLOCK_N:BLOCK_K:NUM_WARPS:TARGET_PROGRAMS → a tuple of four positive ints."""
+    parts = text.split(":")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f"--sweep-configs: {text!r} is not BLOCK_N:BLOCK_K:NUM_WARPS:TARGET_PROGRAMS (e.g. 64:512:4:528)")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1072,7 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--quick", action="store_true", help="a tiny model and few iterations (smoke test)")
     p.add_argument("--out", type=Path, help="write every number as JSON here")
-    p.add_argument("--sections", help="comma-separated subset of " + ",".join(dict.fromkeys(CUDA_SECTIONS + CPU_SECTIONS)))
+    p.add_argument("--sections", help="comma-separated subset of " + ",".join(dict.fromkeys(CUDA_SECTIONS + CPU_SECTIONS + OPT_IN_SECTIONS)))
     p.add_argument("--time-budget", type=float, help="seconds; later sections are skipped once spent (cuda default 210)")
     p.add_argument("--work-dir", type=Path, help="where to build the benchmark checkpoint (default: a temp folder)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; the decode section sets its own)")
@@ -1083,6 +1223,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gemv-rows", help="gemv section: rows M to time, e.g. 1,16,128")
     p.add_argument("--gemv-columns", help="gemv section: only these columns, e.g. tinygemm,triton,bf16")
     p.add_argument("--gemv-budget", type=float, help="gemv section: its own time budget in seconds")
+    p.add_argument("--sweep-rows", help="gemv-sweep section: rows M to time, e.g. 1,4 (default 1)")
+    p.add_argument("--sweep-configs", help="gemv-sweep section: these launch configurations after the default, in order, "
+                   "as BLOCK_N:BLOCK_K:NUM_WARPS:TARGET_PROGRAMS,... (e.g. 64:512:4:528,32:256:4:1056)")
+    p.add_argument("--sweep-budget", type=float, help="gemv-sweep section: its own time budget in seconds (default 100)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

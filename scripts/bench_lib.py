@@ -63,6 +63,18 @@ VISION_TINY = VisionConfig(
 )  # fmt: skip
 
 
+# The gemv-sweep section's launch configurations of the triton GEMV, (BLOCK_N, BLOCK_K, NUM_WARPS,
+# TARGET_PROGRAMS), most promising first; the module's default (64, 256, 4, 528) runs before them
+# as the baseline. At M = 1 it streams 18-32 % of an H200's copy bandwidth: more bytes in flight
+# per SM (longer steps, more programs) first, then fewer registers a thread (fewer outputs a
+# program, more warps), then the rest of {32, 64, 128} × {128, 256, 512} × {2, 4, 8} × {264, 528, 1056}.
+GEMV_SWEEP_CONFIGS = (
+    (64, 512, 4, 528), (64, 256, 4, 1056), (64, 256, 8, 528), (32, 256, 4, 1056), (32, 512, 4, 528),
+    (64, 512, 8, 1056), (128, 256, 8, 528), (32, 256, 2, 1056), (64, 128, 4, 528), (128, 512, 8, 1056),
+    (32, 512, 2, 1056), (64, 256, 4, 264), (128, 256, 4, 264), (64, 256, 2, 528), (32, 128, 2, 1056),
+)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # Plans
 
@@ -104,6 +116,13 @@ class Plan:
     # with the torch-ops dequantization (×3.6 the Triton kernel's time on an H200: settled) and
     # GemLite (refused in bf16, the activations this section uses)
     gemv_columns: tuple[str, ...] | None = ("tinygemm", "tinygemm-dense", "triton", "bf16")
+    # the gemv-sweep section: the triton GEMV on the decoder linears of `sweep_shape` under the
+    # module's default launch configuration, then each of `sweep_configs`, at rows `sweep_rows`;
+    # its own time budget (each new configuration compiles a kernel per shape: ~1 s on a GPU)
+    sweep_shape: str = "InternVL3-8B"
+    sweep_configs: tuple[tuple[int, int, int, int], ...] = GEMV_SWEEP_CONFIGS
+    sweep_rows: tuple[int, ...] = (1,)
+    sweep_budget_s: float = 100.0
     # CPU decode/prefill vs llama.cpp: models ("demo", "qwen0.5b"), dtypes, threads, token counts
     decode_models: tuple[str, ...] = ("demo", "qwen0.5b")
     decode_dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -162,6 +181,8 @@ QUICK = Plan(
     cuda_followup_history=(64,),
     cuda_followup_tokens=8,
     gemv_rows=(1, 4),
+    sweep_shape="tiny",
+    sweep_configs=((32, 128, 2, 1056), (128, 512, 8, 264)),  # a K split with its reduction; one step
     decode_models=("demo",),
     decode_dtypes=("float32",),
     decode_threads=(1,),
@@ -656,6 +677,132 @@ def choice_by_rows(rows: dict[str, dict]) -> list[dict]:
         else:
             runs.append({"from_rows": m, "to_rows": m, "backend": best})
     return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# The triton GEMV under other launch configurations (the gemv-sweep section)
+
+
+def sweep_label(config) -> str:
+    """A launch configuration's short name: n<BLOCK_N> k<BLOCK_K> w<NUM_WARPS> p<TARGET_PROGRAMS>."""
+    return f"n{config.block_n} k{config.block_k} w{config.num_warps} p{config.target_programs}"
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (a compiler's error
+    can run to pages)."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first}"[:300]
+
+
+def sweep_cell(nbytes: int, seconds: float, bandwidth: float, err: float) -> dict:
+    """µs, GB/s and share of `bandwidth` of one timed call moving `nbytes`, and its output check."""
+    return {"us": seconds * 1e6, "gb_per_s": nbytes / seconds / 1e9, "bandwidth_share": nbytes / seconds / bandwidth,
+            "rel_error": err, "ok": err <= GEMV_MAX_REL_ERROR}  # fmt: skip
+
+
+class SweepShape(NamedTuple):
+    """One linear's inputs for the sweep: triton-layout copies to rotate through, activations, reference."""
+
+    copies: list[nn.Module]  # Int4Linear (backend "triton") and its copies beyond the L2 cache
+    x: torch.Tensor  # [max rows, K] bf16
+    ref: torch.Tensor  # x·W in fp32, W dequantized from the AWQ tensors
+
+
+@torch.inference_mode()
+def prepare_sweep_shape(in_features: int, out_features: int, rows: Sequence[int], device: torch.device, bandwidth: float,
+                        seed: int = 0, cache_bytes: int | None = None) -> tuple[SweepShape, dict]:  # fmt: skip
+    """A K→N linear of random AWQ weights (group 128, no bias) as the triton backend holds it, and
+    its record: bytes, copies, and tinygemm's µs at each row count (the bar a configuration must
+    clear), timed as the gemv section times it."""
+    from internvl_chat.quant import dequantize_awq
+
+    awq = random_awq(in_features, out_features, device, seed=seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(max(rows), in_features, device=device, generator=gen).to(torch.bfloat16)
+    ref = x.float() @ dequantize_awq(*awq, AWQ_GROUP, dtype=torch.float32)
+    layer = build_gemv_layer("triton", awq, device)
+    record: dict = {"in_features": in_features, "out_features": out_features, "bytes": module_bytes(layer),
+                    "tinygemm": {}, "configs": {}}  # fmt: skip
+    shape = SweepShape(rotation_copies(layer, device, cache_bytes), x, ref)
+    record["copies"] = len(shape.copies)
+    why = gemv_variant_unavailable("tinygemm", device)
+    if why is not None:
+        record["tinygemm"] = {"not_measured": why}
+        return shape, record
+    try:
+        tinygemm = build_gemv_layer("tinygemm", awq, device)
+        copies = rotation_copies(tinygemm, device, cache_bytes)
+        for m in rows:
+            nbytes = module_bytes(tinygemm) + m * (in_features + out_features) * x.element_size()
+            err = relative_error(tinygemm(x[:m]), ref[:m])
+            t = time_per_call([functools.partial(c, x[:m]) for c in copies], device, reps=_sweep_reps(device))
+            record["tinygemm"][str(m)] = sweep_cell(nbytes, t["s"], bandwidth, err)
+        del copies, tinygemm
+    except Exception as e:
+        record["tinygemm"] = {"error": one_line(e)}
+    return shape, record
+
+
+def _sweep_reps(device: torch.device) -> int:
+    """Timed runs per cell: 5 on a GPU; 2 on the CPU, where the interpreter's numbers mean nothing."""
+    return 5 if device.type == "cuda" else 2
+
+
+@torch.inference_mode()
+def measure_gemv_config(shape: SweepShape, config, m: int, device: torch.device, bandwidth: float) -> dict:
+    """The triton GEMV at `m` rows under launch configuration `config` (a triton_gemv.GemvConfig),
+    called directly (not through the registered operator, which takes the module's constants):
+    its launch (tiles, K split, programs), µs, share of `bandwidth`, output check; a configuration
+    the kernel cannot run (a tile it refuses, too much shared memory) as {"error": one line}."""
+    from internvl_chat.quant import triton_gemv
+
+    layer = shape.copies[0]
+    k, n = layer.in_features, layer.out_features
+    block_n, block_g, per_split, splits = triton_gemv.launch_config(k, n, layer.group_size, config)
+    cell: dict = {"launch": {"block_n": block_n, "block_g": block_g, "groups_per_split": per_split, "splits": splits,
+                             "programs": m * -(-n // block_n) * splits}}  # fmt: skip
+    x, ref = shape.x[:m], shape.ref[:m]
+
+    def call(c: nn.Module) -> torch.Tensor:
+        return triton_gemv.gemv_with_config(x, c.qweight, c.scales, c.zeros, None, c.group_size, config)
+
+    try:
+        err = relative_error(call(layer), ref)  # the first call compiles this configuration
+        t = time_per_call([functools.partial(call, c) for c in shape.copies], device, reps=_sweep_reps(device))
+    except Exception as e:
+        return {**cell, "error": one_line(e)}
+    cell["timing"] = t["method"]
+    return {**cell, **sweep_cell(module_bytes(layer) + m * (k + n) * x.element_size(), t["s"], bandwidth, err)}
+
+
+def best_config(record: dict, m: int, default: str) -> dict | None:
+    """The fastest configuration at `m` rows whose output passed the check, against the default
+    configuration and tinygemm (ratios > 1: the best is faster)."""
+    timed = [(cells[str(m)]["us"], label) for label, cells in record["configs"].items() if cells.get(str(m), {}).get("ok")]
+    if not timed:
+        return None
+    us, label = min(timed)
+    base = record["configs"].get(default, {}).get(str(m), {})
+    tinygemm = record["tinygemm"].get(str(m), {})
+    return {"config": label, "us": us, "vs_default": ratio(base["us"], us) if base.get("ok") else None,
+            "vs_tinygemm": ratio(tinygemm["us"], us) if "us" in tinygemm else None}  # fmt: skip
+
+
+def best_overall(shapes: dict, m: int, default: str) -> dict | None:
+    """The configuration with the least total µs over every shape at `m` rows (only those that ran
+    and passed on all of them): one set of module constants serves every linear."""
+    records = [r for r in shapes.values() if "configs" in r]
+    totals = {}
+    for label in records[0]["configs"] if records else ():
+        cells = [r["configs"].get(label, {}).get(str(m), {}) for r in records]
+        if all(c.get("ok") for c in cells):
+            totals[label] = sum(c["us"] for c in cells)
+    if not totals:
+        return None
+    label = min(totals, key=totals.get)
+    return {"config": label, "total_us": totals[label], "default_total_us": totals.get(default),
+            "vs_default": ratio(totals[default], totals[label]) if default in totals else None}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,14 @@
 #      8B/1B/2B LLMs by rows M = 1…512: µs, GB/s, share of the copy bandwidth, output checked
 #      against the dequantized weight, the fastest backend per (shape, M)    → $OUT/bench_gemv_cuda.{txt,json}
 #      (a process of its own: a faulty new kernel cannot take the next step's CUDA context down)
+#   3b. only with SWEEP=1 (not in the default run): the triton GEMV's launch configurations
+#      (bench.py --sections gemv-sweep): the default and ~15 others on the four 8B linears at M = 1,
+#      µs, share of the copy bandwidth, output check, the best per shape vs the default and
+#      tinygemm                                                                → $OUT/bench_sweep_cuda.{txt,json}
+#      (~100 s: its budget SWEEP_BUDGET, 100 s; timeout SWEEP_TIMEOUT, 130 s; SWEEP_ARGS: extra
+#      arguments, e.g. '--sweep-rows 1,4' or '--sweep-configs 64:512:4:528,32:256:4:1056'). The sweep
+#      alone, as a call of its own (~2 min with the machine's start-up):
+#      PYTHONPATH=$PWD python scripts/bench.py --device cuda --sections gemv-sweep --out "$OUT/bench_sweep_cuda.json"
 #   4. the GPU rows: InternVL3-8B/-1B/-2B LLM shapes, random weights (bench.py --sections
 #      shapes), per shape W4 tinygemm, W4 triton (where available), bf16, W4 gemlite (where
 #      available): decode tok/s eager / CUDA graphs / compiled inside the graphs, share of the
@@ -36,8 +44,9 @@
 # Wheels for packages the machine lacks go in .wheels/ (or .whl/), carried with the tree:
 # scripts/gpu_wheels.sh builds them (gemlite);
 # BENCH_GIT_COMMIT=<sha> to record the commit when the copied tree has no .git; CUDA_TEST_FILES,
-# TEST_TIMEOUT, GEMV_TIMEOUT, GEMV_BUDGET, BENCH_TIMEOUT, SHAPES_BUDGET, TOTAL_LIMIT, SETUP_TIMEOUT to fit the
-# time left; BENCH_ARGS / GEMV_ARGS: extra arguments of the shapes / gemv step, e.g. a rerun's
+# TEST_TIMEOUT, GEMV_TIMEOUT, GEMV_BUDGET, SWEEP_TIMEOUT, SWEEP_BUDGET, BENCH_TIMEOUT, SHAPES_BUDGET, TOTAL_LIMIT,
+# SETUP_TIMEOUT to fit the time left; BENCH_ARGS / GEMV_ARGS / SWEEP_ARGS: extra arguments of the
+# shapes / gemv / gemv-sweep step, e.g. a rerun's
 # '--shape-rows InternVL3-1B:w4,InternVL3-8B:bf16' / '--gemv-rows 1,16 --gemv-columns tinygemm,triton,bf16'.
 set -u
 
@@ -170,6 +179,20 @@ timeout -k 10 "$GEMV_TIMEOUT" ${GEMV_ENV[@]+"${GEMV_ENV[@]}"} "$PY" scripts/benc
 rc=$?
 set +o pipefail
 [ $rc -eq 0 ] || { echo "gemv benchmark: exit $rc"; FAILED+=("gemv($rc)"); }
+
+# --- 3b. the triton GEMV's launch configurations (SWEEP=1 only) -----------------------------
+if [ "${SWEEP:-0}" = 1 ]; then
+    SWEEP_TIMEOUT=$(capped "${SWEEP_TIMEOUT:-130}")
+    SWEEP_BUDGET=$(budget "${SWEEP_BUDGET:-100}" "$SWEEP_TIMEOUT" 25)
+    step "triton GEMV launch configurations on $DEVICE (timeout ${SWEEP_TIMEOUT}s, budget ${SWEEP_BUDGET}s)"
+    set -o pipefail
+    timeout -k 10 "$SWEEP_TIMEOUT" ${GEMV_ENV[@]+"${GEMV_ENV[@]}"} "$PY" scripts/bench.py --device "$DEVICE" "${BENCH_PLAN[@]}" \
+        --sections gemv-sweep --time-budget "$SWEEP_BUDGET" --sweep-budget "$SWEEP_BUDGET" --out "$OUT/bench_sweep_$DEVICE.json" \
+        ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/bench_sweep_$DEVICE.txt"
+    rc=$?
+    set +o pipefail
+    [ $rc -eq 0 ] || { echo "gemv-sweep benchmark: exit $rc"; FAILED+=("gemv-sweep($rc)"); }
+fi
 
 # --- 4. the GPU rows ------------------------------------------------------------------------
 BENCH_TIMEOUT=$(capped "$BENCH_TIMEOUT")

@@ -405,6 +405,121 @@ def test_gemv_rows_past_the_deadline_are_skipped():
     assert "time budget spent" in text and "CHECK FAILED" not in text
 
 
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """The triton backend on CPU tensors, in Triton's interpreter (skipped where Triton is missing)."""
+    from internvl_chat.quant import triton_gemv
+
+    if triton_gemv._import_failure() is not None:
+        pytest.skip(f"the triton backend cannot run here: {triton_gemv._import_failure()}")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return triton_gemv
+
+
+def _gemv_constants(triton_gemv) -> tuple:
+    return triton_gemv.BLOCK_N, triton_gemv.BLOCK_K, triton_gemv.NUM_WARPS, triton_gemv.TARGET_PROGRAMS, triton_gemv.REDUCE_BLOCK
+
+
+def test_gemv_sweep_times_and_checks_every_configuration_and_records_one_it_cannot_run(triton_interpreter):
+    """The gemv-sweep section at the tiny shape: the default configuration first, each other one
+    timed and checked, one the kernel refuses (BLOCK_N not a power of two) recorded as failed with
+    its reason; the module's constants untouched."""
+    tg = triton_interpreter
+    before = _gemv_constants(tg)
+    plan = replace(PLAN, sweep_configs=PLAN.sweep_configs + ((96, 256, 4, 528), tg.default_config()))  # default: once
+    w = bench.section_gemv_sweep(plan, torch.device("cpu"), None, 0.0)
+    assert _gemv_constants(tg) == before
+    json.dumps(w)  # the report is JSON
+    default = "n64 k256 w4 p528"
+    assert w["default_config"] == default == bl.sweep_label(tg.default_config())
+    assert list(w["configs"]) == [default, "n32 k128 w2 p1056", "n128 k512 w8 p264", "n96 k256 w4 p528"]
+    assert w["configs"]["n32 k128 w2 p1056"] == {"block_n": 32, "block_k": 128, "num_warps": 2, "target_programs": 1056}
+    assert set(w["shapes"]) == {f"tiny {name}" for name in ("qkv", "o", "gate_up", "down")}
+    splits = set()
+    for key, r in w["shapes"].items():
+        k, n = bl.llm_linear_shapes("tiny")[key.split()[1]]
+        assert (r["in_features"], r["out_features"]) == (k, n)
+        assert r["bytes"] == k * n // 2 + (k // bl.AWQ_GROUP) * n * 3  # nibbles, fp16 scales, uint8 zeros
+        assert r["tinygemm"]["1"]["ok"]
+        assert list(r["configs"]) == list(w["configs"])
+        for label, cells in r["configs"].items():
+            cell = cells["1"]
+            if label == "n96 k256 w4 p528":
+                assert "us" not in cell and "power of 2" in cell["error"] and "\n" not in cell["error"]
+                continue
+            config = tg.GemvConfig(**w["configs"][label])
+            assert tuple(cell["launch"].values())[:4] == tg.launch_config(k, n, bl.AWQ_GROUP, config)
+            assert cell["ok"] and cell["rel_error"] <= bl.GEMV_MAX_REL_ERROR, (key, label, cell)
+            assert _positive(cell["us"])
+            nbytes = r["bytes"] + (k + n) * 2
+            assert cell["gb_per_s"] == pytest.approx(nbytes / cell["us"] / 1e3)
+            assert cell["bandwidth_share"] == pytest.approx(cell["gb_per_s"] * 1e9 / w["copy_bandwidth_bytes_per_s"])
+            splits.add(cell["launch"]["splits"])
+        best = r["best"]["1"]
+        assert best["config"] != "n96 k256 w4 p528"
+        assert best["us"] == min(c["1"]["us"] for c in r["configs"].values() if "us" in c["1"])
+        assert best["vs_default"] == pytest.approx(r["configs"][default]["1"]["us"] / best["us"])
+        assert best["vs_tinygemm"] == pytest.approx(r["tinygemm"]["1"]["us"] / best["us"])
+    assert splits == {1, 2}  # with and without a K split (and its reduction kernel)
+    overall = w["best_overall"]["1"]
+    totals = {label: sum(r["configs"][label]["1"]["us"] for r in w["shapes"].values()) for label in list(w["configs"])[:3]}
+    assert overall["config"] == min(totals, key=totals.get) and overall["default_total_us"] == pytest.approx(totals[default])
+    text = "\n".join(bench.render_gemv_sweep(w))
+    assert "[triton GEMV launch configurations] tiny" in text and "tinygemm" in text and "*" in text
+    assert "n96 k256 w4 p528 failed (qkv M=1, o M=1, gate_up M=1, down M=1): " in text and "power of 2" in text
+    assert f"all       {overall['config']}" in text
+
+
+def test_gemv_sweep_check_catches_a_wrong_configuration(triton_interpreter, monkeypatch):
+    """A configuration that computes a wrong answer fails its check and is never the best."""
+    tg = triton_interpreter
+    shape, record = bl.prepare_sweep_shape(256, 128, (1,), torch.device("cpu"), 1e10)
+    default, other = tg.default_config(), tg.GemvConfig(32, 128, 2, 1056)
+    record["configs"]["default"] = {"1": bl.measure_gemv_config(shape, default, 1, torch.device("cpu"), 1e10)}
+    real = tg.gemv_with_config
+
+    def wrong_for_other(x2, qweight, scales, zeros, bias, group_size, config):
+        y = real(x2, qweight, scales, zeros, bias, group_size, config)
+        return y.roll(1, -1) if config == other else y  # outputs shifted by one
+
+    monkeypatch.setattr(tg, "gemv_with_config", wrong_for_other)
+    record["configs"]["other"] = {"1": bl.measure_gemv_config(shape, other, 1, torch.device("cpu"), 1e10)}
+    assert record["configs"]["default"]["1"]["ok"]
+    assert record["configs"]["other"]["1"]["ok"] is False and record["configs"]["other"]["1"]["rel_error"] > 0.3
+    assert bl.best_config(record, 1, "default")["config"] == "default"  # even if "other" timed faster
+
+
+def test_gemv_sweep_past_its_budget_and_without_the_backend(triton_interpreter, monkeypatch):
+    tg = triton_interpreter
+    w = bench.section_gemv_sweep(replace(PLAN, sweep_budget_s=0.0), torch.device("cpu"), None, 0.0)
+    for r in w["shapes"].values():
+        assert all(cells == {"1": {"skipped": "time budget spent"}} for cells in r["configs"].values())
+        assert r["best"] == {"1": None}
+    assert w["best_overall"] == {"1": None}
+    text = "\n".join(bench.render_gemv_sweep(w))
+    assert "none passed" in text and "failed" not in text
+    monkeypatch.delenv("TRITON_INTERPRET")
+    w = bench.section_gemv_sweep(PLAN, torch.device("cpu"), None, 0.0)
+    assert "TRITON_INTERPRET=1" in w["skipped"]
+    assert "[triton GEMV launch configurations] skipped: the triton backend cannot run here" in "\n".join(bench.render_gemv_sweep(w))
+    assert tg.launch_config(3584, 4608, 128) == tg.launch_config(3584, 4608, 128, tg.default_config())
+
+
+def test_sweep_options_are_checked():
+    args = bench.argparse.Namespace(shape_rows=None, gemv_rows=None, gemv_columns=None, gemv_budget=None,
+                                    sweep_rows="1,4", sweep_configs="64:512:4:528, 32:256:2:1056", sweep_budget=30.0)  # fmt: skip
+    plan = bench.plan_with_overrides(PLAN, args)
+    assert (plan.sweep_rows, plan.sweep_configs, plan.sweep_budget_s) == ((1, 4), ((64, 512, 4, 528), (32, 256, 2, 1056)), 30.0)
+    for bad in ("64:512:4", "64:512:4:x", "64:0:4:528"):
+        with pytest.raises(SystemExit, match="is not BLOCK_N:BLOCK_K:NUM_WARPS:TARGET_PROGRAMS"):
+            bench.plan_with_overrides(PLAN, replace_args(args, sweep_configs=bad))
+    assert "gemv-sweep" not in bench.CUDA_SECTIONS + bench.CPU_SECTIONS  # named by --sections only
+
+
+def replace_args(args, **changes):
+    return bench.argparse.Namespace(**{**vars(args), **changes})
+
+
 def test_decode_section_times_eager_and_compiled_in_a_fresh_process(tmp_path):
     """The CPU decode section (issue 10) on the demo model: one thread, eager then compiled."""
     d = bench.section_decode(PLAN, tmp_path, 0.0)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,13 +67,16 @@ MAGIC = 0x4B000000  # the bits of 2^23 as fp32 (a kernel argument, so that it si
 
 __all__ = [
     "OPERATOR",
+    "GemvConfig",
     "awq_triton_gemm",
     "awq_triton_gemv",
     "check_usable",
+    "default_config",
     "dense_from_repacked",
     "dequantize_repacked",
     "ensure_registered",
     "gemm_takes",
+    "gemv_with_config",
     "repack_awq",
     "triton_backend_available",
     "triton_shape_supported",
@@ -208,16 +212,35 @@ def dense_from_repacked(
 # Launch configuration (from shapes only: deterministic, and the same for every M)
 
 
-def launch_config(in_features: int, out_features: int, group_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_G, groups per split, number of splits) for a K×N weight."""
+class GemvConfig(NamedTuple):
+    """A launch configuration of the GEMV: the module's constants (`default_config()`, what the
+    app runs) or another set that `gemv_with_config` tries (scripts/bench.py's gemv-sweep)."""
+
+    block_n: int  # outputs per program (a power of two)
+    block_k: int  # inputs per step, rounded to whole groups
+    num_warps: int
+    target_programs: int  # K is split until there are about this many programs
+
+
+def default_config() -> GemvConfig:
+    """The module's constants, read at the call: what the operator launches."""
+    return GemvConfig(BLOCK_N, BLOCK_K, NUM_WARPS, TARGET_PROGRAMS)
+
+
+def launch_config(
+    in_features: int, out_features: int, group_size: int, config: GemvConfig | None = None
+) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_G, groups per split, number of splits) for a K×N weight under `config`
+    (default: the module's constants)."""
+    block_n, block_k, _, target_programs = config or default_config()
     groups = in_features // group_size
-    block_g = max(1, BLOCK_K // group_size)
-    n_blocks = -(-out_features // BLOCK_N)
+    block_g = max(1, block_k // group_size)
+    n_blocks = -(-out_features // block_n)
     steps = -(-groups // block_g)
-    splits = max(1, min(steps, -(-TARGET_PROGRAMS // n_blocks)))
+    splits = max(1, min(steps, -(-target_programs // n_blocks)))
     groups_per_split = block_g * -(-steps // splits)
     splits = -(-groups // groups_per_split)  # no split left without work
-    return BLOCK_N, block_g, groups_per_split, splits
+    return block_n, block_g, groups_per_split, splits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,12 +282,15 @@ def _allocate(x2: torch.Tensor, qweight: torch.Tensor, splits: int) -> tuple[tor
 
 
 def _gemv(
-    x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, group_size: int
+    x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+    config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """The operator's body: x2 [M, K] contiguous → [M, N] in x2's dtype."""
+    """The operator's body: x2 [M, K] contiguous → [M, N] in x2's dtype (`config`: the module's
+    constants unless a benchmark passes another)."""
+    config = config or default_config()
     rows = x2.shape[0]
     out_features, in_features = qweight.shape[0], qweight.shape[1] * 8
-    block_n, block_g, groups_per_split, splits = launch_config(in_features, out_features, group_size)
+    block_n, block_g, groups_per_split, splits = launch_config(in_features, out_features, group_size, config)
     out, part = _allocate(x2, qweight, splits)
     if rows == 0:
         return out
@@ -283,7 +309,7 @@ def _gemv(
         x2, qweight, scales, zeros, bias_arg, out, part if splits > 1 else out,
         rows, out_features, in_features // group_size, MAGIC,
         GROUP_WORDS=group_size // 8, BLOCK_N=block_n, BLOCK_G=block_g, STEPS=groups_per_split // block_g,
-        HAS_BIAS=has_bias, FINAL=splits == 1, INTERPRETED=interpreted, num_warps=NUM_WARPS,
+        HAS_BIAS=has_bias, FINAL=splits == 1, INTERPRETED=interpreted, num_warps=config.num_warps,
     )  # fmt: skip
     if splits > 1:
         reduce[(rows, -(-out_features // REDUCE_BLOCK))](
@@ -375,6 +401,17 @@ def awq_triton_gemv(
 ) -> torch.Tensor:
     """x2 [M, K] @ W (+ bias) → [M, N] in x2's dtype, for the resident layout of `repack_awq`."""
     return torch.ops.internvl_chat.awq_triton_gemv(x2.contiguous(), qweight, scales, zeros, bias, group_size)
+
+
+def gemv_with_config(
+    x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+    config: GemvConfig,
+) -> torch.Tensor:
+    """The GEMV under launch configuration `config`, called directly rather than through the
+    registered operator (whose body always takes the module's constants): for benchmarks that
+    try configurations (scripts/bench.py gemv-sweep). Callers check availability first."""
+    ensure_registered()  # the compiled kernels that CUDA tensors get
+    return _gemv(x2.contiguous(), qweight, scales, zeros, bias, group_size, config)
 
 
 def awq_triton_gemm(
