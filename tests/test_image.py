@@ -323,7 +323,7 @@ def test_directory(tmp_path):
     _assert_one_line(err, "folder")
 
 
-@pytest.mark.parametrize("content", [b"this is not an image\n", b""])
+@pytest.mark.parametrize("content", [b"this is not an image\n", b"\0"])  # an empty one: test_an_empty_file_is_named_empty
 def test_not_an_image(tmp_path, content):
     path = tmp_path / "fake.jpg"
     path.write_bytes(content)
@@ -382,6 +382,17 @@ def test_large_but_allowed_header_is_probed_without_decoding(tmp_path):
     with pytest.raises(MediaError) as err:
         load_image(path)
     _assert_one_line(err, "truncated or corrupt")
+
+
+def test_an_empty_file_is_named_empty(tmp_path):
+    """A 0-byte picture (an unfinished download) was "not an image format that can be read (or it is
+    damaged)": it says what it is. Videos share the check (tests/test_video.py's bad files)."""
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(b"")
+    for call in (probe_image, load_image):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        _assert_one_line(err, f"cannot read image {path}: the file is empty (0 bytes; an unfinished download or copy?)")
 
 
 def test_zero_size_image(tmp_path):

@@ -363,7 +363,7 @@ def _bad_files(tmp_path, videos) -> dict:
         "missing": (tmp_path / "nope.mp4", "does not exist"),
         "folder": (tmp_path, "folder"),
         "text": (text, "cannot read video"),
-        "empty": (empty, "cannot read video"),
+        "empty": (empty, "the file is empty (0 bytes; an unfinished download or copy?); use a complete copy"),
         "truncated": (half, "has no index (an MP4 or MOV without its moov box): the file is cut short"),
         "audio only": (write_audio_only(tmp_path / "sound.wav"), "no video stream"),
         "garbage": (image, "still picture"),  # FFmpeg's PNG demuxer takes it: a picture, not a video

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,10 +246,13 @@ def check_media_file(path: str | Path, what: str) -> Path:
     except OSError as e:  # not ENOENT: a name too long for the file system, say
         raise MediaError(f"cannot use {what} {visible(str(path))} ({e.strerror or e}); check the path") from None
     try:
-        with open(path, "rb"):
-            pass
+        with open(path, "rb") as f:
+            empty = os.fstat(f.fileno()).st_size == 0
     except OSError as e:
         raise MediaError(f"cannot read {what} {visible(str(path))} ({e.strerror or e}); check its permissions") from None
+    if empty:  # the decoders' own words for it ("Invalid data", "not an image format") do not say so
+        raise MediaError(f"cannot read {what} {visible(str(path))}: the file is empty (0 bytes; an unfinished download "
+                         "or copy?); use a complete copy")  # fmt: skip
     return path
 
 
