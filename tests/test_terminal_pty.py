@@ -155,15 +155,18 @@ ATTEMPTS = 5
 def stopped_mid_answer(home: Path, model: Path, *args: str, growing=None, **kw) -> Terminal:
     """The REPL stopped (SIGSTOP) while its answer to QUESTION streams. The tiny model answers in
     a fraction of a second, so on a busy machine the answer can end between the screen showing it
-    growing and the stop (its stats line not printed yet, or printed): such a run is dropped and a
-    new one started, never acted on."""
+    growing and the stop (its stats line not printed yet, or printed), or before this process reads
+    the screen in between at all (the whole answer in one read): such a run is dropped and a new one
+    started, never acted on."""
+    growing = growing or streaming(QUESTION)
     for _ in range(ATTEMPTS):
         term = Terminal(home, model, *args, **kw)
         term.enter(QUESTION)
-        term.wait_for(growing or streaming(QUESTION), "the answer streaming")
-        term.pause()
-        if still_streaming(term):
-            return term
+        term.wait_for(lambda rows: growing(rows) or finished(rows), "the answer streaming")
+        if not finished(term.rows()):
+            term.pause()
+            if still_streaming(term):
+                return term
         term.child.terminate(force=True)
     raise AssertionError(f"the answer ended before the program could be stopped, {ATTEMPTS} times")
 
