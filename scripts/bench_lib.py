@@ -599,6 +599,24 @@ def time_per_call(calls: Sequence[Callable[[], object]], device: torch.device, m
     return {"s": median(runs), "method": method, "calls_per_run": passes * n}
 
 
+def random_linear_case(in_features: int, out_features: int, rows: int, device: torch.device,
+                       seed: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Random AWQ tensors of a K→N linear (group 128), `rows` rows of bf16 activations, and the
+    reference output x·W in fp32 with W dequantized: what the gemv and gemv-sweep sections time."""
+    from internvl_chat.quant import dequantize_awq
+
+    awq = random_awq(in_features, out_features, device, seed=seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(rows, in_features, device=device, generator=gen).to(torch.bfloat16)
+    return awq, x, x.float() @ dequantize_awq(*awq, AWQ_GROUP, dtype=torch.float32)
+
+
+def timed_cell(nbytes: int, seconds: float, bandwidth: float, err: float) -> dict:
+    """µs, GB/s and share of `bandwidth` of one timed call moving `nbytes`, and its output check."""
+    return {"us": seconds * 1e6, "gb_per_s": nbytes / seconds / 1e9, "bandwidth_share": nbytes / seconds / bandwidth,
+            "rel_error": err, "ok": err <= GEMV_MAX_REL_ERROR}  # fmt: skip
+
+
 @torch.inference_mode()
 def measure_linear(in_features: int, out_features: int, rows: Sequence[int], labels: Sequence[str], device: torch.device,
                    bandwidth: float, deadline: float | None = None, seed: int = 0, cache_bytes: int | None = None) -> dict:  # fmt: skip
@@ -607,12 +625,7 @@ def measure_linear(in_features: int, out_features: int, rows: Sequence[int], lab
     zeros + bf16 activations in and out) ÷ time, its share of `bandwidth`, and the output's error
     against the dequantized weight in fp32 (max |y − ref| / max |ref|). Row counts left when
     `deadline` passes are recorded as skipped."""
-    from internvl_chat.quant import dequantize_awq
-
-    awq = random_awq(in_features, out_features, device, seed=seed)
-    gen = torch.Generator(device=device).manual_seed(seed + 1)
-    x_all = torch.randn(max(rows), in_features, device=device, generator=gen).to(torch.bfloat16)
-    ref_all = x_all.float() @ dequantize_awq(*awq, AWQ_GROUP, dtype=torch.float32)
+    awq, x_all, ref_all = random_linear_case(in_features, out_features, max(rows), device, seed)
     out: dict = {"in_features": in_features, "out_features": out_features, "bytes": {}, "copies": {}, "errors": {},
                  "timing": set(), "rows": {}}  # fmt: skip
     layers: dict[str, list[nn.Module]] = {}
@@ -635,8 +648,7 @@ def measure_linear(in_features: int, out_features: int, rows: Sequence[int], lab
                 err = relative_error(copies[0](x), ref)
                 t = time_per_call([functools.partial(layer, x) for layer in copies], device)
                 nbytes = out["bytes"][label] + m * (in_features + out_features) * x.element_size()
-                row[label] = {"us": t["s"] * 1e6, "gb_per_s": nbytes / t["s"] / 1e9, "bandwidth_share": nbytes / t["s"] / bandwidth,
-                              "rel_error": err, "ok": err <= GEMV_MAX_REL_ERROR}  # fmt: skip
+                row[label] = timed_cell(nbytes, t["s"], bandwidth, err)
                 out["timing"].add(t["method"])
             except Exception as e:
                 row[label] = {"error": repr(e)[:300]}
@@ -695,12 +707,6 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}"[:300]
 
 
-def sweep_cell(nbytes: int, seconds: float, bandwidth: float, err: float) -> dict:
-    """µs, GB/s and share of `bandwidth` of one timed call moving `nbytes`, and its output check."""
-    return {"us": seconds * 1e6, "gb_per_s": nbytes / seconds / 1e9, "bandwidth_share": nbytes / seconds / bandwidth,
-            "rel_error": err, "ok": err <= GEMV_MAX_REL_ERROR}  # fmt: skip
-
-
 class SweepShape(NamedTuple):
     """One linear's inputs for the sweep: triton-layout copies to rotate through, activations, reference."""
 
@@ -715,12 +721,7 @@ def prepare_sweep_shape(in_features: int, out_features: int, rows: Sequence[int]
     """A K→N linear of random AWQ weights (group 128, no bias) as the triton backend holds it, and
     its record: bytes, copies, and tinygemm's µs at each row count (the bar a configuration must
     clear), timed as the gemv section times it."""
-    from internvl_chat.quant import dequantize_awq
-
-    awq = random_awq(in_features, out_features, device, seed=seed)
-    gen = torch.Generator(device=device).manual_seed(seed + 1)
-    x = torch.randn(max(rows), in_features, device=device, generator=gen).to(torch.bfloat16)
-    ref = x.float() @ dequantize_awq(*awq, AWQ_GROUP, dtype=torch.float32)
+    awq, x, ref = random_linear_case(in_features, out_features, max(rows), device, seed)
     layer = build_gemv_layer("triton", awq, device)
     record: dict = {"in_features": in_features, "out_features": out_features, "bytes": module_bytes(layer),
                     "tinygemm": {}, "configs": {}}  # fmt: skip
@@ -737,7 +738,7 @@ def prepare_sweep_shape(in_features: int, out_features: int, rows: Sequence[int]
             nbytes = module_bytes(tinygemm) + m * (in_features + out_features) * x.element_size()
             err = relative_error(tinygemm(x[:m]), ref[:m])
             t = time_per_call([functools.partial(c, x[:m]) for c in copies], device, reps=_sweep_reps(device))
-            record["tinygemm"][str(m)] = sweep_cell(nbytes, t["s"], bandwidth, err)
+            record["tinygemm"][str(m)] = timed_cell(nbytes, t["s"], bandwidth, err)
         del copies, tinygemm
     except Exception as e:
         record["tinygemm"] = {"error": one_line(e)}
@@ -773,7 +774,7 @@ def measure_gemv_config(shape: SweepShape, config, m: int, device: torch.device,
     except Exception as e:
         return {**cell, "error": one_line(e)}
     cell["timing"] = t["method"]
-    return {**cell, **sweep_cell(module_bytes(layer) + m * (k + n) * x.element_size(), t["s"], bandwidth, err)}
+    return {**cell, **timed_cell(module_bytes(layer) + m * (k + n) * x.element_size(), t["s"], bandwidth, err)}
 
 
 def best_config(record: dict, m: int, default: str) -> dict | None:
