@@ -459,15 +459,29 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
     }
     del features
 
-    # a follow-up turn after h cached tokens: prefill only the new tokens, then the first token
-    follow = {}
+    # a follow-up turn after h cached tokens: prefill only the new tokens, then the first token;
+    # eager, and on CUDA replayed from a captured prefill graph too (as the app runs by default)
+    follow, follow_graphs = {}, {}
     for h in plan.cuda_followup_history:
         past, turn = text(h).tolist(), text(plan.cuda_followup_tokens).tolist()
         with torch.inference_mode():
             model.forward(past, 0)
         _timed_first_token(model, turn, h, None)  # warm-up
         follow[str(h)] = _ms(bl.median([_timed_first_token(model, turn, h, None)[0] for _ in range(max(2, reps))]))
+        if is_cuda:
+            try:
+                model.enable_cuda_graphs(True)
+                _timed_first_token(model, turn, h, None)  # captures the graph
+                if model.decode_graphs.prefill_failure is not None:
+                    raise RuntimeError(model.decode_graphs.prefill_failure)
+                follow_graphs[str(h)] = _ms(bl.median([_timed_first_token(model, turn, h, None)[0] for _ in range(max(2, reps))]))
+            except Exception as e:
+                out["followup_graphs_error"] = repr(e)[:500]
+            finally:
+                model.enable_cuda_graphs(False)
     out["followup_ttft_ms"] = follow
+    if follow_graphs:
+        out["followup_ttft_ms_graphs"] = follow_graphs
     out["followup_tokens"] = plan.cuda_followup_tokens
     if plan.cuda_followup_history:  # the last turn's kernels: their time against its wall time says
         # whether the GPU or the host (launches) sets a follow-up's pace
@@ -793,7 +807,7 @@ def render_shapes(sh: dict) -> list[str]:
     lines = ["", f"[InternVL3 shapes, random weights, batch 1] decode tok/s (BW = bytes read per token × tok/s "
                  f"÷ the measured copy bandwidth {bw / 1e9:.0f} GB/s), ops/layer = kernels (GPU) or aten calls (CPU)",
              f"  {'model':24}{'eager':>7}{'graphs':>8}{'compiled':>9}{'BW':>5}{'ops/layer e/g/c':>17}{'GB/tok':>8}"
-             f"{'TTFT 13t ms':>12}{'prefill tok/s':>14}{'follow-up ms':>22}{'compile s':>10}{'peak GiB':>9}"]  # fmt: skip
+             f"{'TTFT 13t ms':>12}{'prefill tok/s':>14}{'follow-up ms':>30}{'compile s':>10}{'peak GiB':>9}"]  # fmt: skip
     for key, r in sh.items():
         if not isinstance(r, dict):
             continue
@@ -811,19 +825,24 @@ def render_shapes(sh: dict) -> list[str]:
         follow = "/".join(_fmt(v, ".1f") for v in r.get("followup_ttft_ms", {}).values())
         if "followup_ops" in r:  # the ops' own time of the last follow-up, after its wall time
             follow += f" ({r['followup_ops']['op_us'] / 1000:.1f})"
+        if "followup_ttft_ms_graphs" in r:  # then the same turns replayed from prefill graphs
+            follow += " g " + "/".join(_fmt(v, ".1f") for v in r["followup_ttft_ms_graphs"].values())
         lines.append(
             f"  {key:24}{rate('eager'):>7}{rate('graphs'):>8}{rate('compiled'):>9}{_fmt(share, '.0f'):>4}%{ops:>17}"
             f"{d['bytes_per_token']['total'] / 1e9:>8.2f}{pf['ttft_ms']:>12.1f}{pf['llm_prefill_tokens_per_s']:>14.0f}"
-            f"{follow:>22}{_fmt(d.get('compiled', {}).get('compile_s'), '.0f'):>10}"
+            f"{follow:>30}{_fmt(d.get('compiled', {}).get('compile_s'), '.0f'):>10}"
             f"{r.get('peak_gpu_alloc_bytes', 0) / 2**30:>9.1f}"
         )
         for m in ("eager", "graphs", "compiled"):
             if "error" in d.get(m, {}):
                 lines.append(f"    {m}: {d[m]['error'][:300]}")
+        if "followup_graphs_error" in r:
+            lines.append(f"    follow-up in graphs: {r['followup_graphs_error'][:300]}")
     hist = next((list(r["followup_ttft_ms"]) for r in sh.values() if isinstance(r, dict) and "followup_ttft_ms" in r), [])
     if hist:
-        lines.append(f"  follow-up = time to first token of a short turn after {' / '.join(hist)} tokens of history "
-                     f"(in brackets: the time its kernels, or aten ops on a CPU, take as the profiler times them)")
+        lines.append(f"  follow-up = time to first token of a short turn after {' / '.join(hist)} tokens of history, eager "
+                     f"(in brackets: the time its kernels, or aten ops on a CPU, take as the profiler times them; "
+                     f"after g: replayed from a captured prefill graph, CUDA)")
     for key, r in sh.items():  # where the fastest mode's step goes, by kernel (the first few)
         if not (isinstance(r, dict) and "decode" in r):
             continue

@@ -63,6 +63,63 @@ def test_cuda_graph_decode_equals_eager(tiny_original):
     assert (graph_logits - eager_logits).abs().max().item() <= 1e-4 * eager_logits.abs().max().item()
 
 
+@pytest.mark.parametrize(("dtype", "w4"), [("float32", False), ("bfloat16", True)], ids=["fp32", "w4"])
+def test_short_prefill_graph_equals_eager_and_does_not_sync(tiny_original, dtype, w4):
+    """A follow-up chunk of 21 tokens (padded to 24: tinygemm rows) and of 90 (padded to 96: the
+    dense path) after 300 cached, replayed from a captured graph: the eager chunk's logits."""
+    from bench_lib import quantize_decoder_
+
+    loaded = load_model(tiny_original, device="cuda", dtype=dtype, max_context=2048, cuda_graphs=False)
+    model = loaded.model
+    if w4:
+        quantize_decoder_(model, "torch", group_size=32)
+    past = list(range(5, 305))
+    for tokens in (21, 90):
+        chunk = list(range(400, 400 + tokens))
+        with torch.inference_mode():
+            model.forward(past, 0)
+            want = model.forward(chunk, len(past)).clone()
+        model.enable_cuda_graphs()
+        for _ in range(2):  # the first call captures, the second replays
+            with torch.inference_mode():
+                model.forward(past, 0)  # over the largest bucket: eager, as before
+                got = model.forward(chunk, len(past)).clone()
+            if w4:
+                assert torch.nn.functional.cosine_similarity(got, want, dim=0).item() > 0.9999
+            else:
+                assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+        graphs = model.decode_graphs
+        assert graphs.prefill_failure is None and len(graphs.prefill_graphs) == 1
+        ids = torch.tensor(chunk, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graphs.prefill(ids, len(past))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        model.enable_cuda_graphs(False)
+
+
+def test_a_chunk_after_cached_tokens_runs_in_the_memory_efficient_kernel(tiny_original, monkeypatch):
+    """Grouped query heads folded into rows of their KV head (language.folded_attention): SDPA's
+    memory-efficient kernel alone takes the chunk's masked attention (with enable_gqa and a mask,
+    only the math kernel would, materialising [heads, T, S] scores), and gives its logits."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from internvl_chat.engine import language
+
+    loaded = load_model(tiny_original, device="cuda", dtype="bfloat16", max_context=2048, cuda_graphs=False)
+    model, past, chunk = loaded.model, list(range(5, 305)), list(range(400, 700))
+    with torch.inference_mode():
+        model.forward(past, 0)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            got = model.forward(chunk, len(past)).clone()
+        monkeypatch.setitem(language.FOLD_MASKED_GQA, "cuda", False)
+        model.forward(past, 0)
+        want = model.forward(chunk, len(past))
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0).item() > 0.9999
+
+
 def test_compiled_graph_decode_equals_eager(tiny_original):
     """The compiled step (Triton kernels) replayed from CUDA graphs, across a KV bucket boundary."""
     loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, cuda_graphs=False)

@@ -1,7 +1,8 @@
-"""CUDA-graph decode (engine/cuda_graph.py) checked on the CPU: `DecodeGraphs._capture`, the one
-function that needs a GPU, is replaced by a fault (it raises as a capture can on a GPU) or by a
-stand-in that replays the same step from the same static buffers; the model's forward, the
-streaming generator and the session around it are the real code."""
+"""CUDA-graph decode and short prefills (engine/cuda_graph.py) checked on the CPU:
+`DecodeGraphs._record`, the one function that needs a GPU, is replaced by a stand-in that replays
+the same step from the same static buffers (or `_capture` / `_capture_prefill` by a fault: they
+raise as a capture can on a GPU); the model's forward, the streaming generator and the session
+around it are the real code."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
-from internvl_chat.engine.cuda_graph import DecodeGraphs
+from internvl_chat.engine import language
+from internvl_chat.engine.cuda_graph import PREFILL_TOKEN_BUCKETS, DecodeGraphs, prefill_buckets
 from internvl_chat.engine.loader import load_model
 from internvl_chat.errors import GenerationError
 from session_helpers import final_event
@@ -30,11 +32,33 @@ def eager(tiny_original):
     return _load(tiny_original)
 
 
+class _CpuGraph:
+    """Stands for a captured graph on the CPU: `replay` runs the captured step again from the
+    graphs' static buffers into the same output tensor."""
+
+    def __init__(self, run):
+        self.run = run
+        self.out = run()
+
+    def replay(self) -> None:
+        self.out.copy_(self.run())
+
+    def pool(self):
+        return "the CPU stand-in's pool"
+
+
+def _record_on_cpu(graphs: DecodeGraphs, run, pool, warm_ups: int):
+    graph = _CpuGraph(run)
+    return graph, graph.out
+
+
 @pytest.fixture
-def graphed(tiny_original):
-    """The tiny model decoding through DecodeGraphs, as `enable_cuda_graphs()` sets it up on a GPU."""
+def graphed(tiny_original, monkeypatch):
+    """The tiny model decoding and prefilling short chunks through DecodeGraphs, as
+    `enable_cuda_graphs()` sets it up on a GPU, with graphs recorded by the CPU stand-in."""
     loaded = _load(tiny_original)
     loaded.model.decode_graphs = DecodeGraphs(loaded.model)
+    monkeypatch.setattr(DecodeGraphs, "_record", _record_on_cpu)
     return loaded
 
 
@@ -50,23 +74,6 @@ def _two_turns(session: Session) -> None:
     final_event(session.ask("And again?"))
 
 
-class _CpuGraph:
-    """Stands for a captured graph on the CPU: `replay` runs the captured step again from the
-    graphs' static token and position buffers into the same output tensor."""
-
-    def __init__(self, graphs: DecodeGraphs, kv_len: int):
-        self.run = lambda: graphs._step(kv_len)
-        self.out = self.run()
-
-    def replay(self) -> None:
-        self.out.copy_(self.run())
-
-
-def _capture_on_cpu(graphs: DecodeGraphs, kv_len: int):
-    graph = _CpuGraph(graphs, kv_len)
-    return graph, graph.out
-
-
 def test_replayed_steps_follow_the_eager_answers_across_buckets_undo_and_retry(eager, graphed, monkeypatch):
     # static buffers refilled each step, one graph per bucket, positions moving back after /undo
     # and /retry: the graphs' step gives the eager step's tokens
@@ -76,10 +83,12 @@ def test_replayed_steps_follow_the_eager_answers_across_buckets_undo_and_retry(e
         final_event(session.retry())
         final_event(session.ask("A third question."))
 
-    monkeypatch.setattr(DecodeGraphs, "_capture", _capture_on_cpu)
     got = _answers(graphed, script)
     assert got == _answers(eager, script)
-    assert sorted(graphed.model.decode_graphs.graphs) == [256, 512]
+    graphs = graphed.model.decode_graphs
+    assert sorted(graphs.graphs) == [256, 512]
+    # every turn's prompt is short: each one was a prefill graph's replay (KV bucket: the whole cache)
+    assert graphs.prefill_graphs and {kv for _, kv in graphs.prefill_graphs} == {CONTEXT}
 
 
 @pytest.mark.parametrize(
@@ -112,7 +121,7 @@ def test_running_out_of_memory_after_a_failed_capture_is_one_error_and_the_conve
     def capture(graphs, kv_len):
         if kv_len > 256:
             raise torch.OutOfMemoryError(OOM)
-        return _capture_on_cpu(graphs, kv_len)
+        return _record_on_cpu(graphs, lambda: graphs._step(kv_len), None, 2)
 
     step, failed_once = graphs.step_fn, []
 
@@ -155,10 +164,73 @@ def test_a_compiled_step_that_fails_leaves_the_eager_step_inside_the_graphs(eage
     step._fn, step.active = failing, True  # as compile() leaves it
     model.compiled_step = step
     model.decode_graphs = DecodeGraphs(model, step.masked)
-    monkeypatch.setattr(DecodeGraphs, "_capture", _capture_on_cpu)
     assert _answers(graphed, _two_turns) == _answers(eager, _two_turns)
     assert len(calls) == 1 and not step.active and "Detected recompile" in step.failure
     graphs = model.decode_graphs
     assert graphs.failure is None and sorted(graphs.graphs) == [256, 512]
     notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("internvl-chat:")]
     assert len(notes) == 1 and "using the eager step" in notes[0]
+
+
+def test_prefill_buckets_pad_a_short_chunk_and_round_its_keys_up_to_a_power_of_two():
+    assert prefill_buckets(0, 2, 4096) == (8, 1024)
+    assert prefill_buckets(1000, 20, 4096) == (24, 1024)  # keys 0 … 1023
+    assert prefill_buckets(1001, 24, 4096) == (24, 2048)
+    assert prefill_buckets(5000, 200, 65536) == (256, 8192)
+    assert prefill_buckets(3000, 90, 4096) == (96, 4096)  # no further than the cache
+    assert prefill_buckets(4001, 90, 4096) is None  # the padding would run past the cache's end
+    assert prefill_buckets(0, PREFILL_TOKEN_BUCKETS[-1] + 1, 4096) is None  # a long chunk: prefilled eagerly
+    for tokens in range(16, PREFILL_TOKEN_BUCKETS[-1] + 1):  # padding costs at most half again
+        assert tokens <= prefill_buckets(0, tokens, 4096)[0] <= 1.5 * tokens
+
+
+@pytest.mark.parametrize("folded", [False, True], ids=["enable_gqa", "folded heads"])
+def test_a_padded_prefill_gives_the_eager_logits_and_cache(eager, monkeypatch, folded):
+    # 21 new tokens after 300 cached, padded to 24 and attending over 1,024 keys with the mask
+    # built from device positions: the logits of the last real token and the cache of the real
+    # positions are the eager chunk's (computed with SDPA's enable_gqa); with the grouped query
+    # heads folded into rows of their KV head, as on CUDA, too
+    model, lm = eager.model, eager.model.language_model
+    assert lm.cfg.num_kv_heads < lm.cfg.num_heads  # grouped: the fold has work to do
+    gen = torch.Generator().manual_seed(0)
+    vocab = eager.config.text.vocab_size
+    past, chunk = torch.randint(0, vocab, (300,), generator=gen), torch.randint(0, vocab, (21,), generator=gen)
+    with torch.inference_mode():
+        model.forward(past, 0)
+        want = model.forward(chunk, 300)
+        want_k, want_v = [k[:, :, :321].clone() for k in lm.k_cache], [v[:, :, :321].clone() for v in lm.v_cache]
+        model.forward(past, 0)
+        if folded:
+            monkeypatch.setitem(language.FOLD_MASKED_GQA, "cpu", True)
+        ids = torch.cat([chunk, torch.full((3,), 7)])
+        got = lm.prefill_masked(ids, torch.arange(300, 324), torch.tensor([20]), 1024)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for k, k0, v, v0 in zip(lm.k_cache, want_k, lm.v_cache, want_v):
+        torch.testing.assert_close(k[:, :, :321], k0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v[:, :, :321], v0, rtol=1e-5, atol=1e-6)
+
+
+def test_a_prompt_over_the_largest_bucket_is_prefilled_eagerly_and_the_next_short_one_replays(eager, graphed):
+    def script(session: Session) -> None:
+        final_event(session.ask(LONG * 3))  # ~400 tokens
+        final_event(session.ask("And again?"))
+
+    assert _answers(graphed, script) == _answers(eager, script)
+    keys = list(graphed.model.decode_graphs.prefill_graphs)
+    assert len(keys) == 1 and keys[0][0] <= 32  # the follow-up only
+
+
+def test_a_failed_prefill_capture_is_one_note_and_leaves_the_decode_graphs(eager, graphed, monkeypatch, capfd):
+    tries = []
+
+    def failing(graphs, padded, kv_len):
+        tries.append((padded, kv_len))
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "_capture_prefill", failing)
+    assert _answers(graphed, _two_turns) == _answers(eager, _two_turns)
+    graphs = graphed.model.decode_graphs
+    assert len(tries) == 1 and not graphs.prefill_graphs and "not permitted" in graphs.prefill_failure  # tried once
+    assert sorted(graphs.graphs) == [256, 512] and graphs.failure is None
+    notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("internvl-chat:")]
+    assert len(notes) == 1 and "prefilling without CUDA graphs" in notes[0] and len(notes[0]) < 200

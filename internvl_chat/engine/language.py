@@ -1,6 +1,6 @@
 """Qwen2 decoder with a static, preallocated KV cache (the discipline of gpt-fast).
 
-One set of layers, three entry points:
+One set of layers, four entry points:
 - `forward_embeds(h, start_pos, last_only)`: prefill or an eager decode step. The first position
   is a host int, so K/V go into the cache slice [start_pos, start_pos + T) and attention reads
   exactly the valid prefix `start_pos + T` (one new token needs no mask at all).
@@ -9,6 +9,8 @@ One set of layers, three entry points:
   serves every cache length.
 - `decode_masked(token, position, kv_len)`: the position lives on the device and attention reads a
   fixed `kv_len` bucket with the stale tail masked (CUDA-graph replay: static shapes, no host sync).
+- `prefill_masked(ids, positions, last, kv_len)`: the same for a short chunk padded to a fixed
+  length (a follow-up turn's prefill replayed from a CUDA graph).
 
 The code is written for Inductor to fuse: RoPE is applied to q and k in one expression (qkv bias
 included, float32 like the reference), residual adds sit next to the RMSNorm that follows them,
@@ -59,6 +61,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # 16-bit one all the more (oneDNN's per-call setup costs more than the whole product), so every
 # size takes it. CUDA keeps cuBLAS until measured.
 GEMV_AS_REDUCTION = {"cpu": True, "cuda": False}
+# Where several query tokens attend under a mask (a chunk after cached tokens) with grouped KV
+# heads, fold each KV head's group of query heads into query rows of that head (`folded_attention`)
+# instead of SDPA's enable_gqa: torch's CUDA SDPA takes a mask with enable_gqa only in its math
+# kernel, which materialises [heads, T, S] scores in fp32 (5.6 GB for a 13-tile picture after 4k
+# tokens on the 8B decoder); folded, the memory-efficient kernel takes it. CPU paths keep enable_gqa
+# (measured there).
+FOLD_MASKED_GQA = {"cpu": False, "cuda": True}
 # bf16 or fp16 prefill on a CPU that emulates the dtype (cpu_features.computes_natively): rows
 # from which a linear computes in fp32 with its weight upcast for the call
 UPCAST_MIN_ROWS = 32
@@ -165,6 +174,19 @@ def _upcast(weight: torch.Tensor) -> torch.Tensor:
         return buffer.copy_(weight)
 
 
+def folded_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [1, T, heads, hd] (token-major) against keys/values [1, kv_heads, S, hd] under a bool
+    mask [T, S] → [1, T, heads·hd]. Each KV head's `group` query heads become T·group query rows
+    of that head (row t·group + j: token t, head j of the group), so no head is repeated and no
+    GQA support is needed; the mask is repeated per row (T·group·S bools)."""
+    _, t, heads, hd = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    rows = q.reshape(1, t, kv_heads, group, hd).permute(0, 2, 1, 3, 4).reshape(1, kv_heads, t * group, hd)
+    out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask.repeat_interleave(group, dim=0))
+    return out.view(1, kv_heads, t, group, hd).permute(0, 2, 1, 3, 4).reshape(1, t, heads * hd)
+
+
 def write_cache(cache: torch.Tensor, new: torch.Tensor, positions) -> None:
     """new [1, T, kv_heads, hd] into cache [1, kv_heads, S, hd] at `positions`: an int (or a
     symbolic int when compiled) is the first of T consecutive positions; a tensor lists them."""
@@ -202,6 +224,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.reshape(1, kv_heads, heads // kv_heads, hd), keys, values, attn_mask=mask)
             return linear(self.o_proj, out.reshape(1, 1, self.q_size).to(x.dtype))
         gqa = kv_heads != heads
+        if gqa and isinstance(mask, torch.Tensor) and FOLD_MASKED_GQA.get(x.device.type, False):
+            return linear(self.o_proj, folded_attention(q, keys, values, mask).to(x.dtype))
         q = q.transpose(1, 2)
         if isinstance(mask, str):  # "causal": a prefill from position 0 (lets SDPA pick flash kernels)
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
@@ -354,9 +378,24 @@ class Qwen2ForCausalLM(nn.Module):
         mask = torch.arange(kv_len, device=h.device)[None, :] <= position[:, None]  # [1, kv_len], shared by the layers
         return self._layers(h, cos, sin, position, kv_len, mask, True, caches)[-1]
 
-    def _layers(self, h, cos, sin, positions, kv_len, mask, last_only: bool, caches) -> torch.Tensor:
+    def prefill_masked(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, kv_len: int, caches=None) -> torch.Tensor:
+        """Float32 logits [V] of row `last` (LongTensor [1]) of a chunk `ids` ([T]) at the device
+        `positions` ([T], consecutive), attending over a fixed `kv_len` bucket with a causal mask
+        built on the device: the shape-static prefill a CUDA graph holds (cuda_graph.py). Rows
+        after `last` are padding: they write K/V past the prompt, where nothing is read before a
+        later token overwrites it (every step writes its position before attending to it)."""
+        h = self.model.embed_tokens(ids)[None]
+        cos, sin = self.cos[positions], self.sin[positions]
+        mask = torch.arange(kv_len, device=h.device)[None, :] <= positions[:, None]  # [T, kv_len]
+        return self._layers(h, cos, sin, positions, kv_len, mask, last, caches)[-1]
+
+    def _layers(self, h, cos, sin, positions, kv_len, mask, last_only: bool | torch.Tensor, caches) -> torch.Tensor:
+        """`last_only`: logits of the last row only (True), of every row (False), or of the row a
+        device index tensor names."""
         for layer, (k_cache, v_cache) in zip(self.model.layers, caches if caches is not None else self.caches()):
             h = layer(h, cos, sin, positions, kv_len, mask, k_cache, v_cache)
-        if last_only:
+        if isinstance(last_only, torch.Tensor):
+            h = h.index_select(1, last_only)
+        elif last_only:
             h = h[:, -1:]
         return linear(self.lm_head, self.model.norm(h))[0].float()

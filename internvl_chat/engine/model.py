@@ -108,6 +108,7 @@ class InternVLModel(nn.Module):
         self.vision_batch = 8  # tiles per ViT call: bounds attention memory on long videos
         self.prefill_chunk = 2048  # tokens per prefill forward; empty() sets it per device (prefill_chunk_tokens)
         self.decode_graphs = None  # set by enable_cuda_graphs()
+        self.prefill_graph_pool = None  # the CUDA memory pool of every short-prefill graph (cuda_graph.py)
         self._graphs_wanted = False
         self.compiled_step = None  # set by enable_compile()
         self.compile_failure: str | None = None  # its one-line reason when compiling failed
@@ -153,7 +154,8 @@ class InternVLModel(nn.Module):
                         setattr(parent, name, PendingInt4(child.in_features, child.out_features, child.bias is not None))
 
     def enable_cuda_graphs(self, enabled: bool = True) -> None:
-        """Replay one-token decode steps from captured CUDA graphs (CUDA only; see cuda_graph.py)."""
+        """Replay one-token decode steps and short prefills from captured CUDA graphs (CUDA only;
+        see cuda_graph.py)."""
         self._graphs_wanted = enabled and self.device.type == "cuda"
         step = self.compiled_step
         if step is not None and step.for_graphs != self._graphs_wanted:
@@ -391,6 +393,10 @@ class InternVLModel(nn.Module):
                 return self.decode_graphs.step(ids, start_pos)
             with decode_threads(self.decode_threads):
                 return self.language_model.forward_embeds(self.embed(ids), start_pos, last_only=True)[-1]
+        if t > 1 and self.decode_graphs is not None and image_features is None and not all_logits:
+            logits = self.decode_graphs.prefill(ids, start_pos)  # a short text chunk: one graph replay
+            if logits is not None:
+                return logits
         h = self.embed(ids, image_features)
         if all_logits:
             return self.language_model.forward_embeds(h, start_pos, last_only=False)
