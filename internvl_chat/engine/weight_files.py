@@ -25,7 +25,8 @@ BIN_SINGLE = "pytorch_model.bin"
 
 @dataclass(frozen=True)
 class DeclaredTensor:
-    """A tensor as its file's validated safetensors header declares it: its bytes are in the file."""
+    """A tensor as its weight file declares it, data unread (a validated safetensors header, or a
+    pickle loaded memory-mapped): its bytes are in the file."""
 
     file: Path
     name: str  # as stored
