@@ -357,6 +357,17 @@ def test_all_layouts_and_formats_yield_the_same_tensors(variants):
             assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], tensor), (name, key)
 
 
+def test_all_layouts_and_formats_load_with_their_embeddings_checked(variants):
+    """The loader compares config.json's vocab_size with the embedding rows each file format
+    declares (safetensors headers, pickles) before the tokenizer: every honest variant passes."""
+    from internvl_chat.engine.loader import load_model
+
+    for name, folder in variants.items():
+        loaded = load_model(folder, device="cpu", dtype="float32", max_context=64)
+        rows = loaded.model.language_model.model.embed_tokens.weight.shape[0]
+        assert rows == loaded.config.text.vocab_size, name
+
+
 def test_shards_really_split_the_tensors(variants):
     index = json.loads((variants["hf_sharded"] / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3

@@ -455,7 +455,107 @@ def test_a_tokenizer_far_larger_than_the_vocabulary_is_refused_unparsed(tiny_ori
     one_line(err, str(folder / "tokenizer.json"), words, f"vocab_size of {vocab_size:,}", "use the one shipped")
 
 
-@pytest.mark.parametrize("name", ["language_model.model.embed_tokens.weight", "junk"])
+def _no_tokenizer(monkeypatch) -> None:
+    """The tokenizer files must not be parsed at all: the refusal comes before them."""
+    import tokenizers
+
+    from internvl_chat.engine import loader
+
+    def parse(*args, **kwargs):
+        raise AssertionError("the tokenizer was parsed before the refusal")
+
+    monkeypatch.setattr(loader, "load_tokenizer", parse)
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_str", parse)
+
+
+def test_the_largest_vocabulary_on_small_weights_is_refused_before_the_tokenizer(tiny_original, tmp_path, monkeypatch):
+    """config.json's vocab_size bounds how many entries tokenizer.json may hold. Declaring the
+    largest one (2,097,152) with a hidden_size of 2 asks for only ~2 MiB of weights, which any
+    tensor could fill, so the byte check passed and a tokenizer.json of millions of entries was
+    parsed (~23 s, ~2.3 GB) before anything compared the embeddings: now their header refuses it."""
+    from internvl_chat.engine.config import MAX_VOCAB
+
+    def pad(state):  # enough bytes for the byte check, in a tensor that is no embedding
+        state["padding"] = torch.zeros(MAX_VOCAB, dtype=torch.float16)
+
+    folder = _with_weights(tiny_original, tmp_path / "huge vocab", pad)
+    raw = config_of(folder)
+    raw["llm_config"].update(vocab_size=MAX_VOCAB, hidden_size=2, num_attention_heads=1, num_key_value_heads=1,
+                             intermediate_size=2)  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(raw))
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    _grow_vocabulary(data, 100_000)  # far more than the 512 real rows allow, within what 2 million would
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    _no_tokenizer(monkeypatch)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(folder / "model.safetensors"), "language_model.model.embed_tokens.weight", "[512, 64]",
+             f"[{MAX_VOCAB}, 2]", "config.json and the weights disagree")  # fmt: skip
+
+
+def _retyped(name: str, dtype: torch.dtype):
+    def edit(state):
+        state[name] = state[name].to(dtype)
+
+    return edit
+
+
+def _cut(name: str, rows: int):
+    def edit(state):
+        state[name] = state[name][:rows].contiguous()
+
+    return edit
+
+
+EMBED, LM_HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
+EMBEDDING_LIES = {
+    # config.json's vocab_size against the rows the embeddings really have (512), either way
+    "more rows in config.json": (lambda s: None, 576, [EMBED, "[512, 64]", "[576, 64]"]),
+    "fewer rows in config.json": (lambda s: None, 448, [EMBED, "[512, 64]", "[448, 64]"]),
+    "a shorter lm_head": (_cut(LM_HEAD, 448), None, [LM_HEAD, "[448, 64]", "[512, 64]"]),
+    # bytes to count a row by: one per element would halve what a row costs on disk
+    "integer embeddings": (_retyped(EMBED, torch.int8), None, [EMBED, "int8", "not as floats"]),
+    "no embeddings at all": (lambda s: [s.pop(EMBED), s.pop(LM_HEAD)], None, ["no token embeddings", "incomplete"]),
+}
+
+
+@pytest.mark.parametrize("case", list(EMBEDDING_LIES))
+def test_embeddings_that_disagree_with_vocab_size_are_refused_before_the_tokenizer(tiny_original, tmp_path, monkeypatch, case):
+    """The model is built with [vocab_size, hidden_size] embeddings and lm_head, so anything else
+    failed only after the tokenizer was parsed and the model allocated; it is read from the header."""
+    edit, vocab_size, words = EMBEDDING_LIES[case]
+    folder = _with_weights(tiny_original, tmp_path / "lying embeddings", edit)
+    if vocab_size is not None:
+        raw = config_of(folder)
+        raw["llm_config"]["vocab_size"] = vocab_size
+        (folder / "config.json").write_text(json.dumps(raw))
+    _no_tokenizer(monkeypatch)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(folder), *words)
+
+
+@pytest.mark.parametrize("layout, file_format, stored", [
+    ("hf", "safetensors", "model.language_model.embed_tokens.weight"),  # the -hf names are found too
+    ("hf", "sharded", "model.language_model.embed_tokens.weight"),
+    ("original", "bin", EMBED),  # pickles declare their shapes when loaded memory-mapped
+])  # fmt: skip
+def test_every_layout_names_its_embeddings_when_vocab_size_lies(tiny_tokenizer, tmp_path, monkeypatch, layout, file_format, stored):
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "lying", layout=layout, file_format=file_format, tokenizer_dir=tiny_tokenizer)
+    raw = config_of(folder)
+    text = raw["llm_config" if layout == "original" else "text_config"]
+    text["vocab_size"] += 64
+    (folder / "config.json").write_text(json.dumps(raw))
+    _no_tokenizer(monkeypatch)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, str(folder), stored, f"[{text['vocab_size']}, 64]", "config.json and the weights disagree")
+
+
+# (an embedding of the wrong shape is refused earlier still, from the header: test_an_embedding_that_disagrees_with_vocab_size)
+@pytest.mark.parametrize("name", ["language_model.model.norm.weight", "junk"])
 def test_a_tensor_larger_than_the_model_is_refused_before_it_is_read(tiny_original, tmp_path, monkeypatch, name):
     """A header whose shapes agree with its offsets can still lie to the config: each tensor was read
     into a buffer of the size the header declares, and only then compared. A file of sparse zeros

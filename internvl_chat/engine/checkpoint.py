@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .tensor_reader import iter_file, shown_value
-from .weight_files import find_weight_files
-from .weight_names import QKV_SLOTS, hf_to_canonical, is_ignored, qkv_slot
+from .tensor_reader import iter_file, pickle_shapes, shown_value
+from .weight_files import DeclaredTensor, Payload, WeightFiles, find_weight_files
+from .weight_names import EMBEDDING, LM_HEAD, QKV_SLOTS, hf_to_canonical, is_ignored, qkv_slot
 
 
 def _detect_layout(model_dir: Path) -> str:
@@ -71,6 +71,28 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None,
             f"the checkpoint has only part of the vision attention for {shown_value(name)} (no {', '.join(lacking)}); "
             "the download may be incomplete"
         )
+
+
+def stored_embeddings(weights: WeightFiles, payload: Payload, layout: str) -> list[DeclaredTensor]:
+    """The token embeddings and lm_head the weight files store (either may be absent: a tied
+    checkpoint stores one), as their files declare them, without reading their data: from the
+    safetensors headers `payload` already read, or from each pickle loaded memory-mapped until
+    both are found (tensor_reader.pickle_shapes). The embeddings come first."""
+    wanted = (EMBEDDING, LM_HEAD)
+
+    def canonical(name: str) -> str | None:
+        return name if layout == "original" else hf_to_canonical(name)
+
+    if weights.kind == "safetensors":
+        found = [t for t in payload.declared if canonical(t.name) in wanted]
+    else:
+        found = []
+        for path in weights.files:
+            found += [DeclaredTensor(path, name, dtype, shape)
+                      for name, dtype, shape in pickle_shapes(path) if canonical(name) in wanted]  # fmt: skip
+            if {canonical(t.name) for t in found} == set(wanted):
+                break
+    return sorted(found, key=lambda t: wanted.index(canonical(t.name)))  # the embeddings first: they are the vocabulary
 
 
 def _fused_qkv(name: str, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -17,16 +17,18 @@ import torch
 from ..errors import CheckpointError, UsageError
 from ..files import brief_repr, expand_home, visible
 from ..settings import INT4_BACKENDS
-from .checkpoint import iter_tensors
+from .checkpoint import iter_tensors, stored_embeddings
 from .compiled import MODES as COMPILE_MODES
 from .compiled import wanted as compile_wanted
 from .config import ModelConfig, QuantConfig, load_config
 from .cpu_features import default_cpu_dtype
 from .model import SMALL_DECODER_BYTES, InternVLModel
 from .out_of_memory import is_out_of_memory
+from .tensor_reader import shown_value
 from .tinychat import convert_tinychat
 from .tokenizer import SpecialTokens, Tokenizer, load_tokenizer, special_token_ids
-from .weight_files import find_weight_files
+from .weight_files import DeclaredTensor, find_weight_files
+from .weight_names import EMBEDDING
 
 DTYPES = {
     "float32": torch.float32,
@@ -81,6 +83,35 @@ def check_weights_fit_config(cfg: ModelConfig, file_bytes: int, path: Path) -> N
             f"config.json of {visible(str(path))} describes at least {_count(elements)} weights but the weight files hold "
             f"only {file_bytes / 2**20:,.1f} MiB; config.json and the weights disagree (a damaged config or a partial download)"
         )
+
+
+def check_vocab_on_disk(cfg: ModelConfig, embeddings: list[DeclaredTensor], path: Path) -> None:
+    """config.json's vocab_size must be the rows of the embeddings the weight files really hold,
+    before it bounds how much tokenizer is parsed (tokenizer.py's entry counts). The byte check
+    above cannot see this: it weighs all tensors together against the config's products, so a
+    config of the largest vocabulary with a hidden_size of 2 needs only 2 MiB of any tensors, and
+    its tokenizer.json of millions of entries took ~23 s and ~2.3 GB to parse before the weights
+    were compared. The model is built with exactly these shapes (lm_head too), so anything else
+    fails to load later anyway; checkpoints pad the rows past the tokenizer (InternVL3: 151,674)
+    and say so in vocab_size."""
+    if not embeddings:
+        raise CheckpointError(
+            f"the weight files of {visible(str(path))} hold no token embeddings ({EMBEDDING}); "
+            "the download is incomplete or the folder holds a different model"
+        )
+    implied = (cfg.text.vocab_size, cfg.text.hidden_size)
+    for tensor in embeddings:
+        if not tensor.dtype.is_floating_point:  # one byte per element would halve what a row costs on disk
+            raise CheckpointError(
+                f"{visible(str(tensor.file))} stores {shown_value(tensor.name)} as {str(tensor.dtype).removeprefix('torch.')}, "
+                "not as floats; the weight file is damaged or not a 16-bit checkpoint"
+            )
+        if tensor.shape != implied:
+            raise CheckpointError(
+                f"{visible(str(tensor.file))} stores {shown_value(tensor.name)} with shape {list(tensor.shape)} but "
+                f"config.json's vocab_size and hidden_size imply {list(implied)}; config.json and the weights disagree "
+                "(use the config.json shipped with these weights)"
+            )
 
 
 def check_tokenizer_fits_vocab(tokenizer: Tokenizer, cfg: ModelConfig, path: Path) -> None:
@@ -150,7 +181,9 @@ def load_model(
     path = expand_home(path)
     cfg = load_config(path)
     weights = find_weight_files(path)
-    check_weights_fit_config(cfg, weights.payload_bytes(), path)
+    payload = weights.payload()
+    check_weights_fit_config(cfg, payload.nbytes, path)
+    check_vocab_on_disk(cfg, stored_embeddings(weights, payload, cfg.layout), path)
     tinychat = weights.kind == "tinychat"
     if tinychat and cfg.quant is None:
         cfg = dataclasses.replace(cfg, quant=QuantConfig())  # TinyChat v2 files are W4 g128 by definition

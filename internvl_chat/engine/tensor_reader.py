@@ -211,6 +211,17 @@ def _plain_state_dict(path: Path, state: object) -> dict[str, torch.Tensor]:
     return state
 
 
+def pickle_shapes(path: Path) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every tensor of a pickle, without reading their data where the format
+    allows: a zip pickle (torch ≥ 1.6) is memory-mapped, so only its pickled list of tensors is
+    read; a legacy one cannot be mapped and is read whole. A tensor whose storage the file does not
+    hold fails the load (torch checks each tensor against its storage)."""
+    state = _plain_state_dict(path, _torch_load(path))
+    shapes = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()]
+    del state
+    return shapes
+
+
 def iter_file(path: Path, kind: str, max_elements: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Raw (name, tensor) pairs of one file; at most this one file's tensors are referenced."""
     if kind == "safetensors":

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..errors import CheckpointError
 from ..files import visible
 from .checkpoint_json import read_json_object
@@ -19,6 +21,26 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+
+
+@dataclass(frozen=True)
+class DeclaredTensor:
+    """A tensor as its weight file declares it, data unread (a validated safetensors header, or a
+    pickle loaded memory-mapped): its bytes are in the file."""
+
+    file: Path
+    name: str  # as stored
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What the weight files hold, known before any tensor is read: `nbytes` of weight data, and
+    for safetensors every tensor its header declares (pickles declare none without a load)."""
+
+    nbytes: int
+    declared: tuple[DeclaredTensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -33,24 +55,28 @@ class WeightFiles:
     files: tuple[Path, ...]
     index: Path | None = None
 
-    def payload_bytes(self) -> int:
-        """Bytes of weight data, for checking config.json against before anything is allocated.
+    def payload(self) -> Payload:
+        """Bytes of weight data and the tensors the headers declare, for checking config.json
+        against before anything is allocated.
 
         Safetensors headers are validated here, every shard's, so a damaged shard is reported
         before the model is built; pickles count their size on disk.
         """
         total = 0
+        declared: list[DeclaredTensor] = []
         for path in self.files:
             shown = visible(str(path))
             if self.kind == "safetensors":
                 open_regular(path, "weight file").close()
-                total += sum(n for *_, n in safetensors_entries(path, shown))
+                for name, dtype, shape, nbytes in safetensors_entries(path, shown):
+                    total += nbytes
+                    declared.append(DeclaredTensor(path, name, dtype, shape))
                 continue
             try:
                 total += path.stat().st_size
             except OSError as e:
                 raise CheckpointError(f"cannot read {shown} ({e.strerror or e}); check the file") from None
-        return total
+        return Payload(total, tuple(declared))
 
 
 def _is_plain_file_name(name: str, suffix: str) -> bool:

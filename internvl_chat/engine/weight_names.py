@@ -30,6 +30,9 @@ _VISION_EMBED_ORIG_TO_HF = {v: k for k, v in _VISION_EMBED_HF_TO_ORIG.items()}
 _PROJECTOR_HF_TO_ORIG = {"layer_norm": "0", "linear_1": "1", "linear_2": "3"}
 _PROJECTOR_ORIG_TO_HF = {v: k for k, v in _PROJECTOR_HF_TO_ORIG.items()}
 QKV_SLOTS = ("q_proj", "k_proj", "v_proj")
+# canonical names of the token embeddings and the output head: [vocab_size, hidden_size] each
+EMBEDDING = "language_model.model.embed_tokens.weight"
+LM_HEAD = "language_model.lm_head.weight"
 
 # prefixes of the two -hf styles: (vision tower, projector, language model body, lm_head)
 _HF_PREFIXES = {
