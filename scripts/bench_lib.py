@@ -77,9 +77,11 @@ GEMV_SWEEP_CONFIGS = (
 # The dequant-sweep section's launch configurations of the one-pass dequantization kernels
 # (quant/triton_dequant.py), (BLOCK_N, BLOCK_W, NUM_WARPS), most promising first; the module's
 # default (32, 32, 4) runs before them as the baseline. Both kernels reach ~25 % of an H200's copy
-# bandwidth with it: each thread holds 64 fp32 weights of a 32 × 256 tile, so few programs fit an
-# SM. First the same tile over more threads, then smaller tiles (more programs in flight), then
-# larger ones; every tile a power of two (tl.arange), 8-128 rows × 8-64 words, 2-8 warps.
+# bandwidth with it, at 40 (tinygemm) / 64 (repacked) registers a thread and no spills (Triton's
+# sm_90 build), so registers do not bound the programs per SM. First the same tile over more
+# threads, then smaller tiles (more, shorter programs), then larger ones (more bytes a program);
+# every tile a power of two (tl.arange), 8-128 rows × 16-64 words, 2-8 warps; all compile for sm_90
+# with 128-bit stores (24-64 registers; n32 w32 nw2's repacked kernel 166).
 DEQUANT_SWEEP_CONFIGS = (
     (32, 32, 8), (16, 32, 4), (32, 16, 4), (16, 16, 4), (16, 32, 8), (64, 32, 8), (32, 64, 8),
     (8, 64, 4), (64, 16, 8), (32, 32, 2), (16, 64, 8), (128, 16, 8), (8, 32, 2), (16, 16, 2),
