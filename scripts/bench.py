@@ -29,6 +29,12 @@ CPU (default), on a small-but-not-trivial random-weight model built here:
             NUM_WARPS, TARGET_PROGRAMS) and ~15 others: µs, share of the copy bandwidth, output
             check, the best per shape vs the default and tinygemm (--sweep-budget, default 100 s;
             CPU dry run: TRITON_INTERPRET=1 ... --device cpu --quick --sections gemv-sweep)
+  dequant-sweep  (only when --sections names it) the one-pass dequantization kernels' launch
+            configuration tuned (quant/triton_dequant.py: tinygemm and repacked layouts): on the
+            four 8B decoder linears, the default (BLOCK_N, BLOCK_W, NUM_WARPS) and ~14 others: µs,
+            GB/s, share of the copy bandwidth, output bit for bit against the default's, the best
+            per shape and over all shapes vs the default (--dqsweep-budget, default 60 s; CPU dry
+            run: TRITON_INTERPRET=1 ... --device cpu --quick --sections dequant-sweep)
 
     python scripts/bench.py [--device cpu|cuda] [--quick] [--out FILE.json] [--sections a,b]
 """
@@ -72,7 +78,7 @@ FOLLOW_UPS = [
 ]
 CPU_SECTIONS = ("engine", "overhead", "load", "chunk", "w4", "decode", "startup")
 CUDA_SECTIONS = ("shapes", "gemv", "engine", "load", "chunk")
-OPT_IN_SECTIONS = ("gemv-sweep",)  # run only when --sections names them (tuning, not a default measurement)
+OPT_IN_SECTIONS = ("gemv-sweep", "dequant-sweep")  # run only when --sections names them (tuning, not a default measurement)
 SECTION_ALIASES = {"crossover": "gemv"}  # the gemv section grew out of tinygemm-vs-dense "crossover"
 
 
@@ -693,6 +699,76 @@ def section_gemv_sweep(plan: bl.Plan, device: torch.device, deadline: float | No
     return out
 
 
+def section_dequant_sweep(plan: bl.Plan, device: torch.device, deadline: float | None, start: float, rows_done=None) -> dict:
+    """The one-pass dequantization kernels' launch configuration, tuned: both layouts (tinygemm's,
+    which the app's default backend dequantizes for prefill, and the triton backend's repacked
+    one) on the decoder linears of `plan.sweep_shape`, the module's default configuration (the
+    baseline, whose outputs are the reference) and then each of `plan.dqsweep_configs`
+    (configurations outer, shapes and kernels inner, so a spent budget leaves whole configurations
+    out): µs, GB/s, share of the copy bandwidth, output bit for bit against the default's, per
+    shape and over all shapes the best configuration against the default. Its own time budget
+    (`plan.dqsweep_budget_s`); cells left are recorded as skipped. `rows_done`: after each configuration."""
+    from internvl_chat.quant import triton_dequant, triton_gemv
+
+    why = triton_gemv.triton_unavailable_reason(device)
+    if why is not None:
+        return {"skipped": f"the Triton kernels cannot run here: {why}"}
+    bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
+    own = time.perf_counter() + plan.dqsweep_budget_s
+    section_deadline = min(own, deadline) if deadline is not None else own
+    default = triton_dequant.default_config()
+    configs = [default] + [c for c in dict.fromkeys(triton_dequant.DequantConfig(*t) for t in plan.dqsweep_configs) if c != default]
+    default_label = bl.dequant_label(default)
+    out: dict = {
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "model": plan.sweep_shape,
+        "group_size": bl.AWQ_GROUP,
+        "dtype": "bfloat16",
+        "kernels": list(bl.DEQUANT_KERNELS),
+        "default_config": default_label,
+        "configs": {bl.dequant_label(c): c._asdict() for c in configs},
+        "bytes_note": "read: the packed weight, scales and zeros; written: the dense bf16 weight; per call",
+        "check_note": "each output bit for bit against the default configuration's output on the same tensors",
+        "shapes": {},
+    }
+    bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s; {len(configs)} configurations, default {default_label}", start)
+    prepared = {}
+    for seed, (layer, (k, n)) in enumerate(bl.llm_linear_shapes(plan.sweep_shape).items(), 1):
+        key = f"{plan.sweep_shape} {layer}"
+        try:
+            prepared[key], out["shapes"][key] = bl.prepare_dequant_shape(k, n, device, seed)
+        except Exception as e:
+            out["shapes"][key] = {"error": repr(e), "traceback": traceback.format_exc(limit=4)}
+            bl.log(f"  {key}: FAILED {e!r}", start)
+    for config in configs:
+        label = bl.dequant_label(config)
+        for key, shape in prepared.items():
+            for kernel, r in out["shapes"][key]["kernels"].items():
+                if time.perf_counter() > section_deadline:
+                    r["configs"][label] = {"skipped": "time budget spent"}
+                else:
+                    r["configs"][label] = bl.measure_dequant_config(shape, kernel, config, r["bytes"], device, bandwidth)
+        bl.log(f"  {label}: " + "; ".join(
+            f"{kernel} " + ", ".join(f"{key.split()[-1]} " + _dequant_brief(out["shapes"][key]["kernels"][kernel]["configs"][label])
+                                    for key in prepared)
+            for kernel in bl.DEQUANT_KERNELS), start)  # fmt: skip
+        if rows_done is not None:
+            rows_done(out)
+    records = [out["shapes"][key] for key in prepared]
+    for r in records:
+        for k_record in r["kernels"].values():
+            k_record["best"] = bl.best_dequant_config(k_record["configs"], default_label)
+    out["best_overall"] = {kernel: bl.best_dequant_overall(records, kernel, default_label) for kernel in bl.DEQUANT_KERNELS}
+    del prepared
+    return out
+
+
+def _dequant_brief(cell: dict) -> str:
+    if "us" in cell:
+        return f"{cell['us']:.1f} µs" + ("" if cell["ok"] else " WRONG")
+    return "failed" if "error" in cell else "skipped"
+
+
 def kernel_vs_dense(shapes: dict) -> dict[str, dict[str, dict[str, float]]]:
     """The gemv section's tinygemm and tinygemm-dense times as `dense_from_rows` reads them: per
     shape, per measured row count, {kernel_ms, dense_ms}."""
@@ -973,6 +1049,59 @@ def render_gemv_sweep(w: dict) -> list[str]:
     return lines
 
 
+def render_dequant_sweep(w: dict) -> list[str]:
+    """The dequant-sweep section: per kernel one line per configuration with µs and share of the
+    copy bandwidth per shape (* the shape's best, ! output not the default's bits), then the best
+    configuration per shape and over all shapes, and why configurations failed."""
+    if "shapes" not in w:
+        return ["", f"[dequantization launch configurations] skipped: {w.get('skipped') or w.get('error')}"]
+    shapes = {key: r for key, r in w["shapes"].items() if "kernels" in r}
+    names = [key.split()[-1] for key in shapes]
+    lines = ["", f"[dequantization launch configurations] {w['model']}, group {w['group_size']}, {w['dtype']} out: µs per call "
+                 f"and share of the copy bandwidth ({w['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s; bytes read + written); "
+                 f"* best per shape, ! output not bit for bit the default's; n BLOCK_N, w BLOCK_W, nw NUM_WARPS; "
+                 f"the default {w['default_config']} first",
+             "  " + " · ".join(f"{key.split()[-1]} {r['in_features']}→{r['out_features']}" for key, r in shapes.items())]  # fmt: skip
+    for key, r in w["shapes"].items():
+        if key not in shapes:
+            lines.append(f"  {key}: {r.get('error') or r.get('skipped')}")
+
+    def cell(c: dict, best: bool) -> str:
+        if "us" in c:
+            mark = "*" if best else ("!" if not c["ok"] else " ")
+            return f"{c['us']:>9.1f}{c['bandwidth_share'] * 100:>4.0f}%{mark}"
+        return f"{'failed' if 'error' in c else '-':>15}"
+
+    failures: dict[tuple[str, str], list[str]] = {}
+    for kernel in w["kernels"]:
+        lines.append(f"  {kernel + ' layout':22}" + "".join(f"{name:>15}" for name in names))
+        for label in w["configs"]:
+            row = []
+            for r in shapes.values():
+                k_record = r["kernels"][kernel]
+                row.append(cell(k_record["configs"].get(label, {}), (k_record.get("best") or {}).get("config") == label))
+            lines.append(f"  {label:22}" + "".join(row))
+        lines.append(f"  best, {kernel} layout (× = the default's µs ÷ the best's):")
+        for name, r in zip(names, shapes.values()):
+            b = r["kernels"][kernel].get("best")
+            lines.append(f"    {name:10}{b['config']:18}{b['us']:>9.1f} µs {b['gb_per_s']:>7.0f} GB/s {b['bandwidth_share'] * 100:>4.0f}% "
+                         f"×{_fmt(b['vs_default'], '.2f')} vs the default" if b else f"    {name:10}none passed")  # fmt: skip
+            for label, c in r["kernels"][kernel]["configs"].items():
+                if "error" in c:
+                    failures.setdefault((label, c["error"]), []).append(f"{kernel} {name}")
+                elif c.get("ok") is False:
+                    lines.append(f"    {name:10}{label:18}WRONG: {c.get('mismatches')} weights differ from the default's")
+        o = (w.get("best_overall") or {}).get(kernel)
+        if o:
+            lines.append(f"    {'all':10}{o['config']:18}×{_fmt(o['vs_default'], '.2f')} vs the default "
+                         f"({o['total_us']:.1f} vs {_fmt(o['default_total_us'])} µs for the {len(shapes)} shapes)")  # fmt: skip
+        else:
+            lines.append(f"    {'all':10}none passed on every shape")
+    for (label, error), where in failures.items():
+        lines.append(f"  {label} failed ({', '.join(where)}): {error[:200]}")
+    return lines
+
+
 def render(report: dict) -> str:
     m = report["machine"]
     lines = [
@@ -1065,6 +1194,8 @@ def render(report: dict) -> str:
         lines += render_gemv(g)
     if s.get("gemv-sweep") and "error" not in s["gemv-sweep"]:
         lines += render_gemv_sweep(s["gemv-sweep"])
+    if s.get("dequant-sweep") and "error" not in s["dequant-sweep"]:
+        lines += render_dequant_sweep(s["dequant-sweep"])
     if s.get("decode") and "rows" in s["decode"]:
         lines += render_decode(s["decode"])
     for name, sec in s.items():
@@ -1144,6 +1275,7 @@ def run(
         "shapes": lambda: section_shapes(plan, device, deadline, start, rows_done("shapes")),
         "gemv": lambda: section_gemv(plan, device, deadline, start, rows_done("gemv")),
         "gemv-sweep": lambda: section_gemv_sweep(plan, device, deadline, start, rows_done("gemv-sweep")),
+        "dequant-sweep": lambda: section_dequant_sweep(plan, device, deadline, start, rows_done("dequant-sweep")),
         "engine": lambda: section_engine(small_model(), images["engine"], plan, device, dtype),
         "overhead": lambda: section_engine(tiny_model(), images["tiny"], overhead_plan, device, dtype),
         "load": lambda: section_load(small_model(), plan, device, dtype),
@@ -1215,6 +1347,10 @@ def plan_with_overrides(plan: bl.Plan, args: argparse.Namespace) -> bl.Plan:
         changes["sweep_configs"] = tuple(sweep_config(item) for item in _csv(args.sweep_configs))
     if args.sweep_budget is not None:
         changes["sweep_budget_s"] = args.sweep_budget
+    if args.dqsweep_configs:
+        changes["dqsweep_configs"] = tuple(dqsweep_config(item) for item in _csv(args.dqsweep_configs))
+    if args.dqsweep_budget is not None:
+        changes["dqsweep_budget_s"] = args.dqsweep_budget
     return dataclasses.replace(plan, **changes) if changes else plan
 
 
@@ -1223,6 +1359,14 @@ def sweep_config(text: str) -> tuple[int, int, int, int]:
     parts = text.split(":")
     if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise SystemExit(f"--sweep-configs: {text!r} is not BLOCK_N:BLOCK_K:NUM_WARPS:TARGET_PROGRAMS (e.g. 64:512:4:528)")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def dqsweep_config(text: str) -> tuple[int, int, int]:
+    """--dqsweep-configs item BLOCK_N:BLOCK_W:NUM_WARPS → three powers of two (tl.arange's tiles)."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 and int(p) & (int(p) - 1) == 0 for p in parts):
+        raise SystemExit(f"--dqsweep-configs: {text!r} is not BLOCK_N:BLOCK_W:NUM_WARPS in powers of two (e.g. 16:32:4)")
     return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
@@ -1246,6 +1390,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-configs", help="gemv-sweep section: these launch configurations after the default, in order, "
                    "as BLOCK_N:BLOCK_K:NUM_WARPS:TARGET_PROGRAMS,... (e.g. 64:512:4:528,32:256:4:1056)")
     p.add_argument("--sweep-budget", type=float, help="gemv-sweep section: its own time budget in seconds (default 100)")
+    p.add_argument("--dqsweep-configs", help="dequant-sweep section: these launch configurations after the default, in order, "
+                   "as BLOCK_N:BLOCK_W:NUM_WARPS,... (powers of two, e.g. 16:32:4,32:32:8)")
+    p.add_argument("--dqsweep-budget", type=float, help="dequant-sweep section: its own time budget in seconds (default 60)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

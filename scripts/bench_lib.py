@@ -74,6 +74,19 @@ GEMV_SWEEP_CONFIGS = (
     (32, 512, 2, 1056), (64, 256, 4, 264), (128, 256, 4, 264), (64, 256, 2, 528), (32, 128, 2, 1056),
 )  # fmt: skip
 
+# The dequant-sweep section's launch configurations of the one-pass dequantization kernels
+# (quant/triton_dequant.py), (BLOCK_N, BLOCK_W, NUM_WARPS), most promising first; the module's
+# default (32, 32, 4) runs before them as the baseline. Both kernels reach ~25 % of an H200's copy
+# bandwidth with it, at 40 (tinygemm) / 64 (repacked) registers a thread and no spills (Triton's
+# sm_90 build), so registers do not bound the programs per SM. First the same tile over more
+# threads, then smaller tiles (more, shorter programs), then larger ones (more bytes a program);
+# every tile a power of two (tl.arange), 8-128 rows × 16-64 words, 2-8 warps; all compile for sm_90
+# with 128-bit stores (24-64 registers; n32 w32 nw2's repacked kernel 166).
+DEQUANT_SWEEP_CONFIGS = (
+    (32, 32, 8), (16, 32, 4), (32, 16, 4), (16, 16, 4), (16, 32, 8), (64, 32, 8), (32, 64, 8),
+    (8, 64, 4), (64, 16, 8), (32, 32, 2), (16, 64, 8), (128, 16, 8), (8, 32, 2), (16, 16, 2),
+)  # fmt: skip
+
 
 # ---------------------------------------------------------------------------------------------
 # Plans
@@ -123,6 +136,11 @@ class Plan:
     sweep_configs: tuple[tuple[int, int, int, int], ...] = GEMV_SWEEP_CONFIGS
     sweep_rows: tuple[int, ...] = (1,)
     sweep_budget_s: float = 100.0
+    # the dequant-sweep section: both one-pass dequantization kernels on the decoder linears of
+    # `sweep_shape` under the module's default launch configuration, then each of
+    # `dqsweep_configs`; its own time budget (each new configuration compiles two kernels)
+    dqsweep_configs: tuple[tuple[int, int, int], ...] = DEQUANT_SWEEP_CONFIGS
+    dqsweep_budget_s: float = 60.0
     # CPU decode/prefill vs llama.cpp: models ("demo", "qwen0.5b"), dtypes, threads, token counts
     decode_models: tuple[str, ...] = ("demo", "qwen0.5b")
     decode_dtypes: tuple[str, ...] = ("float32", "bfloat16")
@@ -183,6 +201,7 @@ QUICK = Plan(
     gemv_rows=(1, 4),
     sweep_shape="tiny",
     sweep_configs=((32, 128, 2, 1056), (128, 512, 8, 264)),  # a K split with its reduction; one step
+    dqsweep_configs=((64, 8, 2), (128, 64, 8)),  # fewer words than a group; a tile past N and K
     decode_models=("demo",),
     decode_dtypes=("float32",),
     decode_threads=(1,),
@@ -522,15 +541,21 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return value if math.isfinite(value) else float("inf")
 
 
+def copies_beyond_cache(nbytes: int, device: torch.device, cache_bytes: int | None = None, max_copies: int = 256) -> int:
+    """How many copies of `nbytes` hold ≥ 2× `cache_bytes` (default: the GPU's L2 cache; on the
+    CPU none: 1), so that calling them in turn reads from memory, not from a warm cache."""
+    if cache_bytes is None:
+        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+        cache_bytes = (getattr(props, "L2_cache_size", 0) or (64 << 20)) if props is not None else 0
+    return max(1, min(max_copies, math.ceil(2 * cache_bytes / max(nbytes, 1))))
+
+
 def rotation_copies(layer: nn.Module, device: torch.device, cache_bytes: int | None = None,
                     max_copies: int = 256) -> list[nn.Module]:  # fmt: skip
     """The layer and enough copies of it that calling them in turn streams the weights from memory,
     as decode does, not from a warm cache: ≥ 2× `cache_bytes` in all (default: the GPU's L2 cache;
     on the CPU none, the layer alone)."""
-    if cache_bytes is None:
-        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
-        cache_bytes = (getattr(props, "L2_cache_size", 0) or (64 << 20)) if props is not None else 0
-    n = max(1, min(max_copies, math.ceil(2 * cache_bytes / max(module_bytes(layer), 1))))
+    n = copies_beyond_cache(module_bytes(layer), device, cache_bytes, max_copies)
     copies = [layer]
     try:
         copies += [copy.deepcopy(layer) for _ in range(n - 1)]
@@ -799,6 +824,161 @@ def best_overall(shapes: dict, m: int, default: str) -> dict | None:
         cells = [r["configs"].get(label, {}).get(str(m), {}) for r in records]
         if all(c.get("ok") for c in cells):
             totals[label] = sum(c["us"] for c in cells)
+    if not totals:
+        return None
+    label = min(totals, key=totals.get)
+    return {"config": label, "total_us": totals[label], "default_total_us": totals.get(default),
+            "vs_default": ratio(totals[default], totals[label]) if default in totals else None}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-pass dequantization under other launch configurations (the dequant-sweep section)
+
+# kernel → its launcher in quant/triton_dequant.py, looked up at each call: the tinygemm layout
+# (Int4Linear's torch backend, the app's default on CUDA) and the triton backend's repacked layout
+DEQUANT_KERNELS = {"tinygemm": "dequantize_tinygemm_with_config", "repacked": "dequantize_repacked_with_config"}
+
+
+def dequant_label(config) -> str:
+    """A dequantization launch configuration's short name: n<BLOCK_N> w<BLOCK_W> nw<NUM_WARPS>."""
+    return f"n{config.block_n} w{config.block_w} nw{config.num_warps}"
+
+
+def random_dequant_inputs(in_features: int, out_features: int, device: torch.device, seed: int = 0,
+                          group_size: int = AWQ_GROUP) -> dict[str, tuple[torch.Tensor, ...]]:  # fmt: skip
+    """Random resident tensors of a K→N linear in both layouts the kernels read, as Int4Linear holds
+    them on CUDA: tinygemm's int32 [N/8, K/(16t), 32, t/2] with bf16 (scale, zero) [G, N, 2], and
+    the triton backend's int32 [N, K/8] with fp16 scales and uint8 zeros [N, G]. Any bits are a
+    valid packed weight; scales ≈ 2e-3 as in `random_awq`."""
+    from internvl_chat.quant.int4_linear import _cuda_inner_k_tiles
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    groups = in_features // group_size
+    tiles = _cuda_inner_k_tiles(group_size)
+
+    def words(*shape: int) -> torch.Tensor:
+        raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * 4), dtype=torch.uint8, device=device, generator=gen)
+        return raw.view(torch.int32)
+
+    def scales(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, device=device, generator=gen) * 2e-3 + 1e-3
+
+    zeros = torch.randint(0, 16, (out_features, groups), dtype=torch.uint8, device=device, generator=gen)
+    s = scales(groups, out_features)
+    scale_and_zero = torch.stack((s, (8.0 - zeros.t().float()) * s), dim=-1).to(torch.bfloat16)
+    tinygemm = (words(out_features // 8, in_features // (16 * tiles), 32, tiles // 2), scale_and_zero)
+    repacked = (words(out_features, in_features // 8), scales(out_features, groups).half(), zeros)
+    return {"tinygemm": tinygemm, "repacked": repacked}
+
+
+def tensors_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class DequantShape(NamedTuple):
+    """One linear's inputs for the dequant sweep, per kernel: copies of its packed tensors to
+    rotate through, and the default configuration's output (the bits every other one must give)."""
+
+    copies: dict[str, list[tuple[torch.Tensor, ...]]]
+    reference: dict[str, torch.Tensor]
+    group_size: int
+    dtype: torch.dtype
+
+
+def dequantize_with_config(kernel: str, inputs: tuple[torch.Tensor, ...], group_size: int, dtype: torch.dtype, config) -> torch.Tensor:
+    """The dequantization kernel `kernel` (a DEQUANT_KERNELS key) on `inputs` under `config`."""
+    from internvl_chat.quant import triton_dequant
+
+    return getattr(triton_dequant, DEQUANT_KERNELS[kernel])(*inputs, group_size, dtype, config)
+
+
+@torch.inference_mode()
+def prepare_dequant_shape(in_features: int, out_features: int, device: torch.device, seed: int = 0,
+                          cache_bytes: int | None = None, dtype: torch.dtype = torch.bfloat16,
+                          group_size: int = AWQ_GROUP) -> tuple[DequantShape, dict]:  # fmt: skip
+    """A K→N linear's random packed tensors in both layouts, copied beyond the L2 cache, with the
+    default configuration's outputs, and its record: bytes read (packed weight, scales, zeros) and
+    written (the dense weight) per call, copies, and an empty `configs` per kernel."""
+    from internvl_chat.quant import triton_dequant
+
+    inputs = random_dequant_inputs(in_features, out_features, device, seed, group_size)
+    written = out_features * in_features * torch.finfo(dtype).bits // 8
+    record: dict = {"in_features": in_features, "out_features": out_features, "kernels": {}}
+    copies, reference = {}, {}
+    for kernel, tensors in inputs.items():
+        read = tensors_bytes(tensors)
+        n = copies_beyond_cache(read, device, cache_bytes, max_copies=64)
+        copies[kernel] = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
+        reference[kernel] = dequantize_with_config(kernel, tensors, group_size, dtype, triton_dequant.default_config())
+        record["kernels"][kernel] = {"read_bytes": read, "written_bytes": written, "bytes": read + written, "copies": n,
+                                     "configs": {}}  # fmt: skip
+    return DequantShape(copies, reference, group_size, dtype), record
+
+
+def dequant_launch(kernel: str, in_features: int, out_features: int, group_size: int, config) -> dict:
+    """The tile and number of programs `kernel` launches for a K→N weight under `config`."""
+    from internvl_chat.quant import triton_dequant as td
+
+    if kernel == "tinygemm":
+        rows, cols = td.tinygemm_grid(out_features, in_features, config.block_n, config.block_w)
+        return {"block_n": config.block_n, "block_w": config.block_w, "programs": rows * cols}
+    block_g = td.repacked_block_groups(group_size, config.block_w)
+    rows, cols = td.repacked_grid(out_features, in_features // group_size, config.block_n, block_g)
+    return {"block_n": config.block_n, "block_g": block_g, "programs": rows * cols}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit equal (NaNs and signed zeros included), not merely equal as numbers."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+@torch.inference_mode()
+def measure_dequant_config(shape: DequantShape, kernel: str, config, nbytes: int, device: torch.device, bandwidth: float) -> dict:
+    """Dequantization kernel `kernel` under launch configuration `config` (a
+    triton_dequant.DequantConfig), called directly (not through the registered operator): its
+    launch, µs, GB/s (`nbytes`: bytes read + written per call), share of
+    `bandwidth`, and whether its output has the default configuration's bits (`exact`; `ok` only
+    then); a configuration the kernel cannot run as {"error": one line}."""
+    first = shape.copies[kernel][0]
+    k, n = shape.reference[kernel].shape[1], shape.reference[kernel].shape[0]
+    cell: dict = {"launch": dequant_launch(kernel, k, n, shape.group_size, config)}
+
+    def call(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return dequantize_with_config(kernel, inputs, shape.group_size, shape.dtype, config)
+
+    try:
+        out = call(first)  # the first call compiles this configuration
+        exact = same_bits(out, shape.reference[kernel])
+        if not exact:
+            cell["mismatches"] = int((out != shape.reference[kernel]).sum()) if out.shape == shape.reference[kernel].shape else None
+        del out
+        t = time_per_call([functools.partial(call, c) for c in shape.copies[kernel]], device, reps=_sweep_reps(device))
+    except Exception as e:
+        return {**cell, "error": one_line(e)}
+    return {**cell, "timing": t["method"], "us": t["s"] * 1e6, "gb_per_s": nbytes / t["s"] / 1e9,
+            "bandwidth_share": nbytes / t["s"] / bandwidth, "exact": exact, "ok": exact}  # fmt: skip
+
+
+def best_dequant_config(cells: dict[str, dict], default: str) -> dict | None:
+    """The fastest configuration among `cells` (label → cell) whose output had the default's bits,
+    against the default (`vs_default` > 1: the best is faster)."""
+    timed = [(c["us"], label) for label, c in cells.items() if c.get("ok")]
+    if not timed:
+        return None
+    us, label = min(timed)
+    best, base = cells[label], cells.get(default, {})
+    return {"config": label, "us": us, "gb_per_s": best["gb_per_s"], "bandwidth_share": best["bandwidth_share"],
+            "vs_default": ratio(base["us"], us) if base.get("ok") else None}  # fmt: skip
+
+
+def best_dequant_overall(records: Sequence[dict], kernel: str, default: str) -> dict | None:
+    """For `kernel`, the configuration with the least total µs over every shape (only those that ran
+    with the default's bits on all of them): one set of module constants serves every linear."""
+    tables = [r["kernels"][kernel]["configs"] for r in records]
+    totals = {label: sum(t[label]["us"] for t in tables) for label in (tables[0] if tables else ())
+              if all(t.get(label, {}).get("ok") for t in tables)}  # fmt: skip
     if not totals:
         return None
     label = min(totals, key=totals.get)

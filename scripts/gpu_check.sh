@@ -15,6 +15,13 @@
 #      arguments, e.g. '--sweep-rows 1,4' or '--sweep-configs 64:512:4:528,32:256:4:1056'). The sweep
 #      alone, as a call of its own (~2 min with the machine's start-up):
 #      PYTHONPATH=$PWD python scripts/bench.py --device cuda --sections gemv-sweep --out "$OUT/bench_sweep_cuda.json"
+#   3c. only with SWEEP=1, after 3b: the one-pass dequantization's launch configurations (bench.py
+#      --sections dequant-sweep): both layouts' kernels (tinygemm, repacked) on the four 8B linears,
+#      the default and ~14 others, µs, GB/s, share of the copy bandwidth, each output bit for bit
+#      against the default's, the best per shape and over all shapes vs the default
+#                                                                              → $OUT/bench_dqsweep_cuda.{txt,json}
+#      (~45 s: its budget DQSWEEP_BUDGET, 45 s; timeout DQSWEEP_TIMEOUT, 70 s; DQSWEEP_ARGS, e.g.
+#      '--dqsweep-configs 16:32:4,32:32:8'). Alone: ... --sections dequant-sweep --out "$OUT/bench_dqsweep_cuda.json"
 #   4. the GPU rows: InternVL3-8B/-1B/-2B LLM shapes, random weights (bench.py --sections
 #      shapes), per shape W4 tinygemm, W4 triton (where available), bf16, W4 gemlite (where
 #      available): decode tok/s eager / CUDA graphs / compiled inside the graphs, share of the
@@ -37,16 +44,17 @@
 # whatever a step does.
 #
 # Without a CUDA GPU this is a dry run on the CPU: the same code paths at a tiny shape
-# (bench.py --device cpu --quick --sections gemv, then shapes, compiled step included) and the
+# (bench.py --device cpu --quick --sections gemv, with SWEEP=1 gemv-sweep and dequant-sweep, then
+# shapes, compiled step included; the Triton kernels in Triton's interpreter) and the
 # compiled-step tests; it prints "DRY RUN" and no GPU number comes out of it.
 #
 # Run from the repository root:  OUT=/some/dir bash scripts/gpu_check.sh
 # Wheels for packages the machine lacks go in .wheels/ (or .whl/), carried with the tree:
 # scripts/gpu_wheels.sh builds them (gemlite);
 # BENCH_GIT_COMMIT=<sha> to record the commit when the copied tree has no .git; CUDA_TEST_FILES,
-# TEST_TIMEOUT, GEMV_TIMEOUT, GEMV_BUDGET, SWEEP_TIMEOUT, SWEEP_BUDGET, BENCH_TIMEOUT, SHAPES_BUDGET, TOTAL_LIMIT,
-# SETUP_TIMEOUT to fit the time left; BENCH_ARGS / GEMV_ARGS / SWEEP_ARGS: extra arguments of the
-# shapes / gemv / gemv-sweep step, e.g. a rerun's
+# TEST_TIMEOUT, GEMV_TIMEOUT, GEMV_BUDGET, SWEEP_TIMEOUT, SWEEP_BUDGET, DQSWEEP_TIMEOUT, DQSWEEP_BUDGET,
+# BENCH_TIMEOUT, SHAPES_BUDGET, TOTAL_LIMIT, SETUP_TIMEOUT to fit the time left; BENCH_ARGS / GEMV_ARGS /
+# SWEEP_ARGS / DQSWEEP_ARGS: extra arguments of the shapes / gemv / gemv-sweep / dequant-sweep step, e.g. a rerun's
 # '--shape-rows InternVL3-1B:w4,InternVL3-8B:bf16' / '--gemv-rows 1,16 --gemv-columns tinygemm,triton,bf16'.
 set -u
 
@@ -192,6 +200,18 @@ if [ "${SWEEP:-0}" = 1 ]; then
     rc=$?
     set +o pipefail
     [ $rc -eq 0 ] || { echo "gemv-sweep benchmark: exit $rc"; FAILED+=("gemv-sweep($rc)"); }
+
+    # --- 3c. the one-pass dequantization's launch configurations (SWEEP=1 only) ---------------
+    DQSWEEP_TIMEOUT=$(capped "${DQSWEEP_TIMEOUT:-70}")
+    DQSWEEP_BUDGET=$(budget "${DQSWEEP_BUDGET:-45}" "$DQSWEEP_TIMEOUT" 20)
+    step "dequantization launch configurations on $DEVICE (timeout ${DQSWEEP_TIMEOUT}s, budget ${DQSWEEP_BUDGET}s)"
+    set -o pipefail
+    timeout -k 10 "$DQSWEEP_TIMEOUT" ${GEMV_ENV[@]+"${GEMV_ENV[@]}"} "$PY" scripts/bench.py --device "$DEVICE" "${BENCH_PLAN[@]}" \
+        --sections dequant-sweep --time-budget "$DQSWEEP_BUDGET" --dqsweep-budget "$DQSWEEP_BUDGET" \
+        --out "$OUT/bench_dqsweep_$DEVICE.json" ${DQSWEEP_ARGS:-} 2>&1 | tee "$OUT/bench_dqsweep_$DEVICE.txt"
+    rc=$?
+    set +o pipefail
+    [ $rc -eq 0 ] || { echo "dequant-sweep benchmark: exit $rc"; FAILED+=("dequant-sweep($rc)"); }
 fi
 
 # --- 4. the GPU rows ------------------------------------------------------------------------

@@ -507,7 +507,8 @@ def test_gemv_sweep_past_its_budget_and_without_the_backend(triton_interpreter, 
 
 def test_sweep_options_are_checked():
     args = bench.argparse.Namespace(shape_rows=None, gemv_rows=None, gemv_columns=None, gemv_budget=None,
-                                    sweep_rows="1,4", sweep_configs="64:512:4:528, 32:256:2:1056", sweep_budget=30.0)  # fmt: skip
+                                    sweep_rows="1,4", sweep_configs="64:512:4:528, 32:256:2:1056", sweep_budget=30.0,
+                                    dqsweep_configs=None, dqsweep_budget=None)  # fmt: skip
     plan = bench.plan_with_overrides(PLAN, args)
     assert (plan.sweep_rows, plan.sweep_configs, plan.sweep_budget_s) == ((1, 4), ((64, 512, 4, 528), (32, 256, 2, 1056)), 30.0)
     for bad in ("64:512:4", "64:512:4:x", "64:0:4:528"):
@@ -598,3 +599,113 @@ def test_a_compiled_step_that_falls_back_during_the_runs_is_no_compiled_number(m
         bl.engine_decode(model, first, 5, 4, 1, graphs=False, compiled=True)
     assert "using the eager step" in capfd.readouterr().err
     assert model.compiled_step is None  # the engine is eager again for the next mode
+
+
+def test_every_dequant_sweep_configuration_gives_the_default_bits(triton_interpreter):
+    """Each launch configuration of the dequant-sweep list, on both kernels, writes exactly the
+    default configuration's dense weight: a tile past N and K, fewer words than a group."""
+    from internvl_chat.quant import triton_dequant as td
+
+    inputs = bl.random_dequant_inputs(256, 40, torch.device("cpu"), seed=5)
+    configs = [td.DequantConfig(*t) for t in bl.DEQUANT_SWEEP_CONFIGS + bl.QUICK.dqsweep_configs]
+    assert td.default_config() not in configs and len(set(configs)) == len(configs) >= 12
+    for kernel, tensors in inputs.items():
+        default = bl.dequantize_with_config(kernel, tensors, bl.AWQ_GROUP, torch.bfloat16, td.default_config())
+        assert default.shape == (40, 256) and default.dtype == torch.bfloat16 and default.abs().max() > 0
+        for config in configs:
+            got = bl.dequantize_with_config(kernel, tensors, bl.AWQ_GROUP, torch.bfloat16, config)
+            assert bl.same_bits(got, default), (kernel, config)
+    assert not bl.same_bits(default, default.roll(1, -1)) and not bl.same_bits(default, default.half())
+
+
+def _dequant_constants(td) -> tuple:
+    return td.BLOCK_N, td.BLOCK_W, td.NUM_WARPS
+
+
+def test_dequant_sweep_times_every_configuration_and_flags_a_wrong_one(triton_interpreter, monkeypatch):
+    """The dequant-sweep section at the tiny shape: the default first, each other configuration
+    timed on both kernels with its launch and bytes; one whose output is off by a rotation (a
+    broken launcher, as a faulty kernel would be) marked wrong and never the best; one the kernel
+    cannot run (BLOCK_N not a power of two) recorded as failed with its reason; the module's
+    constants untouched."""
+    from internvl_chat.quant import triton_dequant as td
+
+    before = _dequant_constants(td)
+    broken = td.DequantConfig(128, 64, 8)
+    real = td.dequantize_repacked_with_config
+
+    def wrong_for_broken(qweight, scales, zeros, group_size, dtype, config):
+        out = real(qweight, scales, zeros, group_size, dtype, config)
+        return out.roll(1, -1) if config == broken else out
+
+    monkeypatch.setattr(td, "dequantize_repacked_with_config", wrong_for_broken)
+    plan = replace(PLAN, dqsweep_configs=(tuple(broken), (24, 32, 4), tuple(td.default_config())))  # default: once
+    w = bench.section_dequant_sweep(plan, torch.device("cpu"), None, 0.0)
+    assert _dequant_constants(td) == before
+    json.dumps(w)  # the report is JSON
+    default = "n32 w32 nw4"
+    assert w["default_config"] == default == bl.dequant_label(td.default_config())
+    assert list(w["configs"]) == [default, "n128 w64 nw8", "n24 w32 nw4"]
+    assert w["configs"]["n128 w64 nw8"] == {"block_n": 128, "block_w": 64, "num_warps": 8}
+    assert w["kernels"] == ["tinygemm", "repacked"] and w["group_size"] == bl.AWQ_GROUP
+    assert set(w["shapes"]) == {f"tiny {name}" for name in ("qkv", "o", "gate_up", "down")}
+    for key, r in w["shapes"].items():
+        k, n = bl.llm_linear_shapes("tiny")[key.split()[1]]
+        assert (r["in_features"], r["out_features"]) == (k, n)
+        packed = {"tinygemm": k * n // 2 + (k // bl.AWQ_GROUP) * n * 4, "repacked": k * n // 2 + (k // bl.AWQ_GROUP) * n * 3}
+        for kernel, kr in r["kernels"].items():
+            assert (kr["read_bytes"], kr["written_bytes"], kr["bytes"]) == (packed[kernel], k * n * 2, packed[kernel] + k * n * 2)
+            assert list(kr["configs"]) == list(w["configs"])
+            for label, cell in kr["configs"].items():
+                if label == "n24 w32 nw4":
+                    assert "us" not in cell and "power of 2" in cell["error"] and "\n" not in cell["error"]
+                    continue
+                config = td.DequantConfig(**w["configs"][label])
+                assert cell["launch"] == bl.dequant_launch(kernel, k, n, bl.AWQ_GROUP, config)
+                assert _positive(cell["us"]) and _positive(cell["launch"]["programs"])
+                assert cell["gb_per_s"] == pytest.approx(kr["bytes"] / cell["us"] / 1e3)
+                assert cell["bandwidth_share"] == pytest.approx(cell["gb_per_s"] * 1e9 / w["copy_bandwidth_bytes_per_s"])
+                wrong = kernel == "repacked" and label == "n128 w64 nw8"
+                assert cell["ok"] is cell["exact"] is (not wrong), (key, kernel, label)
+                assert ("mismatches" in cell) is wrong and cell.get("mismatches", 1) > 0
+            best = kr["best"]
+            assert best["config"] == (default if kernel == "repacked" else min(
+                (c["us"], lb) for lb, c in kr["configs"].items() if "us" in c)[1])  # fmt: skip
+            assert best["vs_default"] == pytest.approx(kr["configs"][default]["us"] / best["us"])
+    assert w["best_overall"]["repacked"]["config"] == default
+    assert w["best_overall"]["repacked"]["vs_default"] == pytest.approx(1.0)
+    totals = {lb: sum(r["kernels"]["tinygemm"]["configs"][lb]["us"] for r in w["shapes"].values()) for lb in list(w["configs"])[:2]}
+    assert w["best_overall"]["tinygemm"]["config"] == min(totals, key=totals.get)
+    assert w["best_overall"]["tinygemm"]["default_total_us"] == pytest.approx(totals[default])
+    text = "\n".join(bench.render_dequant_sweep(w))
+    assert "[dequantization launch configurations] tiny" in text and "*" in text and "!" in text
+    assert "qkv       n128 w64 nw8      WRONG: " in text and "weights differ from the default" in text
+    assert "n24 w32 nw4 failed (tinygemm qkv, tinygemm o, tinygemm gate_up, tinygemm down, repacked qkv" in text
+    assert f"all       {w['best_overall']['repacked']['config']}" in text
+
+
+def test_dequant_sweep_past_its_budget_and_without_triton(triton_interpreter, monkeypatch):
+    w = bench.section_dequant_sweep(replace(PLAN, dqsweep_budget_s=0.0, dqsweep_configs=()), torch.device("cpu"), None, 0.0)
+    for r in w["shapes"].values():
+        for kr in r["kernels"].values():
+            assert kr["configs"] == {"n32 w32 nw4": {"skipped": "time budget spent"}} and kr["best"] is None
+    assert w["best_overall"] == {"tinygemm": None, "repacked": None}
+    text = "\n".join(bench.render_dequant_sweep(w))
+    assert "none passed" in text and "failed" not in text
+    monkeypatch.delenv("TRITON_INTERPRET")
+    w = bench.section_dequant_sweep(PLAN, torch.device("cpu"), None, 0.0)
+    assert "TRITON_INTERPRET=1" in w["skipped"]
+    text = "\n".join(bench.render_dequant_sweep(w))
+    assert "[dequantization launch configurations] skipped: the Triton kernels cannot run here" in text
+
+
+def test_dequant_sweep_options_are_checked():
+    args = bench.argparse.Namespace(shape_rows=None, gemv_rows=None, gemv_columns=None, gemv_budget=None, sweep_rows=None,
+                                    sweep_configs=None, sweep_budget=None, dqsweep_configs="16:32:4, 32:32:8",
+                                    dqsweep_budget=45.0)  # fmt: skip
+    plan = bench.plan_with_overrides(PLAN, args)
+    assert (plan.dqsweep_configs, plan.dqsweep_budget_s) == (((16, 32, 4), (32, 32, 8)), 45.0)
+    for bad in ("16:32", "16:32:x", "16:0:4", "24:32:4"):
+        with pytest.raises(SystemExit, match="is not BLOCK_N:BLOCK_W:NUM_WARPS in powers of two"):
+            bench.plan_with_overrides(PLAN, replace_args(args, dqsweep_configs=bad))
+    assert "dequant-sweep" in bench.OPT_IN_SECTIONS and "dequant-sweep" not in bench.CUDA_SECTIONS + bench.CPU_SECTIONS

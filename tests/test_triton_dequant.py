@@ -153,3 +153,18 @@ def test_kernels_compile_for_an_h100_with_wide_stores():
         triton_dequant.NUM_WARPS,
     )
     assert wide_store.search(compiled.asm["ptx"]), "the repacked-layout kernel's stores are not 128 bits wide"
+
+
+@pytest.mark.parametrize("config", [triton_dequant.DequantConfig(8, 8, 2), triton_dequant.DequantConfig(64, 64, 8)])
+def test_other_launch_configurations_give_the_exact_weight(interpreter, config):
+    """`*_with_config` (scripts/bench.py's dequant-sweep) under tiles smaller and larger than the
+    default's: the same exact values; under the default, the operator's very output."""
+    packed, scale_and_zero, exact = tinygemm_weight(40, 384, 8, 128, seed=6)
+    w = triton_dequant.dequantize_tinygemm_with_config(packed, scale_and_zero, 128, torch.bfloat16, config)
+    assert torch.equal(w, exact.float().to(torch.bfloat16))
+    default = triton_dequant.dequantize_tinygemm_with_config(packed, scale_and_zero, 128, torch.bfloat16, triton_dequant.default_config())
+    assert torch.equal(default, triton_dequant.dequantize_tinygemm(packed, scale_and_zero, 128, torch.bfloat16))
+    qweight, scales, zeros, exact = repacked_weight(40, 512, 32, seed=7)  # 8 words: one group whatever BLOCK_W
+    w = triton_dequant.dequantize_repacked_with_config(qweight, scales, zeros, 32, torch.bfloat16, config)
+    assert torch.equal(w, exact.to(torch.bfloat16))
+    assert torch.equal(w, triton_dequant.dequantize_repacked(qweight, scales, zeros, 32, torch.bfloat16))

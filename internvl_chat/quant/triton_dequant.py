@@ -15,11 +15,16 @@ Triton, or a CPU without TRITON_INTERPRET=1), callers use the torch ops instead 
 Registered as the torch operators `internvl_chat::awq_dequant_tinygemm` / `awq_dequant_repacked`
 (`triton_op`), so tracing sees one call each. CUDA tensors get the compiled kernels; CPU tensors
 run them in Triton's interpreter (tests).
+
+The launch constants (`BLOCK_N`, `BLOCK_W`, `NUM_WARPS`) can be overridden per call by
+`dequantize_tinygemm_with_config` / `dequantize_repacked_with_config` (a `DequantConfig`),
+outside the operators: scripts/bench.py's dequant-sweep tries configurations that way.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -28,6 +33,20 @@ from internvl_chat.quant import triton_gemv
 BLOCK_N = 32  # output rows per program: four 8-row tiles of the tinygemm layout
 BLOCK_W = 32  # packed words per row per program: 256 weights, 512 contiguous bytes of bf16 out
 NUM_WARPS = 4
+
+
+class DequantConfig(NamedTuple):
+    """A launch configuration of both kernels: the module's constants (`default_config()`, what
+    the app runs) or another set that a benchmark tries (scripts/bench.py's dequant-sweep)."""
+
+    block_n: int  # output rows per program (a power of two)
+    block_w: int  # packed words per row per program (a power of two); the repacked kernel takes whole groups
+    num_warps: int
+
+
+def default_config() -> DequantConfig:
+    """The module's constants, read at the call: what the operators launch."""
+    return DequantConfig(BLOCK_N, BLOCK_W, NUM_WARPS)
 
 
 TINYGEMM_OPERATOR = "internvl_chat::awq_dequant_tinygemm"
@@ -76,27 +95,49 @@ def _tinygemm_shape(packed: torch.Tensor) -> tuple[int, int]:
     return n_tiles * 8, k_outer * 32 * half_tiles
 
 
-def _dequantize_tinygemm(packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def tinygemm_grid(out_features: int, in_features: int, block_n: int, block_w: int) -> tuple[int, int]:
+    """Programs of the tinygemm-layout kernel: (row blocks, blocks of `block_w` words per row)."""
+    return -(-out_features // block_n), -(-(in_features // 8) // block_w)
+
+
+def repacked_block_groups(group_size: int, block_w: int) -> int:
+    """Groups per program of the repacked-layout kernel: `block_w` words' worth, at least one."""
+    return max(1, block_w * 8 // group_size)
+
+
+def repacked_grid(out_features: int, groups: int, block_n: int, block_g: int) -> tuple[int, int]:
+    """Programs of the repacked-layout kernel: (row blocks, blocks of `block_g` groups)."""
+    return -(-out_features // block_n), -(-groups // block_g)
+
+
+def _dequantize_tinygemm(
+    packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, dtype: torch.dtype, config: DequantConfig | None = None
+) -> torch.Tensor:
+    """The operator's body (`config`: the module's constants unless a benchmark passes another)."""
+    block_n, block_w, num_warps = config if config is not None else (BLOCK_N, BLOCK_W, NUM_WARPS)
     out_features, in_features = _tinygemm_shape(packed)
     out = _output(out_features, in_features, dtype, packed.device)
-    grid = (-(-out_features // BLOCK_N), -(-(in_features // 8) // BLOCK_W))
+    grid = tinygemm_grid(out_features, in_features, block_n, block_w)
     return _launch(
         0, grid, (packed, scale_and_zero), out, (out_features, in_features, packed.shape[1]),
-        HALF_TILES=packed.shape[3], GROUP=group_size, BLOCK_N=BLOCK_N, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS,
+        HALF_TILES=packed.shape[3], GROUP=group_size, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=num_warps,
     )  # fmt: skip
 
 
 def _dequantize_repacked(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype
-) -> torch.Tensor:
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype,
+    config: DequantConfig | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The operator's body (`config`: the module's constants unless a benchmark passes another)."""
+    block_n, block_w, num_warps = config if config is not None else (BLOCK_N, BLOCK_W, NUM_WARPS)
     out_features, in_features = qweight.shape[0], qweight.shape[1] * 8
     groups = in_features // group_size
-    block_g = max(1, BLOCK_W * 8 // group_size)
+    block_g = repacked_block_groups(group_size, block_w)
     out = _output(out_features, in_features, dtype, qweight.device)
-    grid = (-(-out_features // BLOCK_N), -(-groups // block_g))
+    grid = repacked_grid(out_features, groups, block_n, block_g)
     return _launch(
         1, grid, (qweight, scales, zeros), out, (out_features, groups),
-        GROUP_WORDS=group_size // 8, BLOCK_N=BLOCK_N, BLOCK_G=block_g, num_warps=NUM_WARPS,
+        GROUP_WORDS=group_size // 8, BLOCK_N=block_n, BLOCK_G=block_g, num_warps=num_warps,
     )  # fmt: skip
 
 
@@ -144,3 +185,21 @@ def dequantize_repacked(
     """The triton backend's int32 [N, K/8], scales [N, G] and uint8 zeros [N, G] → dense [N, K] of `dtype`."""
     ensure_registered()
     return torch.ops.internvl_chat.awq_dequant_repacked(qweight.contiguous(), scales.contiguous(), zeros.contiguous(), group_size, dtype)
+
+
+def dequantize_tinygemm_with_config(
+    packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, dtype: torch.dtype, config: DequantConfig
+) -> torch.Tensor:
+    """`dequantize_tinygemm` under launch configuration `config`, called directly rather than
+    through the registered operator (whose body always takes the module's constants): for
+    benchmarks that try configurations (scripts/bench.py dequant-sweep). Callers check `can_run`."""
+    ensure_registered()  # the compiled kernels that CUDA tensors get
+    return _dequantize_tinygemm(packed.contiguous(), scale_and_zero.contiguous(), group_size, dtype, config)
+
+
+def dequantize_repacked_with_config(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype, config: DequantConfig
+) -> torch.Tensor:
+    """`dequantize_repacked` under launch configuration `config` (see dequantize_tinygemm_with_config)."""
+    ensure_registered()
+    return _dequantize_repacked(qweight.contiguous(), scales.contiguous(), zeros.contiguous(), group_size, dtype, config)
