@@ -138,7 +138,7 @@ def test_config_vocab_disagreeing_with_weights(tiny_original, tmp_path):
     raw = json.loads((folder / "config.json").read_text())
     raw["llm_config"]["vocab_size"] += 8
     (folder / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(CheckpointError, match=r"has shape \(512, 64\) but the config implies \(520, 64\)"):
+    with pytest.raises(CheckpointError, match=r"with shape \[512, 64\] but config.json's vocab_size and hidden_size imply \[520, 64\]"):
         load_model(folder, device="cpu", dtype="float32", max_context=256)
 
 
