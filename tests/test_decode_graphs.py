@@ -234,3 +234,21 @@ def test_a_failed_prefill_capture_is_one_note_and_leaves_the_decode_graphs(eager
     assert sorted(graphs.graphs) == [256, 512] and graphs.failure is None
     notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("internvl-chat:")]
     assert len(notes) == 1 and "prefilling without CUDA graphs" in notes[0] and len(notes[0]) < 200
+
+
+def test_the_graph_steps_build_their_key_bias_once_not_in_every_layer(eager):
+    # a bool mask is converted to an additive one in every layer's SDPA call (aten::where: two
+    # more kernels a layer in a CUDA graph); the graphs' steps pass the bias built once
+    from torch.profiler import ProfilerActivity, profile
+
+    lm = eager.model.language_model
+    assert len(lm.model.layers) >= 2
+    steps = {
+        "decode_masked": lambda: lm.decode_masked(torch.tensor([5]), torch.tensor([10]), 256),
+        "prefill_masked": lambda: lm.prefill_masked(torch.arange(5, 13), torch.arange(10, 18), torch.tensor([7]), 256),
+    }
+    for name, step in steps.items():
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        wheres = [e for e in prof.events() if e.name == "aten::where" and (e.cpu_parent is None or e.cpu_parent.name != "aten::where")]
+        assert len(wheres) == 1, name

@@ -175,6 +175,14 @@ def _upcast(weight: torch.Tensor) -> torch.Tensor:
         return buffer.copy_(weight)
 
 
+def key_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask of visible keys as the additive bias SDPA takes as it is: 0 where visible, −inf
+    elsewhere, in the attention's dtype. Given a bool mask, every layer's SDPA call converts it
+    again (two more kernels a layer, measured as aten ops on the CPU); the graphs' steps build the
+    bias once per step instead."""
+    return torch.where(visible, 0.0, float("-inf")).to(dtype)
+
+
 def folded_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """q [1, T, heads, hd] (token-major) against keys/values [1, kv_heads, S, hd] under a bool
     mask [T, S] → [1, T, heads·hd]. Each KV head's `group` query heads become T·group query rows
@@ -376,7 +384,9 @@ class Qwen2ForCausalLM(nn.Module):
         attending over a fixed `kv_len` bucket whose keys beyond `position` are masked out."""
         h = self.model.embed_tokens(token)[None]
         cos, sin = self.cos[position], self.sin[position]
-        mask = torch.arange(kv_len, device=h.device)[None, :] <= position[:, None]  # [1, kv_len], shared by the layers
+        caches = caches if caches is not None else self.caches()
+        visible = torch.arange(kv_len, device=h.device)[None, :] <= position[:, None]
+        mask = key_bias(visible, caches[0][0].dtype)  # [1, kv_len], shared by the layers
         return self._layers(h, cos, sin, position, kv_len, mask, True, caches)[-1]
 
     def prefill_masked(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, kv_len: int, caches=None) -> torch.Tensor:
@@ -387,7 +397,9 @@ class Qwen2ForCausalLM(nn.Module):
         later token overwrites it (every step writes its position before attending to it)."""
         h = self.model.embed_tokens(ids)[None]
         cos, sin = self.cos[positions], self.sin[positions]
-        mask = torch.arange(kv_len, device=h.device)[None, :] <= positions[:, None]  # [T, kv_len]
+        caches = caches if caches is not None else self.caches()
+        visible = torch.arange(kv_len, device=h.device)[None, :] <= positions[:, None]
+        mask = key_bias(visible, caches[0][0].dtype)  # [T, kv_len]
         return self._layers(h, cos, sin, positions, kv_len, mask, last, caches)[-1]
 
     def _layers(self, h, cos, sin, positions, kv_len, mask, last_only: bool | torch.Tensor, caches) -> torch.Tensor:
