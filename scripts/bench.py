@@ -502,12 +502,17 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
     traffic = bl.decode_bytes_per_token(model, p + n // 2)
     decode: dict = {"prefill_tokens": p, "tokens": n, "bytes_per_token": traffic, "ceiling_bytes_per_s": ceiling,
                     "ceiling_tokens_per_s": ceiling / traffic["total"]}  # fmt: skip
-    modes = [("eager", False, False)] + ([("graphs", True, False)] if is_cuda else [])
+    # (mode, CUDA graphs, compiled, fused eager kernels): "eager" is the plain torch ops (the old
+    # baseline), "graphs-unfused" the graphs before engine/fused.py, "graphs" as the app runs
+    modes = [("eager", False, False, False)]
+    if is_cuda:
+        modes += [("graphs-unfused", True, False, False), ("graphs", True, False, True)]
     if plan.cuda_compiled if compiled is None else compiled:
-        modes.append(("compiled", is_cuda, True))
-    for mode, graphs, compiled in modes:
+        modes.append(("compiled", is_cuda, True, True))
+    for mode, graphs, compiled, fused_kernels in modes:
         try:
-            r = bl.engine_decode(model, first, p, n, plan.cuda_repeats, graphs, compiled)
+            with bl.fused_kernels(fused_kernels):
+                r = bl.engine_decode(model, first, p, n, plan.cuda_repeats, graphs, compiled)
             r["bandwidth_share"] = r["tokens_per_s"] * traffic["total"] / ceiling
             r["ops_per_layer"] = r["ops"]["per_step"] / cfg.text.num_layers
             decode[mode] = r
@@ -909,9 +914,12 @@ def render_shapes(sh: dict) -> list[str]:
             f"{follow:>30}{_fmt(d.get('compiled', {}).get('compile_s'), '.0f'):>10}"
             f"{r.get('peak_gpu_alloc_bytes', 0) / 2**30:>9.1f}"
         )
-        for m in ("eager", "graphs", "compiled"):
+        for m in ("eager", "graphs-unfused", "graphs", "compiled"):
             if "error" in d.get(m, {}):
                 lines.append(f"    {m}: {d[m]['error'][:300]}")
+        if "tokens_per_s" in d.get("graphs-unfused", {}):
+            lines.append(f"    graphs without the fused kernels (engine/fused.py): {rate('graphs-unfused')} tok/s, "
+                         f"{_fmt(d['graphs-unfused'].get('ops_per_layer'), '.0f')} kernels a layer")
         if "followup_graphs_error" in r:
             lines.append(f"    follow-up in graphs: {r['followup_graphs_error'][:300]}")
     hist = next((list(r["followup_ttft_ms"]) for r in sh.values() if isinstance(r, dict) and "followup_ttft_ms" in r), [])

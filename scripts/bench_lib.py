@@ -10,6 +10,7 @@ Run as a script it is the load probe (a fresh process, so peak memory is the loa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -1162,6 +1163,21 @@ def top_ops(events, keep: int = 12) -> list[dict]:
     for row in rows:
         row["us"] = round(row["us"], 1)
     return rows[:keep]
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool):
+    """The eager layers with or without engine/fused.py's kernels (where they run: CUDA)."""
+    from internvl_chat.engine import fused
+
+    saved = dict(fused.ENABLED)
+    if not enabled:
+        fused.ENABLED.update(dict.fromkeys(saved, False))
+    try:
+        yield
+    finally:
+        fused.ENABLED.clear()
+        fused.ENABLED.update(saved)
 
 
 def engine_decode(model, first_token: torch.Tensor, start: int, n: int, repeats: int, graphs: bool, compiled: bool) -> dict:

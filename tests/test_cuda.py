@@ -120,6 +120,37 @@ def test_a_chunk_after_cached_tokens_runs_in_the_memory_efficient_kernel(tiny_or
     assert torch.nn.functional.cosine_similarity(got, want, dim=0).item() > 0.9999
 
 
+@pytest.mark.parametrize(("dtype", "w4"), [("float32", False), ("bfloat16", False), ("bfloat16", True)], ids=["fp32", "bf16", "w4"])
+def test_fused_kernels_give_the_torch_ops_answer_in_and_out_of_graphs(tiny_original, monkeypatch, dtype, w4):
+    """engine/fused.py's kernels (norms with residual adds, RoPE with the cache writes, SiLU·mul)
+    against the plain torch ops: the same greedy tokens, eager and replayed from CUDA graphs,
+    prefill chunks included (one over the largest prefill graph, one short)."""
+    from bench_lib import quantize_decoder_
+
+    from internvl_chat.engine import fused
+
+    loaded = load_model(tiny_original, device="cuda", dtype=dtype, max_context=1024, cuda_graphs=False)
+    model = loaded.model
+    if w4:
+        quantize_decoder_(model, "torch", group_size=32)
+    ids = loaded.tokenizer.encode("one two three four five six") * 40  # crosses a bucket
+    runs = {}
+    for name, enabled, graphs in (("plain", False, False), ("fused", True, False), ("fused in graphs", True, True)):
+        monkeypatch.setitem(fused.ENABLED, "cuda", enabled)
+        model.enable_cuda_graphs(graphs)  # graphs captured afresh: a graph holds the kernels it was captured with
+        with torch.inference_mode():
+            tokens, logits = greedy_steps(model, ids, 24)
+            follow = model.forward(list(range(400, 421)), len(ids) + 24).clone()
+        runs[name] = tokens, torch.cat([logits.flatten(), follow])
+    want_tokens, want = runs["plain"]
+    for name, (tokens, got) in runs.items():
+        assert tokens == want_tokens, name
+        if dtype == "float32":
+            assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item(), name
+        else:
+            assert torch.nn.functional.cosine_similarity(got, want, dim=0).item() > 0.999, name
+
+
 def test_compiled_graph_decode_equals_eager(tiny_original):
     """The compiled step (Triton kernels) replayed from CUDA graphs, across a KV bucket boundary."""
     loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, cuda_graphs=False)

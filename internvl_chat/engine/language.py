@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_gemv
+from . import cpu_gemv, fused
 from .config import TextConfig
 from .cpu_features import computes_natively
 from .vision import RMSNorm
@@ -206,6 +206,13 @@ def write_cache(cache: torch.Tensor, new: torch.Tensor, positions) -> None:
         cache[:, :, positions : positions + new.shape[2]].copy_(new)
 
 
+def _rows(h: torch.Tensor, last_only: bool | torch.Tensor) -> torch.Tensor:
+    """The rows of h [1, T, D] whose logits `_layers` returns (see there)."""
+    if isinstance(last_only, torch.Tensor):
+        return h.index_select(1, last_only)
+    return h[:, -1:] if last_only else h
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -220,11 +227,14 @@ class Attention(nn.Module):
         t = x.shape[1]
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = linear(self.qkv_proj, x)
-        qk = apply_rope(qkv[..., : self.q_size + self.kv_size].view(1, t, heads + kv_heads, hd), cos, sin)
-        q, k = qk[:, :, :heads], qk[:, :, heads:]
-        v = qkv[..., self.q_size + self.kv_size :].view(1, t, kv_heads, hd)
-        write_cache(k_cache, k, positions)
-        write_cache(v_cache, v, positions)
+        if fused.active(qkv) and fused.takes_rope(qkv, k_cache, hd):
+            q = fused.rope_and_cache(qkv, cos, sin, positions, k_cache, v_cache, heads, kv_heads, hd)
+        else:
+            qk = apply_rope(qkv[..., : self.q_size + self.kv_size].view(1, t, heads + kv_heads, hd), cos, sin)
+            q, k = qk[:, :, :heads], qk[:, :, heads:]
+            v = qkv[..., self.q_size + self.kv_size :].view(1, t, kv_heads, hd)
+            write_cache(k_cache, k, positions)
+            write_cache(v_cache, v, positions)
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         q = q.to(k_cache.dtype)  # attention runs in the cache's dtype (a no-op when they match)
         if t == 1 and not isinstance(mask, str):
@@ -251,7 +261,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
+        gate_up = linear(self.gate_up_proj, x)
+        if fused.active(gate_up):
+            return linear(self.down_proj, fused.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return linear(self.down_proj, F.silu(gate) * up)
 
 
@@ -405,10 +418,24 @@ class Qwen2ForCausalLM(nn.Module):
     def _layers(self, h, cos, sin, positions, kv_len, mask, last_only: bool | torch.Tensor, caches) -> torch.Tensor:
         """`last_only`: logits of the last row only (True), of every row (False), or of the row a
         device index tensor names."""
-        for layer, (k_cache, v_cache) in zip(self.model.layers, caches if caches is not None else self.caches()):
-            h = layer(h, cos, sin, positions, kv_len, mask, k_cache, v_cache)
-        if isinstance(last_only, torch.Tensor):
-            h = h.index_select(1, last_only)
-        elif last_only:
-            h = h[:, -1:]
-        return linear(self.lm_head, self.model.norm(h))[0].float()
+        caches = caches if caches is not None else self.caches()
+        if fused.active(h):
+            normed = self._fused_layers(h, cos, sin, positions, kv_len, mask, caches)
+        else:
+            for layer, (k_cache, v_cache) in zip(self.model.layers, caches):
+                h = layer(h, cos, sin, positions, kv_len, mask, k_cache, v_cache)
+            normed = None
+        normed = _rows(normed, last_only) if normed is not None else self.model.norm(_rows(h, last_only))
+        return linear(self.lm_head, normed)[0].float()
+
+    def _fused_layers(self, h, cos, sin, positions, kv_len, mask, caches) -> torch.Tensor:
+        """The layers with each residual add fused into the RMSNorm after it (fused.py): returns
+        the final norm of every row. The values are `DecoderLayer.forward`'s."""
+        layers = self.model.layers
+        normed, h = fused.add_rms_norm(h, None, layers[0].input_layernorm)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, caches)):
+            attended = layer.self_attn(normed, cos, sin, positions, kv_len, mask, k_cache, v_cache)
+            normed, h = fused.add_rms_norm(attended, h, layer.post_attention_layernorm)
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            normed, h = fused.add_rms_norm(layer.mlp(normed), h, following)
+        return normed

@@ -1,0 +1,125 @@
+"""Fused kernels for the eager decoder on CUDA: ~34 kernels a layer become ~10.
+
+A layer in plain torch ops launches ~34 kernels for little work each: RMSNorm in seven pieces
+(twice), RoPE in nine, two cache writes, SiLU and the multiply, two residual adds. Inside a CUDA
+graph each still costs a launch's worth of GPU time, and the app decodes in graphs without
+compiling by default (a compile takes 17-33 s on an H200). Three Triton kernels
+(fused_kernels.py) take their place where the eager step runs on CUDA:
+
+- `add_rms_norm`: a residual add and the RMSNorm after it (the next layer's input norm or the
+  final norm included), one row per program;
+- `rope_and_cache`: RoPE on q and k with k and v written into the KV cache at their positions;
+- `silu_mul`: SiLU(gate) · up from the fused gate_up output.
+
+Under torch.compile the plain ops stay (Inductor fuses them itself); on a CPU too (the C++ step
+and Inductor's; tests run these kernels there in Triton's interpreter by setting ENABLED["cpu"]).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..quant.triton_gemv import triton_interpreting
+
+# Where the fused kernels replace the torch ops (CPU: tests, under TRITON_INTERPRET=1)
+ENABLED = {"cuda": True, "cpu": False}
+
+
+def active(t: torch.Tensor) -> bool:
+    """Whether the eager layers computing `t` take the fused kernels."""
+    device = t.device.type
+    if not ENABLED.get(device, False) or torch.compiler.is_compiling() or _import_failure() is not None:
+        return False
+    return device == "cuda" or triton_interpreting()
+
+
+@functools.cache
+def _import_failure() -> str | None:
+    """Why Triton cannot be used here, or None."""
+    try:
+        import triton  # noqa: F401
+
+        from . import fused_kernels  # noqa: F401
+    except Exception as e:  # noqa: BLE001 — no Triton (or a broken one): the torch ops
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@functools.cache
+def _kernels(interpreted: bool):
+    """(add_rms_norm, silu_mul, rope_cache): JIT-compiled, or interpreted for CPU tensors."""
+    import triton
+
+    from . import fused_kernels as k
+
+    kernels = (k.add_rms_norm_kernel, k.silu_mul_kernel, k.rope_cache_kernel)
+    if interpreted:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return tuple(InterpretedFunction(kernel) for kernel in kernels)
+    return tuple(triton.JITFunction(kernel) for kernel in kernels)
+
+
+def _launcher(index: int, t: torch.Tensor):
+    return _kernels(t.device.type == "cpu")[index]
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h), h) with h = x + residual (x when residual is None), as RMSNorm computes it
+    (vision.RMSNorm: float32, cast back, times the weight). x [..., D] contiguous."""
+    x = x.contiguous()
+    d = x.shape[-1]
+    rows = x.numel() // d
+    weight = norm.weight
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    total = torch.empty_like(x) if residual is not None else x
+    block = _next_power_of_two(d)
+    _launcher(0, x)[(rows,)](
+        x, residual if residual is not None else x, weight, out, total, d, norm.eps,
+        HAS_RES=residual is not None, BLOCK=block, INTERPRETED=x.device.type == "cpu", num_warps=8 if block >= 4096 else 4,
+    )  # fmt: skip
+    return out, total
+
+
+SILU_BLOCK = 1024
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) · up for gate_up = [gate | up] on its last axis (contiguous)."""
+    inter = gate_up.shape[-1] // 2
+    rows = gate_up.numel() // (2 * inter)
+    out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
+    _launcher(1, gate_up)[(rows, -(-inter // SILU_BLOCK))](gate_up, out, inter, BLOCK=SILU_BLOCK, num_warps=4)
+    return out
+
+
+def takes_rope(qkv: torch.Tensor, k_cache: torch.Tensor, head_dim: int) -> bool:
+    """Whether `rope_and_cache` takes this layer: the cache in the activations' dtype, contiguous,
+    and a head size with a power-of-two half."""
+    half = head_dim // 2
+    return k_cache.dtype == qkv.dtype and k_cache.is_contiguous() and half >= 1 and half & (half - 1) == 0 and head_dim % 2 == 0
+
+
+def rope_and_cache(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    heads: int, kv_heads: int, head_dim: int,
+) -> torch.Tensor:  # fmt: skip
+    """q [1, T, heads, hd] rotated, from qkv [1, T, (heads + 2·kv_heads)·hd]; k rotated and v
+    written into the caches [1, kv_heads, S, hd] at `positions` (an int: the first of T
+    consecutive ones; or a device LongTensor [T]). cos/sin: [T, 1, hd/2] float32."""
+    t = qkv.shape[1]
+    half = head_dim // 2
+    q = torch.empty(1, t, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    in_tensor = isinstance(positions, torch.Tensor)
+    _launcher(2, qkv)[(t, heads + 2 * kv_heads)](
+        qkv.contiguous(), cos.reshape(t, half).contiguous(), sin.reshape(t, half).contiguous(),
+        positions if in_tensor else qkv, q, k_cache, v_cache, 0 if in_tensor else positions, k_cache.shape[2],
+        HEADS=heads, KV_HEADS=kv_heads, HALF=half, POSITIONS_IN_TENSOR=in_tensor, num_warps=1,
+    )  # fmt: skip
+    return q

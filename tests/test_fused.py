@@ -1,0 +1,152 @@
+"""The fused eager kernels (engine/fused.py) on the CPU, in Triton's interpreter: every entry point
+of the decoder gives the plain torch ops' logits and KV cache, the layers launch far fewer ops,
+and a compiled step never takes them. (On a GPU: tests/test_cuda.py.)"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from internvl_chat.engine import fused
+from internvl_chat.engine.loader import load_model
+from internvl_chat.engine.vision import RMSNorm
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The fused kernels on for CPU tensors, run by Triton's interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(fused.ENABLED, "cpu", True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_original):
+    return load_model(tiny_original, device="cpu", dtype="float32", max_context=1024, compile="off")
+
+
+def _every_entry_point(loaded) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Logits of a prefill from 0, a chunk after it, an exact one-token step, the graphs' masked
+    step and padded prefill; then the KV cache they wrote (positions 0 … 89)."""
+    model, lm = loaded.model, loaded.model.language_model
+    past, chunk = list(range(5, 60)), list(range(100, 113))
+    end = len(past) + len(chunk)
+    with torch.inference_mode():
+        logits = [
+            model.forward(past, 0).clone(),
+            model.forward(chunk, len(past)).clone(),
+            model.forward([7], end).clone(),
+            lm.decode_masked(torch.tensor([9]), torch.tensor([end + 1]), 256).clone(),
+            lm.prefill_masked(torch.arange(5, 13), torch.arange(end + 2, end + 10), torch.tensor([5]), 256).clone(),
+        ]
+        cache = [t[:, :, : end + 8].clone() for t in lm.k_cache + lm.v_cache]
+    return logits, cache
+
+
+def test_every_entry_point_gives_the_torch_ops_values(tiny, monkeypatch):
+    want_logits, want_cache = _every_entry_point(tiny)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(fused.ENABLED, "cpu", True)
+    assert fused.active(torch.zeros(1))
+    got_logits, got_cache = _every_entry_point(tiny)
+    for got, want in zip(got_logits, want_logits):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(got_cache, want_cache):  # float32 sums in another order
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _step_ops(lm, monkeypatch) -> collections.Counter:
+    """What one masked decode step launches: top-level aten ops by name (not those the interpreter
+    runs inside a fused kernel), and each fused kernel as "fused"."""
+    real = fused._launcher
+
+    def launcher(index, t):
+        kernel = real(index, t)
+
+        class Counted:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    with torch.profiler.record_function("fused"):
+                        return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        return Counted()
+
+    monkeypatch.setattr(fused, "_launcher", launcher)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        lm.decode_masked(torch.tensor([9]), torch.tensor([20]), 256)
+
+    def inside_fused(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name == "fused":
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    def name(event) -> str:  # a cast that copies shows as its copy (a cast to the same dtype is free)
+        copies = event.name == "aten::to" and any(c.name == "aten::_to_copy" for c in event.cpu_children)
+        return "aten::_to_copy" if copies else event.name
+
+    return collections.Counter(
+        name(e) for e in prof.events()
+        if (e.name == "fused" or e.name.startswith("aten::")) and not inside_fused(e)
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )  # fmt: skip
+
+
+# ops that launch no kernel of their own (views, allocations, a cast to the same dtype)
+FREE = {"aten::view", "aten::reshape", "aten::slice", "aten::transpose", "aten::select", "aten::unsqueeze",
+        "aten::expand", "aten::t", "aten::chunk", "aten::split", "aten::as_strided", "aten::alias", "aten::_unsafe_view",
+        "aten::empty", "aten::empty_like", "aten::detach", "aten::detach_", "aten::permute", "aten::contiguous",
+        "aten::lift_fresh", "aten::promote_types", "aten::to"}  # fmt: skip
+
+
+def test_a_layer_launches_its_linears_attention_and_four_fused_kernels(tiny, monkeypatch):
+    lm = tiny.model.language_model
+    layers = len(lm.model.layers)
+    plain = _step_ops(lm, monkeypatch)
+    assert plain["aten::pow"] == plain["aten::rsqrt"] == 2 * layers + 1 and plain["aten::cat"] == layers
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(fused.ENABLED, "cpu", True)
+    ops = _step_ops(lm, monkeypatch)
+    # a layer: two norms with their residual adds, RoPE with the cache writes, SiLU·mul; one norm before them
+    assert ops.pop("fused") == 4 * layers + 1
+    assert ops.pop("aten::linear") == 4 * layers + 1 and ops.pop("aten::scaled_dot_product_attention") == layers
+    # the rest is the step's own: the embedding, the RoPE rows, the key bias
+    rest = {name: n for name, n in ops.items() if name not in FREE}
+    assert set(rest) <= {"aten::embedding", "aten::index", "aten::arange", "aten::le", "aten::where"}, rest
+    assert max(rest.values()) <= 2, rest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_round_where_the_torch_ops_do(interpreted, dtype):
+    # bf16 within one unit in the last place: the interpreter truncates where a GPU rounds when
+    # it stores bf16 (float32: the same values up to the order of the sum)
+    torch.manual_seed(0)
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-6, "atol": 2**-6}
+    norm = RMSNorm(96, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96))
+    x, residual = torch.randn(1, 3, 96, dtype=dtype), torch.randn(1, 3, 96, dtype=dtype)
+    normed, total = fused.add_rms_norm(x, residual, norm)
+    torch.testing.assert_close(total, x + residual, **tolerance)
+    torch.testing.assert_close(normed, norm(x + residual), **tolerance)
+    normed, same = fused.add_rms_norm(x, None, norm)
+    assert same is x
+    torch.testing.assert_close(normed, norm(x), **tolerance)
+    gate_up = torch.randn(1, 3, 2 * 1500, dtype=dtype)  # more than one block of SILU_BLOCK
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(fused.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, **tolerance)
+
+
+def test_a_compiled_step_keeps_the_torch_ops_without_graph_breaks(tiny, interpreted):
+    lm = tiny.model.language_model
+    explained = torch._dynamo.explain(lm.decode_masked)(torch.tensor([5]), torch.tensor([7]), 256, lm.caches())
+    assert explained.graph_break_count == 0
+    torch._dynamo.reset()
