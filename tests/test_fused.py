@@ -150,3 +150,29 @@ def test_a_compiled_step_keeps_the_torch_ops_without_graph_breaks(tiny, interpre
     explained = torch._dynamo.explain(lm.decode_masked)(torch.tensor([5]), torch.tensor([7]), 256, lm.caches())
     assert explained.graph_break_count == 0
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("fault", ["raises", "wrong values"])
+def test_kernels_that_cannot_run_here_are_one_note_and_the_torch_ops_answer(tiny, interpreted, monkeypatch, capfd, fault):
+    # Triton without a C compiler for its launcher, or a broken build: found by running each kernel
+    # once against the torch ops before the first use, never in an answer
+    monkeypatch.setattr(fused, "_verdicts", {})
+    if fault == "raises":
+        def launcher(index, t):
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+        monkeypatch.setattr(fused, "_launcher", launcher)
+    else:
+        real = fused.silu_mul
+        monkeypatch.setattr(fused, "silu_mul", lambda gate_up: real(gate_up) * 1.01)
+    model = tiny.model
+    with torch.inference_mode():
+        got = model.forward(list(range(5, 40)), 0).clone()
+        again = model.forward([7], 35).clone()
+    assert fused._verdicts == {"cpu": False} and not fused.active(got)
+    monkeypatch.setitem(fused.ENABLED, "cpu", False)
+    with torch.inference_mode():
+        torch.testing.assert_close(got, model.forward(list(range(5, 40)), 0))
+        torch.testing.assert_close(again, model.forward([7], 35))
+    notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("internvl-chat:")]
+    assert len(notes) == 1 and "using torch's ops" in notes[0] and len(notes[0]) < 200
+    assert ("C compiler" if fault == "raises" else "a kernel is off by") in notes[0]

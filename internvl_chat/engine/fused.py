@@ -27,12 +27,62 @@ from ..quant.triton_gemv import triton_interpreting
 ENABLED = {"cuda": True, "cpu": False}
 
 
+# Whether the kernels ran and gave the torch ops' values here, by device type (`_verdict`)
+_verdicts: dict[str, bool] = {}
+
+
 def active(t: torch.Tensor) -> bool:
     """Whether the eager layers computing `t` take the fused kernels."""
     device = t.device.type
-    if not ENABLED.get(device, False) or torch.compiler.is_compiling() or _import_failure() is not None:
+    if not ENABLED.get(device, False) or torch.compiler.is_compiling():
         return False
-    return device == "cuda" or triton_interpreting()
+    if device == "cpu" and not triton_interpreting():
+        return False
+    verdict = _verdicts.get(device)
+    return verdict if verdict is not None else _verdict(t.device)
+
+
+def _verdict(device: torch.device) -> bool:
+    """Run each kernel once on small tensors against the torch ops, the first time: Triton may be
+    missing, or unable to build its launcher (it needs a C compiler the first time), or broken.
+    Then one note, and the torch ops from then on; never a failed answer."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False  # never probe inside a capture (the warm-up before it probed already)
+    from .compiled import _one_line, _stderr_note
+
+    failure = _import_failure()
+    if failure is None:
+        try:
+            _check_against_torch_ops(device)
+        except Exception as e:  # noqa: BLE001 — whatever fails here, the torch ops still answer
+            failure = _one_line(e)
+    _verdicts[device.type] = failure is None
+    if failure is not None:
+        _stderr_note(f"the fused {device.type.upper()} kernels could not run ({failure}); using torch's ops")
+    return failure is None
+
+
+def _check_against_torch_ops(device: torch.device) -> None:
+    from .language import apply_rope
+    from .vision import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x, residual, gate_up = (torch.randn(2, 64, generator=gen).to(device) for _ in range(3))
+    norm = RMSNorm(64, 1e-6).to(device)
+    cos, sin = (torch.randn(2, 1, 4, generator=gen).to(device) for _ in range(2))
+    qkv = torch.randn(1, 2, 4 * 8, generator=gen).to(device)  # 2 q heads, 1 kv head of 8
+    k_cache, v_cache = torch.zeros(1, 1, 4, 8, device=device), torch.zeros(1, 1, 4, 8, device=device)
+    normed, total = add_rms_norm(x, residual, norm)
+    q = rope_and_cache(qkv, cos, sin, 1, k_cache, v_cache, 2, 1, 8)
+    rotated = apply_rope(qkv[..., :24].view(1, 2, 3, 8), cos, sin)
+    gate, up = gate_up.chunk(2, dim=-1)
+    pairs = [
+        (normed, norm(x + residual)), (total, x + residual), (silu_mul(gate_up), torch.nn.functional.silu(gate) * up),
+        (q, rotated[:, :, :2]), (k_cache[0, 0, 1:3], rotated[0, :, 2]), (v_cache[0, 0, 1:3], qkv[0, :, 24:]),
+    ]  # fmt: skip
+    for got, want in pairs:
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"a kernel is off by {(got - want).abs().max().item():.3g}")
 
 
 @functools.cache
