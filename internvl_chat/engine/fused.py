@@ -71,15 +71,18 @@ def _check_against_torch_ops(device: torch.device) -> None:
     norm = RMSNorm(64, 1e-6).to(device)
     cos, sin = (torch.randn(2, 1, 4, generator=gen).to(device) for _ in range(2))
     qkv = torch.randn(1, 2, 4 * 8, generator=gen).to(device)  # 2 q heads, 1 kv head of 8
-    k_cache, v_cache = torch.zeros(1, 1, 4, 8, device=device), torch.zeros(1, 1, 4, 8, device=device)
+    caches = [torch.zeros(1, 1, 4, 8, device=device) for _ in range(4)]
     normed, total = add_rms_norm(x, residual, norm)
-    q = rope_and_cache(qkv, cos, sin, 1, k_cache, v_cache, 2, 1, 8)
     rotated = apply_rope(qkv[..., :24].view(1, 2, 3, 8), cos, sin)
     gate, up = gate_up.chunk(2, dim=-1)
     pairs = [
-        (normed, norm(x + residual)), (total, x + residual), (silu_mul(gate_up), torch.nn.functional.silu(gate) * up),
-        (q, rotated[:, :, :2]), (k_cache[0, 0, 1:3], rotated[0, :, 2]), (v_cache[0, 0, 1:3], qkv[0, :, 24:]),
+        (normed, norm(x + residual)), (total, x + residual), (add_rms_norm(x, None, norm)[0], norm(x)),
+        (silu_mul(gate_up), torch.nn.functional.silu(gate) * up),
     ]  # fmt: skip
+    # both ways of giving positions: the first of consecutive ones (prefill), a device tensor (graphs)
+    for positions, (k_cache, v_cache) in ((1, caches[:2]), (torch.tensor([1, 2], device=device), caches[2:])):
+        q = rope_and_cache(qkv, cos, sin, positions, k_cache, v_cache, 2, 1, 8)
+        pairs += [(q, rotated[:, :, :2]), (k_cache[0, 0, 1:3], rotated[0, :, 2]), (v_cache[0, 0, 1:3], qkv[0, :, 24:])]
     for got, want in pairs:
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"a kernel is off by {(got - want).abs().max().item():.3g}")
