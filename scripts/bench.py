@@ -643,6 +643,29 @@ def section_gemv(plan: bl.Plan, device: torch.device, deadline: float | None, st
     return out
 
 
+def _sweep_start(device: torch.device, budget_s: float, deadline: float | None, default, extra) -> tuple[float, float, list]:
+    """What a sweep section starts from: the copy bandwidth, its deadline (its own budget, within
+    the run's), and its configurations (the default first, each other once)."""
+    bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
+    own = time.perf_counter() + budget_s
+    configs = [default] + [c for c in dict.fromkeys(extra) if c != default]
+    return bandwidth, (min(own, deadline) if deadline is not None else own), configs
+
+
+def _prepare_sweep_shapes(model: str, records: dict, start: float, prepare) -> dict:
+    """`prepare(k, n, seed)` → (tensors, record) for each decoder linear of `model`: the tensors by
+    key, the records (or a failure's) into `records`."""
+    prepared = {}
+    for seed, (layer, (k, n)) in enumerate(bl.llm_linear_shapes(model).items(), 1):
+        key = f"{model} {layer}"
+        try:
+            prepared[key], records[key] = prepare(k, n, seed)
+        except Exception as e:
+            records[key] = {"error": repr(e), "traceback": traceback.format_exc(limit=4)}
+            bl.log(f"  {key}: FAILED {e!r}", start)
+    return prepared
+
+
 def section_gemv_sweep(plan: bl.Plan, device: torch.device, deadline: float | None, start: float, rows_done=None) -> dict:
     """The triton GEMV's launch configuration, tuned: on the decoder linears of `plan.sweep_shape`
     (8B: fused qkv, o, fused gate_up, down) at rows `plan.sweep_rows`, the module's default
@@ -656,11 +679,9 @@ def section_gemv_sweep(plan: bl.Plan, device: torch.device, deadline: float | No
     why = triton_gemv.triton_unavailable_reason(device)
     if why is not None:
         return {"skipped": f"the triton backend cannot run here: {why}"}
-    bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
-    own = time.perf_counter() + plan.sweep_budget_s
-    section_deadline = min(own, deadline) if deadline is not None else own
     default = triton_gemv.default_config()
-    configs = [default] + [c for c in dict.fromkeys(triton_gemv.GemvConfig(*t) for t in plan.sweep_configs) if c != default]
+    extra = (triton_gemv.GemvConfig(*t) for t in plan.sweep_configs)
+    bandwidth, section_deadline, configs = _sweep_start(device, plan.sweep_budget_s, deadline, default, extra)
     default_label = bl.sweep_label(default)
     out: dict = {
         "copy_bandwidth_bytes_per_s": bandwidth,
@@ -673,14 +694,8 @@ def section_gemv_sweep(plan: bl.Plan, device: torch.device, deadline: float | No
         "shapes": {},
     }
     bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s; {len(configs)} configurations, default {default_label}", start)
-    prepared = {}
-    for seed, (layer, (k, n)) in enumerate(bl.llm_linear_shapes(plan.sweep_shape).items(), 1):
-        key = f"{plan.sweep_shape} {layer}"
-        try:
-            prepared[key], out["shapes"][key] = bl.prepare_sweep_shape(k, n, plan.sweep_rows, device, bandwidth, seed)
-        except Exception as e:
-            out["shapes"][key] = {"error": repr(e), "traceback": traceback.format_exc(limit=4)}
-            bl.log(f"  {key}: FAILED {e!r}", start)
+    prepared = _prepare_sweep_shapes(plan.sweep_shape, out["shapes"], start,
+                                     lambda k, n, seed: bl.prepare_sweep_shape(k, n, plan.sweep_rows, device, bandwidth, seed))  # fmt: skip
     for config in configs:
         label = bl.sweep_label(config)
         for key, shape in prepared.items():
@@ -718,11 +733,9 @@ def section_dequant_sweep(plan: bl.Plan, device: torch.device, deadline: float |
     why = triton_gemv.triton_unavailable_reason(device)
     if why is not None:
         return {"skipped": f"the Triton kernels cannot run here: {why}"}
-    bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
-    own = time.perf_counter() + plan.dqsweep_budget_s
-    section_deadline = min(own, deadline) if deadline is not None else own
     default = triton_dequant.default_config()
-    configs = [default] + [c for c in dict.fromkeys(triton_dequant.DequantConfig(*t) for t in plan.dqsweep_configs) if c != default]
+    extra = (triton_dequant.DequantConfig(*t) for t in plan.dqsweep_configs)
+    bandwidth, section_deadline, configs = _sweep_start(device, plan.dqsweep_budget_s, deadline, default, extra)
     default_label = bl.dequant_label(default)
     out: dict = {
         "copy_bandwidth_bytes_per_s": bandwidth,
@@ -737,14 +750,7 @@ def section_dequant_sweep(plan: bl.Plan, device: torch.device, deadline: float |
         "shapes": {},
     }
     bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s; {len(configs)} configurations, default {default_label}", start)
-    prepared = {}
-    for seed, (layer, (k, n)) in enumerate(bl.llm_linear_shapes(plan.sweep_shape).items(), 1):
-        key = f"{plan.sweep_shape} {layer}"
-        try:
-            prepared[key], out["shapes"][key] = bl.prepare_dequant_shape(k, n, device, seed)
-        except Exception as e:
-            out["shapes"][key] = {"error": repr(e), "traceback": traceback.format_exc(limit=4)}
-            bl.log(f"  {key}: FAILED {e!r}", start)
+    prepared = _prepare_sweep_shapes(plan.sweep_shape, out["shapes"], start, lambda k, n, seed: bl.prepare_dequant_shape(k, n, device, seed))
     for config in configs:
         label = bl.dequant_label(config)
         for key, shape in prepared.items():
