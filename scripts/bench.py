@@ -434,7 +434,8 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
     image_tokens = tiles * cfg.tokens_per_tile
     p, n = plan.cuda_prefill_tokens, plan.cuda_decode_tokens
     history = max(plan.cuda_followup_history, default=0)
-    max_seq = _round_up(max(image_tokens + 64, p + n + 64, history + plan.cuda_followup_tokens + 64), 256)
+    long = plan.cuda_long_context if is_cuda else 0
+    max_seq = _round_up(max(image_tokens + 64, p + n + 64, history + plan.cuda_followup_tokens + 64, long + n + 64), 256)
     t0 = time.perf_counter()
     model = bl.build_random_model(cfg, device, dtype, max_seq, backend)
     bl.sync(device)
@@ -519,6 +520,23 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
         except Exception as e:
             decode[mode] = {"error": repr(e)[:500]}
     out["decode"] = decode
+    if long:  # the same steps after a long context (its cache as the runs above left it: the
+        # values do not matter, the bytes attention reads do), with and without the fused kernels
+        traffic = bl.decode_bytes_per_token(model, long + n // 2)
+        decode_long: dict = {"context": long, "bytes_per_token": traffic}
+        for mode, fused_kernels in (("graphs-unfused", False), ("graphs", True)):
+            try:
+                with bl.fused_kernels(fused_kernels):
+                    r = bl.engine_decode(model, first, long, n, plan.cuda_repeats, True, False)
+                r["bandwidth_share"] = r["tokens_per_s"] * traffic["total"] / ceiling
+                decode_long[mode] = r
+            except Exception as e:
+                decode_long[mode] = {"error": repr(e)[:500]}
+        out["decode_long"] = decode_long
+    if is_cuda:  # whether the fused kernels passed their check against the torch ops (None: never asked)
+        from internvl_chat.engine import fused
+
+        out["fused_kernels_ok"] = fused._verdicts.get("cuda")
     if is_cuda:
         out["peak_gpu_alloc_bytes"] = torch.cuda.max_memory_allocated(device) - base_alloc
     del model
@@ -923,6 +941,10 @@ def render_shapes(sh: dict) -> list[str]:
         for m in ("eager", "graphs-unfused", "graphs", "compiled"):
             if "error" in d.get(m, {}):
                 lines.append(f"    {m}: {d[m]['error'][:300]}")
+        long = r.get("decode_long", {})
+        if long:
+            lines.append(f"    after {long['context']:,} tokens (graphs): " + ", ".join(
+                f"{m} {_fmt(long.get(m, {}).get('tokens_per_s'), '.0f')} tok/s" for m in ("graphs-unfused", "graphs")))  # fmt: skip
         if "tokens_per_s" in d.get("graphs-unfused", {}):
             lines.append(f"    graphs without the fused kernels (engine/fused.py): {rate('graphs-unfused')} tok/s, "
                          f"{_fmt(d['graphs-unfused'].get('ops_per_layer'), '.0f')} kernels a layer")

@@ -119,6 +119,7 @@ class Plan:
     cuda_image_tiles: int = 13
     cuda_followup_history: tuple[int, ...] = (1024, 4096)  # follow-up TTFT after this much history
     cuda_followup_tokens: int = 24  # a short follow-up question
+    cuda_long_context: int = 16384  # CUDA decode also after this many cached tokens (0: not)
     cuda_compiled: bool = True  # also time the compiled step (one compile per row)
     # (shape, variant) rows to measure, in order, instead of every shape × variant (--shape-rows:
     # a rerun measures only the rows an earlier call of a short lease did not reach)
@@ -199,6 +200,7 @@ QUICK = Plan(
     cuda_image_tiles=1,
     cuda_followup_history=(64,),
     cuda_followup_tokens=8,
+    cuda_long_context=1024,
     gemv_rows=(1, 4),
     sweep_shape="tiny",
     sweep_configs=((32, 128, 2, 1056), (128, 512, 8, 264)),  # a K split with its reduction; one step

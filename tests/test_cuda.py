@@ -151,6 +151,43 @@ def test_fused_kernels_give_the_torch_ops_answer_in_and_out_of_graphs(tiny_origi
             assert torch.nn.functional.cosine_similarity(got, want, dim=0).item() > 0.999, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_decode_attention_on_cuda_is_sdpa_over_the_visible_keys(dtype):
+    from internvl_chat.engine import fused
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 1, 28, 128, device="cuda", generator=gen, dtype=dtype)
+    k_cache, v_cache = (torch.randn(1, 4, 8192, 128, device="cuda", generator=gen, dtype=dtype) for _ in range(2))
+    for kv_len, last in ((4096, 4095), (8192, 5000), (1024, 0)):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.view(1, 4, 7, 128), k_cache[:, :, : last + 1], v_cache[:, :, : last + 1]
+        ).view(1, 1, 28 * 128).float()
+        for given in (last, torch.tensor([last], device="cuda")):
+            got = fused.decode_attention(q, k_cache, v_cache, kv_len, given).float()
+            tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+            assert (got - want).abs().max().item() <= tolerance * want.abs().max().item()
+
+
+def test_long_context_decode_with_the_fused_kernels_gives_the_torch_ops_tokens(tiny_original, monkeypatch):
+    """Over 2,000 cached tokens the one-token steps attend through the split attention (eager
+    and in graphs): the plain torch ops' greedy tokens."""
+    from internvl_chat.engine import fused
+
+    loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=4096, cuda_graphs=False)
+    model = loaded.model
+    ids = loaded.tokenizer.encode("one two three four five six") * 300
+    runs = {}
+    for name, enabled, graphs in (("plain", False, False), ("fused", True, False), ("fused in graphs", True, True)):
+        monkeypatch.setitem(fused.ENABLED, "cuda", enabled)
+        model.enable_cuda_graphs(graphs)
+        with torch.inference_mode():
+            runs[name] = greedy_steps(model, ids, 16)
+    want_tokens, want_logits = runs["plain"]
+    for name, (tokens, logits) in runs.items():
+        assert tokens == want_tokens, name
+        assert (logits - want_logits).abs().max().item() <= 1e-4 * want_logits.abs().max().item(), name
+
+
 def test_compiled_graph_decode_equals_eager(tiny_original):
     """The compiled step (Triton kernels) replayed from CUDA graphs, across a KV bucket boundary."""
     loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, cuda_graphs=False)

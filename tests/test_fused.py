@@ -176,3 +176,45 @@ def test_kernels_that_cannot_run_here_are_one_note_and_the_torch_ops_answer(tiny
     notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("internvl-chat:")]
     assert len(notes) == 1 and "using torch's ops" in notes[0] and len(notes[0]) < 200
     assert ("C compiler" if fault == "raises" else "a kernel is off by") in notes[0]
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "kv_len", "last"),
+    [(14, 2, 64, 1024, 700), (28, 4, 128, 1536, 1535), (12, 2, 128, 1024, 0), (14, 2, 64, 768, 255), (14, 2, 64, 768, 256)],
+    ids=["0.5B mid-split", "8B every key", "2B first key only", "split end", "split start"],
+)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "device position"])
+def test_split_decode_attention_is_sdpa_over_the_visible_keys(interpreted, heads, kv_heads, head_dim, kv_len, last, as_tensor):
+    gen = torch.Generator().manual_seed(kv_len + last)
+    q = torch.randn(1, 1, heads, head_dim, generator=gen)
+    k_cache, v_cache = (torch.randn(1, kv_heads, 2048, head_dim, generator=gen) for _ in range(2))
+    got = fused.decode_attention(q, k_cache, v_cache, kv_len, torch.tensor([last]) if as_tensor else last)
+    group = heads // kv_heads
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.view(1, kv_heads, group, head_dim), k_cache[:, :, : last + 1], v_cache[:, :, : last + 1]
+    ).view(1, 1, heads * head_dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_one_token_steps_over_a_long_cache_take_the_split_attention(tiny, interpreted, monkeypatch):
+    # the tiny model's cache is short: from 64 keys here, the exact and the masked one-token
+    # steps attend through decode_attention, and give the torch ops' logits
+    model, lm = tiny.model, tiny.model.language_model
+    past = list(range(5, 100))
+    monkeypatch.setitem(fused.ENABLED, "cpu", False)
+    with torch.inference_mode():
+        model.forward(past, 0)
+        want = [model.forward([7], len(past)).clone(), lm.decode_masked(torch.tensor([9]), torch.tensor([len(past) + 1]), 256).clone()]
+    monkeypatch.setitem(fused.ENABLED, "cpu", True)
+    monkeypatch.setattr(fused, "SPLIT_ATTENTION_MIN_KEYS", 64)
+    calls = []
+    real = fused.decode_attention
+    monkeypatch.setattr(fused, "decode_attention", lambda *args: calls.append(args[3:]) or real(*args))
+    with torch.inference_mode():
+        model.forward(past, 0)
+        got = [model.forward([7], len(past)).clone(), lm.decode_masked(torch.tensor([9]), torch.tensor([len(past) + 1]), 256).clone()]
+    layers = len(lm.model.layers)
+    assert [c[0] for c in calls] == [len(past) + 1] * layers + [256] * layers  # kv_len: the exact prefix, the bucket
+    assert all(isinstance(c[1], torch.Tensor) for c in calls[layers:])  # the masked step's last key: its device position
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

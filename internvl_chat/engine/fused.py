@@ -83,6 +83,10 @@ def _check_against_torch_ops(device: torch.device) -> None:
     for positions, (k_cache, v_cache) in ((1, caches[:2]), (torch.tensor([1, 2], device=device), caches[2:])):
         q = rope_and_cache(qkv, cos, sin, positions, k_cache, v_cache, 2, 1, 8)
         pairs += [(q, rotated[:, :, :2]), (k_cache[0, 0, 1:3], rotated[0, :, 2]), (v_cache[0, 0, 1:3], qkv[0, :, 24:])]
+    q, keys, values = (torch.randn(shape, generator=gen).to(device) for shape in ((1, 1, 2, 16), (1, 1, 300, 16), (1, 1, 300, 16)))
+    want = torch.nn.functional.scaled_dot_product_attention(q.view(1, 1, 2, 16), keys[:, :, :251], values[:, :, :251]).view(1, 1, 32)
+    for last in (250, torch.tensor([250], device=device)):  # two splits, the second partly visible
+        pairs.append((decode_attention(q, keys, values, 300, last), want))
     for got, want in pairs:
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"a kernel is off by {(got - want).abs().max().item():.3g}")
@@ -102,12 +106,13 @@ def _import_failure() -> str | None:
 
 @functools.cache
 def _kernels(interpreted: bool):
-    """(add_rms_norm, silu_mul, rope_cache): JIT-compiled, or interpreted for CPU tensors."""
+    """(add_rms_norm, silu_mul, rope_cache, decode_attention, its reduce): JIT-compiled, or
+    interpreted for CPU tensors."""
     import triton
 
     from . import fused_kernels as k
 
-    kernels = (k.add_rms_norm_kernel, k.silu_mul_kernel, k.rope_cache_kernel)
+    kernels = (k.add_rms_norm_kernel, k.silu_mul_kernel, k.rope_cache_kernel, k.decode_attention_kernel, k.decode_attention_reduce_kernel)
     if interpreted:
         from triton.runtime.interpreter import InterpretedFunction
 
@@ -176,3 +181,48 @@ def rope_and_cache(
         HEADS=heads, KV_HEADS=kv_heads, HALF=half, POSITIONS_IN_TENSOR=in_tensor, num_warps=1,
     )  # fmt: skip
     return q
+
+
+# One-token attention split over the KV length (flash-decoding): keys a program takes, in blocks
+# of ATTENTION_BLOCK. At batch 1 SDPA runs one program per KV head (4 on the 8B decoder) over the
+# whole cache, a few percent of a GPU's memory bandwidth once the context is long; the splits give
+# kv_len / 256 programs a head. Used from SPLIT_ATTENTION_MIN_KEYS attended keys (a guess until
+# measured on a GPU: below it the cache is small and SDPA's one kernel may do as well).
+ATTENTION_SPLIT = 256
+ATTENTION_BLOCK = 64
+SPLIT_ATTENTION_MIN_KEYS = 1024
+
+
+def takes_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, kv_len: int) -> bool:
+    """Whether `decode_attention` takes this step: a long enough cache in q's dtype, contiguous,
+    and a head size of at least 16 that is a power of two."""
+    hd = q.shape[-1]
+    return (kv_len >= SPLIT_ATTENTION_MIN_KEYS and k_cache.dtype == q.dtype and k_cache.is_contiguous()
+            and hd >= 16 and hd & (hd - 1) == 0)  # fmt: skip
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int, last) -> torch.Tensor:
+    """One query token's attention: q [1, 1, heads, hd] against the first `kv_len` positions of
+    the caches [1, kv_heads, S, hd], keys 0 … `last` visible (an int, or a device LongTensor [1]:
+    the graphs' position) → [1, 1, heads·hd] in q's dtype, softmax(q·kᵀ/√hd)·v as SDPA gives it."""
+    q = q.contiguous()
+    heads, hd = q.shape[2], q.shape[3]
+    kv_heads, cache_len = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    group_pad = max(16, _next_power_of_two(group))  # tl.dot takes 16 rows at least
+    splits = -(-kv_len // ATTENTION_SPLIT)
+    acc = torch.empty(kv_heads, splits, group_pad, hd, dtype=torch.float32, device=q.device)
+    ml = torch.empty(kv_heads, splits, group_pad, 2, dtype=torch.float32, device=q.device)
+    out = torch.empty(1, 1, heads * hd, dtype=q.dtype, device=q.device)
+    in_tensor = isinstance(last, torch.Tensor)
+    interpreted = q.device.type == "cpu"
+    _launcher(3, q)[(kv_heads, splits)](
+        q, k_cache, v_cache, last if in_tensor else q, acc, ml, 0 if in_tensor else last, cache_len, hd**-0.5,
+        GROUP=group, GROUP_PAD=group_pad, HD=hd, SPLIT=ATTENTION_SPLIT, BLOCK_N=ATTENTION_BLOCK,
+        LAST_IN_TENSOR=in_tensor, IEEE=q.dtype == torch.float32, INTERPRETED=interpreted, num_warps=4,
+    )  # fmt: skip
+    _launcher(4, q)[(kv_heads, group)](
+        acc, ml, out, splits, GROUP=group, GROUP_PAD=group_pad, HD=hd, SPLITS_PAD=_next_power_of_two(splits),
+        INTERPRETED=interpreted, num_warps=4,
+    )  # fmt: skip
+    return out

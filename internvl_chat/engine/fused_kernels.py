@@ -78,3 +78,89 @@ def rope_cache_kernel(
         dst = v_cache_ptr + ((head - HEADS - KV_HEADS) * cache_len + pos) * 2 * HALF
         tl.store(dst + i, tl.load(src + i))
         tl.store(dst + HALF + i, tl.load(src + HALF + i))
+
+
+def decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, last_ptr, acc_ptr, ml_ptr, last_key, cache_len, scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    LAST_IN_TENSOR: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """One token's attention, split over the KV length (flash-decoding): program (kv head h,
+    split s) takes keys s·SPLIT … (s + 1)·SPLIT − 1 that are ≤ the last visible key, for the
+    GROUP query heads of h at once, and leaves its unnormalised sum, running max and softmax
+    denominator per query head for decode_attention_reduce_kernel."""
+    kv_head = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    if LAST_IN_TENSOR:
+        last = tl.load(last_ptr).to(tl.int64)
+    else:
+        last = last_key
+    rows = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HD)
+    q = tl.load(q_ptr + (kv_head * GROUP + rows[:, None]) * HD + d[None, :], mask=rows[:, None] < GROUP, other=0.0)
+    # a finite start: a block with no visible key leaves it, and its weights, as they were
+    m_i = tl.full((GROUP_PAD,), -1e30, tl.float32)
+    l_i = tl.full((GROUP_PAD,), 0.0, tl.float32)
+    acc = tl.full((GROUP_PAD, HD), 0.0, tl.float32)
+    head_base = kv_head * cache_len * HD
+    for block in range(SPLIT // BLOCK_N):  # a constant trip count: the interpreter takes no tensor bound
+        keys = split * SPLIT + block * BLOCK_N + tl.arange(0, BLOCK_N)
+        visible = keys <= last
+        offsets = head_base + keys[:, None].to(tl.int64) * HD + d[None, :]
+        k = tl.load(k_ptr + offsets, mask=visible[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(visible[None, :], s * scale, float("-inf"))
+        if INTERPRETED:  # tl.max and tl.sum are jitted helpers: see add_rms_norm_kernel
+            block_max = tl.reduce(s, 1, tl.standard._elementwise_max)
+        else:
+            block_max = tl.max(s, axis=1)
+        m_new = tl.maximum(m_i, block_max)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        if INTERPRETED:
+            l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
+        else:
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + offsets, mask=visible[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    part = (kv_head * tl.num_programs(1) + split) * GROUP_PAD + rows
+    tl.store(acc_ptr + part[:, None] * HD + d[None, :], acc)
+    tl.store(ml_ptr + part * 2, m_i)
+    tl.store(ml_ptr + part * 2 + 1, l_i)
+
+
+def decode_attention_reduce_kernel(
+    acc_ptr, ml_ptr, out_ptr, splits,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HD: tl.constexpr, SPLITS_PAD: tl.constexpr, INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """Program (kv head h, query head g of its group): the splits' partial sums combined,
+    softmax-weighted by their maxima, into out [h·GROUP + g, HD]."""
+    kv_head = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    held = sp < splits
+    part = (kv_head * splits + sp) * GROUP_PAD + g
+    m = tl.load(ml_ptr + part * 2, mask=held, other=-1e30)
+    l = tl.load(ml_ptr + part * 2 + 1, mask=held, other=0.0)
+    if INTERPRETED:
+        top = tl.reduce(m, 0, tl.standard._elementwise_max)
+    else:
+        top = tl.max(m, axis=0)
+    w = tl.exp(m - top)  # key 0 is always visible: some split holds a real maximum
+    d = tl.arange(0, HD)
+    acc = tl.load(acc_ptr + part[:, None] * HD + d[None, :], mask=held[:, None], other=0.0)
+    weighted = acc * w[:, None]
+    if INTERPRETED:
+        total = tl.reduce(weighted, 0, tl.standard._sum_combine)
+        denominator = tl.reduce(w * l, 0, tl.standard._sum_combine)
+    else:
+        total = tl.sum(weighted, axis=0)
+        denominator = tl.sum(w * l, axis=0)
+    tl.store(out_ptr + (kv_head * GROUP + g) * HD + d, (total / denominator).to(out_ptr.dtype.element_ty))

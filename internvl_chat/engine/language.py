@@ -238,6 +238,11 @@ class Attention(nn.Module):
         keys, values = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         q = q.to(k_cache.dtype)  # attention runs in the cache's dtype (a no-op when they match)
         if t == 1 and not isinstance(mask, str):
+            if fused.active(q) and fused.takes_decode_attention(q, k_cache, kv_len):
+                # split over the cache's length; the last visible key: the graphs' device position
+                # (masked), else the exact prefix's end
+                last = positions if mask is not None else kv_len - 1
+                return linear(self.o_proj, fused.decode_attention(q, k_cache, v_cache, kv_len, last).to(x.dtype))
             # One query: each kv head's group of q heads becomes query rows against that head, so
             # one SDPA call reads K/V once, with no head repeat and (exact prefix) no mask.
             out = F.scaled_dot_product_attention(q.reshape(1, kv_heads, heads // kv_heads, hd), keys, values, attn_mask=mask)
