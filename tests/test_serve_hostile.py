@@ -369,3 +369,17 @@ def test_a_video_that_cannot_be_read_is_called_the_video(server):
     assert response.status_code == 400
     message = error_of(response)["message"]
     assert message.startswith("cannot read the video (") and "the media" not in message, message
+
+
+@pytest.mark.parametrize(
+    "method, path, allowed",
+    [("GET", "/v1/chat/completions", "POST"), ("POST", "/v1/models", "GET"), ("DELETE", "/v1/models/tiny", "GET"),
+     ("POST", "/health", "GET, HEAD")],
+)  # fmt: skip
+def test_a_method_an_endpoint_does_not_take_is_a_405_that_names_the_ones_it_does(server, method, path, allowed):
+    """Our JSON 405 dropped the Allow header that HTTP requires (Starlette's own has it) and did
+    not say which method to use."""
+    response = httpx.request(method, f"{server.url}{path}", timeout=WAIT_S)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed
+    assert error_of(response)["message"] == f"method not allowed on this endpoint; it takes {allowed}"
