@@ -171,7 +171,7 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
             raise bad_request("the request body's JSON nests deeper than this server reads (about 200 levels); "
                               "send a flatter request") from None  # fmt: skip
         if first.get("type") == "json_invalid":
-            raise bad_request(f"the request body is not valid JSON ({first.get('msg')})") from None
+            raise _invalid_json(body, str(first.get("msg"))) from None
         if first.get("type") == "union_tag_invalid":  # pydantic's message quotes the whole tag as sent
             tag = shown(str(first.get("ctx", {}).get("tag", "")), 40)
             raise bad_request(f"{param}: the content part type '{tag}' is not one this server reads; send "
@@ -186,6 +186,23 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         raise bad_request(f"{param or 'request'}: {shown(str(first.get('msg')))}", param=param) from None
     _refuse_unsupported(req)
     return req
+
+
+def _invalid_json(body: bytes, said: str) -> APIError:
+    """A body the parser refused, said in words that tell what to fix where the parser's do not
+    (it calls a byte-order mark "expected value", a Latin-1 byte "invalid unicode code point")."""
+    if body.startswith(b"\xef\xbb\xbf"):
+        return bad_request("the request body starts with a byte-order mark (bytes EF BB BF); send the JSON without it")
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return bad_request(f"the request body is not UTF-8 (byte 0x{body[e.start]:02X} at offset {e.start:,}); send the "
+                           "JSON encoded as UTF-8")  # fmt: skip
+    # a \uD800-\uDFFF escape without its pair: half of a character (text cut inside an emoji, say)
+    if "surrogate" in said or "end of hex escape" in said:
+        return bad_request(f"the request body's JSON holds half of a character, a \\uD800-\\uDFFF escape without its "
+                           f"pair ({said}); send whole characters")  # fmt: skip
+    return bad_request(f"the request body is not valid JSON ({said})")
 
 
 def _param(loc: tuple) -> str | None:
