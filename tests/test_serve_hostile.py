@@ -407,3 +407,25 @@ def test_a_body_that_is_not_utf8_json_says_what_to_fix(server, body, said):
                           headers={"Content-Type": "application/json"})  # fmt: skip
     assert response.status_code == 400
     assert said in error_of(response)["message"], error_of(response)["message"]
+
+
+def test_an_answer_holding_unicode_line_ends_streams_one_line_per_event(server):
+    """json.dumps leaves U+0085, U+2028 and U+2029 raw; httpx's iter_lines (as str.splitlines) ends
+    a line at each, so a client reading the stream by lines got half an event that was not JSON."""
+    written = "a\x85b\u2028c\u2029d"
+
+    def write(job, event):  # the model's text, as if it had written these
+        if event["text"]:
+            event["text"] = written
+
+    server.worker.on_event = write
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S) as response:
+            lines = [line for line in response.iter_lines() if line]
+    finally:
+        server.worker.on_event = None
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]  # each line a whole event
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text and text.replace(written, "") == ""  # each token's text came whole
