@@ -391,18 +391,21 @@ _HI = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi 
 @pytest.mark.parametrize(
     "body, said",
     [
+        (b"", "the request body is empty; send the chat request as a JSON object (model, messages)"),
+        (b" \r\n", "the request body is empty; send the chat request as a JSON object (model, messages)"),
         (b"\xef\xbb\xbf" + _HI.encode(), "starts with a byte-order mark (bytes EF BB BF); send the JSON without it"),
         (_HI.encode("latin-1"), f"is not UTF-8 (byte 0xE9 at offset {_HI.index('é')}); send the JSON encoded as UTF-8"),
         (_HI.encode("utf-16"), "is not UTF-8 (byte 0xFF at offset 0); send the JSON encoded as UTF-8"),
         (_HI.replace("é", "\\ud83d").encode(), "holds half of a character, a \\uD800-\\uDFFF escape without its pair"),
         (_HI.replace("é", "\\ude00x").encode(), "holds half of a character, a \\uD800-\\uDFFF escape without its pair"),
     ],
-    ids=["byte-order mark", "latin-1", "utf-16", "lone high surrogate", "lone low surrogate"],
+    ids=["empty", "blank", "byte-order mark", "latin-1", "utf-16", "lone high surrogate", "lone low surrogate"],
 )
 def test_a_body_that_is_not_utf8_json_says_what_to_fix(server, body, said):
-    """The parser's words for these were "expected value at line 1 column 1" (a byte-order mark,
-    UTF-16), "invalid unicode code point" (a Latin-1 byte) and "unexpected end of hex escape"
-    (text cut inside an emoji, which JSON.stringify writes as a lone \\ud83d): none said what to fix."""
+    """The parser's words for these were "EOF while parsing a value" (no body), "expected value at
+    line 1 column 1" (a byte-order mark, UTF-16), "invalid unicode code point" (a Latin-1 byte) and
+    "unexpected end of hex escape" (text cut inside an emoji, which JSON.stringify writes as a lone
+    \\ud83d): none said what to fix."""
     response = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=WAIT_S,
                           headers={"Content-Type": "application/json"})  # fmt: skip
     assert response.status_code == 400

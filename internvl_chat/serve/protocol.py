@@ -191,6 +191,8 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
 def _invalid_json(body: bytes, said: str) -> APIError:
     """A body the parser refused, said in words that tell what to fix where the parser's do not
     (it calls a byte-order mark "expected value", a Latin-1 byte "invalid unicode code point")."""
+    if not body.strip():  # "EOF while parsing a value": a client that sent no body (curl without -d)
+        return bad_request("the request body is empty; send the chat request as a JSON object (model, messages)")
     if body.startswith(b"\xef\xbb\xbf"):
         return bad_request("the request body starts with a byte-order mark (bytes EF BB BF); send the JSON without it")
     try:
