@@ -432,3 +432,22 @@ def test_an_answer_holding_unicode_line_ends_streams_one_line_per_event(server):
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]  # each line a whole event
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text and text.replace(written, "") == ""  # each token's text came whole
+
+
+def test_an_engine_failure_is_a_500_whose_message_is_escaped_and_short(server):
+    """The engine's catch-all quoted the exception's text as it was: control characters and all,
+    however long (an exception may quote what a request held)."""
+
+    def fail(job):
+        raise RuntimeError("\x1b]0;pwned\x07 " + "x" * 5000)
+
+    server.worker.on_start = fail
+    try:
+        response = post(server, {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    finally:
+        server.worker.on_start = None
+    assert response.status_code == 500
+    error = error_of(response)
+    assert error["code"] == "internal_error" and error["message"].startswith("internal error (RuntimeError: \\e]0;pwned\\x07 xx")
+    assert len(error["message"]) < 300 and "\x1b" not in error["message"] and "\x07" not in error["message"]
+    assert post(server, {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).status_code == 200
