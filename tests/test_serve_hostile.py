@@ -451,3 +451,27 @@ def test_an_engine_failure_is_a_500_whose_message_is_escaped_and_short(server):
     assert error["code"] == "internal_error" and error["message"].startswith("internal error (RuntimeError: \\e]0;pwned\\x07 xx")
     assert len(error["message"]) < 300 and "\x1b" not in error["message"] and "\x07" not in error["message"]
     assert post(server, {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "field, value, said",
+    [
+        ("content", {"type": "text", "text": "Hi"},
+         'messages.0.content must be a string or a list of content parts, such as [{"type": "text", "text": "Hi"}]'),
+        ("content", 5, 'messages.0.content must be a string or a list of content parts'),
+        ("stop", {"at": "\n"}, "stop must be a string or a list of strings"),
+    ],
+    ids=["a part not in a list", "a number", "stop as an object"],
+)  # fmt: skip
+def test_a_field_that_is_neither_a_string_nor_a_list_is_told_it_takes_either(server, field, value, said):
+    """pydantic's first member only was named: a content part sent without its list was told
+    "Input should be a valid string"."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    if field == "content":
+        body["messages"][0]["content"] = value
+    else:
+        body[field] = value
+    response = post(server, body)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["message"].startswith(said) and error["param"] == said.split(" ")[0], error
