@@ -65,9 +65,9 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         # a 405 must say which methods the endpoint takes (Starlette's Allow header, a set's order)
         allowed = ", ".join(sorted(m.strip() for m in (err.headers or {}).get("Allow", "").split(",") if m.strip()))
-        message = {404: "no such endpoint; this server has /health, /v1/models and /v1/chat/completions",
-                   405: f"method not allowed on this endpoint; it takes {allowed or 'other methods'}"}.get(
-                       err.status_code, str(err.detail))  # fmt: skip
+        messages = {404: "no such endpoint; this server has /health, /v1/models and /v1/chat/completions",
+                    405: f"method not allowed on this endpoint; it takes {allowed or 'other methods'}"}  # fmt: skip
+        message = messages.get(err.status_code, str(err.detail))
         headers = {"Allow": allowed} if err.status_code == 405 and allowed else None
         return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code, headers=headers)
 

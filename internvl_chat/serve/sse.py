@@ -17,7 +17,7 @@ def to_json(obj: dict) -> str:
 
 
 def event(obj: dict) -> bytes:
-    # json.dumps escapes newlines inside strings (and to_json the other line ends), so one event is always one `data:` line
+    # json.dumps escapes newlines inside strings (to_json the other line ends): one event is one `data:` line
     return f"data: {to_json(obj)}\n\n".encode()
 
 
