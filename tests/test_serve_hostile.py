@@ -369,3 +369,109 @@ def test_a_video_that_cannot_be_read_is_called_the_video(server):
     assert response.status_code == 400
     message = error_of(response)["message"]
     assert message.startswith("cannot read the video (") and "the media" not in message, message
+
+
+@pytest.mark.parametrize(
+    "method, path, allowed",
+    [("GET", "/v1/chat/completions", "POST"), ("POST", "/v1/models", "GET"), ("DELETE", "/v1/models/tiny", "GET"),
+     ("POST", "/health", "GET, HEAD")],
+)  # fmt: skip
+def test_a_method_an_endpoint_does_not_take_is_a_405_that_names_the_ones_it_does(server, method, path, allowed):
+    """Our JSON 405 dropped the Allow header that HTTP requires (Starlette's own has it) and did
+    not say which method to use."""
+    response = httpx.request(method, f"{server.url}{path}", timeout=WAIT_S)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed
+    assert error_of(response)["message"] == f"method not allowed on this endpoint; it takes {allowed}"
+
+
+_HI = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi é"}], "max_tokens": 2}, ensure_ascii=False)
+
+
+@pytest.mark.parametrize(
+    "body, said",
+    [
+        (b"", "the request body is empty; send the chat request as a JSON object (model, messages)"),
+        (b" \r\n", "the request body is empty; send the chat request as a JSON object (model, messages)"),
+        (b"\xef\xbb\xbf" + _HI.encode(), "starts with a byte-order mark (bytes EF BB BF); send the JSON without it"),
+        (_HI.encode("latin-1"), f"is not UTF-8 (byte 0xE9 at offset {_HI.index('é')}); send the JSON encoded as UTF-8"),
+        (_HI.encode("utf-16"), "is not UTF-8 (byte 0xFF at offset 0); send the JSON encoded as UTF-8"),
+        (_HI.replace("é", "\\ud83d").encode(), "holds half of a character, a \\uD800-\\uDFFF escape without its pair"),
+        (_HI.replace("é", "\\ude00x").encode(), "holds half of a character, a \\uD800-\\uDFFF escape without its pair"),
+    ],
+    ids=["empty", "blank", "byte-order mark", "latin-1", "utf-16", "lone high surrogate", "lone low surrogate"],
+)
+def test_a_body_that_is_not_utf8_json_says_what_to_fix(server, body, said):
+    """The parser's words for these were "EOF while parsing a value" (no body), "expected value at
+    line 1 column 1" (a byte-order mark, UTF-16), "invalid unicode code point" (a Latin-1 byte) and
+    "unexpected end of hex escape" (text cut inside an emoji, which JSON.stringify writes as a lone
+    \\ud83d): none said what to fix."""
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=WAIT_S,
+                          headers={"Content-Type": "application/json"})  # fmt: skip
+    assert response.status_code == 400
+    assert said in error_of(response)["message"], error_of(response)["message"]
+
+
+def test_an_answer_holding_unicode_line_ends_streams_one_line_per_event(server):
+    """json.dumps leaves U+0085, U+2028 and U+2029 raw; httpx's iter_lines (as str.splitlines) ends
+    a line at each, so a client reading the stream by lines got half an event that was not JSON."""
+    written = "a\x85b\u2028c\u2029d"
+
+    def write(job, event):  # the model's text, as if it had written these
+        if event["text"]:
+            event["text"] = written
+
+    server.worker.on_event = write
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S) as response:
+            lines = [line for line in response.iter_lines() if line]
+    finally:
+        server.worker.on_event = None
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]  # each line a whole event
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text and text.replace(written, "") == ""  # each token's text came whole
+
+
+def test_an_engine_failure_is_a_500_whose_message_is_escaped_and_short(server):
+    """The engine's catch-all quoted the exception's text as it was: control characters and all,
+    however long (an exception may quote what a request held)."""
+
+    def fail(job):
+        raise RuntimeError("\x1b]0;pwned\x07 " + "x" * 5000)
+
+    server.worker.on_start = fail
+    try:
+        response = post(server, {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    finally:
+        server.worker.on_start = None
+    assert response.status_code == 500
+    error = error_of(response)
+    assert error["code"] == "internal_error" and error["message"].startswith("internal error (RuntimeError: \\e]0;pwned\\x07 xx")
+    assert len(error["message"]) < 300 and "\x1b" not in error["message"] and "\x07" not in error["message"]
+    assert post(server, {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "field, value, said",
+    [
+        ("content", {"type": "text", "text": "Hi"},
+         'messages.0.content must be a string or a list of content parts, such as [{"type": "text", "text": "Hi"}]'),
+        ("content", 5, 'messages.0.content must be a string or a list of content parts'),
+        ("stop", {"at": "\n"}, "stop must be a string or a list of strings"),
+    ],
+    ids=["a part not in a list", "a number", "stop as an object"],
+)  # fmt: skip
+def test_a_field_that_is_neither_a_string_nor_a_list_is_told_it_takes_either(server, field, value, said):
+    """pydantic's first member only was named: a content part sent without its list was told
+    "Input should be a valid string"."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    if field == "content":
+        body["messages"][0]["content"] = value
+    else:
+        body[field] = value
+    response = post(server, body)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["message"].startswith(said) and error["param"] == said.split(" ")[0], error

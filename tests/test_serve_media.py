@@ -473,3 +473,56 @@ def test_a_redirect_to_a_host_behind_a_proxy_that_is_down_blames_the_proxy(serve
             httpd.shutdown()
             httpd.server_close()
     assert err.value.status_code == 502 and "the proxy in HTTPS_PROXY" in err.value.body["message"]
+
+
+@pytest.fixture
+def tarpit():
+    """A web server that never finishes an answer: its head (where="head") or its body a byte
+    every 50 ms, each within any read timeout, until the test ends."""
+    import socket
+
+    done = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(where: str) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n"
+            if where == "body":
+                conn.sendall(head + b"\r\n")
+            for byte in iter(lambda: b"X-Slow: y\r\n" if where == "head" else b"\x00", None):
+                if done.wait(0.05):
+                    return
+                try:
+                    conn.sendall(byte)
+                except OSError:  # the server gave up on it
+                    return
+
+    def start(where: str) -> str:
+        threading.Thread(target=serve, args=(where,), daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}/slow.png"
+
+    yield start
+    done.set()
+    listener.close()
+
+
+@pytest.mark.parametrize("where", ["head", "body"])
+def test_a_remote_picture_that_trickles_in_is_refused_at_the_fetch_deadline(server, client, monkeypatch, tarpit, where):
+    """The fetch had a timeout for each read only: a host sending a byte now and then held the
+    request, and a worker thread of the server's, for ever (the client's leaving did not end it);
+    a few dozen such requests left no thread to prepare any other request."""
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 1.0)
+    url = tarpit(where)
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client.with_options(timeout=WAIT_S), [image_part(url)])
+    finally:
+        server.options.allow_remote_media = False
+    message = err.value.body["message"]
+    assert message.startswith(f"the image at {url} did not arrive within 1 s"), message
+    assert ask(client, "Hi").choices[0].finish_reason in ("stop", "length")  # the server goes on

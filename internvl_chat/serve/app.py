@@ -63,9 +63,13 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        message = {404: "no such endpoint; this server has /health, /v1/models and /v1/chat/completions",
-                   405: "method not allowed on this endpoint"}.get(err.status_code, str(err.detail))  # fmt: skip
-        return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code)
+        # a 405 must say which methods the endpoint takes (Starlette's Allow header, a set's order)
+        allowed = ", ".join(sorted(m.strip() for m in (err.headers or {}).get("Allow", "").split(",") if m.strip()))
+        messages = {404: "no such endpoint; this server has /health, /v1/models and /v1/chat/completions",
+                    405: f"method not allowed on this endpoint; it takes {allowed or 'other methods'}"}  # fmt: skip
+        message = messages.get(err.status_code, str(err.detail))
+        headers = {"Allow": allowed} if err.status_code == 405 and allowed else None
+        return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, err: Exception) -> JSONResponse:
@@ -80,8 +84,8 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), options.api_key.encode()):
             raise APIError(401, "missing or wrong API key; send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
 
-    @app.head("/health")  # uptime monitors often check with HEAD
-    @app.get("/health")
+    # one route, so a 405's Allow names both (uptime monitors often check with HEAD)
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         if not worker.alive:
             raise APIError(503, "the engine is not running", code="engine_unavailable")

@@ -31,7 +31,7 @@ from ..engine.loader import LoadedModel
 from ..errors import Cancelled, InternVLChatError
 from .answers import AnswerMemory
 from .conversation import Prompt, PromptMaker
-from .errors import APIError, from_app_error
+from .errors import APIError, from_app_error, shown
 from .features import FeatureCache
 from .media import DecodeAllowance, MediaReader
 from .options import ServeOptions
@@ -261,7 +261,8 @@ class EngineWorker:
             job.emit("error", _cancelled())
         except Exception as e:  # noqa: BLE001 - a bug must not kill the engine thread; the client gets a 500
             log.error("request failed:\n%s", traceback.format_exc().rstrip())
-            job.emit("error", APIError(500, f"internal error ({type(e).__name__}: {e})", code="internal_error"))
+            # escaped and cut as any text a client is shown: an exception's may quote the request
+            job.emit("error", APIError(500, f"internal error ({shown(f'{type(e).__name__}: {e}')})", code="internal_error"))
 
     def _generate(self, job: Job) -> None:
         prompt = job.prompt

@@ -27,6 +27,7 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -45,6 +46,7 @@ from ..files import read_bytes_file
 from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import load_video, plan_video
 from ..media.video_cost import DecodeCost, DecodeOverBudget, megapixels
+from ..threads import start_worker
 
 if TYPE_CHECKING:
     from ..engine.config import ModelConfig
@@ -142,9 +144,11 @@ class MediaReader:
         except UsageError as e:  # the server's proxy setting, not the URL: the operator's to fix (checked at start too)
             raise APIError(502, f"this server cannot fetch {what} URLs: {e}; send the {what} inline as a data: URL",
                            code="proxy_error", param=param) from None  # fmt: skip
+        deadline = _FetchDeadline(REMOTE_TIMEOUT_S)
         try:
-            with client:
-                with client.stream("GET", url) as response:  # redirects followed: response.url is the last one's
+            with client, deadline:
+                # redirects followed (with the trace): response.url is the last one's
+                with client.stream("GET", url, extensions={"trace": deadline.trace}) as response:
                     if response.status_code == 407:  # only a proxy sends it: ours, when the URL went through one
                         proxy = proxy_env.proxy_of(client, str(response.url))
                         if proxy is not None:
@@ -157,8 +161,12 @@ class MediaReader:
                         if total > limit:
                             raise APIError(413, f"the {what} at {shown(url)} is over the {limit >> 20} MiB limit", param=param)
                         parts.append(block)
+                    if deadline.passed:  # a body that ends where the connection closes: cut short
+                        raise deadline.failure(what, url, param)
                     return b"".join(parts)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as e:
+            if deadline.passed:  # a connection made after it was shut at once
+                raise deadline.failure(what, url, param) from None
             try:
                 failed = str(e.request.url)  # the request that failed (a redirect's, maybe)
             except RuntimeError:  # httpx had not set it
@@ -169,6 +177,8 @@ class MediaReader:
             # the server's proxy is down or refused the connection: not the client's URL at fault
             raise _proxy_failed(what, url, proxy, f"failed ({type(e).__name__}: {shown(str(e))})", param) from None
         except httpx.HTTPError as e:
+            if deadline.passed:  # its sockets were shut: the read that broke broke at the deadline
+                raise deadline.failure(what, url, param) from None
             raise _fetch_failed(what, url, e, param) from None
         except (httpx.InvalidURL, ValueError) as e:  # a bad port, address, host name (UnicodeError) or character
             raise bad_request(f"the {what} URL is not a valid http(s) URL ({shown(str(e))}); check it", param=param) from None
@@ -404,6 +414,58 @@ def _b64(text: bytes | str, param: str, what: str) -> bytes:
                               param=param) from None  # fmt: skip
         raise bad_request(f"the {what} data is not valid base64 ({e}); send the file's bytes base64-encoded",
                           param=param) from None  # fmt: skip
+
+
+class _FetchDeadline:
+    """Ends a remote fetch `seconds` after it began by shutting its sockets (a blocked read returns
+    at once). httpx times each read alone: a host that sent a byte now and then, in the head or the
+    body, held the fetch and the worker thread preparing its request for ever (a client that left did
+    not end it), and a few dozen such requests left no thread to prepare any other."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.passed = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def __enter__(self) -> _FetchDeadline:
+        start_worker(self._watch, "serve-fetch-deadline")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        if self._done.wait(self.seconds):
+            return
+        with self._lock:
+            self.passed = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def trace(self, event: str, info: dict) -> None:
+        """httpcore's trace of the fetch and its redirects: the sockets it connects (a proxy's too)."""
+        if event.endswith((".connect_tcp.complete", ".start_tls.complete")):
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                with self._lock:
+                    self._sockets.append(sock)
+                    passed = self.passed
+                if passed:  # connected after the deadline
+                    _shut(sock)
+
+    def failure(self, what: str, url: str, param: str) -> APIError:
+        return bad_request(f"the {what} at {shown(url)} did not arrive within {self.seconds:g} s; check that its host "
+                           f"answers, or send the {what} inline as a data: URL", param=param)  # fmt: skip
+
+
+def _shut(sock: socket.socket) -> None:
+    from ..chat.remote_sockets import shut  # imports httpx, as a fetch does
+
+    shut(sock)
 
 
 def _fetch_failed(what: str, url: str, err: Exception, param: str) -> APIError:

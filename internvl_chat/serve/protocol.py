@@ -165,13 +165,17 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     try:
         req = ChatCompletionRequest.model_validate_json(body)
     except ValidationError as e:
-        first = max(e.errors(), key=lambda err: len(err.get("loc", ())))  # the deepest: the most specific
+        errors = e.errors()
+        first = max(errors, key=lambda err: len(err.get("loc", ())))  # the deepest: the most specific
         param = _param(first.get("loc", ()))
+        if param and _neither_string_nor_list(errors, first):  # pydantic names its first member only: "a valid string"
+            shape = _UNION_SHAPES.get(param.rsplit(".", 1)[-1], "a string or a list")
+            raise bad_request(f"{param} must be {shape}", param=param) from None
         if first.get("type") == "json_invalid" and "recursion limit" in str(first.get("msg")):
             raise bad_request("the request body's JSON nests deeper than this server reads (about 200 levels); "
                               "send a flatter request") from None  # fmt: skip
         if first.get("type") == "json_invalid":
-            raise bad_request(f"the request body is not valid JSON ({first.get('msg')})") from None
+            raise _invalid_json(body, str(first.get("msg"))) from None
         if first.get("type") == "union_tag_invalid":  # pydantic's message quotes the whole tag as sent
             tag = shown(str(first.get("ctx", {}).get("tag", "")), 40)
             raise bad_request(f"{param}: the content part type '{tag}' is not one this server reads; send "
@@ -186,6 +190,41 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         raise bad_request(f"{param or 'request'}: {shown(str(first.get('msg')))}", param=param) from None
     _refuse_unsupported(req)
     return req
+
+
+# what a field that takes a string or a list takes, said when it got neither (a part object not in a list)
+_UNION_SHAPES = {
+    "content": 'a string or a list of content parts, such as [{"type": "text", "text": "Hi"}]',
+    "stop": "a string or a list of strings",
+}
+
+
+def _neither_string_nor_list(errors: list, first: dict) -> bool:
+    """Whether `first` is the string member of a string-or-list field whose list member failed
+    there too: the value was neither (had the list member failed deeper, that error would be first)."""
+    loc = tuple(first.get("loc", ()))
+    if first.get("type") != "string_type" or not loc or loc[-1] != "str":
+        return False
+    return any(err.get("type") == "list_type" and tuple(err.get("loc", ()))[:-1] == loc[:-1] for err in errors)
+
+
+def _invalid_json(body: bytes, said: str) -> APIError:
+    """A body the parser refused, said in words that tell what to fix where the parser's do not
+    (it calls a byte-order mark "expected value", a Latin-1 byte "invalid unicode code point")."""
+    if not body.strip():  # "EOF while parsing a value": a client that sent no body (curl without -d)
+        return bad_request("the request body is empty; send the chat request as a JSON object (model, messages)")
+    if body.startswith(b"\xef\xbb\xbf"):
+        return bad_request("the request body starts with a byte-order mark (bytes EF BB BF); send the JSON without it")
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return bad_request(f"the request body is not UTF-8 (byte 0x{body[e.start]:02X} at offset {e.start:,}); send the "
+                           "JSON encoded as UTF-8")  # fmt: skip
+    # a \uD800-\uDFFF escape without its pair: half of a character (text cut inside an emoji, say)
+    if "surrogate" in said or "end of hex escape" in said:
+        return bad_request(f"the request body's JSON holds half of a character, a \\uD800-\\uDFFF escape without its "
+                           f"pair ({said}); send whole characters")  # fmt: skip
+    return bad_request(f"the request body is not valid JSON ({said})")
 
 
 def _param(loc: tuple) -> str | None:

@@ -6,13 +6,18 @@ import json
 
 DONE = b"data: [DONE]\n\n"
 
+# Line ends that json leaves raw (it escapes those below U+0020): Python's str.splitlines, which
+# httpx's iter_lines follows, ends a line at each, and a client reading events by lines got half
+# an event (a model can be made to write them). Escaped, they read back as the same text.
+_LINE_ENDS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
 
 def to_json(obj: dict) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_ENDS)
 
 
 def event(obj: dict) -> bytes:
-    # json.dumps escapes newlines inside strings, so one event is always one `data:` line
+    # json.dumps escapes newlines inside strings (to_json the other line ends): one event is one `data:` line
     return f"data: {to_json(obj)}\n\n".encode()
 
 
@@ -36,4 +41,4 @@ class TextEvents:
         self._tail = f"{after[1:]}\n\n"  # nor its closing one
 
     def __call__(self, text: str) -> bytes:
-        return f"{self._head}{json.dumps(text, ensure_ascii=False)}{self._tail}".encode()
+        return f"{self._head}{json.dumps(text, ensure_ascii=False).translate(_LINE_ENDS)}{self._tail}".encode()
