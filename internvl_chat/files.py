@@ -161,6 +161,13 @@ def read_text_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: 
     return decode_utf8(read_bytes_file(path, what, limit, error), f"{what} {visible(str(path))}", error)
 
 
+def real_path(path: str | Path) -> Path:
+    """`path` with its links followed, as Path.resolve gives it, for telling whether two paths
+    name one file. Never raises: a symlink loop (Python 3.11's resolve raised RuntimeError, a
+    traceback for a message naming one) is left as it is written from there on."""
+    return Path(os.path.realpath(path))
+
+
 def is_special_file(path: str | Path) -> bool:
     """True for a FIFO, a device or a socket at `path` (a link is not followed): never a file to
     write over (as root, renaming over /dev/null would replace the device)."""

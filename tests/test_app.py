@@ -494,6 +494,29 @@ def test_a_typed_media_path_that_is_no_file_is_said_not_to_be_attached(loaded, t
                                       ("gone.png", "does not exist"))]  # fmt: skip
 
 
+def test_a_symlink_loop_named_or_attached_ends_no_command(loaded, media, tmp_path):
+    # Path.resolve raised RuntimeError on a symlink loop (Python 3.11): a message naming one, or
+    # /image, a message and /export after an attached or sent picture became one, ended the run
+    # with a traceback and the conversation was lost
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    picture = tmp_path / "picture.png"
+    picture.write_bytes((media / "square.png").read_bytes())
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("What is in ./loop.png?") == OK
+    assert f"warning: {tmp_path / 'loop.png'} does not exist, so it was not attached" in output(out)
+    assert app.handle_line(f"/image {picture}") == OK
+    picture.unlink()
+    picture.symlink_to("picture.png")  # the attached file is now a loop
+    assert app.handle_line(f"/image {media / 'small.png'}") == OK
+    assert app.handle_line(f"Compare them with {media / 'small2.png'}") in (OK, ERROR)  # the loop cannot be read
+    output(out)
+    app.pending.clear()
+    assert app.handle_line("Hello.") == OK
+    app.session.turns[-1].media.append(app.describe(media / "square.png", "image"))
+    app.session.turns[-1].media[-1].path = picture  # a picture sent with the turn, now a loop
+    assert app.handle_line(f"/export {tmp_path / 'chat.md'}") == OK
+    assert str(picture) in (tmp_path / "chat.md").read_text()
+
 def test_unknown_command_gets_a_suggestion(loaded, tmp_path):
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line("/imgae x.png") == ERROR

@@ -34,7 +34,7 @@ from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import undecodable_byte, visible, visible_lines
+from ..files import real_path, undecodable_byte, visible, visible_lines
 from ..media.image import check_image_decodes
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
@@ -377,8 +377,8 @@ class App(SessionFileCommands):
         text, paths, missing = take_media_paths(text, self.cwd, self.search_dirs)
         for path in missing:
             self.warn(not_attached(path))
-        attached = {m.path.resolve() for m in self.pending}
-        return [self.describe(p, media_kind(p)) for p in paths if p.resolve() not in attached], text
+        attached = {real_path(m.path) for m in self.pending}
+        return [self.describe(p, media_kind(p)) for p in paths if real_path(p) not in attached], text
 
     # ---- turns ----------------------------------------------------------------------------
 
@@ -546,14 +546,14 @@ class App(SessionFileCommands):
     def cmd_image(self, command: Command) -> None:
         paths = [found for path in command.args for found in expand_wildcards(path, self._resolve, self._places)]
         check_typed_paths(paths, self._resolve)
-        before = {m.path.resolve() for m in self.pending}
+        before = {real_path(m.path) for m in self.pending}
         media = [self.describe(path, "image") for path in paths]
         self.attach(media)
         # `/image` sent again (Up, Enter) doubled the picture's cost without a word; attaching one
         # twice may be meant, so it is said, not refused
         seen, twice = set(before), []
         for item in media:
-            key = item.path.resolve()
+            key = real_path(item.path)
             if key in seen and item.path.name not in twice:
                 twice.append(item.path.name)
             seen.add(key)

@@ -17,7 +17,7 @@ import threading
 from contextlib import suppress
 
 from ..errors import InternVLChatError
-from ..files import OutputFailed, visible
+from ..files import OutputFailed, real_path, visible
 from ..settings import Settings
 from .answer_text import AnswerCleaner
 from .media_paths import not_attached, take_media_paths
@@ -44,9 +44,9 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
         prompt = prompt[: len(prompt) - len(typed)] + text
         for path in missing:
             print(f"internvl-chat: warning: {not_attached(path)}", file=sys.stderr)
-        known = {m.path.resolve() for m in media}
+        known = {real_path(m.path) for m in media}
         for path in paths:
-            if path.resolve() not in known:
+            if real_path(path) not in known:
                 kind = media_kind(path)
                 media.append(session.describe_video(path, settings.media.frames) if kind == "video"
                              else session.describe_image(path, settings.media.max_tiles))  # fmt: skip
