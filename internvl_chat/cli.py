@@ -122,6 +122,10 @@ def run(argv: list[str]) -> int:
     from .settings import format_settings, load_settings
 
     args = build_parser().parse_args(argv)
+    for flag, value in (("--config", args.config), ("--script", args.script)):
+        # '' named the working folder ("config file . is a folder"), or no script at all ("no prompt given")
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} was given an empty path; pass the path of a file")
     # a bad value's message names the flag as typed ("--dtype: must be …", not the setting "model.dtype")
     settings = load_settings(args.config, os.environ, _overrides(args), chat_setting_flags().names())
     if args.print_config:

@@ -90,6 +90,8 @@ def test_stdout_holds_only_the_answer_and_stdin_is_prepended(tiny_original):
         (["--image", "/nonexistent.png", "-p", "hi"], "nonexistent.png"),
         (["--image", "", "-p", "hi"], "--image was given an empty path"),  # was "'.' is a folder"
         (["--video", " ", "-p", "hi"], "--video was given an empty path"),
+        (["--config", "", "-p", "hi"], "--config was given an empty path"),  # was "config file . is a folder"
+        (["--script", ""], "--script was given an empty path"),  # was "no prompt given"
         (["-p", "hi", "--temperature", "-1"], "temperature"),
         (["-p", "hi", "--device", "tpu"], "device"),
         # `~user` of an account that does not exist: refused, not a folder named so
