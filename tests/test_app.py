@@ -517,6 +517,23 @@ def test_a_symlink_loop_named_or_attached_ends_no_command(loaded, media, tmp_pat
     assert app.handle_line(f"/export {tmp_path / 'chat.md'}") == OK
     assert str(picture) in (tmp_path / "chat.md").read_text()
 
+def test_a_file_name_holding_a_line_break_completes_into_a_command_that_works(loaded, media, tmp_path):
+    # Tab writes a line break in a file name escaped by a backslash; the line was cut there before
+    # the command was read, so `/image` said "…/a\\ does not exist" for the name it had just offered
+    from prompt_toolkit.document import Document
+
+    from internvl_chat.ui.repl import ChatCompleter
+
+    (tmp_path / "a\nb.png").write_bytes((media / "square.png").read_bytes())
+    (completed,) = [c.text for c in ChatCompleter(tmp_path).get_completions(Document("/image ./a"), None)]
+    assert completed == "./a\\\nb.png"
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/image {completed}\nWhat is it?") == OK, output(out)
+    assert [m.path.name for m in app.session.turns[0].media] == ["a\nb.png"]
+    assert app.session.turns[0].user_text == "What is it?"
+    assert app.handle_line("Say \\\nhello.") == OK  # a message keeps its text as typed
+    assert app.session.turns[1].user_text == "Say \\\nhello."
+
 def test_unknown_command_gets_a_suggestion(loaded, tmp_path):
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line("/imgae x.png") == ERROR

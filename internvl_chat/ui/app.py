@@ -89,6 +89,18 @@ def _check_utf8(text: str) -> None:
         raise UsageError(f"the input is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding")
 
 
+def _escaped_breaks_kept(lines: list[str]) -> list[str]:
+    """`lines` with a line break escaped by a backslash kept inside its line: Tab completes a file
+    name holding a line break so (`/image a\\⏎b.png`), and its command ran cut at the break."""
+    out: list[str] = []
+    for line in lines:
+        if out and (len(out[-1]) - len(out[-1].rstrip("\\"))) % 2:
+            out[-1] += "\n" + line
+        else:
+            out.append(line)
+    return out
+
+
 class App(SessionFileCommands):
     """The REPL's brain; the REPL and `--script` only read lines and hand them here."""
 
@@ -211,7 +223,7 @@ class App(SessionFileCommands):
         cat.png` then a question) run one by one, the text after them goes as one message: the whole
         paste was one command with the other lines as its arguments ("How is not a file"). A loop, not
         a call per line: a paste of a thousand commands passed Python's recursion limit."""
-        lines = text.split("\n")
+        lines = _escaped_breaks_kept(text.split("\n"))
         i = 0  # lines[:i] have run
         while i < len(lines) - 1:
             try:
