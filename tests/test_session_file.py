@@ -139,6 +139,10 @@ MALFORMED = {
     "media path empty": _set((*IMG, "path"), ""),
     "media path with NUL": _set((*IMG, "path"), "/p/cat\0.png"),
     "media path a number": _set((*IMG, "path"), 7),
+    # longer than any path: the refusals and notes naming it printed it whole (megabytes on one line)
+    "media path too long": _set((*IMG, "path"), "/p/" + "x" * 100_000 + ".png"),
+    "relative path too long": _set((*IMG, "relative_path"), "x" * 5000 + ".png"),
+    "model too long": _set(("model",), "/models/" + "x" * 1_000_000),
     "relative path a list": _set((*IMG, "relative_path"), ["cat.png"]),
     "tiles as text": _set((*IMG, "tiles"), "3"),
     "tiles zero": _set((*IMG, "tiles"), 0),
