@@ -20,8 +20,8 @@ from contextlib import suppress
 from typing import TextIO
 
 from .errors import InternVLChatError, UsageError
-from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, unread_bytes,
-                    visible)
+from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, sniff_binary, undecodable_byte,
+                    unread_bytes, visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
 from .ui.chat_flags import build_parser, chat_setting_flags, server_flag
 
@@ -94,6 +94,7 @@ def _names_stdin(paths: list[str]) -> bool:
 def read_piped_text() -> str:
     """stdin as UTF-8 text (size-limited, Ctrl-C-safe), CRLF as \n; binary data is refused with what to do instead."""
     data = read_stream(sys.stdin.fileno(), "stdin")
+    refuse_wide_text(data, "stdin")  # its NUL bytes read as binary data
     kind = sniff_binary(data)
     if kind is not None:
         flag = "--image FILE" if kind.endswith("image") else "--video FILE" if "video" in kind else "a text file"

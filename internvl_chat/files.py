@@ -147,8 +147,22 @@ def _read_all(fd: int, limit: int, too_big: Exception) -> bytes:
         parts.append(block)
 
 
+# Byte-order marks of text that is not UTF-8 (Windows Notepad's "Unicode" is UTF-16): its NUL bytes
+# read as binary data, so it is named by its encoding instead. UTF-32's first: UTF-16 LE's starts it.
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def refuse_wide_text(data: bytes, what: str, error: type[Exception] = UsageError) -> None:
+    """Raise `error` (one line, with the command that converts it) when `data` starts with a
+    UTF-16 or UTF-32 byte-order mark."""
+    for bom, encoding in _WIDE_BOMS:
+        if data.startswith(bom):
+            raise error(f"{what} is {encoding} text, not UTF-8; save it as UTF-8 (iconv -f {encoding} -t UTF-8)")
+
+
 def decode_utf8(data: bytes, what: str, error: type[Exception] = UsageError) -> str:
     """`data` as UTF-8 (a BOM is dropped), or one line saying where the first bad byte is."""
+    refuse_wide_text(data, what, error)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
