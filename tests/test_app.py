@@ -534,6 +534,15 @@ def test_a_file_name_holding_a_line_break_completes_into_a_command_that_works(lo
     assert app.handle_line("Say \\\nhello.") == OK  # a message keeps its text as typed
     assert app.session.turns[1].user_text == "Say \\\nhello."
 
+def test_a_message_naming_many_missing_pictures_warns_in_a_few_lines(loaded, tmp_path):
+    # a pasted log naming hundreds of pictures of another machine printed a warning line for each
+    app, out = make_app(loaded, tmp_path)
+    paths = [f"/data/f{n}.png" for n in range(40)]
+    assert app.handle_line("Why did these fail? " + " ".join(paths)) == OK
+    said = [line for line in output(out).splitlines() if line.startswith("warning:")]
+    assert said == [*(f"warning: {path} does not exist, so it was not attached; check the path" for path in paths[:5]),
+                    "warning: 35 more paths of pictures or videos name no file, so they were not attached either"]
+
 def test_unknown_command_gets_a_suggestion(loaded, tmp_path):
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line("/imgae x.png") == ERROR

@@ -55,6 +55,19 @@ def not_attached(path: Path) -> str:
     return f"{visible(str(path))} {why}, so it was not attached; check the path"
 
 
+MISSING_SHOWN = 5  # paths said not to be attached, one line each: a pasted log naming thousands printed a line for each
+
+
+def not_attached_lines(missing: Sequence[Path]) -> list[str]:
+    """The warnings for the paths `take_media_paths` gives as missing: one each for the first
+    MISSING_SHOWN, then one line for the rest."""
+    lines = [not_attached(path) for path in missing[:MISSING_SHOWN]]
+    if len(missing) > MISSING_SHOWN:
+        lines.append(f"{len(missing) - MISSING_SHOWN:,} more paths of pictures or videos name no file, so they "
+                     "were not attached either")  # fmt: skip
+    return lines
+
+
 def _missing_media_paths(text: str, found: set[Path], folders: Sequence[Path | None]) -> list[Path]:
     """Words that look like paths of media files that are not files in any of `folders` (said, not
     silently ignored: a name of a FIFO or a folder too); a relative one is named as in the last folder."""
