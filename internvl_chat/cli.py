@@ -20,8 +20,8 @@ from contextlib import suppress
 from typing import TextIO
 
 from .errors import InternVLChatError, UsageError
-from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, sniff_binary, undecodable_byte, unread_bytes,
-                    visible)
+from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, sniff_binary, undecodable_byte,
+                    unread_bytes, visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
 from .ui.chat_flags import build_parser, chat_setting_flags, server_flag
 
@@ -94,6 +94,7 @@ def _names_stdin(paths: list[str]) -> bool:
 def read_piped_text() -> str:
     """stdin as UTF-8 text (size-limited, Ctrl-C-safe), CRLF as \n; binary data is refused with what to do instead."""
     data = read_stream(sys.stdin.fileno(), "stdin")
+    refuse_wide_text(data, "stdin")  # its NUL bytes read as binary data
     kind = sniff_binary(data)
     if kind is not None:
         flag = "--image FILE" if kind.endswith("image") else "--video FILE" if "video" in kind else "a text file"
@@ -122,6 +123,10 @@ def run(argv: list[str]) -> int:
     from .settings import format_settings, load_settings
 
     args = build_parser().parse_args(argv)
+    for flag, value in (("--config", args.config), ("--script", args.script)):
+        # '' named the working folder ("config file . is a folder"), or no script at all ("no prompt given")
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} was given an empty path; pass the path of a file")
     # a bad value's message names the flag as typed ("--dtype: must be …", not the setting "model.dtype")
     settings = load_settings(args.config, os.environ, _overrides(args), chat_setting_flags().names())
     if args.print_config:

@@ -147,8 +147,22 @@ def _read_all(fd: int, limit: int, too_big: Exception) -> bytes:
         parts.append(block)
 
 
+# Byte-order marks of text that is not UTF-8 (Windows Notepad's "Unicode" is UTF-16): its NUL bytes
+# read as binary data, so it is named by its encoding instead. UTF-32's first: UTF-16 LE's starts it.
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def refuse_wide_text(data: bytes, what: str, error: type[Exception] = UsageError) -> None:
+    """Raise `error` (one line, with the command that converts it) when `data` starts with a
+    UTF-16 or UTF-32 byte-order mark."""
+    for bom, encoding in _WIDE_BOMS:
+        if data.startswith(bom):
+            raise error(f"{what} is {encoding} text, not UTF-8; save it as UTF-8 (iconv -f {encoding} -t UTF-8)")
+
+
 def decode_utf8(data: bytes, what: str, error: type[Exception] = UsageError) -> str:
     """`data` as UTF-8 (a BOM is dropped), or one line saying where the first bad byte is."""
+    refuse_wide_text(data, what, error)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -159,6 +173,13 @@ def decode_utf8(data: bytes, what: str, error: type[Exception] = UsageError) -> 
 def read_text_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: type[Exception] = UsageError) -> str:
     """A regular UTF-8 text file of at most `limit` bytes (see `read_bytes_file`)."""
     return decode_utf8(read_bytes_file(path, what, limit, error), f"{what} {visible(str(path))}", error)
+
+
+def real_path(path: str | Path) -> Path:
+    """`path` with its links followed, as Path.resolve gives it, for telling whether two paths
+    name one file. Never raises: a symlink loop (Python 3.11's resolve raised RuntimeError, a
+    traceback for a message naming one) is left as it is written from there on."""
+    return Path(os.path.realpath(path))
 
 
 def is_special_file(path: str | Path) -> bool:

@@ -491,12 +491,17 @@ def _masked(value: Any) -> Any:
     return "***" if value else value
 
 
+_USER_INFO = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.-]*://)?)[^/?#]*@")  # `scheme://user:password@`, the scheme optional
+
+
 def without_credentials(url: str) -> str:
     """A server URL without any user:password@ part (for a session file or a line on screen)."""
     try:
         parts = urlsplit(url)
-    except ValueError:  # not a URL at all: chat/remote_http.py's normalize_base_url says so
-        return url
+    except ValueError:  # not a URL at all (normalize_base_url says so, quoting it): the part before an @ still goes
+        return _USER_INFO.sub(r"\1", url)
+    if "://" not in url:  # `me:pw@host:8000` (http:// is implied): urlsplit reads `me` as the scheme
+        return _USER_INFO.sub(r"\1", url)
     if "@" not in parts.netloc:
         return url
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))

@@ -494,6 +494,55 @@ def test_a_typed_media_path_that_is_no_file_is_said_not_to_be_attached(loaded, t
                                       ("gone.png", "does not exist"))]  # fmt: skip
 
 
+def test_a_symlink_loop_named_or_attached_ends_no_command(loaded, media, tmp_path):
+    # Path.resolve raised RuntimeError on a symlink loop (Python 3.11): a message naming one, or
+    # /image, a message and /export after an attached or sent picture became one, ended the run
+    # with a traceback and the conversation was lost
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    picture = tmp_path / "picture.png"
+    picture.write_bytes((media / "square.png").read_bytes())
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("What is in ./loop.png?") == OK
+    assert f"warning: {tmp_path / 'loop.png'} does not exist, so it was not attached" in output(out)
+    assert app.handle_line(f"/image {picture}") == OK
+    picture.unlink()
+    picture.symlink_to("picture.png")  # the attached file is now a loop
+    assert app.handle_line(f"/image {media / 'small.png'}") == OK
+    assert app.handle_line(f"Compare them with {media / 'small2.png'}") in (OK, ERROR)  # the loop cannot be read
+    output(out)
+    app.pending.clear()
+    assert app.handle_line("Hello.") == OK
+    app.session.turns[-1].media.append(app.describe(media / "square.png", "image"))
+    app.session.turns[-1].media[-1].path = picture  # a picture sent with the turn, now a loop
+    assert app.handle_line(f"/export {tmp_path / 'chat.md'}") == OK
+    assert str(picture) in (tmp_path / "chat.md").read_text()
+
+def test_a_file_name_holding_a_line_break_completes_into_a_command_that_works(loaded, media, tmp_path):
+    # Tab writes a line break in a file name escaped by a backslash; the line was cut there before
+    # the command was read, so `/image` said "…/a\\ does not exist" for the name it had just offered
+    from prompt_toolkit.document import Document
+
+    from internvl_chat.ui.repl import ChatCompleter
+
+    (tmp_path / "a\nb.png").write_bytes((media / "square.png").read_bytes())
+    (completed,) = [c.text for c in ChatCompleter(tmp_path).get_completions(Document("/image ./a"), None)]
+    assert completed == "./a\\\nb.png"
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/image {completed}\nWhat is it?") == OK, output(out)
+    assert [m.path.name for m in app.session.turns[0].media] == ["a\nb.png"]
+    assert app.session.turns[0].user_text == "What is it?"
+    assert app.handle_line("Say \\\nhello.") == OK  # a message keeps its text as typed
+    assert app.session.turns[1].user_text == "Say \\\nhello."
+
+def test_a_message_naming_many_missing_pictures_warns_in_a_few_lines(loaded, tmp_path):
+    # a pasted log naming hundreds of pictures of another machine printed a warning line for each
+    app, out = make_app(loaded, tmp_path)
+    paths = [f"/data/f{n}.png" for n in range(40)]
+    assert app.handle_line("Why did these fail? " + " ".join(paths)) == OK
+    said = [line for line in output(out).splitlines() if line.startswith("warning:")]
+    assert said == [*(f"warning: {path} does not exist, so it was not attached; check the path" for path in paths[:5]),
+                    "warning: 35 more paths of pictures or videos name no file, so they were not attached either"]
+
 def test_unknown_command_gets_a_suggestion(loaded, tmp_path):
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line("/imgae x.png") == ERROR

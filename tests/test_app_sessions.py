@@ -606,6 +606,28 @@ def test_an_export_marks_each_answer_that_was_cut_short_also_after_save_and_load
     ]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs a file that cannot be read: Linux's /proc/self/mem")
+def test_a_saved_picture_that_cannot_be_read_is_named_and_skip_missing_leaves_it_out(loaded, tmp_path, home):
+    """A saved picture that is a regular file but cannot be read (chmod 000; here /proc/self/mem, which
+    fails for root too) ended /load with "cannot use: Input/output error", naming no file, and
+    --skip-missing could not load the session without it."""
+    Image.fromarray(textured_rgb(448, 448, seed=33)).save(tmp_path / "seen.png")
+    app, out = make_app(loaded, tmp_path)
+    for line in ("/image seen.png", "What is this?", "/save chat.json"):
+        assert app.handle_line(line) == OK
+    data = json.loads((tmp_path / "chat.json").read_text())
+    (media,) = data["messages"][0]["media"]
+    media.update(path="/proc/self/mem", relative_path=None)
+    del media["bytes"]  # so it is hashed, not refused for its size
+    (tmp_path / "chat.json").write_text(json.dumps(data))
+    output(out)
+    assert app.handle_line("/load chat.json") == ERROR
+    assert "cannot restore the session: /proc/self/mem cannot be read (" in output(out)
+    assert app.handle_line("/load chat.json --skip-missing") == OK
+    assert "left out 1 file(s) that vanished or changed: mem (turn 1)" in output(out)
+    assert [t.media for t in app.session.turns] == [[]]
+
+
 def test_load_skip_missing_goes_on_without_a_picture_that_vanished(loaded, tmp_path, home):
     """/load refuses a session whose picture vanished and says how to load it anyway; with
     --skip-missing the conversation loads without it, says in one line what was left out, and

@@ -90,6 +90,8 @@ def test_stdout_holds_only_the_answer_and_stdin_is_prepended(tiny_original):
         (["--image", "/nonexistent.png", "-p", "hi"], "nonexistent.png"),
         (["--image", "", "-p", "hi"], "--image was given an empty path"),  # was "'.' is a folder"
         (["--video", " ", "-p", "hi"], "--video was given an empty path"),
+        (["--config", "", "-p", "hi"], "--config was given an empty path"),  # was "config file . is a folder"
+        (["--script", ""], "--script was given an empty path"),  # was "no prompt given"
         (["-p", "hi", "--temperature", "-1"], "temperature"),
         (["-p", "hi", "--device", "tpu"], "device"),
         # `~user` of an account that does not exist: refused, not a folder named so
@@ -174,6 +176,12 @@ def test_stdin_that_is_not_text_is_refused_with_what_to_do(tiny_original, image)
     assert png.returncode == 2, png.stderr
     assert png.stderr.decode().strip() == (
         "internvl-chat: error: stdin holds a PNG image, not text; pass it with --image FILE (the question goes in -p TEXT)"
+    )
+    wide = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--model", str(tiny_original), "-p", "hi"],
+                          input="Summarise this.\n".encode("utf-16"), capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull})  # fmt: skip
+    assert wide.returncode == 2 and wide.stderr.decode().strip() == (  # it said "binary data … pass it with a text file"
+        "internvl-chat: error: stdin is UTF-16 text, not UTF-8; save it as UTF-8 (iconv -f UTF-16 -t UTF-8)"
     )
 
 

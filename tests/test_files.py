@@ -24,6 +24,16 @@ from internvl_chat.files import (
 )
 
 
+def test_utf16_and_utf32_text_is_named_by_its_encoding(tmp_path):
+    # Notepad's "Unicode" (UTF-16 with a byte-order mark) said "byte 0xff on line 1" for a config
+    # or session file, and "binary data" (its NUL bytes) for a script or stdin
+    for encoding, name in (("utf-16", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32", "UTF-32")):
+        path = tmp_path / "config.toml"
+        path.write_bytes("\ufeff[generation]\ntemperature = 0.5\n".encode(encoding))
+        with pytest.raises(UsageError) as err:
+            read_text_file(path, "config file")
+        assert str(err.value) == f"config file {path} is {name} text, not UTF-8; save it as UTF-8 (iconv -f {name} -t UTF-8)"
+
 def test_a_fifo_is_refused_at_once_instead_of_blocking(tmp_path):
     fifo = tmp_path / "pipe.json"
     os.mkfifo(fifo)

@@ -573,6 +573,16 @@ def test_a_password_in_the_server_url_is_used_but_never_shown():
     assert "s3cret" not in line
 
 
+
+@pytest.mark.parametrize("url", ["http://me:s3cret@[::1", "http://me:s3cret@\x1bhost/v1", "me:s3cret@[::1",
+                                 "me:s3cret@127.0.0.1:99999"])  # fmt: skip
+def test_a_password_in_a_server_url_that_is_refused_is_not_shown(url):
+    # the refusal quoted the URL as typed: an unclosed [ or a control character showed the password,
+    # and so did any refusal of a URL without http:// (urlsplit read the user name as its scheme)
+    with pytest.raises(UsageError, match=r"pass --server http://HOST:PORT/v1$") as err:
+        RemoteConversation.connect(url)
+    assert "s3cret" not in str(err.value) and "me:" not in str(err.value)
+
 def test_a_key_with_a_line_break_is_refused_before_anything_is_sent():
     with pytest.raises(UsageError, match="control characters"):
         RemoteConversation.connect("http://127.0.0.1:9/v1", api_key="sk\r\nX-Evil: 1")

@@ -428,6 +428,13 @@ def test_a_columns_of_zero_counts_as_unset(monkeypatch):
     assert out.getvalue() == "hello\n"
 
 
+def test_a_columns_past_any_screen_counts_as_unset():
+    # rich padded each line of an answer to COLUMNS=99999999999 in a terminal: MemoryError, a traceback
+    for huge in ("99999999999", "10001"):
+        console = make_console(FakeTTY(), env={"COLUMNS": huge, "LINES": huge})
+        assert console.width < 10_000 and console.height < 10_000
+    assert make_console(FakeTTY(), env={"COLUMNS": "300", "LINES": "90"}).size == (300, 90)  # a real size is kept
+
 def test_no_color():
     assert make_console(io.StringIO(), env={"NO_COLOR": "1"}).no_color
     assert make_console(io.StringIO(), color="never", env={}).no_color

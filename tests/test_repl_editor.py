@@ -89,3 +89,11 @@ def test_no_editor_that_runs_is_said_in_one_line(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("PATH", str(tmp_path))  # no editor, nano or vi to fall back on
     assert _edit_buffer(monkeypatch, tmp_path / "no-such-editor", "kept") == "kept"
     assert capfd.readouterr().err == "no editor could be run (set $VISUAL or $EDITOR); the line is as it was\n"
+
+
+def test_an_editor_that_removes_the_file_leaves_the_text_as_it_was(tmp_path, monkeypatch, capfd):
+    # reading it back raised FileNotFoundError inside prompt_toolkit's event loop: a traceback
+    editor = _editor(tmp_path, "os.remove(path)")
+    assert _edit_buffer(monkeypatch, editor, "kept") == "kept"
+    err = capfd.readouterr().err
+    assert err.startswith("the edited text ") and err.endswith(" does not exist; check the path; the line is as it was\n")

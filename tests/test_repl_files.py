@@ -111,6 +111,20 @@ def test_load_completes_the_names_of_saved_sessions(tmp_path, monkeypatch):
     assert "sessions/" in complete("/save --force ")  # after a flag the path is completed again
 
 
+
+def test_load_completes_paths_without_a_home_folder(tmp_path, monkeypatch):
+    """HOME unset for a uid with no account entry: Tab after `/load ` looked for the sessions folder,
+    and the NoHomeFolder it raised escaped the completer into prompt_toolkit's event loop."""
+    import pwd
+
+    (tmp_path / "kept.json").write_text("{}")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    complete = lambda text: [c.text for c in ChatCompleter(tmp_path).get_completions(Document(text), None)]  # noqa: E731
+    assert complete("/load ke") == ["kept.json"]
+    assert complete("/load ") == ["kept.json"]
+
 def test_save_asks_before_replacing_another_conversation_in_the_terminal(tiny_original, tmp_path):
     home = tmp_path / "home"
     home.mkdir()

@@ -244,8 +244,11 @@ def test_a_script_that_is_an_image_a_fifo_or_a_device_is_refused_in_one_line(ima
         f"internvl-chat: error: the script {session} is a session file saved with /save, not REPL lines; "
         f"load it with /load {session} (in the REPL, or as a script line)")
     # a pipe (`--script <(…)`) names the way that reads one: it said "save it to a file first"
+    wide = tmp_path / "notepad.txt"  # its NUL bytes read as "binary data … attach pictures with /image"
+    wide.write_bytes("/context\nHello.\n".encode("utf-16"))
     for path, expected in ((image, "is a PNG image, not text"), (fifo, "is a pipe, not a file; give the script on stdin instead: --script -"),
-                           (Path("/dev/zero"), "is not a regular file")):  # fmt: skip
+                           (Path("/dev/zero"), "is not a regular file"),
+                           (wide, "is UTF-16 text, not UTF-8; save it as UTF-8 (iconv -f UTF-16 -t UTF-8)")):  # fmt: skip
         run = cli("--script", str(path))
         assert run.returncode == 2, run.stderr
         lines = run.stderr.strip().splitlines()

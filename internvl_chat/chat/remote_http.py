@@ -38,13 +38,15 @@ def normalize_base_url(url: str) -> str:
     if not text:
         raise UsageError("the server URL is empty; pass --server http://HOST:PORT/v1")
     if not text.isprintable():
-        raise UsageError(f"{visible(url)} has control or invisible characters; pass --server http://HOST:PORT/v1")
+        raise UsageError(f"{visible(without_credentials(url))} has control or invisible characters; "
+                         "pass --server http://HOST:PORT/v1")
     if "://" not in text:
         text = "http://" + text
     try:
         parts = urlsplit(text)
     except ValueError:  # e.g. an unclosed [ of an IPv6 address
-        raise UsageError(f"{visible(url)} is not a valid URL; pass --server http://HOST:PORT/v1") from None
+        raise UsageError(f"{visible(without_credentials(url))} is not a valid URL; "
+                         "pass --server http://HOST:PORT/v1") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"{visible(without_credentials(url))!s} is not an http(s) server URL; pass --server http://HOST:PORT/v1")
     try:

@@ -108,7 +108,14 @@ def _media_from_saved(
     # a file of another size has changed: it is not read through (a large video, or any file a
     # hand-made session names) to learn that
     same_size = [p for p in existing if not m.size_bytes or _size(p) == m.size_bytes]
-    path = next((p for p in same_size if not m.sha256 or _known_sha256(p, digests) == m.sha256), None)
+    path = None
+    for candidate in same_size:
+        try:
+            if not m.sha256 or _known_sha256(candidate, digests) == m.sha256:
+                path = candidate
+                break
+        except OSError as e:  # unreadable now (its permissions): a problem of this file, which --skip-missing leaves out
+            return None, f"{visible(str(candidate))} cannot be read ({visible(e.strerror or str(e))})"
     if path is None:
         return None, f"{visible(str(existing[0]))} has changed since the session was saved"
     try:

@@ -665,9 +665,11 @@ class Session:
         model's vocabulary are tokenized again from the text."""
         if saved.answer_ids is not None:
             ids = list(saved.answer_ids)
-            stops = set(self.builder.stop_ids)
+            # a turn's start too: `<|im_start|>system …` inside an answer is a hidden turn the text
+            # does not show (the answer's own end closes it), as an end of turn would start one
+            turn_marks = {*self.builder.stop_ids, self.builder.im_start_id}
             vocab = self.loaded.config.text.vocab_size
-            if (all(i < vocab for i in ids) and not stops.intersection(ids)
+            if (all(i < vocab for i in ids) and not turn_marks.intersection(ids)
                     and self.tokenizer.decode(ids, skip_special_tokens=True) == saved.reply):  # fmt: skip
                 return ids
             return self.tokenizer.encode(saved.reply)

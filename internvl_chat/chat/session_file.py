@@ -49,6 +49,7 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 CANCELLED_MARK = "[cancelled]"  # a local answer that was cut by Ctrl-C ends with " [cancelled]"
 BACKEND_KINDS = ("local", "remote")
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens")
+MAX_PATH_CHARS = 4096  # Linux's PATH_MAX in bytes (macOS's is 1024): a longer path names no file
 MAX_TOKEN_ID = 2**31 - 1  # when no vocabulary is known (a remote conversation reads the ids, never uses them)
 MAX_COUNT = 1 << 40  # usage counts
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -170,6 +171,8 @@ class _Checker:
             self.fail(where, "holds a lone surrogate that stands for no byte of a file name", None)
         if not value or "\x00" in value:
             self.fail(where, "must be a file path", value)
+        if len(value) > MAX_PATH_CHARS:  # no system opens it, and the messages naming it would print it all
+            self.fail(where, f"holds {len(value):,} characters, more than any file path ({MAX_PATH_CHARS:,})", None)
         return value
 
     def optional_text(self, value: Any, where: str) -> str | None:

@@ -34,12 +34,12 @@ from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import undecodable_byte, visible, visible_lines
+from ..files import real_path, undecodable_byte, visible, visible_lines
 from ..media.image import check_image_decodes
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
 from .commands import Command, Message, format_help, parse_line, unwrap_block
-from .media_paths import check_typed_paths, expand_wildcards, not_attached, take_media_paths
+from .media_paths import check_typed_paths, expand_wildcards, not_attached_lines, take_media_paths
 from .paths import media_kind
 from .peak_memory import peak_memory, reset_peak_memory
 from .render import choose_stream, colour_off
@@ -87,6 +87,18 @@ def _check_utf8(text: str) -> None:
     bad = undecodable_byte(text)
     if bad is not None:
         raise UsageError(f"the input is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding")
+
+
+def _escaped_breaks_kept(lines: list[str]) -> list[str]:
+    """`lines` with a line break escaped by a backslash kept inside its line: Tab completes a file
+    name holding a line break so (`/image a\\⏎b.png`), and its command ran cut at the break."""
+    out: list[str] = []
+    for line in lines:
+        if out and (len(out[-1]) - len(out[-1].rstrip("\\"))) % 2:
+            out[-1] += "\n" + line
+        else:
+            out.append(line)
+    return out
 
 
 class App(SessionFileCommands):
@@ -211,7 +223,7 @@ class App(SessionFileCommands):
         cat.png` then a question) run one by one, the text after them goes as one message: the whole
         paste was one command with the other lines as its arguments ("How is not a file"). A loop, not
         a call per line: a paste of a thousand commands passed Python's recursion limit."""
-        lines = text.split("\n")
+        lines = _escaped_breaks_kept(text.split("\n"))
         i = 0  # lines[:i] have run
         while i < len(lines) - 1:
             try:
@@ -375,10 +387,10 @@ class App(SessionFileCommands):
         if not self.settings.media.auto_attach:
             return [], text
         text, paths, missing = take_media_paths(text, self.cwd, self.search_dirs)
-        for path in missing:
-            self.warn(not_attached(path))
-        attached = {m.path.resolve() for m in self.pending}
-        return [self.describe(p, media_kind(p)) for p in paths if p.resolve() not in attached], text
+        for line in not_attached_lines(missing):
+            self.warn(line)
+        attached = {real_path(m.path) for m in self.pending}
+        return [self.describe(p, media_kind(p)) for p in paths if real_path(p) not in attached], text
 
     # ---- turns ----------------------------------------------------------------------------
 
@@ -546,14 +558,14 @@ class App(SessionFileCommands):
     def cmd_image(self, command: Command) -> None:
         paths = [found for path in command.args for found in expand_wildcards(path, self._resolve, self._places)]
         check_typed_paths(paths, self._resolve)
-        before = {m.path.resolve() for m in self.pending}
+        before = {real_path(m.path) for m in self.pending}
         media = [self.describe(path, "image") for path in paths]
         self.attach(media)
         # `/image` sent again (Up, Enter) doubled the picture's cost without a word; attaching one
         # twice may be meant, so it is said, not refused
         seen, twice = set(before), []
         for item in media:
-            key = item.path.resolve()
+            key = real_path(item.path)
             if key in seen and item.path.name not in twice:
                 twice.append(item.path.name)
             seen.add(key)

@@ -5,7 +5,9 @@ holding bytes that are not UTF-8 (typed in a Latin-1 terminal: they arrive as su
 editor that saved Latin-1 raised UnicodeError there ("Unhandled exception in event loop", a
 traceback, "Press ENTER to continue..."). Here such bytes go out and come back as they are
 (surrogateescape), and the line is then refused by the app with one line, like any other input
-that is not UTF-8. The temporary file is private and removed afterwards.
+that is not UTF-8. The temporary file is private and removed afterwards. What the editor leaves is
+read back as a file we did not write (a regular file, size-limited); when it cannot be, the line
+stays as it was and one line says why.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from prompt_toolkit.application import run_in_terminal
 from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.document import Document
 
-from ..files import visible
+from ..errors import UsageError
+from ..files import read_bytes_file, visible
 
 _NO_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # surrogates that no byte was decoded to
 _FALLBACK_EDITORS = ("editor", "nano", "vi")  # when neither $VISUAL nor $EDITOR is set or runs
@@ -74,8 +77,11 @@ async def edit_in_editor(buffer: Buffer, accept: bool = True) -> None:
 
         if not await run_in_terminal(edit, in_executor=True):
             return
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8", "surrogateescape")
+        try:  # the editor may have removed it, or put a huge file or a link to a device in its place
+            text = read_bytes_file(path, "the edited text").decode("utf-8", "surrogateescape")
+        except UsageError as e:  # raised here, it broke the prompt ("Unhandled exception in event loop")
+            print(f"{e}; the line is as it was", file=sys.stderr, flush=True)
+            return
         text = text[:-1] if text.endswith("\n") else text
         buffer.document = Document(text, cursor_position=len(text))
         if accept:

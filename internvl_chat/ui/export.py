@@ -9,7 +9,7 @@ from typing import Any
 
 from ..chat.conversation import Conversation
 from ..chat.session_file import CANCELLED_MARK
-from ..files import visible, visible_file_name, visible_lines
+from ..files import real_path, visible, visible_file_name, visible_lines
 from .answer_text import sanitize
 
 
@@ -116,7 +116,7 @@ def export_markdown(conversation: Conversation) -> str:
     for turn in conversation.turns:
         lines += ["## User", ""]
         for media in turn.media:
-            name, target = visible(media.path.name), visible_file_name(str(media.path.resolve()))
+            name, target = visible(media.path.name), visible_file_name(str(real_path(media.path)))
             if media.kind == "image":
                 lines.append(markdown_link(name, target, image=True))
             else:

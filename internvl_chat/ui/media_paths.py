@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import UsageError
-from ..files import visible
+from ..files import real_path, visible
 from .commands import quote_spaced, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path
 
@@ -46,13 +46,26 @@ def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[P
         rest = re.sub(r"[ \t]{2,}", " ", rest)
         rest = re.sub(r"[ \t]+([.,;:!?)\]])", r"\1", rest)
         rest = "\n".join(line.strip() for line in rest.split("\n")).strip()
-    return rest, [path for _, path in found], _missing_media_paths(text, {p.resolve() for _, p in found}, (*search_dirs, cwd))
+    return rest, [path for _, path in found], _missing_media_paths(text, {real_path(p) for _, p in found}, (*search_dirs, cwd))
 
 
 def not_attached(path: Path) -> str:
     """The warning for a path `take_media_paths` gives as missing: why it was not attached."""
     why = "is not a file (a folder, a device or a pipe)" if _exists(path) else "does not exist"
     return f"{visible(str(path))} {why}, so it was not attached; check the path"
+
+
+MISSING_SHOWN = 5  # paths said not to be attached, one line each: a pasted log naming thousands printed a line for each
+
+
+def not_attached_lines(missing: Sequence[Path]) -> list[str]:
+    """The warnings for the paths `take_media_paths` gives as missing: one each for the first
+    MISSING_SHOWN, then one line for the rest."""
+    lines = [not_attached(path) for path in missing[:MISSING_SHOWN]]
+    if len(missing) > MISSING_SHOWN:
+        lines.append(f"{len(missing) - MISSING_SHOWN:,} more paths of pictures or videos name no file, so they "
+                     "were not attached either")  # fmt: skip
+    return lines
 
 
 def _missing_media_paths(text: str, found: set[Path], folders: Sequence[Path | None]) -> list[Path]:
@@ -69,7 +82,7 @@ def _missing_media_paths(text: str, found: set[Path], folders: Sequence[Path | N
             continue
         # a relative path found beside a script was attached, and still said not to exist in the working folder
         candidates = [path] if path.is_absolute() else [path if folder is None else Path(folder) / path for folder in folders]
-        if not any(is_file(candidate) or candidate.resolve() in found for candidate in candidates):
+        if not any(is_file(candidate) or real_path(candidate) in found for candidate in candidates):
             missing.append(next((candidate for candidate in candidates if _exists(candidate)), candidates[-1]))
     return missing
 

@@ -17,10 +17,10 @@ import threading
 from contextlib import suppress
 
 from ..errors import InternVLChatError
-from ..files import OutputFailed, visible
+from ..files import OutputFailed, real_path, visible
 from ..settings import Settings
 from .answer_text import AnswerCleaner
-from .media_paths import not_attached, take_media_paths
+from .media_paths import not_attached_lines, take_media_paths
 from .paths import media_kind
 from .peak_memory import peak_memory
 from .setup import media_from_flags, open_conversation
@@ -42,11 +42,11 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
         # (text piped on stdin, which comes first, is data: it is left alone)
         text, paths, missing = take_media_paths(typed)
         prompt = prompt[: len(prompt) - len(typed)] + text
-        for path in missing:
-            print(f"internvl-chat: warning: {not_attached(path)}", file=sys.stderr)
-        known = {m.path.resolve() for m in media}
+        for line in not_attached_lines(missing):
+            print(f"internvl-chat: warning: {line}", file=sys.stderr)
+        known = {real_path(m.path) for m in media}
         for path in paths:
-            if path.resolve() not in known:
+            if real_path(path) not in known:
                 kind = media_kind(path)
                 media.append(session.describe_video(path, settings.media.frames) if kind == "video"
                              else session.describe_image(path, settings.media.max_tiles))  # fmt: skip

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from ..errors import UsageError
-from ..files import expand_home, visible
+from ..files import expand_home, real_path, visible
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"})
@@ -227,7 +227,7 @@ def find_media_paths(message: str, cwd: str | Path | None = None) -> list[tuple[
         if media_kind(path) is None or not is_file(path):
             continue
         taken_until = end
-        key = path.resolve()
+        key = real_path(path)
         if key not in seen:
             seen.add(key)
             found.append(((start, end), path))

@@ -157,6 +157,15 @@ class PlainStream:
         self.finish()
 
 
+MAX_TERMINAL_CELLS = 10_000  # columns or lines: far past any screen
+
+
+def _no_size(value: str) -> bool:
+    """A COLUMNS or LINES value that names no terminal size: 0, or more than any screen holds."""
+    text = value.strip()
+    return text.isdigit() and not 0 < int(text) <= MAX_TERMINAL_CELLS
+
+
 def make_console(file: IO[str] | None = None, color: str = "auto", env: Mapping[str, str] = os.environ) -> Console:
     """A Console for `file` honouring the ui.color setting and NO_COLOR (any non-empty value).
 
@@ -165,7 +174,9 @@ def make_console(file: IO[str] | None = None, color: str = "auto", env: Mapping[
     only a terminal undoes (a `--script` transcript held every frame of every answer).
 
     COLUMNS or LINES of 0 (set where the size is unknown) count as unset: rich took COLUMNS=0 as a
-    width of 0 and printed nothing at all, so a script's transcript was lost with status 0.
+    width of 0 and printed nothing at all, so a script's transcript was lost with status 0. So do
+    values past any screen (`_no_size`): rich padded each line of an answer to COLUMNS=99999999999
+    and failed with MemoryError, a traceback.
 
     Into a file or pipe, FORCE_COLOR (or TTY_COMPATIBLE=1, as CI runners set) counts as "always"
     when the setting is "auto"; never more: rich took either as a terminal, so a transcript held
@@ -178,7 +189,7 @@ def make_console(file: IO[str] | None = None, color: str = "auto", env: Mapping[
         force_terminal, interactive = (True if color == "always" and not no_color else None), None
     else:  # decided here, not by rich from the environment
         force_terminal, interactive = colour_anyway, False
-    environ = {k: v for k, v in env.items() if not (k in ("COLUMNS", "LINES") and v.strip().isdigit() and int(v) == 0)}
+    environ = {k: v for k, v in env.items() if not (k in ("COLUMNS", "LINES") and _no_size(v))}
     return Console(file=file, no_color=no_color, force_terminal=force_terminal, force_interactive=interactive,
                    _environ=environ)  # fmt: skip
 

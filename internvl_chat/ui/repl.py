@@ -32,7 +32,7 @@ from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.keys import Keys
 
 from ..errors import InternVLChatError, UsageError
-from ..files import undecodable_byte, visible
+from ..files import NoHomeFolder, undecodable_byte, visible
 from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, unsent_note
@@ -263,7 +263,11 @@ def key_bindings(late: LateInterrupt | None = None) -> KeyBindings:
 def complete_session(raw: str, cwd: Path | None = None, folder: Path | None = None) -> Iterator[Completion]:
     """`/load` completions: names of saved sessions (newest first), then paths."""
     if "/" not in raw and not raw.startswith(("~", "'", '"')):
-        for path, mtime in recent_sessions(folder or default_sessions_dir()):
+        try:
+            folder = folder or default_sessions_dir()
+        except NoHomeFolder:  # no home folder, so no saved sessions: paths still complete (a raise broke the prompt)
+            folder = None
+        for path, mtime in recent_sessions(folder) if folder is not None else ():
             if path.stem.startswith(raw):
                 yield Completion(_escape(path.stem), start_position=-len(raw), display=visible(path.stem),
                                  display_meta=file_date(mtime))  # fmt: skip

@@ -34,7 +34,8 @@ from typing import TextIO
 
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import UsageError
-from ..files import OutputFailed, expand_home, read_bytes_file, read_stream, sniff_binary, undecodable_byte, visible
+from ..files import (OutputFailed, expand_home, read_bytes_file, read_stream, refuse_wide_text, sniff_binary, undecodable_byte,
+                     visible)
 from ..settings import Settings
 from .app import ERROR, EXIT, App, unsent_note
 from .commands import BLOCK_QUOTES, block_is_open
@@ -90,6 +91,7 @@ def _read_script(name: str) -> str:
             raise UsageError(f"the script {visible(str(path))} is a pipe, not a file; give the script on stdin "
                              "instead: --script - (… | internvl-chat --script -)")  # fmt: skip
         data, shown = read_bytes_file(path, "script"), visible(str(path))
+    refuse_wide_text(data, f"the script {shown}")  # its NUL bytes read as binary data
     kind = sniff_binary(data)
     if kind is not None:
         raise UsageError(f"the script {shown} is {kind}, not text; a script holds REPL lines "
