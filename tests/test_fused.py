@@ -196,6 +196,22 @@ def test_split_decode_attention_is_sdpa_over_the_visible_keys(interpreted, heads
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(14, 2, 64), (12, 2, 128), (28, 4, 128)], ids=["1B", "2B", "8B"])
+def test_split_decode_attention_in_bf16_is_sdpa_within_an_ulp(interpreted, heads, kv_heads, head_dim):
+    # the interpreter's tl.dot multiplied bf16's stored bits as integers (scores ~1e9); the kernel
+    # gives it float32 operands there, with the weights rounded to bf16 as the compiled dot takes them
+    gen = torch.Generator().manual_seed(heads)
+    q = torch.randn(1, 1, heads, head_dim, generator=gen).bfloat16()
+    k_cache, v_cache = (torch.randn(1, kv_heads, 1152, head_dim, generator=gen).bfloat16() for _ in range(2))
+    got = fused.decode_attention(q, k_cache, v_cache, 1100, torch.tensor([1050]))
+    group = heads // kv_heads
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float().view(1, kv_heads, group, head_dim), k_cache[:, :, :1051].float(), v_cache[:, :, :1051].float()
+    ).view(1, 1, heads * head_dim)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2**-8)
+
+
 def test_one_token_steps_over_a_long_cache_take_the_split_attention(tiny, interpreted, monkeypatch):
     # the tiny model's cache is short: from 64 keys here, the exact and the masked one-token
     # steps attend through decode_attention, and give the torch ops' logits
