@@ -175,13 +175,19 @@ def test_long_context_decode_with_the_fused_kernels_gives_the_torch_ops_tokens(t
 
     loaded = load_model(tiny_original, device="cuda", dtype="float32", max_context=4096, cuda_graphs=False)
     model = loaded.model
-    ids = loaded.tokenizer.encode("one two three four five six") * 300
+    ids = loaded.tokenizer.encode("one two three four five six") * 110  # 19 tokens a phrase: 2,090 of 4,096
+    assert 2000 < len(ids) < 4096 - 16
+    kv_lens = []  # decode_attention's kv_len, per call (in graphs: the captures' calls)
+    real = fused.decode_attention
+    monkeypatch.setattr(fused, "decode_attention", lambda *args: kv_lens.append(args[3]) or real(*args))
     runs = {}
     for name, enabled, graphs in (("plain", False, False), ("fused", True, False), ("fused in graphs", True, True)):
         monkeypatch.setitem(fused.ENABLED, "cuda", enabled)
         model.enable_cuda_graphs(graphs)
+        kv_lens.clear()
         with torch.inference_mode():
             runs[name] = greedy_steps(model, ids, 16)
+        assert any(n > 2000 for n in kv_lens) == enabled, name
     want_tokens, want_logits = runs["plain"]
     for name, (tokens, logits) in runs.items():
         assert tokens == want_tokens, name
