@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode_helpers import greedy_steps
+from decode_helpers import forced_steps, greedy_steps
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
@@ -124,7 +124,10 @@ def test_a_chunk_after_cached_tokens_runs_in_the_memory_efficient_kernel(tiny_or
 def test_fused_kernels_give_the_torch_ops_answer_in_and_out_of_graphs(tiny_original, monkeypatch, dtype, w4):
     """engine/fused.py's kernels (norms with residual adds, RoPE with the cache writes, SiLU·mul)
     against the plain torch ops: the same greedy tokens, eager and replayed from CUDA graphs,
-    prefill chunks included (one over the largest prefill graph, one short)."""
+    prefill chunks included (one over the largest prefill graph, one short). In bf16 the runs take
+    the plain run's tokens: the graphs' steps from position 768 attend over a 1,024-key bucket, so
+    through the split attention, whose rounding is not SDPA's, and the tiny model's bf16 logits
+    hold exact ties (two tokens at 4.3125 after 768 tokens, seen in the interpreter)."""
     from bench_lib import quantize_decoder_
 
     from internvl_chat.engine import fused
@@ -133,13 +136,17 @@ def test_fused_kernels_give_the_torch_ops_answer_in_and_out_of_graphs(tiny_origi
     model = loaded.model
     if w4:
         quantize_decoder_(model, "torch", group_size=32)
-    ids = loaded.tokenizer.encode("one two three four five six") * 40  # crosses a bucket
+    ids = loaded.tokenizer.encode("one two three four five six") * 40  # 760 tokens: crosses a bucket
     runs = {}
     for name, enabled, graphs in (("plain", False, False), ("fused", True, False), ("fused in graphs", True, True)):
         monkeypatch.setitem(fused.ENABLED, "cuda", enabled)
         model.enable_cuda_graphs(graphs)  # graphs captured afresh: a graph holds the kernels it was captured with
         with torch.inference_mode():
-            tokens, logits = greedy_steps(model, ids, 24)
+            if dtype == "float32" or name == "plain":
+                tokens, logits = greedy_steps(model, ids, 24)
+            else:  # the plain run's tokens (see above)
+                tokens = runs["plain"][0]
+                logits = forced_steps(model, ids, tokens)
             follow = model.forward(list(range(400, 421)), len(ids) + 24).clone()
         runs[name] = tokens, torch.cat([logits.flatten(), follow])
     want_tokens, want = runs["plain"]
