@@ -11,6 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from internvl_chat.engine import fused
+from internvl_chat.engine.language import apply_rope, rope_tables
 from internvl_chat.engine.loader import load_model
 from internvl_chat.engine.vision import RMSNorm
 
@@ -145,6 +146,25 @@ def test_the_kernels_round_where_the_torch_ops_do(interpreted, dtype):
     torch.testing.assert_close(fused.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(14, 2, 64), (12, 2, 128), (28, 4, 128)], ids=["1B", "2B", "8B"])
+def test_rope_and_cache_at_the_decoders_head_shapes_up_to_the_caches_end(interpreted, heads, kv_heads, head_dim, dtype):
+    # bf16 within one unit in the last place: the interpreter truncates where a GPU rounds
+    tolerance = {"rtol": 0, "atol": 0} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-7}
+    size, t = 300, 7
+    cos, sin = rope_tables(head_dim, size, 1e6, torch.device("cpu"))
+    qkv = torch.randn(1, t, (heads + 2 * kv_heads) * head_dim, generator=torch.Generator().manual_seed(heads)).to(dtype)
+    rows = slice(size - t, size)  # the last positions of the cache
+    rotated = apply_rope(qkv[..., : (heads + kv_heads) * head_dim].view(1, t, heads + kv_heads, head_dim), cos[rows], sin[rows])
+    for positions in (size - t, torch.arange(size - t, size)):
+        k_cache, v_cache = (torch.zeros(1, kv_heads, size, head_dim, dtype=dtype) for _ in range(2))
+        q = fused.rope_and_cache(qkv, cos[rows], sin[rows], positions, k_cache, v_cache, heads, kv_heads, head_dim)
+        torch.testing.assert_close(q, rotated[:, :, :heads], **tolerance)
+        torch.testing.assert_close(k_cache[:, :, rows], rotated[:, :, heads:].transpose(1, 2), **tolerance)
+        assert torch.equal(v_cache[:, :, rows], qkv[..., (heads + kv_heads) * head_dim :].view(1, t, kv_heads, head_dim).transpose(1, 2))
+        assert not k_cache[:, :, : size - t].any() and not v_cache[:, :, : size - t].any()
+
+
 def test_a_compiled_step_keeps_the_torch_ops_without_graph_breaks(tiny, interpreted):
     lm = tiny.model.language_model
     explained = torch._dynamo.explain(lm.decode_masked)(torch.tensor([5]), torch.tensor([7]), 256, lm.caches())
@@ -194,6 +214,22 @@ def test_split_decode_attention_is_sdpa_over_the_visible_keys(interpreted, heads
         q.view(1, kv_heads, group, head_dim), k_cache[:, :, : last + 1], v_cache[:, :, : last + 1]
     ).view(1, 1, heads * head_dim)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(14, 2, 64), (12, 2, 128), (28, 4, 128)], ids=["1B", "2B", "8B"])
+def test_split_decode_attention_in_bf16_is_sdpa_within_an_ulp(interpreted, heads, kv_heads, head_dim):
+    # the interpreter's tl.dot multiplied bf16's stored bits as integers (scores ~1e9); the kernel
+    # gives it float32 operands there, with the weights rounded to bf16 as the compiled dot takes them
+    gen = torch.Generator().manual_seed(heads)
+    q = torch.randn(1, 1, heads, head_dim, generator=gen).bfloat16()
+    k_cache, v_cache = (torch.randn(1, kv_heads, 1152, head_dim, generator=gen).bfloat16() for _ in range(2))
+    got = fused.decode_attention(q, k_cache, v_cache, 1100, torch.tensor([1050]))
+    group = heads // kv_heads
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float().view(1, kv_heads, group, head_dim), k_cache[:, :, :1051].float(), v_cache[:, :, :1051].float()
+    ).view(1, 1, heads * head_dim)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2**-8)
 
 
 def test_one_token_steps_over_a_long_cache_take_the_split_attention(tiny, interpreted, monkeypatch):

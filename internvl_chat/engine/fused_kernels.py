@@ -98,6 +98,8 @@ def decode_attention_kernel(
     rows = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HD)
     q = tl.load(q_ptr + (kv_head * GROUP + rows[:, None]) * HD + d[None, :], mask=rows[:, None] < GROUP, other=0.0)
+    if INTERPRETED:  # the interpreter's tl.dot multiplies bf16's stored bits (uint16): the same values in float32
+        q = q.to(tl.float32)
     # a finite start: a block with no visible key leaves it, and its weights, as they were
     m_i = tl.full((GROUP_PAD,), -1e30, tl.float32)
     l_i = tl.full((GROUP_PAD,), 0.0, tl.float32)
@@ -108,6 +110,8 @@ def decode_attention_kernel(
         visible = keys <= last
         offsets = head_base + keys[:, None].to(tl.int64) * HD + d[None, :]
         k = tl.load(k_ptr + offsets, mask=visible[:, None], other=0.0)
+        if INTERPRETED:
+            k = k.to(tl.float32)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -127,6 +131,8 @@ def decode_attention_kernel(
         v = tl.load(v_ptr + offsets, mask=visible[:, None], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        elif INTERPRETED:  # p rounded to the cache's dtype, as the compiled dot takes it
+            acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty).to(tl.float32), v.to(tl.float32))
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
