@@ -536,7 +536,7 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
     if is_cuda:  # whether the fused kernels passed their check against the torch ops (None: never asked)
         from internvl_chat.engine import fused
 
-        out["fused_kernels_ok"] = fused._verdicts.get("cuda")
+        out["fused_kernels_ok"] = fused.verdicts("cuda")
     if is_cuda:
         out["peak_gpu_alloc_bytes"] = torch.cuda.max_memory_allocated(device) - base_alloc
     del model

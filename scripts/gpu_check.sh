@@ -2,12 +2,20 @@
 # The one prepared script for the lent GPU machine (see /work/.library/device/README.md); ≤ 6 minutes.
 #   1. environment: nvidia-smi, Python / torch / triton versions                → $OUT/env.txt
 #   2. the CUDA tests (int4 kernels first; compiled step in CUDA graphs, W4, no host sync, ...) → $OUT/cuda_tests.txt
-#   3. the int4 linears (bench.py --sections gemv): every int4 backend this build has (tinygemm
+#   3. the GPU rows: InternVL3-8B/-1B/-2B LLM shapes, random weights (bench.py --sections
+#      shapes), per shape W4 tinygemm, W4 triton (where available), bf16, W4 gemlite (where
+#      available): decode tok/s eager / CUDA graphs without and with the fused kernels / compiled
+#      inside the graphs, share of the copy bandwidth measured in the same call, kernels per layer,
+#      decode after 16k tokens (graphs without and with the fused kernels), 13-tile TTFT, follow-up
+#      TTFT after 1k/4k tokens of history (eager and from a prefill graph), compile time
+#                                                                              → $OUT/bench_cuda.{txt,json}
+#      (before the kernel sections: the issue's numbers get the time first)
+#   4. with the time left: the int4 linears (bench.py --sections gemv): every int4 backend this build has (tinygemm
 #      kernel and dense path, triton, gemlite, ...) and bf16 on each decoder linear of the
 #      8B/1B/2B LLMs by rows M = 1…512: µs, GB/s, share of the copy bandwidth, output checked
 #      against the dequantized weight, the fastest backend per (shape, M)    → $OUT/bench_gemv_cuda.{txt,json}
 #      (a process of its own: a faulty new kernel cannot take the next step's CUDA context down)
-#   3b. only with SWEEP=1 (not in the default run): the triton GEMV's launch configurations
+#   4b. only with SWEEP=1 (not in the default run): the triton GEMV's launch configurations
 #      (bench.py --sections gemv-sweep): the default and ~15 others on the four 8B linears at M = 1,
 #      µs, share of the copy bandwidth, output check, the best per shape vs the default and
 #      tinygemm                                                                → $OUT/bench_sweep_cuda.{txt,json}
@@ -15,18 +23,13 @@
 #      arguments, e.g. '--sweep-rows 1,4' or '--sweep-configs 64:512:4:528,32:256:4:1056'). The sweep
 #      alone, as a call of its own (~2 min with the machine's start-up):
 #      PYTHONPATH=$PWD python scripts/bench.py --device cuda --sections gemv-sweep --out "$OUT/bench_sweep_cuda.json"
-#   3c. only with SWEEP=1, after 3b: the one-pass dequantization's launch configurations (bench.py
+#   4c. only with SWEEP=1, after 4b: the one-pass dequantization's launch configurations (bench.py
 #      --sections dequant-sweep): both layouts' kernels (tinygemm, repacked) on the four 8B linears,
 #      the default and ~14 others, µs, GB/s, share of the copy bandwidth, each output bit for bit
 #      against the default's, the best per shape and over all shapes vs the default
 #                                                                              → $OUT/bench_dqsweep_cuda.{txt,json}
 #      (~45 s: its budget DQSWEEP_BUDGET, 45 s; timeout DQSWEEP_TIMEOUT, 70 s; DQSWEEP_ARGS, e.g.
 #      '--dqsweep-configs 16:32:4,32:32:8'). Alone: ... --sections dequant-sweep --out "$OUT/bench_dqsweep_cuda.json"
-#   4. the GPU rows: InternVL3-8B/-1B/-2B LLM shapes, random weights (bench.py --sections
-#      shapes), per shape W4 tinygemm, W4 triton (where available), bf16, W4 gemlite (where
-#      available): decode tok/s eager / CUDA graphs / compiled inside the graphs, share of the
-#      copy bandwidth measured in the same call, kernels per layer, 13-tile TTFT, follow-up TTFT
-#      after 1k/4k tokens of history, compile time                             → $OUT/bench_cuda.{txt,json}
 # Each step has its own timeout, cut to what is left of TOTAL_LIMIT (6 minutes: the device allows
 # 10 a call but 15 a session, so a rerun must fit); the steps before the tests (wheels, environment, the CUDA check) have short fixed ones
 # (SETUP_TIMEOUT each), as a wedged driver can hang nvidia-smi or CUDA's start; a failing step does
@@ -35,17 +38,17 @@
 # without the compiled step once less time is left than a compile took.
 #
 # Measured on an H200 (2026-12-04, benchmarks/RESULTS.md): environment ~10 s; the default tests 87 s
-# (each kernel's first call compiles it); gemv ~30 s of first-call compiles, then ~1.5 s a shape for 3
+# (each kernel's first call compiles it; the fused kernels' tests came after); gemv ~30 s of first-call compiles, then ~1.5 s a shape for 3
 # columns at 3 row counts; shapes 8B W4 61 s (a 33 s cold compile), 8B bf16 33 s, each 1B/2B row
 # 23-40 s, a triton row ~100 s (87 s of compile). Every row does not fit one call: the shapes rows
 # come W4 and bf16 of every size first, the other int4 kernels last, and a second call can take the
 # rows the first did not reach (BENCH_ARGS='--shape-rows ...', a shorter CUDA_TEST_FILES), as that
-# run did. TOTAL_LIMIT (340 s) caps every step's timeout, so the call ends within 6 minutes
+# run did (then in the old order: gemv before the rows). TOTAL_LIMIT (340 s) caps every step's timeout, so the call ends within 6 minutes
 # whatever a step does.
 #
 # Without a CUDA GPU this is a dry run on the CPU: the same code paths at a tiny shape
-# (bench.py --device cpu --quick --sections gemv, with SWEEP=1 gemv-sweep and dequant-sweep, then
-# shapes, compiled step included; the Triton kernels in Triton's interpreter) and the
+# (bench.py --device cpu --quick --sections shapes, compiled step included, then gemv, with SWEEP=1
+# gemv-sweep and dequant-sweep; the Triton kernels in Triton's interpreter) and the
 # compiled-step tests; it prints "DRY RUN" and no GPU number comes out of it.
 #
 # Run from the repository root:  OUT=/some/dir bash scripts/gpu_check.sh
@@ -134,7 +137,7 @@ if [ $rc -eq 0 ]; then
     # the int4 kernels first (quick, and what the int4 numbers rest on), then the sampler's (quick),
     # then the engine's (several cold compiles: the ones a tight timeout may cut), gemlite last: it autotunes
     DEFAULT_TESTS="tests/test_cuda_int4.py tests/test_sampling.py tests/test_cuda.py tests/test_gemlite.py"
-    TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
+    TEST_TIMEOUT="${TEST_TIMEOUT:-150}"  # 87 s on an H200 before the fused kernels' tests (cold Triton compiles)
     GEMV_ENV=()
     TOTAL_LIMIT="${TOTAL_LIMIT:-340}"  # 6 minutes (room for a rerun in a session's 15), less a margin
 else
@@ -176,7 +179,19 @@ budget() {
     echo "$want"
 }
 
-# --- 3. the int4 linears ------------------------------------------------------------------
+# --- 3. the GPU rows (before the kernel sections: the issue's numbers first) -----------------
+BENCH_TIMEOUT=$(capped "$BENCH_TIMEOUT")
+SHAPES_BUDGET=$(budget "$SHAPES_BUDGET" "$BENCH_TIMEOUT" 40)
+step "decode / TTFT rows on $DEVICE (timeout ${BENCH_TIMEOUT}s, budget ${SHAPES_BUDGET}s)"
+set -o pipefail
+timeout -k 10 "$BENCH_TIMEOUT" "$PY" scripts/bench.py --device "$DEVICE" "${BENCH_PLAN[@]}" --sections shapes \
+    --time-budget "$SHAPES_BUDGET" --out "$OUT/bench_$DEVICE.json" --work-dir /tmp/internvl-bench ${BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_$DEVICE.txt"
+rc=$?
+set +o pipefail
+[ $rc -eq 0 ] || { echo "benchmark: exit $rc"; FAILED+=("bench($rc)"); }
+
+# --- 4. the int4 linears (what time is left after the rows) -------------------------------
 GEMV_TIMEOUT=$(capped "$GEMV_TIMEOUT")
 GEMV_BUDGET=$(budget "$GEMV_BUDGET" "$GEMV_TIMEOUT" 20)
 step "int4 linears on $DEVICE (timeout ${GEMV_TIMEOUT}s, budget ${GEMV_BUDGET}s)"
@@ -188,7 +203,7 @@ rc=$?
 set +o pipefail
 [ $rc -eq 0 ] || { echo "gemv benchmark: exit $rc"; FAILED+=("gemv($rc)"); }
 
-# --- 3b. the triton GEMV's launch configurations (SWEEP=1 only) -----------------------------
+# --- 4b. the triton GEMV's launch configurations (SWEEP=1 only) -----------------------------
 if [ "${SWEEP:-0}" = 1 ]; then
     SWEEP_TIMEOUT=$(capped "${SWEEP_TIMEOUT:-130}")
     SWEEP_BUDGET=$(budget "${SWEEP_BUDGET:-100}" "$SWEEP_TIMEOUT" 25)
@@ -201,7 +216,7 @@ if [ "${SWEEP:-0}" = 1 ]; then
     set +o pipefail
     [ $rc -eq 0 ] || { echo "gemv-sweep benchmark: exit $rc"; FAILED+=("gemv-sweep($rc)"); }
 
-    # --- 3c. the one-pass dequantization's launch configurations (SWEEP=1 only) ---------------
+    # --- 4c. the one-pass dequantization's launch configurations (SWEEP=1 only) ---------------
     DQSWEEP_TIMEOUT=$(capped "${DQSWEEP_TIMEOUT:-70}")
     DQSWEEP_BUDGET=$(budget "${DQSWEEP_BUDGET:-45}" "$DQSWEEP_TIMEOUT" 20)
     step "dequantization launch configurations on $DEVICE (timeout ${DQSWEEP_TIMEOUT}s, budget ${DQSWEEP_BUDGET}s)"
@@ -213,18 +228,6 @@ if [ "${SWEEP:-0}" = 1 ]; then
     set +o pipefail
     [ $rc -eq 0 ] || { echo "dequant-sweep benchmark: exit $rc"; FAILED+=("dequant-sweep($rc)"); }
 fi
-
-# --- 4. the GPU rows ------------------------------------------------------------------------
-BENCH_TIMEOUT=$(capped "$BENCH_TIMEOUT")
-SHAPES_BUDGET=$(budget "$SHAPES_BUDGET" "$BENCH_TIMEOUT" 40)
-step "decode / TTFT rows on $DEVICE (timeout ${BENCH_TIMEOUT}s, budget ${SHAPES_BUDGET}s)"
-set -o pipefail
-timeout -k 10 "$BENCH_TIMEOUT" "$PY" scripts/bench.py --device "$DEVICE" "${BENCH_PLAN[@]}" --sections shapes \
-    --time-budget "$SHAPES_BUDGET" --out "$OUT/bench_$DEVICE.json" --work-dir /tmp/internvl-bench ${BENCH_ARGS:-} 2>&1 \
-    | tee "$OUT/bench_$DEVICE.txt"
-rc=$?
-set +o pipefail
-[ $rc -eq 0 ] || { echo "benchmark: exit $rc"; FAILED+=("bench($rc)"); }
 
 # --- summary --------------------------------------------------------------------------------
 step "done"

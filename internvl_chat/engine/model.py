@@ -184,6 +184,9 @@ class InternVLModel(nn.Module):
 
         step = self.compiled_step
         self.decode_graphs = DecodeGraphs(self, step.masked if step else None) if self._graphs_wanted else None
+        # a new set of graphs starts a new prefill pool: capturing into one whose graphs are gone
+        # while one of their tensors lives trips an assertion inside torch
+        self.prefill_graph_pool = None
 
     @property
     def device(self) -> torch.device:
