@@ -30,6 +30,16 @@ def tiny(tiny_original):
     return load_model(tiny_original, device="cpu", dtype="float32", max_context=1024, compile="off")
 
 
+@pytest.fixture(scope="module")
+def tiny_w4(tiny_original):
+    """The tiny model with 4-bit decoder linears (the dequant backend: its qkv leaves its bias)."""
+    from bench_lib import quantize_decoder_
+
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024, compile="off")
+    quantize_decoder_(loaded.model, "dequant", group_size=32)
+    return loaded
+
+
 def _every_entry_point(loaded) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Logits of a prefill from 0, a chunk after it, an exact one-token step, the graphs' masked
     step and padded prefill; then the KV cache they wrote (positions 0 … 89)."""
@@ -48,7 +58,9 @@ def _every_entry_point(loaded) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return logits, cache
 
 
-def test_every_entry_point_gives_the_torch_ops_values(tiny, monkeypatch):
+@pytest.mark.parametrize("weights", ["16-bit", "W4"])
+def test_every_entry_point_gives_the_torch_ops_values(tiny, tiny_w4, monkeypatch, weights):
+    tiny = tiny if weights == "16-bit" else tiny_w4
     want_logits, want_cache = _every_entry_point(tiny)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setitem(fused.ENABLED, "cpu", True)
@@ -254,3 +266,24 @@ def test_one_token_steps_over_a_long_cache_take_the_split_attention(tiny, interp
     assert all(isinstance(c[1], torch.Tensor) for c in calls[layers:])  # the masked step's last key: its device position
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_w4_qkv_leaves_its_bias_to_the_rope_kernel(tiny_w4, interpreted, monkeypatch):
+    # the 4-bit linear's bias add is a pass of its own; the RoPE kernel adds it while it reads qkv
+    # (the values: test_every_entry_point_gives_the_torch_ops_values[W4])
+    lm = tiny_w4.model.language_model
+    calls = []
+    for layer in lm.model.layers:
+        qkv = layer.self_attn.qkv_proj
+        assert qkv.bias is not None
+        real_forward, real_leaving = qkv.forward, qkv.forward_leaving_bias
+        monkeypatch.setattr(qkv, "forward", lambda x, f=real_forward: calls.append("forward") or f(x))
+        monkeypatch.setattr(qkv, "forward_leaving_bias", lambda x, f=real_leaving: calls.append("leaving") or f(x))
+    with torch.inference_mode():
+        lm.decode_masked(torch.tensor([9]), torch.tensor([20]), 256)
+    assert calls == ["leaving"] * len(lm.model.layers)
+    monkeypatch.setitem(fused.ENABLED, "cpu", False)
+    calls.clear()
+    with torch.inference_mode():
+        lm.decode_masked(torch.tensor([9]), torch.tensor([20]), 256)
+    assert calls == ["forward", "leaving"] * len(lm.model.layers)  # forward adds what the linear left

@@ -81,7 +81,7 @@ def _check_against_torch_ops(device: torch.device, dtype: torch.dtype = torch.fl
     norm = RMSNorm(64, 1e-6).to(device=device, dtype=dtype)
     cos, sin = (torch.randn(2, 1, 4, generator=gen).to(device) for _ in range(2))  # RoPE tables: float32
     qkv = randn(1, 2, 4 * 8)  # 2 q heads, 1 kv head of 8
-    caches = [torch.zeros(1, 1, 4, 8, device=device, dtype=dtype) for _ in range(4)]
+    caches = [torch.zeros(1, 1, 4, 8, device=device, dtype=dtype) for _ in range(6)]
     normed, total = add_rms_norm(x, residual, norm)
     rotated = apply_rope(qkv[..., :24].view(1, 2, 3, 8), cos, sin)
     gate, up = gate_up.chunk(2, dim=-1)
@@ -90,9 +90,13 @@ def _check_against_torch_ops(device: torch.device, dtype: torch.dtype = torch.fl
         (silu_mul(gate_up), torch.nn.functional.silu(gate) * up),
     ]  # fmt: skip
     # both ways of giving positions: the first of consecutive ones (prefill), a device tensor (graphs)
-    for positions, (k_cache, v_cache) in ((1, caches[:2]), (torch.tensor([1, 2], device=device), caches[2:])):
+    for positions, (k_cache, v_cache) in ((1, caches[:2]), (torch.tensor([1, 2], device=device), caches[2:4])):
         q = rope_and_cache(qkv, cos, sin, positions, k_cache, v_cache, 2, 1, 8)
         pairs += [(q, rotated[:, :, :2]), (k_cache[0, 0, 1:3], rotated[0, :, 2]), (v_cache[0, 0, 1:3], qkv[0, :, 24:])]
+    bias = randn(32)  # a bias the linear left to add (W4 layers)
+    biased = apply_rope((qkv + bias)[..., :24].view(1, 2, 3, 8), cos, sin)
+    q = rope_and_cache(qkv, cos, sin, 1, caches[4], caches[5], 2, 1, 8, bias)
+    pairs += [(q, biased[:, :, :2]), (caches[4][0, 0, 1:3], biased[0, :, 2]), (caches[5][0, 0, 1:3], (qkv + bias)[0, :, 24:])]
     q, keys, values = randn(1, 1, 2, 16), randn(1, 1, 300, 16), randn(1, 1, 300, 16)
     want = torch.nn.functional.scaled_dot_product_attention(q.view(1, 1, 2, 16), keys[:, :, :251], values[:, :, :251]).view(1, 1, 32)
     for last in (250, torch.tensor([250], device=device)):  # two splits, the second partly visible
@@ -163,6 +167,7 @@ SILU_BLOCK = 1024
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) · up for gate_up = [gate | up] on its last axis (contiguous)."""
+    gate_up = gate_up.contiguous()
     inter = gate_up.shape[-1] // 2
     rows = gate_up.numel() // (2 * inter)
     out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
@@ -179,19 +184,22 @@ def takes_rope(qkv: torch.Tensor, k_cache: torch.Tensor, head_dim: int) -> bool:
 
 def rope_and_cache(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    heads: int, kv_heads: int, head_dim: int,
+    heads: int, kv_heads: int, head_dim: int, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """q [1, T, heads, hd] rotated, from qkv [1, T, (heads + 2·kv_heads)·hd]; k rotated and v
-    written into the caches [1, kv_heads, S, hd] at `positions` (an int: the first of T
-    consecutive ones; or a device LongTensor [T]). cos/sin: [T, 1, hd/2] float32."""
+    """q [1, T, heads, hd] rotated, from qkv [1, T, (heads + 2·kv_heads)·hd] (+ `bias`, where the
+    linear left it to add); k rotated and v written into the caches [1, kv_heads, S, hd] at
+    `positions` (an int: the first of T consecutive ones; or a device LongTensor [T]). cos/sin:
+    [T, 1, hd/2] float32."""
     t = qkv.shape[1]
     half = head_dim // 2
     q = torch.empty(1, t, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     in_tensor = isinstance(positions, torch.Tensor)
+    qkv = qkv.contiguous()
     _launcher(2, qkv)[(t, heads + 2 * kv_heads)](
-        qkv.contiguous(), cos.reshape(t, half).contiguous(), sin.reshape(t, half).contiguous(),
-        positions if in_tensor else qkv, q, k_cache, v_cache, 0 if in_tensor else positions, k_cache.shape[2],
-        HEADS=heads, KV_HEADS=kv_heads, HALF=half, POSITIONS_IN_TENSOR=in_tensor, num_warps=1,
+        qkv, bias.to(qkv.dtype).contiguous() if bias is not None else qkv, cos.reshape(t, half).contiguous(),
+        sin.reshape(t, half).contiguous(), positions if in_tensor else qkv, q, k_cache, v_cache,
+        0 if in_tensor else positions, k_cache.shape[2],
+        HEADS=heads, KV_HEADS=kv_heads, HALF=half, POSITIONS_IN_TENSOR=in_tensor, HAS_BIAS=bias is not None, num_warps=1,
     )  # fmt: skip
     return q
 

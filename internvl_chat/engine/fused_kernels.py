@@ -47,11 +47,13 @@ def silu_mul_kernel(gate_up_ptr, out_ptr, INTER, BLOCK: tl.constexpr):
 
 
 def rope_cache_kernel(
-    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, start, cache_len,
+    qkv_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, start, cache_len,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, POSITIONS_IN_TENSOR: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """Token t, head h of the fused qkv row [q heads | k heads | v heads] (each 2·HALF wide):
-    q heads rotated into q [T, HEADS, 2·HALF]; k heads rotated and v heads copied into the caches
+    """Token t, head h of the fused qkv row [q heads | k heads | v heads] (each 2·HALF wide), its
+    bias added first where the linear left it (rounded to the dtype, as `y + bias` is): q heads
+    rotated into q [T, HEADS, 2·HALF]; k heads rotated and v heads copied into the caches
     [KV_HEADS, cache_len, 2·HALF] at the token's position (pos_ptr[t], or start + t)."""
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -61,9 +63,14 @@ def rope_cache_kernel(
         pos = tl.load(pos_ptr + t).to(tl.int64)
     else:
         pos = start + t
+    first = tl.load(src + i)
+    second = tl.load(src + HALF + i)
+    if HAS_BIAS:
+        first = (first.to(tl.float32) + tl.load(bias_ptr + head * 2 * HALF + i).to(tl.float32)).to(qkv_ptr.dtype.element_ty)
+        second = (second.to(tl.float32) + tl.load(bias_ptr + head * 2 * HALF + HALF + i).to(tl.float32)).to(qkv_ptr.dtype.element_ty)
     if head < HEADS + KV_HEADS:
-        x1 = tl.load(src + i).to(tl.float32)
-        x2 = tl.load(src + HALF + i).to(tl.float32)
+        x1 = first.to(tl.float32)
+        x2 = second.to(tl.float32)
         c = tl.load(cos_ptr + t * HALF + i)
         s = tl.load(sin_ptr + t * HALF + i)
         y1 = (x1 * c - x2 * s).to(qkv_ptr.dtype.element_ty)  # apply_rope rounds once, to the dtype
@@ -76,8 +83,8 @@ def rope_cache_kernel(
         tl.store(dst + HALF + i, y2)
     else:
         dst = v_cache_ptr + ((head - HEADS - KV_HEADS) * cache_len + pos) * 2 * HALF
-        tl.store(dst + i, tl.load(src + i))
-        tl.store(dst + HALF + i, tl.load(src + HALF + i))
+        tl.store(dst + i, first)
+        tl.store(dst + HALF + i, second)
 
 
 def decode_attention_kernel(

@@ -226,10 +226,13 @@ class Attention(nn.Module):
         prefill from position 0), or a bool tensor broadcastable to [T, kv_len]."""
         t = x.shape[1]
         heads, kv_heads, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = linear(self.qkv_proj, x)
-        if fused.active(qkv) and fused.takes_rope(qkv, k_cache, hd):
-            q = fused.rope_and_cache(qkv, cos, sin, positions, k_cache, v_cache, heads, kv_heads, hd)
+        if fused.active(x) and fused.takes_rope(x, k_cache, hd):
+            # a W4 linear leaves its bias to the RoPE kernel (a pass of its own otherwise)
+            leaving = getattr(self.qkv_proj, "forward_leaving_bias", None)
+            qkv, bias = leaving(x) if leaving is not None else (linear(self.qkv_proj, x), None)
+            q = fused.rope_and_cache(qkv, cos, sin, positions, k_cache, v_cache, heads, kv_heads, hd, bias)
         else:
+            qkv = linear(self.qkv_proj, x)
             qk = apply_rope(qkv[..., : self.q_size + self.kv_size].view(1, t, heads + kv_heads, hd), cos, sin)
             q, k = qk[:, :, :heads], qk[:, :, heads:]
             v = qkv[..., self.q_size + self.kv_size :].view(1, t, kv_heads, hd)

@@ -278,6 +278,12 @@ class Int4Linear(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, bias = self.forward_leaving_bias(x)
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def forward_leaving_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward(x)` without the bias where adding it is a pass of its own: (y, that bias or
+        None). A kernel that consumes y anyway adds it there (engine/fused.py's RoPE kernel)."""
         lead_shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.backend == "torch":
@@ -288,7 +294,7 @@ class Int4Linear(nn.Module):
             if rows <= self.gemv_max_rows or gemm:  # the bias is added in the kernels, in fp32
                 kernel = triton_gemv.awq_triton_gemv if rows <= self.gemv_max_rows else triton_gemv.awq_triton_gemm
                 y = kernel(x2, self.qweight, self.scales, self.zeros, self.bias, self.group_size)
-                return y.reshape(*lead_shape, self.out_features)
+                return y.reshape(*lead_shape, self.out_features), None
             if self.dequant_kernel and triton_dequant.can_run(self.qweight):
                 y = F.linear(x2, triton_dequant.dequantize_repacked(self.qweight, self.scales, self.zeros, self.group_size, x2.dtype))
             else:
@@ -301,9 +307,7 @@ class Int4Linear(nn.Module):
         else:
             w = dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size, dtype=x.dtype)
             y = x2 @ w
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead_shape, self.out_features)
+        return y.reshape(*lead_shape, self.out_features), self.bias
 
     def _forward_torch(self, x2: torch.Tensor) -> torch.Tensor:
         rows = x2.shape[0]
