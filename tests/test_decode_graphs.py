@@ -252,3 +252,30 @@ def test_the_graph_steps_build_their_key_bias_once_not_in_every_layer(eager):
             step()
         wheres = [e for e in prof.events() if e.name == "aten::where" and (e.cpu_parent is None or e.cpu_parent.name != "aten::where")]
         assert len(wheres) == 1, name
+
+
+def test_graphs_over_the_fused_kernels_and_folded_heads_answer_as_the_torch_ops(eager, graphed, monkeypatch):
+    # the CUDA path as a whole, on the CPU: decode and short-prefill graphs (the stand-in) over the
+    # fused kernels (Triton's interpreter), the split attention from 64 keys, and masked chunks
+    # with folded query heads
+    from internvl_chat.engine import fused
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(fused.ENABLED, "cpu", True)
+    monkeypatch.setattr(fused, "SPLIT_ATTENTION_MIN_KEYS", 64)
+    monkeypatch.setitem(language.FOLD_MASKED_GQA, "cpu", True)
+    calls = []
+    real = fused.decode_attention
+    monkeypatch.setattr(fused, "decode_attention", lambda *args: calls.append(args[3]) or real(*args))
+
+    def script(session: Session) -> None:
+        _two_turns(session)
+        session.undo()
+        final_event(session.retry())
+
+    got = _answers(graphed, script)
+    monkeypatch.setitem(fused.ENABLED, "cpu", False)
+    assert got == _answers(eager, script)
+    graphs = graphed.model.decode_graphs
+    assert graphs.graphs and graphs.prefill_graphs and calls  # every part took its turn
