@@ -1,15 +1,18 @@
-"""Fused kernels for the eager decoder on CUDA: ~34 kernels a layer become ~10.
+"""Fused kernels for the eager decoder on CUDA: ~34 kernels a layer become 9.
 
 A layer in plain torch ops launches ~34 kernels for little work each: RMSNorm in seven pieces
 (twice), RoPE in nine, two cache writes, SiLU and the multiply, two residual adds. Inside a CUDA
 graph each still costs a launch's worth of GPU time, and the app decodes in graphs without
-compiling by default (a compile takes 17-33 s on an H200). Three Triton kernels
-(fused_kernels.py) take their place where the eager step runs on CUDA:
+compiling by default (a compile takes 17-33 s on an H200). Triton kernels (fused_kernels.py)
+take their place where the eager step runs on CUDA, around the four linears and attention:
 
 - `add_rms_norm`: a residual add and the RMSNorm after it (the next layer's input norm or the
   final norm included), one row per program;
-- `rope_and_cache`: RoPE on q and k with k and v written into the KV cache at their positions;
-- `silu_mul`: SiLU(gate) · up from the fused gate_up output.
+- `rope_and_cache`: RoPE on q and k with k and v written into the KV cache at their positions
+  (a 4-bit qkv's bias added first);
+- `silu_mul`: SiLU(gate) · up from the fused gate_up output;
+- `decode_attention`: from SPLIT_ATTENTION_MIN_KEYS keys, one token's attention split over the
+  cache's length (two kernels), where SDPA would run one program per KV head.
 
 Under torch.compile the plain ops stay (Inductor fuses them itself); on a CPU too (the C++ step
 and Inductor's; tests run these kernels there in Triton's interpreter by setting ENABLED["cpu"]).
