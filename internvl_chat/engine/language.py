@@ -184,10 +184,10 @@ def key_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def folded_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [1, T, heads, hd] (token-major) against keys/values [1, kv_heads, S, hd] under a bool
-    mask [T, S] → [1, T, heads·hd]. Each KV head's `group` query heads become T·group query rows
-    of that head (row t·group + j: token t, head j of the group), so no head is repeated and no
-    GQA support is needed; the mask is repeated per row (T·group·S bools)."""
+    """q [1, T, heads, hd] (token-major) against keys/values [1, kv_heads, S, hd] under a mask
+    [T, S] (bool, or an additive `key_bias`) → [1, T, heads·hd]. Each KV head's `group` query
+    heads become T·group query rows of that head (row t·group + j: token t, head j of the group),
+    so no head is repeated and no GQA support is needed; the mask is repeated per row."""
     _, t, heads, hd = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
