@@ -89,6 +89,18 @@ capped() {
     echo "$want"
 }
 
+# a step's command under its timeout, its output shown and kept in `file`; a failure is recorded
+# under `name` (with its exit status) and does not stop the next step
+logged() {
+    local name=$1 timeout=$2 file=$3 rc
+    shift 3
+    set -o pipefail
+    timeout -k 10 "$timeout" "$@" 2>&1 | tee "$file"
+    rc=$?
+    set +o pipefail
+    [ $rc -eq 0 ] || { echo "$name: exit $rc"; FAILED+=("$name($rc)"); }
+}
+
 # --- 0. wheels we carry (no network there) ------------------------------------------------
 for dir in .wheels .whl; do
     if compgen -G "$dir/*.whl" >/dev/null; then
@@ -162,12 +174,8 @@ if ! "$PY" -c "import pytest" 2>/dev/null; then
 else
     MARK=(-m cuda)
     [ "$DEVICE" = cpu ] && MARK=(-m "not slow")
-    set -o pipefail
-    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -v -rfEs --durations=15 -p no:cacheprovider "${MARK[@]}" "${TEST_FILES[@]}" 2>&1 \
-        | tee "$OUT/cuda_tests.txt"
-    rc=$?
-    set +o pipefail
-    [ $rc -eq 0 ] || { echo "tests: exit $rc"; FAILED+=("tests($rc)"); }
+    logged tests "$TEST_TIMEOUT" "$OUT/cuda_tests.txt" \
+        "$PY" -m pytest -v -rfEs --durations=15 -p no:cacheprovider "${MARK[@]}" "${TEST_FILES[@]}"
 fi
 
 # the measuring budget of a bench step: its own, or what its timeout leaves after `reserve`
@@ -183,50 +191,33 @@ budget() {
 BENCH_TIMEOUT=$(capped "$BENCH_TIMEOUT")
 SHAPES_BUDGET=$(budget "$SHAPES_BUDGET" "$BENCH_TIMEOUT" 40)
 step "decode / TTFT rows on $DEVICE (timeout ${BENCH_TIMEOUT}s, budget ${SHAPES_BUDGET}s)"
-set -o pipefail
-timeout -k 10 "$BENCH_TIMEOUT" "$PY" scripts/bench.py --device "$DEVICE" "${BENCH_PLAN[@]}" --sections shapes \
-    --time-budget "$SHAPES_BUDGET" --out "$OUT/bench_$DEVICE.json" --work-dir /tmp/internvl-bench ${BENCH_ARGS:-} 2>&1 \
-    | tee "$OUT/bench_$DEVICE.txt"
-rc=$?
-set +o pipefail
-[ $rc -eq 0 ] || { echo "benchmark: exit $rc"; FAILED+=("bench($rc)"); }
+logged bench "$BENCH_TIMEOUT" "$OUT/bench_$DEVICE.txt" "$PY" scripts/bench.py --device "$DEVICE" "${BENCH_PLAN[@]}" \
+    --sections shapes --time-budget "$SHAPES_BUDGET" --out "$OUT/bench_$DEVICE.json" --work-dir /tmp/internvl-bench ${BENCH_ARGS:-}
 
 # --- 4. the int4 linears (what time is left after the rows) -------------------------------
 GEMV_TIMEOUT=$(capped "$GEMV_TIMEOUT")
 GEMV_BUDGET=$(budget "$GEMV_BUDGET" "$GEMV_TIMEOUT" 20)
 step "int4 linears on $DEVICE (timeout ${GEMV_TIMEOUT}s, budget ${GEMV_BUDGET}s)"
-set -o pipefail
-timeout -k 10 "$GEMV_TIMEOUT" ${GEMV_ENV[@]+"${GEMV_ENV[@]}"} "$PY" scripts/bench.py --device "$DEVICE" "${BENCH_PLAN[@]}" --sections gemv \
-    --time-budget "$GEMV_BUDGET" --gemv-budget "$GEMV_BUDGET" --out "$OUT/bench_gemv_$DEVICE.json" ${GEMV_ARGS:-} 2>&1 \
-    | tee "$OUT/bench_gemv_$DEVICE.txt"
-rc=$?
-set +o pipefail
-[ $rc -eq 0 ] || { echo "gemv benchmark: exit $rc"; FAILED+=("gemv($rc)"); }
+logged gemv "$GEMV_TIMEOUT" "$OUT/bench_gemv_$DEVICE.txt" ${GEMV_ENV[@]+"${GEMV_ENV[@]}"} "$PY" scripts/bench.py \
+    --device "$DEVICE" "${BENCH_PLAN[@]}" --sections gemv --time-budget "$GEMV_BUDGET" --gemv-budget "$GEMV_BUDGET" \
+    --out "$OUT/bench_gemv_$DEVICE.json" ${GEMV_ARGS:-}
 
 # --- 4b. the triton GEMV's launch configurations (SWEEP=1 only) -----------------------------
 if [ "${SWEEP:-0}" = 1 ]; then
     SWEEP_TIMEOUT=$(capped "${SWEEP_TIMEOUT:-130}")
     SWEEP_BUDGET=$(budget "${SWEEP_BUDGET:-100}" "$SWEEP_TIMEOUT" 25)
     step "triton GEMV launch configurations on $DEVICE (timeout ${SWEEP_TIMEOUT}s, budget ${SWEEP_BUDGET}s)"
-    set -o pipefail
-    timeout -k 10 "$SWEEP_TIMEOUT" ${GEMV_ENV[@]+"${GEMV_ENV[@]}"} "$PY" scripts/bench.py --device "$DEVICE" "${BENCH_PLAN[@]}" \
-        --sections gemv-sweep --time-budget "$SWEEP_BUDGET" --sweep-budget "$SWEEP_BUDGET" --out "$OUT/bench_sweep_$DEVICE.json" \
-        ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/bench_sweep_$DEVICE.txt"
-    rc=$?
-    set +o pipefail
-    [ $rc -eq 0 ] || { echo "gemv-sweep benchmark: exit $rc"; FAILED+=("gemv-sweep($rc)"); }
+    logged gemv-sweep "$SWEEP_TIMEOUT" "$OUT/bench_sweep_$DEVICE.txt" ${GEMV_ENV[@]+"${GEMV_ENV[@]}"} "$PY" scripts/bench.py \
+        --device "$DEVICE" "${BENCH_PLAN[@]}" --sections gemv-sweep --time-budget "$SWEEP_BUDGET" --sweep-budget "$SWEEP_BUDGET" \
+        --out "$OUT/bench_sweep_$DEVICE.json" ${SWEEP_ARGS:-}
 
     # --- 4c. the one-pass dequantization's launch configurations (SWEEP=1 only) ---------------
     DQSWEEP_TIMEOUT=$(capped "${DQSWEEP_TIMEOUT:-70}")
     DQSWEEP_BUDGET=$(budget "${DQSWEEP_BUDGET:-45}" "$DQSWEEP_TIMEOUT" 20)
     step "dequantization launch configurations on $DEVICE (timeout ${DQSWEEP_TIMEOUT}s, budget ${DQSWEEP_BUDGET}s)"
-    set -o pipefail
-    timeout -k 10 "$DQSWEEP_TIMEOUT" ${GEMV_ENV[@]+"${GEMV_ENV[@]}"} "$PY" scripts/bench.py --device "$DEVICE" "${BENCH_PLAN[@]}" \
-        --sections dequant-sweep --time-budget "$DQSWEEP_BUDGET" --dqsweep-budget "$DQSWEEP_BUDGET" \
-        --out "$OUT/bench_dqsweep_$DEVICE.json" ${DQSWEEP_ARGS:-} 2>&1 | tee "$OUT/bench_dqsweep_$DEVICE.txt"
-    rc=$?
-    set +o pipefail
-    [ $rc -eq 0 ] || { echo "dequant-sweep benchmark: exit $rc"; FAILED+=("dequant-sweep($rc)"); }
+    logged dequant-sweep "$DQSWEEP_TIMEOUT" "$OUT/bench_dqsweep_$DEVICE.txt" ${GEMV_ENV[@]+"${GEMV_ENV[@]}"} "$PY" scripts/bench.py \
+        --device "$DEVICE" "${BENCH_PLAN[@]}" --sections dequant-sweep --time-budget "$DQSWEEP_BUDGET" \
+        --dqsweep-budget "$DQSWEEP_BUDGET" --out "$OUT/bench_dqsweep_$DEVICE.json" ${DQSWEEP_ARGS:-}
 fi
 
 # --- summary --------------------------------------------------------------------------------
