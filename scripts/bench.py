@@ -533,11 +533,10 @@ def measure_shape(cfg, plan: bl.Plan, device: torch.device, dtype: torch.dtype =
             except Exception as e:
                 decode_long[mode] = {"error": repr(e)[:500]}
         out["decode_long"] = decode_long
-    if is_cuda:  # whether the fused kernels passed their check against the torch ops (None: never asked)
+    if is_cuda:
         from internvl_chat.engine import fused
 
-        out["fused_kernels_ok"] = fused.verdicts("cuda")
-    if is_cuda:
+        out["fused_kernels_ok"] = fused.verdicts("cuda")  # the kernels' checks against the torch ops, by dtype
         out["peak_gpu_alloc_bytes"] = torch.cuda.max_memory_allocated(device) - base_alloc
     del model
     _free(device)
@@ -661,13 +660,17 @@ def section_gemv(plan: bl.Plan, device: torch.device, deadline: float | None, st
     return out
 
 
-def _sweep_start(device: torch.device, budget_s: float, deadline: float | None, default, extra) -> tuple[float, float, list]:
-    """What a sweep section starts from: the copy bandwidth, its deadline (its own budget, within
-    the run's), and its configurations (the default first, each other once)."""
+def _sweep_start(plan: bl.Plan, device: torch.device, budget_s: float, deadline: float | None, default, extra,
+                 label) -> tuple[float, list, dict]:  # fmt: skip
+    """What a sweep section starts from: its deadline (its own budget, within the run's), its
+    configurations (the default first, each other once) and its record so far (the copy
+    bandwidth, the model, the configurations by `label`)."""
     bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
     own = time.perf_counter() + budget_s
     configs = [default] + [c for c in dict.fromkeys(extra) if c != default]
-    return bandwidth, (min(own, deadline) if deadline is not None else own), configs
+    out = {"copy_bandwidth_bytes_per_s": bandwidth, "model": plan.sweep_shape, "default_config": label(default),
+           "configs": {label(c): c._asdict() for c in configs}}  # fmt: skip
+    return (min(own, deadline) if deadline is not None else own), configs, out
 
 
 def _prepare_sweep_shapes(model: str, records: dict, start: float, prepare) -> dict:
@@ -699,18 +702,14 @@ def section_gemv_sweep(plan: bl.Plan, device: torch.device, deadline: float | No
         return {"skipped": f"the triton backend cannot run here: {why}"}
     default = triton_gemv.default_config()
     extra = (triton_gemv.GemvConfig(*t) for t in plan.sweep_configs)
-    bandwidth, section_deadline, configs = _sweep_start(device, plan.sweep_budget_s, deadline, default, extra)
-    default_label = bl.sweep_label(default)
-    out: dict = {
-        "copy_bandwidth_bytes_per_s": bandwidth,
-        "model": plan.sweep_shape,
+    section_deadline, configs, out = _sweep_start(plan, device, plan.sweep_budget_s, deadline, default, extra, bl.sweep_label)
+    default_label, bandwidth = out["default_config"], out["copy_bandwidth_bytes_per_s"]
+    out.update({
         "rows": list(plan.sweep_rows),
-        "default_config": default_label,
-        "configs": {bl.sweep_label(c): c._asdict() for c in configs},
         "max_rel_error": bl.GEMV_MAX_REL_ERROR,
         "bytes_note": "resident bytes of the layer (weights, scales, zeros) + bf16 activations in and out, per call",
         "shapes": {},
-    }
+    })
     bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s; {len(configs)} configurations, default {default_label}", start)
     prepared = _prepare_sweep_shapes(plan.sweep_shape, out["shapes"], start,
                                      lambda k, n, seed: bl.prepare_sweep_shape(k, n, plan.sweep_rows, device, bandwidth, seed))  # fmt: skip
@@ -753,20 +752,16 @@ def section_dequant_sweep(plan: bl.Plan, device: torch.device, deadline: float |
         return {"skipped": f"the Triton kernels cannot run here: {why}"}
     default = triton_dequant.default_config()
     extra = (triton_dequant.DequantConfig(*t) for t in plan.dqsweep_configs)
-    bandwidth, section_deadline, configs = _sweep_start(device, plan.dqsweep_budget_s, deadline, default, extra)
-    default_label = bl.dequant_label(default)
-    out: dict = {
-        "copy_bandwidth_bytes_per_s": bandwidth,
-        "model": plan.sweep_shape,
+    section_deadline, configs, out = _sweep_start(plan, device, plan.dqsweep_budget_s, deadline, default, extra, bl.dequant_label)
+    default_label, bandwidth = out["default_config"], out["copy_bandwidth_bytes_per_s"]
+    out.update({
         "group_size": bl.AWQ_GROUP,
         "dtype": "bfloat16",
         "kernels": list(bl.DEQUANT_KERNELS),
-        "default_config": default_label,
-        "configs": {bl.dequant_label(c): c._asdict() for c in configs},
         "bytes_note": "read: the packed weight, scales and zeros; written: the dense bf16 weight; per call",
         "check_note": "each output bit for bit against the default configuration's output on the same tensors",
         "shapes": {},
-    }
+    })
     bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s; {len(configs)} configurations, default {default_label}", start)
     prepared = _prepare_sweep_shapes(plan.sweep_shape, out["shapes"], start, lambda k, n, seed: bl.prepare_dequant_shape(k, n, device, seed))
     for config in configs:

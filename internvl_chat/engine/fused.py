@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from ..quant.triton_gemv import triton_interpreting
+from ..quant.triton_gemv import triton_interpreting, triton_unavailable_reason
 
 # Where the fused kernels replace the torch ops (CPU: tests, under TRITON_INTERPRET=1)
 ENABLED = {"cuda": True, "cpu": False}
@@ -59,7 +59,7 @@ def _verdict(device: torch.device, dtype: torch.dtype) -> bool:
         return False  # never probe inside a capture (the warm-up before it probed already)
     from .compiled import _one_line, _stderr_note
 
-    failure = _import_failure()
+    failure = triton_unavailable_reason(device)  # no Triton (or a broken one), or no GPU
     if failure is None:
         try:
             _check_against_torch_ops(device, dtype)
@@ -110,18 +110,6 @@ def _check_against_torch_ops(device: torch.device, dtype: torch.dtype = torch.fl
         off = (got.float() - want.float()).abs().max().item()
         if off > tolerance * (1 + want.float().abs().max().item()):
             raise RuntimeError(f"a kernel is off by {off:.3g}")
-
-
-@functools.cache
-def _import_failure() -> str | None:
-    """Why Triton cannot be used here, or None."""
-    try:
-        import triton  # noqa: F401
-
-        from . import fused_kernels  # noqa: F401
-    except Exception as e:  # noqa: BLE001 — no Triton (or a broken one): the torch ops
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 @functools.cache

@@ -428,12 +428,11 @@ class Qwen2ForCausalLM(nn.Module):
         device index tensor names."""
         caches = caches if caches is not None else self.caches()
         if fused.active(h):
-            normed = self._fused_layers(h, cos, sin, positions, kv_len, mask, caches)
+            normed = _rows(self._fused_layers(h, cos, sin, positions, kv_len, mask, caches), last_only)
         else:
             for layer, (k_cache, v_cache) in zip(self.model.layers, caches):
                 h = layer(h, cos, sin, positions, kv_len, mask, k_cache, v_cache)
-            normed = None
-        normed = _rows(normed, last_only) if normed is not None else self.model.norm(_rows(h, last_only))
+            normed = self.model.norm(_rows(h, last_only))
         return linear(self.lm_head, normed)[0].float()
 
     def _fused_layers(self, h, cos, sin, positions, kv_len, mask, caches) -> torch.Tensor:
