@@ -526,3 +526,83 @@ def test_a_remote_picture_that_trickles_in_is_refused_at_the_fetch_deadline(serv
     message = err.value.body["message"]
     assert message.startswith(f"the image at {url} did not arrive within 1 s"), message
     assert ask(client, "Hi").choices[0].finish_reason in ("stop", "length")  # the server goes on
+
+
+@pytest.fixture
+def slow_pictures(media):
+    """A web server that sends a whole picture to every request, in `pieces` pieces 0.1 s apart:
+    each fetch finishes, and takes at least (pieces - 1) × 0.1 s."""
+    import socket
+
+    body = (media / "square.png").read_bytes()
+    done = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+
+    def serve(conn, pieces: int) -> None:
+        with conn:
+            conn.recv(65536)
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            step = -(-len(body) // pieces)
+            try:
+                conn.sendall(head + body[:step])
+                for at in range(step, len(body), step):
+                    if done.wait(0.1):
+                        return
+                    conn.sendall(body[at : at + step])
+            except OSError:  # the server gave up on it
+                return
+
+    def accept(pieces: int) -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # the 0.1 s timeout (to see `done`), or the listener closed
+                continue
+            threading.Thread(target=serve, args=(conn, pieces), daemon=True).start()
+
+    def start(pieces: int) -> str:
+        threading.Thread(target=accept, args=(pieces,), daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    yield start
+    done.set()
+    listener.close()
+
+
+def test_the_remote_pictures_of_a_request_share_one_deadline(server, client, monkeypatch, slow_pictures):
+    """Each fetch had its own deadline: a request names up to max_images URLs (32), and hosts
+    that each sent their picture just within it held a worker thread for 32 × 20 s."""
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REMOTE_TIMEOUT_S", 60.0)  # no fetch alone reaches it
+    monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 1.0)  # less than the three pictures take
+    base = slow_pictures(10)
+    parts = [image_part(f"{base}/{n}.png") for n in range(3)]
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client.with_options(timeout=WAIT_S), [*parts, {"type": "text", "text": "Q"}])
+    finally:
+        server.options.allow_remote_media = False
+    message = err.value.body["message"]
+    assert "this server gives the http(s) media of a request 1 s in all; send fewer" in message, message
+    assert err.value.body["param"] in [f"messages.0.content.{n}" for n in range(3)]
+    assert ask(client, "Hi").choices[0].finish_reason in ("stop", "length")  # the server goes on
+
+
+def test_a_remote_picture_past_the_requests_fetch_time_is_not_fetched(server, client, monkeypatch, web):
+    from internvl_chat.serve import media
+
+    monkeypatch.setattr(media, "REQUEST_REMOTE_TIMEOUT_S", 0.0)  # spent before the first fetch
+    base, hits = web
+    server.options.allow_remote_media = True
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, [image_part(f"{base}/wide.png")])
+    finally:
+        server.options.allow_remote_media = False
+    assert err.value.body["message"] == (f"the image at {base}/wide.png was not fetched: this server gives the http(s) "
+                                         "media of a request 0 s in all; send fewer of them (the whole history counts), "
+                                         "or send the image inline as a data: URL")  # fmt: skip
+    assert hits == []

@@ -29,7 +29,7 @@ from ..errors import InternVLChatError, UsageError
 from ..settings import MAX_TILES
 from .answers import AnswerMemory
 from .errors import APIError, bad_request, from_app_error, shown
-from .media import MediaItem, MediaReader
+from .media import MediaItem, MediaReader, RemoteBudget
 from .options import ServeOptions
 from .protocol import ChatCompletionRequest, ImagePart, RefusalPart, TextPart, VideoPart
 
@@ -101,6 +101,7 @@ class PromptMaker:
             with self.lock:
                 prompt.ids += builder.message("system", system)
         media_count = 0
+        remote = RemoteBudget()  # one deadline for all the request's http(s) fetches, not one per URL
         answering = False  # the ids end inside an assistant message: its <|im_end|>\n comes with the next message
         for i in range(first, len(messages)):
             msg = messages[i]
@@ -127,7 +128,7 @@ class PromptMaker:
                 if media_count > self.options.max_images:
                     raise bad_request(f"the request has more than {self.options.max_images} images and videos; "
                                       "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
-                text, media = self._user_content(msg.content, i, max_tiles, num_frames)
+                text, media = self._user_content(msg.content, i, max_tiles, num_frames, remote)
             self._check_bound(len(prompt.ids), i, text)
             specs = [m.spec for m in media]
             with self.lock:
@@ -184,7 +185,9 @@ class PromptMaker:
             raise bad_request(f"num_frames must be an integer from 1 to {self.options.max_frames}", param=where)
         return max_tiles, num_frames
 
-    def _user_content(self, content, i: int, max_tiles: int | None, num_frames: int) -> tuple[str, list[MediaItem]]:
+    def _user_content(
+        self, content, i: int, max_tiles: int | None, num_frames: int, remote: RemoteBudget
+    ) -> tuple[str, list[MediaItem]]:
         if content is None:
             return "", []
         if isinstance(content, str):
@@ -199,9 +202,9 @@ class PromptMaker:
                 # OpenAI's "low" detail is one low-resolution view: here one tile, the whole image
                 low = 1 if part.image_url.detail == "low" else None
                 tiles = part.image_url.max_dynamic_patch or part.max_dynamic_patch or low or max_tiles
-                media.append(self.reader.image(part.image_url.url, param, tiles))
+                media.append(self.reader.image(part.image_url.url, param, tiles, remote))
             elif isinstance(part, VideoPart):
-                media.append(self.reader.video(part.video_url.url, param, num_frames))
+                media.append(self.reader.video(part.video_url.url, param, num_frames, remote))
         # the template puts the media first, then the text; text parts are joined by newlines
         return "\n".join(texts), media
 

@@ -1,6 +1,7 @@
 """Media named in a request → measured items (content hash, tile count) → pixels when needed.
 
-Only data: URLs are read by default. `allow_remote_media` lets the server fetch http(s) URLs;
+Only data: URLs are read by default. `allow_remote_media` lets the server fetch http(s) URLs
+(within REMOTE_TIMEOUT_S each and REQUEST_REMOTE_TIMEOUT_S for all those of a request: RemoteBudget);
 `allow_local_media` names the one folder whose files `file://` URLs may name (checked after
 resolving symlinks). Bytes are checked by the app's own media code (media/image.py header probe
 and pixel limits, media/video.py's frame sampler) from a private temporary file, so a request
@@ -31,6 +32,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,7 +55,8 @@ if TYPE_CHECKING:
 from .errors import APIError, bad_request, shown
 from .options import ServeOptions
 
-REMOTE_TIMEOUT_S = 20.0
+REMOTE_TIMEOUT_S = 20.0  # one http(s) fetch, however its host trickles it
+REQUEST_REMOTE_TIMEOUT_S = 60.0  # all the fetches of one request together (up to max_images of them)
 PRESAMPLED = "frames sampled already (data:video/jpeg;base64,F1,F2,…)"
 FRAME_LIST_TYPES = ("video/jpeg", "video/png", "video/webp")  # data:video/jpeg;base64,F1,F2,…
 
@@ -118,8 +121,9 @@ class MediaReader:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     # ---- bytes ------------------------------------------------------------------------------
-    def fetch(self, url: str, param: str, what: str) -> tuple[bytes, str]:
-        """The bytes a media URL names and its declared type ("" when unknown)."""
+    def fetch(self, url: str, param: str, what: str, remote: RemoteBudget | None = None) -> tuple[bytes, str]:
+        """The bytes a media URL names and its declared type ("" when unknown). An http(s) fetch
+        takes its time from `remote`, its request's (None: a budget of its own)."""
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
             return _data_url(url, param, what)
@@ -127,24 +131,24 @@ class MediaReader:
             if not self.options.allow_remote_media:
                 raise bad_request(f"{what} URLs over {scheme} are not fetched by this server; send the {what} inline as a "
                                   "data: URL (or start the server with --allow-remote-media)", param=param)  # fmt: skip
-            return self._remote(url, param, what), ""
+            return self._remote(url, param, what, remote or RemoteBudget()), ""
         if scheme == "file":
             return self._local(url, param, what), ""
         raise bad_request(f"the {what} URL must be a data: URL (base64); local paths are never read unless the server "
                           "allows a folder with --allow-local-media, and then as file:// URLs", param=param)  # fmt: skip
 
-    def _remote(self, url: str, param: str, what: str) -> bytes:
+    def _remote(self, url: str, param: str, what: str, remote: RemoteBudget) -> bytes:
         import httpx
 
         from .. import proxy_env
 
         limit = self.options.max_body_bytes
+        deadline = remote.next_fetch(what, url, param)
         try:
-            client = proxy_env.client(timeout=REMOTE_TIMEOUT_S, follow_redirects=True, max_redirects=3)
+            client = proxy_env.client(timeout=deadline.seconds, follow_redirects=True, max_redirects=3)
         except UsageError as e:  # the server's proxy setting, not the URL: the operator's to fix (checked at start too)
             raise APIError(502, f"this server cannot fetch {what} URLs: {e}; send the {what} inline as a data: URL",
                            code="proxy_error", param=param) from None  # fmt: skip
-        deadline = _FetchDeadline(REMOTE_TIMEOUT_S)
         try:
             with client, deadline:
                 # redirects followed (with the trace): response.url is the last one's
@@ -215,18 +219,19 @@ class MediaReader:
             raise bad_request(str(e), param=param) from None
 
     # ---- measuring ---------------------------------------------------------------------------
-    def image(self, url: str, param: str, max_tiles: int | None) -> MediaItem:
-        return self._item("image", (max_tiles,), url, param, max_tiles)
+    # `remote`: the time left to the request's http(s) fetches (None: a budget for this one alone)
+    def image(self, url: str, param: str, max_tiles: int | None, remote: RemoteBudget | None = None) -> MediaItem:
+        return self._item("image", (max_tiles,), url, param, max_tiles, remote)
 
-    def video(self, url: str, param: str, num_frames: int) -> MediaItem:
-        return self._item("video", (num_frames,), url, param, num_frames)
+    def video(self, url: str, param: str, num_frames: int, remote: RemoteBudget | None = None) -> MediaItem:
+        return self._item("video", (num_frames,), url, param, num_frames, remote)
 
-    def _item(self, kind: str, params: tuple, url: str, param: str, count: int) -> MediaItem:
+    def _item(self, kind: str, params: tuple, url: str, param: str, count: int, remote: RemoteBudget | None) -> MediaItem:
         cache_key = (kind, params, _url_digest(url)) if url[:5].lower() == "data:" else None
         known = self._recall(cache_key)
         data, frame_list = b"", False
         if known is None:
-            data, mime = self.fetch(url, param, kind)
+            data, mime = self.fetch(url, param, kind, remote)
             frame_list = kind == "video" and mime in FRAME_LIST_TYPES
             if frame_list:
                 known = self._measure_frames(data, param)
@@ -416,14 +421,38 @@ def _b64(text: bytes | str, param: str, what: str) -> bytes:
                           param=param) from None  # fmt: skip
 
 
+class RemoteBudget:
+    """The time one request's http(s) fetches have in all, counted from its first. Each fetch has
+    REMOTE_TIMEOUT_S, but a request names up to max_images URLs: hosts that each trickled their file
+    in just within it held a worker thread preparing the request for ten minutes and more."""
+
+    def __init__(self) -> None:
+        self.seconds = REQUEST_REMOTE_TIMEOUT_S
+        self._ends: float | None = None
+
+    def next_fetch(self, what: str, url: str, param: str) -> _FetchDeadline:
+        """The deadline of the fetch that starts now; refused when the request's time is spent."""
+        now = time.monotonic()
+        if self._ends is None:
+            self._ends = now + self.seconds
+        left = self._ends - now
+        if left <= 0:
+            raise _request_time_spent(what, url, self.seconds, "was not fetched", param)
+        if left >= REMOTE_TIMEOUT_S:
+            return _FetchDeadline(REMOTE_TIMEOUT_S)
+        return _FetchDeadline(left, request_seconds=self.seconds)
+
+
 class _FetchDeadline:
     """Ends a remote fetch `seconds` after it began by shutting its sockets (a blocked read returns
     at once). httpx times each read alone: a host that sent a byte now and then, in the head or the
     body, held the fetch and the worker thread preparing its request for ever (a client that left did
-    not end it), and a few dozen such requests left no thread to prepare any other."""
+    not end it), and a few dozen such requests left no thread to prepare any other. `request_seconds`:
+    the deadline is where the request's fetches, all together, run out of time (RemoteBudget)."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, request_seconds: float | None = None):
         self.seconds = seconds
+        self.request_seconds = request_seconds
         self.passed = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -458,6 +487,8 @@ class _FetchDeadline:
                     _shut(sock)
 
     def failure(self, what: str, url: str, param: str) -> APIError:
+        if self.request_seconds is not None:
+            return _request_time_spent(what, url, self.request_seconds, "did not arrive in time", param)
         return bad_request(f"the {what} at {shown(url)} did not arrive within {self.seconds:g} s; check that its host "
                            f"answers, or send the {what} inline as a data: URL", param=param)  # fmt: skip
 
@@ -466,6 +497,12 @@ def _shut(sock: socket.socket) -> None:
     from ..chat.remote_sockets import shut  # imports httpx, as a fetch does
 
     shut(sock)
+
+
+def _request_time_spent(what: str, url: str, seconds: float, outcome: str, param: str) -> APIError:
+    return bad_request(f"the {what} at {shown(url)} {outcome}: this server gives the http(s) media of a request "
+                       f"{seconds:g} s in all; send fewer of them (the whole history counts), or send the {what} "
+                       "inline as a data: URL", param=param)  # fmt: skip
 
 
 def _fetch_failed(what: str, url: str, err: Exception, param: str) -> APIError:
