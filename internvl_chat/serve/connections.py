@@ -20,6 +20,13 @@ place under the connection limit, which then turns away everybody else. Three de
 
 A body the app reads is the app's to time (serve/app.py: 408 after `body_timeout`).
 
+The end of a client's input (a FIN) is its leaving, as in uvicorn (whose eof_received lets asyncio
+close the connection): it is all the server learns when a client closes, and the app cancels a
+request on it. A client that only shut its sending side (shutdown(SHUT_WR)) sends the same FIN, so
+it gets no answer either. Keeping such connections open to answer them would keep every client that
+left waiting for a non-streamed answer in the engine to the answer's end (nothing is written before
+it, so no write would fail).
+
 The protocol also counts the open connections for `ConnectionLimit`, which refuses a request
 with an OpenAI-shaped 503 while there are too many (uvicorn's own limit answers plain text).
 """
