@@ -34,7 +34,7 @@ from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import real_path, undecodable_byte, visible, visible_lines
+from ..files import check_working_folder, real_path, undecodable_byte, visible, visible_lines, working_folder
 from ..media.image import check_image_decodes
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
@@ -328,7 +328,9 @@ class App(SessionFileCommands):
         if self.cwd is not None and not path.is_absolute():
             path = self.cwd / path
         elif path.parts and path.parts[0].startswith("~"):  # typed as `./~draft.png`: never read as ~user further on
-            path = Path.cwd() / path
+            path = working_folder(path, "the file") / path
+        else:  # a folder deleted since: os calls said only "No such file or directory"
+            check_working_folder(path, "the file")
         return path
 
     def _places(self, path: Path) -> list[Path]:
