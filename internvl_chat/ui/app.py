@@ -352,6 +352,7 @@ class App(SessionFileCommands):
             self.pending.append(item)
             fraction = self.context_share(self.session.context_used + self.session.turn_tokens(self.pending))
             self.say(self.attach_line(item, fraction), "green")
+            item.cut_short_said = item.cut_short is not None  # said here, so not again with the answer
         if fraction is not None and fraction >= WARN_FRACTION:
             clear = ", /clear" if self.session.turns else ""  # /clear keeps the attachments: it frees only turns
             self.warn(
@@ -378,7 +379,7 @@ class App(SessionFileCommands):
             what += f" from {media.video_range[0]:g}–{media.video_range[1]:g} s"
         elif media.duration:
             what += f" of {media.duration:.1f} s"
-        if media.cut_short:  # the length above is what it holds; the note with the answer says more
+        if media.cut_short:  # the length above is what it holds: no note with the answer says it again
             held, listed = media.cut_short
             what += f" (cut short: it holds {held:,} of its {listed:,} frames)"
         return format_attach_line("video", name, what, None, tokens, fraction, approx)
