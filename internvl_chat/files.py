@@ -16,7 +16,7 @@ import stat
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, TextIO
+from typing import Any, BinaryIO, Mapping, TextIO
 
 from .errors import UsageError
 
@@ -48,7 +48,7 @@ def expand_home(path: str | Path) -> Path:
         # `./~draft.png` is a file in this folder: Path drops the `./`, and a later expand_home
         # would read what is left as ~user, so it is anchored at the working folder
         plain = Path(text)
-        return Path.cwd() / plain if plain.parts and plain.parts[0].startswith("~") else plain
+        return working_folder(text, "the file") / plain if plain.parts and plain.parts[0].startswith("~") else plain
     try:
         return Path(path).expanduser()
     except RuntimeError:
@@ -57,6 +57,38 @@ def expand_home(path: str | Path) -> Path:
             raise NoHomeFolder(visible(str(path))) from None
         raise UsageError(f"{visible(str(path))}: there is no user {visible(user)!r} for ~{visible(user)}; "
                          "give the full path") from None  # fmt: skip
+
+
+def working_folder_gone() -> bool:
+    """True when the process's working folder no longer exists (deleted or moved away since the
+    app started in it): a relative path then names nothing, and os.getcwd() raises."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
+
+
+WORKING_FOLDER_GONE = "the working folder no longer exists (it was deleted or moved)"
+FULL_PATH_FIX = "give a full path (one starting with / or ~), or cd to an existing folder and start internvl-chat there"
+
+
+def check_working_folder(path: str | Path, what: str, error: type[Exception] = UsageError) -> None:
+    """Raise `error` (one line, with what to do) when `path` is relative and the working folder is
+    gone: the relative paths of commands, flags and messages are checked here, so none says only
+    "No such file or directory" of a file that may well exist."""
+    if not Path(path).is_absolute():
+        working_folder(path, what, error)
+
+
+def working_folder(path: str | Path, what: str, error: type[Exception] = UsageError) -> Path:
+    """The working folder, to anchor the relative `path` at; `error` when it is gone (see
+    `check_working_folder`)."""
+    try:
+        return Path.cwd()
+    except FileNotFoundError:
+        raise error(f"{WORKING_FOLDER_GONE}, so {what} {visible(str(path))} cannot be found or written there; "
+                    f"{FULL_PATH_FIX}") from None
 
 
 def xdg_dir(env: Mapping[str, str], name: str, default: str) -> Path:
@@ -72,40 +104,65 @@ def xdg_dir(env: Mapping[str, str], name: str, default: str) -> Path:
         raise NoHomeFolder(f"~/{default}", f"set HOME or ${name}") from None
 
 
+class NotRegularFile(OSError):
+    """What `open_regular_file` found is a FIFO, a device or a socket: reading it could block
+    forever or never end."""
+
+
+def open_regular_file(path: str | Path) -> BinaryIO:
+    """`path` opened for binary reading, if it is a regular file.
+
+    It is opened without blocking and checked through its descriptor, not by a look at the path
+    before: a FIFO, a device or a socket (one swapped in after any check too) raises
+    NotRegularFile instead of waiting forever for a writer; a folder raises IsADirectoryError.
+    Other OSErrors come as they are.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file (a pipe or a device?)", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_bytes_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: type[Exception] = UsageError) -> bytes:
     """The bytes of a regular file of at most `limit` bytes; anything else raises `error` (one line).
 
-    The file is opened without blocking and checked through its descriptor, so a FIFO, a device
-    or a file swapped for one after a check cannot hang or flood the app.
+    Opened by `open_regular_file`, so a FIFO, a device or a file swapped for one after a check
+    cannot hang or flood the app.
     """
     path = Path(path)
     shown = visible(str(path))
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        file = open_regular_file(path)
     except FileNotFoundError:
         if os.path.islink(path):  # `ls` shows it: say why it cannot be read (an interrupted download's link)
             raise error(f"{what} {shown} is a link to a file that does not exist; check the path") from None
+        check_working_folder(path, what, error)  # a relative path in a folder deleted since: say so
         raise error(f"{what} {shown} does not exist; check the path") from None
     except IsADirectoryError:
         raise error(f"{what} {shown} is a folder, not a file; give a file") from None
+    except NotRegularFile:
+        raise error(f"{what} {shown} is not a regular file (a pipe or a device?); save it to a file first") from None
     except OSError as e:
         raise error(f"cannot read {what} {shown} ({e.strerror or e}); check the path and its permissions") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise error(f"{what} {shown} is a folder, not a file; give a file")
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"{what} {shown} is not a regular file (a pipe or a device?); save it to a file first")
-        if info.st_size > limit:
-            raise error(f"{what} {shown} is {info.st_size / MiB:,.1f} MiB, over the {limit / MiB:,.0f} MiB limit; "
-                        "is it the right file?")  # fmt: skip
-        os.set_blocking(fd, True)
-        # it may grow while we read it
-        return _read_all(fd, limit, error(f"{what} {shown} is over the {limit / MiB:,.0f} MiB limit; is it the right file?"))
-    except OSError as e:
-        raise error(f"cannot read {what} {shown} ({e.strerror or e}); check the file") from None
-    finally:
-        os.close(fd)
+    with file:
+        try:
+            size = os.fstat(file.fileno()).st_size
+            if size > limit:
+                raise error(f"{what} {shown} is {size / MiB:,.1f} MiB, over the {limit / MiB:,.0f} MiB limit; "
+                            "is it the right file?")  # fmt: skip
+            # it may grow while we read it
+            too_big = error(f"{what} {shown} is over the {limit / MiB:,.0f} MiB limit; is it the right file?")
+            return _read_all(file.fileno(), limit, too_big)
+        except OSError as e:
+            raise error(f"cannot read {what} {shown} ({e.strerror or e}); check the file") from None
 
 
 def read_stream(fd: int, what: str, limit: int = TEXT_LIMIT, error: type[Exception] = UsageError) -> bytes:
@@ -178,8 +235,12 @@ def read_text_file(path: str | Path, what: str, limit: int = TEXT_LIMIT, error: 
 def real_path(path: str | Path) -> Path:
     """`path` with its links followed, as Path.resolve gives it, for telling whether two paths
     name one file. Never raises: a symlink loop (Python 3.11's resolve raised RuntimeError, a
-    traceback for a message naming one) is left as it is written from there on."""
-    return Path(os.path.realpath(path))
+    traceback for a message naming one) is left as it is written from there on; a relative path
+    whose working folder is gone (os.getcwd() raises) names no file, and is given as it is."""
+    try:
+        return Path(os.path.realpath(path))
+    except FileNotFoundError:
+        return Path(path)
 
 
 def is_special_file(path: str | Path) -> bool:

@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import re
+import threading
 import stat
 import weakref
 from pathlib import Path
@@ -686,3 +687,98 @@ def test_saving_or_exporting_an_empty_conversation_warns_only_once_it_is_written
     assert app.handle_line(f"/export {tmp_path / 'a-file' / 'chat.md'}") == ERROR  # /export alike
     text = output(out)
     assert "anyway" not in text and text.count("error:") == 1
+
+
+GONE = "the working folder no longer exists (it was deleted or moved)"
+
+
+@pytest.fixture
+def folder_gone(tmp_path, monkeypatch) -> Path:
+    """The process's working folder, deleted (os.getcwd() raises); the test's own is restored after."""
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    folder.rmdir()
+    return folder
+
+
+def test_relative_paths_in_a_deleted_working_folder_say_so_and_the_conversation_goes_on(loaded, tmp_path, home, folder_gone):
+    """`/save chat.json` said only "No such file or directory"; each command that takes a relative
+    path now names the deleted folder and what to do, and nothing is lost."""
+    Image.fromarray(textured_rgb(64, 64, seed=3)).save(tmp_path / "pic.png")
+    app, out = make_app(loaded, None)  # the REPL's App: relative paths are the process's
+    app.handle_line("Hello.")
+    output(out)
+    for command in ("/save chat.json", "/save ./~chat.json", "/export chat.md", "/load chat", "/image pic.png",
+                    "/image ./*.png", "/video clip.mp4"):  # fmt: skip
+        assert app.handle_line(command) == ERROR, command
+        said = output(out)
+        assert said.startswith(f"error: {GONE}, so the file ") and said.rstrip().endswith(
+            "give a full path (one starting with / or ~), or cd to an existing folder and start internvl-chat there"), said
+    assert app.handle_line("What is in ./pic.png?") == OK
+    assert f"warning: pic.png was not attached: {GONE}; give a full path" in output(out)
+    assert [t.user_text for t in app.session.turns] == ["Hello.", "What is in ./pic.png?"]
+    assert app.handle_line(f"/save {tmp_path / 'chat.json'}") == OK  # a full path still works
+    (default_sessions_dir() / "kept.json").parent.mkdir(parents=True, exist_ok=True)
+    (default_sessions_dir() / "kept.json").write_text((tmp_path / "chat.json").read_text())
+    assert app.handle_line("/load kept") == OK  # a name in the sessions folder still loads
+    assert len(app.session.turns) == 2
+
+
+def test_tab_completion_in_a_deleted_working_folder_says_why_it_offers_nothing(home, folder_gone):
+    from internvl_chat.ui.repl import complete_path, complete_session
+
+    for completions in (complete_path("pi", "media"), complete_session("ch")):
+        (hint,) = list(completions)
+        assert hint.display_text == f"{GONE}: type a full path" and hint.text in ("pi", "ch")
+    home.mkdir()
+    assert [c.text for c in complete_path(str(home.parent / "ho"), "file")] == [f"{home}/"]  # a full path completes
+
+
+def _in_thread(run, release: Path, timeout: float = 60) -> list:
+    """`run()`'s result, from a thread: a regression that blocks on a FIFO fails the test instead
+    of hanging it (the stuck open is released by opening the FIFO's other end, then it fails)."""
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(run()), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        os.close(os.open(release, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout)
+        pytest.fail("it blocked on the FIFO")
+    return outcome
+
+
+@pytest.mark.parametrize("swapped", ["session", "picture"])
+def test_a_fifo_swapped_in_mid_load_is_refused_without_blocking(loaded, tmp_path, home, monkeypatch, swapped):
+    """The session file, or a picture it names, replaced by a FIFO after /load looked at it and
+    before it is read: the picture was hashed with a blocking open, which waited for a writer forever."""
+    from internvl_chat.chat import saved_media
+    from internvl_chat.ui import session_commands
+
+    Image.fromarray(textured_rgb(64, 64, seed=4)).save(tmp_path / "pic.png")
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line(f"/image {tmp_path / 'pic.png'}")
+    app.handle_line("Hello.")
+    app.handle_line(f"/save {tmp_path / 'chat.json'}")
+    before = list(app.session.ids)
+    output(out)
+    target = tmp_path / ("chat.json" if swapped == "session" else "pic.png")
+
+    def swap_after(check):
+        def checked(*args):
+            result = check(*args)
+            if not stat.S_ISFIFO(os.lstat(target).st_mode):
+                target.unlink()
+                os.mkfifo(target)
+            return result
+        return checked
+
+    if swapped == "session":  # after /load found the file
+        monkeypatch.setattr(session_commands.SessionFileCommands, "_find_session",
+                            swap_after(session_commands.SessionFileCommands._find_session))  # fmt: skip
+    else:  # after its size matched the saved one
+        monkeypatch.setattr(saved_media, "_size", swap_after(saved_media._size))
+    (status,) = _in_thread(lambda: app.handle_line(f"/load {tmp_path / 'chat.json'}"), target)
+    assert status == ERROR and "not a regular file" in output(out)
+    assert app.session.ids == before  # the conversation is as it was

@@ -250,3 +250,30 @@ def test_expand_home_decides_on_the_text_so_dot_slash_tilde_is_a_file_here(tmp_p
     assert expand_home("notes/x.png") == Path("notes/x.png")  # other relative paths stay as given
     with pytest.raises(UsageError, match="there is no user 'no-such-user-internvl-chat'"):
         expand_home("~no-such-user-internvl-chat/x.png")
+
+
+def test_open_regular_file_refuses_a_fifo_through_its_descriptor_without_blocking(tmp_path):
+    from internvl_chat.files import NotRegularFile, open_regular_file
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def try_open() -> None:
+        try:
+            open_regular_file(fifo).close()
+            outcome.append("opened")
+        except NotRegularFile as e:
+            outcome.append(e.strerror)
+
+    opener = threading.Thread(target=try_open, daemon=True)  # a regression that blocks fails, never hangs
+    opener.start()
+    opener.join(timeout=60)
+    if opener.is_alive():  # unblock the stuck open before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert outcome == ["not a regular file (a pipe or a device?)"]
+    with pytest.raises(IsADirectoryError), open_regular_file(tmp_path):
+        pass
+    (tmp_path / "a.txt").write_bytes(b"abc")
+    with open_regular_file(tmp_path / "a.txt") as f:
+        assert f.read() == b"abc"

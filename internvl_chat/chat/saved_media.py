@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import MediaError
-from ..files import visible
+from ..files import open_regular_file, visible
 from .session_file import SavedMedia, SavedSession, media_candidates
 
 if TYPE_CHECKING:  # session.py imports this module: no import cycle at run time
@@ -25,8 +25,10 @@ if TYPE_CHECKING:  # session.py imports this module: no import cycle at run time
 
 
 def sha256_of(path: Path) -> str:
+    """The file's sha256; NotRegularFile (an OSError) for a FIFO or a device, even one swapped in
+    after a check: reading it would wait for a writer forever, or never end."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

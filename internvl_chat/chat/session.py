@@ -57,11 +57,15 @@ class Media:
     pixel_values: torch.Tensor | None = field(default=None, repr=False)
     timestamps: list[float] | None = None
     decode_note: str | None = None  # what decoding found the user should know (a video cut short); not saved
+    # the attach line said the video is cut short (`cut_short`, from its index): decoding's note on
+    # it would say so a second time
+    cut_short_said: bool = False
 
     def take_note(self) -> str | None:
-        """The decode note, once: it is said with the answer it was sent with."""
+        """The decode note, once: it is said with the answer it was sent with, unless the attach
+        line said it already."""
         note, self.decode_note = self.decode_note, None
-        return note
+        return None if self.cut_short_said else note
 
     @property
     def spec(self) -> MediaSpec:
@@ -813,9 +817,10 @@ def cut_short(length: VideoLength) -> tuple[int, int] | None:
 
 
 def media_notes(media: Sequence[Media], *more: str | None) -> str | None:
-    """The notes decoding left on a turn's media (taken: said once) and `more`, as one line, or None."""
+    """The notes decoding left on a turn's media (taken: said once) and `more`, as one line, or None.
+    A note is said once, even when the file it is about is attached twice (with other frames, say)."""
     notes = [note for note in (*more, *(m.take_note() for m in media)) if note]
-    return "; ".join(notes) or None
+    return "; ".join(dict.fromkeys(notes)) or None
 
 
 def _release_pixels(turn: Turn) -> None:

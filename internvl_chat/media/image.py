@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import MediaError
-from ..files import expand_home, sniff_file, visible
+from ..files import NotRegularFile, check_working_folder, expand_home, open_regular_file, sniff_file, visible
 from ..native_stderr import captured
 
 IMAGE_SIZE = 448
@@ -238,6 +238,7 @@ def check_media_file(path: str | Path, what: str) -> Path:
         if not path.exists():
             if path.is_symlink():  # `ls` lists it: say why it cannot be read
                 raise MediaError(f"{what} {visible(str(path))} is a link to a file that does not exist (or a loop of links); check the path")
+            check_working_folder(path, what, MediaError)  # a relative path in a folder deleted since: say so
             raise MediaError(f"{what} {visible(str(path))} does not exist; check the path")
         if path.is_dir():
             raise MediaError(f"{visible(str(path))} is a folder, not {a_what} file; pass the path of one file")
@@ -246,8 +247,10 @@ def check_media_file(path: str | Path, what: str) -> Path:
     except OSError as e:  # not ENOENT: a name too long for the file system, say
         raise MediaError(f"cannot use {what} {visible(str(path))} ({e.strerror or e}); check the path") from None
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:  # a FIFO swapped in since the look above must not block
             empty = os.fstat(f.fileno()).st_size == 0
+    except NotRegularFile:
+        raise MediaError(f"{visible(str(path))} is not a regular file; pass the path of {a_what} file") from None
     except OSError as e:
         raise MediaError(f"cannot read {what} {visible(str(path))} ({e.strerror or e}); check its permissions") from None
     if empty:  # the decoders' own words for it ("Invalid data", "not an image format") do not say so

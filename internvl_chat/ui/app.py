@@ -34,7 +34,7 @@ from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import real_path, undecodable_byte, visible, visible_lines
+from ..files import check_working_folder, real_path, undecodable_byte, visible, visible_lines, working_folder
 from ..media.image import check_image_decodes
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
@@ -328,7 +328,9 @@ class App(SessionFileCommands):
         if self.cwd is not None and not path.is_absolute():
             path = self.cwd / path
         elif path.parts and path.parts[0].startswith("~"):  # typed as `./~draft.png`: never read as ~user further on
-            path = Path.cwd() / path
+            path = working_folder(path, "the file") / path
+        else:  # a folder deleted since: os calls said only "No such file or directory"
+            check_working_folder(path, "the file")
         return path
 
     def _places(self, path: Path) -> list[Path]:
@@ -350,6 +352,7 @@ class App(SessionFileCommands):
             self.pending.append(item)
             fraction = self.context_share(self.session.context_used + self.session.turn_tokens(self.pending))
             self.say(self.attach_line(item, fraction), "green")
+            item.cut_short_said = item.cut_short is not None  # said here, so not again with the answer
         if fraction is not None and fraction >= WARN_FRACTION:
             clear = ", /clear" if self.session.turns else ""  # /clear keeps the attachments: it frees only turns
             self.warn(
@@ -376,7 +379,7 @@ class App(SessionFileCommands):
             what += f" from {media.video_range[0]:g}–{media.video_range[1]:g} s"
         elif media.duration:
             what += f" of {media.duration:.1f} s"
-        if media.cut_short:  # the length above is what it holds; the note with the answer says more
+        if media.cut_short:  # the length above is what it holds: no note with the answer says it again
             held, listed = media.cut_short
             what += f" (cut short: it holds {held:,} of its {listed:,} frames)"
         return format_attach_line("video", name, what, None, tokens, fraction, approx)

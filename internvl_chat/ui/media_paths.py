@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import UsageError
-from ..files import real_path, visible
+from ..files import FULL_PATH_FIX, WORKING_FOLDER_GONE, real_path, visible, working_folder_gone
 from .commands import quote_spaced, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path
 
@@ -51,6 +51,8 @@ def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[P
 
 def not_attached(path: Path) -> str:
     """The warning for a path `take_media_paths` gives as missing: why it was not attached."""
+    if not path.is_absolute() and working_folder_gone():
+        return f"{visible(str(path))} was not attached: {WORKING_FOLDER_GONE}; {FULL_PATH_FIX}"
     why = "is not a file (a folder, a device or a pipe)" if _exists(path) else "does not exist"
     return f"{visible(str(path))} {why}, so it was not attached; check the path"
 

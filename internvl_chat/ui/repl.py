@@ -32,7 +32,7 @@ from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.keys import Keys
 
 from ..errors import InternVLChatError, UsageError
-from ..files import NoHomeFolder, undecodable_byte, visible
+from ..files import WORKING_FOLDER_GONE, NoHomeFolder, undecodable_byte, visible, working_folder_gone
 from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, unsent_note
@@ -87,6 +87,9 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
     folder = Path(os.path.expanduser(head or "."))
     if cwd is not None and not folder.is_absolute():
         folder = cwd / folder
+    elif not folder.is_absolute() and working_folder_gone():  # it lists as empty: say why nothing is offered
+        yield Completion(raw, start_position=-len(raw), display=f"{WORKING_FOLDER_GONE}: type a full path")
+        return
     wanted = _EXTENSIONS[kind]
     hidden = prefix.startswith(".")
     matches: list[tuple[str, bool]] = []

@@ -213,9 +213,13 @@ class SessionFileCommands:
     def _find_session(self, raw: Path) -> Path:
         """A path as given (.json optional), else a file of that name in the sessions folder."""
         raw = Path(raw)
-        candidates = [self._resolve(raw)]
-        if not raw.suffix:
-            candidates.append(self._resolve(Path(f"{raw}.json")))
+        gone: UsageError | None = None
+        try:
+            candidates = [self._resolve(raw)]
+            if not raw.suffix:
+                candidates.append(self._resolve(Path(f"{raw}.json")))
+        except UsageError as e:  # the working folder is gone: a name in the sessions folder still loads
+            candidates, gone = [], e
         try:
             folder: Path | None = default_sessions_dir()
         except NoHomeFolder:  # no home folder: a path still loads
@@ -225,6 +229,8 @@ class SessionFileCommands:
         for candidate in candidates:
             if os.path.lexists(candidate):
                 return candidate
+        if gone is not None:
+            raise gone
         if folder is None:
             raise UsageError(f"there is no session {visible(str(raw))} here; check the path")
         raise UsageError(f"there is no session {visible(str(raw))} here or in {visible(str(folder))}; "
