@@ -114,6 +114,19 @@ def test_defaults_when_nothing_overrides(tmp_path):
     assert type(settings.model.max_context) is int
 
 
+def test_the_codes_own_defaults_are_the_settings_defaults():
+    # SamplingParams() answered at most 512 tokens where [generation] max_new_tokens says 1024, so
+    # library use (a Session, ServeOptions) without settings stopped answers at half the default
+    import dataclasses
+
+    from internvl_chat.chat.sampling import SamplingParams, params_from_settings
+    from internvl_chat.serve.options import ServeOptions
+
+    assert SamplingParams() == params_from_settings(Settings())
+    assert ServeOptions() == ServeOptions.from_settings(Settings())
+    assert {f.name for f in dataclasses.fields(SamplingParams)} - {"stop_ids"} <= set(EXPECTED_DEFAULTS["generation"])
+
+
 # --- layering ----------------------------------------------------------------------------------
 
 

@@ -47,7 +47,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
-    max_new_tokens: int = 512
+    max_new_tokens: int = 1024  # [generation] max_new_tokens (configs/default.toml)
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
 

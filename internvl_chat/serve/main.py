@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="internvl-chat serve",
         description="Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health).",
-        epilog="Defaults come from the [serve] section of the config file; flags win. Only data: URLs are read "
+        epilog="Defaults come from the config file's [serve] and [model] sections (what a request leaves unset: "
+        "[generation], [media], [system]); flags win. Only data: URLs are read "
         "unless --allow-remote-media / --allow-local-media say otherwise.",
     )
     add_setting_flag(p, "--model", setting="model.path", metavar="DIR",

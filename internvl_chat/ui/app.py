@@ -62,7 +62,7 @@ WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 NAMES_SHOWN = 3  # files named in a refusal to attach several at once
 KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
-    "Ctrl-X Ctrl-E opens $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
+    "Ctrl-X Ctrl-E opens $VISUAL or $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
 )
 
 
