@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an image (repeatable)")
     p.add_argument("--video", action="append", default=[], metavar="FILE", help="attach a video (repeatable)")
     add_setting_flag(p, "--frames", setting="media.frames", type=int, metavar="N", help="frames sampled per video (default 8)")
-    p.add_argument("--video-range", metavar="A-B", help="only sample frames between A and B seconds")
+    p.add_argument("--video-range", metavar="A-B", help="only sample frames between A and B seconds (or m:ss, h:mm:ss)")
     add_setting_flag(p, "--max-tiles", setting="media.max_tiles", type=int, metavar="N",
                      help="448-pixel tiles per image (default: the checkpoint's, 12)")
     add_setting_flag(p, "--system", setting="system.message", metavar="TEXT",

@@ -77,7 +77,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
         (ArgSpec("PATH", "video"),),
         (
             OptionSpec("--frames", "int", "N", "frames to sample", MAX_FRAMES),
-            OptionSpec("--range", "range", "A-B", "only the part from A to B seconds"),
+            OptionSpec("--range", "range", "A-B", "only the part from A to B seconds (or m:ss, h:mm:ss)"),
         ),
     ),
     CommandSpec("media", "list the attached images and videos and their token cost"),
