@@ -316,6 +316,11 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def make_private_folders(folder: Path) -> None:
+    """`folder` and its missing parents, each private (0700): where a private file goes (the input history)."""
+    _make_folders(folder, 0o700)
+
+
 def _make_folders(folder: Path, mode: int) -> None:
     """`folder` and its missing parents, each created with `mode` (Path.mkdir gives it to the last only)."""
     missing = []

@@ -92,6 +92,19 @@ def test_the_history_file_is_private_and_round_trips_entries(tmp_path):
     assert list(again.load_history_strings()) == ["caf\ufffd", "first line\nsecond line", "older entry"]
 
 
+def test_the_history_files_new_folders_are_private_as_the_sessions_are(tmp_path, monkeypatch):
+    # only the last folder was made 0700 (Path.mkdir's mode): ~/.local and ~/.local/state came out 0755
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    old = os.umask(0o022)
+    try:
+        assert isinstance(open_history(Settings(), Warnings()), PrivateFileHistory)
+    finally:
+        os.umask(old)
+    made = [tmp_path / "home" / part for part in (".local", ".local/state", ".local/state/internvl-chat")]
+    assert [oct(stat.S_IMODE(folder.stat().st_mode)) for folder in made] == [oct(0o700)] * 3
+
+
 def test_load_completes_the_names_of_saved_sessions(tmp_path, monkeypatch):
     folder = tmp_path / "sessions"
     folder.mkdir()

@@ -32,7 +32,7 @@ from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.keys import Keys
 
 from ..errors import InternVLChatError, UsageError
-from ..files import WORKING_FOLDER_GONE, NoHomeFolder, undecodable_byte, visible, working_folder_gone
+from ..files import WORKING_FOLDER_GONE, NoHomeFolder, make_private_folders, undecodable_byte, visible, working_folder_gone
 from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, unsent_note
@@ -346,7 +346,7 @@ def open_history(settings: Settings, app: App | None = None) -> History:
         return InMemoryHistory()
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_folders(path.parent)  # each new one, not only the last (Path.mkdir's mode)
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
         fd = os.open(path, flags, 0o600)
     except OSError as e:
