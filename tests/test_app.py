@@ -658,6 +658,63 @@ def test_system_message_show_and_set(loaded, tmp_path):
     assert app.handle_line("Still there?") == OK and len(app.session.turns) == 2
 
 
+def test_system_default_brings_back_the_models_own_message(loaded, tmp_path):
+    # once /system (or /set system.message, a flag, the config) had changed it, nothing brought the
+    # checkpoint's default back: `/system ""` means none, `/set system.message none` the text "none"
+    default = loaded.config.system_message
+    app, out = make_app(loaded, tmp_path)
+    assert default and app.handle_line("/system You are terse.") == OK
+    assert app.handle_line("Hello.") == OK and app.handle_line("Go on.") == OK
+    output(out)
+    assert app.handle_line("/system --default") == OK
+    assert output(out) == "system message: the model's default again; the 2 turn(s) so far now follow it (/system shows it)\n"
+    assert app.session.system_message == default and app.settings.system.message is None
+    # the turns so far were read again under it, as chatting under it from the start reads them
+    assert app.session.ids == app.session.conversation_ids(app.session.turns)
+    assert app.session.builder.system_message == default
+    app.handle_line("/system")
+    assert output(out) == f"system message (the model's default): {default}\n"
+    app.handle_line("/set system.message")
+    assert output(out) == f'system.message = (not set: the model\'s default, "{default}")  (from /system --default)\n'
+    app.handle_line("/show")
+    assert "\n# message = (not set: the model's default, …)  # from /system --default\n" in output(out)
+    assert app.handle_line("/retry") == OK and app.handle_line("/undo") == OK and app.handle_line("Again?") == OK
+    assert app.session.ids == app.session.conversation_ids(app.session.turns)
+    # from no system message too; pasted before a message, it ends with its line
+    assert app.handle_line("/system ''") == OK and app.session.system_message is None
+    assert app.handle_line("/system --default\nAnd now?") == OK
+    assert app.session.system_message == default and app.session.turns[-1].user_text == "And now?"
+    assert app.handle_line("/system --defualt") == ERROR and app.session.system_message == default
+
+
+def test_a_session_saved_with_the_default_system_message_loads_as_the_default(loaded, tmp_path):
+    default = loaded.config.system_message
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("/system Be brief.")
+    app.handle_line("/system --default")
+    app.handle_line("Hello.")
+    assert app.handle_line(f"/save {tmp_path / 'talk.json'}") == OK
+    assert json.loads((tmp_path / "talk.json").read_text())["system_message"] == default  # the text, as a local file keeps it
+    app.handle_line("/system Be brief.")
+    output(out)
+    assert app.handle_line(f"/load {tmp_path / 'talk.json'}") == OK
+    assert "the system message saved with the session is in use" in output(out)
+    assert app.session.system_message == default and app.settings.system.message is None
+    app.handle_line("/set system.message")  # the model's default, not its text set by the file
+    assert output(out) == f'system.message = (not set: the model\'s default, "{default}")  (from session talk.json)\n'
+
+
+@pytest.mark.parametrize("word", ["none", "Default"])
+def test_set_system_message_to_an_unset_word_says_it_is_the_text(loaded, tmp_path, word):
+    # `/set seed none` unsets the seed, but a system message is any text: say how to get the default
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/set system.message {word}") == OK and app.session.system_message == word
+    assert output(out) == ("system message set\n(that text is the system message now; /system --default restores "
+                           "the model's default, /system '' removes it)\n")  # fmt: skip
+    app.handle_line("/set system.message Be brief.")
+    assert output(out) == "system message set\n"
+
+
 def test_a_system_message_of_several_lines_is_a_triple_quote_block(loaded, tmp_path):
     # `/system """` set the system message to the three quotes; in a script the lines after it
     # were then sent as messages, and the closing quotes opened a block that took the rest

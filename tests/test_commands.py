@@ -98,6 +98,13 @@ P = Path
         ("/system", Command("system")),
         ("/system   You are terse. Use 'quotes' freely. ", Command("system", ("You are terse. Use 'quotes' freely.",))),
         ("/system line one\nline two", Command("system", ("line one\nline two",))),
+        # the model's default again; a TEXT of several words that starts with dashes stays a text
+        ("/system --default", Command("system", (), {"default": True})),
+        ("/system   --default ", Command("system", (), {"default": True})),
+        ("/system -- Be brief.", Command("system", ("-- Be brief.",))),
+        ("/system --- Be brief. ---", Command("system", ("--- Be brief. ---",))),
+        ("/system --quiet answers only", Command("system", ("--quiet answers only",))),
+        ('/system """--default"""', Command("system", ('"""--default"""',))),
     ],
 )
 def test_parse_line(line, expected):
@@ -159,6 +166,12 @@ def test_parse_line(line, expected):
         ("/drop " + "9" * 5000, "/drop: N must be a whole number ≥ 1, not '" + "9" * 39 + "…'; usage: /drop N"),
         ("/" + "x" * 5000, "unknown command /" + "x" * 39 + "…; type /help"),
         ("/video a.mp4 --" + "f" * 5000, "/video has no option --" + "f" * 37 + "…; usage"),
+        # a mistyped flag was the system message; a text of that one word goes in a block
+        ("/system --defualt", "/system has no option --defualt; did you mean --default? "
+                              '(a one-word TEXT that starts with -- goes in a """ block)'),
+        ("/system --verbose", "/system has no option --verbose; usage: /system [TEXT] [--default]"),
+        ("/system --default Be brief.", "/system --default takes no TEXT; usage: /system [TEXT] [--default]"),
+        ("/system --default\nBe brief.", "/system --default takes no TEXT"),
     ],
 )
 def test_errors(line, message):

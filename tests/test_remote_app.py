@@ -235,6 +235,31 @@ def test_remote_failures_are_one_line_and_the_conversation_goes_on(reply, line, 
         assert [m["content"] for m in fake.chat_bodies()[-1]["messages"] if m["role"] == "user"] == ["first", "third"]
 
 
+def test_system_default_with_a_server_sends_none_again(tmp_path):
+    # the server's chat template holds the model's default: `/system --default` sends no system message
+    with FakeServer(fixture("vllm/models.json")) as fake:
+        fake.chat(*[Reply.sse(GOOD)] * 3)
+        app, out = _app(fake.url, tmp_path)
+        app.handle_line("/system Be brief.")
+        assert app.handle_line("first") == OK
+        assert fake.chat_bodies()[-1]["messages"][0] == {"role": "system", "content": "Be brief."}
+        output(out)
+        assert app.handle_line("/system --default") == OK
+        assert output(out) == "system message unset: none is sent, so the server's chat template decides; the 1 turn(s) so far now follow it\n"
+        assert app.session.system_message is None and app.settings.system.message is None
+        assert app.handle_line("second") == OK
+        assert [m["role"] for m in fake.chat_bodies()[-1]["messages"]] == ["user", "assistant", "user"]
+        app.handle_line("/set system.message")
+        assert output(out).endswith("system.message = (not set: none is sent, the server decides)  (from /system --default)\n")
+        assert app.handle_line(f"/save {tmp_path / 'talk.json'}") == OK
+        assert json.loads((tmp_path / "talk.json").read_text())["system_message"] is None  # none sent: the server's default
+        app.handle_line("/system Be brief.")
+        assert app.handle_line(f"/load {tmp_path / 'talk.json'}") == OK
+        assert app.session.system_message is None and app.settings.system.message is None
+        assert app.handle_line("third") == OK
+        assert fake.chat_bodies()[-1]["messages"][0]["role"] == "user"
+
+
 def test_settings_of_the_server_cannot_change_while_the_app_runs(tmp_path):
     with FakeServer(fixture("vllm/models.json")) as fake:
         app, out = _app(fake.url, tmp_path)

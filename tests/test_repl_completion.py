@@ -111,3 +111,8 @@ def test_an_unreadable_or_vanished_folder_or_a_link_loop_completes_quietly(tmp_p
 def test_load_completes_its_skip_missing_flag(tmp_path):
     assert [c.text for c in _completions("/load --sk", tmp_path)] == ["--skip-missing"]
     assert [c.text for c in _completions("/load chat.json -", tmp_path)] == ["--skip-missing"]
+
+
+def test_system_completes_its_default_flag(tmp_path):
+    assert [c.text for c in _completions("/system --d", tmp_path)] == ["--default"]
+    assert _completions("/system Be brief and --d", tmp_path) == []  # inside a TEXT, no flag is offered

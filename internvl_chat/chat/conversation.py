@@ -156,6 +156,12 @@ class Conversation(Protocol):
 
     def set_system(self, text: str | None) -> None: ...
 
+    @property
+    def default_system_message(self) -> str | None:
+        """The system message the model gets when none is set (`/system --default`): the checkpoint's
+        own; None for a server, which then applies its chat template's default."""
+        ...
+
     def last_prompt(self) -> PromptView | None: ...
 
     # ---- persistence ------------------------------------------------------------------------

@@ -555,6 +555,10 @@ class RemoteConversation:
         """Takes effect with the next request (the whole history is resent under it)."""
         self.system_message = text or None
 
+    @property
+    def default_system_message(self) -> None:
+        return None  # none is sent: the server's chat template has the model's default
+
     def last_prompt(self) -> PromptView | None:
         if not self.turns:
             return None

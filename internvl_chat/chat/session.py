@@ -487,6 +487,10 @@ class Session:
         self.builder, self.system_message = builder, text
 
     @property
+    def default_system_message(self) -> str | None:
+        return self.loaded.config.system_message
+
+    @property
     def context_used(self) -> int:
         return len(self.ids)
 
@@ -636,7 +640,7 @@ class Session:
         """
         system = readied.saved.system_message
         if system is None and readied.saved.kind == "remote":
-            system = self.loaded.config.system_message  # none was sent: the server used the model's default
+            system = self.default_system_message  # none was sent: the server used the model's default
         builder = PromptBuilder(self.tokenizer, system, self.loaded.config.tokens_per_tile)
         self._replay(list(readied.turns), builder)
         self.builder, self.system_message = builder, system

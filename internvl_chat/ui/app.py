@@ -60,6 +60,8 @@ DEMO_MODEL_NOTE = (
 )
 WARN_FRACTION = 0.8  # warn when an attachment fills this much of the context
 NAMES_SHOWN = 3  # files named in a refusal to attach several at once
+# values that unset other settings (`/set seed none`); for system.message they are its text
+UNSET_WORDS = ("none", "null", "default", "unset")
 KEYS_HELP = (
     "keys: Enter sends · Alt+Enter, Esc Enter or Ctrl-J adds a line · \"\"\" starts and ends a block · "
     "Ctrl-X Ctrl-E opens $VISUAL or $EDITOR · Ctrl-C cancels an answer or clears the line · Ctrl-D quits"
@@ -253,7 +255,7 @@ class App(SessionFileCommands):
         """A command that ends with its line: not /system TEXT nor /set system.message VALUE, whose
         text may hold several lines."""
         if command.name == "system":
-            return False
+            return bool(command.options)  # `/system --default` takes no text
         if command.name == "set" and command.args:
             try:
                 return set_key(command.args[0], self.settings.remote.server) != "system.message"
@@ -618,6 +620,9 @@ class App(SessionFileCommands):
             raise
 
     def cmd_system(self, command: Command) -> None:
+        if command.options.get("default"):
+            self._default_system()
+            return
         if not command.args:
             text, unset = self.session.system_message, self.settings.system.message is None
             if text:
@@ -641,6 +646,22 @@ class App(SessionFileCommands):
         self.say("system message set" + (f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns else "")
                  if text else "system message removed")  # fmt: skip
 
+    def _default_system(self) -> None:
+        """`/system --default`: the model's own system message again (unset, as at start without one);
+        with a server none is sent, so its chat template's default applies."""
+        default = self.session.default_system_message
+        with self._uninterruptible("re-reading the conversation …"):
+            self.session.set_system(default)
+        self.settings.system.message = None
+        self.settings.sources["system.message"] = "/system --default"
+        follow = f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns else ""
+        if self.settings.remote.server:
+            self.say(f"system message unset: none is sent, so the server's chat template decides{follow}")
+        elif default:
+            self.say(f"system message: the model's default again{follow} (/system shows it)")
+        else:
+            self.say(f"system message unset: the model has no default, so none is used{follow}")
+
     def cmd_set(self, command: Command) -> None:
         if not command.args:
             self._list_settings()
@@ -659,6 +680,9 @@ class App(SessionFileCommands):
             raise UsageError(read_at_start(dotted, self.settings.remote.server))
         if dotted == "system.message":
             self.cmd_system(Command("system", (value,)))
+            if value.strip().lower() in UNSET_WORDS:  # as `/set seed none` unsets the seed
+                self.note("(that text is the system message now; /system --default restores the model's default, "
+                          "/system '' removes it)")
             return
         old, old_source = self.settings.get(dotted), self.settings.sources.get(dotted)
         self.settings.set(dotted, value)

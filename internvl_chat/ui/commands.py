@@ -87,8 +87,10 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("undo", "remove the last message and its answer"),
     CommandSpec(
         "system",
-        "show the system message, or set it to TEXT",
+        "show the system message, set it to TEXT ('' for none), or --default: the model's own again",
         (ArgSpec("TEXT", "text", required=False),),
+        (OptionSpec("--default", "flag", "", "instead of TEXT: back to the model's default system message "
+                    "(with --server none is sent, so the server's chat template decides)"),),
         rest_is_text=True,
     ),
     CommandSpec(
@@ -321,7 +323,7 @@ def parse_line(line: str) -> Message | Command:
 
 def _parse_args(spec: CommandSpec, rest: str) -> Command:
     if spec.rest_is_text:
-        return Command(spec.name, (rest,) if rest else ())
+        return _text_command(spec, rest)
 
     words = split_words(rest)
     options: dict[str, Any] = {}
@@ -380,6 +382,26 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
             arg = spec.args[0].name
             raise UsageError(f"/{spec.name} {opt.name} needs {arg}: /{spec.name} {arg} {opt.name}; /{spec.name} alone {opt.alone}")
     return Command(spec.name, _bind(spec, positional), options)
+
+
+def _text_command(spec: CommandSpec, rest: str) -> Command:
+    """A command whose TEXT is the rest of the line (/system), or one of its flags alone.
+
+    A single word that starts with -- is read as a flag (a mistyped --default would otherwise
+    become the system message); a TEXT that is such a word goes in a triple-quote block."""
+    words = rest.split(None, 1)
+    if not words or not re.fullmatch(r"--[A-Za-z][\w-]*", words[0]):
+        return Command(spec.name, (rest,) if rest else ())
+    opt = next((o for o in spec.options if o.name == words[0]), None)
+    if opt is not None and len(words) > 1:
+        raise UsageError(f"/{spec.name} {opt.name} takes no TEXT; usage: {spec.usage}")
+    if opt is None and len(words) > 1:
+        return Command(spec.name, (rest,))  # words that start with a dash: a text
+    if opt is None:
+        hint = _suggest(words[0], [o.name for o in spec.options], "")
+        tip = f"did you mean {hint}?" if hint else f"usage: {spec.usage}"
+        raise UsageError(f'/{spec.name} has no option {_cut(words[0])}; {tip} (a one-word TEXT that starts with -- goes in a """ block)')
+    return Command(spec.name, (), {opt.name[2:]: True})
 
 
 def _set_value(text: str) -> str:

@@ -182,6 +182,8 @@ class ChatCompleter(Completer):
 
     def _arguments(self, spec: CommandSpec, before: list[str], current: str) -> Iterator[Completion]:
         if current.startswith("--") or (current == "-" and spec.options):
+            if spec.rest_is_text and before:
+                return  # a word of the TEXT (/system's flag stands alone)
             for opt in spec.options:
                 if opt.name.startswith(current):
                     yield Completion(opt.name, start_position=-len(current), display_meta=opt.help)

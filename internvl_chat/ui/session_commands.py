@@ -150,7 +150,7 @@ class SessionFileCommands:
         if changes:
             self.session.params = params_from_settings(self.settings)
         if self.session.system_message != system_before:
-            self.settings.system.message = self.session.system_message or ""
+            self.settings.system.message = self._system_setting()
             self.settings.sources["system.message"] = source
         # loaded without some media it is not the file's conversation: a plain /save then writes a
         # new file, and the file that still names them is replaced only when the user agrees
@@ -182,6 +182,13 @@ class SessionFileCommands:
         except ContextOverflowError:  # it filled the context when it was saved, or this one is smaller
             self.warn("the context has no room for another question and its answer; /undo or /clear make room, "
                       "or /set max_new_tokens N with a smaller N")
+
+    def _system_setting(self) -> str | None:
+        """system.message for the system message in use: unset when it is the model's default (a
+        file saved after `/system --default` holds the checkpoint's text, or none for a server's
+        default), so /set and /show say so; "" when there is none."""
+        system = self.session.system_message
+        return None if system == self.session.default_system_message else system or ""
 
     def _turn_texts(self) -> list[tuple[str, str]]:
         return [(turn.user_text, turn.answer_text) for turn in self.session.turns]
