@@ -436,7 +436,15 @@ _MAGIC = (
     (b"PK\x03\x04", "a zip archive"),
     (b"\x1f\x8b", "a gzip archive"),
 )
-IMAGE_KINDS = ("a PNG image", "a JPEG image", "a GIF image", "a BMP image", "a TIFF image", "a WebP image")
+# ISO BMFF files (an `ftyp` box first, as MP4 has) whose major brand is a still picture's: HEIF, as
+# iPhones save photos (.heic), and AVIF. Their sequence brands (hevc, msf1, avis) hold a track that
+# video readers play, and stay videos.
+_STILL_BRANDS = {
+    b"heic": "a HEIC image", b"heix": "a HEIC image", b"heim": "a HEIC image", b"heis": "a HEIC image",
+    b"mif1": "a HEIF image", b"avif": "an AVIF image",
+}  # fmt: skip
+STILL_BMFF_KINDS = tuple(sorted(set(_STILL_BRANDS.values())))
+IMAGE_KINDS = ("a PNG image", "a JPEG image", "a GIF image", "a BMP image", "a TIFF image", "a WebP image", *STILL_BMFF_KINDS)
 
 
 SNIFF_BYTES = 8192  # what sniff_binary looks at
@@ -459,7 +467,7 @@ def sniff_binary(data: bytes) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return "a video (AVI)"
     if head[4:8] == b"ftyp":
-        return "a video (MP4/MOV)"
+        return _STILL_BRANDS.get(head[8:12], "a video (MP4/MOV)")
     for magic, what in _MAGIC:
         if head.startswith(magic):
             return what

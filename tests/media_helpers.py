@@ -60,6 +60,16 @@ def png_with_declared_size(width: int, height: int) -> bytes:
     )
 
 
+def heic_photo() -> bytes:
+    """The top-level boxes of an iPhone photo (.heic): ftyp (major brand heic), meta (its pictures,
+    as items), mdat; no moov, as an MP4 cut short before its index has none. Not decodable: the
+    picture's items are left out, as is the HEVC data."""
+    ftyp = b"ftyp" + b"heic" + struct.pack(">I", 0) + b"mif1heic"
+    meta = b"meta" + struct.pack(">I", 0)  # a full box: version and flags
+    mdat = b"mdat" + bytes(64)
+    return b"".join(struct.pack(">I", 4 + len(box)) + box for box in (ftyp, meta, mdat))
+
+
 def png_with_exif_after_pixels(pixels: np.ndarray, orientation: int) -> bytes:
     """A PNG of `pixels` whose eXIf chunk (an EXIF orientation) comes after the pixel data, as some
     writers put it."""

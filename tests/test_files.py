@@ -188,6 +188,9 @@ def test_undecodable_byte_finds_the_original_byte():
         (b"\xff\xd8\xff\xe0\0\x10JFIF", "a JPEG image"),
         (b"RIFF\0\0\0\0WEBPVP8 ", "a WebP image"),
         (b"\0\0\0\x18ftypmp42", "a video (MP4/MOV)"),
+        (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic", "a HEIC image"),  # an iPhone photo: the same box, a picture's brand
+        (b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf", "an AVIF image"),
+        (b"\0\0\0\x1cftypavis\0\0\0\0avismsf1miaf", "a video (MP4/MOV)"),  # an animated AVIF: a track video readers play
         (b"hello\0world", "binary data"),
         ("ordinary text, 中文\n".encode(), None),
         (b"caf\xe9 latin-1 text", None),  # not binary: the UTF-8 check reports it

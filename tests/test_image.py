@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from media_helpers import (
+    heic_photo,
     jpeg_with_empty_scans,
     png_with_declared_size,
     png_with_exif_after_pixels,
@@ -580,6 +581,16 @@ def test_a_video_given_as_an_image_says_to_attach_it_as_a_video(tmp_path):
         with pytest.raises(MediaError) as err:
             call(path)
         _assert_one_line(err, "is a video, not an image", "as a video")
+
+
+def test_a_heic_photo_is_named_as_one_with_what_to_do(tmp_path):
+    # its ftyp box made it "a video, not an image; attach it as a video", which then said it was cut short
+    path = tmp_path / "IMG_0001.HEIC"
+    path.write_bytes(heic_photo())
+    for call in (probe_image, load_image):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == f"{path} is a HEIC image, a format this installation cannot read; convert it to JPEG or PNG"
 
 
 def test_a_folder_or_device_is_named_with_its_article(tmp_path):

@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 from media_helpers import (
+    heic_photo,
     numbered_frame,
     read_frame_number,
     reference_normalize,
@@ -497,6 +498,16 @@ def test_a_still_picture_given_as_a_video_says_to_attach_it_as_an_image(tmp_path
         with pytest.raises(MediaError) as err:
             call(path)
         assert "still picture" in str(err.value) and "as an image" in str(err.value), str(err.value)
+
+
+def test_a_heic_photo_given_as_a_video_says_to_attach_it_as_an_image(tmp_path):
+    # an ftyp box, and no moov: it was "an MP4 without its moov box: the file is cut short"
+    path = tmp_path / "IMG_0001.HEIC"
+    path.write_bytes(heic_photo())
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == f"{path} is a HEIC image, not a video; attach (or send) it as an image instead"
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import MediaError
-from ..files import NotRegularFile, check_working_folder, expand_home, open_regular_file, sniff_file, visible
+from ..files import STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, open_regular_file, sniff_file, visible
 from ..native_stderr import captured
 
 IMAGE_SIZE = 448
@@ -290,8 +290,11 @@ def _open_image(path: Path) -> Image.Image:
             "downscale it first"
         ) from None
     except UnidentifiedImageError:
-        if _looks_like_video(path):
+        what = _sniffed(path)
+        if what.startswith(("a video", "a Matroska")):
             raise MediaError(f"{visible(str(path))} is a video, not an image; attach (or send) it as a video instead") from None
+        if what in STILL_BMFF_KINDS and _reader_of(what) not in image_formats():
+            raise MediaError(f"{visible(str(path))} is {what}, a format this installation cannot read; convert it to JPEG or PNG") from None
         raise MediaError(
             f"{visible(str(path))} is not an image format that can be read (or it is damaged); use a JPEG, PNG, WebP, GIF, BMP or TIFF file"
         ) from None
@@ -357,12 +360,18 @@ def _tiff_tile_pixels(image: Image.Image) -> int:
     return max(width, 0) * max(height, 0)
 
 
-def _looks_like_video(path: Path) -> bool:
+def _reader_of(still_bmff_kind: str) -> str:
+    """The Pillow format that opens a HEIF or AVIF file: HEIF needs the pillow-heif plugin (not
+    used here), AVIF a Pillow built with libavif."""
+    return "AVIF" if still_bmff_kind == "an AVIF image" else "HEIF"
+
+
+def _sniffed(path: Path) -> str:
+    """What the file's first bytes say it is ("a video (MP4/MOV)", "a HEIC image"; see sniff_binary), or ""."""
     try:
-        what = sniff_file(path)
+        return sniff_file(path) or ""
     except OSError:
-        return False
-    return (what or "").startswith(("a video", "a Matroska"))
+        return ""
 
 
 # EXIF orientation → the operation that shows the picture upright (as ImageOps.exif_transpose has it)

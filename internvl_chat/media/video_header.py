@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MediaError
-from ..files import IMAGE_KINDS, sniff_file, visible
+from ..files import IMAGE_KINDS, STILL_BMFF_KINDS, sniff_file, visible
 from .image import probe_image
 from .video_orientation import Orientation, orientation_from_display_matrix, orientation_from_rotate_tag
 from .video_worker import DecodeStop, DecodeStopped
@@ -337,6 +337,9 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
     """Read and check the container header with PyAV; with `orientation`, also decode one frame."""
     import av
 
+    still = _still_bmff(path)
+    if still is not None:  # its pictures are items, not a track: it read as an MP4 cut short before its index
+        raise MediaError(f"{shown_path(path)} is {still}, not a video; attach (or send) it as an image instead")
     bomb = _mp4_sample_bomb(path)
     if bomb is not None:
         count, each, size = bomb
@@ -549,6 +552,15 @@ def _what_else(path: Path) -> str | None:
     except OSError:
         return None
     return None if what in IMAGE_KINDS else what or "text"
+
+
+def _still_bmff(path: Path) -> str | None:
+    """"a HEIC image" (or HEIF, AVIF) for a still picture in an MP4's container (files.sniff_binary), else None."""
+    try:
+        what = sniff_file(path)
+    except OSError:
+        return None
+    return what if what in STILL_BMFF_KINDS else None
 
 
 def count_packets(path: Path, stop: DecodeStop | None = None) -> int:
