@@ -278,6 +278,27 @@ def test_other_checkpoint_files_that_are_broken_links_are_named(request, tmp_pat
     one_line(err, str(path), "is a link to a file that does not exist")
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "model-00002-of-00002.safetensors", "pytorch_model.bin", "tokenizer.json"])
+def test_a_git_lfs_pointer_in_place_of_a_file_says_to_pull_it(tiny_original, tmp_path, name):
+    """A Hugging Face repository cloned without Git LFS holds a pointer of ~130 bytes in place of
+    each large file: the weights were "not a safetensors file, or a damaged one (its header claims
+    2,228,667,979,575 MiB …); download it again", tokenizer.json "expected value at line 1", and
+    cloning again gives the same pointers."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_original, folder)
+    if name.startswith("model-"):  # the other shard is there
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    if name == "pytorch_model.bin":  # no safetensors left: the loader looks for it
+        (folder / "model.safetensors").unlink()
+    path = folder / name
+    path.write_text("version https://git-lfs.github.com/spec/v1\n"
+                    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 5882160\n")  # fmt: skip
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    assert one_line(err) == (f"{path} is a Git LFS pointer, not the file itself: the checkpoint was cloned without Git LFS; "
+                             "run `git lfs install` and `git lfs pull` in its folder (or download it with `huggingface-cli download`)")
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "model-00002-of-00002.safetensors", "pytorch_model.bin", "model.pt",
                                   "indexed.safetensors"])  # fmt: skip
 @pytest.mark.parametrize("kind, words", [("folder", "is a folder"), ("fifo", "is a pipe or a device"),

@@ -18,6 +18,20 @@ from ..files import TEXT_LIMIT, read_text_file, undecodable_byte, visible
 
 _REQUIRED = object()
 
+# How a large file of a Hugging Face repository cloned without Git LFS begins: git leaves a pointer
+# of ~130 bytes (this line, the file's hash and size) in place of the weights or tokenizer.json
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def refuse_lfs_pointer(path: Path, head: bytes) -> None:
+    """A CheckpointError where the file begins as a Git LFS pointer: "download it again", what a
+    damaged file is told, would clone the same pointers."""
+    if head.startswith(LFS_POINTER):
+        raise CheckpointError(
+            f"{visible(str(path))} is a Git LFS pointer, not the file itself: the checkpoint was cloned without Git LFS; "
+            "run `git lfs install` and `git lfs pull` in its folder (or download it with `huggingface-cli download`)"
+        )
+
 
 def shown_json(value: Any) -> str:
     """A JSON value for an error message: short, and safe to print."""

@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError
 from ..files import visible
+from .checkpoint_json import LFS_POINTER, refuse_lfs_pointer
 
 
 def _first_line(error: BaseException) -> str:
@@ -69,7 +70,9 @@ MAX_HEADER_BYTES = 16 << 20
 
 def _check_header_size(path: Path, shown: str) -> None:
     with open_regular(path, "weight file") as f:
-        head = f.read(8)
+        head = f.read(len(LFS_POINTER))
+    refuse_lfs_pointer(path, head)
+    head = head[:8]
     if len(head) == 8 and struct.unpack("<Q", head)[0] > MAX_HEADER_BYTES:  # a short file: the library says so
         size = struct.unpack("<Q", head)[0]
         raise CheckpointError(
@@ -175,7 +178,8 @@ def _pickle_refusal(path: Path, error: BaseException) -> CheckpointError:
 def _torch_load(path: Path):
     """torch.load with weights_only=True (never anything else), memory-mapped where the format
     allows; legacy (non-zip) pickles cannot be mapped and are read whole."""
-    open_regular(path, "weight file").close()
+    with open_regular(path, "weight file") as f:
+        refuse_lfs_pointer(path, f.read(len(LFS_POINTER)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": noise for the user
         try:

@@ -32,6 +32,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..files import JSON_LIMIT, TEXT_LIMIT, brief_repr, read_bytes_file, read_text_file, undecodable_byte, visible
 from ..native_stderr import captured
+from .checkpoint_json import LFS_POINTER, refuse_lfs_pointer
 from .config import MAX_VOCAB
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -212,6 +213,7 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     from tokenizers import Tokenizer as Backend
 
     text = read_text_file(model_dir / TOKENIZER_JSON, "the tokenizer file", JSON_LIMIT, CheckpointError)
+    refuse_lfs_pointer(model_dir / TOKENIZER_JSON, text[: len(LFS_POINTER)].encode())
     _check_entry_count(model_dir / TOKENIZER_JSON, text, vocab_size)
     _check_pattern_size(model_dir / TOKENIZER_JSON, text)
     # The Rust parser raises plain Exceptions for a malformed file, and panics on some values (a BPE's

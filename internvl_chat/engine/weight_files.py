@@ -14,7 +14,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..files import visible
-from .checkpoint_json import read_json_object
+from .checkpoint_json import LFS_POINTER, read_json_object, refuse_lfs_pointer
 from .tensor_reader import open_regular, safetensors_entries, shown_value
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -72,6 +72,8 @@ class WeightFiles:
                     total += nbytes
                     declared.append(DeclaredTensor(path, name, dtype, shape))
                 continue
+            with open_regular(path, "weight file") as f:  # its size would be "a partial download"
+                refuse_lfs_pointer(path, f.read(len(LFS_POINTER)))
             try:
                 total += path.stat().st_size
             except OSError as e:
