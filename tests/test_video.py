@@ -500,6 +500,18 @@ def test_a_still_picture_given_as_a_video_says_to_attach_it_as_an_image(tmp_path
         assert "still picture" in str(err.value) and "as an image" in str(err.value), str(err.value)
 
 
+def test_an_animated_webp_given_as_a_video_is_not_called_a_still_picture(tmp_path):
+    # FFmpeg opens it as a still picture and cannot decode its next frames: "a still picture" it is not
+    path = tmp_path / "sticker.webp"
+    frames = [Image.new("RGB", (64, 48), colour) for colour in ("red", "green", "blue")]
+    frames[0].save(path, "WEBP", save_all=True, append_images=frames[1:], duration=100)
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == (f"{path} is an animated image that FFmpeg cannot play as a video; attach (or send) it as an "
+                                  "image (its first frame is used), or convert it to MP4 or GIF")
+
+
 def test_a_heic_photo_given_as_a_video_says_to_attach_it_as_an_image(tmp_path):
     # an ftyp box, and no moov: it was "an MP4 without its moov box: the file is cut short"
     path = tmp_path / "IMG_0001.HEIC"

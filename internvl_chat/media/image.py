@@ -424,6 +424,16 @@ def probe_image(path: str | Path) -> tuple[int, int]:
     return width, height
 
 
+def is_animation(path: Path) -> bool:
+    """Whether the file is an animated GIF, PNG or WebP, from its header; False for anything else,
+    a multi-page TIFF or a file Pillow cannot open included. The image loader uses its first frame."""
+    try:
+        with _open_image(path) as image:
+            return image.format in ("GIF", "PNG", "WEBP") and bool(getattr(image, "is_animated", False))
+    except MediaError:
+        return False
+
+
 def _decode(path: Path) -> Image.Image:
     """Fully decode (so truncation is caught here), apply EXIF orientation, convert to RGB."""
     with _open_image(path) as image:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import MediaError
 from ..files import IMAGE_KINDS, STILL_BMFF_KINDS, sniff_file, visible
-from .image import probe_image
+from .image import is_animation, probe_image
 from .video_orientation import Orientation, orientation_from_display_matrix, orientation_from_rotate_tag
 from .video_worker import DecodeStop, DecodeStopped
 
@@ -363,6 +363,9 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
             what = _what_else(path)
             if what is not None:
                 raise MediaError(f"{shown_path(path)} is {what}, not a video or an image; pass a video file (MP4, MKV, WebM or AVI)")
+            if is_animation(path):  # an animated WebP: FFmpeg reads its first picture only, and fails on the next
+                raise MediaError(f"{shown_path(path)} is an animated image that FFmpeg cannot play as a video; attach (or send) it "
+                                 "as an image (its first frame is used), or convert it to MP4 or GIF")  # fmt: skip
             raise MediaError(f"{shown_path(path)} is a still picture, not a video; attach (or send) it as an image instead")
         if stream.codec_context is None:  # PyAV has no decoder for the stream's codec (an unknown one, or a cut index)
             raise _lost_index(path, after_frames=True) or MediaError(
