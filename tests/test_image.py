@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import warnings
 
 import numpy as np
@@ -674,6 +676,25 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
     assert load_image(fine).size == (64, 64)
     Image.fromarray(textured_rgb(300, 200, seed=4)).save(fine, "JPEG", progressive=True, optimize=True)
     assert load_image(fine).size == (300, 200)
+
+
+def test_scans_are_counted_from_the_picture_start_to_its_end(tmp_path):
+    """A motion photo appends its video after the picture's end (EOI), where the decoder stops, and
+    compressed video holds 0xFF 0xDA by chance (about 300 in 20 MB): counted, they refused the photo
+    as "a JPEG of 316 scans". Counting stops at EOI; an EOI inside a segment (an EXIF thumbnail's)
+    does not stop it, nor hide the scans that follow."""
+    buffer = io.BytesIO()
+    Image.fromarray(textured_rgb(64, 48, seed=5)).save(buffer, "JPEG")
+    motion = tmp_path / "motion.jpg"
+    motion.write_bytes(buffer.getvalue() + b"\0\0\0\x18ftypmp42" + b"\xff\xda\x13" * 300)
+    assert load_image(motion).size == (64, 48)
+    bomb = jpeg_with_empty_scans(64, 300)
+    thumbnail = b"\xff\xe1" + struct.pack(">H", 8) + b"\xff\xd8\xff\xd9\0\0"  # an APP1 holding a picture's start and end
+    hidden = tmp_path / "hidden.jpg"
+    hidden.write_bytes(bomb[:2] + thumbnail + bomb[2:])
+    with pytest.raises(MediaError) as err:
+        probe_image(hidden)
+    _assert_one_line(err, "a JPEG of 306 scans", "decompression bomb")
 
 
 def test_a_damaged_avif_is_one_error_not_a_traceback(tmp_path):

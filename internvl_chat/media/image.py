@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import mmap
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,9 +335,46 @@ def _open_image(path: Path) -> Image.Image:
 
 
 def _jpeg_scans(path: Path) -> int:
-    """How many scans (SOS markers) the file holds. A progressive JPEG's decoder passes over the whole
-    picture for each scan, and a scan can be 31 bytes: a 683 KB JPEG of 4000×4000 with 20,000 of them
-    took 33 s to decode. 0xFF 0xDA cannot occur in coded data (0xFF is stuffed as 0xFF 0x00)."""
+    """How many scans (SOS markers) the picture holds. A progressive JPEG's decoder passes over the
+    whole picture for each scan, and a scan can be 31 bytes: a 683 KB JPEG of 4000×4000 with 20,000
+    of them took 33 s to decode. Counted up to the picture's end (EOI), where the decoder stops: a
+    phone's motion photo appends its video there, and 20 MB of compressed video hold 0xFF 0xDA some
+    300 times by chance (within the picture 0xFF is stuffed as 0xFF 0x00), which refused the photo."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            scans = _scans_before_end(data)
+    except (OSError, ValueError):  # ValueError: an empty file, which cannot be mapped
+        return 0  # the decoder reports the file's trouble
+    return scans if scans is not None else _sos_markers(path)
+
+
+# A marker: 0xFF then neither a stuffed 0x00, a fill byte 0xFF nor a restart marker (0xD0…0xD7, within a scan)
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
+# Segments a picture may have: a progressive one has a few dozen, a camera's some more
+MAX_JPEG_SEGMENTS = 1 << 16
+
+
+def _scans_before_end(data) -> int | None:
+    """The SOS segments from SOI to EOI, each segment skipped by its length (an EXIF thumbnail's own
+    markers are inside one); None for a file of more segments than a picture has."""
+    scans, at = 0, 2
+    for _ in range(MAX_JPEG_SEGMENTS):
+        found = _JPEG_MARKER.search(data, at)
+        if found is None:
+            return scans
+        marker = data[found.start() + 1]
+        if marker == 0xD9:  # EOI
+            return scans
+        if marker in (0x01, 0xD8):  # markers without a length
+            at = found.end()
+            continue
+        scans += marker == 0xDA
+        at = found.end() + int.from_bytes(data[found.end() : found.end() + 2], "big")
+    return None
+
+
+def _sos_markers(path: Path) -> int:
+    """Every 0xFF 0xDA of the file, within the picture or not: the count for a file of countless segments."""
     count, carry = 0, b""
     try:
         with open(path, "rb") as f:
@@ -344,7 +383,7 @@ def _jpeg_scans(path: Path) -> int:
                 count += data.count(b"\xff\xda")
                 carry = data[-1:] if data.endswith(b"\xff") else b""
     except OSError:
-        return 0  # the decoder reports the file's trouble
+        return 0
     return count
 
 
