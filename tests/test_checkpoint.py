@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -216,6 +217,22 @@ def test_missing_folder(tmp_path):
 def test_folder_without_config(tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         load_config(tmp_path)
+
+
+def test_a_hugging_face_cache_folder_names_the_checkpoint_inside_it(tmp_path, tiny_original):
+    """~/.cache/huggingface/hub/models--ORG--NAME is the folder `ls` shows; the checkpoint is in its
+    snapshots/REVISION/. It was told "has no config.json; point --model at a downloaded checkpoint"."""
+    cache = tmp_path / "models--OpenGVLab--InternVL3-2B"
+    for name in ("blobs", "refs"):
+        (cache / name).mkdir(parents=True)
+    old, new = cache / "snapshots" / "1f0e", cache / "snapshots" / "9c2a"
+    for revision, mtime in ((old, 1_000_000), (new, 2_000_000)):
+        revision.mkdir(parents=True)
+        shutil.copy(tiny_original / "config.json", revision / "config.json")
+        os.utime(revision / "config.json", (mtime, mtime))
+    with pytest.raises(CheckpointError) as err:
+        load_config(cache)
+    assert str(err.value) == f"{cache} is a Hugging Face cache folder; pass --model {new}, the checkpoint inside it"
 
 
 def test_folder_without_weights(tmp_path, tiny_original):

@@ -327,12 +327,26 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
         if not model_dir.is_dir():
             raise CheckpointError(f"{shown} is not a folder; pass --model with the checkpoint folder, not a file")
         if not os.path.lexists(path):  # a broken link is named by the reader
+            snapshot = _cached_snapshot(model_dir)
+            if snapshot is not None:
+                raise CheckpointError(f"{shown} is a Hugging Face cache folder; pass --model {visible(str(snapshot))}, "
+                                      "the checkpoint inside it")  # fmt: skip
             raise CheckpointError(f"{shown} has no config.json; point --model at a downloaded InternVL3 "
                                   "checkpoint folder")  # fmt: skip
     except OSError as e:  # not ENOENT: a name too long for the file system, say
         raise CheckpointError(f"cannot use model folder {shown} ({e.strerror or e}); "
                               "pass --model with a checkpoint folder") from None  # fmt: skip
     return read_json_object(path, "the checkpoint's config.json")
+
+
+def _cached_snapshot(model_dir: Path) -> Path | None:
+    """The checkpoint in a Hugging Face cache folder (hub/models--ORG--NAME, which `ls` shows, holds
+    it in snapshots/REVISION/), the newest revision if several; None for any other folder."""
+    try:
+        found = [(p.stat().st_mtime, p.parent) for p in (model_dir / "snapshots").glob("*/config.json")]
+    except OSError:
+        return None
+    return max(found)[1] if found else None
 
 
 def _read_hf_tiling(model_dir: Path) -> dict[str, Any]:
