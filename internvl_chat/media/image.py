@@ -341,9 +341,9 @@ def _jpeg_scans(path: Path) -> int:
     phone's motion photo appends its video there, and 20 MB of compressed video hold 0xFF 0xDA some
     300 times by chance (within the picture 0xFF is stuffed as 0xFF 0x00), which refused the photo."""
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        with open_regular_file(path) as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             scans = _scans_before_end(data)
-    except (OSError, ValueError):  # ValueError: an empty file, which cannot be mapped
+    except (OSError, ValueError):  # NotRegularFile is an OSError; ValueError: an empty file, which cannot be mapped
         return 0  # the decoder reports the file's trouble
     return scans if scans is not None else _sos_markers(path)
 
