@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import stat
 import struct
 import warnings
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
-from ..files import visible
+from ..files import NotRegularFile, open_regular_file, visible
 from .checkpoint_json import LFS_POINTER, refuse_lfs_pointer
 
 
@@ -43,17 +42,11 @@ def open_regular(path: Path, what: str):
     without blocking (opening a FIFO for reading waits for a writer forever)."""
     shown = visible(str(path))
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        return open_regular_file(path)
+    except (NotRegularFile, IsADirectoryError):
+        raise CheckpointError(f"{what} {shown} is not a regular file (a pipe or a device?); point --model at a checkpoint folder") from None
     except OSError as e:
         raise CheckpointError(f"cannot open {what} {shown} ({e.strerror or e}); check the file and its permissions") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CheckpointError(f"{what} {shown} is not a regular file (a pipe or a device?); point --model at a checkpoint folder")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb", buffering=0)
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def shown_value(value: object) -> str:
