@@ -112,8 +112,20 @@ _PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EN
 _ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
 
 
+def from_ffmpeg(error: BaseException) -> bool:
+    """Whether a MemoryError is FFmpeg's ENOMEM (av.error.MemoryError), not Python's own."""
+    from av.error import FFmpegError
+
+    return isinstance(error, MemoryError) and isinstance(error, FFmpegError)
+
+
 def cannot_read(path: Path, err: BaseException) -> MediaError:
     """One line for a file PyAV cannot open (it may have changed since check_media_file looked)."""
+    if from_ffmpeg(err):
+        # FFmpeg answers some invalid headers with ENOMEM: a duplicated MP4 stts box (FFmpeg 7.1+ keeps
+        # the freed table's size and its realloc returns nothing), a table larger than it accepts
+        return MediaError(f"cannot read video {shown_path(path)}: its header is invalid (FFmpeg cannot parse it); "
+                          "the file is damaged: use an undamaged copy")  # fmt: skip
     code = err.errno if isinstance(err, OSError) else None
     if code in _PATH_ERRNOS:
         fix = "check the path"

@@ -26,6 +26,7 @@ from .video_header import (
     check_frame_size,
     count_packets,
     error_reason,
+    from_ffmpeg,
     open_container,
     shown_path,
     video_stream,
@@ -213,13 +214,6 @@ class NotOnePerPacket(Exception):
     their own, damage): packet n is not frame n there, so the stream is decoded from the start."""
 
 
-def _from_ffmpeg(error: BaseException) -> bool:
-    """Whether a MemoryError is FFmpeg's ENOMEM (av.error.MemoryError), not Python's own."""
-    from av.error import FFmpegError
-
-    return isinstance(error, FFmpegError)
-
-
 class PyAVSource:
     def __init__(self, path: Path, header: VideoHeader, stop: DecodeStop, packets_alone: bool = True) -> None:
         self._path = path
@@ -269,7 +263,7 @@ class PyAVSource:
                 try:
                     packet = next(packets, None)
                 except MemoryError as e:
-                    if not _from_ffmpeg(e):
+                    if not from_ffmpeg(e):
                         raise
                     # FFmpeg's: a sample the index declares far larger than the file (a hostile size)
                     failed, ended = error_reason(e), True
