@@ -245,9 +245,17 @@ def _by_backend(decord, forced: str | None, header: VideoHeader, attempt: Callab
                 return attempt("decord")
         except DecordFailed as e:
             if forced == "decord":
-                raise MediaError(str(e)) from None
+                raise MediaError(forced_decord_failed(e)) from None
             # decord lacks some codecs FFmpeg via PyAV has: try that before giving up
     return attempt("pyav")
+
+
+def forced_decord_failed(error: DecordFailed) -> str:
+    """The line for a file decord fails on where it was forced: what failed and the way out (PyAV
+    reads more files), decord's own words only as a detail at the end."""
+    doing = error.doing or "read the video"
+    detail = f" (decord: {error.detail})" if error.detail else ""
+    return f"decord cannot {doing}: unset {BACKEND_ENV} (it forces decord) or set it to pyav{detail}"
 
 
 def _decoders():

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import MediaError
+from ..files import visible
 from .video_cost import DecodeMeter
 from .video_header import (
     VideoHeader,
@@ -77,7 +78,26 @@ class _DemuxFailed(Exception):
 
 
 class DecordFailed(MediaError):
-    """decord could not open or decode this file: PyAV may still manage."""
+    """decord could not open or decode this file: PyAV may still manage. `doing` is what failed,
+    as a message says it ("read video PATH"), `detail` decord's own reason, shortened (decord_detail)."""
+
+    def __init__(self, message: str, doing: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.doing, self.detail = doing, detail
+
+
+DECORD_DETAIL_CHARS = 120
+
+
+def decord_detail(err: BaseException) -> str:
+    """decord's reason for an error, escaped and short: its C++ CHECK messages hold the failed
+    expression and its values ("Check failed: avfilter_graph_create_filter(&buffersrc_ctx_, …) >= 0
+    (-22 vs. 0) Cannot create buffer source"), and some a stack trace: only the words after them."""
+    text = str(err).split("Stack trace")[0]
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", text)  # a time and a source location
+    text = re.sub(r"Check failed: .*?\(-?\d+ vs\. -?\d+\)\s*", "", text, flags=re.DOTALL)
+    text = visible(" ".join(text.split())) or type(err).__name__
+    return text if len(text) <= DECORD_DETAIL_CHARS else text[: DECORD_DETAIL_CHARS - 1].rstrip() + "…"
 
 
 def decord_work(wanted: list[int], keys: list[int], total: int) -> list[int]:
@@ -162,7 +182,7 @@ class DecordSource:
         except MediaError:
             raise
         except Exception as e:  # noqa: BLE001 - decord raises DECORDError / RuntimeError for bad files
-            raise DecordFailed(str(cannot_read(path, e))) from None
+            raise DecordFailed(str(cannot_read(path, e)), f"read video {shown_path(path)}", decord_detail(e)) from None
         self._size = (header.width, header.height)  # decord's decoding is not seen frame by frame: the header's size
         self.from_start = False  # from the key frame before each wanted one
         applied = decord_rotation(header)
@@ -185,8 +205,8 @@ class DecordSource:
                 self._reader.seek_accurate(number)
                 frame = self._reader.next()
             except Exception as e:  # noqa: BLE001
-                raise DecordFailed(f"cannot decode frames of {shown_path(self._path)} ({error_reason(e)}); "
-                                   "the file may be damaged") from None  # fmt: skip
+                raise DecordFailed(f"cannot decode frames of {shown_path(self._path)} ({error_reason(e)}); the file may be damaged",
+                                   f"decode frames of {shown_path(self._path)}", decord_detail(e)) from None  # fmt: skip
             # another library may have switched decord's output bridge to torch
             array = frame.asnumpy() if hasattr(frame, "asnumpy") else np.asarray(frame)
             del frame
@@ -195,14 +215,16 @@ class DecordSource:
 
     def _rgb(self, array: np.ndarray) -> np.ndarray:
         if array.ndim != 3 or array.shape[2] < 3:
-            raise DecordFailed(f"decord decoded {shown_path(self._path)} to frames of shape {array.shape}, not RGB")
+            raise DecordFailed(f"decord decoded {shown_path(self._path)} to frames of shape {array.shape}, not RGB",
+                               f"decode frames of {shown_path(self._path)}", f"frames of shape {array.shape}, not RGB")
         height, width, channels = array.shape
         if channels != 3:
             # decord gives a frame linesize/width "channels": rows padded to 4·width bytes (frames
             # narrower than 64 pixels) come out as 4; the first 3·width bytes of each row are the pixels
             array = np.ascontiguousarray(array).reshape(height, -1)[:, : 3 * width].reshape(height, width, 3)
         if (height, width) == self._mis_turned:
-            raise DecordFailed(f"decord turned the frames of {shown_path(self._path)} otherwise than its header says")
+            raise DecordFailed(f"decord turned the frames of {shown_path(self._path)} otherwise than its header says",
+                               f"decode frames of {shown_path(self._path)}", "frames turned otherwise than the header says")
         return array
 
     def close(self) -> None:
