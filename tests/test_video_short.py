@@ -452,3 +452,99 @@ def test_a_b_frame_stream_cut_short_counts_the_frames_shown_before_the_first_it_
     assert result.num_total_frames == before
     assert result.indices == frame_indices(before, FPS, 30) == _shown(result)
     assert result.indices[-1] == before - 1
+
+
+# ---------------------------------------------------------------- MKV, WebM, AVI cut short
+
+# containers whose frame count is not to be trusted: MKV and WebM store none (it is estimated from
+# the duration they keep at the start), an AVI's counts the frames its capture dropped
+UNTRUSTED_COUNTS = {
+    "mpeg4.mkv": ("mpeg4", {}),
+    "h264.mkv": ("libx264", dict(options={"bf": "3", "g": "12"})),  # B-frames: decode order is not the order shown
+    "vp9.webm": ("libvpx-vp9", {}),
+    "mpeg4.avi": ("mpeg4", {}),
+}
+
+
+def _untrusted(name: str, folder, frames: int = 30, fps: float = FPS):
+    codec, extra = UNTRUSTED_COUNTS[name]
+    if codec != "mpeg4" and codec not in av.codecs_available:
+        pytest.skip(f"PyAV without {codec}")
+    return write_numbered_video(folder / name, frames, fps, codec, **extra)
+
+
+def _ends_note(path, held: int, listed_s: float) -> str:
+    with av.open(str(path)) as container:  # B-frames: the latest frame shown may come after some the cut took
+        end = max(float(p.pts * p.time_base) for p in container.demux(video=0) if p.size) + 1 / FPS
+    return (f"{path} ends at {end:.1f} s of the {listed_s:.1f} s its header lists ({held} frames): "
+            f"the file may be cut short (an unfinished download or copy); its frames were sampled from those {held}")
+
+
+@pytest.mark.parametrize("backend", video_backends())
+@pytest.mark.parametrize("name", list(UNTRUSTED_COUNTS))
+@pytest.mark.parametrize("held", [9, 18])
+def test_an_mkv_webm_or_avi_cut_short_says_where_its_frames_end(tmp_path, monkeypatch, backend, name, held):
+    """Found by fuzzing: cut at 30 % (or 60 %), these were sampled from the frames they hold with no
+    note (an MP4's or MOV's index tells, and gets one). Where the frames really end (the last
+    packet's time, known to decord from opening the file, to PyAV from demuxing what decoding left)
+    is told against where the header says the stream ends."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    whole = _untrusted(name, tmp_path)
+    path = cut_at_frame(whole, tmp_path / f"cut{whole.suffix}", held)
+    result = load_video(path, 8)
+    assert (result.num_total_frames, result.listed_frames) == (held, None)
+    assert result.indices == frame_indices(held, FPS, 8) == _shown(result)
+    assert result.shortfall_note == _ends_note(path, held, 3.0)
+    whole_result = load_video(whole, 8)
+    assert (whole_result.num_total_frames, whole_result.ends_at, whole_result.shortfall_note) == (30, None, None)
+
+
+def test_an_avi_cut_after_its_last_sampled_frame_is_sampled_again_from_the_frames_it_holds(tmp_path, monkeypatch):
+    """Frames 57…59 of 60 lost: the frames the header's 60 sample (…, 48, 55) lie before the cut, so
+    decoding never reached it. The packets after the last one decoded are demuxed (not decoded): the
+    AVI holds 57, which are sampled, and the note says so."""
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    whole = write_numbered_video(tmp_path / "whole.avi", FRAMES, FPS, "mpeg4")
+    path = _cut(whole, tmp_path, 57)
+    assert frame_indices(FRAMES, FPS, 8)[-1] < 57 and read_header(path, orientation=False).frames == FRAMES
+    result = load_video(path, 8)
+    assert result.num_total_frames == 57
+    assert result.indices == frame_indices(57, FPS, 8) == _shown(result)
+    assert result.shortfall_note == _ends_note(path, 57, 6.0)
+    ranged = load_video(path, 8, start=1.0, end=3.0)  # the range ends well before the cut: nothing more is read
+    assert ranged.indices == frame_indices(FRAMES, FPS, 8, 1.0, 3.0) and ranged.shortfall_note is None
+
+
+def _remuxed(source, path):
+    """`source` remuxed (no re-encoding) into `path`'s container: an MP4's time base (1/600 here)
+    becomes an AVI's frame rate, each packet one tick long, the count running to the end of the last."""
+    with av.open(str(source)) as reading, av.open(str(path), "w") as writing:
+        stream = reading.streams.video[0]
+        out = writing.add_stream_from_template(stream)
+        for packet in reading.demux(stream):
+            if packet.dts is not None:
+                packet.stream = out
+                writing.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("backend", video_backends())
+def test_whole_mkv_webm_and_avi_files_get_no_note(tmp_path, monkeypatch, backend):
+    """Rates whose frames do not fall on MKV's milliseconds, a few frames or one, B-frames, an MP4
+    remuxed into MKV and AVI (as the demo clip): where the frames end is within two frames of the
+    header's end, and no note calls them cut short."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    made = []
+    for name, (codec, extra) in UNTRUSTED_COUNTS.items():
+        if codec == "mpeg4" or codec in av.codecs_available:
+            for frames, fps in ((1, 24), (2, 30000 / 1001), (45, 30000 / 1001), (37, 24000 / 1001), (20, 60)):
+                made.append(write_numbered_video(tmp_path / f"{frames}_{fps:.0f}_{name}", frames, fps, codec, **extra))
+    mp4 = write_numbered_video(tmp_path / "clip.mp4", 24, 12)
+    made += [_remuxed(mp4, tmp_path / "remuxed.mkv"), _remuxed(mp4, tmp_path / "remuxed.avi")]
+    for path in made:
+        try:
+            result = load_video(path, 8)
+        except MediaError:  # decord forced: it cannot open some (a one-frame MKV); PyAV reads them
+            assert backend == "decord"
+            continue
+        assert (result.ends_at, result.shortfall_note) == (None, None), path.name

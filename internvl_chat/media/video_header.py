@@ -80,6 +80,29 @@ class VideoHeader:
         return shown if held + 1 < shown else None
 
     @property
+    def listed_end(self) -> float | None:
+        """Where the header says the stream ends (seconds), for a container whose frame count is not
+        to be trusted, to tell it cut short by where its frames really end (`ends_short`): MKV and
+        WebM keep their duration at the start (their count is estimated from it), an AVI its count,
+        the frames a capture dropped included (its duration, cut short, a guess from its size).
+        None elsewhere: an MP4's (or MOV's) index tells (`lost`); MPEG-TS and others have a guess."""
+        formats = self.format_name.split(",")
+        if not self.fps > 0:
+            return None
+        if "matroska" in formats or "webm" in formats:
+            return self.duration if self.duration > 0 else None
+        if "avi" in formats:
+            return self.frames / self.fps if self.frames else None
+        return None
+
+    def ends_short(self, held: Held) -> bool:
+        """Whether the frames `held` stop short of `listed_end` by more than two frames (at the
+        header's rate or the last step between them: a remuxed AVI's rate is its time base's) and
+        a millisecond (MKV rounds its duration to it)."""
+        listed = self.listed_end
+        return listed is not None and held.end + 2 * max(1 / self.fps, held.step) + 0.001 < listed
+
+    @property
     def orientation(self) -> Orientation:
         """How a player turns the stored frames: the display matrix, else the older `rotate` tag."""
         if self.display_matrix is not None:
@@ -581,15 +604,66 @@ def _still_bmff(path: Path) -> str | None:
 def count_packets(path: Path, stop: DecodeStop | None = None) -> int:
     """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG): demuxing
     (no decoding) counts one packet per frame."""
+    return demux_length(path, stop).frames
+
+
+def demux_length(path: Path, stop: DecodeStop | None = None) -> Held:
+    """count_packets's count, and where the frames end (Held), from one demuxing."""
     try:
         with open_container(path) as container:
-            count = 0
-            for packet in container.demux(video_stream(container)):
+            stream = video_stream(container)
+            span = PacketSpan(stream)
+            for packet in container.demux(stream):
                 if stop is not None and stop.is_set():
                     raise DecodeStopped
-                count += 1 if packet.size else 0
+                span.add(packet)
     except DecodeStopped:
         raise
     except Exception as e:  # noqa: BLE001
         raise MediaError(f"cannot read video {shown_path(path)} ({error_reason(e)}); the file may be damaged") from None
-    return check_count(path, count)
+    check_count(path, span.frames)
+    return span.held
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a stream really holds: its frames, where the last one shown ends and the smallest step
+    between the times its frames are shown at (seconds)."""
+
+    frames: int
+    end: float
+    step: float
+
+
+class PacketSpan:
+    """Held, from a stream's packets as they are demuxed: the frames (packets with data), the
+    latest time shown and the smallest step between times (a frame's; B-frames come in decode
+    order, their times behind the latest). The last frame lasts its duration, or that step where
+    it is longer: a remuxed AVI's packets last one tick of its time base (1/600 s) while its count
+    runs to the end of the frame."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.frames, self._last, self._step, self._length = 0, None, None, 0.0
+
+    def add(self, packet) -> None:
+        if not packet.size:  # an AVI's dropped frame, the end-of-stream packet: no frame
+            return
+        self.frames += 1
+        at = packet.pts if packet.pts is not None else packet.dts
+        base = packet.time_base or self._stream.time_base
+        if at is None or base is None:
+            return
+        at = float(at * base)
+        if self._last is not None and at != self._last:
+            gap = abs(at - self._last)
+            self._step = gap if self._step is None else min(self._step, gap)
+        if self._last is None or at > self._last:
+            self._last, self._length = at, float(packet.duration * base) if packet.duration else 0.0
+
+    @property
+    def held(self) -> Held:
+        if self._last is None:
+            return Held(self.frames, 0.0, 0.0)
+        step = self._step or 0.0
+        return Held(self.frames, self._last + max(self._length, step), step)

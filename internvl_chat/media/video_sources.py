@@ -25,9 +25,11 @@ from .video_header import (
     check_count,
     check_fps,
     check_frame_size,
-    count_packets,
+    demux_length,
     error_reason,
     from_ffmpeg,
+    Held,
+    PacketSpan,
     open_container,
     shown_path,
     video_stream,
@@ -54,6 +56,11 @@ class FrameSource(Protocol):
     def frames(self, wanted: list[int], stop: DecodeStop, meter: DecodeMeter) -> Iterator[tuple[int, np.ndarray]]:
         """(number, RGB uint8 [H, W, 3]) for each wanted number (ascending, distinct), each frame
         decoded charged to `meter`. A stream that ends before a wanted frame raises StreamEnded."""
+        ...
+
+    def held(self, stop: DecodeStop) -> Held | None:
+        """The frames the stream really holds and where they end, as far as it is cheap to know
+        after decoding (no frame decoded again); None where it cannot tell."""
         ...
 
     def close(self) -> None: ...
@@ -227,6 +234,22 @@ class DecordSource:
                                f"decode frames of {shown_path(self._path)}", "frames turned otherwise than the header says")
         return array
 
+    def held(self, stop: DecodeStop) -> Held | None:
+        # decord read every packet as it opened the file: its count and the last frames' times
+        try:
+            count = len(self._reader)
+            if count < 1:
+                return None
+            # (start, end) of its last frames, in the order shown; with B-frames, a frame the cut
+            # took may leave a gap before the last one: the step is the smallest between them
+            times = np.asarray(self._reader.get_frame_timestamp(list(range(max(count - 16, 0), count))), np.float64)
+            begin, end = float(times[-1][0]), float(times[-1][1])
+            steps = np.diff(np.sort(times[:, 0]))
+            step = float(steps[steps > 0].min()) if (steps > 0).any() else 0.0
+            return Held(count, begin + max(end - begin, step), step)
+        except Exception:  # noqa: BLE001 - a decord without frame times, or none for that frame
+            return None
+
     def close(self) -> None:
         self._reader = None
 
@@ -259,7 +282,14 @@ class PyAVSource:
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
             self.fps = header.fps
-            self.num_total_frames = header.frames_held or count_packets(path, stop)
+            self._demux = None  # the demuxing decoding reads from (held() reads on where it stopped)
+            self._span = PacketSpan(stream)  # what the packets demuxed hold
+            self._held: Held | None = None
+            if header.frames_held:
+                self.num_total_frames = header.frames_held
+            else:  # no count in the header: demuxed (no decoding), which tells where the frames end too
+                self._held = demux_length(path, stop)
+                self.num_total_frames = self._held.frames
             # cut short: a decoder is given the samples the file holds whole, not the half one after
             # them, which fails, and makes a frame-threaded decoder drop the frames it holds back
             self._whole = header.samples_whole if header.lost else None
@@ -277,7 +307,7 @@ class PyAVSource:
         which does not decode; a packet that does not decode elsewhere is damage (an MP4 or MOV
         whose index tells the cut ends with the last sample it holds whole). A demuxing error ends
         with _DemuxFailed once the packets before it are out."""
-        packets = self._container.demux(self._stream)
+        self._demux = packets = self._container.demux(self._stream)
         queue: deque = deque()  # read ahead up to the next packet with data
         failed, ended, fed = None, False, 0
         while True:
@@ -295,7 +325,9 @@ class PyAVSource:
                     break
                 if packet is None:
                     ended = True
-                elif packet.size and self._whole is not None and fed >= self._whole:
+                    continue
+                self._span.add(packet)
+                if packet.size and self._whole is not None and fed >= self._whole:
                     continue  # past the samples held whole (the demuxer ends at the file's end)
                 else:
                     fed += 1 if packet.size else 0
@@ -370,6 +402,23 @@ class PyAVSource:
                 if target is None:
                     return
             del frame
+
+    def held(self, stop: DecodeStop) -> Held | None:
+        """Demuxes (no decoding) the packets decoding left unread: after the last sampled frame,
+        the last few of the stream."""
+        if self._held is None:
+            packets = self._demux if self._demux is not None else self._container.demux(self._stream)
+            try:
+                for packet in packets:
+                    if stop.is_set():
+                        raise DecodeStopped
+                    self._span.add(packet)
+            except DecodeStopped:
+                raise
+            except Exception:  # noqa: BLE001 - av raises FFmpegError subclasses for damaged data: it cannot tell
+                return None
+            self._held = self._span.held
+        return self._held
 
     def close(self) -> None:
         self._container.close()
