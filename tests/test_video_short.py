@@ -548,3 +548,50 @@ def test_whole_mkv_webm_and_avi_files_get_no_note(tmp_path, monkeypatch, backend
             assert backend == "decord"
             continue
         assert (result.ends_at, result.shortfall_note) == (None, None), path.name
+
+
+def _with_longer_audio(path, frames: int, audio_s: float):
+    """An MKV of numbered frames at FPS whose audio track runs `audio_s` seconds: the file's duration."""
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=FPS)
+        video.width, video.height = VIDEO_SIZE
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=8000)
+        audio.layout = "mono"
+        for number in range(frames):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")))
+        container.mux(video.encode())
+        for second in range(int(audio_s)):
+            sound = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format="s16", layout="mono")
+            sound.sample_rate, sound.pts = 8000, second * 8000
+            container.mux(audio.encode(sound))
+        container.mux(audio.encode())
+    return path
+
+
+@pytest.mark.parametrize("backend", video_backends())
+def test_an_mkv_whose_audio_runs_longer_than_its_video_is_not_called_cut_short(tmp_path, monkeypatch, backend):
+    """The file's duration is its longest track's: the video track's own (its DURATION tag) is the
+    one its frames are told against. A cut one still is."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = _with_longer_audio(tmp_path / "talk.mkv", 20, 4)
+    with av.open(str(path)) as container:
+        assert container.duration / av.time_base == pytest.approx(4.0, abs=0.1)
+    result = load_video(path, 8)
+    assert (result.num_total_frames, result.shortfall_note) == (20, None)
+    cut = cut_at_frame(path, tmp_path / "cut.mkv", 9)
+    result = load_video(cut, 8)
+    assert result.num_total_frames == 9 and result.shortfall_note == _ends_note(cut, 9, 2.0)
+
+
+def test_without_its_tracks_own_duration_an_mkv_is_told_against_the_files_only_where_it_has_no_other_track():
+    stream = SimpleNamespace(metadata={})
+    alone, with_audio = SimpleNamespace(streams=[stream]), SimpleNamespace(streams=[stream, object()])
+    assert video_header.track_duration(alone, stream, 4.0) == 4.0
+    assert video_header.track_duration(with_audio, stream, 4.0) == 0.0  # the audio may run longer
+    tagged = SimpleNamespace(metadata={"DURATION": "00:01:02.500000000"})
+    assert video_header.track_duration(with_audio, tagged, 4.0) == 62.5
+    for odd in ("", "soon", "00:61:00.0", "-1:00:00"):
+        assert video_header.track_duration(with_audio, SimpleNamespace(metadata={"DURATION": odd}), 4.0) == 0.0

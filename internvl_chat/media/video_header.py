@@ -45,6 +45,7 @@ class VideoHeader:
     alone: bool = True  # the file's only video stream (no cover picture, no second video)
     lost: int = 0  # MP4/MOV: frames shown whose samples the index places past the end of the file (cut short)
     samples_whole: int | None = None  # and then: the samples, in decode order, before the first such one
+    track_duration: float = 0.0  # MKV/WebM: the video track's own (track_duration()), 0.0 where not known
 
     @property
     def frames_by_duration(self) -> int:
@@ -83,14 +84,14 @@ class VideoHeader:
     def listed_end(self) -> float | None:
         """Where the header says the stream ends (seconds), for a container whose frame count is not
         to be trusted, to tell it cut short by where its frames really end (`ends_short`): MKV and
-        WebM keep their duration at the start (their count is estimated from it), an AVI its count,
+        WebM keep the video track's duration at the start (`track_duration`), an AVI its count,
         the frames a capture dropped included (its duration, cut short, a guess from its size).
         None elsewhere: an MP4's (or MOV's) index tells (`lost`); MPEG-TS and others have a guess."""
         formats = self.format_name.split(",")
         if not self.fps > 0:
             return None
         if "matroska" in formats or "webm" in formats:
-            return self.duration if self.duration > 0 else None
+            return self.track_duration or None
         if "avi" in formats:
             return self.frames / self.fps if self.frames else None
         return None
@@ -190,6 +191,19 @@ def _check_duration(path: Path, duration: float) -> float:
     if not math.isfinite(duration) or duration > MAX_DURATION_S:
         raise MediaError(f"{shown_path(path)} declares a duration of {duration:g} s; the file is damaged or not a real video")
     return max(duration, 0.0)
+
+
+def track_duration(container, stream, duration: float) -> float:
+    """An MKV's (or WebM's) video track's own duration, in seconds: its DURATION tag (FFmpeg and
+    mkvmerge write one per track, at the start), else the file's `duration` where no other track
+    may run longer than the video (audio often ends after it); 0.0 where not known."""
+    tag = _tag(stream.metadata, "duration")
+    found = re.fullmatch(r"\s*(\d+):([0-5]\d):([0-5]\d(?:\.\d+)?)\s*", tag or "")
+    if found:
+        hours, minutes, seconds = found.groups()
+        value = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        return value if 0 < value <= MAX_DURATION_S else 0.0
+    return duration if len(container.streams) == 1 else 0.0
 
 
 def _frame_rate(stream) -> float:
@@ -425,6 +439,8 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
                              alone)  # fmt: skip
+        if {"matroska", "webm"} & set(container.format.name.split(",")):
+            header.track_duration = track_duration(container, stream, duration)
         if frames and "mov" in container.format.name.split(","):  # its index tells where each frame lies
             header.lost = frames_lost(stream, path, hides=header.frames_shown < frames)
             if header.lost:
