@@ -197,7 +197,7 @@ def _decode_once(
 ) -> _Decoded:  # fmt: skip
     source = _open(path, backend, header, decord, stop, packets_alone)
     total = source.num_total_frames
-    held: tuple[int, float] | None = None  # (frames, where they end) the stream holds, where it was found out
+    held: Held | None = None  # what the stream really holds, where that was found out
     try:
         indices = frame_indices(total, source.fps, num_frames, start, end)
         meter.check_plan(_cost(backend, header, source, indices))

@@ -656,30 +656,28 @@ class PacketSpan:
     latest time shown and the smallest step between times (a frame's; B-frames come in decode
     order, their times behind the latest). The last frame lasts its duration, or that step where
     it is longer: a remuxed AVI's packets last one tick of its time base (1/600 s) while its count
-    runs to the end of the frame."""
+    runs to the end of the frame. Times are kept in the stream's time base (ints: cheap per packet)."""
 
     def __init__(self, stream) -> None:
-        self._stream = stream
-        self.frames, self._last, self._step, self._length = 0, None, None, 0.0
+        self._base = stream.time_base
+        self.frames, self._last, self._step, self._length = 0, None, None, 0
 
     def add(self, packet) -> None:
         if not packet.size:  # an AVI's dropped frame, the end-of-stream packet: no frame
             return
         self.frames += 1
         at = packet.pts if packet.pts is not None else packet.dts
-        base = packet.time_base or self._stream.time_base
-        if at is None or base is None:
+        if at is None:
             return
-        at = float(at * base)
         if self._last is not None and at != self._last:
             gap = abs(at - self._last)
             self._step = gap if self._step is None else min(self._step, gap)
         if self._last is None or at > self._last:
-            self._last, self._length = at, float(packet.duration * base) if packet.duration else 0.0
+            self._last, self._length = at, packet.duration or 0
 
     @property
     def held(self) -> Held:
-        if self._last is None:
+        if self._last is None or self._base is None:
             return Held(self.frames, 0.0, 0.0)
-        step = self._step or 0.0
-        return Held(self.frames, self._last + max(self._length, step), step)
+        step = self._step or 0
+        return Held(self.frames, float((self._last + max(self._length, step)) * self._base), float(step * self._base))

@@ -20,6 +20,8 @@ from ..errors import MediaError
 from ..files import visible
 from .video_cost import DecodeMeter
 from .video_header import (
+    Held,
+    PacketSpan,
     VideoHeader,
     cannot_read,
     check_count,
@@ -28,8 +30,6 @@ from .video_header import (
     demux_length,
     error_reason,
     from_ffmpeg,
-    Held,
-    PacketSpan,
     open_container,
     shown_path,
     video_stream,
@@ -329,9 +329,8 @@ class PyAVSource:
                 self._span.add(packet)
                 if packet.size and self._whole is not None and fed >= self._whole:
                     continue  # past the samples held whole (the demuxer ends at the file's end)
-                else:
-                    fed += 1 if packet.size else 0
-                    queue.append(packet)
+                fed += 1 if packet.size else 0
+                queue.append(packet)
             if not queue:
                 break
             capped = len(queue) > MAX_EMPTY_AHEAD  # so many empty packets ahead: taken as data following
