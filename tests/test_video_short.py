@@ -528,6 +528,28 @@ def _remuxed(source, path):
     return path
 
 
+def _last_frame_long(path):
+    """20 frames 1/30 s apart in a time base of 1/1000 s, the last one shown for 2 s (variable frame
+    rate, as a screen recording's): an AVI's count (in ticks) runs to its end, its packets do not."""
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        packets = []
+        for number in range(20):
+            frame = av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")
+            frame.pts, frame.time_base = number * 33, Fraction(1, 1000)
+            packets += stream.encode(frame)
+        packets += stream.encode()
+        packets[-1].duration = 2000
+        for packet in packets:
+            container.mux(packet)
+    return path
+
+
 @pytest.mark.parametrize("backend", video_backends())
 def test_whole_mkv_webm_and_avi_files_get_no_note(tmp_path, monkeypatch, backend):
     """Rates whose frames do not fall on MKV's milliseconds, a few frames or one, B-frames, an MP4
@@ -541,6 +563,7 @@ def test_whole_mkv_webm_and_avi_files_get_no_note(tmp_path, monkeypatch, backend
                 made.append(write_numbered_video(tmp_path / f"{frames}_{fps:.0f}_{name}", frames, fps, codec, **extra))
     mp4 = write_numbered_video(tmp_path / "clip.mp4", 24, 12)
     made += [_remuxed(mp4, tmp_path / "remuxed.mkv"), _remuxed(mp4, tmp_path / "remuxed.avi")]
+    made += [_last_frame_long(tmp_path / "long_last.avi"), _last_frame_long(tmp_path / "long_last.mkv")]
     for path in made:
         try:
             result = load_video(path, 8)
@@ -595,3 +618,25 @@ def test_without_its_tracks_own_duration_an_mkv_is_told_against_the_files_only_w
     assert video_header.track_duration(with_audio, tagged, 4.0) == 62.5
     for odd in ("", "soon", "00:61:00.0", "-1:00:00"):
         assert video_header.track_duration(with_audio, SimpleNamespace(metadata={"DURATION": odd}), 4.0) == 0.0
+
+
+def test_the_outermost_structure_tells_a_whole_file_from_a_cut_one(tmp_path):
+    """An MKV's or WebM's Segment, an AVI's RIFF chunks, declare their size: a cut file's runs past
+    its end, a whole one's does not (its frames are then not told against its header at all). A
+    live MKV's Segment has an unknown size: it cannot tell."""
+    for name in ("mpeg4.mkv", "mpeg4.avi", "vp9.webm"):
+        if UNTRUSTED_COUNTS[name][0] not in ("mpeg4", *av.codecs_available):
+            continue
+        whole = _untrusted(name, tmp_path)
+        kind = "avi" if whole.suffix == ".avi" else "matroska"
+        assert video_header.ends_past_the_file(whole, kind) is False, name
+        assert video_header.ends_past_the_file(cut_at_frame(whole, tmp_path / f"cut{whole.suffix}", 12), kind) is True, name
+    whole = _untrusted("mpeg4.mkv", tmp_path)
+    data = bytearray(whole.read_bytes())
+    at = data.index(bytes.fromhex("18538067")) + 4
+    assert data[at] == 0x01  # an 8-byte size
+    data[at : at + 8] = bytes.fromhex("01ffffffffffffff")
+    live = tmp_path / "live.mkv"
+    live.write_bytes(bytes(data))
+    assert video_header.ends_past_the_file(live, "matroska") is None
+    assert video_header.ends_past_the_file(whole, "avi") is None  # not an AVI

@@ -18,8 +18,9 @@ header's count otherwise (no index to tell, a header that counts more) is sample
 frames it really holds once decoding finds its end. Either way `VideoInput.shortfall_note` says so;
 a stream whose decoding fails before a sampled frame is refused (the file is damaged there). MKV,
 WebM and AVI counts are not to be trusted (MKV stores none, an AVI's counts dropped frames): there
-the note tells where the frames really end against where the header says (`VideoHeader.listed_end`),
-from what the decoder knows cheaply: decord read every packet as it opened the file, PyAV demuxed
+the note tells where the frames really end against where the header says (`VideoHeader.listed_end`;
+only for a file whose outermost structure runs past its end, as no whole one's does), from what the
+decoder knows cheaply: decord read every packet as it opened the file, PyAV demuxed
 an MKV's to count its frames, and demuxes (not decodes) what follows an AVI's last sampled frame,
 where the sampling runs to the end. An AVI found to hold fewer frames is sampled again from them.
 The attach line (`measure_video`) reads no packet and says nothing of these.

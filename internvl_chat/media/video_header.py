@@ -46,6 +46,7 @@ class VideoHeader:
     lost: int = 0  # MP4/MOV: frames shown whose samples the index places past the end of the file (cut short)
     samples_whole: int | None = None  # and then: the samples, in decode order, before the first such one
     track_duration: float = 0.0  # MKV/WebM: the video track's own (track_duration()), 0.0 where not known
+    runs_past_end: bool | None = None  # MKV/WebM/AVI: whether its outermost element does (ends_past_the_file)
 
     @property
     def frames_by_duration(self) -> int:
@@ -88,7 +89,7 @@ class VideoHeader:
         the frames a capture dropped included (its duration, cut short, a guess from its size).
         None elsewhere: an MP4's (or MOV's) index tells (`lost`); MPEG-TS and others have a guess."""
         formats = self.format_name.split(",")
-        if not self.fps > 0:
+        if not self.fps > 0 or self.runs_past_end is False:  # whole: its last frame may last long (VFR)
             return None
         if "matroska" in formats or "webm" in formats:
             return self.track_duration or None
@@ -204,6 +205,70 @@ def track_duration(container, stream, duration: float) -> float:
         value = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
         return value if 0 < value <= MAX_DURATION_S else 0.0
     return duration if len(container.streams) == 1 else 0.0
+
+
+RIFF_CHUNKS = 4096  # an OpenDML AVI has one RIFF chunk per GB or so
+
+
+def ends_past_the_file(path: Path, kind: str) -> bool | None:
+    """Whether an MKV/WebM ("matroska") or AVI ("avi") file is cut short by its outermost structure:
+    the size its Segment (or the last of its RIFF chunks) declares runs past the end of the file.
+    A whole file's elements end within it, so its frames are never told against its header (a
+    last frame may last long, and a VFR AVI's count includes its ticks). None where it cannot
+    tell (a live MKV's Segment has an unknown size; a file that reads otherwise)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            return _matroska_past_end(f, size) if kind == "matroska" else _riff_past_end(f, size)
+    except OSError:
+        return None
+
+
+def _riff_past_end(f, size: int) -> bool | None:
+    at = 0
+    for _ in range(RIFF_CHUNKS):
+        if at + 12 > size:
+            return False  # the chunks end within the file (a few stray bytes after them at most)
+        f.seek(at)
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] not in (b"AVI ", b"AVIX"):
+            return None if at == 0 else False  # what follows the chunks is not one
+        at += 8 + int.from_bytes(head[4:8], "little") + (int.from_bytes(head[4:8], "little") & 1)
+        if at > size:
+            return True
+    return None
+
+
+def _ebml_number(data: bytes, at: int, is_size: bool) -> tuple[int | None, int] | None:
+    """An EBML variable-length number at `at`: (value, length); value None for a size of all ones
+    (unknown); None where damaged."""
+    if at >= len(data) or not data[at]:
+        return None
+    length = 9 - data[at].bit_length()
+    if at + length > len(data):
+        return None
+    value = int.from_bytes(data[at : at + length], "big")
+    if not is_size:
+        return value, length
+    value &= (1 << (7 * length)) - 1
+    return (None if value == (1 << (7 * length)) - 1 else value), length
+
+
+def _matroska_past_end(f, size: int) -> bool | None:
+    data = f.read(4096)  # the EBML header (its DocType) and the Segment's own header
+    at = 0
+    for expected in (0x1A45DFA3, 0x18538067):  # EBML, then Segment
+        element = _ebml_number(data, at, is_size=False)
+        if element is None or element[0] != expected:
+            return None
+        length = _ebml_number(data, at + element[1], is_size=True)
+        if length is None or length[0] is None:
+            return None  # damaged, or a live stream's unknown size
+        start = at + element[1] + length[1]
+        if expected == 0x18538067:
+            return start + length[0] > size
+        at = start + length[0]
+    return None
 
 
 def _frame_rate(stream) -> float:
@@ -441,6 +506,9 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
                              alone)  # fmt: skip
         if {"matroska", "webm"} & set(container.format.name.split(",")):
             header.track_duration = track_duration(container, stream, duration)
+            header.runs_past_end = ends_past_the_file(path, "matroska")
+        elif "avi" in container.format.name.split(","):
+            header.runs_past_end = ends_past_the_file(path, "avi")
         if frames and "mov" in container.format.name.split(","):  # its index tells where each frame lies
             header.lost = frames_lost(stream, path, hides=header.frames_shown < frames)
             if header.lost:
