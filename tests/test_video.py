@@ -205,6 +205,7 @@ def test_sampled_frames_are_the_expected_ones(videos, monkeypatch, backend, name
         assert result.timestamps == pytest.approx([i / fps for i in want])
         assert tuple(result.pixel_values.shape) == (n, 3, 448, 448)
         assert result.num_frames == n and result.path == videos[name]
+        assert result.shortfall_note is None  # whole: no note calls it cut short
 
 
 @pytest.mark.parametrize("backend", video_backends())
