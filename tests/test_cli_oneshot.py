@@ -154,6 +154,17 @@ def test_a_video_cut_short_is_noted_on_stderr(tiny_original, tmp_path):
     assert f"internvl-chat: note: {cut} holds only 12 of the 30 frames its header lists (0.4 s of 1.0 s)" in run.stderr
 
 
+
+def test_an_mkv_cut_short_is_noted_on_stderr(tiny_original, tmp_path):
+    """MKV stores no frame count: where its frames end is told against the duration its header keeps."""
+    from media_helpers import cut_at_frame, write_numbered_video
+
+    cut = cut_at_frame(write_numbered_video(tmp_path / "clip.mkv", num_frames=30), tmp_path / "cut.mkv", 12)
+    run = cli("--model", str(tiny_original), "--max-new-tokens", "2", "--device", "cpu", "--json", "-p", "What happens?",
+              "--video", str(cut), "--frames", "2")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert f"internvl-chat: note: {cut} ends at 0.4 s of the 1.0 s its header lists (12 frames)" in run.stderr
+
 # --- untrusted input and broken output streams --------------------------------------------------
 
 

@@ -205,6 +205,7 @@ def test_sampled_frames_are_the_expected_ones(videos, monkeypatch, backend, name
         assert result.timestamps == pytest.approx([i / fps for i in want])
         assert tuple(result.pixel_values.shape) == (n, 3, 448, 448)
         assert result.num_frames == n and result.path == videos[name]
+        assert result.shortfall_note is None  # whole: no note calls it cut short
 
 
 @pytest.mark.parametrize("backend", video_backends())
@@ -399,6 +400,40 @@ def test_video_without_frames(tmp_path, monkeypatch, backend):
         assert "no video frames" in str(err.value)
     with pytest.raises(MediaError):
         probe_video(path)
+
+
+def _first_frame_zeroed(made, path):
+    """A copy of `made` whose first frame's data is all zeros: FFmpeg finds no pixel format while
+    it probes the stream."""
+    with av.open(str(made)) as container:
+        pos, size = next((p.pos, p.size) for p in container.demux(video=0) if p.size)
+    data = bytearray(made.read_bytes())
+    data[pos : pos + size] = bytes(size)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_forced_decord_failing_says_what_failed_and_how_to_use_pyav(tmp_path, monkeypatch):
+    """Found by fuzzing: with decord forced, a file it could not open was refused with its C++
+    check ("cannot read video … (Check failed: avfilter_graph_create_filter(&buffersrc_ctx_, …) >= 0
+    (-22 vs. 0) Cannot create buffer source); use an MP4, MKV, WebM or AVI file")."""
+    pytest.importorskip("decord")
+    monkeypatch.setenv(BACKEND_ENV, "decord")
+    path = _first_frame_zeroed(write_numbered_video(tmp_path / "made.mkv", 20, 10), tmp_path / "bad\x1b.mkv")
+    with pytest.raises(MediaError) as err:
+        load_video(path, 4)
+    assert str(err.value) == (f"decord cannot read video {visible(str(path))}: unset {BACKEND_ENV} (it forces decord) or "
+                              "set it to pyav (decord: Cannot create buffer source)")  # fmt: skip
+
+
+def test_decords_reason_is_shortened_and_escaped():
+    from internvl_chat.media.video_sources import DECORD_DETAIL_CHARS, decord_detail
+
+    check = RuntimeError("[12:00:01] /src/video/ffmpeg/filter_graph.cc:54: Check failed: send(&ctx_, pkt) >= 0 "
+                         "(-1094995529 vs. 0) Error sending\x1b[2J packet.\n\nStack trace:\n  [bt] (0) libdecord.so(+0x1)")  # fmt: skip
+    assert decord_detail(check) == visible("Error sending\x1b[2J packet.") and "\x1b" not in decord_detail(check)
+    long = decord_detail(RuntimeError("x" * 500))
+    assert len(long) == DECORD_DETAIL_CHARS and long.endswith("…")
 
 
 def test_probe_errors(tmp_path, videos):

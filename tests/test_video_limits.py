@@ -283,3 +283,34 @@ def test_a_fragmented_mp4_declaring_millions_of_frames_it_cannot_hold_is_refused
             call(path)
         assert str(err.value) == (f"{path} declares 2,000,003 frames (or samples), more than its {len(data):,} bytes hold; "
                                   "the file is damaged or not a real video")  # fmt: skip
+
+
+def _with_a_box_twice(data: bytes, kind: bytes) -> bytes:
+    """An MP4 (its moov after its frames, so no chunk offset moves) with its first `kind` box
+    written twice in a row; the boxes that hold it grow by its size."""
+    at = data.index(kind) - 4
+    size = struct.unpack_from(">I", data, at)[0]
+    out = bytearray(data[:at] + data[at : at + size] + data[at:])
+    for holder in (b"moov", b"trak", b"mdia", b"minf", b"stbl"):
+        start = out.index(holder) - 4
+        assert start < at
+        struct.pack_into(">I", out, start, struct.unpack_from(">I", out, start)[0] + size)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("backend", video_backends())
+def test_an_mp4_with_a_duplicated_stts_box_is_damaged_not_out_of_memory(tmp_path, monkeypatch, backend):
+    """Found by fuzzing: FFmpeg (7.1 on) answers a second stts box in a track with ENOMEM as it opens
+    the file, and the attach said 'cannot read video … (Cannot allocate memory)'."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    made = write_numbered_video(tmp_path / "made.mp4", 20, 10)
+    data = made.read_bytes()
+    assert data.index(b"mdat") < data.index(b"moov")
+    path = tmp_path / "twice.mp4"
+    path.write_bytes(_with_a_box_twice(data, b"stts"))
+    message = (f"cannot read video {path}: its header is invalid (FFmpeg cannot parse it); "
+               "the file is damaged: use an undamaged copy")  # fmt: skip
+    for call in (probe_video, load_video):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        assert str(err.value) == message

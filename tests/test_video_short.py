@@ -452,3 +452,191 @@ def test_a_b_frame_stream_cut_short_counts_the_frames_shown_before_the_first_it_
     assert result.num_total_frames == before
     assert result.indices == frame_indices(before, FPS, 30) == _shown(result)
     assert result.indices[-1] == before - 1
+
+
+# ---------------------------------------------------------------- MKV, WebM, AVI cut short
+
+# containers whose frame count is not to be trusted: MKV and WebM store none (it is estimated from
+# the duration they keep at the start), an AVI's counts the frames its capture dropped
+UNTRUSTED_COUNTS = {
+    "mpeg4.mkv": ("mpeg4", {}),
+    "h264.mkv": ("libx264", dict(options={"bf": "3", "g": "12"})),  # B-frames: decode order is not the order shown
+    "vp9.webm": ("libvpx-vp9", {}),
+    "mpeg4.avi": ("mpeg4", {}),
+}
+
+
+def _untrusted(name: str, folder, frames: int = 30, fps: float = FPS):
+    codec, extra = UNTRUSTED_COUNTS[name]
+    if codec != "mpeg4" and codec not in av.codecs_available:
+        pytest.skip(f"PyAV without {codec}")
+    return write_numbered_video(folder / name, frames, fps, codec, **extra)
+
+
+def _ends_note(path, held: int, listed_s: float) -> str:
+    with av.open(str(path)) as container:  # B-frames: the latest frame shown may come after some the cut took
+        end = max(float(p.pts * p.time_base) for p in container.demux(video=0) if p.size) + 1 / FPS
+    return (f"{path} ends at {end:.1f} s of the {listed_s:.1f} s its header lists ({held} frames): "
+            f"the file may be cut short (an unfinished download or copy); its frames were sampled from those {held}")
+
+
+@pytest.mark.parametrize("backend", video_backends())
+@pytest.mark.parametrize("name", list(UNTRUSTED_COUNTS))
+@pytest.mark.parametrize("held", [9, 18])
+def test_an_mkv_webm_or_avi_cut_short_says_where_its_frames_end(tmp_path, monkeypatch, backend, name, held):
+    """Found by fuzzing: cut at 30 % (or 60 %), these were sampled from the frames they hold with no
+    note (an MP4's or MOV's index tells, and gets one). Where the frames really end (the last
+    packet's time, known to decord from opening the file, to PyAV from demuxing what decoding left)
+    is told against where the header says the stream ends."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    whole = _untrusted(name, tmp_path)
+    path = cut_at_frame(whole, tmp_path / f"cut{whole.suffix}", held)
+    result = load_video(path, 8)
+    assert (result.num_total_frames, result.listed_frames) == (held, None)
+    assert result.indices == frame_indices(held, FPS, 8) == _shown(result)
+    assert result.shortfall_note == _ends_note(path, held, 3.0)
+    whole_result = load_video(whole, 8)
+    assert (whole_result.num_total_frames, whole_result.ends_at, whole_result.shortfall_note) == (30, None, None)
+
+
+def test_an_avi_cut_after_its_last_sampled_frame_is_sampled_again_from_the_frames_it_holds(tmp_path, monkeypatch):
+    """Frames 57…59 of 60 lost: the frames the header's 60 sample (…, 48, 55) lie before the cut, so
+    decoding never reached it. The packets after the last one decoded are demuxed (not decoded): the
+    AVI holds 57, which are sampled, and the note says so."""
+    monkeypatch.setenv(BACKEND_ENV, "pyav")
+    whole = write_numbered_video(tmp_path / "whole.avi", FRAMES, FPS, "mpeg4")
+    path = _cut(whole, tmp_path, 57)
+    assert frame_indices(FRAMES, FPS, 8)[-1] < 57 and read_header(path, orientation=False).frames == FRAMES
+    result = load_video(path, 8)
+    assert result.num_total_frames == 57
+    assert result.indices == frame_indices(57, FPS, 8) == _shown(result)
+    assert result.shortfall_note == _ends_note(path, 57, 6.0)
+    ranged = load_video(path, 8, start=1.0, end=3.0)  # the range ends well before the cut: nothing more is read
+    assert ranged.indices == frame_indices(FRAMES, FPS, 8, 1.0, 3.0) and ranged.shortfall_note is None
+
+
+def _remuxed(source, path):
+    """`source` remuxed (no re-encoding) into `path`'s container: an MP4's time base (1/600 here)
+    becomes an AVI's frame rate, each packet one tick long, the count running to the end of the last."""
+    with av.open(str(source)) as reading, av.open(str(path), "w") as writing:
+        stream = reading.streams.video[0]
+        out = writing.add_stream_from_template(stream)
+        for packet in reading.demux(stream):
+            if packet.dts is not None:
+                packet.stream = out
+                writing.mux(packet)
+    return path
+
+
+def _last_frame_long(path):
+    """20 frames 1/30 s apart in a time base of 1/1000 s, the last one shown for 2 s (variable frame
+    rate, as a screen recording's): an AVI's count (in ticks) runs to its end, its packets do not."""
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        packets = []
+        for number in range(20):
+            frame = av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")
+            frame.pts, frame.time_base = number * 33, Fraction(1, 1000)
+            packets += stream.encode(frame)
+        packets += stream.encode()
+        packets[-1].duration = 2000
+        for packet in packets:
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("backend", video_backends())
+def test_whole_mkv_webm_and_avi_files_get_no_note(tmp_path, monkeypatch, backend):
+    """Rates whose frames do not fall on MKV's milliseconds, a few frames or one, B-frames, an MP4
+    remuxed into MKV and AVI (as the demo clip): where the frames end is within two frames of the
+    header's end, and no note calls them cut short."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    made = []
+    for name, (codec, extra) in UNTRUSTED_COUNTS.items():
+        if codec == "mpeg4" or codec in av.codecs_available:
+            for frames, fps in ((1, 24), (2, 30000 / 1001), (45, 30000 / 1001), (37, 24000 / 1001), (20, 60)):
+                made.append(write_numbered_video(tmp_path / f"{frames}_{fps:.0f}_{name}", frames, fps, codec, **extra))
+    mp4 = write_numbered_video(tmp_path / "clip.mp4", 24, 12)
+    made += [_remuxed(mp4, tmp_path / "remuxed.mkv"), _remuxed(mp4, tmp_path / "remuxed.avi")]
+    made += [_last_frame_long(tmp_path / "long_last.avi"), _last_frame_long(tmp_path / "long_last.mkv")]
+    for path in made:
+        try:
+            result = load_video(path, 8)
+        except MediaError:  # decord forced: it cannot open some (a one-frame MKV); PyAV reads them
+            assert backend == "decord"
+            continue
+        assert (result.ends_at, result.shortfall_note) == (None, None), path.name
+
+
+def _with_longer_audio(path, frames: int, audio_s: float):
+    """An MKV of numbered frames at FPS whose audio track runs `audio_s` seconds: the file's duration."""
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=FPS)
+        video.width, video.height = VIDEO_SIZE
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("pcm_s16le", rate=8000)
+        audio.layout = "mono"
+        for number in range(frames):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")))
+        container.mux(video.encode())
+        for second in range(int(audio_s)):
+            sound = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format="s16", layout="mono")
+            sound.sample_rate, sound.pts = 8000, second * 8000
+            container.mux(audio.encode(sound))
+        container.mux(audio.encode())
+    return path
+
+
+@pytest.mark.parametrize("backend", video_backends())
+def test_an_mkv_whose_audio_runs_longer_than_its_video_is_not_called_cut_short(tmp_path, monkeypatch, backend):
+    """The file's duration is its longest track's: the video track's own (its DURATION tag) is the
+    one its frames are told against. A cut one still is."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = _with_longer_audio(tmp_path / "talk.mkv", 20, 4)
+    with av.open(str(path)) as container:
+        assert container.duration / av.time_base == pytest.approx(4.0, abs=0.1)
+    result = load_video(path, 8)
+    assert (result.num_total_frames, result.shortfall_note) == (20, None)
+    cut = cut_at_frame(path, tmp_path / "cut.mkv", 9)
+    result = load_video(cut, 8)
+    assert result.num_total_frames == 9 and result.shortfall_note == _ends_note(cut, 9, 2.0)
+
+
+def test_without_its_tracks_own_duration_an_mkv_is_told_against_the_files_only_where_it_has_no_other_track():
+    stream = SimpleNamespace(metadata={})
+    alone, with_audio = SimpleNamespace(streams=[stream]), SimpleNamespace(streams=[stream, object()])
+    assert video_header.track_duration(alone, stream, 4.0) == 4.0
+    assert video_header.track_duration(with_audio, stream, 4.0) == 0.0  # the audio may run longer
+    tagged = SimpleNamespace(metadata={"DURATION": "00:01:02.500000000"})
+    assert video_header.track_duration(with_audio, tagged, 4.0) == 62.5
+    for odd in ("", "soon", "00:61:00.0", "-1:00:00"):
+        assert video_header.track_duration(with_audio, SimpleNamespace(metadata={"DURATION": odd}), 4.0) == 0.0
+
+
+def test_the_outermost_structure_tells_a_whole_file_from_a_cut_one(tmp_path):
+    """An MKV's or WebM's Segment, an AVI's RIFF chunks, declare their size: a cut file's runs past
+    its end, a whole one's does not (its frames are then not told against its header at all). A
+    live MKV's Segment has an unknown size: it cannot tell."""
+    for name in ("mpeg4.mkv", "mpeg4.avi", "vp9.webm"):
+        if UNTRUSTED_COUNTS[name][0] not in ("mpeg4", *av.codecs_available):
+            continue
+        whole = _untrusted(name, tmp_path)
+        kind = "avi" if whole.suffix == ".avi" else "matroska"
+        assert video_header.ends_past_the_file(whole, kind) is False, name
+        assert video_header.ends_past_the_file(cut_at_frame(whole, tmp_path / f"cut{whole.suffix}", 12), kind) is True, name
+    whole = _untrusted("mpeg4.mkv", tmp_path)
+    data = bytearray(whole.read_bytes())
+    at = data.index(bytes.fromhex("18538067")) + 4
+    assert data[at] == 0x01  # an 8-byte size
+    data[at : at + 8] = bytes.fromhex("01ffffffffffffff")
+    live = tmp_path / "live.mkv"
+    live.write_bytes(bytes(data))
+    assert video_header.ends_past_the_file(live, "matroska") is None
+    assert video_header.ends_past_the_file(whole, "avi") is None  # not an AVI

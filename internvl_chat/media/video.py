@@ -16,7 +16,14 @@ past the end of the file are known before any decoding (video_header.frames_lost
 measured (`measure_video`) and sampled from the frames it holds. A stream that ends before its
 header's count otherwise (no index to tell, a header that counts more) is sampled again from the
 frames it really holds once decoding finds its end. Either way `VideoInput.shortfall_note` says so;
-a stream whose decoding fails before a sampled frame is refused (the file is damaged there).
+a stream whose decoding fails before a sampled frame is refused (the file is damaged there). MKV,
+WebM and AVI counts are not to be trusted (MKV stores none, an AVI's counts dropped frames): there
+the note tells where the frames really end against where the header says (`VideoHeader.listed_end`;
+only for a file whose outermost structure runs past its end, as no whole one's does), from what the
+decoder knows cheaply: decord read every packet as it opened the file, PyAV demuxed
+an MKV's to count its frames, and demuxes (not decodes) what follows an AVI's last sampled frame,
+where the sampling runs to the end. An AVI found to hold fewer frames is sampled again from them.
+The attach line (`measure_video`) reads no packet and says nothing of these.
 
 Frames come out as a player shows them: a rotation or mirror stored with the video (a display
 matrix, as phones write, or an older `rotate` tag) is applied before the tile transform. Each frame
@@ -55,7 +62,7 @@ from ..errors import MediaError, UsageError
 from ..native_stderr import captured
 from .image import IMAGE_SIZE, check_media_file, normalize_tiles
 from .video_cost import DecodeCost, DecodeMeter
-from .video_header import VideoHeader, check_count, count_packets, read_header, shown_path
+from .video_header import Held, VideoHeader, check_count, count_packets, read_header, shown_path
 from .video_orientation import Orientation
 from .video_sampling import frame_indices
 from .video_sources import (
@@ -85,6 +92,9 @@ class VideoInput:
     decoded_frames: int = 0  # frames the decoder produced to reach the sampled ones
     decoded_pixels: int = 0  # their width × height (at least MIN_FRAME_SIDE²), summed
     listed_frames: int | None = None  # the header's count, where the stream held fewer (num_total_frames)
+    # MKV, WebM, AVI (whose counts are not to be trusted): (where its frames end, where the header
+    # says they end), in seconds, where they end more than two frames early
+    ends_at: tuple[float, float] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -93,6 +103,10 @@ class VideoInput:
     @property
     def shortfall_note(self) -> str | None:
         """One line for the user where the file held fewer frames than its header lists, else None."""
+        if self.ends_at is not None:
+            (end, listed_end), held = self.ends_at, self.num_total_frames
+            return (f"{shown_path(self.path)} ends at {end:.1f} s of the {listed_end:.1f} s its header lists ({held:,} frames): "
+                    f"the file may be cut short (an unfinished download or copy); its frames were sampled from those {held:,}")
         if self.listed_frames is None:
             return None
         held, listed = self.num_total_frames, self.listed_frames
@@ -146,6 +160,7 @@ class _Decoded:
     backend: str
     meter: DecodeMeter
     listed_frames: int | None = None  # the header's count, where the stream held fewer
+    ends_at: tuple[float, float] | None = None  # (seconds held, listed) where the frames end before the header's end
 
 
 def _open(path: Path, backend: str, header: VideoHeader, decord, stop: DecodeStop, packets_alone: bool = True) -> FrameSource:
@@ -183,13 +198,20 @@ def _decode_once(
 ) -> _Decoded:  # fmt: skip
     source = _open(path, backend, header, decord, stop, packets_alone)
     total = source.num_total_frames
+    held: Held | None = None  # what the stream really holds, where that was found out
     try:
         indices = frame_indices(total, source.fps, num_frames, start, end)
         meter.check_plan(_cost(backend, header, source, indices))
         tiles: dict[int, torch.Tensor] = {}
         try:
             _decode_tiles(source, indices, tiles, stop, meter, image_size)
+            if header.listed_end is not None and (end is None or end >= header.listed_end):
+                held = source.held(stop)  # the sampling runs to the end: where its frames really end
+                if held is not None and held.frames < total:
+                    raise StreamEnded(held.frames)  # an AVI cut short after the last frame sampled
         except StreamEnded as ended:
+            if held is None and ended.reason is None and header.listed_end is not None:
+                held = source.held(stop)  # the stream's end was reached: nothing more to read
             # fewer frames than the header lists: sample the frames the file really holds
             total = _frames_held(path, ended, total, source.fps)
             indices = frame_indices(total, source.fps, num_frames, start, end)
@@ -205,8 +227,9 @@ def _decode_once(
                     raise MediaError(f"{shown_path(path)} changed while it was read; attach it again") from None
     finally:
         source.close()
+    ends_at = (held.end, header.listed_end) if held is not None and header.ends_short(held) else None
     return _Decoded(torch.cat([tiles[i] for i in indices]), indices, source.fps, total, backend, meter,
-                    header.listed_if_short(total))  # fmt: skip
+                    header.listed_if_short(total), ends_at)  # fmt: skip
 
 
 def _decode_tiles(
@@ -245,9 +268,17 @@ def _by_backend(decord, forced: str | None, header: VideoHeader, attempt: Callab
                 return attempt("decord")
         except DecordFailed as e:
             if forced == "decord":
-                raise MediaError(str(e)) from None
+                raise MediaError(forced_decord_failed(e)) from None
             # decord lacks some codecs FFmpeg via PyAV has: try that before giving up
     return attempt("pyav")
+
+
+def forced_decord_failed(error: DecordFailed) -> str:
+    """The line for a file decord fails on where it was forced: what failed and the way out (PyAV
+    reads more files), decord's own words only as a detail at the end."""
+    doing = error.doing or "read the video"
+    detail = f" (decord: {error.detail})" if error.detail else ""
+    return f"decord cannot {doing}: unset {BACKEND_ENV} (it forces decord) or set it to pyav{detail}"
 
 
 def _decoders():
@@ -390,4 +421,5 @@ def load_video(
         decoded_frames=decoded.meter.frames,
         decoded_pixels=decoded.meter.pixels,
         listed_frames=decoded.listed_frames,
+        ends_at=decoded.ends_at,
     )

@@ -45,6 +45,8 @@ class VideoHeader:
     alone: bool = True  # the file's only video stream (no cover picture, no second video)
     lost: int = 0  # MP4/MOV: frames shown whose samples the index places past the end of the file (cut short)
     samples_whole: int | None = None  # and then: the samples, in decode order, before the first such one
+    track_duration: float = 0.0  # MKV/WebM: the video track's own (track_duration()), 0.0 where not known
+    runs_past_end: bool | None = None  # MKV/WebM/AVI: whether its outermost element does (ends_past_the_file)
 
     @property
     def frames_by_duration(self) -> int:
@@ -80,6 +82,29 @@ class VideoHeader:
         return shown if held + 1 < shown else None
 
     @property
+    def listed_end(self) -> float | None:
+        """Where the header says the stream ends (seconds), for a container whose frame count is not
+        to be trusted, to tell it cut short by where its frames really end (`ends_short`): MKV and
+        WebM keep the video track's duration at the start (`track_duration`), an AVI its count,
+        the frames a capture dropped included (its duration, cut short, a guess from its size).
+        None elsewhere: an MP4's (or MOV's) index tells (`lost`); MPEG-TS and others have a guess."""
+        formats = self.format_name.split(",")
+        if not self.fps > 0 or self.runs_past_end is False:  # whole: its last frame may last long (VFR)
+            return None
+        if "matroska" in formats or "webm" in formats:
+            return self.track_duration or None
+        if "avi" in formats:
+            return self.frames / self.fps if self.frames else None
+        return None
+
+    def ends_short(self, held: Held) -> bool:
+        """Whether the frames `held` stop short of `listed_end` by more than two frames (at the
+        header's rate or the last step between them: a remuxed AVI's rate is its time base's) and
+        a millisecond (MKV rounds its duration to it)."""
+        listed = self.listed_end
+        return listed is not None and held.end + 2 * max(1 / self.fps, held.step) + 0.001 < listed
+
+    @property
     def orientation(self) -> Orientation:
         """How a player turns the stored frames: the display matrix, else the older `rotate` tag."""
         if self.display_matrix is not None:
@@ -112,8 +137,20 @@ _PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EN
 _ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
 
 
+def from_ffmpeg(error: BaseException) -> bool:
+    """Whether a MemoryError is FFmpeg's ENOMEM (av.error.MemoryError), not Python's own."""
+    from av.error import FFmpegError
+
+    return isinstance(error, MemoryError) and isinstance(error, FFmpegError)
+
+
 def cannot_read(path: Path, err: BaseException) -> MediaError:
     """One line for a file PyAV cannot open (it may have changed since check_media_file looked)."""
+    if from_ffmpeg(err):
+        # FFmpeg answers some invalid headers with ENOMEM: a duplicated MP4 stts box (FFmpeg 7.1+ keeps
+        # the freed table's size and its realloc returns nothing), a table larger than it accepts
+        return MediaError(f"cannot read video {shown_path(path)}: its header is invalid (FFmpeg cannot parse it); "
+                          "the file is damaged: use an undamaged copy")  # fmt: skip
     code = err.errno if isinstance(err, OSError) else None
     if code in _PATH_ERRNOS:
         fix = "check the path"
@@ -155,6 +192,83 @@ def _check_duration(path: Path, duration: float) -> float:
     if not math.isfinite(duration) or duration > MAX_DURATION_S:
         raise MediaError(f"{shown_path(path)} declares a duration of {duration:g} s; the file is damaged or not a real video")
     return max(duration, 0.0)
+
+
+def track_duration(container, stream, duration: float) -> float:
+    """An MKV's (or WebM's) video track's own duration, in seconds: its DURATION tag (FFmpeg and
+    mkvmerge write one per track, at the start), else the file's `duration` where no other track
+    may run longer than the video (audio often ends after it); 0.0 where not known."""
+    tag = _tag(stream.metadata, "duration")
+    found = re.fullmatch(r"\s*(\d+):([0-5]\d):([0-5]\d(?:\.\d+)?)\s*", tag or "")
+    if found:
+        hours, minutes, seconds = found.groups()
+        value = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        return value if 0 < value <= MAX_DURATION_S else 0.0
+    return duration if len(container.streams) == 1 else 0.0
+
+
+RIFF_CHUNKS = 4096  # an OpenDML AVI has one RIFF chunk per GB or so
+
+
+def ends_past_the_file(path: Path, kind: str) -> bool | None:
+    """Whether an MKV/WebM ("matroska") or AVI ("avi") file is cut short by its outermost structure:
+    the size its Segment (or the last of its RIFF chunks) declares runs past the end of the file.
+    A whole file's elements end within it, so its frames are never told against its header (a
+    last frame may last long, and a VFR AVI's count includes its ticks). None where it cannot
+    tell (a live MKV's Segment has an unknown size; a file that reads otherwise)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            return _matroska_past_end(f, size) if kind == "matroska" else _riff_past_end(f, size)
+    except OSError:
+        return None
+
+
+def _riff_past_end(f, size: int) -> bool | None:
+    at = 0
+    for _ in range(RIFF_CHUNKS):
+        if at + 12 > size:
+            return False  # the chunks end within the file (a few stray bytes after them at most)
+        f.seek(at)
+        head = f.read(12)
+        if head[:4] != b"RIFF" or head[8:12] not in (b"AVI ", b"AVIX"):
+            return None if at == 0 else False  # what follows the chunks is not one
+        at += 8 + int.from_bytes(head[4:8], "little") + (int.from_bytes(head[4:8], "little") & 1)
+        if at > size:
+            return True
+    return None
+
+
+def _ebml_number(data: bytes, at: int, is_size: bool) -> tuple[int | None, int] | None:
+    """An EBML variable-length number at `at`: (value, length); value None for a size of all ones
+    (unknown); None where damaged."""
+    if at >= len(data) or not data[at]:
+        return None
+    length = 9 - data[at].bit_length()
+    if at + length > len(data):
+        return None
+    value = int.from_bytes(data[at : at + length], "big")
+    if not is_size:
+        return value, length
+    value &= (1 << (7 * length)) - 1
+    return (None if value == (1 << (7 * length)) - 1 else value), length
+
+
+def _matroska_past_end(f, size: int) -> bool | None:
+    data = f.read(4096)  # the EBML header (its DocType) and the Segment's own header
+    at = 0
+    for expected in (0x1A45DFA3, 0x18538067):  # EBML, then Segment
+        element = _ebml_number(data, at, is_size=False)
+        if element is None or element[0] != expected:
+            return None
+        length = _ebml_number(data, at + element[1], is_size=True)
+        if length is None or length[0] is None:
+            return None  # damaged, or a live stream's unknown size
+        start = at + element[1] + length[1]
+        if expected == 0x18538067:
+            return start + length[0] > size
+        at = start + length[0]
+    return None
 
 
 def _frame_rate(stream) -> float:
@@ -390,6 +504,11 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
                              alone)  # fmt: skip
+        if {"matroska", "webm"} & set(container.format.name.split(",")):
+            header.track_duration = track_duration(container, stream, duration)
+            header.runs_past_end = ends_past_the_file(path, "matroska")
+        elif "avi" in container.format.name.split(","):
+            header.runs_past_end = ends_past_the_file(path, "avi")
         if frames and "mov" in container.format.name.split(","):  # its index tells where each frame lies
             header.lost = frames_lost(stream, path, hides=header.frames_shown < frames)
             if header.lost:
@@ -569,15 +688,64 @@ def _still_bmff(path: Path) -> str | None:
 def count_packets(path: Path, stop: DecodeStop | None = None) -> int:
     """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG): demuxing
     (no decoding) counts one packet per frame."""
+    return demux_length(path, stop).frames
+
+
+def demux_length(path: Path, stop: DecodeStop | None = None) -> Held:
+    """count_packets's count, and where the frames end (Held), from one demuxing."""
     try:
         with open_container(path) as container:
-            count = 0
-            for packet in container.demux(video_stream(container)):
+            stream = video_stream(container)
+            span = PacketSpan(stream)
+            for packet in container.demux(stream):
                 if stop is not None and stop.is_set():
                     raise DecodeStopped
-                count += 1 if packet.size else 0
+                span.add(packet)
     except DecodeStopped:
         raise
     except Exception as e:  # noqa: BLE001
         raise MediaError(f"cannot read video {shown_path(path)} ({error_reason(e)}); the file may be damaged") from None
-    return check_count(path, count)
+    check_count(path, span.frames)
+    return span.held
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a stream really holds: its frames, where the last one shown ends and the smallest step
+    between the times its frames are shown at (seconds)."""
+
+    frames: int
+    end: float
+    step: float
+
+
+class PacketSpan:
+    """Held, from a stream's packets as they are demuxed: the frames (packets with data), the
+    latest time shown and the smallest step between times (a frame's; B-frames come in decode
+    order, their times behind the latest). The last frame lasts its duration, or that step where
+    it is longer: a remuxed AVI's packets last one tick of its time base (1/600 s) while its count
+    runs to the end of the frame. Times are kept in the stream's time base (ints: cheap per packet)."""
+
+    def __init__(self, stream) -> None:
+        self._base = stream.time_base
+        self.frames, self._last, self._step, self._length = 0, None, None, 0
+
+    def add(self, packet) -> None:
+        if not packet.size:  # an AVI's dropped frame, the end-of-stream packet: no frame
+            return
+        self.frames += 1
+        at = packet.pts if packet.pts is not None else packet.dts
+        if at is None:
+            return
+        if self._last is not None and at != self._last:
+            gap = abs(at - self._last)
+            self._step = gap if self._step is None else min(self._step, gap)
+        if self._last is None or at > self._last:
+            self._last, self._length = at, packet.duration or 0
+
+    @property
+    def held(self) -> Held:
+        if self._last is None or self._base is None:
+            return Held(self.frames, 0.0, 0.0)
+        step = self._step or 0
+        return Held(self.frames, float((self._last + max(self._length, step)) * self._base), float(step * self._base))

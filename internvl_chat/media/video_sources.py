@@ -17,15 +17,19 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import MediaError
+from ..files import visible
 from .video_cost import DecodeMeter
 from .video_header import (
+    Held,
+    PacketSpan,
     VideoHeader,
     cannot_read,
     check_count,
     check_fps,
     check_frame_size,
-    count_packets,
+    demux_length,
     error_reason,
+    from_ffmpeg,
     open_container,
     shown_path,
     video_stream,
@@ -54,6 +58,11 @@ class FrameSource(Protocol):
         decoded charged to `meter`. A stream that ends before a wanted frame raises StreamEnded."""
         ...
 
+    def held(self, stop: DecodeStop) -> Held | None:
+        """The frames the stream really holds and where they end, as far as it is cheap to know
+        after decoding (no frame decoded again); None where it cannot tell."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -76,7 +85,26 @@ class _DemuxFailed(Exception):
 
 
 class DecordFailed(MediaError):
-    """decord could not open or decode this file: PyAV may still manage."""
+    """decord could not open or decode this file: PyAV may still manage. `doing` is what failed,
+    as a message says it ("read video PATH"), `detail` decord's own reason, shortened (decord_detail)."""
+
+    def __init__(self, message: str, doing: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.doing, self.detail = doing, detail
+
+
+DECORD_DETAIL_CHARS = 120
+
+
+def decord_detail(err: BaseException) -> str:
+    """decord's reason for an error, escaped and short: its C++ CHECK messages hold the failed
+    expression and its values ("Check failed: avfilter_graph_create_filter(&buffersrc_ctx_, …) >= 0
+    (-22 vs. 0) Cannot create buffer source"), and some a stack trace: only the words after them."""
+    text = str(err).split("Stack trace")[0]
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", text)  # a time and a source location
+    text = re.sub(r"Check failed: .*?\(-?\d+ vs\. -?\d+\)\s*", "", text, flags=re.DOTALL)
+    text = visible(" ".join(text.split())) or type(err).__name__
+    return text if len(text) <= DECORD_DETAIL_CHARS else text[: DECORD_DETAIL_CHARS - 1].rstrip() + "…"
 
 
 def decord_work(wanted: list[int], keys: list[int], total: int) -> list[int]:
@@ -161,7 +189,7 @@ class DecordSource:
         except MediaError:
             raise
         except Exception as e:  # noqa: BLE001 - decord raises DECORDError / RuntimeError for bad files
-            raise DecordFailed(str(cannot_read(path, e))) from None
+            raise DecordFailed(str(cannot_read(path, e)), f"read video {shown_path(path)}", decord_detail(e)) from None
         self._size = (header.width, header.height)  # decord's decoding is not seen frame by frame: the header's size
         self.from_start = False  # from the key frame before each wanted one
         applied = decord_rotation(header)
@@ -184,8 +212,8 @@ class DecordSource:
                 self._reader.seek_accurate(number)
                 frame = self._reader.next()
             except Exception as e:  # noqa: BLE001
-                raise DecordFailed(f"cannot decode frames of {shown_path(self._path)} ({error_reason(e)}); "
-                                   "the file may be damaged") from None  # fmt: skip
+                raise DecordFailed(f"cannot decode frames of {shown_path(self._path)} ({error_reason(e)}); the file may be damaged",
+                                   f"decode frames of {shown_path(self._path)}", decord_detail(e)) from None  # fmt: skip
             # another library may have switched decord's output bridge to torch
             array = frame.asnumpy() if hasattr(frame, "asnumpy") else np.asarray(frame)
             del frame
@@ -194,15 +222,33 @@ class DecordSource:
 
     def _rgb(self, array: np.ndarray) -> np.ndarray:
         if array.ndim != 3 or array.shape[2] < 3:
-            raise DecordFailed(f"decord decoded {shown_path(self._path)} to frames of shape {array.shape}, not RGB")
+            raise DecordFailed(f"decord decoded {shown_path(self._path)} to frames of shape {array.shape}, not RGB",
+                               f"decode frames of {shown_path(self._path)}", f"frames of shape {array.shape}, not RGB")
         height, width, channels = array.shape
         if channels != 3:
             # decord gives a frame linesize/width "channels": rows padded to 4·width bytes (frames
             # narrower than 64 pixels) come out as 4; the first 3·width bytes of each row are the pixels
             array = np.ascontiguousarray(array).reshape(height, -1)[:, : 3 * width].reshape(height, width, 3)
         if (height, width) == self._mis_turned:
-            raise DecordFailed(f"decord turned the frames of {shown_path(self._path)} otherwise than its header says")
+            raise DecordFailed(f"decord turned the frames of {shown_path(self._path)} otherwise than its header says",
+                               f"decode frames of {shown_path(self._path)}", "frames turned otherwise than the header says")
         return array
+
+    def held(self, stop: DecodeStop) -> Held | None:
+        # decord read every packet as it opened the file: its count and the last frames' times
+        try:
+            count = len(self._reader)
+            if count < 1:
+                return None
+            # (start, end) of its last frames, in the order shown; with B-frames, a frame the cut
+            # took may leave a gap before the last one: the step is the smallest between them
+            times = np.asarray(self._reader.get_frame_timestamp(list(range(max(count - 16, 0), count))), np.float64)
+            begin, end = float(times[-1][0]), float(times[-1][1])
+            steps = np.diff(np.sort(times[:, 0]))
+            step = float(steps[steps > 0].min()) if (steps > 0).any() else 0.0
+            return Held(count, begin + max(end - begin, step), step)
+        except Exception:  # noqa: BLE001 - a decord without frame times, or none for that frame
+            return None
 
     def close(self) -> None:
         self._reader = None
@@ -211,13 +257,6 @@ class DecordSource:
 class NotOnePerPacket(Exception):
     """A packet of an intra-only stream decoded to no picture or several (MJPEG fields in packets of
     their own, damage): packet n is not frame n there, so the stream is decoded from the start."""
-
-
-def _from_ffmpeg(error: BaseException) -> bool:
-    """Whether a MemoryError is FFmpeg's ENOMEM (av.error.MemoryError), not Python's own."""
-    from av.error import FFmpegError
-
-    return isinstance(error, FFmpegError)
 
 
 class PyAVSource:
@@ -243,7 +282,14 @@ class PyAVSource:
             frame_bytes = max(header.width * header.height * 3 // 2, 1)  # 4:2:0
             stream.codec_context.thread_count = max(1, min(os.cpu_count() or 1, 16, FRAME_THREADS_BYTES // frame_bytes))
             self.fps = header.fps
-            self.num_total_frames = header.frames_held or count_packets(path, stop)
+            self._demux = None  # the demuxing decoding reads from (held() reads on where it stopped)
+            self._span = PacketSpan(stream)  # what the packets demuxed hold
+            self._held: Held | None = None
+            if header.frames_held:
+                self.num_total_frames = header.frames_held
+            else:  # no count in the header: demuxed (no decoding), which tells where the frames end too
+                self._held = demux_length(path, stop)
+                self.num_total_frames = self._held.frames
             # cut short: a decoder is given the samples the file holds whole, not the half one after
             # them, which fails, and makes a frame-threaded decoder drop the frames it holds back
             self._whole = header.samples_whole if header.lost else None
@@ -261,7 +307,7 @@ class PyAVSource:
         which does not decode; a packet that does not decode elsewhere is damage (an MP4 or MOV
         whose index tells the cut ends with the last sample it holds whole). A demuxing error ends
         with _DemuxFailed once the packets before it are out."""
-        packets = self._container.demux(self._stream)
+        self._demux = packets = self._container.demux(self._stream)
         queue: deque = deque()  # read ahead up to the next packet with data
         failed, ended, fed = None, False, 0
         while True:
@@ -269,7 +315,7 @@ class PyAVSource:
                 try:
                     packet = next(packets, None)
                 except MemoryError as e:
-                    if not _from_ffmpeg(e):
+                    if not from_ffmpeg(e):
                         raise
                     # FFmpeg's: a sample the index declares far larger than the file (a hostile size)
                     failed, ended = error_reason(e), True
@@ -279,11 +325,12 @@ class PyAVSource:
                     break
                 if packet is None:
                     ended = True
-                elif packet.size and self._whole is not None and fed >= self._whole:
+                    continue
+                self._span.add(packet)
+                if packet.size and self._whole is not None and fed >= self._whole:
                     continue  # past the samples held whole (the demuxer ends at the file's end)
-                else:
-                    fed += 1 if packet.size else 0
-                    queue.append(packet)
+                fed += 1 if packet.size else 0
+                queue.append(packet)
             if not queue:
                 break
             capped = len(queue) > MAX_EMPTY_AHEAD  # so many empty packets ahead: taken as data following
@@ -354,6 +401,23 @@ class PyAVSource:
                 if target is None:
                     return
             del frame
+
+    def held(self, stop: DecodeStop) -> Held | None:
+        """Demuxes (no decoding) the packets decoding left unread: after the last sampled frame,
+        the last few of the stream."""
+        if self._held is None:
+            packets = self._demux if self._demux is not None else self._container.demux(self._stream)
+            try:
+                for packet in packets:
+                    if stop.is_set():
+                        raise DecodeStopped
+                    self._span.add(packet)
+            except DecodeStopped:
+                raise
+            except Exception:  # noqa: BLE001 - av raises FFmpegError subclasses for damaged data: it cannot tell
+                return None
+            self._held = self._span.held
+        return self._held
 
     def close(self) -> None:
         self._container.close()
