@@ -16,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+from internvl_chat.chat.saved_media import LeftOut, saved_media
 from internvl_chat.chat.session_file import DamagedSession, SavedSession, parse_session, read_session_file, session_json
-from internvl_chat.errors import UsageError
+from internvl_chat.errors import MediaError, UsageError
 from internvl_chat.ui.app import ERROR, OK, App
 from app_helpers import make_app, output
 from media_helpers import textured_rgb
@@ -417,3 +418,17 @@ def test_ids_that_open_a_hidden_turn_inside_an_answer_are_not_replayed(loaded, t
     (tmp_path / "opened.json").write_text(json.dumps(base))
     assert app.handle_line(f"/load {tmp_path / 'opened.json'}") == OK
     assert tokenizer.decode(session.ids).endswith("assistant\n" + base["messages"][1]["text"])
+
+
+def test_a_media_path_of_an_unknown_users_home_is_a_missing_file_that_skip_missing_leaves_out(tmp_path):
+    """A saved path `~someone/cat.png` whose user has no account here (a session from another
+    machine, or edited) raised "there is no user" out of the whole /load: even --skip-missing
+    could not load the session without that picture."""
+    data = valid_session()
+    data["messages"][0]["media"] = [{**data["messages"][0]["media"][0], "path": "~no-such-user-x9/cat.png",
+                                     "relative_path": None}]  # fmt: skip
+    saved = parse_session(data, tmp_path / "chat.json", VOCAB, FORBIDDEN)
+    with pytest.raises(MediaError, match=r"~no-such-user-x9/cat\.png has vanished; put the files back"):
+        saved_media(saved, None, None)
+    media, left_out = saved_media(saved, None, None, skip_missing=True)
+    assert media == [[], []] and left_out == [LeftOut(1, "image", "cat.png", found=False)]

@@ -326,7 +326,7 @@ def media_candidates(media: SavedMedia, session_file: Path) -> list[Path]:
     that folder, and the same file name beside the session file.
     """
     folder = Path(os.path.abspath(session_file)).parent
-    saved = expand_home(media.path)
+    saved = _saved_path(media.path)
     out = [saved] if saved.is_absolute() else []
     if media.relative_path:
         out.append(folder / media.relative_path)
@@ -339,3 +339,13 @@ def media_candidates(media: SavedMedia, session_file: Path) -> list[Path]:
         if candidate not in unique:
             unique.append(candidate)
     return unique
+
+
+def _saved_path(text: str) -> Path:
+    """A saved media path, `~` expanded. A `~user` that names no account here (a file saved on
+    another machine, or edited) is kept as written: it is then a file not found, one media item's
+    problem that --skip-missing leaves out, not an error that stops the whole /load."""
+    try:
+        return expand_home(text)
+    except UsageError:  # no such user; no home folder for `~`
+        return Path(text)
