@@ -447,20 +447,27 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _apply_toml(settings: Settings, data: dict[str, Any], path: Path, source: str) -> None:
     shown = visible(str(path))
     for section, table in data.items():
-        section = visible(section)
         if section not in SECTIONS:
             raise UsageError(
-                f"{shown}: unknown section [{section}]{_suggest(section, list(SECTIONS))}; "
+                f"{shown}: unknown section [{_name_shown(section)}]{_suggest(section, list(SECTIONS))}; "
                 f"valid sections are {', '.join(SECTIONS)}."
             )
         if not isinstance(table, dict):
             raise UsageError(f"{shown}: {section} must be a [{section}] table of settings; fix the file.")
         for name, value in table.items():
-            dotted = f"{section}.{visible(name)}"
+            dotted = f"{section}.{name}"
             if dotted not in all_keys():
-                raise UsageError(f"{shown}: unknown setting {dotted!r}{_suggest(dotted, all_keys())}; fix the file.")
+                raise UsageError(f"{shown}: unknown setting '{section}.{_name_shown(name)}'{_suggest(dotted, all_keys())}; "
+                                 "fix the file.")  # fmt: skip
             _assign(settings, dotted, value, where=str(path))
             settings.sources[dotted] = source
+
+
+def _name_shown(name: str, width: int = 60) -> str:
+    """A section or key name from a file, for an error: escaped and cut short (TOML names have no
+    length limit: a 100,000-character one was printed whole)."""
+    shown = visible(name)
+    return shown if len(shown) <= width else shown[: width - 1] + "…"
 
 
 def env_name(dotted: str) -> str:

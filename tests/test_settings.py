@@ -534,6 +534,22 @@ def test_config_files_are_read_as_untrusted_text(tmp_path):
     assert load_settings(config_path=os.devnull, env=env).model.max_context == 8192  # /dev/null: no user settings
 
 
+def test_a_long_or_hostile_name_in_a_config_file_is_shown_cut_short_and_escaped_once(tmp_path):
+    # a key or section 100,000 characters long was printed whole, and a key's escapes were doubled
+    # ('model.dev\\e[2Jice': escaped, then repr'd)
+    env = clean_env(tmp_path)
+    cases = {
+        write(tmp_path / "long_key.toml", '[model]\n"' + "k" * 100_000 + '" = 1\n'): "unknown setting 'model.kkk",
+        write(tmp_path / "long_section.toml", '["' + "s" * 100_000 + '"]\nx = 1\n'): "unknown section [sss",
+        write(tmp_path / "esc_key.toml", '[model]\n"dev\\u001b[2Jice" = 1\n'): "unknown setting 'model.dev\\e[2Jice'",
+    }
+    for path, expected in cases.items():
+        with pytest.raises(UsageError) as err:
+            load_settings(config_path=path, env=env)
+        message = str(err.value)
+        assert expected in message and len(message) < 400 and "\x1b" not in message, message
+
+
 def test_a_bad_flag_value_names_the_flag_typed(tmp_path):
     # it said "flag model.dtype: must be …", a name the user never typed; env and config messages keep the key
     with pytest.raises(UsageError) as err:
