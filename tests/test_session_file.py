@@ -223,6 +223,23 @@ def test_unreadable_json_is_refused_in_one_line(tmp_path, text, expected):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"\x89PNG\r\n\x1a\n" + bytes(64), "is a PNG image, not a session; attach it with /image"),
+        (b"\x00\x00\x00\x18ftypisom" + bytes(64), "is a video (MP4/MOV), not a session; attach it with /video"),
+        (b"\x7fELF\x02\x01\x01\x00" + bytes(64), "is binary data, not a session; give a file saved with /save"),
+    ],
+)
+def test_a_picture_or_binary_file_given_to_load_is_named_as_what_it_is(tmp_path, data, expected):
+    # `/load cat.png` (meant for /image) said "not UTF-8 text (byte 0x89 on line 1); save it as UTF-8"
+    path = tmp_path / "cat.png"
+    path.write_bytes(data)
+    with pytest.raises(UsageError) as err:
+        read_session_file(path, VOCAB, FORBIDDEN)
+    assert expected in str(err.value) and str(path) in str(err.value) and "UTF-8" not in str(err.value)
+
+
 def _weird_values(rng: random.Random) -> list:
     return [None, True, False, 0, -1, 2**64, 1.5, math.nan, math.inf, "", "x", "\ud800", "\x1b[2J", [], {}, [[]],
             {"kind": "image"}, [1, 2], "a" * 1000, rng.randint(-5, 5)]  # fmt: skip
