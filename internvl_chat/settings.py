@@ -437,11 +437,21 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
+        if _is_json_object(text):  # a model's config.json, or a saved session, taken for the settings file --config names
+            raise UsageError(f"config file {visible(str(path))} is JSON, not a TOML settings file (as --print-config "
+                             "shows); a model folder goes to --model, a saved session to /load") from None  # fmt: skip
         raise UsageError(f"config file {visible(str(path))} is not valid TOML ({visible(str(e))}); fix the file.") from None
     except ValueError:  # int() refusing an integer of thousands of digits (TOMLDecodeError is caught above)
         raise UsageError(f"config file {visible(str(path))} holds a number too large for any setting; fix the file.") from None
     except RecursionError:  # arrays nested thousands deep
         raise UsageError(f"config file {visible(str(path))} is nested too deeply to be a config file; fix the file.") from None
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def _apply_toml(settings: Settings, data: dict[str, Any], path: Path, source: str) -> None:

@@ -550,6 +550,19 @@ def test_a_long_or_hostile_name_in_a_config_file_is_shown_cut_short_and_escaped_
         assert expected in message and len(message) < 400 and "\x1b" not in message, message
 
 
+def test_a_json_file_given_as_the_config_says_what_goes_where(tmp_path):
+    # `--config MODEL/config.json` (the model's config, taken for the app's) said "not valid TOML
+    # (Invalid statement …); fix the file": advice to edit the checkpoint
+    env = clean_env(tmp_path)
+    model_config = write(tmp_path / "config.json", '{\n  "architectures": ["InternVLChatModel"]\n}\n')
+    with pytest.raises(UsageError) as err:
+        load_settings(config_path=model_config, env=env)
+    assert str(err.value) == (f"config file {model_config} is JSON, not a TOML settings file (as --print-config shows); "
+                              "a model folder goes to --model, a saved session to /load")  # fmt: skip
+    with pytest.raises(UsageError, match=r"is not valid TOML \(.*\); fix the file"):  # JSON, but no object: plain bad TOML
+        load_settings(config_path=write(tmp_path / "five.toml", "[5, 6]\n"), env=env)
+
+
 def test_a_bad_flag_value_names_the_flag_typed(tmp_path):
     # it said "flag model.dtype: must be …", a name the user never typed; env and config messages keep the key
     with pytest.raises(UsageError) as err:
