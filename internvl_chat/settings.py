@@ -437,6 +437,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
+        if _is_json_object(text):  # a model's config.json, or a saved session, taken for the settings file --config names
+            raise UsageError(f"config file {visible(str(path))} is JSON, not a TOML settings file (as --print-config "
+                             "shows); a model folder goes to --model, a saved session to /load") from None  # fmt: skip
         raise UsageError(f"config file {visible(str(path))} is not valid TOML ({visible(str(e))}); fix the file.") from None
     except ValueError:  # int() refusing an integer of thousands of digits (TOMLDecodeError is caught above)
         raise UsageError(f"config file {visible(str(path))} holds a number too large for any setting; fix the file.") from None
@@ -444,23 +447,37 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise UsageError(f"config file {visible(str(path))} is nested too deeply to be a config file; fix the file.") from None
 
 
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 def _apply_toml(settings: Settings, data: dict[str, Any], path: Path, source: str) -> None:
     shown = visible(str(path))
     for section, table in data.items():
-        section = visible(section)
         if section not in SECTIONS:
             raise UsageError(
-                f"{shown}: unknown section [{section}]{_suggest(section, list(SECTIONS))}; "
+                f"{shown}: unknown section [{_name_shown(section)}]{_suggest(section, list(SECTIONS))}; "
                 f"valid sections are {', '.join(SECTIONS)}."
             )
         if not isinstance(table, dict):
             raise UsageError(f"{shown}: {section} must be a [{section}] table of settings; fix the file.")
         for name, value in table.items():
-            dotted = f"{section}.{visible(name)}"
+            dotted = f"{section}.{name}"
             if dotted not in all_keys():
-                raise UsageError(f"{shown}: unknown setting {dotted!r}{_suggest(dotted, all_keys())}; fix the file.")
+                raise UsageError(f"{shown}: unknown setting '{section}.{_name_shown(name)}'{_suggest(dotted, all_keys())}; "
+                                 "fix the file.")  # fmt: skip
             _assign(settings, dotted, value, where=str(path))
             settings.sources[dotted] = source
+
+
+def _name_shown(name: str, width: int = 60) -> str:
+    """A section or key name from a file, for an error: escaped and cut short (TOML names have no
+    length limit: a 100,000-character one was printed whole)."""
+    shown = visible(name)
+    return shown if len(shown) <= width else shown[: width - 1] + "…"
 
 
 def env_name(dotted: str) -> str:

@@ -320,6 +320,7 @@ def test_v2_zero_scale_column_and_bf16_tensors():
         ("in not multiple of 64", "in_features % 64"),
         ("fractional zero", "integer zeros"),
         ("negative zero", "integer zeros"),
+        ("NaN zero", "integer zeros"),  # passed every comparison: a zero point of garbage, answers of garbage
         ("scales too short", "scales must be"),
     ],
 )
@@ -339,6 +340,8 @@ def test_v2_errors(case, fragment):
         scaled_zeros_v2[0, 0] = -scales_v2[0, 0] * 2.5
     elif case == "negative zero":
         scaled_zeros_v2[0, 0] = scales_v2[0, 0] * 3
+    elif case == "NaN zero":
+        scaled_zeros_v2[0, 0] = float("nan")
     elif case == "scales too short":
         scales_v2 = scales_v2[:0]
     with pytest.raises(CheckpointError) as info:

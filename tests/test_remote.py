@@ -773,6 +773,31 @@ def test_skip_missing_loads_a_session_without_its_vanished_picture_and_resends_t
         assert [m["media"] for m in json.loads(again.read_text())["messages"][::2]][0] == []
 
 
+def test_a_picture_saved_in_many_turns_is_read_once_and_refused_by_a_context_it_cannot_fit(tmp_path):
+    """A session file naming one picture in hundreds of turns made a remote /load read it and hold
+    its data URL once per turn (gigabytes from a small file), even for a server whose known context
+    could never take those pictures."""
+    image = png(tmp_path / "a.png")
+    with FakeServer(models_of("lmdeploy")) as server:  # its context is not known
+        server.chat(stream_of("lmdeploy"))
+        conv = connect(server)
+        answer(conv.ask("Look.", [conv.describe_image(image)]))
+        data = json.loads(conv.save(tmp_path / "s.json").read_text())
+        data["messages"] = data["messages"][:2] * 300
+        (tmp_path / "many.json").write_text(json.dumps(data))
+        loaded = connect(server)
+        loaded.load(tmp_path / "many.json")
+        assert len(loaded.turns) == 300 and len({id(t.media[0].picture) for t in loaded.turns}) == 1
+    with FakeServer(models_of("vllm")) as server:  # a 32,768-token context: 300 pictures need ~77,000
+        server.chat(stream_of("vllm"))
+        conv = connect(server)
+        answer(conv.ask("kept"))
+        with pytest.raises(ContextOverflowError, match=r"needs more than [0-9,]+ tokens for its media, over the "
+                                                       r"server's 32,768-token context") as err:  # fmt: skip
+            conv.load(tmp_path / "many.json")
+        assert "\n" not in str(err.value) and [t.user_text for t in conv.turns] == ["kept"]
+
+
 def test_a_local_session_loads_and_its_texts_are_what_is_resent(tmp_path):
     """A session saved by the local app (ids, the " [cancelled]" mark) continues on a server from its texts."""
     image = png(tmp_path / "a.png")

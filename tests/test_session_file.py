@@ -16,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+from internvl_chat.chat.saved_media import LeftOut, saved_media
 from internvl_chat.chat.session_file import DamagedSession, SavedSession, parse_session, read_session_file, session_json
-from internvl_chat.errors import UsageError
+from internvl_chat.errors import MediaError, UsageError
 from internvl_chat.ui.app import ERROR, OK, App
 from app_helpers import make_app, output
 from media_helpers import textured_rgb
@@ -222,6 +223,23 @@ def test_unreadable_json_is_refused_in_one_line(tmp_path, text, expected):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"\x89PNG\r\n\x1a\n" + bytes(64), "is a PNG image, not a session; attach it with /image"),
+        (b"\x00\x00\x00\x18ftypisom" + bytes(64), "is a video (MP4/MOV), not a session; attach it with /video"),
+        (b"\x7fELF\x02\x01\x01\x00" + bytes(64), "is binary data, not a session; give a file saved with /save"),
+    ],
+)
+def test_a_picture_or_binary_file_given_to_load_is_named_as_what_it_is(tmp_path, data, expected):
+    # `/load cat.png` (meant for /image) said "not UTF-8 text (byte 0x89 on line 1); save it as UTF-8"
+    path = tmp_path / "cat.png"
+    path.write_bytes(data)
+    with pytest.raises(UsageError) as err:
+        read_session_file(path, VOCAB, FORBIDDEN)
+    assert expected in str(err.value) and str(path) in str(err.value) and "UTF-8" not in str(err.value)
+
+
 def _weird_values(rng: random.Random) -> list:
     return [None, True, False, 0, -1, 2**64, 1.5, math.nan, math.inf, "", "x", "\ud800", "\x1b[2J", [], {}, [[]],
             {"kind": "image"}, [1, 2], "a" * 1000, rng.randint(-5, 5)]  # fmt: skip
@@ -417,3 +435,17 @@ def test_ids_that_open_a_hidden_turn_inside_an_answer_are_not_replayed(loaded, t
     (tmp_path / "opened.json").write_text(json.dumps(base))
     assert app.handle_line(f"/load {tmp_path / 'opened.json'}") == OK
     assert tokenizer.decode(session.ids).endswith("assistant\n" + base["messages"][1]["text"])
+
+
+def test_a_media_path_of_an_unknown_users_home_is_a_missing_file_that_skip_missing_leaves_out(tmp_path):
+    """A saved path `~someone/cat.png` whose user has no account here (a session from another
+    machine, or edited) raised "there is no user" out of the whole /load: even --skip-missing
+    could not load the session without that picture."""
+    data = valid_session()
+    data["messages"][0]["media"] = [{**data["messages"][0]["media"][0], "path": "~no-such-user-x9/cat.png",
+                                     "relative_path": None}]  # fmt: skip
+    saved = parse_session(data, tmp_path / "chat.json", VOCAB, FORBIDDEN)
+    with pytest.raises(MediaError, match=r"~no-such-user-x9/cat\.png has vanished; put the files back"):
+        saved_media(saved, None, None)
+    media, left_out = saved_media(saved, None, None, skip_missing=True)
+    assert media == [[], []] and left_out == [LeftOut(1, "image", "cat.png", found=False)]

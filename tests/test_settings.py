@@ -534,6 +534,35 @@ def test_config_files_are_read_as_untrusted_text(tmp_path):
     assert load_settings(config_path=os.devnull, env=env).model.max_context == 8192  # /dev/null: no user settings
 
 
+def test_a_long_or_hostile_name_in_a_config_file_is_shown_cut_short_and_escaped_once(tmp_path):
+    # a key or section 100,000 characters long was printed whole, and a key's escapes were doubled
+    # ('model.dev\\e[2Jice': escaped, then repr'd)
+    env = clean_env(tmp_path)
+    cases = {
+        write(tmp_path / "long_key.toml", '[model]\n"' + "k" * 100_000 + '" = 1\n'): "unknown setting 'model.kkk",
+        write(tmp_path / "long_section.toml", '["' + "s" * 100_000 + '"]\nx = 1\n'): "unknown section [sss",
+        write(tmp_path / "esc_key.toml", '[model]\n"dev\\u001b[2Jice" = 1\n'): "unknown setting 'model.dev\\e[2Jice'",
+    }
+    for path, expected in cases.items():
+        with pytest.raises(UsageError) as err:
+            load_settings(config_path=path, env=env)
+        message = str(err.value)
+        assert expected in message and len(message) < 400 and "\x1b" not in message, message
+
+
+def test_a_json_file_given_as_the_config_says_what_goes_where(tmp_path):
+    # `--config MODEL/config.json` (the model's config, taken for the app's) said "not valid TOML
+    # (Invalid statement …); fix the file": advice to edit the checkpoint
+    env = clean_env(tmp_path)
+    model_config = write(tmp_path / "config.json", '{\n  "architectures": ["InternVLChatModel"]\n}\n')
+    with pytest.raises(UsageError) as err:
+        load_settings(config_path=model_config, env=env)
+    assert str(err.value) == (f"config file {model_config} is JSON, not a TOML settings file (as --print-config shows); "
+                              "a model folder goes to --model, a saved session to /load")  # fmt: skip
+    with pytest.raises(UsageError, match=r"is not valid TOML \(.*\); fix the file"):  # JSON, but no object: plain bad TOML
+        load_settings(config_path=write(tmp_path / "five.toml", "[5, 6]\n"), env=env)
+
+
 def test_a_bad_flag_value_names_the_flag_typed(tmp_path):
     # it said "flag model.dtype: must be …", a name the user never typed; env and config messages keep the key
     with pytest.raises(UsageError) as err:

@@ -668,6 +668,19 @@ def test_a_long_value_quoted_by_the_tokenizer_json_parser_is_cut_short(tmp_path,
     assert "yyyy" in str(err.value) and len(str(err.value)) < 300 and "\n" not in str(err.value)
 
 
+def test_bpe_dropout_saved_in_tokenizer_json_does_not_make_encoding_random(tmp_path, tiny_tokenizer):
+    """A BPE `dropout` in tokenizer.json (a training setting) left every encode of a text random:
+    the model read other ids than it would each time, and cached prompts stopped matching."""
+    (tmp_path / "tokenizer_config.json").write_bytes((tiny_tokenizer / "tokenizer_config.json").read_bytes())
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["dropout"] = 0.9
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    text = "The quick brown fox jumps over the lazy dog, naïve café."
+    want = load_tokenizer(tiny_tokenizer).encode(text)
+    tokenizer = load_tokenizer(tmp_path)
+    assert all(tokenizer.encode(text) == want for _ in range(20))
+
+
 def test_a_regex_the_backend_cannot_run_is_one_error_and_the_conversation_goes_on(tiny_original, tmp_path):
     """tokenizer.json may hold a pre-tokenizer regex that backtracks without end: the Rust backend
     panics, and pyo3's PanicException (a BaseException) ended the app with a traceback."""

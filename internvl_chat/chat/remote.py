@@ -605,7 +605,10 @@ class RemoteConversation:
         """Read and validate a session file (every field, as the local app does) and find and measure
         its media; changes nothing. Token ids in a local session are checked, then not needed.
         `skip_missing`: media that vanished or changed are left out, as the local Session does."""
-        saved = read_session_file(expand_home(path), None, ())
+        path = expand_home(path)
+        saved = read_session_file(path, None, ())
+        if not skip_missing:  # media that may be left out count for nothing (as the local Session counts)
+            self._refuse_saved_media_over_context(path, sum(self.media_tokens(t.media) for t in saved.turns))  # type: ignore[arg-type]
         media, left_out = saved_media(saved, self._measure_image, self.describe_video, skip_missing)
         turns = [
             RemoteTurn(with_notes(t.user_text, [m for m in left_out if m.turn == number]), turn_media, "", t.reply,
@@ -614,13 +617,36 @@ class RemoteConversation:
         ]  # fmt: skip
         return ReadiedSession(saved, turns, left_out)
 
+    def _refuse_saved_media_over_context(self, path: Path, media_tokens: int) -> None:
+        """A cheap bound before any media file is read: a saved conversation whose pictures alone
+        pass the server's known context is refused (each picture was read and held: a session file
+        naming one picture in thousands of turns took gigabytes before any message could fail)."""
+        if self._max_context is None or media_tokens <= self._max_context:
+            return
+        try:
+            self._context_news = self.refresh_context() or self._context_news  # a server restarted with more
+        except RemoteError:
+            pass
+        if self._max_context is not None and media_tokens > self._max_context:
+            raise ContextOverflowError(
+                f"the conversation in {visible(str(path))} needs more than {media_tokens:,} tokens for its media, "
+                f"over the server's {self._max_context:,}-token context; use a server with a larger context, or start anew"
+            )
+
     def restore(self, readied: ReadiedSession) -> None:
         """Take a conversation `read_saved` returned: each picture read (a video sampled) once, now,
-        so every resend is byte-identical; on an error nothing changed."""
+        so every resend is byte-identical; on an error nothing changed. A file that several turns
+        show is read once and held once."""
         turns: list[RemoteTurn] = readied.turns
+        prepared: dict[tuple, RemoteMedia] = {}
         for turn in turns:
             for item in turn.media:
-                self._prepare(item)
+                key = (item.kind, item.path, item.sha256, item.max_tiles, item.frames, item.video_range)
+                if key in prepared:
+                    _share_prepared(item, prepared[key])
+                else:
+                    self._prepare(item)
+                    prepared[key] = item
             turn.content = self._content(turn.user_text, turn.media)
         self.turns, self.system_message = list(turns), readied.saved.system_message
 
@@ -629,3 +655,10 @@ class RemoteConversation:
         readied = self.read_saved(path, skip_missing)
         self.restore(readied)
         return readied.saved.data
+
+
+def _share_prepared(item: RemoteMedia, done: RemoteMedia) -> None:
+    """`item` sends what `done` (the same file, measured alike) was prepared to send: the same picture
+    or frames (immutable), not a copy of each."""
+    item.picture, item.clip, item.sha256, item.bytes = done.picture, done.clip, done.sha256, done.bytes
+    item.timestamps = None if done.timestamps is None else list(done.timestamps)

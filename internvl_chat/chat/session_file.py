@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..files import PRIVATE_FILE_MODE, brief_repr, escape_hidden, expand_home, read_text_file, undecodable_byte, visible
+from ..files import (IMAGE_KINDS, PRIVATE_FILE_MODE, brief_repr, decode_utf8, escape_hidden, expand_home, read_bytes_file,
+                     refuse_wide_text, sniff_binary, undecodable_byte, visible)
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS, MAX_TILES
 from .dialects import DIALECTS
 
@@ -104,7 +105,10 @@ def read_session_file(path: Path, vocab_size: int | None, forbidden_ids: Collect
 
     `vocab_size` None: token ids are only checked to be ids (the reader has no vocabulary)."""
     shown = visible(str(path))
-    text = read_text_file(path, "session file")
+    data = read_bytes_file(path, "session file")
+    refuse_wide_text(data, f"session file {shown}")
+    _refuse_binary(data, shown)
+    text = decode_utf8(data, f"session file {shown}")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -114,6 +118,19 @@ def read_session_file(path: Path, vocab_size: int | None, forbidden_ids: Collect
         reason = "it is nested too deeply" if isinstance(e, RecursionError) else "it holds a number too large"
         raise DamagedSession(f"session file {shown} cannot be read: {reason}; is it a file saved with /save?") from None
     return parse_session(data, path, vocab_size, forbidden_ids)
+
+
+def _refuse_binary(data: bytes, shown: str) -> None:
+    """A picture, video or other binary file given to /load (meant for /image or /video) is named as
+    what it is: "not UTF-8 text ...; save it as UTF-8" advised converting a PNG."""
+    kind = sniff_binary(data)
+    if kind is None:
+        return
+    if kind in IMAGE_KINDS or kind.startswith("a video"):
+        fix = f"attach it with /{'image' if kind in IMAGE_KINDS else 'video'}, and /load a file saved with /save"
+    else:
+        fix = "give a file saved with /save"
+    raise DamagedSession(f"session file {shown} is {kind}, not a session; {fix}")
 
 
 def parse_session(data: Any, path: Path, vocab_size: int | None, forbidden_ids: Collection[int]) -> SavedSession:
@@ -326,7 +343,7 @@ def media_candidates(media: SavedMedia, session_file: Path) -> list[Path]:
     that folder, and the same file name beside the session file.
     """
     folder = Path(os.path.abspath(session_file)).parent
-    saved = expand_home(media.path)
+    saved = _saved_path(media.path)
     out = [saved] if saved.is_absolute() else []
     if media.relative_path:
         out.append(folder / media.relative_path)
@@ -339,3 +356,13 @@ def media_candidates(media: SavedMedia, session_file: Path) -> list[Path]:
         if candidate not in unique:
             unique.append(candidate)
     return unique
+
+
+def _saved_path(text: str) -> Path:
+    """A saved media path, `~` expanded. A `~user` that names no account here (a file saved on
+    another machine, or edited) is kept as written: it is then a file not found, one media item's
+    problem that --skip-missing leaves out, not an error that stops the whole /load."""
+    try:
+        return expand_home(text)
+    except UsageError:  # no such user; no home folder for `~`
+        return Path(text)

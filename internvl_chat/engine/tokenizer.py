@@ -93,6 +93,8 @@ class FastTokenizer(Tokenizer):
         self._vocab_size = -1  # the backend's size when `_vocab` was built
         backend.no_truncation()  # a truncation/padding setting saved in tokenizer.json must not cut prompts
         backend.no_padding()
+        if getattr(backend.model, "dropout", None):  # BPE dropout (for training) made encoding random: other ids each time
+            backend.model.dropout = None
         backend.encode_special_tokens = True  # special-token text in the input stays text
 
     def encode(self, text: str) -> list[int]:

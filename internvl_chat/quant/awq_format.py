@@ -324,8 +324,9 @@ def tinychat_v2_to_awq(
     zero_f = torch.where(s == 0, torch.zeros_like(s), -sz / safe_s)
     zero = torch.round(zero_f)
     # A zero scale with a nonzero scaled_zero, a zero outside 0..15 or far from an integer cannot be
-    # expressed in the AWQ layout. 0.1 leaves room for the fp16/bf16 rounding of scale·zero.
-    bad = ((s == 0) & (sz != 0)) | (zero < 0) | (zero > 15) | ((zero_f - zero).abs() > 0.1)
+    # expressed in the AWQ layout. 0.1 leaves room for the fp16/bf16 rounding of scale·zero. A NaN
+    # (from a NaN scaled_zero, or inf/inf) fails no comparison, so it is named: it packed as any zero.
+    bad = ((s == 0) & (sz != 0)) | (zero < 0) | (zero > 15) | ((zero_f - zero).abs() > 0.1) | zero_f.isnan()
     if bool(bad.any()):
         raise CheckpointError(
             f"{where}TinyChat v2 scaled_zeros are not −scale·zero with integer zeros in 0..15; "
