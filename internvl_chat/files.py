@@ -342,10 +342,11 @@ def current_umask() -> int:
     return current
 
 
-# C0 and C1 controls, DEL, and the Unicode format characters that reorder or hide text on screen
-# (bidi overrides and isolates, zero-width marks): none of them may reach the terminal from a file.
-_INVISIBLE = {*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), 0x200B, 0x200C, 0x200D, 0x200E, 0x200F,
-              *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0xFEFF}  # fmt: skip
+# C0 and C1 controls, DEL, and the Unicode characters that reorder, hide or break text on screen
+# (bidi marks, overrides and isolates, zero-width and invisible marks, the line and paragraph
+# separators): none of them may reach the terminal from a file.
+_INVISIBLE = {*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), 0x061C, 0x200B, 0x200C, 0x200D, 0x200E, 0x200F,
+              0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2060, 0x2065), *range(0x2066, 0x206A), 0xFEFF}  # fmt: skip
 _VISIBLE = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _INVISIBLE}
 _VISIBLE.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x1B: "\\e"})
 

@@ -168,6 +168,9 @@ def test_a_relative_xdg_folder_counts_as_unset(tmp_path, monkeypatch):
 
 def test_visible_makes_controls_bidi_and_undecodable_bytes_inert():
     assert visible("a\x1b[31mb\x07\u202ec\td\n") == "a\\e[31mb\\x07\\u202ec\\td\\n"
+    # line and paragraph separators break a line where a terminal or a log reader honours them;
+    # the word joiner and invisible operators hide between letters; the Arabic letter mark is a bidi mark
+    assert visible("a\u2028b\u2029c\u2060d\u2064e\u061cf") == "a\\u2028b\\u2029c\\u2060d\\u2064e\\u061cf"
     undecodable = b"caf\xe9.png".decode("utf-8", errors="surrogateescape")  # a non-UTF-8 file name
     assert visible(undecodable) == "caf\\xe9.png"
     visible(undecodable).encode("utf-8")  # printable on any UTF-8 terminal
