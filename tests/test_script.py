@@ -58,6 +58,8 @@ def test_an_unclosed_block_holds_the_lines_of_the_script_only():
     # the newline that ends the last line made one more, empty line: echoed as "... " in the transcript
     assert [e.lines for e in read_entries('Hello\n"""\nabc\n')] == [("Hello",), ('"""', "abc")]
     assert [e.lines for e in read_entries('"""\r\nabc\r\n\r\n')] == [('"""', "abc", "")]  # a blank line it has
+    # a file saved with classic Mac line ends (CR alone) was one long message
+    assert [e.text for e in read_entries("Hi\r/stats\r# note\rBye\r")] == ["Hi", "/stats", "Bye"]
     assert [e.lines for e in read_entries('"""\nabc')] == [('"""', "abc")]  # no newline at the end
 
 

@@ -53,6 +53,8 @@ class Entry:
 
 def read_entries(text: str) -> Iterator[Entry]:
     """Split a script into entries: single lines, and `\"\"\"` blocks spanning lines."""
+    if "\r" in text and "\n" not in text:  # classic Mac line ends (CR alone): a line each, not one message
+        text = text.replace("\r", "\n")
     lines = [line.removesuffix("\r") for line in text.split("\n")]  # only \n ends a line (not \f, U+2028 …)
     if text.endswith("\n"):
         lines.pop()  # the last line's end starts no line: an unclosed block echoed an empty "... " line
