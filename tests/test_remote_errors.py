@@ -584,8 +584,9 @@ def test_a_password_in_a_server_url_that_is_refused_is_not_shown(url):
     assert "s3cret" not in str(err.value) and "me:" not in str(err.value)
 
 def test_a_key_with_a_line_break_is_refused_before_anything_is_sent():
-    with pytest.raises(UsageError, match="control characters"):
+    with pytest.raises(UsageError, match="control characters") as err:
         RemoteConversation.connect("http://127.0.0.1:9/v1", api_key="sk\r\nX-Evil: 1")
+    assert "[remote] api_key in the config file" in str(err.value)  # it may have come from there
 
 
 def test_a_key_that_is_not_ascii_is_refused_as_the_key_not_the_url():

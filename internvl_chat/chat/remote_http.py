@@ -74,6 +74,10 @@ def check_encoding(response: httpx.Response) -> None:
         )
 
 
+# where a key comes from, the first one set winning (the config file is a place to look too)
+_KEY_SOURCES = "check --api-key, [remote] api_key in the config file and the OPENAI_API_KEY environment variable"
+
+
 class ApiClient:
     """One server: base URL, key, timeout, and a pooled connection."""
 
@@ -97,10 +101,10 @@ class ApiClient:
                    "Accept-Encoding": ", ".join(BOUNDED_ENCODINGS)}  # fmt: skip
         if api_key:
             if any(c in api_key for c in "\r\n") or not api_key.isprintable():
-                raise UsageError("the API key has control characters; check --api-key or OPENAI_API_KEY")
+                raise UsageError(f"the API key has control characters; {_KEY_SOURCES}")
             if not api_key.isascii():  # httpx would fail later, and the error would blame the URL
                 raise UsageError("the API key has characters that are not ASCII, which an HTTP header cannot carry; "
-                                 "check --api-key or OPENAI_API_KEY")  # fmt: skip
+                                 f"{_KEY_SOURCES}")  # fmt: skip
             headers["Authorization"] = f"Bearer {api_key}"
         try:
             self.http = proxy_env.client(
