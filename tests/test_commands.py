@@ -130,6 +130,7 @@ def test_parse_line(line, expected):
         ("/video a.mp4 b.mp4", "/video takes at most 1 argument(s); usage: /video PATH"),
         ("/video a.mp4 --fram 3", "/video has no option --fram; did you mean --frames?"),
         ("/video a.mp4 --speed 3", "/video has no option --speed; usage: /video PATH"),
+        ("/set system.message --default", "/set has no option --default; the model's own system message comes back with /system --default"),
         ("/video a.mp4 --frames", "/video: --frames needs a value"),
         ("/video a.mp4 --frames 0", "/video: --frames must be a whole number from 1 to 256, not '0'"),
         ("/video a.mp4 --frames two", "/video: --frames must be a whole number from 1 to 256, not 'two'"),

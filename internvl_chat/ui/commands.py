@@ -338,6 +338,8 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
                 valid = [o.name for o in spec.options]
                 hint = _suggest(name, valid, "")
                 tip = f"did you mean {hint}?" if hint else f"usage: {spec.usage}"
+                if spec.name == "set" and name == "--default":  # as /system takes it
+                    tip = f"the model's own system message comes back with /system --default; usage: {spec.usage}"
                 raise UsageError(f"/{spec.name} has no option {_cut(name)}; {tip}")
             if opt.kind == "flag":
                 if eq:
