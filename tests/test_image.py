@@ -697,6 +697,43 @@ def test_scans_are_counted_from_the_picture_start_to_its_end(tmp_path):
     _assert_one_line(err, "a JPEG of 306 scans", "decompression bomb")
 
 
+def test_a_jpeg_cut_short_while_its_scans_are_counted_does_not_kill_the_app(tmp_path):
+    """The scan count read a memory mapping of the file: one truncated meanwhile (a sync client
+    rewriting the photo) killed the process with SIGBUS, no message. Run apart, so that it can."""
+    import subprocess
+    import sys
+    import textwrap
+
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(textured_rgb(256, 256, seed=6)).save(photo, "JPEG", progressive=True)
+    script = textwrap.dedent(f"""
+        import os
+        from internvl_chat.media import image
+        walk = image._scans_before_end
+        def cut_then_walk(data, *args, **kwargs):
+            os.truncate({str(photo)!r}, 0)  # the file shrinks once it is open
+            return walk(data, *args, **kwargs)
+        image._scans_before_end = cut_then_walk
+        print(image._jpeg_scans(image.Path({str(photo)!r})))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert int(done.stdout) > 1  # counted from what was read before the cut
+
+
+def test_scans_are_all_counted_where_the_picture_runs_past_what_the_walk_reads(tmp_path, monkeypatch):
+    """A picture whose end lies past JPEG_WALK_BYTES is not taken to end there: every 0xFF 0xDA of
+    the file counts (a bomb's scans after a long first scan stay refused)."""
+    bomb = jpeg_with_empty_scans(64, 300)
+    path = tmp_path / "long.jpg"
+    path.write_bytes(bomb)
+    monkeypatch.setattr(media_image, "JPEG_WALK_BYTES", 200)  # the walk sees only the start of the picture
+    with pytest.raises(MediaError) as err:
+        probe_image(path)
+    _assert_one_line(err, "a JPEG of ", "decompression bomb")
+
+
 def test_a_damaged_avif_is_one_error_not_a_traceback(tmp_path):
     """Pillow's AVIF plugin raises RuntimeError for a file with no primary item (found by fuzzing);
     it went past the except clause and ended one-shot runs with a traceback."""

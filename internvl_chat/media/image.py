@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import mmap
 import os
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -339,29 +339,39 @@ def _jpeg_scans(path: Path) -> int:
     whole picture for each scan, and a scan can be 31 bytes: a 683 KB JPEG of 4000×4000 with 20,000
     of them took 33 s to decode. Counted up to the picture's end (EOI), where the decoder stops: a
     phone's motion photo appends its video there, and 20 MB of compressed video hold 0xFF 0xDA some
-    300 times by chance (within the picture 0xFF is stuffed as 0xFF 0x00), which refused the photo."""
+    300 times by chance (within the picture 0xFF is stuffed as 0xFF 0x00), which refused the photo.
+
+    The picture's first JPEG_WALK_BYTES are read, not mapped: a file truncated while a mapping of it
+    is read kills the process (SIGBUS)."""
     try:
-        with open_regular_file(path) as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            scans = _scans_before_end(data)
-    except (OSError, ValueError):  # NotRegularFile is an OSError; ValueError: an empty file, which cannot be mapped
+        with open_regular_file(path) as f:
+            head = f.read(JPEG_WALK_BYTES)
+            scans = _scans_before_end(head, whole=len(head) < JPEG_WALK_BYTES)
+            if scans is None:
+                f.seek(0)
+                scans = _sos_markers(f)
+    except OSError:  # NotRegularFile is one
         return 0  # the decoder reports the file's trouble
-    return scans if scans is not None else _sos_markers(path)
+    return scans
 
 
 # A marker: 0xFF then neither a stuffed 0x00, a fill byte 0xFF nor a restart marker (0xD0…0xD7, within a scan)
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
 # Segments a picture may have: a progressive one has a few dozen, a camera's some more
 MAX_JPEG_SEGMENTS = 1 << 16
+# What the walk to the picture's end reads: a phone's photo ends well within it (its video follows)
+JPEG_WALK_BYTES = 64 << 20
 
 
-def _scans_before_end(data) -> int | None:
+def _scans_before_end(data: bytes, whole: bool = True) -> int | None:
     """The SOS segments from SOI to EOI, each segment skipped by its length (an EXIF thumbnail's own
-    markers are inside one); None for a file of more segments than a picture has."""
+    markers are inside one); None for a file of more segments than a picture has, or where `data`
+    (not `whole`: the file's start) ends before the picture does."""
     scans, at = 0, 2
     for _ in range(MAX_JPEG_SEGMENTS):
         found = _JPEG_MARKER.search(data, at)
-        if found is None:
-            return scans
+        if found is None or (not whole and found.end() + 2 > len(data)):
+            return scans if whole else None
         marker = data[found.start() + 1]
         if marker == 0xD9:  # EOI
             return scans
@@ -373,17 +383,14 @@ def _scans_before_end(data) -> int | None:
     return None
 
 
-def _sos_markers(path: Path) -> int:
-    """Every 0xFF 0xDA of the file, within the picture or not: the count for a file of countless segments."""
+def _sos_markers(f: BinaryIO) -> int:
+    """Every 0xFF 0xDA of the file, within the picture or not: the count for a file of countless
+    segments, or whose picture does not end within JPEG_WALK_BYTES."""
     count, carry = 0, b""
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                data = carry + block
-                count += data.count(b"\xff\xda")
-                carry = data[-1:] if data.endswith(b"\xff") else b""
-    except OSError:
-        return 0
+    while block := f.read(1 << 20):
+        data = carry + block
+        count += data.count(b"\xff\xda")
+        carry = data[-1:] if data.endswith(b"\xff") else b""
     return count
 
 
