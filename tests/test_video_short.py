@@ -6,6 +6,8 @@ The frames sent are the ones a player shows, never a stand-in."""
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -640,3 +642,21 @@ def test_the_outermost_structure_tells_a_whole_file_from_a_cut_one(tmp_path):
     live.write_bytes(bytes(data))
     assert video_header.ends_past_the_file(live, "matroska") is None
     assert video_header.ends_past_the_file(whole, "avi") is None  # not an AVI
+
+
+def test_the_structure_check_refuses_a_fifo_instead_of_waiting_for_a_writer(tmp_path):
+    """ends_past_the_file opened the path with a blocking open: a FIFO swapped in after PyAV read
+    the header waited for a writer forever. It cannot tell then."""
+    fifo = tmp_path / "pipe.mkv"
+    os.mkfifo(fifo)
+    outcome, stuck = [], []
+    for kind in ("matroska", "avi"):
+        # in a thread so a regression (a blocking open) fails the test instead of hanging it
+        check = threading.Thread(target=lambda: outcome.append(video_header.ends_past_the_file(fifo, kind)), daemon=True)
+        check.start()
+        check.join(timeout=60)
+        if check.is_alive():  # unblock the stuck open before failing
+            stuck.append(kind)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            check.join(timeout=60)
+    assert stuck == [] and outcome == [None, None]

@@ -8,6 +8,7 @@ lost with its end. Also the one-line messages for a file that cannot be read."""
 from __future__ import annotations
 
 import errno
+import os
 import math
 import re
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MediaError
-from ..files import IMAGE_KINDS, STILL_BMFF_KINDS, sniff_file, visible
+from ..files import IMAGE_KINDS, STILL_BMFF_KINDS, open_regular_file, sniff_file, visible
 from .image import is_animation, probe_image
 from .video_orientation import Orientation, orientation_from_display_matrix, orientation_from_rotate_tag
 from .video_worker import DecodeStop, DecodeStopped
@@ -217,10 +218,10 @@ def ends_past_the_file(path: Path, kind: str) -> bool | None:
     last frame may last long, and a VFR AVI's count includes its ticks). None where it cannot
     tell (a live MKV's Segment has an unknown size; a file that reads otherwise)."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
+            size = os.fstat(f.fileno()).st_size
             return _matroska_past_end(f, size) if kind == "matroska" else _riff_past_end(f, size)
-    except OSError:
+    except OSError:  # NotRegularFile is one
         return None
 
 
