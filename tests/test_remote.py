@@ -156,6 +156,20 @@ def _images_then_video(tmp_path, dialect: str) -> tuple[list[dict], RemoteConver
         return server.chat_bodies(), conv
 
 
+def test_a_picture_changed_since_it_was_measured_is_named_escaped(tmp_path):
+    """A saved session names its pictures: the path came out raw in "has changed since it was
+    attached", so a name holding a terminal escape reached the screen."""
+    path = tmp_path / "a\x1b[2Jb.png"
+    png(path)
+    with FakeServer(models_of("lmdeploy")) as server:
+        conv = connect(server)
+        item = conv.describe_image(path)
+        item.sha256 = "0" * 64  # the bytes a session file saved for it were others
+        with pytest.raises(MediaError) as err:
+            list(conv.ask("Hi", [item]))
+    assert str(err.value) == f"{tmp_path}/a\\e[2Jb.png has changed since it was attached; attach it again"
+
+
 @pytest.mark.parametrize("dialect", ["lmdeploy", "vllm", "llamacpp"])
 def test_request_bodies_match_each_servers_documented_shape(tmp_path, dialect):
     bodies, conv = _images_then_video(tmp_path, dialect)

@@ -334,7 +334,7 @@ class RemoteConversation:
             data = read_bytes_file(media.path, "image", MAX_IMAGE_BYTES, MediaError)
             digest = hashlib.sha256(data).hexdigest()
             if media.sha256 and media.sha256 != digest:
-                raise MediaError(f"{media.path} has changed since it was attached; attach it again")
+                raise MediaError(f"{visible(str(media.path))} has changed since it was attached; attach it again")
             payload, mime = image_payload(data, str(media.path))
             media.sha256, media.bytes = digest, len(data)
             media.picture = Picture(data_url(payload, mime), media.max_tiles)
