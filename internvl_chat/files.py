@@ -448,6 +448,11 @@ STILL_BMFF_KINDS = tuple(sorted(set(_STILL_BRANDS.values())))
 IMAGE_KINDS = ("a PNG image", "a JPEG image", "a GIF image", "a BMP image", "a TIFF image", "a WebP image", *STILL_BMFF_KINDS)
 
 
+
+def is_video_kind(kind: str | None) -> bool:
+    """Whether a `sniff_binary` answer is a video: "a video (MP4/MOV)", "a video (AVI)" or "a Matroska/WebM video"."""
+    return bool(kind) and (kind.startswith("a video") or kind.endswith(" video"))
+
 SNIFF_BYTES = 8192  # what sniff_binary looks at
 
 

@@ -228,6 +228,7 @@ def test_unreadable_json_is_refused_in_one_line(tmp_path, text, expected):
     [
         (b"\x89PNG\r\n\x1a\n" + bytes(64), "is a PNG image, not a session; attach it with /image"),
         (b"\x00\x00\x00\x18ftypisom" + bytes(64), "is a video (MP4/MOV), not a session; attach it with /video"),
+        (b"\x1aE\xdf\xa3" + bytes(64), "is a Matroska/WebM video, not a session; attach it with /video"),
         (b"\x7fELF\x02\x01\x01\x00" + bytes(64), "is binary data, not a session; give a file saved with /save"),
     ],
 )

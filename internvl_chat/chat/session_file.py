@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..files import (IMAGE_KINDS, PRIVATE_FILE_MODE, brief_repr, decode_utf8, escape_hidden, expand_home, read_bytes_file,
-                     refuse_wide_text, sniff_binary, undecodable_byte, visible)
+from ..files import (IMAGE_KINDS, PRIVATE_FILE_MODE, brief_repr, decode_utf8, escape_hidden, expand_home, is_video_kind,
+                     read_bytes_file, refuse_wide_text, sniff_binary, undecodable_byte, visible)
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS, MAX_TILES
 from .dialects import DIALECTS
 
@@ -126,7 +126,7 @@ def _refuse_binary(data: bytes, shown: str) -> None:
     kind = sniff_binary(data)
     if kind is None:
         return
-    if kind in IMAGE_KINDS or kind.startswith("a video"):
+    if kind in IMAGE_KINDS or is_video_kind(kind):
         fix = f"attach it with /{'image' if kind in IMAGE_KINDS else 'video'}, and /load a file saved with /save"
     else:
         fix = "give a file saved with /save"

@@ -22,7 +22,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import MediaError
-from ..files import STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, open_regular_file, sniff_file, visible
+from ..files import (STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, is_video_kind, open_regular_file,
+                     sniff_file, visible)
 from ..native_stderr import captured
 
 IMAGE_SIZE = 448
@@ -293,7 +294,7 @@ def _open_image(path: Path) -> Image.Image:
         ) from None
     except UnidentifiedImageError:
         what = _sniffed(path)
-        if what.startswith(("a video", "a Matroska")):
+        if is_video_kind(what):
             raise MediaError(f"{visible(str(path))} is a video, not an image; attach (or send) it as a video instead") from None
         if what in STILL_BMFF_KINDS and _reader_of(what) not in image_formats():
             raise MediaError(f"{visible(str(path))} is {what}, a format this installation cannot read; convert it to JPEG or PNG") from None
