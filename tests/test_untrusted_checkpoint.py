@@ -942,3 +942,12 @@ def test_cli_refuses_with_exit_2_and_one_line(tiny_original, tmp_path, case):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("internvl-chat: error: "), run.stderr
     assert str(folder) in lines[0] and "weights_only" not in lines[0]
+
+
+def test_a_weight_file_opened_as_a_folder_is_called_a_folder(tmp_path):
+    # a folder swapped in after the weight files were found was "not a regular file (a pipe or a device?)"
+    from internvl_chat.engine.tensor_reader import open_regular
+
+    with pytest.raises(CheckpointError) as err:
+        open_regular(tmp_path, "weight file")
+    one_line(err, f"weight file {tmp_path} is a folder, not a file")

@@ -43,10 +43,21 @@ def open_regular(path: Path, what: str):
     shown = visible(str(path))
     try:
         return open_regular_file(path)
-    except (NotRegularFile, IsADirectoryError):
+    except IsADirectoryError:
+        raise CheckpointError(f"{what} {shown} is a folder, not a file; point --model at a checkpoint folder") from None
+    except NotRegularFile:
         raise CheckpointError(f"{what} {shown} is not a regular file (a pipe or a device?); point --model at a checkpoint folder") from None
     except OSError as e:
         raise CheckpointError(f"cannot open {what} {shown} ({e.strerror or e}); check the file and its permissions") from None
+
+
+def weight_file_head(path: Path, size: int) -> bytes:
+    """The first `size` bytes of a weight file (at least a Git LFS pointer's first line), refused
+    where it is such a pointer (refuse_lfs_pointer)."""
+    with open_regular(path, "weight file") as f:
+        head = f.read(max(size, len(LFS_POINTER)))
+    refuse_lfs_pointer(path, head)
+    return head[:size]
 
 
 def shown_value(value: object) -> str:
@@ -62,10 +73,7 @@ MAX_HEADER_BYTES = 16 << 20
 
 
 def _check_header_size(path: Path, shown: str) -> None:
-    with open_regular(path, "weight file") as f:
-        head = f.read(len(LFS_POINTER))
-    refuse_lfs_pointer(path, head)
-    head = head[:8]
+    head = weight_file_head(path, 8)
     if len(head) == 8 and struct.unpack("<Q", head)[0] > MAX_HEADER_BYTES:  # a short file: the library says so
         size = struct.unpack("<Q", head)[0]
         raise CheckpointError(
@@ -171,8 +179,7 @@ def _pickle_refusal(path: Path, error: BaseException) -> CheckpointError:
 def _torch_load(path: Path):
     """torch.load with weights_only=True (never anything else), memory-mapped where the format
     allows; legacy (non-zip) pickles cannot be mapped and are read whole."""
-    with open_regular(path, "weight file") as f:
-        refuse_lfs_pointer(path, f.read(len(LFS_POINTER)))
+    weight_file_head(path, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": noise for the user
         try:

@@ -14,8 +14,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..files import visible
-from .checkpoint_json import LFS_POINTER, read_json_object, refuse_lfs_pointer
-from .tensor_reader import open_regular, safetensors_entries, shown_value
+from .checkpoint_json import read_json_object
+from .tensor_reader import open_regular, safetensors_entries, shown_value, weight_file_head
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -72,8 +72,7 @@ class WeightFiles:
                     total += nbytes
                     declared.append(DeclaredTensor(path, name, dtype, shape))
                 continue
-            with open_regular(path, "weight file") as f:  # its size would be "a partial download"
-                refuse_lfs_pointer(path, f.read(len(LFS_POINTER)))
+            weight_file_head(path, 0)  # a Git LFS pointer's size would be "a partial download"
             try:
                 total += path.stat().st_size
             except OSError as e:
