@@ -335,12 +335,10 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
             name, eq, value = raw.partition("=")
             opt = next((o for o in spec.options if o.name == name), None)
             if opt is None:
-                valid = [o.name for o in spec.options]
-                hint = _suggest(name, valid, "")
-                tip = f"did you mean {hint}?" if hint else f"usage: {spec.usage}"
                 if spec.name == "set" and name == "--default":  # as /system takes it
-                    tip = f"the model's own system message comes back with /system --default; usage: {spec.usage}"
-                raise UsageError(f"/{spec.name} has no option {_cut(name)}; {tip}")
+                    raise _no_option(spec, name, f"the model's own system message comes back with /system --default; "
+                                                 f"usage: {spec.usage}")  # fmt: skip
+                raise _no_option(spec, name)
             if opt.kind == "flag":
                 if eq:
                     raise UsageError(f"/{spec.name}: {name} takes no value; usage: {spec.usage}")
@@ -400,10 +398,16 @@ def _text_command(spec: CommandSpec, rest: str) -> Command:
     if opt is None and len(words) > 1:
         return Command(spec.name, (rest,))  # words that start with a dash: a text
     if opt is None:
-        hint = _suggest(words[0], [o.name for o in spec.options], "")
-        tip = f"did you mean {hint}?" if hint else f"usage: {spec.usage}"
-        raise UsageError(f'/{spec.name} has no option {_cut(words[0])}; {tip} (a one-word TEXT that starts with -- goes in a """ block)')
+        raise _no_option(spec, words[0], after=' (a one-word TEXT that starts with -- goes in a """ block)')
     return Command(spec.name, (), {opt.name[2:]: True})
+
+
+def _no_option(spec: CommandSpec, name: str, tip: str = "", after: str = "") -> UsageError:
+    """`/CMD has no option --NAME`, with the option it may have meant, else `tip` or the usage."""
+    if not tip:
+        hint = _suggest(name, [o.name for o in spec.options], "")
+        tip = f"did you mean {hint}?" if hint else f"usage: {spec.usage}"
+    return UsageError(f"/{spec.name} has no option {_cut(name)}; {tip}{after}")
 
 
 def _set_value(text: str) -> str:
