@@ -233,6 +233,12 @@ def test_a_hugging_face_cache_folder_names_the_checkpoint_inside_it(tmp_path, ti
     with pytest.raises(CheckpointError) as err:
         load_config(cache)
     assert str(err.value) == f"{cache} is a Hugging Face cache folder; pass --model {new}, the checkpoint inside it"
+    # a newer revision whose download stopped before its config.json blob: the whole one is named
+    (cache / "snapshots" / "77ab").mkdir()
+    (cache / "snapshots" / "77ab" / "config.json").symlink_to("../../blobs/never-written")
+    with pytest.raises(CheckpointError) as err:
+        load_config(cache)
+    assert str(err.value) == f"{cache} is a Hugging Face cache folder; pass --model {new}, the checkpoint inside it"
 
 
 def test_folder_without_weights(tmp_path, tiny_original):

@@ -342,8 +342,13 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
 def _cached_snapshot(model_dir: Path) -> Path | None:
     """The checkpoint in a Hugging Face cache folder (hub/models--ORG--NAME, which `ls` shows, holds
     it in snapshots/REVISION/), the newest revision if several; None for any other folder."""
+    found = []
     try:
-        found = [(p.stat().st_mtime, p.parent) for p in (model_dir / "snapshots").glob("*/config.json")]
+        for config in (model_dir / "snapshots").glob("*/config.json"):
+            try:
+                found.append((config.stat().st_mtime, config.parent))
+            except OSError:  # a link to a blob an interrupted download never wrote: another revision may be whole
+                continue
     except OSError:
         return None
     return max(found)[1] if found else None
