@@ -661,15 +661,16 @@ def section_gemv(plan: bl.Plan, device: torch.device, deadline: float | None, st
 
 
 def _sweep_start(plan: bl.Plan, device: torch.device, budget_s: float, deadline: float | None, default, extra,
-                 label) -> tuple[float, list, dict]:  # fmt: skip
+                 label, start: float) -> tuple[float, list, dict]:  # fmt: skip
     """What a sweep section starts from: its deadline (its own budget, within the run's), its
     configurations (the default first, each other once) and its record so far (the copy
-    bandwidth, the model, the configurations by `label`)."""
+    bandwidth, the model, the configurations by `label`), logged."""
     bandwidth = bl.copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20))
     own = time.perf_counter() + budget_s
     configs = [default] + [c for c in dict.fromkeys(extra) if c != default]
     out = {"copy_bandwidth_bytes_per_s": bandwidth, "model": plan.sweep_shape, "default_config": label(default),
            "configs": {label(c): c._asdict() for c in configs}}  # fmt: skip
+    bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s; {len(configs)} configurations, default {label(default)}", start)
     return (min(own, deadline) if deadline is not None else own), configs, out
 
 
@@ -702,7 +703,7 @@ def section_gemv_sweep(plan: bl.Plan, device: torch.device, deadline: float | No
         return {"skipped": f"the triton backend cannot run here: {why}"}
     default = triton_gemv.default_config()
     extra = (triton_gemv.GemvConfig(*t) for t in plan.sweep_configs)
-    section_deadline, configs, out = _sweep_start(plan, device, plan.sweep_budget_s, deadline, default, extra, bl.sweep_label)
+    section_deadline, configs, out = _sweep_start(plan, device, plan.sweep_budget_s, deadline, default, extra, bl.sweep_label, start)
     default_label, bandwidth = out["default_config"], out["copy_bandwidth_bytes_per_s"]
     out.update({
         "rows": list(plan.sweep_rows),
@@ -710,7 +711,6 @@ def section_gemv_sweep(plan: bl.Plan, device: torch.device, deadline: float | No
         "bytes_note": "resident bytes of the layer (weights, scales, zeros) + bf16 activations in and out, per call",
         "shapes": {},
     })
-    bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s; {len(configs)} configurations, default {default_label}", start)
     prepared = _prepare_sweep_shapes(plan.sweep_shape, out["shapes"], start,
                                      lambda k, n, seed: bl.prepare_sweep_shape(k, n, plan.sweep_rows, device, bandwidth, seed))  # fmt: skip
     for config in configs:
@@ -752,7 +752,7 @@ def section_dequant_sweep(plan: bl.Plan, device: torch.device, deadline: float |
         return {"skipped": f"the Triton kernels cannot run here: {why}"}
     default = triton_dequant.default_config()
     extra = (triton_dequant.DequantConfig(*t) for t in plan.dqsweep_configs)
-    section_deadline, configs, out = _sweep_start(plan, device, plan.dqsweep_budget_s, deadline, default, extra, bl.dequant_label)
+    section_deadline, configs, out = _sweep_start(plan, device, plan.dqsweep_budget_s, deadline, default, extra, bl.dequant_label, start)
     default_label, bandwidth = out["default_config"], out["copy_bandwidth_bytes_per_s"]
     out.update({
         "group_size": bl.AWQ_GROUP,
@@ -762,7 +762,6 @@ def section_dequant_sweep(plan: bl.Plan, device: torch.device, deadline: float |
         "check_note": "each output bit for bit against the default configuration's output on the same tensors",
         "shapes": {},
     })
-    bl.log(f"  copy bandwidth {bandwidth / 1e9:.0f} GB/s; {len(configs)} configurations, default {default_label}", start)
     prepared = _prepare_sweep_shapes(plan.sweep_shape, out["shapes"], start, lambda k, n, seed: bl.prepare_dequant_shape(k, n, device, seed))
     for config in configs:
         label = bl.dequant_label(config)
