@@ -106,7 +106,7 @@ def read_session_file(path: Path, vocab_size: int | None, forbidden_ids: Collect
     `vocab_size` None: token ids are only checked to be ids (the reader has no vocabulary)."""
     shown = visible(str(path))
     data = read_bytes_file(path, "session file")
-    refuse_wide_text(data, f"session file {shown}")
+    refuse_wide_text(data, f"session file {shown}")  # before the sniff: UTF-16's NUL bytes would read as binary
     _refuse_binary(data, shown)
     text = decode_utf8(data, f"session file {shown}")
     try:
