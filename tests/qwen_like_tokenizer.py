@@ -1,7 +1,7 @@
 """A small byte-level BPE with Qwen2's pre-tokenizer split and the InternVL special tokens.
 
 Tests that care how text pieces merge (templates, streaming detokenisation) train one on their own
-corpus with `build_qwen_like_tokenizer`.
+corpus with `build_qwen_like_tokenizer`. `redos_pre_tokenizer` makes a tokenizer.json's encoding panic.
 """
 
 from __future__ import annotations
@@ -38,3 +38,11 @@ def build_qwen_like_tokenizer(
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     extra = {"pad_token": pad_token} if pad_token else {}
     return TokenizersBackend(tokenizer_object=tok, eos_token="<|im_end|>", **extra)
+
+
+def redos_pre_tokenizer(byte_level: dict) -> dict:
+    """A tokenizer.json pre-tokenizer whose first step, a Split regex, backtracks past Oniguruma's
+    limit on "aaa…!" (the backend panics), followed by the file's own byte-level one (`byte_level`):
+    the text then still round-trips, as the loader checks, and the tokenizer loads."""
+    redos = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    return {"type": "Sequence", "pretokenizers": [redos, byte_level]}

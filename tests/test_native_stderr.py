@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from media_helpers import write_numbered_video
+from qwen_like_tokenizer import redos_pre_tokenizer
 
 from internvl_chat.files import visible
 
@@ -49,7 +50,7 @@ def _redos_checkpoint(tiny_original: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "redos"
     shutil.copytree(tiny_original, folder)
     spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    spec["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    spec["pre_tokenizer"] = redos_pre_tokenizer(spec["pre_tokenizer"])
     (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     return folder
 

@@ -14,22 +14,26 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 import shutil
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from qwen_like_tokenizer import SPECIALS, build_qwen_like_tokenizer
+from qwen_like_tokenizer import SPECIALS, build_qwen_like_tokenizer, redos_pre_tokenizer
 from test_checkpoint import tokenizer_json_ids
 from transformers import AutoTokenizer
 
 from internvl_chat.chat.detokenize import IncrementalDetokenizer
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
 from internvl_chat.engine.tokenizer import (
+    ROUND_TRIP_PROBE,
     FastTokenizer,
     TransformersTokenizer,
+    _check_text_growth,
     load_tokenizer,
     special_token_ids,
 )
@@ -516,24 +520,33 @@ def test_a_normalizer_or_decoder_that_multiplies_text_is_refused(tmp_path, tiny_
     assert f"the {part} of {tmp_path / 'tokenizer.json'}" in text and words in text and len(text) < 300, text
 
 
-def test_the_inserts_of_sentencepiece_style_tokenizers_still_load(tmp_path, tiny_tokenizer):
+def _parsed_with(tiny_tokenizer: Path, **parts: Any) -> Any:
+    """The tiny tokenizer.json with `parts` replaced, parsed by the backend (not loaded: a tokenizer
+    that changes text is then refused by the round-trip check, after the growth check)."""
+    from tokenizers import Tokenizer as Backend
+
     data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
-    data["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, _replace(" ", "▁")]}
-    data["decoder"] = {"type": "Sequence", "decoders": [_replace("▁", " "), {"type": "ByteFallback"}, {"type": "Fuse"}]}
-    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
-    assert load_tokenizer(tmp_path).encode("a b")
+    return Backend.from_str(json.dumps({**data, **parts}))
 
 
-def test_an_albert_style_nfkc_charsmap_still_loads(tmp_path, tiny_tokenizer):
+def test_the_inserts_of_sentencepiece_style_tokenizers_pass_the_growth_check(tmp_path, tiny_tokenizer):
+    backend = _parsed_with(
+        tiny_tokenizer,
+        normalizer={"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, _replace(" ", "▁")]},
+        decoder={"type": "Sequence", "decoders": [_replace("▁", " "), {"type": "ByteFallback"}, {"type": "Fuse"}]},
+    )
+    _check_text_growth(tmp_path / "tokenizer.json", backend)  # refuses nothing
+    assert backend.normalizer.normalize_str("a b") == "▁a▁b"
+
+
+def test_an_albert_style_nfkc_charsmap_passes_the_growth_check(tmp_path, tiny_tokenizer):
     """Unicode's NFKC map, as SentencePiece compiles it, has an 18-character string (for U+FDFA),
     behind two one-character Replaces in ALBERT's tokenizer.json (72 by the worst-case product); the
     charsmap does replace "h" as the tests above take it."""
-    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
-    data["normalizer"] = {"type": "Sequence",
-                          "normalizers": [_replace("``", '"'), _replace("''", '"'), _charsmap("h", "é" * 18)]}  # fmt: skip
-    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
-    tokenizer = load_tokenizer(tmp_path)
-    assert tokenizer.backend.normalizer.normalize_str("ah!") == "a" + "é" * 18 + "!"
+    backend = _parsed_with(tiny_tokenizer, normalizer={
+        "type": "Sequence", "normalizers": [_replace("``", '"'), _replace("''", '"'), _charsmap("h", "é" * 18)]})  # fmt: skip
+    _check_text_growth(tmp_path / "tokenizer.json", backend)  # refuses nothing
+    assert backend.normalizer.normalize_str("ah!") == "a" + "é" * 18 + "!"
 
 
 @pytest.mark.parametrize("unmarked", [["<IMG_CONTEXT>"], ["<|im_end|>"], ["<|im_start|>", "<img>", "</img>", "<|endoftext|>"]])
@@ -691,7 +704,7 @@ def test_a_regex_the_backend_cannot_run_is_one_error_and_the_conversation_goes_o
     folder = tmp_path / "redos"
     shutil.copytree(tiny_original, folder)
     spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    spec["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}
+    spec["pre_tokenizer"] = redos_pre_tokenizer(spec["pre_tokenizer"])
     (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     session = Session(load_model(folder, device="cpu", dtype="float32", max_context=256), SamplingParams(max_new_tokens=2))
     list(session.ask("Hi."))
@@ -795,10 +808,82 @@ def test_a_tokenizers_own_regular_expressions_pass_the_length_check(tmp_path, ti
     data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
     split = {"type": "Split", "pattern": {"Regex": QWEN_SPLIT}, "behavior": "Isolated", "invert": False}
     data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split] * 20 + [data["pre_tokenizer"]]}
-    data["normalizer"] = {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}
-    assert 20 * len(json.dumps(QWEN_SPLIT)) < MAX_PATTERN_CHARS
+    # no-break spaces to one space: text that has none (the round-trip check's) comes back as it was
+    data["normalizer"] = {"type": "Replace", "pattern": {"Regex": "\u00a0+"}, "content": " "}
+    assert 20 * len(json.dumps(QWEN_SPLIT)) < MAX_PATTERN_CHARS and "\u00a0" not in ROUND_TRIP_PROBE
     (tmp_path / "tokenizer.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
     tokenizer = load_tokenizer(tmp_path)
-    assert tokenizer.encode("a  b") == tokenizer.encode("a b")
+    assert tokenizer.encode("a\u00a0\u00a0b") == tokenizer.encode("a b")
     token = '"Regex": "' + "x" * 2 * MAX_PATTERN_CHARS + '"'
     _check_pattern_size(tmp_path / "tokenizer.json", json.dumps({"model": {"vocab": {token: 5}}}, indent=2))
+
+
+# --- text must come back as it was ---------------------------------------------------------------
+
+
+def _copy_with(folder: Path, to: Path, tokenizer_json: dict | None = None, config: dict | None = None) -> Path:
+    """A copy of a tokenizer folder, tokenizer.json's and tokenizer_config.json's fields updated."""
+    shutil.copytree(folder, to)
+    for name, fields in (("tokenizer.json", tokenizer_json), ("tokenizer_config.json", config)):
+        if fields:
+            data = json.loads((to / name).read_text(encoding="utf-8"))
+            (to / name).write_text(json.dumps({**data, **fields}), encoding="utf-8")
+    return to
+
+
+def test_the_probe_text_is_in_nfc_and_real_layouts_give_it_back(tmp_path, folder):
+    """Qwen2's tokenizer.json (InternVL3's) normalises to NFC: a probe that NFC changed would refuse it."""
+    import unicodedata
+
+    assert unicodedata.normalize("NFC", ROUND_TRIP_PROBE) == ROUND_TRIP_PROBE
+    slow = load_tokenizer(_write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False))
+    for tokenizer in (load_tokenizer(folder), slow):
+        assert tokenizer.decode(tokenizer.encode(ROUND_TRIP_PROBE)) == ROUND_TRIP_PROBE
+
+
+_BYTE_LEVEL_DECODER = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+# hand edits of tokenizer.json that garble text: (the field, its new value, what the error shows)
+TEXT_CHANGERS = {
+    "a decoder that drops spaces": ("decoder", {"type": "Sequence", "decoders": [_BYTE_LEVEL_DECODER, _replace(" ", "")]},
+                                    "' Hello, Worl' gave 'Hello,World!'"),
+    "a decoder that strips the first space": (
+        "decoder", {"type": "Sequence", "decoders": [_BYTE_LEVEL_DECODER, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "' Hello, Worl' gave 'Hello, World'"),
+    "a lowercasing normalizer": ("normalizer", {"type": "Lowercase"}, "' Hello, World' gave ' hello, world'"),
+    "an NFKC normalizer": ("normalizer", {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "NFKC"}]}, "'tag>;  x² ﬁne…\\n\\tcafé' gave 'tag>;  x2 fine...\\n\\tc'"),
+    "a pre-tokenizer that drops spaces": ("pre_tokenizer", {"type": "Whitespace"}, "' Hello, Worl' gave 'Hello,World!'"),
+    "a normalizer that removes typed chat tokens": ("normalizer", _replace("<|im_end|>", ""), "'/img>?<|im_end|><|en' gave '/img>?<|endoftext|> '"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(TEXT_CHANGERS))
+def test_a_tokenizer_json_that_does_not_give_text_back_is_refused(tmp_path, qwen2_style, case):
+    """A hand-edited normalizer, pre-tokenizer or decoder garbled every prompt and answer without a word."""
+    field, value, shown = TEXT_CHANGERS[case]
+    folder = _copy_with(qwen2_style, tmp_path / "edited", tokenizer_json={field: value})
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(folder)
+    text = str(err.value)
+    assert text.startswith(f"{folder / 'tokenizer.json'} does not give text back as it was"), text
+    assert shown in text and text.endswith("use the tokenizer files published with the model") and "\n" not in text
+
+
+def test_the_text_a_tokenizer_gives_back_is_shown_escaped(tmp_path, qwen2_style):
+    decoder = {"type": "Sequence", "decoders": [_BYTE_LEVEL_DECODER, _replace(",", "\x1b[2J\u202e")]}
+    with pytest.raises(CheckpointError, match="does not give text back") as err:
+        load_tokenizer(_copy_with(qwen2_style, tmp_path / "edited", tokenizer_json={"decoder": decoder}))
+    assert "\x1b" not in str(err.value) and "\u202e" not in str(err.value)
+    assert "gave ' Hello\\x1b[2J\\u202e World!'" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["tokenizer.json", "vocab.json"])
+def test_an_added_token_that_swallows_the_space_before_it_is_refused(tmp_path, layout):
+    """tokenizer_config.json adding "World" with lstrip: " World" lost its space in every text."""
+    folder = _write_qwen2_style(tmp_path / "q", with_tokenizer_json=layout == "tokenizer.json")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["added_tokens_decoder"][str(max(map(int, config["added_tokens_decoder"])) + 1)] = {
+        "content": "World", "lstrip": True, "normalized": False, "rstrip": False, "single_word": False, "special": False}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    source = folder / "tokenizer.json" if layout == "tokenizer.json" else f"the tokenizer in {folder}"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(source))} does not give text back as it was"):
+        load_tokenizer(folder)
