@@ -818,7 +818,7 @@ def test_a_tokenizers_own_regular_expressions_pass_the_length_check(tmp_path, ti
     _check_pattern_size(tmp_path / "tokenizer.json", json.dumps({"model": {"vocab": {token: 5}}}, indent=2))
 
 
-# --- text must come back as it was ---------------------------------------------------------------
+# --- text must come back as it was; no ordinary word made special ---------------------------------
 
 
 def _copy_with(folder: Path, to: Path, tokenizer_json: dict | None = None, config: dict | None = None) -> Path:
@@ -887,3 +887,53 @@ def test_an_added_token_that_swallows_the_space_before_it_is_refused(tmp_path, l
     source = folder / "tokenizer.json" if layout == "tokenizer.json" else f"the tokenizer in {folder}"
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(source))} does not give text back as it was"):
         load_tokenizer(folder)
+
+
+def _plain_word(folder: Path) -> str:
+    """A word of the BPE's own vocabulary: " the", byte-level spelled."""
+    vocab = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    assert "Ġthe" in vocab
+    return "Ġthe"
+
+
+@pytest.mark.parametrize("field", ["eos_token", "pad_token", "additional_special_tokens", "added_tokens_decoder"])
+def test_an_ordinary_word_made_a_special_token_is_refused(tmp_path, qwen2_style, field):
+    """A special token is never printed: an eos_token that is a word of the vocabulary made that word
+    vanish from every answer."""
+    word = _plain_word(qwen2_style)
+    config = json.loads((qwen2_style / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if field == "additional_special_tokens":
+        config[field] = [*config[field], word]
+    elif field == "added_tokens_decoder":
+        word_id = json.loads((qwen2_style / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"][word]
+        config[field][str(word_id)] = {"content": word, "lstrip": False, "normalized": False, "rstrip": False,
+                                       "single_word": False, "special": True}  # fmt: skip
+    else:
+        config[field] = word
+    for layout in ("tokenizer.json", "vocab.json"):
+        folder = _write_qwen2_style(tmp_path / layout, with_tokenizer_json=layout == "tokenizer.json")
+        (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        with pytest.raises(CheckpointError) as err:
+            load_tokenizer(folder)
+        assert str(err.value) == (
+            f"{folder / 'tokenizer_config.json'} makes the ordinary word 'Ġthe' a special token ({field}), which would "
+            "drop it from every answer; the file was edited or is not this model's (use the tokenizer files published "
+            "with the model)"
+        )
+
+
+@pytest.mark.parametrize("eos", ["<|im_end|>", "<|endoftext|>"])
+def test_internvl3s_own_stop_tokens_load(tmp_path, qwen2_style, eos):
+    """InternVL3's configs name <|im_end|> or <|endoftext|> (added tokens of tokenizer.json) as eos_token."""
+    tokenizer = load_tokenizer(_copy_with(qwen2_style, tmp_path / "eos", config={"eos_token": eos}))
+    assert tokenizer.convert_tokens_to_ids(eos) in tokenizer.special_ids
+
+
+def test_a_chat_token_named_special_is_no_ordinary_word_wherever_the_vocabulary_has_it(tmp_path):
+    """The chat and image tokens are special whatever the files say (a tokenizer.json may hold them
+    as plain vocabulary entries): naming one eos_token is no word dropped from answers."""
+    from internvl_chat.engine.tokenizer import _refuse_words_made_special
+
+    _refuse_words_made_special(tmp_path, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, lambda token: True)
+    with pytest.raises(CheckpointError, match="makes the ordinary word 'Ġthe' a special token \\(eos_token\\)"):
+        _refuse_words_made_special(tmp_path, {"eos_token": "Ġthe"}, lambda token: True)

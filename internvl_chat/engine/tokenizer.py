@@ -23,7 +23,7 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -233,6 +233,13 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     _check_added_token_ids(model_dir / TOKENIZER_JSON, text, backend)
     _check_text_growth(model_dir / TOKENIZER_JSON, backend)
     config = _read_config(model_dir)
+    added_by_file = backend.get_added_tokens_decoder()  # tokenizer.json's own, before the config adds any
+
+    def is_plain_word(token: str) -> bool:
+        token_id = backend.token_to_id(token)
+        return token_id is not None and token_id not in added_by_file
+
+    _refuse_words_made_special(model_dir, config, is_plain_word)
 
     special: set[int] = set()
     # Added tokens declared only in tokenizer_config.json are added, at the ids it declares
@@ -266,12 +273,7 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
         token_id, added = token
         if added.special:
             special.add(int(token_id))
-    named = [_token_content(config.get(name)) for name in _NAMED_SPECIALS]
-    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
-    if isinstance(extra, dict):  # transformers 5 may store {name: token}
-        extra = list(extra.values())
-    named += [_token_content(t) for t in extra] if isinstance(extra, list) else []
-    named = [content for content in dict.fromkeys(named) if content is not None]
+    named = list(dict.fromkeys(content for _, content in _named_special_tokens(config)))
     lacking = [content for content in named if backend.token_to_id(content) is None]
     if lacking:  # transformers adds a named special token it lacks; all at once, as above
         backend.add_special_tokens([AddedToken(content, special=True, normalized=False) for content in lacking])
@@ -281,6 +283,35 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     tokenizer = FastTokenizer(backend, frozenset(special))
     _check_round_trip(tokenizer, _shown(model_dir / TOKENIZER_JSON))
     return tokenizer
+
+
+def _named_special_tokens(config: dict) -> list[tuple[str, str]]:
+    """(field, token) of each special token tokenizer_config.json names: eos_token and the other
+    named ones, then additional_special_tokens (or transformers 5's extra_special_tokens)."""
+    named = [(name, _token_content(config.get(name))) for name in _NAMED_SPECIALS]
+    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+    if isinstance(extra, dict):  # transformers 5 may store {name: token}
+        extra = list(extra.values())
+    named += [("additional_special_tokens", _token_content(t)) for t in extra] if isinstance(extra, list) else []
+    return [(name, content) for name, content in named if content is not None]
+
+
+def _refuse_words_made_special(model_dir: Path, config: dict, is_plain_word: Callable[[str], bool]) -> None:
+    """Refuse a tokenizer_config.json that makes an ordinary word of the vocabulary (not one of the
+    tokenizer's added tokens) special: its eos_token, say. A special token is never printed, so that
+    word vanished from every answer without a word (transformers' generate, given that eos_token,
+    also ends each answer there; the app stops at <|im_end|> and <|endoftext|> only, and does not
+    read generation_config.json). The chat and image tokens are special whatever the files say
+    (`_mark_special`): not counted."""
+    marked = _named_special_tokens(config)
+    marked += [("added_tokens_decoder", e["content"]) for _, e in _declared_added_tokens(model_dir, config) if e.get("special")]
+    for field, token in marked:
+        if token not in _CHAT_TOKENS and is_plain_word(token):
+            raise CheckpointError(
+                f"{_shown(model_dir / TOKENIZER_CONFIG)} makes the ordinary word {brief_repr(token)} a special token "
+                f"({field}), which would drop it from every answer; the file was edited or is not this model's "
+                "(use the tokenizer files published with the model)"
+            )
 
 
 # What a tokenizer must give back unchanged when it encodes and then decodes it: words, spaces
@@ -564,12 +595,16 @@ def _config_error(model_dir: Path, why: str) -> CheckpointError:
 
 
 def _load_with_transformers(model_dir: Path, vocab_size: int | None) -> TransformersTokenizer:
+    vocabulary = b"{}"
     for name in (*_SLOW_FILES, *_SLOW_EXTRAS):  # transformers reads them with no limit: check them as ours first
         if os.path.lexists(model_dir / name):
             data = read_bytes_file(model_dir / name, "the tokenizer file", JSON_LIMIT, CheckpointError)
             if name in _ENTRY_COUNTS:
                 _check_entry_count(model_dir / name, data, vocab_size)
+            if name == "vocab.json":
+                vocabulary = data
     _check_for_transformers(model_dir)
+    _refuse_words_made_special(model_dir, _read_config(model_dir), _plain_words(vocabulary).__contains__)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -601,6 +636,16 @@ def _load_with_transformers(model_dir: Path, vocab_size: int | None) -> Transfor
     tokenizer = TransformersTokenizer(hf)
     _check_round_trip(tokenizer, f"the tokenizer in {_shown(model_dir)}")
     return tokenizer
+
+
+def _plain_words(vocabulary: bytes) -> frozenset[str]:
+    """The entries of vocab.json (the BPE's own words: the added tokens are tokenizer_config.json's);
+    none where it cannot be read (transformers then says why)."""
+    try:
+        words = json.loads(vocabulary)
+    except (ValueError, RecursionError):
+        return frozenset()
+    return frozenset(words) if isinstance(words, dict) else frozenset()
 
 
 def _first_line(e: BaseException) -> str:
@@ -636,6 +681,7 @@ _SPECIAL_TEXT = {
     "img_end": "</img>",
     "img_context": "<IMG_CONTEXT>",
 }
+_CHAT_TOKENS = frozenset(_SPECIAL_TEXT.values())
 
 
 def special_token_ids(tokenizer: Any) -> SpecialTokens:
