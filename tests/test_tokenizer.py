@@ -842,17 +842,22 @@ def test_the_probe_text_is_in_nfc_and_real_layouts_give_it_back(tmp_path, folder
 
 
 _BYTE_LEVEL_DECODER = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+_STRIP_FIRST_SPACE = {"type": "Strip", "content": " ", "start": 1, "stop": 0}
 # hand edits of tokenizer.json that garble text: (the field, its new value, what the error shows)
 TEXT_CHANGERS = {
-    "a decoder that drops spaces": ("decoder", {"type": "Sequence", "decoders": [_BYTE_LEVEL_DECODER, _replace(" ", "")]},
-                                    "' Hello, Worl' gave 'Hello,World!'"),
+    "a decoder that drops spaces": (
+        "decoder", {"type": "Sequence", "decoders": [_BYTE_LEVEL_DECODER, _replace(" ", "")]},
+        "' Hello, Worl' gave 'Hello,World!'"),
     "a decoder that strips the first space": (
-        "decoder", {"type": "Sequence", "decoders": [_BYTE_LEVEL_DECODER, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "decoder", {"type": "Sequence", "decoders": [_BYTE_LEVEL_DECODER, _STRIP_FIRST_SPACE]},
         "' Hello, Worl' gave 'Hello, World'"),
     "a lowercasing normalizer": ("normalizer", {"type": "Lowercase"}, "' Hello, World' gave ' hello, world'"),
-    "an NFKC normalizer": ("normalizer", {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "NFKC"}]}, "'tag>;  x² ﬁne…\\n\\tcafé' gave 'tag>;  x2 fine...\\n\\tc'"),
+    "an NFKC normalizer": (
+        "normalizer", {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "NFKC"}]},
+        "'tag>;  x² ﬁne…\\n\\tcafé' gave 'tag>;  x2 fine...\\n\\tc'"),
     "a pre-tokenizer that drops spaces": ("pre_tokenizer", {"type": "Whitespace"}, "' Hello, Worl' gave 'Hello,World!'"),
-    "a normalizer that removes typed chat tokens": ("normalizer", _replace("<|im_end|>", ""), "'/img>?<|im_end|><|en' gave '/img>?<|endoftext|> '"),
+    "a normalizer that removes typed chat tokens": (
+        "normalizer", _replace("<|im_end|>", ""), "'/img>?<|im_end|><|en' gave '/img>?<|endoftext|> '"),
 }  # fmt: skip
 
 
@@ -881,8 +886,9 @@ def test_an_added_token_that_swallows_the_space_before_it_is_refused(tmp_path, l
     """tokenizer_config.json adding "World" with lstrip: " World" lost its space in every text."""
     folder = _write_qwen2_style(tmp_path / "q", with_tokenizer_json=layout == "tokenizer.json")
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config["added_tokens_decoder"][str(max(map(int, config["added_tokens_decoder"])) + 1)] = {
-        "content": "World", "lstrip": True, "normalized": False, "rstrip": False, "single_word": False, "special": False}  # fmt: skip
+    next_id = str(max(map(int, config["added_tokens_decoder"])) + 1)
+    config["added_tokens_decoder"][next_id] = {"content": "World", "lstrip": True, "normalized": False, "rstrip": False,
+                                               "single_word": False, "special": False}  # fmt: skip
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     source = folder / "tokenizer.json" if layout == "tokenizer.json" else f"the tokenizer in {folder}"
     with pytest.raises(CheckpointError, match=f"^{re.escape(str(source))} does not give text back as it was"):
