@@ -320,6 +320,60 @@ def test_cpu_greedy_sampler_equals_its_device_path(penalty: float) -> None:
             assert outcomes[0] == outcomes[1], (seed, step)
 
 
+# ---- log-probabilities -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(logprobs=5),
+        SamplingParams(repetition_penalty=1.3, logprobs=5),
+        SamplingParams(temperature=1.7, top_k=4, top_p=0.6, repetition_penalty=1.2, seed=3, logprobs=5),
+    ],
+)
+@pytest.mark.parametrize("on_host", [True, False])
+def test_logprobs_are_the_raw_log_softmax(params: SamplingParams, on_host: bool) -> None:
+    """The model's own distribution, whatever the penalty, temperature and filters do to the pick."""
+    sampler = Sampler(params, vocab_size=50, device="cpu", banned_ids=(7,))
+    sampler._greedy_on_host = on_host  # the CPU's NumPy pick and the path a GPU takes
+    sampler.observe([1, 2, 3])
+    for step in range(10):
+        logits = random_logits(50, 500 + step, ties=False)
+        token_id = sampler.read(sampler.next_token(logits))
+        want = logits.float().log_softmax(-1)
+        got = sampler.last_logprob
+        assert got.token_id == token_id
+        assert got.logprob == pytest.approx(float(want[token_id]), abs=1e-6)
+        top = torch.topk(want, 5)
+        assert [i for i, _ in got.top] == top.indices.tolist()
+        assert [v for _, v in got.top] == pytest.approx(top.values.tolist(), abs=1e-6)
+        if params.greedy and params.repetition_penalty == 1.0 and got.top[0][0] != 7:
+            assert got.top[0] == (token_id, got.logprob)  # greedy: the chosen token is the most likely
+
+
+def test_logprobs_list_at_most_the_vocabulary_and_zero_lists_none() -> None:
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    for k, listed in ((20, [1, 2, 0]), (0, [])):
+        sampler = Sampler(SamplingParams(logprobs=k), vocab_size=3, device="cpu")
+        assert sampler.read(sampler.next_token(logits)) == 1
+        assert [i for i, _ in sampler.last_logprob.top] == listed
+        assert sampler.last_logprob.logprob == pytest.approx(float(logits.log_softmax(-1)[1]))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logprobs_not_asked_for_cost_nothing(monkeypatch, temperature: float) -> None:
+    import internvl_chat.chat.sampling as sampling
+
+    def refuse(*_):
+        raise AssertionError("log-probabilities were computed though not asked for")
+
+    monkeypatch.setattr(sampling, "logprob_pack", refuse)
+    sampler = Sampler(SamplingParams(temperature=temperature, seed=0), vocab_size=50, device="cpu")
+    for step in range(3):
+        sampler.read(sampler.next_token(random_logits(50, step, ties=False)))
+    assert sampler.last_logprob is None
+
+
 # ---- validation --------------------------------------------------------------------------
 
 
@@ -339,6 +393,9 @@ def test_cpu_greedy_sampler_equals_its_device_path(penalty: float) -> None:
         ("seed", -1),
         ("seed", 2**63),  # beyond every torch generator: refused here, not at the first draw
         ("stop_ids", (1, -2)),
+        ("logprobs", -1),
+        ("logprobs", 21),  # OpenAI's top_logprobs range is 0-20
+        ("logprobs", True),
     ],
 )
 def test_validate_rejects(field: str, value: object) -> None:
@@ -377,6 +434,8 @@ def test_validate_accepts_defaults_and_edges() -> None:
         SamplingParams(),
         SamplingParams(repetition_penalty=1.2),
         SamplingParams(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=0),
+        SamplingParams(logprobs=5),
+        SamplingParams(temperature=0.8, top_k=50, repetition_penalty=1.1, seed=0, logprobs=20),
     ],
 )
 def test_next_token_does_not_sync_on_cuda(params: SamplingParams) -> None:

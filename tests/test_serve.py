@@ -186,7 +186,6 @@ def test_bad_requests_are_400_with_the_param(client, change, param):
     "change, fix",
     [
         ({"n": 2}, "send n requests for n answers"),
-        ({"logprobs": True}, "leave it out"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "leave them out"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "leave them out"),
     ],
@@ -200,7 +199,7 @@ def test_refusals_of_controls_it_does_not_have_say_what_to_do(client, change, fi
 
 def test_neutral_values_of_controls_it_does_not_have_are_accepted(client):
     extra = {"stop_token_ids": [], "ignore_eos": False, "function_call": "none"}
-    answer = ask(client, top_logprobs=0, tool_choice="auto", functions=[], logit_bias={"42": 0}, extra_body=extra)
+    answer = ask(client, tool_choice="auto", functions=[], logit_bias={"42": 0}, extra_body=extra)
     assert answer.choices[0].finish_reason in ("stop", "length")
     # and what does not change an answer: bookkeeping, a latency hint, the neutral levels
     answer = ask(client, modalities=["text"], reasoning_effort="none", verbosity="medium", metadata={"k": "v"},

@@ -50,6 +50,11 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         return self._emit(force=len(self._ids) - self._read > MAX_PENDING_TOKENS)
 
+    @property
+    def holding(self) -> bool:
+        """Whether pushed tokens wait for more bytes (their text is not all given yet)."""
+        return self._read < len(self._ids)
+
     def flush(self) -> str:
         """Return whatever is still held back (an incomplete character decodes as U+FFFD)."""
         return self._emit(force=True)

@@ -8,6 +8,10 @@ prefill and decode, and the final event says exactly what reached the KV cache.
 Decode overlaps host and device work: the forward pass for token n is queued before token n is
 read back to the host, so on CUDA the GPU is busy while Python detokenizes. A stop token's
 speculative K/V lands beyond the valid cache and is simply overwritten later.
+
+With log-probabilities asked for (`params.logprobs`), each event also has "logprobs": the
+TokenLogprob of each token whose text the event completes, with where that text ends in the
+event's "text" (see `TokenEnds`); a stop token is not listed.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ..engine.model import InternVLModel
 from ..engine.out_of_memory import is_out_of_memory
 from ..errors import GenerationError
 from .detokenize import IncrementalDetokenizer
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TokenLogprob
 
 
 def _sync(device: torch.device) -> None:
@@ -46,6 +50,32 @@ def out_of_memory_as_error(during: str, advice: str = OUT_OF_MEMORY_ADVICE) -> I
         if not is_out_of_memory(e):
             raise
         raise GenerationError(f"out of memory {during}; {advice}") from None
+
+
+class TokenEnds:
+    """Generated tokens' log-probabilities grouped with the text they produce: each is given as
+    (TokenLogprob, end), `end` being where its text ends in the event's text. A token whose bytes
+    stop inside a character waits for the token that completes it: its text is given with that one's."""
+
+    def __init__(self) -> None:
+        self._waiting: list[TokenLogprob] = []
+        self._done: list[tuple[TokenLogprob, int]] = []
+
+    def add(self, entry: TokenLogprob, text_len: int, holding: bool) -> None:
+        """A token pushed to the detokenizer; `text_len`: the event's text so far, `holding`: the detokenizer's."""
+        self._waiting.append(entry)
+        if not holding:
+            self.settle(text_len)
+
+    def settle(self, text_len: int) -> None:
+        """Every waiting token's text ends at `text_len` (all of it is given)."""
+        self._done.extend((entry, text_len) for entry in self._waiting)
+        self._waiting.clear()
+
+    def take(self) -> list[tuple[TokenLogprob, int]]:
+        """The tokens settled since the last take, for the event about to be given."""
+        done, self._done = self._done, []
+        return done
 
 
 def stream_generate(
@@ -74,6 +104,7 @@ def stream_generate(
     generated: list[int] = []
     pending_text = ""
     since_emit = 0
+    ends = TokenEnds() if sampler.params.logprobs is not None else None
 
     def usage() -> dict:
         return {"prompt_tokens": prompt_len, "completion_tokens": len(generated), "total_tokens": prompt_len + len(generated)}
@@ -101,6 +132,8 @@ def stream_generate(
             if room:
                 pos += 1
             pending_text += detok.push(token_id)
+            if ends is not None:
+                ends.add(sampler.last_logprob, len(pending_text), detok.holding)
             since_emit += 1
             if not room:
                 finish = "length"
@@ -108,7 +141,10 @@ def stream_generate(
                 finish = "cancelled"
             else:
                 if since_emit >= stream_interval and pending_text:
-                    yield {"text": pending_text, "usage": usage(), "finish_reason": None, "timing": None}
+                    event = {"text": pending_text, "usage": usage(), "finish_reason": None, "timing": None}
+                    if ends is not None:
+                        event["logprobs"] = ends.take()
+                    yield event
                     pending_text, since_emit = "", 0
                 token = sampler.next_token(next_logits)
         _sync(device)
@@ -127,7 +163,7 @@ def stream_generate(
         "decode_s": decode_s,
         "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
     }
-    yield {
+    final = {
         "text": pending_text,
         "usage": usage(),
         "finish_reason": finish,
@@ -135,3 +171,7 @@ def stream_generate(
         "token_ids": generated,
         "cache_end": pos,
     }
+    if ends is not None:
+        ends.settle(len(pending_text))
+        final["logprobs"] = ends.take()
+    yield final

@@ -11,6 +11,12 @@ raising `GenerationError` if any step since the sampler was made went bad. The r
 tensor is always a valid id in [0, V), so feeding it to the model before reading it is safe.
 On the CPU, where reading is free, a greedy pick is made in NumPy (`greedy_pick_on_host`): the
 same id, at a fraction of the eager reductions' fixed cost.
+
+Log-probabilities (`SamplingParams.logprobs`, the server's OpenAI `logprobs`) are the model's own
+distribution: log_softmax of the raw logits in float32, before the penalty, temperature and the
+filters (as vLLM reports them by default). They are computed in `next_token`, while the logits are
+still valid (a CUDA graph's output buffer is overwritten by the next step), and come back in the
+same one transfer as the token id; when they are not asked for, nothing of this runs.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from ..errors import GenerationError, UsageError
 from ..settings import REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, SEED_MAX, TEMPERATURE_MAX, Settings
 
+LOGPROBS_MAX = 20  # alternatives per token, OpenAI's top_logprobs range
 # A temperature below this samples the argmax, its limit: logits divided by 1e-45 overflow float32
 # to inf (and the draw would fail as non-finite), and long before that the distribution is one-hot.
 GREEDY_BELOW = 1e-5
@@ -50,6 +57,7 @@ class SamplingParams:
     max_new_tokens: int = 1024  # [generation] max_new_tokens (configs/default.toml)
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: not asked; k: the chosen token's log-probability and the k most likely
 
     def validate(self) -> SamplingParams:
         """Raise UsageError for an out-of-range value; return self so calls can chain."""
@@ -74,6 +82,9 @@ class SamplingParams:
             raise UsageError(f"seed must be an integer from 0 to {SEED_MAX}, not {self.seed!r}; omit it for a random seed")
         if not all(is_int(t) and t >= 0 for t in self.stop_ids):
             raise UsageError(f"stop_ids must be token ids (integers >= 0), not {self.stop_ids!r}")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= LOGPROBS_MAX):
+            raise UsageError(f"logprobs must be an integer from 0 to {LOGPROBS_MAX} (alternatives per token), "
+                             f"not {self.logprobs!r}")  # fmt: skip
         return self
 
     @property
@@ -162,6 +173,33 @@ def greedy_pick_on_host(logits: np.ndarray, banned: frozenset[int]) -> tuple[int
     return best, math.isfinite(logits[best])
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely tokens at its step (best first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def logprob_pack(logits: torch.Tensor, token: torch.Tensor, k: int) -> torch.Tensor:
+    """On the logits' device, float64 [1 + 2k]: the chosen token's log-probability, then the k
+    largest log-probabilities and their ids (exact in float64), so one copy reads them all."""
+    logp = logits.log_softmax(dim=-1)
+    chosen = logp.gather(0, token.reshape(1).to(logp.device))
+    if k == 0:
+        return chosen.double()
+    top = torch.topk(logp, min(k, logp.shape[-1]))
+    return torch.cat([chosen.double(), top.values.double(), top.indices.double()])
+
+
+def unpack_logprobs(token_id: int, values: list[float]) -> TokenLogprob:
+    """The TokenLogprob of a `logprob_pack` read back as a list."""
+    k = (len(values) - 1) // 2
+    top = tuple(zip((int(i) for i in values[1 + k :]), values[1 : 1 + k]))
+    return TokenLogprob(token_id, values[0], top)
+
+
 class Sampler:
     """Picks next tokens for one answer; make a new one per answer (the non-finite flag is sticky).
 
@@ -171,6 +209,7 @@ class Sampler:
         tok = sampler.next_token(logits)        # LongTensor [1] on device; also observed
         ... model.forward(tok, ...)             # safe even before reading it
         tok_id = sampler.read(tok)              # the one host sync; raises GenerationError if bad
+        sampler.last_logprob                    # with params.logprobs set: tok_id's TokenLogprob
     """
 
     def __init__(
@@ -192,6 +231,8 @@ class Sampler:
         # than a small model's whole compiled decode step: greedy picks run in NumPy there.
         self._greedy_on_host = self.device.type == "cpu"
         self._penalise = params.repetition_penalty != 1.0
+        self._pack: torch.Tensor | None = None  # the last token's logprob_pack, until it is read
+        self.last_logprob: TokenLogprob | None = None
         # slot vocab_size absorbs ids beyond the logits (e.g. embedding rows with no lm_head row)
         self._seen = torch.zeros(self.vocab_size + 1, dtype=torch.bool, device=self.device)
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -221,6 +262,7 @@ class Sampler:
                 "the checkpoint's vocab_size and lm_head disagree"
             )
         logits = logits.float()
+        raw = logits
         params = self.params
         if self._penalise:
             logits = apply_repetition_penalty(logits, self._seen, params.repetition_penalty)
@@ -248,6 +290,8 @@ class Sampler:
             token = self._draw(logits.softmax(dim=-1))
         if self._penalise:
             self._seen.index_fill_(0, token, True)
+        if params.logprobs is not None:
+            self._pack = logprob_pack(raw, token, params.logprobs)
         return token
 
     def _draw(self, probs: torch.Tensor) -> torch.Tensor:
@@ -259,7 +303,10 @@ class Sampler:
         return torch.argmax(probs / q, dim=-1, keepdim=True)
 
     def read(self, token: torch.Tensor) -> int:
-        """The token id as an int, fetched together with the non-finite flag in one transfer."""
+        """The token id as an int, fetched together with the non-finite flag in one transfer (and,
+        when asked for, its log-probabilities: then `last_logprob`)."""
+        if self._pack is not None:
+            return self._read_with_logprobs(token)
         if self.device.type == "cpu":  # nothing to transfer: two plain reads cost less than a cat
             token_id, bad = int(token), bool(self._bad)
         else:
@@ -267,3 +314,13 @@ class Sampler:
         if bad:
             raise GenerationError(NON_FINITE_MESSAGE)
         return int(token_id)
+
+    def _read_with_logprobs(self, token: torch.Tensor) -> int:
+        # ids and the flag are exact in float64: the same one transfer carries the pack
+        values = torch.cat([token.reshape(1).double(), self._bad.reshape(1).double(), self._pack]).tolist()
+        self._pack = None
+        if values[1]:
+            raise GenerationError(NON_FINITE_MESSAGE)
+        token_id = int(values[0])
+        self.last_logprob = unpack_logprobs(token_id, values[2:])
+        return token_id

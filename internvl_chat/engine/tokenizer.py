@@ -11,7 +11,9 @@ transformers' AutoTokenizer, imported then. Both are used through one interface,
   with `split_special_tokens=True` (SPEC §3: user text cannot inject control tokens);
 - `decode(ids, skip_special_tokens=False)`: text, without transformers' space clean-up;
 - `convert_tokens_to_ids` (None when absent), `get_vocab` (read-only), `len()`;
-- `special_ids`: every special token (never printed), and `SpecialTokens` for the chat template.
+- `special_ids`: every special token (never printed), and `SpecialTokens` for the chat template;
+- `token_bytes(id)`: the token's own bytes (a byte-level BPE piece can be part of a character,
+  which decoding alone would turn into U+FFFD): the server's logprobs `bytes`.
 """
 
 from __future__ import annotations
@@ -71,6 +73,11 @@ class Tokenizer(ABC):
     def __len__(self) -> int:
         return len(self.get_vocab())
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """See the module docstring. This default decodes the token alone: part of a character
+        comes back as U+FFFD's bytes (a byte-level vocabulary reads the real ones)."""
+        return self.decode([token_id]).encode("utf-8", "surrogatepass")
+
     def fewest_tokens(self, text: str) -> int:
         """A lower bound on len(encode(text)), without encoding: each token covers at most as many
         bytes of text as its vocabulary entry has in UTF-8 (a byte-level BPE entry spells each byte
@@ -114,6 +121,13 @@ class FastTokenizer(Tokenizer):
 
     def convert_tokens_to_ids(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        added = self.__dict__.get("_added")
+        if added is None:
+            added = self._added = frozenset(self.backend.get_added_tokens_decoder())
+        piece = _backend_bytes(self.backend, token_id, added)
+        return piece if piece is not None else super().token_bytes(token_id)
 
     def get_vocab(self) -> Mapping[str, int]:
         """Built once per vocabulary size (tokens can only be added): ~0.14 s on Qwen2's, and a start
@@ -177,8 +191,52 @@ class TransformersTokenizer(Tokenizer):
     def get_vocab(self) -> Mapping[str, int]:
         return self.hf.get_vocab()
 
+    def token_bytes(self, token_id: int) -> bytes:
+        added = getattr(self.hf, "added_tokens_decoder", None) or {}
+        backend = getattr(self.hf, "backend_tokenizer", None)  # a fast tokenizer's tokenizers.Tokenizer
+        if backend is not None:
+            piece = _backend_bytes(backend, token_id, added)
+        elif token_id not in added and isinstance(getattr(self.hf, "byte_decoder", None), dict):
+            piece = byte_level_bytes(self.hf.convert_ids_to_tokens(token_id))  # a slow GPT-2-style one (Qwen2Tokenizer)
+        else:
+            piece = None
+        return piece if piece is not None else super().token_bytes(token_id)
+
     def __len__(self) -> int:
         return len(self.hf)
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (Qwen2's too): each byte is spelled by one printable character,
+    itself where Latin-1 prints it (33-126, 161-172, 174-255), else the next code point from U+0100."""
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    spelled, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            spelled[chr(byte)] = byte
+        else:
+            spelled[chr(256 + extra)] = byte
+            extra += 1
+    return spelled
+
+
+BYTE_ALPHABET = _byte_alphabet()
+
+
+def byte_level_bytes(piece: str | None) -> bytes | None:
+    """The bytes a byte-level vocabulary entry spells, or None when it is not one (a character
+    outside the alphabet)."""
+    if not piece or any(char not in BYTE_ALPHABET for char in piece):
+        return None
+    return bytes(BYTE_ALPHABET[char] for char in piece)
+
+
+def _backend_bytes(backend: Any, token_id: int, added: Any) -> bytes | None:
+    """A `tokenizers.Tokenizer` entry's bytes when its vocabulary is byte-level, else None. Added
+    tokens are their own text, not spelled in the byte alphabet."""
+    if token_id in added or type(backend.decoder).__name__ != "ByteLevel":
+        return None
+    return byte_level_bytes(backend.id_to_token(token_id))
 
 
 def as_tokenizer(tokenizer: Any) -> Tokenizer:

@@ -6,5 +6,6 @@ prefills its new tokens. Modules: `main` (flags → running server), `connection
 protocol with head, body and write deadlines; the connection limit), `app` (routes), `protocol`
 (request/response shapes), `conversation` (request → prompt ids), `media` (data:/remote/local
 media), `features` (image-feature LRU), `answers` (our replies' exact ids), `slots` (KV slots),
-`engine` (the worker thread and its queue), `stops` (stop strings), `sse`, `errors`, `options`.
+`engine` (the worker thread and its queue), `stops` (stop strings), `logprobs` (OpenAI's
+logprobs of an answer), `sse`, `errors`, `options`.
 """

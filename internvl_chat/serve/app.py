@@ -17,6 +17,7 @@ from ..chat.sampling import SamplingParams
 from .conversation import Prompt, sampling_params
 from .engine import EngineWorker, Job
 from .errors import APIError, shown
+from .logprobs import logprobs_object
 from .protocol import ChatCompletionRequest, check_model, chunk, completion, models_list, parse_request
 from .protocol import stop_strings, usage_chunk
 
@@ -181,8 +182,12 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     return b"".join(parts)
 
 
+_DELTAS = ("text", "tokens")  # the engine's text events, without and with logprob entries
+
+
 async def _events(job: Job, request: Request):
-    """The job's events as they come, text deltas that queued up meanwhile joined into one."""
+    """The job's events as they come, text deltas that queued up meanwhile joined into one:
+    ("text", (text, logprob entries)), the entries [] unless logprobs were asked for."""
     while True:
         batch = await job.events.get_batch(POLL_S)
         # asked after every batch, not only after a quiet POLL_S: a decode sends text every few
@@ -192,11 +197,12 @@ async def _events(job: Job, request: Request):
             raise ClientDisconnected
         if not batch:
             continue
-        text = "".join(payload for kind, payload in batch if kind == "text")
-        if text:
-            yield "text", text
+        text = "".join(payload if kind == "text" else payload[0] for kind, payload in batch if kind in _DELTAS)
+        entries = [entry for kind, payload in batch if kind == "tokens" for entry in payload[1]]
+        if text or entries:
+            yield "text", (text, entries)
         for kind, payload in batch:
-            if kind != "text":
+            if kind not in _DELTAS:
                 yield kind, payload
 
 
@@ -207,7 +213,10 @@ async def _complete(job: Job, request: Request, req: ChatCompletionRequest, mode
                 raise payload
             if kind == "done":
                 ids = payload["token_ids"] if req.return_token_ids else None
-                return JSONResponse(completion(job.cid, model_id, payload["text"], payload["finish_reason"], payload, ids))
+                out = completion(job.cid, model_id, payload["text"], payload["finish_reason"], payload, ids)
+                if payload["logprobs"] is not None:
+                    out["choices"][0]["logprobs"] = logprobs_object(payload["logprobs"])
+                return JSONResponse(out)
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
     finally:
@@ -222,8 +231,12 @@ async def _stream(job: Job, request: Request, req: ChatCompletionRequest, model_
     try:
         yield sse.event(chunk(cid, model_id, created, {"role": "assistant", "content": ""}, include_usage=with_usage))
         async for kind, payload in _events(job, request):
-            if kind == "text":
-                yield text_event(payload)
+            if kind == "text" and req.logprobs:  # a chunk of its own: its logprobs vary in shape
+                text, entries = payload
+                yield sse.event(chunk(cid, model_id, created, {"content": text}, include_usage=with_usage,
+                                      logprobs=logprobs_object(entries)))  # fmt: skip
+            elif kind == "text":
+                yield text_event(payload[0])
             elif kind == "done":
                 extra = {"token_ids": payload["token_ids"]} if req.return_token_ids else None
                 last = chunk(cid, model_id, created, {}, payload["finish_reason"], with_usage, extra)

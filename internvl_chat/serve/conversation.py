@@ -300,6 +300,7 @@ def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, prompt
         repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else defaults.repetition_penalty,
         max_new_tokens=asked if asked is not None else min(defaults.max_new_tokens, room),
         seed=req.seed if req.seed is not None else defaults.seed,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
     )
     try:
         return params.validate()

@@ -7,6 +7,10 @@ away has its `cancel` event set: generation stops at the next token, a job that 
 is skipped (and gives up its place in the queue), a video being decoded for it stops at the next
 frame, and a job whose client left while its pictures were encoded gets no prefill. Stop strings
 end generation the same way and cut the text where they begin.
+
+A job that asked for logprobs gets "tokens" events, (text, logprob entries), in place of "text":
+the entries of the tokens whose text that event completes (serve/logprobs.py), and the "done"
+result lists them all.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .answers import AnswerMemory
 from .conversation import Prompt, PromptMaker
 from .errors import APIError, from_app_error, shown
 from .features import FeatureCache
+from .logprobs import SentTokens, TokenPieces
 from .media import DecodeAllowance, MediaReader
 from .options import ServeOptions
 from .protocol import completion_id, timings, usage
@@ -135,6 +140,7 @@ class EngineWorker:
         self.answers = AnswerMemory()
         self.reader = MediaReader(options, loaded.config)
         self.prompts = PromptMaker(loaded, options, self.answers, self.reader)
+        self.pieces = TokenPieces(loaded.tokenizer)  # logprob entries' text and bytes (engine thread only)
         builder = self.prompts.builder
         self._image_ids = {builder.img_start_id, builder.img_end_id, builder.img_context_id}
         self._queue: collections.deque[Job] = collections.deque()
@@ -276,11 +282,14 @@ class EngineWorker:
         self.slots.use(slot)
         slot.spans = [s for s in prompt.spans if s.end <= reuse]  # the same runs the slot held up to `reuse`
         stops = StopStrings(job.stops)
+        tokens = SentTokens(self.pieces) if job.params.logprobs is not None else None
         sent: list[str] = []
         final = None
         for event in session.continue_with(prompt.ids, reuse, features, job.params, job.cancel, vision_s):
             if self.on_event is not None:
                 self.on_event(job, event)
+            if tokens is not None:
+                tokens.receive(event)
             text = stops.push(event["text"])
             if stops.hit and not job.cancel.is_set():
                 job.stop_hit = True
@@ -288,13 +297,12 @@ class EngineWorker:
             if event["finish_reason"] is not None:
                 text += stops.flush()
                 final = event
-            if text:
-                sent.append(text)
-                job.emit("text", text)
+            sent.append(text)
+            _send(job, text, tokens)
         for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts
             turn.features = None
         slot.spans = list(prompt.spans)
-        self._finish(job, slot.index, reuse, final, "".join(sent))
+        self._finish(job, slot.index, reuse, final, "".join(sent), tokens)
 
     def _features(self, prompt: Prompt, reuse: int, job: Job) -> tuple[torch.Tensor | None, float]:
         """Features for the image runs after `reuse`, in prompt order (LRU first, else the vision encoder).
@@ -330,7 +338,7 @@ class EngineWorker:
             parts.append(features[span.tile : span.tile + span.tiles])
         return torch.cat(parts), vision_s
 
-    def _finish(self, job: Job, slot: int, reuse: int, final: dict, text: str) -> None:
+    def _finish(self, job: Job, slot: int, reuse: int, final: dict, text: str, tokens: SentTokens | None) -> None:
         generated = list(final["token_ids"])
         reason = final["finish_reason"]
         if job.stop_hit:
@@ -351,6 +359,7 @@ class EngineWorker:
             "finish_reason": reason,
             "text": text,
             "token_ids": answer_ids if answer_ids is not None else generated,
+            "logprobs": tokens.listed if tokens is not None else None,
             "usage": usage(len(job.prompt.ids), len(generated), reuse),
             "timings": timings(prompt_n, timing["vision_s"] + timing["prefill_s"], timing["decode_tokens"],
                                timing["decode_s"], reuse),  # fmt: skip
@@ -373,6 +382,17 @@ class EngineWorker:
             if len(decoded) > len(text):
                 return None
         return None
+
+
+def _send(job: Job, text: str, tokens: SentTokens | None) -> None:
+    """Hand the handler the text just let through, with the logprob entries it completes when asked."""
+    if tokens is None:
+        if text:
+            job.emit("text", text)
+        return
+    entries = tokens.sent(text)
+    if text or entries:
+        job.emit("tokens", (text, entries))
 
 
 def _cancelled() -> APIError:

@@ -1,11 +1,15 @@
 """The OpenAI chat-completions shapes: request models (pydantic) and response/chunk builders.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do; fields we cannot honour
-with a non-default value (n or best_of > 1, logprobs and top_logprobs, tools, functions and a
-tool_choice that asks for a call, tool calls and tool messages in the history, penalties other
+with a non-default value (n or best_of > 1, tools, functions and a tool_choice that asks for a
+call, tool calls and tool messages in the history, penalties other
 than repetition_penalty, logit_bias, min_p, min_tokens, beam search, vLLM's stop_token_ids and
 ignore_eos, output modalities or audio, web search, reasoning_effort, verbosity) are refused
 with 400 rather than silently dropped. Numbers are numbers: `true` is not read as 1.
+
+`logprobs: true` lists each answer token's log-probability, with `top_logprobs` (0 to 20, only
+with logprobs true) alternatives: `choices[0].logprobs.content` in an answer, and in a stream on
+each chunk that carries text, for the tokens whose text it completes (serve/logprobs.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from ..chat.sampling import LOGPROBS_MAX
 from ..settings import REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, TEMPERATURE_MAX
 from .errors import APIError, bad_request, shown
 
@@ -109,12 +114,12 @@ class ChatCompletionRequest(_Model):
     mm_processor_kwargs: dict[str, Any] | None = None
     media_io_kwargs: dict[str, Any] | None = None  # vLLM: {"video": {"num_frames": N}}
     return_token_ids: Switch = False  # vLLM's extension: the ids of the answer
+    logprobs: bool | None = None  # OpenAI's: each answer token's log-probability
+    top_logprobs: Int | None = None  # 0-20 alternatives per token, with logprobs true
     # accepted only at their neutral values
     n: Int | None = None
     presence_penalty: Float | None = None
     frequency_penalty: Float | None = None
-    logprobs: bool | None = None
-    top_logprobs: Int | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None  # OpenAI's older function calling
     tool_choice: Any = None
@@ -248,10 +253,7 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) not in (None, 0, 0.0):
             raise bad_request(f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name)
-    if req.logprobs:
-        raise bad_request("logprobs are not supported by this server; leave it out (or send false)", param="logprobs")
-    if req.top_logprobs not in (None, 0):
-        raise bad_request("top_logprobs: logprobs are not supported by this server; leave it out", param="top_logprobs")
+    _check_logprobs(req)
     if req.tools:
         raise bad_request("tools (function calling) are not supported by this server; leave them out", param="tools")
     if req.functions:
@@ -308,6 +310,19 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     if len(longest) > MAX_STOP_STRING_CHARS:
         raise bad_request(f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters long; one has "
                           f"{len(longest)}", param="stop")  # fmt: skip
+
+
+def _check_logprobs(req: ChatCompletionRequest) -> None:
+    """top_logprobs as OpenAI takes it: 0 to 20 alternatives per token, and only with logprobs true."""
+    k = req.top_logprobs
+    if k is None:
+        return
+    if not 0 <= k <= LOGPROBS_MAX:
+        raise bad_request(f"top_logprobs must be an integer from 0 to {LOGPROBS_MAX} (the alternatives listed for each "
+                          f"token), not {k}", param="top_logprobs")  # fmt: skip
+    if not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true (it says how many alternatives to list for each token); "
+                          "send both, or neither", param="top_logprobs")  # fmt: skip
 
 
 def stop_strings(req: ChatCompletionRequest) -> list[str]:
@@ -370,13 +385,13 @@ def completion(cid: str, model: str, text: str, finish_reason: str, final: dict,
 
 
 def chunk(cid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-          include_usage: bool = False, extra: dict | None = None) -> dict:  # fmt: skip
+          include_usage: bool = False, extra: dict | None = None, logprobs: dict | None = None) -> dict:  # fmt: skip
     out: dict[str, Any] = {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
     if extra:
         out["choices"][0].update(extra)

@@ -1,0 +1,81 @@
+"""OpenAI's `logprobs` of an answer: which tokens to list, and each as OpenAI shapes it.
+
+A token is {"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}.
+The values are the model's own distribution (chat/sampling.py: log_softmax of the raw logits in
+float32, before temperature, top-k/p and the repetition penalty). `bytes` are the token's real
+bytes from the vocabulary (Tokenizer.token_bytes); `token` is those bytes decoded alone, so a
+byte-level piece that holds part of a character shows U+FFFD for that part.
+
+A token is listed once all of its text has been sent: text held back while it could begin a stop
+string waits with it, and a token whose text a stop string cut (even in part) is never listed, so
+the list describes exactly the answer the client got.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from ..chat.sampling import TokenLogprob
+from ..engine.tokenizer import as_tokenizer
+
+# OpenAI's value for a token too unlikely to say; JSON has no -Infinity (a half-precision logit can be -inf)
+LOGPROB_FLOOR = -9999.0
+
+
+class TokenPieces:
+    """Token ids as OpenAI's logprob entries; each id's text and bytes are looked up once."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = as_tokenizer(tokenizer)
+        self._pieces: dict[int, tuple[str, list[int]]] = {}  # at most one per vocabulary entry
+
+    def piece(self, token_id: int) -> tuple[str, list[int]]:
+        """The token's text (its bytes decoded alone) and its bytes as ints."""
+        found = self._pieces.get(token_id)
+        if found is None:
+            raw = self.tokenizer.token_bytes(token_id)
+            found = self._pieces[token_id] = (raw.decode("utf-8", "replace"), list(raw))
+        return found
+
+    def entry(self, token_id: int, logprob: float) -> dict:
+        text, raw = self.piece(token_id)
+        return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(raw)}
+
+    def content(self, token: TokenLogprob) -> dict:
+        """One entry of `choices[0].logprobs.content`."""
+        out = self.entry(token.token_id, token.logprob)
+        out["top_logprobs"] = [self.entry(token_id, logprob) for token_id, logprob in token.top]
+        return out
+
+
+class SentTokens:
+    """Follows one answer's generated tokens against the text the stop strings let through.
+
+    `receive` each generation event (its "text" and its tokens' ends in it, chat/generate.py),
+    then `sent` with the text sent for it: the entries of the tokens whose text is now all sent."""
+
+    def __init__(self, pieces: TokenPieces):
+        self.pieces = pieces
+        self.listed: list[dict] = []  # every entry given so far: the non-streaming answer's list
+        self._received = 0  # characters of generated text so far
+        self._sent = 0  # of them, those sent
+        self._waiting: collections.deque[tuple[TokenLogprob, int]] = collections.deque()  # (token, end in the answer)
+
+    def receive(self, event: dict) -> None:
+        for token, end in event["logprobs"]:
+            self._waiting.append((token, self._received + end))
+        self._received += len(event["text"])
+
+    def sent(self, text: str) -> list[dict]:
+        self._sent += len(text)
+        out = []
+        while self._waiting and self._waiting[0][1] <= self._sent:
+            out.append(self.pieces.content(self._waiting.popleft()[0]))
+        self.listed.extend(out)
+        return out
+
+
+def logprobs_object(content: list[dict]) -> dict:
+    """A choice's (or a chunk's) `logprobs`."""
+    return {"content": content, "refusal": None}

@@ -1,0 +1,274 @@
+"""OpenAI `logprobs` / `top_logprobs`: values, grouping with the streamed text, stop strings, refusals.
+
+The served values are checked against a direct forward of the same tiny checkpoint (a second copy,
+float32 on the CPU); the grouping of tokens with their text is checked on the real generator with
+a scripted model whose answer splits characters across byte-level tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+import tokenizers
+
+from qwen_like_tokenizer import build_qwen_like_tokenizer
+from internvl_chat.chat.generate import stream_generate
+from internvl_chat.chat.sampling import Sampler, SamplingParams
+from internvl_chat.engine.loader import load_model
+from internvl_chat.engine.tokenizer import BYTE_ALPHABET, as_tokenizer
+from internvl_chat.serve.logprobs import SentTokens, TokenPieces
+from internvl_chat.serve.stops import StopStrings
+from serve_support import chat_body
+
+QUESTION = "Tell me about colours."
+
+
+@pytest.fixture(scope="module")
+def local(tiny_original):
+    return load_model(tiny_original, device="cpu", dtype="float32", max_context=4096)
+
+
+def ask(client, text=QUESTION, **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": text}], **kw)
+
+
+def reference_logprobs(local, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """log_softmax of the logits that predict each answer token, from one forward of the whole text."""
+    with torch.inference_mode():
+        logits = local.model.forward(prompt + answer, 0, all_logits=True)
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(answer)].float().log_softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def specials(local) -> set[str]:
+    """The special tokens' texts: listed, but left out of the answer's text."""
+    return {local.tokenizer.decode([i]) for i in local.tokenizer.special_ids}
+
+
+def listed_text(entries, specials: set[str]) -> str:
+    """What the listed tokens spell in the answer."""
+    raw = b"".join(bytes(e.bytes) for e in entries if e.token not in specials)
+    return raw.decode("utf-8", "replace")
+
+
+# ---- values ----------------------------------------------------------------------------------
+
+
+def test_greedy_logprobs_are_the_models_log_softmax(client, builder, local, specials):
+    out = ask(client, logprobs=True, top_logprobs=5, extra_body={"return_token_ids": True})
+    choice = out.choices[0]
+    ids = choice.model_extra["token_ids"]
+    content = choice.logprobs.content  # the openai client parsed it: ChatCompletionTokenLogprob objects
+    assert len(content) == len(ids) == out.usage.completion_tokens and ids
+    want = reference_logprobs(local, builder.first_turn(QUESTION), ids)
+    pieces = TokenPieces(local.tokenizer)
+    for k, (entry, token_id) in enumerate(zip(content, ids)):
+        assert entry.logprob == pytest.approx(float(want[k, token_id]), abs=1e-4)
+        assert (entry.token, entry.bytes) == pieces.piece(token_id)
+        top = entry.top_logprobs
+        assert len(top) == 5
+        assert [t.logprob for t in top] == sorted((t.logprob for t in top), reverse=True)
+        assert [t.logprob for t in top] == pytest.approx(torch.topk(want[k], 5).values.tolist(), abs=1e-4)
+        assert (top[0].token, top[0].bytes) == (entry.token, entry.bytes)  # greedy: the chosen one is the most likely
+        assert top[0].logprob == entry.logprob
+    assert listed_text(content, specials) == choice.message.content
+
+
+def test_sampled_logprobs_are_before_temperature_and_filters(client, builder, local):
+    out = ask(client, logprobs=True, top_logprobs=2, temperature=1.8, top_p=0.7, seed=11,
+              extra_body={"return_token_ids": True, "top_k": 3, "repetition_penalty": 1.3})  # fmt: skip
+    ids = out.choices[0].model_extra["token_ids"]
+    want = reference_logprobs(local, builder.first_turn(QUESTION), ids)
+    got = [e.logprob for e in out.choices[0].logprobs.content]
+    assert got == pytest.approx([float(want[k, t]) for k, t in enumerate(ids)], abs=1e-4)
+
+
+def test_logprobs_without_top_logprobs_list_no_alternatives(client):
+    choice = ask(client, logprobs=True).choices[0]
+    assert choice.logprobs.content and all(e.top_logprobs == [] for e in choice.logprobs.content)
+    assert choice.logprobs.refusal is None
+
+
+def test_without_logprobs_the_answer_has_none(server):
+    raw = httpx.post(f"{server.url}/v1/chat/completions", json=chat_body(QUESTION, max_tokens=4), timeout=60).json()
+    assert raw["choices"][0]["logprobs"] is None
+
+
+# ---- streaming ---------------------------------------------------------------------------------
+
+
+def stream_chunks(client, **kw):
+    return [c for c in ask(client, stream=True, **kw) if c.choices]
+
+
+def test_streaming_gives_the_same_logprobs_each_with_its_text(client, specials):
+    whole = ask(client, logprobs=True, top_logprobs=3, max_tokens=16).choices[0]
+    chunks = stream_chunks(client, logprobs=True, top_logprobs=3, max_tokens=16)
+    text, listed = "", []
+    for c in chunks:
+        choice = c.choices[0]
+        if choice.delta.content:
+            assert choice.logprobs is not None  # every chunk that carries text carries its tokens' list
+        if choice.logprobs is not None:
+            listed += choice.logprobs.content
+        text += choice.delta.content or ""
+        assert text.startswith(listed_text(listed, specials))  # a token comes with (or after) the text it completes
+    assert text == whole.message.content == listed_text(listed, specials)
+    assert [e.model_dump() for e in listed] == [e.model_dump() for e in whole.logprobs.content]
+
+
+# ---- stop strings ------------------------------------------------------------------------------
+
+
+def ends(content, specials: set[str]) -> list[int]:
+    """Where each listed token's text ends in the answer."""
+    out, raw = [], b""
+    for e in content:
+        if e.token not in specials:
+            raw += bytes(e.bytes)
+        out.append(len(raw.decode("utf-8", "replace")))
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_cuts_the_list_where_it_cuts_the_text(client, specials, stream):
+    full = ask(client, logprobs=True, top_logprobs=1, max_tokens=16).choices[0]
+    text, token_ends = full.message.content, ends(full.logprobs.content, specials)
+
+    def first_there(cut: int) -> bool:  # a two-character stop string from `cut` that first appears there
+        return cut + 2 <= len(text) and text.find(text[cut : cut + 2]) == cut
+
+    # a stop string at a token's start, and one that begins inside a token of several characters
+    boundary = next(e for e in token_ends[1:] if first_there(e))
+    inside = next(e - 1 for k, e in enumerate(token_ends[1:], 1) if e - token_ends[k - 1] >= 2 and first_there(e - 1))
+    for cut in (boundary, inside):
+        stop = text[cut : cut + 2]
+        want = [e.model_dump() for e, end in zip(full.logprobs.content, token_ends) if end <= cut]
+        if stream:
+            chunks = stream_chunks(client, logprobs=True, top_logprobs=1, max_tokens=16, stop=[stop])
+            got = [e.model_dump() for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[:cut]
+        else:
+            answer = ask(client, logprobs=True, top_logprobs=1, max_tokens=16, stop=[stop]).choices[0]
+            got = [e.model_dump() for e in answer.logprobs.content]
+            assert answer.message.content == text[:cut] and answer.finish_reason == "stop"
+        assert got == want, (stop, cut)
+
+
+# ---- refusals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"logprobs": True, "top_logprobs": 21}, "from 0 to 20"),
+        ({"logprobs": True, "top_logprobs": -1}, "from 0 to 20"),
+        ({"top_logprobs": 2}, "needs logprobs: true"),
+        ({"logprobs": False, "top_logprobs": 0}, "needs logprobs: true"),
+    ],
+)
+def test_bad_top_logprobs_are_400_naming_it(client, change, says):
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, **change)
+    assert err.value.body["param"] == "top_logprobs"
+    assert says in err.value.body["message"]
+
+
+# ---- token text and bytes ----------------------------------------------------------------------
+
+
+def test_the_byte_alphabet_is_the_byte_level_vocabularys():
+    assert set(BYTE_ALPHABET) == set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    assert sorted(BYTE_ALPHABET.values()) == list(range(256))
+    assert BYTE_ALPHABET["Ġ"] == 32 and BYTE_ALPHABET["A"] == 65
+
+
+ANSWER = "Naïve café 你好，世界！猫🐱 and 🦊 — 42."
+
+
+@pytest.fixture(scope="module")
+def splitting_tokenizer() -> Any:
+    """A Qwen-like tokenizer that never saw most of ANSWER's characters: they split across byte tokens."""
+    return build_qwen_like_tokenizer(["Hello world, this is a picture of a cat. The answer is 42."] * 3, 300,
+                                     pad_token="<|endoftext|>")  # fmt: skip
+
+
+def test_a_token_holding_part_of_a_character_has_its_real_bytes(splitting_tokenizer):
+    pieces = TokenPieces(splitting_tokenizer)
+    ids = as_tokenizer(splitting_tokenizer).encode(ANSWER)
+    partial = [pieces.piece(i) for i in ids if "\ufffd" in pieces.piece(i)[0]]
+    assert partial  # otherwise the test proves nothing
+    assert b"".join(bytes(pieces.piece(i)[1]) for i in ids).decode("utf-8") == ANSWER
+    assert all(text == bytes(raw).decode("utf-8", "replace") for text, raw in partial)
+    special = splitting_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert pieces.piece(special) == ("<|endoftext|>", list(b"<|endoftext|>"))
+
+
+class ScriptedModel:
+    """Logits that make a greedy decode spell `ids` and then stop."""
+
+    device = torch.device("cpu")
+    max_seq_len = 1 << 16
+
+    def __init__(self, ids: list[int], vocab: int, stop: int):
+        self.vocab = vocab
+        self.queue = [*ids, stop]
+        self.noise = torch.Generator().manual_seed(0)
+
+    def forward(self, ids, start_pos, image_features=None, cancel=None):
+        logits = torch.randn(self.vocab, generator=self.noise)
+        if self.queue:
+            logits[self.queue.pop(0)] = 20.0
+        return logits
+
+
+def scripted_events(tokenizer, stream_interval: int) -> list[dict]:
+    ids = as_tokenizer(tokenizer).encode(ANSWER)
+    stop = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    vocab = len(tokenizer)
+    params = SamplingParams(max_new_tokens=len(ids) + 1, logprobs=2)
+    model = ScriptedModel(ids, vocab, stop)
+    events = list(stream_generate(model, tokenizer, [1, 2], 0, params, Sampler(params, vocab, "cpu"), stop_ids=[stop],
+                                  stream_interval=stream_interval))  # fmt: skip
+    assert [e.token_id for ev in events for e, _ in ev["logprobs"]] == ids
+    return events
+
+
+@pytest.mark.parametrize("stream_interval", [1, 3])
+def test_each_event_lists_the_tokens_whose_text_it_completes(splitting_tokenizer, stream_interval):
+    pieces = TokenPieces(splitting_tokenizer)
+    sent, raw = "", b""
+    for event in scripted_events(splitting_tokenizer, stream_interval):
+        listed = event["logprobs"]
+        for k, (token, end) in enumerate(listed):
+            raw += bytes(pieces.piece(token.token_id)[1])
+            if k + 1 == len(listed) or listed[k + 1][1] != end:  # the tokens that spell a character end together
+                # no token ends before its character does: their text ends exactly where the event says
+                assert sent + event["text"][:end] == raw.decode("utf-8")
+        sent += event["text"]
+    assert sent == raw.decode("utf-8") == ANSWER
+
+
+@pytest.mark.parametrize("stop", ["é", "你好", "猫🐱", "🦊", "fé", " 42", "nothing like it"])
+def test_stop_strings_list_exactly_the_tokens_whose_text_was_sent(splitting_tokenizer, stop):
+    pieces = TokenPieces(splitting_tokenizer)
+    stops, tokens, sent, listed = StopStrings([stop]), SentTokens(pieces), "", []
+    for event in scripted_events(splitting_tokenizer, 1):  # as serve/engine.py drives them
+        tokens.receive(event)
+        text = stops.push(event["text"]) + (stops.flush() if event["finish_reason"] else "")
+        sent += text
+        listed += tokens.sent(text)
+    assert listed == tokens.listed
+    assert sent == ANSWER.split(stop)[0]
+    spelled = b"".join(bytes(e["bytes"]) for e in listed)
+    assert sent.startswith(spelled.decode("utf-8"))  # all of each listed token's text was sent
+    ids = as_tokenizer(splitting_tokenizer).encode(ANSWER)
+    if len(listed) < len(ids):  # the first token left out: some of its text was not sent
+        with_next = spelled + bytes(pieces.piece(ids[len(listed)])[1])
+        assert not sent.startswith(with_next.decode("utf-8", "replace"))
