@@ -199,7 +199,7 @@ def test_refusals_of_controls_it_does_not_have_say_what_to_do(client, change, fi
 
 def test_neutral_values_of_controls_it_does_not_have_are_accepted(client):
     extra = {"stop_token_ids": [], "ignore_eos": False, "function_call": "none"}
-    answer = ask(client, tool_choice="auto", functions=[], logit_bias={"42": 0}, extra_body=extra)
+    answer = ask(client, top_logprobs=0, tool_choice="auto", functions=[], logit_bias={"42": 0}, extra_body=extra)
     assert answer.choices[0].finish_reason in ("stop", "length")
     # and what does not change an answer: bookkeeping, a latency hint, the neutral levels
     answer = ask(client, modalities=["text"], reasoning_effort="none", verbosity="medium", metadata={"k": "v"},

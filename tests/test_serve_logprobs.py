@@ -170,7 +170,7 @@ def test_a_stop_string_cuts_the_list_where_it_cuts_the_text(client, specials, st
         ({"logprobs": True, "top_logprobs": 21}, "from 0 to 20"),
         ({"logprobs": True, "top_logprobs": -1}, "from 0 to 20"),
         ({"top_logprobs": 2}, "needs logprobs: true"),
-        ({"logprobs": False, "top_logprobs": 0}, "needs logprobs: true"),
+        ({"logprobs": False, "top_logprobs": 3}, "needs logprobs: true"),
     ],
 )
 def test_bad_top_logprobs_are_400_naming_it(client, change, says):

@@ -313,14 +313,14 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
 
 
 def _check_logprobs(req: ChatCompletionRequest) -> None:
-    """top_logprobs as OpenAI takes it: 0 to 20 alternatives per token, and only with logprobs true."""
+    """top_logprobs as OpenAI takes it: 0 to 20 alternatives per token, and more than 0 only with logprobs true."""
     k = req.top_logprobs
     if k is None:
         return
     if not 0 <= k <= LOGPROBS_MAX:
         raise bad_request(f"top_logprobs must be an integer from 0 to {LOGPROBS_MAX} (the alternatives listed for each "
                           f"token), not {k}", param="top_logprobs")  # fmt: skip
-    if not req.logprobs:
+    if k and not req.logprobs:  # 0 asks for nothing: accepted as neutral, as before logprobs were served
         raise bad_request("top_logprobs needs logprobs: true (it says how many alternatives to list for each token); "
                           "send both, or neither", param="top_logprobs")  # fmt: skip
 
