@@ -6,6 +6,7 @@ The frames sent are the ones a player shows, never a stand-in."""
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
@@ -752,3 +753,31 @@ def test_hostile_element_sizes_end_the_walk_without_an_answer(tmp_path):
         path = tmp_path / "hostile.avi"
         path.write_bytes(data)
         assert video_header.frames_cut_off(path, avi, 0.001) is expected[what], what
+
+
+def test_the_walk_over_a_long_cut_mkv_reads_a_page_per_cluster_not_the_file(tmp_path, monkeypatch):
+    """Attaching stays cheap: 200 Clusters of a MiB each (a sparse file), the last one cut after its
+    first block. Only their headers are read: a few KiB each, not the 200 MiB."""
+    header = VideoHeader(64, 64, FPS, 0, 300.0, "matroska,webm", None, None, track_duration=300.0, runs_past_end=True)
+    cluster = 1 << 20
+    path = tmp_path / "long.mkv"
+    with open(path, "wb") as f:
+        f.write(_ebml(0x1A45DFA3, _ebml(0x4282, b"matroska")) + bytes.fromhex("18538067") + bytes.fromhex("01fffffffffffffe"))
+        for number in range(200):
+            timecode = _ebml(0xE7, (number * 1000).to_bytes(4, "big"))  # the Cluster's Timecode, ms
+            f.write(_ebml(0x1F43B675, timecode, size=(0x01 << 56 | cluster).to_bytes(8, "big")))
+            f.seek(cluster - len(timecode), os.SEEK_CUR)
+        last = _ebml(0xE7, (200_000).to_bytes(4, "big")) + _ebml(0xA3, bytes.fromhex("810000800000"))
+        f.write(_ebml(0x1F43B675, last, size=(0x01 << 56 | cluster).to_bytes(8, "big")))  # runs past the end
+        f.truncate()
+    read = []
+
+    class Counted(io.FileIO):
+        def read(self, size=-1):
+            data = super().read(size)
+            read.append(len(data))
+            return data
+
+    monkeypatch.setattr(video_header, "open_regular_file", lambda p: Counted(p, "rb"))
+    assert video_header.frames_cut_off(path, header, 0.001) is True  # its frames end at 200 s of 300
+    assert sum(read) < 201 * 8192 and path.stat().st_size > 200 * cluster

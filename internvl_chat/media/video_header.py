@@ -303,10 +303,11 @@ def frames_cut_off(path: Path, header: VideoHeader, time_base: float) -> bool | 
 
 
 class _Window:
-    """Reads of a few bytes at any place in a file through a 64 KiB window: a walk over small
-    elements reads each block once, one over large ones a block per element. Never past `size`."""
+    """Reads of a few bytes at any place in a file through a 4 KiB window: a walk over small
+    elements reads each page once, one over large ones (an MKV's Clusters, a megabyte or so each)
+    a page per element, not the file."""
 
-    BLOCK = 1 << 16
+    BLOCK = 1 << 12
 
     def __init__(self, f, size: int) -> None:
         self.f, self.size, self._at, self._data = f, size, 0, b""
