@@ -23,7 +23,7 @@ from rich.console import Console
 from internvl_chat.chat.session import Session
 from internvl_chat.chat.template import MediaSpec
 from internvl_chat.errors import ContextOverflowError
-from internvl_chat.media.video import load_video
+from internvl_chat.media.video import load_video, measure_video
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.answer_text import AnswerCleaner, sanitize
 from internvl_chat.ui.app import EXIT, ERROR, OK, App
@@ -188,6 +188,28 @@ def test_a_video_cut_short_is_said_once_at_attach_not_again_with_the_answer(load
     assert "cut short" not in said and "holds only" not in said, said
     assert app.handle_line("And then?") == OK
     assert "holds only" not in output(out)
+
+
+def test_an_mkv_or_avi_cut_short_is_said_at_attach_and_how_much_it_holds_after_the_answer(loaded, tmp_path):
+    """The attach line said nothing of an MKV, WebM or AVI cut short: the cut was found only as its
+    frames were decoded. Its elements' headers tell that the file ends inside its frames (not how
+    many it holds, which its header does not count): the attach line says it is cut short, the
+    note after the answer, once, where its frames end."""
+    for name in ("clip.mkv", "clip.avi"):
+        cut = cut_at_frame(write_numbered_video(tmp_path / name, 30), tmp_path / f"cut_{name}", 12)
+        app, out = make_app(loaded, tmp_path)
+        assert app.handle_line(f"/video {cut} --frames 2") == OK
+        seconds = measure_video(cut).duration  # the header's (an AVI's, cut: FFmpeg's guess from its size)
+        said = f"2 frames of {seconds:.1f} s (cut short: the file ends before its last frame) → "
+        assert f"+ video {cut.name} {said}" in output(out)
+        app.handle_line("/media")
+        assert said in output(out)
+        assert app.handle_line("What happens?") == OK
+        assert output(out).count(f"{cut} ends at 0.4 s of the 1.0 s its header lists (12 frames)") == 1, name
+        assert app.handle_line("And then?") == OK
+        assert " ends at " not in output(out)
+        assert app.handle_line(f"/video {tmp_path / name} --frames 2") == OK
+        assert "cut short" not in output(out)  # the whole file
 
 
 def test_a_cut_video_attached_twice_is_noted_once_with_the_answer(loaded, media, tmp_path, monkeypatch):

@@ -235,6 +235,16 @@ def test_a_video_cut_short_sends_the_frames_it_holds_and_says_so_once(tmp_path):
     assert [_frame_number(p.url) for p in clip.frames] == frame_indices(16, 30.0, 4)
 
 
+def test_an_mkv_cut_short_is_known_as_it_is_described_for_a_server(tmp_path):
+    """As locally: its elements' headers tell the cut (not how many frames it holds) for the attach line."""
+    whole = write_numbered_video(tmp_path / "v.mkv", 40)
+    with FakeServer(models_of("vllm")) as server:
+        conv = connect(server)
+        video = conv.describe_video(cut_at_frame(whole, tmp_path / "cut.mkv", 16), 4)
+        assert (video.ends_early, video.cut_short) == (True, None)
+        assert not conv.describe_video(whole, 4).ends_early
+
+
 def _frame_number(url: str) -> int:
     mean, std = np.asarray(IMAGENET_MEAN)[:, None, None], np.asarray(IMAGENET_STD)[:, None, None]
     rgb = np.asarray(Image.open(io.BytesIO(b64_of(url))).convert("RGB"), dtype=np.float32) / 255

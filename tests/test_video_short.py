@@ -6,6 +6,7 @@ The frames sent are the ones a player shows, never a stand-in."""
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
@@ -28,7 +29,7 @@ from internvl_chat.errors import MediaError
 from internvl_chat.media import video_header, video_sources
 from internvl_chat.media.video import BACKEND_ENV, VideoLength, load_video, measure_video, probe_video
 from internvl_chat.media.video_cost import DecodeOverBudget, frame_work
-from internvl_chat.media.video_header import count_packets, frames_lost, read_header
+from internvl_chat.media.video_header import VideoHeader, count_packets, frames_lost, read_header
 from internvl_chat.media.video_sampling import frame_indices
 from internvl_chat.media.video import VideoInput
 
@@ -660,3 +661,123 @@ def test_the_structure_check_refuses_a_fifo_instead_of_waiting_for_a_writer(tmp_
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
             check.join(timeout=60)
     assert stuck == [] and outcome == [None, None]
+
+
+@pytest.mark.parametrize("name", list(UNTRUSTED_COUNTS))
+def test_an_mkv_webm_or_avi_cut_inside_its_frames_is_known_as_it_is_attached(tmp_path, name):
+    """The attach line (measure_video) said nothing of these: the cut was found only as the frames
+    were decoded, and noted after the answer. A few of the elements' headers tell where the end of
+    the file falls: inside the frames (an MKV's Cluster, an AVI's movi list), or not."""
+    whole = _untrusted(name, tmp_path)
+    assert (measure_video(whole).ends_early, read_header(whole, orientation=False).frames_cut) == (False, None)
+    for held in (0, 9, 18, 24):
+        cut = cut_at_frame(whole, tmp_path / f"cut{whole.suffix}", held)
+        length = measure_video(cut)
+        assert length.ends_early, (name, held)
+        assert (length.frames, length.listed_frames) == (30, None)  # the count is the header's: decoding finds it
+
+
+@pytest.mark.parametrize("name", ["mpeg4.mkv", "vp9.webm", "mpeg4.avi"])
+def test_a_file_cut_after_its_frames_is_not_called_cut_short_as_it_is_attached(tmp_path, name):
+    """Cut in the index that follows the frames (an MKV's Cues, an AVI's idx1): every frame is held,
+    though the outermost structure runs past the end of the file. Cut before its last two frames'
+    end, an MKV is not called short either (as the note after the answer does not)."""
+    whole = _untrusted(name, tmp_path)
+    data = whole.read_bytes()
+    index = data.rindex(b"idx1") if whole.suffix == ".avi" else data.rindex(bytes.fromhex("1C53BB6B"))
+    cut = tmp_path / f"cut{whole.suffix}"
+    cut.write_bytes(data[: index + 10])
+    header = read_header(cut, orientation=False)
+    assert header.runs_past_end and header.frames_cut is False
+    assert not measure_video(cut).ends_early
+    if whole.suffix != ".avi":
+        near = cut_at_frame(whole, tmp_path / f"near{whole.suffix}", 29)
+        assert read_header(near, orientation=False).frames_cut is False
+        assert load_video(near, 8).shortfall_note is None
+
+
+def test_an_mkv_cut_in_its_audio_after_the_video_ends_is_not_called_cut_short_as_it_is_attached(tmp_path):
+    """Its video ends at 2 s, its audio at 4 s: a cut in the clusters of audio alone loses no frame."""
+    path = _with_longer_audio(tmp_path / "talk.mkv", 20, 4)
+    data = path.read_bytes()
+    assert not measure_video(path).ends_early
+    assert measure_video(cut_at_frame(path, tmp_path / "cut.mkv", 9)).ends_early
+    late = tmp_path / "late.mkv"
+    late.write_bytes(data[: len(data) * 9 // 10])
+    assert read_header(late, orientation=False).runs_past_end
+    assert load_video(late, 8).shortfall_note is None  # all 20 frames: decoding agrees
+    assert not measure_video(late).ends_early
+
+
+def _ebml(element: int, payload: bytes, size: bytes | None = None) -> bytes:
+    """An EBML element: its id, its size (an 8-byte one unless `size` is given), its payload."""
+    head = element.to_bytes((element.bit_length() + 7) // 8, "big")
+    return head + (size if size is not None else (0x01 << 56 | len(payload)).to_bytes(8, "big")) + payload
+
+
+def test_hostile_element_sizes_end_the_walk_without_an_answer(tmp_path):
+    """The walk over a cut file's elements reads only their headers, one step each, and stops after
+    a bound: zero sizes (each element its header only), sizes past any file, elements nested in a
+    chain of Clusters, a Cluster of 300,000 empty blocks. Only a Cluster cut before any block it
+    holds (with a Timecode of 0: the frames end at its start) calls the frames cut."""
+    header = VideoHeader(64, 64, FPS, 0, 3.0, "matroska,webm", None, None, track_duration=3.0, runs_past_end=True)
+    ebml = _ebml(0x1A45DFA3, _ebml(0x4282, b"matroska"))
+    huge = bytes.fromhex("01fffffffffffffe")  # 2^56 - 2 bytes
+    cluster_head = bytes.fromhex("1F43B675") + huge + bytes.fromhex("E78100")
+    cases = {
+        "voids": ebml + bytes.fromhex("18538067") + huge + bytes.fromhex("EC80") * 300_000,
+        "a huge first element": ebml + bytes.fromhex("18538067") + huge + bytes.fromhex("114D9B74") + huge,
+        "an empty cluster": ebml + bytes.fromhex("18538067") + huge + bytes.fromhex("1F43B67580"),
+        "blocks": ebml + bytes.fromhex("18538067") + huge + cluster_head + bytes.fromhex("A380") * 300_000,
+        "clusters in clusters": ebml + bytes.fromhex("18538067") + huge + cluster_head * 20_000,
+        "no timecode": ebml + bytes.fromhex("18538067") + huge + bytes.fromhex("1F43B675") + huge + bytes.fromhex("A384810000"),
+        "ones": ebml + bytes.fromhex("18538067") + huge + b"\xff" * 100_000,
+        "zeros": ebml + bytes.fromhex("18538067") + huge + bytes(100_000),
+        "no segment": ebml + bytes(100),
+    }
+    for what, data in cases.items():
+        path = tmp_path / "hostile.mkv"
+        path.write_bytes(data)
+        cut = what == "clusters in clusters"  # the first, cut after its Timecode of 0: no Cluster is walked into twice
+        assert video_header.frames_cut_off(path, header, 0.001) is (True if cut else None), what
+    avi = VideoHeader(64, 64, FPS, 30, 3.0, "avi", None, None, runs_past_end=True)
+    riff = b"RIFF" + (2**32 - 1).to_bytes(4, "little") + b"AVI "
+    cases = {
+        "empty chunks": riff + b"JUNK" + bytes(4) * 2 * 100_000,
+        "riffs": (b"RIFF" + (4).to_bytes(4, "little") + b"AVI ") * 10_000,
+        "a huge hdrl": riff + b"LIST" + (2**32 - 1).to_bytes(4, "little") + b"hdrl",
+        "not riff": b"\xff" * 1000,
+    }
+    expected = {"empty chunks": None, "riffs": None, "a huge hdrl": True, "not riff": None}  # hdrl cut: no frame held
+    for what, data in cases.items():
+        path = tmp_path / "hostile.avi"
+        path.write_bytes(data)
+        assert video_header.frames_cut_off(path, avi, 0.001) is expected[what], what
+
+
+def test_the_walk_over_a_long_cut_mkv_reads_a_page_per_cluster_not_the_file(tmp_path, monkeypatch):
+    """Attaching stays cheap: 200 Clusters of a MiB each (a sparse file), the last one cut after its
+    first block. Only their headers are read: a few KiB each, not the 200 MiB."""
+    header = VideoHeader(64, 64, FPS, 0, 300.0, "matroska,webm", None, None, track_duration=300.0, runs_past_end=True)
+    cluster = 1 << 20
+    path = tmp_path / "long.mkv"
+    with open(path, "wb") as f:
+        f.write(_ebml(0x1A45DFA3, _ebml(0x4282, b"matroska")) + bytes.fromhex("18538067") + bytes.fromhex("01fffffffffffffe"))
+        for number in range(200):
+            timecode = _ebml(0xE7, (number * 1000).to_bytes(4, "big"))  # the Cluster's Timecode, ms
+            f.write(_ebml(0x1F43B675, timecode, size=(0x01 << 56 | cluster).to_bytes(8, "big")))
+            f.seek(cluster - len(timecode), os.SEEK_CUR)
+        last = _ebml(0xE7, (200_000).to_bytes(4, "big")) + _ebml(0xA3, bytes.fromhex("810000800000"))
+        f.write(_ebml(0x1F43B675, last, size=(0x01 << 56 | cluster).to_bytes(8, "big")))  # runs past the end
+        f.truncate()
+    read = []
+
+    class Counted(io.FileIO):
+        def read(self, size=-1):
+            data = super().read(size)
+            read.append(len(data))
+            return data
+
+    monkeypatch.setattr(video_header, "open_regular_file", lambda p: Counted(p, "rb"))
+    assert video_header.frames_cut_off(path, header, 0.001) is True  # its frames end at 200 s of 300
+    assert sum(read) < 201 * 8192 and path.stat().st_size > 200 * cluster

@@ -324,7 +324,8 @@ class RemoteConversation:
             raise MediaError(f"--frames must be at least 1 (got {frames})")
         length = measure_video(path)
         return RemoteMedia("video", path, frames, frames=frames, video_range=used_range(video_range, length.duration),
-                           duration=length.duration, cut_short=cut_short(length), bytes=path.stat().st_size)  # fmt: skip
+                           duration=length.duration, cut_short=cut_short(length), ends_early=length.ends_early,
+                           bytes=path.stat().st_size)  # fmt: skip
 
     def _prepare(self, media: RemoteMedia) -> None:
         """Read the picture or decode the video once; later turns resend the same bytes."""

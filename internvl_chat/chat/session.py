@@ -52,6 +52,7 @@ class Media:
     size: tuple[int, int] | None = None  # image (w, h)
     duration: float | None = None  # video seconds (those the file holds)
     cut_short: tuple[int, int] | None = None  # a video cut short: (frames it holds, frames its header lists)
+    ends_early: bool = False  # an MKV, WebM or AVI cut short inside its frames (how many it holds: found decoding)
     sha256: str = ""
     bytes: int = 0
     pixel_values: torch.Tensor | None = field(default=None, repr=False)
@@ -235,7 +236,8 @@ class Session:
         length = measure_video(path)
         st = path.stat()
         return Media("video", path, frames, frames=frames, video_range=used_range(video_range, length.duration),
-                     duration=length.duration, cut_short=cut_short(length), bytes=st.st_size)  # fmt: skip
+                     duration=length.duration, cut_short=cut_short(length), ends_early=length.ends_early,
+                     bytes=st.st_size)  # fmt: skip
 
     def _decode(self, media: Media) -> torch.Tensor:
         if media.pixel_values is None:

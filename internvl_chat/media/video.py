@@ -23,7 +23,9 @@ only for a file whose outermost structure runs past its end, as no whole one's d
 decoder knows cheaply: decord read every packet as it opened the file, PyAV demuxed
 an MKV's to count its frames, and demuxes (not decodes) what follows an AVI's last sampled frame,
 where the sampling runs to the end. An AVI found to hold fewer frames is sampled again from them.
-The attach line (`measure_video`) reads no packet and says nothing of these.
+The attach line (`measure_video`) reads no packet: it says such a file is cut short where a few of
+its elements' headers tell that the end of the file falls inside its frames (`ends_early`), not how
+many it holds: the note gives that.
 
 Frames come out as a player shows them: a rotation or mirror stored with the video (a display
 matrix, as phones write, or an older `rotate` tag) is applied before the tile transform. Each frame
@@ -302,6 +304,9 @@ class VideoLength:
     fps: float
     duration: float  # seconds, of those frames
     listed_frames: int | None = None  # the header's count, where the file holds more than one fewer (cut short)
+    # MKV, WebM, AVI: the file ends inside its frames (VideoHeader.frames_cut); how many it holds is
+    # found as they are decoded (VideoInput.shortfall_note), and `frames` is the header's
+    ends_early: bool = False
 
 
 def probe_video(path: str | Path) -> tuple[int, float, float]:
@@ -317,7 +322,8 @@ def probe_video(path: str | Path) -> tuple[int, float, float]:
 def measure_video(path: str | Path) -> VideoLength:
     """probe_video's numbers, and the count the header lists where an MP4 (or MOV) is cut short: its
     index places the samples of more than its last frame past the end of the file (see
-    video_header.frames_lost; no frame is read)."""
+    video_header.frames_lost; no frame is read). An MKV, WebM or AVI cut short inside its frames is
+    flagged (`ends_early`, from its elements' headers: video_header.frames_cut_off)."""
     path = check_media_file(path, "video")
     return _probed(path, read_header(path, orientation=False))
 
@@ -338,7 +344,7 @@ def _probed(path: Path, header: VideoHeader) -> VideoLength:
         raise MediaError(f"{shown_path(path)} has no video frames; use a file that contains video")
     if duration <= 0 and header.fps > 0:
         duration = frames / header.fps
-    return VideoLength(frames, header.fps, duration)
+    return VideoLength(frames, header.fps, duration, ends_early=bool(header.frames_cut))
 
 
 def decode_cost(path: str | Path, num_frames: int = 8, start: float | None = None, end: float | None = None) -> DecodeCost:

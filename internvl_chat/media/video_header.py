@@ -3,7 +3,8 @@ untrusted): frame size, rate, count and duration limits; an MP4 sample table or 
 declare more frames than the file holds, refused before FFmpeg indexes them; cover pictures, still
 pictures and files that are not videos at all; the frame count by demuxing where the header stores
 none; an MP4 (or MOV) cut short: the frames its index places past the end of the file, or its index
-lost with its end. Also the one-line messages for a file that cannot be read."""
+lost with its end; an MKV, WebM or AVI cut short inside its frames, from a few element headers.
+Also the one-line messages for a file that cannot be read."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class VideoHeader:
     samples_whole: int | None = None  # and then: the samples, in decode order, before the first such one
     track_duration: float = 0.0  # MKV/WebM: the video track's own (track_duration()), 0.0 where not known
     runs_past_end: bool | None = None  # MKV/WebM/AVI: whether its outermost element does (ends_past_the_file)
+    frames_cut: bool | None = None  # and then: whether the file ends inside its video frames (frames_cut_off)
 
     @property
     def frames_by_duration(self) -> int:
@@ -269,6 +271,171 @@ def _matroska_past_end(f, size: int) -> bool | None:
         if expected == 0x18538067:
             return start + length[0] > size
         at = start + length[0]
+    return None
+
+
+# Bounds on the walk of a cut MKV's or AVI's elements (frames_cut_off): each step reads one header
+MATROSKA_ELEMENTS = 1 << 17  # the Segment's (a cluster a second: 36 hours) and the cut Cluster's
+AVI_CHUNKS = 256  # a RIFF chunk's own (hdrl, movi, idx1, JUNK, INFO: a handful)
+_CLUSTER, _TIMECODE, _SIMPLE_BLOCK, _BLOCK_GROUP, _BLOCK = 0x1F43B675, 0xE7, 0xA3, 0xA0, 0xA1
+
+
+def frames_cut_off(path: Path, header: VideoHeader, time_base: float) -> bool | None:
+    """Whether an MKV/WebM or AVI file whose outermost structure runs past its end (the header's
+    `runs_past_end`) ends inside its video frames, from its elements' headers, without a packet
+    demuxed: its end may hold only an index (Cues, idx1) or tags, or an MKV's audio that runs on.
+    An AVI: its movi list (the frames) runs past the end. An MKV: a Cluster (the frames) does, and
+    no block it holds whole (any track's: muxers interleave them by time) reaches the video track's
+    end (`ends_short`); `time_base` is its blocks' tick, seconds. None where it cannot tell (a cut
+    between two elements, an unknown size, more than the bounds above): decoding tells then."""
+    formats = header.format_name.split(",")
+    try:
+        with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
+            window = _Window(f, os.fstat(f.fileno()).st_size)
+            if "avi" in formats:
+                return _avi_movi_cut(window)
+            if header.listed_end is None or not {"matroska", "webm"} & set(formats):
+                return None
+            end = _cluster_end_held(window, time_base, 1 / header.fps)  # listed_end: fps > 0
+            return None if end is None else header.ends_short(Held(0, end, 0.0))
+    except OSError:  # NotRegularFile is one
+        return None
+
+
+class _Window:
+    """Reads of a few bytes at any place in a file through a 4 KiB window: a walk over small
+    elements reads each page once, one over large ones (an MKV's Clusters, a megabyte or so each)
+    a page per element, not the file."""
+
+    BLOCK = 1 << 12
+
+    def __init__(self, f, size: int) -> None:
+        self.f, self.size, self._at, self._data = f, size, 0, b""
+
+    def read(self, at: int, length: int) -> bytes:
+        if not (self._at <= at and at + length <= self._at + len(self._data)):
+            self.f.seek(at)
+            self._at, self._data = at, self.f.read(max(length, self.BLOCK))
+        return self._data[at - self._at : at - self._at + length]
+
+
+def _ebml_element(window: _Window, at: int) -> tuple[int, int, int | None] | None:
+    """(id, where its payload starts, its size or None for unknown) of the EBML element at `at`;
+    None where its header is damaged or cut off by the end of the file."""
+    head = window.read(at, 12)
+    element = _ebml_number(head, 0, is_size=False)
+    if element is None:
+        return None
+    length = _ebml_number(head, element[1], is_size=True)
+    if length is None:
+        return None
+    return element[0], at + element[1] + length[1], length[0]
+
+
+def _segment_start(window: _Window) -> int | None:
+    """Where an MKV's Segment payload starts (after the EBML header), or None."""
+    at = 0
+    for expected in (0x1A45DFA3, 0x18538067):  # EBML, then Segment
+        element = _ebml_element(window, at)
+        if element is None or element[0] != expected or element[2] is None:
+            return None
+        at = element[1] if expected == 0x18538067 else element[1] + element[2]
+    return at
+
+
+def _cluster_end_held(window: _Window, time_base: float, frame: float) -> float | None:
+    """Where the blocks an MKV holds whole end, in seconds: in the Cluster that runs past the end
+    of the file, its latest block's time and a `frame` after, or its own time where it holds none
+    whole (the earlier Clusters' blocks end there); inf where something else runs past it (the
+    frames are whole); None where it cannot tell."""
+    at, clusters = _segment_start(window), 0
+    if at is None:
+        return None
+    for _ in range(MATROSKA_ELEMENTS):
+        if at >= window.size:
+            return None  # cut between two elements: what is missing is not known
+        element = _ebml_element(window, at)
+        if element is None or element[2] is None:
+            return None  # a header cut off, or a live stream's unknown size
+        kind, start, size = element
+        if start + size > window.size:
+            if kind == _CLUSTER:
+                return _blocks_end(window, start, time_base, frame)
+            return math.inf if clusters else None  # an index or tags after the frames
+        clusters += kind == _CLUSTER
+        at = start + size
+    return None
+
+
+def _blocks_end(window: _Window, at: int, time_base: float, frame: float) -> float | None:
+    """_cluster_end_held's end, from the Cluster at `at` that the end of the file cuts; None where
+    it has no Timecode before its blocks."""
+    cluster_time, latest = None, None
+    for _ in range(MATROSKA_ELEMENTS):
+        element = _ebml_element(window, at)
+        if element is None or element[2] is None or element[1] + element[2] > window.size:
+            break  # the cut: nothing after it is held whole
+        kind, start, size = element
+        at = start + size
+        if kind == _TIMECODE and size <= 8:
+            cluster_time = int.from_bytes(window.read(start, size), "big")
+        elif kind in (_SIMPLE_BLOCK, _BLOCK_GROUP):
+            if cluster_time is None:
+                return None
+            time = _block_time(window, start, size, kind == _BLOCK_GROUP)
+            if time is not None:
+                latest = max(latest if latest is not None else time, time)
+    else:
+        return None
+    if cluster_time is None:
+        return None
+    if latest is None:
+        return cluster_time * time_base
+    return (cluster_time + latest) * time_base + frame
+
+
+def _block_time(window: _Window, at: int, size: int, in_group: bool) -> int | None:
+    """The time of the SimpleBlock (or the BlockGroup's Block, which comes first) of `size` bytes
+    at `at`, relative to its Cluster's: after the track number, a signed 16-bit count of ticks.
+    None where it does not hold one."""
+    if in_group:
+        inner = _ebml_element(window, at)
+        if inner is None or inner[0] != _BLOCK or inner[2] is None or inner[1] + inner[2] > at + size:
+            return None
+        at, size = inner[1], inner[2]
+    track = _ebml_number(window.read(at, min(size, 8)), 0, is_size=True)
+    if track is None or track[1] + 2 > size:
+        return None
+    return int.from_bytes(window.read(at + track[1], 2), "big", signed=True)
+
+
+def _avi_movi_cut(window: _Window) -> bool | None:
+    """Whether an AVI's last RIFF chunk, running past the end of the file, is cut before the end
+    of its movi list (the frames; hdrl before it, idx1 after); None where it cannot tell."""
+    at = 0
+    for _ in range(RIFF_CHUNKS):  # to the RIFF chunk that runs past the end
+        head = window.read(at, 12)
+        if len(head) < 12 or head[:4] != b"RIFF":
+            return None
+        size = int.from_bytes(head[4:8], "little")
+        if at + 8 + size > window.size:
+            break
+        at += 8 + size + (size & 1)
+    else:
+        return None
+    end, at, movi_whole = window.size, at + 12, False
+    for _ in range(AVI_CHUNKS):
+        if at >= end:
+            return False if movi_whole else None  # cut between two chunks
+        head = window.read(at, 12)
+        if len(head) < 12:
+            return not movi_whole  # a chunk's header cut off
+        size = int.from_bytes(head[4:8], "little")
+        is_movi = head[:4] == b"LIST" and head[8:12] == b"movi"
+        if at + 8 + size > end:
+            return is_movi or not movi_whole
+        movi_whole = movi_whole or is_movi
+        at += 8 + size + (size & 1)
     return None
 
 
@@ -510,6 +677,8 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
             header.runs_past_end = ends_past_the_file(path, "matroska")
         elif "avi" in container.format.name.split(","):
             header.runs_past_end = ends_past_the_file(path, "avi")
+        if header.runs_past_end and stream.time_base is not None:  # cut short: where? (from a few headers)
+            header.frames_cut = frames_cut_off(path, header, float(stream.time_base))
         if frames and "mov" in container.format.name.split(","):  # its index tells where each frame lies
             header.lost = frames_lost(stream, path, hides=header.frames_shown < frames)
             if header.lost:

@@ -384,6 +384,8 @@ class App(SessionFileCommands):
         if media.cut_short:  # the length above is what it holds: no note with the answer says it again
             held, listed = media.cut_short
             what += f" (cut short: it holds {held:,} of its {listed:,} frames)"
+        elif media.ends_early:  # how many frames it holds is found decoding: the note after the answer says
+            what += " (cut short: the file ends before its last frame)"
         return format_attach_line("video", name, what, None, tokens, fraction, approx)
 
     def _auto_attach(self, text: str) -> tuple[list[Media], str]:
