@@ -124,7 +124,8 @@ def test_the_codes_own_defaults_are_the_settings_defaults():
 
     assert SamplingParams() == params_from_settings(Settings())
     assert ServeOptions() == ServeOptions.from_settings(Settings())
-    assert {f.name for f in dataclasses.fields(SamplingParams)} - {"stop_ids"} <= set(EXPECTED_DEFAULTS["generation"])
+    per_request = {"stop_ids", "logprobs"}  # set by a caller for one answer (the server's stop tokens, logprobs)
+    assert {f.name for f in dataclasses.fields(SamplingParams)} - per_request <= set(EXPECTED_DEFAULTS["generation"])
 
 
 # --- layering ----------------------------------------------------------------------------------
