@@ -56,7 +56,8 @@ def test_n_answers_each_with_its_index_and_usage_summed(client):
     assert out.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counted once
     assert out.usage.completion_tokens == sum(counts) and all(counts)
     assert out.usage.total_tokens == out.usage.prompt_tokens + sum(counts)
-    assert out.model_extra["timings"]["predicted_n"] >= out.usage.completion_tokens - 3  # each choice's first token is the prompt's
+    # the timings sum over the choices too (each choice's first token counts as its prompt's)
+    assert out.model_extra["timings"]["predicted_n"] >= out.usage.completion_tokens - 3
     assert texts(out)[0] == one.choices[0].message.content  # choice 0 samples with the seed itself
 
 
@@ -244,25 +245,30 @@ def test_events_are_joined_only_within_one_choice():
 
 def test_a_client_that_leaves_during_choice_1_stops_the_choices_left(server, client):
     worker = server.worker
-    finished, held = [], {}
+    state = {"ended": 0, "texts": 0, "held": False}
 
     def watch(job, event):
-        if event["finish_reason"] is not None:
-            finished.append(event["finish_reason"])
-        elif finished and "job" not in held:  # choice 1's first token: wait for the client to leave
-            held["job"] = job
+        state["job"] = job
+        if state["ended"] == 1 and state["texts"] and not state["held"]:
+            # choice 1 has sent some text, which the client waits for: hold it until the client has left
+            state["held"] = True
             assert job.cancel.wait(WAIT_S)
+        if event["finish_reason"] is not None:
+            state["ended"] += 1
+        elif state["ended"] == 1 and event["text"]:
+            state["texts"] += 1
 
     worker.on_event = watch
     try:
         stream = ask(client, "Write a long story.", n=3, max_tokens=200, temperature=1.5, seed=2, stream=True)
         for c in stream:
-            if c.choices and c.choices[0].index == 1:
+            if c.choices and c.choices[0].index == 1 and c.choices[0].delta.content:
                 break
         stream.close()  # the client goes away during choice 1
         assert worker.wait_idle(WAIT_S)
     finally:
         worker.on_event = None
-    done = records(worker, held["job"].number)
+    assert state["held"]
+    done = records(worker, state["job"].number)
     assert [r["choice"] for r in done] == [0, 1]  # choice 2 never began
     assert done[1]["finish_reason"] == "cancelled" and done[1]["completion_tokens"] < 200

@@ -6,7 +6,7 @@ uncached part needs (feature LRU, else decode + vision encoder), runs the slot S
 away has its `cancel` event set: generation stops at the next token, a job that has not started
 is skipped (and gives up its place in the queue), a video being decoded for it stops at the next
 frame, and a job whose client left while its pictures were encoded gets no prefill. Stop strings
-end generation the same way and cut the text where they begin.
+end their choice's generation at the next token too (ChoiceHalt) and cut the text where they begin.
 
 A job that asked for logprobs gets "tokens" events, (text, logprob entries), in place of "text":
 the entries of the tokens whose text that event completes (serve/logprobs.py), and its "choice"
@@ -39,9 +39,9 @@ import torch
 from ..chat.detokenize import IncrementalDetokenizer
 from ..chat.generate import MEDIA_ADVICE, out_of_memory_as_error
 from ..chat.sampling import SamplingParams
-from ..settings import SEED_MAX
 from ..engine.loader import LoadedModel
 from ..errors import Cancelled, InternVLChatError
+from ..settings import SEED_MAX
 from .answers import AnswerMemory
 from .conversation import Prompt, PromptMaker
 from .errors import APIError, from_app_error, shown

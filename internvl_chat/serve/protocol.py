@@ -8,7 +8,7 @@ ignore_eos, output modalities or audio, web search, reasoning_effort, verbosity)
 with 400 rather than silently dropped. Numbers are numbers: `true` is not read as 1.
 
 `logprobs: true` lists each answer token's log-probability, with `top_logprobs` (0 to 20, only
-with logprobs true) alternatives: `choices[0].logprobs.content` in an answer, and in a stream on
+with logprobs true) alternatives: `choices[i].logprobs.content` in an answer, and in a stream on
 each chunk that carries text, for the tokens whose text it completes (serve/logprobs.py).
 
 `n` (1 to MAX_CHOICES) asks for that many answers to one prompt: `choices` has n entries, index
@@ -18,8 +18,9 @@ choice keeps its cache and prefills only the prompt's last token again (whose lo
 before it did not keep). `usage.prompt_tokens` counts the prompt once, `completion_tokens` all the
 choices' tokens. A stream sends choice 0 whole, then choice 1, ...: each chunk's `choices[0].index`
 names its choice, and each choice has its own role delta and finish chunk. With `seed`, choice i
-samples with `choice_seed(seed, i)` (choice 0 with the seed itself, so n=1 answers as before), so
-every choice is reproducible and each has its own random stream; greedy gives n equal answers.
+samples with `choice_seed(seed, i)` (serve/engine.py; choice 0 with the seed itself, so n=1
+answers as before), so every choice is reproducible and each has its own random stream; greedy
+gives n equal answers.
 `best_of` is accepted when absent or equal to n (nothing is ranked: every answer is returned).
 """
 
