@@ -129,7 +129,9 @@ def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
     [
         ({"temperature": -1}, "temperature"),
         ({"top_p": -0.1}, "top_p"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
+        ({"extra_body": {"best_of": 3}}, "best_of"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages.1.role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]},
@@ -185,7 +187,8 @@ def test_bad_requests_are_400_with_the_param(client, change, param):
 @pytest.mark.parametrize(
     "change, fix",
     [
-        ({"n": 2}, "send n requests for n answers"),
+        ({"n": 17}, "more requests for more answers"),
+        ({"n": 2, "extra_body": {"best_of": 3}}, "send best_of equal to n (2)"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "leave them out"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "leave them out"),
     ],

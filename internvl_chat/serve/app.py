@@ -18,8 +18,8 @@ from .conversation import Prompt, sampling_params
 from .engine import EngineWorker, Job
 from .errors import APIError, shown
 from .logprobs import logprobs_object
-from .protocol import ChatCompletionRequest, check_model, chunk, completion, models_list, parse_request
-from .protocol import stop_strings, usage_chunk
+from .protocol import ChatCompletionRequest, check_model, choice, choices, chunk, completion, models_list
+from .protocol import parse_request, stop_strings, usage_chunk
 
 POLL_S = 0.5  # how often a waiting handler checks that its client is still there
 # Parsing holds ~45× a body's size (pydantic's tree of a 30 MiB body: +1.3 GB), and every request
@@ -129,7 +129,7 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
             req, prompt, params = await run_in_threadpool(prepare, body)  # JSON, base64, hashing: off the event loop
         if await request.is_disconnected():  # it left while its images were read: nothing to answer
             return Response(status_code=499)
-        job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop())
+        job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop(), choices=choices(req))
         worker.submit(job)
         if req.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -187,7 +187,8 @@ _DELTAS = ("text", "tokens")  # the engine's text events, without and with logpr
 
 async def _events(job: Job, request: Request):
     """The job's events as they come, text deltas that queued up meanwhile joined into one:
-    ("text", (text, logprob entries)), the entries [] unless logprobs were asked for."""
+    ("text", (text, logprob entries)), the entries [] unless logprobs were asked for. Deltas are
+    joined only up to the next other event, which may end one choice before the next one's text."""
     while True:
         batch = await job.events.get_batch(POLL_S)
         # asked after every batch, not only after a quiet POLL_S: a decode sends text every few
@@ -195,28 +196,35 @@ async def _events(job: Job, request: Request):
         if await request.is_disconnected():
             job.cancel.set()
             raise ClientDisconnected
-        if not batch:
-            continue
-        text = "".join(payload if kind == "text" else payload[0] for kind, payload in batch if kind in _DELTAS)
-        entries = [entry for kind, payload in batch if kind == "tokens" for entry in payload[1]]
-        if text or entries:
-            yield "text", (text, entries)
+        deltas: list = []
         for kind, payload in batch:
-            if kind not in _DELTAS:
-                yield kind, payload
+            if kind in _DELTAS:
+                deltas.append(payload if kind == "tokens" else (payload, []))
+                continue
+            if joined := _joined(deltas):
+                yield "text", joined
+            deltas = []
+            yield kind, payload
+        if joined := _joined(deltas):
+            yield "text", joined
+
+
+def _joined(deltas: list) -> tuple[str, list] | None:
+    """Text deltas as one (text, logprob entries); None when they hold nothing."""
+    text, entries = "".join(text for text, _ in deltas), [entry for _, listed in deltas for entry in listed]
+    return (text, entries) if text or entries else None
 
 
 async def _complete(job: Job, request: Request, req: ChatCompletionRequest, model_id: str) -> Response:
+    answers = []
     try:
         async for kind, payload in _events(job, request):
             if kind == "error":
                 raise payload
-            if kind == "done":
-                ids = payload["token_ids"] if req.return_token_ids else None
-                out = completion(job.cid, model_id, payload["text"], payload["finish_reason"], payload, ids)
-                if payload["logprobs"] is not None:
-                    out["choices"][0]["logprobs"] = logprobs_object(payload["logprobs"])
-                return JSONResponse(out)
+            if kind == "choice":
+                answers.append(choice(payload["index"], payload, req.return_token_ids))
+            elif kind == "done":
+                return JSONResponse(completion(job.cid, model_id, answers, payload))
     except ClientDisconnected:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
     finally:
@@ -224,24 +232,40 @@ async def _complete(job: Job, request: Request, req: ChatCompletionRequest, mode
 
 
 async def _stream(job: Job, request: Request, req: ChatCompletionRequest, model_id: str):
+    """Choice 0's chunks, then choice 1's, ...: each begins with its role delta and ends with its
+    finish chunk; the usage chunk (when asked) and [DONE] come after the last."""
     cid, created = job.cid, int(time.time())
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
-    text_event = sse.TextEvents(chunk(cid, model_id, created, {"content": ""}, include_usage=with_usage),
-                                ("choices", 0, "delta", "content"))  # fmt: skip
+
+    def opening(index: int) -> bytes:
+        return sse.event(chunk(cid, model_id, created, {"role": "assistant", "content": ""}, include_usage=with_usage,
+                               index=index))  # fmt: skip
+
+    def text_events(index: int) -> sse.TextEvents:
+        return sse.TextEvents(chunk(cid, model_id, created, {"content": ""}, include_usage=with_usage, index=index),
+                              ("choices", 0, "delta", "content"))  # fmt: skip
+
+    index = 0
+    text_event = text_events(index)
     try:
-        yield sse.event(chunk(cid, model_id, created, {"role": "assistant", "content": ""}, include_usage=with_usage))
+        yield opening(index)
         async for kind, payload in _events(job, request):
             if kind == "text" and req.logprobs:  # a chunk of its own: its logprobs vary in shape
                 text, entries = payload
                 yield sse.event(chunk(cid, model_id, created, {"content": text}, include_usage=with_usage,
-                                      logprobs=logprobs_object(entries)))  # fmt: skip
+                                      logprobs=logprobs_object(entries), index=index))  # fmt: skip
             elif kind == "text":
                 yield text_event(payload[0])
-            elif kind == "done":
+            elif kind == "choice":
                 extra = {"token_ids": payload["token_ids"]} if req.return_token_ids else None
-                last = chunk(cid, model_id, created, {}, payload["finish_reason"], with_usage, extra)
+                last = chunk(cid, model_id, created, {}, payload["finish_reason"], with_usage, extra, index=index)
                 last["timings"] = payload["timings"]  # llama.cpp puts them on the last chunk
                 yield sse.event(last)
+                index += 1
+                if index < job.choices:
+                    text_event = text_events(index)
+                    yield opening(index)
+            elif kind == "done":
                 if with_usage:
                     yield sse.event(usage_chunk(cid, model_id, created, payload))
                 yield sse.DONE
@@ -254,4 +278,3 @@ async def _stream(job: Job, request: Request, req: ChatCompletionRequest, model_
         return
     finally:
         job.cancel.set()
-

@@ -6,11 +6,19 @@ uncached part needs (feature LRU, else decode + vision encoder), runs the slot S
 away has its `cancel` event set: generation stops at the next token, a job that has not started
 is skipped (and gives up its place in the queue), a video being decoded for it stops at the next
 frame, and a job whose client left while its pictures were encoded gets no prefill. Stop strings
-end generation the same way and cut the text where they begin.
+end their choice's generation at the next token too (ChoiceHalt) and cut the text where they begin.
 
 A job that asked for logprobs gets "tokens" events, (text, logprob entries), in place of "text":
-the entries of the tokens whose text that event completes (serve/logprobs.py), and the "done"
+the entries of the tokens whose text that event completes (serve/logprobs.py), and its "choice"
 result lists them all.
+
+A job answers `choices` times (the request's n), one choice after another on the same slot: the
+events are each choice's text, then its "choice" result, and after the last one "done" with the
+request's totals. The prompt is prefilled (and its pictures encoded) for choice 0 only; a later
+choice keeps the slot's cache of the prompt and prefills its last token again, whose logits the
+answer before it did not keep. A stop string ends its own choice; a cancelled job stops at the
+next token, whichever choice it is in, and no later choice begins. The queue stays first come,
+first served by request: a job with n choices holds the engine for n answers.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,6 +41,7 @@ from ..chat.generate import MEDIA_ADVICE, out_of_memory_as_error
 from ..chat.sampling import SamplingParams
 from ..engine.loader import LoadedModel
 from ..errors import Cancelled, InternVLChatError
+from ..settings import SEED_MAX
 from .answers import AnswerMemory
 from .conversation import Prompt, PromptMaker
 from .errors import APIError, from_app_error, shown
@@ -40,8 +49,8 @@ from .features import FeatureCache
 from .logprobs import SentTokens, TokenPieces
 from .media import DecodeAllowance, MediaReader
 from .options import ServeOptions
-from .protocol import completion_id, timings, usage
-from .slots import SlotPool
+from .protocol import completion_id, request_totals, timings, usage
+from .slots import Slot, SlotPool
 from .stops import StopStrings
 
 log = logging.getLogger("internvl_chat.serve")
@@ -117,7 +126,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     number: int = field(default_factory=lambda: next(_ids))
     cid: str = field(default_factory=completion_id)  # the response's "id"
-    stop_hit: bool = False
+    choices: int = 1  # answers to give (the request's n), one after another
 
     def __post_init__(self) -> None:
         self.events = EventChannel(self.loop)
@@ -271,8 +280,25 @@ class EngineWorker:
             job.emit("error", APIError(500, f"internal error ({shown(f'{type(e).__name__}: {e}')})", code="internal_error"))
 
     def _generate(self, job: Job) -> None:
+        slot, reuse = self.slots.choose(job.prompt)
+        results = []
+        for index in range(job.choices):
+            if index:
+                if job.cancel.is_set():  # the client left between two choices
+                    raise ClientGone
+                # the slot holds the prompt and the answer before: all but the prompt's last token is kept
+                reuse = slot.reusable(job.prompt)
+            result = self._answer(job, index, slot, reuse)
+            if result is None:  # cancelled: the handler has been told
+                return
+            results.append(result)
+            job.emit("choice", result)
+        job.emit("done", request_totals(results))
+
+    def _answer(self, job: Job, index: int, slot: Slot, reuse: int) -> dict | None:
+        """Choice `index` of the job, generated on `slot` keeping `reuse` cached prompt tokens; its
+        text sent as it comes. Its result, or None when the job was cancelled meanwhile."""
         prompt = job.prompt
-        slot, reuse = self.slots.choose(prompt)
         session = slot.session
         session.activate_kv_cache()
         features, vision_s = self._features(prompt, reuse, job)
@@ -282,18 +308,19 @@ class EngineWorker:
         self.slots.use(slot)
         slot.spans = [s for s in prompt.spans if s.end <= reuse]  # the same runs the slot held up to `reuse`
         stops = StopStrings(job.stops)
+        halt = ChoiceHalt(job.cancel)
         tokens = SentTokens(self.pieces) if job.params.logprobs is not None else None
+        params = replace(job.params, seed=choice_seed(job.params.seed, index))
         sent: list[str] = []
         final = None
-        for event in session.continue_with(prompt.ids, reuse, features, job.params, job.cancel, vision_s):
+        for event in session.continue_with(prompt.ids, reuse, features, params, halt, vision_s):
             if self.on_event is not None:
                 self.on_event(job, event)
             if tokens is not None:
                 tokens.receive(event)
             text = stops.push(event["text"])
-            if stops.hit and not job.cancel.is_set():
-                job.stop_hit = True
-                job.cancel.set()  # stream_generate stops at the next token
+            if stops.hit and not halt.is_set():
+                halt.stop_hit = True  # stream_generate stops at the next token
             if event["finish_reason"] is not None:
                 text += stops.flush()
                 final = event
@@ -302,7 +329,7 @@ class EngineWorker:
         for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts
             turn.features = None
         slot.spans = list(prompt.spans)
-        self._finish(job, slot.index, reuse, final, "".join(sent), tokens)
+        return self._finish(job, index, slot.index, reuse, final, "".join(sent), tokens, halt.stop_hit)
 
     def _features(self, prompt: Prompt, reuse: int, job: Job) -> tuple[torch.Tensor | None, float]:
         """Features for the image runs after `reuse`, in prompt order (LRU first, else the vision encoder).
@@ -338,17 +365,19 @@ class EngineWorker:
             parts.append(features[span.tile : span.tile + span.tiles])
         return torch.cat(parts), vision_s
 
-    def _finish(self, job: Job, slot: int, reuse: int, final: dict, text: str, tokens: SentTokens | None) -> None:
+    def _finish(self, job: Job, index: int, slot: int, reuse: int, final: dict, text: str, tokens: SentTokens | None,
+                stop_hit: bool) -> dict | None:  # fmt: skip
         generated = list(final["token_ids"])
         reason = final["finish_reason"]
-        if job.stop_hit:
+        if stop_hit:
             reason = "stop"
             answer_ids = self._ids_for_text(generated, text)
         elif reason == "cancelled":  # the client went away (then nobody reads this) or the server is stopping
             self.counts["cancelled"] += 1
-            self.finished.append({"job": job.number, "finish_reason": "cancelled", "completion_tokens": len(generated)})
+            self.finished.append({"job": job.number, "choice": index, "finish_reason": "cancelled",
+                                  "completion_tokens": len(generated)})  # fmt: skip
             job.emit("error", _cancelled())
-            return
+            return None
         else:
             answer_ids = generated
         if answer_ids is not None and not self._image_ids.intersection(answer_ids):
@@ -356,6 +385,7 @@ class EngineWorker:
         timing = final["timing"]
         prompt_n = len(job.prompt.ids) - reuse
         result = {
+            "index": index,
             "finish_reason": reason,
             "text": text,
             "token_ids": answer_ids if answer_ids is not None else generated,
@@ -365,9 +395,10 @@ class EngineWorker:
                                timing["decode_s"], reuse),  # fmt: skip
         }
         self.counts[reason] += 1
-        self.finished.append({"job": job.number, "finish_reason": reason, "completion_tokens": len(generated),
-                              "cached_tokens": reuse, "prompt_n": prompt_n, "slot": slot})  # fmt: skip
-        job.emit("done", result)
+        self.finished.append({"job": job.number, "choice": index, "finish_reason": reason,
+                              "completion_tokens": len(generated), "cached_tokens": reuse, "prompt_n": prompt_n,
+                              "slot": slot})  # fmt: skip
+        return result
 
     def _ids_for_text(self, ids: list[int], text: str) -> list[int] | None:
         """The leading generated ids that decode to exactly `text` (an answer cut by a stop string), if any."""
@@ -382,6 +413,31 @@ class EngineWorker:
             if len(decoded) > len(text):
                 return None
         return None
+
+
+class ChoiceHalt:
+    """What stops one choice's generation, read as the generator reads a threading.Event: a stop
+    string in its answer (that choice alone) or the job's cancel (its client left, the server stops)."""
+
+    def __init__(self, cancel: threading.Event):
+        self.cancel = cancel
+        self.stop_hit = False
+
+    def is_set(self) -> bool:
+        return self.stop_hit or self.cancel.is_set()
+
+
+# an odd step (2**64 / the golden ratio, cut to 63 bits): i × step differs for every i below 2**63,
+# so the choices of one request never share a seed, nor (near certainly) a nearby request's
+_SEED_STEP = 0x9E3779B97F4A7C15 & SEED_MAX
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed that choice `index` samples with: `seed` itself for choice 0 (n=1 answers as before),
+    then seed + index × an odd step, modulo 2**63; None (a random seed each) stays None."""
+    if seed is None:
+        return None
+    return (seed + index * _SEED_STEP) % (SEED_MAX + 1)
 
 
 def _send(job: Job, text: str, tokens: SentTokens | None) -> None:

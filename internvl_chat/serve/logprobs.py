@@ -43,7 +43,7 @@ class TokenPieces:
         return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(raw)}
 
     def content(self, token: TokenLogprob) -> dict:
-        """One entry of `choices[0].logprobs.content`."""
+        """One entry of a choice's `logprobs.content`."""
         out = self.entry(token.token_id, token.logprob)
         out["top_logprobs"] = [self.entry(token_id, logprob) for token_id, logprob in token.top]
         return out

@@ -1,15 +1,27 @@
 """The OpenAI chat-completions shapes: request models (pydantic) and response/chunk builders.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do; fields we cannot honour
-with a non-default value (n or best_of > 1, tools, functions and a tool_choice that asks for a
+with a non-default value (best_of other than n, tools, functions and a tool_choice that asks for a
 call, tool calls and tool messages in the history, penalties other
 than repetition_penalty, logit_bias, min_p, min_tokens, beam search, vLLM's stop_token_ids and
 ignore_eos, output modalities or audio, web search, reasoning_effort, verbosity) are refused
 with 400 rather than silently dropped. Numbers are numbers: `true` is not read as 1.
 
 `logprobs: true` lists each answer token's log-probability, with `top_logprobs` (0 to 20, only
-with logprobs true) alternatives: `choices[0].logprobs.content` in an answer, and in a stream on
+with logprobs true) alternatives: `choices[i].logprobs.content` in an answer, and in a stream on
 each chunk that carries text, for the tokens whose text it completes (serve/logprobs.py).
+
+`n` (1 to MAX_CHOICES) asks for that many answers to one prompt: `choices` has n entries, index
+0..n-1, each with its own message, finish_reason, stop-string cut and logprobs. They are generated
+one after another on one KV slot (serve/engine.py): the prompt is prefilled once, and each later
+choice keeps its cache and prefills only the prompt's last token again (whose logits the answer
+before it did not keep). `usage.prompt_tokens` counts the prompt once, `completion_tokens` all the
+choices' tokens. A stream sends choice 0 whole, then choice 1, ...: each chunk's `choices[0].index`
+names its choice, and each choice has its own role delta and finish chunk. With `seed`, choice i
+samples with `choice_seed(seed, i)` (serve/engine.py; choice 0 with the seed itself, so n=1
+answers as before), so every choice is reproducible and each has its own random stream; greedy
+gives n equal answers.
+`best_of` is accepted when absent or equal to n (nothing is ranked: every answer is returned).
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from ..chat.sampling import LOGPROBS_MAX
 from ..settings import REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, TEMPERATURE_MAX
 from .errors import APIError, bad_request, shown
+from .logprobs import logprobs_object
 
 OWNED_BY = "internvl-chat"
 
@@ -116,8 +129,8 @@ class ChatCompletionRequest(_Model):
     return_token_ids: Switch = False  # vLLM's extension: the ids of the answer
     logprobs: bool | None = None  # OpenAI's: each answer token's log-probability
     top_logprobs: Int | None = None  # 0-20 alternatives per token, with logprobs true
+    n: Int | None = None  # answers to return (1 to MAX_CHOICES); null is 1
     # accepted only at their neutral values
-    n: Int | None = None
     presence_penalty: Float | None = None
     frequency_penalty: Float | None = None
     tools: list[Any] | None = None
@@ -140,6 +153,8 @@ class ChatCompletionRequest(_Model):
 
 
 MAX_STOP_STRINGS = 16
+# answers to one request: they run one after another, holding the engine n times as long as one
+MAX_CHOICES = 16
 # far past any real stop marker ("\nUser:", "###", a closing tag). The matcher's steps do not grow with
 # a stop string's length (serve/stops.py), but the text held back unsent while the answer spells it does
 MAX_STOP_STRING_CHARS = 1000
@@ -248,8 +263,7 @@ _PART_TYPES = ("text", "refusal", "image_url", "video_url")
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
-    if req.n not in (None, 1):
-        raise bad_request("n must be 1: this server returns one choice per request; send n requests for n answers", param="n")
+    _check_choices(req)
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) not in (None, 0, 0.0):
             raise bad_request(f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name)
@@ -294,9 +308,12 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
         raise bad_request("min_p is not supported; use top_p (e.g. 0.9) or top_k instead", param="min_p")
     if req.min_tokens not in (None, 0):
         raise bad_request("min_tokens is not supported by this server; leave it out", param="min_tokens")
-    if req.best_of not in (None, 1) or req.use_beam_search:
-        param = "best_of" if req.best_of not in (None, 1) else "use_beam_search"
-        raise bad_request(f"{param}: this server samples one answer, without beam search", param=param)
+    if req.best_of not in (None, choices(req)):
+        raise bad_request(f"best_of: this server returns every answer it samples, without ranking them; send best_of "
+                          f"equal to n ({choices(req)}) or leave it out", param="best_of")  # fmt: skip
+    if req.use_beam_search:
+        raise bad_request("use_beam_search: this server samples its answers, without beam search; leave it out",
+                          param="use_beam_search")  # fmt: skip
     if req.stop_token_ids:
         raise bad_request("stop_token_ids are not supported by this server; use stop strings instead", param="stop_token_ids")
     if req.ignore_eos:
@@ -310,6 +327,21 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     if len(longest) > MAX_STOP_STRING_CHARS:
         raise bad_request(f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters long; one has "
                           f"{len(longest)}", param="stop")  # fmt: skip
+
+
+def choices(req: ChatCompletionRequest) -> int:
+    """How many answers the request asks for (n; null or absent is 1)."""
+    return 1 if req.n is None else req.n
+
+
+def _check_choices(req: ChatCompletionRequest) -> None:
+    n = choices(req)
+    if n < 1:
+        raise bad_request(f"n must be at least 1 (the number of answers to return), not {n}; send 1 or leave it out",
+                          param="n")  # fmt: skip
+    if n > MAX_CHOICES:
+        raise bad_request(f"n is {n}, over this server's {MAX_CHOICES} answers per request; send n of at most "
+                          f"{MAX_CHOICES}, and more requests for more answers", param="n")  # fmt: skip
 
 
 def _check_logprobs(req: ChatCompletionRequest) -> None:
@@ -364,34 +396,57 @@ def timings(prompt_n: int, prompt_s: float, predicted_n: int, predicted_s: float
     }
 
 
-def completion(cid: str, model: str, text: str, finish_reason: str, final: dict, token_ids: list[int] | None) -> dict:
-    choice: dict[str, Any] = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": None,
-        "finish_reason": finish_reason,
+def request_totals(results: list[dict]) -> dict:
+    """The request's `usage` and `timings` from its choices' results (the engine's, in order): the
+    prompt counted once (its cached tokens those choice 0 found), answer tokens and the time to
+    prefill and decode summed over the choices."""
+    first, spent = results[0]["usage"], [r["timings"] for r in results]
+    answered = sum(r["usage"]["completion_tokens"] for r in results)
+
+    def total(key: str) -> float:
+        return sum(t[key] for t in spent)
+
+    return {
+        "usage": usage(first["prompt_tokens"], answered, first["prompt_tokens_details"]["cached_tokens"]),
+        "timings": timings(int(total("prompt_n")), total("prompt_ms") / 1000, int(total("predicted_n")),
+                           total("predicted_ms") / 1000, spent[0]["cache_n"]),  # fmt: skip
     }
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
+
+
+def choice(index: int, result: dict, with_token_ids: bool) -> dict:
+    """One answer of a completion: the engine's result for choice `index`."""
+    out: dict[str, Any] = {
+        "index": index,
+        "message": {"role": "assistant", "content": result["text"]},
+        "logprobs": logprobs_object(result["logprobs"]) if result["logprobs"] is not None else None,
+        "finish_reason": result["finish_reason"],
+    }
+    if with_token_ids:
+        out["token_ids"] = result["token_ids"]
+    return out
+
+
+def completion(cid: str, model: str, choices: list[dict], totals: dict) -> dict:
     return {
         "id": cid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
-        "usage": final["usage"],
-        "timings": final["timings"],
+        "choices": choices,
+        "usage": totals["usage"],
+        "timings": totals["timings"],
     }
 
 
 def chunk(cid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-          include_usage: bool = False, extra: dict | None = None, logprobs: dict | None = None) -> dict:  # fmt: skip
+          include_usage: bool = False, extra: dict | None = None, logprobs: dict | None = None,
+          index: int = 0) -> dict:  # fmt: skip
     out: dict[str, Any] = {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
     if extra:
         out["choices"][0].update(extra)
@@ -400,15 +455,15 @@ def chunk(cid: str, model: str, created: int, delta: dict, finish_reason: str | 
     return out
 
 
-def usage_chunk(cid: str, model: str, created: int, final: dict) -> dict:
+def usage_chunk(cid: str, model: str, created: int, totals: dict) -> dict:
     return {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
         "choices": [],
-        "usage": final["usage"],
-        "timings": final["timings"],
+        "usage": totals["usage"],
+        "timings": totals["timings"],
     }
 
 
