@@ -141,6 +141,12 @@ class FastTokenizer(Tokenizer):
         return self.backend.get_vocab_size(with_added_tokens=True)
 
 
+class TokenizerPanic(CheckpointError):
+    """The backend's panic on some text, as one line; `reason`: the panic's own first line."""
+
+    reason = ""
+
+
 @contextlib.contextmanager
 def _panics_as_errors() -> Iterator[None]:
     """The Rust backend panics where tokenizer.json asks for what it cannot do (a regex that runs
@@ -153,10 +159,12 @@ def _panics_as_errors() -> Iterator[None]:
     except BaseException as e:
         if type(e).__name__ != "PanicException":
             raise
-        raise CheckpointError(
+        error = TokenizerPanic(
             f"the checkpoint's tokenizer.json failed on this text ({_first_line(e)}); it is damaged or not "
             "InternVL's: re-download the tokenizer files"
-        ) from None
+        )
+        error.reason = _first_line(e)
+        raise error from None
 
 
 class TransformersTokenizer(Tokenizer):
@@ -391,7 +399,13 @@ def _check_round_trip(tokenizer: Tokenizer, source: str) -> None:
     or decoder edited by hand (one that drops spaces, lowercases, NFKC-folds), an added token that
     swallows the space before it, garbled every prompt and answer without a word. `source`: the file
     or folder to name, already made visible."""
-    decoded = tokenizer.decode(tokenizer.encode(ROUND_TRIP_PROBE))
+    try:
+        decoded = tokenizer.decode(tokenizer.encode(ROUND_TRIP_PROBE))
+    except TokenizerPanic as e:  # its message is for text typed in a conversation: none was
+        raise CheckpointError(
+            f"{source} fails on ordinary text ({e.reason}), as it would on prompts; it is damaged or not InternVL's: "
+            "re-download the tokenizer files"
+        ) from None
     if decoded == ROUND_TRIP_PROBE:
         return
     at = next((i for i, (a, b) in enumerate(zip(ROUND_TRIP_PROBE, decoded)) if a != b), min(len(decoded), len(ROUND_TRIP_PROBE)))
