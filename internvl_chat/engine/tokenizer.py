@@ -115,7 +115,7 @@ class FastTokenizer(Tokenizer):
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
         # no fd 2 window here (~15 µs, twice per generated token): the regex that panics is the
-        # pre-tokenizer's, which only encoding runs
+        # pre-tokenizer's, which only encoding runs, or a decoder's Replace, found at start (_check_round_trip)
         with _panics_as_errors():
             return self.backend.decode(ids, skip_special_tokens=False)
 
@@ -400,11 +400,13 @@ def _check_round_trip(tokenizer: Tokenizer, source: str) -> None:
     swallows the space before it, garbled every prompt and answer without a word. `source`: the file
     or folder to name, already made visible."""
     try:
-        decoded = tokenizer.decode(tokenizer.encode(ROUND_TRIP_PROBE))
+        # decode opens no fd 2 window of its own (answers decode each token), but a decoder's Replace
+        # may be a regex too: its panic's backtrace stays off the terminal here
+        with captured():
+            decoded = tokenizer.decode(tokenizer.encode(ROUND_TRIP_PROBE))
     except TokenizerPanic as e:  # its message is for text typed in a conversation: none was
         raise CheckpointError(
-            f"{source} fails on ordinary text ({e.reason}), as it would on prompts; it is damaged or not InternVL's: "
-            "re-download the tokenizer files"
+            f"{source} fails on ordinary text ({e.reason}); it is damaged or not InternVL's: re-download the tokenizer files"
         ) from None
     if decoded == ROUND_TRIP_PROBE:
         return
