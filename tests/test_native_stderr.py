@@ -78,6 +78,21 @@ def test_a_tokenizer_json_that_panics_the_parser_is_one_line(tiny_original, tmp_
     assert run.stderr.startswith("internvl-chat: error: cannot read ") and "tokenizer.json" in run.stderr
 
 
+def test_a_tokenizer_decoder_that_panics_on_the_start_probe_is_one_line(tiny_original, tmp_path):
+    """The round-trip probe decodes at every start, and a decoder's Replace may be a regex: one that
+    backtracks past Oniguruma's limit wrote the panic and a backtrace over the terminal before our line."""
+    folder = tmp_path / "bad"
+    shutil.copytree(tiny_original, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    backtracks = {"type": "Replace", "pattern": {"Regex": r"^(\S+\s?)*$"}, "content": ""}
+    spec["decoder"] = {"type": "Sequence", "decoders": [spec["decoder"], backtracks]}
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    run = _app("--model", str(folder), "-p", "hi")
+    assert run.returncode == 2
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("internvl-chat: error: ") and "tokenizer.json fails on ordinary text" in run.stderr
+
+
 def test_a_tokenizer_panic_in_the_repl_leaves_the_screen_to_our_error(tiny_original, tmp_path):
     """Before: Rust's "thread '<unnamed>' panicked at …" and its backtrace written over the prompt line."""
     import test_repl_pty as pty  # the module, not its names: its tests are not collected twice

@@ -7,6 +7,8 @@ a scripted model whose answer splits characters across byte-level tokens.
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import httpx
@@ -209,6 +211,24 @@ def test_a_token_holding_part_of_a_character_has_its_real_bytes(splitting_tokeni
     special = splitting_tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert pieces.piece(special) == ("<|endoftext|>", list(b"<|endoftext|>"))
 
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("banned_logit", [math.nan, math.inf])
+def test_a_non_finite_logit_of_a_banned_token_still_gives_json(splitting_tokenizer, temperature, banned_logit):
+    """An image token can never be answered (it is banned before the pick), so a NaN or +inf logit of its
+    own does not stop the answer; the log-probabilities, taken before the ban, come out NaN then, and
+    JSON has none (an answer was a 500, a stream a `NaN` its clients cannot parse)."""
+    vocab = len(splitting_tokenizer)
+    image = splitting_tokenizer.convert_tokens_to_ids("<img>")
+    params = SamplingParams(temperature=temperature, top_k=1, logprobs=3)
+    sampler = Sampler(params, vocab, "cpu", banned_ids=(image,))
+    logits = torch.zeros(vocab)
+    logits[5], logits[image] = 3.0, banned_logit
+    assert sampler.read(sampler.next_token(logits)) == 5
+    entry = TokenPieces(splitting_tokenizer).content(sampler.last_logprob)
+    json.dumps(entry, allow_nan=False)
+    assert all(-9999.0 <= e["logprob"] <= 0 for e in [entry, *entry["top_logprobs"]])
 
 class ScriptedModel:
     """Logits that make a greedy decode spell `ids` and then stop."""

@@ -717,6 +717,22 @@ def test_a_regex_the_backend_cannot_run_is_one_error_and_the_conversation_goes_o
     assert len(session.turns) == 2
 
 
+def test_a_regex_the_backend_cannot_run_on_the_start_probe_is_named_as_such(tmp_path, tiny_tokenizer):
+    """The round-trip probe encodes text at every start: a pre-tokenizer regex that backtracks past the
+    backend's limit on it refused the start with the message for text typed in a conversation ("failed
+    on this text"), where none was typed, and without the file's path."""
+    (tmp_path / "tokenizer_config.json").write_bytes((tiny_tokenizer / "tokenizer_config.json").read_bytes())
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    backtracks = {"type": "Split", "pattern": {"Regex": r"^(\S+\s?)*$"}, "behavior": "Isolated", "invert": False}
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [backtracks, data["pre_tokenizer"]]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'tokenizer.json'} fails on ordinary text (") and "retry-limit" in message
+    assert "this text" not in message and "\n" not in message and message.endswith("re-download the tokenizer files")
+
+
 @pytest.mark.parametrize("merges_as", ["pairs", "strings"])
 def test_a_tokenizer_of_qwen2s_size_is_within_the_entry_bound(tmp_path, merges_as):
     """The bound on tokenizer.json's entries (checked before parsing) leaves room for InternVL3's own:

@@ -115,7 +115,7 @@ class FastTokenizer(Tokenizer):
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
         # no fd 2 window here (~15 µs, twice per generated token): the regex that panics is the
-        # pre-tokenizer's, which only encoding runs
+        # pre-tokenizer's, which only encoding runs, or a decoder's Replace, found at start (_check_round_trip)
         with _panics_as_errors():
             return self.backend.decode(ids, skip_special_tokens=False)
 
@@ -141,6 +141,12 @@ class FastTokenizer(Tokenizer):
         return self.backend.get_vocab_size(with_added_tokens=True)
 
 
+class TokenizerPanic(CheckpointError):
+    """The backend's panic on some text, as one line; `reason`: the panic's own first line."""
+
+    reason = ""
+
+
 @contextlib.contextmanager
 def _panics_as_errors() -> Iterator[None]:
     """The Rust backend panics where tokenizer.json asks for what it cannot do (a regex that runs
@@ -153,10 +159,12 @@ def _panics_as_errors() -> Iterator[None]:
     except BaseException as e:
         if type(e).__name__ != "PanicException":
             raise
-        raise CheckpointError(
+        error = TokenizerPanic(
             f"the checkpoint's tokenizer.json failed on this text ({_first_line(e)}); it is damaged or not "
             "InternVL's: re-download the tokenizer files"
-        ) from None
+        )
+        error.reason = _first_line(e)
+        raise error from None
 
 
 class TransformersTokenizer(Tokenizer):
@@ -391,7 +399,15 @@ def _check_round_trip(tokenizer: Tokenizer, source: str) -> None:
     or decoder edited by hand (one that drops spaces, lowercases, NFKC-folds), an added token that
     swallows the space before it, garbled every prompt and answer without a word. `source`: the file
     or folder to name, already made visible."""
-    decoded = tokenizer.decode(tokenizer.encode(ROUND_TRIP_PROBE))
+    try:
+        # decode opens no fd 2 window of its own (answers decode each token), but a decoder's Replace
+        # may be a regex too: its panic's backtrace stays off the terminal here
+        with captured():
+            decoded = tokenizer.decode(tokenizer.encode(ROUND_TRIP_PROBE))
+    except TokenizerPanic as e:  # its message is for text typed in a conversation: none was
+        raise CheckpointError(
+            f"{source} fails on ordinary text ({e.reason}); it is damaged or not InternVL's: re-download the tokenizer files"
+        ) from None
     if decoded == ROUND_TRIP_PROBE:
         return
     at = next((i for i, (a, b) in enumerate(zip(ROUND_TRIP_PROBE, decoded)) if a != b), min(len(decoded), len(ROUND_TRIP_PROBE)))

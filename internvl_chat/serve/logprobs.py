@@ -20,6 +20,7 @@ from ..chat.sampling import TokenLogprob
 from ..engine.tokenizer import as_tokenizer
 
 # OpenAI's value for a token too unlikely to say; JSON has no -Infinity (a half-precision logit can be -inf)
+# and no NaN (an image token's NaN or +inf logit makes them NaN: banned from answers, it stops none)
 LOGPROB_FLOOR = -9999.0
 
 
@@ -40,7 +41,7 @@ class TokenPieces:
 
     def entry(self, token_id: int, logprob: float) -> dict:
         text, raw = self.piece(token_id)
-        return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(raw)}
+        return {"token": text, "logprob": logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR, "bytes": list(raw)}
 
     def content(self, token: TokenLogprob) -> dict:
         """One entry of a choice's `logprobs.content`."""
