@@ -279,3 +279,21 @@ def test_refusals_are_openai_error_objects(server, name, body, param):
     assert error["param"] == param and error["type"] == "invalid_request_error"
     assert isinstance(error["message"], str) and error["message"]
     assert set(error) == {"message", "type", "param", "code"}
+
+
+def _sampled(server, seed: int) -> Reply:
+    body = {"model": "tiny", "messages": [_user("Tell me a story.")], "max_tokens": 12, "temperature": 1.5,
+            "seed": seed, "return_token_ids": True}
+    return send(server, body)
+
+
+def test_a_negative_seed_in_openais_int64_range_is_a_seed_like_any_other(server):
+    """OpenAI takes any int64 seed (openai-python and LangChain pass an int as given); a negative one
+    was a 400. It is read modulo 2**63, so -1 is 2**63-1: reproducible, not llama.cpp's 'random'."""
+    below = _sampled(server, -1)
+    reads_answer(below)
+    assert below.body["choices"][0]["token_ids"] == _sampled(server, 2**63 - 1).body["choices"][0]["token_ids"]
+    reads_answer(_sampled(server, -(2**63)))
+    refused = _sampled(server, -(2**63) - 1)
+    assert refused.status == 400 and refused.body["error"]["param"] == "seed"
+    assert "-9223372036854775808" in refused.body["error"]["message"]

@@ -26,7 +26,7 @@ from ..chat.session import HOPELESS_TEXT_MIN_CHARS
 from ..chat.template import PromptBuilder, media_order
 from ..engine.loader import LoadedModel
 from ..errors import InternVLChatError, UsageError
-from ..settings import MAX_TILES
+from ..settings import MAX_TILES, SEED_MAX
 from .answers import AnswerMemory
 from .errors import APIError, bad_request, from_app_error, shown
 from .media import MediaItem, MediaReader, RemoteBudget
@@ -299,7 +299,7 @@ def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, prompt
         top_k=max(top_k, 0),
         repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else defaults.repetition_penalty,
         max_new_tokens=asked if asked is not None else min(defaults.max_new_tokens, room),
-        seed=req.seed if req.seed is not None else defaults.seed,
+        seed=req.seed % (SEED_MAX + 1) if req.seed is not None else defaults.seed,  # OpenAI's negative ones too
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
     )
     try:

@@ -121,7 +121,9 @@ class ChatCompletionRequest(_Model):
     top_k: Int | None = Field(default=None, ge=-1)  # -1 (vLLM) and 0 both turn it off
     max_tokens: Int | None = Field(default=None, ge=1)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
-    seed: Int | None = Field(default=None, ge=0, le=2**63 - 1)  # lt=2**63 printed the bound as a float
+    # OpenAI's int64 range (lt=2**63 printed the bound as a float); a negative seed is read modulo
+    # 2**63 (conversation.sampling_params): -1 is a seed like any other, not llama.cpp's "random"
+    seed: Int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: Union[str, Annotated[list[str], Field(fail_fast=True)], None] = None
     repetition_penalty: Float | None = Field(default=None, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)
     mm_processor_kwargs: dict[str, Any] | None = None
