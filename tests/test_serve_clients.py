@@ -297,3 +297,13 @@ def test_a_negative_seed_in_openais_int64_range_is_a_seed_like_any_other(server)
     refused = _sampled(server, -(2**63) - 1)
     assert refused.status == 400 and refused.body["error"]["param"] == "seed"
     assert "-9223372036854775808" in refused.body["error"]["message"]
+
+
+def test_a_browser_preflight_gets_no_cors_headers(server):
+    """What the README tells users of browser-side clients: no CORS, so a web page's fetch is
+    blocked by its browser (the preflight a JSON POST with a key needs is refused)."""
+    response = httpx.options(f"{server.url}/v1/chat/completions", timeout=WAIT_S, headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert response.status_code == 405
+    assert not any(name.lower().startswith("access-control-") for name in response.headers)
