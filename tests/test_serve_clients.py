@@ -142,7 +142,13 @@ SHAPES = {
             _user("Hi"),
             {"role": "assistant", "content": "Hello!", "refusal": None, "annotations": None, "audio": None,
              "function_call": None, "tool_calls": None},
-            _user("And now?")]},
+            _user("And now?")], "stop": "\nUser:"},
+        reads_answer),
+    # openai-python: a refusal resent as ChatCompletionMessage dumps it, content null beside it
+    "openai-python resent refusal": Shape(
+        {"model": "tiny", "max_tokens": 6, "temperature": 0, "messages": [
+            _user("Hi"), {"role": "assistant", "content": None, "refusal": "I can't help with that.", "tool_calls": []},
+            _user("Then say hello.")]},
         reads_answer),
     # LangChain ChatOpenAI (libs/partners/openai/langchain_openai/chat_models/base.py: _default_params,
     # _convert_message_to_dict, _get_request_payload): model, stream false, n, temperature, the stop
@@ -270,6 +276,11 @@ def test_models_list_as_clients_read_it(server):
     ("tools with a call asked for", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
                                      "tool_choice": "required"}, "tools"),
     ("a model the server does not serve", {"model": "gpt-4o-mini"}, "model"),
+    # llm sends an attachment given as a URL as that URL (openai_models.py _attachment): fetched only
+    # with --allow-remote-media, and the error names the part
+    ("llm URL attachment", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]},
+     "messages.0.content.1"),
 ])
 def test_refusals_are_openai_error_objects(server, name, body, param):
     request = {"model": "tiny", "messages": [_user()], "max_tokens": 4, **body}
