@@ -214,8 +214,8 @@ SHAPES = {
                                           {"type": "image_url", "image_url": {"url": IMAGE, "detail": "auto"}}]}]},
         lambda r: reads_stream(r, with_usage=False)),
     # LiteLLM's OpenAI-compatible provider (litellm/llms/openai/openai.py, the openai client under
-    # it): `user`, metadata-free; stream_options when the caller asks for usage, tool settings a
-    # router fills in as neutral values
+    # it): the fields a caller passes go through as given: `user`, stream_options for usage, and
+    # tool settings at their neutral values (tool_choice "none", no tools)
     "LiteLLM openai/": Shape(
         {"model": "tiny", "messages": [_user()], "stream": True, "stream_options": {"include_usage": True},
          "max_tokens": 8, "temperature": 0, "user": "team-a", "tool_choice": "none", "parallel_tool_calls": False,
