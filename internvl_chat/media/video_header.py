@@ -2,7 +2,7 @@
 untrusted): frame size, rate, count and duration limits; an MP4 sample table or fragments that
 declare more frames than the file holds, refused before FFmpeg indexes them; cover pictures, still
 pictures and files that are not videos at all; the frame count by demuxing where the header stores
-none; an MP4 (or MOV) cut short: the frames its index places past the end of the file, or its index
+none (or an AVI written to a pipe holds only FFmpeg's placeholders); an MP4 (or MOV) cut short: the frames its index places past the end of the file, or its index
 lost with its end; an MKV, WebM or AVI cut short inside its frames, from a few element headers.
 Also the one-line messages for a file that cannot be read."""
 
@@ -49,6 +49,7 @@ class VideoHeader:
     samples_whole: int | None = None  # and then: the samples, in decode order, before the first such one
     track_duration: float = 0.0  # MKV/WebM: the video track's own (track_duration()), 0.0 where not known
     runs_past_end: bool | None = None  # MKV/WebM/AVI: whether its outermost element does (ends_past_the_file)
+    unfilled: bool = False  # an AVI whose writer never filled in its header (avi_header_unfilled): no count, no sizes
     frames_cut: bool | None = None  # and then: whether the file ends inside its video frames (frames_cut_off)
 
     @property
@@ -211,6 +212,24 @@ def track_duration(container, stream, duration: float) -> float:
 
 
 RIFF_CHUNKS = 4096  # an OpenDML AVI has one RIFF chunk per GB or so
+# The size FFmpeg writes for a RIFF or LIST chunk as it starts it, filled in at its end only where
+# the output can seek back (libavformat's ff_start_tag / ff_end_tag)
+AVI_SIZE_UNKNOWN = 0xFFFFFFFF
+
+
+def avi_header_unfilled(path: Path) -> bool:
+    """Whether an AVI was written to a pipe or another output that cannot seek (`ffmpeg … -f avi
+    pipe:1 > out.avi`): FFmpeg's muxer then cannot go back to fill in its header, and leaves
+    placeholders: its RIFF and movi sizes unknown (0xFFFFFFFF), its stream's length 2^30 frames
+    (1,073,741,824: AVI_MAX_RIFF_SIZE), its main header's count 0, no index. The file is complete
+    and plays; nothing its header counts is true of it (the RIFF size tells: whatever wrote it did
+    not come back), so its frames are counted by demuxing, as an MKV's."""
+    try:
+        with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
+            head = f.read(12)
+    except OSError:  # NotRegularFile is one
+        return False
+    return head[:4] == b"RIFF" and head[8:12] == b"AVI " and int.from_bytes(head[4:8], "little") == AVI_SIZE_UNKNOWN
 
 
 def ends_past_the_file(path: Path, kind: str) -> bool | None:
@@ -236,6 +255,8 @@ def _riff_past_end(f, size: int) -> bool | None:
         head = f.read(12)
         if head[:4] != b"RIFF" or head[8:12] not in (b"AVI ", b"AVIX"):
             return None if at == 0 else False  # what follows the chunks is not one
+        if int.from_bytes(head[4:8], "little") == AVI_SIZE_UNKNOWN:
+            return None  # written to a pipe (avi_header_unfilled): its size was never filled in
         at += 8 + int.from_bytes(head[4:8], "little") + (int.from_bytes(head[4:8], "little") & 1)
         if at > size:
             return True
@@ -659,8 +680,11 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         check_frame_size(path, width, height)
         fps = check_fps(path, _frame_rate(stream))
-        frames = check_count(path, int(stream.frames or 0))
-        if stream.duration is not None and stream.time_base is not None:
+        unfilled = "avi" in container.format.name.split(",") and avi_header_unfilled(path)
+        frames = 0 if unfilled else check_count(path, int(stream.frames or 0))  # 0: counted by demuxing
+        if unfilled:
+            duration = 0.0  # FFmpeg's guess from the placeholder count, or from the size and bit rate
+        elif stream.duration is not None and stream.time_base is not None:
             duration = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             duration = container.duration / av.time_base
@@ -671,7 +695,7 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
-                             alone)  # fmt: skip
+                             alone, unfilled=unfilled)  # fmt: skip
         if {"matroska", "webm"} & set(container.format.name.split(",")):
             header.track_duration = track_duration(container, stream, duration)
             header.runs_past_end = ends_past_the_file(path, "matroska")
@@ -856,8 +880,8 @@ def _still_bmff(path: Path) -> str | None:
 
 
 def count_packets(path: Path, stop: DecodeStop | None = None) -> int:
-    """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG): demuxing
-    (no decoding) counts one packet per frame."""
+    """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG, an AVI
+    written to a pipe): demuxing (no decoding) counts one packet per frame."""
     return demux_length(path, stop).frames
 
 
@@ -871,11 +895,14 @@ def demux_length(path: Path, stop: DecodeStop | None = None) -> Held:
                 if stop is not None and stop.is_set():
                     raise DecodeStopped
                 span.add(packet)
+                if span.frames > MAX_FRAMES:  # a header that counts nothing bounds nothing: stop here
+                    break
     except DecodeStopped:
         raise
     except Exception as e:  # noqa: BLE001
         raise MediaError(f"cannot read video {shown_path(path)} ({error_reason(e)}); the file may be damaged") from None
-    check_count(path, span.frames)
+    if span.frames > MAX_FRAMES:
+        raise MediaError(f"{shown_path(path)} holds more than {MAX_FRAMES:,} frames; the file is damaged or not a real video")
     return span.held
 
 
