@@ -104,9 +104,14 @@ class VideoHeader:
     def ends_short(self, held: Held) -> bool:
         """Whether the frames `held` stop short of `listed_end` by more than two frames (at the
         header's rate or the last step between them: a remuxed AVI's rate is its time base's) and
-        a millisecond (MKV rounds its duration to it)."""
+        a millisecond (MKV rounds its duration to it). The two frames allow for where a header's
+        end is not quite where the frames end (a last frame's length not stored, ticks, rounding);
+        where the file's own elements say it ends inside its frames (`frames_cut`: an AVI's movi
+        list runs past its end, as the attach line says), half a frame is enough: a frame lost is
+        a whole one, and the last one or two are told too."""
         listed = self.listed_end
-        return listed is not None and held.end + 2 * max(1 / self.fps, held.step) + 0.001 < listed
+        frames = 0.5 if self.frames_cut else 2
+        return listed is not None and held.end + frames * max(1 / self.fps, held.step) + 0.001 < listed
 
     @property
     def orientation(self) -> Orientation:
