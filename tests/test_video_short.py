@@ -806,6 +806,21 @@ def test_an_avi_missing_its_last_frames_is_noted_as_its_attach_line_says(tmp_pat
         assert result.shortfall_note == _ends_note(path, frames - lost, frames / FPS), whole.name
 
 
+
+def test_an_avi_cut_inside_its_last_frame_is_noted_and_sampled_without_it(tmp_path, monkeypatch):
+    """Cut halfway through its last frame: FFmpeg gives the half packet (flagged corrupt, read short)
+    and the decoder conceals what it lacks, so the frames seemed to end where the header says, and
+    no note came, though the attach line said "cut short". The half frame is not one held."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    whole = write_numbered_video(tmp_path / "whole.avi", FRAMES, FPS, "mpeg4")
+    path = cut_at_frame(whole, tmp_path / "cut.avi", FRAMES - 1, inside=True)
+    assert measure_video(path).ends_early
+    result = load_video(path, FRAMES)
+    assert (result.backend, result.num_total_frames) == ("pyav", FRAMES - 1)
+    assert result.indices == frame_indices(FRAMES - 1, FPS, FRAMES) == _shown(result)
+    assert result.shortfall_note == (f"{path} ends at 5.9 s of the 6.0 s its header lists (59 frames): the file may be cut short "
+                                     "(an unfinished download or copy); its frames were sampled from those 59")  # fmt: skip
+
 # ---------------------------------------------------------------- an AVI written to a pipe
 
 

@@ -926,15 +926,27 @@ class PacketSpan:
     latest time shown and the smallest step between times (a frame's; B-frames come in decode
     order, their times behind the latest). The last frame lasts its duration, or that step where
     it is longer: a remuxed AVI's packets last one tick of its time base (1/600 s) while its count
-    runs to the end of the frame. Times are kept in the stream's time base (ints: cheap per packet)."""
+    runs to the end of the frame. Times are kept in the stream's time base (ints: cheap per packet).
+    The last packet, where FFmpeg flags it corrupt (an AVI's read short: the file ends inside it), is
+    no frame held: the attach line calls such a file cut short, and a decoder conceals what it lacks."""
 
     def __init__(self, stream) -> None:
         self._base = stream.time_base
         self.frames, self._last, self._step, self._length = 0, None, None, 0
+        self._corrupt = None  # a packet flagged corrupt, counted once another with data follows it
 
     def add(self, packet) -> None:
         if not packet.size:  # an AVI's dropped frame, the end-of-stream packet: no frame
             return
+        if self._corrupt is not None:  # not the last: damage inside (MPEG-TS's lost bytes), still a frame
+            self._count(self._corrupt)
+            self._corrupt = None
+        if getattr(packet, "is_corrupt", False):
+            self._corrupt = packet
+            return
+        self._count(packet)
+
+    def _count(self, packet) -> None:
         self.frames += 1
         at = packet.pts if packet.pts is not None else packet.dts
         if at is None:
