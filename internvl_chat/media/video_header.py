@@ -2,8 +2,9 @@
 untrusted): frame size, rate, count and duration limits; an MP4 sample table or fragments that
 declare more frames than the file holds, refused before FFmpeg indexes them; cover pictures, still
 pictures and files that are not videos at all; the frame count by demuxing where the header stores
-none (or an AVI written to a pipe holds only FFmpeg's placeholders); an MP4 (or MOV) cut short: the frames its index places past the end of the file, or its index
-lost with its end; an MKV, WebM or AVI cut short inside its frames, from a few element headers.
+none (or, an AVI written to a pipe, only FFmpeg's placeholders); an MP4 (or MOV) cut short: the
+frames its index places past the end of the file, or its index lost with its end; an MKV, WebM or
+AVI cut short inside its frames, from a few element headers.
 Also the one-line messages for a file that cannot be read."""
 
 from __future__ import annotations
