@@ -372,7 +372,8 @@ def test_an_avi_cut_short_is_sampled_to_its_last_frame_held(tmp_path, monkeypatc
     for start in (5.0, 5.5):
         result = load_video(path, 8, start=start)
         assert result.indices == frame_indices(held, FPS, 8, start) == _shown(result)
-        assert (result.num_total_frames, result.shortfall_note) == (held, None)  # an AVI's count may count drops
+        assert result.num_total_frames == held  # not the count's: an AVI's may count drops
+        assert result.shortfall_note == _ends_note(path, held, 6.0)  # its movi list is cut: the 2 frames lost are told
 
 
 @pytest.mark.skipif("libx264" not in av.codecs_available, reason="PyAV without libx264")
@@ -781,3 +782,134 @@ def test_the_walk_over_a_long_cut_mkv_reads_a_page_per_cluster_not_the_file(tmp_
     monkeypatch.setattr(video_header, "open_regular_file", lambda p: Counted(p, "rb"))
     assert video_header.frames_cut_off(path, header, 0.001) is True  # its frames end at 200 s of 300
     assert sum(read) < 201 * 8192 and path.stat().st_size > 200 * cluster
+
+
+@pytest.mark.parametrize("backend", video_backends())
+@pytest.mark.parametrize("lost", [1, 2])
+def test_an_avi_missing_its_last_frames_is_noted_as_its_attach_line_says(tmp_path, monkeypatch, backend, lost):
+    """Cut before its last one or two frames, an AVI's movi list runs past the end of the file: the
+    attach line said "cut short", while the note after the answer, allowing two frames for where a
+    header's end is not quite its frames', said nothing. The file's own elements say it is cut
+    inside its frames: the note tells a frame lost too (a remuxed AVI's, whose rate is its time base's, as well)."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    numbered = write_numbered_video(tmp_path / "whole.avi", FRAMES, FPS, "mpeg4")
+    remuxed = _remuxed(write_numbered_video(tmp_path / "clip.mp4", 30, FPS), tmp_path / "remuxed.avi")
+    for whole, frames in ((numbered, FRAMES), (remuxed, 30)):
+        path = cut_at_frame(whole, tmp_path / f"cut_{whole.name}", frames - lost)
+        assert measure_video(path).ends_early, whole.name
+        try:
+            result = load_video(path, 8)
+        except MediaError:  # decord forced: it cannot open some; PyAV reads them
+            assert backend == "decord"
+            continue
+        assert result.num_total_frames == frames - lost, whole.name
+        assert result.shortfall_note == _ends_note(path, frames - lost, frames / FPS), whole.name
+
+
+
+def test_an_avi_cut_inside_its_last_frame_is_noted_and_sampled_without_it(tmp_path, monkeypatch):
+    """Cut halfway through its last frame: FFmpeg gives the half packet (flagged corrupt, read short)
+    and the decoder conceals what it lacks, so the frames seemed to end where the header says, and
+    no note came, though the attach line said "cut short". The half frame is not one held."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    whole = write_numbered_video(tmp_path / "whole.avi", FRAMES, FPS, "mpeg4")
+    path = cut_at_frame(whole, tmp_path / "cut.avi", FRAMES - 1, inside=True)
+    assert measure_video(path).ends_early
+    result = load_video(path, FRAMES)
+    assert (result.backend, result.num_total_frames) == ("pyav", FRAMES - 1)
+    assert result.indices == frame_indices(FRAMES - 1, FPS, FRAMES) == _shown(result)
+    assert result.shortfall_note == (f"{path} ends at 5.9 s of the 6.0 s its header lists (59 frames): the file may be cut short "
+                                     "(an unfinished download or copy); its frames were sampled from those 59")  # fmt: skip
+
+# ---------------------------------------------------------------- an AVI written to a pipe
+
+
+class _Pipe(io.RawIOBase):
+    """A file that cannot seek, as a pipe or a socket: FFmpeg's AVI muxer cannot fill in its header."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, data) -> int:
+        return self._file.write(data)
+
+
+def _written_to_a_pipe(path: Path, frames: int = 30) -> Path:
+    """Numbered frames at FPS, muxed to a pipe, as `ffmpeg … -f avi pipe:1 > out.avi` writes them."""
+    with open(path, "wb") as file, av.open(_Pipe(file), "w", format="avi") as container:
+        stream = container.add_stream("mpeg4", rate=FPS)
+        stream.width, stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        for number in range(frames):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def test_an_avi_written_to_a_pipe_is_measured_and_sampled_from_the_frames_it_holds(tmp_path, monkeypatch):
+    """Its header holds FFmpeg's placeholders (1,073,741,824 frames, sizes of 0xFFFFFFFF): it was
+    refused as declaring more frames than a real video has, though it is whole and plays. Its
+    frames are counted by demuxing, as an MKV's; it is not called cut short (its sizes tell nothing)."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = _written_to_a_pipe(tmp_path / "piped.avi")
+    data = path.read_bytes()
+    assert data[4:8] == b"\xff\xff\xff\xff" and data[data.index(b"movi") - 4 : data.index(b"movi")] == b"\xff\xff\xff\xff"
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 1 << 30  # the placeholder FFmpeg reads
+    header = read_header(path, orientation=False)
+    assert (header.unfilled, header.frames, header.duration, header.runs_past_end, header.frames_cut) == (True, 0, 0.0, None, None)
+    assert measure_video(path) == VideoLength(30, FPS, 3.0)
+    result = load_video(path, 8)
+    assert (result.backend, result.num_total_frames, result.shortfall_note) == ("pyav", 30, None)
+    assert result.indices == frame_indices(30, FPS, 8) == _shown(result)
+    ranged = load_video(path, 4, start=1.0, end=2.0)
+    assert ranged.indices == frame_indices(30, FPS, 4, 1.0, 2.0) == _shown(ranged)
+
+
+def test_an_avi_written_to_a_pipe_and_cut_short_is_sampled_from_what_it_holds(tmp_path, monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = cut_at_frame(_written_to_a_pipe(tmp_path / "piped.avi"), tmp_path / "cut.avi", 18)
+    assert measure_video(path) == VideoLength(18, FPS, 1.8)  # the count is what it holds: no length to tell it against
+    result = load_video(path, 8)
+    assert result.num_total_frames == 18 and result.indices == frame_indices(18, FPS, 8) == _shown(result)
+
+
+def test_decord_forced_on_an_avi_written_to_a_pipe_is_refused_in_one_line(tmp_path):
+    """decord allocates for the 2^30 frames the placeholder lists: the process aborted (std::bad_alloc).
+    Run apart, so that an abort fails this test rather than ending the run."""
+    pytest.importorskip("decord")
+    path = _written_to_a_pipe(tmp_path / "piped.avi")
+    code = ("from internvl_chat.errors import MediaError\n"
+            "from internvl_chat.media.video import load_video\n"
+            f"try:\n    load_video({str(path)!r}, 8)\nexcept MediaError as e:\n    print(e)\n")  # fmt: skip
+    import subprocess
+    import sys
+
+    env = {**os.environ, BACKEND_ENV: "decord", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip() == (f"decord cannot read video {path}: unset {BACKEND_ENV} (it forces decord) or set it to pyav "
+                                   "(decord: an AVI written to a pipe, its header never filled in)")  # fmt: skip
+
+
+def test_a_header_that_counts_nothing_bounds_nothing_so_demuxing_stops_at_the_frame_limit(tmp_path, monkeypatch):
+    """A hostile AVI may claim to be written to a pipe so that its count is not checked: its frames
+    are counted by demuxing, which stops once past the limit (it ran to the end of the file)."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = _written_to_a_pipe(tmp_path / "piped.avi")
+    monkeypatch.setattr(video_header, "MAX_FRAMES", 10)
+    demuxed = []
+    add = video_header.PacketSpan.add
+    monkeypatch.setattr(video_header.PacketSpan, "add", lambda span, packet: (demuxed.append(packet.size), add(span, packet))[1])
+    message = f"{path} holds more than 10 frames; the file is damaged or not a real video"
+    with pytest.raises(MediaError) as refused:
+        measure_video(path)
+    assert str(refused.value) == message and len(demuxed) <= 11
+    with pytest.raises(MediaError, match="holds more than 10 frames"):
+        load_video(path, 8)

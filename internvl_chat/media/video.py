@@ -95,7 +95,8 @@ class VideoInput:
     decoded_pixels: int = 0  # their width × height (at least MIN_FRAME_SIDE²), summed
     listed_frames: int | None = None  # the header's count, where the stream held fewer (num_total_frames)
     # MKV, WebM, AVI (whose counts are not to be trusted): (where its frames end, where the header
-    # says they end), in seconds, where they end more than two frames early
+    # says they end), in seconds, where they end more than two frames early (VideoHeader.ends_short:
+    # any frame, where the file's elements say it ends inside its frames)
     ends_at: tuple[float, float] | None = None
 
     @property

@@ -2,8 +2,9 @@
 untrusted): frame size, rate, count and duration limits; an MP4 sample table or fragments that
 declare more frames than the file holds, refused before FFmpeg indexes them; cover pictures, still
 pictures and files that are not videos at all; the frame count by demuxing where the header stores
-none; an MP4 (or MOV) cut short: the frames its index places past the end of the file, or its index
-lost with its end; an MKV, WebM or AVI cut short inside its frames, from a few element headers.
+none (or, an AVI written to a pipe, only FFmpeg's placeholders); an MP4 (or MOV) cut short: the
+frames its index places past the end of the file, or its index lost with its end; an MKV, WebM or
+AVI cut short inside its frames, from a few element headers.
 Also the one-line messages for a file that cannot be read."""
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class VideoHeader:
     samples_whole: int | None = None  # and then: the samples, in decode order, before the first such one
     track_duration: float = 0.0  # MKV/WebM: the video track's own (track_duration()), 0.0 where not known
     runs_past_end: bool | None = None  # MKV/WebM/AVI: whether its outermost element does (ends_past_the_file)
+    unfilled: bool = False  # an AVI whose writer never filled in its header (avi_header_unfilled): no count, no sizes
     frames_cut: bool | None = None  # and then: whether the file ends inside its video frames (frames_cut_off)
 
     @property
@@ -103,9 +105,14 @@ class VideoHeader:
     def ends_short(self, held: Held) -> bool:
         """Whether the frames `held` stop short of `listed_end` by more than two frames (at the
         header's rate or the last step between them: a remuxed AVI's rate is its time base's) and
-        a millisecond (MKV rounds its duration to it)."""
+        a millisecond (MKV rounds its duration to it). The two frames allow for where a header's
+        end is not quite where the frames end (a last frame's length not stored, ticks, rounding);
+        where the file's own elements say it ends inside its frames (`frames_cut`: an AVI's movi
+        list runs past its end, as the attach line says), half a frame is enough: a frame lost is
+        a whole one, and the last one or two are told too."""
         listed = self.listed_end
-        return listed is not None and held.end + 2 * max(1 / self.fps, held.step) + 0.001 < listed
+        frames = 0.5 if self.frames_cut else 2
+        return listed is not None and held.end + frames * max(1 / self.fps, held.step) + 0.001 < listed
 
     @property
     def orientation(self) -> Orientation:
@@ -211,6 +218,24 @@ def track_duration(container, stream, duration: float) -> float:
 
 
 RIFF_CHUNKS = 4096  # an OpenDML AVI has one RIFF chunk per GB or so
+# The size FFmpeg writes for a RIFF or LIST chunk as it starts it, filled in at its end only where
+# the output can seek back (libavformat's ff_start_tag / ff_end_tag)
+AVI_SIZE_UNKNOWN = 0xFFFFFFFF
+
+
+def avi_header_unfilled(path: Path) -> bool:
+    """Whether an AVI was written to a pipe or another output that cannot seek (`ffmpeg … -f avi
+    pipe:1 > out.avi`): FFmpeg's muxer then cannot go back to fill in its header, and leaves
+    placeholders: its RIFF and movi sizes unknown (0xFFFFFFFF), its stream's length 2^30 frames
+    (1,073,741,824: AVI_MAX_RIFF_SIZE), its main header's count 0, no index. The file is complete
+    and plays; nothing its header counts is true of it (the RIFF size tells: whatever wrote it did
+    not come back), so its frames are counted by demuxing, as an MKV's."""
+    try:
+        with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
+            head = f.read(12)
+    except OSError:  # NotRegularFile is one
+        return False
+    return head[:4] == b"RIFF" and head[8:12] == b"AVI " and int.from_bytes(head[4:8], "little") == AVI_SIZE_UNKNOWN
 
 
 def ends_past_the_file(path: Path, kind: str) -> bool | None:
@@ -236,6 +261,8 @@ def _riff_past_end(f, size: int) -> bool | None:
         head = f.read(12)
         if head[:4] != b"RIFF" or head[8:12] not in (b"AVI ", b"AVIX"):
             return None if at == 0 else False  # what follows the chunks is not one
+        if int.from_bytes(head[4:8], "little") == AVI_SIZE_UNKNOWN:
+            return None  # written to a pipe (avi_header_unfilled): its size was never filled in
         at += 8 + int.from_bytes(head[4:8], "little") + (int.from_bytes(head[4:8], "little") & 1)
         if at > size:
             return True
@@ -659,8 +686,11 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         check_frame_size(path, width, height)
         fps = check_fps(path, _frame_rate(stream))
-        frames = check_count(path, int(stream.frames or 0))
-        if stream.duration is not None and stream.time_base is not None:
+        unfilled = "avi" in container.format.name.split(",") and avi_header_unfilled(path)
+        frames = 0 if unfilled else check_count(path, int(stream.frames or 0))  # 0: counted by demuxing
+        if unfilled:
+            duration = 0.0  # FFmpeg's guess from the placeholder count, or from the size and bit rate
+        elif stream.duration is not None and stream.time_base is not None:
             duration = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             duration = container.duration / av.time_base
@@ -671,7 +701,7 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
-                             alone)  # fmt: skip
+                             alone, unfilled=unfilled)  # fmt: skip
         if {"matroska", "webm"} & set(container.format.name.split(",")):
             header.track_duration = track_duration(container, stream, duration)
             header.runs_past_end = ends_past_the_file(path, "matroska")
@@ -856,8 +886,8 @@ def _still_bmff(path: Path) -> str | None:
 
 
 def count_packets(path: Path, stop: DecodeStop | None = None) -> int:
-    """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG): demuxing
-    (no decoding) counts one packet per frame."""
+    """The frames of a stream whose header stores no count (MKV, WebM, MPEG-PS, APNG, an AVI
+    written to a pipe): demuxing (no decoding) counts one packet per frame."""
     return demux_length(path, stop).frames
 
 
@@ -871,11 +901,14 @@ def demux_length(path: Path, stop: DecodeStop | None = None) -> Held:
                 if stop is not None and stop.is_set():
                     raise DecodeStopped
                 span.add(packet)
+                if span.frames > MAX_FRAMES:  # a header that counts nothing bounds nothing: stop here
+                    break
     except DecodeStopped:
         raise
     except Exception as e:  # noqa: BLE001
         raise MediaError(f"cannot read video {shown_path(path)} ({error_reason(e)}); the file may be damaged") from None
-    check_count(path, span.frames)
+    if span.frames > MAX_FRAMES:
+        raise MediaError(f"{shown_path(path)} holds more than {MAX_FRAMES:,} frames; the file is damaged or not a real video")
     return span.held
 
 
@@ -894,15 +927,27 @@ class PacketSpan:
     latest time shown and the smallest step between times (a frame's; B-frames come in decode
     order, their times behind the latest). The last frame lasts its duration, or that step where
     it is longer: a remuxed AVI's packets last one tick of its time base (1/600 s) while its count
-    runs to the end of the frame. Times are kept in the stream's time base (ints: cheap per packet)."""
+    runs to the end of the frame. Times are kept in the stream's time base (ints: cheap per packet).
+    The last packet, where FFmpeg flags it corrupt (an AVI's read short: the file ends inside it), is
+    no frame held: the attach line calls such a file cut short, and a decoder conceals what it lacks."""
 
     def __init__(self, stream) -> None:
         self._base = stream.time_base
         self.frames, self._last, self._step, self._length = 0, None, None, 0
+        self._corrupt = None  # a packet flagged corrupt, counted once another with data follows it
 
     def add(self, packet) -> None:
         if not packet.size:  # an AVI's dropped frame, the end-of-stream packet: no frame
             return
+        if self._corrupt is not None:  # not the last: damage inside (MPEG-TS's lost bytes), still a frame
+            self._count(self._corrupt)
+            self._corrupt = None
+        if getattr(packet, "is_corrupt", False):
+            self._corrupt = packet
+            return
+        self._count(packet)
+
+    def _count(self, packet) -> None:
         self.frames += 1
         at = packet.pts if packet.pts is not None else packet.dts
         if at is None:

@@ -179,6 +179,10 @@ def decord_is_exact(header: VideoHeader) -> bool:
 class DecordSource:
     def __init__(self, path: Path, decord, header: VideoHeader) -> None:
         self._path = path
+        if header.unfilled:  # decord allocates for the 2^30 frames its placeholder count lists: the process aborts
+            doing = f"read video {shown_path(path)}"
+            raise DecordFailed(f"cannot {doing}: an AVI written to a pipe (its header never filled in)", doing,
+                               "an AVI written to a pipe, its header never filled in")  # fmt: skip
         try:
             self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
             self.num_total_frames = check_count(path, len(self._reader))
