@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +19,7 @@ from internvl_chat.serve.options import ServeOptions
 from internvl_chat.settings import load_settings
 
 WAIT_S = 60
+REPO = Path(__file__).resolve().parents[1]
 PAGE = "http://localhost:3000"
 KEY = "sk-cors-test"
 # what openai's JS client asks for before a chat request (its x-stainless-* headers among them)
@@ -73,6 +77,14 @@ def test_a_preflight_from_an_allowed_origin_is_answered_without_the_key(browser_
     assert headers["access-control-allow-headers"] == ASKED_HEADERS
     assert "access-control-allow-credentials" not in headers  # the key goes in a header, never in cookies
     assert preflight(browser_server.url, "https://app.example", "/v1/models", "GET").status_code == 200
+
+
+def test_a_public_page_may_call_this_machine_when_its_origin_is_allowed(browser_server):
+    # Chrome's private network access: a preflight from a public page to a local server asks for it
+    headers = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET",
+               "Access-Control-Request-Private-Network": "true"}  # fmt: skip
+    response = httpx.options(f"{browser_server.url}/v1/models", headers=headers, timeout=WAIT_S)
+    assert response.status_code == 200 and response.headers["access-control-allow-private-network"] == "true"
 
 
 def test_a_full_queue_refuses_requests_but_not_preflights(browser_server, monkeypatch):
@@ -157,6 +169,16 @@ def test_a_bad_origin_is_refused_at_start_in_one_line_that_says_what_to_write(or
     message = str(caught.value)
     assert message.startswith("--allow-origin: ") and said in message, message
     assert "\n" not in message and "\x1b" not in message
+
+
+def test_serve_with_a_bad_origin_stops_before_loading_with_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "serve", "--model", str(tmp_path / "absent"),
+                          "--allow-origin", "localhost:3000"], capture_output=True, text=True, env=env, timeout=WAIT_S,
+                         stdin=subprocess.DEVNULL)  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["internvl-chat: error: --allow-origin: 'localhost:3000' is not an origin: "
+                                               "it starts with http:// or https://, e.g. http://localhost:3000; fix the value."]  # fmt: skip
 
 
 def test_origins_are_kept_as_browsers_send_them():
