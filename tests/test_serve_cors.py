@@ -22,8 +22,10 @@ WAIT_S = 60
 REPO = Path(__file__).resolve().parents[1]
 PAGE = "http://localhost:3000"
 KEY = "sk-cors-test"
-# what openai's JS client asks for before a chat request (its x-stainless-* headers among them)
-ASKED_HEADERS = "authorization,content-type,x-stainless-os,x-stainless-lang,x-stainless-retry-count"
+# what a browser asks for before openai's JS client sends a chat request (lower case, sorted, as
+# browsers write them): the key, the JSON, and the client's own x-stainless-* headers
+ASKED_HEADERS = ",".join(["authorization", "content-type", *(f"x-stainless-{name}" for name in (
+    "arch", "lang", "os", "package-version", "retry-count", "runtime", "runtime-version", "timeout"))])
 
 
 def preflight(url: str, origin: str, path: str = "/v1/chat/completions", method: str = "POST") -> httpx.Response:
