@@ -155,7 +155,8 @@ def web_origin(text: str) -> str:
     if text == "*":
         return text
     if not text or any(c.isspace() or not c.isprintable() for c in text):
-        raise Refused(f"{brief_repr(text, 60)} is not an origin: write one without spaces, e.g. {ORIGIN_EXAMPLE}")
+        raise Refused(f"{brief_repr(text, 60)} is not an origin: write one without spaces or control characters, e.g. "
+                      f"{ORIGIN_EXAMPLE}")  # fmt: skip
     scheme, sep, rest = text.partition("://")
     if not sep or scheme.lower() not in WEB_SCHEMES:
         raise Refused(f"{brief_repr(text, 60)} is not an origin: it starts with http:// or https://, e.g. {ORIGIN_EXAMPLE}")
