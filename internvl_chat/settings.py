@@ -139,6 +139,58 @@ def _bearer_token(value: str) -> str:
     return value
 
 
+class Refused(ValueError):
+    """A check's own words for what is wrong with a value and what to write instead (a setting
+    whose rule is too long to say in one `expect`); the message says them in place of `expect`."""
+
+
+WEB_SCHEMES = {"http": 80, "https": 443}  # and the port a browser leaves out of an Origin header
+_HOST = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\]")
+ORIGIN_EXAMPLE = "http://localhost:3000"
+
+
+def web_origin(text: str) -> str:
+    """`text` as the Origin header a browser sends (`http://localhost:3000`: scheme and host in
+    lower case, no default port), or `*`; Refused, saying what to write, when it is no origin."""
+    if text == "*":
+        return text
+    if not text or any(c.isspace() or not c.isprintable() for c in text):
+        raise Refused(f"{brief_repr(text, 60)} is not an origin: write one without spaces or control characters, e.g. "
+                      f"{ORIGIN_EXAMPLE}")  # fmt: skip
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() not in WEB_SCHEMES:
+        raise Refused(f"{brief_repr(text, 60)} is not an origin: it starts with http:// or https://, e.g. {ORIGIN_EXAMPLE}")
+    scheme = scheme.lower()
+    authority, after = re.match(r"([^/?#]*)(.*)", rest, re.S).groups()
+    if "@" in authority:
+        raise Refused(f"{brief_repr(text, 60)} holds a user name or password, which no origin has; write "
+                      f"{scheme}://HOST[:PORT], e.g. {ORIGIN_EXAMPLE}")  # fmt: skip
+    host, port = _host_and_port(authority.lower(), text)
+    origin = f"{scheme}://{host}" + (f":{port}" if port not in (None, WEB_SCHEMES[scheme]) else "")
+    if after:  # a path (even a lone "/"), a query or a fragment: a browser's Origin header ends before them
+        raise Refused(f"{brief_repr(text, 60)} has more than an origin (a path, query or fragment); write {origin}")
+    return origin
+
+
+def _host_and_port(authority: str, text: str) -> tuple[str, int | None]:
+    host, port = authority, None
+    if re.search(r":\d*$", authority) and not authority.endswith("]"):
+        host, _, digits = authority.rpartition(":")
+        if not digits.isdigit() or not 0 < int(digits) < 65536:
+            raise Refused(f"{brief_repr(text, 60)} has no valid port: write a port from 1 to 65535, or none, "
+                          f"e.g. {ORIGIN_EXAMPLE}")  # fmt: skip
+        port = int(digits)
+    if not host.isascii() or not _HOST.fullmatch(host):
+        raise Refused(f"{brief_repr(text, 60)} has no valid host: write a host name (its ASCII xn-- form for "
+                      f"other letters), an IPv4 address or a [bracketed] IPv6 one, e.g. {ORIGIN_EXAMPLE}")  # fmt: skip
+    return host, port
+
+
+def _web_origins(values: list[str]) -> list[str]:
+    origins = [web_origin(value) for value in values]
+    return list(dict.fromkeys(origins))  # one each, in the order given
+
+
 def _tiles(value: int) -> int | None:
     if not 0 <= value <= MAX_TILES:
         raise ValueError
@@ -147,7 +199,11 @@ def _tiles(value: int) -> int | None:
 
 def _setting(default: Any, check: Check | None = None, expect: str = "", path: bool = False, **kw: Any) -> Any:
     # `path`: a file name, which may hold bytes that are not UTF-8 (any other text may not)
-    return field(default=default, metadata={**_rule(check, expect), "path": path}, **kw)
+    if isinstance(default, list):  # each Settings gets its own list
+        kw["default_factory"] = lambda: list(default)
+    else:
+        kw["default"] = default
+    return field(metadata={**_rule(check, expect), "path": path}, **kw)
 
 
 # --- the sections ------------------------------------------------------------------------------
@@ -231,6 +287,9 @@ class ServeSettings:
     feature_cache_mb: int = _setting(256, _number(0), "an integer ≥ 0 (MiB of cached image features; 0 turns it off)")
     allow_remote_media: bool = _setting(False, expect="true or false (let requests make the server fetch http(s) URLs)")
     allow_local_media: str = _setting("", expect="a folder whose files requests may name as file:// URLs (empty: none)")
+    allow_origins: list[str] = _setting([], _web_origins, "web origins whose pages may call the server, each "
+                                        f"http(s)://HOST[:PORT] (e.g. {ORIGIN_EXAMPLE}) or *, as a list or "
+                                        "comma-separated text (empty: none)")  # fmt: skip
     max_connections: int = _setting(100, _number(1, 65535), "an integer from 1 to 65535 (open connections; a request on one more gets 503)")
     header_timeout: float = _setting(10.0, _number(0.0, TIMEOUT_MAX, low_open=True),
                                      "a number of seconds > 0 and ≤ 3600 (to send a request's line and headers)")
@@ -353,9 +412,20 @@ def _split_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _text_list(value: Any) -> list[str]:
+    """A TOML array or repeated flag's values (each text), or one text (a variable, `/set`): its
+    items split at commas, stripped, empty ones dropped."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise ValueError
+    return [piece.strip() for item in items for piece in item.split(",") if piece.strip()]
+
+
 def _coerce(value: Any, tp: Any) -> Any:
     """A TOML value, flag value or text -> a value of `tp`; ValueError when it is not one."""
     base, optional = _split_optional(tp)
+    if typing.get_origin(base) is list:
+        return _text_list(value)
     if isinstance(value, str) and base is not str:
         text = value.strip()
         if optional and text.lower() in _NONE:
@@ -413,6 +483,8 @@ def _assign(settings: Settings, dotted: str, value: Any, where: str, names_key: 
         check = fld.metadata.get("check")
         if parsed is not None and check is not None:
             parsed = check(parsed)
+    except Refused as refused:
+        raise UsageError(f"{visible(where)}:{subject} {refused}{fix}") from None
     except (ValueError, TypeError):
         expect = fld.metadata.get("expect") or "a valid value"
         given = "" if dotted in SECRET_KEYS else f", not {brief_repr(value, 60)}"  # a key is never printed, even a bad one
@@ -579,6 +651,8 @@ def toml_value(value: Any) -> str:
     """A value as the config file writes it: `true`, `0.7`, `"text"` (a TOML basic string)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     if isinstance(value, str):
         # a valid TOML basic string; TOML refuses DEL raw, and `visible` would write it and C1 controls
         # as \x.., which TOML cannot read: \u escapes

@@ -153,14 +153,15 @@ def test_defaults_in_help_are_the_settings_defaults(mode):
 @pytest.mark.parametrize("mode", ["internvl-chat", "serve"])
 def test_the_flag_a_bad_value_names_is_the_one_that_set_it(mode):
     # through the mode's own path (parse → overrides → load_settings): a value no setting takes
-    # (a list) must be refused naming the flag as typed, not the setting
+    # (a dict: a list is what a repeatable flag, --allow-origin, gives) must be refused naming the
+    # flag as typed, not the setting
     module = cli if mode == "internvl-chat" else serve_main
     parser = parsers()[mode]
     flags = _flag_keys(mode)
     assert len(flags) >= 15
     for flag in flags:
         args = parser.parse_args([])
-        setattr(args, next(a.dest for a in parser._actions if flag in a.option_strings), [])
+        setattr(args, next(a.dest for a in parser._actions if flag in a.option_strings), {})
         with pytest.raises(UsageError) as caught:
             load_settings(os.devnull, {}, module._overrides(args), setting_flags(mode).names())
         assert str(caught.value).startswith(f"{flag}: "), (flag, str(caught.value))

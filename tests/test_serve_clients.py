@@ -311,8 +311,9 @@ def test_a_negative_seed_in_openais_int64_range_is_a_seed_like_any_other(server)
 
 
 def test_a_browser_preflight_gets_no_cors_headers(server):
-    """What the README tells users of browser-side clients: no CORS, so a web page's fetch is
-    blocked by its browser (the preflight a JSON POST with a key needs is refused)."""
+    """What the README tells users of browser-side clients: with no --allow-origin (the default),
+    no CORS, so a web page's fetch is blocked by its browser (the preflight a JSON POST with a key
+    needs is refused). test_serve_cors.py has the origins it allows."""
     response = httpx.options(f"{server.url}/v1/chat/completions", timeout=WAIT_S, headers={
         "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization, content-type"})

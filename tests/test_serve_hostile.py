@@ -373,7 +373,7 @@ def test_a_video_that_cannot_be_read_is_called_the_video(server):
 
 @pytest.mark.parametrize(
     "method, path, allowed",
-    [("GET", "/v1/chat/completions", "POST"), ("POST", "/v1/models", "GET"), ("DELETE", "/v1/models/tiny", "GET"),
+    [("GET", "/v1/chat/completions", "POST"), ("POST", "/v1/models", "GET, HEAD"), ("DELETE", "/v1/models/tiny", "GET, HEAD"),
      ("POST", "/health", "GET, HEAD")],
 )  # fmt: skip
 def test_a_method_an_endpoint_does_not_take_is_a_405_that_names_the_ones_it_does(server, method, path, allowed):

@@ -53,6 +53,7 @@ EXPECTED_DEFAULTS = {
         "feature_cache_mb": 256,
         "allow_remote_media": False,
         "allow_local_media": "",
+        "allow_origins": [],
         "max_connections": 100,
         "header_timeout": 10.0,
         "body_timeout": 60.0,

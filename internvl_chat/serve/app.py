@@ -1,4 +1,5 @@
-"""The HTTP API: /health, /v1/models, /v1/chat/completions (streaming and not), OpenAI-shaped errors."""
+"""The HTTP API: /health, /v1/models, /v1/chat/completions (streaming and not), OpenAI-shaped errors,
+CORS for the web origins --allow-origin names."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from . import sse
@@ -29,6 +31,34 @@ LARGE_BODY_BYTES = 1 << 20
 
 class ClientDisconnected(Exception):
     pass
+
+
+class BrowserOrigins(CORSMiddleware):
+    """Starlette's CORS for the origins --allow-origin names: their pages may send GET and POST with
+    any headers (openai's JS client adds its x-stainless-* ones), the API key in Authorization, never
+    cookies. A preflight (OPTIONS) is answered here, before the routes: it needs no API key (browsers
+    send none) and takes no place in the queue. One from another origin gets a JSON 403 with no
+    Access-Control header (Starlette's answer was text/plain and listed the allowed methods)."""
+
+    def __init__(self, app, origins: tuple[str, ...]) -> None:
+        # private network: Chrome asks it before a public page may call a server on this machine
+        super().__init__(app, allow_origins=origins, allow_methods=("GET", "POST", "OPTIONS"), allow_headers=("*",),
+                         allow_private_network=True)  # fmt: skip
+
+    def preflight_response(self, request_headers) -> Response:
+        origin = request_headers["origin"]
+        if not self.is_allowed_origin(origin):
+            message = (f"web pages from {shown(origin, 80)} may not call this server; its operator can allow them "
+                       "with --allow-origin")  # fmt: skip
+            body = APIError(403, message, code="origin_not_allowed").body()
+            return JSONResponse(body, status_code=403, headers={"Vary": "Origin"})
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        # a method it does not allow ("Disallowed CORS method"): the same refusal, in OpenAI's shape
+        kept = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
+        message = "a browser may send only GET and POST to this server"
+        return JSONResponse(APIError(400, message).body(), status_code=400, headers=kept)
 
 
 class JobStream(StreamingResponse):
@@ -57,6 +87,8 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     app.state.worker = worker
     large_bodies = asyncio.Semaphore(1)
     app.state.ending = ending = asyncio.Event()  # set when the server's shutdown grace period is over
+    if options.allow_origins:  # around the routes' error handlers: a 401 or 429 gets the headers too
+        app.add_middleware(BrowserOrigins, origins=options.allow_origins)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -92,12 +124,13 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
             raise APIError(503, "the engine is not running", code="engine_unavailable")
         return JSONResponse({"status": "ok"})
 
-    @app.get("/v1/models")
+    # HEAD as GET, without the body (uvicorn leaves it out)
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request) -> JSONResponse:
         authorize(request)
         return JSONResponse(models_list(model_id, context, created))
 
-    @app.get("/v1/models/{name:path}")
+    @app.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"])
     async def one_model(name: str, request: Request) -> JSONResponse:
         authorize(request)
         if name != model_id:

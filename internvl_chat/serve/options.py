@@ -30,6 +30,7 @@ class ServeOptions:
     feature_cache_bytes: int = 256 * MiB
     allow_remote_media: bool = False
     allow_local_media: Path | None = None  # resolved folder
+    allow_origins: tuple[str, ...] = ()  # web origins answered with CORS headers, as browsers send them
     # slow and abusive clients (serve/connections.py, serve/app.py)
     max_connections: int = 100
     header_timeout: float = 10.0
@@ -53,6 +54,10 @@ class ServeOptions:
             if not local.is_dir():
                 raise UsageError(f"--allow-local-media {local} is not a folder; name an existing folder or leave it empty")
             local = local.resolve()
+        if "*" in s.allow_origins and not s.api_key:
+            # every web page the user opens could then drive the model, and read its answers
+            raise UsageError("--allow-origin * lets any web page use this server: set --api-key KEY too, or name "
+                             "the pages' origins (e.g. --allow-origin http://localhost:3000)")  # fmt: skip
         defaults = params_from_settings(settings)
         return cls(
             host=s.host,
@@ -69,6 +74,7 @@ class ServeOptions:
             feature_cache_bytes=s.feature_cache_mb * MiB,
             allow_remote_media=s.allow_remote_media,
             allow_local_media=local,
+            allow_origins=tuple(s.allow_origins),
             max_connections=s.max_connections,
             header_timeout=s.header_timeout,
             body_timeout=s.body_timeout,

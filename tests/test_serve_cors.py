@@ -1,0 +1,209 @@
+"""Browser clients: CORS for the origins `--allow-origin` names (none by default), the start-up
+check of each origin, and HEAD on /v1/models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from internvl_chat.errors import UsageError
+from internvl_chat.serve import main as serve_main
+from internvl_chat.serve.errors import APIError
+from internvl_chat.serve.options import ServeOptions
+from internvl_chat.settings import load_settings
+
+WAIT_S = 60
+REPO = Path(__file__).resolve().parents[1]
+PAGE = "http://localhost:3000"
+KEY = "sk-cors-test"
+# what a browser asks for before openai's JS client sends a chat request (lower case, sorted, as
+# browsers write them): the key, the JSON, and the client's own x-stainless-* headers
+ASKED_HEADERS = ",".join(["authorization", "content-type", *(f"x-stainless-{name}" for name in (
+    "arch", "lang", "os", "package-version", "retry-count", "runtime", "runtime-version", "timeout"))])
+
+
+def preflight(url: str, origin: str, path: str = "/v1/chat/completions", method: str = "POST") -> httpx.Response:
+    headers = {"Origin": origin, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": ASKED_HEADERS}
+    return httpx.options(f"{url}{path}", headers=headers, timeout=WAIT_S)
+
+
+def cors_headers(response: httpx.Response) -> dict[str, str]:
+    return {name: value for name, value in response.headers.items() if name.startswith("access-control-")}
+
+
+@pytest.fixture(scope="module")
+def browser_server(tiny_original):
+    """A server that lets one page's origin call it (written as a user might: upper case, the default port)."""
+    from serve_support import RunningServer
+
+    with RunningServer(tiny_original, api_key=KEY, allow_origins=["HTTP://LocalHost:3000", "https://app.example:443"]) as running:
+        yield running
+
+
+# --- off by default ------------------------------------------------------------------------------
+
+
+def test_with_no_origin_allowed_no_answer_has_cors_headers_and_a_preflight_is_not_allowed(server):
+    response = preflight(server.url, PAGE)
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert cors_headers(response) == {}
+    models = httpx.get(f"{server.url}/v1/models", headers={"Origin": PAGE}, timeout=WAIT_S)
+    assert models.status_code == 200 and cors_headers(models) == {}
+
+
+def test_head_on_the_models_answers_as_get_without_a_body(server):
+    for path in ("/v1/models", "/v1/models/tiny"):
+        got, head = (httpx.request(method, f"{server.url}{path}", timeout=WAIT_S) for method in ("GET", "HEAD"))
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"] == "application/json"
+        assert head.headers["content-length"] == str(len(got.content))
+    unknown = httpx.head(f"{server.url}/v1/models/other", timeout=WAIT_S)
+    assert unknown.status_code == 404 and unknown.content == b""
+
+
+# --- an allowed origin ---------------------------------------------------------------------------
+
+
+def test_a_preflight_from_an_allowed_origin_is_answered_without_the_key(browser_server):
+    response = preflight(browser_server.url, PAGE)
+    assert response.status_code == 200
+    headers = cors_headers(response)
+    assert headers["access-control-allow-origin"] == PAGE  # as the browser sends it, not as it was written
+    assert set(headers["access-control-allow-methods"].split(", ")) == {"GET", "POST", "OPTIONS"}
+    assert headers["access-control-allow-headers"] == ASKED_HEADERS
+    assert "access-control-allow-credentials" not in headers  # the key goes in a header, never in cookies
+    assert preflight(browser_server.url, "https://app.example", "/v1/models", "GET").status_code == 200
+
+
+def test_a_public_page_may_call_this_machine_when_its_origin_is_allowed(browser_server):
+    # Chrome's private network access: a preflight from a public page to a local server asks for it
+    headers = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET",
+               "Access-Control-Request-Private-Network": "true"}  # fmt: skip
+    response = httpx.options(f"{browser_server.url}/v1/models", headers=headers, timeout=WAIT_S)
+    assert response.status_code == 200 and response.headers["access-control-allow-private-network"] == "true"
+
+
+def test_a_full_queue_refuses_requests_but_not_preflights(browser_server, monkeypatch):
+    def full() -> None:
+        raise APIError(429, "the model is busy and its queue is full", code="queue_full", headers={"Retry-After": "1"})
+
+    monkeypatch.setattr(browser_server.worker, "check_capacity", full)
+    assert preflight(browser_server.url, PAGE).status_code == 200
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    refused = httpx.post(f"{browser_server.url}/v1/chat/completions", json=body, timeout=WAIT_S,
+                         headers={"Origin": PAGE, "Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert refused.status_code == 429 and refused.headers["access-control-allow-origin"] == PAGE
+
+
+def test_answers_to_an_allowed_origin_carry_its_origin_a_refusal_too(browser_server):
+    origin = {"Origin": PAGE}
+    refused = httpx.get(f"{browser_server.url}/v1/models", headers=origin, timeout=WAIT_S)
+    assert refused.status_code == 401  # a real request still needs the key; the page can read why
+    assert refused.headers["access-control-allow-origin"] == PAGE
+    models = httpx.get(f"{browser_server.url}/v1/models", headers={**origin, "Authorization": f"Bearer {KEY}"},
+                       timeout=WAIT_S)  # fmt: skip
+    assert models.status_code == 200 and models.headers["access-control-allow-origin"] == PAGE
+
+
+def test_a_stream_to_an_allowed_origin_carries_its_origin(browser_server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
+    headers = {"Origin": PAGE, "Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{browser_server.url}/v1/chat/completions", json=body, headers=headers,
+                      timeout=WAIT_S) as response:  # fmt: skip
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["access-control-allow-origin"] == PAGE
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_another_origin_gets_no_cors_headers(browser_server):
+    other = "http://localhost:3001"  # another port is another origin
+    response = preflight(browser_server.url, other)
+    assert response.status_code == 403 and cors_headers(response) == {}
+    assert response.json()["error"]["code"] == "origin_not_allowed"
+    models = httpx.get(f"{browser_server.url}/v1/models", headers={"Origin": other, "Authorization": f"Bearer {KEY}"},
+                       timeout=WAIT_S)  # fmt: skip
+    assert models.status_code == 200 and cors_headers(models) == {}
+
+
+def test_a_method_the_api_does_not_take_is_refused_in_openais_shape(browser_server):
+    response = preflight(browser_server.url, PAGE, "/v1/models", "DELETE")
+    assert response.status_code == 400 and response.json()["error"]["message"].startswith("a browser may send only GET and POST")
+
+
+# --- the start-up check --------------------------------------------------------------------------
+
+
+def start(*flags: str) -> None:
+    """serve's start as far as its flags and settings go (the model folder is never read)."""
+    args = serve_main.build_parser().parse_args(["--model", "unused", *flags])
+    settings = load_settings(os.devnull, {}, serve_main._overrides(args), serve_main.serve_setting_flags().names())
+    ServeOptions.from_settings(settings)
+
+
+@pytest.mark.parametrize(
+    "origin, said",
+    [
+        ("localhost:3000", "it starts with http:// or https://, e.g. http://localhost:3000"),
+        ("ftp://files.example", "it starts with http:// or https://"),
+        ("http://localhost:3000/", "has more than an origin (a path, query or fragment); write http://localhost:3000"),
+        ("https://App.example/chat?x=1#top", "write https://app.example"),
+        ("http://me:pw@localhost:3000", "holds a user name or password"),
+        ("http://localhost:0", "no valid port"),
+        ("http://localhost:", "no valid port"),
+        ("http://", "no valid host"),
+        ("http://bad_host", "no valid host"),
+        ("http://local host", "without spaces"),
+        ("http://localhost\x1b[2J", "without spaces"),
+        ("null", "it starts with http:// or https://"),
+    ],
+)  # fmt: skip
+def test_a_bad_origin_is_refused_at_start_in_one_line_that_says_what_to_write(origin, said):
+    with pytest.raises(UsageError) as caught:
+        start("--allow-origin", PAGE, "--allow-origin", origin)
+    message = str(caught.value)
+    assert message.startswith("--allow-origin: ") and said in message, message
+    assert "\n" not in message and "\x1b" not in message
+
+
+def test_serve_with_a_bad_origin_stops_before_loading_with_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull}
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "serve", "--model", str(tmp_path / "absent"),
+                          "--allow-origin", "localhost:3000"], capture_output=True, text=True, env=env, timeout=WAIT_S,
+                         stdin=subprocess.DEVNULL)  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["internvl-chat: error: --allow-origin: 'localhost:3000' is not an origin: "
+                                               "it starts with http:// or https://, e.g. http://localhost:3000; fix the value."]  # fmt: skip
+
+
+def test_origins_are_kept_as_browsers_send_them():
+    args = serve_main.build_parser().parse_args(["--allow-origin", "HTTPS://Example.COM:443", "--allow-origin",
+                                                 "http://[::1]:8080,http://example.com:80", "--allow-origin", "http://[::1]:8080"])  # fmt: skip
+    settings = load_settings(os.devnull, {}, serve_main._overrides(args))
+    assert ServeOptions.from_settings(settings).allow_origins == ("https://example.com", "http://[::1]:8080", "http://example.com")
+    from_env = load_settings(os.devnull, {"INTERNVL_CHAT_SERVE_ALLOW_ORIGINS": "http://a.example, http://b.example:8080"})
+    assert from_env.serve.allow_origins == ["http://a.example", "http://b.example:8080"]
+
+
+def test_every_origin_needs_an_api_key_and_is_refused_without_one():
+    with pytest.raises(UsageError) as caught:
+        start("--allow-origin", "*")
+    assert "set --api-key KEY too" in str(caught.value) and "\n" not in str(caught.value)
+    start("--allow-origin", "*", "--api-key", KEY)  # with a key it starts
+    start("--allow-origin", PAGE)  # a named origin needs no key
+
+
+def test_a_bad_origin_in_the_config_file_names_the_file(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[serve]\nallow_origins = ["http://localhost:3000/app"]\n', encoding="utf-8")
+    with pytest.raises(UsageError) as caught:
+        load_settings(config, {})
+    assert str(caught.value) == (f"{config}: serve.allow_origins 'http://localhost:3000/app' has more than an origin "
+                                 "(a path, query or fragment); write http://localhost:3000; fix the value.")  # fmt: skip
