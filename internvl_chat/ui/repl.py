@@ -30,6 +30,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.keys import Keys
+from prompt_toolkit.output import Output, create_output
 
 from ..errors import InternVLChatError, UsageError
 from ..files import WORKING_FOLDER_GONE, NoHomeFolder, make_private_folders, undecodable_byte, visible, working_folder_gone
@@ -369,11 +370,23 @@ def open_history(settings: Settings, app: App | None = None) -> History:
     return PrivateFileHistory(fd)
 
 
+def terminal_output() -> Output:
+    """Where the prompt is drawn: stdout, or stderr when only stderr is a terminal (`-I | tee
+    log`). Drawn into the pipe, the prompt and the keys typed were never seen, and its redraws
+    (carriage returns, blank lines) were written into the log."""
+    return create_output(always_prefer_tty=True)
+
+
 def ask_yes_no(question: str) -> bool:
     """A yes/no question on the terminal; Enter, Ctrl-C and Ctrl-D mean no."""
     try:
         with keys_released():  # asked while a command runs, when typed keys are otherwise held
-            answer = input(question)
+            if sys.stdout.isatty() or not sys.stderr.isatty():
+                answer = input(question)
+            else:  # stdout is piped: input() would write the question there, unseen
+                sys.stderr.write(question)
+                sys.stderr.flush()
+                answer = input()
     except (EOFError, KeyboardInterrupt):
         print()
         return False
@@ -391,6 +404,7 @@ def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | Non
         enable_open_in_editor=False,  # Ctrl-X Ctrl-E is bound in key_bindings (editor.py)
         enable_suspend=True,  # Ctrl-Z stops the program, as in a shell (it typed a literal ^Z into the message)
         color_depth=None,
+        output=terminal_output(),
     )
 
 
@@ -484,6 +498,9 @@ class ReplSignals:
 def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = None) -> int:
     if not sys.stdin.isatty():
         raise UsageError("the REPL needs a terminal on stdin; use --script FILE for scripted input or -p TEXT")
+    if not (sys.stdout.isatty() or sys.stderr.isatty()):  # its prompt would go, unseen, into a file
+        raise UsageError("the REPL needs a terminal on stdout or stderr to show its prompt; "
+                         "leave one of them on the terminal, or use -p TEXT or --script FILE")
     signals = ReplSignals()
     signals.install()
     console = ui_console(sys.stdout, settings.ui)
