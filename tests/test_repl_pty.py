@@ -316,6 +316,36 @@ def test_completion_menu_shows_odd_file_names_escaped(tmp_path):
 # --- Ctrl-C just after Enter (no terminal needed) -------------------------------------------------
 
 
+@pytest.mark.parametrize("sequence", ["\x1b[31m", "\x1b[1;2;3;4M", "\x1b[Mxyz"],
+                         ids=["colour code", "four numbers", "unknown button"])  # fmt: skip
+def test_an_escape_sequence_typed_as_keys_is_dropped_without_a_traceback(sequence):
+    """Keys that read as a mouse report (a colour code typed or pasted where the terminal does not
+    bracket pastes, or the reports another program left switched on) reached prompt_toolkit's own
+    mouse handler, which raised on the malformed ones: "Unhandled exception in event loop", a
+    traceback, "Press ENTER to continue..." eating the next keys. They are dropped now, and the
+    line goes on."""
+    import asyncio
+
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from internvl_chat.ui.repl import key_bindings
+
+    with create_pipe_input() as pipe:
+        session = PromptSession(input=pipe, output=DummyOutput(), key_bindings=key_bindings())
+        pipe.send_text(f"red{sequence} text\r")
+
+        async def prompt() -> str:
+            def raised(loop, context) -> None:  # instead of a traceback and "Press ENTER to continue..."
+                session.app.exit(exception=AssertionError(f"a key handler raised: {context.get('exception')!r}"))
+
+            asyncio.get_running_loop().set_exception_handler(raised)
+            return await session.prompt_async("> ", set_exception_handler=False)
+
+        assert asyncio.run(asyncio.wait_for(prompt(), 60)) == "red text"
+
+
 def test_a_ctrl_c_that_reaches_the_prompt_after_enter_cancels_the_line_without_a_traceback():
     """A Ctrl-C pressed right after Enter lands in prompt_toolkit's event loop, which runs the
     `<sigint>` key after the prompt has returned. The stock handler then raised "Application is not

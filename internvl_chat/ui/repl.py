@@ -29,6 +29,7 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.key_binding.bindings.mouse import load_mouse_bindings
 from prompt_toolkit.keys import Keys
 from prompt_toolkit.output import Output, create_output
 
@@ -262,6 +263,18 @@ def key_bindings(late: LateInterrupt | None = None) -> KeyBindings:
     @kb.add("c-x", "c-e")
     def _editor(event) -> None:  # prompt_toolkit's own raised UnicodeError on bytes that are not UTF-8
         event.app.create_background_task(edit_in_editor(event.current_buffer))
+
+    stock_mouse = load_mouse_bindings().get_bindings_for_keys((Keys.Vt100MouseEvent,))[0].handler
+
+    @kb.add(Keys.Vt100MouseEvent)
+    def _mouse(event):
+        """Keys that only look like a mouse report (a colour code, ESC [31m, typed or pasted where
+        the terminal does not bracket pastes) made prompt_toolkit's handler raise: a traceback and
+        "Press ENTER to continue..." that ate the next keys. They are dropped; a real click works as before."""
+        try:
+            return stock_mouse(event)
+        except (ValueError, KeyError, IndexError):
+            return None
 
     return kb
 
