@@ -287,7 +287,7 @@ def complete_session(raw: str, cwd: Path | None = None, folder: Path | None = No
         except NoHomeFolder:  # no home folder, so no saved sessions: paths still complete (a raise broke the prompt)
             folder = None
         for path, mtime in recent_sessions(folder) if folder is not None else ():
-            if path.stem.startswith(raw):
+            if path.stem.startswith(raw) and undecodable_byte(path.stem) is None:  # not UTF-8: as in complete_path
                 yield Completion(_escape(path.stem), start_position=-len(raw), display=visible(path.stem),
                                  display_meta=file_date(mtime))  # fmt: skip
     yield from complete_path(raw, "file", cwd)
