@@ -257,6 +257,23 @@ def test_markdown_multiline_completion_and_save_load_in_a_new_process(tiny_origi
     assert not (home2 / ".local" / "state" / "internvl-chat" / "history").exists()
 
 
+def test_term_dumb_gets_the_plain_prompt(tmp_path):
+    """TERM=dumb (an editor's shell buffer) gets prompt_toolkit's plain prompt: no bracketed paste,
+    no cursor moves. Handing the prompt an output of its own (for stdout piped) had lost it."""
+    child = pexpect.spawn(sys.executable, ["-m", "internvl_chat.cli", "--device", "cpu", "--no-history"],
+                          env=pty_env(tmp_path, TERM="dumb"), dimensions=(50, 220), encoding="utf-8",
+                          timeout=TIMEOUT, cwd=str(tmp_path))  # fmt: skip
+    child.logfile_read = transcript = io.StringIO()
+    child.expect_exact("Ctrl-D, /exit or /bye quits")
+    child.send("/help help\r")
+    child.expect_exact("show the commands, or the usage of one")
+    child.send("/exit\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "> /help help" in transcript.getvalue() and PROMPT_READY not in transcript.getvalue(), transcript.getvalue()
+
+
 @pytest.mark.parametrize("leave", ["ctrl-d", "/exit"])
 def test_quitting_with_attachments_not_sent_names_them(media, tmp_path, leave):
     # Ctrl-D or /exit at a `[+2] >` prompt dropped the pictures without a word (a script said it)

@@ -383,10 +383,12 @@ def open_history(settings: Settings, app: App | None = None) -> History:
     return PrivateFileHistory(fd)
 
 
-def terminal_output() -> Output:
-    """Where the prompt is drawn: stdout, or stderr when only stderr is a terminal (`-I | tee
-    log`). Drawn into the pipe, the prompt and the keys typed were never seen, and its redraws
-    (carriage returns, blank lines) were written into the log."""
+def terminal_output() -> Output | None:
+    """Where the prompt is drawn: stderr when only stderr is a terminal (`-I | tee log`; drawn into
+    the pipe, the prompt and the keys typed were never seen, and its redraws were written into the
+    log), else None: prompt_toolkit's own choice, the only one that gives TERM=dumb its plain prompt."""
+    if sys.stdout.isatty():
+        return None
     return create_output(always_prefer_tty=True)
 
 
