@@ -268,6 +268,11 @@ def test_help_lists_every_command():
         format_help("imgae")
 
 
+def test_help_on_the_double_slash_it_lists_explains_it():
+    # /help lists "//TEXT", but `/help //` answered "unknown command /"
+    assert format_help("//") == format_help("/") == "//TEXT  send a message that starts with /"
+
+
 def test_a_range_that_is_not_utf8_is_shown_as_its_bytes():
     # argv is decoded with surrogateescape: repr showed the byte as '\udcff', every other line says \xff
     with pytest.raises(UsageError) as error:

@@ -64,6 +64,15 @@ def test_a_name_that_is_not_utf8_is_not_offered(tmp_path):
         assert [c.text for c in _completions(text, tmp_path)] == offered, text
 
 
+def test_a_saved_session_whose_name_is_not_utf8_is_not_offered(tmp_path):
+    # /load's names were offered anyway: Tab inserted the byte, and Enter said "check the terminal's encoding"
+    folder = tmp_path / "sessions"
+    folder.mkdir()
+    for name in (b"talk\xff.json", b"talk.json"):
+        (folder / os.fsdecode(name)).write_text("{}")
+    assert [c.text for c in repl.complete_session("ta", cwd=tmp_path, folder=folder)] == ["talk"]
+
+
 def test_a_completed_path_keeps_the_folder_typed_with_a_tilde(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "~odd.png").write_bytes(b"")

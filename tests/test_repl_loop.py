@@ -9,6 +9,7 @@ import os
 import sys
 from contextlib import contextmanager
 
+import pytest
 from rich.console import Console
 
 from internvl_chat.errors import MediaError
@@ -25,6 +26,11 @@ class _Undecodable(ChunkedAnswers):
         if "picture" in text:
             raise MediaError("cannot decode cat.png: the file is truncated or corrupt")
         return super().ask(text, media, params, cancel)
+
+
+class _TerminalText(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
 
 def _run(monkeypatch, lines: list[str], typed_ahead: list[str]) -> tuple[list[str], str]:
@@ -49,6 +55,7 @@ def _run(monkeypatch, lines: list[str], typed_ahead: list[str]) -> tuple[list[st
         keys.text = next(held)
 
     monkeypatch.setattr(sys, "stdin", type("Tty", (), {"isatty": staticmethod(lambda: True)})())
+    monkeypatch.setattr(sys, "stdout", _TerminalText())  # where the prompt is shown
     monkeypatch.setattr(repl.ReplSignals, "install", lambda self: None)
     monkeypatch.setattr(repl.ReplSignals, "prompt", prompt)
     monkeypatch.setattr(repl, "held_keys", held_keys)
@@ -71,3 +78,54 @@ def test_a_message_that_failed_before_it_was_sent_starts_the_next_prompt(monkeyp
 def test_keys_typed_while_it_failed_follow_it_on_a_line_of_their_own(monkeypatch):
     defaults, _ = _run(monkeypatch, ["Describe the picture"], ["and then"])
     assert defaults == ["", "Describe the picture\nand then"]
+
+
+# --- stdout piped while stdin is a terminal (`-I | tee log`) --------------------------------------
+
+
+@contextmanager
+def _terminal_file():
+    """A file on a real terminal (the follower end of a new pseudo-terminal)."""
+    leader, follower = os.openpty()
+    try:
+        with open(follower, "w", encoding="utf-8", closefd=False) as file:
+            yield file
+    finally:
+        os.close(leader), os.close(follower)
+
+
+def test_with_stdout_piped_the_prompt_is_drawn_on_the_terminal(monkeypatch):
+    # it was drawn into the pipe: the person typing saw no prompt and no echo, and the log got
+    # the redraws (carriage returns, blank lines reserved for the completion menu)
+    settings = load_settings(os.devnull, env={}, overrides={"ui.history": False})
+    read_end, write_end = os.pipe()
+    with _terminal_file() as terminal, open(write_end, "w") as pipe:
+        monkeypatch.setattr(sys, "stdout", pipe)
+        monkeypatch.setattr(sys, "stderr", terminal)
+        session = repl.build_prompt_session(argparse.Namespace(cwd=None), settings)
+        assert session.output.fileno() == terminal.fileno()
+    os.close(read_end)
+
+
+def test_with_stdout_piped_a_yes_no_question_is_asked_on_the_terminal(monkeypatch):
+    piped = io.StringIO()
+    with _terminal_file() as terminal:
+        written = []
+        monkeypatch.setattr(terminal, "write", written.append)
+        monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+        monkeypatch.setattr(sys, "stdout", piped)
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert repl.ask_yes_no("replace it? [y/N] ") is True
+    assert written == ["replace it? [y/N] "] and piped.getvalue() == ""
+
+
+def test_the_repl_is_refused_where_no_terminal_could_show_its_prompt(monkeypatch):
+    from internvl_chat.errors import UsageError
+
+    monkeypatch.setattr(sys, "stdin", type("Tty", (), {"isatty": staticmethod(lambda: True)})())
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.setattr(repl.ReplSignals, "install", lambda self: pytest.fail("the REPL started"))
+    settings = load_settings(os.devnull, env={}, overrides={"ui.history": False})
+    with pytest.raises(UsageError, match="needs a terminal on stdout or stderr to show its prompt"):
+        repl.run_repl(argparse.Namespace(), settings)

@@ -257,6 +257,23 @@ def test_markdown_multiline_completion_and_save_load_in_a_new_process(tiny_origi
     assert not (home2 / ".local" / "state" / "internvl-chat" / "history").exists()
 
 
+def test_term_dumb_gets_the_plain_prompt(tmp_path):
+    """TERM=dumb (an editor's shell buffer) gets prompt_toolkit's plain prompt: no bracketed paste,
+    no cursor moves. Handing the prompt an output of its own (for stdout piped) had lost it."""
+    child = pexpect.spawn(sys.executable, ["-m", "internvl_chat.cli", "--device", "cpu", "--no-history"],
+                          env=pty_env(tmp_path, TERM="dumb"), dimensions=(50, 220), encoding="utf-8",
+                          timeout=TIMEOUT, cwd=str(tmp_path))  # fmt: skip
+    child.logfile_read = transcript = io.StringIO()
+    child.expect_exact("Ctrl-D, /exit or /bye quits")
+    child.send("/help help\r")
+    child.expect_exact("show the commands, or the usage of one")
+    child.send("/exit\r")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "> /help help" in transcript.getvalue() and PROMPT_READY not in transcript.getvalue(), transcript.getvalue()
+
+
 @pytest.mark.parametrize("leave", ["ctrl-d", "/exit"])
 def test_quitting_with_attachments_not_sent_names_them(media, tmp_path, leave):
     # Ctrl-D or /exit at a `[+2] >` prompt dropped the pictures without a word (a script said it)
@@ -314,6 +331,36 @@ def test_completion_menu_shows_odd_file_names_escaped(tmp_path):
 
 
 # --- Ctrl-C just after Enter (no terminal needed) -------------------------------------------------
+
+
+@pytest.mark.parametrize("sequence", ["\x1b[31m", "\x1b[1;2;3;4M", "\x1b[Mxyz"],
+                         ids=["colour code", "four numbers", "unknown button"])  # fmt: skip
+def test_an_escape_sequence_typed_as_keys_is_dropped_without_a_traceback(sequence):
+    """Keys that read as a mouse report (a colour code typed or pasted where the terminal does not
+    bracket pastes, or the reports another program left switched on) reached prompt_toolkit's own
+    mouse handler, which raised on the malformed ones: "Unhandled exception in event loop", a
+    traceback, "Press ENTER to continue..." eating the next keys. They are dropped now, and the
+    line goes on."""
+    import asyncio
+
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from internvl_chat.ui.repl import key_bindings
+
+    with create_pipe_input() as pipe:
+        session = PromptSession(input=pipe, output=DummyOutput(), key_bindings=key_bindings())
+        pipe.send_text(f"red{sequence} text\r")
+
+        async def prompt() -> str:
+            def raised(loop, context) -> None:  # instead of a traceback and "Press ENTER to continue..."
+                session.app.exit(exception=AssertionError(f"a key handler raised: {context.get('exception')!r}"))
+
+            asyncio.get_running_loop().set_exception_handler(raised)
+            return await session.prompt_async("> ", set_exception_handler=False)
+
+        assert asyncio.run(asyncio.wait_for(prompt(), 60)) == "red text"
 
 
 def test_a_ctrl_c_that_reaches_the_prompt_after_enter_cancels_the_line_without_a_traceback():

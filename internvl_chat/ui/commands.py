@@ -455,6 +455,9 @@ def quote_spaced(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
+SLASH_MESSAGE = ("//TEXT", "send a message that starts with /")  # listed by /help after the commands
+
+
 def format_help(name: str | None = None, width: int | None = None) -> str:
     """All commands with their one-line help, or one command's usage and options.
 
@@ -463,6 +466,8 @@ def format_help(name: str | None = None, width: int | None = None) -> str:
     """
     if name is not None:
         word = name.lstrip("/")
+        if not word:  # `/help //`: the one entry of the list that is not a command
+            return wrap_text(f"{SLASH_MESSAGE[0]}  {SLASH_MESSAGE[1]}", width)
         spec = COMMAND_BY_NAME.get(word.lower())
         if spec is None:
             hint = _suggest(word.lower(), list(COMMAND_BY_NAME), "/")
@@ -473,7 +478,7 @@ def format_help(name: str | None = None, width: int | None = None) -> str:
         if spec.aliases:
             lines.append("  also: " + ", ".join("/" + a for a in spec.aliases))
         return wrap_text("\n".join(lines), width)
-    rows = [(spec.usage, spec.help) for spec in COMMANDS] + [("//TEXT", "send a message that starts with /")]
+    rows = [(spec.usage, spec.help) for spec in COMMANDS] + [SLASH_MESSAGE]
     if width is None:
         column = max(len(usage) for usage, _ in rows)
         return "\n".join(f"{usage.ljust(column)}  {text}" for usage, text in rows)

@@ -29,7 +29,9 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.key_binding.bindings.mouse import load_mouse_bindings
 from prompt_toolkit.keys import Keys
+from prompt_toolkit.output import Output, create_output
 
 from ..errors import InternVLChatError, UsageError
 from ..files import WORKING_FOLDER_GONE, NoHomeFolder, make_private_folders, undecodable_byte, visible, working_folder_gone
@@ -262,6 +264,18 @@ def key_bindings(late: LateInterrupt | None = None) -> KeyBindings:
     def _editor(event) -> None:  # prompt_toolkit's own raised UnicodeError on bytes that are not UTF-8
         event.app.create_background_task(edit_in_editor(event.current_buffer))
 
+    stock_mouse = load_mouse_bindings().get_bindings_for_keys((Keys.Vt100MouseEvent,))[0].handler
+
+    @kb.add(Keys.Vt100MouseEvent)
+    def _mouse(event):
+        """Keys that only look like a mouse report (a colour code, ESC [31m, typed or pasted where
+        the terminal does not bracket pastes) made prompt_toolkit's handler raise: a traceback and
+        "Press ENTER to continue..." that ate the next keys. They are dropped; a real click works as before."""
+        try:
+            return stock_mouse(event)
+        except (ValueError, KeyError, IndexError):
+            return None
+
     return kb
 
 
@@ -273,7 +287,7 @@ def complete_session(raw: str, cwd: Path | None = None, folder: Path | None = No
         except NoHomeFolder:  # no home folder, so no saved sessions: paths still complete (a raise broke the prompt)
             folder = None
         for path, mtime in recent_sessions(folder) if folder is not None else ():
-            if path.stem.startswith(raw):
+            if path.stem.startswith(raw) and undecodable_byte(path.stem) is None:  # not UTF-8: as in complete_path
                 yield Completion(_escape(path.stem), start_position=-len(raw), display=visible(path.stem),
                                  display_meta=file_date(mtime))  # fmt: skip
     yield from complete_path(raw, "file", cwd)
@@ -369,11 +383,25 @@ def open_history(settings: Settings, app: App | None = None) -> History:
     return PrivateFileHistory(fd)
 
 
+def terminal_output() -> Output | None:
+    """Where the prompt is drawn: stderr when only stderr is a terminal (`-I | tee log`; drawn into
+    the pipe, the prompt and the keys typed were never seen, and its redraws were written into the
+    log), else None: prompt_toolkit's own choice, the only one that gives TERM=dumb its plain prompt."""
+    if sys.stdout.isatty():
+        return None
+    return create_output(always_prefer_tty=True)
+
+
 def ask_yes_no(question: str) -> bool:
     """A yes/no question on the terminal; Enter, Ctrl-C and Ctrl-D mean no."""
     try:
         with keys_released():  # asked while a command runs, when typed keys are otherwise held
-            answer = input(question)
+            if sys.stdout.isatty() or not sys.stderr.isatty():
+                answer = input(question)
+            else:  # stdout is piped: input() would write the question there, unseen
+                sys.stderr.write(question)
+                sys.stderr.flush()
+                answer = input()
     except (EOFError, KeyboardInterrupt):
         print()
         return False
@@ -391,6 +419,7 @@ def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | Non
         enable_open_in_editor=False,  # Ctrl-X Ctrl-E is bound in key_bindings (editor.py)
         enable_suspend=True,  # Ctrl-Z stops the program, as in a shell (it typed a literal ^Z into the message)
         color_depth=None,
+        output=terminal_output(),
     )
 
 
@@ -484,6 +513,9 @@ class ReplSignals:
 def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = None) -> int:
     if not sys.stdin.isatty():
         raise UsageError("the REPL needs a terminal on stdin; use --script FILE for scripted input or -p TEXT")
+    if not (sys.stdout.isatty() or sys.stderr.isatty()):  # its prompt would go, unseen, into a file
+        raise UsageError("the REPL needs a terminal on stdout or stderr to show its prompt; "
+                         "leave one of them on the terminal, or use -p TEXT or --script FILE")
     signals = ReplSignals()
     signals.install()
     console = ui_console(sys.stdout, settings.ui)
