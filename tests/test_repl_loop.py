@@ -73,6 +73,9 @@ def test_a_message_that_failed_before_it_was_sent_starts_the_next_prompt(monkeyp
     defaults, shown = _run(monkeypatch, ["What is in the picture?", "/drop 9", "Hello."], ["", "", ""])
     assert "error: cannot decode cat.png" in shown
     assert defaults == ["", "What is in the picture?", "", ""]  # a failed command is not put back, a sent message neither
+    # said once, after the failed message: text typed at that prompt is added to it
+    assert shown.count(repl.FAILED_MESSAGE_KEPT) == 1
+    assert shown.index("error: cannot decode cat.png") < shown.index(repl.FAILED_MESSAGE_KEPT)
 
 
 def test_keys_typed_while_it_failed_follow_it_on_a_line_of_their_own(monkeypatch):

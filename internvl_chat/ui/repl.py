@@ -555,9 +555,16 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
         if result == EXIT:
             break
         typed.text = next_prompt_text(app.failed_message, typed.text)
+        if app.failed_message:
+            app.note(FAILED_MESSAGE_KEPT)
     if app.pending:  # they would vanish without a word; said, not asked: quitting stays one key
         app.warn(unsent_note(app.pending, "you quit"))
     return 0
+
+
+# a command (/drop, /set) typed at that prompt would be added to the message and sent with it
+FAILED_MESSAGE_KEPT = ("[the message is back at the prompt: Enter sends it again; to run a command first, "
+                       "Ctrl-C clears the line and the Up arrow finds the message again]")
 
 
 def next_prompt_text(failed: str | None, typed: str) -> str:
