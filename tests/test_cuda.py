@@ -267,6 +267,25 @@ def test_serve_slots_on_cuda_with_the_compiled_graphs(tiny_original):
     assert fast.model.compiled_step.active
 
 
+def _session_logprobs(loaded, params, text):
+    return [entry for event in Session(loaded, params).ask(text) for entry, _ in event.get("logprobs") or ()]
+
+
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
+def test_logprobs_with_cuda_graphs_are_each_steps_own(tiny_original, compile_mode):
+    """A decode graph writes every step's logits into one buffer: the server's logprobs must be
+    taken from the step they belong to (computed before the next replay), as on the CPU."""
+    params = SamplingParams(max_new_tokens=12, logprobs=3)
+    cpu = _session_logprobs(load_model(tiny_original, device="cpu", dtype="float32", max_context=1024), params, "Hello there!")
+    graphs = load_model(tiny_original, device="cuda", dtype="float32", max_context=1024, compile=compile_mode)
+    gpu = _session_logprobs(graphs, params, "Hello there!")
+    assert graphs.model.decode_graphs is not None and graphs.model.decode_graphs.graphs, "no graph was captured"
+    assert len(cpu) == 12 and [e.token_id for e in gpu] == [e.token_id for e in cpu]
+    for a, b in zip(cpu, gpu):
+        assert abs(a.logprob - b.logprob) <= 1e-3
+        assert max(abs(x - y) for (_, x), (_, y) in zip(a.top, b.top)) <= 1e-3
+
+
 def test_decode_step_does_not_sync(tiny_original):
     for graphs, compile_mode in ((False, "off"), (True, "off"), (True, "on")):
         loaded = load_model(tiny_original, device="cuda", dtype="bfloat16", max_context=1024, cuda_graphs=graphs,
