@@ -351,6 +351,17 @@ _VISIBLE = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _INVISIBLE
 _VISIBLE.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x1B: "\\e"})
 
 
+# Those past the C1 controls (bidi marks, overrides and isolates, zero-width marks, the line and
+# paragraph separators): prompt_toolkit draws C0 and C1 controls in the input line as ^X and <8x>, these raw.
+FORMAT_CHARS = "".join(chr(c) for c in sorted(_INVISIBLE) if c >= 0xA0)
+_FORMAT_CHAR = re.compile(f"[{FORMAT_CHARS}]")
+
+
+def has_format_char(text: str) -> bool:
+    """Whether `text` holds an invisible character past the controls (U+202E, U+200B, U+2028 …)."""
+    return _FORMAT_CHAR.search(text) is not None
+
+
 # Lone surrogates: bytes that were not UTF-8 (argv, environment and file names are decoded with
 # surrogateescape) or JSON `\\udXXX` escapes. No terminal encoding can print them; show the byte.
 _VISIBLE.update({c: f"\\x{c - 0xDC00:02x}" for c in range(0xDC80, 0xDD00)})

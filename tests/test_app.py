@@ -446,6 +446,58 @@ def test_an_image_pattern_over_a_big_folder_is_refused_before_any_file_is_read(l
     assert app.pending == []
 
 
+def test_video_takes_wildcards_as_image_does(loaded, media, tmp_path):
+    # `/video clips/*` said "clips/* does not exist" where `/image shots/*` attached the pictures
+    clips = tmp_path / "my clips"
+    clips.mkdir()
+    for name in ("b.mp4", "a.mp4", "[x].mp4"):
+        (clips / name).write_bytes((media / "clip.mp4").read_bytes())
+    (clips / "still.png").write_bytes((media / "square.png").read_bytes())
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/video 'my clips'/* --frames 1") == OK
+    assert [(m.kind, m.path.name) for m in app.pending] == [("video", "[x].mp4"), ("video", "a.mp4"), ("video", "b.mp4")]
+    assert all(m.frames == 1 for m in app.pending)  # the options apply to each
+    assert app.handle_line("/video 'my clips/[x].mp4' --frames 1") == OK
+    assert [m.path.name for m in app.pending[3:]] == ["[x].mp4"]  # a file of that very name wins
+    output(out)
+    assert app.handle_line("/video 'my clips/*.mkv'") == ERROR
+    assert output(out) == "error: no video file matches my clips/*.mkv; check the pattern\n"
+    assert len(app.pending) == 4
+
+
+def test_a_video_pattern_over_a_big_folder_is_refused_before_any_file_is_read(loaded, tmp_path, monkeypatch):
+    import internvl_chat.ui.media_paths as media_paths
+
+    (tmp_path / "clips").mkdir()
+    for i in range(media_paths.MAX_PATTERN_MATCHES + 1):
+        (tmp_path / "clips" / f"{i:04d}.mp4").write_bytes(b"not read")
+    app, out = make_app(loaded, tmp_path)
+    monkeypatch.setattr(app, "describe", lambda *a, **k: pytest.fail("a file was read"))
+    assert app.handle_line("/video clips/*") == ERROR
+    assert output(out) == (f"error: clips/* matches {media_paths.MAX_PATTERN_MATCHES + 1} videos; /video attaches "
+                           f"at most {media_paths.MAX_PATTERN_MATCHES} at once, so narrow the pattern\n")  # fmt: skip
+
+
+def test_an_image_or_video_flag_given_a_pattern_the_shell_left_expands_it(loaded, media, tmp_path):
+    # `--image 'shots/*'` (quoted, or a pattern that matched nothing in the shell) said "does not exist"
+    import argparse
+
+    from internvl_chat.errors import UsageError
+    from internvl_chat.ui.setup import media_from_flags
+
+    for name in ("b.png", "a.png"):
+        (tmp_path / name).write_bytes((media / "square.png").read_bytes())
+    (tmp_path / "c.mp4").write_bytes((media / "clip.mp4").read_bytes())
+    app, _ = make_app(loaded, tmp_path)
+    flags = lambda image=(), video=(): argparse.Namespace(image=list(image), video=list(video), video_range=None)  # noqa: E731
+    got = media_from_flags(app.session, flags([str(tmp_path / "*")], [str(tmp_path / "*")]), app.settings)
+    assert [(m.kind, m.path.name) for m in got] == [("image", "a.png"), ("image", "b.png"), ("video", "c.mp4")]
+    with pytest.raises(UsageError, match=r"^no image file matches .*/\*\.jpg; check the pattern$"):
+        media_from_flags(app.session, flags([str(tmp_path / "*.jpg")]), app.settings)
+    with pytest.raises(UsageError, match=r"^no video file matches .*/\?\.mkv; check the pattern$"):
+        media_from_flags(app.session, flags(video=[str(tmp_path / "?.mkv")]), app.settings)
+
+
 def test_pasted_lines_that_start_with_commands_run_one_by_one(loaded, media, tmp_path):
     # a paste of `/image cat.png` and a question was one /image command with the question as its
     # paths ("What is not a file"); `/set a 1` and `/set b 2` set a to "1\n/set b 2"

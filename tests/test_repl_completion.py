@@ -3,6 +3,7 @@ file, and a huge folder or odd typed text must neither hang nor raise (no termin
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -71,6 +72,46 @@ def test_a_saved_session_whose_name_is_not_utf8_is_not_offered(tmp_path):
     for name in (b"talk\xff.json", b"talk.json"):
         (folder / os.fsdecode(name)).write_text("{}")
     assert [c.text for c in repl.complete_session("ta", cwd=tmp_path, folder=folder)] == ["talk"]
+
+
+# what reorders or hides text that prompt_toolkit draws raw in the input line (C0 and C1 controls it shows as ^X, <8x>)
+FORMAT_CHARS = ["\u202e", "\u202a", "\u2067", "\u2069", "\u200e", "\u200f", "\u061c", "\u200b", "\u2028", "\u2029", "\ufeff"]
+
+
+@pytest.mark.parametrize("char", FORMAT_CHARS)
+def test_a_name_holding_a_bidi_or_invisible_mark_is_not_offered(tmp_path, char):
+    """Tab inserted the mark raw into the input line, where `cat\u202egnp.png` showed as `catgnp.png`
+    reversed (the menu showed it escaped); such a name is left out, as one that is not UTF-8 is."""
+    (tmp_path / f"cat{char}x.png").write_bytes(b"")
+    (tmp_path / "cat.png").write_bytes(b"")
+    (tmp_path / f"dir{char}").mkdir()
+    for text, offered in (("/image c", ["cat.png"]), ("/image ./", ["./cat.png"]), ("/load d", []), ("look at ./c", ["./cat.png"])):
+        assert [c.text for c in _completions(text, tmp_path)] == offered, text
+    folder = tmp_path / "sessions"
+    folder.mkdir()
+    for name in (f"talk{char}.json", "talk.json"):
+        (folder / name).write_text("{}")
+    assert [c.text for c in repl.complete_session("ta", cwd=tmp_path, folder=folder)] == ["talk"]
+
+
+@pytest.mark.parametrize("char", FORMAT_CHARS)
+def test_a_pasted_bidi_or_invisible_mark_is_drawn_escaped_in_the_input_line(char):
+    """A pasted (or typed) name holding U+202E was drawn raw: the line showed reordered. It is
+    drawn as <202e>, as prompt_toolkit draws a C1 control as <85>, and the line keeps the name."""
+    import asyncio
+
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.data_structures import Size
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output.vt100 import Vt100_Output
+
+    drawn = io.StringIO()
+    output = Vt100_Output(drawn, lambda: Size(rows=24, columns=80), term="xterm")
+    with create_pipe_input() as pipe:
+        pipe.send_text(f"/image cat{char}gnp.png\r")
+        line = asyncio.run(asyncio.wait_for(PromptSession(input=pipe, output=output).prompt_async("> "), 60))
+    assert line == f"/image cat{char}gnp.png"
+    assert f"<{ord(char):04x}>" in drawn.getvalue() and char not in drawn.getvalue()
 
 
 def test_a_completed_path_keeps_the_folder_typed_with_a_tilde(tmp_path, monkeypatch):

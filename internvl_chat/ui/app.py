@@ -581,8 +581,10 @@ class App(SessionFileCommands):
             self.warn(f"{names} attached more than once; /media lists the attachments, /drop N removes one")
 
     def cmd_video(self, command: Command) -> None:
-        frames = command.options.get("frames")
-        self.attach([self.describe(command.args[0], "video", frames, command.options.get("range"))])
+        frames, video_range = command.options.get("frames"), command.options.get("range")
+        # `/video clips/*` said "does not exist": a pattern, as /image takes one
+        paths = expand_wildcards(command.args[0], self._resolve, self._places, "video", "/video")
+        self.attach([self.describe(path, "video", frames, video_range) for path in paths])
 
     def cmd_media(self, command: Command) -> None:
         if not self.pending:

@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="*", help="the question (one-shot mode); same as -p")
     p.add_argument("-p", "--prompt", dest="prompt_flag", metavar="TEXT", help="the question (one-shot mode)")
     add_setting_flag(p, "--model", setting="model.path", metavar="DIR", help="checkpoint folder (default: the embedded demo model)")
-    p.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an image (repeatable)")
-    p.add_argument("--video", action="append", default=[], metavar="FILE", help="attach a video (repeatable)")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="attach an image (repeatable; a quoted pattern, 'shots/*', attaches the images it matches)")
+    p.add_argument("--video", action="append", default=[], metavar="FILE",
+                   help="attach a video (repeatable; a quoted pattern, 'clips/*', attaches the videos it matches)")
     add_setting_flag(p, "--frames", setting="media.frames", type=int, metavar="N", help="frames sampled per video (default 8)")
     p.add_argument("--video-range", metavar="A-B", help="only sample frames between A and B seconds (or m:ss, h:mm:ss)")
     add_setting_flag(p, "--max-tiles", setting="media.max_tiles", type=int, metavar="N",

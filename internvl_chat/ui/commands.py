@@ -73,7 +73,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
                 (ArgSpec("PATH", "image", repeat=True),)),
     CommandSpec(
         "video",
-        "attach a video to the next message",
+        "attach a video to the next message (* ? [ ] match names, as in a shell)",
         (ArgSpec("PATH", "video"),),
         (
             OptionSpec("--frames", "int", "N", "frames to sample", MAX_FRAMES),

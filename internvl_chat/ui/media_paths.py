@@ -1,8 +1,9 @@
 """Which media files a message or `/image` names, and what to say about the words that name none.
 
 paths.py reads one path from typed text; this module looks the paths up (a script's folder, then
-the working folder), takes them out of a message, expands `/image` wildcards and explains the words
-that name no file (a missing file, a path with bare spaces, a question typed after the paths).
+the working folder), takes them out of a message, expands the wildcards of `/image`, `/video` and
+--image/--video, and explains the words that name no file (a missing file, a path with bare
+spaces, a question typed after the paths).
 """
 
 from __future__ import annotations
@@ -96,25 +97,27 @@ def _exists(path: Path) -> bool:
         return False
 
 
-def expand_wildcards(path: Path, resolve: Callable[[Path], Path], places: Callable[[Path], list[Path]]) -> list[Path]:
-    """`/image shots/*.png`: a path holding * ? or [ that names no file, and ends in an image
-    extension or *, is a pattern, as in a shell; it stands for the image files it matches, in
-    name order (it said "does not exist").
+def expand_wildcards(path: Path, resolve: Callable[[Path], Path], places: Callable[[Path], list[Path]],
+                     kind: str = "image", what: str = "/image") -> list[Path]:  # fmt: skip
+    """`/image shots/*.png`: a path holding * ? or [ that names no file, and ends in an extension
+    of `kind` ("image" or "video") or *, is a pattern, as in a shell; it stands for the files of
+    that kind it matches, in name order (it said "does not exist"). A file of that very name wins.
 
-    `resolve`: the file a path names; `places`: where a path is looked for, in order."""
+    `resolve`: the file a path names; `places`: where a path is looked for, in order; `what`: the
+    command or flag that attaches them, as errors name it."""
     text = str(path)
     # `cats?` in `/image cat.png How many cats?` is a word of a question, not a pattern
-    pattern = _WILDCARD.search(text) and (media_kind(text) == "image" or text.endswith("*"))
+    pattern = _WILDCARD.search(text) and (media_kind(text) == kind or text.endswith("*"))
     if not pattern or _exists(resolve(path)):
         return [path]
     for full in places(path):
-        found = sorted(Path(p) for p in glob.glob(str(full)) if media_kind(p) == "image" and is_file(Path(p)))
+        found = sorted(Path(p) for p in glob.glob(str(full)) if media_kind(p) == kind and is_file(Path(p)))
         if len(found) > MAX_PATTERN_MATCHES:
-            raise UsageError(f"{visible(str(path))} matches {len(found):,} images; /image attaches at most "
+            raise UsageError(f"{visible(str(path))} matches {len(found):,} {kind}s; {what} attaches at most "
                              f"{MAX_PATTERN_MATCHES} at once, so narrow the pattern")  # fmt: skip
         if found:
             return found
-    raise UsageError(f"no image file matches {visible(str(path))}; check the pattern")
+    raise UsageError(f"no {kind} file matches {visible(str(path))}; check the pattern")
 
 
 def check_typed_paths(paths: Sequence[Path], resolve: Callable[[Path], Path]) -> None:

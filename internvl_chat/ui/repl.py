@@ -31,10 +31,12 @@ from prompt_toolkit.history import History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.key_binding.bindings.mouse import load_mouse_bindings
 from prompt_toolkit.keys import Keys
+from prompt_toolkit.layout.screen import Char
 from prompt_toolkit.output import Output, create_output
 
 from ..errors import InternVLChatError, UsageError
-from ..files import WORKING_FOLDER_GONE, NoHomeFolder, make_private_folders, undecodable_byte, visible, working_folder_gone
+from ..files import (FORMAT_CHARS, WORKING_FOLDER_GONE, NoHomeFolder, has_format_char, make_private_folders, undecodable_byte, visible,
+                     working_folder_gone)
 from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, unsent_note
@@ -103,6 +105,8 @@ def complete_path(raw: str, kind: str, cwd: Path | None = None) -> Iterator[Comp
                     continue
                 if undecodable_byte(name) is not None:
                     continue  # not UTF-8: the app refuses any line holding it, so offering it only misleads
+                if has_format_char(name):  # a bidi or zero-width mark is no part of a name one means to pick
+                    continue  # (`invoice\u202efdp.exe`), and U+2028 splits the word; typed or pasted (quoted) it still works
                 try:
                     is_dir = entry.is_dir()
                 except OSError:
@@ -287,7 +291,7 @@ def complete_session(raw: str, cwd: Path | None = None, folder: Path | None = No
         except NoHomeFolder:  # no home folder, so no saved sessions: paths still complete (a raise broke the prompt)
             folder = None
         for path, mtime in recent_sessions(folder) if folder is not None else ():
-            if path.stem.startswith(raw) and undecodable_byte(path.stem) is None:  # not UTF-8: as in complete_path
+            if path.stem.startswith(raw) and undecodable_byte(path.stem) is None and not has_format_char(path.stem):  # as in complete_path
                 yield Completion(_escape(path.stem), start_position=-len(raw), display=visible(path.stem),
                                  display_meta=file_date(mtime))  # fmt: skip
     yield from complete_path(raw, "file", cwd)
@@ -406,6 +410,17 @@ def ask_yes_no(question: str) -> bool:
         print()
         return False
     return answer.strip().lower() in ("y", "yes")
+
+
+def show_format_chars() -> None:
+    """prompt_toolkit draws C0 and C1 controls in the input line as ^X and <8x>, but bidi,
+    zero-width and line-separator marks raw: a pasted name holding U+202E showed reordered. They
+    are drawn as <202e> too (the line keeps them, so the path still names the file)."""
+    for char in FORMAT_CHARS:
+        Char.display_mappings.setdefault(char, f"<{ord(char):04x}>")
+
+
+show_format_chars()  # before anything is drawn: prompt_toolkit caches each character as first drawn
 
 
 def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | None = None) -> PromptSession:

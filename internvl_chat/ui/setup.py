@@ -17,6 +17,7 @@ from ..errors import UsageError
 from ..files import expand_home, visible
 from ..settings import Settings, without_credentials
 from .commands import parse_range
+from .media_paths import expand_wildcards
 
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
@@ -107,6 +108,16 @@ def media_from_flags(session: Conversation, args: argparse.Namespace, settings: 
         if "-" in paths and not os.path.lexists("-"):  # no file of that name: it meant stdin
             raise UsageError(f"{flag} - : pictures and videos are read from files, not from stdin; "
                              f"save it to a file and pass {flag} FILE")  # fmt: skip
-    media = [session.describe_image(p, settings.media.max_tiles) for p in args.image]
-    media += [session.describe_video(p, settings.media.frames, video_range) for p in args.video]
+    images = [found for typed in args.image for found in _flag_files(typed, "image", "--image")]
+    videos = [found for typed in args.video for found in _flag_files(typed, "video", "--video")]
+    media = [session.describe_image(p, settings.media.max_tiles) for p in images]
+    media += [session.describe_video(p, settings.media.frames, video_range) for p in videos]
     return media
+
+
+def _flag_files(typed: str, kind: str, flag: str) -> list[str | Path]:
+    """The files one --image/--video names: a pattern the shell left as it was (quoted, or one that
+    matched nothing) stands for the files it matches, as with /image (it said "does not exist")."""
+    full = expand_home(typed)  # `./~x*.png` stays in the working folder
+    found = expand_wildcards(Path(typed), lambda _: full, lambda _: [full], kind, flag)
+    return [typed] if found == [Path(typed)] else list(found)
