@@ -353,7 +353,10 @@ _VISIBLE.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x1B: "\\e"})
 
 # Those past the C1 controls (bidi marks, overrides and isolates, zero-width marks, the line and
 # paragraph separators): prompt_toolkit draws C0 and C1 controls in the input line as ^X and <8x>, these raw.
-FORMAT_CHARS = "".join(chr(c) for c in sorted(_INVISIBLE) if c >= 0xA0)
+# The zero-width joiner and non-joiner are left out: they are ordinary text (Persian and Indic words,
+# emoji sequences such as a family), shown as <200d> in the input line they broke what one typed.
+_JOINERS = {0x200C, 0x200D}
+FORMAT_CHARS = "".join(chr(c) for c in sorted(_INVISIBLE) if c >= 0xA0 and c not in _JOINERS)
 _FORMAT_CHAR = re.compile(f"[{FORMAT_CHARS}]")
 
 

@@ -7,9 +7,11 @@ import io
 import os
 from pathlib import Path
 
+import prompt_toolkit.layout.screen
 import pytest
 from prompt_toolkit.document import Document
 
+from internvl_chat import files
 from internvl_chat.ui import repl
 from internvl_chat.ui.commands import parse_line
 from internvl_chat.ui.paths import find_media_paths
@@ -112,6 +114,16 @@ def test_a_pasted_bidi_or_invisible_mark_is_drawn_escaped_in_the_input_line(char
         line = asyncio.run(asyncio.wait_for(PromptSession(input=pipe, output=output).prompt_async("> "), 60))
     assert line == f"/image cat{char}gnp.png"
     assert f"<{ord(char):04x}>" in drawn.getvalue() and char not in drawn.getvalue()
+
+
+def test_joiners_are_text_drawn_and_completed_as_typed(tmp_path):
+    """The zero-width joiner and non-joiner belong to words (Persian, Indic) and emoji sequences:
+    an input line that showed a family emoji or `می‌خواهم` with <200d>/<200c> in it was broken."""
+    family, word = "\U0001F468\u200d\U0001F469\u200d\U0001F467", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"
+    assert not any(files.has_format_char(text) for text in (family, word))
+    assert prompt_toolkit.layout.screen.Char.display_mappings.get("\u200d") is None
+    (tmp_path / f"{word}.png").write_bytes(b"")
+    assert [c.text for c in _completions("/image \u0645", tmp_path)] == [f"{word}.png"]
 
 
 def test_a_completed_path_keeps_the_folder_typed_with_a_tilde(tmp_path, monkeypatch):
