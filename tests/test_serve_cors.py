@@ -163,6 +163,13 @@ def start(*flags: str) -> None:
         ("http://local host", "without spaces"),
         ("http://localhost\x1b[2J", "without spaces"),
         ("null", "it starts with http:// or https://"),
+        # browsers send these rewritten (or not at all): kept as written, they would never match
+        ("http://[1::2::3]:3000", "no valid IPv6 address"),
+        ("http://[:::::]", "no valid IPv6 address"),
+        ("http://127.1:3000", "no valid IPv4 address: write its four numbers from 0 to 255"),
+        ("http://999.0.0.1", "no valid IPv4 address"),
+        ("http://010.0.0.1", "no valid IPv4 address"),
+        ("http://app.123", "no valid IPv4 address"),
     ],
 )  # fmt: skip
 def test_a_bad_origin_is_refused_at_start_in_one_line_that_says_what_to_write(origin, said):
@@ -190,6 +197,17 @@ def test_origins_are_kept_as_browsers_send_them():
     assert ServeOptions.from_settings(settings).allow_origins == ("https://example.com", "http://[::1]:8080", "http://example.com")
     from_env = load_settings(os.devnull, {"INTERNVL_CHAT_SERVE_ALLOW_ORIGINS": "http://a.example, http://b.example:8080"})
     assert from_env.serve.allow_origins == ["http://a.example", "http://b.example:8080"]
+
+
+def test_ip_addresses_are_kept_as_browsers_write_them_in_an_origin():
+    # WHATWG's serializer: the first longest run of zero groups as ::, lower case, no dotted IPv4 tail
+    args = serve_main.build_parser().parse_args(["--allow-origin", "http://[0:0:0:0:0:0:0:1]:3000,http://[::FFFF:127.0.0.1]",
+                                                 "--allow-origin", "https://[2001:DB8:0:0:1:0:0:1]:443,http://[1:0:1:0:1:0:1:0]",
+                                                 "--allow-origin", "http://127.0.0.1:8080,http://1password.example"])  # fmt: skip
+    settings = load_settings(os.devnull, {}, serve_main._overrides(args))
+    assert ServeOptions.from_settings(settings).allow_origins == (
+        "http://[::1]:3000", "http://[::ffff:7f00:1]", "https://[2001:db8::1:0:0:1]", "http://[1:0:1:0:1:0:1:0]",
+        "http://127.0.0.1:8080", "http://1password.example")  # fmt: skip
 
 
 def test_every_origin_needs_an_api_key_and_is_refused_without_one():
