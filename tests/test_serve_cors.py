@@ -75,7 +75,7 @@ def test_a_preflight_from_an_allowed_origin_is_answered_without_the_key(browser_
     assert response.status_code == 200
     headers = cors_headers(response)
     assert headers["access-control-allow-origin"] == PAGE  # as the browser sends it, not as it was written
-    assert set(headers["access-control-allow-methods"].split(", ")) == {"GET", "POST", "OPTIONS"}
+    assert set(headers["access-control-allow-methods"].split(", ")) == {"GET", "HEAD", "POST", "OPTIONS"}
     assert headers["access-control-allow-headers"] == ASKED_HEADERS
     assert "access-control-allow-credentials" not in headers  # the key goes in a header, never in cookies
     assert preflight(browser_server.url, "https://app.example", "/v1/models", "GET").status_code == 200
@@ -135,7 +135,16 @@ def test_another_origin_gets_no_cors_headers(browser_server):
 
 def test_a_method_the_api_does_not_take_is_refused_in_openais_shape(browser_server):
     response = preflight(browser_server.url, PAGE, "/v1/models", "DELETE")
-    assert response.status_code == 400 and response.json()["error"]["message"].startswith("a browser may send only GET and POST")
+    assert response.status_code == 400 and response.json()["error"]["message"].startswith("a browser may send only GET, HEAD and POST")
+
+
+def test_a_head_with_the_key_from_an_allowed_origin_passes_its_preflight(browser_server):
+    # fetch(url, {method: "HEAD", headers: {Authorization}}) is preflighted: the routes take HEAD
+    response = preflight(browser_server.url, PAGE, "/v1/models", "HEAD")
+    assert response.status_code == 200 and cors_headers(response)["access-control-allow-origin"] == PAGE
+    head = httpx.head(f"{browser_server.url}/v1/models", headers={"Origin": PAGE, "Authorization": f"Bearer {KEY}"},
+                      timeout=WAIT_S)  # fmt: skip
+    assert head.status_code == 200 and head.headers["access-control-allow-origin"] == PAGE
 
 
 # --- the start-up check --------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class ClientDisconnected(Exception):
 
 
 class BrowserOrigins(CORSMiddleware):
-    """Starlette's CORS for the origins --allow-origin names: their pages may send GET and POST with
+    """Starlette's CORS for the origins --allow-origin names: their pages may send GET, HEAD and POST with
     any headers (openai's JS client adds its x-stainless-* ones), the API key in Authorization, never
     cookies. A preflight (OPTIONS) is answered here, before the routes: it needs no API key (browsers
     send none) and takes no place in the queue. One from another origin gets a JSON 403 with no
@@ -42,8 +42,9 @@ class BrowserOrigins(CORSMiddleware):
 
     def __init__(self, app, origins: tuple[str, ...]) -> None:
         # private network: Chrome asks it before a public page may call a server on this machine
-        super().__init__(app, allow_origins=origins, allow_methods=("GET", "POST", "OPTIONS"), allow_headers=("*",),
-                         allow_private_network=True)  # fmt: skip
+        # HEAD as the routes take it: a page's HEAD with the key in a header is preflighted too
+        super().__init__(app, allow_origins=origins, allow_methods=("GET", "HEAD", "POST", "OPTIONS"),
+                         allow_headers=("*",), allow_private_network=True)  # fmt: skip
 
     def preflight_response(self, request_headers) -> Response:
         origin = request_headers["origin"]
@@ -57,7 +58,7 @@ class BrowserOrigins(CORSMiddleware):
             return response
         # a method it does not allow ("Disallowed CORS method"): the same refusal, in OpenAI's shape
         kept = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
-        message = "a browser may send only GET and POST to this server"
+        message = "a browser may send only GET, HEAD and POST to this server"
         return JSONResponse(APIError(400, message).body(), status_code=400, headers=kept)
 
 
