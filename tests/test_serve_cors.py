@@ -57,6 +57,30 @@ def test_with_no_origin_allowed_no_answer_has_cors_headers_and_a_preflight_is_no
     assert models.status_code == 200 and cors_headers(models) == {}
 
 
+@pytest.mark.parametrize("content_type", ["text/plain;charset=UTF-8", "application/x-www-form-urlencoded", None])
+def test_a_page_cannot_make_the_model_answer_with_a_post_it_needs_no_preflight_for(server, content_type):
+    # text/plain, a form or an untyped body: a page's fetch sends it with no preflight. It ran (the
+    # page could not read the answer, but with no API key any page the user opened kept the model busy)
+    before = len(server.worker.finished)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    headers = {"Origin": "https://elsewhere.example"} | ({"Content-Type": content_type} if content_type else {})
+    refused = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers, timeout=WAIT_S)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "origin_not_allowed"
+    assert cors_headers(refused) == {} and len(server.worker.finished) == before
+    # no Origin (curl -d, any program) or a JSON body (which a page cannot send without a preflight): answered
+    del headers["Origin"]
+    assert httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers, timeout=WAIT_S).status_code == 200
+    as_json = {"Origin": "https://elsewhere.example", "Content-Type": "application/json"}
+    assert httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=as_json, timeout=WAIT_S).status_code == 200
+
+
+def test_an_allowed_page_may_post_without_a_preflight(browser_server):
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    headers = {"Origin": PAGE, "Content-Type": "text/plain", "Authorization": f"Bearer {KEY}"}
+    answer = httpx.post(f"{browser_server.url}/v1/chat/completions", content=body, headers=headers, timeout=WAIT_S)
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == PAGE
+
+
 def test_head_on_the_models_answers_as_get_without_a_body(server):
     for path in ("/v1/models", "/v1/models/tiny"):
         got, head = (httpx.request(method, f"{server.url}{path}", timeout=WAIT_S) for method in ("GET", "HEAD"))
