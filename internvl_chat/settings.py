@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -183,7 +184,49 @@ def _host_and_port(authority: str, text: str) -> tuple[str, int | None]:
     if not host.isascii() or not _HOST.fullmatch(host):
         raise Refused(f"{brief_repr(text, 60)} has no valid host: write a host name (its ASCII xn-- form for "
                       f"other letters), an IPv4 address or a [bracketed] IPv6 one, e.g. {ORIGIN_EXAMPLE}")  # fmt: skip
+    if host.startswith("["):
+        return f"[{_ipv6_as_browsers_write_it(host[1:-1], text)}]", port
+    if _ENDS_IN_A_NUMBER.search(host):  # a browser reads the host as an IPv4 address then (WHATWG's URL parser)
+        _check_ipv4(host, text)
     return host, port
+
+
+# the last label all digits or 0x-hex: WHATWG's "ends in a number", read as an IPv4 address
+_ENDS_IN_A_NUMBER = re.compile(r"(^|\.)([0-9]+|0x[0-9a-f]*)$")
+
+
+def _check_ipv4(host: str, text: str) -> None:
+    """An IPv4 host as a browser's Origin header writes it (four numbers 0-255, none with a
+    leading 0): any shorter form (127.1, 0x7f.0.0.1, 010.0.0.1) is sent rewritten, and would never match."""
+    parts = host.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and str(int(p)) == p and int(p) < 256 for p in parts):
+        raise Refused(f"{brief_repr(text, 60)} has no valid IPv4 address: write its four numbers from 0 to 255, "
+                      "as browsers send them, e.g. http://127.0.0.1:3000")  # fmt: skip
+
+
+def _ipv6_as_browsers_write_it(address: str, text: str) -> str:
+    """An IPv6 address as a browser's Origin header writes it (WHATWG's serializer): lower-case hex
+    without leading zeros, the first longest run of two or more zero groups as `::`, never a dotted
+    IPv4 tail. `[0:0:0:0:0:0:0:1]` is sent as `[::1]`: kept as written, it would never match."""
+    try:
+        number = int(ipaddress.IPv6Address(address))
+    except ValueError:
+        raise Refused(f"{brief_repr(text, 60)} has no valid IPv6 address: write one such as "
+                      "http://[::1]:3000") from None  # fmt: skip
+    groups = [number >> (16 * (7 - i)) & 0xFFFF for i in range(8)]
+    start, length = 0, 1  # the run of zero groups to compress; none shorter than two
+    i = 0
+    while i < 8:
+        end = i
+        while end < 8 and groups[end] == 0:
+            end += 1
+        if end - i > length:
+            start, length = i, end - i
+        i = max(end, i + 1)
+    hexes = [f"{g:x}" for g in groups]
+    if length < 2:
+        return ":".join(hexes)
+    return ":".join(hexes[:start]) + "::" + ":".join(hexes[start + length :])
 
 
 def _web_origins(values: list[str]) -> list[str]:

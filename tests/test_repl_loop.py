@@ -122,6 +122,19 @@ def test_with_stdout_piped_a_yes_no_question_is_asked_on_the_terminal(monkeypatc
     assert written == ["replace it? [y/N] "] and piped.getvalue() == ""
 
 
+def test_with_stdout_piped_a_yes_no_question_left_with_ctrl_d_ends_its_line_on_the_terminal(monkeypatch):
+    # the newline went into the pipe: the next line was drawn after the question, the log got a blank one
+    piped = io.StringIO()
+    with _terminal_file() as terminal:
+        written = []
+        monkeypatch.setattr(terminal, "write", written.append)
+        monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # Ctrl-D: EOF
+        monkeypatch.setattr(sys, "stdout", piped)
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert repl.ask_yes_no("replace it? [y/N] ") is False
+    assert "".join(written) == "replace it? [y/N] \n" and piped.getvalue() == ""
+
+
 def test_the_repl_is_refused_where_no_terminal_could_show_its_prompt(monkeypatch):
     from internvl_chat.errors import UsageError
 

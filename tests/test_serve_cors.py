@@ -57,6 +57,30 @@ def test_with_no_origin_allowed_no_answer_has_cors_headers_and_a_preflight_is_no
     assert models.status_code == 200 and cors_headers(models) == {}
 
 
+@pytest.mark.parametrize("content_type", ["text/plain;charset=UTF-8", "application/x-www-form-urlencoded", None])
+def test_a_page_cannot_make_the_model_answer_with_a_post_it_needs_no_preflight_for(server, content_type):
+    # text/plain, a form or an untyped body: a page's fetch sends it with no preflight. It ran (the
+    # page could not read the answer, but with no API key any page the user opened kept the model busy)
+    before = len(server.worker.finished)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    headers = {"Origin": "https://elsewhere.example"} | ({"Content-Type": content_type} if content_type else {})
+    refused = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers, timeout=WAIT_S)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "origin_not_allowed"
+    assert cors_headers(refused) == {} and len(server.worker.finished) == before
+    # no Origin (curl -d, any program) or a JSON body (which a page cannot send without a preflight): answered
+    del headers["Origin"]
+    assert httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers, timeout=WAIT_S).status_code == 200
+    as_json = {"Origin": "https://elsewhere.example", "Content-Type": "application/json"}
+    assert httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=as_json, timeout=WAIT_S).status_code == 200
+
+
+def test_an_allowed_page_may_post_without_a_preflight(browser_server):
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    headers = {"Origin": PAGE, "Content-Type": "text/plain", "Authorization": f"Bearer {KEY}"}
+    answer = httpx.post(f"{browser_server.url}/v1/chat/completions", content=body, headers=headers, timeout=WAIT_S)
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == PAGE
+
+
 def test_head_on_the_models_answers_as_get_without_a_body(server):
     for path in ("/v1/models", "/v1/models/tiny"):
         got, head = (httpx.request(method, f"{server.url}{path}", timeout=WAIT_S) for method in ("GET", "HEAD"))
@@ -75,7 +99,7 @@ def test_a_preflight_from_an_allowed_origin_is_answered_without_the_key(browser_
     assert response.status_code == 200
     headers = cors_headers(response)
     assert headers["access-control-allow-origin"] == PAGE  # as the browser sends it, not as it was written
-    assert set(headers["access-control-allow-methods"].split(", ")) == {"GET", "POST", "OPTIONS"}
+    assert set(headers["access-control-allow-methods"].split(", ")) == {"GET", "HEAD", "POST", "OPTIONS"}
     assert headers["access-control-allow-headers"] == ASKED_HEADERS
     assert "access-control-allow-credentials" not in headers  # the key goes in a header, never in cookies
     assert preflight(browser_server.url, "https://app.example", "/v1/models", "GET").status_code == 200
@@ -135,7 +159,16 @@ def test_another_origin_gets_no_cors_headers(browser_server):
 
 def test_a_method_the_api_does_not_take_is_refused_in_openais_shape(browser_server):
     response = preflight(browser_server.url, PAGE, "/v1/models", "DELETE")
-    assert response.status_code == 400 and response.json()["error"]["message"].startswith("a browser may send only GET and POST")
+    assert response.status_code == 400 and response.json()["error"]["message"].startswith("a browser may send only GET, HEAD and POST")
+
+
+def test_a_head_with_the_key_from_an_allowed_origin_passes_its_preflight(browser_server):
+    # fetch(url, {method: "HEAD", headers: {Authorization}}) is preflighted: the routes take HEAD
+    response = preflight(browser_server.url, PAGE, "/v1/models", "HEAD")
+    assert response.status_code == 200 and cors_headers(response)["access-control-allow-origin"] == PAGE
+    head = httpx.head(f"{browser_server.url}/v1/models", headers={"Origin": PAGE, "Authorization": f"Bearer {KEY}"},
+                      timeout=WAIT_S)  # fmt: skip
+    assert head.status_code == 200 and head.headers["access-control-allow-origin"] == PAGE
 
 
 # --- the start-up check --------------------------------------------------------------------------
@@ -163,6 +196,13 @@ def start(*flags: str) -> None:
         ("http://local host", "without spaces"),
         ("http://localhost\x1b[2J", "without spaces"),
         ("null", "it starts with http:// or https://"),
+        # browsers send these rewritten (or not at all): kept as written, they would never match
+        ("http://[1::2::3]:3000", "no valid IPv6 address"),
+        ("http://[:::::]", "no valid IPv6 address"),
+        ("http://127.1:3000", "no valid IPv4 address: write its four numbers from 0 to 255"),
+        ("http://999.0.0.1", "no valid IPv4 address"),
+        ("http://010.0.0.1", "no valid IPv4 address"),
+        ("http://app.123", "no valid IPv4 address"),
     ],
 )  # fmt: skip
 def test_a_bad_origin_is_refused_at_start_in_one_line_that_says_what_to_write(origin, said):
@@ -190,6 +230,17 @@ def test_origins_are_kept_as_browsers_send_them():
     assert ServeOptions.from_settings(settings).allow_origins == ("https://example.com", "http://[::1]:8080", "http://example.com")
     from_env = load_settings(os.devnull, {"INTERNVL_CHAT_SERVE_ALLOW_ORIGINS": "http://a.example, http://b.example:8080"})
     assert from_env.serve.allow_origins == ["http://a.example", "http://b.example:8080"]
+
+
+def test_ip_addresses_are_kept_as_browsers_write_them_in_an_origin():
+    # WHATWG's serializer: the first longest run of zero groups as ::, lower case, no dotted IPv4 tail
+    args = serve_main.build_parser().parse_args(["--allow-origin", "http://[0:0:0:0:0:0:0:1]:3000,http://[::FFFF:127.0.0.1]",
+                                                 "--allow-origin", "https://[2001:DB8:0:0:1:0:0:1]:443,http://[1:0:1:0:1:0:1:0]",
+                                                 "--allow-origin", "http://127.0.0.1:8080,http://1password.example"])  # fmt: skip
+    settings = load_settings(os.devnull, {}, serve_main._overrides(args))
+    assert ServeOptions.from_settings(settings).allow_origins == (
+        "http://[::1]:3000", "http://[::ffff:7f00:1]", "https://[2001:db8::1:0:0:1]", "http://[1:0:1:0:1:0:1:0]",
+        "http://127.0.0.1:8080", "http://1password.example")  # fmt: skip
 
 
 def test_every_origin_needs_an_api_key_and_is_refused_without_one():

@@ -34,7 +34,7 @@ class ClientDisconnected(Exception):
 
 
 class BrowserOrigins(CORSMiddleware):
-    """Starlette's CORS for the origins --allow-origin names: their pages may send GET and POST with
+    """Starlette's CORS for the origins --allow-origin names: their pages may send GET, HEAD and POST with
     any headers (openai's JS client adds its x-stainless-* ones), the API key in Authorization, never
     cookies. A preflight (OPTIONS) is answered here, before the routes: it needs no API key (browsers
     send none) and takes no place in the queue. One from another origin gets a JSON 403 with no
@@ -42,23 +42,43 @@ class BrowserOrigins(CORSMiddleware):
 
     def __init__(self, app, origins: tuple[str, ...]) -> None:
         # private network: Chrome asks it before a public page may call a server on this machine
-        super().__init__(app, allow_origins=origins, allow_methods=("GET", "POST", "OPTIONS"), allow_headers=("*",),
-                         allow_private_network=True)  # fmt: skip
+        # HEAD as the routes take it: a page's HEAD with the key in a header is preflighted too
+        super().__init__(app, allow_origins=origins, allow_methods=("GET", "HEAD", "POST", "OPTIONS"),
+                         allow_headers=("*",), allow_private_network=True)  # fmt: skip
 
     def preflight_response(self, request_headers) -> Response:
         origin = request_headers["origin"]
         if not self.is_allowed_origin(origin):
-            message = (f"web pages from {shown(origin, 80)} may not call this server; its operator can allow them "
-                       "with --allow-origin")  # fmt: skip
-            body = APIError(403, message, code="origin_not_allowed").body()
+            body = origin_not_allowed(origin).body()
             return JSONResponse(body, status_code=403, headers={"Vary": "Origin"})
         response = super().preflight_response(request_headers)
         if response.status_code == 200:
             return response
         # a method it does not allow ("Disallowed CORS method"): the same refusal, in OpenAI's shape
         kept = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
-        message = "a browser may send only GET and POST to this server"
+        message = "a browser may send only GET, HEAD and POST to this server"
         return JSONResponse(APIError(400, message).body(), status_code=400, headers=kept)
+
+
+def origin_not_allowed(origin: str) -> APIError:
+    message = f"web pages from {shown(origin, 80)} may not call this server; its operator can allow them with --allow-origin"
+    return APIError(403, message, code="origin_not_allowed")
+
+
+# the bodies a page may POST to another origin without a preflight (a CORS "simple request"), and none
+_UNASKED_BODIES = {"", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"}
+
+
+def check_page_origin(request: Request, origins: tuple[str, ...]) -> None:
+    """403 for a POST that a web page of an origin not allowed sent without a preflight (its body
+    as text/plain, a form or untyped, which needs none): its answer is never shown to the page,
+    but without an API key it would run, so any page the user opens could keep the model busy."""
+    origin = request.headers.get("origin")
+    if origin is None or "*" in origins or origin in origins:
+        return
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type in _UNASKED_BODIES:
+        raise origin_not_allowed(origin)
 
 
 class JobStream(StreamingResponse):
@@ -146,6 +166,7 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        check_page_origin(request, options.allow_origins)
         authorize(request)
         try:
             body = await _unless_ending(_read_body(request, options.max_body_bytes, options.body_timeout), ending)

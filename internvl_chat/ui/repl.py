@@ -398,16 +398,17 @@ def terminal_output() -> Output | None:
 
 def ask_yes_no(question: str) -> bool:
     """A yes/no question on the terminal; Enter, Ctrl-C and Ctrl-D mean no."""
+    on_stderr = not sys.stdout.isatty() and sys.stderr.isatty()  # stdout piped: input() would ask there, unseen
     try:
         with keys_released():  # asked while a command runs, when typed keys are otherwise held
-            if sys.stdout.isatty() or not sys.stderr.isatty():
-                answer = input(question)
-            else:  # stdout is piped: input() would write the question there, unseen
+            if on_stderr:
                 sys.stderr.write(question)
                 sys.stderr.flush()
                 answer = input()
+            else:
+                answer = input(question)
     except (EOFError, KeyboardInterrupt):
-        print()
+        print(file=sys.stderr if on_stderr else sys.stdout)  # ends the question's line, where it was asked
         return False
     return answer.strip().lower() in ("y", "yes")
 
