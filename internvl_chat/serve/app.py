@@ -11,12 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from . import sse
 from ..chat.sampling import SamplingParams
 from .conversation import Prompt, sampling_params
+from .cors import EXPOSED, allowed_origin_headers
 from .engine import EngineWorker, Job
 from .errors import APIError, shown
 from .logprobs import logprobs_object
@@ -38,7 +40,9 @@ class BrowserOrigins(CORSMiddleware):
     any headers (openai's JS client adds its x-stainless-* ones), the API key in Authorization, never
     cookies. A preflight (OPTIONS) is answered here, before the routes: it needs no API key (browsers
     send none) and takes no place in the queue. One from another origin gets a JSON 403 with no
-    Access-Control header (Starlette's answer was text/plain and listed the allowed methods)."""
+    Access-Control header (Starlette's answer was text/plain and listed the allowed methods).
+    Answers to an allowed origin expose Retry-After (a 429's); Starlette's expose_headers would
+    send that header to every origin."""
 
     def __init__(self, app, origins: tuple[str, ...]) -> None:
         # private network: Chrome asks it before a public page may call a server on this machine
@@ -58,6 +62,13 @@ class BrowserOrigins(CORSMiddleware):
         kept = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
         message = "a browser may send only GET, HEAD and POST to this server"
         return JSONResponse(APIError(400, message).body(), status_code=400, headers=kept)
+
+    async def send(self, message, send, request_headers) -> None:
+        origin = request_headers.get("origin")
+        if message["type"] == "http.response.start" and origin is not None and self.is_allowed_origin(origin):
+            message.setdefault("headers", [])
+            MutableHeaders(scope=message)["Access-Control-Expose-Headers"] = EXPOSED
+        await super().send(message, send, request_headers)
 
 
 def origin_not_allowed(origin: str) -> APIError:
@@ -124,10 +135,12 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         headers = {"Allow": allowed} if err.status_code == 405 and allowed else None
         return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code, headers=headers)
 
+    # Starlette runs this handler outside every middleware, CORS's too: its headers are added here
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
         body = APIError(500, f"internal error ({type(err).__name__})", code="internal_error").body()
-        return JSONResponse(body, status_code=500)
+        cors = allowed_origin_headers(request.headers.get("origin"), options.allow_origins)
+        return JSONResponse(body, status_code=500, headers=cors)
 
     def authorize(request: Request) -> None:
         if not options.api_key:
