@@ -64,7 +64,7 @@ from ..errors import MediaError, UsageError
 from ..native_stderr import captured
 from .image import IMAGE_SIZE, check_media_file, normalize_tiles
 from .video_cost import DecodeCost, DecodeMeter
-from .video_header import Held, VideoHeader, check_count, count_packets, read_header, shown_path
+from .video_header import Held, VideoHeader, check_count, check_duration, count_packets, read_header, shown_path
 from .video_orientation import Orientation
 from .video_sampling import frame_indices
 from .video_sources import (
@@ -343,8 +343,8 @@ def _probed(path: Path, header: VideoHeader) -> VideoLength:
         duration = 0.0
     if frames < 1:
         raise MediaError(f"{shown_path(path)} has no video frames; use a file that contains video")
-    if duration <= 0 and header.fps > 0:
-        duration = frames / header.fps
+    if duration <= 0 and header.fps > 0:  # the header has none (a pipe AVI, APNG) or guessed it (MPEG-PS)
+        duration = check_duration(path, frames / header.fps)
     return VideoLength(frames, header.fps, duration, ends_early=bool(header.frames_cut))
 
 
