@@ -945,3 +945,38 @@ def test_the_length_a_counted_clip_has_at_its_rate_is_held_to_the_duration_limit
     with pytest.raises(MediaError) as refused:
         load_video(path, 4)
     assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("kind", ["pipe AVI", "APNG"])
+def test_counting_frames_by_demuxing_stops_at_the_next_packet_once_cancelled(tmp_path, monkeypatch, kind):
+    """The count a clip without one needs ran to the end of the file whatever happened: the client
+    that sent it gone (serve measures it with plan_video), Ctrl-C at /video (measure_video)."""
+    from internvl_chat.errors import Cancelled
+    from internvl_chat.media.video import plan_video
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = _counted_clip(tmp_path, kind)
+    add = video_header.PacketSpan.add
+    for measure in (lambda cancel: measure_video(path, cancel), lambda cancel: plan_video(path, 4, lambda w, h: None, cancel)):
+        cancel, demuxed = threading.Event(), []
+
+        def counted(span, packet) -> None:
+            add(span, packet)
+            demuxed.append(packet)
+            if len(demuxed) == 5:  # the client leaves as the fifth packet is counted
+                cancel.set()
+
+        monkeypatch.setattr(video_header.PacketSpan, "add", counted)
+        with pytest.raises(Cancelled):
+            measure(cancel)
+        assert len(demuxed) == 5  # the worker saw it before the sixth (the caller left at once)
+        demuxed.clear()
+        with pytest.raises(Cancelled):  # set before it starts: no packet is counted
+            measure(_set_event())
+        assert demuxed == []
+
+
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
