@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import threading
 import time
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from . import sse
 from ..chat.sampling import SamplingParams
+from ..errors import Cancelled
 from .conversation import Prompt, sampling_params
 from .cors import EXPOSED, allowed_origin_headers
 from .engine import EngineWorker, Job
@@ -171,11 +173,22 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
                            code="model_not_found")  # fmt: skip
         return JSONResponse(models_list(model_id, context, created)["data"][0])
 
-    def prepare(body: bytes) -> tuple[ChatCompletionRequest, Prompt, SamplingParams]:
+    def prepare(body: bytes, gone: threading.Event) -> tuple[ChatCompletionRequest, Prompt, SamplingParams]:
         req = parse_request(body)
         check_model(req, model_id)
-        prompt = worker.prompts.make(req)
+        prompt = worker.prompts.make(req, gone)
         return req, prompt, sampling_params(req, options.defaults, len(prompt.ids), context)
+
+    async def prepared(request: Request, body: bytes) -> tuple[ChatCompletionRequest, Prompt, SamplingParams]:
+        """prepare(body) off the event loop (JSON, base64, hashing, a video's measuring), stopped
+        (Cancelled) where measuring a video when its client leaves: counting the frames of one
+        whose header has no count reads the whole file."""
+        gone = threading.Event()
+        watching = asyncio.ensure_future(_set_when_gone(request, gone))
+        try:
+            return await run_in_threadpool(prepare, body, gone)
+        finally:
+            watching.cancel()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -186,14 +199,17 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         except ClientDisconnect:  # the client closed the connection before its body was in
             return Response(status_code=499)
         worker.check_capacity()  # refuse early, before parsing megabytes of images
-        if len(body) > LARGE_BODY_BYTES:
-            async with large_bodies:
-                if await request.is_disconnected():  # it left while others were parsed
-                    return Response(status_code=499)
-                worker.check_capacity()  # the queue may have filled meanwhile
-                req, prompt, params = await run_in_threadpool(prepare, body)
-        else:
-            req, prompt, params = await run_in_threadpool(prepare, body)  # JSON, base64, hashing: off the event loop
+        try:
+            if len(body) > LARGE_BODY_BYTES:
+                async with large_bodies:
+                    if await request.is_disconnected():  # it left while others were parsed
+                        return Response(status_code=499)
+                    worker.check_capacity()  # the queue may have filled meanwhile
+                    req, prompt, params = await prepared(request, body)
+            else:
+                req, prompt, params = await prepared(request, body)
+        except Cancelled:  # it left while a video was measured
+            return Response(status_code=499)
         if await request.is_disconnected():  # it left while its images were read: nothing to answer
             return Response(status_code=499)
         job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop(), choices=choices(req))
@@ -223,6 +239,12 @@ async def _unless_ending(reading, ending: asyncio.Event):
         raise APIError(503, "the server is shutting down; retry later", code="shutting_down",
                        headers={"Connection": "close"})  # fmt: skip
     return task.result()
+
+
+async def _set_when_gone(request: Request, gone: threading.Event) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(POLL_S)
+    gone.set()
 
 
 async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
