@@ -87,7 +87,8 @@ class ConnectionLimit:
                    "(its operator can raise --max-connections)")  # fmt: skip
         body = json.dumps(APIError(503, message, code="too_many_connections").body()).encode()
         origin = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"origin"), None)
-        cors = [(name.lower().encode(), value.encode("latin-1")) for name, value in allowed_origin_headers(origin, self.origins).items()]
+        cors = [(name.lower().encode(), value.encode("latin-1"))
+                for name, value in allowed_origin_headers(origin, self.origins).items()]  # fmt: skip
         await send({"type": "http.response.start", "status": 503, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close"), *cors]})  # fmt: skip
