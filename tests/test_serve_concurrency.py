@@ -214,10 +214,10 @@ def test_a_client_that_leaves_while_its_request_is_read_is_never_queued(server, 
     make = worker.prompts.make
     reading, left, started = threading.Event(), threading.Event(), []
 
-    def slow_make(req):  # reading and measuring the request's images, in a worker thread
+    def slow_make(req, cancel=None):  # reading and measuring the request's images, in a worker thread
         reading.set()
         assert left.wait(WAIT_S)
-        return make(req)
+        return make(req, cancel)
 
     monkeypatch.setattr(worker.prompts, "make", slow_make)
     worker.on_start = started.append

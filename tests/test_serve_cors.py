@@ -123,6 +123,7 @@ def test_a_full_queue_refuses_requests_but_not_preflights(browser_server, monkey
     refused = httpx.post(f"{browser_server.url}/v1/chat/completions", json=body, timeout=WAIT_S,
                          headers={"Origin": PAGE, "Authorization": f"Bearer {KEY}"})  # fmt: skip
     assert refused.status_code == 429 and refused.headers["access-control-allow-origin"] == PAGE
+    assert refused.headers["access-control-expose-headers"] == "Retry-After"  # the page may read when to retry
 
 
 def test_answers_to_an_allowed_origin_carry_its_origin_a_refusal_too(browser_server):
@@ -154,7 +155,128 @@ def test_another_origin_gets_no_cors_headers(browser_server):
     assert response.json()["error"]["code"] == "origin_not_allowed"
     models = httpx.get(f"{browser_server.url}/v1/models", headers={"Origin": other, "Authorization": f"Bearer {KEY}"},
                        timeout=WAIT_S)  # fmt: skip
-    assert models.status_code == 200 and cors_headers(models) == {}
+    assert models.status_code == 200 and cors_headers(models) == {}  # Retry-After exposed to allowed origins only
+
+
+# --- answers made outside the CORS middleware ------------------------------------------------------
+
+
+def test_an_internal_error_carries_the_cors_headers_of_an_allowed_origin_only(browser_server, server, monkeypatch):
+    # the catch-all 500 is answered outside every middleware: a page saw "network error", not why
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    for running in (browser_server, server):
+        monkeypatch.setattr(running.worker, "check_capacity", broken)
+
+    def post(running, origin: str) -> httpx.Response:
+        return httpx.post(f"{running.url}/v1/chat/completions", json=body, timeout=WAIT_S,
+                          headers={"Origin": origin, "Authorization": f"Bearer {KEY}"})  # fmt: skip
+
+    failed = post(browser_server, PAGE)
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal_error"
+    assert cors_headers(failed) == {"access-control-allow-origin": PAGE, "access-control-expose-headers": "Retry-After"}
+    other = post(browser_server, "http://localhost:3001")
+    assert other.status_code == 500 and cors_headers(other) == {}
+    unset = post(server, PAGE)  # no --allow-origin: no page is answered with them
+    assert unset.status_code == 500 and cors_headers(unset) == {}
+
+
+def _refused_by_the_connection_limit(origin: str | None, origins: tuple[str, ...]) -> dict[str, str]:
+    """The headers of ConnectionLimit's 503 to a request from `origin`, one connection over its limit."""
+    import asyncio
+
+    from internvl_chat.serve.connections import ConnectionLimit
+
+    limit = ConnectionLimit(object(), 0, origins)
+    limit.opened(object())
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"test")] + ([(b"origin", origin.encode())] if origin else [])
+    asyncio.run(limit({"type": "http", "headers": headers}, None, send))
+    assert sent[0]["status"] == 503
+    return {name.decode(): value.decode() for name, value in sent[0]["headers"]}
+
+
+def test_the_connection_limits_503_carries_the_cors_headers_of_an_allowed_origin_only():
+    listed = _refused_by_the_connection_limit(PAGE, (PAGE,))
+    assert listed["access-control-allow-origin"] == PAGE and listed["retry-after"] == "1"
+    assert listed["access-control-expose-headers"] == "Retry-After"
+    assert _refused_by_the_connection_limit(PAGE, ("*",))["access-control-allow-origin"] == "*"
+    for origin, origins in ((PAGE, ("http://localhost:3001",)), (PAGE, ()), (None, (PAGE,))):
+        assert not any(name.startswith("access-control-") for name in _refused_by_the_connection_limit(origin, origins))
+
+
+class _HeadTransport:
+    """What a head's deadline writes, closes and asks of a connection (no socket)."""
+
+    def __init__(self):
+        self.written, self.closed = b"", False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+
+class _Deadlines:
+    """The loop's call_later, its timers fired by the test (no time passes)."""
+
+    def __init__(self):
+        self.pending: list = []
+
+    def call_later(self, delay, callback, *args):
+        timer = type("Timer", (), {"cancel": lambda timer: self.pending.remove(timer)})()
+        timer.fire = lambda: callback(*args)
+        self.pending.append(timer)
+        return timer
+
+
+def _head_timed_out(head: bytes, origins: tuple[str, ...]) -> bytes:
+    """What a connection that sent `head` and no more gets when its head deadline passes."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from internvl_chat.serve.connections import ConnectionLimit, bounded_h11
+
+    clock, transport = _Deadlines(), _HeadTransport()
+    protocol = bounded_h11(10.0, 10.0, ConnectionLimit(object(), 5, origins))(uvicorn.Config(app=object()),
+                                                                               ServerState(), {}, _loop=clock)  # fmt: skip
+    protocol.connection_made(transport)
+    protocol.data_received(head)
+    [deadline] = clock.pending
+    deadline.fire()
+    assert transport.closed and transport.written.startswith(b"HTTP/1.1 408 ")
+    return transport.written
+
+
+def test_the_408_of_a_slow_head_carries_the_cors_headers_of_an_allowed_origin_only():
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nOrigin: {PAGE}\r\nX-Slow: aaa".encode()
+    answer = _head_timed_out(head, (PAGE,))
+    assert f"\r\nAccess-Control-Allow-Origin: {PAGE}\r\n".encode() in answer
+    assert b"\r\nAccess-Control-Expose-Headers: Retry-After\r\n" in answer
+    assert b'"request_timeout"' in answer
+    for unlisted in (_head_timed_out(head, ("http://localhost:3001",)), _head_timed_out(head, ())):
+        assert b"access-control-" not in unlisted.lower()
+    # an Origin line not yet complete, or given twice, is no origin
+    cut = f"POST / HTTP/1.1\r\nHost: test\r\nOrigin: {PAGE}".encode()
+    twice = f"POST / HTTP/1.1\r\nOrigin: {PAGE}\r\nOrigin: {PAGE}\r\nX-Slow: a".encode()
+    for head in (cut, twice):
+        assert b"access-control-" not in _head_timed_out(head, (PAGE,)).lower()
 
 
 def test_a_method_the_api_does_not_take_is_refused_in_openais_shape(browser_server):

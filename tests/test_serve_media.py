@@ -606,3 +606,47 @@ def test_a_remote_picture_past_the_requests_fetch_time_is_not_fetched(server, cl
                                          "media of a request 0 s in all; send fewer of them (the whole history counts), "
                                          "or send the image inline as a data: URL")  # fmt: skip
     assert hits == []
+
+
+def test_a_client_that_leaves_while_its_video_s_frames_are_counted_stops_the_count(server, tmp_path, monkeypatch):
+    """An animated PNG stores no frame count: measuring it demuxes the whole file, on the request's
+    thread, and a client that left waited for that to the end (as did the server's threads). Here
+    it leaves as the fifth packet is counted; the count goes no further."""
+    import socket
+
+    from internvl_chat.media import video_header
+    from internvl_chat.serve import app as serve_app
+
+    path = tmp_path / "moving.png"
+    frames = [Image.fromarray(numbered_frame(n)) for n in range(40)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40)
+    watched, counting, ended, demuxed = [], threading.Event(), threading.Event(), []
+    watch, add, demux = serve_app._set_when_gone, video_header.PacketSpan.add, video_header.demux_length
+
+    async def watching(request, gone):
+        watched.append(gone)
+        await watch(request, gone)
+
+    def counted(span, packet) -> None:
+        add(span, packet)
+        demuxed.append(packet)
+        if len(demuxed) == 5:
+            counting.set()
+            assert watched[-1].wait(WAIT_S), "the server did not see its client leave"
+
+    def demux_length(*args, **kw):
+        try:
+            return demux(*args, **kw)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(serve_app, "_set_when_gone", watching)
+    monkeypatch.setattr(video_header.PacketSpan, "add", counted)
+    monkeypatch.setattr(video_header, "demux_length", demux_length)
+    body = ('{"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": [{"type": "video_url", '
+            f'"video_url": {{"url": "{data_url(path, "video/apng")}"}}}}]}}]}}').encode()  # fmt: skip
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+        sock.sendall(head.encode() + body)
+        assert counting.wait(WAIT_S)
+    assert ended.wait(WAIT_S) and len(demuxed) == 5

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import av
 import pytest
+from PIL import Image
 from media_helpers import (
     VIDEO_SIZE,
     cut_at_frame,
@@ -913,3 +914,69 @@ def test_a_header_that_counts_nothing_bounds_nothing_so_demuxing_stops_at_the_fr
     assert str(refused.value) == message and len(demuxed) <= 11
     with pytest.raises(MediaError, match="holds more than 10 frames"):
         load_video(path, 8)
+
+
+def _counted_clip(tmp_path: Path, kind: str) -> Path:
+    """A clip whose header stores no usable length, so its frames are counted by demuxing."""
+    if kind == "pipe AVI":
+        return _written_to_a_pipe(tmp_path / "piped.avi")
+    if kind == "MPEG-PS":  # FFmpeg guesses its duration from the bit rate
+        return write_numbered_video(tmp_path / "clip.mpg", 30, 30, "mpeg1video")
+    path = tmp_path / "moving.png"  # APNG: no count, no duration
+    frames = [Image.fromarray(numbered_frame(n)) for n in range(40)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["pipe AVI", "MPEG-PS", "APNG"])
+def test_the_length_a_counted_clip_has_at_its_rate_is_held_to_the_duration_limit(tmp_path, monkeypatch, kind):
+    """Its length is its frames ÷ its rate, unchecked: a hostile header's tiny rate made an enormous
+    one. It gets the duration limit, and the words, that a header's duration gets (here the limit is
+    made smaller than the clip, which is 1 to 3 s long)."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = _counted_clip(tmp_path, kind)
+    frames, fps, duration = probe_video(path)
+    monkeypatch.setattr(video_header, "MAX_DURATION_S", 0.5)
+    message = f"{path} declares a duration of {frames / fps:g} s; the file is damaged or not a real video"
+    with pytest.raises(MediaError) as refused:
+        measure_video(path)
+    assert str(refused.value) == message
+    monkeypatch.setenv(BACKEND_ENV, "pyav")  # the decoder that counts by demuxing (decord counts in its own index)
+    with pytest.raises(MediaError) as refused:
+        load_video(path, 4)
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("kind", ["pipe AVI", "APNG"])
+def test_counting_frames_by_demuxing_stops_at_the_next_packet_once_cancelled(tmp_path, monkeypatch, kind):
+    """The count a clip without one needs ran to the end of the file whatever happened: the client
+    that sent it gone (serve measures it with plan_video), Ctrl-C at /video (measure_video)."""
+    from internvl_chat.errors import Cancelled
+    from internvl_chat.media.video import plan_video
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = _counted_clip(tmp_path, kind)
+    add = video_header.PacketSpan.add
+    for measure in (lambda cancel: measure_video(path, cancel), lambda cancel: plan_video(path, 4, lambda w, h: None, cancel)):
+        cancel, demuxed = threading.Event(), []
+
+        def counted(span, packet) -> None:
+            add(span, packet)
+            demuxed.append(packet)
+            if len(demuxed) == 5:  # the client leaves as the fifth packet is counted
+                cancel.set()
+
+        monkeypatch.setattr(video_header.PacketSpan, "add", counted)
+        with pytest.raises(Cancelled):
+            measure(cancel)
+        assert len(demuxed) == 5  # the worker saw it before the sixth (the caller left at once)
+        demuxed.clear()
+        with pytest.raises(Cancelled):  # set before it starts: no packet is counted
+            measure(_set_event())
+        assert demuxed == []
+
+
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event

@@ -64,7 +64,7 @@ from ..errors import MediaError, UsageError
 from ..native_stderr import captured
 from .image import IMAGE_SIZE, check_media_file, normalize_tiles
 from .video_cost import DecodeCost, DecodeMeter
-from .video_header import Held, VideoHeader, check_count, count_packets, read_header, shown_path
+from .video_header import Held, VideoHeader, check_count, check_duration, count_packets, read_header, shown_path
 from .video_orientation import Orientation
 from .video_sampling import frame_indices
 from .video_sources import (
@@ -320,17 +320,19 @@ def probe_video(path: str | Path) -> tuple[int, float, float]:
     return length.frames, length.fps, length.duration
 
 
-def measure_video(path: str | Path) -> VideoLength:
+def measure_video(path: str | Path, cancel: threading.Event | None = None) -> VideoLength:
     """probe_video's numbers, and the count the header lists where an MP4 (or MOV) is cut short: its
     index places the samples of more than its last frame past the end of the file (see
     video_header.frames_lost; no frame is read). An MKV, WebM or AVI cut short inside its frames is
-    flagged (`ends_early`, from its elements' headers: video_header.frames_cut_off)."""
+    flagged (`ends_early`, from its elements' headers: video_header.frames_cut_off). A count by
+    demuxing (APNG, MPEG-PS) stops at Ctrl-C or `cancel` set (Cancelled), as decoding does."""
     path = check_media_file(path, "video")
-    return _probed(path, read_header(path, orientation=False))
+    return interruptible(lambda stop: _probed(path, read_header(path, orientation=False), stop), cancel)
 
 
-def _probed(path: Path, header: VideoHeader) -> VideoLength:
-    """measure_video's answer and probe_video's checks from a header already read."""
+def _probed(path: Path, header: VideoHeader, stop: DecodeStop | None = None) -> VideoLength:
+    """measure_video's answer and probe_video's checks from a header already read; a count by
+    demuxing checks `stop` before each packet."""
     if header.lost:  # an MP4 or MOV cut short: the frames (and the time) it holds
         held = header.frames_held
         duration = held / header.fps if header.fps > 0 else header.duration * held / header.frames_shown
@@ -339,12 +341,12 @@ def _probed(path: Path, header: VideoHeader) -> VideoLength:
     frames = header.frames or check_count(path, int(round(duration * header.fps)))
     if frames < 1:
         # no usable duration either (APNG), or one FFmpeg guessed from the bit rate (MPEG-PS): count
-        frames = count_packets(path)
+        frames = count_packets(path, stop)
         duration = 0.0
     if frames < 1:
         raise MediaError(f"{shown_path(path)} has no video frames; use a file that contains video")
-    if duration <= 0 and header.fps > 0:
-        duration = frames / header.fps
+    if duration <= 0 and header.fps > 0:  # the header has none (a pipe AVI, APNG) or guessed it (MPEG-PS)
+        duration = check_duration(path, frames / header.fps)
     return VideoLength(frames, header.fps, duration, ends_early=bool(header.frames_cut))
 
 
@@ -354,40 +356,45 @@ def decode_cost(path: str | Path, num_frames: int = 8, start: float | None = Non
     if num_frames < 1:
         raise MediaError(f"num_frames is {num_frames}; sample at least 1 frame (8 is the default)")
     path = check_media_file(path, "video")
-    return _planned(path, None, num_frames, start, end)
+    decoders = _decoders()
+    return interruptible(lambda stop: _planned(path, read_header(path, orientation=False), num_frames, start, end, stop,
+                                               decoders))  # fmt: skip
 
 
-def plan_video(path: str | Path, num_frames: int, check_frame: Callable[[int, int], None]) -> DecodeCost:
+def plan_video(path: str | Path, num_frames: int, check_frame: Callable[[int, int], None],
+               cancel: threading.Event | None = None) -> DecodeCost:  # fmt: skip
     """probe_video's checks, then `check_frame(width, height)` (the caller's own limit, before the
     key frames are read), then decode_cost of the whole clip: one read of the header for all three
-    (`serve` measures each new video with it)."""
+    (`serve` measures each new video with it). `cancel` set (the client gone) stops it at the next
+    packet a count by demuxing reads, or frame it decodes (Cancelled)."""
     if num_frames < 1:
         raise MediaError(f"num_frames is {num_frames}; sample at least 1 frame (8 is the default)")
     path = check_media_file(path, "video")
-    header = read_header(path, orientation=False)
-    _probed(path, header)
-    check_frame(header.width, header.height)
-    return _planned(path, header, num_frames, None, None)
-
-
-def _planned(path: Path, header: VideoHeader | None, num_frames: int, start: float | None, end: float | None) -> DecodeCost:
-    """decode_cost's work, from `header` when it has been read (else read here, interruptibly)."""
-    forced, decord = _decoders()
+    decoders = _decoders()
 
     def work(stop: DecodeStop) -> DecodeCost:
-        read = header if header is not None else read_header(path, orientation=False)
+        header = read_header(path, orientation=False)
+        _probed(path, header, stop)
+        check_frame(header.width, header.height)
+        return _planned(path, header, num_frames, None, None, stop, decoders)
 
-        def attempt(backend: str) -> DecodeCost:
-            source = _open(path, backend, read, decord, stop)
-            try:
-                indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
-                return _cost(backend, read, source, indices)
-            finally:
-                source.close()
+    return interruptible(work, cancel)
 
-        return _by_backend(decord, forced, read, attempt)
 
-    return interruptible(work)
+def _planned(path: Path, header: VideoHeader, num_frames: int, start: float | None, end: float | None, stop: DecodeStop,
+             decoders: tuple) -> DecodeCost:  # fmt: skip
+    """decode_cost's work, on the decoding worker (`stop`), with `decoders` (_decoders())."""
+    forced, decord = decoders
+
+    def attempt(backend: str) -> DecodeCost:
+        source = _open(path, backend, header, decord, stop)
+        try:
+            indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
+            return _cost(backend, header, source, indices)
+        finally:
+            source.close()
+
+    return _by_backend(decord, forced, header, attempt)
 
 
 def load_video(

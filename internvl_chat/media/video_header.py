@@ -198,7 +198,9 @@ def check_count(path: Path, frames: int) -> int:
     return max(frames, 0)
 
 
-def _check_duration(path: Path, duration: float) -> float:
+def check_duration(path: Path, duration: float) -> float:
+    """A header's duration, or one a count of frames gives at the header's rate (where the header
+    stores none: a hostile file's tiny rate makes an enormous one), within MAX_DURATION_S."""
     if not math.isfinite(duration) or duration > MAX_DURATION_S:
         raise MediaError(f"{shown_path(path)} declares a duration of {duration:g} s; the file is damaged or not a real video")
     return max(duration, 0.0)
@@ -696,7 +698,7 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
             duration = container.duration / av.time_base
         else:
             duration = 0.0
-        duration = _check_duration(path, duration)
+        duration = check_duration(path, duration)
         rotate_tag = _tag(stream.metadata, "rotate")
         codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")

@@ -25,6 +25,7 @@ from .video_header import (
     VideoHeader,
     cannot_read,
     check_count,
+    check_duration,
     check_fps,
     check_frame_size,
     demux_length,
@@ -294,6 +295,8 @@ class PyAVSource:
             else:  # no count in the header: demuxed (no decoding), which tells where the frames end too
                 self._held = demux_length(path, stop)
                 self.num_total_frames = self._held.frames
+                if self.fps > 0:  # its length at the header's rate, as probe_video checks it (a tiny rate: enormous)
+                    check_duration(path, self.num_total_frames / self.fps)
             # cut short: a decoder is given the samples the file holds whole, not the half one after
             # them, which fails, and makes a frame-threaded decoder drop the frames it holds back
             self._whole = header.samples_whole if header.lost else None

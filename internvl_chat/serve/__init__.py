@@ -3,7 +3,8 @@
 One model, one engine thread. Requests are turned into prompt ids exactly as the terminal app's
 Session builds them, and a few KV-cache slots keep recent conversations so a resent history only
 prefills its new tokens. Modules: `main` (flags → running server), `connections` (uvicorn's h11
-protocol with head, body and write deadlines; the connection limit), `app` (routes), `protocol`
+protocol with head, body and write deadlines; the connection limit), `app` (routes), `cors` (the
+CORS headers of answers made outside the middleware), `protocol`
 (request/response shapes), `conversation` (request → prompt ids), `media` (data:/remote/local
 media), `features` (image-feature LRU), `answers` (our replies' exact ids), `slots` (KV slots),
 `engine` (the worker thread and its queue), `stops` (stop strings), `logprobs` (OpenAI's

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import threading
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.datastructures import MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from . import sse
 from ..chat.sampling import SamplingParams
+from ..errors import Cancelled
 from .conversation import Prompt, sampling_params
+from .cors import EXPOSED, allowed_origin_headers
 from .engine import EngineWorker, Job
 from .errors import APIError, shown
 from .logprobs import logprobs_object
@@ -38,7 +42,9 @@ class BrowserOrigins(CORSMiddleware):
     any headers (openai's JS client adds its x-stainless-* ones), the API key in Authorization, never
     cookies. A preflight (OPTIONS) is answered here, before the routes: it needs no API key (browsers
     send none) and takes no place in the queue. One from another origin gets a JSON 403 with no
-    Access-Control header (Starlette's answer was text/plain and listed the allowed methods)."""
+    Access-Control header (Starlette's answer was text/plain and listed the allowed methods).
+    Answers to an allowed origin expose Retry-After (a 429's); Starlette's expose_headers would
+    send that header to every origin."""
 
     def __init__(self, app, origins: tuple[str, ...]) -> None:
         # private network: Chrome asks it before a public page may call a server on this machine
@@ -58,6 +64,13 @@ class BrowserOrigins(CORSMiddleware):
         kept = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
         message = "a browser may send only GET, HEAD and POST to this server"
         return JSONResponse(APIError(400, message).body(), status_code=400, headers=kept)
+
+    async def send(self, message, send, request_headers) -> None:
+        origin = request_headers.get("origin")
+        if message["type"] == "http.response.start" and origin is not None and self.is_allowed_origin(origin):
+            message.setdefault("headers", [])
+            MutableHeaders(scope=message)["Access-Control-Expose-Headers"] = EXPOSED
+        await super().send(message, send, request_headers)
 
 
 def origin_not_allowed(origin: str) -> APIError:
@@ -124,10 +137,12 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         headers = {"Allow": allowed} if err.status_code == 405 and allowed else None
         return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code, headers=headers)
 
+    # Starlette runs this handler outside every middleware, CORS's too: its headers are added here
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
         body = APIError(500, f"internal error ({type(err).__name__})", code="internal_error").body()
-        return JSONResponse(body, status_code=500)
+        cors = allowed_origin_headers(request.headers.get("origin"), options.allow_origins)
+        return JSONResponse(body, status_code=500, headers=cors)
 
     def authorize(request: Request) -> None:
         if not options.api_key:
@@ -158,11 +173,22 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
                            code="model_not_found")  # fmt: skip
         return JSONResponse(models_list(model_id, context, created)["data"][0])
 
-    def prepare(body: bytes) -> tuple[ChatCompletionRequest, Prompt, SamplingParams]:
+    def prepare(body: bytes, gone: threading.Event) -> tuple[ChatCompletionRequest, Prompt, SamplingParams]:
         req = parse_request(body)
         check_model(req, model_id)
-        prompt = worker.prompts.make(req)
+        prompt = worker.prompts.make(req, gone)
         return req, prompt, sampling_params(req, options.defaults, len(prompt.ids), context)
+
+    async def prepared(request: Request, body: bytes) -> tuple[ChatCompletionRequest, Prompt, SamplingParams]:
+        """prepare(body) off the event loop (JSON, base64, hashing, a video's measuring), stopped
+        (Cancelled) where measuring a video when its client leaves: counting the frames of one
+        whose header has no count reads the whole file."""
+        gone = threading.Event()
+        watching = asyncio.ensure_future(_set_when_gone(request, gone))
+        try:
+            return await run_in_threadpool(prepare, body, gone)
+        finally:
+            watching.cancel()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -173,14 +199,17 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         except ClientDisconnect:  # the client closed the connection before its body was in
             return Response(status_code=499)
         worker.check_capacity()  # refuse early, before parsing megabytes of images
-        if len(body) > LARGE_BODY_BYTES:
-            async with large_bodies:
-                if await request.is_disconnected():  # it left while others were parsed
-                    return Response(status_code=499)
-                worker.check_capacity()  # the queue may have filled meanwhile
-                req, prompt, params = await run_in_threadpool(prepare, body)
-        else:
-            req, prompt, params = await run_in_threadpool(prepare, body)  # JSON, base64, hashing: off the event loop
+        try:
+            if len(body) > LARGE_BODY_BYTES:
+                async with large_bodies:
+                    if await request.is_disconnected():  # it left while others were parsed
+                        return Response(status_code=499)
+                    worker.check_capacity()  # the queue may have filled meanwhile
+                    req, prompt, params = await prepared(request, body)
+            else:
+                req, prompt, params = await prepared(request, body)
+        except Cancelled:  # it left while a video was measured
+            return Response(status_code=499)
         if await request.is_disconnected():  # it left while its images were read: nothing to answer
             return Response(status_code=499)
         job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop(), choices=choices(req))
@@ -210,6 +239,12 @@ async def _unless_ending(reading, ending: asyncio.Event):
         raise APIError(503, "the server is shutting down; retry later", code="shutting_down",
                        headers={"Connection": "close"})  # fmt: skip
     return task.result()
+
+
+async def _set_when_gone(request: Request, gone: threading.Event) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(POLL_S)
+    gone.set()
 
 
 async def _read_body(request: Request, limit: int, timeout: float) -> bytes:

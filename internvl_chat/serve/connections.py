@@ -29,6 +29,9 @@ it, so no write would fail).
 
 The protocol also counts the open connections for `ConnectionLimit`, which refuses a request
 with an OpenAI-shaped 503 while there are too many (uvicorn's own limit answers plain text).
+
+Both answers are made outside the app's CORS middleware: they carry its headers for a page of an
+origin --allow-origin lists (serve/cors.py), so the page can read why it was refused.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import logging
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .cors import allowed_origin_headers, origin_in_partial_head
 from .errors import APIError
 
 log = logging.getLogger("internvl_chat.serve")
@@ -61,9 +65,10 @@ class ConnectionLimit:
     is closed, as in uvicorn.
     """
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, origins: tuple[str, ...] = ()):
         self.app = app
         self.limit = limit
+        self.origins = origins  # --allow-origin's: their pages get the CORS headers on the 503 too
         self.open: set[object] = set()  # the protocols of open connections (a set: closing twice is harmless)
 
     def opened(self, connection: object) -> None:
@@ -81,9 +86,12 @@ class ConnectionLimit:
         message = (f"too many open connections: this server serves {self.limit} at once; retry later "
                    "(its operator can raise --max-connections)")  # fmt: skip
         body = json.dumps(APIError(503, message, code="too_many_connections").body()).encode()
+        origin = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"origin"), None)
+        cors = [(name.lower().encode(), value.encode("latin-1"))
+                for name, value in allowed_origin_headers(origin, self.origins).items()]  # fmt: skip
         await send({"type": "http.response.start", "status": 503, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")]})  # fmt: skip
+            (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close"), *cors]})  # fmt: skip
         await send({"type": "http.response.body", "body": body})
 
 
@@ -96,13 +104,17 @@ def bounded_h11(header_timeout: float, body_timeout: float, limit: ConnectionLim
     return type("BoundedH11Protocol", (BoundedH11Protocol,), attributes)
 
 
-def _timeout_response(seconds: float) -> bytes:
+def _timeout_response(seconds: float, partial_head: bytes = b"", origins: tuple[str, ...] = ()) -> bytes:
+    """The 408 for a head not complete after `seconds`, with the CORS headers when the Origin among
+    its complete lines is one of `origins`."""
     message = (f"the request head (request line and headers) was not complete after {seconds:g} s; "
                "send it at once")  # fmt: skip
     body = json.dumps(APIError(408, message, code="request_timeout").body()).encode()
+    cors = "".join(f"{name}: {value}\r\n" for name, value in
+                   allowed_origin_headers(origin_in_partial_head(partial_head), origins).items())  # fmt: skip
     head = ("HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")  # fmt: skip
-    return head.encode() + body
+            f"content-length: {len(body)}\r\nconnection: close\r\n{cors}\r\n")  # fmt: skip
+    return head.encode("latin-1") + body
 
 
 def _error_response(status: int, reason: str, message: str, code: str) -> tuple[h11.Response, bytes]:
@@ -237,7 +249,8 @@ class BoundedH11Protocol(H11Protocol):
             self._watch()
             return
         if kind == HEAD and self.conn.trailing_data[0]:
-            self.transport.write(_timeout_response(self.header_timeout))
+            origins = self.connection_limit.origins if self.connection_limit is not None else ()
+            self.transport.write(_timeout_response(self.header_timeout, bytes(self.conn.trailing_data[0]), origins))
         log.debug("closing a connection from %s: its request %s did not arrive in time", self.client,
                   "head" if kind == HEAD else "body")  # fmt: skip
         try:

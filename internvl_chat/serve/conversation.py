@@ -75,13 +75,14 @@ class PromptMaker:
         self.builder.first_turn("warm-up")  # sets that flag once, before any decode runs
         self.tokenizer.fewest_tokens("")  # its one pass over the vocabulary, here rather than on a request thread
 
-    def make(self, req: ChatCompletionRequest) -> Prompt:
+    def make(self, req: ChatCompletionRequest, cancel: threading.Event | None = None) -> Prompt:
+        """The request's prompt; `cancel` set (its client gone) stops a video's measuring (Cancelled)."""
         try:
-            return self._make(req)
+            return self._make(req, cancel)
         except InternVLChatError as e:
             raise from_app_error(e) from None
 
-    def _make(self, req: ChatCompletionRequest) -> Prompt:
+    def _make(self, req: ChatCompletionRequest, cancel: threading.Event | None) -> Prompt:
         messages = req.messages
         first = 0
         while first < len(messages) and messages[first].role in SYSTEM_ROLES:
@@ -128,7 +129,7 @@ class PromptMaker:
                 if media_count > self.options.max_images:
                     raise bad_request(f"the request has more than {self.options.max_images} images and videos; "
                                       "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
-                text, media = self._user_content(msg.content, i, max_tiles, num_frames, remote)
+                text, media = self._user_content(msg.content, i, max_tiles, num_frames, remote, cancel)
             self._check_bound(len(prompt.ids), i, text)
             specs = [m.spec for m in media]
             with self.lock:
@@ -186,8 +187,9 @@ class PromptMaker:
         return max_tiles, num_frames
 
     def _user_content(
-        self, content, i: int, max_tiles: int | None, num_frames: int, remote: RemoteBudget
-    ) -> tuple[str, list[MediaItem]]:
+        self, content, i: int, max_tiles: int | None, num_frames: int, remote: RemoteBudget,
+        cancel: threading.Event | None = None,
+    ) -> tuple[str, list[MediaItem]]:  # fmt: skip
         if content is None:
             return "", []
         if isinstance(content, str):
@@ -204,7 +206,7 @@ class PromptMaker:
                 tiles = part.image_url.max_dynamic_patch or part.max_dynamic_patch or low or max_tiles
                 media.append(self.reader.image(part.image_url.url, param, tiles, remote))
             elif isinstance(part, VideoPart):
-                media.append(self.reader.video(part.video_url.url, param, num_frames, remote))
+                media.append(self.reader.video(part.video_url.url, param, num_frames, remote, cancel))
         # the template puts the media first, then the text; text parts are joined by newlines
         return "\n".join(texts), media
 

@@ -166,7 +166,8 @@ def uvicorn_config(app, options, log_level: str, graceful_s: int = 5):
 
     from .connections import ConnectionLimit, bounded_h11
 
-    limit = ConnectionLimit(app, options.max_connections)  # instead of uvicorn's limit_concurrency: a JSON 503
+    # instead of uvicorn's limit_concurrency: a JSON 503, with CORS headers for an allowed page's
+    limit = ConnectionLimit(app, options.max_connections, options.allow_origins)
     return uvicorn.Config(
         limit, log_level=log_level, timeout_graceful_shutdown=graceful_s,
         http=bounded_h11(options.header_timeout, options.body_timeout, limit, options.write_timeout),

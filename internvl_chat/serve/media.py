@@ -223,10 +223,14 @@ class MediaReader:
     def image(self, url: str, param: str, max_tiles: int | None, remote: RemoteBudget | None = None) -> MediaItem:
         return self._item("image", (max_tiles,), url, param, max_tiles, remote)
 
-    def video(self, url: str, param: str, num_frames: int, remote: RemoteBudget | None = None) -> MediaItem:
-        return self._item("video", (num_frames,), url, param, num_frames, remote)
+    # `cancel` set (the client gone) stops the measuring of a video file (Cancelled): a count of its
+    # frames by demuxing (an APNG, MPEG-PS or pipe AVI has none) reads the whole file
+    def video(self, url: str, param: str, num_frames: int, remote: RemoteBudget | None = None,
+              cancel: threading.Event | None = None) -> MediaItem:  # fmt: skip
+        return self._item("video", (num_frames,), url, param, num_frames, remote, cancel)
 
-    def _item(self, kind: str, params: tuple, url: str, param: str, count: int, remote: RemoteBudget | None) -> MediaItem:
+    def _item(self, kind: str, params: tuple, url: str, param: str, count: int, remote: RemoteBudget | None,
+              cancel: threading.Event | None = None) -> MediaItem:  # fmt: skip
         cache_key = (kind, params, _url_digest(url)) if url[:5].lower() == "data:" else None
         known = self._recall(cache_key)
         data, frame_list = b"", False
@@ -236,7 +240,7 @@ class MediaReader:
             if frame_list:
                 known = self._measure_frames(data, param)
             elif kind == "video":
-                known = self._measure_video(data, param, count)
+                known = self._measure_video(data, param, count, cancel)
             else:
                 known = self._measure_image(data, param, count)
             self._remember(cache_key, known, frame_list)
@@ -261,7 +265,7 @@ class MediaReader:
         tiles = count_tiles(width, height, high, self.use_thumbnail, self.image_size, low)
         return f"image:{low}-{high}:{_sha256(data)}", tiles, width * height, None
 
-    def _measure_video(self, data: bytes, param: str, num_frames: int) -> Measured:
+    def _measure_video(self, data: bytes, param: str, num_frames: int, cancel: threading.Event | None) -> Measured:
         if not 1 <= num_frames <= self.options.max_frames:
             raise bad_request(f"num_frames must be from 1 to {self.options.max_frames}", param=param)
 
@@ -269,7 +273,7 @@ class MediaReader:
             self._check_pixels(width * height, param, "a video frame")
 
         with self._file(data) as path:
-            cost = self._checked(plan_video, path, param, num_frames, check_frame)  # one read of the header
+            cost = self._checked(plan_video, path, param, num_frames, check_frame, cancel)  # one read of the header
         return f"video:{num_frames}:{_sha256(data)}", num_frames, cost.width * cost.height, cost
 
     def _measure_frames(self, data: bytes, param: str) -> Measured:
