@@ -431,7 +431,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
     from internvl_chat.chat import answer_bounds
     from internvl_chat.chat.sampling import GREEDY_BELOW
     from internvl_chat.engine import tensor_reader
-    from internvl_chat.media import image, video_cost
+    from internvl_chat.media import image, video_cost, video_header
     from internvl_chat.quant.int4_linear import Int4Linear
     from internvl_chat.serve import answers, protocol
     from internvl_chat.settings import REMOTE_TIMEOUT_MAX
@@ -452,6 +452,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"kernel for up to {Int4Linear.gemv_max_rows} rows, a tensor-core GEMM that dequantizes in registers up to "
         f"{Int4Linear.gemm_max_rows},",
         f"GemLite's Triton GEMV for up to {Int4Linear.gemlite_max_rows} rows",
+        f"over {video_header.MAX_FRAMES:,} frames, or {video_header.MAX_DURATION_S:,.0f} s at the header's rate",
     ]  # fmt: skip
     assert [q for q in quoted if q not in readme] == []
     assert answer_bounds.PIECES_PER_TOKEN == 2 and "more text pieces than twice `max_new_tokens`" in readme
