@@ -429,11 +429,12 @@ def _flat(text: str) -> str:
 def test_more_limits_the_docs_quote_are_the_codes():
     # each was checked by hand once; these keep a changed constant from leaving its number behind
     from internvl_chat.chat import answer_bounds
-    from internvl_chat.chat.sampling import GREEDY_BELOW
+    from internvl_chat.chat.sampling import GREEDY_BELOW, LOGPROBS_MAX
     from internvl_chat.engine import tensor_reader
     from internvl_chat.media import image, video_cost, video_header
     from internvl_chat.quant.int4_linear import Int4Linear
     from internvl_chat.serve import answers, protocol
+    from internvl_chat.serve.logprobs import LOGPROB_FLOOR
     from internvl_chat.settings import REMOTE_TIMEOUT_MAX
     from internvl_chat.ui import media_paths, render
 
@@ -453,6 +454,8 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"{Int4Linear.gemm_max_rows},",
         f"GemLite's Triton GEMV for up to {Int4Linear.gemlite_max_rows} rows",
         f"over {video_header.MAX_FRAMES:,} frames, or {video_header.MAX_DURATION_S:,.0f} s at the header's rate",
+        f"`n` (1 to {protocol.MAX_CHOICES}; any other is a 400", f"`top_logprobs` alternatives, 0 to {LOGPROBS_MAX},",
+        f"one too unlikely to say is {LOGPROB_FLOOR}, as OpenAI writes it",
     ]  # fmt: skip
     assert [q for q in quoted if q not in readme] == []
     assert answer_bounds.PIECES_PER_TOKEN == 2 and "more text pieces than twice `max_new_tokens`" in readme
