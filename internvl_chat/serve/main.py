@@ -46,9 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flag(p, "--allow-local-media", setting="serve.allow_local_media", metavar="DIR",
                      help="let requests read files inside DIR via file:// URLs")
     add_setting_flag(p, "--allow-origin", setting="serve.allow_origins", action="append", metavar="ORIGIN",
-                     help="let web pages from ORIGIN call the server from a browser (CORS), e.g. --allow-origin "
-                     "http://localhost:3000; repeat it for more; * allows every page and needs --api-key "
-                     "(none unless given)")  # fmt: skip
+                     help="let web pages from ORIGIN (e.g. http://localhost:3000) call the server from a browser "
+                     "(CORS; none may by default); repeat it for more; * allows every page and needs --api-key")  # fmt: skip
     add_setting_flag(p, "--max-video-decode-megapixels", setting="serve.max_video_decode_megapixels", type=int, metavar="N",
                      help="megapixels of frames the decoding of a request's video files may produce in all, those decoded to "
                      "reach the sampled ones included; a request over it gets 400 (default 20000: about 5 minutes of 1080p; "
