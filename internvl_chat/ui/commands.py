@@ -272,6 +272,18 @@ def unwrap_block(text: str) -> str | None:
     return inner.strip("\n")
 
 
+def typed_message(text: str) -> str:
+    '''What, typed at the prompt, sends `text` as it is: a slash it starts with doubled (`//etc`,
+    not the command /etc), a text that starts with a `"""` put in a block of its own.'''
+    body = text.lstrip()
+    if body.startswith(BLOCK_QUOTES):
+        return f"{BLOCK_QUOTES}\n{text}\n{BLOCK_QUOTES}"
+    if body.startswith("/"):
+        cut = len(text) - len(body)
+        return f"{text[:cut]}/{body}"
+    return text
+
+
 # `/system """` starts a block too: a system message of several lines, in a script as in the REPL
 # (it was set to the three quotes, and the lines after it were sent as messages)
 _SYSTEM_BLOCK = re.compile(r'/system\s+(?=""")', re.IGNORECASE)

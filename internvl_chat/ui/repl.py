@@ -47,7 +47,7 @@ from .render import ui_console
 from .saved_sessions import default_sessions_dir, file_date, recent_sessions
 from .set_keys import runtime_keys
 from .setup import media_from_flags, open_conversation
-from .typeahead import held_keys, keys_released
+from .typeahead import TypeAhead, held_keys, keys_released
 
 _EXTENSIONS = {"image": IMAGE_EXTENSIONS, "video": VIDEO_EXTENSIONS, "media": MEDIA_EXTENSIONS, "file": None}
 _PATH_STARTS = ("/", "~", "./", "../")
@@ -550,6 +550,7 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
                 app.error(str(e))
         if prompt:
             _interruptible(app, signals, lambda: app.handle_message(prompt))
+    _offer_back_failed(app, typed)  # -I's prompt: as for a typed message
     late = LateInterrupt()
     prompt_session = build_prompt_session(app, settings, late)
     while True:
@@ -570,9 +571,7 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
             result = _interruptible(app, signals, lambda: app.handle_line(line))
         if result == EXIT:
             break
-        typed.text = next_prompt_text(app.failed_message, typed.text)
-        if app.failed_message:
-            app.note(FAILED_MESSAGE_KEPT)
+        _offer_back_failed(app, typed)
     if app.pending:  # they would vanish without a word; said, not asked: quitting stays one key
         app.warn(unsent_note(app.pending, "you quit"))
     return 0
@@ -590,6 +589,13 @@ def next_prompt_text(failed: str | None, typed: str) -> str:
     if not failed:
         return typed
     return f"{failed}\n{typed}" if typed else failed
+
+
+def _offer_back_failed(app: App, typed: TypeAhead) -> None:
+    """The next prompt starts with the message that just failed before it was sent, said once."""
+    typed.text = next_prompt_text(app.failed_message, typed.text)
+    if app.failed_message:
+        app.note(FAILED_MESSAGE_KEPT)
 
 
 def _interruptible(app: App, signals: ReplSignals, action) -> str | None:
