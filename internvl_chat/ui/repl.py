@@ -20,11 +20,12 @@ import signal
 import stat
 import sys
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import create_app_session
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import History, InMemoryHistory
@@ -390,7 +391,7 @@ def open_history(settings: Settings, app: App | None = None) -> History:
 def terminal_output() -> Output | None:
     """Where the prompt is drawn: stderr when only stderr is a terminal (`-I | tee log`; drawn into
     the pipe, the prompt and the keys typed were never seen, and its redraws were written into the
-    log), else None: prompt_toolkit's own choice, the only one that gives TERM=dumb its plain prompt."""
+    log), else None: prompt_toolkit's own choice (stdout)."""
     if sys.stdout.isatty():
         return None
     return create_output(always_prefer_tty=True)
@@ -425,6 +426,15 @@ show_format_chars()  # before anything is drawn: prompt_toolkit caches each char
 
 
 def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | None = None) -> PromptSession:
+    # The output is the app session's default, not PromptSession's `output=`: prompt_toolkit gives
+    # TERM=dumb its plain prompt only when no output is given, and on stderr that was drawn with
+    # cursor moves and bracketed paste instead (the session is made within, so it keeps stderr).
+    output = terminal_output()
+    with create_app_session(output=output) if output is not None else nullcontext():
+        return _prompt_session(app, settings, late)
+
+
+def _prompt_session(app: App, settings: Settings, late: LateInterrupt | None) -> PromptSession:
     return PromptSession(
         history=open_history(settings, app),
         completer=ChatCompleter(app.cwd),
@@ -435,7 +445,6 @@ def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | Non
         enable_open_in_editor=False,  # Ctrl-X Ctrl-E is bound in key_bindings (editor.py)
         enable_suspend=True,  # Ctrl-Z stops the program, as in a shell (it typed a literal ^Z into the message)
         color_depth=None,
-        output=terminal_output(),
     )
 
 
