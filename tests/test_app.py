@@ -372,8 +372,10 @@ def test_a_message_whose_image_does_not_decode_is_offered_back_for_the_next_prom
 class _Refusing(ChunkedAnswers):
     """Refuses a message that holds "long" before any answer, as a context too small does."""
 
+    refuse = True
+
     def ask(self, text, media=(), params=None, cancel=None):
-        if "long" in text:
+        if self.refuse and "long" in text:
             raise ContextOverflowError("the message is too long for the context")
         return super().ask(text, media, params, cancel)
 
@@ -385,7 +387,20 @@ def test_a_message_refused_as_too_long_is_offered_back_and_a_sent_one_is_not(tmp
     assert app.handle_line("A very long message") == ERROR and app.failed_message == "A very long message"
     assert "error: the message is too long" in output(out)
     assert app.handle_line("A short one") == OK and app.failed_message is None
-    assert app.handle_message("long again") == ERROR and app.failed_message is None  # -I's prompt: not typed
+    assert app.handle_message("long again") == ERROR and app.failed_message == "long again"  # -I's prompt, as typed
+
+
+@pytest.mark.parametrize("text", ["/etc is long", "  /image long.png\n/drop 1", '"""long"""', '"""\nlong\n"""', "\n/long"])
+def test_the_prompt_of_dash_I_refused_is_offered_back_in_a_form_that_sends_the_same_text(tmp_path, text):
+    # -I -p TEXT sends TEXT as a message even when it starts with a slash or a block: given back
+    # as it is, Enter ran it as the command /etc (or sent the inside of the block)
+    refusing = _Refusing(["Fine."])
+    app = App(refusing, load_settings(os.devnull, env={}, overrides={"ui.stats": False}),
+              Console(file=io.StringIO(), width=200, color_system=None), cwd=tmp_path)  # fmt: skip
+    assert app.handle_message(text) == ERROR and app.failed_message is not None
+    refusing.refuse = False
+    assert app.handle_line(app.failed_message) == OK
+    assert [turn.user_text for turn in refusing.turns] == [text.strip()]
 
 
 def test_an_image_path_typed_with_bare_spaces_or_a_question_after_it_is_said_plainly(loaded, media, tmp_path):

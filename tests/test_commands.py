@@ -157,6 +157,9 @@ def test_parse_line(line, expected):
         # a question typed after the path
         ("/video clip.mp4 --frames 2 What happens?", "/video takes one path (and options), so send the question as the "
                                                      "next message (or name the file in it)"),
+        ("/video clips/* What happens?", "/video takes one path (and options), so send the question as the next "
+                                         "message (or name the file in it)"),
+        ("/video clips/[ab]* --frames 2 What happens?", "/video takes one path (and options), so send the question"),
         # without a NAME /load lists the sessions: the flag would be dropped unsaid
         ("/load --skip-missing", "/load --skip-missing needs NAME: /load NAME --skip-missing; /load alone lists the saved ones"),
         ("/save a.json --force=yes", "/save: --force takes no value; usage: /save [FILE] [--force]"),

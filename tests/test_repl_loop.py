@@ -33,9 +33,9 @@ class _TerminalText(io.StringIO):
         return True
 
 
-def _run(monkeypatch, lines: list[str], typed_ahead: list[str]) -> tuple[list[str], str]:
+def _run(monkeypatch, lines: list[str], typed_ahead: list[str], first: str | None = None) -> tuple[list[str], str]:
     """The `default=` each prompt got while `lines` were entered (keys `typed_ahead[i]` held while
-    line i ran), and what was printed."""
+    line i ran; `first`: the message of `-I -p`), and what was printed."""
     out = io.StringIO()
     defaults: list[str] = []
     entered = iter(lines)
@@ -65,7 +65,7 @@ def _run(monkeypatch, lines: list[str], typed_ahead: list[str]) -> tuple[list[st
     monkeypatch.setattr(repl, "ui_console", lambda file, ui: Console(file=out, width=200, color_system=None))
     monkeypatch.setattr(repl.App, "banner", lambda self: None)
     settings = load_settings(os.devnull, env={}, overrides={"ui.history": False, "ui.stats": False})
-    assert repl.run_repl(argparse.Namespace(), settings) == 0
+    assert repl.run_repl(argparse.Namespace(), settings, first) == 0
     return defaults, out.getvalue()
 
 
@@ -81,6 +81,16 @@ def test_a_message_that_failed_before_it_was_sent_starts_the_next_prompt(monkeyp
 def test_keys_typed_while_it_failed_follow_it_on_a_line_of_their_own(monkeypatch):
     defaults, _ = _run(monkeypatch, ["Describe the picture"], ["and then"])
     assert defaults == ["", "Describe the picture\nand then"]
+
+
+def test_the_message_of_dash_I_dash_p_that_failed_starts_the_first_prompt_as_a_typed_one_would(monkeypatch):
+    # `-I -p TEXT` whose picture did not decode: the text was not offered back, unlike a typed message
+    defaults, shown = _run(monkeypatch, ["Hello."], [""], first="/tmp is in the picture?")
+    assert defaults == ["//tmp is in the picture?", ""]  # doubled: typed back, it is still a message, not /tmp
+    assert shown.count(repl.FAILED_MESSAGE_KEPT) == 1
+    assert shown.index("error: cannot decode cat.png") < shown.index(repl.FAILED_MESSAGE_KEPT)
+    defaults, shown = _run(monkeypatch, [], [], first="Hello.")  # sent: nothing comes back
+    assert defaults == [""] and repl.FAILED_MESSAGE_KEPT not in shown
 
 
 # --- stdout piped while stdin is a terminal (`-I | tee log`) --------------------------------------

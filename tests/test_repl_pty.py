@@ -16,6 +16,7 @@ import shlex
 import shutil
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -272,6 +273,52 @@ def test_term_dumb_gets_the_plain_prompt(tmp_path):
     child.close()
     assert child.exitstatus == 0
     assert "> /help help" in transcript.getvalue() and PROMPT_READY not in transcript.getvalue(), transcript.getvalue()
+
+
+def _wait_for_the_prompt_to_read_keys(child: pexpect.spawn) -> None:
+    """Until prompt_toolkit has the terminal in raw mode (Ctrl-C no signal; typeahead.py's hold
+    keeps it one): the plain prompt is written before, and keys sent between were a cooked line
+    whose Enter came as a newline."""
+    import termios
+
+    for _ in range(TIMEOUT * 100):  # a bound only: each pass reads the modes, a pass never waits for it
+        if not termios.tcgetattr(child.child_fd)[3] & termios.ISIG:
+            return
+        assert child.isalive(), "the REPL ended before its prompt read keys"
+        time.sleep(0.01)
+    raise AssertionError("the prompt never put the terminal in raw mode")
+
+
+def _escapes(drawn: str) -> bool:
+    """Whether `drawn` holds escape sequences besides "show the cursor", which prompt_toolkit writes
+    once as a prompt session is made, its plain prompt too."""
+    return "\x1b" in drawn.replace("\x1b[?12l\x1b[?25h", "")
+
+
+def test_term_dumb_with_stdout_piped_gets_the_plain_prompt_on_stderr(tmp_path):
+    """`TERM=dumb internvl-chat -I | tee log`: the prompt went to stderr drawn as for a full
+    terminal (cursor moves, bracketed paste), as handing it stderr had lost the plain prompt."""
+    log = tmp_path / "log.txt"
+    command = f"exec {shlex.quote(sys.executable)} -m internvl_chat.cli --device cpu --no-history -I > {shlex.quote(str(log))}"
+    child = pexpect.spawn("/bin/sh", ["-c", command], env=pty_env(tmp_path, TERM="dumb"), dimensions=(50, 220),
+                          encoding="utf-8", timeout=TIMEOUT, cwd=str(tmp_path))  # fmt: skip
+    child.logfile_read = transcript = io.StringIO()
+    try:
+        drawn = child.expect_exact(["> ", PROMPT_READY])  # the plain prompt's text, or the full prompt starting
+        assert drawn == 0 and not _escapes(transcript.getvalue()), transcript.getvalue()  # only the prompt's text on stderr
+        _wait_for_the_prompt_to_read_keys(child)
+        child.send("/help help\r")
+        child.expect_exact("/help help")  # the keys echoed one by one after the prompt
+        child.expect_exact("\n> ")  # the line ended, the next prompt (the answer went to the log)
+        _wait_for_the_prompt_to_read_keys(child)
+        child.send("/exit\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert not _escapes(transcript.getvalue()) and "> /help help" in transcript.getvalue(), transcript.getvalue()
+    shown = log.read_text()
+    assert "show the commands, or the usage of one" in shown and "> " not in shown, shown  # the log: answers, no prompt
 
 
 @pytest.mark.parametrize("leave", ["ctrl-d", "/exit"])

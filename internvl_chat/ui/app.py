@@ -38,7 +38,7 @@ from ..files import check_working_folder, real_path, undecodable_byte, visible, 
 from ..media.image import check_image_decodes
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
-from .commands import Command, Message, format_help, parse_line, unwrap_block
+from .commands import Command, Message, format_help, parse_line, typed_message, unwrap_block
 from .media_paths import check_typed_paths, expand_wildcards, not_attached_lines, take_media_paths
 from .paths import media_kind
 from .peak_memory import peak_memory, reset_peak_memory
@@ -264,8 +264,10 @@ class App(SessionFileCommands):
         return True
 
     def handle_message(self, text: str) -> str:
-        """Send `text` as a message even when it starts with a slash (the prompt of `-I`)."""
-        return self._guard(lambda: _check_utf8(text) or self._send_text(text))
+        """Send `text` as a message even when it starts with a slash (the prompt of `-I`); one that
+        fails before it is sent is kept in `failed_message` as typed at a prompt it sends the same text."""
+        self.failed_message = None
+        return self._guard(lambda: _check_utf8(text) or self._send_text(text, typed=typed_message(text)))
 
     def _guard(self, action: Callable[[], str]) -> str:
         try:

@@ -272,6 +272,18 @@ def unwrap_block(text: str) -> str | None:
     return inner.strip("\n")
 
 
+def typed_message(text: str) -> str:
+    '''What, typed at the prompt, sends `text` as it is: a slash it starts with doubled (`//etc`,
+    not the command /etc), a text that starts with a `"""` put in a block of its own.'''
+    body = text.lstrip()
+    if body.startswith(BLOCK_QUOTES):
+        return f"{BLOCK_QUOTES}\n{text}\n{BLOCK_QUOTES}"
+    if body.startswith("/"):
+        cut = len(text) - len(body)
+        return f"{text[:cut]}/{body}"
+    return text
+
+
 # `/system """` starts a block too: a system message of several lines, in a script as in the REPL
 # (it was set to the three quotes, and the lines after it were sent as messages)
 _SYSTEM_BLOCK = re.compile(r'/system\s+(?=""")', re.IGNORECASE)
@@ -287,6 +299,7 @@ def block_is_open(text: str) -> bool:
     return len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES)
 
 
+WILDCARD = re.compile(r"[*?\[]")  # what makes an /image or /video path a pattern (media_paths.py)
 _COMMAND_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _PUNCTUATED = re.compile(r"([A-Za-z][A-Za-z0-9_-]*)[.,;:!?]+")
 
@@ -426,7 +439,9 @@ def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
         what = "no arguments" if not spec.args else f"at most {len(spec.args)} argument(s)"
         spare = words[len(spec.args) - 1 : -1]
         kinds = [media_kind(_unquote(w.raw)) for w in words]
-        if spec.name == "video" and kinds[0] and not any(kinds[1:]):  # `/video clip.mp4 What happens?`
+        # `/video clip.mp4 What happens?`, and `/video clips/* What happens?` (a pattern has no suffix)
+        video = kinds[0] or WILDCARD.search(_unquote(words[0].raw))
+        if spec.name == "video" and video and not any(kinds[1:]):
             raise UsageError("/video takes one path (and options), so send the question as the next message "
                              "(or name the file in it)")
         # `/save ~/My Chats/a.json`: one path typed with bare spaces (words but the last without a

@@ -15,10 +15,9 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..files import FULL_PATH_FIX, WORKING_FOLDER_GONE, real_path, visible, working_folder_gone
-from .commands import quote_spaced, split_words
+from .commands import WILDCARD, quote_spaced, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path
 
-_WILDCARD = re.compile(r"[*?\[]")  # what makes an /image path a pattern
 MAX_JOINED_WORDS = 6  # /image words tried together as one path typed with bare spaces
 # images one /image pattern may attach: past any context at one tile each, and each match is read
 # and hashed before the context check (`~/Pictures/*.jpg` over 20,000 photos took minutes to refuse)
@@ -107,7 +106,7 @@ def expand_wildcards(path: Path, resolve: Callable[[Path], Path], places: Callab
     command or flag that attaches them, as errors name it."""
     text = str(path)
     # `cats?` in `/image cat.png How many cats?` is a word of a question, not a pattern
-    pattern = _WILDCARD.search(text) and (media_kind(text) == kind or text.endswith("*"))
+    pattern = WILDCARD.search(text) and (media_kind(text) == kind or text.endswith("*"))
     if not pattern or _exists(resolve(path)):
         return [path]
     for full in places(path):

@@ -20,11 +20,12 @@ import signal
 import stat
 import sys
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import create_app_session
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import History, InMemoryHistory
@@ -47,7 +48,7 @@ from .render import ui_console
 from .saved_sessions import default_sessions_dir, file_date, recent_sessions
 from .set_keys import runtime_keys
 from .setup import media_from_flags, open_conversation
-from .typeahead import held_keys, keys_released
+from .typeahead import TypeAhead, held_keys, keys_released
 
 _EXTENSIONS = {"image": IMAGE_EXTENSIONS, "video": VIDEO_EXTENSIONS, "media": MEDIA_EXTENSIONS, "file": None}
 _PATH_STARTS = ("/", "~", "./", "../")
@@ -390,7 +391,7 @@ def open_history(settings: Settings, app: App | None = None) -> History:
 def terminal_output() -> Output | None:
     """Where the prompt is drawn: stderr when only stderr is a terminal (`-I | tee log`; drawn into
     the pipe, the prompt and the keys typed were never seen, and its redraws were written into the
-    log), else None: prompt_toolkit's own choice, the only one that gives TERM=dumb its plain prompt."""
+    log), else None: prompt_toolkit's own choice (stdout)."""
     if sys.stdout.isatty():
         return None
     return create_output(always_prefer_tty=True)
@@ -425,6 +426,15 @@ show_format_chars()  # before anything is drawn: prompt_toolkit caches each char
 
 
 def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | None = None) -> PromptSession:
+    # The output is the app session's default, not PromptSession's `output=`: prompt_toolkit gives
+    # TERM=dumb its plain prompt only when no output is given, and on stderr that was drawn with
+    # cursor moves and bracketed paste instead (the session is made within, so it keeps stderr).
+    output = terminal_output()
+    with create_app_session(output=output) if output is not None else nullcontext():
+        return _prompt_session(app, settings, late)
+
+
+def _prompt_session(app: App, settings: Settings, late: LateInterrupt | None) -> PromptSession:
     return PromptSession(
         history=open_history(settings, app),
         completer=ChatCompleter(app.cwd),
@@ -435,7 +445,6 @@ def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | Non
         enable_open_in_editor=False,  # Ctrl-X Ctrl-E is bound in key_bindings (editor.py)
         enable_suspend=True,  # Ctrl-Z stops the program, as in a shell (it typed a literal ^Z into the message)
         color_depth=None,
-        output=terminal_output(),
     )
 
 
@@ -550,6 +559,7 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
                 app.error(str(e))
         if prompt:
             _interruptible(app, signals, lambda: app.handle_message(prompt))
+    _offer_back_failed(app, typed)  # -I's prompt: as for a typed message
     late = LateInterrupt()
     prompt_session = build_prompt_session(app, settings, late)
     while True:
@@ -570,9 +580,7 @@ def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = 
             result = _interruptible(app, signals, lambda: app.handle_line(line))
         if result == EXIT:
             break
-        typed.text = next_prompt_text(app.failed_message, typed.text)
-        if app.failed_message:
-            app.note(FAILED_MESSAGE_KEPT)
+        _offer_back_failed(app, typed)
     if app.pending:  # they would vanish without a word; said, not asked: quitting stays one key
         app.warn(unsent_note(app.pending, "you quit"))
     return 0
@@ -590,6 +598,13 @@ def next_prompt_text(failed: str | None, typed: str) -> str:
     if not failed:
         return typed
     return f"{failed}\n{typed}" if typed else failed
+
+
+def _offer_back_failed(app: App, typed: TypeAhead) -> None:
+    """The next prompt starts with the message that just failed before it was sent, said once."""
+    typed.text = next_prompt_text(app.failed_message, typed.text)
+    if app.failed_message:
+        app.note(FAILED_MESSAGE_KEPT)
 
 
 def _interruptible(app: App, signals: ReplSignals, action) -> str | None:
