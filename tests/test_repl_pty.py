@@ -266,8 +266,10 @@ def test_term_dumb_gets_the_plain_prompt(tmp_path):
                           timeout=TIMEOUT, cwd=str(tmp_path))  # fmt: skip
     child.logfile_read = transcript = io.StringIO()
     child.expect_exact("Ctrl-D, /exit or /bye quits")
+    _wait_for_the_prompt_to_read_keys(child)  # keys sent before came as a cooked line (no timing)
     child.send("/help help\r")
     child.expect_exact("show the commands, or the usage of one")
+    _wait_for_the_prompt_to_read_keys(child)
     child.send("/exit\r")
     child.expect(pexpect.EOF)
     child.close()
