@@ -650,3 +650,55 @@ def test_a_client_that_leaves_while_its_video_s_frames_are_counted_stops_the_cou
         sock.sendall(head.encode() + body)
         assert counting.wait(WAIT_S)
     assert ended.wait(WAIT_S) and len(demuxed) == 5
+
+
+def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503(server, tmp_path, monkeypatch):
+    """The grace period over, bodies still coming get a 503 and queued jobs end; a request whose
+    animated PNG was being counted (demuxing the whole file) went on counting, its client and the
+    server's exit waiting for it. Here the grace period ends as the fifth packet is counted."""
+    import asyncio
+    import json
+    import socket
+
+    from internvl_chat.media import video_header
+    from internvl_chat.serve import app as serve_app
+
+    path = tmp_path / "moving.png"
+    frames = [Image.fromarray(numbered_frame(n)) for n in range(40)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40)
+    watched, counting, demuxed = [], threading.Event(), []
+    watch, add = serve_app._set_when_gone, video_header.PacketSpan.add
+
+    async def watching(request, gone):
+        watched.append((asyncio.get_running_loop(), gone))
+        await watch(request, gone)
+
+    def counted(span, packet) -> None:
+        add(span, packet)
+        demuxed.append(packet)
+        if len(demuxed) == 5:
+            counting.set()
+            assert watched[-1][1].wait(WAIT_S), "the count was not told the server is stopping"
+
+    async def set_ending(on: bool) -> None:
+        server.app.state.ending.set() if on else server.app.state.ending.clear()
+
+    monkeypatch.setattr(serve_app, "_set_when_gone", watching)
+    monkeypatch.setattr(video_header.PacketSpan, "add", counted)
+    body = ('{"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": [{"type": "video_url", '
+            f'"video_url": {{"url": "{data_url(path, "video/apng")}"}}}}]}}]}}').encode()  # fmt: skip
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    answer = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+        sock.sendall(head.encode() + body)
+        assert counting.wait(WAIT_S)
+        loop = watched[-1][0]
+        asyncio.run_coroutine_threadsafe(set_ending(True), loop).result(WAIT_S)
+        try:
+            while block := sock.recv(4096):
+                answer += block
+        finally:  # the module's server serves on
+            asyncio.run_coroutine_threadsafe(set_ending(False), loop).result(WAIT_S)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and json.loads(rest)["error"]["code"] == "shutting_down", answer
+    assert len(demuxed) == 5

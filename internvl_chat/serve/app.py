@@ -185,10 +185,12 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         whose header has no count reads the whole file."""
         gone = threading.Event()
         watching = asyncio.ensure_future(_set_when_gone(request, gone))
+        stopping = asyncio.ensure_future(_set_when_set(ending, gone))  # the grace period over: stop too
         try:
             return await run_in_threadpool(prepare, body, gone)
         finally:
             watching.cancel()
+            stopping.cancel()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -208,7 +210,9 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
                     req, prompt, params = await prepared(request, body)
             else:
                 req, prompt, params = await prepared(request, body)
-        except Cancelled:  # it left while a video was measured
+        except Cancelled:  # it left, or the server stopped, while a video was measured
+            if ending.is_set():
+                raise shutting_down() from None
             return Response(status_code=499)
         if await request.is_disconnected():  # it left while its images were read: nothing to answer
             return Response(status_code=499)
@@ -236,14 +240,24 @@ async def _unless_ending(reading, ending: asyncio.Event):
         ended.cancel()
     if not task.done():
         task.cancel()
-        raise APIError(503, "the server is shutting down; retry later", code="shutting_down",
-                       headers={"Connection": "close"})  # fmt: skip
+        raise shutting_down()
     return task.result()
+
+
+def shutting_down() -> APIError:
+    """The 503 of a request the end of the shutdown's grace period stopped before it was queued."""
+    return APIError(503, "the server is shutting down; retry later", code="shutting_down",
+                    headers={"Connection": "close"})  # fmt: skip
 
 
 async def _set_when_gone(request: Request, gone: threading.Event) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(POLL_S)
+    gone.set()
+
+
+async def _set_when_set(event: asyncio.Event, gone: threading.Event) -> None:
+    await event.wait()
     gone.set()
 
 
