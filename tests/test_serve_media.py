@@ -666,11 +666,12 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503
     path = tmp_path / "moving.png"
     frames = [Image.fromarray(numbered_frame(n)) for n in range(40)]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=40)
-    watched, counting, demuxed = [], threading.Event(), []
+    watched, started, counting, demuxed = [], threading.Event(), threading.Event(), []
     watch, add = serve_app._set_when_gone, video_header.PacketSpan.add
 
     async def watching(request, gone):
         watched.append((asyncio.get_running_loop(), gone))
+        started.set()
         await watch(request, gone)
 
     def counted(span, packet) -> None:
@@ -678,7 +679,7 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503
         demuxed.append(packet)
         if len(demuxed) == 5:
             counting.set()
-            assert watched[-1][1].wait(WAIT_S), "the count was not told the server is stopping"
+            assert started.wait(WAIT_S) and watched[-1][1].wait(WAIT_S), "the count was not told the server is stopping"
 
     async def set_ending(on: bool) -> None:
         server.app.state.ending.set() if on else server.app.state.ending.clear()
@@ -691,7 +692,7 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503
     answer = b""
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
         sock.sendall(head.encode() + body)
-        assert counting.wait(WAIT_S)
+        assert counting.wait(WAIT_S) and started.wait(WAIT_S)
         loop = watched[-1][0]
         asyncio.run_coroutine_threadsafe(set_ending(True), loop).result(WAIT_S)
         try:
