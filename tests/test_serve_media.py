@@ -620,11 +620,12 @@ def test_a_client_that_leaves_while_its_video_s_frames_are_counted_stops_the_cou
     path = tmp_path / "moving.png"
     frames = [Image.fromarray(numbered_frame(n)) for n in range(40)]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=40)
-    watched, counting, ended, demuxed = [], threading.Event(), threading.Event(), []
+    watched, started, counting, ended, demuxed = [], threading.Event(), threading.Event(), threading.Event(), []
     watch, add, demux = serve_app._set_when_gone, video_header.PacketSpan.add, video_header.demux_length
 
     async def watching(request, gone):
         watched.append(gone)
+        started.set()
         await watch(request, gone)
 
     def counted(span, packet) -> None:
@@ -632,7 +633,8 @@ def test_a_client_that_leaves_while_its_video_s_frames_are_counted_stops_the_cou
         demuxed.append(packet)
         if len(demuxed) == 5:
             counting.set()
-            assert watched[-1].wait(WAIT_S), "the server did not see its client leave"
+            # the watcher may start after the count reached its fifth packet
+            assert started.wait(WAIT_S) and watched[-1].wait(WAIT_S), "the server did not see its client leave"
 
     def demux_length(*args, **kw):
         try:
