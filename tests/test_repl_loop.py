@@ -155,3 +155,30 @@ def test_the_repl_is_refused_where_no_terminal_could_show_its_prompt(monkeypatch
     settings = load_settings(os.devnull, env={}, overrides={"ui.history": False})
     with pytest.raises(UsageError, match="needs a terminal on stdout or stderr to show its prompt"):
         repl.run_repl(argparse.Namespace(), settings)
+
+
+# --- TERM=dumb: prompt_toolkit's plain prompt ------------------------------------------------------
+
+
+def test_the_plain_prompt_shows_the_text_the_line_starts_with(monkeypatch, tmp_path):
+    # a failed message given back (or keys typed ahead) was in the line but never shown: the plain
+    # prompt echoes only the keys typed after it, so Enter sent a text the user could not see
+    from prompt_toolkit.application import create_app_session
+    from prompt_toolkit.data_structures import Size
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output.vt100 import Vt100_Output
+
+    from internvl_chat.ui.app import App
+
+    monkeypatch.setenv("TERM", "dumb")
+    monkeypatch.setattr(repl, "terminal_output", lambda: None)  # the session's own output, below
+    shown = io.StringIO()
+    output = Vt100_Output(shown, lambda: Size(rows=24, columns=80), term="dumb")
+    settings = load_settings(os.devnull, env={}, overrides={"ui.history": False, "ui.stats": False})
+    app = App(ChunkedAnswers(["Fine."]), settings, Console(file=io.StringIO(), color_system=None), cwd=tmp_path)
+    with create_pipe_input() as keys, create_app_session(input=keys, output=output):
+        session = repl.build_prompt_session(app, settings)
+        keys.send_text(" again\r")
+        line = session.prompt("> ", default="//tmp is in\x1b[2J the picture?\nand")
+    assert line == "//tmp is in\x1b[2J the picture?\nand again"
+    assert "> //tmp is in\\e[2J the picture?\nand again" in shown.getvalue()  # escapes shown inert

@@ -37,7 +37,7 @@ from prompt_toolkit.output import Output, create_output
 
 from ..errors import InternVLChatError, UsageError
 from ..files import (FORMAT_CHARS, WORKING_FOLDER_GONE, NoHomeFolder, has_format_char, make_private_folders, undecodable_byte, visible,
-                     working_folder_gone)
+                     visible_lines, working_folder_gone)
 from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, unsent_note
@@ -434,8 +434,22 @@ def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | Non
         return _prompt_session(app, settings, late)
 
 
+class _PromptSession(PromptSession):
+    """PromptSession whose plain prompt (TERM=dumb) shows the text the line starts with: it echoes
+    only the keys typed after it, so a failed message given back, or keys typed ahead, were sent
+    unseen with Enter."""
+
+    @contextmanager
+    def _dumb_prompt(self, message=""):
+        with super()._dumb_prompt(message) as application:
+            if self.default_buffer.text:
+                self.output.write(visible_lines(self.default_buffer.text))
+                self.output.flush()
+            yield application
+
+
 def _prompt_session(app: App, settings: Settings, late: LateInterrupt | None) -> PromptSession:
-    return PromptSession(
+    return _PromptSession(
         history=open_history(settings, app),
         completer=ChatCompleter(app.cwd),
         complete_while_typing=False,
