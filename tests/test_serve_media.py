@@ -608,6 +608,22 @@ def test_a_remote_picture_past_the_requests_fetch_time_is_not_fetched(server, cl
     assert hits == []
 
 
+def _animated_png(tmp_path):
+    """A 40-frame animated PNG: its frame count is found by demuxing the whole file."""
+    path = tmp_path / "moving.png"
+    frames = [Image.fromarray(numbered_frame(n)) for n in range(40)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40)
+    return path
+
+
+def _raw_video_request(path) -> bytes:
+    """An HTTP request asking about the video at `path` (inline), to send on a raw socket."""
+    body = ('{"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": [{"type": "video_url", '
+            f'"video_url": {{"url": "{data_url(path, "video/apng")}"}}}}]}}]}}').encode()  # fmt: skip
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
 def test_a_client_that_leaves_while_its_video_s_frames_are_counted_stops_the_count(server, tmp_path, monkeypatch):
     """An animated PNG stores no frame count: measuring it demuxes the whole file, on the request's
     thread, and a client that left waited for that to the end (as did the server's threads). Here
@@ -617,9 +633,7 @@ def test_a_client_that_leaves_while_its_video_s_frames_are_counted_stops_the_cou
     from internvl_chat.media import video_header
     from internvl_chat.serve import app as serve_app
 
-    path = tmp_path / "moving.png"
-    frames = [Image.fromarray(numbered_frame(n)) for n in range(40)]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40)
+    path = _animated_png(tmp_path)
     watched, started, counting, ended, demuxed = [], threading.Event(), threading.Event(), threading.Event(), []
     watch, add, demux = serve_app._set_when_gone, video_header.PacketSpan.add, video_header.demux_length
 
@@ -645,11 +659,9 @@ def test_a_client_that_leaves_while_its_video_s_frames_are_counted_stops_the_cou
     monkeypatch.setattr(serve_app, "_set_when_gone", watching)
     monkeypatch.setattr(video_header.PacketSpan, "add", counted)
     monkeypatch.setattr(video_header, "demux_length", demux_length)
-    body = ('{"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": [{"type": "video_url", '
-            f'"video_url": {{"url": "{data_url(path, "video/apng")}"}}}}]}}]}}').encode()  # fmt: skip
-    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    request = _raw_video_request(path)
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
-        sock.sendall(head.encode() + body)
+        sock.sendall(request)
         assert counting.wait(WAIT_S)
     assert ended.wait(WAIT_S) and len(demuxed) == 5
 
@@ -665,9 +677,7 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503
     from internvl_chat.media import video_header
     from internvl_chat.serve import app as serve_app
 
-    path = tmp_path / "moving.png"
-    frames = [Image.fromarray(numbered_frame(n)) for n in range(40)]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=40)
+    path = _animated_png(tmp_path)
     watched, started, counting, demuxed = [], threading.Event(), threading.Event(), []
     watch, add = serve_app._set_when_gone, video_header.PacketSpan.add
 
@@ -688,12 +698,10 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503
 
     monkeypatch.setattr(serve_app, "_set_when_gone", watching)
     monkeypatch.setattr(video_header.PacketSpan, "add", counted)
-    body = ('{"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": [{"type": "video_url", '
-            f'"video_url": {{"url": "{data_url(path, "video/apng")}"}}}}]}}]}}').encode()  # fmt: skip
-    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    request = _raw_video_request(path)
     answer = b""
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
-        sock.sendall(head.encode() + body)
+        sock.sendall(request)
         assert counting.wait(WAIT_S) and started.wait(WAIT_S)
         loop = watched[-1][0]
         asyncio.run_coroutine_threadsafe(set_ending(True), loop).result(WAIT_S)
