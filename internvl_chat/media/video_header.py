@@ -287,25 +287,17 @@ def _ebml_number(data: bytes, at: int, is_size: bool) -> tuple[int | None, int] 
 
 
 def _matroska_past_end(f, size: int) -> bool | None:
-    data = f.read(4096)  # the EBML header (its DocType) and the Segment's own header
-    at = 0
-    for expected in (0x1A45DFA3, 0x18538067):  # EBML, then Segment
-        element = _ebml_number(data, at, is_size=False)
-        if element is None or element[0] != expected:
-            return None
-        length = _ebml_number(data, at + element[1], is_size=True)
-        if length is None or length[0] is None:
-            return None  # damaged, or a live stream's unknown size
-        start = at + element[1] + length[1]
-        if expected == 0x18538067:
-            return start + length[0] > size
-        at = start + length[0]
-    return None
+    segment = _segment(_Window(f, size))
+    if segment is None or segment[1] is None:
+        return None  # damaged, or a live stream's unknown size
+    start, length = segment
+    return start + length > size
 
 
 # Bounds on the walk of a cut MKV's or AVI's elements (frames_cut_off): each step reads one header
 MATROSKA_ELEMENTS = 1 << 17  # the Segment's (a cluster a second: 36 hours) and the cut Cluster's
 AVI_CHUNKS = 256  # a RIFF chunk's own (hdrl, movi, idx1, JUNK, INFO: a handful)
+_EBML, _SEGMENT = 0x1A45DFA3, 0x18538067
 _CLUSTER, _TIMECODE, _SIMPLE_BLOCK, _BLOCK_GROUP, _BLOCK = 0x1F43B675, 0xE7, 0xA3, 0xA0, 0xA1
 
 
@@ -361,15 +353,16 @@ def _ebml_element(window: _Window, at: int) -> tuple[int, int, int | None] | Non
     return element[0], at + element[1] + length[1], length[0]
 
 
-def _segment_start(window: _Window) -> int | None:
-    """Where an MKV's Segment payload starts (after the EBML header), or None."""
-    at = 0
-    for expected in (0x1A45DFA3, 0x18538067):  # EBML, then Segment
-        element = _ebml_element(window, at)
-        if element is None or element[0] != expected or element[2] is None:
-            return None
-        at = element[1] if expected == 0x18538067 else element[1] + element[2]
-    return at
+def _segment(window: _Window) -> tuple[int, int | None] | None:
+    """(where an MKV's Segment payload starts, its size: None when unknown) after the EBML header;
+    None where they are damaged."""
+    ebml = _ebml_element(window, 0)
+    if ebml is None or ebml[0] != _EBML or ebml[2] is None:
+        return None
+    segment = _ebml_element(window, ebml[1] + ebml[2])
+    if segment is None or segment[0] != _SEGMENT:
+        return None
+    return segment[1], segment[2]
 
 
 def _cluster_end_held(window: _Window, time_base: float, frame: float) -> float | None:
@@ -377,9 +370,10 @@ def _cluster_end_held(window: _Window, time_base: float, frame: float) -> float 
     of the file, its latest block's time and a `frame` after, or its own time where it holds none
     whole (the earlier Clusters' blocks end there); inf where something else runs past it (the
     frames are whole); None where it cannot tell."""
-    at, clusters = _segment_start(window), 0
-    if at is None:
+    segment, clusters = _segment(window), 0
+    if segment is None or segment[1] is None:
         return None
+    at = segment[0]
     for _ in range(MATROSKA_ELEMENTS):
         if at >= window.size:
             return None  # cut between two elements: what is missing is not known
