@@ -20,7 +20,7 @@ from . import sse
 from ..chat.sampling import SamplingParams
 from ..errors import Cancelled
 from .conversation import Prompt, sampling_params
-from .cors import EXPOSED, allowed_origin_headers
+from .cors import EXPOSED, allowed_origin_headers, listed
 from .engine import EngineWorker, Job
 from .errors import APIError, shown
 from .logprobs import logprobs_object
@@ -87,7 +87,7 @@ def check_page_origin(request: Request, origins: tuple[str, ...]) -> None:
     as text/plain, a form or untyped, which needs none): its answer is never shown to the page,
     but without an API key it would run, so any page the user opens could keep the model busy."""
     origin = request.headers.get("origin")
-    if origin is None or "*" in origins or origin in origins:
+    if origin is None or listed(origin, origins):
         return
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type in _UNASKED_BODIES:

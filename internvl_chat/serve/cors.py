@@ -9,10 +9,15 @@ from __future__ import annotations
 EXPOSED = "Retry-After"
 
 
+def listed(origin: str, origins: tuple[str, ...]) -> bool:
+    """Whether --allow-origin lets pages of `origin` call the server (by name, or all with "*")."""
+    return "*" in origins or origin in origins
+
+
 def allowed_origin_headers(origin: str | None, origins: tuple[str, ...]) -> dict[str, str]:
     """The headers an answer to a page of `origin` carries when --allow-origin lists it (as the
     middleware sends them: the origin itself, or "*" when every origin is allowed); none otherwise."""
-    if origin is None or not (origin in origins or "*" in origins):
+    if origin is None or not listed(origin, origins):
         return {}
     if "*" in origins:
         return {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": EXPOSED}
