@@ -6,6 +6,7 @@ a local HTTP server stands in for "the network" and counts the requests it gets.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.server
 import os
@@ -624,6 +625,36 @@ def _raw_video_request(path) -> bytes:
     return head.encode() + body
 
 
+class _CountWatch:
+    """Counts the packets a video's frame count demuxes, and holds the count at its fifth packet
+    until the request's watcher (serve.app._set_when_gone, which starts when preparing does) has
+    set the cancel: `loop` and `gone` are the watcher's."""
+
+    def __init__(self, monkeypatch, why: str):
+        from internvl_chat.media import video_header
+        from internvl_chat.serve import app as serve_app
+
+        self.started, self.counting, self.demuxed = threading.Event(), threading.Event(), []
+        self.loop, self.gone = None, None
+        watch, add = serve_app._set_when_gone, video_header.PacketSpan.add
+
+        async def watching(request, gone):
+            self.loop, self.gone = asyncio.get_running_loop(), gone
+            self.started.set()
+            await watch(request, gone)
+
+        def counted(span, packet) -> None:
+            add(span, packet)
+            self.demuxed.append(packet)
+            if len(self.demuxed) == 5:
+                self.counting.set()
+                # the watcher may start after the count reached its fifth packet
+                assert self.started.wait(WAIT_S) and self.gone.wait(WAIT_S), why
+
+        monkeypatch.setattr(serve_app, "_set_when_gone", watching)
+        monkeypatch.setattr(video_header.PacketSpan, "add", counted)
+
+
 def test_a_client_that_leaves_while_its_video_s_frames_are_counted_stops_the_count(server, tmp_path, monkeypatch):
     """An animated PNG stores no frame count: measuring it demuxes the whole file, on the request's
     thread, and a client that left waited for that to the end (as did the server's threads). Here
@@ -631,24 +662,10 @@ def test_a_client_that_leaves_while_its_video_s_frames_are_counted_stops_the_cou
     import socket
 
     from internvl_chat.media import video_header
-    from internvl_chat.serve import app as serve_app
 
     path = _animated_png(tmp_path)
-    watched, started, counting, ended, demuxed = [], threading.Event(), threading.Event(), threading.Event(), []
-    watch, add, demux = serve_app._set_when_gone, video_header.PacketSpan.add, video_header.demux_length
-
-    async def watching(request, gone):
-        watched.append(gone)
-        started.set()
-        await watch(request, gone)
-
-    def counted(span, packet) -> None:
-        add(span, packet)
-        demuxed.append(packet)
-        if len(demuxed) == 5:
-            counting.set()
-            # the watcher may start after the count reached its fifth packet
-            assert started.wait(WAIT_S) and watched[-1].wait(WAIT_S), "the server did not see its client leave"
+    count = _CountWatch(monkeypatch, "the server did not see its client leave")
+    ended, demux = threading.Event(), video_header.demux_length
 
     def demux_length(*args, **kw):
         try:
@@ -656,54 +673,33 @@ def test_a_client_that_leaves_while_its_video_s_frames_are_counted_stops_the_cou
         finally:
             ended.set()
 
-    monkeypatch.setattr(serve_app, "_set_when_gone", watching)
-    monkeypatch.setattr(video_header.PacketSpan, "add", counted)
     monkeypatch.setattr(video_header, "demux_length", demux_length)
     request = _raw_video_request(path)
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
         sock.sendall(request)
-        assert counting.wait(WAIT_S)
-    assert ended.wait(WAIT_S) and len(demuxed) == 5
+        assert count.counting.wait(WAIT_S)
+    assert ended.wait(WAIT_S) and len(count.demuxed) == 5
 
 
 def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503(server, tmp_path, monkeypatch):
     """The grace period over, bodies still coming get a 503 and queued jobs end; a request whose
     animated PNG was being counted (demuxing the whole file) went on counting, its client and the
     server's exit waiting for it. Here the grace period ends as the fifth packet is counted."""
-    import asyncio
     import json
     import socket
 
-    from internvl_chat.media import video_header
-    from internvl_chat.serve import app as serve_app
-
     path = _animated_png(tmp_path)
-    watched, started, counting, demuxed = [], threading.Event(), threading.Event(), []
-    watch, add = serve_app._set_when_gone, video_header.PacketSpan.add
-
-    async def watching(request, gone):
-        watched.append((asyncio.get_running_loop(), gone))
-        started.set()
-        await watch(request, gone)
-
-    def counted(span, packet) -> None:
-        add(span, packet)
-        demuxed.append(packet)
-        if len(demuxed) == 5:
-            counting.set()
-            assert started.wait(WAIT_S) and watched[-1][1].wait(WAIT_S), "the count was not told the server is stopping"
+    count = _CountWatch(monkeypatch, "the count was not told the server is stopping")
 
     async def set_ending(on: bool) -> None:
         server.app.state.ending.set() if on else server.app.state.ending.clear()
 
-    monkeypatch.setattr(serve_app, "_set_when_gone", watching)
-    monkeypatch.setattr(video_header.PacketSpan, "add", counted)
     request = _raw_video_request(path)
     answer = b""
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
         sock.sendall(request)
-        assert counting.wait(WAIT_S) and started.wait(WAIT_S)
-        loop = watched[-1][0]
+        assert count.counting.wait(WAIT_S) and count.started.wait(WAIT_S)
+        loop = count.loop
         asyncio.run_coroutine_threadsafe(set_ending(True), loop).result(WAIT_S)
         try:
             while block := sock.recv(4096):
@@ -712,4 +708,4 @@ def test_the_end_of_the_shutdown_s_grace_period_stops_a_video_s_count_with_a_503
             asyncio.run_coroutine_threadsafe(set_ending(False), loop).result(WAIT_S)
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503") and json.loads(rest)["error"]["code"] == "shutting_down", answer
-    assert len(demuxed) == 5
+    assert len(count.demuxed) == 5
