@@ -743,7 +743,7 @@ def test_hostile_element_sizes_end_the_walk_without_an_answer(tmp_path):
         cut = what == "clusters in clusters"  # the first, cut after its Timecode of 0: no Cluster is walked into twice
         assert video_header.frames_cut_off(path, header, 0.001) is (True if cut else None), what
     avi = VideoHeader(64, 64, FPS, 30, 3.0, "avi", None, None, runs_past_end=True)
-    riff = b"RIFF" + (2**32 - 1).to_bytes(4, "little") + b"AVI "
+    riff = b"RIFF" + (2**32 - 2).to_bytes(4, "little") + b"AVI "  # huge (2**32 - 1 is a size never filled in)
     cases = {
         "empty chunks": riff + b"JUNK" + bytes(4) * 2 * 100_000,
         "riffs": (b"RIFF" + (4).to_bytes(4, "little") + b"AVI ") * 10_000,
@@ -822,6 +822,88 @@ def test_an_avi_cut_inside_its_last_frame_is_noted_and_sampled_without_it(tmp_pa
     assert result.shortfall_note == (f"{path} ends at 5.9 s of the 6.0 s its header lists (59 frames): the file may be cut short "
                                      "(an unfinished download or copy); its frames were sampled from those 59")  # fmt: skip
 
+
+# ---------------------------------------------------------------- an OpenDML AVI (over 1 GB: RIFF AVIX chunks)
+
+
+def _chunk(name: bytes, payload: bytes) -> bytes:
+    return name + len(payload).to_bytes(4, "little") + payload + bytes(len(payload) & 1)
+
+
+def _opendml(path: Path, folder: Path, index_at: int | None = None, split: int = 15) -> tuple[Path, dict[str, int]]:
+    """FFmpeg's AVI of 30 numbered frames rewritten as a file over 1 GB is, in small: frames
+    0…split−1 in the movi list of RIFF 'AVI ', the rest in that of a RIFF 'AVIX'; each movi list
+    closed by a standard index chunk (ix00) of its frames (or, `index_at`, the AVIX's placed before
+    that frame), which the super index (indx, in the stream's strl list: FFmpeg's header keeps a
+    JUNK chunk of its size for it) lists. Also where each ix00 starts."""
+    data = write_numbered_video(folder / "plain.avi", 30, FPS, "mpeg4").read_bytes()
+    movi, idx1 = data.index(b"movi") - 8, data.rindex(b"idx1")
+    frames, at = [], movi + 12
+    while at < idx1:
+        size = int.from_bytes(data[at + 4 : at + 8], "little")
+        frames.append(data[at : at + 8 + size + (size & 1)])
+        at += 8 + size + (size & 1)
+    keys = [int.from_bytes(data[at + 4 : at + 8], "little") & 0x10 for at in range(idx1 + 8, idx1 + 8 + 16 * 30, 16)]
+    assert len(frames) == 30 and all(f[:4] == b"00dc" for f in frames)
+    indx = data.index(b"JUNK", data.index(b"strf"))  # FFmpeg's place for the super index
+
+    def movi_list(start: int, numbers: list[int], index_before: int | None) -> tuple[bytes, int]:
+        """The movi list at `start` of these frames and their ix00, and where the ix00 starts."""
+        body, entries, ix_at = b"movi", b"", None
+        for number in numbers + [None]:
+            if number == index_before or (number is None and ix_at is None):
+                ix_at = start + 8 + len(body)
+                body += b"\0" * (32 + 8 * len(numbers))  # filled in below, once the frames' places are known
+            if number is not None:
+                entries += (len(body) + 8 - 4).to_bytes(4, "little")  # from the 'movi' name, to the frame's data
+                entries += (len(frames[number]) - 8 | (0 if keys[number] else 1 << 31)).to_bytes(4, "little")
+                body += frames[number]
+        index = _chunk(b"ix00", (2).to_bytes(2, "little") + bytes([0, 1]) + len(numbers).to_bytes(4, "little") + b"00dc"
+                       + (start + 8).to_bytes(8, "little") + bytes(4) + entries)  # fmt: skip
+        at = ix_at - start - 8
+        body = body[:at] + index + body[at + len(index) :]
+        return _chunk(b"LIST", body), ix_at
+
+    head = data[12:movi]
+    first, first_ix = movi_list(movi, list(range(split)), None)
+    riff = _chunk(b"RIFF", b"AVI " + head + first)
+    second, second_ix = movi_list(len(riff) + 12, list(range(split, 30)), index_at)
+    avix = _chunk(b"RIFF", b"AVIX" + second)
+    size = int.from_bytes(data[indx + 4 : indx + 8], "little")
+    entries = b"".join(at.to_bytes(8, "little") + (32 + 8 * count).to_bytes(4, "little") + count.to_bytes(4, "little")
+                       for at, count in ((first_ix, split), (second_ix, 30 - split)))  # fmt: skip
+    super_index = b"indx" + size.to_bytes(4, "little") + (4).to_bytes(2, "little") + bytes(2) + (2).to_bytes(4, "little")
+    super_index += b"00dc" + bytes(12) + entries
+    out = bytearray(riff + avix)
+    out[indx : indx + len(super_index)] = super_index
+    path.write_bytes(bytes(out))
+    return path, {"first ix00": first_ix, "last ix00": second_ix}
+
+
+def test_an_opendml_avi_cut_inside_its_last_index_is_not_called_cut_short_as_it_is_attached(tmp_path):
+    """An AVI over 1 GB (OpenDML) closes each RIFF chunk's movi list with a standard index chunk
+    (ix00) of its frames: cut inside the last one, the movi list runs past the end of the file, and
+    the attach line said "cut short" though every frame is held. Cut inside the frames, or in an
+    index with frames after it (the first RIFF chunk's, or one placed before the last frames), it is."""
+    whole, at = _opendml(tmp_path / "whole.avi", tmp_path)
+    assert read_header(whole, orientation=False).runs_past_end is False
+    assert measure_video(whole) == VideoLength(30, FPS, 3.0)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: at["last ix00"] + 40])  # its header and an entry
+    header = read_header(cut, orientation=False)
+    assert (header.runs_past_end, header.frames_cut) == (True, False)
+    assert not measure_video(cut).ends_early
+    result = load_video(cut, 8)
+    assert (result.num_total_frames, result.shortfall_note) == (30, None)  # decoding agrees: every frame
+    cut.write_bytes(data[: at["first ix00"] + 40])  # the AVIX's frames lost
+    assert read_header(cut, orientation=False).frames_cut is True
+    assert read_header(cut_at_frame(whole, cut, 20, inside=True), orientation=False).frames_cut is True
+    early, at = _opendml(tmp_path / "early.avi", tmp_path, index_at=25)
+    cut.write_bytes(early.read_bytes()[: at["last ix00"] + 40])
+    assert read_header(cut, orientation=False).frames_cut is True  # frames 25…29 follow the index
+
+
 # ---------------------------------------------------------------- an AVI written to a pipe
 
 
@@ -880,6 +962,21 @@ def test_an_avi_written_to_a_pipe_and_cut_short_is_sampled_from_what_it_holds(tm
     result = load_video(path, 8)
     assert result.num_total_frames == 18 and result.indices == frame_indices(18, FPS, 8) == _shown(result)
 
+
+def test_an_avi_whose_writer_left_its_sizes_0_is_measured_as_one_written_to_a_pipe(tmp_path, monkeypatch):
+    """Writers other than FFmpeg leave the sizes they could not fill in 0, not 0xFFFFFFFF: its
+    header's placeholder count was taken as true (refused as more frames than a real video has)."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    data = bytearray(_written_to_a_pipe(tmp_path / "piped.avi").read_bytes())
+    movi = data.index(b"movi")
+    data[4:8] = data[movi - 4 : movi] = bytes(4)
+    path = tmp_path / "zero.avi"
+    path.write_bytes(bytes(data))
+    header = read_header(path, orientation=False)
+    assert (header.unfilled, header.frames, header.runs_past_end, header.frames_cut) == (True, 0, None, None)
+    assert measure_video(path) == VideoLength(30, FPS, 3.0)
+    result = load_video(path, 8)
+    assert (result.backend, result.num_total_frames, result.shortfall_note) == ("pyav", 30, None)
 
 def test_decord_forced_on_an_avi_written_to_a_pipe_is_refused_in_one_line(tmp_path):
     """decord allocates for the 2^30 frames the placeholder lists: the process aborted (std::bad_alloc).

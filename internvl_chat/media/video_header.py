@@ -223,6 +223,8 @@ RIFF_CHUNKS = 4096  # an OpenDML AVI has one RIFF chunk per GB or so
 # The size FFmpeg writes for a RIFF or LIST chunk as it starts it, filled in at its end only where
 # the output can seek back (libavformat's ff_start_tag / ff_end_tag)
 AVI_SIZE_UNKNOWN = 0xFFFFFFFF
+# Those sizes, and the 0 other writers leave there: no RIFF chunk is empty (it holds its form type at least)
+AVI_SIZES_UNFILLED = (0, AVI_SIZE_UNKNOWN)
 
 
 def avi_header_unfilled(path: Path) -> bool:
@@ -231,13 +233,13 @@ def avi_header_unfilled(path: Path) -> bool:
     placeholders: its RIFF and movi sizes unknown (0xFFFFFFFF), its stream's length 2^30 frames
     (1,073,741,824: AVI_MAX_RIFF_SIZE), its main header's count 0, no index. The file is complete
     and plays; nothing its header counts is true of it (the RIFF size tells: whatever wrote it did
-    not come back), so its frames are counted by demuxing, as an MKV's."""
+    not come back; other writers leave it 0), so its frames are counted by demuxing, as an MKV's."""
     try:
         with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
             head = f.read(12)
     except OSError:  # NotRegularFile is one
         return False
-    return head[:4] == b"RIFF" and head[8:12] == b"AVI " and int.from_bytes(head[4:8], "little") == AVI_SIZE_UNKNOWN
+    return head[:4] == b"RIFF" and head[8:12] == b"AVI " and int.from_bytes(head[4:8], "little") in AVI_SIZES_UNFILLED
 
 
 def ends_past_the_file(path: Path, kind: str) -> bool | None:
@@ -248,26 +250,33 @@ def ends_past_the_file(path: Path, kind: str) -> bool | None:
     tell (a live MKV's Segment has an unknown size; a file that reads otherwise)."""
     try:
         with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
-            size = os.fstat(f.fileno()).st_size
-            return _matroska_past_end(f, size) if kind == "matroska" else _riff_past_end(f, size)
+            window = _Window(f, os.fstat(f.fileno()).st_size)
+            if kind == "matroska":
+                return _matroska_past_end(window)
+            riff = _riff_cut(window)
+            return None if riff is None else riff[0]
     except OSError:  # NotRegularFile is one
         return None
 
 
-def _riff_past_end(f, size: int) -> bool | None:
+def _riff_cut(window: _Window) -> tuple[bool, int] | None:
+    """Over an AVI's RIFF chunks ('AVI ', then an OpenDML file's 'AVIX' ones, a GB or so each):
+    (True, where the one that runs past the end of the file starts), or (False, where they end)
+    where they all end within it (a few stray bytes after them at most); None where it cannot tell
+    (not an AVI, a size never filled in, more chunks than RIFF_CHUNKS)."""
     at = 0
     for _ in range(RIFF_CHUNKS):
-        if at + 12 > size:
-            return False  # the chunks end within the file (a few stray bytes after them at most)
-        f.seek(at)
-        head = f.read(12)
+        if at + 12 > window.size:
+            return False, at
+        head = window.read(at, 12)
         if head[:4] != b"RIFF" or head[8:12] not in (b"AVI ", b"AVIX"):
-            return None if at == 0 else False  # what follows the chunks is not one
-        if int.from_bytes(head[4:8], "little") == AVI_SIZE_UNKNOWN:
+            return None if at == 0 else (False, at)  # what follows the chunks is not one
+        size = int.from_bytes(head[4:8], "little")
+        if size in AVI_SIZES_UNFILLED:
             return None  # written to a pipe (avi_header_unfilled): its size was never filled in
-        at += 8 + int.from_bytes(head[4:8], "little") + (int.from_bytes(head[4:8], "little") & 1)
-        if at > size:
-            return True
+        if at + 8 + size > window.size:
+            return True, at
+        at += 8 + size + (size & 1)
     return None
 
 
@@ -286,12 +295,12 @@ def _ebml_number(data: bytes, at: int, is_size: bool) -> tuple[int | None, int] 
     return (None if value == (1 << (7 * length)) - 1 else value), length
 
 
-def _matroska_past_end(f, size: int) -> bool | None:
-    segment = _segment(_Window(f, size))
+def _matroska_past_end(window: _Window) -> bool | None:
+    segment = _segment(window)
     if segment is None or segment[1] is None:
         return None  # damaged, or a live stream's unknown size
     start, length = segment
-    return start + length > size
+    return start + length > window.size
 
 
 # Bounds on the walk of a cut MKV's or AVI's elements (frames_cut_off): each step reads one header
@@ -434,19 +443,12 @@ def _block_time(window: _Window, at: int, size: int, in_group: bool) -> int | No
 
 def _avi_movi_cut(window: _Window) -> bool | None:
     """Whether an AVI's last RIFF chunk, running past the end of the file, is cut before the end
-    of its movi list (the frames; hdrl before it, idx1 after); None where it cannot tell."""
-    at = 0
-    for _ in range(RIFF_CHUNKS):  # to the RIFF chunk that runs past the end
-        head = window.read(at, 12)
-        if len(head) < 12 or head[:4] != b"RIFF":
-            return None
-        size = int.from_bytes(head[4:8], "little")
-        if at + 8 + size > window.size:
-            break
-        at += 8 + size + (size & 1)
-    else:
+    of the frames in its movi list (hdrl before it, idx1 after; an OpenDML file's ix## chunks close
+    it: _ends_in_closing_index); None where it cannot tell."""
+    riff = _riff_cut(window)
+    if riff is None or not riff[0]:
         return None
-    end, at, movi_whole = window.size, at + 12, False
+    end, at, movi_whole = window.size, riff[1] + 12, False
     for _ in range(AVI_CHUNKS):
         if at >= end:
             return False if movi_whole else None  # cut between two chunks
@@ -456,10 +458,72 @@ def _avi_movi_cut(window: _Window) -> bool | None:
         size = int.from_bytes(head[4:8], "little")
         is_movi = head[:4] == b"LIST" and head[8:12] == b"movi"
         if at + 8 + size > end:
-            return is_movi or not movi_whole
+            if is_movi:
+                return not _ends_in_closing_index(window, at + 12, at + 8 + size)
+            return not movi_whole
         movi_whole = movi_whole or is_movi
         at += 8 + size + (size & 1)
     return None
+
+
+def _ends_in_closing_index(window: _Window, start: int, end: int) -> bool:
+    """Whether the end of the file falls in the standard index chunks (ix##) that close the movi
+    list from `start` to `end`, with no frame after them, in the last RIFF chunk that has any:
+    FFmpeg writes one per stream after each RIFF chunk's frames. Every frame is held then. Told
+    from the super index alone (indx, in each stream's header: each such chunk's place and size),
+    not by walking the frames; a chunk it does not list counts as frames."""
+    listed = _index_chunks(window)
+    if any(at >= end for at in listed):
+        return False  # frames follow, in a later RIFF chunk
+    at = max((at for at in listed if start <= at <= window.size), default=None)
+    for _ in range(len(listed)):
+        if at not in listed:
+            return False  # frames after the index, or none listed where the file ends
+        at += listed[at]
+        if at == end:
+            return True
+    return False
+
+
+def _index_chunks(window: _Window) -> dict[int, int]:
+    """{where it starts: its size, header included} of each standard index chunk an OpenDML AVI's
+    super indexes (indx: one in each stream's strl list, in hdrl) list; {} where there are none."""
+    hdrl = next(((at, size) for kind, at, size in _avi_chunks(window, 12, window.size) if kind == b"hdrl"), None)
+    if hdrl is None:
+        return {}
+    listed: dict[int, int] = {}
+    for kind, at, size in _avi_chunks(window, hdrl[0] + 12, hdrl[0] + 8 + hdrl[1]):
+        if kind != b"strl":
+            continue
+        for inner, index, length in _avi_chunks(window, at + 12, at + 8 + size):
+            if inner == b"indx":
+                listed.update(_super_index(window, index, length))
+    return listed
+
+
+def _avi_chunks(window: _Window, at: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(its name: a LIST's form type, where it starts, its size) of the chunks from `at` to `end`,
+    AVI_CHUNKS at most."""
+    for _ in range(AVI_CHUNKS):
+        if at + 8 > end:
+            return
+        head = window.read(at, 12)
+        size = int.from_bytes(head[4:8], "little")
+        yield (head[8:12] if head[:4] in (b"LIST", b"RIFF") else head[:4]), at, size
+        at += 8 + size + (size & 1)
+
+
+def _super_index(window: _Window, at: int, size: int) -> dict[int, int]:
+    """The index chunks an indx chunk of `size` bytes at `at` lists (AVISUPERINDEX: after its
+    header, whose bIndexType 0 says it lists index chunks, and its count in use, 16 bytes each:
+    qwOffset, dwSize, dwDuration); RIFF_CHUNKS at most."""
+    head = window.read(at + 8, 24)
+    if len(head) < 24 or head[3] != 0:
+        return {}
+    count = min(int.from_bytes(head[4:8], "little"), max(size - 24, 0) // 16, RIFF_CHUNKS)
+    entries = window.read(at + 32, count * 16)
+    return {int.from_bytes(entries[i : i + 8], "little"): int.from_bytes(entries[i + 8 : i + 12], "little")
+            for i in range(0, len(entries) - 15, 16)}  # fmt: skip
 
 
 def _frame_rate(stream) -> float:
