@@ -291,6 +291,32 @@ def _wait_for_the_prompt_to_read_keys(child: pexpect.spawn) -> None:
     raise AssertionError("the prompt never put the terminal in raw mode")
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_signal_at_the_plain_prompt_ends_the_repl_as_at_the_full_one(tmp_path, signame):
+    """SIGTERM or SIGHUP while the plain prompt (TERM=dumb) waits for keys was acted on only once a
+    line was entered: the prompt runs an Application of its own, which the REPL's handlers never
+    woke. It ends the REPL at once, as at the full prompt: status 128 + the signal, the terminal's
+    modes put back, no traceback."""
+    import signal
+    import termios
+
+    sig = getattr(signal, signame)
+    child = pexpect.spawn(sys.executable, ["-m", "internvl_chat.cli", "--device", "cpu", "--no-history"],
+                          env=pty_env(tmp_path, TERM="dumb"), dimensions=(50, 220), encoding="utf-8",
+                          timeout=TIMEOUT, cwd=str(tmp_path))  # fmt: skip
+    child.logfile_read = transcript = io.StringIO()
+    try:
+        child.expect_exact("Ctrl-D, /exit or /bye quits")
+        _wait_for_the_prompt_to_read_keys(child)
+        child.kill(sig)
+        child.expect(pexpect.EOF)  # no key typed: the timeout is only a guard against a hang
+        lflag = termios.tcgetattr(child.child_fd)[3]  # the pty's modes, as the next program finds them
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 128 + sig, transcript.getvalue()
+    assert lflag & termios.ECHO and lflag & termios.ICANON and lflag & termios.ISIG
+    assert "Traceback" not in transcript.getvalue(), transcript.getvalue()
+
 def _escapes(drawn: str) -> bool:
     """Whether `drawn` holds escape sequences besides "show the cursor", which prompt_toolkit writes
     once as a prompt session is made, its plain prompt too."""

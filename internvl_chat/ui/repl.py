@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.application import create_app_session
+from prompt_toolkit.application import create_app_session, get_app
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import History, InMemoryHistory
@@ -437,11 +437,15 @@ def build_prompt_session(app: App, settings: Settings, late: LateInterrupt | Non
 class _PromptSession(PromptSession):
     """PromptSession whose plain prompt (TERM=dumb) shows the text the line starts with: it echoes
     only the keys typed after it, so a failed message given back, or keys typed ahead, were sent
-    unseen with Enter."""
+    unseen with Enter. It also runs the prompt's `pre_run`: prompt_toolkit leaves it with `app`,
+    which the plain prompt does not run (it runs an Application of its own), so ReplSignals never
+    learnt of it, and SIGTERM or SIGHUP acted only once a line was entered."""
 
     @contextmanager
     def _dumb_prompt(self, message=""):
         with super()._dumb_prompt(message) as application:
+            application.pre_run_callables.extend(self.app.pre_run_callables)
+            del self.app.pre_run_callables[:]
             if self.default_buffer.text:
                 self.output.write(visible_lines(self.default_buffer.text))
                 self.output.flush()
@@ -527,6 +531,12 @@ class ReplSignals:
             except RuntimeError:
                 pass  # the loop just closed: `prompt` acts on it on its way out
 
+    def _prompt_started(self) -> None:
+        """Run as the prompt starts, by the Application that runs it: the plain prompt's (TERM=dumb)
+        is one of its own, not the session's `app`."""
+        self._prompt_app = get_app()
+        self._end_prompt()
+
     def _end_prompt(self) -> None:
         app = self._prompt_app
         if app is None or not app.is_running or app.future is None or app.future.done():
@@ -542,7 +552,7 @@ class ReplSignals:
         for SIGTERM/SIGHUP. A Ctrl-C that comes as it returns a line is left in `interrupted`."""
         self._prompt_app = session.app
         try:
-            return session.prompt(*args, pre_run=self._end_prompt, **kwargs)
+            return session.prompt(*args, pre_run=self._prompt_started, **kwargs)
         finally:
             self._prompt_app = None
             if self.exit_code is not None:
