@@ -15,6 +15,7 @@ from rich.console import Console
 from internvl_chat.errors import MediaError
 from internvl_chat.settings import load_settings
 from internvl_chat.ui import repl
+from internvl_chat.ui.commands import block_is_open, unwrap_block
 from internvl_chat.ui.typeahead import TypeAhead
 from app_helpers import ChunkedAnswers
 
@@ -81,6 +82,27 @@ def test_a_message_that_failed_before_it_was_sent_starts_the_next_prompt(monkeyp
 def test_keys_typed_while_it_failed_follow_it_on_a_line_of_their_own(monkeypatch):
     defaults, _ = _run(monkeypatch, ["Describe the picture"], ["and then"])
     assert defaults == ["", "Describe the picture\nand then"]
+
+
+def test_keys_typed_while_a_block_failed_go_inside_it(monkeypatch):
+    '''A failed `"""` block with keys typed meanwhile came back with them after its closing quotes:
+    the block was open again, so Enter added a line, and closing it sent the quotes inside.'''
+    block = '"""\nDescribe the picture\nin detail\n"""'
+    defaults, _ = _run(monkeypatch, [block], ["and then"])
+    assert defaults == ["", '"""\nDescribe the picture\nin detail\nand then\n"""']
+    assert not block_is_open(defaults[1]) and unwrap_block(defaults[1]) == "Describe the picture\nin detail\nand then"
+
+
+def test_keys_typed_while_a_block_failed_keep_its_closing_quotes_as_typed():
+    for failed, given_back in [
+        ('"""\npicture\n  """  ', '"""\npicture\nmore\n  """  '),  # indented, trailing spaces
+        ('"""\npicture"""', '"""\npicture\nmore"""'),  # the quotes end the text's last line
+        ('"""picture"""', '"""picture\nmore"""'),
+        ('"""\npicture', '"""\npicture\nmore'),  # not a closed block: after it, as for any message
+        ('the picture """', 'the picture """\nmore'),
+    ]:
+        assert repl.next_prompt_text(failed, "more") == given_back, failed
+        assert repl.next_prompt_text(failed, "") == failed
 
 
 def test_the_message_of_dash_I_dash_p_that_failed_starts_the_first_prompt_as_a_typed_one_would(monkeypatch):

@@ -41,7 +41,7 @@ from ..files import (FORMAT_CHARS, WORKING_FOLDER_GONE, NoHomeFolder, has_format
 from ..native_stderr import close_leftover_windows
 from ..settings import SET_ALIASES, Settings
 from .app import EXIT, App, unsent_note
-from .commands import COMMAND_BY_NAME, COMMANDS, CommandSpec, block_is_open, split_words
+from .commands import BLOCK_QUOTES, COMMAND_BY_NAME, COMMANDS, CommandSpec, block_is_open, split_words
 from .editor import edit_in_editor
 from .paths import IMAGE_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS, shell_unquote
 from .render import ui_console
@@ -618,10 +618,20 @@ FAILED_MESSAGE_KEPT = ("[the message is back at the prompt: Enter sends it again
 def next_prompt_text(failed: str | None, typed: str) -> str:
     """What the next prompt starts with: a message that failed before it was sent (a picture that
     does not decode: fixed with /drop, it is sent again with Enter), then on a line of its own what
-    was typed while it ran; neither is lost."""
+    was typed while it ran; neither is lost. A triple-quote block keeps its closing quotes last: the
+    keys go inside it (after it, the block was open again, and Enter added a line)."""
     if not failed:
         return typed
-    return f"{failed}\n{typed}" if typed else failed
+    if not typed:
+        return failed
+    body = failed.rstrip()
+    if not body.lstrip().startswith(BLOCK_QUOTES) or block_is_open(body):
+        return f"{failed}\n{typed}"
+    inside, closing = body[: -len(BLOCK_QUOTES)], failed[len(body) - len(BLOCK_QUOTES) :]
+    head, _, indent = inside.rpartition("\n")
+    if head and not indent.strip():  # the quotes on a line of their own (indented as typed)
+        return f"{head}\n{typed}\n{indent}{closing}"
+    return f"{inside}\n{typed}{closing}"  # the quotes ended the last line of text
 
 
 def _offer_back_failed(app: App, typed: TypeAhead) -> None:
