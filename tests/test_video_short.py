@@ -749,12 +749,24 @@ def test_hostile_element_sizes_end_the_walk_without_an_answer(tmp_path):
         "riffs": (b"RIFF" + (4).to_bytes(4, "little") + b"AVI ") * 10_000,
         "a huge hdrl": riff + b"LIST" + (2**32 - 1).to_bytes(4, "little") + b"hdrl",
         "not riff": b"\xff" * 1000,
+        "a looping super index": _looping_super_index(riff),
     }
-    expected = {"empty chunks": None, "riffs": None, "a huge hdrl": True, "not riff": None}  # hdrl cut: no frame held
+    expected = {"empty chunks": None, "riffs": None, "a huge hdrl": True, "not riff": None,  # hdrl cut: no frame held
+                "a looping super index": True}  # fmt: skip
     for what, data in cases.items():
         path = tmp_path / "hostile.avi"
         path.write_bytes(data)
         assert video_header.frames_cut_off(path, avi, 0.001) is expected[what], what
+
+
+def _looping_super_index(riff: bytes) -> bytes:
+    """An AVI cut in its movi list whose super index claims 2^32 − 1 index chunks and lists one,
+    where the movi list's frames start, of size 0: the walk over them stays in place."""
+    indx = (4).to_bytes(2, "little") + bytes(2) + (2**32 - 1).to_bytes(4, "little") + b"00dc" + bytes(12)
+    hdrl = _chunk(b"LIST", b"hdrl" + _chunk(b"LIST", b"strl" + _chunk(b"indx", indx + bytes(16))))
+    listed = (len(riff) + len(hdrl) + 12).to_bytes(8, "little") + bytes(8)
+    hdrl = _chunk(b"LIST", b"hdrl" + _chunk(b"LIST", b"strl" + _chunk(b"indx", indx + listed)))
+    return riff + hdrl + b"LIST" + (2**32 - 2).to_bytes(4, "little") + b"movi" + b"00dc" + bytes(100)
 
 
 def test_the_walk_over_a_long_cut_mkv_reads_a_page_per_cluster_not_the_file(tmp_path, monkeypatch):

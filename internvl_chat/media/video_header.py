@@ -306,6 +306,8 @@ def _matroska_past_end(window: _Window) -> bool | None:
 # Bounds on the walk of a cut MKV's or AVI's elements (frames_cut_off): each step reads one header
 MATROSKA_ELEMENTS = 1 << 17  # the Segment's (a cluster a second: 36 hours) and the cut Cluster's
 AVI_CHUNKS = 256  # a RIFF chunk's own (hdrl, movi, idx1, JUNK, INFO: a handful)
+STRL_CHUNKS = 16  # a stream's header list's (strh, strf, strd, strn, indx, vprp, JUNK)
+INDEX_CHUNKS = 4 * RIFF_CHUNKS  # those the super indexes list, all streams together: a few per RIFF chunk
 _EBML, _SEGMENT = 0x1A45DFA3, 0x18538067
 _CLUSTER, _TIMECODE, _SIMPLE_BLOCK, _BLOCK_GROUP, _BLOCK = 0x1F43B675, 0xE7, 0xA3, 0xA0, 0xA1
 
@@ -468,10 +470,10 @@ def _avi_movi_cut(window: _Window) -> bool | None:
 
 def _ends_in_closing_index(window: _Window, start: int, end: int) -> bool:
     """Whether the end of the file falls in the standard index chunks (ix##) that close the movi
-    list from `start` to `end`, with no frame after them, in the last RIFF chunk that has any:
-    FFmpeg writes one per stream after each RIFF chunk's frames. Every frame is held then. Told
-    from the super index alone (indx, in each stream's header: each such chunk's place and size),
-    not by walking the frames; a chunk it does not list counts as frames."""
+    list from `start` to `end`, with no frame after them, and none listed after that list (FFmpeg
+    writes one per stream after each RIFF chunk's frames): every frame is held then. Told from the
+    super index alone (indx, in each stream's header: each such chunk's place and size), without
+    walking the frames; a chunk it does not list counts as frames."""
     listed = _index_chunks(window)
     if any(at >= end for at in listed):
         return False  # frames follow, in a later RIFF chunk
@@ -495,16 +497,16 @@ def _index_chunks(window: _Window) -> dict[int, int]:
     for kind, at, size in _avi_chunks(window, hdrl[0] + 12, hdrl[0] + 8 + hdrl[1]):
         if kind != b"strl":
             continue
-        for inner, index, length in _avi_chunks(window, at + 12, at + 8 + size):
-            if inner == b"indx":
+        for inner, index, length in _avi_chunks(window, at + 12, at + 8 + size, STRL_CHUNKS):
+            if inner == b"indx" and len(listed) < INDEX_CHUNKS:  # past the bound: some not known, taken for frames
                 listed.update(_super_index(window, index, length))
     return listed
 
 
-def _avi_chunks(window: _Window, at: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+def _avi_chunks(window: _Window, at: int, end: int, most: int = AVI_CHUNKS) -> Iterator[tuple[bytes, int, int]]:
     """(its name: a LIST's form type, where it starts, its size) of the chunks from `at` to `end`,
-    AVI_CHUNKS at most."""
-    for _ in range(AVI_CHUNKS):
+    `most` of them at most."""
+    for _ in range(most):
         if at + 8 > end:
             return
         head = window.read(at, 12)
