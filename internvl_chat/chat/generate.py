@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..engine.model import InternVLModel
+from ..engine.model import InternVLModel, PromptScores
 from ..engine.out_of_memory import is_out_of_memory
 from ..errors import GenerationError
 from .detokenize import IncrementalDetokenizer
@@ -90,8 +90,10 @@ def stream_generate(
     stream_interval: int = 1,
     cancel: threading.Event | None = None,
     vision_s: float = 0.0,
+    scores: PromptScores | None = None,
 ) -> Iterator[dict]:
-    """Yield text events; the last one has a finish_reason and these extra keys:
+    """Yield text events (`scores`: the prompt's tokens are scored into it as it is prefilled);
+    the last one has a finish_reason and these extra keys:
 
     - "token_ids": the generated ids, stop token excluded;
     - "cache_end": how far the KV cache is valid afterwards (prompt + fed answer tokens);
@@ -111,7 +113,7 @@ def stream_generate(
 
     t0 = time.perf_counter()
     with out_of_memory_as_error("during generation"):
-        logits = model.forward(prompt_ids, start_pos, image_features, cancel=cancel)  # chunked: may raise Cancelled
+        logits = model.forward(prompt_ids, start_pos, image_features, cancel=cancel, scores=scores)  # chunked: may raise Cancelled
         pos = start_pos + prompt_len
         token = sampler.next_token(logits)
         t_first = None

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..engine.loader import LoadedModel
+from ..engine.model import PromptScores
 from ..errors import Cancelled, ContextOverflowError, GenerationError, MediaError, UsageError
 from ..files import expand_home, visible, write_atomic
 from ..media.image import count_tiles, load_image, probe_image
@@ -306,7 +307,7 @@ class Session:
         turn.features = features
         yield from self._run_turn(turn, prompt, features, vision_s, params, cancel)
 
-    def _run_turn(self, turn, prompt, features, vision_s, params, cancel) -> Iterator[dict]:
+    def _run_turn(self, turn, prompt, features, vision_s, params, cancel, scores=None) -> Iterator[dict]:
         """Prefill `prompt` at start_pos and stream the answer; on a failure the session is as before
         (ids and start_pos; the cache from start_pos on is zeroed where it may hold NaN)."""
         ids_len, pos = len(self.ids), self.start_pos
@@ -316,7 +317,7 @@ class Session:
         events = stream_generate(
             self.model, self.tokenizer, prompt, self.start_pos, params, sampler,
             image_features=features, stop_ids=self.builder.stop_ids,
-            stream_interval=self.stream_interval, cancel=cancel, vision_s=vision_s,
+            stream_interval=self.stream_interval, cancel=cancel, vision_s=vision_s, scores=scores,
         )  # fmt: skip
         text_parts = []
         try:
@@ -792,9 +793,11 @@ class Session:
         params: SamplingParams | None = None,
         cancel: threading.Event | None = None,
         vision_s: float = 0.0,
+        scores: PromptScores | None = None,
     ) -> Iterator[dict]:
         """Answer the whole prompt `ids` (a conversation ending in the assistant cue), keeping the cache
         for `ids[:reuse]` and prefilling `ids[reuse:]`; `features` are the image features of that rest.
+        `scores`: the prefilled tokens after the first are scored into it (engine/model.py).
 
         Events are those of `ask`; on any error the session holds `ids[:reuse]`. The turn structure of
         the conversation is not tracked (the caller resends it whole): `turns` holds this answer only.
@@ -814,7 +817,7 @@ class Session:
         self.turns = []
         turn = Turn("", [], ids_before=reuse, pos_before=reuse, prompt_ids=ids[reuse:])
         turn.features = features
-        yield from self._run_turn(turn, ids[reuse:], features, vision_s, params, cancel)
+        yield from self._run_turn(turn, ids[reuse:], features, vision_s, params, cancel, scores)
 
 
 def cut_short(length: VideoLength) -> tuple[int, int] | None:

@@ -378,11 +378,12 @@ class Qwen2ForCausalLM(nn.Module):
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 
-    def forward_embeds(self, h: torch.Tensor, start_pos: int, last_only: bool, caches=None) -> torch.Tensor:
+    def forward_embeds(self, h: torch.Tensor, start_pos: int, last_only: bool, caches=None, head: bool = True) -> torch.Tensor:
         """h [1, T, D] at positions start_pos … start_pos + T − 1 → float32 logits [T or 1, V].
 
         `caches`: the (k, v) pairs to use, default the model's own (a compiled step's warm-up
-        passes scratch ones)."""
+        passes scratch ones). `head` False: the final norm's rows [1, T or 1, D] instead, for
+        `logits` to turn into logits a few rows at a time (a prompt's scoring, model.py)."""
         t = h.shape[1]
         kv_len = start_pos + t
         cos, sin = self.cos[start_pos:kv_len], self.sin[start_pos:kv_len]
@@ -393,7 +394,11 @@ class Qwen2ForCausalLM(nn.Module):
         else:  # a chunk after cached tokens: query i sees key j iff j <= start_pos + i
             keys = torch.arange(kv_len, device=h.device)
             mask = keys[None, :] <= torch.arange(start_pos, kv_len, device=h.device)[:, None]
-        return self._layers(h, cos, sin, start_pos, kv_len, mask, last_only, caches)
+        return self._layers(h, cos, sin, start_pos, kv_len, mask, last_only, caches, head)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [T, V] of final-norm rows [1, T, D]."""
+        return linear(self.lm_head, normed)[0].float()
 
     def decode_exact(self, token: torch.Tensor, pos: int, caches=None) -> torch.Tensor:
         """Float32 logits [V] for `token` (LongTensor [1]) at host position `pos`."""
@@ -423,9 +428,9 @@ class Qwen2ForCausalLM(nn.Module):
         mask = key_bias(visible, caches[0][0].dtype)  # [T, kv_len]
         return self._layers(h, cos, sin, positions, kv_len, mask, last, caches)[-1]
 
-    def _layers(self, h, cos, sin, positions, kv_len, mask, last_only: bool | torch.Tensor, caches) -> torch.Tensor:
+    def _layers(self, h, cos, sin, positions, kv_len, mask, last_only: bool | torch.Tensor, caches, head: bool = True) -> torch.Tensor:
         """`last_only`: logits of the last row only (True), of every row (False), or of the row a
-        device index tensor names."""
+        device index tensor names; `head` False: those rows' final norm, not their logits."""
         caches = caches if caches is not None else self.caches()
         if fused.active(h):
             normed = _rows(self._fused_layers(h, cos, sin, positions, kv_len, mask, caches), last_only)
@@ -433,7 +438,7 @@ class Qwen2ForCausalLM(nn.Module):
             for layer, (k_cache, v_cache) in zip(self.model.layers, caches):
                 h = layer(h, cos, sin, positions, kv_len, mask, k_cache, v_cache)
             normed = self.model.norm(_rows(h, last_only))
-        return linear(self.lm_head, normed)[0].float()
+        return self.logits(normed) if head else normed
 
     def _fused_layers(self, h, cos, sin, positions, kv_len, mask, caches) -> torch.Tensor:
         """The layers with each residual add fused into the RMSNorm after it (fused.py): returns

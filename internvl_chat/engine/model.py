@@ -50,6 +50,35 @@ PREFILL_CHUNK_WORK = {"cpu": 256 * 500_000_000, "cuda": None}
 PREFILL_CHUNK_TOKENS = {"cpu": (256, 2048), "cuda": (8192, 8192)}
 
 
+# A scored prefill (PromptScores) turns this many rows of hidden states into logits at a time:
+# [rows, V] float32 and its log_softmax, ~40 MB each for Qwen2's 152k vocabulary, whatever the chunk.
+SCORE_ROWS = 64
+
+
+class PromptScores:
+    """Asks a prefill for each prompt token's log-probability after the first: the model's
+    log_softmax (float32) at the position before it, the token's value and the `k` most likely
+    ids there. Opt-in (`forward(..., scores=)`): a prefill without it keeps only the last position's
+    logits. Rows are computed SCORE_ROWS at a time and kept on the device, read back in one transfer."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self._packs: list[torch.Tensor] = []  # [rows, 1 + 2k] float64: value, k values, k ids (exact in float64)
+
+    def add(self, logits: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """Score `next_ids` [r] under logits [r, V], the positions before them."""
+        logp = logits.log_softmax(dim=-1)
+        parts = [logp.gather(1, next_ids[:, None]).double()]
+        if self.k:
+            top = torch.topk(logp, min(self.k, logp.shape[-1]), dim=-1)
+            parts += [top.values.double(), top.indices.double()]
+        self._packs.append(torch.cat(parts, dim=1))
+
+    def rows(self) -> list[list[float]]:
+        """One [value, k values, k ids] list for each scored token, in prompt order."""
+        return torch.cat(self._packs).tolist() if self._packs else []
+
+
 @contextmanager
 def decode_threads(n: int | None):
     """Run the block with `n` intra-op CPU threads (None: unchanged); ~0.2 µs to switch."""
@@ -361,14 +390,18 @@ class InternVLModel(nn.Module):
         image_features: torch.Tensor | None = None,
         all_logits: bool = False,
         cancel: threading.Event | None = None,
+        scores: PromptScores | None = None,
     ) -> torch.Tensor:
         """Run `input_ids` at positions start_pos…; return float32 logits of the last ([V]) or all ([T, V]).
 
         A prompt longer than `prefill_chunk` tokens runs in chunks; `cancel` is looked at before each
         one, a one-token prompt's included (/retry feeds one): raises Cancelled once it is set (the KV
-        cache past start_pos then holds a partial prompt)."""
+        cache past start_pos then holds a partial prompt). `scores`: every input token after the
+        first is scored into it too (see PromptScores)."""
         _stop_if_set(cancel)  # decode steps pass no cancel: they are stopped between tokens instead
         ids = input_ids if type(input_ids) is torch.Tensor else torch.as_tensor(input_ids, dtype=torch.long)
+        if scores is not None and ids.numel() > 1:
+            return self._scored_prefill(ids, start_pos, image_features, scores, cancel)
         step = self.compiled_step
         if step is not None and ids.numel() == 1 and image_features is None and not all_logits and self.decode_graphs is None:
             # One token into the compiled step, without the general path's conversions and checks
@@ -408,6 +441,27 @@ class InternVLModel(nn.Module):
         for first in range(0, t, self.prefill_chunk):  # the chunk's own image features are in h already
             _stop_if_set(cancel)
             logits = self.language_model.forward_embeds(h[:, first : first + self.prefill_chunk], start_pos + first, last_only=True)
+        return logits[-1]
+
+    @torch.inference_mode()
+    def _scored_prefill(self, ids: torch.Tensor, start_pos: int, image_features, scores: PromptScores, cancel) -> torch.Tensor:
+        """`_forward`'s chunked prefill, each chunk's rows turned into logits SCORE_ROWS at a time
+        and scored against the token after them: never a [T, V] tensor. The last row's logits are
+        returned, as `_forward` returns them."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
+        t = ids.shape[0]
+        if start_pos < 0 or start_pos + t > self.max_seq_len:
+            return self._forward(ids, start_pos, image_features, False, cancel)  # its overflow error
+        lm = self.language_model
+        h = self.embed(ids, image_features)
+        for first in range(0, t, self.prefill_chunk):
+            _stop_if_set(cancel)
+            normed = lm.forward_embeds(h[:, first : first + self.prefill_chunk], start_pos + first, last_only=False, head=False)
+            for row in range(0, normed.shape[1], SCORE_ROWS):
+                logits = lm.logits(normed[:, row : row + SCORE_ROWS])
+                after = ids[first + row + 1 : first + row + 1 + logits.shape[0]]  # the prompt's last row has none
+                if after.numel():
+                    scores.add(logits[: after.numel()], after)
         return logits[-1]
 
     def embed(self, ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
