@@ -15,7 +15,7 @@ import types
 import openai
 import pytest
 
-from internvl_chat.serve import app as serve_app
+from internvl_chat.serve import replies
 from internvl_chat.serve.engine import choice_seed
 from internvl_chat.serve.protocol import MAX_CHOICES
 from internvl_chat.settings import SEED_MAX
@@ -231,7 +231,7 @@ def test_events_are_joined_only_within_one_choice():
 
     async def first_six():
         out = []
-        async for item in serve_app._events(job, Request()):
+        async for item in replies.job_events(job, Request()):
             out.append(item)
             if item[0] == "done":
                 return out

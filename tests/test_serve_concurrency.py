@@ -20,6 +20,7 @@ import pytest
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.engine.loader import load_model
 from internvl_chat.serve import app as serve_app
+from internvl_chat.serve import replies
 from internvl_chat.serve.conversation import Prompt
 from internvl_chat.serve.engine import EngineWorker, Job
 from internvl_chat.serve.options import ServeOptions
@@ -54,7 +55,7 @@ def _hold_first_job():
 def test_a_non_streaming_client_that_leaves_mid_answer_stops_the_engine(server, monkeypatch):
     # A decode sends text every few milliseconds, so the handler is never idle for POLL_S; it must
     # still notice that its client left (a non-streaming handler writes nothing that could fail).
-    monkeypatch.setattr(serve_app, "POLL_S", 3600.0)  # only the per-batch check can see the disconnect
+    monkeypatch.setattr(replies, "POLL_S", 3600.0)  # only the per-batch check can see the disconnect
     worker = server.worker
     first, closed, seen = threading.Event(), threading.Event(), {}
 
@@ -107,7 +108,7 @@ def test_a_stream_whose_client_is_dropped_cancels_its_job_when_it_ends():
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "method": "POST", "headers": []}
     held = events()  # held here, as a reference cycle could hold it
-    asyncio.run(serve_app.JobStream(job, held, media_type="text/event-stream")(scope, receive, send))
+    asyncio.run(replies.JobStream(job, held, media_type="text/event-stream")(scope, receive, send))
     assert job.cancel.is_set()
 
 

@@ -241,7 +241,7 @@ class ScriptedModel:
         self.queue = [*ids, stop]
         self.noise = torch.Generator().manual_seed(0)
 
-    def forward(self, ids, start_pos, image_features=None, cancel=None):
+    def forward(self, ids, start_pos, image_features=None, cancel=None, scores=None):
         logits = torch.randn(self.vocab, generator=self.noise)
         if self.queue:
             logits[self.queue.pop(0)] = 20.0

@@ -97,7 +97,8 @@ def stream_generate(
 
     - "token_ids": the generated ids, stop token excluded;
     - "cache_end": how far the KV cache is valid afterwards (prompt + fed answer tokens);
-      generated ids beyond it (at most one: the token that hit the length limit) are not cached.
+      generated ids beyond it (at most one: the token that hit the length limit) are not cached;
+    - with logprobs asked for, "stop_logprob": the stop token's TokenLogprob where one ended the answer, else None.
     """
     device = model.device
     stops = set(stop_ids) | set(params.stop_ids)
@@ -176,4 +177,6 @@ def stream_generate(
     if ends is not None:
         ends.settle(len(pending_text))
         final["logprobs"] = ends.take()
+        # the stop token is in no event's list; /v1/completions lists it, as vLLM does
+        final["stop_logprob"] = sampler.last_logprob if finish == "stop" else None
     yield final

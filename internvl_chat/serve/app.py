@@ -1,5 +1,7 @@
-"""The HTTP API: /health, /v1/models, /v1/chat/completions (streaming and not), OpenAI-shaped errors,
-CORS for the web origins --allow-origin names."""
+"""The HTTP API: /health, /v1/models, /v1/chat/completions and the legacy /v1/completions
+(text_completions.py), streaming and not, OpenAI-shaped errors, CORS for the web origins
+--allow-origin names. Both POST endpoints are admitted alike (`admitted`: origin, API key, body
+limits, the queue, a client that leaves)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import threading
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.datastructures import MutableHeaders
@@ -26,15 +28,13 @@ from .errors import APIError, shown
 from .logprobs import logprobs_object
 from .protocol import ChatCompletionRequest, check_model, choice, choices, chunk, completion, models_list
 from .protocol import parse_request, stop_strings, usage_chunk
+from .replies import POLL_S, ClientDisconnected, JobStream, job_events
+from .text_completions import CompletionRequest, TextPrompts, parse_completion_request, text_complete, text_job
+from .text_completions import text_prompts, text_stream
 
-POLL_S = 0.5  # how often a waiting handler checks that its client is still there
 # Parsing holds ~45× a body's size (pydantic's tree of a 30 MiB body: +1.3 GB), and every request
 # in flight parses before the queue can refuse it: bodies over this size are parsed one at a time.
 LARGE_BODY_BYTES = 1 << 20
-
-
-class ClientDisconnected(Exception):
-    pass
 
 
 class BrowserOrigins(CORSMiddleware):
@@ -94,22 +94,6 @@ def check_page_origin(request: Request, origins: tuple[str, ...]) -> None:
         raise origin_not_allowed(origin)
 
 
-class JobStream(StreamingResponse):
-    """A stream that cancels its job however it ends. When the client is dropped (its connection
-    lost, or --write-timeout), Starlette cancels the task that iterates `_stream` while it waits to
-    write, and the generator's own `finally` would run only when it is garbage-collected."""
-
-    def __init__(self, job: Job, content, **kw) -> None:
-        super().__init__(content, **kw)
-        self.job = job
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.job.cancel.set()  # a no-op after "done"; frees the engine at once otherwise
-
-
 def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     options = worker.options
     context = worker.model.max_seq_len
@@ -131,7 +115,7 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         # a 405 must say which methods the endpoint takes (Starlette's Allow header, a set's order)
         allowed = ", ".join(sorted(m.strip() for m in (err.headers or {}).get("Allow", "").split(",") if m.strip()))
-        messages = {404: "no such endpoint; this server has /health, /v1/models and /v1/chat/completions",
+        messages = {404: "no such endpoint; this server has /health, /v1/models, /v1/chat/completions and /v1/completions",
                     405: f"method not allowed on this endpoint; it takes {allowed or 'other methods'}"}  # fmt: skip
         message = messages.get(err.status_code, str(err.detail))
         headers = {"Allow": allowed} if err.status_code == 405 and allowed else None
@@ -173,14 +157,20 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
                            code="model_not_found")  # fmt: skip
         return JSONResponse(models_list(model_id, context, created)["data"][0])
 
-    def prepare(body: bytes, gone: threading.Event) -> tuple[ChatCompletionRequest, Prompt, SamplingParams]:
+    def prepare_chat(body: bytes, gone: threading.Event) -> tuple[ChatCompletionRequest, Prompt, SamplingParams]:
         req = parse_request(body)
         check_model(req, model_id)
         prompt = worker.prompts.make(req, gone)
         return req, prompt, sampling_params(req, options.defaults, len(prompt.ids), context)
 
-    async def prepared(request: Request, body: bytes) -> tuple[ChatCompletionRequest, Prompt, SamplingParams]:
-        """prepare(body) off the event loop (JSON, base64, hashing, a video's measuring), stopped
+    def prepare_text(body: bytes, _gone: threading.Event) -> tuple[CompletionRequest, TextPrompts, SamplingParams]:
+        req = parse_completion_request(body)
+        check_model(req, model_id)
+        prompts = text_prompts(req, worker.prompts, context)
+        return req, prompts, sampling_params(req, options.defaults, prompts.longest, context)
+
+    async def prepared(request: Request, body: bytes, prepare):
+        """prepare(body, gone) off the event loop (JSON, base64, hashing, a video's measuring), stopped
         (Cancelled) where measuring a video when its client leaves: counting the frames of one
         whose header has no count reads the whole file."""
         gone = threading.Event()
@@ -192,8 +182,9 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
             watching.cancel()
             stopping.cancel()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def admitted(request: Request, prepare):
+        """The request checked (origin, API key, body limits, queue room) and prepare(body, gone)'s
+        result; a 499 Response where its client left before it could be queued."""
         check_page_origin(request, options.allow_origins)
         authorize(request)
         try:
@@ -207,23 +198,46 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
                     if await request.is_disconnected():  # it left while others were parsed
                         return Response(status_code=499)
                     worker.check_capacity()  # the queue may have filled meanwhile
-                    req, prompt, params = await prepared(request, body)
+                    ready = await prepared(request, body, prepare)
             else:
-                req, prompt, params = await prepared(request, body)
+                ready = await prepared(request, body, prepare)
         except Cancelled:  # it left, or the server stopped, while a video was measured
             if ending.is_set():
                 raise shutting_down() from None
             return Response(status_code=499)
         if await request.is_disconnected():  # it left while its images were read: nothing to answer
             return Response(status_code=499)
+        return ready
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        ready = await admitted(request, prepare_chat)
+        if isinstance(ready, Response):
+            return ready
+        req, prompt, params = ready
         job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop(), choices=choices(req))
         worker.submit(job)
         if req.stream:
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return JobStream(job, _stream(job, request, req, model_id), media_type="text/event-stream", headers=headers)
+            return JobStream(job, _stream(job, request, req, model_id), media_type="text/event-stream", headers=STREAM_HEADERS)
         return await _complete(job, request, req, model_id)
 
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        ready = await admitted(request, prepare_text)
+        if isinstance(ready, Response):
+            return ready
+        req, prompts, params = ready
+        job = text_job(req, prompts, params, asyncio.get_running_loop())
+        worker.submit(job)
+        if req.stream:
+            return JobStream(job, text_stream(job, request, req, prompts, model_id), media_type="text/event-stream",
+                             headers=STREAM_HEADERS)  # fmt: skip
+        return await text_complete(job, request, req, prompts, model_id)
+
     return app
+
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def _unless_ending(reading, ending: asyncio.Event):
@@ -285,43 +299,10 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     return b"".join(parts)
 
 
-_DELTAS = ("text", "tokens")  # the engine's text events, without and with logprob entries
-
-
-async def _events(job: Job, request: Request):
-    """The job's events as they come, text deltas that queued up meanwhile joined into one:
-    ("text", (text, logprob entries)), the entries [] unless logprobs were asked for. Deltas are
-    joined only up to the next other event, which may end one choice before the next one's text."""
-    while True:
-        batch = await job.events.get_batch(POLL_S)
-        # asked after every batch, not only after a quiet POLL_S: a decode sends text every few
-        # milliseconds, and a non-streaming handler writes nothing that would fail on a closed socket
-        if await request.is_disconnected():
-            job.cancel.set()
-            raise ClientDisconnected
-        deltas: list = []
-        for kind, payload in batch:
-            if kind in _DELTAS:
-                deltas.append(payload if kind == "tokens" else (payload, []))
-                continue
-            if joined := _joined(deltas):
-                yield "text", joined
-            deltas = []
-            yield kind, payload
-        if joined := _joined(deltas):
-            yield "text", joined
-
-
-def _joined(deltas: list) -> tuple[str, list] | None:
-    """Text deltas as one (text, logprob entries); None when they hold nothing."""
-    text, entries = "".join(text for text, _ in deltas), [entry for _, listed in deltas for entry in listed]
-    return (text, entries) if text or entries else None
-
-
 async def _complete(job: Job, request: Request, req: ChatCompletionRequest, model_id: str) -> Response:
     answers = []
     try:
-        async for kind, payload in _events(job, request):
+        async for kind, payload in job_events(job, request):
             if kind == "error":
                 raise payload
             if kind == "choice":
@@ -352,7 +333,7 @@ async def _stream(job: Job, request: Request, req: ChatCompletionRequest, model_
     text_event = text_events(index)
     try:
         yield opening(index)
-        async for kind, payload in _events(job, request):
+        async for kind, payload in job_events(job, request):
             if kind == "text" and req.logprobs:  # a chunk of its own: its logprobs vary in shape
                 text, entries = payload
                 yield sse.event(chunk(cid, model_id, created, {"content": text}, include_usage=with_usage,

@@ -31,7 +31,7 @@ from .answers import AnswerMemory
 from .errors import APIError, bad_request, from_app_error, shown
 from .media import MediaItem, MediaReader, RemoteBudget
 from .options import ServeOptions
-from .protocol import ChatCompletionRequest, ImagePart, RefusalPart, TextPart, VideoPart
+from .protocol import ChatCompletionRequest, ImagePart, RefusalPart, SamplingRequest, TextPart, VideoPart
 
 SYSTEM_ROLES = ("system", "developer")  # OpenAI's newer name for the system role: rendered as "system"
 
@@ -279,16 +279,17 @@ def _text_only(content, param: str, what: str) -> str:
     return "\n".join(p.text if isinstance(p, TextPart) else p.refusal for p in content)
 
 
-def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, prompt_len: int, context: int) -> SamplingParams:
+def sampling_params(req: SamplingRequest, defaults: SamplingParams, prompt_len: int, context: int) -> SamplingParams:
     """The request's sampling settings over the server defaults; max_tokens checked against the context."""
     room = context - prompt_len
+    noun = req.PROMPT_NOUN
     if room < 1:
-        raise APIError(400, f"the conversation is {prompt_len:,} tokens; this model's context holds {context:,}. "
-                       "Send a shorter conversation or fewer images", code="context_length_exceeded", param="messages")  # fmt: skip
-    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"  # the one the client sent
+        fewer = " or fewer images" if noun == "conversation" else ""
+        raise APIError(400, f"the {noun} is {prompt_len:,} tokens; this model's context holds {context:,}. "
+                       f"Send a shorter {noun}{fewer}", code="context_length_exceeded", param=req.PROMPT_PARAM)  # fmt: skip
+    asked, name = req.answer_limit()
     if asked is not None and asked > room:
-        raise APIError(400, f"the conversation is {prompt_len:,} tokens and {name} is {asked:,}: together over "
+        raise APIError(400, f"the {noun} is {prompt_len:,} tokens and {name} is {asked:,}: together over "
                        f"this model's {context:,}-token context; ask for at most {room:,}",
                        code="context_length_exceeded", param=name)  # fmt: skip
     top_k = req.top_k if req.top_k is not None else defaults.top_k
@@ -302,7 +303,7 @@ def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, prompt
         repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else defaults.repetition_penalty,
         max_new_tokens=asked if asked is not None else min(defaults.max_new_tokens, room),
         seed=req.seed % (SEED_MAX + 1) if req.seed is not None else defaults.seed,  # OpenAI's negative ones too
-        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        logprobs=req.logprob_count(),
     )
     try:
         return params.validate()

@@ -38,8 +38,9 @@ import torch
 
 from ..chat.detokenize import IncrementalDetokenizer
 from ..chat.generate import MEDIA_ADVICE, out_of_memory_as_error
-from ..chat.sampling import SamplingParams
+from ..chat.sampling import SamplingParams, unpack_logprobs
 from ..engine.loader import LoadedModel
+from ..engine.model import PromptScores
 from ..errors import Cancelled, InternVLChatError
 from ..settings import SEED_MAX
 from .answers import AnswerMemory
@@ -127,9 +128,19 @@ class Job:
     number: int = field(default_factory=lambda: next(_ids))
     cid: str = field(default_factory=completion_id)  # the response's "id"
     choices: int = 1  # answers to give (the request's n), one after another
+    # /v1/completions (text_completions.py): more prompts after `prompt`, each answered `choices` times
+    more_prompts: list[Prompt] = field(default_factory=list)
+    echo: bool = False  # a "prompt" event (its logprob entries or None) opens each choice
+    prompt_logprobs: int | None = None  # score the prompt's tokens, listing this many alternatives each
+    discard_answer: bool = False  # max_tokens 0: the prompt alone is wanted; the one token sampled is dropped
+    list_stop_token: bool = False  # logprobs list the stop token that ended an answer (its text is not sent)
 
     def __post_init__(self) -> None:
         self.events = EventChannel(self.loop)
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        return [self.prompt, *self.more_prompts]
 
     def emit(self, kind: str, payload) -> None:
         """Hand an event to the request handler's loop (called from the engine thread)."""
@@ -280,25 +291,34 @@ class EngineWorker:
             job.emit("error", APIError(500, f"internal error ({shown(f'{type(e).__name__}: {e}')})", code="internal_error"))
 
     def _generate(self, job: Job) -> None:
-        slot, reuse = self.slots.choose(job.prompt)
         results = []
-        for index in range(job.choices):
-            if index:
-                if job.cancel.is_set():  # the client left between two choices
-                    raise ClientGone
-                # the slot holds the prompt and the answer before: all but the prompt's last token is kept
-                reuse = slot.reusable(job.prompt)
-            result = self._answer(job, index, slot, reuse)
-            if result is None:  # cancelled: the handler has been told
-                return
-            results.append(result)
-            job.emit("choice", result)
+        for number, prompt in enumerate(job.prompts):
+            if number and job.cancel.is_set():  # the client left between two prompts
+                raise ClientGone
+            slot, reuse = self.slots.choose(prompt)
+            if job.prompt_logprobs is not None:
+                reuse = 0  # every prompt token is scored: none may come from the cache
+            scored = None
+            for index in range(job.choices):
+                if index:
+                    if job.cancel.is_set():  # the client left between two choices
+                        raise ClientGone
+                    # the slot holds the prompt and the answer before: all but the prompt's last token is kept
+                    reuse = slot.reusable(prompt)
+                result = self._answer(job, prompt, index, slot, reuse, scored)
+                if result is None:  # cancelled: the handler has been told
+                    return
+                scored = result["prompt_logprobs"]
+                result.update(index=number * job.choices + index, prompt=number)
+                results.append(result)
+                job.emit("choice", result)
         job.emit("done", request_totals(results))
 
-    def _answer(self, job: Job, index: int, slot: Slot, reuse: int) -> dict | None:
-        """Choice `index` of the job, generated on `slot` keeping `reuse` cached prompt tokens; its
-        text sent as it comes. Its result, or None when the job was cancelled meanwhile."""
-        prompt = job.prompt
+    def _answer(self, job: Job, prompt: Prompt, index: int, slot: Slot, reuse: int, scored: list[dict] | None) -> dict | None:
+        """Choice `index` of `prompt`, generated on `slot` keeping `reuse` cached prompt tokens; its
+        text sent as it comes. With `job.prompt_logprobs`, choice 0 scores the prompt as it is
+        prefilled and the later ones are given its entries (`scored`). Its result, or None when the
+        job was cancelled meanwhile."""
         session = slot.session
         session.activate_kv_cache()
         features, vision_s = self._features(prompt, reuse, job)
@@ -311,11 +331,20 @@ class EngineWorker:
         halt = ChoiceHalt(job.cancel)
         tokens = SentTokens(self.pieces) if job.params.logprobs is not None else None
         params = replace(job.params, seed=choice_seed(job.params.seed, index))
+        scores = PromptScores(job.prompt_logprobs) if job.prompt_logprobs is not None and scored is None else None
+        echoed = not job.echo
         sent: list[str] = []
         final = None
-        for event in session.continue_with(prompt.ids, reuse, features, params, halt, vision_s):
+        for event in session.continue_with(prompt.ids, reuse, features, params, halt, vision_s, scores):
             if self.on_event is not None:
                 self.on_event(job, event)
+            if not echoed:  # the prompt is prefilled (and scored) by now: its echo goes before any text
+                if scores is not None:
+                    scored = self._prompt_entries(prompt.ids, scores)
+                job.emit("prompt", scored)
+                echoed = True
+            if job.discard_answer:
+                continue
             if tokens is not None:
                 tokens.receive(event)
             text = stops.push(event["text"])
@@ -323,13 +352,30 @@ class EngineWorker:
                 halt.stop_hit = True  # stream_generate stops at the next token
             if event["finish_reason"] is not None:
                 text += stops.flush()
-                final = event
             sent.append(text)
             _send(job, text, tokens)
+        final = event
+        if job.list_stop_token and tokens is not None and final.get("stop_logprob") and not (job.discard_answer or halt.stop_hit):
+            # lm-eval's loglikelihood drops the answer's last listed token as the one generated
+            stop_entry = self.pieces.content(final["stop_logprob"])
+            tokens.listed.append(stop_entry)
+            job.emit("tokens", ("", [stop_entry]))
         for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts
             turn.features = None
         slot.spans = list(prompt.spans)
-        return self._finish(job, index, slot.index, reuse, final, "".join(sent), tokens, halt.stop_hit)
+        if scores is not None and scored is None:  # not echoed: scored all the same
+            scored = self._prompt_entries(prompt.ids, scores)
+        result = self._finish(job, prompt, index, slot.index, reuse, final, "".join(sent), tokens, halt.stop_hit)
+        if result is not None:
+            result["prompt_logprobs"] = scored
+        return result
+
+    def _prompt_entries(self, ids: list[int], scores: PromptScores) -> list[dict]:
+        """The prompt's logprob entries: the first token's without a value (nothing comes before
+        it), then each later one's as a generated token's (serve/logprobs.py)."""
+        first = {**self.pieces.entry(ids[0], 0.0), "logprob": None, "top_logprobs": None}
+        rows = scores.rows()
+        return [first] + [self.pieces.content(unpack_logprobs(token, row)) for token, row in zip(ids[1:], rows)]
 
     def _features(self, prompt: Prompt, reuse: int, job: Job) -> tuple[torch.Tensor | None, float]:
         """Features for the image runs after `reuse`, in prompt order (LRU first, else the vision encoder).
@@ -365,10 +411,12 @@ class EngineWorker:
             parts.append(features[span.tile : span.tile + span.tiles])
         return torch.cat(parts), vision_s
 
-    def _finish(self, job: Job, index: int, slot: int, reuse: int, final: dict, text: str, tokens: SentTokens | None,
-                stop_hit: bool) -> dict | None:  # fmt: skip
+    def _finish(self, job: Job, prompt: Prompt, index: int, slot: int, reuse: int, final: dict, text: str,
+                tokens: SentTokens | None, stop_hit: bool) -> dict | None:  # fmt: skip
         generated = list(final["token_ids"])
         reason = final["finish_reason"]
+        if job.discard_answer and reason != "cancelled":  # max_tokens 0: no answer, as if cut at once
+            generated, reason = [], "length"
         if stop_hit:
             reason = "stop"
             answer_ids = self._ids_for_text(generated, text)
@@ -383,14 +431,14 @@ class EngineWorker:
         if answer_ids is not None and not self._image_ids.intersection(answer_ids):
             self.answers.remember(text, answer_ids)
         timing = final["timing"]
-        prompt_n = len(job.prompt.ids) - reuse
+        prompt_n = len(prompt.ids) - reuse
         result = {
             "index": index,
             "finish_reason": reason,
             "text": text,
             "token_ids": answer_ids if answer_ids is not None else generated,
             "logprobs": tokens.listed if tokens is not None else None,
-            "usage": usage(len(job.prompt.ids), len(generated), reuse),
+            "usage": usage(len(prompt.ids), len(generated), reuse),
             "timings": timings(prompt_n, timing["vision_s"] + timing["prefill_s"], timing["decode_tokens"],
                                timing["decode_s"], reuse),  # fmt: skip
         }

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -38,6 +38,7 @@ from .errors import APIError, bad_request, shown
 from .logprobs import logprobs_object
 
 OWNED_BY = "internvl-chat"
+_M = TypeVar("_M", bound="SamplingRequest")
 
 
 class _Model(BaseModel):
@@ -111,35 +112,28 @@ class StreamOptions(_Model):
     include_usage: Switch = False
 
 
-class ChatCompletionRequest(_Model):
+class SamplingRequest(_Model):
+    """The fields /v1/chat/completions and /v1/completions share: the model, streaming and sampling."""
+
+    PROMPT_PARAM: ClassVar[str] = "messages"  # the field that holds the prompt, named in a context error
+    PROMPT_NOUN: ClassVar[str] = "conversation"  # what a context error calls it
+
     model: str
-    messages: list[Message] = Field(min_length=1, fail_fast=True)
     stream: Switch = False
     stream_options: StreamOptions | None = None
     temperature: Float | None = Field(default=None, ge=0, le=TEMPERATURE_MAX)  # below 1e-5: greedy
     top_p: Float | None = Field(default=None, ge=0, le=1)  # 0 (OpenAI accepts it): the most likely token alone
     top_k: Int | None = Field(default=None, ge=-1)  # -1 (vLLM) and 0 both turn it off
     max_tokens: Int | None = Field(default=None, ge=1)
-    max_completion_tokens: Int | None = Field(default=None, ge=1)
     # OpenAI's int64 range (lt=2**63 printed the bound as a float); a negative seed is read modulo
     # 2**63 (conversation.sampling_params): -1 is a seed like any other, not llama.cpp's "random"
     seed: Int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: Union[str, Annotated[list[str], Field(fail_fast=True)], None] = None
     repetition_penalty: Float | None = Field(default=None, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)
-    mm_processor_kwargs: dict[str, Any] | None = None
-    media_io_kwargs: dict[str, Any] | None = None  # vLLM: {"video": {"num_frames": N}}
-    return_token_ids: Switch = False  # vLLM's extension: the ids of the answer
-    logprobs: bool | None = None  # OpenAI's: each answer token's log-probability
-    top_logprobs: Int | None = None  # 0-20 alternatives per token, with logprobs true
     n: Int | None = None  # answers to return (1 to MAX_CHOICES); null is 1
     # accepted only at their neutral values
     presence_penalty: Float | None = None
     frequency_penalty: Float | None = None
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None  # OpenAI's older function calling
-    tool_choice: Any = None
-    function_call: Any = None
-    response_format: dict[str, Any] | None = None
     logit_bias: dict[str, Any] | None = None
     min_p: Float | None = None  # vLLM, SGLang, llama.cpp
     min_tokens: Int | None = None  # vLLM
@@ -147,11 +141,37 @@ class ChatCompletionRequest(_Model):
     use_beam_search: bool | None = None  # vLLM
     stop_token_ids: list[Any] | None = None  # vLLM
     ignore_eos: bool | None = None  # vLLM
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1, fail_fast=True)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, Any] | None = None  # vLLM: {"video": {"num_frames": N}}
+    return_token_ids: Switch = False  # vLLM's extension: the ids of the answer
+    logprobs: bool | None = None  # OpenAI's: each answer token's log-probability
+    top_logprobs: Int | None = None  # 0-20 alternatives per token, with logprobs true
+    # accepted only at their neutral values
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None  # OpenAI's older function calling
+    tool_choice: Any = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
     modalities: list[Any] | None = None  # OpenAI's output kinds: ["text"] alone is what we answer
     audio: Any = None  # OpenAI's audio output settings
     web_search_options: Any = None
     reasoning_effort: Any = None  # "none" and "minimal" are neutral: the model has no reasoning phase
     verbosity: Any = None  # "medium" is OpenAI's default
+
+    def answer_limit(self) -> tuple[int | None, str]:
+        """The answer length asked for (None: the server's default) and the field the client sent it in."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    def logprob_count(self) -> int | None:
+        """Alternatives to list per answer token; None: no logprobs asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 MAX_STOP_STRINGS = 16
@@ -181,11 +201,19 @@ def _check_items(body: bytes) -> None:
 
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
-    """The JSON body as a request; 400 naming the first bad field otherwise (413 for one that
+    """The JSON body as a chat request; 400 naming the first bad field otherwise (413 for one that
     would take gigabytes to parse)."""
+    req = parse_body(body, ChatCompletionRequest)
+    _refuse_unsupported(req)
+    return req
+
+
+def parse_body(body: bytes, shape: type[_M]) -> _M:
+    """The JSON body as a `shape` request, its field values checked (not yet what the server can
+    honour); 400 naming the first bad field otherwise (413 for one that would take gigabytes to parse)."""
     _check_items(body)
     try:
-        req = ChatCompletionRequest.model_validate_json(body)
+        return shape.model_validate_json(body)
     except ValidationError as e:
         errors = e.errors()
         first = max(errors, key=lambda err: len(err.get("loc", ())))  # the deepest: the most specific
@@ -210,8 +238,6 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
             raise bad_request(f"{param}: a content part needs a \"type\": 'text', 'image_url' or 'video_url'",
                               param=param) from None  # fmt: skip
         raise bad_request(f"{param or 'request'}: {shown(str(first.get('msg')))}", param=param) from None
-    _refuse_unsupported(req)
-    return req
 
 
 # what a field that takes a string or a list takes, said when it got neither (a part object not in a list)
@@ -265,10 +291,7 @@ _PART_TYPES = ("text", "refusal", "image_url", "video_url")
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
-    _check_choices(req)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (None, 0, 0.0):
-            raise bad_request(f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name)
+    refuse_unsupported_sampling(req)
     _check_logprobs(req)
     if req.tools:
         raise bad_request("tools (function calling) are not supported by this server; leave them out", param="tools")
@@ -302,6 +325,14 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise bad_request("response_format: only 'text' is supported (this server cannot constrain the answer to JSON); "
                           "leave it out and ask for JSON in the message", param="response_format")  # fmt: skip
+
+
+def refuse_unsupported_sampling(req: SamplingRequest) -> None:
+    """400 for a shared field this server cannot honour with the value sent (both endpoints)."""
+    _check_choices(req)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) not in (None, 0, 0.0):
+            raise bad_request(f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name)
     # sampling controls this server does not have: refused, so an answer never silently ignores one
     # a bias of 0 changes nothing (clients that zero a map rather than drop it send one)
     if req.logit_bias and any(isinstance(v, bool) or v not in (0, 0.0) for v in req.logit_bias.values()):
@@ -331,12 +362,12 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
                           f"{len(longest)}", param="stop")  # fmt: skip
 
 
-def choices(req: ChatCompletionRequest) -> int:
+def choices(req: SamplingRequest) -> int:
     """How many answers the request asks for (n; null or absent is 1)."""
     return 1 if req.n is None else req.n
 
 
-def _check_choices(req: ChatCompletionRequest) -> None:
+def _check_choices(req: SamplingRequest) -> None:
     n = choices(req)
     if n < 1:
         raise bad_request(f"n must be at least 1 (the number of answers to return), not {n}; send 1 or leave it out",
@@ -359,7 +390,7 @@ def _check_logprobs(req: ChatCompletionRequest) -> None:
                           "send both, or neither", param="top_logprobs")  # fmt: skip
 
 
-def stop_strings(req: ChatCompletionRequest) -> list[str]:
+def stop_strings(req: SamplingRequest) -> list[str]:
     if req.stop is None:
         return []
     return [req.stop] if isinstance(req.stop, str) else list(req.stop)
@@ -399,19 +430,23 @@ def timings(prompt_n: int, prompt_s: float, predicted_n: int, predicted_s: float
 
 
 def request_totals(results: list[dict]) -> dict:
-    """The request's `usage` and `timings` from its choices' results (the engine's, in order): the
-    prompt counted once (its cached tokens those choice 0 found), answer tokens and the time to
-    prefill and decode summed over the choices."""
-    first, spent = results[0]["usage"], [r["timings"] for r in results]
+    """The request's `usage` and `timings` from its choices' results (the engine's, in order): each
+    prompt counted once (its cached tokens those its first choice found; /v1/completions may send
+    several, results' "prompt" says whose), answer tokens and the time to prefill and decode summed
+    over the choices."""
+    firsts = list({r.get("prompt", 0): r for r in reversed(results)}.values())  # each prompt's first choice
+    spent = [r["timings"] for r in results]
     answered = sum(r["usage"]["completion_tokens"] for r in results)
 
     def total(key: str) -> float:
         return sum(t[key] for t in spent)
 
+    prompt_tokens = sum(r["usage"]["prompt_tokens"] for r in firsts)
+    cached = sum(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in firsts)
     return {
-        "usage": usage(first["prompt_tokens"], answered, first["prompt_tokens_details"]["cached_tokens"]),
+        "usage": usage(prompt_tokens, answered, cached),
         "timings": timings(int(total("prompt_n")), total("prompt_ms") / 1000, int(total("predicted_n")),
-                           total("predicted_ms") / 1000, spent[0]["cache_n"]),  # fmt: skip
+                           total("predicted_ms") / 1000, cached),  # fmt: skip
     }
 
 
@@ -485,7 +520,7 @@ def models_list(model_id: str, context_length: int, created: int) -> dict:
     }
 
 
-def check_model(req: ChatCompletionRequest, model_id: str) -> None:
+def check_model(req: SamplingRequest, model_id: str) -> None:
     if req.model != model_id:
         raise APIError(404, f"the model '{shown(req.model, 80)}' does not exist; this server serves {model_id!r}",
                        code="model_not_found", param="model")  # fmt: skip

@@ -1,0 +1,360 @@
+"""The legacy text endpoint, POST /v1/completions: through the official `openai` client
+(`client.completions.create`) and as lm-evaluation-harness's `local-completions` model sends it.
+
+Answers and log-probabilities are checked against a direct forward of the same tiny checkpoint (a
+second copy, float32 on the CPU): greedy continuations token by token, and the prompt's scored
+tokens against one full forward's log_softmax (the engine's scored prefill computes them a few rows
+at a time, over several prefill chunks here).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from operator import itemgetter
+
+import httpx
+import openai
+import pytest
+import torch
+
+from internvl_chat.engine import model as engine_model
+from internvl_chat.engine.loader import load_model
+from internvl_chat.serve.text_completions import DEFAULT_MAX_TOKENS, MAX_PROMPTS
+
+TEXT = "The quick brown fox jumps over the lazy dog, and then"
+LONG_TEXT = "Colours of the rainbow: red, orange, yellow, green, blue, indigo and violet. " * 4
+WAIT_S = 120
+
+
+@pytest.fixture(scope="module")
+def local(tiny_original):
+    return load_model(tiny_original, device="cpu", dtype="float32", max_context=4096)
+
+
+@pytest.fixture(scope="module")
+def stop_ids(server) -> set[int]:
+    return set(server.prompt_builder().stop_ids)
+
+
+def full_logprobs(local, ids: list[int]) -> torch.Tensor:
+    """log_softmax of every position's logits, from one forward of the whole text."""
+    with torch.inference_mode():
+        return local.model.forward(ids, 0, all_logits=True).float().log_softmax(-1)
+
+
+def greedy(local, ids: list[int], steps: int, stops: set[int]) -> tuple[list[int], str]:
+    """The greedy continuation, one full forward per token (the image tokens banned, as the sampler bans them)."""
+    special = local.special
+    out: list[int] = []
+    for _ in range(steps):
+        logits = full_logprobs(local, ids + out)[-1].clone()
+        logits[[special.img_start, special.img_end, special.img_context]] = -math.inf
+        token = int(logits.argmax())
+        if token in stops:
+            return out, "stop"
+        out.append(token)
+    return out, "length"
+
+
+def assert_top(top: dict[str, float], row: torch.Tensor, k: int, own: float) -> None:
+    """A legacy `top_logprobs` dict: the k most likely tokens and the token itself (`own`), at most
+    k + 1 keys (fewer where texts coincide, each U+FFFD alone), its largest value the position's."""
+    assert 1 <= len(top) <= k + 1
+    assert max(top.values()) == pytest.approx(float(row.max()), abs=1e-4)
+    kth = float(torch.topk(row, k).values[-1])
+    assert all(v >= kth - 1e-4 or v == own for v in top.values())
+    assert own in top.values()
+
+
+def assert_offsets(logprobs, text: str) -> None:
+    """Each token's `text_offset` is where its text stands in the choice's text (a token holding
+    part of a character, shown as U+FFFD alone, is only checked to be in order)."""
+    offsets = logprobs.text_offset
+    assert offsets == sorted(offsets) and all(0 <= o <= len(text) for o in offsets)
+    for token, offset in zip(logprobs.tokens, offsets):
+        if "\ufffd" not in token:
+            assert text[offset : offset + len(token)] == token
+
+
+def post(server, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/completions", json=body, timeout=WAIT_S)
+
+
+# ---- plain completions ---------------------------------------------------------------------------
+
+
+def test_a_text_prompt_is_continued_as_it_is_without_a_chat_template(client, local, stop_ids):
+    answer = client.completions.create(model="tiny", prompt=TEXT, max_tokens=8, temperature=0)
+    ids = local.tokenizer.encode(TEXT)
+    expected, reason = greedy(local, ids, 8, stop_ids)
+    assert answer.object == "text_completion" and answer.id.startswith("cmpl-")
+    assert answer.usage.prompt_tokens == len(ids)  # the text's own tokens: no template around them
+    assert answer.usage.completion_tokens == len(expected)
+    [choice] = answer.choices
+    assert (choice.index, choice.text, choice.finish_reason) == (0, local.tokenizer.decode(expected), reason)
+    assert choice.logprobs is None
+
+
+def test_max_tokens_defaults_to_openais_sixteen(client):
+    answer = client.completions.create(model="tiny", prompt=TEXT, temperature=0)
+    assert answer.usage.completion_tokens <= DEFAULT_MAX_TOKENS
+    assert answer.usage.completion_tokens == DEFAULT_MAX_TOKENS or answer.choices[0].finish_reason == "stop"
+
+
+def test_token_id_prompts_and_texts_give_one_choice_per_prompt_and_n_in_order(client, local, stop_ids):
+    first, second = local.tokenizer.encode(TEXT), local.tokenizer.encode("Red, green and")
+    answer = client.completions.create(model="tiny", prompt=[first, second], max_tokens=4, temperature=0, n=2)
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    for number, ids in enumerate((first, second)):
+        expected = local.tokenizer.decode(greedy(local, ids, 4, stop_ids)[0])
+        assert [c.text for c in answer.choices[2 * number : 2 * number + 2]] == [expected, expected]
+    assert answer.usage.prompt_tokens == len(first) + len(second)  # each prompt counted once
+    texts = client.completions.create(model="tiny", prompt=[TEXT, "Red, green and"], max_tokens=4, temperature=0)
+    assert [c.text for c in texts.choices] == [answer.choices[0].text, answer.choices[2].text]
+
+
+def test_a_seeded_sample_is_reproducible_and_each_choice_has_its_own(client):
+    kw = dict(model="tiny", prompt=TEXT, max_tokens=12, temperature=1.0, seed=7, n=2)
+    one, two = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in one.choices] == [c.text for c in two.choices]
+    assert one.choices[0].text != one.choices[1].text
+
+
+def test_a_stop_string_cuts_the_text(client, local, stop_ids):
+    full = local.tokenizer.decode(greedy(local, local.tokenizer.encode(TEXT), 12, stop_ids)[0])
+    cut = full[3:6]
+    answer = client.completions.create(model="tiny", prompt=TEXT, max_tokens=12, temperature=0, stop=[cut])
+    assert answer.choices[0].text == full[: full.index(cut)]
+    assert answer.choices[0].finish_reason == "stop"
+
+
+def test_generated_logprobs_are_the_legacy_shape(client, local, stop_ids):
+    answer = client.completions.create(model="tiny", prompt=TEXT, max_tokens=6, temperature=0, logprobs=3)
+    ids = local.tokenizer.encode(TEXT)
+    generated, _ = greedy(local, ids, 6, stop_ids)
+    logprobs = answer.choices[0].logprobs
+    reference = full_logprobs(local, ids + generated)
+    assert "".join(logprobs.tokens) == answer.choices[0].text
+    for k, (token, value, top) in enumerate(zip(generated, logprobs.token_logprobs, logprobs.top_logprobs)):
+        row = reference[len(ids) - 1 + k]
+        assert value == pytest.approx(float(row[token]), abs=1e-4)
+        assert_top(top, row, 3, value)
+    assert_offsets(logprobs, answer.choices[0].text)
+
+
+def test_a_stream_sends_text_completion_chunks_that_add_up_to_the_answer(client):
+    kw = dict(model="tiny", prompt=[TEXT, "Red, green and"], max_tokens=6, temperature=0)
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    texts, reasons = ["", ""], [None, None]
+    for chunk in chunks[:-1]:
+        assert chunk.object == "text_completion" and chunk.usage is None
+        [choice] = chunk.choices
+        texts[choice.index] += choice.text
+        if choice.finish_reason is not None:
+            reasons[choice.index] = choice.finish_reason
+    assert texts == [c.text for c in whole.choices]
+    assert reasons == [c.finish_reason for c in whole.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_a_raw_stream_ends_with_done(server):
+    body = {"model": "tiny", "prompt": TEXT, "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=WAIT_S) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(json.loads(line[6:])["object"] == "text_completion" for line in lines[:-1])
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": []}, "prompt"),
+    ({"prompt": {"text": "hi"}}, "prompt"),
+    ({"prompt": ["fine", [1, "two"]]}, "prompt.1"),
+    ({"prompt": [1, 2, 10**9]}, "prompt"),
+    ({"prompt": [[1, 2], [-1]]}, "prompt.1"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": ["x"] * (MAX_PROMPTS + 1)}, "prompt"),
+    ({"prompt": ["x", "y"], "n": MAX_PROMPTS}, "n"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "x", "suffix": "after"}, "suffix"),
+    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": "x", "max_tokens": 5000}, "max_tokens"),
+    ({"prompt": "word " * 5000}, "prompt"),
+])  # fmt: skip
+def test_bad_requests_get_one_line_openai_errors_naming_the_field(server, body, param):
+    response = post(server, {"model": "tiny", **body})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert "\n" not in error["message"]
+
+
+def test_an_unknown_model_and_a_missing_key_are_refused_as_chat_refuses_them(server, tiny_original):
+    assert post(server, {"model": "other", "prompt": "x"}).status_code == 404
+    from serve_support import RunningServer
+
+    with RunningServer(tiny_original, api_key="sekrit") as keyed:
+        with pytest.raises(openai.AuthenticationError):
+            keyed.client().completions.create(model="tiny", prompt="x", max_tokens=1)
+        assert keyed.client("sekrit").completions.create(model="tiny", prompt="x", max_tokens=1).choices
+
+
+# ---- echo and the prompt's log-probabilities -----------------------------------------------------
+
+
+def test_echo_puts_the_prompt_before_the_answer(client):
+    plain = client.completions.create(model="tiny", prompt=TEXT, max_tokens=4, temperature=0)
+    echoed = client.completions.create(model="tiny", prompt=TEXT, max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == TEXT + plain.choices[0].text
+    alone = client.completions.create(model="tiny", prompt=TEXT, max_tokens=0, echo=True)
+    assert (alone.choices[0].text, alone.choices[0].finish_reason, alone.usage.completion_tokens) == (TEXT, "length", 0)
+
+
+def test_prompt_logprobs_match_a_full_forward(server, client, local, monkeypatch):
+    # small prefill chunks and score blocks: the prompt spans several of each, and ends inside one
+    monkeypatch.setattr(server.worker.model, "prefill_chunk", 16)
+    monkeypatch.setattr(engine_model, "SCORE_ROWS", 5)
+    ids = local.tokenizer.encode(LONG_TEXT)
+    assert len(ids) > 40
+    answer = client.completions.create(model="tiny", prompt=LONG_TEXT, max_tokens=0, echo=True, logprobs=3)
+    logprobs = answer.choices[0].logprobs
+    reference = full_logprobs(local, ids)
+    assert answer.choices[0].text == LONG_TEXT and "".join(logprobs.tokens) == LONG_TEXT
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert len(logprobs.token_logprobs) == len(ids)
+    for j in range(1, len(ids)):
+        row = reference[j - 1]
+        assert logprobs.token_logprobs[j] == pytest.approx(float(row[ids[j]]), abs=1e-4)
+        assert_top(logprobs.top_logprobs[j], row, 3, logprobs.token_logprobs[j])
+    assert_offsets(logprobs, LONG_TEXT)
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:k])) for k in range(len(ids))]  # whole characters
+
+
+def test_echo_with_logprobs_and_an_answer_lists_the_prompt_then_the_answer(client, local, stop_ids):
+    ids = local.tokenizer.encode(TEXT)
+    answer = client.completions.create(model="tiny", prompt=TEXT, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    generated, _ = greedy(local, ids, 3, stop_ids)
+    logprobs = answer.choices[0].logprobs
+    assert len(logprobs.tokens) == len(ids) + len(generated)
+    assert answer.choices[0].text == TEXT + local.tokenizer.decode(generated)
+    assert logprobs.text_offset[len(ids)] == len(TEXT)
+    reference = full_logprobs(local, ids + generated)
+    values = [float(reference[j - 1][t]) for j, t in enumerate(ids + generated) if j]
+    assert logprobs.token_logprobs[1:] == pytest.approx(values, abs=1e-4)
+
+
+def test_a_streamed_echo_comes_first_with_its_logprobs(client):
+    whole = client.completions.create(model="tiny", prompt=TEXT, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    chunks = list(client.completions.create(model="tiny", prompt=TEXT, max_tokens=3, temperature=0, echo=True,
+                                            logprobs=2, stream=True))  # fmt: skip
+    assert chunks[0].choices[0].text == TEXT
+    tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
+    assert tokens == whole.choices[0].logprobs.tokens and offsets == whole.choices[0].logprobs.text_offset
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+
+
+# ---- lm-evaluation-harness local-completions ------------------------------------------------------
+# Its request bodies (lm_eval/models/openai_completions.py, LocalCompletionsAPI._create_payload)
+# and how it reads the answers (parse_logprobs, parse_generations), replayed as sent.
+
+
+def lm_eval_loglikelihood(server, contexts_and_continuations: list[tuple[list[int], list[int]]], max_tokens: int = 1):
+    """lm-eval's loglikelihood: a batch of token-id prompts (context + continuation), the sum of the
+    continuation's logprobs and whether each of its tokens was the most likely one."""
+    body = {"model": "tiny", "prompt": [c + x for c, x in contexts_and_continuations], "temperature": 0,
+            "max_tokens": max_tokens, "logprobs": 1, "seed": 1234, "echo": True}  # fmt: skip
+    response = post(server, body)
+    assert response.status_code == 200, response.text
+    out, results = response.json(), []
+    end = -1 if max_tokens else None  # max_tokens 1: the last listed token is the one generated
+    for choice, (context, _) in zip(sorted(out["choices"], key=itemgetter("index")), contexts_and_continuations):
+        values = choice["logprobs"]["token_logprobs"][len(context) : end]
+        tops = choice["logprobs"]["top_logprobs"][len(context) : end]
+        results.append((sum(values), all(v == max(top.values()) for v, top in zip(values, tops))))
+    return results
+
+
+def reference_loglikelihood(local, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    rows = full_logprobs(local, context + continuation)[len(context) - 1 : -1]
+    picked = rows[torch.arange(len(continuation)), torch.tensor(continuation)]
+    return float(picked.sum()), bool((rows.argmax(-1) == torch.tensor(continuation)).all())
+
+
+@pytest.mark.parametrize("max_tokens", [1, 0])
+def test_lm_eval_loglikelihood_requests_read_back_the_continuations_logprobs(server, local, max_tokens):
+    tok = local.tokenizer
+    pairs = [(tok.encode("Question: what colour is the sky?\nAnswer:"), tok.encode(" blue")),
+             (tok.encode("Question: what colour is the sky?\nAnswer:"), tok.encode(" bright green")),
+             (tok.encode("The capital of France is"), tok.encode(" Paris, of course"))]  # fmt: skip
+    # a continuation the model would pick greedily: is_greedy must come back true for it
+    context = tok.encode(TEXT)
+    greedy_ids = [int(full_logprobs(local, context)[-1].argmax())]
+    greedy_ids.append(int(full_logprobs(local, context + greedy_ids)[-1].argmax()))
+    pairs.append((context, greedy_ids))
+    got = lm_eval_loglikelihood(server, pairs, max_tokens)
+    for (value, is_greedy), (context, continuation) in zip(got, pairs):
+        expected_value, expected_greedy = reference_loglikelihood(local, context, continuation)
+        assert value == pytest.approx(expected_value, abs=1e-3)
+        assert is_greedy == expected_greedy
+    assert got[-1][1] is True
+
+
+def test_lm_eval_loglikelihood_keeps_the_last_continuation_token_when_the_answer_is_a_stop_token(server, local, stop_ids):
+    # the one token generated is the stop token: it is listed, so lm-eval's [ctxlen:-1] drops it
+    # and not the continuation's last token (vLLM lists it too)
+    tok = local.tokenizer
+    stop = sorted(stop_ids)[0]
+    context = tok.encode(TEXT)
+    continuation = tok.encode(" and")
+    body = {"model": "tiny", "prompt": [context + continuation], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+            "echo": True, "seed": 1234}  # fmt: skip
+    original = server.worker.slots.slots[0].session._make_sampler
+
+    def forced_stop(params, _real=original):
+        sampler = _real(params)
+        real_next = sampler.next_token
+
+        def next_token(logits):
+            biased = logits.clone().reshape(-1)
+            biased[stop] = 1e4  # the stop token is certain
+            return real_next(biased)
+
+        sampler.next_token = next_token
+        return sampler
+
+    for slot in server.worker.slots.slots:
+        slot.session._make_sampler = forced_stop
+    try:
+        out = post(server, body).json()
+    finally:
+        for slot in server.worker.slots.slots:
+            del slot.session._make_sampler
+    [choice] = out["choices"]
+    assert choice["finish_reason"] == "stop" and choice["text"] == tok.decode(context + continuation)
+    values = choice["logprobs"]["token_logprobs"]
+    assert len(values) == len(context) + len(continuation) + 1
+    expected, _ = reference_loglikelihood(local, context, continuation)
+    assert sum(values[len(context) : -1]) == pytest.approx(expected, abs=1e-3)
+
+
+def test_lm_eval_generate_until_reads_each_choices_text(server, local, stop_ids):
+    tok = local.tokenizer
+    prompts = [TEXT, "Red, green and"]
+    body = {"prompt": prompts, "model": "tiny", "max_tokens": 10, "temperature": 0, "stop": ["\n\n", "Question:"],
+            "seed": 1234}  # fmt: skip
+    out = post(server, body).json()
+    texts = [None] * len(out["choices"])
+    for choice in out["choices"]:
+        texts[choice["index"]] = choice["text"]
+    for text, prompt in zip(texts, prompts):
+        expected = tok.decode(greedy(local, tok.encode(prompt), 10, stop_ids)[0])
+        for stop in body["stop"]:
+            expected = expected.split(stop)[0]
+        assert text == expected
