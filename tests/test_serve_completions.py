@@ -10,6 +10,8 @@ at a time, over several prefill chunks here).
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import math
 from operator import itemgetter
 
@@ -358,3 +360,65 @@ def test_lm_eval_generate_until_reads_each_choices_text(server, local, stop_ids)
         for stop in body["stop"]:
             expected = expected.split(stop)[0]
         assert text == expected
+
+
+# ---- admission and cancellation: chat's, shared ---------------------------------------------------
+
+
+def test_a_page_of_an_origin_not_allowed_cannot_post_a_completion_without_a_preflight(server):
+    before = server.worker.counts.copy()
+    response = httpx.post(f"{server.url}/v1/completions", content=json.dumps({"model": "tiny", "prompt": "x"}),
+                          headers={"Origin": "http://evil.example", "Content-Type": "text/plain"}, timeout=WAIT_S)  # fmt: skip
+    assert response.status_code == 403 and response.json()["error"]["code"] == "origin_not_allowed"
+    assert server.worker.counts == before  # nothing ran
+
+
+def test_a_full_queue_refuses_a_completion_with_429(server):
+    worker, started, release = server.worker, threading.Event(), threading.Event()
+
+    def hold(job):
+        started.set()
+        assert release.wait(WAIT_S)
+
+    worker.on_start = hold
+    server.options.queue_depth = 0
+    try:
+        busy = threading.Thread(target=post, args=(server, {"model": "tiny", "prompt": "x", "max_tokens": 1}))
+        busy.start()
+        assert started.wait(WAIT_S)
+        refused = post(server, {"model": "tiny", "prompt": "x", "max_tokens": 1})
+        assert refused.status_code == 429 and refused.headers["Retry-After"]
+    finally:
+        server.options.queue_depth = 8
+        worker.on_start = None
+        release.set()
+    busy.join(WAIT_S)
+
+
+def test_a_client_that_leaves_stops_its_prompts_and_later_ones_never_begin(server):
+    worker, first, closed, seen = server.worker, threading.Event(), threading.Event(), {}
+
+    def watch(job, event):
+        if first.is_set():
+            return
+        seen["job"] = job
+        first.set()
+        assert closed.wait(WAIT_S)
+        assert job.cancel.wait(WAIT_S)  # the handler sees the client gone and cancels the job
+
+    worker.on_event = watch
+    body = json.dumps({"model": "tiny", "prompt": [TEXT, TEXT + " again", TEXT + " once more"], "max_tokens": 200,
+                       "temperature": 0, "stream": True}).encode()  # fmt: skip
+    head = ("POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S)
+        sock.sendall(head + body)
+        assert first.wait(WAIT_S)
+        sock.close()
+        closed.set()
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        worker.on_event = None
+    records = [r for r in worker.finished if r["job"] == seen["job"].number]
+    assert [r["finish_reason"] for r in records] == ["cancelled"]  # the first prompt's answer, and no other
