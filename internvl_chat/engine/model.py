@@ -456,7 +456,8 @@ class InternVLModel(nn.Module):
         h = self.embed(ids, image_features)
         for first in range(0, t, self.prefill_chunk):
             _stop_if_set(cancel)
-            normed = lm.forward_embeds(h[:, first : first + self.prefill_chunk], start_pos + first, last_only=False, head=False)
+            chunk = h[:, first : first + self.prefill_chunk]
+            normed = lm.forward_embeds(chunk, start_pos + first, last_only=False, head=False)
             for row in range(0, normed.shape[1], SCORE_ROWS):
                 logits = lm.logits(normed[:, row : row + SCORE_ROWS])
                 after = ids[first + row + 1 : first + row + 1 + logits.shape[0]]  # the prompt's last row has none

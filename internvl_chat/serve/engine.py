@@ -19,6 +19,13 @@ choice keeps the slot's cache of the prompt and prefills its last token again, w
 answer before it did not keep. A stop string ends its own choice; a cancelled job stops at the
 next token, whichever choice it is in, and no later choice begins. The queue stays first come,
 first served by request: a job with n choices holds the engine for n answers.
+
+A /v1/completions job (text_completions.py) may hold several prompts: each is answered in turn,
+its n choices as above, result `index` prompt × n + choice. With `echo` each choice opens with a
+"prompt" event (the prompt's logprob entries, or None); with `prompt_logprobs` choice 0 prefills
+the whole prompt (no cached prefix) scoring every token (engine/model.py's PromptScores), the
+later choices reuse its entries. `discard_answer` (max_tokens 0) drops the one token sampled, and
+`list_stop_token` lists the stop token that ended an answer, as vLLM does.
 """
 
 from __future__ import annotations
@@ -332,9 +339,8 @@ class EngineWorker:
         tokens = SentTokens(self.pieces) if job.params.logprobs is not None else None
         params = replace(job.params, seed=choice_seed(job.params.seed, index))
         scores = PromptScores(job.prompt_logprobs) if job.prompt_logprobs is not None and scored is None else None
-        echoed = not job.echo
+        echoed = not job.echo  # (prompt_logprobs comes with echo only)
         sent: list[str] = []
-        final = None
         for event in session.continue_with(prompt.ids, reuse, features, params, halt, vision_s, scores):
             if self.on_event is not None:
                 self.on_event(job, event)
@@ -355,7 +361,8 @@ class EngineWorker:
             sent.append(text)
             _send(job, text, tokens)
         final = event
-        if job.list_stop_token and tokens is not None and final.get("stop_logprob") and not (job.discard_answer or halt.stop_hit):
+        ended_by_token = final.get("stop_logprob") is not None and not (job.discard_answer or halt.stop_hit)
+        if job.list_stop_token and tokens is not None and ended_by_token:
             # lm-eval's loglikelihood drops the answer's last listed token as the one generated
             stop_entry = self.pieces.content(final["stop_logprob"])
             tokens.listed.append(stop_entry)
@@ -363,8 +370,6 @@ class EngineWorker:
         for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts
             turn.features = None
         slot.spans = list(prompt.spans)
-        if scores is not None and scored is None:  # not echoed: scored all the same
-            scored = self._prompt_entries(prompt.ids, scores)
         result = self._finish(job, prompt, index, slot.index, reuse, final, "".join(sent), tokens, halt.stop_hit)
         if result is not None:
             result["prompt_logprobs"] = scored

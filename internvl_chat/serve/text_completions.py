@@ -108,15 +108,18 @@ def text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> Te
     """The request's prompts as ids (texts tokenized as they are, ids checked) and their texts."""
     items = prompt_items(req.prompt)
     if len(items) * choices(req) > MAX_PROMPTS:
-        raise bad_request(f"{len(items)} prompts × n {choices(req)} are {len(items) * choices(req)} answers; this server "
-                          f"gives at most {MAX_PROMPTS} per request: send fewer prompts or a smaller n", param="n")  # fmt: skip
+        raise bad_request(f"{len(items)} prompts × n {choices(req)} are {len(items) * choices(req)} answers; this "
+                          f"server gives at most {MAX_PROMPTS} per request: send fewer prompts or a smaller n",
+                          param="n")  # fmt: skip
     vocab = min(maker.loaded.config.text.vocab_size, len(maker.tokenizer))
     prompts, texts = [], []
     for i, item in enumerate(items):
         where = "prompt" if len(items) == 1 else f"prompt.{i}"
         if isinstance(item, str):
-            if len(item) >= HOPELESS_TEXT_MIN_CHARS and maker.tokenizer.fewest_tokens(item) >= context:
-                raise _too_long(maker.tokenizer.fewest_tokens(item), context, where, "at least ")
+            # a text that cannot fit is refused before it is tokenized (megabytes take seconds), as chat's are
+            fewest = maker.tokenizer.fewest_tokens(item) if len(item) >= HOPELESS_TEXT_MIN_CHARS else 0
+            if fewest >= context:
+                raise _too_long(fewest, context, where, "at least ")
             with maker.lock:
                 ids = maker.tokenizer.encode(item)
             text = item
