@@ -22,7 +22,7 @@ import torch
 
 from internvl_chat.engine import model as engine_model
 from internvl_chat.engine.loader import load_model
-from internvl_chat.serve.text_completions import DEFAULT_MAX_TOKENS, MAX_PROMPTS
+from internvl_chat.serve.text_completions import DEFAULT_MAX_TOKENS, MAX_PROMPTS, LegacyLogprobs
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then"
 LONG_TEXT = "Colours of the rainbow: red, orange, yellow, green, blue, indigo and violet. " * 4
@@ -205,6 +205,24 @@ def test_an_unknown_model_and_a_missing_key_are_refused_as_chat_refuses_them(ser
         with pytest.raises(openai.AuthenticationError):
             keyed.client().completions.create(model="tiny", prompt="x", max_tokens=1)
         assert keyed.client("sekrit").completions.create(model="tiny", prompt="x", max_tokens=1).choices
+
+
+def _entries(*pieces: bytes) -> list[dict]:
+    return [{"token": p.decode("utf-8", "replace"), "logprob": -1.0, "bytes": list(p), "top_logprobs": []} for p in pieces]
+
+
+@pytest.mark.parametrize("pieces, text, offsets", [
+    ((b"a", b"\xc3", b"\xa9", b"b"), "a\u00e9b", [0, 1, 1, 2]),  # é in two tokens: both begin where it does
+    ((b"a", b"\xc3", b"v"), "a\ufffdv", [0, 1, 2]),  # a character begun and not continued: one U+FFFD
+    ((b"\xe2\x82", b"\xac!", b"ok"), "\u20ac!ok", [0, 0, 2]),
+])  # fmt: skip
+def test_text_offsets_count_the_characters_of_the_text_before_each_token(pieces, text, offsets):
+    legacy = LegacyLogprobs()
+    shaped = legacy.shape(_entries(*pieces))
+    assert shaped["text_offset"] == offsets
+    assert b"".join(pieces).decode("utf-8", "replace") == text  # the text those tokens spell
+    legacy.restart_at(len(text) + 5)  # an echoed prompt's text before the answer
+    assert legacy.shape(_entries(b"x"))["text_offset"] == [len(text) + 5]
 
 
 # ---- echo and the prompt's log-probabilities -----------------------------------------------------
