@@ -256,6 +256,20 @@ def test_prompt_logprobs_match_a_full_forward(server, client, local, monkeypatch
     assert logprobs.text_offset == [len("".join(logprobs.tokens[:k])) for k in range(len(ids))]  # whole characters
 
 
+def test_only_echo_with_logprobs_takes_the_scored_prefill_and_it_alone_forgoes_the_cache(server, client, monkeypatch):
+    model, scored = server.worker.model, []
+    real = model._scored_prefill
+    monkeypatch.setattr(model, "_scored_prefill", lambda *a, **k: scored.append(a) or real(*a, **k))
+    kw = dict(model="tiny", prompt=LONG_TEXT, max_tokens=2, temperature=0)
+    client.completions.create(**kw)
+    again = client.completions.create(**kw, echo=True)  # the same prompt: its prefix comes from a slot
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": TEXT}], max_tokens=2, logprobs=True)
+    assert scored == []  # the plain prefill, logprobs of the answer or not
+    with_logprobs = client.completions.create(**kw, echo=True, logprobs=1)
+    assert len(scored) == 1 and with_logprobs.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_echo_with_logprobs_and_an_answer_lists_the_prompt_then_the_answer(client, local, stop_ids):
     ids = local.tokenizer.encode(TEXT)
     answer = client.completions.create(model="tiny", prompt=TEXT, max_tokens=3, temperature=0, echo=True, logprobs=1)
