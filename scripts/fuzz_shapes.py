@@ -109,10 +109,10 @@ def expected_prompt_text(req, prompt, default_system: str | None, tokens_per_til
     while first < len(messages) and messages[first].role in ("system", "developer"):
         first += 1
 
-    def plain(content) -> str:  # a system or assistant message: text (and refusal) parts as they are
+    def plain(content) -> str:  # a system or assistant message: text (and refusal) parts joined by newlines
         if content is None or isinstance(content, str):
             return content or ""
-        return "".join(p.text if p.type == "text" else p.refusal for p in content)
+        return "\n".join(p.text if p.type == "text" else p.refusal for p in content)
 
     def image(tiles: int) -> str:
         return "<img>" + "<IMG_CONTEXT>" * (tokens_per_tile * tiles) + "</img>"
@@ -122,7 +122,8 @@ def expected_prompt_text(req, prompt, default_system: str | None, tokens_per_til
     media = list(prompt.media)
     for msg in messages[first:]:
         if msg.role == "assistant":
-            out += f"<|im_start|>assistant\n{plain(msg.content)}{msg.refusal or ''}<|im_end|>\n"
+            said = "\n".join(t for t in (plain(msg.content), msg.refusal) if t)  # the refusal field: one more part
+            out += f"<|im_start|>assistant\n{said}<|im_end|>\n"
         elif msg.role != "user":
             out += f"<|im_start|>system\n{plain(msg.content)}<|im_end|>\n"
         else:
