@@ -204,6 +204,16 @@ def test_the_slot_with_the_longest_prefix_is_chosen_and_images_are_compared_by_c
     assert pool.slots[1].reusable(dog) == dog.spans[0].start  # … but another picture: stop before its image
 
 
+def test_a_prompt_without_pictures_never_keeps_a_cached_picture(loaded, builder):
+    """/v1/completions takes token ids: the ids of a chat prompt with an image, sent as a plain
+    prompt, must not reuse the KV of another request's picture (nor see it)."""
+    pool = SlotPool(loaded, 1)
+    cat = image_prompt(builder, "What is it?", "cat")
+    hold(pool.slots[0], cat)
+    plain = Prompt(list(cat.ids))  # the same ids, its <IMG_CONTEXT> tokens plain text
+    assert pool.slots[0].reusable(plain) == cat.spans[0].start
+
+
 def test_a_new_conversation_does_not_evict_a_long_one_for_a_short_shared_prefix(loaded, builder):
     pool = SlotPool(loaded, 2)
     long_chat = Prompt(builder.first_turn("A long conversation about boats. " * 40))

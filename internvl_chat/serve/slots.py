@@ -34,14 +34,23 @@ class Slot:
     def reusable(self, prompt: Prompt) -> int:
         """How many leading prompt tokens this slot's cache can keep; at least one token is left to prefill."""
         n = self.session.cached_prefix(prompt.ids)
-        mine = {(s.start, s.end): s.key for s in self.spans}
-        for span in prompt.spans:
-            if span.start >= n:
-                break
-            if span.end > n or mine.get((span.start, span.end)) != span.key:
-                n = span.start  # never split an image, never keep another picture's features
-                break
+        n = _same_pictures(prompt.spans, self.spans, n)
+        # and the other way: a prompt of token ids (/v1/completions) can spell out a picture's
+        # <IMG_CONTEXT> run with no picture of its own; it must not get this slot's picture
+        n = _same_pictures(self.spans, prompt.spans, n)
         return min(n, len(prompt.ids) - 1)
+
+
+def _same_pictures(spans: list[Span], others: list[Span], n: int) -> int:
+    """How much of the first n tokens to keep so that each of `spans` in them is one of `others`,
+    the same picture at the same place."""
+    theirs = {(s.start, s.end): s.key for s in others}
+    for span in spans:
+        if span.start >= n:
+            break
+        if span.end > n or theirs.get((span.start, span.end)) != span.key:
+            return span.start  # never split an image, never keep another picture's features
+    return n
 
 
 class SlotPool:
