@@ -454,3 +454,18 @@ def test_a_client_that_leaves_stops_its_prompts_and_later_ones_never_begin(serve
         worker.on_event = None
     records = [r for r in worker.finished if r["job"] == seen["job"].number]
     assert [r["finish_reason"] for r in records] == ["cancelled"]  # the first prompt's answer, and no other
+
+
+# ---- review: the edges of the prompt and the fields ----------------------------------------------
+
+
+def test_a_tokenizer_failure_on_a_text_prompt_is_a_one_line_400_not_a_500(server, monkeypatch):
+    from internvl_chat.engine.tokenizer import TokenizerPanic
+
+    def panics(text):
+        raise TokenizerPanic("the checkpoint's tokenizer.json failed on this text (regex too big)")
+
+    monkeypatch.setattr(server.worker.prompts.tokenizer, "encode", panics)
+    response = post(server, {"model": "tiny", "prompt": "x", "max_tokens": 1})
+    assert response.status_code == 400, response.text
+    assert "tokenizer.json failed" in response.json()["error"]["message"]

@@ -34,9 +34,10 @@ from pydantic import Field
 from . import sse
 from ..chat.sampling import SamplingParams, is_int
 from ..chat.session import HOPELESS_TEXT_MIN_CHARS
+from ..errors import InternVLChatError
 from .conversation import Prompt, PromptMaker
 from .engine import Job
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, from_app_error
 from .protocol import Int, SamplingRequest, Switch, choices, parse_body, refuse_unsupported_sampling, stop_strings
 from .replies import ClientDisconnected, job_events
 
@@ -106,6 +107,13 @@ class TextPrompts:
 
 def text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> TextPrompts:
     """The request's prompts as ids (texts tokenized as they are, ids checked) and their texts."""
+    try:
+        return _text_prompts(req, maker, context)
+    except InternVLChatError as e:  # the tokenizer's (a panic on some text): one line, as chat's
+        raise from_app_error(e, param="prompt") from None
+
+
+def _text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> TextPrompts:
     items = prompt_items(req.prompt)
     if len(items) * choices(req) > MAX_PROMPTS:
         raise bad_request(f"{len(items)} prompts × n {choices(req)} are {len(items) * choices(req)} answers; this "
