@@ -459,6 +459,15 @@ def test_a_client_that_leaves_stops_its_prompts_and_later_ones_never_begin(serve
 # ---- review: the edges of the prompt and the fields ----------------------------------------------
 
 
+def test_a_prompt_near_the_context_end_gets_what_room_is_left_without_max_tokens(server, local):
+    """max_tokens unsent: OpenAI's 16 at most, fewer where the context has less room (as vLLM);
+    a 400 naming a max_tokens the client never sent would refuse lm-eval's long prompts."""
+    ids = (local.tokenizer.encode(LONG_TEXT) * 200)[: server.worker.model.max_seq_len - 5]
+    response = post(server, {"model": "tiny", "prompt": ids, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] <= 5
+
+
 def test_a_tokenizer_failure_on_a_text_prompt_is_a_one_line_400_not_a_500(server, monkeypatch):
     from internvl_chat.engine.tokenizer import TokenizerPanic
 

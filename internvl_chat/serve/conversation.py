@@ -301,7 +301,7 @@ def sampling_params(req: SamplingRequest, defaults: SamplingParams, prompt_len: 
         top_p=top_p,
         top_k=max(top_k, 0),
         repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else defaults.repetition_penalty,
-        max_new_tokens=asked if asked is not None else min(defaults.max_new_tokens, room),
+        max_new_tokens=asked if asked is not None else min(req.DEFAULT_ANSWER or defaults.max_new_tokens, room),
         seed=req.seed % (SEED_MAX + 1) if req.seed is not None else defaults.seed,  # OpenAI's negative ones too
         logprobs=req.logprob_count(),
     )

@@ -117,6 +117,8 @@ class SamplingRequest(_Model):
 
     PROMPT_PARAM: ClassVar[str] = "messages"  # the field that holds the prompt, named in a context error
     PROMPT_NOUN: ClassVar[str] = "conversation"  # what a context error calls it
+    # the answer's length when the request sets none, at most the room left (None: the server's [generation] one)
+    DEFAULT_ANSWER: ClassVar[int | None] = None
 
     model: str
     stream: Switch = False

@@ -50,6 +50,7 @@ PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of t
 class CompletionRequest(SamplingRequest):
     PROMPT_PARAM: ClassVar[str] = "prompt"
     PROMPT_NOUN: ClassVar[str] = "prompt"
+    DEFAULT_ANSWER: ClassVar[int | None] = DEFAULT_MAX_TOKENS
 
     prompt: Any = None  # its shapes are read by `prompt_items`, with errors that say which item is wrong
     max_tokens: Int | None = Field(default=None, ge=0)  # 0: no answer (the prompt's echo and logprobs alone)
@@ -59,8 +60,7 @@ class CompletionRequest(SamplingRequest):
 
     def answer_limit(self) -> tuple[int | None, str]:
         """max_tokens 0 samples one token that is dropped (engine.py, `discard_answer`)."""
-        asked = DEFAULT_MAX_TOKENS if self.max_tokens is None else max(self.max_tokens, 1)
-        return asked, "max_tokens"
+        return None if self.max_tokens is None else max(self.max_tokens, 1), "max_tokens"
 
     def logprob_count(self) -> int | None:
         return self.logprobs
