@@ -7,7 +7,8 @@ Each target mutates valid samples built here (bit flips, inserted and deleted by
 chunks, boundary integers, truncation, splices; JSON and TOML also one value at a time) and feeds
 them to the project's own entry point: a session file to /load's reading and replay, a picture or
 a video to the media loaders, a checkpoint folder to load_model, a server's answer to the remote
-conversation, a request body to serve's validation, a config file to load_settings. serve and
+conversation, a request body to serve's validation (chat's and the text endpoint's), a config file
+to load_settings. serve and
 remote also get inputs built whole (fuzz_shapes.py): conversations in any order of roles and
 content shapes, and event streams of every odd form cut at a byte offset, each with the outcome
 it must have. Anything but the project's one-line error is a finding: another exception (an
@@ -41,7 +42,7 @@ from pathlib import Path
 import fuzz_shapes
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = ("session", "image", "video", "checkpoint", "remote", "serve", "settings")
+TARGETS = ("session", "image", "video", "checkpoint", "remote", "serve", "completions", "settings")
 
 # ---------------------------------------------------------------- mutation
 
@@ -528,6 +529,57 @@ class ServeTarget(Target):
             assert span.end - span.start - 2 == tokens_per_tile * span.tiles, "a run's length is not its tiles'"
 
 
+class CompletionsTarget(Target):
+    """A /v1/completions request body through its validation, prompt building and sampling settings."""
+
+    def samples(self) -> list[bytes]:
+        import internvl_chat
+        from internvl_chat.engine.loader import load_model
+        from internvl_chat.serve.answers import AnswerMemory
+        from internvl_chat.serve.conversation import PromptMaker
+        from internvl_chat.serve.media import MediaReader
+        from internvl_chat.serve.options import ServeOptions
+
+        loaded = load_model(Path(internvl_chat.__file__).parent / "demo_model", device="cpu", dtype="float32", max_context=8192)
+        options = ServeOptions()
+        self.maker = PromptMaker(loaded, options, AnswerMemory(), MediaReader(options, loaded.config))
+        self.defaults = options.defaults
+        bodies = [
+            {"model": "m", "prompt": "The cat sat on the", "max_tokens": 5},
+            {"model": "m", "prompt": ["one", "two words"], "n": 2, "temperature": 0.7, "top_p": 0.9, "seed": 3,
+             "stop": ["\n", "."], "logprobs": 2, "stream": True, "stream_options": {"include_usage": True}},
+            {"model": "m", "prompt": [[1, 2, 3, 4], [5, 6]], "max_tokens": 0, "echo": True, "logprobs": 1,
+             "temperature": 0, "seed": 1234},  # lm-eval local-completions' loglikelihood shape
+            {"model": "m", "prompt": [17, 42, 99], "max_tokens": 1, "echo": True, "logprobs": 5, "best_of": 1},
+        ]  # fmt: skip
+        return [json.dumps(b).encode() for b in bodies]
+
+    def mutate(self, samples: list[bytes], rng: random.Random) -> bytes:
+        return mutate_json(samples, rng)
+
+    def allowed(self) -> tuple[type[BaseException], ...]:
+        from internvl_chat.serve.errors import APIError
+
+        return (*super().allowed(), APIError)
+
+    def run(self, data: bytes) -> None:
+        from internvl_chat.serve.conversation import sampling_params
+        from internvl_chat.serve.protocol import choices
+        from internvl_chat.serve.text_completions import MAX_PROMPTS, parse_completion_request, text_prompts
+
+        request = parse_completion_request(data)
+        prompts = text_prompts(request, self.maker, 8192)
+        params = sampling_params(request, self.defaults, prompts.longest, 8192)
+        # what an accepted request must be: prompts the engine can hold, ids it can embed, an answer that fits
+        assert 1 <= len(prompts.prompts) * choices(request) <= MAX_PROMPTS, "more answers than the server gives"
+        vocab = min(self.maker.loaded.config.text.vocab_size, len(self.maker.tokenizer))
+        for prompt, text in zip(prompts.prompts, prompts.texts):
+            assert 1 <= len(prompt.ids) < 8192, f"a prompt of {len(prompt.ids)} tokens was accepted"
+            assert all(isinstance(t, int) and 0 <= t < vocab for t in prompt.ids), "an id outside the vocabulary"
+            assert isinstance(text, str), "the echo is not text"
+        assert 0 <= params.max_new_tokens <= 8192 - prompts.longest, "the answer does not fit beside its prompt"
+
+
 class SettingsTarget(Target):
     """A config file through load_settings, and --print-config's output read back to the same values."""
 
@@ -583,7 +635,7 @@ def _toml(value, top: bool = True) -> str:
 
 
 CLASSES = {"session": SessionTarget, "image": ImageTarget, "video": VideoTarget, "checkpoint": CheckpointTarget,
-           "remote": RemoteTarget, "serve": ServeTarget, "settings": SettingsTarget}  # fmt: skip
+           "remote": RemoteTarget, "serve": ServeTarget, "completions": CompletionsTarget, "settings": SettingsTarget}  # fmt: skip
 
 
 # ---------------------------------------------------------------- the child: inputs one after another
