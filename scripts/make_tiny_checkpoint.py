@@ -108,6 +108,16 @@ class TinySizes:
 # ---------------------------------------------------------------- tokenizer
 
 
+def fast_tokenizer_class() -> type:
+    """transformers' wrapper of a `tokenizers.Tokenizer`: `TokenizersBackend` since transformers 5,
+    `PreTrainedTokenizerFast` before (our floor, 4.52, has only that name)."""
+    try:
+        from transformers import TokenizersBackend
+    except ImportError:
+        from transformers import PreTrainedTokenizerFast as TokenizersBackend
+    return TokenizersBackend
+
+
 def build_tokenizer(out_dir: str | Path, corpus: list[str] | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> None:
     """Train a byte-level BPE and save it so `AutoTokenizer.from_pretrained(out_dir)` loads it offline.
 
@@ -115,7 +125,6 @@ def build_tokenizer(out_dir: str | Path, corpus: list[str] | None = None, vocab_
     pad `<|endoftext|>`, no BOS, a ChatML chat template.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import TokenizersBackend
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +141,7 @@ def build_tokenizer(out_dir: str | Path, corpus: list[str] | None = None, vocab_
     tok.train_from_iterator(list(corpus if corpus is not None else DEFAULT_CORPUS), trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
 
-    wrapped = TokenizersBackend(
+    wrapped = fast_tokenizer_class()(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -481,7 +490,9 @@ def make_tiny_checkpoint(
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         model.generation_config.save_pretrained(str(out))
     else:
-        model.config.dtype = torch_dtype
+        # transformers 5 names the field `dtype`; 4.x `torch_dtype`, and writes only that one as a string
+        dtype_field = "dtype" if hasattr(model.config, "dtype") else "torch_dtype"
+        setattr(model.config, dtype_field, torch_dtype)
         model.config.architectures = ["InternVLForConditionalGeneration"]
         model.config.save_pretrained(str(out))
         model.generation_config.save_pretrained(str(out))

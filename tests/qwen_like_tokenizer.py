@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import TokenizersBackend
+from make_tiny_checkpoint import fast_tokenizer_class
 
 # Qwen2's pre-tokenizer split (a fact of its tokenizer.json), followed by byte-level mapping: it
 # merges runs of newlines and spaces, so tokenizing template pieces separately would give other ids
@@ -37,7 +37,7 @@ def build_qwen_like_tokenizer(
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     extra = {"pad_token": pad_token} if pad_token else {}
-    return TokenizersBackend(tokenizer_object=tok, eos_token="<|im_end|>", **extra)
+    return fast_tokenizer_class()(tokenizer_object=tok, eos_token="<|im_end|>", **extra)
 
 
 def redos_pre_tokenizer(byte_level: dict) -> dict:

@@ -61,6 +61,13 @@ def _layout(model_dir: Path) -> str:
     return "original" if raw.get("model_type") == "internvl_chat" else "hf"
 
 
+def _float32() -> dict:
+    """The float32 argument by the name the installed transformers takes: `dtype` since 5, `torch_dtype` in 4.x."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
+
+
 def reference_model(model_dir: str | Path):
     """The checkpoint in transformers' InternVLForConditionalGeneration, float32, eval, eager attention."""
     from transformers import InternVLForConditionalGeneration
@@ -68,7 +75,7 @@ def reference_model(model_dir: str | Path):
     model_dir = Path(model_dir)
     if _layout(model_dir) == "hf":
         model, info = InternVLForConditionalGeneration.from_pretrained(
-            str(model_dir), dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+            str(model_dir), **_float32(), attn_implementation="eager", output_loading_info=True
         )
         problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if problems:
@@ -76,7 +83,7 @@ def reference_model(model_dir: str | Path):
         return model.eval()
 
     config = reference_config_from_original(model_dir)
-    model = InternVLForConditionalGeneration._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model = InternVLForConditionalGeneration._from_config(config, attn_implementation="eager", **_float32())
     state = {}
     for name, tensor in iter_tensors(model_dir, "original"):
         hf_names = canonical_to_hf(name, "new")

@@ -285,6 +285,18 @@ def test_no_leak_report_from_triton_after_an_inductor_step(tiny_original):
     assert "leaked" not in run.stderr, run.stderr[-2000:]
 
 
+def test_the_dynamo_settings_are_ones_this_torch_has():
+    # torch 2.6 has the recompile limits only by their old names; naming the new ones made
+    # `config.patch` raise, and the step never compiled there
+    from torch._dynamo import config as dynamo_config
+
+    options = compiled.dynamo_options()
+    with dynamo_config.patch(**options):
+        assert all(getattr(dynamo_config, name) == value for name, value in options.items())
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    assert options[limit] == 64
+
+
 def test_a_failing_compiler_falls_back_to_eager_with_one_line(tiny_original, cli_eager_tokens, tmp_path):
     env = {"CXX": str(tmp_path / "no-such-compiler" / "g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
     broken = _ask(tiny_original, "on", env)

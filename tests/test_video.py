@@ -3,8 +3,10 @@ number, decoded with both backends; bad files and ranges."""
 
 from __future__ import annotations
 
+import enum
 import math
 import random
+import types
 
 import av
 import numpy as np
@@ -24,6 +26,7 @@ from PIL import Image
 from internvl_chat.errors import MediaError, UsageError
 from internvl_chat.files import visible
 from internvl_chat.media import video as media_video
+from internvl_chat.media import video_header
 from internvl_chat.media.video import BACKEND_ENV, load_video, probe_video
 from internvl_chat.media.video_sampling import frame_indices, used_range
 
@@ -466,6 +469,23 @@ def test_a_song_with_cover_art_has_no_video_stream(tmp_path):
         with pytest.raises(MediaError) as err:
             call(path)
         assert str(err.value) == f"{path} has no video stream (only a cover picture); pass a video file"
+
+
+@pytest.mark.parametrize("flag_type", [enum.Flag, enum.IntFlag, int])
+def test_a_cover_picture_is_skipped_however_pyav_types_the_disposition(flag_type):
+    # PyAV 15's disposition is an enum.Flag: int() of it raised, and no video opened there
+    class Disposition(enum.Flag if flag_type is enum.Flag else enum.IntFlag):
+        default = 0x0001
+        attached_pic = 0x0400
+
+    def flags(value: int):
+        return Disposition(value) if flag_type is not int else value
+
+    cover = types.SimpleNamespace(disposition=flags(0x0400 | 0x0001))
+    frames = types.SimpleNamespace(disposition=flags(0x0001))
+    container = types.SimpleNamespace(streams=types.SimpleNamespace(video=[cover, frames]))
+    assert video_header.video_stream(container) is frames
+    assert video_header.video_stream(types.SimpleNamespace(streams=types.SimpleNamespace(video=[cover]))) is None
 
 
 def test_with_two_video_streams_the_frames_come_from_the_stream_the_header_was_read_from(tmp_path, monkeypatch):

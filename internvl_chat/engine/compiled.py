@@ -79,6 +79,19 @@ def inductor_options(device: torch.device) -> dict:
     return options
 
 
+def dynamo_options() -> dict:
+    """Dynamo's settings while the step compiles: raise rather than run eagerly past 64 compiled
+    entries, and floats as constants. The limit settings by the names this torch has: torch 2.6 knows
+    only the old ones, and `config.patch` refuses a name it does not know (the step never compiled)."""
+    from torch._dynamo import config as dynamo_config
+
+    if hasattr(dynamo_config, "recompile_limit"):
+        limits = {"fail_on_recompile_limit_hit": True, "recompile_limit": 64}
+    else:
+        limits = {"fail_on_cache_limit_hit": True, "cache_size_limit": 64}
+    return {**limits, "specialize_float": True}
+
+
 def pdl_supported(device: torch.device) -> bool:
     """Whether Inductor can generate PDL kernels for `device`: an sm90+ GPU and an Inductor that has
     the option (torch 2.9 and later)."""
@@ -182,7 +195,7 @@ class CompiledStep:
             # each model compiles its own entry (same code, other guards): raise rather than run eagerly
             # (specialize_float: float attributes such as RMSNorm's eps are constants; symbolic floats
             # would make Dynamo trace the whole step twice)
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=64, specialize_float=True):
+            with torch._dynamo.config.patch(**dynamo_options()):
                 fn = self._build(options)
         except Exception as e:  # noqa: BLE001 — any compiler failure means "stay eager"
             return self._fail(e, "was not compiled")

@@ -575,9 +575,16 @@ def video_stream(container):
     """The first video stream that is not a cover picture (an MP3's or M4A's artwork is a video
     stream of one frame), or None."""
     for stream in container.streams.video:
-        if not int(getattr(stream, "disposition", 0) or 0) & ATTACHED_PIC:
+        if not disposition_flags(stream) & ATTACHED_PIC:
             return stream
     return None
+
+
+def disposition_flags(stream) -> int:
+    """A stream's FFmpeg disposition bits: PyAV 13 gives an int, 18 an `enum.IntFlag`, and 15 an
+    `enum.Flag`, which int() refuses (no video opened with PyAV 15)."""
+    flags = getattr(stream, "disposition", 0) or 0
+    return int(getattr(flags, "value", flags))
 
 
 # ISO BMFF (MP4, MOV, 3GP) boxes that hold others on the way to a track's sample tables
