@@ -247,3 +247,33 @@ def test_model_list_mutants(name, capfd):
             server.models = mutant if isinstance(mutant, bytes) else json_text(mutant).encode("utf-8", "surrogatepass")
             findings.check(label, lambda: connect(server))
     findings.assert_none()
+
+
+WHOLE_ANSWER = {  # a chat.completion, as a server that ignores stream=true sends it
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1764590010, "model": "OpenGVLab/InternVL3-8B",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "A red circle."}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1843, "completion_tokens": 5, "total_tokens": 1848},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "status"), [
+    ("whole answer", 200), ("vllm/error_flat.json", 404), ("llamacpp/error_nested.json", 400), ("lmdeploy/error_flat.json", 500),
+])  # fmt: skip
+def test_error_and_whole_answer_body_mutants(tmp_path, capfd, name, status):
+    """A refusal's JSON body (each server's error shape), or a whole answer instead of a stream."""
+    from remote_helpers import FakeServer, Reply
+
+    from internvl_chat.chat.remote import RemoteConversation
+    from internvl_chat.chat.sampling import SamplingParams
+
+    good = json.dumps(WHOLE_ANSWER).encode() if status == 200 else fixture(name)
+    mutants = [*tree_mutants(json.loads(good), 40, 16), *byte_mutants(good, 40, 4, spread(json_boundaries(good), 6))]
+    findings = Findings(f"answer body {name}", capfd)
+    with FakeServer(models=fixture("vllm/models.json")) as server:
+        conv = RemoteConversation.connect(server.url, timeout=30, params=SamplingParams(max_new_tokens=64))
+        for label, mutant in mutants:
+            body = mutant if isinstance(mutant, bytes) else json_text(mutant).encode("utf-8", "surrogatepass")
+            server.chat(Reply.json(body, status=status))
+            findings.check(label, lambda: _answer_and_save(conv, tmp_path))
+        conv.close()
+    findings.assert_none()
