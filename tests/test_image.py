@@ -634,6 +634,27 @@ def test_a_tiff_whose_tiles_dwarf_the_picture_is_refused_before_decoding(tmp_pat
                                    *expected_grid(width, height, 12), True, 448), atol=2e-6)  # fmt: skip
 
 
+@pytest.mark.parametrize("tag", [322, 323])  # TileWidth, TileLength
+def test_a_tiff_tile_size_of_several_values_raises_no_python_warning(tmp_path, tag):
+    """The tile size is read after the picture is opened, where Pillow's warning about a tag of
+    several values ("Metadata Warning, tag 322 had too many entries: 5, expected 1") was not
+    silenced: two lines of Pillow's source on the terminal (found by tests/test_fuzz_media.py)."""
+    data = bytearray(tiled_tiff(96, 40, 16))
+    entries = struct.unpack("<H", data[8:10])[0]
+    at = next(10 + 12 * k for k in range(entries) if struct.unpack("<H", data[10 + 12 * k : 12 + 12 * k])[0] == tag)
+    data[at + 4 : at + 8] = struct.pack("<I", 5)  # the tag's count: five values where one belongs
+    path = tmp_path / "tiles.tif"
+    path.write_bytes(bytes(data))
+    for call in (probe_image, load_image):
+        with warnings.catch_warnings(record=True) as raised:
+            warnings.simplefilter("always")
+            try:
+                call(path)
+            except MediaError as e:
+                assert "\n" not in str(e)
+        assert [str(w.message) for w in raised if w.category is not ResourceWarning] == []
+
+
 def _grey_png(width: int, height: int, grey: int) -> bytes:
     import struct
     import zlib

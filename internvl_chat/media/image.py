@@ -401,7 +401,8 @@ def _tiff_tile_pixels(image: Image.Image) -> int:
     16384×16384 tiles that decode to 805 MB each. (Strips are cut to the picture's height.)"""
     if image.format != "TIFF":
         return 0
-    width, height = image.tag_v2.get(322), image.tag_v2.get(323)  # TileWidth, TileLength
+    with quiet_pillow():  # tags are parsed as they are read: one of several values warns (opening did not read them)
+        width, height = image.tag_v2.get(322), image.tag_v2.get(323)  # TileWidth, TileLength
     if not isinstance(width, int) or not isinstance(height, int):
         return 0
     return max(width, 0) * max(height, 0)
