@@ -10,6 +10,7 @@ most), so no mutant can make a reader hang or allocate without limit on the way.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import traceback
@@ -32,6 +33,26 @@ ODD_VALUES: tuple[Any, ...] = (
     "<deep>",
 )  # fmt: skip
 DEEP_MARK = "<deep>"
+
+
+class _Records(logging.Handler):
+    """The log records of WARNING and above that the app would print: with no handler on their
+    logger's way to the root (the app sets up no logging), Python prints them to stderr itself
+    (logging.lastResort), a library's words about a file on the terminal; a library's own
+    stream handler prints them too."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        handlers, logger = [], logging.getLogger(record.name)
+        while logger is not None and logger is not logging.getLogger():
+            handlers += logger.handlers
+            logger = logger.parent if logger.propagate else None
+        printing = [h for h in handlers if isinstance(h, logging.StreamHandler) and record.levelno >= h.level]
+        if not handlers or printing:
+            self.records.append(record)
 
 
 class Findings:
@@ -63,14 +84,19 @@ class Findings:
 
     def _read(self, label: str, read: Callable[[], Any]) -> None:
         """`read()`, with what it printed and the Python warnings it raised as findings: the app
-        sets no warnings filter, so a warning reaches the terminal as two lines of internals."""
+        sets no warnings filter, so a warning reaches the terminal as two lines of internals; so do log records (_Records)."""
         if self.capfd is not None:
             self.capfd.readouterr()
+        logged = _Records()
+        logging.getLogger().addHandler(logged)
         try:
             with warnings.catch_warnings(record=True) as raised:
                 warnings.simplefilter("always")
                 read()
         finally:
+            logging.getLogger().removeHandler(logged)
+            for record in logged.records:
+                self.found.append(f"{label}: logged {record.levelname} by {record.name}: {record.getMessage()[:200]!r}")
             for warning in raised:
                 self.found.append(f"{label}: warning {warning.category.__name__}: {str(warning.message)[:200]!r} "
                                   f"({warning.filename}:{warning.lineno})")  # fmt: skip

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 from fuzz_helpers import Findings, byte_mutants, spread
-from media_helpers import display_matrix, png_with_exif_after_pixels, textured_rgb, write_numbered_video, write_pattern_video
+from media_helpers import (display_matrix, numbered_frame, png_with_exif_after_pixels, textured_rgb, tiled_tiff, write_numbered_video,
+                           write_pattern_video)
 from PIL import Image
 
 from internvl_chat.media.image import load_image
@@ -43,7 +44,7 @@ def mp4_boundaries(data: bytes, start: int = 0, end: int | None = None) -> list[
         if size < 8:
             break
         out += [at, at + 4, at + 8]
-        if kind in (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts", b"dinf"):
+        if kind in (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts", b"dinf", b"mvex", b"moof", b"traf"):
             out += mp4_boundaries(data, at + 8, at + size)
         at += size
     return out + [end]
@@ -123,20 +124,69 @@ def _video_span(suffix: str, data: bytes) -> tuple[int, int]:
     return 0, data.index(b"movi")
 
 
-def _video_seed(path: Path) -> bytes:
-    if path.suffix == ".mp4":  # turned a quarter by its display matrix: the orientation is read
+def _fragmented_mp4(path: Path) -> Path:
+    """An MP4 whose samples are listed in moof boxes after an empty moov (a live recording's)."""
+    import av
+
+    with av.open(str(path), "w", format="mp4", options={"movflags": "frag_keyframe+empty_moov"}) as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = 2
+        for number in range(6):
+            frame = av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def _video_seed(path: Path, kind: str) -> bytes:
+    if kind == "mp4":  # turned a quarter by its display matrix: the orientation is read
         return write_pattern_video(path, 64, 48, frames=4, matrix=display_matrix(0, 1, -1, 0, 48, 0)).read_bytes()
+    if kind == "mp4-fragmented":
+        return _fragmented_mp4(path).read_bytes()
+    if kind == "webm":
+        return write_numbered_video(path, num_frames=6, codec="libvpx-vp9").read_bytes()
     return write_numbered_video(path, num_frames=6).read_bytes()
 
 
-@pytest.mark.parametrize("suffix", ["mp4", "mkv", "avi"])
-def test_video_mutants(tmp_path, suffix, capfd):
-    good = _video_seed(tmp_path / f"seed.{suffix}")
+@pytest.mark.parametrize("kind", ["mp4", "mp4-fragmented", "mov", "mkv", "webm", "avi"])
+def test_video_mutants(tmp_path, kind, capfd):
+    suffix = kind.split("-")[0]
+    good = _video_seed(tmp_path / f"seed.{suffix}", kind)
     path = tmp_path / f"clip.{suffix}"
-    findings = Findings(f"{suffix} video", capfd)
-    cuts = spread(mp4_boundaries(good) if suffix == "mp4" else every(3, good), 50)
-    mutants = [*byte_mutants(good, 23, 40, cuts), *byte_mutants(good, 24, 100, span=_video_span(suffix, good))]
+    findings = Findings(f"{kind} video", capfd)
+    mp4_like = suffix in ("mp4", "mov")
+    cuts = spread(mp4_boundaries(good) if mp4_like else every(3, good), 50 if kind in ("mp4", "mkv", "avi") else 20)
+    count = 100 if kind in ("mp4", "mkv", "avi") else 40
+    span = _video_span("mp4" if mp4_like else "mkv" if suffix == "webm" else suffix, good)
+    mutants = [*byte_mutants(good, 23, count // 3, cuts), *byte_mutants(good, 24, count, span=span)]
     for label, data in mutants:
         path.write_bytes(data)
         findings.check(label, lambda: _use_video(path))
+    findings.assert_none()
+
+
+MORE_IMAGES = {  # the other formats the app takes (image.image_formats), as Pillow writes them
+    "bmp": ("BMP", {}), "tiff": ("TIFF", {"compression": "tiff_deflate"}), "tiff-jpeg": ("TIFF", {"compression": "jpeg"}),
+    "ico": ("ICO", {}), "ppm": ("PPM", {}), "tga": ("TGA", {"compression": "tga_rle"}), "jp2": ("JPEG2000", {}),
+    "avif": ("AVIF", {"quality": 50}), "qoi": ("QOI", {}), "jpeg-progressive": ("JPEG", {"progressive": True}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", [*MORE_IMAGES, "tiff-tiled"])
+def test_more_image_format_mutants(tmp_path, capfd, kind):
+    """Fewer mutants each: a cut at 16 places, and mutations of its first 256 bytes (the header)."""
+    if kind == "tiff-tiled":
+        good, suffix = tiled_tiff(96, 40, 16), "tiff"
+    else:
+        fmt, options = MORE_IMAGES[kind]
+        buffer = io.BytesIO()
+        Image.fromarray(textured_rgb(96, 40, seed=3)).save(buffer, fmt, **options)
+        good, suffix = buffer.getvalue(), kind.split("-")[0]
+    path = tmp_path / f"picture.{suffix}"
+    findings = Findings(f"{kind} image", capfd)
+    mutants = [*byte_mutants(good, 25, 0, spread(every(1, good), 16)), *byte_mutants(good, 26, 30, span=(0, min(256, len(good))))]
+    for label, data in mutants:
+        path.write_bytes(data)
+        findings.check(label, lambda: load_image(path, max_tiles=2, image_size=28))
     findings.assert_none()
