@@ -9,11 +9,12 @@ left (attachments, turns, settings, a saved file).
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
-from app_helpers import make_app
-from fuzz_helpers import LONG, SCALE, Findings, byte_mutants
+from app_helpers import make_app, output
+from fuzz_helpers import LONG, SCALE, Findings, byte_mutants, json_text, tree_mutants
 from media_helpers import textured_rgb, write_numbered_video
 from PIL import Image
 
@@ -24,7 +25,7 @@ SCRIPT_LINES = (
     "/set temperature 0.7", "/set max_tiles 2", "/set seed 5", "/set max_new_tokens 3", "/set", "/system Be brief.",
     "/system --default", "/system", "What is this?", '"""\na block\nof lines\n"""', "/retry", "/undo", "/context",
     "/show", "/stats", "/save chat.json --force", "/load chat.json", "/load", "/export chat.md --force", "/clear",
-    "/help video", "/image c*.png",
+    "/help video", "/image c*.png", "/load old.json", "/load old --skip-missing", "/save old.json", "/export old.json",
 )  # fmt: skip
 HOSTILE_WORDS = (
     "", "0", "-1", "1e400", "nan", "inf", "-0", "99999999999999999999", "1.5", "0x10", "--frames", "--range", "5-1",
@@ -67,19 +68,33 @@ def _mutated_lines(seed: int, count: int) -> list[tuple[str, str]]:
     return out
 
 
+def _session_mutants(good: bytes, seed: int, count: int) -> list[bytes]:
+    """Damaged copies of a session this app saved, for /load, /save and the /load listing to meet."""
+    as_tree = [json_text(tree).encode("utf-8", "surrogatepass") for _, tree in tree_mutants(json.loads(good), seed, count)]
+    return as_tree + [data for _, data in byte_mutants(good, seed, count)]
+
+
 @pytest.mark.parametrize("seed", [31])
-def test_mutated_script_lines(loaded, tmp_path, capfd, seed):
+def test_mutated_script_lines(loaded, tmp_path, capfd, monkeypatch, seed):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # the sessions folder /load lists
     Image.fromarray(textured_rgb(96, 40, seed=3)).save(tmp_path / "cat.png")
     write_numbered_video(tmp_path / "clip.mp4", num_frames=6)
     app, out = make_app(loaded, tmp_path, max_new_tokens=3, **{"media.max_tiles": 1})  # a picture fits the context
-    assert app.handle_line("/save chat.json") == OK
+    for line in ("/image cat.png", "What is it?", "/save chat.json"):
+        assert app.handle_line(line) == OK, output(out)
+    damaged = _session_mutants((tmp_path / "chat.json").read_bytes(), seed, 60 * SCALE)
+    listed = tmp_path / "state" / "internvl-chat" / "sessions"
+    listed.mkdir(parents=True)
     findings = Findings("script lines", capfd)
 
-    def run(line: str) -> None:
+    def run(line: str, session: bytes) -> None:
+        for path in (tmp_path / "old.json", listed / "old.json"):
+            path.write_bytes(session)
         result = app.handle_line(line)
         assert result in (OK, ERROR, EXIT), result
         out.truncate(0), out.seek(0)
 
-    for label, line in _mutated_lines(seed, 300 * SCALE):
-        findings.check(f"{label} -> {line[:80]!r}", lambda: run(line), refusals=())
+    for index, (label, line) in enumerate(_mutated_lines(seed, 300 * SCALE)):
+        session = damaged[index % len(damaged)]
+        findings.check(f"{label} -> {line[:80]!r} (session mutant {index % len(damaged)})", lambda: run(line, session), refusals=())
     findings.assert_none()
