@@ -10,11 +10,12 @@ left (attachments, turns, settings, a saved file).
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
 from app_helpers import make_app, output
-from fuzz_helpers import LONG, SCALE, Findings, byte_mutants, json_text, tree_mutants
+from fuzz_helpers import LONG, SCALE, Findings, byte_mutants, json_text, spread, tree_mutants
 from media_helpers import textured_rgb, write_numbered_video
 from PIL import Image
 
@@ -97,4 +98,56 @@ def test_mutated_script_lines(loaded, tmp_path, capfd, monkeypatch, seed):
     for index, (label, line) in enumerate(_mutated_lines(seed, 300 * SCALE)):
         session = damaged[index % len(damaged)]
         findings.check(f"{label} -> {line[:80]!r} (session mutant {index % len(damaged)})", lambda: run(line, session), refusals=())
+    findings.assert_none()
+
+
+ANSWER = """# A heading
+
+Some *emphasis*, **strong**, `code`, a [link](http://example.com "title") and ![a cat](cat.png).
+
+| a | b |
+|---|:-:|
+| 1 | two **x** |
+
+1. one
+   - nested
+     > quoted `deep`
+2. two
+
+```python
+print("hi")  # a comment
+```
+
+<b>html</b> &amp; an entity, a footnote[^1], ~~struck~~, $x^2$, a line\\
+break and a tab\there.
+
+[^1]: the note
+"""
+
+
+def test_mutated_answers_render_and_export(tmp_path, capfd):
+    """A server's answer is untrusted text: shown live as Markdown on a terminal, then exported."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from app_helpers import ChunkedAnswers
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui.app import App
+
+    rng = random.Random(33)
+    findings = Findings("answers", capfd)
+    for label, data in byte_mutants(ANSWER.encode(), 33, 60, spread([i for i, c in enumerate(ANSWER.encode()) if c == 10], 10)):
+        text = data.decode("utf-8", "replace")
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 12))))
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        out = StringIO()
+        console = Console(file=out, width=rng.choice([20, 80]), color_system="truecolor", force_terminal=True, force_interactive=False)
+        app = App(ChunkedAnswers(chunks), load_settings(os.devnull, env={}), console, cwd=tmp_path)
+
+        def answer() -> None:
+            assert app.handle_line("Go.") == OK
+            assert app.handle_line("/export talk.md --force") == OK
+
+        findings.check(label, answer, refusals=())
     findings.assert_none()
