@@ -35,7 +35,9 @@ def _copy(source: Path, folder: Path) -> Path:
     return folder
 
 
-def _fuzz_json_file(source: Path, folder: Path, name: str, tree_count: int, byte_count: int, seed: int, capfd) -> Findings:
+def _fuzz_json_file(source: Path, folder: Path, name: str, tree_count: int, byte_count: int, seed: int, capfd,
+                    use=_load_and_prompt) -> Findings:  # fmt: skip
+    """Mutants of the JSON file `name` in a copy of the checkpoint `source`, each given to `use`."""
     folder = _copy(source, folder)
     good = (source / name).read_bytes()
     findings = Findings(f"{source.name}/{name}", capfd)
@@ -44,7 +46,7 @@ def _fuzz_json_file(source: Path, folder: Path, name: str, tree_count: int, byte
     mutants += list(byte_mutants(good, seed, byte_count, json_boundaries(good)[:: max(len(good) // 400, 1)][:40]))
     for label, mutant in mutants:
         path.write_bytes(mutant if isinstance(mutant, bytes) else json_text(mutant).encode("utf-8", "surrogatepass"))
-        findings.check(label, lambda: _load_and_prompt(folder))
+        findings.check(label, lambda: use(folder))
     return findings
 
 
@@ -163,3 +165,16 @@ def tiny_awq(tiny_original, tmp_path_factory) -> Path:
 def test_awq_config_mutants(tiny_awq, tmp_path, capfd):
     """config.json's quantization_config and the int4 tensors' header entries of a 4-bit checkpoint."""
     _fuzz_json_file(tiny_awq, tmp_path / "model", "config.json", 60, 0, seed=20, capfd=capfd).assert_none()
+
+
+def test_quantize_source_config_mutants(tiny_original, tmp_path, capfd):
+    """`internvl-chat quantize` reads an untrusted checkpoint too (its other files are copied as bytes)."""
+    from internvl_chat.quantize import quantize_checkpoint
+
+    def quantize(folder: Path) -> None:
+        out = tmp_path / "out"
+        if out.exists():
+            shutil.rmtree(out)
+        quantize_checkpoint(folder, out, "rtn", group_size=32, device="cpu")
+
+    _fuzz_json_file(tiny_original, tmp_path / "model", "config.json", 30, 10, seed=21, capfd=capfd, use=quantize).assert_none()
