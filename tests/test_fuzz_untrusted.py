@@ -209,19 +209,36 @@ def _answer_and_save(conv, folder: Path) -> None:
 
 @pytest.mark.parametrize("name", ["vllm/stream.sse", "llamacpp/stream.sse"])
 def test_stream_chunk_field_mutants(tmp_path, name, capfd):
+    """Each chunk's fields mutated, through the app as a user meets them: the answer shown (on a
+    terminal, as Markdown), its numbers in /stats and /context, the prompt in /show, /save and /load."""
+    from io import StringIO
+
     from remote_helpers import FakeServer, Reply
+    from rich.console import Console
 
     from internvl_chat.chat.remote import RemoteConversation
     from internvl_chat.chat.sampling import SamplingParams
+    from internvl_chat.ui.app import ERROR, OK, App
 
     chunks = _seed_chunks(name)
     findings = Findings(f"stream chunks {name}", capfd)
     models = fixture(name.split("/")[0] + "/models.json")
     with FakeServer(models=models) as server:
         conv = RemoteConversation.connect(server.url, timeout=30, params=SamplingParams(max_new_tokens=64))
-        for label, tree in tree_mutants(chunks, 5, 80):
+        out = StringIO()
+        console = Console(file=out, width=80, color_system="truecolor", force_terminal=True, force_interactive=False)
+        app = App(conv, load_settings(os.devnull, env={}), console, cwd=tmp_path)
+
+        def answer() -> None:
+            conv.turns.clear()
+            assert app.handle_line("What is this?") in (OK, ERROR)
+            for line in ("/stats", "/context", "/show", "/save remote.json --force", "/load remote.json"):
+                assert app.handle_line(line) in (OK, ERROR), line
+            out.truncate(0), out.seek(0)
+
+        for label, tree in tree_mutants(chunks, 5, 50):
             server.chat(Reply.sse(_sse(tree)))
-            findings.check(label, lambda: _answer_and_save(conv, tmp_path))
+            findings.check(label, answer, refusals=())
         conv.close()
     findings.assert_none()
 
