@@ -294,3 +294,22 @@ def test_error_and_whole_answer_body_mutants(tmp_path, capfd, name, status):
             findings.check(label, lambda: _answer_and_save(conv, tmp_path))
         conv.close()
     findings.assert_none()
+
+
+@pytest.mark.parametrize("name", ["vllm/stream.sse", "llamacpp/stream.sse", "lmdeploy/stream_error.sse"])
+def test_event_stream_byte_mutants_through_a_conversation(tmp_path, name, capfd):
+    """Fewer than the decoder's own fuzz: each goes over HTTP, in pieces that split lines and characters."""
+    from remote_helpers import FakeServer, Reply
+
+    from internvl_chat.chat.remote import RemoteConversation
+    from internvl_chat.chat.sampling import SamplingParams
+
+    good = fixture(name)
+    findings = Findings(f"event stream {name} (conversation)", capfd)
+    with FakeServer(models=fixture("vllm/models.json")) as server:
+        conv = RemoteConversation.connect(server.url, timeout=30, params=SamplingParams(max_new_tokens=64))
+        for index, (label, data) in enumerate(byte_mutants(good, 7, 30)):
+            server.chat(Reply.sse(data, piece_size=[0, 1, 7, 64][index % 4]))
+            findings.check(label, lambda: _answer_and_save(conv, tmp_path))
+        conv.close()
+    findings.assert_none()
