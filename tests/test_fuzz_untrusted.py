@@ -1,6 +1,7 @@
 """A deterministic mutation fuzz of the readers of untrusted text: session files, the settings
-file, scripts and a remote server's event stream (tests/fuzz_helpers.py says how mutants are made
-and what each must do: read as valid, or be refused in one line of the project's error type).
+file, scripts, and what a remote server sends (its model list, event streams and their chunks,
+error bodies, a whole answer in place of a stream). tests/fuzz_helpers.py says how mutants are
+made and what each must do: read as valid, or be refused in one line of the project's error type.
 
 Each reader starts from a valid file the other tests make, cut at every structural boundary and
 then mutated with fixed seeds, so a failure names the mutant and reproduces everywhere.
@@ -52,7 +53,7 @@ def test_session_file_byte_mutants(tmp_path, seed, capfd):
     good = session_json(valid_session()).encode()
     findings = Findings("session file (bytes)", capfd)
     path = tmp_path / "chat.json"
-    cuts = json_boundaries(good)[:: 3] if seed == SEEDS[0] else []
+    cuts = json_boundaries(good)[::3] if seed == SEEDS[0] else []
     for label, data in byte_mutants(good, seed, 200, cuts):
         path.write_bytes(data)
         findings.check(label, lambda: _use_session(path))
