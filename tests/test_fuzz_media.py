@@ -124,12 +124,13 @@ def _video_span(suffix: str, data: bytes) -> tuple[int, int]:
     return 0, data.index(b"movi")
 
 
-def _fragmented_mp4(path: Path) -> Path:
-    """An MP4 whose samples are listed in moof boxes after an empty moov (a live recording's)."""
+def _written(path: Path, codec: str = "mpeg4", **options: str) -> Path:
+    """Six numbered frames, muxed bit-exact: Matroska's muxer otherwise draws random UIDs, and the
+    mutants of a seed that changes on every run would not be the same mutants."""
     import av
 
-    with av.open(str(path), "w", format="mp4", options={"movflags": "frag_keyframe+empty_moov"}) as container:
-        stream = container.add_stream("mpeg4", rate=10)
+    with av.open(str(path), "w", options={"fflags": "+bitexact", **options}) as container:
+        stream = container.add_stream(codec, rate=10)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.codec_context.gop_size = 2
         for number in range(6):
@@ -142,11 +143,9 @@ def _fragmented_mp4(path: Path) -> Path:
 def _video_seed(path: Path, kind: str) -> bytes:
     if kind == "mp4":  # turned a quarter by its display matrix: the orientation is read
         return write_pattern_video(path, 64, 48, frames=4, matrix=display_matrix(0, 1, -1, 0, 48, 0)).read_bytes()
-    if kind == "mp4-fragmented":
-        return _fragmented_mp4(path).read_bytes()
-    if kind == "webm":
-        return write_numbered_video(path, num_frames=6, codec="libvpx-vp9").read_bytes()
-    return write_numbered_video(path, num_frames=6).read_bytes()
+    if kind == "mp4-fragmented":  # its samples listed in moof boxes after an empty moov (a live recording's)
+        return _written(path, movflags="frag_keyframe+empty_moov").read_bytes()
+    return _written(path, "libvpx-vp9" if kind == "webm" else "mpeg4").read_bytes()
 
 
 @pytest.mark.parametrize("kind", ["mp4", "mp4-fragmented", "mov", "mkv", "webm", "avi"])
