@@ -53,7 +53,7 @@ def _fuzz_json_file(source: Path, folder: Path, name: str, tree_count: int, byte
 @pytest.mark.parametrize("fixture", ["tiny_original", "tiny_hf"])
 def test_config_json_mutants(request, tmp_path, fixture, capfd):
     source = request.getfixturevalue(fixture)
-    _fuzz_json_file(source, tmp_path / "model", "config.json", 70, 20, seed=11, capfd=capfd).assert_none()
+    _fuzz_json_file(source, tmp_path / "model", "config.json", 50, 15, seed=11, capfd=capfd).assert_none()
 
 
 def test_preprocessor_config_mutants(tiny_hf, tmp_path, capfd):

@@ -129,7 +129,7 @@ def test_settings_file_byte_mutants(tmp_path, seed, capfd):
     _use_settings(path)  # the seed itself is valid
     findings = Findings("settings file (bytes)", capfd)
     cuts = [i for i, b in enumerate(good) if b in b"\n=[]\"."] if seed == SEEDS[0] else []
-    for label, data in byte_mutants(good, seed, 150, cuts[::3]):
+    for label, data in byte_mutants(good, seed, 100, cuts[::4]):
         path.write_bytes(data)
         findings.check(label, lambda: _use_settings(path))
     findings.assert_none()
@@ -139,7 +139,7 @@ def test_settings_file_byte_mutants(tmp_path, seed, capfd):
 def test_settings_file_field_mutants(tmp_path, seed, capfd):
     findings = Findings("settings file (fields)", capfd)
     path = tmp_path / "config.toml"
-    for label, tree in tree_mutants(_settings_seed(), seed, 200):
+    for label, tree in tree_mutants(_settings_seed(), seed, 150):
         path.write_text(_toml(tree), encoding="utf-8", errors="surrogatepass")
         findings.check(label, lambda: _use_settings(path))
     findings.assert_none()
@@ -252,8 +252,8 @@ def test_model_list_mutants(name, capfd):
 
     good = fixture(name)
     findings = Findings(f"model list {name}", capfd)
-    mutants = list(tree_mutants(json.loads(good), 6, 50))
-    mutants += [(label, data) for label, data in byte_mutants(good, 6, 20, spread(json_boundaries(good), 20))]
+    mutants = list(tree_mutants(json.loads(good), 6, 30))
+    mutants += [(label, data) for label, data in byte_mutants(good, 6, 10, spread(json_boundaries(good), 10))]
 
     def connect(server: FakeServer) -> None:
         conv = RemoteConversation.connect(server.url, timeout=30)
@@ -285,7 +285,7 @@ def test_error_and_whole_answer_body_mutants(tmp_path, capfd, name, status):
     from internvl_chat.chat.sampling import SamplingParams
 
     good = json.dumps(WHOLE_ANSWER).encode() if status == 200 else fixture(name)
-    mutants = [*tree_mutants(json.loads(good), 40, 16), *byte_mutants(good, 40, 4, spread(json_boundaries(good), 6))]
+    mutants = [*tree_mutants(json.loads(good), 40, 12), *byte_mutants(good, 40, 3, spread(json_boundaries(good), 4))]
     findings = Findings(f"answer body {name}", capfd)
     with FakeServer(models=fixture("vllm/models.json")) as server:
         conv = RemoteConversation.connect(server.url, timeout=30, params=SamplingParams(max_new_tokens=64))
