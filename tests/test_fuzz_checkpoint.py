@@ -12,12 +12,13 @@ import json
 import shutil
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fuzz_helpers import Findings, byte_mutants, json_boundaries, json_text, spread, tree_mutants
 
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
-from internvl_chat.engine.loader import load_model
+from internvl_chat.engine.loader import check_tokenizer_fits_vocab, load_model
 from internvl_chat.engine.tokenizer import load_tokenizer, special_token_ids
 
 
@@ -90,10 +91,12 @@ def test_safetensors_header_mutants(tiny_original, tmp_path, capfd):
     findings.assert_none()
 
 
-def _tokenize(folder: Path) -> None:
-    """What load_model does with a tokenizer alone (the weights do not come into it)."""
-    tokenizer = load_tokenizer(folder)
+def _tokenize(folder: Path, vocab_size: int = 512) -> None:
+    """What load_model does with a tokenizer alone (`vocab_size`: its config.json's; the weights do
+    not come into it)."""
+    tokenizer = load_tokenizer(folder, vocab_size)
     special_token_ids(tokenizer)
+    check_tokenizer_fits_vocab(tokenizer, SimpleNamespace(text=SimpleNamespace(vocab_size=vocab_size)), folder)
     ids = PromptBuilder(tokenizer, "Be brief.").first_turn("Hi <|im_end|> naïve", [MediaSpec("image", 1)])
     tokenizer.decode(ids)
 
