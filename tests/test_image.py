@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import os
 import struct
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -632,6 +635,46 @@ def test_a_tiff_whose_tiles_dwarf_the_picture_is_refused_before_decoding(tmp_pat
         assert result.size == (width, height)
         np.testing.assert_allclose(result.pixel_values.numpy(), reference_tiles(np.full((height, width, 3), 77, np.uint8),
                                    *expected_grid(width, height, 12), True, 448), atol=2e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("tag", [322, 323])  # TileWidth, TileLength
+def test_a_tiff_tile_size_of_several_values_raises_no_python_warning(tmp_path, tag):
+    """The tile size is read after the picture is opened, where Pillow's warning about a tag of
+    several values ("Metadata Warning, tag 322 had too many entries: 5, expected 1") was not
+    silenced: two lines of Pillow's source on the terminal (found by tests/test_fuzz_media.py)."""
+    data = bytearray(tiled_tiff(96, 40, 16))
+    entries = struct.unpack("<H", data[8:10])[0]
+    at = next(10 + 12 * k for k in range(entries) if struct.unpack("<H", data[10 + 12 * k : 12 + 12 * k])[0] == tag)
+    data[at + 4 : at + 8] = struct.pack("<I", 5)  # the tag's count: five values where one belongs
+    path = tmp_path / "tiles.tif"
+    path.write_bytes(bytes(data))
+    for call in (probe_image, load_image):
+        with warnings.catch_warnings(record=True) as raised:
+            warnings.simplefilter("always")
+            try:
+                call(path)
+            except MediaError as e:
+                assert "\n" not in str(e)
+        assert [str(w.message) for w in raised if w.category is not ResourceWarning] == []
+
+
+def test_pillows_log_record_about_a_damaged_tiff_stays_off_stderr(tmp_path):
+    """Pillow logs some damage as an ERROR record ("More samples per pixel than can be decoded:
+    51462"), and with no logging set up (the app sets none) Python printed it to stderr itself, a
+    line before our one-line error (found by tests/test_fuzz_media.py). In a process of its own:
+    pytest's log capture would hide what a bare process prints."""
+    data = bytearray(tiled_tiff(96, 40, 16))
+    entries = struct.unpack("<H", data[8:10])[0]
+    at = next(10 + 12 * k for k in range(entries) if struct.unpack("<H", data[10 + 12 * k : 12 + 12 * k])[0] == 277)
+    data[at + 8 : at + 10] = struct.pack("<H", 51462)  # SamplesPerPixel
+    path = tmp_path / "samples.tif"
+    path.write_bytes(bytes(data))
+    code = ("import sys; from internvl_chat.errors import MediaError; from internvl_chat.media.image import load_image\n"
+            "try:\n    load_image(sys.argv[1])\nexcept MediaError as e:\n    print(e)")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert "samples.tif" in run.stdout and len(run.stdout.splitlines()) == 1, run.stdout
 
 
 def _grey_png(width: int, height: int, grey: int) -> bytes:

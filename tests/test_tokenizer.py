@@ -293,6 +293,39 @@ def test_damaged_slow_tokenizer_files_are_named_in_our_words(tmp_path, case):
     assert words in text and str(slow) in text and "\n" not in text, text
 
 
+JUNK_KEY = "\x1b[2Jx"  # a field AddedToken does not take, an escape sequence in its name
+
+
+def _with_junk_key(folder: Path, where: str) -> str:
+    """The file that gets a token object with JUNK_KEY in it (its name, for the error)."""
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if where == "added_tokens_decoder":
+        next(iter(config["added_tokens_decoder"].values()))[JUNK_KEY] = True
+    elif where == "eos_token":  # the legacy form transformers turns into an AddedToken
+        config["eos_token"] = {"__type": "AddedToken", "content": "<|im_end|>", JUNK_KEY: 1}
+    else:  # special_tokens_map.json: read where tokenizer_config.json declares no added tokens
+        del config["added_tokens_decoder"]
+        (folder / where).write_text(json.dumps({"eos_token": {"content": "<|im_end|>", JUNK_KEY: 1}}), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return where if where.endswith(".json") else "tokenizer_config.json"
+
+
+@pytest.mark.parametrize("where", ["added_tokens_decoder", "eos_token", "special_tokens_map.json"])
+def test_an_unknown_field_of_a_token_object_is_refused_not_printed(tmp_path, capfd, where):
+    """tokenizers' AddedToken prints "Ignored unknown kwarg option KEY" to stdout itself (Rust,
+    past Python) for a key it does not take, as transformers builds the token: the file's text
+    reached the terminal raw, escape sequences and all, and broke `--json` output (found by
+    tests/test_fuzz_checkpoint.py)."""
+    slow = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    name = _with_junk_key(slow, where)
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(slow)
+    text = str(err.value)
+    assert name in text and "unknown field" in text and "\\x1b[2Jx" in text and "\n" not in text and "\x1b" not in text, text
+    out, _ = capfd.readouterr()
+    assert out == "", out
+
+
 @pytest.mark.parametrize("name, words", [("vocab.json", "vocabulary entries"), ("merges.txt", "merges")])
 def test_the_fallback_refuses_files_far_larger_than_the_vocabulary_unread(tmp_path, monkeypatch, name, words):
     """As tokenizer.json: transformers parsed a vocab.json of millions of entries whole (gigabytes)

@@ -47,6 +47,13 @@ _SLOW_EXTRAS = (TOKENIZER_CONFIG, "special_tokens_map.json", "added_tokens.json"
 # merges.txt as Qwen2 does; without tokenizer.json, tokenizer_class must be one of them
 QWEN2_TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+# The fields tokenizers' AddedToken takes. transformers builds one from each token object of
+# tokenizer_config.json and special_tokens_map.json, and for any other key the constructor itself
+# prints "Ignored unknown kwarg option KEY" to stdout (Rust, past Python): the file's text reached
+# the terminal raw, escape sequences and all, and broke `--json` output. "__type" marks the legacy
+# form of a named special token, which transformers removes before it builds the token.
+_ADDED_TOKEN_FIELDS = frozenset({"content", "single_word", "lstrip", "rstrip", "normalized", "special"})
+_SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 
 
 class Tokenizer(ABC):
@@ -608,8 +615,26 @@ def _declared_added_tokens(model_dir: Path, config: dict) -> list[tuple[int, dic
                 and isinstance(entry, dict) and _token_content(entry)):  # fmt: skip
             shown = key if len(key) <= 20 else key[:17] + "…"
             raise _config_error(model_dir, f"added_tokens_decoder entry {shown!r} is malformed")
+        _refuse_unknown_token_field(model_dir, TOKENIZER_CONFIG, f"added_tokens_decoder entry {key!r}", entry, _ADDED_TOKEN_FIELDS)
         entries.append((int(key), entry))
     return sorted(entries, key=lambda e: e[0])
+
+
+def _refuse_unknown_token_field(model_dir: Path, name: str, where: str, token: Any, fields: frozenset[str]) -> None:
+    """A token object with a key AddedToken does not take (see _ADDED_TOKEN_FIELDS) is refused
+    before transformers builds it."""
+    unknown = next((key for key in token if key not in fields), None) if isinstance(token, dict) else None
+    if unknown is not None:
+        raise _config_error(model_dir, f"{where} has the unknown field {brief_repr(unknown)}", name)
+
+
+def _check_special_tokens_map(model_dir: Path) -> None:
+    """special_tokens_map.json's token objects (the legacy file transformers reads where
+    tokenizer_config.json declares no added tokens), checked as tokenizer_config.json's are."""
+    tokens = _read_config(model_dir, _SPECIAL_TOKENS_MAP)
+    for key, value in tokens.items():
+        for token in value if isinstance(value, list) else [value]:
+            _refuse_unknown_token_field(model_dir, _SPECIAL_TOKENS_MAP, brief_repr(key), token, _ADDED_TOKEN_FIELDS)
 
 
 def _check_for_transformers(model_dir: Path) -> None:
@@ -641,31 +666,35 @@ def _check_for_transformers(model_dir: Path) -> None:
         value = config.get(name)
         if value is not None and not _token_content(value):  # "" too: transformers' encode recursed forever
             raise _config_error(model_dir, f"{name} is not a token")
+        _refuse_unknown_token_field(model_dir, TOKENIZER_CONFIG, name, value, _ADDED_TOKEN_FIELDS | {"__type"})
     for name in ("additional_special_tokens", "extra_special_tokens"):
         value = config.get(name) or []
         tokens = list(value.values()) if isinstance(value, dict) else value
         if not isinstance(tokens, list) or not all(_token_content(t) for t in tokens):
             raise _config_error(model_dir, f"{name} is not a list of tokens")
+        for token in tokens:
+            _refuse_unknown_token_field(model_dir, TOKENIZER_CONFIG, name, token, _ADDED_TOKEN_FIELDS)
+    _check_special_tokens_map(model_dir)
 
 
-def _read_config(model_dir: Path) -> dict:
-    path = model_dir / TOKENIZER_CONFIG
+def _read_config(model_dir: Path, name: str = TOKENIZER_CONFIG) -> dict:
+    path = model_dir / name
     if not os.path.lexists(path):  # a folder, a FIFO or a broken link is named by the reader, not taken for none
         return {}
     try:
         config = json.loads(read_text_file(path, "the tokenizer config", TEXT_LIMIT, CheckpointError))  # as config.json
     except json.JSONDecodeError as e:
-        raise _config_error(model_dir, f"it is not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise _config_error(model_dir, f"it is not valid JSON ({e.msg} at line {e.lineno})", name) from None
     except (ValueError, RecursionError) as e:  # a number too long for int(), absurd nesting
         reason = "it is nested too deeply" if isinstance(e, RecursionError) else "a number in it is too large"
-        raise _config_error(model_dir, reason) from None
+        raise _config_error(model_dir, reason, name) from None
     if not isinstance(config, dict):
-        raise _config_error(model_dir, "it is not a JSON object")
+        raise _config_error(model_dir, "it is not a JSON object", name)
     return config
 
 
-def _config_error(model_dir: Path, why: str) -> CheckpointError:
-    return CheckpointError(f"{_shown(model_dir / TOKENIZER_CONFIG)} is not usable: {why}; re-download the tokenizer files")
+def _config_error(model_dir: Path, why: str, name: str = TOKENIZER_CONFIG) -> CheckpointError:
+    return CheckpointError(f"{_shown(model_dir / name)} is not usable: {why}; re-download the tokenizer files")
 
 
 def _load_with_transformers(model_dir: Path, vocab_size: int | None) -> TransformersTokenizer:

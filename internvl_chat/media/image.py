@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import warnings
@@ -25,6 +26,11 @@ from ..errors import MediaError
 from ..files import (STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, is_video_kind, open_regular_file,
                      sniff_file, visible)
 from ..native_stderr import captured
+
+# Pillow logs some damage as an ERROR record (a TIFF's "More samples per pixel than can be decoded:
+# 51462"), and with no logging set up Python prints it to stderr itself, a line before our own
+# error. A handler of its own keeps it off the terminal; the MediaError says what matters.
+logging.getLogger("PIL").addHandler(logging.NullHandler())
 
 IMAGE_SIZE = 448
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -401,7 +407,8 @@ def _tiff_tile_pixels(image: Image.Image) -> int:
     16384×16384 tiles that decode to 805 MB each. (Strips are cut to the picture's height.)"""
     if image.format != "TIFF":
         return 0
-    width, height = image.tag_v2.get(322), image.tag_v2.get(323)  # TileWidth, TileLength
+    with quiet_pillow():  # tags are parsed as they are read: one of several values warns (opening did not read them)
+        width, height = image.tag_v2.get(322), image.tag_v2.get(323)  # TileWidth, TileLength
     if not isinstance(width, int) or not isinstance(height, int):
         return 0
     return max(width, 0) * max(height, 0)
