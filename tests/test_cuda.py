@@ -286,6 +286,37 @@ def test_logprobs_with_cuda_graphs_are_each_steps_own(tiny_original, compile_mod
         assert max(abs(x - y) for (_, x), (_, y) in zip(a.top, b.top)) <= 1e-3
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scored_prefill_on_cuda_gives_the_cpu_scores(tiny_original, monkeypatch, dtype):
+    """/v1/completions' echo with logprobs: the scored prefill (chunks and score blocks ending mid-way)
+    on the GPU, with its graphs and fused kernels enabled, scores each prompt token as the CPU does
+    and as one full forward does; it leaves the model's last logits as a plain prefill's."""
+    from internvl_chat.engine import model as engine_model
+    from internvl_chat.engine.model import PromptScores
+
+    monkeypatch.setattr(engine_model, "SCORE_ROWS", 7)
+    cpu = load_model(tiny_original, device="cpu", dtype="float32", max_context=1024)
+    gpu = load_model(tiny_original, device="cuda", dtype=dtype, max_context=1024, compile="on")
+    gpu.model.prefill_chunk = cpu.model.prefill_chunk = 32
+    ids = cpu.tokenizer.encode("one two three four five six seven eight nine ten") * 6
+    assert len(ids) > 64
+    rows = []
+    for loaded in (cpu, gpu):
+        scores = PromptScores(3)
+        last = loaded.model.forward(ids, 0, scores=scores).cpu()
+        rows.append((torch.tensor(scores.rows()), last))
+    (want, want_last), (got, got_last) = rows
+    full = cpu.model.forward(ids, 0, all_logits=True).log_softmax(-1)
+    exact = torch.tensor([float(full[j - 1, ids[j]]) for j in range(1, len(ids))], dtype=torch.float64)
+    tol = 1e-4 if dtype == "float32" else 5e-2
+    assert got.shape == want.shape == (len(ids) - 1, 7)
+    assert (want[:, 0] - exact).abs().max().item() <= 1e-4
+    assert (got[:, 0] - want[:, 0]).abs().max().item() <= tol * max(1.0, want[:, 0].abs().max().item())
+    if dtype == "float32":
+        assert torch.equal(got[:, 4:], want[:, 4:]), "another top-3 on the GPU"
+    assert torch.nn.functional.cosine_similarity(got_last, want_last, dim=0).item() > 0.999
+
+
 def test_decode_step_does_not_sync(tiny_original):
     for graphs, compile_mode in ((False, "off"), (True, "off"), (True, "on")):
         loaded = load_model(tiny_original, device="cuda", dtype="bfloat16", max_context=1024, cuda_graphs=graphs,
