@@ -4,12 +4,13 @@
 
 run from the repository root with the project's Python. It creates a separate venv for lm-eval when
 the one named is missing (lm-eval[api] and transformers for the tokenizer, no torch: nothing is added
-to the project), serves the demo model on a free port, runs the two tiny tasks under
-scripts/lm_eval_tasks/ (a multiple-choice one: loglikelihood requests, token-id prompts with echo and
-logprobs; a generate_until one: prompts with stop sequences) offline, stops the server, and checks
-what lm-eval logged against the same checkpoint loaded here: every choice's loglikelihood and
-is-greedy flag against one full forward (to 1e-3), every generation against a greedy decode cut at
-the task's stop strings. Exit status 0 when all agree. Not part of the test suite: it installs
+to the project), serves the demo model on a free port, runs the three tiny tasks under
+scripts/lm_eval_tasks/ offline (a multiple-choice one: loglikelihood requests, token-id prompts
+with echo and logprobs; a generate_until one: prompts with stop sequences; a loglikelihood_rolling
+one: texts scored after a one-token context), stops the server, and checks what lm-eval logged
+against the same checkpoint loaded here: every choice's loglikelihood and is-greedy flag and every
+text's loglikelihood against one full forward (to 1e-3), every generation against a greedy decode
+cut at the task's stop strings. Exit status 0 when all agree. Not part of the test suite: it installs
 packages and takes a minute or two. Needs python3.11 on PATH (or --python) to make the venv.
 """
 
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "internvl_chat" / "demo_model"
 TASKS = ROOT / "scripts" / "lm_eval_tasks"
 LM_EVAL = "lm-eval[api]==0.4.13"  # the version this script was last run with (2026-12-05)
-EXPECTED = {"internvl_demo_mc": (20, 4), "internvl_demo_gen": (10, 1)}  # docs, requests per doc
+EXPECTED = {"internvl_demo_mc": (20, 4), "internvl_demo_gen": (10, 1), "internvl_demo_text": (3, 1)}  # docs, requests each
 GEN_STOPS = (".", "\n", "<|im_end|>")  # the task's `until` and the eos string lm-eval adds
 GEN_MAX_TOKENS = 24  # the task's max_gen_toks
 TOLERANCE = 1e-3
@@ -158,6 +159,7 @@ def check_samples(samples: dict[str, list[dict]]) -> list[str]:
     local = load_model(MODEL, device="cpu", dtype="float32")
     problems += [p for s in samples["internvl_demo_mc"] for p in check_choices(local, s)]
     problems += [p for s in samples["internvl_demo_gen"] for p in check_generation(local, s)]
+    problems += [p for s in samples["internvl_demo_text"] for p in check_rolling(local, s)]
     return problems
 
 
@@ -186,6 +188,18 @@ def reference_loglikelihood(local, context: str, continuation: str) -> tuple[flo
     rows = full_logprobs(local, whole)[len(context_ids) - 1 : -1]
     picked = rows[torch.arange(len(targets)), torch.tensor(targets)]
     return float(picked.sum()), bool((rows.argmax(-1) == torch.tensor(targets)).all())
+
+
+def check_rolling(local, sample: dict) -> list[str]:
+    """A text's rolling loglikelihood (one window: the text is short) against one full forward of
+    lm-eval's prefix token (the tokenizer's eos: it has no bos) and the text."""
+    text, logged = sample["arguments"]["gen_args_0"]["arg_0"], float(sample["resps"][0][0])
+    ids = [local.special.im_end, *local.tokenizer.encode(text)]
+    rows = full_logprobs(local, ids)[:-1]
+    expected = float(rows[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
+    if not math.isclose(logged, expected, abs_tol=TOLERANCE):
+        return [f"doc {sample['doc_id']}: lm-eval logged a rolling loglikelihood of {logged:.5f}, a full forward gives {expected:.5f}"]
+    return []
 
 
 def check_generation(local, sample: dict) -> list[str]:
