@@ -1,6 +1,6 @@
 """Run lm-evaluation-harness's `local-completions` model against `internvl-chat serve` for real.
 
-    python scripts/lm_eval_check.py [--venv /tmp/venv-lmeval] [--batch-size N] [--keep-output DIR]
+    python scripts/lm_eval_check.py [--venv /tmp/venv-lmeval] [--batch-size N] [--num-concurrent N] [--keep-output DIR]
 
 run from the repository root with the project's Python. It creates a separate venv for lm-eval when
 the one named is missing (lm-eval[api] and transformers for the tokenizer, no torch: nothing is added
@@ -48,9 +48,10 @@ def main() -> int:
     args = parse_args()
     lm_eval = ensure_venv(Path(args.venv), args.python)
     output = Path(args.keep_output or tempfile.mkdtemp(prefix="lm-eval-check-"))
-    server, port = start_server()
+    # lm-eval gives up on a 429 after max_retries quick retries: every concurrent request needs a place in the queue
+    server, port = start_server(queue_depth=max(8, args.num_concurrent))
     try:
-        run = run_lm_eval(lm_eval, port, output, args.batch_size)
+        run = run_lm_eval(lm_eval, port, output, args.batch_size, args.num_concurrent)
     finally:
         stop_server(server)
     if run.returncode != 0:
@@ -70,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--venv", default="/tmp/venv-lmeval", help="lm-eval's venv, created when missing")
     parser.add_argument("--python", default="python3.11", help="interpreter that creates the venv")
     parser.add_argument("--batch-size", type=int, default=1, help="lm-eval's --batch_size (prompts per request)")
+    parser.add_argument("--num-concurrent", type=int, default=1, help="lm-eval's num_concurrent (requests at once)")
     parser.add_argument("--keep-output", help="folder for lm-eval's results and samples (default: a new temp folder)")
     return parser.parse_args()
 
@@ -93,22 +95,25 @@ def lm_eval_version(lm_eval: Path) -> str:
     return f"lm-eval {version.group(1) if version else '?'}"
 
 
-def start_server() -> tuple[subprocess.Popen, int]:
+def start_server(queue_depth: int) -> tuple[subprocess.Popen, int]:
     """The demo model's server on a free port (--port 0), the port read from its first line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen([sys.executable, "-m", "internvl_chat", "serve", "--model", str(MODEL), "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
-    deadline = time.monotonic() + SERVER_START_S
-    for line in server.stdout:
-        print("server:", line.rstrip(), flush=True)
-        found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        if found:
-            drain_in_background(server)
-            return server, int(found.group(1))
-        if time.monotonic() > deadline:
-            break
+    command = [sys.executable, "-m", "internvl_chat", "serve", "--model", str(MODEL), "--port", "0",
+               "--queue-depth", str(queue_depth)]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    too_slow = threading.Timer(SERVER_START_S, server.kill)  # a server that hangs silently ends the loop below
+    too_slow.start()
+    try:
+        for line in server.stdout:
+            print("server:", line.rstrip(), flush=True)
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+            if found:
+                drain_in_background(server)
+                return server, int(found.group(1))
+    finally:
+        too_slow.cancel()
     stop_server(server)
-    raise SystemExit("the server did not start; its output is above")
+    raise SystemExit(f"the server did not start (it exited, or named no address within {SERVER_START_S} s); its output is above")
 
 
 def drain_in_background(server: subprocess.Popen) -> None:
@@ -125,10 +130,10 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def run_lm_eval(lm_eval: Path, port: int, output: Path, batch_size: int) -> subprocess.CompletedProcess:
+def run_lm_eval(lm_eval: Path, port: int, output: Path, batch_size: int, concurrent: int) -> subprocess.CompletedProcess:
     model_args = ",".join([
         "model=demo_model", f"base_url=http://127.0.0.1:{port}/v1/completions", f"tokenizer={MODEL}",
-        "tokenizer_backend=huggingface", "num_concurrent=1", "max_retries=1",
+        "tokenizer_backend=huggingface", f"num_concurrent={concurrent}", "max_retries=1",
     ])  # fmt: skip
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HOME": str(output / "hf-home")}  # fmt: skip
