@@ -1,10 +1,10 @@
 """Run lm-evaluation-harness's `local-completions` model against `internvl-chat serve` for real.
 
-    python scripts/lm_eval_check.py [--venv /tmp/venv-lmeval] [--batch-size N] [--num-concurrent N] [--keep-output DIR]
+    python scripts/lm_eval_check.py [--venv /tmp/venv-lmeval] [--batch-size N] [--num-concurrent N] [--output DIR]
 
-run from the repository root with the project's Python. It creates a separate venv for lm-eval when
-the one named is missing (lm-eval[api] and transformers for the tokenizer, no torch: nothing is added
-to the project), serves the demo model on a free port, runs the three tiny tasks under
+with the project's Python (this checkout's package is imported and served). It creates a separate
+venv for lm-eval when the one named is missing (lm-eval[api] and transformers for the tokenizer, no
+torch: nothing is added to the project), serves the demo model on a free port, runs the three tiny tasks under
 scripts/lm_eval_tasks/ offline (a multiple-choice one: loglikelihood requests, token-id prompts
 with echo and logprobs; a generate_until one: prompts with stop sequences; a loglikelihood_rolling
 one: texts scored after a one-token context), stops the server, and checks what lm-eval logged
@@ -31,9 +31,12 @@ from pathlib import Path
 
 import torch
 
-from internvl_chat.engine.loader import load_model
-
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # this checkout's package, not another one installed
+    sys.path.insert(0, str(ROOT))
+
+from internvl_chat.engine.loader import load_model  # noqa: E402
+
 MODEL = ROOT / "internvl_chat" / "demo_model"
 TASKS = ROOT / "scripts" / "lm_eval_tasks"
 LM_EVAL = "lm-eval[api]==0.4.13"  # the version this script was last run with (2026-12-05)
@@ -47,7 +50,7 @@ SERVER_START_S = 120
 def main() -> int:
     args = parse_args()
     lm_eval = ensure_venv(Path(args.venv), args.python)
-    output = Path(args.keep_output or tempfile.mkdtemp(prefix="lm-eval-check-"))
+    output = Path(args.output or tempfile.mkdtemp(prefix="lm-eval-check-"))
     # lm-eval gives up on a 429 after max_retries quick retries: every concurrent request needs a place in the queue
     server, port = start_server(queue_depth=max(8, args.num_concurrent))
     try:
@@ -72,7 +75,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--python", default="python3.11", help="interpreter that creates the venv")
     parser.add_argument("--batch-size", type=int, default=1, help="lm-eval's --batch_size (prompts per request)")
     parser.add_argument("--num-concurrent", type=int, default=1, help="lm-eval's num_concurrent (requests at once)")
-    parser.add_argument("--keep-output", help="folder for lm-eval's results and samples (default: a new temp folder)")
+    parser.add_argument("--output", help="folder for lm-eval's results and samples (default: a new temp folder)")
     return parser.parse_args()
 
 
@@ -150,8 +153,9 @@ def run_lm_eval(lm_eval: Path, port: int, output: Path, batch_size: int, concurr
 def load_samples(output: Path) -> dict[str, list[dict]]:
     samples = {}
     for task in EXPECTED:
-        files = glob.glob(str(output / "**" / f"samples_{task}_*.jsonl"), recursive=True)
-        samples[task] = [json.loads(line) for name in files for line in open(name)]
+        # the newest run's file (its name ends with the run's time): an --output used before holds older ones
+        files = sorted(glob.glob(str(output / "**" / f"samples_{task}_*.jsonl"), recursive=True))
+        samples[task] = [json.loads(line) for line in open(files[-1])] if files else []
     return samples
 
 
