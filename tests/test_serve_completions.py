@@ -394,6 +394,24 @@ def test_lm_eval_generate_until_reads_each_choices_text(server, local, stop_ids)
         assert text == expected
 
 
+def test_lm_eval_text_requests_read_a_special_tokens_text_as_that_token(server, local):
+    # lm-eval's tokenized_requests=False decodes its ids to text, a rolling loglikelihood's prefix
+    # token ("<|im_end|>": the tokenizer has no bos) included, and reads the logprobs back by its own
+    # count (ctxlen 1): the text must encode back to those ids, as vLLM's does
+    tok, prefix = local.tokenizer, local.special.im_end
+    continuation = tok.encode(" the lazy dog")
+    sent = tok.decode([prefix]) + " the lazy dog"
+    body = {"model": "tiny", "prompt": [sent], "temperature": 0, "max_tokens": 1, "logprobs": 1, "echo": True,
+            "seed": 1234}  # fmt: skip
+    out = post(server, body).json()
+    assert out["usage"]["prompt_tokens"] == 1 + len(continuation)
+    [choice] = out["choices"]
+    expected, _ = reference_loglikelihood(local, [prefix], continuation)
+    assert sum(choice["logprobs"]["token_logprobs"][1:-1]) == pytest.approx(expected, abs=1e-3)
+    assert choice["text"].startswith(sent)  # the echo is the text sent
+    assert choice["logprobs"]["text_offset"][:2] == [0, len(tok.decode([prefix]))]
+
+
 # ---- admission and cancellation: chat's, shared ---------------------------------------------------
 
 

@@ -6,9 +6,10 @@ log-probabilities (`choices[i].logprobs.token_logprobs`, `top_logprobs`, `tokens
 first token's null); its generate_until tasks send text prompts with `stop` and read `choices[i].text`.
 
 `prompt` is a string, a list of strings, a list of token ids or a list of such lists (at most
-MAX_PROMPTS); a text is tokenized as it is (Qwen2's tokenizer adds no BOS), ids are checked against
-the vocabulary. Each prompt gets `n` choices, `index` p × n + i, answered one after another on the
-engine (engine.py: a Job's `more_prompts`), as chat choices are. `logprobs` is the legacy integer
+MAX_PROMPTS); a text is tokenized as it is (Qwen2's tokenizer adds no BOS; a special token's text is
+that token, as vLLM reads it), ids are checked against the vocabulary. Each prompt gets `n` choices,
+`index` p × n + i, answered one after another on the engine (engine.py: a Job's `more_prompts`),
+as chat choices are. `logprobs` is the legacy integer
 0 to 5, listed in the legacy shape (`LegacyLogprobs`) from the same entries chat's logprobs list
 (serve/logprobs.py); each `top_logprobs` dict holds the token itself besides its k alternatives, as
 vLLM's do. `echo` puts the prompt's text before the answer; with `logprobs` the prompt's tokens are
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from pydantic import Field
 from . import sse
 from ..chat.sampling import SamplingParams, is_int
 from ..chat.session import HOPELESS_TEXT_MIN_CHARS
+from ..engine.tokenizer import Tokenizer
 from ..errors import InternVLChatError
 from .conversation import Prompt, PromptMaker
 from .engine import Job
@@ -129,7 +132,7 @@ def _text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> T
             if fewest >= context:
                 raise _too_long(fewest, context, where, "at least ")
             with maker.lock:
-                ids = maker.tokenizer.encode(item)
+                ids = encode_prompt_text(maker.tokenizer, item)
             text = item
         else:
             bad = next((x for x in item if not 0 <= x < vocab), None)
@@ -146,6 +149,24 @@ def _text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> T
         prompts.append(Prompt(ids=ids))
         texts.append(text)
     return TextPrompts(prompts, texts)
+
+
+def encode_prompt_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`text` as vLLM and transformers tokenize a raw prompt: a special token's text is that token,
+    the text between encoded on its own. lm-eval's `tokenized_requests=False` sends text it decoded
+    from ids (a rolling loglikelihood's prefix token, "<|im_end|>", among them) and reads the
+    logprobs back by its own token count. Chat keeps such text as text (a user cannot forge a turn);
+    here the client writes the whole input and may send the ids themselves anyway. (Qwen2's special
+    tokens strip no spaces around them: a plain split is what transformers does.)"""
+    specials = {tokenizer.decode([i]): i for i in tokenizer.special_ids}
+    specials.pop("", None)
+    if not specials:
+        return tokenizer.encode(text)
+    pattern = "(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")"  # longest first
+    ids: list[int] = []
+    for i, piece in enumerate(re.split(pattern, text)):  # the group keeps the specials, at odd places
+        ids += [specials[piece]] if i % 2 else tokenizer.encode(piece)
+    return ids
 
 
 def _too_long(tokens: int, context: int, where: str, at_least: str = "") -> APIError:
