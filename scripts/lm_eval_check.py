@@ -4,19 +4,22 @@
 
 with the project's Python (this checkout's package is imported and served). It creates a separate
 venv for lm-eval when the one named is missing (lm-eval[api] and transformers for the tokenizer, no
-torch: nothing is added to the project), serves the demo model on a free port, runs the three tiny tasks under
-scripts/lm_eval_tasks/ offline (a multiple-choice one: loglikelihood requests, token-id prompts
+torch: nothing is added to the project), serves the demo model on a free port, runs the three tiny
+tasks under scripts/lm_eval_tasks/ offline (a multiple-choice one: loglikelihood requests, prompts
 with echo and logprobs; a generate_until one: prompts with stop sequences; a loglikelihood_rolling
-one: texts scored after a one-token context), stops the server, and checks what lm-eval logged
-against the same checkpoint loaded here: every choice's loglikelihood and is-greedy flag and every
-text's loglikelihood against one full forward (to 1e-3), every generation against a greedy decode
-cut at the task's stop strings. Exit status 0 when all agree. Not part of the test suite: it installs
-packages and takes a minute or two. Needs python3.11 on PATH (or --python) to make the venv.
+one: texts scored after a one-token context) twice, as token ids and as text
+(tokenized_requests=False: lm-eval decodes its ids, special tokens included), stops the server, and
+checks what lm-eval logged against the same checkpoint loaded here: every choice's loglikelihood and
+is-greedy flag and every text's loglikelihood against one full forward (to 1e-3), every generation
+against a greedy decode cut at the task's stop strings. Exit status 0 when all agree. Not part of
+the test suite: it installs packages and takes a minute or two. Needs python3.11 on PATH (or
+--python) to make the venv.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -45,6 +48,8 @@ GEN_STOPS = (".", "\n", "<|im_end|>")  # the task's `until` and the eos string l
 GEN_MAX_TOKENS = 24  # the task's max_gen_toks
 TOLERANCE = 1e-3
 SERVER_START_S = 120
+# lm-eval's tokenized_requests: token ids (its default), or text it decodes from them and the server encodes again
+REQUEST_MODES = {"ids": True, "text": False}
 
 
 def main() -> int:
@@ -54,19 +59,22 @@ def main() -> int:
     # lm-eval gives up on a 429 after max_retries quick retries: every concurrent request needs a place in the queue
     server, port = start_server(queue_depth=max(8, args.num_concurrent))
     try:
-        run = run_lm_eval(lm_eval, port, output, args.batch_size, args.num_concurrent)
+        problems = [p for mode in REQUEST_MODES for p in run_and_check(lm_eval, port, output / mode, mode, args)]
     finally:
         stop_server(server)
-    if run.returncode != 0:
-        print(run.stdout[-4000:])
-        print(f"lm_eval failed (exit {run.returncode}); its output is above")
-        return 1
-    print("\n".join(line for line in run.stdout.splitlines() if line.startswith("|")))
-    problems = check_samples(load_samples(output))
     for problem in problems[:20]:
         print("MISMATCH", problem)
-    print(f"{'FAILED' if problems else 'OK'}: {lm_eval_version(lm_eval)}, {len(problems)} mismatches; samples in {output}")
+    print(f"{'FAILED' if problems else 'OK'}: {lm_eval_version(lm_eval)}, {len(problems)} problems; samples in {output}")
     return 1 if problems else 0
+
+
+def run_and_check(lm_eval: Path, port: int, output: Path, mode: str, args: argparse.Namespace) -> list[str]:
+    run = run_lm_eval(lm_eval, port, output, args.batch_size, args.num_concurrent, REQUEST_MODES[mode])
+    if run.returncode != 0:
+        print(run.stdout[-4000:])
+        return [f"{mode} requests: lm_eval failed (exit {run.returncode}); its output is above"]
+    print("\n".join(line for line in run.stdout.splitlines() if line.startswith("|")))
+    return [f"{mode} requests: {problem}" for problem in check_samples(load_samples(output))]
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,7 +124,8 @@ def start_server(queue_depth: int) -> tuple[subprocess.Popen, int]:
     finally:
         too_slow.cancel()
     stop_server(server)
-    raise SystemExit(f"the server did not start (it exited, or named no address within {SERVER_START_S} s); its output is above")
+    raise SystemExit(f"the server did not start (it exited, or named no address within {SERVER_START_S} s); "
+                     "its output is above")  # fmt: skip
 
 
 def drain_in_background(server: subprocess.Popen) -> None:
@@ -133,10 +142,12 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def run_lm_eval(lm_eval: Path, port: int, output: Path, batch_size: int, concurrent: int) -> subprocess.CompletedProcess:
+def run_lm_eval(lm_eval: Path, port: int, output: Path, batch_size: int, concurrent: int,
+                tokenized: bool) -> subprocess.CompletedProcess:  # fmt: skip
     model_args = ",".join([
         "model=demo_model", f"base_url=http://127.0.0.1:{port}/v1/completions", f"tokenizer={MODEL}",
         "tokenizer_backend=huggingface", f"num_concurrent={concurrent}", "max_retries=1",
+        f"tokenized_requests={tokenized}",
     ])  # fmt: skip
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HOME": str(output / "hf-home")}  # fmt: skip
@@ -165,11 +176,16 @@ def check_samples(samples: dict[str, list[dict]]) -> list[str]:
         got = samples[task]
         if len(got) != docs or any(len(s["resps"]) != per_doc for s in got):
             problems.append(f"{task}: {len(got)} docs logged, expected {docs} with {per_doc} responses each")
-    local = load_model(MODEL, device="cpu", dtype="float32")
+    local = reference_model()
     problems += [p for s in samples["internvl_demo_mc"] for p in check_choices(local, s)]
     problems += [p for s in samples["internvl_demo_gen"] for p in check_generation(local, s)]
     problems += [p for s in samples["internvl_demo_text"] for p in check_rolling(local, s)]
     return problems
+
+
+@functools.cache
+def reference_model():
+    return load_model(MODEL, device="cpu", dtype="float32")
 
 
 def check_choices(local, sample: dict) -> list[str]:
@@ -207,7 +223,8 @@ def check_rolling(local, sample: dict) -> list[str]:
     rows = full_logprobs(local, ids)[:-1]
     expected = float(rows[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
     if not math.isclose(logged, expected, abs_tol=TOLERANCE):
-        return [f"doc {sample['doc_id']}: lm-eval logged a rolling loglikelihood of {logged:.5f}, a full forward gives {expected:.5f}"]
+        return [f"doc {sample['doc_id']}: lm-eval logged a rolling loglikelihood of {logged:.5f}, "
+                f"a full forward gives {expected:.5f}"]  # fmt: skip
     return []
 
 
