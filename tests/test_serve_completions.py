@@ -25,6 +25,7 @@ from internvl_chat.engine.loader import load_model
 from internvl_chat.serve.text_completions import DEFAULT_MAX_TOKENS, MAX_PROMPTS, LegacyLogprobs
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then"
+OTHER_TEXT = "Numbers in order: one, two, three, four, five, six, seven, eight, nine and ten."
 LONG_TEXT = "Colours of the rainbow: red, orange, yellow, green, blue, indigo and violet. " * 4
 WAIT_S = 120
 
@@ -256,18 +257,24 @@ def test_prompt_logprobs_match_a_full_forward(server, client, local, monkeypatch
     assert logprobs.text_offset == [len("".join(logprobs.tokens[:k])) for k in range(len(ids))]  # whole characters
 
 
-def test_only_echo_with_logprobs_takes_the_scored_prefill_and_it_alone_forgoes_the_cache(server, client, monkeypatch):
+def test_only_echo_with_logprobs_takes_the_scored_prefill_and_it_keeps_no_unscored_prefix(server, client, monkeypatch):
     model, scored = server.worker.model, []
     real = model._scored_prefill
     monkeypatch.setattr(model, "_scored_prefill", lambda *a, **k: scored.append(a) or real(*a, **k))
-    kw = dict(model="tiny", prompt=LONG_TEXT, max_tokens=2, temperature=0)
+    kw = dict(model="tiny", prompt=OTHER_TEXT, max_tokens=2, temperature=0)
     client.completions.create(**kw)
     again = client.completions.create(**kw, echo=True)  # the same prompt: its prefix comes from a slot
     assert again.usage.prompt_tokens_details.cached_tokens > 0
     client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": TEXT}], max_tokens=2, logprobs=True)
     assert scored == []  # the plain prefill, logprobs of the answer or not
     with_logprobs = client.completions.create(**kw, echo=True, logprobs=1)
-    assert len(scored) == 1 and with_logprobs.usage.prompt_tokens_details.cached_tokens == 0
+    assert len(scored) == 1 and with_logprobs.usage.prompt_tokens_details.cached_tokens == 0  # cached, but not scored
+    scored_again = client.completions.create(**kw, echo=True, logprobs=1)
+    assert scored_again.usage.prompt_tokens_details.cached_tokens == scored_again.usage.prompt_tokens - 1
+    prompt_n = scored_again.usage.prompt_tokens  # the prompt's entries come back as they were kept
+    first, second = with_logprobs.choices[0].logprobs, scored_again.choices[0].logprobs
+    assert second.token_logprobs[:prompt_n] == first.token_logprobs[:prompt_n]
+    assert second.top_logprobs[:prompt_n] == first.top_logprobs[:prompt_n]
 
 
 def test_echo_with_logprobs_and_an_answer_lists_the_prompt_then_the_answer(client, local, stop_ids):

@@ -22,9 +22,10 @@ first served by request: a job with n choices holds the engine for n answers.
 
 A /v1/completions job (text_completions.py) may hold several prompts: each is answered in turn,
 its n choices as above, result `index` prompt × n + choice. With `echo` each choice opens with a
-"prompt" event (the prompt's logprob entries, or None); with `prompt_logprobs` choice 0 prefills
-the whole prompt (no cached prefix) scoring every token (engine/model.py's PromptScores), the
-later choices reuse its entries. `discard_answer` (max_tokens 0) drops the one token sampled, and
+"prompt" event (the prompt's logprob entries, or None); with `prompt_logprobs` choice 0 scores
+every prompt token as it prefills (engine/model.py's PromptScores), keeping only the cached prefix
+whose scores the slot has kept (slots.py's ScoredPrefix: an lm-eval context shared by several
+continuations is scored once), and the later choices reuse its entries. `discard_answer` (max_tokens 0) drops the one token sampled, and
 `list_stop_token` lists the stop token that ended an answer, as vLLM does.
 """
 
@@ -58,7 +59,7 @@ from .logprobs import SentTokens, TokenPieces
 from .media import DecodeAllowance, MediaReader
 from .options import ServeOptions
 from .protocol import completion_id, request_totals, timings, usage
-from .slots import Slot, SlotPool
+from .slots import ScoredPrefix, Slot, SlotPool
 from .stops import StopStrings
 
 log = logging.getLogger("internvl_chat.serve")
@@ -304,7 +305,7 @@ class EngineWorker:
                 raise ClientGone
             slot, reuse = self.slots.choose(prompt)
             if job.prompt_logprobs is not None:
-                reuse = 0  # every prompt token is scored: none may come from the cache
+                reuse = slot.scored_reuse(prompt, job.prompt_logprobs)  # every prompt token needs its score
             scored = None
             for index in range(job.choices):
                 if index:
@@ -334,11 +335,12 @@ class EngineWorker:
         # from here the slot's cache is rewound to `reuse` (until then it still held its last conversation)
         self.slots.use(slot)
         slot.spans = [s for s in prompt.spans if s.end <= reuse]  # the same runs the slot held up to `reuse`
+        slot.keep_scores(reuse)  # a scored choice 0 keeps exactly the scores its `reuse` was chosen for
         stops = StopStrings(job.stops)
         halt = ChoiceHalt(job.cancel)
         tokens = SentTokens(self.pieces) if job.params.logprobs is not None else None
         params = replace(job.params, seed=choice_seed(job.params.seed, index))
-        scores = PromptScores(job.prompt_logprobs) if job.prompt_logprobs is not None and scored is None else None
+        scores = self._prompt_scores(job, slot, reuse) if job.prompt_logprobs is not None and scored is None else None
         echoed = not job.echo  # (prompt_logprobs comes with echo only)
         sent: list[str] = []
         for event in session.continue_with(prompt.ids, reuse, features, params, halt, vision_s, scores):
@@ -346,7 +348,7 @@ class EngineWorker:
                 self.on_event(job, event)
             if not echoed:  # the prompt is prefilled (and scored) by now: its echo goes before any text
                 if scores is not None:
-                    scored = self._prompt_entries(prompt.ids, scores)
+                    scored = self._prompt_entries(prompt.ids, self._keep_scores(slot, prompt, scores, job.prompt_logprobs))
                 job.emit("prompt", scored)
                 echoed = True
             if job.discard_answer:
@@ -375,12 +377,27 @@ class EngineWorker:
             result["prompt_logprobs"] = scored
         return result
 
-    def _prompt_entries(self, ids: list[int], scores: PromptScores) -> list[dict]:
+    @staticmethod
+    def _prompt_scores(job: Job, slot: Slot, reuse: int) -> PromptScores:
+        """What scores the prompt's tokens after `reuse`: with as many alternatives as the scores
+        kept before them (at least the job's), so that all of them can be kept together."""
+        kept = slot.scores
+        return PromptScores(kept.k if reuse and kept is not None else job.prompt_logprobs)
+
+    @staticmethod
+    def _keep_scores(slot: Slot, prompt: Prompt, scores: PromptScores, k: int) -> torch.Tensor:
+        """Once the prompt is prefilled: the slot keeps its tokens' scores (those it kept for the
+        reused prefix, then the new ones); the job's rows are those with k alternatives."""
+        kept = slot.scores
+        before = kept.rows if kept is not None else scores.table()[:0]  # keep_scores left exactly the reused tokens'
+        slot.scores = ScoredPrefix(scores.k, list(prompt.ids), torch.cat([before, scores.table()]))
+        return slot.scores.first(len(prompt.ids) - 1, k)
+
+    def _prompt_entries(self, ids: list[int], rows: torch.Tensor) -> list[dict]:
         """The prompt's logprob entries: the first token's without a value (nothing comes before
         it), then each later one's as a generated token's (serve/logprobs.py)."""
         first = {**self.pieces.entry(ids[0], 0.0), "logprob": None, "top_logprobs": None}
-        rows = scores.rows()
-        return [first] + [self.pieces.content(unpack_logprobs(token, row)) for token, row in zip(ids[1:], rows)]
+        return [first] + [self.pieces.content(unpack_logprobs(token, row)) for token, row in zip(ids[1:], rows.tolist())]
 
     def _features(self, prompt: Prompt, reuse: int, job: Job) -> tuple[torch.Tensor | None, float]:
         """Features for the image runs after `reuse`, in prompt order (LRU first, else the vision encoder).
