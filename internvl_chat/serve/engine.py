@@ -348,7 +348,7 @@ class EngineWorker:
                 self.on_event(job, event)
             if not echoed:  # the prompt is prefilled (and scored) by now: its echo goes before any text
                 if scores is not None:
-                    scored = self._prompt_entries(prompt.ids, self._keep_scores(slot, prompt, scores, job.prompt_logprobs))
+                    scored = self._prompt_entries(prompt.ids, self._keep_scores(slot, prompt, reuse, scores, job.prompt_logprobs))
                 job.emit("prompt", scored)
                 echoed = True
             if job.discard_answer:
@@ -385,12 +385,12 @@ class EngineWorker:
         return PromptScores(kept.k if reuse and kept is not None else job.prompt_logprobs)
 
     @staticmethod
-    def _keep_scores(slot: Slot, prompt: Prompt, scores: PromptScores, k: int) -> torch.Tensor:
+    def _keep_scores(slot: Slot, prompt: Prompt, reuse: int, scores: PromptScores, k: int) -> torch.Tensor:
         """Once the prompt is prefilled: the slot keeps its tokens' scores (those it kept for the
-        reused prefix, then the new ones); the job's rows are those with k alternatives."""
-        kept = slot.scores
-        before = kept.rows if kept is not None else scores.table()[:0]  # keep_scores left exactly the reused tokens'
-        slot.scores = ScoredPrefix(scores.k, list(prompt.ids), torch.cat([before, scores.table()]))
+        `reuse` tokens after the first, then the new ones); the job's rows are those with k alternatives."""
+        new = scores.table()
+        before = slot.scores.rows[:reuse] if reuse else new[:0]
+        slot.scores = ScoredPrefix(scores.k, list(prompt.ids), torch.cat([before, new]))
         return slot.scores.first(len(prompt.ids) - 1, k)
 
     def _prompt_entries(self, ids: list[int], rows: torch.Tensor) -> list[dict]:
