@@ -13,7 +13,7 @@ from internvl_chat.serve.answers import AnswerMemory
 from internvl_chat.serve.conversation import Prompt, Span
 from internvl_chat.serve.errors import APIError
 from internvl_chat.serve.media import _data_url
-from internvl_chat.serve.slots import SlotPool
+from internvl_chat.serve.slots import ScoredPrefix, SlotPool, with_alternatives
 from internvl_chat.serve.stops import StopStrings
 
 
@@ -223,6 +223,47 @@ def test_a_new_conversation_does_not_evict_a_long_one_for_a_short_shared_prefix(
     assert 0 < pool.slots[0].reusable(other) < 0.5 * pool.slots[0].cached  # shares only the template's opening
     slot, _ = pool.choose(other)
     assert slot is pool.slots[1]
+
+
+def kept_scores(ids: list[int], k: int) -> ScoredPrefix:
+    """Made-up PromptScores rows for `ids` (row j - 1: token j's value, k values, k ids)."""
+    rows = torch.tensor([[-j, *[-j - a for a in range(k)], *[j + a for a in range(k)]] for j in range(1, len(ids))],
+                        dtype=torch.float64)  # fmt: skip
+    return ScoredPrefix(k, list(ids), rows)
+
+
+def test_a_scored_prompt_keeps_the_cached_tokens_whose_scores_are_kept_and_the_one_after_them(loaded, builder):
+    pool = SlotPool(loaded, 1)
+    [slot] = pool.slots
+    held = Prompt(builder.first_turn("A question about boats and the sea. " * 4))
+    hold(slot, held)
+    assert slot.scored_reuse(held, 1) == 0  # cached, but not scored
+    slot.scores = kept_scores(held.ids, 2)
+    assert slot.scored_reuse(held, 2) == len(held.ids) - 1  # the last token alone is prefilled again
+    assert slot.scored_reuse(held, 3) == 0  # more alternatives than were kept: scored again from the start
+    other = Prompt(held.ids[:20] + held.ids[30:])
+    assert slot.reusable(other) == 20 and slot.scored_reuse(other, 1) == 19  # token 20's kept score is another token's
+    slot.keep_scores(10)  # a write from position 10: the scores of tokens 1…10 stay
+    assert len(slot.scores.rows) == 10 and slot.scores.ids == held.ids[:11]
+    assert slot.scored_reuse(held, 1) == 10
+    slot.keep_scores(0)
+    assert slot.scores is None and slot.scored_reuse(held, 1) == 0
+
+
+def test_kept_scores_never_cover_a_picture_a_token_id_prompt_does_not_hold(loaded, builder):
+    pool = SlotPool(loaded, 1)
+    [slot] = pool.slots
+    cat = image_prompt(builder, "What is it?", "cat")
+    hold(slot, cat)
+    slot.scores = kept_scores(cat.ids, 1)
+    assert slot.scored_reuse(Prompt(list(cat.ids)), 1) == cat.spans[0].start  # up to the picture, never past it
+
+
+def test_kept_scores_are_cut_to_the_most_likely_alternatives_asked_for():
+    rows = kept_scores([5, 6, 7], 3).rows
+    assert with_alternatives(rows, 3, 1).tolist() == [[-1, -1, 1], [-2, -2, 2]]
+    assert with_alternatives(rows, 3, 0).tolist() == [[-1], [-2]]
+    assert with_alternatives(rows, 3, 3) is rows
 
 
 def test_each_slot_has_its_own_kv_cache(loaded):
