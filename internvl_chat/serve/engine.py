@@ -25,8 +25,9 @@ its n choices as above, result `index` prompt × n + choice. With `echo` each ch
 "prompt" event (the prompt's logprob entries, or None); with `prompt_logprobs` choice 0 scores
 every prompt token as it prefills (engine/model.py's PromptScores), keeping only the cached prefix
 whose scores the slot has kept (slots.py's ScoredPrefix: an lm-eval context shared by several
-continuations is scored once), and the later choices reuse its entries. `discard_answer` (max_tokens 0) drops the one token sampled, and
-`list_stop_token` lists the stop token that ended an answer, as vLLM does.
+continuations is scored once), and the later choices reuse its entries. `discard_answer`
+(max_tokens 0) drops the one token sampled, and `list_stop_token` lists the stop token that ended
+an answer, as vLLM does.
 """
 
 from __future__ import annotations
@@ -348,7 +349,8 @@ class EngineWorker:
                 self.on_event(job, event)
             if not echoed:  # the prompt is prefilled (and scored) by now: its echo goes before any text
                 if scores is not None:
-                    scored = self._prompt_entries(prompt.ids, self._keep_scores(slot, prompt, reuse, scores, job.prompt_logprobs))
+                    rows = self._keep_scores(slot, prompt, reuse, scores, job.prompt_logprobs)
+                    scored = self._prompt_entries(prompt.ids, rows)
                 job.emit("prompt", scored)
                 echoed = True
             if job.discard_answer:

@@ -13,9 +13,9 @@ engine (engine.py: a Job's `more_prompts`), as chat choices are. `logprobs` is t
 (serve/logprobs.py); each `top_logprobs` dict holds the token itself besides its k alternatives, as
 vLLM's do. `echo` puts the prompt's text before the answer; with `logprobs` the prompt's tokens are
 scored as they are prefilled (engine/model.py's PromptScores; a slot's cached prefix is kept only
-as far as it kept that prefix's scores, slots.py's ScoredPrefix), and `max_tokens` 0 asks for that alone. Sampling fields, stop strings, `seed`,
-`stream` (`text_completion` chunks, `stream_options.include_usage`, `data: [DONE]`), refusals,
-the queue, the API key and CORS are chat's.
+as far as it kept that prefix's scores, slots.py's ScoredPrefix), and `max_tokens` 0 asks for that
+alone. Sampling fields, stop strings, `seed`, `stream` (`text_completion` chunks,
+`stream_options.include_usage`, `data: [DONE]`), refusals, the queue, the API key and CORS are chat's.
 """
 
 from __future__ import annotations
