@@ -67,8 +67,7 @@ def fresh_slots(server):
     """Every slot forgets what it holds, so each test starts from empty caches."""
     server.worker.wait_idle(WAIT_S)
     for slot in server.worker.slots.slots:
-        slot.session._rewind(0, 0)
-        slot.spans, slot.scores = [], None
+        slot.session.ids, slot.session.start_pos, slot.spans, slot.scores = [], 0, [], None
 
 
 def encode(local, text: str) -> list[int]:
