@@ -345,6 +345,10 @@ class EngineWorker:
         echoed = not job.echo  # (prompt_logprobs comes with echo only)
         sent: list[str] = []
         for event in session.continue_with(prompt.ids, reuse, features, params, halt, vision_s, scores):
+            if event["finish_reason"] is not None:
+                # the Session has committed the prompt: record its pictures before anything here can
+                # fail, or the slot would hold their KV as plain ids that any prompt may continue from
+                slot.spans = list(prompt.spans)
             if self.on_event is not None:
                 self.on_event(job, event)
             if not echoed:  # the prompt is prefilled (and scored) by now: its echo goes before any text
@@ -373,7 +377,6 @@ class EngineWorker:
             job.emit("tokens", ("", [stop_entry]))
         for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts
             turn.features = None
-        slot.spans = list(prompt.spans)
         result = self._finish(job, prompt, index, slot.index, reuse, final, "".join(sent), tokens, halt.stop_hit)
         if result is not None:
             result["prompt_logprobs"] = scored
