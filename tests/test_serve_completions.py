@@ -23,6 +23,7 @@ import torch
 from internvl_chat.engine import model as engine_model
 from internvl_chat.engine.loader import load_model
 from internvl_chat.serve.text_completions import DEFAULT_MAX_TOKENS, MAX_PROMPTS, LegacyLogprobs
+from serve_support import RunningServer
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then"
 OTHER_TEXT = "Numbers in order: one, two, three, four, five, six, seven, eight, nine and ten."
@@ -122,6 +123,24 @@ def test_a_seeded_sample_is_reproducible_and_each_choice_has_its_own(client):
     one, two = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.text for c in one.choices] == [c.text for c in two.choices]
     assert one.choices[0].text != one.choices[1].text
+
+
+def test_a_completion_s_ids_are_never_given_to_another_conversation_that_resends_its_text(server, local, tiny_original):
+    """The answer memory gives back our ids for a reply's text; an answer generated after another
+    prompt (here a /v1/completions one) must not become the ids of a chat conversation that merely
+    holds the same text: that conversation's prompt (and answer) would depend on what another client
+    ran before it. It is read as a fresh server reads it."""
+    said = post(server, {"model": "tiny", "prompt": "The cat", "max_tokens": 6, "temperature": 0}).json()["choices"][0]["text"]
+    ids = server.worker.answers.lookup(said)
+    assert ids is not None and ids != local.tokenizer.encode(said)  # the text alone tokenizes otherwise
+    conversation = {"model": "tiny", "max_tokens": 1, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Say something."}, {"role": "assistant", "content": said},
+                                 {"role": "user", "content": "And then?"}]}  # fmt: skip
+    with RunningServer(tiny_original, slots=1) as fresh:
+        wanted = httpx.post(f"{fresh.url}/v1/chat/completions", json=conversation, timeout=WAIT_S).json()
+    served = httpx.post(f"{server.url}/v1/chat/completions", json=conversation, timeout=WAIT_S).json()
+    assert served["usage"]["prompt_tokens"] == wanted["usage"]["prompt_tokens"]
+    assert served["choices"][0]["message"]["content"] == wanted["choices"][0]["message"]["content"]
 
 
 def test_a_stop_string_cuts_the_text(client, local, stop_ids):

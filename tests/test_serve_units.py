@@ -9,7 +9,7 @@ import torch
 
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
 from internvl_chat.engine.loader import load_model
-from internvl_chat.serve.answers import AnswerMemory
+from internvl_chat.serve.answers import AnswerMemory, PromptDigest, prompt_digest
 from internvl_chat.serve.conversation import Prompt, Span
 from internvl_chat.serve.errors import APIError
 from internvl_chat.serve.media import _data_url
@@ -150,12 +150,15 @@ def test_an_image_typed_as_a_video_frame_is_read_as_the_image_it_is():
 # ---- answer memory -----------------------------------------------------------------------------
 
 
+AFTER = prompt_digest([1, 2, 3], [])  # the prompt the answers followed
+
+
 def test_answer_memory_returns_our_ids_and_forgets_the_oldest():
     memory = AnswerMemory(capacity=2)
-    memory.remember("one", [1])
-    memory.remember("two", [2, 2])
+    memory.remember("one", [1], AFTER)
+    memory.remember("two", [2, 2], AFTER)
     assert memory.lookup("one") == [1]  # now the most recent
-    memory.remember("three", [3])
+    memory.remember("three", [3], AFTER)
     assert memory.lookup("two") is None and memory.lookup("one") == [1] and memory.lookup("three") == [3]
 
 
@@ -163,17 +166,30 @@ def test_answer_memory_returns_our_ids_and_forgets_the_oldest():
 def test_answer_memory_is_bounded_in_tokens_too():
     """1,024 answers of 8,192 tokens held 320 MiB that no setting accounted for."""
     memory = AnswerMemory(capacity=100, max_tokens=10)
-    memory.remember("a", [1] * 4)
-    memory.remember("b", [2] * 4)
-    memory.remember("c", [3] * 4)  # 12 tokens: the oldest goes
+    memory.remember("a", [1] * 4, AFTER)
+    memory.remember("b", [2] * 4, AFTER)
+    memory.remember("c", [3] * 4, AFTER)  # 12 tokens: the oldest goes
     assert memory.lookup("a") is None and memory.lookup("b") == [2] * 4 and memory.lookup("c") == [3] * 4
     assert memory.tokens == 8
-    memory.remember("b", [7] * 2)  # a text said again replaces its ids
+    memory.remember("b", [7] * 2, AFTER)  # a text said again replaces its ids
     assert memory.lookup("b") == [7] * 2 and memory.tokens == 6
-    memory.remember("huge", [5] * 11)  # over the whole budget: not kept, and nothing evicted for it
+    memory.remember("huge", [5] * 11, AFTER)  # over the whole budget: not kept, and nothing evicted for it
     assert memory.lookup("huge") is None and len(memory) == 2 and memory.tokens == 6
-    memory.remember("ids", [0, 151_642, 2**31 - 1])
+    memory.remember("ids", [0, 151_642, 2**31 - 1], AFTER)
     assert memory.lookup("ids") == [0, 151_642, 2**31 - 1]
+
+
+def test_answer_memory_gives_ids_back_only_after_the_prompt_they_answered(builder):
+    memory = AnswerMemory()
+    cat, dog = image_prompt(builder, "What is it?", "cat"), image_prompt(builder, "What is it?", "dog")
+    memory.remember("A cat.", [32, 8251, 13], prompt_digest(cat.ids, cat.spans))
+    assert memory.lookup("A cat.", prompt_digest(cat.ids, cat.spans)) == [32, 8251, 13]
+    assert memory.lookup("A cat.", prompt_digest(cat.ids[:-1], [])) is None  # another conversation with the same text
+    assert memory.lookup("A cat.", prompt_digest(dog.ids, dog.spans)) is None  # the same ids, another picture
+    grown = PromptDigest()
+    assert grown.of(cat.ids[:3], []) == prompt_digest(cat.ids[:3], [])
+    assert grown.of(cat.ids, cat.spans) == prompt_digest(cat.ids, cat.spans)
+
 
 # ---- slots ---------------------------------------------------------------------------------------
 

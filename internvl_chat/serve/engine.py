@@ -52,7 +52,7 @@ from ..engine.loader import LoadedModel
 from ..engine.model import PromptScores
 from ..errors import Cancelled, InternVLChatError
 from ..settings import SEED_MAX
-from .answers import AnswerMemory
+from .answers import AnswerMemory, prompt_digest
 from .conversation import Prompt, PromptMaker
 from .errors import APIError, from_app_error, shown
 from .features import FeatureCache
@@ -456,7 +456,7 @@ class EngineWorker:
         else:
             answer_ids = generated
         if answer_ids is not None and not self._image_ids.intersection(answer_ids):
-            self.answers.remember(text, answer_ids)
+            self.answers.remember(text, answer_ids, prompt_digest(prompt.ids, prompt.spans))
         timing = final["timing"]
         prompt_n = len(prompt.ids) - reuse
         result = {
