@@ -4,8 +4,8 @@ Re-tokenizing an answer's text need not give the ids the model generated (BPE ca
 text differently), and then the resent history would miss the KV cache from that answer on and
 differ from what the terminal app's Session holds. So the text we sent maps back to our ids.
 
-An answer is given back only to a prompt that holds, before it, the very ids it was generated
-after (a digest of them is kept with it): one request's ids for a text never become another
+An answer is given back only to a prompt that holds, before it, the very ids (and pictures) it was
+generated after (a digest of them is kept with it): one request's ids for a text never become another
 conversation's that merely holds the same text (a /v1/completions answer, another client's reply).
 That conversation's prompt, and so its answer, would depend on what ran before it; it is tokenized
 as a fresh server would tokenize it.
