@@ -23,8 +23,10 @@ import torch
 from internvl_chat.engine import model as engine_model
 from internvl_chat.engine.loader import load_model
 from internvl_chat.serve.text_completions import DEFAULT_MAX_TOKENS, MAX_PROMPTS, LegacyLogprobs
+from serve_support import RunningServer
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then"
+OTHER_TEXT = "Numbers in order: one, two, three, four, five, six, seven, eight, nine and ten."
 LONG_TEXT = "Colours of the rainbow: red, orange, yellow, green, blue, indigo and violet. " * 4
 WAIT_S = 120
 
@@ -121,6 +123,24 @@ def test_a_seeded_sample_is_reproducible_and_each_choice_has_its_own(client):
     one, two = client.completions.create(**kw), client.completions.create(**kw)
     assert [c.text for c in one.choices] == [c.text for c in two.choices]
     assert one.choices[0].text != one.choices[1].text
+
+
+def test_a_completion_s_ids_are_never_given_to_another_conversation_that_resends_its_text(server, local, tiny_original):
+    """The answer memory gives back our ids for a reply's text; an answer generated after another
+    prompt (here a /v1/completions one) must not become the ids of a chat conversation that merely
+    holds the same text: that conversation's prompt (and answer) would depend on what another client
+    ran before it. It is read as a fresh server reads it."""
+    said = post(server, {"model": "tiny", "prompt": "The cat", "max_tokens": 6, "temperature": 0}).json()["choices"][0]["text"]
+    ids = server.worker.answers.lookup(said)
+    assert ids is not None and ids != local.tokenizer.encode(said)  # the text alone tokenizes otherwise
+    conversation = {"model": "tiny", "max_tokens": 1, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Say something."}, {"role": "assistant", "content": said},
+                                 {"role": "user", "content": "And then?"}]}  # fmt: skip
+    with RunningServer(tiny_original, slots=1) as fresh:
+        wanted = httpx.post(f"{fresh.url}/v1/chat/completions", json=conversation, timeout=WAIT_S).json()
+    served = httpx.post(f"{server.url}/v1/chat/completions", json=conversation, timeout=WAIT_S).json()
+    assert served["usage"]["prompt_tokens"] == wanted["usage"]["prompt_tokens"]
+    assert served["choices"][0]["message"]["content"] == wanted["choices"][0]["message"]["content"]
 
 
 def test_a_stop_string_cuts_the_text(client, local, stop_ids):
@@ -256,18 +276,24 @@ def test_prompt_logprobs_match_a_full_forward(server, client, local, monkeypatch
     assert logprobs.text_offset == [len("".join(logprobs.tokens[:k])) for k in range(len(ids))]  # whole characters
 
 
-def test_only_echo_with_logprobs_takes_the_scored_prefill_and_it_alone_forgoes_the_cache(server, client, monkeypatch):
+def test_only_echo_with_logprobs_takes_the_scored_prefill_and_it_keeps_no_unscored_prefix(server, client, monkeypatch):
     model, scored = server.worker.model, []
     real = model._scored_prefill
     monkeypatch.setattr(model, "_scored_prefill", lambda *a, **k: scored.append(a) or real(*a, **k))
-    kw = dict(model="tiny", prompt=LONG_TEXT, max_tokens=2, temperature=0)
+    kw = dict(model="tiny", prompt=OTHER_TEXT, max_tokens=2, temperature=0)
     client.completions.create(**kw)
     again = client.completions.create(**kw, echo=True)  # the same prompt: its prefix comes from a slot
     assert again.usage.prompt_tokens_details.cached_tokens > 0
     client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": TEXT}], max_tokens=2, logprobs=True)
     assert scored == []  # the plain prefill, logprobs of the answer or not
     with_logprobs = client.completions.create(**kw, echo=True, logprobs=1)
-    assert len(scored) == 1 and with_logprobs.usage.prompt_tokens_details.cached_tokens == 0
+    assert len(scored) == 1 and with_logprobs.usage.prompt_tokens_details.cached_tokens == 0  # cached, but not scored
+    scored_again = client.completions.create(**kw, echo=True, logprobs=1)
+    assert scored_again.usage.prompt_tokens_details.cached_tokens == scored_again.usage.prompt_tokens - 1
+    prompt_n = scored_again.usage.prompt_tokens  # the prompt's entries come back as they were kept
+    first, second = with_logprobs.choices[0].logprobs, scored_again.choices[0].logprobs
+    assert second.token_logprobs[:prompt_n] == first.token_logprobs[:prompt_n]
+    assert second.top_logprobs[:prompt_n] == first.top_logprobs[:prompt_n]
 
 
 def test_echo_with_logprobs_and_an_answer_lists_the_prompt_then_the_answer(client, local, stop_ids):

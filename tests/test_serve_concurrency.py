@@ -345,6 +345,34 @@ def test_a_request_that_fails_before_its_prefill_does_not_change_which_slot_is_r
         kept = client.chat.completions.create(**chat_body(x, max_tokens=4))
     assert kept.usage.prompt_tokens_details.cached_tokens == kept.usage.prompt_tokens - 1
 
+def test_a_failure_after_the_answer_is_committed_leaves_the_slot_knowing_its_picture(tiny_original):
+    """A bug in the engine after the Session committed the answer (a 500) must not leave the slot
+    holding the picture's KV while it records no picture there: a /v1/completions prompt of the
+    same token ids would then continue from another request's picture."""
+    picture = png_bytes(textured_rgb(448, 448, seed=37))
+
+    def fail_at_the_end(job, event):
+        if event["finish_reason"] is not None:  # the Session has committed the prompt and answer by now
+            raise RuntimeError("a bug while the last event was handled")
+
+    with RunningServer(tiny_original, slots=1) as one:
+        worker = one.worker
+        worker.on_event = fail_at_the_end
+        try:
+            r = httpx.post(f"{one.url}/v1/chat/completions", json=_image_body("What is this?", picture, max_tokens=3),
+                           timeout=WAIT_S)  # fmt: skip
+        finally:
+            worker.on_event = None
+        assert r.status_code == 500
+        slot = worker.slots.slots[0]
+        held = slot.session.ids[: slot.cached]
+        img_start = held.index(one.prompt_builder().img_start_id)
+        plain = httpx.post(f"{one.url}/v1/completions", json={"model": "tiny", "prompt": held, "max_tokens": 1},
+                           timeout=WAIT_S)  # fmt: skip
+    assert plain.status_code == 200
+    assert plain.json()["usage"]["prompt_tokens_details"]["cached_tokens"] <= img_start
+
+
 def _greedy_ids(client, messages, **kw) -> tuple[str, list[int]]:
     out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=kw.pop("max_tokens", 10), temperature=0,
                                          extra_body={"return_token_ids": True}, **kw)  # fmt: skip

@@ -21,7 +21,7 @@ from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.chat.session import Session
 from internvl_chat.engine.loader import load_model
 from media_helpers import textured_rgb, write_numbered_video
-from serve_support import data_url
+from serve_support import RunningServer, data_url
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -194,3 +194,28 @@ def test_a_request_that_overflowed_to_nan_leaves_no_nan_in_its_slot(server, clie
     assert torch.isfinite(logits).all()
     text, ids, out = complete(client, history)  # and the slot serves the conversation as a fresh server would
     assert out.usage.prompt_tokens_details.cached_tokens == position
+
+
+def test_a_seeded_sample_is_the_same_whether_its_prefix_was_cached_by_another_request(server, client, media, tiny_original):
+    """A seeded answer must not depend on what ran before it: the prefix (system message and
+    picture) prefilled here, or kept from another conversation, gives the same tokens; the
+    repetition penalty counts the kept prompt tokens as the prefilled ones."""
+    # text of many different tokens, so that the penalty weighs on what the answer would sample
+    many = " ".join(f"{a}{b}" for a in "abcdefghijklmnopqrstuvwxyz0123456789" for b in "aeiou.,;!?")
+    system = {"role": "system", "content": f"You describe pictures. {many}"}
+    picture = image(media / "square.png")
+
+    def ask(chat, question, **kw):
+        messages = [system, {"role": "user", "content": [picture, {"type": "text", "text": question}]}]
+        out = chat.chat.completions.create(model="tiny", messages=messages, max_tokens=12, **kw,
+                                           extra_body={"return_token_ids": True, "repetition_penalty": 2.0})  # fmt: skip
+        return out.choices[0].model_extra["token_ids"], out.usage.prompt_tokens_details.cached_tokens
+
+    seeded = dict(temperature=1.0, seed=1234)
+    with RunningServer(tiny_original, slots=1) as fresh:
+        wanted, cached = ask(fresh.client(), "What is it?", **seeded)
+    assert cached == 0
+    ask(client, "Describe every colour in it, one by one.", temperature=0)  # another conversation: the same prefix
+    got, cached = ask(client, "What is it?", **seeded)
+    assert cached > 256  # the picture's tokens were kept, not prefilled
+    assert got == wanted

@@ -9,11 +9,11 @@ import torch
 
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
 from internvl_chat.engine.loader import load_model
-from internvl_chat.serve.answers import AnswerMemory
+from internvl_chat.serve.answers import AnswerMemory, PromptDigest, prompt_digest
 from internvl_chat.serve.conversation import Prompt, Span
 from internvl_chat.serve.errors import APIError
 from internvl_chat.serve.media import _data_url
-from internvl_chat.serve.slots import SlotPool
+from internvl_chat.serve.slots import ScoredPrefix, SlotPool, with_alternatives
 from internvl_chat.serve.stops import StopStrings
 
 
@@ -150,12 +150,15 @@ def test_an_image_typed_as_a_video_frame_is_read_as_the_image_it_is():
 # ---- answer memory -----------------------------------------------------------------------------
 
 
+AFTER = prompt_digest([1, 2, 3], [])  # the prompt the answers followed
+
+
 def test_answer_memory_returns_our_ids_and_forgets_the_oldest():
     memory = AnswerMemory(capacity=2)
-    memory.remember("one", [1])
-    memory.remember("two", [2, 2])
+    memory.remember("one", [1], AFTER)
+    memory.remember("two", [2, 2], AFTER)
     assert memory.lookup("one") == [1]  # now the most recent
-    memory.remember("three", [3])
+    memory.remember("three", [3], AFTER)
     assert memory.lookup("two") is None and memory.lookup("one") == [1] and memory.lookup("three") == [3]
 
 
@@ -163,17 +166,30 @@ def test_answer_memory_returns_our_ids_and_forgets_the_oldest():
 def test_answer_memory_is_bounded_in_tokens_too():
     """1,024 answers of 8,192 tokens held 320 MiB that no setting accounted for."""
     memory = AnswerMemory(capacity=100, max_tokens=10)
-    memory.remember("a", [1] * 4)
-    memory.remember("b", [2] * 4)
-    memory.remember("c", [3] * 4)  # 12 tokens: the oldest goes
+    memory.remember("a", [1] * 4, AFTER)
+    memory.remember("b", [2] * 4, AFTER)
+    memory.remember("c", [3] * 4, AFTER)  # 12 tokens: the oldest goes
     assert memory.lookup("a") is None and memory.lookup("b") == [2] * 4 and memory.lookup("c") == [3] * 4
     assert memory.tokens == 8
-    memory.remember("b", [7] * 2)  # a text said again replaces its ids
+    memory.remember("b", [7] * 2, AFTER)  # a text said again replaces its ids
     assert memory.lookup("b") == [7] * 2 and memory.tokens == 6
-    memory.remember("huge", [5] * 11)  # over the whole budget: not kept, and nothing evicted for it
+    memory.remember("huge", [5] * 11, AFTER)  # over the whole budget: not kept, and nothing evicted for it
     assert memory.lookup("huge") is None and len(memory) == 2 and memory.tokens == 6
-    memory.remember("ids", [0, 151_642, 2**31 - 1])
+    memory.remember("ids", [0, 151_642, 2**31 - 1], AFTER)
     assert memory.lookup("ids") == [0, 151_642, 2**31 - 1]
+
+
+def test_answer_memory_gives_ids_back_only_after_the_prompt_they_answered(builder):
+    memory = AnswerMemory()
+    cat, dog = image_prompt(builder, "What is it?", "cat"), image_prompt(builder, "What is it?", "dog")
+    memory.remember("A cat.", [32, 8251, 13], prompt_digest(cat.ids, cat.spans))
+    assert memory.lookup("A cat.", prompt_digest(cat.ids, cat.spans)) == [32, 8251, 13]
+    assert memory.lookup("A cat.", prompt_digest(cat.ids[:-1], [])) is None  # another conversation with the same text
+    assert memory.lookup("A cat.", prompt_digest(dog.ids, dog.spans)) is None  # the same ids, another picture
+    grown = PromptDigest()
+    assert grown.of(cat.ids[:3], []) == prompt_digest(cat.ids[:3], [])
+    assert grown.of(cat.ids, cat.spans) == prompt_digest(cat.ids, cat.spans)
+
 
 # ---- slots ---------------------------------------------------------------------------------------
 
@@ -223,6 +239,47 @@ def test_a_new_conversation_does_not_evict_a_long_one_for_a_short_shared_prefix(
     assert 0 < pool.slots[0].reusable(other) < 0.5 * pool.slots[0].cached  # shares only the template's opening
     slot, _ = pool.choose(other)
     assert slot is pool.slots[1]
+
+
+def kept_scores(ids: list[int], k: int) -> ScoredPrefix:
+    """Made-up PromptScores rows for `ids` (row j - 1: token j's value, k values, k ids)."""
+    rows = torch.tensor([[-j, *[-j - a for a in range(k)], *[j + a for a in range(k)]] for j in range(1, len(ids))],
+                        dtype=torch.float64)  # fmt: skip
+    return ScoredPrefix(k, list(ids), rows)
+
+
+def test_a_scored_prompt_keeps_the_cached_tokens_whose_scores_are_kept_and_the_one_after_them(loaded, builder):
+    pool = SlotPool(loaded, 1)
+    [slot] = pool.slots
+    held = Prompt(builder.first_turn("A question about boats and the sea. " * 4))
+    hold(slot, held)
+    assert slot.scored_reuse(held, 1) == 0  # cached, but not scored
+    slot.scores = kept_scores(held.ids, 2)
+    assert slot.scored_reuse(held, 2) == len(held.ids) - 1  # the last token alone is prefilled again
+    assert slot.scored_reuse(held, 3) == 0  # more alternatives than were kept: scored again from the start
+    other = Prompt(held.ids[:20] + held.ids[30:])
+    assert slot.reusable(other) == 20 and slot.scored_reuse(other, 1) == 19  # token 20's kept score is another token's
+    slot.keep_scores(10)  # a write from position 10: the scores of tokens 1…10 stay
+    assert len(slot.scores.rows) == 10 and slot.scores.ids == held.ids[:11]
+    assert slot.scored_reuse(held, 1) == 10
+    slot.keep_scores(0)
+    assert slot.scores is None and slot.scored_reuse(held, 1) == 0
+
+
+def test_kept_scores_never_cover_a_picture_a_token_id_prompt_does_not_hold(loaded, builder):
+    pool = SlotPool(loaded, 1)
+    [slot] = pool.slots
+    cat = image_prompt(builder, "What is it?", "cat")
+    hold(slot, cat)
+    slot.scores = kept_scores(cat.ids, 1)
+    assert slot.scored_reuse(Prompt(list(cat.ids)), 1) == cat.spans[0].start  # up to the picture, never past it
+
+
+def test_kept_scores_are_cut_to_the_most_likely_alternatives_asked_for():
+    rows = kept_scores([5, 6, 7], 3).rows
+    assert with_alternatives(rows, 3, 1).tolist() == [[-1, -1, 1], [-2, -2, 2]]
+    assert with_alternatives(rows, 3, 0).tolist() == [[-1], [-2]]
+    assert with_alternatives(rows, 3, 3) is rows
 
 
 def test_each_slot_has_its_own_kv_cache(loaded):

@@ -74,9 +74,15 @@ class PromptScores:
             parts += [top.values.double(), top.indices.double()]
         self._packs.append(torch.cat(parts, dim=1))
 
+    def table(self) -> torch.Tensor:
+        """[scored tokens, 1 + 2k] float64 on the CPU: each one's value, k values, k ids, in prompt order."""
+        if not self._packs:
+            return torch.empty(0, 1 + 2 * self.k, dtype=torch.float64)
+        return torch.cat(self._packs).cpu()
+
     def rows(self) -> list[list[float]]:
         """One [value, k values, k ids] list for each scored token, in prompt order."""
-        return torch.cat(self._packs).tolist() if self._packs else []
+        return self.table().tolist()
 
 
 @contextmanager

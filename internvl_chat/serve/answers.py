@@ -4,6 +4,12 @@ Re-tokenizing an answer's text need not give the ids the model generated (BPE ca
 text differently), and then the resent history would miss the KV cache from that answer on and
 differ from what the terminal app's Session holds. So the text we sent maps back to our ids.
 
+An answer is given back only to a prompt that holds, before it, the very ids (and pictures) it was
+generated after (a digest of them is kept with it): one request's ids for a text never become another
+conversation's that merely holds the same text (a /v1/completions answer, another client's reply).
+That conversation's prompt, and so its answer, would depend on what ran before it; it is tokenized
+as a fresh server would tokenize it.
+
 The memory is bounded in answers and in tokens, and keeps ids packed (4 bytes each): as tuples of
 Python ints, 1,024 answers of 8,192 tokens held 320 MiB that no setting accounted for.
 """
@@ -14,8 +20,35 @@ import hashlib
 import threading
 from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .conversation import Span
 
 MAX_TOKENS = 1 << 21  # 8 MiB of packed ids: 1,024 answers of 2,048 tokens
+
+
+class PromptDigest:
+    """The digest of a prompt's ids and pictures (their runs' content keys: the same placeholders
+    hold another picture), grown with the prompt: each assistant message of a long conversation
+    looks up what comes before it, and the prompt is hashed once in all, not once per message."""
+
+    def __init__(self) -> None:
+        self._ids, self._pictures = hashlib.sha256(), hashlib.sha256()
+        self._count = self._spans = 0
+
+    def of(self, ids: list[int], spans: Sequence[Span]) -> bytes:
+        """The digest of `ids` and their `spans`, which begin with those of the previous call."""
+        self._ids.update(array("i", ids[self._count :]).tobytes())
+        for span in spans[self._spans :]:
+            self._pictures.update(f"{span.start}:{span.end}:{span.key}\n".encode("utf-8", "surrogatepass"))
+        self._count, self._spans = len(ids), len(spans)
+        return hashlib.sha256(self._ids.digest() + self._pictures.digest()).digest()
+
+
+def prompt_digest(ids: list[int], spans: Sequence[Span]) -> bytes:
+    return PromptDigest().of(ids, spans)
 
 
 class AnswerMemory:
@@ -23,14 +56,15 @@ class AnswerMemory:
         self.capacity = capacity
         self.max_tokens = max_tokens
         self.tokens = 0  # ids held in all
-        self._ids: OrderedDict[bytes, array] = OrderedDict()
+        self._ids: OrderedDict[bytes, tuple[bytes, array]] = OrderedDict()  # text → (prompt digest, ids)
         self._lock = threading.Lock()
 
     @staticmethod
     def _key(text: str) -> bytes:
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
-    def remember(self, text: str, ids: list[int]) -> None:
+    def remember(self, text: str, ids: list[int], after: bytes) -> None:
+        """`ids` answered with `text` a prompt whose prompt_digest is `after` (a text said again replaces them)."""
         if not text or not ids or len(ids) > self.max_tokens:
             return
         key = self._key(text)
@@ -38,21 +72,22 @@ class AnswerMemory:
         with self._lock:
             old = self._ids.pop(key, None)
             if old is not None:
-                self.tokens -= len(old)
-            self._ids[key] = packed
+                self.tokens -= len(old[1])
+            self._ids[key] = (after, packed)
             self.tokens += len(packed)
             while len(self._ids) > self.capacity or self.tokens > self.max_tokens:
-                _, dropped = self._ids.popitem(last=False)
+                _, (_, dropped) = self._ids.popitem(last=False)
                 self.tokens -= len(dropped)
 
-    def lookup(self, text: str) -> list[int] | None:
+    def lookup(self, text: str, after: bytes | None = None) -> list[int] | None:
+        """Our ids for `text` answering a prompt whose prompt_digest is `after` (None: whatever the prompt, to inspect)."""
         key = self._key(text)
         with self._lock:
-            ids = self._ids.get(key)
-            if ids is None:
+            held = self._ids.get(key)
+            if held is None or after is not None and held[0] != after:
                 return None
             self._ids.move_to_end(key)
-            return ids.tolist()
+            return held[1].tolist()
 
     def __len__(self) -> int:
         return len(self._ids)

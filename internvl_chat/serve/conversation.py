@@ -7,10 +7,10 @@ reminder mid-conversation are what a template-based server would give the model)
 `Image-k:`/`FrameK:` labels per message, one `<img>…</img>` run per image or frame); every block
 boundary is a special token, so an alternating conversation gets exactly the ids of the Session's
 turns (an answer's `<|im_end|>\\n` opening the next turn). Each assistant message contributes our
-exact ids when it is a reply we sent (see answers.py), else its re-tokenized text. The leading
-system (and developer) messages, joined by newlines, are the system message, else the server's
-default: `[system] message` when set, else the checkpoint's; a later one is rendered as a system
-block where it stands.
+exact ids when it is a reply we sent to this very conversation, pictures included (see
+answers.py), else its re-tokenized text. The leading system (and developer) messages, joined by
+newlines, are the system message, else the server's default: `[system] message` when set, else the
+checkpoint's; a later one is rendered as a system block where it stands.
 
 Every `<img>…</img>` run is recorded as a Span with the content key of its media, so prefix
 reuse can tell two different pictures of the same size apart and never splits an image.
@@ -27,7 +27,7 @@ from ..chat.template import PromptBuilder, media_order
 from ..engine.loader import LoadedModel
 from ..errors import InternVLChatError, UsageError
 from ..settings import MAX_TILES, SEED_MAX
-from .answers import AnswerMemory
+from .answers import AnswerMemory, PromptDigest
 from .errors import APIError, bad_request, from_app_error, shown
 from .media import MediaItem, MediaReader, RemoteBudget
 from .options import ServeOptions
@@ -104,6 +104,7 @@ class PromptMaker:
         media_count = 0
         remote = RemoteBudget()  # one deadline for all the request's http(s) fetches, not one per URL
         answering = False  # the ids end inside an assistant message: its <|im_end|>\n comes with the next message
+        history = PromptDigest()  # of what comes before each assistant message: our ids for its text answered that
         for i in range(first, len(messages)):
             msg = messages[i]
             if answering:
@@ -113,7 +114,7 @@ class PromptMaker:
                 said = _text_only(msg.content, f"messages.{i}.content", "an assistant message")
                 text = "\n".join(t for t in (said, msg.refusal) if t)  # its refusal is one more part
                 prompt.ids += cue
-                prompt.ids += self._answer_ids(text, len(prompt.ids), i)
+                prompt.ids += self._answer_ids(text, len(prompt.ids), i, history.of(prompt.ids, prompt.spans))
                 answering = True
                 self._check_room(prompt, i)
                 continue
@@ -210,8 +211,8 @@ class PromptMaker:
         # the template puts the media first, then the text; text parts are joined by newlines
         return "\n".join(texts), media
 
-    def _answer_ids(self, text: str, held: int, i: int) -> list[int]:
-        ids = self.answers.lookup(text)
+    def _answer_ids(self, text: str, held: int, i: int, after: bytes) -> list[int]:
+        ids = self.answers.lookup(text, after)
         if ids is not None:
             return ids
         if not text:

@@ -22,10 +22,12 @@ first served by request: a job with n choices holds the engine for n answers.
 
 A /v1/completions job (text_completions.py) may hold several prompts: each is answered in turn,
 its n choices as above, result `index` prompt × n + choice. With `echo` each choice opens with a
-"prompt" event (the prompt's logprob entries, or None); with `prompt_logprobs` choice 0 prefills
-the whole prompt (no cached prefix) scoring every token (engine/model.py's PromptScores), the
-later choices reuse its entries. `discard_answer` (max_tokens 0) drops the one token sampled, and
-`list_stop_token` lists the stop token that ended an answer, as vLLM does.
+"prompt" event (the prompt's logprob entries, or None); with `prompt_logprobs` choice 0 scores
+every prompt token as it prefills (engine/model.py's PromptScores), keeping only the cached prefix
+whose scores the slot has kept (slots.py's ScoredPrefix: an lm-eval context shared by several
+continuations is scored once), and the later choices reuse its entries. `discard_answer`
+(max_tokens 0) drops the one token sampled, and `list_stop_token` lists the stop token that ended
+an answer, as vLLM does.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from ..engine.loader import LoadedModel
 from ..engine.model import PromptScores
 from ..errors import Cancelled, InternVLChatError
 from ..settings import SEED_MAX
-from .answers import AnswerMemory
+from .answers import AnswerMemory, prompt_digest
 from .conversation import Prompt, PromptMaker
 from .errors import APIError, from_app_error, shown
 from .features import FeatureCache
@@ -58,7 +60,7 @@ from .logprobs import SentTokens, TokenPieces
 from .media import DecodeAllowance, MediaReader
 from .options import ServeOptions
 from .protocol import completion_id, request_totals, timings, usage
-from .slots import Slot, SlotPool
+from .slots import ScoredPrefix, Slot, SlotPool
 from .stops import StopStrings
 
 log = logging.getLogger("internvl_chat.serve")
@@ -304,7 +306,7 @@ class EngineWorker:
                 raise ClientGone
             slot, reuse = self.slots.choose(prompt)
             if job.prompt_logprobs is not None:
-                reuse = 0  # every prompt token is scored: none may come from the cache
+                reuse = slot.scored_reuse(prompt, job.prompt_logprobs)  # every prompt token needs its score
             scored = None
             for index in range(job.choices):
                 if index:
@@ -334,19 +336,25 @@ class EngineWorker:
         # from here the slot's cache is rewound to `reuse` (until then it still held its last conversation)
         self.slots.use(slot)
         slot.spans = [s for s in prompt.spans if s.end <= reuse]  # the same runs the slot held up to `reuse`
+        slot.keep_scores(reuse)  # a scored choice 0 keeps exactly the scores its `reuse` was chosen for
         stops = StopStrings(job.stops)
         halt = ChoiceHalt(job.cancel)
         tokens = SentTokens(self.pieces) if job.params.logprobs is not None else None
         params = replace(job.params, seed=choice_seed(job.params.seed, index))
-        scores = PromptScores(job.prompt_logprobs) if job.prompt_logprobs is not None and scored is None else None
+        scores = self._prompt_scores(job, slot, reuse) if job.prompt_logprobs is not None and scored is None else None
         echoed = not job.echo  # (prompt_logprobs comes with echo only)
         sent: list[str] = []
         for event in session.continue_with(prompt.ids, reuse, features, params, halt, vision_s, scores):
+            if event["finish_reason"] is not None:
+                # the Session has committed the prompt: record its pictures before anything here can
+                # fail, or the slot would hold their KV as plain ids that any prompt may continue from
+                slot.spans = list(prompt.spans)
             if self.on_event is not None:
                 self.on_event(job, event)
             if not echoed:  # the prompt is prefilled (and scored) by now: its echo goes before any text
                 if scores is not None:
-                    scored = self._prompt_entries(prompt.ids, scores)
+                    rows = self._keep_scores(slot, prompt, reuse, scores, job.prompt_logprobs)
+                    scored = self._prompt_entries(prompt.ids, rows)
                 job.emit("prompt", scored)
                 echoed = True
             if job.discard_answer:
@@ -369,18 +377,32 @@ class EngineWorker:
             job.emit("tokens", ("", [stop_entry]))
         for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts
             turn.features = None
-        slot.spans = list(prompt.spans)
         result = self._finish(job, prompt, index, slot.index, reuse, final, "".join(sent), tokens, halt.stop_hit)
         if result is not None:
             result["prompt_logprobs"] = scored
         return result
 
-    def _prompt_entries(self, ids: list[int], scores: PromptScores) -> list[dict]:
+    @staticmethod
+    def _prompt_scores(job: Job, slot: Slot, reuse: int) -> PromptScores:
+        """What scores the prompt's tokens after `reuse`: with as many alternatives as the scores
+        kept before them (at least the job's), so that all of them can be kept together."""
+        kept = slot.scores
+        return PromptScores(kept.k if reuse and kept is not None else job.prompt_logprobs)
+
+    @staticmethod
+    def _keep_scores(slot: Slot, prompt: Prompt, reuse: int, scores: PromptScores, k: int) -> torch.Tensor:
+        """Once the prompt is prefilled: the slot keeps its tokens' scores (those it kept for the
+        `reuse` tokens after the first, then the new ones); the job's rows are those with k alternatives."""
+        new = scores.table()
+        before = slot.scores.rows[:reuse] if reuse else new[:0]
+        slot.scores = ScoredPrefix(scores.k, list(prompt.ids), torch.cat([before, new]))
+        return slot.scores.first(len(prompt.ids) - 1, k)
+
+    def _prompt_entries(self, ids: list[int], rows: torch.Tensor) -> list[dict]:
         """The prompt's logprob entries: the first token's without a value (nothing comes before
         it), then each later one's as a generated token's (serve/logprobs.py)."""
         first = {**self.pieces.entry(ids[0], 0.0), "logprob": None, "top_logprobs": None}
-        rows = scores.rows()
-        return [first] + [self.pieces.content(unpack_logprobs(token, row)) for token, row in zip(ids[1:], rows)]
+        return [first] + [self.pieces.content(unpack_logprobs(token, row)) for token, row in zip(ids[1:], rows.tolist())]
 
     def _features(self, prompt: Prompt, reuse: int, job: Job) -> tuple[torch.Tensor | None, float]:
         """Features for the image runs after `reuse`, in prompt order (LRU first, else the vision encoder).
@@ -434,7 +456,7 @@ class EngineWorker:
         else:
             answer_ids = generated
         if answer_ids is not None and not self._image_ids.intersection(answer_ids):
-            self.answers.remember(text, answer_ids)
+            self.answers.remember(text, answer_ids, prompt_digest(prompt.ids, prompt.spans))
         timing = final["timing"]
         prompt_n = len(prompt.ids) - reuse
         result = {

@@ -6,12 +6,21 @@ the slot's tensors). A request goes to the slot whose cache shares the longest p
 prompt — token ids equal and every image run in that prefix the same picture — as long as that
 keeps at least half of what the slot holds; otherwise to the least recently used slot, so one new
 conversation does not evict a long one to save a shared system prompt (llama.cpp's rule).
+
+A slot whose cache was prefilled with scores (/v1/completions' echo with logprobs) keeps them, a
+ScoredPrefix: a later scored prompt that shares its prefix keeps that much of the cache and those
+scores, and scores only its own tokens (lm-eval's multiple-choice requests: one long context, a
+few continuations). Every write to the cache from position p keeps only the scores of tokens up to
+p (`keep_scores`), so a score is never served for a token, or a context, the cache no longer holds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from ..chat.kv_slots import common_prefix_length
 from ..chat.session import Session
 from ..engine.loader import LoadedModel
 from .conversation import Prompt, Span
@@ -26,6 +35,7 @@ class Slot:
     kv_bytes: int
     spans: list[Span] = field(default_factory=list)
     last_used: int = 0
+    scores: ScoredPrefix | None = None  # the scores of the tokens its cache was prefilled with, when scored
 
     @property
     def cached(self) -> int:
@@ -39,6 +49,48 @@ class Slot:
         # <IMG_CONTEXT> run with no picture of its own; it must not get this slot's picture
         n = _same_pictures(self.spans, prompt.spans, n)
         return min(n, len(prompt.ids) - 1)
+
+    def scored_reuse(self, prompt: Prompt, k: int) -> int:
+        """How many leading prompt tokens a prompt scored with k alternatives can keep: cached (as
+        `reusable` says) and each with its stored score (the first has none), the token right after
+        them too, whose score comes from the last kept position. 0 when the stored scores list
+        fewer than k alternatives, or none are stored."""
+        kept = self.scores
+        if kept is None or kept.k < k:
+            return 0
+        same = common_prefix_length(kept.ids, prompt.ids)  # the scored ids the prompt begins with
+        return max(0, min(self.reusable(prompt), len(kept.rows), same - 1))
+
+    def keep_scores(self, start: int) -> None:
+        """The cache is about to be written from position `start`: keep the scores of the tokens up
+        to `start` alone (a token's score depends only on the positions before it), none if that is none."""
+        kept = self.scores
+        if kept is None or start >= len(kept.ids):
+            return
+        self.scores = ScoredPrefix(kept.k, kept.ids[: start + 1], kept.rows[:start]) if start > 0 else None
+
+
+@dataclass
+class ScoredPrefix:
+    """Scored prompt tokens (engine/model.py's PromptScores): `rows[j - 1]` is token `ids[j]`'s
+    [value, k values, k ids] given `ids[:j]`, as long as the slot's cache holds `ids[:j]`. At most
+    one row per position of the slot's context (88 bytes each with k = 5)."""
+
+    k: int
+    ids: list[int]  # len(rows) + 1 ids
+    rows: torch.Tensor  # [len(ids) - 1, 1 + 2k] float64 on the CPU
+
+    def first(self, count: int, k: int) -> torch.Tensor:
+        """The first `count` rows with k alternatives each (the k most likely of the stored ones)."""
+        return with_alternatives(self.rows[:count], self.k, k)
+
+
+def with_alternatives(rows: torch.Tensor, stored_k: int, k: int) -> torch.Tensor:
+    """PromptScores rows made with `stored_k` alternatives cut to their first (most likely) k."""
+    if k == stored_k:
+        return rows
+    columns = [0, *range(1, 1 + k), *range(1 + stored_k, 1 + stored_k + k)]
+    return rows[:, columns]
 
 
 def _same_pictures(spans: list[Span], others: list[Span], n: int) -> int:

@@ -8,15 +8,15 @@ first token's null); its generate_until tasks send text prompts with `stop` and 
 `prompt` is a string, a list of strings, a list of token ids or a list of such lists (at most
 MAX_PROMPTS); a text is tokenized as it is (Qwen2's tokenizer adds no BOS; a special token's text is
 that token, as vLLM reads it), ids are checked against the vocabulary. Each prompt gets `n` choices,
-`index` p × n + i, answered one after another on the engine (engine.py: a Job's `more_prompts`),
-as chat choices are. `logprobs` is the legacy integer
-0 to 5, listed in the legacy shape (`LegacyLogprobs`) from the same entries chat's logprobs list
-(serve/logprobs.py); each `top_logprobs` dict holds the token itself besides its k alternatives, as
-vLLM's do. `echo` puts the prompt's text before the answer; with `logprobs` the prompt's tokens are
-scored as they are prefilled (engine/model.py's PromptScores, the whole prompt prefilled again:
-no cached prefix), and `max_tokens` 0 asks for that alone. Sampling fields, stop strings, `seed`,
-`stream` (`text_completion` chunks, `stream_options.include_usage`, `data: [DONE]`), refusals,
-the queue, the API key and CORS are chat's.
+`index` p × n + i, answered one after another on the engine (engine.py: a Job's `more_prompts`), as
+chat choices are. `logprobs` is the legacy integer 0 to 5, listed in the legacy shape
+(`LegacyLogprobs`) from the same entries chat's logprobs list (serve/logprobs.py); each `top_logprobs`
+dict holds the token itself besides its k alternatives, as vLLM's do. `echo` puts the prompt's text
+before the answer; with `logprobs` the prompt's tokens are scored as they are prefilled
+(engine/model.py's PromptScores; a slot's cached prefix is kept only as far as it kept that prefix's
+scores, slots.py's ScoredPrefix), and `max_tokens` 0 asks for that alone. Sampling fields, stop
+strings, `seed`, `stream` (`text_completion` chunks, `stream_options.include_usage`, `data: [DONE]`),
+refusals, the queue, the API key and CORS are chat's.
 """
 
 from __future__ import annotations
