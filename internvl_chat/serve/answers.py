@@ -5,10 +5,10 @@ text differently), and then the resent history would miss the KV cache from that
 differ from what the terminal app's Session holds. So the text we sent maps back to our ids.
 
 An answer is given back only to a prompt that holds, before it, the very ids (and pictures) it was
-generated after (a digest of them is kept with it): one request's ids for a text never become another
-conversation's that merely holds the same text (a /v1/completions answer, another client's reply).
-That conversation's prompt, and so its answer, would depend on what ran before it; it is tokenized
-as a fresh server would tokenize it.
+generated after, in the same cache namespace (serve/namespaces.py; a digest of them is kept with it):
+one request's ids for a text never become another conversation's that merely holds the same text (a
+/v1/completions answer, another client's reply). That conversation's prompt, and so its answer, would
+depend on what ran before it; it is tokenized as a fresh server would tokenize it.
 
 The memory is bounded in answers and in tokens, and keeps ids packed (4 bytes each): as tuples of
 Python ints, 1,024 answers of 8,192 tokens held 320 MiB that no setting accounted for.
@@ -23,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .namespaces import SHARED
+
 if TYPE_CHECKING:
     from .conversation import Span
 
@@ -31,11 +33,12 @@ MAX_TOKENS = 1 << 21  # 8 MiB of packed ids: 1,024 answers of 2,048 tokens
 
 class PromptDigest:
     """The digest of a prompt's ids and pictures (their runs' content keys: the same placeholders
-    hold another picture), grown with the prompt: each assistant message of a long conversation
-    looks up what comes before it, and the prompt is hashed once in all, not once per message."""
+    hold another picture) in its cache namespace, grown with the prompt: each assistant message of a
+    long conversation looks up what comes before it, and the prompt is hashed once in all, not once per message."""
 
-    def __init__(self) -> None:
+    def __init__(self, namespace: str = SHARED) -> None:
         self._ids, self._pictures = hashlib.sha256(), hashlib.sha256()
+        self._namespace = namespace.encode()
         self._count = self._spans = 0
 
     def of(self, ids: list[int], spans: Sequence[Span]) -> bytes:
@@ -44,11 +47,11 @@ class PromptDigest:
         for span in spans[self._spans :]:
             self._pictures.update(f"{span.start}:{span.end}:{span.key}\n".encode("utf-8", "surrogatepass"))
         self._count, self._spans = len(ids), len(spans)
-        return hashlib.sha256(self._ids.digest() + self._pictures.digest()).digest()
+        return hashlib.sha256(self._namespace + self._ids.digest() + self._pictures.digest()).digest()
 
 
-def prompt_digest(ids: list[int], spans: Sequence[Span]) -> bytes:
-    return PromptDigest().of(ids, spans)
+def prompt_digest(ids: list[int], spans: Sequence[Span], namespace: str = SHARED) -> bytes:
+    return PromptDigest(namespace).of(ids, spans)
 
 
 class AnswerMemory:

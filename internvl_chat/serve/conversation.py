@@ -13,7 +13,9 @@ newlines, are the system message, else the server's default: `[system] message` 
 checkpoint's; a later one is rendered as a system block where it stands.
 
 Every `<img>…</img>` run is recorded as a Span with the content key of its media, so prefix
-reuse can tell two different pictures of the same size apart and never splits an image.
+reuse can tell two different pictures of the same size apart and never splits an image. A prompt
+holds its request's cache namespace (its cache_salt, serve/namespaces.py), and so do its media keys
+and the answer memory's digests: nothing cached for another namespace is reused for it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..settings import MAX_TILES, SEED_MAX
 from .answers import AnswerMemory, PromptDigest
 from .errors import APIError, bad_request, from_app_error, shown
 from .media import MediaItem, MediaReader, RemoteBudget
+from .namespaces import SHARED, cache_namespace
 from .options import ServeOptions
 from .protocol import ChatCompletionRequest, ImagePart, RefusalPart, SamplingRequest, TextPart, VideoPart
 
@@ -54,6 +57,7 @@ class Prompt:
     spans: list[Span] = field(default_factory=list)
     media: list[MediaItem] = field(default_factory=list)
     system: str | None = None
+    namespace: str = SHARED  # whose cached state it may reuse (serve/namespaces.py); its media keys hold it too
 
 
 class PromptMaker:
@@ -82,6 +86,10 @@ class PromptMaker:
         except InternVLChatError as e:
             raise from_app_error(e) from None
 
+    def namespace(self, req: SamplingRequest) -> str:
+        """The cache namespace of a request (its cache_salt checked already)."""
+        return cache_namespace(req.cache_salt, self.options.shared_cache)
+
     def _make(self, req: ChatCompletionRequest, cancel: threading.Event | None) -> Prompt:
         messages = req.messages
         first = 0
@@ -96,7 +104,7 @@ class PromptMaker:
         with self.lock:
             cue, close = builder.answer_cue(), builder.answer_close()
 
-        prompt = Prompt(ids=[], system=system)
+        prompt = Prompt(ids=[], system=system, namespace=self.namespace(req))
         if system:  # ("" is none, as in the app)
             self._check_bound(0, first, system)  # counted with the first message after it (there is one: a user's)
             with self.lock:
@@ -104,7 +112,8 @@ class PromptMaker:
         media_count = 0
         remote = RemoteBudget()  # one deadline for all the request's http(s) fetches, not one per URL
         answering = False  # the ids end inside an assistant message: its <|im_end|>\n comes with the next message
-        history = PromptDigest()  # of what comes before each assistant message: our ids for its text answered that
+        # of what comes before each assistant message: our ids for its text answered that
+        history = PromptDigest(prompt.namespace)
         for i in range(first, len(messages)):
             msg = messages[i]
             if answering:
@@ -130,7 +139,7 @@ class PromptMaker:
                 if media_count > self.options.max_images:
                     raise bad_request(f"the request has more than {self.options.max_images} images and videos; "
                                       "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
-                text, media = self._user_content(msg.content, i, max_tiles, num_frames, remote, cancel)
+                text, media = self._user_content(msg.content, i, max_tiles, num_frames, remote, prompt.namespace, cancel)
             self._check_bound(len(prompt.ids), i, text)
             specs = [m.spec for m in media]
             with self.lock:
@@ -188,7 +197,7 @@ class PromptMaker:
         return max_tiles, num_frames
 
     def _user_content(
-        self, content, i: int, max_tiles: int | None, num_frames: int, remote: RemoteBudget,
+        self, content, i: int, max_tiles: int | None, num_frames: int, remote: RemoteBudget, namespace: str,
         cancel: threading.Event | None = None,
     ) -> tuple[str, list[MediaItem]]:  # fmt: skip
         if content is None:
@@ -205,9 +214,9 @@ class PromptMaker:
                 # OpenAI's "low" detail is one low-resolution view: here one tile, the whole image
                 low = 1 if part.image_url.detail == "low" else None
                 tiles = part.image_url.max_dynamic_patch or part.max_dynamic_patch or low or max_tiles
-                media.append(self.reader.image(part.image_url.url, param, tiles, remote))
+                media.append(self.reader.image(part.image_url.url, param, tiles, remote, namespace))
             elif isinstance(part, VideoPart):
-                media.append(self.reader.video(part.video_url.url, param, num_frames, remote, cancel))
+                media.append(self.reader.video(part.video_url.url, param, num_frames, remote, cancel, namespace))
         # the template puts the media first, then the text; text parts are joined by newlines
         return "\n".join(texts), media
 

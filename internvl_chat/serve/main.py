@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests waiting behind the running one before 429 (default 8)")
     add_setting_switch(p, "--allow-remote-media", setting="serve.allow_remote_media", value=True, default=None,
                        help="let requests make the server fetch http(s) image/video URLs")  # fmt: skip
+    add_setting_switch(p, "--no-shared-cache", setting="serve.shared_cache", value=False, default=None,
+                       help="let no request reuse what another one cached (prompt prefix, image and video features, "
+                       "answers): cached_tokens says nothing about other clients' requests, whatever cache_salt they "
+                       "send; every request is prefilled whole")  # fmt: skip
     add_setting_flag(p, "--allow-local-media", setting="serve.allow_local_media", metavar="DIR",
                      help="let requests read files inside DIR via file:// URLs")
     add_setting_flag(p, "--allow-origin", setting="serve.allow_origins", action="append", metavar="ORIGIN",

@@ -15,7 +15,8 @@ small file of many large frames (or many files) cannot hold the engine: each fil
 planned when the request is read (media/video.py `plan_video`: the frames decoded to reach the
 sampled ones, from the header, read once, and the key frames) and refused there if over the limit
 alone; the engine then counts what it decodes for the request (DecodeAllowance; files whose features are
-cached, or whose frames the reused KV prefix holds, cost nothing), and a decode stops at the limit, also for
+cached, or whose frames the reused KV prefix holds, cost nothing: in the request's cache namespace alone, so
+whether a request is refused never tells what another client sent), and a decode stops at the limit, also for
 frames larger than the header says. A resent file that is decoded again counts again: the limit bounds the
 work a request makes the engine do, and that work is done again.
 """
@@ -53,6 +54,7 @@ from ..threads import start_worker
 if TYPE_CHECKING:
     from ..engine.config import ModelConfig
 from .errors import APIError, bad_request, shown
+from .namespaces import SHARED
 from .options import ServeOptions
 
 REMOTE_TIMEOUT_S = 20.0  # one http(s) fetch, however its host trickles it
@@ -82,7 +84,7 @@ class MediaItem:
     """One image or video of a request: what it costs in the prompt and where its bytes are."""
 
     kind: str  # "image" or "video"
-    key: str  # content hash + the parameters that change its tiles: the feature-cache key
+    key: str  # content hash + the parameters that change its tiles (+ the cache namespace): the feature-cache key
     tiles: int  # image tiles (thumbnail included) or video frames
     param: str  # where it sits in the request, for error messages
     url: str = field(default="", repr=False)  # a data: URL, decoded only if its features must be computed
@@ -112,7 +114,7 @@ class MediaReader:
         self.config = config  # tile limits, tile size and thumbnail exactly as the app uses them
         self.image_size = config.image_size
         self.use_thumbnail = config.use_thumbnail
-        # (kind, parameters, url digest) → ((content key, tiles, largest width·height, a video file's decoding), frame list)
+        # (namespace, kind, parameters, url digest) → ((content key, tiles, largest width·height, a video file's decoding), frame list)
         self._by_url: OrderedDict[tuple, tuple[Measured, bool]] = OrderedDict()
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="internvl-chat-serve-"))
@@ -220,18 +222,20 @@ class MediaReader:
 
     # ---- measuring ---------------------------------------------------------------------------
     # `remote`: the time left to the request's http(s) fetches (None: a budget for this one alone)
-    def image(self, url: str, param: str, max_tiles: int | None, remote: RemoteBudget | None = None) -> MediaItem:
-        return self._item("image", (max_tiles,), url, param, max_tiles, remote)
+    # `namespace`: the request's cache namespace (serve/namespaces.py), in every cache key of the item
+    def image(self, url: str, param: str, max_tiles: int | None, remote: RemoteBudget | None = None,
+              namespace: str = SHARED) -> MediaItem:  # fmt: skip
+        return self._item("image", (max_tiles,), url, param, max_tiles, remote, namespace=namespace)
 
     # `cancel` set (the client gone) stops the measuring of a video file (Cancelled): a count of its
     # frames by demuxing (an APNG, MPEG-PS or pipe AVI has none) reads the whole file
     def video(self, url: str, param: str, num_frames: int, remote: RemoteBudget | None = None,
-              cancel: threading.Event | None = None) -> MediaItem:  # fmt: skip
-        return self._item("video", (num_frames,), url, param, num_frames, remote, cancel)
+              cancel: threading.Event | None = None, namespace: str = SHARED) -> MediaItem:  # fmt: skip
+        return self._item("video", (num_frames,), url, param, num_frames, remote, cancel, namespace)
 
     def _item(self, kind: str, params: tuple, url: str, param: str, count: int, remote: RemoteBudget | None,
-              cancel: threading.Event | None = None) -> MediaItem:  # fmt: skip
-        cache_key = (kind, params, _url_digest(url)) if url[:5].lower() == "data:" else None
+              cancel: threading.Event | None = None, namespace: str = SHARED) -> MediaItem:  # fmt: skip
+        cache_key = (namespace, kind, params, _url_digest(url)) if url[:5].lower() == "data:" else None
         known = self._recall(cache_key)
         data, frame_list = b"", False
         if known is None:
@@ -247,6 +251,8 @@ class MediaReader:
         else:
             known, frame_list = known
         key, tiles, pixels, cost = known
+        if namespace != SHARED:  # its features are cached under this key: found by requests of this namespace alone
+            key = f"{namespace}/{key}"
         self._check_pixels(pixels, param, "the image" if kind == "image" else "a video frame")
         if cost is not None:
             self._check_decoding(cost, param)

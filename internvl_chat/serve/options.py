@@ -28,6 +28,7 @@ class ServeOptions:
     max_frames: int = 64
     max_video_decode_pixels: int | None = 20_000 * 10**6  # None: no limit
     feature_cache_bytes: int = 256 * MiB
+    shared_cache: bool = True  # False: each request is a cache namespace of its own (serve/namespaces.py)
     allow_remote_media: bool = False
     allow_local_media: Path | None = None  # resolved folder
     allow_origins: tuple[str, ...] = ()  # web origins answered with CORS headers, as browsers send them
@@ -72,6 +73,7 @@ class ServeOptions:
             max_frames=s.max_frames,
             max_video_decode_pixels=s.max_video_decode_megapixels * 10**6 or None,
             feature_cache_bytes=s.feature_cache_mb * MiB,
+            shared_cache=s.shared_cache,
             allow_remote_media=s.allow_remote_media,
             allow_local_media=local,
             allow_origins=tuple(s.allow_origins),

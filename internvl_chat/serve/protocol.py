@@ -22,6 +22,7 @@ samples with `choice_seed(seed, i)` (serve/engine.py; choice 0 with the seed its
 answers as before), so every choice is reproducible and each has its own random stream; greedy
 gives n equal answers.
 `best_of` is accepted when absent or equal to n (nothing is ranked: every answer is returned).
+`cache_salt` (vLLM's) puts the request's cached state in a namespace of its own (serve/namespaces.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..chat.sampling import LOGPROBS_MAX
 from ..settings import REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, TEMPERATURE_MAX
 from .errors import APIError, bad_request, shown
 from .logprobs import logprobs_object
+from .namespaces import check_cache_salt
 
 OWNED_BY = "internvl-chat"
 _M = TypeVar("_M", bound="SamplingRequest")
@@ -133,6 +135,8 @@ class SamplingRequest(_Model):
     stop: Union[str, Annotated[list[str], Field(fail_fast=True)], None] = None
     repetition_penalty: Float | None = Field(default=None, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)
     n: Int | None = None  # answers to return (1 to MAX_CHOICES); null is 1
+    # vLLM's: cached state is reused only by requests with the same salt (serve/namespaces.py); checked there
+    cache_salt: Any = None
     # accepted only at their neutral values
     presence_penalty: Float | None = None
     frequency_penalty: Float | None = None
@@ -332,6 +336,7 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
 def refuse_unsupported_sampling(req: SamplingRequest) -> None:
     """400 for a shared field this server cannot honour with the value sent (both endpoints)."""
     _check_choices(req)
+    check_cache_salt(req.cache_salt)
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) not in (None, 0, 0.0):
             raise bad_request(f"{name} is not supported; use repetition_penalty (e.g. 1.1) instead", param=name)

@@ -5,7 +5,9 @@ cost N × the KV cache in memory and switching between them costs nothing (the m
 the slot's tensors). A request goes to the slot whose cache shares the longest prefix with its
 prompt — token ids equal and every image run in that prefix the same picture — as long as that
 keeps at least half of what the slot holds; otherwise to the least recently used slot, so one new
-conversation does not evict a long one to save a shared system prompt (llama.cpp's rule).
+conversation does not evict a long one to save a shared system prompt (llama.cpp's rule). A prefix
+is kept only for a prompt of the cache namespace the slot's tokens were cached under (a request's
+cache_salt, serve/namespaces.py): a client never learns how much of its prompt another one sent.
 
 A slot whose cache was prefilled with scores (/v1/completions' echo with logprobs) keeps them, a
 ScoredPrefix: a later scored prompt that shares its prefix keeps that much of the cache and those
@@ -24,6 +26,7 @@ from ..chat.kv_slots import common_prefix_length
 from ..chat.session import Session
 from ..engine.loader import LoadedModel
 from .conversation import Prompt, Span
+from .namespaces import SHARED
 
 KEEP_FRACTION = 0.5
 
@@ -36,13 +39,17 @@ class Slot:
     spans: list[Span] = field(default_factory=list)
     last_used: int = 0
     scores: ScoredPrefix | None = None  # the scores of the tokens its cache was prefilled with, when scored
+    namespace: str = SHARED  # the cache namespace its tokens were cached under (serve/namespaces.py)
 
     @property
     def cached(self) -> int:
         return self.session.start_pos
 
     def reusable(self, prompt: Prompt) -> int:
-        """How many leading prompt tokens this slot's cache can keep; at least one token is left to prefill."""
+        """How many leading prompt tokens this slot's cache can keep; at least one token is left to
+        prefill. None of another cache namespace's: what it keeps is what `cached_tokens` tells the client."""
+        if prompt.namespace != self.namespace:
+            return 0
         n = self.session.cached_prefix(prompt.ids)
         n = _same_pictures(prompt.spans, self.spans, n)
         # and the other way: a prompt of token ids (/v1/completions) can spell out a picture's

@@ -123,6 +123,7 @@ def _text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> T
                           f"server gives at most {MAX_PROMPTS} per request: send fewer prompts or a smaller n",
                           param="n")  # fmt: skip
     vocab = min(maker.loaded.config.text.vocab_size, len(maker.tokenizer))
+    namespace = maker.namespace(req)  # the request's prompts share it (cache_salt, as chat's)
     prompts, texts = [], []
     for i, item in enumerate(items):
         where = "prompt" if len(items) == 1 else f"prompt.{i}"
@@ -146,7 +147,7 @@ def _text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> T
             raise bad_request(f"{where} is empty; send at least one token of text to continue", param=where)
         if len(ids) >= context:
             raise _too_long(len(ids), context, where)
-        prompts.append(Prompt(ids=ids))
+        prompts.append(Prompt(ids=ids, namespace=namespace))
         texts.append(text)
     return TextPrompts(prompts, texts)
 
