@@ -74,10 +74,10 @@ def encode(local, text: str) -> list[int]:
     return local.tokenizer.encode(text)
 
 
-def scored(server, prompts: list[list[int]], k: int = 1, n: int = 1, max_tokens: int = 1) -> list[dict]:
-    """lm-eval's loglikelihood body (LocalCompletionsAPI): its choices in index order."""
+def scored(server, prompts: list[list[int]], k: int = 1, n: int = 1, max_tokens: int = 1, **extra) -> list[dict]:
+    """lm-eval's loglikelihood body (LocalCompletionsAPI): its choices in index order; `extra` adds fields."""
     body = {"model": "tiny", "prompt": prompts, "temperature": 0, "max_tokens": max_tokens, "logprobs": k,
-            "seed": 1234, "echo": True, "n": n}  # fmt: skip
+            "seed": 1234, "echo": True, "n": n, **extra}  # fmt: skip
     response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=WAIT_S)
     assert response.status_code == 200, response.text
     return sorted(response.json()["choices"], key=itemgetter("index"))
@@ -134,6 +134,19 @@ def test_the_continuations_of_one_context_score_it_once_and_match_a_full_forward
     assert cached == [0] + [len(context) - 1] * (len(prompts) - 1)
     for choice, ids in zip(choices[1:], prompts[1:]):
         assert_same_as_rescored(server, choice, ids, 1, monkeypatch)
+
+
+@pytest.mark.usefixtures("small_chunks", "fresh_slots")
+def test_a_scored_context_is_kept_only_for_requests_with_its_cache_salt(server, local, fed):
+    context = encode(local, CONTEXT)
+    first, second, third = (context + encode(local, c) for c in CONTINUATIONS[:3])
+    scored(server, [first], cache_salt="alice")
+    [other] = scored(server, [second], cache_salt="mallory")  # another salt: scored whole, nothing of alice's kept
+    assert fed[-1] == (0, len(second)) and server.worker.finished[-1]["cached_tokens"] == 0
+    assert_matches_a_full_forward(local, other, second, 1)
+    [own] = scored(server, [third], cache_salt="alice")  # alice's context is still kept, with its scores
+    assert fed[-1] == (len(context) - 1, len(third) - len(context) + 1)
+    assert_matches_a_full_forward(local, own, third, 1)
 
 
 @pytest.mark.usefixtures("small_chunks", "fresh_slots")

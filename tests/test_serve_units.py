@@ -13,6 +13,7 @@ from internvl_chat.serve.answers import AnswerMemory, PromptDigest, prompt_diges
 from internvl_chat.serve.conversation import Prompt, Span
 from internvl_chat.serve.errors import APIError
 from internvl_chat.serve.media import _data_url
+from internvl_chat.serve.namespaces import SHARED, cache_namespace
 from internvl_chat.serve.slots import ScoredPrefix, SlotPool, with_alternatives
 from internvl_chat.serve.stops import StopStrings
 
@@ -191,6 +192,19 @@ def test_answer_memory_gives_ids_back_only_after_the_prompt_they_answered(builde
     assert grown.of(cat.ids, cat.spans) == prompt_digest(cat.ids, cat.spans)
 
 
+def test_answer_memory_gives_ids_back_only_in_the_cache_namespace_they_were_made_in(builder):
+    memory = AnswerMemory()
+    ids = builder.first_turn("What is my PIN?")
+    alice, bob = cache_namespace("alice"), cache_namespace("bob")
+    memory.remember("1234.", [16, 17, 18, 19, 13], prompt_digest(ids, [], alice))
+    assert memory.lookup("1234.", prompt_digest(ids, [], alice)) == [16, 17, 18, 19, 13]
+    assert memory.lookup("1234.", prompt_digest(ids, [], bob)) is None  # the same conversation, another salt
+    assert memory.lookup("1234.", prompt_digest(ids, [])) is None  # nor unsalted
+    assert PromptDigest(alice).of(ids, []) == prompt_digest(ids, [], alice)
+    private = [cache_namespace("alice", shared_cache=False) for _ in range(2)]
+    assert private[0] != private[1] and SHARED not in private  # --no-shared-cache: each request its own
+
+
 # ---- slots ---------------------------------------------------------------------------------------
 
 
@@ -228,6 +242,20 @@ def test_a_prompt_without_pictures_never_keeps_a_cached_picture(loaded, builder)
     hold(pool.slots[0], cat)
     plain = Prompt(list(cat.ids))  # the same ids, its <IMG_CONTEXT> tokens plain text
     assert pool.slots[0].reusable(plain) == cat.spans[0].start
+
+
+def test_a_slot_keeps_nothing_for_a_prompt_of_another_cache_namespace(loaded, builder):
+    pool = SlotPool(loaded, 2)
+    chat = Prompt(builder.first_turn("My bank PIN is 1234."), namespace=cache_namespace("alice"))
+    hold(pool.slots[0], chat)
+    pool.slots[0].namespace = chat.namespace
+    pool.slots[0].scores = kept_scores(chat.ids, 1)
+    assert pool.slots[0].reusable(chat) == len(chat.ids) - 1
+    assert pool.slots[0].scored_reuse(chat, 1) == len(chat.ids) - 1
+    for other in (cache_namespace("mallory"), SHARED):
+        guess = Prompt(list(chat.ids), namespace=other)
+        assert pool.slots[0].reusable(guess) == pool.slots[0].scored_reuse(guess, 1) == 0
+        assert pool.choose(guess) == (pool.slots[1], 0)  # the empty slot: nothing of alice's is kept
 
 
 def test_a_new_conversation_does_not_evict_a_long_one_for_a_short_shared_prefix(loaded, builder):

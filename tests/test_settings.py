@@ -52,6 +52,7 @@ EXPECTED_DEFAULTS = {
         "max_video_decode_megapixels": 20_000,
         "feature_cache_mb": 256,
         "allow_remote_media": False,
+        "shared_cache": True,
         "allow_local_media": "",
         "allow_origins": [],
         "max_connections": 100,
