@@ -8,6 +8,7 @@ CORS headers of answers made outside the middleware), `replies` (a queued job's 
 routes read them), `text_completions` (the legacy /v1/completions), `protocol`
 (request/response shapes), `conversation` (request → prompt ids), `media` (data:/remote/local
 media), `features` (image-feature LRU), `answers` (our replies' exact ids), `slots` (KV slots),
+`namespaces` (cache_salt: whose cached state a request may reuse),
 `engine` (the worker thread and its queue), `stops` (stop strings), `logprobs` (OpenAI's
 logprobs of an answer), `sse`, `errors`, `options`.
 """
