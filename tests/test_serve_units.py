@@ -256,6 +256,11 @@ def test_a_slot_keeps_nothing_for_a_prompt_of_another_cache_namespace(loaded, bu
         guess = Prompt(list(chat.ids), namespace=other)
         assert pool.slots[0].reusable(guess) == pool.slots[0].scored_reuse(guess, 1) == 0
         assert pool.choose(guess) == (pool.slots[1], 0)  # the empty slot: nothing of alice's is kept
+    # once the slot is chosen for another namespace's prompt, alice's cache is forgotten before anything
+    # can fail: a prefill that never began leaves nothing of hers that the other namespace could keep
+    pool.slots[0].claim(cache_namespace("mallory"))
+    assert pool.slots[0].reusable(Prompt(list(chat.ids), namespace=cache_namespace("mallory"))) == 0
+    assert pool.slots[0].reusable(chat) == 0 and pool.slots[0].scores is None
 
 
 def test_a_new_conversation_does_not_evict_a_long_one_for_a_short_shared_prefix(loaded, builder):

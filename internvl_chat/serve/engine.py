@@ -335,7 +335,7 @@ class EngineWorker:
             raise ClientGone
         # from here the slot's cache is rewound to `reuse` (until then it still held its last conversation)
         self.slots.use(slot)
-        slot.namespace = prompt.namespace  # its cache is this namespace's now (`reuse` is 0 unless it was already)
+        slot.claim(prompt.namespace)  # (`reuse` is 0 unless the slot's cache is this namespace's already)
         slot.spans = [s for s in prompt.spans if s.end <= reuse]  # the same runs the slot held up to `reuse`
         slot.keep_scores(reuse)  # a scored choice 0 keeps exactly the scores its `reuse` was chosen for
         stops = StopStrings(job.stops)

@@ -57,6 +57,14 @@ class Slot:
         n = _same_pictures(self.spans, prompt.spans, n)
         return min(n, len(prompt.ids) - 1)
 
+    def claim(self, namespace: str) -> None:
+        """The cache is about to be written for a prompt of `namespace`: one of another namespace's is
+        forgotten first (such a prompt keeps none of it), so that, whatever fails before the write,
+        none of it is ever kept for this namespace."""
+        if namespace != self.namespace:
+            self.session.clear()
+            self.spans, self.scores, self.namespace = [], None, namespace
+
     def scored_reuse(self, prompt: Prompt, k: int) -> int:
         """How many leading prompt tokens a prompt scored with k alternatives can keep: cached (as
         `reusable` says) and each with its stored score (the first has none), the token right after
