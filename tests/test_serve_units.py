@@ -191,6 +191,18 @@ def test_answer_memory_gives_ids_back_only_after_the_prompt_they_answered(builde
     assert grown.of(cat.ids, cat.spans) == prompt_digest(cat.ids, cat.spans)
 
 
+def test_conversations_that_said_the_same_text_each_get_their_own_ids_back(builder):
+    # two clients' replies often coincide ("Hello! How can I help?"): the later one must not cost the
+    # earlier conversation its exact ids (re-tokenized, its prompt would differ from what was generated)
+    memory = AnswerMemory()
+    cat, dog = image_prompt(builder, "What is it?", "cat"), image_prompt(builder, "What is it?", "dog")
+    memory.remember("An animal.", [1, 2], prompt_digest(cat.ids, cat.spans))
+    memory.remember("An animal.", [3], prompt_digest(dog.ids, dog.spans))
+    assert memory.lookup("An animal.", prompt_digest(cat.ids, cat.spans)) == [1, 2]
+    assert memory.lookup("An animal.", prompt_digest(dog.ids, dog.spans)) == [3]
+    assert memory.lookup("An animal.") == [3] and len(memory) == 2 and memory.tokens == 3  # to inspect: the latest
+
+
 # ---- slots ---------------------------------------------------------------------------------------
 
 
