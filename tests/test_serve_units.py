@@ -205,6 +205,18 @@ def test_answer_memory_gives_ids_back_only_in_the_cache_namespace_they_were_made
     assert private[0] != private[1] and SHARED not in private  # --no-shared-cache: each request its own
 
 
+def test_conversations_that_said_the_same_text_each_get_their_own_ids_back(builder):
+    # two clients' replies often coincide ("Hello! How can I help?"): the later one must not cost the
+    # earlier conversation its exact ids (re-tokenized, its prompt would differ from what was generated)
+    memory = AnswerMemory()
+    cat, dog = image_prompt(builder, "What is it?", "cat"), image_prompt(builder, "What is it?", "dog")
+    memory.remember("An animal.", [1, 2], prompt_digest(cat.ids, cat.spans))
+    memory.remember("An animal.", [3], prompt_digest(dog.ids, dog.spans))
+    assert memory.lookup("An animal.", prompt_digest(cat.ids, cat.spans)) == [1, 2]
+    assert memory.lookup("An animal.", prompt_digest(dog.ids, dog.spans)) == [3]
+    assert memory.lookup("An animal.") == [3] and len(memory) == 2 and memory.tokens == 3  # to inspect: the latest
+
+
 # ---- slots ---------------------------------------------------------------------------------------
 
 

@@ -5,8 +5,8 @@ text differently), and then the resent history would miss the KV cache from that
 differ from what the terminal app's Session holds. So the text we sent maps back to our ids.
 
 An answer is given back only to a prompt that holds, before it, the very ids (and pictures) it was
-generated after, in the same cache namespace (serve/namespaces.py; a digest of them is kept with it):
-one request's ids for a text never become another conversation's that merely holds the same text (a
+generated after, in the same cache namespace (serve/namespaces.py; a digest of them keys it with its
+text): one request's ids for a text never become another conversation's that merely holds the same text (a
 /v1/completions answer, another client's reply). That conversation's prompt, and so its answer, would
 depend on what ran before it; it is tokenized as a fresh server would tokenize it.
 
@@ -59,38 +59,43 @@ class AnswerMemory:
         self.capacity = capacity
         self.max_tokens = max_tokens
         self.tokens = 0  # ids held in all
-        self._ids: OrderedDict[bytes, tuple[bytes, array]] = OrderedDict()  # text → (prompt digest, ids)
+        self._ids: OrderedDict[bytes, array] = OrderedDict()  # the text's digest + the prompt's → ids
         self._lock = threading.Lock()
 
     @staticmethod
-    def _key(text: str) -> bytes:
-        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    def _key(text: str, after: bytes) -> bytes:
+        """The text's digest, then the prompt's: conversations that said the same text each keep their own ids."""
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest() + after
 
     def remember(self, text: str, ids: list[int], after: bytes) -> None:
-        """`ids` answered with `text` a prompt whose prompt_digest is `after` (a text said again replaces them)."""
+        """`ids` answered with `text` a prompt whose prompt_digest is `after` (a text said again after it replaces them)."""
         if not text or not ids or len(ids) > self.max_tokens:
             return
-        key = self._key(text)
+        key = self._key(text, after)
         packed = array("i", ids)  # token ids are < 2**31
         with self._lock:
             old = self._ids.pop(key, None)
             if old is not None:
-                self.tokens -= len(old[1])
-            self._ids[key] = (after, packed)
+                self.tokens -= len(old)
+            self._ids[key] = packed
             self.tokens += len(packed)
             while len(self._ids) > self.capacity or self.tokens > self.max_tokens:
-                _, (_, dropped) = self._ids.popitem(last=False)
+                _, dropped = self._ids.popitem(last=False)
                 self.tokens -= len(dropped)
 
     def lookup(self, text: str, after: bytes | None = None) -> list[int] | None:
         """Our ids for `text` answering a prompt whose prompt_digest is `after` (None: whatever the prompt, to inspect)."""
-        key = self._key(text)
         with self._lock:
+            if after is None:  # the latest ids said with this text (a scan: inspection only)
+                said = self._key(text, b"")
+                key = next((k for k in reversed(self._ids) if k.startswith(said)), b"")
+            else:
+                key = self._key(text, after)
             held = self._ids.get(key)
-            if held is None or after is not None and held[0] != after:
+            if held is None:
                 return None
             self._ids.move_to_end(key)
-            return held[1].tolist()
+            return held.tolist()
 
     def __len__(self) -> int:
         return len(self._ids)
