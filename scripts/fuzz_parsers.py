@@ -477,7 +477,7 @@ class ServeTarget(Target):
         bodies = [
             {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
             {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.7, "top_p": 0.9,
-             "top_k": 40, "max_tokens": 20, "seed": 3, "stop": ["\n", "###"], "repetition_penalty": 1.1,
+             "top_k": 40, "max_tokens": 20, "seed": 3, "stop": ["\n", "###"], "repetition_penalty": 1.1, "cache_salt": "team-a",
              "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                           {"role": "assistant", "content": "Hello."}, {"role": "user", "content": [{"type": "text", "text": "so?"}]}]},
             {"model": "m", "mm_processor_kwargs": {"max_dynamic_patch": 4}, "messages": [{"role": "user", "content": [
@@ -550,7 +550,8 @@ class CompletionsTarget(Target):
              "stop": ["\n", "."], "logprobs": 2, "stream": True, "stream_options": {"include_usage": True}},
             {"model": "m", "prompt": [[1, 2, 3, 4], [5, 6]], "max_tokens": 0, "echo": True, "logprobs": 1,
              "temperature": 0, "seed": 1234},  # lm-eval local-completions' loglikelihood shape
-            {"model": "m", "prompt": [17, 42, 99], "max_tokens": 1, "echo": True, "logprobs": 5, "best_of": 1},
+            {"model": "m", "prompt": [17, 42, 99], "max_tokens": 1, "echo": True, "logprobs": 5, "best_of": 1,
+             "cache_salt": "s3cr3t-salt"},
         ]  # fmt: skip
         return [json.dumps(b).encode() for b in bodies]
 
