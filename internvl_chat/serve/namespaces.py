@@ -11,7 +11,8 @@ by it (a slot records the namespace its tokens were cached under, media keys and
 memory's prompt digests include it), nothing is copied. A request without `cache_salt` is in the
 shared namespace "" (as before salts existed); one with a salt in the namespace of that salt, which
 only clients that know the salt share. With `[serve] shared_cache = false` each request is a
-namespace of its own: no request reuses another's state, whatever salt it sends.
+namespace of its own: no request reuses another's state, whatever salt it sends, and what only a
+later request could use (features, data: URL measurements, answers) is not written at all.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .errors import bad_request
 
 MAX_CACHE_SALT_CHARS = 1024  # a random token needs 32-64; the bound keeps the digest's input small
 SHARED = ""  # the namespace of requests without a salt
+PRIVATE = "private-"  # how a namespace of one request begins (--no-shared-cache); never a salt's digest (hex)
 
 
 def check_cache_salt(salt: Any) -> None:
@@ -47,7 +49,14 @@ def cache_namespace(salt: str | None, shared_cache: bool = True) -> str:
     it (a salt of any length makes a short key); with `shared_cache` off, a new one for every request
     (its "private-" prefix is never a digest's)."""
     if not shared_cache:
-        return "private-" + secrets.token_hex(16)
+        return PRIVATE + secrets.token_hex(16)
     if salt is None:
         return SHARED
     return hashlib.blake2b(salt.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def found_again(namespace: str) -> bool:
+    """Whether a later request can be of `namespace`, and so find what is cached for it: not one of a
+    single request (--no-shared-cache), whose entries in the shared caches (features, data: URL
+    measurements, answers) would only push out others' until evicted."""
+    return not namespace.startswith(PRIVATE)
