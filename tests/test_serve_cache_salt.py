@@ -149,6 +149,8 @@ def local_ids(server):
         ("x" * (MAX_CACHE_SALT_CHARS + 1), f"cache_salt is {MAX_CACHE_SALT_CHARS + 1:,} characters, over this server's"),
         ("tab\there", "cache_salt holds the control character U+0009; send printable text"),
         ("line\nbreak", "cache_salt holds the control character U+000A"),
+        ("no\u00a0break", "cache_salt holds the unprintable character U+00A0; send printable text"),
+        ("zero\u200bwidth", "cache_salt holds the unprintable character U+200B"),
     ],
 )
 def test_a_bad_cache_salt_is_one_line_400_that_says_what_to_send(server, path, salt, said):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import unicodedata
 from typing import Any
 
 from .errors import bad_request
@@ -39,8 +40,9 @@ def check_cache_salt(salt: Any) -> None:
         raise bad_request(f"cache_salt is {len(salt):,} characters, over this server's {MAX_CACHE_SALT_CHARS:,}; send a "
                           "shorter one (a random token of 32 to 64 characters is enough)", param="cache_salt")  # fmt: skip
     odd = next((c for c in salt if not c.isprintable()), None)
-    if odd is not None:
-        raise bad_request(f"cache_salt holds the control character U+{ord(odd):04X}; send printable text, such as a "
+    if odd is not None:  # a control character, or a format one, a space other than " ", a line separator
+        kind = "control" if unicodedata.category(odd) == "Cc" else "unprintable"
+        raise bad_request(f"cache_salt holds the {kind} character U+{ord(odd):04X}; send printable text, such as a "
                           "random token", param="cache_salt")  # fmt: skip
 
 
