@@ -149,6 +149,8 @@ def local_ids(server):
         ("x" * (MAX_CACHE_SALT_CHARS + 1), f"cache_salt is {MAX_CACHE_SALT_CHARS + 1:,} characters, over this server's"),
         ("tab\there", "cache_salt holds the control character U+0009; send printable text"),
         ("line\nbreak", "cache_salt holds the control character U+000A"),
+        ("no\u00a0break", "cache_salt holds the unprintable character U+00A0; send printable text"),
+        ("zero\u200bwidth", "cache_salt holds the unprintable character U+200B"),
     ],
 )
 def test_a_bad_cache_salt_is_one_line_400_that_says_what_to_send(server, path, salt, said):
@@ -173,6 +175,35 @@ def test_without_the_shared_cache_no_request_reuses_another_s_state(tiny_origina
         two = chat(private, SECRET, n=2)  # a request's own choices still share its prompt's prefill
         kept = [r["cached_tokens"] for r in list(private.worker.finished)[-2:]]
         assert cached(two) == 0 and kept == [0, two["usage"]["prompt_tokens"] - 1]
+
+
+def test_without_the_shared_cache_nothing_is_written_that_no_later_request_could_find(tiny_original, server):
+    """Features, data: URL measurements and answers cached for a request of its own namespace would
+    only push others' out; the answers are those a shared server gives, and a request still shares
+    its own work: a picture sent twice is encoded once, its n choices keep its prefill."""
+    picture = "data:image/png;base64," + base64.b64encode(png_bytes(textured_rgb(448, 448, seed=72))).decode()
+    part = {"type": "image_url", "image_url": {"url": picture}}
+    content = [part, part, {"type": "text", "text": "Are they the same?"}]
+    forget(server)
+    shared = chat(server, content, n=2, max_tokens=6, return_token_ids=True)
+    with RunningServer(tiny_original, slots=1, shared_cache=False) as private:
+        encoded = []
+        private.worker.model.encode_images = _counting(private.worker.model.encode_images, encoded)
+        alone = chat(private, content, n=2, max_tokens=6, return_token_ids=True)
+        assert [c["token_ids"] for c in alone["choices"]] == [c["token_ids"] for c in shared["choices"]]
+        assert len(encoded) == 1  # the picture sent twice, encoded once
+        kept = [r["cached_tokens"] for r in list(private.worker.finished)[-2:]]
+        assert kept == [0, alone["usage"]["prompt_tokens"] - 1]  # its second choice kept its prefill
+        worker = private.worker
+        assert (len(worker.features), len(worker.reader._by_url), len(worker.answers)) == (0, 0, 0)
+
+
+def _counting(encode, calls: list):
+    def counted(*args, **kw):
+        calls.append(1)
+        return encode(*args, **kw)
+
+    return counted
 
 
 def test_no_shared_cache_is_a_flag_and_a_setting():

@@ -58,6 +58,7 @@ from .errors import APIError, from_app_error, shown
 from .features import FeatureCache
 from .logprobs import SentTokens, TokenPieces
 from .media import DecodeAllowance, MediaReader
+from .namespaces import found_again
 from .options import ServeOptions
 from .protocol import completion_id, request_totals, timings, usage
 from .slots import ScoredPrefix, Slot, SlotPool
@@ -415,6 +416,7 @@ class EngineWorker:
         if not needed:
             return None, 0.0
         by_key: dict[str, torch.Tensor] = {}
+        cached = self.features if found_again(prompt.namespace) else None  # none for a request's own namespace
         vision_s = 0.0
         allowance = DecodeAllowance(self.options.max_video_decode_pixels)  # for all the video files decoded for this job
         parts = []
@@ -422,7 +424,7 @@ class EngineWorker:
             item = prompt.media[span.media]
             features = by_key.get(item.key)
             if features is None:
-                features = self.features.get(item.key)
+                features = cached.get(item.key) if cached is not None else None
                 if features is None:
                     if job.cancel.is_set():
                         raise ClientGone
@@ -434,7 +436,8 @@ class EngineWorker:
                     if features.device.type == "cuda":
                         torch.cuda.synchronize(features.device)
                     vision_s += time.perf_counter() - t0
-                    self.features.put(item.key, features)
+                    if cached is not None:
+                        cached.put(item.key, features)
                 by_key[item.key] = features
             parts.append(features[span.tile : span.tile + span.tiles])
         return torch.cat(parts), vision_s
@@ -456,7 +459,8 @@ class EngineWorker:
             return None
         else:
             answer_ids = generated
-        if answer_ids is not None and not self._image_ids.intersection(answer_ids):
+        # (a request of its own namespace, --no-shared-cache, is never resent into it: nothing to remember)
+        if answer_ids is not None and found_again(prompt.namespace) and not self._image_ids.intersection(answer_ids):
             self.answers.remember(text, answer_ids, prompt_digest(prompt.ids, prompt.spans, prompt.namespace))
         timing = final["timing"]
         prompt_n = len(prompt.ids) - reuse

@@ -54,7 +54,7 @@ from ..threads import start_worker
 if TYPE_CHECKING:
     from ..engine.config import ModelConfig
 from .errors import APIError, bad_request, shown
-from .namespaces import SHARED
+from .namespaces import SHARED, found_again
 from .options import ServeOptions
 
 REMOTE_TIMEOUT_S = 20.0  # one http(s) fetch, however its host trickles it
@@ -235,7 +235,9 @@ class MediaReader:
 
     def _item(self, kind: str, params: tuple, url: str, param: str, count: int, remote: RemoteBudget | None,
               cancel: threading.Event | None = None, namespace: str = SHARED) -> MediaItem:  # fmt: skip
-        cache_key = (namespace, kind, params, _url_digest(url)) if url[:5].lower() == "data:" else None
+        inline = url[:5].lower() == "data:"
+        # a request of its own namespace (--no-shared-cache) would remember what no later one can find
+        cache_key = (namespace, kind, params, _url_digest(url)) if inline and found_again(namespace) else None
         known = self._recall(cache_key)
         data, frame_list = b"", False
         if known is None:
@@ -261,7 +263,7 @@ class MediaReader:
         if frame_list and tiles > self.options.max_frames:
             raise bad_request(f"the video has {tiles} frames, over this server's limit of {self.options.max_frames}",
                               param=param)  # fmt: skip
-        return MediaItem(kind, key, tiles, param, url=url if cache_key else "", data=b"" if cache_key else data,
+        return MediaItem(kind, key, tiles, param, url=url if inline else "", data=b"" if inline else data,
                          frame_list=frame_list, max_tiles=count)  # fmt: skip
 
     def _measure_image(self, data: bytes, param: str, max_tiles: int | None) -> Measured:

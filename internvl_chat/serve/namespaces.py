@@ -11,19 +11,22 @@ by it (a slot records the namespace its tokens were cached under, media keys and
 memory's prompt digests include it), nothing is copied. A request without `cache_salt` is in the
 shared namespace "" (as before salts existed); one with a salt in the namespace of that salt, which
 only clients that know the salt share. With `[serve] shared_cache = false` each request is a
-namespace of its own: no request reuses another's state, whatever salt it sends.
+namespace of its own: no request reuses another's state, whatever salt it sends, and what only a
+later request could use (features, data: URL measurements, answers) is not written at all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import unicodedata
 from typing import Any
 
 from .errors import bad_request
 
 MAX_CACHE_SALT_CHARS = 1024  # a random token needs 32-64; the bound keeps the digest's input small
 SHARED = ""  # the namespace of requests without a salt
+PRIVATE = "private-"  # how a namespace of one request begins (--no-shared-cache); never a salt's digest (hex)
 
 
 def check_cache_salt(salt: Any) -> None:
@@ -37,8 +40,9 @@ def check_cache_salt(salt: Any) -> None:
         raise bad_request(f"cache_salt is {len(salt):,} characters, over this server's {MAX_CACHE_SALT_CHARS:,}; send a "
                           "shorter one (a random token of 32 to 64 characters is enough)", param="cache_salt")  # fmt: skip
     odd = next((c for c in salt if not c.isprintable()), None)
-    if odd is not None:
-        raise bad_request(f"cache_salt holds the control character U+{ord(odd):04X}; send printable text, such as a "
+    if odd is not None:  # a control character, or a format one, a space other than " ", a line separator
+        kind = "control" if unicodedata.category(odd) == "Cc" else "unprintable"
+        raise bad_request(f"cache_salt holds the {kind} character U+{ord(odd):04X}; send printable text, such as a "
                           "random token", param="cache_salt")  # fmt: skip
 
 
@@ -47,7 +51,14 @@ def cache_namespace(salt: str | None, shared_cache: bool = True) -> str:
     it (a salt of any length makes a short key); with `shared_cache` off, a new one for every request
     (its "private-" prefix is never a digest's)."""
     if not shared_cache:
-        return "private-" + secrets.token_hex(16)
+        return PRIVATE + secrets.token_hex(16)
     if salt is None:
         return SHARED
     return hashlib.blake2b(salt.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def found_again(namespace: str) -> bool:
+    """Whether a later request can be of `namespace`, and so find what is cached for it: not one of a
+    single request (--no-shared-cache), whose entries in the shared caches (features, data: URL
+    measurements, answers) would only push out others' until evicted."""
+    return not namespace.startswith(PRIVATE)
