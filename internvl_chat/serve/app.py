@@ -331,34 +331,26 @@ async def _stream(job: Job, request: Request, req: ChatCompletionRequest, model_
 
     index = 0
     text_event = text_events(index)
-    try:
-        yield opening(index)
-        async for kind, payload in job_events(job, request):
-            if kind == "text" and req.logprobs:  # a chunk of its own: its logprobs vary in shape
-                text, entries = payload
-                yield sse.event(chunk(cid, model_id, created, {"content": text}, include_usage=with_usage,
-                                      logprobs=logprobs_object(entries), index=index))  # fmt: skip
-            elif kind == "text":
-                yield text_event(payload[0])
-            elif kind == "choice":
-                extra = {"token_ids": payload["token_ids"]} if req.return_token_ids else None
-                last = chunk(cid, model_id, created, {}, payload["finish_reason"], with_usage, extra, index=index)
-                last["timings"] = payload["timings"]  # llama.cpp puts them on the last chunk
-                yield sse.event(last)
-                index += 1
-                if index < job.choices:
-                    text_event = text_events(index)
-                    yield opening(index)
-            elif kind == "done":
-                if with_usage:
-                    yield sse.event(usage_chunk(cid, model_id, created, payload))
-                yield sse.DONE
-                return
-            elif kind == "error":
-                yield sse.event(payload.body())
-                yield sse.DONE
-                return
-    except ClientDisconnected:
-        return
-    finally:
-        job.cancel.set()
+    yield opening(index)
+    async for kind, payload in job_events(job, request):
+        if kind == "text" and req.logprobs:  # a chunk of its own: its logprobs vary in shape
+            text, entries = payload
+            yield sse.event(chunk(cid, model_id, created, {"content": text}, include_usage=with_usage,
+                                  logprobs=logprobs_object(entries), index=index))  # fmt: skip
+        elif kind == "text":
+            yield text_event(payload[0])
+        elif kind == "choice":
+            extra = {"token_ids": payload["token_ids"]} if req.return_token_ids else None
+            last = chunk(cid, model_id, created, {}, payload["finish_reason"], with_usage, extra, index=index)
+            last["timings"] = payload["timings"]  # llama.cpp puts them on the last chunk
+            yield sse.event(last)
+            index += 1
+            if index < job.choices:
+                text_event = text_events(index)
+                yield opening(index)
+        elif kind == "done":
+            if with_usage:
+                yield sse.event(usage_chunk(cid, model_id, created, payload))
+            return
+        elif kind == "error":
+            raise payload  # JobStream (serve/replies.py) sends it as the last event, then [DONE]

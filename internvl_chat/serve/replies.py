@@ -1,12 +1,16 @@
 """What the request handlers share once a Job is queued: its events as they read them (a client
-that left cancels it), and a stream that cancels its job however it ends."""
+that left cancels it), and a stream that ends as every stream ends and cancels its job however it ends."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from . import sse
 from .engine import Job
+from .errors import APIError
 
 POLL_S = 0.5  # how often a waiting handler checks that its client is still there
 
@@ -16,12 +20,14 @@ class ClientDisconnected(Exception):
 
 
 class JobStream(StreamingResponse):
-    """A stream that cancels its job however it ends. When the client is dropped (its connection
-    lost, or --write-timeout), Starlette cancels the task that iterates `_stream` while it waits to
-    write, and the generator's own `finally` would run only when it is garbage-collected."""
+    """An endpoint's server-sent events of a job (`chunks`, an async generator over `job_events`),
+    ended as every stream ends (`ended`) and its job cancelled however it ends. When the client is
+    dropped (its connection lost, or --write-timeout), Starlette cancels the task that iterates the
+    chunks while it waits to write, and a generator's own `finally` would run only when it is
+    garbage-collected."""
 
-    def __init__(self, job: Job, content, **kw) -> None:
-        super().__init__(content, **kw)
+    def __init__(self, job: Job, chunks: AsyncIterator[bytes], **kw) -> None:
+        super().__init__(ended(job, chunks), **kw)
         self.job = job
 
     async def __call__(self, scope, receive, send) -> None:
@@ -29,6 +35,23 @@ class JobStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.job.cancel.set()  # a no-op after "done"; frees the engine at once otherwise
+
+
+async def ended(job: Job, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks, then [DONE]. An endpoint raises the job's "error" event as its handler without a
+    stream does: here it is the last event, before [DONE] (the status line is long sent). A client
+    that left (`job_events` raised ClientDisconnected) is sent nothing more."""
+    try:
+        async for data in chunks:
+            yield data
+        yield sse.DONE
+    except APIError as error:
+        yield sse.event(error.body())
+        yield sse.DONE
+    except ClientDisconnected:
+        return
+    finally:
+        job.cancel.set()  # a no-op after "done"; stops the engine if we leave early
 
 
 _DELTAS = ("text", "tokens")  # the engine's text events, without and with logprob entries

@@ -292,31 +292,23 @@ async def text_stream(job: Job, request: Request, req: CompletionRequest, prompt
 
     index, legacy = 0, LegacyLogprobs()
     asked = req.logprobs is not None
-    try:
-        async for kind, payload in job_events(job, request):
-            if kind == "prompt":
-                echo = prompts.texts[index // job.choices]
-                logprobs = legacy.shape(payload) if asked else None
-                legacy.restart_at(len(echo))
-                yield event(index, echo, logprobs)
-            elif kind == "text":
-                text, entries = payload
-                yield event(index, text, legacy.shape(entries) if asked else None)
-            elif kind == "choice":
-                yield event(index, "", _joined_logprobs([]) if asked else None, payload["finish_reason"])
-                index, legacy = index + 1, LegacyLogprobs()
-            elif kind == "done":
-                if with_usage:
-                    body = _body(cid, model_id, created, [])
-                    body.update(usage=payload["usage"], timings=payload["timings"])
-                    yield sse.event(body)
-                yield sse.DONE
-                return
-            elif kind == "error":
-                yield sse.event(payload.body())
-                yield sse.DONE
-                return
-    except ClientDisconnected:
-        return
-    finally:
-        job.cancel.set()
+    async for kind, payload in job_events(job, request):
+        if kind == "prompt":
+            echo = prompts.texts[index // job.choices]
+            logprobs = legacy.shape(payload) if asked else None
+            legacy.restart_at(len(echo))
+            yield event(index, echo, logprobs)
+        elif kind == "text":
+            text, entries = payload
+            yield event(index, text, legacy.shape(entries) if asked else None)
+        elif kind == "choice":
+            yield event(index, "", _joined_logprobs([]) if asked else None, payload["finish_reason"])
+            index, legacy = index + 1, LegacyLogprobs()
+        elif kind == "done":
+            if with_usage:
+                body = _body(cid, model_id, created, [])
+                body.update(usage=payload["usage"], timings=payload["timings"])
+                yield sse.event(body)
+            return
+        elif kind == "error":
+            raise payload  # JobStream (serve/replies.py) sends it as the last event, then [DONE]
