@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..engine.model import logprob_rows
 from ..errors import GenerationError, UsageError
 from ..settings import REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, SEED_MAX, TEMPERATURE_MAX, Settings
 
@@ -184,13 +185,9 @@ class TokenLogprob:
 
 def logprob_pack(logits: torch.Tensor, token: torch.Tensor, k: int) -> torch.Tensor:
     """On the logits' device, float64 [1 + 2k]: the chosen token's log-probability, then the k
-    largest log-probabilities and their ids (exact in float64), so one copy reads them all."""
-    logp = logits.log_softmax(dim=-1)
-    chosen = logp.gather(0, token.reshape(1).to(logp.device))
-    if k == 0:
-        return chosen.double()
-    top = torch.topk(logp, min(k, logp.shape[-1]))
-    return torch.cat([chosen.double(), top.values.double(), top.indices.double()])
+    largest log-probabilities and their ids (exact in float64), so one copy reads them all (the
+    one row of a prompt's scores, engine/model.py's logprob_rows)."""
+    return logprob_rows(logits.reshape(1, -1), token.reshape(1).to(logits.device), k)[0]
 
 
 def unpack_logprobs(token_id: int, values: list[float]) -> TokenLogprob:

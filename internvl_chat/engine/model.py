@@ -55,6 +55,19 @@ PREFILL_CHUNK_TOKENS = {"cpu": (256, 2048), "cuda": (8192, 8192)}
 SCORE_ROWS = 64
 
 
+def logprob_rows(logits: torch.Tensor, next_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """On the logits' device, float64 [r, 1 + 2k]: for each row of logits [r, V], the log-probability
+    (log_softmax) of its `next_ids` [r] entry, then the k largest and their ids (exact in float64), so
+    one copy reads them all. Device-side only: a decode step's sampler packs its token with it
+    (chat/sampling.py's logprob_pack) and must not synchronise with the host."""
+    logp = logits.log_softmax(dim=-1)
+    chosen = logp.gather(1, next_ids[:, None]).double()
+    if k == 0:
+        return chosen
+    top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
+    return torch.cat([chosen, top.values.double(), top.indices.double()], dim=1)
+
+
 class PromptScores:
     """Asks a prefill for each prompt token's log-probability after the first: the model's
     log_softmax (float32) at the position before it, the token's value and the `k` most likely
@@ -67,12 +80,7 @@ class PromptScores:
 
     def add(self, logits: torch.Tensor, next_ids: torch.Tensor) -> None:
         """Score `next_ids` [r] under logits [r, V], the positions before them."""
-        logp = logits.log_softmax(dim=-1)
-        parts = [logp.gather(1, next_ids[:, None]).double()]
-        if self.k:
-            top = torch.topk(logp, min(self.k, logp.shape[-1]), dim=-1)
-            parts += [top.values.double(), top.indices.double()]
-        self._packs.append(torch.cat(parts, dim=1))
+        self._packs.append(logprob_rows(logits, next_ids, self.k))
 
     def table(self) -> torch.Tensor:
         """[scored tokens, 1 + 2k] float64 on the CPU: each one's value, k values, k ids, in prompt order."""
