@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from internvl_chat.engine import model as engine_model
+from internvl_chat.serve.conversation import Prompt
 from internvl_chat.serve.slots import Slot
 
 WAIT_S = 120
@@ -227,3 +228,25 @@ def test_two_contexts_on_two_slots_each_keep_their_own_scores(server, local, fed
     for number, ids in enumerate(everything):
         assert_matches_a_full_forward(local, results[number], ids, 1)
         assert_same_as_rescored(server, results[number], ids, 1, monkeypatch)
+
+
+@pytest.mark.usefixtures("small_chunks", "fresh_slots")
+def test_a_scored_prompt_goes_to_the_slot_that_kept_its_scores_not_one_that_only_cached_it(server, local, fed):
+    worker = server.worker
+    context = encode(local, CONTEXT)
+    tail = encode(local, " Never mind; tell me a story about a dragon instead." * 6)
+    assert len(tail) > len(context)  # the context is less than half of what the plain request leaves cached
+    plain = {"model": "tiny", "prompt": context + tail, "max_tokens": 1, "temperature": 0}
+    assert httpx.post(f"{server.url}/v1/completions", json=plain, timeout=WAIT_S).status_code == 200
+    assert worker.finished[-1]["slot"] == 0  # its tokens cached, no scores
+    first, second = (context + encode(local, c) for c in CONTINUATIONS[:2])
+    scored(server, [first])  # slot 0 keeps less than half of what it holds: the empty slot, scored whole
+    assert worker.finished[-1]["slot"] == 1 and fed[-1] == (0, len(first))
+    # both slots cache the context, and slot 0 is the least recently used: by cached tokens alone it
+    # would be chosen, and score the prompt from its first token; slot 1 alone kept the scores
+    assert [slot.reusable(Prompt(second)) for slot in worker.slots.slots] == [len(context)] * 2
+    [choice] = scored(server, [second])
+    assert fed[-1] == (len(context) - 1, len(second) - len(context) + 1)  # the context not scored again
+    assert worker.finished[-1]["slot"] == 1
+    assert worker.finished[-1]["cached_tokens"] == len(context) - 1
+    assert_matches_a_full_forward(local, choice, second, 1)

@@ -311,6 +311,20 @@ def test_a_scored_prompt_keeps_the_cached_tokens_whose_scores_are_kept_and_the_o
     assert slot.scores is None and slot.scored_reuse(held, 1) == 0
 
 
+def test_a_scored_prompt_chooses_the_slot_by_the_scores_it_kept_in_the_prompts_namespace_only(loaded, builder):
+    pool = SlotPool(loaded, 2)
+    held = Prompt(builder.first_turn("A question about boats and the sea. " * 4))
+    for slot in pool.slots:
+        hold(slot, held)
+    pool.slots[1].scores, pool.slots[1].last_used = kept_scores(held.ids, 1), 1  # slot 0: cached, no scores
+    plain, scored = Prompt(list(held.ids)), Prompt(list(held.ids), scored_k=1)
+    assert pool.choose(plain) == (pool.slots[0], len(held.ids) - 1)  # a tie: the least recently used
+    assert pool.choose(scored) == (pool.slots[1], len(held.ids) - 1)
+    assert pool.choose(Prompt(list(held.ids), scored_k=2)) == (pool.slots[0], 0)  # too few alternatives kept anywhere
+    salted = Prompt(list(held.ids), namespace=cache_namespace("alice"), scored_k=1)
+    assert pool.choose(salted) == (pool.slots[0], 0)  # another namespace keeps nothing: the least recently used
+
+
 def test_kept_scores_never_cover_a_picture_a_token_id_prompt_does_not_hold(loaded, builder):
     pool = SlotPool(loaded, 1)
     [slot] = pool.slots

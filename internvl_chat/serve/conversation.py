@@ -58,6 +58,9 @@ class Prompt:
     media: list[MediaItem] = field(default_factory=list)
     system: str | None = None
     namespace: str = SHARED  # whose cached state it may reuse (serve/namespaces.py); its media keys hold it too
+    # /v1/completions' echo with logprobs: every token scored, this many alternatives each; a slot's
+    # cache counts only as far as the scores it kept (slots.py's Slot.scored_reuse)
+    scored_k: int | None = None
 
 
 class PromptMaker:

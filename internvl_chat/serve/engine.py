@@ -307,7 +307,9 @@ class EngineWorker:
                 raise ClientGone
             slot, reuse = self.slots.choose(prompt)
             if job.prompt_logprobs is not None:
-                reuse = slot.scored_reuse(prompt, job.prompt_logprobs)  # every prompt token needs its score
+                # every prompt token needs its score (choose measured the slots so; asked here again
+                # whatever chose the slot, so a token is never kept without one)
+                reuse = slot.scored_reuse(prompt, job.prompt_logprobs)
             scored = None
             for index in range(job.choices):
                 if index:

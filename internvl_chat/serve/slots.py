@@ -12,8 +12,10 @@ cache_salt, serve/namespaces.py): a client never learns how much of its prompt a
 A slot whose cache was prefilled with scores (/v1/completions' echo with logprobs) keeps them, a
 ScoredPrefix: a later scored prompt that shares its prefix keeps that much of the cache and those
 scores, and scores only its own tokens (lm-eval's multiple-choice requests: one long context, a
-few continuations). Every write to the cache from position p keeps only the scores of tokens up to
-p (`keep_scores`), so a score is never served for a token, or a context, the cache no longer holds.
+few continuations). A scored prompt chooses its slot by what it can keep there, scores included:
+a slot whose cache matches but holds no scores would score it from its first token. Every write
+to the cache from position p keeps only the scores of tokens up to p (`keep_scores`), so a score
+is never served for a token, or a context, the cache no longer holds.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class Slot:
         # <IMG_CONTEXT> run with no picture of its own; it must not get this slot's picture
         n = _same_pictures(self.spans, prompt.spans, n)
         return min(n, len(prompt.ids) - 1)
+
+    def keepable(self, prompt: Prompt) -> int:
+        """How many leading prompt tokens this slot can really keep: cached (`reusable`), and for a
+        scored prompt each with its kept score (`scored_reuse`)."""
+        return self.reusable(prompt) if prompt.scored_k is None else self.scored_reuse(prompt, prompt.scored_k)
 
     def claim(self, namespace: str) -> None:
         """The cache is about to be written for a prompt of `namespace`: one of another namespace's is
@@ -130,18 +137,18 @@ class SlotPool:
             self.slots.append(Slot(i, session, kv_bytes))
 
     def choose(self, prompt: Prompt) -> tuple[Slot, int]:
-        """The slot for this prompt and how many of its tokens are already cached there. The slot
+        """The slot for this prompt and how many of its tokens it keeps there (`keepable`). The slot
         counts as used only from `use` on: a request that fails before its prefill (media that do not
         decode, a client that left) leaves the slot's conversation, and its place in the LRU order, as they were."""
-        scored = [(slot.reusable(prompt), slot) for slot in self.slots]
+        kept = [(slot.keepable(prompt), slot) for slot in self.slots]
         lru = min(self.slots, key=lambda s: s.last_used)
-        keeping = [(r, s) for r, s in scored if r > 0 and (r >= KEEP_FRACTION * s.cached or s is lru)]
+        keeping = [(r, s) for r, s in kept if r > 0 and (r >= KEEP_FRACTION * s.cached or s is lru)]
         if keeping:
             reuse, slot = max(keeping, key=lambda rs: (rs[0], -rs[1].last_used))
         else:
             empty = [s for s in self.slots if s.cached == 0]
             slot = empty[0] if empty else lru
-            reuse = next(r for r, s in scored if s is slot)
+            reuse = next(r for r, s in kept if s is slot)
         return slot, reuse
 
     def use(self, slot: Slot) -> None:

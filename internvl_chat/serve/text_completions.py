@@ -147,7 +147,7 @@ def _text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> T
             raise bad_request(f"{where} is empty; send at least one token of text to continue", param=where)
         if len(ids) >= context:
             raise _too_long(len(ids), context, where)
-        prompts.append(Prompt(ids=ids, namespace=namespace))
+        prompts.append(Prompt(ids=ids, namespace=namespace, scored_k=prompt_logprobs(req)))
         texts.append(text)
     return TextPrompts(prompts, texts)
 
@@ -175,10 +175,15 @@ def _too_long(tokens: int, context: int, where: str, at_least: str = "") -> APIE
                     "prompt", code="context_length_exceeded", param=where)  # fmt: skip
 
 
+def prompt_logprobs(req: CompletionRequest) -> int | None:
+    """How many alternatives each prompt token is scored with: echo with logprobs alone asks for it."""
+    return req.logprobs if req.echo else None
+
+
 def text_job(req: CompletionRequest, prompts: TextPrompts, params: SamplingParams, loop: asyncio.AbstractEventLoop) -> Job:
     first, *more = prompts.prompts
     return Job(first, params, stop_strings(req), loop, cid=f"cmpl-{uuid.uuid4().hex}", choices=choices(req),
-               more_prompts=more, echo=req.echo, prompt_logprobs=req.logprobs if req.echo else None,
+               more_prompts=more, echo=req.echo, prompt_logprobs=prompt_logprobs(req),
                discard_answer=req.max_tokens == 0, list_stop_token=True)  # fmt: skip
 
 
