@@ -1,5 +1,6 @@
 """What the request handlers share once a Job is queued: its events as they read them (a client
-that left cancels it), and a stream that ends as every stream ends and cancels its job however it ends."""
+that left cancels it), and a stream that ends as every stream ends, cancelling its job however it
+ends."""
 
 from __future__ import annotations
 
