@@ -121,3 +121,8 @@ def test_the_tokenizer_endpoints_take_no_place_in_a_full_queue(server, monkeypat
     monkeypatch.setattr(server.worker, "check_capacity", full)
     assert tokens(server, {"prompt": "x"})
     assert post(server, "/detokenize", {"tokens": [1]}).status_code == 200
+
+
+def test_the_404_of_an_unknown_endpoint_lists_the_tokenizer_endpoints(server):
+    message = httpx.get(f"{server.url}/v1/tokenize", timeout=30).json()["error"]["message"]
+    assert all(path in message for path in ("/tokenize", "/detokenize", "/tokenizer_info"))
