@@ -126,3 +126,9 @@ def test_the_tokenizer_endpoints_take_no_place_in_a_full_queue(server, monkeypat
 def test_the_404_of_an_unknown_endpoint_lists_the_tokenizer_endpoints(server):
     message = httpx.get(f"{server.url}/v1/tokenize", timeout=30).json()["error"]["message"]
     assert all(path in message for path in ("/tokenize", "/detokenize", "/tokenizer_info"))
+
+
+def test_a_page_of_another_origin_cannot_post_without_a_preflight(server):
+    sent = httpx.post(f"{server.url}/tokenize", content=b'{"prompt": "x"}', timeout=30,
+                      headers={"Origin": "http://elsewhere.example", "Content-Type": "text/plain"})  # fmt: skip
+    assert sent.status_code == 403 and sent.json()["error"]["code"] == "origin_not_allowed"
