@@ -7,15 +7,15 @@ venv for lm-eval when the one named is missing (lm-eval[api] and transformers fo
 torch: nothing is added to the project), serves the demo model on a free port, runs the three tiny
 tasks under scripts/lm_eval_tasks/ offline (a multiple-choice one: loglikelihood requests, prompts
 with echo and logprobs; a generate_until one: prompts with stop sequences; a loglikelihood_rolling
-one: texts scored after a one-token context) twice, as token ids and as text
+one: texts scored after a one-token context) as token ids and as text
 (tokenized_requests=False: lm-eval decodes its ids, special tokens included), then once more as token
 ids with lm-eval's remote tokenizer (tokenizer_backend=remote, no local tokenizer: the server's
-/tokenize, /detokenize and /tokenizer_info), stops the server, and checks what lm-eval logged against the same checkpoint loaded here: every choice's loglikelihood and
-is-greedy flag and every text's loglikelihood against one full forward (to 1e-3), every generation
-against a greedy decode cut at the task's stop strings; the remote tokenizer's run must log exactly
-what the local tokenizer's ids run logged. Exit status 0 when all agree. Not part of
-the test suite: it installs packages and takes a minute or two. Needs python3.11 on PATH (or
---python) to make the venv.
+/tokenize, /detokenize and /tokenizer_info), stops the server, and checks what lm-eval logged
+against the same checkpoint loaded here: every choice's loglikelihood and is-greedy flag and every
+text's loglikelihood against one full forward (to 1e-3), every generation against a greedy decode
+cut at the task's stop strings; the remote tokenizer's run must log exactly what the local
+tokenizer's ids run logged. Exit status 0 when all agree. Not part of the test suite: it installs
+packages and takes a minute or two. Needs python3.11 on PATH (or --python) to make the venv.
 """
 
 from __future__ import annotations

@@ -358,7 +358,8 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     return tokenizer
 
 
-def named_tokens(model_dir: str | Path, fields: Sequence[str] = ("bos_token", "eos_token", "pad_token")) -> dict[str, str | None]:
+def named_tokens(model_dir: str | Path, fields: Sequence[str] = ("bos_token", "eos_token", "pad_token"),
+                 ) -> dict[str, str | None]:  # fmt: skip
     """The special tokens tokenizer_config.json names in `fields` ({field: token}, None where it names
     none): what transformers' tokenizer reports as its eos_token and others (the server's /tokenizer_info)."""
     named = dict(_named_special_tokens(_read_config(Path(model_dir))))
