@@ -7,13 +7,15 @@ venv for lm-eval when the one named is missing (lm-eval[api] and transformers fo
 torch: nothing is added to the project), serves the demo model on a free port, runs the three tiny
 tasks under scripts/lm_eval_tasks/ offline (a multiple-choice one: loglikelihood requests, prompts
 with echo and logprobs; a generate_until one: prompts with stop sequences; a loglikelihood_rolling
-one: texts scored after a one-token context) twice, as token ids and as text
-(tokenized_requests=False: lm-eval decodes its ids, special tokens included), stops the server, and
-checks what lm-eval logged against the same checkpoint loaded here: every choice's loglikelihood and
-is-greedy flag and every text's loglikelihood against one full forward (to 1e-3), every generation
-against a greedy decode cut at the task's stop strings. Exit status 0 when all agree. Not part of
-the test suite: it installs packages and takes a minute or two. Needs python3.11 on PATH (or
---python) to make the venv.
+one: texts scored after a one-token context) as token ids and as text
+(tokenized_requests=False: lm-eval decodes its ids, special tokens included), then once more as token
+ids with lm-eval's remote tokenizer (tokenizer_backend=remote, no local tokenizer: the server's
+/tokenize, /detokenize and /tokenizer_info), stops the server, and checks what lm-eval logged
+against the same checkpoint loaded here: every choice's loglikelihood and is-greedy flag and every
+text's loglikelihood against one full forward (to 1e-3), every generation against a greedy decode
+cut at the task's stop strings; the remote tokenizer's run must log exactly what the local
+tokenizer's ids run logged. Exit status 0 when all agree. Not part of the test suite: it installs
+packages and takes a minute or two. Needs python3.11 on PATH (or --python) to make the venv.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ GEN_STOPS = (".", "\n", "<|im_end|>")  # the task's `until` and the eos string l
 GEN_MAX_TOKENS = 24  # the task's max_gen_toks
 TOLERANCE = 1e-3
 SERVER_START_S = 120
-# lm-eval's tokenized_requests: token ids (its default), or text it decodes from them and the server encodes again
-REQUEST_MODES = {"ids": True, "text": False}
+# lm-eval's tokenized_requests (token ids, its default, or text it decodes from them and the server encodes
+# again) and its tokenizer: the checkpoint's, loaded by transformers, or the server's endpoints ("remote")
+REQUEST_MODES = {"ids": (True, "huggingface"), "text": (False, "huggingface"), "remote": (True, "remote")}
+SAME_AS = {"remote": "ids"}  # a run whose logged answers must equal another's
 
 
 def main() -> int:
@@ -60,6 +64,7 @@ def main() -> int:
     server, port = start_server(queue_depth=max(8, args.num_concurrent))
     try:
         problems = [p for mode in REQUEST_MODES for p in run_and_check(lm_eval, port, output / mode, mode, args)]
+        problems += [p for mode, other in SAME_AS.items() for p in compare_runs(output, mode, other)]
     finally:
         stop_server(server)
     for problem in problems[:20]:
@@ -69,12 +74,23 @@ def main() -> int:
 
 
 def run_and_check(lm_eval: Path, port: int, output: Path, mode: str, args: argparse.Namespace) -> list[str]:
-    run = run_lm_eval(lm_eval, port, output, args.batch_size, args.num_concurrent, REQUEST_MODES[mode])
+    run = run_lm_eval(lm_eval, port, output, args.batch_size, args.num_concurrent, *REQUEST_MODES[mode])
     if run.returncode != 0:
         print(run.stdout[-4000:])
         return [f"{mode} requests: lm_eval failed (exit {run.returncode}); its output is above"]
     print("\n".join(line for line in run.stdout.splitlines() if line.startswith("|")))
     return [f"{mode} requests: {problem}" for problem in check_samples(load_samples(output))]
+
+
+def compare_runs(output: Path, mode: str, other: str) -> list[str]:
+    """Each doc's logged responses in run `mode` against run `other`'s (the same requests, so the same answers)."""
+    ours, theirs = load_samples(output / mode), load_samples(output / other)
+    problems = []
+    for task in EXPECTED:
+        by_doc = {s["doc_id"]: s["resps"] for s in theirs[task]}
+        problems += [f"{mode} requests: {task} doc {s['doc_id']} logged {s['resps']!r}, the {other} run "
+                     f"{by_doc.get(s['doc_id'])!r}" for s in ours[task] if s["resps"] != by_doc.get(s["doc_id"])]  # fmt: skip
+    return problems
 
 
 def parse_args() -> argparse.Namespace:
@@ -142,11 +158,12 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def run_lm_eval(lm_eval: Path, port: int, output: Path, batch_size: int, concurrent: int,
-                tokenized: bool) -> subprocess.CompletedProcess:  # fmt: skip
+def run_lm_eval(lm_eval: Path, port: int, output: Path, batch_size: int, concurrent: int, tokenized: bool,
+                backend: str) -> subprocess.CompletedProcess:  # fmt: skip
+    local = [f"tokenizer={MODEL}"] if backend == "huggingface" else []  # remote: the server's endpoints alone
     model_args = ",".join([
-        "model=demo_model", f"base_url=http://127.0.0.1:{port}/v1/completions", f"tokenizer={MODEL}",
-        "tokenizer_backend=huggingface", f"num_concurrent={concurrent}", "max_retries=1",
+        "model=demo_model", f"base_url=http://127.0.0.1:{port}/v1/completions", *local,
+        f"tokenizer_backend={backend}", f"num_concurrent={concurrent}", "max_retries=1",
         f"tokenized_requests={tokenized}",
     ])  # fmt: skip
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

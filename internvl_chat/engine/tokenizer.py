@@ -358,6 +358,14 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     return tokenizer
 
 
+def named_tokens(model_dir: str | Path, fields: Sequence[str] = ("bos_token", "eos_token", "pad_token"),
+                 ) -> dict[str, str | None]:  # fmt: skip
+    """The special tokens tokenizer_config.json names in `fields` ({field: token}, None where it names
+    none): what transformers' tokenizer reports as its eos_token and others (the server's /tokenizer_info)."""
+    named = dict(_named_special_tokens(_read_config(Path(model_dir))))
+    return {field: named.get(field) for field in fields}
+
+
 def _named_special_tokens(config: dict) -> list[tuple[str, str]]:
     """(field, token) of each special token tokenizer_config.json names: eos_token and the other
     named ones, then additional_special_tokens (or transformers 5's extra_special_tokens)."""

@@ -1,7 +1,8 @@
 """The HTTP API: /health, /v1/models, /v1/chat/completions and the legacy /v1/completions
-(text_completions.py), streaming and not, OpenAI-shaped errors, CORS for the web origins
---allow-origin names. Both POST endpoints are admitted alike (`admitted`: origin, API key, body
-limits, the queue, a client that leaves)."""
+(text_completions.py), streaming and not, vLLM's /tokenize, /detokenize and /tokenizer_info
+(tokenizer_api.py), OpenAI-shaped errors, CORS for the web origins --allow-origin names. The POST
+endpoints are admitted alike (`admitted`: origin, API key, body limits, the queue (the tokenizer's
+take no place in it), a client that leaves)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .protocol import parse_request, stop_strings, usage_chunk
 from .replies import POLL_S, ClientDisconnected, JobStream, job_events
 from .text_completions import CompletionRequest, TextPrompts, parse_completion_request, text_complete, text_job
 from .text_completions import text_prompts, text_stream
+from .tokenizer_api import detokenize, tokenize, tokenizer_info
 
 # Parsing holds ~45× a body's size (pydantic's tree of a 30 MiB body: +1.3 GB), and every request
 # in flight parses before the queue can refuse it: bodies over this size are parsed one at a time.
@@ -115,7 +117,8 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         # a 405 must say which methods the endpoint takes (Starlette's Allow header, a set's order)
         allowed = ", ".join(sorted(m.strip() for m in (err.headers or {}).get("Allow", "").split(",") if m.strip()))
-        messages = {404: "no such endpoint; this server has /health, /v1/models, /v1/chat/completions and /v1/completions",
+        messages = {404: "no such endpoint; this server has /health, /v1/models, /v1/chat/completions, /v1/completions, "
+                         "/tokenize, /detokenize and /tokenizer_info",
                     405: f"method not allowed on this endpoint; it takes {allowed or 'other methods'}"}  # fmt: skip
         message = messages.get(err.status_code, str(err.detail))
         headers = {"Allow": allowed} if err.status_code == 405 and allowed else None
@@ -182,22 +185,24 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
             watching.cancel()
             stopping.cancel()
 
-    async def admitted(request: Request, prepare):
-        """The request checked (origin, API key, body limits, queue room) and prepare(body, gone)'s
-        result; a 499 Response where its client left before it could be queued."""
+    async def admitted(request: Request, prepare, queued: bool = True):
+        """The request checked (origin, API key, body limits, queue room unless not `queued`) and
+        prepare(body, gone)'s result; a 499 Response where its client left before it could be queued."""
         check_page_origin(request, options.allow_origins)
         authorize(request)
         try:
             body = await _unless_ending(_read_body(request, options.max_body_bytes, options.body_timeout), ending)
         except ClientDisconnect:  # the client closed the connection before its body was in
             return Response(status_code=499)
-        worker.check_capacity()  # refuse early, before parsing megabytes of images
+        if queued:
+            worker.check_capacity()  # refuse early, before parsing megabytes of images
         try:
             if len(body) > LARGE_BODY_BYTES:
                 async with large_bodies:
                     if await request.is_disconnected():  # it left while others were parsed
                         return Response(status_code=499)
-                    worker.check_capacity()  # the queue may have filled meanwhile
+                    if queued:
+                        worker.check_capacity()  # the queue may have filled meanwhile
                     ready = await prepared(request, body, prepare)
             else:
                 ready = await prepared(request, body, prepare)
@@ -233,6 +238,24 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
             return JobStream(job, text_stream(job, request, req, prompts, model_id), media_type="text/event-stream",
                              headers=STREAM_HEADERS)  # fmt: skip
         return await text_complete(job, request, req, prompts, model_id)
+
+    # vLLM's tokenizer endpoints (lm-eval's remote tokenizer): no engine work, so no place in the queue
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> Response:
+        ready = await admitted(request, lambda body, gone: tokenize(body, worker.prompts, model_id, context, gone), False)
+        return ready if isinstance(ready, Response) else JSONResponse(ready)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> Response:
+        ready = await admitted(request, lambda body, _gone: detokenize(body, worker.prompts, model_id), False)
+        return ready if isinstance(ready, Response) else JSONResponse(ready)
+
+    info = tokenizer_info(worker.prompts, context)
+
+    @app.api_route("/tokenizer_info", methods=["GET", "HEAD"])
+    async def tokenizer_info_route(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(info)
 
     return app
 

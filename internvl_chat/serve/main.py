@@ -22,7 +22,8 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="internvl-chat serve",
-        description="Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health).",
+        description="Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health; "
+        "vLLM's /tokenize, /detokenize and /tokenizer_info).",
         epilog="Defaults come from the config file's [serve] and [model] sections (what a request leaves unset: "
         "[generation], [media], [system]); flags win. Only data: URLs are read "
         "unless --allow-remote-media / --allow-local-media say otherwise.",
