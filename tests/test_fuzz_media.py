@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from fuzz_helpers import Findings, byte_mutants, spread
-from media_helpers import (display_matrix, numbered_frame, png_with_exif_after_pixels, textured_rgb, tiled_tiff, write_numbered_video,
+from media_helpers import (display_matrix, numbered_frame, png_with_exif_after_pixels, textured_rgb, tiled_tiff,
                            write_pattern_video)
 from PIL import Image
 
