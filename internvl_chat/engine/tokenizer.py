@@ -715,7 +715,9 @@ def _load_with_transformers(model_dir: Path, vocab_size: int | None) -> Transfor
             if name == "vocab.json":
                 vocabulary = data
     _check_for_transformers(model_dir)
-    _refuse_words_made_special(model_dir, _read_config(model_dir), _plain_words(vocabulary).__contains__)
+    words = _plain_words(vocabulary)
+    _refuse_shared_ids(model_dir / "vocab.json", words)
+    _refuse_words_made_special(model_dir, _read_config(model_dir), words.__contains__)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -749,14 +751,31 @@ def _load_with_transformers(model_dir: Path, vocab_size: int | None) -> Transfor
     return tokenizer
 
 
-def _plain_words(vocabulary: bytes) -> frozenset[str]:
-    """The entries of vocab.json (the BPE's own words: the added tokens are tokenizer_config.json's);
-    none where it cannot be read (transformers then says why)."""
+def _plain_words(vocabulary: bytes) -> dict[str, Any]:
+    """The entries of vocab.json, word to id, in the file's order (the BPE's own words: the added
+    tokens are tokenizer_config.json's); none where it cannot be read (transformers then says why)."""
     try:
         words = json.loads(vocabulary)
     except (ValueError, RecursionError):
-        return frozenset()
-    return frozenset(words) if isinstance(words, dict) else frozenset()
+        return {}
+    return words if isinstance(words, dict) else {}
+
+
+def _refuse_shared_ids(path: Path, words: Mapping[str, Any]) -> None:
+    """Two words of vocab.json with one id, named before transformers builds the tokenizer: it then
+    decodes the id as one of them, and which one depended on the hash seed, so the round-trip probe
+    refused the file in vaguer words at some starts and not at others. The first id met twice in the
+    file's order, so the message is the same at every start."""
+    first: dict[int, str] = {}
+    for word, token_id in words.items():
+        if not isinstance(token_id, int) or isinstance(token_id, bool):  # transformers names a wrong type
+            continue
+        if token_id in first:
+            raise CheckpointError(
+                f"{_shown(path)} gives the id {token_id} to both {brief_repr(first[token_id])} and {brief_repr(word)}; "
+                "the tokenizer files are damaged (re-download them)"
+            )
+        first[token_id] = word
 
 
 def _first_line(e: BaseException) -> str:
