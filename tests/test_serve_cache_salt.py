@@ -180,18 +180,22 @@ def test_without_the_shared_cache_no_request_reuses_another_s_state(tiny_origina
 def test_without_the_shared_cache_nothing_is_written_that_no_later_request_could_find(tiny_original, server):
     """Features, data: URL measurements and answers cached for a request of its own namespace would
     only push others' out; the answers are those a shared server gives, and a request still shares
-    its own work: a picture sent twice is encoded once, its n choices keep its prefill."""
+    its own work: a picture sent twice is measured once (its own memo of data: URLs) and encoded
+    once, its n choices keep its prefill."""
     picture = "data:image/png;base64," + base64.b64encode(png_bytes(textured_rgb(448, 448, seed=72))).decode()
     part = {"type": "image_url", "image_url": {"url": picture}}
     content = [part, part, {"type": "text", "text": "Are they the same?"}]
     forget(server)
     shared = chat(server, content, n=2, max_tokens=6, return_token_ids=True)
     with RunningServer(tiny_original, slots=1, shared_cache=False) as private:
-        encoded = []
+        encoded, measured = [], []
         private.worker.model.encode_images = _counting(private.worker.model.encode_images, encoded)
+        reader = private.worker.reader
+        reader._measure_image = _counting(reader._measure_image, measured)
         alone = chat(private, content, n=2, max_tokens=6, return_token_ids=True)
         assert [c["token_ids"] for c in alone["choices"]] == [c["token_ids"] for c in shared["choices"]]
-        assert len(encoded) == 1  # the picture sent twice, encoded once
+        assert len(measured) == 1  # the picture sent twice, probed once
+        assert len(encoded) == 1  # and encoded once
         kept = [r["cached_tokens"] for r in list(private.worker.finished)[-2:]]
         assert kept == [0, alone["usage"]["prompt_tokens"] - 1]  # its second choice kept its prefill
         worker = private.worker

@@ -31,7 +31,7 @@ from ..errors import InternVLChatError, UsageError
 from ..settings import MAX_TILES, SEED_MAX
 from .answers import AnswerMemory, PromptDigest
 from .errors import APIError, bad_request, from_app_error, shown
-from .media import MediaItem, MediaReader, RemoteBudget
+from .media import MediaItem, MediaReader, RemoteBudget, UrlMemo
 from .namespaces import SHARED, cache_namespace
 from .options import ServeOptions
 from .protocol import ChatCompletionRequest, ImagePart, RefusalPart, SamplingRequest, TextPart, VideoPart
@@ -114,6 +114,7 @@ class PromptMaker:
                 prompt.ids += builder.message("system", system)
         media_count = 0
         remote = RemoteBudget()  # one deadline for all the request's http(s) fetches, not one per URL
+        memo: UrlMemo = {}  # the request's data: URL measurements, gone with it (for --no-shared-cache)
         answering = False  # the ids end inside an assistant message: its <|im_end|>\n comes with the next message
         # of what comes before each assistant message: our ids for its text answered that
         history = PromptDigest(prompt.namespace)
@@ -142,7 +143,7 @@ class PromptMaker:
                 if media_count > self.options.max_images:
                     raise bad_request(f"the request has more than {self.options.max_images} images and videos; "
                                       "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
-                text, media = self._user_content(msg.content, i, max_tiles, num_frames, remote, prompt.namespace, cancel)
+                text, media = self._user_content(msg.content, i, max_tiles, num_frames, remote, prompt.namespace, cancel, memo)
             self._check_bound(len(prompt.ids), i, text)
             specs = [m.spec for m in media]
             with self.lock:
@@ -201,7 +202,7 @@ class PromptMaker:
 
     def _user_content(
         self, content, i: int, max_tiles: int | None, num_frames: int, remote: RemoteBudget, namespace: str,
-        cancel: threading.Event | None = None,
+        cancel: threading.Event | None = None, memo: UrlMemo | None = None,
     ) -> tuple[str, list[MediaItem]]:  # fmt: skip
         if content is None:
             return "", []
@@ -217,9 +218,9 @@ class PromptMaker:
                 # OpenAI's "low" detail is one low-resolution view: here one tile, the whole image
                 low = 1 if part.image_url.detail == "low" else None
                 tiles = part.image_url.max_dynamic_patch or part.max_dynamic_patch or low or max_tiles
-                media.append(self.reader.image(part.image_url.url, param, tiles, remote, namespace))
+                media.append(self.reader.image(part.image_url.url, param, tiles, remote, namespace, memo))
             elif isinstance(part, VideoPart):
-                media.append(self.reader.video(part.video_url.url, param, num_frames, remote, cancel, namespace))
+                media.append(self.reader.video(part.video_url.url, param, num_frames, remote, cancel, namespace, memo))
         # the template puts the media first, then the text; text parts are joined by newlines
         return "\n".join(texts), media
 

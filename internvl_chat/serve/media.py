@@ -65,6 +65,10 @@ FRAME_LIST_TYPES = ("video/jpeg", "video/png", "video/webp")  # data:video/jpeg;
 
 # (content key, tiles, largest width·height, the decoding a video file takes or None)
 Measured = tuple[str, int, int, DecodeCost | None]
+# one request's data: URL measurements, (namespace, kind, parameters, url digest) → (Measured, frame
+# list): where the shared URL cache is not written (--no-shared-cache), a URL the request holds twice
+# is still measured once; the request drops it when done, so nothing of it outlives the request
+UrlMemo = dict[tuple, tuple[Measured, bool]]
 
 
 @dataclass
@@ -223,22 +227,30 @@ class MediaReader:
     # ---- measuring ---------------------------------------------------------------------------
     # `remote`: the time left to the request's http(s) fetches (None: a budget for this one alone)
     # `namespace`: the request's cache namespace (serve/namespaces.py), in every cache key of the item
+    # `memo`: the request's own data: URL measurements (UrlMemo), for a namespace not found again
     def image(self, url: str, param: str, max_tiles: int | None, remote: RemoteBudget | None = None,
-              namespace: str = SHARED) -> MediaItem:  # fmt: skip
-        return self._item("image", (max_tiles,), url, param, max_tiles, remote, namespace=namespace)
+              namespace: str = SHARED, memo: UrlMemo | None = None) -> MediaItem:  # fmt: skip
+        return self._item("image", (max_tiles,), url, param, max_tiles, remote, namespace=namespace, memo=memo)
 
     # `cancel` set (the client gone) stops the measuring of a video file (Cancelled): a count of its
     # frames by demuxing (an APNG, MPEG-PS or pipe AVI has none) reads the whole file
     def video(self, url: str, param: str, num_frames: int, remote: RemoteBudget | None = None,
-              cancel: threading.Event | None = None, namespace: str = SHARED) -> MediaItem:  # fmt: skip
-        return self._item("video", (num_frames,), url, param, num_frames, remote, cancel, namespace)
+              cancel: threading.Event | None = None, namespace: str = SHARED, memo: UrlMemo | None = None) -> MediaItem:  # fmt: skip
+        return self._item("video", (num_frames,), url, param, num_frames, remote, cancel, namespace, memo)
 
     def _item(self, kind: str, params: tuple, url: str, param: str, count: int, remote: RemoteBudget | None,
-              cancel: threading.Event | None = None, namespace: str = SHARED) -> MediaItem:  # fmt: skip
+              cancel: threading.Event | None = None, namespace: str = SHARED, memo: UrlMemo | None = None) -> MediaItem:  # fmt: skip
         inline = url[:5].lower() == "data:"
-        # a request of its own namespace (--no-shared-cache) would remember what no later one can find
-        cache_key = (namespace, kind, params, _url_digest(url)) if inline and found_again(namespace) else None
+        url_key = (namespace, kind, params, _url_digest(url)) if inline else None
+        # a request of its own namespace (--no-shared-cache) would remember in the shared cache what no
+        # later one can find: it remembers in its own memo alone (see UrlMemo)
+        if found_again(namespace):
+            cache_key, memo = url_key, None
+        else:
+            cache_key = None
         known = self._recall(cache_key)
+        if known is None and memo is not None and url_key is not None:
+            known = memo.get(url_key)
         data, frame_list = b"", False
         if known is None:
             data, mime = self.fetch(url, param, kind, remote)
@@ -250,6 +262,8 @@ class MediaReader:
             else:
                 known = self._measure_image(data, param, count)
             self._remember(cache_key, known, frame_list)
+            if memo is not None and url_key is not None:
+                memo[url_key] = (known, frame_list)
         else:
             known, frame_list = known
         key, tiles, pixels, cost = known
