@@ -45,11 +45,11 @@ BENCH_README = (REPO / "benchmarks" / "README.md").read_text(encoding="utf-8")
 RESULTS = (REPO / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
 DEFAULT_TOML = (PACKAGE / "configs" / "default.toml").read_text(encoding="utf-8")
 
-# Flags of other programs that README's server section shows (lmdeploy, vLLM, SGLang, llama.cpp).
+# Flags of other programs that README's server sections show (lmdeploy, vLLM, SGLang, llama.cpp, lm_eval).
 OTHER_TOOLS_FLAGS = {
     "--api-keys", "--enable-prefix-caching", "--enable-prompt-tokens-details", "--limit-mm-per-prompt",
     "--max-model-len", "--mmproj", "--model-format", "--model-path", "--server-port", "--session-len",
-    "--tensor-parallel-size", "--tp", "--trust-remote-code",
+    "--tensor-parallel-size", "--tp", "--trust-remote-code", "--model_args", "--tasks",
 }  # fmt: skip
 FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 
@@ -90,7 +90,7 @@ def test_every_flag_the_readme_names_exists():
 
 @pytest.mark.parametrize("mode", ["internvl-chat", "serve"])  # quantize's README points at its --help
 def test_readme_names_every_flag(mode):
-    other_tools = ("lmdeploy ", "vllm ", "python -m sglang", "llama-server ", "--limit-mm-per-prompt", "#")
+    other_tools = ("lmdeploy ", "vllm ", "python -m sglang", "llama-server ", "lm_eval ", "--limit-mm-per-prompt", "#")
     ours = "\n".join(line for line in README.splitlines() if not line.lstrip().startswith(other_tools))
     unnamed = [action.option_strings for action in parsers()[mode]._actions
                if action.option_strings and action.dest != "help"
