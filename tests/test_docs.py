@@ -433,7 +433,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
     from internvl_chat.engine import tensor_reader
     from internvl_chat.media import image, video_cost, video_header
     from internvl_chat.quant.int4_linear import Int4Linear
-    from internvl_chat.serve import answers, protocol
+    from internvl_chat.serve import answers, namespaces, protocol, text_completions, tokenizer_api
     from internvl_chat.serve.logprobs import LOGPROB_FLOOR
     from internvl_chat.settings import REMOTE_TIMEOUT_MAX
     from internvl_chat.ui import media_paths, render
@@ -456,6 +456,11 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"over {video_header.MAX_FRAMES:,} frames, or {video_header.MAX_DURATION_S:,.0f} s at the header's rate",
         f"`n` (1 to {protocol.MAX_CHOICES}; any other is a 400", f"`top_logprobs` alternatives, 0 to {LOGPROBS_MAX},",
         f"one too unlikely to say is {LOGPROB_FLOOR}, as OpenAI writes it",
+        f"(up to {text_completions.MAX_PROMPTS} prompts, and prompts × `n` up to {text_completions.MAX_PROMPTS};",
+        f"`max_tokens` defaults to {text_completions.DEFAULT_MAX_TOKENS} (OpenAI's",
+        f"`logprobs` is the legacy integer, 0 to {text_completions.LEGACY_LOGPROBS_MAX}:",
+        f"up to {tokenizer_api.MAX_TOKENIZE_TOKENS:,} tokens), `POST /detokenize`",
+        f"a non-empty string of up to {namespaces.MAX_CACHE_SALT_CHARS:,} printable characters",
     ]  # fmt: skip
     assert [q for q in quoted if q not in readme] == []
     assert answer_bounds.PIECES_PER_TOKEN == 2 and "more text pieces than twice `max_new_tokens`" in readme
