@@ -45,11 +45,11 @@ BENCH_README = (REPO / "benchmarks" / "README.md").read_text(encoding="utf-8")
 RESULTS = (REPO / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
 DEFAULT_TOML = (PACKAGE / "configs" / "default.toml").read_text(encoding="utf-8")
 
-# Flags of other programs that README's server section shows (lmdeploy, vLLM, SGLang, llama.cpp).
+# Flags of other programs that README's server sections show (lmdeploy, vLLM, SGLang, llama.cpp, lm_eval).
 OTHER_TOOLS_FLAGS = {
     "--api-keys", "--enable-prefix-caching", "--enable-prompt-tokens-details", "--limit-mm-per-prompt",
     "--max-model-len", "--mmproj", "--model-format", "--model-path", "--server-port", "--session-len",
-    "--tensor-parallel-size", "--tp", "--trust-remote-code",
+    "--tensor-parallel-size", "--tp", "--trust-remote-code", "--model_args", "--tasks",
 }  # fmt: skip
 FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 
@@ -90,7 +90,7 @@ def test_every_flag_the_readme_names_exists():
 
 @pytest.mark.parametrize("mode", ["internvl-chat", "serve"])  # quantize's README points at its --help
 def test_readme_names_every_flag(mode):
-    other_tools = ("lmdeploy ", "vllm ", "python -m sglang", "llama-server ", "--limit-mm-per-prompt", "#")
+    other_tools = ("lmdeploy ", "vllm ", "python -m sglang", "llama-server ", "lm_eval ", "--limit-mm-per-prompt", "#")
     ours = "\n".join(line for line in README.splitlines() if not line.lstrip().startswith(other_tools))
     unnamed = [action.option_strings for action in parsers()[mode]._actions
                if action.option_strings and action.dest != "help"
@@ -433,7 +433,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
     from internvl_chat.engine import tensor_reader
     from internvl_chat.media import image, video_cost, video_header
     from internvl_chat.quant.int4_linear import Int4Linear
-    from internvl_chat.serve import answers, protocol
+    from internvl_chat.serve import answers, namespaces, protocol, text_completions, tokenizer_api
     from internvl_chat.serve.logprobs import LOGPROB_FLOOR
     from internvl_chat.settings import REMOTE_TIMEOUT_MAX
     from internvl_chat.ui import media_paths, render
@@ -456,6 +456,11 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"over {video_header.MAX_FRAMES:,} frames, or {video_header.MAX_DURATION_S:,.0f} s at the header's rate",
         f"`n` (1 to {protocol.MAX_CHOICES}; any other is a 400", f"`top_logprobs` alternatives, 0 to {LOGPROBS_MAX},",
         f"one too unlikely to say is {LOGPROB_FLOOR}, as OpenAI writes it",
+        f"(up to {text_completions.MAX_PROMPTS} prompts, and prompts × `n` up to {text_completions.MAX_PROMPTS};",
+        f"`max_tokens` defaults to {text_completions.DEFAULT_MAX_TOKENS} (OpenAI's",
+        f"`logprobs` is the legacy integer, 0 to {text_completions.LEGACY_LOGPROBS_MAX}:",
+        f"up to {tokenizer_api.MAX_TOKENIZE_TOKENS:,} tokens), `POST /detokenize`",
+        f"a non-empty string of up to {namespaces.MAX_CACHE_SALT_CHARS:,} printable characters",
     ]  # fmt: skip
     assert [q for q in quoted if q not in readme] == []
     assert answer_bounds.PIECES_PER_TOKEN == 2 and "more text pieces than twice `max_new_tokens`" in readme
