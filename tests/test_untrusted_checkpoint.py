@@ -959,3 +959,17 @@ def test_a_weight_file_opened_as_a_folder_is_called_a_folder(tmp_path):
     with pytest.raises(CheckpointError) as err:
         open_regular(tmp_path, "weight file")
     one_line(err, f"weight file {tmp_path} is a folder, not a file")
+
+
+def test_a_shared_id_is_named_alike_whatever_order_the_vocabulary_comes_in(tmp_path):
+    # get_vocab()'s order may change from one start to the next: the same damaged files, the same line
+    from internvl_chat.engine.loader import _refuse_shared_ids
+
+    items = [("zeta", 7), ("alpha", 3), ("beta", 7), ("gamma", 3), ("delta", 1)]
+    said = set()
+    for order in (items, items[::-1], sorted(items), items[2:] + items[:2]):
+        with pytest.raises(CheckpointError) as err:
+            _refuse_shared_ids(dict(order), tmp_path)
+        said.add(str(err.value))
+    assert said == {f"the tokenizer of {tmp_path} gives the id 3 to both 'alpha' and 'gamma'; the tokenizer files are "
+                    "damaged (re-download them)"}  # fmt: skip

@@ -131,14 +131,17 @@ def check_tokenizer_fits_vocab(tokenizer: Tokenizer, cfg: ModelConfig, path: Pat
 def _refuse_shared_ids(vocab: Mapping[str, int], path: Path) -> None:
     if len(set(vocab.values())) == len(vocab):
         return
-    first: dict[int, str] = {}
+    # named by the lowest shared id and its words in sorted order: get_vocab()'s order may differ
+    # from one start to the next, and the same damaged files should give the same line every time
+    words: dict[int, list[str]] = {}
     for token, token_id in vocab.items():
-        if token_id in first:
-            raise CheckpointError(
-                f"the tokenizer of {visible(str(path))} gives the id {token_id} to both {brief_repr(first[token_id])} and "
-                f"{brief_repr(token)}; the tokenizer files are damaged (re-download them)"
-            )
-        first[token_id] = token
+        words.setdefault(token_id, []).append(token)
+    token_id = min(i for i, ws in words.items() if len(ws) > 1)
+    first, second = sorted(words[token_id])[:2]
+    raise CheckpointError(
+        f"the tokenizer of {visible(str(path))} gives the id {token_id} to both {brief_repr(first)} and "
+        f"{brief_repr(second)}; the tokenizer files are damaged (re-download them)"
+    )
 
 
 def _count(n: float) -> str:
