@@ -80,6 +80,11 @@ def test_tokenizer_info_names_the_checkpoints_special_tokens(server):
     ("/tokenize", {}, "prompt"),
     ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
     ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": False}, "add_generation_prompt"),
+    # vLLM's: a count of another rendering than the one /v1/chat/completions answers (were ignored)
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ messages }}"}, "chat_template"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "continue_final_message": True},
+     "continue_final_message"),
+    ("/tokenize", {"prompt": "x", "return_token_strs": True}, "return_token_strs"),  # the answer had no token_strs
     ("/tokenize", {"messages": []}, "messages"),
     ("/detokenize", {"tokens": "abc"}, "tokens"),
     ("/detokenize", {"tokens": [1, -1]}, "tokens"),

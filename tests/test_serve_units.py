@@ -461,3 +461,60 @@ def test_data_url_base64_may_be_wrapped_or_unpadded_and_other_mistakes_say_what_
         with pytest.raises(APIError) as err:
             _data_url("data:image/png;base64," + payload, "p", "image")
         assert err.value.status == 400 and words in str(err.value), (payload, str(err.value))
+
+
+# ---- vLLM's answer controls: refused unless neutral, never silently ignored ---------------------
+
+VLLM_CONTROLS = [
+    ("guided_json", {"type": "object"}), ("guided_regex", "[ab]+"), ("guided_choice", ["yes", "no"]),
+    ("guided_grammar", 'root ::= "a"'), ("structured_outputs", {"choice": ["yes", "no"]}),
+    ("include_stop_str_in_output", True), ("prompt_logprobs", 0), ("allowed_token_ids", [1, 2]),
+    ("bad_words", ["red"]), ("logits_processors", ["pkg.Processor"]), ("truncate_prompt_tokens", 8),
+    ("skip_special_tokens", False), ("return_tokens_as_token_ids", True),
+]  # fmt: skip
+CHAT_TEMPLATE_CONTROLS = [("chat_template", "{{ messages }}"), ("continue_final_message", True),
+                          ("add_generation_prompt", False)]  # fmt: skip
+
+
+def chat_body(**fields) -> bytes:
+    import json
+
+    return json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], **fields}).encode()
+
+
+def completion_body(**fields) -> bytes:
+    import json
+
+    return json.dumps({"model": "tiny", "prompt": "Hi", **fields}).encode()
+
+
+@pytest.mark.parametrize("field, value", VLLM_CONTROLS + CHAT_TEMPLATE_CONTROLS)
+def test_a_chat_request_with_an_answer_control_it_cannot_honour_is_a_400_naming_it(field, value):
+    # each was accepted and ignored: a guided answer came back free-form, a banned word in it
+    from internvl_chat.serve.protocol import parse_request
+
+    with pytest.raises(APIError) as err:
+        parse_request(chat_body(**{field: value}))
+    assert err.value.status == 400 and err.value.param == field
+    assert "\n" not in err.value.message and ("leave" in err.value.message or "send" in err.value.message)
+
+
+@pytest.mark.parametrize("field, value", VLLM_CONTROLS)
+def test_a_completion_request_with_an_answer_control_it_cannot_honour_is_a_400_naming_it(field, value):
+    from internvl_chat.serve.text_completions import parse_completion_request
+
+    with pytest.raises(APIError) as err:
+        parse_completion_request(completion_body(**{field: value}))
+    assert err.value.status == 400 and err.value.param == field
+
+
+def test_neutral_values_of_vllms_answer_controls_are_accepted():
+    from internvl_chat.serve.protocol import parse_request
+    from internvl_chat.serve.text_completions import parse_completion_request
+
+    neutral = {"guided_json": None, "include_stop_str_in_output": False, "prompt_logprobs": None,
+               "allowed_token_ids": [], "bad_words": [], "logits_processors": [], "truncate_prompt_tokens": None,
+               "skip_special_tokens": True, "return_tokens_as_token_ids": False}  # fmt: skip
+    parse_completion_request(completion_body(**neutral))
+    parse_request(chat_body(**neutral, chat_template=None, continue_final_message=False, add_generation_prompt=True,
+                            chat_template_kwargs={"enable_thinking": False}))  # fmt: skip

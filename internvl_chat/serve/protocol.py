@@ -3,8 +3,9 @@
 Unknown request fields are ignored, as OpenAI-compatible servers do; fields we cannot honour
 with a non-default value (best_of other than n, tools, functions and a tool_choice that asks for a
 call, tool calls and tool messages in the history, penalties other
-than repetition_penalty, logit_bias, min_p, min_tokens, beam search, vLLM's stop_token_ids and
-ignore_eos, output modalities or audio, web search, reasoning_effort, verbosity) are refused
+than repetition_penalty, logit_bias, min_p, min_tokens, beam search, vLLM's stop_token_ids,
+ignore_eos, guided decoding and its other answer controls, a chat_template or a rendering without the
+assistant's cue, output modalities or audio, web search, reasoning_effort, verbosity) are refused
 with 400 rather than silently dropped. Numbers are numbers: `true` is not read as 1.
 
 `logprobs: true` lists each answer token's log-probability, with `top_logprobs` (0 to 20, only
@@ -147,6 +148,21 @@ class SamplingRequest(_Model):
     use_beam_search: bool | None = None  # vLLM
     stop_token_ids: list[Any] | None = None  # vLLM
     ignore_eos: bool | None = None  # vLLM
+    # vLLM's other controls of the answer (extra_body), each silently ignored before: a guided
+    # answer came back free-form, a banned word in it, an answer with its special tokens left out
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    include_stop_str_in_output: bool | None = None
+    prompt_logprobs: Any = None
+    allowed_token_ids: list[Any] | None = None
+    bad_words: list[Any] | None = None
+    logits_processors: list[Any] | None = None
+    truncate_prompt_tokens: Any = None
+    skip_special_tokens: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -168,6 +184,10 @@ class ChatCompletionRequest(SamplingRequest):
     web_search_options: Any = None
     reasoning_effort: Any = None  # "none" and "minimal" are neutral: the model has no reasoning phase
     verbosity: Any = None  # "medium" is OpenAI's default
+    # vLLM's, rendering the conversation otherwise: refused (the prompt is always the checkpoint template's)
+    chat_template: Any = None
+    continue_final_message: bool | None = None
+    add_generation_prompt: bool | None = None  # true only: the prompt ends with the assistant's cue
 
     def answer_limit(self) -> tuple[int | None, str]:
         """The answer length asked for (None: the server's default) and the field the client sent it in."""
@@ -299,6 +319,7 @@ _PART_TYPES = ("text", "refusal", "image_url", "video_url")
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     refuse_unsupported_sampling(req)
     _check_logprobs(req)
+    refuse_other_templates(req)
     if req.tools:
         raise bad_request("tools (function calling) are not supported by this server; leave them out", param="tools")
     if req.functions:
@@ -358,6 +379,7 @@ def refuse_unsupported_sampling(req: SamplingRequest) -> None:
         raise bad_request("stop_token_ids are not supported by this server; use stop strings instead", param="stop_token_ids")
     if req.ignore_eos:
         raise bad_request("ignore_eos is not supported by this server; leave it out", param="ignore_eos")
+    _refuse_vllm_controls(req)
     stops = stop_strings(req)
     if len(stops) > MAX_STOP_STRINGS:
         raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")
@@ -367,6 +389,50 @@ def refuse_unsupported_sampling(req: SamplingRequest) -> None:
     if len(longest) > MAX_STOP_STRING_CHARS:
         raise bad_request(f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters long; one has "
                           f"{len(longest)}", param="stop")  # fmt: skip
+
+
+# vLLM's constraints on an answer's form; none is an option of this server's sampler
+_GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
+def _refuse_vllm_controls(req: SamplingRequest) -> None:
+    """400 for vLLM's other answer controls at a value that would change the answer (both endpoints)."""
+    for name in _GUIDED_FIELDS:
+        if getattr(req, name) is not None:
+            raise bad_request(f"{name}: this server cannot constrain an answer's form (no guided decoding); leave it out "
+                              "and ask for the form in the prompt", param=name)  # fmt: skip
+    if req.include_stop_str_in_output:
+        raise bad_request("include_stop_str_in_output is not supported: an answer ends before its stop string; leave "
+                          "it out", param="include_stop_str_in_output")  # fmt: skip
+    if req.prompt_logprobs is not None:
+        raise bad_request("prompt_logprobs is not supported; for the prompt's log-probabilities send it to "
+                          "/v1/completions with echo: true and logprobs (0 to 5)", param="prompt_logprobs")  # fmt: skip
+    for name in ("allowed_token_ids", "bad_words", "logits_processors"):
+        if getattr(req, name):  # an empty list changes nothing
+            raise bad_request(f"{name} is not supported by this server; leave it out", param=name)
+    if req.truncate_prompt_tokens is not None:
+        raise bad_request(f"truncate_prompt_tokens is not supported: this server does not cut a {req.PROMPT_NOUN}; "
+                          "send a shorter one, or leave the field out", param="truncate_prompt_tokens")  # fmt: skip
+    if req.skip_special_tokens is False:
+        raise bad_request("skip_special_tokens: false is not supported: an answer's text leaves special tokens out; "
+                          "leave it out", param="skip_special_tokens")  # fmt: skip
+    if req.return_tokens_as_token_ids:
+        raise bad_request("return_tokens_as_token_ids is not supported by this server; leave it out",
+                          param="return_tokens_as_token_ids")  # fmt: skip
+
+
+def refuse_other_templates(req: ChatCompletionRequest) -> None:
+    """400 for vLLM's fields that render a conversation other than the checkpoint's template does
+    (chat and /tokenize's messages: their prompt is always that template's, ending with the assistant's cue)."""
+    if req.chat_template is not None:
+        raise bad_request("chat_template: this server renders every conversation with the checkpoint's own chat "
+                          "template; leave it out", param="chat_template")  # fmt: skip
+    if req.continue_final_message:
+        raise bad_request("continue_final_message: this server writes the next reply, it does not continue the last "
+                          "message; leave it out", param="continue_final_message")  # fmt: skip
+    if req.add_generation_prompt is False:
+        raise bad_request("add_generation_prompt must be true: this server's chat prompt always ends with the "
+                          "assistant's cue; send true or leave it out", param="add_generation_prompt")  # fmt: skip
 
 
 def choices(req: SamplingRequest) -> int:

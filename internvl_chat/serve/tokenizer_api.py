@@ -25,7 +25,7 @@ from ..engine.tokenizer import named_tokens
 from ..errors import InternVLChatError
 from .conversation import PromptMaker
 from .errors import APIError, bad_request, from_app_error
-from .protocol import ChatCompletionRequest, Message, _Model, check_model, parse_body
+from .protocol import ChatCompletionRequest, Message, _Model, check_model, parse_body, refuse_other_templates
 from .text_completions import encode_prompt_text
 
 # A text or an id list is tokenized or decoded whole, holding the tokenizer's lock: bounded here, far
@@ -42,7 +42,7 @@ class TokenizeRequest(ChatCompletionRequest):
     messages: list[Message] | None = None
     prompt: Any = None
     add_special_tokens: bool | None = None  # Qwen2's tokenizer adds none either way
-    add_generation_prompt: bool | None = None  # the chat prompt ends with the assistant cue: true only
+    return_token_strs: bool | None = None  # vLLM's tokens as vocabulary strings: refused (ids only)
 
 
 class DetokenizeRequest(_Model):
@@ -54,13 +54,14 @@ def tokenize(body: bytes, maker: PromptMaker, model_id: str, context: int, gone:
     """POST /tokenize's answer: {count, max_model_len, tokens}."""
     req = parse_body(body, TokenizeRequest)
     _check_model(req, model_id)
+    if req.return_token_strs:
+        raise bad_request("return_token_strs is not supported: this server lists token ids only; send them to "
+                          "/detokenize for their text", param="return_token_strs")  # fmt: skip
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("send either prompt (a text) or messages (a conversation) to tokenize, not both or neither",
                           param="prompt")  # fmt: skip
     if req.messages is not None:
-        if req.add_generation_prompt is False:
-            raise bad_request("add_generation_prompt must be true: this server's chat prompt always ends with the "
-                              "assistant's cue", param="add_generation_prompt")  # fmt: skip
+        refuse_other_templates(req)
         if not req.messages:
             raise bad_request("messages is empty; send at least one message", param="messages")
         ids = maker.make(req, gone).ids  # as chat builds it, media read and counted
