@@ -412,6 +412,29 @@ def test_a_body_that_is_not_utf8_json_says_what_to_fix(server, body, said):
     assert said in error_of(response)["message"], error_of(response)["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/tokenize"])
+@pytest.mark.parametrize("coding", ["gzip", "br", "gzip, identity"])
+def test_a_compressed_body_is_a_415_that_says_to_send_it_uncompressed(server, path, coding):
+    """A gzip body was read as JSON: "the request body is not UTF-8 (byte 0x8B at offset 1); send the
+    JSON encoded as UTF-8" told the client to re-encode its text, not to stop compressing it."""
+    import gzip
+
+    body = gzip.compress(json.dumps({"model": "tiny", "prompt": "Hi", "max_tokens": 1}).encode())
+    response = httpx.post(f"{server.url}{path}", content=body, timeout=WAIT_S,
+                          headers={"Content-Type": "application/json", "Content-Encoding": coding})  # fmt: skip
+    assert response.status_code == 415 and response.headers["accept-encoding"] == "identity"
+    error = error_of(response)
+    assert error["code"] == "unsupported_content_encoding" and error["type"] == "invalid_request_error"
+    assert f"(Content-Encoding: {coding}); " in error["message"] and "send it uncompressed" in error["message"]
+
+
+def test_a_body_marked_identity_is_read_as_it_is(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S,
+                          headers={"Content-Encoding": "identity"})  # fmt: skip
+    assert response.status_code == 200, response.text
+
+
 def test_an_answer_holding_unicode_line_ends_streams_one_line_per_event(server):
     """json.dumps leaves U+0085, U+2028 and U+2029 raw; httpx's iter_lines (as str.splitlines) ends
     a line at each, so a client reading the stream by lines got half an event that was not JSON."""

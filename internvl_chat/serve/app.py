@@ -96,6 +96,17 @@ def check_page_origin(request: Request, origins: tuple[str, ...]) -> None:
         raise origin_not_allowed(origin)
 
 
+def check_content_encoding(request: Request) -> None:
+    """415 for a compressed body (Content-Encoding: gzip, say): it was read as JSON and refused as
+    "not UTF-8", which told the client to change its text's encoding rather than not compress it."""
+    codings = [c.strip().lower() for c in request.headers.get("content-encoding", "").split(",") if c.strip()]
+    if any(c != "identity" for c in codings):
+        said = shown(request.headers["content-encoding"], 40)
+        raise APIError(415, f"the request body is compressed (Content-Encoding: {said}); this server reads plain JSON "
+                       "bodies: send it uncompressed, without Content-Encoding", code="unsupported_content_encoding",
+                       headers={"Accept-Encoding": "identity"})  # fmt: skip
+
+
 def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     options = worker.options
     context = worker.model.max_seq_len
@@ -190,6 +201,7 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         prepare(body, gone)'s result; a 499 Response where its client left before it could be queued."""
         check_page_origin(request, options.allow_origins)
         authorize(request)
+        check_content_encoding(request)  # before the body is read: it would not be read right
         try:
             body = await _unless_ending(_read_body(request, options.max_body_bytes, options.body_timeout), ending)
         except ClientDisconnect:  # the client closed the connection before its body was in
