@@ -61,6 +61,31 @@ def test_messages_count_as_chat_counts_its_prompt_images_included(server):
     assert len(ids) == usage_of(server, "/v1/chat/completions", {"messages": picture})
 
 
+def test_a_conversation_past_the_context_is_counted_as_vllm_counts_it(server):
+    """It was refused as chat refuses it (context_length_exceeded): a client measuring a conversation
+    to trim it got no count, exactly when it needed one; count and max_model_len say it does not fit."""
+    def overhead_and_count(text: str) -> tuple[int, int]:
+        response = post(server, "/tokenize", {"messages": [{"role": "user", "content": text}]})
+        assert response.status_code == 200, response.text
+        got = response.json()
+        assert got["count"] == len(got["tokens"]) and got["max_model_len"] == server.loaded.model.max_seq_len
+        return got["count"] - len(tokens(server, {"prompt": text})), got["count"]
+
+    overhead, _ = overhead_and_count("hello")
+    long_overhead, count = overhead_and_count("hello " * server.loaded.model.max_seq_len + "hello")
+    assert count > server.loaded.model.max_seq_len and long_overhead == overhead
+
+
+def test_a_conversation_past_the_tokenize_bound_is_refused_as_a_text_is(server, monkeypatch):
+    from internvl_chat.serve import tokenizer_api
+
+    monkeypatch.setattr(tokenizer_api, "MAX_TOKENIZE_TOKENS", 50)
+    response = post(server, "/tokenize", {"messages": [{"role": "user", "content": "hello " * 60}]})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages" and "this server counts at most 50 in one request: send it in parts" in error["message"]
+
+
 def data_url_of_png() -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(np.full((40, 60, 3), 120, dtype=np.uint8))).decode()
 

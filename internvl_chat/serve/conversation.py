@@ -82,10 +82,12 @@ class PromptMaker:
         self.builder.first_turn("warm-up")  # sets that flag once, before any decode runs
         self.tokenizer.fewest_tokens("")  # its one pass over the vocabulary, here rather than on a request thread
 
-    def make(self, req: ChatCompletionRequest, cancel: threading.Event | None = None) -> Prompt:
-        """The request's prompt; `cancel` set (its client gone) stops a video's measuring (Cancelled)."""
+    def make(self, req: ChatCompletionRequest, cancel: threading.Event | None = None, limit: int | None = None) -> Prompt:
+        """The request's prompt; `cancel` set (its client gone) stops a video's measuring (Cancelled).
+        One of more than `limit` tokens is refused as soon as it is seen (None: one that fills the
+        context; /tokenize counts conversations past it, as vLLM's does)."""
         try:
-            return self._make(req, cancel)
+            return self._make(req, cancel, limit)
         except InternVLChatError as e:
             raise from_app_error(e) from None
 
@@ -93,7 +95,7 @@ class PromptMaker:
         """The cache namespace of a request (its cache_salt checked already)."""
         return cache_namespace(req.cache_salt, self.options.shared_cache)
 
-    def _make(self, req: ChatCompletionRequest, cancel: threading.Event | None) -> Prompt:
+    def _make(self, req: ChatCompletionRequest, cancel: threading.Event | None, limit: int | None) -> Prompt:
         messages = req.messages
         first = 0
         while first < len(messages) and messages[first].role in SYSTEM_ROLES:
@@ -109,7 +111,7 @@ class PromptMaker:
 
         prompt = Prompt(ids=[], system=system, namespace=self.namespace(req))
         if system:  # ("" is none, as in the app)
-            self._check_bound(0, first, system)  # counted with the first message after it (there is one: a user's)
+            self._check_bound(0, first, limit, system)  # counted with the first message after it (there is one: a user's)
             with self.lock:
                 prompt.ids += builder.message("system", system)
         media_count = 0
@@ -127,9 +129,9 @@ class PromptMaker:
                 said = _text_only(msg.content, f"messages.{i}.content", "an assistant message")
                 text = "\n".join(t for t in (said, msg.refusal) if t)  # its refusal is one more part
                 prompt.ids += cue
-                prompt.ids += self._answer_ids(text, len(prompt.ids), i, history.of(prompt.ids, prompt.spans))
+                prompt.ids += self._answer_ids(text, len(prompt.ids), i, history.of(prompt.ids, prompt.spans), limit)
                 answering = True
-                self._check_room(prompt, i)
+                self._check_room(prompt, i, limit)
                 continue
             if msg.role in SYSTEM_ROLES:  # one past the first position: its own block, as the template renders it
                 role, media = "system", []
@@ -144,30 +146,36 @@ class PromptMaker:
                     raise bad_request(f"the request has more than {self.options.max_images} images and videos; "
                                       "send fewer (the whole history counts)", param=f"messages.{i}.content")  # fmt: skip
                 text, media = self._user_content(msg.content, i, max_tiles, num_frames, remote, prompt.namespace, cancel, memo)
-            self._check_bound(len(prompt.ids), i, text)
+            self._check_bound(len(prompt.ids), i, limit, text)
             specs = [m.spec for m in media]
             with self.lock:
                 block = builder.message(role, text, specs)
             self._add_spans(prompt, block, [media[k] for k in media_order(specs)], builder)
             prompt.ids += block
-            self._check_room(prompt, i)
+            self._check_room(prompt, i, limit)
         prompt.ids += cue
         return prompt
 
-    def _check_bound(self, held: int, i: int, *texts: str | None) -> None:
+    def _check_bound(self, held: int, i: int, limit: int | None, *texts: str | None) -> None:
         """Refuse texts that cannot fit after `held` tokens before tokenizing them: a message of tens
         of megabytes took a minute and gigabytes to tokenize, holding the tokenizer's lock, only to
         be refused (the bound is the Session's: a pass over the bytes)."""
         if sum(len(t) for t in texts if t) < HOPELESS_TEXT_MIN_CHARS:
             return
-        self._check_count(held + sum(self.tokenizer.fewest_tokens(t) for t in texts if t), i)
+        self._check_count(held + sum(self.tokenizer.fewest_tokens(t) for t in texts if t), i, limit)
 
-    def _check_room(self, prompt: Prompt, i: int) -> None:
+    def _check_room(self, prompt: Prompt, i: int, limit: int | None) -> None:
         # stop at the first message past the context: a body of many megabytes of short turns
         # would otherwise keep a CPU busy for a minute before its refusal
-        self._check_count(len(prompt.ids), i)
+        self._check_count(len(prompt.ids), i, limit)
 
-    def _check_count(self, tokens: int, i: int) -> None:
+    def _check_count(self, tokens: int, i: int, limit: int | None) -> None:
+        if limit is not None:
+            if tokens > limit:
+                raise bad_request(f"the conversation is at least {tokens:,} tokens (counted up to messages.{i}); this "
+                                  f"server counts at most {limit:,} in one request: send it in parts",
+                                  param="messages")  # fmt: skip
+            return
         context = self.loaded.model.max_seq_len
         if tokens >= context:
             raise APIError(400, f"the conversation is at least {tokens:,} tokens (counted up to messages.{i}); this "
@@ -224,13 +232,13 @@ class PromptMaker:
         # the template puts the media first, then the text; text parts are joined by newlines
         return "\n".join(texts), media
 
-    def _answer_ids(self, text: str, held: int, i: int, after: bytes) -> list[int]:
+    def _answer_ids(self, text: str, held: int, i: int, after: bytes, limit: int | None) -> list[int]:
         ids = self.answers.lookup(text, after)
         if ids is not None:
             return ids
         if not text:
             return []
-        self._check_bound(held, i, text)
+        self._check_bound(held, i, limit, text)
         with self.lock:
             return list(self.tokenizer.encode(text))  # typed special-token text stays text
 

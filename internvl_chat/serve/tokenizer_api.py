@@ -8,7 +8,8 @@ reads `eos_token` (and `bos_token`, `pad_token`) from /tokenizer_info, encodes `
 A `prompt` is tokenized exactly as /v1/completions tokenizes a text prompt (a special token's text is
 that token: text_completions.encode_prompt_text); `messages` exactly as /v1/chat/completions builds
 its prompt (PromptMaker: the system message, each message's block, images' and videos' tokens, the
-assistant cue), so `count` is the `usage.prompt_tokens` each would report. Qwen2's tokenizer adds no
+assistant cue), so `count` is the `usage.prompt_tokens` each would report (a conversation past the
+context is counted too, as vLLM counts it: `max_model_len` says it does not fit). Qwen2's tokenizer adds no
 BOS or EOS, so `add_special_tokens` changes nothing. Token ids to decode are checked against the
 vocabulary. These take no place in the queue (the engine is not used) but are admitted as the
 other POST routes are (origin, API key, body limits).
@@ -64,7 +65,8 @@ def tokenize(body: bytes, maker: PromptMaker, model_id: str, context: int, gone:
         refuse_other_templates(req)
         if not req.messages:
             raise bad_request("messages is empty; send at least one message", param="messages")
-        ids = maker.make(req, gone).ids  # as chat builds it, media read and counted
+        # as chat builds it, media read and counted; past the context too (count and max_model_len say so)
+        ids = maker.make(req, gone, limit=MAX_TOKENIZE_TOKENS).ids
     else:
         ids = _text_ids(req.prompt, maker)
     return {"count": len(ids), "max_model_len": context, "tokens": ids}
