@@ -518,3 +518,40 @@ def test_neutral_values_of_vllms_answer_controls_are_accepted():
     parse_completion_request(completion_body(**neutral))
     parse_request(chat_body(**neutral, chat_template=None, continue_final_message=False, add_generation_prompt=True,
                             chat_template_kwargs={"enable_thinking": False}))  # fmt: skip
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("model", ["missing", None])
+def test_a_request_without_a_model_is_told_to_send_the_served_id(endpoint, model):
+    # pydantic's words were "model: Field required" and "model: Input should be a valid string"
+    import json
+
+    from internvl_chat.serve.protocol import parse_request
+    from internvl_chat.serve.text_completions import parse_completion_request
+
+    body = json.loads(chat_body() if endpoint == "chat" else completion_body())
+    if model == "missing":
+        del body["model"]
+    else:
+        body["model"] = model
+    parse = parse_request if endpoint == "chat" else parse_completion_request
+    with pytest.raises(APIError) as err:
+        parse(json.dumps(body).encode())
+    assert err.value.param == "model"
+    assert err.value.message == "model is required: send the served model's id (GET /v1/models lists it)"
+
+
+@pytest.mark.parametrize("messages", ["missing", None])
+def test_a_chat_request_without_messages_is_shown_their_shape(messages):
+    import json
+
+    from internvl_chat.serve.protocol import parse_request
+
+    body = json.loads(chat_body())
+    if messages == "missing":
+        del body["messages"]
+    else:
+        body["messages"] = messages
+    with pytest.raises(APIError) as err:
+        parse_request(json.dumps(body).encode())
+    assert err.value.param == "messages" and err.value.message.startswith("messages is required: send the conversation")

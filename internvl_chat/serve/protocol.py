@@ -247,6 +247,8 @@ def parse_body(body: bytes, shape: type[_M]) -> _M:
         if param and _neither_string_nor_list(errors, first):  # pydantic names its first member only: "a valid string"
             shape = _UNION_SHAPES.get(param.rsplit(".", 1)[-1], "a string or a list")
             raise bad_request(f"{param} must be {shape}", param=param) from None
+        if param in _REQUIRED and (first.get("type") == "missing" or first.get("input") is None):
+            raise bad_request(f"{param} is required: send {_REQUIRED[param]}", param=param) from None
         if first.get("type") == "json_invalid" and "recursion limit" in str(first.get("msg")):
             raise bad_request("the request body's JSON nests deeper than this server reads (about 200 levels); "
                               "send a flatter request") from None  # fmt: skip
@@ -264,6 +266,14 @@ def parse_body(body: bytes, shape: type[_M]) -> _M:
             raise bad_request(f"{param}: a content part needs a \"type\": 'text', 'image_url' or 'video_url'",
                               param=param) from None  # fmt: skip
         raise bad_request(f"{param or 'request'}: {shown(str(first.get('msg')))}", param=param) from None
+
+
+# what a request's required fields hold, said when one is missing or null (pydantic's "Field required"
+# and "Input should be a valid string" said what was wrong, not what to send)
+_REQUIRED = {
+    "model": "the served model's id (GET /v1/models lists it)",
+    "messages": 'the conversation as a list of messages, such as [{"role": "user", "content": "Hi"}]',
+}
 
 
 # what a field that takes a string or a list takes, said when it got neither (a part object not in a list)
