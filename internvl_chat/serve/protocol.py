@@ -113,6 +113,7 @@ class Message(_Model):
 
 class StreamOptions(_Model):
     include_usage: Switch = False
+    continuous_usage_stats: Switch = False  # vLLM's usage on every chunk: refused (it was ignored)
 
 
 class SamplingRequest(_Model):
@@ -426,6 +427,9 @@ def _refuse_vllm_controls(req: SamplingRequest) -> None:
     if req.skip_special_tokens is False:
         raise bad_request("skip_special_tokens: false is not supported: an answer's text leaves special tokens out; "
                           "leave it out", param="skip_special_tokens")  # fmt: skip
+    if req.stream_options is not None and req.stream_options.continuous_usage_stats:
+        raise bad_request("stream_options.continuous_usage_stats is not supported: a stream's usage comes in its last "
+                          "chunk (include_usage); leave it out", param="stream_options.continuous_usage_stats")  # fmt: skip
     if req.return_tokens_as_token_ids:
         raise bad_request("return_tokens_as_token_ids is not supported by this server; leave it out",
                           param="return_tokens_as_token_ids")  # fmt: skip
