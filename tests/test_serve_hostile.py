@@ -321,6 +321,29 @@ def test_a_number_that_is_not_finite_is_called_so(server, field, number):
     assert error["param"] == field and "finite number" in error["message"], error
 
 
+_HUGE = "9" * 4000  # JSON's integers may have thousands of digits (the parser stops past ~4,300)
+_CHAT = '{"model":"tiny","messages":[{"role":"user","content":"Hi"}],%s}'
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", _CHAT % f'"n":{_HUGE}', "n"),
+    ("/v1/chat/completions", _CHAT % f'"n":-{_HUGE}', "n"),
+    ("/v1/chat/completions", _CHAT % f'"logprobs":true,"top_logprobs":{_HUGE}', "top_logprobs"),
+    ("/v1/chat/completions", _CHAT % f'"max_tokens":{_HUGE}', "max_tokens"),
+    ("/v1/chat/completions", _CHAT % f'"max_completion_tokens":{_HUGE}', "max_completion_tokens"),
+    ("/v1/completions", f'{{"model":"tiny","prompt":"Hi","logprobs":{_HUGE}}}', "logprobs"),
+    ("/v1/completions", f'{{"model":"tiny","prompt":[1,{_HUGE}]}}', "prompt"),
+    ("/detokenize", f'{{"tokens":[1,-{_HUGE}]}}', "tokens"),
+])  # fmt: skip
+def test_a_huge_integer_is_quoted_cut_to_its_first_digits_and_length(server, path, body, param):
+    """Each refusal repeated the number whole: a message of 4,000 to 5,300 characters."""
+    response = httpx.post(f"{server.url}{path}", content=body, timeout=WAIT_S, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == param and "9" * 20 + "… (a number of 4,000 digits)" in error["message"]
+    assert len(error["message"]) < 300, error["message"]
+
+
 def test_a_local_url_outside_the_folder_does_not_say_whether_the_file_exists(server, tmp_path):
     """With --allow-local-media, a missing file outside the folder was "does not exist" (400) and an
     existing one "outside the folder" (403): any path on the machine could be probed."""

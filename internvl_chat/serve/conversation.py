@@ -30,7 +30,7 @@ from ..engine.loader import LoadedModel
 from ..errors import InternVLChatError, UsageError
 from ..settings import MAX_TILES, SEED_MAX
 from .answers import AnswerMemory, PromptDigest
-from .errors import APIError, bad_request, from_app_error, shown
+from .errors import APIError, bad_request, from_app_error, shown, shown_int
 from .media import MediaItem, MediaReader, RemoteBudget, UrlMemo
 from .namespaces import SHARED, cache_namespace
 from .options import ServeOptions
@@ -311,7 +311,7 @@ def sampling_params(req: SamplingRequest, defaults: SamplingParams, prompt_len: 
                        f"Send a shorter {noun}{fewer}", code="context_length_exceeded", param=req.PROMPT_PARAM)  # fmt: skip
     asked, name = req.answer_limit()
     if asked is not None and asked > room:
-        raise APIError(400, f"the {noun} is {prompt_len:,} tokens and {name} is {asked:,}: together over "
+        raise APIError(400, f"the {noun} is {prompt_len:,} tokens and {name} is {shown_int(asked, grouped=True)}: together over "
                        f"this model's {context:,}-token context; ask for at most {room:,}",
                        code="context_length_exceeded", param=name)  # fmt: skip
     top_k = req.top_k if req.top_k is not None else defaults.top_k

@@ -30,6 +30,19 @@ def shown(text: str, limit: int = SHOWN_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+SHOWN_DIGITS = 20  # of a client-sent integer quoted in an error message
+
+
+def shown_int(number: int, grouped: bool = False) -> str:
+    """An integer the client sent, fit to quote: JSON carries thousands of digits, which a refusal
+    repeated whole (a message of kilobytes); a long one is cut to its first digits and its length."""
+    text = f"{number:,}" if grouped else str(number)
+    digits = len(str(abs(number)))
+    if digits <= SHOWN_DIGITS:
+        return text
+    return f"{str(number)[: SHOWN_DIGITS + (number < 0)]}… (a number of {digits:,} digits)"
+
+
 class APIError(Exception):
     """A failure reported to the client; `str(err)` is the message."""
 

@@ -36,7 +36,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from ..chat.sampling import LOGPROBS_MAX
 from ..settings import REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, TEMPERATURE_MAX
-from .errors import APIError, bad_request, shown
+from .errors import APIError, bad_request, shown, shown_int
 from .logprobs import logprobs_object
 from .namespaces import check_cache_salt
 
@@ -457,10 +457,10 @@ def choices(req: SamplingRequest) -> int:
 def _check_choices(req: SamplingRequest) -> None:
     n = choices(req)
     if n < 1:
-        raise bad_request(f"n must be at least 1 (the number of answers to return), not {n}; send 1 or leave it out",
+        raise bad_request(f"n must be at least 1 (the number of answers to return), not {shown_int(n)}; send 1 or leave it out",
                           param="n")  # fmt: skip
     if n > MAX_CHOICES:
-        raise bad_request(f"n is {n}, over this server's {MAX_CHOICES} answers per request; send n of at most "
+        raise bad_request(f"n is {shown_int(n)}, over this server's {MAX_CHOICES} answers per request; send n of at most "
                           f"{MAX_CHOICES}, and more requests for more answers", param="n")  # fmt: skip
 
 
@@ -471,7 +471,7 @@ def _check_logprobs(req: ChatCompletionRequest) -> None:
         return
     if not 0 <= k <= LOGPROBS_MAX:
         raise bad_request(f"top_logprobs must be an integer from 0 to {LOGPROBS_MAX} (the alternatives listed for each "
-                          f"token), not {k}", param="top_logprobs")  # fmt: skip
+                          f"token), not {shown_int(k)}", param="top_logprobs")  # fmt: skip
     if k and not req.logprobs:  # 0 asks for nothing: accepted as neutral, as before logprobs were served
         raise bad_request("top_logprobs needs logprobs: true (it says how many alternatives to list for each token); "
                           "send both, or neither", param="top_logprobs")  # fmt: skip

@@ -40,7 +40,7 @@ from ..engine.tokenizer import Tokenizer
 from ..errors import InternVLChatError
 from .conversation import Prompt, PromptMaker
 from .engine import Job
-from .errors import APIError, bad_request, from_app_error
+from .errors import APIError, bad_request, from_app_error, shown_int
 from .protocol import Int, SamplingRequest, Switch, choices, parse_body, refuse_unsupported_sampling, stop_strings
 from .replies import ClientDisconnected, job_events
 
@@ -74,7 +74,7 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     refuse_unsupported_sampling(req)
     if req.logprobs is not None and not 0 <= req.logprobs <= LEGACY_LOGPROBS_MAX:
         raise bad_request(f"logprobs must be an integer from 0 to {LEGACY_LOGPROBS_MAX} (the alternatives listed for each "
-                          f"token), not {req.logprobs}", param="logprobs")  # fmt: skip
+                          f"token), not {shown_int(req.logprobs)}", param="logprobs")  # fmt: skip
     if req.suffix:
         raise bad_request("suffix is not supported (this server does not fill in the middle); leave it out", param="suffix")
     return req
@@ -138,7 +138,7 @@ def _text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> T
         else:
             bad = next((x for x in item if not 0 <= x < vocab), None)
             if bad is not None:
-                raise bad_request(f"{where} holds the token id {bad}, outside this model's vocabulary (0 to {vocab - 1})",
+                raise bad_request(f"{where} holds the token id {shown_int(bad)}, outside this model's vocabulary (0 to {vocab - 1})",
                                   param=where)  # fmt: skip
             ids = list(item)
             with maker.lock:

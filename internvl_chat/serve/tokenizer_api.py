@@ -25,7 +25,7 @@ from ..chat.session import HOPELESS_TEXT_MIN_CHARS
 from ..engine.tokenizer import named_tokens
 from ..errors import InternVLChatError
 from .conversation import PromptMaker
-from .errors import APIError, bad_request, from_app_error
+from .errors import APIError, bad_request, from_app_error, shown_int
 from .protocol import ChatCompletionRequest, Message, _Model, check_model, parse_body, refuse_other_templates
 from .text_completions import encode_prompt_text
 
@@ -98,7 +98,7 @@ def detokenize(body: bytes, maker: PromptMaker, model_id: str) -> dict:
     vocab = min(maker.loaded.config.text.vocab_size, len(maker.tokenizer))
     bad = next((x for x in ids if not 0 <= x < vocab), None)
     if bad is not None:
-        raise bad_request(f"tokens holds the token id {bad}, outside this model's vocabulary (0 to {vocab - 1})",
+        raise bad_request(f"tokens holds the token id {shown_int(bad)}, outside this model's vocabulary (0 to {vocab - 1})",
                           param="tokens")  # fmt: skip
     with maker.lock:
         return {"prompt": maker.tokenizer.decode(ids)}
