@@ -344,6 +344,15 @@ def test_a_huge_integer_is_quoted_cut_to_its_first_digits_and_length(server, pat
     assert len(error["message"]) < 300, error["message"]
 
 
+def test_an_integer_past_what_the_parser_reads_is_not_called_invalid_json(server):
+    # "the request body is not valid JSON (Invalid JSON: number out of range …)": it is valid JSON
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=_CHAT % f'"n":{"9" * 5000}', timeout=WAIT_S,
+                          headers={"Content-Type": "application/json"})  # fmt: skip
+    assert response.status_code == 400
+    message = error_of(response)["message"]
+    assert message.startswith("the request body holds an integer of thousands of digits (") and "range" in message
+
+
 def test_a_local_url_outside_the_folder_does_not_say_whether_the_file_exists(server, tmp_path):
     """With --allow-local-media, a missing file outside the folder was "does not exist" (400) and an
     existing one "outside the folder" (403): any path on the machine could be probed."""

@@ -309,6 +309,9 @@ def _invalid_json(body: bytes, said: str) -> APIError:
     if "surrogate" in said or "end of hex escape" in said:
         return bad_request(f"the request body's JSON holds half of a character, a \\uD800-\\uDFFF escape without its "
                            f"pair ({said}); send whole characters")  # fmt: skip
+    if "number out of range" in said:  # valid JSON (numbers have no bound there), past what the parser reads
+        return bad_request(f"the request body holds an integer of thousands of digits ({said}); send each number "
+                           "within its field's range")  # fmt: skip
     return bad_request(f"the request body is not valid JSON ({said})")
 
 
