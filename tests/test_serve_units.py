@@ -472,6 +472,7 @@ VLLM_CONTROLS = [
     ("bad_words", ["red"]), ("logits_processors", ["pkg.Processor"]), ("truncate_prompt_tokens", 8),
     ("skip_special_tokens", False), ("return_tokens_as_token_ids", True),
     ("stream_options", {"include_usage": True, "continuous_usage_stats": True}),
+    ("response_format", {"type": "json_object"}),  # /v1/completions ignored it (vLLM's takes it there too)
 ]  # fmt: skip
 CHAT_TEMPLATE_CONTROLS = [("chat_template", "{{ messages }}"), ("continue_final_message", True),
                           ("add_generation_prompt", False)]  # fmt: skip
@@ -517,7 +518,7 @@ def test_neutral_values_of_vllms_answer_controls_are_accepted():
                "allowed_token_ids": [], "bad_words": [], "logits_processors": [], "truncate_prompt_tokens": None,
                "skip_special_tokens": True, "return_tokens_as_token_ids": False,
                "stream_options": {"include_usage": True, "continuous_usage_stats": False}}  # fmt: skip
-    parse_completion_request(completion_body(**neutral))
+    parse_completion_request(completion_body(**neutral, response_format={"type": "text"}, prompt_embeds=None))
     parse_request(chat_body(**neutral, chat_template=None, continue_final_message=False, add_generation_prompt=True,
                             chat_template_kwargs={"enable_thinking": False}))  # fmt: skip
 
@@ -557,3 +558,12 @@ def test_a_chat_request_without_messages_is_shown_their_shape(messages):
     with pytest.raises(APIError) as err:
         parse_request(json.dumps(body).encode())
     assert err.value.param == "messages" and err.value.message.startswith("messages is required: send the conversation")
+
+
+def test_a_completion_request_with_prompt_embeddings_is_told_to_send_text_or_ids():
+    # vLLM's prompt_embeds was ignored and the `prompt` beside it answered
+    from internvl_chat.serve.text_completions import parse_completion_request
+
+    with pytest.raises(APIError) as err:
+        parse_completion_request(completion_body(prompt_embeds="AAAA"))
+    assert err.value.param == "prompt_embeds" and "send the prompt as text or token ids" in err.value.message

@@ -148,6 +148,7 @@ class SamplingRequest(_Model):
     best_of: Int | None = None
     use_beam_search: bool | None = None  # vLLM
     stop_token_ids: list[Any] | None = None  # vLLM
+    response_format: dict[str, Any] | None = None  # (vLLM's /v1/completions takes it too)
     ignore_eos: bool | None = None  # vLLM
     # vLLM's other controls of the answer (extra_body), each silently ignored before: a guided
     # answer came back free-form, a banned word in it, an answer with its special tokens left out
@@ -179,7 +180,6 @@ class ChatCompletionRequest(SamplingRequest):
     functions: list[Any] | None = None  # OpenAI's older function calling
     tool_choice: Any = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     modalities: list[Any] | None = None  # OpenAI's output kinds: ["text"] alone is what we answer
     audio: Any = None  # OpenAI's audio output settings
     web_search_options: Any = None
@@ -363,9 +363,6 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
                           param="reasoning_effort")  # fmt: skip
     if req.verbosity not in (None, "medium"):
         raise bad_request("verbosity is not supported by this server; leave it out", param="verbosity")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise bad_request("response_format: only 'text' is supported (this server cannot constrain the answer to JSON); "
-                          "leave it out and ask for JSON in the message", param="response_format")  # fmt: skip
 
 
 def refuse_unsupported_sampling(req: SamplingRequest) -> None:
@@ -394,6 +391,10 @@ def refuse_unsupported_sampling(req: SamplingRequest) -> None:
     if req.ignore_eos:
         raise bad_request("ignore_eos is not supported by this server; leave it out", param="ignore_eos")
     _refuse_vllm_controls(req)
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        where = "message" if req.PROMPT_PARAM == "messages" else "prompt"
+        raise bad_request(f"response_format: only 'text' is supported (this server cannot constrain the answer to JSON); "
+                          f"leave it out and ask for JSON in the {where}", param="response_format")  # fmt: skip
     stops = stop_strings(req)
     if len(stops) > MAX_STOP_STRINGS:
         raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop")

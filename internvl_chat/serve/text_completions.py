@@ -60,6 +60,7 @@ class CompletionRequest(SamplingRequest):
     echo: Switch = False
     logprobs: Int | None = None  # the legacy integer: alternatives per token, 0 to 5
     suffix: str | None = None  # text after the insertion point: refused (no fill-in-the-middle)
+    prompt_embeds: Any = None  # vLLM's prompt as embeddings: refused (it was ignored for `prompt`)
 
     def answer_limit(self) -> tuple[int | None, str]:
         """max_tokens 0 samples one token that is dropped (engine.py, `discard_answer`)."""
@@ -75,6 +76,8 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     if req.logprobs is not None and not 0 <= req.logprobs <= LEGACY_LOGPROBS_MAX:
         raise bad_request(f"logprobs must be an integer from 0 to {LEGACY_LOGPROBS_MAX} (the alternatives listed for each "
                           f"token), not {shown_int(req.logprobs)}", param="logprobs")  # fmt: skip
+    if req.prompt_embeds is not None:
+        raise bad_request("prompt_embeds is not supported; send the prompt as text or token ids", param="prompt_embeds")
     if req.suffix:
         raise bad_request("suffix is not supported (this server does not fill in the middle); leave it out", param="suffix")
     return req
