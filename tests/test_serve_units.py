@@ -567,3 +567,13 @@ def test_a_completion_request_with_prompt_embeddings_is_told_to_send_text_or_ids
     with pytest.raises(APIError) as err:
         parse_completion_request(completion_body(prompt_embeds="AAAA"))
     assert err.value.param == "prompt_embeds" and "send the prompt as text or token ids" in err.value.message
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "temperature", "n"])
+def test_a_boolean_for_a_number_is_refused_in_our_words_alone(field):
+    # pydantic put "Value error, " before them: "max_tokens: Value error, must be a number, not true or false"
+    from internvl_chat.serve.protocol import parse_request
+
+    with pytest.raises(APIError) as err:
+        parse_request(chat_body(**{field: True}))
+    assert err.value.message == f"{field}: must be a number, not true or false"

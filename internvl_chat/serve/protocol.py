@@ -266,7 +266,8 @@ def parse_body(body: bytes, shape: type[_M]) -> _M:
         if first.get("type") == "union_tag_not_found":  # "Unable to extract tag using discriminator 'type'"
             raise bad_request(f"{param}: a content part needs a \"type\": 'text', 'image_url' or 'video_url'",
                               param=param) from None  # fmt: skip
-        raise bad_request(f"{param or 'request'}: {shown(str(first.get('msg')))}", param=param) from None
+        said = str(first.get("msg")).removeprefix("Value error, ")  # pydantic's prefix to our validators' words
+        raise bad_request(f"{param or 'request'}: {shown(said)}", param=param) from None
 
 
 # what a request's required fields hold, said when one is missing or null (pydantic's "Field required"
