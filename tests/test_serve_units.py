@@ -514,7 +514,8 @@ def test_neutral_values_of_vllms_answer_controls_are_accepted():
     from internvl_chat.serve.protocol import parse_request
     from internvl_chat.serve.text_completions import parse_completion_request
 
-    neutral = {"guided_json": None, "include_stop_str_in_output": False, "prompt_logprobs": None,
+    neutral = {"guided_json": None, "guided_regex": "", "guided_choice": [], "structured_outputs": {},
+               "include_stop_str_in_output": False, "prompt_logprobs": None,
                "allowed_token_ids": [], "bad_words": [], "logits_processors": [], "truncate_prompt_tokens": None,
                "skip_special_tokens": True, "return_tokens_as_token_ids": False,
                "stream_options": {"include_usage": True, "continuous_usage_stats": False}}  # fmt: skip

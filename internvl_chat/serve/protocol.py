@@ -414,7 +414,7 @@ _GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_gramma
 def _refuse_vllm_controls(req: SamplingRequest) -> None:
     """400 for vLLM's other answer controls at a value that would change the answer (both endpoints)."""
     for name in _GUIDED_FIELDS:
-        if getattr(req, name) is not None:
+        if getattr(req, name):  # an empty one constrains nothing (clients that clear a field rather than drop it)
             raise bad_request(f"{name}: this server cannot constrain an answer's form (no guided decoding); leave it out "
                               "and ask for the form in the prompt", param=name)  # fmt: skip
     if req.include_stop_str_in_output:
