@@ -353,6 +353,24 @@ def test_an_integer_past_what_the_parser_reads_is_not_called_invalid_json(server
     assert message.startswith("the request body holds an integer of thousands of digits (") and "range" in message
 
 
+def test_a_frame_list_over_the_frame_limit_is_told_how_many_to_send(server):
+    # it said "the video has 65 frames, over this server's limit of 64" and no more
+    import base64
+
+    import numpy as np
+    from serve_support import png_bytes
+
+    frame = base64.b64encode(png_bytes(np.zeros((8, 8, 3), dtype=np.uint8))).decode()
+    limit = server.options.max_frames
+    url = "data:video/jpeg;base64," + ",".join([frame] * (limit + 1))
+    response = post(server, {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": url}}]}]})  # fmt: skip
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"] == "messages.0.content.0"
+    assert error["message"].endswith(f"over this server's limit of {limit}; send at most {limit} (sample fewer frames)")
+
+
 def test_a_local_url_outside_the_folder_does_not_say_whether_the_file_exists(server, tmp_path):
     """With --allow-local-media, a missing file outside the folder was "does not exist" (400) and an
     existing one "outside the folder" (403): any path on the machine could be probed."""

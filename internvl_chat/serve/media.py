@@ -275,8 +275,7 @@ class MediaReader:
         if kind == "video" and not frame_list and not 1 <= tiles <= self.options.max_frames:
             raise bad_request(f"num_frames must be from 1 to {self.options.max_frames}", param=param)
         if frame_list and tiles > self.options.max_frames:
-            raise bad_request(f"the video has {tiles} frames, over this server's limit of {self.options.max_frames}",
-                              param=param)  # fmt: skip
+            raise _too_many_frames(tiles, self.options.max_frames, param)
         return MediaItem(kind, key, tiles, param, url=url if inline else "", data=b"" if inline else data,
                          frame_list=frame_list, max_tiles=count)  # fmt: skip
 
@@ -302,8 +301,7 @@ class MediaReader:
         # `data` holds the frames' base64 texts joined by commas (see _data_url)
         texts = data.split(b",")
         if len(texts) > self.options.max_frames:
-            raise bad_request(f"the video has {len(texts)} frames, over this server's limit of {self.options.max_frames}",
-                              param=param)  # fmt: skip
+            raise _too_many_frames(len(texts), self.options.max_frames, param)
         digest = hashlib.sha256()
         largest = 0
         for number, text in enumerate(texts, start=1):
@@ -554,3 +552,9 @@ def _data_url(url: str, param: str, what: str) -> tuple[bytes, str]:
     if mime in FRAME_LIST_TYPES and what == "video":  # an image_url's type is not trusted: its bytes are probed
         return payload.encode("ascii", "replace"), mime  # decoded frame by frame
     return _b64(payload, param, what), mime
+
+
+def _too_many_frames(frames: int, limit: int, param: str) -> APIError:
+    """A pre-sampled frame list longer than --max-frames allows (it said what was wrong, not what to send)."""
+    return bad_request(f"the video has {frames:,} frames, over this server's limit of {limit}; send at most {limit} "
+                       "(sample fewer frames)", param=param)  # fmt: skip
