@@ -555,6 +555,6 @@ def _data_url(url: str, param: str, what: str) -> tuple[bytes, str]:
 
 
 def _too_many_frames(frames: int, limit: int, param: str) -> APIError:
-    """A pre-sampled frame list longer than --max-frames allows (it said what was wrong, not what to send)."""
+    """A pre-sampled frame list longer than [serve] max_frames allows (it said what was wrong, not what to send)."""
     return bad_request(f"the video has {frames:,} frames, over this server's limit of {limit}; send at most {limit} "
                        "(sample fewer frames)", param=param)  # fmt: skip
