@@ -478,6 +478,12 @@ def test_max_tiles_unset_or_zero_means_the_checkpoints_limit(tmp_path):
         ("generation.stream_interval", "0", False),
         ("remote.timeout", "86400", True),
         ("remote.timeout", "1e12", False),  # a socket refuses it: a traceback at the first request
+        ("remote.timeout", "0.001", True),
+        ("remote.timeout", "1e-320", False),  # a subnormal is > 0, but every request would time out at once
+        ("remote.timeout", "0.0009", False),
+        ("remote.answer_timeout", "0", True),  # no bound
+        ("remote.answer_timeout", "0.001", True),
+        ("remote.answer_timeout", "1e-320", False),  # every answer cut before its first token
     ],
 )
 def test_numeric_settings_are_range_checked_when_given(key, text, accepted):
