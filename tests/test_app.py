@@ -818,6 +818,16 @@ def test_a_system_message_of_several_lines_is_a_triple_quote_block(loaded, tmp_p
     assert app.handle_line('/system """Be terse."""') == OK and app.session.system_message == "Be terse."
 
 
+def test_set_system_message_takes_a_triple_quote_block_as_system_does(loaded, tmp_path):
+    # the REPL's Enter and a script read `/set system.message """` as one line: it failed as an
+    # unclosed block, and the lines after it went to the model as messages
+    assert block_is_open('/set system.message """') and block_is_open('/SET  system.message """\nBe brief.')
+    assert not block_is_open('/set system.message """\nBe brief.\n"""') and not block_is_open('/set temperature """')
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line('/set system.message """\nBe brief.\n\nAnswer in one word.\n"""') == OK
+    assert app.session.system_message == "Be brief.\n\nAnswer in one word."
+
+
 def test_set_says_an_empty_system_message_means_none_in_words(loaded, tmp_path):
     # after `/set system.message ""` (removing it), `/set system.message` showed only `""`, which
     # read as a message of two quotes; the value stays as the config file writes it

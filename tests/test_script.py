@@ -73,6 +73,17 @@ def test_read_entries_takes_a_system_message_block():
     ]
 
 
+def test_read_entries_takes_a_set_system_message_block():
+    # `/set system.message """` was one line: an unclosed-block error, then the lines meant for the
+    # system message were sent to the model, and the closing quotes opened a block that took the rest
+    script = '/set system.message """\nBe brief.\n"""\n/set System.Message  """\nUse lists.\n"""\n/context\n'
+    assert [(e.line_number, e.text) for e in read_entries(script)] == [
+        (1, '/set system.message """\nBe brief.\n"""'),
+        (4, '/set System.Message  """\nUse lists.\n"""'),
+        (7, "/context"),
+    ]
+
+
 def test_script_transcript_of_a_multi_turn_run(tiny_original, image, tmp_path):
     saved = tmp_path / "talk.json"
     script = tmp_path / "chat.txt"

@@ -285,8 +285,9 @@ def typed_message(text: str) -> str:
 
 
 # `/system """` starts a block too: a system message of several lines, in a script as in the REPL
-# (it was set to the three quotes, and the lines after it were sent as messages)
-_SYSTEM_BLOCK = re.compile(r'/system\s+(?=""")', re.IGNORECASE)
+# (it was set to the three quotes, and the lines after it were sent as messages); and so does
+# `/set system.message """`, which sets the same text
+_SYSTEM_BLOCK = re.compile(r'/(?:system|set\s+system\.message)\s+(?=""")', re.IGNORECASE)
 
 
 def block_is_open(text: str) -> bool:
@@ -385,6 +386,10 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
             return Command("set", (_unquote(rest[first.start : cut]).strip(), _set_value(rest[cut + 1 :])), options)
         if second.raw.startswith("="):
             return Command("set", (_unquote(first.raw), _set_value(rest[second.start + 1 :])), options)
+    if spec.name == "set" and len(positional) > 1 and _SYSTEM_BLOCK.match(f"/set {rest}"):
+        # a `"""` block is the system message as written, unwrapped as /system unwraps it (read as
+        # one quoted word, it kept the newlines after and before the quotes)
+        return Command("set", (_unquote(positional[0].raw), rest[positional[1].start :].strip()), options)
     if spec.name == "set" and len(positional) > 2:
         # a VALUE of several words is the rest of the line, as /system takes its TEXT (`/set
         # system.message Be brief.` was refused as too many arguments)
