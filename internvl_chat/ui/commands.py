@@ -492,7 +492,7 @@ def format_help(name: str | None = None, width: int | None = None) -> str:
         if spec is None:
             hint = _suggest(word.lower(), list(COMMAND_BY_NAME), "/")
             tip = f"did you mean {hint}?" if hint else "type /help for the commands."
-            raise UsageError(f"unknown command /{word}; {tip}")
+            raise UsageError(f"unknown command /{_cut(word)}; {tip}")
         lines = [f"{spec.usage}  {spec.help}"]
         lines += [f"  {o.name} {o.metavar}  {o.help}" if o.metavar else f"  {o.name}  {o.help}" for o in spec.options]
         if spec.aliases:
