@@ -233,6 +233,20 @@ def test_write_errors_name_the_users_path_never_a_temporary_file(loaded, tmp_pat
     assert list(tmp_path.iterdir()) == []  # no temporary files left
 
 
+def test_a_path_too_long_for_the_file_system_is_cut_short_in_its_error(loaded, tmp_path, home):
+    # the 5,000-character name came back whole after "cannot use", with advice about permissions
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    for command in ("/save x.json", "/export x.md", "/image x.png"):
+        name, suffix = command.split(" x")
+        assert app.handle_line(f"{name} {tmp_path / ('x' * 5000)}{suffix}") == ERROR
+        said = output(out).strip()
+        shown = f"image {tmp_path}" if name == "/image" else tmp_path
+        assert said.startswith(f"error: cannot use {shown}/xxx") and "\n" not in said and len(said) < 200, said
+        assert said.endswith("…: the path is too long for the file system; give a shorter one")
+
+
 def test_session_and_export_files_are_private_like_the_history(loaded, tmp_path, home):
     # sessions were written 0644 in folders made 0755: what was typed and answered was readable by
     # every user of the machine, while the history file, holding the same lines, is kept 0600

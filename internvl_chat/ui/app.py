@@ -20,6 +20,7 @@ sets the cancel flag, so the answer stops between tokens and its partial text is
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +35,8 @@ from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import check_working_folder, real_path, undecodable_byte, visible, visible_lines, working_folder
+from ..files import (check_working_folder, real_path, too_long_path_line, undecodable_byte, visible, visible_lines,
+                     working_folder)
 from ..media.image import check_image_decodes
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
@@ -89,6 +91,16 @@ def _check_utf8(text: str) -> None:
     bad = undecodable_byte(text)
     if bad is not None:
         raise UsageError(f"the input is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding")
+
+
+def _os_error_line(e: OSError) -> str:
+    """The line for a file the app could not use (writing /save, /export files: write_atomic
+    names the user's path). A path too long for the file system is cut short: a pasted
+    5,000-character one came back whole, with advice about permissions that did not apply."""
+    if e.errno == errno.ENAMETOOLONG and e.filename:
+        return too_long_path_line(str(e.filename))
+    where = f" {e.filename}" if e.filename else ""
+    return f"cannot use{where}: {e.strerror or e}; check the path and its permissions"
 
 
 def _escaped_breaks_kept(lines: list[str]) -> list[str]:
@@ -275,9 +287,8 @@ class App(SessionFileCommands):
         except InternVLChatError as e:
             self.error(str(e))
             return ERROR
-        except OSError as e:  # writing /save, /export files (write_atomic names the user's path)
-            where = f" {e.filename}" if e.filename else ""
-            self.error(f"cannot use{where}: {e.strerror or e}; check the path and its permissions")
+        except OSError as e:
+            self.error(_os_error_line(e))
             return ERROR
 
     def _send_text(self, text: str, typed: str | None = None) -> str:
