@@ -270,14 +270,14 @@ class ModelSettings:
 class GenerationSettings:
     temperature: float = _setting(0.0, _greedy_or(0.01, TEMPERATURE_MAX), "0 (greedy) or a number from 0.01 to 100")
     top_p: float = _setting(1.0, _number(0.0, 1.0, low_open=True), "a number in (0, 1]")
-    top_k: int = _setting(0, _number(0, SEED_MAX), "an integer ≥ 0 (0 turns it off)")
+    top_k: int = _setting(0, _number(0, SEED_MAX), "an integer from 0 to 2**63-1 (0 turns it off)")
     repetition_penalty: float = _setting(1.0, _number(REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX),
                                          "a number from 0.01 to 100 (1 turns it off)")
     max_new_tokens: int = _setting(1024, _number(1, MAX_TOKENS), f"an integer from 1 to {MAX_TOKENS:,}")
     seed: int | None = _setting(
         None, _number(0, SEED_MAX), f"an integer from 0 to 2**63-1 ({SEED_MAX}), or none for a random seed"
     )
-    stream_interval: int = _setting(1, _number(1, MAX_TOKENS), "an integer ≥ 1 (tokens per text update)")
+    stream_interval: int = _setting(1, _number(1, MAX_TOKENS), f"an integer from 1 to {MAX_TOKENS:,} (tokens per text update)")
 
 
 @dataclass

@@ -496,6 +496,15 @@ def test_numeric_settings_are_range_checked_when_given(key, text, accepted):
     assert "must be" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(("key", "text", "bound"), [("top_k", str(2**70), "to 2**63-1"),
+                                                  ("stream_interval", str(10**8), "to 1,048,576")])
+def test_a_value_over_the_top_is_refused_naming_the_top(key, text, bound):
+    # "must be an integer ≥ 1, not 100000000": the value met the rule as it was said
+    with pytest.raises(UsageError) as err:
+        Settings().set(key, text)
+    assert bound in str(err.value) and "≥" not in str(err.value)
+
+
 def test_text_settings_must_be_utf8_but_paths_may_hold_any_bytes(tmp_path):
     latin1 = b"caf\xe9".decode("utf-8", errors="surrogateescape")  # as Python decodes the environment
     with pytest.raises(UsageError, match=r"system\.message is not UTF-8 text \(byte 0xe9\)"):
