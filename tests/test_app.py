@@ -597,6 +597,21 @@ def test_a_typed_media_path_that_is_no_file_is_said_not_to_be_attached(loaded, t
                                       ("gone.png", "does not exist"))]  # fmt: skip
 
 
+def test_a_message_that_is_only_a_missing_media_path_is_not_sent(loaded, tmp_path):
+    # a mistyped path alone was sent: the model read "/data/cat.png" as the question
+    app, out = make_app(loaded, tmp_path)
+    for line in ("/data/cat.png", "./gone.png ./gone2.mp4"):
+        assert app.handle_line(line) == ERROR
+        assert app.session.turns == [] and app.failed_message == line  # the REPL offers it back
+    assert output(out).splitlines() == [
+        "error: /data/cat.png does not exist, so the message, only its path, was not sent; check the path",
+        f"error: {tmp_path / 'gone.png'} does not exist, so the message, only its path (and 1 more path(s) that "
+        "name no file), was not sent; check the path",
+    ]
+    assert app.handle_line("What is in /data/cat.png?") == OK  # with words of its own it is a question
+    assert len(app.session.turns) == 1
+
+
 def test_a_symlink_loop_named_or_attached_ends_no_command(loaded, media, tmp_path):
     # Path.resolve raised RuntimeError on a symlink loop (Python 3.11): a message naming one, or
     # /image, a message and /export after an attached or sent picture became one, ended the run

@@ -730,7 +730,7 @@ def test_relative_paths_in_a_deleted_working_folder_say_so_and_the_conversation_
         assert said.startswith(f"error: {GONE}, so the file ") and said.rstrip().endswith(
             "give a full path (one starting with / or ~), or cd to an existing folder and start internvl-chat there"), said
     assert app.handle_line("What is in ./pic.png?") == OK
-    assert f"warning: pic.png was not attached: {GONE}; give a full path" in output(out)
+    assert f"warning: pic.png was not found: {GONE}, so it was not attached; give a full path" in output(out)
     assert [t.user_text for t in app.session.turns] == ["Hello.", "What is in ./pic.png?"]
     assert app.handle_line(f"/save {tmp_path / 'chat.json'}") == OK  # a full path still works
     (default_sessions_dir() / "kept.json").parent.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,14 @@ def test_bad_input_exits_2_with_one_line(tiny_original, args, message):
     assert run.stdout == ""
 
 
+def test_a_prompt_that_is_only_a_missing_media_path_is_not_sent(tiny_original, tmp_path):
+    # the model was asked "/…/cat.png": a mistyped picture's path alone became the question
+    run = cli("--model", str(tiny_original), "--max-new-tokens", "2", "-p", str(tmp_path / "cat.png"))
+    assert run.returncode == 2 and run.stdout == "", run.stderr
+    assert run.stderr == (f"internvl-chat: error: {tmp_path / 'cat.png'} does not exist, so the message, only its "
+                          "path, was not sent; check the path\n")  # fmt: skip
+
+
 def test_a_path_too_long_for_the_file_system_in_the_prompt_stays_text(tiny_original):
     run = cli("--model", str(tiny_original), "--max-new-tokens", "2", "-p", f"look at /tmp/{'x' * 300}.png")
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr

@@ -41,7 +41,8 @@ from ..media.image import check_image_decodes
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
 from .commands import Command, Message, format_help, parse_line, typed_message, unwrap_block
-from .media_paths import check_typed_paths, expand_wildcards, not_attached_lines, take_media_paths
+from .media_paths import (check_typed_paths, expand_wildcards, not_attached_lines, not_sent, only_missing_paths,
+                          take_media_paths)
 from .paths import media_kind
 from .peak_memory import peak_memory, reset_peak_memory
 from .render import choose_stream, colour_off
@@ -407,6 +408,8 @@ class App(SessionFileCommands):
         if not self.settings.media.auto_attach:
             return [], text
         text, paths, missing = take_media_paths(text, self.cwd, self.search_dirs)
+        if only_missing_paths(text, missing):
+            raise UsageError(not_sent(missing))
         for line in not_attached_lines(missing):
             self.warn(line)
         attached = {real_path(m.path) for m in self.pending}
