@@ -247,6 +247,19 @@ def test_a_path_too_long_for_the_file_system_is_cut_short_in_its_error(loaded, t
         assert said.endswith("…: the path is too long for the file system; give a shorter one")
 
 
+def test_save_over_a_link_to_nothing_says_what_is_there(loaded, tmp_path, home):
+    # a link to a file that does not exist "already holds a file that is not an internvl-chat session"
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    (tmp_path / "chat.json").symlink_to(tmp_path / "gone.json")
+    output(out)
+    assert app.handle_line("/save chat.json") == ERROR
+    assert output(out) == (f"error: {tmp_path / 'chat.json'} already holds a link to a file that does not exist (or a "
+                           f"loop of links); /save {tmp_path / 'chat.json'} --force replaces it, or give another name\n")
+    assert app.handle_line("/save chat.json --force") == OK  # the link is replaced, nothing is written through it
+    assert not (tmp_path / "chat.json").is_symlink() and not (tmp_path / "gone.json").exists()
+
+
 def test_session_and_export_files_are_private_like_the_history(loaded, tmp_path, home):
     # sessions were written 0644 in folders made 0755: what was typed and answered was readable by
     # every user of the machine, while the history file, holding the same lines, is kept 0600

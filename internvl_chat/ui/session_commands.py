@@ -117,6 +117,7 @@ class SessionFileCommands:
         if held is not None and self._continues(held):
             return True  # the file holds an earlier state of this very conversation
         what = (f"another conversation ({len(held) // 2} turn(s))" if held is not None
+                else "a link to a file that does not exist (or a loop of links)" if not os.path.exists(path)
                 else "a file that is not an internvl-chat session")  # fmt: skip
         shown = visible(str(path))
         if self.confirm is None:
