@@ -843,6 +843,24 @@ def test_set_system_message_takes_a_triple_quote_block_as_system_does(loaded, tm
     assert app.session.system_message == "Be brief.\n\nAnswer in one word."
 
 
+def test_the_system_message_in_use_again_does_not_reread_the_conversation(loaded, tmp_path, monkeypatch):
+    # `/system --default` with the default in use re-read every turn (minutes for a long conversation
+    # on a CPU) and said the turns "now follow it"
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    replays = []
+    real_set_system = app.session.set_system
+    monkeypatch.setattr(app.session, "set_system", lambda text: replays.append(text) or real_set_system(text))
+    output(out)
+    assert app.handle_line("/system --default") == OK and replays == []
+    assert output(out) == "system message: the model's default again (/system shows it)\n"
+    assert app.handle_line("/system Be brief.") == OK and replays == ["Be brief."]
+    assert output(out) == "system message set; the 1 turn(s) so far now follow it\n"
+    assert app.handle_line("/set system.message Be brief.") == OK and replays == ["Be brief."]
+    assert output(out) == "system message unchanged\n"
+    assert app.settings.sources["system.message"] == "/system" and app.session.system_message == "Be brief."
+
+
 def test_set_says_an_empty_system_message_means_none_in_words(loaded, tmp_path):
     # after `/set system.message ""` (removing it), `/set system.message` showed only `""`, which
     # read as a message of two quotes; the value stays as the config file writes it

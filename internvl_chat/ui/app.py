@@ -659,22 +659,33 @@ class App(SessionFileCommands):
         block = unwrap_block(text)  # `/system """` and lines up to `"""`
         if block is not None:
             text = block.strip()
-        with self._uninterruptible("re-reading the conversation …"):
-            self.session.set_system(text or None)
+        changed = self._change_system(text or None)
         self.settings.system.message = text
         self.settings.sources["system.message"] = "/system"
-        self.say("system message set" + (f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns else "")
-                 if text else "system message removed")  # fmt: skip
+        if not text:
+            self.say("system message removed")
+        elif not changed:
+            self.say("system message unchanged")
+        else:
+            self.say("system message set" + (f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns else ""))
+
+    def _change_system(self, text: str | None) -> bool:
+        """Put `text` in use as the system message; False when it already is (the conversation was
+        re-read under the same text: minutes for a long one on a CPU, and said to "now follow it")."""
+        if text == self.session.system_message:
+            return False
+        with self._uninterruptible("re-reading the conversation …"):
+            self.session.set_system(text)
+        return True
 
     def _default_system(self) -> None:
         """`/system --default`: the model's own system message again (unset, as at start without one);
         with a server none is sent, so its chat template's default applies."""
         default = self.session.default_system_message
-        with self._uninterruptible("re-reading the conversation …"):
-            self.session.set_system(default)
+        changed = self._change_system(default)
         self.settings.system.message = None
         self.settings.sources["system.message"] = "/system --default"
-        follow = f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns else ""
+        follow = f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns and changed else ""
         if self.settings.remote.server:
             self.say(f"system message unset: none is sent, so the server's chat template decides{follow}")
         elif default:
