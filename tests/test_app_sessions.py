@@ -89,6 +89,20 @@ def test_a_session_file_dated_past_any_calendar_is_listed_and_completed(loaded, 
     assert [c.display_meta_text for c in repl.complete_session("fa")] == ["?"]
 
 
+def test_load_says_that_attachments_waiting_for_a_message_are_kept(loaded, tmp_path, home):
+    # they stayed attached without a word (as /clear says it), to go with the loaded conversation's next question
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    app.handle_line("/save chat.json")
+    Image.fromarray(textured_rgb(64, 64, seed=3)).save(tmp_path / "pic.png")
+    app.handle_line("/image pic.png")
+    output(out)
+    assert app.handle_line("/load chat.json") == OK
+    first = output(out).splitlines()[0]
+    assert first.startswith("loaded 1 turn(s) from ") and first.endswith(" (1 attachment(s) kept; /drop N removes one)")
+    assert len(app.pending) == 1
+
+
 @pytest.mark.parametrize("name", ["notes.md", "notes.MARKDOWN", "notes.txt", "my notes.md"])
 def test_save_to_a_markdown_or_text_name_is_refused_with_what_to_do(loaded, tmp_path, home, name):
     """/save notes.md wrote a JSON session under a Markdown name; /export writes Markdown."""

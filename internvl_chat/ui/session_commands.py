@@ -161,7 +161,8 @@ class SessionFileCommands:
         turns = self.session.turns
         limit = self.session.max_context
         self.say(f"loaded {len(turns)} turn(s) from {shown} · context {self.approx}{self.session.context_used:,}"
-                 + (f"/{limit:,}" if limit else ""))  # fmt: skip
+                 + (f"/{limit:,}" if limit else "")
+                 + (f" ({len(self.pending)} attachment(s) kept; /drop N removes one)" if self.pending else ""))  # as /clear says
         if readied.left_out:
             listed = ", ".join(f"{m.name} (turn {m.turn})" for m in readied.left_out)  # names escaped by `visible`
             self.warn(f"left out {len(readied.left_out)} file(s) that vanished or changed: {listed}")
