@@ -99,8 +99,8 @@ def test_stdout_holds_only_the_answer_and_stdin_is_prepended(tiny_original):
         (["--video", "~no-such-user-internvl-chat/a.mp4", "-p", "hi"], "there is no user"),
         (["--model", "~no-such-user-internvl-chat/model", "-p", "hi"], "there is no user"),
         # a name longer than the file system allows (stat fails with ENAMETOOLONG, not ENOENT)
-        (["--image", "x" * 300 + ".png", "-p", "hi"], "File name too long"),
-        (["--video", "x" * 300 + ".mp4", "-p", "hi"], "File name too long"),
+        (["--image", "x" * 300 + ".png", "-p", "hi"], "the path is too long for the file system"),
+        (["--video", "x" * 300 + ".mp4", "-p", "hi"], "the path is too long for the file system"),
         (["--model", "x" * 300, "-p", "hi"], "File name too long"),
     ],
 )
