@@ -395,6 +395,17 @@ def visible(text: str) -> str:
     return text.translate(_VISIBLE)
 
 
+TOO_LONG_PATH_SHOWN = 100  # characters of a path the file system found too long that an error shows
+
+
+def too_long_path_line(path: str, what: str = "") -> str:
+    """The error for a path the file system refused as too long (ENAMETOOLONG), `what` naming its
+    use ("image"), the path cut short: a pasted 5,000-character one came back whole, some 60 rows."""
+    shown = path if len(path) <= TOO_LONG_PATH_SHOWN else path[:TOO_LONG_PATH_SHOWN] + "…"
+    named = f"{what} " if what else ""
+    return f"cannot use {named}{visible(shown)}: the path is too long for the file system; give a shorter one"
+
+
 def brief_repr(value: Any, width: int = 40) -> str:
     """A value for an error message: its repr, cut to `width` characters, printable."""
     text = repr(value)

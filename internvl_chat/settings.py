@@ -78,6 +78,8 @@ TIMEOUT_MAX = 3600.0  # serve's timeouts: an hour is already far past any client
 # the wait for a server's answer: a day is past any answer, and a socket refuses a timeout beyond
 # ~292 years (1e12 s ended the first request with an OverflowError traceback)
 REMOTE_TIMEOUT_MAX = 86_400.0
+# and at least a millisecond: a subnormal such as 1e-320 passed "> 0" and failed every request at once
+REMOTE_TIMEOUT_MIN = 0.001
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -268,14 +270,14 @@ class ModelSettings:
 class GenerationSettings:
     temperature: float = _setting(0.0, _greedy_or(0.01, TEMPERATURE_MAX), "0 (greedy) or a number from 0.01 to 100")
     top_p: float = _setting(1.0, _number(0.0, 1.0, low_open=True), "a number in (0, 1]")
-    top_k: int = _setting(0, _number(0, SEED_MAX), "an integer ≥ 0 (0 turns it off)")
+    top_k: int = _setting(0, _number(0, SEED_MAX), "an integer from 0 to 2**63-1 (0 turns it off)")
     repetition_penalty: float = _setting(1.0, _number(REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX),
                                          "a number from 0.01 to 100 (1 turns it off)")
     max_new_tokens: int = _setting(1024, _number(1, MAX_TOKENS), f"an integer from 1 to {MAX_TOKENS:,}")
     seed: int | None = _setting(
         None, _number(0, SEED_MAX), f"an integer from 0 to 2**63-1 ({SEED_MAX}), or none for a random seed"
     )
-    stream_interval: int = _setting(1, _number(1, MAX_TOKENS), "an integer ≥ 1 (tokens per text update)")
+    stream_interval: int = _setting(1, _number(1, MAX_TOKENS), f"an integer from 1 to {MAX_TOKENS:,} (tokens per text update)")
 
 
 @dataclass
@@ -354,10 +356,10 @@ class RemoteSettings:
     api_key: str = _setting("", expect="the server's key (better in the OPENAI_API_KEY environment variable)")
     model: str = _setting("", expect="a model id the server serves (empty: the first one it lists)")
     dialect: str = _setting("auto", _choice(REMOTE_DIALECTS), f"one of {', '.join(REMOTE_DIALECTS)}")
-    timeout: float = _setting(300.0, _number(0.0, REMOTE_TIMEOUT_MAX, low_open=True),
-                              "a number of seconds > 0 and ≤ 86400 (a day)")
-    answer_timeout: float = _setting(3600.0, _number(0.0, REMOTE_TIMEOUT_MAX),
-                                     "a number of seconds from 0 to 86400 (a day): one answer's total time; 0: no bound")
+    timeout: float = _setting(300.0, _number(REMOTE_TIMEOUT_MIN, REMOTE_TIMEOUT_MAX),
+                              "a number of seconds from 0.001 to 86400 (a day)")
+    answer_timeout: float = _setting(3600.0, _greedy_or(REMOTE_TIMEOUT_MIN, REMOTE_TIMEOUT_MAX),
+                                     "0 (no bound) or a number of seconds from 0.001 to 86400 (a day): one answer's total time")
 
 
 SECTIONS: dict[str, type] = {

@@ -597,6 +597,21 @@ def test_a_typed_media_path_that_is_no_file_is_said_not_to_be_attached(loaded, t
                                       ("gone.png", "does not exist"))]  # fmt: skip
 
 
+def test_a_message_that_is_only_a_missing_media_path_is_not_sent(loaded, tmp_path):
+    # a mistyped path alone was sent: the model read "/data/cat.png" as the question
+    app, out = make_app(loaded, tmp_path)
+    for line in ("/data/cat.png", "./gone.png ./gone2.mp4"):
+        assert app.handle_line(line) == ERROR
+        assert app.session.turns == [] and app.failed_message == line  # the REPL offers it back
+    assert output(out).splitlines() == [
+        "error: /data/cat.png does not exist, so the message, only its path, was not sent; check the path",
+        f"error: {tmp_path / 'gone.png'} does not exist, so the message, only its path (and 1 more path(s) that "
+        "name no file), was not sent; check the path",
+    ]
+    assert app.handle_line("What is in /data/cat.png?") == OK  # with words of its own it is a question
+    assert len(app.session.turns) == 1
+
+
 def test_a_symlink_loop_named_or_attached_ends_no_command(loaded, media, tmp_path):
     # Path.resolve raised RuntimeError on a symlink loop (Python 3.11): a message naming one, or
     # /image, a message and /export after an attached or sent picture became one, ended the run
@@ -816,6 +831,34 @@ def test_a_system_message_of_several_lines_is_a_triple_quote_block(loaded, tmp_p
     assert output(out).splitlines()[-1] == 'error: unclosed """ block; end it with a line holding """'
     assert app.session.system_message == "Be brief.\n\nAnswer in one word."
     assert app.handle_line('/system """Be terse."""') == OK and app.session.system_message == "Be terse."
+
+
+def test_set_system_message_takes_a_triple_quote_block_as_system_does(loaded, tmp_path):
+    # the REPL's Enter and a script read `/set system.message """` as one line: it failed as an
+    # unclosed block, and the lines after it went to the model as messages
+    assert block_is_open('/set system.message """') and block_is_open('/SET  system.message """\nBe brief.')
+    assert not block_is_open('/set system.message """\nBe brief.\n"""') and not block_is_open('/set temperature """')
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line('/set system.message """\nBe brief.\n\nAnswer in one word.\n"""') == OK
+    assert app.session.system_message == "Be brief.\n\nAnswer in one word."
+
+
+def test_the_system_message_in_use_again_does_not_reread_the_conversation(loaded, tmp_path, monkeypatch):
+    # `/system --default` with the default in use re-read every turn (minutes for a long conversation
+    # on a CPU) and said the turns "now follow it"
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    replays = []
+    real_set_system = app.session.set_system
+    monkeypatch.setattr(app.session, "set_system", lambda text: replays.append(text) or real_set_system(text))
+    output(out)
+    assert app.handle_line("/system --default") == OK and replays == []
+    assert output(out) == "system message: the model's default again (/system shows it)\n"
+    assert app.handle_line("/system Be brief.") == OK and replays == ["Be brief."]
+    assert output(out) == "system message set; the 1 turn(s) so far now follow it\n"
+    assert app.handle_line("/set system.message Be brief.") == OK and replays == ["Be brief."]
+    assert output(out) == "system message unchanged\n"
+    assert app.settings.sources["system.message"] == "/system" and app.session.system_message == "Be brief."
 
 
 def test_set_says_an_empty_system_message_means_none_in_words(loaded, tmp_path):

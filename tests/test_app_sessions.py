@@ -89,6 +89,20 @@ def test_a_session_file_dated_past_any_calendar_is_listed_and_completed(loaded, 
     assert [c.display_meta_text for c in repl.complete_session("fa")] == ["?"]
 
 
+def test_load_says_that_attachments_waiting_for_a_message_are_kept(loaded, tmp_path, home):
+    # they stayed attached without a word (as /clear says it), to go with the loaded conversation's next question
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    app.handle_line("/save chat.json")
+    Image.fromarray(textured_rgb(64, 64, seed=3)).save(tmp_path / "pic.png")
+    app.handle_line("/image pic.png")
+    output(out)
+    assert app.handle_line("/load chat.json") == OK
+    first = output(out).splitlines()[0]
+    assert first.startswith("loaded 1 turn(s) from ") and first.endswith(" (1 attachment(s) kept; /drop N removes one)")
+    assert len(app.pending) == 1
+
+
 @pytest.mark.parametrize("name", ["notes.md", "notes.MARKDOWN", "notes.txt", "my notes.md"])
 def test_save_to_a_markdown_or_text_name_is_refused_with_what_to_do(loaded, tmp_path, home, name):
     """/save notes.md wrote a JSON session under a Markdown name; /export writes Markdown."""
@@ -231,6 +245,33 @@ def test_write_errors_name_the_users_path_never_a_temporary_file(loaded, tmp_pat
         said = output(out).strip()
         assert said == f"error: cannot use {tmp_path / name}: Permission denied; check the path and its permissions"
     assert list(tmp_path.iterdir()) == []  # no temporary files left
+
+
+def test_a_path_too_long_for_the_file_system_is_cut_short_in_its_error(loaded, tmp_path, home):
+    # the 5,000-character name came back whole after "cannot use", with advice about permissions
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    output(out)
+    for command in ("/save x.json", "/export x.md", "/image x.png"):
+        name, suffix = command.split(" x")
+        assert app.handle_line(f"{name} {tmp_path / ('x' * 5000)}{suffix}") == ERROR
+        said = output(out).strip()
+        shown = f"image {tmp_path}" if name == "/image" else tmp_path
+        assert said.startswith(f"error: cannot use {shown}/xxx") and "\n" not in said and len(said) < 200, said
+        assert said.endswith("…: the path is too long for the file system; give a shorter one")
+
+
+def test_save_over_a_link_to_nothing_says_what_is_there(loaded, tmp_path, home):
+    # a link to a file that does not exist "already holds a file that is not an internvl-chat session"
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    (tmp_path / "chat.json").symlink_to(tmp_path / "gone.json")
+    output(out)
+    assert app.handle_line("/save chat.json") == ERROR
+    assert output(out) == (f"error: {tmp_path / 'chat.json'} already holds a link to a file that does not exist (or a "
+                           f"loop of links); /save {tmp_path / 'chat.json'} --force replaces it, or give another name\n")
+    assert app.handle_line("/save chat.json --force") == OK  # the link is replaced, nothing is written through it
+    assert not (tmp_path / "chat.json").is_symlink() and not (tmp_path / "gone.json").exists()
 
 
 def test_session_and_export_files_are_private_like_the_history(loaded, tmp_path, home):
@@ -716,7 +757,7 @@ def test_relative_paths_in_a_deleted_working_folder_say_so_and_the_conversation_
         assert said.startswith(f"error: {GONE}, so the file ") and said.rstrip().endswith(
             "give a full path (one starting with / or ~), or cd to an existing folder and start internvl-chat there"), said
     assert app.handle_line("What is in ./pic.png?") == OK
-    assert f"warning: pic.png was not attached: {GONE}; give a full path" in output(out)
+    assert f"warning: pic.png was not found: {GONE}, so it was not attached; give a full path" in output(out)
     assert [t.user_text for t in app.session.turns] == ["Hello.", "What is in ./pic.png?"]
     assert app.handle_line(f"/save {tmp_path / 'chat.json'}") == OK  # a full path still works
     (default_sessions_dir() / "kept.json").parent.mkdir(parents=True, exist_ok=True)

@@ -99,8 +99,8 @@ def test_stdout_holds_only_the_answer_and_stdin_is_prepended(tiny_original):
         (["--video", "~no-such-user-internvl-chat/a.mp4", "-p", "hi"], "there is no user"),
         (["--model", "~no-such-user-internvl-chat/model", "-p", "hi"], "there is no user"),
         # a name longer than the file system allows (stat fails with ENAMETOOLONG, not ENOENT)
-        (["--image", "x" * 300 + ".png", "-p", "hi"], "File name too long"),
-        (["--video", "x" * 300 + ".mp4", "-p", "hi"], "File name too long"),
+        (["--image", "x" * 300 + ".png", "-p", "hi"], "the path is too long for the file system"),
+        (["--video", "x" * 300 + ".mp4", "-p", "hi"], "the path is too long for the file system"),
         (["--model", "x" * 300, "-p", "hi"], "File name too long"),
     ],
 )
@@ -112,6 +112,14 @@ def test_bad_input_exits_2_with_one_line(tiny_original, args, message):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], run.stderr
     assert run.stdout == ""
+
+
+def test_a_prompt_that_is_only_a_missing_media_path_is_not_sent(tiny_original, tmp_path):
+    # the model was asked "/…/cat.png": a mistyped picture's path alone became the question
+    run = cli("--model", str(tiny_original), "--max-new-tokens", "2", "-p", str(tmp_path / "cat.png"))
+    assert run.returncode == 2 and run.stdout == "", run.stderr
+    assert run.stderr == (f"internvl-chat: error: {tmp_path / 'cat.png'} does not exist, so the message, only its "
+                          "path, was not sent; check the path\n")  # fmt: skip
 
 
 def test_a_path_too_long_for_the_file_system_in_the_prompt_stays_text(tiny_original):

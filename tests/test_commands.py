@@ -271,6 +271,18 @@ def test_help_lists_every_command():
         format_help("imgae")
 
 
+def test_a_long_word_for_help_or_set_is_cut_short_in_the_error():
+    # a pasted 5,000-character word came back whole: one error of some 60 terminal rows
+    from internvl_chat.ui.set_keys import set_key
+
+    with pytest.raises(UsageError) as err:
+        format_help("x" * 5000)
+    assert str(err.value) == "unknown command /" + "x" * 39 + "…; type /help for the commands."
+    with pytest.raises(UsageError) as err:
+        set_key("y" * 5000)
+    assert str(err.value) == "unknown setting '" + "y" * 38 + "…; /set alone lists the settings it can change"
+
+
 def test_help_on_the_double_slash_it_lists_explains_it():
     # /help lists "//TEXT", but `/help //` answered "unknown command /"
     assert format_help("//") == format_help("/") == "//TEXT  send a message that starts with /"

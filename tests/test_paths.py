@@ -65,6 +65,19 @@ def test_a_nul_character_is_no_path(typed):
     assert "\x00" not in str(error.value)  # shown as an escape
 
 
+@pytest.mark.parametrize("typed", ["https://example.com/cat.png", "HTTP://x/a.jpg", "'ftp://host/my clip.mp4'"])
+def test_a_web_address_is_said_to_be_one(typed, tmp_path):
+    # it became a path with one slash, "image https:/example.com/cat.png does not exist; check the path"
+    from internvl_chat.ui.setup import _flag_files
+
+    with pytest.raises(UsageError, match="is a web address; internvl-chat reads local files only") as error:
+        normalize_path(typed)
+    assert "://" in str(error.value)
+    with pytest.raises(UsageError, match="is a web address"):
+        _flag_files(shell_unquote(typed), "image", "--image")  # --image, as the shell passes it
+    assert find_media_paths(f"What is in {typed}?", tmp_path) == []  # in a message it is text
+
+
 def test_a_file_uri_of_a_name_that_is_not_utf8_finds_the_file(tmp_path):
     """A file manager writes the byte 0xFF of a Latin-1 name as %FF; it was decoded as U+FFFD,
     a name no file has ('does not exist')."""

@@ -63,6 +63,15 @@ def test_an_unclosed_block_holds_the_lines_of_the_script_only():
     assert [e.lines for e in read_entries('"""\nabc')] == [('"""', "abc")]  # no newline at the end
 
 
+def test_the_failed_lines_summary_names_the_first_few_and_counts_the_rest():
+    # a script of 682 failing lines listed every number: one stderr line of 3,352 characters
+    from internvl_chat.ui.script import failed_lines_note
+
+    assert failed_lines_note([2, 3, 4, 5, 6]) == "5 script line(s) failed (line 2, 3, 4, 5, 6)"
+    many = list(range(2, 684))
+    assert failed_lines_note(many) == "682 script line(s) failed (line 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 672 more)"
+
+
 def test_read_entries_takes_a_system_message_block():
     script = '/system """\nBe brief.\n\nUse lists.\n"""\nHello\n/system """One line."""\n/context\n'
     assert [(e.line_number, e.text) for e in read_entries(script)] == [
@@ -70,6 +79,17 @@ def test_read_entries_takes_a_system_message_block():
         (6, "Hello"),
         (7, '/system """One line."""'),
         (8, "/context"),
+    ]
+
+
+def test_read_entries_takes_a_set_system_message_block():
+    # `/set system.message """` was one line: an unclosed-block error, then the lines meant for the
+    # system message were sent to the model, and the closing quotes opened a block that took the rest
+    script = '/set system.message """\nBe brief.\n"""\n/set System.Message  """\nUse lists.\n"""\n/context\n'
+    assert [(e.line_number, e.text) for e in read_entries(script)] == [
+        (1, '/set system.message """\nBe brief.\n"""'),
+        (4, '/set System.Message  """\nUse lists.\n"""'),
+        (7, "/context"),
     ]
 
 

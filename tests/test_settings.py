@@ -478,6 +478,12 @@ def test_max_tiles_unset_or_zero_means_the_checkpoints_limit(tmp_path):
         ("generation.stream_interval", "0", False),
         ("remote.timeout", "86400", True),
         ("remote.timeout", "1e12", False),  # a socket refuses it: a traceback at the first request
+        ("remote.timeout", "0.001", True),
+        ("remote.timeout", "1e-320", False),  # a subnormal is > 0, but every request would time out at once
+        ("remote.timeout", "0.0009", False),
+        ("remote.answer_timeout", "0", True),  # no bound
+        ("remote.answer_timeout", "0.001", True),
+        ("remote.answer_timeout", "1e-320", False),  # every answer cut before its first token
     ],
 )
 def test_numeric_settings_are_range_checked_when_given(key, text, accepted):
@@ -488,6 +494,15 @@ def test_numeric_settings_are_range_checked_when_given(key, text, accepted):
     with pytest.raises(UsageError) as err:
         settings.set(key, text)
     assert "must be" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("key", "text", "bound"), [("top_k", str(2**70), "to 2**63-1"),
+                                                  ("stream_interval", str(10**8), "to 1,048,576")])
+def test_a_value_over_the_top_is_refused_naming_the_top(key, text, bound):
+    # "must be an integer ≥ 1, not 100000000": the value met the rule as it was said
+    with pytest.raises(UsageError) as err:
+        Settings().set(key, text)
+    assert bound in str(err.value) and "≥" not in str(err.value)
 
 
 def test_text_settings_must_be_utf8_but_paths_may_hold_any_bytes(tmp_path):

@@ -9,6 +9,7 @@ before any pixel is decoded; `check_image_decodes` then refuses a damaged file a
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -24,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import MediaError
 from ..files import (STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, is_video_kind, open_regular_file,
-                     sniff_file, visible)
+                     sniff_file, too_long_path_line, visible)
 from ..native_stderr import captured
 
 # Pillow logs some damage as an ERROR record (a TIFF's "More samples per pixel than can be decoded:
@@ -254,6 +255,8 @@ def check_media_file(path: str | Path, what: str) -> Path:
         if not path.is_file():
             raise MediaError(f"{visible(str(path))} is not a regular file; pass the path of {a_what} file")
     except OSError as e:  # not ENOENT: a name too long for the file system, say
+        if e.errno == errno.ENAMETOOLONG:
+            raise MediaError(too_long_path_line(str(path), what)) from None
         raise MediaError(f"cannot use {what} {visible(str(path))} ({e.strerror or e}); check the path") from None
     try:
         with open_regular_file(path) as f:  # a FIFO swapped in since the look above must not block

@@ -20,6 +20,7 @@ sets the cancel flag, so the answer stops between tokens and its partial text is
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -34,12 +35,14 @@ from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
-from ..files import check_working_folder, real_path, undecodable_byte, visible, visible_lines, working_folder
+from ..files import (check_working_folder, real_path, too_long_path_line, undecodable_byte, visible, visible_lines,
+                     working_folder)
 from ..media.image import check_image_decodes
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
 from .commands import Command, Message, format_help, parse_line, typed_message, unwrap_block
-from .media_paths import check_typed_paths, expand_wildcards, not_attached_lines, take_media_paths
+from .media_paths import (check_typed_paths, expand_wildcards, not_attached_lines, not_sent, only_missing_paths,
+                          take_media_paths)
 from .paths import media_kind
 from .peak_memory import peak_memory, reset_peak_memory
 from .render import choose_stream, colour_off
@@ -89,6 +92,16 @@ def _check_utf8(text: str) -> None:
     bad = undecodable_byte(text)
     if bad is not None:
         raise UsageError(f"the input is not UTF-8 text (byte 0x{bad:02x}); check the terminal's encoding")
+
+
+def _os_error_line(e: OSError) -> str:
+    """The line for a file the app could not use (writing /save, /export files: write_atomic
+    names the user's path). A path too long for the file system is cut short: a pasted
+    5,000-character one came back whole, with advice about permissions that did not apply."""
+    if e.errno == errno.ENAMETOOLONG and e.filename:
+        return too_long_path_line(str(e.filename))
+    where = f" {e.filename}" if e.filename else ""
+    return f"cannot use{where}: {e.strerror or e}; check the path and its permissions"
 
 
 def _escaped_breaks_kept(lines: list[str]) -> list[str]:
@@ -275,9 +288,8 @@ class App(SessionFileCommands):
         except InternVLChatError as e:
             self.error(str(e))
             return ERROR
-        except OSError as e:  # writing /save, /export files (write_atomic names the user's path)
-            where = f" {e.filename}" if e.filename else ""
-            self.error(f"cannot use{where}: {e.strerror or e}; check the path and its permissions")
+        except OSError as e:
+            self.error(_os_error_line(e))
             return ERROR
 
     def _send_text(self, text: str, typed: str | None = None) -> str:
@@ -396,6 +408,8 @@ class App(SessionFileCommands):
         if not self.settings.media.auto_attach:
             return [], text
         text, paths, missing = take_media_paths(text, self.cwd, self.search_dirs)
+        if only_missing_paths(text, missing):
+            raise UsageError(not_sent(missing))
         for line in not_attached_lines(missing):
             self.warn(line)
         attached = {real_path(m.path) for m in self.pending}
@@ -645,22 +659,33 @@ class App(SessionFileCommands):
         block = unwrap_block(text)  # `/system """` and lines up to `"""`
         if block is not None:
             text = block.strip()
-        with self._uninterruptible("re-reading the conversation …"):
-            self.session.set_system(text or None)
+        changed = self._change_system(text or None)
         self.settings.system.message = text
         self.settings.sources["system.message"] = "/system"
-        self.say("system message set" + (f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns else "")
-                 if text else "system message removed")  # fmt: skip
+        if not text:
+            self.say("system message removed")
+        elif not changed:
+            self.say("system message unchanged")
+        else:
+            self.say("system message set" + (f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns else ""))
+
+    def _change_system(self, text: str | None) -> bool:
+        """Put `text` in use as the system message; False when it already is (the conversation was
+        re-read under the same text: minutes for a long one on a CPU, and said to "now follow it")."""
+        if text == self.session.system_message:
+            return False
+        with self._uninterruptible("re-reading the conversation …"):
+            self.session.set_system(text)
+        return True
 
     def _default_system(self) -> None:
         """`/system --default`: the model's own system message again (unset, as at start without one);
         with a server none is sent, so its chat template's default applies."""
         default = self.session.default_system_message
-        with self._uninterruptible("re-reading the conversation …"):
-            self.session.set_system(default)
+        changed = self._change_system(default)
         self.settings.system.message = None
         self.settings.sources["system.message"] = "/system --default"
-        follow = f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns else ""
+        follow = f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns and changed else ""
         if self.settings.remote.server:
             self.say(f"system message unset: none is sent, so the server's chat template decides{follow}")
         elif default:

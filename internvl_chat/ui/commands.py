@@ -285,8 +285,9 @@ def typed_message(text: str) -> str:
 
 
 # `/system """` starts a block too: a system message of several lines, in a script as in the REPL
-# (it was set to the three quotes, and the lines after it were sent as messages)
-_SYSTEM_BLOCK = re.compile(r'/system\s+(?=""")', re.IGNORECASE)
+# (it was set to the three quotes, and the lines after it were sent as messages); and so does
+# `/set system.message """`, which sets the same text
+_SYSTEM_BLOCK = re.compile(r'/(?:system|set\s+system\.message)\s+(?=""")', re.IGNORECASE)
 
 
 def block_is_open(text: str) -> bool:
@@ -385,6 +386,10 @@ def _parse_args(spec: CommandSpec, rest: str) -> Command:
             return Command("set", (_unquote(rest[first.start : cut]).strip(), _set_value(rest[cut + 1 :])), options)
         if second.raw.startswith("="):
             return Command("set", (_unquote(first.raw), _set_value(rest[second.start + 1 :])), options)
+    if spec.name == "set" and len(positional) > 1 and _SYSTEM_BLOCK.match(f"/set {rest}"):
+        # a `"""` block is the system message as written, unwrapped as /system unwraps it (read as
+        # one quoted word, it kept the newlines after and before the quotes)
+        return Command("set", (_unquote(positional[0].raw), rest[positional[1].start :].strip()), options)
     if spec.name == "set" and len(positional) > 2:
         # a VALUE of several words is the rest of the line, as /system takes its TEXT (`/set
         # system.message Be brief.` was refused as too many arguments)
@@ -487,7 +492,7 @@ def format_help(name: str | None = None, width: int | None = None) -> str:
         if spec is None:
             hint = _suggest(word.lower(), list(COMMAND_BY_NAME), "/")
             tip = f"did you mean {hint}?" if hint else "type /help for the commands."
-            raise UsageError(f"unknown command /{word}; {tip}")
+            raise UsageError(f"unknown command /{_cut(word)}; {tip}")
         lines = [f"{spec.usage}  {spec.help}"]
         lines += [f"  {o.name} {o.metavar}  {o.help}" if o.metavar else f"  {o.name}  {o.help}" for o in spec.options]
         if spec.aliases:

@@ -49,12 +49,25 @@ def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[P
     return rest, [path for _, path in found], _missing_media_paths(text, {real_path(p) for _, p in found}, (*search_dirs, cwd))
 
 
-def not_attached(path: Path) -> str:
-    """The warning for a path `take_media_paths` gives as missing: why it was not attached."""
+def not_attached(path: Path, outcome: str = "it was not attached") -> str:
+    """The warning for a path `take_media_paths` gives as missing: why it was not attached
+    (`outcome`: what became of it)."""
     if not path.is_absolute() and working_folder_gone():
-        return f"{visible(str(path))} was not attached: {WORKING_FOLDER_GONE}; {FULL_PATH_FIX}"
+        return f"{visible(str(path))} was not found: {WORKING_FOLDER_GONE}, so {outcome}; {FULL_PATH_FIX}"
     why = "is not a file (a folder, a device or a pipe)" if _exists(path) else "does not exist"
-    return f"{visible(str(path))} {why}, so it was not attached; check the path"
+    return f"{visible(str(path))} {why}, so {outcome}; check the path"
+
+
+def only_missing_paths(text: str, missing: Sequence[Path]) -> bool:
+    """True when `text` (what `take_media_paths` left of a message) is nothing but the paths it gave
+    as missing, one a word: a mistyped `/tmp/cat.png` alone was sent, the path read as the question."""
+    return bool(missing) and len(split_words(text)) == len(missing)
+
+
+def not_sent(missing: Sequence[Path]) -> str:
+    """The error for a message that `only_missing_paths` holds."""
+    more = f" (and {len(missing) - 1} more path(s) that name no file)" if len(missing) > 1 else ""
+    return not_attached(missing[0], f"the message, only its path{more}, was not sent")
 
 
 MISSING_SHOWN = 5  # paths said not to be attached, one line each: a pasted log naming thousands printed a line for each

@@ -16,11 +16,11 @@ import sys
 import threading
 from contextlib import suppress
 
-from ..errors import InternVLChatError
+from ..errors import InternVLChatError, UsageError
 from ..files import OutputFailed, real_path, visible
 from ..settings import Settings
 from .answer_text import AnswerCleaner
-from .media_paths import not_attached_lines, take_media_paths
+from .media_paths import not_attached_lines, not_sent, only_missing_paths, take_media_paths
 from .paths import media_kind
 from .peak_memory import peak_memory
 from .setup import media_from_flags, open_conversation
@@ -41,6 +41,8 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
         # a media path typed in the prompt is attached and left out of the text, as in the REPL
         # (text piped on stdin, which comes first, is data: it is left alone)
         text, paths, missing = take_media_paths(typed)
+        if only_missing_paths(text, missing) and prompt == typed:  # piped text is a question of its own
+            raise UsageError(not_sent(missing))
         prompt = prompt[: len(prompt) - len(typed)] + text
         for line in not_attached_lines(missing):
             print(f"internvl-chat: warning: {line}", file=sys.stderr)

@@ -107,6 +107,18 @@ def _from_file_uri(uri: str) -> str:
     return unquote(parts.path, errors="surrogateescape")
 
 
+# a web address where a file's path goes: as a path it lost a slash ("https:/example.com/cat.png
+# does not exist"), which hid why no file was found
+_WEB_ADDRESS = re.compile(r"(?:https?|ftp)://", re.IGNORECASE)
+
+
+def refuse_web_address(text: str) -> None:
+    """A UsageError saying that `text` (as typed, unquoted) is a web address, not a file's path."""
+    if _WEB_ADDRESS.match(text):
+        raise UsageError(f"{visible(text)} is a web address; internvl-chat reads local files only: download it "
+                         "and give the file's path")  # fmt: skip
+
+
 def normalize_path(text: str) -> Path:
     """Typed, quoted, escaped, `~` or `file://` text -> a Path (not checked for existence)."""
     word = _strip_outer_space(text)
@@ -116,6 +128,7 @@ def normalize_path(text: str) -> Path:
         word = shell_unquote(word)
     except ValueError:
         pass  # an apostrophe in a plain name ("it's.png"): take the text literally
+    refuse_web_address(word)
     if word[:5].lower() == "file:":
         word = _from_file_uri(word)
     if not word.strip():  # quoted blanks ('   '): /save and /export wrote a file with an invisible name

@@ -204,7 +204,16 @@ def run_script(args: argparse.Namespace, settings: Settings, stdin_unread: bool 
     if transcript.failed is not None:
         raise transcript.failed
     if failed:
-        where = ", ".join(str(n) for n in failed)
-        print(f"internvl-chat: {len(failed)} script line(s) failed (line {where})", file=sys.stderr)
+        print(f"internvl-chat: {failed_lines_note(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+FAILED_LINES_SHOWN = 10  # line numbers the summary names; a script of 682 failing lines listed them all
+
+
+def failed_lines_note(failed: list[int]) -> str:
+    """The summary of the failed lines: their count, the first few numbers and how many more."""
+    where = ", ".join(str(n) for n in failed[:FAILED_LINES_SHOWN])
+    more = f" and {len(failed) - FAILED_LINES_SHOWN:,} more" if len(failed) > FAILED_LINES_SHOWN else ""
+    return f"{len(failed)} script line(s) failed (line {where}{more})"

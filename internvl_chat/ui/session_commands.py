@@ -117,6 +117,7 @@ class SessionFileCommands:
         if held is not None and self._continues(held):
             return True  # the file holds an earlier state of this very conversation
         what = (f"another conversation ({len(held) // 2} turn(s))" if held is not None
+                else "a link to a file that does not exist (or a loop of links)" if not os.path.exists(path)
                 else "a file that is not an internvl-chat session")  # fmt: skip
         shown = visible(str(path))
         if self.confirm is None:
@@ -160,7 +161,8 @@ class SessionFileCommands:
         turns = self.session.turns
         limit = self.session.max_context
         self.say(f"loaded {len(turns)} turn(s) from {shown} · context {self.approx}{self.session.context_used:,}"
-                 + (f"/{limit:,}" if limit else ""))  # fmt: skip
+                 + (f"/{limit:,}" if limit else "")
+                 + (f" ({len(self.pending)} attachment(s) kept; /drop N removes one)" if self.pending else ""))  # as /clear says
         if readied.left_out:
             listed = ", ".join(f"{m.name} (turn {m.turn})" for m in readied.left_out)  # names escaped by `visible`
             self.warn(f"left out {len(readied.left_out)} file(s) that vanished or changed: {listed}")

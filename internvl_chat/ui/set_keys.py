@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 
 from ..errors import UsageError
+from ..files import brief_repr
 from ..settings import SECTIONS, SET_ALIASES, all_keys, env_name, resolve_key
 from .chat_flags import chat_setting_flags
 
@@ -78,11 +79,11 @@ def set_key(key: str, server: str = "") -> str:
         changeable = [name for name, dotted in meaning.items() if changeable_while_running(dotted)]
         close = difflib.get_close_matches(word, changeable, n=1, cutoff=0.5)
     if not close:
-        raise UsageError(f"unknown setting {key!r}; /set alone lists the settings it can change")
+        raise UsageError(f"unknown setting {brief_repr(key)}; /set alone lists the settings it can change")
     dotted = meaning[close[0]]
     if not changeable_while_running(dotted):
-        raise UsageError(f"unknown setting {key!r}; {read_at_start(dotted, server)}")
-    raise UsageError(f"unknown setting {key!r} (did you mean {close[0]!r}?); /set alone lists the settings it can change")
+        raise UsageError(f"unknown setting {brief_repr(key)}; {read_at_start(dotted, server)}")
+    raise UsageError(f"unknown setting {brief_repr(key)} (did you mean {close[0]!r}?); /set alone lists the settings it can change")
 
 
 def _nearly(word: str, key: str) -> bool:

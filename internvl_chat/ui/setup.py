@@ -18,6 +18,7 @@ from ..files import expand_home, visible
 from ..settings import Settings, without_credentials
 from .commands import parse_range
 from .media_paths import expand_wildcards
+from .paths import refuse_web_address
 
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
@@ -118,6 +119,7 @@ def media_from_flags(session: Conversation, args: argparse.Namespace, settings: 
 def _flag_files(typed: str, kind: str, flag: str) -> list[str | Path]:
     """The files one --image/--video names: a pattern the shell left as it was (quoted, or one that
     matched nothing) stands for the files it matches, as with /image (it said "does not exist")."""
+    refuse_web_address(typed)
     full = expand_home(typed)  # `./~x*.png` stays in the working folder
     found = expand_wildcards(Path(typed), lambda _: full, lambda _: [full], kind, flag)
     return [typed] if found == [Path(typed)] else list(found)
