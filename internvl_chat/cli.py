@@ -120,7 +120,7 @@ def run(argv: list[str]) -> int:
         from .serve.main import main as serve_main
 
         return serve_main(argv[1:])
-    from .settings import format_settings, load_settings
+    from .settings import format_settings, format_settings_json, load_settings
 
     args = build_parser().parse_args(argv)
     for flag, value in (("--config", args.config), ("--script", args.script)):
@@ -130,7 +130,7 @@ def run(argv: list[str]) -> int:
     # a bad value's message names the flag as typed ("--dtype: must be …", not the setting "model.dtype")
     settings = load_settings(args.config, os.environ, _overrides(args), chat_setting_flags().names())
     if args.print_config:
-        sys.stdout.write(format_settings(settings))
+        sys.stdout.write(format_settings_json(settings) if args.json else format_settings(settings))
         return 0
     _check_remote_flags(args, settings.remote.server)
     if args.script:

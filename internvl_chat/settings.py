@@ -321,7 +321,7 @@ class ServeSettings:
                             "(empty: no key)")  # fmt: skip
     model_id: str = _setting("", expect="the model name in /v1/models (empty: the checkpoint folder's name)")
     slots: int = _setting(2, _number(1, 64), "an integer from 1 to 64 (each a KV cache of max_context tokens)")
-    queue_depth: int = _setting(8, _number(0, 100_000), "an integer ≥ 0 (requests waiting behind the running one)")
+    queue_depth: int = _setting(8, _number(0, 100_000), "an integer from 0 to 100,000 (requests waiting behind the running one)")
     max_body_mb: int = _setting(64, _number(1, 4096), "an integer from 1 to 4096 (MiB per request body)")
     max_images: int = _setting(32, _number(1, 1024), "an integer from 1 to 1024 (images and videos per request)")
     max_image_pixels: int = _setting(40_000_000, _number(1, 178_956_970), "an integer from 1 to 178956970")
@@ -728,4 +728,21 @@ def format_settings(settings: Settings, unset: Mapping[str, str] | None = None, 
         # values and sources (config paths) come from files and the environment: show them inert
         out.extend(visible(f"{line.ljust(width)}  # from {source}") for line, source in rows)
     return "\n".join(out) + "\n"
+
+
+def format_settings_json(settings: Settings) -> str:
+    """The merged settings as one JSON object, {section: {key: {"value": …, "from": …}}}, for scripts
+    (`--print-config --json`); unset values are null. ASCII only: what came from files and the
+    environment prints inert."""
+    shown = {
+        section: {
+            fld.name: {
+                "value": shown_value(f"{section}.{fld.name}", getattr(getattr(settings, section), fld.name)),
+                "from": settings.sources.get(f"{section}.{fld.name}", "default"),
+            }
+            for fld in dataclasses.fields(cls)
+        }
+        for section, cls in SECTIONS.items()
+    }
+    return json.dumps(shown, indent=2) + "\n"
 

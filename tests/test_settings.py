@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -497,7 +498,8 @@ def test_numeric_settings_are_range_checked_when_given(key, text, accepted):
 
 
 @pytest.mark.parametrize(("key", "text", "bound"), [("top_k", str(2**70), "to 2**63-1"),
-                                                  ("stream_interval", str(10**8), "to 1,048,576")])
+                                                  ("stream_interval", str(10**8), "to 1,048,576"),
+                                                  ("serve.queue_depth", str(10**6), "to 100,000")])
 def test_a_value_over_the_top_is_refused_naming_the_top(key, text, bound):
     # "must be an integer ≥ 1, not 100000000": the value met the rule as it was said
     with pytest.raises(UsageError) as err:
@@ -593,3 +595,25 @@ def test_a_bad_flag_value_names_the_flag_typed(tmp_path):
     settings = load_settings(env=clean_env(tmp_path), overrides={"model.dtype": "float32"}, flags={"model.dtype": "--dtype"})
     assert settings.sources["model.dtype"] == "flag"  # --print-config still says where it came from
 
+
+
+def test_print_config_json_gives_every_setting_its_value_and_source(tmp_path, monkeypatch, capsys):
+    # --print-config --json printed TOML: --json was silently dropped
+    from internvl_chat.cli import main
+
+    for key in [k for k in os.environ if k.startswith("INTERNVL_CHAT_")] + ["XDG_CONFIG_HOME"]:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in clean_env(tmp_path, INTERNVL_CHAT_SYSTEM_MESSAGE="hi \x1b[31m 你好").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("INTERNVL_CHAT_REMOTE_API_KEY", "sk-secret-value-1234")
+    assert main(["--print-config", "--json", "--max-tiles", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.isascii()  # escape sequences from the environment print inert
+    shown = json.loads(out)
+    settings = load_settings(env=clean_env(tmp_path), overrides={"max_tiles": 3})
+    assert set(shown) == set(settings.to_dict())
+    assert all(set(shown[s]) == set(keys) for s, keys in settings.to_dict().items())
+    assert shown["media"]["max_tiles"] == {"value": 3, "from": "flag"}
+    assert shown["system"]["message"] == {"value": "hi \x1b[31m 你好", "from": "env INTERNVL_CHAT_SYSTEM_MESSAGE"}
+    assert shown["generation"]["top_k"]["from"] == "default"
+    assert "sk-secret-value-1234" not in out  # masked as in the TOML form

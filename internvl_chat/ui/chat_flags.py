@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not attach media paths typed in messages")
     p.add_argument("--config", metavar="FILE",
                    help="settings file (default: $INTERNVL_CHAT_CONFIG, else ~/.config/internvl-chat/config.toml; $XDG_CONFIG_HOME replaces ~/.config)")
-    p.add_argument("--print-config", action="store_true", help="print the merged settings and where each came from")
+    p.add_argument("--print-config", action="store_true", help="print the merged settings and where each came from (TOML; with --json, one JSON object)")
     p.add_argument("--version", action="version", version=f"internvl-chat {__version__}")
     return p
 
