@@ -126,12 +126,12 @@ def test_a_queued_job_whose_client_left_does_not_hold_its_place(server):
     try:
         first.start()
         assert started.wait(WAIT_S)  # running (held): the one place in the queue is free
-        second = chat_body("second", max_tokens=2, stream=True)
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=second, timeout=WAIT_S) as r:
-            assert r.status_code == 200  # queued; the stream has begun
-            assert worker.waiting == 1
-            gone = worker._queue[0]
-        assert gone.cancel.wait(WAIT_S)  # the client left while its job waited
+        # a stream waits for its headers while its job is queued, as a plain request waits for its answer
+        sock = _post_raw(server.port, chat_body("second", max_tokens=2, stream=True))
+        _wait_until(lambda: worker.waiting == 1, "the stream's job was queued")
+        gone = worker._queue[0]
+        sock.close()
+        assert gone.cancel.wait(WAIT_S)  # the client left while its job waited (no headers yet)
         third = threading.Thread(target=ask, args=("third",))
         third.start()  # the dead job must not make this a 429
         while "third" not in outcomes and not any(not job.cancel.is_set() for job in list(worker._queue)):
