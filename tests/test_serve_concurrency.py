@@ -243,7 +243,8 @@ def test_a_client_that_leaves_while_its_request_is_read_is_never_queued(server, 
     assert started == []  # the engine never ran (nor prefilled) a request nobody waits for
 
 
-def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(server, monkeypatch):
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])  # a stream waits for its headers meanwhile
+def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(server, monkeypatch, stream):
     model = server.worker.model
     encode, forward = model.encode_images, model.forward
     encoding, jobs, forwards = threading.Event(), [], []
@@ -259,7 +260,8 @@ def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(serve
 
     monkeypatch.setattr(model, "encode_images", slow_encode)
     monkeypatch.setattr(model, "forward", counting_forward)
-    body = _image_body("What is this?", png_bytes(textured_rgb(448, 448, seed=31)), max_tokens=50)
+    seed = 131 if stream else 31  # a picture of its own: not in the feature cache yet
+    body = _image_body("What is this?", png_bytes(textured_rgb(448, 448, seed=seed)), max_tokens=50, stream=stream)
     _leave_once_begun(server, body, jobs, encoding.is_set, "the encoding began")
     assert forwards == []  # no prefill, no token
 
