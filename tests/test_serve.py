@@ -339,54 +339,85 @@ def test_api_key_is_required_when_set(server, client):
 # ---- queueing and cancellation ---------------------------------------------------------------------
 
 
+def _read_stream_on_a_thread(client, body: dict, finishes: dict, name: str) -> threading.Thread:
+    """Stream `body` on a thread of its own, its choices' finish reasons kept in finishes[name]: a
+    stream's headers come only once the engine starts its job, so opening it waits while the engine
+    is held or the job is queued."""
+
+    def read() -> None:
+        stream = client.chat.completions.create(**body, stream=True)
+        finishes[name] = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    return thread
+
+
+def _wait_until(condition, what: str) -> None:
+    """Poll a marker the server sets (bounded: a hang fails the test instead of blocking the run)."""
+    pause = threading.Event()
+    for _ in range(WAIT_S * 100):
+        if condition():
+            return
+        pause.wait(0.01)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
 def test_full_queue_is_429_with_retry_after(server, client):
     worker = server.worker
     started, release = threading.Event(), threading.Event()
+    finishes: dict[str, list] = {}
 
     def hold(job):
         started.set()
         assert release.wait(WAIT_S)
 
     worker.on_start, server.options.queue_depth = hold, 1
+    readers = []
     try:
-        first = client.chat.completions.create(**chat_body("one", max_tokens=4), stream=True)  # returns at the headers
+        readers.append(_read_stream_on_a_thread(client, chat_body("one", max_tokens=4), finishes, "first"))
         assert started.wait(WAIT_S)  # running (held), so the queue is empty
-        second = client.chat.completions.create(**chat_body("two", max_tokens=4), stream=True)  # waits in the queue
+        readers.append(_read_stream_on_a_thread(client, chat_body("two", max_tokens=4), finishes, "second"))
+        _wait_until(lambda: worker.waiting == 1, "the second stream waits in the queue")
         with pytest.raises(openai.RateLimitError) as err:
             client.chat.completions.create(**chat_body("three", max_tokens=4))
         assert int(err.value.response.headers["retry-after"]) >= 1
         assert err.value.body["code"] == "queue_full"
         release.set()
-        for stream in (first, second):  # neither was lost
-            assert [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+        for reader in readers:
+            reader.join(WAIT_S)
     finally:
         release.set()
         worker.on_start, server.options.queue_depth = None, 8
+    assert set(finishes) == {"first", "second"} and all(finishes.values())  # neither was lost
 
 
 def test_queue_depth_zero_still_serves_an_idle_engine(server, client):
     worker = server.worker
     started, release = threading.Event(), threading.Event()
+    finishes: dict[str, list] = {}
 
     def hold(job):
         started.set()
         assert release.wait(WAIT_S)
 
     server.options.queue_depth = 0
+    reader = None
     try:
         assert server.worker.wait_idle(WAIT_S)
         assert ask(client).choices[0].finish_reason in ("stop", "length")
         worker.on_start = hold
-        first = client.chat.completions.create(**chat_body("one", max_tokens=4), stream=True)
+        reader = _read_stream_on_a_thread(client, chat_body("one", max_tokens=4), finishes, "first")
         assert started.wait(WAIT_S)
         with pytest.raises(openai.RateLimitError) as err:  # busy, and nothing may wait: said so, not "0 waiting"
             client.chat.completions.create(**chat_body("two", max_tokens=4))
         assert err.value.body["message"].startswith("the model is busy and its queue is full (none may wait")
         release.set()
-        assert [c.choices[0].finish_reason for c in first if c.choices and c.choices[0].finish_reason]
+        reader.join(WAIT_S)
     finally:
         release.set()
         worker.on_start, server.options.queue_depth = None, 8
+    assert finishes["first"]
 
 
 def test_client_disconnect_stops_generation(server, client):
@@ -455,20 +486,57 @@ def test_concurrent_clients_are_answered_or_refused_never_lost(server):
     assert server.worker.wait_idle(WAIT_S) and server.worker.waiting == 0
 
 
-def test_an_error_after_streaming_began_is_an_sse_error_event_then_done(server, client, photo):
-    # a PNG whose header is fine (so the request is accepted) but whose pixel data is cut off
-    # (so decoding fails in the engine thread, after the stream has started)
-    truncated = photo.read_bytes()[:4000]
-    url = "data:image/png;base64," + base64.b64encode(truncated).decode()
-    body = chat_body("What is this?", max_tokens=4, stream=True)
+def _truncated_picture_body(photo: Path, **kw) -> dict:
+    """A chat request whose PNG has a sound header (the request is accepted and queued) but pixel
+    data cut off: only the engine, decoding it, finds it broken."""
+    url = "data:image/png;base64," + base64.b64encode(photo.read_bytes()[:4000]).decode()
+    body = chat_body("What is this?", max_tokens=4, **kw)
     body["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": url}}]
+    return body
+
+
+def test_a_picture_the_engine_cannot_decode_is_a_400_streamed_or_not(server, photo):
+    """The stream's status line waits for the engine to have decoded the pictures: it was a 200, a
+    role chunk and an error event, where the same request without `stream` (and vLLM's, OpenAI's
+    either way) is a 400."""
+    plain = httpx.post(f"{server.url}/v1/chat/completions", json=_truncated_picture_body(photo), timeout=WAIT_S)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=_truncated_picture_body(photo, stream=True),
+                      timeout=WAIT_S) as r:  # fmt: skip
+        status, kind, streamed = r.status_code, r.headers["content-type"], r.read()
+    assert plain.status_code == status == 400 and kind.startswith("application/json"), (status, kind)
+    error = plain.json()["error"]
+    assert "truncated" in error["message"] and error["param"] == "messages.0.content.0"
+    assert json.loads(streamed) == plain.json()
+    assert server.worker.alive and server.worker.wait_idle(WAIT_S)
+
+
+def test_a_good_stream_opens_with_the_role_then_tokens_then_done(server):
+    body = chat_body("Describe a harbour.", max_tokens=6, stream=True)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:])  # tokens came
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_an_error_after_the_stream_began_is_an_sse_error_event_then_done(server, client, monkeypatch):
+    """Once the engine has started a job (its headers are out), a failure is the stream's last
+    event, then [DONE]: here running out of memory at the second decode step."""
+    fail_once(monkeypatch, server.worker.model, "forward", _cuda_out_of_memory, 3)
+    body = chat_body("Write a long story.", max_tokens=20, stream=True)
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S) as r:
         assert r.status_code == 200
         events = r.read().decode().split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""]
+    assert json.loads(events[0].removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
     error = json.loads(events[-3].removeprefix("data: "))["error"]
-    assert "truncated" in error["message"] and error["param"] == "messages.0.content.0"
-    with pytest.raises(openai.APIError, match="truncated"):
+    assert error["code"] == "generation_failed" and error["message"].startswith("out of memory")
+    monkeypatch.undo()
+    fail_once(monkeypatch, server.worker.model, "forward", _cuda_out_of_memory, 3)
+    with pytest.raises(openai.APIError, match="out of memory"):  # the openai client raises it mid-stream
         list(client.chat.completions.create(**body))
 
 

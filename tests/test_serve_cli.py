@@ -449,10 +449,12 @@ sys.exit(main(sys.argv[3:]))  # past "-c", "-m", "internvl_chat.cli"
 """
 
 
-def test_requests_still_running_after_the_grace_period_get_a_clean_503(tiny_original):
+@pytest.mark.parametrize("queued_stream", [False, True], ids=["queued plain", "queued stream"])
+def test_requests_still_running_after_the_grace_period_get_a_clean_503(tiny_original, queued_stream):
     """uvicorn's end of the grace period cancelled the handlers: a stream was cut mid-chunk (no
     error, no [DONE]), a queued non-streamed request got a text/plain 500, and the log showed a
-    CancelledError traceback for each."""
+    CancelledError traceback for each. A queued stream has sent no headers yet: it gets the 503
+    too (it got a 200 and an error event)."""
     import httpx
 
     python = [sys.executable, "-c", _STALLING]
@@ -463,7 +465,7 @@ def test_requests_still_running_after_the_grace_period_get_a_clean_503(tiny_orig
         answers: queue.Queue[httpx.Response] = queue.Queue()
 
         def post() -> None:
-            answers.put(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=WAIT_S))
+            answers.put(httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": queued_stream}, timeout=WAIT_S))
 
         with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=WAIT_S) as stream:
             events = stream.iter_lines()

@@ -23,6 +23,7 @@ import torch
 from internvl_chat.engine import model as engine_model
 from internvl_chat.engine.loader import load_model
 from internvl_chat.serve.text_completions import DEFAULT_MAX_TOKENS, MAX_PROMPTS, LegacyLogprobs
+from fault_helpers import fail_once
 from serve_support import RunningServer
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then"
@@ -188,6 +189,24 @@ def test_a_raw_stream_ends_with_done(server):
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert all(json.loads(line[6:])["object"] == "text_completion" for line in lines[:-1])
+
+
+def test_an_engine_failure_before_the_job_starts_is_the_same_status_and_body_streamed_or_not(server, monkeypatch):
+    """A stream's status line waits for the engine's start of its job: a failure before it (here
+    in choosing the job's slot) was a 200 and an error event, where the same request without
+    `stream` is an error status."""
+    body = {"model": "tiny", "prompt": TEXT, "max_tokens": 3, "temperature": 0}
+    answers = []
+    for stream in (False, True):
+        fail_once(monkeypatch, server.worker.slots, "choose", RuntimeError("no slot for you"))
+        with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": stream}, timeout=WAIT_S) as r:
+            answers.append((r.status_code, r.headers["content-type"], r.read()))
+        monkeypatch.undo()
+    (status, kind, plain), streamed = answers
+    assert status == 500 and kind.startswith("application/json") and answers[1] == answers[0], answers
+    assert json.loads(plain)["error"]["message"] == "internal error (RuntimeError: no slot for you)"
+    response = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=WAIT_S)
+    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")  # the next one streams
 
 
 @pytest.mark.parametrize("body, param", [

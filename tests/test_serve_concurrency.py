@@ -126,12 +126,12 @@ def test_a_queued_job_whose_client_left_does_not_hold_its_place(server):
     try:
         first.start()
         assert started.wait(WAIT_S)  # running (held): the one place in the queue is free
-        second = chat_body("second", max_tokens=2, stream=True)
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=second, timeout=WAIT_S) as r:
-            assert r.status_code == 200  # queued; the stream has begun
-            assert worker.waiting == 1
-            gone = worker._queue[0]
-        assert gone.cancel.wait(WAIT_S)  # the client left while its job waited
+        # a stream waits for its headers while its job is queued, as a plain request waits for its answer
+        sock = _post_raw(server.port, chat_body("second", max_tokens=2, stream=True))
+        _wait_until(lambda: worker.waiting == 1, "the stream's job was queued")
+        gone = worker._queue[0]
+        sock.close()
+        assert gone.cancel.wait(WAIT_S)  # the client left while its job waited (no headers yet)
         third = threading.Thread(target=ask, args=("third",))
         third.start()  # the dead job must not make this a 429
         while "third" not in outcomes and not any(not job.cancel.is_set() for job in list(worker._queue)):
@@ -243,7 +243,8 @@ def test_a_client_that_leaves_while_its_request_is_read_is_never_queued(server, 
     assert started == []  # the engine never ran (nor prefilled) a request nobody waits for
 
 
-def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(server, monkeypatch):
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])  # a stream waits for its headers meanwhile
+def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(server, monkeypatch, stream):
     model = server.worker.model
     encode, forward = model.encode_images, model.forward
     encoding, jobs, forwards = threading.Event(), [], []
@@ -259,7 +260,8 @@ def test_a_client_that_leaves_while_its_picture_is_encoded_gets_no_prefill(serve
 
     monkeypatch.setattr(model, "encode_images", slow_encode)
     monkeypatch.setattr(model, "forward", counting_forward)
-    body = _image_body("What is this?", png_bytes(textured_rgb(448, 448, seed=31)), max_tokens=50)
+    seed = 131 if stream else 31  # a picture of its own: not in the feature cache yet
+    body = _image_body("What is this?", png_bytes(textured_rgb(448, 448, seed=seed)), max_tokens=50, stream=stream)
     _leave_once_begun(server, body, jobs, encoding.is_set, "the encoding began")
     assert forwards == []  # no prefill, no token
 

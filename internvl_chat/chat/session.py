@@ -785,6 +785,19 @@ class Session:
         """How many leading `ids` the KV cache holds already (token ids only; media identity is the caller's)."""
         return common_prefix_length(self.ids[: self.start_pos], ids)
 
+    def check_continuation(self, ids: Sequence[int], reuse: int, params: SamplingParams) -> None:
+        """Raise what `continue_with(ids, reuse, …, params)` would refuse before prefilling anything
+        (serve asks before it tells a stream's client that its request was taken)."""
+        params.validate()
+        if not 0 <= reuse < len(ids) or reuse > self.start_pos or list(self.ids[:reuse]) != list(ids[:reuse]):
+            raise ValueError(f"cannot reuse {reuse} tokens: the cache does not hold them, or nothing is left to prefill")
+        need = len(ids) + params.max_new_tokens
+        if need > self.max_context:
+            raise ContextOverflowError(
+                f"this request needs {len(ids):,} prompt + {params.max_new_tokens:,} answer tokens = {need:,}, over the "
+                f"{self.max_context:,}-token context; send a shorter conversation, fewer images or a smaller max_tokens"
+            )
+
     def continue_with(
         self,
         ids: Sequence[int],
@@ -803,16 +816,8 @@ class Session:
         the conversation is not tracked (the caller resends it whole): `turns` holds this answer only.
         """
         params = params or self.params
-        params.validate()
         ids = list(ids)
-        if not 0 <= reuse < len(ids) or reuse > self.start_pos or self.ids[:reuse] != ids[:reuse]:
-            raise ValueError(f"cannot reuse {reuse} tokens: the cache does not hold them, or nothing is left to prefill")
-        need = len(ids) + params.max_new_tokens
-        if need > self.max_context:
-            raise ContextOverflowError(
-                f"this request needs {len(ids):,} prompt + {params.max_new_tokens:,} answer tokens = {need:,}, over the "
-                f"{self.max_context:,}-token context; send a shorter conversation, fewer images or a smaller max_tokens"
-            )
+        self.check_continuation(ids, reuse, params)
         self._rewind(reuse, reuse)
         self.turns = []
         turn = Turn("", [], ids_before=reuse, pos_before=reuse, prompt_ids=ids[reuse:])

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import threading
 import time
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -29,7 +30,7 @@ from .errors import APIError, shown
 from .logprobs import logprobs_object
 from .protocol import ChatCompletionRequest, check_model, choice, choices, chunk, completion, models_list
 from .protocol import parse_request, stop_strings, usage_chunk
-from .replies import POLL_S, ClientDisconnected, JobStream, job_events
+from .replies import POLL_S, ClientDisconnected, job_events, job_stream
 from .text_completions import CompletionRequest, TextPrompts, parse_completion_request, text_complete, text_job
 from .text_completions import text_prompts, text_stream
 from .tokenizer_api import detokenize, tokenize, tokenizer_info
@@ -235,7 +236,7 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop(), choices=choices(req))
         worker.submit(job)
         if req.stream:
-            return JobStream(job, _stream(job, request, req, model_id), media_type="text/event-stream", headers=STREAM_HEADERS)
+            return await job_stream(job, request, lambda events: _stream(job, events, req, model_id))
         return await _complete(job, request, req, model_id)
 
     @app.post("/v1/completions")
@@ -247,8 +248,7 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         job = text_job(req, prompts, params, asyncio.get_running_loop())
         worker.submit(job)
         if req.stream:
-            return JobStream(job, text_stream(job, request, req, prompts, model_id), media_type="text/event-stream",
-                             headers=STREAM_HEADERS)  # fmt: skip
+            return await job_stream(job, request, lambda events: text_stream(job, events, req, prompts, model_id))
         return await text_complete(job, request, req, prompts, model_id)
 
     # vLLM's tokenizer endpoints (lm-eval's remote tokenizer): no engine work, so no place in the queue
@@ -270,9 +270,6 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         return JSONResponse(info)
 
     return app
-
-
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def _unless_ending(reading, ending: asyncio.Event):
@@ -350,9 +347,10 @@ async def _complete(job: Job, request: Request, req: ChatCompletionRequest, mode
         job.cancel.set()  # a no-op after "done"; stops the engine if we leave early
 
 
-async def _stream(job: Job, request: Request, req: ChatCompletionRequest, model_id: str):
+async def _stream(job: Job, events: AsyncIterator, req: ChatCompletionRequest, model_id: str):
     """Choice 0's chunks, then choice 1's, ...: each begins with its role delta and ends with its
-    finish chunk; the usage chunk (when asked) and [DONE] come after the last."""
+    finish chunk; the usage chunk (when asked) and [DONE] come after the last. `events`: the job's
+    after "started" (serve/replies.py's job_stream)."""
     cid, created = job.cid, int(time.time())
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -367,7 +365,7 @@ async def _stream(job: Job, request: Request, req: ChatCompletionRequest, model_
     index = 0
     text_event = text_events(index)
     yield opening(index)
-    async for kind, payload in job_events(job, request):
+    async for kind, payload in events:
         if kind == "text" and req.logprobs:  # a chunk of its own: its logprobs vary in shape
             text, entries = payload
             yield sse.event(chunk(cid, model_id, created, {"content": text}, include_usage=with_usage,

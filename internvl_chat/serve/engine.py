@@ -8,6 +8,11 @@ is skipped (and gives up its place in the queue), a video being decoded for it s
 frame, and a job whose client left while its pictures were encoded gets no prefill. Stop strings
 end their choice's generation at the next token too (ChoiceHalt) and cut the text where they begin.
 
+A job's first event is "started", sent once its first prompt's pictures are decoded (or found in
+the feature cache) and the Session has checked the prompt fits, right before prefill: a stream's
+handler sends its status line only then (serve/replies.py), so what fails before it (a picture that
+does not decode, a context overflow) is an HTTP status, as without `stream`.
+
 A job that asked for logprobs gets "tokens" events, (text, logprob entries), in place of "text":
 the entries of the tokens whose text that event completes (serve/logprobs.py), and its "choice"
 result lists them all.
@@ -147,6 +152,15 @@ class Job:
 
     def __post_init__(self) -> None:
         self.events = EventChannel(self.loop)
+        self.begun = False  # the "started" event was sent
+
+    def begin(self) -> None:
+        """Tell the handler, once, that the engine has taken the job and has its first prompt's
+        pictures (decoded, or found in the feature cache) and is about to prefill: a stream's status
+        line goes out now (serve/replies.py), and what fails from here is an event in it."""
+        if not self.begun:
+            self.begun = True
+            self.emit("started", None)
 
     @property
     def prompts(self) -> list[Prompt]:
@@ -336,6 +350,8 @@ class EngineWorker:
         features, vision_s = self._features(prompt, reuse, job)
         if job.cancel.is_set():  # the client left while its pictures were encoded: no prefill for nobody
             raise ClientGone
+        session.check_continuation(prompt.ids, reuse, job.params)  # refused before "started": an HTTP status
+        job.begin()  # before prefill: a long one must not hold back a stream's headers
         # from here the slot's cache is rewound to `reuse` (until then it still held its last conversation)
         self.slots.use(slot)
         slot.claim(prompt.namespace)  # (`reuse` is 0 unless the slot's cache is this namespace's already)

@@ -1,19 +1,26 @@
 """What the request handlers share once a Job is queued: its events as they read them (a client
 that left cancels it), and a stream that ends as every stream ends, cancelling its job however it
-ends."""
+ends.
+
+A stream's status line waits for the engine's "started" event (`job_stream`): the job was taken
+from the queue and its pictures decoded (or found in the feature cache), and prefill is about to
+begin. What fails before that (a picture that does not decode, a context the engine refuses, the
+server shutting down while the job waited in the queue) is the HTTP status and error body the
+same request gets without `stream`; what fails after it is the stream's last event."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from . import sse
 from .engine import Job
 from .errors import APIError
 
 POLL_S = 0.5  # how often a waiting handler checks that its client is still there
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class ClientDisconnected(Exception):
@@ -38,9 +45,39 @@ class JobStream(StreamingResponse):
             self.job.cancel.set()  # a no-op after "done"; frees the engine at once otherwise
 
 
+async def job_stream(job: Job, request: Request, chunks: Callable[[AsyncIterator], AsyncIterator[bytes]]) -> Response:
+    """The job's stream, `chunks(events)` over its events after "started", begun only once the
+    engine has started it; until then it waits as a handler without a stream waits for its answer.
+    An error before it is raised (the app answers its status), a client that left meanwhile gets
+    a 499 that nobody reads (its job cancelled, so a queued one is skipped)."""
+    try:
+        events = await started(job, request)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JobStream(job, chunks(events), media_type="text/event-stream", headers=STREAM_HEADERS)
+
+
+async def started(job: Job, request: Request) -> AsyncIterator:
+    """`job_events` once its "started" event has come, to be read on from there; the job's error
+    before it raised (APIError, or ClientDisconnected), its job cancelled however the wait ends
+    without it (a task cancelled at shutdown too)."""
+    events = job_events(job, request)
+    try:
+        async for kind, payload in events:
+            if kind == "started":
+                return events
+            if kind == "error":
+                raise payload
+    except BaseException:
+        job.cancel.set()  # frees the engine, or has the queued job skipped
+        await events.aclose()
+        raise
+    raise AssertionError("job_events ended without an event")  # it waits for ever, or raises
+
+
 async def ended(job: Job, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The chunks, then [DONE]. An endpoint raises the job's "error" event as its handler without a
-    stream does: here it is the last event, before [DONE] (the status line is long sent). A client
+    stream does: here it is the last event, before [DONE] (the status line went out at "started"). A client
     that left (`job_events` raised ClientDisconnected) is sent nothing more."""
     try:
         async for data in chunks:

@@ -26,6 +26,7 @@ import codecs
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -285,9 +286,10 @@ async def text_complete(job: Job, request: Request, req: CompletionRequest, prom
         job.cancel.set()
 
 
-async def text_stream(job: Job, request: Request, req: CompletionRequest, prompts: TextPrompts, model_id: str):
+async def text_stream(job: Job, events: AsyncIterator, req: CompletionRequest, prompts: TextPrompts, model_id: str):
     """Choice 0's chunks (its echo first, when asked), then choice 1's, ...: each ends with its
-    finish chunk; the usage chunk (when asked) and [DONE] come after the last."""
+    finish chunk; the usage chunk (when asked) and [DONE] come after the last. `events`: the job's
+    after "started" (serve/replies.py's job_stream)."""
     cid, created = job.cid, int(time.time())
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -300,7 +302,7 @@ async def text_stream(job: Job, request: Request, req: CompletionRequest, prompt
 
     index, legacy = 0, LegacyLogprobs()
     asked = req.logprobs is not None
-    async for kind, payload in job_events(job, request):
+    async for kind, payload in events:
         if kind == "prompt":
             echo = prompts.texts[index // job.choices]
             logprobs = legacy.shape(payload) if asked else None
