@@ -314,3 +314,29 @@ def test_an_mp4_with_a_duplicated_stts_box_is_damaged_not_out_of_memory(tmp_path
         with pytest.raises(MediaError) as err:
             call(path)
         assert str(err.value) == message
+
+
+def test_ctrl_c_that_arrives_while_the_decoder_starts_stops_it_too(monkeypatch):
+    """A Ctrl-C sent while the decoding thread starts is raised in the caller as the thread's
+    signal mask is lifted (threads.start_worker): the thread, already running, was left to decode
+    every frame (seen under load as the Ctrl-C test above decoding 8 frames, not 1)."""
+    from internvl_chat.media import video_worker
+
+    real_start = video_worker.start_worker
+    released, seen = threading.Event(), []
+
+    def start_then_ctrl_c(target, name):
+        real_start(target, name)
+        raise KeyboardInterrupt  # where the pending SIGINT is handled
+
+    def work(stop):
+        released.wait(60)
+        seen.append(stop.is_set())  # what the worker sees before its next frame
+
+    monkeypatch.setattr(video_worker, "start_worker", start_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        video_worker.interruptible(work)
+    released.set()
+    for thread in [t for t in threading.enumerate() if t.name == "video-decode"]:
+        thread.join(60)
+    assert seen == [True]

@@ -49,9 +49,11 @@ def interruptible(work: Callable[[DecodeStop], T], cancel: threading.Event | Non
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
             outcome["error"] = e
 
-    worker = start_worker(run, "video-decode")
     cancelled = Cancelled("cancelled while the video was decoded")
     try:
+        # inside the try: a Ctrl-C sent while the worker starts is raised as start_worker unblocks
+        # signals, and the worker, already running, must be told to stop then too
+        worker = start_worker(run, "video-decode")
         while worker.is_alive():
             worker.join(0.2)  # short waits: a signal that comes anyway is seen soon
             if stop.is_set():
