@@ -705,6 +705,44 @@ def test_a_side_too_long_for_any_picture_is_refused_at_the_header(tmp_path):
     assert result.size == (1, media_image.MAX_SIDE) and result.num_tiles == 13
 
 
+def _icon(picture: bytes) -> bytes:
+    """An ICO file of one entry (its directory says 256×256) holding `picture`, a PNG or a BMP without its file header."""
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(picture), 22) + picture
+
+
+def _icon_bmp(width: int, height: int) -> bytes:
+    """An icon's BMP header (its height counts the transparency mask's rows too), followed by no pixels."""
+    return struct.pack("<IiiHHIIiiII", 40, width, 2 * height, 1, 32, 0, 0, 0, 0, 0, 0)
+
+
+def test_an_icon_holding_a_bomb_is_refused_before_its_picture_is_decoded(tmp_path, monkeypatch):
+    """Pillow decodes an icon's picture as it opens the file, whatever size that PNG or BMP declares
+    (its directory says 256×256 at most), within only Pillow's own pixel limit: a 95 KB icon holding
+    a PNG of 1×50,000,000 took 655 MB before the side check refused it. The pictures here have no
+    pixel data: decoded, they said "truncated" instead of what is wrong with them."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a caller that changed Pillow's limit does not change ours
+    cases = {
+        "long_png.ico": (_icon(png_with_declared_size(1, media_image.MAX_SIDE + 1)), "a side longer than 1,048,576"),
+        "long_bmp.ico": (_icon(_icon_bmp(media_image.MAX_SIDE + 1, 1)), "a side longer than 1,048,576"),
+        "large_png.ico": (_icon(png_with_declared_size(15000, 12000)), "decompression bombs"),  # 180M pixels
+    }
+    for name, (data, words) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for call in (probe_image, load_image):
+            with pytest.raises(MediaError) as err:
+                call(path)
+            _assert_one_line(err, name, words)
+
+
+def test_an_icon_of_a_large_picture_within_the_limits_is_read_at_its_size(tmp_path):
+    path = tmp_path / "big.ico"
+    path.write_bytes(_icon(_grey_png(600, 300, 90)))
+    assert probe_image(path) == (600, 300)
+    result = load_image(path)
+    assert result.size == (600, 300) and result.grid == (2, 1)
+
+
 def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
     """The decoder passes over the whole picture once per scan, and a scan can be 31 bytes: a 683 KB
     JPEG of 4000×4000 with 20,000 of them took 33 s (a 64 MB request body: about an hour)."""

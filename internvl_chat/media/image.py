@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import BmpImagePlugin, IcoImagePlugin, Image, PngImagePlugin, UnidentifiedImageError
 
 from ..errors import MediaError
 from ..files import (STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, is_video_kind, open_regular_file,
@@ -290,6 +290,9 @@ def image_formats() -> list[str]:
 
 def _open_image(path: Path) -> Image.Image:
     """Open the header only, refusing non-images, decompression bombs and empty images."""
+    icon = _icon_picture_size(path)
+    if icon is not None:  # Pillow decodes an icon's picture as it opens it: its size is checked first
+        _check_size(path, *icon)
     try:
         with quiet_pillow(), captured():  # a plugin's native library may write to fd 2 (native_stderr.py)
             image = Image.open(path, formats=image_formats())
@@ -310,20 +313,11 @@ def _open_image(path: Path) -> Image.Image:
     except (OSError, ValueError, SyntaxError, RuntimeError) as e:  # RuntimeError: Pillow's AVIF plugin on a damaged file
         raise MediaError(f"cannot read image {visible(str(path))} ({visible(_one_line(e))}); re-export it as PNG or JPEG") from None
     width, height = image.size
-    if width * height > MAX_PIXELS:
+    try:
+        _check_size(path, width, height)
+    except MediaError:
         image.close()
-        raise MediaError(
-            f"{visible(str(path))} is {width}×{height} pixels, over the {MAX_PIXELS:,}-pixel limit for decompression bombs; downscale it first"
-        )
-    if width <= 0 or height <= 0:
-        image.close()
-        raise MediaError(f"{visible(str(path))} is {width}×{height} pixels; use an image with a non-zero size")
-    if max(width, height) > MAX_SIDE:
-        image.close()
-        raise MediaError(
-            f"{visible(str(path))} is {width}×{height} pixels, a side longer than {MAX_SIDE:,}, and is refused as a possible "
-            "decompression bomb; crop or downscale it"
-        )
+        raise
     scans = _jpeg_scans(path) if image.format in ("JPEG", "MPO") else 0
     if scans > MAX_JPEG_SCANS:
         image.close()
@@ -339,6 +333,47 @@ def _open_image(path: Path) -> Image.Image:
             "refused as a possible decompression bomb; re-save it as PNG or an untiled TIFF"
         )
     return image
+
+
+def _check_size(path: Path, width: int, height: int) -> None:
+    """Refuse a picture of more than MAX_PIXELS, a side over MAX_SIDE, or no pixels at all."""
+    if width * height > MAX_PIXELS:
+        raise MediaError(
+            f"{visible(str(path))} is {width}×{height} pixels, over the {MAX_PIXELS:,}-pixel limit for decompression bombs; downscale it first"
+        )
+    if width <= 0 or height <= 0:
+        raise MediaError(f"{visible(str(path))} is {width}×{height} pixels; use an image with a non-zero size")
+    if max(width, height) > MAX_SIDE:
+        raise MediaError(
+            f"{visible(str(path))} is {width}×{height} pixels, a side longer than {MAX_SIDE:,}, and is refused as a possible "
+            "decompression bomb; crop or downscale it"
+        )
+
+
+ICO_MAGIC = b"\x00\x00\x01\x00"
+
+
+def _icon_picture_size(path: Path) -> tuple[int, int] | None:
+    """The size of the picture Pillow decodes as it opens an ICO file, from that picture's own header;
+    None for another file, or one whose header does not read (opening it says why). The icon's
+    directory says 256×256 at most, but the PNG or BMP it points to declares any size, and Pillow
+    decodes it whole on opening, within only its own global limit: a 95 KB icon holding a PNG of
+    1×50,000,000 took 655 MB and 2 s to be refused by the MAX_SIDE check that came after."""
+    try:
+        with open_regular_file(path) as f, quiet_pillow():
+            if f.read(4) != ICO_MAGIC:
+                return None
+            f.seek(0)
+            offset = IcoImagePlugin.IcoFile(f).entry[0].offset  # the largest, the one Pillow decodes
+            f.seek(offset)
+            is_png = f.read(8) == PngImagePlugin._MAGIC
+            f.seek(offset)
+            if is_png:
+                return PngImagePlugin.PngImageFile(f).size
+            width, height = BmpImagePlugin.DibImageFile(f).size
+            return width, height // 2  # an icon's BMP counts the rows of its transparency mask too
+    except Exception:  # noqa: BLE001 - OSError, SyntaxError, IndexError (no entries), …: Pillow's opening reports it
+        return None
 
 
 def _jpeg_scans(path: Path) -> int:
