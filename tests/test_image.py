@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -741,6 +742,57 @@ def test_an_icon_of_a_large_picture_within_the_limits_is_read_at_its_size(tmp_pa
     assert probe_image(path) == (600, 300)
     result = load_image(path)
     assert result.size == (600, 300) and result.grid == (2, 1)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _with_chunks(png: bytes, chunks: bytes) -> bytes:
+    """`png` with `chunks` after its header (IHDR), before its pixels."""
+    return png[:33] + chunks + png[33:]
+
+
+def test_a_header_of_countless_segments_chunks_or_blocks_is_refused_before_pillow_reads_it(tmp_path, monkeypatch):
+    """Pillow reads a header a segment, chunk or block at a time in Python and keeps most of them: a
+    48 MB JPEG of 12 million empty segments took 14 s and 1.8 GB to open, a 10 MB GIF of 5 million
+    comment blocks 650 MB, a PNG's unknown chunks about 10 times their size (after the pixels too)."""
+    pixels = Image.new("RGB", (16, 16), (10, 20, 30))
+    jpeg, png, gif = (_saved(pixels if kind != "GIF" else pixels.convert("P"), kind) for kind in ("JPEG", "PNG", "GIF"))
+    monkeypatch.setattr(media_image, "MAX_PNG_CHUNKS", 1000)  # a million are allowed: fewer make the same point
+    frame = gif.index(b"\x2c")  # the first frame, after the global colour table
+    limit = media_image.MAX_JPEG_SEGMENTS
+    cases = {
+        "segments.jpg": (jpeg[:2] + b"\xff\xe5\x00\x02" * (limit + 1) + jpeg[2:], "a JPEG of more than 65,536 segments"),
+        "fill.jpg": (jpeg[:2] + b"\xff" * (limit + 2) + jpeg[2:], "a JPEG of more than 65,536 segments or fill bytes"),
+        "private.png": (_with_chunks(png, _png_chunk(b"abCd", b"") * 1001), "a PNG of more than 1,000 chunks"),
+        "text.png": (_with_chunks(png, b"".join(_png_chunk(b"tEXt", b"k%d\0" % i) for i in range(1001))), "more than 1,000 chunks"),
+        "comments.gif": (gif[:frame] + b"\x21\xfe" + b"\x01a" * (limit + 1) + b"\0" + gif[frame:], "a GIF of more than 65,536"),
+    }
+    for name, (data, words) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for call in (probe_image, load_image):
+            with pytest.raises(MediaError) as err:
+                call(path)
+            _assert_one_line(err, name, words, "refused as a possible decompression bomb; re-save it")
+    # at the limits they are pictures like any other
+    at_limit = {
+        "segments.jpg": jpeg[:2] + b"\xff\xe5\x00\x02" * (limit - 16) + jpeg[2:],
+        "private.png": _with_chunks(png, _png_chunk(b"abCd", b"") * (1000 - 4)),  # IHDR, IDAT, IEND besides
+        "comments.gif": gif[:frame] + b"\x21\xfe" + b"\x01a" * (limit - 8) + b"\0" + gif[frame:],
+    }
+    for name, data in at_limit.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert probe_image(path) == (16, 16), name
+        assert load_image(path).size == (16, 16), name
+
+
+def _saved(image: Image.Image, kind: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, kind)
+    return out.getvalue()
 
 
 def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
