@@ -789,6 +789,41 @@ def test_a_header_of_countless_segments_chunks_or_blocks_is_refused_before_pillo
         assert load_image(path).size == (16, 16), name
 
 
+def _tiff_of_strips(strips: int, big: bool = False) -> bytes:
+    """A 16×16 grey TIFF (or BigTIFF) whose StripOffsets list `strips` strips, all the same 256 bytes
+    (the first 16 rows of one pixel each are enough for Pillow: each strip is a row)."""
+    word, count_format, entry_format = ("Q", "Q", "<HHQQ") if big else ("I", "H", "<HHII")
+    pixels, header = bytes(range(256)), 16 if big else 8
+    offsets_at = header + len(pixels)
+    counts_at = offsets_at + strips * struct.calcsize(word)
+    directory_at = counts_at + strips * struct.calcsize(word)
+    long_type = 16 if big else 4  # LONG8, LONG
+    tags = [(256, 3, 1, 16), (257, 3, 1, 16), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, long_type, strips, offsets_at),
+            (277, 3, 1, 1), (278, 3, 1, 1), (279, long_type, strips, counts_at)]  # fmt: skip
+    start = b"II+\0" + struct.pack("<HHQ", 8, 0, directory_at) if big else b"II*\0" + struct.pack("<I", directory_at)
+    offsets = struct.pack(f"<{strips}{word}", *(header + 16 * (k % 16) for k in range(strips)))
+    counts = struct.pack(f"<{word}", 16) * strips
+    directory = struct.pack(f"<{count_format}", len(tags)) + b"".join(struct.pack(entry_format, *tag) for tag in tags)
+    return start + pixels + offsets + counts + directory + struct.pack(f"<{word}", 0)
+
+
+def test_a_tiff_listing_far_more_strips_than_a_picture_has_is_refused_before_pillow_reads_them(tmp_path, monkeypatch):
+    """Pillow turns a TIFF's strip (or tile) offsets into Python values as it opens the file, and
+    decodes strip by strip: a 64 MB TIFF of 16×16 pixels listing 8 million strips took 2.2 GB and
+    14 s to open and a minute to decode. No picture within MAX_SIDE needs more than MAX_SIDE strips."""
+    monkeypatch.setattr(media_image, "MAX_TIFF_VALUES", 100, raising=False)  # a million are allowed: fewer make the same point
+    for big in (False, True):
+        path = tmp_path / f"strips{'_big' if big else ''}.tif"
+        path.write_bytes(_tiff_of_strips(101, big))
+        for call in (probe_image, load_image):
+            with pytest.raises(MediaError) as err:
+                call(path)
+            _assert_one_line(err, path.name, "a TIFF whose StripOffsets tag lists 101 values", "re-save it")
+        path.write_bytes(_tiff_of_strips(100, big))
+        assert probe_image(path) == (16, 16)
+        assert load_image(path).size == (16, 16)
+
+
 def _saved(image: Image.Image, kind: str) -> bytes:
     out = io.BytesIO()
     image.save(out, kind)

@@ -386,6 +386,12 @@ def _icon_picture_size(path: Path) -> tuple[int, int] | None:
 # limit is MAX_JPEG_SEGMENTS.
 MAX_PNG_CHUNKS = 1 << 20
 MAX_GIF_BLOCKS = 1 << 16
+# A TIFF's lists that Pillow turns whole into Python values as it opens the file (a strip's or tile's
+# offset each: a 64 MB TIFF of 16×16 pixels listing 8 million strips took 2.2 GB and 14 s to open,
+# a minute to decode). A picture within MAX_SIDE has at most MAX_SIDE strips of a row each.
+TIFF_LISTS = {258: "BitsPerSample", 273: "StripOffsets", 279: "StripByteCounts", 320: "ColorMap", 324: "TileOffsets",
+              325: "TileByteCounts", 338: "ExtraSamples"}  # fmt: skip
+MAX_TIFF_VALUES = MAX_SIDE
 
 
 class _Pages:
@@ -418,6 +424,10 @@ def _header_flood(path: Path) -> str | None:
                 return f"a PNG of more than {MAX_PNG_CHUNKS:,} chunks (real ones have one per 8 KB or so of pixels)"
             if magic[:6] in (b"GIF87a", b"GIF89a") and _gif_blocks(pages) > MAX_GIF_BLOCKS:
                 return f"a GIF of more than {MAX_GIF_BLOCKS:,} comment or other extension blocks before its first frame"
+            if magic[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):  # TIFF, BigTIFF
+                name, values = _tiff_longest_list(pages)
+                if values > MAX_TIFF_VALUES:
+                    return f"a TIFF whose {name} tag lists {values:,} values (real ones list one per strip or tile, {MAX_TIFF_VALUES:,} at most)"
     except OSError:  # NotRegularFile is one
         pass
     return None
@@ -483,6 +493,29 @@ def _gif_blocks(pages: _Pages) -> int:
             if not page[i]:
                 break
     return blocks
+
+
+def _tiff_longest_list(pages: _Pages) -> tuple[str, int]:
+    """The longest of the TIFF_LISTS in the first directory (the one Pillow opens): its name and its
+    number of values; ("", 0) where there is none or the header does not read."""
+    head, _ = pages.at(0, 16)
+    order = "little" if head[:2] == b"II" else "big"
+    version = int.from_bytes(head[2:4], order)
+    if len(head) < 16 or version not in (42, 43):
+        return "", 0
+    # classic TIFF: 4-byte offsets, 2-byte entry counts, 12-byte entries; BigTIFF: 8, 8 and 20
+    at, count_size, entry_size = (int.from_bytes(head[4:8], order), 2, 12) if version == 42 else (int.from_bytes(head[8:16], order), 8, 20)
+    page, i = pages.at(at, count_size)
+    entries = min(int.from_bytes(page[i : i + count_size], order), 1 << 16)
+    longest = ("", 0)
+    for k in range(entries):
+        page, i = pages.at(at + count_size + k * entry_size, entry_size)
+        if len(page) - i < entry_size:
+            break
+        tag, values = int.from_bytes(page[i : i + 2], order), int.from_bytes(page[i + 4 : i + 4 + (entry_size - 4) // 2], order)
+        if tag in TIFF_LISTS and values > longest[1]:
+            longest = (TIFF_LISTS[tag], values)
+    return longest
 
 
 def _jpeg_scans(path: Path) -> int:
