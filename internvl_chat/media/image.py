@@ -392,6 +392,10 @@ MAX_GIF_BLOCKS = 1 << 16
 TIFF_LISTS = {258: "BitsPerSample", 273: "StripOffsets", 279: "StripByteCounts", 320: "ColorMap", 324: "TileOffsets",
               325: "TileByteCounts", 338: "ExtraSamples"}  # fmt: skip
 MAX_TIFF_VALUES = MAX_SIDE
+# A PPM's header is read a byte at a time, comments and blanks included: 24 MB of them took 5 s
+PPM_HEADER_BYTES = 1 << 16
+_PPM_GAP = re.compile(rb"(?:[ \t\n\v\f\r]+|#[^\r\n]*)*")  # blanks and comments (to the end of the line)
+_PPM_TOKEN = re.compile(rb"[^ \t\n\v\f\r#]*")
 
 
 class _Pages:
@@ -424,6 +428,8 @@ def _header_flood(path: Path) -> str | None:
                 return f"a PNG of more than {MAX_PNG_CHUNKS:,} chunks (real ones have one per 8 KB or so of pixels)"
             if magic[:6] in (b"GIF87a", b"GIF89a") and _gif_blocks(pages) > MAX_GIF_BLOCKS:
                 return f"a GIF of more than {MAX_GIF_BLOCKS:,} comment or other extension blocks before its first frame"
+            if magic[:1] == b"P" and magic[1:2] in b"0123456fy" and _ppm_header_end(pages) > PPM_HEADER_BYTES:
+                return f"a PPM whose header runs past its first {PPM_HEADER_BYTES:,} bytes (real ones take a few dozen)"
             if magic[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):  # TIFF, BigTIFF
                 name, values = _tiff_longest_list(pages)
                 if values > MAX_TIFF_VALUES:
@@ -493,6 +499,17 @@ def _gif_blocks(pages: _Pages) -> int:
             if not page[i]:
                 break
     return blocks
+
+
+def _ppm_header_end(pages: _Pages) -> int:
+    """Where a PPM's header (its magic number, then its size and maximum value, or scale) ends, if
+    within PPM_HEADER_BYTES; a number past them where it runs on."""
+    page, _ = pages.at(0, PPM_HEADER_BYTES + 1)
+    head = page[: PPM_HEADER_BYTES + 1]
+    at = _PPM_TOKEN.match(head).end()
+    for _ in range(2 if head[:at] in (b"P1", b"P4") else 3):  # bitmaps have no maximum value
+        at = _PPM_TOKEN.match(head, _PPM_GAP.match(head, at).end()).end()
+    return at
 
 
 def _tiff_longest_list(pages: _Pages) -> tuple[str, int]:
