@@ -851,6 +851,24 @@ def test_a_ppm_whose_header_runs_on_is_refused_before_pillow_reads_it_a_byte_at_
         assert load_image(path).size == (16, 16)
 
 
+def test_a_qoi_image_too_large_for_pillows_python_decoder_is_refused_at_the_header(tmp_path):
+    """Pillow decodes QOI in Python, a pixel at a time: a 24 MB QOI of 6000×4000 (one-byte pixels)
+    took 16 s, one within the pixel limit minutes."""
+    for side, refused in ((4097, True), (4096, False)):  # just over and at 2^24 pixels
+        path = tmp_path / f"big{side}.qoi"
+        path.write_bytes(b"qoif" + struct.pack(">IIBB", side, side, 3, 0) + b"\xc0" * 8 + bytes(7) + b"\x01")  # and no pixels past 8
+        if refused:
+            for call in (probe_image, load_image):
+                with pytest.raises(MediaError) as err:
+                    call(path)
+                _assert_one_line(err, path.name, "a QOI image of 4097×4097 pixels, more than the 16,777,216", "convert it to PNG")
+        else:
+            assert probe_image(path) == (side, side)
+    path = tmp_path / "small.qoi"
+    path.write_bytes(_saved(Image.new("RGB", (16, 16), (10, 20, 30)), "QOI"))
+    assert load_image(path).size == (16, 16)
+
+
 def _saved(image: Image.Image, kind: str) -> bytes:
     out = io.BytesIO()
     image.save(out, kind)
