@@ -851,22 +851,45 @@ def test_a_ppm_whose_header_runs_on_is_refused_before_pillow_reads_it_a_byte_at_
         assert load_image(path).size == (16, 16)
 
 
-def test_a_qoi_image_too_large_for_pillows_python_decoder_is_refused_at_the_header(tmp_path):
-    """Pillow decodes QOI in Python, a pixel at a time: a 24 MB QOI of 6000×4000 (one-byte pixels)
-    took 16 s, one within the pixel limit minutes."""
+def test_a_picture_too_large_for_pillows_python_decoders_is_refused_at_the_header(tmp_path):
+    """Pillow decodes QOI and plain-text PNM in Python, a pixel or a number at a time: a 24 MB QOI of
+    6000×4000 (one-byte pixels) took 16 s, one within the pixel limit minutes."""
     for side, refused in ((4097, True), (4096, False)):  # just over and at 2^24 pixels
-        path = tmp_path / f"big{side}.qoi"
-        path.write_bytes(b"qoif" + struct.pack(">IIBB", side, side, 3, 0) + b"\xc0" * 8 + bytes(7) + b"\x01")  # and no pixels past 8
-        if refused:
-            for call in (probe_image, load_image):
-                with pytest.raises(MediaError) as err:
-                    call(path)
-                _assert_one_line(err, path.name, "a QOI image of 4097×4097 pixels, more than the 16,777,216", "convert it to PNG")
-        else:
-            assert probe_image(path) == (side, side)
+        files = {
+            f"big{side}.qoi": (b"qoif" + struct.pack(">IIBB", side, side, 3, 0) + b"\xc0" * 8 + bytes(7) + b"\x01", "a QOI image"),
+            f"big{side}.pgm": (b"P2\n%d %d\n255\n0 0 0\n" % (side, side), "a plain-text PNM image"),
+        }
+        for name, (data, what) in files.items():  # with no pixels past the first few
+            path = tmp_path / name
+            path.write_bytes(data)
+            if refused:
+                for call in (probe_image, load_image):
+                    with pytest.raises(MediaError) as err:
+                        call(path)
+                    _assert_one_line(err, name, f"{what} of 4097×4097 pixels, more than the 16,777,216", "convert it to PNG")
+            else:
+                assert probe_image(path) == (side, side)
     path = tmp_path / "small.qoi"
     path.write_bytes(_saved(Image.new("RGB", (16, 16), (10, 20, 30)), "QOI"))
     assert load_image(path).size == (16, 16)
+
+
+def test_a_plain_text_pnm_of_countless_comments_among_its_pixels_is_refused_before_decoding(tmp_path):
+    """Pillow strips each comment among a plain-text PNM's numbers by copying the rest of the
+    megabyte it is in: a 4 MB file of two million empty comments took 36 s (minutes for a request body)."""
+    for magic, pixel in ((b"P1", b"0 "), (b"P2", b"7 "), (b"P3", b"7 7 7 ")):
+        path = tmp_path / f"comments_{magic.decode()}.pnm"
+        size = b"4 4\n" if magic == b"P1" else b"4 4\n255\n"
+        path.write_bytes(magic + b"\n" + size + pixel * 8 + b"#\n" * 1025 + pixel * 8)
+        for call in (probe_image, load_image):
+            with pytest.raises(MediaError) as err:
+                call(path)
+            _assert_one_line(err, path.name, "a plain-text PNM of more than 1,024 comments among its pixels", "re-save it")
+        path.write_bytes(magic + b"\n# made by hand\n" + size + pixel * 8 + b"# a row\n" * 100 + pixel * 8)
+        assert load_image(path).size == (4, 4)
+    path = tmp_path / "binary.pgm"  # a binary PNM's pixels are any bytes: a # among them is a grey, not a comment
+    path.write_bytes(b"P5\n64 64\n255\n" + b"#" * 4096)
+    assert load_image(path).size == (64, 64)
 
 
 def _saved(image: Image.Image, kind: str) -> bytes:

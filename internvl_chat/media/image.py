@@ -38,9 +38,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Twice Pillow's default MAX_IMAGE_PIXELS: the size at which Pillow itself refuses to open an image.
 # Checked here too, so a caller that changed Pillow's global limit does not change ours.
 MAX_PIXELS = 2 * 89_478_485
-# Pillow decodes QOI in Python, about 0.7 µs a pixel: a 24 MB QOI of 6000×4000 took 16 s, one within
-# MAX_PIXELS would take minutes. A 16-megapixel photo takes some 11 s.
-MAX_QOI_PIXELS = 1 << 24
+# Pillow decodes QOI and plain-text (ASCII) PNM in Python: about 0.7 µs a pixel for QOI (a 24 MB QOI
+# of 6000×4000 took 16 s), 0.4 µs a number for PNM (12 million took 4 s); a picture within MAX_PIXELS
+# would take minutes. A 16-megapixel QOI photo takes some 11 s.
+PYTHON_DECODERS = {"qoi": "a QOI image", "ppm_plain": "a plain-text PNM image"}  # Pillow's decoder → what the file is
+MAX_PYTHON_DECODED_PIXELS = 1 << 24
 # Progressive JPEGs from libjpeg have 6 or 10 scans, mozjpeg's a few more
 MAX_JPEG_SCANS = 256
 # Real tiled TIFFs use tiles of 256² to 1024²; a larger one than the picture is refused past this size
@@ -324,11 +326,12 @@ def _open_image(path: Path) -> Image.Image:
     except MediaError:
         image.close()
         raise
-    if image.format == "QOI" and width * height > MAX_QOI_PIXELS:
+    decoded_in_python = PYTHON_DECODERS.get(image.tile[0][0]) if image.tile else None
+    if decoded_in_python and width * height > MAX_PYTHON_DECODED_PIXELS:
         image.close()
         raise MediaError(
-            f"{visible(str(path))} is a QOI image of {width}×{height} pixels, more than the {MAX_QOI_PIXELS:,} that Pillow's decoder "
-            "(written in Python) reads in seconds; convert it to PNG"
+            f"{visible(str(path))} is {decoded_in_python} of {width}×{height} pixels, more than the {MAX_PYTHON_DECODED_PIXELS:,} "
+            "that Pillow's decoder (written in Python) reads in seconds; convert it to PNG"
         )
     scans = _jpeg_scans(path) if image.format in ("JPEG", "MPO") else 0
     if scans > MAX_JPEG_SCANS:
@@ -405,6 +408,9 @@ MAX_TIFF_VALUES = MAX_SIDE
 PPM_HEADER_BYTES = 1 << 16
 _PPM_GAP = re.compile(rb"(?:[ \t\n\v\f\r]+|#[^\r\n]*)*")  # blanks and comments (to the end of the line)
 _PPM_TOKEN = re.compile(rb"[^ \t\n\v\f\r#]*")
+# Pillow strips each comment among a plain-text PNM's numbers by copying the rest of the megabyte it
+# is in: a 4 MB file of two million empty comments took 36 s
+MAX_PNM_COMMENTS = 1 << 10
 
 
 class _Pages:
@@ -437,8 +443,12 @@ def _header_flood(path: Path) -> str | None:
                 return f"a PNG of more than {MAX_PNG_CHUNKS:,} chunks (real ones have one per 8 KB or so of pixels)"
             if magic[:6] in (b"GIF87a", b"GIF89a") and _gif_blocks(pages) > MAX_GIF_BLOCKS:
                 return f"a GIF of more than {MAX_GIF_BLOCKS:,} comment or other extension blocks before its first frame"
-            if magic[:1] == b"P" and magic[1:2] in b"0123456fy" and _ppm_header_end(pages) > PPM_HEADER_BYTES:
-                return f"a PPM whose header runs past its first {PPM_HEADER_BYTES:,} bytes (real ones take a few dozen)"
+            if magic[:1] == b"P" and magic[1:2] in b"0123456fy":
+                end = _ppm_header_end(pages)
+                if end > PPM_HEADER_BYTES:
+                    return f"a PPM whose header runs past its first {PPM_HEADER_BYTES:,} bytes (real ones take a few dozen)"
+                if magic[1:2] in b"123" and _comments_from(f, end) > MAX_PNM_COMMENTS:
+                    return f"a plain-text PNM of more than {MAX_PNM_COMMENTS:,} comments among its pixels (real ones have them in the header)"
             if magic[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):  # TIFF, BigTIFF
                 name, values = _tiff_longest_list(pages)
                 if values > MAX_TIFF_VALUES:
@@ -519,6 +529,15 @@ def _ppm_header_end(pages: _Pages) -> int:
     for _ in range(2 if head[:at] in (b"P1", b"P4") else 3):  # bitmaps have no maximum value
         at = _PPM_TOKEN.match(head, _PPM_GAP.match(head, at).end()).end()
     return at
+
+
+def _comments_from(f: BinaryIO, start: int) -> int:
+    """The comment signs (#) from `start` to the end of the file, up to one past MAX_PNM_COMMENTS."""
+    f.seek(start)
+    count = 0
+    while count <= MAX_PNM_COMMENTS and (block := f.read(1 << 20)):
+        count += block.count(b"#")
+    return count
 
 
 def _tiff_longest_list(pages: _Pages) -> tuple[str, int]:
