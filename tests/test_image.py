@@ -892,6 +892,29 @@ def test_a_plain_text_pnm_of_countless_comments_among_its_pixels_is_refused_befo
     assert load_image(path).size == (64, 64)
 
 
+def test_a_jpeg_2000_header_among_countless_boxes_is_refused_before_pillow_walks_them(tmp_path):
+    """Pillow walks a JPEG 2000 file's boxes up to its header one at a time in Python: 3 million
+    empty ones (24 MB) took 4 s."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(out, "JPEG2000", no_jp2=False)
+    jp2 = out.getvalue()
+    header = jp2.index(b"jp2h") - 4
+    free = b"\0\0\0\x08free"
+    for name, data, refused in (
+        ("before.jp2", jp2[:header] + free * (1 << 16) + jp2[header:], True),
+        ("fewer.jp2", jp2[:header] + free * ((1 << 16) - 8) + jp2[header:], False),
+    ):
+        path = tmp_path / name
+        path.write_bytes(data)
+        if refused:
+            for call in (probe_image, load_image):
+                with pytest.raises(MediaError) as err:
+                    call(path)
+                _assert_one_line(err, name, "a JPEG 2000 file of more than 65,536 boxes", "re-save it")
+        else:
+            assert load_image(path).size == (16, 16)
+
+
 def _saved(image: Image.Image, kind: str) -> bytes:
     out = io.BytesIO()
     image.save(out, kind)
