@@ -767,6 +767,7 @@ def test_a_header_of_countless_segments_chunks_or_blocks_is_refused_before_pillo
         "fill.jpg": (jpeg[:2] + b"\xff" * (limit + 2) + jpeg[2:], "a JPEG of more than 65,536 segments or fill bytes"),
         "private.png": (_with_chunks(png, _png_chunk(b"abCd", b"") * 1001), "a PNG of more than 1,000 chunks"),
         "text.png": (_with_chunks(png, b"".join(_png_chunk(b"tEXt", b"k%d\0" % i) for i in range(1001))), "more than 1,000 chunks"),
+        "private.ico": (_icon(_with_chunks(png, _png_chunk(b"abCd", b"") * 1001)), "an icon holding a PNG of more than 1,000 chunks"),
         "comments.gif": (gif[:frame] + b"\x21\xfe" + b"\x01a" * (limit + 1) + b"\0" + gif[frame:], "a GIF of more than 65,536"),
     }
     for name, (data, words) in cases.items():
@@ -780,6 +781,7 @@ def test_a_header_of_countless_segments_chunks_or_blocks_is_refused_before_pillo
     at_limit = {
         "segments.jpg": jpeg[:2] + b"\xff\xe5\x00\x02" * (limit - 16) + jpeg[2:],
         "private.png": _with_chunks(png, _png_chunk(b"abCd", b"") * (1000 - 4)),  # IHDR, IDAT, IEND besides
+        "private.ico": _icon(_with_chunks(png, _png_chunk(b"abCd", b"") * (1000 - 4))),
         "comments.gif": gif[:frame] + b"\x21\xfe" + b"\x01a" * (limit - 8) + b"\0" + gif[frame:],
     }
     for name, data in at_limit.items():

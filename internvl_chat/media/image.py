@@ -376,19 +376,27 @@ def _icon_picture_size(path: Path) -> tuple[int, int] | None:
     1×50,000,000 took 655 MB and 2 s to be refused by the MAX_SIDE check that came after."""
     try:
         with open_regular_file(path) as f, quiet_pillow():
-            if f.read(4) != ICO_MAGIC:
+            offset = _icon_picture_at(f)
+            if offset is None:
                 return None
-            f.seek(0)
-            offset = IcoImagePlugin.IcoFile(f).entry[0].offset  # the largest, the one Pillow decodes
             f.seek(offset)
-            is_png = f.read(8) == PngImagePlugin._MAGIC
+            head = f.read(24)
+            if head[:8] == PngImagePlugin._MAGIC:  # its IHDR's (the PNG's chunks are the header walk's to count)
+                return (int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")) if head[12:16] == b"IHDR" else None
             f.seek(offset)
-            if is_png:
-                return PngImagePlugin.PngImageFile(f).size
             width, height = BmpImagePlugin.DibImageFile(f).size
             return width, height // 2  # an icon's BMP counts the rows of its transparency mask too
     except Exception:  # noqa: BLE001 - OSError, SyntaxError, IndexError (no entries), …: Pillow's opening reports it
         return None
+
+
+def _icon_picture_at(f: BinaryIO) -> int | None:
+    """Where the picture Pillow decodes as it opens an ICO file starts (the largest), or None for another file."""
+    f.seek(0)
+    if f.read(4) != ICO_MAGIC:
+        return None
+    f.seek(0)
+    return IcoImagePlugin.IcoFile(f).entry[0].offset
 
 
 # Pillow reads a header a segment, chunk or block at a time in Python, keeping what most of them hold
@@ -442,8 +450,10 @@ def _header_flood(path: Path) -> str | None:
             magic, _ = pages.at(0, 8)
             if magic.startswith(b"\xff\xd8\xff") and _jpeg_header_steps(pages) > MAX_JPEG_SEGMENTS:
                 return f"a JPEG of more than {MAX_JPEG_SEGMENTS:,} segments or fill bytes before its picture (real ones have a few dozen)"
-            if magic.startswith(PngImagePlugin._MAGIC) and _png_chunks(pages) > MAX_PNG_CHUNKS:
+            if magic.startswith(PngImagePlugin._MAGIC) and _png_chunks(pages, 0) > MAX_PNG_CHUNKS:
                 return f"a PNG of more than {MAX_PNG_CHUNKS:,} chunks (real ones have one per 8 KB or so of pixels)"
+            if magic[:4] == ICO_MAGIC and _icon_png_chunks(f, pages) > MAX_PNG_CHUNKS:
+                return f"an icon holding a PNG of more than {MAX_PNG_CHUNKS:,} chunks (real ones have one per 8 KB or so of pixels)"
             if magic[:6] in (b"GIF87a", b"GIF89a") and _gif_blocks(pages) > MAX_GIF_BLOCKS:
                 return f"a GIF of more than {MAX_GIF_BLOCKS:,} comment or other extension blocks before its first frame"
             if magic[:1] == b"P" and magic[1:2] in b"0123456fy":
@@ -486,9 +496,20 @@ def _jpeg_header_steps(pages: _Pages) -> int:
     return steps
 
 
-def _png_chunks(pages: _Pages) -> int:
-    """The chunks up to IEND (Pillow takes each on its own), up to one past MAX_PNG_CHUNKS."""
-    chunks, at = 0, 8
+def _icon_png_chunks(f: BinaryIO, pages: _Pages) -> int:
+    """_png_chunks of the PNG an ICO file holds, the one Pillow decodes as it opens the file (0 for a BMP)."""
+    try:
+        with quiet_pillow():
+            start = _icon_picture_at(f)
+    except Exception:  # noqa: BLE001 - SyntaxError, IndexError (no entries), …: Pillow's opening reports it
+        return 0
+    page, i = pages.at(start, 8)
+    return _png_chunks(pages, start) if page[i : i + 8] == PngImagePlugin._MAGIC else 0
+
+
+def _png_chunks(pages: _Pages, start: int) -> int:
+    """The chunks of the PNG at `start` up to IEND (Pillow takes each on its own), up to one past MAX_PNG_CHUNKS."""
+    chunks, at = 0, start + 8
     while chunks <= MAX_PNG_CHUNKS:
         page, i = pages.at(at, 8)
         if len(page) - i < 8:
