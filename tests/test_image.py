@@ -824,6 +824,12 @@ def test_a_tiff_listing_far_more_strips_than_a_picture_has_is_refused_before_pil
         path.write_bytes(_tiff_of_strips(100, big))
         assert probe_image(path) == (16, 16)
         assert load_image(path).size == (16, 16)
+    path = tmp_path / "far.tif"  # a BigTIFF whose directory lies past 2^63 (no file reaches there) is Pillow's to refuse
+    path.write_bytes(b"II+\0" + struct.pack("<HHQ", 8, 0, 1 << 63) + bytes(16))
+    for call in (probe_image, load_image):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        _assert_one_line(err, path.name)
 
 
 def test_a_ppm_whose_header_runs_on_is_refused_before_pillow_reads_it_a_byte_at_a_time(tmp_path):

@@ -468,7 +468,7 @@ def _header_flood(path: Path) -> str | None:
                 name, values = _tiff_longest_list(pages)
                 if values > MAX_TIFF_VALUES:
                     return f"a TIFF whose {name} tag lists {values:,} values (real ones list one per strip or tile, {MAX_TIFF_VALUES:,} at most)"
-    except OSError:  # NotRegularFile is one
+    except (OSError, OverflowError):  # NotRegularFile is one; OverflowError: an offset past 2^63 (BigTIFF's), where no file reaches
         pass
     return None
 
