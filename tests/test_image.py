@@ -860,12 +860,15 @@ def test_a_ppm_whose_header_runs_on_is_refused_before_pillow_reads_it_a_byte_at_
 
 
 def test_a_picture_too_large_for_pillows_python_decoders_is_refused_at_the_header(tmp_path):
-    """Pillow decodes QOI and plain-text PNM in Python, a pixel or a number at a time: a 24 MB QOI of
-    6000×4000 (one-byte pixels) took 16 s, one within the pixel limit minutes."""
+    """Pillow decodes QOI, plain-text PNM, PNM of unusual maximum values and run-length-encoded BMP in
+    Python, a pixel or a number at a time: a 24 MB QOI of 6000×4000 (one-byte pixels) took 16 s, a
+    53 KB BMP of 13000×13000 (a pixel and an end of row a row) 26 s, one within the pixel limit minutes."""
     for side, refused in ((4097, True), (4096, False)):  # just over and at 2^24 pixels
         files = {
             f"big{side}.qoi": (b"qoif" + struct.pack(">IIBB", side, side, 3, 0) + b"\xc0" * 8 + bytes(7) + b"\x01", "a QOI image"),
             f"big{side}.pgm": (b"P2\n%d %d\n255\n0 0 0\n" % (side, side), "a plain-text PNM image"),
+            f"big{side}.ppm": (b"P6\n%d %d\n1023\n" % (side, side) + bytes(12), "a PNM image of an unusual maximum value"),
+            f"big{side}.bmp": (_rle_bmp(side, side, b"\x01\x05\x00\x00"), "a run-length-encoded BMP image"),
         }
         for name, (data, what) in files.items():  # with no pixels past the first few
             path = tmp_path / name
@@ -877,9 +880,20 @@ def test_a_picture_too_large_for_pillows_python_decoders_is_refused_at_the_heade
                     _assert_one_line(err, name, f"{what} of 4097×4097 pixels, more than the 16,777,216", "convert it to PNG")
             else:
                 assert probe_image(path) == (side, side)
-    path = tmp_path / "small.qoi"
-    path.write_bytes(_saved(Image.new("RGB", (16, 16), (10, 20, 30)), "QOI"))
-    assert load_image(path).size == (16, 16)
+    small = {"small.qoi": _saved(Image.new("RGB", (16, 16), (10, 20, 30)), "QOI"), "small.ppm": b"P6\n16 16\n1023\n" + bytes(16 * 16 * 6),
+             "small.bmp": _rle_bmp(16, 16, (b"\x10\x05\x00\x00") * 16 + b"\x00\x01")}  # fmt: skip
+    for name, data in small.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert load_image(path).size == (16, 16), name
+
+
+def _rle_bmp(width: int, height: int, rows: bytes) -> bytes:
+    """An 8-bit run-length-encoded BMP (a grey palette) whose pixel data is `rows`."""
+    palette = b"".join(bytes((grey, grey, grey, 0)) for grey in range(256))
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
+    start = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", start + len(rows), 0, 0, start) + info + palette + rows
 
 
 def test_a_plain_text_pnm_of_countless_comments_among_its_pixels_is_refused_before_decoding(tmp_path):
