@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -703,6 +704,243 @@ def test_a_side_too_long_for_any_picture_is_refused_at_the_header(tmp_path):
     path.write_bytes(_grey_png(1, media_image.MAX_SIDE, 90))
     result = load_image(path)
     assert result.size == (1, media_image.MAX_SIDE) and result.num_tiles == 13
+
+
+def _icon(picture: bytes) -> bytes:
+    """An ICO file of one entry (its directory says 256×256) holding `picture`, a PNG or a BMP without its file header."""
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(picture), 22) + picture
+
+
+def _icon_bmp(width: int, height: int) -> bytes:
+    """An icon's BMP header (its height counts the transparency mask's rows too), followed by no pixels."""
+    return struct.pack("<IiiHHIIiiII", 40, width, 2 * height, 1, 32, 0, 0, 0, 0, 0, 0)
+
+
+def test_an_icon_holding_a_bomb_is_refused_before_its_picture_is_decoded(tmp_path, monkeypatch):
+    """Pillow decodes an icon's picture as it opens the file, whatever size that PNG or BMP declares
+    (its directory says 256×256 at most), within only Pillow's own pixel limit: a 95 KB icon holding
+    a PNG of 1×50,000,000 took 655 MB before the side check refused it. The pictures here have no
+    pixel data: decoded, they said "truncated" instead of what is wrong with them."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a caller that changed Pillow's limit does not change ours
+    cases = {
+        "long_png.ico": (_icon(png_with_declared_size(1, media_image.MAX_SIDE + 1)), "a side longer than 1,048,576"),
+        "long_bmp.ico": (_icon(_icon_bmp(media_image.MAX_SIDE + 1, 1)), "a side longer than 1,048,576"),
+        "large_png.ico": (_icon(png_with_declared_size(15000, 12000)), "decompression bombs"),  # 180M pixels
+    }
+    for name, (data, words) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for call in (probe_image, load_image):
+            with pytest.raises(MediaError) as err:
+                call(path)
+            _assert_one_line(err, name, words)
+
+
+def test_an_icon_of_a_large_picture_within_the_limits_is_read_at_its_size(tmp_path):
+    path = tmp_path / "big.ico"
+    path.write_bytes(_icon(_grey_png(600, 300, 90)))
+    assert probe_image(path) == (600, 300)
+    result = load_image(path)
+    assert result.size == (600, 300) and result.grid == (2, 1)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _with_chunks(png: bytes, chunks: bytes) -> bytes:
+    """`png` with `chunks` after its header (IHDR), before its pixels."""
+    return png[:33] + chunks + png[33:]
+
+
+def test_a_header_of_countless_segments_chunks_or_blocks_is_refused_before_pillow_reads_it(tmp_path, monkeypatch):
+    """Pillow reads a header a segment, chunk or block at a time in Python and keeps most of them: a
+    48 MB JPEG of 12 million empty segments took 14 s and 1.8 GB to open, a 10 MB GIF of 5 million
+    comment blocks 650 MB, a PNG's unknown chunks about 10 times their size (after the pixels too)."""
+    pixels = Image.new("RGB", (16, 16), (10, 20, 30))
+    jpeg, png, gif = (_saved(pixels if kind != "GIF" else pixels.convert("P"), kind) for kind in ("JPEG", "PNG", "GIF"))
+    monkeypatch.setattr(media_image, "MAX_PNG_CHUNKS", 1000)  # a million are allowed: fewer make the same point
+    frame = gif.index(b"\x2c")  # the first frame, after the global colour table
+    limit = media_image.MAX_JPEG_SEGMENTS
+    cases = {
+        "segments.jpg": (jpeg[:2] + b"\xff\xe5\x00\x02" * (limit + 1) + jpeg[2:], "a JPEG of more than 65,536 segments"),
+        "fill.jpg": (jpeg[:2] + b"\xff" * (limit + 2) + jpeg[2:], "a JPEG of more than 65,536 segments or fill bytes"),
+        "private.png": (_with_chunks(png, _png_chunk(b"abCd", b"") * 1001), "a PNG of more than 1,000 chunks"),
+        "text.png": (_with_chunks(png, b"".join(_png_chunk(b"tEXt", b"k%d\0" % i) for i in range(1001))), "more than 1,000 chunks"),
+        "private.ico": (_icon(_with_chunks(png, _png_chunk(b"abCd", b"") * 1001)), "an icon holding a PNG of more than 1,000 chunks"),
+        "comments.gif": (gif[:frame] + b"\x21\xfe" + b"\x01a" * (limit + 1) + b"\0" + gif[frame:], "a GIF of more than 65,536"),
+    }
+    for name, (data, words) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for call in (probe_image, load_image):
+            with pytest.raises(MediaError) as err:
+                call(path)
+            _assert_one_line(err, name, words, "refused as a possible decompression bomb; re-save it")
+    # at the limits they are pictures like any other
+    at_limit = {
+        "segments.jpg": jpeg[:2] + b"\xff\xe5\x00\x02" * (limit - 16) + jpeg[2:],
+        "private.png": _with_chunks(png, _png_chunk(b"abCd", b"") * (1000 - 4)),  # IHDR, IDAT, IEND besides
+        "private.ico": _icon(_with_chunks(png, _png_chunk(b"abCd", b"") * (1000 - 4))),
+        "comments.gif": gif[:frame] + b"\x21\xfe" + b"\x01a" * (limit - 8) + b"\0" + gif[frame:],
+    }
+    for name, data in at_limit.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert probe_image(path) == (16, 16), name
+        assert load_image(path).size == (16, 16), name
+
+
+def _tiff_of_strips(strips: int, big: bool = False) -> bytes:
+    """A 16×16 grey TIFF (or BigTIFF) whose StripOffsets list `strips` strips, all the same 256 bytes
+    (the first 16 rows of one pixel each are enough for Pillow: each strip is a row)."""
+    word, count_format, entry_format = ("Q", "Q", "<HHQQ") if big else ("I", "H", "<HHII")
+    pixels, header = bytes(range(256)), 16 if big else 8
+    offsets_at = header + len(pixels)
+    counts_at = offsets_at + strips * struct.calcsize(word)
+    directory_at = counts_at + strips * struct.calcsize(word)
+    long_type = 16 if big else 4  # LONG8, LONG
+    tags = [(256, 3, 1, 16), (257, 3, 1, 16), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, long_type, strips, offsets_at),
+            (277, 3, 1, 1), (278, 3, 1, 1), (279, long_type, strips, counts_at)]  # fmt: skip
+    start = b"II+\0" + struct.pack("<HHQ", 8, 0, directory_at) if big else b"II*\0" + struct.pack("<I", directory_at)
+    offsets = struct.pack(f"<{strips}{word}", *(header + 16 * (k % 16) for k in range(strips)))
+    counts = struct.pack(f"<{word}", 16) * strips
+    directory = struct.pack(f"<{count_format}", len(tags)) + b"".join(struct.pack(entry_format, *tag) for tag in tags)
+    return start + pixels + offsets + counts + directory + struct.pack(f"<{word}", 0)
+
+
+def test_a_tiff_listing_far_more_strips_than_a_picture_has_is_refused_before_pillow_reads_them(tmp_path, monkeypatch):
+    """Pillow turns a TIFF's strip (or tile) offsets into Python values as it opens the file, and
+    decodes strip by strip: a 64 MB TIFF of 16×16 pixels listing 8 million strips took 2.2 GB and
+    14 s to open and a minute to decode. No picture within MAX_SIDE needs more than MAX_SIDE strips."""
+    monkeypatch.setattr(media_image, "MAX_TIFF_VALUES", 100, raising=False)  # a million are allowed: fewer make the same point
+    for big in (False, True):
+        path = tmp_path / f"strips{'_big' if big else ''}.tif"
+        path.write_bytes(_tiff_of_strips(101, big))
+        for call in (probe_image, load_image):
+            with pytest.raises(MediaError) as err:
+                call(path)
+            _assert_one_line(err, path.name, "a TIFF whose StripOffsets tag lists 101 values", "re-save it")
+        path.write_bytes(_tiff_of_strips(100, big))
+        assert probe_image(path) == (16, 16)
+        assert load_image(path).size == (16, 16)
+    path = tmp_path / "far.tif"  # a BigTIFF whose directory lies past 2^63 (no file reaches there) is Pillow's to refuse
+    path.write_bytes(b"II+\0" + struct.pack("<HHQ", 8, 0, 1 << 63) + bytes(16))
+    for call in (probe_image, load_image):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        _assert_one_line(err, path.name)
+
+
+def test_a_ppm_whose_header_runs_on_is_refused_before_pillow_reads_it_a_byte_at_a_time(tmp_path):
+    """Pillow reads a PPM's header a byte at a time in Python, blanks and comments included: 24 MB of
+    comment took 5 s to open (a request body's worth, a few seconds more)."""
+    pixels = _saved(Image.new("RGB", (16, 16), (10, 20, 30)), "PPM")
+    assert pixels.startswith(b"P6\n16 16\n255\n")
+    long = 1 << 16  # PPM_HEADER_BYTES
+    cases = {
+        "comment.ppm": b"P6\n#" + b"x" * long + b"\n" + pixels[3:],
+        "blanks.ppm": b"P6" + b" " * long + pixels[2:],
+        "late.ppm": b"P6\n16 16" + (b"\n# note" * (long // 7)) + b"\n255\n" + pixels[13:],
+    }
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for call in (probe_image, load_image):
+            with pytest.raises(MediaError) as err:
+                call(path)
+            _assert_one_line(err, name, "a PPM whose header runs past its first 65,536 bytes", "re-save it")
+    path = tmp_path / "commented.ppm"
+    path.write_bytes(b"P6\n# made by hand\n# twice\n16   16\n255\n" + pixels[13:])
+    assert load_image(path).size == (16, 16)
+    for kind, mode in (("PPM", "1"), ("PPM", "L")):  # P4, P5
+        path = tmp_path / f"{mode}.ppm"
+        path.write_bytes(_saved(Image.new(mode, (16, 16)), kind))
+        assert load_image(path).size == (16, 16)
+
+
+def test_a_picture_too_large_for_pillows_python_decoders_is_refused_at_the_header(tmp_path):
+    """Pillow decodes QOI, plain-text PNM, PNM of unusual maximum values and run-length-encoded BMP in
+    Python, a pixel or a number at a time: a 24 MB QOI of 6000×4000 (one-byte pixels) took 16 s, a
+    53 KB BMP of 13000×13000 (a pixel and an end of row a row) 26 s, one within the pixel limit minutes."""
+    for side, refused in ((4097, True), (4096, False)):  # just over and at 2^24 pixels
+        files = {
+            f"big{side}.qoi": (b"qoif" + struct.pack(">IIBB", side, side, 3, 0) + b"\xc0" * 8 + bytes(7) + b"\x01", "a QOI image"),
+            f"big{side}.pgm": (b"P2\n%d %d\n255\n0 0 0\n" % (side, side), "a plain-text PNM image"),
+            f"big{side}.ppm": (b"P6\n%d %d\n1023\n" % (side, side) + bytes(12), "a PNM image of an unusual maximum value"),
+            f"big{side}.bmp": (_rle_bmp(side, side, b"\x01\x05\x00\x00"), "a run-length-encoded BMP image"),
+        }
+        for name, (data, what) in files.items():  # with no pixels past the first few
+            path = tmp_path / name
+            path.write_bytes(data)
+            if refused:
+                for call in (probe_image, load_image):
+                    with pytest.raises(MediaError) as err:
+                        call(path)
+                    _assert_one_line(err, name, f"{what} of 4097×4097 pixels, more than the 16,777,216", "convert it to PNG")
+            else:
+                assert probe_image(path) == (side, side)
+    small = {"small.qoi": _saved(Image.new("RGB", (16, 16), (10, 20, 30)), "QOI"), "small.ppm": b"P6\n16 16\n1023\n" + bytes(16 * 16 * 6),
+             "small.bmp": _rle_bmp(16, 16, (b"\x10\x05\x00\x00") * 16 + b"\x00\x01")}  # fmt: skip
+    for name, data in small.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert load_image(path).size == (16, 16), name
+
+
+def _rle_bmp(width: int, height: int, rows: bytes) -> bytes:
+    """An 8-bit run-length-encoded BMP (a grey palette) whose pixel data is `rows`."""
+    palette = b"".join(bytes((grey, grey, grey, 0)) for grey in range(256))
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
+    start = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", start + len(rows), 0, 0, start) + info + palette + rows
+
+
+def test_a_plain_text_pnm_of_countless_comments_among_its_pixels_is_refused_before_decoding(tmp_path):
+    """Pillow strips each comment among a plain-text PNM's numbers by copying the rest of the
+    megabyte it is in: a 4 MB file of two million empty comments took 36 s (minutes for a request body)."""
+    for magic, pixel in ((b"P1", b"0 "), (b"P2", b"7 "), (b"P3", b"7 7 7 ")):
+        path = tmp_path / f"comments_{magic.decode()}.pnm"
+        size = b"4 4\n" if magic == b"P1" else b"4 4\n255\n"
+        path.write_bytes(magic + b"\n" + size + pixel * 8 + b"#\n" * 1025 + pixel * 8)
+        for call in (probe_image, load_image):
+            with pytest.raises(MediaError) as err:
+                call(path)
+            _assert_one_line(err, path.name, "a plain-text PNM of more than 1,024 comments among its pixels", "re-save it")
+        path.write_bytes(magic + b"\n# made by hand\n" + size + pixel * 8 + b"# a row\n" * 100 + pixel * 8)
+        assert load_image(path).size == (4, 4)
+    path = tmp_path / "binary.pgm"  # a binary PNM's pixels are any bytes: a # among them is a grey, not a comment
+    path.write_bytes(b"P5\n64 64\n255\n" + b"#" * 4096)
+    assert load_image(path).size == (64, 64)
+
+
+def test_a_jpeg_2000_header_among_countless_boxes_is_refused_before_pillow_walks_them(tmp_path):
+    """Pillow walks a JPEG 2000 file's boxes up to its header one at a time in Python: 3 million
+    empty ones (24 MB) took 4 s."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(out, "JPEG2000", no_jp2=False)
+    jp2 = out.getvalue()
+    header = jp2.index(b"jp2h") - 4
+    free = b"\0\0\0\x08free"
+    for name, data, refused in (
+        ("before.jp2", jp2[:header] + free * (1 << 16) + jp2[header:], True),
+        ("fewer.jp2", jp2[:header] + free * ((1 << 16) - 8) + jp2[header:], False),
+    ):
+        path = tmp_path / name
+        path.write_bytes(data)
+        if refused:
+            for call in (probe_image, load_image):
+                with pytest.raises(MediaError) as err:
+                    call(path)
+                _assert_one_line(err, name, "a JPEG 2000 file of more than 65,536 boxes", "re-save it")
+        else:
+            assert load_image(path).size == (16, 16)
+
+
+def _saved(image: Image.Image, kind: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, kind)
+    return out.getvalue()
 
 
 def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
