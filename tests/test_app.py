@@ -581,6 +581,18 @@ def test_a_long_paste_without_a_media_extension_is_not_searched_word_by_word(mon
     assert media_paths.take_media_paths("what is ./cat.PNG?", tmp_path) == ("what is?", [tmp_path / "cat.PNG"], [])
 
 
+def test_the_first_words_of_a_path_with_a_space_are_not_said_missing_too(tmp_path):
+    # `scan.png 2.png` was attached, and its first word `scan.png` also said not to exist: the
+    # message, its question left after the path, was refused as only a missing path
+    from internvl_chat.ui.media_paths import only_missing_paths, take_media_paths
+
+    (tmp_path / "scan.png 2.png").write_bytes(b"x")
+    text, found, missing = take_media_paths(f"{tmp_path}/scan.png 2.png describe")
+    assert (text, found, missing) == ("describe", [tmp_path / "scan.png 2.png"], [])
+    assert not only_missing_paths(text, missing)
+    assert take_media_paths(f"{tmp_path}/scan.png 2.png {tmp_path}/gone.png")[2] == [tmp_path / "gone.png"]
+
+
 def test_a_typed_media_path_that_is_no_file_is_said_not_to_be_attached(loaded, tmp_path):
     # a folder, a FIFO or a link to a device under a picture's name was left in the text silently
     (tmp_path / "album.png").mkdir()

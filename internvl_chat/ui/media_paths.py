@@ -46,7 +46,10 @@ def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[P
         rest = re.sub(r"[ \t]{2,}", " ", rest)
         rest = re.sub(r"[ \t]+([.,;:!?)\]])", r"\1", rest)
         rest = "\n".join(line.strip() for line in rest.split("\n")).strip()
-    return rest, [path for _, path in found], _missing_media_paths(text, {real_path(p) for _, p in found}, (*search_dirs, cwd))
+    # the missing are looked for outside the paths found: the first word of `/x/scan.png 2.png describe`
+    # was said not to exist, and the message, its question left, refused as only a missing path
+    outside = " ".join(kept)
+    return rest, [path for _, path in found], _missing_media_paths(outside, {real_path(p) for _, p in found}, (*search_dirs, cwd))
 
 
 def not_attached(path: Path, outcome: str = "it was not attached") -> str:
