@@ -867,7 +867,9 @@ def test_a_picture_too_large_for_pillows_python_decoders_is_refused_at_the_heade
         files = {
             f"big{side}.qoi": (b"qoif" + struct.pack(">IIBB", side, side, 3, 0) + b"\xc0" * 8 + bytes(7) + b"\x01", "a QOI image"),
             f"big{side}.pgm": (b"P2\n%d %d\n255\n0 0 0\n" % (side, side), "a plain-text PNM image"),
-            f"big{side}.ppm": (b"P6\n%d %d\n1023\n" % (side, side) + bytes(12), "a PNM image of an unusual maximum value"),
+            f"big{side}.ppm": (b"P6\n%d %d\n1023\n" % (side, side) + bytes(12), "a PNM image of 16-bit colour or an unusual maximum value"),
+            # a 16-bit colour PPM is decoded in Python too: it was said to be of "an unusual maximum value"
+            f"big{side}-16.ppm": (b"P6\n%d %d\n65535\n" % (side, side) + bytes(12), "a PNM image of 16-bit colour or an unusual maximum value"),
             f"big{side}.bmp": (_rle_bmp(side, side, b"\x01\x05\x00\x00"), "a run-length-encoded BMP image"),
         }
         for name, (data, what) in files.items():  # with no pixels past the first few

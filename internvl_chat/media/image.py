@@ -39,12 +39,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Twice Pillow's default MAX_IMAGE_PIXELS: the size at which Pillow itself refuses to open an image.
 # Checked here too, so a caller that changed Pillow's global limit does not change ours.
 MAX_PIXELS = 2 * 89_478_485
-# Pillow decodes QOI, plain-text (ASCII) PNM, PNM of other maximum values than 255 and 65535, and
-# run-length-encoded BMP in Python: about 0.7 µs a pixel for QOI (a 24 MB QOI of 6000×4000 took 16 s),
+# Pillow decodes QOI, plain-text (ASCII) PNM, PNM of other maximum values than 255 (and 65535 for
+# grey: a 16-bit colour PPM, dcraw's output say, goes through it too) and run-length-encoded BMP in Python: about 0.7 µs a pixel for QOI (a 24 MB QOI of 6000×4000 took 16 s),
 # 0.4 µs a number for plain PNM (12 million took 4 s); an RLE BMP ends a row by adding its pixels one
 # at a time (a 53 KB one of 13000×13000 took 26 s). A picture within MAX_PIXELS would take minutes;
 # a 16-megapixel QOI photo takes some 11 s.
-PYTHON_DECODERS = {"qoi": "a QOI image", "ppm_plain": "a plain-text PNM image", "ppm": "a PNM image of an unusual maximum value",
+PYTHON_DECODERS = {"qoi": "a QOI image", "ppm_plain": "a plain-text PNM image", "ppm": "a PNM image of 16-bit colour or an unusual maximum value",
                    "bmp_rle": "a run-length-encoded BMP image"}  # Pillow's decoder → what the file is; fmt: skip
 MAX_PYTHON_DECODED_PIXELS = 1 << 24
 # Progressive JPEGs from libjpeg have 6 or 10 scans, mozjpeg's a few more
