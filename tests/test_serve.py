@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from internvl_chat.serve import engine as engine_module
 from internvl_chat.serve.protocol import MAX_STOP_STRING_CHARS
 from fault_helpers import fail_once
 from media_helpers import textured_rgb
@@ -519,6 +520,20 @@ def test_a_good_stream_opens_with_the_role_then_tokens_then_done(server):
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:])  # tokens came
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_stream_whose_engine_never_says_started_still_streams(server, monkeypatch):
+    """The handler waits for "started" before its status line; an engine path that sends its text
+    without it (none does today) must not leave the client waiting for ever."""
+    monkeypatch.setattr(engine_module.Job, "begin", lambda job: None)
+    body = chat_body("Describe a harbour.", max_tokens=6, stream=True)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=WAIT_S) as r:
+        assert r.status_code == 200
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 

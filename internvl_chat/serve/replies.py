@@ -68,11 +68,21 @@ async def started(job: Job, request: Request) -> AsyncIterator:
                 return events
             if kind == "error":
                 raise payload
+            # any other event means the engine has begun without saying so: stream from it rather
+            # than wait for a "started" that will not come
+            return _resumed((kind, payload), events)
     except BaseException:
         job.cancel.set()  # frees the engine, or has the queued job skipped
         await events.aclose()
         raise
     raise AssertionError("job_events ended without an event")  # it waits for ever, or raises
+
+
+async def _resumed(first: tuple, events: AsyncIterator) -> AsyncIterator:
+    """`first`, then the rest of `events`."""
+    yield first
+    async for event in events:
+        yield event
 
 
 async def ended(job: Job, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
