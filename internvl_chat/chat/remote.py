@@ -528,7 +528,7 @@ class RemoteConversation:
         end = time.perf_counter()
         turn.reply = "".join(parts)
         turn.finish_reason = finish
-        turn.usage = clean_usage(usage)
+        turn.usage = clean_usage(usage, params.max_new_tokens, self._max_context)
         turn.timing = answer_timing(t0, t_first, t_last, end, chunks, turn.usage, server_timings, raw_finish)
         if replace_last:
             self.turns[-1] = turn
