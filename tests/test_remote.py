@@ -133,6 +133,16 @@ def test_a_model_the_server_does_not_serve_is_refused_with_the_served_ones():
         assert connect(server, model="OpenGVLab/InternVL3-8B").model == "OpenGVLab/InternVL3-8B"
 
 
+def test_a_model_list_too_long_to_name_says_how_many_more_it_holds():
+    """Of thousands of served models only the first few are named: the line says the rest exist, so
+    "must be one of" is not taken to be the whole list (and the one asked for sought among them)."""
+    cards = {"data": [{"id": f"m{n:05d}", "owned_by": "vllm"} for n in range(20_000)]}
+    with FakeServer(json.dumps(cards).encode()) as server:
+        with pytest.raises(UsageError, match=r"one of: m00000, .*m00007, … and 19,992 more$") as refused:
+            connect(server, model="zz")
+        assert "m00008" not in str(refused.value)
+
+
 def test_the_api_key_goes_as_a_bearer_token():
     with FakeServer(models_of("vllm")) as server:
         server.chat(stream_of("vllm"))
