@@ -206,6 +206,31 @@ def unanswered_port() -> Iterator[int]:
 
 
 @contextmanager
+def deaf_server() -> Iterator[str]:
+    """A server (its /v1 URL) that accepts connections and never reads from them: a request larger
+    than the sockets' buffers can never be sent whole."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    taken: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                taken.append(listener.accept()[0])
+            except OSError:
+                return  # the test ended
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    finally:
+        listener.close()
+        for conn in taken:
+            conn.close()
+
+
+@contextmanager
 def dripping_server(first: bytes, drip: bytes, seconds: float = 30.0) -> Iterator[str]:
     """A server (its /v1 URL) that answers every request with `first`, then `drip` every 10 ms for
     `seconds` (a head that never ends: its bytes trickled, or `100 Continue` heads one after another),

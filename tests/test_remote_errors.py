@@ -8,7 +8,7 @@ import re
 import types
 
 import pytest
-from remote_helpers import FakeServer, Reply, dripping_server, fixture, refusing_port
+from remote_helpers import FakeServer, Reply, deaf_server, dripping_server, fixture, refusing_port
 
 from internvl_chat.chat import remote_http, remote_stream
 from internvl_chat.chat.remote import RemoteConversation
@@ -163,6 +163,27 @@ def test_a_head_that_never_ends_times_out(first, drip, monkeypatch):
         server.chat(Reply.sse(GOOD))
         list(conv.ask("again"))
         assert [t.user_text for t in conv.turns] == ["first", "again"]
+
+def test_a_server_that_stops_reading_the_request_says_so_and_keeps_the_conversation():
+    """A server that never reads the request (overloaded, or wedged) ended it at the write timeout
+    with httpx's own words: "talking to … timed out (timed out); try again". The request here is
+    far larger than the sockets' buffers, so it cannot be sent whole however fast the machine is."""
+    with FakeServer(fixture("vllm/models.json")) as server, deaf_server() as deaf:
+        conv = conversation_with_one_turn(server)
+        good = conv.client
+        conv.client = ApiClient(deaf, "", 0.5)
+        try:
+            with pytest.raises(RemoteError) as err:
+                list(conv.ask("x" * (64 << 20)))
+        finally:
+            conv.client.close()
+        assert re.match(r"the server took no more of the request for 0\.5 s; .*raise \[remote\] timeout", str(err.value)), err.value
+        assert [t.user_text for t in conv.turns] == ["first"]
+        conv.client = good
+        server.chat(Reply.sse(GOOD))
+        list(conv.ask("again"))
+        assert [t.user_text for t in conv.turns] == ["first", "again"]
+
 
 @pytest.mark.parametrize(
     "pieces",

@@ -290,6 +290,9 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
     if isinstance(err, httpx.ReadTimeout):
         return StreamFailed(f"the server sent nothing for {timeout:g} s",
                             "it may be overloaded: try again, or raise [remote] timeout to wait longer")  # fmt: skip
+    if isinstance(err, httpx.WriteTimeout):  # a server that stopped reading (its own error said "timed out")
+        return RemoteError(f"the server took no more of the request for {timeout:g} s; it may be overloaded: "
+                           "try again, or raise [remote] timeout to wait longer")  # fmt: skip
     if isinstance(err, httpx.TimeoutException):
         return StreamFailed(f"talking to {url} timed out ({reason(err)})", "try again")
     # mid-answer, RemoteConversation keeps the text that came before the break (`what` is its note)
