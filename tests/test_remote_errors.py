@@ -87,7 +87,8 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.json({"error": "slow down"}, 429, {"Retry-After": "\xb2"}),  # a Latin-1 digit that int() refuses
          r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later$"),
         (Reply.json({"error": "slow down"}, 503, {"Retry-After": "9" * 5000}),  # over int()'s 4300 digits
-         r"^the server answered 503 Service Unavailable: slow down; the server failed; try again, or look at its log$"),
+         r"^the server answered 503 Service Unavailable: slow down; the server cannot take requests now \(busy, starting "
+         r"or stopping\); try again later, or look at its log$"),
         (Reply(503, [b"<html><body>Bad gateway \x1b[31m</body></html>"], "text/html"),  # a proxy's page: its text, escaped
          r"^the server \(or a proxy in front of it\) answered 503 Service Unavailable: Bad gateway \\e\[31m; check that "
          r"the server is running, or try again later$"),
@@ -163,6 +164,22 @@ def test_a_head_that_never_ends_times_out(first, drip, monkeypatch):
         server.chat(Reply.sse(GOOD))
         list(conv.ask("again"))
         assert [t.user_text for t in conv.turns] == ["first", "again"]
+
+@pytest.mark.parametrize(
+    "body",
+    [{"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},  # llama.cpp, starting
+     {"error": {"message": "the engine is not running", "code": "engine_unavailable"}}],  # serve
+)  # fmt: skip
+def test_a_servers_own_503_says_it_is_unavailable_for_now_not_that_it_failed(body):
+    """A 503 is a server that cannot take requests for now; "the server failed" sent the user to
+    its log while llama.cpp was still loading its model."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply.json(body, 503, {"Retry-After": "5"}))
+        line = fails_with(conv, r"^the server answered 503 Service Unavailable: .*; the server cannot take requests now "
+                                r"\(busy, starting or stopping\); try again later, or look at its log \(it asks to wait 5 s\)$")
+        assert "failed" not in line
+
 
 def test_a_server_that_stops_reading_the_request_says_so_and_keeps_the_conversation():
     """A server that never reads the request (overloaded, or wedged) ended it at the write timeout

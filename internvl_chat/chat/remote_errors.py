@@ -237,6 +237,8 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
     who = "the server"
     if status in GATEWAY_HINTS and message is None:
         who, hint = "the server (or a proxy in front of it)", GATEWAY_HINTS[status]
+    elif status == 503:  # the server's own: busy (serve past --max-connections), loading (llama.cpp), stopping
+        hint = "the server cannot take requests now (busy, starting or stopping); try again later, or look at its log"
     elif status >= 500:
         hint = "the server failed; try again, or look at its log"
     elif 300 <= status < 400:  # redirects are never followed (they could lead anywhere, with the key)
