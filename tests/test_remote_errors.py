@@ -8,7 +8,7 @@ import re
 import types
 
 import pytest
-from remote_helpers import FakeServer, Reply, deaf_server, dripping_server, fixture, refusing_port
+from remote_helpers import FIXTURES, FakeServer, Reply, deaf_server, dripping_server, fixture, refusing_port, tls_server
 
 from internvl_chat.chat import remote_http, remote_stream
 from internvl_chat.chat.remote import RemoteConversation
@@ -251,6 +251,21 @@ def test_https_to_a_plain_http_server_says_to_use_http():
         url = server.url.replace("http://", "https://")
         with pytest.raises(RemoteError, match=r"^cannot connect to https://.*: the server does not speak TLS; use http://"):
             RemoteConversation.connect(url)
+
+
+def test_a_server_certificate_not_trusted_says_so_and_how_to_trust_it(monkeypatch):
+    """A self-signed or private CA's certificate failed as "…; is the server running? check --server"."""
+    with tls_server() as port:
+        with pytest.raises(RemoteError) as err:
+            RemoteConversation.connect(f"https://127.0.0.1:{port}/v1", timeout=30)
+        monkeypatch.setenv("SSL_CERT_FILE", str(FIXTURES / "tls" / "cert.pem"))  # what the line says to do
+        with pytest.raises(RemoteError, match="^the connection to .* broke before the answer began"):  # trusted now
+            RemoteConversation.connect(f"https://127.0.0.1:{port}/v1", timeout=30)
+    line = str(err.value)
+    assert re.match(rf"cannot connect to https://127\.0\.0\.1:{port}/v1: its TLS certificate is not trusted \(.*"
+                    r"CERTIFICATE_VERIFY_FAILED.*\); check the host name in --server, or name the CA that signed it in "
+                    r"SSL_CERT_FILE$", line), line
+    assert "\n" not in line and "running" not in line
 
 
 def test_the_model_list_failing_is_one_line():

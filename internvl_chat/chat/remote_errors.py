@@ -57,6 +57,8 @@ UNSHOWN_ELEMENTS = ("script", "style")  # markup whose text is no message
 
 # How OpenSSL versions say that the answer to a TLS handshake was not TLS (a plain HTTP server)
 NOT_TLS = re.compile(r"WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE|PACKET_LENGTH_TOO_LONG")
+# How OpenSSL says that the server's certificate is not trusted (self-signed, a private CA's, another host's)
+NOT_TRUSTED = re.compile(r"CERTIFICATE_VERIFY_FAILED")
 
 
 def too_large_hint(advice: Advice) -> str:
@@ -288,6 +290,9 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
     if isinstance(err, httpx.ConnectError):
         if url.startswith("https:") and NOT_TLS.search(str(err)):
             return RemoteError(f"cannot connect to {url}: the server does not speak TLS; use http:// in --server")
+        if url.startswith("https:") and NOT_TRUSTED.search(str(err)):
+            return RemoteError(f"cannot connect to {url}: its TLS certificate is not trusted ({reason(err)}); check the "
+                               "host name in --server, or name the CA that signed it in SSL_CERT_FILE")  # fmt: skip
         return RemoteError(f"cannot connect to {url} ({reason(err)}); is the server running? check --server")
     if isinstance(err, httpx.ReadTimeout):
         return StreamFailed(f"the server sent nothing for {timeout:g} s",
