@@ -203,6 +203,31 @@ def test_a_server_that_stops_reading_the_request_says_so_and_keeps_the_conversat
 
 
 @pytest.mark.parametrize(
+    "head",
+    [b"\x15\x03\x01\x00\x02\x02\x50",  # a TLS server's alert: --server says http:// where it wants https://
+     b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (200 << 10) + b"\r\n\r\n"],  # a head past httpcore's 100 KB
+    ids=["tls-alert", "huge-head"],
+)  # fmt: skip
+def test_an_answer_that_is_not_http_says_to_check_the_server_not_to_ask_again(head):
+    """A head h11 cannot parse said "the connection … broke before the answer began (illegal request
+    line); ask again": asking again gets the same."""
+    with FakeServer(fixture("vllm/models.json")) as server, dripping_server(head, b"", seconds=1.0) as bad:
+        conv = conversation_with_one_turn(server)
+        good = conv.client
+        conv.client = ApiClient(bad, "", 300.0)
+        line = fails_with(conv, r"^the answer of http://127\.0\.0\.1:\d+/v1 is not valid HTTP \(.+\); check --server "
+                                r"\(its port, and http:// or https://\)$")
+        assert "ask again" not in line
+        with pytest.raises(RemoteError, match=r"is not valid HTTP"):
+            RemoteConversation.connect(bad)
+        conv.client.close()
+        conv.client = good
+        server.chat(Reply.sse(GOOD))
+        list(conv.ask("again"))
+        assert [t.user_text for t in conv.turns] == ["first", "again"]
+
+
+@pytest.mark.parametrize(
     "pieces",
     [[b": ping\n\n"], [b"\n"], [GOOD[: GOOD.index(b"\n\n") + 2], b"data: ", b"x"]],
     ids=["keep-alives", "blank-lines", "a-line-that-never-ends"],

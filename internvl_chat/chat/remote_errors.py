@@ -13,6 +13,7 @@ import json
 import re
 from http import HTTPStatus
 
+import h11
 import httpx
 
 from ..errors import RemoteError
@@ -305,6 +306,23 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
     # mid-answer, RemoteConversation keeps the text that came before the break (`what` is its note)
     where = "in the middle of the answer" if mid_answer else "before the answer began"
     return StreamFailed(f"the connection to {url} broke {where} ({reason(err)})", "ask again")
+
+
+def not_http(url: str, err: httpx.RemoteProtocolError) -> RemoteError:
+    """For a head that could not be parsed: another protocol at the port (TLS, SSH), or a broken one."""
+    return RemoteError(f"the answer of {url} is not valid HTTP ({reason(err)}); check --server (its port, and http:// or https://)")
+
+
+def unparsable(err: BaseException) -> bool:
+    """Whether h11 could not parse what the server sent (a server that hung up is httpcore's own error)."""
+    seen: BaseException | None = err
+    for _ in range(16):  # httpx's error, httpcore's, h11's
+        if seen is None:
+            return False
+        if isinstance(seen, h11.RemoteProtocolError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def head_late(timeout: float) -> RemoteError:
