@@ -310,7 +310,8 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
 
 def not_http(url: str, err: httpx.RemoteProtocolError) -> RemoteError:
     """For a head that could not be parsed: another protocol at the port (TLS, SSH), or a broken one."""
-    return RemoteError(f"the answer of {url} is not valid HTTP ({reason(err)}); check --server (its port, and http:// or https://)")
+    return RemoteError(f"the answer of {url} is not valid HTTP ({reason(err)}); "
+                       "check --server (its port, and http:// or https://)")
 
 
 def unparsable(err: BaseException) -> bool:
