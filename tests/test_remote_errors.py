@@ -194,7 +194,8 @@ def test_a_server_that_stops_reading_the_request_says_so_and_keeps_the_conversat
                 list(conv.ask("x" * (64 << 20)))
         finally:
             conv.client.close()
-        assert re.match(r"the server took no more of the request for 0\.5 s; .*raise \[remote\] timeout", str(err.value)), err.value
+        line = str(err.value)
+        assert re.match(r"the server took no more of the request for 0\.5 s; .*raise \[remote\] timeout", line), line
         assert [t.user_text for t in conv.turns] == ["first"]
         conv.client = good
         server.chat(Reply.sse(GOOD))
