@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Iterator
@@ -183,6 +184,34 @@ def closed_port() -> int:
 
 
 @contextmanager
+def tls_server() -> Iterator[int]:
+    """A port whose server makes TLS handshakes with the self-signed certificate of fixtures/remote/tls
+    (which no client trusts unless told to), then closes the connection."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(FIXTURES / "tls" / "cert.pem", FIXTURES / "tls" / "key.pem")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # the test ended
+            try:
+                context.wrap_socket(conn, server_side=True).close()
+            except OSError:  # the client refused the certificate (ssl.SSLError is an OSError)
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@contextmanager
 def refusing_port() -> Iterator[int]:
     """A local port that refuses connections while the block runs: bound and not listening. A port
     merely freed could meanwhile be taken by another test's server, or picked as a connection's own
@@ -203,6 +232,31 @@ def unanswered_port() -> Iterator[int]:
         port = listener.getsockname()[1]
         first.connect(("127.0.0.1", port))  # made at once (the queue was empty), then never accepted
         yield port
+
+
+@contextmanager
+def deaf_server() -> Iterator[str]:
+    """A server (its /v1 URL) that accepts connections and never reads from them: a request larger
+    than the sockets' buffers can never be sent whole."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    taken: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                taken.append(listener.accept()[0])
+            except OSError:
+                return  # the test ended
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    finally:
+        listener.close()
+        for conn in taken:
+            conn.close()
 
 
 @contextmanager

@@ -133,6 +133,16 @@ def test_a_model_the_server_does_not_serve_is_refused_with_the_served_ones():
         assert connect(server, model="OpenGVLab/InternVL3-8B").model == "OpenGVLab/InternVL3-8B"
 
 
+def test_a_model_list_too_long_to_name_says_how_many_more_it_holds():
+    """Of thousands of served models only the first few are named: the line says the rest exist, so
+    "must be one of" is not taken to be the whole list (and the one asked for sought among them)."""
+    cards = {"data": [{"id": f"m{n:05d}", "owned_by": "vllm"} for n in range(20_000)]}
+    with FakeServer(json.dumps(cards).encode()) as server:
+        with pytest.raises(UsageError, match=r"one of: m00000, .*m00007, … and 19,992 more$") as refused:
+            connect(server, model="zz")
+        assert "m00008" not in str(refused.value)
+
+
 def test_the_api_key_goes_as_a_bearer_token():
     with FakeServer(models_of("vllm")) as server:
         server.chat(stream_of("vllm"))
@@ -364,6 +374,35 @@ def test_absurd_or_negative_usage_numbers_are_ignored():
         assert text == "Hi." and final["usage"] is None
         assert 0 < conv.context_used < 100  # an estimate, so the next turn still fits
         conv.check_budget(10)
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 2_000_000_000, "completion_tokens": 1},  # a prompt over the server's own 32,768-token context
+    {"prompt_tokens": 12, "completion_tokens": 40_000},  # an answer of more tokens than the 64 asked for
+])  # fmt: skip
+def test_usage_no_answer_to_this_request_can_have_is_ignored(usage):
+    """Counts below 2**31 can still be impossible for the request made: a prompt past the context
+    the server states, or an answer past the max_tokens it was sent. Trusted, they made the context
+    shown 12,207,031 % full and refused every later turn until /undo."""
+    chunk = {"choices": [{"index": 0, "delta": {"content": "Hi."}, "finish_reason": "stop"}], "usage": usage}
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(Reply.sse(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"))
+        conv = connect(server)
+        text, final = answer(conv.ask("hi"))
+        assert text == "Hi." and final["usage"] is None and conv.turns[0].usage is None
+        assert 0 < conv.context_used < 100  # an estimate, so the next turn still fits
+        conv.check_budget(10)
+
+
+def test_cached_tokens_beyond_the_prompt_are_ignored_and_the_rest_kept():
+    usage = {"prompt_tokens": 12, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 5000}}
+    chunk = {"choices": [{"index": 0, "delta": {"content": "Hi."}, "finish_reason": "stop"}], "usage": usage}
+    with FakeServer(models_of("vllm")) as server:
+        server.chat(Reply.sse(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"))
+        conv = connect(server)
+        _, final = answer(conv.ask("hi"))
+        assert final["usage"] == {"prompt_tokens": 12, "completion_tokens": 2}
+        assert conv.context_used == 14
 
 
 def test_absurd_server_timings_are_ignored_without_failing_the_answer():

@@ -8,7 +8,7 @@ import re
 import types
 
 import pytest
-from remote_helpers import FakeServer, Reply, dripping_server, fixture, refusing_port
+from remote_helpers import FIXTURES, FakeServer, Reply, deaf_server, dripping_server, fixture, refusing_port, tls_server
 
 from internvl_chat.chat import remote_http, remote_stream
 from internvl_chat.chat.remote import RemoteConversation
@@ -87,7 +87,8 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.json({"error": "slow down"}, 429, {"Retry-After": "\xb2"}),  # a Latin-1 digit that int() refuses
          r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later$"),
         (Reply.json({"error": "slow down"}, 503, {"Retry-After": "9" * 5000}),  # over int()'s 4300 digits
-         r"^the server answered 503 Service Unavailable: slow down; the server failed; try again, or look at its log$"),
+         r"^the server answered 503 Service Unavailable: slow down; the server cannot take requests now \(busy, starting "
+         r"or stopping\); try again later, or look at its log$"),
         (Reply(503, [b"<html><body>Bad gateway \x1b[31m</body></html>"], "text/html"),  # a proxy's page: its text, escaped
          r"^the server \(or a proxy in front of it\) answered 503 Service Unavailable: Bad gateway \\e\[31m; check that "
          r"the server is running, or try again later$"),
@@ -165,6 +166,69 @@ def test_a_head_that_never_ends_times_out(first, drip, monkeypatch):
         assert [t.user_text for t in conv.turns] == ["first", "again"]
 
 @pytest.mark.parametrize(
+    "body",
+    [{"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},  # llama.cpp, starting
+     {"error": {"message": "the engine is not running", "code": "engine_unavailable"}}],  # serve
+)  # fmt: skip
+def test_a_servers_own_503_says_it_is_unavailable_for_now_not_that_it_failed(body):
+    """A 503 is a server that cannot take requests for now; "the server failed" sent the user to
+    its log while llama.cpp was still loading its model."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        server.chat(Reply.json(body, 503, {"Retry-After": "5"}))
+        line = fails_with(conv, r"^the server answered 503 Service Unavailable: .*; the server cannot take requests now "
+                                r"\(busy, starting or stopping\); try again later, or look at its log \(it asks to wait 5 s\)$")
+        assert "failed" not in line
+
+
+def test_a_server_that_stops_reading_the_request_says_so_and_keeps_the_conversation():
+    """A server that never reads the request (overloaded, or wedged) ended it at the write timeout
+    with httpx's own words: "talking to … timed out (timed out); try again". The request here is
+    far larger than the sockets' buffers, so it cannot be sent whole however fast the machine is."""
+    with FakeServer(fixture("vllm/models.json")) as server, deaf_server() as deaf:
+        conv = conversation_with_one_turn(server)
+        good = conv.client
+        conv.client = ApiClient(deaf, "", 0.5)
+        try:
+            with pytest.raises(RemoteError) as err:
+                list(conv.ask("x" * (64 << 20)))
+        finally:
+            conv.client.close()
+        line = str(err.value)
+        assert re.match(r"the server took no more of the request for 0\.5 s; .*raise \[remote\] timeout", line), line
+        assert [t.user_text for t in conv.turns] == ["first"]
+        conv.client = good
+        server.chat(Reply.sse(GOOD))
+        list(conv.ask("again"))
+        assert [t.user_text for t in conv.turns] == ["first", "again"]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"\x15\x03\x01\x00\x02\x02\x50",  # a TLS server's alert: --server says http:// where it wants https://
+     b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (200 << 10) + b"\r\n\r\n"],  # a head past httpcore's 100 KB
+    ids=["tls-alert", "huge-head"],
+)  # fmt: skip
+def test_an_answer_that_is_not_http_says_to_check_the_server_not_to_ask_again(head):
+    """A head h11 cannot parse said "the connection … broke before the answer began (illegal request
+    line); ask again": asking again gets the same."""
+    with FakeServer(fixture("vllm/models.json")) as server, dripping_server(head, b"", seconds=1.0) as bad:
+        conv = conversation_with_one_turn(server)
+        good = conv.client
+        conv.client = ApiClient(bad, "", 300.0)
+        line = fails_with(conv, r"^the answer of http://127\.0\.0\.1:\d+/v1 is not valid HTTP \(.+\); check --server "
+                                r"\(its port, and http:// or https://\)$")
+        assert "ask again" not in line
+        with pytest.raises(RemoteError, match=r"is not valid HTTP"):
+            RemoteConversation.connect(bad)
+        conv.client.close()
+        conv.client = good
+        server.chat(Reply.sse(GOOD))
+        list(conv.ask("again"))
+        assert [t.user_text for t in conv.turns] == ["first", "again"]
+
+
+@pytest.mark.parametrize(
     "pieces",
     [[b": ping\n\n"], [b"\n"], [GOOD[: GOOD.index(b"\n\n") + 2], b"data: ", b"x"]],
     ids=["keep-alives", "blank-lines", "a-line-that-never-ends"],
@@ -213,6 +277,21 @@ def test_https_to_a_plain_http_server_says_to_use_http():
         url = server.url.replace("http://", "https://")
         with pytest.raises(RemoteError, match=r"^cannot connect to https://.*: the server does not speak TLS; use http://"):
             RemoteConversation.connect(url)
+
+
+def test_a_server_certificate_not_trusted_says_so_and_how_to_trust_it(monkeypatch):
+    """A self-signed or private CA's certificate failed as "…; is the server running? check --server"."""
+    with tls_server() as port:
+        with pytest.raises(RemoteError) as err:
+            RemoteConversation.connect(f"https://127.0.0.1:{port}/v1", timeout=30)
+        monkeypatch.setenv("SSL_CERT_FILE", str(FIXTURES / "tls" / "cert.pem"))  # what the line says to do
+        with pytest.raises(RemoteError, match="^the connection to .* broke before the answer began"):  # trusted now
+            RemoteConversation.connect(f"https://127.0.0.1:{port}/v1", timeout=30)
+    line = str(err.value)
+    assert re.match(rf"cannot connect to https://127\.0\.0\.1:{port}/v1: its TLS certificate is not trusted \(.*"
+                    r"CERTIFICATE_VERIFY_FAILED.*\); check the host name in --server, or name the CA that signed it in "
+                    r"SSL_CERT_FILE$", line), line
+    assert "\n" not in line and "running" not in line
 
 
 def test_the_model_list_failing_is_one_line():

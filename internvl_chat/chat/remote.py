@@ -67,6 +67,7 @@ TURN_TEMPLATE_TOKENS = 10  # <|im_end|>\n<|im_start|>user\n … <|im_end|>\n<|im
 SYSTEM_TEMPLATE_TOKENS = 5
 BYTES_PER_TOKEN = 4  # Qwen's tokenizer: ~4 bytes of English or of Chinese text per token
 MAX_IMAGE_BYTES = 64 << 20
+MODELS_NAMED = 8  # of the served models, in a refused --remote-model's line
 FINISH_REASON_MAX_CHARS = 64  # of a finish_reason the server names; real ones are one word
 
 
@@ -152,7 +153,9 @@ class RemoteConversation:
             if model:
                 card = next((c for c in cards if c["id"] == model), None)
                 if card is None:
-                    served = ", ".join(shorten(c["id"], 200) for c in cards[:8])
+                    served = ", ".join(shorten(c["id"], 200) for c in cards[:MODELS_NAMED])
+                    if len(cards) > MODELS_NAMED:  # a list of thousands: the line says the rest exist
+                        served += f", … and {len(cards) - MODELS_NAMED:,} more"
                     raise UsageError(f"the server does not serve {visible(model)!r}; --remote-model must be one of: {served}")
             else:
                 card = cards[0]
@@ -528,7 +531,7 @@ class RemoteConversation:
         end = time.perf_counter()
         turn.reply = "".join(parts)
         turn.finish_reason = finish
-        turn.usage = clean_usage(usage)
+        turn.usage = clean_usage(usage, params.max_new_tokens, self._max_context)
         turn.timing = answer_timing(t0, t_first, t_last, end, chunks, turn.usage, server_timings, raw_finish)
         if replace_last:
             self.turns[-1] = turn

@@ -13,6 +13,7 @@ import json
 import re
 from http import HTTPStatus
 
+import h11
 import httpx
 
 from ..errors import RemoteError
@@ -57,6 +58,8 @@ UNSHOWN_ELEMENTS = ("script", "style")  # markup whose text is no message
 
 # How OpenSSL versions say that the answer to a TLS handshake was not TLS (a plain HTTP server)
 NOT_TLS = re.compile(r"WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE|PACKET_LENGTH_TOO_LONG")
+# How OpenSSL says that the server's certificate is not trusted (self-signed, a private CA's, another host's)
+NOT_TRUSTED = re.compile(r"CERTIFICATE_VERIFY_FAILED")
 
 
 def too_large_hint(advice: Advice) -> str:
@@ -237,6 +240,8 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
     who = "the server"
     if status in GATEWAY_HINTS and message is None:
         who, hint = "the server (or a proxy in front of it)", GATEWAY_HINTS[status]
+    elif status == 503:  # the server's own: busy (serve past --max-connections), loading (llama.cpp), stopping
+        hint = "the server cannot take requests now (busy, starting or stopping); try again later, or look at its log"
     elif status >= 500:
         hint = "the server failed; try again, or look at its log"
     elif 300 <= status < 400:  # redirects are never followed (they could lead anywhere, with the key)
@@ -286,15 +291,39 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
     if isinstance(err, httpx.ConnectError):
         if url.startswith("https:") and NOT_TLS.search(str(err)):
             return RemoteError(f"cannot connect to {url}: the server does not speak TLS; use http:// in --server")
+        if url.startswith("https:") and NOT_TRUSTED.search(str(err)):
+            return RemoteError(f"cannot connect to {url}: its TLS certificate is not trusted ({reason(err)}); check the "
+                               "host name in --server, or name the CA that signed it in SSL_CERT_FILE")  # fmt: skip
         return RemoteError(f"cannot connect to {url} ({reason(err)}); is the server running? check --server")
     if isinstance(err, httpx.ReadTimeout):
         return StreamFailed(f"the server sent nothing for {timeout:g} s",
                             "it may be overloaded: try again, or raise [remote] timeout to wait longer")  # fmt: skip
+    if isinstance(err, httpx.WriteTimeout):  # a server that stopped reading (its own error said "timed out")
+        return RemoteError(f"the server took no more of the request for {timeout:g} s; it may be overloaded: "
+                           "try again, or raise [remote] timeout to wait longer")  # fmt: skip
     if isinstance(err, httpx.TimeoutException):
         return StreamFailed(f"talking to {url} timed out ({reason(err)})", "try again")
     # mid-answer, RemoteConversation keeps the text that came before the break (`what` is its note)
     where = "in the middle of the answer" if mid_answer else "before the answer began"
     return StreamFailed(f"the connection to {url} broke {where} ({reason(err)})", "ask again")
+
+
+def not_http(url: str, err: httpx.RemoteProtocolError) -> RemoteError:
+    """For a head that could not be parsed: another protocol at the port (TLS, SSH), or a broken one."""
+    return RemoteError(f"the answer of {url} is not valid HTTP ({reason(err)}); "
+                       "check --server (its port, and http:// or https://)")
+
+
+def unparsable(err: BaseException) -> bool:
+    """Whether h11 could not parse what the server sent (a server that hung up is httpcore's own error)."""
+    seen: BaseException | None = err
+    for _ in range(16):  # httpx's error, httpcore's, h11's
+        if seen is None:
+            return False
+        if isinstance(seen, h11.RemoteProtocolError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def head_late(timeout: float) -> RemoteError:

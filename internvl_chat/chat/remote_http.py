@@ -19,7 +19,19 @@ from ..errors import RemoteError, UsageError
 from ..files import undecodable_byte, visible
 from ..settings import without_credentials
 from .advice import Advice
-from .remote_errors import BROKEN, GATEWAY_HINTS, head_late, http_error, mib, page_note, reason, shorten, transport_error
+from .remote_errors import (
+    BROKEN,
+    GATEWAY_HINTS,
+    head_late,
+    http_error,
+    mib,
+    not_http,
+    page_note,
+    reason,
+    shorten,
+    transport_error,
+    unparsable,
+)
 from .remote_sockets import Connector, HeadWatch, connect_with, shut
 from .remote_stream import JSON_BODY_LIMIT, ChatStream, read_limited
 
@@ -93,6 +105,7 @@ class ApiClient:
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # of every connection made
         self.connector = Connector()  # makes the connects, which ChatStream.abort can end
         self.head_watch: HeadWatch | None = None  # of the latest request
+        self.head_failed = False  # the latest request's head could not be read (the server hung up, or sent no HTTP)
         # a request failed below HTTP (refused, reset, timed out), or a proxy said the server behind it
         # is not there (502-504): the server may have restarted since, with another context;
         # RemoteConversation re-reads the model list before its next request
@@ -135,9 +148,10 @@ class ApiClient:
                     shut(sock)
         elif event == "http11.send_request_body.complete":  # the time to upload pictures does not count
             self.head_watch = HeadWatch(self._sockets, self.timeout)
-        elif event in ("http11.receive_response_headers.complete", "http11.receive_response_headers.failed") \
-                and self.head_watch is not None:  # fmt: skip
-            self.head_watch.stop()
+        elif event in ("http11.receive_response_headers.complete", "http11.receive_response_headers.failed"):
+            self.head_failed = event.endswith(".failed")
+            if self.head_watch is not None:
+                self.head_watch.stop()
 
     def _check_response(self, response: httpx.Response) -> None:
         """Every answer's compression and status, as soon as its head arrives: before httpx parses a
@@ -155,7 +169,7 @@ class ApiClient:
 
     def stream(self, method: str, path: str, connect_s: float | None = None, **kwargs):
         """httpx's streamed request, its head watched (`trace`); `connect_s`: a shorter connect timeout."""
-        self.head_watch = None
+        self.head_watch, self.head_failed = None, False
         if connect_s is not None:
             kwargs["timeout"] = httpx.Timeout(self.timeout, connect=min(connect_s, self.connect_s))
         return self.http.stream(method, path, extensions={"trace": self.trace}, **kwargs)
@@ -165,6 +179,8 @@ class ApiClient:
         self.broke = True
         if self.head_watch is not None and self.head_watch.fired:
             return head_late(self.timeout)
+        if self.head_failed and isinstance(err, httpx.RemoteProtocolError) and unparsable(err):
+            return not_http(self.shown_url, err)  # "ask again" would get the same
         if self.proxy is not None and isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError)):
             return RemoteError(f"cannot reach {self.shown_url} through {self.proxy} ({reason(err)}); "
                                "check the proxy, or add the server's host to NO_PROXY")  # fmt: skip

@@ -17,15 +17,25 @@ def context_of(card: dict) -> int | None:
     return None
 
 
-def clean_usage(usage: dict | None) -> dict | None:
-    """The server's usage with only well-formed counts (prompt, completion, total, cached)."""
+def clean_usage(usage: dict | None, max_answer: int | None = None, context: int | None = None) -> dict | None:
+    """The server's usage with only well-formed counts (prompt, completion, total, cached); None when
+    a count is impossible for the request made (a prompt past the server's `context`, an answer
+    past the `max_answer` tokens asked for): such a count would be shown and enforced as the context
+    used, refusing every later turn. Cached tokens past the prompt are left out."""
     if not usage:
         return None
     out = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens") if _is_count(usage.get(k))}
+    if _over(out.get("prompt_tokens"), context) or _over(out.get("completion_tokens"), max_answer):
+        return None
     details = usage.get("prompt_tokens_details")
-    if isinstance(details, dict) and _is_count(details.get("cached_tokens")):
+    if isinstance(details, dict) and _is_count(details.get("cached_tokens")) \
+            and not _over(details["cached_tokens"], out.get("prompt_tokens")):  # fmt: skip
         out["cached_tokens"] = details["cached_tokens"]
     return out or None
+
+
+def _over(count: int | None, limit: int | None) -> bool:
+    return count is not None and limit is not None and count > limit
 
 
 def _is_count(value: object) -> bool:
