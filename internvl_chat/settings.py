@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import UsageError
+from .errors import UsageError, ascii_shown, foreign_digits, foreign_digits_refused
 from .files import NoHomeFolder, brief_repr, escape_hidden, expand_home, read_text_file, undecodable_byte, visible, xdg_dir
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
@@ -129,7 +129,9 @@ def _choice(choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) 
 
 def _device(value: str) -> str:
     value = value.strip().lower()
-    if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value):
+    if foreign_digits(value):  # `cuda:١` matched \d and reached torch
+        raise Refused(f"{foreign_digits_refused(value)}, e.g. cuda:0")
+    if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", value):
         return value
     raise ValueError
 
@@ -179,6 +181,8 @@ def _host_and_port(authority: str, text: str) -> tuple[str, int | None]:
     host, port = authority, None
     if re.search(r":\d*$", authority) and not authority.endswith("]"):
         host, _, digits = authority.rpartition(":")
+        if foreign_digits(digits):  # `:٣٠٠٠` matched \d and was read as port 3000
+            raise Refused(f"{ascii_shown(text, 60)} has no valid port: write it with the digits 0-9, e.g. {ORIGIN_EXAMPLE}")
         if not digits.isdigit() or not 0 < int(digits) < 65536:
             raise Refused(f"{brief_repr(text, 60)} has no valid port: write a port from 1 to 65535, or none, "
                           f"e.g. {ORIGIN_EXAMPLE}")  # fmt: skip
@@ -482,6 +486,8 @@ def _coerce(value: Any, tp: Any) -> Any:
             if text.lower() in _FALSE:
                 return False
             raise ValueError
+        if base in (int, float) and foreign_digits(text):  # int() and float() read ٣ as 3: the echo would differ
+            raise Refused(foreign_digits_refused(text))
         if base is int:
             return int(text.replace("_", ""), 10)
         if base is float:

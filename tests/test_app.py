@@ -170,6 +170,20 @@ def test_a_range_past_the_end_of_the_video_shows_and_saves_the_range_used(loaded
     assert clamped.indices == load_video(media / "clip.mp4", 2, 2, 3.0).indices
 
 
+def test_a_range_past_the_end_of_a_video_that_cannot_be_attached_says_only_why(loaded, media, tmp_path):
+    """The note that the range ends at the video's end came before the attach was checked: a video
+    too long for the context printed it and then the error, two outcomes for one line. Now the
+    note follows the attach line, and a refused video gets its error alone."""
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/video {media / 'clip.mp4'} --frames 30 --range 1-1000") == ERROR
+    said = output(out).strip()
+    assert "cannot attach clip.mp4" in said and "\n" not in said and "ends there" not in said
+    assert app.handle_line(f"/video {media / 'clip.mp4'} --frames 2 --range 1-1000") == OK
+    attached, note = output(out).strip().split("\n")
+    assert attached.startswith("+ video clip.mp4 2 frames from 1–3 s")
+    assert note == "clip.mp4 ends at 3 s, so the range ends there"
+
+
 def test_a_video_cut_short_is_said_once_at_attach_not_again_with_the_answer(loaded, media, tmp_path):
     """Its frames are sampled from the ones it holds (media/video.py). The attach line gives the
     length it holds, from its index (it gave the header's 3.0 s, and the cut was learnt only with

@@ -823,3 +823,28 @@ def test_a_fifo_swapped_in_mid_load_is_refused_without_blocking(loaded, tmp_path
     (status,) = _in_thread(lambda: app.handle_line(f"/load {tmp_path / 'chat.json'}"), target)
     assert status == ERROR and "not a regular file" in output(out)
     assert app.session.ids == before  # the conversation is as it was
+
+
+def test_load_alone_marks_the_files_it_would_refuse_with_why(loaded, tmp_path, home):
+    """The list counted the turns of any file with messages: a version-2 file, or one ending with a
+    question and no answer, was offered with a turn count and then refused by /load NAME."""
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    folder = default_sessions_dir()
+    assert app.handle_line(f"/save {folder / 'good.json'}") == OK
+    good = json.loads((folder / "good.json").read_text())
+    (folder / "newer.json").write_text(json.dumps({**good, "version": 2}))
+    (folder / "open.json").write_text(json.dumps({**good, "messages": good["messages"][:1]}))
+    (folder / "notes.json").write_text('{"title": "not a session"}')
+    (folder / "cut.json").write_text('{"format": "internvl-chat-se')
+    output(out)
+    assert app.handle_line("/load") == OK
+    listing = output(out).splitlines()[1:-1]
+    rows = {line.split()[0]: line for line in listing}
+    assert re.search(r"  1 turn\(s\)  [-0-9: ]+$", rows["good"])
+    assert rows["newer"].endswith("(format version 2, this build reads 1)") and "turn" not in rows["newer"]
+    assert rows["open"].endswith("(damaged)") and rows["notes"].endswith("(not a session)")
+    assert rows["cut"].endswith("(not readable)")
+    assert all(re.search(r"  cannot load  [-0-9: ]+  \(", rows[name]) for name in ("newer", "open", "notes", "cut"))
+    for name in ("newer", "open"):
+        assert app.handle_line(f"/load {name}") == ERROR  # what the list said

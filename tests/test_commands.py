@@ -293,3 +293,23 @@ def test_a_range_that_is_not_utf8_is_shown_as_its_bytes():
     with pytest.raises(UsageError) as error:
         parse_range("1-\udcff\x1b")
     assert "invalid time range '1-\\xff\\e';" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "line, shown",
+    [
+        ("/drop ١", "/drop: N must be written with the digits 0-9, not '\\u0661'; usage: /drop N"),
+        ("/drop ２", "not '\\uff12'"),  # fullwidth
+        ("/drop 𝟏", "not '\\U0001d7cf'"),  # mathematical bold
+        ("/video a.mp4 --frames ٣", "/video: --frames must be written with the digits 0-9, not '\\u0663'; usage: /video"),
+        ("/video a.mp4 --frames=१", "not '\\u0967'"),  # Devanagari
+        ("/video a.mp4 --range ١-٢", "invalid time range: it must be written with the digits 0-9, not '\\u0661-\\u0662'"),
+        ("/video a.mp4 --range 1:٣٠-2:00", "not '1:\\u0663\\u0660-2:00'"),
+    ],
+)  # fmt: skip
+def test_numbers_in_other_digits_are_refused_with_the_text_escaped(line, shown):
+    # int(), float() and \d read them: `/drop ١` dropped item 1 while the line showed another script
+    with pytest.raises(UsageError) as err:
+        parse_line(line)
+    message = str(err.value)
+    assert shown in message and message.isascii()

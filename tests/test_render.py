@@ -522,3 +522,10 @@ def test_format_attach_line(args, expected):
 
 def test_format_attach_line_takes_a_path_name(tmp_path):
     assert format_attach_line("image", tmp_path / "x.png", (2, 3), 1, 256, 0.5).startswith("+ image x.png 2×3 → ")
+
+
+def test_a_columns_in_other_digits_counts_as_unset():
+    # COLUMNS=² passed isdigit() and int() raised: a traceback before anything started
+    for odd in ("²", "١٠٠"):
+        console = make_console(FakeTTY(), env={"COLUMNS": odd, "LINES": odd})
+        assert console.size == make_console(FakeTTY(), env={}).size

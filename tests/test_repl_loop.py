@@ -204,3 +204,41 @@ def test_the_plain_prompt_shows_the_text_the_line_starts_with(monkeypatch, tmp_p
         line = session.prompt("> ", default="//tmp is in\x1b[2J the picture?\nand")
     assert line == "//tmp is in\x1b[2J the picture?\nand again"
     assert "> //tmp is in\\e[2J the picture?\nand again" in shown.getvalue()  # escapes shown inert
+
+
+# --- Ctrl-D in a block -----------------------------------------------------------------------------
+
+
+def _typed(keys_typed: str, tmp_path) -> str:
+    """The line the REPL's prompt returns for `keys_typed` (no terminal: a pipe and a dummy screen);
+    TimeoutError when the keys leave the prompt waiting for more."""
+    import asyncio
+
+    from prompt_toolkit.application import create_app_session
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from internvl_chat.ui.app import App
+
+    settings = load_settings(os.devnull, env={}, overrides={"ui.history": False, "ui.stats": False})
+    app = App(ChunkedAnswers(["Fine."]), settings, Console(file=io.StringIO(), color_system=None), cwd=tmp_path)
+    with create_pipe_input() as keys, create_app_session(input=keys, output=DummyOutput()):
+        session = repl.build_prompt_session(app, settings)
+        keys.send_text(keys_typed)
+        return asyncio.run(asyncio.wait_for(session.prompt_async("> "), 30))
+
+
+def test_ctrl_d_on_the_empty_last_line_of_a_block_ends_it_as_its_closing_quotes_do(tmp_path):
+    # it did nothing: the line was empty, but only an empty buffer quits
+    line = _typed('"""\rline one\r\x04', tmp_path)
+    assert line == '"""\nline one\n"""' and unwrap_block(line) == "line one"
+    assert _typed('/system """\rBe brief.\r\x04', tmp_path) == '/system """\nBe brief.\n"""'
+
+
+def test_ctrl_d_elsewhere_in_a_block_is_as_before(tmp_path):
+    # on a line with text it deletes the character after the cursor (here none); at an empty
+    # prompt it quits, as always
+    assert _typed('"""\rline one\x04\r"""\r', tmp_path) == '"""\nline one\n"""'
+    assert _typed('"""\rab\x1b[D\x04\r"""\r', tmp_path) == '"""\na\n"""'
+    with pytest.raises(EOFError):
+        _typed("\x04", tmp_path)

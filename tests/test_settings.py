@@ -617,3 +617,36 @@ def test_print_config_json_gives_every_setting_its_value_and_source(tmp_path, mo
     assert shown["system"]["message"] == {"value": "hi \x1b[31m 你好", "from": "env INTERNVL_CHAT_SYSTEM_MESSAGE"}
     assert shown["generation"]["top_k"]["from"] == "default"
     assert "sk-secret-value-1234" not in out  # masked as in the TOML form
+
+
+@pytest.mark.parametrize(
+    "key, text, shown",
+    [
+        ("temperature", "٠.٥", "'\\u0660.\\u0665'"),
+        ("max_tiles", "٣", "'\\u0663'"),
+        ("seed", "١_٠", "'\\u0661_\\u0660'"),
+        ("max_new_tokens", "5１2", "'5\\uff112'"),
+        ("model.device", "cuda:١", "'cuda:\\u0661'"),
+    ],
+)
+def test_numbers_in_other_digits_are_refused_with_the_text_escaped(tmp_path, key, text, shown):
+    # int() and float() read ٣ as 3 (and \d matched cuda:١): the value set was not the one shown
+    with pytest.raises(UsageError) as err:
+        Settings().set(key, text, source="/set")
+    assert f"must be written with the digits 0-9, not {shown}" in str(err.value) and str(err.value).isascii()
+    with pytest.raises(UsageError, match="digits 0-9"):  # an environment variable is read the same way
+        load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_MEDIA_FRAMES=text if key != "model.device" else "٨"))
+
+
+def test_flags_and_origin_ports_in_other_digits_are_refused_with_the_text_escaped():
+    from internvl_chat.cli import build_parser
+    from internvl_chat.settings import web_origin
+
+    for flag, text in (("--temperature", "٠.٥"), ("--frames", "٨"), ("--max-context", "٤٠٩٦")):
+        with pytest.raises(UsageError) as err:
+            build_parser().parse_args([flag, text])
+        assert str(err.value).startswith(f"argument {flag}: must be written with the digits 0-9, not {ascii(text)}; ")
+    assert build_parser().parse_args(["--temperature", "0.5", "--frames", "8"]).frames == 8
+    with pytest.raises(ValueError) as err:
+        web_origin("http://localhost:٣٠٠٠")  # was read as port 3000
+    assert "'http://localhost:\\u0663\\u0660\\u0660\\u0660' has no valid port: write it with the digits 0-9" in str(err.value)

@@ -323,8 +323,6 @@ class App(SessionFileCommands):
                     f"the range starts at {video_range[0]:g} s but {visible(path.name)} is only "
                     f"{media.duration:.1f} s long; choose an earlier start"
                 )
-            if media.video_range != video_range:  # the end was past the end of the video
-                self.note(f"{visible(path.name)} ends at {media.video_range[1]:g} s, so the range ends there")
             return media
         return self.session.describe_image(path, self.settings.media.max_tiles)
 
@@ -600,7 +598,11 @@ class App(SessionFileCommands):
         frames, video_range = command.options.get("frames"), command.options.get("range")
         # `/video clips/*` said "does not exist": a pattern, as /image takes one
         paths = expand_wildcards(command.args[0], self._resolve, self._places, "video", "/video")
-        self.attach([self.describe(path, "video", frames, video_range) for path in paths])
+        media = [self.describe(path, "video", frames, video_range) for path in paths]
+        self.attach(media)
+        for item in media:  # said once attached: a video refused (too long for the context) needs no note first
+            if item.video_range != video_range:  # the end was past the end of the video
+                self.note(f"{visible(item.path.name)} ends at {item.video_range[1]:g} s, so the range ends there")
 
     def cmd_media(self, command: Command) -> None:
         if not self.pending:

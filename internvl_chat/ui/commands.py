@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, foreign_digits, foreign_digits_refused
 from ..files import visible
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
 from .paths import media_kind, normalize_path, shell_unquote
@@ -201,7 +201,7 @@ def _unquote(raw: str) -> str:
 
 # --- values ------------------------------------------------------------------------------------
 
-_TIME = r"(?:\d+:){0,2}(?:\d+(?:\.\d*)?|\.\d+)"
+_TIME = r"(?:[0-9]+:){0,2}(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"  # not \d: it matches ١ and ２ as well
 
 
 def _seconds(text: str) -> float:
@@ -227,6 +227,8 @@ def parse_range(text: str) -> tuple[float, float]:
     m = re.fullmatch(rf"\s*({_TIME})\s*-\s*({_TIME})\s*", text)
     hint = "give START-END in seconds with START before END, e.g. 2.5-10 or 1:00-1:30"
     shown = _shown(text)
+    if foreign_digits(text):
+        raise UsageError(f"invalid time range: it {foreign_digits_refused(text)}; {hint}.")
     if not m:
         raise UsageError(f"invalid time range {shown}; {hint}.")
     start, end = _seconds(m.group(1)), _seconds(m.group(2))
@@ -238,6 +240,8 @@ def parse_range(text: str) -> tuple[float, float]:
 
 
 def _parse_int(text: str, what: str, spec: CommandSpec, maximum: int | None = None) -> int:
+    if foreign_digits(text):  # int() reads `١` as 1, which the line does not show
+        raise UsageError(f"/{spec.name}: {what} {foreign_digits_refused(text)}; usage: {spec.usage}")
     try:
         value = int(text)
     except ValueError:

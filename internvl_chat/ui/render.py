@@ -19,6 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, Mapping
 from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
+from ..errors import foreign_digits
 from .live_tail import LiveTail
 from .markdown_blocks import BlockSplitter
 
@@ -161,9 +162,10 @@ MAX_TERMINAL_CELLS = 10_000  # columns or lines: far past any screen
 
 
 def _no_size(value: str) -> bool:
-    """A COLUMNS or LINES value that names no terminal size: 0, or more than any screen holds."""
+    """A COLUMNS or LINES value that names no terminal size: 0, more than any screen holds, or one
+    written with digits other than 0-9 (`²` passed isdigit() and int() raised: a traceback at start)."""
     text = value.strip()
-    return text.isdigit() and not 0 < int(text) <= MAX_TERMINAL_CELLS
+    return foreign_digits(text) or text.isdigit() and not 0 < int(text) <= MAX_TERMINAL_CELLS
 
 
 def make_console(file: IO[str] | None = None, color: str = "auto", env: Mapping[str, str] = os.environ) -> Console:

@@ -6,7 +6,8 @@ slash commands, their arguments (setting keys, media paths filtered by extension
 /save /export, saved session names and paths for /load) and media paths typed in a message;
 Ctrl-C clears the line (and cancels
 work while the model runs, see app.py); Ctrl-D on an empty line quits (attachments still waiting
-for a message are named in a warning, never asked about); Ctrl-Z suspends (`fg` resumes).
+for a message are named in a warning, never asked about), and on the empty last line of a
+`\"\"\"` block ends the block as its closing `\"\"\"` does; Ctrl-Z suspends (`fg` resumes).
 Bracketed paste is prompt_toolkit's default: a pasted text with newlines stays one input (app.py
 runs the one-line commands it starts with one by one, and the rest as one message).
 """
@@ -28,6 +29,7 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.application import create_app_session, get_app
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
+from prompt_toolkit.filters import Condition
 from prompt_toolkit.history import History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.key_binding.bindings.mouse import load_mouse_bindings
@@ -260,6 +262,13 @@ def key_bindings(late: LateInterrupt | None = None) -> KeyBindings:
         else:
             buffer.validate_and_handle()
 
+    @kb.add("c-d", filter=Condition(_on_last_line_of_open_block))
+    def _end_block(event) -> None:
+        """Ctrl-D, end of input, ends the block as a line holding \"\"\" does (it did nothing there:
+        the line is empty but the buffer is not, and only an empty buffer quits)."""
+        event.current_buffer.insert_text(BLOCK_QUOTES)
+        event.current_buffer.validate_and_handle()
+
     @kb.add("escape", "enter")
     @kb.add("c-j")
     def _newline(event) -> None:
@@ -282,6 +291,12 @@ def key_bindings(late: LateInterrupt | None = None) -> KeyBindings:
             return None
 
     return kb
+
+
+def _on_last_line_of_open_block() -> bool:
+    """The cursor is at the end of a `\"\"\"` block still open, on a line with nothing typed."""
+    document = get_app().current_buffer.document
+    return document.is_cursor_at_the_end and not document.current_line.strip() and block_is_open(document.text)
 
 
 def complete_session(raw: str, cwd: Path | None = None, folder: Path | None = None) -> Iterator[Completion]:

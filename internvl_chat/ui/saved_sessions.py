@@ -1,6 +1,6 @@
 """The saved sessions folder: where `/save` writes by default, the session files listed there (for
-`/load` alone and its Tab completion), what a session file holds at a glance, and which saved
-settings `/load` restores."""
+`/load` alone and its Tab completion), what a session file holds at a glance (and whether `/load`
+takes it), and which saved settings `/load` restores."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..chat.session_file import SESSION_FORMAT
+from ..chat.session_file import SESSION_FORMAT, SESSION_VERSION, DamagedSession, parse_session
 from ..errors import InternVLChatError
-from ..files import read_text_file, xdg_dir
+from ..files import brief_repr, read_text_file, xdg_dir
 
 
 def default_sessions_dir(env: dict[str, str] | os._Environ = os.environ) -> Path:
@@ -65,3 +65,23 @@ def saved_messages(path: Path) -> list[tuple[Any, Any]] | None:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return None
     return [(m.get("role"), m.get("text")) for m in messages]
+
+
+def session_at_a_glance(path: Path) -> tuple[str, str]:
+    """What `/load` alone lists for a session file: ("3 turn(s)", ""), or ("cannot load", why in a
+    few words) for one /load would refuse (the list counted the turns of a version-2 file, or of
+    one ending with a question and no answer, and offered them)."""
+    try:
+        data = json.loads(read_text_file(path, "session file"))
+    except (InternVLChatError, ValueError, RecursionError):
+        return "cannot load", "not readable"
+    try:  # the checks /load makes, but for the vocabulary (the model's) and the media files (loading's)
+        return f"{len(parse_session(data, path, None, ()).turns)} turn(s)", ""
+    except DamagedSession:
+        pass
+    if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:
+        return "cannot load", "not a session"
+    version = data.get("version")
+    if type(version) is not int or version != SESSION_VERSION:
+        return "cannot load", f"format version {brief_repr(version, 12)}, this build reads {SESSION_VERSION}"
+    return "cannot load", "damaged"

@@ -21,7 +21,8 @@ from ..files import PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, visible, w
 from .commands import Command
 from .export import answer_and_cut, export_markdown
 from .paths import quote_path
-from .saved_sessions import RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages
+from .saved_sessions import (RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages,
+                             session_at_a_glance)
 from .settings_text import plain_value
 from .text_wrap import one_line_excerpt
 
@@ -255,9 +256,8 @@ class SessionFileCommands:
         shown = sessions[:limit]
         width = max(len(_typed(p.stem)) for p, _ in shown)
         for path, mtime in shown:
-            turns = saved_messages(path)
-            count = f"{len(turns) // 2} turn(s)" if turns is not None else "not readable"
-            self.say(f"  {_typed(path.stem).ljust(width)}  {count:>12}  {file_date(mtime)}")
+            held, why = session_at_a_glance(path)
+            self.say(f"  {_typed(path.stem).ljust(width)}  {held:>12}  {file_date(mtime)}" + (f"  ({why})" if why else ""))
         more = f" ({len(sessions) - limit} older not shown)" if len(sessions) > limit else ""
         self.note(f"/load NAME loads one (Tab completes the names){more}")
 
