@@ -241,6 +241,37 @@ def test_a_hugging_face_cache_folder_names_the_checkpoint_inside_it(tmp_path, ti
     assert str(err.value) == f"{cache} is a Hugging Face cache folder; pass --model {new}, the checkpoint inside it"
 
 
+@pytest.mark.parametrize("given", ["OpenGVLab/InternVL3-1B", "https://huggingface.co/OpenGVLab/InternVL3-1B/tree/main"])
+def test_a_hugging_face_model_id_says_to_download_it(tmp_path, tiny_original, monkeypatch, given):
+    """--model OpenGVLab/InternVL3-1B (or its web address) was told only "does not exist; pass --model
+    with a checkpoint folder", read as a typo: nothing said that internvl-chat does not download, or
+    where the copy the Hugging Face cache already holds is."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError) as err:
+        load_config(Path(given))
+    assert str(err.value).endswith(
+        "does not exist; internvl-chat does not download models: for the Hugging Face model OpenGVLab/InternVL3-1B, "
+        "download it first (hf download OpenGVLab/InternVL3-1B) and give the folder it prints"
+    )
+    snapshot = tmp_path / "hf" / "hub" / "models--OpenGVLab--InternVL3-1B" / "snapshots" / "9c2a"
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_original / "config.json", snapshot / "config.json")
+    with pytest.raises(CheckpointError) as err:
+        load_config(Path(given))
+    assert str(err.value).endswith(f"the Hugging Face cache holds OpenGVLab/InternVL3-1B: give its folder {snapshot}")
+
+
+def test_a_local_path_with_a_typo_is_not_taken_for_a_model_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for given in ("models/InternVL3-1B", "a/b/c", str(tmp_path / "OpenGVLab" / "InternVL3-1B")):
+        with pytest.raises(CheckpointError) as err:
+            load_config(Path(given))
+        assert str(err.value) == f"model folder {given} does not exist; pass --model with a checkpoint folder"
+
+
 def test_folder_without_weights(tmp_path, tiny_original):
     shutil.copy(tiny_original / "config.json", tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="no weights"):

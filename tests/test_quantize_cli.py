@@ -414,6 +414,18 @@ def test_a_source_without_config_json_is_named_without_the_chat_s_flag(tmp_path,
     assert "--model" not in lines[0] and not (tmp_path / "out").exists()
 
 
+def test_a_hugging_face_model_id_as_the_source_says_to_download_it(tmp_path, monkeypatch, capsys):
+    """It was told "is not a folder; give a 16-bit checkpoint folder", read as a typo."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, lines = run_cli(monkeypatch, capsys, "OpenGVLab/InternVL3-1B", tmp_path / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert "the source OpenGVLab/InternVL3-1B does not exist; internvl-chat does not download models" in lines[0], lines
+    assert "(hf download OpenGVLab/InternVL3-1B) and give the folder it prints" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_tinychat_source_is_already_quantized_before_loading(config_only, tmp_path, monkeypatch, capsys):
     """An llm-awq `*-awq-v2.pt` is 4-bit whatever its config.json says (llm-awq ships the original
     config): it was loaded and converted in full before being refused (or failed in the conversion)."""

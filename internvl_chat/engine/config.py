@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -323,7 +324,8 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     try:
         if not model_dir.exists():
-            raise CheckpointError(f"model folder {shown} does not exist; pass --model with a checkpoint folder")
+            advice = hub_download_advice(model_dir) or "pass --model with a checkpoint folder"
+            raise CheckpointError(f"model folder {shown} does not exist; {advice}")
         if not model_dir.is_dir():
             raise CheckpointError(f"{shown} is not a folder; pass --model with the checkpoint folder, not a file")
         if not os.path.lexists(path):  # a broken link is named by the reader
@@ -337,6 +339,42 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot use model folder {shown} ({e.strerror or e}); "
                               "pass --model with a checkpoint folder") from None  # fmt: skip
     return read_json_object(path, "the checkpoint's config.json")
+
+
+# A Hugging Face model id (ORG/NAME), or its web address as people paste it for --model (Path has
+# already folded the address's "//" into one)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_HUB_ADDRESS = re.compile(r"https?:/+(?:www\.)?(?:huggingface|hf)\.co/([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:/.*)?")
+
+
+def hub_download_advice(model_dir: Path) -> str | None:
+    """What to do with a missing folder named like a Hugging Face model id or address: use the
+    snapshot in the local cache if it holds one, else download it (internvl-chat never does). It
+    was told only "does not exist; pass --model with a checkpoint folder". A path whose first
+    folder exists here is a local path with a typo, not an id."""
+    text = str(model_dir)
+    address = _HUB_ADDRESS.fullmatch(text)
+    if address is not None:
+        model_id = address[1]
+    elif _HUB_ID.fullmatch(text) and not os.path.lexists(model_dir.parent):
+        model_id = text
+    else:
+        return None
+    org, name = model_id.split("/")
+    snapshot = _cached_snapshot(_hub_cache() / f"models--{org}--{name}")
+    if snapshot is not None:
+        return f"the Hugging Face cache holds {visible(model_id)}: give its folder {visible(str(snapshot))}"
+    return (f"internvl-chat does not download models: for the Hugging Face model {visible(model_id)}, download it first "
+            f"(hf download {visible(model_id)}) and give the folder it prints")  # fmt: skip
+
+
+def _hub_cache() -> Path:
+    """Where huggingface_hub keeps its downloads: $HF_HUB_CACHE, $HF_HOME/hub, or ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface" / "hub"
 
 
 def _cached_snapshot(model_dir: Path) -> Path | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..engine.weight_files import find_weight_files
-from ..engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, load_config, read_config_json
+from ..engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, hub_download_advice, load_config, read_config_json
 from ..engine.loader import LoadedModel
 from ..errors import CheckpointError, UsageError
 from ..files import visible
@@ -54,6 +54,9 @@ def check_group_size(cfg: ModelConfig, group_size: int | None) -> int:
 def check_source(src: Path) -> ModelConfig:
     """The source's config; refused in one line: no folder, no config.json, a checkpoint already
     quantized (by its config or its weight files), a tokenizer file that cannot be read."""
+    advice = hub_download_advice(src) if not os.path.lexists(src) else None
+    if advice is not None:  # a model id: "not a folder; give a 16-bit checkpoint folder" read as a typo
+        raise UsageError(f"the source {visible(str(src))} does not exist; {advice}")
     if not src.is_dir():
         raise UsageError(f"the source {visible(str(src))} is not a folder; give a 16-bit checkpoint folder")
     if not os.path.lexists(src / "config.json"):  # the loader's own words advise --model, the chat's flag
