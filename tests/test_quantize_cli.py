@@ -587,6 +587,22 @@ def test_an_output_folder_holding_a_killed_run_s_staging_folder_says_so(config_o
     assert [p.name for p in dst.iterdir()] == [".out.k2j4x1.partial"]
 
 
+def test_a_killed_run_s_staging_folder_beside_a_new_output_is_named(config_only, tiny_original, tmp_path, monkeypatch, capsys):
+    """For a new output folder the staging folder is made beside it: one a killed run left there (a
+    checkpoint's size, hidden from `ls`) stayed without a word while the next run made another, and
+    a second run at once for the same output went all the way to fail at the rename."""
+    (tmp_path / ".out.k2j4x1.partial").mkdir()
+    (tmp_path / ".out.v2.k2j4x1.partial").mkdir()  # out.v2's, not out's
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"{tmp_path / '.out.k2j4x1.partial'} was left by a quantize run for {tmp_path / 'out'} that was killed "
+                             "(or is still running); delete it, or choose a new output folder"), lines  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.k2j4x1.partial", ".out.v2.k2j4x1.partial", "no_weights"]
+    (tmp_path / ".out.k2j4x1.partial").rmdir()
+    quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu")
+    assert load_config(tmp_path / "out").quant is not None
+
+
 @pytest.mark.parametrize("data, kind", [(b"\x89PNG\r\n\x1a\n" + bytes(64), "a PNG image"), (b"text\x00\x01\x02 more", "binary data")])
 def test_a_calibration_text_that_holds_binary_data_is_refused(config_only, tmp_path, monkeypatch, capsys, data, kind):
     """An image or archive named .txt was tokenized as calibration text without a word."""

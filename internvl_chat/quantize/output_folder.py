@@ -71,6 +71,10 @@ def staging_folder(dst: Path) -> Path:
         else:
             where = dst.parent
             where.mkdir(parents=True, exist_ok=True)
+            left = _left_staging_folders(where, dst)
+            if left:  # a checkpoint's size, hidden from `ls`, and nothing else said so; a second run would end at the rename
+                raise UsageError(f"{visible(str(where / left[0]))} was left by a quantize run for {shown} that was killed "
+                                 "(or is still running); delete it, or choose a new output folder")  # fmt: skip
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(dst), suffix=".partial", dir=where))
     except UsageError:
         raise
@@ -80,6 +84,14 @@ def staging_folder(dst: Path) -> Path:
                          "choose a folder you can write to") from None  # fmt: skip
     os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; the checkpoint should not be
     return staging
+
+
+def _left_staging_folders(where: Path, dst: Path) -> list[str]:
+    """The staging folders for `dst` in `where` (mkdtemp's random part holds no dot: one for `out.v2`
+    is not taken for one of `out`), by name."""
+    prefix = _staging_prefix(dst)
+    return sorted(name for name in os.listdir(where)
+                  if name.startswith(prefix) and name.endswith(".partial") and "." not in name[len(prefix):-len(".partial")])  # fmt: skip
 
 
 def publish(staging: Path, dst: Path) -> None:
