@@ -263,6 +263,15 @@ def test_a_hugging_face_model_id_says_to_download_it(tmp_path, tiny_original, mo
     assert str(err.value).endswith(f"the Hugging Face cache holds OpenGVLab/InternVL3-1B: give its folder {snapshot}")
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_a_file_of_a_checkpoint_given_for_its_folder_names_the_folder(tiny_original, name):
+    """--model DIR/model.safetensors was told to pass "the checkpoint folder" without naming it."""
+    with pytest.raises(CheckpointError) as err:
+        load_config(tiny_original / name)
+    assert str(err.value) == (f"{tiny_original / name} is not a folder; pass --model with the checkpoint folder, not a file "
+                              f"({tiny_original} holds it)")  # fmt: skip
+
+
 def test_a_local_path_with_a_typo_is_not_taken_for_a_model_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()

@@ -426,6 +426,14 @@ def test_a_hugging_face_model_id_as_the_source_says_to_download_it(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_a_weight_file_as_the_source_names_its_folder(tiny_original, tmp_path, monkeypatch, capsys):
+    code, lines = run_cli(monkeypatch, capsys, tiny_original / "model.safetensors", tmp_path / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"the source {tiny_original / 'model.safetensors'} is not a folder; give a 16-bit checkpoint folder "
+                             f"({tiny_original} holds it)"), lines  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_tinychat_source_is_already_quantized_before_loading(config_only, tmp_path, monkeypatch, capsys):
     """An llm-awq `*-awq-v2.pt` is 4-bit whatever its config.json says (llm-awq ships the original
     config): it was loaded and converted in full before being refused (or failed in the conversion)."""
