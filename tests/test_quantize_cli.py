@@ -595,6 +595,18 @@ def test_an_output_folder_holding_a_killed_run_s_staging_folder_says_so(config_o
     assert [p.name for p in dst.iterdir()] == [".out.k2j4x1.partial"]
 
 
+@pytest.mark.parametrize("below", ["out", "a/b/out"])
+def test_an_output_below_a_file_names_the_file(config_only, tmp_path, monkeypatch, capsys, below):
+    """mkdir's words were passed on: 'cannot write the output F/out in F (File exists); choose a
+    folder you can write to' (or 'Not a directory' deeper down), which does not say what is wrong."""
+    (tmp_path / "f").write_text("mine")
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "f" / below)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"cannot write the output {tmp_path / 'f' / below}: {tmp_path / 'f'} is a file, not a folder; "
+                             "choose another output folder"), lines  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "no_weights"] and (tmp_path / "f").read_text() == "mine"
+
+
 def test_a_killed_run_s_staging_folder_beside_a_new_output_is_named(config_only, tiny_original, tmp_path, monkeypatch, capsys):
     """For a new output folder the staging folder is made beside it: one a killed run left there (a
     checkpoint's size, hidden from `ls`) stayed without a word while the next run made another, and

@@ -79,6 +79,10 @@ def staging_folder(dst: Path) -> Path:
     except UsageError:
         raise
     except OSError as e:  # named by the user's paths, never the staging folder's
+        blocking = _file_above(dst)
+        if blocking is not None:  # mkdir's own words were "File exists" or "Not a directory"
+            raise UsageError(f"cannot write the output {shown}: {visible(str(blocking))} is a file, not a folder; "
+                             "choose another output folder") from None  # fmt: skip
         inside = "" if where == dst else f" in {visible(str(where))}"
         raise UsageError(f"cannot write the output {shown}{inside} ({e.strerror or e}); "
                          "choose a folder you can write to") from None  # fmt: skip
@@ -131,6 +135,14 @@ def _no_second_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _file_above(dst: Path) -> Path | None:
+    """The nearest folder above `dst` that exists and is no folder (a file), if that is what stops it."""
+    for parent in dst.parents:
+        if os.path.lexists(parent):
+            return None if parent.is_dir() else parent
+    return None
 
 
 def _missing_parents(dst: Path) -> list[Path]:
