@@ -231,6 +231,20 @@ def test_unsupported_awq_configs_are_refused(quantized, tmp_path, edit, message)
         load_model(folder, device="cpu", dtype="float32", max_context=256)
 
 
+def test_4_bit_weights_under_a_16_bit_config_are_named(quantized, tiny_original, tmp_path):
+    """The 16-bit model's config.json copied over an AWQ download was refused only once the model was
+    built, as "42 unexpected tensor(s) … (wrong layout or a different model)"."""
+    folder = tmp_path / "m"
+    shutil.copytree(quantized["rtn"], folder)
+    shutil.copy(tiny_original / "config.json", folder / "config.json")
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=256)
+    assert str(err.value) == (
+        f"{folder / 'model.safetensors'} holds 4-bit AWQ weights (language_model.model.layers.0.mlp.down_proj.qweight) but "
+        f"config.json of {folder} has no quantization_config; use the config.json shipped with these weights"
+    )
+
+
 def test_missing_qzeros_is_named(quantized, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(quantized["rtn"], folder)
