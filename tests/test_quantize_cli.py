@@ -277,6 +277,32 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tiny_original, tmp_path, 
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
 
 
+def test_a_source_file_the_output_cannot_hold_is_a_failed_write(tiny_original, tmp_path):
+    """A copied source file that a file-size limit (`ulimit -f`; a full disk alike) stopped was
+    "cannot read SRC/generation_config.json (File too large); check the file and its permissions":
+    a failed copy names the source file whichever side failed."""
+    import resource
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_original, src)
+    (src / "generation_config.json").write_text("{}" + " " * (2 << 20))  # larger than the output's weight file
+    limit = 1 << 20
+    assert (tiny_original / "model.safetensors").stat().st_size < limit
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-m", "internvl_chat", "quantize", str(src), str(tmp_path / "out"), "--method", "rtn",
+                           "--device", "cpu", "--group-size", "32"], capture_output=True, text=True, cwd=REPO,
+                          preexec_fn=limit_file_size, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"internvl-chat: error: cannot write the output {tmp_path / 'out'} (File too large); "
+                                                    "check the disk or choose another output folder"), done.stderr  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 def test_a_source_config_with_a_lone_surrogate_escape_is_written_back_as_it_was(tiny_original, tmp_path, monkeypatch, capsys):
     """A "\\ud800" escape under a key the engine never reads passes load_config; writing the output
     config.json as UTF-8 then failed with a UnicodeEncodeError traceback at the very end of the run."""
