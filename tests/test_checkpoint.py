@@ -207,6 +207,35 @@ def test_unknown_architecture_is_refused():
         parse_config({"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava"})
 
 
+@pytest.mark.parametrize(
+    "llm, family",
+    [
+        ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, "Qwen3 (InternVL3.5)"),
+        ({"model_type": "qwen3_moe"}, "Qwen3-MoE (InternVL3.5-30B-A3B or -241B-A28B)"),
+        ({"architectures": ["InternLM2ForCausalLM"]}, "InternLM2 (InternVL3-9B, or an InternLM-based InternVL2/2.5)"),
+        ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}, "Phi-3 (as in InternVL2-4B)"),
+    ],
+)
+def test_another_internvl_s_llm_is_named_as_what_it_is(tiny_original, llm, family):
+    """An InternVL3.5 was 'unsupported LLM ["Qwen3ForCausalLM"]'; an InternVL2.5-8B 'InternLM2 (InternVL3-9B layout)'."""
+    raw = original_config(tiny_original)
+    raw["llm_config"].pop("architectures")
+    raw["llm_config"].pop("model_type")
+    raw["llm_config"].update(llm)
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw)
+    assert str(err.value) == (f"the LLM in llm_config is {family}, which internvl-chat does not support; "
+                              "use a Qwen2-based InternVL3 checkpoint (1B, 2B, 8B, 14B, 38B, 78B)")  # fmt: skip
+
+
+def test_a_text_only_language_model_is_named_as_one():
+    """A plain Qwen2 (no vision) was 'unknown architecture ["Qwen2ForCausalLM"]'."""
+    with pytest.raises(CheckpointError) as err:
+        parse_config({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896})
+    assert str(err.value) == ('config.json describes a text-only language model (["Qwen2ForCausalLM"]), not a vision-language '
+                              "one; internvl-chat loads InternVL3 checkpoints (InternVLChatModel or InternVLForConditionalGeneration)")  # fmt: skip
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_config(tmp_path / "nope")

@@ -157,14 +157,27 @@ def _quoted(text: str) -> str:
     return visible(repr(text if len(text) <= 40 else text[:37] + "…"))
 
 
+# The LLMs of other InternVL models, by model_type and architecture: named as what the checkpoint
+# is (an InternVL3.5 was "unsupported LLM ["Qwen3ForCausalLM"]", an InternVL2.5-8B "InternVL3-9B layout")
+OTHER_LLMS = (
+    ("internlm2", "InternLM2", "InternLM2 (InternVL3-9B, or an InternLM-based InternVL2/2.5)"),
+    ("qwen3", "Qwen3For", "Qwen3 (InternVL3.5)"),
+    ("qwen3_moe", "Qwen3Moe", "Qwen3-MoE (InternVL3.5-30B-A3B or -241B-A28B)"),
+    ("gpt_oss", "GptOss", "GPT-OSS (InternVL3.5-GPT-OSS)"),
+    ("llama", "LlamaFor", "Llama (as in InternVL2-Llama3-76B)"),
+    ("phi3", "Phi3For", "Phi-3 (as in InternVL2-4B)"),
+)  # fmt: skip
+
+
 def _check_llm_kind(f: Fields) -> None:
     archs = f.names("architectures")
     model_type = f.text("model_type", "")
-    if any("InternLM2" in a for a in archs) or model_type == "internlm2":
-        raise CheckpointError(
-            f"the LLM in {f.path} is InternLM2 (InternVL3-9B layout), which internvl-chat does not support; "
-            "use a Qwen2-based InternVL3 checkpoint (1B, 2B, 8B, 14B, 38B, 78B)"
-        )
+    for other_type, arch_prefix, family in OTHER_LLMS:
+        if model_type == other_type or any(a.startswith(arch_prefix) for a in archs):
+            raise CheckpointError(
+                f"the LLM in {f.path} is {family}, which internvl-chat does not support; "
+                "use a Qwen2-based InternVL3 checkpoint (1B, 2B, 8B, 14B, 38B, 78B)"
+            )
     if archs and not any(a in SUPPORTED_LLMS for a in archs) or (model_type and model_type != "qwen2"):
         raise CheckpointError(
             f"unsupported LLM {shown_json(archs or model_type)} in {f.path}; "
@@ -426,6 +439,11 @@ def parse_config(raw: Any, source: str = "config.json") -> ModelConfig:
         layout = "hf"
         text_f, vision_f = top.child("text_config"), top.child("vision_config")
         text_f.raw = {"model_type": "qwen2", **text_f.raw}
+    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):  # a plain Qwen2, Llama…: no vision at all
+        raise CheckpointError(
+            f"{source} describes a text-only language model ({shown_json(archs)}), not a vision-language one; "
+            f"internvl-chat loads InternVL3 checkpoints ({ORIGINAL_ARCH} or {HF_ARCH})"
+        )
     else:
         raise CheckpointError(
             f"unknown architecture {shown_json(archs or model_type or '(none)')}; internvl-chat loads InternVL3 "
