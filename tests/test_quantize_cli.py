@@ -412,6 +412,20 @@ def test_a_damaged_calibration_image_is_refused_before_loading(config_only, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "no_weights"]
 
 
+@pytest.mark.parametrize("target, words", [("missing.png", "is a link to a file that does not exist"), ("/dev/zero", "is not a regular file")])
+def test_a_calibration_image_that_is_no_file_is_named_before_loading(config_only, tmp_path, monkeypatch, capsys, target, words):
+    """A broken link (an interrupted copy, a cloud placeholder) or a device named .png was dropped
+    without a word: the run calibrated on fewer images than given, or on text alone."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "a.txt").write_text("a line of calibration text")
+    (calib / "b.png").symlink_to(target)
+    (calib / "folder.png").mkdir()  # a folder is no image: passed over as before
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--calib", calib, "--samples", "4")
+    assert code == 2 and len(lines) == 1 and str(calib / "b.png") in lines[0] and words in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "no_weights"]
+
+
 def test_calibration_images_are_the_ones_the_samples_use(tiny_original, tmp_path):
     """Each of the first ⌈samples/2⌉ images is decoded once, before loading; the others are not read."""
     from PIL import Image
