@@ -642,7 +642,7 @@ def test_an_output_below_a_file_names_the_file(config_only, tmp_path, monkeypatc
     (tmp_path / "f").write_text("mine")
     code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "f" / below)
     assert code == 2 and len(lines) == 1, lines
-    assert lines[0].endswith(f"cannot write the output {tmp_path / 'f' / below}: {tmp_path / 'f'} is a file, not a folder; "
+    assert lines[0].endswith(f"cannot write the output {tmp_path / 'f' / below}: {tmp_path / 'f'} is not a folder; "
                              "choose another output folder"), lines  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "no_weights"] and (tmp_path / "f").read_text() == "mine"
 

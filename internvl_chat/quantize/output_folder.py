@@ -81,7 +81,7 @@ def staging_folder(dst: Path) -> Path:
     except OSError as e:  # named by the user's paths, never the staging folder's
         blocking = _file_above(dst)
         if blocking is not None:  # mkdir's own words were "File exists" or "Not a directory"
-            raise UsageError(f"cannot write the output {shown}: {visible(str(blocking))} is a file, not a folder; "
+            raise UsageError(f"cannot write the output {shown}: {visible(str(blocking))} is not a folder; "
                              "choose another output folder") from None  # fmt: skip
         inside = "" if where == dst else f" in {visible(str(where))}"
         raise UsageError(f"cannot write the output {shown}{inside} ({e.strerror or e}); "
@@ -138,7 +138,7 @@ def _no_second_interrupt() -> Iterator[None]:
 
 
 def _file_above(dst: Path) -> Path | None:
-    """The nearest folder above `dst` that exists and is no folder (a file), if that is what stops it."""
+    """The nearest path above `dst` that exists and is no folder (a file, a device), if that is what stops it."""
     for parent in dst.parents:
         if os.path.lexists(parent):
             return None if parent.is_dir() else parent
