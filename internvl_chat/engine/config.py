@@ -391,10 +391,11 @@ def hub_download_advice(model_dir: Path) -> str | None:
 def _hub_cache() -> Path:
     """Where huggingface_hub keeps its downloads: $HF_HUB_CACHE, $HF_HOME/hub, or ~/.cache/huggingface/hub."""
     if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface" / "hub"
+        return Path(os.path.expanduser(os.environ["HF_HOME"])) / "hub"
+    # expanduser leaves "~" as it is where no home is known (Path.home() raises there)
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "huggingface" / "hub"
 
 
 def _cached_snapshot(model_dir: Path) -> Path | None:
