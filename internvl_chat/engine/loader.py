@@ -115,14 +115,19 @@ def check_vocab_on_disk(cfg: ModelConfig, embeddings: list[DeclaredTensor], path
 
 
 def check_quantized_weights_declared(cfg: ModelConfig, declared: tuple[DeclaredTensor, ...], path: Path) -> None:
-    """4-bit weights (`.qweight`) under a config.json without a quantization_config: the 16-bit
-    model's config.json copied over an AWQ download. It was refused only after the model was built,
-    as dozens of "unexpected tensors"."""
+    """4-bit weights (`.qweight`) under a config.json without a quantization_config, or 16-bit ones
+    under one with it: one model's config.json copied over the other's download. They were refused
+    only after the model was built, as dozens of "unexpected tensors"."""
     packed = next((t for t in declared if t.name.endswith(".qweight")), None)
     if cfg.quant is None and packed is not None:
         raise CheckpointError(
             f"{visible(str(packed.file))} holds 4-bit AWQ weights ({shown_value(packed.name)}) but config.json of "
             f"{visible(str(path))} has no quantization_config; use the config.json shipped with these weights"
+        )
+    if cfg.quant is not None and declared and packed is None:
+        raise CheckpointError(
+            f"config.json of {visible(str(path))} declares 4-bit AWQ weights (quantization_config) but its weight files "
+            "hold 16-bit ones (no .qweight tensors); use the config.json shipped with these weights"
         )
 
 
