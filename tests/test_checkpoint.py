@@ -207,6 +207,35 @@ def test_unknown_architecture_is_refused():
         parse_config({"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava"})
 
 
+@pytest.mark.parametrize(
+    "llm, family",
+    [
+        ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, "Qwen3 (InternVL3.5)"),
+        ({"model_type": "qwen3_moe"}, "Qwen3-MoE (InternVL3.5-30B-A3B or -241B-A28B)"),
+        ({"architectures": ["InternLM2ForCausalLM"]}, "InternLM2 (InternVL3-9B, or an InternLM-based InternVL2/2.5)"),
+        ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}, "Phi-3 (as in InternVL2-4B)"),
+    ],
+)
+def test_another_internvl_s_llm_is_named_as_what_it_is(tiny_original, llm, family):
+    """An InternVL3.5 was 'unsupported LLM ["Qwen3ForCausalLM"]'; an InternVL2.5-8B 'InternLM2 (InternVL3-9B layout)'."""
+    raw = original_config(tiny_original)
+    raw["llm_config"].pop("architectures")
+    raw["llm_config"].pop("model_type")
+    raw["llm_config"].update(llm)
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw)
+    assert str(err.value) == (f"the LLM in llm_config is {family}, which internvl-chat does not support; "
+                              "use a Qwen2-based InternVL3 checkpoint (1B, 2B, 8B, 14B, 38B, 78B)")  # fmt: skip
+
+
+def test_a_text_only_language_model_is_named_as_one():
+    """A plain Qwen2 (no vision) was 'unknown architecture ["Qwen2ForCausalLM"]'."""
+    with pytest.raises(CheckpointError) as err:
+        parse_config({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896})
+    assert str(err.value) == ('config.json describes a text-only language model (["Qwen2ForCausalLM"]), not a vision-language '
+                              "one; internvl-chat loads InternVL3 checkpoints (InternVLChatModel or InternVLForConditionalGeneration)")  # fmt: skip
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_config(tmp_path / "nope")
@@ -239,6 +268,46 @@ def test_a_hugging_face_cache_folder_names_the_checkpoint_inside_it(tmp_path, ti
     with pytest.raises(CheckpointError) as err:
         load_config(cache)
     assert str(err.value) == f"{cache} is a Hugging Face cache folder; pass --model {new}, the checkpoint inside it"
+
+
+@pytest.mark.parametrize("given", ["OpenGVLab/InternVL3-1B", "https://huggingface.co/OpenGVLab/InternVL3-1B/tree/main"])
+def test_a_hugging_face_model_id_says_to_download_it(tmp_path, tiny_original, monkeypatch, given):
+    """--model OpenGVLab/InternVL3-1B (or its web address) was told only "does not exist; pass --model
+    with a checkpoint folder", read as a typo: nothing said that internvl-chat does not download, or
+    where the copy the Hugging Face cache already holds is."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError) as err:
+        load_config(Path(given))
+    assert str(err.value).endswith(
+        "does not exist; internvl-chat does not download models: for the Hugging Face model OpenGVLab/InternVL3-1B, "
+        "download it first (hf download OpenGVLab/InternVL3-1B) and give the folder it prints"
+    )
+    snapshot = tmp_path / "hf" / "hub" / "models--OpenGVLab--InternVL3-1B" / "snapshots" / "9c2a"
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_original / "config.json", snapshot / "config.json")
+    with pytest.raises(CheckpointError) as err:
+        load_config(Path(given))
+    assert str(err.value).endswith(f"the Hugging Face cache holds OpenGVLab/InternVL3-1B: give its folder {snapshot}")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_a_file_of_a_checkpoint_given_for_its_folder_names_the_folder(tiny_original, name):
+    """--model DIR/model.safetensors was told to pass "the checkpoint folder" without naming it."""
+    with pytest.raises(CheckpointError) as err:
+        load_config(tiny_original / name)
+    assert str(err.value) == (f"{tiny_original / name} is not a folder; pass --model with the checkpoint folder, not a file "
+                              f"({tiny_original} holds it)")  # fmt: skip
+
+
+def test_a_local_path_with_a_typo_is_not_taken_for_a_model_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for given in ("models/InternVL3-1B", "a/b/c", str(tmp_path / "OpenGVLab" / "InternVL3-1B")):
+        with pytest.raises(CheckpointError) as err:
+            load_config(Path(given))
+        assert str(err.value) == f"model folder {given} does not exist; pass --model with a checkpoint folder"
 
 
 def test_folder_without_weights(tmp_path, tiny_original):

@@ -132,7 +132,7 @@ def test_corrupt_checkpoint_exits_2(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     run = cli("--model", str(tmp_path), "-p", "hi")
     assert run.returncode == 2
-    assert "unknown architecture" in run.stderr
+    assert "text-only language model" in run.stderr
 
 
 def test_video_flags(tiny_original, tmp_path):

@@ -231,6 +231,41 @@ def test_unsupported_awq_configs_are_refused(quantized, tmp_path, edit, message)
         load_model(folder, device="cpu", dtype="float32", max_context=256)
 
 
+def test_4_bit_weights_under_a_16_bit_config_are_named(quantized, tiny_original, tmp_path):
+    """The 16-bit model's config.json copied over an AWQ download was refused only once the model was
+    built, as "42 unexpected tensor(s) … (wrong layout or a different model)"."""
+    folder = tmp_path / "m"
+    shutil.copytree(quantized["rtn"], folder)
+    shutil.copy(tiny_original / "config.json", folder / "config.json")
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=256)
+    assert str(err.value) == (
+        f"{folder / 'model.safetensors'} holds 4-bit AWQ weights (language_model.model.layers.0.mlp.down_proj.qweight) but "
+        f"config.json of {folder} has no quantization_config; use the config.json shipped with these weights"
+    )
+
+
+def test_16_bit_weights_under_an_awq_config_are_named(quantized, tiny_original, tmp_path):
+    """The AWQ model's config.json copied over a 16-bit download: loading refused it as "14 unexpected
+    tensor(s)" once the model was built, and quantize called the 16-bit source "already quantized"."""
+    from internvl_chat.errors import UsageError
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_original, folder)
+    shutil.copy(quantized["rtn"] / "config.json", folder / "config.json")
+    expected = (f"config.json of {folder} declares 4-bit AWQ weights (quantization_config) but its weight files hold 16-bit "
+                "ones (no .qweight tensors); use the config.json shipped with these weights")  # fmt: skip
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=256)
+    assert str(err.value) == expected
+    with pytest.raises((CheckpointError, UsageError)) as err:
+        quantize_checkpoint(folder, tmp_path / "out", "rtn", device="cpu")
+    assert str(err.value) == expected and not (tmp_path / "out").exists()
+    # the AWQ checkpoint itself is still "already quantized"
+    with pytest.raises(UsageError, match="already quantized"):
+        quantize_checkpoint(quantized["rtn"], tmp_path / "out", "rtn", device="cpu")
+
+
 def test_missing_qzeros_is_named(quantized, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(quantized["rtn"], folder)

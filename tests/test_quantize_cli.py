@@ -277,6 +277,32 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tiny_original, tmp_path, 
     assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
 
 
+def test_a_source_file_the_output_cannot_hold_is_a_failed_write(tiny_original, tmp_path):
+    """A copied source file that a file-size limit (`ulimit -f`; a full disk alike) stopped was
+    "cannot read SRC/generation_config.json (File too large); check the file and its permissions":
+    a failed copy names the source file whichever side failed."""
+    import resource
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_original, src)
+    (src / "generation_config.json").write_text("{}" + " " * (2 << 20))  # larger than the output's weight file
+    limit = 1 << 20
+    assert (tiny_original / "model.safetensors").stat().st_size < limit
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-m", "internvl_chat", "quantize", str(src), str(tmp_path / "out"), "--method", "rtn",
+                           "--device", "cpu", "--group-size", "32"], capture_output=True, text=True, cwd=REPO,
+                          preexec_fn=limit_file_size, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"internvl-chat: error: cannot write the output {tmp_path / 'out'} (File too large); "
+                                                    "check the disk or choose another output folder"), done.stderr  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 def test_a_source_config_with_a_lone_surrogate_escape_is_written_back_as_it_was(tiny_original, tmp_path, monkeypatch, capsys):
     """A "\\ud800" escape under a key the engine never reads passes load_config; writing the output
     config.json as UTF-8 then failed with a UnicodeEncodeError traceback at the very end of the run."""
@@ -386,6 +412,20 @@ def test_a_damaged_calibration_image_is_refused_before_loading(config_only, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "no_weights"]
 
 
+@pytest.mark.parametrize("target, words", [("missing.png", "is a link to a file that does not exist"), ("/dev/zero", "is not a regular file")])
+def test_a_calibration_image_that_is_no_file_is_named_before_loading(config_only, tmp_path, monkeypatch, capsys, target, words):
+    """A broken link (an interrupted copy, a cloud placeholder) or a device named .png was dropped
+    without a word: the run calibrated on fewer images than given, or on text alone."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "a.txt").write_text("a line of calibration text")
+    (calib / "b.png").symlink_to(target)
+    (calib / "folder.png").mkdir()  # a folder is no image: passed over as before
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--calib", calib, "--samples", "4")
+    assert code == 2 and len(lines) == 1 and str(calib / "b.png") in lines[0] and words in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "no_weights"]
+
+
 def test_calibration_images_are_the_ones_the_samples_use(tiny_original, tmp_path):
     """Each of the first ⌈samples/2⌉ images is decoded once, before loading; the others are not read."""
     from PIL import Image
@@ -412,6 +452,26 @@ def test_a_source_without_config_json_is_named_without_the_chat_s_flag(tmp_path,
     code, lines = run_cli(monkeypatch, capsys, tmp_path / "src", tmp_path / "out")
     assert code == 2 and len(lines) == 1 and f"the source {tmp_path / 'src'} has no config.json" in lines[0], lines
     assert "--model" not in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_a_hugging_face_model_id_as_the_source_says_to_download_it(tmp_path, monkeypatch, capsys):
+    """It was told "is not a folder; give a 16-bit checkpoint folder", read as a typo."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, lines = run_cli(monkeypatch, capsys, "OpenGVLab/InternVL3-1B", tmp_path / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert "the source OpenGVLab/InternVL3-1B does not exist; internvl-chat does not download models" in lines[0], lines
+    assert "(hf download OpenGVLab/InternVL3-1B) and give the folder it prints" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_weight_file_as_the_source_names_its_folder(tiny_original, tmp_path, monkeypatch, capsys):
+    code, lines = run_cli(monkeypatch, capsys, tiny_original / "model.safetensors", tmp_path / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"the source {tiny_original / 'model.safetensors'} is not a folder; give a 16-bit checkpoint folder "
+                             f"({tiny_original} holds it)"), lines  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_tinychat_source_is_already_quantized_before_loading(config_only, tmp_path, monkeypatch, capsys):
@@ -573,6 +633,34 @@ def test_an_output_folder_holding_a_killed_run_s_staging_folder_says_so(config_o
     assert code == 2 and len(lines) == 1, lines
     assert f"output {dst} holds only .out.k2j4x1.partial, left by a quantize run that was killed" in lines[0], lines
     assert [p.name for p in dst.iterdir()] == [".out.k2j4x1.partial"]
+
+
+@pytest.mark.parametrize("below", ["out", "a/b/out"])
+def test_an_output_below_a_file_names_the_file(config_only, tmp_path, monkeypatch, capsys, below):
+    """mkdir's words were passed on: 'cannot write the output F/out in F (File exists); choose a
+    folder you can write to' (or 'Not a directory' deeper down), which does not say what is wrong."""
+    (tmp_path / "f").write_text("mine")
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "f" / below)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"cannot write the output {tmp_path / 'f' / below}: {tmp_path / 'f'} is not a folder; "
+                             "choose another output folder"), lines  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "no_weights"] and (tmp_path / "f").read_text() == "mine"
+
+
+def test_a_killed_run_s_staging_folder_beside_a_new_output_is_named(config_only, tiny_original, tmp_path, monkeypatch, capsys):
+    """For a new output folder the staging folder is made beside it: one a killed run left there (a
+    checkpoint's size, hidden from `ls`) stayed without a word while the next run made another, and
+    a second run at once for the same output went all the way to fail at the rename."""
+    (tmp_path / ".out.k2j4x1.partial").mkdir()
+    (tmp_path / ".out.v2.k2j4x1.partial").mkdir()  # out.v2's, not out's
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"{tmp_path / '.out.k2j4x1.partial'} was left by a quantize run for {tmp_path / 'out'} that was killed "
+                             "(or is still running); delete it, or choose a new output folder"), lines  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.k2j4x1.partial", ".out.v2.k2j4x1.partial", "no_weights"]
+    (tmp_path / ".out.k2j4x1.partial").rmdir()
+    quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu")
+    assert load_config(tmp_path / "out").quant is not None
 
 
 @pytest.mark.parametrize("data, kind", [(b"\x89PNG\r\n\x1a\n" + bytes(64), "a PNG image"), (b"text\x00\x01\x02 more", "binary data")])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,14 +157,27 @@ def _quoted(text: str) -> str:
     return visible(repr(text if len(text) <= 40 else text[:37] + "…"))
 
 
+# The LLMs of other InternVL models, by model_type and architecture: named as what the checkpoint
+# is (an InternVL3.5 was "unsupported LLM ["Qwen3ForCausalLM"]", an InternVL2.5-8B "InternVL3-9B layout")
+OTHER_LLMS = (
+    ("internlm2", "InternLM2", "InternLM2 (InternVL3-9B, or an InternLM-based InternVL2/2.5)"),
+    ("qwen3", "Qwen3For", "Qwen3 (InternVL3.5)"),
+    ("qwen3_moe", "Qwen3Moe", "Qwen3-MoE (InternVL3.5-30B-A3B or -241B-A28B)"),
+    ("gpt_oss", "GptOss", "GPT-OSS (InternVL3.5-GPT-OSS)"),
+    ("llama", "LlamaFor", "Llama (as in InternVL2-Llama3-76B)"),
+    ("phi3", "Phi3For", "Phi-3 (as in InternVL2-4B)"),
+)  # fmt: skip
+
+
 def _check_llm_kind(f: Fields) -> None:
     archs = f.names("architectures")
     model_type = f.text("model_type", "")
-    if any("InternLM2" in a for a in archs) or model_type == "internlm2":
-        raise CheckpointError(
-            f"the LLM in {f.path} is InternLM2 (InternVL3-9B layout), which internvl-chat does not support; "
-            "use a Qwen2-based InternVL3 checkpoint (1B, 2B, 8B, 14B, 38B, 78B)"
-        )
+    for other_type, arch_prefix, family in OTHER_LLMS:
+        if model_type == other_type or any(a.startswith(arch_prefix) for a in archs):
+            raise CheckpointError(
+                f"the LLM in {f.path} is {family}, which internvl-chat does not support; "
+                "use a Qwen2-based InternVL3 checkpoint (1B, 2B, 8B, 14B, 38B, 78B)"
+            )
     if archs and not any(a in SUPPORTED_LLMS for a in archs) or (model_type and model_type != "qwen2"):
         raise CheckpointError(
             f"unsupported LLM {shown_json(archs or model_type)} in {f.path}; "
@@ -323,9 +337,12 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "config.json"
     try:
         if not model_dir.exists():
-            raise CheckpointError(f"model folder {shown} does not exist; pass --model with a checkpoint folder")
+            advice = hub_download_advice(model_dir) or "pass --model with a checkpoint folder"
+            raise CheckpointError(f"model folder {shown} does not exist; {advice}")
         if not model_dir.is_dir():
-            raise CheckpointError(f"{shown} is not a folder; pass --model with the checkpoint folder, not a file")
+            folder = holding_folder(model_dir)
+            raise CheckpointError(f"{shown} is not a folder; pass --model with the checkpoint folder, not a file"
+                                  + (f" ({visible(str(folder))} holds it)" if folder else ""))  # fmt: skip
         if not os.path.lexists(path):  # a broken link is named by the reader
             snapshot = _cached_snapshot(model_dir)
             if snapshot is not None:
@@ -337,6 +354,48 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot use model folder {shown} ({e.strerror or e}); "
                               "pass --model with a checkpoint folder") from None  # fmt: skip
     return read_json_object(path, "the checkpoint's config.json")
+
+
+def holding_folder(path: Path) -> Path | None:
+    """The checkpoint folder a file given in its place (its config.json, a weight file) is in, if it is one."""
+    return path.parent if os.path.isfile(path.parent / "config.json") else None
+
+
+# A Hugging Face model id (ORG/NAME), or its web address as people paste it for --model (Path has
+# already folded the address's "//" into one)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_HUB_ADDRESS = re.compile(r"https?:/+(?:www\.)?(?:huggingface|hf)\.co/([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:/.*)?")
+
+
+def hub_download_advice(model_dir: Path) -> str | None:
+    """What to do with a missing folder named like a Hugging Face model id or address: use the
+    snapshot in the local cache if it holds one, else download it (internvl-chat never does). It
+    was told only "does not exist; pass --model with a checkpoint folder". A path whose first
+    folder exists here is a local path with a typo, not an id."""
+    text = str(model_dir)
+    address = _HUB_ADDRESS.fullmatch(text)
+    if address is not None:
+        model_id = address[1]
+    elif _HUB_ID.fullmatch(text) and not os.path.lexists(model_dir.parent):
+        model_id = text
+    else:
+        return None
+    org, name = model_id.split("/")
+    snapshot = _cached_snapshot(_hub_cache() / f"models--{org}--{name}")
+    if snapshot is not None:
+        return f"the Hugging Face cache holds {visible(model_id)}: give its folder {visible(str(snapshot))}"
+    return (f"internvl-chat does not download models: for the Hugging Face model {visible(model_id)}, download it first "
+            f"(hf download {visible(model_id)}) and give the folder it prints")  # fmt: skip
+
+
+def _hub_cache() -> Path:
+    """Where huggingface_hub keeps its downloads: $HF_HUB_CACHE, $HF_HOME/hub, or ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        return Path(os.path.expanduser(os.environ["HF_HOME"])) / "hub"
+    # expanduser leaves "~" as it is where no home is known (Path.home() raises there)
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "huggingface" / "hub"
 
 
 def _cached_snapshot(model_dir: Path) -> Path | None:
@@ -381,6 +440,11 @@ def parse_config(raw: Any, source: str = "config.json") -> ModelConfig:
         layout = "hf"
         text_f, vision_f = top.child("text_config"), top.child("vision_config")
         text_f.raw = {"model_type": "qwen2", **text_f.raw}
+    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):  # a plain Qwen2, Llama…: no vision at all
+        raise CheckpointError(
+            f"{source} describes a text-only language model ({shown_json(archs)}), not a vision-language one; "
+            f"internvl-chat loads InternVL3 checkpoints ({ORIGINAL_ARCH} or {HF_ARCH})"
+        )
     else:
         raise CheckpointError(
             f"unknown architecture {shown_json(archs or model_type or '(none)')}; internvl-chat loads InternVL3 "

@@ -114,6 +114,23 @@ def check_vocab_on_disk(cfg: ModelConfig, embeddings: list[DeclaredTensor], path
             )
 
 
+def check_quantized_weights_declared(cfg: ModelConfig, declared: tuple[DeclaredTensor, ...], path: Path) -> None:
+    """4-bit weights (`.qweight`) under a config.json without a quantization_config, or 16-bit ones
+    under one with it: one model's config.json copied over the other's download. They were refused
+    only after the model was built, as dozens of "unexpected tensors"."""
+    packed = next((t for t in declared if t.name.endswith(".qweight")), None)
+    if cfg.quant is None and packed is not None:
+        raise CheckpointError(
+            f"{visible(str(packed.file))} holds 4-bit AWQ weights ({shown_value(packed.name)}) but config.json of "
+            f"{visible(str(path))} has no quantization_config; use the config.json shipped with these weights"
+        )
+    if cfg.quant is not None and declared and packed is None:
+        raise CheckpointError(
+            f"config.json of {visible(str(path))} declares 4-bit AWQ weights (quantization_config) but its weight files "
+            "hold 16-bit ones (no .qweight tensors); use the config.json shipped with these weights"
+        )
+
+
 def check_tokenizer_fits_vocab(tokenizer: Tokenizer, cfg: ModelConfig, path: Path) -> None:
     """Every id the tokenizer can produce must have an embedding row; an id past them would fail
     inside the first prompt (an index error) instead of here. And no two tokens may share an id:
@@ -188,6 +205,8 @@ def load_model(
     check_weights_fit_config(cfg, payload.nbytes, path)
     check_vocab_on_disk(cfg, stored_embeddings(weights, payload, cfg.layout), path)
     tinychat = weights.kind == "tinychat"
+    if not tinychat:  # its `.qweight`s are 4-bit by the format, whatever config.json says
+        check_quantized_weights_declared(cfg, payload.declared, path)
     if tinychat and cfg.quant is None:
         cfg = dataclasses.replace(cfg, quant=QuantConfig())  # TinyChat v2 files are W4 g128 by definition
     device = device if isinstance(device, torch.device) else resolve_device(device)

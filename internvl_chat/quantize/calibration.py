@@ -136,7 +136,9 @@ def calibration_files(calib_dir: Path) -> tuple[list[Path], list[str]]:
         entries = sorted(calib_dir.iterdir())
     except OSError as e:
         raise UsageError(f"cannot list --calib {shown} ({e.strerror or e}); check its permissions") from None
-    images = [p for p in entries if p.suffix.lower() in CALIB_IMAGE_SUFFIXES and p.is_file()]
+    # not only regular files: a broken link or a device named .png was dropped without a word (the images
+    # are read before the model loads, and name what is wrong with one)
+    images = [p for p in entries if p.suffix.lower() in CALIB_IMAGE_SUFFIXES and not p.is_dir()]
     texts = [calibration_text(p) for p in entries if p.suffix.lower() == ".txt"]
     if not images and not texts:
         raise UsageError(f"--calib {shown} has no images ({', '.join(CALIB_IMAGE_SUFFIXES)}) or .txt files")

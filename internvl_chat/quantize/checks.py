@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..engine.weight_files import find_weight_files
-from ..engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, load_config, read_config_json
-from ..engine.loader import LoadedModel
+from ..engine.weight_files import DeclaredTensor, find_weight_files
+from ..engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, holding_folder, hub_download_advice, load_config, read_config_json
+from ..engine.loader import LoadedModel, check_quantized_weights_declared
 from ..errors import CheckpointError, UsageError
 from ..files import visible
 from .tensor_names import is_quantized, weight_file_name
@@ -54,8 +54,13 @@ def check_group_size(cfg: ModelConfig, group_size: int | None) -> int:
 def check_source(src: Path) -> ModelConfig:
     """The source's config; refused in one line: no folder, no config.json, a checkpoint already
     quantized (by its config or its weight files), a tokenizer file that cannot be read."""
+    advice = hub_download_advice(src) if not os.path.lexists(src) else None
+    if advice is not None:  # a model id: "not a folder; give a 16-bit checkpoint folder" read as a typo
+        raise UsageError(f"the source {visible(str(src))} does not exist; {advice}")
     if not src.is_dir():
-        raise UsageError(f"the source {visible(str(src))} is not a folder; give a 16-bit checkpoint folder")
+        folder = holding_folder(src)
+        raise UsageError(f"the source {visible(str(src))} is not a folder; give a 16-bit checkpoint folder"
+                         + (f" ({visible(str(folder))} holds it)" if folder else ""))  # fmt: skip
     if not os.path.lexists(src / "config.json"):  # the loader's own words advise --model, the chat's flag
         raise UsageError(f"the source {visible(str(src))} has no config.json; give a downloaded 16-bit InternVL3 checkpoint folder")
     try:
@@ -66,6 +71,8 @@ def check_source(src: Path) -> ModelConfig:
             raise
         # the loader's words ("… not supported; internvl-chat loads AWQ 4-bit checkpoints") are for chatting
         raise UsageError(f"the source checkpoint is already quantized ({visible(declared)}); quantize a 16-bit checkpoint") from None
+    if cfg.quant is not None:  # an AWQ config.json over 16-bit weights is no quantized checkpoint
+        check_quantized_weights_declared(cfg, _declared_tensors(src), src)
     if cfg.quant is not None or _weights_kind(src) == "tinychat":
         raise UsageError("the source checkpoint is already quantized; quantize a 16-bit checkpoint")
     check_copied_files(src)
@@ -85,6 +92,16 @@ def _declared_quantization(src: Path) -> str | None:
             method = quant.get("quant_method")
             return str(method) if method else "quantization_config"
     return None
+
+
+def _declared_tensors(src: Path) -> tuple[DeclaredTensor, ...]:
+    """The tensors the source's safetensors headers declare; none for pickles, or where the weights
+    cannot be found or read (loading names why)."""
+    try:
+        weights = find_weight_files(src)
+        return weights.payload().declared if weights.kind == "safetensors" else ()
+    except CheckpointError:
+        return ()
 
 
 def _weights_kind(src: Path) -> str | None:

@@ -71,15 +71,31 @@ def staging_folder(dst: Path) -> Path:
         else:
             where = dst.parent
             where.mkdir(parents=True, exist_ok=True)
+            left = _left_staging_folders(where, dst)
+            if left:  # a checkpoint's size, hidden from `ls`, and nothing else said so; a second run would end at the rename
+                raise UsageError(f"{visible(str(where / left[0]))} was left by a quantize run for {shown} that was killed "
+                                 "(or is still running); delete it, or choose a new output folder")  # fmt: skip
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(dst), suffix=".partial", dir=where))
     except UsageError:
         raise
     except OSError as e:  # named by the user's paths, never the staging folder's
+        blocking = _file_above(dst)
+        if blocking is not None:  # mkdir's own words were "File exists" or "Not a directory"
+            raise UsageError(f"cannot write the output {shown}: {visible(str(blocking))} is not a folder; "
+                             "choose another output folder") from None  # fmt: skip
         inside = "" if where == dst else f" in {visible(str(where))}"
         raise UsageError(f"cannot write the output {shown}{inside} ({e.strerror or e}); "
                          "choose a folder you can write to") from None  # fmt: skip
     os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; the checkpoint should not be
     return staging
+
+
+def _left_staging_folders(where: Path, dst: Path) -> list[str]:
+    """The staging folders for `dst` in `where` (mkdtemp's random part holds no dot: one for `out.v2`
+    is not taken for one of `out`), by name."""
+    prefix = _staging_prefix(dst)
+    return sorted(name for name in os.listdir(where)
+                  if name.startswith(prefix) and name.endswith(".partial") and "." not in name[len(prefix):-len(".partial")])  # fmt: skip
 
 
 def publish(staging: Path, dst: Path) -> None:
@@ -119,6 +135,14 @@ def _no_second_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _file_above(dst: Path) -> Path | None:
+    """The nearest path above `dst` that exists and is no folder (a file, a device), if that is what stops it."""
+    for parent in dst.parents:
+        if os.path.lexists(parent):
+            return None if parent.is_dir() else parent
+    return None
 
 
 def _missing_parents(dst: Path) -> list[Path]:

@@ -23,6 +23,8 @@ from .progress import Step, no_step
 from .tensor_names import fused_parts, is_quantized
 
 SHARD_BYTES = 4 << 30
+# the errors only writing gives: a full disk or quota, a file-size limit (`ulimit -f`), a read-only file system
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.json", "chat_template.jinja",
@@ -194,7 +196,8 @@ def write_error(e: OSError, src: Path, dst: Path) -> UsageError:
     """One line for a failed write (a full disk, an I/O error) or a source file that could not be
     copied, named by the user's paths, never the staging folder's."""
     reason = e.strerror or str(e)
-    if isinstance(e.filename, str) and Path(e.filename).parent == src:  # a tokenizer file of the source
+    # a failed copy names the source file whichever side failed: a full disk was "cannot read SRC/tokenizer.json"
+    if e.errno not in WRITE_ERRNOS and isinstance(e.filename, str) and Path(e.filename).parent == src:
         return UsageError(f"cannot read {visible(e.filename)} ({reason}); check the file and its permissions")
     advice = "free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk"
     return UsageError(f"cannot write the output {visible(str(dst))} ({reason}); {advice} or choose another output folder")
