@@ -781,3 +781,38 @@ def test_a_settings_file_beyond_a_checkpoints_is_refused_before_loading(config_o
     assert code == 2 and len(lines) == 1, lines
     assert "generation_config.json is 100 bytes, larger than a checkpoint's settings file (99 at most)" in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "configuration_internvl_chat.py"])
+def test_a_copied_source_file_linked_outside_the_checkpoint_is_refused_before_loading(config_only, tmp_path, monkeypatch, capsys, name):
+    """The settings and code files are copied into the output as bytes: a link in an untrusted
+    checkpoint to a private file (a key, a password store) put that file into an output made to be
+    shared."""
+    import json
+
+    private = tmp_path / "home" / "secret.txt"
+    private.parent.mkdir()
+    private.write_text("private")
+    config = json.loads((config_only / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}  # code files are copied
+    (config_only / "config.json").write_text(json.dumps(config))
+    (config_only / name).symlink_to(private)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"{config_only / name} is a link to {private}, outside the checkpoint folder" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "no_weights"]
+
+
+def test_a_hub_cache_snapshots_links_into_its_blobs_are_copied(tiny_original, tmp_path):
+    """A Hugging Face cache links each snapshot file to ../../blobs/HASH: those links are the checkpoint's own."""
+    from internvl_chat.quantize.checks import check_copied_files
+
+    repo = tmp_path / "models--org--name"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for source in tiny_original.iterdir():
+        if source.is_file():
+            shutil.copy2(source, blobs / f"blob-{source.name}")
+            (snapshot / source.name).symlink_to(Path("../../blobs") / f"blob-{source.name}")
+    check_copied_files(snapshot)  # no refusal

@@ -123,6 +123,7 @@ def check_copied_files(src: Path) -> None:
         raise UsageError(f"the source folder holds {len(code)} .py files, more than a checkpoint's "
                          f"{MAX_CODE_FILES}; quantize a folder that holds only the checkpoint")  # fmt: skip
     for path in settings_files(src) + code:
+        _check_link_stays_inside(path, src)
         try:
             if not stat.S_ISREG(path.stat().st_mode):  # before opening: a pipe would block it
                 raise UsageError(f"{visible(str(path))} is not a regular file (a pipe or a device?); "
@@ -135,6 +136,20 @@ def check_copied_files(src: Path) -> None:
         if size > limit:
             raise UsageError(f"{visible(str(path))} is {size:,} bytes, larger than a checkpoint's {kind} "
                              f"({limit:,} at most); remove it from the source folder")  # fmt: skip
+
+
+def _check_link_stays_inside(path: Path, src: Path) -> None:
+    """A copied file that is a link must lead into the checkpoint: into its folder, or, for a hub
+    cache's snapshot folder (REPO/snapshots/REV), into that repository's blobs/. An untrusted
+    checkpoint's `tokenizer_config.json -> ~/.ssh/id_rsa` would otherwise be copied into an output
+    made to be shared."""
+    if not path.is_symlink():
+        return
+    target, root = path.resolve(), src.resolve()
+    inside = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(target.is_relative_to(folder) for folder in inside):
+        raise UsageError(f"{visible(str(path))} is a link to {visible(str(target))}, outside the checkpoint folder, and "
+                         "would be copied into the output; put the file itself in the source folder")  # fmt: skip
 
 
 def check_source_values(loaded: LoadedModel) -> None:
