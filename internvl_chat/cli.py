@@ -127,6 +127,8 @@ def run(argv: list[str]) -> int:
         # '' named the working folder ("config file . is a folder"), or no script at all ("no prompt given")
         if value is not None and not value.strip():
             raise UsageError(f"{flag} was given an empty path; pass the path of a file")
+    if args.model is not None and not args.model.strip():  # `--model "$MODEL"`, MODEL unset: not the demo model
+        raise UsageError("--model was given an empty path; pass a checkpoint folder, or leave --model out for the embedded demo model")
     # a bad value's message names the flag as typed ("--dtype: must be …", not the setting "model.dtype")
     settings = load_settings(args.config, os.environ, _overrides(args), chat_setting_flags().names())
     if args.print_config:

@@ -92,6 +92,7 @@ def test_stdout_holds_only_the_answer_and_stdin_is_prepended(tiny_original):
         (["--video", " ", "-p", "hi"], "--video was given an empty path"),
         (["--config", "", "-p", "hi"], "--config was given an empty path"),  # was "config file . is a folder"
         (["--script", ""], "--script was given an empty path"),  # was "no prompt given"
+        (["--model", "", "-p", "hi"], "--model was given an empty path"),  # the demo model answered
         (["-p", "hi", "--temperature", "-1"], "temperature"),
         (["-p", "hi", "--device", "tpu"], "device"),
         # `~user` of an account that does not exist: refused, not a folder named so
