@@ -316,6 +316,14 @@ def _assert_one_line(err: pytest.ExceptionInfo, *words: str) -> None:
         assert word in text, text
 
 
+def _assert_both_refuse(path: Path, *words: str) -> None:
+    """probe_image (the attach line) and load_image refuse `path` alike, in one line holding `words`."""
+    for call in (probe_image, load_image):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        _assert_one_line(err, *words)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(MediaError) as err:
         load_image(tmp_path / "nope.jpg")
@@ -396,10 +404,7 @@ def test_an_empty_file_is_named_empty(tmp_path):
     damaged)": it says what it is. Videos share the check (tests/test_video.py's bad files)."""
     path = tmp_path / "photo.jpg"
     path.write_bytes(b"")
-    for call in (probe_image, load_image):
-        with pytest.raises(MediaError) as err:
-            call(path)
-        _assert_one_line(err, f"cannot read image {path}: the file is empty (0 bytes; an unfinished download or copy?)")
+    _assert_both_refuse(path, f"cannot read image {path}: the file is empty (0 bytes; an unfinished download or copy?)")
 
 
 def test_zero_size_image(tmp_path):
@@ -516,10 +521,7 @@ def test_an_eps_file_named_jpg_is_refused_without_running_ghostscript(tmp_path, 
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or (_ for _ in ()).throw(OSError("ran")))
     path = tmp_path / "photo.jpg"
     Image.new("RGB", (16, 16)).save(path, "EPS")
-    for call in (probe_image, load_image):
-        with pytest.raises(MediaError) as err:
-            call(path)
-        _assert_one_line(err, "not an image format that can be read")
+    _assert_both_refuse(path, "not an image format that can be read")
     assert ran == []
 
 
@@ -583,10 +585,7 @@ def test_conversion_strips_join_without_seams(monkeypatch):
 
 def test_a_video_given_as_an_image_says_to_attach_it_as_a_video(tmp_path):
     path = write_numbered_video(tmp_path / "clip.mp4", 3).rename(tmp_path / "clip.png")  # an MP4 whatever its name
-    for call in (probe_image, load_image):
-        with pytest.raises(MediaError) as err:
-            call(path)
-        _assert_one_line(err, "is a video, not an image", "as a video")
+    _assert_both_refuse(path, "is a video, not an image", "as a video")
 
 
 def test_a_heic_photo_is_named_as_one_with_what_to_do(tmp_path):
@@ -623,10 +622,7 @@ def test_a_tiff_whose_tiles_dwarf_the_picture_is_refused_before_decoding(tmp_pat
     ask for gigabytes), none of it limited by the picture's pixel count."""
     bomb = tmp_path / "bomb.tif"
     bomb.write_bytes(tiled_tiff(64, 64, 8192, grey=None))
-    for call in (probe_image, load_image):
-        with pytest.raises(MediaError) as err:
-            call(bomb)
-        _assert_one_line(err, "bomb.tif", "tiles of 67,108,864 pixels", "decompression bomb")
+    _assert_both_refuse(bomb, "bomb.tif", "tiles of 67,108,864 pixels", "decompression bomb")
     # ordinary tiles, larger than the picture or not, still load
     for width, height, tile in ((300, 200, 256), (64, 64, 256)):
         path = tmp_path / f"tiled_{width}_{tile}.tif"
@@ -696,10 +692,7 @@ def test_a_side_too_long_for_any_picture_is_refused_at_the_header(tmp_path):
     for width, height in ((1, media_image.MAX_SIDE + 1), (media_image.MAX_SIDE + 1, 1)):
         path = tmp_path / f"strip_{width}x{height}.png"
         path.write_bytes(png_with_declared_size(width, height))
-        for call in (probe_image, load_image):
-            with pytest.raises(MediaError) as err:
-                call(path)
-            _assert_one_line(err, path.name, "a side longer than 1,048,576", "crop or downscale")
+        _assert_both_refuse(path, path.name, "a side longer than 1,048,576", "crop or downscale")
     path = tmp_path / "longest.png"
     path.write_bytes(_grey_png(1, media_image.MAX_SIDE, 90))
     result = load_image(path)
@@ -730,10 +723,7 @@ def test_an_icon_holding_a_bomb_is_refused_before_its_picture_is_decoded(tmp_pat
     for name, (data, words) in cases.items():
         path = tmp_path / name
         path.write_bytes(data)
-        for call in (probe_image, load_image):
-            with pytest.raises(MediaError) as err:
-                call(path)
-            _assert_one_line(err, name, words)
+        _assert_both_refuse(path, name, words)
 
 
 def test_an_icon_of_a_large_picture_within_the_limits_is_read_at_its_size(tmp_path):
@@ -773,10 +763,7 @@ def test_a_header_of_countless_segments_chunks_or_blocks_is_refused_before_pillo
     for name, (data, words) in cases.items():
         path = tmp_path / name
         path.write_bytes(data)
-        for call in (probe_image, load_image):
-            with pytest.raises(MediaError) as err:
-                call(path)
-            _assert_one_line(err, name, words, "refused as a possible decompression bomb; re-save it")
+        _assert_both_refuse(path, name, words, "refused as a possible decompression bomb; re-save it")
     # at the limits they are pictures like any other
     at_limit = {
         "segments.jpg": jpeg[:2] + b"\xff\xe5\x00\x02" * (limit - 16) + jpeg[2:],
@@ -817,19 +804,13 @@ def test_a_tiff_listing_far_more_strips_than_a_picture_has_is_refused_before_pil
     for big in (False, True):
         path = tmp_path / f"strips{'_big' if big else ''}.tif"
         path.write_bytes(_tiff_of_strips(101, big))
-        for call in (probe_image, load_image):
-            with pytest.raises(MediaError) as err:
-                call(path)
-            _assert_one_line(err, path.name, "a TIFF whose StripOffsets tag lists 101 values", "re-save it")
+        _assert_both_refuse(path, path.name, "a TIFF whose StripOffsets tag lists 101 values", "re-save it")
         path.write_bytes(_tiff_of_strips(100, big))
         assert probe_image(path) == (16, 16)
         assert load_image(path).size == (16, 16)
     path = tmp_path / "far.tif"  # a BigTIFF whose directory lies past 2^63 (no file reaches there) is Pillow's to refuse
     path.write_bytes(b"II+\0" + struct.pack("<HHQ", 8, 0, 1 << 63) + bytes(16))
-    for call in (probe_image, load_image):
-        with pytest.raises(MediaError) as err:
-            call(path)
-        _assert_one_line(err, path.name)
+    _assert_both_refuse(path, path.name)
 
 
 def test_a_ppm_whose_header_runs_on_is_refused_before_pillow_reads_it_a_byte_at_a_time(tmp_path):
@@ -846,10 +827,7 @@ def test_a_ppm_whose_header_runs_on_is_refused_before_pillow_reads_it_a_byte_at_
     for name, data in cases.items():
         path = tmp_path / name
         path.write_bytes(data)
-        for call in (probe_image, load_image):
-            with pytest.raises(MediaError) as err:
-                call(path)
-            _assert_one_line(err, name, "a PPM whose header runs past its first 65,536 bytes", "re-save it")
+        _assert_both_refuse(path, name, "a PPM whose header runs past its first 65,536 bytes", "re-save it")
     path = tmp_path / "commented.ppm"
     path.write_bytes(b"P6\n# made by hand\n# twice\n16   16\n255\n" + pixels[13:])
     assert load_image(path).size == (16, 16)
@@ -876,10 +854,7 @@ def test_a_picture_too_large_for_pillows_python_decoders_is_refused_at_the_heade
             path = tmp_path / name
             path.write_bytes(data)
             if refused:
-                for call in (probe_image, load_image):
-                    with pytest.raises(MediaError) as err:
-                        call(path)
-                    _assert_one_line(err, name, f"{what} of 4097×4097 pixels, more than the 16,777,216", "convert it to PNG")
+                _assert_both_refuse(path, name, f"{what} of 4097×4097 pixels, more than the 16,777,216", "convert it to PNG")
             else:
                 assert probe_image(path) == (side, side)
     small = {"small.qoi": _saved(Image.new("RGB", (16, 16), (10, 20, 30)), "QOI"), "small.ppm": b"P6\n16 16\n1023\n" + bytes(16 * 16 * 6),
@@ -905,10 +880,7 @@ def test_a_plain_text_pnm_of_countless_comments_among_its_pixels_is_refused_befo
         path = tmp_path / f"comments_{magic.decode()}.pnm"
         size = b"4 4\n" if magic == b"P1" else b"4 4\n255\n"
         path.write_bytes(magic + b"\n" + size + pixel * 8 + b"#\n" * 1025 + pixel * 8)
-        for call in (probe_image, load_image):
-            with pytest.raises(MediaError) as err:
-                call(path)
-            _assert_one_line(err, path.name, "a plain-text PNM of more than 1,024 comments among its pixels", "re-save it")
+        _assert_both_refuse(path, path.name, "a plain-text PNM of more than 1,024 comments among its pixels", "re-save it")
         path.write_bytes(magic + b"\n# made by hand\n" + size + pixel * 8 + b"# a row\n" * 100 + pixel * 8)
         assert load_image(path).size == (4, 4)
     path = tmp_path / "binary.pgm"  # a binary PNM's pixels are any bytes: a # among them is a grey, not a comment
@@ -931,10 +903,7 @@ def test_a_jpeg_2000_header_among_countless_boxes_is_refused_before_pillow_walks
         path = tmp_path / name
         path.write_bytes(data)
         if refused:
-            for call in (probe_image, load_image):
-                with pytest.raises(MediaError) as err:
-                    call(path)
-                _assert_one_line(err, name, "a JPEG 2000 file of more than 65,536 boxes", "re-save it")
+            _assert_both_refuse(path, name, "a JPEG 2000 file of more than 65,536 boxes", "re-save it")
         else:
             assert load_image(path).size == (16, 16)
 
@@ -950,10 +919,7 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path):
     JPEG of 4000×4000 with 20,000 of them took 33 s (a 64 MB request body: about an hour)."""
     bomb = tmp_path / "scans.jpg"
     bomb.write_bytes(jpeg_with_empty_scans(64, 300))
-    for call in (probe_image, load_image):
-        with pytest.raises(MediaError) as err:
-            call(bomb)
-        _assert_one_line(err, "scans.jpg", "a JPEG of 306 scans", "decompression bomb")
+    _assert_both_refuse(bomb, "scans.jpg", "a JPEG of 306 scans", "decompression bomb")
     fine = tmp_path / "fine.jpg"
     fine.write_bytes(jpeg_with_empty_scans(64, 200))  # odd but cheap: decoded
     assert load_image(fine).size == (64, 64)
