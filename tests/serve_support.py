@@ -107,3 +107,13 @@ def jpeg_frames_url(frames) -> str:
         Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
         texts.append(base64.b64encode(buf.getvalue()).decode())
     return "data:video/jpeg;base64," + ",".join(texts)
+
+
+def wait_until(condition, what: str, wait_s: float = 60) -> None:
+    """Poll a marker the server sets (bounded: a hang fails the test instead of blocking the run)."""
+    pause = threading.Event()
+    for _ in range(int(wait_s * 100)):
+        if condition():
+            return
+        pause.wait(0.01)
+    raise AssertionError(f"timed out waiting until {what}")

@@ -23,7 +23,7 @@ from internvl_chat.serve import engine as engine_module
 from internvl_chat.serve.protocol import MAX_STOP_STRING_CHARS
 from fault_helpers import fail_once
 from media_helpers import textured_rgb
-from serve_support import RunningServer, chat_body, crowd, png_bytes
+from serve_support import RunningServer, chat_body, crowd, png_bytes, wait_until
 
 WAIT_S = 60
 
@@ -354,16 +354,6 @@ def _read_stream_on_a_thread(client, body: dict, finishes: dict, name: str) -> t
     return thread
 
 
-def _wait_until(condition, what: str) -> None:
-    """Poll a marker the server sets (bounded: a hang fails the test instead of blocking the run)."""
-    pause = threading.Event()
-    for _ in range(WAIT_S * 100):
-        if condition():
-            return
-        pause.wait(0.01)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
 def test_full_queue_is_429_with_retry_after(server, client):
     worker = server.worker
     started, release = threading.Event(), threading.Event()
@@ -379,7 +369,7 @@ def test_full_queue_is_429_with_retry_after(server, client):
         readers.append(_read_stream_on_a_thread(client, chat_body("one", max_tokens=4), finishes, "first"))
         assert started.wait(WAIT_S)  # running (held), so the queue is empty
         readers.append(_read_stream_on_a_thread(client, chat_body("two", max_tokens=4), finishes, "second"))
-        _wait_until(lambda: worker.waiting == 1, "the second stream waits in the queue")
+        wait_until(lambda: worker.waiting == 1, "the second stream waits in the queue")
         with pytest.raises(openai.RateLimitError) as err:
             client.chat.completions.create(**chat_body("three", max_tokens=4))
         assert int(err.value.response.headers["retry-after"]) >= 1

@@ -25,7 +25,7 @@ from internvl_chat.serve.conversation import Prompt
 from internvl_chat.serve.engine import EngineWorker, Job
 from internvl_chat.serve.options import ServeOptions
 from media_helpers import textured_rgb, write_numbered_video
-from serve_support import RunningServer, chat_body, crowd, png_bytes
+from serve_support import RunningServer, chat_body, crowd, png_bytes, wait_until
 
 WAIT_S = 60
 
@@ -128,7 +128,7 @@ def test_a_queued_job_whose_client_left_does_not_hold_its_place(server):
         assert started.wait(WAIT_S)  # running (held): the one place in the queue is free
         # a stream waits for its headers while its job is queued, as a plain request waits for its answer
         sock = _post_raw(server.port, chat_body("second", max_tokens=2, stream=True))
-        _wait_until(lambda: worker.waiting == 1, "the stream's job was queued")
+        wait_until(lambda: worker.waiting == 1, "the stream's job was queued")
         gone = worker._queue[0]
         sock.close()
         assert gone.cancel.wait(WAIT_S)  # the client left while its job waited (no headers yet)
@@ -180,16 +180,6 @@ def _image_body(text: str, png: bytes, **kw) -> dict:
     return {"model": "tiny", "messages": [{"role": "user", "content": content}], "temperature": 0, **kw}
 
 
-def _wait_until(condition, what: str) -> None:
-    """Poll a marker the server sets (bounded: a hang fails the test instead of blocking the run)."""
-    done = threading.Event()
-    for _ in range(WAIT_S * 100):
-        if condition():
-            return
-        done.wait(0.01)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
 def _leave_once_begun(server, body: dict, jobs: list, began, what: str) -> None:
     """Post `body`, close the connection once `began()` holds, and wait for the engine to go idle:
     the job is counted as cancelled once (`jobs` collects the jobs the engine starts)."""
@@ -198,7 +188,7 @@ def _leave_once_begun(server, body: dict, jobs: list, began, what: str) -> None:
     cancelled = worker.counts["cancelled"]
     try:
         sock = _post_raw(server.port, body)
-        _wait_until(began, what)
+        wait_until(began, what)
         sock.close()
         assert worker.wait_idle(WAIT_S)
     finally:
@@ -231,9 +221,9 @@ def test_a_client_that_leaves_while_its_request_is_read_is_never_queued(server, 
                 sock.shutdown(socket.SHUT_WR)
             else:
                 sock.close()
-            _wait_until(lambda: all(c.client[1] != port for c in list(state.connections)), "the server saw the client leave")
+            wait_until(lambda: all(c.client[1] != port for c in list(state.connections)), "the server saw the client leave")
             left.set()
-            _wait_until(lambda: not state.tasks, "the handler returned")
+            wait_until(lambda: not state.tasks, "the handler returned")
             assert worker.wait_idle(WAIT_S)
             if leaving == "half-close":
                 assert sock.recv(65536) == b""  # closed without an answer
@@ -286,7 +276,7 @@ def test_a_client_that_leaves_while_its_video_is_decoded_stops_the_decoding_at_t
             "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}]}]}  # fmt: skip
     _leave_once_begun(server, body, jobs, lambda: decoded, "the decoding began")
     assert encodes == []
-    _wait_until(lambda: not any(t.name == "video-decode" and t.is_alive() for t in threading.enumerate()), "the decoder stopped")
+    wait_until(lambda: not any(t.name == "video-decode" and t.is_alive() for t in threading.enumerate()), "the decoder stopped")
     assert decoded == [1]  # the other seven frames were never decoded
 
 
@@ -421,7 +411,7 @@ def test_after_cancelled_stopped_and_abandoned_requests_greedy_answers_are_a_fre
         held.start()
         assert started.wait(WAIT_S)
         sock = _post_raw(server.port, chat_body("Something else entirely.", max_tokens=50))
-        _wait_until(lambda: worker.waiting == 1, "the request was queued")
+        wait_until(lambda: worker.waiting == 1, "the request was queued")
         queued = worker._queue[0]
         sock.close()
         assert queued.cancel.wait(WAIT_S)
