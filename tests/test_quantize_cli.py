@@ -93,6 +93,14 @@ def test_every_flag_has_help():
         assert action.help and action.help.strip(), action.dest
 
 
+@pytest.mark.parametrize("flag", ["--group-size", "--samples"])
+def test_a_count_in_other_digits_is_refused_as_every_number_flag_refuses_it(flag):
+    # int() read `--samples ٣٢` as 32, a number the command line did not show (its own type, not argparse's int)
+    with pytest.raises(UsageError, match=r"digits 0-9, not '\\u0663\\u0662'"):
+        build_parser().parse_args(["src", "dst", flag, "\u0663\u0662"])
+    assert getattr(build_parser().parse_args(["src", "dst", flag, " 64 "]), flag[2:].replace("-", "_")) == 64
+
+
 @pytest.mark.parametrize("kind", ["not empty", "a file", "under a file", "a symlink", "not writable"])
 def test_unusable_output_is_refused_in_one_line_before_loading(config_only, tmp_path, monkeypatch, capsys, kind):
     dst = tmp_path / "out"
