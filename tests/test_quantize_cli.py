@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -91,6 +92,14 @@ def test_default_group_size_is_128_where_it_divides_else_the_largest_that_does()
 def test_every_flag_has_help():
     for action in build_parser()._actions:
         assert action.help and action.help.strip(), action.dest
+
+
+@pytest.mark.parametrize("flag", ["--group-size", "--samples"])
+def test_a_count_in_other_digits_is_refused_as_every_number_flag_refuses_it(flag):
+    # int() read `--samples ٣٢` as 32, a number the command line did not show (its own type, not argparse's int)
+    with pytest.raises(UsageError, match=r"digits 0-9, not '\\u0663\\u0662'"):
+        build_parser().parse_args(["src", "dst", flag, "\u0663\u0662"])
+    assert getattr(build_parser().parse_args(["src", "dst", flag, " 64 "]), flag[2:].replace("-", "_")) == 64
 
 
 @pytest.mark.parametrize("kind", ["not empty", "a file", "under a file", "a symlink", "not writable"])
@@ -661,6 +670,25 @@ def test_a_killed_run_s_staging_folder_beside_a_new_output_is_named(config_only,
     (tmp_path / ".out.k2j4x1.partial").rmdir()
     quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu")
     assert load_config(tmp_path / "out").quant is not None
+
+
+def test_a_new_output_in_a_folder_one_can_write_but_not_list_is_still_made(tmp_path, monkeypatch):
+    """A drop-box folder (mode 0333: write and enter, not list) takes a new output as before: the
+    look for a killed run's staging folder cannot list it, and refused the output as 'cannot write
+    the output … (Permission denied); choose a folder you can write to'. (Root lists any folder,
+    so the refusal to list is the test's.)"""
+    from internvl_chat.quantize import output_folder
+
+    listdir = os.listdir
+
+    def unlistable(path="."):
+        if Path(path) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(output_folder.os, "listdir", unlistable)
+    staging = output_folder.staging_folder(tmp_path / "out")
+    assert staging.parent == tmp_path and staging.name.startswith(".out.") and staging.is_dir()
 
 
 @pytest.mark.parametrize("data, kind", [(b"\x89PNG\r\n\x1a\n" + bytes(64), "a PNG image"), (b"text\x00\x01\x02 more", "binary data")])

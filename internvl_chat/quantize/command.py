@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from ..errors import OneLineParser, UsageError
+from ..errors import OneLineParser, UsageError, foreign_digits, foreign_digits_refused
 from ..files import visible
 from .calibration import MAX_SAMPLES
 from .pipeline import quantize_checkpoint
@@ -17,6 +17,8 @@ from .progress import BarProgress, LineProgress
 
 
 def _positive_int(text: str) -> int:
+    if foreign_digits(text):  # int() reads `٣٢` as 32: refused as OneLineParser's int flags refuse it
+        raise argparse.ArgumentTypeError(foreign_digits_refused(text))
     try:
         value = int(text)
     except ValueError:

@@ -94,7 +94,11 @@ def _left_staging_folders(where: Path, dst: Path) -> list[str]:
     """The staging folders for `dst` in `where` (mkdtemp's random part holds no dot: one for `out.v2`
     is not taken for one of `out`), by name."""
     prefix = _staging_prefix(dst)
-    return sorted(name for name in os.listdir(where)
+    try:
+        names = os.listdir(where)
+    except OSError:  # a folder one may write in but not list (mode 0333): the staging folder can still be made
+        return []
+    return sorted(name for name in names
                   if name.startswith(prefix) and name.endswith(".partial") and "." not in name[len(prefix):-len(".partial")])  # fmt: skip
 
 
