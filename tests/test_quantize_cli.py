@@ -844,3 +844,8 @@ def test_a_hub_cache_snapshots_links_into_its_blobs_are_copied(tiny_original, tm
             shutil.copy2(source, blobs / f"blob-{source.name}")
             (snapshot / source.name).symlink_to(Path("../../blobs") / f"blob-{source.name}")
     check_copied_files(snapshot)  # no refusal
+    # huggingface_hub before 0.23 linked a local-folder download's large files into the cache too
+    local = tmp_path / "local-dir"
+    local.mkdir()
+    (local / "tokenizer.json").symlink_to(blobs / "blob-tokenizer.json")
+    check_copied_files(local)

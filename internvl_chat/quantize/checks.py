@@ -139,15 +139,16 @@ def check_copied_files(src: Path) -> None:
 
 
 def _check_link_stays_inside(path: Path, src: Path) -> None:
-    """A copied file that is a link must lead into the checkpoint: into its folder, or, for a hub
-    cache's snapshot folder (REPO/snapshots/REV), into that repository's blobs/. An untrusted
-    checkpoint's `tokenizer_config.json -> ~/.ssh/id_rsa` would otherwise be copied into an output
-    made to be shared."""
+    """A copied file that is a link must lead into the checkpoint: into its folder, or into a hub
+    cache's store of model files (models--ORG--NAME/blobs/: a snapshot folder links there, and so
+    did local-folder downloads of huggingface_hub before 0.23). An untrusted checkpoint's
+    `tokenizer_config.json -> ~/.ssh/id_rsa` would otherwise be copied into an output made to be
+    shared."""
     if not path.is_symlink():
         return
-    target, root = path.resolve(), src.resolve()
-    inside = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
-    if not any(target.is_relative_to(folder) for folder in inside):
+    target = path.resolve()
+    in_hub_store = target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+    if not (target.is_relative_to(src.resolve()) or in_hub_store):
         raise UsageError(f"{visible(str(path))} is a link to {visible(str(target))}, outside the checkpoint folder, and "
                          "would be copied into the output; put the file itself in the source folder")  # fmt: skip
 

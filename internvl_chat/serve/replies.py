@@ -79,10 +79,13 @@ async def started(job: Job, request: Request) -> AsyncIterator:
 
 
 async def _resumed(first: tuple, events: AsyncIterator) -> AsyncIterator:
-    """`first`, then the rest of `events`."""
-    yield first
-    async for event in events:
-        yield event
+    """`first`, then the rest of `events` (closed with this one)."""
+    try:
+        yield first
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
 
 
 async def ended(job: Job, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
