@@ -29,6 +29,7 @@ from PIL import Image
 
 from internvl_chat.errors import MediaError
 from internvl_chat.media import image as media_image
+from internvl_chat.media import image_headers
 from internvl_chat.media.image import (
     candidate_grids,
     choose_grid,
@@ -749,9 +750,9 @@ def test_a_header_of_countless_segments_chunks_or_blocks_is_refused_before_pillo
     comment blocks 650 MB, a PNG's unknown chunks about 10 times their size (after the pixels too)."""
     pixels = Image.new("RGB", (16, 16), (10, 20, 30))
     jpeg, png, gif = (_saved(pixels if kind != "GIF" else pixels.convert("P"), kind) for kind in ("JPEG", "PNG", "GIF"))
-    monkeypatch.setattr(media_image, "MAX_PNG_CHUNKS", 1000)  # a million are allowed: fewer make the same point
+    monkeypatch.setattr(image_headers, "MAX_PNG_CHUNKS", 1000)  # a million are allowed: fewer make the same point
     frame = gif.index(b"\x2c")  # the first frame, after the global colour table
-    limit = media_image.MAX_JPEG_SEGMENTS
+    limit = image_headers.MAX_JPEG_SEGMENTS
     cases = {
         "segments.jpg": (jpeg[:2] + b"\xff\xe5\x00\x02" * (limit + 1) + jpeg[2:], "a JPEG of more than 65,536 segments"),
         "fill.jpg": (jpeg[:2] + b"\xff" * (limit + 2) + jpeg[2:], "a JPEG of more than 65,536 segments or fill bytes"),
@@ -800,7 +801,7 @@ def test_a_tiff_listing_far_more_strips_than_a_picture_has_is_refused_before_pil
     """Pillow turns a TIFF's strip (or tile) offsets into Python values as it opens the file, and
     decodes strip by strip: a 64 MB TIFF of 16×16 pixels listing 8 million strips took 2.2 GB and
     14 s to open and a minute to decode. No picture within MAX_SIDE needs more than MAX_SIDE strips."""
-    monkeypatch.setattr(media_image, "MAX_TIFF_VALUES", 100, raising=False)  # a million are allowed: fewer make the same point
+    monkeypatch.setattr(image_headers, "MAX_TIFF_VALUES", 100)  # a million are allowed: fewer make the same point
     for big in (False, True):
         path = tmp_path / f"strips{'_big' if big else ''}.tif"
         path.write_bytes(_tiff_of_strips(101, big))
@@ -957,13 +958,13 @@ def test_a_jpeg_cut_short_while_its_scans_are_counted_does_not_kill_the_app(tmp_
     Image.fromarray(textured_rgb(256, 256, seed=6)).save(photo, "JPEG", progressive=True)
     script = textwrap.dedent(f"""
         import os
-        from internvl_chat.media import image
-        walk = image._scans_before_end
+        from internvl_chat.media import image_headers
+        walk = image_headers._scans_before_end
         def cut_then_walk(data, *args, **kwargs):
             os.truncate({str(photo)!r}, 0)  # the file shrinks once it is open
             return walk(data, *args, **kwargs)
-        image._scans_before_end = cut_then_walk
-        print(image._jpeg_scans(image.Path({str(photo)!r})))
+        image_headers._scans_before_end = cut_then_walk
+        print(image_headers.jpeg_scans(image_headers.Path({str(photo)!r})))
     """)
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
@@ -977,7 +978,7 @@ def test_scans_are_all_counted_where_the_picture_runs_past_what_the_walk_reads(t
     bomb = jpeg_with_empty_scans(64, 300)
     path = tmp_path / "long.jpg"
     path.write_bytes(bomb)
-    monkeypatch.setattr(media_image, "JPEG_WALK_BYTES", 200)  # the walk sees only the start of the picture
+    monkeypatch.setattr(image_headers, "JPEG_WALK_BYTES", 200)  # the walk sees only the start of the picture
     with pytest.raises(MediaError) as err:
         probe_image(path)
     _assert_one_line(err, "a JPEG of ", "decompression bomb")

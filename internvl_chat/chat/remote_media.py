@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import MediaError
-from ..media.image import IMAGENET_MEAN, IMAGENET_STD, image_formats, pending_orientation, quiet_pillow, to_rgb, upright
+from ..media.image import IMAGENET_MEAN, IMAGENET_STD, image_formats, pending_orientation, to_rgb, upright
+from ..media.image_headers import quiet_pillow
 from .dialects import Clip, Picture
 from .remote_errors import shorten
 from .session import Media
