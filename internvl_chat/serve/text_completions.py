@@ -126,7 +126,6 @@ def _text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> T
         raise bad_request(f"{len(items)} prompts × n {choices(req)} are {len(items) * choices(req)} answers; this "
                           f"server gives at most {MAX_PROMPTS} per request: send fewer prompts or a smaller n",
                           param="n")  # fmt: skip
-    vocab = min(maker.loaded.config.text.vocab_size, len(maker.tokenizer))
     namespace = maker.namespace(req)  # the request's prompts share it (cache_salt, as chat's)
     prompts, texts = [], []
     for i, item in enumerate(items):
@@ -140,10 +139,7 @@ def _text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> T
                 ids = encode_prompt_text(maker.tokenizer, item)
             text = item
         else:
-            bad = next((x for x in item if not 0 <= x < vocab), None)
-            if bad is not None:
-                raise bad_request(f"{where} holds the token id {shown_int(bad)}, outside this model's vocabulary (0 to {vocab - 1})",
-                                  param=where)  # fmt: skip
+            check_token_ids(item, maker, where)
             ids = list(item)
             with maker.lock:
                 text = maker.tokenizer.decode(ids) if len(ids) < context else ""
@@ -154,6 +150,16 @@ def _text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> T
         prompts.append(Prompt(ids=ids, namespace=namespace, scored_k=prompt_logprobs(req)))
         texts.append(text)
     return TextPrompts(prompts, texts)
+
+
+def check_token_ids(ids: list[int], maker: PromptMaker, where: str) -> None:
+    """400 for an id outside the vocabulary (the model's embedding rows and the tokenizer's both
+    hold it): a prompt's ids here, /detokenize's tokens (tokenizer_api.py)."""
+    vocab = min(maker.loaded.config.text.vocab_size, len(maker.tokenizer))
+    bad = next((x for x in ids if not 0 <= x < vocab), None)
+    if bad is not None:
+        raise bad_request(f"{where} holds the token id {shown_int(bad)}, outside this model's vocabulary (0 to {vocab - 1})",
+                          param=where)  # fmt: skip
 
 
 def encode_prompt_text(tokenizer: Tokenizer, text: str) -> list[int]:

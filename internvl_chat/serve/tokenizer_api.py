@@ -25,9 +25,9 @@ from ..chat.session import HOPELESS_TEXT_MIN_CHARS
 from ..engine.tokenizer import named_tokens
 from ..errors import InternVLChatError
 from .conversation import PromptMaker
-from .errors import APIError, bad_request, from_app_error, shown_int
+from .errors import APIError, bad_request, from_app_error
 from .protocol import ChatCompletionRequest, Message, _Model, check_model, parse_body, refuse_other_templates
-from .text_completions import encode_prompt_text
+from .text_completions import check_token_ids, encode_prompt_text
 
 # A text or an id list is tokenized or decoded whole, holding the tokenizer's lock: bounded here, far
 # past the context (lm-eval encodes a whole document before it cuts it into context windows) but
@@ -95,11 +95,7 @@ def detokenize(body: bytes, maker: PromptMaker, model_id: str) -> dict:
     if not isinstance(ids, list) or not all(is_int(x) for x in ids):
         raise bad_request("tokens must be a list of token ids (integers)", param="tokens")
     # (their number is bounded by the body's JSON items: protocol.MAX_JSON_ITEMS)
-    vocab = min(maker.loaded.config.text.vocab_size, len(maker.tokenizer))
-    bad = next((x for x in ids if not 0 <= x < vocab), None)
-    if bad is not None:
-        raise bad_request(f"tokens holds the token id {shown_int(bad)}, outside this model's vocabulary (0 to {vocab - 1})",
-                          param="tokens")  # fmt: skip
+    check_token_ids(ids, maker, "tokens")
     with maker.lock:
         return {"prompt": maker.tokenizer.decode(ids)}
 
