@@ -61,6 +61,16 @@ def test_messages_count_as_chat_counts_its_prompt_images_included(server):
     assert len(ids) == usage_of(server, "/v1/chat/completions", {"messages": picture})
 
 
+@pytest.mark.parametrize("salt", [5, "", "a\x00b"])
+def test_a_bad_cache_salt_with_messages_is_a_400_as_in_chat(server, salt):
+    """/tokenize's messages go through the chat prompt's namespace but not the sampling checks: a
+    salt that is not a string was a 500 (AttributeError)."""
+    messages = chat_body("Describe it.")["messages"]
+    response = post(server, "/tokenize", {"messages": messages, "cache_salt": salt})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "cache_salt"
+
+
 def test_a_conversation_past_the_context_is_counted_as_vllm_counts_it(server):
     """It was refused as chat refuses it (context_length_exceeded): a client measuring a conversation
     to trim it got no count, exactly when it needed one; count and max_model_len say it does not fit."""

@@ -47,9 +47,11 @@ def check_cache_salt(salt: Any) -> None:
 
 
 def cache_namespace(salt: str | None, shared_cache: bool = True) -> str:
-    """The cache namespace of a request that sent `salt` (checked): "" without one, else a digest of
+    """The cache namespace of a request that sent `salt`: "" without one, else a digest of
     it (a salt of any length makes a short key); with `shared_cache` off, a new one for every request
-    (its "private-" prefix is never a digest's)."""
+    (its "private-" prefix is never a digest's). Checked here too, where every route's salt ends up
+    (/tokenize's messages skipped the sampling checks: a salt of 5 was a 500)."""
+    check_cache_salt(salt)
     if not shared_cache:
         return PRIVATE + secrets.token_hex(16)
     if salt is None:
