@@ -340,9 +340,8 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
             advice = hub_download_advice(model_dir) or "pass --model with a checkpoint folder"
             raise CheckpointError(f"model folder {shown} does not exist; {advice}")
         if not model_dir.is_dir():
-            folder = holding_folder(model_dir)
             raise CheckpointError(f"{shown} is not a folder; pass --model with the checkpoint folder, not a file"
-                                  + (f" ({visible(str(folder))} holds it)" if folder else ""))  # fmt: skip
+                                  + holding_folder_note(model_dir))  # fmt: skip
         if not os.path.lexists(path):  # a broken link is named by the reader
             snapshot = _cached_snapshot(model_dir)
             if snapshot is not None:
@@ -356,9 +355,10 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
     return read_json_object(path, "the checkpoint's config.json")
 
 
-def holding_folder(path: Path) -> Path | None:
-    """The checkpoint folder a file given in its place (its config.json, a weight file) is in, if it is one."""
-    return path.parent if os.path.isfile(path.parent / "config.json") else None
+def holding_folder_note(path: Path) -> str:
+    """The end of a "not a folder" line for a file given in place of its checkpoint folder (its
+    config.json, a weight file): `(FOLDER holds it)` where the folder it is in is one, else nothing."""
+    return f" ({visible(str(path.parent))} holds it)" if os.path.isfile(path.parent / "config.json") else ""
 
 
 # A Hugging Face model id (ORG/NAME), or its web address as people paste it for --model (Path has

@@ -289,10 +289,13 @@ def image_formats() -> list[str]:
 
 def _open_image(path: Path) -> Image.Image:
     """Open the header only, refusing non-images, decompression bombs and empty images."""
-    icon = icon_picture_size(path)
+    try:
+        with open_regular_file(path) as f:  # both walks read the one open file (they seek as they go)
+            icon, flood = icon_picture_size(f), header_flood(f)
+    except OSError:  # NotRegularFile is one: Pillow's opening says why
+        icon = flood = None
     if icon is not None:  # Pillow decodes an icon's picture as it opens it: its size is checked first
         _check_size(path, *icon)
-    flood = header_flood(path)
     if flood is not None:
         raise MediaError(f"{visible(str(path))} is {flood}, refused as a possible decompression bomb; re-save it as PNG or JPEG")
     try:

@@ -2,7 +2,8 @@
 at a time in Python and keeps what it reads, and decodes an icon's picture as it opens the file, so
 a few kilobytes can cost it gigabytes and minutes before any size check could refuse them
 (`header_flood`, `icon_picture_size`); and how many scans a JPEG holds (`jpeg_scans`). Each walk
-reads a bounded amount through one cached page and returns a count or a size: image.py refuses."""
+reads a bounded amount through one cached page and returns a count or a size: image.py refuses
+(it opens the file once for the first two)."""
 
 from __future__ import annotations
 
@@ -29,14 +30,14 @@ def quiet_pillow():
 ICO_MAGIC = b"\x00\x00\x01\x00"
 
 
-def icon_picture_size(path: Path) -> tuple[int, int] | None:
-    """The size of the picture Pillow decodes as it opens an ICO file, from that picture's own header;
-    None for another file, or one whose header does not read (opening it says why). The icon's
-    directory says 256×256 at most, but the PNG or BMP it points to declares any size, and Pillow
-    decodes it whole on opening, within only its own global limit: a 95 KB icon holding a PNG of
-    1×50,000,000 took 655 MB and 2 s to be refused by the MAX_SIDE check that came after."""
+def icon_picture_size(f: BinaryIO) -> tuple[int, int] | None:
+    """The size of the picture Pillow decodes as it opens an ICO file (`f`, opened for reading), from
+    that picture's own header; None for another file, or one whose header does not read (opening it
+    says why). The icon's directory says 256×256 at most, but the PNG or BMP it points to declares
+    any size, and Pillow decodes it whole on opening, within only its own global limit: a 95 KB icon
+    holding a PNG of 1×50,000,000 took 655 MB and 2 s to be refused by the MAX_SIDE check that came after."""
     try:
-        with open_regular_file(path) as f, quiet_pillow():
+        with quiet_pillow():
             offset = _icon_picture_at(f)
             if offset is None:
                 return None
@@ -102,34 +103,34 @@ class _Pages:
         return self._page, offset - self._base
 
 
-def header_flood(path: Path) -> str | None:
-    """What the file is ("a JPEG of more than 65,536 …") where its header holds more segments,
-    chunks or blocks than a real one has, else None (a file that does not read: opening it says why)."""
+def header_flood(f: BinaryIO) -> str | None:
+    """What the file (`f`, opened for reading) is ("a JPEG of more than 65,536 …") where its header
+    holds more segments, chunks or blocks than a real one has, else None (a file that does not read:
+    opening it says why)."""
     try:
-        with open_regular_file(path) as f:
-            pages = _Pages(f)
-            magic, _ = pages.at(0, 8)
-            if magic.startswith(b"\xff\xd8\xff") and _jpeg_header_steps(pages) > MAX_JPEG_SEGMENTS:
-                return f"a JPEG of more than {MAX_JPEG_SEGMENTS:,} segments or fill bytes before its picture (real ones have a few dozen)"
-            if magic.startswith(PngImagePlugin._MAGIC) and _png_chunks(pages, 0) > MAX_PNG_CHUNKS:
-                return f"a PNG of more than {MAX_PNG_CHUNKS:,} chunks (real ones have one per 8 KB or so of pixels)"
-            if magic[:4] == ICO_MAGIC and _icon_png_chunks(f, pages) > MAX_PNG_CHUNKS:
-                return f"an icon holding a PNG of more than {MAX_PNG_CHUNKS:,} chunks (real ones have one per 8 KB or so of pixels)"
-            if magic[:6] in (b"GIF87a", b"GIF89a") and _gif_blocks(pages) > MAX_GIF_BLOCKS:
-                return f"a GIF of more than {MAX_GIF_BLOCKS:,} comment or other extension blocks before its first frame"
-            if magic[:1] == b"P" and magic[1:2] in b"0123456fy":
-                end = _ppm_header_end(pages)
-                if end > PPM_HEADER_BYTES:
-                    return f"a PPM whose header runs past its first {PPM_HEADER_BYTES:,} bytes (real ones take a few dozen)"
-                if magic[1:2] in b"123" and _comments_from(f, end) > MAX_PNM_COMMENTS:
-                    return f"a plain-text PNM of more than {MAX_PNM_COMMENTS:,} comments among its pixels (real ones have them in the header)"
-            if magic[:12] == b"\0\0\0\x0cjP  \r\n\x87\n" and _jp2_boxes(pages) > MAX_JP2_BOXES:
-                return f"a JPEG 2000 file of more than {MAX_JP2_BOXES:,} boxes around its header (real ones have a few dozen)"
-            if magic[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):  # TIFF, BigTIFF
-                name, values = _tiff_longest_list(pages)
-                if values > MAX_TIFF_VALUES:
-                    return f"a TIFF whose {name} tag lists {values:,} values (real ones list one per strip or tile, {MAX_TIFF_VALUES:,} at most)"
-    except (OSError, OverflowError):  # NotRegularFile is one; OverflowError: an offset past 2^63 (BigTIFF's), where no file reaches
+        pages = _Pages(f)
+        magic, _ = pages.at(0, 8)
+        if magic.startswith(b"\xff\xd8\xff") and _jpeg_header_steps(pages) > MAX_JPEG_SEGMENTS:
+            return f"a JPEG of more than {MAX_JPEG_SEGMENTS:,} segments or fill bytes before its picture (real ones have a few dozen)"
+        if magic.startswith(PngImagePlugin._MAGIC) and _png_chunks(pages, 0) > MAX_PNG_CHUNKS:
+            return f"a PNG of more than {MAX_PNG_CHUNKS:,} chunks (real ones have one per 8 KB or so of pixels)"
+        if magic[:4] == ICO_MAGIC and _icon_png_chunks(f, pages) > MAX_PNG_CHUNKS:
+            return f"an icon holding a PNG of more than {MAX_PNG_CHUNKS:,} chunks (real ones have one per 8 KB or so of pixels)"
+        if magic[:6] in (b"GIF87a", b"GIF89a") and _gif_blocks(pages) > MAX_GIF_BLOCKS:
+            return f"a GIF of more than {MAX_GIF_BLOCKS:,} comment or other extension blocks before its first frame"
+        if magic[:1] == b"P" and magic[1:2] in b"0123456fy":
+            end = _ppm_header_end(pages)
+            if end > PPM_HEADER_BYTES:
+                return f"a PPM whose header runs past its first {PPM_HEADER_BYTES:,} bytes (real ones take a few dozen)"
+            if magic[1:2] in b"123" and _comments_from(f, end) > MAX_PNM_COMMENTS:
+                return f"a plain-text PNM of more than {MAX_PNM_COMMENTS:,} comments among its pixels (real ones have them in the header)"
+        if magic[:12] == b"\0\0\0\x0cjP  \r\n\x87\n" and _jp2_boxes(pages) > MAX_JP2_BOXES:
+            return f"a JPEG 2000 file of more than {MAX_JP2_BOXES:,} boxes around its header (real ones have a few dozen)"
+        if magic[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):  # TIFF, BigTIFF
+            name, values = _tiff_longest_list(pages)
+            if values > MAX_TIFF_VALUES:
+                return f"a TIFF whose {name} tag lists {values:,} values (real ones list one per strip or tile, {MAX_TIFF_VALUES:,} at most)"
+    except (OSError, OverflowError):  # OverflowError: an offset past 2^63 (BigTIFF's), where no file reaches
         pass
     return None
 

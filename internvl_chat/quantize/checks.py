@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..engine.weight_files import DeclaredTensor, find_weight_files
-from ..engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, holding_folder, hub_download_advice, load_config, read_config_json
+from ..engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, holding_folder_note, hub_download_advice, load_config, read_config_json
 from ..engine.loader import LoadedModel, check_quantized_weights_declared
 from ..errors import CheckpointError, UsageError
 from ..files import visible
@@ -58,9 +58,8 @@ def check_source(src: Path) -> ModelConfig:
     if advice is not None:  # a model id: "not a folder; give a 16-bit checkpoint folder" read as a typo
         raise UsageError(f"the source {visible(str(src))} does not exist; {advice}")
     if not src.is_dir():
-        folder = holding_folder(src)
         raise UsageError(f"the source {visible(str(src))} is not a folder; give a 16-bit checkpoint folder"
-                         + (f" ({visible(str(folder))} holds it)" if folder else ""))  # fmt: skip
+                         + holding_folder_note(src))  # fmt: skip
     if not os.path.lexists(src / "config.json"):  # the loader's own words advise --model, the chat's flag
         raise UsageError(f"the source {visible(str(src))} has no config.json; give a downloaded 16-bit InternVL3 checkpoint folder")
     try:

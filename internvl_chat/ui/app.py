@@ -669,7 +669,7 @@ class App(SessionFileCommands):
         elif not changed:
             self.say("system message unchanged")
         else:
-            self.say("system message set" + (f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns else ""))
+            self.say("system message set" + self._turns_follow())
 
     def _change_system(self, text: str | None) -> bool:
         """Put `text` in use as the system message; False when it already is (the conversation was
@@ -680,6 +680,10 @@ class App(SessionFileCommands):
             self.session.set_system(text)
         return True
 
+    def _turns_follow(self) -> str:
+        """The note for a system message just changed: the turns so far now follow it (if any)."""
+        return f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns else ""
+
     def _default_system(self) -> None:
         """`/system --default`: the model's own system message again (unset, as at start without one);
         with a server none is sent, so its chat template's default applies."""
@@ -687,7 +691,7 @@ class App(SessionFileCommands):
         changed = self._change_system(default)
         self.settings.system.message = None
         self.settings.sources["system.message"] = "/system --default"
-        follow = f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns and changed else ""
+        follow = self._turns_follow() if changed else ""
         if self.settings.remote.server:
             self.say(f"system message unset: none is sent, so the server's chat template decides{follow}")
         elif default:
