@@ -1,10 +1,11 @@
 """The error types every layer raises; each message is one sentence that says what to do.
 
 The CLI maps `exit_code` to the process status: 2 for bad usage or input, 1 for everything else.
-Also the refusal every layer gives a number written with digits other than 0-9 (`foreign_digits`).
 """
 
 import argparse
+
+from .numbers import parse_float, parse_int
 
 
 class InternVLChatError(Exception):
@@ -55,44 +56,16 @@ class Cancelled(Exception):
     InternVLChatError: nothing failed."""
 
 
-def foreign_digits(text: str) -> bool:
-    """True when `text` holds a digit other than 0-9 (Arabic-Indic ١, Devanagari १, fullwidth ２, 𝟏 …).
-    int(), float() and a pattern's \\d read them as numbers: `/drop ١` dropped item 1 while the line
-    showed another script's digit. A number written with them is refused instead."""
-    return any(c.isdigit() and not c.isascii() for c in text)
-
-
-def ascii_shown(text: str, width: int = 40) -> str:
-    """`text` quoted and escaped as ascii() writes it ('\\u0661'), cut short."""
-    shown = ascii(text)
-    return shown if len(shown) <= width else shown[: width - 1] + "…"
-
-
-def foreign_digits_refused(text: str) -> str:
-    """The words that refuse a number written with other digits, the text escaped."""
-    return f"must be written with the digits 0-9, not {ascii_shown(text)}"
-
-
-def _digits_0_to_9(convert):
-    """`convert` (int or float) for argparse, refusing other digits with their escape."""
-
-    def parse(text: str):
-        if foreign_digits(text):
-            raise argparse.ArgumentTypeError(foreign_digits_refused(text))
-        return convert(text)
-
-    return parse
-
-
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose mistakes are a UsageError: one line through the CLI's error handling (exit 2),
     shown inert. Its own error printed the whole usage block, and an unknown flag as typed, escape
-    sequences and all. A flag of type int or float takes the digits 0-9 only (`--frames ٨` was 8)."""
+    sequences and all. A flag of type int or float takes what numbers.py does: no `--frames ٨` (8) nor `1_0` (10)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        for number in (int, float):  # the action's type stays int or float: only its conversion is looked up here
-            self.register("type", number, _digits_0_to_9(number))
+        # the action's type stays int or float (argparse's "invalid int value: 'x'"): only its conversion is looked up
+        self.register("type", int, parse_int)
+        self.register("type", float, parse_float)
 
     def error(self, message: str):
         raise UsageError(f"{message}; see {self.prog} --help")

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import UsageError, ascii_shown, foreign_digits, foreign_digits_refused
+from .errors import UsageError
 from .files import NoHomeFolder, brief_repr, escape_hidden, expand_home, read_text_file, undecodable_byte, visible, xdg_dir
+from .numbers import OtherDigits, ascii_shown, other_digits, parse_float, parse_int
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
 ENV_PREFIX = "INTERNVL_CHAT_"
@@ -129,8 +130,8 @@ def _choice(choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) 
 
 def _device(value: str) -> str:
     value = value.strip().lower()
-    if foreign_digits(value):  # `cuda:١` matched \d and reached torch
-        raise Refused(f"{foreign_digits_refused(value)}, e.g. cuda:0")
+    if refused := other_digits(value):  # `cuda:١` matched \d and reached torch
+        raise Refused(f"{refused}, e.g. cuda:0")
     if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", value):
         return value
     raise ValueError
@@ -181,12 +182,14 @@ def _host_and_port(authority: str, text: str) -> tuple[str, int | None]:
     host, port = authority, None
     if re.search(r":\d*$", authority) and not authority.endswith("]"):
         host, _, digits = authority.rpartition(":")
-        if foreign_digits(digits):  # `:٣٠٠٠` matched \d and was read as port 3000
-            raise Refused(f"{ascii_shown(text, 60)} has no valid port: write it with the digits 0-9, e.g. {ORIGIN_EXAMPLE}")
-        if not digits.isdigit() or not 0 < int(digits) < 65536:
+        try:
+            port = parse_int(digits or "0")  # none after the colon: refused below; \d matched `:٣٠٠٠` (port 3000)
+        except OtherDigits:
+            raise Refused(f"{ascii_shown(text, 60)} has no valid port: write it with the digits 0-9, "
+                          f"e.g. {ORIGIN_EXAMPLE}") from None  # fmt: skip
+        if not 0 < port < 65536:
             raise Refused(f"{brief_repr(text, 60)} has no valid port: write a port from 1 to 65535, or none, "
                           f"e.g. {ORIGIN_EXAMPLE}")  # fmt: skip
-        port = int(digits)
     if not host.isascii() or not _HOST.fullmatch(host):
         raise Refused(f"{brief_repr(text, 60)} has no valid host: write a host name (its ASCII xn-- form for "
                       f"other letters), an IPv4 address or a [bracketed] IPv6 one, e.g. {ORIGIN_EXAMPLE}")  # fmt: skip
@@ -486,12 +489,10 @@ def _coerce(value: Any, tp: Any) -> Any:
             if text.lower() in _FALSE:
                 return False
             raise ValueError
-        if base in (int, float) and foreign_digits(text):  # int() and float() read ٣ as 3: the echo would differ
-            raise Refused(foreign_digits_refused(text))
         if base is int:
-            return int(text.replace("_", ""), 10)
+            return parse_int(text)
         if base is float:
-            value = float(text)
+            value = parse_float(text)
     if value is None:
         if optional:
             return None
@@ -535,7 +536,7 @@ def _assign(settings: Settings, dotted: str, value: Any, where: str, names_key: 
         check = fld.metadata.get("check")
         if parsed is not None and check is not None:
             parsed = check(parsed)
-    except Refused as refused:
+    except (Refused, OtherDigits) as refused:
         raise UsageError(f"{visible(where)}:{subject} {refused}{fix}") from None
     except (ValueError, TypeError):
         expect = fld.metadata.get("expect") or "a valid value"

@@ -143,6 +143,9 @@ def test_parse_line(line, expected):
         ("/drop", "/drop needs N; usage: /drop N"),
         ("/drop x", "/drop: N must be a whole number ≥ 1, not 'x'; usage: /drop N"),
         ("/drop 0", "/drop: N must be a whole number ≥ 1, not '0'"),
+        # int() reads underscores between digits: `/drop 1_0` dropped item 10
+        ("/drop 1_0", "/drop: N must be a whole number ≥ 1, not '1_0'; usage: /drop N"),
+        ("/video a.mp4 --frames 1_6", "/video: --frames must be a whole number from 1 to 256, not '1_6'"),
         ("/drop 1 2", "/drop takes at most 1 argument(s)"),
         ("/clear now", "/clear takes no arguments; usage: /clear"),
         ("/exit please", "/exit takes no arguments"),

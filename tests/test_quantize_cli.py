@@ -102,6 +102,13 @@ def test_a_count_in_other_digits_is_refused_as_every_number_flag_refuses_it(flag
     assert getattr(build_parser().parse_args(["src", "dst", flag, " 64 "]), flag[2:].replace("-", "_")) == 64
 
 
+@pytest.mark.parametrize("flag", ["--group-size", "--samples"])
+def test_a_count_int_reads_but_no_one_types_is_refused_naming_it(flag):
+    # int() read `--samples 1_6` as 16
+    with pytest.raises(UsageError, match=rf"^argument {flag}: must be a whole number, not '1_6'; see "):
+        build_parser().parse_args(["src", "dst", flag, "1_6"])
+
+
 @pytest.mark.parametrize("kind", ["not empty", "a file", "under a file", "a symlink", "not writable"])
 def test_unusable_output_is_refused_in_one_line_before_loading(config_only, tmp_path, monkeypatch, capsys, kind):
     dst = tmp_path / "out"

@@ -218,7 +218,7 @@ def test_explicit_config_path_wins_over_the_default_location(tmp_path):
         ("GENERATION_TEMPERATURE", "1", "generation.temperature", 1.0),
         ("GENERATION_SEED", "7", "generation.seed", 7),
         ("GENERATION_SEED", "none", "generation.seed", None),
-        ("GENERATION_MAX_NEW_TOKENS", "2_048", "generation.max_new_tokens", 2048),
+        ("GENERATION_MAX_NEW_TOKENS", " 2048 ", "generation.max_new_tokens", 2048),
         ("UI_STATS", "off", "ui.stats", False),
         ("UI_MARKDOWN", "YES", "ui.markdown", True),
         ("UI_PLAIN", "1", "ui.plain", True),
@@ -258,6 +258,7 @@ def test_environment_values_are_parsed_by_type(tmp_path, var, text, key, expecte
         ("MODEL_DTYPE", "int8"),
         ("MODEL_DEVICE", "gpu"),
         ("MODEL_MAX_CONTEXT", "lots"),
+        ("GENERATION_MAX_NEW_TOKENS", "2_048"),  # int() reads it as 2048: not a number a user types
         ("MEDIA_MAX_TILES", "-1"),
         ("UI_COLOR", "blue"),
     ],
@@ -379,6 +380,10 @@ def test_set_parses_and_records(key, text, dotted, expected):
         ("frames", "1000"),
         ("stats", "sometimes"),
         ("seed", "1.5"),
+        ("seed", "1_0"),  # int() and float() read underscores between digits: `/set temperature 1_0.5` was 10.5
+        ("temperature", "1_0.5"),
+        ("temperature", "inf"),
+        ("repetition_penalty", "0x10"),
     ],
 )
 def test_set_rejects_bad_values_and_keeps_the_old_one(key, text):
@@ -636,6 +641,16 @@ def test_numbers_in_other_digits_are_refused_with_the_text_escaped(tmp_path, key
     assert f"must be written with the digits 0-9, not {shown}" in str(err.value) and str(err.value).isascii()
     with pytest.raises(UsageError, match="digits 0-9"):  # an environment variable is read the same way
         load_settings(env=clean_env(tmp_path, INTERNVL_CHAT_MEDIA_FRAMES=text if key != "model.device" else "٨"))
+
+
+def test_number_flags_refuse_underscores_int_and_float_read():
+    from internvl_chat.cli import build_parser
+
+    # float() reads `--temperature 1_0.5` as 10.5, int() `--frames 1_6` as 16
+    for flag, text, kind in (("--temperature", "1_0.5", "float"), ("--frames", "1_6", "int"), ("--top-p", "nan", "float")):
+        with pytest.raises(UsageError) as err:
+            build_parser().parse_args([flag, text])
+        assert str(err.value).startswith(f"argument {flag}: invalid {kind} value: {text!r}; ")
 
 
 def test_flags_and_origin_ports_in_other_digits_are_refused_with_the_text_escaped():

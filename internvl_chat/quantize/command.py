@@ -9,20 +9,19 @@ import signal
 import sys
 import time
 
-from ..errors import OneLineParser, UsageError, foreign_digits, foreign_digits_refused
+from ..errors import OneLineParser, UsageError
 from ..files import visible
+from ..numbers import parse_int
 from .calibration import MAX_SAMPLES
 from .pipeline import quantize_checkpoint
 from .progress import BarProgress, LineProgress
 
 
 def _positive_int(text: str) -> int:
-    if foreign_digits(text):  # int() reads `٣٢` as 32: refused as OneLineParser's int flags refuse it
-        raise argparse.ArgumentTypeError(foreign_digits_refused(text))
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        value = parse_int(text)  # as OneLineParser's int flags read it: not `٣٢` (32) nor `1_0` (10)
+    except ValueError as refused:
+        raise argparse.ArgumentTypeError(str(refused)) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not positive")
     return value

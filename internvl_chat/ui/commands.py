@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError, foreign_digits, foreign_digits_refused
+from ..errors import UsageError
 from ..files import visible
+from ..numbers import OtherDigits, other_digits, parse_int
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
 from .paths import media_kind, normalize_path, shell_unquote
 from .text_wrap import wrap_text
@@ -227,8 +228,8 @@ def parse_range(text: str) -> tuple[float, float]:
     m = re.fullmatch(rf"\s*({_TIME})\s*-\s*({_TIME})\s*", text)
     hint = "give START-END in seconds with START before END, e.g. 2.5-10 or 1:00-1:30"
     shown = _shown(text)
-    if foreign_digits(text):
-        raise UsageError(f"invalid time range: it {foreign_digits_refused(text)}; {hint}.")
+    if refused := other_digits(text):
+        raise UsageError(f"invalid time range: it {refused}; {hint}.")
     if not m:
         raise UsageError(f"invalid time range {shown}; {hint}.")
     start, end = _seconds(m.group(1)), _seconds(m.group(2))
@@ -240,10 +241,10 @@ def parse_range(text: str) -> tuple[float, float]:
 
 
 def _parse_int(text: str, what: str, spec: CommandSpec, maximum: int | None = None) -> int:
-    if foreign_digits(text):  # int() reads `١` as 1, which the line does not show
-        raise UsageError(f"/{spec.name}: {what} {foreign_digits_refused(text)}; usage: {spec.usage}")
     try:
-        value = int(text)
+        value = parse_int(text)
+    except OtherDigits as refused:
+        raise UsageError(f"/{spec.name}: {what} {refused}; usage: {spec.usage}") from None
     except ValueError:
         value = 0
     if value < 1 or maximum is not None and value > maximum:

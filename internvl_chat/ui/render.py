@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, Mapping
 from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
-from ..errors import foreign_digits
+from ..numbers import parse_int
 from .live_tail import LiveTail
 from .markdown_blocks import BlockSplitter
 
@@ -162,10 +162,12 @@ MAX_TERMINAL_CELLS = 10_000  # columns or lines: far past any screen
 
 
 def _no_size(value: str) -> bool:
-    """A COLUMNS or LINES value that names no terminal size: 0, more than any screen holds, or one
-    written with digits other than 0-9 (`²` passed isdigit() and int() raised: a traceback at start)."""
-    text = value.strip()
-    return foreign_digits(text) or text.isdigit() and not 0 < int(text) <= MAX_TERMINAL_CELLS
+    """A COLUMNS or LINES value that names no terminal size: 0, more than any screen holds, or no
+    number (`²` passed rich's isdigit() and int() raised: a traceback at start)."""
+    try:
+        return not 0 < parse_int(value) <= MAX_TERMINAL_CELLS
+    except ValueError:
+        return True
 
 
 def make_console(file: IO[str] | None = None, color: str = "auto", env: Mapping[str, str] = os.environ) -> Console:

@@ -1,0 +1,61 @@
+"""Numbers that people type: in commands, flags, settings and the environment.
+
+int() and float() read more than a user means: `١` or `２` (another script's digits) as 1 or 2,
+`1_0` as 10, and float() `inf`, `nan` and `1_0.5` as well: `/drop 1_0` dropped item 10 while the
+line showed no such number. `parse_int` and `parse_float` take the digits 0-9 only, with an optional
+sign, and for floats a decimal point and exponent; spaces around the whole text are dropped, as
+int() drops them. Text written in other digits is `OtherDigits`, whose message says so with the
+text escaped; anything else they refuse is a plain ValueError (`must be a whole number, not '1_0'`), which
+a caller may word its own way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import string
+
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+class OtherDigits(ValueError, argparse.ArgumentTypeError):
+    """A number written with digits other than 0-9; str() is the refusal, the text escaped (argparse
+    shows it as it is, where it words a plain ValueError "invalid int value: 'x'")."""
+
+    def __init__(self, text: str):
+        super().__init__(f"must be written with the digits 0-9, not {ascii_shown(text)}")
+
+
+def ascii_shown(text: str, width: int = 40) -> str:
+    """`text` quoted and escaped as ascii() writes it ('\\u0661'), cut short."""
+    shown = ascii(text)
+    return shown if len(shown) <= width else shown[: width - 1] + "…"
+
+
+def other_digits(text: str) -> OtherDigits | None:
+    """The refusal of `text` when it holds a digit other than 0-9 (Arabic-Indic ١, Devanagari १,
+    fullwidth ２, 𝟏 …); also for text a pattern of [0-9] reads (a time range, a device), to say why."""
+    return OtherDigits(text) if any(c.isdigit() and not c.isascii() for c in text) else None
+
+
+def _read(text: str, pattern: re.Pattern[str], convert, what: str):
+    if refused := other_digits(text):
+        raise refused
+    try:
+        if pattern.fullmatch(text.strip(string.whitespace)):
+            return convert(text)
+    except ValueError:  # int() refuses more than 4,300 digits, in words about sys.set_int_max_str_digits
+        pass
+    raise ValueError(f"must be {what}, not {ascii_shown(text)}")
+
+
+def parse_int(text: str) -> int:
+    """A whole number as a user writes it (`12`, `-3`); ValueError for any other text."""
+    return _read(text, _INT, int, "a whole number")
+
+
+def parse_float(text: str) -> float:
+    """A number as a user writes it (`0.5`, `-2`, `1e-3`), never inf or nan, though `1e999` is inf, for the
+    caller's range check to refuse."""
+    return _read(text, _FLOAT, float, "a number")
