@@ -1,13 +1,7 @@
-"""Numbers that people type: in commands, flags, settings and the environment.
-
-int() and float() read more than a user means: `١` or `２` (another script's digits) as 1 or 2,
-`1_0` as 10, and float() `inf`, `nan` and `1_0.5` as well: `/drop 1_0` dropped item 10 while the
-line showed no such number. `parse_int` and `parse_float` take the digits 0-9 only, with an optional
-sign, and for floats a decimal point and exponent; spaces around the whole text are dropped, as
-int() drops them. Text written in other digits is `OtherDigits`, whose message says so with the
-text escaped; anything else they refuse is a plain ValueError (`must be a whole number, not '1_0'`), which
-a caller may word its own way.
-"""
+"""Numbers that people type in commands, flags, settings and the environment: the digits 0-9, a sign,
+and for floats a point and an exponent; spaces around them dropped. int() and float() read more:
+`١` as 1, `1_0` as 10 (`/drop 1_0` dropped item 10), `inf` and `nan`. Other digits are `OtherDigits`,
+which says so with the text escaped; anything else a plain ValueError, which callers may word their own way."""
 
 from __future__ import annotations
 
