@@ -8,10 +8,11 @@ is skipped (and gives up its place in the queue), a video being decoded for it s
 frame, and a job whose client left while its pictures were encoded gets no prefill. Stop strings
 end their choice's generation at the next token too (ChoiceHalt) and cut the text where they begin.
 
-A job's first event is "started", sent once its first prompt's pictures are decoded (or found in
-the feature cache) and the Session has checked the prompt fits, right before prefill: a stream's
-handler sends its status line only then (serve/replies.py), so what fails before it (a picture that
-does not decode, a context overflow) is an HTTP status, as without `stream`.
+A job's first event is "started", sent once every one of its prompts has passed the Session's
+checks (each fits the context with its answer) and its first prompt's pictures are decoded (or
+found in the feature cache), right before prefill: a stream's handler sends its status line only
+then (serve/replies.py), so what fails before it (a picture that does not decode, a later prompt
+that cannot fit) is an HTTP status, as without `stream`.
 
 A job that asked for logprobs gets "tokens" events, (text, logprob entries), in place of "text":
 the entries of the tokens whose text that event completes (serve/logprobs.py), and its "choice"
@@ -315,6 +316,7 @@ class EngineWorker:
             job.emit("error", APIError(500, f"internal error ({shown(f'{type(e).__name__}: {e}')})", code="internal_error"))
 
     def _generate(self, job: Job) -> None:
+        self._check_prompts(job)
         results = []
         for number, prompt in enumerate(job.prompts):
             if number and job.cancel.is_set():  # the client left between two prompts
@@ -339,6 +341,15 @@ class EngineWorker:
                 results.append(result)
                 job.emit("choice", result)
         job.emit("done", request_totals(results))
+
+    def _check_prompts(self, job: Job) -> None:
+        """Refuse the job now for what any of its prompts would be refused at its own prefill (the
+        Session's checks: its context, the sampling settings), before "started": a later prompt's
+        refusal is then a stream's status, as without `stream`, not an error event after the answers
+        before it. (Its choices share its ids and settings: one check is theirs too.)"""
+        session = self.slots.slots[0].session  # the checks read no slot's cache with nothing to reuse
+        for prompt in job.prompts:
+            session.check_continuation(prompt.ids, 0, job.params)
 
     def _answer(self, job: Job, prompt: Prompt, index: int, slot: Slot, reuse: int, scored: list[dict] | None) -> dict | None:
         """Choice `index` of `prompt`, generated on `slot` keeping `reuse` cached prompt tokens; its
