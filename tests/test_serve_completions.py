@@ -250,7 +250,8 @@ def test_the_engine_refuses_a_later_prompt_before_the_stream_begins(server, monk
     answered = sum(server.worker.counts.values())
     plain, streamed = streamed_and_not(server, body)
     assert plain[0] == 400 and streamed == plain, (plain, streamed)
-    assert json.loads(plain[2])["error"]["code"] == "context_length_exceeded"
+    error = json.loads(plain[2])["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt.1")
     assert sum(server.worker.counts.values()) == answered  # not even the first prompt was answered
 
 

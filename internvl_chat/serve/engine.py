@@ -56,7 +56,7 @@ from ..chat.generate import MEDIA_ADVICE, out_of_memory_as_error
 from ..chat.sampling import SamplingParams, unpack_logprobs
 from ..engine.loader import LoadedModel
 from ..engine.model import PromptScores
-from ..errors import Cancelled, InternVLChatError
+from ..errors import Cancelled, ContextOverflowError, InternVLChatError
 from ..settings import SEED_MAX
 from .answers import AnswerMemory, prompt_digest
 from .conversation import Prompt, PromptMaker
@@ -146,6 +146,7 @@ class Job:
     choices: int = 1  # answers to give (the request's n), one after another
     # /v1/completions (text_completions.py): more prompts after `prompt`, each answered `choices` times
     more_prompts: list[Prompt] = field(default_factory=list)
+    prompt_field: str = "messages"  # the request's field that holds its prompts, named in a refusal of one
     echo: bool = False  # a "prompt" event (its logprob entries or None) opens each choice
     prompt_logprobs: int | None = None  # score the prompt's tokens, listing this many alternatives each
     discard_answer: bool = False  # max_tokens 0: the prompt alone is wanted; the one token sampled is dropped
@@ -166,6 +167,10 @@ class Job:
     @property
     def prompts(self) -> list[Prompt]:
         return [self.prompt, *self.more_prompts]
+
+    def param(self, number: int) -> str:
+        """The request's name for its prompt `number`: "messages", "prompt", or "prompt.1" in a list."""
+        return f"{self.prompt_field}.{number}" if self.more_prompts else self.prompt_field
 
     def emit(self, kind: str, payload) -> None:
         """Hand an event to the request handler's loop (called from the engine thread)."""
@@ -348,8 +353,11 @@ class EngineWorker:
         refusal is then a stream's status, as without `stream`, not an error event after the answers
         before it. (Its choices share its ids and settings: one check is theirs too.)"""
         session = self.slots.slots[0].session  # the checks read no slot's cache with nothing to reuse
-        for prompt in job.prompts:
-            session.check_continuation(prompt.ids, 0, job.params)
+        for number, prompt in enumerate(job.prompts):
+            try:
+                session.check_continuation(prompt.ids, 0, job.params)
+            except ContextOverflowError as e:  # named, as the handler's own checks name a prompt of a list
+                raise from_app_error(e, param=job.param(number)) from None
 
     def _answer(self, job: Job, prompt: Prompt, index: int, slot: Slot, reuse: int, scored: list[dict] | None) -> dict | None:
         """Choice `index` of `prompt`, generated on `slot` keeping `reuse` cached prompt tokens; its

@@ -193,7 +193,7 @@ def prompt_logprobs(req: CompletionRequest) -> int | None:
 def text_job(req: CompletionRequest, prompts: TextPrompts, params: SamplingParams, loop: asyncio.AbstractEventLoop) -> Job:
     first, *more = prompts.prompts
     return Job(first, params, stop_strings(req), loop, cid=f"cmpl-{uuid.uuid4().hex}", choices=choices(req),
-               more_prompts=more, echo=req.echo, prompt_logprobs=prompt_logprobs(req),
+               more_prompts=more, prompt_field="prompt", echo=req.echo, prompt_logprobs=prompt_logprobs(req),
                discard_answer=req.max_tokens == 0, list_stop_token=True)  # fmt: skip
 
 
