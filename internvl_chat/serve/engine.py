@@ -157,9 +157,9 @@ class Job:
         self.begun = False  # the "started" event was sent
 
     def begin(self) -> None:
-        """Tell the handler, once, that the engine has taken the job and has its first prompt's
-        pictures (decoded, or found in the feature cache) and is about to prefill: a stream's status
-        line goes out now (serve/replies.py), and what fails from here is an event in it."""
+        """Tell the handler, once, that the engine has taken the job, checked every prompt of it, has
+        its first prompt's pictures (decoded, or found in the feature cache) and is about to prefill:
+        a stream's status line goes out now (serve/replies.py), and what fails from here is an event in it."""
         if not self.begun:
             self.begun = True
             self.emit("started", None)
