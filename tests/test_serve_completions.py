@@ -577,6 +577,17 @@ def test_a_prompt_near_the_context_end_gets_what_room_is_left_without_max_tokens
     assert response.json()["usage"]["completion_tokens"] <= 5
 
 
+def test_without_max_tokens_each_prompt_of_a_list_gets_the_room_its_own_length_leaves(server, local):
+    """vLLM's default, prompt by prompt: a short prompt sent with one near the context end was cut
+    to the few tokens the long one has room for."""
+    near_end = (local.tokenizer.encode(LONG_TEXT) * 200)[: server.worker.model.max_seq_len - 3]
+    alone = post(server, {"model": "tiny", "prompt": TEXT, "temperature": 0}).json()
+    listed = post(server, {"model": "tiny", "prompt": [TEXT, near_end], "temperature": 0}).json()
+    short = listed["choices"][0]
+    assert (short["text"], short["finish_reason"]) == (alone["choices"][0]["text"], alone["choices"][0]["finish_reason"])
+    assert listed["usage"]["completion_tokens"] <= alone["usage"]["completion_tokens"] + 3  # the long one: 3 at most
+
+
 def test_a_tokenizer_failure_on_a_text_prompt_is_a_one_line_400_not_a_500(server, monkeypatch):
     from internvl_chat.engine.tokenizer import TokenizerPanic
 

@@ -147,6 +147,9 @@ class Job:
     # /v1/completions (text_completions.py): more prompts after `prompt`, each answered `choices` times
     more_prompts: list[Prompt] = field(default_factory=list)
     prompt_field: str = "messages"  # the request's field that holds its prompts, named in a refusal of one
+    # each prompt's max_new_tokens, where they differ: a /v1/completions list without max_tokens gives
+    # each prompt the room its own length leaves (as vLLM), not the room of the longest
+    answer_limits: list[int] | None = None
     echo: bool = False  # a "prompt" event (its logprob entries or None) opens each choice
     prompt_logprobs: int | None = None  # score the prompt's tokens, listing this many alternatives each
     discard_answer: bool = False  # max_tokens 0: the prompt alone is wanted; the one token sampled is dropped
@@ -167,6 +170,12 @@ class Job:
     @property
     def prompts(self) -> list[Prompt]:
         return [self.prompt, *self.more_prompts]
+
+    def prompt_params(self, number: int) -> SamplingParams:
+        """The sampling settings of prompt `number` (its own answer limit, if it has one)."""
+        if self.answer_limits is None:
+            return self.params
+        return replace(self.params, max_new_tokens=self.answer_limits[number])
 
     def param(self, number: int) -> str:
         """The request's name for its prompt `number`: "messages", "prompt", or "prompt.1" in a list."""
@@ -338,7 +347,7 @@ class EngineWorker:
                         raise ClientGone
                     # the slot holds the prompt and the answer before: all but the prompt's last token is kept
                     reuse = slot.reusable(prompt)
-                result = self._answer(job, prompt, index, slot, reuse, scored)
+                result = self._answer(job, prompt, job.prompt_params(number), index, slot, reuse, scored)
                 if result is None:  # cancelled: the handler has been told
                     return
                 scored = result["prompt_logprobs"]
@@ -355,21 +364,22 @@ class EngineWorker:
         session = self.slots.slots[0].session  # the checks read no slot's cache with nothing to reuse
         for number, prompt in enumerate(job.prompts):
             try:
-                session.check_continuation(prompt.ids, 0, job.params)
+                session.check_continuation(prompt.ids, 0, job.prompt_params(number))
             except ContextOverflowError as e:  # named, as the handler's own checks name a prompt of a list
                 raise from_app_error(e, param=job.param(number)) from None
 
-    def _answer(self, job: Job, prompt: Prompt, index: int, slot: Slot, reuse: int, scored: list[dict] | None) -> dict | None:
-        """Choice `index` of `prompt`, generated on `slot` keeping `reuse` cached prompt tokens; its
-        text sent as it comes. With `job.prompt_logprobs`, choice 0 scores the prompt as it is
-        prefilled and the later ones are given its entries (`scored`). Its result, or None when the
-        job was cancelled meanwhile."""
+    def _answer(self, job: Job, prompt: Prompt, params: SamplingParams, index: int, slot: Slot, reuse: int,
+                scored: list[dict] | None) -> dict | None:  # fmt: skip
+        """Choice `index` of `prompt` sampled with `params`, generated on `slot` keeping `reuse` cached
+        prompt tokens; its text sent as it comes. With `job.prompt_logprobs`, choice 0 scores the
+        prompt as it is prefilled and the later ones are given its entries (`scored`). Its result,
+        or None when the job was cancelled meanwhile."""
         session = slot.session
         session.activate_kv_cache()
         features, vision_s = self._features(prompt, reuse, job)
         if job.cancel.is_set():  # the client left while its pictures were encoded: no prefill for nobody
             raise ClientGone
-        session.check_continuation(prompt.ids, reuse, job.params)  # refused before "started": an HTTP status
+        session.check_continuation(prompt.ids, reuse, params)  # refused before "started": an HTTP status
         job.begin()  # before prefill: a long one must not hold back a stream's headers
         # from here the slot's cache is rewound to `reuse` (until then it still held its last conversation)
         self.slots.use(slot)
@@ -378,8 +388,8 @@ class EngineWorker:
         slot.keep_scores(reuse)  # a scored choice 0 keeps exactly the scores its `reuse` was chosen for
         stops = StopStrings(job.stops)
         halt = ChoiceHalt(job.cancel)
-        tokens = SentTokens(self.pieces) if job.params.logprobs is not None else None
-        params = replace(job.params, seed=choice_seed(job.params.seed, index))
+        tokens = SentTokens(self.pieces) if params.logprobs is not None else None
+        params = replace(params, seed=choice_seed(params.seed, index))
         scores = self._prompt_scores(job, slot, reuse) if job.prompt_logprobs is not None and scored is None else None
         echoed = not job.echo  # (prompt_logprobs comes with echo only)
         sent: list[str] = []
