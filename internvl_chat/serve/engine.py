@@ -27,7 +27,8 @@ next token, whichever choice it is in, and no later choice begins. The queue sta
 first served by request: a job with n choices holds the engine for n answers.
 
 A /v1/completions job (text_completions.py) may hold several prompts: each is answered in turn,
-its n choices as above, result `index` prompt × n + choice. With `echo` each choice opens with a
+its n choices as above, result `index` prompt × n + choice, with its own answer limit where the
+request set none (`answer_limits`). With `echo` each choice opens with a
 "prompt" event (the prompt's logprob entries, or None); with `prompt_logprobs` choice 0 scores
 every prompt token as it prefills (engine/model.py's PromptScores), keeping only the cached prefix
 whose scores the slot has kept (slots.py's ScoredPrefix: an lm-eval context shared by several
