@@ -583,8 +583,8 @@ def test_without_max_tokens_each_prompt_of_a_list_gets_the_room_its_own_length_l
     near_end = (local.tokenizer.encode(LONG_TEXT) * 200)[: server.worker.model.max_seq_len - 3]
     alone = post(server, {"model": "tiny", "prompt": TEXT, "temperature": 0}).json()
     listed = post(server, {"model": "tiny", "prompt": [TEXT, near_end], "temperature": 0}).json()
-    short = listed["choices"][0]
-    assert (short["text"], short["finish_reason"]) == (alone["choices"][0]["text"], alone["choices"][0]["finish_reason"])
+    short, alone_choice = listed["choices"][0], alone["choices"][0]
+    assert (short["text"], short["finish_reason"]) == (alone_choice["text"], alone_choice["finish_reason"])
     assert listed["usage"]["completion_tokens"] <= alone["usage"]["completion_tokens"] + 3  # the long one: 3 at most
 
 
