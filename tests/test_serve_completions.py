@@ -209,6 +209,52 @@ def test_an_engine_failure_before_the_job_starts_is_the_same_status_and_body_str
     assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")  # the next one streams
 
 
+def streamed_and_not(server, body: dict) -> list[tuple[int, str, bytes]]:
+    """(status, content type, body) of `body` sent without `stream`, then with it."""
+    answers = []
+    for stream in (False, True):
+        with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": stream}, timeout=WAIT_S) as r:
+            answers.append((r.status_code, r.headers["content-type"], r.read()))
+    return answers
+
+
+@pytest.mark.parametrize("second, max_tokens", [
+    ("word " * 5000, 2),  # the second prompt alone is over the context
+    ([1, 10**9], 2),  # its token id is outside the vocabulary
+    ("word " * 2000, 2000),  # it fits, but not with max_tokens
+])  # fmt: skip
+def test_a_later_prompt_refused_is_the_same_status_and_body_streamed_or_not(server, second, max_tokens):
+    body = {"model": "tiny", "prompt": [TEXT, second], "max_tokens": max_tokens, "temperature": 0}
+    plain, streamed = streamed_and_not(server, body)
+    assert plain[0] == 400 and plain[1].startswith("application/json") and streamed == plain, (plain, streamed)
+
+
+def test_the_engine_refuses_a_later_prompt_before_the_stream_begins(server, monkeypatch):
+    """The engine's own checks of a prompt (the Session's: context, sampling settings) run for every
+    prompt before its "started" event: a refusal of the second one was a 200 stream holding the first
+    prompt's answer and an error event, where without `stream` it is a 400."""
+    from internvl_chat.chat.session import Session
+    from internvl_chat.errors import ContextOverflowError
+
+    second = TEXT + " and once more"
+    refused_ids = server.loaded.tokenizer.encode(second)
+    real = Session.check_continuation
+
+    def refuses_the_second(session, ids, reuse, params):
+        if list(ids) == refused_ids:
+            raise ContextOverflowError("this prompt cannot fit (the engine says so)")
+        return real(session, ids, reuse, params)
+
+    monkeypatch.setattr(Session, "check_continuation", refuses_the_second)
+    body = {"model": "tiny", "prompt": [TEXT, second], "max_tokens": 3, "temperature": 0, "n": 2}
+    answered = sum(server.worker.counts.values())
+    plain, streamed = streamed_and_not(server, body)
+    assert plain[0] == 400 and streamed == plain, (plain, streamed)
+    error = json.loads(plain[2])["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt.1")
+    assert sum(server.worker.counts.values()) == answered  # not even the first prompt was answered
+
+
 @pytest.mark.parametrize("body, param", [
     ({"prompt": []}, "prompt"),
     ({"prompt": {"text": "hi"}}, "prompt"),
@@ -529,6 +575,17 @@ def test_a_prompt_near_the_context_end_gets_what_room_is_left_without_max_tokens
     response = post(server, {"model": "tiny", "prompt": ids, "temperature": 0})
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] <= 5
+
+
+def test_without_max_tokens_each_prompt_of_a_list_gets_the_room_its_own_length_leaves(server, local):
+    """vLLM's default, prompt by prompt: a short prompt sent with one near the context end was cut
+    to the few tokens the long one has room for."""
+    near_end = (local.tokenizer.encode(LONG_TEXT) * 200)[: server.worker.model.max_seq_len - 3]
+    alone = post(server, {"model": "tiny", "prompt": TEXT, "temperature": 0}).json()
+    listed = post(server, {"model": "tiny", "prompt": [TEXT, near_end], "temperature": 0}).json()
+    short, alone_choice = listed["choices"][0], alone["choices"][0]
+    assert (short["text"], short["finish_reason"]) == (alone_choice["text"], alone_choice["finish_reason"])
+    assert listed["usage"]["completion_tokens"] <= alone["usage"]["completion_tokens"] + 3  # the long one: 3 at most
 
 
 def test_a_tokenizer_failure_on_a_text_prompt_is_a_one_line_400_not_a_500(server, monkeypatch):

@@ -245,7 +245,7 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         if isinstance(ready, Response):
             return ready
         req, prompts, params = ready
-        job = text_job(req, prompts, params, asyncio.get_running_loop())
+        job = text_job(req, prompts, params, context, asyncio.get_running_loop())
         worker.submit(job)
         if req.stream:
             return await job_stream(job, request, lambda events: text_stream(job, events, req, prompts, model_id))

@@ -8,10 +8,11 @@ is skipped (and gives up its place in the queue), a video being decoded for it s
 frame, and a job whose client left while its pictures were encoded gets no prefill. Stop strings
 end their choice's generation at the next token too (ChoiceHalt) and cut the text where they begin.
 
-A job's first event is "started", sent once its first prompt's pictures are decoded (or found in
-the feature cache) and the Session has checked the prompt fits, right before prefill: a stream's
-handler sends its status line only then (serve/replies.py), so what fails before it (a picture that
-does not decode, a context overflow) is an HTTP status, as without `stream`.
+A job's first event is "started", sent once every one of its prompts has passed the Session's
+checks (each fits the context with its answer) and its first prompt's pictures are decoded (or
+found in the feature cache), right before prefill: a stream's handler sends its status line only
+then (serve/replies.py), so what fails before it (a picture that does not decode, a later prompt
+that cannot fit) is an HTTP status, as without `stream`.
 
 A job that asked for logprobs gets "tokens" events, (text, logprob entries), in place of "text":
 the entries of the tokens whose text that event completes (serve/logprobs.py), and its "choice"
@@ -26,7 +27,8 @@ next token, whichever choice it is in, and no later choice begins. The queue sta
 first served by request: a job with n choices holds the engine for n answers.
 
 A /v1/completions job (text_completions.py) may hold several prompts: each is answered in turn,
-its n choices as above, result `index` prompt × n + choice. With `echo` each choice opens with a
+its n choices as above, result `index` prompt × n + choice, with its own answer limit where the
+request set none (`answer_limits`). With `echo` each choice opens with a
 "prompt" event (the prompt's logprob entries, or None); with `prompt_logprobs` choice 0 scores
 every prompt token as it prefills (engine/model.py's PromptScores), keeping only the cached prefix
 whose scores the slot has kept (slots.py's ScoredPrefix: an lm-eval context shared by several
@@ -55,7 +57,7 @@ from ..chat.generate import MEDIA_ADVICE, out_of_memory_as_error
 from ..chat.sampling import SamplingParams, unpack_logprobs
 from ..engine.loader import LoadedModel
 from ..engine.model import PromptScores
-from ..errors import Cancelled, InternVLChatError
+from ..errors import Cancelled, ContextOverflowError, InternVLChatError
 from ..settings import SEED_MAX
 from .answers import AnswerMemory, prompt_digest
 from .conversation import Prompt, PromptMaker
@@ -145,6 +147,10 @@ class Job:
     choices: int = 1  # answers to give (the request's n), one after another
     # /v1/completions (text_completions.py): more prompts after `prompt`, each answered `choices` times
     more_prompts: list[Prompt] = field(default_factory=list)
+    prompt_field: str = "messages"  # the request's field that holds its prompts, named in a refusal of one
+    # each prompt's max_new_tokens, where they differ: a /v1/completions list without max_tokens gives
+    # each prompt the room its own length leaves (as vLLM), not the room of the longest
+    answer_limits: list[int] | None = None
     echo: bool = False  # a "prompt" event (its logprob entries or None) opens each choice
     prompt_logprobs: int | None = None  # score the prompt's tokens, listing this many alternatives each
     discard_answer: bool = False  # max_tokens 0: the prompt alone is wanted; the one token sampled is dropped
@@ -155,9 +161,9 @@ class Job:
         self.begun = False  # the "started" event was sent
 
     def begin(self) -> None:
-        """Tell the handler, once, that the engine has taken the job and has its first prompt's
-        pictures (decoded, or found in the feature cache) and is about to prefill: a stream's status
-        line goes out now (serve/replies.py), and what fails from here is an event in it."""
+        """Tell the handler, once, that the engine has taken the job, checked every prompt of it, has
+        its first prompt's pictures (decoded, or found in the feature cache) and is about to prefill:
+        a stream's status line goes out now (serve/replies.py), and what fails from here is an event in it."""
         if not self.begun:
             self.begun = True
             self.emit("started", None)
@@ -165,6 +171,16 @@ class Job:
     @property
     def prompts(self) -> list[Prompt]:
         return [self.prompt, *self.more_prompts]
+
+    def prompt_params(self, number: int) -> SamplingParams:
+        """The sampling settings of prompt `number` (its own answer limit, if it has one)."""
+        if self.answer_limits is None:
+            return self.params
+        return replace(self.params, max_new_tokens=self.answer_limits[number])
+
+    def param(self, number: int) -> str:
+        """The request's name for its prompt `number`: "messages", "prompt", or "prompt.1" in a list."""
+        return f"{self.prompt_field}.{number}" if self.more_prompts else self.prompt_field
 
     def emit(self, kind: str, payload) -> None:
         """Hand an event to the request handler's loop (called from the engine thread)."""
@@ -315,6 +331,7 @@ class EngineWorker:
             job.emit("error", APIError(500, f"internal error ({shown(f'{type(e).__name__}: {e}')})", code="internal_error"))
 
     def _generate(self, job: Job) -> None:
+        self._check_prompts(job)
         results = []
         for number, prompt in enumerate(job.prompts):
             if number and job.cancel.is_set():  # the client left between two prompts
@@ -331,7 +348,7 @@ class EngineWorker:
                         raise ClientGone
                     # the slot holds the prompt and the answer before: all but the prompt's last token is kept
                     reuse = slot.reusable(prompt)
-                result = self._answer(job, prompt, index, slot, reuse, scored)
+                result = self._answer(job, prompt, job.prompt_params(number), index, slot, reuse, scored)
                 if result is None:  # cancelled: the handler has been told
                     return
                 scored = result["prompt_logprobs"]
@@ -340,17 +357,30 @@ class EngineWorker:
                 job.emit("choice", result)
         job.emit("done", request_totals(results))
 
-    def _answer(self, job: Job, prompt: Prompt, index: int, slot: Slot, reuse: int, scored: list[dict] | None) -> dict | None:
-        """Choice `index` of `prompt`, generated on `slot` keeping `reuse` cached prompt tokens; its
-        text sent as it comes. With `job.prompt_logprobs`, choice 0 scores the prompt as it is
-        prefilled and the later ones are given its entries (`scored`). Its result, or None when the
-        job was cancelled meanwhile."""
+    def _check_prompts(self, job: Job) -> None:
+        """Refuse the job now for what any of its prompts would be refused at its own prefill (the
+        Session's checks: its context, the sampling settings), before "started": a later prompt's
+        refusal is then a stream's status, as without `stream`, not an error event after the answers
+        before it. (Its choices share its ids and settings: one check is theirs too.)"""
+        session = self.slots.slots[0].session  # the checks read no slot's cache with nothing to reuse
+        for number, prompt in enumerate(job.prompts):
+            try:
+                session.check_continuation(prompt.ids, 0, job.prompt_params(number))
+            except ContextOverflowError as e:  # named, as the handler's own checks name a prompt of a list
+                raise from_app_error(e, param=job.param(number)) from None
+
+    def _answer(self, job: Job, prompt: Prompt, params: SamplingParams, index: int, slot: Slot, reuse: int,
+                scored: list[dict] | None) -> dict | None:  # fmt: skip
+        """Choice `index` of `prompt` sampled with `params`, generated on `slot` keeping `reuse` cached
+        prompt tokens; its text sent as it comes. With `job.prompt_logprobs`, choice 0 scores the
+        prompt as it is prefilled and the later ones are given its entries (`scored`). Its result,
+        or None when the job was cancelled meanwhile."""
         session = slot.session
         session.activate_kv_cache()
         features, vision_s = self._features(prompt, reuse, job)
         if job.cancel.is_set():  # the client left while its pictures were encoded: no prefill for nobody
             raise ClientGone
-        session.check_continuation(prompt.ids, reuse, job.params)  # refused before "started": an HTTP status
+        session.check_continuation(prompt.ids, reuse, params)  # refused before "started": an HTTP status
         job.begin()  # before prefill: a long one must not hold back a stream's headers
         # from here the slot's cache is rewound to `reuse` (until then it still held its last conversation)
         self.slots.use(slot)
@@ -359,8 +389,8 @@ class EngineWorker:
         slot.keep_scores(reuse)  # a scored choice 0 keeps exactly the scores its `reuse` was chosen for
         stops = StopStrings(job.stops)
         halt = ChoiceHalt(job.cancel)
-        tokens = SentTokens(self.pieces) if job.params.logprobs is not None else None
-        params = replace(job.params, seed=choice_seed(job.params.seed, index))
+        tokens = SentTokens(self.pieces) if params.logprobs is not None else None
+        params = replace(params, seed=choice_seed(params.seed, index))
         scores = self._prompt_scores(job, slot, reuse) if job.prompt_logprobs is not None and scored is None else None
         echoed = not job.echo  # (prompt_logprobs comes with echo only)
         sent: list[str] = []

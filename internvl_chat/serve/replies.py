@@ -3,10 +3,11 @@ that left cancels it), and a stream that ends as every stream ends, cancelling i
 ends.
 
 A stream's status line waits for the engine's "started" event (`job_stream`): the job was taken
-from the queue and its pictures decoded (or found in the feature cache), and prefill is about to
-begin. What fails before that (a picture that does not decode, a context the engine refuses, the
-server shutting down while the job waited in the queue) is the HTTP status and error body the
-same request gets without `stream`; what fails after it is the stream's last event."""
+from the queue, every prompt of it checked and its pictures decoded (or found in the feature
+cache), and prefill is about to begin. What fails before that (a picture that does not decode, any
+prompt of the job the engine refuses, the server shutting down while the job waited in the queue)
+is the HTTP status and error body the same request gets without `stream`; what fails after it is
+the stream's last event."""
 
 from __future__ import annotations
 

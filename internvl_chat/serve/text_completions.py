@@ -190,11 +190,22 @@ def prompt_logprobs(req: CompletionRequest) -> int | None:
     return req.logprobs if req.echo else None
 
 
-def text_job(req: CompletionRequest, prompts: TextPrompts, params: SamplingParams, loop: asyncio.AbstractEventLoop) -> Job:
+def text_job(req: CompletionRequest, prompts: TextPrompts, params: SamplingParams, context: int,
+             loop: asyncio.AbstractEventLoop) -> Job:  # fmt: skip
     first, *more = prompts.prompts
     return Job(first, params, stop_strings(req), loop, cid=f"cmpl-{uuid.uuid4().hex}", choices=choices(req),
-               more_prompts=more, echo=req.echo, prompt_logprobs=prompt_logprobs(req),
-               discard_answer=req.max_tokens == 0, list_stop_token=True)  # fmt: skip
+               more_prompts=more, prompt_field="prompt", answer_limits=answer_limits(req, prompts, context),
+               echo=req.echo, prompt_logprobs=prompt_logprobs(req), discard_answer=req.max_tokens == 0,
+               list_stop_token=True)  # fmt: skip
+
+
+def answer_limits(req: CompletionRequest, prompts: TextPrompts, context: int) -> list[int] | None:
+    """Without max_tokens, each prompt's own: OpenAI's 16, fewer where that prompt leaves less room
+    (vLLM's, prompt by prompt). The request's settings hold the longest prompt's, which a short
+    prompt of the same list would otherwise be cut to."""
+    if req.max_tokens is not None or len(prompts.prompts) == 1:
+        return None
+    return [min(DEFAULT_MAX_TOKENS, context - len(p.ids)) for p in prompts.prompts]
 
 
 # ---- the legacy logprobs shape --------------------------------------------------------------
