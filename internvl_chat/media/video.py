@@ -177,8 +177,8 @@ def _open(path: Path, backend: str, header: VideoHeader, decord, stop: DecodeSto
     return source
 
 
-def _cost(backend: str, header: VideoHeader, source: FrameSource, indices: list[int]) -> DecodeCost:
-    return DecodeCost(source.plan(sorted(set(indices))), header.width, header.height, backend, source.from_start)
+def _cost(backend: str, source: FrameSource, indices: list[int]) -> DecodeCost:
+    return DecodeCost(source.plan(sorted(set(indices))), *source.size, backend, source.from_start)
 
 
 def _decode(
@@ -204,7 +204,7 @@ def _decode_once(
     held: Held | None = None  # what the stream really holds, where that was found out
     try:
         indices = frame_indices(total, source.fps, num_frames, start, end)
-        meter.check_plan(_cost(backend, header, source, indices))
+        meter.check_plan(_cost(backend, source, indices))
         tiles: dict[int, torch.Tensor] = {}
         try:
             _decode_tiles(source, indices, tiles, stop, meter, image_size)
@@ -223,7 +223,7 @@ def _decode_once(
             source = _open(path, backend, header, decord, stop, packets_alone)
             missing = sorted(set(indices) - set(tiles))
             if missing:
-                meter.check_plan(_cost(backend, header, source, missing))
+                meter.check_plan(_cost(backend, source, missing))
                 try:
                     _decode_tiles(source, missing, tiles, stop, meter, image_size)
                 except StreamEnded:
@@ -390,7 +390,7 @@ def _planned(path: Path, header: VideoHeader, num_frames: int, start: float | No
         source = _open(path, backend, header, decord, stop)
         try:
             indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
-            return _cost(backend, header, source, indices)
+            return _cost(backend, source, indices)
         finally:
             source.close()
 
