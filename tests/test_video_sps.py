@@ -5,14 +5,17 @@ planned and counted at the larger size, so the limit refuses it. Frames are coun
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from media_helpers import annex_b_units, encode_plain, nal_kind, write_inband_growing
 
+from internvl_chat.errors import MediaError
 from internvl_chat.media import video_sps
 from internvl_chat.media.video import BACKEND_ENV, decode_cost, load_video
 from internvl_chat.media.video_cost import DecodeOverBudget
 from internvl_chat.media.video_sps import SpsSize, UnknownSize, decoded_size, h264_sps_size, hevc_sps_size
-from internvl_chat.errors import MediaError
+from internvl_chat.media.video_worker import DecodeStopped
 
 QUIET_X265 = {"x265-params": "log-level=none"}
 
@@ -115,3 +118,13 @@ def test_a_stream_of_one_size_is_planned_at_its_header_size(tmp_path, monkeypatc
     assert decoded_size(path, (1, 1)) == (64, 48)
     cost = decode_cost(path, 8)
     assert (cost.backend, cost.width, cost.height) == ("decord", 64, 48)
+
+
+def test_the_walk_of_a_long_clip_stops_when_asked(tmp_path):
+    """Ctrl-C or a client gone (the decoding worker's stop) ends the walk within 1,024 samples."""
+    path = write_inband_growing(tmp_path / "long.mp4", small=1100, large=0)
+    stop = threading.Event()
+    assert decoded_size(path, (1, 1), stop) == (64, 48)
+    stop.set()
+    with pytest.raises(DecodeStopped):
+        decoded_size(path, (1, 1), stop)

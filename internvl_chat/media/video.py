@@ -168,7 +168,7 @@ class _Decoded:
 
 def _open(path: Path, backend: str, header: VideoHeader, decord, stop: DecodeStop, packets_alone: bool = True) -> FrameSource:
     if backend == "decord":
-        source: FrameSource = DecordSource(path, decord, header)
+        source: FrameSource = DecordSource(path, decord, header, stop)
     else:
         source = PyAVSource(path, header, stop, packets_alone)
     if source.num_total_frames < 1:

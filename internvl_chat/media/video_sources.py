@@ -180,7 +180,7 @@ def decord_is_exact(header: VideoHeader) -> bool:
 
 
 class DecordSource:
-    def __init__(self, path: Path, decord, header: VideoHeader) -> None:
+    def __init__(self, path: Path, decord, header: VideoHeader, stop: DecodeStop) -> None:
         self._path = path
         if header.unfilled:  # decord allocates for the 2^30 frames its placeholder count lists: the process aborts
             doing = f"read video {shown_path(path)}"
@@ -199,7 +199,7 @@ class DecordSource:
             raise DecordFailed(str(cannot_read(path, e)), f"read video {shown_path(path)}", decord_detail(e)) from None
         # decord's decoding is not seen frame by frame (it scales its output to the header's size):
         # counted at the largest size the stream's parameter sets declare, in-band ones included
-        self.size = _decoded_size(path, header)
+        self.size = _decoded_size(path, header, stop)
         self.from_start = False  # from the key frame before each wanted one
         applied = decord_rotation(header)
         self.orientation = compose(inverse(applied), header.orientation)
@@ -263,17 +263,19 @@ class DecordSource:
         self._reader = None
 
 
-def _decoded_size(path: Path, header: VideoHeader) -> tuple[int, int]:
+def _decoded_size(path: Path, header: VideoHeader, stop: DecodeStop) -> tuple[int, int]:
     """The size decord's decoding work is counted at: the header's, or a larger one an H.264 or
     HEVC stream declares in its samples (video_sps). Where that cannot be told, decord is not used
     (DecordFailed: PyAV decodes it, counting each frame at the size it has)."""
     if header.codec not in ("h264", "hevc"):
         return header.width, header.height  # their frame size is in the header or the frames decord shows
     try:
-        size = decoded_size(path, (header.width, header.height))
+        size = decoded_size(path, (header.width, header.height), stop)
     except UnknownSize as e:
         doing = f"tell the frame size of {shown_path(path)}"
         raise DecordFailed(f"cannot {doing} ({e.reason})", doing, e.reason) from None
+    except DecodeStopped:
+        raise
     except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
         raise DecordFailed(str(cannot_read(path, e)), f"read video {shown_path(path)}", error_reason(e)) from None
     check_frame_size(path, *size)

@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .video_header import SAMPLE_DESCRIPTIONS, decoder_configs, open_container, video_stream
+from .video_worker import DecodeStop, DecodeStopped
+
 H264_SPS, HEVC_SPS = 7, 33
 # Bounds on the walk: past them the stream is not taken as known (the caller decodes with PyAV,
 # which counts each frame at the size it decodes to)
@@ -202,8 +205,8 @@ class _Scan:
     """The SPS NAL units found in a stream's samples, each distinct one parsed once; the bounds
     on the walk (SCAN_SAMPLES, SCAN_UNITS, DISTINCT_SPS, NALS_PER_SAMPLE) kept."""
 
-    def __init__(self, codec: str, length: int) -> None:
-        self.codec, self.length = codec, length
+    def __init__(self, codec: str, length: int, stop: DecodeStop | None) -> None:
+        self.codec, self.length, self.stop = codec, length, stop
         self.sizes: dict[bytes, SpsSize] = {}
         self.samples = self.units = 0
 
@@ -213,6 +216,8 @@ class _Scan:
         self.samples += 1
         if self.samples > SCAN_SAMPLES:
             raise UnknownSize(f"over {SCAN_SAMPLES:,} samples")
+        if not self.samples % 1024 and self.stop is not None and self.stop.is_set():
+            raise DecodeStopped  # Ctrl-C, or the client gone: a long clip's walk takes a while
         length, codec = self.length, self.codec
         sps, head = (H264_SPS, 1) if codec == "h264" else (HEVC_SPS, 2)
         at, end = start, start + size
@@ -228,11 +233,11 @@ class _Scan:
             unit = int.from_bytes(field[:length], "big")
             kind = field[length] & 0x1F if codec == "h264" else (field[length] >> 1) & 0x3F
             if kind == sps:
-                self._add(read(at + length, min(unit, end - at - length, SPS_BYTES + 1)), unit)
+                self.add(read(at + length, min(unit, end - at - length, SPS_BYTES + 1)), unit)
             at += length + unit
         raise UnknownSize(f"a sample of over {NALS_PER_SAMPLE:,} NAL units")
 
-    def _add(self, nal: bytes, unit: int) -> None:
+    def add(self, nal: bytes, unit: int) -> None:
         if unit > SPS_BYTES:
             raise UnknownSize(f"an SPS of {unit:,} bytes")
         if len(nal) < unit or nal in self.sizes:
@@ -256,13 +261,12 @@ def largest_work(sizes: Iterable[SpsSize], at_least: tuple[int, int]) -> tuple[i
     return largest
 
 
-def decoded_size(path: Path, header_size: tuple[int, int]) -> tuple[int, int]:
+def decoded_size(path: Path, header_size: tuple[int, int], stop: DecodeStop | None = None) -> tuple[int, int]:
     """The largest frame size (work size, see SpsSize.work) an H.264 or HEVC stream's parameter
     sets declare, its header's and those in its samples, or `header_size` where none is larger.
     An MP4 or MOV's samples are read where FFmpeg's index places them (a few bytes per NAL unit);
-    other containers' are demuxed (no decoding). UnknownSize where it cannot tell."""
-    from .video_header import open_container, video_stream
-
+    other containers' are demuxed (no decoding). UnknownSize where it cannot tell; DecodeStopped
+    once `stop` is set."""
     with open_container(path) as container:
         stream = video_stream(container)
         codec = str(stream.codec_context.name or "") if stream is not None else ""
@@ -271,14 +275,30 @@ def decoded_size(path: Path, header_size: tuple[int, int]) -> tuple[int, int]:
         length, units = header_sps(codec, bytes(stream.codec_context.extradata or b""))
         if length is None:
             raise UnknownSize("its NAL units are not length-prefixed (no avcC or hvcC record)")
-        scan = _Scan(codec, length)
+        scan = _Scan(codec, length, stop)
         for unit in units:
-            scan._add(unit, len(unit))
+            scan.add(unit, len(unit))
         if "mov" in container.format.name.split(","):
+            _scan_descriptions(path, stream.index, scan)
+        if "mov" in container.format.name.split(",") and 0 < stream.frames == len(stream.index_entries):
             _scan_indexed(path, stream, scan)
-        else:
+        else:  # not an MP4, or one whose index lacks samples (fragments FFmpeg reads as it goes)
             _scan_demuxed(container, stream, scan)
     return largest_work(scan.sizes.values(), header_size)
+
+
+def _scan_descriptions(path: Path, track: int, scan: _Scan) -> None:
+    """The parameter sets of each of an MP4 track's sample descriptions (FFmpeg hands the decoder
+    another's as the samples switch to it)."""
+    configs = decoder_configs(path, track)
+    if configs is None:
+        raise UnknownSize(f"its sample descriptions cannot be read (damaged, or over {SAMPLE_DESCRIPTIONS})")
+    for config in configs:
+        length, units = header_sps(scan.codec, config)
+        if length != scan.length:
+            raise UnknownSize("its sample descriptions differ in the length of their NAL unit sizes")
+        for unit in units:
+            scan.add(unit, len(unit))
 
 
 def _scan_indexed(path: Path, stream, scan: _Scan) -> None:
