@@ -35,14 +35,17 @@ the caller is interrupted, so Ctrl-C is answered at once even while FFmpeg is bu
 
 Decoding work is counted in pixels of the frames the decoder produces (each at least 128×128),
 the sampled ones and those it passes through to reach them: `decode_cost` plans it from the
-header and the key frames before any decoding; `load_video(max_decode_pixels=…)` refuses a plan
-over the limit and stops a decode that goes past it, as a header may lie. `serve` sets a limit;
+header and the key frames before any decoding (decord's, whose output shows the header's size
+whatever the stream decodes at, at the largest size an H.264 or HEVC stream's parameter sets
+declare, in its samples too: video_sps); `load_video(max_decode_pixels=…)` refuses a plan over the
+limit and stops a decode that goes past it, as a header may lie. `serve` sets a limit;
 in the terminal app Ctrl-C is one.
 
 This module is the public API (and the choice of decoder); the parts have modules of their own:
 video_sampling (which frames), video_orientation (turns and mirrors), video_header (the header, read
-and checked), video_sources (decord and PyAV), video_cost (decoding work and its limit),
-video_worker (the Ctrl-C-safe worker).
+and checked), video_sources (decord and PyAV), video_cost (decoding work and its limit), video_sps
+(the size an H.264 or HEVC stream's parameter sets declare, in-band ones included: decord's decoding
+is counted at it), video_worker (the Ctrl-C-safe worker).
 """
 
 from __future__ import annotations
