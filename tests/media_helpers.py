@@ -454,3 +454,37 @@ def write_inband_growing(path: Path, small: int, large: int, side: int = 512, en
             packet.pts = packet.dts = number
             container.mux(packet)
     return path
+
+
+_STSD_PATH = (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd")
+
+
+def _box_chain(data: bytes | bytearray) -> list[int]:
+    """Where each box of _STSD_PATH starts, the first of its kind inside the one before."""
+    at, end, found = 0, len(data), []
+    for kind in _STSD_PATH:
+        while int.from_bytes(data[at + 4 : at + 8], "big") and data[at + 4 : at + 8] != kind:
+            at += int.from_bytes(data[at : at + 4], "big")
+            assert at < end, kind
+        found.append(at)
+        end, at = at + int.from_bytes(data[at : at + 4], "big"), at + 8
+    return found
+
+
+def with_second_description(path: Path, other: Path, copy: Path) -> Path:
+    """A copy of the MP4 `path` whose track lists the sample description of `other`'s (its avc1
+    box: another avcC) as a second one (no sample refers to it). The moov follows the frames, so
+    no chunk offset moves."""
+    data, donor = bytearray(path.read_bytes()), other.read_bytes()
+    assert data.index(b"mdat") < data.index(b"moov")
+    entry_at = _box_chain(donor)[-1] + 16  # after the stsd's header, version, flags and count
+    entry = donor[entry_at : entry_at + int.from_bytes(donor[entry_at : entry_at + 4], "big")]
+    chain = _box_chain(data)
+    stsd = chain[-1]
+    end = stsd + int.from_bytes(data[stsd : stsd + 4], "big")
+    data[stsd + 12 : stsd + 16] = (int.from_bytes(data[stsd + 12 : stsd + 16], "big") + 1).to_bytes(4, "big")
+    for at in chain:
+        data[at : at + 4] = (int.from_bytes(data[at : at + 4], "big") + len(entry)).to_bytes(4, "big")
+    data[end:end] = entry
+    copy.write_bytes(bytes(data))
+    return copy

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import threading
 
+import av
 import pytest
-from media_helpers import annex_b_units, encode_plain, nal_kind, write_inband_growing
+from media_helpers import annex_b_units, encode_plain, nal_kind, with_second_description, write_inband_growing
 
 from internvl_chat.errors import MediaError
 from internvl_chat.media import video_sps
@@ -128,3 +129,20 @@ def test_the_walk_of_a_long_clip_stops_when_asked(tmp_path):
     stop.set()
     with pytest.raises(DecodeStopped):
         decoded_size(path, (1, 1), stop)
+
+
+def test_the_sps_of_every_sample_description_count(tmp_path, monkeypatch):
+    """FFmpeg hands the decoder another sample description's parameter sets as the samples switch
+    to it: a second description of 512×512 frames makes the plan count 512×512."""
+    pytest.importorskip("decord")
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    small = write_inband_growing(tmp_path / "small.mp4", small=30, large=0)
+    with av.open(str(tmp_path / "large.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width = stream.height = 512
+        for packet in stream.encode(av.VideoFrame(512, 512, "yuv420p")) + stream.encode():
+            container.mux(packet)
+    path = with_second_description(small, tmp_path / "large.mp4", tmp_path / "two.mp4")
+    assert decode_cost(small, 8).width == 64
+    cost = decode_cost(path, 8)
+    assert (cost.backend, cost.width, cost.height) == ("decord", 512, 512)
