@@ -1,10 +1,12 @@
 """The frame size an H.264 or HEVC stream really decodes at, from its sequence parameter sets (SPS):
-those in its header (avcC, hvcC) and those carried in its samples (in-band, NAL type 7 or 33). A
-stream may declare a new, larger size at any sample; FFmpeg then decodes at that size while the
-container header still tells the first. decord shows none of it (it scales its output to the
-header's size), so the size its decoding work is counted at (video_sources.DecordSource) comes
-from here: every sample's NAL unit headers are walked (a few bytes each, never a whole sample)
-and each SPS is parsed for its coded size and cropping."""
+those of each sample description (avcC, hvcC) and those carried in its samples (in-band, NAL type 7
+or 33). A stream may declare a new, larger size at any sample; FFmpeg then decodes at that size
+while the container header still tells the first. decord shows none of it (it scales its output to
+the header's size), so the size its decoding work is counted at (video_sources.DecordSource) comes
+from here: every sample's NAL unit headers are walked (a few bytes each, never a whole sample: an
+MP4's where FFmpeg's index places them; other containers' demuxed, no decoding) and each distinct
+SPS is parsed for its coded size and cropping. The walk is bounded (below); past a bound the size
+is not known (UnknownSize) and decord is not used."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ NALS_PER_SAMPLE = 1024  # a frame's slices, parameter sets, SEI, …
 SCAN_UNITS = 4 * SCAN_SAMPLES  # frames of several slices each
 DISTINCT_SPS = 1024  # a stream repeats its few SPS (one per size or setting) at its key frames
 SPS_BYTES = 4096  # a real SPS is under 100 bytes (a few hundred with scaling lists and VUI)
-# H.264 profiles whose SPS carries chroma format, bit depths and scaling lists (FFmpeg's list)
+# H.264 profiles whose SPS carries chroma format, bit depths and scaling lists (H.264 7.3.2.1.1)
 _HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
 
 
