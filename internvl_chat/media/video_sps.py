@@ -325,5 +325,5 @@ def _scan_demuxed(container, stream, scan: _Scan) -> None:
     """Each packet, as demuxing (no decoding) gives them: MKV and WebM index only key frames."""
     for packet in container.demux(stream):
         if packet.size:
-            data = bytes(packet)
-            scan.sample(lambda at, count: data[at : at + count], 0, len(data))
+            data = memoryview(packet)  # not copied: a few bytes of each unit are read
+            scan.sample(lambda at, count: bytes(data[at : at + count]), 0, len(data))
