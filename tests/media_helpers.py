@@ -397,3 +397,94 @@ def write_trimmed_video(path: Path, num_frames: int, hidden: int, fps: int = 10)
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def encode_plain(codec: str, width: int, height: int, count: int, options: dict | None = None, pix_fmt: str = "yuv420p") -> list:
+    """`count` flat frames encoded alone (no container): H.264 and HEVC packets then carry their
+    parameter sets in-band, Annex B (start codes), before each key frame's slices."""
+    import av
+    from fractions import Fraction
+
+    encoder = av.CodecContext.create(codec, "w")
+    encoder.width, encoder.height, encoder.pix_fmt = width, height, pix_fmt
+    encoder.time_base, encoder.framerate, encoder.gop_size = Fraction(1, 30), 30, 12
+    encoder.options = options or {}
+    packets = []
+    for number in range(count):
+        frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 10 * number % 256, np.uint8), format="rgb24")
+        frame = frame.reformat(format=pix_fmt)
+        frame.pts = number
+        packets += encoder.encode(frame)
+    return packets + encoder.encode()
+
+
+ANNEX_B_SPS = {"libx264": (7, 1), "libx265": (33, 2)}  # encoder: (SPS NAL type, NAL header bytes)
+
+
+def annex_b_units(data: bytes) -> list[bytes]:
+    """The NAL units of an Annex B stream (each after a 00 00 01 start code), trailing zeros dropped."""
+    return [unit.rstrip(b"\x00") for unit in data.split(b"\x00\x00\x01")[1:] if unit.rstrip(b"\x00")]
+
+
+def nal_kind(encoder: str, unit: bytes) -> int:
+    return unit[0] & 0x1F if encoder == "libx264" else (unit[0] >> 1) & 0x3F
+
+
+QUIET = {"libx264": {"bframes": "0"}, "libx265": {"x265-params": "log-level=none:bframes=0"}}
+
+
+def write_inband_growing(path: Path, small: int, large: int, side: int = 512, encoder: str = "libx264") -> Path:
+    """An MP4 (or MKV, by its name) whose header (avcC or hvcC, tkhd) tells of 64×48 frames: `small`
+    of them, then `large` of side×side in the same stream, whose first key frame carries its new
+    SPS in-band (FFmpeg decodes on at the new size; decord scales its frames to the header's)."""
+    import av
+    from fractions import Fraction
+
+    first = encode_plain(encoder, 64, 48, small, QUIET[encoder])
+    packets = first + encode_plain(encoder, side, side, large, QUIET[encoder])
+    data = bytes(first[0])
+    slice_at = min(data.index(b"\x00\x00\x01" + unit) for unit in annex_b_units(data)
+                   if nal_kind(encoder, unit) not in (6, 7, 8, 32, 33, 34, 35, 39))  # fmt: skip
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("h264" if encoder == "libx264" else "hevc", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.extradata = data[:slice_at].rstrip(b"\x00")  # the muxer makes avcC/hvcC of them
+        for number, packet in enumerate(packets):
+            packet.stream, packet.time_base = stream, Fraction(1, 30)
+            packet.pts = packet.dts = number
+            container.mux(packet)
+    return path
+
+
+_STSD_PATH = (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stsd")
+
+
+def _box_chain(data: bytes | bytearray) -> list[int]:
+    """Where each box of _STSD_PATH starts, the first of its kind inside the one before."""
+    at, end, found = 0, len(data), []
+    for kind in _STSD_PATH:
+        while int.from_bytes(data[at + 4 : at + 8], "big") and data[at + 4 : at + 8] != kind:
+            at += int.from_bytes(data[at : at + 4], "big")
+            assert at < end, kind
+        found.append(at)
+        end, at = at + int.from_bytes(data[at : at + 4], "big"), at + 8
+    return found
+
+
+def with_second_description(path: Path, other: Path, copy: Path) -> Path:
+    """A copy of the MP4 `path` whose track lists the sample description of `other`'s (its avc1
+    box: another avcC) as a second one (no sample refers to it). The moov follows the frames, so
+    no chunk offset moves."""
+    data, donor = bytearray(path.read_bytes()), other.read_bytes()
+    assert data.index(b"mdat") < data.index(b"moov")
+    entry_at = _box_chain(donor)[-1] + 16  # after the stsd's header, version, flags and count
+    entry = donor[entry_at : entry_at + int.from_bytes(donor[entry_at : entry_at + 4], "big")]
+    chain = _box_chain(data)
+    stsd = chain[-1]
+    end = stsd + int.from_bytes(data[stsd : stsd + 4], "big")
+    data[stsd + 12 : stsd + 16] = (int.from_bytes(data[stsd + 12 : stsd + 16], "big") + 1).to_bytes(4, "big")
+    for at in chain:
+        data[at : at + 4] = (int.from_bytes(data[at : at + 4], "big") + len(entry)).to_bytes(4, "big")
+    data[end:end] = entry
+    copy.write_bytes(bytes(data))
+    return copy

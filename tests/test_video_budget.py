@@ -174,7 +174,7 @@ def test_what_decord_decoded_before_it_failed_counts_against_the_limit(clips, mo
     assert decord_cost.backend == "decord"
 
     def fail_after_the_plan(self, wanted, stop, meter):
-        meter.charge(self.plan(wanted), *self._size)  # as if it had decoded them all
+        meter.charge(self.plan(wanted), *self.size)  # as if it had decoded them all
         raise video_sources.DecordFailed("decord gave up")
         yield  # a generator, as the real one
 

@@ -35,14 +35,17 @@ the caller is interrupted, so Ctrl-C is answered at once even while FFmpeg is bu
 
 Decoding work is counted in pixels of the frames the decoder produces (each at least 128×128),
 the sampled ones and those it passes through to reach them: `decode_cost` plans it from the
-header and the key frames before any decoding; `load_video(max_decode_pixels=…)` refuses a plan
-over the limit and stops a decode that goes past it, as a header may lie. `serve` sets a limit;
+header and the key frames before any decoding (decord's, whose output shows the header's size
+whatever the stream decodes at, at the largest size an H.264 or HEVC stream's parameter sets
+declare, in its samples too: video_sps); `load_video(max_decode_pixels=…)` refuses a plan over the
+limit and stops a decode that goes past it, as a header may lie. `serve` sets a limit;
 in the terminal app Ctrl-C is one.
 
 This module is the public API (and the choice of decoder); the parts have modules of their own:
 video_sampling (which frames), video_orientation (turns and mirrors), video_header (the header, read
-and checked), video_sources (decord and PyAV), video_cost (decoding work and its limit),
-video_worker (the Ctrl-C-safe worker).
+and checked), video_sources (decord and PyAV), video_cost (decoding work and its limit), video_sps
+(the size an H.264 or HEVC stream's parameter sets declare, in-band ones included: decord's decoding
+is counted at it), video_worker (the Ctrl-C-safe worker).
 """
 
 from __future__ import annotations
@@ -168,7 +171,7 @@ class _Decoded:
 
 def _open(path: Path, backend: str, header: VideoHeader, decord, stop: DecodeStop, packets_alone: bool = True) -> FrameSource:
     if backend == "decord":
-        source: FrameSource = DecordSource(path, decord, header)
+        source: FrameSource = DecordSource(path, decord, header, stop)
     else:
         source = PyAVSource(path, header, stop, packets_alone)
     if source.num_total_frames < 1:
@@ -177,8 +180,8 @@ def _open(path: Path, backend: str, header: VideoHeader, decord, stop: DecodeSto
     return source
 
 
-def _cost(backend: str, header: VideoHeader, source: FrameSource, indices: list[int]) -> DecodeCost:
-    return DecodeCost(source.plan(sorted(set(indices))), header.width, header.height, backend, source.from_start)
+def _cost(backend: str, source: FrameSource, indices: list[int]) -> DecodeCost:
+    return DecodeCost(source.plan(sorted(set(indices))), *source.size, backend, source.from_start)
 
 
 def _decode(
@@ -204,7 +207,7 @@ def _decode_once(
     held: Held | None = None  # what the stream really holds, where that was found out
     try:
         indices = frame_indices(total, source.fps, num_frames, start, end)
-        meter.check_plan(_cost(backend, header, source, indices))
+        meter.check_plan(_cost(backend, source, indices))
         tiles: dict[int, torch.Tensor] = {}
         try:
             _decode_tiles(source, indices, tiles, stop, meter, image_size)
@@ -223,7 +226,7 @@ def _decode_once(
             source = _open(path, backend, header, decord, stop, packets_alone)
             missing = sorted(set(indices) - set(tiles))
             if missing:
-                meter.check_plan(_cost(backend, header, source, missing))
+                meter.check_plan(_cost(backend, source, missing))
                 try:
                     _decode_tiles(source, missing, tiles, stop, meter, image_size)
                 except StreamEnded:
@@ -390,7 +393,7 @@ def _planned(path: Path, header: VideoHeader, num_frames: int, start: float | No
         source = _open(path, backend, header, decord, stop)
         try:
             indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
-            return _cost(backend, header, source, indices)
+            return _cost(backend, source, indices)
         finally:
             source.close()
 

@@ -872,6 +872,36 @@ def _shown_before_the_cut(path: Path, track: int, whole: int, samples: int) -> i
 def _sample_times(path: Path, track: int) -> tuple[np.ndarray, np.ndarray | None] | None:
     """The stts and ctts tables ((count, value) rows, int64) of the moov's `track`-th trak (FFmpeg
     makes a stream of each trak, in order); ctts None where it has none; None where not found."""
+    found = _sample_tables(path, track, (b"stts", b"ctts"))
+    if found is None or b"stts" not in found:
+        return None
+    return _rows(found[b"stts"]), _rows(found[b"ctts"]) if b"ctts" in found else None
+
+
+# Sample descriptions of a track read at most (a real track has one, a spliced recording a few)
+SAMPLE_DESCRIPTIONS = 256
+
+
+def decoder_configs(path: Path, track: int) -> list[bytes] | None:
+    """The decoder configuration records (avcC, hvcC: an H.264 or HEVC stream's parameter sets) of
+    each sample description (stsd entry) of an MP4's (or MOV's) `track`-th trak: a track may switch
+    between several, FFmpeg giving the decoder each one's as its samples come. None where they
+    are not found, or more than SAMPLE_DESCRIPTIONS."""
+    found = _sample_tables(path, track, (b"stsd",))
+    if found is None or b"stsd" not in found:
+        return None
+    stsd, configs = found[b"stsd"], []  # version and flags, an entry count, then the entries (boxes)
+    for number, (_, start, end) in enumerate(_mp4_boxes(stsd, 8, len(stsd))):
+        if number >= SAMPLE_DESCRIPTIONS:
+            return None
+        entry = stsd[start:end]  # a visual entry's 78 bytes of fields, then its boxes
+        configs += [bytes(entry[a:b]) for kind, a, b in _mp4_boxes(entry, 78, len(entry)) if kind in (b"avcC", b"hvcC")]
+    return configs
+
+
+def _sample_tables(path: Path, track: int, kinds: tuple[bytes, ...]) -> dict[bytes, memoryview] | None:
+    """The boxes of these kinds in the sample table (stbl) of the moov's `track`-th trak, each
+    payload; None where there is no such trak."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -891,10 +921,7 @@ def _sample_times(path: Path, track: int) -> tuple[np.ndarray, np.ndarray | None
         box = next(((start, end) for kind, start, end in _mp4_boxes(data, *box) if kind == name), None)
         if box is None:
             return None
-    found = {kind: data[start:end] for kind, start, end in _mp4_boxes(data, *box) if kind in (b"stts", b"ctts")}
-    if b"stts" not in found:
-        return None
-    return _rows(found[b"stts"]), _rows(found[b"ctts"]) if b"ctts" in found else None
+    return {kind: data[start:end] for kind, start, end in _mp4_boxes(data, *box) if kind in kinds}
 
 
 def _rows(table: memoryview) -> np.ndarray:

@@ -36,6 +36,7 @@ from .video_header import (
     video_stream,
 )
 from .video_orientation import CLOCKWISE, Orientation, compose, inverse, swaps_sides
+from .video_sps import UnknownSize, decoded_size
 from .video_worker import DecodeStop, DecodeStopped
 
 # FFmpeg's frame threading keeps one frame in flight per thread: cap their memory for huge frames.
@@ -48,6 +49,7 @@ class FrameSource(Protocol):
     num_total_frames: int
     fps: float
     orientation: Orientation  # what is still to be applied to the frames it yields
+    size: tuple[int, int]  # (width, height) its decoding work is planned at
     from_start: bool  # decodes every frame up to the last one wanted
 
     def plan(self, wanted: list[int]) -> int:
@@ -178,7 +180,7 @@ def decord_is_exact(header: VideoHeader) -> bool:
 
 
 class DecordSource:
-    def __init__(self, path: Path, decord, header: VideoHeader) -> None:
+    def __init__(self, path: Path, decord, header: VideoHeader, stop: DecodeStop) -> None:
         self._path = path
         if header.unfilled:  # decord allocates for the 2^30 frames its placeholder count lists: the process aborts
             doing = f"read video {shown_path(path)}"
@@ -195,7 +197,9 @@ class DecordSource:
             raise
         except Exception as e:  # noqa: BLE001 - decord raises DECORDError / RuntimeError for bad files
             raise DecordFailed(str(cannot_read(path, e)), f"read video {shown_path(path)}", decord_detail(e)) from None
-        self._size = (header.width, header.height)  # decord's decoding is not seen frame by frame: the header's size
+        # decord's decoding is not seen frame by frame (it scales its output to the header's size):
+        # counted at the largest size the stream's parameter sets declare, in-band ones included
+        self.size = _decoded_size(path, header, stop)
         self.from_start = False  # from the key frame before each wanted one
         applied = decord_rotation(header)
         self.orientation = compose(inverse(applied), header.orientation)
@@ -211,7 +215,7 @@ class DecordSource:
         for number, work in zip(wanted, decord_work(wanted, self._keys, self.num_total_frames)):
             if stop.is_set():
                 raise DecodeStopped
-            meter.charge(work, *self._size)  # as planned
+            meter.charge(work, *self.size)  # as planned
             try:
                 # one frame per call (as get_batch does inside), so Ctrl-C and memory wait for one frame
                 self._reader.seek_accurate(number)
@@ -259,6 +263,25 @@ class DecordSource:
         self._reader = None
 
 
+def _decoded_size(path: Path, header: VideoHeader, stop: DecodeStop) -> tuple[int, int]:
+    """The size decord's decoding work is counted at: the header's, or a larger one an H.264 or
+    HEVC stream declares in its samples (video_sps). Where that cannot be told, decord is not used
+    (DecordFailed: PyAV decodes it, counting each frame at the size it has)."""
+    if header.codec not in ("h264", "hevc"):
+        return header.width, header.height  # their frame size is in the header or the frames decord shows
+    try:
+        size = decoded_size(path, (header.width, header.height), stop)
+    except UnknownSize as e:
+        doing = f"tell the frame size of {shown_path(path)}"
+        raise DecordFailed(f"cannot {doing} ({e.reason})", doing, e.reason) from None
+    except DecodeStopped:
+        raise
+    except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …
+        raise DecordFailed(str(cannot_read(path, e)), f"read video {shown_path(path)}", error_reason(e)) from None
+    check_frame_size(path, *size)
+    return size
+
+
 class NotOnePerPacket(Exception):
     """A packet of an intra-only stream decoded to no picture or several (MJPEG fields in packets of
     their own, damage): packet n is not frame n there, so the stream is decoded from the start."""
@@ -268,6 +291,7 @@ class PyAVSource:
     def __init__(self, path: Path, header: VideoHeader, stop: DecodeStop, packets_alone: bool = True) -> None:
         self._path = path
         self.orientation = header.orientation
+        self.size = (header.width, header.height)  # each frame is counted at its own as it is decoded
         try:
             self._container = open_container(path)
         except Exception as e:  # noqa: BLE001 - av raises FFmpegError subclasses, OSError, …

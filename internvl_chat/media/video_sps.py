@@ -1,0 +1,329 @@
+"""The frame size an H.264 or HEVC stream really decodes at, from its sequence parameter sets (SPS):
+those of each sample description (avcC, hvcC) and those carried in its samples (in-band, NAL type 7
+or 33). A stream may declare a new, larger size at any sample; FFmpeg then decodes at that size
+while the container header still tells the first. decord shows none of it (it scales its output to
+the header's size), so the size its decoding work is counted at (video_sources.DecordSource) comes
+from here: every sample's NAL unit headers are walked (a few bytes each, never a whole sample: an
+MP4's where FFmpeg's index places them; other containers' demuxed, no decoding) and each distinct
+SPS is parsed for its coded size and cropping. The walk is bounded (below); past a bound the size
+is not known (UnknownSize) and decord is not used."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .video_header import SAMPLE_DESCRIPTIONS, decoder_configs, open_container, video_stream
+from .video_worker import DecodeStop, DecodeStopped
+
+H264_SPS, HEVC_SPS = 7, 33
+# Bounds on the walk: past them the stream is not taken as known (the caller decodes with PyAV,
+# which counts each frame at the size it decodes to)
+SCAN_SAMPLES = 1 << 20  # 9.7 hours at 30 fps
+NALS_PER_SAMPLE = 1024  # a frame's slices, parameter sets, SEI, …
+SCAN_UNITS = 4 * SCAN_SAMPLES  # frames of several slices each
+DISTINCT_SPS = 1024  # a stream repeats its few SPS (one per size or setting) at its key frames
+SPS_BYTES = 4096  # a real SPS is under 100 bytes (a few hundred with scaling lists and VUI)
+# H.264 profiles whose SPS carries chroma format, bit depths and scaling lists (H.264 7.3.2.1.1)
+_HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
+
+
+class UnknownSize(Exception):
+    """The stream's frame size cannot be told from its parameter sets (an SPS that does not parse,
+    samples past the bounds, NAL units not length-prefixed): `reason` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SpsSize:
+    """An SPS's frame size: `coded` (what is decoded: whole macroblocks or coding blocks) and
+    `shown` (after its cropping)."""
+
+    coded: tuple[int, int]
+    shown: tuple[int, int]
+    slack: int  # the cropping alignment alone needs, at most, per side (pixels)
+
+    @property
+    def work(self) -> tuple[int, int]:
+        """The size the decoding work is counted at: the shown one, unless the cropping hides more
+        than alignment to whole blocks needs (a huge coded frame cropped to a small one)."""
+        (cw, ch), (sw, sh) = self.coded, self.shown
+        return self.coded if cw - sw >= self.slack or ch - sh >= self.slack else self.shown
+
+
+class _Bits:
+    """Big-endian bits of an RBSP (emulation prevention bytes removed), with exp-Golomb codes."""
+
+    def __init__(self, data: bytes) -> None:
+        self._value, self._left = int.from_bytes(data, "big"), 8 * len(data)
+
+    def u(self, count: int) -> int:
+        if count > self._left:
+            raise UnknownSize("an SPS ends early")
+        self._left -= count
+        return (self._value >> self._left) & ((1 << count) - 1)
+
+    def ue(self) -> int:
+        zeros = 0
+        while not self.u(1):
+            zeros += 1
+            if zeros > 31:
+                raise UnknownSize("an SPS holds an invalid number")
+        return (1 << zeros) - 1 + self.u(zeros)
+
+    def se(self) -> int:
+        code = self.ue()
+        return (code + 1) // 2 if code & 1 else -(code // 2)
+
+
+def rbsp(nal: bytes) -> bytes:
+    """A NAL unit's payload without its emulation prevention bytes (00 00 03 → 00 00)."""
+    return nal.replace(b"\x00\x00\x03", b"\x00\x00")
+
+
+def h264_sps_size(nal: bytes) -> SpsSize:
+    """The frame size an H.264 SPS NAL unit (its header byte first) declares (H.264 7.3.2.1.1)."""
+    bits = _Bits(rbsp(nal[1:]))
+    profile = bits.u(8)
+    bits.u(16)  # constraint flags, level
+    bits.ue()  # seq_parameter_set_id
+    chroma, separate = 1, 0
+    if profile in _HIGH_PROFILES:
+        chroma = bits.ue()
+        if chroma > 3:
+            raise UnknownSize("an SPS declares an invalid chroma format")
+        if chroma == 3:
+            separate = bits.u(1)
+        bits.ue(), bits.ue(), bits.u(1)  # bit depths, qpprime_y_zero_transform_bypass
+        if bits.u(1):  # seq_scaling_matrix_present
+            for number in range(8 if chroma != 3 else 12):
+                if bits.u(1):
+                    _skip_scaling_list(bits, 16 if number < 6 else 64)
+    bits.ue()  # log2_max_frame_num_minus4
+    order = bits.ue()  # pic_order_cnt_type
+    if order == 0:
+        bits.ue()
+    elif order == 1:
+        bits.u(1), bits.se(), bits.se()
+        cycle = bits.ue()
+        if cycle > 255:
+            raise UnknownSize("an SPS declares an invalid picture order cycle")
+        for _ in range(cycle):
+            bits.se()
+    bits.ue(), bits.u(1)  # max_num_ref_frames, gaps_in_frame_num_allowed
+    width, height = (bits.ue() + 1) * 16, bits.ue() + 1
+    frames_only = bits.u(1)
+    height *= 16 * (2 - frames_only)
+    if not frames_only:
+        bits.u(1)  # mb_adaptive_frame_field
+    bits.u(1)  # direct_8x8_inference
+    crop = (bits.ue(), bits.ue(), bits.ue(), bits.ue()) if bits.u(1) else (0, 0, 0, 0)
+    chroma_type = 0 if separate else chroma
+    unit_x = 2 if chroma_type in (1, 2) else 1
+    unit_y = (2 if chroma_type == 1 else 1) * (2 - frames_only)
+    return _cropped((width, height), crop, unit_x, unit_y, slack=16 * (2 - frames_only))
+
+
+def _skip_scaling_list(bits: _Bits, size: int) -> None:
+    last = following = 8
+    for _ in range(size):
+        if following:
+            following = (last + bits.se() + 256) % 256
+        last = following or last
+
+
+def hevc_sps_size(nal: bytes) -> SpsSize:
+    """The frame size an HEVC SPS NAL unit (its two header bytes first) declares (H.265 7.3.2.2)."""
+    bits = _Bits(rbsp(nal[2:]))
+    bits.u(4)  # sps_video_parameter_set_id
+    sub_layers = bits.u(3)  # sps_max_sub_layers_minus1
+    bits.u(1)
+    bits.u(32), bits.u(32), bits.u(32)  # general profile (88 bits) and level (8)
+    present = [(bits.u(1), bits.u(1)) for _ in range(sub_layers)]
+    if sub_layers:
+        bits.u(2 * (8 - sub_layers))  # reserved
+    for profile, level in present:
+        bits.u(88 if profile else 0), bits.u(8 if level else 0)
+    bits.ue()  # sps_seq_parameter_set_id
+    chroma = bits.ue()
+    if chroma > 3:
+        raise UnknownSize("an SPS declares an invalid chroma format")
+    if chroma == 3 and bits.u(1):  # separate_colour_plane
+        chroma = 0
+    width, height = bits.ue(), bits.ue()
+    crop = (bits.ue(), bits.ue(), bits.ue(), bits.ue()) if bits.u(1) else (0, 0, 0, 0)
+    unit_x = 2 if chroma in (1, 2) else 1
+    unit_y = 2 if chroma == 1 else 1
+    return _cropped((width, height), crop, unit_x, unit_y, slack=64)  # coding tree blocks are up to 64 pixels
+
+
+def _cropped(coded: tuple[int, int], crop: tuple[int, int, int, int], unit_x: int, unit_y: int, slack: int) -> SpsSize:
+    left, right, top, bottom = crop
+    width, height = coded[0] - unit_x * (left + right), coded[1] - unit_y * (top + bottom)
+    if width <= 0 or height <= 0:
+        shown = coded  # FFmpeg ignores a cropping that leaves nothing
+    else:
+        shown = (width, height)
+    return SpsSize(coded, shown, slack)
+
+
+# ---------------------------------------------------------------- the stream's parameter sets
+
+def header_sps(codec: str, extradata: bytes) -> tuple[int | None, list[bytes]]:
+    """(the length of each NAL unit's size field in the samples, or None where they are not
+    length-prefixed; the SPS NAL units) of an avcC or hvcC record (a stream's extradata)."""
+    data = extradata or b""
+    if not data or data[0] != 1:
+        return None, []  # Annex B parameter sets (start codes), or none
+    try:
+        if codec == "h264":
+            length = (data[4] & 3) + 1
+            units, at = [], 6
+            for _ in range(data[5] & 0x1F):
+                size = int.from_bytes(data[at : at + 2], "big")
+                units.append(data[at + 2 : at + 2 + size])
+                at += 2 + size
+            return length, units
+        length, units, at = (data[21] & 3) + 1, [], 23
+        for _ in range(data[22]):
+            kind, count = data[at] & 0x3F, int.from_bytes(data[at + 1 : at + 3], "big")
+            at += 3
+            for _ in range(count):
+                size = int.from_bytes(data[at : at + 2], "big")
+                if kind == HEVC_SPS:
+                    units.append(data[at + 2 : at + 2 + size])
+                at += 2 + size
+        return length, units
+    except IndexError:
+        return None, []
+
+
+class _Scan:
+    """The SPS NAL units found in a stream's samples, each distinct one parsed once; the bounds
+    on the walk (SCAN_SAMPLES, SCAN_UNITS, DISTINCT_SPS, NALS_PER_SAMPLE) kept."""
+
+    def __init__(self, codec: str, length: int, stop: DecodeStop | None) -> None:
+        self.codec, self.length, self.stop = codec, length, stop
+        self.sizes: dict[bytes, SpsSize] = {}
+        self.samples = self.units = 0
+
+    def sample(self, read: Callable[[int, int], bytes], start: int, size: int) -> None:
+        """Walk the NAL units of the sample of `size` bytes at `start` (each after a `length`-byte
+        size); `read(at, count)` reads bytes. Only each unit's first bytes are read, and an SPS's."""
+        self.samples += 1
+        if self.samples > SCAN_SAMPLES:
+            raise UnknownSize(f"over {SCAN_SAMPLES:,} samples")
+        if not self.samples % 1024 and self.stop is not None and self.stop.is_set():
+            raise DecodeStopped  # Ctrl-C, or the client gone: a long clip's walk takes a while
+        length, codec = self.length, self.codec
+        sps, head = (H264_SPS, 1) if codec == "h264" else (HEVC_SPS, 2)
+        at, end = start, start + size
+        for _ in range(NALS_PER_SAMPLE):
+            if at + length + head > end:
+                return  # the end, or bytes too few for a unit (the decoder skips them)
+            self.units += 1
+            if self.units > SCAN_UNITS:
+                raise UnknownSize(f"over {SCAN_UNITS:,} NAL units")
+            field = read(at, length + head)
+            if len(field) < length + head:
+                return  # the file ends inside the sample (cut short): its decoding ends there too
+            unit = int.from_bytes(field[:length], "big")
+            kind = field[length] & 0x1F if codec == "h264" else (field[length] >> 1) & 0x3F
+            if kind == sps:
+                self.add(read(at + length, min(unit, end - at - length, SPS_BYTES + 1)), unit)
+            at += length + unit
+        raise UnknownSize(f"a sample of over {NALS_PER_SAMPLE:,} NAL units")
+
+    def add(self, nal: bytes, unit: int) -> None:
+        if unit > SPS_BYTES:
+            raise UnknownSize(f"an SPS of {unit:,} bytes")
+        if len(nal) < unit or nal in self.sizes:
+            return  # cut off by the end of the sample or file (no decoder reads it), or known
+        if len(self.sizes) >= DISTINCT_SPS:
+            raise UnknownSize(f"over {DISTINCT_SPS:,} different SPS")
+        self.sizes[nal] = sps_size(self.codec, nal)
+
+
+def sps_size(codec: str, nal: bytes) -> SpsSize:
+    return h264_sps_size(nal) if codec == "h264" else hevc_sps_size(nal)
+
+
+def largest_work(sizes: Iterable[SpsSize], at_least: tuple[int, int]) -> tuple[int, int]:
+    """The largest of the work sizes (by pixels), and `at_least`'s (the header's) where none is larger."""
+    largest = at_least
+    for size in sizes:
+        work = size.work
+        if work[0] * work[1] > largest[0] * largest[1]:
+            largest = work
+    return largest
+
+
+def decoded_size(path: Path, header_size: tuple[int, int], stop: DecodeStop | None = None) -> tuple[int, int]:
+    """The largest frame size (work size, see SpsSize.work) an H.264 or HEVC stream's parameter
+    sets declare, its header's and those in its samples, or `header_size` where none is larger.
+    An MP4 or MOV's samples are read where FFmpeg's index places them (a few bytes per NAL unit);
+    other containers' are demuxed (no decoding). UnknownSize where it cannot tell; DecodeStopped
+    once `stop` is set."""
+    with open_container(path) as container:
+        stream = video_stream(container)
+        codec = str(stream.codec_context.name or "") if stream is not None else ""
+        if codec not in ("h264", "hevc"):
+            return header_size
+        length, units = header_sps(codec, bytes(stream.codec_context.extradata or b""))
+        if length is None:
+            raise UnknownSize("its NAL units are not length-prefixed (no avcC or hvcC record)")
+        scan = _Scan(codec, length, stop)
+        for unit in units:
+            scan.add(unit, len(unit))
+        if "mov" in container.format.name.split(","):
+            _scan_descriptions(path, stream.index, scan)
+        if "mov" in container.format.name.split(",") and 0 < stream.frames == len(stream.index_entries):
+            _scan_indexed(path, stream, scan)
+        else:  # not an MP4, or one whose index lacks samples (fragments FFmpeg reads as it goes)
+            _scan_demuxed(container, stream, scan)
+    return largest_work(scan.sizes.values(), header_size)
+
+
+def _scan_descriptions(path: Path, track: int, scan: _Scan) -> None:
+    """The parameter sets of each of an MP4 track's sample descriptions (FFmpeg hands the decoder
+    another's as the samples switch to it)."""
+    configs = decoder_configs(path, track)
+    if configs is None:
+        raise UnknownSize(f"its sample descriptions cannot be read (damaged, or over {SAMPLE_DESCRIPTIONS})")
+    for config in configs:
+        length, units = header_sps(scan.codec, config)
+        if length != scan.length:
+            raise UnknownSize("its sample descriptions differ in the length of their NAL unit sizes")
+        for unit in units:
+            scan.add(unit, len(unit))
+
+
+def _scan_indexed(path: Path, stream, scan: _Scan) -> None:
+    """Each sample, where FFmpeg's index of the MP4's sample tables places it."""
+    entries = stream.index_entries
+    if len(entries) > SCAN_SAMPLES:
+        raise UnknownSize(f"over {SCAN_SAMPLES:,} samples")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def read(at: int, count: int) -> bytes:
+            return os.pread(fd, count, at)
+
+        for number in range(len(entries)):
+            entry = entries[number]
+            if entry.pos >= 0 and entry.size > 0:
+                scan.sample(read, entry.pos, entry.size)
+    finally:
+        os.close(fd)
+
+
+def _scan_demuxed(container, stream, scan: _Scan) -> None:
+    """Each packet, as demuxing (no decoding) gives them: MKV and WebM index only key frames."""
+    for packet in container.demux(stream):
+        if packet.size:
+            data = memoryview(packet)  # not copied: a few bytes of each unit are read
+            scan.sample(lambda at, count: bytes(data[at : at + count]), 0, len(data))

@@ -1,0 +1,148 @@
+"""The frame size an H.264 or HEVC stream declares in its parameter sets (video_sps): SPS parsed
+from real encodes, and a stream whose header tells of small frames but whose samples carry a new,
+larger SPS, which decord decodes at that size (showing frames of the header's): its decoding is
+planned and counted at the larger size, so the limit refuses it. Frames are counted; no timings."""
+
+from __future__ import annotations
+
+import threading
+
+import av
+import pytest
+from media_helpers import annex_b_units, encode_plain, nal_kind, with_second_description, write_inband_growing
+
+from internvl_chat.errors import MediaError
+from internvl_chat.media import video_sps
+from internvl_chat.media.video import BACKEND_ENV, decode_cost, load_video
+from internvl_chat.media.video_cost import DecodeOverBudget
+from internvl_chat.media.video_sps import SpsSize, UnknownSize, decoded_size, h264_sps_size, hevc_sps_size
+from internvl_chat.media.video_worker import DecodeStopped
+
+QUIET_X265 = {"x265-params": "log-level=none"}
+
+
+def first_sps(encoder: str, width: int, height: int, options: dict | None = None, pix_fmt: str = "yuv420p") -> bytes:
+    data = b"".join(bytes(packet) for packet in encode_plain(encoder, width, height, 1, options, pix_fmt))
+    sps = 7 if encoder == "libx264" else 33
+    return next(unit for unit in annex_b_units(data) if nal_kind(encoder, unit) == sps)
+
+
+@pytest.mark.parametrize(("width", "height", "options", "pix_fmt", "profile", "coded"), [
+    (64, 48, {"profile": "baseline"}, "yuv420p", 66, (64, 48)),
+    (100, 50, {"profile": "main"}, "yuv420p", 77, (112, 64)),  # cropped from whole macroblocks
+    (1920, 1080, {"preset": "ultrafast"}, "yuv420p", 66, (1920, 1088)),  # cropped 8 rows
+    (98, 62, {}, "yuv420p", 100, (112, 64)),  # High
+    (98, 62, {"x264-params": "cqm=jvt"}, "yuv420p", 100, (112, 64)),  # High with scaling lists in its SPS
+    (98, 62, {}, "yuv422p", 122, (112, 64)),  # High 4:2:2: cropped in chroma units of 2×1
+    (98, 62, {"x264-params": "cqm=jvt"}, "yuv444p", 244, (112, 64)),  # High 4:4:4: 12 scaling lists, units of 1×1
+])  # fmt: skip
+def test_h264_sps_of_real_encodes_give_their_size(width, height, options, pix_fmt, profile, coded):
+    sps = first_sps("libx264", width, height, options, pix_fmt)
+    assert sps[1] == profile
+    size = h264_sps_size(sps)
+    assert (size.shown, size.coded, size.work) == ((width, height), coded, (width, height))
+
+
+@pytest.mark.parametrize(("width", "height", "pix_fmt", "coded"), [
+    (64, 48, "yuv420p", (64, 48)), (98, 62, "yuv420p", (104, 64)), (98, 62, "yuv444p", (104, 64)),
+    (1280, 720, "yuv420p", (1280, 720)),
+])  # fmt: skip
+def test_hevc_sps_of_real_encodes_give_their_size(width, height, pix_fmt, coded):
+    size = hevc_sps_size(first_sps("libx265", width, height, QUIET_X265, pix_fmt))
+    assert (size.shown, size.coded, size.work) == ((width, height), coded, (width, height))
+
+
+def test_a_cropping_that_hides_more_than_block_alignment_counts_the_coded_size():
+    """Decoding works on the coded frame: a 4096×4096 one cropped to 64×48 is no 64×48 frame."""
+    assert SpsSize((4096, 4096), (64, 48), slack=16).work == (4096, 4096)
+    assert SpsSize((1920, 1088), (1920, 1080), slack=16).work == (1920, 1080)
+
+
+def test_an_sps_cut_short_cannot_tell_a_size():
+    sps = first_sps("libx264", 98, 62)
+    with pytest.raises(UnknownSize, match="an SPS ends early"):
+        h264_sps_size(sps[:6])
+
+
+@pytest.mark.parametrize("name", ["grows.mp4", "grows.mkv"])
+def test_decord_plans_a_stream_at_the_larger_size_its_samples_declare(tmp_path, monkeypatch, name):
+    """The header says 64×48; from frame 10 the stream's own SPS says 512×512: decord decodes those
+    at 512×512 and shows them at 64×48, so only the SPS tell. The plan counts every frame at
+    512×512, and a limit that 64×48 frames would fit refuses it before any frame is decoded."""
+    pytest.importorskip("decord")
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = write_inband_growing(tmp_path / name, small=10, large=20)
+    assert decoded_size(path, (64, 48)) == (512, 512)
+    cost = decode_cost(path, 8)
+    assert (cost.backend, cost.width, cost.height) == ("decord", 512, 512)
+    with pytest.raises(DecodeOverBudget) as err:
+        load_video(path, 8, max_decode_pixels=1_000_000)  # the frames decord decodes, at 64×48: 409,600
+    assert err.value.cost == cost
+    assert "frames of 512×512" in str(err.value)
+    result = load_video(path, 8, max_decode_pixels=cost.pixels)
+    assert (result.backend, result.decoded_pixels) == ("decord", cost.pixels)
+
+
+def test_decord_counts_an_hevc_stream_at_the_larger_size_its_samples_declare(tmp_path, monkeypatch):
+    pytest.importorskip("decord")
+    monkeypatch.setenv(BACKEND_ENV, "decord")  # our x265 clips have reordering set: PyAV's by default
+    path = write_inband_growing(tmp_path / "grows_hevc.mp4", small=10, large=20, encoder="libx265")
+    cost = decode_cost(path, 8)
+    assert (cost.width, cost.height) == (512, 512)
+    with pytest.raises(DecodeOverBudget):
+        load_video(path, 8, max_decode_pixels=1_000_000)
+
+
+def test_past_the_bounds_of_the_walk_pyav_decodes_and_counts_each_frame(tmp_path, monkeypatch):
+    """A stream whose samples are not all walked is not decord's: PyAV's decoding sees each frame's
+    size, and stops at the limit; decord forced says why it cannot and what to do."""
+    pytest.importorskip("decord")
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = write_inband_growing(tmp_path / "grows.mp4", small=10, large=20)
+    monkeypatch.setattr(video_sps, "SCAN_SAMPLES", 16)
+    assert decode_cost(path, 8).backend == "pyav"
+    with pytest.raises(DecodeOverBudget, match="its frames are larger than its header says"):
+        load_video(path, 8, max_decode_pixels=1_000_000)
+    monkeypatch.setenv(BACKEND_ENV, "decord")
+    with pytest.raises(MediaError) as err:
+        decode_cost(path, 8)
+    assert str(err.value) == (f"decord cannot tell the frame size of {path}: unset {BACKEND_ENV} (it forces decord) or set "
+                              "it to pyav (decord: over 16 samples)")  # fmt: skip
+
+
+def test_a_stream_of_one_size_is_planned_at_its_header_size(tmp_path, monkeypatch):
+    """In-band SPS that repeat the header's (a stream cut from a broadcast, x264's repeat-headers)
+    change nothing."""
+    pytest.importorskip("decord")
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = write_inband_growing(tmp_path / "same.mp4", small=30, large=0)  # an SPS at each of its 3 key frames
+    assert decoded_size(path, (1, 1)) == (64, 48)
+    cost = decode_cost(path, 8)
+    assert (cost.backend, cost.width, cost.height) == ("decord", 64, 48)
+
+
+def test_the_walk_of_a_long_clip_stops_when_asked(tmp_path):
+    """Ctrl-C or a client gone (the decoding worker's stop) ends the walk within 1,024 samples."""
+    path = write_inband_growing(tmp_path / "long.mp4", small=1100, large=0)
+    stop = threading.Event()
+    assert decoded_size(path, (1, 1), stop) == (64, 48)
+    stop.set()
+    with pytest.raises(DecodeStopped):
+        decoded_size(path, (1, 1), stop)
+
+
+def test_the_sps_of_every_sample_description_count(tmp_path, monkeypatch):
+    """FFmpeg hands the decoder another sample description's parameter sets as the samples switch
+    to it: a second description of 512×512 frames makes the plan count 512×512."""
+    pytest.importorskip("decord")
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    small = write_inband_growing(tmp_path / "small.mp4", small=30, large=0)
+    with av.open(str(tmp_path / "large.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width = stream.height = 512
+        for packet in stream.encode(av.VideoFrame(512, 512, "yuv420p")) + stream.encode():
+            container.mux(packet)
+    path = with_second_description(small, tmp_path / "large.mp4", tmp_path / "two.mp4")
+    assert decode_cost(small, 8).width == 64
+    cost = decode_cost(path, 8)
+    assert (cost.backend, cost.width, cost.height) == ("decord", 512, 512)
