@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import UsageError
-from .files import NoHomeFolder, brief_repr, escape_hidden, expand_home, read_text_file, undecodable_byte, visible, xdg_dir
+from .files import (NoHomeFolder, brief_repr, escape_hidden, expand_home, read_text_file, shortened, undecodable_byte, visible,
+                    xdg_dir)
 from .numbers import OtherDigits, ascii_shown, other_digits, parse_float, parse_int
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
@@ -601,8 +602,7 @@ def _apply_toml(settings: Settings, data: dict[str, Any], path: Path, source: st
 def _name_shown(name: str, width: int = 60) -> str:
     """A section or key name from a file, for an error: escaped and cut short (TOML names have no
     length limit: a 100,000-character one was printed whole)."""
-    shown = visible(name)
-    return shown if len(shown) <= width else shown[: width - 1] + "…"
+    return shortened(visible(name), width)
 
 
 def env_name(dotted: str) -> str:
