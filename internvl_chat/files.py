@@ -406,10 +406,15 @@ def too_long_path_line(path: str, what: str = "") -> str:
     return f"cannot use {named}{visible(shown)}: the path is too long for the file system; give a shorter one"
 
 
+def shortened(text: str, width: int = 40) -> str:
+    """`text` cut to `width` characters, the last one "…", where it is longer (a pasted 5,000-digit
+    number, a 100,000-character key would fill the screen)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def brief_repr(value: Any, width: int = 40) -> str:
     """A value for an error message: its repr, cut to `width` characters, printable."""
-    text = repr(value)
-    return visible(text if len(text) <= width else text[: width - 1] + "…")
+    return visible(shortened(repr(value), width))
 
 
 def visible_lines(text: str) -> str:

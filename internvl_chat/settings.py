@@ -23,11 +23,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import UsageError
-from .files import NoHomeFolder, brief_repr, escape_hidden, expand_home, read_text_file, undecodable_byte, visible, xdg_dir
+from .files import (NoHomeFolder, brief_repr, escape_hidden, expand_home, read_text_file, shortened, undecodable_byte, visible,
+                    xdg_dir)
 from .numbers import OtherDigits, ascii_shown, other_digits, parse_float, parse_int
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
@@ -601,8 +602,7 @@ def _apply_toml(settings: Settings, data: dict[str, Any], path: Path, source: st
 def _name_shown(name: str, width: int = 60) -> str:
     """A section or key name from a file, for an error: escaped and cut short (TOML names have no
     length limit: a 100,000-character one was printed whole)."""
-    shown = visible(name)
-    return shown if len(shown) <= width else shown[: width - 1] + "…"
+    return shortened(visible(name), width)
 
 
 def env_name(dotted: str) -> str:
@@ -713,27 +713,35 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
+def _shown_sections(settings: Settings,
+                    sections: Iterable[str] | None = None) -> Iterator[tuple[str, list[tuple[str, Any, str]]]]:  # fmt: skip
+    """Each section (in the file's order; `sections`: only these, None: all) with its rows of
+    (key, value as shown, where it came from): what both --print-config forms print."""
+    for section, cls in SECTIONS.items():
+        if sections is None or section in sections:
+            yield section, [
+                (fld.name, shown_value(f"{section}.{fld.name}", getattr(getattr(settings, section), fld.name)),
+                 settings.sources.get(f"{section}.{fld.name}", "default"))
+                for fld in dataclasses.fields(cls)
+            ]  # fmt: skip
+
+
 def format_settings(settings: Settings, unset: Mapping[str, str] | None = None, sections: Iterable[str] | None = None) -> str:
     """The merged settings as TOML lines, each with a `# from …` comment; unset values commented out,
     as `(not set)` or the words `unset` gives for that key (what is in use instead). `sections`:
     only these (in the file's order); None: all."""
     out: list[str] = []
-    for section, cls in SECTIONS.items():
-        if sections is not None and section not in sections:
-            continue
-        rows = []
-        for fld in dataclasses.fields(cls):
-            dotted = f"{section}.{fld.name}"
-            value = shown_value(dotted, getattr(getattr(settings, section), fld.name))
-            instead = (unset or {}).get(dotted, "(not set)")
-            line = f"{fld.name} = {toml_value(value)}" if value is not None else f"# {fld.name} = {instead}"
-            rows.append((line, settings.sources.get(dotted, "default")))
-        width = max(len(line) for line, _ in rows)
+    for section, rows in _shown_sections(settings, sections):
+        lines = []
+        for name, value, source in rows:
+            instead = (unset or {}).get(f"{section}.{name}", "(not set)")
+            lines.append((f"{name} = {toml_value(value)}" if value is not None else f"# {name} = {instead}", source))
+        width = max(len(line) for line, _ in lines)
         if out:
             out.append("")
         out.append(f"[{section}]")
         # values and sources (config paths) come from files and the environment: show them inert
-        out.extend(visible(f"{line.ljust(width)}  # from {source}") for line, source in rows)
+        out.extend(visible(f"{line.ljust(width)}  # from {source}") for line, source in lines)
     return "\n".join(out) + "\n"
 
 
@@ -741,15 +749,7 @@ def format_settings_json(settings: Settings) -> str:
     """The merged settings as one JSON object, {section: {key: {"value": …, "from": …}}}, for scripts
     (`--print-config --json`); unset values are null. ASCII only: what came from files and the
     environment prints inert."""
-    shown = {
-        section: {
-            fld.name: {
-                "value": shown_value(f"{section}.{fld.name}", getattr(getattr(settings, section), fld.name)),
-                "from": settings.sources.get(f"{section}.{fld.name}", "default"),
-            }
-            for fld in dataclasses.fields(cls)
-        }
-        for section, cls in SECTIONS.items()
-    }
+    shown = {section: {name: {"value": value, "from": source} for name, value, source in rows}
+             for section, rows in _shown_sections(settings)}  # fmt: skip
     return json.dumps(shown, indent=2) + "\n"
 

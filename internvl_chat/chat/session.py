@@ -21,7 +21,7 @@ import torch
 from ..engine.loader import LoadedModel
 from ..engine.model import PromptScores
 from ..errors import Cancelled, ContextOverflowError, GenerationError, MediaError, UsageError
-from ..files import expand_home, visible, write_atomic
+from ..files import expand_home, shortened, visible, write_atomic
 from ..media.image import count_tiles, load_image, probe_image
 from ..media.video import VideoLength, load_video, measure_video
 from ..media.video_sampling import used_range
@@ -734,8 +734,7 @@ class Session:
             media = self.media_tokens(turn.media) if turn.media else 0  # no tokenizing per text-only turn
             answer = len(turn.answer_ids)
             names = "".join(f"{m.kind} {m.path.name}, " for m in turn.media)
-            text = " ".join(turn.user_text.split())
-            text = text if len(text) <= 32 else text[:31] + "…"
+            text = shortened(" ".join(turn.user_text.split()), 32)
             detail = f" (media {media:,} · answer {answer:,})" if media else f" (answer {answer:,})"
             items.append((f"turn {n + 1}: {names}“{text}”{detail}", total))
         for media in pending:

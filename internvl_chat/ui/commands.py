@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..files import visible
+from ..files import shortened, visible
 from ..numbers import OtherDigits, other_digits, parse_int
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
 from .paths import media_kind, normalize_path, shell_unquote
@@ -213,14 +213,9 @@ def _seconds(text: str) -> float:
     return total
 
 
-def _cut(text: str, width: int = 40) -> str:
-    """A typed word for an error, cut short (a pasted 5,000-digit number is one word)."""
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _shown(text: str) -> str:
     # visible, not repr: a byte of argv that is not UTF-8 reads \xff, as everywhere else (repr said \udcff)
-    return f"'{visible(_cut(text))}'"
+    return f"'{visible(shortened(text))}'"
 
 
 def parse_range(text: str) -> tuple[float, float]:
@@ -329,14 +324,14 @@ def parse_line(line: str) -> Message | Command:
     if not _COMMAND_NAME.fullmatch(head):
         typo = _PUNCTUATED.fullmatch(head)  # `/help?`, `/exit.`, `/image,`: a command, not a path to send
         if typo and typo.group(1).lower() in COMMAND_BY_NAME:
-            raise UsageError(f"unknown command /{_cut(head)}; did you mean /{typo.group(1).lower()}?")
+            raise UsageError(f"unknown command /{shortened(head)}; did you mean /{typo.group(1).lower()}?")
         return Message(line)  # a dropped path such as /tmp/cat.png
     spec = COMMAND_BY_NAME.get(head.lower())
     if spec is None:
         hint = _suggest(head.lower(), list(COMMAND_BY_NAME), "/")
         if hint:
-            raise UsageError(f"unknown command /{_cut(head)}; did you mean {hint}?")
-        raise UsageError(f"unknown command /{_cut(head)}; type /help for the commands (// starts a message with /).")
+            raise UsageError(f"unknown command /{shortened(head)}; did you mean {hint}?")
+        raise UsageError(f"unknown command /{shortened(head)}; type /help for the commands (// starts a message with /).")
     return _parse_args(spec, rest.strip())
 
 
@@ -430,7 +425,7 @@ def _no_option(spec: CommandSpec, name: str, tip: str = "", after: str = "") -> 
     if not tip:
         hint = _suggest(name, [o.name for o in spec.options], "")
         tip = f"did you mean {hint}?" if hint else f"usage: {spec.usage}"
-    return UsageError(f"/{spec.name} has no option {_cut(name)}; {tip}{after}")
+    return UsageError(f"/{spec.name} has no option {shortened(name)}; {tip}{after}")
 
 
 def _set_value(text: str) -> str:
@@ -460,7 +455,7 @@ def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
             typed = " ".join(w.raw for w in words[: len(spec.args) - 1])
             spaced = quote_spaced(" ".join(_unquote(w.raw) for w in words[len(spec.args) - 1 :]))
             raise UsageError(f"/{spec.name} takes {what}; a path with spaces goes in quotes: "
-                             f"/{spec.name} {typed + ' ' if typed else ''}{_cut(spaced, 80)}")  # fmt: skip
+                             f"/{spec.name} {typed + ' ' if typed else ''}{shortened(spaced, 80)}")  # fmt: skip
         raise UsageError(f"/{spec.name} takes {what}; usage: {spec.usage}")
 
     values: list[Any] = []
@@ -497,7 +492,7 @@ def format_help(name: str | None = None, width: int | None = None) -> str:
         if spec is None:
             hint = _suggest(word.lower(), list(COMMAND_BY_NAME), "/")
             tip = f"did you mean {hint}?" if hint else "type /help for the commands."
-            raise UsageError(f"unknown command /{_cut(word)}; {tip}")
+            raise UsageError(f"unknown command /{shortened(word)}; {tip}")
         lines = [f"{spec.usage}  {spec.help}"]
         lines += [f"  {o.name} {o.metavar}  {o.help}" if o.metavar else f"  {o.name}  {o.help}" for o in spec.options]
         if spec.aliases:

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.cells import cell_len
 
-from ..files import visible
+from ..files import shortened, visible
 from ..settings import SECTIONS, Settings, shown_value, toml_value
 from .set_keys import runtime_keys
 
@@ -42,7 +42,7 @@ def setting_text(settings: Settings, dotted: str, system_message: str | None, wi
     text = "(not set)" if value is None else visible(toml_value(value))
     if value == "" and dotted == "system.message":  # `""` alone read as a message of two quotes
         text += " (none is sent, the server decides)" if settings.remote.server else " (none: no system message is sent)"
-    return text if width is None or len(text) <= width else text[: width - 1] + "…"
+    return text if width is None else shortened(text, width)
 
 
 def unset_system(settings: Settings, system_message: str | None, width: int | None = None) -> str:

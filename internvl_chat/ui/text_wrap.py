@@ -8,7 +8,7 @@ import re
 
 from rich.cells import cell_len
 
-from ..files import visible
+from ..files import shortened, visible
 
 # A unit stays on the line of the number before it ("30 %", "0.41 s", "1.2 GiB").
 _UNITS = frozenset({"%", "s", "ms", "KiB", "MiB", "GiB", "tok", "tok/s", "tokens", "tiles", "frames"})
@@ -104,4 +104,4 @@ def format_columns(rows: list[tuple[str, str]], width: int | None, *, indent: in
 def one_line_excerpt(text: str, width: int = 48) -> str:
     """A one-line excerpt of a message (it may come from a session file: shown inert)."""
     one_line = visible(" ".join(text.split()))
-    return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
+    return shortened(one_line, width)
