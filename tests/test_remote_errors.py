@@ -204,28 +204,47 @@ def test_a_server_that_stops_reading_the_request_says_so_and_keeps_the_conversat
 
 
 @pytest.mark.parametrize(
-    "head",
-    [b"\x15\x03\x01\x00\x02\x02\x50",  # a TLS server's alert: --server says http:// where it wants https://
-     b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (200 << 10) + b"\r\n\r\n"],  # a head past httpcore's 100 KB
+    ("head", "said"),
+    [(b"\x15\x03\x01\x00\x02\x02\x50",  # a TLS server's alert: --server says http:// where it wants https://
+      r"what answers at http://127\.0\.0\.1:\d+/v1 is not an HTTP server \(it began with: \\x15.+\)"),
+     (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (200 << 10) + b"\r\n\r\n",  # a head past httpcore's 100 KB
+      r"the answer of http://127\.0\.0\.1:\d+/v1 is not valid HTTP \(.+\)")],
     ids=["tls-alert", "huge-head"],
 )  # fmt: skip
-def test_an_answer_that_is_not_http_says_to_check_the_server_not_to_ask_again(head):
+def test_an_answer_that_is_not_http_says_to_check_the_server_not_to_ask_again(head, said):
     """A head h11 cannot parse said "the connection … broke before the answer began (illegal request
     line); ask again": asking again gets the same."""
     with FakeServer(fixture("vllm/models.json")) as server, dripping_server(head, b"", seconds=1.0) as bad:
         conv = conversation_with_one_turn(server)
         good = conv.client
         conv.client = ApiClient(bad, "", 300.0)
-        line = fails_with(conv, r"^the answer of http://127\.0\.0\.1:\d+/v1 is not valid HTTP \(.+\); check --server "
-                                r"\(its port, and http:// or https://\)$")
+        line = fails_with(conv, rf"^{said}; check --server \(its port, and http:// or https://\)$")
         assert "ask again" not in line
-        with pytest.raises(RemoteError, match=r"is not valid HTTP"):
+        with pytest.raises(RemoteError, match=said):
             RemoteConversation.connect(bad)
         conv.client.close()
         conv.client = good
         server.chat(Reply.sse(GOOD))
         list(conv.ask("again"))
         assert [t.user_text for t in conv.turns] == ["first", "again"]
+
+
+@pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.6\r\n", b"S", b"HTTX"], ids=["ssh", "one-byte", "near-http"])
+def test_a_server_that_sends_a_line_of_another_protocol_and_waits_is_not_http_at_once(banner):
+    """An SSH server at the --server port sends its banner line and waits: h11 waits for a whole
+    head, so the request ended at the head's timeout with "it may be overloaded: try again". The
+    first bytes that cannot start "HTTP/" say it at once, as a TLS alert's do."""
+    with dripping_server(banner, b"", seconds=120.0) as ssh:
+        client = ApiClient(ssh, "", 60.0)  # the head's timeout: well past the test's own run
+        conv = RemoteConversation(client, "m", "generic", params=SamplingParams(max_new_tokens=8))
+        with pytest.raises(RemoteError) as err:
+            list(conv.ask("hi"))
+        shown = banner.decode().strip()
+        assert str(err.value) == (f"what answers at {ssh} is not an HTTP server (it began with: {shown}); "
+                                  "check --server (its port, and http:// or https://)")  # fmt: skip
+        with pytest.raises(RemoteError, match=r"^what answers at .* is not an HTTP server \(it began with: "):
+            RemoteConversation.connect(ssh)  # the handshake's GET /models alike
+        client.close()
 
 
 @pytest.mark.parametrize(

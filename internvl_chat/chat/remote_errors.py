@@ -12,6 +12,7 @@ import html
 import json
 import re
 from http import HTTPStatus
+from typing import TypeVar
 
 import h11
 import httpx
@@ -19,7 +20,10 @@ import httpx
 from ..errors import RemoteError
 from ..files import visible
 from .advice import Advice, any_of
+from .remote_sockets import NotHttpAnswer
 from .sse import StreamFailed
+
+E = TypeVar("E", bound=BaseException)
 
 SHOWN_CHARS = 300  # of a server's error message
 PAGE_CHARS = 160  # of a body that is no error object (a proxy's HTML page, plain text)
@@ -309,21 +313,29 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
 
 
 def not_http(url: str, err: httpx.RemoteProtocolError) -> RemoteError:
-    """For a head that could not be parsed: another protocol at the port (TLS, SSH), or a broken one."""
-    return RemoteError(f"the answer of {url} is not valid HTTP ({reason(err)}); "
-                       "check --server (its port, and http:// or https://)")
+    """For an answer that is not HTTP: another protocol at the port (an SSH banner, TLS), said as
+    soon as its first bytes come (NotHttpAnswer), or a head h11 could not parse (a broken one)."""
+    todo = "check --server (its port, and http:// or https://)"
+    other = _cause(err, NotHttpAnswer)
+    if other is not None:
+        began = other.began.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
+        return RemoteError(f"what answers at {url} is not an HTTP server (it began with: {shorten(began, 60)}); {todo}")
+    return RemoteError(f"the answer of {url} is not valid HTTP ({reason(err)}); {todo}")
 
 
 def unparsable(err: BaseException) -> bool:
-    """Whether h11 could not parse what the server sent (a server that hung up is httpcore's own error)."""
+    """Whether what the server sent is not HTTP (a server that hung up is httpcore's own error)."""
+    return _cause(err, h11.RemoteProtocolError) is not None or _cause(err, NotHttpAnswer) is not None
+
+
+def _cause(err: BaseException, kind: type[E]) -> E | None:
+    """`err` or the error under it of type `kind` (httpx's error, httpcore's, h11's), or None."""
     seen: BaseException | None = err
-    for _ in range(16):  # httpx's error, httpcore's, h11's
-        if seen is None:
-            return False
-        if isinstance(seen, h11.RemoteProtocolError):
-            return True
+    for _ in range(16):
+        if seen is None or isinstance(seen, kind):
+            return seen
         seen = seen.__cause__ or seen.__context__
-    return False
+    return None
 
 
 def head_late(timeout: float) -> RemoteError:
