@@ -12,7 +12,7 @@ from remote_helpers import FIXTURES, FakeServer, Reply, deaf_server, dripping_se
 
 from internvl_chat.chat import remote_http, remote_stream
 from internvl_chat.chat.remote import RemoteConversation
-from internvl_chat.chat.remote_errors import error_text
+from internvl_chat.chat.remote_errors import error_text, wait_asked
 from internvl_chat.chat.remote_http import ApiClient, normalize_base_url
 from internvl_chat.chat.remote_sockets import HeadWatch
 from internvl_chat.chat.sampling import SamplingParams
@@ -88,7 +88,15 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
          r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later$"),
         (Reply.json({"error": "slow down"}, 503, {"Retry-After": "9" * 5000}),  # over int()'s 4300 digits
          r"^the server answered 503 Service Unavailable: slow down; the server cannot take requests now \(busy, starting "
-         r"or stopping\); try again later, or look at its log$"),
+         r"or stopping\); try again later, or look at its log \(it asks to wait over a day\)$"),
+        (Reply.json({"error": "slow down"}, 429, {"Retry-After": "999999"}),  # was "wait 999999 s"
+         r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later \(it asks to wait "
+         r"over a day\)$"),
+        (Reply.json({"error": "slow down"}, 429, {"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"}),  # an HTTP date
+         r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later \(it asks to wait "
+         r"over a day\)$"),
+        (Reply.json({"error": "slow down"}, 429, {"Retry-After": "soon \x1b[31m"}),  # neither: not shown at all
+         r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later$"),
         (Reply(503, [b"<html><body>Bad gateway \x1b[31m</body></html>"], "text/html"),  # a proxy's page: its text, escaped
          r"^the server \(or a proxy in front of it\) answered 503 Service Unavailable: Bad gateway \\e\[31m; check that "
          r"the server is running, or try again later$"),
@@ -119,7 +127,7 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(ROLE, end="cut"), r"broke before the answer began"),
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
-    ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "503-html",
+    ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "429-retry-after-absurd", "429-retry-after-date", "429-retry-after-text", "503-html",
          "error-event-at-once", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "not-sse-hostile-type", "redirect", "redirect-bad-location", "no-finish", "reset", "cut",
          "reset-at-once"],  # fmt: skip
 )
@@ -227,6 +235,19 @@ def test_an_answer_that_is_not_http_says_to_check_the_server_not_to_ask_again(he
         server.chat(Reply.sse(GOOD))
         list(conv.ask("again"))
         assert [t.user_text for t in conv.turns] == ["first", "again"]
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("0", "0 s"), ("59", "59 s"), ("90", "2 minutes"), ("3569", "59 minutes"), ("3599", "about 1 hour"),
+     ("7200", "about 2 hours"), ("86400", "about a day"), ("999999", "over a day"), ("9" * 5000, "over a day"),
+     ("Sat, 05 Dec 2026 12:02:00 GMT", "2 minutes"), ("Sat, 05 Dec 2026 12:00:30 -0000", "30 s"),
+     ("Sat, 05 Dec 2026 11:00:00 GMT", None), ("-5", None), ("1.5", None), ("\xb2", None), ("", None), (None, None)],
+)  # fmt: skip
+def test_a_retry_after_is_said_as_a_person_would_say_the_wait(value, shown):
+    """Retry-After was shown as sent, "wait 999999 s", and an HTTP date (which the header may be) not at all."""
+    noon = 1796472000.0  # Sat, 05 Dec 2026 12:00:00 GMT
+    assert wait_asked(value, now=noon) == shown
 
 
 @pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.6\r\n", b"S", b"HTTX"], ids=["ssh", "one-byte", "near-http"])

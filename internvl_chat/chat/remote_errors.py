@@ -8,9 +8,13 @@ Error bodies come in two shapes and both are read: OpenAI's nested `{"error": {"
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import html
 import json
+import math
 import re
+import time
 from http import HTTPStatus
 from typing import TypeVar
 
@@ -262,11 +266,43 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
         hint = unknown_model_hint(model, advice)
     else:
         hint = _HINTS.get(status, "check the request")
-    wait = (retry_after or "").strip()
-    if status in (429, 503) and wait.isascii() and wait.isdigit() and len(wait) <= 6:  # int() refuses "²" and 5000 digits
-        hint += f" (it asks to wait {int(wait)} s)"
+    wait = wait_asked(retry_after) if status in (429, 503) else None
+    if wait is not None:
+        hint += f" (it asks to wait {wait})"
     said = f": {shorten(detail)}" if detail else ""
     return RemoteError(f"{who} answered {_status_line(status)}{said}; {hint}")
+
+
+def wait_asked(retry_after: str | None, now: float | None = None) -> str | None:
+    """A Retry-After header (seconds, or an HTTP date) as a wait a person reads: "7 s", "2 minutes",
+    "about 3 hours", "over a day" (a value that long is a broken server's); None for a value that is
+    neither, or a date already past. Only the number is shown, never the server's text."""
+    text = (retry_after or "").strip()
+    if text.isascii() and text.isdigit():  # int() would refuse "²", and take 5000 digits slowly: cut first
+        seconds = int(text) if len(text) <= 9 else 10**9
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:  # "-0000": a date in UTC
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = math.ceil(when.timestamp() - (time.time() if now is None else now))
+        if seconds <= 0:
+            return None
+    return human_wait(seconds)
+
+
+def human_wait(seconds: int) -> str:
+    """`seconds` rounded to the unit a person would say (3599 s is "about 1 hour", not "60 minutes")."""
+    minutes, hours = round(seconds / 60), round(seconds / 3600)
+    if seconds < 60:
+        return f"{seconds} s"
+    if minutes < 60:
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    if hours < 24:
+        return f"about {hours} hour{'s' if hours != 1 else ''}"
+    return "about a day" if seconds <= 86400 else "over a day"
 
 
 def mib(limit: int) -> str:
