@@ -329,11 +329,9 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
     if isinstance(err, httpx.ConnectTimeout):
         return RemoteError(f"connecting to {url} timed out after {connect_s:g} s; check --server and the network")
     if isinstance(err, httpx.ConnectError):
-        if url.startswith("https:") and NOT_TLS.search(str(err)):
-            return RemoteError(f"cannot connect to {url}: the server does not speak TLS; use http:// in --server")
-        if url.startswith("https:") and NOT_TRUSTED.search(str(err)):
-            return RemoteError(f"cannot connect to {url}: its TLS certificate is not trusted ({reason(err)}); check the "
-                               "host name in --server, or name the CA that signed it in SSL_CERT_FILE")  # fmt: skip
+        refused = tls_refusal(err, url)
+        if refused is not None:
+            return refused
         return RemoteError(f"cannot connect to {url} ({reason(err)}); is the server running? check --server")
     if isinstance(err, httpx.ReadTimeout):
         return StreamFailed(f"the server sent nothing for {timeout:g} s",
@@ -346,6 +344,19 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
     # mid-answer, RemoteConversation keeps the text that came before the break (`what` is its note)
     where = "in the middle of the answer" if mid_answer else "before the answer began"
     return StreamFailed(f"the connection to {url} broke {where} ({reason(err)})", "ask again")
+
+
+def tls_refusal(err: httpx.TransportError, url: str) -> RemoteError | None:
+    """The line for a TLS handshake with an https:// server that failed on the server's side (it
+    speaks no TLS, or its certificate is not trusted); None for any other failure."""
+    if not url.startswith("https:"):
+        return None
+    if NOT_TLS.search(str(err)):
+        return RemoteError(f"cannot connect to {url}: the server does not speak TLS; use http:// in --server")
+    if NOT_TRUSTED.search(str(err)):
+        return RemoteError(f"cannot connect to {url}: its TLS certificate is not trusted ({reason(err)}); check the "
+                           "host name in --server, or name the CA that signed it in SSL_CERT_FILE")  # fmt: skip
+    return None
 
 
 def not_http(url: str, err: httpx.RemoteProtocolError) -> RemoteError:
