@@ -64,6 +64,7 @@ class ChatStream:
         self._socket: socket.socket | None = None
         self._started = False  # answer text received: an error after it is "in the middle of the answer"
         self._in_flight = False  # the request is being sent, or its head awaited
+        self._evented = False  # a stream event came
         self._events = self._run()
 
     def __iter__(self) -> Iterator[dict]:
@@ -151,8 +152,12 @@ class ChatStream:
         # the read timeout restarts with every byte: keep-alives, blank lines or a line that
         # never ends would hold the answer forever, so they count as nothing sent
         last_event = time.monotonic()
+        start = bytearray()  # the body's start: what it is, said when it holds no event
         for piece in itertools.chain([first], pieces):
+            if len(start) < PAGE_BYTES:
+                start += piece[: PAGE_BYTES - len(start)]
             events = decoder.feed(piece)
+            self._evented = self._evented or bool(events)
             for event in events:
                 chunk = _parse_event(event.event, event.data)
                 if chunk is None:
@@ -171,7 +176,10 @@ class ChatStream:
                 )
         if self.aborted:
             return  # a line cut short by the shut socket is no event
-        for event in decoder.finish():
+        finished = decoder.finish()
+        if not (finished or self._evented) and decoder.foreign is not None:
+            raise RemoteError(_not_events(bytes(start), decoder.foreign))
+        for event in finished:
             chunk = _parse_event(event.event, event.data)
             if chunk is None:
                 self.done = True
@@ -186,6 +194,14 @@ class ChatStream:
         if len(body) > JSON_BODY_LIMIT:
             raise RemoteError(f"the server's answer is over {mib(JSON_BODY_LIMIT)}; is --server an OpenAI-compatible server?")
         return _whole_answer_as_chunk(body)
+
+
+def _not_events(start: bytes, foreign: str) -> str:
+    """For a body under the event stream's type that held no event, only lines that are not the
+    format's (a proxy's HTML page, an error in plain text): it read as a stream closed early."""
+    said = page_note(start, None) or f" (its first line: {shorten(foreign, 80)})"
+    return (f"the server's event stream held no event{said}; is --server the API root of an OpenAI-compatible "
+            "server (…/v1)?")
 
 
 def _lead(pieces: Iterator[bytes], timeout: float) -> bytes:
