@@ -106,6 +106,9 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(b"<!DOCTYPE html><html><head><title>Sign in \x1b[31m</title></head><body>SSO</body></html>", piece_size=9),
          r"^the server's event stream held no event \(an HTML page: Sign in \\e\[31m\); is --server the API root of an "
          r"OpenAI-compatible server \(…/v1\)\?$"),
+        (Reply.sse(b'error: {"code": 400, "message": "the prompt has \\u001b[2J 9 tokens too many", "type": "invalid_request_error"}\n\n'),
+         r"^the server stopped the answer with an error: the prompt has \\e\[2J 9 tokens too many \(invalid_request_error\); "
+         r"ask again$"),  # llama.cpp's error line: it said "the stream closed early"
         (Reply.sse(b"Internal Server Error\n"),
          r"^the server's event stream held no event \(its first line: Internal Server Error\); is --server the API root"),
         (Reply(503, [b"<html><body>Bad gateway \x1b[31m</body></html>"], "text/html"),  # a proxy's page: its text, escaped
@@ -138,7 +141,7 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(ROLE, end="cut"), r"broke before the answer began"),
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
-    ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "429-retry-after-absurd", "429-retry-after-date", "429-retry-after-text", "json-error-as-sse", "json-error-as-sse-split", "html-as-sse", "text-as-sse", "503-html",
+    ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "429-retry-after-absurd", "429-retry-after-date", "429-retry-after-text", "json-error-as-sse", "json-error-as-sse-split", "html-as-sse", "llamacpp-error-line", "text-as-sse", "503-html",
          "error-event-at-once", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "not-sse-hostile-type", "redirect", "redirect-bad-location", "no-finish", "reset", "cut",
          "reset-at-once"],  # fmt: skip
 )

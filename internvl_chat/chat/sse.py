@@ -2,7 +2,7 @@
 
 OpenAI-compatible servers stream chat completions as `data: {json}` events ended by a blank line,
 close with `data: [DONE]`, and may send comment lines (`:` ping keep-alives, as llama.cpp does),
-named events (`event: error`) and multi-line data. Bytes arrive in arbitrary pieces, so a line, a
+named events (`event: error`; llama.cpp's `error: {json}` line is read as one) and multi-line data. Bytes arrive in arbitrary pieces, so a line, a
 UTF-8 character or a `\\r\\n` may be split between two reads; the decoder keeps what is incomplete.
 """
 
@@ -128,6 +128,10 @@ class SSEDecoder:
             self._data_chars += len(value) + 1  # and the \n that joins it: empty lines count too
         elif name == "event":
             self._event = value
+        elif name == "error":  # llama.cpp's own field for an error in the stream: an `event: error`'s data
+            self._data.append(value)
+            self._data_chars += len(value) + 1
+            self._event = "error"
         elif name == "id" and "\0" not in value:
             self._last_id = value
         elif name != "retry" and self.foreign is None:
