@@ -130,7 +130,15 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
          r"^the server answered with text/\\e\[2jx{40,60}…, not an event stream; .{,80}$"),
         (Reply(308, [b"<html>moved</html>"], "text/html", {"Location": "https://elsewhere.example/v1/chat/completions"}),
          r"^the server answered 308 Permanent Redirect: moved; it redirects to "
-         r"https://elsewhere\.example/v1/chat/completions, which is not followed; check --server \(https\?\)$"),
+         r"https://elsewhere\.example/v1/chat/completions, which is not followed; check --server$"),
+        # it said "check --server (https?)" wherever the redirect led
+        (Reply(301, [b"<html><title>301 Moved Permanently</title></html>"], "text/html",
+               {"Location": "https://127.0.0.1/v1/chat/completions"}),
+         r"^the server answered 301 Moved Permanently; it redirects to https://127\.0\.0\.1/v1/chat/completions, which is "
+         r"not followed; use https:// in --server$"),
+        (Reply(307, [b""], "text/plain", {"Location": "/api/v1/chat/completions"}),
+         r"^the server answered 307 Temporary Redirect; it redirects to /api/v1/chat/completions, which is not followed; "
+         r"check the path in --server \(the API root, which usually ends in /v1\)$"),
         (Reply(302, [b""], "text/html", {"Location": "http://[::1\x1b[2J/v1"}),  # httpx cannot parse it
          r"^the server answered 302 Found; it redirects to http://\[::1\\e\[2J/v1, which is not followed; check --server"),
         # a stream that breaks before any text: nothing to keep (tests/test_remote_broken.py: after some text)
@@ -142,7 +150,7 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
     ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "429-retry-after-absurd", "429-retry-after-date", "429-retry-after-text", "json-error-as-sse", "json-error-as-sse-split", "html-as-sse", "llamacpp-error-line", "text-as-sse", "503-html",
-         "error-event-at-once", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "not-sse-hostile-type", "redirect", "redirect-bad-location", "no-finish", "reset", "cut",
+         "error-event-at-once", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "not-sse-hostile-type", "redirect", "redirect-to-https", "redirect-path", "redirect-bad-location", "no-finish", "reset", "cut",
          "reset-at-once"],  # fmt: skip
 )
 def test_failures_are_one_line_and_keep_the_conversation(reply, pattern):

@@ -17,6 +17,7 @@ import re
 import time
 from http import HTTPStatus
 from typing import TypeVar
+from urllib.parse import urljoin, urlsplit
 
 import h11
 import httpx
@@ -237,11 +238,13 @@ def page_note(body: bytes, content_type: str | None) -> str:
 
 
 def http_error(status: int, body: bytes, retry_after: str | None, location: str | None = None,
-               advice: Advice = Advice(), model: str | None = None, content_type: str | None = None) -> RemoteError:  # fmt: skip
+               advice: Advice = Advice(), model: str | None = None, content_type: str | None = None,
+               requested: str | None = None) -> RemoteError:  # fmt: skip
     """One line for a non-200 answer: the status first, then the server's message, then a hint
     (a context overflow is its own line, context_refusal)
     (`advice`: the fixes a refused chat request can name, chat/advice.py; `model`: the model a
-    chat request named, None for other requests). A body that is no OpenAI-style error (an HTML
+    chat request named, None for other requests; `requested`: the URL asked, which a redirect's
+    Location is compared with). A body that is no OpenAI-style error (an HTML
     page, plain text) is shown by `unshaped_body`; with a 502-504 it is most likely a proxy's."""
     message = error_message(body)
     detail = message if message is not None else unshaped_body(body, status, content_type)
@@ -253,8 +256,7 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
     elif status >= 500:
         hint = "the server failed; try again, or look at its log"
     elif 300 <= status < 400:  # redirects are never followed (they could lead anywhere, with the key)
-        where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
-        hint = f"{where} is not followed; check --server (https?)"
+        hint = redirect_hint(location, requested)
     elif status == 400 and CONTEXT_OVERFLOW.search(body.decode("utf-8", errors="replace")):
         said = error_message(body, with_kind=False) or unshaped_body(body, status, content_type)
         return ContextRefused(context_refusal(advice, said=said), said)  # RemoteConversation adds the limit
@@ -271,6 +273,24 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
         hint += f" (it asks to wait {wait})"
     said = f": {shorten(detail)}" if detail else ""
     return RemoteError(f"{who} answered {_status_line(status)}{said}; {hint}")
+
+
+def redirect_hint(location: str | None, requested: str | None) -> str:
+    """What to do about a redirect, by where it leads from the URL asked: the same host over
+    https (a server that takes only TLS), another path there (--server is not the API root), or
+    elsewhere."""
+    where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
+    try:
+        asked = urlsplit(requested or "")
+        target = urlsplit(urljoin(requested or "", location or ""))
+        same_host = bool(location) and target.hostname == asked.hostname
+    except ValueError:  # a Location that is no URL (an unclosed IPv6 bracket)
+        same_host = False
+    if same_host and asked.scheme == "http" and target.scheme == "https":
+        return f"{where} is not followed; use https:// in --server"
+    if same_host and target.scheme == asked.scheme:
+        return f"{where} is not followed; check the path in --server (the API root, which usually ends in /v1)"
+    return f"{where} is not followed; check --server"
 
 
 def wait_asked(retry_after: str | None, now: float | None = None) -> str | None:

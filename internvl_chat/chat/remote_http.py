@@ -171,7 +171,8 @@ class ApiClient:
         if response.status_code != 200:
             raise http_error(response.status_code, read_limited(response, ERROR_BODY_LIMIT, self.timeout),
                              response.headers.get("retry-after"), response.headers.get("location"),
-                             self.advice, self.chat_model, response.headers.get("content-type"))  # fmt: skip
+                             self.advice, self.chat_model, response.headers.get("content-type"),
+                             str(response.request.url))  # fmt: skip
 
     def stream(self, method: str, path: str, connect_s: float | None = None, **kwargs):
         """httpx's streamed request, its head watched (`trace`); `connect_s`: a shorter connect timeout."""
