@@ -1,4 +1,5 @@
-"""A fake proxy that answers every request with an error page of its own, as real proxies do."""
+"""Fake proxies: one that answers every request with an error page of its own, as real proxies do, and
+one that tunnels every CONNECT to a local port."""
 
 from __future__ import annotations
 
@@ -44,4 +45,53 @@ def error_page_proxy(status_for: Callable[[bytes], int], join_s: float = 60) -> 
         stopping.set()
         socket.create_connection(listener.getsockname()).close()  # wakes the accept (a close does not)
         thread.join(join_s)
+        listener.close()
+
+
+@contextlib.contextmanager
+def tunnel_proxy(target_port: int) -> Iterator[int]:
+    """A proxy on a local port (yielded) that answers every CONNECT with 200 and then relays the
+    connection's bytes both ways to 127.0.0.1:`target_port`, whatever host the CONNECT named."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def relay(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while block := source.recv(65536):
+                sink.sendall(block)
+        except OSError:
+            pass  # either side hung up
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def tunnel(conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            block = conn.recv(4096)
+            if not block:
+                conn.close()
+                return
+            head += block
+        target = socket.create_connection(("127.0.0.1", target_port))
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        threading.Thread(target=relay, args=(target, conn), daemon=True).start()
+        relay(conn, target)
+        conn.close()
+        target.close()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the test ended
+            threading.Thread(target=tunnel, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
         listener.close()

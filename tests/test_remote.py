@@ -466,12 +466,15 @@ def test_stream_interval_groups_pieces_without_changing_the_text():
         assert len([e for e in two if e["text"]]) < len([e for e in one if e["text"]])
 
 
-def test_a_server_that_ignores_stream_true_still_answers():
+@pytest.mark.parametrize("content_type", ["application/json", "text/event-stream"])
+def test_a_server_that_ignores_stream_true_still_answers(content_type):
+    """Some servers (and proxies) send the whole completion under the event stream's type: it read as
+    a stream that closed before the answer finished."""
     completion = {"id": "x", "object": "chat.completion", "model": "m",
                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "Whole."}, "finish_reason": "length"}],
                   "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}}  # fmt: skip
     with FakeServer(models_of("vllm")) as server:
-        server.chat(Reply.json(completion))
+        server.chat(Reply(200, [json.dumps(completion).encode()], content_type))
         conv = connect(server)
         text, final = answer(conv.ask("hi"))
         assert (text, final["finish_reason"], conv.context_used) == ("Whole.", "length", 11)

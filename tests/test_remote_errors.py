@@ -12,7 +12,7 @@ from remote_helpers import FIXTURES, FakeServer, Reply, deaf_server, dripping_se
 
 from internvl_chat.chat import remote_http, remote_stream
 from internvl_chat.chat.remote import RemoteConversation
-from internvl_chat.chat.remote_errors import error_text
+from internvl_chat.chat.remote_errors import error_text, wait_asked
 from internvl_chat.chat.remote_http import ApiClient, normalize_base_url
 from internvl_chat.chat.remote_sockets import HeadWatch
 from internvl_chat.chat.sampling import SamplingParams
@@ -88,7 +88,29 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
          r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later$"),
         (Reply.json({"error": "slow down"}, 503, {"Retry-After": "9" * 5000}),  # over int()'s 4300 digits
          r"^the server answered 503 Service Unavailable: slow down; the server cannot take requests now \(busy, starting "
-         r"or stopping\); try again later, or look at its log$"),
+         r"or stopping\); try again later, or look at its log \(it asks to wait over a day\)$"),
+        (Reply.json({"error": "slow down"}, 429, {"Retry-After": "999999"}),  # was "wait 999999 s"
+         r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later \(it asks to wait "
+         r"over a day\)$"),
+        (Reply.json({"error": "slow down"}, 429, {"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"}),  # an HTTP date
+         r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later \(it asks to wait "
+         r"over a day\)$"),
+        (Reply.json({"error": "slow down"}, 429, {"Retry-After": "soon \x1b[31m"}),  # neither: not shown at all
+         r"^the server answered 429 Too Many Requests: slow down; the server is busy; try again later$"),
+        # a streamed request's error sent as JSON under the event stream's type: it said "the stream closed early"
+        (Reply.sse(b'{"error": {"message": "model is overloaded \\u001b[31m", "type": "server_error"}}'),
+         r"^the server answered with an error: model is overloaded \\e\[31m \(server_error\); ask again$"),
+        (Reply.sse(b"\xef\xbb\xbf\r\n" + fixture("lmdeploy/error_flat.json"), piece_size=2),
+         r"^the server answered with an error: .+; ask again$"),
+        # a page or text under the event stream's type (a sign-in proxy): it said "the stream closed early"
+        (Reply.sse(b"<!DOCTYPE html><html><head><title>Sign in \x1b[31m</title></head><body>SSO</body></html>", piece_size=9),
+         r"^the server's event stream held no event \(an HTML page: Sign in \\e\[31m\); is --server the API root of an "
+         r"OpenAI-compatible server \(…/v1\)\?$"),
+        (Reply.sse(b'error: {"code": 400, "message": "the prompt has \\u001b[2J 9 tokens too many", "type": "invalid_request_error"}\n\n'),
+         r"^the server stopped the answer with an error: the prompt has \\e\[2J 9 tokens too many \(invalid_request_error\); "
+         r"ask again$"),  # llama.cpp's error line: it said "the stream closed early"
+        (Reply.sse(b"Internal Server Error\n"),
+         r"^the server's event stream held no event \(its first line: Internal Server Error\); is --server the API root"),
         (Reply(503, [b"<html><body>Bad gateway \x1b[31m</body></html>"], "text/html"),  # a proxy's page: its text, escaped
          r"^the server \(or a proxy in front of it\) answered 503 Service Unavailable: Bad gateway \\e\[31m; check that "
          r"the server is running, or try again later$"),
@@ -108,7 +130,15 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
          r"^the server answered with text/\\e\[2jx{40,60}…, not an event stream; .{,80}$"),
         (Reply(308, [b"<html>moved</html>"], "text/html", {"Location": "https://elsewhere.example/v1/chat/completions"}),
          r"^the server answered 308 Permanent Redirect: moved; it redirects to "
-         r"https://elsewhere\.example/v1/chat/completions, which is not followed; check --server \(https\?\)$"),
+         r"https://elsewhere\.example/v1/chat/completions, which is not followed; check --server$"),
+        # it said "check --server (https?)" wherever the redirect led
+        (Reply(301, [b"<html><title>301 Moved Permanently</title></html>"], "text/html",
+               {"Location": "https://127.0.0.1/v1/chat/completions"}),
+         r"^the server answered 301 Moved Permanently; it redirects to https://127\.0\.0\.1/v1/chat/completions, which is "
+         r"not followed; use https:// in --server$"),
+        (Reply(307, [b""], "text/plain", {"Location": "/api/v1/chat/completions"}),
+         r"^the server answered 307 Temporary Redirect; it redirects to /api/v1/chat/completions, which is not followed; "
+         r"check the path in --server \(the API root, which usually ends in /v1\)$"),
         (Reply(302, [b""], "text/html", {"Location": "http://[::1\x1b[2J/v1"}),  # httpx cannot parse it
          r"^the server answered 302 Found; it redirects to http://\[::1\\e\[2J/v1, which is not followed; check --server"),
         # a stream that breaks before any text: nothing to keep (tests/test_remote_broken.py: after some text)
@@ -119,8 +149,8 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply.sse(ROLE, end="cut"), r"broke before the answer began"),
         (Reply.sse(b"", end="reset"), r"broke before the answer began"),
     ],
-    ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "503-html",
-         "error-event-at-once", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "not-sse-hostile-type", "redirect", "redirect-bad-location", "no-finish", "reset", "cut",
+    ids=["401-flat", "400-nested", "404-old-vllm", "400-llamacpp", "422-fastapi", "429-retry-after", "429-retry-after-superscript", "503-retry-after-huge", "429-retry-after-absurd", "429-retry-after-date", "429-retry-after-text", "json-error-as-sse", "json-error-as-sse-split", "html-as-sse", "llamacpp-error-line", "text-as-sse", "503-html",
+         "error-event-at-once", "event-error", "bad-json", "not-object", "deep-event", "deep-json", "deep-error", "choices-int", "choices-bool", "not-sse", "not-sse-hostile-type", "redirect", "redirect-to-https", "redirect-path", "redirect-bad-location", "no-finish", "reset", "cut",
          "reset-at-once"],  # fmt: skip
 )
 def test_failures_are_one_line_and_keep_the_conversation(reply, pattern):
@@ -204,28 +234,60 @@ def test_a_server_that_stops_reading_the_request_says_so_and_keeps_the_conversat
 
 
 @pytest.mark.parametrize(
-    "head",
-    [b"\x15\x03\x01\x00\x02\x02\x50",  # a TLS server's alert: --server says http:// where it wants https://
-     b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (200 << 10) + b"\r\n\r\n"],  # a head past httpcore's 100 KB
+    ("head", "said"),
+    [(b"\x15\x03\x01\x00\x02\x02\x50",  # a TLS server's alert: --server says http:// where it wants https://
+      r"what answers at http://127\.0\.0\.1:\d+/v1 is not an HTTP server \(it began with: \\x15.+\)"),
+     (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (200 << 10) + b"\r\n\r\n",  # a head past httpcore's 100 KB
+      r"the answer of http://127\.0\.0\.1:\d+/v1 is not valid HTTP \(.+\)")],
     ids=["tls-alert", "huge-head"],
 )  # fmt: skip
-def test_an_answer_that_is_not_http_says_to_check_the_server_not_to_ask_again(head):
+def test_an_answer_that_is_not_http_says_to_check_the_server_not_to_ask_again(head, said):
     """A head h11 cannot parse said "the connection … broke before the answer began (illegal request
     line); ask again": asking again gets the same."""
     with FakeServer(fixture("vllm/models.json")) as server, dripping_server(head, b"", seconds=1.0) as bad:
         conv = conversation_with_one_turn(server)
         good = conv.client
         conv.client = ApiClient(bad, "", 300.0)
-        line = fails_with(conv, r"^the answer of http://127\.0\.0\.1:\d+/v1 is not valid HTTP \(.+\); check --server "
-                                r"\(its port, and http:// or https://\)$")
+        line = fails_with(conv, rf"^{said}; check --server \(its port, and http:// or https://\)$")
         assert "ask again" not in line
-        with pytest.raises(RemoteError, match=r"is not valid HTTP"):
+        with pytest.raises(RemoteError, match=said):
             RemoteConversation.connect(bad)
         conv.client.close()
         conv.client = good
         server.chat(Reply.sse(GOOD))
         list(conv.ask("again"))
         assert [t.user_text for t in conv.turns] == ["first", "again"]
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("0", "0 s"), ("59", "59 s"), ("90", "2 minutes"), ("3569", "59 minutes"), ("3599", "about 1 hour"),
+     ("7200", "about 2 hours"), ("86400", "about a day"), ("999999", "over a day"), ("9" * 5000, "over a day"),
+     ("Sat, 05 Dec 2026 12:02:00 GMT", "2 minutes"), ("Sat, 05 Dec 2026 12:00:30 -0000", "30 s"),
+     ("Sat, 05 Dec 2026 11:00:00 GMT", None), ("-5", None), ("1.5", None), ("\xb2", None), ("", None), (None, None)],
+)  # fmt: skip
+def test_a_retry_after_is_said_as_a_person_would_say_the_wait(value, shown):
+    """Retry-After was shown as sent, "wait 999999 s", and an HTTP date (which the header may be) not at all."""
+    noon = 1796472000.0  # Sat, 05 Dec 2026 12:00:00 GMT
+    assert wait_asked(value, now=noon) == shown
+
+
+@pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.6\r\n", b"S", b"HTTX"], ids=["ssh", "one-byte", "near-http"])
+def test_a_server_that_sends_a_line_of_another_protocol_and_waits_is_not_http_at_once(banner):
+    """An SSH server at the --server port sends its banner line and waits: h11 waits for a whole
+    head, so the request ended at the head's timeout with "it may be overloaded: try again". The
+    first bytes that cannot start "HTTP/" say it at once, as a TLS alert's do."""
+    with dripping_server(banner, b"", seconds=120.0) as ssh:
+        client = ApiClient(ssh, "", 60.0)  # the head's timeout: well past the test's own run
+        conv = RemoteConversation(client, "m", "generic", params=SamplingParams(max_new_tokens=8))
+        with pytest.raises(RemoteError) as err:
+            list(conv.ask("hi"))
+        shown = banner.decode().strip()
+        assert str(err.value) == (f"what answers at {ssh} is not an HTTP server (it began with: {shown}); "
+                                  "check --server (its port, and http:// or https://)")  # fmt: skip
+        with pytest.raises(RemoteError, match=r"^what answers at .* is not an HTTP server \(it began with: "):
+            RemoteConversation.connect(ssh)  # the handshake's GET /models alike
+        client.close()
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-from remote_helpers import FakeServer, Reply, fixture, refusing_port, unanswered_port
-from proxy_helpers import error_page_proxy
+from remote_helpers import FakeServer, Reply, fixture, refusing_port, tls_server, unanswered_port
+from proxy_helpers import error_page_proxy, tunnel_proxy
 
 from internvl_chat.chat import remote_http
 from internvl_chat.chat.remote import RemoteConversation
@@ -243,3 +243,35 @@ def test_a_plain_http_proxys_error_page_says_its_status_and_text(proxy_env, answ
         RemoteConversation.connect("http://gpu-box.invalid:8000/v1")
     assert str(err.value) == ("the server (or a proxy in front of it) answered 502 Bad Gateway: the proxy says no; check "
                               "that the server is running (and that the proxy reaches it)")  # fmt: skip
+
+
+def test_an_untrusted_certificate_through_a_proxy_is_the_servers_not_the_proxys(proxy_env):
+    """Through an HTTPS_PROXY tunnel, a server certificate the client does not trust read "cannot
+    reach … through the proxy in HTTPS_PROXY; check the proxy": the proxy had done its part."""
+    with tls_server() as port, tunnel_proxy(port) as proxy_port:
+        proxy_env(HTTPS_PROXY=f"http://127.0.0.1:{proxy_port}")
+        with pytest.raises(RemoteError) as err:
+            RemoteConversation.connect("https://gpu-box.invalid/v1")
+    line = str(err.value)
+    assert line.startswith("cannot connect to https://gpu-box.invalid/v1: its TLS certificate is not trusted ("), line
+    assert line.endswith("; check the host name in --server, or name the CA that signed it in SSL_CERT_FILE"), line
+
+
+def test_a_plain_http_server_through_a_proxy_s_tunnel_says_to_use_http(proxy_env):
+    with FakeServer(fixture("vllm/models.json")) as server:
+        with tunnel_proxy(int(server.url.rsplit(":", 1)[1].removesuffix("/v1"))) as proxy_port:
+            proxy_env(HTTPS_PROXY=f"http://127.0.0.1:{proxy_port}")
+            with pytest.raises(RemoteError) as err:
+                RemoteConversation.connect("https://gpu-box.invalid/v1")
+    assert str(err.value) == "cannot connect to https://gpu-box.invalid/v1: the server does not speak TLS; use http:// in --server"
+
+
+def test_an_https_proxy_s_own_untrusted_certificate_is_still_the_proxys(proxy_env):
+    """The handshake with an https:// proxy is the proxy's: only the one inside its tunnel is the server's."""
+    with tls_server() as port:
+        proxy_env(HTTPS_PROXY=f"https://127.0.0.1:{port}")
+        with pytest.raises(RemoteError) as err:
+            RemoteConversation.connect("https://gpu-box.invalid/v1")
+    line = str(err.value)
+    assert line.startswith("cannot reach https://gpu-box.invalid/v1 through the proxy in HTTPS_PROXY ("), line
+    assert "CERTIFICATE_VERIFY_FAILED" in line, line

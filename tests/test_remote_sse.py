@@ -55,6 +55,14 @@ def test_multi_line_data_named_events_ids_and_comments():
     assert decoder.comments == 1
 
 
+def test_llama_cpp_s_error_line_is_an_error_event():
+    """llama.cpp sends an error in the stream as `error: {json}`, a field the format ignores: the
+    stream then read as closed early, without the server's message."""
+    events, decoder = events_of([b'data: {"a": 1}\n\nerror: {"message": "no"}\n\ndata: {"b": 2}\n\n'])
+    assert events == [SSEEvent('{"a": 1}'), SSEEvent('{"message": "no"}', "error"), SSEEvent('{"b": 2}')]
+    assert decoder.foreign is None
+
+
 @pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
 def test_every_line_ending_of_the_format(newline):
     body = b"\xef\xbb\xbfdata: a" + newline + b"data: b" + newline + newline + b"data: [DONE]" + newline + newline

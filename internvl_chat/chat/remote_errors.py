@@ -8,10 +8,16 @@ Error bodies come in two shapes and both are read: OpenAI's nested `{"error": {"
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import html
 import json
+import math
 import re
+import time
 from http import HTTPStatus
+from typing import TypeVar
+from urllib.parse import urljoin, urlsplit
 
 import h11
 import httpx
@@ -19,7 +25,10 @@ import httpx
 from ..errors import RemoteError
 from ..files import visible
 from .advice import Advice, any_of
+from .remote_sockets import NotHttpAnswer
 from .sse import StreamFailed
+
+E = TypeVar("E", bound=BaseException)
 
 SHOWN_CHARS = 300  # of a server's error message
 PAGE_CHARS = 160  # of a body that is no error object (a proxy's HTML page, plain text)
@@ -229,11 +238,13 @@ def page_note(body: bytes, content_type: str | None) -> str:
 
 
 def http_error(status: int, body: bytes, retry_after: str | None, location: str | None = None,
-               advice: Advice = Advice(), model: str | None = None, content_type: str | None = None) -> RemoteError:  # fmt: skip
+               advice: Advice = Advice(), model: str | None = None, content_type: str | None = None,
+               requested: str | None = None) -> RemoteError:  # fmt: skip
     """One line for a non-200 answer: the status first, then the server's message, then a hint
     (a context overflow is its own line, context_refusal)
     (`advice`: the fixes a refused chat request can name, chat/advice.py; `model`: the model a
-    chat request named, None for other requests). A body that is no OpenAI-style error (an HTML
+    chat request named, None for other requests; `requested`: the URL asked, which a redirect's
+    Location is compared with). A body that is no OpenAI-style error (an HTML
     page, plain text) is shown by `unshaped_body`; with a 502-504 it is most likely a proxy's."""
     message = error_message(body)
     detail = message if message is not None else unshaped_body(body, status, content_type)
@@ -245,8 +256,7 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
     elif status >= 500:
         hint = "the server failed; try again, or look at its log"
     elif 300 <= status < 400:  # redirects are never followed (they could lead anywhere, with the key)
-        where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
-        hint = f"{where} is not followed; check --server (https?)"
+        hint = redirect_hint(location, requested)
     elif status == 400 and CONTEXT_OVERFLOW.search(body.decode("utf-8", errors="replace")):
         said = error_message(body, with_kind=False) or unshaped_body(body, status, content_type)
         return ContextRefused(context_refusal(advice, said=said), said)  # RemoteConversation adds the limit
@@ -258,11 +268,61 @@ def http_error(status: int, body: bytes, retry_after: str | None, location: str 
         hint = unknown_model_hint(model, advice)
     else:
         hint = _HINTS.get(status, "check the request")
-    wait = (retry_after or "").strip()
-    if status in (429, 503) and wait.isascii() and wait.isdigit() and len(wait) <= 6:  # int() refuses "²" and 5000 digits
-        hint += f" (it asks to wait {int(wait)} s)"
+    wait = wait_asked(retry_after) if status in (429, 503) else None
+    if wait is not None:
+        hint += f" (it asks to wait {wait})"
     said = f": {shorten(detail)}" if detail else ""
     return RemoteError(f"{who} answered {_status_line(status)}{said}; {hint}")
+
+
+def redirect_hint(location: str | None, requested: str | None) -> str:
+    """What to do about a redirect, by where it leads from the URL asked: the same host over
+    https (a server that takes only TLS), another path there (--server is not the API root), or
+    elsewhere."""
+    where = f"it redirects to {shorten(location, 120)}, which" if location else "a redirect"
+    try:
+        asked = urlsplit(requested or "")
+        target = urlsplit(urljoin(requested or "", location or ""))
+        same_host = bool(location) and target.hostname == asked.hostname
+    except ValueError:  # a Location that is no URL (an unclosed IPv6 bracket)
+        same_host = False
+    if same_host and asked.scheme == "http" and target.scheme == "https":
+        return f"{where} is not followed; use https:// in --server"
+    if same_host and target.scheme == asked.scheme:
+        return f"{where} is not followed; check the path in --server (the API root, which usually ends in /v1)"
+    return f"{where} is not followed; check --server"
+
+
+def wait_asked(retry_after: str | None, now: float | None = None) -> str | None:
+    """A Retry-After header (seconds, or an HTTP date) as a wait a person reads: "7 s", "2 minutes",
+    "about 3 hours", "over a day" (a value that long is a broken server's); None for a value that is
+    neither, or a date already past. Only the number is shown, never the server's text."""
+    text = (retry_after or "").strip()
+    if text.isascii() and text.isdigit():  # int() would refuse "²", and take 5000 digits slowly: cut first
+        seconds = int(text) if len(text) <= 9 else 10**9
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:  # "-0000": a date in UTC
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = math.ceil(when.timestamp() - (time.time() if now is None else now))
+        if seconds <= 0:
+            return None
+    return human_wait(seconds)
+
+
+def human_wait(seconds: int) -> str:
+    """`seconds` rounded to the unit a person would say (3599 s is "about 1 hour", not "60 minutes")."""
+    minutes, hours = round(seconds / 60), round(seconds / 3600)
+    if seconds < 60:
+        return f"{seconds} s"
+    if minutes < 60:
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    if hours < 24:
+        return f"about {hours} hour{'s' if hours != 1 else ''}"
+    return "about a day" if seconds <= 86400 else "over a day"
 
 
 def mib(limit: int) -> str:
@@ -289,11 +349,9 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
     if isinstance(err, httpx.ConnectTimeout):
         return RemoteError(f"connecting to {url} timed out after {connect_s:g} s; check --server and the network")
     if isinstance(err, httpx.ConnectError):
-        if url.startswith("https:") and NOT_TLS.search(str(err)):
-            return RemoteError(f"cannot connect to {url}: the server does not speak TLS; use http:// in --server")
-        if url.startswith("https:") and NOT_TRUSTED.search(str(err)):
-            return RemoteError(f"cannot connect to {url}: its TLS certificate is not trusted ({reason(err)}); check the "
-                               "host name in --server, or name the CA that signed it in SSL_CERT_FILE")  # fmt: skip
+        refused = tls_refusal(err, url)
+        if refused is not None:
+            return refused
         return RemoteError(f"cannot connect to {url} ({reason(err)}); is the server running? check --server")
     if isinstance(err, httpx.ReadTimeout):
         return StreamFailed(f"the server sent nothing for {timeout:g} s",
@@ -308,22 +366,43 @@ def transport_error(err: httpx.TransportError | httpx.DecodingError, url: str, t
     return StreamFailed(f"the connection to {url} broke {where} ({reason(err)})", "ask again")
 
 
+def tls_refusal(err: httpx.TransportError, url: str) -> RemoteError | None:
+    """The line for a TLS handshake with an https:// server that failed on the server's side (it
+    speaks no TLS, or its certificate is not trusted); None for any other failure."""
+    if not url.startswith("https:"):
+        return None
+    if NOT_TLS.search(str(err)):
+        return RemoteError(f"cannot connect to {url}: the server does not speak TLS; use http:// in --server")
+    if NOT_TRUSTED.search(str(err)):
+        return RemoteError(f"cannot connect to {url}: its TLS certificate is not trusted ({reason(err)}); check the "
+                           "host name in --server, or name the CA that signed it in SSL_CERT_FILE")  # fmt: skip
+    return None
+
+
 def not_http(url: str, err: httpx.RemoteProtocolError) -> RemoteError:
-    """For a head that could not be parsed: another protocol at the port (TLS, SSH), or a broken one."""
-    return RemoteError(f"the answer of {url} is not valid HTTP ({reason(err)}); "
-                       "check --server (its port, and http:// or https://)")
+    """For an answer that is not HTTP: another protocol at the port (an SSH banner, TLS), said as
+    soon as its first bytes come (NotHttpAnswer), or a head h11 could not parse (a broken one)."""
+    todo = "check --server (its port, and http:// or https://)"
+    other = _cause(err, NotHttpAnswer)
+    if other is not None:
+        began = other.began.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
+        return RemoteError(f"what answers at {url} is not an HTTP server (it began with: {shorten(began, 60)}); {todo}")
+    return RemoteError(f"the answer of {url} is not valid HTTP ({reason(err)}); {todo}")
 
 
 def unparsable(err: BaseException) -> bool:
-    """Whether h11 could not parse what the server sent (a server that hung up is httpcore's own error)."""
+    """Whether what the server sent is not HTTP (a server that hung up is httpcore's own error)."""
+    return _cause(err, h11.RemoteProtocolError) is not None or _cause(err, NotHttpAnswer) is not None
+
+
+def _cause(err: BaseException, kind: type[E]) -> E | None:
+    """`err` or the error under it of type `kind` (httpx's error, httpcore's, h11's), or None."""
     seen: BaseException | None = err
-    for _ in range(16):  # httpx's error, httpcore's, h11's
-        if seen is None:
-            return False
-        if isinstance(seen, h11.RemoteProtocolError):
-            return True
+    for _ in range(16):
+        if seen is None or isinstance(seen, kind):
+            return seen
         seen = seen.__cause__ or seen.__context__
-    return False
+    return None
 
 
 def head_late(timeout: float) -> RemoteError:

@@ -29,6 +29,7 @@ from .remote_errors import (
     page_note,
     reason,
     shorten,
+    tls_refusal,
     transport_error,
     unparsable,
 )
@@ -106,6 +107,9 @@ class ApiClient:
         self.connector = Connector()  # makes the connects, which ChatStream.abort can end
         self.head_watch: HeadWatch | None = None  # of the latest request
         self.head_failed = False  # the latest request's head could not be read (the server hung up, or sent no HTTP)
+        # the latest request's TLS handshake with the server failed inside a proxy's tunnel: the proxy
+        # did its part (an https:// proxy's own handshake is traced as the connection's)
+        self.tunnel_tls_failed = False
         # a request failed below HTTP (refused, reset, timed out), or a proxy said the server behind it
         # is not there (502-504): the server may have restarted since, with another context;
         # RemoteConversation re-reads the model list before its next request
@@ -146,6 +150,8 @@ class ApiClient:
                 self._sockets.add(sock)
                 if self.connector.abandoned:  # an abort as the connect ended: after abandon and shut_all had looked
                     shut(sock)
+        elif event == "proxy.start_tls.failed":  # the handshake with the server, in the proxy's tunnel
+            self.tunnel_tls_failed = True
         elif event == "http11.send_request_body.complete":  # the time to upload pictures does not count
             self.head_watch = HeadWatch(self._sockets, self.timeout)
         elif event in ("http11.receive_response_headers.complete", "http11.receive_response_headers.failed"):
@@ -165,11 +171,12 @@ class ApiClient:
         if response.status_code != 200:
             raise http_error(response.status_code, read_limited(response, ERROR_BODY_LIMIT, self.timeout),
                              response.headers.get("retry-after"), response.headers.get("location"),
-                             self.advice, self.chat_model, response.headers.get("content-type"))  # fmt: skip
+                             self.advice, self.chat_model, response.headers.get("content-type"),
+                             str(response.request.url))  # fmt: skip
 
     def stream(self, method: str, path: str, connect_s: float | None = None, **kwargs):
         """httpx's streamed request, its head watched (`trace`); `connect_s`: a shorter connect timeout."""
-        self.head_watch, self.head_failed = None, False
+        self.head_watch, self.head_failed, self.tunnel_tls_failed = None, False, False
         if connect_s is not None:
             kwargs["timeout"] = httpx.Timeout(self.timeout, connect=min(connect_s, self.connect_s))
         return self.http.stream(method, path, extensions={"trace": self.trace}, **kwargs)
@@ -181,6 +188,10 @@ class ApiClient:
             return head_late(self.timeout)
         if self.head_failed and isinstance(err, httpx.RemoteProtocolError) and unparsable(err):
             return not_http(self.shown_url, err)  # "ask again" would get the same
+        if self.tunnel_tls_failed and isinstance(err, httpx.ConnectError):
+            refused = tls_refusal(err, self.shown_url)  # the server's certificate, not the proxy's fault
+            if refused is not None:
+                return refused
         if self.proxy is not None and isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError)):
             return RemoteError(f"cannot reach {self.shown_url} through {self.proxy} ({reason(err)}); "
                                "check the proxy, or add the server's host to NO_PROXY")  # fmt: skip

@@ -5,6 +5,7 @@ in a worker thread (`Connector`), so that a cancel or a deadline can abandon one
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import weakref
@@ -102,9 +103,63 @@ class _Attempt:
             stream.close()
 
 
+# How an HTTP request's head starts (one write, httpcore's): an answer to it must start "HTTP/"
+HTTP_REQUEST = re.compile(rb"[A-Z]+ \S+ HTTP/1\.[01]\r\n")
+STATUS_START = b"HTTP/"  # how every HTTP/1 status line starts (h11 takes no other)
+
+
+class NotHttpAnswer(httpcore.RemoteProtocolError):
+    """What answered an HTTP request does not start with "HTTP/": another protocol at the port
+    (an SSH server's banner, a TLS alert). `began`: the first bytes it sent."""
+
+    def __init__(self, began: bytes):
+        super().__init__("it does not answer with HTTP")
+        self.began = began
+
+
+class HttpAnswerCheck(httpcore.NetworkStream):
+    """A connection whose first answer is checked as its first bytes come: h11 waits for a whole
+    head (an empty line), which a server speaking another protocol may never send, and SSH's
+    server sends its banner line and waits (the request then ended at the head's timeout, as
+    if the server were busy). Only after a request has been written: a SOCKS proxy's handshake,
+    made on the same connection before it, is binary."""
+
+    def __init__(self, stream: httpcore.NetworkStream):
+        self._stream = stream
+        self._expecting = False  # an HTTP request went out, its answer's start not yet seen whole
+        self._start = b""  # the answer's first bytes so far (up to len(STATUS_START))
+        self._checked = False  # one answer started right: the connection speaks HTTP
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not self._checked and HTTP_REQUEST.match(buffer):
+            self._expecting = True
+        self._stream.write(buffer, timeout)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = self._stream.read(max_bytes, timeout)
+        if self._expecting and data:
+            self._start += data[: len(STATUS_START) - len(self._start)]
+            if not STATUS_START.startswith(self._start):
+                raise NotHttpAnswer(data)
+            self._checked = len(self._start) == len(STATUS_START)
+            self._expecting = not self._checked
+        return data
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> httpcore.NetworkStream:
+        # a new layer: what answers through it (the server behind an HTTP proxy's tunnel) is checked anew
+        return HttpAnswerCheck(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str):
+        return self._stream.get_extra_info(info)
+
+
 class Connector(httpcore.SyncBackend):
     """httpcore's connects, each ended at once by `abandon()` (ChatStream.abort: a cancel, the
-    deadline). A connect has no socket that another thread could shut, so it is made in a worker
+    deadline). Each connection made checks that what answers it speaks HTTP (HttpAnswerCheck).
+    A connect has no socket that another thread could shut, so it is made in a worker
     thread while the request's thread waits for it or for the abandon; a connection made after
     that is closed. The wait also ends at a Ctrl-C, as the connect itself did."""
 
@@ -146,7 +201,7 @@ class Connector(httpcore.SyncBackend):
                 abandoned = self._abandoned
             if abandoned:
                 raise httpcore.ConnectError("abandoned")
-            return attempt.outcome()
+            return HttpAnswerCheck(attempt.outcome())
         except BaseException:
             attempt.give_up()
             raise

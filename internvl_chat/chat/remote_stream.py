@@ -5,6 +5,7 @@ a server that ignores stream=true read as one chunk, each body read with a size 
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # remote_http.py imports this module: no import cycle at run 
 # text, and one read of gzip inflates ~1000×: 64 MiB let ~64 KB sent become ~1.5 GiB.
 JSON_BODY_LIMIT = 8 << 20
 FEED_BYTES = 64 << 10  # of an event stream decoded at a time (a network read's size)
+JSON_LEAD = b"\xef\xbb\xbf \t\r\n"  # what may come before a JSON body's "{" (a byte-order mark, white space)
 
 
 def _has_text(chunk: dict) -> bool:
@@ -62,6 +64,7 @@ class ChatStream:
         self._socket: socket.socket | None = None
         self._started = False  # answer text received: an error after it is "in the middle of the answer"
         self._in_flight = False  # the request is being sent, or its head awaited
+        self._evented = False  # a stream event came
         self._events = self._run()
 
     def __iter__(self) -> Iterator[dict]:
@@ -130,10 +133,7 @@ class ChatStream:
         client = self._client
         kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "application/json":  # a server that ignores stream=true
-            body = read_limited(response, JSON_BODY_LIMIT + 1, client.timeout)
-            if len(body) > JSON_BODY_LIMIT:
-                raise RemoteError(f"the server's answer is over {mib(JSON_BODY_LIMIT)}; is --server an OpenAI-compatible server?")
-            yield _whole_answer_as_chunk(body)
+            yield self._whole_answer(response.iter_bytes())
             self.done = True
             return
         if kind != "text/event-stream":
@@ -142,12 +142,22 @@ class ChatStream:
                 f"the server answered with {shorten(kind, 60) or 'no content type'}{page_note(page, kind)}, not an event "
                 "stream; is --server the API root of an OpenAI-compatible server (…/v1)?"
             )
+        pieces = _pieces(response.iter_bytes())
+        first = _lead(pieces, client.timeout)
+        if first.lstrip(JSON_LEAD).startswith(b"{"):  # no event starts so: JSON under the stream's type
+            yield self._whole_answer(itertools.chain([first], pieces))
+            self.done = True
+            return
         decoder = SSEDecoder()
         # the read timeout restarts with every byte: keep-alives, blank lines or a line that
         # never ends would hold the answer forever, so they count as nothing sent
         last_event = time.monotonic()
-        for piece in _pieces(response.iter_bytes()):
+        start = bytearray()  # the body's start: what it is, said when it holds no event
+        for piece in itertools.chain([first], pieces):
+            if len(start) < PAGE_BYTES:
+                start += piece[: PAGE_BYTES - len(start)]
             events = decoder.feed(piece)
+            self._evented = self._evented or bool(events)
             for event in events:
                 chunk = _parse_event(event.event, event.data)
                 if chunk is None:
@@ -166,12 +176,44 @@ class ChatStream:
                 )
         if self.aborted:
             return  # a line cut short by the shut socket is no event
-        for event in decoder.finish():
+        finished = decoder.finish()
+        if not (finished or self._evented) and decoder.foreign is not None:
+            raise RemoteError(_not_events(bytes(start), decoder.foreign))
+        for event in finished:
             chunk = _parse_event(event.event, event.data)
             if chunk is None:
                 self.done = True
                 return
             yield chunk
+
+    def _whole_answer(self, chunks: Iterator[bytes]) -> dict:
+        """A body that is one JSON object: a non-streamed answer as one chunk, or the server's
+        error (some servers and proxies send a streamed request's error so, even under the event
+        stream's type, where it read as a stream closed early)."""
+        body = read_chunks(chunks, JSON_BODY_LIMIT + 1, self._client.timeout)
+        if len(body) > JSON_BODY_LIMIT:
+            raise RemoteError(f"the server's answer is over {mib(JSON_BODY_LIMIT)}; is --server an OpenAI-compatible server?")
+        return _whole_answer_as_chunk(body)
+
+
+def _not_events(start: bytes, foreign: str) -> str:
+    """For a body under the event stream's type that held no event, only lines that are not the
+    format's (a proxy's HTML page, an error in plain text): it read as a stream closed early."""
+    said = page_note(start, None) or f" (its first line: {shorten(foreign, 80)})"
+    return (f"the server's event stream held no event{said}; is --server the API root of an OpenAI-compatible "
+            "server (…/v1)?")
+
+
+def _lead(pieces: Iterator[bytes], timeout: float) -> bytes:
+    """The body's first pieces, up to one with more than white space (or `timeout` s of white space:
+    the event loop then bounds the wait), which says whether it is JSON."""
+    lead: list[bytes] = []
+    started = time.monotonic()
+    for piece in pieces:
+        lead.append(piece)
+        if piece.strip(JSON_LEAD) or time.monotonic() - started > timeout:
+            break
+    return b"".join(lead)
 
 
 def _pieces(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -185,10 +227,15 @@ def _pieces(chunks: Iterator[bytes]) -> Iterator[bytes]:
 def read_limited(response: httpx.Response, limit: int, timeout: float) -> bytes:
     """At most `limit` bytes of the body, within `timeout` s in all (a body trickled a byte at a time
     would restart the read timeout with each byte)."""
+    return read_chunks(response.iter_bytes(), limit, timeout)
+
+
+def read_chunks(chunks: Iterator[bytes], limit: int, timeout: float) -> bytes:
+    """`read_limited` of a body whose reading has begun (httpx reads a body once)."""
     parts: list[bytes] = []
     total = 0
     started = time.monotonic()
-    for raw in response.iter_bytes():
+    for raw in chunks:
         parts.append(raw)
         total += len(raw)
         if total > limit:
@@ -225,7 +272,7 @@ def _parse_event(event: str, data: str) -> dict | None:
 def _whole_answer_as_chunk(body: bytes) -> dict:
     """A non-streamed chat.completion turned into one stream chunk."""
     try:
-        obj = json.loads(body.decode("utf-8", errors="replace"))
+        obj = json.loads(body.decode("utf-8-sig", errors="replace"))  # -sig: a byte-order mark is no JSON
     except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         raise RemoteError("the server's answer is not valid JSON; is --server an OpenAI-compatible server?") from None
     message = error_text(obj)

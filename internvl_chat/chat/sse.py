@@ -2,7 +2,7 @@
 
 OpenAI-compatible servers stream chat completions as `data: {json}` events ended by a blank line,
 close with `data: [DONE]`, and may send comment lines (`:` ping keep-alives, as llama.cpp does),
-named events (`event: error`) and multi-line data. Bytes arrive in arbitrary pieces, so a line, a
+named events (`event: error`; llama.cpp's `error: {json}` line is read as one) and multi-line data. Bytes arrive in arbitrary pieces, so a line, a
 UTF-8 character or a `\\r\\n` may be split between two reads; the decoder keeps what is incomplete.
 """
 
@@ -17,6 +17,7 @@ from ..errors import RemoteError
 # One event far larger than any real chunk (a broken or hostile server); its JSON is parsed, at up
 # to ~30× its size, so this bounds memory too
 MAX_EVENT_CHARS = 8 << 20
+FOREIGN_CHARS = 200  # kept of the first line that is not the format's
 
 
 class StreamFailed(RemoteError):
@@ -51,6 +52,7 @@ class SSEDecoder:
         self._started = False
         self._after_cr = False  # the text so far ended in a CR, taken as its line's end: an LF next is its CRLF's
         self.comments = 0
+        self.foreign: str | None = None  # the start of the first line that is no field of the format (a page, text)
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         text = self._utf8.decode(chunk)
@@ -126,9 +128,14 @@ class SSEDecoder:
             self._data_chars += len(value) + 1  # and the \n that joins it: empty lines count too
         elif name == "event":
             self._event = value
+        elif name == "error":  # llama.cpp's own field for an error in the stream: an `event: error`'s data
+            self._data.append(value)
+            self._data_chars += len(value) + 1
+            self._event = "error"
         elif name == "id" and "\0" not in value:
             self._last_id = value
-        # "retry" and unknown fields are ignored, as the format says
+        elif name != "retry" and self.foreign is None:
+            self.foreign = line[:FOREIGN_CHARS]  # ignored, as the format says; kept to say what came instead
         return None
 
     def _dispatch(self) -> SSEEvent | None:
