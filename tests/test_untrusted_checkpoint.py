@@ -296,7 +296,7 @@ def test_a_git_lfs_pointer_in_place_of_a_file_says_to_pull_it(tiny_original, tmp
     with pytest.raises(CheckpointError) as err:
         load_model(folder, device="cpu", dtype="float32", max_context=64)
     assert one_line(err) == (f"{path} is a Git LFS pointer, not the file itself: the checkpoint was cloned without Git LFS; "
-                             "run `git lfs install` and `git lfs pull` in its folder (or download it with `huggingface-cli download`)")
+                             "run `git lfs install` and `git lfs pull` in its folder (or download it with `hf download`)")
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "model-00002-of-00002.safetensors", "pytorch_model.bin", "model.pt",

@@ -29,7 +29,7 @@ def refuse_lfs_pointer(path: Path, head: bytes) -> None:
     if head.startswith(LFS_POINTER):
         raise CheckpointError(
             f"{visible(str(path))} is a Git LFS pointer, not the file itself: the checkpoint was cloned without Git LFS; "
-            "run `git lfs install` and `git lfs pull` in its folder (or download it with `huggingface-cli download`)"
+            "run `git lfs install` and `git lfs pull` in its folder (or download it with `hf download`)"
         )
 
 
