@@ -45,6 +45,27 @@ def test_no_stop_strings_passes_text_through():
     assert matcher.push("abc") == "abc" and not matcher.hit
 
 
+# ---- a text prompt's special tokens (serve/text_completions.py) ---------------------------------
+
+
+def test_a_text_prompts_special_tokens_are_found_without_decoding_them_again(tiny_tokenizer, monkeypatch):
+    # every text prompt decoded each special id to rebuild the same map and regex
+    from internvl_chat.engine.tokenizer import load_tokenizer
+    from internvl_chat.serve.text_completions import encode_prompt_text
+
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text = "red<|im_end|>green"
+    first = encode_prompt_text(tokenizer, text)
+    assert im_end in tokenizer.special_ids and first == tokenizer.encode("red") + [im_end] + tokenizer.encode("green")
+    decoded = []
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, *a, **kw: decoded.append(ids))
+    assert encode_prompt_text(tokenizer, text) == first and decoded == []
+    monkeypatch.undo()
+    tokenizer.special_ids = frozenset()  # other special ids: the map is theirs
+    assert encode_prompt_text(tokenizer, text) == tokenizer.encode(text)
+
+
 # ---- the write deadline (serve/connections.py) ----------------------------------------------------
 
 
