@@ -229,6 +229,20 @@ def test_switches_sent_as_null_are_off(server):
     assert answer["object"] == "chat.completion" and "token_ids" not in answer["choices"][0]
 
 
+@pytest.mark.parametrize("path, prompt", [("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                                          ("/v1/completions", {"prompt": "Hi"})])  # fmt: skip
+def test_stream_options_without_a_stream_are_refused_but_null_ones_are_not(server, path, prompt):
+    # include_usage with stream false was accepted, and the answer had no usage chunk to give it: vLLM answers 400
+    def post(**fields) -> httpx.Response:
+        return httpx.post(f"{server.url}{path}", json={"model": "tiny", **prompt, "max_tokens": 1, **fields}, timeout=WAIT_S)
+
+    refused = post(stream=False, stream_options={"include_usage": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream_options", refused.text
+    assert refused.json()["error"]["message"].startswith("stream_options.include_usage is set but stream is not true")
+    for fields in ({"stream": None, "stream_options": {"include_usage": None}}, {"stream": False, "stream_options": {}}):
+        assert post(**fields).status_code == 200, fields
+
+
 def test_media_options_sent_as_null_are_the_server_s_defaults(server, photo):
     # max_dynamic_patch null took the checkpoint's 12 tiles over the server's [media] max_tiles; num_frames null was a 400
     from internvl_chat.serve.protocol import parse_request

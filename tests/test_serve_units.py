@@ -45,6 +45,27 @@ def test_no_stop_strings_passes_text_through():
     assert matcher.push("abc") == "abc" and not matcher.hit
 
 
+# ---- a text prompt's special tokens (serve/text_completions.py) ---------------------------------
+
+
+def test_a_text_prompts_special_tokens_are_found_without_decoding_them_again(tiny_tokenizer, monkeypatch):
+    # every text prompt decoded each special id to rebuild the same map and regex
+    from internvl_chat.engine.tokenizer import load_tokenizer
+    from internvl_chat.serve.text_completions import encode_prompt_text
+
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text = "red<|im_end|>green"
+    first = encode_prompt_text(tokenizer, text)
+    assert im_end in tokenizer.special_ids and first == tokenizer.encode("red") + [im_end] + tokenizer.encode("green")
+    decoded = []
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, *a, **kw: decoded.append(ids))
+    assert encode_prompt_text(tokenizer, text) == first and decoded == []
+    monkeypatch.undo()
+    tokenizer.special_ids = frozenset()  # other special ids: the map is theirs
+    assert encode_prompt_text(tokenizer, text) == tokenizer.encode(text)
+
+
 # ---- the write deadline (serve/connections.py) ----------------------------------------------------
 
 
@@ -518,10 +539,48 @@ def test_neutral_values_of_vllms_answer_controls_are_accepted():
                "include_stop_str_in_output": False, "prompt_logprobs": None,
                "allowed_token_ids": [], "bad_words": [], "logits_processors": [], "truncate_prompt_tokens": None,
                "skip_special_tokens": True, "return_tokens_as_token_ids": False,
-               "stream_options": {"include_usage": True, "continuous_usage_stats": False}}  # fmt: skip
+               "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": False}}  # fmt: skip
     parse_completion_request(completion_body(**neutral, response_format={"type": "text"}, prompt_embeds=None))
     parse_request(chat_body(**neutral, chat_template=None, continue_final_message=False, add_generation_prompt=True,
                             chat_template_kwargs={"enable_thinking": False}))  # fmt: skip
+
+
+def parse_for(endpoint: str):
+    from internvl_chat.serve.protocol import parse_request
+    from internvl_chat.serve.text_completions import parse_completion_request
+
+    return (parse_request, chat_body) if endpoint == "chat" else (parse_completion_request, completion_body)
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("stream", ["missing", False, None])
+@pytest.mark.parametrize("options, named", [
+    ({"include_usage": True}, "stream_options.include_usage is set"),
+    ({"include_usage": False, "continuous_usage_stats": None}, "stream_options.include_usage is set"),
+    ({"include_usage": False, "continuous_usage_stats": False},
+     "stream_options.include_usage and stream_options.continuous_usage_stats are set"),
+])  # fmt: skip
+def test_stream_options_without_a_stream_are_a_400_naming_them(endpoint, stream, options, named):
+    # they were accepted and meant nothing (an answer sent whole has no usage chunk); OpenAI and vLLM refuse them
+    parse, body = parse_for(endpoint)
+    fields = {"stream_options": options} | ({} if stream == "missing" else {"stream": stream})
+    with pytest.raises(APIError) as err:
+        parse(body(**fields))
+    assert err.value.status == 400 and err.value.param == "stream_options"
+    assert err.value.message.startswith(named + " but stream is not true") and "send stream: true" in err.value.message
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("fields", [
+    {"stream": False, "stream_options": None}, {"stream": False, "stream_options": {}},
+    {"stream": None, "stream_options": {"include_usage": None}},  # a client that sends every argument
+    {"stream_options": {"include_usage": None, "continuous_usage_stats": None}},
+    {"stream": True, "stream_options": {"include_usage": True}}, {"stream": True, "stream_options": {"include_usage": False}},
+])  # fmt: skip
+def test_stream_options_that_ask_for_nothing_or_come_with_a_stream_are_accepted(endpoint, fields):
+    parse, body = parse_for(endpoint)
+    req = parse(body(**fields))
+    assert req.stream is bool(fields.get("stream"))
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ContextOverflowError, GenerationError, InternVLChatError
-from ..files import visible
+from ..files import shortened, visible
 
 # status → OpenAI's error `type` for it
 _TYPES = {
@@ -26,8 +26,7 @@ SHOWN_CHARS = 200  # of client-sent text quoted in an error message
 def shown(text: str, limit: int = SHOWN_CHARS) -> str:
     """Text the client sent, fit to quote in a message: control and bidi characters escaped
     (a client may print the message to a terminal), cut to `limit` characters."""
-    text = visible(text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return shortened(visible(text), limit)
 
 
 SHOWN_DIGITS = 20  # of a client-sent integer quoted in an error message

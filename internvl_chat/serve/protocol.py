@@ -112,8 +112,13 @@ class Message(_Model):
 
 
 class StreamOptions(_Model):
-    include_usage: Switch = False
-    continuous_usage_stats: Switch = False  # vLLM's usage on every chunk: refused (it was ignored)
+    # None: left out, or sent as null (clients that pass every argument), which asks for nothing
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's usage on every chunk: refused (it was ignored)
+
+    def set_fields(self) -> list[str]:
+        """The options sent with a value, true or false (null ones ask for nothing)."""
+        return [name for name in type(self).model_fields if getattr(self, name) is not None]
 
 
 class SamplingRequest(_Model):
@@ -392,6 +397,7 @@ def refuse_unsupported_sampling(req: SamplingRequest) -> None:
     if req.ignore_eos:
         raise bad_request("ignore_eos is not supported by this server; leave it out", param="ignore_eos")
     _refuse_vllm_controls(req)
+    _refuse_stream_options_unstreamed(req)
     if req.response_format and req.response_format.get("type", "text") != "text":
         where = "message" if req.PROMPT_PARAM == "messages" else "prompt"
         raise bad_request(f"response_format: only 'text' is supported (this server cannot constrain the answer to JSON); "
@@ -405,6 +411,17 @@ def refuse_unsupported_sampling(req: SamplingRequest) -> None:
     if len(longest) > MAX_STOP_STRING_CHARS:
         raise bad_request(f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters long; one has "
                           f"{len(longest)}", param="stop")  # fmt: skip
+
+
+def _refuse_stream_options_unstreamed(req: SamplingRequest) -> None:
+    """400 for stream_options set without `stream: true`, as OpenAI and vLLM answer it: they shape a
+    stream, and an answer sent whole has none (include_usage was accepted and meant nothing). Null
+    options and an empty object ask for nothing and stay accepted (clients that send every argument)."""
+    named = [f"stream_options.{name}" for name in req.stream_options.set_fields()] if req.stream_options else []
+    if named and not req.stream:
+        raise bad_request(f"{' and '.join(named)} {'is' if len(named) == 1 else 'are'} set but stream is not true: "
+                          "stream options apply to a streamed answer only; send stream: true, or leave stream_options "
+                          "out", param="stream_options")  # fmt: skip
 
 
 # vLLM's constraints on an answer's form; none is an option of this server's sampler

@@ -169,15 +169,30 @@ def encode_prompt_text(tokenizer: Tokenizer, text: str) -> list[int]:
     logprobs back by its own token count. Chat keeps such text as text (a user cannot forge a turn);
     here the client writes the whole input and may send the ids themselves anyway. (Qwen2's special
     tokens strip no spaces around them: a plain split is what transformers does.)"""
-    specials = {tokenizer.decode([i]): i for i in tokenizer.special_ids}
-    specials.pop("", None)
-    if not specials:
+    specials, pattern = _special_splitter(tokenizer)
+    if pattern is None:
         return tokenizer.encode(text)
-    pattern = "(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")"  # longest first
     ids: list[int] = []
-    for i, piece in enumerate(re.split(pattern, text)):  # the group keeps the specials, at odd places
+    for i, piece in enumerate(pattern.split(text)):  # the group keeps the specials, at odd places
         ids += [specials[piece]] if i % 2 else tokenizer.encode(piece)
     return ids
+
+
+def _special_splitter(tokenizer: Tokenizer) -> tuple[dict[str, int], re.Pattern[str] | None]:
+    """The special tokens' {text: id} and the regex that splits a text at them (None: no special
+    token has text), built once per tokenizer rather than for every text prompt (it decodes each
+    special id); kept with the special ids it was built from, and rebuilt should those be replaced."""
+    cached = tokenizer.__dict__.get("_special_splitter")
+    if cached is not None and cached[0] is tokenizer.special_ids:
+        return cached[1], cached[2]
+    special_ids = tokenizer.special_ids
+    specials = {tokenizer.decode([i]): i for i in special_ids}
+    specials.pop("", None)
+    pattern = None
+    if specials:  # longest first: a special whose text begins another's must not split it
+        pattern = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+    tokenizer.__dict__["_special_splitter"] = (special_ids, specials, pattern)
+    return specials, pattern
 
 
 def _too_long(tokens: int, context: int, where: str, at_least: str = "") -> APIError:
