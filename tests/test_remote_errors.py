@@ -12,7 +12,7 @@ from remote_helpers import FIXTURES, FakeServer, Reply, deaf_server, dripping_se
 
 from internvl_chat.chat import remote_http, remote_stream
 from internvl_chat.chat.remote import RemoteConversation
-from internvl_chat.chat.remote_errors import error_text, wait_asked
+from internvl_chat.chat.remote_errors import error_text, redirect_hint, wait_asked
 from internvl_chat.chat.remote_http import ApiClient, normalize_base_url
 from internvl_chat.chat.remote_sockets import HeadWatch
 from internvl_chat.chat.sampling import SamplingParams
@@ -135,7 +135,7 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply(301, [b"<html><title>301 Moved Permanently</title></html>"], "text/html",
                {"Location": "https://127.0.0.1/v1/chat/completions"}),
          r"^the server answered 301 Moved Permanently; it redirects to https://127\.0\.0\.1/v1/chat/completions, which is "
-         r"not followed; use https:// in --server$"),
+         r"not followed; use https:// and port 443 in --server$"),  # the fake server's port is another
         (Reply(307, [b""], "text/plain", {"Location": "/api/v1/chat/completions"}),
          r"^the server answered 307 Temporary Redirect; it redirects to /api/v1/chat/completions, which is not followed; "
          r"check the path in --server \(the API root, which usually ends in /v1\)$"),
@@ -270,6 +270,24 @@ def test_a_retry_after_is_said_as_a_person_would_say_the_wait(value, shown):
     """Retry-After was shown as sent, "wait 999999 s", and an HTTP date (which the header may be) not at all."""
     noon = 1796472000.0  # Sat, 05 Dec 2026 12:00:00 GMT
     assert wait_asked(value, now=noon) == shown
+
+
+@pytest.mark.parametrize(
+    ("requested", "location", "hint"),
+    [("http://gpu/v1/models", "https://gpu/v1/models", "use https:// in --server"),
+     ("http://gpu:8000/v1/models", "https://gpu:8000/v1/models", "use https:// in --server"),
+     ("http://gpu:8000/v1/models", "https://gpu/v1/models", "use https:// and port 443 in --server"),
+     ("http://gpu:8000/v1/models", "https://gpu:8443/v1/models", "use https:// and port 8443 in --server"),
+     ("http://gpu:80/v1/models", "https://gpu/v1/models", "use https:// and port 443 in --server"),
+     ("http://gpu:8000/v1/models", "/api/v1/models", "check the path in --server (the API root, which usually ends in /v1)"),
+     ("http://gpu/v1/models", "http://gpu:80/api/v1/models", "check the path in --server (the API root, which usually ends in /v1)"),
+     ("http://gpu:8000/v1/models", "http://gpu:9000/v1/models", "check --server"),
+     ("http://gpu:8000/v1/models", "https://gpu:99999/v1/models", "check --server")],
+)  # fmt: skip
+def test_a_redirect_to_another_port_is_not_said_to_be_fixed_by_https_or_the_path(requested, location, hint):
+    """--server http://gpu:8000 redirected to https://gpu/… said "use https:// in --server", which
+    leads to https://gpu:8000, where nothing speaks TLS; one to http://gpu:9000 said "check the path"."""
+    assert redirect_hint(location, requested).endswith(f", which is not followed; {hint}")
 
 
 @pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.6\r\n", b"S", b"HTTX"], ids=["ssh", "one-byte", "near-http"])

@@ -284,13 +284,21 @@ def redirect_hint(location: str | None, requested: str | None) -> str:
         asked = urlsplit(requested or "")
         target = urlsplit(urljoin(requested or "", location or ""))
         same_host = bool(location) and target.hostname == asked.hostname
+        # the port each names, or its scheme's (.port raises ValueError for one out of range)
+        asked_port, target_port = asked.port, target.port or _DEFAULT_PORTS.get(target.scheme)
     except ValueError:  # a Location that is no URL (an unclosed IPv6 bracket)
         same_host = False
     if same_host and asked.scheme == "http" and target.scheme == "https":
-        return f"{where} is not followed; use https:// in --server"
-    if same_host and target.scheme == asked.scheme:
+        # https:// put in --server keeps the port written there, else takes 443
+        if target_port == (asked_port or 443):
+            return f"{where} is not followed; use https:// in --server"
+        return f"{where} is not followed; use https:// and port {target_port} in --server"
+    if same_host and target.scheme == asked.scheme and target_port == (asked_port or _DEFAULT_PORTS.get(asked.scheme)):
         return f"{where} is not followed; check the path in --server (the API root, which usually ends in /v1)"
     return f"{where} is not followed; check --server"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def wait_asked(retry_after: str | None, now: float | None = None) -> str | None:
