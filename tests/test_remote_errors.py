@@ -308,6 +308,16 @@ def test_a_server_that_sends_a_line_of_another_protocol_and_waits_is_not_http_at
         client.close()
 
 
+def test_an_answer_that_begins_with_a_line_break_says_what_came_after_it():
+    """A stray CRLF before the status line (h11 takes none) said "(it began with: )": the first line
+    shown was the empty one."""
+    with dripping_server(b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"", seconds=1.0) as odd:
+        with pytest.raises(RemoteError) as err:
+            RemoteConversation.connect(odd)
+    assert str(err.value) == (f"what answers at {odd} is not an HTTP server (it began with: \\r\\nHTTP/1.1 200 OK); "
+                              "check --server (its port, and http:// or https://)")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "pieces",
     [[b": ping\n\n"], [b"\n"], [GOOD[: GOOD.index(b"\n\n") + 2], b"data: ", b"x"]],

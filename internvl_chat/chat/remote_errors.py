@@ -387,13 +387,17 @@ def tls_refusal(err: httpx.TransportError, url: str) -> RemoteError | None:
     return None
 
 
+FIRST_LINE = re.compile(rb"[\r\n]*[^\r\n]*")
+
+
 def not_http(url: str, err: httpx.RemoteProtocolError) -> RemoteError:
     """For an answer that is not HTTP: another protocol at the port (an SSH banner, TLS), said as
     soon as its first bytes come (NotHttpAnswer), or a head h11 could not parse (a broken one)."""
     todo = "check --server (its port, and http:// or https://)"
     other = _cause(err, NotHttpAnswer)
     if other is not None:
-        began = other.began.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
+        # its first line, with the line breaks before it (a stray CRLF before a status line), escaped
+        began = FIRST_LINE.match(other.began).group().decode("utf-8", errors="replace")
         return RemoteError(f"what answers at {url} is not an HTTP server (it began with: {shorten(began, 60)}); {todo}")
     return RemoteError(f"the answer of {url} is not valid HTTP ({reason(err)}); {todo}")
 
