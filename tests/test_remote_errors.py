@@ -14,7 +14,7 @@ from internvl_chat.chat import remote_http, remote_stream
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.remote_errors import error_text, redirect_hint, wait_asked
 from internvl_chat.chat.remote_http import ApiClient, normalize_base_url
-from internvl_chat.chat.remote_sockets import HeadWatch
+from internvl_chat.chat.remote_sockets import HeadWatch, HttpAnswerCheck, NotHttpAnswer
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.errors import InternVLChatError, RemoteError, UsageError
 
@@ -306,6 +306,30 @@ def test_a_server_that_sends_a_line_of_another_protocol_and_waits_is_not_http_at
         with pytest.raises(RemoteError, match=r"^what answers at .* is not an HTTP server \(it began with: "):
             RemoteConversation.connect(ssh)  # the handshake's GET /models alike
         client.close()
+
+
+class PiecesStream:
+    """A connection whose reads return `pieces`, one each (what the network delivers in parts)."""
+
+    def __init__(self, pieces: list[bytes]):
+        self.pieces = pieces
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        pass
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+def test_an_answer_whose_first_bytes_came_in_two_reads_is_shown_whole():
+    """The answer's start that came in an earlier read ("HT" of "HTX…") was left out of what it
+    began with: it read "X…"."""
+    stream = HttpAnswerCheck(PiecesStream([b"HT", b"X-protocol 1\r\n"]))
+    stream.write(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+    assert stream.read(65536) == b"HT"
+    with pytest.raises(NotHttpAnswer) as err:
+        stream.read(65536)
+    assert err.value.began == b"HTX-protocol 1\r\n"
 
 
 def test_an_answer_that_begins_with_a_line_break_says_what_came_after_it():

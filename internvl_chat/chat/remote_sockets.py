@@ -138,9 +138,10 @@ class HttpAnswerCheck(httpcore.NetworkStream):
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         data = self._stream.read(max_bytes, timeout)
         if self._expecting and data:
+            began = self._start + data  # the earlier reads' bytes too: all of them are in _start
             self._start += data[: len(STATUS_START) - len(self._start)]
             if not STATUS_START.startswith(self._start):
-                raise NotHttpAnswer(data)
+                raise NotHttpAnswer(began)
             self._checked = len(self._start) == len(STATUS_START)
             self._expecting = not self._checked
         return data
