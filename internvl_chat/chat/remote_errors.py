@@ -390,14 +390,18 @@ def tls_refusal(err: httpx.TransportError, url: str) -> RemoteError | None:
 FIRST_LINE = re.compile(rb"[\r\n]*[^\r\n]*")
 
 
-def not_http(url: str, err: httpx.RemoteProtocolError) -> RemoteError:
+def not_http(url: str, err: httpx.RemoteProtocolError, proxy: str | None = None) -> RemoteError:
     """For an answer that is not HTTP: another protocol at the port (an SSH banner, TLS), said as
-    soon as its first bytes come (NotHttpAnswer), or a head h11 could not parse (a broken one)."""
+    soon as its first bytes come (NotHttpAnswer), or a head h11 could not parse (a broken one).
+    `proxy`: the proxy the request went through, as a line names it, blamed when it answered so."""
     todo = "check --server (its port, and http:// or https://)"
     other = _cause(err, NotHttpAnswer)
     if other is not None:
         # its first line, with the line breaks before it (a stray CRLF before a status line), escaped
         began = FIRST_LINE.match(other.began).group().decode("utf-8", errors="replace")
+        if other.to_proxy:  # the server was never reached
+            return RemoteError(f"{proxy or 'the proxy'} does not speak HTTP (it began with: {shorten(began, 60)}); "
+                               "check its URL (its port), or add the server's host to NO_PROXY")  # fmt: skip
         return RemoteError(f"what answers at {url} is not an HTTP server (it began with: {shorten(began, 60)}); {todo}")
     return RemoteError(f"the answer of {url} is not valid HTTP ({reason(err)}); {todo}")
 
