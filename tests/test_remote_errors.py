@@ -358,6 +358,24 @@ def test_a_server_that_only_keeps_the_stream_alive_times_out(pieces, monkeypatch
                          r".*raise \[remote\] timeout")
 
 
+def test_blank_lines_before_the_first_event_are_bounded_once(monkeypatch):
+    """The blank lines that came before anything else were waited for twice: up to the timeout to
+    see whether the body is JSON, then as long again as the stream's own bound (600 s for 300)."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        readings: list[float] = []  # the stepping clock's, kept
+        ticks = itertools.count(step=100.0)
+
+        def monotonic() -> float:
+            readings.append(next(ticks))
+            return readings[-1]
+
+        monkeypatch.setattr(remote_stream, "time", types.SimpleNamespace(monotonic=monotonic))
+        server.chat(Reply(pieces=[b"\n"], end="endless"))
+        fails_with(conv, r"^the server sent no stream event for 300 s")
+        assert readings[-1] - readings[0] < 2 * 300.0, readings
+
+
 @pytest.mark.parametrize(
     "reply",
     [Reply(401, [b"{", b" "], "application/json", end="endless"), Reply(200, [b"{", b" "], "application/json", end="endless")],
