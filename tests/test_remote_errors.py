@@ -12,9 +12,9 @@ from remote_helpers import FIXTURES, FakeServer, Reply, deaf_server, dripping_se
 
 from internvl_chat.chat import remote_http, remote_stream
 from internvl_chat.chat.remote import RemoteConversation
-from internvl_chat.chat.remote_errors import error_text, wait_asked
+from internvl_chat.chat.remote_errors import error_text, redirect_hint, wait_asked
 from internvl_chat.chat.remote_http import ApiClient, normalize_base_url
-from internvl_chat.chat.remote_sockets import HeadWatch
+from internvl_chat.chat.remote_sockets import HeadWatch, HttpAnswerCheck, NotHttpAnswer
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.errors import InternVLChatError, RemoteError, UsageError
 
@@ -135,7 +135,7 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
         (Reply(301, [b"<html><title>301 Moved Permanently</title></html>"], "text/html",
                {"Location": "https://127.0.0.1/v1/chat/completions"}),
          r"^the server answered 301 Moved Permanently; it redirects to https://127\.0\.0\.1/v1/chat/completions, which is "
-         r"not followed; use https:// in --server$"),
+         r"not followed; use https:// and port 443 in --server$"),  # the fake server's port is another
         (Reply(307, [b""], "text/plain", {"Location": "/api/v1/chat/completions"}),
          r"^the server answered 307 Temporary Redirect; it redirects to /api/v1/chat/completions, which is not followed; "
          r"check the path in --server \(the API root, which usually ends in /v1\)$"),
@@ -272,6 +272,24 @@ def test_a_retry_after_is_said_as_a_person_would_say_the_wait(value, shown):
     assert wait_asked(value, now=noon) == shown
 
 
+@pytest.mark.parametrize(
+    ("requested", "location", "hint"),
+    [("http://gpu/v1/models", "https://gpu/v1/models", "use https:// in --server"),
+     ("http://gpu:8000/v1/models", "https://gpu:8000/v1/models", "use https:// in --server"),
+     ("http://gpu:8000/v1/models", "https://gpu/v1/models", "use https:// and port 443 in --server"),
+     ("http://gpu:8000/v1/models", "https://gpu:8443/v1/models", "use https:// and port 8443 in --server"),
+     ("http://gpu:80/v1/models", "https://gpu/v1/models", "use https:// and port 443 in --server"),
+     ("http://gpu:8000/v1/models", "/api/v1/models", "check the path in --server (the API root, which usually ends in /v1)"),
+     ("http://gpu/v1/models", "http://gpu:80/api/v1/models", "check the path in --server (the API root, which usually ends in /v1)"),
+     ("http://gpu:8000/v1/models", "http://gpu:9000/v1/models", "check --server"),
+     ("http://gpu:8000/v1/models", "https://gpu:99999/v1/models", "check --server")],
+)  # fmt: skip
+def test_a_redirect_to_another_port_is_not_said_to_be_fixed_by_https_or_the_path(requested, location, hint):
+    """--server http://gpu:8000 redirected to https://gpu/… said "use https:// in --server", which
+    leads to https://gpu:8000, where nothing speaks TLS; one to http://gpu:9000 said "check the path"."""
+    assert redirect_hint(location, requested).endswith(f", which is not followed; {hint}")
+
+
 @pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.6\r\n", b"S", b"HTTX"], ids=["ssh", "one-byte", "near-http"])
 def test_a_server_that_sends_a_line_of_another_protocol_and_waits_is_not_http_at_once(banner):
     """An SSH server at the --server port sends its banner line and waits: h11 waits for a whole
@@ -290,6 +308,40 @@ def test_a_server_that_sends_a_line_of_another_protocol_and_waits_is_not_http_at
         client.close()
 
 
+class PiecesStream:
+    """A connection whose reads return `pieces`, one each (what the network delivers in parts)."""
+
+    def __init__(self, pieces: list[bytes]):
+        self.pieces = pieces
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        pass
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+def test_an_answer_whose_first_bytes_came_in_two_reads_is_shown_whole():
+    """The answer's start that came in an earlier read ("HT" of "HTX…") was left out of what it
+    began with: it read "X…"."""
+    stream = HttpAnswerCheck(PiecesStream([b"HT", b"X-protocol 1\r\n"]))
+    stream.write(b"GET /v1/models HTTP/1.1\r\nHost: gpu\r\n\r\n")
+    assert stream.read(65536) == b"HT"
+    with pytest.raises(NotHttpAnswer) as err:
+        stream.read(65536)
+    assert err.value.began == b"HTX-protocol 1\r\n"
+
+
+def test_an_answer_that_begins_with_a_line_break_says_what_came_after_it():
+    """A stray CRLF before the status line (h11 takes none) said "(it began with: )": the first line
+    shown was the empty one."""
+    with dripping_server(b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"", seconds=1.0) as odd:
+        with pytest.raises(RemoteError) as err:
+            RemoteConversation.connect(odd)
+    assert str(err.value) == (f"what answers at {odd} is not an HTTP server (it began with: \\r\\nHTTP/1.1 200 OK); "
+                              "check --server (its port, and http:// or https://)")  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "pieces",
     [[b": ping\n\n"], [b"\n"], [GOOD[: GOOD.index(b"\n\n") + 2], b"data: ", b"x"]],
@@ -304,6 +356,24 @@ def test_a_server_that_only_keeps_the_stream_alive_times_out(pieces, monkeypatch
         server.chat(Reply(pieces=pieces, end="endless"))
         fails_with(conv, r"^the server sent no stream event for 300 s \(only keep-alives or an unfinished line\); "
                          r".*raise \[remote\] timeout")
+
+
+def test_blank_lines_before_the_first_event_are_bounded_once(monkeypatch):
+    """The blank lines that came before anything else were waited for twice: up to the timeout to
+    see whether the body is JSON, then as long again as the stream's own bound (600 s for 300)."""
+    with FakeServer(fixture("vllm/models.json")) as server:
+        conv = conversation_with_one_turn(server)
+        readings: list[float] = []  # the stepping clock's, kept
+        ticks = itertools.count(step=100.0)
+
+        def monotonic() -> float:
+            readings.append(next(ticks))
+            return readings[-1]
+
+        monkeypatch.setattr(remote_stream, "time", types.SimpleNamespace(monotonic=monotonic))
+        server.chat(Reply(pieces=[b"\n"], end="endless"))
+        fails_with(conv, r"^the server sent no stream event for 300 s")
+        assert readings[-1] - readings[0] < 2 * 300.0, readings
 
 
 @pytest.mark.parametrize(

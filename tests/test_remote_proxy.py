@@ -12,7 +12,7 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-from remote_helpers import FakeServer, Reply, fixture, refusing_port, tls_server, unanswered_port
+from remote_helpers import FakeServer, Reply, dripping_server, fixture, refusing_port, tls_server, unanswered_port
 from proxy_helpers import error_page_proxy, tunnel_proxy
 
 from internvl_chat.chat import remote_http
@@ -275,3 +275,16 @@ def test_an_https_proxy_s_own_untrusted_certificate_is_still_the_proxys(proxy_en
     line = str(err.value)
     assert line.startswith("cannot reach https://gpu-box.invalid/v1 through the proxy in HTTPS_PROXY ("), line
     assert "CERTIFICATE_VERIFY_FAILED" in line, line
+
+
+@pytest.mark.parametrize(("variable", "server"), [("HTTPS_PROXY", "https://gpu-box.invalid/v1"),
+                                                  ("HTTP_PROXY", "http://gpu-box.invalid:8000/v1")])
+def test_a_proxy_variable_naming_a_port_that_speaks_no_http_blames_the_proxy(proxy_env, variable, server):
+    """A proxy variable at an SSH port said "what answers at https://gpu-box.invalid/v1 is not an
+    HTTP server; check --server": the server was never reached."""
+    with dripping_server(b"SSH-2.0-OpenSSH_9.6\r\n", b"", seconds=5.0) as ssh:
+        proxy_env(**{variable: ssh.removesuffix("/v1")})
+        with pytest.raises(RemoteError) as err:
+            RemoteConversation.connect(server)
+    assert str(err.value) == (f"the proxy in {variable} does not speak HTTP (it began with: SSH-2.0-OpenSSH_9.6); "
+                              "check its URL (its port), or add the server's host to NO_PROXY")  # fmt: skip

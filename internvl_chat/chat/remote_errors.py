@@ -284,13 +284,21 @@ def redirect_hint(location: str | None, requested: str | None) -> str:
         asked = urlsplit(requested or "")
         target = urlsplit(urljoin(requested or "", location or ""))
         same_host = bool(location) and target.hostname == asked.hostname
+        # the port each names, or its scheme's (.port raises ValueError for one out of range)
+        asked_port, target_port = asked.port, target.port or _DEFAULT_PORTS.get(target.scheme)
     except ValueError:  # a Location that is no URL (an unclosed IPv6 bracket)
         same_host = False
     if same_host and asked.scheme == "http" and target.scheme == "https":
-        return f"{where} is not followed; use https:// in --server"
-    if same_host and target.scheme == asked.scheme:
+        # https:// put in --server keeps the port written there, else takes 443
+        if target_port == (asked_port or 443):
+            return f"{where} is not followed; use https:// in --server"
+        return f"{where} is not followed; use https:// and port {target_port} in --server"
+    if same_host and target.scheme == asked.scheme and target_port == (asked_port or _DEFAULT_PORTS.get(asked.scheme)):
         return f"{where} is not followed; check the path in --server (the API root, which usually ends in /v1)"
     return f"{where} is not followed; check --server"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def wait_asked(retry_after: str | None, now: float | None = None) -> str | None:
@@ -379,13 +387,21 @@ def tls_refusal(err: httpx.TransportError, url: str) -> RemoteError | None:
     return None
 
 
-def not_http(url: str, err: httpx.RemoteProtocolError) -> RemoteError:
+FIRST_LINE = re.compile(rb"[\r\n]*[^\r\n]*")
+
+
+def not_http(url: str, err: httpx.RemoteProtocolError, proxy: str | None = None) -> RemoteError:
     """For an answer that is not HTTP: another protocol at the port (an SSH banner, TLS), said as
-    soon as its first bytes come (NotHttpAnswer), or a head h11 could not parse (a broken one)."""
+    soon as its first bytes come (NotHttpAnswer), or a head h11 could not parse (a broken one).
+    `proxy`: the proxy the request went through, as a line names it, blamed when it answered so."""
     todo = "check --server (its port, and http:// or https://)"
     other = _cause(err, NotHttpAnswer)
     if other is not None:
-        began = other.began.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
+        # its first line, with the line breaks before it (a stray CRLF before a status line), escaped
+        began = FIRST_LINE.match(other.began).group().decode("utf-8", errors="replace")
+        if other.to_proxy:  # the server was never reached
+            return RemoteError(f"{proxy or 'the proxy'} does not speak HTTP (it began with: {shorten(began, 60)}); "
+                               "check its URL (its port), or add the server's host to NO_PROXY")  # fmt: skip
         return RemoteError(f"what answers at {url} is not an HTTP server (it began with: {shorten(began, 60)}); {todo}")
     return RemoteError(f"the answer of {url} is not valid HTTP ({reason(err)}); {todo}")
 

@@ -187,7 +187,7 @@ class ApiClient:
         if self.head_watch is not None and self.head_watch.fired:
             return head_late(self.timeout)
         if self.head_failed and isinstance(err, httpx.RemoteProtocolError) and unparsable(err):
-            return not_http(self.shown_url, err)  # "ask again" would get the same
+            return not_http(self.shown_url, err, self.proxy)  # "ask again" would get the same
         if self.tunnel_tls_failed and isinstance(err, httpx.ConnectError):
             refused = tls_refusal(err, self.shown_url)  # the server's certificate, not the proxy's fault
             if refused is not None:

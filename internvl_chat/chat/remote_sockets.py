@@ -104,17 +104,19 @@ class _Attempt:
 
 
 # How an HTTP request's head starts (one write, httpcore's): an answer to it must start "HTTP/"
-HTTP_REQUEST = re.compile(rb"[A-Z]+ \S+ HTTP/1\.[01]\r\n")
+HTTP_REQUEST = re.compile(rb"([A-Z]+) (\S+) HTTP/1\.[01]\r\n")
 STATUS_START = b"HTTP/"  # how every HTTP/1 status line starts (h11 takes no other)
 
 
 class NotHttpAnswer(httpcore.RemoteProtocolError):
     """What answered an HTTP request does not start with "HTTP/": another protocol at the port
-    (an SSH server's banner, a TLS alert). `began`: the first bytes it sent."""
+    (an SSH server's banner, a TLS alert). `began`: the first bytes it sent; `to_proxy`: the request
+    was one for an HTTP proxy (CONNECT, or a full URL as its target), which answered so."""
 
-    def __init__(self, began: bytes):
+    def __init__(self, began: bytes, to_proxy: bool = False):
         super().__init__("it does not answer with HTTP")
         self.began = began
+        self.to_proxy = to_proxy
 
 
 class HttpAnswerCheck(httpcore.NetworkStream):
@@ -129,18 +131,23 @@ class HttpAnswerCheck(httpcore.NetworkStream):
         self._expecting = False  # an HTTP request went out, its answer's start not yet seen whole
         self._start = b""  # the answer's first bytes so far (up to len(STATUS_START))
         self._checked = False  # one answer started right: the connection speaks HTTP
+        self._to_proxy = False  # the request awaiting that answer was an HTTP proxy's
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if not self._checked and HTTP_REQUEST.match(buffer):
+        request = None if self._checked else HTTP_REQUEST.match(buffer)
+        if request is not None:
             self._expecting = True
+            # a server is asked for a path ("/v1/models"); a proxy to CONNECT, or for a whole URL
+            self._to_proxy = request.group(1) == b"CONNECT" or not request.group(2).startswith(b"/")
         self._stream.write(buffer, timeout)
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         data = self._stream.read(max_bytes, timeout)
         if self._expecting and data:
+            began = self._start + data  # the earlier reads' bytes too: all of them are in _start
             self._start += data[: len(STATUS_START) - len(self._start)]
             if not STATUS_START.startswith(self._start):
-                raise NotHttpAnswer(data)
+                raise NotHttpAnswer(began, self._to_proxy)
             self._checked = len(self._start) == len(STATUS_START)
             self._expecting = not self._checked
         return data

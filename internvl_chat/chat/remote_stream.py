@@ -142,16 +142,16 @@ class ChatStream:
                 f"the server answered with {shorten(kind, 60) or 'no content type'}{page_note(page, kind)}, not an event "
                 "stream; is --server the API root of an OpenAI-compatible server (…/v1)?"
             )
+        # the read timeout restarts with every byte: keep-alives, blank lines or a line that
+        # never ends would hold the answer forever, so they count as nothing sent
+        last_event = time.monotonic()
         pieces = _pieces(response.iter_bytes())
-        first = _lead(pieces, client.timeout)
+        first = _lead(pieces, client.timeout, last_event)  # its blank lines count toward that bound too
         if first.lstrip(JSON_LEAD).startswith(b"{"):  # no event starts so: JSON under the stream's type
             yield self._whole_answer(itertools.chain([first], pieces))
             self.done = True
             return
         decoder = SSEDecoder()
-        # the read timeout restarts with every byte: keep-alives, blank lines or a line that
-        # never ends would hold the answer forever, so they count as nothing sent
-        last_event = time.monotonic()
         start = bytearray()  # the body's start: what it is, said when it holds no event
         for piece in itertools.chain([first], pieces):
             if len(start) < PAGE_BYTES:
@@ -204,11 +204,10 @@ def _not_events(start: bytes, foreign: str) -> str:
             "server (…/v1)?")
 
 
-def _lead(pieces: Iterator[bytes], timeout: float) -> bytes:
-    """The body's first pieces, up to one with more than white space (or `timeout` s of white space:
-    the event loop then bounds the wait), which says whether it is JSON."""
+def _lead(pieces: Iterator[bytes], timeout: float, started: float) -> bytes:
+    """The body's first pieces, up to one with more than white space (or `timeout` s of white space
+    since `started`: the event loop then ends the wait), which says whether it is JSON."""
     lead: list[bytes] = []
-    started = time.monotonic()
     for piece in pieces:
         lead.append(piece)
         if piece.strip(JSON_LEAD) or time.monotonic() - started > timeout:
