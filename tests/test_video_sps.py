@@ -146,3 +146,27 @@ def test_the_sps_of_every_sample_description_count(tmp_path, monkeypatch):
     assert decode_cost(small, 8).width == 64
     cost = decode_cost(path, 8)
     assert (cost.backend, cost.width, cost.height) == ("decord", 512, 512)
+
+
+def _walk(codec: str, units: list[bytes]) -> tuple[int, int]:
+    """The size a sample of these NAL units (4-byte sizes) declares, over a 64×48 header."""
+    scan = video_sps._Scan(codec, 4, None)
+    sample = b"".join(len(unit).to_bytes(4, "big") + unit for unit in units)
+    scan.sample(lambda at, count: sample[at : at + count], 0, len(sample))
+    return video_sps.largest_work(scan.sizes.values(), (64, 48))
+
+
+def test_sps_units_the_decoder_drops_do_not_count():
+    """FFmpeg drops an HEVC NAL unit of a layer above the base (MV-HEVC's second view: its SPS has
+    another syntax), one with a temporal id of 0, and any whose forbidden bit is set: a size they
+    seem to declare is not decoded at."""
+    large = first_sps("libx265", 512, 512, QUIET_X265)
+    assert _walk("hevc", [large]) == (512, 512)
+    layer_1 = bytes([large[0], large[1] | 1 << 3]) + large[2:]  # nuh_layer_id 1
+    temporal_0 = bytes([large[0], large[1] & 0xF8]) + large[2:]
+    forbidden = bytes([large[0] | 0x80]) + large[1:]
+    for unit in (layer_1, temporal_0, forbidden):
+        assert _walk("hevc", [unit]) == (64, 48)
+    h264 = first_sps("libx264", 512, 512)
+    assert _walk("h264", [h264]) == (512, 512)
+    assert _walk("h264", [bytes([h264[0] | 0x80]) + h264[1:]]) == (64, 48)

@@ -242,11 +242,24 @@ class _Scan:
     def add(self, nal: bytes, unit: int) -> None:
         if unit > SPS_BYTES:
             raise UnknownSize(f"an SPS of {unit:,} bytes")
-        if len(nal) < unit or nal in self.sizes:
-            return  # cut off by the end of the sample or file (no decoder reads it), or known
+        if len(nal) < unit or nal in self.sizes or not decoders_sps(self.codec, nal):
+            return  # cut off by the end of the sample or file (no decoder reads it), known, or dropped
         if len(self.sizes) >= DISTINCT_SPS:
             raise UnknownSize(f"over {DISTINCT_SPS:,} different SPS")
         self.sizes[nal] = sps_size(self.codec, nal)
+
+
+def decoders_sps(codec: str, nal: bytes) -> bool:
+    """Whether FFmpeg's decoder takes this NAL unit as an SPS of the stream it shows. It drops a unit
+    whose forbidden bit is set, and an HEVC one of a layer above the base (MV-HEVC's second view,
+    whose SPS has another syntax) or with a temporal id of 0 (invalid); an avcC's SPS slot may
+    hold another kind, which it takes as that kind."""
+    if codec == "h264":
+        return len(nal) >= 1 and nal[0] & 0x9F == H264_SPS  # forbidden bit and type (any nal_ref_idc)
+    if len(nal) < 2:
+        return False
+    layer, temporal_plus_1 = (nal[0] & 1) << 5 | nal[1] >> 3, nal[1] & 7
+    return nal[0] >> 1 == HEVC_SPS and layer == 0 and temporal_plus_1 != 0  # (nal[0] >> 1 holds the forbidden bit)
 
 
 def sps_size(codec: str, nal: bytes) -> SpsSize:
