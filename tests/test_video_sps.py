@@ -170,3 +170,11 @@ def test_sps_units_the_decoder_drops_do_not_count():
     h264 = first_sps("libx264", 512, 512)
     assert _walk("h264", [h264]) == (512, 512)
     assert _walk("h264", [bytes([h264[0] | 0x80]) + h264[1:]]) == (64, 48)
+
+
+def test_a_sample_of_as_many_nal_units_as_the_bound_is_walked(monkeypatch):
+    monkeypatch.setattr(video_sps, "NALS_PER_SAMPLE", 3)
+    delimiter = b"\x09\xf0"  # an access unit delimiter
+    assert _walk("h264", [delimiter] * 3) == (64, 48)
+    with pytest.raises(UnknownSize, match="^a sample of over 3 NAL units$"):
+        _walk("h264", [delimiter] * 4)

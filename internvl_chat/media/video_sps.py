@@ -223,9 +223,11 @@ class _Scan:
         length, codec = self.length, self.codec
         sps, head = (H264_SPS, 1) if codec == "h264" else (HEVC_SPS, 2)
         at, end = start, start + size
-        for _ in range(NALS_PER_SAMPLE):
+        for count in range(NALS_PER_SAMPLE + 1):
             if at + length + head > end:
                 return  # the end, or bytes too few for a unit (the decoder skips them)
+            if count == NALS_PER_SAMPLE:
+                raise UnknownSize(f"a sample of over {NALS_PER_SAMPLE:,} NAL units")
             self.units += 1
             if self.units > SCAN_UNITS:
                 raise UnknownSize(f"over {SCAN_UNITS:,} NAL units")
@@ -237,7 +239,6 @@ class _Scan:
             if kind == sps:
                 self.add(read(at + length, min(unit, end - at - length, SPS_BYTES + 1)), unit)
             at += length + unit
-        raise UnknownSize(f"a sample of over {NALS_PER_SAMPLE:,} NAL units")
 
     def add(self, nal: bytes, unit: int) -> None:
         if unit > SPS_BYTES:
