@@ -178,3 +178,15 @@ def test_a_sample_of_as_many_nal_units_as_the_bound_is_walked(monkeypatch):
     assert _walk("h264", [delimiter] * 3) == (64, 48)
     with pytest.raises(UnknownSize, match="^a sample of over 3 NAL units$"):
         _walk("h264", [delimiter] * 4)
+
+
+def test_an_hvcc_record_of_version_0_is_read_as_ffmpeg_reads_it(tmp_path):
+    """FFmpeg takes HEVC extradata that does not open with a start code for an hvcC record, version
+    0 too (written by muxers before the format was final); only 00 00 00/01 opens Annex B."""
+    path = write_inband_growing(tmp_path / "hevc.mp4", small=2, large=0, encoder="libx265")
+    with av.open(str(path)) as container:
+        record = bytes(container.streams.video[0].codec_context.extradata)
+    length, units = video_sps.header_sps("hevc", record)
+    assert length == 4 and len(units) == 1
+    assert video_sps.header_sps("hevc", b"\x00" + record[1:]) == (length, units)
+    assert video_sps.header_sps("hevc", b"\x00\x00\x00\x01" + units[0]) == (None, [])

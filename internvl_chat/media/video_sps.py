@@ -178,7 +178,11 @@ def header_sps(codec: str, extradata: bytes) -> tuple[int | None, list[bytes]]:
     """(the length of each NAL unit's size field in the samples, or None where they are not
     length-prefixed; the SPS NAL units) of an avcC or hvcC record (a stream's extradata)."""
     data = extradata or b""
-    if not data or data[0] != 1:
+    if codec == "h264":
+        record = data[:1] == b"\x01"
+    else:  # as FFmpeg reads it: version 0 too (muxers before the format was final), 00 00 0x a start code
+        record = len(data) > 3 and (data[0] or data[1] or data[2] > 1)
+    if not record:
         return None, []  # Annex B parameter sets (start codes), or none
     try:
         if codec == "h264":
