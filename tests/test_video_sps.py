@@ -190,3 +190,15 @@ def test_an_hvcc_record_of_version_0_is_read_as_ffmpeg_reads_it(tmp_path):
     assert length == 4 and len(units) == 1
     assert video_sps.header_sps("hevc", b"\x00" + record[1:]) == (length, units)
     assert video_sps.header_sps("hevc", b"\x00\x00\x00\x01" + units[0]) == (None, [])
+
+
+def test_the_profiles_whose_sps_holds_chroma_and_scaling_lists_are_ffmpegs():
+    """FFmpeg reads the chroma format, bit depths and scaling lists in the SPS of its list of
+    profiles: the old High 4:4:4 (144) among them, MVC's 134, 135 and 139 not (those come in a
+    subset SPS, NAL type 15, which it does not decode): the SPS is read as the decoder reads it."""
+    high = bytearray(first_sps("libx264", 98, 62, {"x264-params": "cqm=jvt"}, "yuv444p"))
+    high[1] = 144
+    assert h264_sps_size(bytes(high)).shown == (98, 62)
+    main = bytearray(first_sps("libx264", 100, 50, {"profile": "main"}))
+    main[1] = 139
+    assert h264_sps_size(bytes(main)).shown == (100, 50)

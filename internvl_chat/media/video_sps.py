@@ -26,8 +26,10 @@ NALS_PER_SAMPLE = 1024  # a frame's slices, parameter sets, SEI, …
 SCAN_UNITS = 4 * SCAN_SAMPLES  # frames of several slices each
 DISTINCT_SPS = 1024  # a stream repeats its few SPS (one per size or setting) at its key frames
 SPS_BYTES = 4096  # a real SPS is under 100 bytes (a few hundred with scaling lists and VUI)
-# H.264 profiles whose SPS carries chroma format, bit depths and scaling lists (H.264 7.3.2.1.1)
-_HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
+# H.264 profiles whose SPS carries chroma format, bit depths and scaling lists, as FFmpeg's decoder
+# reads them (H.264 7.3.2.1.1 but for 144, the old High 4:4:4; MVC's 134, 135 and 139 come in
+# subset SPS, NAL type 15, which it does not take for the stream's size)
+_HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 144}
 
 
 class UnknownSize(Exception):
