@@ -146,3 +146,59 @@ def test_the_sps_of_every_sample_description_count(tmp_path, monkeypatch):
     assert decode_cost(small, 8).width == 64
     cost = decode_cost(path, 8)
     assert (cost.backend, cost.width, cost.height) == ("decord", 512, 512)
+
+
+def _walk(codec: str, units: list[bytes]) -> tuple[int, int]:
+    """The size a sample of these NAL units (4-byte sizes) declares, over a 64×48 header."""
+    scan = video_sps._Scan(codec, 4, None)
+    sample = b"".join(len(unit).to_bytes(4, "big") + unit for unit in units)
+    scan.sample(lambda at, count: sample[at : at + count], 0, len(sample))
+    return video_sps.largest_work(scan.sizes.values(), (64, 48))
+
+
+def test_sps_units_the_decoder_drops_do_not_count():
+    """FFmpeg drops an HEVC NAL unit of a layer above the base (MV-HEVC's second view: its SPS has
+    another syntax), one with a temporal id of 0, and any whose forbidden bit is set: a size they
+    seem to declare is not decoded at."""
+    large = first_sps("libx265", 512, 512, QUIET_X265)
+    assert _walk("hevc", [large]) == (512, 512)
+    layer_1 = bytes([large[0], large[1] | 1 << 3]) + large[2:]  # nuh_layer_id 1
+    temporal_0 = bytes([large[0], large[1] & 0xF8]) + large[2:]
+    forbidden = bytes([large[0] | 0x80]) + large[1:]
+    for unit in (layer_1, temporal_0, forbidden):
+        assert _walk("hevc", [unit]) == (64, 48)
+    h264 = first_sps("libx264", 512, 512)
+    assert _walk("h264", [h264]) == (512, 512)
+    assert _walk("h264", [bytes([h264[0] | 0x80]) + h264[1:]]) == (64, 48)
+
+
+def test_a_sample_of_as_many_nal_units_as_the_bound_is_walked(monkeypatch):
+    monkeypatch.setattr(video_sps, "NALS_PER_SAMPLE", 3)
+    delimiter = b"\x09\xf0"  # an access unit delimiter
+    assert _walk("h264", [delimiter] * 3) == (64, 48)
+    with pytest.raises(UnknownSize, match="^a sample of over 3 NAL units$"):
+        _walk("h264", [delimiter] * 4)
+
+
+def test_an_hvcc_record_of_version_0_is_read_as_ffmpeg_reads_it(tmp_path):
+    """FFmpeg takes HEVC extradata that does not open with a start code for an hvcC record, version
+    0 too (written by muxers before the format was final); only 00 00 00/01 opens Annex B."""
+    path = write_inband_growing(tmp_path / "hevc.mp4", small=2, large=0, encoder="libx265")
+    with av.open(str(path)) as container:
+        record = bytes(container.streams.video[0].codec_context.extradata)
+    length, units = video_sps.header_sps("hevc", record)
+    assert length == 4 and len(units) == 1
+    assert video_sps.header_sps("hevc", b"\x00" + record[1:]) == (length, units)
+    assert video_sps.header_sps("hevc", b"\x00\x00\x00\x01" + units[0]) == (None, [])
+
+
+def test_the_profiles_whose_sps_holds_chroma_and_scaling_lists_are_ffmpegs():
+    """FFmpeg reads the chroma format, bit depths and scaling lists in the SPS of its list of
+    profiles: the old High 4:4:4 (144) among them, MVC's 134, 135 and 139 not (those come in a
+    subset SPS, NAL type 15, which it does not decode): the SPS is read as the decoder reads it."""
+    high = bytearray(first_sps("libx264", 98, 62, {"x264-params": "cqm=jvt"}, "yuv444p"))
+    high[1] = 144
+    assert h264_sps_size(bytes(high)).shown == (98, 62)
+    main = bytearray(first_sps("libx264", 100, 50, {"profile": "main"}))
+    main[1] = 139
+    assert h264_sps_size(bytes(main)).shown == (100, 50)

@@ -26,8 +26,10 @@ NALS_PER_SAMPLE = 1024  # a frame's slices, parameter sets, SEI, …
 SCAN_UNITS = 4 * SCAN_SAMPLES  # frames of several slices each
 DISTINCT_SPS = 1024  # a stream repeats its few SPS (one per size or setting) at its key frames
 SPS_BYTES = 4096  # a real SPS is under 100 bytes (a few hundred with scaling lists and VUI)
-# H.264 profiles whose SPS carries chroma format, bit depths and scaling lists (H.264 7.3.2.1.1)
-_HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
+# H.264 profiles whose SPS carries chroma format, bit depths and scaling lists, as FFmpeg's decoder
+# reads them (H.264 7.3.2.1.1 but for 144, the old High 4:4:4; MVC's 134, 135 and 139 come in
+# subset SPS, NAL type 15, which it does not take for the stream's size)
+_HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 144}
 
 
 class UnknownSize(Exception):
@@ -178,7 +180,11 @@ def header_sps(codec: str, extradata: bytes) -> tuple[int | None, list[bytes]]:
     """(the length of each NAL unit's size field in the samples, or None where they are not
     length-prefixed; the SPS NAL units) of an avcC or hvcC record (a stream's extradata)."""
     data = extradata or b""
-    if not data or data[0] != 1:
+    if codec == "h264":
+        record = data[:1] == b"\x01"
+    else:  # as FFmpeg reads it: version 0 too (muxers before the format was final), 00 00 0x a start code
+        record = len(data) > 3 and (data[0] or data[1] or data[2] > 1)
+    if not record:
         return None, []  # Annex B parameter sets (start codes), or none
     try:
         if codec == "h264":
@@ -223,9 +229,11 @@ class _Scan:
         length, codec = self.length, self.codec
         sps, head = (H264_SPS, 1) if codec == "h264" else (HEVC_SPS, 2)
         at, end = start, start + size
-        for _ in range(NALS_PER_SAMPLE):
+        for count in range(NALS_PER_SAMPLE + 1):
             if at + length + head > end:
                 return  # the end, or bytes too few for a unit (the decoder skips them)
+            if count == NALS_PER_SAMPLE:
+                raise UnknownSize(f"a sample of over {NALS_PER_SAMPLE:,} NAL units")
             self.units += 1
             if self.units > SCAN_UNITS:
                 raise UnknownSize(f"over {SCAN_UNITS:,} NAL units")
@@ -237,16 +245,28 @@ class _Scan:
             if kind == sps:
                 self.add(read(at + length, min(unit, end - at - length, SPS_BYTES + 1)), unit)
             at += length + unit
-        raise UnknownSize(f"a sample of over {NALS_PER_SAMPLE:,} NAL units")
 
     def add(self, nal: bytes, unit: int) -> None:
         if unit > SPS_BYTES:
             raise UnknownSize(f"an SPS of {unit:,} bytes")
-        if len(nal) < unit or nal in self.sizes:
-            return  # cut off by the end of the sample or file (no decoder reads it), or known
+        if len(nal) < unit or nal in self.sizes or not decoders_sps(self.codec, nal):
+            return  # cut off by the end of the sample or file (no decoder reads it), known, or dropped
         if len(self.sizes) >= DISTINCT_SPS:
             raise UnknownSize(f"over {DISTINCT_SPS:,} different SPS")
         self.sizes[nal] = sps_size(self.codec, nal)
+
+
+def decoders_sps(codec: str, nal: bytes) -> bool:
+    """Whether FFmpeg's decoder takes this NAL unit as an SPS of the stream it shows. It drops a unit
+    whose forbidden bit is set, and an HEVC one of a layer above the base (MV-HEVC's second view,
+    whose SPS has another syntax) or with a temporal id of 0 (invalid); an avcC's SPS slot may
+    hold another kind, which it takes as that kind."""
+    if codec == "h264":
+        return len(nal) >= 1 and nal[0] & 0x9F == H264_SPS  # forbidden bit and type (any nal_ref_idc)
+    if len(nal) < 2:
+        return False
+    layer, temporal_plus_1 = (nal[0] & 1) << 5 | nal[1] >> 3, nal[1] & 7
+    return nal[0] >> 1 == HEVC_SPS and layer == 0 and temporal_plus_1 != 0  # (nal[0] >> 1 holds the forbidden bit)
 
 
 def sps_size(codec: str, nal: bytes) -> SpsSize:
