@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..chat.template import PromptBuilder
+from ..engine.config import refuse_web_model
 from ..engine.loader import load_model, resolve_device
 from ..errors import UsageError
 from ..files import expand_home
@@ -33,6 +34,7 @@ def quantize_checkpoint(
     """Quantize `src` into the new folder `dst`. Everything that can be checked without the weights
     (flags, group size against config.json, the output folder) is checked before loading them."""
     progress = progress or Progress()
+    refuse_web_model(src, "the source", "give a 16-bit checkpoint folder")
     src, dst = expand_home(src), Path(os.path.abspath(expand_home(dst)))
     if method not in ("awq", "rtn"):
         raise UsageError(f"unknown method {method!r}; use awq or rtn")
