@@ -108,6 +108,9 @@ def test_stdout_holds_only_the_answer_and_stdin_is_prepended(tiny_original):
          "model folder https://huggingface.co/OpenGVLab/InternVL3-2B does not exist; "),
         (["--model", "https://example.com/model", "-p", "hi"],
          "model folder https://example.com/model does not exist; pass --model with a checkpoint folder"),
+        (["--config", "https://example.com/chat.toml", "-p", "hi"],
+         "config file https://example.com/chat.toml is a web address; internvl-chat reads local files only"),
+        (["--script", "https://example.com/chat.txt"], "https://example.com/chat.txt is a web address; "),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_original, args, message):

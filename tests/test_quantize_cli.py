@@ -497,6 +497,19 @@ def test_a_web_address_as_the_source_is_named_as_typed(tmp_path, monkeypatch, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_an_output_or_calib_folder_typed_as_a_web_address_is_refused_as_typed(tiny_original, tmp_path, monkeypatch, capsys):
+    """The output went to a local folder `https:/example.com/out`; --calib said "https:/… is not a folder"."""
+    monkeypatch.chdir(tmp_path)
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, "https://example.com/out", "--method", "rtn")
+    assert code == 2 and lines == ["internvl-chat: error: the output folder https://example.com/out is a web address; "
+                                   "give a local folder to write to"], lines  # fmt: skip
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--calib", "https://example.com/calib")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith("--calib https://example.com/calib is a web address; internvl-chat reads local files only: "
+                             "download them and give their folder"), lines  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_weight_file_as_the_source_names_its_folder(tiny_original, tmp_path, monkeypatch, capsys):
     code, lines = run_cli(monkeypatch, capsys, tiny_original / "model.safetensors", tmp_path / "out")
     assert code == 2 and len(lines) == 1, lines

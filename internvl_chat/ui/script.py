@@ -40,7 +40,7 @@ from ..files import (OutputFailed, expand_home, read_bytes_file, read_stream, re
 from ..settings import Settings
 from .app import ERROR, EXIT, App, unsent_note
 from .commands import BLOCK_QUOTES, block_is_open
-from .paths import quote_path
+from .paths import quote_path, refuse_web_address
 from .render import ui_console
 from .setup import media_from_flags, open_conversation
 
@@ -89,6 +89,7 @@ def _read_script(name: str) -> str:
     if name == "-":
         data, shown = read_stream(sys.stdin.fileno(), "the script on stdin"), "on stdin"
     else:
+        refuse_web_address(name)  # as a Path it lost a slash: "script https:/example.com/… does not exist"
         path = expand_home(name)
         if _is_pipe(path):  # `--script <(…)` or /dev/stdin: a pipe is read from stdin, never opened by name
             raise UsageError(f"the script {visible(str(path))} is a pipe, not a file; give the script on stdin "
