@@ -40,6 +40,16 @@ class NoHomeFolder(UsageError):
                          f"account entry); {fix}")  # fmt: skip
 
 
+# a web address where a local path goes: as a Path it loses a slash ("https:/example.com/cat.png
+# does not exist"), which hid why nothing was found there
+_WEB_ADDRESS = re.compile(r"(?:https?|ftp)://", re.IGNORECASE)
+
+
+def is_web_address(text: str | Path) -> bool:
+    """Whether `text`, as typed (not yet a Path), is a web address rather than a local path."""
+    return _WEB_ADDRESS.match(os.fspath(text)) is not None
+
+
 def expand_home(path: str | Path) -> Path:
     """`path` with a leading `~` / `~user` expanded, decided on its text; a UsageError when `~user` names no account (where
     Path.expanduser raises RuntimeError), rather than a folder literally named `~user`."""

@@ -103,6 +103,14 @@ def test_stdout_holds_only_the_answer_and_stdin_is_prepended(tiny_original):
         (["--image", "x" * 300 + ".png", "-p", "hi"], "the path is too long for the file system"),
         (["--video", "x" * 300 + ".mp4", "-p", "hi"], "the path is too long for the file system"),
         (["--model", "x" * 300, "-p", "hi"], "File name too long"),
+        # a web address as typed: as a Path its "//" was one "/" ("https:/huggingface.co/…")
+        (["--model", "https://huggingface.co/OpenGVLab/InternVL3-2B", "-p", "hi"],
+         "model folder https://huggingface.co/OpenGVLab/InternVL3-2B does not exist; "),
+        (["--model", "https://example.com/model", "-p", "hi"],
+         "model folder https://example.com/model does not exist; pass --model with a checkpoint folder"),
+        (["--config", "https://example.com/chat.toml", "-p", "hi"],
+         "config file https://example.com/chat.toml is a web address; internvl-chat reads local files only"),
+        (["--script", "https://example.com/chat.txt"], "https://example.com/chat.txt is a web address; "),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_original, args, message):

@@ -482,6 +482,34 @@ def test_a_hugging_face_model_id_as_the_source_says_to_download_it(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("given, advice", [
+    ("https://huggingface.co/OpenGVLab/InternVL3-1B", "internvl-chat does not download models"),
+    ("https://example.com/model", "give a 16-bit checkpoint folder"),
+])
+def test_a_web_address_as_the_source_is_named_as_typed(tmp_path, monkeypatch, capsys, given, advice):
+    """As the Path it became, the address lost a slash: "the source https:/huggingface.co/… does not exist"."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, lines = run_cli(monkeypatch, capsys, given, tmp_path / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"the source {given} does not exist; {advice}" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_output_or_calib_folder_typed_as_a_web_address_is_refused_as_typed(tiny_original, tmp_path, monkeypatch, capsys):
+    """The output went to a local folder `https:/example.com/out`; --calib said "https:/… is not a folder"."""
+    monkeypatch.chdir(tmp_path)
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, "https://example.com/out", "--method", "rtn")
+    assert code == 2 and lines == ["internvl-chat: error: the output folder https://example.com/out is a web address; "
+                                   "give a local folder to write to"], lines  # fmt: skip
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--calib", "https://example.com/calib")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith("--calib https://example.com/calib is a web address; internvl-chat reads local files only: "
+                             "download them and give their folder"), lines  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_weight_file_as_the_source_names_its_folder(tiny_original, tmp_path, monkeypatch, capsys):
     code, lines = run_cli(monkeypatch, capsys, tiny_original / "model.safetensors", tmp_path / "out")
     assert code == 2 and len(lines) == 1, lines

@@ -373,8 +373,13 @@ def test_set_plain_off_after_plain_brings_colours_and_markdown_back_into_a_file(
     assert "**Three** stars." in plain_again and "\x1b" not in plain_again
 
 
-@pytest.mark.parametrize("ending", ["", "/exit\n"])
-def test_attachments_the_script_never_sent_are_named_in_a_warning(loaded, image, monkeypatch, capsys, tmp_path, ending):
+@pytest.mark.parametrize("ending, ended", [
+    ("", "the script ended before one; add a message line after them"),
+    # it said "the script ended before one" though /bye ended it
+    ("/bye\n", "/bye came before one; add a message line between them and /bye"),
+    ("/exit\n# a comment\n", "/exit came before one; add a message line between them and /exit"),
+])
+def test_attachments_the_script_never_sent_are_named_in_a_warning(loaded, image, monkeypatch, capsys, tmp_path, ending, ended):
     # a script that ended right after /image (or /exit) dropped the picture without a word, status 0
     from internvl_chat.chat.sampling import params_from_settings
     from internvl_chat.chat.session import Session
@@ -392,7 +397,7 @@ def test_attachments_the_script_never_sent_are_named_in_a_warning(loaded, image,
     run = capsys.readouterr()
     assert ">>> Hello." in run.out and "warning" not in run.out
     assert run.err == ("internvl-chat: warning: 2 attachments were never sent (photo.png, second.png): attachments go "
-                       "with the next message, and the script ended before one; add a message line after them\n")  # fmt: skip
+                       f"with the next message, and {ended}\n")  # fmt: skip
 
     path.write_text(f"/image {image}\nHello.\n", encoding="utf-8")  # all sent: nothing said
     assert script.run_script(argparse.Namespace(script=str(path)), settings) == 0

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files import visible
+from ..files import is_web_address, visible
 from .checkpoint_json import Fields, read_json_object, shown_json
 
 DEFAULT_SYSTEM_MESSAGE = (
@@ -365,6 +365,16 @@ def holding_folder_note(path: Path) -> str:
 # already folded the address's "//" into one)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _HUB_ADDRESS = re.compile(r"https?:/+(?:www\.)?(?:huggingface|hf)\.co/([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:/.*)?")
+
+
+def refuse_web_model(typed: str | Path, what: str = "model folder", otherwise: str = "pass --model with a checkpoint folder") -> None:
+    """A CheckpointError for a model folder (`what`) typed as a web address, naming it as typed: it
+    was shown as the Path it became ("model folder https:/huggingface.co/… does not exist").
+    `otherwise` is the advice for an address that is not a Hugging Face model's."""
+    text = os.fspath(typed)
+    if is_web_address(text):
+        advice = hub_download_advice(Path(text)) or otherwise
+        raise CheckpointError(f"{what} {visible(text)} does not exist; {advice}")
 
 
 def hub_download_advice(model_dir: Path) -> str | None:

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 from ..chat.template import PromptBuilder
+from ..engine.config import refuse_web_model
 from ..engine.loader import load_model, resolve_device
 from ..errors import UsageError
-from ..files import expand_home
+from ..files import expand_home, is_web_address, visible
 from .blocks import quantize_model
 from .calibration import MAX_SAMPLES, Calibration, Sample, calibration_files, calibration_samples, calibration_tiles
 from .checks import check_group_size, check_source, check_source_values, check_written_range
@@ -33,6 +34,8 @@ def quantize_checkpoint(
     """Quantize `src` into the new folder `dst`. Everything that can be checked without the weights
     (flags, group size against config.json, the output folder) is checked before loading them."""
     progress = progress or Progress()
+    refuse_web_model(src, "the source", "give a 16-bit checkpoint folder")
+    _refuse_web_folders(dst, calib_dir)
     src, dst = expand_home(src), Path(os.path.abspath(expand_home(dst)))
     if method not in ("awq", "rtn"):
         raise UsageError(f"unknown method {method!r}; use awq or rtn")
@@ -80,3 +83,13 @@ def quantize_checkpoint(
                 raise write_error(e, src, dst) from None
             publish(staging, dst)
     return dst
+
+
+def _refuse_web_folders(dst: str | Path, calib_dir: str | Path | None) -> None:
+    """A UsageError for the output or --calib folder typed as a web address, named as typed: as a
+    Path it lost a slash, and the output was written to a local folder `https:/host/…`."""
+    if is_web_address(dst):
+        raise UsageError(f"the output folder {visible(os.fspath(dst))} is a web address; give a local folder to write to")
+    if calib_dir and is_web_address(calib_dir):
+        raise UsageError(f"--calib {visible(os.fspath(calib_dir))} is a web address; internvl-chat reads local files only: "
+                         "download them and give their folder")  # fmt: skip

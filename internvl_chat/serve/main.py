@@ -239,6 +239,7 @@ def GracefulServer(config, end_requests):  # noqa: N802 - uvicorn is imported on
 def _serve(settings, log_level: str) -> int:
     import uvicorn
 
+    from ..engine.config import refuse_web_model
     from ..engine.loader import load_model
     from .app import create_app
     from .engine import EngineWorker
@@ -249,6 +250,7 @@ def _serve(settings, log_level: str) -> int:
         from .. import proxy_env
 
         proxy_env.check()
+    refuse_web_model(settings.model.path)
     path = expand_home(settings.model.path)
     loaded = load_model(path, settings.model.device, settings.model.dtype, settings.model.max_context,
                         settings.model.int4_backend, compile=settings.model.compile,

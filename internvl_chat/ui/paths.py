@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from ..errors import UsageError
-from ..files import expand_home, real_path, visible
+from ..files import expand_home, is_web_address, real_path, visible
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"})
@@ -107,14 +107,9 @@ def _from_file_uri(uri: str) -> str:
     return unquote(parts.path, errors="surrogateescape")
 
 
-# a web address where a file's path goes: as a path it lost a slash ("https:/example.com/cat.png
-# does not exist"), which hid why no file was found
-_WEB_ADDRESS = re.compile(r"(?:https?|ftp)://", re.IGNORECASE)
-
-
 def refuse_web_address(text: str) -> None:
     """A UsageError saying that `text` (as typed, unquoted) is a web address, not a file's path."""
-    if _WEB_ADDRESS.match(text):
+    if is_web_address(text):
         raise UsageError(f"{visible(text)} is a web address; internvl-chat reads local files only: download it "
                          "and give the file's path")  # fmt: skip
 

@@ -27,11 +27,12 @@ import errno
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..chat.session import Media
 from ..chat.session_file import SESSION_FORMAT
 from ..errors import UsageError
 from ..files import (OutputFailed, expand_home, read_bytes_file, read_stream, refuse_wide_text, sniff_binary, undecodable_byte,
@@ -39,7 +40,7 @@ from ..files import (OutputFailed, expand_home, read_bytes_file, read_stream, re
 from ..settings import Settings
 from .app import ERROR, EXIT, App, unsent_note
 from .commands import BLOCK_QUOTES, block_is_open
-from .paths import quote_path
+from .paths import quote_path, refuse_web_address
 from .render import ui_console
 from .setup import media_from_flags, open_conversation
 
@@ -88,6 +89,7 @@ def _read_script(name: str) -> str:
     if name == "-":
         data, shown = read_stream(sys.stdin.fileno(), "the script on stdin"), "on stdin"
     else:
+        refuse_web_address(name)  # as a Path it lost a slash: "script https:/example.com/… does not exist"
         path = expand_home(name)
         if _is_pipe(path):  # `--script <(…)` or /dev/stdin: a pipe is read from stdin, never opened by name
             raise UsageError(f"the script {visible(str(path))} is a pipe, not a file; give the script on stdin "
@@ -127,8 +129,9 @@ def _undecodable_line(entry: Entry) -> tuple[int, int] | None:
     return None
 
 
-def run_entries(app: App, entries: Iterator[Entry]) -> list[int]:
-    """Run entries as a transcript; returns the line numbers of the entries that failed."""
+def run_entries(app: App, entries: Iterator[Entry]) -> tuple[list[int], str | None]:
+    """Run entries as a transcript; returns the line numbers of the entries that failed, and the
+    command that ended the script early as written (`/bye`), None where it ran to its end."""
     failed: list[int] = []
     for n, entry in enumerate(entries):
         if n:
@@ -145,8 +148,8 @@ def run_entries(app: App, entries: Iterator[Entry]) -> list[int]:
         if result == ERROR:
             failed.append(entry.line_number)
         elif result == EXIT:
-            break
-    return failed
+            return failed, entry.text.split()[0]
+    return failed, None
 
 
 class _Transcript:
@@ -196,17 +199,26 @@ def run_script(args: argparse.Namespace, settings: Settings, stdin_unread: bool 
     if folder is not None:
         app.search_dirs = (folder,)
     app.attach(media_from_flags(session, args, settings))
-    failed = run_entries(app, iter(entries))
+    failed, ended_by = run_entries(app, iter(entries))
     transcript.flush()
     if app.pending:  # no line failed, but what they attached would vanish without a word
-        fix = f"add a message line after {'it' if len(app.pending) == 1 else 'them'}"
-        print(f"internvl-chat: warning: {unsent_note(app.pending, 'the script ended', fix)}", file=sys.stderr)
+        print(f"internvl-chat: warning: {_unsent_warning(app.pending, ended_by)}", file=sys.stderr)
     if transcript.failed is not None:
         raise transcript.failed
     if failed:
         print(f"internvl-chat: {failed_lines_note(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _unsent_warning(pending: Sequence[Media], ended_by: str | None) -> str:
+    """The warning for attachments no message took: the script ended, or `ended_by` (`/bye`) ended
+    it, before one (it said "the script ended before one" after a /bye too)."""
+    them = "it" if len(pending) == 1 else "them"
+    if ended_by is None:
+        return unsent_note(pending, "the script ended", f"add a message line after {them}")
+    command = visible(ended_by)
+    return unsent_note(pending, f"{command} came", f"add a message line between {them} and {command}")
 
 
 FAILED_LINES_SHOWN = 10  # line numbers the summary names; a script of 682 failing lines listed them all

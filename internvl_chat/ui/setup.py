@@ -12,6 +12,7 @@ from pathlib import Path
 from ..chat.conversation import Conversation
 from ..chat.sampling import params_from_settings
 from ..chat.session import Media, Session
+from ..engine.config import refuse_web_model
 from ..engine.loader import LoadedModel, load_model
 from ..errors import UsageError
 from ..files import expand_home, visible
@@ -27,6 +28,7 @@ EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
 def resolve_model_path(settings: Settings) -> Path:
     """The --model folder, or the embedded demo model when none is set."""
     if settings.model.path:
+        refuse_web_model(settings.model.path)
         return expand_home(settings.model.path)
     if not (EMBEDDED_MODEL / "config.json").is_file():
         # `make demo` needs it too: only git (or a fresh install) brings it back
