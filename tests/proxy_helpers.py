@@ -8,6 +8,8 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 
+from remote_helpers import connections_handled_by
+
 REASONS = {403: b"Forbidden", 407: b"Proxy Authentication Required", 502: b"Bad Gateway"}
 
 
@@ -52,10 +54,6 @@ def error_page_proxy(status_for: Callable[[bytes], int], join_s: float = 60) -> 
 def tunnel_proxy(target_port: int) -> Iterator[int]:
     """A proxy on a local port (yielded) that answers every CONNECT with 200 and then relays the
     connection's bytes both ways to 127.0.0.1:`target_port`, whatever host the CONNECT named."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-
     def relay(source: socket.socket, sink: socket.socket) -> None:
         try:
             while block := source.recv(65536):
@@ -82,16 +80,5 @@ def tunnel_proxy(target_port: int) -> Iterator[int]:
         conn.close()
         target.close()
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return  # closed: the test ended
-            threading.Thread(target=tunnel, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
+    with connections_handled_by(tunnel) as port:
+        yield port

@@ -17,7 +17,7 @@ import socket
 import ssl
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -260,14 +260,34 @@ def deaf_server() -> Iterator[str]:
 
 
 @contextmanager
+def connections_handled_by(handle: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A listening local port (yielded) whose every connection `handle` gets in a thread of its own,
+    until the block ends."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the test ended
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+@contextmanager
 def dripping_server(first: bytes, drip: bytes, seconds: float = 30.0) -> Iterator[str]:
     """A server (its /v1 URL) that answers every request with `first`, then `drip` every 10 ms for
     `seconds` (a head that never ends: its bytes trickled, or `100 Continue` heads one after another),
     then closes. A plain socket: http.server cannot write a broken head."""
     stop = threading.Event()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
 
     def answer(conn: socket.socket) -> None:
         with conn:
@@ -286,17 +306,8 @@ def dripping_server(first: bytes, drip: bytes, seconds: float = 30.0) -> Iterato
             except OSError:
                 return  # the client hung up
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return  # closed: the test ended
-            threading.Thread(target=answer, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield "http://127.0.0.1:%d/v1" % listener.getsockname()[1]
-    finally:
-        stop.set()
-        listener.close()
+    with connections_handled_by(answer) as port:
+        try:
+            yield "http://127.0.0.1:%d/v1" % port
+        finally:
+            stop.set()
