@@ -9,7 +9,7 @@ import threading
 
 import av
 import pytest
-from media_helpers import annex_b_units, encode_plain, nal_kind, with_second_description, write_inband_growing
+from media_helpers import annex_b_units, encode_plain, h264_sps, nal_kind, with_second_description, write_inband_growing
 
 from internvl_chat.errors import MediaError
 from internvl_chat.media import video_sps
@@ -50,6 +50,23 @@ def test_h264_sps_of_real_encodes_give_their_size(width, height, options, pix_fm
 def test_hevc_sps_of_real_encodes_give_their_size(width, height, pix_fmt, coded):
     size = hevc_sps_size(first_sps("libx265", width, height, QUIET_X265, pix_fmt))
     assert (size.shown, size.coded, size.work) == ((width, height), coded, (width, height))
+
+
+def test_an_sps_of_the_longest_codes_reads_its_size():
+    """Scaling lists of every delta at its longest code (17 bits) and a picture order cycle of 255
+    offsets at theirs (63 bits): each code is read where it lies."""
+    sps = h264_sps(120, 68, scaling_delta=-128, poc_cycle=[-(2**31) + 1] * 255)
+    assert len(sps) > 3000
+    assert h264_sps_size(sps).coded == (1920, 1088)
+    assert h264_sps_size(h264_sps(8191, 1)).coded == (8191 * 16, 16)  # a width code of 25 bits
+
+
+def test_a_number_of_over_31_leading_zeros_is_refused():
+    sps = h264_sps(4, 3)
+    with pytest.raises(UnknownSize, match="an SPS holds an invalid number"):
+        h264_sps_size(sps[:4] + b"\x00\x00\x03\x00\x00\x03\x00\x00\x03\x00\x00\x03\x01")
+    with pytest.raises(UnknownSize, match="an SPS ends early"):
+        h264_sps_size(sps[:4] + b"\x00\x00\x03\x00")
 
 
 def test_a_cropping_that_hides_more_than_block_alignment_counts_the_coded_size():
