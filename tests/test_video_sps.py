@@ -219,3 +219,33 @@ def test_the_profiles_whose_sps_holds_chroma_and_scaling_lists_are_ffmpegs():
     main = bytearray(first_sps("libx264", 100, 50, {"profile": "main"}))
     main[1] = 139
     assert h264_sps_size(bytes(main)).shown == (100, 50)
+
+
+def test_a_new_sps_is_parsed_only_while_the_walk_is_wanted():
+    """Ctrl-C or a client gone ends the walk at the next distinct SPS too, not only every 1,024
+    samples: a few samples may carry many."""
+    scan = video_sps._Scan("h264", 4, stop := threading.Event())
+    scan.add(h264_sps(4, 3), len(h264_sps(4, 3)))
+    stop.set()
+    scan.add(h264_sps(4, 3), len(h264_sps(4, 3)))  # known: nothing to parse
+    with pytest.raises(DecodeStopped):
+        scan.add(h264_sps(8, 8), len(h264_sps(8, 8)))
+
+
+def test_over_64_distinct_sps_are_past_the_bound():
+    """Real streams have a few SPS (H.264 allows 32 ids, HEVC 16): 64 are walked, 65 are not."""
+    units = [h264_sps(4 + number, 3) for number in range(64)]
+    assert _walk("h264", units) == (67 * 16, 48)
+    with pytest.raises(UnknownSize, match="^over 64 different SPS$"):
+        _walk("h264", [*units, h264_sps(100, 3)])
+
+
+def test_an_sps_larger_than_the_largest_scaling_lists_need_is_past_the_bound():
+    """The largest scaling lists at their longest codes fit 3 KiB (H.264's in 1,032 bytes); a
+    picture order cycle of 255 offsets at their longest codes does not."""
+    lists = h264_sps(32, 32, scaling_delta=-128)
+    assert _walk("h264", [lists + b"\x00" * (3072 - len(lists))]) == (512, 512)  # trailing zeros, as FFmpeg reads them
+    cycle = h264_sps(32, 32, scaling_delta=-128, poc_cycle=[-(2**31) + 1] * 255)
+    assert len(cycle) > 3072
+    with pytest.raises(UnknownSize, match=f"^an SPS of {len(cycle):,} bytes$"):
+        _walk("h264", [cycle])

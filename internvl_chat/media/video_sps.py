@@ -24,8 +24,13 @@ H264_SPS, HEVC_SPS = 7, 33
 SCAN_SAMPLES = 1 << 20  # 9.7 hours at 30 fps
 NALS_PER_SAMPLE = 1024  # a frame's slices, parameter sets, SEI, …
 SCAN_UNITS = 4 * SCAN_SAMPLES  # frames of several slices each
-DISTINCT_SPS = 1024  # a stream repeats its few SPS (one per size or setting) at its key frames
-SPS_BYTES = 4096  # a real SPS is under 100 bytes (a few hundred with scaling lists and VUI)
+# A stream repeats its few SPS at its key frames: H.264 has 32 ids, HEVC 16, and streams joined at
+# a change of size add one per part. Each distinct one is parsed (under 2 ms at the most)
+DISTINCT_SPS = 64
+# Real SPS are tens of bytes. The largest scaling lists, each coefficient at its longest code (17
+# bits), take 1,020 bytes in H.264 (4:4:4's 12 lists) and 2,125 in HEVC (its 1,000 coefficients);
+# the other fields and a VUI some dozens more
+SPS_BYTES = 3072
 # H.264 profiles whose SPS carries chroma format, bit depths and scaling lists, as FFmpeg's decoder
 # reads them (H.264 7.3.2.1.1 but for 144, the old High 4:4:4; MVC's 134, 135 and 139 come in
 # subset SPS, NAL type 15, which it does not take for the stream's size)
@@ -262,6 +267,8 @@ class _Scan:
             return  # cut off by the end of the sample or file (no decoder reads it), known, or dropped
         if len(self.sizes) >= DISTINCT_SPS:
             raise UnknownSize(f"over {DISTINCT_SPS:,} different SPS")
+        if self.stop is not None and self.stop.is_set():
+            raise DecodeStopped  # as at every 1,024 samples: the SPS of a few samples take a while too
         self.sizes[nal] = sps_size(self.codec, nal)
 
 
