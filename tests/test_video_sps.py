@@ -5,6 +5,7 @@ planned and counted at the larger size, so the limit refuses it. Frames are coun
 
 from __future__ import annotations
 
+import os
 import threading
 
 import av
@@ -12,7 +13,8 @@ import pytest
 from media_helpers import annex_b_units, encode_plain, h264_sps, nal_kind, with_second_description, write_inband_growing
 
 from internvl_chat.errors import MediaError
-from internvl_chat.media import video_sps
+from internvl_chat.files import NotRegularFile
+from internvl_chat.media import video_header, video_sps
 from internvl_chat.media.video import BACKEND_ENV, decode_cost, load_video
 from internvl_chat.media.video_cost import DecodeOverBudget
 from internvl_chat.media.video_sps import SpsSize, UnknownSize, decoded_size, h264_sps_size, hevc_sps_size
@@ -249,3 +251,32 @@ def test_an_sps_larger_than_the_largest_scaling_lists_need_is_past_the_bound():
     assert len(cycle) > 3072
     with pytest.raises(UnknownSize, match=f"^an SPS of {len(cycle):,} bytes$"):
         _walk("h264", [cycle])
+
+
+def test_a_fifo_swapped_in_for_the_file_is_not_read(tmp_path):
+    """The samples are read from the path PyAV opened: a FIFO put there since is refused, not read
+    (with no writer, opening it would wait forever). Held open here for reading and writing, so
+    that an open without the check would not block this test."""
+    path = write_inband_growing(tmp_path / "clip.mp4", small=2, large=0)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fifo = tmp_path / "fifo.mp4"
+        os.mkfifo(fifo)
+        held = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        try:
+            with pytest.raises(NotRegularFile):
+                video_sps._scan_indexed(fifo, stream, video_sps._Scan("h264", 4, None))
+        finally:
+            os.close(held)
+
+
+def test_the_sample_descriptions_are_not_read_from_a_fifo(tmp_path):
+    fifo = tmp_path / "fifo.mp4"
+    os.mkfifo(fifo)
+    found = []
+    reader = threading.Thread(target=lambda: found.append(video_header.decoder_configs(fifo, 0)), daemon=True)
+    reader.start()
+    reader.join(30)  # without the check it waits for a writer
+    if reader.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # let it go
+    assert found == [None]

@@ -903,8 +903,8 @@ def _sample_tables(path: Path, track: int, kinds: tuple[bytes, ...]) -> dict[byt
     """The boxes of these kinds in the sample table (stbl) of the moov's `track`-th trak, each
     payload; None where there is no such trak."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
+            size = os.fstat(f.fileno()).st_size
             moov = next(((at, head, box) for kind, at, head, box in _top_boxes(f, size) if kind == b"moov"), None)
             if moov is None:
                 return None

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import open_regular_file
 from .video_header import SAMPLE_DESCRIPTIONS, decoder_configs, open_container, video_stream
 from .video_worker import DecodeStop, DecodeStopped
 
@@ -344,8 +345,9 @@ def _scan_indexed(path: Path, stream, scan: _Scan) -> None:
     entries = stream.index_entries
     if len(entries) > SCAN_SAMPLES:
         raise UnknownSize(f"over {SCAN_SAMPLES:,} samples")
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
+        fd = f.fileno()
+
         def read(at: int, count: int) -> bytes:
             return os.pread(fd, count, at)
 
@@ -353,8 +355,6 @@ def _scan_indexed(path: Path, stream, scan: _Scan) -> None:
             entry = entries[number]
             if entry.pos >= 0 and entry.size > 0:
                 scan.sample(read, entry.pos, entry.size)
-    finally:
-        os.close(fd)
 
 
 def _scan_demuxed(container, stream, scan: _Scan) -> None:
