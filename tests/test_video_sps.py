@@ -280,3 +280,53 @@ def test_the_sample_descriptions_are_not_read_from_a_fifo(tmp_path):
     if reader.is_alive():
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # let it go
     assert found == [None]
+
+
+class _CountedReads:
+    """A file whose reads are added up."""
+
+    def __init__(self, f, counted: list[int]) -> None:
+        self._f, self._counted = f, counted
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def read(self, count: int = -1) -> bytes:
+        data = self._f.read(count)
+        self._counted.append(len(data))
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def test_the_sample_descriptions_are_read_without_the_rest_of_the_moov(tmp_path, monkeypatch):
+    """decord's every open of an MP4 looks for its sample descriptions: only the box headers on the
+    way to them are read, and the stsd box, not a moov of megabytes (a long recording's tables; a
+    1 MiB free box in it here)."""
+    path = write_inband_growing(tmp_path / "clip.mp4", small=2, large=0)
+    data = bytearray(path.read_bytes())
+    moov = data.index(b"moov") - 4
+    assert moov + int.from_bytes(data[moov : moov + 4], "big") == len(data)  # the moov comes last
+    data += (8 + (1 << 20)).to_bytes(4, "big") + b"free" + bytes(1 << 20)
+    data[moov : moov + 4] = (len(data) - moov).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    expected = video_header.decoder_configs(path, 0)
+    assert expected is not None and len(expected) == 1
+    counted: list[int] = []
+    real = video_header.open_regular_file
+    monkeypatch.setattr(video_header, "open_regular_file", lambda p: _CountedReads(real(p), counted))
+    assert video_header.decoder_configs(path, 0) == expected
+    assert sum(counted) < 4096
+
+
+def test_a_sample_description_box_past_its_bound_is_not_read(tmp_path, monkeypatch):
+    path = write_inband_growing(tmp_path / "clip.mp4", small=2, large=0)
+    monkeypatch.setattr(video_header, "STSD_BYTES", 64)
+    assert video_header.decoder_configs(path, 0) is None
+    monkeypatch.setattr(video_sps, "STSD_BYTES", 64)
+    with pytest.raises(UnknownSize, match="^its sample descriptions cannot be read \\(damaged, or over 256 or 64 bytes\\)$"):
+        decoded_size(path, (64, 48))

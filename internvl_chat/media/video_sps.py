@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import open_regular_file
-from .video_header import SAMPLE_DESCRIPTIONS, decoder_configs, open_container, video_stream
+from .video_header import SAMPLE_DESCRIPTIONS, STSD_BYTES, decoder_configs, open_container, video_stream
 from .video_worker import DecodeStop, DecodeStopped
 
 H264_SPS, HEVC_SPS = 7, 33
@@ -331,7 +331,7 @@ def _scan_descriptions(path: Path, track: int, scan: _Scan) -> None:
     another's as the samples switch to it)."""
     configs = decoder_configs(path, track)
     if configs is None:
-        raise UnknownSize(f"its sample descriptions cannot be read (damaged, or over {SAMPLE_DESCRIPTIONS})")
+        raise UnknownSize(f"its sample descriptions cannot be read (damaged, or over {SAMPLE_DESCRIPTIONS} or {STSD_BYTES:,} bytes)")
     for config in configs:
         length, units = header_sps(scan.codec, config)
         if length != scan.length:
