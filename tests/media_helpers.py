@@ -433,14 +433,17 @@ def nal_kind(encoder: str, unit: bytes) -> int:
 QUIET = {"libx264": {"bframes": "0"}, "libx265": {"x265-params": "log-level=none:bframes=0"}}
 
 
-def write_inband_growing(path: Path, small: int, large: int, side: int = 512, encoder: str = "libx264") -> Path:
+def write_inband_growing(path: Path, small: int, large: int, side: int = 512, encoder: str = "libx264", extra: bytes = b"") -> Path:
     """An MP4 (or MKV, by its name) whose header (avcC or hvcC, tkhd) tells of 64×48 frames: `small`
     of them, then `large` of side×side in the same stream, whose first key frame carries its new
-    SPS in-band (FFmpeg decodes on at the new size; decord scales its frames to the header's)."""
+    SPS in-band (FFmpeg decodes on at the new size; decord scales its frames to the header's).
+    An `extra` NAL unit goes before the last small frame's."""
     import av
     from fractions import Fraction
 
     first = encode_plain(encoder, 64, 48, small, QUIET[encoder])
+    if extra:
+        first[-1] = av.Packet(b"\x00\x00\x00\x01" + extra + bytes(first[-1]))
     packets = first + encode_plain(encoder, side, side, large, QUIET[encoder])
     data = bytes(first[0])
     slice_at = min(data.index(b"\x00\x00\x01" + unit) for unit in annex_b_units(data)

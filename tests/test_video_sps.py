@@ -172,7 +172,7 @@ def _walk(codec: str, units: list[bytes]) -> tuple[int, int]:
     scan = video_sps._Scan(codec, 4, None)
     sample = b"".join(len(unit).to_bytes(4, "big") + unit for unit in units)
     scan.sample(lambda at, count: sample[at : at + count], 0, len(sample))
-    return video_sps.largest_work(scan.sizes.values(), (64, 48))
+    return video_sps.largest_work(scan.sizes, (64, 48))
 
 
 def test_sps_units_the_decoder_drops_do_not_count():
@@ -330,3 +330,27 @@ def test_a_sample_description_box_past_its_bound_is_not_read(tmp_path, monkeypat
     monkeypatch.setattr(video_sps, "STSD_BYTES", 64)
     with pytest.raises(UnknownSize, match="^its sample descriptions cannot be read \\(damaged, or over 256 or 64 bytes\\)$"):
         decoded_size(path, (64, 48))
+
+
+def test_an_sps_of_a_size_ffmpeg_refuses_is_dropped_as_ffmpeg_drops_it():
+    """FFmpeg's decoder refuses an SPS whose (width + 128) × (height + 128) reaches 2^28 (its
+    image limit) and goes on with the SPS it had: the size it declares is not decoded at."""
+    assert _walk("h264", [h264_sps(1015, 1015)]) == (16240, 16240)  # 16,368² is under the limit
+    assert _walk("h264", [h264_sps(1024, 1024)]) == (64, 48)  # 16,512² is not
+    assert _walk("h264", [h264_sps(2048, 1)]) == (32768, 16)
+    assert _walk("h264", [h264_sps(2048, 1024), h264_sps(32, 32)]) == (512, 512)
+    assert video_sps.decoder_takes(hevc_sps_size(first_sps("libx265", 64, 48, QUIET_X265)).coded)
+    assert not video_sps.decoder_takes((0, 48)) and not video_sps.decoder_takes((40000, 40000))
+
+
+def test_a_file_with_an_sps_ffmpeg_refuses_decodes_at_the_size_it_had(tmp_path, monkeypatch):
+    """A 32,768×16,384 SPS in a 64×48 stream (over the frame limit) does not refuse the file:
+    FFmpeg drops it and decodes on at 64×48, and the plan counts 64×48."""
+    pytest.importorskip("decord")
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = write_inband_growing(tmp_path / "odd.mp4", small=30, large=0, extra=h264_sps(2048, 1024))
+    assert decoded_size(path, (64, 48)) == (64, 48)
+    cost = decode_cost(path, 8)
+    assert (cost.backend, cost.width, cost.height) == ("decord", 64, 48)
+    result = load_video(path, 8, max_decode_pixels=cost.pixels)
+    assert (result.backend, result.decoded_pixels) == ("decord", cost.pixels)

@@ -230,7 +230,8 @@ class _Scan:
 
     def __init__(self, codec: str, length: int, stop: DecodeStop | None) -> None:
         self.codec, self.length, self.stop = codec, length, stop
-        self.sizes: dict[bytes, SpsSize] = {}
+        self.seen: set[bytes] = set()  # each distinct SPS, parsed once
+        self.sizes: list[SpsSize] = []  # those the decoder takes
         self.samples = self.units = 0
 
     def sample(self, read: Callable[[int, int], bytes], start: int, size: int) -> None:
@@ -264,13 +265,16 @@ class _Scan:
     def add(self, nal: bytes, unit: int) -> None:
         if unit > SPS_BYTES:
             raise UnknownSize(f"an SPS of {unit:,} bytes")
-        if len(nal) < unit or nal in self.sizes or not decoders_sps(self.codec, nal):
+        if len(nal) < unit or nal in self.seen or not decoders_sps(self.codec, nal):
             return  # cut off by the end of the sample or file (no decoder reads it), known, or dropped
-        if len(self.sizes) >= DISTINCT_SPS:
+        if len(self.seen) >= DISTINCT_SPS:
             raise UnknownSize(f"over {DISTINCT_SPS:,} different SPS")
         if self.stop is not None and self.stop.is_set():
             raise DecodeStopped  # as at every 1,024 samples: the SPS of a few samples take a while too
-        self.sizes[nal] = sps_size(self.codec, nal)
+        self.seen.add(nal)
+        size = sps_size(self.codec, nal)
+        if decoder_takes(size.coded):
+            self.sizes.append(size)
 
 
 def decoders_sps(codec: str, nal: bytes) -> bool:
@@ -284,6 +288,18 @@ def decoders_sps(codec: str, nal: bytes) -> bool:
         return False
     layer, temporal_plus_1 = (nal[0] & 1) << 5 | nal[1] >> 3, nal[1] & 7
     return nal[0] >> 1 == HEVC_SPS and layer == 0 and temporal_plus_1 != 0  # (nal[0] >> 1 holds the forbidden bit)
+
+
+# FFmpeg refuses an image whose (width + 128) × (height + 128) reaches this (av_image_check_size)
+FFMPEG_IMAGE_LIMIT = (2**31 - 1) // 8
+
+
+def decoder_takes(coded: tuple[int, int]) -> bool:
+    """Whether FFmpeg's decoder takes an SPS of this coded size. One it refuses (no width, or a
+    size past its image limit, ~2^28 pixels) is dropped: decoding goes on with the SPS it had,
+    at that one's size; the file is not refused for it."""
+    width, height = coded
+    return width > 0 and height > 0 and (width + 128) * (height + 128) < FFMPEG_IMAGE_LIMIT
 
 
 def sps_size(codec: str, nal: bytes) -> SpsSize:
@@ -323,7 +339,7 @@ def decoded_size(path: Path, header_size: tuple[int, int], stop: DecodeStop | No
             _scan_indexed(path, stream, scan)
         else:  # not an MP4, or one whose index lacks samples (fragments FFmpeg reads as it goes)
             _scan_demuxed(container, stream, scan)
-    return largest_work(scan.sizes.values(), header_size)
+    return largest_work(scan.sizes, header_size)
 
 
 def _scan_descriptions(path: Path, track: int, scan: _Scan) -> None:
