@@ -433,14 +433,17 @@ def nal_kind(encoder: str, unit: bytes) -> int:
 QUIET = {"libx264": {"bframes": "0"}, "libx265": {"x265-params": "log-level=none:bframes=0"}}
 
 
-def write_inband_growing(path: Path, small: int, large: int, side: int = 512, encoder: str = "libx264") -> Path:
+def write_inband_growing(path: Path, small: int, large: int, side: int = 512, encoder: str = "libx264", extra: bytes = b"") -> Path:
     """An MP4 (or MKV, by its name) whose header (avcC or hvcC, tkhd) tells of 64×48 frames: `small`
     of them, then `large` of side×side in the same stream, whose first key frame carries its new
-    SPS in-band (FFmpeg decodes on at the new size; decord scales its frames to the header's)."""
+    SPS in-band (FFmpeg decodes on at the new size; decord scales its frames to the header's).
+    An `extra` NAL unit goes before the last small frame's."""
     import av
     from fractions import Fraction
 
     first = encode_plain(encoder, 64, 48, small, QUIET[encoder])
+    if extra:
+        first[-1] = av.Packet(b"\x00\x00\x00\x01" + extra + bytes(first[-1]))
     packets = first + encode_plain(encoder, side, side, large, QUIET[encoder])
     data = bytes(first[0])
     slice_at = min(data.index(b"\x00\x00\x01" + unit) for unit in annex_b_units(data)
@@ -488,3 +491,54 @@ def with_second_description(path: Path, other: Path, copy: Path) -> Path:
     data[end:end] = entry
     copy.write_bytes(bytes(data))
     return copy
+
+
+class BitWriter:
+    """Bits written big-endian, with exp-Golomb codes: a parameter set made by hand."""
+
+    def __init__(self) -> None:
+        self.bits: list[int] = []
+
+    def u(self, value: int, count: int) -> BitWriter:
+        self.bits += [(value >> shift) & 1 for shift in range(count - 1, -1, -1)]
+        return self
+
+    def ue(self, value: int) -> BitWriter:
+        return self.u(value + 1, 2 * (value + 1).bit_length() - 1)
+
+    def se(self, value: int) -> BitWriter:
+        return self.ue(2 * value - 1 if value > 0 else -2 * value)
+
+    def nal(self, header: bytes) -> bytes:
+        """The NAL unit: `header`, then the bits with their stop bit, emulation prevention added."""
+        bits = self.bits + [1] + [0] * (-(len(self.bits) + 1) % 8)
+        payload, out, zeros = bytes(int("".join(map(str, bits[at : at + 8])), 2) for at in range(0, len(bits), 8)), bytearray(), 0
+        for byte in payload:
+            if zeros >= 2 and byte <= 3:
+                out.append(3)
+                zeros = 0
+            out.append(byte)
+            zeros = zeros + 1 if byte == 0 else 0
+        return header + bytes(out)
+
+
+def h264_sps(mb_width: int, mb_height: int, scaling_delta: int | None = None, poc_cycle: list[int] | None = None) -> bytes:
+    """An H.264 SPS NAL unit of mb_width × mb_height macroblocks (frames, no cropping): Baseline, or
+    High 4:4:4 with all 12 scaling lists, each delta `scaling_delta`; a picture order cycle of
+    these offsets (type 1) where given."""
+    bits = BitWriter().u(244 if scaling_delta is not None else 66, 8).u(0, 8).u(40, 8).ue(0)
+    if scaling_delta is not None:
+        bits.ue(3).u(0, 1).ue(0).ue(0).u(0, 1).u(1, 1)  # 4:4:4, 8 bits, scaling matrix present
+        for number in range(12):
+            bits.u(1, 1)
+            for _ in range(16 if number < 6 else 64):
+                bits.se(scaling_delta)
+    bits.ue(0)  # log2_max_frame_num_minus4
+    if poc_cycle is None:
+        bits.ue(0).ue(0)
+    else:
+        bits.ue(1).u(0, 1).se(0).se(0).ue(len(poc_cycle))
+        for offset in poc_cycle:
+            bits.se(offset)
+    bits.ue(1).u(0, 1).ue(mb_width - 1).ue(mb_height - 1).u(1, 1).u(1, 1).u(0, 1).u(0, 1)  # frames only, no cropping, no VUI
+    return bits.nal(b"\x67")

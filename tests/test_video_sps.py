@@ -5,14 +5,16 @@ planned and counted at the larger size, so the limit refuses it. Frames are coun
 
 from __future__ import annotations
 
+import os
 import threading
 
 import av
 import pytest
-from media_helpers import annex_b_units, encode_plain, nal_kind, with_second_description, write_inband_growing
+from media_helpers import annex_b_units, encode_plain, h264_sps, nal_kind, with_second_description, write_inband_growing
 
 from internvl_chat.errors import MediaError
-from internvl_chat.media import video_sps
+from internvl_chat.files import NotRegularFile
+from internvl_chat.media import video_header, video_sps
 from internvl_chat.media.video import BACKEND_ENV, decode_cost, load_video
 from internvl_chat.media.video_cost import DecodeOverBudget
 from internvl_chat.media.video_sps import SpsSize, UnknownSize, decoded_size, h264_sps_size, hevc_sps_size
@@ -50,6 +52,23 @@ def test_h264_sps_of_real_encodes_give_their_size(width, height, options, pix_fm
 def test_hevc_sps_of_real_encodes_give_their_size(width, height, pix_fmt, coded):
     size = hevc_sps_size(first_sps("libx265", width, height, QUIET_X265, pix_fmt))
     assert (size.shown, size.coded, size.work) == ((width, height), coded, (width, height))
+
+
+def test_an_sps_of_the_longest_codes_reads_its_size():
+    """Scaling lists of every delta at its longest code (17 bits) and a picture order cycle of 255
+    offsets at theirs (63 bits): each code is read where it lies."""
+    sps = h264_sps(120, 68, scaling_delta=-128, poc_cycle=[-(2**31) + 1] * 255)
+    assert len(sps) > 3000
+    assert h264_sps_size(sps).coded == (1920, 1088)
+    assert h264_sps_size(h264_sps(8191, 1)).coded == (8191 * 16, 16)  # a width code of 25 bits
+
+
+def test_a_number_of_over_31_leading_zeros_is_refused():
+    sps = h264_sps(4, 3)
+    with pytest.raises(UnknownSize, match="an SPS holds an invalid number"):
+        h264_sps_size(sps[:4] + b"\x00\x00\x03\x00\x00\x03\x00\x00\x03\x00\x00\x03\x01")
+    with pytest.raises(UnknownSize, match="an SPS ends early"):
+        h264_sps_size(sps[:4] + b"\x00\x00\x03\x00")
 
 
 def test_a_cropping_that_hides_more_than_block_alignment_counts_the_coded_size():
@@ -153,7 +172,7 @@ def _walk(codec: str, units: list[bytes]) -> tuple[int, int]:
     scan = video_sps._Scan(codec, 4, None)
     sample = b"".join(len(unit).to_bytes(4, "big") + unit for unit in units)
     scan.sample(lambda at, count: sample[at : at + count], 0, len(sample))
-    return video_sps.largest_work(scan.sizes.values(), (64, 48))
+    return video_sps.largest_work(scan.sizes, (64, 48))
 
 
 def test_sps_units_the_decoder_drops_do_not_count():
@@ -202,3 +221,136 @@ def test_the_profiles_whose_sps_holds_chroma_and_scaling_lists_are_ffmpegs():
     main = bytearray(first_sps("libx264", 100, 50, {"profile": "main"}))
     main[1] = 139
     assert h264_sps_size(bytes(main)).shown == (100, 50)
+
+
+def test_a_new_sps_is_parsed_only_while_the_walk_is_wanted():
+    """Ctrl-C or a client gone ends the walk at the next distinct SPS too, not only every 1,024
+    samples: a few samples may carry many."""
+    scan = video_sps._Scan("h264", 4, stop := threading.Event())
+    scan.add(h264_sps(4, 3), len(h264_sps(4, 3)))
+    stop.set()
+    scan.add(h264_sps(4, 3), len(h264_sps(4, 3)))  # known: nothing to parse
+    with pytest.raises(DecodeStopped):
+        scan.add(h264_sps(8, 8), len(h264_sps(8, 8)))
+
+
+def test_over_64_distinct_sps_are_past_the_bound():
+    """Real streams have a few SPS (H.264 allows 32 ids, HEVC 16): 64 are walked, 65 are not."""
+    units = [h264_sps(4 + number, 3) for number in range(64)]
+    assert _walk("h264", units) == (67 * 16, 48)
+    with pytest.raises(UnknownSize, match="^over 64 different SPS$"):
+        _walk("h264", [*units, h264_sps(100, 3)])
+
+
+def test_an_sps_larger_than_the_largest_scaling_lists_need_is_past_the_bound():
+    """The largest scaling lists at their longest codes fit 3 KiB (H.264's in 1,032 bytes); a
+    picture order cycle of 255 offsets at their longest codes does not."""
+    lists = h264_sps(32, 32, scaling_delta=-128)
+    assert _walk("h264", [lists + b"\x00" * (3072 - len(lists))]) == (512, 512)  # trailing zeros, as FFmpeg reads them
+    cycle = h264_sps(32, 32, scaling_delta=-128, poc_cycle=[-(2**31) + 1] * 255)
+    assert len(cycle) > 3072
+    with pytest.raises(UnknownSize, match=f"^an SPS of {len(cycle):,} bytes$"):
+        _walk("h264", [cycle])
+
+
+def test_a_fifo_swapped_in_for_the_file_is_not_read(tmp_path):
+    """The samples are read from the path PyAV opened: a FIFO put there since is refused, not read
+    (with no writer, opening it would wait forever). Held open here for reading and writing, so
+    that an open without the check would not block this test."""
+    path = write_inband_growing(tmp_path / "clip.mp4", small=2, large=0)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fifo = tmp_path / "fifo.mp4"
+        os.mkfifo(fifo)
+        held = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        try:
+            with pytest.raises(NotRegularFile):
+                video_sps._scan_indexed(fifo, stream, video_sps._Scan("h264", 4, None))
+        finally:
+            os.close(held)
+
+
+def test_the_sample_descriptions_are_not_read_from_a_fifo(tmp_path):
+    fifo = tmp_path / "fifo.mp4"
+    os.mkfifo(fifo)
+    found = []
+    reader = threading.Thread(target=lambda: found.append(video_header.decoder_configs(fifo, 0)), daemon=True)
+    reader.start()
+    reader.join(30)  # without the check it waits for a writer
+    if reader.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # let it go
+    assert found == [None]
+
+
+class _CountedReads:
+    """A file whose reads are added up."""
+
+    def __init__(self, f, counted: list[int]) -> None:
+        self._f, self._counted = f, counted
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+    def read(self, count: int = -1) -> bytes:
+        data = self._f.read(count)
+        self._counted.append(len(data))
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def test_the_sample_descriptions_are_read_without_the_rest_of_the_moov(tmp_path, monkeypatch):
+    """decord's every open of an MP4 looks for its sample descriptions: only the box headers on the
+    way to them are read, and the stsd box, not a moov of megabytes (a long recording's tables; a
+    1 MiB free box in it here)."""
+    path = write_inband_growing(tmp_path / "clip.mp4", small=2, large=0)
+    data = bytearray(path.read_bytes())
+    moov = data.index(b"moov") - 4
+    assert moov + int.from_bytes(data[moov : moov + 4], "big") == len(data)  # the moov comes last
+    data += (8 + (1 << 20)).to_bytes(4, "big") + b"free" + bytes(1 << 20)
+    data[moov : moov + 4] = (len(data) - moov).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    expected = video_header.decoder_configs(path, 0)
+    assert expected is not None and len(expected) == 1
+    counted: list[int] = []
+    real = video_header.open_regular_file
+    monkeypatch.setattr(video_header, "open_regular_file", lambda p: _CountedReads(real(p), counted))
+    assert video_header.decoder_configs(path, 0) == expected
+    assert sum(counted) < 4096
+
+
+def test_a_sample_description_box_past_its_bound_is_not_read(tmp_path, monkeypatch):
+    path = write_inband_growing(tmp_path / "clip.mp4", small=2, large=0)
+    monkeypatch.setattr(video_header, "STSD_BYTES", 64)
+    assert video_header.decoder_configs(path, 0) is None
+    monkeypatch.setattr(video_sps, "STSD_BYTES", 64)
+    with pytest.raises(UnknownSize, match="^its sample descriptions cannot be read \\(damaged, or over 256 or 64 bytes\\)$"):
+        decoded_size(path, (64, 48))
+
+
+def test_an_sps_of_a_size_ffmpeg_refuses_is_dropped_as_ffmpeg_drops_it():
+    """FFmpeg's decoder refuses an SPS whose (width + 128) × (height + 128) reaches 2^28 (its
+    image limit) and goes on with the SPS it had: the size it declares is not decoded at."""
+    assert _walk("h264", [h264_sps(1015, 1015)]) == (16240, 16240)  # 16,368² is under the limit
+    assert _walk("h264", [h264_sps(1024, 1024)]) == (64, 48)  # 16,512² is not
+    assert _walk("h264", [h264_sps(2048, 1)]) == (32768, 16)
+    assert _walk("h264", [h264_sps(2048, 1024), h264_sps(32, 32)]) == (512, 512)
+    assert video_sps.decoder_takes(hevc_sps_size(first_sps("libx265", 64, 48, QUIET_X265)).coded)
+    assert not video_sps.decoder_takes((0, 48)) and not video_sps.decoder_takes((40000, 40000))
+
+
+def test_a_file_with_an_sps_ffmpeg_refuses_decodes_at_the_size_it_had(tmp_path, monkeypatch):
+    """A 32,768×16,384 SPS in a 64×48 stream (over the frame limit) does not refuse the file:
+    FFmpeg drops it and decodes on at 64×48, and the plan counts 64×48."""
+    pytest.importorskip("decord")
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = write_inband_growing(tmp_path / "odd.mp4", small=30, large=0, extra=h264_sps(2048, 1024))
+    assert decoded_size(path, (64, 48)) == (64, 48)
+    cost = decode_cost(path, 8)
+    assert (cost.backend, cost.width, cost.height) == ("decord", 64, 48)
+    result = load_video(path, 8, max_decode_pixels=cost.pixels)
+    assert (result.backend, result.decoded_pixels) == ("decord", cost.pixels)

@@ -880,14 +880,15 @@ def _sample_times(path: Path, track: int) -> tuple[np.ndarray, np.ndarray | None
 
 # Sample descriptions of a track read at most (a real track has one, a spliced recording a few)
 SAMPLE_DESCRIPTIONS = 256
+STSD_BYTES = 1 << 20  # read of the sample descriptions at most: 256 of 4 KiB (a real one takes ~150 bytes)
 
 
 def decoder_configs(path: Path, track: int) -> list[bytes] | None:
     """The decoder configuration records (avcC, hvcC: an H.264 or HEVC stream's parameter sets) of
     each sample description (stsd entry) of an MP4's (or MOV's) `track`-th trak: a track may switch
     between several, FFmpeg giving the decoder each one's as its samples come. None where they
-    are not found, or more than SAMPLE_DESCRIPTIONS."""
-    found = _sample_tables(path, track, (b"stsd",))
+    are not found, more than SAMPLE_DESCRIPTIONS, or over STSD_BYTES."""
+    found = _sample_tables(path, track, (b"stsd",), STSD_BYTES)
     if found is None or b"stsd" not in found:
         return None
     stsd, configs = found[b"stsd"], []  # version and flags, an entry count, then the entries (boxes)
@@ -899,29 +900,53 @@ def decoder_configs(path: Path, track: int) -> list[bytes] | None:
     return configs
 
 
-def _sample_tables(path: Path, track: int, kinds: tuple[bytes, ...]) -> dict[bytes, memoryview] | None:
+def _sample_tables(path: Path, track: int, kinds: tuple[bytes, ...], limit: int = MP4_MOOV_LIMIT) -> dict[bytes, memoryview] | None:
     """The boxes of these kinds in the sample table (stbl) of the moov's `track`-th trak, each
-    payload; None where there is no such trak."""
+    payload; None where there is no such trak, or one of them is over `limit` bytes. Only the box
+    headers on the way are read, and the boxes wanted: not the whole moov (a long recording's
+    sample tables are megabytes, and decord's every open of an MP4 looks for its descriptions)."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
+            size = os.fstat(f.fileno()).st_size
             moov = next(((at, head, box) for kind, at, head, box in _top_boxes(f, size) if kind == b"moov"), None)
             if moov is None:
                 return None
             at, head, box = moov
-            f.seek(at + head)
-            data = memoryview(f.read(min(box - head, MP4_MOOV_LIMIT)))
+            inside = (at + head, min(at + box, size, at + head + MP4_MOOV_LIMIT))  # what a box declares is not what it holds
+            trak = next((box for number, box in enumerate(_boxes_named(f, inside, b"trak")) if number == track), None)
+            for name in (b"mdia", b"minf", b"stbl"):
+                trak = next(_boxes_named(f, trak, name), None) if trak is not None else None
+            if trak is None:
+                return None
+            found = {}
+            for kind, start, end in _file_boxes(f, *trak):
+                if kind in kinds:
+                    if end - start > limit:
+                        return None
+                    f.seek(start)
+                    found[kind] = memoryview(f.read(end - start))
+            return found
     except OSError:
         return None
-    traks = [(start, end) for kind, start, end in _mp4_boxes(data, 0, len(data)) if kind == b"trak"]
-    if track >= len(traks):
-        return None
-    box = traks[track]
-    for name in (b"mdia", b"minf", b"stbl"):
-        box = next(((start, end) for kind, start, end in _mp4_boxes(data, *box) if kind == name), None)
-        if box is None:
-            return None
-    return {kind: data[start:end] for kind, start, end in _mp4_boxes(data, *box) if kind in kinds}
+
+
+def _file_boxes(f, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """As _mp4_boxes, from the file: each box's header read, at most MP4_TOP_BOXES of them."""
+    at = start
+    for _ in range(MP4_TOP_BOXES):
+        if end - at < 8:
+            return  # (a read of a negative count would read to the end of the file)
+        f.seek(at)
+        box = _box_header(f.read(min(16, end - at)), end - at)
+        if box is None or at + box[2] > end:
+            return
+        kind, head, size = box
+        yield kind, at + head, at + size
+        at += size
+
+
+def _boxes_named(f, inside: tuple[int, int], name: bytes) -> Iterator[tuple[int, int]]:
+    return ((start, end) for kind, start, end in _file_boxes(f, *inside) if kind == name)
 
 
 def _rows(table: memoryview) -> np.ndarray:

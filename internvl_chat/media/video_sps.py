@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .video_header import SAMPLE_DESCRIPTIONS, decoder_configs, open_container, video_stream
+from ..files import open_regular_file
+from .video_header import SAMPLE_DESCRIPTIONS, STSD_BYTES, decoder_configs, open_container, video_stream
 from .video_worker import DecodeStop, DecodeStopped
 
 H264_SPS, HEVC_SPS = 7, 33
@@ -24,8 +25,13 @@ H264_SPS, HEVC_SPS = 7, 33
 SCAN_SAMPLES = 1 << 20  # 9.7 hours at 30 fps
 NALS_PER_SAMPLE = 1024  # a frame's slices, parameter sets, SEI, …
 SCAN_UNITS = 4 * SCAN_SAMPLES  # frames of several slices each
-DISTINCT_SPS = 1024  # a stream repeats its few SPS (one per size or setting) at its key frames
-SPS_BYTES = 4096  # a real SPS is under 100 bytes (a few hundred with scaling lists and VUI)
+# A stream repeats its few SPS at its key frames: H.264 has 32 ids, HEVC 16, and streams joined at
+# a change of size add one per part. Each distinct one is parsed (under 2 ms at the most)
+DISTINCT_SPS = 64
+# Real SPS are tens of bytes. The largest scaling lists, each coefficient at its longest code (17
+# bits), take 1,020 bytes in H.264 (4:4:4's 12 lists) and 2,125 in HEVC (its 1,000 coefficients);
+# the other fields and a VUI some dozens more
+SPS_BYTES = 3072
 # H.264 profiles whose SPS carries chroma format, bit depths and scaling lists, as FFmpeg's decoder
 # reads them (H.264 7.3.2.1.1 but for 144, the old High 4:4:4; MVC's 134, 135 and 139 come in
 # subset SPS, NAL type 15, which it does not take for the stream's size)
@@ -59,23 +65,32 @@ class SpsSize:
 
 
 class _Bits:
-    """Big-endian bits of an RBSP (emulation prevention bytes removed), with exp-Golomb codes."""
+    """Big-endian bits of an RBSP (emulation prevention bytes removed), with exp-Golomb codes. Each
+    read takes only the bytes it spans: shifting the whole SPS as one integer cost every bit read
+    the SPS's length (a 4 KiB SPS of long scaling lists took ~10 ms)."""
 
     def __init__(self, data: bytes) -> None:
-        self._value, self._left = int.from_bytes(data, "big"), 8 * len(data)
+        self._data, self._at, self._size = data, 0, 8 * len(data)
+
+    def _peek(self, count: int) -> int:
+        end = self._at + count
+        if end > self._size:
+            raise UnknownSize("an SPS ends early")
+        first, last = self._at >> 3, (end + 7) >> 3
+        return (int.from_bytes(self._data[first:last], "big") >> (8 * last - end)) & ((1 << count) - 1)
 
     def u(self, count: int) -> int:
-        if count > self._left:
-            raise UnknownSize("an SPS ends early")
-        self._left -= count
-        return (self._value >> self._left) & ((1 << count) - 1)
+        value = self._peek(count)
+        self._at += count
+        return value
 
     def ue(self) -> int:
-        zeros = 0
-        while not self.u(1):
-            zeros += 1
-            if zeros > 31:
-                raise UnknownSize("an SPS holds an invalid number")
+        ahead = min(32, self._size - self._at)  # a code of over 31 leading zeros is refused
+        window = self._peek(ahead)
+        if not window:
+            raise UnknownSize("an SPS holds an invalid number" if ahead == 32 else "an SPS ends early")
+        zeros = ahead - window.bit_length()
+        self._at += zeros + 1
         return (1 << zeros) - 1 + self.u(zeros)
 
     def se(self) -> int:
@@ -215,7 +230,8 @@ class _Scan:
 
     def __init__(self, codec: str, length: int, stop: DecodeStop | None) -> None:
         self.codec, self.length, self.stop = codec, length, stop
-        self.sizes: dict[bytes, SpsSize] = {}
+        self.seen: set[bytes] = set()  # each distinct SPS, parsed once
+        self.sizes: list[SpsSize] = []  # those the decoder takes
         self.samples = self.units = 0
 
     def sample(self, read: Callable[[int, int], bytes], start: int, size: int) -> None:
@@ -249,11 +265,16 @@ class _Scan:
     def add(self, nal: bytes, unit: int) -> None:
         if unit > SPS_BYTES:
             raise UnknownSize(f"an SPS of {unit:,} bytes")
-        if len(nal) < unit or nal in self.sizes or not decoders_sps(self.codec, nal):
+        if len(nal) < unit or nal in self.seen or not decoders_sps(self.codec, nal):
             return  # cut off by the end of the sample or file (no decoder reads it), known, or dropped
-        if len(self.sizes) >= DISTINCT_SPS:
+        if len(self.seen) >= DISTINCT_SPS:
             raise UnknownSize(f"over {DISTINCT_SPS:,} different SPS")
-        self.sizes[nal] = sps_size(self.codec, nal)
+        if self.stop is not None and self.stop.is_set():
+            raise DecodeStopped  # as at every 1,024 samples: the SPS of a few samples take a while too
+        self.seen.add(nal)
+        size = sps_size(self.codec, nal)
+        if decoder_takes(size.coded):
+            self.sizes.append(size)
 
 
 def decoders_sps(codec: str, nal: bytes) -> bool:
@@ -267,6 +288,18 @@ def decoders_sps(codec: str, nal: bytes) -> bool:
         return False
     layer, temporal_plus_1 = (nal[0] & 1) << 5 | nal[1] >> 3, nal[1] & 7
     return nal[0] >> 1 == HEVC_SPS and layer == 0 and temporal_plus_1 != 0  # (nal[0] >> 1 holds the forbidden bit)
+
+
+# FFmpeg refuses an image whose (width + 128) × (height + 128) reaches this (av_image_check_size)
+FFMPEG_IMAGE_LIMIT = (2**31 - 1) // 8
+
+
+def decoder_takes(coded: tuple[int, int]) -> bool:
+    """Whether FFmpeg's decoder takes an SPS of this coded size. One it refuses (no width, or a
+    size past its image limit, ~2^28 pixels) is dropped: decoding goes on with the SPS it had,
+    at that one's size; the file is not refused for it."""
+    width, height = coded
+    return width > 0 and height > 0 and (width + 128) * (height + 128) < FFMPEG_IMAGE_LIMIT
 
 
 def sps_size(codec: str, nal: bytes) -> SpsSize:
@@ -306,7 +339,7 @@ def decoded_size(path: Path, header_size: tuple[int, int], stop: DecodeStop | No
             _scan_indexed(path, stream, scan)
         else:  # not an MP4, or one whose index lacks samples (fragments FFmpeg reads as it goes)
             _scan_demuxed(container, stream, scan)
-    return largest_work(scan.sizes.values(), header_size)
+    return largest_work(scan.sizes, header_size)
 
 
 def _scan_descriptions(path: Path, track: int, scan: _Scan) -> None:
@@ -314,7 +347,7 @@ def _scan_descriptions(path: Path, track: int, scan: _Scan) -> None:
     another's as the samples switch to it)."""
     configs = decoder_configs(path, track)
     if configs is None:
-        raise UnknownSize(f"its sample descriptions cannot be read (damaged, or over {SAMPLE_DESCRIPTIONS})")
+        raise UnknownSize(f"its sample descriptions cannot be read (damaged, or over {SAMPLE_DESCRIPTIONS} or {STSD_BYTES:,} bytes)")
     for config in configs:
         length, units = header_sps(scan.codec, config)
         if length != scan.length:
@@ -328,8 +361,9 @@ def _scan_indexed(path: Path, stream, scan: _Scan) -> None:
     entries = stream.index_entries
     if len(entries) > SCAN_SAMPLES:
         raise UnknownSize(f"over {SCAN_SAMPLES:,} samples")
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
+        fd = f.fileno()
+
         def read(at: int, count: int) -> bytes:
             return os.pread(fd, count, at)
 
@@ -337,8 +371,6 @@ def _scan_indexed(path: Path, stream, scan: _Scan) -> None:
             entry = entries[number]
             if entry.pos >= 0 and entry.size > 0:
                 scan.sample(read, entry.pos, entry.size)
-    finally:
-        os.close(fd)
 
 
 def _scan_demuxed(container, stream, scan: _Scan) -> None:
