@@ -665,6 +665,25 @@ def test_the_structure_check_refuses_a_fifo_instead_of_waiting_for_a_writer(tmp_
     assert stuck == [] and outcome == [None, None]
 
 
+@pytest.mark.parametrize("check", [video_header._mp4_sample_bomb, lambda path: video_header._lost_index(path, True)],
+                         ids=["sample bomb", "lost index"])
+def test_the_mp4_box_checks_refuse_a_fifo_instead_of_waiting_for_a_writer(tmp_path, check):
+    """_mp4_sample_bomb and _lost_index opened the path with a blocking open: a FIFO swapped in
+    after the file was checked waited for a writer forever. They tell nothing then (None)."""
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    outcome = []
+    # in a thread so a regression (a blocking open) fails the test instead of hanging it
+    reader = threading.Thread(target=lambda: outcome.append(check(fifo)), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    stuck = reader.is_alive()
+    if stuck:  # unblock the stuck open before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=60)
+    assert not stuck and outcome == [None]
+
+
 @pytest.mark.parametrize("name", list(UNTRUSTED_COUNTS))
 def test_an_mkv_webm_or_avi_cut_inside_its_frames_is_known_as_it_is_attached(tmp_path, name):
     """The attach line (measure_video) said nothing of these: the cut was found only as the frames

@@ -650,8 +650,8 @@ def _mp4_sample_bomb(path: Path) -> tuple[int, int, int] | None:
     20 million frames took 700 MB; FFmpeg allows ~178 million, 6 GB)."""
     fragments = 0  # samples declared by all trun boxes
     try:
-        file_size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:  # a FIFO swapped in since it was checked must not block
+            file_size = os.fstat(f.fileno()).st_size
             for kind, at, head_size, size in _top_boxes(f, file_size):
                 if kind in (b"moov", b"moof"):
                     f.seek(at + head_size)
@@ -673,8 +673,8 @@ def _lost_index(path: Path, after_frames: bool) -> MediaError | None:
     `after_frames`, where FFmpeg could not use the index, also an index cut short after the frames
     (without it, FFmpeg may still read one whose tail alone is cut off)."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:  # a FIFO swapped in since it was checked must not block
+            size = os.fstat(f.fileno()).st_size
             boxes = list(_top_boxes(f, size))
     except OSError:
         return None
