@@ -25,6 +25,7 @@ from media_helpers import (
     numbered_frame,
     textured_rgb,
     write_growing_video,
+    write_inband_growing,
     write_numbered_video,
 )
 from proxy_helpers import error_page_proxy
@@ -226,6 +227,26 @@ def test_a_new_video_s_header_is_read_once_when_its_request_is_measured(server, 
                                    "messages.0.content.0", 4)  # fmt: skip
     assert err.value.status == 400 and "a video frame has 3,072 pixels, over this server's limit of 1,000" in str(err.value)
     assert headers == [1] and opens == [1]
+
+
+def test_a_video_s_parameter_sets_are_walked_once_from_its_plan_to_its_frames(server, tmp_path, monkeypatch):
+    """serve plans each video as its request is read and decodes it later: the size decord's frames
+    are counted at (a walk of every sample's NAL units: video_sps) was found for each; the plan's serves both."""
+    pytest.importorskip("decord")
+    from internvl_chat.media import video_sources
+    from internvl_chat.media.video import BACKEND_ENV, decode_cost
+    from internvl_chat.serve.media import DecodeAllowance
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    clip = write_inband_growing(tmp_path / "grows.mp4", small=10, large=20)  # 64×48 says the header, then 512×512
+    cost = decode_cost(clip, 4)
+    assert (cost.backend, cost.width, cost.height) == ("decord", 512, 512)
+    walks, real_walk = [], video_sources.decoded_size
+    monkeypatch.setattr(video_sources, "decoded_size", lambda *a, **kw: walks.append(1) or real_walk(*a, **kw))
+    item = server.worker.reader.video(data_url(clip, "video/mp4"), "messages.0.content.0", 4)
+    allowance = DecodeAllowance(None)
+    assert server.worker.reader.pixels(item, allowance=allowance).shape[0] == 4
+    assert walks == [1] and allowance.used == cost.pixels  # each frame counted at the size planned
 
 
 def test_a_video_whose_decoding_is_over_the_limit_is_400_before_any_frame_is_decoded(server, client, builder, tmp_path,

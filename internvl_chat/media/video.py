@@ -169,9 +169,10 @@ class _Decoded:
     ends_at: tuple[float, float] | None = None  # (seconds held, listed) where the frames end before the header's end
 
 
-def _open(path: Path, backend: str, header: VideoHeader, decord, stop: DecodeStop, packets_alone: bool = True) -> FrameSource:
+def _open(path: Path, backend: str, header: VideoHeader, decord, stop: DecodeStop, packets_alone: bool = True,
+          decord_size: tuple[int, int] | None = None) -> FrameSource:  # fmt: skip
     if backend == "decord":
-        source: FrameSource = DecordSource(path, decord, header, stop)
+        source: FrameSource = DecordSource(path, decord, header, stop, decord_size)
     else:
         source = PyAVSource(path, header, stop, packets_alone)
     if source.num_total_frames < 1:
@@ -186,23 +187,23 @@ def _cost(backend: str, source: FrameSource, indices: list[int]) -> DecodeCost:
 
 def _decode(
     path: Path, backend: str, header: VideoHeader, decord, num_frames: int, start, end, image_size: int,
-    stop: DecodeStop, meter: DecodeMeter,
+    stop: DecodeStop, meter: DecodeMeter, decord_size: tuple[int, int] | None = None,
 ) -> _Decoded:  # fmt: skip
     """`meter` may hold what an attempt that failed decoded (decord's, or PyAV's packet by packet
     on an intra-only stream whose packets are not one frame each): it counts too, as does a first
     pass that found the stream shorter than its header lists."""
     args = (path, backend, header, decord, num_frames, start, end, image_size, stop, meter)
     try:
-        return _decode_once(*args, packets_alone=True)
+        return _decode_once(*args, packets_alone=True, decord_size=decord_size)
     except NotOnePerPacket:
-        return _decode_once(*args, packets_alone=False)
+        return _decode_once(*args, packets_alone=False, decord_size=decord_size)
 
 
 def _decode_once(
     path: Path, backend: str, header: VideoHeader, decord, num_frames: int, start, end, image_size: int,
-    stop: DecodeStop, meter: DecodeMeter, packets_alone: bool,
+    stop: DecodeStop, meter: DecodeMeter, packets_alone: bool, decord_size: tuple[int, int] | None = None,
 ) -> _Decoded:  # fmt: skip
-    source = _open(path, backend, header, decord, stop, packets_alone)
+    source = _open(path, backend, header, decord, stop, packets_alone, decord_size)
     total = source.num_total_frames
     held: Held | None = None  # what the stream really holds, where that was found out
     try:
@@ -408,22 +409,27 @@ def load_video(
     image_size: int = IMAGE_SIZE,
     max_decode_pixels: int | None = None,
     cancel: threading.Event | None = None,
+    planned: DecodeCost | None = None,
 ) -> VideoInput:
     """Sample `num_frames` frames from the video (or its [start, end] seconds) as normalised tiles.
 
     With `max_decode_pixels`, a sampling whose decoding (see DecodeCost) takes more pixels is
     refused before decoding, and a decode that passes it is stopped (DecodeOverBudget). `cancel`
-    set stops the decoding at its next frame and raises Cancelled at once."""
+    set stops the decoding at its next frame and raises Cancelled at once. `planned`: plan_video's
+    cost of these same bytes (`serve` plans each video as its request is read): where decord
+    planned it, its frames are counted at the size that plan found, the stream's parameter sets
+    not walked again (video_sps)."""
     if num_frames < 1:
         raise MediaError(f"num_frames is {num_frames}; sample at least 1 frame (8 is the default)")
     path = check_media_file(path, "video")
     forced, decord = _decoders()
+    decord_size = (planned.width, planned.height) if planned is not None and planned.backend == "decord" else None
 
     def work(stop: DecodeStop) -> _Decoded:
         header = read_header(path, orientation=True)
         meter = DecodeMeter(path, max_decode_pixels)  # one for both attempts
         return _by_backend(decord, forced, header, lambda backend: _decode(
-            path, backend, header, decord, num_frames, start, end, image_size, stop, meter))  # fmt: skip
+            path, backend, header, decord, num_frames, start, end, image_size, stop, meter, decord_size))  # fmt: skip
 
     decoded = interruptible(work, cancel)
     fps = decoded.fps

@@ -180,7 +180,9 @@ def decord_is_exact(header: VideoHeader) -> bool:
 
 
 class DecordSource:
-    def __init__(self, path: Path, decord, header: VideoHeader, stop: DecodeStop) -> None:
+    def __init__(self, path: Path, decord, header: VideoHeader, stop: DecodeStop, size: tuple[int, int] | None = None) -> None:
+        """`size`: the size this file's decoding is counted at, found already (a plan of the same
+        bytes: DecodeCost's of decord), so the stream's parameter sets are not walked again."""
         self._path = path
         if header.unfilled:  # decord allocates for the 2^30 frames its placeholder count lists: the process aborts
             doing = f"read video {shown_path(path)}"
@@ -199,7 +201,7 @@ class DecordSource:
             raise DecordFailed(str(cannot_read(path, e)), f"read video {shown_path(path)}", decord_detail(e)) from None
         # decord's decoding is not seen frame by frame (it scales its output to the header's size):
         # counted at the largest size the stream's parameter sets declare, in-band ones included
-        self.size = _decoded_size(path, header, stop)
+        self.size = size if size is not None else _decoded_size(path, header, stop)
         self.from_start = False  # from the key frame before each wanted one
         applied = decord_rotation(header)
         self.orientation = compose(inverse(applied), header.orientation)

@@ -95,6 +95,7 @@ class MediaItem:
     data: bytes = field(default=b"", repr=False)  # or the bytes already fetched (http, file)
     frame_list: bool = False  # a pre-sampled frame list (data:video/jpeg;base64,F1,F2,…)
     max_tiles: int | None = None  # None: the checkpoint's limit
+    cost: DecodeCost | None = None  # a video file's decoding, as planned when it was measured (load_video's `planned`)
 
     @property
     def spec(self) -> MediaSpec:
@@ -277,7 +278,7 @@ class MediaReader:
         if frame_list and tiles > self.options.max_frames:
             raise _too_many_frames(tiles, self.options.max_frames, param)
         return MediaItem(kind, key, tiles, param, url=url if inline else "", data=b"" if inline else data,
-                         frame_list=frame_list, max_tiles=count)  # fmt: skip
+                         frame_list=frame_list, max_tiles=count, cost=cost)  # fmt: skip
 
     def _measure_image(self, data: bytes, param: str, max_tiles: int | None) -> Measured:
         with self._file(data) as path:
@@ -367,14 +368,15 @@ class MediaReader:
         else:
             allowance = allowance or DecodeAllowance(self.options.max_video_decode_pixels)
             with self._file(data) as path:
-                pixels = self._checked(self._video, path, item.param, item.tiles, cancel, allowance)
+                pixels = self._checked(self._video, path, item.param, item.tiles, cancel, allowance, item.cost)
         if pixels.shape[0] != item.tiles:
             raise bad_request(f"the {item.kind} gave {pixels.shape[0]} tiles, expected {item.tiles}", param=item.param)
         return pixels
 
-    def _video(self, path: Path, frames: int, cancel: threading.Event | None, allowance: DecodeAllowance) -> torch.Tensor:
+    def _video(self, path: Path, frames: int, cancel: threading.Event | None, allowance: DecodeAllowance,
+               planned: DecodeCost | None = None) -> torch.Tensor:  # fmt: skip
         try:
-            video = load_video(path, frames, None, None, self.image_size, allowance.left, cancel)
+            video = load_video(path, frames, None, None, self.image_size, allowance.left, cancel, planned)
         except DecodeOverBudget as e:
             if not allowance.used:
                 raise
