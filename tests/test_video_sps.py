@@ -6,6 +6,7 @@ planned and counted at the larger size, so the limit refuses it. Frames are coun
 from __future__ import annotations
 
 import os
+import random
 import threading
 
 import av
@@ -69,6 +70,54 @@ def test_a_number_of_over_31_leading_zeros_is_refused():
         h264_sps_size(sps[:4] + b"\x00\x00\x03\x00\x00\x03\x00\x00\x03\x00\x00\x03\x01")
     with pytest.raises(UnknownSize, match="an SPS ends early"):
         h264_sps_size(sps[:4] + b"\x00\x00\x03\x00")
+
+
+class _BitByBit:
+    """The plainest reader of the same codes: the RBSP as one integer, an exp-Golomb code's leading
+    zeros read a bit at a time (as the spec writes it; slow, but plainly right)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._value, self._left = int.from_bytes(data, "big"), 8 * len(data)
+
+    def u(self, count: int) -> int:
+        if count > self._left:
+            raise UnknownSize("an SPS ends early")
+        self._left -= count
+        return (self._value >> self._left) & ((1 << count) - 1)
+
+    def ue(self) -> int:
+        zeros = 0
+        while not self.u(1):
+            zeros += 1
+            if zeros > 31:
+                raise UnknownSize("an SPS holds an invalid number")
+        return (1 << zeros) - 1 + self.u(zeros)
+
+    def se(self) -> int:
+        code = self.ue()
+        return (code + 1) // 2 if code & 1 else -(code // 2)
+
+
+def _reads(reader, reads: list[tuple[str, int]]) -> list:
+    values = []
+    try:
+        for kind, count in reads:
+            values.append(reader.u(count) if kind == "u" else getattr(reader, kind)())
+    except UnknownSize as e:
+        values.append(e.reason)
+    return values
+
+
+def test_the_bit_reader_reads_what_a_bit_by_bit_one_reads():
+    """_Bits reads each code from the bytes it spans and counts a code's leading zeros at once:
+    on any bytes, each read gives the same value, or stops with the same reason, as the plain reader."""
+    rng = random.Random(0)
+    for _ in range(20_000):
+        # few-valued bytes too: long runs of zeros (the longest codes, none over 31 zeros) and of ones
+        pick = (lambda: rng.choice([0, 0, 0, 1, 0x80, 0xFF])) if rng.random() < 0.3 else (lambda: rng.randrange(256))
+        data = bytes(pick() for _ in range(rng.randrange(12)))
+        reads = [(rng.choice(["u", "ue", "se"]), rng.choice([0, 1, 3, 8, 9, 31, 32, 33, 40])) for _ in range(rng.randrange(1, 12))]
+        assert _reads(video_sps._Bits(data), reads) == _reads(_BitByBit(data), reads), (data.hex(), reads)
 
 
 def test_a_cropping_that_hides_more_than_block_alignment_counts_the_coded_size():
