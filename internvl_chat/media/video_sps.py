@@ -30,7 +30,9 @@ SCAN_UNITS = 4 * SCAN_SAMPLES  # frames of several slices each
 DISTINCT_SPS = 64
 # Real SPS are tens of bytes. The largest scaling lists, each coefficient at its longest code (17
 # bits), take 1,020 bytes in H.264 (4:4:4's 12 lists) and 2,125 in HEVC (its 1,000 coefficients);
-# the other fields and a VUI some dozens more
+# the other fields and a VUI some dozens more. Lists no encoder writes at their longest can pass
+# it: H.264's picture order cycle (255 offsets of up to 63 bits: 2 KB), HEVC's 64 short-term
+# reference picture sets (up to ~4 KB); such a stream is past the bound, and PyAV decodes it
 SPS_BYTES = 3072
 # H.264 profiles whose SPS carries chroma format, bit depths and scaling lists, as FFmpeg's decoder
 # reads them (H.264 7.3.2.1.1 but for 144, the old High 4:4:4; MVC's 134, 135 and 139 come in
