@@ -30,6 +30,7 @@ from transformers import AutoTokenizer
 from internvl_chat.chat.detokenize import IncrementalDetokenizer
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
 from internvl_chat.engine.tokenizer import (
+    MAX_ADDED_TOKEN_BYTES,
     ROUND_TRIP_PROBE,
     FastTokenizer,
     TransformersTokenizer,
@@ -726,6 +727,58 @@ def test_many_tokens_declared_only_in_tokenizer_config_are_added_at_once(tmp_pat
         assert tok.convert_tokens_to_ids(f"<new{i}>") == base + i
         assert ((base + i) in tok.special_ids) == (i % 3 == 0 or where == "additional_special_tokens")
     assert first.special_ids <= tok.special_ids
+
+
+_LONG_TOKEN = "x" * (MAX_ADDED_TOKEN_BYTES + 1)
+
+
+def _with_long_token(folder: Path, where: str) -> str:
+    """`folder`'s tokenizer with one token longer than all a tokenizer's together, put `where`;
+    the name of the file that holds it."""
+    if where.startswith("tokenizer.json"):
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        entry = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        data["added_tokens"].append({**entry, "id": data["added_tokens"][-1]["id"] + 1, "content": _LONG_TOKEN})
+        text = json.dumps(data)
+        if where == "tokenizer.json, its key escaped":  # the backend reads "\u0061dded_tokens" as the same key
+            text = text.replace('"added_tokens"', '"\\u0061dded_tokens"')
+        (folder / "tokenizer.json").write_text(text, encoding="utf-8")
+        return "tokenizer.json"
+    name = "tokenizer_config.json" if where in ("added_tokens_decoder", "eos_token") else where
+    data = json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).exists() else {}
+    if where == "added_tokens_decoder":
+        data[where] = {**data.get(where, {}), "1000": {"content": _LONG_TOKEN, "special": True}}
+    elif where == "added_tokens.json":
+        data[_LONG_TOKEN] = 1000
+    else:  # eos_token of tokenizer_config.json or special_tokens_map.json
+        data["eos_token"] = _LONG_TOKEN
+    (folder / name).write_text(json.dumps(data), encoding="utf-8")
+    return name
+
+
+@pytest.mark.parametrize("where", ["tokenizer.json", "tokenizer.json, its key escaped", "added_tokens_decoder", "eos_token"])
+def test_added_tokens_far_longer_than_a_tokenizers_are_refused_before_the_backend_builds_them(tmp_path, qwen2_style, where):
+    """The backend's matcher for added tokens takes ~73 bytes of memory per byte of their text: one
+    added token of 20 MB took 1.4 GB, and the 64 MiB file limit allowed ~5 GB (16 MiB of
+    tokenizer_config.json ~1.2 GB). A tokenizer's added tokens take a few hundred bytes."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((qwen2_style / name).read_bytes())
+    name = _with_long_token(tmp_path, where)
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(tmp_path)
+    message = str(err.value)
+    assert re.search(rf"/{re.escape(name)} declares added or special tokens of 2,09\d,\d\d\d bytes in all", message)
+    assert "xxxx" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("where", ["added_tokens_decoder", "special_tokens_map.json", "added_tokens.json"])
+def test_the_fallback_refuses_added_tokens_far_longer_than_a_tokenizers(tmp_path, where):
+    """The same bound where transformers builds the tokenizer from vocab.json and merges.txt: it adds
+    the tokens of tokenizer_config.json, special_tokens_map.json and added_tokens.json alike."""
+    slow = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    name = _with_long_token(slow, where)
+    with pytest.raises(CheckpointError, match=rf"/{re.escape(name)} declares added or special tokens of 2,09\d,\d\d\d bytes"):
+        load_tokenizer(slow)
 
 
 def test_a_long_value_quoted_by_the_tokenizer_json_parser_is_cut_short(tmp_path, tiny_tokenizer):

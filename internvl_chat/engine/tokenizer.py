@@ -25,7 +25,7 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -291,6 +291,7 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     refuse_lfs_pointer(model_dir / TOKENIZER_JSON, text[: len(LFS_POINTER)].encode())
     _check_entry_count(model_dir / TOKENIZER_JSON, text, vocab_size)
     _check_pattern_size(model_dir / TOKENIZER_JSON, text)
+    _check_added_token_bytes(model_dir / TOKENIZER_JSON, (content for _, content in _added_token_entries(text)))
     # The Rust parser raises plain Exceptions for a malformed file, and panics on some values (a BPE's
     # continuing_subword_prefix, for one): pyo3's PanicException, a BaseException that ended the app
     # (the panic's own text on fd 2 kept off the terminal: the exception holds its reason)
@@ -306,6 +307,7 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     _check_added_token_ids(model_dir / TOKENIZER_JSON, text, backend)
     _check_text_growth(model_dir / TOKENIZER_JSON, backend)
     config = _read_config(model_dir)
+    _check_added_token_bytes(model_dir / TOKENIZER_CONFIG, _config_token_contents(model_dir, config))
     added_by_file = backend.get_added_tokens_decoder()  # tokenizer.json's own, before the config adds any
 
     def is_plain_word(token: str) -> bool:
@@ -499,6 +501,37 @@ _PATTERN_VALUE = re.compile(  # the value's characters as written (escapes count
 )
 
 
+_ADDED_TOKENS_KEY = re.compile(_json_key("added_tokens") + r"\s*:\s*(?=\[)")
+
+# The backend finds added tokens in text with an automaton built from their bytes, at ~73 bytes of
+# memory per byte of their text: one added token of 20 MB took 1.4 GB as the file was parsed, and the
+# 64 MiB file limit allowed ~5 GB. A tokenizer's are short: Qwen2's 22 and InternVL's 12 take ~400
+# bytes, 60,000 tokens of a large vocabulary extension under 1 MiB. The limit is per file, on all
+# of them together (one token of it: ~150 MB).
+MAX_ADDED_TOKEN_BYTES = 2 << 20
+
+
+def _check_added_token_bytes(path: Path, contents: Iterable[Any]) -> None:
+    """Refuse a file whose added or special tokens are far longer than a tokenizer's, before the
+    backend builds its matcher for them."""
+    total = 0
+    for content in contents:
+        if isinstance(content, str):
+            total += len(content.encode("utf-8", "surrogatepass"))
+    if total > MAX_ADDED_TOKEN_BYTES:
+        raise CheckpointError(
+            f"{_shown(path)} declares added or special tokens of {total:,} bytes in all, more than a tokenizer's "
+            f"({MAX_ADDED_TOKEN_BYTES:,} at most); the tokenizer is damaged or not a real one (use the one shipped with "
+            "the checkpoint)"
+        )
+
+
+def _config_token_contents(model_dir: Path, config: dict) -> list[str]:
+    """The text of every token tokenizer_config.json declares or names: what transformers adds from it."""
+    declared = [entry["content"] for _, entry in _declared_added_tokens(model_dir, config)]
+    return declared + [content for _, content in _named_special_tokens(config)]
+
+
 def _check_pattern_size(path: Path, text: str) -> None:
     """Refuse a tokenizer.json whose patterns are far longer than a tokenizer's, before the parser
     compiles them. A "Regex" key inside a string (a token) is escaped, and not matched."""
@@ -591,24 +624,34 @@ def _charsmap_growth(charsmap: Any) -> int:
     return max((len(piece.translate(None, _CONTINUATION_BYTES)) for piece in pool.split(b"\0")), default=1) or 1
 
 
-def _declared_added_ids(text: str) -> list[tuple[Any, Any]]:
-    """(id, content) of each entry of tokenizer.json's top-level `added_tokens`, decoded without the
-    rest of the file (a Qwen2 vocabulary and merges: ~7 MiB the backend has parsed already). Inside a
-    JSON string a quote is escaped, so `"added_tokens":` followed by a list of objects is the key;
-    [] where there is none."""
+def _added_token_lists(text: str) -> Iterator[list[tuple[Any, Any]]]:
+    """Each list of objects that follows an `"added_tokens":` key of tokenizer.json, as (id, content)
+    pairs, decoded without the rest of the file (a Qwen2 vocabulary and merges: ~7 MiB the backend
+    parses on its own). Inside a JSON string a quote is escaped, so such a key is no token's text;
+    the key may be spelled with \\u escapes, which the backend reads as the same key."""
     def id_and_content(pairs: list[tuple[str, Any]]) -> tuple[Any, Any]:
         entry = dict(pairs)
         return entry.get("id"), entry.get("content")
 
     decoder = json.JSONDecoder(object_pairs_hook=id_and_content)
-    for key in re.finditer(r'"added_tokens"\s*:\s*(?=\[)', text):
+    for key in _ADDED_TOKENS_KEY.finditer(text):
         try:
             value, _ = decoder.raw_decode(text, key.end())
         except (ValueError, RecursionError):
             continue
         if all(isinstance(entry, tuple) for entry in value):
-            return value
-    return []
+            yield value
+
+
+def _declared_added_ids(text: str) -> list[tuple[Any, Any]]:
+    """(id, content) of each entry of tokenizer.json's top-level `added_tokens`; [] where there is none."""
+    return next(_added_token_lists(text), [])
+
+
+def _added_token_entries(text: str) -> Iterator[tuple[Any, Any]]:
+    """(id, content) of the entries of every `added_tokens` list of tokenizer.json: at least the top-level one's."""
+    for entries in _added_token_lists(text):
+        yield from entries
 
 
 def _declared_added_tokens(model_dir: Path, config: dict) -> list[tuple[int, dict]]:
@@ -643,6 +686,10 @@ def _check_special_tokens_map(model_dir: Path) -> None:
     for key, value in tokens.items():
         for token in value if isinstance(value, list) else [value]:
             _refuse_unknown_token_field(model_dir, _SPECIAL_TOKENS_MAP, brief_repr(key), token, _ADDED_TOKEN_FIELDS)
+    listed = [token for value in tokens.values() for token in (value if isinstance(value, list) else [value])]
+    _check_added_token_bytes(model_dir / _SPECIAL_TOKENS_MAP, map(_token_content, listed))
+    # added_tokens.json: {token: id}, which transformers adds too
+    _check_added_token_bytes(model_dir / "added_tokens.json", _read_config(model_dir, "added_tokens.json"))
 
 
 def _check_for_transformers(model_dir: Path) -> None:
@@ -669,7 +716,7 @@ def _check_for_transformers(model_dir: Path) -> None:
             f"{_shown(model_dir / TOKENIZER_CONFIG)} names the tokenizer class {brief_repr(named_class)}, but InternVL3's Qwen2 "
             "language model needs Qwen2Tokenizer; use the tokenizer files shipped with the checkpoint"
         )
-    _declared_added_tokens(model_dir, config)
+    _check_added_token_bytes(model_dir / TOKENIZER_CONFIG, _config_token_contents(model_dir, config))
     for name in _NAMED_SPECIALS:
         value = config.get(name)
         if value is not None and not _token_content(value):  # "" too: transformers' encode recursed forever
