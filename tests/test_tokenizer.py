@@ -254,6 +254,9 @@ SLOW_DAMAGE = {
     # a partial download: transformers said "`vocab` and `merges` must be both be from memory or both filenames"
     "no merges.txt": ({"merges.txt": None}, "has vocab.json but no merges.txt"),
     "no vocab.json": ({"vocab.json": None}, "has merges.txt but no vocab.json"),
+    # transformers said to install tiktoken, which does not read it either
+    "only tokenizer.model": ({"vocab.json": None, "merges.txt": None, "tokenizer.model": "\x00junk"},
+                             "has tokenizer.model but neither tokenizer.json nor vocab.json and merges.txt"),
     # it said "Couldn't instantiate the backend tokenizer from one of: "
     "no tokenizer_config.json": ({"tokenizer_config.json": None}, "has no tokenizer_config.json"),
     # fields of the wrong type: "'list' object has no attribute 'get'", "Special token eos_token has to be …"
@@ -281,8 +284,8 @@ def test_damaged_slow_tokenizer_files_are_named_in_our_words(tmp_path, case):
     change, words = SLOW_DAMAGE[case]
     config = json.loads((slow / "tokenizer_config.json").read_text(encoding="utf-8"))
     for name, value in change.items():
-        if name.endswith((".json", ".txt")):
-            (slow / name).unlink()
+        if name.endswith((".json", ".txt", ".model")):
+            (slow / name).unlink(missing_ok=True)
             if value is not None:
                 (slow / name).write_text(value, encoding="utf-8")
         else:

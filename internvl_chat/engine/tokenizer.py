@@ -3,8 +3,8 @@
 `load_tokenizer(dir)` reads `tokenizer.json` with the `tokenizers` library (the same Rust
 backend transformers' fast tokenizers wrap) and applies what transformers adds from
 `tokenizer_config.json`: added tokens missing from tokenizer.json and the named special tokens.
-Only a checkpoint without tokenizer.json (vocab.json + merges.txt, tokenizer.model) goes through
-transformers' AutoTokenizer, imported then. Both are used through one interface, `Tokenizer`:
+Only a checkpoint without tokenizer.json (vocab.json + merges.txt; a tokenizer.model alone is
+refused) goes through transformers' AutoTokenizer, imported then. Both are used through one interface, `Tokenizer`:
 
 - `encode(text)`: ids of `text` and nothing else — no BOS/EOS added, and text that looks like a
   special token (a user typing "<|im_end|>") is tokenized as plain text, as transformers does
@@ -702,6 +702,12 @@ def _check_for_transformers(model_dir: Path) -> None:
         missing = pair[1 - pair.index(present[0])]
         raise CheckpointError(
             f"{_shown(model_dir)} has {present[0]} but no {missing}; the tokenizer files are incomplete (re-download them)"
+        )
+    if not present:  # tokenizer.model alone: Qwen2's classes cannot read it, and transformers then said
+        # "`tiktoken` is required to read a `tiktoken` file. Install it", which no install fixes
+        raise CheckpointError(
+            f"{_shown(model_dir)} has tokenizer.model but neither tokenizer.json nor vocab.json and merges.txt, which "
+            "InternVL3's Qwen2 tokenizer reads; use the tokenizer files shipped with the checkpoint"
         )
     if not os.path.lexists(model_dir / TOKENIZER_CONFIG):
         return
