@@ -262,6 +262,10 @@ SLOW_DAMAGE = {
     # fields of the wrong type: "'list' object has no attribute 'get'", "Special token eos_token has to be …"
     "config a list": ({"tokenizer_config.json": "[]"}, "tokenizer_config.json is not usable: it is not a JSON object"),
     "class a number": ({"tokenizer_class": 5}, "tokenizer_class is not a name"),
+    # transformers said "Couldn't instantiate the backend tokenizer from one of: " (config.json an original one)
+    "no class": ({"tokenizer_class": None, "config.json": json.dumps({"model_type": "internvl_chat"})},
+                 'names no tokenizer_class, so transformers cannot tell how to read vocab.json and merges.txt; add '
+                 '"tokenizer_class": "Qwen2Tokenizer"'),
     # another model's class loaded silently and encoded wrongly: every word unknown, or nothing at all
     **{f"class {name}": ({"tokenizer_class": name}, f"names the tokenizer class '{name}', but InternVL3's Qwen2 "
                          "language model needs Qwen2Tokenizer; use the tokenizer files shipped with the checkpoint")

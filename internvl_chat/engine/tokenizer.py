@@ -786,6 +786,13 @@ def _load_with_transformers(model_dir: Path, vocab_size: int | None) -> Transfor
                 f"cannot load the tokenizer in {_shown(model_dir)}: it has no {TOKENIZER_CONFIG}; the tokenizer files are "
                 "incomplete (re-download them)"
             ) from None
+        if _read_config(model_dir).get("tokenizer_class") is None:  # nor without a class its config.json names
+            # (an -hf one does): it said "Couldn't instantiate the backend tokenizer from one of: "
+            raise CheckpointError(
+                f"cannot load the tokenizer in {_shown(model_dir)}: its {TOKENIZER_CONFIG} names no tokenizer_class, so "
+                'transformers cannot tell how to read vocab.json and merges.txt; add "tokenizer_class": "Qwen2Tokenizer" '
+                "to it (InternVL3's) or use the tokenizer files shipped with the checkpoint"
+            ) from None
         raise CheckpointError(
             f"cannot load the tokenizer in {_shown(model_dir)}: {_first_line(e)}; the tokenizer files may be incomplete"
         ) from None
