@@ -360,6 +360,30 @@ def test_an_unknown_field_of_a_token_object_is_refused_not_printed(tmp_path, cap
     assert out == "", out
 
 
+@pytest.mark.parametrize("value", ["false", 0, None])
+@pytest.mark.parametrize("layout", ["tokenizer.json", "fallback"])
+def test_a_token_flag_that_is_not_true_or_false_is_refused(tmp_path, qwen2_style, layout, value):
+    """An added token's "lstrip": "false" was true to Python: the token swallowed the space before
+    it, and "special": "false" made it special (never printed). transformers refuses such a file in
+    pyo3's words ("'str' object is not an instance of 'bool'"); both layouts now name the field."""
+    if layout == "fallback":
+        folder = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    else:
+        folder = tmp_path / "fast"
+        folder.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).write_bytes((qwen2_style / name).read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    key = max(config["added_tokens_decoder"], key=int)
+    config["added_tokens_decoder"][str(int(key) + 1)] = {"content": "<new>", "lstrip": value}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(folder)
+    text = str(err.value)
+    assert "tokenizer_config.json is not usable: added_tokens_decoder entry" in text, text
+    assert f"has lstrip {json.dumps(value)}, not true or false" in text and "\n" not in text, text
+
+
 @pytest.mark.parametrize("name, words", [("vocab.json", "vocabulary entries"), ("merges.txt", "merges")])
 def test_the_fallback_refuses_files_far_larger_than_the_vocabulary_unread(tmp_path, monkeypatch, name, words):
     """As tokenizer.json: transformers parsed a vocab.json of millions of entries whole (gigabytes)

@@ -34,7 +34,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..files import JSON_LIMIT, TEXT_LIMIT, brief_repr, read_bytes_file, read_text_file, undecodable_byte, visible
 from ..native_stderr import captured
-from .checkpoint_json import LFS_POINTER, refuse_lfs_pointer
+from .checkpoint_json import LFS_POINTER, refuse_lfs_pointer, shown_json
 from .config import MAX_VOCAB
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -53,6 +53,7 @@ _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_toke
 # the terminal raw, escape sequences and all, and broke `--json` output. "__type" marks the legacy
 # form of a named special token, which transformers removes before it builds the token.
 _ADDED_TOKEN_FIELDS = frozenset({"content", "single_word", "lstrip", "rstrip", "normalized", "special"})
+_ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 _SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 
 
@@ -666,17 +667,24 @@ def _declared_added_tokens(model_dir: Path, config: dict) -> list[tuple[int, dic
                 and isinstance(entry, dict) and _token_content(entry)):  # fmt: skip
             shown = key if len(key) <= 20 else key[:17] + "…"
             raise _config_error(model_dir, f"added_tokens_decoder entry {shown!r} is malformed")
-        _refuse_unknown_token_field(model_dir, TOKENIZER_CONFIG, f"added_tokens_decoder entry {key!r}", entry, _ADDED_TOKEN_FIELDS)
+        _check_token_fields(model_dir, TOKENIZER_CONFIG, f"added_tokens_decoder entry {key!r}", entry, _ADDED_TOKEN_FIELDS)
         entries.append((int(key), entry))
     return sorted(entries, key=lambda e: e[0])
 
 
-def _refuse_unknown_token_field(model_dir: Path, name: str, where: str, token: Any, fields: frozenset[str]) -> None:
-    """A token object with a key AddedToken does not take (see _ADDED_TOKEN_FIELDS) is refused
-    before transformers builds it."""
-    unknown = next((key for key in token if key not in fields), None) if isinstance(token, dict) else None
+def _check_token_fields(model_dir: Path, name: str, where: str, token: Any, fields: frozenset[str]) -> None:
+    """A token object with a key AddedToken does not take (see _ADDED_TOKEN_FIELDS), or a flag that
+    is not true or false, is refused before a token is built from it. Python's truth made
+    "lstrip": "false" true, so the token swallowed the space before it (transformers refuses the
+    file, in the words of pyo3's type check)."""
+    if not isinstance(token, dict):
+        return
+    unknown = next((key for key in token if key not in fields), None)
     if unknown is not None:
         raise _config_error(model_dir, f"{where} has the unknown field {brief_repr(unknown)}", name)
+    flag = next((key for key in _ADDED_TOKEN_FLAGS if key in token and not isinstance(token[key], bool)), None)
+    if flag is not None:
+        raise _config_error(model_dir, f"{where} has {flag} {shown_json(token[flag])}, not true or false", name)
 
 
 def _check_special_tokens_map(model_dir: Path) -> None:
@@ -685,7 +693,7 @@ def _check_special_tokens_map(model_dir: Path) -> None:
     tokens = _read_config(model_dir, _SPECIAL_TOKENS_MAP)
     for key, value in tokens.items():
         for token in value if isinstance(value, list) else [value]:
-            _refuse_unknown_token_field(model_dir, _SPECIAL_TOKENS_MAP, brief_repr(key), token, _ADDED_TOKEN_FIELDS)
+            _check_token_fields(model_dir, _SPECIAL_TOKENS_MAP, brief_repr(key), token, _ADDED_TOKEN_FIELDS)
     listed = [token for value in tokens.values() for token in (value if isinstance(value, list) else [value])]
     _check_added_token_bytes(model_dir / _SPECIAL_TOKENS_MAP, map(_token_content, listed))
     # added_tokens.json: {token: id}, which transformers adds too
@@ -727,14 +735,14 @@ def _check_for_transformers(model_dir: Path) -> None:
         value = config.get(name)
         if value is not None and not _token_content(value):  # "" too: transformers' encode recursed forever
             raise _config_error(model_dir, f"{name} is not a token")
-        _refuse_unknown_token_field(model_dir, TOKENIZER_CONFIG, name, value, _ADDED_TOKEN_FIELDS | {"__type"})
+        _check_token_fields(model_dir, TOKENIZER_CONFIG, name, value, _ADDED_TOKEN_FIELDS | {"__type"})
     for name in ("additional_special_tokens", "extra_special_tokens"):
         value = config.get(name) or []
         tokens = list(value.values()) if isinstance(value, dict) else value
         if not isinstance(tokens, list) or not all(_token_content(t) for t in tokens):
             raise _config_error(model_dir, f"{name} is not a list of tokens")
         for token in tokens:
-            _refuse_unknown_token_field(model_dir, TOKENIZER_CONFIG, name, token, _ADDED_TOKEN_FIELDS)
+            _check_token_fields(model_dir, TOKENIZER_CONFIG, name, token, _ADDED_TOKEN_FIELDS)
     _check_special_tokens_map(model_dir)
 
 
