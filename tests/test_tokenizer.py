@@ -31,6 +31,7 @@ from internvl_chat.chat.detokenize import IncrementalDetokenizer
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
 from internvl_chat.engine.tokenizer import (
     MAX_ADDED_TOKEN_BYTES,
+    MAX_PIPELINE_STEPS,
     ROUND_TRIP_PROBE,
     FastTokenizer,
     TransformersTokenizer,
@@ -618,6 +619,36 @@ def _parsed_with(tiny_tokenizer: Path, **parts: Any) -> Any:
 
     data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
     return Backend.from_str(json.dumps({**data, **parts}))
+
+
+_STEPS = {"normalizer": ("normalizers", {"type": "NFC"}), "pre_tokenizer": ("pretokenizers", {"type": "Digits", "individual_digits": False}),
+          "decoder": ("decoders", {"type": "Fuse"})}  # fmt: skip
+
+
+@pytest.mark.parametrize("part", _STEPS)
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_normalizer_pre_tokenizer_or_decoder_of_many_steps_is_refused(tmp_path, qwen2_style, part, nested):
+    """Each step runs over all the text: a Sequence of 60,000 NFC steps (1 MB, within the entry
+    counts) took 12 s to encode 10,000 characters, and one of Qwen2's size has room for ~300,000.
+    Sequences nested in Sequences count through."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((qwen2_style / name).read_bytes())
+    data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    key, step = _STEPS[part]
+    steps = [step] * (MAX_PIPELINE_STEPS + 1)
+    if nested:
+        steps = [{"type": "Sequence", key: steps[:10]}, {"type": "Sequence", key: steps[10:]}]
+    data[part] = {"type": "Sequence", key: steps}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=rf"the {part.replace('_', '-')} of .*tokenizer.json has 65 steps, more than a "
+                       rf"tokenizer's \({MAX_PIPELINE_STEPS} at most\)"):  # fmt: skip
+        load_tokenizer(tmp_path)
+    data[part] = {"type": "Sequence", key: [step] * MAX_PIPELINE_STEPS}  # as many as allowed: no step refused
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    try:
+        load_tokenizer(tmp_path)
+    except CheckpointError as e:
+        assert "steps" not in str(e), e
 
 
 def test_the_inserts_of_sentencepiece_style_tokenizers_pass_the_growth_check(tmp_path, tiny_tokenizer):

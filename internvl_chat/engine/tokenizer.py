@@ -306,6 +306,7 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
             f"cannot read {_shown(model_dir / TOKENIZER_JSON)}: {_first_line(e)}; the tokenizer files may be incomplete"
         ) from None
     _check_added_token_ids(model_dir / TOKENIZER_JSON, text, backend)
+    _check_step_count(model_dir / TOKENIZER_JSON, backend)
     _check_text_growth(model_dir / TOKENIZER_JSON, backend)
     config = _read_config(model_dir)
     _check_added_token_bytes(model_dir / TOKENIZER_CONFIG, _config_token_contents(model_dir, config))
@@ -576,6 +577,34 @@ def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
 MAX_TEXT_GROWTH = 128
 # a UTF-8 continuation byte: what a string's bytes have beyond one per character
 _CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
+
+
+# Each step of a normalizer, pre-tokenizer or decoder runs over all the text it is given, and a
+# Sequence may list as many as the entry counts allow: 60,000 NFC steps (1 MB) took 12 s to encode
+# 10,000 characters, and a tokenizer of Qwen2's size has room for ~300,000. A tokenizer's take a few:
+# Qwen2's one normalizer and one pre-tokenizer, SentencePiece-style ones up to 4 or 5.
+MAX_PIPELINE_STEPS = 64
+_SEQUENCE_KEYS = ("normalizers", "pretokenizers", "decoders")
+
+
+def _check_step_count(path: Path, backend: Any) -> None:
+    for part in ("normalizer", "pre_tokenizer", "decoder"):
+        component = getattr(backend, part)
+        steps = _step_count(json.loads(component.__getstate__())) if component is not None else 0
+        if steps > MAX_PIPELINE_STEPS:
+            raise CheckpointError(
+                f"the {part.replace('_', '-')} of {_shown(path)} has {steps:,} steps, more than a tokenizer's ({MAX_PIPELINE_STEPS} "
+                "at most), each run over every prompt; the file is damaged or not InternVL's (re-download the tokenizer files)"
+            )
+
+
+def _step_count(node: Any) -> int:
+    """How many steps a normalizer, pre-tokenizer or decoder (its JSON) runs: a Sequence's own, nested
+    ones counted through (the parser allows 128 levels)."""
+    if not isinstance(node, dict):
+        return 1
+    steps = next((node[key] for key in _SEQUENCE_KEYS if isinstance(node.get(key), list)), None)
+    return 1 if steps is None else sum(map(_step_count, steps))
 
 
 def _check_text_growth(path: Path, backend: Any) -> None:
