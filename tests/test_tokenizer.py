@@ -32,6 +32,7 @@ from internvl_chat.chat.template import MediaSpec, PromptBuilder
 from internvl_chat.engine.tokenizer import (
     MAX_ADDED_TOKEN_BYTES,
     MAX_PIPELINE_STEPS,
+    MAX_WORDPIECE_WORD_CHARS,
     ROUND_TRIP_PROBE,
     FastTokenizer,
     TransformersTokenizer,
@@ -649,6 +650,24 @@ def test_a_normalizer_pre_tokenizer_or_decoder_of_many_steps_is_refused(tmp_path
         load_tokenizer(tmp_path)
     except CheckpointError as e:
         assert "steps" not in str(e), e
+
+
+@pytest.mark.parametrize("longest", [MAX_WORDPIECE_WORD_CHARS + 1, 10**9])
+def test_a_wordpiece_model_that_reads_very_long_words_is_refused(tmp_path, tiny_tokenizer, longest):
+    """WordPiece matches a word longest piece first, at a cost growing with the cube of its length:
+    this tokenizer (byte-level pieces, no subword prefix: it gives the probe text back) took 10 s on
+    a word of 8,000 characters with max_input_chars_per_word of 10^9. A tokenizer's is 100."""
+    (tmp_path / "tokenizer_config.json").write_bytes((tiny_tokenizer / "tokenizer_config.json").read_bytes())
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    model = {"type": "WordPiece", "unk_token": "!", "continuing_subword_prefix": "", "vocab": data["model"]["vocab"]}
+    for words, refused in ((MAX_WORDPIECE_WORD_CHARS, False), (longest, True)):
+        data["model"] = {**model, "max_input_chars_per_word": words}
+        (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+        if not refused:
+            assert load_tokenizer(tmp_path).encode("hello") != []  # loads and encodes at the limit
+            continue
+        with pytest.raises(CheckpointError, match=rf"WordPiece model of .*tokenizer.json reads words of up to {longest:,} "):
+            load_tokenizer(tmp_path)
 
 
 def test_the_inserts_of_sentencepiece_style_tokenizers_pass_the_growth_check(tmp_path, tiny_tokenizer):

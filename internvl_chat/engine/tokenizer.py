@@ -307,6 +307,7 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
         ) from None
     _check_added_token_ids(model_dir / TOKENIZER_JSON, text, backend)
     _check_step_count(model_dir / TOKENIZER_JSON, backend)
+    _check_word_length(model_dir / TOKENIZER_JSON, backend)
     _check_text_growth(model_dir / TOKENIZER_JSON, backend)
     config = _read_config(model_dir)
     _check_added_token_bytes(model_dir / TOKENIZER_CONFIG, _config_token_contents(model_dir, config))
@@ -577,6 +578,22 @@ def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
 MAX_TEXT_GROWTH = 128
 # a UTF-8 continuation byte: what a string's bytes have beyond one per character
 _CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
+
+
+# A WordPiece model matches each word greedily, longest piece first: its cost grows with the cube
+# of a word's length (a word of 8,000 characters took 10 s, of 30,000 ~10 minutes) up to
+# max_input_chars_per_word, past which the word is one unknown token. BERT's and transformers' is 100.
+MAX_WORDPIECE_WORD_CHARS = 256
+
+
+def _check_word_length(path: Path, backend: Any) -> None:
+    longest = getattr(backend.model, "max_input_chars_per_word", None)
+    if type(backend.model).__name__ == "WordPiece" and isinstance(longest, int) and longest > MAX_WORDPIECE_WORD_CHARS:
+        raise CheckpointError(
+            f"the WordPiece model of {_shown(path)} reads words of up to {longest:,} characters (a tokenizer's: 100; "
+            f"{MAX_WORDPIECE_WORD_CHARS} at most), which makes a long word take minutes to encode; the file is damaged "
+            "or not InternVL's (re-download the tokenizer files)"
+        )
 
 
 # Each step of a normalizer, pre-tokenizer or decoder runs over all the text it is given, and a
