@@ -32,6 +32,7 @@ from internvl_chat.chat.template import MediaSpec, PromptBuilder
 from internvl_chat.engine.tokenizer import (
     MAX_ADDED_TOKEN_BYTES,
     MAX_PIPELINE_STEPS,
+    MAX_UNIGRAM_PIECE_CHARS,
     MAX_WORDPIECE_WORD_CHARS,
     ROUND_TRIP_PROBE,
     FastTokenizer,
@@ -667,6 +668,24 @@ def test_a_wordpiece_model_that_reads_very_long_words_is_refused(tmp_path, tiny_
             assert load_tokenizer(tmp_path).encode("hello") != []  # loads and encodes at the limit
             continue
         with pytest.raises(CheckpointError, match=rf"WordPiece model of .*tokenizer.json reads words of up to {longest:,} "):
+            load_tokenizer(tmp_path)
+
+
+def test_a_unigram_model_with_very_long_pieces_is_refused(tmp_path, tiny_tokenizer):
+    """A Unigram model tries every piece that begins at each character: pieces of one to 2,000 "q"s
+    (the byte-level pieces kept, so it gives the probe text back) took 9 s on 20,000 "q"s, and the
+    file limit allows pieces far longer. SentencePiece makes pieces of 16 characters by default."""
+    (tmp_path / "tokenizer_config.json").write_bytes((tiny_tokenizer / "tokenizer_config.json").read_bytes())
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    pieces = [[piece, -1.0] for piece, _ in sorted(data["model"]["vocab"].items(), key=lambda entry: entry[1])]
+    for longest, refused in ((MAX_UNIGRAM_PIECE_CHARS, False), (MAX_UNIGRAM_PIECE_CHARS + 1, True)):
+        data["model"] = {"type": "Unigram", "unk_id": 0, "vocab": [*pieces, ["q" * longest, -9.0]], "byte_fallback": False}
+        data["added_tokens"], data["post_processor"] = [], None  # the ids of added tokens would follow the new piece
+        (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+        if not refused:
+            assert load_tokenizer(tmp_path).encode("q" * 600) != []  # loads and encodes at the limit
+            continue
+        with pytest.raises(CheckpointError, match=rf"Unigram model of .*tokenizer.json has a piece of {longest} characters"):
             load_tokenizer(tmp_path)
 
 

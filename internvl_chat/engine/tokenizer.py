@@ -308,6 +308,7 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     _check_added_token_ids(model_dir / TOKENIZER_JSON, text, backend)
     _check_step_count(model_dir / TOKENIZER_JSON, backend)
     _check_word_length(model_dir / TOKENIZER_JSON, backend)
+    _check_piece_length(model_dir / TOKENIZER_JSON, backend)
     _check_text_growth(model_dir / TOKENIZER_JSON, backend)
     config = _read_config(model_dir)
     _check_added_token_bytes(model_dir / TOKENIZER_CONFIG, _config_token_contents(model_dir, config))
@@ -592,6 +593,26 @@ def _check_word_length(path: Path, backend: Any) -> None:
         raise CheckpointError(
             f"the WordPiece model of {_shown(path)} reads words of up to {longest:,} characters (a tokenizer's: 100; "
             f"{MAX_WORDPIECE_WORD_CHARS} at most), which makes a long word take minutes to encode; the file is damaged "
+            "or not InternVL's (re-download the tokenizer files)"
+        )
+
+
+# A Unigram model tries, at each character, every piece that begins there: a run of text matching
+# pieces of up to L characters costs L lattice nodes a character (pieces "q" … 2,000 "q"s: 20,000
+# "q"s took 9 s; a file of pieces up to 8,000 long, minutes for a paste). SentencePiece's trainer
+# makes pieces of 16 characters unless told otherwise, 512 at most.
+MAX_UNIGRAM_PIECE_CHARS = 512
+
+
+def _check_piece_length(path: Path, backend: Any) -> None:
+    if type(backend.model).__name__ != "Unigram":
+        return
+    added = {token.content for token in backend.get_added_tokens_decoder().values()}  # matched apart, not in the lattice
+    longest = max((len(piece) for piece in backend.get_vocab(with_added_tokens=False) if piece not in added), default=0)
+    if longest > MAX_UNIGRAM_PIECE_CHARS:
+        raise CheckpointError(
+            f"the Unigram model of {_shown(path)} has a piece of {longest:,} characters (a tokenizer's: 16 or so; "
+            f"{MAX_UNIGRAM_PIECE_CHARS} at most), which makes repetitive text take minutes to encode; the file is damaged "
             "or not InternVL's (re-download the tokenizer files)"
         )
 
