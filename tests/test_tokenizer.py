@@ -30,6 +30,10 @@ from transformers import AutoTokenizer
 from internvl_chat.chat.detokenize import IncrementalDetokenizer
 from internvl_chat.chat.template import MediaSpec, PromptBuilder
 from internvl_chat.engine.tokenizer import (
+    MAX_ADDED_TOKEN_BYTES,
+    MAX_PIPELINE_STEPS,
+    MAX_UNIGRAM_PIECE_CHARS,
+    MAX_WORDPIECE_WORD_CHARS,
     ROUND_TRIP_PROBE,
     FastTokenizer,
     TransformersTokenizer,
@@ -253,11 +257,18 @@ SLOW_DAMAGE = {
     # a partial download: transformers said "`vocab` and `merges` must be both be from memory or both filenames"
     "no merges.txt": ({"merges.txt": None}, "has vocab.json but no merges.txt"),
     "no vocab.json": ({"vocab.json": None}, "has merges.txt but no vocab.json"),
+    # transformers said to install tiktoken, which does not read it either
+    "only tokenizer.model": ({"vocab.json": None, "merges.txt": None, "tokenizer.model": "\x00junk"},
+                             "has tokenizer.model but neither tokenizer.json nor vocab.json and merges.txt"),
     # it said "Couldn't instantiate the backend tokenizer from one of: "
     "no tokenizer_config.json": ({"tokenizer_config.json": None}, "has no tokenizer_config.json"),
     # fields of the wrong type: "'list' object has no attribute 'get'", "Special token eos_token has to be …"
     "config a list": ({"tokenizer_config.json": "[]"}, "tokenizer_config.json is not usable: it is not a JSON object"),
     "class a number": ({"tokenizer_class": 5}, "tokenizer_class is not a name"),
+    # transformers said "Couldn't instantiate the backend tokenizer from one of: " (config.json an original one)
+    "no class": ({"tokenizer_class": None, "config.json": json.dumps({"model_type": "internvl_chat"})},
+                 'names no tokenizer_class, so transformers cannot tell how to read vocab.json and merges.txt; add '
+                 '"tokenizer_class": "Qwen2Tokenizer"'),
     # another model's class loaded silently and encoded wrongly: every word unknown, or nothing at all
     **{f"class {name}": ({"tokenizer_class": name}, f"names the tokenizer class '{name}', but InternVL3's Qwen2 "
                          "language model needs Qwen2Tokenizer; use the tokenizer files shipped with the checkpoint")
@@ -280,8 +291,8 @@ def test_damaged_slow_tokenizer_files_are_named_in_our_words(tmp_path, case):
     change, words = SLOW_DAMAGE[case]
     config = json.loads((slow / "tokenizer_config.json").read_text(encoding="utf-8"))
     for name, value in change.items():
-        if name.endswith((".json", ".txt")):
-            (slow / name).unlink()
+        if name.endswith((".json", ".txt", ".model")):
+            (slow / name).unlink(missing_ok=True)
             if value is not None:
                 (slow / name).write_text(value, encoding="utf-8")
         else:
@@ -350,6 +361,30 @@ def test_an_unknown_field_of_a_token_object_is_refused_not_printed(tmp_path, cap
     assert name in text and "unknown field" in text and "\\x1b[2Jx" in text and "\n" not in text and "\x1b" not in text, text
     out, _ = capfd.readouterr()
     assert out == "", out
+
+
+@pytest.mark.parametrize("value", ["false", 0, None])
+@pytest.mark.parametrize("layout", ["tokenizer.json", "fallback"])
+def test_a_token_flag_that_is_not_true_or_false_is_refused(tmp_path, qwen2_style, layout, value):
+    """An added token's "lstrip": "false" was true to Python: the token swallowed the space before
+    it, and "special": "false" made it special (never printed). transformers refuses such a file in
+    pyo3's words ("'str' object is not an instance of 'bool'"); both layouts now name the field."""
+    if layout == "fallback":
+        folder = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    else:
+        folder = tmp_path / "fast"
+        folder.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).write_bytes((qwen2_style / name).read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    key = max(config["added_tokens_decoder"], key=int)
+    config["added_tokens_decoder"][str(int(key) + 1)] = {"content": "<new>", "lstrip": value}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(folder)
+    text = str(err.value)
+    assert "tokenizer_config.json is not usable: added_tokens_decoder entry" in text, text
+    assert f"has lstrip {json.dumps(value)}, not true or false" in text and "\n" not in text, text
 
 
 @pytest.mark.parametrize("name, words", [("vocab.json", "vocabulary entries"), ("merges.txt", "merges")])
@@ -588,6 +623,72 @@ def _parsed_with(tiny_tokenizer: Path, **parts: Any) -> Any:
     return Backend.from_str(json.dumps({**data, **parts}))
 
 
+_STEPS = {"normalizer": ("normalizers", {"type": "NFC"}), "pre_tokenizer": ("pretokenizers", {"type": "Digits", "individual_digits": False}),
+          "decoder": ("decoders", {"type": "Fuse"})}  # fmt: skip
+
+
+@pytest.mark.parametrize("part", _STEPS)
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_normalizer_pre_tokenizer_or_decoder_of_many_steps_is_refused(tmp_path, qwen2_style, part, nested):
+    """Each step runs over all the text: a Sequence of 60,000 NFC steps (1 MB, within the entry
+    counts) took 12 s to encode 10,000 characters, and one of Qwen2's size has room for ~300,000.
+    Sequences nested in Sequences count through."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((qwen2_style / name).read_bytes())
+    data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    key, step = _STEPS[part]
+    steps = [step] * (MAX_PIPELINE_STEPS + 1)
+    if nested:
+        steps = [{"type": "Sequence", key: steps[:10]}, {"type": "Sequence", key: steps[10:]}]
+    data[part] = {"type": "Sequence", key: steps}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=rf"the {part.replace('_', '-')} of .*tokenizer.json has 65 steps, more than a "
+                       rf"tokenizer's \({MAX_PIPELINE_STEPS} at most\)"):  # fmt: skip
+        load_tokenizer(tmp_path)
+    data[part] = {"type": "Sequence", key: [step] * MAX_PIPELINE_STEPS}  # as many as allowed: no step refused
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    try:
+        load_tokenizer(tmp_path)
+    except CheckpointError as e:
+        assert "steps" not in str(e), e
+
+
+@pytest.mark.parametrize("longest", [MAX_WORDPIECE_WORD_CHARS + 1, 10**9])
+def test_a_wordpiece_model_that_reads_very_long_words_is_refused(tmp_path, tiny_tokenizer, longest):
+    """WordPiece matches a word longest piece first, at a cost growing with the cube of its length:
+    this tokenizer (byte-level pieces, no subword prefix: it gives the probe text back) took 10 s on
+    a word of 8,000 characters with max_input_chars_per_word of 10^9. A tokenizer's is 100."""
+    (tmp_path / "tokenizer_config.json").write_bytes((tiny_tokenizer / "tokenizer_config.json").read_bytes())
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    model = {"type": "WordPiece", "unk_token": "!", "continuing_subword_prefix": "", "vocab": data["model"]["vocab"]}
+    for words, refused in ((MAX_WORDPIECE_WORD_CHARS, False), (longest, True)):
+        data["model"] = {**model, "max_input_chars_per_word": words}
+        (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+        if not refused:
+            assert load_tokenizer(tmp_path).encode("hello") != []  # loads and encodes at the limit
+            continue
+        with pytest.raises(CheckpointError, match=rf"WordPiece model of .*tokenizer.json reads words of up to {longest:,} "):
+            load_tokenizer(tmp_path)
+
+
+def test_a_unigram_model_with_very_long_pieces_is_refused(tmp_path, tiny_tokenizer):
+    """A Unigram model tries every piece that begins at each character: pieces of one to 2,000 "q"s
+    (the byte-level pieces kept, so it gives the probe text back) took 9 s on 20,000 "q"s, and the
+    file limit allows pieces far longer. SentencePiece makes pieces of 16 characters by default."""
+    (tmp_path / "tokenizer_config.json").write_bytes((tiny_tokenizer / "tokenizer_config.json").read_bytes())
+    data = json.loads((tiny_tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    pieces = [[piece, -1.0] for piece, _ in sorted(data["model"]["vocab"].items(), key=lambda entry: entry[1])]
+    for longest, refused in ((MAX_UNIGRAM_PIECE_CHARS, False), (MAX_UNIGRAM_PIECE_CHARS + 1, True)):
+        data["model"] = {"type": "Unigram", "unk_id": 0, "vocab": [*pieces, ["q" * longest, -9.0]], "byte_fallback": False}
+        data["added_tokens"], data["post_processor"] = [], None  # the ids of added tokens would follow the new piece
+        (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+        if not refused:
+            assert load_tokenizer(tmp_path).encode("q" * 600) != []  # loads and encodes at the limit
+            continue
+        with pytest.raises(CheckpointError, match=rf"Unigram model of .*tokenizer.json has a piece of {longest} characters"):
+            load_tokenizer(tmp_path)
+
+
 def test_the_inserts_of_sentencepiece_style_tokenizers_pass_the_growth_check(tmp_path, tiny_tokenizer):
     backend = _parsed_with(
         tiny_tokenizer,
@@ -726,6 +827,58 @@ def test_many_tokens_declared_only_in_tokenizer_config_are_added_at_once(tmp_pat
         assert tok.convert_tokens_to_ids(f"<new{i}>") == base + i
         assert ((base + i) in tok.special_ids) == (i % 3 == 0 or where == "additional_special_tokens")
     assert first.special_ids <= tok.special_ids
+
+
+_LONG_TOKEN = "x" * (MAX_ADDED_TOKEN_BYTES + 1)
+
+
+def _with_long_token(folder: Path, where: str) -> str:
+    """`folder`'s tokenizer with one token longer than all a tokenizer's together, put `where`;
+    the name of the file that holds it."""
+    if where.startswith("tokenizer.json"):
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        entry = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        data["added_tokens"].append({**entry, "id": data["added_tokens"][-1]["id"] + 1, "content": _LONG_TOKEN})
+        text = json.dumps(data)
+        if where == "tokenizer.json, its key escaped":  # the backend reads "\u0061dded_tokens" as the same key
+            text = text.replace('"added_tokens"', '"\\u0061dded_tokens"')
+        (folder / "tokenizer.json").write_text(text, encoding="utf-8")
+        return "tokenizer.json"
+    name = "tokenizer_config.json" if where in ("added_tokens_decoder", "eos_token") else where
+    data = json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).exists() else {}
+    if where == "added_tokens_decoder":
+        data[where] = {**data.get(where, {}), "1000": {"content": _LONG_TOKEN, "special": True}}
+    elif where == "added_tokens.json":
+        data[_LONG_TOKEN] = 1000
+    else:  # eos_token of tokenizer_config.json or special_tokens_map.json
+        data["eos_token"] = _LONG_TOKEN
+    (folder / name).write_text(json.dumps(data), encoding="utf-8")
+    return name
+
+
+@pytest.mark.parametrize("where", ["tokenizer.json", "tokenizer.json, its key escaped", "added_tokens_decoder", "eos_token"])
+def test_added_tokens_far_longer_than_a_tokenizers_are_refused_before_the_backend_builds_them(tmp_path, qwen2_style, where):
+    """The backend's matcher for added tokens takes ~73 bytes of memory per byte of their text: one
+    added token of 20 MB took 1.4 GB, and the 64 MiB file limit allowed ~5 GB (16 MiB of
+    tokenizer_config.json ~1.2 GB). A tokenizer's added tokens take a few hundred bytes."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((qwen2_style / name).read_bytes())
+    name = _with_long_token(tmp_path, where)
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(tmp_path)
+    message = str(err.value)
+    assert re.search(rf"/{re.escape(name)} declares added or special tokens of 2,09\d,\d\d\d bytes in all", message)
+    assert "xxxx" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("where", ["added_tokens_decoder", "special_tokens_map.json", "added_tokens.json"])
+def test_the_fallback_refuses_added_tokens_far_longer_than_a_tokenizers(tmp_path, where):
+    """The same bound where transformers builds the tokenizer from vocab.json and merges.txt: it adds
+    the tokens of tokenizer_config.json, special_tokens_map.json and added_tokens.json alike."""
+    slow = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    name = _with_long_token(slow, where)
+    with pytest.raises(CheckpointError, match=rf"/{re.escape(name)} declares added or special tokens of 2,09\d,\d\d\d bytes"):
+        load_tokenizer(slow)
 
 
 def test_a_long_value_quoted_by_the_tokenizer_json_parser_is_cut_short(tmp_path, tiny_tokenizer):

@@ -3,8 +3,8 @@
 `load_tokenizer(dir)` reads `tokenizer.json` with the `tokenizers` library (the same Rust
 backend transformers' fast tokenizers wrap) and applies what transformers adds from
 `tokenizer_config.json`: added tokens missing from tokenizer.json and the named special tokens.
-Only a checkpoint without tokenizer.json (vocab.json + merges.txt, tokenizer.model) goes through
-transformers' AutoTokenizer, imported then. Both are used through one interface, `Tokenizer`:
+Only a checkpoint without tokenizer.json (vocab.json + merges.txt; a tokenizer.model alone is
+refused) goes through transformers' AutoTokenizer, imported then. Both are used through one interface, `Tokenizer`:
 
 - `encode(text)`: ids of `text` and nothing else — no BOS/EOS added, and text that looks like a
   special token (a user typing "<|im_end|>") is tokenized as plain text, as transformers does
@@ -25,7 +25,7 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -34,7 +34,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..files import JSON_LIMIT, TEXT_LIMIT, brief_repr, read_bytes_file, read_text_file, undecodable_byte, visible
 from ..native_stderr import captured
-from .checkpoint_json import LFS_POINTER, refuse_lfs_pointer
+from .checkpoint_json import LFS_POINTER, refuse_lfs_pointer, shown_json
 from .config import MAX_VOCAB
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -53,6 +53,7 @@ _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_toke
 # the terminal raw, escape sequences and all, and broke `--json` output. "__type" marks the legacy
 # form of a named special token, which transformers removes before it builds the token.
 _ADDED_TOKEN_FIELDS = frozenset({"content", "single_word", "lstrip", "rstrip", "normalized", "special"})
+_ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 _SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 
 
@@ -291,6 +292,7 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     refuse_lfs_pointer(model_dir / TOKENIZER_JSON, text[: len(LFS_POINTER)].encode())
     _check_entry_count(model_dir / TOKENIZER_JSON, text, vocab_size)
     _check_pattern_size(model_dir / TOKENIZER_JSON, text)
+    _check_added_token_bytes(model_dir / TOKENIZER_JSON, (content for _, content in _added_token_entries(text)))
     # The Rust parser raises plain Exceptions for a malformed file, and panics on some values (a BPE's
     # continuing_subword_prefix, for one): pyo3's PanicException, a BaseException that ended the app
     # (the panic's own text on fd 2 kept off the terminal: the exception holds its reason)
@@ -304,8 +306,12 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
             f"cannot read {_shown(model_dir / TOKENIZER_JSON)}: {_first_line(e)}; the tokenizer files may be incomplete"
         ) from None
     _check_added_token_ids(model_dir / TOKENIZER_JSON, text, backend)
+    _check_step_count(model_dir / TOKENIZER_JSON, backend)
+    _check_word_length(model_dir / TOKENIZER_JSON, backend)
+    _check_piece_length(model_dir / TOKENIZER_JSON, backend)
     _check_text_growth(model_dir / TOKENIZER_JSON, backend)
     config = _read_config(model_dir)
+    _check_added_token_bytes(model_dir / TOKENIZER_CONFIG, _config_token_contents(model_dir, config))
     added_by_file = backend.get_added_tokens_decoder()  # tokenizer.json's own, before the config adds any
 
     def is_plain_word(token: str) -> bool:
@@ -499,6 +505,37 @@ _PATTERN_VALUE = re.compile(  # the value's characters as written (escapes count
 )
 
 
+_ADDED_TOKENS_KEY = re.compile(_json_key("added_tokens") + r"\s*:\s*(?=\[)")
+
+# The backend finds added tokens in text with an automaton built from their bytes, at ~73 bytes of
+# memory per byte of their text: one added token of 20 MB took 1.4 GB as the file was parsed, and the
+# 64 MiB file limit allowed ~5 GB. A tokenizer's are short: Qwen2's 22 and InternVL's 12 take ~400
+# bytes, 60,000 tokens of a large vocabulary extension under 1 MiB. The limit is per file, on all
+# of them together (one token of it: ~150 MB).
+MAX_ADDED_TOKEN_BYTES = 2 << 20
+
+
+def _check_added_token_bytes(path: Path, contents: Iterable[Any]) -> None:
+    """Refuse a file whose added or special tokens are far longer than a tokenizer's, before the
+    backend builds its matcher for them."""
+    total = 0
+    for content in contents:
+        if isinstance(content, str):
+            total += len(content.encode("utf-8", "surrogatepass"))
+    if total > MAX_ADDED_TOKEN_BYTES:
+        raise CheckpointError(
+            f"{_shown(path)} declares added or special tokens of {total:,} bytes in all, more than a tokenizer's "
+            f"({MAX_ADDED_TOKEN_BYTES:,} at most); the tokenizer is damaged or not a real one (use the one shipped with "
+            "the checkpoint)"
+        )
+
+
+def _config_token_contents(model_dir: Path, config: dict) -> list[str]:
+    """The text of every token tokenizer_config.json declares or names: what transformers adds from it."""
+    declared = [entry["content"] for _, entry in _declared_added_tokens(model_dir, config)]
+    return declared + [content for _, content in _named_special_tokens(config)]
+
+
 def _check_pattern_size(path: Path, text: str) -> None:
     """Refuse a tokenizer.json whose patterns are far longer than a tokenizer's, before the parser
     compiles them. A "Regex" key inside a string (a token) is escaped, and not matched."""
@@ -542,6 +579,70 @@ def _check_added_token_ids(path: Path, text: str, backend: Any) -> None:
 MAX_TEXT_GROWTH = 128
 # a UTF-8 continuation byte: what a string's bytes have beyond one per character
 _CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
+
+
+# A WordPiece model matches each word greedily, longest piece first: its cost grows with the cube
+# of a word's length (a word of 8,000 characters took 10 s, of 30,000 ~10 minutes) up to
+# max_input_chars_per_word, past which the word is one unknown token. BERT's and transformers' is 100.
+MAX_WORDPIECE_WORD_CHARS = 256
+
+
+def _check_word_length(path: Path, backend: Any) -> None:
+    longest = getattr(backend.model, "max_input_chars_per_word", None)
+    if type(backend.model).__name__ == "WordPiece" and isinstance(longest, int) and longest > MAX_WORDPIECE_WORD_CHARS:
+        raise CheckpointError(
+            f"the WordPiece model of {_shown(path)} reads words of up to {longest:,} characters (a tokenizer's: 100; "
+            f"{MAX_WORDPIECE_WORD_CHARS} at most), which makes a long word take minutes to encode; the file is damaged "
+            "or not InternVL's (re-download the tokenizer files)"
+        )
+
+
+# A Unigram model tries, at each character, every piece that begins there: a run of text matching
+# pieces of up to L characters costs L lattice nodes a character (pieces "q" … 2,000 "q"s: 20,000
+# "q"s took 9 s; a file of pieces up to 8,000 long, minutes for a paste). SentencePiece's trainer
+# makes pieces of 16 characters unless told otherwise, 512 at most.
+MAX_UNIGRAM_PIECE_CHARS = 512
+
+
+def _check_piece_length(path: Path, backend: Any) -> None:
+    if type(backend.model).__name__ != "Unigram":
+        return
+    added = {token.content for token in backend.get_added_tokens_decoder().values()}  # matched apart, not in the lattice
+    longest = max((len(piece) for piece in backend.get_vocab(with_added_tokens=False) if piece not in added), default=0)
+    if longest > MAX_UNIGRAM_PIECE_CHARS:
+        raise CheckpointError(
+            f"the Unigram model of {_shown(path)} has a piece of {longest:,} characters (a tokenizer's: 16 or so; "
+            f"{MAX_UNIGRAM_PIECE_CHARS} at most), which makes repetitive text take minutes to encode; the file is damaged "
+            "or not InternVL's (re-download the tokenizer files)"
+        )
+
+
+# Each step of a normalizer, pre-tokenizer or decoder runs over all the text it is given, and a
+# Sequence may list as many as the entry counts allow: 60,000 NFC steps (1 MB) took 12 s to encode
+# 10,000 characters, and a tokenizer of Qwen2's size has room for ~300,000. A tokenizer's take a few:
+# Qwen2's one normalizer and one pre-tokenizer, SentencePiece-style ones up to 4 or 5.
+MAX_PIPELINE_STEPS = 64
+_SEQUENCE_KEYS = ("normalizers", "pretokenizers", "decoders")
+
+
+def _check_step_count(path: Path, backend: Any) -> None:
+    for part in ("normalizer", "pre_tokenizer", "decoder"):
+        component = getattr(backend, part)
+        steps = _step_count(json.loads(component.__getstate__())) if component is not None else 0
+        if steps > MAX_PIPELINE_STEPS:
+            raise CheckpointError(
+                f"the {part.replace('_', '-')} of {_shown(path)} has {steps:,} steps, more than a tokenizer's ({MAX_PIPELINE_STEPS} "
+                "at most), each run over every prompt; the file is damaged or not InternVL's (re-download the tokenizer files)"
+            )
+
+
+def _step_count(node: Any) -> int:
+    """How many steps a normalizer, pre-tokenizer or decoder (its JSON) runs: a Sequence's own, nested
+    ones counted through (the parser allows 128 levels)."""
+    if not isinstance(node, dict):
+        return 1
+    steps = next((node[key] for key in _SEQUENCE_KEYS if isinstance(node.get(key), list)), None)
+    return 1 if steps is None else sum(map(_step_count, steps))
 
 
 def _check_text_growth(path: Path, backend: Any) -> None:
@@ -591,24 +692,34 @@ def _charsmap_growth(charsmap: Any) -> int:
     return max((len(piece.translate(None, _CONTINUATION_BYTES)) for piece in pool.split(b"\0")), default=1) or 1
 
 
-def _declared_added_ids(text: str) -> list[tuple[Any, Any]]:
-    """(id, content) of each entry of tokenizer.json's top-level `added_tokens`, decoded without the
-    rest of the file (a Qwen2 vocabulary and merges: ~7 MiB the backend has parsed already). Inside a
-    JSON string a quote is escaped, so `"added_tokens":` followed by a list of objects is the key;
-    [] where there is none."""
+def _added_token_lists(text: str) -> Iterator[list[tuple[Any, Any]]]:
+    """Each list of objects that follows an `"added_tokens":` key of tokenizer.json, as (id, content)
+    pairs, decoded without the rest of the file (a Qwen2 vocabulary and merges: ~7 MiB the backend
+    parses on its own). Inside a JSON string a quote is escaped, so such a key is no token's text;
+    the key may be spelled with \\u escapes, which the backend reads as the same key."""
     def id_and_content(pairs: list[tuple[str, Any]]) -> tuple[Any, Any]:
         entry = dict(pairs)
         return entry.get("id"), entry.get("content")
 
     decoder = json.JSONDecoder(object_pairs_hook=id_and_content)
-    for key in re.finditer(r'"added_tokens"\s*:\s*(?=\[)', text):
+    for key in _ADDED_TOKENS_KEY.finditer(text):
         try:
             value, _ = decoder.raw_decode(text, key.end())
         except (ValueError, RecursionError):
             continue
         if all(isinstance(entry, tuple) for entry in value):
-            return value
-    return []
+            yield value
+
+
+def _declared_added_ids(text: str) -> list[tuple[Any, Any]]:
+    """(id, content) of each entry of tokenizer.json's top-level `added_tokens`; [] where there is none."""
+    return next(_added_token_lists(text), [])
+
+
+def _added_token_entries(text: str) -> Iterator[tuple[Any, Any]]:
+    """(id, content) of the entries of every `added_tokens` list of tokenizer.json: at least the top-level one's."""
+    for entries in _added_token_lists(text):
+        yield from entries
 
 
 def _declared_added_tokens(model_dir: Path, config: dict) -> list[tuple[int, dict]]:
@@ -623,17 +734,24 @@ def _declared_added_tokens(model_dir: Path, config: dict) -> list[tuple[int, dic
                 and isinstance(entry, dict) and _token_content(entry)):  # fmt: skip
             shown = key if len(key) <= 20 else key[:17] + "…"
             raise _config_error(model_dir, f"added_tokens_decoder entry {shown!r} is malformed")
-        _refuse_unknown_token_field(model_dir, TOKENIZER_CONFIG, f"added_tokens_decoder entry {key!r}", entry, _ADDED_TOKEN_FIELDS)
+        _check_token_fields(model_dir, TOKENIZER_CONFIG, f"added_tokens_decoder entry {key!r}", entry, _ADDED_TOKEN_FIELDS)
         entries.append((int(key), entry))
     return sorted(entries, key=lambda e: e[0])
 
 
-def _refuse_unknown_token_field(model_dir: Path, name: str, where: str, token: Any, fields: frozenset[str]) -> None:
-    """A token object with a key AddedToken does not take (see _ADDED_TOKEN_FIELDS) is refused
-    before transformers builds it."""
-    unknown = next((key for key in token if key not in fields), None) if isinstance(token, dict) else None
+def _check_token_fields(model_dir: Path, name: str, where: str, token: Any, fields: frozenset[str]) -> None:
+    """A token object with a key AddedToken does not take (see _ADDED_TOKEN_FIELDS), or a flag that
+    is not true or false, is refused before a token is built from it. Python's truth made
+    "lstrip": "false" true, so the token swallowed the space before it (transformers refuses the
+    file, in the words of pyo3's type check)."""
+    if not isinstance(token, dict):
+        return
+    unknown = next((key for key in token if key not in fields), None)
     if unknown is not None:
         raise _config_error(model_dir, f"{where} has the unknown field {brief_repr(unknown)}", name)
+    flag = next((key for key in _ADDED_TOKEN_FLAGS if key in token and not isinstance(token[key], bool)), None)
+    if flag is not None:
+        raise _config_error(model_dir, f"{where} has {flag} {shown_json(token[flag])}, not true or false", name)
 
 
 def _check_special_tokens_map(model_dir: Path) -> None:
@@ -642,7 +760,11 @@ def _check_special_tokens_map(model_dir: Path) -> None:
     tokens = _read_config(model_dir, _SPECIAL_TOKENS_MAP)
     for key, value in tokens.items():
         for token in value if isinstance(value, list) else [value]:
-            _refuse_unknown_token_field(model_dir, _SPECIAL_TOKENS_MAP, brief_repr(key), token, _ADDED_TOKEN_FIELDS)
+            _check_token_fields(model_dir, _SPECIAL_TOKENS_MAP, brief_repr(key), token, _ADDED_TOKEN_FIELDS)
+    listed = [token for value in tokens.values() for token in (value if isinstance(value, list) else [value])]
+    _check_added_token_bytes(model_dir / _SPECIAL_TOKENS_MAP, map(_token_content, listed))
+    # added_tokens.json: {token: id}, which transformers adds too
+    _check_added_token_bytes(model_dir / "added_tokens.json", _read_config(model_dir, "added_tokens.json"))
 
 
 def _check_for_transformers(model_dir: Path) -> None:
@@ -655,6 +777,12 @@ def _check_for_transformers(model_dir: Path) -> None:
         missing = pair[1 - pair.index(present[0])]
         raise CheckpointError(
             f"{_shown(model_dir)} has {present[0]} but no {missing}; the tokenizer files are incomplete (re-download them)"
+        )
+    if not present:  # tokenizer.model alone: Qwen2's classes cannot read it, and transformers then said
+        # "`tiktoken` is required to read a `tiktoken` file. Install it", which no install fixes
+        raise CheckpointError(
+            f"{_shown(model_dir)} has tokenizer.model but neither tokenizer.json nor vocab.json and merges.txt, which "
+            "InternVL3's Qwen2 tokenizer reads; use the tokenizer files shipped with the checkpoint"
         )
     if not os.path.lexists(model_dir / TOKENIZER_CONFIG):
         return
@@ -669,19 +797,19 @@ def _check_for_transformers(model_dir: Path) -> None:
             f"{_shown(model_dir / TOKENIZER_CONFIG)} names the tokenizer class {brief_repr(named_class)}, but InternVL3's Qwen2 "
             "language model needs Qwen2Tokenizer; use the tokenizer files shipped with the checkpoint"
         )
-    _declared_added_tokens(model_dir, config)
+    _check_added_token_bytes(model_dir / TOKENIZER_CONFIG, _config_token_contents(model_dir, config))
     for name in _NAMED_SPECIALS:
         value = config.get(name)
         if value is not None and not _token_content(value):  # "" too: transformers' encode recursed forever
             raise _config_error(model_dir, f"{name} is not a token")
-        _refuse_unknown_token_field(model_dir, TOKENIZER_CONFIG, name, value, _ADDED_TOKEN_FIELDS | {"__type"})
+        _check_token_fields(model_dir, TOKENIZER_CONFIG, name, value, _ADDED_TOKEN_FIELDS | {"__type"})
     for name in ("additional_special_tokens", "extra_special_tokens"):
         value = config.get(name) or []
         tokens = list(value.values()) if isinstance(value, dict) else value
         if not isinstance(tokens, list) or not all(_token_content(t) for t in tokens):
             raise _config_error(model_dir, f"{name} is not a list of tokens")
         for token in tokens:
-            _refuse_unknown_token_field(model_dir, TOKENIZER_CONFIG, name, token, _ADDED_TOKEN_FIELDS)
+            _check_token_fields(model_dir, TOKENIZER_CONFIG, name, token, _ADDED_TOKEN_FIELDS)
     _check_special_tokens_map(model_dir)
 
 
@@ -732,6 +860,13 @@ def _load_with_transformers(model_dir: Path, vocab_size: int | None) -> Transfor
             raise CheckpointError(
                 f"cannot load the tokenizer in {_shown(model_dir)}: it has no {TOKENIZER_CONFIG}; the tokenizer files are "
                 "incomplete (re-download them)"
+            ) from None
+        if _read_config(model_dir).get("tokenizer_class") is None:  # nor without a class its config.json names
+            # (an -hf one does): it said "Couldn't instantiate the backend tokenizer from one of: "
+            raise CheckpointError(
+                f"cannot load the tokenizer in {_shown(model_dir)}: its {TOKENIZER_CONFIG} names no tokenizer_class, so "
+                'transformers cannot tell how to read vocab.json and merges.txt; add "tokenizer_class": "Qwen2Tokenizer" '
+                "to it (InternVL3's) or use the tokenizer files shipped with the checkpoint"
             ) from None
         raise CheckpointError(
             f"cannot load the tokenizer in {_shown(model_dir)}: {_first_line(e)}; the tokenizer files may be incomplete"
