@@ -844,10 +844,16 @@ def _with_long_token(folder: Path, where: str) -> str:
             text = text.replace('"added_tokens"', '"\\u0061dded_tokens"')
         (folder / "tokenizer.json").write_text(text, encoding="utf-8")
         return "tokenizer.json"
-    name = "tokenizer_config.json" if where in ("added_tokens_decoder", "eos_token") else where
+    in_config = ("added_tokens_decoder", "eos_token", "image_token", "extra_special_tokens")
+    name = "tokenizer_config.json" if where in in_config else where
     data = json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).exists() else {}
     if where == "added_tokens_decoder":
         data[where] = {**data.get(where, {}), "1000": {"content": _LONG_TOKEN, "special": True}}
+    elif where == "image_token":  # transformers 5 adds any "*_token" key's token, a model-specific special token
+        data[where] = _LONG_TOKEN
+    elif where == "extra_special_tokens":  # transformers 5 adds them beside additional_special_tokens
+        data["additional_special_tokens"] = ["<img>"]
+        data[where] = [_LONG_TOKEN]
     elif where == "added_tokens.json":
         data[_LONG_TOKEN] = 1000
     else:  # eos_token of tokenizer_config.json or special_tokens_map.json
@@ -871,10 +877,14 @@ def test_added_tokens_far_longer_than_a_tokenizers_are_refused_before_the_backen
     assert "xxxx" not in message and "\n" not in message
 
 
-@pytest.mark.parametrize("where", ["added_tokens_decoder", "special_tokens_map.json", "added_tokens.json"])
+@pytest.mark.parametrize(
+    "where", ["added_tokens_decoder", "image_token", "extra_special_tokens", "special_tokens_map.json", "added_tokens.json"]
+)
 def test_the_fallback_refuses_added_tokens_far_longer_than_a_tokenizers(tmp_path, where):
     """The same bound where transformers builds the tokenizer from vocab.json and merges.txt: it adds
-    the tokens of tokenizer_config.json, special_tokens_map.json and added_tokens.json alike."""
+    the tokens of tokenizer_config.json, special_tokens_map.json and added_tokens.json alike, those
+    of tokenizer_config.json from any "*_token" key and from extra_special_tokens beside
+    additional_special_tokens too (a 3 MiB token there was added, past the bound)."""
     slow = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
     name = _with_long_token(slow, where)
     with pytest.raises(CheckpointError, match=rf"/{re.escape(name)} declares added or special tokens of 2,09\d,\d\d\d bytes"):

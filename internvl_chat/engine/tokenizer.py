@@ -530,10 +530,16 @@ def _check_added_token_bytes(path: Path, contents: Iterable[Any]) -> None:
         )
 
 
-def _config_token_contents(model_dir: Path, config: dict) -> list[str]:
-    """The text of every token tokenizer_config.json declares or names: what transformers adds from it."""
+def _config_token_contents(model_dir: Path, config: dict) -> list[Any]:
+    """The text of every token tokenizer_config.json declares or names: what transformers may add
+    from it. More than the named ones the fast path adds: transformers 5 also adds the token of any
+    "*_token" key (a model-specific one) and extra_special_tokens beside additional_special_tokens."""
     declared = [entry["content"] for _, entry in _declared_added_tokens(model_dir, config)]
-    return declared + [content for _, content in _named_special_tokens(config)]
+    named = [value for key, value in config.items() if key.endswith("_token")]
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        value = config.get(key)
+        named += list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else []
+    return declared + [value.get("content") if isinstance(value, dict) else value for value in named]
 
 
 def _check_pattern_size(path: Path, text: str) -> None:
