@@ -304,6 +304,24 @@ def test_damaged_slow_tokenizer_files_are_named_in_our_words(tmp_path, case):
     assert words in text and str(slow) in text and "\n" not in text, text
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "internvl"])
+def test_without_tokenizer_class_a_failure_transformers_could_tell_the_class_for_keeps_its_reason(tmp_path, model_type):
+    """A tokenizer_config.json naming no class is blamed only where config.json does not tell
+    transformers the class either: with an -hf config.json's model_type it had picked Qwen2's, so a
+    damaged merges.txt was reported as a missing tokenizer_class, a fix that fixes nothing."""
+    slow = _write_qwen2_style(tmp_path / "slow", with_tokenizer_json=False)
+    config = json.loads((slow / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (slow / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": None}), encoding="utf-8")
+    (slow / "config.json").write_text(json.dumps({"model_type": model_type}), encoding="utf-8")
+    merges = (slow / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges[5] = "one-piece"
+    (slow / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(slow)
+    text = str(err.value)
+    assert "Merges text file invalid" in text and "names no tokenizer_class" not in text, text
+
+
 def test_two_words_of_vocab_json_with_one_id_are_refused_alike_at_every_start(tmp_path):
     """transformers decodes a shared id as one of its words, which one set by the hash seed: the
     round-trip probe then refused the folder at some starts, each time quoting other text, and the

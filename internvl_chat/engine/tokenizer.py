@@ -867,8 +867,8 @@ def _load_with_transformers(model_dir: Path, vocab_size: int | None) -> Transfor
                 f"cannot load the tokenizer in {_shown(model_dir)}: it has no {TOKENIZER_CONFIG}; the tokenizer files are "
                 "incomplete (re-download them)"
             ) from None
-        if _read_config(model_dir).get("tokenizer_class") is None:  # nor without a class its config.json names
-            # (an -hf one does): it said "Couldn't instantiate the backend tokenizer from one of: "
+        if _read_config(model_dir).get("tokenizer_class") is None and not _class_from_config_json(model_dir):
+            # it said "Couldn't instantiate the backend tokenizer from one of: "
             raise CheckpointError(
                 f"cannot load the tokenizer in {_shown(model_dir)}: its {TOKENIZER_CONFIG} names no tokenizer_class, so "
                 'transformers cannot tell how to read vocab.json and merges.txt; add "tokenizer_class": "Qwen2Tokenizer" '
@@ -890,6 +890,22 @@ def _load_with_transformers(model_dir: Path, vocab_size: int | None) -> Transfor
     tokenizer = TransformersTokenizer(hf)
     _check_round_trip(tokenizer, f"the tokenizer in {_shown(model_dir)}")
     return tokenizer
+
+
+def _class_from_config_json(model_dir: Path) -> bool:
+    """Whether transformers could tell the tokenizer class from config.json, with none in
+    tokenizer_config.json: its tokenizer_class, or a model_type transformers maps to one (an -hf
+    config's "internvl"; an original one's "internvl_chat" it does not know). Then its failure has
+    another cause, named in its own words."""
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    try:
+        config = _read_config(model_dir, "config.json")
+    except CheckpointError:
+        return False
+    names = TOKENIZER_MAPPING_NAMES.get(config.get("model_type")) if isinstance(config.get("model_type"), str) else None
+    known = any(names) if isinstance(names, tuple) else names is not None  # transformers 4: (slow, fast) names
+    return known or isinstance(config.get("tokenizer_class"), str)
 
 
 def _plain_words(vocabulary: bytes) -> dict[str, Any]:
