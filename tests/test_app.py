@@ -1190,11 +1190,11 @@ def test_stats_after_retry_say_that_one_prompt_token_was_prefilled(loaded, media
     app.handle_line("What is it?")
     output(out)  # what came before is not under test
     app.handle_line("/stats")
-    assert not re.search(r"^prefill +1 tokens ", out.getvalue(), re.M)
+    assert not re.search(r"^prefill +1 token ", out.getvalue(), re.M)
     app.handle_line("/retry")
     output(out)
     app.handle_line("/stats")
-    assert re.search(r"^prefill +1 tokens in \d+\.\d{3} s", out.getvalue(), re.M), out.getvalue()
+    assert re.search(r"^prefill +1 token in \d+\.\d{3} s", out.getvalue(), re.M), out.getvalue()  # not "1 tokens"
 
 
 def test_stats_shows_vision_time_only_when_a_picture_was_encoded(loaded, media, tmp_path):
