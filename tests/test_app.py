@@ -797,7 +797,7 @@ def test_system_default_brings_back_the_models_own_message(loaded, tmp_path):
     assert app.handle_line("Hello.") == OK and app.handle_line("Go on.") == OK
     output(out)
     assert app.handle_line("/system --default") == OK
-    assert output(out) == "system message: the model's default again; the 2 turn(s) so far now follow it (/system shows it)\n"
+    assert output(out) == "system message: the model's default again; the 2 turns so far now follow it (/system shows it)\n"
     assert app.session.system_message == default and app.settings.system.message is None
     # the turns so far were read again under it, as chatting under it from the start reads them
     assert app.session.ids == app.session.conversation_ids(app.session.turns)
@@ -881,7 +881,7 @@ def test_the_system_message_in_use_again_does_not_reread_the_conversation(loaded
     assert app.handle_line("/system --default") == OK and replays == []
     assert output(out) == "system message: the model's default again (/system shows it)\n"
     assert app.handle_line("/system Be brief.") == OK and replays == ["Be brief."]
-    assert output(out) == "system message set; the 1 turn(s) so far now follow it\n"
+    assert output(out) == "system message set; the 1 turn so far now follows it\n"
     assert app.handle_line("/set system.message Be brief.") == OK and replays == ["Be brief."]
     assert output(out) == "system message unchanged\n"
     assert app.settings.sources["system.message"] == "/system" and app.session.system_message == "Be brief."
@@ -1017,20 +1017,20 @@ def test_save_load_export(loaded, media, tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line("/export empty.md") == OK  # said, as /save says it
-    assert output(out) == "warning: the conversation is empty; exported it anyway\nexported 0 turn(s) to " \
+    assert output(out) == "warning: the conversation is empty; exported it anyway\nexported 0 turns to " \
                           f"{tmp_path / 'empty.md'}\n"
     app.handle_line(f"/image {media / 'small.png'}")
     app.handle_line("Describe it.")
     app.handle_line("More.")
     assert app.handle_line("/save") == OK
     saved = list((tmp_path / "home" / ".local" / "state" / "internvl-chat" / "sessions").glob("session-*.json"))
-    assert len(saved) == 1 and f"saved 2 turn(s) to {saved[0]}" in out.getvalue()
+    assert len(saved) == 1 and f"saved 2 turns to {saved[0]}" in out.getvalue()
 
     other, out2 = make_app(loaded, tmp_path)
     assert other.handle_line(f"/load {saved[0]}") == OK
     assert [t.user_text for t in other.session.turns] == ["Describe it.", "More."]
     assert other.session.ids == app.session.ids
-    assert "loaded 2 turn(s)" in out2.getvalue()
+    assert "loaded 2 turns" in out2.getvalue()
 
     assert other.handle_line("/export talk.md") == OK  # relative to the app's folder
     md = (tmp_path / "talk.md").read_text()
