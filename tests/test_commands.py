@@ -187,6 +187,13 @@ def test_errors(line, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["exit", "/quit", "bye"])
+def test_help_for_exit_names_its_other_names_once(name):
+    # it said "/exit  quit (also /quit, /bye or Ctrl-D)" and then "  also: /quit, /bye"
+    shown = format_help(name, 100)
+    assert shown.count("/quit") == 1 and shown.count("/bye") == 1, shown
+
+
 @pytest.mark.parametrize("line", ["/frobnicate", "/", "/video a.mp4 --range 5-2", "/video a.mp4 --range x"])
 def test_an_error_line_ends_as_the_others_do_without_a_full_stop(line):
     # "unknown command /foo; type /help for the commands (// starts a message with /)." stood out

@@ -495,7 +495,7 @@ def format_help(name: str | None = None, width: int | None = None) -> str:
             raise UsageError(f"unknown command /{shortened(word)}; {tip}")
         lines = [f"{spec.usage}  {spec.help}"]
         lines += [f"  {o.name} {o.metavar}  {o.help}" if o.metavar else f"  {o.name}  {o.help}" for o in spec.options]
-        if spec.aliases:
+        if any(f"/{alias}" not in spec.help for alias in spec.aliases):  # /exit's help names them already
             lines.append("  also: " + ", ".join("/" + a for a in spec.aliases))
         return wrap_text("\n".join(lines), width)
     rows = [(spec.usage, spec.help) for spec in COMMANDS] + [SLASH_MESSAGE]
