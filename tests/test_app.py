@@ -275,9 +275,14 @@ def test_media_list_and_drop(loaded, media, tmp_path):
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("1. image small.png 900×450 → 3 tiles")
     assert lines[1].startswith(f"2. image square.png 448×448 → 1 tile · {media_len(app, MediaSpec('image', 1)):,} tokens")
+    output(out)
     assert app.handle_line("/drop 3") == ERROR
+    assert output(out) == "error: there is no attachment 3: 2 are attached (/media lists them)\n"
     assert app.handle_line("/drop 1") == OK
     assert [m.path.name for m in app.pending] == ["square.png"]
+    output(out)
+    assert app.handle_line("/drop 2") == ERROR  # it said "/media lists the 1 attached"
+    assert output(out) == "error: there is no attachment 2: only 1 is attached (/media lists it)\n"
     # the same picture again (Up, Enter): attached, as asked, and said, since it doubles the cost
     output(out)
     assert app.handle_line(f"/image {media / 'square.png'}") == OK and len(app.pending) == 2

@@ -618,7 +618,9 @@ class App(SessionFileCommands):
         if not self.pending:
             raise UsageError("nothing is attached, so there is nothing to drop")
         if n > len(self.pending):
-            raise UsageError(f"there is no attachment {n}; /media lists the {len(self.pending)} attached")
+            held = ("only 1 is attached (/media lists it)" if len(self.pending) == 1  # not "/media lists the 1 attached"
+                    else f"{len(self.pending):,} are attached (/media lists them)")
+            raise UsageError(f"there is no attachment {n}: {held}")
         media = self.pending.pop(n - 1)
         self.say(f"- {media.kind} {visible(media.path.name)} detached")
 
