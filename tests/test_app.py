@@ -275,9 +275,14 @@ def test_media_list_and_drop(loaded, media, tmp_path):
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("1. image small.png 900×450 → 3 tiles")
     assert lines[1].startswith(f"2. image square.png 448×448 → 1 tile · {media_len(app, MediaSpec('image', 1)):,} tokens")
+    output(out)
     assert app.handle_line("/drop 3") == ERROR
+    assert output(out) == "error: there is no attachment 3: 2 are attached (/media lists them)\n"
     assert app.handle_line("/drop 1") == OK
     assert [m.path.name for m in app.pending] == ["square.png"]
+    output(out)
+    assert app.handle_line("/drop 2") == ERROR  # it said "/media lists the 1 attached"
+    assert output(out) == "error: there is no attachment 2: only 1 is attached (/media lists it)\n"
     # the same picture again (Up, Enter): attached, as asked, and said, since it doubles the cost
     output(out)
     assert app.handle_line(f"/image {media / 'square.png'}") == OK and len(app.pending) == 2
@@ -797,7 +802,7 @@ def test_system_default_brings_back_the_models_own_message(loaded, tmp_path):
     assert app.handle_line("Hello.") == OK and app.handle_line("Go on.") == OK
     output(out)
     assert app.handle_line("/system --default") == OK
-    assert output(out) == "system message: the model's default again; the 2 turn(s) so far now follow it (/system shows it)\n"
+    assert output(out) == "system message: the model's default again; the 2 turns so far now follow it (/system shows it)\n"
     assert app.session.system_message == default and app.settings.system.message is None
     # the turns so far were read again under it, as chatting under it from the start reads them
     assert app.session.ids == app.session.conversation_ids(app.session.turns)
@@ -881,7 +886,7 @@ def test_the_system_message_in_use_again_does_not_reread_the_conversation(loaded
     assert app.handle_line("/system --default") == OK and replays == []
     assert output(out) == "system message: the model's default again (/system shows it)\n"
     assert app.handle_line("/system Be brief.") == OK and replays == ["Be brief."]
-    assert output(out) == "system message set; the 1 turn(s) so far now follow it\n"
+    assert output(out) == "system message set; the 1 turn so far now follows it\n"
     assert app.handle_line("/set system.message Be brief.") == OK and replays == ["Be brief."]
     assert output(out) == "system message unchanged\n"
     assert app.settings.sources["system.message"] == "/system" and app.session.system_message == "Be brief."
@@ -1017,20 +1022,20 @@ def test_save_load_export(loaded, media, tmp_path, monkeypatch):
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line("/export empty.md") == OK  # said, as /save says it
-    assert output(out) == "warning: the conversation is empty; exported it anyway\nexported 0 turn(s) to " \
+    assert output(out) == "warning: the conversation is empty; exported it anyway\nexported 0 turns to " \
                           f"{tmp_path / 'empty.md'}\n"
     app.handle_line(f"/image {media / 'small.png'}")
     app.handle_line("Describe it.")
     app.handle_line("More.")
     assert app.handle_line("/save") == OK
     saved = list((tmp_path / "home" / ".local" / "state" / "internvl-chat" / "sessions").glob("session-*.json"))
-    assert len(saved) == 1 and f"saved 2 turn(s) to {saved[0]}" in out.getvalue()
+    assert len(saved) == 1 and f"saved 2 turns to {saved[0]}" in out.getvalue()
 
     other, out2 = make_app(loaded, tmp_path)
     assert other.handle_line(f"/load {saved[0]}") == OK
     assert [t.user_text for t in other.session.turns] == ["Describe it.", "More."]
     assert other.session.ids == app.session.ids
-    assert "loaded 2 turn(s)" in out2.getvalue()
+    assert "loaded 2 turns" in out2.getvalue()
 
     assert other.handle_line("/export talk.md") == OK  # relative to the app's folder
     md = (tmp_path / "talk.md").read_text()
@@ -1190,11 +1195,11 @@ def test_stats_after_retry_say_that_one_prompt_token_was_prefilled(loaded, media
     app.handle_line("What is it?")
     output(out)  # what came before is not under test
     app.handle_line("/stats")
-    assert not re.search(r"^prefill +1 tokens ", out.getvalue(), re.M)
+    assert not re.search(r"^prefill +1 token ", out.getvalue(), re.M)
     app.handle_line("/retry")
     output(out)
     app.handle_line("/stats")
-    assert re.search(r"^prefill +1 tokens in \d+\.\d{3} s", out.getvalue(), re.M), out.getvalue()
+    assert re.search(r"^prefill +1 token in \d+\.\d{3} s", out.getvalue(), re.M), out.getvalue()  # not "1 tokens"
 
 
 def test_stats_shows_vision_time_only_when_a_picture_was_encoded(loaded, media, tmp_path):

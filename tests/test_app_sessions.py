@@ -85,7 +85,7 @@ def test_a_session_file_dated_past_any_calendar_is_listed_and_completed(loaded, 
     monkeypatch.setattr(repl, "recent_sessions", far_future)
     output(out)
     assert app.handle_line("/load") == OK
-    assert re.search(r"^  far +1 turn\(s\) +\?$", output(out), re.M)
+    assert re.search(r"^  far +1 turn +\?$", output(out), re.M)
     assert [c.display_meta_text for c in repl.complete_session("fa")] == ["?"]
 
 
@@ -99,7 +99,7 @@ def test_load_says_that_attachments_waiting_for_a_message_are_kept(loaded, tmp_p
     output(out)
     assert app.handle_line("/load chat.json") == OK
     first = output(out).splitlines()[0]
-    assert first.startswith("loaded 1 turn(s) from ") and first.endswith(" (1 attachment(s) kept; /drop N removes one)")
+    assert first.startswith("loaded 1 turn from ") and first.endswith(" (1 attachment kept; /drop N removes one)")
     assert len(app.pending) == 1
 
 
@@ -143,7 +143,7 @@ def test_save_never_silently_replaces_another_conversation(loaded, tmp_path, hom
     output(out)
     assert second.handle_line("/save talk.json") == ERROR
     message = output(out).strip()
-    assert message.startswith(f"error: {tmp_path / 'talk.json'} already holds another conversation (1 turn(s))")
+    assert message.startswith(f"error: {tmp_path / 'talk.json'} already holds another conversation (1 turn)")
     assert "--force" in message and (tmp_path / "talk.json").read_text() == original
     (tmp_path / "notes.log").write_text("my notes")
     assert second.handle_line("/save notes.log") == ERROR
@@ -524,7 +524,7 @@ def test_load_asks_before_it_replaces_a_conversation_that_is_not_saved(loaded, t
     app.handle_line("Second.")
     output(out)
     assert app.handle_line("/load kept") == OK
-    assert asked == ["the conversation so far (2 turn(s)) is not saved; load kept.json anyway? [y/N] "]
+    assert asked == ["the conversation so far (2 turns) is not saved; load kept.json anyway? [y/N] "]
     assert "not loaded" in output(out) and [t.user_text for t in app.session.turns] == ["First.", "Second."]
     app.confirm = lambda question: asked.append(question) or True
     assert app.handle_line("/load kept") == OK and len(asked) == 2
@@ -666,7 +666,7 @@ def test_a_saved_picture_that_cannot_be_read_is_named_and_skip_missing_leaves_it
     assert app.handle_line("/load chat.json") == ERROR
     assert "cannot restore the session: /proc/self/mem cannot be read (" in output(out)
     assert app.handle_line("/load chat.json --skip-missing") == OK
-    assert "left out 1 file(s) that vanished or changed: mem (turn 1)" in output(out)
+    assert "left out 1 file that vanished or changed: mem (turn 1)" in output(out)
     assert [t.media for t in app.session.turns] == [[]]
 
 
@@ -695,8 +695,8 @@ def test_load_skip_missing_goes_on_without_a_picture_that_vanished(loaded, tmp_p
 
     assert other.handle_line("/load chat.json --skip-missing") == OK
     shown = output(out2)
-    assert "loaded 2 turn(s)" in shown
-    assert "warning: left out 1 file(s) that vanished or changed: first.png (turn 1)\n" in shown
+    assert "loaded 2 turns" in shown
+    assert "warning: left out 1 file that vanished or changed: first.png (turn 1)\n" in shown
     turns = other.session.turns
     assert [t.user_text for t in turns] == ["[image first.png was not found]\nWhat is this?", "And this?"]
     assert [[m.path.name for m in t.media] for t in turns] == [[], ["second.png"]]
@@ -841,7 +841,7 @@ def test_load_alone_marks_the_files_it_would_refuse_with_why(loaded, tmp_path, h
     assert app.handle_line("/load") == OK
     listing = output(out).splitlines()[1:-1]
     rows = {line.split()[0]: line for line in listing}
-    assert re.search(r"  1 turn\(s\)  [-0-9: ]+$", rows["good"])
+    assert re.search(r"  1 turn  +[-0-9: ]+$", rows["good"])
     assert rows["newer"].endswith("(format version 2, this build reads 1)") and "turn" not in rows["newer"]
     assert rows["open"].endswith("(damaged)") and rows["notes"].endswith("(not a session)")
     assert rows["cut"].endswith("(not readable)")

@@ -294,7 +294,7 @@ def test_a_closed_stderr_costs_nothing_and_never_reaches_stdout(tiny_original, t
     script.write_text(f"Hello.\n/save {saved}\n")
     run = subprocess.run([*base, "--max-new-tokens", "4", "--script", str(script)], stdout=subprocess.PIPE,
                          stdin=subprocess.DEVNULL, preexec_fn=close_stderr, env=env, timeout=300)  # fmt: skip
-    assert run.returncode == 0 and b"saved 1 turn(s)" in run.stdout
+    assert run.returncode == 0 and b"saved 1 turn " in run.stdout
     assert json.loads(saved.read_text())["format"] == "internvl-chat-session"  # fd 2 reused by nothing
 
 

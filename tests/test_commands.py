@@ -187,6 +187,22 @@ def test_errors(line, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["exit", "/quit", "bye"])
+def test_help_for_exit_names_its_other_names_once(name):
+    # it said "/exit  quit (also /quit, /bye or Ctrl-D)" and then "  also: /quit, /bye"
+    shown = format_help(name, 100)
+    assert shown.count("/quit") == 1 and shown.count("/bye") == 1, shown
+
+
+@pytest.mark.parametrize("line", ["/frobnicate", "/", "/video a.mp4 --range 5-2", "/video a.mp4 --range x"])
+def test_an_error_line_ends_as_the_others_do_without_a_full_stop(line):
+    # "unknown command /foo; type /help for the commands (// starts a message with /)." stood out
+    # among the error lines the REPL prints, none of which end with one
+    with pytest.raises(UsageError) as err:
+        parse_line(line)
+    assert not str(err.value).endswith("."), str(err.value)
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
@@ -280,7 +296,7 @@ def test_a_long_word_for_help_or_set_is_cut_short_in_the_error():
 
     with pytest.raises(UsageError) as err:
         format_help("x" * 5000)
-    assert str(err.value) == "unknown command /" + "x" * 39 + "…; type /help for the commands."
+    assert str(err.value) == "unknown command /" + "x" * 39 + "…; type /help for the commands"
     with pytest.raises(UsageError) as err:
         set_key("y" * 5000)
     assert str(err.value) == "unknown setting '" + "y" * 38 + "…; /set alone lists the settings it can change"

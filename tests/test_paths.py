@@ -54,8 +54,9 @@ def test_normalize_path(typed, expected):
 
 @pytest.mark.parametrize("typed", ["", "   ", "\n", "''", '""', "file://", "'   '", '" "', "\\ "])
 def test_empty_path_is_an_error(typed):
-    with pytest.raises(UsageError, match="empty path"):
+    with pytest.raises(UsageError, match="empty path") as error:
         normalize_path(typed)
+    assert not str(error.value).endswith(".")  # as every other error line
 
 
 @pytest.mark.parametrize("typed", ["a\x00.json", "'dir/a\x00b.md'", "file:///tmp/a%00.png"])

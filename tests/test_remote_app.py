@@ -183,7 +183,7 @@ def test_four_turns_by_script_through_serve_equal_the_local_ones(server, tiny_or
     here = cli(tmp_path, *local(tiny_original), *more)
     there = cli(tmp_path, "--server", server.url, *more)
     assert here.returncode == 0 and there.returncode == 0, here.stdout + there.stdout
-    assert "loaded 4 turn(s)" in there.stdout and "(it was saved with " in there.stdout
+    assert "loaded 4 turns" in there.stdout and "(it was saved with " in there.stdout
     assert _answers(there.stdout)["One more thing?"] == _answers(here.stdout)["One more thing?"]
 
     # a remote session in the local app: its answers are tokenized again, unless their text cannot give
@@ -194,7 +194,7 @@ def test_four_turns_by_script_through_serve_equal_the_local_ones(server, tiny_or
         assert back.returncode == 1 and re.search(r"error: answer \d in .*remote\.json was saved from a server without its "
                                                   r"tokens, .*; continue it with --server, or start anew\n", back.stdout)  # fmt: skip
     else:
-        assert back.returncode == 0 and "loaded 4 turn(s)" in back.stdout, back.stdout
+        assert back.returncode == 0 and "loaded 4 turns" in back.stdout, back.stdout
 
 
 # ---- failures through the app (a scripted server): one line each, the conversation survives -----
@@ -245,7 +245,7 @@ def test_system_default_with_a_server_sends_none_again(tmp_path):
         assert fake.chat_bodies()[-1]["messages"][0] == {"role": "system", "content": "Be brief."}
         output(out)
         assert app.handle_line("/system --default") == OK
-        assert output(out) == "system message unset: none is sent, so the server's chat template decides; the 1 turn(s) so far now follow it\n"
+        assert output(out) == "system message unset: none is sent, so the server's chat template decides; the 1 turn so far now follows it\n"
         assert app.session.system_message is None and app.settings.system.message is None
         assert app.handle_line("second") == OK
         assert [m["role"] for m in fake.chat_bodies()[-1]["messages"]] == ["user", "assistant", "user"]
@@ -348,7 +348,7 @@ def test_the_repl_through_serve_cancel_retry_undo_and_save(server, picture, tmp_
     repl.run("/stats", r"server reports\s+prompt [\d,]+ tokens · [\d,]+ cached · answer [\d,]+ tokens")
     repl.run("And now?", STATS)
     repl.run("/undo", r"removed turn 3: “And now\?”")
-    repl.run(f"/save {tmp_path / 'talk.json'}", r"saved 2 turn\(s\)")
+    repl.run(f"/save {tmp_path / 'talk.json'}", r"saved 2 turns")
     repl.child.send("/exit\r")
     repl.child.expect(pexpect.EOF)
     repl.child.close()

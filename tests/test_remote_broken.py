@@ -271,9 +271,9 @@ def test_a_script_keeps_the_broken_off_answer_counts_the_line_and_loads_it_again
         assert run.returncode == 1 and run.stderr == "internvl-chat: 1 script line(s) failed (line 2)\n", run.stderr
         assert re.search(r">>> second\n+A red circle on white\.\n+\[stopped: the connection to .* broke in the middle of the "
                          r"answer .*; the answer is cut there; /retry answers again, /undo removes it\]\n", run.stdout), run.stdout
-        assert "saved 2 turn(s)" in run.stdout
+        assert "saved 2 turns" in run.stdout
         more = cli(tmp_path, "--server", fake.url, "--no-stats", "--plain", "--script", "more.txt")
-        assert more.returncode == 0 and "loaded 2 turn(s)" in more.stdout, more.stdout + more.stderr
+        assert more.returncode == 0 and "loaded 2 turns" in more.stdout, more.stdout + more.stderr
         assert [m["content"] for m in fake.chat_bodies()[-1]["messages"]] == [
             "first", "A red circle on white.\n", "second", "A red circle on white.\n", "third"]  # fmt: skip
 

@@ -200,7 +200,7 @@ def test_the_app_repl_through_llama_server(llama_server, scene, tmp_path):
     second = run("What colour is the biggest shape?", stats)
     assert int(re.search(r"\(([\d,]+) cached\)", second).group(1).replace(",", "")) > 256  # the picture came from its cache
     run("/stats", r"server reports\s+prompt [\d,]+ tokens · [\d,]+ cached · answer [\d,]+ tokens · prompt [\d,]+ ms")
-    run(f"/save {tmp_path / 'talk.json'}", r"saved 2 turn\(s\)")
+    run(f"/save {tmp_path / 'talk.json'}", r"saved 2 turns")
     child.send("/exit\r")
     child.expect(pexpect.EOF)
     child.close()

@@ -148,7 +148,7 @@ def test_save_asks_before_replacing_another_conversation_in_the_terminal(tiny_or
     repl = Repl(home, tiny_original, "--max-new-tokens", "4", "--no-history")
     repl.run("Hello.", STATS)
     repl.enter("/save theirs.json")
-    repl.child.expect_exact("theirs.json holds another conversation (1 turn(s)); replace it? [y/N] ")
+    repl.child.expect_exact("theirs.json holds another conversation (1 turn); replace it? [y/N] ")
     repl.child.send("n\r")
     repl.child.expect_exact("not saved")
     repl.child.expect_exact(PROMPT_READY)
@@ -156,7 +156,7 @@ def test_save_asks_before_replacing_another_conversation_in_the_terminal(tiny_or
     repl.enter("/save theirs.json")
     repl.child.expect_exact("replace it? [y/N] ")
     repl.child.send("y\r")
-    repl.child.expect_exact("saved 1 turn(s)")
+    repl.child.expect_exact("saved 1 turn to")
     repl.child.expect_exact(PROMPT_READY)
     repl.enter("/exit")
     assert repl.close() == 0

@@ -180,7 +180,7 @@ def test_chat_cancel_undo_retry_video_and_errors(tiny_original, media, tmp_path)
     # a video with its cost line, then a question about it
     repl.run(f"/video {media / 'clip.mp4'} --frames 4", r"\+ video clip\.mp4 4 frames of 2\.0 s → [\d,]+ tokens · context \d+ %")
     repl.run("What happens in the video?", r"vision [\d.]+ s .*" + STATS)
-    repl.run(f"/save {tmp_path / 'talk.json'}", r"saved 3 turn\(s\)")
+    repl.run(f"/save {tmp_path / 'talk.json'}", r"saved 3 turns")
     repl.enter("/exit")
     assert repl.close() == 0
 
@@ -234,9 +234,9 @@ def test_markdown_multiline_completion_and_save_load_in_a_new_process(tiny_origi
     repl.child.sendcontrol("e")
     repl.expect(STATS)
     repl.prompt()
-    repl.run(f"/save {tmp_path / 'talk.json'}", r"saved 3 turn\(s\)")
+    repl.run(f"/save {tmp_path / 'talk.json'}", r"saved 3 turns")
     repl.run("Go on.", STATS)
-    repl.run(f"/export {tmp_path / 'one.md'}", r"exported 4 turn\(s\)")
+    repl.run(f"/export {tmp_path / 'one.md'}", r"exported 4 turns")
     repl.child.sendcontrol("d")
     assert repl.close() == 0
 
@@ -248,9 +248,9 @@ def test_markdown_multiline_completion_and_save_load_in_a_new_process(tiny_origi
     home2 = tmp_path / "home2"
     home2.mkdir()
     repl = Repl(home2, tiny_original, "--max-new-tokens", "24", "--no-history")
-    repl.run(f"/load {tmp_path / 'talk.json'}", r"loaded 3 turn\(s\)")
+    repl.run(f"/load {tmp_path / 'talk.json'}", r"loaded 3 turns")
     repl.run("Go on.", STATS)
-    repl.run(f"/export {tmp_path / 'two.md'}", r"exported 4 turn\(s\)")
+    repl.run(f"/export {tmp_path / 'two.md'}", r"exported 4 turns")
     repl.enter("/quit")
     assert repl.close() == 0
     one, two = (tmp_path / "one.md").read_text(), (tmp_path / "two.md").read_text()

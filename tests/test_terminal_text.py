@@ -25,7 +25,7 @@ from internvl_chat.ui.app import EXIT, ERROR, OK
 from internvl_chat.ui.commands import COMMANDS, format_help
 from internvl_chat.ui.media_paths import take_media_paths
 from internvl_chat.ui.summary_lines import format_stats
-from internvl_chat.ui.text_wrap import format_columns, wrap_text
+from internvl_chat.ui.text_wrap import counted, format_columns, wrap_text
 from internvl_chat.ui.repl import ChatCompleter
 from internvl_chat.ui.set_keys import runtime_keys
 from internvl_chat.ui.setup import EMBEDDED_MODEL
@@ -443,3 +443,8 @@ def test_one_shot_on_a_terminal_shows_a_carriage_return_as_a_line_break(monkeypa
         monkeypatch.setattr(sys, "stdout", out)
         assert oneshot.run_oneshot(args, settings, "hi") == 0
         assert out.getvalue() == expected + "\n"
+
+
+def test_counts_are_said_with_their_noun_singular_for_one():
+    # /save, /load and /export said "saved 1 turn(s)", /stats "prefill 1 tokens"
+    assert [counted(n, "turn") for n in (0, 1, 2, 1024)] == ["0 turns", "1 turn", "2 turns", "1,024 turns"]

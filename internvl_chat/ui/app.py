@@ -53,7 +53,7 @@ from .settings_text import (LISTED_VALUE_WIDTH, NOT_THIS_CHATS, chat_sections, l
 from .spinner import spin
 from .stats_table import stats_rows
 from .summary_lines import format_attach_line, format_stats, percent
-from .text_wrap import format_columns, one_line_excerpt, wrap_text
+from .text_wrap import counted, format_columns, one_line_excerpt, wrap_text
 
 OK, ERROR, EXIT = "ok", "error", "exit"
 # What the embedded demo model can answer (README, "What it can do").
@@ -618,13 +618,15 @@ class App(SessionFileCommands):
         if not self.pending:
             raise UsageError("nothing is attached, so there is nothing to drop")
         if n > len(self.pending):
-            raise UsageError(f"there is no attachment {n}; /media lists the {len(self.pending)} attached")
+            held = ("only 1 is attached (/media lists it)" if len(self.pending) == 1  # not "/media lists the 1 attached"
+                    else f"{len(self.pending):,} are attached (/media lists them)")
+            raise UsageError(f"there is no attachment {n}: {held}")
         media = self.pending.pop(n - 1)
         self.say(f"- {media.kind} {visible(media.path.name)} detached")
 
     def cmd_clear(self, command: Command) -> None:
         self.session.clear()
-        self.say("conversation cleared" + (f" ({len(self.pending)} attachment(s) kept; /drop N removes one)" if self.pending else ""))
+        self.say("conversation cleared" + (f" ({counted(len(self.pending), 'attachment')} kept; /drop N removes one)" if self.pending else ""))
 
     def cmd_undo(self, command: Command) -> None:
         turn = self.session.undo()
@@ -682,7 +684,8 @@ class App(SessionFileCommands):
 
     def _turns_follow(self) -> str:
         """The note for a system message just changed: the turns so far now follow it (if any)."""
-        return f"; the {len(self.session.turns)} turn(s) so far now follow it" if self.session.turns else ""
+        turns = len(self.session.turns)
+        return f"; the {counted(turns, 'turn')} so far now follow{'s' if turns == 1 else ''} it" if turns else ""
 
     def _default_system(self) -> None:
         """`/system --default`: the model's own system message again (unset, as at start without one);

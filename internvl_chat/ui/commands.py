@@ -224,14 +224,14 @@ def parse_range(text: str) -> tuple[float, float]:
     hint = "give START-END in seconds with START before END, e.g. 2.5-10 or 1:00-1:30"
     shown = _shown(text)
     if refused := other_digits(text):
-        raise UsageError(f"invalid time range: it {refused}; {hint}.")
+        raise UsageError(f"invalid time range: it {refused}; {hint}")
     if not m:
-        raise UsageError(f"invalid time range {shown}; {hint}.")
+        raise UsageError(f"invalid time range {shown}; {hint}")
     start, end = _seconds(m.group(1)), _seconds(m.group(2))
     if end > MAX_RANGE_SECONDS:  # 400 digits are read as inf; a session file could not hold it either
-        raise UsageError(f"invalid time range {shown}: it ends after {MAX_RANGE_SECONDS:,.0f} s; {hint}.")
+        raise UsageError(f"invalid time range {shown}: it ends after {MAX_RANGE_SECONDS:,.0f} s; {hint}")
     if not start < end:
-        raise UsageError(f"invalid time range {shown}: its end is not after its start; {hint}.")
+        raise UsageError(f"invalid time range {shown}: its end is not after its start; {hint}")
     return start, end
 
 
@@ -320,7 +320,7 @@ def parse_line(line: str) -> Message | Command:
         return Message(line)
     head, rest = (body[1:].split(None, 1) + [""])[:2] if body[1:].strip() else ("", "")
     if not head:
-        raise UsageError("empty command; type /help for the commands.")
+        raise UsageError("empty command; type /help for the commands")
     if not _COMMAND_NAME.fullmatch(head):
         typo = _PUNCTUATED.fullmatch(head)  # `/help?`, `/exit.`, `/image,`: a command, not a path to send
         if typo and typo.group(1).lower() in COMMAND_BY_NAME:
@@ -331,7 +331,7 @@ def parse_line(line: str) -> Message | Command:
         hint = _suggest(head.lower(), list(COMMAND_BY_NAME), "/")
         if hint:
             raise UsageError(f"unknown command /{shortened(head)}; did you mean {hint}?")
-        raise UsageError(f"unknown command /{shortened(head)}; type /help for the commands (// starts a message with /).")
+        raise UsageError(f"unknown command /{shortened(head)}; type /help for the commands (// starts a message with /)")
     return _parse_args(spec, rest.strip())
 
 
@@ -491,11 +491,11 @@ def format_help(name: str | None = None, width: int | None = None) -> str:
         spec = COMMAND_BY_NAME.get(word.lower())
         if spec is None:
             hint = _suggest(word.lower(), list(COMMAND_BY_NAME), "/")
-            tip = f"did you mean {hint}?" if hint else "type /help for the commands."
+            tip = f"did you mean {hint}?" if hint else "type /help for the commands"
             raise UsageError(f"unknown command /{shortened(word)}; {tip}")
         lines = [f"{spec.usage}  {spec.help}"]
         lines += [f"  {o.name} {o.metavar}  {o.help}" if o.metavar else f"  {o.name}  {o.help}" for o in spec.options]
-        if spec.aliases:
+        if any(f"/{alias}" not in spec.help for alias in spec.aliases):  # /exit's help names them already
             lines.append("  also: " + ", ".join("/" + a for a in spec.aliases))
         return wrap_text("\n".join(lines), width)
     rows = [(spec.usage, spec.help) for spec in COMMANDS] + [SLASH_MESSAGE]

@@ -101,7 +101,7 @@ def _strip_outer_space(text: str) -> str:
 def _from_file_uri(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.netloc not in ("", "localhost"):
-        raise UsageError(f"{uri} names a file on host {parts.netloc!r}; copy the file here and give a local path.")
+        raise UsageError(f"{uri} names a file on host {parts.netloc!r}; copy the file here and give a local path")
     # a name that is not UTF-8 (%FF) keeps its bytes, as the file system gives them (os.fsdecode),
     # instead of becoming U+FFFD and naming no file
     return unquote(parts.path, errors="surrogateescape")
@@ -118,7 +118,7 @@ def normalize_path(text: str) -> Path:
     """Typed, quoted, escaped, `~` or `file://` text -> a Path (not checked for existence)."""
     word = _strip_outer_space(text)
     if not word:
-        raise UsageError("empty path; give the path of a file.")
+        raise UsageError("empty path; give the path of a file")
     try:
         word = shell_unquote(word)
     except ValueError:
@@ -127,9 +127,9 @@ def normalize_path(text: str) -> Path:
     if word[:5].lower() == "file:":
         word = _from_file_uri(word)
     if not word.strip():  # quoted blanks ('   '): /save and /export wrote a file with an invisible name
-        raise UsageError(f"empty path {text.strip()!r}; give the path of a file.")
+        raise UsageError(f"empty path {text.strip()!r}; give the path of a file")
     if "\x00" in word:  # no file name holds one (os calls raise ValueError: embedded null byte)
-        raise UsageError(f"the path '{visible(word)}' holds a NUL character, which no file name can; remove it.")
+        raise UsageError(f"the path '{visible(word)}' holds a NUL character, which no file name can; remove it")
     if word.startswith("~"):  # decided on the text: Path("./~x") drops the `./` and reads as ~x
         return expand_home(word)  # ~unknownuser: a UsageError saying so
     return Path(word)  # relative ones are anchored by the caller (App._output_path)

@@ -14,6 +14,7 @@ from typing import Any
 from ..chat.session_file import SESSION_FORMAT, SESSION_VERSION, DamagedSession, parse_session
 from ..errors import InternVLChatError
 from ..files import brief_repr, read_text_file, xdg_dir
+from .text_wrap import counted
 
 
 def default_sessions_dir(env: dict[str, str] | os._Environ = os.environ) -> Path:
@@ -68,7 +69,7 @@ def saved_messages(path: Path) -> list[tuple[Any, Any]] | None:
 
 
 def session_at_a_glance(path: Path) -> tuple[str, str]:
-    """What `/load` alone lists for a session file: ("3 turn(s)", ""), or ("cannot load", why in a
+    """What `/load` alone lists for a session file: ("3 turns", ""), or ("cannot load", why in a
     few words) for one /load would refuse (the list counted the turns of a version-2 file, or of
     one ending with a question and no answer, and offered them)."""
     try:
@@ -76,7 +77,7 @@ def session_at_a_glance(path: Path) -> tuple[str, str]:
     except (InternVLChatError, ValueError, RecursionError):
         return "cannot load", "not readable"
     try:  # the checks /load makes, but for the vocabulary (the model's) and the media files (loading's)
-        return f"{len(parse_session(data, path, None, ()).turns)} turn(s)", ""
+        return counted(len(parse_session(data, path, None, ()).turns), "turn"), ""
     except DamagedSession:
         pass
     if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:

@@ -24,7 +24,7 @@ from .paths import quote_path
 from .saved_sessions import (RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages,
                              session_at_a_glance)
 from .settings_text import plain_value
-from .text_wrap import one_line_excerpt
+from .text_wrap import counted, one_line_excerpt
 
 NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
 
@@ -72,7 +72,7 @@ class SessionFileCommands:
         self._saved_turns = self._turn_texts()
         if not self.session.turns:  # after the save: a save that fails must not first say it goes ahead
             self.warn("the conversation is empty; saved it anyway")
-        self.say(f"saved {len(self.session.turns)} turn(s) to {visible(str(saved))}")
+        self.say(f"saved {counted(len(self.session.turns), 'turn')} to {visible(str(saved))}")
 
     def _default_save_path(self) -> Path:
         """This conversation's file in the sessions folder, or a new dated one there."""
@@ -117,7 +117,7 @@ class SessionFileCommands:
         held = saved_messages(path)
         if held is not None and self._continues(held):
             return True  # the file holds an earlier state of this very conversation
-        what = (f"another conversation ({len(held) // 2} turn(s))" if held is not None
+        what = (f"another conversation ({counted(len(held) // 2, 'turn')})" if held is not None
                 else "a link to a file that does not exist (or a loop of links)" if not os.path.exists(path)
                 else "a file that is not an internvl-chat session")  # fmt: skip
         shown = visible(str(path))
@@ -161,12 +161,12 @@ class SessionFileCommands:
 
         turns = self.session.turns
         limit = self.session.max_context
-        self.say(f"loaded {len(turns)} turn(s) from {shown} · context {self.approx}{self.session.context_used:,}"
+        self.say(f"loaded {counted(len(turns), 'turn')} from {shown} · context {self.approx}{self.session.context_used:,}"
                  + (f"/{limit:,}" if limit else "")
-                 + (f" ({len(self.pending)} attachment(s) kept; /drop N removes one)" if self.pending else ""))  # as /clear says
+                 + (f" ({counted(len(self.pending), 'attachment')} kept; /drop N removes one)" if self.pending else ""))  # as /clear says
         if readied.left_out:
             listed = ", ".join(f"{m.name} (turn {m.turn})" for m in readied.left_out)  # names escaped by `visible`
-            self.warn(f"left out {len(readied.left_out)} file(s) that vanished or changed: {listed}")
+            self.warn(f"left out {counted(len(readied.left_out), 'file')} that vanished or changed: {listed}")
         if changes:
             listed = ", ".join(f"{key.split('.')[1]} {plain_value(new)} (was {plain_value(old)})" for key, old, new in changes)
             self.note(f"settings from the session: {listed}")
@@ -201,7 +201,7 @@ class SessionFileCommands:
         turns = self._turn_texts()
         if self.confirm is None or not turns or turns == self._saved_turns:
             return True
-        return self.confirm(f"the conversation so far ({len(turns)} turn(s)) is not saved; {doing} anyway? [y/N] ")
+        return self.confirm(f"the conversation so far ({counted(len(turns), 'turn')}) is not saved; {doing} anyway? [y/N] ")
 
     def _session_setting_changes(self, saved: dict[str, Any], source: str) -> list[tuple[str, Any, Any]]:
         """[(key, old, new)] for the session's generation and media values that differ from ours,
@@ -257,7 +257,7 @@ class SessionFileCommands:
         width = max(len(_typed(p.stem)) for p, _ in shown)
         for path, mtime in shown:
             held, why = session_at_a_glance(path)
-            self.say(f"  {_typed(path.stem).ljust(width)}  {held:>12}  {file_date(mtime)}" + (f"  ({why})" if why else ""))
+            self.say(f"  {_typed(path.stem).ljust(width)}  {held:<11}  {file_date(mtime)}" + (f"  ({why})" if why else ""))
         more = f" ({len(sessions) - limit} older not shown)" if len(sessions) > limit else ""
         self.note(f"/load NAME loads one (Tab completes the names){more}")
 
@@ -279,7 +279,7 @@ class SessionFileCommands:
         self._export_file = self._file_mark(path)
         if not self.session.turns:  # as /save says it, once written: an export of nothing is rarely what was meant
             self.warn("the conversation is empty; exported it anyway")
-        self.say(f"exported {len(self.session.turns)} turn(s) to {visible(str(path))}")
+        self.say(f"exported {counted(len(self.session.turns), 'turn')} to {visible(str(path))}")
 
     def _may_export_to(self, path: Path) -> bool:
         """True when `path` is free, holds this conversation's last export, or the user agrees."""

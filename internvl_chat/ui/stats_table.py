@@ -8,6 +8,7 @@ from typing import Any
 from ..chat.conversation import BackendInfo
 from ..files import visible
 from .summary_lines import format_bytes, format_server_numbers
+from .text_wrap import counted
 
 
 def stats_rows(turn: Any, info: BackendInfo, context_used: int, limit: int | None, approx: str,
@@ -19,15 +20,15 @@ def stats_rows(turn: Any, info: BackendInfo, context_used: int, limit: int | Non
     if t.get("vision_s"):  # as the stats line: no row when no picture was encoded
         rows.append(("vision", f"{t['vision_s']:.3f} s"))
     if "prefill_tokens" in t:
-        rows.append(("prefill", f"{t['prefill_tokens']:,} tokens in {t.get('prefill_s', 0):.3f} s"
+        rows.append(("prefill", f"{counted(t['prefill_tokens'], 'token')} in {t.get('prefill_s', 0):.3f} s"
                                 f" ({t.get('prefill_tokens_per_s', 0):,.0f} tok/s)"))  # fmt: skip
     if "ttft_s" in t:
         rows.append(("time to first token", f"{t['ttft_s']:.3f} s"))
     if t.get("decode_tokens"):  # 0: the answer's one token (or piece) came as the first: no rate to tell
-        rows.append(("decode", f"{t['decode_tokens']:,} tokens in {t.get('decode_s', 0):.3f} s"
+        rows.append(("decode", f"{counted(t['decode_tokens'], 'token')} in {t.get('decode_s', 0):.3f} s"
                                f" ({t.get('decode_tokens_per_s', 0):,.1f} tok/s)"))  # fmt: skip
     answer = turn.answer_tokens
-    rows.append(("answer", "? tokens (not reported)" if answer is None else f"{answer:,} tokens"))
+    rows.append(("answer", "? tokens (not reported)" if answer is None else counted(answer, 'token')))
     rows.append(("context", f"{approx}{context_used:,} / {f'{limit:,}' if limit else '?'}"))
     server = format_server_numbers(t.get("server"))
     if server:
