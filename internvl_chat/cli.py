@@ -1,9 +1,10 @@
 """`internvl-chat`: flags → Settings → a mode (REPL, one-shot, script, quantize, serve).
 
 Exit codes: 0 success, 1 an error (also: stdout could not be written: a full disk, `>&-`), 2 bad
-usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129; the REPL puts
-the terminal back first). A reader that goes away (`| head`) ends the program quietly. A stdout
-that cannot hold every character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`).
+usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129: a one-shot or
+--script run says so in one line; the REPL puts the terminal back first, and ends on SIGQUIT too,
+131). A reader that goes away (`| head`) ends the program quietly. A stdout that cannot hold every
+character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`).
 
 Text from stdin, `-p` and the prompt words must be UTF-8; anything else is refused in one line
 (exit 2), and binary data on stdin (an image, say) is named, with the flag to use instead. Piped
