@@ -1,9 +1,10 @@
 """`internvl-chat`: flags → Settings → a mode (REPL, one-shot, script, quantize, serve).
 
 Exit codes: 0 success, 1 an error (also: stdout could not be written: a full disk, `>&-`), 2 bad
-usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129; the REPL puts
-the terminal back first). A reader that goes away (`| head`) ends the program quietly. A stdout
-that cannot hold every character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`).
+usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 129: a one-shot or
+--script run says so in one line; the REPL puts the terminal back first, and ends on SIGQUIT too,
+131). A reader that goes away (`| head`) ends the program quietly. A stdout that cannot hold every
+character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`).
 
 Text from stdin, `-p` and the prompt words must be UTF-8; anything else is refused in one line
 (exit 2), and binary data on stdin (an image, say) is named, with the flag to use instead. Piped
@@ -15,11 +16,12 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from contextlib import suppress
 from typing import TextIO
 
-from .errors import InternVLChatError, UsageError
+from .errors import EndedBySignal, InternVLChatError, UsageError
 from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, sniff_binary, undecodable_byte,
                     unread_bytes, visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
@@ -213,6 +215,25 @@ def _silence_stdout() -> None:
         pass
 
 
+def _end_on_stop_signals() -> dict:
+    """SIGTERM and SIGHUP end the terminal app where it is, with one line and status 128 + the signal,
+    as Ctrl-C does with 130; their defaults killed it without a word, leaving a session's temp file
+    behind and an answer's line unended. The REPL and a streaming answer put handlers of their own
+    over these; an ignored one (`nohup`) stays ignored. Returns the handlers replaced."""
+
+    def end(signum: int, frame) -> None:
+        for stop_signal in (signal.SIGTERM, signal.SIGHUP):  # a second one must not cut the clean-up short
+            signal.signal(stop_signal, signal.SIG_IGN)
+        raise EndedBySignal(signum)
+
+    replaced = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        previous = signal.getsignal(signum)
+        if previous is not signal.SIG_IGN and previous is not None:  # None: set outside Python, left alone
+            replaced[signum] = signal.signal(signum, end)
+    return replaced
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _ensure_std_fds()
@@ -228,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr = separate_python_stderr(sys.stderr)
     sys.stdout = GuardedStream(sys.stdout, fatal=True)  # type: ignore[assignment]
     sys.stderr = GuardedStream(sys.stderr, fatal=False)  # type: ignore[assignment]
+    # serve and quantize handle these signals themselves, each its own way
+    replaced = _end_on_stop_signals() if argv[:1] not in (["serve"], ["quantize"]) else {}
     try:
         code = run(argv)
         sys.stdout.flush()
@@ -237,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _print_error("interrupted")
         code = 130
+    except EndedBySignal as e:
+        _print_error(f"stopped by {signal.Signals(e.signum).name}")
+        code = 128 + e.signum
     except (OutputFailed, BrokenPipeError) as e:
         _silence_stdout()
         if e.errno != errno.EPIPE:  # a reader that went away (`| head`) needs no message
@@ -247,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         # private file: the original sys.stderr put back below writes there (native_stderr.py)
         close_leftover_windows()
         sys.stdout, sys.stderr = saved_streams
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
     return code
 
 

@@ -69,3 +69,13 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message}; see {self.prog} --help")
+
+
+class EndedBySignal(BaseException):
+    """SIGTERM (`kill`, `timeout`) or SIGHUP (a closed terminal) ending a one-shot or --script run
+    where it is, as Ctrl-C's KeyboardInterrupt does: a BaseException, so no `except Exception` on
+    the way swallows it, and every `finally` and clean-up runs (a temp file removed, a line ended)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -291,7 +291,7 @@ def _wait_for_the_prompt_to_read_keys(child: pexpect.spawn) -> None:
     raise AssertionError("the prompt never put the terminal in raw mode")
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGQUIT"])
 def test_a_signal_at_the_plain_prompt_ends_the_repl_as_at_the_full_one(tmp_path, signame):
     """SIGTERM or SIGHUP while the plain prompt (TERM=dumb) waits for keys was acted on only once a
     line was entered: the prompt runs an Application of its own, which the REPL's handlers never
@@ -479,7 +479,7 @@ def repl_signals():
 
     from internvl_chat.ui.repl import ReplSignals
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGINT)}
     signals = ReplSignals()
     signals.install()
     yield signals

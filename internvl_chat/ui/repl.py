@@ -481,12 +481,18 @@ def _prompt_session(app: App, settings: Settings, late: LateInterrupt | None) ->
     )
 
 
+# what ends the REPL, the terminal put back first (SIGQUIT: `kill -QUIT`, or Ctrl-\ where the
+# terminal sends it)
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 class ReplSignals:
     """How Ctrl-C (SIGINT), SIGTERM and SIGHUP reach the REPL.
 
-    SIGTERM and SIGHUP end it as SystemExit(128 + signal), so every `with` that changed the
-    terminal (prompt_toolkit's raw mode, `held_keys`) puts it back; by default they end the
-    process at once, the terminal left raw.
+    SIGTERM, SIGHUP and SIGQUIT end it as SystemExit(128 +
+    signal), so every `with` that changed the terminal (prompt_toolkit's raw mode, `held_keys`)
+    puts it back; by default they end the process at once, the terminal left raw (no echo, and
+    SIGQUIT's core dump with the cursor hidden mid-answer).
 
     Ctrl-C raises KeyboardInterrupt only inside `raising()` (loading, a command, an answer: it
     stops that work). Elsewhere, between the work and the prompt, it is kept and clears the next
@@ -507,8 +513,8 @@ class ReplSignals:
         self._prompt_app = None  # the prompt's Application while `prompt` runs
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_exit_signal)
-        signal.signal(signal.SIGHUP, self._on_exit_signal)
+        for signum in EXIT_SIGNALS:
+            signal.signal(signum, self._on_exit_signal)
         signal.signal(signal.SIGINT, self._on_interrupt)
 
     @contextmanager
@@ -530,8 +536,8 @@ class ReplSignals:
         self._wake_prompt()
 
     def _on_exit_signal(self, signum: int, frame) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for exit_signal in EXIT_SIGNALS:  # a second one must not cut the clean-up short
+            signal.signal(exit_signal, signal.SIG_IGN)
         self.exit_code = 128 + signum
         if self._prompt_app is None:
             raise SystemExit(self.exit_code)

@@ -8,7 +8,7 @@ A failing line prints its one-line error and the script goes on; the exit status
 line failed (the failed line numbers go to stderr), else 0. `/exit` ends the script early.
 Attachments still waiting for a message when it ends are named in a warning on stderr; the status
 stays as it was (no line failed: a script may attach only to see the cost with /context).
-Ctrl-C ends it with status 130. Stdin is read only for `--script -` (or media flags naming it);
+Ctrl-C ends it with status 130, SIGTERM and SIGHUP with 143 and 129 (one line says which). Stdin is read only for `--script -` (or media flags naming it);
 text piped to a script FILE is said in a warning on stderr (the run goes on), not dropped silently.
 
 The script is read as untrusted text (a regular file under the size limit, or stdin). A line that

@@ -1,0 +1,93 @@
+"""SIGTERM and SIGHUP at each phase of a one-shot or --script run (the demo model, in a child process).
+
+Each signal is sent by the child to itself from inside the phase (a patched function sends it on
+its first call), so it lands at that very point every run, with no sleep and no timing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+# the child: `target` (module:Class.method or module:function, then @N for its Nth call, else its
+# first) sends `signame` as it is called
+CHILD = """
+import importlib, os, signal, sys
+target, signame = sys.argv[1], sys.argv[2]
+target, _, nth = target.partition("@")
+module_name, _, attribute = target.partition(":")
+owner = importlib.import_module(module_name)
+*path, name = attribute.split(".")
+for part in path:
+    owner = getattr(owner, part)
+real, calls = getattr(owner, name), []
+
+def signalled(*args, **kwargs):
+    calls.append(True)
+    if len(calls) == int(nth or 1):
+        os.kill(os.getpid(), getattr(signal, signame))
+    return real(*args, **kwargs)
+
+setattr(owner, name, signalled)
+from internvl_chat.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+PHASES = {
+    "loading": "internvl_chat.engine.loader:check_tokenizer_fits_vocab",
+    "encoding the picture": "internvl_chat.engine.model:InternVLModel.encode_images",
+    "before the first token": "internvl_chat.chat.sampling:Sampler.read",
+}
+
+
+def run_signalled(tmp_path: Path, target: str, signame: str, *args: str, stdin: str | None = None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(tmp_path)}
+    env.pop("XDG_STATE_HOME", None)
+    return subprocess.run([sys.executable, "-c", CHILD, target, signame, "--device", "cpu", "--max-new-tokens", "8", *args],
+                          input=stdin, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+
+
+def picture(tmp_path: Path) -> Path:
+    path = tmp_path / "scene.png"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_a_signal_before_the_answer_begins_ends_a_oneshot_run_with_one_line(tmp_path, phase, signame):
+    """Before the first token SIGTERM (`timeout`) and SIGHUP had their defaults: the process was
+    killed (status -15 / -1 to its parent) without a word. They end it as Ctrl-C does: one line,
+    status 128 + the signal."""
+    done = run_signalled(tmp_path, PHASES[phase], signame, "--image", str(picture(tmp_path)), "-p", "describe")
+    assert done.returncode == 128 + getattr(signal, signame), done.stderr
+    assert done.stdout == ""
+    assert done.stderr.endswith(f"internvl-chat: stopped by {signame}\n") and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_sigterm_while_a_script_saves_leaves_no_temp_file(tmp_path):
+    """SIGTERM's default killed a --script run inside /save's write, leaving the hidden
+    `.s.json.*.tmp` beside where the session was to go; now the write is undone and the run ends
+    with one line, status 143."""
+    script = f"/image {picture(tmp_path)}\ndescribe\n/save s.json\n"
+    done = run_signalled(tmp_path, "os:fsync", "SIGTERM", "--script", "-", stdin=script)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.endswith("internvl-chat: stopped by SIGTERM\n") and "Traceback" not in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.png"]  # no session, whole or half, nor its temp file
+
+
+def test_a_sigterm_mid_answer_in_a_script_ends_the_answers_line(tmp_path):
+    """Killed mid-answer, a --script transcript ended inside the answer's line, with nothing on
+    stderr saying why."""
+    target = "internvl_chat.chat.sampling:Sampler.read@3"  # two tokens are out
+    done = run_signalled(tmp_path, target, "SIGTERM", "--script", "-", stdin="describe\n")
+    assert done.returncode == 143, done.stderr
+    assert done.stdout.endswith("\n") and ">>> describe\n" in done.stdout
+    assert done.stderr.endswith("internvl-chat: stopped by SIGTERM\n") and "Traceback" not in done.stderr, done.stderr
