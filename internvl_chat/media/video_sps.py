@@ -335,9 +335,10 @@ def decoded_size(path: Path, header_size: tuple[int, int], stop: DecodeStop | No
         scan = _Scan(codec, length, stop)
         for unit in units:
             scan.add(unit, len(unit))
-        if "mov" in container.format.name.split(","):
+        mp4 = "mov" in container.format.name.split(",")  # MP4, MOV and their kin
+        if mp4:
             _scan_descriptions(path, stream.index, scan)
-        if "mov" in container.format.name.split(",") and 0 < stream.frames == len(stream.index_entries):
+        if mp4 and 0 < stream.frames == len(stream.index_entries):
             _scan_indexed(path, stream, scan)
         else:  # not an MP4, or one whose index lacks samples (fragments FFmpeg reads as it goes)
             _scan_demuxed(container, stream, scan)
