@@ -370,8 +370,7 @@ def _scan_indexed(path: Path, stream, scan: _Scan) -> None:
         def read(at: int, count: int) -> bytes:
             return os.pread(fd, count, at)
 
-        for number in range(len(entries)):
-            entry = entries[number]
+        for entry in entries:
             if entry.pos >= 0 and entry.size > 0:
                 scan.sample(read, entry.pos, entry.size)
 
