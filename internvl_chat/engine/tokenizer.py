@@ -764,11 +764,10 @@ def _check_special_tokens_map(model_dir: Path) -> None:
     """special_tokens_map.json's token objects (the legacy file transformers reads where
     tokenizer_config.json declares no added tokens), checked as tokenizer_config.json's are."""
     tokens = _read_config(model_dir, _SPECIAL_TOKENS_MAP)
-    for key, value in tokens.items():
-        for token in value if isinstance(value, list) else [value]:
-            _check_token_fields(model_dir, _SPECIAL_TOKENS_MAP, brief_repr(key), token, _ADDED_TOKEN_FIELDS)
-    listed = [token for value in tokens.values() for token in (value if isinstance(value, list) else [value])]
-    _check_added_token_bytes(model_dir / _SPECIAL_TOKENS_MAP, map(_token_content, listed))
+    listed = [(key, token) for key, value in tokens.items() for token in (value if isinstance(value, list) else [value])]
+    for key, token in listed:
+        _check_token_fields(model_dir, _SPECIAL_TOKENS_MAP, brief_repr(key), token, _ADDED_TOKEN_FIELDS)
+    _check_added_token_bytes(model_dir / _SPECIAL_TOKENS_MAP, (_token_content(token) for _, token in listed))
     # added_tokens.json: {token: id}, which transformers adds too
     _check_added_token_bytes(model_dir / "added_tokens.json", _read_config(model_dir, "added_tokens.json"))
 
