@@ -267,7 +267,7 @@ class _Scan:
     def add(self, nal: bytes, unit: int) -> None:
         if unit > SPS_BYTES:
             raise UnknownSize(f"an SPS of {unit:,} bytes")
-        if len(nal) < unit or nal in self.seen or not decoders_sps(self.codec, nal):
+        if len(nal) < unit or nal in self.seen or not decoder_takes_as_sps(self.codec, nal):
             return  # cut off by the end of the sample or file (no decoder reads it), known, or dropped
         if len(self.seen) >= DISTINCT_SPS:
             raise UnknownSize(f"over {DISTINCT_SPS:,} different SPS")
@@ -279,7 +279,7 @@ class _Scan:
             self.sizes.append(size)
 
 
-def decoders_sps(codec: str, nal: bytes) -> bool:
+def decoder_takes_as_sps(codec: str, nal: bytes) -> bool:
     """Whether FFmpeg's decoder takes this NAL unit as an SPS of the stream it shows. It drops a unit
     whose forbidden bit is set, and an HEVC one of a layer above the base (MV-HEVC's second view,
     whose SPS has another syntax) or with a temporal id of 0 (invalid); an avcC's SPS slot may
