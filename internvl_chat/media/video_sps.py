@@ -56,7 +56,7 @@ class SpsSize:
 
     coded: tuple[int, int]
     shown: tuple[int, int]
-    slack: int  # the cropping alignment alone needs, at most, per side (pixels)
+    slack: int  # a cropping under this, in width or in height (both sides together), is taken for alignment to whole blocks
 
     @property
     def work(self) -> tuple[int, int]:
