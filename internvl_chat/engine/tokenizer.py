@@ -52,8 +52,8 @@ _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_toke
 # prints "Ignored unknown kwarg option KEY" to stdout (Rust, past Python): the file's text reached
 # the terminal raw, escape sequences and all, and broke `--json` output. "__type" marks the legacy
 # form of a named special token, which transformers removes before it builds the token.
-_ADDED_TOKEN_FIELDS = frozenset({"content", "single_word", "lstrip", "rstrip", "normalized", "special"})
-_ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+_ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")  # true or false each
+_ADDED_TOKEN_FIELDS = frozenset({"content", *_ADDED_TOKEN_FLAGS})
 _SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 
 
