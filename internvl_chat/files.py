@@ -50,6 +50,13 @@ def is_web_address(text: str | Path) -> bool:
     return _WEB_ADDRESS.match(os.fspath(text)) is not None
 
 
+def refuse_web_address(text: str | Path, named: str = "", fix: str = "download it and give the file's path") -> None:
+    """A UsageError where `text` (as typed) is a web address: it says so, `named` ("config file ")
+    before it, and that only local files are read, then `fix`."""
+    if is_web_address(text):
+        raise UsageError(f"{named}{visible(os.fspath(text))} is a web address; internvl-chat reads local files only: {fix}")
+
+
 def expand_home(path: str | Path) -> Path:
     """`path` with a leading `~` / `~user` expanded, decided on its text; a UsageError when `~user` names no account (where
     Path.expanduser raises RuntimeError), rather than a folder literally named `~user`."""

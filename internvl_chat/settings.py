@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import UsageError
-from .files import (NoHomeFolder, brief_repr, escape_hidden, expand_home, is_web_address, read_text_file, shortened,
-                    undecodable_byte, visible, xdg_dir)
+from .files import (NoHomeFolder, brief_repr, escape_hidden, expand_home, read_text_file, refuse_web_address,
+                    shortened, undecodable_byte, visible, xdg_dir)
 from .numbers import OtherDigits, ascii_shown, other_digits, parse_float, parse_int
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "configs" / "default.toml"
@@ -677,9 +677,7 @@ def load_settings(
     if config_path is None and env.get(ENV_CONFIG_FILE):
         config_path = env[ENV_CONFIG_FILE]
     if config_path is not None:
-        if is_web_address(config_path):  # as a Path: "config file https:/example.com/… does not exist"
-            raise UsageError(f"config file {visible(os.fspath(config_path))} is a web address; internvl-chat reads local "
-                             "files only: download it and give the file's path")  # fmt: skip
+        refuse_web_address(config_path, "config file ")  # as a Path: "config file https:/example.com/… does not exist"
         user_file: Path | None = expand_home(config_path)
     else:
         try:

@@ -52,8 +52,8 @@ _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_toke
 # prints "Ignored unknown kwarg option KEY" to stdout (Rust, past Python): the file's text reached
 # the terminal raw, escape sequences and all, and broke `--json` output. "__type" marks the legacy
 # form of a named special token, which transformers removes before it builds the token.
-_ADDED_TOKEN_FIELDS = frozenset({"content", "single_word", "lstrip", "rstrip", "normalized", "special"})
-_ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+_ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")  # true or false each
+_ADDED_TOKEN_FIELDS = frozenset({"content", *_ADDED_TOKEN_FLAGS})
 _SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 
 
@@ -311,7 +311,8 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     _check_piece_length(model_dir / TOKENIZER_JSON, backend)
     _check_text_growth(model_dir / TOKENIZER_JSON, backend)
     config = _read_config(model_dir)
-    _check_added_token_bytes(model_dir / TOKENIZER_CONFIG, _config_token_contents(model_dir, config))
+    declared = _declared_added_tokens(model_dir, config)  # checked and sorted once: up to ~60,000 entries
+    _check_added_token_bytes(model_dir / TOKENIZER_CONFIG, _config_token_contents(config, declared))
     added_by_file = backend.get_added_tokens_decoder()  # tokenizer.json's own, before the config adds any
 
     def is_plain_word(token: str) -> bool:
@@ -325,7 +326,6 @@ def _load_fast(model_dir: Path, vocab_size: int | None) -> FastTokenizer:
     # (transformers does the same); a token already there keeps its id and takes the declared kind.
     # They are added in one call, in id order (each takes the next id): one call per token rebuilt
     # the backend's matcher every time, so 8,000 of them took a minute and 60,000 hours.
-    declared = _declared_added_tokens(model_dir, config)
     new: dict[str, AddedToken] = {}
     for _, entry in declared:
         content = entry["content"]
@@ -530,16 +530,17 @@ def _check_added_token_bytes(path: Path, contents: Iterable[Any]) -> None:
         )
 
 
-def _config_token_contents(model_dir: Path, config: dict) -> list[Any]:
+def _config_token_contents(config: dict, declared: list[tuple[int, dict]]) -> list[Any]:
     """The text of every token tokenizer_config.json declares or names: what transformers may add
     from it. More than the named ones the fast path adds: transformers 5 also adds the token of any
-    "*_token" key (a model-specific one) and extra_special_tokens beside additional_special_tokens."""
-    declared = [entry["content"] for _, entry in _declared_added_tokens(model_dir, config)]
+    "*_token" key (a model-specific one) and extra_special_tokens beside additional_special_tokens.
+    `declared`: its added_tokens_decoder, as _declared_added_tokens reads it."""
+    contents = [entry["content"] for _, entry in declared]
     named = [value for key, value in config.items() if key.endswith("_token")]
     for key in ("additional_special_tokens", "extra_special_tokens"):
         value = config.get(key)
         named += list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else []
-    return declared + [value.get("content") if isinstance(value, dict) else value for value in named]
+    return contents + [value.get("content") if isinstance(value, dict) else value for value in named]
 
 
 def _check_pattern_size(path: Path, text: str) -> None:
@@ -764,11 +765,10 @@ def _check_special_tokens_map(model_dir: Path) -> None:
     """special_tokens_map.json's token objects (the legacy file transformers reads where
     tokenizer_config.json declares no added tokens), checked as tokenizer_config.json's are."""
     tokens = _read_config(model_dir, _SPECIAL_TOKENS_MAP)
-    for key, value in tokens.items():
-        for token in value if isinstance(value, list) else [value]:
-            _check_token_fields(model_dir, _SPECIAL_TOKENS_MAP, brief_repr(key), token, _ADDED_TOKEN_FIELDS)
-    listed = [token for value in tokens.values() for token in (value if isinstance(value, list) else [value])]
-    _check_added_token_bytes(model_dir / _SPECIAL_TOKENS_MAP, map(_token_content, listed))
+    listed = [(key, token) for key, value in tokens.items() for token in (value if isinstance(value, list) else [value])]
+    for key, token in listed:
+        _check_token_fields(model_dir, _SPECIAL_TOKENS_MAP, brief_repr(key), token, _ADDED_TOKEN_FIELDS)
+    _check_added_token_bytes(model_dir / _SPECIAL_TOKENS_MAP, (_token_content(token) for _, token in listed))
     # added_tokens.json: {token: id}, which transformers adds too
     _check_added_token_bytes(model_dir / "added_tokens.json", _read_config(model_dir, "added_tokens.json"))
 
@@ -803,7 +803,8 @@ def _check_for_transformers(model_dir: Path) -> None:
             f"{_shown(model_dir / TOKENIZER_CONFIG)} names the tokenizer class {brief_repr(named_class)}, but InternVL3's Qwen2 "
             "language model needs Qwen2Tokenizer; use the tokenizer files shipped with the checkpoint"
         )
-    _check_added_token_bytes(model_dir / TOKENIZER_CONFIG, _config_token_contents(model_dir, config))
+    declared = _declared_added_tokens(model_dir, config)
+    _check_added_token_bytes(model_dir / TOKENIZER_CONFIG, _config_token_contents(config, declared))
     for name in _NAMED_SPECIALS:
         value = config.get(name)
         if value is not None and not _token_content(value):  # "" too: transformers' encode recursed forever

@@ -223,8 +223,8 @@ def _decode_once(
             total = _frames_held(path, ended, total, source.fps)
             indices = frame_indices(total, source.fps, num_frames, start, end)
             tiles = {number: tile for number, tile in tiles.items() if number in indices}
-            source.close()
-            source = _open(path, backend, header, decord, stop, packets_alone)
+            source.close()  # the same bytes again: decord's are counted at the size found (video_sps not walked again)
+            source = _open(path, backend, header, decord, stop, packets_alone, source.size)
             missing = sorted(set(indices) - set(tiles))
             if missing:
                 meter.check_plan(_cost(backend, source, missing))

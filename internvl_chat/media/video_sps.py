@@ -56,7 +56,7 @@ class SpsSize:
 
     coded: tuple[int, int]
     shown: tuple[int, int]
-    slack: int  # the cropping alignment alone needs, at most, per side (pixels)
+    slack: int  # a cropping under this, in width or in height (both sides together), is taken for alignment to whole blocks
 
     @property
     def work(self) -> tuple[int, int]:
@@ -267,7 +267,7 @@ class _Scan:
     def add(self, nal: bytes, unit: int) -> None:
         if unit > SPS_BYTES:
             raise UnknownSize(f"an SPS of {unit:,} bytes")
-        if len(nal) < unit or nal in self.seen or not decoders_sps(self.codec, nal):
+        if len(nal) < unit or nal in self.seen or not decoder_takes_as_sps(self.codec, nal):
             return  # cut off by the end of the sample or file (no decoder reads it), known, or dropped
         if len(self.seen) >= DISTINCT_SPS:
             raise UnknownSize(f"over {DISTINCT_SPS:,} different SPS")
@@ -279,7 +279,7 @@ class _Scan:
             self.sizes.append(size)
 
 
-def decoders_sps(codec: str, nal: bytes) -> bool:
+def decoder_takes_as_sps(codec: str, nal: bytes) -> bool:
     """Whether FFmpeg's decoder takes this NAL unit as an SPS of the stream it shows. It drops a unit
     whose forbidden bit is set, and an HEVC one of a layer above the base (MV-HEVC's second view,
     whose SPS has another syntax) or with a temporal id of 0 (invalid); an avcC's SPS slot may
@@ -335,9 +335,10 @@ def decoded_size(path: Path, header_size: tuple[int, int], stop: DecodeStop | No
         scan = _Scan(codec, length, stop)
         for unit in units:
             scan.add(unit, len(unit))
-        if "mov" in container.format.name.split(","):
+        mp4 = "mov" in container.format.name.split(",")  # MP4, MOV and their kin
+        if mp4:
             _scan_descriptions(path, stream.index, scan)
-        if "mov" in container.format.name.split(",") and 0 < stream.frames == len(stream.index_entries):
+        if mp4 and 0 < stream.frames == len(stream.index_entries):
             _scan_indexed(path, stream, scan)
         else:  # not an MP4, or one whose index lacks samples (fragments FFmpeg reads as it goes)
             _scan_demuxed(container, stream, scan)
@@ -369,8 +370,7 @@ def _scan_indexed(path: Path, stream, scan: _Scan) -> None:
         def read(at: int, count: int) -> bytes:
             return os.pread(fd, count, at)
 
-        for number in range(len(entries)):
-            entry = entries[number]
+        for entry in entries:
             if entry.pos >= 0 and entry.size > 0:
                 scan.sample(read, entry.pos, entry.size)
 

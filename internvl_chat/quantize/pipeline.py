@@ -10,7 +10,7 @@ from ..chat.template import PromptBuilder
 from ..engine.config import refuse_web_model
 from ..engine.loader import load_model, resolve_device
 from ..errors import UsageError
-from ..files import expand_home, is_web_address, visible
+from ..files import expand_home, is_web_address, refuse_web_address, visible
 from .blocks import quantize_model
 from .calibration import MAX_SAMPLES, Calibration, Sample, calibration_files, calibration_samples, calibration_tiles
 from .checks import check_group_size, check_source, check_source_values, check_written_range
@@ -90,6 +90,5 @@ def _refuse_web_folders(dst: str | Path, calib_dir: str | Path | None) -> None:
     Path it lost a slash, and the output was written to a local folder `https:/host/…`."""
     if is_web_address(dst):
         raise UsageError(f"the output folder {visible(os.fspath(dst))} is a web address; give a local folder to write to")
-    if calib_dir and is_web_address(calib_dir):
-        raise UsageError(f"--calib {visible(os.fspath(calib_dir))} is a web address; internvl-chat reads local files only: "
-                         "download them and give their folder")  # fmt: skip
+    if calib_dir:
+        refuse_web_address(calib_dir, "--calib ", "download them and give their folder")

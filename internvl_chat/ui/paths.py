@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from ..errors import UsageError
-from ..files import expand_home, is_web_address, real_path, visible
+from ..files import expand_home, real_path, refuse_web_address, visible
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"})
@@ -105,13 +105,6 @@ def _from_file_uri(uri: str) -> str:
     # a name that is not UTF-8 (%FF) keeps its bytes, as the file system gives them (os.fsdecode),
     # instead of becoming U+FFFD and naming no file
     return unquote(parts.path, errors="surrogateescape")
-
-
-def refuse_web_address(text: str) -> None:
-    """A UsageError saying that `text` (as typed, unquoted) is a web address, not a file's path."""
-    if is_web_address(text):
-        raise UsageError(f"{visible(text)} is a web address; internvl-chat reads local files only: download it "
-                         "and give the file's path")  # fmt: skip
 
 
 def normalize_path(text: str) -> Path:

@@ -15,11 +15,10 @@ from ..chat.session import Media, Session
 from ..engine.config import refuse_web_model
 from ..engine.loader import LoadedModel, load_model
 from ..errors import UsageError
-from ..files import expand_home, visible
+from ..files import expand_home, refuse_web_address, visible
 from ..settings import Settings, without_credentials
 from .commands import parse_range
 from .media_paths import expand_wildcards
-from .paths import refuse_web_address
 
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "demo_model"
