@@ -863,19 +863,23 @@ def _with_long_token(folder: Path, where: str) -> str:
         (folder / "tokenizer.json").write_text(text, encoding="utf-8")
         return "tokenizer.json"
     in_config = ("added_tokens_decoder", "eos_token", "image_token", "extra_special_tokens")
+    if where == "special_tokens_map.json, a lone surrogate":  # no text to the backend, but bytes to read
+        where, long_token = "special_tokens_map.json", _LONG_TOKEN + "\ud800"
+    else:
+        long_token = _LONG_TOKEN
     name = "tokenizer_config.json" if where in in_config else where
     data = json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).exists() else {}
     if where == "added_tokens_decoder":
-        data[where] = {**data.get(where, {}), "1000": {"content": _LONG_TOKEN, "special": True}}
+        data[where] = {**data.get(where, {}), "1000": {"content": long_token, "special": True}}
     elif where == "image_token":  # transformers 5 adds any "*_token" key's token, a model-specific special token
-        data[where] = _LONG_TOKEN
+        data[where] = long_token
     elif where == "extra_special_tokens":  # transformers 5 adds them beside additional_special_tokens
         data["additional_special_tokens"] = ["<img>"]
-        data[where] = [_LONG_TOKEN]
+        data[where] = [long_token]
     elif where == "added_tokens.json":
-        data[_LONG_TOKEN] = 1000
+        data[long_token] = 1000
     else:  # eos_token of tokenizer_config.json or special_tokens_map.json
-        data["eos_token"] = _LONG_TOKEN
+        data["eos_token"] = long_token
     (folder / name).write_text(json.dumps(data), encoding="utf-8")
     return name
 
@@ -896,7 +900,9 @@ def test_added_tokens_far_longer_than_a_tokenizers_are_refused_before_the_backen
 
 
 @pytest.mark.parametrize(
-    "where", ["added_tokens_decoder", "image_token", "extra_special_tokens", "special_tokens_map.json", "added_tokens.json"]
+    "where",
+    ["added_tokens_decoder", "image_token", "extra_special_tokens", "special_tokens_map.json",
+     "special_tokens_map.json, a lone surrogate", "added_tokens.json"],
 )
 def test_the_fallback_refuses_added_tokens_far_longer_than_a_tokenizers(tmp_path, where):
     """The same bound where transformers builds the tokenizer from vocab.json and merges.txt: it adds

@@ -768,7 +768,9 @@ def _check_special_tokens_map(model_dir: Path) -> None:
     listed = [(key, token) for key, value in tokens.items() for token in (value if isinstance(value, list) else [value])]
     for key, token in listed:
         _check_token_fields(model_dir, _SPECIAL_TOKENS_MAP, brief_repr(key), token, _ADDED_TOKEN_FIELDS)
-    _check_added_token_bytes(model_dir / _SPECIAL_TOKENS_MAP, (_token_content(token) for _, token in listed))
+    # the raw content, not _token_content's: a token with a lone surrogate is text to this count too
+    contents = (token.get("content") if isinstance(token, dict) else token for _, token in listed)
+    _check_added_token_bytes(model_dir / _SPECIAL_TOKENS_MAP, contents)
     # added_tokens.json: {token: id}, which transformers adds too
     _check_added_token_bytes(model_dir / "added_tokens.json", _read_config(model_dir, "added_tokens.json"))
 
