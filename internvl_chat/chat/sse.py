@@ -123,15 +123,13 @@ class SSEDecoder:
         name, colon, value = line.partition(":")
         if colon and value.startswith(" "):
             value = value[1:]
-        if name == "data":
+        if name in ("data", "error"):  # "error": llama.cpp's own field for an error, an `event: error`'s data
             self._data.append(value)
             self._data_chars += len(value) + 1  # and the \n that joins it: empty lines count too
+            if name == "error":
+                self._event = "error"
         elif name == "event":
             self._event = value
-        elif name == "error":  # llama.cpp's own field for an error in the stream: an `event: error`'s data
-            self._data.append(value)
-            self._data_chars += len(value) + 1
-            self._event = "error"
         elif name == "id" and "\0" not in value:
             self._last_id = value
         elif name != "retry" and self.foreign is None:
