@@ -64,7 +64,6 @@ class ChatStream:
         self._socket: socket.socket | None = None
         self._started = False  # answer text received: an error after it is "in the middle of the answer"
         self._in_flight = False  # the request is being sent, or its head awaited
-        self._evented = False  # a stream event came
         self._events = self._run()
 
     def __iter__(self) -> Iterator[dict]:
@@ -153,11 +152,12 @@ class ChatStream:
             return
         decoder = SSEDecoder()
         start = bytearray()  # the body's start: what it is, said when it holds no event
+        evented = False  # a stream event came
         for piece in itertools.chain([first], pieces):
             if len(start) < PAGE_BYTES:
                 start += piece[: PAGE_BYTES - len(start)]
             events = decoder.feed(piece)
-            self._evented = self._evented or bool(events)
+            evented = evented or bool(events)
             for event in events:
                 chunk = _parse_event(event.event, event.data)
                 if chunk is None:
@@ -177,7 +177,7 @@ class ChatStream:
         if self.aborted:
             return  # a line cut short by the shut socket is no event
         finished = decoder.finish()
-        if not (finished or self._evented) and decoder.foreign is not None:
+        if not (finished or evented) and decoder.foreign is not None:
             raise RemoteError(_not_events(bytes(start), decoder.foreign))
         for event in finished:
             chunk = _parse_event(event.event, event.data)
