@@ -135,6 +135,13 @@ class EventChannel:
                 return []
 
 
+def prompt_param(field: str, number: int, count: int) -> str:
+    """A request's name for its prompt `number` of `count`, as a refusal of it names it: the field
+    ("messages", "prompt"), or "prompt.1" in a list of several (the handler's checks and the engine's
+    name the same prompt alike)."""
+    return f"{field}.{number}" if count > 1 else field
+
+
 @dataclass
 class Job:
     prompt: Prompt
@@ -179,8 +186,8 @@ class Job:
         return replace(self.params, max_new_tokens=self.answer_limits[number])
 
     def param(self, number: int) -> str:
-        """The request's name for its prompt `number`: "messages", "prompt", or "prompt.1" in a list."""
-        return f"{self.prompt_field}.{number}" if self.more_prompts else self.prompt_field
+        """The request's name for its prompt `number` (`prompt_param`)."""
+        return prompt_param(self.prompt_field, number, 1 + len(self.more_prompts))
 
     def emit(self, kind: str, payload) -> None:
         """Hand an event to the request handler's loop (called from the engine thread)."""

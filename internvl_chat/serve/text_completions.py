@@ -40,7 +40,7 @@ from ..chat.session import HOPELESS_TEXT_MIN_CHARS
 from ..engine.tokenizer import Tokenizer
 from ..errors import InternVLChatError
 from .conversation import Prompt, PromptMaker
-from .engine import Job
+from .engine import Job, prompt_param
 from .errors import APIError, bad_request, from_app_error, shown_int
 from .protocol import Int, SamplingRequest, Switch, choices, parse_body, refuse_unsupported_sampling, stop_strings
 from .replies import ClientDisconnected, job_events
@@ -129,7 +129,7 @@ def _text_prompts(req: CompletionRequest, maker: PromptMaker, context: int) -> T
     namespace = maker.namespace(req)  # the request's prompts share it (cache_salt, as chat's)
     prompts, texts = [], []
     for i, item in enumerate(items):
-        where = "prompt" if len(items) == 1 else f"prompt.{i}"
+        where = prompt_param(req.PROMPT_PARAM, i, len(items))
         if isinstance(item, str):
             # a text that cannot fit is refused before it is tokenized (megabytes take seconds), as chat's are
             fewest = maker.tokenizer.fewest_tokens(item) if len(item) >= HOPELESS_TEXT_MIN_CHARS else 0
@@ -209,7 +209,7 @@ def text_job(req: CompletionRequest, prompts: TextPrompts, params: SamplingParam
              loop: asyncio.AbstractEventLoop) -> Job:  # fmt: skip
     first, *more = prompts.prompts
     return Job(first, params, stop_strings(req), loop, cid=f"cmpl-{uuid.uuid4().hex}", choices=choices(req),
-               more_prompts=more, prompt_field="prompt", answer_limits=answer_limits(req, prompts, context),
+               more_prompts=more, prompt_field=req.PROMPT_PARAM, answer_limits=answer_limits(req, prompts, context),
                echo=req.echo, prompt_logprobs=prompt_logprobs(req), discard_answer=req.max_tokens == 0,
                list_stop_token=True)  # fmt: skip
 
