@@ -155,8 +155,8 @@ class Job:
     # /v1/completions (text_completions.py): more prompts after `prompt`, each answered `choices` times
     more_prompts: list[Prompt] = field(default_factory=list)
     prompt_field: str = "messages"  # the request's field that holds its prompts, named in a refusal of one
-    # each prompt's max_new_tokens, where they differ: a /v1/completions list without max_tokens gives
-    # each prompt the room its own length leaves (as vLLM), not the room of the longest
+    # each prompt's max_new_tokens (None: `params`' for all): a /v1/completions list without max_tokens
+    # gives each prompt the room its own length leaves (as vLLM), not the room of the longest
     answer_limits: list[int] | None = None
     echo: bool = False  # a "prompt" event (its logprob entries or None) opens each choice
     prompt_logprobs: int | None = None  # score the prompt's tokens, listing this many alternatives each
