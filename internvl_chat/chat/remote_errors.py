@@ -23,7 +23,7 @@ import h11
 import httpx
 
 from ..errors import RemoteError
-from ..files import visible
+from ..files import shortened, visible
 from .advice import Advice, any_of
 from .remote_sockets import NotHttpAnswer
 from .sse import StreamFailed
@@ -131,8 +131,7 @@ def context_refusal(advice: Advice, limit: int | None = None, was: int | None = 
 
 def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
     """Server text for one terminal line: escaped, whitespace folded, cut to `limit`."""
-    one_line = " ".join(visible(text).split())
-    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
+    return shortened(" ".join(visible(text).split()), limit)
 
 
 def error_text(obj: object, with_kind: bool = True) -> str | None:
