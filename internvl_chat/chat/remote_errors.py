@@ -24,6 +24,7 @@ import httpx
 
 from ..errors import RemoteError
 from ..files import shortened, visible
+from ..settings import WEB_SCHEMES
 from .advice import Advice, any_of
 from .remote_sockets import NotHttpAnswer
 from .sse import StreamFailed
@@ -284,7 +285,7 @@ def redirect_hint(location: str | None, requested: str | None) -> str:
         target = urlsplit(urljoin(requested or "", location or ""))
         same_host = bool(location) and target.hostname == asked.hostname
         # the port each names, or its scheme's (.port raises ValueError for one out of range)
-        asked_port, target_port = asked.port, target.port or _DEFAULT_PORTS.get(target.scheme)
+        asked_port, target_port = asked.port, target.port or WEB_SCHEMES.get(target.scheme)
     except ValueError:  # a Location that is no URL (an unclosed IPv6 bracket)
         same_host = False
     if same_host and asked.scheme == "http" and target.scheme == "https":
@@ -292,12 +293,9 @@ def redirect_hint(location: str | None, requested: str | None) -> str:
         if target_port == (asked_port or 443):
             return f"{where} is not followed; use https:// in --server"
         return f"{where} is not followed; use https:// and port {target_port} in --server"
-    if same_host and target.scheme == asked.scheme and target_port == (asked_port or _DEFAULT_PORTS.get(asked.scheme)):
+    if same_host and target.scheme == asked.scheme and target_port == (asked_port or WEB_SCHEMES.get(asked.scheme)):
         return f"{where} is not followed; check the path in --server (the API root, which usually ends in /v1)"
     return f"{where} is not followed; check --server"
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def wait_asked(retry_after: str | None, now: float | None = None) -> str | None:
