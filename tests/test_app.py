@@ -545,7 +545,7 @@ def test_pasted_lines_that_start_with_commands_run_one_by_one(loaded, media, tmp
     # a command that fails stops there, and says what was not run
     assert app.handle_line("/image nothing.png\nWhat?\nMore.") == ERROR
     assert output(out) == (f"error: image {tmp_path / 'nothing.png'} does not exist; check the path\n"
-                           "(the 2 line(s) after it were not run)\n")  # fmt: skip
+                           "(the 2 lines after it were not run)\n")  # fmt: skip
     assert app.handle_line("/imgae x.png\nWhat?") == ERROR
     assert output(out) == "error: unknown command /imgae; did you mean /image? (nothing of the 2 lines was run)\n"
     assert len(app.session.turns) == 1 and app.pending == []
@@ -554,7 +554,7 @@ def test_pasted_lines_that_start_with_commands_run_one_by_one(loaded, media, tmp
     assert app.handle_line("/system One\nTwo.") == OK and app.session.system_message == "One\nTwo."
     # a later line that is no command stops there too, and says it was not the first
     assert app.handle_line("/set temperature 0.4\n/imgae x.png\nWhat?") == ERROR
-    assert output(out).endswith("did you mean /image? (it and the 1 line(s) after it were not run)\n")
+    assert output(out).endswith("did you mean /image? (it and the 1 line after it were not run)\n")
     assert app.session.params.temperature == 0.4
 
 
@@ -636,8 +636,8 @@ def test_a_message_that_is_only_a_missing_media_path_is_not_sent(loaded, tmp_pat
         assert app.session.turns == [] and app.failed_message == line  # the REPL offers it back
     assert output(out).splitlines() == [
         "error: /data/cat.png does not exist, so the message, only its path, was not sent; check the path",
-        f"error: {tmp_path / 'gone.png'} does not exist, so the message, only its path (and 1 more path(s) that "
-        "name no file), was not sent; check the path",
+        f"error: {tmp_path / 'gone.png'} does not exist, so the message, only its path (and 1 more path that "
+        "names no file), was not sent; check the path",
     ]
     assert app.handle_line("What is in /data/cat.png?") == OK  # with words of its own it is a question
     assert len(app.session.turns) == 1

@@ -127,7 +127,7 @@ def test_parse_line(line, expected):
         ("/", "empty command"),
         ("/image", "/image needs PATH; usage: /image PATH…"),
         ("/video", "/video needs PATH; usage: /video PATH [--frames N] [--range A-B]"),
-        ("/video a.mp4 b.mp4", "/video takes at most 1 argument(s); usage: /video PATH"),
+        ("/video a.mp4 b.mp4", "/video takes at most 1 argument; usage: /video PATH"),
         ("/video a.mp4 --fram 3", "/video has no option --fram; did you mean --frames?"),
         ("/video a.mp4 --speed 3", "/video has no option --speed; usage: /video PATH"),
         ("/set system.message --default", "/set has no option --default; the model's own system message comes back with /system --default"),
@@ -146,14 +146,14 @@ def test_parse_line(line, expected):
         # int() reads underscores between digits: `/drop 1_0` dropped item 10
         ("/drop 1_0", "/drop: N must be a whole number ≥ 1, not '1_0'; usage: /drop N"),
         ("/video a.mp4 --frames 1_6", "/video: --frames must be a whole number from 1 to 256, not '1_6'"),
-        ("/drop 1 2", "/drop takes at most 1 argument(s)"),
+        ("/drop 1 2", "/drop takes at most 1 argument"),
         ("/clear now", "/clear takes no arguments; usage: /clear"),
         ("/exit please", "/exit takes no arguments"),
-        ("/load a.json b.json", "/load takes at most 1 argument(s); usage: /load [NAME]"),
+        ("/load a.json b.json", "/load takes at most 1 argument; usage: /load [NAME]"),
         # one path typed with bare spaces: the hint is that path, quoted, ready to type
-        ("/save ~/My Chats/talk 1.json", "/save takes at most 1 argument(s); a path with spaces goes in quotes: "
+        ("/save ~/My Chats/talk 1.json", "/save takes at most 1 argument; a path with spaces goes in quotes: "
                                          "/save '~/My Chats/talk 1.json'"),
-        ("/export it's my.md", "/export takes at most 1 argument(s); a path with spaces goes in quotes: "
+        ("/export it's my.md", "/export takes at most 1 argument; a path with spaces goes in quotes: "
                                "/export 'it'\\''s my.md'"),
         ("/video My Clips/a b.mp4 --frames 2", "a path with spaces goes in quotes: /video 'My Clips/a b.mp4'"),
         ("/load My talk --skip-missing", "a path with spaces goes in quotes: /load 'My talk'"),
@@ -167,7 +167,7 @@ def test_parse_line(line, expected):
         ("/load --skip-missing", "/load --skip-missing needs NAME: /load NAME --skip-missing; /load alone lists the saved ones"),
         ("/save a.json --force=yes", "/save: --force takes no value; usage: /save [FILE] [--force]"),
         ("/export", "/export needs FILE.md"),
-        ("/save a.json b.json", "/save takes at most 1 argument(s)"),
+        ("/save a.json b.json", "/save takes at most 1 argument"),
         ("/image ''", "empty path"),
         # a pasted word is cut short in the error, which stays one readable line
         ("/drop " + "9" * 5000, "/drop: N must be a whole number ≥ 1, not '" + "9" * 39 + "…'; usage: /drop N"),

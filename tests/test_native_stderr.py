@@ -61,7 +61,7 @@ def test_a_tokenizer_panic_in_a_script_is_our_error_line_only(tiny_original, tmp
     script.write_text("Hi.\n" + "a" * 40 + "!\nStill there?\n", encoding="utf-8")
     run = _app("--model", str(folder), "--script", str(script))
     assert run.returncode == 1
-    assert run.stderr == "internvl-chat: 1 script line(s) failed (line 2)\n"  # before: "thread '<unnamed>' panicked at …" and a backtrace
+    assert run.stderr == "internvl-chat: 1 script line failed (line 2)\n"  # before: "thread '<unnamed>' panicked at …" and a backtrace
     assert "error: the checkpoint's tokenizer.json failed on this text" in run.stdout
     assert run.stdout.count("[stopped at max_new_tokens") == 2  # the turns before and after still answered
 

@@ -268,7 +268,7 @@ def test_a_script_keeps_the_broken_off_answer_counts_the_line_and_loads_it_again
     with FakeServer(fixture("vllm/models.json")) as fake:
         fake.chat(Reply.sse(GOOD), Reply.sse(UNFINISHED, end="cut"), Reply.sse(GOOD))
         run = cli(tmp_path, "--server", fake.url, "--no-stats", "--plain", "--script", "talk.txt")
-        assert run.returncode == 1 and run.stderr == "internvl-chat: 1 script line(s) failed (line 2)\n", run.stderr
+        assert run.returncode == 1 and run.stderr == "internvl-chat: 1 script line failed (line 2)\n", run.stderr
         assert re.search(r">>> second\n+A red circle on white\.\n+\[stopped: the connection to .* broke in the middle of the "
                          r"answer .*; the answer is cut there; /retry answers again, /undo removes it\]\n", run.stdout), run.stdout
         assert "saved 2 turns" in run.stdout

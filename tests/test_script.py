@@ -67,9 +67,10 @@ def test_the_failed_lines_summary_names_the_first_few_and_counts_the_rest():
     # a script of 682 failing lines listed every number: one stderr line of 3,352 characters
     from internvl_chat.ui.script import failed_lines_note
 
-    assert failed_lines_note([2, 3, 4, 5, 6]) == "5 script line(s) failed (line 2, 3, 4, 5, 6)"
+    assert failed_lines_note([2]) == "1 script line failed (line 2)"  # not "1 script line(s)"
+    assert failed_lines_note([2, 3, 4, 5, 6]) == "5 script lines failed (lines 2, 3, 4, 5, 6)"
     many = list(range(2, 684))
-    assert failed_lines_note(many) == "682 script line(s) failed (line 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 672 more)"
+    assert failed_lines_note(many) == "682 script lines failed (lines 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 672 more)"
 
 
 def test_read_entries_takes_a_system_message_block():
@@ -103,7 +104,7 @@ def test_script_transcript_of_a_multi_turn_run(tiny_original, image, tmp_path):
     )
     run = cli("--model", str(tiny_original), "--device", "cpu", "--max-new-tokens", "8", "--script", str(script))
     assert run.returncode == 1, run.stderr  # /nosuch failed, the rest ran
-    assert run.stderr.strip().splitlines()[-1] == "internvl-chat: 1 script line(s) failed (line 9)"
+    assert run.stderr.strip().splitlines()[-1] == "internvl-chat: 1 script line failed (line 9)"
     out = run.stdout.splitlines()
     expected_echoes = [
         f">>> /image {image}", ">>> What is in the picture?", '>>> """', "... Tell me more,", "... in two lines.",
@@ -252,7 +253,7 @@ def test_a_line_that_is_not_utf8_fails_alone_and_the_script_goes_on(tiny_origina
     assert ">>> Caf\\xe9 au lait?\nerror: line 2 is not UTF-8 text (byte 0xe9); save the script as UTF-8" in out
     assert "\x1b" not in out and ">>> \\e[2J/context" in out  # echoed inert; it is a message, not a command
     assert out.count("context: ") == 1  # the last line still ran
-    assert err.strip().splitlines()[-1] == "internvl-chat: 1 script line(s) failed (line 2)"
+    assert err.strip().splitlines()[-1] == "internvl-chat: 1 script line failed (line 2)"
 
 
 def test_a_script_that_is_an_image_a_fifo_or_a_device_is_refused_in_one_line(image, tmp_path):
@@ -305,7 +306,7 @@ def test_a_path_under_an_unknown_users_home_fails_its_line_and_the_script_goes_o
     assert run.stdout.count("there is no user 'no-such-user-internvl-chat'") == 5, run.stdout
     assert not (tmp_path / NO_SUCH_USER).exists() and not Path(NO_SUCH_USER).exists()  # no folder named ~user
     assert "context: " in run.stdout  # the conversation went on after the failed lines
-    assert run.stderr.strip().splitlines()[-1] == "internvl-chat: 5 script line(s) failed (line 2, 3, 4, 5, 6)"
+    assert run.stderr.strip().splitlines()[-1] == "internvl-chat: 5 script lines failed (lines 2, 3, 4, 5, 6)"
 
 
 @pytest.mark.parametrize("flag", ["--script", "--config"])

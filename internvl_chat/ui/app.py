@@ -246,7 +246,7 @@ class App(SessionFileCommands):
             except UsageError as e:
                 left = len(lines) - i
                 raise UsageError(f"{e} (nothing of the {left} lines was run)" if i == 0 else
-                                 f"{e} (it and the {left - 1} line(s) after it were not run)") from None  # fmt: skip
+                                 f"{e} (it and the {counted(left - 1, 'line')} after it were not run)") from None  # fmt: skip
             if not (isinstance(command, Command) and self._one_line_command(command)):
                 break
             result = self._guard(lambda: self.run_command(command))
@@ -254,7 +254,8 @@ class App(SessionFileCommands):
             more = any(line.strip() for line in lines[i:])
             if result != OK or not more:
                 if result == ERROR and more:
-                    self.note(f"(the {len(lines) - i} line(s) after it were not run)")
+                    after = len(lines) - i
+                    self.note(f"(the {counted(after, 'line')} after it {'was' if after == 1 else 'were'} not run)")
                 return result
             while not lines[i].strip():  # blank lines between commands (`more`: a line with text follows)
                 i += 1

@@ -20,7 +20,7 @@ from ..files import shortened, visible
 from ..numbers import OtherDigits, other_digits, parse_int
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
 from .paths import media_kind, normalize_path, shell_unquote
-from .text_wrap import wrap_text
+from .text_wrap import counted, wrap_text
 
 # Argument kinds (what a completer offers): "image", "video" and "file" are paths, "session" a
 # path or a name in the sessions folder; "int" a number; "setting" a key of `/set`; "value",
@@ -441,7 +441,7 @@ def _bind(spec: CommandSpec, words: list[Word]) -> tuple[Any, ...]:
         missing = required[len(words)]
         raise UsageError(f"/{spec.name} needs {missing.name}; usage: {spec.usage}")
     if not repeat and len(words) > len(spec.args):
-        what = "no arguments" if not spec.args else f"at most {len(spec.args)} argument(s)"
+        what = "no arguments" if not spec.args else f"at most {counted(len(spec.args), 'argument')}"
         spare = words[len(spec.args) - 1 : -1]
         kinds = [media_kind(_unquote(w.raw)) for w in words]
         # `/video clip.mp4 What happens?`, and `/video clips/* What happens?` (a pattern has no suffix)

@@ -17,6 +17,7 @@ from ..errors import UsageError
 from ..files import FULL_PATH_FIX, WORKING_FOLDER_GONE, real_path, visible, working_folder_gone
 from .commands import WILDCARD, quote_spaced, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path
+from .text_wrap import counted
 
 MAX_JOINED_WORDS = 6  # /image words tried together as one path typed with bare spaces
 # images one /image pattern may attach: past any context at one tile each, and each match is read
@@ -69,7 +70,8 @@ def only_missing_paths(text: str, missing: Sequence[Path]) -> bool:
 
 def not_sent(missing: Sequence[Path]) -> str:
     """The error for a message that `only_missing_paths` holds."""
-    more = f" (and {len(missing) - 1} more path(s) that name no file)" if len(missing) > 1 else ""
+    others = len(missing) - 1
+    more = f" (and {counted(others, 'more path')} that {'names' if others == 1 else 'name'} no file)" if others else ""
     return not_attached(missing[0], f"the message, only its path{more}, was not sent")
 
 

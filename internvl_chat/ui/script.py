@@ -43,6 +43,7 @@ from .commands import BLOCK_QUOTES, block_is_open
 from .paths import quote_path
 from .render import ui_console
 from .setup import media_from_flags, open_conversation
+from .text_wrap import counted
 
 
 @dataclass(frozen=True)
@@ -228,4 +229,4 @@ def failed_lines_note(failed: list[int]) -> str:
     """The summary of the failed lines: their count, the first few numbers and how many more."""
     where = ", ".join(str(n) for n in failed[:FAILED_LINES_SHOWN])
     more = f" and {len(failed) - FAILED_LINES_SHOWN:,} more" if len(failed) > FAILED_LINES_SHOWN else ""
-    return f"{len(failed)} script line(s) failed (line {where}{more})"
+    return f"{counted(len(failed), 'script line')} failed ({'line' if len(failed) == 1 else 'lines'} {where}{more})"

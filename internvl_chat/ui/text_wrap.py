@@ -11,7 +11,7 @@ from rich.cells import cell_len
 from ..files import shortened, visible
 
 # A unit stays on the line of the number before it ("30 %", "0.41 s", "1.2 GiB").
-_UNITS = frozenset({"%", "s", "ms", "KiB", "MiB", "GiB", "tok", "tok/s", "tokens", "tiles", "frames"})
+_UNITS = frozenset({"%", "s", "ms", "KiB", "MiB", "GiB", "tok", "tok/s", "token", "tokens", "tiles", "frames"})
 
 
 def _words(line: str) -> list[tuple[str, str]]:
