@@ -91,3 +91,13 @@ def test_a_sigterm_mid_answer_in_a_script_ends_the_answers_line(tmp_path):
     assert done.returncode == 143, done.stderr
     assert done.stdout.endswith("\n") and ">>> describe\n" in done.stdout
     assert done.stderr.endswith("internvl-chat: stopped by SIGTERM\n") and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_sigterm_just_after_the_last_token_still_ends_the_answers_line(tmp_path):
+    """The answer's own handlers were put back at its last token, before its line was ended: a
+    SIGTERM there (the run's first Session.describe, just after the answer) ended the run with the
+    text unended and "stopped by SIGTERM" continuing its line on a terminal."""
+    done = run_signalled(tmp_path, "internvl_chat.chat.session:Session.describe", "SIGTERM", "-p", "describe")
+    assert done.returncode == 143, done.stderr
+    assert done.stdout.strip() and done.stdout.endswith("\n"), repr(done.stdout)  # the whole answer, its line ended
+    assert done.stderr.endswith("internvl-chat: stopped by SIGTERM\n") and "Traceback" not in done.stderr, done.stderr
