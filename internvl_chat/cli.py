@@ -215,23 +215,22 @@ def _silence_stdout() -> None:
         pass
 
 
-def _end_on_stop_signals() -> dict:
+def _end_on_stop_signals(replaced: dict) -> None:
     """SIGTERM and SIGHUP end the terminal app where it is, with one line and status 128 + the signal,
     as Ctrl-C does with 130; their defaults killed it without a word, leaving a session's temp file
     behind and an answer's line unended. The REPL and a streaming answer put handlers of their own
-    over these; an ignored one (`nohup`) stays ignored. Returns the handlers replaced."""
+    over these; an ignored one (`nohup`) stays ignored. The handlers replaced go into `replaced` as
+    each is (one that lands between the two is raised here)."""
 
     def end(signum: int, frame) -> None:
         for stop_signal in (signal.SIGTERM, signal.SIGHUP):  # a second one must not cut the clean-up short
             signal.signal(stop_signal, signal.SIG_IGN)
         raise EndedBySignal(signum)
 
-    replaced = {}
     for signum in (signal.SIGTERM, signal.SIGHUP):
         previous = signal.getsignal(signum)
         if previous is not signal.SIG_IGN and previous is not None:  # None: set outside Python, left alone
             replaced[signum] = signal.signal(signum, end)
-    return replaced
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,8 +248,26 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr = separate_python_stderr(sys.stderr)
     sys.stdout = GuardedStream(sys.stdout, fatal=True)  # type: ignore[assignment]
     sys.stderr = GuardedStream(sys.stderr, fatal=False)  # type: ignore[assignment]
-    # serve and quantize handle these signals themselves, each its own way
-    replaced = _end_on_stop_signals() if argv[:1] not in (["serve"], ["quantize"]) else {}
+    replaced: dict = {}
+    try:
+        if argv[:1] not in (["serve"], ["quantize"]):  # they handle these signals themselves, each its own way
+            _end_on_stop_signals(replaced)
+        code = _run_reporting_errors(argv)
+    except EndedBySignal as e:  # outside: also one that lands while another ending is reported
+        _print_error(f"stopped by {signal.Signals(e.signum).name}")
+        code = 128 + e.signum
+    finally:
+        for signum, handler in replaced.items():  # first: one more signal now must not raise from here
+            signal.signal(signum, handler)
+        # a Ctrl-C or SIGTERM whose handler raised just as a window was to close left fd 2 on the
+        # private file: the original sys.stderr put back below writes there (native_stderr.py)
+        close_leftover_windows()
+        sys.stdout, sys.stderr = saved_streams
+    return code
+
+
+def _run_reporting_errors(argv: list[str]) -> int:
+    """run(argv), its errors as one line each and their exit codes."""
     try:
         code = run(argv)
         sys.stdout.flush()
@@ -260,21 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _print_error("interrupted")
         code = 130
-    except EndedBySignal as e:
-        _print_error(f"stopped by {signal.Signals(e.signum).name}")
-        code = 128 + e.signum
     except (OutputFailed, BrokenPipeError) as e:
         _silence_stdout()
         if e.errno != errno.EPIPE:  # a reader that went away (`| head`) needs no message
             _print_error(f"error: cannot write to stdout ({e}); the output is incomplete")
         code = 1
-    finally:
-        # a Ctrl-C or SIGTERM whose handler raised just as a window was to close left fd 2 on the
-        # private file: the original sys.stderr put back below writes there (native_stderr.py)
-        close_leftover_windows()
-        sys.stdout, sys.stderr = saved_streams
-        for signum, handler in replaced.items():
-            signal.signal(signum, handler)
     return code
 
 

@@ -91,3 +91,31 @@ def test_a_sigterm_mid_answer_in_a_script_ends_the_answers_line(tmp_path):
     assert done.returncode == 143, done.stderr
     assert done.stdout.endswith("\n") and ">>> describe\n" in done.stdout
     assert done.stderr.endswith("internvl-chat: stopped by SIGTERM\n") and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_sigterm_just_after_the_last_token_still_ends_the_answers_line(tmp_path):
+    """The answer's own handlers were put back at its last token, before its line was ended: a
+    SIGTERM there (the run's first Session.describe, just after the answer) ended the run with the
+    text unended and "stopped by SIGTERM" continuing its line on a terminal."""
+    done = run_signalled(tmp_path, "internvl_chat.chat.session:Session.describe", "SIGTERM", "-p", "describe")
+    assert done.returncode == 143, done.stderr
+    assert done.stdout.strip() and done.stdout.endswith("\n"), repr(done.stdout)  # the whole answer, its line ended
+    assert done.stderr.endswith("internvl-chat: stopped by SIGTERM\n") and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "target, args",
+    [
+        # one that lands as main puts its handlers in, the first in and the second not yet
+        ("signal:getsignal@2", ["-p", "describe"]),
+        # one that lands as an error's line is printed (a picture that is not there)
+        ("internvl_chat.cli:_print_error", ["--image", "missing.png", "-p", "describe"]),
+    ],
+    ids=["as the handlers are put in", "as an error is reported"],
+)
+def test_a_sigterm_at_the_edges_of_main_ends_the_run_with_one_line(tmp_path, target, args):
+    """EndedBySignal was caught only around run(): raised as main put its handlers in, or inside
+    main's own `except` while another ending was reported, it escaped main as a traceback, status 1."""
+    done = run_signalled(tmp_path, target, "SIGTERM", *args)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.endswith("internvl-chat: stopped by SIGTERM\n") and "Traceback" not in done.stderr, done.stderr

@@ -388,6 +388,53 @@ def test_held_keys_restores_the_terminal_on_every_path():
         os.close(slave)
 
 
+class _SignalledHolds(list):
+    """typeahead's stack of holds, where the REPL's SIGTERM handler raises SystemExit as a hold ends."""
+
+    def pop(self, *args):
+        super().pop(*args)
+        raise SystemExit(143)
+
+
+def _signalled_after_first(real):
+    """_set_modes, where the REPL's SIGTERM handler raises SystemExit just after the first change."""
+    calls = []
+
+    def set_modes(fd, modes):
+        real(fd, modes)
+        calls.append(modes)
+        if len(calls) == 1:
+            raise SystemExit(143)
+
+    return set_modes
+
+
+@pytest.mark.parametrize("where", ["as the keys are held", "as the hold ends"])
+def test_a_signal_at_either_edge_of_held_keys_leaves_the_terminal_as_it_was(monkeypatch, where):
+    """A SIGTERM or SIGHUP whose handler raised (the REPL's SystemExit) just after the quiet modes
+    were set, before the block's try, or as the hold was ended, before the modes were put back,
+    ended the REPL with the terminal left without echo (seen once after a SIGTERM as /video began)."""
+    import termios
+
+    from internvl_chat.ui import typeahead
+
+    if where == "as the keys are held":
+        monkeypatch.setattr(typeahead, "_set_modes", _signalled_after_first(typeahead._set_modes))
+    else:
+        monkeypatch.setattr(typeahead, "_holds", _SignalledHolds())
+    master, slave = os.openpty()
+    try:
+        with os.fdopen(os.dup(slave), "rb", buffering=0) as stream:
+            before = termios.tcgetattr(slave)
+            with pytest.raises(SystemExit):
+                with held_keys(stream):
+                    pass
+            assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_one_shot_json_on_a_terminal_escapes_what_would_drive_or_reorder_it(monkeypatch):
     # json.dumps(ensure_ascii=False) escapes ESC but wrote the answer's C1 controls (U+009B is a CSI),
     # DEL and bidi overrides raw to the terminal; a pipe keeps them raw (the same JSON either way)

@@ -75,9 +75,36 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
                 sys.stdout.write("\n")
                 sys.stdout.flush()
         raise
+    else:
+        info, timing = _end_the_answer(args, session, final, parts, clean)
     finally:
+        # only now, the answer's line ended (or the --json object out): main's handlers, put back at
+        # the last token, ended the run there with "stopped by SIGTERM" continuing the answer's line
         for signum, handler in (handlers or {}).items():
             signal.signal(signum, handler)
+    if final.get("notice"):  # e.g. a video cut short, sampled from the frames it holds
+        print(f"internvl-chat: note: {visible(final['notice'])}", file=sys.stderr)
+    if stopped_by:  # the text so far is out, its line ended; no stats for an answer cut short
+        print(f"internvl-chat: {_stopped_note(stopped_by[0])}", file=sys.stderr)
+        return 128 + stopped_by[0]
+    broken = final["finish_reason"] == "error"  # a server's answer broke off: what came is out, but it failed
+    if final.get("note"):  # the client stopped the answer (chat/answer_bounds.py): the text is cut
+        print(f"internvl-chat: {'error' if broken else 'warning: stopped'}: {final['note']}", file=sys.stderr)
+    elif final["finish_reason"] == "length" and not args.json:  # --json says so in finish_reason
+        # the text alone on stdout cannot tell a cut answer from a whole one (the REPL says it too)
+        print(f"internvl-chat: warning: {_why_cut(session, info.more_room)}", file=sys.stderr)
+    if settings.ui.stats and not args.json:
+        device = info.memory_device  # None: the model runs elsewhere, its memory is not ours to show
+        width = os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None
+        peak = peak_memory(device) if device is not None else None
+        stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak, device,
+                             width=width, approximate=not session.token_counts_exact)  # fmt: skip
+        print(stats, file=sys.stderr)
+    return 1 if broken else 0
+
+
+def _end_the_answer(args: argparse.Namespace, session, final: dict, parts: list[str], clean: AnswerCleaner | None):
+    """The answer's line ended, or its --json object printed; returns the backend's info and the timing."""
     if clean is not None and not args.json:
         sys.stdout.write(clean.finish())
     info = session.describe()
@@ -101,25 +128,7 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     else:
         sys.stdout.write("\n")
     sys.stdout.flush()
-    if final.get("notice"):  # e.g. a video cut short, sampled from the frames it holds
-        print(f"internvl-chat: note: {visible(final['notice'])}", file=sys.stderr)
-    if stopped_by:  # the text so far is out, its line ended; no stats for an answer cut short
-        print(f"internvl-chat: {_stopped_note(stopped_by[0])}", file=sys.stderr)
-        return 128 + stopped_by[0]
-    broken = final["finish_reason"] == "error"  # a server's answer broke off: what came is out, but it failed
-    if final.get("note"):  # the client stopped the answer (chat/answer_bounds.py): the text is cut
-        print(f"internvl-chat: {'error' if broken else 'warning: stopped'}: {final['note']}", file=sys.stderr)
-    elif final["finish_reason"] == "length" and not args.json:  # --json says so in finish_reason
-        # the text alone on stdout cannot tell a cut answer from a whole one (the REPL says it too)
-        print(f"internvl-chat: warning: {_why_cut(session, info.more_room)}", file=sys.stderr)
-    if settings.ui.stats and not args.json:
-        device = info.memory_device  # None: the model runs elsewhere, its memory is not ours to show
-        width = os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else None
-        peak = peak_memory(device) if device is not None else None
-        stats = format_stats(timing, final["usage"], session.context_used, session.max_context, peak, device,
-                             width=width, approximate=not session.token_counts_exact)  # fmt: skip
-        print(stats, file=sys.stderr)
-    return 1 if broken else 0
+    return info, timing
 
 
 def _stopped_note(signum: int) -> str:

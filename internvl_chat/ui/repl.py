@@ -481,8 +481,8 @@ def _prompt_session(app: App, settings: Settings, late: LateInterrupt | None) ->
     )
 
 
-# what ends the REPL, the terminal put back first (SIGQUIT: `kill -QUIT`, or Ctrl-\ where the
-# terminal sends it)
+# what ends the REPL, the terminal put back first (SIGQUIT: `kill -QUIT`, or Ctrl-\ while the app
+# works; the prompt reads keys raw, where Ctrl-\ sends no signal and does nothing)
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 

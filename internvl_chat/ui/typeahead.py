@@ -127,20 +127,26 @@ def held_keys(stream=None) -> Iterator[TypeAhead]:
     quiet[3] &= ~(termios.ECHO | termios.ICANON)  # ISIG stays: Ctrl-C still sends SIGINT
     quiet[6][termios.VMIN], quiet[6][termios.VTIME] = 1, 0
     on_cont = _watch_sigcont()
-    _set_modes(fd, quiet)
-    _holds.append((fd, saved, quiet))
+    hold = (fd, saved, quiet)
+    # the modes change inside the try, and they are put back before anything else that calls: a
+    # SIGTERM whose handler raised there (the REPL's SystemExit) skipped the restore, no echo left
     try:
+        _holds.append(hold)
+        _set_modes(fd, quiet)
         yield held
     finally:
-        _holds.pop()
         try:
             held.text = typed_text(_pending(fd))
         except OSError:
             pass
         finally:  # also when Ctrl-C lands while the keys are read
-            _set_modes(fd, saved)
-            if on_cont is not None:
-                signal.signal(signal.SIGCONT, on_cont)
+            try:
+                _set_modes(fd, saved)
+            finally:
+                if _holds and _holds[-1] is hold:
+                    _holds.pop()
+                if on_cont is not None:
+                    signal.signal(signal.SIGCONT, on_cont)
 
 
 def _watch_sigcont():
