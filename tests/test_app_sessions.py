@@ -848,3 +848,24 @@ def test_load_alone_marks_the_files_it_would_refuse_with_why(loaded, tmp_path, h
     assert all(re.search(r"  cannot load  [-0-9: ]+  \(", rows[name]) for name in ("newer", "open", "notes", "cut"))
     for name in ("newer", "open"):
         assert app.handle_line(f"/load {name}") == ERROR  # what the list said
+
+
+def test_load_of_a_name_not_saved_suggests_the_closest_saved_ones(loaded, tmp_path, home):
+    """`/load chat` beside chat1.json and chat-2.json only said there is no session chat."""
+    app, out = make_app(loaded, tmp_path)
+    folder = default_sessions_dir()
+    folder.mkdir(parents=True)
+    for name in ("chat1", "chat-2", "holiday", "cha\x1bts"):
+        (folder / f"{name}.json").write_text("{}")
+    assert app.handle_line("/load chat") == ERROR
+    said = output(out)
+    assert said.startswith("error: there is no session chat here or in ")
+    # closest first, each as it is typed back (quoted, escaped as the /load list shows it)
+    assert said.endswith("; did you mean chat1, chat-2 or 'cha\\ets'? /load alone lists the saved ones\n")
+    assert "\x1b" not in said
+    assert app.handle_line("/load hollday.json") == ERROR
+    assert "; did you mean holiday? /load alone" in output(out)
+    assert app.handle_line("/load zebra") == ERROR
+    assert output(out).endswith(f"in {folder}; /load alone lists the saved ones\n")  # nothing is close
+    assert app.handle_line(f"/load {tmp_path / 'chat'}") == ERROR  # a path: not a name in the folder
+    assert "did you mean" not in output(out)

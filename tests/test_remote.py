@@ -115,6 +115,21 @@ def test_model_cards_a_request_cannot_name_or_absurd_contexts_are_passed_over():
             connect(server)
 
 
+def test_json_that_starts_with_a_byte_order_mark_is_read_as_in_an_answer():
+    """A chat answer with a UTF-8 byte-order mark was read, but GET /models with one was "not JSON"
+    (and an error body with one lost its message): every JSON body is read the same way."""
+    bom = b"\xef\xbb\xbf"
+    with FakeServer(bom + models_of("vllm")) as server:
+        server.chat(Reply.json(bom + b'{"choices": [{"index": 0, "message": {"content": "Hi."}, "finish_reason": "stop"}]}'))
+        conv = connect(server)
+        assert (conv.model, conv.dialect, conv.max_context) == ("OpenGVLab/InternVL3-8B", "vllm", 32768)
+        assert answer(conv.ask("hi"))[0] == "Hi."
+        server.replies["/v1/models"].append(Reply.json(bom + b'{"error": {"message": "models are reloading"}}', 503))
+        with pytest.raises(RemoteError, match=r"^the server answered 503 Service Unavailable: models are reloading; "
+                                              r"the server cannot take requests now"):  # not its JSON shown raw
+            connect(server)
+
+
 def test_a_model_id_too_long_for_any_real_server_is_passed_over():
     """A megabyte-long id would be named in every request body and fill the banner and /stats."""
     huge = "m" * 5000

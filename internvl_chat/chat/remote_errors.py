@@ -159,10 +159,17 @@ def error_text(obj: object, with_kind: bool = True) -> str | None:
     return text or None
 
 
+def json_from_server(body: bytes) -> object:
+    """A server's JSON body parsed, as every reader of one does: UTF-8 (bytes that are not shown as
+    U+FFFD), a leading byte-order mark skipped (some servers write one; it is no JSON). Raises
+    ValueError, or RecursionError for JSON nested too deep to parse."""
+    return json.loads(body.decode("utf-8-sig", errors="replace"))
+
+
 def error_message(body: bytes, with_kind: bool = True) -> str | None:
     """The message of a body that is an OpenAI-style error (`error_text`); None for any other body."""
     try:
-        return error_text(json.loads(body.decode("utf-8", errors="replace")), with_kind)
+        return error_text(json_from_server(body), with_kind)
     except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         return None
 

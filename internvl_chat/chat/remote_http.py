@@ -7,7 +7,6 @@ Nothing is retried behind the user's back.
 
 from __future__ import annotations
 
-import json
 import socket
 import weakref
 from urllib.parse import urlsplit, urlunsplit
@@ -24,6 +23,7 @@ from .remote_errors import (
     GATEWAY_HINTS,
     head_late,
     http_error,
+    json_from_server,
     mib,
     not_http,
     page_note,
@@ -209,7 +209,7 @@ class ApiClient:
         if len(body) > JSON_BODY_LIMIT:
             raise RemoteError(f"the server's answer to GET {path} is over {mib(JSON_BODY_LIMIT)}; is --server right?")
         try:
-            return json.loads(body.decode("utf-8", errors="replace"))
+            return json_from_server(body)
         except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
             raise RemoteError(f"the server's answer to GET {path} is not JSON{page_note(body, content_type)}; "
                               "is --server the API root (…/v1)?") from None  # fmt: skip

@@ -17,7 +17,7 @@ import httpx
 
 from ..errors import RemoteError
 from .advice import Advice
-from .remote_errors import BROKEN, PAGE_BYTES, error_text, mib, page_note, shorten
+from .remote_errors import BROKEN, PAGE_BYTES, error_text, json_from_server, mib, page_note, shorten
 from .remote_sockets import shut, shut_all
 from .sse import SSEDecoder, StreamFailed
 
@@ -271,7 +271,7 @@ def _parse_event(event: str, data: str) -> dict | None:
 def _whole_answer_as_chunk(body: bytes) -> dict:
     """A non-streamed chat.completion turned into one stream chunk."""
     try:
-        obj = json.loads(body.decode("utf-8-sig", errors="replace"))  # -sig: a byte-order mark is no JSON
+        obj = json_from_server(body)
     except (ValueError, RecursionError):  # RecursionError: JSON nested too deep to parse
         raise RemoteError("the server's answer is not valid JSON; is --server an OpenAI-compatible server?") from None
     message = error_text(obj)

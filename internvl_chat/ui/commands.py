@@ -248,12 +248,19 @@ def _parse_int(text: str, what: str, spec: CommandSpec, maximum: int | None = No
     return value
 
 
-def _suggest(word: str, names: list[str], prefix: str) -> str | None:
-    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+def close_names(word: str, names: list[str], most: int = 1) -> list[str]:
+    """Up to `most` of `names` that `word` looks like a typo of, closest first (else the one name
+    it alone begins): the "did you mean …?" of commands, options and saved sessions."""
+    close = difflib.get_close_matches(word, names, n=most, cutoff=0.6)
     if close:
-        return prefix + close[0]
+        return close
     starts = [n for n in names if n.startswith(word)] if word else []
-    return prefix + starts[0] if len(starts) == 1 else None
+    return starts if len(starts) == 1 else []
+
+
+def _suggest(word: str, names: list[str], prefix: str) -> str | None:
+    close = close_names(word, names)
+    return prefix + close[0] if close else None
 
 
 # --- lines -------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 from ..chat.sampling import params_from_settings
 from ..errors import ContextOverflowError, UsageError
 from ..files import PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, visible, write_atomic
-from .commands import Command
+from .commands import Command, close_names
 from .export import answer_and_cut, export_markdown
 from .paths import quote_path
 from .saved_sessions import (RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages,
@@ -39,6 +39,16 @@ def _refuse_special_file(path: Path) -> None:
     once, instead of offering --force (or asking y/N) for a write that then fails."""
     if is_special_file(path):
         raise UsageError(f"{visible(str(path))} is not a regular file (a device or a pipe?); give the name of a file")
+
+
+def _closest_sessions(raw: Path, folder: Path) -> str:
+    """"did you mean chat1 or chat-2? " for a name like a few saved in `folder`, else ""."""
+    typed = raw.stem if raw.suffix == ".json" else raw.name
+    close = close_names(typed, [path.stem for path, _ in recent_sessions(folder)], most=3)
+    if not close:
+        return ""
+    shown = [_typed(name) for name in close]
+    return f"did you mean {', '.join(shown[:-1]) + ' or ' if len(shown) > 1 else ''}{shown[-1]}? "
 
 
 class SessionFileCommands:
@@ -243,8 +253,9 @@ class SessionFileCommands:
             raise gone
         if folder is None:
             raise UsageError(f"there is no session {visible(str(raw))} here; check the path")
+        hint = _closest_sessions(raw, folder) if not raw.is_absolute() and len(raw.parts) == 1 else ""
         raise UsageError(f"there is no session {visible(str(raw))} here or in {visible(str(folder))}; "
-                         "/load alone lists the saved ones")  # fmt: skip
+                         f"{hint}/load alone lists the saved ones")  # fmt: skip
 
     def _list_sessions(self, limit: int = 10) -> None:
         folder = default_sessions_dir()
