@@ -186,29 +186,19 @@ def closed_port() -> int:
 @contextmanager
 def tls_server() -> Iterator[int]:
     """A port whose server makes TLS handshakes with the self-signed certificate of fixtures/remote/tls
-    (which no client trusts unless told to), then closes the connection."""
+    (which no client trusts unless told to), then closes the connection; a client that never starts its
+    handshake holds up no other."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(FIXTURES / "tls" / "cert.pem", FIXTURES / "tls" / "key.pem")
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return  # the test ended
-            try:
-                context.wrap_socket(conn, server_side=True).close()
-            except OSError:  # the client refused the certificate (ssl.SSLError is an OSError)
-                conn.close()
+    def handshake(conn: socket.socket) -> None:
+        try:
+            context.wrap_socket(conn, server_side=True).close()
+        except OSError:  # the client refused the certificate (ssl.SSLError is an OSError)
+            conn.close()
 
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
+    with connections_handled_by(handshake) as port:
+        yield port
 
 
 @contextmanager
