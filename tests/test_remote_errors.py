@@ -87,6 +87,14 @@ def fails_with(conv: RemoteConversation, pattern: str) -> str:
     return line
 
 
+def asks_again_on(conv: RemoteConversation, good: ApiClient, server: FakeServer) -> None:
+    """Back on a working server, the conversation's next turn goes through: the failure lost nothing."""
+    conv.client = good
+    server.chat(Reply.sse(GOOD))
+    list(conv.ask("again"))
+    assert [t.user_text for t in conv.turns] == ["first", "again"]
+
+
 @pytest.mark.parametrize(
     ("reply", "pattern"),
     [
@@ -210,11 +218,8 @@ def test_a_head_that_never_ends_times_out(first, drip, monkeypatch):
         with pytest.raises(RemoteError, match=r"^the server took over 300 s to send the head of its answer"):
             RemoteConversation.connect(slow)
         conv.client.close()
-        conv.client = good
         monkeypatch.undo()  # a busy machine could delay a good head by 0.5 s
-        server.chat(Reply.sse(GOOD))
-        list(conv.ask("again"))
-        assert [t.user_text for t in conv.turns] == ["first", "again"]
+        asks_again_on(conv, good, server)
 
 @pytest.mark.parametrize(
     "body",
@@ -248,10 +253,7 @@ def test_a_server_that_stops_reading_the_request_says_so_and_keeps_the_conversat
         line = str(err.value)
         assert re.match(r"the server took no more of the request for 0\.5 s; .*raise \[remote\] timeout", line), line
         assert [t.user_text for t in conv.turns] == ["first"]
-        conv.client = good
-        server.chat(Reply.sse(GOOD))
-        list(conv.ask("again"))
-        assert [t.user_text for t in conv.turns] == ["first", "again"]
+        asks_again_on(conv, good, server)
 
 
 @pytest.mark.parametrize(
@@ -274,10 +276,7 @@ def test_an_answer_that_is_not_http_says_to_check_the_server_not_to_ask_again(he
         with pytest.raises(RemoteError, match=said):
             RemoteConversation.connect(bad)
         conv.client.close()
-        conv.client = good
-        server.chat(Reply.sse(GOOD))
-        list(conv.ask("again"))
-        assert [t.user_text for t in conv.turns] == ["first", "again"]
+        asks_again_on(conv, good, server)
 
 
 @pytest.mark.parametrize(
