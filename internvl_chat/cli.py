@@ -21,7 +21,7 @@ import sys
 from contextlib import suppress
 from typing import TextIO
 
-from .errors import EndedBySignal, InternVLChatError, UsageError
+from .errors import EndedBySignal, InternVLChatError, UsageError, replace_signal_handlers
 from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, sniff_binary, undecodable_byte,
                     unread_bytes, visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
@@ -227,10 +227,8 @@ def _end_on_stop_signals(replaced: dict) -> None:
             signal.signal(stop_signal, signal.SIG_IGN)
         raise EndedBySignal(signum)
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        previous = signal.getsignal(signum)
-        if previous is not signal.SIG_IGN and previous is not None:  # None: set outside Python, left alone
-            replaced[signum] = signal.signal(signum, end)
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # one at a time: `replaced` holds each as it is put in
+        replaced.update(replace_signal_handlers([signum], end))
 
 
 def main(argv: list[str] | None = None) -> int:

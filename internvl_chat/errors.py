@@ -4,6 +4,7 @@ The CLI maps `exit_code` to the process status: 2 for bad usage or input, 1 for 
 """
 
 import argparse
+import signal
 
 from .numbers import parse_float, parse_int
 
@@ -79,3 +80,15 @@ class EndedBySignal(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+def replace_signal_handlers(signums, handler) -> dict:
+    """`handler` for each of `signums` but one ignored (nohup, a background job: it stays ignored) or
+    set outside Python (getsignal's None, which signal.signal could not put back); the handlers
+    replaced, to put back."""
+    replaced = {}
+    for signum in signums:
+        previous = signal.getsignal(signum)
+        if previous is not signal.SIG_IGN and previous is not None:
+            replaced[signum] = signal.signal(signum, handler)
+    return replaced

@@ -16,7 +16,7 @@ import sys
 import threading
 from contextlib import suppress
 
-from ..errors import InternVLChatError, UsageError
+from ..errors import InternVLChatError, UsageError, replace_signal_handlers
 from ..files import OutputFailed, real_path, visible
 from ..settings import Settings
 from .answer_text import AnswerCleaner
@@ -148,11 +148,7 @@ def _stop_on_signals(cancel: threading.Event, stopped_by: list[int]) -> dict:
 
     if threading.current_thread() is not threading.main_thread():
         return {}
-    replaced = {}
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            replaced[signum] = signal.signal(signum, stop)
-    return replaced
+    return replace_signal_handlers((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), stop)
 
 
 def _why_cut(session, more_room: str) -> str:

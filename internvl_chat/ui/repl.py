@@ -489,9 +489,8 @@ EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 class ReplSignals:
     """How Ctrl-C (SIGINT), SIGTERM and SIGHUP reach the REPL.
 
-    SIGTERM, SIGHUP and SIGQUIT end it as SystemExit(128 +
-    signal), so every `with` that changed the terminal (prompt_toolkit's raw mode, `held_keys`)
-    puts it back; by default they end the process at once, the terminal left raw (no echo, and
+    SIGTERM, SIGHUP and SIGQUIT end it as SystemExit(128 + signal), so every `with` that changed
+    the terminal (prompt_toolkit's raw mode, `held_keys`) puts it back; by default they end the process at once, the terminal left raw (no echo, and
     SIGQUIT's core dump with the cursor hidden mid-answer).
 
     Ctrl-C raises KeyboardInterrupt only inside `raising()` (loading, a command, an answer: it
