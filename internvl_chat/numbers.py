@@ -1,7 +1,8 @@
 """Numbers that people type in commands, flags, settings and the environment: the digits 0-9, a sign,
 and for floats a point and an exponent; spaces around them dropped. int() and float() read more:
 `١` as 1, `1_0` as 10 (`/drop 1_0` dropped item 10), `inf` and `nan`. Other digits are `OtherDigits`,
-which says so with the text escaped; anything else a plain ValueError, which callers may word their own way."""
+which says so with the text escaped; anything else a plain ValueError, which callers may word their own way.
+And the other way: `counted`, a count said with its noun."""
 
 from __future__ import annotations
 
@@ -53,3 +54,8 @@ def parse_float(text: str) -> float:
     """A number as a user writes it (`0.5`, `-2`, `1e-3`), never inf or nan, though `1e999` is inf, for the
     caller's range check to refuse."""
     return _read(text, _FLOAT, float, "a number")
+
+
+def counted(count: int, noun: str) -> str:
+    """`1 turn`, `2 turns`, `1,024 tokens`: the noun singular for one (never `1 turn(s)`)."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")

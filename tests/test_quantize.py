@@ -272,7 +272,7 @@ def test_missing_qzeros_is_named(quantized, tmp_path):
     tensors = load_file(folder / "model.safetensors")
     del tensors["language_model.model.layers.0.mlp.down_proj.qzeros"]
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\), e\.g\. language_model\.model\.layers\.0\.mlp\.down_proj\.qzeros"):
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensor: language_model\.model\.layers\.0\.mlp\.down_proj\.qzeros"):
         load_model(folder, device="cpu", dtype="float32", max_context=256)
 
 

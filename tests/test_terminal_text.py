@@ -25,7 +25,8 @@ from internvl_chat.ui.app import EXIT, ERROR, OK
 from internvl_chat.ui.commands import COMMANDS, format_help
 from internvl_chat.ui.media_paths import take_media_paths
 from internvl_chat.ui.summary_lines import format_stats
-from internvl_chat.ui.text_wrap import counted, format_columns, wrap_text
+from internvl_chat.numbers import counted
+from internvl_chat.ui.text_wrap import format_columns, wrap_text
 from internvl_chat.ui.repl import ChatCompleter
 from internvl_chat.ui.set_keys import runtime_keys
 from internvl_chat.ui.setup import EMBEDDED_MODEL

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import CheckpointError, UsageError
 from ..files import brief_repr, expand_home, visible
+from ..numbers import counted
 from ..settings import INT4_BACKENDS
 from .checkpoint import iter_tensors, stored_embeddings
 from .compiled import MODES as COMPILE_MODES
@@ -51,7 +52,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"{name} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+            raise UsageError(f"{name} does not exist: {counted(torch.cuda.device_count(), 'GPU')} visible")
     elif device.type != "cpu":
         raise UsageError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device

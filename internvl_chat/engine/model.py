@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import Cancelled, CheckpointError, ContextOverflowError
 from ..files import visible
+from ..numbers import counted
 from . import cpu_features
 from .config import ModelConfig
 from .language import Qwen2ForCausalLM, row_chunk_bytes
@@ -118,6 +119,13 @@ def prefill_chunk_tokens(device: torch.device, decoder_parameters: int) -> int:
 def _stop_if_set(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("cancelled before the answer began")
+
+
+def _some_of(counted_names: str, names: list[str]) -> str:
+    """`2 tensors: a, b` when all fit the line; `5 tensors, e.g. a, b, c` when not."""
+    if len(names) <= 3:
+        return f"{counted_names}: {', '.join(names)}"
+    return f"{counted_names}, e.g. {', '.join(names[:3])}"
 
 
 def _short_name(name: str) -> str:
@@ -291,13 +299,13 @@ class InternVLModel(nn.Module):
             missing -= self._tie_embeddings(seen)
         if unexpected:
             raise CheckpointError(
-                f"the checkpoint has {len(unexpected)} unexpected tensor(s), e.g. {', '.join(map(_short_name, unexpected[:3]))}; "
+                f"the checkpoint has {_some_of(counted(len(unexpected), 'unexpected tensor'), list(map(_short_name, unexpected)))}; "
                 "it does not match its config.json (wrong layout or a different model)"
             )
         if missing:
             missing_names = sorted(missing)
             raise CheckpointError(
-                f"the checkpoint lacks {len(missing_names)} tensor(s), e.g. {', '.join(missing_names[:3])}; "
+                f"the checkpoint lacks {_some_of(counted(len(missing_names), 'tensor'), missing_names)}; "
                 "the download is incomplete or the folder holds a different model"
             )
 

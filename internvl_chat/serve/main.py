@@ -14,6 +14,7 @@ from functools import cache
 
 from ..errors import OneLineParser, UsageError
 from ..files import OutputFailed, expand_home, visible, visible_lines
+from ..numbers import counted
 from ..setting_flags import SettingFlags, add_engine_flags, add_setting_flag, add_setting_switch
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -277,7 +278,7 @@ def _serve(settings, log_level: str) -> int:
         warn = ""
         if options.host not in LOOPBACK and not options.api_key:
             warn = " (reachable from the network without an API key: set --api-key)"
-        print(f"internvl-chat serve: {visible(model_id)} on http://{host}:{port}/v1 · {options.slots} slot(s) of "
+        print(f"internvl-chat serve: {visible(model_id)} on http://{host}:{port}/v1 · {counted(options.slots, 'slot')} of "
               f"{loaded.model.max_seq_len:,} tokens ({worker.slots.kv_bytes / 2**20:,.1f} MiB KV) · queue "
               f"{options.queue_depth}{warn}", file=sys.stderr, flush=True)  # fmt: skip
         show_server_log(log_level)

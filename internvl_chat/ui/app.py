@@ -38,6 +38,7 @@ from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageE
 from ..files import (check_working_folder, real_path, too_long_path_line, undecodable_byte, visible, visible_lines,
                      working_folder)
 from ..media.image import check_image_decodes
+from ..numbers import counted
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
 from .commands import Command, Message, format_help, parse_line, typed_message, unwrap_block
@@ -53,7 +54,7 @@ from .settings_text import (LISTED_VALUE_WIDTH, NOT_THIS_CHATS, chat_sections, l
 from .spinner import spin
 from .stats_table import stats_rows
 from .summary_lines import format_attach_line, format_stats, percent
-from .text_wrap import counted, format_columns, one_line_excerpt, wrap_text
+from .text_wrap import format_columns, one_line_excerpt, wrap_text
 
 OK, ERROR, EXIT = "ok", "error", "exit"
 # What the embedded demo model can answer (README, "What it can do").

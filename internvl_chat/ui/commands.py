@@ -17,10 +17,10 @@ from typing import Any
 
 from ..errors import UsageError
 from ..files import shortened, visible
-from ..numbers import OtherDigits, other_digits, parse_int
+from ..numbers import OtherDigits, counted, other_digits, parse_int
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS
 from .paths import media_kind, normalize_path, shell_unquote
-from .text_wrap import counted, wrap_text
+from .text_wrap import wrap_text
 
 # Argument kinds (what a completer offers): "image", "video" and "file" are paths, "session" a
 # path or a name in the sessions folder; "int" a number; "setting" a key of `/set`; "value",

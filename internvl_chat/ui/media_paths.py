@@ -15,9 +15,9 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..files import FULL_PATH_FIX, WORKING_FOLDER_GONE, real_path, visible, working_folder_gone
+from ..numbers import counted
 from .commands import WILDCARD, quote_spaced, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path
-from .text_wrap import counted
 
 MAX_JOINED_WORDS = 6  # /image words tried together as one path typed with bare spaces
 # images one /image pattern may attach: past any context at one tile each, and each match is read

@@ -14,7 +14,7 @@ from typing import Any
 from ..chat.session_file import SESSION_FORMAT, SESSION_VERSION, DamagedSession, parse_session
 from ..errors import InternVLChatError
 from ..files import brief_repr, read_text_file, xdg_dir
-from .text_wrap import counted
+from ..numbers import counted
 
 
 def default_sessions_dir(env: dict[str, str] | os._Environ = os.environ) -> Path:

@@ -37,13 +37,13 @@ from ..chat.session_file import SESSION_FORMAT
 from ..errors import UsageError
 from ..files import (OutputFailed, expand_home, read_bytes_file, read_stream, refuse_web_address, refuse_wide_text, sniff_binary,
                      undecodable_byte, visible)
+from ..numbers import counted
 from ..settings import Settings
 from .app import ERROR, EXIT, App, unsent_note
 from .commands import BLOCK_QUOTES, block_is_open
 from .paths import quote_path
 from .render import ui_console
 from .setup import media_from_flags, open_conversation
-from .text_wrap import counted
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,14 @@ from typing import Any
 from ..chat.sampling import params_from_settings
 from ..errors import ContextOverflowError, UsageError
 from ..files import PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, visible, write_atomic
+from ..numbers import counted
 from .commands import Command, close_names
 from .export import answer_and_cut, export_markdown
 from .paths import quote_path
 from .saved_sessions import (RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages,
                              session_at_a_glance)
 from .settings_text import plain_value
-from .text_wrap import counted, one_line_excerpt
+from .text_wrap import one_line_excerpt
 
 NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from ..chat.conversation import BackendInfo
 from ..files import visible
+from ..numbers import counted
 from .summary_lines import format_bytes, format_server_numbers
-from .text_wrap import counted
 
 
 def stats_rows(turn: Any, info: BackendInfo, context_used: int, limit: int | None, approx: str,

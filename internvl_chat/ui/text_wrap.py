@@ -105,8 +105,3 @@ def one_line_excerpt(text: str, width: int = 48) -> str:
     """A one-line excerpt of a message (it may come from a session file: shown inert)."""
     one_line = visible(" ".join(text.split()))
     return shortened(one_line, width)
-
-
-def counted(count: int, noun: str) -> str:
-    """`1 turn`, `2 turns`, `1,024 tokens`: the noun singular for one (never `1 turn(s)`)."""
-    return f"{count:,} {noun}" + ("" if count == 1 else "s")
