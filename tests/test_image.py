@@ -233,6 +233,30 @@ def test_probe_and_decode_turn_alike_where_pillow_reads_the_orientation_itself(t
     _assert_probed_and_loaded_as(path, display)
 
 
+_TO_DISPLAY = {  # EXIF orientation → the stored pixels as shown (numpy, independent of Pillow's transposes)
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: np.rot90(a, 2),
+    4: lambda a: a[::-1],
+    5: lambda a: np.transpose(a, (1, 0, 2)),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_is_shown_upright_for_every_orientation(tmp_path, orientation):
+    """Pillow turns a TIFF itself as it loads it, for every orientation; the mirrored and upside-down
+    ones (2, 3, 4), whose size does not change, were turned a second time: the scan went in as stored."""
+    stored = textured_rgb(350, 100, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "scan.tif"
+    Image.fromarray(stored).save(path, exif=exif.tobytes())
+    _assert_probed_and_loaded_as(path, np.ascontiguousarray(_TO_DISPLAY[orientation](stored)))
+
+
 def _assert_probed_and_loaded_as(path, display: np.ndarray) -> None:
     """The probe gives `display`'s size, and the tiles are those of `display` (the upright picture)."""
     height, width = display.shape[:2]

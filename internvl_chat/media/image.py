@@ -408,8 +408,10 @@ def pending_orientation(image: Image.Image) -> int:
     # A PNG's EXIF chunk may follow the pixel data, and looking for it there decodes everything.
     if image.format == "PNG" and "exif" not in image.info:
         return 1
-    if image.format == "TIFF" and image.size != (image.tag_v2.get(256), image.tag_v2.get(257)):
-        return 1  # recent Pillow opens a TIFF at its turned size (tags 256, 257: as stored) and turns it as it loads
+    if image.format == "TIFF":
+        # Pillow turns a TIFF by every orientation as it loads it (and opens one of 5…8 at its turned
+        # size): turned here too, a mirrored or upside-down scan (2, 3, 4) went in as stored
+        return 1
     try:
         with quiet_pillow():
             value = image.getexif().get(EXIF_ORIENTATION, 1)
