@@ -136,6 +136,18 @@ def test_triple_quote_blocks():
 # --- attachments --------------------------------------------------------------------------------
 
 
+def test_an_animated_image_is_said_to_be_used_by_its_first_frame(loaded, tmp_path):
+    """An animated GIF went to the model as its first frame with nothing said: a question about what
+    happens in it was answered from one picture."""
+    frames = [Image.fromarray(textured_rgb(448, 448, seed=seed)) for seed in (1, 2)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(tmp_path / "still.gif")
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/image {tmp_path / 'moving.gif'} {tmp_path / 'still.gif'}") == OK
+    moving, still = out.getvalue().strip().splitlines()
+    assert moving.startswith("+ image moving.gif 448×448 (animated: only its first frame is used") and "animated" not in still
+
+
 def test_attach_prints_cost_before_decoding(loaded, media, tmp_path):
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line(f"/image {media / 'small.png'}") == OK
