@@ -357,6 +357,29 @@ def test_missing_file(tmp_path):
         probe_image(tmp_path / "nope.jpg")
 
 
+@pytest.mark.parametrize(
+    "content, what, to_do",
+    [
+        (b"<!DOCTYPE html><html><body>404 Not Found</body></html>\n", "is text, not an image", "a web page saved"),
+        (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', "is an SVG drawing", "convert it to PNG"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "is a PDF document, not an image", "export its page as PNG"),
+        (b"PK\x03\x04" + bytes(40), "is a zip archive, not an image", "extract the picture"),
+    ],
+)
+def test_a_file_that_is_no_picture_is_named_for_what_it_is(tmp_path, content, what, to_do):
+    """An error page or an SVG saved under a picture's name was called "not an image format that can
+    be read (or it is damaged)": a user re-downloaded the same page, or looked for damage."""
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(content)
+    _assert_both_refuse(path, "photo.jpg", what, to_do)
+
+
+def test_binary_data_of_no_known_kind_is_not_called_text(tmp_path):
+    path = tmp_path / "noise.png"
+    path.write_bytes(bytes(range(1, 256)) * 4)  # no NUL byte, but not UTF-8
+    _assert_both_refuse(path, "noise.png", "not an image format that can be read (or it is damaged)")
+
+
 def test_directory(tmp_path):
     with pytest.raises(MediaError) as err:
         load_image(tmp_path)
@@ -546,7 +569,7 @@ def test_an_eps_file_named_jpg_is_refused_without_running_ghostscript(tmp_path, 
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or (_ for _ in ()).throw(OSError("ran")))
     path = tmp_path / "photo.jpg"
     Image.new("RGB", (16, 16)).save(path, "EPS")
-    _assert_both_refuse(path, "not an image format that can be read")
+    _assert_both_refuse(path, "is a PostScript (EPS) drawing, not an image", "convert it to PNG")
     assert ran == []
 
 

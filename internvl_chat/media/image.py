@@ -20,8 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import MediaError
-from ..files import (STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, is_video_kind, open_regular_file,
-                     sniff_file, too_long_path_line, visible)
+from ..files import (SNIFF_BYTES, STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, is_video_kind,
+                     open_regular_file, sniff_binary, too_long_path_line, visible)
 from ..native_stderr import captured
 from .image_headers import header_flood, icon_picture_size, jpeg_scans, quiet_pillow
 
@@ -317,6 +317,8 @@ def _open_image(path: Path) -> Image.Image:
             raise MediaError(f"{visible(str(path))} is a video, not an image; attach (or send) it as a video instead") from None
         if what in STILL_BMFF_KINDS and _reader_of(what) not in image_formats():
             raise MediaError(f"{visible(str(path))} is {what}, a format this installation cannot read; convert it to JPEG or PNG") from None
+        if what in NOT_PICTURES:  # a web page saved under a picture's name, say: "damaged" would mislead
+            raise MediaError(f"{visible(str(path))} is {what}, not an image; {NOT_PICTURES[what]}") from None
         raise MediaError(
             f"{visible(str(path))} is not an image format that can be read (or it is damaged); use a JPEG, PNG, WebP, GIF, BMP or TIFF file"
         ) from None
@@ -410,12 +412,42 @@ def _reader_of(still_bmff_kind: str) -> str:
     return "AVIF" if still_bmff_kind == "an AVIF image" else "HEIF"
 
 
+# What no image reader here opens, as _sniffed names it → what to do
+NOT_PICTURES = {
+    "an SVG drawing": "convert it to PNG (a browser or `rsvg-convert` can)",
+    "a PostScript (EPS) drawing": "convert it to PNG",  # Pillow would run Ghostscript on it: never opened here
+    "text": "pass a picture file (JPEG, PNG, WebP, GIF, BMP or TIFF); a web page saved under a picture's name is one",
+    "a PDF document": "export its page as PNG or JPEG",
+    "a zip archive": "extract the picture from it",
+    "a gzip archive": "extract the picture from it",
+}
+
+
 def _sniffed(path: Path) -> str:
-    """What the file's first bytes say it is ("a video (MP4/MOV)", "a HEIC image"; see sniff_binary), or ""."""
+    """What the file's first bytes say it is ("a video (MP4/MOV)", "a HEIC image"; see sniff_binary),
+    "a PostScript (EPS) drawing", "an SVG drawing" or "text" where they hold no binary data, or "" where the file does not read."""
     try:
-        return sniff_file(path) or ""
+        with open_regular_file(path) as f:
+            head = f.read(SNIFF_BYTES)
     except OSError:
         return ""
+    if head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):  # EPS as text, or with its binary DOS header
+        return "a PostScript (EPS) drawing"
+    what = sniff_binary(head)
+    if what is not None or not _is_utf8(head):
+        return what or ""
+    return "an SVG drawing" if b"<svg" in head.lower() else "text"
+
+
+def _is_utf8(head: bytes) -> bool:
+    """Whether a file's first bytes read as UTF-8 (a character cut at their end allowed)."""
+    for cut in range(4):
+        try:
+            head[: len(head) - cut].decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            continue
+    return False
 
 
 # EXIF orientation → the operation that shows the picture upright (as ImageOps.exif_transpose has it)
