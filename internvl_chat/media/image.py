@@ -512,6 +512,32 @@ def is_animation(path: Path) -> bool:
         return False
 
 
+def unused_pictures(path: Path) -> str | None:
+    """What the file holds beyond the one picture the image loader uses, for the attach line
+    ("animated: only its first frame is used"), or None: a question about a whole animation or
+    document must not be answered from its first picture without a word."""
+    try:
+        with _open_image(path) as image:
+            if image.format in ("GIF", "PNG", "WEBP") and getattr(image, "is_animated", False):
+                return "animated: only its first frame is used"
+            if image.format == "TIFF" and getattr(image, "is_animated", False) and _second_tiff_picture_is_a_page(image):
+                return "several pages: only its first is used"
+    except MediaError:
+        pass
+    return None
+
+
+def _second_tiff_picture_is_a_page(image: Image.Image) -> bool:
+    """Whether a TIFF's second picture is a page of its own, not a smaller copy of the first (a
+    scanner's or camera's preview: NewSubfileType, tag 254, bit 0). Only that picture's tags are read."""
+    try:
+        with quiet_pillow():
+            image.seek(1)
+            return not int(image.tag_v2.get(254, 0)) & 1
+    except Exception:  # noqa: BLE001 - a damaged second directory: the first picture is what is used anyway
+        return False
+
+
 def _decode(path: Path) -> Image.Image:
     """Fully decode (so truncation is caught here), apply EXIF orientation, convert to RGB."""
     with _open_image(path) as image:
