@@ -331,6 +331,20 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
         assert red[200, column] == pytest.approx((byte / 255 - 0.485) / 0.229, abs=1e-5)
 
 
+def test_a_transparent_grey_of_a_sixteen_bit_png_becomes_white_as_other_transparency_does(tmp_path):
+    """to_rgb scaled a 16-bit grey PNG to 8 bits and dropped its tRNS colour with the mode: its
+    transparent background went in as whatever grey hid under it, where every other transparent
+    picture's turns white. Only the exact value is transparent: its neighbour, the same 8-bit grey, is not."""
+    values = np.zeros((448, 448), np.uint16)
+    values[:, 150:300] = 32896  # 128 · 257, marked transparent
+    values[:, 300:] = 32897  # rounds to 128 too, but opaque
+    path = tmp_path / "deep_transparent.png"
+    Image.fromarray(values).save(path, transparency=32896)
+    red = load_image(path).pixel_values[0, 0].numpy()
+    for column, byte in [(50, 0), (220, 255), (400, 128)]:
+        assert red[200, column] == pytest.approx((byte / 255 - 0.485) / 0.229, abs=1e-5)
+
+
 # ---------------------------------------------------------------- bad input
 
 

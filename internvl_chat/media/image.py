@@ -210,15 +210,21 @@ def _strips(image: Image.Image):
 
 
 def _deep_grey_to_l(image: Image.Image) -> Image.Image:
-    """I;16 (and I holding values above 255) → L by /257, rounded; I within 0…255 is clipped only."""
+    """I;16 (and I holding values above 255) → L by /257, rounded; I within 0…255 is clipped only.
+    A grey value a PNG's tRNS chunk marks transparent comes out as LA, that value's pixels at alpha 0
+    (the 8-bit L they become is no longer that value alone)."""
     scale = image.mode.startswith("I;16") or (image.getextrema()[1] or 0) > 255
+    transparent = image.info.get("transparency")
     out = np.empty((image.height, image.width), np.uint8)
+    alpha = np.full((image.height, image.width), 255, np.uint8) if isinstance(transparent, int) else None
     for top, bottom in _strips(image):
         values = np.asarray(image.crop((0, top, image.width, bottom))).astype(np.float64)
+        if alpha is not None:
+            alpha[top:bottom][values == transparent] = 0
         if scale:
             values /= 257.0  # 0…65535 → 0…255
         out[top:bottom] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    return Image.fromarray(out, "L")
+    return Image.fromarray(np.dstack((out, alpha)), "LA") if alpha is not None else Image.fromarray(out, "L")
 
 
 def _over_white(image: Image.Image) -> Image.Image:
