@@ -136,6 +136,23 @@ def test_triple_quote_blocks():
 # --- attachments --------------------------------------------------------------------------------
 
 
+def test_an_animation_or_document_is_said_to_be_used_by_its_first_picture(loaded, tmp_path):
+    """An animated GIF or a multi-page TIFF went to the model as its first picture with nothing said:
+    a question about what happens in it, or about the document, was answered from one picture."""
+    frames = [Image.fromarray(textured_rgb(448, 448, seed=seed)) for seed in (1, 2)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(tmp_path / "still.gif")
+    frames[0].save(tmp_path / "pages.tif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "preview.tif", save_all=True, append_images=frames[1:], tiffinfo={254: 1})  # reduced resolution
+    app, out = make_app(loaded, tmp_path)
+    names = ("moving.gif", "still.gif", "pages.tif", "preview.tif")
+    assert app.handle_line("/image " + " ".join(str(tmp_path / name) for name in names)) == OK
+    moving, still, pages, preview = out.getvalue().strip().splitlines()
+    assert moving.startswith("+ image moving.gif 448×448 (animated: only its first frame is used) →")
+    assert pages.startswith("+ image pages.tif 448×448 (several pages: only its first is used) →")
+    assert "(" not in still and "(" not in preview
+
+
 def test_attach_prints_cost_before_decoding(loaded, media, tmp_path):
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line(f"/image {media / 'small.png'}") == OK

@@ -233,6 +233,30 @@ def test_probe_and_decode_turn_alike_where_pillow_reads_the_orientation_itself(t
     _assert_probed_and_loaded_as(path, display)
 
 
+_TO_DISPLAY = {  # EXIF orientation → the stored pixels as shown (numpy, independent of Pillow's transposes)
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: np.rot90(a, 2),
+    4: lambda a: a[::-1],
+    5: lambda a: np.transpose(a, (1, 0, 2)),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_is_shown_upright_for_every_orientation(tmp_path, orientation):
+    """Pillow turns a TIFF itself as it loads it, for every orientation; the mirrored and upside-down
+    ones (2, 3, 4), whose size does not change, were turned a second time: the scan went in as stored."""
+    stored = textured_rgb(350, 100, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "scan.tif"
+    Image.fromarray(stored).save(path, exif=exif.tobytes())
+    _assert_probed_and_loaded_as(path, np.ascontiguousarray(_TO_DISPLAY[orientation](stored)))
+
+
 def _assert_probed_and_loaded_as(path, display: np.ndarray) -> None:
     """The probe gives `display`'s size, and the tiles are those of `display` (the upright picture)."""
     height, width = display.shape[:2]
@@ -307,6 +331,20 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
         assert red[200, column] == pytest.approx((byte / 255 - 0.485) / 0.229, abs=1e-5)
 
 
+def test_a_transparent_grey_of_a_sixteen_bit_png_becomes_white_as_other_transparency_does(tmp_path):
+    """to_rgb scaled a 16-bit grey PNG to 8 bits and dropped its tRNS colour with the mode: its
+    transparent background went in as whatever grey hid under it, where every other transparent
+    picture's turns white. Only the exact value is transparent: its neighbour, the same 8-bit grey, is not."""
+    values = np.zeros((448, 448), np.uint16)
+    values[:, 150:300] = 32896  # 128 · 257, marked transparent
+    values[:, 300:] = 32897  # rounds to 128 too, but opaque
+    path = tmp_path / "deep_transparent.png"
+    Image.fromarray(values).save(path, transparency=32896)
+    red = load_image(path).pixel_values[0, 0].numpy()
+    for column, byte in [(50, 0), (220, 255), (400, 128)]:
+        assert red[200, column] == pytest.approx((byte / 255 - 0.485) / 0.229, abs=1e-5)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -333,6 +371,29 @@ def test_missing_file(tmp_path):
         probe_image(tmp_path / "nope.jpg")
 
 
+@pytest.mark.parametrize(
+    "content, what, to_do",
+    [
+        (b"<!DOCTYPE html><html><body>404 Not Found</body></html>\n", "is text, not an image", "a web page saved"),
+        (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', "is an SVG drawing", "convert it to PNG"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "is a PDF document, not an image", "export its page as PNG"),
+        (b"PK\x03\x04" + bytes(40), "is a zip archive, not an image", "extract the picture"),
+    ],
+)
+def test_a_file_that_is_no_picture_is_named_for_what_it_is(tmp_path, content, what, to_do):
+    """An error page or an SVG saved under a picture's name was called "not an image format that can
+    be read (or it is damaged)": a user re-downloaded the same page, or looked for damage."""
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(content)
+    _assert_both_refuse(path, "photo.jpg", what, to_do)
+
+
+def test_binary_data_of_no_known_kind_is_not_called_text(tmp_path):
+    path = tmp_path / "noise.png"
+    path.write_bytes(bytes(range(1, 256)) * 4)  # no NUL byte, but not UTF-8
+    _assert_both_refuse(path, "noise.png", "not an image format that can be read (or it is damaged)")
+
+
 def test_directory(tmp_path):
     with pytest.raises(MediaError) as err:
         load_image(tmp_path)
@@ -350,7 +411,7 @@ def test_not_an_image(tmp_path, content):
         probe_image(path)
 
 
-@pytest.mark.parametrize("suffix, fmt", [(".jpg", "JPEG"), (".png", "PNG")])
+@pytest.mark.parametrize("suffix, fmt", [(".jpg", "JPEG"), (".png", "PNG"), (".qoi", "QOI")])
 def test_truncated_file(tmp_path, suffix, fmt):
     path = tmp_path / f"cut{suffix}"
     Image.fromarray(textured_rgb(400, 300, seed=1)).save(path, fmt)
@@ -522,7 +583,7 @@ def test_an_eps_file_named_jpg_is_refused_without_running_ghostscript(tmp_path, 
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or (_ for _ in ()).throw(OSError("ran")))
     path = tmp_path / "photo.jpg"
     Image.new("RGB", (16, 16)).save(path, "EPS")
-    _assert_both_refuse(path, "not an image format that can be read")
+    _assert_both_refuse(path, "is a PostScript (EPS) drawing, not an image", "convert it to PNG")
     assert ran == []
 
 
@@ -844,7 +905,6 @@ def test_a_picture_too_large_for_pillows_python_decoders_is_refused_at_the_heade
     53 KB BMP of 13000×13000 (a pixel and an end of row a row) 26 s, one within the pixel limit minutes."""
     for side, refused in ((4097, True), (4096, False)):  # just over and at 2^24 pixels
         files = {
-            f"big{side}.qoi": (b"qoif" + struct.pack(">IIBB", side, side, 3, 0) + b"\xc0" * 8 + bytes(7) + b"\x01", "a QOI image"),
             f"big{side}.pgm": (b"P2\n%d %d\n255\n0 0 0\n" % (side, side), "a plain-text PNM image"),
             f"big{side}.ppm": (b"P6\n%d %d\n1023\n" % (side, side) + bytes(12), "a PNM image of 16-bit colour or an unusual maximum value"),
             # a 16-bit colour PPM is decoded in Python too: it was said to be of "an unusual maximum value"
@@ -864,6 +924,35 @@ def test_a_picture_too_large_for_pillows_python_decoders_is_refused_at_the_heade
         path = tmp_path / name
         path.write_bytes(data)
         assert load_image(path).size == (16, 16), name
+
+
+def _qoi(width: int, height: int, ops: bytes) -> bytes:
+    """A QOI file of RGB pixels whose ops are `ops` (and its end marker)."""
+    return b"qoif" + struct.pack(">IIBB", width, height, 3, 0) + ops + bytes(7) + b"\x01"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_a_qoi_decodes_to_the_pixels_pillow_decodes(tmp_path, mode):
+    path = tmp_path / f"{mode}.qoi"
+    rgba = np.dstack([textured_rgb(96, 40, seed=4), np.arange(96 * 40, dtype=np.uint8).reshape(40, 96)])
+    Image.fromarray(rgba, "RGBA").convert(mode).save(path)
+    with Image.open(path) as pillows:
+        expected = np.asarray(to_rgb(pillows.convert(mode)))
+    np.testing.assert_array_equal(np.asarray(media_image._decode(path)), expected)
+
+
+def test_a_qoi_photo_of_more_pixels_than_pillows_python_decoder_reads_quickly_is_read(tmp_path):
+    """Pillow decodes QOI in Python, 17 s for 16 megapixels: a QOI over 2^24 pixels was refused.
+    FFmpeg's decoder reads it (0.3 s); only a strip too long for FFmpeg is left to Pillow's limit."""
+    side = 4097  # just over 2^24 pixels
+    ops = b"\xfe\x0a\x14\x1e" + b"\xfd" * ((side * side - 1) // 62) + bytes([0xC0 + (side * side - 1) % 62 - 1])
+    path = tmp_path / "photo.qoi"
+    path.write_bytes(_qoi(side, side, ops))  # one colour, (10, 20, 30): one RGB op, then runs
+    picture = media_image._decode(path)
+    assert picture.size == (side, side) and picture.getextrema() == ((10, 10), (20, 20), (30, 30))
+    strip = tmp_path / "strip.qoi"
+    strip.write_bytes(_qoi(170, 1 << 20, b"\xc0" * 8))  # (170+128)·(2^20+128) ≥ 2^28: FFmpeg refuses it
+    _assert_both_refuse(strip, "a QOI image of 170×1048576 pixels, more than the 16,777,216", "convert it to PNG")
 
 
 def _rle_bmp(width: int, height: int, rows: bytes) -> bytes:

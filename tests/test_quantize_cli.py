@@ -424,7 +424,7 @@ def test_a_damaged_calibration_image_is_refused_before_loading(config_only, tmp_
     (calib / "b.png").write_bytes(b"not a picture" if damage == "not an image" else png.getvalue()[: len(png.getvalue()) // 2])
     code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--calib", calib, "--samples", "4")
     assert code == 2 and len(lines) == 1 and str(calib / "b.png") in lines[0], lines
-    assert ("not an image format" if damage == "not an image" else "truncated or corrupt") in lines[0], lines
+    assert ("is text, not an image" if damage == "not an image" else "truncated or corrupt") in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "no_weights"]
 
 

@@ -163,7 +163,7 @@ def test_hostile_media_are_400_that_say_what_to_do_and_the_server_goes_on(client
     Image.new("RGB", (16, 16)).save(eps, "EPS")  # Pillow would hand it to Ghostscript
     one_frame = jpeg_frames_url([numbered_frame(0)]).split(",", 1)[1]
     cases = [
-        ([image_part(data_url(eps, "image/png"))], "not an image format"),
+        ([image_part(data_url(eps, "image/png"))], "is a PostScript (EPS) drawing, not an image"),
         ([image_part(data_url(media / "clip.mp4", "image/png"))], "is a video, not an image"),
         ([{"type": "video_url", "video_url": {"url": data_url(media / "square.png", "video/mp4")}}], "still picture"),
         ([{"type": "video_url", "video_url": {"url": f"data:video/jpeg;base64,{one_frame},,{one_frame}"}}], "video frame 2 data is empty"),

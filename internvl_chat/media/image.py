@@ -20,8 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import MediaError
-from ..files import (STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, is_video_kind, open_regular_file,
-                     sniff_file, too_long_path_line, visible)
+from ..files import (SNIFF_BYTES, STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, is_video_kind,
+                     open_regular_file, sniff_binary, too_long_path_line, visible)
 from ..native_stderr import captured
 from .image_headers import header_flood, icon_picture_size, jpeg_scans, quiet_pillow
 
@@ -44,6 +44,11 @@ MAX_PIXELS = 2 * 89_478_485
 PYTHON_DECODERS = {"qoi": "a QOI image", "ppm_plain": "a plain-text PNM image", "ppm": "a PNM image of 16-bit colour or an unusual maximum value",
                    "bmp_rle": "a run-length-encoded BMP image"}  # Pillow's decoder → what the file is; fmt: skip
 MAX_PYTHON_DECODED_PIXELS = 1 << 24
+# A QOI picture is decoded by FFmpeg's decoder instead (PyAV's, there for video): a 16-megapixel one
+# in 0.3 s, not 17 s. FFmpeg decodes a picture of (w+128)·(h+128) < 2^28 (av_image_check_size); a
+# longer strip is left to Pillow, within MAX_PYTHON_DECODED_PIXELS.
+FFMPEG_IMAGE_LIMIT = 1 << 28
+QOI_END = bytes(7) + b"\x01"  # every QOI file ends so; FFmpeg decodes a file cut short without a word
 # Progressive JPEGs from libjpeg have 6 or 10 scans, mozjpeg's a few more
 MAX_JPEG_SCANS = 256
 # Real tiled TIFFs use tiles of 256² to 1024²; a larger one than the picture is refused past this size
@@ -205,15 +210,21 @@ def _strips(image: Image.Image):
 
 
 def _deep_grey_to_l(image: Image.Image) -> Image.Image:
-    """I;16 (and I holding values above 255) → L by /257, rounded; I within 0…255 is clipped only."""
+    """I;16 (and I holding values above 255) → L by /257, rounded; I within 0…255 is clipped only.
+    A grey value a PNG's tRNS chunk marks transparent comes out as LA, that value's pixels at alpha 0
+    (the 8-bit L they become is no longer that value alone)."""
     scale = image.mode.startswith("I;16") or (image.getextrema()[1] or 0) > 255
+    transparent = image.info.get("transparency")
     out = np.empty((image.height, image.width), np.uint8)
+    alpha = np.full((image.height, image.width), 255, np.uint8) if isinstance(transparent, int) else None
     for top, bottom in _strips(image):
         values = np.asarray(image.crop((0, top, image.width, bottom))).astype(np.float64)
+        if alpha is not None:
+            alpha[top:bottom][values == transparent] = 0
         if scale:
             values /= 257.0  # 0…65535 → 0…255
         out[top:bottom] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    return Image.fromarray(out, "L")
+    return Image.fromarray(np.dstack((out, alpha)), "LA") if alpha is not None else Image.fromarray(out, "L")
 
 
 def _over_white(image: Image.Image) -> Image.Image:
@@ -312,6 +323,8 @@ def _open_image(path: Path) -> Image.Image:
             raise MediaError(f"{visible(str(path))} is a video, not an image; attach (or send) it as a video instead") from None
         if what in STILL_BMFF_KINDS and _reader_of(what) not in image_formats():
             raise MediaError(f"{visible(str(path))} is {what}, a format this installation cannot read; convert it to JPEG or PNG") from None
+        if what in NOT_PICTURES:  # a web page saved under a picture's name, say: "damaged" would mislead
+            raise MediaError(f"{visible(str(path))} is {what}, not an image; {NOT_PICTURES[what]}") from None
         raise MediaError(
             f"{visible(str(path))} is not an image format that can be read (or it is damaged); use a JPEG, PNG, WebP, GIF, BMP or TIFF file"
         ) from None
@@ -323,7 +336,7 @@ def _open_image(path: Path) -> Image.Image:
     except MediaError:
         image.close()
         raise
-    decoded_in_python = PYTHON_DECODERS.get(image.tile[0][0]) if image.tile else None
+    decoded_in_python = PYTHON_DECODERS.get(image.tile[0][0]) if image.tile and not _ffmpeg_decodes(image) else None
     if decoded_in_python and width * height > MAX_PYTHON_DECODED_PIXELS:
         image.close()
         raise MediaError(
@@ -345,6 +358,30 @@ def _open_image(path: Path) -> Image.Image:
             "refused as a possible decompression bomb; re-save it as PNG or an untiled TIFF"
         )
     return image
+
+
+def _ffmpeg_decodes(image: Image.Image) -> bool:
+    """Whether the picture is a QOI that FFmpeg decodes (`_qoi_by_ffmpeg`), not Pillow's decoder in Python."""
+    width, height = image.size
+    return image.format == "QOI" and (width + 128) * (height + 128) < FFMPEG_IMAGE_LIMIT
+
+
+def _qoi_by_ffmpeg(path: Path, image: Image.Image) -> Image.Image:
+    """The QOI picture `image` (opened by Pillow, its header checked) decoded by FFmpeg: a ValueError
+    where the file is cut short or FFmpeg's picture is not the one its header declares."""
+    import av
+
+    with open_regular_file(path) as f:
+        f.seek(-len(QOI_END), os.SEEK_END)
+        if f.read() != QOI_END:
+            raise ValueError("the file does not end as a QOI file does")
+        f.seek(0)
+        with av.open(f, format="qoi_pipe") as container:
+            frame = next(container.decode(video=0), None)
+            pixels = frame.to_ndarray(format="rgba" if image.mode == "RGBA" else "rgb24") if frame is not None else None
+    if pixels is None or pixels.shape[1::-1] != image.size:
+        raise ValueError("FFmpeg decoded no picture of the size its header declares")
+    return Image.fromarray(pixels, image.mode)
 
 
 def _check_size(path: Path, width: int, height: int) -> None:
@@ -381,12 +418,42 @@ def _reader_of(still_bmff_kind: str) -> str:
     return "AVIF" if still_bmff_kind == "an AVIF image" else "HEIF"
 
 
+# What no image reader here opens, as _sniffed names it → what to do
+NOT_PICTURES = {
+    "an SVG drawing": "convert it to PNG (a browser or `rsvg-convert` can)",
+    "a PostScript (EPS) drawing": "convert it to PNG",  # Pillow would run Ghostscript on it: never opened here
+    "text": "pass a picture file (JPEG, PNG, WebP, GIF, BMP or TIFF); a web page saved under a picture's name is one",
+    "a PDF document": "export its page as PNG or JPEG",
+    "a zip archive": "extract the picture from it",
+    "a gzip archive": "extract the picture from it",
+}
+
+
 def _sniffed(path: Path) -> str:
-    """What the file's first bytes say it is ("a video (MP4/MOV)", "a HEIC image"; see sniff_binary), or ""."""
+    """What the file's first bytes say it is ("a video (MP4/MOV)", "a HEIC image"; see sniff_binary),
+    "a PostScript (EPS) drawing", "an SVG drawing" or "text" where they hold no binary data, or "" where the file does not read."""
     try:
-        return sniff_file(path) or ""
+        with open_regular_file(path) as f:
+            head = f.read(SNIFF_BYTES)
     except OSError:
         return ""
+    if head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):  # EPS as text, or with its binary DOS header
+        return "a PostScript (EPS) drawing"
+    what = sniff_binary(head)
+    if what is not None or not _is_utf8(head):
+        return what or ""
+    return "an SVG drawing" if b"<svg" in head.lower() else "text"
+
+
+def _is_utf8(head: bytes) -> bool:
+    """Whether a file's first bytes read as UTF-8 (a character cut at their end allowed)."""
+    for cut in range(4):
+        try:
+            head[: len(head) - cut].decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            continue
+    return False
 
 
 # EXIF orientation → the operation that shows the picture upright (as ImageOps.exif_transpose has it)
@@ -408,8 +475,10 @@ def pending_orientation(image: Image.Image) -> int:
     # A PNG's EXIF chunk may follow the pixel data, and looking for it there decodes everything.
     if image.format == "PNG" and "exif" not in image.info:
         return 1
-    if image.format == "TIFF" and image.size != (image.tag_v2.get(256), image.tag_v2.get(257)):
-        return 1  # recent Pillow opens a TIFF at its turned size (tags 256, 257: as stored) and turns it as it loads
+    if image.format == "TIFF":
+        # Pillow turns a TIFF by every orientation as it loads it (and opens one of 5…8 at its turned
+        # size): turned here too, a mirrored or upside-down scan (2, 3, 4) went in as stored
+        return 1
     try:
         with quiet_pillow():
             value = image.getexif().get(EXIF_ORIENTATION, 1)
@@ -449,6 +518,32 @@ def is_animation(path: Path) -> bool:
         return False
 
 
+def unused_pictures(path: Path) -> str | None:
+    """What the file holds beyond the one picture the image loader uses, for the attach line
+    ("animated: only its first frame is used"), or None: a question about a whole animation or
+    document must not be answered from its first picture without a word."""
+    try:
+        with _open_image(path) as image:
+            if image.format in ("GIF", "PNG", "WEBP") and getattr(image, "is_animated", False):
+                return "animated: only its first frame is used"
+            if image.format == "TIFF" and getattr(image, "is_animated", False) and _second_tiff_picture_is_a_page(image):
+                return "several pages: only its first is used"
+    except MediaError:
+        pass
+    return None
+
+
+def _second_tiff_picture_is_a_page(image: Image.Image) -> bool:
+    """Whether a TIFF's second picture is a page of its own, not a smaller copy of the first (a
+    scanner's or camera's preview: NewSubfileType, tag 254, bit 0). Only that picture's tags are read."""
+    try:
+        with quiet_pillow():
+            image.seek(1)
+            return not int(image.tag_v2.get(254, 0)) & 1
+    except Exception:  # noqa: BLE001 - a damaged second directory: the first picture is what is used anyway
+        return False
+
+
 def _decode(path: Path) -> Image.Image:
     """Fully decode (so truncation is caught here), apply EXIF orientation, convert to RGB."""
     with _open_image(path) as image:
@@ -456,14 +551,19 @@ def _decode(path: Path) -> Image.Image:
         native = captured()  # libtiff writes its errors to fd 2 ("ZIPDecode: Decoding error …"); Pillow says "decoder error -2"
         try:
             with quiet_pillow(), native:
-                image.load()
+                decoded = _qoi_by_ffmpeg(path, image) if _ffmpeg_decodes(image) else _loaded(image)
         except MemoryError:
             raise MediaError(f"not enough memory to decode {visible(str(path))}; downscale the image first") from None
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
             excerpt = native.excerpt()
             reason = _one_line(e) + (f": {excerpt}" if excerpt else "")
             raise MediaError(f"cannot decode {visible(str(path))}: the file is truncated or corrupt ({visible(reason)}); re-export or re-download it") from None
-        return to_rgb(upright(image, orientation))
+        return to_rgb(upright(decoded, orientation))
+
+
+def _loaded(image: Image.Image) -> Image.Image:
+    image.load()
+    return image
 
 
 def check_image_decodes(path: str | Path) -> None:

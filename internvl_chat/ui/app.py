@@ -37,7 +37,7 @@ from ..chat.session import Media
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
 from ..files import (check_working_folder, real_path, too_long_path_line, undecodable_byte, visible, visible_lines,
                      working_folder)
-from ..media.image import check_image_decodes
+from ..media.image import check_image_decodes, unused_pictures
 from ..numbers import counted
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
@@ -389,7 +389,10 @@ class App(SessionFileCommands):
         name = visible(media.path.name)  # a file name is anything but \0 and /
         approx = not self.session.token_counts_exact
         if media.kind == "image":
-            return format_attach_line("image", name, media.size, media.tiles, tokens, fraction, approx)
+            size, unused = media.size, unused_pictures(media.path)
+            if size is not None and unused:  # the model sees one picture: say which
+                size = f"{size[0]}×{size[1]} ({unused})"
+            return format_attach_line("image", name, size, media.tiles, tokens, fraction, approx)
         what = f"{media.tiles} frame" + ("" if media.tiles == 1 else "s")
         if media.video_range:
             what += f" from {media.video_range[0]:g}–{media.video_range[1]:g} s"
