@@ -484,6 +484,20 @@ def test_data_url_base64_may_be_wrapped_or_unpadded_and_other_mistakes_say_what_
         assert err.value.status == 400 and words in str(err.value), (payload, str(err.value))
 
 
+
+def test_a_percent_encoded_data_url_is_read_as_the_url_it_is():
+    # a data: URL is a URL: browsers and urllib read "%2B" as "+"; it was 400 "send the file's bytes
+    # base64-encoded", which they were
+    data = bytes(range(256)) * 3
+    text = base64.b64encode(data + b"x").decode()  # with its "=" padding
+    encoded = text.replace("+", "%2B").replace("/", "%2f").replace("=", "%3D")
+    assert "+" in text and "/" in text and "=" in text
+    assert _data_url("data:image/png;base64," + encoded, "p", "image") == (data + b"x", "image/png")
+    with pytest.raises(APIError) as err:
+        _data_url("data:image/png;base64,aGk%zz", "p", "image")
+    assert err.value.status == 400 and "not valid base64" in str(err.value)
+
+
 # ---- vLLM's answer controls: refused unless neutral, never silently ignored ---------------------
 
 VLLM_CONTROLS = [
