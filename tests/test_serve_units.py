@@ -597,6 +597,20 @@ def test_stream_options_that_ask_for_nothing_or_come_with_a_stream_are_accepted(
     assert req.stream is bool(fields.get("stream"))
 
 
+@pytest.mark.parametrize("body, kind", [(b"null", "null"), (b"[]", "array"), (b'"Hi"', "string"), (b"1", "number")])
+def test_a_body_that_is_no_json_object_is_told_to_send_one(body, kind):
+    # pydantic's words were "request: Input should be an object"
+    from internvl_chat.serve.protocol import parse_body, parse_request
+    from internvl_chat.serve.text_completions import parse_completion_request
+    from internvl_chat.serve.tokenizer_api import DetokenizeRequest
+
+    for parse in (parse_request, parse_completion_request, lambda b: parse_body(b, DetokenizeRequest)):
+        with pytest.raises(APIError) as err:
+            parse(body)
+        said = str(err.value)
+        assert err.value.status == 400 and f"is a JSON {kind}, not an object" in said and "one JSON object" in said
+
+
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 @pytest.mark.parametrize("model", ["missing", None])
 def test_a_request_without_a_model_is_told_to_send_the_served_id(endpoint, model):
