@@ -597,6 +597,15 @@ def test_stream_options_that_ask_for_nothing_or_come_with_a_stream_are_accepted(
     assert req.stream is bool(fields.get("stream"))
 
 
+def test_an_empty_prompt_list_is_told_to_send_a_prompt():
+    # it was told "prompt must be a string, a list of strings, …": a list, as it had sent
+    from internvl_chat.serve.text_completions import prompt_items
+
+    with pytest.raises(APIError) as err:
+        prompt_items([])
+    assert err.value.param == "prompt" and "prompt is an empty list; send at least one prompt" in str(err.value)
+
+
 @pytest.mark.parametrize("body, kind", [(b"null", "null"), (b"[]", "array"), (b'"Hi"', "string"), (b"1", "number")])
 def test_a_body_that_is_no_json_object_is_told_to_send_one(body, kind):
     # pydantic's words were "request: Input should be an object"
