@@ -111,6 +111,24 @@ def test_stop_strings_cut_the_answer_and_end_it_with_stop(client):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_an_answer_a_stop_string_ends_counts_the_tokens_up_to_the_one_that_completes_it(client):
+    """As vLLM counts them: the token after the stop string was sampled too, and counted in usage."""
+    answers = [ask(client, "Count to ten.", max_tokens=k).choices[0] for k in range(1, 9)]
+    texts = [""] + [a.message.content for a in answers]
+    # a stop string first seen in the answer's k-th token: the last character that token adds, said nowhere
+    # before it (not U+FFFD: part of a character is known to be no character only at a later token)
+    cases = [(k, texts[k][-1]) for k in range(1, len(texts))
+             if answers[k - 1].finish_reason == "length" and len(texts[k]) > len(texts[k - 1])
+             and texts[k].startswith(texts[k - 1]) and texts[k][-1] not in texts[k][:-1] + "\ufffd"]  # fmt: skip
+    assert cases, texts
+    for k, stop in cases:
+        out = ask(client, "Count to ten.", max_tokens=24, stop=stop)
+        assert (out.choices[0].finish_reason, out.usage.completion_tokens) == ("stop", k), stop
+        chunks = list(ask(client, "Count to ten.", max_tokens=24, stop=stop, stream=True,
+                          stream_options={"include_usage": True}))  # fmt: skip
+        assert chunks[-1].usage.completion_tokens == k, stop
+
+
 def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
     """The number of stop strings was capped, their length only by the body size (megabytes)."""
     at_limit = "\u2603" * MAX_STOP_STRING_CHARS  # characters, not bytes (3 each in UTF-8)

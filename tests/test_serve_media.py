@@ -158,6 +158,30 @@ def test_bytes_that_are_not_an_image_are_400(client):
     assert "internvl-chat-serve-" not in err.value.body["message"]  # our temporary file's name stays ours
 
 
+def test_a_url_with_spaces_around_it_is_read_as_url_parsers_read_it(client, media):
+    # " data:…" was refused as a local path; an empty URL too ("local paths are never read")
+    url = data_url(media / "square.png", "image/png")
+    plain = ask(client, [image_part(url)])
+    padded = ask(client, [image_part(" \n" + url + "\t")])
+    assert (padded.choices[0].message.content, padded.usage.prompt_tokens) == (plain.choices[0].message.content,
+                                                                                plain.usage.prompt_tokens)  # fmt: skip
+    for empty in ("", "  "):
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(client, [image_part(empty)])
+        said = err.value.body["message"]
+        assert "URL is empty" in said and "data:" in said and "local" not in said, said
+
+
+def test_a_picture_in_a_system_or_assistant_message_is_told_where_to_send_it(client, media):
+    url = data_url(media / "square.png", "image/png")
+    for role in ("system", "assistant"):
+        messages = [{"role": role, "content": [image_part(url)]}, {"role": "user", "content": "Hi"}]
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+        assert err.value.body["param"] == "messages.0.content"
+        assert "may only hold text; send its pictures and videos in a user message" in err.value.body["message"]
+
+
 def test_hostile_media_are_400_that_say_what_to_do_and_the_server_goes_on(client, builder, media, tmp_path):
     eps = tmp_path / "eps.png"
     Image.new("RGB", (16, 16)).save(eps, "EPS")  # Pillow would hand it to Ghostscript

@@ -484,6 +484,20 @@ def test_data_url_base64_may_be_wrapped_or_unpadded_and_other_mistakes_say_what_
         assert err.value.status == 400 and words in str(err.value), (payload, str(err.value))
 
 
+
+def test_a_percent_encoded_data_url_is_read_as_the_url_it_is():
+    # a data: URL is a URL: browsers and urllib read "%2B" as "+"; it was 400 "send the file's bytes
+    # base64-encoded", which they were
+    data = bytes(range(256)) * 3
+    text = base64.b64encode(data + b"x").decode()  # with its "=" padding
+    encoded = text.replace("+", "%2B").replace("/", "%2f").replace("=", "%3D")
+    assert "+" in text and "/" in text and "=" in text
+    assert _data_url("data:image/png;base64," + encoded, "p", "image") == (data + b"x", "image/png")
+    with pytest.raises(APIError) as err:
+        _data_url("data:image/png;base64,aGk%zz", "p", "image")
+    assert err.value.status == 400 and "not valid base64" in str(err.value)
+
+
 # ---- vLLM's answer controls: refused unless neutral, never silently ignored ---------------------
 
 VLLM_CONTROLS = [
@@ -581,6 +595,29 @@ def test_stream_options_that_ask_for_nothing_or_come_with_a_stream_are_accepted(
     parse, body = parse_for(endpoint)
     req = parse(body(**fields))
     assert req.stream is bool(fields.get("stream"))
+
+
+def test_an_empty_prompt_list_is_told_to_send_a_prompt():
+    # it was told "prompt must be a string, a list of strings, …": a list, as it had sent
+    from internvl_chat.serve.text_completions import prompt_items
+
+    with pytest.raises(APIError) as err:
+        prompt_items([])
+    assert err.value.param == "prompt" and "prompt is an empty list; send at least one prompt" in str(err.value)
+
+
+@pytest.mark.parametrize("body, kind", [(b"null", "null"), (b"[]", "array"), (b'"Hi"', "string"), (b"1", "number")])
+def test_a_body_that_is_no_json_object_is_told_to_send_one(body, kind):
+    # pydantic's words were "request: Input should be an object"
+    from internvl_chat.serve.protocol import parse_body, parse_request
+    from internvl_chat.serve.text_completions import parse_completion_request
+    from internvl_chat.serve.tokenizer_api import DetokenizeRequest
+
+    for parse in (parse_request, parse_completion_request, lambda b: parse_body(b, DetokenizeRequest)):
+        with pytest.raises(APIError) as err:
+            parse(body)
+        said = str(err.value)
+        assert err.value.status == 400 and f"is a JSON {kind}, not an object" in said and "one JSON object" in said
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])

@@ -149,6 +149,11 @@ def stream_generate(
                         event["logprobs"] = ends.take()
                     yield event
                     pending_text, since_emit = "", 0
+                    if cancel is not None and cancel.is_set():
+                        # set while this event was read (serve's stop string in it, a client gone):
+                        # sampling one more token would count and cache a token of no answer
+                        finish = "cancelled"
+                        break
                 token = sampler.next_token(next_logits)
         _sync(device)
         end = time.perf_counter()

@@ -297,7 +297,7 @@ def _text_only(content, param: str, what: str) -> str:
     if isinstance(content, str):
         return content
     if any(not isinstance(p, (TextPart, RefusalPart)) for p in content):  # a refusal: only an assistant's (protocol.py)
-        raise bad_request(f"{what} may only hold text", param=param)
+        raise bad_request(f"{what} may only hold text; send its pictures and videos in a user message", param=param)
     return "\n".join(p.text if isinstance(p, TextPart) else p.refusal for p in content)
 
 

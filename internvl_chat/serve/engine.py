@@ -420,7 +420,7 @@ class EngineWorker:
                 tokens.receive(event)
             text = stops.push(event["text"])
             if stops.hit and not halt.is_set():
-                halt.stop_hit = True  # stream_generate stops at the next token
+                halt.stop_hit = True  # stream_generate samples no token after this event's
             if event["finish_reason"] is not None:
                 text += stops.flush()
             sent.append(text)

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, unquote_to_bytes, urlparse
 
 import torch
 
@@ -131,6 +131,9 @@ class MediaReader:
     def fetch(self, url: str, param: str, what: str, remote: RemoteBudget | None = None) -> tuple[bytes, str]:
         """The bytes a media URL names and its declared type ("" when unknown). An http(s) fetch
         takes its time from `remote`, its request's (None: a budget of its own)."""
+        if not url:  # (it was read as a local path)
+            raise bad_request(f"the {what} URL is empty; send the {what} inline as a data: URL (data:TYPE;base64,…)",
+                              param=param)  # fmt: skip
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
             return _data_url(url, param, what)
@@ -241,6 +244,7 @@ class MediaReader:
 
     def _item(self, kind: str, params: tuple, url: str, param: str, count: int, remote: RemoteBudget | None,
               cancel: threading.Event | None = None, namespace: str = SHARED, memo: UrlMemo | None = None) -> MediaItem:  # fmt: skip
+        url = url.strip(_URL_EDGES)
         inline = url[:5].lower() == "data:"
         url_key = (namespace, kind, params, _url_digest(url)) if inline else None
         # a request of its own namespace (--no-shared-cache) would remember in the shared cache what no
@@ -422,6 +426,9 @@ def _sha256(data: bytes) -> str:
 
 
 _WHITESPACE = b" \t\n\r\f\v"
+# what a URL parser strips from both ends of a URL (WHATWG's C0 controls and space): " data:…" was
+# refused as a local path
+_URL_EDGES = "".join(map(chr, range(0x21)))
 
 
 def _b64(text: bytes | str, param: str, what: str) -> bytes:
@@ -432,6 +439,8 @@ def _b64(text: bytes | str, param: str, what: str) -> bytes:
     except UnicodeEncodeError:
         raise bad_request(f"the {what} data holds a character that is not base64; send the file's bytes base64-encoded",
                           param=param) from None  # fmt: skip
+    if b"%" in data:  # a data: URL is a URL: "%2B" is "+", as browsers and urllib read it ('%' is no base64)
+        data = unquote_to_bytes(data)
     if not data:
         raise bad_request(f"the {what} data is empty; put the file's bytes, base64-encoded, after the comma", param=param)
     data += b"=" * (-len(data) % 4) if len(data) % 4 != 1 else b""

@@ -260,6 +260,10 @@ def parse_body(body: bytes, shape: type[_M]) -> _M:
                               "send a flatter request") from None  # fmt: skip
         if first.get("type") == "json_invalid":
             raise _invalid_json(body, str(first.get("msg"))) from None
+        if first.get("type") == "model_type" and not first.get("loc"):  # valid JSON, but no fields at all
+            kind = _JSON_KINDS.get(type(first.get("input")), "value")
+            raise bad_request(f"the request body is a JSON {kind}, not an object; send the request's fields as one "
+                              'JSON object, such as {"model": …}') from None  # fmt: skip
         if first.get("type") == "union_tag_invalid":  # pydantic's message quotes the whole tag as sent
             tag = shown(str(first.get("ctx", {}).get("tag", "")), 40)
             raise bad_request(f"{param}: the content part type '{tag}' is not one this server reads; send "
@@ -273,6 +277,10 @@ def parse_body(body: bytes, shape: type[_M]) -> _M:
                               param=param) from None  # fmt: skip
         said = str(first.get("msg")).removeprefix("Value error, ")  # pydantic's prefix to our validators' words
         raise bad_request(f"{param or 'request'}: {shown(said)}", param=param) from None
+
+
+# what a body that is no JSON object is called ("request: Input should be an object" named no fix)
+_JSON_KINDS = {type(None): "null", list: "array", str: "string", bool: "true or false", int: "number", float: "number"}
 
 
 # what a request's required fields hold, said when one is missing or null (pydantic's "Field required"

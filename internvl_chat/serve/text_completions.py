@@ -88,7 +88,9 @@ def prompt_items(prompt: Any) -> list[str | list[int]]:
     """`prompt` as a list of texts and token-id lists; 400 naming the first item of another shape."""
     if isinstance(prompt, str):
         return [prompt]
-    if not isinstance(prompt, list) or not prompt:
+    if isinstance(prompt, list) and not prompt:  # (it was told the shapes, a list among them)
+        raise bad_request(f"prompt is an empty list; send at least one prompt: {PROMPT_SHAPES}", param="prompt")
+    if not isinstance(prompt, list):
         raise bad_request(f"prompt must be {PROMPT_SHAPES}", param="prompt")
     if len(prompt) > MAX_PROMPTS and not all(is_int(x) for x in prompt):
         raise bad_request(f"the request has {len(prompt):,} prompts; this server takes at most {MAX_PROMPTS} in one "
