@@ -129,6 +129,30 @@ def test_an_answer_a_stop_string_ends_counts_the_tokens_up_to_the_one_that_compl
         assert chunks[-1].usage.completion_tokens == k, stop
 
 
+def test_with_several_tokens_an_event_a_stop_string_still_counts_the_tokens_up_to_its_end(server, client):
+    """[generation] stream_interval 4: the tokens after the stop string in its event were counted too."""
+    answers = [ask(client, "Count to ten.", max_tokens=k).choices[0] for k in range(1, 9)]
+    texts = [""] + [a.message.content for a in answers]
+    cases = [(k, texts[k][-1]) for k in range(1, len(texts))
+             if answers[k - 1].finish_reason == "length" and len(texts[k]) > len(texts[k - 1])
+             and texts[k].startswith(texts[k - 1]) and texts[k][-1] not in texts[k][:-1] + "\ufffd"]  # fmt: skip
+    assert any(k % 4 for k, _ in cases), texts  # a stop string ended before its event's last token
+    sessions = [slot.session for slot in server.worker.slots.slots]
+    try:
+        for session in sessions:
+            session.stream_interval = 4
+        for k, stop in cases:
+            out = ask(client, "Count to ten.", max_tokens=24, stop=stop)
+            assert (out.choices[0].finish_reason, out.usage.completion_tokens) == ("stop", k), stop
+            assert out.choices[0].message.content == texts[k][:-1]
+            chunks = list(ask(client, "Count to ten.", max_tokens=24, stop=stop, stream=True,
+                              stream_options={"include_usage": True}))  # fmt: skip
+            assert chunks[-1].usage.completion_tokens == k, stop
+    finally:
+        for session in sessions:
+            session.stream_interval = 1
+
+
 def test_a_stop_string_over_the_length_limit_is_400_naming_stop(client):
     """The number of stop strings was capped, their length only by the body size (megabytes)."""
     at_limit = "\u2603" * MAX_STOP_STRING_CHARS  # characters, not bytes (3 each in UTF-8)

@@ -434,7 +434,8 @@ class EngineWorker:
             job.emit("tokens", ("", [stop_entry]))
         for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts
             turn.features = None
-        result = self._finish(job, prompt, index, slot.index, reuse, final, "".join(sent), tokens, halt.stop_hit)
+        stop_end = stops.hit_end if halt.stop_hit else None
+        result = self._finish(job, prompt, index, slot.index, reuse, final, "".join(sent), tokens, stop_end)
         if result is not None:
             result["prompt_logprobs"] = scored
         return result
@@ -498,14 +499,18 @@ class EngineWorker:
         return torch.cat(parts), vision_s
 
     def _finish(self, job: Job, prompt: Prompt, index: int, slot: int, reuse: int, final: dict, text: str,
-                tokens: SentTokens | None, stop_hit: bool) -> dict | None:  # fmt: skip
+                tokens: SentTokens | None, stop_end: int | None) -> dict | None:  # fmt: skip
+        """`stop_end`: where the stop string that ended the answer ends in its text (None: none did)."""
         generated = list(final["token_ids"])
         reason = final["finish_reason"]
         if job.discard_answer and reason != "cancelled":  # max_tokens 0: no answer, as if cut at once
             generated, reason = [], "length"
-        if stop_hit:
+        counted = len(generated)
+        if stop_end is not None:
             reason = "stop"
             answer_ids = self._ids_for_text(generated, text)
+            # as vLLM counts them: an event of several tokens (stream_interval) has some after it
+            counted = self._tokens_through(generated, stop_end)
         elif reason == "cancelled":  # the client went away (then nobody reads this) or the server is stopping
             self.counts["cancelled"] += 1
             self.finished.append({"job": job.number, "choice": index, "finish_reason": "cancelled",
@@ -525,15 +530,25 @@ class EngineWorker:
             "text": text,
             "token_ids": answer_ids if answer_ids is not None else generated,
             "logprobs": tokens.listed if tokens is not None else None,
-            "usage": usage(len(prompt.ids), len(generated), reuse),
+            "usage": usage(len(prompt.ids), counted, reuse),
             "timings": timings(prompt_n, timing["vision_s"] + timing["prefill_s"], timing["decode_tokens"],
                                timing["decode_s"], reuse),  # fmt: skip
         }
         self.counts[reason] += 1
         self.finished.append({"job": job.number, "choice": index, "finish_reason": reason,
-                              "completion_tokens": len(generated), "cached_tokens": reuse, "prompt_n": prompt_n,
+                              "completion_tokens": counted, "cached_tokens": reuse, "prompt_n": prompt_n,
                               "slot": slot})  # fmt: skip
         return result
+
+    def _tokens_through(self, ids: list[int], chars: int) -> int:
+        """How many of the generated ids it takes to spell the answer's first `chars` characters."""
+        detok = IncrementalDetokenizer(self.loaded.tokenizer)
+        decoded = 0
+        for k, token in enumerate(ids, start=1):
+            decoded += len(detok.push(token))
+            if decoded >= chars:
+                return k
+        return len(ids)
 
     def _ids_for_text(self, ids: list[int], text: str) -> list[int] | None:
         """The leading generated ids that decode to exactly `text` (an answer cut by a stop string), if any."""

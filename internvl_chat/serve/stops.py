@@ -72,7 +72,9 @@ class StopStrings:
         self._held: collections.deque[str] = collections.deque()  # text not sent yet, in pieces
         self._held_len = 0
         self._offset = 0  # characters of _held[0] already sent
+        self._pushed = 0  # characters of all the text pushed
         self.hit = False
+        self.hit_end = 0  # once hit: where the stop string that cut the text ends in all of it
 
     @property
     def steps(self) -> int:
@@ -88,12 +90,14 @@ class StopStrings:
         if text:
             self._held.append(text)
             self._held_len += len(text)
+            self._pushed += len(text)
         cut = -1
         for m in self._matchers:  # every one: a later stop string may begin earlier
             end = m.feed(text)
             if end >= 0:
                 start = self._held_len - len(text) + end - len(m.stop)  # in the held text
-                cut = start if cut < 0 else min(cut, start)
+                if cut < 0 or start < cut:
+                    cut, self.hit_end = start, self._pushed - len(text) + end
         if cut >= 0:
             self.hit = True
             out = self._send(cut)
