@@ -646,6 +646,24 @@ def test_a_body_that_is_no_json_object_is_told_to_send_one(body, kind):
         assert err.value.status == 400 and f"is a JSON {kind}, not an object" in said and "one JSON object" in said
 
 
+def test_an_empty_body_is_told_what_its_endpoint_takes():
+    # every endpoint said "send the chat request as a JSON object (model, messages)": /v1/completions
+    # takes a prompt, /tokenize a prompt or messages, /detokenize tokens
+    from internvl_chat.serve.protocol import parse_body, parse_request
+    from internvl_chat.serve.text_completions import parse_completion_request
+    from internvl_chat.serve.tokenizer_api import DetokenizeRequest, TokenizeRequest
+
+    cases = [(parse_request, "the chat request as a JSON object (model, messages)"),
+             (parse_completion_request, "the completion request as a JSON object (model, prompt)"),
+             (lambda b: parse_body(b, TokenizeRequest), "a JSON object with prompt (a text) or messages (a conversation)"),
+             (lambda b: parse_body(b, DetokenizeRequest), "a JSON object with tokens (a list of token ids)")]  # fmt: skip
+    for parse, fields in cases:
+        for body in (b"", b" \r\n"):
+            with pytest.raises(APIError) as err:
+                parse(body)
+            assert str(err.value) == f"the request body is empty; send {fields}", body
+
+
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 @pytest.mark.parametrize("model", ["missing", None])
 def test_a_request_without_a_model_is_told_to_send_the_served_id(endpoint, model):

@@ -46,6 +46,7 @@ _M = TypeVar("_M", bound="SamplingRequest")
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    BODY: ClassVar[str] = "a JSON object"  # what a request body of this shape is, said when none came
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -173,6 +174,8 @@ class SamplingRequest(_Model):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    BODY: ClassVar[str] = "the chat request as a JSON object (model, messages)"
+
     messages: list[Message] = Field(min_length=1, fail_fast=True)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
     mm_processor_kwargs: dict[str, Any] | None = None
@@ -259,7 +262,7 @@ def parse_body(body: bytes, shape: type[_M]) -> _M:
             raise bad_request("the request body's JSON nests deeper than this server reads (about 200 levels); "
                               "send a flatter request") from None  # fmt: skip
         if first.get("type") == "json_invalid":
-            raise _invalid_json(body, str(first.get("msg"))) from None
+            raise _invalid_json(body, str(first.get("msg")), shape.BODY) from None
         if first.get("type") == "model_type" and not first.get("loc"):  # valid JSON, but no fields at all
             kind = _JSON_KINDS.get(type(first.get("input")), "value")
             raise bad_request(f"the request body is a JSON {kind}, not an object; send the request's fields as one "
@@ -307,11 +310,12 @@ def _neither_string_nor_list(errors: list, first: dict) -> bool:
     return any(err.get("type") == "list_type" and tuple(err.get("loc", ()))[:-1] == loc[:-1] for err in errors)
 
 
-def _invalid_json(body: bytes, said: str) -> APIError:
+def _invalid_json(body: bytes, said: str, fields: str) -> APIError:
     """A body the parser refused, said in words that tell what to fix where the parser's do not
-    (it calls a byte-order mark "expected value", a Latin-1 byte "invalid unicode code point")."""
+    (it calls a byte-order mark "expected value", a Latin-1 byte "invalid unicode code point");
+    `fields`: what the endpoint's body is (each endpoint's own: /v1/completions was told "messages")."""
     if not body.strip():  # "EOF while parsing a value": a client that sent no body (curl without -d)
-        return bad_request("the request body is empty; send the chat request as a JSON object (model, messages)")
+        return bad_request(f"the request body is empty; send {fields}")
     if body.startswith(b"\xef\xbb\xbf"):
         return bad_request("the request body starts with a byte-order mark (bytes EF BB BF); send the JSON without it")
     try:

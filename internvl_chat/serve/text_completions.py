@@ -52,6 +52,7 @@ PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of t
 
 
 class CompletionRequest(SamplingRequest):
+    BODY: ClassVar[str] = "the completion request as a JSON object (model, prompt)"
     PROMPT_PARAM: ClassVar[str] = "prompt"
     PROMPT_NOUN: ClassVar[str] = "prompt"
     DEFAULT_ANSWER: ClassVar[int | None] = DEFAULT_MAX_TOKENS

@@ -18,7 +18,7 @@ other POST routes are (origin, API key, body limits).
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, ClassVar
 
 from ..chat.sampling import is_int
 from ..chat.session import HOPELESS_TEXT_MIN_CHARS
@@ -39,6 +39,8 @@ class TokenizeRequest(ChatCompletionRequest):
     """A text (`prompt`) or a conversation (`messages` and the chat fields that shape its prompt:
     mm_processor_kwargs, media_io_kwargs, cache_salt)."""
 
+    BODY: ClassVar[str] = "a JSON object with prompt (a text) or messages (a conversation)"
+
     model: str | None = None  # vLLM's is optional: the served model
     messages: list[Message] | None = None
     prompt: Any = None
@@ -47,6 +49,7 @@ class TokenizeRequest(ChatCompletionRequest):
 
 
 class DetokenizeRequest(_Model):
+    BODY: ClassVar[str] = "a JSON object with tokens (a list of token ids)"
     model: str | None = None
     tokens: Any = None
 
