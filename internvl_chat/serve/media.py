@@ -434,8 +434,8 @@ _URL_EDGES = "".join(map(chr, range(0x21)))
 
 # each byte's value as a hex digit, -1 for a byte that is none
 _HEX_VALUES = np.full(256, -1, dtype=np.int16)
-for _digits in (b"0123456789abcdef", b"0123456789ABCDEF"):
-    _HEX_VALUES[np.frombuffer(_digits, dtype=np.uint8)] = np.arange(16)
+_HEX_VALUES[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16)
+_HEX_VALUES[np.frombuffer(b"ABCDEF", dtype=np.uint8)] = np.arange(10, 16)
 
 
 def _percent_decoded(data: bytes) -> bytes:
