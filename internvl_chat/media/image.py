@@ -23,7 +23,7 @@ from ..errors import MediaError
 from ..files import (SNIFF_BYTES, STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, is_video_kind,
                      open_regular_file, sniff_binary, too_long_path_line, visible)
 from ..native_stderr import captured
-from .image_headers import header_flood, icon_picture_size, jpeg_scans, quiet_pillow
+from .image_headers import gif_frame_follows, header_flood, icon_picture_size, jpeg_scans, quiet_pillow
 
 # Pillow logs some damage as an ERROR record (a TIFF's "More samples per pixel than can be decoded:
 # 51462"), and with no logging set up Python prints it to stderr itself, a line before our own
@@ -513,9 +513,22 @@ def is_animation(path: Path) -> bool:
     a multi-page TIFF or a file Pillow cannot open included. The image loader uses its first frame."""
     try:
         with _open_image(path) as image:
-            return image.format in ("GIF", "PNG", "WEBP") and bool(getattr(image, "is_animated", False))
+            return _animated(path, image)
     except MediaError:
         return False
+
+
+def _animated(path: Path, image: Image.Image) -> bool:
+    """Whether `image` (opened from `path`) is an animated GIF, PNG or WebP. A PNG and a WebP say so in
+    their header; a GIF's second frame is looked for by a bounded walk of its blocks (image_headers.py),
+    not by Pillow's, which reads every block up to it in Python and fails on damage after the first."""
+    if image.format == "GIF":
+        try:
+            with open_regular_file(path) as f:
+                return gif_frame_follows(f)
+        except OSError:
+            return False
+    return image.format in ("PNG", "WEBP") and bool(getattr(image, "is_animated", False))
 
 
 def unused_pictures(path: Path) -> str | None:
@@ -524,7 +537,7 @@ def unused_pictures(path: Path) -> str | None:
     document must not be answered from its first picture without a word."""
     try:
         with _open_image(path) as image:
-            if image.format in ("GIF", "PNG", "WEBP") and getattr(image, "is_animated", False):
+            if _animated(path, image):
                 return "animated: only its first frame is used"
             if image.format == "TIFF" and getattr(image, "is_animated", False) and _second_tiff_picture_is_a_page(image):
                 return "several pages: only its first is used"

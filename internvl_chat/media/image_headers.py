@@ -68,6 +68,10 @@ def _icon_picture_at(f: BinaryIO) -> int | None:
 # limit is MAX_JPEG_SEGMENTS.
 MAX_PNG_CHUNKS = 1 << 20
 MAX_GIF_BLOCKS = 1 << 16
+# Whether a GIF is animated is read past its first frame, whose pixels are sub-blocks of 255 bytes at
+# most: one within image.MAX_PIXELS (LZW codes of 12 bits at most) holds ~1.1 million. Pillow walks
+# them, and every block up to the next frame, one at a time in Python, without a limit.
+MAX_GIF_WALK = 1 << 21
 # A TIFF's lists that Pillow turns whole into Python values as it opens the file (a strip's or tile's
 # offset each: a 64 MB TIFF of 16×16 pixels listing 8 million strips took 2.2 GB and 14 s to open,
 # a minute to decode). A picture within MAX_SIDE has at most MAX_SIDE strips of a row each.
@@ -206,6 +210,43 @@ def _gif_blocks(pages: _Pages) -> int:
             if not page[i]:
                 break
     return blocks
+
+
+def gif_frame_follows(f: BinaryIO) -> bool:
+    """Whether a second frame follows a GIF's first (`f`, opened for reading), found within
+    MAX_GIF_WALK sub-blocks; False where the file ends, is damaged or holds more before it."""
+    pages = _Pages(f)
+    page, _ = pages.at(0, 13)
+    if len(page) < 13 or page[:6] not in (b"GIF87a", b"GIF89a"):
+        return False
+    at = 13 + (3 << ((page[10] & 7) + 1) if page[10] & 0x80 else 0)  # after the global colour table
+    frames, budget = 0, MAX_GIF_WALK
+    while budget > 0:
+        page, i = pages.at(at, 11)
+        if len(page) - i >= 11 and page[i] == 0x2C:  # a frame: its descriptor, colour table, code size, pixels
+            if frames:
+                return True
+            frames, flags = 1, page[i + 9]
+            at += 11 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+        elif len(page) - i >= 2 and page[i] == 0x21:  # an extension: introducer and label, then its sub-blocks
+            at += 2
+        else:  # the trailer, the end of the file, damage
+            return False
+        at, budget = _after_sub_blocks(pages, at, budget)
+    return False
+
+
+def _after_sub_blocks(pages: _Pages, at: int, budget: int) -> tuple[int, int]:
+    """Where the sub-blocks from `at` end (after the empty one), and the budget they leave; a budget of
+    0 where they run out first or the file ends inside them."""
+    while budget > 0:
+        page, i = pages.at(at, 1)
+        if len(page) - i < 1:
+            return at, 0
+        size, budget, at = page[i], budget - 1, at + 1 + page[i]
+        if not size:
+            return at, budget
+    return at, 0
 
 
 def _ppm_header_end(pages: _Pages) -> int:
