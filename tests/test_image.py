@@ -375,6 +375,10 @@ def test_missing_file(tmp_path):
     "content, what, to_do",
     [
         (b"<!DOCTYPE html><html><body>404 Not Found</body></html>\n", "is text, not an image", "a web page saved"),
+        # a web page's icons are inline SVG: the page is no drawing, and converting it to PNG draws the error page
+        (b'<!DOCTYPE html>\n<html><body><a href="/"><svg viewBox="0 0 16 16"><path d="M8 0"/></svg></a>404</body></html>',
+         "is text, not an image", "a web page saved"),
+        (b"<!-- drawn by hand -->\n<svg xmlns='http://www.w3.org/2000/svg'><text>&lt;html&gt;</text></svg>", "is an SVG drawing", "convert it to PNG"),
         (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', "is an SVG drawing", "convert it to PNG"),
         (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "is a PDF document, not an image", "export its page as PNG"),
         (b"PK\x03\x04" + bytes(40), "is a zip archive, not an image", "extract the picture"),

@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -442,7 +443,14 @@ def _sniffed(path: Path) -> str:
     what = sniff_binary(head)
     if what is not None or not _is_utf8(head):
         return what or ""
-    return "an SVG drawing" if b"<svg" in head.lower() else "text"
+    return "an SVG drawing" if _SVG_ROOT.match(head) else "text"
+
+
+# An SVG file's first element, after its XML declaration, comments and doctype, is <svg>: a web page
+# holds <svg> elements too (its icons), inside its <html>. Possessive (*+): the prolog is read once,
+# where backtracking into it took seconds for two dozen comments followed by no <svg>.
+_SVG_ROOT = re.compile(rb"(?:\xef\xbb\xbf)?(?:\s|<\?.*?\?>|<!--.*?-->|<!doctype[^>\[]*(?:\[.*?\])?\s*>)*+<svg[\s>/:]",
+                       re.IGNORECASE | re.DOTALL)  # fmt: skip
 
 
 def _is_utf8(head: bytes) -> bool:
