@@ -345,6 +345,36 @@ def test_a_transparent_grey_of_a_sixteen_bit_png_becomes_white_as_other_transpar
         assert red[200, column] == pytest.approx((byte / 255 - 0.485) / 0.229, abs=1e-5)
 
 
+@pytest.mark.parametrize("interlace", [0, 1])
+def test_a_transparent_colour_of_a_sixteen_bit_rgb_png_becomes_white_as_other_transparency_does(tmp_path, interlace):
+    """Pillow reads a 16-bit RGB PNG as 8-bit RGB and keeps its tRNS colour in 16 bits: compared with
+    8-bit pixels it matched none (a key of (0, 0, 0) would match every pixel of values 0…255), and the
+    transparent background went in as the grey hidden under it. Only the exact colour is transparent."""
+    key, neighbour, other = (0x8080, 0x8080, 0x8080), (0x8081, 0x8080, 0x8080), (0x1234, 0xABCD, 0x00FF)
+    row = b"\0" + b"".join(struct.pack(">HHH", *colour) for colour in [other] * 6 + [key] * 6 + [neighbour] * 6)
+    png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 18, 10, 16, 2, 0, 0, interlace))
+           + _png_chunk(b"tRNS", struct.pack(">HHH", *key)) + _png_chunk(b"IDAT", zlib.compress(row * 10 if not interlace else _adam7(row, 10)))
+           + _png_chunk(b"IEND", b""))  # fmt: skip
+    path = tmp_path / "deep_key.png"
+    path.write_bytes(png)
+    pixels = np.asarray(media_image._decode(path))
+    assert pixels.shape == (10, 18, 3)
+    assert (pixels[:, :6] == (0x12, 0xAB, 0x00)).all() and (pixels[:, 6:12] == 255).all() and (pixels[:, 12:] == 128).all()
+
+
+def _adam7(row: bytes, height: int) -> bytes:
+    """The scanlines of an interlaced (Adam7) PNG all of whose rows are `row` (its filter byte 0, then
+    pixels of 6 bytes)."""
+    pixels = [row[1 + 6 * x : 7 + 6 * x] for x in range((len(row) - 1) // 6)]
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    out = b""
+    for x0, y0, dx, dy in passes:
+        columns = pixels[x0::dx]
+        if columns:
+            out += (b"\0" + b"".join(columns)) * len(range(y0, height, dy))
+    return out
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -572,7 +572,10 @@ def _decode(path: Path) -> Image.Image:
         native = captured()  # libtiff writes its errors to fd 2 ("ZIPDecode: Decoding error …"); Pillow says "decoder error -2"
         try:
             with quiet_pillow(), native:
+                key = _sixteen_bit_rgb_key(image)  # read from the tile, which loading empties
                 decoded = _qoi_by_ffmpeg(path, image) if _ffmpeg_decodes(image) else _loaded(image)
+                if key is not None:
+                    decoded = _keyed_out(path, decoded, key)
         except MemoryError:
             raise MediaError(f"not enough memory to decode {visible(str(path))}; downscale the image first") from None
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
@@ -585,6 +588,35 @@ def _decode(path: Path) -> Image.Image:
 def _loaded(image: Image.Image) -> Image.Image:
     image.load()
     return image
+
+
+def _sixteen_bit_rgb_key(image: Image.Image) -> tuple[int, int, int] | None:
+    """The transparent colour (tRNS) of a 16-bit RGB PNG, not yet loaded, or None. Pillow reads such a
+    PNG as 8-bit RGB, each value's high byte, and keeps the colour in 16 bits: compared with the 8-bit
+    pixels it marks none transparent (or, of (0, 0, 0), every pixel whose values are 0…255)."""
+    key = image.info.get("transparency")
+    if image.format != "PNG" or not image.tile or not isinstance(key, tuple) or len(key) != 3:
+        return None
+    args = image.tile[0][3]
+    return key if (args if isinstance(args, str) else args[0]) == "RGB;16B" else None
+
+
+def _keyed_out(path: Path, image: Image.Image, key: tuple[int, int, int]) -> Image.Image:
+    """`image` (a loaded 16-bit RGB PNG: its values' high bytes) as RGBA, alpha 0 where the 16-bit
+    colour is `key` exactly. The low bytes come from decoding the file again as little-endian data."""
+    with Image.open(path, formats=["PNG"]) as low:
+        codec, extents, offset, args = low.tile[0]
+        if low.size != image.size or (args if isinstance(args, str) else args[0]) != "RGB;16B":
+            raise ValueError("the file changed while it was read")
+        low.tile = [(codec, extents, offset, "RGB;16L" if isinstance(args, str) else ("RGB;16L", *args[1:]))]
+        low.load()
+        high_key, low_key = np.array([k >> 8 for k in key], np.uint8), np.array([k & 0xFF for k in key], np.uint8)
+        alpha = np.empty((image.height, image.width), np.uint8)
+        for top, bottom in _strips(image):
+            box = (0, top, image.width, bottom)
+            keyed = (np.asarray(image.crop(box)) == high_key).all(-1) & (np.asarray(low.crop(box)) == low_key).all(-1)
+            alpha[top:bottom] = np.where(keyed, 0, 255)
+    return Image.merge("RGBA", (*image.split(), Image.fromarray(alpha, "L")))
 
 
 def check_image_decodes(path: str | Path) -> None:
