@@ -345,6 +345,27 @@ def test_a_transparent_grey_of_a_sixteen_bit_png_becomes_white_as_other_transpar
         assert red[200, column] == pytest.approx((byte / 255 - 0.485) / 0.229, abs=1e-5)
 
 
+def test_a_sixteen_bit_grey_with_a_transparent_value_is_converted_strip_by_strip(monkeypatch):
+    """to_rgb converts in strips so that memory stays near the result: the transparent value's alpha was
+    kept for the whole picture, stacked with its grey into a third copy and made an LA image of 4 bytes a
+    pixel (1.2 GB more for a 179-megapixel PNG of a few hundred KB)."""
+    import tracemalloc
+
+    monkeypatch.setattr(media_image, "STRIP_PIXELS", 1 << 14)
+    values = np.full((1024, 1024), 32896, np.uint16)
+    values[:, 512:] = 1000
+    picture = Image.fromarray(values)
+    picture.info["transparency"] = 32896
+    tracemalloc.start()
+    try:
+        rgb = to_rgb(picture)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.asarray(rgb)[0, 0].tolist() == [255] * 3 and np.asarray(rgb)[0, 600].tolist() == [4] * 3
+    assert peak < 1.5 * 1024 * 1024, peak  # the 8-bit grey (1 byte a pixel) and a strip's temporaries
+
+
 @pytest.mark.parametrize("interlace", [0, 1])
 def test_a_transparent_colour_of_a_sixteen_bit_rgb_png_becomes_white_as_other_transparency_does(tmp_path, interlace):
     """Pillow reads a 16-bit RGB PNG as 8-bit RGB and keeps its tRNS colour in 16 bits: compared with

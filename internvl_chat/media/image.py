@@ -212,20 +212,22 @@ def _strips(image: Image.Image):
 
 def _deep_grey_to_l(image: Image.Image) -> Image.Image:
     """I;16 (and I holding values above 255) → L by /257, rounded; I within 0…255 is clipped only.
-    A grey value a PNG's tRNS chunk marks transparent comes out as LA, that value's pixels at alpha 0
-    (the 8-bit L they become is no longer that value alone)."""
+    A grey value a PNG's tRNS chunk marks transparent comes out white, as transparency composited
+    over white does (the 8-bit grey it becomes is no longer that value alone): set in each strip, so
+    no alpha layer of the whole picture is kept."""
     scale = image.mode.startswith("I;16") or (image.getextrema()[1] or 0) > 255
     transparent = image.info.get("transparency")
+    key = transparent if isinstance(transparent, int) else None
     out = np.empty((image.height, image.width), np.uint8)
-    alpha = np.full((image.height, image.width), 255, np.uint8) if isinstance(transparent, int) else None
     for top, bottom in _strips(image):
         values = np.asarray(image.crop((0, top, image.width, bottom))).astype(np.float64)
-        if alpha is not None:
-            alpha[top:bottom][values == transparent] = 0
+        keyed = values == key if key is not None else None
         if scale:
             values /= 257.0  # 0…65535 → 0…255
         out[top:bottom] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    return Image.fromarray(np.dstack((out, alpha)), "LA") if alpha is not None else Image.fromarray(out, "L")
+        if keyed is not None:
+            out[top:bottom][keyed] = 255
+    return Image.fromarray(out, "L")
 
 
 def _over_white(image: Image.Image) -> Image.Image:
@@ -602,8 +604,9 @@ def _sixteen_bit_rgb_key(image: Image.Image) -> tuple[int, int, int] | None:
 
 
 def _keyed_out(path: Path, image: Image.Image, key: tuple[int, int, int]) -> Image.Image:
-    """`image` (a loaded 16-bit RGB PNG: its values' high bytes) as RGBA, alpha 0 where the 16-bit
-    colour is `key` exactly. The low bytes come from decoding the file again as little-endian data."""
+    """`image` (a loaded 16-bit RGB PNG: its values' high bytes) with the pixels whose 16-bit colour is
+    `key` exactly made white, as transparency composited over white is, strip by strip and in place.
+    The low bytes come from decoding the file again as little-endian data."""
     with Image.open(path, formats=["PNG"]) as low:
         codec, extents, offset, args = low.tile[0]
         if low.size != image.size or (args if isinstance(args, str) else args[0]) != "RGB;16B":
@@ -611,12 +614,15 @@ def _keyed_out(path: Path, image: Image.Image, key: tuple[int, int, int]) -> Ima
         low.tile = [(codec, extents, offset, "RGB;16L" if isinstance(args, str) else ("RGB;16L", *args[1:]))]
         low.load()
         high_key, low_key = np.array([k >> 8 for k in key], np.uint8), np.array([k & 0xFF for k in key], np.uint8)
-        alpha = np.empty((image.height, image.width), np.uint8)
         for top, bottom in _strips(image):
             box = (0, top, image.width, bottom)
-            keyed = (np.asarray(image.crop(box)) == high_key).all(-1) & (np.asarray(low.crop(box)) == low_key).all(-1)
-            alpha[top:bottom] = np.where(keyed, 0, 255)
-    return Image.merge("RGBA", (*image.split(), Image.fromarray(alpha, "L")))
+            high = np.array(image.crop(box))
+            keyed = (high == high_key).all(-1) & (np.asarray(low.crop(box)) == low_key).all(-1)
+            if keyed.any():
+                high[keyed] = 255
+                image.paste(Image.fromarray(high, "RGB"), box[:2])
+    del image.info["transparency"]  # dealt with: to_rgb must not compare the 8-bit pixels with it again
+    return image
 
 
 def check_image_decodes(path: str | Path) -> None:
