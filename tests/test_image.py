@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -1021,6 +1022,30 @@ def test_looking_for_a_gifs_second_frame_is_bounded(tmp_path):
     assert media_image.unused_pictures(path) is None
     path.write_bytes(gif + b"!\xfe\x00" * 1000 + frame + b";")
     assert media_image.unused_pictures(path) == "animated: only its first frame is used"
+
+
+def test_the_note_on_unused_pictures_never_waits_on_a_pipe(tmp_path):
+    """/media says each attachment's line again, its note read from the file then: a picture replaced
+    by a FIFO since it was attached blocked the REPL until something wrote to it (here a writer does,
+    an animation, so a read of the pipe shows)."""
+    animation = io.BytesIO()
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue")]
+    frames[0].save(animation, "PNG", save_all=True, append_images=frames[1:])
+    pipe = tmp_path / "moving.png"
+    os.mkfifo(pipe)
+
+    def write() -> None:
+        with open(pipe, "wb") as f:  # waits for a reader
+            f.write(animation.getvalue())
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        assert media_image.unused_pictures(pipe) is None
+    finally:
+        reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer finish, whatever was read
+        writer.join()
+        os.close(reader)
 
 
 def _qoi(width: int, height: int, ops: bytes) -> bytes:

@@ -544,9 +544,10 @@ def _animated(path: Path, image: Image.Image) -> bool:
 def unused_pictures(path: Path) -> str | None:
     """What the file holds beyond the one picture the image loader uses, for the attach line
     ("animated: only its first frame is used"), or None: a question about a whole animation or
-    document must not be answered from its first picture without a word."""
+    document must not be answered from its first picture without a word. Read again as /media lists
+    the attachments: a file no longer regular (a FIFO swapped in) is not opened, nor waited on."""
     try:
-        with _open_image(path) as image:
+        with _open_image(check_media_file(path, "image")) as image:
             if _animated(path, image):
                 return "animated: only its first frame is used"
             if image.format == "TIFF" and getattr(image, "is_animated", False) and _second_tiff_picture_is_a_page(image):
