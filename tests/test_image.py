@@ -1048,6 +1048,16 @@ def test_the_note_on_unused_pictures_never_waits_on_a_pipe(tmp_path):
         os.close(reader)
 
 
+@pytest.mark.parametrize("subfile_type, note", [(2, "several pages: only its first is used"), (4, None), (5, None), (1, None)])
+def test_a_tiffs_transparency_mask_is_no_page_of_its_own(tmp_path, subfile_type, note):
+    """NewSubfileType's bit 2 marks a transparency mask (GDAL's internal nodata mask of a GeoTIFF:
+    4, and 5 for its overviews' masks): such a TIFF was said to hold several pages."""
+    picture = Image.fromarray(textured_rgb(64, 48, seed=5))
+    path = tmp_path / "scan.tif"
+    picture.save(path, save_all=True, append_images=[picture.convert("1")], tiffinfo={254: subfile_type})
+    assert media_image.unused_pictures(path) == note
+
+
 def _qoi(width: int, height: int, ops: bytes) -> bytes:
     """A QOI file of RGB pixels whose ops are `ops` (and its end marker)."""
     return b"qoif" + struct.pack(">IIBB", width, height, 3, 0) + ops + bytes(7) + b"\x01"

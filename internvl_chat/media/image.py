@@ -559,11 +559,12 @@ def unused_pictures(path: Path) -> str | None:
 
 def _second_tiff_picture_is_a_page(image: Image.Image) -> bool:
     """Whether a TIFF's second picture is a page of its own, not a smaller copy of the first (a
-    scanner's or camera's preview: NewSubfileType, tag 254, bit 0). Only that picture's tags are read."""
+    scanner's or camera's preview: NewSubfileType, tag 254, bit 0) nor a transparency mask (bit 2: a
+    GeoTIFF's nodata mask). Only that picture's tags are read."""
     try:
         with quiet_pillow():
             image.seek(1)
-            return not int(image.tag_v2.get(254, 0)) & 1
+            return not int(image.tag_v2.get(254, 0)) & 0b101
     except Exception:  # noqa: BLE001 - a damaged second directory: the first picture is what is used anyway
         return False
 
