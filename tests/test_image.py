@@ -1058,6 +1058,17 @@ def test_a_tiffs_transparency_mask_is_no_page_of_its_own(tmp_path, subfile_type,
     assert media_image.unused_pictures(path) == note
 
 
+@pytest.mark.skipif("AVIF" not in media_image.image_formats(), reason="this Pillow has no AVIF support")
+def test_an_animated_avif_is_said_to_be_used_by_its_first_frame(tmp_path):
+    """An AVIF image sequence (a browser's or chat app's animation) went to the model as its first
+    frame with nothing said, as an animated GIF, PNG or WebP no longer does."""
+    frames = [Image.fromarray(textured_rgb(64, 48, seed=seed)) for seed in (1, 2)]
+    frames[0].save(tmp_path / "moving.avif", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(tmp_path / "still.avif")
+    assert media_image.unused_pictures(tmp_path / "moving.avif") == "animated: only its first frame is used"
+    assert media_image.unused_pictures(tmp_path / "still.avif") is None
+
+
 def _qoi(width: int, height: int, ops: bytes) -> bytes:
     """A QOI file of RGB pixels whose ops are `ops` (and its end marker)."""
     return b"qoif" + struct.pack(">IIBB", width, height, 3, 0) + ops + bytes(7) + b"\x01"

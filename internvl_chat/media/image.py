@@ -519,7 +519,7 @@ def probe_image(path: str | Path) -> tuple[int, int]:
 
 
 def is_animation(path: Path) -> bool:
-    """Whether the file is an animated GIF, PNG or WebP, from its header; False for anything else,
+    """Whether the file is an animated GIF, PNG, WebP or AVIF, from its header; False for anything else,
     a multi-page TIFF or a file Pillow cannot open included. The image loader uses its first frame."""
     try:
         with _open_image(path) as image:
@@ -529,16 +529,17 @@ def is_animation(path: Path) -> bool:
 
 
 def _animated(path: Path, image: Image.Image) -> bool:
-    """Whether `image` (opened from `path`) is an animated GIF, PNG or WebP. A PNG and a WebP say so in
-    their header; a GIF's second frame is looked for by a bounded walk of its blocks (image_headers.py),
-    not by Pillow's, which reads every block up to it in Python and fails on damage after the first."""
+    """Whether `image` (opened from `path`) is an animated GIF, PNG, WebP or AVIF (an image sequence).
+    The others say so in their header; a GIF's second frame is looked for by a bounded walk of its
+    blocks (image_headers.py), not by Pillow's, which reads every block up to it in Python and fails
+    on damage after the first."""
     if image.format == "GIF":
         try:
             with open_regular_file(path) as f:
                 return gif_frame_follows(f)
         except OSError:
             return False
-    return image.format in ("PNG", "WEBP") and bool(getattr(image, "is_animated", False))
+    return image.format in ("PNG", "WEBP", "AVIF") and bool(getattr(image, "is_animated", False))
 
 
 def unused_pictures(path: Path) -> str | None:
