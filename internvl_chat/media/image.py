@@ -24,7 +24,7 @@ from ..errors import MediaError
 from ..files import (SNIFF_BYTES, STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, is_video_kind,
                      open_regular_file, sniff_binary, too_long_path_line, visible)
 from ..native_stderr import captured
-from .image_headers import gif_frame_follows, header_flood, icon_picture_size, jpeg_scans, quiet_pillow
+from .image_headers import gif_frame_follows, header_flood, icon_picture_size, jpeg_scans, quiet_pillow, tiff_second_picture
 
 # Pillow logs some damage as an ERROR record (a TIFF's "More samples per pixel than can be decoded:
 # 51462"), and with no logging set up Python prints it to stderr itself, a line before our own
@@ -551,23 +551,23 @@ def unused_pictures(path: Path) -> str | None:
         with _open_image(check_media_file(path, "image")) as image:
             if _animated(path, image):
                 return "animated: only its first frame is used"
-            if image.format == "TIFF" and getattr(image, "is_animated", False) and _second_tiff_picture_is_a_page(image):
+            if image.format == "TIFF" and _second_tiff_picture_is_a_page(path):
                 return "several pages: only its first is used"
     except MediaError:
         pass
     return None
 
 
-def _second_tiff_picture_is_a_page(image: Image.Image) -> bool:
+def _second_tiff_picture_is_a_page(path: Path) -> bool:
     """Whether a TIFF's second picture is a page of its own, not a smaller copy of the first (a
     scanner's or camera's preview: NewSubfileType, tag 254, bit 0) nor a transparency mask (bit 2: a
-    GeoTIFF's nodata mask). Only that picture's tags are read."""
+    GeoTIFF's nodata mask). Read from its header (image_headers.py), not by Pillow's seek."""
     try:
-        with quiet_pillow():
-            image.seek(1)
-            return not int(image.tag_v2.get(254, 0)) & 0b101
-    except Exception:  # noqa: BLE001 - a damaged second directory: the first picture is what is used anyway
+        with open_regular_file(path) as f:
+            subfile_type = tiff_second_picture(f)
+    except OSError:
         return False
+    return subfile_type is not None and not subfile_type & 0b101
 
 
 def _decode(path: Path) -> Image.Image:

@@ -333,6 +333,52 @@ def _tiff_longest_list(pages: _Pages) -> tuple[str, int]:
     return longest
 
 
+def tiff_second_picture(f: BinaryIO) -> int | None:
+    """The NewSubfileType (tag 254; 0 where it is left out) of the second picture of a TIFF (`f`, opened
+    for reading), or None where there is none: no second directory, or one that lists no width and
+    height or does not read. Read from the two directories' entries, where Pillow's seek turns every
+    value of the second one into Python values (the first is checked before it opens the file): a 16×16
+    TIFF of 8 MB whose second picture listed 2 million strips took 7.5 s and 590 MB."""
+    try:
+        pages = _Pages(f)
+        head, _ = pages.at(0, 16)
+        if len(head) < 16 or head[:4] not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+            return None
+        order, big = ("little" if head[:2] == b"II" else "big"), head[2:4] in (b"+\0", b"\0+")
+        first = int.from_bytes(head[8:16] if big else head[4:8], order)
+        second = _tiff_directory(pages, first, order, big)[1]
+        if not second or second == first:
+            return None
+        tags = _tiff_directory(pages, second, order, big)[0]
+    except (OSError, OverflowError):
+        return None
+    return tags.get(254, 0) if 256 in tags and 257 in tags else None
+
+
+def _tiff_directory(pages: _Pages, at: int, order: str, big: bool) -> tuple[dict[int, int], int]:
+    """A TIFF directory's single-number tags (tag → value) and the next directory's offset; ({}, 0)
+    where it does not read."""
+    count_size, entry_size, value_size = (8, 20, 8) if big else (2, 12, 4)
+    page, i = pages.at(at, count_size)
+    if len(page) - i < count_size:
+        return {}, 0
+    entries = int.from_bytes(page[i : i + count_size], order)
+    if entries > 1 << 16:  # a classic TIFF's count holds no more; a BigTIFF's claiming more is damaged
+        return {}, 0
+    tags = {}
+    for k in range(entries):
+        page, i = pages.at(at + count_size + k * entry_size, entry_size)
+        if len(page) - i < entry_size:
+            return {}, 0
+        kind, count = int.from_bytes(page[i + 2 : i + 4], order), int.from_bytes(page[i + 4 : i + 4 + value_size], order)
+        width = {3: 2, 4: 4, 16: 8}.get(kind)  # SHORT, LONG, LONG8
+        if width is not None and count == 1:
+            value_at = i + 4 + value_size
+            tags[int.from_bytes(page[i : i + 2], order)] = int.from_bytes(page[value_at : value_at + width], order)
+    page, i = pages.at(at + count_size + entries * entry_size, value_size)
+    return tags, int.from_bytes(page[i : i + value_size], order) if len(page) - i >= value_size else 0
+
+
 def jpeg_scans(path: Path) -> int:
     """How many scans (SOS markers) the picture holds. A progressive JPEG's decoder passes over the
     whole picture for each scan, and a scan can be 31 bytes: a 683 KB JPEG of 4000×4000 with 20,000
