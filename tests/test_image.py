@@ -1144,6 +1144,28 @@ def test_a_qoi_photo_of_more_pixels_than_pillows_python_decoder_reads_quickly_is
     _assert_both_refuse(strip, "a QOI image of 170×1048576 pixels, more than the 16,777,216", "convert it to PNG")
 
 
+def test_a_qoi_of_too_few_bytes_for_its_pixels_is_refused_as_cut_short(tmp_path):
+    """FFmpeg fills the pixels a QOI's data does not reach with its last colour, without a word (Pillow
+    said "not enough image data"): a 22-byte file, a header and the end marker, declaring 13000×13000
+    pixels became a 169-megapixel black picture, half a gigabyte decoded. An op byte gives 62 pixels
+    at most (a run), so a file of fewer bytes than that cannot be whole."""
+    for side in (13000, 64):
+        path = tmp_path / f"hollow{side}.qoi"
+        path.write_bytes(_qoi(side, side, b"\xfe\x0a\x14\x1e"))
+        _assert_both_refuse_to_decode(path, f"hollow{side}.qoi", "truncated or corrupt", "too few bytes")
+    whole = tmp_path / "whole.qoi"  # one RGB op, then runs of 62: the most pixels a byte holds
+    whole.write_bytes(_qoi(62, 62, b"\xfe\x0a\x14\x1e" + b"\xfd" * 61 + b"\xfc"))
+    assert media_image._decode(whole).getextrema() == ((10, 10), (20, 20), (30, 30))
+
+
+def _assert_both_refuse_to_decode(path: Path, *words: str) -> None:
+    """check_image_decodes (attaching) and load_image refuse `path` alike, in one line holding `words`."""
+    for call in (media_image.check_image_decodes, load_image):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        _assert_one_line(err, *words)
+
+
 def _rle_bmp(width: int, height: int, rows: bytes) -> bytes:
     """An 8-bit run-length-encoded BMP (a grey palette) whose pixel data is `rows`."""
     palette = b"".join(bytes((grey, grey, grey, 0)) for grey in range(256))

@@ -50,6 +50,8 @@ MAX_PYTHON_DECODED_PIXELS = 1 << 24
 # longer strip is left to Pillow, within MAX_PYTHON_DECODED_PIXELS.
 FFMPEG_IMAGE_LIMIT = 1 << 28
 QOI_END = bytes(7) + b"\x01"  # every QOI file ends so; FFmpeg decodes a file cut short without a word
+QOI_HEADER_BYTES = 14
+QOI_PIXELS_PER_BYTE = 62  # a run op's most: a file of fewer op bytes than pixels / 62 cannot be whole
 # Progressive JPEGs from libjpeg have 6 or 10 scans, mozjpeg's a few more
 MAX_JPEG_SCANS = 256
 # Real tiled TIFFs use tiles of 256² to 1024²; a larger one than the picture is refused past this size
@@ -378,6 +380,9 @@ def _qoi_by_ffmpeg(path: Path, image: Image.Image) -> Image.Image:
         f.seek(-len(QOI_END), os.SEEK_END)
         if f.read() != QOI_END:
             raise ValueError("the file does not end as a QOI file does")
+        ops = f.tell() - QOI_HEADER_BYTES - len(QOI_END)
+        if ops * QOI_PIXELS_PER_BYTE < image.width * image.height:  # FFmpeg would fill the rest with the last colour
+            raise ValueError(f"the file holds too few bytes for its {image.width * image.height:,} pixels")
         f.seek(0)
         with av.open(f, format="qoi_pipe") as container:
             frame = next(container.decode(video=0), None)
