@@ -153,6 +153,16 @@ def test_an_animation_or_document_is_said_to_be_used_by_its_first_picture(loaded
     assert "(" not in still and "(" not in preview
 
 
+def test_a_gif_damaged_after_the_frame_it_is_used_by_is_attached(loaded, tmp_path):
+    """Looking for a second frame met the damage after the first (IndexError): /image failed."""
+    out = io.BytesIO()
+    Image.fromarray(textured_rgb(448, 448, seed=3)).save(out, "GIF")
+    (tmp_path / "cut.gif").write_bytes(out.getvalue()[:-1] + b"!\xf9\x01\x01\x00")  # a frame's control block, cut
+    app, printed = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/image {tmp_path / 'cut.gif'}") == OK
+    assert printed.getvalue().startswith("+ image cut.gif 448×448 →"), printed.getvalue()
+
+
 def test_attach_prints_cost_before_decoding(loaded, media, tmp_path):
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line(f"/image {media / 'small.png'}") == OK

@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -345,6 +346,57 @@ def test_a_transparent_grey_of_a_sixteen_bit_png_becomes_white_as_other_transpar
         assert red[200, column] == pytest.approx((byte / 255 - 0.485) / 0.229, abs=1e-5)
 
 
+def test_a_sixteen_bit_grey_with_a_transparent_value_is_converted_strip_by_strip(monkeypatch):
+    """to_rgb converts in strips so that memory stays near the result: the transparent value's alpha was
+    kept for the whole picture, stacked with its grey into a third copy and made an LA image of 4 bytes a
+    pixel (1.2 GB more for a 179-megapixel PNG of a few hundred KB)."""
+    import tracemalloc
+
+    monkeypatch.setattr(media_image, "STRIP_PIXELS", 1 << 14)
+    values = np.full((1024, 1024), 32896, np.uint16)
+    values[:, 512:] = 1000
+    picture = Image.fromarray(values)
+    picture.info["transparency"] = 32896
+    tracemalloc.start()
+    try:
+        rgb = to_rgb(picture)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.asarray(rgb)[0, 0].tolist() == [255] * 3 and np.asarray(rgb)[0, 600].tolist() == [4] * 3
+    assert peak < 1.5 * 1024 * 1024, peak  # the 8-bit grey (1 byte a pixel) and a strip's temporaries
+
+
+@pytest.mark.parametrize("interlace", [0, 1])
+def test_a_transparent_colour_of_a_sixteen_bit_rgb_png_becomes_white_as_other_transparency_does(tmp_path, interlace):
+    """Pillow reads a 16-bit RGB PNG as 8-bit RGB and keeps its tRNS colour in 16 bits: compared with
+    8-bit pixels it matched none (a key of (0, 0, 0) would match every pixel of values 0…255), and the
+    transparent background went in as the grey hidden under it. Only the exact colour is transparent."""
+    key, neighbour, other = (0x8080, 0x8080, 0x8080), (0x8081, 0x8080, 0x8080), (0x1234, 0xABCD, 0x00FF)
+    row = b"\0" + b"".join(struct.pack(">HHH", *colour) for colour in [other] * 6 + [key] * 6 + [neighbour] * 6)
+    png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 18, 10, 16, 2, 0, 0, interlace))
+           + _png_chunk(b"tRNS", struct.pack(">HHH", *key)) + _png_chunk(b"IDAT", zlib.compress(row * 10 if not interlace else _adam7(row, 10)))
+           + _png_chunk(b"IEND", b""))  # fmt: skip
+    path = tmp_path / "deep_key.png"
+    path.write_bytes(png)
+    pixels = np.asarray(media_image._decode(path))
+    assert pixels.shape == (10, 18, 3)
+    assert (pixels[:, :6] == (0x12, 0xAB, 0x00)).all() and (pixels[:, 6:12] == 255).all() and (pixels[:, 12:] == 128).all()
+
+
+def _adam7(row: bytes, height: int) -> bytes:
+    """The scanlines of an interlaced (Adam7) PNG all of whose rows are `row` (its filter byte 0, then
+    pixels of 6 bytes)."""
+    pixels = [row[1 + 6 * x : 7 + 6 * x] for x in range((len(row) - 1) // 6)]
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    out = b""
+    for x0, y0, dx, dy in passes:
+        columns = pixels[x0::dx]
+        if columns:
+            out += (b"\0" + b"".join(columns)) * len(range(y0, height, dy))
+    return out
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -375,6 +427,10 @@ def test_missing_file(tmp_path):
     "content, what, to_do",
     [
         (b"<!DOCTYPE html><html><body>404 Not Found</body></html>\n", "is text, not an image", "a web page saved"),
+        # a web page's icons are inline SVG: the page is no drawing, and converting it to PNG draws the error page
+        (b'<!DOCTYPE html>\n<html><body><a href="/"><svg viewBox="0 0 16 16"><path d="M8 0"/></svg></a>404</body></html>',
+         "is text, not an image", "a web page saved"),
+        (b"<!-- drawn by hand -->\n<svg xmlns='http://www.w3.org/2000/svg'><text>&lt;html&gt;</text></svg>", "is an SVG drawing", "convert it to PNG"),
         (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', "is an SVG drawing", "convert it to PNG"),
         (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "is a PDF document, not an image", "export its page as PNG"),
         (b"PK\x03\x04" + bytes(40), "is a zip archive, not an image", "extract the picture"),
@@ -926,6 +982,139 @@ def test_a_picture_too_large_for_pillows_python_decoders_is_refused_at_the_heade
         assert load_image(path).size == (16, 16), name
 
 
+def _gif_of_one_frame() -> bytes:
+    """A whole GIF of one 16×16 frame, without its trailer (";")."""
+    out = io.BytesIO()
+    Image.new("P", (16, 16), 3).save(out, "GIF")
+    assert out.getvalue().endswith(b";")
+    return out.getvalue()[:-1]
+
+
+@pytest.mark.parametrize("tail", [b"!\xf9\x01\x01\x00", b",\x00\x00", b"!"])
+def test_a_gif_damaged_after_its_first_frame_is_attached_without_a_note(tmp_path, tail):
+    """Its first frame, the picture used, decodes; asking Pillow whether a second frame follows
+    raised IndexError or struct.error from the damage, out of the attach line."""
+    path = tmp_path / "cut.gif"
+    path.write_bytes(_gif_of_one_frame() + tail)
+    media_image.check_image_decodes(path)
+    assert media_image.unused_pictures(path) is None
+    assert media_image.is_animation(path) is False
+
+
+def test_a_gif_is_animated_where_a_frame_follows_its_first(tmp_path):
+    frame = _gif_of_one_frame()[13 + 3 * 2 :]  # after the header and its global colour table of 2 colours
+    gif = _gif_of_one_frame()
+    assert gif[10] & 0x87 == 0x80
+    path = tmp_path / "two.gif"
+    path.write_bytes(gif + b"!\xfe\x03abc\x00" + frame + b";")  # a comment, then a second frame
+    assert media_image.unused_pictures(path) == "animated: only its first frame is used"
+    assert media_image.is_animation(path) is True
+
+
+def test_looking_for_a_gifs_second_frame_is_bounded(tmp_path):
+    """Pillow walks the blocks after the first frame one at a time in Python, all of them: a GIF of
+    a 16×16 frame and 4 million comment blocks took 3 s to attach, its decoding 0.1 s. Past
+    MAX_GIF_WALK sub-blocks (more than any first frame within the pixel limit holds) nothing is said."""
+    gif = _gif_of_one_frame()
+    frame = gif[13 + 3 * 2 :]
+    path = tmp_path / "flood.gif"
+    path.write_bytes(gif + b"!\xfe\x00" * image_headers.MAX_GIF_WALK + frame + b";")
+    assert media_image.unused_pictures(path) is None
+    path.write_bytes(gif + b"!\xfe\x00" * 1000 + frame + b";")
+    assert media_image.unused_pictures(path) == "animated: only its first frame is used"
+
+
+def test_the_note_on_unused_pictures_never_waits_on_a_pipe(tmp_path):
+    """/media says each attachment's line again, its note read from the file then: a picture replaced
+    by a FIFO since it was attached blocked the REPL until something wrote to it (here a writer does,
+    an animation, so a read of the pipe shows)."""
+    animation = io.BytesIO()
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue")]
+    frames[0].save(animation, "PNG", save_all=True, append_images=frames[1:])
+    pipe = tmp_path / "moving.png"
+    os.mkfifo(pipe)
+
+    def write() -> None:
+        with open(pipe, "wb") as f:  # waits for a reader
+            f.write(animation.getvalue())
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        assert media_image.unused_pictures(pipe) is None
+    finally:
+        reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer finish, whatever was read
+        writer.join()
+        os.close(reader)
+
+
+@pytest.mark.parametrize("subfile_type, note", [(2, "several pages: only its first is used"), (4, None), (5, None), (1, None)])
+def test_a_tiffs_transparency_mask_is_no_page_of_its_own(tmp_path, subfile_type, note):
+    """NewSubfileType's bit 2 marks a transparency mask (GDAL's internal nodata mask of a GeoTIFF:
+    4, and 5 for its overviews' masks): such a TIFF was said to hold several pages."""
+    picture = Image.fromarray(textured_rgb(64, 48, seed=5))
+    path = tmp_path / "scan.tif"
+    picture.save(path, save_all=True, append_images=[picture.convert("1")], tiffinfo={254: subfile_type})
+    assert media_image.unused_pictures(path) == note
+
+
+@pytest.mark.skipif("AVIF" not in media_image.image_formats(), reason="this Pillow has no AVIF support")
+def test_an_animated_avif_is_said_to_be_used_by_its_first_frame(tmp_path):
+    """An AVIF image sequence (a browser's or chat app's animation) went to the model as its first
+    frame with nothing said, as an animated GIF, PNG or WebP no longer does."""
+    frames = [Image.fromarray(textured_rgb(64, 48, seed=seed)) for seed in (1, 2)]
+    frames[0].save(tmp_path / "moving.avif", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(tmp_path / "still.avif")
+    assert media_image.unused_pictures(tmp_path / "moving.avif") == "animated: only its first frame is used"
+    assert media_image.unused_pictures(tmp_path / "still.avif") is None
+
+
+def _tiff_of_two_pictures(second_strips: int, subfile_type: int | None = None, big: bool = False) -> bytes:
+    """A TIFF (or BigTIFF) of two 16×16 grey pictures, the second listing `second_strips` strips (all
+    the same 256 bytes) and of NewSubfileType `subfile_type` (None: the tag left out)."""
+    word, count_format, entry_format, long_type = ("Q", "Q", "<HHQQ", 16) if big else ("I", "H", "<HHII", 4)
+    header, pixels = 16 if big else 8, bytes(range(256))
+    offsets_at = header + len(pixels)
+    first_at = offsets_at + second_strips * struct.calcsize(word)
+    common = [(256, 3, 1, 16), (257, 3, 1, 16), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (277, 3, 1, 1)]
+
+    def directory(tags: list, next_at: int) -> bytes:
+        return (struct.pack(f"<{count_format}", len(tags)) + b"".join(struct.pack(entry_format, *tag) for tag in sorted(tags))
+                + struct.pack(f"<{word}", next_at))  # fmt: skip
+
+    first_tags = common + [(273, long_type, 1, header), (278, 3, 1, 16), (279, long_type, 1, 256)]
+    second_at = first_at + len(directory(first_tags, 0))
+    second_tags = common + [(273, long_type, second_strips, offsets_at), (278, 3, 1, 16), (279, 3, 1, 256)]
+    if subfile_type is not None:
+        second_tags.append((254, long_type, 1, subfile_type))
+    start = b"II+\0" + struct.pack("<HHQ", 8, 0, first_at) if big else b"II*\0" + struct.pack("<I", first_at)
+    offsets = struct.pack(f"<{word}", header) * second_strips
+    return start + pixels + offsets + directory(first_tags, second_at) + directory(second_tags, 0)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_a_tiffs_second_picture_is_read_from_its_header_not_by_pillows_seek(tmp_path, big):
+    """Whether the second picture is a page was asked of Pillow, which turns every value of the second
+    directory into Python values as it seeks there (the first is checked before it is opened): an 8 MB
+    TIFF of a 16×16 page and a second listing 2 million strips took 7.5 s and 590 MB to attach, its
+    decoding 0.2 s."""
+    import tracemalloc
+
+    path = tmp_path / "pages.tif"
+    for subfile_type, note in ((None, "several pages: only its first is used"), (2, "several pages: only its first is used"), (1, None)):
+        path.write_bytes(_tiff_of_two_pictures(4, subfile_type, big))
+        assert media_image.unused_pictures(path) == note, subfile_type
+    path.write_bytes(_tiff_of_two_pictures(1 << 21, 0, big))
+    tracemalloc.start()
+    try:
+        note = media_image.unused_pictures(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert note == "several pages: only its first is used"
+    assert peak < 8 << 20, peak  # the header walk's page of 1 MiB, not half a million Python values
+
+
 def _qoi(width: int, height: int, ops: bytes) -> bytes:
     """A QOI file of RGB pixels whose ops are `ops` (and its end marker)."""
     return b"qoif" + struct.pack(">IIBB", width, height, 3, 0) + ops + bytes(7) + b"\x01"
@@ -953,6 +1142,28 @@ def test_a_qoi_photo_of_more_pixels_than_pillows_python_decoder_reads_quickly_is
     strip = tmp_path / "strip.qoi"
     strip.write_bytes(_qoi(170, 1 << 20, b"\xc0" * 8))  # (170+128)·(2^20+128) ≥ 2^28: FFmpeg refuses it
     _assert_both_refuse(strip, "a QOI image of 170×1048576 pixels, more than the 16,777,216", "convert it to PNG")
+
+
+def test_a_qoi_of_too_few_bytes_for_its_pixels_is_refused_as_cut_short(tmp_path):
+    """FFmpeg fills the pixels a QOI's data does not reach with its last colour, without a word (Pillow
+    said "not enough image data"): a 22-byte file, a header and the end marker, declaring 13000×13000
+    pixels became a 169-megapixel black picture, half a gigabyte decoded. An op byte gives 62 pixels
+    at most (a run), so a file of fewer bytes than that cannot be whole."""
+    for side in (13000, 64):
+        path = tmp_path / f"hollow{side}.qoi"
+        path.write_bytes(_qoi(side, side, b"\xfe\x0a\x14\x1e"))
+        _assert_both_refuse_to_decode(path, f"hollow{side}.qoi", "truncated or corrupt", "too few bytes")
+    whole = tmp_path / "whole.qoi"  # one RGB op, then runs of 62: the most pixels a byte holds
+    whole.write_bytes(_qoi(62, 62, b"\xfe\x0a\x14\x1e" + b"\xfd" * 61 + b"\xfc"))
+    assert media_image._decode(whole).getextrema() == ((10, 10), (20, 20), (30, 30))
+
+
+def _assert_both_refuse_to_decode(path: Path, *words: str) -> None:
+    """check_image_decodes (attaching) and load_image refuse `path` alike, in one line holding `words`."""
+    for call in (media_image.check_image_decodes, load_image):
+        with pytest.raises(MediaError) as err:
+            call(path)
+        _assert_one_line(err, *words)
 
 
 def _rle_bmp(width: int, height: int, rows: bytes) -> bytes:

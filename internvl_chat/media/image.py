@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ..errors import MediaError
 from ..files import (SNIFF_BYTES, STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, is_video_kind,
                      open_regular_file, sniff_binary, too_long_path_line, visible)
 from ..native_stderr import captured
-from .image_headers import header_flood, icon_picture_size, jpeg_scans, quiet_pillow
+from .image_headers import gif_frame_follows, header_flood, icon_picture_size, jpeg_scans, quiet_pillow, tiff_second_picture
 
 # Pillow logs some damage as an ERROR record (a TIFF's "More samples per pixel than can be decoded:
 # 51462"), and with no logging set up Python prints it to stderr itself, a line before our own
@@ -49,6 +50,8 @@ MAX_PYTHON_DECODED_PIXELS = 1 << 24
 # longer strip is left to Pillow, within MAX_PYTHON_DECODED_PIXELS.
 FFMPEG_IMAGE_LIMIT = 1 << 28
 QOI_END = bytes(7) + b"\x01"  # every QOI file ends so; FFmpeg decodes a file cut short without a word
+QOI_HEADER_BYTES = 14
+QOI_PIXELS_PER_BYTE = 62  # a run op's most: a file of fewer op bytes than pixels / 62 cannot be whole
 # Progressive JPEGs from libjpeg have 6 or 10 scans, mozjpeg's a few more
 MAX_JPEG_SCANS = 256
 # Real tiled TIFFs use tiles of 256² to 1024²; a larger one than the picture is refused past this size
@@ -211,20 +214,22 @@ def _strips(image: Image.Image):
 
 def _deep_grey_to_l(image: Image.Image) -> Image.Image:
     """I;16 (and I holding values above 255) → L by /257, rounded; I within 0…255 is clipped only.
-    A grey value a PNG's tRNS chunk marks transparent comes out as LA, that value's pixels at alpha 0
-    (the 8-bit L they become is no longer that value alone)."""
+    A grey value a PNG's tRNS chunk marks transparent comes out white, as transparency composited
+    over white does (the 8-bit grey it becomes is no longer that value alone): set in each strip, so
+    no alpha layer of the whole picture is kept."""
     scale = image.mode.startswith("I;16") or (image.getextrema()[1] or 0) > 255
     transparent = image.info.get("transparency")
+    key = transparent if isinstance(transparent, int) else None
     out = np.empty((image.height, image.width), np.uint8)
-    alpha = np.full((image.height, image.width), 255, np.uint8) if isinstance(transparent, int) else None
     for top, bottom in _strips(image):
         values = np.asarray(image.crop((0, top, image.width, bottom))).astype(np.float64)
-        if alpha is not None:
-            alpha[top:bottom][values == transparent] = 0
+        keyed = values == key if key is not None else None
         if scale:
             values /= 257.0  # 0…65535 → 0…255
         out[top:bottom] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    return Image.fromarray(np.dstack((out, alpha)), "LA") if alpha is not None else Image.fromarray(out, "L")
+        if keyed is not None:
+            out[top:bottom][keyed] = 255
+    return Image.fromarray(out, "L")
 
 
 def _over_white(image: Image.Image) -> Image.Image:
@@ -375,6 +380,9 @@ def _qoi_by_ffmpeg(path: Path, image: Image.Image) -> Image.Image:
         f.seek(-len(QOI_END), os.SEEK_END)
         if f.read() != QOI_END:
             raise ValueError("the file does not end as a QOI file does")
+        ops = f.tell() - QOI_HEADER_BYTES - len(QOI_END)
+        if ops * QOI_PIXELS_PER_BYTE < image.width * image.height:  # FFmpeg would fill the rest with the last colour
+            raise ValueError(f"the file holds too few bytes for its {image.width * image.height:,} pixels")
         f.seek(0)
         with av.open(f, format="qoi_pipe") as container:
             frame = next(container.decode(video=0), None)
@@ -442,7 +450,14 @@ def _sniffed(path: Path) -> str:
     what = sniff_binary(head)
     if what is not None or not _is_utf8(head):
         return what or ""
-    return "an SVG drawing" if b"<svg" in head.lower() else "text"
+    return "an SVG drawing" if _SVG_ROOT.match(head) else "text"
+
+
+# An SVG file's first element, after its XML declaration, comments and doctype, is <svg>: a web page
+# holds <svg> elements too (its icons), inside its <html>. Possessive (*+): the prolog is read once,
+# where backtracking into it took seconds for two dozen comments followed by no <svg>.
+_SVG_ROOT = re.compile(rb"(?:\xef\xbb\xbf)?(?:\s|<\?.*?\?>|<!--.*?-->|<!doctype[^>\[]*(?:\[.*?\])?\s*>)*+<svg[\s>/:]",
+                       re.IGNORECASE | re.DOTALL)  # fmt: skip
 
 
 def _is_utf8(head: bytes) -> bool:
@@ -509,39 +524,55 @@ def probe_image(path: str | Path) -> tuple[int, int]:
 
 
 def is_animation(path: Path) -> bool:
-    """Whether the file is an animated GIF, PNG or WebP, from its header; False for anything else,
+    """Whether the file is an animated GIF, PNG, WebP or AVIF, from its header; False for anything else,
     a multi-page TIFF or a file Pillow cannot open included. The image loader uses its first frame."""
     try:
         with _open_image(path) as image:
-            return image.format in ("GIF", "PNG", "WEBP") and bool(getattr(image, "is_animated", False))
+            return _animated(path, image)
     except MediaError:
         return False
+
+
+def _animated(path: Path, image: Image.Image) -> bool:
+    """Whether `image` (opened from `path`) is an animated GIF, PNG, WebP or AVIF (an image sequence).
+    The others say so in their header; a GIF's second frame is looked for by a bounded walk of its
+    blocks (image_headers.py), not by Pillow's, which reads every block up to it in Python and fails
+    on damage after the first."""
+    if image.format == "GIF":
+        try:
+            with open_regular_file(path) as f:
+                return gif_frame_follows(f)
+        except OSError:
+            return False
+    return image.format in ("PNG", "WEBP", "AVIF") and bool(getattr(image, "is_animated", False))
 
 
 def unused_pictures(path: Path) -> str | None:
     """What the file holds beyond the one picture the image loader uses, for the attach line
     ("animated: only its first frame is used"), or None: a question about a whole animation or
-    document must not be answered from its first picture without a word."""
+    document must not be answered from its first picture without a word. Read again as /media lists
+    the attachments: a file no longer regular (a FIFO swapped in) is not opened, nor waited on."""
     try:
-        with _open_image(path) as image:
-            if image.format in ("GIF", "PNG", "WEBP") and getattr(image, "is_animated", False):
+        with _open_image(check_media_file(path, "image")) as image:
+            if _animated(path, image):
                 return "animated: only its first frame is used"
-            if image.format == "TIFF" and getattr(image, "is_animated", False) and _second_tiff_picture_is_a_page(image):
+            if image.format == "TIFF" and _second_tiff_picture_is_a_page(path):
                 return "several pages: only its first is used"
     except MediaError:
         pass
     return None
 
 
-def _second_tiff_picture_is_a_page(image: Image.Image) -> bool:
+def _second_tiff_picture_is_a_page(path: Path) -> bool:
     """Whether a TIFF's second picture is a page of its own, not a smaller copy of the first (a
-    scanner's or camera's preview: NewSubfileType, tag 254, bit 0). Only that picture's tags are read."""
+    scanner's or camera's preview: NewSubfileType, tag 254, bit 0) nor a transparency mask (bit 2: a
+    GeoTIFF's nodata mask). Read from its header (image_headers.py), not by Pillow's seek."""
     try:
-        with quiet_pillow():
-            image.seek(1)
-            return not int(image.tag_v2.get(254, 0)) & 1
-    except Exception:  # noqa: BLE001 - a damaged second directory: the first picture is what is used anyway
+        with open_regular_file(path) as f:
+            subfile_type = tiff_second_picture(f)
+    except OSError:
         return False
+    return subfile_type is not None and not subfile_type & 0b101
 
 
 def _decode(path: Path) -> Image.Image:
@@ -551,7 +582,10 @@ def _decode(path: Path) -> Image.Image:
         native = captured()  # libtiff writes its errors to fd 2 ("ZIPDecode: Decoding error …"); Pillow says "decoder error -2"
         try:
             with quiet_pillow(), native:
+                key = _sixteen_bit_rgb_key(image)  # read from the tile, which loading empties
                 decoded = _qoi_by_ffmpeg(path, image) if _ffmpeg_decodes(image) else _loaded(image)
+                if key is not None:
+                    decoded = _keyed_out(path, decoded, key)
         except MemoryError:
             raise MediaError(f"not enough memory to decode {visible(str(path))}; downscale the image first") from None
         except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, …
@@ -563,6 +597,39 @@ def _decode(path: Path) -> Image.Image:
 
 def _loaded(image: Image.Image) -> Image.Image:
     image.load()
+    return image
+
+
+def _sixteen_bit_rgb_key(image: Image.Image) -> tuple[int, int, int] | None:
+    """The transparent colour (tRNS) of a 16-bit RGB PNG, not yet loaded, or None. Pillow reads such a
+    PNG as 8-bit RGB, each value's high byte, and keeps the colour in 16 bits: compared with the 8-bit
+    pixels it marks none transparent (or, of (0, 0, 0), every pixel whose values are 0…255)."""
+    key = image.info.get("transparency")
+    if image.format != "PNG" or not image.tile or not isinstance(key, tuple) or len(key) != 3:
+        return None
+    args = image.tile[0][3]
+    return key if (args if isinstance(args, str) else args[0]) == "RGB;16B" else None
+
+
+def _keyed_out(path: Path, image: Image.Image, key: tuple[int, int, int]) -> Image.Image:
+    """`image` (a loaded 16-bit RGB PNG: its values' high bytes) with the pixels whose 16-bit colour is
+    `key` exactly made white, as transparency composited over white is, strip by strip and in place.
+    The low bytes come from decoding the file again as little-endian data."""
+    with Image.open(path, formats=["PNG"]) as low:
+        codec, extents, offset, args = low.tile[0]
+        if low.size != image.size or (args if isinstance(args, str) else args[0]) != "RGB;16B":
+            raise ValueError("the file changed while it was read")
+        low.tile = [(codec, extents, offset, "RGB;16L" if isinstance(args, str) else ("RGB;16L", *args[1:]))]
+        low.load()
+        high_key, low_key = np.array([k >> 8 for k in key], np.uint8), np.array([k & 0xFF for k in key], np.uint8)
+        for top, bottom in _strips(image):
+            box = (0, top, image.width, bottom)
+            high = np.array(image.crop(box))
+            keyed = (high == high_key).all(-1) & (np.asarray(low.crop(box)) == low_key).all(-1)
+            if keyed.any():
+                high[keyed] = 255
+                image.paste(Image.fromarray(high, "RGB"), box[:2])
+    del image.info["transparency"]  # dealt with: to_rgb must not compare the 8-bit pixels with it again
     return image
 
 
