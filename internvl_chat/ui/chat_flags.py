@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "modes: a REPL when stdin and stdout are terminals and no prompt is given (-I keeps it after a "
             "prompt); one-shot otherwise (piped stdin is prepended to the prompt); --script runs REPL lines. "
-            "`internvl-chat quantize --help` makes 4-bit AWQ checkpoints; "
-            "`internvl-chat serve --help` serves one over an OpenAI-compatible API. "
+            "`internvl-chat quantize` makes 4-bit AWQ checkpoints and `internvl-chat serve` serves one "
+            "over an OpenAI-compatible API (each has its own --help). "
             "Exit status: 0 done, 1 an error (stdout unwritable included), 2 bad usage or input, "
             "130 interrupted (Ctrl-C), 143/129 ended by SIGTERM/SIGHUP."
         ),
