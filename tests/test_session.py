@@ -609,6 +609,27 @@ def test_answers_never_hold_image_placeholders(tiny_original):
     assert events[-1]["finish_reason"] in ("stop", "length")
 
 
+def test_answers_never_open_a_turn_so_a_saved_session_loads_back_as_it_was(tiny_original, tmp_path):
+    """The sampler bans <|im_start|> too: /load does not replay answer ids holding it (they would open
+    a hidden turn) but tokenizes the answer's text again, so a model that wrote one got back another
+    conversation (and one that had filled the context was refused as over it). Found by the session
+    fuzz (seeds 25, 66 and 90 of 150)."""
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=512)
+    im_start = loaded.special.im_start
+    text = loaded.model.language_model
+    with torch.no_grad():  # <|im_start|> the model's favourite at every step, as in the test above
+        text.model.norm.weight.zero_()[0] = 1.0
+        text.lm_head.weight[im_start, 0] = 1e4
+    session = Session(loaded, SamplingParams(max_new_tokens=6))
+    assert int(loaded.model.forward(session._turn_ids("Hi", []), 0).argmax()) == im_start  # unbanned, it would be picked
+    final_event(session.ask("Hi"))
+    assert im_start not in session.turns[-1].answer_ids
+    session.save(tmp_path / "chat.json")
+    again = Session(loaded, SamplingParams(max_new_tokens=6))
+    again.load(tmp_path / "chat.json")
+    assert again.ids == session.ids
+
+
 def test_sent_media_keep_their_features_and_free_their_pixels(loaded, media_dir, tmp_path, monkeypatch):
     """The decoded pixels of every picture and video sent were held for the whole session (float32:
     ~31 MB for a 13-tile picture, ~600 MB for a 256-frame video), though once a turn keeps their
