@@ -97,14 +97,16 @@ def test_greedy_multi_turn_matches_transformers_generate(tiny_original, loaded, 
     turns = [
         ("What is this?", [session.describe_image(media_dir / "small.png")]),
         ("Tell me more.", []),
-        ("And this?", [session.describe_video(media_dir / "clip.mp4", frames=2)]),
+        # several media in one turn, the video given first: the prompt and the features put images first
+        ("And these?", [session.describe_video(media_dir / "clip.mp4", frames=2), session.describe_image(media_dir / "small.png")]),
     ]
     pixels = []
     for text, media in turns:
-        context = session.ids + session.builder.next_turn(text, [m.spec for m in media]) if session.ids else None
+        in_prompt_order = sorted(media, key=lambda m: m.kind != "image")
+        context = session.ids + session.builder.next_turn(text, [m.spec for m in in_prompt_order]) if session.ids else None
         final_event(session.ask(text, media))
         turn = session.turns[-1]
-        pixels += [_pixels(session, m) for m in media]
+        pixels += [_pixels(session, m) for m in in_prompt_order]
         prompt = session.ids[: turn.ids_before] + turn.prompt_ids
         if context is not None:
             assert prompt == context
