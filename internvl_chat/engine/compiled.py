@@ -303,8 +303,11 @@ class CompiledStep:
 
     def masked(self, token: torch.Tensor, position: torch.Tensor, kv_len: int) -> torch.Tensor:
         """The CUDA-graph step (`decode_masked`), compiled when active; for DecodeGraphs (which
-        captures it, the two copies included, so they cost no launch of their own)."""
-        if not self.active:
+        captures it, the two copies included, so they cost no launch of their own). Attention over
+        the whole cache (the context's last position, `cuda_graph.kv_bucket`) takes the eager step:
+        that slice is contiguous, and the compiled step, guarded on it never being so, would be
+        compiled again (as long as the first compile) in the middle of an answer."""
+        if not self.active or kv_len >= self.lm.max_seq_len:
             return self.lm.decode_masked(token, position, kv_len)
         try:
             self._token.copy_(token.view(1))
