@@ -407,6 +407,24 @@ def test_the_graphs_variant_compiles_once_for_every_bucket(eager, tiny_original)
     assert step.active
 
 
+def test_the_guarded_step_reaches_the_end_of_the_context(eager, tiny_original, monkeypatch):
+    """Where Dynamo's guards are checked (a torch without the unguarded call), the context's last
+    position failed the compiled step (its whole-cache slice is contiguous, which the compile guarded
+    against: a recompile, refused), so a one-line note said so and every later token decoded eagerly.
+    That one position now takes the eager step and the compiled one stays."""
+    monkeypatch.setattr(compiled, "NATIVE_CPU_STEP", False)
+    monkeypatch.setattr(compiled, "unguarded", lambda *args: None)
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT, compile="on")
+    step = loaded.model.compiled_step
+    assert step is not None and step.active and not step.direct
+    ids = (eager.tokenizer.encode("one two three four five six seven") * 200)[: CONTEXT - 4]
+    want, want_logits = greedy_steps(eager.model, ids, 4)
+    got, got_logits = greedy_steps(loaded.model, ids, 4)  # the last one at position CONTEXT - 1
+    assert got == want and step.active, step.failure
+    assert step.steps == 3  # all but the last position ran compiled
+    assert (got_logits - want_logits).abs().max().item() <= TOL * want_logits.abs().max().item()
+
+
 def test_the_graphs_variant_reaches_the_end_of_the_context_without_recompiling(eager, tiny_original):
     """The last bucket of a context: attention over the whole cache is a contiguous slice of it, which
     the compile took as never so (a guard), so a conversation reaching it compiled the step a second

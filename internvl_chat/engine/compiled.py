@@ -281,6 +281,10 @@ class CompiledStep:
         """Logits [V] for `token` at host position `pos`, or None: run the eager step."""
         if not self.active or self.for_graphs or not 2 <= pos < self.lm.max_seq_len:
             return None  # the general path: eager, or the overflow error
+        if self.native is None and pos == self.lm.max_seq_len - 1:
+            # attention over the whole cache, a contiguous slice: Inductor's step is guarded on it
+            # never being so (a recompile, refused); that one position runs eager
+            return None
         try:
             if self.native is not None:
                 logits = self.native(token, pos)
