@@ -254,13 +254,13 @@ def check_generation(local, sample: dict) -> list[str]:
 
 
 def greedy_text(local, ids: list[int]) -> str:
-    """The greedy continuation (image tokens banned, as the sampler bans them) up to a stop token
+    """The greedy continuation (image tokens and <|im_start|> banned, as the sampler bans them) up to a stop token
     or GEN_MAX_TOKENS, its text cut before the first stop string."""
     special = local.special
     out: list[int] = []
     for _ in range(GEN_MAX_TOKENS):
         logits = full_logprobs(local, ids + out)[-1].clone()
-        logits[[special.img_start, special.img_end, special.img_context]] = -math.inf
+        logits[[special.img_start, special.img_end, special.img_context, special.im_start]] = -math.inf
         token = int(logits.argmax())
         if token in (special.im_end, special.endoftext):
             break

@@ -116,7 +116,7 @@ class SessionFuzz:
         self.prefilling_retry = False  # the retry under way prefills its whole prompt again (op_retry)
         self.main_kv: OwnKVCache | None = None  # the model's own KV tensors, which the conversation uses
         special = live.special
-        self.banned = (special.img_start, special.img_end, special.img_context)
+        self.banned = (special.img_start, special.img_end, special.img_context, special.im_start)  # as Session's sampler
 
     # ---- running -------------------------------------------------------------------------------
     def run(self, steps: int) -> None:
@@ -338,7 +338,7 @@ class SessionFuzz:
         prompt = self._turn_ids(self.builder(), index, text, keys)
         want, want_finish = self.reference_answer(prior + prompt, history, keys, params)
         self.expect(len(answer) <= params.max_new_tokens, f"{len(answer)} answer tokens over max_new_tokens {params.max_new_tokens}")
-        self.expect(not set(answer) & set(self.banned), f"an answer holds an image placeholder: {answer}")
+        self.expect(not set(answer) & set(self.banned), f"an answer holds an image placeholder or a turn's start: {answer}")
         if finish == "cancelled":
             self.expect(variant == "cancel", "cancelled without a cancel, or after a cancel set before it began")
             self.expect(len(answer) < params.max_new_tokens, f"cancelled with {len(answer)} tokens, all that were asked for")

@@ -404,6 +404,52 @@ def test_the_graphs_variant_compiles_once_for_every_bucket(eager, tiny_original)
                 token = step.masked(token, position, kv_len).argmax().view(1)
                 position += 1
     assert got == want and seen == {256, 512}  # crossed a bucket boundary without recompiling
+    assert step.active
+
+
+def test_the_guarded_step_reaches_the_end_of_the_context(eager, tiny_original, monkeypatch):
+    """Where Dynamo's guards are checked (a torch without the unguarded call), the context's last
+    position failed the compiled step (its whole-cache slice is contiguous, which the compile guarded
+    against: a recompile, refused), so a one-line note said so and every later token decoded eagerly.
+    That one position now takes the eager step and the compiled one stays."""
+    monkeypatch.setattr(compiled, "NATIVE_CPU_STEP", False)
+    monkeypatch.setattr(compiled, "unguarded", lambda *args: None)
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT, compile="on")
+    step = loaded.model.compiled_step
+    assert step is not None and step.active and not step.direct
+    ids = (eager.tokenizer.encode("one two three four five six seven") * 200)[: CONTEXT - 4]
+    want, want_logits = greedy_steps(eager.model, ids, 4)
+    got, got_logits = greedy_steps(loaded.model, ids, 4)  # the last one at position CONTEXT - 1
+    assert got == want and step.active, step.failure
+    assert step.steps == 3  # all but the last position ran compiled
+    assert (got_logits - want_logits).abs().max().item() <= TOL * want_logits.abs().max().item()
+
+
+def test_the_graphs_variant_reaches_the_end_of_the_context_without_recompiling(eager, tiny_original):
+    """The last bucket of a context: attention over the whole cache is a contiguous slice of it, which
+    the compile took as never so (a guard), so a conversation reaching it compiled the step a second
+    time (23 s here, 17-33 s on an H200) mid-answer. The buckets stop one short of the whole cache, and
+    the context's very last position takes the eager step (captured all the same)."""
+    from internvl_chat.engine.cuda_graph import kv_bucket
+
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT)
+    model, lm = loaded.model, loaded.model.language_model
+    ids = (eager.tokenizer.encode("one two three four five six seven") * 200)[: CONTEXT - 6]
+    want, _ = greedy_steps(eager.model, ids, 6)
+    step = compiled.CompiledStep(lm, model.device, for_graphs=True)
+    assert step.compile()
+    with torch.inference_mode():
+        token = model.forward(ids, 0).argmax().view(1)
+        got, seen = [], []
+        position = torch.tensor([len(ids)])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for _ in range(6):  # to the cache's last position
+                got.append(int(token))
+                seen.append(kv_bucket(int(position), model.max_seq_len))
+                token = step.masked(token, position, seen[-1]).argmax().view(1)
+                position += 1
+    assert got == want and seen == [CONTEXT - 1] * 5 + [CONTEXT]
+    assert step.active, step.failure  # no recompile tried
 
 
 def test_column_blocks_hold_every_long_row_exactly(tiny_original, monkeypatch):
@@ -456,7 +502,8 @@ def test_kv_buckets_waste_little_at_long_contexts():
     from internvl_chat.engine.cuda_graph import kv_bucket
 
     sizes = {kv_bucket(pos, 32768) for pos in range(32768)}
-    assert min(sizes) == 256 and max(sizes) == 32768 and len(sizes) <= 40
+    assert min(sizes) == 256 and max(sizes) == 32768 and len(sizes) <= 41  # the last position's whole cache: one more
+    assert kv_bucket(32766, 32768) == 32767 and kv_bucket(32767, 32768) == 32768
     for pos in (0, 255, 256, 1000, 4095, 4096, 9999, 16383, 30000):
         size = kv_bucket(pos, 32768)
         assert pos < size <= max(256, (pos + 1) * 1.125 + 256), (pos, size)

@@ -49,12 +49,13 @@ def full_logprobs(local, ids: list[int]) -> torch.Tensor:
 
 
 def greedy(local, ids: list[int], steps: int, stops: set[int]) -> tuple[list[int], str]:
-    """The greedy continuation, one full forward per token (the image tokens banned, as the sampler bans them)."""
+    """The greedy continuation, one full forward per token (the image tokens and <|im_start|> banned, as the
+    sampler bans them)."""
     special = local.special
     out: list[int] = []
     for _ in range(steps):
         logits = full_logprobs(local, ids + out)[-1].clone()
-        logits[[special.img_start, special.img_end, special.img_context]] = -math.inf
+        logits[[special.img_start, special.img_end, special.img_context, special.im_start]] = -math.inf
         token = int(logits.argmax())
         if token in stops:
             return out, "stop"

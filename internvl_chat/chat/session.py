@@ -280,8 +280,11 @@ class Session:
     # ---- turns -------------------------------------------------------------------------------
     def _make_sampler(self, params: SamplingParams) -> Sampler:
         special = self.loaded.special
-        sampler = Sampler(params, self.loaded.config.text.vocab_size, self.model.device,
-                          banned_ids=(special.img_start, special.img_end, special.img_context))  # fmt: skip
+        # never in an answer: an image token would take a picture's feature slot at the next prefill,
+        # and /load replays no answer ids holding one or a turn's start (<|im_start|> would open a
+        # hidden turn), so such an answer would come back as other ids than the conversation held
+        banned = (special.img_start, special.img_end, special.img_context, special.im_start)
+        sampler = Sampler(params, self.loaded.config.text.vocab_size, self.model.device, banned_ids=banned)
         sampler.observe(self.ids)  # converted only with a repetition penalty: the whole conversation each turn
         return sampler
 

@@ -281,6 +281,10 @@ class CompiledStep:
         """Logits [V] for `token` at host position `pos`, or None: run the eager step."""
         if not self.active or self.for_graphs or not 2 <= pos < self.lm.max_seq_len:
             return None  # the general path: eager, or the overflow error
+        if self.native is None and pos == self.lm.max_seq_len - 1:
+            # attention over the whole cache, a contiguous slice: Inductor's step is guarded on it
+            # never being so (a recompile, refused); that one position runs eager
+            return None
         try:
             if self.native is not None:
                 logits = self.native(token, pos)
@@ -303,8 +307,11 @@ class CompiledStep:
 
     def masked(self, token: torch.Tensor, position: torch.Tensor, kv_len: int) -> torch.Tensor:
         """The CUDA-graph step (`decode_masked`), compiled when active; for DecodeGraphs (which
-        captures it, the two copies included, so they cost no launch of their own)."""
-        if not self.active:
+        captures it, the two copies included, so they cost no launch of their own). Attention over
+        the whole cache (the context's last position, `cuda_graph.kv_bucket`) takes the eager step:
+        that slice is contiguous, and the compiled step, guarded on it never being so, would be
+        compiled again (as long as the first compile) in the middle of an answer."""
+        if not self.active or kv_len >= self.lm.max_seq_len:
             return self.lm.decode_masked(token, position, kv_len)
         try:
             self._token.copy_(token.view(1))

@@ -31,10 +31,16 @@ MIN_PREFILL_KV = 1024
 def kv_bucket(pos: int, max_len: int) -> int:
     """The attended KV length for a step at `pos`: pos + 1 rounded up to a granule of 1/8 of the
     power of two below it (at least MIN_BUCKET), so a long context reads at most 12.5 % of masked
-    tail while a conversation passes through few distinct graphs (32 up to 16k tokens)."""
+    tail while a conversation passes through few distinct graphs (32 up to 16k tokens).
+
+    Only the cache's last position attends to all of it (`max_len`): the whole cache is a contiguous
+    slice, which the compiled step (compiled with a shorter one) would be compiled again for, so the
+    buckets before it stop one short, and that one step takes the eager step (CompiledStep.masked)."""
     need = pos + 1
+    if need >= max_len:
+        return max_len
     granule = max(MIN_BUCKET, (1 << max((need - 1).bit_length() - 1, 0)) // 8)
-    return min(-(-need // granule) * granule, max_len)
+    return min(-(-need // granule) * granule, max_len - 1)
 
 
 def prefill_buckets(start_pos: int, tokens: int, max_len: int) -> tuple[int, int] | None:
