@@ -153,6 +153,20 @@ def test_an_animation_or_document_is_said_to_be_used_by_its_first_picture(loaded
     assert "(" not in still and "(" not in preview
 
 
+def test_media_lists_an_animation_from_what_was_read_as_it_was_attached(loaded, tmp_path):
+    """The note was read from the file again for every attach line and /media list (a JPEG's scans
+    counted, a GIF's blocks walked each time): a file changed since then changed what /media said of
+    the picture the message will send."""
+    frames = [Image.fromarray(textured_rgb(448, 448, seed=seed)) for seed in (1, 2)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100)
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/image {tmp_path / 'moving.gif'}") == OK
+    frames[0].save(tmp_path / "moving.gif")  # now a still GIF
+    out.truncate(0), out.seek(0)
+    assert app.handle_line("/media") == OK
+    assert "moving.gif 448×448 (animated: only its first frame is used)" in out.getvalue()
+
+
 def test_a_gif_damaged_after_the_frame_it_is_used_by_is_attached(loaded, tmp_path):
     """Looking for a second frame met the damage after the first (IndexError): /image failed."""
     out = io.BytesIO()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
 from ..files import expand_home, read_bytes_file, replace_lone_surrogates, visible, write_atomic
-from ..media.image import IMAGE_SIZE, count_tiles, probe_image
+from ..media.image import IMAGE_SIZE, count_tiles, probe_image, unused_pictures
 from ..media.video import load_video, measure_video
 from ..media.video_sampling import used_range
 from ..settings import without_credentials
@@ -319,7 +319,8 @@ class RemoteConversation:
     def _measure_image(path: Path, max_tiles: int) -> RemoteMedia:
         width, height = probe_image(path)
         tiles = count_tiles(width, height, max_tiles, True)  # InternVL3 checkpoints all use a thumbnail
-        return RemoteMedia("image", path, tiles, max_tiles=max_tiles, size=(width, height), bytes=path.stat().st_size)
+        return RemoteMedia("image", path, tiles, max_tiles=max_tiles, size=(width, height), bytes=path.stat().st_size,
+                           unused_note=unused_pictures(path))  # fmt: skip
 
     def describe_video(self, path: str | Path, frames: int = 8, video_range: tuple[float, float] | None = None) -> RemoteMedia:
         path = expand_home(path)

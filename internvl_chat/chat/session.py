@@ -22,7 +22,7 @@ from ..engine.loader import LoadedModel
 from ..engine.model import PromptScores
 from ..errors import Cancelled, ContextOverflowError, GenerationError, MediaError, UsageError
 from ..files import expand_home, shortened, visible, write_atomic
-from ..media.image import count_tiles, load_image, probe_image
+from ..media.image import count_tiles, load_image, probe_image, unused_pictures
 from ..media.video import VideoLength, load_video, measure_video
 from ..media.video_sampling import used_range
 from .advice import Advice, any_of
@@ -51,6 +51,9 @@ class Media:
     frames: int = 8
     video_range: tuple[float, float] | None = None
     size: tuple[int, int] | None = None  # image (w, h)
+    # what an image file holds beyond the one picture used ("animated: only its first frame is used"),
+    # read once as it is measured, for the attach line (and /media's list); not saved
+    unused_note: str | None = None
     duration: float | None = None  # video seconds (those the file holds)
     cut_short: tuple[int, int] | None = None  # a video cut short: (frames it holds, frames its header lists)
     ends_early: bool = False  # an MKV, WebM or AVI cut short inside its frames (how many it holds: found decoding)
@@ -228,7 +231,8 @@ class Session:
         min_tiles, max_tiles = cfg.tile_limits(max_tiles)
         tiles = count_tiles(width, height, max_tiles, cfg.use_thumbnail, cfg.image_size, min_tiles)
         st = path.stat()
-        return Media("image", path, tiles, max_tiles=max_tiles, size=(width, height), bytes=st.st_size)
+        return Media("image", path, tiles, max_tiles=max_tiles, size=(width, height), bytes=st.st_size,
+                     unused_note=unused_pictures(path))  # fmt: skip
 
     def describe_video(self, path: str | Path, frames: int = 8, video_range: tuple[float, float] | None = None) -> Media:
         path = expand_home(path)

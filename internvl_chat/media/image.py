@@ -550,8 +550,9 @@ def _animated(path: Path, image: Image.Image) -> bool:
 def unused_pictures(path: Path) -> str | None:
     """What the file holds beyond the one picture the image loader uses, for the attach line
     ("animated: only its first frame is used"), or None: a question about a whole animation or
-    document must not be answered from its first picture without a word. Read again as /media lists
-    the attachments: a file no longer regular (a FIFO swapped in) is not opened, nor waited on."""
+    document must not be answered from its first picture without a word. Read once, as the image is
+    measured (its Media keeps it for /media's list); a file no longer regular (a FIFO swapped in
+    since the probe) is not opened, nor waited on."""
     try:
         with _open_image(check_media_file(path, "image")) as image:
             if _animated(path, image):

@@ -37,7 +37,7 @@ from ..chat.session import Media
 from ..errors import ContextOverflowError, InternVLChatError, MediaError, UsageError
 from ..files import (check_working_folder, real_path, too_long_path_line, undecodable_byte, visible, visible_lines,
                      working_folder)
-from ..media.image import check_image_decodes, unused_pictures
+from ..media.image import check_image_decodes
 from ..numbers import counted
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
@@ -389,9 +389,9 @@ class App(SessionFileCommands):
         name = visible(media.path.name)  # a file name is anything but \0 and /
         approx = not self.session.token_counts_exact
         if media.kind == "image":
-            size, unused = media.size, unused_pictures(media.path)
-            if size is not None and unused:  # the model sees one picture: say which
-                size = f"{size[0]}×{size[1]} ({unused})"
+            size = media.size
+            if size is not None and media.unused_note:  # the model sees one picture: say which
+                size = f"{size[0]}×{size[1]} ({media.unused_note})"
             return format_attach_line("image", name, size, media.tiles, tokens, fraction, approx)
         what = f"{media.tiles} frame" + ("" if media.tiles == 1 else "s")
         if media.video_range:
