@@ -484,3 +484,23 @@ def test_piped_text_with_windows_line_ends_reaches_the_model_with_newlines(monke
         args = cli_module.build_parser().parse_args(["-p", "Summarise."])
         assert cli_module._read_prompt(args) == "line one\nline two\n50%\r100%\n\nSummarise."
 
+
+
+@pytest.mark.parametrize("args, word", [
+    (["-p", "/save chat.json"], "/save"),
+    (["/image", "cat.png", "what", "is", "it?"], "/image"),
+    (["-p", "  /HELP"], "/HELP"),
+    (["-I", "-p", "/set temperature 0.5"], "/set"),
+])  # fmt: skip
+def test_a_repl_command_as_the_prompt_is_refused_before_the_model_loads(args, word, tmp_path):
+    # it was sent to the model as text: an answer, status 0, and nothing saved or set
+    run = cli("--model", str(tmp_path / "no-model"), *args)
+    _one_line(run, 2, f"{word} is a REPL command, but a prompt given with -p (or after the flags) is sent to the model as text;")
+    assert "--script -" in run.stderr and not list(tmp_path.iterdir())
+    assert ("attach with --image PATH" in run.stderr) == (word == "/image")
+
+
+def test_a_prompt_that_starts_with_a_path_or_a_double_slash_is_still_sent():
+    for prompt in ("/media/usb/cat.png what is it?", "//help is a comment"):
+        run = cli("--max-new-tokens", "3", "-p", prompt)
+        assert run.returncode == 0 and run.stdout.strip(), run.stderr
