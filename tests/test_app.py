@@ -1294,3 +1294,14 @@ def test_a_file_named_tilde_something_is_attached_as_dot_slash_tilde(loaded, tmp
     assert [m.path.resolve() for t in app.session.turns for m in t.media] == [tmp_path / "~root.png"]
     assert app.handle_line("/image ~no-such-user-internvl-chat/x.png") == ERROR
     assert "there is no user 'no-such-user-internvl-chat'" in output(out)
+
+
+def test_an_image_command_pasted_below_the_question_leaves_no_stray_command_word(tmp_path):
+    # `/image a.png` on a message's second line is text: its path was attached and the model read "/image"
+    from internvl_chat.ui.media_paths import take_media_paths
+
+    for name in ("a.png", "b.mp4", "c.png"):
+        (tmp_path / name).write_bytes(b"x")
+    text = "Compare these:\n/image a.png\n/VIDEO  b.mp4 \nWhich is larger?\n/image\n/image c.png or not"
+    found = [tmp_path / name for name in ("a.png", "b.mp4", "c.png")]
+    assert take_media_paths(text, tmp_path) == ("Compare these:\nWhich is larger?\n/image\n/image or not", found, [])
