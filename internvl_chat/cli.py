@@ -172,6 +172,9 @@ def run(argv: list[str]) -> int:
 
         return run_repl(args, settings, prompt)
     if prompt is None:
+        if sys.stdin.isatty() and not sys.stdout.isatty() and not args.json:  # `internvl-chat > chat.log`
+            raise UsageError("no prompt given, and with stdout not a terminal no REPL opens; pass -p TEXT (or words "
+                             "after the flags), or -I for the REPL, its prompt on stderr and the answers to stdout")  # fmt: skip
         raise UsageError("no prompt given; pass -p TEXT (or words after the flags), or pipe text on stdin")
     from .ui.oneshot import run_oneshot
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -504,3 +505,15 @@ def test_a_prompt_that_starts_with_a_path_or_a_double_slash_is_still_sent():
     for prompt in ("/media/usb/cat.png what is it?", "//help is a comment"):
         run = cli("--max-new-tokens", "3", "-p", prompt)
         assert run.returncode == 0 and run.stdout.strip(), run.stderr
+
+
+def test_no_prompt_with_only_stdout_redirected_names_the_repl_flag(monkeypatch):
+    # `internvl-chat > chat.log` typed at a terminal was told to pipe text on stdin; -I is what opens the REPL there
+    from internvl_chat import cli as cli_module
+    from internvl_chat.errors import UsageError
+
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # a file, even under `pytest -s` at a terminal
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    with pytest.raises(UsageError, match=r"no REPL opens; pass -p TEXT \(or words after the flags\), or -I for the REPL"):
+        cli_module.run([])
