@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
+
 from ..chat.sampling import params_from_settings
 from ..errors import ContextOverflowError, UsageError
 from ..files import PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, visible, write_atomic
@@ -25,7 +27,7 @@ from .paths import quote_path
 from .saved_sessions import (RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages,
                              session_at_a_glance)
 from .settings_text import plain_value
-from .text_wrap import one_line_excerpt
+from .text_wrap import one_line_excerpt, pad_cells
 
 NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
 
@@ -266,10 +268,10 @@ class SessionFileCommands:
             return
         self.say(f"saved sessions in {visible(str(folder))}, newest first:", "bold")
         shown = sessions[:limit]
-        width = max(len(_typed(p.stem)) for p, _ in shown)
+        width = max(cell_len(_typed(p.stem)) for p, _ in shown)
         for path, mtime in shown:
             held, why = session_at_a_glance(path)
-            self.say(f"  {_typed(path.stem).ljust(width)}  {held:<11}  {file_date(mtime)}" + (f"  ({why})" if why else ""))
+            self.say(f"  {pad_cells(_typed(path.stem), width)}  {held:<11}  {file_date(mtime)}" + (f"  ({why})" if why else ""))
         more = f" ({len(sessions) - limit} older not shown)" if len(sessions) > limit else ""
         self.note(f"/load NAME loads one (Tab completes the names){more}")
 
