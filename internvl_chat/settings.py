@@ -648,12 +648,17 @@ def env_name(dotted: str) -> str:
 
 def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
     by_name = {env_name(k): k for k in all_keys()}
-    for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or name in OTHER_ENV_VARS:
-            continue
-        if name not in by_name:
-            valid = list(by_name) + list(OTHER_ENV_VARS)
-            raise UsageError(f"unknown environment variable {visible(name)}{_suggest(name, valid)}; rename or unset it.")
+    ours = [name for name in sorted(env) if name.startswith(ENV_PREFIX) and name not in OTHER_ENV_VARS]
+    unknown = [name for name in ours if name not in by_name]
+    if unknown:  # all of them in one line, as a config file's: not one run per misspelt variable
+        valid = list(by_name) + list(OTHER_ENV_VARS)
+        named = [f"{_name_shown(name)}{_suggest(name, valid)}" for name in unknown[:NAME_PROBLEMS_SHOWN]]
+        if len(unknown) > len(named):
+            named.append(f"and {len(unknown) - len(named)} more")
+        if len(unknown) == 1:
+            raise UsageError(f"unknown environment variable {named[0]}; rename or unset it.")
+        raise UsageError(f"unknown environment variables {'; '.join(named)}; rename or unset them.")
+    for name in ours:
         _assign(settings, by_name[name], env[name], where=f"environment variable {name}")
         settings.sources[by_name[name]] = f"env {name}"
 

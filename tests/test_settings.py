@@ -279,6 +279,18 @@ def test_unknown_environment_variable_suggests_the_closest(tmp_path):
     assert "'INTERNVL_CHAT_GENERATION_TEMPERATURE'" in message
 
 
+def test_every_unknown_environment_variable_is_named_at_once(tmp_path):
+    # one run named only the first (in name order): each misspelt variable took a run of its own
+    env = clean_env(tmp_path, INTERNVL_CHAT_GENERATION_TEMPRATURE="0.5", INTERNVL_CHAT_UI_COLOUR="never",
+                    INTERNVL_CHAT_GENERATION_TEMPERATURE="0.7")  # fmt: skip
+    with pytest.raises(UsageError) as err:
+        load_settings(env=env)
+    assert str(err.value) == (
+        "unknown environment variables INTERNVL_CHAT_GENERATION_TEMPRATURE (did you mean "
+        "'INTERNVL_CHAT_GENERATION_TEMPERATURE'?); INTERNVL_CHAT_UI_COLOUR (did you mean 'INTERNVL_CHAT_UI_COLOR'?); "
+        "rename or unset them.")  # fmt: skip
+
+
 def test_unknown_key_in_file_suggests_the_closest(tmp_path):
     path = write(tmp_path / "c.toml", "[generation]\ntemprature = 0.5\n")
     with pytest.raises(UsageError) as err:
