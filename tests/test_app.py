@@ -490,6 +490,20 @@ def test_image_takes_wildcards_as_a_shell_does(loaded, media, tmp_path):
     assert len(app.pending) == 4 and len(app.session.turns) == 1
 
 
+def test_a_damaged_file_among_several_says_that_none_was_attached(loaded, media, tmp_path):
+    # only the damaged file was named: the others seemed attached, and the next message went without them
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    (shots / "a.png").write_bytes((media / "square.png").read_bytes())
+    (shots / "b.png").write_bytes(b"not a picture")
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/image shots/*.png") == ERROR
+    assert output(out).startswith(f"error: none of the 2 images was attached: {shots / 'b.png'} is not an image format")
+    assert app.handle_line("/image shots/b.png") == ERROR  # one file: the error as it was
+    assert output(out).startswith(f"error: {shots / 'b.png'} is not an image format")
+    assert app.pending == []
+
+
 def test_an_image_pattern_over_a_big_folder_is_refused_before_any_file_is_read(loaded, tmp_path, monkeypatch):
     # each match was read and hashed before the context check: a pattern over a photo library
     # took minutes only to be refused
