@@ -517,3 +517,9 @@ def test_no_prompt_with_only_stdout_redirected_names_the_repl_flag(monkeypatch):
     monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
     with pytest.raises(UsageError, match=r"no REPL opens; pass -p TEXT \(or words after the flags\), or -I for the REPL"):
         cli_module.run([])
+
+
+def test_repl_lines_piped_to_the_repl_are_pointed_to_the_script_flag_that_reads_stdin():
+    # the REPL lines piped here were told to go in a --script FILE: `--script -` runs them as they are
+    run = cli("-I", stdin="/image cat.png\nHow many?\n")
+    _one_line(run, 2, "the REPL needs a terminal on stdin; use --script FILE for scripted input (--script - reads it from stdin)")
