@@ -884,3 +884,23 @@ def test_loads_list_lines_up_names_of_wide_characters(loaded, tmp_path, home):
     assert app.handle_line("/load") == OK
     rows = [line for line in output(out).splitlines() if " turn " in line]
     assert len(rows) == 3 and len({cell_len(row[: row.index(" 1 turn ")]) for row in rows}) == 1, rows
+
+
+def test_save_says_that_attachments_not_sent_yet_are_not_in_the_session(loaded, tmp_path, home):
+    # `/image`, `/save`, quit: the session had no picture, and /save had not said so
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    for name in ("a.png", "b.png"):
+        Image.fromarray(textured_rgb(64, 64, seed=3)).save(tmp_path / name)
+    app.handle_line("/image a.png")
+    output(out)
+    assert app.handle_line("/save s.json") == OK
+    assert output(out).endswith("s.json\nwarning: a.png, attached for the next message, is not in the saved "
+                                "session; send a message with it, then /save again\n")  # fmt: skip
+    app.handle_line("/image b.png")
+    assert app.handle_line("/save s.json") == OK
+    assert "a.png, b.png, attached for the next message, are not in the saved session; send a message with them" in output(out)
+    app.handle_line("What are these?")
+    assert app.handle_line("/save s.json") == OK
+    shown = output(out)
+    assert "saved 2 turns to " in shown and "warning" not in shown

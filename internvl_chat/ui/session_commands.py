@@ -86,6 +86,8 @@ class SessionFileCommands:
         if not self.session.turns:  # after the save: a save that fails must not first say it goes ahead
             self.warn("the conversation is empty; saved it anyway")
         self.say(f"saved {counted(len(self.session.turns), 'turn')} to {visible(str(saved))}")
+        if self.pending:  # a session holds the turns sent: attachments waiting for a message were left out without a word
+            self.warn(_pending_not_saved(self.pending))
 
     def _default_save_path(self) -> Path:
         """This conversation's file in the sessions folder, or a new dated one there."""
@@ -304,3 +306,11 @@ class SessionFileCommands:
         if self.confirm is None:
             raise UsageError(f"{shown} already exists; /export {_typed(path)} --force replaces it, or give another name")
         return self.confirm(f"{shown} already exists; replace it? [y/N] ")
+
+
+def _pending_not_saved(pending: list) -> str:
+    from .app import media_names  # app.py imports this module
+
+    held, them = ("is", "it") if len(pending) == 1 else ("are", "them")
+    return (f"{media_names(pending)}, attached for the next message, {held} not in the saved session; "
+            f"send a message with {them}, then /save again")
