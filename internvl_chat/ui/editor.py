@@ -61,7 +61,8 @@ def run_editor(path: str) -> str | None:
         return f"the editor ({visible(command)}) ended with status {status}; the line is as it was"
     if chosen and failure:
         source, command, why = failure
-        return f"the editor ({visible(command)}, from {source}) could not be run ({why}); set {source} to an installed editor; the line is as it was"
+        return (f"the editor ({visible(command)}, from {source}) could not be run ({why}); set {source} to an installed "
+                "editor; the line is as it was")
     return "no editor could be run (set $VISUAL or $EDITOR); the line is as it was"
 
 

@@ -86,7 +86,7 @@ class SessionFileCommands:
         if not self.session.turns:  # after the save: a save that fails must not first say it goes ahead
             self.warn("the conversation is empty; saved it anyway")
         self.say(f"saved {counted(len(self.session.turns), 'turn')} to {visible(str(saved))}")
-        if self.pending:  # a session holds the turns sent: attachments waiting for a message were left out without a word
+        if self.pending:  # a session holds the turns sent: attachments waiting for a message were left out unsaid
             self.warn(_pending_not_saved(self.pending))
 
     def _default_save_path(self) -> Path:
