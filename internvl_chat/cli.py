@@ -72,6 +72,23 @@ def _read_prompt(args: argparse.Namespace) -> str | None:
     return prompt
 
 
+def _refuse_repl_command(args: argparse.Namespace) -> None:
+    """A typed prompt that starts with a REPL command (`-p "/save chat.json"`, `/image cat.png`) is
+    refused before the model loads: sent to the model as text, it ran nothing (no file saved), and
+    the status was 0. A path (`/media/usb/cat.png what is it?`) is no command word: it goes on."""
+    from .ui.commands import COMMAND_BY_NAME
+
+    typed = args.prompt_flag or " ".join(args.prompt or [])
+    word = (typed.split(None, 1) or [""])[0]
+    spec = COMMAND_BY_NAME.get(word[1:].lower()) if word.startswith("/") else None
+    if spec is None:
+        return
+    flag = f"attach with --{spec.name} PATH, or " if spec.name in ("image", "video") else ""
+    raise UsageError(f"{visible(word)} is a REPL command, but a prompt given with -p (or after the flags) is sent to the "
+                     f"model as text; {flag}type it in the REPL, or put it in a script (--script FILE; --script - reads "
+                     "the script from stdin)")  # fmt: skip
+
+
 def _media_on_stdin(args: argparse.Namespace) -> bool:
     """Whether --image/--video names stdin (`-`, /dev/stdin): then stdin is that file, not prompt text
     (read as text first, the picture was refused with "pass it with --image FILE", which it was)."""
@@ -147,6 +164,7 @@ def run(argv: list[str]) -> int:
         return run_script(args, settings, stdin_unread=unread)
     if args.json and args.interactive:  # the REPL prints text: --json was silently dropped
         raise UsageError("--json prints one answer as JSON, but -I goes on in the REPL, which prints text; drop one of them")
+    _refuse_repl_command(args)
     prompt = _read_prompt(args)  # None for a prompt of only spaces
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json  # --json is one-shot
     if prompt is None and interactive or args.interactive:
@@ -154,6 +172,9 @@ def run(argv: list[str]) -> int:
 
         return run_repl(args, settings, prompt)
     if prompt is None:
+        if sys.stdin.isatty() and not sys.stdout.isatty() and not args.json:  # `internvl-chat > chat.log`
+            raise UsageError("no prompt given, and with stdout not a terminal no REPL opens; pass -p TEXT (or words "
+                             "after the flags), or -I for the REPL, its prompt on stderr and the answers to stdout")  # fmt: skip
         raise UsageError("no prompt given; pass -p TEXT (or words after the flags), or pipe text on stdin")
     from .ui.oneshot import run_oneshot
 

@@ -581,22 +581,59 @@ def _is_json_object(text: str) -> bool:
 
 
 def _apply_toml(settings: Settings, data: dict[str, Any], path: Path, source: str) -> None:
-    shown = visible(str(path))
+    problems = _name_problems(data)
+    if problems:
+        raise UsageError(_name_problems_line(visible(str(path)), problems))
     for section, table in data.items():
-        if section not in SECTIONS:
-            raise UsageError(
-                f"{shown}: unknown section [{_name_shown(section)}]{_suggest(section, list(SECTIONS))}; "
-                f"valid sections are {', '.join(SECTIONS)}."
-            )
-        if not isinstance(table, dict):
-            raise UsageError(f"{shown}: {section} must be a [{section}] table of settings; fix the file.")
         for name, value in table.items():
             dotted = f"{section}.{name}"
-            if dotted not in all_keys():
-                raise UsageError(f"{shown}: unknown setting '{section}.{_name_shown(name)}'{_suggest(dotted, all_keys())}; "
-                                 "fix the file.")  # fmt: skip
             _assign(settings, dotted, value, where=str(path))
             settings.sources[dotted] = source
+
+
+NAME_PROBLEMS_SHOWN = 5  # a file of hundreds of stray names would fill the screen
+
+
+def _name_problems(data: dict[str, Any]) -> list[str]:
+    """Every name in a config file that is not where a setting is, each with what to do: all of
+    them at once, so a file with several typos takes one fix, not a run per typo."""
+    problems = []
+    for section, table in data.items():
+        if section in SECTIONS and not isinstance(table, dict):
+            problems.append(f"{section} must be a [{section}] table of settings")
+        elif section in SECTIONS:
+            problems += [_unknown_setting(section, name) for name in table if f"{section}.{name}" not in all_keys()]
+        elif isinstance(table, dict):
+            problems.append(f"unknown section [{_name_shown(section)}]{_suggest(section, list(SECTIONS))}")
+        else:
+            problems.append(_outside_sections(section))
+    return problems
+
+
+def _unknown_setting(section: str, name: str) -> str:
+    return f"unknown setting '{section}.{_name_shown(name)}'{_suggest(f'{section}.{name}', all_keys())}"
+
+
+def _outside_sections(name: str) -> str:
+    """A value written above every [section] header (`temperature = 0.5` first in the file): TOML
+    reads it as a key of no section, which was reported as an "unknown section [temperature]"."""
+    names = sorted({key.split(".")[1] for key in all_keys()})
+    close = name if name in names else next(iter(difflib.get_close_matches(name, names, n=1, cutoff=0.5)), None)
+    if close is None:
+        return f"'{_name_shown(name)}' is above every [section] header, where no setting goes"
+    homes = " or ".join(f"[{section}]" for section in SECTIONS if f"{section}.{close}" in all_keys())
+    meant = "" if close == name else f"did you mean '{close}'? "
+    return f"'{_name_shown(name)}' is above every [section] header ({meant}it goes under {homes})"
+
+
+def _name_problems_line(shown: str, problems: list[str]) -> str:
+    listed = problems[:NAME_PROBLEMS_SHOWN]
+    if len(problems) > len(listed):
+        listed.append(f"and {len(problems) - len(listed)} more")
+    fix = "fix the file."
+    if any(problem.startswith("unknown section") for problem in problems):
+        fix = f"valid sections are {', '.join(SECTIONS)}."
+    return f"{shown}: {'; '.join(listed)}; {fix}"
 
 
 def _name_shown(name: str, width: int = 60) -> str:
@@ -611,12 +648,17 @@ def env_name(dotted: str) -> str:
 
 def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
     by_name = {env_name(k): k for k in all_keys()}
-    for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or name in OTHER_ENV_VARS:
-            continue
-        if name not in by_name:
-            valid = list(by_name) + list(OTHER_ENV_VARS)
-            raise UsageError(f"unknown environment variable {visible(name)}{_suggest(name, valid)}; rename or unset it.")
+    ours = [name for name in sorted(env) if name.startswith(ENV_PREFIX) and name not in OTHER_ENV_VARS]
+    unknown = [name for name in ours if name not in by_name]
+    if unknown:  # all of them in one line, as a config file's: not one run per misspelt variable
+        valid = list(by_name) + list(OTHER_ENV_VARS)
+        named = [f"{_name_shown(name)}{_suggest(name, valid)}" for name in unknown[:NAME_PROBLEMS_SHOWN]]
+        if len(unknown) > len(named):
+            named.append(f"and {len(unknown) - len(named)} more")
+        if len(unknown) == 1:
+            raise UsageError(f"unknown environment variable {named[0]}; rename or unset it.")
+        raise UsageError(f"unknown environment variables {'; '.join(named)}; rename or unset them.")
+    for name in ours:
         _assign(settings, by_name[name], env[name], where=f"environment variable {name}")
         settings.sources[by_name[name]] = f"env {name}"
 

@@ -504,6 +504,20 @@ def test_image_takes_wildcards_as_a_shell_does(loaded, media, tmp_path):
     assert len(app.pending) == 4 and len(app.session.turns) == 1
 
 
+def test_a_damaged_file_among_several_says_that_none_was_attached(loaded, media, tmp_path):
+    # only the damaged file was named: the others seemed attached, and the next message went without them
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    (shots / "a.png").write_bytes((media / "square.png").read_bytes())
+    (shots / "b.png").write_bytes(b"not a picture")
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/image shots/*.png") == ERROR
+    assert output(out).startswith(f"error: none of the 2 images was attached: {shots / 'b.png'} is ")
+    assert app.handle_line("/image shots/b.png") == ERROR  # one file: the error as it was
+    assert output(out).startswith(f"error: {shots / 'b.png'} is ")
+    assert app.pending == []
+
+
 def test_an_image_pattern_over_a_big_folder_is_refused_before_any_file_is_read(loaded, tmp_path, monkeypatch):
     # each match was read and hashed before the context check: a pattern over a photo library
     # took minutes only to be refused
@@ -1308,3 +1322,14 @@ def test_a_file_named_tilde_something_is_attached_as_dot_slash_tilde(loaded, tmp
     assert [m.path.resolve() for t in app.session.turns for m in t.media] == [tmp_path / "~root.png"]
     assert app.handle_line("/image ~no-such-user-internvl-chat/x.png") == ERROR
     assert "there is no user 'no-such-user-internvl-chat'" in output(out)
+
+
+def test_an_image_command_pasted_below_the_question_leaves_no_stray_command_word(tmp_path):
+    # `/image a.png` on a message's second line is text: its path was attached and the model read "/image"
+    from internvl_chat.ui.media_paths import take_media_paths
+
+    for name in ("a.png", "b.mp4", "c.png"):
+        (tmp_path / name).write_bytes(b"x")
+    text = "Compare these:\n/image a.png\n/VIDEO  b.mp4 \nWhich is larger?\n/image\n/image c.png or not"
+    found = [tmp_path / name for name in ("a.png", "b.mp4", "c.png")]
+    assert take_media_paths(text, tmp_path) == ("Compare these:\nWhich is larger?\n/image\n/image or not", found, [])

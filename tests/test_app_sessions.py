@@ -869,3 +869,38 @@ def test_load_of_a_name_not_saved_suggests_the_closest_saved_ones(loaded, tmp_pa
     assert output(out).endswith(f"in {folder}; /load alone lists the saved ones\n")  # nothing is close
     assert app.handle_line(f"/load {tmp_path / 'chat'}") == ERROR  # a path: not a name in the folder
     assert "did you mean" not in output(out)
+
+
+def test_loads_list_lines_up_names_of_wide_characters(loaded, tmp_path, home):
+    # names were padded to the same number of characters: a CJK name, two cells each, pushed its
+    # row's turn count and date right (past the edge of a narrow terminal)
+    from rich.cells import cell_len
+
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    for name in ("会话一二三四", "twelve-cells", "ab"):
+        assert app.handle_line(f"/save {default_sessions_dir() / name}.json") == OK
+    output(out)
+    assert app.handle_line("/load") == OK
+    rows = [line for line in output(out).splitlines() if " turn " in line]
+    assert len(rows) == 3 and len({cell_len(row[: row.index(" 1 turn ")]) for row in rows}) == 1, rows
+
+
+def test_save_says_that_attachments_not_sent_yet_are_not_in_the_session(loaded, tmp_path, home):
+    # `/image`, `/save`, quit: the session had no picture, and /save had not said so
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    for name in ("a.png", "b.png"):
+        Image.fromarray(textured_rgb(64, 64, seed=3)).save(tmp_path / name)
+    app.handle_line("/image a.png")
+    output(out)
+    assert app.handle_line("/save s.json") == OK
+    assert output(out).endswith("s.json\nwarning: a.png, attached for the next message, is not in the saved "
+                                "session; send a message with it, then /save again\n")  # fmt: skip
+    app.handle_line("/image b.png")
+    assert app.handle_line("/save s.json") == OK
+    assert "a.png, b.png, attached for the next message, are not in the saved session; send a message with them" in output(out)
+    app.handle_line("What are these?")
+    assert app.handle_line("/save s.json") == OK
+    shown = output(out)
+    assert "saved 2 turns to " in shown and "warning" not in shown

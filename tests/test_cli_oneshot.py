@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -484,3 +485,41 @@ def test_piped_text_with_windows_line_ends_reaches_the_model_with_newlines(monke
         args = cli_module.build_parser().parse_args(["-p", "Summarise."])
         assert cli_module._read_prompt(args) == "line one\nline two\n50%\r100%\n\nSummarise."
 
+
+
+@pytest.mark.parametrize("args, word", [
+    (["-p", "/save chat.json"], "/save"),
+    (["/image", "cat.png", "what", "is", "it?"], "/image"),
+    (["-p", "  /HELP"], "/HELP"),
+    (["-I", "-p", "/set temperature 0.5"], "/set"),
+])  # fmt: skip
+def test_a_repl_command_as_the_prompt_is_refused_before_the_model_loads(args, word, tmp_path):
+    # it was sent to the model as text: an answer, status 0, and nothing saved or set
+    run = cli("--model", str(tmp_path / "no-model"), *args)
+    _one_line(run, 2, f"{word} is a REPL command, but a prompt given with -p (or after the flags) is sent to the model as text;")
+    assert "--script -" in run.stderr and not list(tmp_path.iterdir())
+    assert ("attach with --image PATH" in run.stderr) == (word == "/image")
+
+
+def test_a_prompt_that_starts_with_a_path_or_a_double_slash_is_still_sent():
+    for prompt in ("/media/usb/cat.png what is it?", "//help is a comment"):
+        run = cli("--max-new-tokens", "3", "-p", prompt)
+        assert run.returncode == 0 and run.stdout.strip(), run.stderr
+
+
+def test_no_prompt_with_only_stdout_redirected_names_the_repl_flag(monkeypatch):
+    # `internvl-chat > chat.log` typed at a terminal was told to pipe text on stdin; -I is what opens the REPL there
+    from internvl_chat import cli as cli_module
+    from internvl_chat.errors import UsageError
+
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # a file, even under `pytest -s` at a terminal
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    with pytest.raises(UsageError, match=r"no REPL opens; pass -p TEXT \(or words after the flags\), or -I for the REPL"):
+        cli_module.run([])
+
+
+def test_repl_lines_piped_to_the_repl_are_pointed_to_the_script_flag_that_reads_stdin():
+    # the REPL lines piped here were told to go in a --script FILE: `--script -` runs them as they are
+    run = cli("-I", stdin="/image cat.png\nHow many?\n")
+    _one_line(run, 2, "the REPL needs a terminal on stdin; use --script FILE for scripted input (--script - reads it from stdin)")

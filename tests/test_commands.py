@@ -105,6 +105,12 @@ P = Path
         ("/system --- Be brief. ---", Command("system", ("--- Be brief. ---",))),
         ("/system --quiet answers only", Command("system", ("--quiet answers only",))),
         ('/system """--default"""', Command("system", ('"""--default"""',))),
+        # copied with an invisible mark before the slash (a web page's zero-width space, a byte-order
+        # mark): sent to the model as a message, the command not run
+        ("\ufeff/help set", Command("help", ("set",))),
+        (" \u200b/drop 2", Command("drop", (2,))),
+        ("\u200e\u200b //tmp", Message("\u200e\u200b /tmp")),  # // still sends the text that follows
+        ("\u200bhello", Message("\u200bhello")),
     ],
 )
 def test_parse_line(line, expected):

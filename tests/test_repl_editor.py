@@ -7,6 +7,7 @@ import stat
 import sys
 from pathlib import Path
 
+import pytest
 from prompt_toolkit import PromptSession
 from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.document import Document
@@ -88,7 +89,32 @@ def test_a_failing_editor_is_said_in_one_line(tmp_path, monkeypatch, capfd):
 def test_no_editor_that_runs_is_said_in_one_line(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("PATH", str(tmp_path))  # no editor, nano or vi to fall back on
     assert _edit_buffer(monkeypatch, tmp_path / "no-such-editor", "kept") == "kept"
+    assert capfd.readouterr().err == (f"the editor ({tmp_path / 'no-such-editor'}, from $VISUAL) could not be run "
+                                      "(not found); set $VISUAL to an installed editor; the line is as it was\n")  # fmt: skip
+    monkeypatch.delenv("VISUAL")
+    monkeypatch.delenv("EDITOR")
+    buffer = Buffer(document=Document("kept"))
+    asyncio.run(asyncio.wait_for(edit_in_editor(buffer, accept=False), 60))
+    assert buffer.text == "kept"
     assert capfd.readouterr().err == "no editor could be run (set $VISUAL or $EDITOR); the line is as it was\n"
+
+
+@pytest.mark.parametrize("chosen", ["no-such-editor", "'unclosed"])
+def test_an_editor_chosen_that_cannot_run_is_said_not_replaced_by_vi(chosen, tmp_path, monkeypatch, capfd):
+    # a mistyped $EDITOR opened vi (or nano), which the user had not chosen and might not know how to leave
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for fallback in ("editor", "nano", "vi"):
+        _editor(bin_dir, "open(path, 'w').write('from a fallback')").rename(bin_dir / fallback)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv("VISUAL", raising=False)
+    monkeypatch.setenv("EDITOR", chosen)
+    buffer = Buffer(document=Document("kept"))
+    asyncio.run(asyncio.wait_for(edit_in_editor(buffer, accept=False), 60))
+    assert buffer.text == "kept"
+    why = "not found" if chosen == "no-such-editor" else "an unclosed quote"
+    assert capfd.readouterr().err == (f"the editor ({chosen}, from $EDITOR) could not be run ({why}); "
+                                      "set $EDITOR to an installed editor; the line is as it was\n")  # fmt: skip
 
 
 def test_an_editor_that_removes_the_file_leaves_the_text_as_it_was(tmp_path, monkeypatch, capfd):

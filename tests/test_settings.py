@@ -10,6 +10,7 @@ import pytest
 from internvl_chat.errors import UsageError
 from internvl_chat.settings import (
     DEFAULT_CONFIG_FILE,
+    NAME_PROBLEMS_SHOWN,
     Settings,
     format_settings,
     load_settings,
@@ -276,6 +277,18 @@ def test_unknown_environment_variable_suggests_the_closest(tmp_path):
     message = str(err.value)
     assert "INTERNVL_CHAT_GENERATION_TEMPRATURE" in message
     assert "'INTERNVL_CHAT_GENERATION_TEMPERATURE'" in message
+
+
+def test_every_unknown_environment_variable_is_named_at_once(tmp_path):
+    # one run named only the first (in name order): each misspelt variable took a run of its own
+    env = clean_env(tmp_path, INTERNVL_CHAT_GENERATION_TEMPRATURE="0.5", INTERNVL_CHAT_UI_COLOUR="never",
+                    INTERNVL_CHAT_GENERATION_TEMPERATURE="0.7")  # fmt: skip
+    with pytest.raises(UsageError) as err:
+        load_settings(env=env)
+    assert str(err.value) == (
+        "unknown environment variables INTERNVL_CHAT_GENERATION_TEMPRATURE (did you mean "
+        "'INTERNVL_CHAT_GENERATION_TEMPERATURE'?); INTERNVL_CHAT_UI_COLOUR (did you mean 'INTERNVL_CHAT_UI_COLOR'?); "
+        "rename or unset them.")  # fmt: skip
 
 
 def test_unknown_key_in_file_suggests_the_closest(tmp_path):
@@ -665,3 +678,33 @@ def test_flags_and_origin_ports_in_other_digits_are_refused_with_the_text_escape
     with pytest.raises(ValueError) as err:
         web_origin("http://localhost:٣٠٠٠")  # was read as port 3000
     assert "'http://localhost:\\u0663\\u0660\\u0660\\u0660' has no valid port: write it with the digits 0-9" in str(err.value)
+
+
+def _config_error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(UsageError) as err:
+        load_settings(config_path=write(tmp_path / "user.toml", text), env=clean_env(tmp_path))
+    return str(err.value)
+
+
+def test_a_setting_above_every_section_header_is_named_with_its_section(tmp_path):
+    # `temperature = 0.5` first in the file was "unknown section [temperature]": no section was written
+    message = _config_error(tmp_path, "temperature = 0.5\ntemprature = 1\nxyzzy = 2\n")
+    assert message == (
+        f"{tmp_path / 'user.toml'}: 'temperature' is above every [section] header (it goes under [generation]); "
+        "'temprature' is above every [section] header (did you mean 'temperature'? it goes under [generation]); "
+        "'xyzzy' is above every [section] header, where no setting goes; fix the file.")  # fmt: skip
+
+
+def test_every_misspelt_name_in_a_config_file_is_named_at_once(tmp_path):
+    # one run named only the first, so a file of five typos took five runs to fix
+    message = _config_error(tmp_path, "[generaton]\nseed = 1\n[generation]\ntemprature = 0.5\ntop-p = 0.9\n"
+                                      "[ui]\ncolour = 'never'\n[system]\nmesage = 'hi'\n")  # fmt: skip
+    assert message == (
+        f"{tmp_path / 'user.toml'}: unknown section [generaton] (did you mean 'generation'?); "
+        "unknown setting 'generation.temprature' (did you mean 'generation.temperature'?); "
+        "unknown setting 'generation.top-p' (did you mean 'generation.top_p'?); "
+        "unknown setting 'ui.colour' (did you mean 'ui.color'?); "
+        "unknown setting 'system.mesage' (did you mean 'system.message'?); "
+        "valid sections are model, generation, media, ui, system, serve, remote.")  # fmt: skip
+    many = _config_error(tmp_path, "[ui]\n" + "".join(f"typo{n} = 1\n" for n in range(300)))
+    assert many.count("unknown setting") == NAME_PROBLEMS_SHOWN and many.endswith("; and 295 more; fix the file.")

@@ -88,6 +88,20 @@ def unsent_note(pending: Sequence[Media], ended: str, fix: str = "") -> str:
     return f"{note}; {fix}" if fix else note
 
 
+@contextmanager
+def _none_attached_said(count: int, kind: str) -> Iterator[None]:
+    """One file of several (`/image shots/*.png`) refused refuses them all; the error says so: it
+    named only the damaged file, and the others seemed attached. (A context overflow names them all.)"""
+    try:
+        yield
+    except ContextOverflowError:
+        raise
+    except InternVLChatError as e:
+        if count > 1:
+            e.args = (f"none of the {count:,} {kind}s was attached: {e}",)
+        raise
+
+
 def _check_utf8(text: str) -> None:
     """Refuse input holding bytes that are not UTF-8 (the terminal decodes them as surrogates)."""
     bad = undecodable_byte(text)
@@ -585,8 +599,9 @@ class App(SessionFileCommands):
         paths = [found for path in command.args for found in expand_wildcards(path, self._resolve, self._places)]
         check_typed_paths(paths, self._resolve)
         before = {real_path(m.path) for m in self.pending}
-        media = [self.describe(path, "image") for path in paths]
-        self.attach(media)
+        with _none_attached_said(len(paths), "image"):
+            media = [self.describe(path, "image") for path in paths]
+            self.attach(media)
         # `/image` sent again (Up, Enter) doubled the picture's cost without a word; attaching one
         # twice may be meant, so it is said, not refused
         seen, twice = set(before), []
@@ -603,8 +618,9 @@ class App(SessionFileCommands):
         frames, video_range = command.options.get("frames"), command.options.get("range")
         # `/video clips/*` said "does not exist": a pattern, as /image takes one
         paths = expand_wildcards(command.args[0], self._resolve, self._places, "video", "/video")
-        media = [self.describe(path, "video", frames, video_range) for path in paths]
-        self.attach(media)
+        with _none_attached_said(len(paths), "video"):
+            media = [self.describe(path, "video", frames, video_range) for path in paths]
+            self.attach(media)
         for item in media:  # said once attached: a video refused (too long for the context) needs no note first
             if item.video_range != video_range:  # the end was past the end of the video
                 self.note(f"{visible(item.path.name)} ends at {item.video_range[1]:g} s, so the range ends there")

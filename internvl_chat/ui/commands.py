@@ -312,6 +312,11 @@ _COMMAND_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _PUNCTUATED = re.compile(r"([A-Za-z][A-Za-z0-9_-]*)[.,;:!?]+")
 
 
+# Invisible marks a copied command can start with (a web page's zero-width space, a byte-order mark,
+# a direction mark): "<feff>/help" was sent to the model as a message, the command not run
+_LEADING_MARKS = "\ufeff\u200b\u200e\u200f\u2060"
+
+
 def parse_line(line: str) -> Message | Command:
     """One REPL line -> Message or Command.
 
@@ -319,7 +324,7 @@ def parse_line(line: str) -> Message | Command:
     with a path (`/home/me/cat.png what is this?`) is a message too (auto-attach handles it).
     Leading whitespace before a command is ignored.
     """
-    body = line.lstrip()
+    body = line.lstrip().lstrip(_LEADING_MARKS).lstrip()
     if body.startswith("//"):
         cut = len(line) - len(body)
         return Message(line[:cut] + line[cut + 1 :])

@@ -27,7 +27,7 @@ from ..errors import UsageError
 from ..files import read_bytes_file, visible
 
 _NO_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # surrogates that no byte was decoded to
-_FALLBACK_EDITORS = ("editor", "nano", "vi")  # when neither $VISUAL nor $EDITOR is set or runs
+_FALLBACK_EDITORS = ("editor", "nano", "vi")  # when neither $VISUAL nor $EDITOR is set
 
 
 def encode_text(text: str) -> bytes:
@@ -39,26 +39,39 @@ def encode_text(text: str) -> bytes:
 def run_editor(path: str) -> str | None:
     """Run the user's editor on `path` in the foreground; None when it ended well, else why not
     (one line: a failed editor used to leave the line as it was without a word)."""
-    failed = None
-    for command in (os.environ.get("VISUAL"), os.environ.get("EDITOR"), *_FALLBACK_EDITORS):
-        if not command:
-            continue
+    chosen = [(f"${name}", os.environ[name]) for name in ("VISUAL", "EDITOR") if os.environ.get(name, "").strip()]
+    # an editor the user chose that cannot run is said: a mistyped $EDITOR opened vi, which they had not chosen
+    failure = None
+    for source, command in chosen or [("", command) for command in _FALLBACK_EDITORS]:
         try:
             argv = shlex.split(command)
-        except ValueError:  # an unclosed quote in $EDITOR: try the next one
+        except ValueError:  # an unclosed quote in $EDITOR
+            failure = failure or (source, command, "an unclosed quote")
             continue
-        if not argv:
+        if not argv:  # a line of only escaped spaces: no program named
+            failure = failure or (source, command, "no program named")
             continue
         try:
             status = subprocess.call([*argv, path])
-        except OSError:  # not installed, not executable
+        except OSError as e:  # not installed, not executable
+            failure = failure or (source, command, _why_not_run(e))
             continue
         if status == 0:
             return None
-        failed = f"the editor ({visible(command)}) ended with status {status}"
-        break
-    failed = failed or "no editor could be run (set $VISUAL or $EDITOR)"
-    return f"{failed}; the line is as it was"
+        return f"the editor ({visible(command)}) ended with status {status}; the line is as it was"
+    if chosen and failure:
+        source, command, why = failure
+        return (f"the editor ({visible(command)}, from {source}) could not be run ({why}); set {source} to an installed "
+                "editor; the line is as it was")
+    return "no editor could be run (set $VISUAL or $EDITOR); the line is as it was"
+
+
+def _why_not_run(error: OSError) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "not found"
+    if isinstance(error, PermissionError):
+        return "not executable"
+    return visible(error.strerror or str(error))
 
 
 async def edit_in_editor(buffer: Buffer, accept: bool = True) -> None:

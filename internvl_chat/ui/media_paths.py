@@ -46,11 +46,23 @@ def take_media_paths(text: str, cwd: Path | None = None, search_dirs: Sequence[P
     if found:  # tidy the gap a path leaves: "What is in ?" -> "What is in?"
         rest = re.sub(r"[ \t]{2,}", " ", rest)
         rest = re.sub(r"[ \t]+([.,;:!?)\]])", r"\1", rest)
-        rest = "\n".join(line.strip() for line in rest.split("\n")).strip()
+        rest = "\n".join(_without_bare_commands(text.split("\n"), [line.strip() for line in rest.split("\n")])).strip()
     # the missing are looked for outside the paths found: the first word of `/x/scan.png 2.png describe`
     # was said not to exist, and the message, its question left, refused as only a missing path
     outside = " ".join(kept)
     return rest, [path for _, path in found], _missing_media_paths(outside, {real_path(p) for _, p in found}, (*search_dirs, cwd))
+
+
+_ATTACH_COMMANDS = ("/image", "/video")
+
+
+def _without_bare_commands(typed: list[str], left: list[str]) -> list[str]:
+    """`left` (the lines of a message, its paths taken) without the lines that held `/image PATH` or
+    `/video PATH` and now hold only the command: pasted below the question's first line, such a
+    line is text, its path is attached, and the model read a stray "/image"."""
+    if len(typed) != len(left):  # a quoted path across lines: nothing to match line by line
+        return left
+    return [line for line, was in zip(left, typed) if line.lower() not in _ATTACH_COMMANDS or was.strip() == line]
 
 
 def not_attached(path: Path, outcome: str = "it was not attached") -> str:

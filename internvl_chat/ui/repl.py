@@ -581,7 +581,8 @@ class ReplSignals:
 
 def run_repl(args: argparse.Namespace, settings: Settings, prompt: str | None = None) -> int:
     if not sys.stdin.isatty():
-        raise UsageError("the REPL needs a terminal on stdin; use --script FILE for scripted input or -p TEXT")
+        raise UsageError("the REPL needs a terminal on stdin; use --script FILE for scripted input "
+                         "(--script - reads it from stdin) or -p TEXT")  # fmt: skip
     if not (sys.stdout.isatty() or sys.stderr.isatty()):  # its prompt would go, unseen, into a file
         raise UsageError("the REPL needs a terminal on stdout or stderr to show its prompt; "
                          "leave one of them on the terminal, or use -p TEXT or --script FILE")

@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
+
 from ..chat.sampling import params_from_settings
 from ..errors import ContextOverflowError, UsageError
 from ..files import PRIVATE_FILE_MODE, NoHomeFolder, is_special_file, visible, write_atomic
@@ -25,7 +27,7 @@ from .paths import quote_path
 from .saved_sessions import (RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages,
                              session_at_a_glance)
 from .settings_text import plain_value
-from .text_wrap import one_line_excerpt
+from .text_wrap import one_line_excerpt, pad_cells
 
 NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
 
@@ -84,6 +86,8 @@ class SessionFileCommands:
         if not self.session.turns:  # after the save: a save that fails must not first say it goes ahead
             self.warn("the conversation is empty; saved it anyway")
         self.say(f"saved {counted(len(self.session.turns), 'turn')} to {visible(str(saved))}")
+        if self.pending:  # a session holds the turns sent: attachments waiting for a message were left out unsaid
+            self.warn(_pending_not_saved(self.pending))
 
     def _default_save_path(self) -> Path:
         """This conversation's file in the sessions folder, or a new dated one there."""
@@ -266,10 +270,10 @@ class SessionFileCommands:
             return
         self.say(f"saved sessions in {visible(str(folder))}, newest first:", "bold")
         shown = sessions[:limit]
-        width = max(len(_typed(p.stem)) for p, _ in shown)
+        width = max(cell_len(_typed(p.stem)) for p, _ in shown)
         for path, mtime in shown:
             held, why = session_at_a_glance(path)
-            self.say(f"  {_typed(path.stem).ljust(width)}  {held:<11}  {file_date(mtime)}" + (f"  ({why})" if why else ""))
+            self.say(f"  {pad_cells(_typed(path.stem), width)}  {held:<11}  {file_date(mtime)}" + (f"  ({why})" if why else ""))
         more = f" ({len(sessions) - limit} older not shown)" if len(sessions) > limit else ""
         self.note(f"/load NAME loads one (Tab completes the names){more}")
 
@@ -302,3 +306,11 @@ class SessionFileCommands:
         if self.confirm is None:
             raise UsageError(f"{shown} already exists; /export {_typed(path)} --force replaces it, or give another name")
         return self.confirm(f"{shown} already exists; replace it? [y/N] ")
+
+
+def _pending_not_saved(pending: list) -> str:
+    from .app import media_names  # app.py imports this module
+
+    held, them = ("is", "it") if len(pending) == 1 else ("are", "them")
+    return (f"{media_names(pending)}, attached for the next message, {held} not in the saved session; "
+            f"send a message with {them}, then /save again")

@@ -74,6 +74,12 @@ def wrap_text(text: str, width: int | None, indent: str | None = None) -> str:
     return "\n".join(out)
 
 
+def pad_cells(text: str, width: int) -> str:
+    """`text` padded with spaces to `width` terminal cells (str.ljust counts characters: a CJK name,
+    two cells a character, ran past its column)."""
+    return text + " " * max(width - cell_len(text), 0)
+
+
 def format_columns(rows: list[tuple[str, str]], width: int | None, *, indent: int = 0, gap: int = 2,
                    align_right: bool = False) -> str:  # fmt: skip
     """Label/value rows in two columns that fit `width`: long labels wrap in their column (or a
