@@ -452,6 +452,35 @@ def test_the_graphs_variant_reaches_the_end_of_the_context_without_recompiling(e
     assert step.active, step.failure  # no recompile tried
 
 
+@pytest.mark.parametrize("context", [64, 256])
+def test_the_graphs_variant_compiles_once_in_a_context_no_longer_than_the_first_bucket(tiny_original, context):
+    """A context of MIN_BUCKET (256) tokens or fewer: the step was compiled over min(256, context) keys,
+    there the whole cache (a contiguous slice, guarded on), while every bucket but the last position's
+    stops one short of it, so the conversation's first step compiled it again (refused here)."""
+    from internvl_chat.engine.cuda_graph import kv_bucket
+
+    eager_small = load_model(tiny_original, device="cpu", dtype="float32", max_context=context, compile="off")
+    loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=context)
+    model = loaded.model
+    ids = list(range(5, 5 + context - 4))
+    want, _ = greedy_steps(eager_small.model, ids, 4)
+    step = compiled.CompiledStep(model.language_model, model.device, for_graphs=True)
+    assert step.compile()
+    with torch.inference_mode():
+        token = model.forward(ids, 0).argmax().view(1)
+        got, seen = [], []
+        position = torch.tensor([len(ids)])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for _ in range(4):  # to the cache's last position
+                got.append(int(token))
+                seen.append(kv_bucket(int(position), context))
+                token = step.masked(token, position, seen[-1]).argmax().view(1)
+                position += 1
+    assert seen == [context - 1] * 3 + [context]
+    assert step.active, step.failure  # no recompile tried
+    assert got == want
+
+
 def test_column_blocks_hold_every_long_row_exactly(tiny_original, monkeypatch):
     """chunk_long_rows cuts each linear with rows longer than ROW_CHUNK into contiguous column
     blocks that put the weight back together, counts them in memory_bytes, and leaves short rows

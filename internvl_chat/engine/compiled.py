@@ -244,10 +244,12 @@ class CompiledStep:
                 t[:, :, :3].zero_()  # the positions the warm-up reads: comparable results, never NaN
                 torch._dynamo.mark_static(t)
         if self.for_graphs:
-            from .cuda_graph import MIN_BUCKET
+            from .cuda_graph import kv_bucket
 
             fn = torch.compile(self.lm.decode_masked, fullgraph=True, dynamic=True, options=options)
-            fn(self._token, self._position, min(MIN_BUCKET, self.lm.max_seq_len), scratch)
+            # over the first bucket, which is never the whole cache (a contiguous slice, guarded on:
+            # with a context of MIN_BUCKET or less, every later bucket would compile the step again)
+            fn(self._token, self._position, kv_bucket(0, self.lm.max_seq_len), scratch)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             return fn
