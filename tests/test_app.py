@@ -450,7 +450,8 @@ def test_a_message_refused_as_too_long_is_offered_back_and_a_sent_one_is_not(tmp
     assert app.handle_message("long again") == ERROR and app.failed_message == "long again"  # -I's prompt, as typed
 
 
-@pytest.mark.parametrize("text", ["/etc is long", "  /image long.png\n/drop 1", '"""long"""', '"""\nlong\n"""', "\n/long"])
+@pytest.mark.parametrize("text", ["/etc is long", "  /image long.png\n/drop 1", '"""long"""', '"""\nlong\n"""', "\n/long",
+                                  "\ufeff/etc is long"])
 def test_the_prompt_of_dash_I_refused_is_offered_back_in_a_form_that_sends_the_same_text(tmp_path, text):
     # -I -p TEXT sends TEXT as a message even when it starts with a slash or a block: given back
     # as it is, Enter ran it as the command /etc (or sent the inside of the block)
