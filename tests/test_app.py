@@ -1334,3 +1334,5 @@ def test_an_image_command_pasted_below_the_question_leaves_no_stray_command_word
     text = "Compare these:\n/image a.png\n/VIDEO  b.mp4 \nWhich is larger?\n/image\n/image c.png or not"
     found = [tmp_path / name for name in ("a.png", "b.mp4", "c.png")]
     assert take_media_paths(text, tmp_path) == ("Compare these:\nWhich is larger?\n/image\n/image or not", found, [])
+    # copied from a web page, a zero-width space before the slash: "\u200b/image" was left for the model
+    assert take_media_paths("Compare:\n\u200b/image a.png", tmp_path) == ("Compare:", [tmp_path / "a.png"], [])
