@@ -911,6 +911,8 @@ def test_a_system_message_of_several_lines_is_a_triple_quote_block(loaded, tmp_p
     # were then sent as messages, and the closing quotes opened a block that took the rest
     assert block_is_open('/system """') and block_is_open('/SYSTEM  """\nBe brief.')
     assert not block_is_open('/system """\nBe brief.\n"""') and not block_is_open('/system Be brief. """')
+    # an invisible mark before the slash is the command's (parse_line runs it): Enter sent the opener alone
+    assert block_is_open('\u200b/system """') and not block_is_open('\ufeff/system """\nBe brief.\n"""')
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line('/system """\nBe brief.\n\nAnswer in one word.\n"""') == OK
     assert app.session.system_message == "Be brief.\n\nAnswer in one word."

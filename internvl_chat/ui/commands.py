@@ -300,8 +300,9 @@ _SYSTEM_BLOCK = re.compile(r'/(?:system|set\s+system\.message)\s+(?=""")', re.IG
 def block_is_open(text: str) -> bool:
     '''True while `text` (or `/system TEXT`) starts a `"""` block that is not closed yet (Enter then adds a line).'''
     body = text.strip()
-    opener = _SYSTEM_BLOCK.match(body)
-    body = body[opener.end() :] if opener else body
+    command = command_start(body)  # "\u200b/system \"\"\"" is the command /system, as parse_line reads it
+    opener = _SYSTEM_BLOCK.match(command)
+    body = command[opener.end() :] if opener else body
     if not body.startswith(BLOCK_QUOTES):
         return False
     return len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES)
