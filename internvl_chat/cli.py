@@ -76,10 +76,10 @@ def _refuse_repl_command(args: argparse.Namespace) -> None:
     """A typed prompt that starts with a REPL command (`-p "/save chat.json"`, `/image cat.png`) is
     refused before the model loads: sent to the model as text, it ran nothing (no file saved), and
     the status was 0. A path (`/media/usb/cat.png what is it?`) is no command word: it goes on."""
-    from .ui.commands import COMMAND_BY_NAME
+    from .ui.commands import COMMAND_BY_NAME, command_start
 
     typed = args.prompt_flag or " ".join(args.prompt or [])
-    word = (typed.split(None, 1) or [""])[0]
+    word = (command_start(typed).split(None, 1) or [""])[0]  # a copied "<feff>/save" is /save in the REPL too
     spec = COMMAND_BY_NAME.get(word[1:].lower()) if word.startswith("/") else None
     if spec is None:
         return

@@ -603,11 +603,15 @@ def _name_problems(data: dict[str, Any]) -> list[str]:
             problems.append(f"{section} must be a [{section}] table of settings")
         elif section in SECTIONS:
             problems += [_unknown_setting(section, name) for name in table if f"{section}.{name}" not in all_keys()]
-        elif isinstance(table, dict):
+        elif isinstance(table, dict) or _is_table_array(table):  # `[[name]]` is a header too
             problems.append(f"unknown section [{_name_shown(section)}]{_suggest(section, list(SECTIONS))}")
         else:
             problems.append(_outside_sections(section))
     return problems
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
 
 
 def _unknown_setting(section: str, name: str) -> str:

@@ -450,7 +450,8 @@ def test_a_message_refused_as_too_long_is_offered_back_and_a_sent_one_is_not(tmp
     assert app.handle_message("long again") == ERROR and app.failed_message == "long again"  # -I's prompt, as typed
 
 
-@pytest.mark.parametrize("text", ["/etc is long", "  /image long.png\n/drop 1", '"""long"""', '"""\nlong\n"""', "\n/long"])
+@pytest.mark.parametrize("text", ["/etc is long", "  /image long.png\n/drop 1", '"""long"""', '"""\nlong\n"""', "\n/long",
+                                  "\ufeff/etc is long"])
 def test_the_prompt_of_dash_I_refused_is_offered_back_in_a_form_that_sends_the_same_text(tmp_path, text):
     # -I -p TEXT sends TEXT as a message even when it starts with a slash or a block: given back
     # as it is, Enter ran it as the command /etc (or sent the inside of the block)
@@ -910,6 +911,8 @@ def test_a_system_message_of_several_lines_is_a_triple_quote_block(loaded, tmp_p
     # were then sent as messages, and the closing quotes opened a block that took the rest
     assert block_is_open('/system """') and block_is_open('/SYSTEM  """\nBe brief.')
     assert not block_is_open('/system """\nBe brief.\n"""') and not block_is_open('/system Be brief. """')
+    # an invisible mark before the slash is the command's (parse_line runs it): Enter sent the opener alone
+    assert block_is_open('\u200b/system """') and not block_is_open('\ufeff/system """\nBe brief.\n"""')
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line('/system """\nBe brief.\n\nAnswer in one word.\n"""') == OK
     assert app.session.system_message == "Be brief.\n\nAnswer in one word."
@@ -1333,3 +1336,5 @@ def test_an_image_command_pasted_below_the_question_leaves_no_stray_command_word
     text = "Compare these:\n/image a.png\n/VIDEO  b.mp4 \nWhich is larger?\n/image\n/image c.png or not"
     found = [tmp_path / name for name in ("a.png", "b.mp4", "c.png")]
     assert take_media_paths(text, tmp_path) == ("Compare these:\nWhich is larger?\n/image\n/image or not", found, [])
+    # copied from a web page, a zero-width space before the slash: "\u200b/image" was left for the model
+    assert take_media_paths("Compare:\n\u200b/image a.png", tmp_path) == ("Compare:", [tmp_path / "a.png"], [])

@@ -492,6 +492,7 @@ def test_piped_text_with_windows_line_ends_reaches_the_model_with_newlines(monke
     (["/image", "cat.png", "what", "is", "it?"], "/image"),
     (["-p", "  /HELP"], "/HELP"),
     (["-I", "-p", "/set temperature 0.5"], "/set"),
+    (["-p", "\ufeff/save chat.json"], "/save"),  # copied with a byte-order mark: the REPL runs it as /save
 ])  # fmt: skip
 def test_a_repl_command_as_the_prompt_is_refused_before_the_model_loads(args, word, tmp_path):
     # it was sent to the model as text: an answer, status 0, and nothing saved or set

@@ -708,3 +708,10 @@ def test_every_misspelt_name_in_a_config_file_is_named_at_once(tmp_path):
         "valid sections are model, generation, media, ui, system, serve, remote.")  # fmt: skip
     many = _config_error(tmp_path, "[ui]\n" + "".join(f"typo{n} = 1\n" for n in range(300)))
     assert many.count("unknown setting") == NAME_PROBLEMS_SHOWN and many.endswith("; and 295 more; fix the file.")
+
+
+def test_an_unknown_array_of_tables_is_named_as_a_section_not_as_a_name_above_the_headers(tmp_path):
+    # `[[sampling]]` is a header: it was said to be "above every [section] header" with a setting guessed for it
+    message = _config_error(tmp_path, "[[sampling]]\ntemperature = 0.5\n")
+    assert message == (f"{tmp_path / 'user.toml'}: unknown section [sampling]; "
+                       "valid sections are model, generation, media, ui, system, serve, remote.")  # fmt: skip

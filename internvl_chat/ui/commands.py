@@ -282,9 +282,9 @@ def unwrap_block(text: str) -> str | None:
 def typed_message(text: str) -> str:
     '''What, typed at the prompt, sends `text` as it is: a slash it starts with doubled (`//etc`,
     not the command /etc), a text that starts with a `"""` put in a block of its own.'''
-    body = text.lstrip()
-    if body.startswith(BLOCK_QUOTES):
+    if text.lstrip().startswith(BLOCK_QUOTES):
         return f"{BLOCK_QUOTES}\n{text}\n{BLOCK_QUOTES}"
+    body = command_start(text)  # "<feff>/etc" given back as it was ran as the command /etc
     if body.startswith("/"):
         cut = len(text) - len(body)
         return f"{text[:cut]}/{body}"
@@ -300,8 +300,9 @@ _SYSTEM_BLOCK = re.compile(r'/(?:system|set\s+system\.message)\s+(?=""")', re.IG
 def block_is_open(text: str) -> bool:
     '''True while `text` (or `/system TEXT`) starts a `"""` block that is not closed yet (Enter then adds a line).'''
     body = text.strip()
-    opener = _SYSTEM_BLOCK.match(body)
-    body = body[opener.end() :] if opener else body
+    command = command_start(body)  # "\u200b/system \"\"\"" is the command /system, as parse_line reads it
+    opener = _SYSTEM_BLOCK.match(command)
+    body = command[opener.end() :] if opener else body
     if not body.startswith(BLOCK_QUOTES):
         return False
     return len(body) < 2 * len(BLOCK_QUOTES) or not body.endswith(BLOCK_QUOTES)
@@ -317,6 +318,11 @@ _PUNCTUATED = re.compile(r"([A-Za-z][A-Za-z0-9_-]*)[.,;:!?]+")
 _LEADING_MARKS = "\ufeff\u200b\u200e\u200f\u2060"
 
 
+def command_start(line: str) -> str:
+    """`line` from where a command would start: past the spaces and invisible marks before it."""
+    return line.lstrip().lstrip(_LEADING_MARKS).lstrip()
+
+
 def parse_line(line: str) -> Message | Command:
     """One REPL line -> Message or Command.
 
@@ -324,7 +330,7 @@ def parse_line(line: str) -> Message | Command:
     with a path (`/home/me/cat.png what is this?`) is a message too (auto-attach handles it).
     Leading whitespace before a command is ignored.
     """
-    body = line.lstrip().lstrip(_LEADING_MARKS).lstrip()
+    body = command_start(line)
     if body.startswith("//"):
         cut = len(line) - len(body)
         return Message(line[:cut] + line[cut + 1 :])

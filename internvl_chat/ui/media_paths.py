@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..files import FULL_PATH_FIX, WORKING_FOLDER_GONE, real_path, visible, working_folder_gone
 from ..numbers import counted
-from .commands import WILDCARD, quote_spaced, split_words
+from .commands import WILDCARD, command_start, quote_spaced, split_words
 from .paths import find_media_paths, is_file, may_name_media, media_kind, normalize_path
 
 MAX_JOINED_WORDS = 6  # /image words tried together as one path typed with bare spaces
@@ -62,7 +62,9 @@ def _without_bare_commands(typed: list[str], left: list[str]) -> list[str]:
     line is text, its path is attached, and the model read a stray "/image"."""
     if len(typed) != len(left):  # a quoted path across lines: nothing to match line by line
         return left
-    return [line for line, was in zip(left, typed) if line.lower() not in _ATTACH_COMMANDS or was.strip() == line]
+    # an invisible mark before the slash ("\u200b/image", copied from a web page) is a command's too
+    return [line for line, was in zip(left, typed)
+            if command_start(line).lower() not in _ATTACH_COMMANDS or was.strip() == line]
 
 
 def not_attached(path: Path, outcome: str = "it was not attached") -> str:
