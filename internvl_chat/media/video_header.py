@@ -533,6 +533,15 @@ def _frame_rate(stream) -> float:
     return float(rate) if rate else 0.0
 
 
+def _start(stream) -> float:
+    """Where the stream's first frame is shown (seconds; 0.0 where unknown or before 0): a clip
+    cut from a broadcast or remuxed with its times kept starts later, and frames are numbered
+    (and a time range counted) from its first."""
+    if stream.start_time is None or stream.time_base is None:
+        return 0.0
+    return max(float(stream.start_time * stream.time_base), 0.0)
+
+
 def _tag(metadata, name: str) -> str | None:
     # Matroska tags keep the case they were written in (ROTATE); MP4's are lower case
     for key, value in dict(metadata).items():
@@ -766,13 +775,16 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         else:
             duration = 0.0
         duration = check_duration(path, duration)
+        frames_end = duration  # an MKV's: where its frames end, as its DURATION tag says it
+        if {"matroska", "webm"} & set(container.format.name.split(",")):
+            duration = max(duration - _start(stream), 0.0)  # its duration is where the frames end, from 0
         rotate_tag = _tag(stream.metadata, "rotate")
         codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
                              alone, unfilled=unfilled)  # fmt: skip
         if {"matroska", "webm"} & set(container.format.name.split(",")):
-            header.track_duration = track_duration(container, stream, duration)
+            header.track_duration = track_duration(container, stream, frames_end)
             header.runs_past_end = ends_past_the_file(path, "matroska")
         elif "avi" in container.format.name.split(","):
             header.runs_past_end = ends_past_the_file(path, "avi")
