@@ -317,6 +317,23 @@ def test_a_video_whose_first_frame_is_shown_after_0_is_measured_from_it(tmp_path
     assert result.shortfall_note is None
 
 
+@pytest.mark.skipif("libx264" not in av.codecs_available, reason="PyAV without libx264")
+@pytest.mark.parametrize("backend", video_backends())
+@pytest.mark.parametrize("name", ["vfr.mp4", "vfr.mov"])
+def test_every_frame_of_a_variable_rate_mp4_with_b_frames_is_sampled(tmp_path, monkeypatch, backend, name):
+    """10 frames at 10 fps, then 10 at 25 (a phone's or screen recorder's variable rate), with
+    B-frames. FFmpeg's average rate (13.5 fps) times the duration (1.36 s) is 18 frames, fewer than
+    the 20 stored, which was taken for an edit list hiding 2: frames 18 and 19 were never sampled
+    (the last of 8 tiles showed frame 16, not 18). Only frames the index flags hidden are not shown."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    times = [100 * number for number in range(10)] + [940 + 40 * number for number in range(10)]
+    path = write_late_start_video(tmp_path / name, 20, 0, codec="libx264", times_ms=times, options={"bf": "3", "g": "8"})
+    assert probe_video(path)[0] == 20
+    result = load_video(path, num_frames=8)
+    assert result.num_total_frames == 20 and result.listed_frames is None
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices == expected_indices(20, result.fps, 8)
+
+
 @pytest.mark.parametrize("backend", video_backends())
 def test_a_tag_that_is_not_utf8_does_not_refuse_the_video(tmp_path, monkeypatch, backend):
     # found by fuzzing: PyAV decodes tags strictly, so a Latin-1 title (here the encoder tag) made
