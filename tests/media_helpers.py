@@ -399,6 +399,33 @@ def write_trimmed_video(path: Path, num_frames: int, hidden: int, fps: int = 10)
     return path
 
 
+def write_late_start_video(path: Path, num_frames: int, first_ms: int, step_ms: int = 40, codec: str = "mpeg4",
+                           times_ms: list[int] | None = None, options: dict | None = None) -> Path:  # fmt: skip
+    """Frames 0…num_frames−1 (each showing its number), `step_ms` apart, the first shown at
+    `first_ms`, not 0: a clip cut from a broadcast or remuxed with its times kept. An MKV's or
+    WebM's header then gives where its frames end as its duration. `times_ms`: each frame's time
+    instead (a variable frame rate, as phones and screen recorders write)."""
+    import av
+    from fractions import Fraction
+
+    base = Fraction(1, 1000)
+    times_ms = times_ms or [first_ms + number * step_ms for number in range(num_frames)]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=Fraction(1000, step_ms))
+        stream.width, stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        if options:
+            stream.options = options
+        for number in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")
+            frame.pts, frame.time_base = times_ms[number], base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def encode_plain(codec: str, width: int, height: int, count: int, options: dict | None = None, pix_fmt: str = "yuv420p") -> list:
     """`count` flat frames encoded alone (no container): H.264 and HEVC packets then carry their
     parameter sets in-band, Annex B (start codes), before each key frame's slices."""

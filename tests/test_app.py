@@ -29,7 +29,7 @@ from internvl_chat.ui.answer_text import AnswerCleaner, sanitize
 from internvl_chat.ui.app import EXIT, ERROR, OK, App
 from internvl_chat.ui.commands import block_is_open, unwrap_block
 from internvl_chat.chat.sampling import params_from_settings as sampling_params
-from media_helpers import cut_at_frame, faststart_copy, textured_rgb, write_numbered_video
+from media_helpers import cut_at_frame, faststart_copy, textured_rgb, write_late_start_video, write_numbered_video
 from app_helpers import ChunkedAnswers, _Turn, make_app, output
 
 MAX_CONTEXT = 2048  # the context conftest's `loaded` fixture gives the model
@@ -223,6 +223,17 @@ def test_a_range_past_the_end_of_a_video_that_cannot_be_attached_says_only_why(l
     attached, note = output(out).strip().split("\n")
     assert attached.startswith("+ video clip.mp4 2 frames from 1–3 s")
     assert note == "clip.mp4 ends at 3 s, so the range ends there"
+
+
+def test_an_mkv_whose_first_frame_comes_after_0_is_attached_with_the_length_of_its_frames(loaded, tmp_path):
+    """Its header's duration is where its frames end (1.8 s for 0.8 s of frames from 1 s): the
+    attach line said "of 1.8 s" and took a range from 1 s that decoding refused as the message was sent."""
+    late = write_late_start_video(tmp_path / "late.mkv", 20, first_ms=1000)
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/video {late} --frames 2 --range 1-1.5") == ERROR
+    assert "the range starts at 1 s but late.mkv is only 0.8 s long; choose an earlier start" in output(out)
+    assert app.handle_line(f"/video {late} --frames 2") == OK
+    assert "+ video late.mkv 2 frames of 0.8 s → " in output(out)
 
 
 def test_a_video_cut_short_is_said_once_at_attach_not_again_with_the_answer(loaded, media, tmp_path):

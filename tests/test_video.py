@@ -19,6 +19,7 @@ from media_helpers import (
     video_backends,
     write_audio_only,
     write_empty_video,
+    write_late_start_video,
     write_numbered_video,
 )
 from PIL import Image
@@ -294,6 +295,43 @@ def test_probe_reads_the_header(videos):
         frames, rate, duration = probe_video(path)
         assert frames == total and rate == pytest.approx(fps)
         assert duration == pytest.approx(total / fps, abs=0.05)
+
+
+@pytest.mark.parametrize("backend", video_backends())
+@pytest.mark.parametrize("name", ["late.mkv", "late.webm", "late.mp4"])
+def test_a_video_whose_first_frame_is_shown_after_0_is_measured_from_it(tmp_path, monkeypatch, backend, name):
+    """20 frames 40 ms apart, the first at 1 s: 0.8 s, 20 frames. An MKV's (WebM's) header gives
+    where its frames end (1.8 s) as its duration, and the attach line said "of 1.8 s" (45 frames
+    by the estimate), accepted a range from 1 s that decoding then refused as past the end, and
+    let a range end at 1.5 s that the frames, numbered from the first, end before."""
+    codec = "vp8" if name.endswith(".webm") else "mpeg4"
+    if codec not in av.codecs_available:
+        pytest.skip(f"codec {codec} not in this PyAV build")
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_late_start_video(tmp_path / name, 20, first_ms=1000, codec=codec)
+    assert probe_video(path) == (20, pytest.approx(25.0), pytest.approx(0.8, abs=0.001))
+    assert used_range((0.5, 1.5), probe_video(path)[2]) == (0.5, 0.8)
+    result = load_video(path, num_frames=4, start=0.4, end=0.8)
+    assert result.num_total_frames == 20 and result.indices == expected_indices(20, 25.0, 4, 0.4, 0.8)
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices
+    assert result.shortfall_note is None
+
+
+@pytest.mark.skipif("libx264" not in av.codecs_available, reason="PyAV without libx264")
+@pytest.mark.parametrize("backend", video_backends())
+@pytest.mark.parametrize("name", ["vfr.mp4", "vfr.mov"])
+def test_every_frame_of_a_variable_rate_mp4_with_b_frames_is_sampled(tmp_path, monkeypatch, backend, name):
+    """10 frames at 10 fps, then 10 at 25 (a phone's or screen recorder's variable rate), with
+    B-frames. FFmpeg's average rate (13.5 fps) times the duration (1.36 s) is 18 frames, fewer than
+    the 20 stored, which was taken for an edit list hiding 2: frames 18 and 19 were never sampled
+    (the last of 8 tiles showed frame 16, not 18). Only frames the index flags hidden are not shown."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    times = [100 * number for number in range(10)] + [940 + 40 * number for number in range(10)]
+    path = write_late_start_video(tmp_path / name, 20, 0, codec="libx264", times_ms=times, options={"bf": "3", "g": "8"})
+    assert probe_video(path)[0] == 20
+    result = load_video(path, num_frames=8)
+    assert result.num_total_frames == 20 and result.listed_frames is None
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices == expected_indices(20, result.fps, 8)
 
 
 @pytest.mark.parametrize("backend", video_backends())

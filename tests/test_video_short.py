@@ -325,11 +325,13 @@ def test_frames_an_edit_list_hides_are_not_sampled_nor_noted(tmp_path, monkeypat
     """A clip cut without re-encoding stores frames before its start, hidden by an edit list: its
     header counts them (60), its duration does not (5.5 s). The frames sampled are those a player
     shows (5…59 of the stored ones), by PyAV: decord counts and seeks the stored frames, and came
-    back with frames 8, 15, 18, 25, … for 3, 10, 17, 23, …"""
+    back with frames 8, 15, 18, 25, … for 3, 10, 17, 23, … probe_video counts those shown too (it
+    gave the header's 60, not the 55 load_video samples from)."""
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     path = write_trimmed_video(tmp_path / "trimmed.mp4", FRAMES, hidden=5)
     header = read_header(path, orientation=False)
     assert (header.frames, header.duration, header.frames_shown) == (FRAMES, 5.5, 55)
+    assert probe_video(path) == (55, FPS, 5.5)
     assert _frames_in(path) == 55
     result = load_video(path, 8)
     assert (result.backend, result.num_total_frames, result.listed_frames) == ("pyav", 55, None)

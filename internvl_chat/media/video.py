@@ -342,7 +342,7 @@ def _probed(path: Path, header: VideoHeader, stop: DecodeStop | None = None) -> 
         duration = held / header.fps if header.fps > 0 else header.duration * held / header.frames_shown
         return VideoLength(held, header.fps, duration, header.listed_if_short(held))
     duration = header.duration
-    frames = header.frames or check_count(path, int(round(duration * header.fps)))
+    frames = header.frames_shown or check_count(path, int(round(duration * header.fps)))  # not those an edit list hides
     if frames < 1:
         # no usable duration either (APNG), or one FFmpeg guessed from the bit rate (MPEG-PS): count
         frames = count_packets(path, stop)

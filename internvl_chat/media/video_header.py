@@ -46,6 +46,7 @@ class VideoHeader:
     codec: str = ""  # FFmpeg's decoder name ("h264", "mpeg4", …)
     reorders: bool = False  # the stream has B-frames (frames decoded before they are shown)
     alone: bool = True  # the file's only video stream (no cover picture, no second video)
+    hidden: int | None = None  # MP4/MOV: the frames its index flags an edit list hides (frames_hidden); None: not read
     lost: int = 0  # MP4/MOV: frames shown whose samples the index places past the end of the file (cut short)
     samples_whole: int | None = None  # and then: the samples, in decode order, before the first such one
     track_duration: float = 0.0  # MKV/WebM: the video track's own (track_duration()), 0.0 where not known
@@ -64,11 +65,14 @@ class VideoHeader:
         edit list hides the frames before a cut made without re-encoding, `ffmpeg -ss … -c copy`,
         and FFmpeg drops them as it decodes); 0 where the header stores no count. Only MP4 and MOV
         have edit lists; elsewhere the duration may be a guess (an AVI cut short, its index lost
-        with its end: from its size), so the count stands."""
+        with its end: from its size), so the count stands. Where the index was read (`hidden`),
+        it tells: a variable rate's average times the duration may hold fewer than all."""
         if not self.frames:
             return 0
         if "mov" not in self.format_name.split(","):
             return self.frames
+        if self.hidden is not None:
+            return max(self.frames - self.hidden, 0)
         return min(self.frames, self.frames_by_duration or self.frames)
 
     @property
@@ -533,6 +537,15 @@ def _frame_rate(stream) -> float:
     return float(rate) if rate else 0.0
 
 
+def _start(stream) -> float:
+    """Where the stream's first frame is shown (seconds; 0.0 where unknown or before 0): a clip
+    cut from a broadcast or remuxed with its times kept starts later, and frames are numbered
+    (and a time range counted) from its first."""
+    if stream.start_time is None or stream.time_base is None:
+        return 0.0
+    return max(float(stream.start_time * stream.time_base), 0.0)
+
+
 def _tag(metadata, name: str) -> str | None:
     # Matroska tags keep the case they were written in (ROTATE); MP4's are lower case
     for key, value in dict(metadata).items():
@@ -766,19 +779,24 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         else:
             duration = 0.0
         duration = check_duration(path, duration)
+        frames_end = duration  # an MKV's: where its frames end, as its DURATION tag says it
+        if {"matroska", "webm"} & set(container.format.name.split(",")):
+            duration = max(duration - _start(stream), 0.0)  # its duration is where the frames end, from 0
         rotate_tag = _tag(stream.metadata, "rotate")
         codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
                              alone, unfilled=unfilled)  # fmt: skip
         if {"matroska", "webm"} & set(container.format.name.split(",")):
-            header.track_duration = track_duration(container, stream, duration)
+            header.track_duration = track_duration(container, stream, frames_end)
             header.runs_past_end = ends_past_the_file(path, "matroska")
         elif "avi" in container.format.name.split(","):
             header.runs_past_end = ends_past_the_file(path, "avi")
         if header.runs_past_end and stream.time_base is not None:  # cut short: where? (from a few headers)
             header.frames_cut = frames_cut_off(path, header, float(stream.time_base))
         if frames and "mov" in container.format.name.split(","):  # its index tells where each frame lies
+            if header.frames_by_duration < frames:  # an edit list may hide some, or the rate varies
+                header.hidden = frames_hidden(stream)
             header.lost = frames_lost(stream, path, hides=header.frames_shown < frames)
             if header.lost:
                 header.samples_whole = first_sample_lost(stream, path)
@@ -797,6 +815,18 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         raise cannot_read(path, e) from None
     finally:
         container.close()
+
+
+def frames_hidden(stream) -> int | None:
+    """The samples of an MP4's (or MOV's) track that an edit list hides (FFmpeg's index flags them
+    to be discarded, and decoding drops them); None where PyAV does not show the index. Read only
+    where the duration holds fewer frames than the count (each entry costs ~0.25 µs): at a
+    variable rate, the average rate times the duration may hold fewer though none is hidden."""
+    try:
+        entries = stream.index_entries
+        return sum(1 for entry in entries if entry.is_discard) if len(entries) == stream.frames else None
+    except Exception:  # noqa: BLE001 - an older PyAV without index_entries, an odd entry
+        return None
 
 
 def frames_lost(stream, path: Path, hides: bool) -> int:
