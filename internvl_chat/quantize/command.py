@@ -1,5 +1,6 @@
 """`internvl-chat quantize SRC DST`: flags → `quantize_checkpoint`, with progress on stderr (bars on a
-terminal, plain lines elsewhere); SIGTERM and SIGHUP end it as Ctrl-C does, its output removed."""
+terminal, plain lines elsewhere); SIGTERM and SIGHUP end it as Ctrl-C does, its output removed and
+one line said (cli.main: `stopped by SIGTERM`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import signal
 import sys
 import time
 
-from ..errors import OneLineParser, UsageError
+from ..errors import EndedBySignal, OneLineParser, UsageError
 from ..files import visible
 from ..numbers import parse_int
 from .calibration import MAX_SAMPLES
@@ -52,11 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _end_on_signal(signum: int, frame) -> None:
-    """SIGTERM/SIGHUP as SystemExit(128 + signal), so the half-written staging folder is removed
-    (`output_folder.staged_output`) as on Ctrl-C; by default they ended the process with it left behind."""
+    """SIGTERM/SIGHUP as EndedBySignal, so the half-written staging folder is removed
+    (`output_folder.staged_output`) as on Ctrl-C; by default they ended the process with it left behind.
+    cli.main says why in one line and exits 128 + signal (a SystemExit ended the run without a word)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
+    raise EndedBySignal(signum)
 
 
 def main(argv: list[str]) -> int:
