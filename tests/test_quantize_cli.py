@@ -793,6 +793,32 @@ def test_a_second_ctrl_c_does_not_cut_the_clean_up_short(tiny_original, tmp_path
     assert signal.getsignal(signal.SIGINT) is handler
 
 
+def test_a_sigterm_after_ctrl_c_does_not_cut_the_clean_up_short(tiny_original, tmp_path, monkeypatch):
+    """A `kill` (SIGTERM, as the command handles it) while a Ctrl-C'd run removed its staging folder
+    raised in the middle of the removal and left the folder behind; only a second Ctrl-C was ignored."""
+    import os
+    import signal
+
+    import internvl_chat.quantize.output_folder as output_folder
+    from internvl_chat.quantize.command import _end_on_signal
+
+    remove = shutil.rmtree
+
+    def killed_meanwhile(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled (or ignored) before the next line runs
+        return remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(output_folder.shutil, "rmtree", killed_meanwhile)
+    handler = signal.signal(signal.SIGTERM, _end_on_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=InterruptWhile("writing"))
+        assert signal.getsignal(signal.SIGTERM) is _end_on_signal
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _with_remote_code(tiny_original: Path, folder: Path) -> Path:
     """The tiny checkpoint laid out as a published original one: an auto_map and its Python files."""
     shutil.copytree(tiny_original, folder)
