@@ -462,6 +462,21 @@ def test_calibration_images_are_the_ones_the_samples_use(tiny_original, tmp_path
     assert seen[:3] == [("calibration images", 3, "images"), ("loading", 1, "model"), ("calibration data", 5, "samples")]
 
 
+@pytest.mark.parametrize("with_images", [False, True])
+def test_calibration_texts_replace_the_built_in_ones(tiny_loaded_tokenizer, with_images):
+    """A --calib folder's .txt files joined the 12 built-in texts: with one file of the user's own
+    domain, about 12 samples in 13 were answered with generic built-in text instead."""
+    from internvl_chat.chat.template import PromptBuilder
+    from internvl_chat.quantize.calibration import Calibration, calibration_samples
+
+    builder = PromptBuilder(tiny_loaded_tokenizer, None, tokens_per_tile=4)
+    mine = ["Torque the M8 flange bolts to 25 N·m in a star pattern.", "Replace the gasket every 500 hours."]
+    tiles = [torch.zeros(1, 3, 448, 448)] if with_images else []
+    samples = calibration_samples(builder, tiny_loaded_tokenizer, 12, calib=Calibration(tiles, mine))
+    endings = [tiny_loaded_tokenizer.decode(s.ids) for s in samples]
+    assert all(any(text.endswith(m) for m in mine) for text in endings), endings
+
+
 def test_a_source_without_config_json_is_named_without_the_chat_s_flag(tmp_path, monkeypatch, capsys):
     """The loader's message advised 'point --model at …', a flag quantize does not have."""
     (tmp_path / "src").mkdir()

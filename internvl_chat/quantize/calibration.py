@@ -101,12 +101,14 @@ def calibration_samples(
     calib: Calibration | None = None,
     step: Step = no_step,
 ) -> list[Sample]:
-    """`count` prompts + answers, half of them with an image (built-in, or from `calib`)."""
+    """`count` prompts + answers, half of them with an image: `calib`'s images and texts where it has
+    them, built-in ones where it has none. Its texts joined the 12 built-in ones, so that one .txt file
+    answered one sample in 13, a domain's own text drowned in generic text."""
     rng = random.Random(seed)
     texts, images = list(CALIBRATION_TEXT), []
     if calib is not None:
         images = calib.tiles
-        texts += calib.texts
+        texts = list(calib.texts) or texts
     samples = []
     for i in range(count):
         answer = tokenizer.encode(rng.choice(texts))[:MAX_ANSWER_TOKENS]
