@@ -752,6 +752,19 @@ def test_a_calibration_text_that_holds_binary_data_is_refused(config_only, tmp_p
     assert f"calibration text {calib / 'notes.txt'} holds {kind}, not text; take it out of the --calib folder" in lines[0], lines
 
 
+@pytest.mark.parametrize("data", [b"", b" \n\t\r\n"])
+def test_a_calibration_text_that_holds_no_text_is_refused(config_only, tmp_path, monkeypatch, capsys, data):
+    """An empty .txt file was taken as a calibration text: its samples were calibrated on an empty
+    answer, and with no other .txt file every text sample was."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "notes.txt").write_bytes(data)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--calib", calib)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"calibration text {calib / 'notes.txt'} is empty; write text into it or take it out of the --calib folder" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "no_weights"]  # refused before the output was claimed
+
+
 def test_a_non_utf8_calibration_text_is_used_with_its_bad_bytes_replaced(tmp_path):
     from internvl_chat.quantize import calibration_files
 

@@ -151,9 +151,13 @@ def calibration_text(path: Path) -> str:
     """The first 2,000 characters of a --calib .txt file (a regular file of at most 1 MiB),
     undecodable bytes replaced; one that holds binary data (an image or archive named .txt) is
     refused: it was tokenized as calibration text without a word, skewing the statistics the
-    scales are searched on."""
+    scales are searched on. One that holds no text (empty, or only spaces) is refused too: its samples
+    were calibrated on an empty answer, and the user's texts replace the built-in ones."""
     data = read_bytes_file(path, "calibration text", limit=MiB)
     kind = sniff_binary(data)
     if kind is not None:
         raise UsageError(f"calibration text {visible(str(path))} holds {kind}, not text; take it out of the --calib folder")
-    return data.decode("utf-8", errors="replace")[:2000]
+    text = data.decode("utf-8", errors="replace")[:2000]
+    if not text.strip():
+        raise UsageError(f"calibration text {visible(str(path))} is empty; write text into it or take it out of the --calib folder")
+    return text
