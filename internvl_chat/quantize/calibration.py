@@ -18,6 +18,7 @@ from ..media.image import load_image, normalize_tiles
 from .progress import Step, no_step
 
 MAX_ANSWER_TOKENS = 512  # calibration text per sample
+CALIB_TEXT_CHARS = 2000  # what a --calib .txt file gives: one text, its start (more than MAX_ANSWER_TOKENS holds)
 MAX_SAMPLES = 1024  # all are held in memory (an image sample's tiles are megabytes); AWQ needs 32-128
 
 CALIBRATION_TEXT = [
@@ -157,7 +158,7 @@ def calibration_text(path: Path) -> str:
     kind = sniff_binary(data)
     if kind is not None:
         raise UsageError(f"calibration text {visible(str(path))} holds {kind}, not text; take it out of the --calib folder")
-    text = data.decode("utf-8", errors="replace")[:2000]
+    text = data.decode("utf-8", errors="replace")[:CALIB_TEXT_CHARS]
     if not text.strip():
         raise UsageError(f"calibration text {visible(str(path))} is empty; write text into it or take it out of the --calib folder")
     return text
