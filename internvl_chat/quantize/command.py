@@ -1,6 +1,6 @@
 """`internvl-chat quantize SRC DST`: flags → `quantize_checkpoint`, with progress on stderr (bars on a
 terminal, plain lines elsewhere); SIGTERM and SIGHUP end it as Ctrl-C does, its output removed and
-one line said (cli.main: `stopped by SIGTERM`)."""
+one line said (cli.main: `stopped by SIGTERM`), unless they were ignored when it started (`nohup`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from ..errors import EndedBySignal, OneLineParser, UsageError
+from ..errors import EndedBySignal, OneLineParser, UsageError, replace_signal_handlers
 from ..files import visible
 from ..numbers import parse_int
 from .calibration import CALIB_TEXT_CHARS, MAX_SAMPLES
@@ -64,8 +64,8 @@ def _end_on_signal(signum: int, frame) -> None:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _end_on_signal)
-    signal.signal(signal.SIGHUP, _end_on_signal)
+    # one ignored stays ignored: under `nohup` a closed terminal's SIGHUP ended an hour-long run
+    replace_signal_handlers((signal.SIGTERM, signal.SIGHUP), _end_on_signal)
     from rich.console import Console
 
     console = Console(stderr=True)
