@@ -765,6 +765,18 @@ def test_a_calibration_text_that_holds_no_text_is_refused(config_only, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "no_weights"]  # refused before the output was claimed
 
 
+def test_a_calibration_text_over_the_limit_says_what_is_used(config_only, tmp_path, monkeypatch, capsys):
+    """A large corpus file was refused as "over the 1 MiB limit; is it the right file?": it was,
+    and nothing said that only its first 2,000 characters would be used, nor what to do."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "corpus.txt").write_bytes(b"plain words " * 100_000)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--calib", calib)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"calibration text {calib / 'corpus.txt'} is over 1 MiB, and only its first 2,000 characters would "
+                             "be used; put those in a smaller file (one text per file), or take it out of the --calib folder"), lines  # fmt: skip
+
+
 def test_a_non_utf8_calibration_text_is_used_with_its_bad_bytes_replaced(tmp_path):
     from internvl_chat.quantize import calibration_files
 

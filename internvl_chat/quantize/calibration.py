@@ -4,6 +4,7 @@ and texts) or from a --calib folder of images and .txt files, read and checked b
 from __future__ import annotations
 
 import random
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,9 @@ def calibration_text(path: Path) -> str:
     refused: it was tokenized as calibration text without a word, skewing the statistics the
     scales are searched on. One that holds no text (empty, or only spaces) is refused too: its samples
     were calibrated on an empty answer, and the user's texts replace the built-in ones."""
+    if _file_size(path) > MiB:  # the shared limit's words ("is it the right file?") said nothing of what is used
+        raise UsageError(f"calibration text {visible(str(path))} is over 1 MiB, and only its first {CALIB_TEXT_CHARS:,} characters "
+                         "would be used; put those in a smaller file (one text per file), or take it out of the --calib folder")  # fmt: skip
     data = read_bytes_file(path, "calibration text", limit=MiB)
     kind = sniff_binary(data)
     if kind is not None:
@@ -162,3 +166,12 @@ def calibration_text(path: Path) -> str:
     if not text.strip():
         raise UsageError(f"calibration text {visible(str(path))} is empty; write text into it or take it out of the --calib folder")
     return text
+
+
+def _file_size(path: Path) -> int:
+    """The size of a regular file at `path`; 0 for anything else, which reading it then names."""
+    try:
+        info = path.stat()
+    except OSError:
+        return 0
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
