@@ -784,6 +784,16 @@ def test_a_non_utf8_calibration_text_is_used_with_its_bad_bytes_replaced(tmp_pat
     assert calibration_files(tmp_path) == ([], ["caf\ufffd cr\ufffdme"])
 
 
+def test_a_folder_named_like_a_calibration_text_is_passed_over_as_one_named_like_an_image(tmp_path):
+    """`notes.txt/` stopped the run ("is a folder, not a file; give a file") where `shots.png/` is passed over."""
+    from internvl_chat.quantize import calibration_files
+
+    (tmp_path / "notes.txt").mkdir()
+    (tmp_path / "shots.png").mkdir()
+    (tmp_path / "mine.txt").write_text("a text of my own")
+    assert calibration_files(tmp_path) == ([], ["a text of my own"])
+
+
 @pytest.mark.parametrize("exists", [False, True])
 def test_an_output_name_near_the_file_system_s_limit_is_taken(tiny_original, tmp_path, exists):
     """The hidden staging folder's name is the output's plus 18 characters: a valid name of 238

@@ -143,7 +143,8 @@ def calibration_files(calib_dir: Path) -> tuple[list[Path], list[str]]:
     # not only regular files: a broken link or a device named .png was dropped without a word (the images
     # are read before the model loads, and name what is wrong with one)
     images = [p for p in entries if p.suffix.lower() in CALIB_IMAGE_SUFFIXES and not p.is_dir()]
-    texts = [calibration_text(p) for p in entries if p.suffix.lower() == ".txt"]
+    # a folder named like a text (`notes.txt/`) is passed over as one named like an image is: it stopped the run
+    texts = [calibration_text(p) for p in entries if p.suffix.lower() == ".txt" and not p.is_dir()]
     if not images and not texts:
         raise UsageError(f"--calib {shown} has no images ({', '.join(CALIB_IMAGE_SUFFIXES)}) or .txt files")
     return images, texts
