@@ -462,6 +462,21 @@ def test_calibration_images_are_the_ones_the_samples_use(tiny_original, tmp_path
     assert seen[:3] == [("calibration images", 3, "images"), ("loading", 1, "model"), ("calibration data", 5, "samples")]
 
 
+@pytest.mark.parametrize("with_images", [False, True])
+def test_calibration_texts_replace_the_built_in_ones(tiny_loaded_tokenizer, with_images):
+    """A --calib folder's .txt files joined the 12 built-in texts: with one file of the user's own
+    domain, about 12 samples in 13 were answered with generic built-in text instead."""
+    from internvl_chat.chat.template import PromptBuilder
+    from internvl_chat.quantize.calibration import Calibration, calibration_samples
+
+    builder = PromptBuilder(tiny_loaded_tokenizer, None, tokens_per_tile=4)
+    mine = ["Torque the M8 flange bolts to 25 N·m in a star pattern.", "Replace the gasket every 500 hours."]
+    tiles = [torch.zeros(1, 3, 448, 448)] if with_images else []
+    samples = calibration_samples(builder, tiny_loaded_tokenizer, 12, calib=Calibration(tiles, mine))
+    endings = [tiny_loaded_tokenizer.decode(s.ids) for s in samples]
+    assert all(any(text.endswith(m) for m in mine) for text in endings), endings
+
+
 def test_a_source_without_config_json_is_named_without_the_chat_s_flag(tmp_path, monkeypatch, capsys):
     """The loader's message advised 'point --model at …', a flag quantize does not have."""
     (tmp_path / "src").mkdir()
@@ -737,11 +752,46 @@ def test_a_calibration_text_that_holds_binary_data_is_refused(config_only, tmp_p
     assert f"calibration text {calib / 'notes.txt'} holds {kind}, not text; take it out of the --calib folder" in lines[0], lines
 
 
+@pytest.mark.parametrize("data", [b"", b" \n\t\r\n"])
+def test_a_calibration_text_that_holds_no_text_is_refused(config_only, tmp_path, monkeypatch, capsys, data):
+    """An empty .txt file was taken as a calibration text: its samples were calibrated on an empty
+    answer, and with no other .txt file every text sample was."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "notes.txt").write_bytes(data)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--calib", calib)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"calibration text {calib / 'notes.txt'} is empty; write text into it or take it out of the --calib folder" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "no_weights"]  # refused before the output was claimed
+
+
+def test_a_calibration_text_over_the_limit_says_what_is_used(config_only, tmp_path, monkeypatch, capsys):
+    """A large corpus file was refused as "over the 1 MiB limit; is it the right file?": it was,
+    and nothing said that only its first 2,000 characters would be used, nor what to do."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "corpus.txt").write_bytes(b"plain words " * 100_000)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--calib", calib)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"calibration text {calib / 'corpus.txt'} is over 1 MiB, and only its first 2,000 characters would "
+                             "be used; put those in a smaller file (one text per file), or take it out of the --calib folder"), lines  # fmt: skip
+
+
 def test_a_non_utf8_calibration_text_is_used_with_its_bad_bytes_replaced(tmp_path):
     from internvl_chat.quantize import calibration_files
 
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9 cr\xe8me")
     assert calibration_files(tmp_path) == ([], ["caf\ufffd cr\ufffdme"])
+
+
+def test_a_folder_named_like_a_calibration_text_is_passed_over_as_one_named_like_an_image(tmp_path):
+    """`notes.txt/` stopped the run ("is a folder, not a file; give a file") where `shots.png/` is passed over."""
+    from internvl_chat.quantize import calibration_files
+
+    (tmp_path / "notes.txt").mkdir()
+    (tmp_path / "shots.png").mkdir()
+    (tmp_path / "mine.txt").write_text("a text of my own")
+    assert calibration_files(tmp_path) == ([], ["a text of my own"])
 
 
 @pytest.mark.parametrize("exists", [False, True])
@@ -791,6 +841,32 @@ def test_a_second_ctrl_c_does_not_cut_the_clean_up_short(tiny_original, tmp_path
         quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=InterruptWhile("writing"))
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_a_sigterm_after_ctrl_c_does_not_cut_the_clean_up_short(tiny_original, tmp_path, monkeypatch):
+    """A `kill` (SIGTERM, as the command handles it) while a Ctrl-C'd run removed its staging folder
+    raised in the middle of the removal and left the folder behind; only a second Ctrl-C was ignored."""
+    import os
+    import signal
+
+    import internvl_chat.quantize.output_folder as output_folder
+    from internvl_chat.quantize.command import _end_on_signal
+
+    remove = shutil.rmtree
+
+    def killed_meanwhile(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled (or ignored) before the next line runs
+        return remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(output_folder.shutil, "rmtree", killed_meanwhile)
+    handler = signal.signal(signal.SIGTERM, _end_on_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=InterruptWhile("writing"))
+        assert signal.getsignal(signal.SIGTERM) is _end_on_signal
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _with_remote_code(tiny_original: Path, folder: Path) -> Path:

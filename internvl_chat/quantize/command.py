@@ -1,5 +1,6 @@
 """`internvl-chat quantize SRC DST`: flags → `quantize_checkpoint`, with progress on stderr (bars on a
-terminal, plain lines elsewhere); SIGTERM and SIGHUP end it as Ctrl-C does, its output removed."""
+terminal, plain lines elsewhere); SIGTERM and SIGHUP end it as Ctrl-C does, its output removed and
+one line said (cli.main: `stopped by SIGTERM`), unless they were ignored when it started (`nohup`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import signal
 import sys
 import time
 
-from ..errors import OneLineParser, UsageError
+from ..errors import EndedBySignal, OneLineParser, UsageError, replace_signal_handlers
 from ..files import visible
 from ..numbers import parse_int
-from .calibration import MAX_SAMPLES
+from .calibration import CALIB_TEXT_CHARS, MAX_SAMPLES
 from .pipeline import quantize_checkpoint
 from .progress import BarProgress, LineProgress
 
@@ -41,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=_positive_int, metavar="N",
                    help="weights per scale/zero group along each input: a multiple of 32 that divides the "
                         "model's widths (default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
-    p.add_argument("--calib", metavar="DIR", help="awq: folder of calibration images and .txt files; every other sample has "
-                   "an image, the first ones by name (default: built-in generated data)")  # fmt: skip
+    p.add_argument("--calib", metavar="DIR", help="awq: folder of calibration images and .txt files (each one text: its "
+                   f"first {CALIB_TEXT_CHARS:,} characters), used in place of the built-in ones (a kind it lacks stays built-in); every "
+                   "other sample has an image, the first ones by name (default: built-in generated data)")  # fmt: skip
     p.add_argument("--samples", type=_positive_int, metavar="N",
                    help=f"awq: calibration samples, half with an image (default 32, at most {MAX_SAMPLES})")  # fmt: skip
     p.add_argument("--no-clip", action="store_true", help="awq: skip the weight-clipping search")
@@ -52,17 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _end_on_signal(signum: int, frame) -> None:
-    """SIGTERM/SIGHUP as SystemExit(128 + signal), so the half-written staging folder is removed
-    (`output_folder.staged_output`) as on Ctrl-C; by default they ended the process with it left behind."""
+    """SIGTERM/SIGHUP as EndedBySignal, so the half-written staging folder is removed
+    (`output_folder.staged_output`) as on Ctrl-C; by default they ended the process with it left behind.
+    cli.main says why in one line and exits 128 + signal (a SystemExit ended the run without a word)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
+    raise EndedBySignal(signum)
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _end_on_signal)
-    signal.signal(signal.SIGHUP, _end_on_signal)
+    # one ignored stays ignored: under `nohup` a closed terminal's SIGHUP ended an hour-long run
+    replace_signal_handlers((signal.SIGTERM, signal.SIGHUP), _end_on_signal)
     from rich.console import Console
 
     console = Console(stderr=True)

@@ -1,7 +1,7 @@
 """The output folder, complete or not at all: the checkpoint is written to a hidden staging folder
 next to a new output folder and renamed to it at the end, or inside an existing empty one and its
 files moved up at the end, config.json last. A failed or interrupted run removes what it made (the
-staging folder, and the folders above the output that it created), with Ctrl-C ignored meanwhile;
+staging folder, and the folders above the output that it created), with Ctrl-C and SIGTERM ignored meanwhile;
 a staging folder left by a run that was killed outright is named when its folder is given again."""
 
 from __future__ import annotations
@@ -128,17 +128,20 @@ def publish(staging: Path, dst: Path) -> None:
 
 @contextmanager
 def _no_second_interrupt() -> Iterator[None]:
-    """Ctrl-C ignored while a failed or interrupted run cleans up: pressed again (people do), it cut
-    the removal of the staging folder short and left part of it, a checkpoint's size, behind.
-    (SIGTERM and SIGHUP are ignored by command.py's `_end_on_signal` once one arrived.)"""
+    """Ctrl-C, SIGTERM and SIGHUP ignored while a failed or interrupted run cleans up: pressed again
+    (people do), or a `kill` after a Ctrl-C, it cut the removal of the staging folder short and
+    left part of it, a checkpoint's size, behind. (command.py's `_end_on_signal` ignores a second
+    SIGTERM or SIGHUP after the first too.)"""
     if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop_signals = [signal.SIGINT] + [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in stop_signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
 
 
 def _file_above(dst: Path) -> Path | None:
