@@ -608,8 +608,12 @@ def _sixteen_bit_rgb_key(image: Image.Image) -> tuple[int, int, int] | None:
     key = image.info.get("transparency")
     if image.format != "PNG" or not image.tile or not isinstance(key, tuple) or len(key) != 3:
         return None
-    args = image.tile[0][3]
-    return key if (args if isinstance(args, str) else args[0]) == "RGB;16B" else None
+    return key if _raw_mode(image.tile[0][3]) == "RGB;16B" else None
+
+
+def _raw_mode(args: str | tuple) -> str:
+    """The raw mode of a tile's decoder arguments (Pillow gives the mode alone or a tuple it starts)."""
+    return args if isinstance(args, str) else args[0]
 
 
 def _keyed_out(path: Path, image: Image.Image, key: tuple[int, int, int]) -> Image.Image:
@@ -618,7 +622,7 @@ def _keyed_out(path: Path, image: Image.Image, key: tuple[int, int, int]) -> Ima
     The low bytes come from decoding the file again as little-endian data."""
     with Image.open(path, formats=["PNG"]) as low:
         codec, extents, offset, args = low.tile[0]
-        if low.size != image.size or (args if isinstance(args, str) else args[0]) != "RGB;16B":
+        if low.size != image.size or _raw_mode(args) != "RGB;16B":
             raise ValueError("the file changed while it was read")
         low.tile = [(codec, extents, offset, "RGB;16L" if isinstance(args, str) else ("RGB;16L", *args[1:]))]
         low.load()
