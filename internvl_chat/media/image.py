@@ -439,7 +439,8 @@ NOT_PICTURES = {
 
 def _sniffed(path: Path) -> str:
     """What the file's first bytes say it is ("a video (MP4/MOV)", "a HEIC image"; see sniff_binary),
-    "a PostScript (EPS) drawing", "an SVG drawing" or "text" where they hold no binary data, or "" where the file does not read."""
+    "a PostScript (EPS) drawing", "an SVG drawing" or "text" where they are UTF-8 with no binary data,
+    or "" where the file does not read or they are none of these (text in another encoding, say)."""
     try:
         with open_regular_file(path) as f:
             head = f.read(SNIFF_BYTES)
