@@ -505,12 +505,12 @@ class EngineWorker:
         reason = final["finish_reason"]
         if job.discard_answer and reason != "cancelled":  # max_tokens 0: no answer, as if cut at once
             generated, reason = [], "length"
-        counted = len(generated)
+        completion_tokens = len(generated)
         if stop_end is not None:
             reason = "stop"
             answer_ids = self._ids_for_text(generated, text)
             # as vLLM counts them: an event of several tokens (stream_interval) has some after it
-            counted = self._tokens_through(generated, stop_end)
+            completion_tokens = self._tokens_through(generated, stop_end)
         elif reason == "cancelled":  # the client went away (then nobody reads this) or the server is stopping
             self.counts["cancelled"] += 1
             self.finished.append({"job": job.number, "choice": index, "finish_reason": "cancelled",
@@ -530,13 +530,13 @@ class EngineWorker:
             "text": text,
             "token_ids": answer_ids if answer_ids is not None else generated,
             "logprobs": tokens.listed if tokens is not None else None,
-            "usage": usage(len(prompt.ids), counted, reuse),
+            "usage": usage(len(prompt.ids), completion_tokens, reuse),
             "timings": timings(prompt_n, timing["vision_s"] + timing["prefill_s"], timing["decode_tokens"],
                                timing["decode_s"], reuse),  # fmt: skip
         }
         self.counts[reason] += 1
         self.finished.append({"job": job.number, "choice": index, "finish_reason": reason,
-                              "completion_tokens": counted, "cached_tokens": reuse, "prompt_n": prompt_n,
+                              "completion_tokens": completion_tokens, "cached_tokens": reuse, "prompt_n": prompt_n,
                               "slot": slot})  # fmt: skip
         return result
 
