@@ -500,7 +500,8 @@ class EngineWorker:
 
     def _finish(self, job: Job, prompt: Prompt, index: int, slot: int, reuse: int, final: dict, text: str,
                 tokens: SentTokens | None, stop_end: int | None) -> dict | None:  # fmt: skip
-        """`stop_end`: where the stop string that ended the answer ends in its text (None: none did)."""
+        """`stop_end`: where the stop string that ended the answer ends in the text generated, which
+        `text` is cut from before it (None: none did)."""
         generated = list(final["token_ids"])
         reason = final["finish_reason"]
         if job.discard_answer and reason != "cancelled":  # max_tokens 0: no answer, as if cut at once
@@ -541,7 +542,7 @@ class EngineWorker:
         return result
 
     def _tokens_through(self, ids: list[int], chars: int) -> int:
-        """How many of the generated ids it takes to spell the answer's first `chars` characters."""
+        """How many of the generated ids it takes to spell the first `chars` characters of their text."""
         detok = IncrementalDetokenizer(self.loaded.tokenizer)
         decoded = 0
         for k, token in enumerate(ids, start=1):
