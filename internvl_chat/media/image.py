@@ -493,7 +493,8 @@ def pending_orientation(image: Image.Image) -> int:
         return 1
     if image.format == "TIFF":
         # Pillow turns a TIFF by every orientation as it loads it (and opens one of 5…8 at its turned
-        # size): turned here too, a mirrored or upside-down scan (2, 3, 4) went in as stored
+        # size): nothing is left to turn (turned here as well, a mirrored or upside-down scan (2, 3,
+        # 4) was turned twice, back to as stored)
         return 1
     try:
         with quiet_pillow():
