@@ -631,13 +631,19 @@ def _outside_sections(name: str) -> str:
 
 
 def _name_problems_line(shown: str, problems: list[str]) -> str:
-    listed = problems[:NAME_PROBLEMS_SHOWN]
-    if len(problems) > len(listed):
-        listed.append(f"and {len(problems) - len(listed)} more")
     fix = "fix the file."
     if any(problem.startswith("unknown section") for problem in problems):
         fix = f"valid sections are {', '.join(SECTIONS)}."
-    return f"{shown}: {'; '.join(listed)}; {fix}"
+    return f"{shown}: {_first_few(problems)}; {fix}"
+
+
+def _first_few(items: list[str], say: Callable[[str], str] = str) -> str:
+    """The first NAME_PROBLEMS_SHOWN of `items`, each as `say` words it (only those: a suggestion
+    costs a search), joined by "; ", then how many more there are."""
+    listed = [say(item) for item in items[:NAME_PROBLEMS_SHOWN]]
+    if len(items) > len(listed):
+        listed.append(f"and {len(items) - len(listed)} more")
+    return "; ".join(listed)
 
 
 def _name_shown(name: str, width: int = 60) -> str:
@@ -656,12 +662,10 @@ def _apply_env(settings: Settings, env: Mapping[str, str]) -> None:
     unknown = [name for name in ours if name not in by_name]
     if unknown:  # all of them in one line, as a config file's: not one run per misspelt variable
         valid = list(by_name) + list(OTHER_ENV_VARS)
-        named = [f"{_name_shown(name)}{_suggest(name, valid)}" for name in unknown[:NAME_PROBLEMS_SHOWN]]
-        if len(unknown) > len(named):
-            named.append(f"and {len(unknown) - len(named)} more")
+        named = _first_few(unknown, lambda name: f"{_name_shown(name)}{_suggest(name, valid)}")
         if len(unknown) == 1:
-            raise UsageError(f"unknown environment variable {named[0]}; rename or unset it.")
-        raise UsageError(f"unknown environment variables {'; '.join(named)}; rename or unset them.")
+            raise UsageError(f"unknown environment variable {named}; rename or unset it.")
+        raise UsageError(f"unknown environment variables {named}; rename or unset them.")
     for name in ours:
         _assign(settings, by_name[name], env[name], where=f"environment variable {name}")
         settings.sources[by_name[name]] = f"env {name}"

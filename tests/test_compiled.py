@@ -425,29 +425,37 @@ def test_the_guarded_step_reaches_the_end_of_the_context(eager, tiny_original, m
     assert (got_logits - want_logits).abs().max().item() <= TOL * want_logits.abs().max().item()
 
 
+def masked_steps(model, step, ids: list[int], steps: int) -> tuple[list[int], list[int]]:
+    """`steps` greedy tokens after `ids` through the graphs variant's step `step` (as DecodeGraphs
+    calls it: the position on the device, each step's KV bucket), with a recompile refused; and the
+    bucket each step attended."""
+    from internvl_chat.engine.cuda_graph import kv_bucket
+
+    with torch.inference_mode():
+        token = model.forward(ids, 0).argmax().view(1)
+        got, seen = [], []
+        position = torch.tensor([len(ids)])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for _ in range(steps):
+                got.append(int(token))
+                seen.append(kv_bucket(int(position), model.max_seq_len))
+                token = step.masked(token, position, seen[-1]).argmax().view(1)
+                position += 1
+    return got, seen
+
+
 def test_the_graphs_variant_reaches_the_end_of_the_context_without_recompiling(eager, tiny_original):
     """The last bucket of a context: attention over the whole cache is a contiguous slice of it, which
     the compile took as never so (a guard), so a conversation reaching it compiled the step a second
     time (23 s here, 17-33 s on an H200) mid-answer. The buckets stop one short of the whole cache, and
     the context's very last position takes the eager step (captured all the same)."""
-    from internvl_chat.engine.cuda_graph import kv_bucket
-
     loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=CONTEXT)
     model, lm = loaded.model, loaded.model.language_model
     ids = (eager.tokenizer.encode("one two three four five six seven") * 200)[: CONTEXT - 6]
     want, _ = greedy_steps(eager.model, ids, 6)
     step = compiled.CompiledStep(lm, model.device, for_graphs=True)
     assert step.compile()
-    with torch.inference_mode():
-        token = model.forward(ids, 0).argmax().view(1)
-        got, seen = [], []
-        position = torch.tensor([len(ids)])
-        with torch.compiler.set_stance("fail_on_recompile"):
-            for _ in range(6):  # to the cache's last position
-                got.append(int(token))
-                seen.append(kv_bucket(int(position), model.max_seq_len))
-                token = step.masked(token, position, seen[-1]).argmax().view(1)
-                position += 1
+    got, seen = masked_steps(model, step, ids, 6)  # to the cache's last position
     assert got == want and seen == [CONTEXT - 1] * 5 + [CONTEXT]
     assert step.active, step.failure  # no recompile tried
 
@@ -457,8 +465,6 @@ def test_the_graphs_variant_compiles_once_in_a_context_no_longer_than_the_first_
     """A context of MIN_BUCKET (256) tokens or fewer: the step was compiled over min(256, context) keys,
     there the whole cache (a contiguous slice, guarded on), while every bucket but the last position's
     stops one short of it, so the conversation's first step compiled it again (refused here)."""
-    from internvl_chat.engine.cuda_graph import kv_bucket
-
     eager_small = load_model(tiny_original, device="cpu", dtype="float32", max_context=context, compile="off")
     loaded = load_model(tiny_original, device="cpu", dtype="float32", max_context=context)
     model = loaded.model
@@ -466,16 +472,7 @@ def test_the_graphs_variant_compiles_once_in_a_context_no_longer_than_the_first_
     want, _ = greedy_steps(eager_small.model, ids, 4)
     step = compiled.CompiledStep(model.language_model, model.device, for_graphs=True)
     assert step.compile()
-    with torch.inference_mode():
-        token = model.forward(ids, 0).argmax().view(1)
-        got, seen = [], []
-        position = torch.tensor([len(ids)])
-        with torch.compiler.set_stance("fail_on_recompile"):
-            for _ in range(4):  # to the cache's last position
-                got.append(int(token))
-                seen.append(kv_bucket(int(position), context))
-                token = step.masked(token, position, seen[-1]).argmax().view(1)
-                position += 1
+    got, seen = masked_steps(model, step, ids, 4)  # to the cache's last position
     assert seen == [context - 1] * 3 + [context]
     assert step.active, step.failure  # no recompile tried
     assert got == want

@@ -439,7 +439,8 @@ NOT_PICTURES = {
 
 def _sniffed(path: Path) -> str:
     """What the file's first bytes say it is ("a video (MP4/MOV)", "a HEIC image"; see sniff_binary),
-    "a PostScript (EPS) drawing", "an SVG drawing" or "text" where they hold no binary data, or "" where the file does not read."""
+    "a PostScript (EPS) drawing", "an SVG drawing" or "text" where they are UTF-8 with no binary data,
+    or "" where the file does not read or they are none of these (text in another encoding, say)."""
     try:
         with open_regular_file(path) as f:
             head = f.read(SNIFF_BYTES)
@@ -492,7 +493,8 @@ def pending_orientation(image: Image.Image) -> int:
         return 1
     if image.format == "TIFF":
         # Pillow turns a TIFF by every orientation as it loads it (and opens one of 5…8 at its turned
-        # size): turned here too, a mirrored or upside-down scan (2, 3, 4) went in as stored
+        # size): nothing is left to turn (turned here as well, a mirrored or upside-down scan (2, 3,
+        # 4) was turned twice, back to as stored)
         return 1
     try:
         with quiet_pillow():
@@ -608,8 +610,12 @@ def _sixteen_bit_rgb_key(image: Image.Image) -> tuple[int, int, int] | None:
     key = image.info.get("transparency")
     if image.format != "PNG" or not image.tile or not isinstance(key, tuple) or len(key) != 3:
         return None
-    args = image.tile[0][3]
-    return key if (args if isinstance(args, str) else args[0]) == "RGB;16B" else None
+    return key if _raw_mode(image.tile[0][3]) == "RGB;16B" else None
+
+
+def _raw_mode(args: str | tuple) -> str:
+    """The raw mode of a tile's decoder arguments (Pillow gives the mode alone or a tuple it starts)."""
+    return args if isinstance(args, str) else args[0]
 
 
 def _keyed_out(path: Path, image: Image.Image, key: tuple[int, int, int]) -> Image.Image:
@@ -618,7 +624,7 @@ def _keyed_out(path: Path, image: Image.Image, key: tuple[int, int, int]) -> Ima
     The low bytes come from decoding the file again as little-endian data."""
     with Image.open(path, formats=["PNG"]) as low:
         codec, extents, offset, args = low.tile[0]
-        if low.size != image.size or (args if isinstance(args, str) else args[0]) != "RGB;16B":
+        if low.size != image.size or _raw_mode(args) != "RGB;16B":
             raise ValueError("the file changed while it was read")
         low.tile = [(codec, extents, offset, "RGB;16L" if isinstance(args, str) else ("RGB;16L", *args[1:]))]
         low.load()

@@ -500,17 +500,18 @@ class EngineWorker:
 
     def _finish(self, job: Job, prompt: Prompt, index: int, slot: int, reuse: int, final: dict, text: str,
                 tokens: SentTokens | None, stop_end: int | None) -> dict | None:  # fmt: skip
-        """`stop_end`: where the stop string that ended the answer ends in its text (None: none did)."""
+        """`stop_end`: where the stop string that ended the answer ends in the text generated, which
+        `text` is cut from before it (None: none did)."""
         generated = list(final["token_ids"])
         reason = final["finish_reason"]
         if job.discard_answer and reason != "cancelled":  # max_tokens 0: no answer, as if cut at once
             generated, reason = [], "length"
-        counted = len(generated)
+        completion_tokens = len(generated)
         if stop_end is not None:
             reason = "stop"
             answer_ids = self._ids_for_text(generated, text)
             # as vLLM counts them: an event of several tokens (stream_interval) has some after it
-            counted = self._tokens_through(generated, stop_end)
+            completion_tokens = self._tokens_through(generated, stop_end)
         elif reason == "cancelled":  # the client went away (then nobody reads this) or the server is stopping
             self.counts["cancelled"] += 1
             self.finished.append({"job": job.number, "choice": index, "finish_reason": "cancelled",
@@ -530,18 +531,18 @@ class EngineWorker:
             "text": text,
             "token_ids": answer_ids if answer_ids is not None else generated,
             "logprobs": tokens.listed if tokens is not None else None,
-            "usage": usage(len(prompt.ids), counted, reuse),
+            "usage": usage(len(prompt.ids), completion_tokens, reuse),
             "timings": timings(prompt_n, timing["vision_s"] + timing["prefill_s"], timing["decode_tokens"],
                                timing["decode_s"], reuse),  # fmt: skip
         }
         self.counts[reason] += 1
         self.finished.append({"job": job.number, "choice": index, "finish_reason": reason,
-                              "completion_tokens": counted, "cached_tokens": reuse, "prompt_n": prompt_n,
+                              "completion_tokens": completion_tokens, "cached_tokens": reuse, "prompt_n": prompt_n,
                               "slot": slot})  # fmt: skip
         return result
 
     def _tokens_through(self, ids: list[int], chars: int) -> int:
-        """How many of the generated ids it takes to spell the answer's first `chars` characters."""
+        """How many of the generated ids it takes to spell the first `chars` characters of their text."""
         detok = IncrementalDetokenizer(self.loaded.tokenizer)
         decoded = 0
         for k, token in enumerate(ids, start=1):

@@ -328,7 +328,8 @@ def parse_line(line: str) -> Message | Command:
 
     A message's text is returned as typed. `//text` is the message `/text`; a line that starts
     with a path (`/home/me/cat.png what is this?`) is a message too (auto-attach handles it).
-    Leading whitespace before a command is ignored.
+    Leading whitespace and invisible marks (`command_start`: a copied zero-width space, a byte-order
+    mark) before a command are ignored.
     """
     body = command_start(line)
     if body.startswith("//"):
