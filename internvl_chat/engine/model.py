@@ -122,7 +122,7 @@ def _stop_if_set(cancel: threading.Event | None) -> None:
 
 
 def _some_of(counted_names: str, names: list[str]) -> str:
-    """`2 tensors: a, b` when all fit the line; `5 tensors, e.g. a, b, c` when not."""
+    """`2 tensors: a, b` for three names or fewer; `5 tensors, e.g. a, b, c` for more."""
     if len(names) <= 3:
         return f"{counted_names}: {', '.join(names)}"
     return f"{counted_names}, e.g. {', '.join(names[:3])}"
