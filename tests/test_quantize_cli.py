@@ -960,3 +960,33 @@ def test_a_hub_cache_snapshots_links_into_its_blobs_are_copied(tiny_original, tm
     local.mkdir()
     (local / "tokenizer.json").symlink_to(blobs / "blob-tokenizer.json")
     check_copied_files(local)
+
+
+@pytest.mark.parametrize("ending", ["refused", "stopped by SIGTERM", "written"])
+def test_the_command_puts_the_signal_handlers_back_when_it_returns(config_only, tiny_original, tmp_path, monkeypatch, capsys, ending):
+    """cli.main(["quantize", …]) in-process (tests, a caller's script) left its SIGTERM/SIGHUP handler
+    in place: a `kill` long after the run raised EndedBySignal wherever the caller was; and after one
+    SIGTERM had stopped a run, both stayed ignored for good."""
+    import signal
+
+    import internvl_chat.quantize.pipeline as pipeline
+
+    real = pipeline.write_checkpoint
+
+    def write_then_term(staging, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before the next line runs
+        return real(staging, *args, **kwargs)
+
+    if ending == "stopped by SIGTERM":
+        monkeypatch.setattr(pipeline, "write_checkpoint", write_then_term)
+    src = config_only if ending == "refused" else tiny_original
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
+        assert {signum: signal.getsignal(signum) for signum in before} == before
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert code == {"refused": 2, "stopped by SIGTERM": 143, "written": 0}[ending], lines
+    if ending == "stopped by SIGTERM":
+        assert lines[-1] == "internvl-chat: stopped by SIGTERM", lines

@@ -65,7 +65,15 @@ def _end_on_signal(signum: int, frame) -> None:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     # one ignored stays ignored: under `nohup` a closed terminal's SIGHUP ended an hour-long run
-    replace_signal_handlers((signal.SIGTERM, signal.SIGHUP), _end_on_signal)
+    replaced = replace_signal_handlers((signal.SIGTERM, signal.SIGHUP), _end_on_signal)
+    try:
+        return _quantize(args)
+    finally:  # called in-process (cli.main from a script, tests), a later `kill` raised where the caller was
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+
+
+def _quantize(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
