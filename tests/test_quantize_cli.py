@@ -990,3 +990,21 @@ def test_the_command_puts_the_signal_handlers_back_when_it_returns(config_only, 
     assert code == {"refused": 2, "stopped by SIGTERM": 143, "written": 0}[ending], lines
     if ending == "stopped by SIGTERM":
         assert lines[-1] == "internvl-chat: stopped by SIGTERM", lines
+
+
+def test_every_calibration_text_answers_a_sample_before_any_answers_two(tiny_loaded_tokenizer):
+    """The folder's texts were drawn at random, with replacement: with as many texts as samples,
+    about a third of the user's texts were never used while others answered two or three samples."""
+    from collections import Counter
+
+    from internvl_chat.chat.template import PromptBuilder
+    from internvl_chat.quantize.calibration import Calibration, calibration_samples
+
+    builder = PromptBuilder(tiny_loaded_tokenizer, None, tokens_per_tile=4)
+    mine = [f"Manual page {n}: check the valve." for n in ("one", "two", "three", "four", "five", "six")]
+    samples = calibration_samples(builder, tiny_loaded_tokenizer, 12, calib=Calibration([], mine))
+    endings = [tiny_loaded_tokenizer.decode(s.ids) for s in samples]
+    used = Counter(next(m for m in mine if text.endswith(m)) for text in endings)
+    assert used == {m: 2 for m in mine}, used
+    first = calibration_samples(builder, tiny_loaded_tokenizer, 3, calib=Calibration([], mine))
+    assert [tiny_loaded_tokenizer.decode(s.ids).endswith(m) for s, m in zip(first, mine)] == [True] * 3  # the first by name

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's widths (default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
     p.add_argument("--calib", metavar="DIR", help="awq: folder of calibration images and .txt files (each one text: its "
                    f"first {CALIB_TEXT_CHARS:,} characters), used in place of the built-in ones (a kind it lacks stays built-in); every "
-                   "other sample has an image, the first ones by name (default: built-in generated data)")  # fmt: skip
+                   "other sample has an image; both are taken in turn by name, repeated where there are fewer than "
+                   "samples (default: built-in generated data)")  # fmt: skip
     p.add_argument("--samples", type=_positive_int, metavar="N",
                    help=f"awq: calibration samples, half with an image (default 32, at most {MAX_SAMPLES})")  # fmt: skip
     p.add_argument("--no-clip", action="store_true", help="awq: skip the weight-clipping search")
