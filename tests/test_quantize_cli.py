@@ -752,7 +752,7 @@ def test_a_calibration_text_that_holds_binary_data_is_refused(config_only, tmp_p
     assert f"calibration text {calib / 'notes.txt'} holds {kind}, not text; take it out of the --calib folder" in lines[0], lines
 
 
-@pytest.mark.parametrize("data", [b"", b" \n\t\r\n"])
+@pytest.mark.parametrize("data", [b"", b" \n\t\r\n", b"\xef\xbb\xbf\r\n"])  # the last: Notepad's "UTF-8 with BOM"
 def test_a_calibration_text_that_holds_no_text_is_refused(config_only, tmp_path, monkeypatch, capsys, data):
     """An empty .txt file was taken as a calibration text: its samples were calibrated on an empty
     answer, and with no other .txt file every text sample was."""
@@ -782,6 +782,15 @@ def test_a_non_utf8_calibration_text_is_used_with_its_bad_bytes_replaced(tmp_pat
 
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9 cr\xe8me")
     assert calibration_files(tmp_path) == ([], ["caf\ufffd cr\ufffdme"])
+
+
+def test_a_calibration_text_s_byte_order_mark_is_no_part_of_it(tmp_path):
+    """Notepad's "UTF-8 with BOM" put U+FEFF at the start of the text the samples were calibrated on,
+    and a file holding only the mark passed as one that holds text."""
+    from internvl_chat.quantize import calibration_files
+
+    (tmp_path / "notes.txt").write_bytes("\ufeffcaf\u00e9".encode())
+    assert calibration_files(tmp_path) == ([], ["caf\u00e9"])
 
 
 def test_a_folder_named_like_a_calibration_text_is_passed_over_as_one_named_like_an_image(tmp_path):

@@ -165,7 +165,8 @@ def calibration_text(path: Path) -> str:
     kind = sniff_binary(data)
     if kind is not None:
         raise UsageError(f"calibration text {visible(str(path))} holds {kind}, not text; take it out of the --calib folder")
-    text = data.decode("utf-8", errors="replace")[:CALIB_TEXT_CHARS]
+    # -sig: Notepad's byte order mark is no part of the text (it was calibrated on, and alone passed as text)
+    text = data.decode("utf-8-sig", errors="replace")[:CALIB_TEXT_CHARS]
     if not text.strip():
         raise UsageError(f"calibration text {visible(str(path))} is empty; write text into it or take it out of the --calib folder")
     return text
