@@ -1,7 +1,7 @@
 """The output folder, complete or not at all: the checkpoint is written to a hidden staging folder
 next to a new output folder and renamed to it at the end, or inside an existing empty one and its
 files moved up at the end, config.json last. A failed or interrupted run removes what it made (the
-staging folder, and the folders above the output that it created), with Ctrl-C and SIGTERM ignored meanwhile;
+staging folder, and the folders above the output that it created), with Ctrl-C, SIGTERM and SIGHUP ignored meanwhile;
 a staging folder left by a run that was killed outright is named when its folder is given again."""
 
 from __future__ import annotations
