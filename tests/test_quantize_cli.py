@@ -1017,3 +1017,19 @@ def test_every_calibration_text_answers_a_sample_before_any_answers_two(tiny_loa
     assert used == {m: 2 for m in mine}, used
     first = calibration_samples(builder, tiny_loaded_tokenizer, 3, calib=Calibration([], mine))
     assert [tiny_loaded_tokenizer.decode(s.ids).endswith(m) for s, m in zip(first, mine)] == [True] * 3  # the first by name
+
+
+def test_a_staging_folder_whose_permissions_cannot_be_set_is_one_line_and_removed(config_only, tmp_path, monkeypatch, capsys):
+    """A file system that refuses chmod (a FAT stick whose mount fixes the modes) ended the run with a
+    traceback and left the hidden staging folder behind, named by the next run as a killed run's."""
+    import internvl_chat.quantize.output_folder as output_folder
+
+    def refused(path, mode):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(output_folder.os, "chmod", refused)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "new" / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"cannot write the output {tmp_path / 'new' / 'out'} in {tmp_path / 'new'} (Operation not permitted); "
+                             "choose a folder you can write to"), lines  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
