@@ -752,7 +752,7 @@ def test_a_calibration_text_that_holds_binary_data_is_refused(config_only, tmp_p
     assert f"calibration text {calib / 'notes.txt'} holds {kind}, not text; take it out of the --calib folder" in lines[0], lines
 
 
-@pytest.mark.parametrize("data", [b"", b" \n\t\r\n"])
+@pytest.mark.parametrize("data", [b"", b" \n\t\r\n", b"\xef\xbb\xbf\r\n"])  # the last: Notepad's "UTF-8 with BOM"
 def test_a_calibration_text_that_holds_no_text_is_refused(config_only, tmp_path, monkeypatch, capsys, data):
     """An empty .txt file was taken as a calibration text: its samples were calibrated on an empty
     answer, and with no other .txt file every text sample was."""
@@ -782,6 +782,15 @@ def test_a_non_utf8_calibration_text_is_used_with_its_bad_bytes_replaced(tmp_pat
 
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9 cr\xe8me")
     assert calibration_files(tmp_path) == ([], ["caf\ufffd cr\ufffdme"])
+
+
+def test_a_calibration_text_s_byte_order_mark_is_no_part_of_it(tmp_path):
+    """Notepad's "UTF-8 with BOM" put U+FEFF at the start of the text the samples were calibrated on,
+    and a file holding only the mark passed as one that holds text."""
+    from internvl_chat.quantize import calibration_files
+
+    (tmp_path / "notes.txt").write_bytes("\ufeffcaf\u00e9".encode())
+    assert calibration_files(tmp_path) == ([], ["caf\u00e9"])
 
 
 def test_a_folder_named_like_a_calibration_text_is_passed_over_as_one_named_like_an_image(tmp_path):
@@ -960,3 +969,67 @@ def test_a_hub_cache_snapshots_links_into_its_blobs_are_copied(tiny_original, tm
     local.mkdir()
     (local / "tokenizer.json").symlink_to(blobs / "blob-tokenizer.json")
     check_copied_files(local)
+
+
+@pytest.mark.parametrize("ending", ["refused", "stopped by SIGTERM", "written"])
+def test_the_command_puts_the_signal_handlers_back_when_it_returns(config_only, tiny_original, tmp_path, monkeypatch, capsys, ending):
+    """cli.main(["quantize", …]) in-process (tests, a caller's script) left its SIGTERM/SIGHUP handler
+    in place: a `kill` long after the run raised EndedBySignal wherever the caller was; and after one
+    SIGTERM had stopped a run, both stayed ignored for good."""
+    import signal
+
+    import internvl_chat.quantize.pipeline as pipeline
+
+    real = pipeline.write_checkpoint
+
+    def write_then_term(staging, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before the next line runs
+        return real(staging, *args, **kwargs)
+
+    if ending == "stopped by SIGTERM":
+        monkeypatch.setattr(pipeline, "write_checkpoint", write_then_term)
+    src = config_only if ending == "refused" else tiny_original
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
+        assert {signum: signal.getsignal(signum) for signum in before} == before
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert code == {"refused": 2, "stopped by SIGTERM": 143, "written": 0}[ending], lines
+    if ending == "stopped by SIGTERM":
+        assert lines[-1] == "internvl-chat: stopped by SIGTERM", lines
+
+
+def test_every_calibration_text_answers_a_sample_before_any_answers_two(tiny_loaded_tokenizer):
+    """The folder's texts were drawn at random, with replacement: with as many texts as samples,
+    about a third of the user's texts were never used while others answered two or three samples."""
+    from collections import Counter
+
+    from internvl_chat.chat.template import PromptBuilder
+    from internvl_chat.quantize.calibration import Calibration, calibration_samples
+
+    builder = PromptBuilder(tiny_loaded_tokenizer, None, tokens_per_tile=4)
+    mine = [f"Manual page {n}: check the valve." for n in ("one", "two", "three", "four", "five", "six")]
+    samples = calibration_samples(builder, tiny_loaded_tokenizer, 12, calib=Calibration([], mine))
+    endings = [tiny_loaded_tokenizer.decode(s.ids) for s in samples]
+    used = Counter(next(m for m in mine if text.endswith(m)) for text in endings)
+    assert used == {m: 2 for m in mine}, used
+    first = calibration_samples(builder, tiny_loaded_tokenizer, 3, calib=Calibration([], mine))
+    assert [tiny_loaded_tokenizer.decode(s.ids).endswith(m) for s, m in zip(first, mine)] == [True] * 3  # the first by name
+
+
+def test_a_staging_folder_whose_permissions_cannot_be_set_is_one_line_and_removed(config_only, tmp_path, monkeypatch, capsys):
+    """A file system that refuses chmod (a FAT stick whose mount fixes the modes) ended the run with a
+    traceback and left the hidden staging folder behind, named by the next run as a killed run's."""
+    import internvl_chat.quantize.output_folder as output_folder
+
+    def refused(path, mode):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(output_folder.os, "chmod", refused)
+    code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "new" / "out")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith(f"cannot write the output {tmp_path / 'new' / 'out'} in {tmp_path / 'new'} (Operation not permitted); "
+                             "choose a folder you can write to"), lines  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]

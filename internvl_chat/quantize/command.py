@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's widths (default 128, or the largest of 64 and 32 that divides them)")  # fmt: skip
     p.add_argument("--calib", metavar="DIR", help="awq: folder of calibration images and .txt files (each one text: its "
                    f"first {CALIB_TEXT_CHARS:,} characters), used in place of the built-in ones (a kind it lacks stays built-in); every "
-                   "other sample has an image, the first ones by name (default: built-in generated data)")  # fmt: skip
+                   "other sample has an image; both are taken in turn by name, repeated where there are fewer than "
+                   "samples (default: built-in generated data)")  # fmt: skip
     p.add_argument("--samples", type=_positive_int, metavar="N",
                    help=f"awq: calibration samples, half with an image (default 32, at most {MAX_SAMPLES})")  # fmt: skip
     p.add_argument("--no-clip", action="store_true", help="awq: skip the weight-clipping search")
@@ -65,7 +66,15 @@ def _end_on_signal(signum: int, frame) -> None:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     # one ignored stays ignored: under `nohup` a closed terminal's SIGHUP ended an hour-long run
-    replace_signal_handlers((signal.SIGTERM, signal.SIGHUP), _end_on_signal)
+    replaced = replace_signal_handlers((signal.SIGTERM, signal.SIGHUP), _end_on_signal)
+    try:
+        return _quantize(args)
+    finally:  # called in-process (cli.main from a script, tests), a later `kill` raised where the caller was
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+
+
+def _quantize(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)

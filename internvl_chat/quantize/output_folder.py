@@ -1,7 +1,7 @@
 """The output folder, complete or not at all: the checkpoint is written to a hidden staging folder
 next to a new output folder and renamed to it at the end, or inside an existing empty one and its
 files moved up at the end, config.json last. A failed or interrupted run removes what it made (the
-staging folder, and the folders above the output that it created), with Ctrl-C and SIGTERM ignored meanwhile;
+staging folder, and the folders above the output that it created), with Ctrl-C, SIGTERM and SIGHUP ignored meanwhile;
 a staging folder left by a run that was killed outright is named when its folder is given again."""
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def staging_folder(dst: Path) -> Path:
                 raise UsageError(f"{visible(str(where / left[0]))} was left by a quantize run for {shown} that was killed "
                                  "(or is still running); delete it, or choose a new output folder")  # fmt: skip
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(dst), suffix=".partial", dir=where))
+        _share_like_the_umask(staging)
     except UsageError:
         raise
     except OSError as e:  # named by the user's paths, never the staging folder's
@@ -86,8 +87,18 @@ def staging_folder(dst: Path) -> Path:
         inside = "" if where == dst else f" in {visible(str(where))}"
         raise UsageError(f"cannot write the output {shown}{inside} ({e.strerror or e}); "
                          "choose a folder you can write to") from None  # fmt: skip
-    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; the checkpoint should not be
     return staging
+
+
+def _share_like_the_umask(staging: Path) -> None:
+    """The umask's permissions on the staging folder (mkdtemp makes it private; the checkpoint should
+    not be); where the file system refuses them (a FAT stick whose mount fixes the modes), the folder
+    is removed again: it was left behind, with a traceback."""
+    try:
+        os.chmod(staging, 0o777 & ~current_umask())
+    except OSError:
+        os.rmdir(staging)
+        raise
 
 
 def _left_staging_folders(where: Path, dst: Path) -> list[str]:
