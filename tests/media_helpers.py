@@ -426,6 +426,24 @@ def write_late_start_video(path: Path, num_frames: int, first_ms: int, step_ms: 
     return path
 
 
+def remux_video(source: Path, path: Path) -> Path:
+    """`source`'s video packets in another container (by `path`'s extension), times kept in its
+    time base: an MKV's 1 ms base makes an AVI of 1000 "frames" a second, most of them dropped
+    (empty chunks), as `ffmpeg -i vfr.mkv -c copy vfr.avi` writes it."""
+    import av
+
+    with av.open(str(source)) as given, av.open(str(path), "w") as made:
+        stream = given.streams.video[0]
+        out = made.add_stream_from_template(stream)
+        out.time_base = stream.time_base
+        for packet in given.demux(stream):
+            if packet.dts is None:  # the end-of-stream packet
+                continue
+            packet.stream = out
+            made.mux(packet)
+    return path
+
+
 def encode_plain(codec: str, width: int, height: int, count: int, options: dict | None = None, pix_fmt: str = "yuv420p") -> list:
     """`count` flat frames encoded alone (no container): H.264 and HEVC packets then carry their
     parameter sets in-band, Annex B (start codes), before each key frame's slices."""
