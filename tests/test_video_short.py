@@ -22,6 +22,7 @@ from media_helpers import (
     numbered_frame,
     read_frame_number,
     video_backends,
+    write_late_start_video,
     write_numbered_video,
     write_trimmed_video,
 )
@@ -731,6 +732,26 @@ def test_an_mkv_cut_in_its_audio_after_the_video_ends_is_not_called_cut_short_as
     assert load_video(late, 8).shortfall_note is None  # all 20 frames: decoding agrees
     assert not measure_video(late).ends_early
 
+
+@pytest.mark.parametrize("backend", video_backends())
+def test_an_mkv_whose_first_frame_comes_after_0_is_told_against_its_length_from_that_frame(tmp_path, monkeypatch, backend):
+    """20 frames 40 ms apart from 1 s: 0.8 s, as the attach line says, and its header ends them at
+    1.8 s. Cut only after its frames (in its Cues), decord, whose frame times count from the first,
+    found them ending at 0.8 s of 1.8 s and called it cut short; cut after frame 9, the note gave
+    PyAV's 1.4 s of 1.8 s. Both count from the first frame now: 0.4 s of 0.8 s."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_late_start_video(tmp_path / "late.mkv", 20, first_ms=1000)
+    with av.open(str(path)) as container:
+        frames_end = max(packet.pos + packet.size for packet in container.demux(video=0) if packet.size)
+    tail = tmp_path / "tail.mkv"
+    tail.write_bytes(path.read_bytes()[: frames_end + 4])
+    assert read_header(tail, orientation=False).runs_past_end
+    result = load_video(tail, 4)
+    assert result.num_total_frames == 20 and result.shortfall_note is None
+    cut = cut_at_frame(path, tmp_path / "cut.mkv", 9)
+    result = load_video(cut, 4)
+    assert result.num_total_frames == 9
+    assert result.shortfall_note.startswith(f"{cut} ends at 0.4 s of the 0.8 s its header lists (9 frames): ")
 
 def _ebml(element: int, payload: bytes, size: bytes | None = None) -> bytes:
     """An EBML element: its id, its size (an 8-byte one unless `size` is given), its payload."""

@@ -238,7 +238,9 @@ def _decode_once(
                     raise MediaError(f"{shown_path(path)} changed while it was read; attach it again") from None
     finally:
         source.close()
-    ends_at = (held.end, header.listed_end) if held is not None and header.ends_short(held) else None
+    ends_at = None
+    if held is not None and header.ends_short(held):  # told from its first frame, as the attach line measures it
+        ends_at = (held.end - header.start, header.listed_end - header.start)
     return _Decoded(torch.cat([tiles[i] for i in indices]), indices, rate, total, backend, meter,
                     header.listed_if_short(total), ends_at)  # fmt: skip
 

@@ -50,6 +50,7 @@ class VideoHeader:
     lost: int = 0  # MP4/MOV: frames shown whose samples the index places past the end of the file (cut short)
     samples_whole: int | None = None  # and then: the samples, in decode order, before the first such one
     track_duration: float = 0.0  # MKV/WebM: the video track's own (track_duration()), 0.0 where not known
+    start: float = 0.0  # MKV/WebM: when its first frame is shown (_start), left out of `duration`, not of the stream's times
     runs_past_end: bool | None = None  # MKV/WebM/AVI: whether its outermost element does (ends_past_the_file)
     unfilled: bool = False  # an AVI whose writer never filled in its header (avi_header_unfilled): no count, no sizes
     frames_cut: bool | None = None  # and then: whether the file ends inside its video frames (frames_cut_off)
@@ -780,13 +781,13 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
             duration = 0.0
         duration = check_duration(path, duration)
         frames_end = duration  # an MKV's: where its frames end, as its DURATION tag says it
-        if {"matroska", "webm"} & set(container.format.name.split(",")):
-            duration = max(duration - _start(stream), 0.0)  # its duration is where the frames end, from 0
+        start = _start(stream) if {"matroska", "webm"} & set(container.format.name.split(",")) else 0.0
+        duration = max(duration - start, 0.0)  # an MKV's duration is where the frames end, from 0
         rotate_tag = _tag(stream.metadata, "rotate")
         codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
-                             alone, unfilled=unfilled)  # fmt: skip
+                             alone, unfilled=unfilled, start=start)  # fmt: skip
         if {"matroska", "webm"} & set(container.format.name.split(",")):
             header.track_duration = track_duration(container, stream, frames_end)
             header.runs_past_end = ends_past_the_file(path, "matroska")
