@@ -22,6 +22,7 @@ from media_helpers import (
     numbered_frame,
     read_frame_number,
     video_backends,
+    with_empty_edit,
     write_late_start_video,
     write_numbered_video,
     write_trimmed_video,
@@ -732,6 +733,19 @@ def test_an_mkv_cut_in_its_audio_after_the_video_ends_is_not_called_cut_short_as
     assert load_video(late, 8).shortfall_note is None  # all 20 frames: decoding agrees
     assert not measure_video(late).ends_early
 
+
+def test_frames_hidden_by_an_edit_list_after_an_empty_edit_are_not_counted(tmp_path, monkeypatch):
+    """The trimmed clip (60 frames stored, the first 5 hidden), shown from 1 s: an empty edit first.
+    FFmpeg's duration (6.0 s) then holds all 60 frames, so the index's discard flags were not read:
+    the attach line counted 60 frames, and decoding, which found 55, noted the file "may be cut
+    short (an unfinished download or copy)"."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = with_empty_edit(write_trimmed_video(tmp_path / "trimmed.mp4", FRAMES, hidden=5), tmp_path / "delayed.mp4", 1.0)
+    assert read_header(path, orientation=False).frames_shown == 55
+    assert probe_video(path)[0] == 55
+    result = load_video(path, 8)
+    assert (result.num_total_frames, result.listed_frames, result.shortfall_note) == (55, None, None)
+    assert _shown(result) == [5 + index for index in result.indices]
 
 @pytest.mark.parametrize("backend", video_backends())
 def test_an_mkv_whose_first_frame_comes_after_0_is_told_against_its_length_from_that_frame(tmp_path, monkeypatch, backend):

@@ -796,7 +796,9 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         if header.runs_past_end and stream.time_base is not None:  # cut short: where? (from a few headers)
             header.frames_cut = frames_cut_off(path, header, float(stream.time_base))
         if frames and "mov" in container.format.name.split(","):  # its index tells where each frame lies
-            if header.frames_by_duration < frames:  # an edit list may hide some, or the rate varies
+            # an edit list may hide some, or the rate varies; after an empty edit (the first frame shown
+            # late) the duration may hold them all and still some are hidden
+            if header.frames_by_duration < frames or _start(stream) > 0:
                 header.hidden = frames_hidden(stream)
             header.lost = frames_lost(stream, path, hides=header.frames_shown < frames)
             if header.lost:
@@ -821,8 +823,9 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
 def frames_hidden(stream) -> int | None:
     """The samples of an MP4's (or MOV's) track that an edit list hides (FFmpeg's index flags them
     to be discarded, and decoding drops them); None where PyAV does not show the index. Read only
-    where the duration holds fewer frames than the count (each entry costs ~0.25 µs): at a
-    variable rate, the average rate times the duration may hold fewer though none is hidden."""
+    where the duration holds fewer frames than the count, or the first frame is shown after 0
+    (each entry costs ~0.25 µs): at a variable rate, the average rate times the duration may hold
+    fewer though none is hidden; after an empty edit, it may hold all though some are."""
     try:
         entries = stream.index_entries
         return sum(1 for entry in entries if entry.is_discard) if len(entries) == stream.frames else None
