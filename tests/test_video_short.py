@@ -618,6 +618,18 @@ def test_an_mkv_whose_audio_runs_longer_than_its_video_is_not_called_cut_short(t
     assert result.num_total_frames == 9 and result.shortfall_note == _ends_note(cut, 9, 2.0)
 
 
+@pytest.mark.parametrize("backend", video_backends())
+def test_an_mkv_whose_audio_runs_longer_is_measured_and_ranged_by_its_video(tmp_path, monkeypatch, backend):
+    """2 s of video (20 frames at 10 fps) in a 4 s file: the attach line said 4.0 s, from the
+    file's duration, and took a range from 2.5 s that decoding refused; a range of 1–1.9 s must be
+    frames 10…19, not spread over the file's 4 s (frames 5…9 once ranges kept to the attach
+    line's length). The video track's own duration (its DURATION tag) is its length."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = _with_longer_audio(tmp_path / "talk.mkv", 20, 4)
+    assert probe_video(path)[2] == pytest.approx(2.0)
+    result = load_video(path, 2, start=1.0, end=1.9)
+    assert result.fps == FPS and result.indices == frame_indices(20, FPS, 2, 1.0, 1.9) == _shown(result)
+
 def test_without_its_tracks_own_duration_an_mkv_is_told_against_the_files_only_where_it_has_no_other_track():
     stream = SimpleNamespace(metadata={})
     alone, with_audio = SimpleNamespace(streams=[stream]), SimpleNamespace(streams=[stream, object()])

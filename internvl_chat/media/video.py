@@ -251,10 +251,13 @@ def _range_length(header: VideoHeader, total: int, fps: float) -> float:
     AVI's count includes the frames its capture dropped). Measured from the frames counted at the
     stated rate instead, a variable rate's differed, and a range accepted at attach was refused as
     the message was sent. A file cut short (or a duration under half a frame, which _probed
-    replaces by a count): the frames held at the stated rate, as the note after the answer says."""
+    replaces by a count), or an MKV whose video's own duration is not known (the file's may be a
+    longer audio track's): the frames held at the stated rate, as the note after the answer says."""
     cut = header.lost or header.runs_past_end or header.listed_if_short(total) is not None
     stated = header.frames_shown or round(header.duration * header.fps) >= 1
-    if header.duration > 0 and stated and not cut:
+    matroska = any(name in header.format_name.split(",") for name in ("matroska", "webm"))
+    videos_own = not matroska or header.track_duration > 0
+    if header.duration > 0 and stated and videos_own and not cut:
         return header.duration
     return total / fps if fps > 0 else 0.0
 

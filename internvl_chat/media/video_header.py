@@ -780,16 +780,18 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         else:
             duration = 0.0
         duration = check_duration(path, duration)
-        frames_end = duration  # an MKV's: where its frames end, as its DURATION tag says it
-        start = _start(stream) if {"matroska", "webm"} & set(container.format.name.split(",")) else 0.0
-        duration = max(duration - start, 0.0)  # an MKV's duration is where the frames end, from 0
+        matroska = bool({"matroska", "webm"} & set(container.format.name.split(",")))
+        frames_end = track_duration(container, stream, duration) if matroska else 0.0  # where its frames end
+        start = _start(stream) if matroska else 0.0
+        if matroska:  # the video's, from its first frame: the file's may hold a longer audio track, and counts from 0
+            duration = max((frames_end or duration) - start, 0.0)
         rotate_tag = _tag(stream.metadata, "rotate")
         codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
                              alone, unfilled=unfilled, start=start)  # fmt: skip
-        if {"matroska", "webm"} & set(container.format.name.split(",")):
-            header.track_duration = track_duration(container, stream, frames_end)
+        if matroska:
+            header.track_duration = frames_end
             header.runs_past_end = ends_past_the_file(path, "matroska")
         elif "avi" in container.format.name.split(","):
             header.runs_past_end = ends_past_the_file(path, "avi")
