@@ -335,6 +335,17 @@ def test_every_frame_of_a_variable_rate_mp4_with_b_frames_is_sampled(tmp_path, m
     assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices == expected_indices(20, result.fps, 8)
 
 
+@pytest.mark.parametrize("backend", video_backends())
+def test_an_mkv_whose_first_frame_comes_weeks_in_is_not_refused_as_too_long(tmp_path, monkeypatch, backend):
+    """0.8 s of frames from 2,000,000 s (times kept from a long-running capture): the duration
+    limit was applied to where its frames end, and the file refused as declaring 2e+06 s."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_late_start_video(tmp_path / "capture.mkv", 20, first_ms=2_000_000_000)
+    assert probe_video(path) == (20, pytest.approx(25.0), pytest.approx(0.8, abs=0.001))
+    result = load_video(path, num_frames=4)
+    assert result.num_total_frames == 20 and result.shortfall_note is None
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices == expected_indices(20, 25.0, 4)
+
 VFR_TIMES_MS = [100 * number for number in range(10)] + [940 + 40 * number for number in range(10)]  # 1.36 s
 
 

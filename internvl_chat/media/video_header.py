@@ -211,17 +211,19 @@ def check_duration(path: Path, duration: float) -> float:
     return max(duration, 0.0)
 
 
-def track_duration(container, stream, duration: float) -> float:
+def track_duration(container, stream, duration: float, start: float = 0.0) -> float:
     """An MKV's (or WebM's) video track's own duration, in seconds: its DURATION tag (FFmpeg and
     mkvmerge write one per track, at the start), else the file's `duration` where no other track
-    may run longer than the video (audio often ends after it); 0.0 where not known."""
+    may run longer than the video (audio often ends after it); 0.0 where not known. Both are where
+    its frames end, in the stream's times: held to MAX_DURATION_S from `start`, its first frame's."""
     tag = _tag(stream.metadata, "duration")
     found = re.fullmatch(r"\s*(\d+):([0-5]\d):([0-5]\d(?:\.\d+)?)\s*", tag or "")
     if found:
         hours, minutes, seconds = found.groups()
         value = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-        return value if 0 < value <= MAX_DURATION_S else 0.0
-    return duration if len(container.streams) == 1 else 0.0
+    else:
+        value = duration if len(container.streams) == 1 else 0.0
+    return value if 0 < value - start <= MAX_DURATION_S else 0.0
 
 
 RIFF_CHUNKS = 4096  # an OpenDML AVI has one RIFF chunk per GB or so
@@ -779,12 +781,12 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
             duration = container.duration / av.time_base
         else:
             duration = 0.0
-        duration = check_duration(path, duration)
         matroska = bool({"matroska", "webm"} & set(container.format.name.split(",")))
-        frames_end = track_duration(container, stream, duration) if matroska else 0.0  # where its frames end
-        start = _start(stream) if matroska else 0.0
-        if matroska:  # the video's, from its first frame: the file's may hold a longer audio track, and counts from 0
-            duration = max((frames_end or duration) - start, 0.0)
+        start = _start(stream) if matroska else 0.0  # an MKV's duration is where its frames end, counted from 0
+        frames_end = track_duration(container, stream, duration, start) if matroska else 0.0
+        duration = check_duration(path, duration - start)  # the length limited, not where a late first frame puts it
+        if frames_end:  # the video's own, from its first frame: the file's may hold a longer audio track
+            duration = frames_end - start
         rotate_tag = _tag(stream.metadata, "rotate")
         codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
