@@ -426,6 +426,46 @@ def write_late_start_video(path: Path, num_frames: int, first_ms: int, step_ms: 
     return path
 
 
+def with_empty_edit(path: Path, copy: Path, seconds: float) -> Path:
+    """`path` (an MP4 with an edit list, its index after its frames) with an empty edit of
+    `seconds` before its edits: its first frame is shown that late, as an editor that delays a
+    track writes it. The boxes that hold the new entry grow by its 12 bytes; no sample moves."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    assert data.index(b"mdat") < data.index(b"moov") and b"elst" in data
+    mvhd = data.index(b"mvhd") - 4
+    timescale = struct.unpack(">I", data[mvhd + (28 if data[mvhd + 8] else 20):][:4])[0]
+    elst = data.index(b"elst") - 4
+    assert data[elst + 8] == 0  # version 0: 32-bit durations and times
+    count = struct.unpack(">I", data[elst + 12 : elst + 16])[0]
+    data[elst + 12 : elst + 16] = struct.pack(">I", count + 1)
+    data[elst + 16 : elst + 16] = struct.pack(">IiI", round(seconds * timescale), -1, 1 << 16)  # media time −1: empty
+    for name in (b"elst", b"edts", b"trak", b"moov"):
+        at = data.index(name) - 4
+        data[at : at + 4] = struct.pack(">I", struct.unpack(">I", data[at : at + 4])[0] + 12)
+    copy.write_bytes(data)
+    return copy
+
+
+def remux_video(source: Path, path: Path) -> Path:
+    """`source`'s video packets in another container (by `path`'s extension), times kept in its
+    time base: an MKV's 1 ms base makes an AVI of 1000 "frames" a second, most of them dropped
+    (empty chunks), as `ffmpeg -i vfr.mkv -c copy vfr.avi` writes it."""
+    import av
+
+    with av.open(str(source)) as given, av.open(str(path), "w") as made:
+        stream = given.streams.video[0]
+        out = made.add_stream_from_template(stream)
+        out.time_base = stream.time_base
+        for packet in given.demux(stream):
+            if packet.dts is None:  # the end-of-stream packet
+                continue
+            packet.stream = out
+            made.mux(packet)
+    return path
+
+
 def encode_plain(codec: str, width: int, height: int, count: int, options: dict | None = None, pix_fmt: str = "yuv420p") -> list:
     """`count` flat frames encoded alone (no container): H.264 and HEVC packets then carry their
     parameter sets in-band, Annex B (start codes), before each key frame's slices."""

@@ -231,10 +231,24 @@ def test_an_mkv_whose_first_frame_comes_after_0_is_attached_with_the_length_of_i
     late = write_late_start_video(tmp_path / "late.mkv", 20, first_ms=1000)
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line(f"/video {late} --frames 2 --range 1-1.5") == ERROR
-    assert "the range starts at 1 s but late.mkv is only 0.8 s long; choose an earlier start" in output(out)
+    assert "the range starts at 1 s but late.mkv is only 0.80 s long; choose an earlier start" in output(out)
     assert app.handle_line(f"/video {late} --frames 2") == OK
     assert "+ video late.mkv 2 frames of 0.8 s → " in output(out)
 
+
+def test_a_range_a_variable_rate_video_is_attached_with_is_sampled_as_the_message_is_sent(loaded, tmp_path):
+    """20 frames in 1.36 s whose header says 25 fps: the attach line took 1–1.3 s of 1.36 s, and
+    sending refused it as "past the end of the video (0.80 s)" (20 frames at 25 fps). A start past
+    1.36 s is refused at attach, with that length."""
+    times = [100 * number for number in range(10)] + [940 + 40 * number for number in range(10)]
+    vfr = write_late_start_video(tmp_path / "vfr.mkv", 20, 0, times_ms=times)
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/video {vfr} --frames 2 --range 1.4-2") == ERROR
+    assert "the range starts at 1.4 s but vfr.mkv is only 1.36 s long; choose an earlier start" in output(out)
+    assert app.handle_line(f"/video {vfr} --frames 2 --range 1-1.3") == OK
+    assert "+ video vfr.mkv 2 frames from 1–1.3 s → " in output(out)
+    assert app.handle_line("What happens?") == OK, output(out)
+    assert "past the end" not in output(out)
 
 def test_a_video_cut_short_is_said_once_at_attach_not_again_with_the_answer(loaded, media, tmp_path):
     """Its frames are sampled from the ones it holds (media/video.py). The attach line gives the
@@ -244,7 +258,7 @@ def test_a_video_cut_short_is_said_once_at_attach_not_again_with_the_answer(load
     cut = cut_at_frame(whole, tmp_path / "cut.mp4", 10)
     app, out = make_app(loaded, tmp_path)
     assert app.handle_line(f"/video {cut} --frames 2 --range 2-3") == ERROR  # the length held
-    assert "the range starts at 2 s but cut.mp4 is only 1.0 s long; choose an earlier start" in output(out)
+    assert "the range starts at 2 s but cut.mp4 is only 1.00 s long; choose an earlier start" in output(out)
     assert app.handle_line(f"/video {cut} --frames 2") == OK
     assert "+ video cut.mp4 2 frames of 1.0 s (cut short: it holds 10 of its 30 frames) → " in output(out)
     app.handle_line("/media")

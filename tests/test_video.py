@@ -16,6 +16,7 @@ from media_helpers import (
     numbered_frame,
     read_frame_number,
     reference_normalize,
+    remux_video,
     video_backends,
     write_audio_only,
     write_empty_video,
@@ -332,6 +333,45 @@ def test_every_frame_of_a_variable_rate_mp4_with_b_frames_is_sampled(tmp_path, m
     result = load_video(path, num_frames=8)
     assert result.num_total_frames == 20 and result.listed_frames is None
     assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices == expected_indices(20, result.fps, 8)
+
+
+@pytest.mark.parametrize("backend", video_backends())
+def test_an_mkv_whose_first_frame_comes_weeks_in_is_not_refused_as_too_long(tmp_path, monkeypatch, backend):
+    """0.8 s of frames from 2,000,000 s (times kept from a long-running capture): the duration
+    limit was applied to where its frames end, and the file refused as declaring 2e+06 s."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_late_start_video(tmp_path / "capture.mkv", 20, first_ms=2_000_000_000)
+    assert probe_video(path) == (20, pytest.approx(25.0), pytest.approx(0.8, abs=0.001))
+    result = load_video(path, num_frames=4)
+    assert result.num_total_frames == 20 and result.shortfall_note is None
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices == expected_indices(20, 25.0, 4)
+
+VFR_TIMES_MS = [100 * number for number in range(10)] + [940 + 40 * number for number in range(10)]  # 1.36 s
+
+
+@pytest.mark.parametrize("backend", video_backends())
+@pytest.mark.parametrize("name", ["vfr.mkv", "vfr.webm", "vfr.avi"])
+def test_a_range_within_a_variable_rate_video_is_sampled_not_refused(tmp_path, monkeypatch, backend, name):
+    """20 frames in 1.36 s whose header says 25 fps (20 frames at it last 0.8 s), or, remuxed to an
+    AVI, 1000 fps (1,360 slots, all but 20 dropped: 0.02 s). The attach line measured 1.36 s and
+    took a range from 1 s; decoding, which measured the frames it counts at the stated rate,
+    refused it as "past the end of the video (0.80 s)" (0.02 s). Both measure the same length now,
+    and seconds map to frames at the rate the frames really run (20 ÷ 1.36 s): 1–1.3 s is 15…19."""
+    codec = "vp8" if name.endswith(".webm") else "mpeg4"
+    if codec not in av.codecs_available:
+        pytest.skip(f"codec {codec} not in this PyAV build")
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_late_start_video(tmp_path / name.replace(".avi", ".mkv"), 20, 0, codec=codec, times_ms=VFR_TIMES_MS)
+    if name.endswith(".avi"):
+        path = remux_video(path, tmp_path / name)
+    assert probe_video(path)[2] == pytest.approx(1.36, abs=0.001)
+    result = load_video(path, num_frames=2, start=1.0, end=1.3)
+    assert result.num_total_frames == 20 and result.fps == pytest.approx(20 / 1.36, rel=0.01)
+    assert result.indices == expected_indices(20, result.fps, 2, 1.0, 1.3) == [16, 18]
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices
+    media_video.decode_cost(path, 2, 1.0, 1.3)  # serve plans the same range: not refused either
+    with pytest.raises(MediaError, match=r"past the end of the video \(1\.36 s\)"):
+        load_video(path, num_frames=2, start=1.36)
 
 
 @pytest.mark.parametrize("backend", video_backends())

@@ -22,6 +22,8 @@ from media_helpers import (
     numbered_frame,
     read_frame_number,
     video_backends,
+    with_empty_edit,
+    write_late_start_video,
     write_numbered_video,
     write_trimmed_video,
 )
@@ -616,6 +618,18 @@ def test_an_mkv_whose_audio_runs_longer_than_its_video_is_not_called_cut_short(t
     assert result.num_total_frames == 9 and result.shortfall_note == _ends_note(cut, 9, 2.0)
 
 
+@pytest.mark.parametrize("backend", video_backends())
+def test_an_mkv_whose_audio_runs_longer_is_measured_and_ranged_by_its_video(tmp_path, monkeypatch, backend):
+    """2 s of video (20 frames at 10 fps) in a 4 s file: the attach line said 4.0 s, from the
+    file's duration, and took a range from 2.5 s that decoding refused; a range of 1–1.9 s must be
+    frames 10…19, not spread over the file's 4 s (frames 5…9 once ranges kept to the attach
+    line's length). The video track's own duration (its DURATION tag) is its length."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = _with_longer_audio(tmp_path / "talk.mkv", 20, 4)
+    assert probe_video(path)[2] == pytest.approx(2.0)
+    result = load_video(path, 2, start=1.0, end=1.9)
+    assert result.fps == FPS and result.indices == frame_indices(20, FPS, 2, 1.0, 1.9) == _shown(result)
+
 def test_without_its_tracks_own_duration_an_mkv_is_told_against_the_files_only_where_it_has_no_other_track():
     stream = SimpleNamespace(metadata={})
     alone, with_audio = SimpleNamespace(streams=[stream]), SimpleNamespace(streams=[stream, object()])
@@ -731,6 +745,39 @@ def test_an_mkv_cut_in_its_audio_after_the_video_ends_is_not_called_cut_short_as
     assert load_video(late, 8).shortfall_note is None  # all 20 frames: decoding agrees
     assert not measure_video(late).ends_early
 
+
+def test_frames_hidden_by_an_edit_list_after_an_empty_edit_are_not_counted(tmp_path, monkeypatch):
+    """The trimmed clip (60 frames stored, the first 5 hidden), shown from 1 s: an empty edit first.
+    FFmpeg's duration (6.0 s) then holds all 60 frames, so the index's discard flags were not read:
+    the attach line counted 60 frames, and decoding, which found 55, noted the file "may be cut
+    short (an unfinished download or copy)"."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    path = with_empty_edit(write_trimmed_video(tmp_path / "trimmed.mp4", FRAMES, hidden=5), tmp_path / "delayed.mp4", 1.0)
+    assert read_header(path, orientation=False).frames_shown == 55
+    assert probe_video(path)[0] == 55
+    result = load_video(path, 8)
+    assert (result.num_total_frames, result.listed_frames, result.shortfall_note) == (55, None, None)
+    assert _shown(result) == [5 + index for index in result.indices]
+
+@pytest.mark.parametrize("backend", video_backends())
+def test_an_mkv_whose_first_frame_comes_after_0_is_told_against_its_length_from_that_frame(tmp_path, monkeypatch, backend):
+    """20 frames 40 ms apart from 1 s: 0.8 s, as the attach line says, and its header ends them at
+    1.8 s. Cut only after its frames (in its Cues), decord, whose frame times count from the first,
+    found them ending at 0.8 s of 1.8 s and called it cut short; cut after frame 9, the note gave
+    PyAV's 1.4 s of 1.8 s. Both count from the first frame now: 0.4 s of 0.8 s."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_late_start_video(tmp_path / "late.mkv", 20, first_ms=1000)
+    with av.open(str(path)) as container:
+        frames_end = max(packet.pos + packet.size for packet in container.demux(video=0) if packet.size)
+    tail = tmp_path / "tail.mkv"
+    tail.write_bytes(path.read_bytes()[: frames_end + 4])
+    assert read_header(tail, orientation=False).runs_past_end
+    result = load_video(tail, 4)
+    assert result.num_total_frames == 20 and result.shortfall_note is None
+    cut = cut_at_frame(path, tmp_path / "cut.mkv", 9)
+    result = load_video(cut, 4)
+    assert result.num_total_frames == 9
+    assert result.shortfall_note.startswith(f"{cut} ends at 0.4 s of the 0.8 s its header lists (9 frames): ")
 
 def _ebml(element: int, payload: bytes, size: bytes | None = None) -> bytes:
     """An EBML element: its id, its size (an 8-byte one unless `size` is given), its payload."""

@@ -69,7 +69,7 @@ from .image import IMAGE_SIZE, check_media_file, normalize_tiles
 from .video_cost import DecodeCost, DecodeMeter
 from .video_header import Held, VideoHeader, check_count, check_duration, count_packets, read_header, shown_path
 from .video_orientation import Orientation
-from .video_sampling import frame_indices
+from .video_sampling import frame_indices, range_rate
 from .video_sources import (
     DecordFailed,
     DecordSource,
@@ -205,9 +205,11 @@ def _decode_once(
 ) -> _Decoded:  # fmt: skip
     source = _open(path, backend, header, decord, stop, packets_alone, decord_size)
     total = source.num_total_frames
+    length = _range_length(header, total, source.fps)
+    rate = range_rate(total, source.fps, length)
     held: Held | None = None  # what the stream really holds, where that was found out
     try:
-        indices = frame_indices(total, source.fps, num_frames, start, end)
+        indices = frame_indices(total, rate, num_frames, start, end, length)
         meter.check_plan(_cost(backend, source, indices))
         tiles: dict[int, torch.Tensor] = {}
         try:
@@ -221,7 +223,9 @@ def _decode_once(
                 held = source.held(stop)  # the stream's end was reached: nothing more to read
             # fewer frames than the header lists: sample the frames the file really holds
             total = _frames_held(path, ended, total, source.fps)
-            indices = frame_indices(total, source.fps, num_frames, start, end)
+            length = _range_length(header, total, source.fps)  # an AVI's count includes dropped frames
+            rate = range_rate(total, source.fps, length)
+            indices = frame_indices(total, rate, num_frames, start, end, length)
             tiles = {number: tile for number, tile in tiles.items() if number in indices}
             source.close()  # the same bytes again: decord's are counted at the size found (video_sps not walked again)
             source = _open(path, backend, header, decord, stop, packets_alone, source.size)
@@ -234,9 +238,28 @@ def _decode_once(
                     raise MediaError(f"{shown_path(path)} changed while it was read; attach it again") from None
     finally:
         source.close()
-    ends_at = (held.end, header.listed_end) if held is not None and header.ends_short(held) else None
-    return _Decoded(torch.cat([tiles[i] for i in indices]), indices, source.fps, total, backend, meter,
+    ends_at = None
+    if held is not None and header.ends_short(held):  # told from its first frame, as the attach line measures it
+        ends_at = (held.end - header.start, header.listed_end - header.start)
+    return _Decoded(torch.cat([tiles[i] for i in indices]), indices, rate, total, backend, meter,
                     header.listed_if_short(total), ends_at)  # fmt: skip
+
+
+def _range_length(header: VideoHeader, total: int, fps: float) -> float:
+    """The length a time range is measured against: the one the attach line gives (_probed), the
+    header's duration, where the decoder holds the frames the header lists (an MKV lists none; an
+    AVI's count includes the frames its capture dropped). Measured from the frames counted at the
+    stated rate instead, a variable rate's differed, and a range accepted at attach was refused as
+    the message was sent. A file cut short (or a duration under half a frame, which _probed
+    replaces by a count), or an MKV whose video's own duration is not known (the file's may be a
+    longer audio track's): the frames held at the stated rate, as the note after the answer says."""
+    cut = header.lost or header.runs_past_end or header.listed_if_short(total) is not None
+    stated = header.frames_shown or round(header.duration * header.fps) >= 1
+    matroska = any(name in header.format_name.split(",") for name in ("matroska", "webm"))
+    videos_own = not matroska or header.track_duration > 0
+    if header.duration > 0 and stated and videos_own and not cut:
+        return header.duration
+    return total / fps if fps > 0 else 0.0
 
 
 def _decode_tiles(
@@ -393,7 +416,9 @@ def _planned(path: Path, header: VideoHeader, num_frames: int, start: float | No
     def attempt(backend: str) -> DecodeCost:
         source = _open(path, backend, header, decord, stop)
         try:
-            indices = frame_indices(source.num_total_frames, source.fps, num_frames, start, end)
+            total = source.num_total_frames
+            length = _range_length(header, total, source.fps)
+            indices = frame_indices(total, range_rate(total, source.fps, length), num_frames, start, end, length)
             return _cost(backend, source, indices)
         finally:
             source.close()

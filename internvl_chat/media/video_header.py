@@ -50,6 +50,7 @@ class VideoHeader:
     lost: int = 0  # MP4/MOV: frames shown whose samples the index places past the end of the file (cut short)
     samples_whole: int | None = None  # and then: the samples, in decode order, before the first such one
     track_duration: float = 0.0  # MKV/WebM: the video track's own (track_duration()), 0.0 where not known
+    start: float = 0.0  # MKV/WebM: when its first frame is shown (_start), left out of `duration`, not of the stream's times
     runs_past_end: bool | None = None  # MKV/WebM/AVI: whether its outermost element does (ends_past_the_file)
     unfilled: bool = False  # an AVI whose writer never filled in its header (avi_header_unfilled): no count, no sizes
     frames_cut: bool | None = None  # and then: whether the file ends inside its video frames (frames_cut_off)
@@ -210,17 +211,19 @@ def check_duration(path: Path, duration: float) -> float:
     return max(duration, 0.0)
 
 
-def track_duration(container, stream, duration: float) -> float:
+def track_duration(container, stream, duration: float, start: float = 0.0) -> float:
     """An MKV's (or WebM's) video track's own duration, in seconds: its DURATION tag (FFmpeg and
     mkvmerge write one per track, at the start), else the file's `duration` where no other track
-    may run longer than the video (audio often ends after it); 0.0 where not known."""
+    may run longer than the video (audio often ends after it); 0.0 where not known. Both are where
+    its frames end, in the stream's times: held to MAX_DURATION_S from `start`, its first frame's."""
     tag = _tag(stream.metadata, "duration")
     found = re.fullmatch(r"\s*(\d+):([0-5]\d):([0-5]\d(?:\.\d+)?)\s*", tag or "")
     if found:
         hours, minutes, seconds = found.groups()
         value = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-        return value if 0 < value <= MAX_DURATION_S else 0.0
-    return duration if len(container.streams) == 1 else 0.0
+    else:
+        value = duration if len(container.streams) == 1 else 0.0
+    return value if 0 < value - start <= MAX_DURATION_S else 0.0
 
 
 RIFF_CHUNKS = 4096  # an OpenDML AVI has one RIFF chunk per GB or so
@@ -778,24 +781,28 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
             duration = container.duration / av.time_base
         else:
             duration = 0.0
-        duration = check_duration(path, duration)
-        frames_end = duration  # an MKV's: where its frames end, as its DURATION tag says it
-        if {"matroska", "webm"} & set(container.format.name.split(",")):
-            duration = max(duration - _start(stream), 0.0)  # its duration is where the frames end, from 0
+        matroska = bool({"matroska", "webm"} & set(container.format.name.split(",")))
+        start = _start(stream) if matroska else 0.0  # an MKV's duration is where its frames end, counted from 0
+        frames_end = track_duration(container, stream, duration, start) if matroska else 0.0
+        duration = check_duration(path, duration - start)  # the length limited, not where a late first frame puts it
+        if frames_end:  # the video's own, from its first frame: the file's may hold a longer audio track
+            duration = frames_end - start
         rotate_tag = _tag(stream.metadata, "rotate")
         codec, reorders = str(stream.codec_context.name or ""), bool(stream.codec_context.has_b_frames)
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
-                             alone, unfilled=unfilled)  # fmt: skip
-        if {"matroska", "webm"} & set(container.format.name.split(",")):
-            header.track_duration = track_duration(container, stream, frames_end)
+                             alone, unfilled=unfilled, start=start)  # fmt: skip
+        if matroska:
+            header.track_duration = frames_end
             header.runs_past_end = ends_past_the_file(path, "matroska")
         elif "avi" in container.format.name.split(","):
             header.runs_past_end = ends_past_the_file(path, "avi")
         if header.runs_past_end and stream.time_base is not None:  # cut short: where? (from a few headers)
             header.frames_cut = frames_cut_off(path, header, float(stream.time_base))
         if frames and "mov" in container.format.name.split(","):  # its index tells where each frame lies
-            if header.frames_by_duration < frames:  # an edit list may hide some, or the rate varies
+            # an edit list may hide some, or the rate varies; after an empty edit (the first frame shown
+            # late) the duration may hold them all and still some are hidden
+            if header.frames_by_duration < frames or _start(stream) > 0:
                 header.hidden = frames_hidden(stream)
             header.lost = frames_lost(stream, path, hides=header.frames_shown < frames)
             if header.lost:
@@ -820,8 +827,9 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
 def frames_hidden(stream) -> int | None:
     """The samples of an MP4's (or MOV's) track that an edit list hides (FFmpeg's index flags them
     to be discarded, and decoding drops them); None where PyAV does not show the index. Read only
-    where the duration holds fewer frames than the count (each entry costs ~0.25 µs): at a
-    variable rate, the average rate times the duration may hold fewer though none is hidden."""
+    where the duration holds fewer frames than the count, or the first frame is shown after 0
+    (each entry costs ~0.25 µs): at a variable rate, the average rate times the duration may hold
+    fewer though none is hidden; after an empty edit, it may hold all though some are."""
     try:
         entries = stream.index_entries
         return sum(1 for entry in entries if entry.is_discard) if len(entries) == stream.frames else None

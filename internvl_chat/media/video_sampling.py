@@ -1,5 +1,6 @@
-"""Which frames of a video are sampled (SPEC §4): the published formula (`frame_indices`), and the
-time range as it is used (`used_range`)."""
+"""Which frames of a video are sampled (SPEC §4): the published formula (`frame_indices`), the rate
+a time range's seconds become frame numbers at (`range_rate`), and the time range as it is used
+(`used_range`)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from ..errors import MediaError
 
 
 def frame_indices(
-    num_total_frames: int, fps: float, num_frames: int, start: float | None = None, end: float | None = None
+    num_total_frames: int, fps: float, num_frames: int, start: float | None = None, end: float | None = None,
+    length: float | None = None,
 ) -> list[int]:
     """The frame numbers to sample (SPEC §4).
 
     Bounds in seconds become frame numbers by round(s·fps), clamped to [0, total−1]; the defaults
     are the first and last frame. seg = (last − first)/N and frame k is
-    int(first + seg/2 + round(seg·k)), with Python's round (half to even).
+    int(first + seg/2 + round(seg·k)), with Python's round (half to even). `length`: the video's
+    length in seconds as the attach line measured it (a start at or past it is refused); by default
+    the frames at `fps`.
     """
     if num_frames < 1:
         raise MediaError(f"num_frames is {num_frames}; sample at least 1 frame (8 is the default)")
@@ -25,7 +29,7 @@ def frame_indices(
     if start is not None or end is not None:
         if not fps > 0:
             raise MediaError("the video has no usable frame rate, so a time range cannot be applied; omit start/end")
-        duration = num_total_frames / fps
+        duration = length if length and length > 0 else num_total_frames / fps
         if not all(math.isfinite(t) for t in (start, end) if t is not None):  # round(inf · fps) would overflow
             raise MediaError(f"the time range {start}–{end} s is not finite; use times from 0 to {duration:.2f} s")
         if (start is not None and start < 0) or (end is not None and end < 0):
@@ -38,6 +42,17 @@ def frame_indices(
     final = last if end is None else min(max(round(end * fps), 0), last)
     seg = (final - first) / num_frames
     return [int(first + seg / 2 + round(seg * k)) for k in range(num_frames)]
+
+
+def range_rate(num_total_frames: int, fps: float, length: float) -> float:
+    """The rate a time range's seconds become frame numbers at: the stated `fps`, unless the frames
+    at it end more than a frame away from the video's `length` (a variable rate under one stated
+    rate: an MKV saying 25 fps over 20 frames in 1.36 s, an AVI remuxed from a 1 ms time base saying
+    1000 fps); then the frames' average over the length, so a range inside the length samples
+    frames inside it, not past the last (refused as past the end) or all at the last."""
+    if not (fps > 0 and length > 0) or abs(num_total_frames / fps - length) * fps <= 1:
+        return fps
+    return num_total_frames / length
 
 
 def used_range(video_range: tuple[float, float] | None, duration: float) -> tuple[float, float] | None:

@@ -183,7 +183,7 @@ class DecordSource:
     def __init__(self, path: Path, decord, header: VideoHeader, stop: DecodeStop, size: tuple[int, int] | None = None) -> None:
         """`size`: the size this file's decoding is counted at, found already (a plan of the same
         bytes: DecodeCost's of decord), so the stream's parameter sets are not walked again."""
-        self._path = path
+        self._path, self._start = path, header.start
         if header.unfilled:  # decord allocates for the 2^30 frames its placeholder count lists: the process aborts
             doing = f"read video {shown_path(path)}"
             raise DecordFailed(f"cannot {doing}: an AVI written to a pipe (its header never filled in)", doing,
@@ -257,7 +257,8 @@ class DecordSource:
             begin, end = float(times[-1][0]), float(times[-1][1])
             steps = np.diff(np.sort(times[:, 0]))
             step = float(steps[steps > 0].min()) if (steps > 0).any() else 0.0
-            return Held(count, begin + max(end - begin, step), step)
+            # decord counts its times from the first frame's; the header's end is in the stream's times
+            return Held(count, self._start + begin + max(end - begin, step), step)
         except Exception:  # noqa: BLE001 - a decord without frame times, or none for that frame
             return None
 

@@ -337,7 +337,7 @@ class App(SessionFileCommands):
             if video_range and media.duration and video_range[0] >= media.duration:
                 raise MediaError(
                     f"the range starts at {video_range[0]:g} s but {visible(path.name)} is only "
-                    f"{media.duration:.1f} s long; choose an earlier start"
+                    f"{media.duration:.2f} s long; choose an earlier start"  # as decoding says it: 1.36 s, not 1.4
                 )
             return media
         return self.session.describe_image(path, self.settings.media.max_tiles)
