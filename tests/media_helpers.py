@@ -426,6 +426,33 @@ def write_late_start_video(path: Path, num_frames: int, first_ms: int, step_ms: 
     return path
 
 
+def write_padded_video(path: Path, num_frames: int, rate: float, last_frames: float, codec: str = "mpeg4") -> Path:
+    """Frames 0…num_frames−1 at a constant `rate`, times in milliseconds (an MKV's), its last frame
+    lasting `last_frames` frames: a container duration padded by `last_frames` − 1 frames, as a
+    muxer that gives the last frame the length of two, or rounds it to the millisecond, writes it."""
+    import av
+    from fractions import Fraction
+
+    base = Fraction(1, 1000)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=Fraction(rate).limit_denominator(1001))
+        stream.width, stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        packets = []
+        for number in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(numbered_frame(number), format="rgb24")
+            frame.pts, frame.time_base = round(number * 1000 / rate), base
+            packets += stream.encode(frame)
+        packets += stream.encode()
+        for packet in packets:  # in milliseconds, so that half a frame is not rounded to a whole one
+            packet.pts = packet.dts = round(packet.pts * packet.time_base / base)
+            packet.time_base = base
+        max(packets, key=lambda packet: packet.pts).duration = round(last_frames * 1000 / rate)
+        for packet in packets:
+            container.mux(packet)
+    return path
+
+
 def with_empty_edit(path: Path, copy: Path, seconds: float) -> Path:
     """`path` (an MP4 with an edit list, its index after its frames) with an empty edit of
     `seconds` before its edits: its first frame is shown that late, as an editor that delays a

@@ -22,6 +22,7 @@ from media_helpers import (
     write_empty_video,
     write_late_start_video,
     write_numbered_video,
+    write_padded_video,
 )
 from PIL import Image
 
@@ -30,7 +31,7 @@ from internvl_chat.files import visible
 from internvl_chat.media import video as media_video
 from internvl_chat.media import video_header
 from internvl_chat.media.video import BACKEND_ENV, load_video, probe_video
-from internvl_chat.media.video_sampling import frame_indices, used_range
+from internvl_chat.media.video_sampling import frame_indices, range_rate, used_range
 
 
 def expected_indices(total: int, fps: float, n: int, start: float | None = None, end: float | None = None) -> list[int]:
@@ -372,6 +373,56 @@ def test_a_range_within_a_variable_rate_video_is_sampled_not_refused(tmp_path, m
     media_video.decode_cost(path, 2, 1.0, 1.3)  # serve plans the same range: not refused either
     with pytest.raises(MediaError, match=r"past the end of the video \(1\.36 s\)"):
         load_video(path, num_frames=2, start=1.36)
+
+
+NTSC = 30000 / 1001
+
+
+@pytest.mark.parametrize(
+    ("frames", "fps", "length"),
+    [
+        (30, 25.0, 1.24),  # its last frame lasts two: 1.0000000000000009 frames off in floating point
+        (30, 10.0, 3.1),
+        (250, 10.0, 25.1),
+        (30, 25.0, 1.16),  # a frame short
+        (30, NTSC, 1.035),  # 31 frames at 29.97 end at 1.0343 s, which an MKV rounds to the millisecond
+        (30, 25.0, 1.22),  # half a frame
+        (30, NTSC, 1.001),
+    ],
+)
+def test_a_constant_rate_video_padded_by_at_most_a_frame_keeps_its_stated_rate(frames, fps, length):
+    """"More than one frame off" must not catch a constant-rate file whose length is one frame
+    longer (a last frame given the length of two) or whose MKV rounded it: its seconds map to
+    frames at the stated rate, as the published formula does."""
+    assert range_rate(frames, fps, length) == fps
+
+
+@pytest.mark.parametrize(("frames", "fps", "length"), [(20, 25.0, 1.36), (20, 1000.0, 1.36), (30, 25.0, 1.28)])
+def test_a_video_whose_frames_end_further_from_its_length_is_ranged_at_their_average_rate(frames, fps, length):
+    assert range_rate(frames, fps, length) == pytest.approx(frames / length)
+
+
+@pytest.mark.parametrize(("frames", "fps", "length"), [(0, 25.0, 1.0), (10, 0.0, 1.0), (10, 25.0, 0.0), (0, 0.0, 0.0)])
+def test_range_rate_of_no_frames_rate_or_length_does_not_raise(frames, fps, length):
+    assert range_rate(frames, fps, length) >= 0
+
+
+@pytest.mark.parametrize("backend", video_backends())
+@pytest.mark.parametrize(("name", "fps", "span"), [("pad.mkv", 25.0, (0.1, 0.3)), ("pad.webm", NTSC, (0.5, 0.95))])
+def test_a_constant_rate_mkv_whose_last_frame_lasts_two_is_sampled_at_its_stated_rate(tmp_path, monkeypatch, backend, name,
+                                                                                     fps, span):  # fmt: skip
+    """30 frames whose last lasts two (1.24 s at 25 fps; 1.035 s at 29.97, to the millisecond):
+    the length was taken as more than one frame off the 30 frames' 1.2 s, and the range mapped at
+    24.19 fps (29.97: 28.99), frames 2, 4, 5 for 0.1–0.3 s where the published formula takes 3, 5, 7."""
+    codec = "vp8" if name.endswith(".webm") else "mpeg4"
+    if codec not in av.codecs_available:
+        pytest.skip(f"codec {codec} not in this PyAV build")
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_padded_video(tmp_path / name, 30, fps, 2, codec)
+    assert probe_video(path)[2] == pytest.approx(31 / fps, abs=0.001)
+    result = load_video(path, 3, *span)
+    assert result.fps == pytest.approx(fps) and result.num_total_frames == 30
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices == expected_indices(30, fps, 3, *span)
 
 
 @pytest.mark.parametrize("backend", video_backends())

@@ -8,6 +8,8 @@ import math
 
 from ..errors import MediaError
 
+MKV_TICK_S = 0.001  # Matroska's usual time unit: its durations are rounded to it
+
 
 def frame_indices(
     num_total_frames: int, fps: float, num_frames: int, start: float | None = None, end: float | None = None,
@@ -49,8 +51,11 @@ def range_rate(num_total_frames: int, fps: float, length: float) -> float:
     at it end more than a frame away from the video's `length` (a variable rate under one stated
     rate: an MKV saying 25 fps over 20 frames in 1.36 s, an AVI remuxed from a 1 ms time base saying
     1000 fps); then the frames' average over the length, so a range inside the length samples
-    frames inside it, not past the last (refused as past the end) or all at the last."""
-    if not (fps > 0 and length > 0) or abs(num_total_frames / fps - length) * fps <= 1:
+    frames inside it, not past the last (refused as past the end) or all at the last. A frame off
+    is allowed a millisecond more (an MKV rounds its times to it; it also absorbs the float error
+    of exactly one frame, 1.0000000000000009): a constant-rate file whose last frame lasts two
+    keeps its stated rate, as the published formula takes it."""
+    if not (fps > 0 and length > 0) or abs(num_total_frames / fps - length) <= 1 / fps + MKV_TICK_S:
         return fps
     return num_total_frames / length
 
