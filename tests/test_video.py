@@ -719,3 +719,22 @@ def test_a_file_named_as_a_picture_that_is_none_says_what_it_is(tmp_path, name, 
         with pytest.raises(MediaError) as err:
             call(path)
         assert str(err.value) == f"{path} is {what}, not a video or an image; pass a video file (MP4, MKV, WebM or AVI)"
+
+
+@pytest.mark.parametrize("backend", video_backends())
+@pytest.mark.parametrize(("frames", "last_frames"), [(30, 2), (30, 3), (250, 26)])
+def test_an_mp4_whose_last_frame_lasts_longer_is_ranged_at_its_headers_rate_by_both_decoders(tmp_path, monkeypatch, backend,
+                                                                                            frames, last_frames):  # fmt: skip
+    """An MP4's stated rate is its frames' average, the last one's length included (250 frames at
+    25 fps, the last lasting about a second: 250 ÷ 11 s): it is not "more than a frame off", and
+    seconds map to frames at it with either decoder. decord's own rate (25) mapped 8–9 s to other
+    frames than PyAV's before ranges were measured against the header's length."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_padded_video(tmp_path / "still_end.mp4", frames, 25.0, last_frames)
+    length = (frames - 1 + last_frames) / 25
+    span = (0.5, 0.9) if frames == 30 else (8.0, 9.0)
+    assert probe_video(path) == (frames, pytest.approx(frames / length), pytest.approx(length))
+    result = load_video(path, 3, *span)
+    assert result.fps == pytest.approx(frames / length)
+    assert [read_frame_number(tile) for tile in result.pixel_values.numpy()] == result.indices == expected_indices(
+        frames, frames / length, 3, *span)
