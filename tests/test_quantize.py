@@ -319,29 +319,36 @@ def test_tinychat_v2_file_loads_to_the_same_weights(tiny_original, tmp_path, fus
     assert torch.equal(layer.mlp.down_proj.dequantized_weight_out_in(torch.float32), expected_down.t())
 
 
-def test_under_nohup_a_sighup_does_not_end_the_run(tiny_original, tmp_path):
-    """The command put its own SIGHUP handler over the one `nohup` ignores: closing the terminal of a
-    `nohup internvl-chat quantize …` (an hour for a large model) ended it, nothing written."""
+def quantize_signalled_while_writing(src: Path, dst: Path, signame: str, ignored_at_start: bool = False):
+    """Run `quantize src dst` in a new process that sends itself `signame` once the first file is in
+    the staging folder (so it lands mid-write every time); `ignored_at_start`: as `nohup` starts it."""
     import os
     import subprocess
     import sys
 
-    dst = tmp_path / "out"
     script = (
         "import os, signal, sys\n"
-        "signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts it\n"
-        "import internvl_chat.quantize.pipeline as q\n"
+        + (f"signal.signal(signal.{signame}, signal.SIG_IGN)\n" if ignored_at_start else "")
+        + "import internvl_chat.quantize.pipeline as q\n"
         "real = q.write_checkpoint\n"
-        "def write_then_hup(staging, *args, **kwargs):\n"
-        "    os.kill(os.getpid(), signal.SIGHUP)\n"
+        "def write_then_signal(staging, *args, **kwargs):\n"
+        "    (staging / 'first.bin').write_bytes(b'x')\n"
+        f"    os.kill(os.getpid(), signal.{signame})\n"
         "    return real(staging, *args, **kwargs)\n"
-        "q.write_checkpoint = write_then_hup\n"
+        "q.write_checkpoint = write_then_signal\n"
         "from internvl_chat.cli import main\n"
-        f"sys.exit(main(['quantize', {str(tiny_original)!r}, {str(dst)!r}, '--method', 'rtn', '--device', 'cpu']))\n"
+        f"sys.exit(main(['quantize', {str(src)!r}, {str(dst)!r}, '--method', 'rtn', '--device', 'cpu']))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "INTERNVL_CHAT_CONFIG": os.devnull}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
-                         stdin=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def test_under_nohup_a_sighup_does_not_end_the_run(tiny_original, tmp_path):
+    """The command put its own SIGHUP handler over the one `nohup` ignores: closing the terminal of a
+    `nohup internvl-chat quantize …` (an hour for a large model) ended it, nothing written."""
+    dst = tmp_path / "out"
+    run = quantize_signalled_while_writing(tiny_original, dst, "SIGHUP", ignored_at_start=True)
     assert run.returncode == 0, run.stderr
     assert (dst / "config.json").is_file() and (dst / "model.safetensors").is_file()
 
@@ -352,27 +359,9 @@ def test_sigterm_while_writing_leaves_no_partial_folder(tiny_original, tmp_path,
     `.OUT.*.partial` staging folder (a checkpoint's size, for a real model) behind; then it ended
     with status 143 and not a word on stderr, as if it had finished. The signal is sent by the
     process itself once the first file is written, so it lands mid-write every time."""
-    import os
     import signal
-    import subprocess
-    import sys
 
-    dst = tmp_path / "out"
-    script = (
-        "import os, signal, sys\n"
-        "import internvl_chat.quantize.pipeline as q\n"
-        "real = q.write_checkpoint\n"
-        "def write_then_term(staging, *args, **kwargs):\n"
-        "    (staging / 'first.bin').write_bytes(b'x')\n"
-        f"    os.kill(os.getpid(), signal.{signame})\n"
-        "    return real(staging, *args, **kwargs)\n"
-        "q.write_checkpoint = write_then_term\n"
-        "from internvl_chat.cli import main\n"
-        f"sys.exit(main(['quantize', {str(tiny_original)!r}, {str(dst)!r}, '--method', 'rtn', '--device', 'cpu']))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "INTERNVL_CHAT_CONFIG": os.devnull}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
-                         stdin=subprocess.DEVNULL)  # fmt: skip
+    run = quantize_signalled_while_writing(tiny_original, tmp_path / "out", signame)
     signum = getattr(signal, signame)
     assert run.returncode == 128 + signum, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
