@@ -328,7 +328,8 @@ def quantize_signalled_while_writing(src: Path, dst: Path, signame: str, ignored
 
     script = (
         "import os, signal, sys\n"
-        + (f"signal.signal(signal.{signame}, signal.SIG_IGN)\n" if ignored_at_start else "")
+        # as nohup starts it, or as a shell does: pytest itself may run under nohup, its SIGHUP ignored
+        + f"signal.signal(signal.{signame}, signal.{'SIG_IGN' if ignored_at_start else 'SIG_DFL'})\n"
         + "import internvl_chat.quantize.pipeline as q\n"
         "real = q.write_checkpoint\n"
         "def write_then_signal(staging, *args, **kwargs):\n"
