@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 CHILD = """
 import importlib, os, signal, sys
 target, signame = sys.argv[1], sys.argv[2]
+signal.signal(getattr(signal, signame), signal.SIG_DFL)  # as a shell starts it: pytest itself may run under nohup
 target, _, nth = target.partition("@")
 module_name, _, attribute = target.partition(":")
 owner = importlib.import_module(module_name)
