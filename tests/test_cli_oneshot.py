@@ -395,8 +395,22 @@ class _SignalledAnswer:
         return SimpleNamespace(load_s=0.0, memory_device=None, more_room="")
 
 
+@pytest.fixture
+def signals_as_a_shell_starts_them():
+    """Ctrl-C, SIGTERM and SIGHUP handled as in a command started from a shell: pytest run under
+    `nohup` (or as a background job) inherits SIGHUP (SIGINT) ignored, which the CLI keeps ignored."""
+    import signal
+
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL}
+    saved = {signum: signal.signal(signum, handler) for signum, handler in defaults.items()}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
 @pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
+@pytest.mark.usefixtures("signals_as_a_shell_starts_them")
 def test_a_signal_mid_answer_keeps_the_partial_answer_and_says_so(monkeypatch, capsys, as_json, signame, code):
     # --json: stdout stayed empty (status 130, or killed by SIGTERM under `timeout`), the text so far lost;
     # text: SIGTERM or SIGHUP killed the process mid-line (no line end, nothing on stderr); Ctrl-C kept it
