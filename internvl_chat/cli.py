@@ -86,7 +86,7 @@ def _refuse_repl_command(args: argparse.Namespace) -> None:
     flag = f"attach with --{spec.name} PATH, or " if spec.name in ("image", "video") else ""
     raise UsageError(f"{visible(word)} is a REPL command, but a prompt given with -p (or after the flags) is sent to the "
                      f"model as text; {flag}type it in the REPL, or put it in a script (--script FILE; --script - reads "
-                     "the script from stdin)")  # fmt: skip
+                     "the script from stdin); meant as text, begin it with another word")  # fmt: skip
 
 
 def _media_on_stdin(args: argparse.Namespace) -> bool:
