@@ -221,3 +221,20 @@ def test_the_app_shows_a_refusal_as_one_short_line_and_the_new_limit(tmp_path):
         assert app.handle_line("third") == OK
         assert "(the server's context is now 2,048 tokens)" in out.getvalue()
         assert [t.user_text for t in app.session.turns] == ["first", "third"]
+
+
+def test_a_system_message_before_the_first_turn_is_counted_once_and_not_as_used():
+    """As with a local model, the system message is only sent with the first message: before it the
+    context holds nothing, and a first turn that fits with the system message counted once is let
+    through (it was counted both as used and as part of the turn)."""
+    with FakeServer(models(4096)) as server:
+        conv = RemoteConversation.connect(server.url, params=SamplingParams(max_new_tokens=8),
+                                          system_message="You are a helpful assistant. " * 20)
+        assert conv.context_used == 0
+        items = dict(conv.context_items([]))
+        assert items["system message (sent with the first message)"] > 0
+        assert not any(label.startswith("the server") for label in items)  # nothing held to differ from
+        conv.check_budget(4096 - 8)  # the first turn and its answer fill the context exactly: it fits
+        server.chat(Reply.sse(GOOD))
+        list(conv.ask("first"))
+        assert conv.context_used > 0

@@ -219,7 +219,11 @@ class RemoteConversation:
 
     @property
     def context_used(self) -> int:
-        """The server's count after the latest answer it counted, plus estimates of the turns since."""
+        """The server's count after the latest answer it counted, plus estimates of the turns since.
+        Before the first turn nothing is held: the system message goes with the first message, and
+        `turn_tokens` counts it there (as a local model does)."""
+        if not self.turns:
+            return 0
         counted, tokens = self._server_count()
         if not counted:
             return self._system_tokens() + sum(self._turn_total(t) for t in self.turns)
@@ -265,7 +269,7 @@ class RemoteConversation:
             items.append((f"turn {n}: {names}“{shorten(turn.user_text, 32)}”{detail}", self._turn_total(turn)))
         # the server counts what the estimates cannot see (its own default system message, its
         # template): the difference keeps the items adding up to the context used
-        rest = self.context_used - sum(tokens for _, tokens in items)
+        rest = self.context_used - sum(tokens for _, tokens in items) if self.turns else 0
         if rest > 0:
             items.append(("the server's count beyond these estimates (e.g. its default system message)", rest))
         elif rest < 0:
