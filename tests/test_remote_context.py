@@ -238,3 +238,25 @@ def test_a_system_message_before_the_first_turn_is_counted_once_and_not_as_used(
         server.chat(Reply.sse(GOOD))
         list(conv.ask("first"))
         assert conv.context_used > 0
+
+
+def test_a_system_message_changed_after_an_answer_is_not_measured_by_the_servers_old_count():
+    """The server counted the conversation under the system message it was sent with: after
+    /system the resent conversation differs, so its count no longer stands for it (/context said the
+    old count, and that the server counted fewer tokens than the estimates)."""
+    with FakeServer(models(8192)) as server:
+        conv = connected(server)
+        counted = conv.context_used
+        assert conv.turns[-1].usage["prompt_tokens"] + conv.turns[-1].usage["completion_tokens"] == counted
+        conv.set_system("You are a helpful assistant. " * 20)
+        items = dict(conv.context_items([]))
+        # the estimates alone, not the old count (this fixture's usage is 1,848 tokens)
+        assert conv.context_used == sum(tokens for label, tokens in items.items() if label.startswith(("system", "turn "))) != counted
+        assert not any(label.startswith("the server") for label in items)
+        conv.set_system(None)  # what the server counted is sent again
+        assert conv.context_used == counted
+        server.chat(Reply.sse(GOOD))
+        conv.set_system("Be brief.")
+        list(conv.ask("second"))
+        usage = conv.turns[-1].usage
+        assert conv.context_used == usage["prompt_tokens"] + usage["completion_tokens"]  # counted under it

@@ -84,6 +84,8 @@ class RemoteTurn:
     finish_reason: str | None = None
     timing: dict | None = None
     usage: dict | None = None  # the server's usage, when it sent one
+    # the system message that usage counted: after a /system change it no longer counts the conversation
+    counted_with: str | None = None
 
     @property
     def answer_text(self) -> str:
@@ -209,8 +211,10 @@ class RemoteConversation:
 
     def _server_count(self) -> tuple[int, int]:
         """(turns counted, tokens): the server's count after the latest answer it reported usage for
-        (a cancelled answer has none), or (0, 0)."""
+        (a cancelled answer has none) under the system message now in use, or (0, 0)."""
         for n in range(len(self.turns), 0, -1):
+            if self.turns[n - 1].counted_with != self.system_message:
+                continue  # counted with another system message: the resent conversation differs
             usage = self.turns[n - 1].usage or {}
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(prompt, int) and isinstance(completion, int):
@@ -537,6 +541,7 @@ class RemoteConversation:
         turn.reply = "".join(parts)
         turn.finish_reason = finish
         turn.usage = clean_usage(usage, params.max_new_tokens, self._max_context)
+        turn.counted_with = self.system_message
         turn.timing = answer_timing(t0, t_first, t_last, end, chunks, turn.usage, server_timings, raw_finish)
         if replace_last:
             self.turns[-1] = turn
@@ -657,6 +662,7 @@ class RemoteConversation:
                     self._prepare(item)
                     prepared[key] = item
             turn.content = self._content(turn.user_text, turn.media)
+            turn.counted_with = readied.saved.system_message
         self.turns, self.system_message = list(turns), readied.saved.system_message
 
     def load(self, path: str | Path, skip_missing: bool = False) -> dict:
