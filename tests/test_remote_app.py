@@ -254,7 +254,10 @@ def test_system_default_with_a_server_sends_none_again(tmp_path):
         assert app.handle_line(f"/save {tmp_path / 'talk.json'}") == OK
         assert json.loads((tmp_path / "talk.json").read_text())["system_message"] is None  # none sent: the server's default
         app.handle_line("/system Be brief.")
+        output(out)
         assert app.handle_line(f"/load {tmp_path / 'talk.json'}") == OK
+        # the file holds no system message: no saved text is "in use"
+        assert "\nthe session was saved with no system message: none is sent, so the server's chat template decides\n" in output(out)
         assert app.session.system_message is None and app.settings.system.message is None
         assert app.handle_line("third") == OK
         assert fake.chat_bodies()[-1]["messages"][0]["role"] == "user"

@@ -221,3 +221,42 @@ def test_the_app_shows_a_refusal_as_one_short_line_and_the_new_limit(tmp_path):
         assert app.handle_line("third") == OK
         assert "(the server's context is now 2,048 tokens)" in out.getvalue()
         assert [t.user_text for t in app.session.turns] == ["first", "third"]
+
+
+def test_a_system_message_before_the_first_turn_is_counted_once_and_not_as_used():
+    """As with a local model, the system message is only sent with the first message: before it the
+    context holds nothing, and a first turn that fits with the system message counted once is let
+    through (it was counted both as used and as part of the turn)."""
+    with FakeServer(models(4096)) as server:
+        conv = RemoteConversation.connect(server.url, params=SamplingParams(max_new_tokens=8),
+                                          system_message="You are a helpful assistant. " * 20)
+        assert conv.context_used == 0
+        items = dict(conv.context_items([]))
+        assert items["system message (sent with the first message)"] > 0
+        assert not any(label.startswith("the server") for label in items)  # nothing held to differ from
+        conv.check_budget(4096 - 8)  # the first turn and its answer fill the context exactly: it fits
+        server.chat(Reply.sse(GOOD))
+        list(conv.ask("first"))
+        assert conv.context_used > 0
+
+
+def test_a_system_message_changed_after_an_answer_is_not_measured_by_the_servers_old_count():
+    """The server counted the conversation under the system message it was sent with: after
+    /system the resent conversation differs, so its count no longer stands for it (/context said the
+    old count, and that the server counted fewer tokens than the estimates)."""
+    with FakeServer(models(8192)) as server:
+        conv = connected(server)
+        counted = conv.context_used
+        assert conv.turns[-1].usage["prompt_tokens"] + conv.turns[-1].usage["completion_tokens"] == counted
+        conv.set_system("You are a helpful assistant. " * 20)
+        items = dict(conv.context_items([]))
+        # the estimates alone, not the old count (this fixture's usage is 1,848 tokens)
+        assert conv.context_used == sum(tokens for label, tokens in items.items() if label.startswith(("system", "turn "))) != counted
+        assert not any(label.startswith("the server") for label in items)
+        conv.set_system(None)  # what the server counted is sent again
+        assert conv.context_used == counted
+        server.chat(Reply.sse(GOOD))
+        conv.set_system("Be brief.")
+        list(conv.ask("second"))
+        usage = conv.turns[-1].usage
+        assert conv.context_used == usage["prompt_tokens"] + usage["completion_tokens"]  # counted under it

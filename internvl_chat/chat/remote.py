@@ -84,6 +84,8 @@ class RemoteTurn:
     finish_reason: str | None = None
     timing: dict | None = None
     usage: dict | None = None  # the server's usage, when it sent one
+    # the system message that usage counted: after a /system change it no longer counts the conversation
+    counted_with: str | None = None
 
     @property
     def answer_text(self) -> str:
@@ -209,8 +211,10 @@ class RemoteConversation:
 
     def _server_count(self) -> tuple[int, int]:
         """(turns counted, tokens): the server's count after the latest answer it reported usage for
-        (a cancelled answer has none), or (0, 0)."""
+        (a cancelled answer has none) under the system message now in use, or (0, 0)."""
         for n in range(len(self.turns), 0, -1):
+            if self.turns[n - 1].counted_with != self.system_message:
+                continue  # counted with another system message: the resent conversation differs
             usage = self.turns[n - 1].usage or {}
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(prompt, int) and isinstance(completion, int):
@@ -219,7 +223,11 @@ class RemoteConversation:
 
     @property
     def context_used(self) -> int:
-        """The server's count after the latest answer it counted, plus estimates of the turns since."""
+        """The server's count after the latest answer it counted, plus estimates of the turns since.
+        Before the first turn nothing is held: the system message goes with the first message, and
+        `turn_tokens` counts it there (as a local model does)."""
+        if not self.turns:
+            return 0
         counted, tokens = self._server_count()
         if not counted:
             return self._system_tokens() + sum(self._turn_total(t) for t in self.turns)
@@ -265,7 +273,7 @@ class RemoteConversation:
             items.append((f"turn {n}: {names}“{shorten(turn.user_text, 32)}”{detail}", self._turn_total(turn)))
         # the server counts what the estimates cannot see (its own default system message, its
         # template): the difference keeps the items adding up to the context used
-        rest = self.context_used - sum(tokens for _, tokens in items)
+        rest = self.context_used - sum(tokens for _, tokens in items) if self.turns else 0
         if rest > 0:
             items.append(("the server's count beyond these estimates (e.g. its default system message)", rest))
         elif rest < 0:
@@ -533,6 +541,7 @@ class RemoteConversation:
         turn.reply = "".join(parts)
         turn.finish_reason = finish
         turn.usage = clean_usage(usage, params.max_new_tokens, self._max_context)
+        turn.counted_with = self.system_message
         turn.timing = answer_timing(t0, t_first, t_last, end, chunks, turn.usage, server_timings, raw_finish)
         if replace_last:
             self.turns[-1] = turn
@@ -653,6 +662,7 @@ class RemoteConversation:
                     self._prepare(item)
                     prepared[key] = item
             turn.content = self._content(turn.user_text, turn.media)
+            turn.counted_with = readied.saved.system_message
         self.turns, self.system_message = list(turns), readied.saved.system_message
 
     def load(self, path: str | Path, skip_missing: bool = False) -> dict:

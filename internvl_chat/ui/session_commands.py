@@ -186,7 +186,7 @@ class SessionFileCommands:
             listed = ", ".join(f"{key.split('.')[1]} {plain_value(new)} (was {plain_value(old)})" for key, old, new in changes)
             self.note(f"settings from the session: {listed}")
         if self.session.system_message != system_before:
-            self.note("the system message saved with the session is in use (/system shows it)")
+            self.note(self._loaded_system_note())
         saved_model, model = readied.saved.model, self.session.describe().model
         if saved_model and saved_model != model:
             self.note(f"(it was saved with {visible(saved_model)}; it continues with {visible(model)})")
@@ -200,6 +200,13 @@ class SessionFileCommands:
         except ContextOverflowError:  # it filled the context when it was saved, or this one is smaller
             self.warn("the context has no room for another question and its answer; /undo or /clear make room, "
                       "or /set max_new_tokens N with a smaller N")
+
+    def _loaded_system_note(self) -> str:
+        """The note for a system message the loaded session changed: a session saved from a server
+        may hold none (the server's default), and then there is no saved text to be in use."""
+        if self.settings.remote.server and self.session.system_message is None:
+            return "the session was saved with no system message: none is sent, so the server's chat template decides"
+        return "the system message saved with the session is in use (/system shows it)"
 
     def _system_setting(self) -> str | None:
         """system.message for the system message in use: unset when it is the model's default (a
