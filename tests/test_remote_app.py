@@ -261,6 +261,14 @@ def test_system_default_with_a_server_sends_none_again(tmp_path):
         assert app.session.system_message is None and app.settings.system.message is None
         assert app.handle_line("third") == OK
         assert fake.chat_bodies()[-1]["messages"][0]["role"] == "user"
+        # a local session saved after `/system ''` holds "": a server is sent none, as with None
+        data = json.loads((tmp_path / "talk.json").read_text())
+        (tmp_path / "talk.json").write_text(json.dumps({**data, "system_message": ""}))
+        app.handle_line("/system Be brief.")
+        output(out)
+        assert app.handle_line(f"/load {tmp_path / 'talk.json'}") == OK
+        assert "\nthe session was saved with no system message: none is sent, so the server's chat template decides\n" in output(out)
+        assert app.session.system_message is None and app.settings.system.message is None
 
 
 def test_settings_of_the_server_cannot_change_while_the_app_runs(tmp_path):

@@ -260,3 +260,19 @@ def test_a_system_message_changed_after_an_answer_is_not_measured_by_the_servers
         list(conv.ask("second"))
         usage = conv.turns[-1].usage
         assert conv.context_used == usage["prompt_tokens"] + usage["completion_tokens"]  # counted under it
+
+
+def test_a_session_saved_with_an_empty_system_message_sends_none_and_keeps_the_servers_count(tmp_path):
+    """A local session saved after `/system ''` holds "": to a server that is no system message, as
+    None is (both send none), so /system '' after loading it does not drop the server's count."""
+    with FakeServer(models(8192)) as server:
+        conv = connected(server)
+        counted = conv.context_used
+        data = conv.to_json()
+        data["system_message"] = ""  # what a local session saves after `/system ''`
+        (tmp_path / "talk.json").write_text(json.dumps(data))
+        conv.set_system("Be brief.")
+        conv.load(tmp_path / "talk.json")
+        assert conv.system_message is None
+        conv.set_system("")
+        assert conv.context_used == counted

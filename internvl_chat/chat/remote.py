@@ -652,6 +652,8 @@ class RemoteConversation:
         so every resend is byte-identical; on an error nothing changed. A file that several turns
         show is read once and held once."""
         turns: list[RemoteTurn] = readied.turns
+        # a local session saved after `/system ''` holds "": to a server that is none, as set_system has it
+        system = readied.saved.system_message or None
         prepared: dict[tuple, RemoteMedia] = {}
         for turn in turns:
             for item in turn.media:
@@ -662,8 +664,8 @@ class RemoteConversation:
                     self._prepare(item)
                     prepared[key] = item
             turn.content = self._content(turn.user_text, turn.media)
-            turn.counted_with = readied.saved.system_message
-        self.turns, self.system_message = list(turns), readied.saved.system_message
+            turn.counted_with = system
+        self.turns, self.system_message = list(turns), system
 
     def load(self, path: str | Path, skip_missing: bool = False) -> dict:
         """Replace the conversation with a saved one (local or remote); files are checked by sha256."""
