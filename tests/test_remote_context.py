@@ -240,19 +240,19 @@ def test_a_system_message_before_the_first_turn_is_counted_once_and_not_as_used(
         assert conv.context_used > 0
 
 
-def test_a_system_message_changed_after_an_answer_is_not_measured_by_the_servers_old_count():
+def test_a_system_message_changed_after_an_answer_is_measured_with_the_new_system_message():
     """The server counted the conversation under the system message it was sent with: after
-    /system the resent conversation differs, so its count no longer stands for it (/context said the
-    old count, and that the server counted fewer tokens than the estimates)."""
+    /system the resent conversation holds the new one instead, so the old count alone no longer stands
+    for it (/context said the old count, and that the server counted fewer tokens than the estimates)."""
     with FakeServer(models(8192)) as server:
         conv = connected(server)
         counted = conv.context_used
         assert conv.turns[-1].usage["prompt_tokens"] + conv.turns[-1].usage["completion_tokens"] == counted
         conv.set_system("You are a helpful assistant. " * 20)
         items = dict(conv.context_items([]))
-        # the estimates alone, not the old count (this fixture's usage is 1,848 tokens)
-        assert conv.context_used == sum(tokens for label, tokens in items.items() if label.startswith(("system", "turn "))) != counted
-        assert not any(label.startswith("the server") for label in items)
+        # the old count (this fixture's usage is 1,848 tokens) with the new system message in it
+        assert conv.context_used == counted + items["system message"]
+        assert sum(items.values()) - items["next message: template, plus your text"] - conv.params.max_new_tokens == conv.context_used
         conv.set_system(None)  # what the server counted is sent again
         assert conv.context_used == counted
         server.chat(Reply.sse(GOOD))
@@ -276,3 +276,18 @@ def test_a_session_saved_with_an_empty_system_message_sends_none_and_keeps_the_s
         assert conv.system_message is None
         conv.set_system("")
         assert conv.context_used == counted
+
+
+def test_a_shorter_system_message_does_not_forget_what_the_server_counted():
+    """After /system the server's count still holds the conversation; only the system message in it
+    changed. A turn it refused for want of room before a short /system is refused after it (the
+    estimates alone, without what the server counts beyond them, let it through: 23 of 1,848)."""
+    with FakeServer(models(1860)) as server:
+        conv = connected(server)  # this fixture's usage is 1,848 tokens: no room for 10 + 8 more
+        with pytest.raises(ContextOverflowError):
+            conv.check_attach([])
+        conv.set_system("Hi.")
+        system = dict(conv.context_items([]))["system message"]
+        assert conv.context_used == 1848 + system
+        with pytest.raises(ContextOverflowError):
+            conv.check_attach([])

@@ -75,6 +75,10 @@ def estimate_text_tokens(text: str) -> int:
     return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN)
 
 
+def estimate_system_tokens(text: str | None) -> int:
+    return estimate_text_tokens(text) + SYSTEM_TEMPLATE_TOKENS if text else 0
+
+
 @dataclass
 class RemoteTurn:
     user_text: str
@@ -84,7 +88,7 @@ class RemoteTurn:
     finish_reason: str | None = None
     timing: dict | None = None
     usage: dict | None = None  # the server's usage, when it sent one
-    # the system message that usage counted: after a /system change it no longer counts the conversation
+    # the system message that usage counted: after a /system change the count holds another one
     counted_with: str | None = None
 
     @property
@@ -190,7 +194,7 @@ class RemoteConversation:
         return self._max_context
 
     def _system_tokens(self) -> int:
-        return estimate_text_tokens(self.system_message) + SYSTEM_TEMPLATE_TOKENS if self.system_message else 0
+        return estimate_system_tokens(self.system_message)
 
     def media_tokens(self, media: Sequence[Media]) -> int:
         images = [m for m in media if m.kind == "image"]
@@ -211,14 +215,16 @@ class RemoteConversation:
 
     def _server_count(self) -> tuple[int, int]:
         """(turns counted, tokens): the server's count after the latest answer it reported usage for
-        (a cancelled answer has none) under the system message now in use, or (0, 0)."""
+        (a cancelled answer has none), or (0, 0). Counted under another system message (/system since),
+        only the system message in it changed: the count keeps what the estimates cannot see (the
+        server's template, its tokenizer) and swaps the old system message's estimate for the new one's."""
         for n in range(len(self.turns), 0, -1):
-            if self.turns[n - 1].counted_with != self.system_message:
-                continue  # counted with another system message: the resent conversation differs
-            usage = self.turns[n - 1].usage or {}
+            turn = self.turns[n - 1]
+            usage = turn.usage or {}
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(prompt, int) and isinstance(completion, int):
-                return n, prompt + completion
+                moved = self._system_tokens() - estimate_system_tokens(turn.counted_with)
+                return n, max(0, prompt + completion + moved)
         return 0, 0
 
     @property
