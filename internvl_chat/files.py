@@ -503,10 +503,16 @@ def is_video_kind(kind: str | None) -> bool:
 SNIFF_BYTES = 8192  # what sniff_binary looks at
 
 
+def file_head(path: str | Path) -> bytes:
+    """A regular file's first SNIFF_BYTES bytes, to tell what it is (OSError propagates; a FIFO or
+    device is NotRegularFile, never waited on)."""
+    with open_regular_file(path) as f:
+        return f.read(SNIFF_BYTES)
+
+
 def sniff_file(path: str | Path) -> str | None:
     """sniff_binary of the file's first bytes (OSError propagates)."""
-    with open(path, "rb") as f:
-        return sniff_binary(f.read(SNIFF_BYTES))
+    return sniff_binary(file_head(path))
 
 
 def sniff_binary(data: bytes) -> str | None:

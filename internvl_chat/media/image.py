@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import MediaError
-from ..files import (SNIFF_BYTES, STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, is_video_kind,
+from ..files import (STILL_BMFF_KINDS, NotRegularFile, check_working_folder, expand_home, file_head, is_video_kind,
                      open_regular_file, sniff_binary, too_long_path_line, visible)
 from ..native_stderr import captured
 from .image_headers import gif_frame_follows, header_flood, icon_picture_size, jpeg_scans, quiet_pillow, tiff_second_picture
@@ -442,8 +442,7 @@ def _sniffed(path: Path) -> str:
     "a PostScript (EPS) drawing", "an SVG drawing" or "text" where they are UTF-8 with no binary data,
     or "" where the file does not read or they are none of these (text in another encoding, say)."""
     try:
-        with open_regular_file(path) as f:
-            head = f.read(SNIFF_BYTES)
+        head = file_head(path)
     except OSError:
         return ""
     if head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):  # EPS as text, or with its binary DOS header
