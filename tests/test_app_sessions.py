@@ -478,6 +478,27 @@ def test_export_never_replaces_a_file_it_did_not_write_for_this_conversation(loa
     assert output(out).strip() == f"error: {tmp_path} is a folder; give a file name, e.g. /export {tmp_path / 'chat.md'}"
 
 
+def test_save_never_silently_replaces_a_conversation_with_the_same_texts_but_other_pictures(loaded, tmp_path, home):
+    """A file counted as an earlier state of this conversation when its messages' texts matched,
+    their pictures and videos unread: another conversation that asked the same question of a
+    picture (the demo model's answers are few: "A triangle.") was replaced silently."""
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("What shape is green?")
+    assert app.handle_line("/save mine.json") == OK
+    theirs = json.loads((tmp_path / "mine.json").read_text())
+    picture = {"kind": "image", "path": str(tmp_path / "scene.png"), "bytes": 10, "sha256": "a" * 64, "tiles": 1,
+               "max_tiles": 1, "size": [448, 448]}  # fmt: skip
+    theirs["messages"][0]["media"] = [picture]  # the same texts, asked of a picture
+    (tmp_path / "theirs.json").write_text(json.dumps(theirs))
+    original = (tmp_path / "theirs.json").read_text()
+    output(out)
+    assert app.handle_line("/save theirs.json") == ERROR
+    assert "already holds another conversation (1 turn)" in output(out)
+    assert (tmp_path / "theirs.json").read_text() == original
+    (tmp_path / "ours.json").write_text((tmp_path / "mine.json").read_text())
+    assert app.handle_line("/save ours.json") == OK  # an earlier state of this very conversation, as before
+
+
 def test_a_conversation_replaced_is_not_kept_alive_by_the_files_it_was_saved_and_exported_to(loaded, tmp_path, home):
     """/save and /export remembered the conversation by its first turn, held strongly: after /clear
     or /load, the old conversation (its pictures' pixels and features) stayed in memory for good."""

@@ -56,8 +56,9 @@ def file_date(mtime: float) -> str:
         return "?"
 
 
-def saved_messages(path: Path) -> list[tuple[Any, Any]] | None:
-    """(role, text) of each message in a session file, or None when it is not one."""
+def saved_messages(path: Path) -> list[tuple[Any, Any, Any]] | None:
+    """(role, text, media) of each message in a session file, or None when it is not one; the media
+    as `message_media` gives them (the same texts asked of other pictures are another conversation)."""
     try:
         data = json.loads(read_text_file(path, "session file"))
     except (InternVLChatError, ValueError, RecursionError):
@@ -65,7 +66,16 @@ def saved_messages(path: Path) -> list[tuple[Any, Any]] | None:
     messages = data.get("messages") if isinstance(data, dict) and data.get("format") == SESSION_FORMAT else None
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return None
-    return [(m.get("role"), m.get("text")) for m in messages]
+    return [(m.get("role"), m.get("text"), message_media(m)) for m in messages]
+
+
+def message_media(message: dict) -> Any:
+    """What names a message's media in a session file: (kind, path, sha256) of each item, or the
+    value as it is where it is no list of objects (it then matches no conversation's)."""
+    media = message.get("media", [])
+    if not isinstance(media, list) or not all(isinstance(m, dict) for m in media):
+        return media
+    return [(m.get("kind"), m.get("path"), m.get("sha256")) for m in media]
 
 
 def session_at_a_glance(path: Path) -> tuple[str, str]:

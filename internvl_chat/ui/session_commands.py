@@ -24,8 +24,8 @@ from ..numbers import counted
 from .commands import Command, close_names
 from .export import answer_and_cut, export_markdown
 from .paths import quote_path
-from .saved_sessions import (RESTORED_SETTINGS, default_sessions_dir, file_date, recent_sessions, saved_messages,
-                             session_at_a_glance)
+from .saved_sessions import (RESTORED_SETTINGS, default_sessions_dir, file_date, message_media, recent_sessions,
+                             saved_messages, session_at_a_glance)
 from .settings_text import plain_value
 from .text_wrap import one_line_excerpt, pad_cells
 
@@ -140,8 +140,9 @@ class SessionFileCommands:
             raise UsageError(f"{shown} already holds {what}; /save {_typed(path)} --force replaces it, or give another name")
         return self.confirm(f"{shown} holds {what}; replace it? [y/N] ")
 
-    def _continues(self, held: list[tuple[Any, Any]]) -> bool:
-        ours = [(m["role"], m["text"]) for m in self.session.to_json()["messages"]]  # as this conversation saves
+    def _continues(self, held: list[tuple[Any, Any, Any]]) -> bool:
+        # as this conversation saves, its pictures and videos too
+        ours = [(m["role"], m["text"], message_media(m)) for m in self.session.to_json()["messages"]]
         return len(held) <= len(ours) and ours[: len(held)] == held
 
     def cmd_load(self, command: Command) -> None:
