@@ -807,6 +807,27 @@ def test_message_takes_pending_media_and_context_adds_up(loaded, media, tmp_path
     assert out.getvalue().startswith(f"context: {session.context_used:,} of {MAX_CONTEXT:,} tokens used")
 
 
+def test_context_says_when_the_next_question_cannot_fit(loaded, tmp_path):
+    """/context's last line said "at most, after the next answer: 2,226 of 2,048 tokens held
+    (109 %)": a number no cache holds, for a next question the app refuses whatever its text."""
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    assert app.handle_line(f"/set max_new_tokens {MAX_CONTEXT - 4}") == OK
+    planned = sum(tokens for _, tokens in app.session.context_items([]))
+    assert planned > MAX_CONTEXT
+    output(out)
+    assert app.handle_line("/context") == OK
+    shown = out.getvalue()
+    assert f"of {MAX_CONTEXT:,} tokens held" not in shown
+    assert (f"the next question and its answer need at least {planned:,} tokens, over the {MAX_CONTEXT:,}-token "
+            "context; /undo or /clear make room, or /set max_new_tokens N with a smaller N") in " ".join(shown.split())
+    assert app.handle_line("Another question.") == ERROR  # as it says
+    app.handle_line("/set max_new_tokens 8")
+    output(out)
+    app.handle_line("/context")
+    assert f"at most, after the next answer: {sum(t for _, t in app.session.context_items([])):,} of {MAX_CONTEXT:,} tokens held" in out.getvalue()
+
+
 def test_auto_attach_paths_in_messages(loaded, media, tmp_path):
     app, out = make_app(loaded, tmp_path)
     app.handle_line(f"What is in {media / 'square.png'}?")
