@@ -454,6 +454,29 @@ def test_a_file_every_turn_shows_is_hashed_once_on_load(loaded, media_dir, tmp_p
     assert restored.ids == session.ids and len(hashed) == 1
 
 
+def test_a_file_every_turn_shows_is_measured_once_on_load(loaded, media_dir, tmp_path, monkeypatch):
+    """/load hashed a file every turn shows once, but measured it again for each turn: an MKV's
+    frames counted by demuxing each time (seconds for a long one), and a hand-made session of 80,000
+    items naming one small picture took 25 s with --skip-missing before the context refused it."""
+    from internvl_chat.chat import session as session_module
+
+    session = Session(loaded, _params(2))
+    for question in ("What happens?", "And now?", "Anything else?"):
+        final_event(session.ask(question, [session.describe_video(media_dir / "clip.mp4", frames=2)]))
+    path = session.save(tmp_path / "chat.json")
+    measured = []
+    real = session_module.measure_video
+    monkeypatch.setattr(session_module, "measure_video", lambda p: measured.append(p) or real(p))
+    restored = Session(loaded, _params(2))
+    restored.load(path)
+    assert restored.ids == session.ids and len(measured) == 1
+    media = [turn.media[0] for turn in restored.turns]
+    assert len({id(m) for m in media}) == 3 and all(m.path == media_dir / "clip.mp4" and m.tiles == 2 for m in media)
+    restored.undo()
+    final_event(restored.retry())  # each turn's own media: features and pixels kept apart
+    assert [t.user_text for t in restored.turns] == ["What happens?", "And now?"]
+
+
 def test_a_file_of_another_size_is_not_read_to_learn_it_changed(loaded, media_dir, tmp_path, monkeypatch):
     """/load read every candidate file whole to hash it: a video that grew to gigabytes (or any
     large file a hand-made session names) was read through before "has changed". The size saved

@@ -8,6 +8,7 @@ file loads the same way whichever conversation reads it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -78,10 +79,11 @@ def saved_media(saved: SavedSession, describe_image, describe_video,
     problems: list[str] = []
     left_out: list[LeftOut] = []
     digests: dict[tuple[int, ...], str] = {}  # a file every turn shows (a long video) is read once
+    measured: dict[tuple, Media | str] = {}  # … and measured once (a long MKV's frames are counted by demuxing)
     for number, saved_turn in enumerate(saved.turns, start=1):
         media = []
         for m in saved_turn.media:
-            item, problem = _media_from_saved(m, saved.path, describe_image, describe_video, digests)
+            item, problem = _media_from_saved(m, saved.path, describe_image, describe_video, digests, measured)
             if problem:
                 problems.append(problem)
                 found = any(_is_regular_file(p) for p in media_candidates(m, saved.path))
@@ -97,7 +99,8 @@ def saved_media(saved: SavedSession, describe_image, describe_video,
 
 
 def _media_from_saved(
-    m: SavedMedia, session_file: Path, describe_image, describe_video, digests: dict[tuple[int, ...], str]
+    m: SavedMedia, session_file: Path, describe_image, describe_video, digests: dict[tuple[int, ...], str],
+    measured: dict[tuple, Media | str],
 ) -> tuple[Media | None, str | None]:
     candidates = media_candidates(m, session_file)
     existing = [p for p in candidates if _is_regular_file(p)]
@@ -120,13 +123,23 @@ def _media_from_saved(
             return None, f"{visible(str(candidate))} cannot be read ({visible(e.strerror or str(e))})"
     if path is None:
         return None, f"{visible(str(existing[0]))} has changed since the session was saved"
+    # one measurement per file version and way of measuring it; each turn gets a Media of its own
     try:
-        if m.kind == "image":
-            media = describe_image(path, m.max_tiles)
-        else:
-            media = describe_video(path, m.frames, m.video_range)
-    except MediaError as e:
-        return None, str(e)
+        key = (_version(path), m.kind, m.max_tiles if m.kind == "image" else (m.frames, m.video_range))
+    except OSError as e:  # gone since it was hashed
+        return None, f"{visible(str(path))} cannot be read ({visible(e.strerror or str(e))})"
+    if key not in measured:
+        try:
+            if m.kind == "image":
+                measured[key] = describe_image(path, m.max_tiles)
+            else:
+                measured[key] = describe_video(path, m.frames, m.video_range)
+        except MediaError as e:
+            measured[key] = str(e)
+    found = measured[key]
+    if isinstance(found, str):
+        return None, found
+    media = dataclasses.replace(found, path=path)  # the same file may be named another way
     if media.tiles != m.tiles:
         return None, f"{visible(str(path))} now gives {media.tiles} tiles instead of {m.tiles}"
     media.sha256 = m.sha256
@@ -140,10 +153,15 @@ def _size(path: Path) -> int:
         return -1
 
 
+def _version(path: Path) -> tuple[int, ...]:
+    """A file and its version: (device, inode, size, mtime)."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _known_sha256(path: Path, digests: dict[tuple[int, ...], str]) -> str:
     """sha256_of(path), read once per file and version (device, inode, size, mtime) in `digests`."""
-    st = os.stat(path)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    key = _version(path)
     if key not in digests:
         digests[key] = sha256_of(path)
     return digests[key]

@@ -529,6 +529,7 @@ class Session:
         """
         # a bound first: a huge system message or message is refused without being tokenized
         least = self._fewest_tokens(builder.system_message, *(t.user_text for t in turns)) + sum(len(t.answer_ids) for t in turns)
+        least += sum(m.tiles for t in turns for m in t.media) * builder.tokens_per_tile  # their image tokens alone
         ids = self.conversation_ids(turns, builder) if least <= self.max_context else None
         if ids is None or len(ids) > self.max_context:
             fixes = [advice] if advice else []
