@@ -477,6 +477,24 @@ def test_a_file_every_turn_shows_is_measured_once_on_load(loaded, media_dir, tmp
     assert [t.user_text for t in restored.turns] == ["What happens?", "And now?"]
 
 
+def test_a_replay_whose_pictures_alone_overflow_is_refused_before_its_ids_are_built(loaded, media_dir, tmp_path, monkeypatch):
+    """With --skip-missing the bound before measuring counts no media (they may be left out); the
+    replay's bound then counted only texts, so a file naming one picture in thousands of turns had
+    its whole conversation's ids built (21 M for 80,000 pictures) only to be refused."""
+    session = Session(loaded, _params(2))
+    final_event(session.ask("What is it?", [session.describe_video(media_dir / "clip.mp4", frames=2)]))
+    data = json.loads(session.save(tmp_path / "chat.json").read_text())
+    per_turn = 2 * loaded.config.tokens_per_tile  # the two frames' image tokens
+    data["messages"] *= loaded.model.max_seq_len // per_turn + 1  # those alone: over the context
+    (tmp_path / "many.json").write_text(json.dumps(data))
+    built = []
+    monkeypatch.setattr(Session, "conversation_ids", lambda self, *a, **k: built.append(1) or [])
+    fresh = Session(loaded, _params(2))
+    with pytest.raises(ContextOverflowError, match="needs at least"):
+        fresh.load(tmp_path / "many.json", skip_missing=True)
+    assert built == [] and fresh.turns == []
+
+
 def test_a_file_of_another_size_is_not_read_to_learn_it_changed(loaded, media_dir, tmp_path, monkeypatch):
     """/load read every candidate file whole to hash it: a video that grew to gigabytes (or any
     large file a hand-made session names) was read through before "has changed". The size saved
