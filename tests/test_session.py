@@ -368,6 +368,32 @@ def _saved_then_picture_changed(loaded, image: Path, question: str, seeds: tuple
     return path
 
 
+def test_a_picture_changed_after_load_checked_it_is_refused_not_read(loaded, tmp_path):
+    """/load hashed each picture, then (in the REPL after its y/N question on the unsaved
+    conversation) decoded it again to replay the conversation: a picture rewritten meanwhile was
+    read as the saved one, and /save then wrote the old hash beside the new pixels. A server's
+    conversation checked it; this one did not. The same holds for a /retry that decodes it again."""
+    image = tmp_path / "photo.png"
+    Image.fromarray(textured_rgb(448, 448, seed=3)).save(image)
+    session = Session(loaded, _params())
+    final_event(session.ask("What is this?", [session.describe_image(image)]))
+    path = session.save(tmp_path / "chat.json")
+    fresh = Session(loaded, _params())
+    final_event(fresh.ask("Hello."))
+    before = (list(fresh.ids), fresh.start_pos)
+    readied = fresh.read_saved(path)
+    Image.fromarray(textured_rgb(448, 448, seed=4)).save(image)  # while the REPL asked y/N
+    with pytest.raises(MediaError, match="photo.png has changed since it was attached or loaded"):
+        fresh.restore(readied)
+    assert (fresh.ids, fresh.start_pos) == before and [t.user_text for t in fresh.turns] == ["Hello."]
+
+    turn = session.turns[0]
+    turn.features = None  # a retry that prefills the whole prompt again decodes the picture again
+    with pytest.raises(MediaError, match="has changed since it was attached or loaded"):
+        session._retry_prefilling(turn, _params(), None).__next__()
+    assert session.turns == [turn]
+
+
 def test_load_reports_changed_or_vanished_media(loaded, media_dir, tmp_path):
     image = tmp_path / "photo.png"
     path = _saved_then_picture_changed(loaded, image, "What is this?", (9, 10))

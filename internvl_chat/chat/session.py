@@ -247,6 +247,8 @@ class Session:
     def _decode(self, media: Media) -> torch.Tensor:
         if media.pixel_values is None:
             size = self.loaded.config.image_size
+            if media.kind == "image" and media.sha256:  # decoded again (a loaded session, a retry): still that picture?
+                _check_unchanged(media)
             if media.kind == "image":
                 min_tiles, max_tiles = self.loaded.config.tile_limits(media.max_tiles)
                 image = load_image(media.path, max_tiles, self.loaded.config.use_thumbnail, size, min_tiles)
@@ -842,6 +844,19 @@ def media_notes(media: Sequence[Media], *more: str | None) -> str | None:
     A note is said once, even when the file it is about is attached twice (with other frames, say)."""
     notes = [note for note in (*more, *(m.take_note() for m in media)) if note]
     return "; ".join(dict.fromkeys(notes)) or None
+
+
+def _check_unchanged(media: Media) -> None:
+    """A picture read again must be the one its sha256 was taken of (when it was first sent, or when
+    /load checked it, which then waits for a y/N): another one would be read as it silently, and
+    saved with the old hash. Pictures are small; a video is not read twice for this."""
+    try:
+        digest = sha256_of(media.path)
+    except OSError as e:
+        raise MediaError(f"cannot read {visible(str(media.path))} ({visible(e.strerror or str(e))})") from None
+    if digest != media.sha256:
+        raise MediaError(f"{visible(str(media.path))} has changed since it was attached or loaded; attach it again, "
+                         "or /load the session again")
 
 
 def _release_pixels(turn: Turn) -> None:
