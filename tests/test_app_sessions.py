@@ -736,6 +736,23 @@ def test_load_skip_missing_goes_on_without_a_picture_that_vanished(loaded, tmp_p
     assert other.handle_line(f"/load {saved}") == OK and "left out" not in output(out2)
 
 
+def test_load_skip_missing_names_the_first_files_left_out_and_counts_the_rest(loaded, tmp_path, home):
+    """The warning after /load --skip-missing named every file left out: 240 pictures moved away
+    made one line of 5,000 characters (without the flag the error names 3 and counts the rest)."""
+    picture = {"kind": "image", "tiles": 1, "max_tiles": 1, "sha256": ""}
+    messages = []
+    for n in range(1, 16):
+        messages += [{"role": "user", "text": f"Question {n}?", "media": [{**picture, "path": f"/nowhere/p{n}.png"}]},
+                     {"role": "assistant", "text": "A."}]  # fmt: skip
+    (tmp_path / "moved.json").write_text(json.dumps({"format": "internvl-chat-session", "version": 1, "messages": messages}))
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line("/load moved.json --skip-missing") == OK
+    warning = next(line for line in output(out).splitlines() if line.startswith("warning: left out"))
+    listed = ", ".join(f"p{n}.png (turn {n})" for n in range(1, 11))
+    assert warning == f"warning: left out 15 files that vanished or changed: {listed} and 5 more"
+    assert len(app.session.turns) == 15
+
+
 def test_saving_or_exporting_an_empty_conversation_warns_only_once_it_is_written(loaded, tmp_path, home):
     """An empty conversation saved where no file can be written gets the one error line, not first
     "saving it anyway" (the save that then fails never went ahead)."""

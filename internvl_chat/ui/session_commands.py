@@ -30,6 +30,7 @@ from .settings_text import plain_value
 from .text_wrap import one_line_excerpt, pad_cells
 
 NOT_SESSION_SUFFIXES = (".md", ".markdown", ".txt")  # what /save refuses: /export writes these
+LEFT_OUT_SHOWN = 10  # files /load --skip-missing names as left out; the rest are counted
 
 
 def _typed(path: Path | str) -> str:
@@ -181,7 +182,10 @@ class SessionFileCommands:
                  + (f"/{limit:,}" if limit else "")
                  + (f" ({counted(len(self.pending), 'attachment')} kept; /drop N removes one)" if self.pending else ""))  # as /clear says
         if readied.left_out:
-            listed = ", ".join(f"{m.name} (turn {m.turn})" for m in readied.left_out)  # names escaped by `visible`
+            shown = readied.left_out[:LEFT_OUT_SHOWN]  # names escaped by `visible`
+            listed = ", ".join(f"{m.name} (turn {m.turn})" for m in shown)
+            if len(readied.left_out) > len(shown):  # a folder of pictures moved away: one line, not thousands of names
+                listed += f" and {len(readied.left_out) - len(shown):,} more"
             self.warn(f"left out {counted(len(readied.left_out), 'file')} that vanished or changed: {listed}")
         if changes:
             listed = ", ".join(f"{key.split('.')[1]} {plain_value(new)} (was {plain_value(old)})" for key, old, new in changes)
