@@ -828,6 +828,25 @@ def test_context_says_when_the_next_question_cannot_fit(loaded, tmp_path):
     assert f"at most, after the next answer: {sum(t for _, t in app.session.context_items([])):,} of {MAX_CONTEXT:,} tokens held" in out.getvalue()
 
 
+def test_system_says_when_it_leaves_no_room_for_the_next_question(loaded, tmp_path):
+    """/system took a message the conversation fits under but the next question and its answer do
+    not, without a word, and every question after it was refused (/load warns of the same)."""
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("/system Be brief.")  # shorter than the tiny model's default
+    app.handle_line("Hello.")
+    planned = sum(tokens for _, tokens in app.session.context_items([]))
+    assert app.handle_line(f"/set max_new_tokens {8 + MAX_CONTEXT - planned - 2}") == OK  # room for 2 more tokens
+    output(out)
+    assert app.handle_line("/system You answer in one short sentence, kindly.") == OK
+    shown = " ".join(out.getvalue().split())
+    assert shown.startswith("system message set; the 1 turn so far now follows it")
+    assert ("warning: the context has no room for another question and its answer under this system message; a "
+            "shorter one, /undo or /clear make room, or /set max_new_tokens N with a smaller N") in shown
+    assert app.handle_line("Another question.") == ERROR  # as it says
+    output(out)
+    assert app.handle_line("/system Be brief.") == OK and "no room" not in out.getvalue()
+
+
 def test_auto_attach_paths_in_messages(loaded, media, tmp_path):
     app, out = make_app(loaded, tmp_path)
     app.handle_line(f"What is in {media / 'square.png'}?")

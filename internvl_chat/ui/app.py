@@ -693,6 +693,8 @@ class App(SessionFileCommands):
             self.say("system message unchanged")
         else:
             self.say("system message set" + self._turns_follow())
+        if changed:
+            self._warn_no_room_after_system()
 
     def _change_system(self, text: str | None) -> bool:
         """Put `text` in use as the system message; False when it already is (the conversation was
@@ -702,6 +704,16 @@ class App(SessionFileCommands):
         with self._uninterruptible("re-reading the conversation …"):
             self.session.set_system(text)
         return True
+
+    def _warn_no_room_after_system(self) -> None:
+        """The conversation fits under the new system message, but may leave no room for the next
+        question and its answer: say so now, as /load does, not at every question after it."""
+        try:
+            self.session.check_attach([])
+        except ContextOverflowError:
+            forget = ", /undo or /clear" if self.session.turns else ""
+            self.warn("the context has no room for another question and its answer under this system message; a "
+                      f"shorter one{forget} make room, or /set max_new_tokens N with a smaller N")
 
     def _turns_follow(self) -> str:
         """The note for a system message just changed: the turns so far now follow it (if any)."""
@@ -722,6 +734,8 @@ class App(SessionFileCommands):
             self.say(f"system message: the model's default again{follow} (/system shows it)")
         else:
             self.say(f"system message unset: the model has no default, so none is used{follow}")
+        if changed:
+            self._warn_no_room_after_system()
 
     def cmd_set(self, command: Command) -> None:
         if not command.args:
