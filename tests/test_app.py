@@ -847,6 +847,23 @@ def test_system_says_when_it_leaves_no_room_for_the_next_question(loaded, tmp_pa
     assert app.handle_line("/system Be brief.") == OK and "no room" not in out.getvalue()
 
 
+def test_set_max_new_tokens_says_when_the_conversation_leaves_no_room_for_it(loaded, tmp_path):
+    """/set max_new_tokens warned only of an answer as long as the whole context; one that fits an
+    empty context but not this conversation was taken without a word, and every question refused."""
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    planned = sum(tokens for _, tokens in app.session.context_items([]))
+    output(out)
+    assert app.handle_line(f"/set max_new_tokens {8 + MAX_CONTEXT - planned + 1}") == OK  # one token too many
+    assert ("warning: the context has no room for another question and an answer this long; /undo or /clear make "
+            "room, or give a smaller max_new_tokens") in " ".join(out.getvalue().split())
+    assert app.handle_line("Another question.") == ERROR  # as it says
+    output(out)
+    assert app.handle_line(f"/set max_new_tokens {8 + MAX_CONTEXT - planned}") == OK and "warning" not in output(out)
+    assert app.handle_line(f"/set max_new_tokens {8 + MAX_CONTEXT - planned - 20}") == OK
+    assert app.handle_line("Another question.") == OK
+
+
 def test_auto_attach_paths_in_messages(loaded, media, tmp_path):
     app, out = make_app(loaded, tmp_path)
     app.handle_line(f"What is in {media / 'square.png'}?")

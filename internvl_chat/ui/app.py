@@ -781,6 +781,12 @@ class App(SessionFileCommands):
             # said now, not only when the next message is refused for it
             self.warn(f"the answer alone could fill the {limit:,}-token context, so every message will be refused; "
                       f"give a max_new_tokens well under {limit:,}")  # fmt: skip
+        elif dotted == "generation.max_new_tokens" and self.session.turns:
+            try:
+                self.session.check_attach([])
+            except ContextOverflowError:  # the conversation so far leaves no room for such an answer
+                self.warn("the context has no room for another question and an answer this long; /undo or /clear "
+                          "make room, or give a smaller max_new_tokens")
 
     def _list_settings(self) -> None:
         """`/set` alone: each setting it can change, its value and where the value came from."""
