@@ -659,6 +659,23 @@ def test_hf_vision_qkv_pieces_that_do_not_fit_together(tiny_hf, tmp_path, case):
     one_line(err, f"attn.qkv.{leaf}", "do not fit together", *words)
 
 
+@pytest.mark.parametrize("leaf", ["weight", "bias"])
+def test_hf_vision_qkv_pieces_of_unequal_rows_that_add_up(tiny_hf, tmp_path, leaf):
+    """InternViT's q, k and v are each hidden_size rows (transformers refuses other pieces: each is
+    a hidden×hidden Linear). k and v pieces of 32 and 96 rows filled the fused qkv's 192 rows
+    exactly, so a file no -hf writer makes passed as sound, whatever the rows held."""
+    prefix = HF_QKV.removesuffix("q_proj.")
+
+    def edit(state):
+        both = torch.cat([state[prefix + f"k_proj.{leaf}"], state[prefix + f"v_proj.{leaf}"]])
+        state[prefix + f"k_proj.{leaf}"], state[prefix + f"v_proj.{leaf}"] = both[:32].clone(), both[32:].clone()
+
+    folder = _with_weights(tiny_hf, tmp_path / "hf", edit)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, f"attn.qkv.{leaf}", "do not fit together", "k [32", "v [96")
+
+
 def test_an_hf_vision_qkv_piece_stored_twice(tiny_hf, tmp_path):
     """A q piece in two shards: read before its k and v, the second copy silently replaced the
     first; read after them, it was blamed as a missing k and v. Both are named as any other tensor

@@ -97,10 +97,12 @@ def stored_embeddings(weights: WeightFiles, payload: Payload, layout: str) -> li
 
 def _fused_qkv(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
     """The q, k, v row blocks of a -hf vision attention stacked into one tensor. They must be float
-    pieces of one shape past their rows: torch.cat would otherwise fail with its own traceback, or
-    promote integer or bool pieces to floats, hiding a damaged file the loader refuses elsewhere."""
+    pieces of one shape, rows included: torch.cat would otherwise fail with its own traceback, or
+    promote integer or bool pieces to floats, hiding a damaged file the loader refuses elsewhere;
+    and InternViT's q, k and v are each hidden_size rows (transformers refuses anything else), so
+    pieces of unequal rows that only add up to the fused size are no -hf file either."""
     shapes = [tuple(p.shape) for p in parts]
-    if any(not p.is_floating_point() for p in parts) or any(len(s) == 0 or s[1:] != shapes[0][1:] for s in shapes):
+    if any(not p.is_floating_point() for p in parts) or any(len(s) == 0 or s != shapes[0] for s in shapes):
         pieces = ", ".join(f"{slot[0]} {list(s)} {str(p.dtype).removeprefix('torch.')}"
                            for slot, s, p in zip(QKV_SLOTS, shapes, parts))  # fmt: skip
         raise CheckpointError(
