@@ -123,6 +123,21 @@ def test_original_config_lies_are_one_line(tiny_original, dotted, value):
     assert named or any(w in text for w in ("group size", "head size", "image size", "patches per tile")), text
 
 
+@pytest.mark.parametrize("fields", [{"head_dim": 1024}, {"num_attention_heads": 64, "num_key_value_heads": 64, "head_dim": 1024}])
+def test_attention_far_wider_than_the_hidden_size_is_refused(tiny_original, fields):
+    """The KV cache (and the rotary tables) are sized by the attention's width, not by the weights:
+    a 9 MB checkpoint whose config gave a hidden_size of 8 and 64 heads of 1,024 allocated 16 GiB of
+    zeroed cache at the default context (the machine swapped, or "out of memory … use a 4-bit
+    checkpoint"). Qwen2's attention is as wide as its hidden size."""
+    raw = config_of(tiny_original)
+    raw["llm_config"].update(fields)
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw, "/models/x/config.json")
+    one_line(err, "/models/x/config.json", "llm_config", "head_dim", "hidden_size (64)")
+    raw["llm_config"].update(num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # as wide as hidden_size: fine
+    parse_config(raw, "/models/x/config.json")
+
+
 HF_LIES = [
     ("text_config.hidden_size", "64"), ("text_config", DELETE), ("text_config", 7), ("vision_config.image_size", [448, 224]),
     ("vision_config.patch_size", [14, "14"]), ("tie_word_embeddings", "yes"), ("vision_feature_layer", [-1]),
