@@ -620,6 +620,25 @@ def test_a_tensor_larger_than_the_model_is_refused_before_it_is_read(tiny_origin
     assert max(sizes, default=0) <= 4 * largest  # this file stores nothing wider than float32
 
 
+def test_a_pickled_tensor_larger_than_the_model_is_refused_before_it_is_used(tiny_hf, tmp_path):
+    """A pickle stores each tensor's shape and strides beside its storage: zero strides make a tensor
+    of any shape from one stored element, loaded memory-mapped for nothing. The -hf vision q/k/v are
+    concatenated before any shape is compared, so a 650 KB .bin whose q, k and v were (20000, 20000)
+    made 2.6 GB (and larger ones all the memory there was, or "out of memory … use a 4-bit
+    checkpoint"). Pickled tensors are held to the model's largest, as safetensors ones are."""
+    from safetensors.torch import load_file
+
+    folder = shutil.copytree(tiny_hf, tmp_path / "hf")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    for piece in ("q_proj", "k_proj", "v_proj"):
+        state[HF_QKV.replace("q_proj", piece) + "weight"] = torch.zeros(1, dtype=torch.bfloat16).expand(3000, 3000)
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, "pytorch_model.bin", HF_QKV.removesuffix("q_proj."), "[3000, 3000]", "larger than any tensor")
+
+
 def test_a_long_unexpected_tensor_name_is_cut_short(tiny_original, tmp_path):
     """A header may name a tensor with 100,000 characters; the error listing unexpected tensors
     showed it whole."""

@@ -33,7 +33,7 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None,
     `layout` is "original" or "hf" (read from config.json when None). Original names pass through;
     -hf names are renamed, and the vision q/k/v pieces of each layer are held until all three are
     read, then yielded fused. Unknown names pass through unchanged; rotary `inv_freq` is skipped.
-    A safetensors tensor of more than `max_elements` (the model's largest) is refused unread.
+    A tensor of more than `max_elements` (the model's largest) is refused unread (a pickle's before use).
     """
     model_dir = Path(model_dir)
     if layout is None:
