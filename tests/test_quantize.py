@@ -266,6 +266,51 @@ def test_16_bit_weights_under_an_awq_config_are_named(quantized, tiny_original, 
         quantize_checkpoint(quantized["rtn"], tmp_path / "out", "rtn", device="cpu")
 
 
+def _as_pickles(folder: Path, sharded: bool) -> Path:
+    """The folder's model.safetensors as PyTorch pickles: the published AWQ layout's two shards and
+    index (SPEC §2), or one pytorch_model.bin."""
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    if not sharded:
+        torch.save(tensors, folder / "pytorch_model.bin")
+        return folder
+    names = sorted(tensors)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, part in shards.items():
+        torch.save({n: tensors[n] for n in part}, folder / file)
+    weight_map = {n: file for file, part in shards.items() for n in part}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["shards", "single"])
+def test_a_config_that_disagrees_with_pickled_weights_on_4_bit_is_named(quantized, tiny_original, tmp_path, sharded):
+    """The published AWQ checkpoints are pickles, whose tensors no safetensors header declares: both
+    checks above were skipped for them, so a 16-bit config.json over 4-bit pickles built the whole
+    16-bit model first (out of memory for a large one, with the advice to use a 4-bit checkpoint)
+    and then refused it as "42 unexpected tensors"; the reverse as "14 unexpected tensors", and
+    quantize called such a 16-bit source "already quantized"."""
+    from internvl_chat.errors import UsageError
+
+    four_bit = _as_pickles(shutil.copytree(quantized["rtn"], tmp_path / "w4"), sharded)
+    shutil.copy(tiny_original / "config.json", four_bit / "config.json")
+    with pytest.raises(CheckpointError) as err:
+        load_model(four_bit, device="cpu", dtype="float32", max_context=256)
+    assert "holds 4-bit AWQ weights (language_model.model.layers.0." in str(err.value)
+    assert "has no quantization_config; use the config.json shipped with these weights" in str(err.value)
+
+    sixteen_bit = _as_pickles(shutil.copytree(tiny_original, tmp_path / "w16"), sharded)
+    shutil.copy(quantized["rtn"] / "config.json", sixteen_bit / "config.json")
+    expected = (f"config.json of {sixteen_bit} declares 4-bit AWQ weights (quantization_config) but its weight files hold "
+                "16-bit ones (no .qweight tensors); use the config.json shipped with these weights")  # fmt: skip
+    with pytest.raises(CheckpointError) as err:
+        load_model(sixteen_bit, device="cpu", dtype="float32", max_context=256)
+    assert str(err.value) == expected
+    with pytest.raises((CheckpointError, UsageError)) as err:
+        quantize_checkpoint(sixteen_bit, tmp_path / "out", "rtn", device="cpu")
+    assert str(err.value) == expected and not (tmp_path / "out").exists()
+
+
 def test_missing_qzeros_is_named(quantized, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(quantized["rtn"], folder)

@@ -123,6 +123,21 @@ def test_original_config_lies_are_one_line(tiny_original, dotted, value):
     assert named or any(w in text for w in ("group size", "head size", "image size", "patches per tile")), text
 
 
+@pytest.mark.parametrize("fields", [{"head_dim": 1024}, {"num_attention_heads": 64, "num_key_value_heads": 64, "head_dim": 1024}])
+def test_attention_far_wider_than_the_hidden_size_is_refused(tiny_original, fields):
+    """The KV cache (and the rotary tables) are sized by the attention's width, not by the weights:
+    a 9 MB checkpoint whose config gave a hidden_size of 8 and 64 heads of 1,024 allocated 16 GiB of
+    zeroed cache at the default context (the machine swapped, or "out of memory … use a 4-bit
+    checkpoint"). Qwen2's attention is as wide as its hidden size."""
+    raw = config_of(tiny_original)
+    raw["llm_config"].update(fields)
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw, "/models/x/config.json")
+    one_line(err, "/models/x/config.json", "llm_config", "head_dim", "hidden_size (64)")
+    raw["llm_config"].update(num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # as wide as hidden_size: fine
+    parse_config(raw, "/models/x/config.json")
+
+
 HF_LIES = [
     ("text_config.hidden_size", "64"), ("text_config", DELETE), ("text_config", 7), ("vision_config.image_size", [448, 224]),
     ("vision_config.patch_size", [14, "14"]), ("tie_word_embeddings", "yes"), ("vision_feature_layer", [-1]),
@@ -605,6 +620,25 @@ def test_a_tensor_larger_than_the_model_is_refused_before_it_is_read(tiny_origin
     assert max(sizes, default=0) <= 4 * largest  # this file stores nothing wider than float32
 
 
+def test_a_pickled_tensor_larger_than_the_model_is_refused_before_it_is_used(tiny_hf, tmp_path):
+    """A pickle stores each tensor's shape and strides beside its storage: zero strides make a tensor
+    of any shape from one stored element, loaded memory-mapped for nothing. The -hf vision q/k/v are
+    concatenated before any shape is compared, so a 650 KB .bin whose q, k and v were (20000, 20000)
+    made 2.6 GB (and larger ones all the memory there was, or "out of memory … use a 4-bit
+    checkpoint"). Pickled tensors are held to the model's largest, as safetensors ones are."""
+    from safetensors.torch import load_file
+
+    folder = shutil.copytree(tiny_hf, tmp_path / "hf")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    for piece in ("q_proj", "k_proj", "v_proj"):
+        state[HF_QKV.replace("q_proj", piece) + "weight"] = torch.zeros(1, dtype=torch.bfloat16).expand(3000, 3000)
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, "pytorch_model.bin", HF_QKV.removesuffix("q_proj."), "[3000, 3000]", "larger than any tensor")
+
+
 def test_a_long_unexpected_tensor_name_is_cut_short(tiny_original, tmp_path):
     """A header may name a tensor with 100,000 characters; the error listing unexpected tensors
     showed it whole."""
@@ -657,6 +691,23 @@ def test_hf_vision_qkv_pieces_that_do_not_fit_together(tiny_hf, tmp_path, case):
     with pytest.raises(CheckpointError) as err:
         load_model(folder, device="cpu", dtype="float32", max_context=64)
     one_line(err, f"attn.qkv.{leaf}", "do not fit together", *words)
+
+
+@pytest.mark.parametrize("leaf", ["weight", "bias"])
+def test_hf_vision_qkv_pieces_of_unequal_rows_that_add_up(tiny_hf, tmp_path, leaf):
+    """InternViT's q, k and v are each hidden_size rows (transformers refuses other pieces: each is
+    a hidden×hidden Linear). k and v pieces of 32 and 96 rows filled the fused qkv's 192 rows
+    exactly, so a file no -hf writer makes passed as sound, whatever the rows held."""
+    prefix = HF_QKV.removesuffix("q_proj.")
+
+    def edit(state):
+        both = torch.cat([state[prefix + f"k_proj.{leaf}"], state[prefix + f"v_proj.{leaf}"]])
+        state[prefix + f"k_proj.{leaf}"], state[prefix + f"v_proj.{leaf}"] = both[:32].clone(), both[32:].clone()
+
+    folder = _with_weights(tiny_hf, tmp_path / "hf", edit)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, f"attn.qkv.{leaf}", "do not fit together", "k [32", "v [96")
 
 
 def test_an_hf_vision_qkv_piece_stored_twice(tiny_hf, tmp_path):

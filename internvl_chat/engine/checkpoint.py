@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .checkpoint_json import read_json_object
 from .tensor_reader import iter_file, pickle_shapes, shown_value
 from .weight_files import DeclaredTensor, Payload, WeightFiles, find_weight_files
 from .weight_names import EMBEDDING, LM_HEAD, QKV_SLOTS, hf_to_canonical, is_ignored, qkv_slot
@@ -32,7 +33,7 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None,
     `layout` is "original" or "hf" (read from config.json when None). Original names pass through;
     -hf names are renamed, and the vision q/k/v pieces of each layer are held until all three are
     read, then yielded fused. Unknown names pass through unchanged; rotary `inv_freq` is skipped.
-    A safetensors tensor of more than `max_elements` (the model's largest) is refused unread.
+    A tensor of more than `max_elements` (the model's largest) is refused unread (a pickle's before use).
     """
     model_dir = Path(model_dir)
     if layout is None:
@@ -95,12 +96,29 @@ def stored_embeddings(weights: WeightFiles, payload: Payload, layout: str) -> li
     return sorted(found, key=lambda t: wanted.index(canonical(t.name)))  # the embeddings first: they are the vocabulary
 
 
+def stored_names(weights: WeightFiles, payload: Payload) -> list[tuple[Path, str]]:
+    """(file, name as stored) of every tensor the weight files hold, data unread: from the
+    safetensors headers `payload` already read; for pickles from their shard index's weight_map
+    (the published AWQ layout's), or where there is none from each pickle loaded memory-mapped
+    (tensor_reader.pickle_shapes); none for a TinyChat file, 4-bit by its format."""
+    if weights.kind == "safetensors":
+        return [(t.file, t.name) for t in payload.declared]
+    if weights.kind != "bin":
+        return []
+    if weights.index is not None:  # validated by find_weight_files: names to plain file names
+        weight_map = read_json_object(weights.index, "the shard index")["weight_map"]
+        return [(weights.index.parent / file, name) for name, file in weight_map.items()]
+    return [(path, name) for path in weights.files for name, _, _ in pickle_shapes(path)]
+
+
 def _fused_qkv(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
     """The q, k, v row blocks of a -hf vision attention stacked into one tensor. They must be float
-    pieces of one shape past their rows: torch.cat would otherwise fail with its own traceback, or
-    promote integer or bool pieces to floats, hiding a damaged file the loader refuses elsewhere."""
+    pieces of one shape, rows included: torch.cat would otherwise fail with its own traceback, or
+    promote integer or bool pieces to floats, hiding a damaged file the loader refuses elsewhere;
+    and InternViT's q, k and v are each hidden_size rows (transformers refuses anything else), so
+    pieces of unequal rows that only add up to the fused size are no -hf file either."""
     shapes = [tuple(p.shape) for p in parts]
-    if any(not p.is_floating_point() for p in parts) or any(len(s) == 0 or s[1:] != shapes[0][1:] for s in shapes):
+    if any(not p.is_floating_point() for p in parts) or any(len(s) == 0 or s != shapes[0] for s in shapes):
         pieces = ", ".join(f"{slot[0]} {list(s)} {str(p.dtype).removeprefix('torch.')}"
                            for slot, s, p in zip(QKV_SLOTS, shapes, parts))  # fmt: skip
         raise CheckpointError(

@@ -231,6 +231,15 @@ def _text_config(f: Fields, tie_word_embeddings: bool) -> TextConfig:
         )
     if heads * head_dim > MAX_HIDDEN:
         raise f.refuse("num_attention_heads", f"at most {MAX_HIDDEN // head_dim:,} heads of size {head_dim}")
+    # The KV cache and the rotary tables are sized by this width, not by the weights: a 9 MB
+    # checkpoint of hidden_size 8 and 64 heads of 1,024 allocated 16 GiB of cache. Qwen2's
+    # attention is exactly as wide as its hidden size; twice that is the most allowed.
+    if heads * head_dim > 2 * hidden:
+        raise CheckpointError(
+            f"{f.source}: {f.path} gives attention of {heads} heads × head_dim {head_dim} = {heads * head_dim:,}, "
+            f"over twice its hidden_size ({hidden}); Qwen2's attention is as wide as its hidden size "
+            f"(the checkpoint's config.json is damaged or was edited)"
+        )
     return TextConfig(
         vocab_size=f.integer("vocab_size", 1, MAX_VOCAB),
         hidden_size=hidden,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from ..errors import CheckpointError, UsageError
 from ..files import brief_repr, expand_home, visible
 from ..numbers import counted
 from ..settings import INT4_BACKENDS
-from .checkpoint import iter_tensors, stored_embeddings
+from .checkpoint import iter_tensors, stored_embeddings, stored_names
 from .compiled import MODES as COMPILE_MODES
 from .compiled import wanted as compile_wanted
 from .config import ModelConfig, QuantConfig, load_config
@@ -115,14 +115,15 @@ def check_vocab_on_disk(cfg: ModelConfig, embeddings: list[DeclaredTensor], path
             )
 
 
-def check_quantized_weights_declared(cfg: ModelConfig, declared: tuple[DeclaredTensor, ...], path: Path) -> None:
+def check_quantized_weights_declared(cfg: ModelConfig, declared: Sequence[tuple[Path, str]], path: Path) -> None:
     """4-bit weights (`.qweight`) under a config.json without a quantization_config, or 16-bit ones
     under one with it: one model's config.json copied over the other's download. They were refused
-    only after the model was built, as dozens of "unexpected tensors"."""
-    packed = next((t for t in declared if t.name.endswith(".qweight")), None)
+    only after the model was built, as dozens of "unexpected tensors". `declared`: (file, name) of
+    each stored tensor (checkpoint.stored_names)."""
+    packed = next(((file, name) for file, name in declared if name.endswith(".qweight")), None)
     if cfg.quant is None and packed is not None:
         raise CheckpointError(
-            f"{visible(str(packed.file))} holds 4-bit AWQ weights ({shown_value(packed.name)}) but config.json of "
+            f"{visible(str(packed[0]))} holds 4-bit AWQ weights ({shown_value(packed[1])}) but config.json of "
             f"{visible(str(path))} has no quantization_config; use the config.json shipped with these weights"
         )
     if cfg.quant is not None and declared and packed is None:
@@ -207,7 +208,7 @@ def load_model(
     check_vocab_on_disk(cfg, stored_embeddings(weights, payload, cfg.layout), path)
     tinychat = weights.kind == "tinychat"
     if not tinychat:  # its `.qweight`s are 4-bit by the format, whatever config.json says
-        check_quantized_weights_declared(cfg, payload.declared, path)
+        check_quantized_weights_declared(cfg, stored_names(weights, payload), path)
     if tinychat and cfg.quant is None:
         cfg = dataclasses.replace(cfg, quant=QuantConfig())  # TinyChat v2 files are W4 g128 by definition
     device = device if isinstance(device, torch.device) else resolve_device(device)

@@ -124,11 +124,7 @@ def _iter_safetensors(path: Path, max_elements: int | None = None) -> Iterator[t
     with open_regular(path, "weight file") as f:
         entries = safetensors_entries(path, shown)
         for name, _, shape, _ in entries:
-            if max_elements is not None and math.prod(shape) > max_elements:
-                raise CheckpointError(
-                    f"{shown} holds tensor {shown_value(name)} of shape {list(shape)}, larger than any tensor its config.json "
-                    "implies; config.json and the weights disagree (a damaged file or another model)"
-                )
+            _refuse_oversized(shown, name, shape, max_elements)
         try:
             (header_len,) = struct.unpack("<Q", f.read(8))
             size = os.fstat(f.fileno()).st_size
@@ -148,6 +144,14 @@ def _iter_safetensors(path: Path, max_elements: int | None = None) -> Iterator[t
                 raise CheckpointError(f"{shown} is truncated (tensor {shown_value(name)} runs past the end); download it again")
             tensor = torch.frombuffer(buffer, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
             yield name, tensor.reshape(shape)
+
+
+def _refuse_oversized(shown: str, name: str, shape: tuple[int, ...], max_elements: int | None) -> None:
+    if max_elements is not None and math.prod(shape) > max_elements:
+        raise CheckpointError(
+            f"{shown} holds tensor {shown_value(name)} of shape {list(shape)}, larger than any tensor its config.json "
+            "implies; config.json and the weights disagree (a damaged file or another model)"
+        )
 
 
 _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
@@ -227,11 +231,16 @@ def pickle_shapes(path: Path) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
 
 
 def iter_file(path: Path, kind: str, max_elements: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Raw (name, tensor) pairs of one file; at most this one file's tensors are referenced."""
+    """Raw (name, tensor) pairs of one file; at most this one file's tensors are referenced. A
+    tensor of more than `max_elements` is refused before any is yielded: a pickle stores shapes and
+    strides beside the data, and zero strides make a tensor of any shape from one stored element
+    (loaded memory-mapped for nothing, it cost its full size once concatenated or converted)."""
     if kind == "safetensors":
         yield from _iter_safetensors(path, max_elements)
         return
     state = _plain_state_dict(path, _torch_load(path))
+    for name, tensor in state.items():
+        _refuse_oversized(visible(str(path)), name, tuple(tensor.shape), max_elements)
     names = list(state)
     for name in names:
         yield name, state.pop(name)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ..engine.weight_files import DeclaredTensor, find_weight_files
+from ..engine.checkpoint import stored_names
 from ..engine.config import AWQ_GROUP_MULTIPLE, ModelConfig, holding_folder_note, hub_download_advice, load_config, read_config_json
 from ..engine.loader import LoadedModel, check_quantized_weights_declared
+from ..engine.weight_files import find_weight_files
 from ..errors import CheckpointError, UsageError
 from ..files import visible
 from .tensor_names import is_quantized, weight_file_name
@@ -93,14 +94,14 @@ def _declared_quantization(src: Path) -> str | None:
     return None
 
 
-def _declared_tensors(src: Path) -> tuple[DeclaredTensor, ...]:
-    """The tensors the source's safetensors headers declare; none for pickles, or where the weights
-    cannot be found or read (loading names why)."""
+def _declared_tensors(src: Path) -> list[tuple[Path, str]]:
+    """(file, name) of the tensors the source's weight files hold (checkpoint.stored_names); none
+    where the weights cannot be found or read (loading names why)."""
     try:
         weights = find_weight_files(src)
-        return weights.payload().declared if weights.kind == "safetensors" else ()
+        return stored_names(weights, weights.payload())
     except CheckpointError:
-        return ()
+        return []
 
 
 def _weights_kind(src: Path) -> str | None:
