@@ -311,6 +311,33 @@ def test_a_config_that_disagrees_with_pickled_weights_on_4_bit_is_named(quantize
     assert str(err.value) == expected and not (tmp_path / "out").exists()
 
 
+def _index_edited(folder: Path, drop: tuple[str, ...] = (), add: dict[str, str] | None = None) -> None:
+    """The folder's pytorch_model.bin.index.json with names ending in `drop` left out of its
+    weight_map, and `add` added."""
+    index = folder / "pytorch_model.bin.index.json"
+    weight_map = {n: f for n, f in json.loads(index.read_text())["weight_map"].items() if not (drop and n.endswith(drop))}
+    weight_map.update(add or {})
+    index.write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_the_4_bit_check_reads_the_pickles_not_their_index(quantized, tiny_original, tmp_path):
+    """A .bin shard index is a list of names beside the shards, and loading reads the shards, never
+    the index's names: the check took the weight_map's word. 4-bit shards whose index lists no 4-bit
+    tensor passed it (the 16-bit model built, then "42 unexpected tensors"); a 16-bit checkpoint
+    whose index names one stale `.qweight` was refused, naming a shard that holds none, though it
+    loads."""
+    four_bit = _as_pickles(shutil.copytree(quantized["rtn"], tmp_path / "w4"), sharded=True)
+    shutil.copy(tiny_original / "config.json", four_bit / "config.json")
+    _index_edited(four_bit, drop=(".qweight", ".qzeros", ".scales"))
+    with pytest.raises(CheckpointError) as err:
+        load_model(four_bit, device="cpu", dtype="float32", max_context=256)
+    assert "holds 4-bit AWQ weights (language_model.model.layers.0." in str(err.value)
+
+    sixteen_bit = _as_pickles(shutil.copytree(tiny_original, tmp_path / "w16"), sharded=True)
+    _index_edited(sixteen_bit, add={"language_model.model.layers.0.mlp.up_proj.qweight": "pytorch_model-00001-of-00002.bin"})
+    load_model(sixteen_bit, device="cpu", dtype="float32", max_context=256)
+
+
 def test_missing_qzeros_is_named(quantized, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(quantized["rtn"], folder)

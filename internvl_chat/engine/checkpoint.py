@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .checkpoint_json import read_json_object
 from .tensor_reader import iter_file, pickle_shapes, shown_value
 from .weight_files import DeclaredTensor, Payload, WeightFiles, find_weight_files
 from .weight_names import EMBEDDING, LM_HEAD, QKV_SLOTS, hf_to_canonical, is_ignored, qkv_slot
@@ -98,16 +97,14 @@ def stored_embeddings(weights: WeightFiles, payload: Payload, layout: str) -> li
 
 def stored_names(weights: WeightFiles, payload: Payload) -> list[tuple[Path, str]]:
     """(file, name as stored) of every tensor the weight files hold, data unread: from the
-    safetensors headers `payload` already read; for pickles from their shard index's weight_map
-    (the published AWQ layout's), or where there is none from each pickle loaded memory-mapped
-    (tensor_reader.pickle_shapes); none for a TinyChat file, 4-bit by its format."""
+    safetensors headers `payload` already read, or from each pickle loaded memory-mapped
+    (tensor_reader.pickle_shapes); none for a TinyChat file, 4-bit by its format. A pickle shard
+    index's weight_map is not taken for them: loading reads the shards, never its names, so an
+    index that disagrees with its shards passed 4-bit shards as 16-bit, or refused 16-bit ones."""
     if weights.kind == "safetensors":
         return [(t.file, t.name) for t in payload.declared]
     if weights.kind != "bin":
         return []
-    if weights.index is not None:  # validated by find_weight_files: names to plain file names
-        weight_map = read_json_object(weights.index, "the shard index")["weight_map"]
-        return [(weights.index.parent / file, name) for name, file in weight_map.items()]
     return [(path, name) for path in weights.files for name, _, _ in pickle_shapes(path)]
 
 
