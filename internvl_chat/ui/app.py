@@ -824,9 +824,10 @@ class App(SessionFileCommands):
         rows = [(visible(name), f"{self.approx}{tokens:,}") for name, tokens in items]  # names hold file names and text
         self.say(format_columns(rows, self.width, indent=2, align_right=True))
         limit = self.session.max_context
-        if limit and planned > limit:  # no cache holds it: the app refuses the next question, whatever its text
+        # the items count an empty message, which is never sent: at `limit` no text is left room
+        if limit and planned >= limit:  # the app refuses the next question, whatever its text
             fixes = (["/drop N removes an attachment"] if self.pending else []) + (["/undo or /clear make room"] if self.session.turns else [])
-            self.warn(f"the next question and its answer need at least {self.approx}{planned:,} tokens, over the "
+            self.warn(f"the next question and its answer need more than {self.approx}{planned:,} tokens, over the "
                       f"{limit:,}-token context; {', '.join(fixes + [''])}{'or ' if fixes else ''}/set max_new_tokens N with a smaller N")
         else:
             self.say(f"  at most, after the next answer: {self._used_text(planned, 'held')}")
