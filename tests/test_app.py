@@ -853,6 +853,29 @@ def test_a_context_that_leaves_no_token_for_the_question_text_is_said_to_be_full
     assert "over the 2,048-token context" in output(out)
 
 
+def test_before_the_first_question_set_max_new_tokens_and_system_say_when_none_can_fit(loaded, tmp_path):
+    """/set max_new_tokens warned of a conversation that leaves no room only once it had a turn:
+    before the first one the system message alone can leave none (every message refused, without a
+    word); and /system's warning then read "a shorter one make room"."""
+    app, out = make_app(loaded, tmp_path)
+    planned = sum(tokens for _, tokens in app.session.context_items([]))  # the system message, the template
+    assert planned < MAX_CONTEXT // 2
+    output(out)
+    assert app.handle_line(f"/set max_new_tokens {8 + MAX_CONTEXT - planned}") == OK
+    shown = " ".join(output(out).split())
+    assert ("warning: the context has no room for a question and an answer this long under this system message; "
+            "a shorter one (/system) makes room, or give a smaller max_new_tokens") in shown
+    assert "/undo" not in shown
+    assert app.handle_line("Hello.") == ERROR  # as it says
+    output(out)
+    assert app.handle_line(f"/set max_new_tokens {8 + MAX_CONTEXT - planned - 2}") == OK and "warning" not in output(out)
+    longer = " ".join(app.session.default_system_message.split()) + " You answer in one short sentence, kindly."
+    assert app.handle_line(f"/system {longer}") == OK
+    shown = " ".join(output(out).split())
+    assert ("warning: the context has no room for another question and its answer under this system message; a "
+            "shorter one makes room, or /set max_new_tokens N with a smaller N") in shown
+
+
 def test_system_says_when_it_leaves_no_room_for_the_next_question(loaded, tmp_path):
     """/system took a message the conversation fits under but the next question and its answer do
     not, without a word, and every question after it was refused (/load warns of the same)."""
