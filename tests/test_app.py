@@ -819,13 +819,61 @@ def test_context_says_when_the_next_question_cannot_fit(loaded, tmp_path):
     assert app.handle_line("/context") == OK
     shown = out.getvalue()
     assert f"of {MAX_CONTEXT:,} tokens held" not in shown
-    assert (f"the next question and its answer need at least {planned:,} tokens, over the {MAX_CONTEXT:,}-token "
+    assert (f"the next question and its answer need more than {planned:,} tokens, over the {MAX_CONTEXT:,}-token "
             "context; /undo or /clear make room, or /set max_new_tokens N with a smaller N") in " ".join(shown.split())
     assert app.handle_line("Another question.") == ERROR  # as it says
     app.handle_line("/set max_new_tokens 8")
     output(out)
     app.handle_line("/context")
     assert f"at most, after the next answer: {sum(t for _, t in app.session.context_items([])):,} of {MAX_CONTEXT:,} tokens held" in out.getvalue()
+
+
+def test_a_context_that_leaves_no_token_for_the_question_text_is_said_to_be_full(loaded, tmp_path):
+    """/context, /set max_new_tokens and /system counted the next turn with an empty message, but a
+    message is never empty: with the conversation, the template and the answer's reserve adding up
+    to exactly the context, /context said "2,048 of 2,048 tokens held (100 %)", /set max_new_tokens
+    said nothing, and every question was refused ("needs 164 cached + 19 new + 1,866 answer tokens
+    = 2,049")."""
+    app, out = make_app(loaded, tmp_path)
+    app.handle_line("Hello.")
+    planned = sum(tokens for _, tokens in app.session.context_items([]))
+    output(out)
+    assert app.handle_line(f"/set max_new_tokens {8 + MAX_CONTEXT - planned}") == OK  # no token left for a text
+    assert sum(tokens for _, tokens in app.session.context_items([])) == MAX_CONTEXT
+    assert ("warning: the context has no room for another question and an answer this long"
+            in " ".join(output(out).split()))
+    assert app.handle_line("/context") == OK
+    shown = " ".join(output(out).split())
+    assert f"of {MAX_CONTEXT:,} tokens held" not in shown
+    assert (f"the next question and its answer need more than {MAX_CONTEXT:,} tokens, over the {MAX_CONTEXT:,}-token "
+            "context") in shown
+    with pytest.raises(ContextOverflowError):
+        app.session.check_attach([])  # as the app's warnings and the attach check read it
+    assert app.handle_line("a") == ERROR  # the shortest question: as they say
+    assert "over the 2,048-token context" in output(out)
+
+
+def test_before_the_first_question_set_max_new_tokens_and_system_say_when_none_can_fit(loaded, tmp_path):
+    """/set max_new_tokens warned of a conversation that leaves no room only once it had a turn:
+    before the first one the system message alone can leave none (every message refused, without a
+    word); and /system's warning then read "a shorter one make room"."""
+    app, out = make_app(loaded, tmp_path)
+    planned = sum(tokens for _, tokens in app.session.context_items([]))  # the system message, the template
+    assert planned < MAX_CONTEXT // 2
+    output(out)
+    assert app.handle_line(f"/set max_new_tokens {8 + MAX_CONTEXT - planned}") == OK
+    shown = " ".join(output(out).split())
+    assert ("warning: the context has no room for a question and an answer this long under this system message; "
+            "a shorter one (/system) makes room, or give a smaller max_new_tokens") in shown
+    assert "/undo" not in shown
+    assert app.handle_line("Hello.") == ERROR  # as it says
+    output(out)
+    assert app.handle_line(f"/set max_new_tokens {8 + MAX_CONTEXT - planned - 2}") == OK and "warning" not in output(out)
+    longer = " ".join(app.session.default_system_message.split()) + " You answer in one short sentence, kindly."
+    assert app.handle_line(f"/system {longer}") == OK
+    shown = " ".join(output(out).split())
+    assert ("warning: the context has no room for another question and its answer under this system message; a "
+            "shorter one makes room, or /set max_new_tokens N with a smaller N") in shown
 
 
 def test_system_says_when_it_leaves_no_room_for_the_next_question(loaded, tmp_path):
@@ -859,7 +907,7 @@ def test_set_max_new_tokens_says_when_the_conversation_leaves_no_room_for_it(loa
             "room, or give a smaller max_new_tokens") in " ".join(out.getvalue().split())
     assert app.handle_line("Another question.") == ERROR  # as it says
     output(out)
-    assert app.handle_line(f"/set max_new_tokens {8 + MAX_CONTEXT - planned}") == OK and "warning" not in output(out)
+    assert app.handle_line(f"/set max_new_tokens {8 + MAX_CONTEXT - planned - 1}") == OK and "warning" not in output(out)
     assert app.handle_line(f"/set max_new_tokens {8 + MAX_CONTEXT - planned - 20}") == OK
     assert app.handle_line("Another question.") == OK
 

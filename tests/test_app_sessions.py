@@ -499,6 +499,33 @@ def test_save_never_silently_replaces_a_conversation_with_the_same_texts_but_oth
     assert app.handle_line("/save ours.json") == OK  # an earlier state of this very conversation, as before
 
 
+def test_save_knows_its_earlier_file_after_the_folder_with_its_pictures_moved(loaded, tmp_path, home):
+    """/save compared each message's media by path too: a conversation loaded from a folder moved
+    with its pictures (found again beside the file) names them at their new paths, so the file it
+    was loaded from, not rewritten since, counted as "another conversation" (a y/N, a script's
+    error). What the model saw is the file's sha256 and its tiles, wherever it lies."""
+    folder = tmp_path / "trip"
+    folder.mkdir()
+    Image.fromarray(textured_rgb(448, 448, seed=41)).save(folder / "scene.png")
+    app, out = make_app(loaded, folder)
+    for line in ("/image scene.png", "What is this?", "/save chat.json"):
+        assert app.handle_line(line) == OK, line
+    folder.rename(tmp_path / "moved")
+    other, out2 = make_app(loaded, tmp_path / "moved")
+    assert other.handle_line("/load chat.json") == OK
+    assert other.session.turns[0].media[0].path == tmp_path / "moved" / "scene.png"
+    assert other.handle_line("/save copy.json") == OK  # this conversation's file is now copy.json
+    output(out2)
+    assert other.handle_line("/save chat.json") == OK, output(out2)  # an earlier state of this very conversation
+
+    data = json.loads((tmp_path / "moved" / "chat.json").read_text())
+    data["messages"][0]["media"][0]["tiles"] = 3  # the same picture, cut into other tiles: the model saw other tokens
+    (tmp_path / "moved" / "theirs.json").write_text(json.dumps(data))
+    output(out2)
+    assert other.handle_line("/save theirs.json") == ERROR
+    assert "already holds another conversation (1 turn)" in output(out2)
+
+
 def test_a_conversation_replaced_is_not_kept_alive_by_the_files_it_was_saved_and_exported_to(loaded, tmp_path, home):
     """/save and /export remembered the conversation by its first turn, held strongly: after /clear
     or /load, the old conversation (its pictures' pixels and features) stayed in memory for good."""

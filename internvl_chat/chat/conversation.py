@@ -116,8 +116,9 @@ class Conversation(Protocol):
         ...
 
     def check_attach(self, media: Sequence[Media]) -> None:
-        """Raise ContextOverflowError when the next turn with these attachments and an answer of
-        max_new_tokens cannot fit; do nothing when the limit is unknown."""
+        """Raise ContextOverflowError when the next turn with these attachments, a message of one
+        token (none is empty) and an answer of max_new_tokens cannot fit; do nothing when the limit
+        is unknown."""
         ...
 
     def context_items(self, pending: Sequence[Media]) -> list[tuple[str, int]]:

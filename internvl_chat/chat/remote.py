@@ -54,7 +54,7 @@ from .remote_media import RemoteMedia, frames_as_jpeg, image_payload
 from .remote_numbers import FINISH_REASONS, answer_timing, clean_usage, context_of
 from .sampling import SamplingParams
 from .saved_media import ReadiedSession, saved_media, sha256_of, with_notes
-from .session import Media, cut_short, media_notes
+from .session import MESSAGE_TOKENS_AT_LEAST, Media, cut_short, media_notes
 from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
 from .sse import StreamFailed
 from .template import media_order
@@ -264,7 +264,7 @@ class RemoteConversation:
             )
 
     def check_attach(self, media: Sequence[Media]) -> None:
-        self.check_budget(self.turn_tokens(media))
+        self.check_budget(self.turn_tokens(media) + MESSAGE_TOKENS_AT_LEAST)  # a message's text: a token at least
 
     def context_items(self, pending: Sequence[Media]) -> list[tuple[str, int]]:
         items: list[tuple[str, int]] = []

@@ -38,6 +38,9 @@ from .template import MediaSpec, PromptBuilder, media_order
 
 # messages shorter than this are simply tokenized (the bound below costs a pass over the vocabulary once)
 HOPELESS_TEXT_MIN_CHARS = 1 << 16
+# what a message adds to its turn's template at least: the app sends no empty message (turn_tokens
+# counts an empty one), so a next turn that fits only with no text cannot be asked at all
+MESSAGE_TOKENS_AT_LEAST = 1
 
 
 @dataclass
@@ -728,8 +731,9 @@ class Session:
         return len(self._turn_ids("", media))
 
     def check_attach(self, media: Sequence[Media]) -> None:
-        """The next turn with these attachments must fit, with the uncached tail of a cut answer."""
-        self.check_budget(len(self.ids) - self.start_pos + self.turn_tokens(media))
+        """The next turn with these attachments must fit, with the uncached tail of a cut answer and
+        the one token its message takes at least (a message is never empty)."""
+        self.check_budget(len(self.ids) - self.start_pos + self.turn_tokens(media) + MESSAGE_TOKENS_AT_LEAST)
 
     def context_items(self, pending: Sequence[Media]) -> list[tuple[str, int]]:
         """The context budget item by item (see Conversation.context_items)."""

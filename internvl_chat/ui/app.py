@@ -711,9 +711,9 @@ class App(SessionFileCommands):
         try:
             self.session.check_attach([])
         except ContextOverflowError:
-            forget = ", /undo or /clear" if self.session.turns else ""
+            make = ", /undo or /clear make" if self.session.turns else " makes"
             self.warn("the context has no room for another question and its answer under this system message; a "
-                      f"shorter one{forget} make room, or /set max_new_tokens N with a smaller N")
+                      f"shorter one{make} room, or /set max_new_tokens N with a smaller N")
 
     def _turns_follow(self) -> str:
         """The note for a system message just changed: the turns so far now follow it (if any)."""
@@ -781,12 +781,16 @@ class App(SessionFileCommands):
             # said now, not only when the next message is refused for it
             self.warn(f"the answer alone could fill the {limit:,}-token context, so every message will be refused; "
                       f"give a max_new_tokens well under {limit:,}")  # fmt: skip
-        elif dotted == "generation.max_new_tokens" and self.session.turns:
+        elif dotted == "generation.max_new_tokens":
             try:
                 self.session.check_attach([])
-            except ContextOverflowError:  # the conversation so far leaves no room for such an answer
-                self.warn("the context has no room for another question and an answer this long; /undo or /clear "
-                          "make room, or give a smaller max_new_tokens")
+            except ContextOverflowError:  # the conversation so far (or the system message alone) leaves no room
+                if self.session.turns:
+                    self.warn("the context has no room for another question and an answer this long; /undo or /clear "
+                              "make room, or give a smaller max_new_tokens")
+                else:
+                    self.warn("the context has no room for a question and an answer this long under this system "
+                              "message; a shorter one (/system) makes room, or give a smaller max_new_tokens")
 
     def _list_settings(self) -> None:
         """`/set` alone: each setting it can change, its value and where the value came from."""
@@ -824,9 +828,10 @@ class App(SessionFileCommands):
         rows = [(visible(name), f"{self.approx}{tokens:,}") for name, tokens in items]  # names hold file names and text
         self.say(format_columns(rows, self.width, indent=2, align_right=True))
         limit = self.session.max_context
-        if limit and planned > limit:  # no cache holds it: the app refuses the next question, whatever its text
+        # the items count an empty message, which is never sent: at `limit` no text is left room
+        if limit and planned >= limit:  # the app refuses the next question, whatever its text
             fixes = (["/drop N removes an attachment"] if self.pending else []) + (["/undo or /clear make room"] if self.session.turns else [])
-            self.warn(f"the next question and its answer need at least {self.approx}{planned:,} tokens, over the "
+            self.warn(f"the next question and its answer need more than {self.approx}{planned:,} tokens, over the "
                       f"{limit:,}-token context; {', '.join(fixes + [''])}{'or ' if fixes else ''}/set max_new_tokens N with a smaller N")
         else:
             self.say(f"  at most, after the next answer: {self._used_text(planned, 'held')}")

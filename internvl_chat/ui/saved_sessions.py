@@ -70,12 +70,14 @@ def saved_messages(path: Path) -> list[tuple[Any, Any, Any]] | None:
 
 
 def message_media(message: dict) -> Any:
-    """What names a message's media in a session file: (kind, path, sha256) of each item, or the
-    value as it is where it is no list of objects (it then matches no conversation's)."""
+    """What the model saw of a message's media in a session file: (kind, sha256, tiles, range) of
+    each item, or the value as it is where it is no list of objects (it then matches no
+    conversation's). Not the path: a folder moved with its pictures, or a file named by a link,
+    is the same picture at another path."""
     media = message.get("media", [])
     if not isinstance(media, list) or not all(isinstance(m, dict) for m in media):
         return media
-    return [(m.get("kind"), m.get("path"), m.get("sha256")) for m in media]
+    return [(m.get("kind"), m.get("sha256"), m.get("tiles"), m.get("range")) for m in media]
 
 
 def session_at_a_glance(path: Path) -> tuple[str, str]:
