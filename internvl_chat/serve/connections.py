@@ -199,6 +199,13 @@ class BoundedH11Protocol(H11Protocol):
             return
         super().timeout_keep_alive_handler()
 
+    def _should_upgrade(self) -> bool:
+        """Never: the API has no WebSocket endpoint and speaks HTTP/1.1 only. A request that asks to
+        upgrade (curl's h2c, a WebSocket) is answered over HTTP/1.1, as HTTP lets a server
+        do, without uvicorn's two warnings per request, any client's to send, the second telling
+        the operator to install a WebSocket library (which would change nothing here)."""
+        return False
+
     def send_400_response(self, msg: str) -> None:
         """A request h11 cannot parse (not HTTP/1.1, a bad length, a head over the size limit):
         uvicorn answers it in text/plain, which OpenAI clients cannot read; this is its JSON."""
