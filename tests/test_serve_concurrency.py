@@ -525,3 +525,36 @@ def test_large_bodies_are_parsed_one_at_a_time_and_small_ones_alongside(server, 
             t.join(WAIT_S * 3)
     assert codes == {"large0": 200, "large1": 200, "small": 200}
     assert peak == {"large": 1, "any": 2}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/health"])
+def test_a_request_read_when_the_grace_period_ends_is_told_the_server_is_shutting_down(tiny_original, path):
+    """A request whose body was in but not yet parsed when the shutdown's grace period ended (its
+    pictures still being read) reached the queue after the engine had stopped taking jobs, and got
+    503 `engine_unavailable`, "the engine is not running", as if the engine had failed; /health
+    said the same while the server stopped. It is the 503 `shutting_down` the others get."""
+    with RunningServer(tiny_original) as server:
+        worker = server.worker
+        make = worker.prompts.make
+        reading, ended = threading.Event(), threading.Event()
+
+        def slow_make(req, cancel=None):  # reading the request's pictures, in a worker thread
+            reading.set()
+            assert ended.wait(WAIT_S)
+            return make(req, cancel)
+
+        worker.prompts.make = slow_make
+        answers: list[httpx.Response] = []
+        post = threading.Thread(target=lambda: answers.append(
+            httpx.post(f"{server.url}/v1/chat/completions", json=chat_body("Hi", max_tokens=4), timeout=WAIT_S)))
+        post.start()
+        try:
+            assert reading.wait(WAIT_S)
+            worker.end_jobs()  # what the end of the grace period does (serve/main.py's end_requests)
+        finally:
+            ended.set()
+            post.join(WAIT_S)
+        if path == "/health":
+            answers = [httpx.get(f"{server.url}/health", timeout=WAIT_S)]
+    assert answers[0].status_code == 503, answers[0].text
+    assert answers[0].json()["error"]["code"] == "shutting_down", answers[0].text

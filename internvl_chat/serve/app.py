@@ -154,8 +154,8 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     # one route, so a 405's Allow names both (uptime monitors often check with HEAD)
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
-        if not worker.alive:
-            raise APIError(503, "the engine is not running", code="engine_unavailable")
+        if (error := worker.unavailable(retry="")) is not None:
+            raise error
         return JSONResponse({"status": "ok"})
 
     # HEAD as GET, without the body (uvicorn leaves it out)
