@@ -558,3 +558,52 @@ def test_a_request_read_when_the_grace_period_ends_is_told_the_server_is_shuttin
             answers = [httpx.get(f"{server.url}/health", timeout=WAIT_S)]
     assert answers[0].status_code == 503, answers[0].text
     assert answers[0].json()["error"]["code"] == "shutting_down", answers[0].text
+
+
+def test_bytes_sent_ahead_of_a_running_answer_are_held_by_tcp_not_read_into_memory(server, monkeypatch):
+    """While a request was answered, every look for its client's disconnect (after each batch of
+    its job's events, or POLL_S without one) resumed reading the connection: a client that kept
+    sending (junk, or pipelined requests) had up to 256 KiB more read into h11's buffer at each,
+    hundreds of MB behind one long answer. Past PIPELINED_BYTES the rest waits in TCP."""
+    import contextlib
+
+    from starlette.requests import Request
+
+    from internvl_chat.serve import connections
+
+    monkeypatch.setattr(replies, "POLL_S", 0.01)  # look often while the job is held
+    looks = []
+    is_disconnected = Request.is_disconnected
+
+    async def counted(self):
+        looks.append(1)
+        return await is_disconnected(self)
+
+    monkeypatch.setattr(Request, "is_disconnected", counted)
+    worker = server.worker
+    hold, started, release = _hold_first_job()
+    worker.on_start = hold
+    sock = _post_raw(server.port, chat_body("Hi", max_tokens=4))
+    try:
+        assert started.wait(WAIT_S)
+        port = sock.getsockname()[1]
+        protocol = next(c for c in list(server.server.server_state.connections) if c.client[1] == port)
+
+        def push() -> None:
+            with contextlib.suppress(OSError):
+                while not release.is_set():
+                    sock.sendall(b"x" * (1 << 20))  # blocks while the kernel's buffers are full
+
+        threading.Thread(target=push, daemon=True).start()
+        wait_until(lambda: protocol.conn.trailing_data[0], "the server read bytes sent ahead")
+        seen = len(looks)
+        wait_until(lambda: len(looks) >= seen + 50, "the handler looked for its client 50 times more")
+        held = len(protocol.conn.trailing_data[0])
+    finally:
+        release.set()
+        worker.on_start = None
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+    assert worker.wait_idle(WAIT_S)
+    assert held < connections.PIPELINED_BYTES + (256 << 10), held  # at most one read past the bound
