@@ -203,12 +203,14 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         check_page_origin(request, options.allow_origins)
         authorize(request)
         check_content_encoding(request)  # before the body is read: it would not be read right
+        if queued:  # before the body too: a client that waits for "100 Continue" uploads nothing for a 429
+            worker.check_capacity()
         try:
             body = await _unless_ending(_read_body(request, options.max_body_bytes, options.body_timeout), ending)
         except ClientDisconnect:  # the client closed the connection before its body was in
             return Response(status_code=499)
         if queued:
-            worker.check_capacity()  # refuse early, before parsing megabytes of images
+            worker.check_capacity()  # again (it may have filled meanwhile), before parsing megabytes of images
         try:
             if len(body) > LARGE_BODY_BYTES:
                 async with large_bodies:
