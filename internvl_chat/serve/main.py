@@ -263,7 +263,7 @@ def _serve(settings, log_level: str) -> int:
         model_id = options.model_id or path.resolve().name
         worker = EngineWorker(loaded, options)
         # from here the worker holds a temp folder for media: stopping it removes that, also when the
-        # port is taken (each failed start left an empty /tmp/internvl-chat-serve-* behind)
+        # socket cannot listen (each failed start left an empty /tmp/internvl-chat-serve-* behind)
         try:
             app = create_app(worker, model_id)
             config = uvicorn_config(app, options, log_level)
