@@ -672,3 +672,35 @@ def test_running_out_of_memory_anywhere_in_a_request_is_the_one_line_error_and_t
     client.chat.completions.create(**chat_body("Something else entirely.", max_tokens=2))
     client.chat.completions.create(**chat_body("And another thing.", max_tokens=2))
     assert client.chat.completions.create(**body).choices[0].message.content == first
+
+
+def test_a_full_queue_refuses_a_body_the_client_has_not_sent_yet(server):
+    """The queue was checked only once the body was in: a client that asks before uploading
+    (`Expect: 100-continue`, as curl does for bodies over 1 MiB) was told to go on ("100 Continue")
+    and to send megabytes of pictures, only to get the 429 after them. It gets the 429 at once."""
+    import socket
+
+    worker = server.worker
+    started, release = threading.Event(), threading.Event()
+
+    def hold(job):
+        started.set()
+        assert release.wait(WAIT_S)
+
+    worker.on_start, server.options.queue_depth = hold, 0
+    first = threading.Thread(target=httpx.post, args=(f"{server.url}/v1/chat/completions",),
+                             kwargs={"json": chat_body("one", max_tokens=4), "timeout": WAIT_S})  # fmt: skip
+    first.start()
+    try:
+        assert started.wait(WAIT_S)  # running (held): no other may wait with depth 0
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 50000000\r\nExpect: 100-continue\r\n\r\n")  # fmt: skip
+            answer = b""
+            while b"\r\n\r\n" not in answer and (data := sock.recv(65536)):
+                answer += data
+    finally:
+        release.set()
+        first.join(WAIT_S)
+        worker.on_start, server.options.queue_depth = None, 8
+    assert answer.startswith(b"HTTP/1.1 429 "), answer

@@ -122,6 +122,27 @@ def test_a_port_in_use_is_a_one_line_error_that_leaves_no_temp_folder(tiny_origi
     assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and list(temp.iterdir()) == []
 
+@pytest.mark.parametrize("taken", ["port", "host"])
+def test_a_port_in_use_or_a_bad_host_is_said_before_the_model_loads(tiny_original, monkeypatch, taken):
+    """The port was bound only after the model had loaded: a second server on a taken port (or a
+    --host that cannot be bound) said so after a load of minutes for a large checkpoint."""
+    from internvl_chat.engine import loader
+    from internvl_chat.errors import UsageError
+    from internvl_chat.serve.main import main
+
+    loads = []
+    monkeypatch.setattr(loader, "load_model", lambda *a, **kw: loads.append(a) or pytest.fail("the model was loaded"))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = str(other.getsockname()[1])
+        host = "127.0.0.1" if taken == "port" else "bad..host"
+        argv = ["--model", str(tiny_original), "--port", port, "--host", host, "--config", os.devnull, "--device", "cpu"]
+        with pytest.raises(UsageError, match=f"cannot listen on {re.escape(host)}:{port}"):
+            main(argv)
+    assert loads == []
+
+
 @pytest.mark.parametrize("host", ["bad..host", "a" * 64 + ".example", "x" * 300, "\udcff"])
 def test_a_host_name_the_resolver_cannot_encode_is_a_one_line_error(host):
     """An empty label, one over 63 characters, or an undecodable byte made the IDNA codec raise

@@ -525,3 +525,85 @@ def test_large_bodies_are_parsed_one_at_a_time_and_small_ones_alongside(server, 
             t.join(WAIT_S * 3)
     assert codes == {"large0": 200, "large1": 200, "small": 200}
     assert peak == {"large": 1, "any": 2}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/health"])
+def test_a_request_read_when_the_grace_period_ends_is_told_the_server_is_shutting_down(tiny_original, path):
+    """A request whose body was in but not yet parsed when the shutdown's grace period ended (its
+    pictures still being read) reached the queue after the engine had stopped taking jobs, and got
+    503 `engine_unavailable`, "the engine is not running", as if the engine had failed; /health
+    said the same while the server stopped. It is the 503 `shutting_down` the others get."""
+    with RunningServer(tiny_original) as server:
+        worker = server.worker
+        make = worker.prompts.make
+        reading, ended = threading.Event(), threading.Event()
+
+        def slow_make(req, cancel=None):  # reading the request's pictures, in a worker thread
+            reading.set()
+            assert ended.wait(WAIT_S)
+            return make(req, cancel)
+
+        worker.prompts.make = slow_make
+        answers: list[httpx.Response] = []
+        post = threading.Thread(target=lambda: answers.append(
+            httpx.post(f"{server.url}/v1/chat/completions", json=chat_body("Hi", max_tokens=4), timeout=WAIT_S)))
+        post.start()
+        try:
+            assert reading.wait(WAIT_S)
+            worker.end_jobs()  # what the end of the grace period does (serve/main.py's end_requests)
+        finally:
+            ended.set()
+            post.join(WAIT_S)
+        if path == "/health":
+            answers = [httpx.get(f"{server.url}/health", timeout=WAIT_S)]
+    assert answers[0].status_code == 503, answers[0].text
+    assert answers[0].json()["error"]["code"] == "shutting_down", answers[0].text
+
+
+def test_bytes_sent_ahead_of_a_running_answer_are_held_by_tcp_not_read_into_memory(server, monkeypatch):
+    """While a request was answered, every look for its client's disconnect (after each batch of
+    its job's events, or POLL_S without one) resumed reading the connection: a client that kept
+    sending (junk, or pipelined requests) had up to 256 KiB more read into h11's buffer at each,
+    hundreds of MB behind one long answer. Past PIPELINED_BYTES the rest waits in TCP."""
+    import contextlib
+
+    from starlette.requests import Request
+
+    from internvl_chat.serve import connections
+
+    monkeypatch.setattr(replies, "POLL_S", 0.01)  # look often while the job is held
+    looks = []
+    is_disconnected = Request.is_disconnected
+
+    async def counted(self):
+        looks.append(1)
+        return await is_disconnected(self)
+
+    monkeypatch.setattr(Request, "is_disconnected", counted)
+    worker = server.worker
+    hold, started, release = _hold_first_job()
+    worker.on_start = hold
+    sock = _post_raw(server.port, chat_body("Hi", max_tokens=4))
+    try:
+        assert started.wait(WAIT_S)
+        port = sock.getsockname()[1]
+        protocol = next(c for c in list(server.server.server_state.connections) if c.client[1] == port)
+
+        def push() -> None:
+            with contextlib.suppress(OSError):
+                while not release.is_set():
+                    sock.sendall(b"x" * (1 << 20))  # blocks while the kernel's buffers are full
+
+        threading.Thread(target=push, daemon=True).start()
+        wait_until(lambda: protocol.conn.trailing_data[0], "the server read bytes sent ahead")
+        seen = len(looks)
+        wait_until(lambda: len(looks) >= seen + 50, "the handler looked for its client 50 times more")
+        held = len(protocol.conn.trailing_data[0])
+    finally:
+        release.set()
+        worker.on_start = None
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+    assert worker.wait_idle(WAIT_S)
+    assert held < connections.PIPELINED_BYTES + (256 << 10), held  # at most one read past the bound

@@ -303,6 +303,29 @@ def test_a_request_that_is_not_http_gets_an_openai_shaped_400(server, data, said
     assert httpx.get(f"{server.url}/health", timeout=WAIT_S).status_code == 200  # and the server goes on
 
 
+@pytest.mark.parametrize("upgrade", [b"h2c", b"websocket", b"TLS/1.2"])
+def test_an_upgrade_request_is_answered_over_http_1_1_and_logs_nothing(server, upgrade):
+    """`curl --http2 http://...` asks to upgrade to h2c: uvicorn answered over HTTP/1.1, as it may,
+    but logged two warnings for every such request, the second telling the operator to install a
+    WebSocket library (the server has no WebSocket endpoint: installing one changes nothing)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "internvl_chat.serve")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        head, _, body = _raw_exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\n"
+                                      b"Upgrade: " + upgrade + b"\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n").partition(b"\r\n\r\n")
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body) == {"status": "ok"}, head
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+
+
 def test_a_seed_over_the_range_names_the_exact_bound(server):
     response = post(server, {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "seed": 2**63})
     assert response.status_code == 400

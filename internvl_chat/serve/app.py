@@ -154,8 +154,8 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
     # one route, so a 405's Allow names both (uptime monitors often check with HEAD)
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
-        if not worker.alive:
-            raise APIError(503, "the engine is not running", code="engine_unavailable")
+        if (error := worker.unavailable(retry="")) is not None:
+            raise error
         return JSONResponse({"status": "ok"})
 
     # HEAD as GET, without the body (uvicorn leaves it out)
@@ -203,12 +203,14 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         check_page_origin(request, options.allow_origins)
         authorize(request)
         check_content_encoding(request)  # before the body is read: it would not be read right
+        if queued:  # before the body too: a client that waits for "100 Continue" uploads nothing for a 429
+            worker.check_capacity()
         try:
             body = await _unless_ending(_read_body(request, options.max_body_bytes, options.body_timeout), ending)
         except ClientDisconnect:  # the client closed the connection before its body was in
             return Response(status_code=499)
         if queued:
-            worker.check_capacity()  # refuse early, before parsing megabytes of images
+            worker.check_capacity()  # again (it may have filled meanwhile), before parsing megabytes of images
         try:
             if len(body) > LARGE_BODY_BYTES:
                 async with large_bodies:

@@ -20,6 +20,9 @@ place under the connection limit, which then turns away everybody else. Three de
 
 A body the app reads is the app's to time (serve/app.py: 408 after `body_timeout`).
 
+Bytes a client sends ahead while its request is answered (a pipelined request, or junk) are read
+only up to PIPELINED_BYTES; the rest waits in TCP until the answer is complete (`_HeldFlow`).
+
 The end of a client's input (a FIN) is its leaving, as in uvicorn (whose eof_received lets asyncio
 close the connection): it is all the server learns when a client closes, and the app cancels a
 request on it. A client that only shut its sending side (shutdown(SHUT_WR)) sends the same FIN, so
@@ -41,6 +44,7 @@ import json
 import logging
 
 import h11
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .cors import allowed_origin_headers, origin_in_partial_head
@@ -52,6 +56,10 @@ HEAD, DRAIN = "head", "drain"
 
 
 RETRY_AFTER_S = 1  # a connection frees up when any request ends or an idle one times out
+
+# bytes a client may send ahead (a pipelined request) while its request is answered, read and held
+# by h11; past them the connection is not read until the answer is complete (TCP holds the rest)
+PIPELINED_BYTES = 64 << 10
 
 
 class ConnectionLimit:
@@ -93,6 +101,18 @@ class ConnectionLimit:
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close"), *cors]})  # fmt: skip
         await send({"type": "http.response.body", "body": body})
+
+
+class _HeldFlow(FlowControl):
+    """uvicorn's flow control, whose reading stays paused while `held()` says so."""
+
+    def __init__(self, transport, held) -> None:
+        super().__init__(transport)
+        self._held = held
+
+    def resume_reading(self) -> None:
+        if not self._held():
+            super().resume_reading()
 
 
 def bounded_h11(header_timeout: float, body_timeout: float, limit: ConnectionLimit,
@@ -142,6 +162,7 @@ class BoundedH11Protocol(H11Protocol):
         if self.connection_limit is not None:
             self.connection_limit.opened(self)
         super().connection_made(transport)
+        self.flow = _HeldFlow(transport, self._holds_reading)
         # writing pauses as soon as the kernel refuses a byte (asyncio's default waits for 64 KiB
         # of our own buffer), so "paused" means exactly: the client is not taking what we send
         transport.set_write_buffer_limits(high=0)
@@ -150,6 +171,15 @@ class BoundedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         self._watch()
+
+    # bytes sent ahead while a request is answered: h11 holds them, and uvicorn pauses reading, but
+    # each look for the client's disconnect (Starlette's is_disconnected, after every batch of a
+    # job's events) resumed reading, so a client could push hundreds of MB into the server's
+    # memory behind one long answer; past PIPELINED_BYTES reading stays paused until it is complete
+    def _holds_reading(self) -> bool:
+        return (self.conn.their_state in (h11.DONE, h11.MUST_CLOSE)
+                and self.conn.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY)
+                and len(self.conn.trailing_data[0]) >= PIPELINED_BYTES)  # fmt: skip
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -198,6 +228,13 @@ class BoundedH11Protocol(H11Protocol):
         if self._wanted() == HEAD:
             return
         super().timeout_keep_alive_handler()
+
+    def _should_upgrade(self) -> bool:
+        """Never: the API has no WebSocket endpoint and speaks HTTP/1.1 only. A request that asks to
+        upgrade (curl's h2c, a WebSocket) is answered over HTTP/1.1, as HTTP lets a server
+        do, without uvicorn's two warnings per request, any client's to send, the second telling
+        the operator to install a WebSocket library (which would change nothing here)."""
+        return False
 
     def send_400_response(self, msg: str) -> None:
         """A request h11 cannot parse (not HTTP/1.1, a bad length, a head over the size limit):

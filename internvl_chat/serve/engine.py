@@ -255,6 +255,16 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
+    def unavailable(self, retry: str = "; retry later") -> APIError | None:
+        """Why the engine takes no job (a 503), None while it takes them: the server is shutting
+        down (`shutting_down`, as the jobs it ended were told: a request still being read then
+        reaches the queue after it), or the engine thread has ended."""
+        if self._stopping:
+            return APIError(503, f"the server is shutting down{retry}", code="shutting_down")
+        if not self._thread.is_alive():
+            return APIError(503, f"the engine is not running{retry}", code="engine_unavailable")
+        return None
+
     # ---- admission ---------------------------------------------------------------------------
     def check_capacity(self) -> None:
         """Raise 503 when the engine is down, 429 when the queue is full (cheap: before any parsing)."""
@@ -262,8 +272,8 @@ class EngineWorker:
             self._check_locked()
 
     def _check_locked(self) -> None:
-        if not self.alive:
-            raise APIError(503, "the engine is not running; retry later", code="engine_unavailable")
+        if (error := self.unavailable()) is not None:
+            raise error
         self._drop_cancelled_locked()
         busy = self.running is not None or self._queue  # an idle engine takes a request even with depth 0
         if busy and len(self._queue) >= self.options.queue_depth:

@@ -253,44 +253,47 @@ def _serve(settings, log_level: str) -> int:
         proxy_env.check()
     refuse_web_model(settings.model.path)
     path = expand_home(settings.model.path)
-    loaded = load_model(path, settings.model.device, settings.model.dtype, settings.model.max_context,
-                        settings.model.int4_backend, compile=settings.model.compile,
-                        fit_context=settings.is_default("model.max_context"))  # fmt: skip
-    model_id = options.model_id or path.resolve().name
-    worker = EngineWorker(loaded, options)
-    sock = None
-    # from here the worker holds a temp folder for media: stopping it removes that, also when the
-    # port is taken (each failed start left an empty /tmp/internvl-chat-serve-* behind)
+    # bound before the model loads: a port in use (another server on it) or a host that cannot be
+    # bound is said at once, not after a load of minutes; it listens once the model is ready
+    sock = bind_socket(options.host, options.port)
     try:
-        app = create_app(worker, model_id)
-        config = uvicorn_config(app, options, log_level)
-        escape_logged_requests()  # after Config: it sets up uvicorn's log handlers
-        def end_requests() -> None:
-            worker.end_jobs()
-            app.state.ending.set()  # bodies still being received
+        loaded = load_model(path, settings.model.device, settings.model.dtype, settings.model.max_context,
+                            settings.model.int4_backend, compile=settings.model.compile,
+                            fit_context=settings.is_default("model.max_context"))  # fmt: skip
+        model_id = options.model_id or path.resolve().name
+        worker = EngineWorker(loaded, options)
+        # from here the worker holds a temp folder for media: stopping it removes that, also when the
+        # socket cannot listen (each failed start left an empty /tmp/internvl-chat-serve-* behind)
+        try:
+            app = create_app(worker, model_id)
+            config = uvicorn_config(app, options, log_level)
+            escape_logged_requests()  # after Config: it sets up uvicorn's log handlers
+            def end_requests() -> None:
+                worker.end_jobs()
+                app.state.ending.set()  # bodies still being received
 
-        server = GracefulServer(config, end_requests)
-        stop = _StopRequest(server)
-        stop.install()  # before the address is printed: whoever reads it may signal at once
-        sock = listen_socket(options.host, options.port)
-        port = sock.getsockname()[1]
-        host = f"[{options.host}]" if ":" in options.host else options.host
-        warn = ""
-        if options.host not in LOOPBACK and not options.api_key:
-            warn = " (reachable from the network without an API key: set --api-key)"
-        print(f"internvl-chat serve: {visible(model_id)} on http://{host}:{port}/v1 · {counted(options.slots, 'slot')} of "
-              f"{loaded.model.max_seq_len:,} tokens ({worker.slots.kv_bytes / 2**20:,.1f} MiB KV) · queue "
-              f"{options.queue_depth}{warn}", file=sys.stderr, flush=True)  # fmt: skip
-        show_server_log(log_level)
-        worker.start()
-        if not stop.requested:
-            # uvicorn puts its own Ctrl-C/SIGTERM handlers in while it runs and raises a signal
-            # it handled again once it has shut down: under ours then, which only sets the flag
-            server.run(sockets=[sock])
+            server = GracefulServer(config, end_requests)
+            stop = _StopRequest(server)
+            stop.install()  # before the address is printed: whoever reads it may signal at once
+            start_listening(sock, options.host, options.port)
+            port = sock.getsockname()[1]
+            host = f"[{options.host}]" if ":" in options.host else options.host
+            warn = ""
+            if options.host not in LOOPBACK and not options.api_key:
+                warn = " (reachable from the network without an API key: set --api-key)"
+            print(f"internvl-chat serve: {visible(model_id)} on http://{host}:{port}/v1 · {counted(options.slots, 'slot')} of "
+                  f"{loaded.model.max_seq_len:,} tokens ({worker.slots.kv_bytes / 2**20:,.1f} MiB KV) · queue "
+                  f"{options.queue_depth}{warn}", file=sys.stderr, flush=True)  # fmt: skip
+            show_server_log(log_level)
+            worker.start()
+            if not stop.requested:
+                # uvicorn puts its own Ctrl-C/SIGTERM handlers in while it runs and raises a signal
+                # it handled again once it has shut down: under ours then, which only sets the flag
+                server.run(sockets=[sock])
+        finally:
+            worker.stop()
     finally:
-        worker.stop()
-        if sock is not None:
-            sock.close()
+        sock.close()
     print("internvl-chat serve: stopped", file=sys.stderr)
     return 0
 
@@ -396,10 +399,18 @@ LISTEN_BACKLOG = 2048  # uvicorn's own default
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
-    """A bound, listening TCP socket whose connections send small writes at once (TCP_NODELAY).
+    """A bound, listening TCP socket whose connections send small writes at once (TCP_NODELAY):
+    `bind_socket`, then `start_listening`."""
+    return start_listening(bind_socket(host, port), host, port)
 
-    It listens before `serve` prints its address: a client that connects at once then waits in
-    the backlog until uvicorn accepts, instead of being refused.
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, not listening yet, whose connections will send small
+    writes at once (TCP_NODELAY).
+
+    `serve` binds before it loads the model, so a port in use, one it may not take or a host it
+    cannot bind is said at once, not after a load of minutes; while it is bound but not listening,
+    a client that connects is refused, as when nothing was bound.
 
     A response is written in pieces (headers, then body or SSE events). With Nagle's algorithm
     on, a piece waits for the ACK of the previous one, which the client delays by 40 ms on a
@@ -418,11 +429,28 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise _cannot_listen(host, port, e) from None
+    return sock
+
+
+def start_listening(sock: socket.socket, host: str, port: int) -> socket.socket:
+    """`sock` (from `bind_socket`) listening; closed, and a UsageError, where it cannot (another
+    server bound the same port meanwhile and listened first).
+
+    It listens before `serve` prints its address: a client that connects at once then waits in
+    the backlog until uvicorn accepts, instead of being refused."""
+    try:
         sock.listen(LISTEN_BACKLOG)
     except OSError as e:
         sock.close()
-        if e.errno == errno.EACCES and 0 < port < 1024:
-            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}): ports below 1024 need root or "
-                             "CAP_NET_BIND_SERVICE; choose a --port from 1024 up") from None  # fmt: skip
-        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host") from None
+        raise _cannot_listen(host, port, e) from None
     return sock
+
+
+def _cannot_listen(host: str, port: int, e: OSError) -> UsageError:
+    if e.errno == errno.EACCES and 0 < port < 1024:
+        return UsageError(f"cannot listen on {host}:{port} ({e.strerror}): ports below 1024 need root or "
+                          "CAP_NET_BIND_SERVICE; choose a --port from 1024 up")  # fmt: skip
+    return UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or --host")
