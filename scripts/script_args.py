@@ -1,0 +1,61 @@
+"""argparse types the scripts share, so that a bad number or device given to a benchmark is one line
+(argparse's usage and `error: argument --threads: …`, status 2) before any work, never a traceback
+from torch.set_num_threads, a ZeroDivisionError or an empty median minutes later. Numbers are read
+as the app reads them (internvl_chat/numbers.py: the digits 0-9 only, never nan or inf)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from internvl_chat.errors import InternVLChatError
+from internvl_chat.numbers import ascii_shown, parse_float, parse_int
+
+
+def _number(parse: Callable[[str], float], low: float, what: str) -> Callable[[str], float]:
+    def read(text: str):
+        try:
+            value = parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if not value >= low or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {ascii_shown(text)}")
+        return value
+
+    read.__name__ = what
+    return read
+
+
+positive_int = _number(parse_int, 1, "a whole number ≥ 1")
+nonnegative_int = _number(parse_int, 0, "a whole number ≥ 0")
+seconds = _number(parse_float, 0.0, "a number of seconds ≥ 0")
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of whole numbers ≥ 1 (`1,16,128`), at least one."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"must be whole numbers ≥ 1 separated by commas, not {ascii_shown(text)}")
+    return tuple(positive_int(item) for item in items)
+
+
+def torch_device(text: str) -> str:
+    """cpu, cuda or cuda:N, as torch.device reads it."""
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, not {ascii_shown(text)}") from None
+    return text
+
+
+def one_line_errors(main: Callable[[], int | None]) -> int:
+    """Run a script's main; the app's own errors (a missing checkpoint, a bad group size) as one
+    line `error: …` and status 1, not a traceback."""
+    try:
+        return main() or 0
+    except InternVLChatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
