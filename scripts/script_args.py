@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
-from internvl_chat.errors import InternVLChatError
-from internvl_chat.numbers import ascii_shown, parse_float, parse_int
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # a script run without PYTHONPATH (fuzz_parsers.py sets none itself)
+    sys.path.insert(0, str(REPO_ROOT))
+
+from internvl_chat.errors import InternVLChatError  # noqa: E402
+from internvl_chat.numbers import ascii_shown, parse_float, parse_int  # noqa: E402
 
 
-def _number(parse: Callable[[str], float], low: float, what: str) -> Callable[[str], float]:
+def _number(parse: Callable[[str], float], low: float, what: str, above: bool = False) -> Callable[[str], float]:
     def read(text: str):
         try:
             value = parse(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-        if not value >= low or value == float("inf"):
+        if not value >= low or (above and value == low) or value == float("inf"):
             raise argparse.ArgumentTypeError(f"must be {what}, not {ascii_shown(text)}")
         return value
 
@@ -30,6 +35,7 @@ def _number(parse: Callable[[str], float], low: float, what: str) -> Callable[[s
 positive_int = _number(parse_int, 1, "a whole number ≥ 1")
 nonnegative_int = _number(parse_int, 0, "a whole number ≥ 0")
 seconds = _number(parse_float, 0.0, "a number of seconds ≥ 0")
+positive_float = _number(parse_float, 0.0, "a number > 0", above=True)
 
 
 def positive_ints(text: str) -> tuple[int, ...]:
