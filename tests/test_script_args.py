@@ -49,6 +49,8 @@ NO_MODEL = "/nonexistent-model"
     (["fuzz_parsers.py", "--timeout", "0", "--targets", "bogus"], "--timeout"),
     (["fuzz_parsers.py", "--iterations", "-1", "--targets", "bogus"], "--iterations"),
     (["make_tiny_checkpoint.py", "--out", "/dev/null/x", "--format", "sharded", "--shards", "0"], "--shards"),
+    (["lm_eval_check.py", "--batch-size", "0", "--venv", NO_MODEL, "--python", NO_MODEL], "--batch-size"),
+    (["lm_eval_check.py", "--venv", NO_MODEL, "--python", NO_MODEL], "--python"),
 ])  # fmt: skip
 def test_a_bad_number_or_device_is_one_line_before_any_work(argv, flag):
     script, *args = argv
