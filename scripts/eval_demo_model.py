@@ -41,7 +41,7 @@ from internvl_chat.demo.scenes import (  # noqa: E402
 from internvl_chat.engine.loader import LoadedModel, load_model  # noqa: E402
 from internvl_chat.errors import InternVLChatError, UsageError  # noqa: E402
 from internvl_chat.media.image import normalize_tiles, tile_image  # noqa: E402
-from script_args import nonnegative_int, positive_int  # noqa: E402
+from script_args import nonnegative_int, output_file, positive_int  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "internvl_chat" / "demo_model"
 QUANT_METHODS = ("none", "rtn", "awq")
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-scenes", type=nonnegative_int, default=16,
                    help="--quantized awq: scenes for the quantizer's calibration (0: its built-in data)")
     p.add_argument("--single-turn", action="store_true", help="one fresh conversation per question")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--json", type=output_file, help="also write the results here")
     p.add_argument("--show-mistakes", type=nonnegative_int, default=5, help="print this many wrong answers")
     args = p.parse_args(argv)
     try:

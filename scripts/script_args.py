@@ -46,6 +46,17 @@ def positive_ints(text: str) -> tuple[int, ...]:
     return tuple(positive_int(item) for item in items)
 
 
+def output_file(text: str) -> Path:
+    """A file a script writes its results to when done: its folder must be there (checked first: a
+    missing one was a FileNotFoundError traceback after the whole run, its numbers lost)."""
+    path = Path(text)
+    if not text.strip() or path.is_dir():
+        raise argparse.ArgumentTypeError(f"must be the path of a file, not {ascii_shown(text)}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder of {ascii_shown(text)} does not exist; create it first")
+    return path
+
+
 def torch_device(text: str) -> str:
     """cpu, cuda or cuda:N, as torch.device reads it."""
     import torch

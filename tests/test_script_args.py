@@ -51,6 +51,9 @@ NO_MODEL = "/nonexistent-model"
     (["make_tiny_checkpoint.py", "--out", "/dev/null/x", "--format", "sharded", "--shards", "0"], "--shards"),
     (["lm_eval_check.py", "--batch-size", "0", "--venv", NO_MODEL, "--python", NO_MODEL], "--batch-size"),
     (["lm_eval_check.py", "--venv", NO_MODEL, "--python", NO_MODEL], "--python"),
+    (["eval_demo_model.py", "--json", "/nonexistent-folder/r.json", "--model", NO_MODEL], "--json"),
+    (["bench_quantize.py", "--json", "/nonexistent-folder/r.json", "--methods", "bogus"], "--json"),
+    (["bench_serve.py", "--out", "/nonexistent-folder/r.json", "--model", NO_MODEL], "--out"),
 ])  # fmt: skip
 def test_a_bad_number_or_device_is_one_line_before_any_work(argv, flag):
     script, *args = argv
