@@ -148,6 +148,10 @@ def run(argv: list[str]) -> int:
             raise UsageError(f"{flag} was given an empty path; pass the path of a file")
     if args.model is not None and not args.model.strip():  # `--model "$MODEL"`, MODEL unset: not the demo model
         raise UsageError("--model was given an empty path; pass a checkpoint folder, or leave --model out for the embedded demo model")
+    if isinstance(args.server, str) and not args.server.strip():  # `--server "$URL"`, URL unset: the local model answered
+        raise UsageError("--server was given an empty URL; pass --server http://HOST:PORT/v1 (--server alone reads "
+                         "$OPENAI_BASE_URL); to run the model here, leave --server out (over a [remote] server of the "
+                         "config file: INTERNVL_CHAT_REMOTE_SERVER=)")  # fmt: skip
     # a bad value's message names the flag as typed ("--dtype: must be …", not the setting "model.dtype")
     settings = load_settings(args.config, os.environ, _overrides(args), chat_setting_flags().names())
     if args.print_config:

@@ -512,7 +512,7 @@ def _coerce(value: Any, tp: Any) -> Any:
         raise ValueError
     if base is float:
         if isinstance(value, (int, float)) and math.isfinite(value):
-            return float(value)
+            return float(value) + 0.0  # -0.0 is 0.0: `--temperature -0` was shown back as "-0.0"
         raise ValueError
     if base is str and isinstance(value, str):
         return value

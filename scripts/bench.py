@@ -59,6 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_lib as bl  # noqa: E402
+from script_args import positive_int, positive_ints, seconds, torch_device  # noqa: E402
 
 from internvl_chat.chat.sampling import SamplingParams  # noqa: E402
 from internvl_chat.chat.session import Session  # noqa: E402
@@ -1345,6 +1346,16 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _rows(value: str | tuple[int, ...]) -> tuple[int, ...]:
+    """--gemv-rows / --sweep-rows: rows M ≥ 1 (argparse reads them; a Namespace built by hand holds the text)."""
+    if not isinstance(value, str):
+        return tuple(value)
+    try:
+        return positive_ints(value)
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"rows M {e}") from None
+
+
 def plan_with_overrides(plan: bl.Plan, args: argparse.Namespace) -> bl.Plan:
     """`plan` narrowed by --shape-rows / --gemv-rows / --gemv-columns / --gemv-budget (checked:
     a typo must not cost a GPU call its rows)."""
@@ -1362,7 +1373,7 @@ def plan_with_overrides(plan: bl.Plan, args: argparse.Namespace) -> bl.Plan:
             rows.append((shape, variant))
         changes["cuda_rows"] = tuple(rows)
     if args.gemv_rows:
-        changes["gemv_rows"] = tuple(int(m) for m in _csv(args.gemv_rows))
+        changes["gemv_rows"] = _rows(args.gemv_rows)
     if args.gemv_columns:
         columns = tuple(_csv(args.gemv_columns))
         unknown = [c for c in columns if c not in bl.GEMV_VARIANTS]
@@ -1372,7 +1383,7 @@ def plan_with_overrides(plan: bl.Plan, args: argparse.Namespace) -> bl.Plan:
     if args.gemv_budget is not None:
         changes["gemv_budget_s"] = args.gemv_budget
     if args.sweep_rows:
-        changes["sweep_rows"] = tuple(int(m) for m in _csv(args.sweep_rows))
+        changes["sweep_rows"] = _rows(args.sweep_rows)
     if args.sweep_configs:
         changes["sweep_configs"] = tuple(sweep_config(item) for item in _csv(args.sweep_configs))
     if args.sweep_budget is not None:
@@ -1402,29 +1413,29 @@ def dqsweep_config(text: str) -> tuple[int, int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="internvl-chat benchmark")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--device", default="cpu", type=torch_device, help="cpu (default) or cuda[:N]")
     p.add_argument("--quick", action="store_true", help="a tiny model and few iterations (smoke test)")
     p.add_argument("--out", type=Path, help="write every number as JSON here")
     p.add_argument("--sections", help="comma-separated subset of " + ",".join(dict.fromkeys(CUDA_SECTIONS + CPU_SECTIONS + OPT_IN_SECTIONS)))
-    p.add_argument("--time-budget", type=float, help="seconds; later sections are skipped once spent (cuda default 210)")
+    p.add_argument("--time-budget", type=seconds, help="seconds; later sections are skipped once spent (cuda default 210)")
     p.add_argument("--work-dir", type=Path, help="where to build the benchmark checkpoint (default: a temp folder)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; the decode section sets its own)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice; the decode section sets its own)")
     p.add_argument("--decode-dir", type=Path, default=bl.REPO_ROOT / ".cache" / "bench-decode",
                    help="where the decode section keeps its 0.5B checkpoint and GGUF files (reused across runs)")
     p.add_argument("--shape-rows", help="shapes section: only these rows, in order, as SHAPE:VARIANT,... "
                    "(e.g. InternVL3-1B:w4,InternVL3-8B:bf16)")
-    p.add_argument("--gemv-rows", help="gemv section: rows M to time, e.g. 1,16,128")
+    p.add_argument("--gemv-rows", type=positive_ints, help="gemv section: rows M to time, e.g. 1,16,128")
     p.add_argument("--gemv-columns", help="gemv section: only these columns, e.g. tinygemm,triton,bf16")
-    p.add_argument("--gemv-budget", type=float, help="gemv section: its own time budget in seconds")
-    p.add_argument("--sweep-rows", help="gemv-sweep section: rows M to time, e.g. 1,4 (default 1)")
+    p.add_argument("--gemv-budget", type=seconds, help="gemv section: its own time budget in seconds")
+    p.add_argument("--sweep-rows", type=positive_ints, help="gemv-sweep section: rows M to time, e.g. 1,4 (default 1)")
     p.add_argument("--sweep-configs", help="gemv-sweep section: these launch configurations after the default, in order, "
                    "as BLOCK_N:BLOCK_K:NUM_WARPS:TARGET_PROGRAMS,... (e.g. 64:512:4:528,32:256:4:1056)")
-    p.add_argument("--sweep-budget", type=float, help="gemv-sweep section: its own time budget in seconds (default 100)")
+    p.add_argument("--sweep-budget", type=seconds, help="gemv-sweep section: its own time budget in seconds (default 100)")
     p.add_argument("--dqsweep-configs", help="dequant-sweep section: these launch configurations after the default, in order, "
                    "as BLOCK_N:BLOCK_W:NUM_WARPS,... (powers of two, e.g. 16:32:4,32:32:8)")
-    p.add_argument("--dqsweep-budget", type=float, help="dequant-sweep section: its own time budget in seconds (default 60)")
+    p.add_argument("--dqsweep-budget", type=seconds, help="dequant-sweep section: its own time budget in seconds (default 60)")
     args = p.parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     quiet_transformers()
     device = torch.device(args.device)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from internvl_chat.engine import compiled, cpu_gemv  # noqa: E402
 from internvl_chat.engine.loader import load_model  # noqa: E402
+from script_args import one_line_errors, positive_int  # noqa: E402
 
 VARIANTS = ("inductor", "avx2", "native")
 
@@ -49,11 +50,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="checkpoint folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=16, help="greedy steps per round")
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--steps", type=positive_int, default=16, help="greedy steps per round")
+    p.add_argument("--rounds", type=positive_int, default=7)
     p.add_argument("--variants", default="inductor,avx2", help=f"comma-separated, the first is the baseline: {', '.join(VARIANTS)}")
-    p.add_argument("--context", type=int, default=2, help="tokens before the timed steps (>= 2)")
+    p.add_argument("--context", type=positive_int, default=2, help="tokens before the timed steps (>= 2)")
     args = p.parse_args()
     variants = tuple(v.strip() for v in args.variants.split(","))
     if len(variants) < 2 or any(v not in VARIANTS for v in variants) or args.context < 2:
@@ -95,4 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(one_line_errors(main))

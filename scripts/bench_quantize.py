@@ -36,6 +36,7 @@ from internvl_chat.chat.template import PromptBuilder  # noqa: E402
 from internvl_chat.engine.config import VisionConfig  # noqa: E402
 from internvl_chat.engine.loader import LoadedModel, load_model  # noqa: E402
 from internvl_chat.quantize import Progress, Sample, calibration_samples, quantize_model  # noqa: E402
+from script_args import one_line_errors, output_file, positive_int  # noqa: E402
 
 DEMO_MODEL = REPO_ROOT / "internvl_chat" / "demo_model"
 TINY_VISION = VisionConfig(
@@ -71,11 +72,11 @@ def calibration_lengths(samples: int) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="InternVL3-1B", choices=sorted(bench_lib.LLM_SHAPES), help="LLM shapes (SPEC §1)")
-    p.add_argument("--blocks", type=int, default=2, help="decoder blocks to quantize (the time is per block)")
-    p.add_argument("--samples", type=int, default=32, help="calibration samples (the command's default: 32)")
-    p.add_argument("--group-size", type=int, default=128, help="group size (default 128)")
+    p.add_argument("--blocks", type=positive_int, default=2, help="decoder blocks to quantize (the time is per block)")
+    p.add_argument("--samples", type=positive_int, default=32, help="calibration samples (the command's default: 32)")
+    p.add_argument("--group-size", type=positive_int, default=128, help="group size (default 128)")
     p.add_argument("--methods", default="awq,rtn", help="comma-separated: awq, rtn")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--json", type=output_file, help="also write the results here")
     args = p.parse_args(argv)
 
     hidden, _, heads, kv_heads, ffn = bench_lib.LLM_SHAPES[args.shape]
@@ -108,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_line_errors(main))

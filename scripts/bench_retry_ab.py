@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lib as bl  # noqa: E402
+from script_args import positive_int  # noqa: E402
 
 from internvl_chat.chat.sampling import SamplingParams  # noqa: E402
 from internvl_chat.chat.session import Session  # noqa: E402
@@ -39,8 +40,8 @@ def timed_retry(session: Session) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=2)
     p.add_argument("--work-dir", default="/tmp/internvl-bench-retry")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

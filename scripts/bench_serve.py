@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_lib as bl  # noqa: E402
+from script_args import one_line_errors, output_file, positive_int, seconds as seconds_arg  # noqa: E402
 
 from internvl_chat.chat.sampling import SamplingParams  # noqa: E402
 from internvl_chat.chat.session import Session  # noqa: E402
@@ -253,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="checkpoint (default: bench_lib's FULL random-weight model, built here)")
     p.add_argument("--quick", action="store_true", help="tiny model, few repeats, a 3-second load test (a smoke test)")
-    p.add_argument("--seconds", type=float, default=60.0, help="duration of the concurrent-clients section")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, help="write the results as JSON")
+    p.add_argument("--seconds", type=seconds_arg, default=60.0, help="duration of the concurrent-clients section")
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--out", type=output_file, help="write the results as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     # embedding rows = the tokenizer's size: a random model then only generates ids that decode to text
@@ -297,4 +298,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_line_errors(main))

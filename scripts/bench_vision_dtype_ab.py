@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lib as bl  # noqa: E402
+from script_args import positive_int  # noqa: E402
 
 from internvl_chat.engine import cpu_features, language  # noqa: E402
 from internvl_chat.engine.model import InternVLModel  # noqa: E402
@@ -37,8 +38,8 @@ def model_with_tower(cfg, native: bool) -> InternVLModel:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=1)
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--prefill", action="store_true", help="also the decoder's prefill (0.5B shape, 256 tokens)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lib as bl  # noqa: E402
+from script_args import positive_int  # noqa: E402
 
 CONTEXT = 64  # prompt tokens before the timed steps
 STEPS = 24  # greedy steps per timed run
@@ -40,8 +41,8 @@ def rate(model, first: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=1)
+    ap.add_argument("--rounds", type=positive_int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     variants = {"bf16": build(False), "w4": build(True)}

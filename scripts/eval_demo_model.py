@@ -41,6 +41,7 @@ from internvl_chat.demo.scenes import (  # noqa: E402
 from internvl_chat.engine.loader import LoadedModel, load_model  # noqa: E402
 from internvl_chat.errors import InternVLChatError, UsageError  # noqa: E402
 from internvl_chat.media.image import normalize_tiles, tile_image  # noqa: E402
+from script_args import nonnegative_int, output_file, positive_int  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "internvl_chat" / "demo_model"
 QUANT_METHODS = ("none", "rtn", "awq")
@@ -156,7 +157,8 @@ def quantized_checkpoint(model_dir: Path, method: str, work_dir: Path, group_siz
         from internvl_chat.quantize import quantize_checkpoint
     except ImportError:
         raise UsageError("--quantized needs internvl_chat/quantize/, which this build lacks; use --quantized none") from None
-    calib = write_calibration_scenes(work_dir / "calib", calib_scenes) if calib_scenes > 0 else None
+    # RTN takes no calibration data (the quantizer refuses it, naming its own --calib): the scenes are AWQ's
+    calib = write_calibration_scenes(work_dir / "calib", calib_scenes) if method == "awq" and calib_scenes > 0 else None
     return quantize_checkpoint(model_dir, work_dir / f"demo-{method}", method=method, group_size=group_size, calib_dir=calib, device=device)
 
 
@@ -216,18 +218,17 @@ def format_table(result: EvalResult, title: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint folder (default: the shipped demo model)")
-    p.add_argument("--per-type", type=int, default=200, help="questions per question type")
+    p.add_argument("--per-type", type=positive_int, default=200, help="questions per question type")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (as the app: bf16 on CUDA; on a CPU fp32 for the demo model), float32, bfloat16, float16")
     p.add_argument("--quantized", choices=QUANT_METHODS, default="none", help="quantize to 4 bits first (our quantizer)")
-    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="4-bit group size for --quantized")
-    p.add_argument("--calib-scenes", type=int, default=16, help="scenes for the quantizer's calibration (0: its built-in data)")
+    p.add_argument("--group-size", type=positive_int, default=DEFAULT_GROUP_SIZE, help="4-bit group size for --quantized")
+    p.add_argument("--calib-scenes", type=nonnegative_int, default=16,
+                   help="--quantized awq: scenes for the quantizer's calibration (0: its built-in data)")
     p.add_argument("--single-turn", action="store_true", help="one fresh conversation per question")
-    p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--show-mistakes", type=int, default=5, help="print this many wrong answers")
+    p.add_argument("--json", type=output_file, help="also write the results here")
+    p.add_argument("--show-mistakes", type=nonnegative_int, default=5, help="print this many wrong answers")
     args = p.parse_args(argv)
-    if args.per_type < 1:
-        p.error("--per-type must be at least 1")
     try:
         result = evaluate_full(
             args.model, args.per_type, args.device, args.quantized, args.single_turn, args.dtype, args.group_size, args.calib_scenes

@@ -39,6 +39,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import fuzz_shapes
+from script_args import nonnegative_int, positive_float, positive_int
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = ("session", "image", "video", "checkpoint", "remote", "serve", "completions", "settings")
@@ -749,11 +750,11 @@ def fuzz(name: str, args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
-    parser.add_argument("--iterations", type=int, default=1000, help="inputs per target")
+    parser.add_argument("--iterations", type=positive_int, default=1000, help="inputs per target")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--start", type=int, default=0, help="the first input (to reproduce one)")
-    parser.add_argument("--timeout", type=float, default=20.0, help="seconds one input may take")
-    parser.add_argument("--max-rss-mb", type=int, default=3000)
+    parser.add_argument("--start", type=nonnegative_int, default=0, help="the first input (to reproduce one)")
+    parser.add_argument("--timeout", type=positive_float, default=20.0, help="seconds one input may take")
+    parser.add_argument("--max-rss-mb", type=positive_int, default=3000)
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "internvl-chat-fuzz"), help="findings go in a dated folder here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)

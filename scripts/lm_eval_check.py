@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ if str(ROOT) not in sys.path:  # this checkout's package, not another one instal
     sys.path.insert(0, str(ROOT))
 
 from internvl_chat.engine.loader import load_model  # noqa: E402
+from script_args import positive_int  # noqa: E402
 
 MODEL = ROOT / "internvl_chat" / "demo_model"
 TASKS = ROOT / "scripts" / "lm_eval_tasks"
@@ -96,10 +98,14 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run lm-eval's local-completions model against the demo model's server")
     parser.add_argument("--venv", default="/tmp/venv-lmeval", help="lm-eval's venv, created when missing")
     parser.add_argument("--python", default="python3.11", help="interpreter that creates the venv")
-    parser.add_argument("--batch-size", type=int, default=1, help="lm-eval's --batch_size (prompts per request)")
-    parser.add_argument("--num-concurrent", type=int, default=1, help="lm-eval's num_concurrent (requests at once)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="lm-eval's --batch_size (prompts per request)")
+    parser.add_argument("--num-concurrent", type=positive_int, default=1, help="lm-eval's num_concurrent (requests at once)")
     parser.add_argument("--output", help="folder for lm-eval's results and samples (default: a new temp folder)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not (Path(args.venv) / "bin" / "lm_eval").exists() and shutil.which(args.python) is None:  # a FileNotFoundError traceback
+        parser.error(f"argument --python: {args.python} is not found, and {args.venv} has no lm_eval yet; "
+                     "pass --python with a Python 3.11 interpreter, or --venv with lm-eval's venv")  # fmt: skip
+    return args
 
 
 # ---- the venv, the server, lm_eval ---------------------------------------------------------

@@ -27,6 +27,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from internvl_chat.engine.weight_names import canonical_to_hf, hf_to_canonical  # noqa: E402
 from internvl_chat.files import current_umask  # noqa: E402
+from script_args import positive_int  # noqa: E402
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -510,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
     p.add_argument("--format", dest="file_format", choices=["safetensors", "sharded", "bin"], default="safetensors")
     p.add_argument("--prefix-style", choices=["new", "legacy"], default="new", help="-hf tensor name prefixes")
-    p.add_argument("--shards", type=int, default=2, help="number of shards for --format sharded/bin")
+    p.add_argument("--shards", type=positive_int, default=2, help="number of shards for --format sharded/bin")
     args = p.parse_args(argv)
     out = make_tiny_checkpoint(
         args.out,

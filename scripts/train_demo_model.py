@@ -64,6 +64,7 @@ from make_tiny_checkpoint import (  # noqa: E402
 )
 
 from internvl_chat.chat.template import MediaSpec, PromptBuilder  # noqa: E402
+from script_args import nonnegative_int, positive_float, positive_int  # noqa: E402
 from internvl_chat.demo.scenes import (  # noqa: E402
     COLOURS,
     HELDOUT_SEED_BASE,
@@ -606,27 +607,31 @@ def format_accuracy(acc: dict[str, float]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (original layout)")
-    p.add_argument("--minutes", type=float, default=None, help="time budget of the training loop")
-    p.add_argument("--steps", type=int, default=None, help="number of optimizer steps (the reproducible form)")
+    p.add_argument("--minutes", type=positive_float, default=None, help="time budget of the training loop")
+    p.add_argument("--steps", type=positive_int, default=None, help="number of optimizer steps (the reproducible form)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 64 on CUDA, 8 on CPU)")
-    p.add_argument("--workers", type=int, default=None, help="data worker processes (default: cores - 1 on CUDA, 1 on CPU)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per step (default 64 on CUDA, 8 on CPU)")
+    p.add_argument("--workers", type=nonnegative_int, default=None, help="data worker processes (default: cores - 1 on CUDA, 1 on CPU)")
     p.add_argument("--init", type=Path, default=None,
                    help="start from this original-layout demo checkpoint (its weights and tokenizer, same sizes) instead of random weights")
-    p.add_argument("--seed", type=int, default=0, help="data, initialisation and schedule (with --init, pick one the first stage did not use)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="data, initialisation and schedule (with --init, pick one the first stage did not use)")
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate of the language side")
     p.add_argument("--vision-lr-scale", type=float, default=2.0, help="vision tower and projector learn this much faster")
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=150, help="warm-up steps (at most a tenth of a --steps run)")
-    p.add_argument("--curriculum-steps", type=int, default=None, help="steps until easy scenes fall to 10 %% (default 300 on CUDA, 150 on CPU)")
-    p.add_argument("--max-turns", type=int, default=5, help="questions per image, 1…5")
+    p.add_argument("--warmup", type=nonnegative_int, default=150, help="warm-up steps (at most a tenth of a --steps run)")
+    p.add_argument("--curriculum-steps", type=positive_int, default=None, help="steps until easy scenes fall to 10 %% (default 300 on CUDA, 150 on CPU)")
+    p.add_argument("--max-turns", type=positive_int, default=5, help="questions per image, 1…5")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the dense per-token auxiliary loss (0: off)")
-    p.add_argument("--eval-every", type=int, default=None, help="held-out accuracy every N steps (default 250 on CUDA, 200 on CPU)")
-    p.add_argument("--heldout", type=int, default=None, help="held-out scenes (default 160 on CUDA, 40 on CPU)")
+    p.add_argument("--eval-every", type=positive_int, default=None, help="held-out accuracy every N steps (default 250 on CUDA, 200 on CPU)")
+    p.add_argument("--heldout", type=positive_int, default=None, help="held-out scenes (default 160 on CUDA, 40 on CPU)")
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="dtype of the written weights")
     args = p.parse_args(argv)
     if args.minutes is None and args.steps is None:
         p.error("give --minutes (a time budget) and/or --steps (a step count)")
+    if args.max_turns > 5:
+        p.error(f"argument --max-turns: must be from 1 to 5, not {args.max_turns}")
+    if args.init is not None and not (args.init / "config.json").is_file():
+        p.error(f"argument --init: {args.init} has no config.json; give the folder of a checkpoint this script wrote")
     return args
 
 

@@ -94,6 +94,8 @@ def test_stdout_holds_only_the_answer_and_stdin_is_prepended(tiny_original):
         (["--config", "", "-p", "hi"], "--config was given an empty path"),  # was "config file . is a folder"
         (["--script", ""], "--script was given an empty path"),  # was "no prompt given"
         (["--model", "", "-p", "hi"], "--model was given an empty path"),  # the demo model answered
+        (["--server", "", "-p", "hi"], "--server was given an empty URL"),  # `--server "$URL"`: the local model answered
+        (["--video-range", "", "-p", "hi"], "invalid time range ''"),  # `--video-range "$R"`: the whole video was sampled
         (["-p", "hi", "--temperature", "-1"], "temperature"),
         (["-p", "hi", "--device", "tpu"], "device"),
         # `~user` of an account that does not exist: refused, not a folder named so

@@ -35,6 +35,21 @@ def config_only(tiny_original, tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("which, line", [
+    ("src", "SRC was given an empty path; pass a 16-bit checkpoint folder"),  # was "the source . has no config.json"
+    ("dst", "DST was given an empty path; pass a new output folder"),  # was "output /cwd exists and is not empty"
+    ("--calib", "--calib was given an empty path; pass a folder"),  # was quantized on the built-in data
+    ("--device", "--device was given an empty value; pass auto, cpu, cuda or cuda:N"),  # was the default device
+])  # fmt: skip
+def test_an_empty_argument_is_refused_not_taken_as_the_working_folder_or_left_out(which, line, config_only, tmp_path,
+                                                                                  monkeypatch, capsys):  # fmt: skip
+    args = ["" if which == "src" else config_only, "" if which == "dst" else tmp_path / "out"]
+    args += [which, ""] if which.startswith("--") else []
+    code, lines = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"internvl-chat: error: {line}"), lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_group_size_that_does_not_divide_the_widths_is_refused_before_loading(config_only, tmp_path, monkeypatch, capsys):
     code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--group-size", "48")
     assert code == 2

@@ -105,6 +105,14 @@ def test_serve_without_a_model_says_what_to_do():
 
 
 
+def test_an_empty_config_path_is_refused_as_the_chat_app_refuses_it():
+    # it named the working folder: "config file . is a folder, not a file"
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "serve", "--config", ""], capture_output=True,
+                         text=True, env=_env(), timeout=WAIT_S, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["internvl-chat: error: --config was given an empty path; pass the path of a file"]
+
+
 def test_a_port_in_use_is_a_one_line_error_that_leaves_no_temp_folder(tiny_original, tmp_path):
     """The media temp folder is made with the engine, before the port is bound: each start on a
     taken port left an empty internvl-chat-serve-* folder in the temp dir."""

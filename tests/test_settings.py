@@ -331,6 +331,16 @@ def test_broken_or_missing_file(tmp_path):
         load_settings(config_path=tmp_path / "missing.toml", env=clean_env(tmp_path))
 
 
+@pytest.mark.parametrize("key", ["temperature", "remote.answer_timeout"])
+def test_minus_zero_is_zero(tmp_path, key):
+    # greedy all the same, but --print-config and /set showed the value back as "-0.0"
+    for value in ("-0", "-0.0", -0.0):
+        settings = load_settings(env=clean_env(tmp_path), overrides={key: value})
+        assert str(settings.get(key)) == "0.0"
+    settings.set(key, "-0")
+    assert str(settings.get(key)) == "0.0"
+
+
 def test_bad_flag_value(tmp_path):
     with pytest.raises(UsageError, match="top_p"):
         load_settings(env=clean_env(tmp_path), overrides={"top_p": 2.0})

@@ -223,6 +223,9 @@ def test_set_refuses_what_cannot_change_while_running(loaded, tmp_path, key):
         ("/set color never", "ui.color is read at start; set color in the config file's [ui] or "
                              "INTERNVL_CHAT_UI_COLOR, then restart"),
         ("/set history off", "ui.history is read at start; restart with --no-history"),
+        # a switch sets one value only: --no-history never turns the history on
+        ("/set history on", "ui.history is read at start; restart with --no-history to turn it off, or set history in "
+                            "the config file's [ui] or INTERNVL_CHAT_UI_HISTORY, then restart"),
         ("/set serve.port 9", "serve.port is read by internvl-chat serve when it starts; this chat does not use it"),
         ("/set temprature 1", "unknown setting 'temprature' (did you mean 'temperature'?); "
                               "/set alone lists the settings it can change"),

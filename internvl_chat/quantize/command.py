@@ -74,11 +74,24 @@ def main(argv: list[str]) -> int:
             signal.signal(signum, handler)
 
 
+def _refuse_empty(args: argparse.Namespace) -> None:
+    """An empty argument (`"$SRC"`, `--calib "$DIR"` with the variable unset) named the working folder
+    ("the source . has no config.json", "output /home/me exists and is not empty"), or was taken as
+    not given: --calib '' quantized on the built-in data, --device '' on the default device."""
+    for name, value, fix in (("SRC", args.src, "pass a 16-bit checkpoint folder"),
+                             ("DST", args.dst, "pass a new output folder"),
+                             ("--calib", args.calib, "pass a folder of images and .txt files, or leave --calib out for the built-in data"),
+                             ("--device", args.device, "pass auto, cpu, cuda or cuda:N")):  # fmt: skip
+        if value is not None and not value.strip():
+            raise UsageError(f"{name} was given an empty {'value' if name == '--device' else 'path'}; {fix}")
+
+
 def _quantize(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
     start = time.perf_counter()
+    _refuse_empty(args)
     awq_only = [flag for flag, given in (("--calib", args.calib), ("--samples", args.samples is not None),
                                          ("--no-clip", args.no_clip), ("--seed", args.seed is not None)) if given]
     if args.method == "rtn" and awq_only:  # a user would believe they changed the result

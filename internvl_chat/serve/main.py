@@ -94,6 +94,8 @@ def main(argv: list[str]) -> int:
     from ..settings import load_settings
 
     args = build_parser().parse_args(argv)
+    if args.config is not None and not args.config.strip():  # it named the working folder: "config file . is a folder"
+        raise UsageError("--config was given an empty path; pass the path of a file")
     # a bad value's message names the flag as typed ("--slots: must be …", not the setting "serve.slots")
     settings = load_settings(args.config, os.environ, _overrides(args), serve_setting_flags().names())
     if not settings.model.path:

@@ -27,6 +27,9 @@ def changeable_while_running(dotted: str) -> bool:
 # The chat's flag for each setting read at start that has one, as typed ("--dtype T", "--no-history"),
 # from its parser; the others come from the config file or the environment only.
 START_FLAGS = {flag.setting: flag.usage for flag in chat_setting_flags() if not changeable_while_running(flag.setting)}
+# of those, the switches, with the value each gives: `--no-history` turns ui.history off, never on
+START_SWITCHES = {flag.setting: flag.switch_value for flag in chat_setting_flags()
+                  if flag.is_switch and not changeable_while_running(flag.setting)}  # fmt: skip
 
 
 def runtime_keys() -> list[str]:
@@ -43,10 +46,13 @@ def read_at_start(dotted: str, server: str = "") -> str:
     if dotted.startswith("model.") and server:
         return f"{dotted} is for a local model; the answers here come from the server"
     flag = START_FLAGS.get(dotted)
+    section, name = dotted.split(".")
+    in_file = f"set {name} in the config file's [{section}] or {env_name(dotted)}, then restart"
+    if dotted in START_SWITCHES:  # "/set ui.history true" was told to restart with --no-history
+        return f"{dotted} is read at start; restart with {flag} to turn it {'on' if START_SWITCHES[dotted] else 'off'}, or {in_file}"
     if flag:
         return f"{dotted} is read at start; restart with {flag}"
-    section, name = dotted.split(".")
-    return f"{dotted} is read at start; set {name} in the config file's [{section}] or {env_name(dotted)}, then restart"
+    return f"{dotted} is read at start; {in_file}"
 
 
 def _bare_names() -> dict[str, str]:

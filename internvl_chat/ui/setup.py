@@ -101,7 +101,7 @@ def open_session(settings: Settings, show_progress: bool | None = None) -> Sessi
 
 def media_from_flags(session: Conversation, args: argparse.Namespace, settings: Settings) -> list[Media]:
     """The --image/--video flags as described Media (measured, not yet decoded)."""
-    video_range = parse_range(args.video_range) if args.video_range else None
+    video_range = parse_range(args.video_range) if args.video_range is not None else None  # "" too: `--video-range "$R"`, R unset, sampled the whole video
     if video_range and not args.video:
         raise UsageError("--video-range needs a --video")
     for flag, paths in (("--image", args.image), ("--video", args.video)):
