@@ -619,7 +619,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vision-lr-scale", type=float, default=2.0, help="vision tower and projector learn this much faster")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=nonnegative_int, default=150, help="warm-up steps (at most a tenth of a --steps run)")
-    p.add_argument("--curriculum-steps", type=positive_int, default=None, help="steps until easy scenes fall to 10 %% (default 300 on CUDA, 150 on CPU)")
+    p.add_argument("--curriculum-steps", type=nonnegative_int, default=None,
+                   help="steps until easy scenes fall to 10 %% (default 300 on CUDA, 150 on CPU; 0: no curriculum)")
     p.add_argument("--max-turns", type=positive_int, default=5, help="questions per image, 1…5")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the dense per-token auxiliary loss (0: off)")
     p.add_argument("--eval-every", type=positive_int, default=None, help="held-out accuracy every N steps (default 250 on CUDA, 200 on CPU)")

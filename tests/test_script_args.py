@@ -108,3 +108,26 @@ def test_eval_quantizes_with_rtn_without_calibration_scenes(method, calibrated, 
     monkeypatch.setattr(eval_demo_model, "write_calibration_scenes", lambda folder, count: folder)
     eval_demo_model.quantized_checkpoint(eval_demo_model.DEFAULT_MODEL, method, tmp_path, 64, "cpu", 16)
     assert seen["method"] == method and (seen["calib_dir"] is not None) == calibrated
+
+
+def _documented_commands(text: str, script: str) -> list[list[str]]:
+    """The argument lists of `python scripts/SCRIPT …` lines in `text` (a trailing backslash continues)."""
+    import shlex
+
+    joined = text.replace("\\\n", " ")
+    return [shlex.split(line.split(f"scripts/{script}", 1)[1]) for line in joined.splitlines() if f"python scripts/{script} " in line]
+
+
+def test_the_training_scripts_documented_commands_parse(monkeypatch):
+    """`--curriculum-steps 0` (no curriculum: hard scenes from the first step), in the script's own
+    docstring and benchmarks/RESULTS.md's continued training, was refused as "must be a whole number ≥ 1"."""
+    import train_demo_model
+
+    monkeypatch.chdir(REPO)  # --init internvl_chat/demo_model
+    commands = _documented_commands(train_demo_model.__doc__, "train_demo_model.py")
+    commands += _documented_commands((REPO / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8"), "train_demo_model.py")
+    assert any("--curriculum-steps" in argv for argv in commands), commands
+    for argv in commands:
+        args = train_demo_model.parse_args(argv)
+        assert args.out is not None
+    assert train_demo_model.parse_args(["--out", "x", "--steps", "1", "--curriculum-steps", "0"]).curriculum_steps == 0
