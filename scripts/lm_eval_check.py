@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # this checkout's package, not another one instal
     sys.path.insert(0, str(ROOT))
 
 from internvl_chat.engine.loader import load_model  # noqa: E402
+from internvl_chat.files import visible  # noqa: E402
 from script_args import positive_int  # noqa: E402
 
 MODEL = ROOT / "internvl_chat" / "demo_model"
@@ -103,7 +104,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", help="folder for lm-eval's results and samples (default: a new temp folder)")
     args = parser.parse_args()
     if not (Path(args.venv) / "bin" / "lm_eval").exists() and shutil.which(args.python) is None:  # a FileNotFoundError traceback
-        parser.error(f"argument --python: {args.python} is not found, and {args.venv} has no lm_eval yet; "
+        parser.error(f"argument --python: {visible(args.python)} is not found, and {visible(args.venv)} has no lm_eval yet; "
                      "pass --python with a Python 3.11 interpreter, or --venv with lm-eval's venv")  # fmt: skip
     return args
 

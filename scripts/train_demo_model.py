@@ -64,6 +64,7 @@ from make_tiny_checkpoint import (  # noqa: E402
 )
 
 from internvl_chat.chat.template import MediaSpec, PromptBuilder  # noqa: E402
+from internvl_chat.files import visible  # noqa: E402
 from script_args import nonnegative_int, positive_float, positive_int  # noqa: E402
 from internvl_chat.demo.scenes import (  # noqa: E402
     COLOURS,
@@ -632,7 +633,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.max_turns > 5:
         p.error(f"argument --max-turns: must be from 1 to 5, not {args.max_turns}")
     if args.init is not None and not (args.init / "config.json").is_file():
-        p.error(f"argument --init: {args.init} has no config.json; give the folder of a checkpoint this script wrote")
+        p.error(f"argument --init: {visible(str(args.init))} has no config.json; give the folder of a checkpoint this script wrote")
     return args
 
 

@@ -131,3 +131,19 @@ def test_the_training_scripts_documented_commands_parse(monkeypatch):
         args = train_demo_model.parse_args(argv)
         assert args.out is not None
     assert train_demo_model.parse_args(["--out", "x", "--steps", "1", "--curriculum-steps", "0"]).curriculum_steps == 0
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train_demo_model.py", "--out", "/dev/null/x", "--steps", "1", "--init", "/no\nsuch\x1b[31m"], "--init"),
+    (["lm_eval_check.py", "--venv", "/no\nvenv\x1b[31m", "--python", "/no\npython\x1b[31m"], "--python"),
+])  # fmt: skip
+def test_a_refused_path_is_shown_escaped_on_one_line(argv, flag):
+    """The paths these checks name were printed as given: a newline split the error in two, an escape
+    sequence reached the terminal."""
+    script, *args = argv
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and "\x1b" not in done.stderr, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(f"{script}: error: argument {flag}: /no\\nsuch" if flag == "--init" else
+                           f"{script}: error: argument {flag}: /no\\npython"), done.stderr
