@@ -369,6 +369,14 @@ def test_a_table_wider_than_the_terminal_loses_no_cell():
     assert sorted(re.sub(r"[^a-z]", "", shown(doc, 12))) == sorted("".join(cells))
 
 
+def test_a_table_row_longer_than_its_header_loses_no_cell():
+    """markdown-it drops the cells of a row past its header's: `SECRET` never reached the screen."""
+    doc = "| a | b |\n|---|---|\n| 1 | 2 | SECRET | MORE |\n| x |\n\nAfter.\n"
+    screen = shown(doc)
+    assert "SECRET" in screen and "MORE" in screen and "After." in screen
+    assert "─" in shown("| a | b |\n|---|---|\n| 1 \\| x | 2 |\n| 3 | 4 | |\n")  # an escaped pipe, an empty cell: a table
+
+
 def test_a_joined_emoji_in_code_at_the_edge_of_the_width_loses_no_text():
     """The highlighter split 👨‍👩‍👧‍👦 into one token per emoji; rich measured them 8 cells wide
     where the wrapped line counted 2, and cut 6 cells off the line's end: `](http` vanished."""

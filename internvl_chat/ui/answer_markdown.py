@@ -4,12 +4,14 @@ rich drops raw HTML (`if x<y and y>z` lost `<y and y>`), draws an image as its a
 the words around it with its target hidden, cuts table cells with … and drops columns that do not
 fit, renders nothing of a quote or list nested deeper than the width leaves room for, cuts the end
 off a highlighted code line holding a joined emoji, and markdown-it drops what is nested deeper
-than its limit. Here HTML is text, an image is shown like a link (`🌆 alt (target)`), table cells
-wrap, such code is not highlighted, and a block that cannot be shown whole is shown as its plain text.
+than its limit and the cells of a table row past its header's. Here HTML is text, an image is
+shown like a link (`🌆 alt (target)`), table cells wrap, such code is not highlighted, and a block
+that cannot be shown whole (a table with a row longer than its header too) is shown as its plain text.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 from markdown_it import MarkdownIt
@@ -73,6 +75,7 @@ class AnswerMarkdown(Markdown):
                 token.children = list(_images_as_links(token.children))
         self._indent = _nested_width(self.parsed)
         self._cut_short = any(token.level >= _PARSER.options["maxNesting"] - 2 for token in self.parsed)
+        self._cut_short = self._cut_short or _drops_cells(self.parsed, markup)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if self._cut_short or (self._indent and options.max_width - self._indent < MIN_CONTENT_WIDTH):
@@ -93,6 +96,31 @@ def _images_as_links(tokens: list[Token]) -> Iterable[Token]:
         yield Token("link_open", "a", 1, attrs={"href": str(token.attrs.get("src", ""))})
         yield from _images_as_links(token.children or [])
         yield Token("link_close", "a", -1)
+
+
+_CELL_BORDER = re.compile(r"(?<!\\)\|")  # a pipe not escaped, as markdown-it splits a row
+
+
+def _cells(line: str) -> list[str]:
+    """A table row's cells (a quote's `>` before it left out)."""
+    cells = _CELL_BORDER.split(line.strip().lstrip("> \t"))
+    if cells and not cells[0]:
+        cells.pop(0)
+    if cells and not cells[-1]:
+        cells.pop()
+    return cells
+
+
+def _drops_cells(tokens: list[Token], markup: str) -> bool:
+    """A table has a row with more cells than its header: markdown-it drops the rest, text and all."""
+    lines = markup.split("\n")
+    for token in tokens:
+        if token.type == "table_open" and token.map:
+            start, end = token.map
+            columns = len(_cells(lines[start]))
+            if any(cell.strip() for line in lines[start + 2 : end] for cell in _cells(line)[columns:]):
+                return True
+    return False
 
 
 def _nested_width(tokens: list[Token]) -> int:
