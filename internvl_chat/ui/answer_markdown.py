@@ -5,7 +5,8 @@ the words around it with its target hidden, cuts table cells with … and drops 
 fit, renders nothing of a quote or list nested deeper than the width leaves room for, cuts the end
 off a highlighted code line holding a joined emoji, and markdown-it drops what is nested deeper
 than its limit and the cells of a table row past its header's. Here HTML is text, an image is
-shown like a link (`🌆 alt (target)`), table cells wrap, such code is not highlighted, and a block
+shown like a link (`🌆 alt (target)`), a bidi override written as an entity is escaped as
+answer_text.py escapes one written as itself, table cells wrap, such code is not highlighted, and a block
 that cannot be shown whole (a table with a row longer than its header too) is shown as its plain text.
 """
 
@@ -20,6 +21,8 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markdown import CodeBlock, Markdown, TableElement
 from rich.table import Table
 from rich.text import Text
+
+from .answer_text import sanitize
 
 MIN_CONTENT_WIDTH = 8  # cells left for the innermost text of nested quotes and lists, else plain text
 _QUOTE_WIDTH, _BULLET_WIDTH = 4, 3  # what rich's quote and bullet take from the width
@@ -72,7 +75,7 @@ class AnswerMarkdown(Markdown):
         self.parsed = _PARSER.parse(markup)
         for token in self.parsed:
             if token.children:
-                token.children = list(_images_as_links(token.children))
+                token.children = list(_images_as_links(_entities_inert(token.children)))
         self._indent = _nested_width(self.parsed)
         self._cut_short = any(token.level >= _PARSER.options["maxNesting"] - 2 for token in self.parsed)
         self._cut_short = self._cut_short or _drops_cells(self.parsed, markup)
@@ -84,6 +87,16 @@ class AnswerMarkdown(Markdown):
             yield Text(self.markup.strip("\n"))
             return
         yield from super().__rich_console__(console, options)
+
+
+def _entities_inert(tokens: list[Token]) -> list[Token]:
+    """Text as answer_text.py shows it, also where an entity wrote it: `&#x202e;` became a bidi
+    override the answer's own text could not hold (markdown-it made C0 and C1 ones U+FFFD)."""
+    for token in tokens:
+        token.content = sanitize(token.content)
+        if token.children:
+            _entities_inert(token.children)
+    return tokens
 
 
 def _images_as_links(tokens: list[Token]) -> Iterable[Token]:
