@@ -115,3 +115,12 @@ PIECES = ["- ", "1. ", "  ", "    ", "> ", "```", "~~~", "`", "``", "\\", "|", "
 def test_hostile_answers_leave_nothing_live_and_fake_no_turn(seed):
     rng = random.Random(seed)
     check("".join(rng.choice(PIECES) for _ in range(rng.randint(3, 30))))
+
+
+def test_an_entity_for_a_bidi_override_is_written_as_text():
+    """`&#x202e;` became a raw U+202E in a viewer (the terminal escapes it, as the answer's own):
+    the export's text was reordered there. Written `&amp;#x202e;`, it shows as typed."""
+    markdown = check("name: &#x202e;gpj.exe and &#8238; and `&#x202e;` and &#65;")
+    tokens = VIEWER.parse(markdown)
+    text = "".join(child.content for token in tokens for child in token.children or [])
+    assert "\u202e" not in text and "&#x202e;" in text and "A" in text

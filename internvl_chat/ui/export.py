@@ -28,6 +28,7 @@ _OWN_HEADINGS = ("conversation", "system", "user", "assistant")
 _CODE_RUN = re.compile(r"`+")
 _HTML_START = re.compile(r"<(?=[A-Za-z/!?])")  # a tag, a comment, a declaration: raw HTML
 _IMAGE_START = re.compile(r"!\[")
+_NUMERIC_ENTITY = re.compile(r"&#(?:[xX]([0-9a-fA-F]{1,6})|([0-9]{1,7}));")
 # the export's own headings (`export_markdown`): a message line reading as one started a turn of its own
 _EXPORT_HEADING = re.compile(r"^( {0,3})(#{1,6}[ \t]+(?:Conversation|System|User|Assistant)[ \t#]*)$", re.IGNORECASE)
 
@@ -45,13 +46,25 @@ def _inert_line(line: str, spans: bool = True) -> str:
             if start == m.end():
                 look = m.end()
                 continue
-        out.append(_IMAGE_START.sub("&#33;[", _HTML_START.sub("&lt;", line[i:start])))
+        out.append(_inert_text(line[i:start]))
         if m is None:
             return "".join(out)
         close = re.compile(rf"(?<!`){line[start : m.end()]}(?!`)").search(line, m.end())
         stop = close.end() if close else m.end()  # no closing run: the backticks are plain text
         out.append(line[start:stop])
         i = look = stop
+
+
+def _inert_text(text: str) -> str:
+    """Text outside code: raw HTML and image syntax written as text, and an entity that a viewer
+    would turn into a bidi override or a control (`&#x202e;`) written as its own text."""
+    text = _IMAGE_START.sub("&#33;[", _HTML_START.sub("&lt;", text))
+    return _NUMERIC_ENTITY.sub(lambda m: ("&amp;" if _hidden_code(m) else "&") + m.group()[1:], text)
+
+
+def _hidden_code(entity: re.Match) -> bool:
+    code = int(entity.group(1), 16) if entity.group(1) else int(entity.group(2))
+    return code < 0x110000 and sanitize(chr(code)) != chr(code)
 
 
 def _escaped(line: str, at: int) -> bool:
