@@ -379,6 +379,13 @@ def test_a_bidi_override_written_as_an_entity_is_escaped_as_one_written_as_itsel
     assert re.search(r"\\u20(2e|2d|66)", screen)
 
 
+def test_a_links_title_is_shown_with_its_target():
+    """rich showed `[a](u "title")` as `a (u)`: the title's words never reached the screen."""
+    screen = shown('See [docs](https://d.example "run rm -rf ~") and ![cat](c.png "a &#x202e;cat").\n')
+    assert 'docs (https://d.example "run rm -rf ~")' in screen
+    assert '🌆 cat (c.png "a \\u202ecat")' in screen
+
+
 def test_a_table_row_longer_than_its_header_loses_no_cell():
     """markdown-it drops the cells of a row past its header's: `SECRET` never reached the screen."""
     doc = "| a | b |\n|---|---|\n| 1 | 2 | SECRET | MORE |\n| x |\n\nAfter.\n"

@@ -1,13 +1,14 @@
 """rich's Markdown for an answer, which is untrusted text: every word of it reaches the screen.
 
-rich drops raw HTML (`if x<y and y>z` lost `<y and y>`), draws an image as its alt text apart from
-the words around it with its target hidden, cuts table cells with … and drops columns that do not
-fit, renders nothing of a quote or list nested deeper than the width leaves room for, cuts the end
-off a highlighted code line holding a joined emoji, and markdown-it drops what is nested deeper
-than its limit and the cells of a table row past its header's. Here HTML is text, an image is
-shown like a link (`🌆 alt (target)`), a bidi override written as an entity is escaped as
-answer_text.py escapes one written as itself, table cells wrap, such code is not highlighted, and a block
-that cannot be shown whole (a table with a row longer than its header too) is shown as its plain text.
+rich drops raw HTML (`if x<y and y>z` lost `<y and y>`) and a link's title, draws an image as its
+alt text apart from the words around it with its target hidden, cuts table cells with … and drops
+columns that do not fit, renders nothing of a quote or list nested deeper than the width leaves
+room for, cuts the end off a highlighted code line holding a joined emoji, and markdown-it drops
+what is nested deeper than its limit and the cells of a table row past its header's. Here HTML is
+text, an image is shown like a link (`🌆 alt (target)`), a link's title with its target, a bidi
+override written as an entity is escaped as answer_text.py escapes one written as itself, table
+cells wrap, such code is not highlighted, and a block that cannot be shown whole (a table with a
+row longer than its header too) is shown as its plain text.
 """
 
 from __future__ import annotations
@@ -100,13 +101,14 @@ def _entities_inert(tokens: list[Token]) -> list[Token]:
 
 
 def _images_as_links(tokens: list[Token]) -> Iterable[Token]:
-    """`![alt](target)` as the marker, then `[alt](target)`, where it stands in the text."""
+    """`![alt](target)` as the marker, then `[alt](target)`, where it stands in the text; a link's
+    title (an image's too) shown with its target."""
     for token in tokens:
         if token.type != "image":
-            yield token
+            yield _with_title(token, token) if token.type == "link_open" else token
             continue
         yield Token("text", "", 0, content="🌆 ")
-        yield Token("link_open", "a", 1, attrs={"href": str(token.attrs.get("src", ""))})
+        yield _with_title(Token("link_open", "a", 1, attrs={"href": str(token.attrs.get("src", ""))}), token)
         yield from _images_as_links(token.children or [])
         yield Token("link_close", "a", -1)
 
@@ -134,6 +136,15 @@ def _drops_cells(tokens: list[Token], markup: str) -> bool:
             if any(cell.strip() for line in lines[start + 2 : end] for cell in _cells(line)[columns:]):
                 return True
     return False
+
+
+def _with_title(link: Token, source: Token) -> Token:
+    """A link whose target is shown with the title `source` gives it (`[a](u "title")`: rich shows
+    `a (u)` and no title, words of the answer never seen)."""
+    title = sanitize(str(source.attrs.get("title", "")))
+    if title:
+        link.attrs["href"] = f'{link.attrs.get("href", "")} "{title}"'
+    return link
 
 
 def _nested_width(tokens: list[Token]) -> int:
