@@ -124,17 +124,18 @@ def export_block(text: str) -> str:
     for token in tokens:
         if token.type in ("fence", "code_block") and token.map:
             code.update(range(*token.map))
-    out = [line if i in code else _inert_line(line) for i, line in enumerate(lines)]
-    if _live("\n".join(out)):
-        # a code span as this line-by-line reading took it that the viewer does not (one over two
-        # lines, or split by a table's `|`): every line but code blocks' made inert, spans too
-        out = [line if i in code else _inert_line(line, spans=False) for i, line in enumerate(lines)]
-    for _ in range(len(lines)):  # each escape may end one fake heading and begin another (rarely)
-        fakes = _fake_headings("\n".join(out))
-        if not fakes:
+    # where a code span as this line-by-line reading took it is none to the viewer (one over two
+    # lines, or split by a table's `|`), every line but code blocks' is made inert, spans too
+    for spans in (True, False):
+        out = [line if i in code else _inert_line(line, spans) for i, line in enumerate(lines)]
+        for _ in range(len(lines)):  # each escape may end one fake heading and begin another (rarely)
+            fakes = _fake_headings("\n".join(out))
+            if not fakes:
+                break
+            for at, setext in fakes:
+                out[at] = _unfake(out[at], setext)
+        if not _live("\n".join(out)):
             break
-        for at, setext in fakes:
-            out[at] = _unfake(out[at], setext)
     fences = [token for token in tokens if token.type == "fence" and token.map]
     if fences:
         # the last fence may be open to the end: closed by its own fence when that closes it (a
