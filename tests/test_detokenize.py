@@ -140,3 +140,16 @@ def test_flush_returns_an_incomplete_tail(tokenizer: Any) -> None:
     assert [detok.push(i) for i in fox[:-1]] == [""] * (len(fox) - 1)
     assert detok.flush() == "\ufffd"
     assert detok.flush() == ""
+
+
+@pytest.mark.parametrize("stray", [5, 6, 7, 20])
+def test_a_character_after_a_run_of_invalid_bytes_is_printed_whole(tokenizer: Any, stray: int) -> None:
+    """Stray bytes before an emoji: the run grew past MAX_PENDING_TOKENS while the emoji's first
+    bytes had come, and they were printed with it as U+FFFD; the emoji never reached the screen
+    (the stored answer, decoded whole, held it)."""
+    cont = byte_tokens(tokenizer, "ж")[1]
+    emoji = byte_tokens(tokenizer, "𝔘")  # four byte tokens
+    ids = [cont] * stray + emoji + encode(tokenizer, " ok") + [cont] * stray + emoji
+    chunks = stream(IncrementalDetokenizer(tokenizer), ids)
+    assert "".join(chunks) == tokenizer.decode(ids)
+    assert "".join(chunks).count("𝔘") == 2

@@ -369,6 +369,31 @@ def test_a_table_wider_than_the_terminal_loses_no_cell():
     assert sorted(re.sub(r"[^a-z]", "", shown(doc, 12))) == sorted("".join(cells))
 
 
+@pytest.mark.parametrize("doc", ["a &#x202e;txt.exe", "a &#8238;txt.exe", "**&#x202E;b**", "![&#x2066;alt](u)",
+                                 "| &#x202d; |\n|---|\n| x |"])  # fmt: skip
+def test_a_bidi_override_written_as_an_entity_is_escaped_as_one_written_as_itself(doc):
+    """The answer's bidi overrides are escaped before it is rendered (answer_text.py), but
+    markdown-it decoded `&#x202e;` into a raw override that reordered the line on the terminal."""
+    screen = shown(doc)
+    assert not set(screen) & {chr(c) for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+    assert re.search(r"\\u20(2e|2d|66)", screen)
+
+
+def test_a_links_title_is_shown_with_its_target():
+    """rich showed `[a](u "title")` as `a (u)`: the title's words never reached the screen."""
+    screen = shown('See [docs](https://d.example "run rm -rf ~") and ![cat](c.png "a &#x202e;cat").\n')
+    assert 'docs (https://d.example "run rm -rf ~")' in screen
+    assert '🌆 cat (c.png "a \\u202ecat")' in screen
+
+
+def test_a_table_row_longer_than_its_header_loses_no_cell():
+    """markdown-it drops the cells of a row past its header's: `SECRET` never reached the screen."""
+    doc = "| a | b |\n|---|---|\n| 1 | 2 | SECRET | MORE |\n| x |\n\nAfter.\n"
+    screen = shown(doc)
+    assert "SECRET" in screen and "MORE" in screen and "After." in screen
+    assert "─" in shown("| a | b |\n|---|---|\n| 1 \\| x | 2 |\n| 3 | 4 | |\n")  # an escaped pipe, an empty cell: a table
+
+
 def test_a_joined_emoji_in_code_at_the_edge_of_the_width_loses_no_text():
     """The highlighter split 👨‍👩‍👧‍👦 into one token per emoji; rich measured them 8 cells wide
     where the wrapped line counted 2, and cut 6 cells off the line's end: `](http` vanished."""

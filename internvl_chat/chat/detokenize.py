@@ -18,8 +18,11 @@ from ..engine.tokenizer import as_tokenizer
 REPLACEMENT_CHAR = "\ufffd"
 # A UTF-8 character is at most 4 bytes, so at most 4 byte-level tokens can be pending for a real
 # character; a longer run of tokens that still ends in U+FFFD is genuinely invalid bytes, which we
-# then print (as the full decode would) rather than let the window grow without bound.
+# then print (as the full decode would) rather than let the window grow without bound, all but its
+# last CHARACTER_START_TOKENS, which may begin a character still to come.
 MAX_PENDING_TOKENS = 8
+# the tokens that may hold the start of a character still to come: its lead byte and up to two more
+CHARACTER_START_TOKENS = 3
 
 
 def default_skip_ids(tokenizer: Any) -> set[int]:
@@ -48,7 +51,11 @@ class IncrementalDetokenizer:
         if token_id in self.skip_ids:
             return ""
         self._ids.append(token_id)
-        return self._emit(force=len(self._ids) - self._read > MAX_PENDING_TOKENS)
+        if len(self._ids) - self._read > MAX_PENDING_TOKENS:
+            # invalid bytes, printed; but the last tokens may begin a character still to come (a
+            # stray byte or two before an emoji): printed with the run, the emoji became U+FFFD
+            return self._emit(force=True, keep=CHARACTER_START_TOKENS)
+        return self._emit(force=False)
 
     @property
     def holding(self) -> bool:
@@ -59,20 +66,26 @@ class IncrementalDetokenizer:
         """Return whatever is still held back (an incomplete character decodes as U+FFFD)."""
         return self._emit(force=True)
 
-    def _emit(self, force: bool) -> str:
+    def _emit(self, force: bool, keep: int = 0) -> str:
         if self._read == len(self._ids):
             return ""
         if self._prefix_text is None:
             self._prefix_text = self._decode(self._ids[self._prefix : self._read])
+        printed = len(self._prefix_text) + self._printed_pending
+        end = len(self._ids)
         window_text = self._decode(self._ids[self._prefix :])
+        if keep and window_text.endswith(REPLACEMENT_CHAR):  # the last `keep` tokens wait, unless they hold printed text
+            cut = self._decode(self._ids[self._prefix : end - keep])
+            if len(cut) >= printed:
+                end, window_text = end - keep, cut
         complete = force or not window_text.endswith(REPLACEMENT_CHAR)
         # text before a trailing incomplete character is final: print it now, keep the tail pending
         printable = window_text if complete else window_text.rstrip(REPLACEMENT_CHAR)
-        delta = printable[len(self._prefix_text) + self._printed_pending :]
+        delta = printable[printed:]
         if complete and (force or len(window_text) > len(self._prefix_text)):
             # the printed part becomes the next window's left context; older ids are not needed
             del self._ids[: self._read]
-            self._prefix, self._read = 0, len(self._ids)
+            self._prefix, self._read = 0, end - self._read
             self._prefix_text = None
             self._printed_pending = 0
         else:

@@ -1,15 +1,19 @@
 """rich's Markdown for an answer, which is untrusted text: every word of it reaches the screen.
 
-rich drops raw HTML (`if x<y and y>z` lost `<y and y>`), draws an image as its alt text apart from
-the words around it with its target hidden, cuts table cells with … and drops columns that do not
-fit, renders nothing of a quote or list nested deeper than the width leaves room for, cuts the end
-off a highlighted code line holding a joined emoji, and markdown-it drops what is nested deeper
-than its limit. Here HTML is text, an image is shown like a link (`🌆 alt (target)`), table cells
-wrap, such code is not highlighted, and a block that cannot be shown whole is shown as its plain text.
+rich drops raw HTML (`if x<y and y>z` lost `<y and y>`) and a link's title, draws an image as its
+alt text apart from the words around it with its target hidden, cuts table cells with … and drops
+columns that do not fit, renders nothing of a quote or list nested deeper than the width leaves
+room for, cuts the end off a highlighted code line holding a joined emoji, and markdown-it drops
+what is nested deeper than its limit and the cells of a table row past its header's. Here HTML is
+text, an image is shown like a link (`🌆 alt (target)`), a link's title with its target, a bidi
+override written as an entity is escaped as answer_text.py escapes one written as itself, table
+cells wrap, such code is not highlighted, and a block that cannot be shown whole (a table with a
+row longer than its header too) is shown as its plain text.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 from markdown_it import MarkdownIt
@@ -18,6 +22,8 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markdown import CodeBlock, Markdown, TableElement
 from rich.table import Table
 from rich.text import Text
+
+from .answer_text import sanitize
 
 MIN_CONTENT_WIDTH = 8  # cells left for the innermost text of nested quotes and lists, else plain text
 _QUOTE_WIDTH, _BULLET_WIDTH = 4, 3  # what rich's quote and bullet take from the width
@@ -70,9 +76,10 @@ class AnswerMarkdown(Markdown):
         self.parsed = _PARSER.parse(markup)
         for token in self.parsed:
             if token.children:
-                token.children = list(_images_as_links(token.children))
+                token.children = list(_images_as_links(_entities_inert(token.children)))
         self._indent = _nested_width(self.parsed)
         self._cut_short = any(token.level >= _PARSER.options["maxNesting"] - 2 for token in self.parsed)
+        self._cut_short = self._cut_short or _drops_cells(self.parsed, markup)
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if self._cut_short or (self._indent and options.max_width - self._indent < MIN_CONTENT_WIDTH):
@@ -83,16 +90,61 @@ class AnswerMarkdown(Markdown):
         yield from super().__rich_console__(console, options)
 
 
+def _entities_inert(tokens: list[Token]) -> list[Token]:
+    """Text as answer_text.py shows it, also where an entity wrote it: `&#x202e;` became a bidi
+    override the answer's own text could not hold (markdown-it made C0 and C1 ones U+FFFD)."""
+    for token in tokens:
+        token.content = sanitize(token.content)
+        if token.children:
+            _entities_inert(token.children)
+    return tokens
+
+
 def _images_as_links(tokens: list[Token]) -> Iterable[Token]:
-    """`![alt](target)` as the marker, then `[alt](target)`, where it stands in the text."""
+    """`![alt](target)` as the marker, then `[alt](target)`, where it stands in the text; a link's
+    title (an image's too) shown with its target."""
     for token in tokens:
         if token.type != "image":
-            yield token
+            yield _with_title(token, token) if token.type == "link_open" else token
             continue
         yield Token("text", "", 0, content="🌆 ")
-        yield Token("link_open", "a", 1, attrs={"href": str(token.attrs.get("src", ""))})
+        yield _with_title(Token("link_open", "a", 1, attrs={"href": str(token.attrs.get("src", ""))}), token)
         yield from _images_as_links(token.children or [])
         yield Token("link_close", "a", -1)
+
+
+_CELL_BORDER = re.compile(r"(?<!\\)\|")  # a pipe not escaped, as markdown-it splits a row
+
+
+def _cells(line: str) -> list[str]:
+    """A table row's cells (a quote's `>` before it left out)."""
+    cells = _CELL_BORDER.split(line.strip().lstrip("> \t"))
+    if cells and not cells[0]:
+        cells.pop(0)
+    if cells and not cells[-1]:
+        cells.pop()
+    return cells
+
+
+def _drops_cells(tokens: list[Token], markup: str) -> bool:
+    """A table has a row with more cells than its header: markdown-it drops the rest, text and all."""
+    lines = markup.split("\n")
+    for token in tokens:
+        if token.type == "table_open" and token.map:
+            start, end = token.map
+            columns = len(_cells(lines[start]))
+            if any(cell.strip() for line in lines[start + 2 : end] for cell in _cells(line)[columns:]):
+                return True
+    return False
+
+
+def _with_title(link: Token, source: Token) -> Token:
+    """A link whose target is shown with the title `source` gives it (`[a](u "title")`: rich shows
+    `a (u)` and no title, words of the answer never seen)."""
+    title = sanitize(str(source.attrs.get("title", "")))
+    if title:
+        link.attrs["href"] = f'{link.attrs.get("href", "")} "{title}"'
+    return link
 
 
 def _nested_width(tokens: list[Token]) -> int:

@@ -4,8 +4,12 @@ message fakes a turn, and an answer cut short says why."""
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import datetime
 from typing import Any
+
+from markdown_it import MarkdownIt
+from markdown_it.token import Token
 
 from ..chat.conversation import Conversation
 from ..chat.session_file import CANCELLED_MARK
@@ -13,32 +17,90 @@ from ..files import real_path, visible, visible_file_name, visible_lines
 from .answer_text import sanitize
 
 
-# A code fence: up to 3 spaces, then 3 or more backticks or tildes (CommonMark).
-_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+# the blocks of a message as a viewer of the export reads them (where its code is); HTML off, as the
+# export writes no raw HTML outside code
+_BLOCKS = MarkdownIt("commonmark", {"html": False})
+# a viewer that reads more (GitHub's: HTML, tables): what `export_block` writes is checked with it
+_VIEWER = MarkdownIt("commonmark", {"html": True}).enable("table").enable("strikethrough")
+_OWN_HEADINGS = ("conversation", "system", "user", "assistant")
 
 
 _CODE_RUN = re.compile(r"`+")
 _HTML_START = re.compile(r"<(?=[A-Za-z/!?])")  # a tag, a comment, a declaration: raw HTML
 _IMAGE_START = re.compile(r"!\[")
+_NUMERIC_ENTITY = re.compile(r"&#(?:[xX]([0-9a-fA-F]{1,6})|([0-9]{1,7}));")
 # the export's own headings (`export_markdown`): a message line reading as one started a turn of its own
 _EXPORT_HEADING = re.compile(r"^( {0,3})(#{1,6}[ \t]+(?:Conversation|System|User|Assistant)[ \t#]*)$", re.IGNORECASE)
 
 
-def _inert_line(line: str) -> str:
+def _inert_line(line: str, spans: bool = True) -> str:
     """One line outside code blocks with raw HTML, image syntax and the export's own headings made
-    text; code spans kept."""
+    text; code spans kept (with `spans`, else made inert too)."""
     line = _EXPORT_HEADING.sub(r"\1\\\2", line)  # `\## User`: shown as text, not a heading
-    out, i = [], 0
+    out, i, look = [], 0, 0
     while True:
-        m = _CODE_RUN.search(line, i)
-        end = m.start() if m else len(line)
-        out.append(_IMAGE_START.sub("&#33;[", _HTML_START.sub("&lt;", line[i:end])))
+        m = _CODE_RUN.search(line, look) if spans else None
+        start = m.start() if m else len(line)
+        if m and _escaped(line, start):  # "\`": a backtick as text; the rest of its run may open a span
+            start += 1
+            if start == m.end():
+                look = m.end()
+                continue
+        out.append(_inert_text(line[i:start]))
         if m is None:
             return "".join(out)
-        close = re.compile(rf"(?<!`){m.group()}(?!`)").search(line, m.end())
+        close = re.compile(rf"(?<!`){line[start : m.end()]}(?!`)").search(line, m.end())
         stop = close.end() if close else m.end()  # no closing run: the backticks are plain text
-        out.append(line[m.start() : stop])
-        i = stop
+        out.append(line[start:stop])
+        i = look = stop
+
+
+def _inert_text(text: str) -> str:
+    """Text outside code: raw HTML and image syntax written as text, and an entity that a viewer
+    would turn into a bidi override or a control (`&#x202e;`) written as its own text."""
+    text = _IMAGE_START.sub("&#33;[", _HTML_START.sub("&lt;", text))
+    return _NUMERIC_ENTITY.sub(lambda m: ("&amp;" if _hidden_code(m) else "&") + m.group()[1:], text)
+
+
+def _hidden_code(entity: re.Match) -> bool:
+    code = int(entity.group(1), 16) if entity.group(1) else int(entity.group(2))
+    return code < 0x110000 and sanitize(chr(code)) != chr(code)
+
+
+def _escaped(line: str, at: int) -> bool:
+    """The character at `at` is backslash-escaped (an odd run of backslashes before it)."""
+    return (at - len(line[:at].rstrip("\\"))) % 2 == 1
+
+
+def _live(markdown: str) -> bool:
+    """A viewer of `markdown` would fetch something (an image) or show raw HTML."""
+    return any(_live_token(token) for token in _VIEWER.parse(markdown))
+
+
+def _live_token(token: Token) -> bool:
+    return token.type in ("html_block", "html_inline", "image") or any(map(_live_token, token.children or []))
+
+
+def _fake_headings(markdown: str) -> list[tuple[int, bool]]:
+    """The headings of `markdown` that read as one of the export's own (`## &#85;ser`, `User` over
+    `---`): (the line to escape, whether it is a setext underline)."""
+    tokens = _VIEWER.parse(markdown)
+    found = []
+    for heading, inline in zip(tokens, tokens[1:]):
+        if heading.type != "heading_open" or not heading.map:
+            continue
+        words = "".join(child.content for child in inline.children or [] if child.type in ("text", "text_special", "code_inline"))
+        words = "".join(c for c in words if unicodedata.category(c) != "Cf").strip(" \t#").casefold()
+        if words in _OWN_HEADINGS:
+            setext = heading.markup[:1] in ("=", "-")
+            found.append((heading.map[1] - 1 if setext else heading.map[0], setext))
+    return found
+
+
+def _unfake(line: str, setext: bool) -> str:
+    """A heading's line written as text: a backslash before its `#` marks, or before its underline."""
+    at = len(line) - len(line.lstrip(" >")) if setext else line.find("#")
+    return line[:at] + "\\" + line[at:] if at >= 0 else line
 
 
 def export_block(text: str) -> str:
@@ -50,23 +112,39 @@ def export_block(text: str) -> str:
     own headings (`## User`) is written as text: it faked a turn. Code is left as written. A code fence
     left open (an answer cut short by max_new_tokens or Ctrl-C) is closed at the end: open, it
     turned every later heading of the export into code.
+
+    Which lines are code is what a CommonMark parser finds (`_BLOCKS`), not a guess line by line:
+    a fence inside a list item (`- ```…`) ends with its item, and a tracker that took its
+    closing line for an opening one left the images and HTML after it live (fetched), and the
+    fence it then "closed" at the end swallowed the rest of the export.
     """
-    open_fence = None
-    lines = []
-    for line in text.split("\n"):
-        m = _FENCE.match(line)
-        if open_fence is not None:
-            if m and m.group(1)[0] == open_fence[0] and len(m.group(1)) >= len(open_fence) and not line[m.end() :].strip():
-                open_fence = None
-            lines.append(line)
-        elif m and not (m.group(1)[0] == "`" and "`" in line[m.end() :]):  # a backtick after ``` makes it inline code
-            open_fence = m.group(1)
-            lines.append(line)
-        else:
-            lines.append(_inert_line(line))
-    if open_fence is not None:
-        lines.append(open_fence)
-    return "\n".join(lines)
+    lines = text.split("\n")
+    tokens = _BLOCKS.parse(text)
+    code: set[int] = set()
+    for token in tokens:
+        if token.type in ("fence", "code_block") and token.map:
+            code.update(range(*token.map))
+    # where a code span as this line-by-line reading took it is none to the viewer (one over two
+    # lines, or split by a table's `|`), every line but code blocks' is made inert, spans too
+    for spans in (True, False):
+        out = [line if i in code else _inert_line(line, spans) for i, line in enumerate(lines)]
+        for _ in range(len(lines)):  # each escape may end one fake heading and begin another (rarely)
+            fakes = _fake_headings("\n".join(out))
+            if not fakes:
+                break
+            for at, setext in fakes:
+                out[at] = _unfake(out[at], setext)
+        if not _live("\n".join(out)):
+            break
+    fences = [token for token in tokens if token.type == "fence" and token.map]
+    if fences:
+        # the last fence may be open to the end: closed by its own fence when that closes it (a
+        # top-level one; one in a list or quote ends with it, at the export's next line)
+        last = fences[-1]
+        closed = [t for t in _BLOCKS.parse(text + "\n" + last.markup) if t.type == "fence" and t.map]
+        if any(t.map == [last.map[0], len(lines) + 1] for t in closed):
+            out.append(last.markup)
+    return "\n".join(out)
 
 
 # Why an answer that did not end by itself stopped (its finish_reason), as an export and /load say it:
