@@ -30,11 +30,11 @@ from serve_support import RunningServer, chat_body, crowd, png_bytes, wait_until
 WAIT_S = 60
 
 
-def _post_raw(port: int, body: dict) -> socket.socket:
+def _post_raw(port: int, body: dict, headers: str = "") -> socket.socket:
     """A complete request on a socket of our own, so the test decides when the client goes away."""
     payload = json.dumps(body).encode()
     head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n")  # fmt: skip
+            f"{headers}Content-Length: {len(payload)}\r\n\r\n")  # fmt: skip
     sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
     sock.sendall(head.encode() + payload)
     return sock
@@ -560,11 +560,14 @@ def test_a_request_read_when_the_grace_period_ends_is_told_the_server_is_shuttin
     assert answers[0].json()["error"]["code"] == "shutting_down", answers[0].text
 
 
-def test_bytes_sent_ahead_of_a_running_answer_are_held_by_tcp_not_read_into_memory(server, monkeypatch):
+@pytest.mark.parametrize("headers", ["", "Connection: Upgrade\r\nUpgrade: h2c\r\n"])
+def test_bytes_sent_ahead_of_a_running_answer_are_held_by_tcp_not_read_into_memory(server, monkeypatch, headers):
     """While a request was answered, every look for its client's disconnect (after each batch of
     its job's events, or POLL_S without one) resumed reading the connection: a client that kept
     sending (junk, or pipelined requests) had up to 256 KiB more read into h11's buffer at each,
-    hundreds of MB behind one long answer. Past PIPELINED_BYTES the rest waits in TCP."""
+    hundreds of MB behind one long answer. Past PIPELINED_BYTES the rest waits in TCP. A request
+    that asks to upgrade (h2c) is also held: until its answer starts, h11 keeps it in
+    MIGHT_SWITCH_PROTOCOL, not DONE, and the bound did not count it (13 MB read)."""
     import contextlib
 
     from starlette.requests import Request
@@ -583,7 +586,7 @@ def test_bytes_sent_ahead_of_a_running_answer_are_held_by_tcp_not_read_into_memo
     worker = server.worker
     hold, started, release = _hold_first_job()
     worker.on_start = hold
-    sock = _post_raw(server.port, chat_body("Hi", max_tokens=4))
+    sock = _post_raw(server.port, chat_body("Hi", max_tokens=4), headers)
     try:
         assert started.wait(WAIT_S)
         port = sock.getsockname()[1]

@@ -176,8 +176,10 @@ class BoundedH11Protocol(H11Protocol):
     # each look for the client's disconnect (Starlette's is_disconnected, after every batch of a
     # job's events) resumed reading, so a client could push hundreds of MB into the server's
     # memory behind one long answer; past PIPELINED_BYTES reading stays paused until it is complete
+    # (a request that asks to upgrade, h2c say, is in MIGHT_SWITCH_PROTOCOL, not DONE, until its
+    # answer starts: a non-streamed one's only at its end)
     def _holds_reading(self) -> bool:
-        return (self.conn.their_state in (h11.DONE, h11.MUST_CLOSE)
+        return (self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.MIGHT_SWITCH_PROTOCOL)
                 and self.conn.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY)
                 and len(self.conn.trailing_data[0]) >= PIPELINED_BYTES)  # fmt: skip
 
