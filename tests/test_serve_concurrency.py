@@ -20,6 +20,7 @@ import pytest
 from internvl_chat.chat.sampling import SamplingParams
 from internvl_chat.engine.loader import load_model
 from internvl_chat.serve import app as serve_app
+from internvl_chat.serve import connections
 from internvl_chat.serve import replies
 from internvl_chat.serve.conversation import Prompt
 from internvl_chat.serve.engine import EngineWorker, Job
@@ -587,6 +588,7 @@ def test_bytes_sent_ahead_of_a_running_answer_are_held_by_tcp_not_read_into_memo
     hold, started, release = _hold_first_job()
     worker.on_start = hold
     sock = _post_raw(server.port, chat_body("Hi", max_tokens=4), headers)
+    pusher = None
     try:
         assert started.wait(WAIT_S)
         port = sock.getsockname()[1]
@@ -597,7 +599,8 @@ def test_bytes_sent_ahead_of_a_running_answer_are_held_by_tcp_not_read_into_memo
                 while not release.is_set():
                     sock.sendall(b"x" * (1 << 20))  # blocks while the kernel's buffers are full
 
-        threading.Thread(target=push, daemon=True).start()
+        pusher = threading.Thread(target=push, daemon=True)
+        pusher.start()
         wait_until(lambda: protocol.conn.trailing_data[0], "the server read bytes sent ahead")
         seen = len(looks)
         wait_until(lambda: len(looks) >= seen + 50, "the handler looked for its client 50 times more")
@@ -606,7 +609,48 @@ def test_bytes_sent_ahead_of_a_running_answer_are_held_by_tcp_not_read_into_memo
         release.set()
         worker.on_start = None
         with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)  # ends a sendall the full buffers block
         sock.close()
+        if pusher is not None:
+            pusher.join(WAIT_S)
     assert worker.wait_idle(WAIT_S)
     assert held < connections.PIPELINED_BYTES + (256 << 10), held  # at most one read past the bound
+
+
+def test_a_client_that_sent_bytes_ahead_and_left_stops_the_engine(server, monkeypatch):
+    """Past PIPELINED_BYTES sent ahead the connection was not read until the answer was complete,
+    so its end (the FIN behind those bytes) was not either: a non-streamed answer whose client had
+    pipelined a request and closed the connection ran to its last token. A connection whose
+    client has closed is read again (what is left is in the kernel's buffer: bounded)."""
+    monkeypatch.setattr(replies, "POLL_S", 3600.0)  # only the per-batch check can see the disconnect
+    worker = server.worker
+    first, closed, seen = threading.Event(), threading.Event(), {}
+
+    def watch(job, event):
+        if first.is_set():
+            return
+        seen["job"] = job
+        first.set()
+        assert closed.wait(WAIT_S)
+        for _ in range(WAIT_S * 100):  # events keep coming, as in a long answer, until it is cancelled
+            if job.cancel.wait(0.01):
+                break
+            job.emit("text", "")
+        seen["cancelled"] = job.cancel.is_set()
+
+    worker.on_event = watch
+    try:
+        sock = _post_raw(server.port, chat_body("Write a long story.", max_tokens=400))
+        assert first.wait(WAIT_S)
+        port = sock.getsockname()[1]
+        protocol = next(c for c in list(server.server.server_state.connections) if c.client[1] == port)
+        sock.sendall(b"x" * (200 << 10))  # a pipelined request's first bytes, past the bound
+        wait_until(lambda: len(protocol.conn.trailing_data[0]) >= connections.PIPELINED_BYTES, "bytes read ahead")
+        sock.close()  # and the client goes away
+        closed.set()
+        assert worker.wait_idle(WAIT_S)
+    finally:
+        worker.on_event = None
+    assert seen["cancelled"]
+    record = next(r for r in worker.finished if r["job"] == seen["job"].number)
+    assert record["finish_reason"] == "cancelled" and record["completion_tokens"] < 400
