@@ -448,8 +448,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def start_listening(sock: socket.socket, host: str, port: int) -> socket.socket:
-    """`sock` (from `bind_socket`) listening; closed, and a UsageError, where it cannot (another
-    server bound the same port meanwhile and listened first).
+    """`sock` (from `bind_socket`) listening, with SO_REUSEADDR; closed, and a UsageError, where it
+    cannot (bound with SO_REUSEADDR beside a previous run's TIME_WAIT connections, it shared the
+    port, and another server bound it meanwhile and listened first).
 
     It listens before `serve` prints its address: a client that connects at once then waits in
     the backlog until uvicorn accepts, instead of being refused."""
