@@ -433,6 +433,51 @@ def test_an_address_in_use_is_one_clear_line():
         taken.close()
 
 
+def test_a_port_bound_by_a_server_still_loading_is_refused_to_a_second_at_once():
+    """`serve` binds before the model loads, but with SO_REUSEADDR on, which Linux lets a second
+    SO_REUSEADDR socket share while neither listens: a second server started while the first
+    still loaded bound the same port, loaded too, and the later of the two to finish failed then
+    (the first, if its model was the larger). The port is held alone until it listens."""
+    import socket
+
+    from internvl_chat.errors import UsageError
+    from internvl_chat.serve.main import bind_socket, start_listening
+
+    loading = bind_socket("127.0.0.1", 0)
+    port = loading.getsockname()[1]
+    try:
+        with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{port} .*choose another --port"):
+            bind_socket("127.0.0.1", port)
+        other = socket.socket()  # another program's, with SO_REUSEADDR (as uvicorn's or nginx's)
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with pytest.raises(OSError), other:
+            other.bind(("127.0.0.1", port))
+        start_listening(loading, "127.0.0.1", port)
+        # listening with SO_REUSEADDR: the connections it leaves in TIME_WAIT do not keep the next
+        # start off the port
+        assert loading.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0
+    finally:
+        loading.close()
+
+
+def test_a_port_whose_last_connections_are_in_time_wait_can_be_bound_again():
+    """A restart finds the previous run's closed connections in TIME_WAIT (a minute on Linux):
+    binding the port alone fails then, so it is bound as SO_REUSEADDR allows."""
+    import socket
+
+    from internvl_chat.serve.main import bind_socket, start_listening
+
+    listener = start_listening(bind_socket("127.0.0.1", 0), "127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port), timeout=60)
+    accepted, _ = listener.accept()
+    accepted.close()  # the server's side closes first: it is the one left in TIME_WAIT
+    assert client.recv(1) == b""
+    client.close()
+    listener.close()
+    bind_socket("127.0.0.1", port).close()
+
+
 def test_prerendered_text_events_equal_fully_rendered_ones():
     from internvl_chat.serve import sse
     from internvl_chat.serve.protocol import chunk

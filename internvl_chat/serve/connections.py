@@ -21,7 +21,8 @@ place under the connection limit, which then turns away everybody else. Three de
 A body the app reads is the app's to time (serve/app.py: 408 after `body_timeout`).
 
 Bytes a client sends ahead while its request is answered (a pipelined request, or junk) are read
-only up to PIPELINED_BYTES; the rest waits in TCP until the answer is complete (`_HeldFlow`).
+only up to PIPELINED_BYTES; the rest waits in TCP until the answer is complete (`_HeldFlow`), or
+until the client has closed the connection (`_peer_closed`), whose end is then read.
 
 The end of a client's input (a FIN) is its leaving, as in uvicorn (whose eof_received lets asyncio
 close the connection): it is all the server learns when a client closes, and the app cancels a
@@ -42,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 
 import h11
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -101,6 +103,22 @@ class ConnectionLimit:
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close"), *cors]})  # fmt: skip
         await send({"type": "http.response.body", "body": body})
+
+
+_TCP_ESTABLISHED = 1  # tcp_info's first byte, tcpi_state (Linux's include/net/tcp_states.h)
+
+
+def _peer_closed(transport) -> bool:
+    """Whether the client has ended its side of the connection (a FIN or a reset came), seen in
+    the kernel's TCP state without reading what it sent before: Linux's TCP_INFO; False where it
+    cannot be told."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED
+    except OSError:  # closed meanwhile
+        return True
 
 
 class _HeldFlow(FlowControl):
@@ -176,10 +194,18 @@ class BoundedH11Protocol(H11Protocol):
     # each look for the client's disconnect (Starlette's is_disconnected, after every batch of a
     # job's events) resumed reading, so a client could push hundreds of MB into the server's
     # memory behind one long answer; past PIPELINED_BYTES reading stays paused until it is complete
+    # (a request that asks to upgrade, h2c say, is in MIGHT_SWITCH_PROTOCOL, not DONE, until its
+    # answer starts: a non-streamed one's only at its end)
+    # A client that closes its connection meanwhile is read again, so that its end (the FIN behind
+    # the bytes held) is seen and its request cancelled: a non-streamed answer, which writes nothing
+    # until it is done, ran to its last token. No more can come from it: what is read is what the
+    # kernel holds, bounded by its receive buffer. (Only where TCP let the FIN in: behind MBs the
+    # client had still to send, it is seen when the answer is complete.)
     def _holds_reading(self) -> bool:
-        return (self.conn.their_state in (h11.DONE, h11.MUST_CLOSE)
+        return (self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.MIGHT_SWITCH_PROTOCOL)
                 and self.conn.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY)
-                and len(self.conn.trailing_data[0]) >= PIPELINED_BYTES)  # fmt: skip
+                and len(self.conn.trailing_data[0]) >= PIPELINED_BYTES
+                and not _peer_closed(self.transport))  # fmt: skip
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

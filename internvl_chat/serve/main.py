@@ -412,7 +412,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
     `serve` binds before it loads the model, so a port in use, one it may not take or a host it
     cannot bind is said at once, not after a load of minutes; while it is bound but not listening,
-    a client that connects is refused, as when nothing was bound.
+    a client that connects is refused, as when nothing was bound. It is bound without
+    SO_REUSEADDR where it can be: Linux lets two SO_REUSEADDR sockets share a port while neither
+    listens, so a second server started during the load bound it too and the later of the two to
+    load failed then; without it, the port is held alone until it listens (`start_listening` sets
+    it then, so the connections it leaves in TIME_WAIT do not keep the next start off the port).
+    Only where the port is taken (a previous run's connections in TIME_WAIT, mostly) is it bound
+    with SO_REUSEADDR, as before, and shared until it listens.
 
     A response is written in pieces (headers, then body or SSE events). With Nagle's algorithm
     on, a piece waits for the ACK of the previous one, which the client delays by 40 ms on a
@@ -428,9 +434,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except UnicodeError:  # the IDNA codec refuses the name (an empty label, one over 63 characters)
         raise UsageError(f"cannot listen on {host}:{port} (not a valid host name); check --host") from None
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(address)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            # a previous run's connections in TIME_WAIT (or a socket bound, not listening)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
     except OSError as e:
         sock.close()
         raise _cannot_listen(host, port, e) from None
@@ -438,12 +450,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def start_listening(sock: socket.socket, host: str, port: int) -> socket.socket:
-    """`sock` (from `bind_socket`) listening; closed, and a UsageError, where it cannot (another
-    server bound the same port meanwhile and listened first).
+    """`sock` (from `bind_socket`) listening, with SO_REUSEADDR; closed, and a UsageError, where it
+    cannot (bound with SO_REUSEADDR beside a previous run's TIME_WAIT connections, it shared the
+    port, and another server bound it meanwhile and listened first).
 
     It listens before `serve` prints its address: a client that connects at once then waits in
     the backlog until uvicorn accepts, instead of being refused."""
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.listen(LISTEN_BACKLOG)
     except OSError as e:
         sock.close()
