@@ -172,16 +172,17 @@ def _flagged(event: threading.Event) -> Iterator[None]:
         event.clear()
 
 
-def _stop_on_signals(cancel: threading.Event, stopped_by: list[int], writing: threading.Event) -> dict:
+def _stop_on_signals(cancel: threading.Event, stopped_by: list[int], writing: threading.Event | None = None) -> dict:
     """Ctrl-C, SIGTERM and SIGHUP stop the answer between tokens, so what came is kept (the text's
     line ended, or the --json object printed) instead of lost, or the process killed mid-line
     without a word (SIGTERM's default, `timeout`); returns the handlers replaced.
-    A signal the caller ignores (nohup, a background job) stays ignored."""
+    A signal the caller ignores (nohup, a background job) stays ignored. One that lands while
+    `writing` is set (stdout being written), or a second one, raises _StoppedWhileWriting."""
 
     def stop(signum: int, frame) -> None:
         stopped_by.append(signum)
         cancel.set()
-        if writing.is_set() or len(stopped_by) > 1:
+        if (writing is not None and writing.is_set()) or len(stopped_by) > 1:
             # a write to a reader that does not read (a full pipe) never returns to the next token,
             # and the signal was lost there: `timeout` never ended the run; a second signal is for now
             raise _StoppedWhileWriting(stopped_by[0])
