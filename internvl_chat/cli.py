@@ -22,8 +22,8 @@ from contextlib import suppress
 from typing import TextIO
 
 from .errors import EndedBySignal, InternVLChatError, UsageError, replace_signal_handlers
-from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, sniff_binary, undecodable_byte,
-                    unread_bytes, visible)
+from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, silence_stdout, sniff_binary,
+                    undecodable_byte, unread_bytes, visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
 from .ui.chat_flags import build_parser, chat_setting_flags, server_flag
 
@@ -230,16 +230,6 @@ def _print_error(text: str) -> None:
         pass  # stderr is gone too: the exit code still tells
 
 
-def _silence_stdout() -> None:
-    """After stdout failed: send fd 1 to /dev/null so the final flush at exit cannot fail again."""
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.close(null)
-    except OSError:
-        pass
-
-
 def _end_on_stop_signals(replaced: dict) -> None:
     """SIGTERM and SIGHUP end the terminal app where it is, with one line and status 128 + the signal,
     as Ctrl-C does with 130; their defaults killed it without a word, leaving a session's temp file
@@ -301,7 +291,7 @@ def _run_reporting_errors(argv: list[str]) -> int:
         _print_error("interrupted")
         code = 130
     except (OutputFailed, BrokenPipeError) as e:
-        _silence_stdout()
+        silence_stdout()
         if e.errno != errno.EPIPE:  # a reader that went away (`| head`) needs no message
             _print_error(f"error: cannot write to stdout ({e}); the output is incomplete")
         code = 1

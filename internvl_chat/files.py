@@ -544,6 +544,17 @@ class OutputFailed(Exception):
         self.errno = error.errno
 
 
+def silence_stdout() -> None:
+    """After stdout failed or was given up on: send fd 1 to /dev/null so the final flush at exit
+    cannot fail (or wait on a reader that does not read) again."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+    except OSError:
+        pass
+
+
 class GuardedStream:
     """sys.stdout or sys.stderr with its write errors made explicit.
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,62 @@ def test_a_sigterm_at_the_edges_of_main_ends_the_run_with_one_line(tmp_path, tar
     done = run_signalled(tmp_path, target, "SIGTERM", *args)
     assert done.returncode == 143, done.stderr
     assert done.stderr.endswith("internvl-chat: stopped by SIGTERM\n") and "Traceback" not in done.stderr, done.stderr
+
+
+# the child for a stdout nobody reads: every token is " triangle", never the end, so the answer fills the pipe
+ENDLESS = """  # 2,000 tokens: 18,000 bytes of text, its --json object over 25,000
+import sys
+from internvl_chat.chat import sampling
+real = sampling.Sampler.read
+def read(self, token):
+    real(self, token)
+    return 288  # " triangle"
+sampling.Sampler.read = read
+from internvl_chat.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _wchan(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs Linux's /proc/PID/wchan")
+@pytest.mark.parametrize("signame, json_flag", [("SIGTERM", []), ("SIGINT", []), ("SIGHUP", ["--json"])],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP, --json"])
+def test_a_signal_while_stdout_waits_on_a_reader_that_does_not_read_ends_the_run(tmp_path, signame, json_flag):
+    """Once the answer had begun a stop signal only asked for a stop at the next token; with the
+    answer's write waiting on a reader that stopped reading (its pipe full: `timeout 60
+    internvl-chat -p … | stalled`), no next token came: SIGTERM, Ctrl-C and SIGHUP did nothing, for
+    good. Now one that lands in the write ends the run with the usual line and status."""
+    import fcntl
+    import time
+
+    read_end, write_end = os.pipe()
+    with suppress(OSError):
+        fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: a small pipe fills with a short answer
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, "HOME": str(tmp_path)}
+    child = subprocess.Popen([sys.executable, "-c", ENDLESS, "--device", "cpu", "--max-new-tokens", "2000", "-p", "hi", *json_flag],
+                             stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE, env=env, cwd=tmp_path)  # fmt: skip
+    os.close(write_end)
+    try:
+        deadline = time.monotonic() + 300  # a safety net only: the child blocks as soon as the pipe is full
+        while "pipe_write" not in _wchan(child.pid):
+            assert child.poll() is None and time.monotonic() < deadline, "the answer never filled the pipe"
+            time.sleep(0.05)
+        child.send_signal(getattr(signal, signame))
+        try:
+            _, stderr = child.communicate(timeout=120)  # stdout is still not read
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{signame} did not end a run whose stdout waited on its reader")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        os.close(read_end)
+    note = "interrupted" if signame == "SIGINT" else f"stopped by {signame}"
+    assert child.returncode == 128 + getattr(signal, signame), stderr
+    assert stderr.decode().endswith(f"internvl-chat: {note}\n") and b"Traceback" not in stderr, stderr

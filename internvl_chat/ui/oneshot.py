@@ -3,7 +3,10 @@
 Ctrl-C, SIGTERM or SIGHUP once the answer has begun stop it between tokens: the text so far is
 kept (its line ended; with --json the object is printed, finish_reason "cancelled"), one line on
 stderr says why it stopped, and the status is 128 + the signal (130, 143, 129; `timeout` sends
-SIGTERM). Before that they act as anywhere else (nothing to keep yet). Ignored ones stay ignored."""
+SIGTERM). Before that they act as anywhere else (nothing to keep yet). Ignored ones stay ignored.
+One that lands while stdout is being written (a reader that stopped reading, its pipe full; a
+terminal paused with Ctrl-S), or a second one, ends the run at once with the same line and status:
+stopping between tokens waited there for the reader, for good."""
 
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ import os
 import signal
 import sys
 import threading
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 from ..errors import InternVLChatError, UsageError, replace_signal_handlers
-from ..files import OutputFailed, real_path, visible
+from ..files import OutputFailed, real_path, silence_stdout, visible
 from ..settings import Settings
 from .answer_text import AnswerCleaner
 from .media_paths import not_attached_lines, not_sent, only_missing_paths, take_media_paths
@@ -52,31 +56,44 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
                 kind = media_kind(path)
                 media.append(session.describe_video(path, settings.media.frames) if kind == "video"
                              else session.describe_image(path, settings.media.max_tiles))  # fmt: skip
+    try:
+        return _answer(args, settings, session, prompt, media)
+    except _StoppedWhileWriting as e:
+        # what stdout still holds in its buffer would wait on that reader again as the program exits
+        silence_stdout()
+        print(f"internvl-chat: {_stopped_note(e.signum)}", file=sys.stderr)
+        return 128 + e.signum
+
+
+def _answer(args: argparse.Namespace, settings: Settings, session, prompt: str, media: list) -> int:
+    """The answer streamed (or its --json object printed), then the lines for stderr; the status."""
     final = None
     # raw text for pipes; a terminal must not receive the model's control characters (its \r are line breaks)
     clean = AnswerCleaner() if sys.stdout.isatty() else None
     wrote = False
     cancel, stopped_by, parts = threading.Event(), [], []  # stopped_by: the signals that stopped the answer
+    writing = threading.Event()  # set while stdout is written: a stop signal then ends the run at once
     handlers = None
     try:
         for event in session.ask(prompt, media, cancel=cancel):
             parts.append(event["text"])
             if handlers is None:  # the answer has begun: a signal now keeps what came
-                handlers = _stop_on_signals(cancel, stopped_by)
+                handlers = _stop_on_signals(cancel, stopped_by, writing)
             if not args.json and event["text"]:
                 wrote = True
-                sys.stdout.write(clean.feed(event["text"]) if clean else event["text"])
-                sys.stdout.flush()
+                with _flagged(writing):
+                    sys.stdout.write(clean.feed(event["text"]) if clean else event["text"])
+                    sys.stdout.flush()
             if event["finish_reason"] is not None:
                 final = event
     except (InternVLChatError, KeyboardInterrupt):
         if wrote:  # the partial answer's line is ended: the error line (stderr) must not continue it
-            with suppress(OutputFailed):
+            with suppress(OutputFailed), _flagged(writing):
                 sys.stdout.write("\n")
                 sys.stdout.flush()
         raise
     else:
-        info, timing = _end_the_answer(args, session, final, parts, clean)
+        info, timing = _end_the_answer(args, session, final, parts, clean, writing)
     finally:
         # only now, the answer's line ended (or the --json object out): main's handlers, put back at
         # the last token, ended the run there with "stopped by SIGTERM" continuing the answer's line
@@ -103,10 +120,10 @@ def run_oneshot(args: argparse.Namespace, settings: Settings, prompt: str) -> in
     return 1 if broken else 0
 
 
-def _end_the_answer(args: argparse.Namespace, session, final: dict, parts: list[str], clean: AnswerCleaner | None):
+def _end_the_answer(args: argparse.Namespace, session, final: dict, parts: list[str], clean: AnswerCleaner | None,
+                    writing: threading.Event):
     """The answer's line ended, or its --json object printed; returns the backend's info and the timing."""
-    if clean is not None and not args.json:
-        sys.stdout.write(clean.finish())
+    rest = clean.finish() if clean is not None and not args.json else ""
     info = session.describe()
     timing = dict(final["timing"], load_s=info.load_s)  # load_s: the model's load, or the server handshake
     if args.json:
@@ -124,10 +141,12 @@ def _end_the_answer(args: argparse.Namespace, session, final: dict, parts: list[
         # a stdout that cannot hold all of Unicode (PYTHONIOENCODING=ascii) gets \u escapes: the same JSON
         encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
         line = json.dumps(out, ensure_ascii=codecs.lookup(encoding).name != "utf-8")
-        sys.stdout.write((line.translate(_JSON_FOR_TERMINAL) if sys.stdout.isatty() else line) + "\n")
+        rest = (line.translate(_JSON_FOR_TERMINAL) if sys.stdout.isatty() else line) + "\n"
     else:
-        sys.stdout.write("\n")
-    sys.stdout.flush()
+        rest += "\n"
+    with _flagged(writing):
+        sys.stdout.write(rest)
+        sys.stdout.flush()
     return info, timing
 
 
@@ -136,15 +155,37 @@ def _stopped_note(signum: int) -> str:
     return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
 
 
-def _stop_on_signals(cancel: threading.Event, stopped_by: list[int]) -> dict:
+class _StoppedWhileWriting(BaseException):
+    """A stop signal that landed while stdout was written, or a second one: the run ends at once."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _flagged(event: threading.Event) -> Iterator[None]:
+    event.set()
+    try:
+        yield
+    finally:
+        event.clear()
+
+
+def _stop_on_signals(cancel: threading.Event, stopped_by: list[int], writing: threading.Event | None = None) -> dict:
     """Ctrl-C, SIGTERM and SIGHUP stop the answer between tokens, so what came is kept (the text's
     line ended, or the --json object printed) instead of lost, or the process killed mid-line
     without a word (SIGTERM's default, `timeout`); returns the handlers replaced.
-    A signal the caller ignores (nohup, a background job) stays ignored."""
+    A signal the caller ignores (nohup, a background job) stays ignored. One that lands while
+    `writing` is set (stdout being written), or a second one, raises _StoppedWhileWriting."""
 
     def stop(signum: int, frame) -> None:
         stopped_by.append(signum)
         cancel.set()
+        if (writing is not None and writing.is_set()) or len(stopped_by) > 1:
+            # a write to a reader that does not read (a full pipe) never returns to the next token,
+            # and the signal was lost there: `timeout` never ended the run; a second signal is for now
+            raise _StoppedWhileWriting(stopped_by[0])
 
     if threading.current_thread() is not threading.main_thread():
         return {}
