@@ -124,3 +124,18 @@ def test_an_entity_for_a_bidi_override_is_written_as_text():
     tokens = VIEWER.parse(markdown)
     text = "".join(child.content for token in tokens for child in token.children or [])
     assert "\u202e" not in text and "&#x202e;" in text and "A" in text
+
+
+@pytest.mark.parametrize("text", ["User\n===\n===\n" * 60, "User \n=== \n===\t\n" * 60, "> User\n> ===\n> ===\n" * 60,
+                                  "- x\n\n" + "  User\n  ===\n  ===\n" * 30 + "\n## &#85;ser\n## User\n---"])  # fmt: skip
+def test_fake_headings_that_each_escape_uncovers_take_a_bounded_number_of_parses(monkeypatch, text):
+    """Escaping `User\\n===`'s underline made it text that the next `===` underlined, and the next
+    `User` a fake heading again: one parse of the whole answer per heading (an answer of 1000 took
+    over a minute to export). Past a few passes every underline is written as text at once."""
+    from internvl_chat.ui import export
+
+    parses = []
+    parse = export._VIEWER.parse
+    monkeypatch.setattr(export._VIEWER, "parse", lambda src, *a: parses.append(1) or parse(src, *a))
+    check(text)
+    assert len(parses) <= 10

@@ -23,6 +23,11 @@ _BLOCKS = MarkdownIt("commonmark", {"html": False})
 # a viewer that reads more (GitHub's: HTML, tables): what `export_block` writes is checked with it
 _VIEWER = MarkdownIt("commonmark", {"html": True}).enable("table").enable("strikethrough")
 _OWN_HEADINGS = ("conversation", "system", "user", "assistant")
+# the passes that escape fake headings one by one (an escape may begin another, rarely) before
+# every line that could underline a heading is escaped at once
+_HEADING_PASSES = 4
+# a line that can underline a heading (setext), in a quote or list item too
+_UNDERLINE = re.compile(r"^([ \t>]*)((?:=+|-+)[ \t]*)$")
 
 
 _CODE_RUN = re.compile(r"`+")
@@ -128,10 +133,15 @@ def export_block(text: str) -> str:
     # lines, or split by a table's `|`), every line but code blocks' is made inert, spans too
     for spans in (True, False):
         out = [line if i in code else _inert_line(line, spans) for i, line in enumerate(lines)]
-        for _ in range(len(lines)):  # each escape may end one fake heading and begin another (rarely)
+        for passes in range(len(lines) + _HEADING_PASSES + 1):
             fakes = _fake_headings("\n".join(out))
             if not fakes:
                 break
+            if passes == _HEADING_PASSES:
+                # each escape ended one fake heading and began another (`User\n===\n===`, repeated):
+                # a parse per heading took minutes; every underline is written as text at once
+                out = [line if i in code else _UNDERLINE.sub(r"\1\\\2", line) for i, line in enumerate(out)]
+                continue
             for at, setext in fakes:
                 out[at] = _unfake(out[at], setext)
         if not _live("\n".join(out)):
