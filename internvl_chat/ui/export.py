@@ -18,8 +18,8 @@ from .answer_text import sanitize
 
 
 # the blocks of a message as a viewer of the export reads them (where its code is); HTML off, as the
-# export writes no raw HTML outside code
-_BLOCKS = MarkdownIt("commonmark", {"html": False})
+# export writes no raw HTML outside code; blocks only (the inline parse, most of the time, unused)
+_BLOCKS = MarkdownIt("commonmark", {"html": False}).disable("inline")
 # a viewer that reads more (GitHub's: HTML, tables): what `export_block` writes is checked with it
 _VIEWER = MarkdownIt("commonmark", {"html": True}).enable("table").enable("strikethrough")
 _OWN_HEADINGS = ("conversation", "system", "user", "assistant")
@@ -77,19 +77,18 @@ def _escaped(line: str, at: int) -> bool:
     return (at - len(line[:at].rstrip("\\"))) % 2 == 1
 
 
-def _live(markdown: str) -> bool:
-    """A viewer of `markdown` would fetch something (an image) or show raw HTML."""
-    return any(_live_token(token) for token in _VIEWER.parse(markdown))
+def _live(tokens: list[Token]) -> bool:
+    """A viewer of the Markdown parsed as `tokens` would fetch something (an image) or show raw HTML."""
+    return any(_live_token(token) for token in tokens)
 
 
 def _live_token(token: Token) -> bool:
     return token.type in ("html_block", "html_inline", "image") or any(map(_live_token, token.children or []))
 
 
-def _fake_headings(markdown: str) -> list[tuple[int, bool]]:
-    """The headings of `markdown` that read as one of the export's own (`## &#85;ser`, `User` over
-    `---`): (the line to escape, whether it is a setext underline)."""
-    tokens = _VIEWER.parse(markdown)
+def _fake_headings(tokens: list[Token]) -> list[tuple[int, bool]]:
+    """The headings of the Markdown parsed as `tokens` that read as one of the export's own
+    (`## &#85;ser`, `User` over `---`): (the line to escape, whether it is a setext underline)."""
     found = []
     for heading, inline in zip(tokens, tokens[1:]):
         if heading.type != "heading_open" or not heading.map:
@@ -134,7 +133,8 @@ def export_block(text: str) -> str:
     for spans in (True, False):
         out = [line if i in code else _inert_line(line, spans) for i, line in enumerate(lines)]
         for passes in range(len(lines) + _HEADING_PASSES + 1):
-            fakes = _fake_headings("\n".join(out))
+            viewed = _VIEWER.parse("\n".join(out))  # one parse for both checks where nothing is escaped
+            fakes = _fake_headings(viewed)
             if not fakes:
                 break
             if passes == _HEADING_PASSES:
@@ -144,7 +144,9 @@ def export_block(text: str) -> str:
                 continue
             for at, setext in fakes:
                 out[at] = _unfake(out[at], setext)
-        if not _live("\n".join(out)):
+        else:
+            viewed = _VIEWER.parse("\n".join(out))
+        if not _live(viewed):
             break
     fences = [token for token in tokens if token.type == "fence" and token.map]
     if fences:
