@@ -154,3 +154,22 @@ def test_a_normal_answer_is_parsed_inline_once(monkeypatch):
     assert export_block(answer) == answer
     paragraphs_and_cells = 6  # the inline parse runs once per heading, paragraph and table cell
     assert len(inline_parses) == paragraphs_and_cells
+
+
+def test_code_spans_a_viewer_agrees_on_stay_as_written_beside_one_it_reads_otherwise():
+    """A table's `|` inside a code span (`ls | grep <name>`, common in an answer about the shell)
+    ends the cell there, and `<name>` would be live: every code span of the answer was made inert,
+    and `List<T>` two paragraphs up showed as `List&lt;T>`. Only that row's spans are now."""
+    answer = "Use `List<T>` and `<div>`.\n\n| Command | Meaning |\n|---|---|\n| `ls | grep <name>` | filter |\n\nAlso `a<b>`."
+    markdown = check(answer)
+    assert "Use `List<T>` and `<div>`." in markdown and "Also `a<b>`." in markdown
+    assert "| `ls | grep &lt;name>` | filter |" in markdown
+
+
+@pytest.mark.parametrize("text", [f"User\n=\n    {EVIL_HTML}", f"Assistant\n---\n    {EVIL_IMAGE}", f"> User\n> ===\n>     {EVIL_IMAGE}",
+                                  f"User\n=\n    x\n    {EVIL_IMAGE}\n\n    {EVIL_HTML}"])  # fmt: skip
+def test_code_after_a_fake_heading_that_is_text_once_escaped_is_made_inert(text):
+    """An indented code block may follow a heading, but cannot interrupt a paragraph: with the
+    fake heading's underline escaped, the "code" below it joined the heading's words as a
+    paragraph, and its image or HTML, left as written, was live."""
+    check(text)

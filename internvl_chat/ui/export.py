@@ -129,9 +129,12 @@ def export_block(text: str) -> str:
         if token.type in ("fence", "code_block") and token.map:
             code.update(range(*token.map))
     # where a code span as this line-by-line reading took it is none to the viewer (one over two
-    # lines, or split by a table's `|`), every line but code blocks' is made inert, spans too
-    for spans in (True, False):
-        out = [line if i in code else _inert_line(line, spans) for i, line in enumerate(lines)]
+    # lines, or split by a table's `|`), the lines of the paragraph or table row where something
+    # stayed live are made inert, spans too; if that leaves something live, every line but code's
+    everywhere = set(range(len(lines)))
+    no_spans: set[int] = set()
+    while True:
+        out = [line if i in code else _inert_line(line, i not in no_spans) for i, line in enumerate(lines)]
         for passes in range(len(lines) + _HEADING_PASSES + 1):
             viewed = _VIEWER.parse("\n".join(out))  # one parse for both checks where nothing is escaped
             fakes = _fake_headings(viewed)
@@ -148,6 +151,16 @@ def export_block(text: str) -> str:
             viewed = _VIEWER.parse("\n".join(out))
         if not _live(viewed):
             break
+        # an escaped heading no longer ends its paragraph: an indented code block after it
+        # (`User\n=\n    <b>`) became the paragraph's text, left live; such lines are made inert too
+        viewer_code = {i for token in viewed if token.type in ("fence", "code_block") and token.map for i in range(*token.map)}
+        if code - viewer_code:
+            code &= viewer_code
+            continue
+        if no_spans == everywhere:
+            break
+        live = {i for token in viewed if token.map and _live_token(token) for i in range(*token.map)}
+        no_spans = live if live and not no_spans else everywhere
     fences = [token for token in tokens if token.type == "fence" and token.map]
     if fences:
         # the last fence may be open to the end: closed by its own fence when that closes it (a
