@@ -173,3 +173,11 @@ def test_code_after_a_fake_heading_that_is_text_once_escaped_is_made_inert(text)
     fake heading's underline escaped, the "code" below it joined the heading's words as a
     paragraph, and its image or HTML, left as written, was live."""
     check(text)
+
+
+def test_a_fence_the_viewer_reads_as_a_table_gets_no_closing_fence():
+    """markdown-it tries tables before fences: `~~~|-` over `-|-` is a table to a viewer built on
+    it, and the `~~~` appended to close the "fence" opened one that held the next turn."""
+    check("~~~|-\n-|-")
+    assert check("~~~python\ncode").count("~~~") == 2
+    check("~~~|-\n-|-\n```")  # the viewer's fence, not the CommonMark parser's, is left open

@@ -22,6 +22,8 @@ from .answer_text import sanitize
 _BLOCKS = MarkdownIt("commonmark", {"html": False}).disable("inline")
 # a viewer that reads more (GitHub's: HTML, tables): what `export_block` writes is checked with it
 _VIEWER = MarkdownIt("commonmark", {"html": True}).enable("table").enable("strikethrough")
+# its blocks only (cheap): where a fence left open ends
+_VIEWER_BLOCKS = MarkdownIt("commonmark", {"html": True}).enable("table").disable("inline")
 _OWN_HEADINGS = ("conversation", "system", "user", "assistant")
 # the passes that escape fake headings one by one (an escape may begin another, rarely) before
 # every line that could underline a heading is escaped at once
@@ -107,6 +109,14 @@ def _unfake(line: str, setext: bool) -> str:
     return line[:at] + "\\" + line[at:] if at >= 0 else line
 
 
+def _closed_by(parser: MarkdownIt, markdown: str, fence: Token) -> bool:
+    """`fence` (of `markdown`) is open to the end, and `parser` reads its markup on a line after
+    the end as its closing fence."""
+    end = markdown.count("\n") + 2
+    tokens = parser.parse(markdown + "\n" + fence.markup)
+    return any(t.type == "fence" and t.map == [fence.map[0], end] for t in tokens)
+
+
 def export_block(text: str) -> str:
     """`text` (a message, an answer) as a safe part of an export's Markdown.
 
@@ -161,14 +171,14 @@ def export_block(text: str) -> str:
             break
         live = {i for token in viewed if token.map and _live_token(token) for i in range(*token.map)}
         no_spans = live if live and not no_spans else everywhere
-    fences = [token for token in tokens if token.type == "fence" and token.map]
-    if fences:
-        # the last fence may be open to the end: closed by its own fence when that closes it (a
-        # top-level one; one in a list or quote ends with it, at the export's next line)
-        last = fences[-1]
-        closed = [t for t in _BLOCKS.parse(text + "\n" + last.markup) if t.type == "fence" and t.map]
-        if any(t.map == [last.map[0], len(lines) + 1] for t in closed):
-            out.append(last.markup)
+    # the last fence may be open to the end: closed by its own fence when that closes it (a
+    # top-level one; one in a list or quote ends with it, at the export's next line). As the
+    # viewer reads the blocks: markdown-it tries tables first, and `~~~|-` over `-|-` is a table
+    # there, so the `~~~` "closing" it opened a fence that held the rest of the export
+    exported = "\n".join(out)
+    fences = [token for token in _VIEWER_BLOCKS.parse(exported) if token.type == "fence" and token.map]
+    if fences and _closed_by(_VIEWER_BLOCKS, exported, fences[-1]):
+        out.append(fences[-1].markup)
     return "\n".join(out)
 
 
