@@ -181,3 +181,8 @@ def test_a_fence_the_viewer_reads_as_a_table_gets_no_closing_fence():
     check("~~~|-\n-|-")
     assert check("~~~python\ncode").count("~~~") == 2
     check("~~~|-\n-|-\n```")  # the viewer's fence, not the CommonMark parser's, is left open
+
+
+@pytest.mark.parametrize("text", ["```\n ", "~~~\n\t", "```py\ncode\n\n", "```\ncode\n```\n \n"])
+def test_a_fence_ending_in_blank_lines_is_closed_when_open(text):
+    check(text)

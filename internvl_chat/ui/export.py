@@ -177,7 +177,8 @@ def export_block(text: str) -> str:
     # there, so the `~~~` "closing" it opened a fence that held the rest of the export
     exported = "\n".join(out)
     fences = [token for token in _VIEWER_BLOCKS.parse(exported) if token.type == "fence" and token.map]
-    if fences and _closed_by(_VIEWER_BLOCKS, exported, fences[-1]):
+    reaches_end = fences and fences[-1].map[1] > exported.rstrip().count("\n")  # else closed before it
+    if reaches_end and _closed_by(_VIEWER_BLOCKS, exported, fences[-1]):
         out.append(fences[-1].markup)
     return "\n".join(out)
 
