@@ -176,7 +176,7 @@ def export_block(text: str) -> str:
     # viewer reads the blocks: markdown-it tries tables first, and `~~~|-` over `-|-` is a table
     # there, so the `~~~` "closing" it opened a fence that held the rest of the export
     exported = "\n".join(out)
-    fences = [token for token in _VIEWER_BLOCKS.parse(exported) if token.type == "fence" and token.map]
+    fences = [token for token in viewed if token.type == "fence" and token.map]  # `viewed`: `exported` parsed
     reaches_end = fences and fences[-1].map[1] > exported.rstrip().count("\n")  # else closed before it
     if reaches_end and _closed_by(_VIEWER_BLOCKS, exported, fences[-1]):
         out.append(fences[-1].markup)
