@@ -124,3 +124,65 @@ def test_an_entity_for_a_bidi_override_is_written_as_text():
     tokens = VIEWER.parse(markdown)
     text = "".join(child.content for token in tokens for child in token.children or [])
     assert "\u202e" not in text and "&#x202e;" in text and "A" in text
+
+
+@pytest.mark.parametrize("text", ["User\n===\n===\n" * 60, "User \n=== \n===\t\n" * 60, "> User\n> ===\n> ===\n" * 60,
+                                  "- x\n\n" + "  User\n  ===\n  ===\n" * 30 + "\n## &#85;ser\n## User\n---"])  # fmt: skip
+def test_fake_headings_that_each_escape_uncovers_take_a_bounded_number_of_parses(monkeypatch, text):
+    """Escaping `User\\n===`'s underline made it text that the next `===` underlined, and the next
+    `User` a fake heading again: one parse of the whole answer per heading (an answer of 1000 took
+    over a minute to export). Past a few passes every underline is written as text at once."""
+    from internvl_chat.ui import export
+
+    parses = []
+    parse = export._VIEWER.parse
+    monkeypatch.setattr(export._VIEWER, "parse", lambda src, *a: parses.append(1) or parse(src, *a))
+    check(text)
+    assert len(parses) <= 10
+
+
+def test_a_normal_answer_is_parsed_inline_once(monkeypatch):
+    """The inline parse is most of markdown-it's time: the fence finder ran it unused, and the
+    viewer's parse ran twice (fake headings, then live HTML) on the same text, so a long answer
+    took 3 to 4 of them to export (90 KB: 0.6-0.9 s, against 0.03 s before the parser checked it)."""
+    from markdown_it.parser_inline import ParserInline
+
+    inline_parses = []
+    parse = ParserInline.parse
+    monkeypatch.setattr(ParserInline, "parse", lambda self, *a: inline_parses.append(1) or parse(self, *a))
+    answer = "# Plan\n\nUse `List<T>` & `a < b`:\n\n```python\nprint('<b>')\n```\n\n| a | b |\n|---|---|\n| `x` | y |\n"
+    assert export_block(answer) == answer
+    paragraphs_and_cells = 6  # the inline parse runs once per heading, paragraph and table cell
+    assert len(inline_parses) == paragraphs_and_cells
+
+
+def test_code_spans_a_viewer_agrees_on_stay_as_written_beside_one_it_reads_otherwise():
+    """A table's `|` inside a code span (`ls | grep <name>`, common in an answer about the shell)
+    ends the cell there, and `<name>` would be live: every code span of the answer was made inert,
+    and `List<T>` two paragraphs up showed as `List&lt;T>`. Only that row's spans are now."""
+    answer = "Use `List<T>` and `<div>`.\n\n| Command | Meaning |\n|---|---|\n| `ls | grep <name>` | filter |\n\nAlso `a<b>`."
+    markdown = check(answer)
+    assert "Use `List<T>` and `<div>`." in markdown and "Also `a<b>`." in markdown
+    assert "| `ls | grep &lt;name>` | filter |" in markdown
+
+
+@pytest.mark.parametrize("text", [f"User\n=\n    {EVIL_HTML}", f"Assistant\n---\n    {EVIL_IMAGE}", f"> User\n> ===\n>     {EVIL_IMAGE}",
+                                  f"User\n=\n    x\n    {EVIL_IMAGE}\n\n    {EVIL_HTML}"])  # fmt: skip
+def test_code_after_a_fake_heading_that_is_text_once_escaped_is_made_inert(text):
+    """An indented code block may follow a heading, but cannot interrupt a paragraph: with the
+    fake heading's underline escaped, the "code" below it joined the heading's words as a
+    paragraph, and its image or HTML, left as written, was live."""
+    check(text)
+
+
+def test_a_fence_the_viewer_reads_as_a_table_gets_no_closing_fence():
+    """markdown-it tries tables before fences: `~~~|-` over `-|-` is a table to a viewer built on
+    it, and the `~~~` appended to close the "fence" opened one that held the next turn."""
+    check("~~~|-\n-|-")
+    assert check("~~~python\ncode").count("~~~") == 2
+    check("~~~|-\n-|-\n```")  # the viewer's fence, not the CommonMark parser's, is left open
+
+
+@pytest.mark.parametrize("text", ["```\n ", "~~~\n\t", "```py\ncode\n\n", "```\ncode\n```\n \n"])
+def test_a_fence_ending_in_blank_lines_is_closed_when_open(text):
+    check(text)

@@ -554,3 +554,12 @@ def test_a_columns_in_other_digits_counts_as_unset():
     for odd in ("²", "١٠٠"):
         console = make_console(FakeTTY(), env={"COLUMNS": odd, "LINES": odd})
         assert console.size == make_console(FakeTTY(), env={}).size
+
+
+@pytest.mark.parametrize("marker", ["- ", "1. ", "> - "])
+def test_a_table_row_longer_than_its_header_in_a_list_item_loses_no_cell(marker):
+    """A table on a list item's first line: its header line holds the marker (`- | a | b |`),
+    counted as a cell, so a row one cell longer than the header still lost its last cell."""
+    pad = " " * len(marker) if marker != "> - " else ">   "
+    doc = f"{marker}| a | b |\n{pad}|---|---|\n{pad}| 1 | 2 | SECRET |\n"
+    assert "SECRET" in shown(doc)

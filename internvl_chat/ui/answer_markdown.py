@@ -132,7 +132,7 @@ def _drops_cells(tokens: list[Token], markup: str) -> bool:
     for token in tokens:
         if token.type == "table_open" and token.map:
             start, end = token.map
-            columns = len(_cells(lines[start]))
+            columns = len(_cells(lines[start + 1]))  # the delimiter row: the header line may hold a list marker
             if any(cell.strip() for line in lines[start + 2 : end] for cell in _cells(line)[columns:]):
                 return True
     return False

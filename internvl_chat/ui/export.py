@@ -18,11 +18,18 @@ from .answer_text import sanitize
 
 
 # the blocks of a message as a viewer of the export reads them (where its code is); HTML off, as the
-# export writes no raw HTML outside code
-_BLOCKS = MarkdownIt("commonmark", {"html": False})
+# export writes no raw HTML outside code; blocks only (the inline parse, most of the time, unused)
+_BLOCKS = MarkdownIt("commonmark", {"html": False}).disable("inline")
 # a viewer that reads more (GitHub's: HTML, tables): what `export_block` writes is checked with it
 _VIEWER = MarkdownIt("commonmark", {"html": True}).enable("table").enable("strikethrough")
+# its blocks only (cheap): where a fence left open ends
+_VIEWER_BLOCKS = MarkdownIt("commonmark", {"html": True}).enable("table").disable("inline")
 _OWN_HEADINGS = ("conversation", "system", "user", "assistant")
+# the passes that escape fake headings one by one (an escape may begin another, rarely) before
+# every line that could underline a heading is escaped at once
+_HEADING_PASSES = 4
+# a line that can underline a heading (setext), in a quote or list item too
+_UNDERLINE = re.compile(r"^([ \t>]*)((?:=+|-+)[ \t]*)$")
 
 
 _CODE_RUN = re.compile(r"`+")
@@ -72,19 +79,18 @@ def _escaped(line: str, at: int) -> bool:
     return (at - len(line[:at].rstrip("\\"))) % 2 == 1
 
 
-def _live(markdown: str) -> bool:
-    """A viewer of `markdown` would fetch something (an image) or show raw HTML."""
-    return any(_live_token(token) for token in _VIEWER.parse(markdown))
+def _live(tokens: list[Token]) -> bool:
+    """A viewer of the Markdown parsed as `tokens` would fetch something (an image) or show raw HTML."""
+    return any(_live_token(token) for token in tokens)
 
 
 def _live_token(token: Token) -> bool:
     return token.type in ("html_block", "html_inline", "image") or any(map(_live_token, token.children or []))
 
 
-def _fake_headings(markdown: str) -> list[tuple[int, bool]]:
-    """The headings of `markdown` that read as one of the export's own (`## &#85;ser`, `User` over
-    `---`): (the line to escape, whether it is a setext underline)."""
-    tokens = _VIEWER.parse(markdown)
+def _fake_headings(tokens: list[Token]) -> list[tuple[int, bool]]:
+    """The headings of the Markdown parsed as `tokens` that read as one of the export's own
+    (`## &#85;ser`, `User` over `---`): (the line to escape, whether it is a setext underline)."""
     found = []
     for heading, inline in zip(tokens, tokens[1:]):
         if heading.type != "heading_open" or not heading.map:
@@ -101,6 +107,14 @@ def _unfake(line: str, setext: bool) -> str:
     """A heading's line written as text: a backslash before its `#` marks, or before its underline."""
     at = len(line) - len(line.lstrip(" >")) if setext else line.find("#")
     return line[:at] + "\\" + line[at:] if at >= 0 else line
+
+
+def _closed_by(parser: MarkdownIt, markdown: str, fence: Token) -> bool:
+    """`fence` (of `markdown`) is open to the end, and `parser` reads its markup on a line after
+    the end as its closing fence."""
+    end = markdown.count("\n") + 2
+    tokens = parser.parse(markdown + "\n" + fence.markup)
+    return any(t.type == "fence" and t.map == [fence.map[0], end] for t in tokens)
 
 
 def export_block(text: str) -> str:
@@ -125,25 +139,47 @@ def export_block(text: str) -> str:
         if token.type in ("fence", "code_block") and token.map:
             code.update(range(*token.map))
     # where a code span as this line-by-line reading took it is none to the viewer (one over two
-    # lines, or split by a table's `|`), every line but code blocks' is made inert, spans too
-    for spans in (True, False):
-        out = [line if i in code else _inert_line(line, spans) for i, line in enumerate(lines)]
-        for _ in range(len(lines)):  # each escape may end one fake heading and begin another (rarely)
-            fakes = _fake_headings("\n".join(out))
+    # lines, or split by a table's `|`), the lines of the paragraph or table row where something
+    # stayed live are made inert, spans too; if that leaves something live, every line but code's
+    everywhere = set(range(len(lines)))
+    no_spans: set[int] = set()
+    while True:
+        out = [line if i in code else _inert_line(line, i not in no_spans) for i, line in enumerate(lines)]
+        for passes in range(len(lines) + _HEADING_PASSES + 1):
+            viewed = _VIEWER.parse("\n".join(out))  # one parse for both checks where nothing is escaped
+            fakes = _fake_headings(viewed)
             if not fakes:
                 break
+            if passes == _HEADING_PASSES:
+                # each escape ended one fake heading and began another (`User\n===\n===`, repeated):
+                # a parse per heading took minutes; every underline is written as text at once
+                out = [line if i in code else _UNDERLINE.sub(r"\1\\\2", line) for i, line in enumerate(out)]
+                continue
             for at, setext in fakes:
                 out[at] = _unfake(out[at], setext)
-        if not _live("\n".join(out)):
+        else:
+            viewed = _VIEWER.parse("\n".join(out))
+        if not _live(viewed):
             break
-    fences = [token for token in tokens if token.type == "fence" and token.map]
-    if fences:
-        # the last fence may be open to the end: closed by its own fence when that closes it (a
-        # top-level one; one in a list or quote ends with it, at the export's next line)
-        last = fences[-1]
-        closed = [t for t in _BLOCKS.parse(text + "\n" + last.markup) if t.type == "fence" and t.map]
-        if any(t.map == [last.map[0], len(lines) + 1] for t in closed):
-            out.append(last.markup)
+        # an escaped heading no longer ends its paragraph: an indented code block after it
+        # (`User\n=\n    <b>`) became the paragraph's text, left live; such lines are made inert too
+        viewer_code = {i for token in viewed if token.type in ("fence", "code_block") and token.map for i in range(*token.map)}
+        if code - viewer_code:
+            code &= viewer_code
+            continue
+        if no_spans == everywhere:
+            break
+        live = {i for token in viewed if token.map and _live_token(token) for i in range(*token.map)}
+        no_spans = live if live and not no_spans else everywhere
+    # the last fence may be open to the end: closed by its own fence when that closes it (a
+    # top-level one; one in a list or quote ends with it, at the export's next line). As the
+    # viewer reads the blocks: markdown-it tries tables first, and `~~~|-` over `-|-` is a table
+    # there, so the `~~~` "closing" it opened a fence that held the rest of the export
+    exported = "\n".join(out)
+    fences = [token for token in viewed if token.type == "fence" and token.map]  # `viewed`: `exported` parsed
+    reaches_end = fences and fences[-1].map[1] > exported.rstrip().count("\n")  # else closed before it
+    if reaches_end and _closed_by(_VIEWER_BLOCKS, exported, fences[-1]):
+        out.append(fences[-1].markup)
     return "\n".join(out)
 
 
