@@ -23,6 +23,7 @@ import torch
 from internvl_chat.chat import sampling
 from internvl_chat.engine import model as engine_model
 from internvl_chat.engine.loader import load_model
+from internvl_chat.serve.logprobs import Entry
 from internvl_chat.serve.text_completions import DEFAULT_MAX_TOKENS, MAX_PROMPTS, LegacyLogprobs
 from fault_helpers import fail_once
 from serve_support import RunningServer
@@ -350,6 +351,15 @@ def test_text_offsets_count_the_characters_of_the_text_before_each_token(pieces,
     assert b"".join(pieces).decode("utf-8", "replace") == text  # the text those tokens spell
     legacy.restart_at(len(text) + 5)  # an echoed prompt's text before the answer
     assert legacy.shape(_entries(b"x"))["text_offset"] == [len(text) + 5]
+
+
+def test_a_left_out_token_between_a_character_s_bytes_leaves_the_character_whole():
+    """An answer's text skips the special token (b"\\xc3", <|im_end|>, b"\\xa9" reads "é"); an echoed
+    prompt's text holds it (and so the U+FFFD of each byte alone)."""
+    entries = _entries(b"a", b"\xc3", b"<|im_end|>", b"\xa9", b"b")
+    entries[2] = Entry(entries[2], left_out=True)
+    assert LegacyLogprobs().shape(entries)["text_offset"] == [0, 1, 1, 1, 2]  # "aéb"
+    assert LegacyLogprobs().shape(entries, prompt=True)["text_offset"] == [0, 1, 2, 12, 13]  # "a\ufffd<|im_end|>\ufffdb"
 
 
 # ---- echo and the prompt's log-probabilities -----------------------------------------------------
