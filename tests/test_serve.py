@@ -129,6 +129,35 @@ def test_an_answer_a_stop_string_ends_counts_the_tokens_up_to_the_one_that_compl
         assert chunks[-1].usage.completion_tokens == k, stop
 
 
+@pytest.mark.parametrize("interval", [1, 4])
+def test_the_token_ids_of_an_answer_a_stop_string_ends_are_those_usage_counts(server, client, interval):
+    """vLLM's `return_token_ids`: every token up to the one that completes the stop string, whether or
+    not some of them spell the text that is sent, however many tokens an event holds."""
+    extra = {"return_token_ids": True}
+    full = ask(client, "Tell me about colours.", max_tokens=10, extra_body=extra).choices[0].model_extra["token_ids"]
+    texts = [server.loaded.tokenizer.decode(full[:k]) for k in range(len(full) + 1)]
+    # a stop string that is all the k-th token adds, said nowhere before it: the text sent is the first k - 1 tokens'
+    cases = [(k, texts[k][len(texts[k - 1]):]) for k in range(2, len(texts)) if texts[k].startswith(texts[k - 1])
+             and texts[k].find(texts[k][len(texts[k - 1]):]) == len(texts[k - 1]) > 0
+             and "\ufffd" not in texts[k] and len(texts[k]) > len(texts[k - 1])]  # fmt: skip
+    assert cases, texts
+    sessions = [slot.session for slot in server.worker.slots.slots]
+    try:
+        for session in sessions:
+            session.stream_interval = interval
+        for k, stop in cases:
+            out = ask(client, "Tell me about colours.", max_tokens=24, stop=stop, extra_body=extra)
+            choice = out.choices[0]
+            assert (choice.message.content, choice.finish_reason) == (texts[k - 1], "stop"), stop
+            assert choice.model_extra["token_ids"] == full[:k] and out.usage.completion_tokens == k, stop
+            chunks = list(ask(client, "Tell me about colours.", max_tokens=24, stop=stop, stream=True, extra_body=extra,
+                              stream_options={"include_usage": True}))  # fmt: skip
+            assert chunks[-2].choices[0].model_extra["token_ids"] == full[:k] and chunks[-1].usage.completion_tokens == k
+    finally:
+        for session in sessions:
+            session.stream_interval = 1
+
+
 def test_with_several_tokens_an_event_a_stop_string_still_counts_the_tokens_up_to_its_end(server, client):
     """[generation] stream_interval 4: the tokens after the stop string in its event were counted too."""
     answers = [ask(client, "Count to ten.", max_tokens=k).choices[0] for k in range(1, 9)]

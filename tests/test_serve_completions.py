@@ -20,8 +20,10 @@ import openai
 import pytest
 import torch
 
+from internvl_chat.chat import sampling
 from internvl_chat.engine import model as engine_model
 from internvl_chat.engine.loader import load_model
+from internvl_chat.serve.logprobs import Entry
 from internvl_chat.serve.text_completions import DEFAULT_MAX_TOKENS, MAX_PROMPTS, LegacyLogprobs
 from fault_helpers import fail_once
 from serve_support import RunningServer
@@ -167,6 +169,46 @@ def test_generated_logprobs_are_the_legacy_shape(client, local, stop_ids):
     assert_offsets(logprobs, answer.choices[0].text)
 
 
+def force_token_at_step(monkeypatch, token: int, step: int) -> None:
+    """The sampler's `step`-th pick (from 0, in every answer) sees `token` far ahead of the rest."""
+    real, steps = sampling.Sampler.next_token, {}
+
+    def next_token(self, logits):
+        n = steps[id(self)] = steps.get(id(self), -1) + 1
+        if n == step:
+            logits = logits.clone()
+            logits.reshape(-1)[token] = float(logits.max()) + 50
+        return real(self, logits)
+
+    monkeypatch.setattr(sampling.Sampler, "next_token", next_token)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_special_token_the_answer_s_text_leaves_out_takes_no_characters_in_text_offset(server, local, stop_ids,
+                                                                                           monkeypatch, stream):  # fmt: skip
+    special = local.special
+    banned = {special.img_start, special.img_end, special.img_context, special.im_start}
+    quiet = min(set(local.tokenizer.special_ids) - stop_ids - banned)  # listed as its text, which the answer never shows
+    force_token_at_step(monkeypatch, quiet, 1)
+    client = server.client()
+    kw = dict(model="tiny", prompt=TEXT, max_tokens=4, temperature=0, logprobs=1, echo=True)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw)]
+        text = "".join(c.text for c in chunks)
+        tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+        offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, tokens, offsets = choice.text, choice.logprobs.tokens, choice.logprobs.text_offset
+    prompt = len(local.tokenizer.encode(TEXT))
+    named = local.tokenizer.decode([quiet])
+    assert tokens[prompt + 1] == named and named not in text
+    assert offsets[prompt + 1] == offsets[prompt + 2] == len(TEXT) + len(tokens[prompt])  # where the next token's text begins
+    shown = [(t, o) for i, (t, o) in enumerate(zip(tokens, offsets)) if i != prompt + 1]
+    assert "".join(t for t, _ in shown) == text
+    assert all(text[o : o + len(t)] == t for t, o in shown)
+
+
 def test_a_stream_sends_text_completion_chunks_that_add_up_to_the_answer(client):
     kw = dict(model="tiny", prompt=[TEXT, "Red, green and"], max_tokens=6, temperature=0)
     whole = client.completions.create(**kw)
@@ -309,6 +351,15 @@ def test_text_offsets_count_the_characters_of_the_text_before_each_token(pieces,
     assert b"".join(pieces).decode("utf-8", "replace") == text  # the text those tokens spell
     legacy.restart_at(len(text) + 5)  # an echoed prompt's text before the answer
     assert legacy.shape(_entries(b"x"))["text_offset"] == [len(text) + 5]
+
+
+def test_a_left_out_token_between_a_character_s_bytes_leaves_the_character_whole():
+    """An answer's text skips the special token (b"\\xc3", <|im_end|>, b"\\xa9" reads "é"); an echoed
+    prompt's text holds it (and so the U+FFFD of each byte alone)."""
+    entries = _entries(b"a", b"\xc3", b"<|im_end|>", b"\xa9", b"b")
+    entries[2] = Entry(entries[2], left_out=True)
+    assert LegacyLogprobs().shape(entries)["text_offset"] == [0, 1, 1, 1, 2]  # "aéb"
+    assert LegacyLogprobs().shape(entries, prompt=True)["text_offset"] == [0, 1, 2, 12, 13]  # "a\ufffd<|im_end|>\ufffdb"
 
 
 # ---- echo and the prompt's log-probabilities -----------------------------------------------------

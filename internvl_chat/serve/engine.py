@@ -539,7 +539,7 @@ class EngineWorker:
             "index": index,
             "finish_reason": reason,
             "text": text,
-            "token_ids": answer_ids if answer_ids is not None else generated,
+            "token_ids": generated[:completion_tokens],  # vLLM's: the ids usage counts
             "logprobs": tokens.listed if tokens is not None else None,
             "usage": usage(len(prompt.ids), completion_tokens, reuse),
             "timings": timings(prompt_n, timing["vision_s"] + timing["prefill_s"], timing["decode_tokens"],

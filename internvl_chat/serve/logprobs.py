@@ -6,6 +6,9 @@ float32, before temperature, top-k/p and the repetition penalty). `bytes` are th
 bytes from the vocabulary (Tokenizer.token_bytes); `token` is those bytes decoded alone, so a
 byte-level piece that holds part of a character shows U+FFFD for that part.
 
+An entry knows whether the answer's text leaves its token out (`Entry.left_out`: a special token,
+which the detokenizer never prints), so the legacy endpoint's `text_offset` gives it no characters.
+
 A token is listed once all of its text has been sent: text held back while it could begin a stop
 string waits with it, and a token whose text a stop string cut (even in part) is never listed, so
 the list describes exactly the answer the client got.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+from ..chat.detokenize import default_skip_ids
 from ..chat.sampling import TokenLogprob
 from ..engine.tokenizer import as_tokenizer
 
@@ -24,11 +28,23 @@ from ..engine.tokenizer import as_tokenizer
 LOGPROB_FLOOR = -9999.0
 
 
+class Entry(dict):
+    """One logprob entry, the dict OpenAI's JSON shows; `left_out`: an answer's text leaves its token
+    out (a special token: chat/detokenize.py prints none), not part of the JSON."""
+
+    __slots__ = ("left_out",)
+
+    def __init__(self, *args: Any, left_out: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.left_out = left_out
+
+
 class TokenPieces:
     """Token ids as OpenAI's logprob entries; each id's text and bytes are looked up once."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = as_tokenizer(tokenizer)
+        self.left_out = frozenset(default_skip_ids(self.tokenizer))  # the ids an answer's text never shows
         self._pieces: dict[int, tuple[str, list[int]]] = {}  # at most one per vocabulary entry
 
     def piece(self, token_id: int) -> tuple[str, list[int]]:
@@ -45,7 +61,7 @@ class TokenPieces:
 
     def content(self, token: TokenLogprob) -> dict:
         """One entry of a choice's `logprobs.content`."""
-        out = self.entry(token.token_id, token.logprob)
+        out = Entry(self.entry(token.token_id, token.logprob), left_out=token.token_id in self.left_out)
         out["top_logprobs"] = [self.entry(token_id, logprob) for token_id, logprob in token.top]
         return out
 

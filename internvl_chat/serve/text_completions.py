@@ -243,10 +243,15 @@ class LegacyLogprobs:
         self.offset = offset
         self._decoder.reset()
 
-    def shape(self, entries: list[dict]) -> dict:
+    def shape(self, entries: list[dict], prompt: bool = False) -> dict:
+        """`prompt`: the entries are an echoed prompt's, whose text holds every token's (a special
+        token's too); an answer's text leaves out the tokens its entries mark `left_out`, which take
+        no characters there (and leave a character their neighbours spell whole)."""
         out: dict[str, list] = {key: [] for key in LEGACY_KEYS}
         for entry in entries:
             raw = bytes(entry["bytes"])
+            if not prompt and getattr(entry, "left_out", False):
+                raw = b""
             if raw and not _CONTINUATION[0] <= raw[0] <= _CONTINUATION[1]:
                 # a character begun before and not continued here is one U+FFFD in the text, before this token
                 self.offset += len(self._decoder.decode(b"", final=True))
@@ -291,7 +296,7 @@ def text_choice(req: CompletionRequest, prompts: TextPrompts, result: dict) -> d
     if req.logprobs is not None:
         legacy, parts = LegacyLogprobs(), []
         if req.echo:
-            parts.append(legacy.shape(result["prompt_logprobs"]))
+            parts.append(legacy.shape(result["prompt_logprobs"], prompt=True))
             legacy.restart_at(len(echo))
         parts.append(legacy.shape(result["logprobs"]))
         logprobs = _joined_logprobs(parts)
@@ -340,7 +345,7 @@ async def text_stream(job: Job, events: AsyncIterator, req: CompletionRequest, p
     async for kind, payload in events:
         if kind == "prompt":
             echo = prompts.texts[index // job.choices]
-            logprobs = legacy.shape(payload) if asked else None
+            logprobs = legacy.shape(payload, prompt=True) if asked else None
             legacy.restart_at(len(echo))
             yield event(index, echo, logprobs)
         elif kind == "text":
