@@ -171,13 +171,18 @@ def test_generated_logprobs_are_the_legacy_shape(client, local, stop_ids):
 
 def force_token_at_step(monkeypatch, token: int, step: int) -> None:
     """The sampler's `step`-th pick (from 0, in every answer) sees `token` far ahead of the rest."""
+    force_tokens(monkeypatch, {step: token})
+
+
+def force_tokens(monkeypatch, forced: dict[int, int]) -> None:
+    """The sampler's pick `step` (from 0, in every answer) sees `forced[step]` far ahead of the rest."""
     real, steps = sampling.Sampler.next_token, {}
 
     def next_token(self, logits):
         n = steps[id(self)] = steps.get(id(self), -1) + 1
-        if n == step:
+        if n in forced:
             logits = logits.clone()
-            logits.reshape(-1)[token] = float(logits.max()) + 50
+            logits.reshape(-1)[forced[n]] = float(logits.max()) + 50
         return real(self, logits)
 
     monkeypatch.setattr(sampling.Sampler, "next_token", next_token)
@@ -207,6 +212,33 @@ def test_a_special_token_the_answer_s_text_leaves_out_takes_no_characters_in_tex
     shown = [(t, o) for i, (t, o) in enumerate(zip(tokens, offsets)) if i != prompt + 1]
     assert "".join(t for t, _ in shown) == text
     assert all(text[o : o + len(t)] == t for t, o in shown)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_stop_token_after_a_character_left_unfinished_stands_at_the_end_of_the_text(server, local, stop_ids,
+                                                                                         monkeypatch, stream):  # fmt: skip
+    """The answer ends in a character's first byte, then the stop token: the text ends in its U+FFFD,
+    and the listed stop token (no text of its own) stands after it, at the text's end."""
+    lead = next(i for i in range(100_000) if local.tokenizer.token_bytes(i) == b"\xc3")
+    stop = min(stop_ids)
+    force_tokens(monkeypatch, {1: lead, 2: stop})
+    client = server.client()
+    kw = dict(model="tiny", prompt=TEXT, max_tokens=6, temperature=0, logprobs=1)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw)]
+        text, reason = "".join(c.text for c in chunks), chunks[-1].finish_reason
+        offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, reason, offsets = choice.text, choice.finish_reason, choice.logprobs.text_offset
+    assert reason == "stop" and text.endswith("\ufffd") and len(offsets) == 3
+    assert offsets[1] == len(text) - 1 and offsets[2] == len(text)
+
+
+def test_a_left_out_stop_token_after_an_unfinished_character_stands_after_its_u_fffd():
+    entries = _entries(b"a", b"\xc3", b"<|im_end|>")
+    entries[2] = Entry(entries[2], left_out=True, ends=True)
+    assert LegacyLogprobs().shape(entries)["text_offset"] == [0, 1, 2]  # "a\ufffd"
 
 
 def test_a_stream_sends_text_completion_chunks_that_add_up_to_the_answer(client):

@@ -439,7 +439,7 @@ class EngineWorker:
         ended_by_token = final.get("stop_logprob") is not None and not (job.discard_answer or halt.stop_hit)
         if job.list_stop_token and tokens is not None and ended_by_token:
             # lm-eval's loglikelihood drops the answer's last listed token as the one generated
-            stop_entry = self.pieces.content(final["stop_logprob"])
+            stop_entry = self.pieces.content(final["stop_logprob"], ends=True)
             tokens.listed.append(stop_entry)
             job.emit("tokens", ("", [stop_entry]))
         for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts

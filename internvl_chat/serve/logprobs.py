@@ -7,7 +7,8 @@ bytes from the vocabulary (Tokenizer.token_bytes); `token` is those bytes decode
 byte-level piece that holds part of a character shows U+FFFD for that part.
 
 An entry knows whether the answer's text leaves its token out (`Entry.left_out`: a special token,
-which the detokenizer never prints), so the legacy endpoint's `text_offset` gives it no characters.
+which the detokenizer never prints, or the stop token that ended the answer, `Entry.ends`), so the
+legacy endpoint's `text_offset` gives it no characters (and puts the stop token at the text's end).
 
 A token is listed once all of its text has been sent: text held back while it could begin a stop
 string waits with it, and a token whose text a stop string cut (even in part) is never listed, so
@@ -30,13 +31,16 @@ LOGPROB_FLOOR = -9999.0
 
 class Entry(dict):
     """One logprob entry, the dict OpenAI's JSON shows; `left_out`: an answer's text leaves its token
-    out (a special token: chat/detokenize.py prints none), not part of the JSON."""
+    out (a special token: chat/detokenize.py prints none); `ends`: the stop token that ended the
+    answer, after all of its text (a character left unfinished before it is the text's last U+FFFD).
+    Neither is part of the JSON."""
 
-    __slots__ = ("left_out",)
+    __slots__ = ("left_out", "ends")
 
-    def __init__(self, *args: Any, left_out: bool = False, **kwargs: Any):
+    def __init__(self, *args: Any, left_out: bool = False, ends: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.left_out = left_out
+        self.ends = ends
 
 
 class TokenPieces:
@@ -59,9 +63,11 @@ class TokenPieces:
         text, raw = self.piece(token_id)
         return {"token": text, "logprob": logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR, "bytes": list(raw)}
 
-    def content(self, token: TokenLogprob) -> dict:
-        """One entry of a choice's `logprobs.content`."""
-        out = Entry(self.entry(token.token_id, token.logprob), left_out=token.token_id in self.left_out)
+    def content(self, token: TokenLogprob, ends: bool = False) -> dict:
+        """One entry of a choice's `logprobs.content` (`ends`: the stop token that ended the answer,
+        whose text the answer never shows)."""
+        left_out = ends or token.token_id in self.left_out
+        out = Entry(self.entry(token.token_id, token.logprob), left_out=left_out, ends=ends)
         out["top_logprobs"] = [self.entry(token_id, logprob) for token_id, logprob in token.top]
         return out
 

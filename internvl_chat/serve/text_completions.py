@@ -252,6 +252,9 @@ class LegacyLogprobs:
             raw = bytes(entry["bytes"])
             if not prompt and getattr(entry, "left_out", False):
                 raw = b""
+            if not prompt and getattr(entry, "ends", False):
+                # nothing follows the stop token: a character still unfinished is the text's last U+FFFD, before it
+                self.offset += len(self._decoder.decode(b"", final=True))
             if raw and not _CONTINUATION[0] <= raw[0] <= _CONTINUATION[1]:
                 # a character begun before and not continued here is one U+FFFD in the text, before this token
                 self.offset += len(self._decoder.decode(b"", final=True))
