@@ -235,10 +235,37 @@ def test_the_stop_token_after_a_character_left_unfinished_stands_at_the_end_of_t
     assert offsets[1] == len(text) - 1 and offsets[2] == len(text)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_left_out_token_after_a_character_left_unfinished_stands_after_its_u_fffd(server, local, stop_ids,
+                                                                                     monkeypatch, stream):  # fmt: skip
+    """A character's first byte, a special token, then a token that begins a new character: the text
+    shows the first byte as U+FFFD, and the special token (no text of its own) comes after it."""
+    special = local.special
+    banned = {special.img_start, special.img_end, special.img_context, special.im_start}
+    quiet = min(set(local.tokenizer.special_ids) - stop_ids - banned)
+    lead = next(i for i in range(100_000) if local.tokenizer.token_bytes(i) == b"\xc3")
+    plain = local.tokenizer.encode("x")[0]  # a token of its own ASCII text
+    force_tokens(monkeypatch, {1: lead, 2: quiet, 3: plain})
+    client = server.client()
+    kw = dict(model="tiny", prompt=TEXT, max_tokens=4, temperature=0, logprobs=1)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw)]
+        text = "".join(c.text for c in chunks)
+        offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        text, offsets = choice.text, choice.logprobs.text_offset
+    fffd = text.index("\ufffd")
+    assert text[fffd + 1 :] == local.tokenizer.decode([plain]) and offsets[1:] == [fffd, fffd + 1, fffd + 1]
+
+
 def test_a_left_out_stop_token_after_an_unfinished_character_stands_after_its_u_fffd():
     entries = _entries(b"a", b"\xc3", b"<|im_end|>")
     entries[2] = Entry(entries[2], left_out=True, ends=True)
     assert LegacyLogprobs().shape(entries)["text_offset"] == [0, 1, 2]  # "a\ufffd"
+    entries = _entries(b"a", b"\xc3", b"<|im_end|>", b"b")
+    entries[2] = Entry(entries[2], left_out=True)
+    assert LegacyLogprobs().shape(entries)["text_offset"] == [0, 1, 2, 2]  # "a\ufffdb"
 
 
 def test_a_stream_sends_text_completion_chunks_that_add_up_to_the_answer(client):

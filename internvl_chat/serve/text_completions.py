@@ -248,13 +248,19 @@ class LegacyLogprobs:
         token's too); an answer's text leaves out the tokens its entries mark `left_out`, which take
         no characters there (and leave a character their neighbours spell whole)."""
         out: dict[str, list] = {key: [] for key in LEGACY_KEYS}
-        for entry in entries:
+        after = 0  # the next entry with answer bytes, once a left-out token needed it (one scan for a run of them)
+        for number, entry in enumerate(entries):
             raw = bytes(entry["bytes"])
             if not prompt and getattr(entry, "left_out", False):
                 raw = b""
-            if not prompt and getattr(entry, "ends", False):
-                # nothing follows the stop token: a character still unfinished is the text's last U+FFFD, before it
-                self.offset += len(self._decoder.decode(b"", final=True))
+                if after <= number:
+                    after = _next_with_bytes(entries, number)
+                continued = after < len(entries) and _CONTINUATION[0] <= entries[after]["bytes"][0] <= _CONTINUATION[1]
+                if self._decoder.getstate()[0] and (getattr(entry, "ends", False) or not continued):
+                    # no later byte of this call continues a character begun before (nothing does after
+                    # the stop token; the tokens of an unfinished character are listed with the one after
+                    # it, serve/logprobs.py): it is a U+FFFD in the text, before this token
+                    self.offset += len(self._decoder.decode(b"", final=True))
             if raw and not _CONTINUATION[0] <= raw[0] <= _CONTINUATION[1]:
                 # a character begun before and not continued here is one U+FFFD in the text, before this token
                 self.offset += len(self._decoder.decode(b"", final=True))
@@ -267,6 +273,14 @@ class LegacyLogprobs:
 
 
 _CONTINUATION = (0x80, 0xBF)  # the bytes that continue a UTF-8 character
+
+
+def _next_with_bytes(entries: list[dict], number: int) -> int:
+    """The first entry after `number` whose bytes are in the answer's text (a left-out token's are not), or len(entries)."""
+    for later in range(number + 1, len(entries)):
+        if entries[later]["bytes"] and not getattr(entries[later], "left_out", False):
+            return later
+    return len(entries)
 
 
 def _top_dict(entry: dict) -> dict[str, float] | None:
