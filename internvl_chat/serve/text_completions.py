@@ -276,7 +276,8 @@ _CONTINUATION = (0x80, 0xBF)  # the bytes that continue a UTF-8 character
 
 
 def _next_with_bytes(entries: list[dict], number: int) -> int:
-    """The first entry after `number` whose bytes are in the answer's text (a left-out token's are not), or len(entries)."""
+    """The first entry after `number` whose bytes are in the answer's text (a left-out token's are
+    not), or len(entries)."""
     for later in range(number + 1, len(entries)):
         if entries[later]["bytes"] and not getattr(entries[later], "left_out", False):
             return later
