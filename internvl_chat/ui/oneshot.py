@@ -4,9 +4,10 @@ Ctrl-C, SIGTERM or SIGHUP once the answer has begun stop it between tokens: the 
 kept (its line ended; with --json the object is printed, finish_reason "cancelled"), one line on
 stderr says why it stopped, and the status is 128 + the signal (130, 143, 129; `timeout` sends
 SIGTERM). Before that they act as anywhere else (nothing to keep yet). Ignored ones stay ignored.
-One that lands while stdout is being written (a reader that stopped reading, its pipe full; a
-terminal paused with Ctrl-S), or a second one, ends the run at once with the same line and status:
-stopping between tokens waited there for the reader, for good."""
+One that lands while a write to stdout waits on its reader (a reader that stopped reading, its
+pipe full; a terminal paused with Ctrl-S), or a second one, ends the run at once with the same line
+and status: stopping between tokens waited there for the reader, for good. One that lands in a
+write that does not wait lets it finish and stops at the next token as above."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import codecs
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -177,12 +179,14 @@ def _stop_on_signals(cancel: threading.Event, stopped_by: list[int], writing: th
     line ended, or the --json object printed) instead of lost, or the process killed mid-line
     without a word (SIGTERM's default, `timeout`); returns the handlers replaced.
     A signal the caller ignores (nohup, a background job) stays ignored. One that lands while
-    `writing` is set (stdout being written), or a second one, raises _StoppedWhileWriting."""
+    `writing` is set (stdout being written) and stdout cannot take a byte (its write waits on the
+    reader), or a second one, raises _StoppedWhileWriting. A write that does not wait is left to
+    finish: the answer then stops at the next token, its line ended (or its --json object out)."""
 
     def stop(signum: int, frame) -> None:
         stopped_by.append(signum)
         cancel.set()
-        if (writing is not None and writing.is_set()) or len(stopped_by) > 1:
+        if (writing is not None and writing.is_set() and _stdout_waits()) or len(stopped_by) > 1:
             # a write to a reader that does not read (a full pipe) never returns to the next token,
             # and the signal was lost there: `timeout` never ended the run; a second signal is for now
             raise _StoppedWhileWriting(stopped_by[0])
@@ -190,6 +194,16 @@ def _stop_on_signals(cancel: threading.Event, stopped_by: list[int], writing: th
     if threading.current_thread() is not threading.main_thread():
         return {}
     return replace_signal_handlers((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), stop)
+
+
+def _stdout_waits() -> bool:
+    """Whether a write to stdout waits now on its reader (a pipe it stopped reading is full, a
+    terminal paused with Ctrl-S); True where that cannot be told, so that a stop signal is never lost."""
+    try:
+        _, ready, _ = select.select([], [sys.stdout.fileno()], [], 0)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (io.UnsupportedOperation is an OSError)
+        return True
+    return not ready
 
 
 def _why_cut(session, more_room: str) -> str:
