@@ -658,3 +658,84 @@ def test_a_signal_while_stdout_is_full_ends_the_run_at_once(monkeypatch):
     finally:
         os.close(write_end)
         os.close(read_end)
+
+
+class _StoppedAsTheReaderStalls:
+    """A conversation without a model: "Once upon", then its reader stops reading (the pipe fills)
+    and `timeout`'s SIGTERM comes while the next token is made, not in a write."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.turns: list = []
+
+    def ask(self, prompt, media, params=None, cancel=None):
+        import signal
+        from types import SimpleNamespace
+
+        yield {"text": "Once upon", "finish_reason": None}
+        with pytest.raises(BlockingIOError):
+            while True:
+                os.write(self.fd, b"x" * 4096)
+        signal.raise_signal(signal.SIGTERM)
+        for _ in range(6000):  # the handler runs in this thread, at the latest as the wait returns
+            if cancel.wait(0.01):
+                break
+        else:
+            pytest.fail("the signal did not ask the answer to stop")
+        self.turns.append(SimpleNamespace(answer_text="Once upon a"))
+        yield {"text": " a", "finish_reason": "cancelled", "token_ids": [1, 2, 3], "timing": {}, "usage": {"completion_tokens": 3}}
+
+    def describe(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(load_s=0.0, memory_device=None, more_room="")
+
+
+class _UnbufferedOut:
+    """stdout straight onto a file descriptor: nothing left in a buffer to flush after the test."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, text: str) -> int:
+        return os.write(self.fd, text.encode())
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
+@pytest.mark.usefixtures("signals_as_a_shell_starts_them")
+def test_a_signal_between_tokens_with_the_reader_stalled_still_ends_the_run(monkeypatch, capsys, as_json):
+    """A stop signal that came between tokens asked for a stop at the next one; the answer's last
+    writes (its last piece and line end, or the whole --json object) then waited on a reader that
+    had stopped reading, for good: the one signal `timeout` sends was spent. Once a stop is asked
+    for, a write that would wait ends the run at once, as a signal landing in it does. (The pipe
+    here does not block, so the old code fails with BlockingIOError instead of hanging.)"""
+    import argparse
+
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import oneshot
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    silenced = []
+    monkeypatch.setattr(oneshot, "silence_stdout", lambda: silenced.append(1))  # never this process's fd 1
+    monkeypatch.setattr(oneshot, "open_conversation", lambda settings: _StoppedAsTheReaderStalls(write_end))
+    monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
+    monkeypatch.setattr(sys, "stdout", _UnbufferedOut(write_end))
+    args = argparse.Namespace(json=as_json, prompt_flag="Tell me a story.", prompt=[])
+    settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False})
+    try:
+        code = oneshot.run_oneshot(args, settings, "Tell me a story.")
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+    assert code == 143 and silenced == [1]
+    assert capsys.readouterr().err == "internvl-chat: stopped by SIGTERM\n"
