@@ -644,7 +644,8 @@ def test_a_signal_while_stdout_is_full_ends_the_run_at_once(monkeypatch):
         with pytest.raises(BlockingIOError):
             while True:
                 os.write(write_end, b"x" * 4096)  # the reader reads nothing: the pipe is full
-        monkeypatch.setattr(sys, "stdout", _SignalInTheWrite(write_end, signal.SIGTERM))
+        stdout = _SignalInTheWrite(write_end, signal.SIGTERM)
+        monkeypatch.setattr(sys, "stdout", stdout)
         cancel, stopped_by, writing = threading.Event(), [], threading.Event()
         replaced = oneshot._stop_on_signals(cancel, stopped_by, writing)
         try:
@@ -655,6 +656,7 @@ def test_a_signal_while_stdout_is_full_ends_the_run_at_once(monkeypatch):
             for signum, handler in replaced.items():
                 signal.signal(signum, handler)
         assert stopped.value.signum == signal.SIGTERM and cancel.is_set()
+        stdout.stream.close()  # nothing was written: no buffer to flush
     finally:
         os.close(write_end)
         os.close(read_end)
