@@ -540,3 +540,204 @@ def test_repl_lines_piped_to_the_repl_are_pointed_to_the_script_flag_that_reads_
     # the REPL lines piped here were told to go in a --script FILE: `--script -` runs them as they are
     run = cli("-I", stdin="/image cat.png\nHow many?\n")
     _one_line(run, 2, "the REPL needs a terminal on stdin; use --script FILE for scripted input (--script - reads it from stdin)")
+
+
+class _AnswerStoppedInItsWrite:
+    """A conversation without a model: "Once upon", then " a" (cancelled if a signal came meanwhile)."""
+
+    def __init__(self):
+        self.turns: list = []
+
+    def ask(self, prompt, media, params=None, cancel=None):
+        from types import SimpleNamespace
+
+        yield {"text": "Once upon", "finish_reason": None}
+        reason = "cancelled" if cancel is not None and cancel.is_set() else "stop"
+        self.turns.append(SimpleNamespace(answer_text="Once upon a"))
+        yield {"text": " a", "finish_reason": reason, "token_ids": [1, 2, 3], "timing": {}, "usage": {"completion_tokens": 3}}
+
+    def describe(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(load_s=0.0, memory_device=None, more_room="")
+
+
+class _SignalInTheWrite:
+    """stdout on a pipe with room to spare, whose first write is where the signal lands (Ctrl-C
+    pressed just then): the write itself does not wait on anyone."""
+
+    def __init__(self, fd: int, signum: int):
+        self.stream = open(fd, "w", encoding="utf-8", closefd=False)
+        self.signum, self.sent = signum, False
+
+    def write(self, text: str) -> int:
+        if not self.sent:
+            import signal
+
+            self.sent = True
+            signal.raise_signal(self.signum)  # its handler runs here, before the bytes go
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
+@pytest.mark.usefixtures("signals_as_a_shell_starts_them")
+def test_a_signal_that_lands_in_a_write_that_does_not_wait_still_keeps_the_answer(monkeypatch, capsys, as_json):
+    """A stop signal that landed while stdout was written ended the run at once, even where the write
+    did not wait on its reader: Ctrl-C pressed as a token was printed left the answer's line open
+    (the stderr line continued it), and one as the --json object was printed lost the object. Only
+    a write that waits (the reader's pipe full) is given up on; this one finishes and the answer
+    stops at the next token as usual."""
+    import argparse
+    import signal
+
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import oneshot
+
+    read_end, write_end = os.pipe()
+    silenced = []
+    monkeypatch.setattr(oneshot, "silence_stdout", lambda: silenced.append(1))  # never this process's fd 1
+    monkeypatch.setattr(oneshot, "open_conversation", lambda settings: _AnswerStoppedInItsWrite())
+    monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
+    stdout = _SignalInTheWrite(write_end, signal.SIGINT)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    args = argparse.Namespace(json=as_json, prompt_flag="Tell me a story.", prompt=[])
+    settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False})
+    try:
+        code = oneshot.run_oneshot(args, settings, "Tell me a story.")
+        stdout.stream.close()
+        os.close(write_end)
+        write_end = None
+        with open(read_end, "rb", closefd=False) as pipe:
+            out = pipe.read().decode()
+    finally:
+        if write_end is not None:
+            os.close(write_end)
+        os.close(read_end)
+    assert stdout.sent and silenced == []
+    assert code == 130 and capsys.readouterr().err == "internvl-chat: interrupted\n"
+    if as_json:
+        assert json.loads(out)["text"] == "Once upon a"  # the object, whole
+    else:
+        assert out == "Once upon a\n"  # the text so far, its line ended
+
+
+@pytest.mark.usefixtures("signals_as_a_shell_starts_them")
+def test_a_signal_while_stdout_is_full_ends_the_run_at_once(monkeypatch):
+    # the other side of the test above: a write that would wait on its reader is given up on
+    import signal
+    import threading
+
+    from internvl_chat.ui import oneshot
+
+    read_end, write_end = os.pipe()
+    try:
+        os.set_blocking(write_end, False)
+        with pytest.raises(BlockingIOError):
+            while True:
+                os.write(write_end, b"x" * 4096)  # the reader reads nothing: the pipe is full
+        stdout = _SignalInTheWrite(write_end, signal.SIGTERM)
+        monkeypatch.setattr(sys, "stdout", stdout)
+        cancel, stopped_by, writing = threading.Event(), [], threading.Event()
+        replaced = oneshot._stop_on_signals(cancel, stopped_by, writing)
+        try:
+            writing.set()
+            with pytest.raises(oneshot._StoppedWhileWriting) as stopped:
+                signal.raise_signal(signal.SIGTERM)
+        finally:
+            for signum, handler in replaced.items():
+                signal.signal(signum, handler)
+        assert stopped.value.signum == signal.SIGTERM and cancel.is_set()
+        stdout.stream.close()  # nothing was written: no buffer to flush
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+
+
+class _StoppedAsTheReaderStalls:
+    """A conversation without a model: "Once upon", then its reader stops reading (the pipe fills)
+    and `timeout`'s SIGTERM comes while the next token is made, not in a write."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.turns: list = []
+
+    def ask(self, prompt, media, params=None, cancel=None):
+        import signal
+        from types import SimpleNamespace
+
+        yield {"text": "Once upon", "finish_reason": None}
+        with pytest.raises(BlockingIOError):
+            while True:
+                os.write(self.fd, b"x" * 4096)
+        signal.raise_signal(signal.SIGTERM)
+        for _ in range(6000):  # the handler runs in this thread, at the latest as the wait returns
+            if cancel.wait(0.01):
+                break
+        else:
+            pytest.fail("the signal did not ask the answer to stop")
+        self.turns.append(SimpleNamespace(answer_text="Once upon a"))
+        yield {"text": " a", "finish_reason": "cancelled", "token_ids": [1, 2, 3], "timing": {}, "usage": {"completion_tokens": 3}}
+
+    def describe(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(load_s=0.0, memory_device=None, more_room="")
+
+
+class _UnbufferedOut:
+    """stdout straight onto a file descriptor: nothing left in a buffer to flush after the test."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, text: str) -> int:
+        return os.write(self.fd, text.encode())
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
+@pytest.mark.usefixtures("signals_as_a_shell_starts_them")
+def test_a_signal_between_tokens_with_the_reader_stalled_still_ends_the_run(monkeypatch, capsys, as_json):
+    """A stop signal that came between tokens asked for a stop at the next one; the answer's last
+    writes (its last piece and line end, or the whole --json object) then waited on a reader that
+    had stopped reading, for good: the one signal `timeout` sends was spent. Once a stop is asked
+    for, a write that would wait ends the run at once, as a signal landing in it does. (The pipe
+    here does not block, so the old code fails with BlockingIOError instead of hanging.)"""
+    import argparse
+
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import oneshot
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    silenced = []
+    monkeypatch.setattr(oneshot, "silence_stdout", lambda: silenced.append(1))  # never this process's fd 1
+    monkeypatch.setattr(oneshot, "open_conversation", lambda settings: _StoppedAsTheReaderStalls(write_end))
+    monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
+    monkeypatch.setattr(sys, "stdout", _UnbufferedOut(write_end))
+    args = argparse.Namespace(json=as_json, prompt_flag="Tell me a story.", prompt=[])
+    settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False})
+    try:
+        code = oneshot.run_oneshot(args, settings, "Tell me a story.")
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+    assert code == 143 and silenced == [1]
+    assert capsys.readouterr().err == "internvl-chat: stopped by SIGTERM\n"

@@ -125,7 +125,12 @@ def test_a_sigterm_at_the_edges_of_main_ends_the_run_with_one_line(tmp_path, tar
 
 # the child for a stdout nobody reads: every token is " triangle", never the end, so the answer fills the pipe
 ENDLESS = """  # 2,000 tokens: 18,000 bytes of text, its --json object over 25,000
-import sys
+import signal, sys
+# as a shell starts it: pytest itself may run under nohup (SIGHUP ignored) or as a background job
+# (SIGINT ignored), which the child inherits and the CLI keeps ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 from internvl_chat.chat import sampling
 real = sampling.Sampler.read
 def read(self, token):

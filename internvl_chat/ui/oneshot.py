@@ -4,9 +4,11 @@ Ctrl-C, SIGTERM or SIGHUP once the answer has begun stop it between tokens: the 
 kept (its line ended; with --json the object is printed, finish_reason "cancelled"), one line on
 stderr says why it stopped, and the status is 128 + the signal (130, 143, 129; `timeout` sends
 SIGTERM). Before that they act as anywhere else (nothing to keep yet). Ignored ones stay ignored.
-One that lands while stdout is being written (a reader that stopped reading, its pipe full; a
-terminal paused with Ctrl-S), or a second one, ends the run at once with the same line and status:
-stopping between tokens waited there for the reader, for good."""
+One that lands while a write to stdout waits on its reader (a reader that stopped reading, its
+pipe full; a terminal paused with Ctrl-S), or a second one, ends the run at once with the same line
+and status: stopping between tokens waited there for the reader, for good. So does one whose
+stop's last writes (the line end, the --json object) would wait so. One that lands in a write
+that does not wait lets it finish and stops at the next token as above."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import codecs
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -81,19 +84,16 @@ def _answer(args: argparse.Namespace, settings: Settings, session, prompt: str, 
                 handlers = _stop_on_signals(cancel, stopped_by, writing)
             if not args.json and event["text"]:
                 wrote = True
-                with _flagged(writing):
-                    sys.stdout.write(clean.feed(event["text"]) if clean else event["text"])
-                    sys.stdout.flush()
+                _write_out(clean.feed(event["text"]) if clean else event["text"], writing, stopped_by)
             if event["finish_reason"] is not None:
                 final = event
     except (InternVLChatError, KeyboardInterrupt):
         if wrote:  # the partial answer's line is ended: the error line (stderr) must not continue it
-            with suppress(OutputFailed), _flagged(writing):
-                sys.stdout.write("\n")
-                sys.stdout.flush()
+            with suppress(OutputFailed):
+                _write_out("\n", writing, stopped_by)
         raise
     else:
-        info, timing = _end_the_answer(args, session, final, parts, clean, writing)
+        info, timing = _end_the_answer(args, session, final, parts, clean, writing, stopped_by)
     finally:
         # only now, the answer's line ended (or the --json object out): main's handlers, put back at
         # the last token, ended the run there with "stopped by SIGTERM" continuing the answer's line
@@ -121,7 +121,7 @@ def _answer(args: argparse.Namespace, settings: Settings, session, prompt: str, 
 
 
 def _end_the_answer(args: argparse.Namespace, session, final: dict, parts: list[str], clean: AnswerCleaner | None,
-                    writing: threading.Event):
+                    writing: threading.Event, stopped_by: list[int]):
     """The answer's line ended, or its --json object printed; returns the backend's info and the timing."""
     rest = clean.finish() if clean is not None and not args.json else ""
     info = session.describe()
@@ -144,9 +144,7 @@ def _end_the_answer(args: argparse.Namespace, session, final: dict, parts: list[
         rest = (line.translate(_JSON_FOR_TERMINAL) if sys.stdout.isatty() else line) + "\n"
     else:
         rest += "\n"
-    with _flagged(writing):
-        sys.stdout.write(rest)
-        sys.stdout.flush()
+    _write_out(rest, writing, stopped_by)
     return info, timing
 
 
@@ -163,6 +161,24 @@ class _StoppedWhileWriting(BaseException):
         self.signum = signum
 
 
+# a write to a pipe of at most PIPE_BUF (4,096) bytes, made when select() says it can take a byte,
+# does not wait; 1,024 characters are at most 4,096 bytes in UTF-8
+_PIECE = 1024
+
+
+def _write_out(text: str, writing: threading.Event, stopped_by: list[int]) -> None:
+    """`text` to stdout, flushed, with `writing` set. Once a stop was asked for (`stopped_by`), a
+    write that would wait on the reader ends the run at once (_StoppedWhileWriting): the signal that
+    asked is spent, and none may come to end a wait for a reader that stopped reading. So the text
+    goes in pieces a pipe takes whole (one that lands mid-write finds the next piece waiting)."""
+    with _flagged(writing):
+        for start in range(0, len(text), _PIECE):
+            if stopped_by and _stdout_waits():
+                raise _StoppedWhileWriting(stopped_by[0])
+            sys.stdout.write(text[start : start + _PIECE])
+            sys.stdout.flush()
+
+
 @contextmanager
 def _flagged(event: threading.Event) -> Iterator[None]:
     event.set()
@@ -177,12 +193,15 @@ def _stop_on_signals(cancel: threading.Event, stopped_by: list[int], writing: th
     line ended, or the --json object printed) instead of lost, or the process killed mid-line
     without a word (SIGTERM's default, `timeout`); returns the handlers replaced.
     A signal the caller ignores (nohup, a background job) stays ignored. One that lands while
-    `writing` is set (stdout being written), or a second one, raises _StoppedWhileWriting."""
+    `writing` is set (stdout being written) and stdout cannot take a byte (its write waits on the
+    reader), or a second one, raises _StoppedWhileWriting. A write that does not wait is left to
+    finish: the answer then stops at the next token, its line ended (or its --json object out)."""
 
     def stop(signum: int, frame) -> None:
         stopped_by.append(signum)
         cancel.set()
-        if (writing is not None and writing.is_set()) or len(stopped_by) > 1:
+        # (where it cannot be told whether the write waits, it ends the run: a signal is never lost)
+        if (writing is not None and writing.is_set() and _stdout_waits() is not False) or len(stopped_by) > 1:
             # a write to a reader that does not read (a full pipe) never returns to the next token,
             # and the signal was lost there: `timeout` never ended the run; a second signal is for now
             raise _StoppedWhileWriting(stopped_by[0])
@@ -190,6 +209,16 @@ def _stop_on_signals(cancel: threading.Event, stopped_by: list[int], writing: th
     if threading.current_thread() is not threading.main_thread():
         return {}
     return replace_signal_handlers((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), stop)
+
+
+def _stdout_waits() -> bool | None:
+    """Whether a write to stdout waits now on its reader (a pipe it stopped reading is full, a
+    terminal paused with Ctrl-S); None where that cannot be told (no file descriptor)."""
+    try:
+        _, ready, _ = select.select([], [sys.stdout.fileno()], [], 0)
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError
+        return None
+    return not ready
 
 
 def _why_cut(session, more_room: str) -> str:
