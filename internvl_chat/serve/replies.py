@@ -46,18 +46,20 @@ class JobStream(StreamingResponse):
         self.job = job
 
     async def __call__(self, scope, receive, send) -> None:
-        connection = scope.get(CONNECTION)  # absent without our protocol (an in-process test client)
+        connection = scope.get(CONNECTION)  # absent without our protocol (an in-process client): nothing to drop
 
         def watch(queued: int) -> None:
-            if connection is not None and connection.unsent_over(queued):
+            if connection.unsent_over(queued):
                 self.job.events.watch = None
                 self.job.cancel.set()
 
-        self.job.events.watch = watch
+        if connection is not None:
+            self.job.events.watch = watch
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.events.watch = None
+            if connection is not None:
+                self.job.events.watch = None
             self.job.cancel.set()  # a no-op after "done"; frees the engine at once otherwise
 
 
