@@ -9,6 +9,7 @@ open connections) with a generous bound; none measures how long anything took.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import socket
@@ -18,6 +19,7 @@ import time
 import httpx
 import pytest
 
+from internvl_chat.serve import connections
 from serve_support import RunningServer
 
 WAIT_S = 60
@@ -195,6 +197,45 @@ def test_a_stream_its_client_stops_reading_is_dropped_and_the_engine_freed(serve
     assert record["finish_reason"] == "cancelled"
     assert not server.server.config.app.open  # nor does it count under the connection limit any more
     _normal_answer(server)  # the next request is served
+
+
+def test_a_stream_whose_unsent_answer_passes_the_bound_is_dropped_and_its_job_cancelled(server, monkeypatch, caplog):
+    """A client that reads a few bytes now and then keeps --write-timeout from dropping it, while
+    its answer waits in the server's memory (a stream's writes wait for it; the job goes on): with
+    n=16 and top_logprobs=20, hundreds of MB. Past UNSENT_BYTES waiting it is dropped as a client
+    that left. Here the write deadline is out of reach and the bound small: a client that never
+    reads passes the bound, and nothing else drops it."""
+    monkeypatch.setattr(connections, "UNSENT_BYTES", 256 << 10)
+    monkeypatch.setattr(server.server.config.http_protocol_class, "write_timeout", 3600.0)
+    caplog.set_level(logging.INFO, logger="internvl_chat.serve")
+    worker, first, seen = server.worker, threading.Event(), {}
+
+    def long_answer(job, event) -> None:  # text keeps coming, as from a long answer, until cancelled
+        if first.is_set():
+            return
+        seen["job"] = job
+        first.set()
+        for _ in range(WAIT_S * 100):
+            if job.cancel.wait(0.01):
+                break
+            job.emit("text", "x" * 16384)
+
+    worker.on_event = long_answer
+    try:
+        with _connect_unread(server) as sock:
+            body = _chat("Write a long story.", stream=True, max_tokens=8)
+            sock.sendall(_head("/v1/chat/completions", len(body)) + body)
+            assert first.wait(WAIT_S)
+            assert seen["job"].cancel.wait(WAIT_S), "the answer waited unsent without bound"
+            assert worker.wait_idle(WAIT_S)
+            _wait_until(lambda: not server.server.server_state.connections, "the connection dropped")
+    finally:
+        worker.on_event = None
+    record = next(r for r in worker.finished if r["job"] == seen["job"].number)
+    assert record["finish_reason"] == "cancelled"
+    assert not server.server.config.app.open
+    assert any("waited unsent, over the 0.2 MiB bound" in r.getMessage() for r in caplog.records)
+    _normal_answer(server)
 
 
 def test_an_answer_its_client_does_not_read_cannot_hold_the_connection(server):

@@ -18,6 +18,14 @@ place under the connection limit, which then turns away everybody else. Three de
   dropped with what it had not read. A stream's handler then sees its client gone and cancels
   the generation, which frees the engine.
 
+An answer's bytes waiting to be sent are bounded too: a stream's writes wait for the client to take
+the last one, but its job goes on meanwhile, its events waiting for the handler (serve/engine.py's
+EventChannel); a client that reads a few bytes now and then, enough for the write deadline, could
+have a whole long answer wait in memory (n=16 with top_logprobs=20: hundreds of MB). Once more than
+UNSENT_BYTES of a stream wait (its events, about, and the unsent part of its last write) the
+connection is dropped as at the write deadline, and its job cancelled (serve/replies.py asks
+`unsent_over`). The protocol is found in the request's scope under CONNECTION.
+
 A body the app reads is the app's to time (serve/app.py: 408 after `body_timeout`).
 
 Bytes a client sends ahead while its request is answered (a pipelined request, or junk) are read
@@ -62,6 +70,12 @@ RETRY_AFTER_S = 1  # a connection frees up when any request ends or an idle one 
 # bytes a client may send ahead (a pipelined request) while its request is answered, read and held
 # by h11; past them the connection is not read until the answer is complete (TCP holds the rest)
 PIPELINED_BYTES = 64 << 10
+
+# bytes of a streamed answer that may wait unsent (its events not yet written, about, and what the
+# kernel has not taken of its last write); past them the client is dropped as one that left
+UNSENT_BYTES = 32 << 20
+
+CONNECTION = "internvl_chat.connection"  # the scope key of the request's BoundedH11Protocol
 
 
 class ConnectionLimit:
@@ -206,6 +220,26 @@ class BoundedH11Protocol(H11Protocol):
                 and self.conn.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY)
                 and len(self.conn.trailing_data[0]) >= PIPELINED_BYTES
                 and not _peer_closed(self.transport))  # fmt: skip
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not None and self.cycle is not cycle:  # a request begun: its app runs later, from the loop
+            self.cycle.scope[CONNECTION] = self  # type: ignore[literal-required]
+
+    def unsent_over(self, queued: int) -> bool:
+        """Whether `queued` bytes of an answer still to be written, with what the kernel has not
+        taken of those written, are over UNSENT_BYTES; if so the connection is dropped, as a
+        client that left (its stream's job is then cancelled)."""
+        if self.transport is None or self.transport.is_closing():
+            return False
+        unsent = queued + self.transport.get_write_buffer_size()
+        if unsent <= UNSENT_BYTES:
+            return False
+        log.info("dropping a connection from %s: %.1f MiB of its answer waited unsent, over the %.1f MiB bound",
+                 self.client, unsent / (1 << 20), UNSENT_BYTES / (1 << 20))  # fmt: skip
+        self.transport.abort()  # as at the write deadline: close() would wait for the unread bytes
+        return True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

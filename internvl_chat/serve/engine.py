@@ -80,6 +80,21 @@ class ClientGone(Exception):
 
 
 COALESCE_S = 0.005  # text that comes faster than this is sent in one event
+# what one logprob entry is counted as while it waits (`event_bytes`): the entry and each of its
+# alternatives, a dict of token, logprob and bytes, about what one takes in memory
+ENTRY_BYTES = 512
+
+
+def event_bytes(item: tuple) -> int:
+    """About the memory an event takes while it waits for its handler: its text, and ENTRY_BYTES
+    for each logprob entry and alternative it lists."""
+    kind, payload = item
+    if kind == "text":
+        return len(payload)
+    if kind == "tokens":
+        text, entries = payload
+        return len(text) + ENTRY_BYTES * sum(1 + len(entry.get("top_logprobs") or ()) for entry in entries)
+    return 0
 
 
 class EventChannel:
@@ -89,6 +104,11 @@ class EventChannel:
     token, which slows a fast decode. So the loop is woken at most once per COALESCE_S: the first
     event of an answer goes out at once, events that follow within the window are sent together
     when it ends (a reader cannot see 5 ms; a decode of hundreds of tokens/s keeps its speed).
+
+    A stream's handler takes the events only as fast as its client reads them (each write waits
+    for the last one to be taken), so `queued` counts about the bytes waiting here (`event_bytes`)
+    and `watch`, where a handler set it, hears that count at each wake-up (serve/replies.py: a
+    client that lets too much wait is dropped).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
@@ -98,10 +118,13 @@ class EventChannel:
         self._wake_pending = False
         self._last_wake = 0.0
         self._ready = asyncio.Event()
+        self.queued = 0  # about the bytes of the events waiting (event_bytes)
+        self.watch: Callable[[int], None] | None = None  # called on the loop with `queued` at each wake-up
 
     def put(self, item) -> None:  # engine thread
         with self._lock:
             self._items.append(item)
+            self.queued += event_bytes(item)
             if self._wake_pending:
                 return
             self._wake_pending = True
@@ -118,7 +141,10 @@ class EventChannel:
         with self._lock:
             self._wake_pending = False
             self._last_wake = time.monotonic()
+            queued = self.queued
         self._ready.set()
+        if self.watch is not None:
+            self.watch(queued)
 
     async def get_batch(self, timeout: float) -> list:
         """Every event waiting now (at least one), or [] after `timeout` seconds without any."""
@@ -128,6 +154,7 @@ class EventChannel:
                 if self._items:
                     batch = list(self._items)
                     self._items.clear()
+                    self.queued = 0
                     return batch
             try:
                 await asyncio.wait_for(self._ready.wait(), timeout)

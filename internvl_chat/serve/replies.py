@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from . import sse
+from .connections import CONNECTION
 from .engine import Job
 from .errors import APIError
 
@@ -33,16 +34,32 @@ class JobStream(StreamingResponse):
     ended as every stream ends (`ended`) and its job cancelled however it ends. When the client is
     dropped (its connection lost, or --write-timeout), Starlette cancels the task that iterates the
     chunks while it waits to write, and a generator's own `finally` would run only when it is
-    garbage-collected."""
+    garbage-collected.
+
+    Its client must not let too much of it wait: each write waits for the client to take the last
+    one, while the engine goes on; past serve/connections.py's UNSENT_BYTES waiting (the job's
+    events, and what the kernel has not taken) the connection is dropped and the job cancelled, as
+    for a client that left."""
 
     def __init__(self, job: Job, chunks: AsyncIterator[bytes], **kw) -> None:
         super().__init__(ended(job, chunks), **kw)
         self.job = job
 
     async def __call__(self, scope, receive, send) -> None:
+        connection = scope.get(CONNECTION)  # absent without our protocol (an in-process client): nothing to drop
+
+        def watch(queued: int) -> None:
+            if connection.unsent_over(queued):
+                self.job.events.watch = None
+                self.job.cancel.set()
+
+        if connection is not None:
+            self.job.events.watch = watch
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if connection is not None:
+                self.job.events.watch = None
             self.job.cancel.set()  # a no-op after "done"; frees the engine at once otherwise
 
 
