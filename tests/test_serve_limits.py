@@ -8,6 +8,7 @@ open connections) with a generous bound; none measures how long anything took.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from internvl_chat.serve import connections
+from internvl_chat.serve import connections, engine
 from serve_support import RunningServer
 
 WAIT_S = 60
@@ -236,6 +237,37 @@ def test_a_stream_whose_unsent_answer_passes_the_bound_is_dropped_and_its_job_ca
     assert not server.server.config.app.open
     assert any("waited unsent, over the 0.2 MiB bound" in r.getMessage() for r in caplog.records)
     _normal_answer(server)
+
+
+def test_a_jobs_channel_counts_the_events_waiting_until_its_handler_takes_them():
+    """What the bound above reads (`EventChannel.queued`): the events waiting for the handler, text
+    by its length and each logprob entry and alternative as ENTRY_BYTES, heard by `watch` at each
+    wake-up, and back to 0 each time the handler takes them: a client that keeps up is never
+    counted for the answer it has already been given (the test above cannot see a count that
+    only grows)."""
+    alternative = {"token": "b", "logprob": -1.0, "bytes": [98]}
+    entry = {"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": [alternative] * 2}
+
+    async def run() -> tuple[list[int], list[int]]:
+        channel = engine.EventChannel(asyncio.get_running_loop())
+        heard: list[int] = []
+        counts: list[int] = []
+        channel.watch = heard.append
+        for _ in range(3):  # three rounds: each taken whole before the next
+            channel.put(("text", "abcd"))
+            channel.put(("tokens", ("xy", [entry])))
+            channel.put(("choice", {"index": 0}))  # an answer's end, counted in its deltas
+            while len(heard) < len(counts) // 2 + 1:  # the first put's wake-up (the others wait on it)
+                await asyncio.sleep(engine.COALESCE_S)
+            counts.append(channel.queued)
+            assert len(await channel.get_batch(WAIT_S)) == 3
+            counts.append(channel.queued)
+        return heard, counts
+
+    heard, counts = asyncio.run(run())
+    one = 4 + 2 + 3 * engine.ENTRY_BYTES
+    assert counts == [one, 0] * 3
+    assert heard == [one] * 3
 
 
 def test_an_answer_its_client_does_not_read_cannot_hold_the_connection(server):
