@@ -166,11 +166,10 @@ def test_the_unread_body_of_an_answered_request_cannot_hold_the_connection(serve
 # ---- the answer -----------------------------------------------------------------------------------
 
 
-def test_a_stream_its_client_stops_reading_is_dropped_and_the_engine_freed(server):
-    """A client that opens a stream and never reads: its window fills, the server's writes wait.
-    They used to wait for ever, and the generation ran on to max_tokens for nobody (on a big
-    model, minutes to hours of the one engine); now the client is dropped after --write-timeout
-    and its generation cancelled."""
+def _an_unread_stream_is_dropped(server, failure: str) -> None:
+    """A stream whose client never reads, its answer's text coming until its job is cancelled: the
+    job is cancelled, the engine freed, the connection closed and no longer counted under the
+    connection limit; the next request is served. `failure`: what it means if the job runs on."""
     worker, first, seen = server.worker, threading.Event(), {}
 
     def long_answer(job, event) -> None:  # text keeps coming, as from a long answer, until cancelled
@@ -189,7 +188,7 @@ def test_a_stream_its_client_stops_reading_is_dropped_and_the_engine_freed(serve
             body = _chat("Write a long story.", stream=True, max_tokens=8)
             sock.sendall(_head("/v1/chat/completions", len(body)) + body)
             assert first.wait(WAIT_S)
-            assert seen["job"].cancel.wait(WAIT_S), "the server kept waiting for a client that does not read"
+            assert seen["job"].cancel.wait(WAIT_S), failure
             assert worker.wait_idle(WAIT_S)
             _wait_until(lambda: not server.server.server_state.connections, "the unread connection dropped")
     finally:
@@ -198,6 +197,14 @@ def test_a_stream_its_client_stops_reading_is_dropped_and_the_engine_freed(serve
     assert record["finish_reason"] == "cancelled"
     assert not server.server.config.app.open  # nor does it count under the connection limit any more
     _normal_answer(server)  # the next request is served
+
+
+def test_a_stream_its_client_stops_reading_is_dropped_and_the_engine_freed(server):
+    """A client that opens a stream and never reads: its window fills, the server's writes wait.
+    They used to wait for ever, and the generation ran on to max_tokens for nobody (on a big
+    model, minutes to hours of the one engine); now the client is dropped after --write-timeout
+    and its generation cancelled."""
+    _an_unread_stream_is_dropped(server, "the server kept waiting for a client that does not read")
 
 
 def test_a_stream_whose_unsent_answer_passes_the_bound_is_dropped_and_its_job_cancelled(server, monkeypatch, caplog):
@@ -209,34 +216,8 @@ def test_a_stream_whose_unsent_answer_passes_the_bound_is_dropped_and_its_job_ca
     monkeypatch.setattr(connections, "UNSENT_BYTES", 256 << 10)
     monkeypatch.setattr(server.server.config.http_protocol_class, "write_timeout", 3600.0)
     caplog.set_level(logging.INFO, logger="internvl_chat.serve")
-    worker, first, seen = server.worker, threading.Event(), {}
-
-    def long_answer(job, event) -> None:  # text keeps coming, as from a long answer, until cancelled
-        if first.is_set():
-            return
-        seen["job"] = job
-        first.set()
-        for _ in range(WAIT_S * 100):
-            if job.cancel.wait(0.01):
-                break
-            job.emit("text", "x" * 16384)
-
-    worker.on_event = long_answer
-    try:
-        with _connect_unread(server) as sock:
-            body = _chat("Write a long story.", stream=True, max_tokens=8)
-            sock.sendall(_head("/v1/chat/completions", len(body)) + body)
-            assert first.wait(WAIT_S)
-            assert seen["job"].cancel.wait(WAIT_S), "the answer waited unsent without bound"
-            assert worker.wait_idle(WAIT_S)
-            _wait_until(lambda: not server.server.server_state.connections, "the connection dropped")
-    finally:
-        worker.on_event = None
-    record = next(r for r in worker.finished if r["job"] == seen["job"].number)
-    assert record["finish_reason"] == "cancelled"
-    assert not server.server.config.app.open
+    _an_unread_stream_is_dropped(server, "the answer waited unsent without bound")
     assert any("waited unsent, over the 0.2 MiB bound" in r.getMessage() for r in caplog.records)
-    _normal_answer(server)
 
 
 def test_a_jobs_channel_counts_the_events_waiting_until_its_handler_takes_them():
