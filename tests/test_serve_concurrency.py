@@ -53,11 +53,9 @@ def _hold_first_job():
     return hold, started, release
 
 
-def test_a_non_streaming_client_that_leaves_mid_answer_stops_the_engine(server, monkeypatch):
-    # A decode sends text every few milliseconds, so the handler is never idle for POLL_S; it must
-    # still notice that its client left (a non-streaming handler writes nothing that could fail).
-    monkeypatch.setattr(replies, "POLL_S", 3600.0)  # only the per-batch check can see the disconnect
-    worker = server.worker
+def _answer_until_cancelled(worker) -> tuple[threading.Event, threading.Event, dict]:
+    """Hook the engine: its first job (seen["job"]) sets `first`, waits for the test to set `closed`,
+    then keeps its events coming, as a long answer does, until it is cancelled (seen["cancelled"])."""
     first, closed, seen = threading.Event(), threading.Event(), {}
 
     def watch(job, event):
@@ -66,7 +64,6 @@ def test_a_non_streaming_client_that_leaves_mid_answer_stops_the_engine(server, 
         seen["job"] = job
         first.set()
         assert closed.wait(WAIT_S)
-        # keep events coming, as a long answer would, until the handler cancels the job
         for _ in range(WAIT_S * 100):
             if job.cancel.wait(0.01):
                 break
@@ -74,6 +71,15 @@ def test_a_non_streaming_client_that_leaves_mid_answer_stops_the_engine(server, 
         seen["cancelled"] = job.cancel.is_set()
 
     worker.on_event = watch
+    return first, closed, seen
+
+
+def test_a_non_streaming_client_that_leaves_mid_answer_stops_the_engine(server, monkeypatch):
+    # A decode sends text every few milliseconds, so the handler is never idle for POLL_S; it must
+    # still notice that its client left (a non-streaming handler writes nothing that could fail).
+    monkeypatch.setattr(replies, "POLL_S", 3600.0)  # only the per-batch check can see the disconnect
+    worker = server.worker
+    first, closed, seen = _answer_until_cancelled(worker)
     try:
         sock = _post_raw(server.port, chat_body("Write a long story.", max_tokens=400))
         assert first.wait(WAIT_S)
@@ -626,21 +632,7 @@ def test_a_client_that_sent_bytes_ahead_and_left_stops_the_engine(server, monkey
     # events do not come while it is held
     monkeypatch.setattr(replies, "POLL_S", 0.01)
     worker = server.worker
-    first, closed, seen = threading.Event(), threading.Event(), {}
-
-    def watch(job, event):
-        if first.is_set():
-            return
-        seen["job"] = job
-        first.set()
-        assert closed.wait(WAIT_S)
-        for _ in range(WAIT_S * 100):  # events keep coming, as in a long answer, until it is cancelled
-            if job.cancel.wait(0.01):
-                break
-            job.emit("text", "")
-        seen["cancelled"] = job.cancel.is_set()
-
-    worker.on_event = watch
+    first, closed, seen = _answer_until_cancelled(worker)
     try:
         sock = _post_raw(server.port, chat_body("Write a long story.", max_tokens=400))
         assert first.wait(WAIT_S)
