@@ -135,8 +135,9 @@ def test_fake_headings_that_each_escape_uncovers_take_a_bounded_number_of_parses
     from internvl_chat.ui import export
 
     parses = []
-    parse = export._VIEWER.parse
-    monkeypatch.setattr(export._VIEWER, "parse", lambda src, *a: parses.append(1) or parse(src, *a))
+    viewer = export._parsers()[1]
+    parse = viewer.parse
+    monkeypatch.setattr(viewer, "parse", lambda src, *a: parses.append(1) or parse(src, *a))
     check(text)
     assert len(parses) <= 10
 

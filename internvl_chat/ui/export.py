@@ -3,27 +3,40 @@ message fakes a turn, and an answer cut short says why."""
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from datetime import datetime
-from typing import Any
-
-from markdown_it import MarkdownIt
-from markdown_it.token import Token
+from typing import TYPE_CHECKING, Any
 
 from ..chat.conversation import Conversation
 from ..chat.session_file import CANCELLED_MARK
 from ..files import real_path, visible, visible_file_name, visible_lines
 from .answer_text import sanitize
 
+if TYPE_CHECKING:
+    from markdown_it import MarkdownIt
+    from markdown_it.token import Token
 
-# the blocks of a message as a viewer of the export reads them (where its code is); HTML off, as the
-# export writes no raw HTML outside code; blocks only (the inline parse, most of the time, unused)
-_BLOCKS = MarkdownIt("commonmark", {"html": False}).disable("inline")
-# a viewer that reads more (GitHub's: HTML, tables): what `export_block` writes is checked with it
-_VIEWER = MarkdownIt("commonmark", {"html": True}).enable("table").enable("strikethrough")
-# its blocks only (cheap): where a fence left open ends
-_VIEWER_BLOCKS = MarkdownIt("commonmark", {"html": True}).enable("table").disable("inline")
+
+@functools.cache
+def _parsers() -> tuple[MarkdownIt, MarkdownIt, MarkdownIt]:
+    """(blocks, viewer, viewer_blocks), made at the first /export. Not as the app starts: its
+    Markdown stack is imported once an answer streams (render.py), and with markdown-it imported
+    and built at start-up a Ctrl-Z in the middle of a server's answer left the stream stalled after
+    `fg` (tests/test_repl_pty.py; why is not yet known).
+    - blocks: a message's blocks as a viewer of the export reads them (where its code is); HTML off,
+      as the export writes no raw HTML outside code; blocks only (the inline parse, most of the
+      time, unused)
+    - viewer: one that reads more (GitHub's: HTML, tables): what `export_block` writes is checked with it
+    - viewer_blocks: its blocks only (cheap): where a fence left open ends"""
+    from markdown_it import MarkdownIt
+
+    return (MarkdownIt("commonmark", {"html": False}).disable("inline"),
+            MarkdownIt("commonmark", {"html": True}).enable("table").enable("strikethrough"),
+            MarkdownIt("commonmark", {"html": True}).enable("table").disable("inline"))  # fmt: skip
+
+
 _OWN_HEADINGS = ("conversation", "system", "user", "assistant")
 # the passes that escape fake headings one by one (an escape may begin another, rarely) before
 # every line that could underline a heading is escaped at once
@@ -127,13 +140,13 @@ def export_block(text: str) -> str:
     left open (an answer cut short by max_new_tokens or Ctrl-C) is closed at the end: open, it
     turned every later heading of the export into code.
 
-    Which lines are code is what a CommonMark parser finds (`_BLOCKS`), not a guess line by line:
+    Which lines are code is what a CommonMark parser finds (`_parsers`' blocks), not a guess line by line:
     a fence inside a list item (`- ```…`) ends with its item, and a tracker that took its
     closing line for an opening one left the images and HTML after it live (fetched), and the
     fence it then "closed" at the end swallowed the rest of the export.
     """
     lines = text.split("\n")
-    tokens = _BLOCKS.parse(text)
+    tokens = _parsers()[0].parse(text)
     code: set[int] = set()
     for token in tokens:
         if token.type in ("fence", "code_block") and token.map:
@@ -146,7 +159,7 @@ def export_block(text: str) -> str:
     while True:
         out = [line if i in code else _inert_line(line, i not in no_spans) for i, line in enumerate(lines)]
         for passes in range(len(lines) + _HEADING_PASSES + 1):
-            viewed = _VIEWER.parse("\n".join(out))  # one parse for both checks where nothing is escaped
+            viewed = _parsers()[1].parse("\n".join(out))  # one parse for both checks where nothing is escaped
             fakes = _fake_headings(viewed)
             if not fakes:
                 break
@@ -158,7 +171,7 @@ def export_block(text: str) -> str:
             for at, setext in fakes:
                 out[at] = _unfake(out[at], setext)
         else:
-            viewed = _VIEWER.parse("\n".join(out))
+            viewed = _parsers()[1].parse("\n".join(out))
         if not _live(viewed):
             break
         # an escaped heading no longer ends its paragraph: an indented code block after it
@@ -178,7 +191,7 @@ def export_block(text: str) -> str:
     exported = "\n".join(out)
     fences = [token for token in viewed if token.type == "fence" and token.map]  # `viewed`: `exported` parsed
     reaches_end = fences and fences[-1].map[1] > exported.rstrip().count("\n")  # else closed before it
-    if reaches_end and _closed_by(_VIEWER_BLOCKS, exported, fences[-1]):
+    if reaches_end and _closed_by(_parsers()[2], exported, fences[-1]):
         out.append(fences[-1].markup)
     return "\n".join(out)
 
