@@ -165,6 +165,57 @@ def test_markdown_stream_on_a_terminal_leaves_the_same_screen_as_the_whole_docum
     assert emulate_terminal(out.getvalue()) == want
 
 
+def _screen_once(out: io.StringIO, wanted: str, within_s: float = 60.0) -> bool:
+    """Whether `wanted` reaches the emulated screen within `within_s` (a liveness bound, no timing)."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while wanted not in " ".join(emulate_terminal(out.getvalue()).split()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_delta_throttled_just_before_a_pause_is_still_drawn(monkeypatch):
+    """A delta fed within refresh_interval_s of the last redraw is left to the next feed; when
+    none came (a server pausing mid-answer, a slow next token) it was never drawn, and the app
+    waited in its next read with stale text on the screen. A timer now draws it at the
+    interval's end. The clock is held still, so every feed after the first is throttled."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(render, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
+    stream = MarkdownStream(console, refresh_interval_s=0.05)
+    stream.feed("First words")
+    stream.feed(" and the last ones")  # throttled: no feed comes after it
+    assert _screen_once(out, "First words and the last ones"), emulate_terminal(out.getvalue())
+    stream.finish()
+    assert emulate_terminal(out.getvalue()) == "First words and the last ones"
+
+
+def test_a_throttled_tail_is_not_drawn_after_the_answer_finished(monkeypatch):
+    """finish() prints the rest and ends the live region; a deferred redraw still pending then
+    draws nothing more (its frame would be left below the answer, under the next prompt)."""
+    import threading
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(render, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
+    stream = MarkdownStream(console, refresh_interval_s=0.2)
+    stream.feed("Para one.\n\nPara")
+    stream.feed(" two")  # throttled: a timer is set
+    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
+    stream.finish()
+    end = out.getvalue()
+    for timer in timers:
+        timer.join(30)  # whatever was pending has had its turn
+    assert out.getvalue() == end
+    assert emulate_terminal(end) == "Para one.\n\nPara two"
+
+
 def test_a_long_unfinished_block_costs_each_token_the_same(monkeypatch):
     """A list (or code block) that goes on for the whole answer stays unfinished: each of its
     lines is looked at once, not the whole tail again on every token (time quadratic in a

@@ -21,11 +21,8 @@ if TYPE_CHECKING:
 
 @functools.cache
 def _parsers() -> tuple[MarkdownIt, MarkdownIt, MarkdownIt]:
-    """(blocks, viewer, viewer_blocks), made at the first /export. Not as the app starts: its
-    Markdown stack is imported once an answer streams (render.py). Built at start-up, it changed
-    that first answer's timing so that a server's piece after a Ctrl-Z came within render.py's
-    refresh interval and stayed undrawn until the next piece (tests/test_repl_pty.py hung): a
-    throttled tail has no later redraw of its own (not yet mended).
+    """(blocks, viewer, viewer_blocks), made at the first /export, not as the app starts (whose
+    Markdown stack is imported only once an answer streams, render.py).
     - blocks: a message's blocks as a viewer of the export reads them (where its code is); HTML off,
       as the export writes no raw HTML outside code; blocks only (the inline parse, most of the
       time, unused)

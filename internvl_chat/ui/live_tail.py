@@ -7,7 +7,7 @@ from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.control import Control
 from rich.segment import Segment
 
-from .suspend import HIDE_CURSOR, SHOW_CURSOR, StopHook
+from .suspend import HIDE_CURSOR, SHOW_CURSOR, StopHook, terminal_lock
 
 
 class _BottomLines:
@@ -86,14 +86,16 @@ class LiveTail:
         # it could run) must still erase it. Before the write the cursor is at the top-left of the
         # last frame, as after it, so erasing from there and drawing this frame after `fg` is
         # right either way (the write then draws it once more, in place)
-        self._frame, self._shown, self._erased_for_stop = frame, True, False
-        self._write(self._ERASE_BELOW + self._AUTOWRAP_OFF + frame + self._AUTOWRAP_ON)
+        with terminal_lock:  # drawn from render.py's timer thread too: never between a Ctrl-Z's writes
+            self._frame, self._shown, self._erased_for_stop = frame, True, False
+            self._write(self._ERASE_BELOW + self._AUTOWRAP_OFF + frame + self._AUTOWRAP_ON)
 
     def clear(self) -> None:
         """Erase the region; the cursor is left where the region began (printing goes on there)."""
         if self.active:
-            self._shown = self._erased_for_stop = False
-            self._write(self._ERASE_BELOW)
+            with terminal_lock:
+                self._shown = self._erased_for_stop = False
+                self._write(self._ERASE_BELOW)
 
     def close(self) -> None:
         """Erase the region for good and show the cursor again (autowrap too, should a signal

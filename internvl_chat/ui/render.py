@@ -5,7 +5,9 @@ only the unfinished tail in a live region (`LiveTail`, live_tail.py) redrawn in 
 scroll like normal output and the screen never redraws the whole answer. Which part is finished is
 decided by `BlockSplitter` (markdown_blocks.py), a line at a time; a frame renders at most the end
 of a long unfinished block, so each token costs the same however long the answer. The Markdown
-itself is `AnswerMarkdown` (answer_markdown.py). `PlainStream` writes the raw text for pipes,
+itself is `AnswerMarkdown` (answer_markdown.py). Redraws of the tail are at most `refresh_interval_s`
+apart: a delta that comes sooner is drawn by the next feed or, if none comes in time (a server
+pausing, a slow next token), by a timer thread (`threading.Timer`) at the interval's end. `PlainStream` writes the raw text for pipes,
 `--plain` and `TERM=dumb`. The one-line summaries around an answer are summary_lines.py's.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import IO, TYPE_CHECKING, Any, Mapping
 
@@ -49,6 +52,10 @@ class MarkdownStream:
         self._live: LiveTail | None = None
         self._last_refresh = 0.0
         self._use_live = console.is_interactive  # a terminal: not a file given colours (make_console)
+        # feed() and finish() run in the app's thread, a deferred redraw in a timer's
+        self._lock = threading.RLock()
+        self._redraw: threading.Timer | None = None  # set while a throttled tail waits to be drawn
+        self._finished = False
 
     @property
     def text(self) -> str:
@@ -58,19 +65,25 @@ class MarkdownStream:
     def feed(self, delta: str) -> None:
         if not delta:
             return
-        self._chunks.append(delta)
-        blocks = self._splitter.feed(delta)
-        for block in blocks:
-            self._print_block(block)
-        self._show_tail(force=bool(blocks))
+        with self._lock:
+            self._chunks.append(delta)
+            blocks = self._splitter.feed(delta)
+            for block in blocks:
+                self._print_block(block)
+            self._show_tail(force=bool(blocks))
 
     def finish(self) -> str:
         """Stop the live region and print what is left; returns the whole text. Safe to call twice."""
-        self._print_block(self._splitter.take_tail())
-        if self._live is not None:
-            self._live.close()
-            self._live = None
-        return self.text
+        with self._lock:
+            self._finished = True
+            if self._redraw is not None:
+                self._redraw.cancel()  # one already running waits for the lock, then sees _finished
+                self._redraw = None
+            self._print_block(self._splitter.take_tail())
+            if self._live is not None:
+                self._live.close()
+                self._live = None
+            return self.text
 
     def __enter__(self) -> MarkdownStream:
         return self
@@ -104,9 +117,22 @@ class MarkdownStream:
         if not self._use_live:
             return
         now = time.monotonic()
-        resized = self._live is not None and self._live.size != self.console.size
-        if not force and not resized and now - self._last_refresh < self.refresh_interval_s:
-            return  # re-rendering Markdown per token is the cost to avoid; the next feed catches up
+        # a region not yet drawn is drawn now, never late: its first draw opens its Ctrl-Z hook,
+        # which only the main thread can (signal handlers are set there)
+        live = self._live is not None and self._live.active
+        resized = live and self._live.size != self.console.size
+        wait = self._last_refresh + self.refresh_interval_s - now
+        if live and not force and not resized and wait > 0:
+            # re-rendering Markdown per token is the cost to avoid: the next feed catches up, or
+            # this timer does if none comes in time (an answer that pauses showed stale text)
+            if self._redraw is None:
+                self._redraw = threading.Timer(wait, self._draw_late)
+                self._redraw.daemon = True
+                self._redraw.start()
+            return
+        if self._redraw is not None:
+            self._redraw.cancel()
+            self._redraw = None
         self._last_refresh = now
         if self._splitter.blank:
             if self._live is not None:
@@ -123,6 +149,17 @@ class MarkdownStream:
         else:
             text = splitter.preview(LIVE_TAIL_CHARS, max_lines)
         self._live.draw(self._markdown(text)[0])
+
+    def _draw_late(self) -> None:
+        """The timer's end: draw the tail the last feed left throttled, unless drawn or finished since."""
+        with self._lock:
+            if self._finished or self._redraw is not threading.current_thread():
+                return
+            self._redraw = None
+            try:
+                self._show_tail(force=True)
+            except (OSError, ValueError):
+                pass  # the terminal is gone or closed: the app's own next write meets it and says so
 
 
 class PlainStream:

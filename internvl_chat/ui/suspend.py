@@ -11,6 +11,11 @@ first run the handler SIGCONT had (typeahead.py's: the terminal modes), then wri
 writes after a continue does no harm written twice. The handlers are installed when the first
 hook opens and put back when the last one closes: nested hooks share them, and the chain of
 handlers is left as it was.
+
+A frame drawn from another thread (render.py's deferred redraw of a throttled tail) takes
+`terminal_lock` around its write; the Ctrl-Z handler holds it from its first write until its
+writes after `fg`, so no such frame lands between the erasure and the stop (the shell's lines
+under a hidden cursor) or half-written around them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from rich.console import Console
 SHOW_CURSOR, HIDE_CURSOR = "\x1b[?25h", "\x1b[?25l"
 
 _open: list[StopHook] = []  # innermost last
+terminal_lock = threading.RLock()  # the handler runs in the main thread, maybe inside a write it already holds
 _replaced: list[Any] = []  # [SIGTSTP handler, SIGCONT handler] that ours replaced, while a hook is open
 
 
@@ -105,18 +111,19 @@ def _uninstall() -> None:
 
 
 def _on_stop(signum: int, frame) -> None:
-    for hook in reversed(_open):
-        hook.write(hook.before_stop())
-    previous = _replaced[0] if _replaced else signal.SIG_DFL
-    if callable(previous):
-        previous(signum, frame)
-    else:
-        _stop_now()
-    # Continued. SIGCONT's own handler may run much later: the kernel can hand the signal to
-    # another thread, and Python runs handlers only in this one, which meanwhile goes back to
-    # waiting in a read (a server between two pieces of the answer). So its work is done now;
-    # done again then, it changes nothing.
-    _on_continue(signal.SIGCONT, frame)
+    with terminal_lock:
+        for hook in reversed(_open):
+            hook.write(hook.before_stop())
+        previous = _replaced[0] if _replaced else signal.SIG_DFL
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            _stop_now()
+        # Continued. SIGCONT's own handler may run much later: the kernel can hand the signal to
+        # another thread, and Python runs handlers only in this one, which meanwhile goes back to
+        # waiting in a read (a server between two pieces of the answer). So its work is done now;
+        # done again then, it changes nothing.
+        _on_continue(signal.SIGCONT, frame)
 
 
 def _stop_now() -> None:
@@ -132,6 +139,7 @@ def _on_continue(signum: int, frame) -> None:
     previous = _replaced[1] if _replaced else None
     if callable(previous):
         previous(signum, frame)
-    for hook in list(_open):
-        if hook.in_foreground():
-            hook.write(hook.after_continue())
+    with terminal_lock:
+        for hook in list(_open):
+            if hook.in_foreground():
+                hook.write(hook.after_continue())
