@@ -274,6 +274,43 @@ def test_an_answer_its_client_does_not_read_cannot_hold_the_connection(server):
     _normal_answer(server)
 
 
+def test_a_slow_reader_of_a_large_answer_is_dropped_once_more_than_the_bound_waits(server, monkeypatch, caplog):
+    """A non-streaming answer is written at once; a client that reads a few KB now and then (enough
+    for --write-timeout, which drops only a client that reads nothing) kept the whole answer in the
+    server's memory for as long as it liked (with echo and logprobs, hundreds of MB). Past
+    UNSENT_BYTES still waiting when a write_timeout ends, it is dropped. The client reads slowly on,
+    until the server closes the connection or it has the whole answer (the failure)."""
+    monkeypatch.setattr(connections, "UNSENT_BYTES", 256 << 10)
+    caplog.set_level(logging.INFO, logger="internvl_chat.serve")
+    worker, size = server.worker, 1 << 20
+
+    def big_answer(job, event) -> None:
+        event["text"] = "y" * size
+
+    worker.on_event = big_answer
+    received = b""
+    try:
+        with _connect_unread(server) as sock:
+            body = _chat("Describe the harbour.")
+            sock.sendall(_head("/v1/chat/completions", len(body)) + body)
+            deadline = time.monotonic() + WAIT_S
+            while time.monotonic() < deadline and received.count(b"y") < size:
+                time.sleep(0.1)  # 4 KiB a tenth of a second: slow, never stalled
+                try:
+                    block = sock.recv(4096)
+                except ConnectionResetError:
+                    break
+                if not block:
+                    break
+                received += block
+    finally:
+        worker.on_event = None
+    assert received.count(b"y") < size, "the slow reader was given its whole answer: nothing bounded what waited"
+    assert any("still waited unsent" in r.getMessage() for r in caplog.records)
+    _wait_until(lambda: not server.server.server_state.connections, "the slow reader's connection dropped")
+    _normal_answer(server)
+
+
 # ---- the head -------------------------------------------------------------------------------------
 
 
