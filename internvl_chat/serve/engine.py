@@ -63,7 +63,7 @@ from .answers import AnswerMemory, prompt_digest
 from .conversation import Prompt, PromptMaker
 from .errors import APIError, from_app_error, shown
 from .features import FeatureCache
-from .logprobs import SentTokens, TokenPieces
+from .logprobs import SentTokens, TokenPieces, entries_bytes
 from .media import DecodeAllowance, MediaReader
 from .namespaces import found_again
 from .options import ServeOptions
@@ -80,20 +80,19 @@ class ClientGone(Exception):
 
 
 COALESCE_S = 0.005  # text that comes faster than this is sent in one event
-# what one logprob entry is counted as while it waits (`event_bytes`): the entry and each of its
-# alternatives, a dict of token, logprob and bytes, about what one takes in memory
-ENTRY_BYTES = 512
 
 
 def event_bytes(item: tuple) -> int:
-    """About the memory an event takes while it waits for its handler: its text, and ENTRY_BYTES
-    for each logprob entry and alternative it lists."""
+    """About the memory an event takes while it waits for its handler: its text, and its logprob
+    entries as serve/logprobs.py's entries_bytes counts them (a prompt's echo too)."""
     kind, payload = item
     if kind == "text":
         return len(payload)
     if kind == "tokens":
         text, entries = payload
-        return len(text) + ENTRY_BYTES * sum(1 + len(entry.get("top_logprobs") or ()) for entry in entries)
+        return len(text) + entries_bytes(entries)
+    if kind == "prompt":
+        return entries_bytes(payload)
     return 0
 
 

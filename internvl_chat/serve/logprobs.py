@@ -18,6 +18,7 @@ the list describes exactly the answer the client got.
 from __future__ import annotations
 
 import collections
+import sys
 from typing import Any
 
 from ..chat.detokenize import default_skip_ids
@@ -41,6 +42,27 @@ class Entry(dict):
         super().__init__(*args, **kwargs)
         self.left_out = left_out
         self.ends = ends
+
+
+# What an entry takes in memory (measured on its parts, CPython's sizes): a dict of token, logprob
+# and bytes, its float and its list of byte values (the token's text is TokenPieces' cached str,
+# shared), an Entry's list of alternatives. About 4-5 times what it takes in the JSON sent (a
+# dict there is ~60 bytes); the bound on a stream's unsent answer (serve/connections.py's
+# UNSENT_BYTES) is a bound on the server's memory, so events are counted by this.
+_ALTERNATIVE_BYTES = sys.getsizeof({"token": "", "logprob": 0.0, "bytes": []}) + sys.getsizeof(0.5) + sys.getsizeof([])
+_ENTRY_BYTES = sys.getsizeof(Entry(token="", logprob=0.0, bytes=[], top_logprobs=[])) + sys.getsizeof(0.5) + 2 * sys.getsizeof([])
+_SLOT_BYTES = 8  # a list's pointer to one of its items
+
+
+def entries_bytes(entries: list[dict] | None) -> int:
+    """About the memory `entries` (TokenPieces.content's, or entry's) take."""
+    total = 0
+    for entry in entries or ():
+        top = entry.get("top_logprobs") or ()
+        total += _ENTRY_BYTES + _SLOT_BYTES * (len(entry["bytes"]) + len(top) + 1)
+        for alternative in top:
+            total += _ALTERNATIVE_BYTES + _SLOT_BYTES * len(alternative["bytes"])
+    return total
 
 
 class TokenPieces:
