@@ -80,6 +80,7 @@ class ClientGone(Exception):
 
 
 COALESCE_S = 0.005  # text that comes faster than this is sent in one event
+JOB_HISTORY = 64  # the last jobs whose durations a 429's Retry-After is estimated from
 
 
 def event_bytes(item: tuple) -> int:
@@ -239,8 +240,11 @@ class EngineWorker:
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._job_s = 1.0  # running mean of job durations, for Retry-After
+        # the last jobs' durations and when the running one began (`clock`), for Retry-After
+        self._durations: collections.deque[float] = collections.deque(maxlen=JOB_HISTORY)
+        self._running_since = 0.0
         self.running: Job | None = None
+        self.clock: Callable[[], float] = time.perf_counter  # (a test seam: jobs' durations without waiting)
         # test and monitoring seams, called in the engine thread
         self.on_start: Callable[[Job], None] | None = None
         self.on_event: Callable[[Job, dict], None] | None = None
@@ -303,10 +307,26 @@ class EngineWorker:
         self._drop_cancelled_locked()
         busy = self.running is not None or self._queue  # an idle engine takes a request even with depth 0
         if busy and len(self._queue) >= self.options.queue_depth:
-            wait = math.ceil(self._job_s * (len(self._queue) + 1))
+            wait = math.ceil(self._wait_locked())
             waiting = f"{len(self._queue)} already wait" if self._queue else "none may wait (queue depth 0)"
             raise APIError(429, f"the model is busy and its queue is full ({waiting}); retry in about {wait} s",
                            code="queue_full", headers={"Retry-After": str(max(1, min(wait, 600)))})  # fmt: skip
+
+    def _wait_locked(self) -> float:
+        """About the seconds until the queue has room: what the running job has left, then a mean
+        job for each one waiting. What the running one has left is the mean of what the recent jobs
+        that ran longer than it has so far had left at this point (a job's length is mostly its
+        answer's, which varies a hundredfold: counting it as a mean job whatever it has run told a
+        client to wait a whole job for one about to end); none ran as long, it counts as a mean job
+        (nothing says how much longer it runs). With no job done yet, a job counts as 1 s."""
+        done = self._durations
+        mean = sum(done) / len(done) if done else 1.0
+        left = 0.0
+        if self.running is not None:
+            ran = self.clock() - self._running_since
+            longer = [d - ran for d in done if d > ran]
+            left = sum(longer) / len(longer) if longer else mean
+        return left + mean * len(self._queue)
 
     def _drop_cancelled_locked(self) -> None:
         """Forget queued jobs whose clients left: they would be skipped, and meanwhile they would
@@ -347,13 +367,13 @@ class EngineWorker:
                     self._cond.notify_all()  # that may have emptied the queue: wake wait_idle
                     continue
                 self.running = job
-            start = time.perf_counter()
+                self._running_since = self.clock()
             try:
                 self._serve(job)
             finally:
                 with self._cond:
                     self.running = None
-                    self._job_s = 0.8 * self._job_s + 0.2 * (time.perf_counter() - start)
+                    self._durations.append(self.clock() - self._running_since)
                     self._cond.notify_all()
 
     def _serve(self, job: Job) -> None:
