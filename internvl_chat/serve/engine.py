@@ -85,15 +85,15 @@ JOB_HISTORY = 64  # the last jobs whose durations a 429's Retry-After is estimat
 
 def event_bytes(item: tuple) -> int:
     """About the memory an event takes while it waits for its handler: its text, and its logprob
-    entries as serve/logprobs.py's entries_bytes counts them (a prompt's echo too)."""
+    entries as serve/logprobs.py's entries_bytes counts them. Not a prompt's echo: it comes once,
+    before the answer, whatever the client's pace (a 32k-token prompt's entries with 5
+    alternatives take ~60 MB), and counted it would drop a client that reads at once."""
     kind, payload = item
     if kind == "text":
         return len(payload)
     if kind == "tokens":
         text, entries = payload
         return len(text) + entries_bytes(entries)
-    if kind == "prompt":
-        return entries_bytes(payload)
     return 0
 
 
