@@ -189,6 +189,10 @@ class Job:
     prompt_logprobs: int | None = None  # score the prompt's tokens, listing this many alternatives each
     discard_answer: bool = False  # max_tokens 0: the prompt alone is wanted; the one token sampled is dropped
     list_stop_token: bool = False  # logprobs list the stop token that ended an answer (its text is not sent)
+    # an answer's logprob entries kept for its "choice" event (a non-streamed answer's list); a stream
+    # sent each with its text, and kept them all the same until the answer's end (a 32k-token answer
+    # with top_logprobs 20: ~190 MB, whatever the bound on what may wait unsent)
+    keep_entries: bool = True
 
     def __post_init__(self) -> None:
         self.events = EventChannel(self.loop)
@@ -452,7 +456,7 @@ class EngineWorker:
         slot.keep_scores(reuse)  # a scored choice 0 keeps exactly the scores its `reuse` was chosen for
         stops = StopStrings(job.stops)
         halt = ChoiceHalt(job.cancel)
-        tokens = SentTokens(self.pieces) if params.logprobs is not None else None
+        tokens = SentTokens(self.pieces, job.keep_entries) if params.logprobs is not None else None
         params = replace(params, seed=choice_seed(params.seed, index))
         scores = self._prompt_scores(job, slot, reuse) if job.prompt_logprobs is not None and scored is None else None
         echoed = not job.echo  # (prompt_logprobs comes with echo only)
@@ -486,7 +490,8 @@ class EngineWorker:
         if job.list_stop_token and tokens is not None and ended_by_token:
             # lm-eval's loglikelihood drops the answer's last listed token as the one generated
             stop_entry = self.pieces.content(final["stop_logprob"], ends=True)
-            tokens.listed.append(stop_entry)
+            if job.keep_entries:
+                tokens.listed.append(stop_entry)
             job.emit("tokens", ("", [stop_entry]))
         for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts
             turn.features = None

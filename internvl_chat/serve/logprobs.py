@@ -100,9 +100,10 @@ class SentTokens:
     `receive` each generation event (its "text" and its tokens' ends in it, chat/generate.py),
     then `sent` with the text sent for it: the entries of the tokens whose text is now all sent."""
 
-    def __init__(self, pieces: TokenPieces):
+    def __init__(self, pieces: TokenPieces, keep: bool = True):
         self.pieces = pieces
-        self.listed: list[dict] = []  # every entry given so far: the non-streaming answer's list
+        self.keep = keep  # False for a stream: it sent each entry with its text, and needs no list
+        self.listed: list[dict] = []  # every entry given so far (if `keep`): the non-streaming answer's list
         self._received = 0  # characters of generated text so far
         self._sent = 0  # of them, those sent
         self._waiting: collections.deque[tuple[TokenLogprob, int]] = collections.deque()  # (token, end in the answer)
@@ -117,7 +118,8 @@ class SentTokens:
         out = []
         while self._waiting and self._waiting[0][1] <= self._sent:
             out.append(self.pieces.content(self._waiting.popleft()[0]))
-        self.listed.extend(out)
+        if self.keep:
+            self.listed.extend(out)
         return out
 
 
