@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -466,6 +467,56 @@ def test_full_queue_is_429_with_retry_after(server, client):
         release.set()
         worker.on_start, server.options.queue_depth = None, 8
     assert set(finishes) == {"first", "second"} and all(finishes.values())  # neither was lost
+
+
+def test_retry_after_counts_what_the_running_job_has_left(server, client):
+    """A 429's Retry-After counted the running job as a whole mean job however long it had run:
+    a client was told to wait a whole job for one about to end. Now what it has left is estimated
+    from the recent jobs that ran longer; a job longer than all of them counts as a mean one. The
+    engine's clock is the test's: jobs of 10 s each, then one held at chosen points of its run."""
+    worker, now = server.worker, [0.0]
+    started, release = threading.Event(), threading.Event()
+    finishes: dict[str, list] = {}
+
+    def ten_seconds(job):
+        now[0] += 10.0
+
+    def hold(job):
+        started.set()
+        assert release.wait(WAIT_S)
+
+    def retry_after() -> int:
+        with pytest.raises(openai.RateLimitError) as err:
+            client.chat.completions.create(**chat_body("three", max_tokens=4))
+        return int(err.value.response.headers["retry-after"])
+
+    worker.clock = lambda: now[0]
+    getattr(worker, "_durations", []).clear()  # the module's earlier jobs, timed by the real clock
+    readers = []
+    try:
+        worker.on_start = ten_seconds
+        for _ in range(3):
+            client.chat.completions.create(**chat_body("one", max_tokens=2))
+        worker.on_start, server.options.queue_depth = hold, 1
+        readers.append(_read_stream_on_a_thread(client, chat_body("one", max_tokens=4), finishes, "first"))
+        assert started.wait(WAIT_S)
+        readers.append(_read_stream_on_a_thread(client, chat_body("two", max_tokens=4), finishes, "second"))
+        wait_until(lambda: worker.waiting == 1, "the second stream waits in the queue")
+        start = now[0]
+        now[0] = start + 9.5  # about to end: 0.5 s left, then a 10 s job for the one waiting
+        assert retry_after() == 11
+        now[0] = start + 2.0
+        assert retry_after() == 18
+        now[0] = start + 30.0  # longer than any: nothing says how much longer, a mean job
+        assert retry_after() == 20
+        release.set()
+        for reader in readers:
+            reader.join(WAIT_S)
+    finally:
+        release.set()
+        worker.on_start, server.options.queue_depth = None, 8
+        worker.clock = time.perf_counter
+    assert set(finishes) == {"first", "second"} and all(finishes.values())
 
 
 def test_queue_depth_zero_still_serves_an_idle_engine(server, client):

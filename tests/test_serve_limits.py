@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from internvl_chat.serve import connections, engine
+from internvl_chat.serve.logprobs import entries_bytes
 from serve_support import RunningServer
 
 WAIT_S = 60
@@ -222,7 +223,7 @@ def test_a_stream_whose_unsent_answer_passes_the_bound_is_dropped_and_its_job_ca
 
 def test_a_jobs_channel_counts_the_events_waiting_until_its_handler_takes_them():
     """What the bound above reads (`EventChannel.queued`): the events waiting for the handler, text
-    by its length and each logprob entry and alternative as ENTRY_BYTES, heard by `watch` at each
+    by its length and its logprob entries as `entries_bytes`, heard by `watch` at each
     wake-up, and back to 0 each time the handler takes them: a client that keeps up is never
     counted for the answer it has already been given (the test above cannot see a count that
     only grows)."""
@@ -246,9 +247,37 @@ def test_a_jobs_channel_counts_the_events_waiting_until_its_handler_takes_them()
         return heard, counts
 
     heard, counts = asyncio.run(run())
-    one = 4 + 2 + 3 * engine.ENTRY_BYTES
+    one = 4 + 2 + entries_bytes([entry])
     assert counts == [one, 0] * 3
     assert heard == [one] * 3
+
+
+def test_waiting_logprob_entries_are_counted_as_the_memory_they_take(tiny_tokenizer):
+    """The count the bound above reads, for events with logprobs: real entries (TokenPieces') as
+    they wait, against the memory they were measured to take. Each entry and alternative was
+    counted as 512 bytes, about twice what one takes (and 7-8 times its JSON), so a slow reader
+    with logprobs was dropped with far less than UNSENT_BYTES of its answer waiting."""
+    import tracemalloc
+
+    from internvl_chat.chat.sampling import TokenLogprob
+    from internvl_chat.engine.tokenizer import load_tokenizer
+    from internvl_chat.serve.logprobs import TokenPieces
+
+    pieces = TokenPieces(load_tokenizer(tiny_tokenizer))
+    ids = pieces.tokenizer.encode("The harbour at dawn: boats, gulls, nets and rope; été € 42.")
+    for top in (0, 5, 20):
+        tokens = [TokenLogprob(token_id, -0.25 - k / 7, tuple((ids[(k + j) % len(ids)], -1.5 - j / 3) for j in range(top)))
+                  for k, token_id in enumerate(ids * 20)]  # fmt: skip
+        for token_id in ids:  # the pieces' cache filled first, as in a server that has run a while
+            pieces.piece(token_id)
+        tracemalloc.start()
+        try:
+            entries = [pieces.content(token) for token in tokens]
+            taken, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        counted = engine.event_bytes(("tokens", ("", entries)))
+        assert 0.8 < counted / taken < 1.25, (top, counted, taken)
 
 
 def test_an_answer_its_client_does_not_read_cannot_hold_the_connection(server):
@@ -271,6 +300,43 @@ def test_an_answer_its_client_does_not_read_cannot_hold_the_connection(server):
     finally:
         worker.on_event = None
     assert not server.server.config.app.open
+    _normal_answer(server)
+
+
+def test_a_slow_reader_of_a_large_answer_is_dropped_once_more_than_the_bound_waits(server, monkeypatch, caplog):
+    """A non-streaming answer is written at once; a client that reads a few KB now and then (enough
+    for --write-timeout, which drops only a client that reads nothing) kept the whole answer in the
+    server's memory for as long as it liked (with echo and logprobs, hundreds of MB). Past
+    UNSENT_BYTES still waiting when a write_timeout ends, it is dropped. The client reads slowly on,
+    until the server closes the connection or it has the whole answer (the failure)."""
+    monkeypatch.setattr(connections, "UNSENT_BYTES", 256 << 10)
+    caplog.set_level(logging.INFO, logger="internvl_chat.serve")
+    worker, size = server.worker, 1 << 20
+
+    def big_answer(job, event) -> None:
+        event["text"] = "y" * size
+
+    worker.on_event = big_answer
+    received = b""
+    try:
+        with _connect_unread(server) as sock:
+            body = _chat("Describe the harbour.")
+            sock.sendall(_head("/v1/chat/completions", len(body)) + body)
+            deadline = time.monotonic() + WAIT_S
+            while time.monotonic() < deadline and received.count(b"y") < size:
+                time.sleep(0.1)  # 4 KiB a tenth of a second: slow, never stalled
+                try:
+                    block = sock.recv(4096)
+                except ConnectionResetError:
+                    break
+                if not block:
+                    break
+                received += block
+    finally:
+        worker.on_event = None
+    assert received.count(b"y") < size, "the slow reader was given its whole answer: nothing bounded what waited"
+    assert any("still waited unsent" in r.getMessage() for r in caplog.records)
+    _wait_until(lambda: not server.server.server_state.connections, "the slow reader's connection dropped")
     _normal_answer(server)
 
 

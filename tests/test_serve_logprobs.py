@@ -125,6 +125,35 @@ def test_streaming_gives_the_same_logprobs_each_with_its_text(client, specials):
     assert [e.model_dump() for e in listed] == [e.model_dump() for e in whole.logprobs.content]
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_stream_keeps_no_list_of_the_entries_it_has_sent(server, monkeypatch, path):
+    """A stream sends each token's entry with its text; the engine also kept every entry of the
+    answer, for the non-streamed answer's list, until the answer's end (a 32k-token answer with
+    top_logprobs 20: ~190 MB held, whatever bound there is on what may wait unsent). A streamed
+    job's "choice" events now carry none; a non-streamed one's still carry them all."""
+    from internvl_chat.serve import engine
+
+    kept: list[int] = []  # each "choice" event's entries, in the order of the requests (one at a time)
+    emit = engine.Job.emit
+
+    def recording(job, kind, payload):
+        if kind == "choice":
+            kept.append(len(payload["logprobs"] or ()))
+        return emit(job, kind, payload)
+
+    monkeypatch.setattr(engine.Job, "emit", recording)
+    if path.endswith("chat/completions"):
+        body = chat_body(QUESTION, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    else:
+        body = {"model": "tiny", "prompt": QUESTION, "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    whole = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+    with httpx.stream("POST", f"{server.url}{path}", json={**body, "stream": True}, timeout=60) as streamed:
+        lines = [line for line in streamed.iter_lines() if line.startswith("data: {")]
+    assert whole.status_code == 200 and lines
+    assert len(kept) == 2 and kept[0] > 0  # the non-streamed answer's list
+    assert kept[1] == 0, "the stream's job kept every entry it had sent"
+
+
 # ---- stop strings ------------------------------------------------------------------------------
 
 

@@ -149,6 +149,36 @@ def test_the_write_deadline_drops_a_stalled_reader_not_a_slow_one():
     assert transport.aborted
 
 
+def test_the_write_deadline_drops_a_slow_reader_that_keeps_more_than_the_bound_waiting(monkeypatch):
+    """Driven by hand: a client that takes a little of a large write (a non-streamed answer is
+    written at once) within each write_timeout kept its connection for ever, and the whole answer
+    in memory; past UNSENT_BYTES still waiting when a write_timeout ends, it is dropped. Under the
+    bound, taking some is enough, as before."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from internvl_chat.serve import connections
+    from internvl_chat.serve.connections import ConnectionLimit, bounded_h11
+
+    monkeypatch.setattr(connections, "UNSENT_BYTES", 1000)
+    clock, transport = _Clock(), _Transport()
+    protocol_class = bounded_h11(10.0, 10.0, ConnectionLimit(object(), 5), write_timeout=5.0)
+    protocol = protocol_class(uvicorn.Config(app=object()), ServerState(), {}, _loop=clock)
+    protocol.connection_made(transport)
+    transport.unsent = 5000  # the whole answer, written at once
+    protocol.pause_writing()
+    [deadline] = clock.write_deadlines()
+    transport.unsent = 4990  # it read a few bytes
+    deadline.fire()
+    assert transport.aborted, "a slow reader kept more than UNSENT_BYTES of its answer waiting"
+    transport.unsent, transport.aborted = 900, False  # under the bound, a slow reader stays
+    protocol.pause_writing()
+    [deadline] = clock.write_deadlines()
+    transport.unsent = 800
+    deadline.fire()
+    assert not transport.aborted
+
+
 # ---- data: URLs --------------------------------------------------------------------------------
 
 

@@ -235,7 +235,8 @@ def create_app(worker: EngineWorker, model_id: str) -> FastAPI:
         if isinstance(ready, Response):
             return ready
         req, prompt, params = ready
-        job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop(), choices=choices(req))
+        job = Job(prompt, params, stop_strings(req), asyncio.get_running_loop(), choices=choices(req),
+                  keep_entries=not req.stream)  # fmt: skip
         worker.submit(job)
         if req.stream:
             return await job_stream(job, request, lambda events: _stream(job, events, req, model_id))

@@ -16,7 +16,11 @@ place under the connection limit, which then turns away everybody else. Three de
 - an unread answer: while bytes wait because the kernel would not take them (the client's window
   is full), the client must take some of them every `write_timeout`, else the connection is
   dropped with what it had not read. A stream's handler then sees its client gone and cancels
-  the generation, which frees the engine.
+  the generation, which frees the engine. Nor may more than UNSENT_BYTES of them still wait at
+  the end of a `write_timeout`: a non-streamed answer is written at once, and a client that took
+  a few bytes of it now and then would keep all of it in memory for as long as it liked; so the
+  first (size - UNSENT_BYTES) of a large answer must be read within `write_timeout` (with the
+  defaults, 60 s for what is over 32 MiB), and at most UNSENT_BYTES wait for a slow reader.
 
 An answer's bytes waiting to be sent are bounded too: a stream's writes wait for the client to take
 the last one, but its job goes on meanwhile, its events waiting for the handler (serve/engine.py's
@@ -273,7 +277,17 @@ class BoundedH11Protocol(H11Protocol):
 
     def _write_expired(self) -> None:
         self._write_deadline = None
-        if self.transport.get_write_buffer_size() < self._unsent:  # it took some: a slow reader, not a stalled one
+        unsent = self.transport.get_write_buffer_size()
+        if unsent > UNSENT_BYTES:
+            # a slow reader of a large write (a non-streamed answer is written at once, tens or
+            # hundreds of MB with echo and logprobs): taking a few bytes each time kept it, and
+            # the whole answer in memory, for as long as it liked
+            log.info("dropping a connection from %s: %.1f MiB of its answer still waited unsent after %g s "
+                     "(--write-timeout), over the %.1f MiB bound", self.client, unsent / (1 << 20),
+                     self.write_timeout, UNSENT_BYTES / (1 << 20))  # fmt: skip
+            self.transport.abort()
+            return
+        if unsent < self._unsent:  # it took some: a slow reader, not a stalled one
             self._start_write_deadline()
             return
         log.info("dropping a connection from %s: it read none of its answer for %g s (--write-timeout)",

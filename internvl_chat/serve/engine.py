@@ -63,7 +63,7 @@ from .answers import AnswerMemory, prompt_digest
 from .conversation import Prompt, PromptMaker
 from .errors import APIError, from_app_error, shown
 from .features import FeatureCache
-from .logprobs import SentTokens, TokenPieces
+from .logprobs import SentTokens, TokenPieces, entries_bytes
 from .media import DecodeAllowance, MediaReader
 from .namespaces import found_again
 from .options import ServeOptions
@@ -80,20 +80,20 @@ class ClientGone(Exception):
 
 
 COALESCE_S = 0.005  # text that comes faster than this is sent in one event
-# what one logprob entry is counted as while it waits (`event_bytes`): the entry and each of its
-# alternatives, a dict of token, logprob and bytes, about what one takes in memory
-ENTRY_BYTES = 512
+JOB_HISTORY = 64  # the last jobs whose durations a 429's Retry-After is estimated from
 
 
 def event_bytes(item: tuple) -> int:
-    """About the memory an event takes while it waits for its handler: its text, and ENTRY_BYTES
-    for each logprob entry and alternative it lists."""
+    """About the memory an event takes while it waits for its handler: its text, and its logprob
+    entries as serve/logprobs.py's entries_bytes counts them. Not a prompt's echo: it comes once,
+    before the answer, whatever the client's pace (a 32k-token prompt's entries with 5
+    alternatives take ~60 MB), and counted it would drop a client that reads at once."""
     kind, payload = item
     if kind == "text":
         return len(payload)
     if kind == "tokens":
         text, entries = payload
-        return len(text) + ENTRY_BYTES * sum(1 + len(entry.get("top_logprobs") or ()) for entry in entries)
+        return len(text) + entries_bytes(entries)
     return 0
 
 
@@ -189,6 +189,10 @@ class Job:
     prompt_logprobs: int | None = None  # score the prompt's tokens, listing this many alternatives each
     discard_answer: bool = False  # max_tokens 0: the prompt alone is wanted; the one token sampled is dropped
     list_stop_token: bool = False  # logprobs list the stop token that ended an answer (its text is not sent)
+    # an answer's logprob entries kept for its "choice" event (a non-streamed answer's list); a stream
+    # sent each with its text, and kept them all the same until the answer's end (a 32k-token answer
+    # with top_logprobs 20: ~190 MB, whatever the bound on what may wait unsent)
+    keep_entries: bool = True
 
     def __post_init__(self) -> None:
         self.events = EventChannel(self.loop)
@@ -240,8 +244,11 @@ class EngineWorker:
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._job_s = 1.0  # running mean of job durations, for Retry-After
+        # the last jobs' durations and when the running one began (`clock`), for Retry-After
+        self._durations: collections.deque[float] = collections.deque(maxlen=JOB_HISTORY)
+        self._running_since = 0.0
         self.running: Job | None = None
+        self.clock: Callable[[], float] = time.perf_counter  # (a test seam: jobs' durations without waiting)
         # test and monitoring seams, called in the engine thread
         self.on_start: Callable[[Job], None] | None = None
         self.on_event: Callable[[Job, dict], None] | None = None
@@ -304,10 +311,26 @@ class EngineWorker:
         self._drop_cancelled_locked()
         busy = self.running is not None or self._queue  # an idle engine takes a request even with depth 0
         if busy and len(self._queue) >= self.options.queue_depth:
-            wait = math.ceil(self._job_s * (len(self._queue) + 1))
+            wait = math.ceil(self._wait_locked())
             waiting = f"{len(self._queue)} already wait" if self._queue else "none may wait (queue depth 0)"
             raise APIError(429, f"the model is busy and its queue is full ({waiting}); retry in about {wait} s",
                            code="queue_full", headers={"Retry-After": str(max(1, min(wait, 600)))})  # fmt: skip
+
+    def _wait_locked(self) -> float:
+        """About the seconds until the queue has room: what the running job has left, then a mean
+        job for each one waiting. What the running one has left is the mean of what the recent jobs
+        that ran longer than it has so far had left at this point (a job's length is mostly its
+        answer's, which varies a hundredfold: counting it as a mean job whatever it has run told a
+        client to wait a whole job for one about to end); none ran as long, it counts as a mean job
+        (nothing says how much longer it runs). With no job done yet, a job counts as 1 s."""
+        done = self._durations
+        mean = sum(done) / len(done) if done else 1.0
+        left = 0.0
+        if self.running is not None:
+            ran = self.clock() - self._running_since
+            longer = [d - ran for d in done if d > ran]
+            left = sum(longer) / len(longer) if longer else mean
+        return left + mean * len(self._queue)
 
     def _drop_cancelled_locked(self) -> None:
         """Forget queued jobs whose clients left: they would be skipped, and meanwhile they would
@@ -348,13 +371,13 @@ class EngineWorker:
                     self._cond.notify_all()  # that may have emptied the queue: wake wait_idle
                     continue
                 self.running = job
-            start = time.perf_counter()
+                self._running_since = self.clock()
             try:
                 self._serve(job)
             finally:
                 with self._cond:
                     self.running = None
-                    self._job_s = 0.8 * self._job_s + 0.2 * (time.perf_counter() - start)
+                    self._durations.append(self.clock() - self._running_since)
                     self._cond.notify_all()
 
     def _serve(self, job: Job) -> None:
@@ -433,7 +456,7 @@ class EngineWorker:
         slot.keep_scores(reuse)  # a scored choice 0 keeps exactly the scores its `reuse` was chosen for
         stops = StopStrings(job.stops)
         halt = ChoiceHalt(job.cancel)
-        tokens = SentTokens(self.pieces) if params.logprobs is not None else None
+        tokens = SentTokens(self.pieces, job.keep_entries) if params.logprobs is not None else None
         params = replace(params, seed=choice_seed(params.seed, index))
         scores = self._prompt_scores(job, slot, reuse) if job.prompt_logprobs is not None and scored is None else None
         echoed = not job.echo  # (prompt_logprobs comes with echo only)
@@ -467,7 +490,8 @@ class EngineWorker:
         if job.list_stop_token and tokens is not None and ended_by_token:
             # lm-eval's loglikelihood drops the answer's last listed token as the one generated
             stop_entry = self.pieces.content(final["stop_logprob"], ends=True)
-            tokens.listed.append(stop_entry)
+            if job.keep_entries:
+                tokens.listed.append(stop_entry)
             job.emit("tokens", ("", [stop_entry]))
         for turn in session.turns:  # kept by the Session for /retry, which serve never does: GPU memory no setting counts
             turn.features = None

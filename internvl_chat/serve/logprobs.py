@@ -18,6 +18,7 @@ the list describes exactly the answer the client got.
 from __future__ import annotations
 
 import collections
+import sys
 from typing import Any
 
 from ..chat.detokenize import default_skip_ids
@@ -41,6 +42,27 @@ class Entry(dict):
         super().__init__(*args, **kwargs)
         self.left_out = left_out
         self.ends = ends
+
+
+# What an entry takes in memory (measured on its parts, CPython's sizes): a dict of token, logprob
+# and bytes, its float and its list of byte values (the token's text is TokenPieces' cached str,
+# shared), an Entry's list of alternatives. About 4-5 times what it takes in the JSON sent (a
+# dict there is ~60 bytes); the bound on a stream's unsent answer (serve/connections.py's
+# UNSENT_BYTES) is a bound on the server's memory, so events are counted by this.
+_ALTERNATIVE_BYTES = sys.getsizeof({"token": "", "logprob": 0.0, "bytes": []}) + sys.getsizeof(0.5) + sys.getsizeof([])
+_ENTRY_BYTES = sys.getsizeof(Entry(token="", logprob=0.0, bytes=[], top_logprobs=[])) + sys.getsizeof(0.5) + 2 * sys.getsizeof([])
+_SLOT_BYTES = 8  # a list's pointer to one of its items
+
+
+def entries_bytes(entries: list[dict] | None) -> int:
+    """About the memory `entries` (TokenPieces.content's, or entry's) take."""
+    total = 0
+    for entry in entries or ():
+        top = entry.get("top_logprobs") or ()
+        total += _ENTRY_BYTES + _SLOT_BYTES * (len(entry["bytes"]) + len(top) + 1)
+        for alternative in top:
+            total += _ALTERNATIVE_BYTES + _SLOT_BYTES * len(alternative["bytes"])
+    return total
 
 
 class TokenPieces:
@@ -78,9 +100,10 @@ class SentTokens:
     `receive` each generation event (its "text" and its tokens' ends in it, chat/generate.py),
     then `sent` with the text sent for it: the entries of the tokens whose text is now all sent."""
 
-    def __init__(self, pieces: TokenPieces):
+    def __init__(self, pieces: TokenPieces, keep: bool = True):
         self.pieces = pieces
-        self.listed: list[dict] = []  # every entry given so far: the non-streaming answer's list
+        self.keep = keep  # False for a stream: it sent each entry with its text, and needs no list
+        self.listed: list[dict] = []  # every entry given so far (if `keep`): the non-streaming answer's list
         self._received = 0  # characters of generated text so far
         self._sent = 0  # of them, those sent
         self._waiting: collections.deque[tuple[TokenLogprob, int]] = collections.deque()  # (token, end in the answer)
@@ -95,7 +118,8 @@ class SentTokens:
         out = []
         while self._waiting and self._waiting[0][1] <= self._sent:
             out.append(self.pieces.content(self._waiting.popleft()[0]))
-        self.listed.extend(out)
+        if self.keep:
+            self.listed.extend(out)
         return out
 
 

@@ -214,7 +214,7 @@ def text_job(req: CompletionRequest, prompts: TextPrompts, params: SamplingParam
     return Job(first, params, stop_strings(req), loop, cid=f"cmpl-{uuid.uuid4().hex}", choices=choices(req),
                more_prompts=more, prompt_field=req.PROMPT_PARAM, answer_limits=answer_limits(req, prompts, context),
                echo=req.echo, prompt_logprobs=prompt_logprobs(req), discard_answer=req.max_tokens == 0,
-               list_stop_token=True)  # fmt: skip
+               list_stop_token=True, keep_entries=not req.stream)  # fmt: skip
 
 
 def answer_limits(req: CompletionRequest, prompts: TextPrompts, context: int) -> list[int] | None:
