@@ -198,11 +198,15 @@ def _rope_theta(f: Fields) -> float:
                 f"{f.source}: {section.path} asks for {_quoted(kind)} RoPE scaling, which internvl-chat does not "
                 "compute; InternVL3 checkpoints use default or dynamic RoPE"
             )
-    if f.has("rope_theta"):
-        return f.number("rope_theta", 0.0, 1e12)
-    if params is not None and params.has("rope_theta"):
-        return params.number("rope_theta", 0.0, 1e12)
-    return 1e6
+    # transformers 5's order (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict): a non-empty
+    # rope_scaling takes rope_parameters' place, its rope_theta comes first, the top-level
+    # rope_theta only where it has none. Taking the top-level one first ran a config that holds
+    # both with another θ than transformers does.
+    top = f.number("rope_theta", 0.0, 1e12, default=None)  # checked even where a section's wins
+    section = scaling if scaling is not None and scaling.raw else params
+    if section is not None and section.has("rope_theta"):
+        return section.number("rope_theta", 0.0, 1e12)
+    return 1e6 if top is None else top
 
 
 def _text_config(f: Fields, tie_word_embeddings: bool) -> TextConfig:
