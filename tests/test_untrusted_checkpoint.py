@@ -1024,3 +1024,21 @@ def test_a_shared_id_is_named_alike_whatever_order_the_vocabulary_comes_in(tmp_p
         said.add(str(err.value))
     assert said == {f"the tokenizer of {tmp_path} gives the id 3 to both 'alpha' and 'gamma'; the tokenizer files are "
                     "damaged (re-download them)"}  # fmt: skip
+
+
+@pytest.mark.parametrize("template", ["Hermes-2", "internlm2-chat", "phi3-chat", "\x1b[31mred"])
+def test_a_chat_template_we_do_not_build_is_refused_by_name(tiny_original, template):
+    """config.json's `template` names the prompt format InternVL's own code builds; it was read and
+    never used, so InternVL2-1B's Hermes-2 (another system prompt) or any other ran as internvl2_5.
+    The name is shown escaped."""
+    raw = edited(config_of(tiny_original), "template", template)
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw, "/models/x/config.json")
+    text = one_line(err, "/models/x/config.json", "template", "internvl2_5", "InternVL3")
+    assert "\x1b" not in text and (template in text or "\\x1b" in text)
+
+
+@pytest.mark.parametrize("template", ["internvl2_5", None, DELETE])
+def test_the_internvl2_5_template_loads(tiny_original, template):
+    raw = edited(config_of(tiny_original), "template", template)
+    assert parse_config(raw, "/models/x/config.json").template == "internvl2_5"

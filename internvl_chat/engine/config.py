@@ -45,6 +45,7 @@ MAX_IMAGE_SIZE = 4096
 MAX_GRID = 128  # patches per tile side (InternVL: 448 / 14 = 32)
 MAX_TILES = 64  # dynamic tiling limit; the candidate search is cubic in it
 AWQ_GROUP_MULTIPLE = 32  # the 4-bit kernels take group sizes that are multiples of this (128 is standard)
+TEMPLATES = ("internvl2_5",)  # config.json's `template`: the prompt formats chat/template.py builds
 ROPE_TYPES = ("default", "dynamic")  # dynamic NTK changes nothing within max_position_embeddings
 
 
@@ -492,6 +493,12 @@ def parse_config(raw: Any, source: str = "config.json") -> ModelConfig:
         if top.text("ps_version", "v2") != "v2":
             raise top.refuse("ps_version", '"v2" (InternVL3 uses pixel shuffle v2)')
         template = top.text("template", "internvl2_5")
+        if template not in TEMPLATES:  # the field was read and never used: any prompt format ran as ChatML
+            raise CheckpointError(
+                f"{source}: template {_quoted(template)} names a chat template internvl-chat does not build; it builds "
+                f"{' and '.join(map(repr, TEMPLATES))} (InternVL2.5's and InternVL3's): use an InternVL3 checkpoint "
+                "with the config.json published with it"
+            )
         high = top.integer("max_dynamic_patch", 1, MAX_TILES, default=12)
         tiling = {
             "max_dynamic_patch": high,
