@@ -173,6 +173,9 @@ def test_quantize_rtn_clip_override():
         (lambda t: (t[0], t[1], t[2].to(torch.int32)), "scales must be a float"),
         (lambda t: (t[0][:200], t[1], t[2]), "not divisible by group size"),
         (lambda t: (t[0][0], t[1], t[2]), "2-D"),
+        # a transposed qweight [N/8, K] was told to check group_size, which was right
+        (lambda t: (t[0].t().contiguous(), t[1], t[2]), "qweight has shape (2, 256), out/8 × in for the 16 outputs"),
+        (lambda t: (t[0].t().contiguous(), t[1], t[2]), "stored transposed, not in AWQ's GEMM layout"),
     ],
 )
 def test_validate_awq_errors(change, fragment):
