@@ -1042,3 +1042,39 @@ def test_a_chat_template_we_do_not_build_is_refused_by_name(tiny_original, templ
 def test_the_internvl2_5_template_loads(tiny_original, template):
     raw = edited(config_of(tiny_original), "template", template)
     assert parse_config(raw, "/models/x/config.json").template == "internvl2_5"
+
+
+@pytest.mark.parametrize("file_format, num_shards", [("bin", 1), ("bin", 2)])
+def test_a_pickle_checkpoint_is_loaded_once_for_its_checks_and_once_for_its_weights(tiny_tokenizer, tmp_path, monkeypatch,
+                                                                                    file_format, num_shards):  # fmt: skip
+    """The embeddings check and the 4-bit check each loaded every .bin again (memory-mapped, the
+    pickle parsed each time) before the weights were loaded: three loads of each file. The names
+    and shapes are read once (weight_files.payload), the weights once; the checks still refuse."""
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "bin", file_format=file_format, num_shards=num_shards, tokenizer_dir=tiny_tokenizer)
+    loads = collections.Counter()
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        loads[Path(f).name] += 1
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    load_model(folder, device="cpu", dtype="float32", max_context=64)
+    files = [p.name for p in find_weight_files(folder).files]
+    assert len(files) == num_shards and loads == {name: 2 for name in files}
+    # the checks that read those names and shapes still refuse: the 4-bit one…
+    raw = config_of(folder)
+    raw["llm_config"]["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32}
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, "declares 4-bit AWQ weights", "no .qweight tensors")
+    # …and the embeddings one
+    raw["llm_config"].pop("quantization_config")
+    raw["llm_config"]["vocab_size"] += 64
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, EMBED, "config.json and the weights disagree")

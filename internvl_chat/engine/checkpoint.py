@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .tensor_reader import iter_file, pickle_shapes, shown_value
+from .tensor_reader import iter_file, shown_value
 from .weight_files import DeclaredTensor, Payload, WeightFiles, find_weight_files
 from .weight_names import EMBEDDING, LM_HEAD, QKV_SLOTS, hf_to_canonical, is_ignored, qkv_slot
 
@@ -75,37 +75,27 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None,
 
 def stored_embeddings(weights: WeightFiles, payload: Payload, layout: str) -> list[DeclaredTensor]:
     """The token embeddings and lm_head the weight files store (either may be absent: a tied
-    checkpoint stores one), as their files declare them, without reading their data: from the
-    safetensors headers `payload` already read, or from each pickle loaded memory-mapped until
-    both are found (tensor_reader.pickle_shapes). The embeddings come first."""
+    checkpoint stores one), as their files declare them, without reading their data: from what
+    `payload` already read (safetensors headers, pickles' memory-mapped loads). The embeddings
+    come first."""
     wanted = (EMBEDDING, LM_HEAD)
 
     def canonical(name: str) -> str | None:
         return name if layout == "original" else hf_to_canonical(name)
 
-    if weights.kind == "safetensors":
-        found = [t for t in payload.declared if canonical(t.name) in wanted]
-    else:
-        found = []
-        for path in weights.files:
-            found += [DeclaredTensor(path, name, dtype, shape)
-                      for name, dtype, shape in pickle_shapes(path) if canonical(name) in wanted]  # fmt: skip
-            if {canonical(t.name) for t in found} == set(wanted):
-                break
+    found = [t for t in payload.declared if canonical(t.name) in wanted]
     return sorted(found, key=lambda t: wanted.index(canonical(t.name)))  # the embeddings first: they are the vocabulary
 
 
 def stored_names(weights: WeightFiles, payload: Payload) -> list[tuple[Path, str]]:
-    """(file, name as stored) of every tensor the weight files hold, data unread: from the
-    safetensors headers `payload` already read, or from each pickle loaded memory-mapped
-    (tensor_reader.pickle_shapes); none for a TinyChat file, 4-bit by its format. A pickle shard
-    index's weight_map is not taken for them: loading reads the shards, never its names, so an
-    index that disagrees with its shards passed 4-bit shards as 16-bit, or refused 16-bit ones."""
-    if weights.kind == "safetensors":
-        return [(t.file, t.name) for t in payload.declared]
-    if weights.kind != "bin":
+    """(file, name as stored) of every tensor the weight files hold, data unread, from what
+    `payload` already read (safetensors headers, pickles' memory-mapped loads); none for a
+    TinyChat file, 4-bit by its format. A pickle shard index's weight_map is not taken for them:
+    loading reads the shards, never its names, so an index that disagrees with its shards passed
+    4-bit shards as 16-bit, or refused 16-bit ones."""
+    if weights.kind == "tinychat":
         return []
-    return [(path, name) for path in weights.files for name, _, _ in pickle_shapes(path)]
+    return [(t.file, t.name) for t in payload.declared]
 
 
 def _fused_qkv(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
