@@ -1078,3 +1078,45 @@ def test_a_pickle_checkpoint_is_loaded_once_for_its_checks_and_once_for_its_weig
     with pytest.raises(CheckpointError) as err:
         load_model(folder, device="cpu", dtype="float32", max_context=64)
     one_line(err, EMBED, "config.json and the weights disagree")
+
+
+def _refused_unparsed(path: Path, monkeypatch, *words: str) -> None:
+    from internvl_chat.engine.tensor_reader import pickle_shapes
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load parsed a pickle that should have been refused first")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(CheckpointError) as err:
+        pickle_shapes(path)
+    one_line(err, str(path), "16,384 tensors", "4 MiB", "not a weights file", *words)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_pickle_of_a_huge_list_of_tensors_is_refused_before_it_is_parsed(tmp_path, monkeypatch, legacy):
+    """A safetensors header is bounded (16 MiB); a pickle's list of tensors was not: 200,000
+    one-element tensors took 21 s to load memory-mapped (and the checks loaded each file three
+    times). Views of one storage take ~18 bytes each of the pickle; 250,000 of them are refused by
+    the pickle's size, zip or legacy, before torch parses it."""
+    base = torch.zeros(1)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({f"w{i}": base for i in range(250_000)}, path, _use_new_zipfile_serialization=not legacy)
+    _refused_unparsed(path, monkeypatch, "MiB of tensor names and shapes")
+
+
+def test_a_pickle_of_too_many_storages_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({f"w{i}": torch.zeros(1) for i in range(17_000)}, path)
+    _refused_unparsed(path, monkeypatch, "is a zip of 17,0")
+
+
+def test_a_pickle_of_too_many_views_is_refused_by_count(tmp_path):
+    """Under the size cap (18 bytes a view), the count itself is capped after the load."""
+    from internvl_chat.engine.tensor_reader import pickle_shapes
+
+    base = torch.zeros(1)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({f"w{i}": base for i in range(20_000)}, path)
+    with pytest.raises(CheckpointError) as err:
+        pickle_shapes(path)
+    one_line(err, str(path), "holds 20,000 tensors", "16,384 tensors")
