@@ -1120,3 +1120,22 @@ def test_a_pickle_of_too_many_views_is_refused_by_count(tmp_path):
     with pytest.raises(CheckpointError) as err:
         pickle_shapes(path)
     one_line(err, str(path), "holds 20,000 tensors", "16,384 tensors")
+
+
+@pytest.mark.parametrize("name", [
+    "\x1b]0;owned\x07" + "x" * 5000 + ".qkv_proj.bias",  # any name holding .qkv_proj. and ending .bias is split
+    "language_model.model.layers." + "9" * 5000 + ".self_attn.qkv_proj.scales",  # a linear left without its qweight
+])  # fmt: skip
+def test_a_tinychat_name_in_an_error_is_escaped_and_cut_short(tiny_original, name):
+    """Names from a TinyChat file went into its errors raw: a terminal title escape, and a line as
+    long as the name (a pickle's names are up to its 4 MiB)."""
+    import dataclasses
+
+    from internvl_chat.engine.config import QuantConfig
+    from internvl_chat.engine.tinychat import convert_tinychat
+
+    cfg = dataclasses.replace(load_config(tiny_original), quant=QuantConfig(group_size=64))
+    with pytest.raises(CheckpointError) as err:
+        list(convert_tinychat([(name, torch.zeros(3))], cfg))
+    text = one_line(err)
+    assert len(text) < 300 and "\x07" not in text and "…" in text, text
