@@ -1139,3 +1139,23 @@ def test_a_tinychat_name_in_an_error_is_escaped_and_cut_short(tiny_original, nam
         list(convert_tinychat([(name, torch.zeros(3))], cfg))
     text = one_line(err)
     assert len(text) < 300 and "\x07" not in text and "…" in text, text
+
+
+def test_the_weights_loaded_are_the_files_that_were_checked(tiny_tokenizer, tmp_path, monkeypatch):
+    """The loader found the weight files, checked them (sizes, embeddings, 4-bit), then looked for
+    them again to load: a model.safetensors written beside the checked .bin files meanwhile (a
+    download into the folder, say) was loaded in their place, unchecked. The files checked load."""
+    import internvl_chat.engine.loader as loader
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "bin", file_format="bin", tokenizer_dir=tiny_tokenizer)
+    real = loader.stored_embeddings
+
+    def checked_then_changed(*args, **kwargs):
+        found = real(*args, **kwargs)
+        (folder / "model.safetensors").write_bytes(b"\x08" + b"\0" * 7 + b"{}")  # not what was checked
+        return found
+
+    monkeypatch.setattr(loader, "stored_embeddings", checked_then_changed)
+    loaded = load_model(folder, device="cpu", dtype="float32", max_context=64)
+    assert (folder / "model.safetensors").is_file() and loaded.model is not None

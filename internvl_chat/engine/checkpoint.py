@@ -25,21 +25,25 @@ def _detect_layout(model_dir: Path) -> str:
     return load_config(model_dir).layout
 
 
-def iter_tensors(model_dir: str | Path, layout: str | None = None,
-                 max_elements: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+def iter_tensors(model_dir: str | Path, layout: str | None = None, max_elements: int | None = None,
+                 weights: WeightFiles | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     """Yield `(canonical_name, tensor)` one at a time, shard by shard, tensors in their stored dtype.
 
     `layout` is "original" or "hf" (read from config.json when None). Original names pass through;
     -hf names are renamed, and the vision q/k/v pieces of each layer are held until all three are
     read, then yielded fused. Unknown names pass through unchanged; rotary `inv_freq` is skipped.
     A tensor of more than `max_elements` (the model's largest) is refused unread (a pickle's before use).
+    `weights`: the files to read, as the loader found and checked them (found again when None: a
+    file added to the folder meanwhile, a model.safetensors beside checked .bin files, was read
+    in their place).
     """
     model_dir = Path(model_dir)
     if layout is None:
         layout = _detect_layout(model_dir)
     if layout not in ("original", "hf"):
         raise ValueError(f"layout must be 'original' or 'hf', not {layout!r}")
-    weights = find_weight_files(model_dir)
+    if weights is None:
+        weights = find_weight_files(model_dir)
     pending: dict[str, list[torch.Tensor | None]] = {}  # fused qkv name → [q, k, v]
     fused: set[str] = set()  # those already yielded
     for path in weights.files:
