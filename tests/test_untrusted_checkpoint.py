@@ -1159,3 +1159,15 @@ def test_the_weights_loaded_are_the_files_that_were_checked(tiny_tokenizer, tmp_
     monkeypatch.setattr(loader, "stored_embeddings", checked_then_changed)
     loaded = load_model(folder, device="cpu", dtype="float32", max_context=64)
     assert (folder / "model.safetensors").is_file() and loaded.model is not None
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+def test_rope_parameters_per_layer_type_are_refused(tiny_original, key):
+    """transformers 5's per-layer-type form ({"full_attention": {...}}) was read as a flat one:
+    no rope_type there meant "default", and its linear scaling and θ went unseen (Qwen2's rotary
+    embedding in transformers fails on it)."""
+    raw = edited(config_of(tiny_original), f"llm_config.{key}",
+                 {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 3.0}})  # fmt: skip
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw, "/models/x/config.json")
+    one_line(err, "/models/x/config.json", f"llm_config.{key}", "'full_attention'", "per layer type")

@@ -193,6 +193,12 @@ def _rope_theta(f: Fields) -> float:
     for section in (params, scaling):
         if section is None:
             continue
+        nested = [key for key, value in section.raw.items() if isinstance(value, dict)]
+        if nested:  # transformers' per-layer-type form: read flat, its scaling and θ went unseen
+            raise CheckpointError(
+                f"{f.source}: {section.path} gives RoPE parameters per layer type ({_quoted(nested[0])}), which Qwen2 "
+                "does not take (transformers fails on it); InternVL3 checkpoints give one set for all layers"
+            )
         kind = section.text("rope_type", None) or section.text("type", None) or "default"
         if kind not in ROPE_TYPES:
             raise CheckpointError(
