@@ -1171,3 +1171,32 @@ def test_rope_parameters_per_layer_type_are_refused(tiny_original, key):
     with pytest.raises(CheckpointError) as err:
         parse_config(raw, "/models/x/config.json")
     one_line(err, "/models/x/config.json", f"llm_config.{key}", "'full_attention'", "per layer type")
+
+
+@pytest.mark.parametrize("key", ["llm_config.hidden_size", "junk"])
+def test_a_config_value_nested_nearly_as_deep_as_the_parser_allows_is_one_line(tiny_original, tmp_path, key):
+    """The JSON parser takes what the stack left allows (~990 levels near its top). Such a value was
+    read, then written out again deeper in the stack: quoted in an error (json.dumps raised
+    RecursionError, a traceback), or, kept in an unused key, by quantize writing the config. A
+    checkpoint's JSON nests a few levels: more than 64 is refused as it is read. Every depth up to
+    what the parser takes here is tried, so the one just under its limit is among them."""
+    from internvl_chat.quantize.writer import original_config
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_original, folder)
+    template = json.dumps(edited(config_of(folder), key, "NESTED"))
+    for depth in range(1000, 800, -1):
+        (folder / "config.json").write_text(template.replace('"NESTED"', "[" * depth + "]" * depth))
+        with pytest.raises(CheckpointError) as err:
+            original_config(folder, load_config(folder), 32)
+        one_line(err, str(folder / "config.json"), "nested too deeply")
+
+
+def test_a_config_nested_as_checkpoints_nest_still_loads(tiny_original, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_original, folder)
+    nested: object = 1
+    for _ in range(60):
+        nested = {"a": nested}
+    (folder / "config.json").write_text(json.dumps(edited(config_of(folder), "junk", nested)))
+    assert load_config(folder).text.hidden_size == 64
