@@ -818,6 +818,7 @@ def test_a_tied_hf_checkpoint_quantizes_to_one_that_loads_tied(tied_hf, tmp_path
     ({"rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0},
       "rope_scaling": {"type": "dynamic", "factor": 2.0}}, 5.0),
     ({"rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}, "rope_scaling": {}}, 7.0),
+    ({}, 10000.0), ({"rope_parameters": {"rope_type": "default"}}, 10000.0),  # none given: the default was 1e6
 ])  # fmt: skip
 def test_rope_theta_is_taken_where_transformers_5_takes_it(tiny_original, sections, theta):
     """A config holding rope_theta at the top and in rope_parameters (or rope_scaling) runs with

@@ -46,6 +46,10 @@ MAX_GRID = 128  # patches per tile side (InternVL: 448 / 14 = 32)
 MAX_TILES = 64  # dynamic tiling limit; the candidate search is cubic in it
 AWQ_GROUP_MULTIPLE = 32  # the 4-bit kernels take group sizes that are multiples of this (128 is standard)
 TEMPLATES = ("internvl2_5",)  # config.json's `template`: the prompt formats chat/template.py builds
+# θ where config.json gives none: Qwen2Config's default in transformers 5 (default_theta) and in the
+# transformers 4 InternVL's own code builds on. InternVL3's configs all give 1e6 (SPEC §1); the
+# engine took 1e6 for a missing one too, and so ran such a config unlike both references.
+ROPE_THETA_DEFAULT = 10000.0
 ROPE_TYPES = ("default", "dynamic")  # dynamic NTK changes nothing within max_position_embeddings
 
 
@@ -213,7 +217,7 @@ def _rope_theta(f: Fields) -> float:
     section = scaling if scaling is not None and scaling.raw else params
     if section is not None and section.has("rope_theta"):
         return section.number("rope_theta", 0.0, 1e12)
-    return 1e6 if top is None else top
+    return ROPE_THETA_DEFAULT if top is None else top
 
 
 def _text_config(f: Fields, tie_word_embeddings: bool) -> TextConfig:
