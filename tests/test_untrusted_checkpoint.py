@@ -1200,3 +1200,15 @@ def test_a_config_nested_as_checkpoints_nest_still_loads(tiny_original, tmp_path
         nested = {"a": nested}
     (folder / "config.json").write_text(json.dumps(edited(config_of(folder), "junk", nested)))
     assert load_config(folder).text.hidden_size == 64
+
+
+def test_a_zip64_pickle_of_too_many_entries_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    """Over 65,535 entries a zip keeps its counts in zip64 records: read there too."""
+    import zipfile
+
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        for i in range(70_000):
+            z.writestr(f"archive/data/{i}", b"")
+    _refused_unparsed(path, monkeypatch, "is a zip of 70,001 entries")
