@@ -173,6 +173,11 @@ def test_quantize_rtn_clip_override():
         (lambda t: (t[0], t[1], t[2].to(torch.int32)), "scales must be a float"),
         (lambda t: (t[0][:200], t[1], t[2]), "not divisible by group size"),
         (lambda t: (t[0][0], t[1], t[2]), "2-D"),
+        # a transposed qweight [N/8, K] was told to check group_size, which was right
+        (lambda t: (t[0].t().contiguous(), t[1], t[2]), "qweight has shape (2, 256), out/8 × in for the 16 outputs"),
+        (lambda t: (t[0].t().contiguous(), t[1], t[2]), "stored transposed, not in AWQ's GEMM layout"),
+        # packed along the input (in/8 × out), as GPTQ packs: group_size advice too
+        (lambda t: (torch.zeros(32, 16, dtype=torch.int32), t[1], t[2]), "packed along its input (GPTQ's layout)"),
     ],
 )
 def test_validate_awq_errors(change, fragment):

@@ -808,3 +808,27 @@ def test_a_tied_hf_checkpoint_quantizes_to_one_that_loads_tied(tied_hf, tmp_path
     loaded = load_model(out, device="cpu", dtype="float32", max_context=256)
     head, embed = loaded.model.language_model.lm_head.weight, loaded.model.language_model.model.embed_tokens.weight
     assert head.data_ptr() == embed.data_ptr() or torch.equal(head, embed)
+
+
+@pytest.mark.parametrize("sections, theta", [
+    ({"rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}}, 7.0),
+    ({"rope_theta": 5.0, "rope_parameters": {"rope_type": "default"}}, 5.0),
+    ({"rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0},
+      "rope_scaling": {"type": "dynamic", "factor": 2.0, "rope_theta": 9.0}}, 9.0),
+    ({"rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0},
+      "rope_scaling": {"type": "dynamic", "factor": 2.0}}, 5.0),
+    ({"rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}, "rope_scaling": {}}, 7.0),
+    ({}, 10000.0), ({"rope_parameters": {"rope_type": "default"}}, 10000.0),  # none given: the default was 1e6
+])  # fmt: skip
+def test_rope_theta_is_taken_where_transformers_5_takes_it(tiny_original, sections, theta):
+    """A config holding rope_theta at the top and in rope_parameters (or rope_scaling) runs with
+    the θ transformers 5 gives it (convert_rope_params_to_dict: a non-empty rope_scaling in
+    rope_parameters' place, its own rope_theta before the top-level one); the top-level one won."""
+    raw = original_config(tiny_original)
+    for key in ("rope_theta", "rope_parameters", "rope_scaling"):
+        raw["llm_config"].pop(key, None)
+    raw["llm_config"].update(json.loads(json.dumps(sections)))
+    assert parse_config(raw).text.rope_theta == theta
+    from transformers import Qwen2Config  # the reference, on the same fields
+
+    assert Qwen2Config(**json.loads(json.dumps(sections))).rope_parameters["rope_theta"] == theta

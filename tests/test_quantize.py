@@ -440,3 +440,21 @@ def test_sigterm_while_writing_leaves_no_partial_folder(tiny_original, tmp_path,
     assert "Traceback" not in run.stderr, run.stderr
     assert run.stderr.splitlines()[-1] == f"internvl-chat: stopped by {signame}", run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the output nor its staging folder
+
+
+def test_an_hf_source_with_both_rope_thetas_is_written_with_the_one_it_ran(tiny_hf, tmp_path):
+    """An -hf text_config holding rope_theta both at its top and in rope_parameters runs with
+    rope_parameters' (transformers 5's order); the output's llm_config, read at its top by the
+    original layout's readers, must carry that one, not the source's other top-level value."""
+    from internvl_chat.engine.config import load_config
+    from internvl_chat.quantize.writer import original_config
+
+    source = json.loads((tiny_hf / "config.json").read_text())
+    source["text_config"]["rope_theta"] = 5.0
+    source["text_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 7.0}
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(source))
+    cfg = load_config(src)
+    assert cfg.text.rope_theta == 7.0
+    assert original_config(src, cfg, GROUP)["llm_config"]["rope_theta"] == 7.0

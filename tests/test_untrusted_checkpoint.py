@@ -1024,3 +1024,191 @@ def test_a_shared_id_is_named_alike_whatever_order_the_vocabulary_comes_in(tmp_p
         said.add(str(err.value))
     assert said == {f"the tokenizer of {tmp_path} gives the id 3 to both 'alpha' and 'gamma'; the tokenizer files are "
                     "damaged (re-download them)"}  # fmt: skip
+
+
+@pytest.mark.parametrize("template", ["Hermes-2", "internlm2-chat", "phi3-chat", "\x1b[31mred"])
+def test_a_chat_template_we_do_not_build_is_refused_by_name(tiny_original, template):
+    """config.json's `template` names the prompt format InternVL's own code builds; it was read and
+    never used, so InternVL2-1B's Hermes-2 (another system prompt) or any other ran as internvl2_5.
+    The name is shown escaped."""
+    raw = edited(config_of(tiny_original), "template", template)
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw, "/models/x/config.json")
+    text = one_line(err, "/models/x/config.json", "template", "internvl2_5", "InternVL3")
+    assert "\x1b" not in text and (template in text or "\\x1b" in text)
+
+
+@pytest.mark.parametrize("template", ["internvl2_5", None, DELETE])
+def test_the_internvl2_5_template_loads(tiny_original, template):
+    raw = edited(config_of(tiny_original), "template", template)
+    assert parse_config(raw, "/models/x/config.json").template == "internvl2_5"
+
+
+@pytest.mark.parametrize("file_format, num_shards", [("bin", 1), ("bin", 2)])
+def test_a_pickle_checkpoint_is_loaded_once_for_its_checks_and_once_for_its_weights(tiny_tokenizer, tmp_path, monkeypatch,
+                                                                                    file_format, num_shards):  # fmt: skip
+    """The embeddings check and the 4-bit check each loaded every .bin again (memory-mapped, the
+    pickle parsed each time) before the weights were loaded: three loads of each file. The names
+    and shapes are read once (weight_files.payload), the weights once; the checks still refuse."""
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "bin", file_format=file_format, num_shards=num_shards, tokenizer_dir=tiny_tokenizer)
+    loads = collections.Counter()
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        loads[Path(f).name] += 1
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    load_model(folder, device="cpu", dtype="float32", max_context=64)
+    files = [p.name for p in find_weight_files(folder).files]
+    assert len(files) == num_shards and loads == {name: 2 for name in files}
+    # the checks that read those names and shapes still refuse: the 4-bit one…
+    raw = config_of(folder)
+    raw["llm_config"]["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32}
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, "declares 4-bit AWQ weights", "no .qweight tensors")
+    # …and the embeddings one
+    raw["llm_config"].pop("quantization_config")
+    raw["llm_config"]["vocab_size"] += 64
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder, device="cpu", dtype="float32", max_context=64)
+    one_line(err, EMBED, "config.json and the weights disagree")
+
+
+def _refused_unparsed(path: Path, monkeypatch, *words: str) -> None:
+    from internvl_chat.engine.tensor_reader import pickle_shapes
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load parsed a pickle that should have been refused first")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(CheckpointError) as err:
+        pickle_shapes(path)
+    one_line(err, str(path), "16,384 tensors", "4 MiB", "not a weights file", *words)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_pickle_of_a_huge_list_of_tensors_is_refused_before_it_is_parsed(tmp_path, monkeypatch, legacy):
+    """A safetensors header is bounded (16 MiB); a pickle's list of tensors was not: 200,000
+    one-element tensors took 21 s to load memory-mapped (and the checks loaded each file three
+    times). Views of one storage take ~18 bytes each of the pickle; 250,000 of them are refused by
+    the pickle's size, zip or legacy, before torch parses it."""
+    base = torch.zeros(1)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({f"w{i}": base for i in range(250_000)}, path, _use_new_zipfile_serialization=not legacy)
+    _refused_unparsed(path, monkeypatch, "MiB of tensor names and shapes")
+
+
+def test_a_pickle_of_too_many_storages_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({f"w{i}": torch.zeros(1) for i in range(17_000)}, path)
+    _refused_unparsed(path, monkeypatch, "is a zip of 17,0")
+
+
+def test_a_pickle_of_too_many_views_is_refused_by_count(tmp_path):
+    """Under the size cap (18 bytes a view), the count itself is capped after the load."""
+    from internvl_chat.engine.tensor_reader import pickle_shapes
+
+    base = torch.zeros(1)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({f"w{i}": base for i in range(20_000)}, path)
+    with pytest.raises(CheckpointError) as err:
+        pickle_shapes(path)
+    one_line(err, str(path), "holds 20,000 tensors", "16,384 tensors")
+
+
+@pytest.mark.parametrize("name", [
+    "\x1b]0;owned\x07" + "x" * 5000 + ".qkv_proj.bias",  # any name holding .qkv_proj. and ending .bias is split
+    "language_model.model.layers." + "9" * 5000 + ".self_attn.qkv_proj.scales",  # a linear left without its qweight
+])  # fmt: skip
+def test_a_tinychat_name_in_an_error_is_escaped_and_cut_short(tiny_original, name):
+    """Names from a TinyChat file went into its errors raw: a terminal title escape, and a line as
+    long as the name (a pickle's names are up to its 4 MiB)."""
+    import dataclasses
+
+    from internvl_chat.engine.config import QuantConfig
+    from internvl_chat.engine.tinychat import convert_tinychat
+
+    cfg = dataclasses.replace(load_config(tiny_original), quant=QuantConfig(group_size=64))
+    with pytest.raises(CheckpointError) as err:
+        list(convert_tinychat([(name, torch.zeros(3))], cfg))
+    text = one_line(err)
+    assert len(text) < 300 and "\x07" not in text and "…" in text, text
+
+
+def test_the_weights_loaded_are_the_files_that_were_checked(tiny_tokenizer, tmp_path, monkeypatch):
+    """The loader found the weight files, checked them (sizes, embeddings, 4-bit), then looked for
+    them again to load: a model.safetensors written beside the checked .bin files meanwhile (a
+    download into the folder, say) was loaded in their place, unchecked. The files checked load."""
+    import internvl_chat.engine.loader as loader
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "bin", file_format="bin", tokenizer_dir=tiny_tokenizer)
+    real = loader.stored_embeddings
+
+    def checked_then_changed(*args, **kwargs):
+        found = real(*args, **kwargs)
+        (folder / "model.safetensors").write_bytes(b"\x08" + b"\0" * 7 + b"{}")  # not what was checked
+        return found
+
+    monkeypatch.setattr(loader, "stored_embeddings", checked_then_changed)
+    loaded = load_model(folder, device="cpu", dtype="float32", max_context=64)
+    assert (folder / "model.safetensors").is_file() and loaded.model is not None
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+def test_rope_parameters_per_layer_type_are_refused(tiny_original, key):
+    """transformers 5's per-layer-type form ({"full_attention": {...}}) was read as a flat one:
+    no rope_type there meant "default", and its linear scaling and θ went unseen (Qwen2's rotary
+    embedding in transformers fails on it)."""
+    raw = edited(config_of(tiny_original), f"llm_config.{key}",
+                 {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 3.0}})  # fmt: skip
+    with pytest.raises(CheckpointError) as err:
+        parse_config(raw, "/models/x/config.json")
+    one_line(err, "/models/x/config.json", f"llm_config.{key}", "'full_attention'", "per layer type")
+
+
+@pytest.mark.parametrize("key", ["llm_config.hidden_size", "junk"])
+def test_a_config_value_nested_nearly_as_deep_as_the_parser_allows_is_one_line(tiny_original, tmp_path, key):
+    """The JSON parser takes what the stack left allows (~990 levels near its top). Such a value was
+    read, then written out again deeper in the stack: quoted in an error (json.dumps raised
+    RecursionError, a traceback), or, kept in an unused key, by quantize writing the config. A
+    checkpoint's JSON nests a few levels: more than 64 is refused as it is read. Every depth up to
+    what the parser takes here is tried, so the one just under its limit is among them."""
+    from internvl_chat.quantize.writer import original_config
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_original, folder)
+    template = json.dumps(edited(config_of(folder), key, "NESTED"))
+    for depth in range(1000, 800, -1):
+        (folder / "config.json").write_text(template.replace('"NESTED"', "[" * depth + "]" * depth))
+        with pytest.raises(CheckpointError) as err:
+            original_config(folder, load_config(folder), 32)
+        one_line(err, str(folder / "config.json"), "nested too deeply")
+
+
+def test_a_config_nested_as_checkpoints_nest_still_loads(tiny_original, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_original, folder)
+    nested: object = 1
+    for _ in range(60):
+        nested = {"a": nested}
+    (folder / "config.json").write_text(json.dumps(edited(config_of(folder), "junk", nested)))
+    assert load_config(folder).text.hidden_size == 64
+
+
+def test_a_zip64_pickle_of_too_many_entries_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    """Over 65,535 entries a zip keeps its counts in zip64 records: read there too."""
+    import zipfile
+
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        for i in range(70_000):
+            z.writestr(f"archive/data/{i}", b"")
+    _refused_unparsed(path, monkeypatch, "is a zip of 70,001 entries")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .tensor_reader import iter_file, pickle_shapes, shown_value
+from .tensor_reader import iter_file, shown_value
 from .weight_files import DeclaredTensor, Payload, WeightFiles, find_weight_files
 from .weight_names import EMBEDDING, LM_HEAD, QKV_SLOTS, hf_to_canonical, is_ignored, qkv_slot
 
@@ -25,21 +25,25 @@ def _detect_layout(model_dir: Path) -> str:
     return load_config(model_dir).layout
 
 
-def iter_tensors(model_dir: str | Path, layout: str | None = None,
-                 max_elements: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+def iter_tensors(model_dir: str | Path, layout: str | None = None, max_elements: int | None = None,
+                 weights: WeightFiles | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     """Yield `(canonical_name, tensor)` one at a time, shard by shard, tensors in their stored dtype.
 
     `layout` is "original" or "hf" (read from config.json when None). Original names pass through;
     -hf names are renamed, and the vision q/k/v pieces of each layer are held until all three are
     read, then yielded fused. Unknown names pass through unchanged; rotary `inv_freq` is skipped.
     A tensor of more than `max_elements` (the model's largest) is refused unread (a pickle's before use).
+    `weights`: the files to read, as the loader found and checked them (found again when None: a
+    file added to the folder meanwhile, a model.safetensors beside checked .bin files, was read
+    in their place).
     """
     model_dir = Path(model_dir)
     if layout is None:
         layout = _detect_layout(model_dir)
     if layout not in ("original", "hf"):
         raise ValueError(f"layout must be 'original' or 'hf', not {layout!r}")
-    weights = find_weight_files(model_dir)
+    if weights is None:
+        weights = find_weight_files(model_dir)
     pending: dict[str, list[torch.Tensor | None]] = {}  # fused qkv name → [q, k, v]
     fused: set[str] = set()  # those already yielded
     for path in weights.files:
@@ -75,37 +79,27 @@ def iter_tensors(model_dir: str | Path, layout: str | None = None,
 
 def stored_embeddings(weights: WeightFiles, payload: Payload, layout: str) -> list[DeclaredTensor]:
     """The token embeddings and lm_head the weight files store (either may be absent: a tied
-    checkpoint stores one), as their files declare them, without reading their data: from the
-    safetensors headers `payload` already read, or from each pickle loaded memory-mapped until
-    both are found (tensor_reader.pickle_shapes). The embeddings come first."""
+    checkpoint stores one), as their files declare them, without reading their data: from what
+    `payload` already read (safetensors headers, pickles' memory-mapped loads). The embeddings
+    come first."""
     wanted = (EMBEDDING, LM_HEAD)
 
     def canonical(name: str) -> str | None:
         return name if layout == "original" else hf_to_canonical(name)
 
-    if weights.kind == "safetensors":
-        found = [t for t in payload.declared if canonical(t.name) in wanted]
-    else:
-        found = []
-        for path in weights.files:
-            found += [DeclaredTensor(path, name, dtype, shape)
-                      for name, dtype, shape in pickle_shapes(path) if canonical(name) in wanted]  # fmt: skip
-            if {canonical(t.name) for t in found} == set(wanted):
-                break
+    found = [t for t in payload.declared if canonical(t.name) in wanted]
     return sorted(found, key=lambda t: wanted.index(canonical(t.name)))  # the embeddings first: they are the vocabulary
 
 
 def stored_names(weights: WeightFiles, payload: Payload) -> list[tuple[Path, str]]:
-    """(file, name as stored) of every tensor the weight files hold, data unread: from the
-    safetensors headers `payload` already read, or from each pickle loaded memory-mapped
-    (tensor_reader.pickle_shapes); none for a TinyChat file, 4-bit by its format. A pickle shard
-    index's weight_map is not taken for them: loading reads the shards, never its names, so an
-    index that disagrees with its shards passed 4-bit shards as 16-bit, or refused 16-bit ones."""
-    if weights.kind == "safetensors":
-        return [(t.file, t.name) for t in payload.declared]
-    if weights.kind != "bin":
+    """(file, name as stored) of every tensor the weight files hold, data unread, from what
+    `payload` already read (safetensors headers, pickles' memory-mapped loads); none for a
+    TinyChat file, 4-bit by its format. A pickle shard index's weight_map is not taken for them:
+    loading reads the shards, never its names, so an index that disagrees with its shards passed
+    4-bit shards as 16-bit, or refused 16-bit ones."""
+    if weights.kind == "tinychat":
         return []
-    return [(path, name) for path in weights.files for name, _, _ in pickle_shapes(path)]
+    return [(t.file, t.name) for t in payload.declared]
 
 
 def _fused_qkv(name: str, parts: list[torch.Tensor]) -> torch.Tensor:

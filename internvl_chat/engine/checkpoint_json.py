@@ -39,6 +39,8 @@ def shown_json(value: Any) -> str:
         text = json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError):
         text = repr(value)
+    except RecursionError:  # a value nested deeper than the stack left allows (read_json_object caps files' depth)
+        text = ("[" if isinstance(value, list) else "{") * 40
     if len(text) > 40:
         text = text[:37] + "…"
     return visible(text)
@@ -160,4 +162,28 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
         raise CheckpointError(f"{what} {shown} cannot be read ({reason}); it is not a checkpoint file") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{what} {shown} must hold a JSON object, not {shown_json(data)}; it is not a checkpoint file")
+    if _nested_deeper_than(data, MAX_JSON_DEPTH):
+        raise CheckpointError(f"{what} {shown} cannot be read (nested too deeply); it is not a checkpoint file")
     return data
+
+
+# A checkpoint's JSON nests a few levels (config.json's rope_parameters under text_config: 3). The
+# parser takes what the stack left allows (~990 levels near the top of it); a value nested nearly
+# that deep, read fine, was written out again deeper in the stack (an error line quoting it, quantize
+# writing the config) and raised RecursionError: a traceback.
+MAX_JSON_DEPTH = 64
+
+
+def _nested_deeper_than(data: Any, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` levels anywhere in `data` (walked without
+    recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False

@@ -45,6 +45,11 @@ MAX_IMAGE_SIZE = 4096
 MAX_GRID = 128  # patches per tile side (InternVL: 448 / 14 = 32)
 MAX_TILES = 64  # dynamic tiling limit; the candidate search is cubic in it
 AWQ_GROUP_MULTIPLE = 32  # the 4-bit kernels take group sizes that are multiples of this (128 is standard)
+TEMPLATES = ("internvl2_5",)  # config.json's `template`: the prompt formats chat/template.py builds
+# θ where config.json gives none: Qwen2Config's default in transformers 5 (default_theta) and in the
+# transformers 4 InternVL's own code builds on. InternVL3's configs all give 1e6 (SPEC §1); the
+# engine took 1e6 for a missing one too, and so ran such a config unlike both references.
+ROPE_THETA_DEFAULT = 10000.0
 ROPE_TYPES = ("default", "dynamic")  # dynamic NTK changes nothing within max_position_embeddings
 
 
@@ -192,17 +197,27 @@ def _rope_theta(f: Fields) -> float:
     for section in (params, scaling):
         if section is None:
             continue
+        nested = [key for key, value in section.raw.items() if isinstance(value, dict)]
+        if nested:  # transformers' per-layer-type form: read flat, its scaling and θ went unseen
+            raise CheckpointError(
+                f"{f.source}: {section.path} gives RoPE parameters per layer type ({_quoted(nested[0])}), which Qwen2 "
+                "does not take (transformers fails on it); InternVL3 checkpoints give one set for all layers"
+            )
         kind = section.text("rope_type", None) or section.text("type", None) or "default"
         if kind not in ROPE_TYPES:
             raise CheckpointError(
                 f"{f.source}: {section.path} asks for {_quoted(kind)} RoPE scaling, which internvl-chat does not "
                 "compute; InternVL3 checkpoints use default or dynamic RoPE"
             )
-    if f.has("rope_theta"):
-        return f.number("rope_theta", 0.0, 1e12)
-    if params is not None and params.has("rope_theta"):
-        return params.number("rope_theta", 0.0, 1e12)
-    return 1e6
+    # transformers 5's order (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict): a non-empty
+    # rope_scaling takes rope_parameters' place, its rope_theta comes first, the top-level
+    # rope_theta only where it has none. Taking the top-level one first ran a config that holds
+    # both with another θ than transformers does.
+    top = f.number("rope_theta", 0.0, 1e12, default=None)  # checked even where a section's wins
+    section = scaling if scaling is not None and scaling.raw else params
+    if section is not None and section.has("rope_theta"):
+        return section.number("rope_theta", 0.0, 1e12)
+    return ROPE_THETA_DEFAULT if top is None else top
 
 
 def _text_config(f: Fields, tie_word_embeddings: bool) -> TextConfig:
@@ -488,6 +503,12 @@ def parse_config(raw: Any, source: str = "config.json") -> ModelConfig:
         if top.text("ps_version", "v2") != "v2":
             raise top.refuse("ps_version", '"v2" (InternVL3 uses pixel shuffle v2)')
         template = top.text("template", "internvl2_5")
+        if template not in TEMPLATES:  # the field was read and never used: any prompt format ran as ChatML
+            raise CheckpointError(
+                f"{source}: template {_quoted(template)} names a chat template internvl-chat does not build; it builds "
+                f"{' and '.join(map(repr, TEMPLATES))} (InternVL2.5's and InternVL3's): use an InternVL3 checkpoint "
+                "with the config.json published with it"
+            )
         high = top.integer("max_dynamic_patch", 1, MAX_TILES, default=12)
         tiling = {
             "max_dynamic_patch": high,

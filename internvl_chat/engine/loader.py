@@ -236,7 +236,7 @@ def load_model(
         model = InternVLModel.empty(cfg, device, dtype, max_context)
         model.int4_backend = int4_backend
         model.image_token_id = special.img_context
-        tensors = iter_tensors(path, cfg.layout, max_elements=model.largest_tensor_elements())
+        tensors = iter_tensors(path, cfg.layout, max_elements=model.largest_tensor_elements(), weights=weights)
         model.load_weights(convert_tinychat(tensors, cfg) if tinychat else tensors)
         model.enable_cuda_graphs(cuda_graphs)
         if device.type == "cpu" and model.language_model.decoder_bytes() < SMALL_DECODER_BYTES:

@@ -8,8 +8,10 @@ naming the user's path.
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import pickletools
 import re
 import struct
 import warnings
@@ -180,10 +182,102 @@ def _pickle_refusal(path: Path, error: BaseException) -> CheckpointError:
     )
 
 
+# A pickle's list of tensors is bounded as a safetensors header is: InternVL3-78B's ~3,000 tensors
+# take ~140 bytes each of data.pkl (~400 KiB) and one zip entry per storage. Unbounded, a 56 MB
+# .bin of 200,000 one-element tensors took 21 s to load memory-mapped (once for every check), and
+# 200,000 views of one storage 1.6 s from a 3.7 MB file (18 bytes each: the pickle memoizes).
+MAX_PICKLE_BYTES = 4 << 20
+MAX_PICKLE_TENSORS = 1 << 14  # also the most zip entries (storages) taken
+_ZIP_END = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP_ENTRY = b"PK\x01\x02"
+_LEGACY_PICKLES = 5  # torch's legacy format: magic number, protocol, sys info, the object, storage keys
+
+
+def _too_many_tensors(shown: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{shown} {what}, over the {MAX_PICKLE_TENSORS:,} tensors or {MAX_PICKLE_BYTES >> 20} MiB of pickled "
+        "names and shapes any checkpoint needs; it is damaged or not a weights file (use its safetensors files)"
+    )
+
+
+def _zip_directory(f, size: int) -> tuple[int, int, int] | None:
+    """(entries, directory size, directory offset) from a zip's end records, or None where they
+    cannot be found (torch then says the file is damaged)."""
+    tail_size = min(size, (1 << 16) + 22 + 20)  # the end record, its comment, a zip64 locator
+    f.seek(size - tail_size)
+    tail = f.read(tail_size)
+    at = tail.rfind(_ZIP_END)
+    if at < 0 or len(tail) < at + 22:
+        return None
+    entries, directory_size, offset = struct.unpack_from("<xxxxxxxxxxHII", tail, at)
+    if entries == 0xFFFF or directory_size == 0xFFFFFFFF or offset == 0xFFFFFFFF:  # zip64: the real values elsewhere
+        if at < 20 or tail[at - 20 : at - 16] != _ZIP64_LOCATOR:
+            return None
+        (record,) = struct.unpack_from("<Q", tail, at - 20 + 8)
+        f.seek(record)
+        end64 = f.read(56)
+        if len(end64) < 56 or not end64.startswith(b"PK\x06\x06"):
+            return None
+        entries, directory_size, offset = struct.unpack_from("<QQQ", end64, 32)
+    return entries, directory_size, offset
+
+
+def _check_pickle_size(path: Path) -> None:
+    """Refuse, before torch parses it, a pickle whose list of tensors is larger than any
+    checkpoint's: a zip pickle by its entries and the size of its data.pkl (read from the zip's
+    directory), a legacy one by the bytes its pickles take (walked, not run, in at most
+    MAX_PICKLE_BYTES of the file)."""
+    shown = visible(str(path))
+    with open_regular(path, "weight file") as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(4)
+            if head != b"PK\x03\x04":
+                f.seek(0)
+                _check_legacy_pickle(f.read(MAX_PICKLE_BYTES + 1), shown)
+                return
+            found = _zip_directory(f, size)
+            if found is None:
+                return
+            entries, directory_size, offset = found
+            if entries > MAX_PICKLE_TENSORS + 16 or directory_size > MAX_PICKLE_BYTES:  # + torch's few own entries
+                raise _too_many_tensors(shown, f"is a zip of {entries:,} entries")
+            f.seek(offset)
+            directory = f.read(directory_size)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {shown} ({e.strerror or e}); check the disk and download it again") from None
+    at = 0
+    while len(directory) >= at + 46 and directory[at : at + 4] == _ZIP_ENTRY:
+        (unpacked,) = struct.unpack_from("<I", directory, at + 24)
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", directory, at + 28)
+        name = directory[at + 46 : at + 46 + name_len]
+        if (name == b"data.pkl" or name.endswith(b"/data.pkl")) and unpacked > MAX_PICKLE_BYTES:  # 0xFFFFFFFF: zip64's, larger
+            raise _too_many_tensors(shown, f"pickles {unpacked / 2**20:,.1f} MiB of tensor names and shapes")
+        at += 46 + name_len + extra_len + comment_len
+
+
+def _check_legacy_pickle(head: bytes, shown: str) -> None:
+    """The pickles of torch's legacy format must end within MAX_PICKLE_BYTES (`head` holds one
+    byte more). A stream that is no pickle is left to torch.load to name."""
+    stream = io.BytesIO(head)
+    try:
+        for _ in range(_LEGACY_PICKLES):
+            for _ in pickletools.genops(stream):
+                pass
+    except ValueError as e:  # an unknown opcode, or the bytes ran out before a STOP
+        if len(head) > MAX_PICKLE_BYTES and ("exhausted" in str(e) or "remain" in str(e)):
+            raise _too_many_tensors(shown, f"pickles over {MAX_PICKLE_BYTES >> 20} MiB of tensor names and shapes") from None
+    except Exception:  # anything else odd about it: torch.load says the file is damaged
+        return
+
+
 def _torch_load(path: Path):
     """torch.load with weights_only=True (never anything else), memory-mapped where the format
-    allows; legacy (non-zip) pickles cannot be mapped and are read whole."""
+    allows; legacy (non-zip) pickles cannot be mapped and are read whole. A list of tensors larger
+    than any checkpoint's is refused before it is parsed (_check_pickle_size)."""
     weight_file_head(path, 0)
+    _check_pickle_size(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": noise for the user
         try:
@@ -204,6 +298,8 @@ def _plain_state_dict(path: Path, state: object) -> dict[str, torch.Tensor]:
         state = state["state_dict"]  # training checkpoints wrap the weights with optimizer/step entries
     if not isinstance(state, dict):
         raise CheckpointError(f"{shown} holds a {type(state).__name__}, not a state dict of tensors; it is not a supported weights file")
+    if len(state) > MAX_PICKLE_TENSORS:  # views of one storage take ~18 bytes each of the pickle
+        raise _too_many_tensors(shown, f"holds {len(state):,} tensors")
     for name, value in state.items():
         if not isinstance(name, str):
             raise CheckpointError(f"{shown} has a tensor name that is not a string ({shown_value(name)}); it is not a supported weights file")

@@ -15,6 +15,7 @@ import torch
 from ..errors import CheckpointError
 from ..quant.awq_format import tinychat_v2_to_awq
 from .config import ModelConfig
+from .tensor_reader import shown_value
 
 V2_SUFFIXES = ("qweight", "scales", "scaled_zeros")
 _LINEAR = re.compile(r"^(language_model\.model\.layers\.\d+\.(?:self_attn|mlp))\.(\w+)\.(qweight|scales|scaled_zeros)$")
@@ -61,7 +62,8 @@ def convert_tinychat(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConf
         parts = shapes[linear]
         out_total = sum(n for _, n in parts)
         qweight, qzeros, scales = tinychat_v2_to_awq(
-            bag["qweight"], bag["scales"], bag["scaled_zeros"], in_features(cfg, linear), out_total, group, name=f"{prefix}.{linear}"
+            bag["qweight"], bag["scales"], bag["scaled_zeros"], in_features(cfg, linear), out_total, group,
+            name=shown_value(f"{prefix}.{linear}"),  # names from the file: escaped and cut short
         )
         start = 0
         for part, n in parts:
@@ -73,14 +75,14 @@ def convert_tinychat(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConf
     if pending:
         (prefix, linear), bag = next(iter(pending.items()))
         lacking = [s for s in V2_SUFFIXES if s not in bag]
-        raise CheckpointError(f"{prefix}.{linear} lacks {', '.join(lacking)} in the TinyChat file; the checkpoint is incomplete")
+        raise CheckpointError(f"{shown_value(f'{prefix}.{linear}')} lacks {', '.join(lacking)} in the TinyChat file; the checkpoint is incomplete")
 
 
 def _split_rows(name: str, tensor: torch.Tensor, parts: list[tuple[str, int]], fused: str) -> Iterator[tuple[str, torch.Tensor]]:
     total = sum(n for _, n in parts)
     if tuple(tensor.shape) != (total,):  # slicing a scalar raised IndexError; a short one gave short parts
         raise CheckpointError(
-            f"tensor {name} has shape {tuple(tensor.shape)} but the config implies ({total},); "
+            f"tensor {shown_value(name)} has shape {tuple(tensor.shape)} but the config implies ({total},); "
             "config.json and the TinyChat file disagree"
         )
     start = 0

@@ -374,12 +374,14 @@ def named_tokens(model_dir: str | Path, fields: Sequence[str] = ("bos_token", "e
 
 def _named_special_tokens(config: dict) -> list[tuple[str, str]]:
     """(field, token) of each special token tokenizer_config.json names: eos_token and the other
-    named ones, then additional_special_tokens (or transformers 5's extra_special_tokens)."""
+    named ones, then additional_special_tokens and transformers 5's extra_special_tokens (both where
+    both are given: transformers 5 makes the tokens of each special; the second went unread)."""
     named = [(name, _token_content(config.get(name))) for name in _NAMED_SPECIALS]
-    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
-    if isinstance(extra, dict):  # transformers 5 may store {name: token}
-        extra = list(extra.values())
-    named += [("additional_special_tokens", _token_content(t)) for t in extra] if isinstance(extra, list) else []
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        extra = config.get(key) or []
+        if isinstance(extra, dict):  # transformers 5 may store {name: token}
+            extra = list(extra.values())
+        named += [(key, _token_content(t)) for t in extra] if isinstance(extra, list) else []
     return [(name, content) for name, content in named if content is not None]
 
 

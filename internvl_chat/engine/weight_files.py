@@ -15,7 +15,7 @@ import torch
 from ..errors import CheckpointError
 from ..files import visible
 from .checkpoint_json import read_json_object
-from .tensor_reader import open_regular, safetensors_entries, shown_value, weight_file_head
+from .tensor_reader import open_regular, pickle_shapes, safetensors_entries, shown_value, weight_file_head
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -37,7 +37,8 @@ class DeclaredTensor:
 @dataclass(frozen=True)
 class Payload:
     """What the weight files hold, known before any tensor is read: `nbytes` of weight data, and
-    for safetensors every tensor its header declares (pickles declare none without a load)."""
+    every tensor the files declare (safetensors headers; pickles loaded memory-mapped, once: the
+    embeddings check and the 4-bit check each loaded every .bin again before the weights were)."""
 
     nbytes: int
     declared: tuple[DeclaredTensor, ...] = ()
@@ -60,7 +61,8 @@ class WeightFiles:
         against before anything is allocated.
 
         Safetensors headers are validated here, every shard's, so a damaged shard is reported
-        before the model is built; pickles count their size on disk.
+        before the model is built; pickles count their size on disk and declare their tensors
+        from one memory-mapped load each (tensor_reader.pickle_shapes), data unread.
         """
         total = 0
         declared: list[DeclaredTensor] = []
@@ -77,6 +79,7 @@ class WeightFiles:
                 total += path.stat().st_size
             except OSError as e:
                 raise CheckpointError(f"cannot read {shown} ({e.strerror or e}); check the file") from None
+            declared += [DeclaredTensor(path, name, dtype, shape) for name, dtype, shape in pickle_shapes(path)]
         return Payload(total, tuple(declared))
 
 

@@ -84,6 +84,23 @@ def validate_awq(
         )
     if group_size <= 0:
         raise CheckpointError(f"{where}AWQ group size must be positive (got {group_size}); fix quantization_config.")
+    outputs = scales.shape[1]  # scales are [K/g, N] whatever the group size
+    if qweight.shape[0] * 8 == outputs and qweight.shape[1] * 8 != outputs:
+        # [N/8, K]: out × in/8 as some exporters (and a `.t()` too many) store it; the group-size
+        # advice below sent the user editing a quantization_config that was right
+        raise CheckpointError(
+            f"{where}AWQ qweight has shape {tuple(qweight.shape)}, out/8 × in for the {outputs} outputs its scales "
+            f"{tuple(scales.shape)} give: it is stored transposed, not in AWQ's GEMM layout (in × out/8); "
+            "re-export the checkpoint in the AWQ GEMM layout (version 'gemm')."
+        )
+    gptq_like = qweight.shape[0] * 8 == scales.shape[0] * group_size and tuple(qzeros.shape) == (scales.shape[0], outputs // 8)
+    if qweight.shape[1] == outputs and qweight.shape[0] * 8 != outputs and gptq_like:
+        # in/8 × out: packed along the input, as GPTQ packs; told "check group_size" as well
+        raise CheckpointError(
+            f"{where}AWQ qweight has shape {tuple(qweight.shape)}, a column for each of the {outputs} outputs its scales "
+            f"{tuple(scales.shape)} give: it is packed along its input (GPTQ's layout), not in AWQ's GEMM layout "
+            "(in × out/8); re-export the checkpoint in the AWQ GEMM layout (version 'gemm')."
+        )
     in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
     if in_features % group_size != 0:
         raise CheckpointError(

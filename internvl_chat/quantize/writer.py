@@ -115,7 +115,7 @@ def original_config(src_dir: Path, cfg: ModelConfig, group_size: int) -> dict:
         }
         # transformers ≥ 5 keeps rope_theta under rope_parameters; the original layout's readers
         # (InternVL's own code, lmdeploy, transformers 4) read it at the top and default to 10,000
-        out["llm_config"].setdefault("rope_theta", cfg.text.rope_theta)
+        out["llm_config"]["rope_theta"] = cfg.text.rope_theta  # the θ the engine ran: rope_parameters' where both
         if cfg.system_message is None:
             out["system_message"] = ""  # the -hf template has no system prompt; keep it that way
     # one the source carried empty (or null) at the top would be read there first by tools that
