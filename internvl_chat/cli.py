@@ -6,9 +6,11 @@ usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 
 131). A reader that goes away (`| head`) ends the program quietly. A stdout that cannot hold every
 character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`).
 
-Text from stdin, `-p` and the prompt words must be UTF-8; anything else is refused in one line
-(exit 2), and binary data on stdin (an image, say) is named, with the flag to use instead. Piped
-text's Windows line ends (CRLF) reach the model as \n; a lone \r is left as it is.
+Text from stdin, `-p` and the prompt words must be UTF-8 (the prompt's words are read as UTF-8
+even under an ASCII locale, LC_ALL=C); anything else is refused in one line (exit 2), and binary
+data on stdin (an image, say) is named, with the flag to use instead. Piped text's Windows line
+ends (CRLF) reach the model as \n; a lone \r is left as it is. Stdin that is a folder (`< dir`)
+never reaches this code: Python's start-up stops on it (init_sys_streams, status 1).
 """
 
 from __future__ import annotations
@@ -52,6 +54,27 @@ def _overrides(args: argparse.Namespace) -> dict:
     overrides = chat_setting_flags().overrides(args)
     overrides["remote.server"] = server_flag(args.server)
     return overrides
+
+
+def _argv_as_utf8(args: argparse.Namespace) -> None:
+    """The prompt's words as UTF-8 where the locale could not decode them (LC_ALL=C without UTF-8
+    mode: Python decodes argv as ASCII, each byte of "é" left as a surrogate, and the prompt was
+    refused as not UTF-8). Their bytes come back as they were typed and are read as UTF-8; bytes
+    that are not UTF-8 stay as surrogates (refused in one line). Paths are left as Python decoded
+    them: that is how the file system gets the same bytes back."""
+
+    def as_utf8(text: str) -> str:
+        if undecodable_byte(text) is None:
+            return text
+        try:
+            return os.fsencode(text).decode("utf-8")
+        except UnicodeError:
+            return text
+
+    if args.prompt_flag is not None:
+        args.prompt_flag = as_utf8(args.prompt_flag)
+    if args.prompt:
+        args.prompt = [as_utf8(word) for word in args.prompt]
 
 
 def _read_prompt(args: argparse.Namespace) -> str | None:
@@ -142,6 +165,7 @@ def run(argv: list[str]) -> int:
     from .settings import format_settings, format_settings_json, load_settings
 
     args = build_parser().parse_args(argv)
+    _argv_as_utf8(args)
     for flag, value in (("--config", args.config), ("--script", args.script)):
         # '' named the working folder ("config file . is a folder"), or no script at all ("no prompt given")
         if value is not None and not value.strip():

@@ -741,3 +741,26 @@ def test_a_signal_between_tokens_with_the_reader_stalled_still_ends_the_run(monk
         os.close(read_end)
     assert code == 143 and silenced == [1]
     assert capsys.readouterr().err == "internvl-chat: stopped by SIGTERM\n"
+
+
+def test_a_utf8_prompt_under_the_c_locale_is_read_as_utf8():
+    # LC_ALL=C without UTF-8 mode: Python decodes argv as ASCII, each byte of "é" a surrogate;
+    # it was refused as "not UTF-8 text (byte 0xc3)", though its bytes are UTF-8
+    from internvl_chat import cli as cli_module
+
+    args = cli_module.build_parser().parse_args(["-p", "h\udcc3\udca9llo", "w\udcc3\udcb6rld"])
+    cli_module._argv_as_utf8(args)
+    assert (args.prompt_flag, args.prompt) == ("héllo", ["wörld"])
+    args = cli_module.build_parser().parse_args(["-p", "caf\udce9"])  # bytes that are not UTF-8 stay as they were
+    cli_module._argv_as_utf8(args)
+    assert args.prompt_flag == "caf\udce9"
+
+
+def test_a_utf8_prompt_under_the_c_locale_reaches_the_model():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull,
+           "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}  # fmt: skip
+    env.pop("PYTHONIOENCODING", None)
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--max-new-tokens", "3", "--json", "-p", "héllo"],
+                         capture_output=True, timeout=300, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["usage"]["prompt_tokens"] > 0
