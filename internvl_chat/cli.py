@@ -23,7 +23,7 @@ import sys
 from contextlib import suppress
 from typing import TextIO
 
-from .errors import EndedBySignal, InternVLChatError, UsageError, replace_signal_handlers
+from .errors import EndedBySignal, InternVLChatError, UsageError, put_back_signal_handlers, replace_signal_handlers
 from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, silence_stdout, sniff_binary,
                     undecodable_byte, unread_bytes, visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
@@ -294,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(f"stopped by {signal.Signals(e.signum).name}")
         code = 128 + e.signum
     finally:
-        for signum, handler in replaced.items():  # first: one more signal now must not raise from here
-            signal.signal(signum, handler)
+        # first: one more signal now must not raise from here (held meanwhile, it meets the handler
+        # put back; one taken by another thread ran `end` mid-loop: the run is ending anyway)
+        with suppress(EndedBySignal):
+            put_back_signal_handlers(replaced)
         # a Ctrl-C or SIGTERM whose handler raised just as a window was to close left fd 2 on the
         # private file: the original sys.stderr put back below writes there (native_stderr.py)
         close_leftover_windows()

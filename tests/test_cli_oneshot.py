@@ -764,3 +764,57 @@ def test_a_utf8_prompt_under_the_c_locale_reaches_the_model():
                          capture_output=True, timeout=300, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["usage"]["prompt_tokens"] > 0
+
+
+class _AnswerStoppedBySignal(_SignalledAnswer):
+    """An answer that a SIGTERM stops between tokens (the first signal: cancelled, the text kept)."""
+
+    def __init__(self):
+        super().__init__(__import__("signal").SIGTERM)
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held", "taken-by-another-thread"])
+@pytest.mark.usefixtures("signals_as_a_shell_starts_them")
+def test_a_second_signal_while_the_handlers_are_put_back_leaves_none_of_them_behind(monkeypatch, capsys, held):
+    # the answer stopped by SIGTERM, a second one came while one-shot put main's handlers back: its
+    # handler raised from the loop, which left its own for SIGTERM and SIGHUP in place; a later
+    # signal (Ctrl-C as the program ended) then raised _StoppedWhileWriting outside every handler: a traceback
+    import argparse
+    import signal
+
+    from internvl_chat.errors import EndedBySignal
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import oneshot
+
+    def end(signum, frame):  # main's handler (cli._end_on_stop_signals)
+        raise EndedBySignal(signum)
+
+    signal.signal(signal.SIGTERM, end)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    real_signal = signal.signal
+    sent = []
+
+    def put_back(signum, handler):
+        previous = real_signal(signum, handler)
+        if handler is before.get(signum) and not sent:  # the first handler put back: a second SIGTERM comes now
+            sent.append(signum)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return previous
+
+    monkeypatch.setattr(oneshot, "open_conversation", lambda settings: _AnswerStoppedBySignal())
+    monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
+    args = argparse.Namespace(json=False, prompt_flag="Tell me a story.", prompt=[])
+    settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False})
+    monkeypatch.setattr(signal, "signal", put_back)
+    if not held:  # as where another thread takes the signal: its Python handler still runs in the loop
+        monkeypatch.delattr(signal, "pthread_sigmask")
+    try:
+        try:
+            code = oneshot.run_oneshot(args, settings, "Tell me a story.")
+        except EndedBySignal as e:  # the second one, ended by main's handler (cli.main says it, 143)
+            code = 128 + e.signum
+    finally:
+        monkeypatch.undo()
+    assert sent and code == 143
+    assert {s: signal.getsignal(s) for s in before} == before  # every handler is put back
+    assert "Once upon a" in capsys.readouterr().out
