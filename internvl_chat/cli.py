@@ -109,7 +109,27 @@ def _refuse_repl_command(args: argparse.Namespace) -> None:
     flag = f"attach with --{spec.name} PATH, or " if spec.name in ("image", "video") else ""
     raise UsageError(f"{visible(word)} is a REPL command, but a prompt given with -p (or after the flags) is sent to the "
                      f"model as text; {flag}type it in the REPL, or put it in a script (--script FILE; --script - reads "
-                     "the script from stdin); meant as text, begin it with another word")  # fmt: skip
+                     "the script from stdin); meant as text, begin it with // (sent as one /)")  # fmt: skip
+
+
+def _take_slash_escape(args: argparse.Namespace) -> None:
+    """A typed prompt that starts with `//` is sent with one `/`, as the REPL sends `//TEXT`: the
+    way to send a text that starts with a command word (`-p "//save is a verb"`). Before the
+    prompt is read, so one-shot and -I see the same text (and its paths are auto-attached as typed)."""
+    from .ui.commands import command_start
+
+    if args.prompt_flag is not None:
+        args.prompt_flag = _one_slash_less(args.prompt_flag, command_start)
+    elif args.prompt:
+        args.prompt = [_one_slash_less(args.prompt[0], command_start), *args.prompt[1:]]
+
+
+def _one_slash_less(text: str, command_start) -> str:
+    body = command_start(text)
+    if not body.startswith("//"):
+        return text
+    cut = len(text) - len(body)
+    return text[:cut] + text[cut + 1 :]
 
 
 def _media_on_stdin(args: argparse.Namespace) -> bool:
@@ -193,6 +213,7 @@ def run(argv: list[str]) -> int:
     if args.json and args.interactive:  # the REPL prints text: --json was silently dropped
         raise UsageError("--json prints one answer as JSON, but -I goes on in the REPL, which prints text; drop one of them")
     _refuse_repl_command(args)
+    _take_slash_escape(args)
     prompt = _read_prompt(args)  # None for a prompt of only spaces
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json  # --json is one-shot
     if prompt is None and interactive or args.interactive:

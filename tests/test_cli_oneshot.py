@@ -818,3 +818,33 @@ def test_a_second_signal_while_the_handlers_are_put_back_leaves_none_of_them_beh
     assert sent and code == 143
     assert {s: signal.getsignal(s) for s in before} == before  # every handler is put back
     assert "Once upon a" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, sent", [
+    (["-p", "//etc/hosts is what?"], "/etc/hosts is what?"),
+    (["//help", "me"], "/help me"),
+    (["-p", "  //save this"], "  /save this"),
+    (["-p", "\ufeff//x"], "\ufeff/x"),
+    (["-p", "a // b"], "a // b"),  # only a leading one
+    (["-p", "/media/usb/x.png"], "/media/usb/x.png"),  # a path: no escape to take off
+])  # fmt: skip
+def test_a_double_slash_at_the_start_of_the_prompt_sends_one_as_the_repl_does(monkeypatch, tmp_path, argv, sent):
+    # the REPL sends `//TEXT` as `/TEXT`; one-shot sent both slashes, and its refusal of `-p "/save …"`
+    # offered no way to send a text that starts with a command word
+    from internvl_chat import cli as cli_module
+    from internvl_chat.ui import oneshot
+
+    got = []
+    monkeypatch.setattr(oneshot, "run_oneshot", lambda args, settings, prompt: got.append(prompt) or 0)
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    with open(empty, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli_module.run(argv) == 0
+    assert got == [sent]
+
+
+def test_the_refusal_of_a_command_word_as_the_prompt_names_the_double_slash(tmp_path):
+    run = cli("--model", str(tmp_path / "no-model"), "-p", "/save chat.json")
+    assert "begin it with // (sent as one /)" in run.stderr
