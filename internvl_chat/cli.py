@@ -112,6 +112,21 @@ def _refuse_repl_command(args: argparse.Namespace) -> None:
                      "the script from stdin); meant as text, begin it with // (sent as one /)")  # fmt: skip
 
 
+def _prompt_is_stdin(args: argparse.Namespace) -> bool:
+    """`-p -` (or the lone word `-`) names stdin as the prompt, as `--script -` and `--image -` read
+    stdin: the typed "-" is dropped (the piped text was sent with "\n\n-" after it, and with nothing
+    piped the question was "-"). Refused where stdin cannot be the prompt."""
+    if not ((args.prompt_flag == "-" and not args.prompt) or (args.prompt_flag is None and args.prompt == ["-"])):
+        return False
+    args.prompt_flag, args.prompt = None, []
+    if sys.stdin.isatty():
+        raise UsageError("-p - reads the prompt from stdin, but stdin is a terminal; pipe the question in "
+                         "(… | internvl-chat -p -), or pass -p TEXT")  # fmt: skip
+    if _media_on_stdin(args):
+        raise UsageError("-p - reads the prompt from stdin, but --image/--video name stdin too; pass the question with -p TEXT")
+    return True
+
+
 def _take_slash_escape(args: argparse.Namespace) -> None:
     """A typed prompt that starts with `//` is sent with one `/`, as the REPL sends `//TEXT`: the
     way to send a text that starts with a command word (`-p "//save is a verb"`). Before the
@@ -212,9 +227,12 @@ def run(argv: list[str]) -> int:
         return run_script(args, settings, stdin_unread=unread)
     if args.json and args.interactive:  # the REPL prints text: --json was silently dropped
         raise UsageError("--json prints one answer as JSON, but -I goes on in the REPL, which prints text; drop one of them")
+    from_stdin = _prompt_is_stdin(args)
     _refuse_repl_command(args)
     _take_slash_escape(args)
     prompt = _read_prompt(args)  # None for a prompt of only spaces
+    if from_stdin and prompt is None:
+        raise UsageError("-p - reads the prompt from stdin, but stdin is empty (or only spaces); pipe the question in, or pass -p TEXT")
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json  # --json is one-shot
     if prompt is None and interactive or args.interactive:
         from .ui.repl import run_repl

@@ -848,3 +848,30 @@ def test_a_double_slash_at_the_start_of_the_prompt_sends_one_as_the_repl_does(mo
 def test_the_refusal_of_a_command_word_as_the_prompt_names_the_double_slash(tmp_path):
     run = cli("--model", str(tmp_path / "no-model"), "-p", "/save chat.json")
     assert "begin it with // (sent as one /)" in run.stderr
+
+
+@pytest.mark.parametrize("argv", [["-p", "-"], ["-"]])
+def test_a_dash_as_the_prompt_reads_it_from_stdin(monkeypatch, tmp_path, argv):
+    # `-p -` (as --script - and --image - read stdin) sent the piped text with "\n\n-" after it, and
+    # with nothing piped the question "-"
+    from internvl_chat import cli as cli_module
+    from internvl_chat.errors import UsageError
+    from internvl_chat.ui import oneshot
+
+    got = []
+    monkeypatch.setattr(oneshot, "run_oneshot", lambda args, settings, prompt: got.append(prompt) or 0)
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    piped = tmp_path / "piped"
+    piped.write_bytes(b"What is a triangle?\n")
+    with open(piped, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli_module.run(argv) == 0
+    assert got == ["What is a triangle?"]
+    piped.write_bytes(b"")
+    with open(piped, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        with pytest.raises(UsageError, match="stdin is empty"):
+            cli_module.run(argv)
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    with pytest.raises(UsageError, match=r"reads the prompt from stdin, but stdin is a terminal"):
+        cli_module.run(argv)
