@@ -1484,10 +1484,10 @@ def test_a_video_command_with_its_options_pasted_below_the_question_attaches_wit
     assert app.handle_line(f"Describe this\n/video {clip} --frames 0") == ERROR
     assert not app.session.turns and not app.pending
     assert "--frames" in output(out)
-    # so it is in a """ block (a script's message of several lines)
-    app, out = make_app(loaded, tmp_path)
-    assert app.handle_line(f'"""\nDescribe this\n/video {clip} --frames=2\n"""') == OK, output(out)
-    assert app.session.turns[-1].user_text == "Describe this" and app.session.turns[-1].media[0].tiles == 2
+    # a """ block is text as written: such a line in it runs nothing (the way to send it as text)
+    app, out = make_app(loaded, tmp_path, **{"media.frames": 2})
+    assert app.handle_line('"""\nDescribe this\n/video is a command; --frames=2 sets its frames\n"""') == OK, output(out)
+    assert app.session.turns[-1].user_text == "Describe this\n/video is a command; --frames=2 sets its frames"
     # without options the line is text, its path attached as in a message (unchanged)
     app, out = make_app(loaded, tmp_path, **{"media.frames": 2})
     assert app.handle_line(f"Describe this\n/video {clip}") == OK, output(out)

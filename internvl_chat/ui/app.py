@@ -252,8 +252,7 @@ class App(SessionFileCommands):
             _check_utf8(line)
             block = unwrap_block(line)
             if block is not None:
-                text = self._run_attach_lines(_escaped_breaks_kept(block.split("\n")))
-                return ERROR if text is None else self._send_text(text, typed=line)
+                return self._send_text(block, typed=line)  # text as written: its lines run no command
             if not line.strip():
                 return OK
             return self._run_input(line.strip("\n"))
@@ -298,8 +297,8 @@ class App(SessionFileCommands):
         return self._send_text(text, typed=typed)  # the commands before it have run: not given back
 
     def _run_attach_lines(self, lines: list[str]) -> str | None:
-        """A message's lines (`lines`, escaped line breaks kept) with its `/image` and `/video` lines
-        that carry options (`/video clip.mp4 --frames 4`) run as those commands, their options applied,
+        """A message's pasted lines (`lines`, escaped line breaks kept) with its `/image` and `/video`
+        lines that carry options (`/video clip.mp4 --frames 4`) run as those commands, their options applied,
         and left out: the text to send; None when one failed (said; nothing is sent). Without the
         options the path was attached with the default frames, and the model read "/video --frames 4"."""
         attaching = [k for k, line in enumerate(lines) if _attach_command_with_options(line)]
