@@ -301,9 +301,9 @@ class App(SessionFileCommands):
         lines that carry options (`/video clip.mp4 --frames 4`) run as those commands, their options applied,
         and left out: the text to send; None when one failed (said; nothing is sent). Without the
         options the path was attached with the default frames, and the model read "/video --frames 4"."""
-        attaching = [k for k, line in enumerate(lines) if _attach_command_with_options(line)]
+        attaching = [k for k, line in enumerate(lines) if k and _attach_command_with_options(line)]  # the first is text
         for k in attaching:
-            result = self._guard(lambda: self.run_command(parse_line(lines[k])))
+            result = self._guard(lambda k=k: self.run_command(parse_line(lines[k])))
             if result != OK:
                 self.note("(the message was not sent)")
                 return None
