@@ -875,3 +875,11 @@ def test_a_dash_as_the_prompt_reads_it_from_stdin(monkeypatch, tmp_path, argv):
     monkeypatch.setattr(sys, "stdin", _Terminal())
     with pytest.raises(UsageError, match=r"reads the prompt from stdin, but stdin is a terminal"):
         cli_module.run(argv)
+
+
+def test_a_video_line_with_options_in_the_prompt_is_refused_with_the_flags_to_use(tmp_path):
+    # the REPL runs a pasted `/video PATH --frames 4` line as the command; in -p the path went with
+    # the default frames and the model read "/video --frames 4"
+    run = cli("--model", str(tmp_path / "no-model"), "-p", "Describe this\n/video clip.mp4 --frames 4")
+    _one_line(run, 2, "the prompt's line '/video clip.mp4 --frames 4' is a REPL command with options")
+    assert "attach with --video PATH and its flags (--frames N, --range A-B)" in run.stderr

@@ -41,7 +41,7 @@ from ..media.image import check_image_decodes
 from ..numbers import counted
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
-from .commands import COMMAND_BY_NAME, Command, Message, command_start, format_help, parse_line, typed_message, unwrap_block
+from .commands import Command, Message, attach_command_with_options, format_help, parse_line, typed_message, unwrap_block
 from .media_paths import (check_typed_paths, expand_wildcards, not_attached_lines, not_sent, only_missing_paths,
                           take_media_paths)
 from .paths import media_kind
@@ -129,18 +129,6 @@ def _escaped_breaks_kept(lines: list[str]) -> list[str]:
         else:
             out.append(line)
     return out
-
-
-def _attach_command_with_options(line: str) -> bool:
-    """Whether a line below a message's first is `/image` or `/video` with an option of its own
-    (`/video clip.mp4 --frames 4`): run as that command, its options applied. Without one, such a
-    line is text whose paths are attached as in any message (media_paths.py leaves out the word)."""
-    words = command_start(line).split()
-    spec = COMMAND_BY_NAME.get(words[0][1:].lower()) if words and words[0].startswith("/") else None
-    if spec is None or spec.name not in ("image", "video"):
-        return False
-    names = {option.name for option in spec.options}
-    return any(word.partition("=")[0] in names for word in words[1:])
 
 
 class App(SessionFileCommands):
@@ -301,7 +289,7 @@ class App(SessionFileCommands):
         lines that carry options (`/video clip.mp4 --frames 4`) run as those commands, their options applied,
         and left out: the text to send; None when one failed (said; nothing is sent). Without the
         options the path was attached with the default frames, and the model read "/video --frames 4"."""
-        attaching = [k for k, line in enumerate(lines) if k and _attach_command_with_options(line)]  # the first is text
+        attaching = [k for k, line in enumerate(lines) if k and attach_command_with_options(line)]  # the first is text
         for k in attaching:
             result = self._guard(lambda k=k: self.run_command(parse_line(lines[k])))
             if result != OK:
