@@ -328,8 +328,11 @@ def attach_command_with_options(line: str) -> bool:
     (`/video clip.mp4 --frames 4`): the REPL runs it as that command, its options applied (a one-shot
     prompt, which runs none, refuses it). Without one, such a line is text whose paths are attached
     as in any message (media_paths.py leaves out the word)."""
-    words = command_start(line).split()
-    spec = COMMAND_BY_NAME.get(words[0][1:].lower()) if words and words[0].startswith("/") else None
+    body = command_start(line)
+    if not body.startswith("/"):  # most lines of a long paste: not split into words
+        return False
+    words = body.split()
+    spec = COMMAND_BY_NAME.get(words[0][1:].lower())
     if spec is None or spec.name not in ("image", "video"):
         return False
     names = {option.name for option in spec.options}
