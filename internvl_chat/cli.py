@@ -6,9 +6,11 @@ usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 
 131). A reader that goes away (`| head`) ends the program quietly. A stdout that cannot hold every
 character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`).
 
-Text from stdin, `-p` and the prompt words must be UTF-8; anything else is refused in one line
-(exit 2), and binary data on stdin (an image, say) is named, with the flag to use instead. Piped
-text's Windows line ends (CRLF) reach the model as \n; a lone \r is left as it is.
+Text from stdin, `-p` and the prompt words must be UTF-8 (the prompt's words are read as UTF-8
+even under an ASCII locale, LC_ALL=C); anything else is refused in one line (exit 2), and binary
+data on stdin (an image, say) is named, with the flag to use instead. Piped text's Windows line
+ends (CRLF) reach the model as \n; a lone \r is left as it is. Stdin that is a folder (`< dir`)
+never reaches this code: Python's start-up stops on it (init_sys_streams, status 1).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 from contextlib import suppress
 from typing import TextIO
 
-from .errors import EndedBySignal, InternVLChatError, UsageError, replace_signal_handlers
+from .errors import EndedBySignal, InternVLChatError, UsageError, put_back_signal_handlers, replace_signal_handlers
 from .files import (GuardedStream, OutputFailed, decode_utf8, read_stream, refuse_wide_text, silence_stdout, sniff_binary,
                     undecodable_byte, unread_bytes, visible)
 from .native_stderr import close_leftover_windows, separate_python_stderr
@@ -54,6 +56,27 @@ def _overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def _argv_as_utf8(args: argparse.Namespace) -> None:
+    """The prompt's words as UTF-8 where the locale could not decode them (LC_ALL=C without UTF-8
+    mode: Python decodes argv as ASCII, each byte of "é" left as a surrogate, and the prompt was
+    refused as not UTF-8). Their bytes come back as they were typed and are read as UTF-8; bytes
+    that are not UTF-8 stay as surrogates (refused in one line). Paths are left as Python decoded
+    them: that is how the file system gets the same bytes back."""
+
+    def as_utf8(text: str) -> str:
+        if undecodable_byte(text) is None:
+            return text
+        try:
+            return os.fsencode(text).decode("utf-8")
+        except UnicodeError:
+            return text
+
+    if args.prompt_flag is not None:
+        args.prompt_flag = as_utf8(args.prompt_flag)
+    if args.prompt:
+        args.prompt = [as_utf8(word) for word in args.prompt]
+
+
 def _read_prompt(args: argparse.Namespace) -> str | None:
     parts = [args.prompt_flag] if args.prompt_flag else []
     parts += [" ".join(args.prompt)] if args.prompt else []
@@ -76,9 +99,15 @@ def _refuse_repl_command(args: argparse.Namespace) -> None:
     """A typed prompt that starts with a REPL command (`-p "/save chat.json"`, `/image cat.png`) is
     refused before the model loads: sent to the model as text, it ran nothing (no file saved), and
     the status was 0. A path (`/media/usb/cat.png what is it?`) is no command word: it goes on."""
-    from .ui.commands import COMMAND_BY_NAME, command_start
+    from .ui.commands import COMMAND_BY_NAME, attach_command_with_options, command_start
 
     typed = args.prompt_flag or " ".join(args.prompt or [])
+    for line in typed.split("\n")[1:]:  # `/video clip.mp4 --frames 4` below the question: the REPL runs it
+        if attach_command_with_options(line):
+            kind = command_start(line).split()[0][1:].lower()
+            raise UsageError(f"the prompt's line {visible(line.strip())!r} is a REPL command with options, which a prompt "
+                             f"given with -p does not run (its path would go with the default frames, the options as text); "
+                             f"attach with --{kind} PATH and its flags (--frames N, --range A-B), or type it in the REPL")  # fmt: skip
     word = (command_start(typed).split(None, 1) or [""])[0]  # a copied "<feff>/save" is /save in the REPL too
     spec = COMMAND_BY_NAME.get(word[1:].lower()) if word.startswith("/") else None
     if spec is None:
@@ -86,7 +115,42 @@ def _refuse_repl_command(args: argparse.Namespace) -> None:
     flag = f"attach with --{spec.name} PATH, or " if spec.name in ("image", "video") else ""
     raise UsageError(f"{visible(word)} is a REPL command, but a prompt given with -p (or after the flags) is sent to the "
                      f"model as text; {flag}type it in the REPL, or put it in a script (--script FILE; --script - reads "
-                     "the script from stdin); meant as text, begin it with another word")  # fmt: skip
+                     "the script from stdin); meant as text, begin it with // (sent as one /)")  # fmt: skip
+
+
+def _prompt_is_stdin(args: argparse.Namespace) -> bool:
+    """`-p -` (or the lone word `-`) names stdin as the prompt, as `--script -` and `--image -` read
+    stdin: the typed "-" is dropped (the piped text was sent with "\n\n-" after it, and with nothing
+    piped the question was "-"). Refused where stdin cannot be the prompt."""
+    if not ((args.prompt_flag == "-" and not args.prompt) or (args.prompt_flag is None and args.prompt == ["-"])):
+        return False
+    args.prompt_flag, args.prompt = None, []
+    if sys.stdin.isatty():
+        raise UsageError("-p - reads the prompt from stdin, but stdin is a terminal; pipe the question in "
+                         "(… | internvl-chat -p -), or pass -p TEXT")  # fmt: skip
+    if _media_on_stdin(args):
+        raise UsageError("-p - reads the prompt from stdin, but --image/--video name stdin too; pass the question with -p TEXT")
+    return True
+
+
+def _take_slash_escape(args: argparse.Namespace) -> None:
+    """A typed prompt that starts with `//` is sent with one `/`, as the REPL sends `//TEXT`: the
+    way to send a text that starts with a command word (`-p "//save is a verb"`). Before the
+    prompt is read, so one-shot and -I see the same text (and its paths are auto-attached as typed)."""
+    from .ui.commands import command_start
+
+    if args.prompt_flag is not None:
+        args.prompt_flag = _one_slash_less(args.prompt_flag, command_start)
+    elif args.prompt:
+        args.prompt = [_one_slash_less(args.prompt[0], command_start), *args.prompt[1:]]
+
+
+def _one_slash_less(text: str, command_start) -> str:
+    body = command_start(text)
+    if not body.startswith("//"):
+        return text
+    cut = len(text) - len(body)
+    return text[:cut] + text[cut + 1 :]
 
 
 def _media_on_stdin(args: argparse.Namespace) -> bool:
@@ -142,6 +206,7 @@ def run(argv: list[str]) -> int:
     from .settings import format_settings, format_settings_json, load_settings
 
     args = build_parser().parse_args(argv)
+    _argv_as_utf8(args)
     for flag, value in (("--config", args.config), ("--script", args.script)):
         # '' named the working folder ("config file . is a folder"), or no script at all ("no prompt given")
         if value is not None and not value.strip():
@@ -168,8 +233,12 @@ def run(argv: list[str]) -> int:
         return run_script(args, settings, stdin_unread=unread)
     if args.json and args.interactive:  # the REPL prints text: --json was silently dropped
         raise UsageError("--json prints one answer as JSON, but -I goes on in the REPL, which prints text; drop one of them")
+    from_stdin = _prompt_is_stdin(args)
     _refuse_repl_command(args)
+    _take_slash_escape(args)
     prompt = _read_prompt(args)  # None for a prompt of only spaces
+    if from_stdin and prompt is None:
+        raise UsageError("-p - reads the prompt from stdin, but stdin is empty (or only spaces); pipe the question in, or pass -p TEXT")
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json  # --json is one-shot
     if prompt is None and interactive or args.interactive:
         from .ui.repl import run_repl
@@ -270,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(f"stopped by {signal.Signals(e.signum).name}")
         code = 128 + e.signum
     finally:
-        for signum, handler in replaced.items():  # first: one more signal now must not raise from here
-            signal.signal(signum, handler)
+        # first: one more signal now must not raise from here (held meanwhile, it meets the handler
+        # put back; one taken by another thread ran `end` mid-loop: the run is ending anyway)
+        with suppress(EndedBySignal):
+            put_back_signal_handlers(replaced)
         # a Ctrl-C or SIGTERM whose handler raised just as a window was to close left fd 2 on the
         # private file: the original sys.stderr put back below writes there (native_stderr.py)
         close_leftover_windows()

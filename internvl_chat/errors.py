@@ -92,3 +92,28 @@ def replace_signal_handlers(signums, handler) -> dict:
         if previous is not signal.SIG_IGN and previous is not None:
             replaced[signum] = signal.signal(signum, handler)
     return replaced
+
+
+def put_back_signal_handlers(handlers: dict) -> None:
+    """Put `handlers` (signum -> handler, as `replace_signal_handlers` returns them) back, all of
+    them, even when a signal lands meanwhile: delivered in the loop, it ran the handler being
+    replaced, whose raise ended the loop and left the others in place (a stop handler of an answer
+    long over then raised later, outside every handler of the program: a traceback). The signals
+    are held (blocked) in this thread meanwhile, so one that lands reaches the handler put back;
+    one that another thread takes (its Python handler still runs here) is raised once all are back."""
+    raised: BaseException | None = None
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, list(handlers)) if handlers and hasattr(signal, "pthread_sigmask") else None
+    try:
+        todo = list(handlers.items())
+        while todo:
+            try:
+                while todo:
+                    signal.signal(*todo[0])
+                    del todo[0]
+            except BaseException as e:  # noqa: BLE001 - raised again below, once every handler is back
+                raised = raised or e
+    finally:
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal held meanwhile is delivered now
+    if raised is not None:
+        raise raised

@@ -1468,3 +1468,27 @@ def test_an_image_command_pasted_below_the_question_leaves_no_stray_command_word
     assert take_media_paths(text, tmp_path) == ("Compare these:\nWhich is larger?\n/image\n/image or not", found, [])
     # copied from a web page, a zero-width space before the slash: "\u200b/image" was left for the model
     assert take_media_paths("Compare:\n\u200b/image a.png", tmp_path) == ("Compare:", [tmp_path / "a.png"], [])
+
+
+def test_a_video_command_with_its_options_pasted_below_the_question_attaches_with_them(loaded, media, tmp_path):
+    # `/video clip.mp4 --frames 4` on a message's second line: the path was attached with the default
+    # frames and the model read "/video --frames 4"; the line is the command, its options applied
+    app, out = make_app(loaded, tmp_path)
+    clip = media / "clip.mp4"
+    assert app.handle_line(f"Describe this\n/video {clip} --frames 2 --range 1-2\nbriefly") == OK, output(out)
+    turn = app.session.turns[-1]
+    assert turn.user_text == "Describe this\nbriefly"
+    assert [(m.kind, m.tiles, m.video_range) for m in turn.media] == [("video", 2, (1.0, 2.0))]
+    # a bad option stops the message as a failing command does: nothing is sent
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"Describe this\n/video {clip} --frames 0") == ERROR
+    assert not app.session.turns and not app.pending
+    assert "--frames" in output(out)
+    # a """ block is text as written: such a line in it runs nothing (the way to send it as text)
+    app, out = make_app(loaded, tmp_path, **{"media.frames": 2})
+    assert app.handle_line('"""\nDescribe this\n/video is a command; --frames=2 sets its frames\n"""') == OK, output(out)
+    assert app.session.turns[-1].user_text == "Describe this\n/video is a command; --frames=2 sets its frames"
+    # without options the line is text, its path attached as in a message (unchanged)
+    app, out = make_app(loaded, tmp_path, **{"media.frames": 2})
+    assert app.handle_line(f"Describe this\n/video {clip}") == OK, output(out)
+    assert app.session.turns[-1].user_text == "Describe this" and len(app.session.turns[-1].media) == 1

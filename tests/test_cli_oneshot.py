@@ -741,3 +741,145 @@ def test_a_signal_between_tokens_with_the_reader_stalled_still_ends_the_run(monk
         os.close(read_end)
     assert code == 143 and silenced == [1]
     assert capsys.readouterr().err == "internvl-chat: stopped by SIGTERM\n"
+
+
+def test_a_utf8_prompt_under_the_c_locale_is_read_as_utf8():
+    # LC_ALL=C without UTF-8 mode: Python decodes argv as ASCII, each byte of "é" a surrogate;
+    # it was refused as "not UTF-8 text (byte 0xc3)", though its bytes are UTF-8
+    from internvl_chat import cli as cli_module
+
+    args = cli_module.build_parser().parse_args(["-p", "h\udcc3\udca9llo", "w\udcc3\udcb6rld"])
+    cli_module._argv_as_utf8(args)
+    assert (args.prompt_flag, args.prompt) == ("héllo", ["wörld"])
+    args = cli_module.build_parser().parse_args(["-p", "caf\udce9"])  # bytes that are not UTF-8 stay as they were
+    cli_module._argv_as_utf8(args)
+    assert args.prompt_flag == "caf\udce9"
+
+
+def test_a_utf8_prompt_under_the_c_locale_reaches_the_model():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull,
+           "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}  # fmt: skip
+    env.pop("PYTHONIOENCODING", None)
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--max-new-tokens", "3", "--json", "-p", "héllo"],
+                         capture_output=True, timeout=300, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["usage"]["prompt_tokens"] > 0
+
+
+class _AnswerStoppedBySignal(_SignalledAnswer):
+    """An answer that a SIGTERM stops between tokens (the first signal: cancelled, the text kept)."""
+
+    def __init__(self):
+        super().__init__(__import__("signal").SIGTERM)
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held", "taken-by-another-thread"])
+@pytest.mark.usefixtures("signals_as_a_shell_starts_them")
+def test_a_second_signal_while_the_handlers_are_put_back_leaves_none_of_them_behind(monkeypatch, capsys, held):
+    # the answer stopped by SIGTERM, a second one came while one-shot put main's handlers back: its
+    # handler raised from the loop, which left its own for SIGTERM and SIGHUP in place; a later
+    # signal (Ctrl-C as the program ended) then raised _StoppedWhileWriting outside every handler: a traceback
+    import argparse
+    import signal
+
+    from internvl_chat.errors import EndedBySignal
+    from internvl_chat.settings import load_settings
+    from internvl_chat.ui import oneshot
+
+    def end(signum, frame):  # main's handler (cli._end_on_stop_signals)
+        raise EndedBySignal(signum)
+
+    signal.signal(signal.SIGTERM, end)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    real_signal = signal.signal
+    sent = []
+
+    def put_back(signum, handler):
+        previous = real_signal(signum, handler)
+        if handler is before.get(signum) and not sent:  # the first handler put back: a second SIGTERM comes now
+            sent.append(signum)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return previous
+
+    monkeypatch.setattr(oneshot, "open_conversation", lambda settings: _AnswerStoppedBySignal())
+    monkeypatch.setattr(oneshot, "media_from_flags", lambda session, args, settings: [])
+    args = argparse.Namespace(json=False, prompt_flag="Tell me a story.", prompt=[])
+    settings = load_settings(os.devnull, env={}, overrides={"media.auto_attach": False})
+    monkeypatch.setattr(signal, "signal", put_back)
+    if not held:  # as where another thread takes the signal: its Python handler still runs in the loop
+        monkeypatch.delattr(signal, "pthread_sigmask")
+    try:
+        try:
+            code = oneshot.run_oneshot(args, settings, "Tell me a story.")
+        except EndedBySignal as e:  # the second one, ended by main's handler (cli.main says it, 143)
+            code = 128 + e.signum
+    finally:
+        monkeypatch.undo()
+    assert sent and code == 143
+    assert {s: signal.getsignal(s) for s in before} == before  # every handler is put back
+    assert "Once upon a" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, sent", [
+    (["-p", "//etc/hosts is what?"], "/etc/hosts is what?"),
+    (["//help", "me"], "/help me"),
+    (["-p", "  //save this"], "  /save this"),
+    (["-p", "\ufeff//x"], "\ufeff/x"),
+    (["-p", "a // b"], "a // b"),  # only a leading one
+    (["-p", "/media/usb/x.png"], "/media/usb/x.png"),  # a path: no escape to take off
+])  # fmt: skip
+def test_a_double_slash_at_the_start_of_the_prompt_sends_one_as_the_repl_does(monkeypatch, tmp_path, argv, sent):
+    # the REPL sends `//TEXT` as `/TEXT`; one-shot sent both slashes, and its refusal of `-p "/save …"`
+    # offered no way to send a text that starts with a command word
+    from internvl_chat import cli as cli_module
+    from internvl_chat.ui import oneshot
+
+    got = []
+    monkeypatch.setattr(oneshot, "run_oneshot", lambda args, settings, prompt: got.append(prompt) or 0)
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    with open(empty, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli_module.run(argv) == 0
+    assert got == [sent]
+
+
+def test_the_refusal_of_a_command_word_as_the_prompt_names_the_double_slash(tmp_path):
+    run = cli("--model", str(tmp_path / "no-model"), "-p", "/save chat.json")
+    assert "begin it with // (sent as one /)" in run.stderr
+
+
+@pytest.mark.parametrize("argv", [["-p", "-"], ["-"]])
+def test_a_dash_as_the_prompt_reads_it_from_stdin(monkeypatch, tmp_path, argv):
+    # `-p -` (as --script - and --image - read stdin) sent the piped text with "\n\n-" after it, and
+    # with nothing piped the question "-"
+    from internvl_chat import cli as cli_module
+    from internvl_chat.errors import UsageError
+    from internvl_chat.ui import oneshot
+
+    got = []
+    monkeypatch.setattr(oneshot, "run_oneshot", lambda args, settings, prompt: got.append(prompt) or 0)
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    piped = tmp_path / "piped"
+    piped.write_bytes(b"What is a triangle?\n")
+    with open(piped, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli_module.run(argv) == 0
+    assert got == ["What is a triangle?"]
+    piped.write_bytes(b"")
+    with open(piped, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        with pytest.raises(UsageError, match="stdin is empty"):
+            cli_module.run(argv)
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    with pytest.raises(UsageError, match=r"reads the prompt from stdin, but stdin is a terminal"):
+        cli_module.run(argv)
+
+
+def test_a_video_line_with_options_in_the_prompt_is_refused_with_the_flags_to_use(tmp_path):
+    # the REPL runs a pasted `/video PATH --frames 4` line as the command; in -p the path went with
+    # the default frames and the model read "/video --frames 4"
+    run = cli("--model", str(tmp_path / "no-model"), "-p", "Describe this\n/video clip.mp4 --frames 4")
+    _one_line(run, 2, "the prompt's line '/video clip.mp4 --frames 4' is a REPL command with options")
+    assert "attach with --video PATH and its flags (--frames N, --range A-B)" in run.stderr

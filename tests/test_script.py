@@ -452,3 +452,28 @@ def test_an_empty_script_exits_2_with_one_line_on_stderr(tmp_path):
                          "(only blank lines and # comments); nothing was sent; write REPL lines in it, one a line\n"
     run = cli("--script", "-", stdin="\n# nothing\n", cwd=tmp_path)  # as an empty piped prompt is refused
     assert run.returncode == 2 and run.stderr.startswith("internvl-chat: error: the script on stdin holds no messages")
+
+
+def test_non_ascii_media_paths_under_the_c_locale_name_their_files(tmp_path):
+    # LC_ALL=C without UTF-8 mode: Python names files as ASCII, but a script's (and a prompt's)
+    # text is UTF-8; a message naming "nö.png" was a UnicodeEncodeError traceback, and
+    # `/image nö.png` said the file does not exist
+    Image.fromarray(textured_rgb(64, 48, seed=3)).save(tmp_path / "nö.png")
+    (tmp_path / "chat.txt").write_text("/image nö.png\nwhat is nö.png?\n", encoding="utf-8")
+    env = {**_env(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")}
+    env.pop("PYTHONIOENCODING", None)
+    for argv in (["--script", "chat.txt"], ["-p", "what is nö.png?"]):
+        run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--max-new-tokens", "2", *argv], capture_output=True,
+                             stdin=subprocess.DEVNULL, env=env, timeout=300, cwd=tmp_path)  # fmt: skip
+        assert run.returncode == 0 and b"Traceback" not in run.stderr, run.stderr.decode(errors="replace")
+    assert b"does not exist" not in run.stdout
+
+
+def test_typed_paths_become_the_file_systems_names_under_an_ascii_locale(monkeypatch):
+    from internvl_chat.ui import paths
+
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "ascii")
+    assert paths.normalize_path("nö.png") == Path("n\udcc3\udcb6.png")  # os.fsencode gives the UTF-8 bytes back
+    assert paths.normalize_path("plain.png") == Path("plain.png")
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "utf-8")
+    assert paths.normalize_path("nö.png") == Path("nö.png")

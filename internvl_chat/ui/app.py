@@ -41,7 +41,7 @@ from ..media.image import check_image_decodes
 from ..numbers import counted
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
-from .commands import Command, Message, format_help, parse_line, typed_message, unwrap_block
+from .commands import Command, Message, attach_command_with_options, format_help, parse_line, typed_message, unwrap_block
 from .media_paths import (check_typed_paths, expand_wildcards, not_attached_lines, not_sent, only_missing_paths,
                           take_media_paths)
 from .paths import media_kind
@@ -240,7 +240,7 @@ class App(SessionFileCommands):
             _check_utf8(line)
             block = unwrap_block(line)
             if block is not None:
-                return self._send_text(block, typed=line)
+                return self._send_text(block, typed=line)  # text as written: its lines run no command
             if not line.strip():
                 return OK
             return self._run_input(line.strip("\n"))
@@ -276,9 +276,26 @@ class App(SessionFileCommands):
                 i += 1
         typed = "\n".join(lines[i:])
         parsed = parse_line(typed)
-        if isinstance(parsed, Message):
-            return self._send_text(parsed.text, typed=typed)  # the commands before it have run: not given back
-        return self.run_command(parsed)
+        if not isinstance(parsed, Message):
+            return self.run_command(parsed)
+        first = parsed.text[: len(parsed.text) - (len(typed) - len(lines[i]))]  # its line as parsed: `//` made `/`
+        text = self._run_attach_lines([first, *lines[i + 1 :]])
+        if text is None:
+            return ERROR
+        return self._send_text(text, typed=typed)  # the commands before it have run: not given back
+
+    def _run_attach_lines(self, lines: list[str]) -> str | None:
+        """A message's pasted lines (`lines`, escaped line breaks kept) with its `/image` and `/video`
+        lines that carry options (`/video clip.mp4 --frames 4`) run as those commands, their options applied,
+        and left out: the text to send; None when one failed (said; nothing is sent). Without the
+        options the path was attached with the default frames, and the model read "/video --frames 4"."""
+        attaching = [k for k, line in enumerate(lines) if k and attach_command_with_options(line)]  # the first is text
+        for k in attaching:
+            result = self._guard(lambda k=k: self.run_command(parse_line(lines[k])))
+            if result != OK:
+                self.note("(the message was not sent)")
+                return None
+        return "\n".join(line for k, line in enumerate(lines) if k not in attaching)
 
     def _one_line_command(self, command: Command) -> bool:
         """A command that ends with its line: not /system TEXT nor /set system.message VALUE, whose

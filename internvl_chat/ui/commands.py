@@ -323,6 +323,22 @@ def command_start(line: str) -> str:
     return line.lstrip().lstrip(_LEADING_MARKS).lstrip()
 
 
+def attach_command_with_options(line: str) -> bool:
+    """Whether a line below a message's first is `/image` or `/video` with an option of its own
+    (`/video clip.mp4 --frames 4`): the REPL runs it as that command, its options applied (a one-shot
+    prompt, which runs none, refuses it). Without one, such a line is text whose paths are attached
+    as in any message (media_paths.py leaves out the word)."""
+    body = command_start(line)
+    if not body.startswith("/"):  # most lines of a long paste: not split into words
+        return False
+    words = body.split()
+    spec = COMMAND_BY_NAME.get(words[0][1:].lower())
+    if spec is None or spec.name not in ("image", "video"):
+        return False
+    names = {option.name for option in spec.options}
+    return any(word.partition("=")[0] in names for word in words[1:])
+
+
 def parse_line(line: str) -> Message | Command:
     """One REPL line -> Message or Command.
 

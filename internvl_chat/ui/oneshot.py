@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-from ..errors import InternVLChatError, UsageError, replace_signal_handlers
+from ..errors import InternVLChatError, UsageError, put_back_signal_handlers, replace_signal_handlers
 from ..files import OutputFailed, real_path, silence_stdout, visible
 from ..settings import Settings
 from .answer_text import AnswerCleaner
@@ -97,8 +97,7 @@ def _answer(args: argparse.Namespace, settings: Settings, session, prompt: str, 
     finally:
         # only now, the answer's line ended (or the --json object out): main's handlers, put back at
         # the last token, ended the run there with "stopped by SIGTERM" continuing the answer's line
-        for signum, handler in (handlers or {}).items():
-            signal.signal(signum, handler)
+        put_back_signal_handlers(handlers or {})  # all of them, even when a second signal comes meanwhile
     if final.get("notice"):  # e.g. a video cut short, sampled from the frames it holds
         print(f"internvl-chat: note: {visible(final['notice'])}", file=sys.stderr)
     if stopped_by:  # the text so far is out, its line ended; no stats for an answer cut short

@@ -8,7 +8,9 @@ the same `Path` here. Nothing in this module checks that a file exists except
 
 from __future__ import annotations
 
+import codecs
 import re
+import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -123,9 +125,20 @@ def normalize_path(text: str) -> Path:
         raise UsageError(f"empty path {text.strip()!r}; give the path of a file")
     if "\x00" in word:  # no file name holds one (os calls raise ValueError: embedded null byte)
         raise UsageError(f"the path '{visible(word)}' holds a NUL character, which no file name can; remove it")
+    word = file_system_name(word)
     if word.startswith("~"):  # decided on the text: Path("./~x") drops the `./` and reads as ~x
         return expand_home(word)  # ~unknownuser: a UsageError saying so
     return Path(word)  # relative ones are anchored by the caller (App._output_path)
+
+
+def file_system_name(text: str) -> str:
+    """Typed text (UTF-8, as the REPL, a script and the prompt read it) as the name Python gives the
+    file system: under an ASCII locale (LC_ALL=C without UTF-8 mode) a name's other bytes are
+    surrogates (os.fsdecode), and "nö.png" as typed named no file (`/image`: "does not exist"; in a
+    message a UnicodeEncodeError, a traceback). Elsewhere the text is the name as it is."""
+    if codecs.lookup(sys.getfilesystemencoding()).name != "ascii" or text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("ascii", "surrogateescape")  # os.fsdecode's, of its bytes
 
 
 def media_kind(path: str | Path) -> str | None:
