@@ -22,6 +22,7 @@ from media_helpers import (
     numbered_frame,
     read_frame_number,
     video_backends,
+    with_edits,
     with_empty_edit,
     write_late_start_video,
     write_numbered_video,
@@ -340,6 +341,43 @@ def test_frames_an_edit_list_hides_are_not_sampled_nor_noted(tmp_path, monkeypat
     assert result.indices == frame_indices(55, FPS, 8)
     assert _shown(result) == [i + 5 for i in result.indices]
     assert result.decoded_frames == result.indices[-1] + 1  # one pass: the count came from the duration
+
+
+@pytest.mark.parametrize("edits, version", [
+    ([(0, 0)], 0),  # an edit that lasts 0: a muxer that never filled it in
+    ([(0, 0)], 1),
+    ([(0, 512)], 0),  # from the 6th stored frame (the trimmed clip's hidden ones), lasting 0
+    ([(10_000, -1), (0, 0)], 0),  # an empty edit (a delay), then one lasting 0
+])  # fmt: skip
+@pytest.mark.parametrize("backend", [None, *video_backends()])
+def test_an_mp4_whose_edits_last_0_is_measured_and_sampled_from_all_its_samples(tmp_path, monkeypatch, edits, version, backend):
+    """An edit list whose edits of the media all last 0: FFmpeg showed one frame at most (its
+    stream duration 0), so the attach line said 60 frames, 6 s, and sending it failed ("decoded to
+    no frames"), or forced decord read one frame. A player shows all 60 samples, as FFmpeg does
+    without the edit list: they are measured and sampled, by PyAV (decord reads the edit list)."""
+    if backend is None:
+        monkeypatch.delenv(BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BACKEND_ENV, backend)
+    path = with_edits(write_trimmed_video(tmp_path / "trimmed.mp4", FRAMES, hidden=5), tmp_path / "edits.mp4", edits, version)
+    assert measure_video(path) == VideoLength(FRAMES, FPS, 6.0)
+    if backend == "decord":
+        with pytest.raises(MediaError, match=f"^decord cannot .* unset {BACKEND_ENV} .* set it to pyav"):
+            load_video(path, 8)
+        return
+    result = load_video(path, 8)
+    assert (result.backend, result.num_total_frames, result.listed_frames, result.shortfall_note) == ("pyav", FRAMES, None, None)
+    assert result.indices == frame_indices(FRAMES, FPS, 8)
+    assert _shown(result) == result.indices  # the stored frames, the hidden ones included
+
+
+def test_edits_that_last_0_are_told_from_edits_that_show_frames(tmp_path):
+    trimmed = write_trimmed_video(tmp_path / "trimmed.mp4", FRAMES, hidden=5)
+    for edits, nothing in [([(0, 0)], True), ([(0, 0), (5_000, 0)], False), ([(6_000, -1)], False), ([], False),
+                           ([(5_000, 512)], False)]:  # fmt: skip
+        path = with_edits(trimmed, tmp_path / "edits.mp4", edits)
+        assert video_header.edits_show_nothing(path, 0) is nothing, edits
+    assert not video_header.edits_show_nothing(tmp_path / "gone.mp4", 0)
 
 
 def test_an_avi_whose_capture_dropped_frames_is_sampled_from_its_frames_without_a_note(tmp_path, monkeypatch):

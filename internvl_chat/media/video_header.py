@@ -54,6 +54,7 @@ class VideoHeader:
     runs_past_end: bool | None = None  # MKV/WebM/AVI: whether its outermost element does (ends_past_the_file)
     unfilled: bool = False  # an AVI whose writer never filled in its header (avi_header_unfilled): no count, no sizes
     frames_cut: bool | None = None  # and then: whether the file ends inside its video frames (frames_cut_off)
+    edits_ignored: bool = False  # MP4/MOV: read without its edit list, which shows none of its frames (edits_show_nothing)
 
     @property
     def frames_by_duration(self) -> int:
@@ -581,10 +582,49 @@ ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC
 
 def open_container(path: Path):
     """PyAV's container of `path`, for reading. A tag that is not UTF-8 (a title in Latin-1, say)
-    reads with U+FFFD: PyAV's strict default refused the whole video for it."""
+    reads with U+FFFD: PyAV's strict default refused the whole video for it. An MP4 (or MOV) whose
+    video track's edit list shows none of its samples (edits_show_nothing) is read without it."""
     import av
 
-    return av.open(str(path), metadata_errors="replace")
+    container = av.open(str(path), metadata_errors="replace")
+    try:
+        stream = video_stream(container)
+        if stream is None or not stream.frames or "mov" not in container.format.name.split(","):
+            return container
+        if not edits_show_nothing(path, stream.index):
+            return container
+    except BaseException:
+        container.close()
+        raise
+    container.close()
+    return av.open(str(path), metadata_errors="replace", options={"ignore_editlist": "1"})
+
+
+# Edit list entries read at most (a real track has one or two; an editor's cuts a few hundred)
+EDITS = 4096
+
+
+def edits_show_nothing(path: Path, track: int) -> bool:
+    """Whether the edit list (edts/elst) of an MP4's (or MOV's) `track`-th trak places its media
+    and every such edit lasts 0: a muxer that never filled in the durations, or one following the
+    rule for fragmented files (0: "to the end of the media"). FFmpeg then shows a frame at most,
+    and the file read as 60 frames at attach and "decoded to no frames" at send; a player that
+    plays it shows all its samples, as FFmpeg does without the edit list (ignore_editlist)."""
+    found = _sample_tables(path, track, (b"elst",), EDITS * 20 + 8, route=(b"edts",))
+    if found is None or b"elst" not in found or len(found[b"elst"]) < 8:
+        return False
+    elst = found[b"elst"]
+    wide = elst[0] == 1  # version 1: 64-bit durations and media times
+    each = 20 if wide else 12
+    count = min(int.from_bytes(elst[4:8], "big"), (len(elst) - 8) // each)
+    edits = []
+    for at in range(8, 8 + count * each, each):
+        half = 8 if wide else 4
+        duration = int.from_bytes(elst[at : at + half], "big")
+        media_time = int.from_bytes(elst[at + half : at + 2 * half], "big", signed=True)
+        if media_time != -1:  # -1: an empty edit (a delay before the media), no media shown
+            edits.append(duration)
+    return bool(edits) and not any(edits)
 
 
 def video_stream(container):
@@ -792,6 +832,7 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
                              alone, unfilled=unfilled, start=start)  # fmt: skip
+        header.edits_ignored = dict(getattr(container, "options", None) or {}).get("ignore_editlist") == "1"
         if matroska:
             header.track_duration = frames_end
             header.runs_past_end = ends_past_the_file(path, "matroska")
@@ -938,11 +979,13 @@ def decoder_configs(path: Path, track: int) -> list[bytes] | None:
     return configs
 
 
-def _sample_tables(path: Path, track: int, kinds: tuple[bytes, ...], limit: int = MP4_MOOV_LIMIT) -> dict[bytes, memoryview] | None:
-    """The boxes of these kinds in the sample table (stbl) of the moov's `track`-th trak, each
-    payload; None where there is no such trak, or one of them is over `limit` bytes. Only the box
-    headers on the way are read, and the boxes wanted: not the whole moov (a long recording's
-    sample tables are megabytes, and decord's every open of an MP4 looks for its descriptions)."""
+def _sample_tables(path: Path, track: int, kinds: tuple[bytes, ...], limit: int = MP4_MOOV_LIMIT,
+                   route: tuple[bytes, ...] = (b"mdia", b"minf", b"stbl")) -> dict[bytes, memoryview] | None:  # fmt: skip
+    """The boxes of these kinds in the sample table (stbl) of the moov's `track`-th trak (or in the
+    box `route` leads to from it), each payload; None where there is no such trak, or one of them
+    is over `limit` bytes. Only the box headers on the way are read, and the boxes wanted: not the
+    whole moov (a long recording's sample tables are megabytes, and decord's every open of an MP4
+    looks for its descriptions)."""
     try:
         with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
             size = os.fstat(f.fileno()).st_size
@@ -952,7 +995,7 @@ def _sample_tables(path: Path, track: int, kinds: tuple[bytes, ...], limit: int 
             at, head, box = moov
             inside = (at + head, min(at + box, size, at + head + MP4_MOOV_LIMIT))  # what a box declares is not what it holds
             trak = next((box for number, box in enumerate(_boxes_named(f, inside, b"trak")) if number == track), None)
-            for name in (b"mdia", b"minf", b"stbl"):
+            for name in route:
                 trak = next(_boxes_named(f, trak, name), None) if trak is not None else None
             if trak is None:
                 return None

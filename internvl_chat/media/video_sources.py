@@ -171,8 +171,8 @@ def decord_is_exact(header: VideoHeader) -> bool:
     (their open GOPs hold frames that cannot be decoded after a seek). With several video streams
     it reads the one FFmpeg rates best, not necessarily the one the header was read from. Where an
     edit list hides frames (fewer shown than stored), it counts and seeks the stored ones, landing
-    off by the hidden frames for some."""
-    if not header.alone or not any(name in _EXACT_CONTAINERS for name in header.format_name.split(",")):
+    off by the hidden frames for some, and where it shows none (edits_ignored), it finds one frame."""
+    if header.edits_ignored or not header.alone or not any(name in _EXACT_CONTAINERS for name in header.format_name.split(",")):
         return False
     if header.frames_shown < header.frames:
         return False
