@@ -747,9 +747,47 @@ def test_an_mkv_webm_or_avi_cut_inside_its_frames_is_known_as_it_is_attached(tmp
     assert (measure_video(whole).ends_early, read_header(whole, orientation=False).frames_cut) == (False, None)
     for held in (0, 9, 18, 24):
         cut = cut_at_frame(whole, tmp_path / f"cut{whole.suffix}", held)
+        if whole.suffix == ".avi" and not held:  # its packets are demuxed: none held
+            with pytest.raises(MediaError) as refused:
+                measure_video(cut)
+            assert str(refused.value) == (f"{cut} holds none of the 30 frames its header lists: the file is cut short "
+                                          "(an unfinished download or copy); use a complete copy")  # fmt: skip
+            continue
         length = measure_video(cut)
         assert length.ends_early, (name, held)
-        assert (length.frames, length.listed_frames) == (30, None)  # the count is the header's: decoding finds it
+        if whole.suffix == ".avi":  # its count is the whole file's, its duration a guess from its size: demuxed
+            assert (length.frames, length.duration, length.listed_frames) == (held, held / FPS, None)
+        else:
+            assert (length.frames, length.listed_frames) == (30, None)  # the count is the header's: decoding finds it
+
+
+@pytest.mark.parametrize("inside", [0, 5, 15])  # frame 30: a chunk of 8 + 22 bytes
+def test_an_avi_cut_short_is_measured_at_attach_as_decoding_samples_it(tmp_path, monkeypatch, inside):
+    """An AVI cut short loses its index (idx1, at its end): its header's count is the whole file's
+    (60) and FFmpeg's duration a guess from its size (4.5 s for 3.0 s held). The attach line gave
+    those; the frames held are demuxed instead. Cut a few bytes into frame 30, FFmpeg gives the
+    part (flagged corrupt) and the decoder conceals the rest: decoding counted it (31 frames, the
+    last a stand-in) while where the frames end said 30."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    whole = write_numbered_video(tmp_path / "whole.avi", FRAMES, FPS, "mpeg4")
+    with av.open(str(whole)) as container:
+        pos = [p.pos for p in container.demux(video=0) if p.size][30]
+    path = tmp_path / "cut.avi"
+    path.write_bytes(whole.read_bytes()[: pos + inside])
+    assert measure_video(path) == VideoLength(30, FPS, 3.0, ends_early=True)
+    result = load_video(path, 8)
+    assert (result.backend, result.num_total_frames) == ("pyav", 30)
+    assert result.indices == frame_indices(30, FPS, 8) == _shown(result)
+
+
+def test_an_avi_cut_after_its_frames_is_measured_from_its_count_not_its_size(tmp_path):
+    """Cut before its index (idx1), an AVI holds every frame: FFmpeg's duration, a guess from its
+    size and bit rate without the index, said 5.4 s for 6.0 s."""
+    whole = write_numbered_video(tmp_path / "whole.avi", FRAMES, FPS, "mpeg4")
+    data = whole.read_bytes()
+    path = tmp_path / "cut.avi"
+    path.write_bytes(data[: data.rindex(b"idx1")])
+    assert measure_video(path) == VideoLength(FRAMES, FPS, 6.0)
 
 
 @pytest.mark.parametrize("name", ["mpeg4.mkv", "vp9.webm", "mpeg4.avi"])
