@@ -52,6 +52,9 @@ FFMPEG_IMAGE_LIMIT = 1 << 28
 QOI_END = bytes(7) + b"\x01"  # every QOI file ends so; FFmpeg decodes a file cut short without a word
 QOI_HEADER_BYTES = 14
 QOI_PIXELS_PER_BYTE = 62  # a run op's most: a file of fewer op bytes than pixels / 62 cannot be whole
+# Two sets of ops put where a QOI's end marker is (_qoi_by_ffmpeg): every byte differs between them,
+# and either's first op (an RGB op, an RGBA op) gives a colour the other's does not
+QOI_TAILS = (b"\xfe\x10\x20\x30\xfe\x10\x20\x30", b"\xff\xe0\xd0\xc0\xb0\xff\xe0\xd0")
 # Progressive JPEGs from libjpeg have 6 or 10 scans, mozjpeg's a few more
 MAX_JPEG_SCANS = 256
 # Real tiled TIFFs use tiles of 256² to 1024²; a larger one than the picture is refused past this size
@@ -373,23 +376,38 @@ def _ffmpeg_decodes(image: Image.Image) -> bool:
 
 def _qoi_by_ffmpeg(path: Path, image: Image.Image) -> Image.Image:
     """The QOI picture `image` (opened by Pillow, its header checked) decoded by FFmpeg: a ValueError
-    where the file is cut short or FFmpeg's picture is not the one its header declares."""
+    where the file is cut short or FFmpeg's picture is not the one its header declares.
+
+    The file goes to the decoder whole, as one packet: FFmpeg's qoi_pipe demuxer splits its data
+    after the first 8 bytes that equal the end marker (seven index ops of 0, one of 1, as a
+    picture's ops may hold), and the decoder, given the part before them, left the rest of the
+    picture unfilled (or the last colour) without a word. A file that ends with the end marker
+    may still be cut short where its ops held those bytes: the decoder reads ops while more than 4
+    bytes are left, so a whole file's end before its last 8 bytes, a cut one's run into them. So
+    it is decoded twice, those 8 bytes replaced by ops of other colours (QOI_TAILS), as 4 channels
+    (the ops are the same; an RGBA op read into them may differ only in its alpha): the two
+    pictures differ only where its ops ran into its end."""
     import av
 
     with open_regular_file(path) as f:
-        f.seek(-len(QOI_END), os.SEEK_END)
-        if f.read() != QOI_END:
-            raise ValueError("the file does not end as a QOI file does")
-        ops = f.tell() - QOI_HEADER_BYTES - len(QOI_END)
-        if ops * QOI_PIXELS_PER_BYTE < image.width * image.height:  # FFmpeg would fill the rest with the last colour
-            raise ValueError(f"the file holds too few bytes for its {image.width * image.height:,} pixels")
-        f.seek(0)
-        with av.open(f, format="qoi_pipe") as container:
-            frame = next(container.decode(video=0), None)
-            pixels = frame.to_ndarray(format="rgba" if image.mode == "RGBA" else "rgb24") if frame is not None else None
-    if pixels is None or pixels.shape[1::-1] != image.size:
-        raise ValueError("FFmpeg decoded no picture of the size its header declares")
-    return Image.fromarray(pixels, image.mode)
+        data = f.read()
+    if not data.endswith(QOI_END):
+        raise ValueError("the file does not end as a QOI file does")
+    ops = len(data) - QOI_HEADER_BYTES - len(QOI_END)
+    if ops * QOI_PIXELS_PER_BYTE < image.width * image.height:  # FFmpeg would fill the rest with the last colour
+        raise ValueError(f"the file holds too few bytes for its {image.width * image.height:,} pixels")
+    pictures = []
+    for tail in QOI_TAILS:
+        decoder = av.CodecContext.create("qoi", "r")
+        frames = decoder.decode(av.Packet(data[:12] + b"\x04" + data[13 : -len(QOI_END)] + tail))
+        pixels = frames[0].to_ndarray(format="rgba") if len(frames) == 1 else None
+        if pixels is None or pixels.shape[1::-1] != image.size:
+            raise ValueError("FFmpeg decoded no picture of the size its header declares")
+        pictures.append(pixels)
+        del frames
+    if not np.array_equal(*pictures):
+        raise ValueError("its pixel data ends before its last pixel")
+    return Image.fromarray(pictures[0] if image.mode == "RGBA" else np.ascontiguousarray(pictures[0][..., :3]), image.mode)
 
 
 def _check_size(path: Path, width: int, height: int) -> None:
