@@ -14,7 +14,7 @@ from internvl_chat.engine.loader import load_model
 from internvl_chat.serve.answers import AnswerMemory, PromptDigest, prompt_digest
 from internvl_chat.serve.conversation import Prompt, Span
 from internvl_chat.serve.errors import APIError
-from internvl_chat.serve.media import _data_url
+from internvl_chat.serve.media import _b64, _data_url, _frame_texts
 from internvl_chat.serve.namespaces import SHARED, cache_namespace
 from internvl_chat.serve.slots import ScoredPrefix, SlotPool, with_alternatives
 from internvl_chat.serve.stops import StopStrings
@@ -163,6 +163,21 @@ def test_data_urls_must_be_base64():
 def test_jpeg_frame_lists_keep_their_frames_apart():
     data, mime = _data_url("data:video/jpeg;base64,aGk=,aG8=", "p", "video")
     assert mime == "video/jpeg" and data.split(b",") == [b"aGk=", b"aG8="]
+
+
+def test_a_frame_lists_percent_encoded_commas_part_its_frames_as_url_parsers_read_them():
+    # a URL parser percent-decodes a data: URL's payload before reading it: "%2C" is a comma, so
+    # quote(F1 + "," + F2, safe="") is two frames; it was one, refused as "not valid base64". And
+    # it decodes once: "%252B" is "%2B", not "+"
+    for comma in ("%2C", "%2c"):
+        data, mime = _data_url(f"data:video/jpeg;base64,aGk%3D{comma}aG8=", "p", "video")
+        assert mime == "video/jpeg" and _frame_texts(data) == [b"aGk=", b"aG8="]
+    data, _ = _data_url("data:video/jpeg;base64,aGk%252B,aG8=", "p", "video")
+    assert _frame_texts(data) == [b"aGk%2B", b"aG8="]
+    assert _b64(_frame_texts(data)[1], "p", "video frame 2", percent=False) == b"ho"
+    with pytest.raises(APIError) as err:
+        _b64(_frame_texts(data)[0], "p", "video frame 1", percent=False)
+    assert err.value.status == 400 and "video frame 1 data is not valid base64" in str(err.value)
 
 
 def test_an_image_typed_as_a_video_frame_is_read_as_the_image_it_is():
