@@ -344,7 +344,7 @@ def _open_image(path: Path) -> Image.Image:
     except MediaError:
         image.close()
         raise
-    decoded_in_python = PYTHON_DECODERS.get(image.tile[0][0]) if image.tile and not _ffmpeg_decodes(image) else None
+    decoded_in_python = PYTHON_DECODERS.get(image.tile[0][0]) if image.tile and not ffmpeg_decodes(image) else None
     if decoded_in_python and width * height > MAX_PYTHON_DECODED_PIXELS:
         image.close()
         raise MediaError(
@@ -368,7 +368,7 @@ def _open_image(path: Path) -> Image.Image:
     return image
 
 
-def _ffmpeg_decodes(image: Image.Image) -> bool:
+def ffmpeg_decodes(image: Image.Image) -> bool:
     """Whether the picture is a QOI that FFmpeg decodes (`_qoi_by_ffmpeg`), not Pillow's decoder in Python."""
     width, height = image.size
     return image.format == "QOI" and (width + 128) * (height + 128) < FFMPEG_IMAGE_LIMIT
@@ -387,10 +387,15 @@ def _qoi_by_ffmpeg(path: Path, image: Image.Image) -> Image.Image:
     it is decoded twice, those 8 bytes replaced by ops of other colours (QOI_TAILS), as 4 channels
     (the ops are the same; an RGBA op read into them may differ only in its alpha): the two
     pictures differ only where its ops ran into its end."""
-    import av
-
     with open_regular_file(path) as f:
         data = f.read()
+    return qoi_decoded(data, image)
+
+
+def qoi_decoded(data: bytes, image: Image.Image) -> Image.Image:
+    """_qoi_by_ffmpeg's picture from the file's bytes (`image`: Pillow's, opened from them)."""
+    import av
+
     if not data.endswith(QOI_END):
         raise ValueError("the file does not end as a QOI file does")
     ops = len(data) - QOI_HEADER_BYTES - len(QOI_END)
@@ -603,7 +608,7 @@ def _decode(path: Path) -> Image.Image:
         try:
             with quiet_pillow(), native:
                 key = _sixteen_bit_rgb_key(image)  # read from the tile, which loading empties
-                decoded = _qoi_by_ffmpeg(path, image) if _ffmpeg_decodes(image) else _loaded(image)
+                decoded = _qoi_by_ffmpeg(path, image) if ffmpeg_decodes(image) else _loaded(image)
                 if key is not None:
                     decoded = _keyed_out(path, decoded, key)
         except MemoryError:
