@@ -348,13 +348,17 @@ def test_frames_an_edit_list_hides_are_not_sampled_nor_noted(tmp_path, monkeypat
     ([(0, 0)], 1),
     ([(0, 512)], 0),  # from the 6th stored frame (the trimmed clip's hidden ones), lasting 0
     ([(10_000, -1), (0, 0)], 0),  # an empty edit (a delay), then one lasting 0
+    ([(6_000, 10**6)], 0),  # past the end of the media
+    ([(6_000, -1)], 0),  # an empty edit alone
 ])  # fmt: skip
 @pytest.mark.parametrize("backend", [None, *video_backends()])
-def test_an_mp4_whose_edits_last_0_is_measured_and_sampled_from_all_its_samples(tmp_path, monkeypatch, edits, version, backend):
-    """An edit list whose edits of the media all last 0: FFmpeg showed one frame at most (its
-    stream duration 0), so the attach line said 60 frames, 6 s, and sending it failed ("decoded to
-    no frames"), or forced decord read one frame. A player shows all 60 samples, as FFmpeg does
-    without the edit list: they are measured and sampled, by PyAV (decord reads the edit list)."""
+def test_an_mp4_whose_edits_show_no_frame_is_measured_and_sampled_from_all_its_samples(tmp_path, monkeypatch, edits, version,
+                                                                                        backend):  # fmt: skip
+    """An edit list whose edits of the media all last 0 (or start past its end, or are all empty):
+    FFmpeg showed one frame at most, so the attach line said 60 frames, 6 s, and sending it failed
+    ("decoded to no frames"), or forced decord read one frame. A player that plays it shows all 60
+    samples, as FFmpeg does without the edit list: they are measured and sampled, by PyAV (decord
+    reads the edit list)."""
     if backend is None:
         monkeypatch.delenv(BACKEND_ENV, raising=False)
     else:
@@ -371,13 +375,32 @@ def test_an_mp4_whose_edits_last_0_is_measured_and_sampled_from_all_its_samples(
     assert _shown(result) == result.indices  # the stored frames, the hidden ones included
 
 
-def test_edits_that_last_0_are_told_from_edits_that_show_frames(tmp_path):
+def test_edits_that_show_no_frame_are_told_from_edits_that_show_some(tmp_path):
     trimmed = write_trimmed_video(tmp_path / "trimmed.mp4", FRAMES, hidden=5)
-    for edits, nothing in [([(0, 0)], True), ([(0, 0), (5_000, 0)], False), ([(6_000, -1)], False), ([], False),
-                           ([(5_000, 512)], False)]:  # fmt: skip
+    for edits, nothing in [([(0, 0)], True), ([(6_000, 10**6)], True), ([(6_000, -1)], True), ([(0, 0), (5_000, 0)], False),
+                           ([], False), ([(5_000, 512)], False), ([(6_000, -1), (5_000, 0)], False)]:  # fmt: skip
         path = with_edits(trimmed, tmp_path / "edits.mp4", edits)
-        assert video_header.edits_show_nothing(path, 0) is nothing, edits
-    assert not video_header.edits_show_nothing(tmp_path / "gone.mp4", 0)
+        with av.open(str(path)) as container:
+            assert video_header.edits_show_nothing(container.streams.video[0]) is nothing, edits
+    assert not video_header.edits_show_nothing(SimpleNamespace())  # a PyAV without index_entries
+
+
+@pytest.mark.parametrize("backend", [None, "pyav"])
+def test_an_mp4_of_thousands_of_edits_is_not_read_by_decord(tmp_path, monkeypatch, backend):
+    """2,000 edits of 10 ms each: FFmpeg's index lists a key frame and those after it again for
+    each (23,281 entries for 60 frames). decord counts each entry a frame and took minutes to
+    open and seek the 27 KB file (100 s for 5,000 edits); it is read by PyAV."""
+    if backend is None:
+        monkeypatch.delenv(BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BACKEND_ENV, backend)
+    trimmed = write_trimmed_video(tmp_path / "trimmed.mp4", FRAMES, hidden=5)
+    path = with_edits(trimmed, tmp_path / "edits.mp4", [(10, number * 100) for number in range(2_000)])
+    header = read_header(path, orientation=False)
+    assert header.frames == FRAMES and header.index_length > 10 * FRAMES
+    assert not video_sources.decord_is_exact(header)
+    assert measure_video(path).frames == FRAMES
+    assert load_video(path, 4).backend == "pyav"
 
 
 def test_an_avi_whose_capture_dropped_frames_is_sampled_from_its_frames_without_a_note(tmp_path, monkeypatch):

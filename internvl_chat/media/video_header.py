@@ -55,6 +55,7 @@ class VideoHeader:
     unfilled: bool = False  # an AVI whose writer never filled in its header (avi_header_unfilled): no count, no sizes
     frames_cut: bool | None = None  # and then: whether the file ends inside its video frames (frames_cut_off)
     edits_ignored: bool = False  # MP4/MOV: read without its edit list, which shows none of its frames (edits_show_nothing)
+    index_length: int | None = None  # MP4/MOV: the samples FFmpeg's index lists (an edit list may list some twice); None: not read
 
     @property
     def frames_by_duration(self) -> int:
@@ -583,7 +584,7 @@ ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC
 def open_container(path: Path):
     """PyAV's container of `path`, for reading. A tag that is not UTF-8 (a title in Latin-1, say)
     reads with U+FFFD: PyAV's strict default refused the whole video for it. An MP4 (or MOV) whose
-    video track's edit list shows none of its samples (edits_show_nothing) is read without it."""
+    edit list shows none of its video's samples (edits_show_nothing) is read without it."""
     import av
 
     container = av.open(str(path), metadata_errors="replace")
@@ -591,7 +592,7 @@ def open_container(path: Path):
         stream = video_stream(container)
         if stream is None or not stream.frames or "mov" not in container.format.name.split(","):
             return container
-        if not edits_show_nothing(path, stream.index):
+        if not edits_show_nothing(stream):
             return container
     except BaseException:
         container.close()
@@ -600,31 +601,18 @@ def open_container(path: Path):
     return av.open(str(path), metadata_errors="replace", options={"ignore_editlist": "1"})
 
 
-# Edit list entries read at most (a real track has one or two; an editor's cuts a few hundred)
-EDITS = 4096
-
-
-def edits_show_nothing(path: Path, track: int) -> bool:
-    """Whether the edit list (edts/elst) of an MP4's (or MOV's) `track`-th trak places its media
-    and every such edit lasts 0: a muxer that never filled in the durations, or one following the
-    rule for fragmented files (0: "to the end of the media"). FFmpeg then shows a frame at most,
-    and the file read as 60 frames at attach and "decoded to no frames" at send; a player that
-    plays it shows all its samples, as FFmpeg does without the edit list (ignore_editlist)."""
-    found = _sample_tables(path, track, (b"elst",), EDITS * 20 + 8, route=(b"edts",))
-    if found is None or b"elst" not in found or len(found[b"elst"]) < 8:
+def edits_show_nothing(stream) -> bool:
+    """Whether FFmpeg's index of an MP4's (or MOV's) stream, which lists samples, flags every one
+    to be discarded (or lists none): its edit list shows none of them. Its edits may all last 0
+    (a muxer that never filled them in, or one following the rule for fragmented files: 0 is "to
+    the end of the media"), start past the end of the media, or all be empty. The file read as 60
+    frames at attach and "decoded to no frames" at send; a player that plays it shows all its
+    samples, as FFmpeg does without the edit list (ignore_editlist). Read up to the first sample
+    shown: where none is hidden, the first."""
+    try:
+        return not any(not entry.is_discard for entry in stream.index_entries)
+    except Exception:  # noqa: BLE001 - an older PyAV without index_entries, an odd entry
         return False
-    elst = found[b"elst"]
-    wide = elst[0] == 1  # version 1: 64-bit durations and media times
-    each = 20 if wide else 12
-    count = min(int.from_bytes(elst[4:8], "big"), (len(elst) - 8) // each)
-    edits = []
-    for at in range(8, 8 + count * each, each):
-        half = 8 if wide else 4
-        duration = int.from_bytes(elst[at : at + half], "big")
-        media_time = int.from_bytes(elst[at + half : at + 2 * half], "big", signed=True)
-        if media_time != -1:  # -1: an empty edit (a delay before the media), no media shown
-            edits.append(duration)
-    return bool(edits) and not any(edits)
 
 
 def video_stream(container):
@@ -833,6 +821,8 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
                              alone, unfilled=unfilled, start=start)  # fmt: skip
         header.edits_ignored = dict(getattr(container, "options", None) or {}).get("ignore_editlist") == "1"
+        if "mov" in container.format.name.split(","):
+            header.index_length = _index_length(stream)
         if matroska:
             header.track_duration = frames_end
             header.runs_past_end = ends_past_the_file(path, "matroska")
@@ -979,13 +969,11 @@ def decoder_configs(path: Path, track: int) -> list[bytes] | None:
     return configs
 
 
-def _sample_tables(path: Path, track: int, kinds: tuple[bytes, ...], limit: int = MP4_MOOV_LIMIT,
-                   route: tuple[bytes, ...] = (b"mdia", b"minf", b"stbl")) -> dict[bytes, memoryview] | None:  # fmt: skip
-    """The boxes of these kinds in the sample table (stbl) of the moov's `track`-th trak (or in the
-    box `route` leads to from it), each payload; None where there is no such trak, or one of them
-    is over `limit` bytes. Only the box headers on the way are read, and the boxes wanted: not the
-    whole moov (a long recording's sample tables are megabytes, and decord's every open of an MP4
-    looks for its descriptions)."""
+def _sample_tables(path: Path, track: int, kinds: tuple[bytes, ...], limit: int = MP4_MOOV_LIMIT) -> dict[bytes, memoryview] | None:
+    """The boxes of these kinds in the sample table (stbl) of the moov's `track`-th trak, each
+    payload; None where there is no such trak, or one of them is over `limit` bytes. Only the box
+    headers on the way are read, and the boxes wanted: not the whole moov (a long recording's
+    sample tables are megabytes, and decord's every open of an MP4 looks for its descriptions)."""
     try:
         with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
             size = os.fstat(f.fileno()).st_size
@@ -995,7 +983,7 @@ def _sample_tables(path: Path, track: int, kinds: tuple[bytes, ...], limit: int 
             at, head, box = moov
             inside = (at + head, min(at + box, size, at + head + MP4_MOOV_LIMIT))  # what a box declares is not what it holds
             trak = next((box for number, box in enumerate(_boxes_named(f, inside, b"trak")) if number == track), None)
-            for name in route:
+            for name in (b"mdia", b"minf", b"stbl"):
                 trak = next(_boxes_named(f, trak, name), None) if trak is not None else None
             if trak is None:
                 return None
@@ -1037,6 +1025,14 @@ def _rows(table: memoryview) -> np.ndarray:
     rows = np.frombuffer(table[8 : 8 + 8 * count], dtype=">i4").reshape(-1, 2).astype(np.int64)
     rows[:, 0] &= 0xFFFFFFFF  # the counts are unsigned
     return rows
+
+
+def _index_length(stream) -> int | None:
+    """The entries of FFmpeg's index of the stream (None where PyAV does not show it)."""
+    try:
+        return len(stream.index_entries)
+    except Exception:  # noqa: BLE001 - an older PyAV without index_entries
+        return None
 
 
 def _index_is_empty(stream) -> bool:
