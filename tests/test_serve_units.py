@@ -584,6 +584,28 @@ def test_percent_decoding_a_large_data_url_costs_memory_in_proportion_to_it():
     assert peak < 16 * len(encoded), (peak, len(encoded))
 
 
+def test_a_frame_list_of_more_frames_than_allowed_is_refused_before_it_is_split(tmp_path):
+    # the frames were counted by splitting the list: 6 MB of "ab," made two million bytes objects
+    # (60 MB took 870 MB and seconds) before the count was found over max_frames
+    from types import SimpleNamespace
+
+    from internvl_chat.serve.media import MediaReader
+    from internvl_chat.serve.options import ServeOptions
+
+    reader = MediaReader(ServeOptions(max_frames=32), SimpleNamespace(image_size=448, use_thumbnail=True))
+    data = b"ab," * (2 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(APIError) as err:
+            reader._measure_frames(data, "p")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        reader.close()
+    assert err.value.status == 400 and "the video has 2,097,153 frames, over this server's limit of 32" in str(err.value)
+    assert peak < len(data), (peak, len(data))
+
+
 # ---- vLLM's answer controls: refused unless neutral, never silently ignored ---------------------
 
 VLLM_CONTROLS = [

@@ -305,9 +305,10 @@ class MediaReader:
 
     def _measure_frames(self, data: bytes, param: str) -> Measured:
         # `data` holds the frames' base64 texts joined by commas (see _data_url)
+        frames = data.count(b",") + 1  # before the split: 60 MB of "ab," split took 870 MB (21 million bytes objects)
+        if frames > self.options.max_frames:
+            raise _too_many_frames(frames, self.options.max_frames, param)
         texts = _frame_texts(data)
-        if len(texts) > self.options.max_frames:
-            raise _too_many_frames(len(texts), self.options.max_frames, param)
         digest = hashlib.sha256()
         largest = 0
         for number, text in enumerate(texts, start=1):
