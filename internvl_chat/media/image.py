@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -386,7 +387,7 @@ def _qoi_by_ffmpeg(path: Path, image: Image.Image) -> Image.Image:
     bytes are left, so a whole file's end before its last 8 bytes, a cut one's run into them. So
     it is decoded twice, those 8 bytes replaced by ops of other colours (QOI_TAILS), as 4 channels
     (the ops are the same; an RGBA op read into them may differ only in its alpha): the two
-    pictures differ only where its ops ran into its end."""
+    pictures differ only where its ops ran into its end (told by digests: one picture is held at a time)."""
     with open_regular_file(path) as f:
         data = f.read()
     return qoi_decoded(data, image)
@@ -394,25 +395,39 @@ def _qoi_by_ffmpeg(path: Path, image: Image.Image) -> Image.Image:
 
 def qoi_decoded(data: bytes, image: Image.Image) -> Image.Image:
     """_qoi_by_ffmpeg's picture from the file's bytes (`image`: Pillow's, opened from them)."""
-    import av
-
     if not data.endswith(QOI_END):
         raise ValueError("the file does not end as a QOI file does")
     ops = len(data) - QOI_HEADER_BYTES - len(QOI_END)
     if ops * QOI_PIXELS_PER_BYTE < image.width * image.height:  # FFmpeg would fill the rest with the last colour
         raise ValueError(f"the file holds too few bytes for its {image.width * image.height:,} pixels")
-    pictures = []
-    for tail in QOI_TAILS:
-        decoder = av.CodecContext.create("qoi", "r")
-        frames = decoder.decode(av.Packet(data[:12] + b"\x04" + data[13 : -len(QOI_END)] + tail))
-        pixels = frames[0].to_ndarray(format="rgba") if len(frames) == 1 else None
-        if pixels is None or pixels.shape[1::-1] != image.size:
-            raise ValueError("FFmpeg decoded no picture of the size its header declares")
-        pictures.append(pixels)
-        del frames
-    if not np.array_equal(*pictures):
+    second = _pixels_digest(_qoi_frame(data, QOI_TAILS[1], image))  # one picture held at a time, and a digest
+    frame = _qoi_frame(data, QOI_TAILS[0], image)
+    if _pixels_digest(frame) != second:
         raise ValueError("its pixel data ends before its last pixel")
-    return Image.fromarray(pictures[0] if image.mode == "RGBA" else np.ascontiguousarray(pictures[0][..., :3]), image.mode)
+    return Image.fromarray(frame.to_ndarray(format="rgba" if image.mode == "RGBA" else "rgb24"), image.mode)
+
+
+def _qoi_frame(data: bytes, tail: bytes, image: Image.Image):
+    """FFmpeg's picture of a QOI file's bytes, given to its decoder whole, its end marker replaced
+    by `tail`, as 4 channels."""
+    import av
+
+    frames = av.CodecContext.create("qoi", "r").decode(av.Packet(data[:12] + b"\x04" + data[13 : -len(QOI_END)] + tail))
+    if len(frames) != 1 or (frames[0].width, frames[0].height) != image.size or frames[0].format.name != "rgba":
+        raise ValueError("FFmpeg decoded no picture of the size its header declares")
+    return frames[0]
+
+
+def _pixels_digest(frame) -> bytes:
+    """A digest of an RGBA frame's pixels (each row's, not the padding after it)."""
+    plane, row = frame.planes[0], frame.width * 4
+    view, stride, digest = memoryview(plane), plane.line_size, hashlib.blake2b()
+    if stride == row:
+        digest.update(view[: row * frame.height])
+    else:
+        for top in range(0, stride * frame.height, stride):
+            digest.update(view[top : top + row])
+    return digest.digest()
 
 
 def _check_size(path: Path, width: int, height: int) -> None:
