@@ -403,6 +403,22 @@ def test_an_mp4_of_thousands_of_edits_is_not_read_by_decord(tmp_path, monkeypatc
     assert load_video(path, 4).backend == "pyav"
 
 
+def test_a_fragmented_mp4_whose_moov_counts_its_first_fragment_is_still_read_by_decord(tmp_path):
+    """Its moov counts the first fragment's 5 samples, FFmpeg's index lists all 30 and its duration
+    holds them: the index lists none again (as many edits do), and decord reads it, as before."""
+    path = write_numbered_video(tmp_path / "fragments.mp4", 30, FPS, gop=5)
+    fragmented = tmp_path / "fragmented.mp4"
+    with av.open(str(path)) as source, av.open(str(fragmented), "w", options={"movflags": "frag_keyframe"}) as target:
+        out = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = out
+                target.mux(packet)
+    header = read_header(fragmented, orientation=False)
+    assert (header.frames, header.index_length, header.frames_by_duration) == (5, 30, 30)
+    assert video_sources.decord_is_exact(header)
+
+
 def test_an_avi_whose_capture_dropped_frames_is_sampled_from_its_frames_without_a_note(tmp_path, monkeypatch):
     """AVI counts the frames a capture dropped (the muxer writes nothing for them): 26 counted, 20
     stored. They are sampled from the 20, and no note calls the file cut short."""

@@ -172,10 +172,12 @@ def decord_is_exact(header: VideoHeader) -> bool:
     it reads the one FFmpeg rates best, not necessarily the one the header was read from. Where an
     edit list hides frames (fewer shown than stored), it counts and seeks the stored ones, landing
     off by the hidden frames for some, and where it shows none (edits_ignored), it finds one frame.
-    Where FFmpeg's index lists more samples than the stream holds (an edit list of many edits lists
-    a key frame and those after it again for each), it counts each entry a frame (23,281 of 60 for
+    Where FFmpeg's index lists more samples than the stream holds, by its count and by its duration
+    (an edit list of many edits lists a key frame and those after it again for each; a fragmented
+    MP4's moov may count its first fragment's alone), it counts each entry a frame (23,281 of 60 for
     2,000 edits) and took minutes to open and seek such a file of 60 KB."""
-    listed_again = header.index_length is not None and bool(header.frames) and header.index_length != header.frames
+    held = max(header.frames, header.frames_by_duration)
+    listed_again = header.index_length is not None and bool(header.frames) and header.index_length > held
     if header.edits_ignored or listed_again or not header.alone or not any(name in _EXACT_CONTAINERS for name in header.format_name.split(",")):
         return False
     if header.frames_shown < header.frames:
