@@ -403,9 +403,15 @@ def test_an_mp4_of_thousands_of_edits_is_not_read_by_decord(tmp_path, monkeypatc
     assert load_video(path, 4).backend == "pyav"
 
 
-def test_a_fragmented_mp4_whose_moov_counts_its_first_fragment_is_still_read_by_decord(tmp_path):
-    """Its moov counts the first fragment's 5 samples, FFmpeg's index lists all 30 and its duration
-    holds them: the index lists none again (as many edits do), and decord reads it, as before."""
+@pytest.mark.parametrize("backend", [None, "pyav"])
+def test_a_fragmented_mp4_whose_moov_counts_its_first_fragment_is_measured_and_sampled_whole(tmp_path, monkeypatch, backend):
+    """Its moov counts the first fragment's 5 samples, its moof boxes the other 25: FFmpeg's count
+    is the moov's, so the attach line said 5 frames of 3.0 s and PyAV sampled frames 0…4 alone
+    (decord, which counts FFmpeg's index, all 30). The index lists all 30 as FFmpeg opens it."""
+    if backend is None:
+        monkeypatch.delenv(BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BACKEND_ENV, backend)
     path = write_numbered_video(tmp_path / "fragments.mp4", 30, FPS, gop=5)
     fragmented = tmp_path / "fragmented.mp4"
     with av.open(str(path)) as source, av.open(str(fragmented), "w", options={"movflags": "frag_keyframe"}) as target:
@@ -414,9 +420,14 @@ def test_a_fragmented_mp4_whose_moov_counts_its_first_fragment_is_still_read_by_
             if packet.dts is not None:
                 packet.stream = out
                 target.mux(packet)
+    with av.open(str(fragmented)) as container:
+        assert container.streams.video[0].frames == 5  # the moov's
     header = read_header(fragmented, orientation=False)
-    assert (header.frames, header.index_length, header.frames_by_duration) == (5, 30, 30)
+    assert (header.frames, header.index_length) == (30, 30)
     assert video_sources.decord_is_exact(header)
+    assert measure_video(fragmented) == VideoLength(30, FPS, 3.0)
+    result = load_video(fragmented, 8)
+    assert result.num_total_frames == 30 and result.indices == frame_indices(30, FPS, 8) == _shown(result)
 
 
 def test_an_avi_whose_capture_dropped_frames_is_sampled_from_its_frames_without_a_note(tmp_path, monkeypatch):

@@ -801,6 +801,8 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         fps = check_fps(path, _frame_rate(stream))
         unfilled = "avi" in container.format.name.split(",") and avi_header_unfilled(path)
         frames = 0 if unfilled else check_count(path, int(stream.frames or 0))  # 0: counted by demuxing
+        if frames and "mov" in container.format.name.split(","):
+            frames = _fragments_counted(path, stream, frames)
         if unfilled:
             duration = 0.0  # FFmpeg's guess from the placeholder count, or from the size and bit rate
         elif stream.duration is not None and stream.time_base is not None:
@@ -1025,6 +1027,26 @@ def _rows(table: memoryview) -> np.ndarray:
     rows = np.frombuffer(table[8 : 8 + 8 * count], dtype=">i4").reshape(-1, 2).astype(np.int64)
     rows[:, 0] &= 0xFFFFFFFF  # the counts are unsigned
     return rows
+
+
+def _fragments_counted(path: Path, stream, frames: int) -> int:
+    """The frames of a fragmented MP4 whose moov lists some samples (the first fragment's, as
+    `movflags=frag_keyframe` writes it) and its moof boxes the rest: FFmpeg's count is the moov's
+    (5 of 30), its index lists them all as it opens the file (the samples it does not flag to be
+    discarded). `frames` elsewhere."""
+    length = _index_length(stream)
+    if length is None or length <= frames:
+        return frames
+    try:
+        with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
+            fragmented = any(kind == b"moof" for kind, *_ in _top_boxes(f, os.fstat(f.fileno()).st_size))
+        if not fragmented:
+            return frames
+        return check_count(path, sum(1 for entry in stream.index_entries if not entry.is_discard))
+    except MediaError:
+        raise
+    except Exception:  # noqa: BLE001 - OSError, an odd entry: FFmpeg's count stands
+        return frames
 
 
 def _index_length(stream) -> int | None:
