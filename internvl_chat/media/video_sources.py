@@ -178,7 +178,9 @@ def decord_is_exact(header: VideoHeader) -> bool:
     2,000 edits) and took minutes to open and seek such a file of 60 KB."""
     held = max(header.frames, header.frames_by_duration)
     listed_again = header.index_length is not None and bool(header.frames) and header.index_length > held
-    if header.edits_ignored or listed_again or not header.alone or not any(name in _EXACT_CONTAINERS for name in header.format_name.split(",")):
+    if header.edits_ignored or listed_again or not header.alone:
+        return False
+    if not any(name in _EXACT_CONTAINERS for name in header.format_name.split(",")):
         return False
     if header.frames_shown < header.frames:
         return False
