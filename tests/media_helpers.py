@@ -475,6 +475,29 @@ def with_empty_edit(path: Path, copy: Path, seconds: float) -> Path:
     return copy
 
 
+def with_edits(path: Path, copy: Path, edits: list[tuple[int, int]], version: int = 0) -> Path:
+    """`path` (an MP4 with one edit list, its index after its frames) with that list's entries
+    replaced by `edits`, (duration in the movie's time scale, media time: −1 for an empty edit),
+    in an elst box of `version` (1: 64-bit fields). The boxes that hold it grow or shrink; no
+    sample moves."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    assert data.index(b"mdat") < data.index(b"moov") and data.count(b"elst") == 1
+    elst = data.index(b"elst") - 4
+    size = struct.unpack(">I", data[elst : elst + 4])[0]
+    row = ">QqI" if version else ">IiI"
+    payload = bytes([version, 0, 0, 0]) + struct.pack(">I", len(edits))
+    payload += b"".join(struct.pack(row, duration, media, 1 << 16) for duration, media in edits)
+    box = struct.pack(">I", 8 + len(payload)) + b"elst" + payload
+    data[elst : elst + size] = box
+    for name in (b"edts", b"trak", b"moov"):
+        at = data.index(name) - 4
+        data[at : at + 4] = struct.pack(">I", struct.unpack(">I", data[at : at + 4])[0] + len(box) - size)
+    copy.write_bytes(data)
+    return copy
+
+
 def remux_video(source: Path, path: Path) -> Path:
     """`source`'s video packets in another container (by `path`'s extension), times kept in its
     time base: an MKV's 1 ms base makes an AVI of 1000 "frames" a second, most of them dropped

@@ -279,7 +279,7 @@ def test_an_mkv_or_avi_cut_short_is_said_at_attach_and_how_much_it_holds_after_t
         cut = cut_at_frame(write_numbered_video(tmp_path / name, 30), tmp_path / f"cut_{name}", 12)
         app, out = make_app(loaded, tmp_path)
         assert app.handle_line(f"/video {cut} --frames 2") == OK
-        seconds = measure_video(cut).duration  # the header's (an AVI's, cut: FFmpeg's guess from its size)
+        seconds = measure_video(cut).duration  # the header's (an AVI's, cut: where the frames it holds end)
         said = f"2 frames of {seconds:.1f} s (cut short: the file ends before its last frame) → "
         assert f"+ video {cut.name} {said}" in output(out)
         app.handle_line("/media")

@@ -1171,6 +1171,33 @@ def test_a_qoi_of_too_few_bytes_for_its_pixels_is_refused_as_cut_short(tmp_path)
     assert media_image._decode(whole).getextrema() == ((10, 10), (20, 20), (30, 30))
 
 
+# one RGB pixel (10, 20, 30), seven index ops of 0 and one of 1 (the bytes of the end marker: 8
+# pixels of the index's first colour, black), one red pixel and a run of 6: 16 pixels
+_MARKER_INSIDE = b"\xfe\x0a\x14\x1e" + bytes(7) + b"\x01" + b"\xfe\xff\x00\x00" + b"\xc5"
+
+
+def test_a_qoi_whose_pixel_data_holds_the_bytes_of_its_end_marker_is_decoded_whole(tmp_path):
+    """FFmpeg's qoi_pipe demuxer ends a picture's data after the first 8 bytes that equal the end
+    marker: the 7 red pixels after them were left black (or whatever the buffer held)."""
+    path = tmp_path / "inside.qoi"
+    path.write_bytes(_qoi(4, 4, _MARKER_INSIDE))
+    expected = [(10, 20, 30)] + [(0, 0, 0)] * 8 + [(255, 0, 0)] * 7
+    assert np.asarray(media_image._decode(path)).reshape(-1, 3).tolist() == [list(p) for p in expected]
+    assert load_image(path).size == (4, 4)
+
+
+@pytest.mark.parametrize("at", [8, 6])  # right after those bytes; inside the RGB op before them
+def test_a_qoi_cut_where_its_pixel_data_looks_like_its_end_marker_is_refused_as_cut_short(tmp_path, at):
+    """Cut right after the 8 bytes that equal its end marker, a QOI ends as a whole one does, with
+    bytes enough for its pixels by the check on its length: it was decoded, the pixels after the
+    cut left black. Its ops run into its last 8 bytes, as a whole file's never do."""
+    data = _qoi(4, 4, _MARKER_INSIDE)
+    path = tmp_path / "cut.qoi"
+    path.write_bytes(data[: 14 + 4 + 8] if at == 8 else data[:14] + _MARKER_INSIDE[:2] + bytes(7) + b"\x01")
+    assert path.read_bytes().endswith(bytes(7) + b"\x01")
+    _assert_both_refuse_to_decode(path, "cut.qoi", "truncated or corrupt", "ends before its last pixel", "re-download it")
+
+
 def _assert_both_refuse_to_decode(path: Path, *words: str) -> None:
     """check_image_decodes (attaching) and load_image refuse `path` alike, in one line holding `words`."""
     for call in (media_image.check_image_decodes, load_image):

@@ -930,6 +930,35 @@ def test_a_server_is_sent_the_picture_the_way_up_the_local_model_sees_it(tmp_pat
     assert b"eXIf" not in payload  # nor a chunk a server might apply
 
 
+def test_a_qoi_for_a_server_is_decoded_as_the_app_decodes_it(monkeypatch):
+    """A QOI is sent as a PNG made from its pixels: Pillow's decoder, in Python, made them (11 s for
+    a 4-megapixel picture, minutes within the pixel limit; load_image has FFmpeg's decode it, 0.4 s).
+    They come from FFmpeg's decoder now, and a QOI cut short is refused as load_image refuses it."""
+    from PIL import QoiImagePlugin
+
+    from internvl_chat.chat.remote_media import image_payload
+
+    def in_python(*args):
+        raise AssertionError("Pillow's QOI decoder ran")
+
+    monkeypatch.setattr(QoiImagePlugin.QoiDecoder, "decode", in_python)
+    rgba = np.dstack([textured_rgb(48, 20, seed=6), np.full((20, 48), 255, np.uint8)])
+    rgba[:5, :7, 3] = 0  # transparent: on white, as to_rgb puts it
+    qoi = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(qoi, "QOI")
+    payload, mime = image_payload(qoi.getvalue(), "picture.qoi")
+    expected = rgba[..., :3].copy()
+    expected[:5, :7] = 255
+    with Image.open(io.BytesIO(payload)) as sent:
+        assert mime == "image/png" and sent.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(sent), expected)
+    cut = qoi.getvalue()
+    cut = cut[: len(cut) // 2] + bytes(7) + b"\x01"
+    with pytest.raises(MediaError) as err:
+        image_payload(cut, "picture.qoi")
+    assert "picture.qoi" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_pictures_for_a_server_are_read_as_the_app_reads_them(monkeypatch):
     # an EPS (Pillow runs Ghostscript on it) is refused; garbage EXIF prints no Python warnings
     from PIL import EpsImagePlugin

@@ -13,6 +13,7 @@ import os
 import re
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import openai
 import pytest
@@ -124,6 +125,17 @@ def test_video_file_is_sampled_into_frames(client, builder, media):
 def test_presampled_jpeg_frames_are_one_video(client, builder):
     url = jpeg_frames_url([numbered_frame(n) for n in range(3)])
     out = ask(client, [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "Count."}])
+    assert out.usage.prompt_tokens == len(builder.first_turn("Count.", [MediaSpec("video", 3)]))
+
+
+def test_presampled_frames_percent_encoded_whole_are_the_same_video(client, builder):
+    """quote() of the whole frame list (safe=""), as a client that percent-encodes its URLs writes
+    it: "%2C" between the frames, which a URL parser reads as commas. It was 400, "not valid base64"."""
+    url = jpeg_frames_url([numbered_frame(n) for n in range(3)])
+    head, payload = url.split(",", 1)
+    encoded = head + "," + quote(payload, safe="")
+    assert "%2C" in encoded and "," not in encoded.split(",", 1)[1]
+    out = ask(client, [{"type": "video_url", "video_url": {"url": encoded}}, {"type": "text", "text": "Count."}])
     assert out.usage.prompt_tokens == len(builder.first_turn("Count.", [MediaSpec("video", 3)]))
 
 

@@ -14,7 +14,7 @@ from internvl_chat.engine.loader import load_model
 from internvl_chat.serve.answers import AnswerMemory, PromptDigest, prompt_digest
 from internvl_chat.serve.conversation import Prompt, Span
 from internvl_chat.serve.errors import APIError
-from internvl_chat.serve.media import _data_url
+from internvl_chat.serve.media import _b64, _data_url, _frame_texts
 from internvl_chat.serve.namespaces import SHARED, cache_namespace
 from internvl_chat.serve.slots import ScoredPrefix, SlotPool, with_alternatives
 from internvl_chat.serve.stops import StopStrings
@@ -193,6 +193,21 @@ def test_data_urls_must_be_base64():
 def test_jpeg_frame_lists_keep_their_frames_apart():
     data, mime = _data_url("data:video/jpeg;base64,aGk=,aG8=", "p", "video")
     assert mime == "video/jpeg" and data.split(b",") == [b"aGk=", b"aG8="]
+
+
+def test_a_frame_lists_percent_encoded_commas_part_its_frames_as_url_parsers_read_them():
+    # a URL parser percent-decodes a data: URL's payload before reading it: "%2C" is a comma, so
+    # quote(F1 + "," + F2, safe="") is two frames; it was one, refused as "not valid base64". And
+    # it decodes once: "%252B" is "%2B", not "+"
+    for comma in ("%2C", "%2c"):
+        data, mime = _data_url(f"data:video/jpeg;base64,aGk%3D{comma}aG8=", "p", "video")
+        assert mime == "video/jpeg" and _frame_texts(data) == [b"aGk=", b"aG8="]
+    data, _ = _data_url("data:video/jpeg;base64,aGk%252B,aG8=", "p", "video")
+    assert _frame_texts(data) == [b"aGk%2B", b"aG8="]
+    assert _b64(_frame_texts(data)[1], "p", "video frame 2", percent=False) == b"ho"
+    with pytest.raises(APIError) as err:
+        _b64(_frame_texts(data)[0], "p", "video frame 1", percent=False)
+    assert err.value.status == 400 and "video frame 1 data is not valid base64" in str(err.value)
 
 
 def test_an_image_typed_as_a_video_frame_is_read_as_the_image_it_is():
@@ -597,6 +612,28 @@ def test_percent_decoding_a_large_data_url_costs_memory_in_proportion_to_it():
     finally:
         tracemalloc.stop()
     assert peak < 16 * len(encoded), (peak, len(encoded))
+
+
+def test_a_frame_list_of_more_frames_than_allowed_is_refused_before_it_is_split(tmp_path):
+    # the frames were counted by splitting the list: 6 MB of "ab," made two million bytes objects
+    # (60 MB took 870 MB and seconds) before the count was found over max_frames
+    from types import SimpleNamespace
+
+    from internvl_chat.serve.media import MediaReader
+    from internvl_chat.serve.options import ServeOptions
+
+    reader = MediaReader(ServeOptions(max_frames=32), SimpleNamespace(image_size=448, use_thumbnail=True))
+    data = b"ab," * (2 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(APIError) as err:
+            reader._measure_frames(data, "p")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        reader.close()
+    assert err.value.status == 400 and "the video has 2,097,153 frames, over this server's limit of 32" in str(err.value)
+    assert peak < len(data), (peak, len(data))
 
 
 # ---- vLLM's answer controls: refused unless neutral, never silently ignored ---------------------

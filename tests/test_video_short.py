@@ -22,6 +22,7 @@ from media_helpers import (
     numbered_frame,
     read_frame_number,
     video_backends,
+    with_edits,
     with_empty_edit,
     write_late_start_video,
     write_numbered_video,
@@ -340,6 +341,93 @@ def test_frames_an_edit_list_hides_are_not_sampled_nor_noted(tmp_path, monkeypat
     assert result.indices == frame_indices(55, FPS, 8)
     assert _shown(result) == [i + 5 for i in result.indices]
     assert result.decoded_frames == result.indices[-1] + 1  # one pass: the count came from the duration
+
+
+@pytest.mark.parametrize("edits, version", [
+    ([(0, 0)], 0),  # an edit that lasts 0: a muxer that never filled it in
+    ([(0, 0)], 1),
+    ([(0, 512)], 0),  # from the 6th stored frame (the trimmed clip's hidden ones), lasting 0
+    ([(10_000, -1), (0, 0)], 0),  # an empty edit (a delay), then one lasting 0
+    ([(6_000, 10**6)], 0),  # past the end of the media
+    ([(6_000, -1)], 0),  # an empty edit alone
+])  # fmt: skip
+@pytest.mark.parametrize("backend", [None, *video_backends()])
+def test_an_mp4_whose_edits_show_no_frame_is_measured_and_sampled_from_all_its_samples(tmp_path, monkeypatch, edits, version,
+                                                                                        backend):  # fmt: skip
+    """An edit list whose edits of the media all last 0 (or start past its end, or are all empty):
+    FFmpeg showed one frame at most, so the attach line said 60 frames, 6 s, and sending it failed
+    ("decoded to no frames"), or forced decord read one frame. A player that plays it shows all 60
+    samples, as FFmpeg does without the edit list: they are measured and sampled, by PyAV (decord
+    reads the edit list)."""
+    if backend is None:
+        monkeypatch.delenv(BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BACKEND_ENV, backend)
+    path = with_edits(write_trimmed_video(tmp_path / "trimmed.mp4", FRAMES, hidden=5), tmp_path / "edits.mp4", edits, version)
+    assert measure_video(path) == VideoLength(FRAMES, FPS, 6.0)
+    if backend == "decord":
+        with pytest.raises(MediaError, match=f"^decord cannot .* unset {BACKEND_ENV} .* set it to pyav"):
+            load_video(path, 8)
+        return
+    result = load_video(path, 8)
+    assert (result.backend, result.num_total_frames, result.listed_frames, result.shortfall_note) == ("pyav", FRAMES, None, None)
+    assert result.indices == frame_indices(FRAMES, FPS, 8)
+    assert _shown(result) == result.indices  # the stored frames, the hidden ones included
+
+
+def test_edits_that_show_no_frame_are_told_from_edits_that_show_some(tmp_path):
+    trimmed = write_trimmed_video(tmp_path / "trimmed.mp4", FRAMES, hidden=5)
+    for edits, nothing in [([(0, 0)], True), ([(6_000, 10**6)], True), ([(6_000, -1)], True), ([(0, 0), (5_000, 0)], False),
+                           ([], False), ([(5_000, 512)], False), ([(6_000, -1), (5_000, 0)], False)]:  # fmt: skip
+        path = with_edits(trimmed, tmp_path / "edits.mp4", edits)
+        with av.open(str(path)) as container:
+            assert video_header.edits_show_nothing(container.streams.video[0]) is nothing, edits
+    assert not video_header.edits_show_nothing(SimpleNamespace())  # a PyAV without index_entries
+
+
+@pytest.mark.parametrize("backend", [None, "pyav"])
+def test_an_mp4_of_thousands_of_edits_is_not_read_by_decord(tmp_path, monkeypatch, backend):
+    """2,000 edits of 10 ms each: FFmpeg's index lists a key frame and those after it again for
+    each (23,281 entries for 60 frames). decord counts each entry a frame and took minutes to
+    open and seek the 27 KB file (100 s for 5,000 edits); it is read by PyAV."""
+    if backend is None:
+        monkeypatch.delenv(BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BACKEND_ENV, backend)
+    trimmed = write_trimmed_video(tmp_path / "trimmed.mp4", FRAMES, hidden=5)
+    path = with_edits(trimmed, tmp_path / "edits.mp4", [(10, number * 100) for number in range(2_000)])
+    header = read_header(path, orientation=False)
+    assert header.frames == FRAMES and header.index_length > 10 * FRAMES
+    assert not video_sources.decord_is_exact(header)
+    assert measure_video(path).frames == FRAMES
+    assert load_video(path, 4).backend == "pyav"
+
+
+@pytest.mark.parametrize("backend", [None, "pyav"])
+def test_a_fragmented_mp4_whose_moov_counts_its_first_fragment_is_measured_and_sampled_whole(tmp_path, monkeypatch, backend):
+    """Its moov counts the first fragment's 5 samples, its moof boxes the other 25: FFmpeg's count
+    is the moov's, so the attach line said 5 frames of 3.0 s and PyAV sampled frames 0…4 alone
+    (decord, which counts FFmpeg's index, all 30). The index lists all 30 as FFmpeg opens it."""
+    if backend is None:
+        monkeypatch.delenv(BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_numbered_video(tmp_path / "fragments.mp4", 30, FPS, gop=5)
+    fragmented = tmp_path / "fragmented.mp4"
+    with av.open(str(path)) as source, av.open(str(fragmented), "w", options={"movflags": "frag_keyframe"}) as target:
+        out = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = out
+                target.mux(packet)
+    with av.open(str(fragmented)) as container:
+        assert container.streams.video[0].frames == 5  # the moov's
+    header = read_header(fragmented, orientation=False)
+    assert (header.frames, header.index_length) == (30, 30)
+    assert video_sources.decord_is_exact(header)
+    assert measure_video(fragmented) == VideoLength(30, FPS, 3.0)
+    result = load_video(fragmented, 8)
+    assert result.num_total_frames == 30 and result.indices == frame_indices(30, FPS, 8) == _shown(result)
 
 
 def test_an_avi_whose_capture_dropped_frames_is_sampled_from_its_frames_without_a_note(tmp_path, monkeypatch):
@@ -709,9 +797,47 @@ def test_an_mkv_webm_or_avi_cut_inside_its_frames_is_known_as_it_is_attached(tmp
     assert (measure_video(whole).ends_early, read_header(whole, orientation=False).frames_cut) == (False, None)
     for held in (0, 9, 18, 24):
         cut = cut_at_frame(whole, tmp_path / f"cut{whole.suffix}", held)
+        if whole.suffix == ".avi" and not held:  # its packets are demuxed: none held
+            with pytest.raises(MediaError) as refused:
+                measure_video(cut)
+            assert str(refused.value) == (f"{cut} holds none of the 30 frames its header lists: the file is cut short "
+                                          "(an unfinished download or copy); use a complete copy")  # fmt: skip
+            continue
         length = measure_video(cut)
         assert length.ends_early, (name, held)
-        assert (length.frames, length.listed_frames) == (30, None)  # the count is the header's: decoding finds it
+        if whole.suffix == ".avi":  # its count is the whole file's, its duration a guess from its size: demuxed
+            assert (length.frames, length.duration, length.listed_frames) == (held, held / FPS, None)
+        else:
+            assert (length.frames, length.listed_frames) == (30, None)  # the count is the header's: decoding finds it
+
+
+@pytest.mark.parametrize("inside", [0, 5, 15])  # frame 30: a chunk of 8 + 22 bytes
+def test_an_avi_cut_short_is_measured_at_attach_as_decoding_samples_it(tmp_path, monkeypatch, inside):
+    """An AVI cut short loses its index (idx1, at its end): its header's count is the whole file's
+    (60) and FFmpeg's duration a guess from its size (4.5 s for 3.0 s held). The attach line gave
+    those; the frames held are demuxed instead. Cut a few bytes into frame 30, FFmpeg gives the
+    part (flagged corrupt) and the decoder conceals the rest: decoding counted it (31 frames, the
+    last a stand-in) while where the frames end said 30."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    whole = write_numbered_video(tmp_path / "whole.avi", FRAMES, FPS, "mpeg4")
+    with av.open(str(whole)) as container:
+        pos = [p.pos for p in container.demux(video=0) if p.size][30]
+    path = tmp_path / "cut.avi"
+    path.write_bytes(whole.read_bytes()[: pos + inside])
+    assert measure_video(path) == VideoLength(30, FPS, 3.0, ends_early=True)
+    result = load_video(path, 8)
+    assert (result.backend, result.num_total_frames) == ("pyav", 30)
+    assert result.indices == frame_indices(30, FPS, 8) == _shown(result)
+
+
+def test_an_avi_cut_after_its_frames_is_measured_from_its_count_not_its_size(tmp_path):
+    """Cut before its index (idx1), an AVI holds every frame: FFmpeg's duration, a guess from its
+    size and bit rate without the index, said 5.4 s for 6.0 s."""
+    whole = write_numbered_video(tmp_path / "whole.avi", FRAMES, FPS, "mpeg4")
+    data = whole.read_bytes()
+    path = tmp_path / "cut.avi"
+    path.write_bytes(data[: data.rindex(b"idx1")])
+    assert measure_video(path) == VideoLength(FRAMES, FPS, 6.0)
 
 
 @pytest.mark.parametrize("name", ["mpeg4.mkv", "vp9.webm", "mpeg4.avi"])

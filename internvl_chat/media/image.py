@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -52,6 +53,9 @@ FFMPEG_IMAGE_LIMIT = 1 << 28
 QOI_END = bytes(7) + b"\x01"  # every QOI file ends so; FFmpeg decodes a file cut short without a word
 QOI_HEADER_BYTES = 14
 QOI_PIXELS_PER_BYTE = 62  # a run op's most: a file of fewer op bytes than pixels / 62 cannot be whole
+# Two sets of ops put where a QOI's end marker is (_qoi_by_ffmpeg): every byte differs between them,
+# and either's first op (an RGB op, an RGBA op) gives a colour the other's does not
+QOI_TAILS = (b"\xfe\x10\x20\x30\xfe\x10\x20\x30", b"\xff\xe0\xd0\xc0\xb0\xff\xe0\xd0")
 # Progressive JPEGs from libjpeg have 6 or 10 scans, mozjpeg's a few more
 MAX_JPEG_SCANS = 256
 # Real tiled TIFFs use tiles of 256² to 1024²; a larger one than the picture is refused past this size
@@ -341,7 +345,7 @@ def _open_image(path: Path) -> Image.Image:
     except MediaError:
         image.close()
         raise
-    decoded_in_python = PYTHON_DECODERS.get(image.tile[0][0]) if image.tile and not _ffmpeg_decodes(image) else None
+    decoded_in_python = PYTHON_DECODERS.get(image.tile[0][0]) if image.tile and not ffmpeg_decodes(image) else None
     if decoded_in_python and width * height > MAX_PYTHON_DECODED_PIXELS:
         image.close()
         raise MediaError(
@@ -365,7 +369,7 @@ def _open_image(path: Path) -> Image.Image:
     return image
 
 
-def _ffmpeg_decodes(image: Image.Image) -> bool:
+def ffmpeg_decodes(image: Image.Image) -> bool:
     """Whether the picture is a QOI that FFmpeg decodes (`_qoi_by_ffmpeg`), not Pillow's decoder in Python."""
     width, height = image.size
     return image.format == "QOI" and (width + 128) * (height + 128) < FFMPEG_IMAGE_LIMIT
@@ -373,23 +377,57 @@ def _ffmpeg_decodes(image: Image.Image) -> bool:
 
 def _qoi_by_ffmpeg(path: Path, image: Image.Image) -> Image.Image:
     """The QOI picture `image` (opened by Pillow, its header checked) decoded by FFmpeg: a ValueError
-    where the file is cut short or FFmpeg's picture is not the one its header declares."""
+    where the file is cut short or FFmpeg's picture is not the one its header declares.
+
+    The file goes to the decoder whole, as one packet: FFmpeg's qoi_pipe demuxer splits its data
+    after the first 8 bytes that equal the end marker (seven index ops of 0, one of 1, as a
+    picture's ops may hold), and the decoder, given the part before them, left the rest of the
+    picture unfilled (or the last colour) without a word. A file that ends with the end marker
+    may still be cut short where its ops held those bytes: the decoder reads ops while more than 4
+    bytes are left, so a whole file's end before its last 8 bytes, a cut one's run into them. So
+    it is decoded twice, those 8 bytes replaced by ops of other colours (QOI_TAILS), as 4 channels
+    (the ops are the same; an RGBA op read into them may differ only in its alpha): the two
+    pictures differ only where its ops ran into its end (told by digests: one picture is held at a time)."""
+    with open_regular_file(path) as f:
+        data = f.read()
+    return qoi_decoded(data, image)
+
+
+def qoi_decoded(data: bytes, image: Image.Image) -> Image.Image:
+    """_qoi_by_ffmpeg's picture from the file's bytes (`image`: Pillow's, opened from them)."""
+    if not data.endswith(QOI_END):
+        raise ValueError("the file does not end as a QOI file does")
+    ops = len(data) - QOI_HEADER_BYTES - len(QOI_END)
+    if ops * QOI_PIXELS_PER_BYTE < image.width * image.height:  # FFmpeg would fill the rest with the last colour
+        raise ValueError(f"the file holds too few bytes for its {image.width * image.height:,} pixels")
+    second = _pixels_digest(_qoi_frame(data, QOI_TAILS[1], image))  # one picture held at a time, and a digest
+    frame = _qoi_frame(data, QOI_TAILS[0], image)
+    if _pixels_digest(frame) != second:
+        raise ValueError("its pixel data ends before its last pixel")
+    return Image.fromarray(frame.to_ndarray(format="rgba" if image.mode == "RGBA" else "rgb24"), image.mode)
+
+
+def _qoi_frame(data: bytes, tail: bytes, image: Image.Image):
+    """FFmpeg's picture of a QOI file's bytes, given to its decoder whole, its end marker replaced
+    by `tail`, as 4 channels."""
     import av
 
-    with open_regular_file(path) as f:
-        f.seek(-len(QOI_END), os.SEEK_END)
-        if f.read() != QOI_END:
-            raise ValueError("the file does not end as a QOI file does")
-        ops = f.tell() - QOI_HEADER_BYTES - len(QOI_END)
-        if ops * QOI_PIXELS_PER_BYTE < image.width * image.height:  # FFmpeg would fill the rest with the last colour
-            raise ValueError(f"the file holds too few bytes for its {image.width * image.height:,} pixels")
-        f.seek(0)
-        with av.open(f, format="qoi_pipe") as container:
-            frame = next(container.decode(video=0), None)
-            pixels = frame.to_ndarray(format="rgba" if image.mode == "RGBA" else "rgb24") if frame is not None else None
-    if pixels is None or pixels.shape[1::-1] != image.size:
+    frames = av.CodecContext.create("qoi", "r").decode(av.Packet(data[:12] + b"\x04" + data[13 : -len(QOI_END)] + tail))
+    if len(frames) != 1 or (frames[0].width, frames[0].height) != image.size or frames[0].format.name != "rgba":
         raise ValueError("FFmpeg decoded no picture of the size its header declares")
-    return Image.fromarray(pixels, image.mode)
+    return frames[0]
+
+
+def _pixels_digest(frame) -> bytes:
+    """A digest of an RGBA frame's pixels (each row's, not the padding after it)."""
+    plane, row = frame.planes[0], frame.width * 4
+    view, stride, digest = memoryview(plane), plane.line_size, hashlib.blake2b()
+    if stride == row:
+        digest.update(view[: row * frame.height])
+    else:
+        for top in range(0, stride * frame.height, stride):
+            digest.update(view[top : top + row])
+    return digest.digest()
 
 
 def _check_size(path: Path, width: int, height: int) -> None:
@@ -585,7 +623,7 @@ def _decode(path: Path) -> Image.Image:
         try:
             with quiet_pillow(), native:
                 key = _sixteen_bit_rgb_key(image)  # read from the tile, which loading empties
-                decoded = _qoi_by_ffmpeg(path, image) if _ffmpeg_decodes(image) else _loaded(image)
+                decoded = _qoi_by_ffmpeg(path, image) if ffmpeg_decodes(image) else _loaded(image)
                 if key is not None:
                     decoded = _keyed_out(path, decoded, key)
         except MemoryError:

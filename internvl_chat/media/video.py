@@ -23,9 +23,10 @@ only for a file whose outermost structure runs past its end, as no whole one's d
 decoder knows cheaply: decord read every packet as it opened the file, PyAV demuxed
 an MKV's to count its frames, and demuxes (not decodes) what follows an AVI's last sampled frame,
 where the sampling runs to the end. An AVI found to hold fewer frames is sampled again from them.
-The attach line (`measure_video`) reads no packet: it says such a file is cut short where a few of
-its elements' headers tell that the end of the file falls inside its frames (`ends_early`), not how
-many it holds: the note gives that.
+The attach line (`measure_video`) reads no packet of an MKV or WebM: it says such a file is cut short
+where a few of its elements' headers tell that the end of the file falls inside its frames
+(`ends_early`), not how many it holds: the note gives that. An AVI cut short lost its index with its
+end, and with it any true count or duration: its packets are demuxed (not decoded) to measure it.
 
 Frames come out as a player shows them: a rotation or mirror stored with the video (a display
 matrix, as phones write, or an older `rotate` tag) is applied before the tile transform. Each frame
@@ -67,7 +68,7 @@ from ..errors import MediaError, UsageError
 from ..native_stderr import captured
 from .image import IMAGE_SIZE, check_media_file, normalize_tiles
 from .video_cost import DecodeCost, DecodeMeter
-from .video_header import Held, VideoHeader, check_count, check_duration, count_packets, read_header, shown_path
+from .video_header import Held, VideoHeader, check_count, check_duration, count_packets, demux_length, read_header, shown_path
 from .video_orientation import Orientation
 from .video_sampling import frame_indices, range_rate
 from .video_sources import (
@@ -223,6 +224,8 @@ def _decode_once(
                 held = source.held(stop)  # the stream's end was reached: nothing more to read
             # fewer frames than the header lists: sample the frames the file really holds
             total = _frames_held(path, ended, total, source.fps)
+            if held is not None and 0 < held.frames < total:  # a last packet cut short can decode (concealed) to
+                total = held.frames  # a frame the file does not hold: the packets held whole, as the attach line counts
             length = _range_length(header, total, source.fps)  # an AVI's count includes dropped frames
             rate = range_rate(total, source.fps, length)
             indices = frame_indices(total, rate, num_frames, start, end, length)
@@ -332,8 +335,9 @@ class VideoLength:
     fps: float
     duration: float  # seconds, of those frames
     listed_frames: int | None = None  # the header's count, where the file holds more than one fewer (cut short)
-    # MKV, WebM, AVI: the file ends inside its frames (VideoHeader.frames_cut); how many it holds is
-    # found as they are decoded (VideoInput.shortfall_note), and `frames` is the header's
+    # MKV, WebM, AVI: the file ends inside its frames (VideoHeader.frames_cut); how many an MKV or
+    # WebM holds is found as they are decoded (VideoInput.shortfall_note), and `frames` is the
+    # header's; an AVI's are demuxed (_avi_cut_short): `frames` and `duration` are those it holds
     ends_early: bool = False
 
 
@@ -365,6 +369,11 @@ def _probed(path: Path, header: VideoHeader, stop: DecodeStop | None = None) -> 
         duration = held / header.fps if header.fps > 0 else header.duration * held / header.frames_shown
         return VideoLength(held, header.fps, duration, header.listed_if_short(held))
     duration = header.duration
+    if header.runs_past_end and "avi" in header.format_name.split(","):  # cut short: its duration is a guess from its size
+        if header.frames_cut is not False:
+            return _avi_cut_short(path, header, stop)
+        if header.frames and header.fps > 0:  # cut after its frames (in its idx1): it holds those its header counts
+            duration = check_duration(path, header.frames / header.fps)
     frames = header.frames_shown or check_count(path, int(round(duration * header.fps)))  # not those an edit list hides
     if frames < 1:
         # no usable duration either (APNG), or one FFmpeg guessed from the bit rate (MPEG-PS): count
@@ -375,6 +384,20 @@ def _probed(path: Path, header: VideoHeader, stop: DecodeStop | None = None) -> 
     if duration <= 0 and header.fps > 0:  # the header has none (a pipe AVI, APNG) or guessed it (MPEG-PS)
         duration = check_duration(path, frames / header.fps)
     return VideoLength(frames, header.fps, duration, ends_early=bool(header.frames_cut))
+
+
+def _avi_cut_short(path: Path, header: VideoHeader, stop: DecodeStop | None) -> VideoLength:
+    """An AVI whose movi list runs past the end of the file inside its frames (`frames_cut`): its
+    index (idx1, at the end) went with the cut, its count is the whole file's and FFmpeg's duration
+    a guess from its size, so the attach line gave a length the file does not hold. Its packets are
+    demuxed (no decoding): the frames it holds and where they end; one that holds none is refused."""
+    held = demux_length(path, stop)
+    if not held.frames:
+        listed = f" of the {header.frames:,} frames its header lists" if header.frames else " of its frames"
+        raise MediaError(f"{shown_path(path)} holds none{listed}: the file is cut short (an unfinished download or copy); "
+                         "use a complete copy")  # fmt: skip
+    duration = held.end if held.end > 0 else held.frames / header.fps if header.fps > 0 else 0.0
+    return VideoLength(held.frames, header.fps, check_duration(path, duration), ends_early=bool(header.frames_cut))
 
 
 def decode_cost(path: str | Path, num_frames: int = 8, start: float | None = None, end: float | None = None) -> DecodeCost:

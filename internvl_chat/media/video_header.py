@@ -54,6 +54,8 @@ class VideoHeader:
     runs_past_end: bool | None = None  # MKV/WebM/AVI: whether its outermost element does (ends_past_the_file)
     unfilled: bool = False  # an AVI whose writer never filled in its header (avi_header_unfilled): no count, no sizes
     frames_cut: bool | None = None  # and then: whether the file ends inside its video frames (frames_cut_off)
+    edits_ignored: bool = False  # MP4/MOV: read without its edit list, which shows none of its frames (edits_show_nothing)
+    index_length: int | None = None  # MP4/MOV: the samples FFmpeg's index lists (an edit list may list some twice); None: not read
 
     @property
     def frames_by_duration(self) -> int:
@@ -581,10 +583,36 @@ ATTACHED_PIC = 0x0400  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC
 
 def open_container(path: Path):
     """PyAV's container of `path`, for reading. A tag that is not UTF-8 (a title in Latin-1, say)
-    reads with U+FFFD: PyAV's strict default refused the whole video for it."""
+    reads with U+FFFD: PyAV's strict default refused the whole video for it. An MP4 (or MOV) whose
+    edit list shows none of its video's samples (edits_show_nothing) is read without it."""
     import av
 
-    return av.open(str(path), metadata_errors="replace")
+    container = av.open(str(path), metadata_errors="replace")
+    try:
+        stream = video_stream(container)
+        if stream is None or not stream.frames or "mov" not in container.format.name.split(","):
+            return container
+        if not edits_show_nothing(stream):
+            return container
+    except BaseException:
+        container.close()
+        raise
+    container.close()
+    return av.open(str(path), metadata_errors="replace", options={"ignore_editlist": "1"})
+
+
+def edits_show_nothing(stream) -> bool:
+    """Whether FFmpeg's index of an MP4's (or MOV's) stream, which lists samples, flags every one
+    to be discarded (or lists none): its edit list shows none of them. Its edits may all last 0
+    (a muxer that never filled them in, or one following the rule for fragmented files: 0 is "to
+    the end of the media"), start past the end of the media, or all be empty. The file read as 60
+    frames at attach and "decoded to no frames" at send; a player that plays it shows all its
+    samples, as FFmpeg does without the edit list (ignore_editlist). Read up to the first sample
+    shown: where none is hidden, the first."""
+    try:
+        return not any(not entry.is_discard for entry in stream.index_entries)
+    except Exception:  # noqa: BLE001 - an older PyAV without index_entries, an odd entry
+        return False
 
 
 def video_stream(container):
@@ -773,6 +801,8 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         fps = check_fps(path, _frame_rate(stream))
         unfilled = "avi" in container.format.name.split(",") and avi_header_unfilled(path)
         frames = 0 if unfilled else check_count(path, int(stream.frames or 0))  # 0: counted by demuxing
+        if frames and "mov" in container.format.name.split(","):
+            frames = _fragments_counted(path, stream, frames)
         if unfilled:
             duration = 0.0  # FFmpeg's guess from the placeholder count, or from the size and bit rate
         elif stream.duration is not None and stream.time_base is not None:
@@ -792,6 +822,9 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         alone = len(container.streams.video) == 1  # else decord may choose another stream (it picks the "best")
         header = VideoHeader(width, height, fps, frames, duration, container.format.name, None, rotate_tag, codec, reorders,
                              alone, unfilled=unfilled, start=start)  # fmt: skip
+        header.edits_ignored = dict(getattr(container, "options", None) or {}).get("ignore_editlist") == "1"
+        if "mov" in container.format.name.split(","):
+            header.index_length = _index_length(stream)
         if matroska:
             header.track_duration = frames_end
             header.runs_past_end = ends_past_the_file(path, "matroska")
@@ -994,6 +1027,34 @@ def _rows(table: memoryview) -> np.ndarray:
     rows = np.frombuffer(table[8 : 8 + 8 * count], dtype=">i4").reshape(-1, 2).astype(np.int64)
     rows[:, 0] &= 0xFFFFFFFF  # the counts are unsigned
     return rows
+
+
+def _fragments_counted(path: Path, stream, frames: int) -> int:
+    """The frames of a fragmented MP4 whose moov lists some samples (the first fragment's, as
+    `movflags=frag_keyframe` writes it) and its moof boxes the rest: FFmpeg's count is the moov's
+    (5 of 30), its index lists them all as it opens the file (the samples it does not flag to be
+    discarded). `frames` elsewhere."""
+    length = _index_length(stream)
+    if length is None or length <= frames:
+        return frames
+    try:
+        with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
+            fragmented = any(kind == b"moof" for kind, *_ in _top_boxes(f, os.fstat(f.fileno()).st_size))
+        if not fragmented:
+            return frames
+        return check_count(path, sum(1 for entry in stream.index_entries if not entry.is_discard))
+    except MediaError:
+        raise
+    except Exception:  # noqa: BLE001 - OSError, an odd entry: FFmpeg's count stands
+        return frames
+
+
+def _index_length(stream) -> int | None:
+    """The entries of FFmpeg's index of the stream (None where PyAV does not show it)."""
+    try:
+        return len(stream.index_entries)
+    except Exception:  # noqa: BLE001 - an older PyAV without index_entries
+        return None
 
 
 def _index_is_empty(stream) -> bool:
