@@ -207,13 +207,84 @@ def test_a_throttled_tail_is_not_drawn_after_the_answer_finished(monkeypatch):
     stream = MarkdownStream(console, refresh_interval_s=0.2)
     stream.feed("Para one.\n\nPara")
     stream.feed(" two")  # throttled: a timer is set
-    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
+    timers = [t for t in threading.enumerate() if t is not threading.main_thread() and t.daemon]
     stream.finish()
     end = out.getvalue()
     for timer in timers:
         timer.join(30)  # whatever was pending has had its turn
     assert out.getvalue() == end
     assert emulate_terminal(end) == "Para one.\n\nPara two"
+
+
+def _started_threads(monkeypatch) -> list:
+    import threading
+
+    started = []
+    start = threading.Thread.start
+
+    def counting(self):
+        started.append(self)
+        return start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting)
+    return started
+
+
+def test_throttled_tails_are_drawn_by_one_thread_an_answer(monkeypatch):
+    """Each frame drawn late (during fast streaming nearly every one) started a threading.Timer
+    of its own: ~15 threads a second, each start() waiting in the app's thread for it to run.
+    One drawer thread now draws them all. The clock is held still, so every feed is throttled."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(render, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    monkeypatch.setattr(render, "IDLE_S", 600.0, raising=False)  # never idle between the test's frames, however slow the machine
+    started = _started_threads(monkeypatch)
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
+    stream = MarkdownStream(console, refresh_interval_s=0.01)
+    stream.feed("w0")
+    for i in range(1, 6):
+        stream.feed(f" w{i}")  # throttled: drawn late
+        assert _screen_once(out, " ".join(f"w{j}" for j in range(i + 1))), emulate_terminal(out.getvalue())
+    stream.finish()
+    for thread in started:
+        thread.join(30)
+    assert len(started) == 1
+    assert emulate_terminal(out.getvalue()) == "w0 w1 w2 w3 w4 w5"
+
+
+def test_a_failure_drawing_a_throttled_tail_prints_no_traceback(monkeypatch):
+    """A frame drawn late that failed (other than OSError/ValueError) went to threading's
+    excepthook: a traceback printed into the answer. The app's own next draw meets the failure."""
+    import threading
+    from types import SimpleNamespace
+
+    from internvl_chat.ui import live_tail
+
+    monkeypatch.setattr(render, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    started = _started_threads(monkeypatch)
+    hooked, tried = [], threading.Event()
+    monkeypatch.setattr(threading, "excepthook", hooked.append)
+    draw = live_tail.LiveTail.draw
+
+    def failing(self, renderable):
+        if threading.current_thread() is threading.main_thread():
+            return draw(self, renderable)
+        tried.set()
+        raise RuntimeError("rendering failed")
+
+    monkeypatch.setattr(live_tail.LiveTail, "draw", failing)
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
+    stream = MarkdownStream(console, refresh_interval_s=0.01)
+    stream.feed("First")
+    stream.feed(" words")  # throttled: drawn late, which fails
+    assert tried.wait(60)
+    stream.finish()
+    for thread in started:
+        thread.join(30)
+    assert hooked == []
+    assert emulate_terminal(out.getvalue()) == "First words"
 
 
 def test_a_long_unfinished_block_costs_each_token_the_same(monkeypatch):
