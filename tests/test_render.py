@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import re
+import signal
 
 import pyte
 import pytest
@@ -285,6 +286,41 @@ def test_a_failure_drawing_a_throttled_tail_prints_no_traceback(monkeypatch):
         thread.join(30)
     assert hooked == []
     assert emulate_terminal(out.getvalue()) == "First words"
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks")
+def test_the_thread_drawing_a_throttled_tail_leaves_signals_to_the_main_thread(monkeypatch):
+    """The thread that draws a throttled tail late (a threading.Timer) did not block the process's
+    signals: a Ctrl-C or Ctrl-Z the kernel gave it, while the app waited in a read for a pausing
+    server, was handled only once the server's next piece came (threads.py's workers block them)."""
+    import threading
+    from types import SimpleNamespace
+
+    from internvl_chat.threads import PROCESS_SIGNALS
+    from internvl_chat.ui import live_tail
+
+    monkeypatch.setattr(render, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    started = _started_threads(monkeypatch)
+    masks, drawn = [], threading.Event()
+    draw = live_tail.LiveTail.draw
+
+    def recording(self, renderable):
+        if threading.current_thread() is not threading.main_thread():
+            masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+            drawn.set()
+        return draw(self, renderable)
+
+    monkeypatch.setattr(live_tail.LiveTail, "draw", recording)
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
+    stream = MarkdownStream(console, refresh_interval_s=0.01)
+    stream.feed("First")
+    stream.feed(" words")  # throttled: drawn late
+    assert drawn.wait(60)
+    stream.finish()
+    for thread in started:
+        thread.join(30)
+    assert masks and PROCESS_SIGNALS <= set(masks[0])
 
 
 def test_a_long_unfinished_block_costs_each_token_the_same(monkeypatch):

@@ -25,6 +25,7 @@ from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
 from ..numbers import parse_int
+from ..threads import start_worker
 from .live_tail import LiveTail
 from .markdown_blocks import BlockSplitter
 
@@ -134,9 +135,10 @@ class MarkdownStream:
                 self._pending = (object(), wait)
                 if self._drawer is None:
                     # one thread an answer: a Timer a frame started ~15 threads a second, each
-                    # start() waiting in the app's thread for the new thread to run
-                    self._drawer = threading.Thread(target=self._draw_late, name="internvl-chat-tail", daemon=True)
-                    self._drawer.start()
+                    # start() waiting in the app's thread for the new thread to run. Its process
+                    # signals blocked (threads.py): one it took (a Ctrl-C, a Ctrl-Z) waited for the
+                    # app's read to end, a server's next piece
+                    self._drawer = start_worker(self._draw_late, "internvl-chat-tail")
                 else:
                     self._cond.notify_all()
             return
