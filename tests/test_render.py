@@ -199,16 +199,15 @@ def test_a_delta_throttled_just_before_a_pause_is_still_drawn(monkeypatch):
 def test_a_throttled_tail_is_not_drawn_after_the_answer_finished(monkeypatch):
     """finish() prints the rest and ends the live region; a deferred redraw still pending then
     draws nothing more (its frame would be left below the answer, under the next prompt)."""
-    import threading
     from types import SimpleNamespace
 
     monkeypatch.setattr(render, "time", SimpleNamespace(monotonic=lambda: 1000.0))
     out = io.StringIO()
     console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
     stream = MarkdownStream(console, refresh_interval_s=0.2)
+    timers = _started_threads(monkeypatch)
     stream.feed("Para one.\n\nPara")
-    stream.feed(" two")  # throttled: a timer is set
-    timers = [t for t in threading.enumerate() if t is not threading.main_thread() and t.daemon]
+    stream.feed(" two")  # throttled: a late draw is set
     stream.finish()
     end = out.getvalue()
     for timer in timers:
