@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 # what a terminal, a shell or a service manager sends (faults like SIGSEGV stay with their thread)
 PROCESS_SIGNALS = frozenset(
@@ -22,16 +23,25 @@ PROCESS_SIGNALS = frozenset(
 )
 
 
+@contextmanager
+def process_signals_blocked() -> Iterator[None]:
+    """PROCESS_SIGNALS blocked in this thread for the block, so that a thread a library starts
+    inside it (rich's refresh thread of a spinner) inherits the mask; one sent meanwhile is
+    handled as the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def start_worker(target: Callable[[], object], name: str) -> threading.Thread:
     """Start a daemon thread running `target` with PROCESS_SIGNALS blocked from its first
     instruction (a thread inherits the mask of the thread that starts it)."""
     thread = threading.Thread(target=target, name=name, daemon=True)
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+    with process_signals_blocked():
         thread.start()
-        return thread
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
-    try:
-        thread.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one sent meanwhile is handled now
     return thread

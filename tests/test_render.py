@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import re
+import signal
 
 import pyte
 import pytest
@@ -198,22 +199,127 @@ def test_a_delta_throttled_just_before_a_pause_is_still_drawn(monkeypatch):
 def test_a_throttled_tail_is_not_drawn_after_the_answer_finished(monkeypatch):
     """finish() prints the rest and ends the live region; a deferred redraw still pending then
     draws nothing more (its frame would be left below the answer, under the next prompt)."""
-    import threading
     from types import SimpleNamespace
 
     monkeypatch.setattr(render, "time", SimpleNamespace(monotonic=lambda: 1000.0))
     out = io.StringIO()
     console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
     stream = MarkdownStream(console, refresh_interval_s=0.2)
+    timers = _started_threads(monkeypatch)
     stream.feed("Para one.\n\nPara")
-    stream.feed(" two")  # throttled: a timer is set
-    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
+    stream.feed(" two")  # throttled: a late draw is set
     stream.finish()
     end = out.getvalue()
     for timer in timers:
         timer.join(30)  # whatever was pending has had its turn
     assert out.getvalue() == end
     assert emulate_terminal(end) == "Para one.\n\nPara two"
+
+
+def _started_threads(monkeypatch) -> list:
+    import threading
+
+    started = []
+    start = threading.Thread.start
+
+    def counting(self):
+        started.append(self)
+        return start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting)
+    return started
+
+
+def test_throttled_tails_are_drawn_by_one_thread_an_answer(monkeypatch):
+    """Each frame drawn late (during fast streaming nearly every one) started a threading.Timer
+    of its own: ~15 threads a second, each start() waiting in the app's thread for it to run.
+    One drawer thread now draws them all. The clock is held still, so every feed is throttled."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(render, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    monkeypatch.setattr(render, "IDLE_S", 600.0, raising=False)  # never idle between the test's frames, however slow the machine
+    started = _started_threads(monkeypatch)
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
+    stream = MarkdownStream(console, refresh_interval_s=0.01)
+    stream.feed("w0")
+    for i in range(1, 6):
+        stream.feed(f" w{i}")  # throttled: drawn late
+        assert _screen_once(out, " ".join(f"w{j}" for j in range(i + 1))), emulate_terminal(out.getvalue())
+    stream.finish()
+    for thread in started:
+        thread.join(30)
+    assert len(started) == 1
+    assert emulate_terminal(out.getvalue()) == "w0 w1 w2 w3 w4 w5"
+
+
+def test_a_failure_drawing_a_throttled_tail_prints_no_traceback(monkeypatch):
+    """A frame drawn late that failed (other than OSError/ValueError) went to threading's
+    excepthook: a traceback printed into the answer. The app's own next draw meets the failure."""
+    import threading
+    from types import SimpleNamespace
+
+    from internvl_chat.ui import live_tail
+
+    monkeypatch.setattr(render, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    started = _started_threads(monkeypatch)
+    hooked, tried = [], threading.Event()
+    monkeypatch.setattr(threading, "excepthook", hooked.append)
+    draw = live_tail.LiveTail.draw
+
+    def failing(self, renderable):
+        if threading.current_thread() is threading.main_thread():
+            return draw(self, renderable)
+        tried.set()
+        raise RuntimeError("rendering failed")
+
+    monkeypatch.setattr(live_tail.LiveTail, "draw", failing)
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
+    stream = MarkdownStream(console, refresh_interval_s=0.01)
+    stream.feed("First")
+    stream.feed(" words")  # throttled: drawn late, which fails
+    assert tried.wait(60)
+    stream.finish()
+    for thread in started:
+        thread.join(30)
+    assert hooked == []
+    assert emulate_terminal(out.getvalue()) == "First words"
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks")
+def test_the_thread_drawing_a_throttled_tail_leaves_signals_to_the_main_thread(monkeypatch):
+    """The thread that draws a throttled tail late (a threading.Timer) did not block the process's
+    signals: a Ctrl-C or Ctrl-Z the kernel gave it, while the app waited in a read for a pausing
+    server, was handled only once the server's next piece came (threads.py's workers block them)."""
+    import threading
+    from types import SimpleNamespace
+
+    from internvl_chat.threads import PROCESS_SIGNALS
+    from internvl_chat.ui import live_tail
+
+    monkeypatch.setattr(render, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    started = _started_threads(monkeypatch)
+    masks, drawn = [], threading.Event()
+    draw = live_tail.LiveTail.draw
+
+    def recording(self, renderable):
+        if threading.current_thread() is not threading.main_thread():
+            masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+            drawn.set()
+        return draw(self, renderable)
+
+    monkeypatch.setattr(live_tail.LiveTail, "draw", recording)
+    out = io.StringIO()
+    console = Console(file=out, width=60, height=20, force_terminal=True, color_system=None)
+    stream = MarkdownStream(console, refresh_interval_s=0.01)
+    stream.feed("First")
+    stream.feed(" words")  # throttled: drawn late
+    assert drawn.wait(60)
+    stream.finish()
+    for thread in started:
+        thread.join(30)
+    assert masks and PROCESS_SIGNALS <= set(masks[0])
 
 
 def test_a_long_unfinished_block_costs_each_token_the_same(monkeypatch):

@@ -182,6 +182,36 @@ def test_the_write_deadline_drops_a_slow_reader_that_keeps_more_than_the_bound_w
 # ---- data: URLs --------------------------------------------------------------------------------
 
 
+def _busy_worker(durations: list[float], waiting: int):
+    """An EngineWorker's admission state alone (no model): a job running since the clock's 0, `waiting`
+    queued (the queue's depth), the last jobs' `durations`."""
+    import collections
+    import threading
+    from types import SimpleNamespace
+
+    from internvl_chat.serve.engine import EngineWorker
+
+    worker = object.__new__(EngineWorker)
+    worker._cond, worker._stopping = threading.Condition(), False
+    worker._thread = SimpleNamespace(is_alive=lambda: True)
+    worker._queue = collections.deque(SimpleNamespace(cancel=threading.Event()) for _ in range(waiting))
+    worker.options, worker.counts = SimpleNamespace(queue_depth=waiting), collections.Counter()
+    worker._durations = collections.deque(durations, maxlen=64)
+    worker.running, worker._running_since, worker.clock = object(), 0.0, lambda: 0.0
+    return worker
+
+
+def test_a_429_says_the_retry_after_it_sends():
+    """The body said the estimate ("retry in about 2700 s") while Retry-After was cut to 600."""
+    with pytest.raises(APIError) as refused:
+        _busy_worker([300.0] * 10, waiting=8).check_capacity()
+    assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "600"
+    assert "retry in about 600 s" in refused.value.message
+    with pytest.raises(APIError) as soon:
+        _busy_worker([0.2] * 10, waiting=1).check_capacity()  # 0.4 s: said as the 1 s sent
+    assert soon.value.headers["Retry-After"] == "1" and "retry in about 1 s" in soon.value.message
+
+
 def test_data_urls_must_be_base64():
     assert _data_url("data:image/png;base64,aGk=", "p", "image") == (b"hi", "image/png")
     for bad in ("data:image/png,hi", "data:image/png;base64", "data:image/png;base64,@@@"):

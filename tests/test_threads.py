@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -21,3 +22,30 @@ def test_a_worker_blocks_the_process_signals_and_the_starter_keeps_its_mask():
     assert {signal.SIGSEGV, signal.SIGPIPE}.isdisjoint(seen["mask"] - before)  # faults stay with their thread
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
 
+
+
+def _blocked_in(thread) -> set[int]:
+    """The signals `thread` blocks, from its /proc status (another thread's mask has no call)."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as status:
+        mask = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+    return {signum for signum in range(1, 65) if mask >> (signum - 1) & 1}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc")
+def test_a_spinners_refresh_thread_leaves_the_process_signals_to_the_main_thread():
+    """rich's status starts a thread of its own to spin: it did not block the process's signals, so
+    a Ctrl-C or Ctrl-Z the kernel gave it while the app waited for a server's first piece was
+    handled only once that piece came."""
+    import io
+
+    from rich.console import Console
+
+    from internvl_chat.ui.spinner import spin
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    console = Console(file=io.StringIO(), force_terminal=True, width=40)
+    with spin(console, "thinking …") as status:
+        refresh = status._live._refresh_thread
+        assert refresh is not None and refresh.is_alive()
+        assert {int(s) for s in PROCESS_SIGNALS} <= _blocked_in(refresh)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before

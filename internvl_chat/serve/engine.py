@@ -81,6 +81,7 @@ class ClientGone(Exception):
 
 COALESCE_S = 0.005  # text that comes faster than this is sent in one event
 JOB_HISTORY = 64  # the last jobs whose durations a 429's Retry-After is estimated from
+RETRY_AFTER_MAX_S = 600  # a 429's Retry-After (1 s at least): longer estimates say little more than "later"
 
 
 def event_bytes(item: tuple) -> int:
@@ -311,10 +312,11 @@ class EngineWorker:
         self._drop_cancelled_locked()
         busy = self.running is not None or self._queue  # an idle engine takes a request even with depth 0
         if busy and len(self._queue) >= self.options.queue_depth:
-            wait = math.ceil(self._wait_locked())
+            # the message says the Retry-After sent (it said "about 2700 s" with a header of 600)
+            wait = min(max(1, math.ceil(self._wait_locked())), RETRY_AFTER_MAX_S)
             waiting = f"{len(self._queue)} already wait" if self._queue else "none may wait (queue depth 0)"
             raise APIError(429, f"the model is busy and its queue is full ({waiting}); retry in about {wait} s",
-                           code="queue_full", headers={"Retry-After": str(max(1, min(wait, 600)))})  # fmt: skip
+                           code="queue_full", headers={"Retry-After": str(wait)})  # fmt: skip
 
     def _wait_locked(self) -> float:
         """About the seconds until the queue has room: what the running job has left, then a mean

@@ -86,7 +86,7 @@ class LiveTail:
         # it could run) must still erase it. Before the write the cursor is at the top-left of the
         # last frame, as after it, so erasing from there and drawing this frame after `fg` is
         # right either way (the write then draws it once more, in place)
-        with terminal_lock:  # drawn from render.py's timer thread too: never between a Ctrl-Z's writes
+        with terminal_lock:  # drawn from render.py's drawer thread too: never between a Ctrl-Z's writes
             self._frame, self._shown, self._erased_for_stop = frame, True, False
             self._write(self._ERASE_BELOW + self._AUTOWRAP_OFF + frame + self._AUTOWRAP_ON)
 

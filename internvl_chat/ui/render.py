@@ -7,8 +7,10 @@ decided by `BlockSplitter` (markdown_blocks.py), a line at a time; a frame rende
 of a long unfinished block, so each token costs the same however long the answer. The Markdown
 itself is `AnswerMarkdown` (answer_markdown.py). Redraws of the tail are at most `refresh_interval_s`
 apart: a delta that comes sooner is drawn by the next feed or, if none comes in time (a server
-pausing, a slow next token), by a timer thread (`threading.Timer`) at the interval's end. `PlainStream` writes the raw text for pipes,
-`--plain` and `TERM=dumb`. The one-line summaries around an answer are summary_lines.py's.
+pausing, a slow next token), at the interval's end by the stream's drawer thread (one an answer,
+not one a frame: during fast streaming nearly every frame is a late one; it ends after IDLE_S with
+nothing to draw, and at `finish`). `PlainStream` writes the raw text for pipes, `--plain` and
+`TERM=dumb`. The one-line summaries around an answer are summary_lines.py's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
 from ..numbers import parse_int
+from ..threads import start_worker
 from .live_tail import LiveTail
 from .markdown_blocks import BlockSplitter
 
@@ -36,6 +39,7 @@ _BRING_OWN_BLANK_LINE = ("bullet_list_open", "ordered_list_open", "blockquote_op
 
 LIVE_TAIL_CHARS = 4000  # of an unfinished block, rendered in the live tail (its end; more fills no screen)
 LIVE_TAIL_SCREENS = 2  # the live tail renders at most this many screen heights of the block's last lines
+IDLE_S = 2.0  # a drawer thread with no throttled tail to draw for this long ends (the next one starts another)
 
 
 class MarkdownStream:
@@ -52,9 +56,12 @@ class MarkdownStream:
         self._live: LiveTail | None = None
         self._last_refresh = 0.0
         self._use_live = console.is_interactive  # a terminal: not a file given colours (make_console)
-        # feed() and finish() run in the app's thread, a deferred redraw in a timer's
+        # feed() and finish() run in the app's thread, a deferred redraw in the drawer's
         self._lock = threading.RLock()
-        self._redraw: threading.Timer | None = None  # set while a throttled tail waits to be drawn
+        self._cond = threading.Condition(self._lock)
+        # (token, seconds) while a throttled tail waits to be drawn; the token is new each time
+        self._pending: tuple[object, float] | None = None
+        self._drawer: threading.Thread | None = None  # draws a throttled tail late (`_draw_late`)
         self._finished = False
 
     @property
@@ -76,9 +83,8 @@ class MarkdownStream:
         """Stop the live region and print what is left; returns the whole text. Safe to call twice."""
         with self._lock:
             self._finished = True
-            if self._redraw is not None:
-                self._redraw.cancel()  # one already running waits for the lock, then sees _finished
-                self._redraw = None
+            self._pending = None
+            self._cond.notify_all()  # the drawer ends (one drawing now has the lock first: it is done)
             self._print_block(self._splitter.take_tail())
             if self._live is not None:
                 self._live.close()
@@ -124,15 +130,19 @@ class MarkdownStream:
         wait = self._last_refresh + self.refresh_interval_s - now
         if live and not force and not resized and wait > 0:
             # re-rendering Markdown per token is the cost to avoid: the next feed catches up, or
-            # this timer does if none comes in time (an answer that pauses showed stale text)
-            if self._redraw is None:
-                self._redraw = threading.Timer(wait, self._draw_late)
-                self._redraw.daemon = True
-                self._redraw.start()
+            # the drawer does if none comes in time (an answer that pauses showed stale text)
+            if self._pending is None:
+                self._pending = (object(), wait)
+                if self._drawer is None:
+                    # one thread an answer: a Timer a frame started ~15 threads a second, each
+                    # start() waiting in the app's thread for the new thread to run. Its process
+                    # signals blocked (threads.py): one it took (a Ctrl-C, a Ctrl-Z) waited for the
+                    # app's read to end, a server's next piece
+                    self._drawer = start_worker(self._draw_late, "internvl-chat-tail")
+                else:
+                    self._cond.notify_all()
             return
-        if self._redraw is not None:
-            self._redraw.cancel()
-            self._redraw = None
+        self._pending = None  # drawn now: a drawer waiting for it finds nothing to do
         self._last_refresh = now
         if self._splitter.blank:
             if self._live is not None:
@@ -151,15 +161,30 @@ class MarkdownStream:
         self._live.draw(self._markdown(text)[0])
 
     def _draw_late(self) -> None:
-        """The timer's end: draw the tail the last feed left throttled, unless drawn or finished since."""
-        with self._lock:
-            if self._finished or self._redraw is not threading.current_thread():
-                return
-            self._redraw = None
+        """The drawer thread: each tail a feed left throttled is drawn at its interval's end, unless
+        drawn (or the answer finished) since; it ends at finish(), or after IDLE_S with none."""
+        me = threading.current_thread()
+        with self._cond:
             try:
-                self._show_tail(force=True)
-            except (OSError, ValueError):
-                pass  # the terminal is gone or closed: the app's own next write meets it and says so
+                while not self._finished:
+                    pending = self._pending
+                    if pending is None:
+                        if not self._cond.wait(IDLE_S) and self._pending is None:
+                            return
+                        continue
+                    self._cond.wait(pending[1])  # woken early by finish(), or by a new tail once this one was drawn
+                    if self._finished or self._pending is not pending:
+                        continue
+                    self._pending = None
+                    try:
+                        self._show_tail(force=True)
+                    except Exception:  # noqa: BLE001
+                        # the terminal gone or closed, or a rendering failure: here a traceback would
+                        # land in the answer; the app's own next feed or finish meets it and says so
+                        pass
+            finally:
+                if self._drawer is me:
+                    self._drawer = None
 
 
 class PlainStream:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.status import Status
 from rich.text import Text
 
+from ..threads import process_signals_blocked
 from .suspend import HIDE_CURSOR, SHOW_CURSOR, StopHook
 
 
@@ -28,7 +29,11 @@ def spin(console: Console, text: str) -> Iterator[Status]:
     hook = StopHook(console, before_stop=lambda: SHOW_CURSOR, after_continue=lambda: HIDE_CURSOR)
     try:  # not `with status`: a Ctrl-C inside its start would leave it spinning over the prompt
         hook.open()  # first: a Ctrl-Z inside the start, once it has hidden the cursor, shows it
-        status.start()
+        # rich's refresh thread leaves the process's signals to this one (threads.py): a Ctrl-C
+        # or Ctrl-Z it took, while the app waited in a read for a server's first piece, was
+        # handled only once that piece came
+        with process_signals_blocked():
+            status.start()
         yield status
     finally:
         hook.close()  # before the stop: a `fg` from now on must not hide the cursor again
