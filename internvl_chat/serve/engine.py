@@ -319,8 +319,9 @@ class EngineWorker:
                            code="queue_full", headers={"Retry-After": str(wait)})  # fmt: skip
 
     def _wait_locked(self) -> float:
-        """About the seconds until the queue has room: what the running job has left, then a mean
-        job for each one waiting. What the running one has left is the mean of what the recent jobs
+        """About the seconds until the jobs there now are done: what the running job has left, then
+        a mean job for each one waiting (not just until a place frees, when the running job ends:
+        every client refused meanwhile would be told the same moment, and most find it taken). What the running one has left is the mean of what the recent jobs
         that ran longer than it has so far had left at this point (a job's length is mostly its
         answer's, which varies a hundredfold: counting it as a mean job whatever it has run told a
         client to wait a whole job for one about to end); none ran as long, it counts as a mean job
