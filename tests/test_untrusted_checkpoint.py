@@ -1212,3 +1212,19 @@ def test_a_zip64_pickle_of_too_many_entries_is_refused_before_it_is_parsed(tmp_p
         for i in range(70_000):
             z.writestr(f"archive/data/{i}", b"")
     _refused_unparsed(path, monkeypatch, "is a zip of 70,001 entries")
+
+
+def test_a_zip_of_exactly_65535_entries_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    """A zip of 65,535 entries writes that count as 0xFFFF with no zip64 records (Python's zipfile
+    adds them only above it): the check took 0xFFFF for "see the zip64 records", found none and
+    checked nothing, entries nor data.pkl's size, and torch loaded it (as it does: 250,000 views
+    of one storage in such a zip took seconds)."""
+    import zipfile
+
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        for i in range(65_534):
+            z.writestr(f"archive/data/{i}", b"")
+    assert struct.unpack_from("<H", path.read_bytes(), path.stat().st_size - 12)[0] == 0xFFFF
+    _refused_unparsed(path, monkeypatch, "is a zip of 65,535 entries")

@@ -213,7 +213,9 @@ def _zip_directory(f, size: int) -> tuple[int, int, int] | None:
     entries, directory_size, offset = struct.unpack_from("<xxxxxxxxxxHII", tail, at)
     if entries == 0xFFFF or directory_size == 0xFFFFFFFF or offset == 0xFFFFFFFF:  # zip64: the real values elsewhere
         if at < 20 or tail[at - 20 : at - 16] != _ZIP64_LOCATOR:
-            return None
+            # no zip64 records: the values are what they say, as torch's reader takes them (a zip of
+            # exactly 65,535 entries has none; returning None skipped every check, and torch loaded it)
+            return entries, directory_size, offset
         (record,) = struct.unpack_from("<Q", tail, at - 20 + 8)
         f.seek(record)
         end64 = f.read(56)
