@@ -1214,6 +1214,21 @@ def test_a_zip64_pickle_of_too_many_entries_is_refused_before_it_is_parsed(tmp_p
     _refused_unparsed(path, monkeypatch, "is a zip of 70,001 entries")
 
 
+@pytest.mark.parametrize("straddling", [b"r", b"J", b"M", b"c"])
+def test_a_legacy_pickle_whose_4_mib_end_inside_an_argument_is_refused_before_it_is_parsed(tmp_path, monkeypatch, straddling):
+    """The legacy walk refused a pickle that ran past 4 MiB only where pickletools' message said
+    "exhausted" or "remain": one whose 4 MiB ended inside a 4- or 2-byte argument ("not enough
+    data in stream to read uint4") or a GLOBAL's name ("no newline found") passed, and torch parsed
+    it whole (a sys_info string of the right length puts any pickle there)."""
+    from internvl_chat.engine.tensor_reader import MAX_PICKLE_BYTES
+
+    body = b"\x80\x02" + b"N0" * ((MAX_PICKLE_BYTES - 3) // 2)
+    body += b"N" * (MAX_PICKLE_BYTES - 1 - len(body))  # the next opcode is the file's 4 MiB-th byte
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(body + straddling + b"\0\0\0\0builtins\nint\n0." + b"\x80\x02N." * 4 + b"\0" * 64)
+    _refused_unparsed(path, monkeypatch, "MiB of tensor names and shapes")
+
+
 def test_a_zip_of_exactly_65535_entries_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
     """A zip of 65,535 entries writes that count as 0xFFFF with no zip64 records (Python's zipfile
     adds them only above it): the check took 0xFFFF for "see the zip64 records", found none and

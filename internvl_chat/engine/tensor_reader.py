@@ -267,8 +267,11 @@ def _check_legacy_pickle(head: bytes, shown: str) -> None:
         for _ in range(_LEGACY_PICKLES):
             for _ in pickletools.genops(stream):
                 pass
-    except ValueError as e:  # an unknown opcode, or the bytes ran out before a STOP
-        if len(head) > MAX_PICKLE_BYTES and ("exhausted" in str(e) or "remain" in str(e)):
+    except ValueError:  # an unknown opcode, or the bytes ran out before a STOP
+        # ran out: the stream is at its end, whatever pickletools said (it has a message for each kind of
+        # argument: "exhausted", "only 1 remain", "not enough data … uint4", "no newline found"; the first
+        # two alone were taken, so a pickle whose 4 MiB ended inside a 4-byte argument was parsed)
+        if len(head) > MAX_PICKLE_BYTES and stream.tell() >= len(head):
             raise _too_many_tensors(shown, f"pickles over {MAX_PICKLE_BYTES >> 20} MiB of tensor names and shapes") from None
     except Exception:  # anything else odd about it: torch.load says the file is damaged
         return
