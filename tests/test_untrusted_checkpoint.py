@@ -1243,3 +1243,22 @@ def test_a_zip_of_exactly_65535_entries_is_refused_before_it_is_parsed(tmp_path,
             z.writestr(f"archive/data/{i}", b"")
     assert struct.unpack_from("<H", path.read_bytes(), path.stat().st_size - 12)[0] == 0xFFFF
     _refused_unparsed(path, monkeypatch, "is a zip of 65,535 entries")
+
+
+@pytest.mark.parametrize("past_the_file", ["zip64 record", "directory"])
+def test_a_zip64_offset_past_the_file_is_one_line(tmp_path, past_the_file):
+    """The zip64 records' offsets are 64-bit: one of 2**63 or more made the size check's seek raise
+    OverflowError, a traceback, where torch says the file is damaged."""
+    from internvl_chat.engine.tensor_reader import pickle_shapes
+
+    body = b"PK\x03\x04" + b"\0" * 100
+    directory = 2**64 - 1 if past_the_file == "directory" else 0
+    end64 = b"PK\x06\x06" + struct.pack("<QHHIIQQQQ", 44, 45, 45, 0, 0, 1, 1, 46, directory)
+    record = 2**64 - 1 if past_the_file == "zip64 record" else len(body)
+    locator = b"PK\x06\x07" + struct.pack("<IQI", 0, record, 1)
+    end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(body + end64 + locator + end)
+    with pytest.raises(CheckpointError) as err:
+        pickle_shapes(path)
+    one_line(err, str(path), "damaged")

@@ -217,6 +217,8 @@ def _zip_directory(f, size: int) -> tuple[int, int, int] | None:
             # exactly 65,535 entries has none; returning None skipped every check, and torch loaded it)
             return entries, directory_size, offset
         (record,) = struct.unpack_from("<Q", tail, at - 20 + 8)
+        if record > size:  # past the file (seek raised OverflowError, a traceback, from 2**63 on)
+            return None
         f.seek(record)
         end64 = f.read(56)
         if len(end64) < 56 or not end64.startswith(b"PK\x06\x06"):
@@ -245,6 +247,8 @@ def _check_pickle_size(path: Path) -> None:
             entries, directory_size, offset = found
             if entries > MAX_PICKLE_TENSORS + 16 or directory_size > MAX_PICKLE_BYTES:  # + torch's few own entries
                 raise _too_many_tensors(shown, f"is a zip of {entries:,} entries")
+            if offset > size:  # past the file: torch says it is damaged (seek raised OverflowError from 2**63 on)
+                return
             f.seek(offset)
             directory = f.read(directory_size)
         except OSError as e:
