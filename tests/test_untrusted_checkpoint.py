@@ -1262,3 +1262,18 @@ def test_a_zip64_offset_past_the_file_is_one_line(tmp_path, past_the_file):
     with pytest.raises(CheckpointError) as err:
         pickle_shapes(path)
     one_line(err, str(path), "damaged")
+
+
+def test_a_zip_directory_over_4_mib_is_named_as_such(tmp_path, monkeypatch):
+    """A zip of few entries whose directory is over 4 MiB (long names, or a size field of 0xFFFFFFFF)
+    was refused as "a zip of 2 entries, over the 16,384 tensors…": a reason that is none."""
+    import zipfile
+
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        z.writestr(zipfile.ZipInfo("archive/data/0", date_time=(2020, 1, 1, 0, 0, 0)), b"")
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, len(data) - 10, 5 << 20)  # the end record's directory size
+    path.write_bytes(bytes(data))
+    _refused_unparsed(path, monkeypatch, "has a zip directory of 5.0 MiB")
