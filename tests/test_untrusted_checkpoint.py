@@ -1277,3 +1277,39 @@ def test_a_zip_directory_over_4_mib_is_named_as_such(tmp_path, monkeypatch):
     struct.pack_into("<I", data, len(data) - 10, 5 << 20)  # the end record's directory size
     path.write_bytes(bytes(data))
     _refused_unparsed(path, monkeypatch, "has a zip directory of 5.0 MiB")
+
+
+@pytest.mark.parametrize("record", ["DATA.PKL", "byteorder", ".data/version"])
+def test_a_large_record_torch_reads_whole_is_refused_whatever_its_case(tmp_path, monkeypatch, record):
+    """torch finds a zip's records ignoring case (miniz's lookup): an "archive/DATA.PKL" of 250,000
+    views (4.4 MiB) passed the data.pkl size check and torch parsed it. The other records torch
+    reads whole (version, byteorder) were not bounded at all; only the storages, memory-mapped,
+    are ever over 4 MiB."""
+    import io
+    import zipfile
+
+    path = tmp_path / "pytorch_model.bin"
+    if record == "DATA.PKL":
+        buf = io.BytesIO()
+        base = torch.zeros(1)
+        torch.save({f"w{i}": base for i in range(250_000)}, buf)
+        source = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+        with zipfile.ZipFile(path, "w") as z:
+            for name in source.namelist():
+                z.writestr(name.replace("data.pkl", record), source.read(name))
+        words = ("pickles 4.", "MiB of tensor names and shapes")
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+            z.writestr(f"archive/{record}", b"1" * (5 << 20))
+            z.writestr("archive/data/0", b"\0" * (5 << 20))  # a storage that large is fine
+        words = (f"has a record archive/{record} of 5.0 MiB that is no tensor's data",)
+    _refused_unparsed(path, monkeypatch, *words)
+
+
+def test_a_zip_pickle_with_large_storages_passes_the_size_check(tmp_path):
+    from internvl_chat.engine.tensor_reader import pickle_shapes
+
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"a": torch.zeros(3 << 20), "b": torch.zeros(5)}, path)  # a 12 MiB storage
+    assert pickle_shapes(path) == [("a", torch.float32, (3 << 20,)), ("b", torch.float32, (5,))]

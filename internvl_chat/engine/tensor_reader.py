@@ -191,6 +191,7 @@ MAX_PICKLE_TENSORS = 1 << 14  # also the most zip entries (storages) taken
 _ZIP_END = b"PK\x05\x06"
 _ZIP64_LOCATOR = b"PK\x06\x07"
 _ZIP_ENTRY = b"PK\x01\x02"
+_STORAGE_RECORD = re.compile(rb"[^/]*/data/[0-9]+")  # a tensor storage's record, lowercased: archive/data/7
 _LEGACY_PICKLES = 5  # torch's legacy format: magic number, protocol, sys info, the object, storage keys
 
 
@@ -260,8 +261,14 @@ def _check_pickle_size(path: Path) -> None:
         (unpacked,) = struct.unpack_from("<I", directory, at + 24)
         name_len, extra_len, comment_len = struct.unpack_from("<HHH", directory, at + 28)
         name = directory[at + 46 : at + 46 + name_len]
-        if (name == b"data.pkl" or name.endswith(b"/data.pkl")) and unpacked > MAX_PICKLE_BYTES:  # 0xFFFFFFFF: zip64's, larger
-            raise _too_many_tensors(shown, f"pickles {unpacked / 2**20:,.1f} MiB of tensor names and shapes")
+        lower = name.lower()  # torch finds its records ignoring case (miniz's lookup)
+        if unpacked > MAX_PICKLE_BYTES and not _STORAGE_RECORD.fullmatch(lower):  # 0xFFFFFFFF: zip64's, larger
+            # data.pkl, and the records torch reads whole (version, byteorder, .format_version): only
+            # the storages, memory-mapped, are ever that large (a "DATA.PKL" passed as not data.pkl)
+            if lower == b"data.pkl" or lower.endswith(b"/data.pkl"):
+                raise _too_many_tensors(shown, f"pickles {unpacked / 2**20:,.1f} MiB of tensor names and shapes")
+            record = shown_value(name.decode("utf-8", "replace"))
+            raise _too_many_tensors(shown, f"has a record {record} of {unpacked / 2**20:,.1f} MiB that is no tensor's data")
         at += 46 + name_len + extra_len + comment_len
 
 
