@@ -1313,3 +1313,19 @@ def test_a_zip_pickle_with_large_storages_passes_the_size_check(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save({"a": torch.zeros(3 << 20), "b": torch.zeros(5)}, path)  # a 12 MiB storage
     assert pickle_shapes(path) == [("a", torch.float32, (3 << 20,)), ("b", torch.float32, (5,))]
+
+
+def test_a_zip_whose_32_bit_end_record_is_a_decoy_is_checked_by_its_zip64_one(tmp_path, monkeypatch):
+    """torch writes a zip64 locator and record in every file, and its reader takes their values
+    whatever the 32-bit end record says. The check read the zip64 ones only where the 32-bit ones
+    were 0xFFFF…: a 32-bit record edited to say one entry and an empty directory hid a data.pkl of
+    250,000 views (4.4 MiB) that torch then parsed."""
+    base = torch.zeros(1)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({f"w{i}": base for i in range(250_000)}, path)
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x05\x06")
+    assert data[at - 20 : at - 16] == b"PK\x06\x07"  # torch's zip64 locator
+    struct.pack_into("<HHII", data, at + 8, 1, 1, 0, 0)  # 1 entry, a directory of 0 bytes at 0
+    path.write_bytes(bytes(data))
+    _refused_unparsed(path, monkeypatch, "pickles 4.", "MiB of tensor names and shapes")

@@ -212,19 +212,19 @@ def _zip_directory(f, size: int) -> tuple[int, int, int] | None:
     if at < 0 or len(tail) < at + 22:
         return None
     entries, directory_size, offset = struct.unpack_from("<xxxxxxxxxxHII", tail, at)
-    if entries == 0xFFFF or directory_size == 0xFFFFFFFF or offset == 0xFFFFFFFF:  # zip64: the real values elsewhere
-        if at < 20 or tail[at - 20 : at - 16] != _ZIP64_LOCATOR:
-            # no zip64 records: the values are what they say, as torch's reader takes them (a zip of
-            # exactly 65,535 entries has none; returning None skipped every check, and torch loaded it)
-            return entries, directory_size, offset
+    # Where a zip64 locator precedes the end record, torch's reader (miniz) takes the zip64 record's
+    # values, whatever the 32-bit ones say (torch writes both in every file): taking them only where
+    # the 32-bit ones were 0xFFFF… let a decoy (1 entry, an empty directory) pass what torch loaded.
+    # With no locator, or no zip64 record where it points, the 32-bit values are the ones read (a
+    # zip of exactly 65,535 entries has none: returning None there skipped every check).
+    if at >= 20 and tail[at - 20 : at - 16] == _ZIP64_LOCATOR:
         (record,) = struct.unpack_from("<Q", tail, at - 20 + 8)
-        if record > size:  # past the file (seek raised OverflowError, a traceback, from 2**63 on)
+        if record > size - 56:  # past the file: torch says it is damaged (seek raised OverflowError from 2**63 on)
             return None
         f.seek(record)
         end64 = f.read(56)
-        if len(end64) < 56 or not end64.startswith(b"PK\x06\x06"):
-            return None
-        entries, directory_size, offset = struct.unpack_from("<QQQ", end64, 32)
+        if end64.startswith(b"PK\x06\x06"):
+            entries, directory_size, offset = struct.unpack_from("<QQQ", end64, 32)
     return entries, directory_size, offset
 
 
