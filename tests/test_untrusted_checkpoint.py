@@ -1212,3 +1212,120 @@ def test_a_zip64_pickle_of_too_many_entries_is_refused_before_it_is_parsed(tmp_p
         for i in range(70_000):
             z.writestr(f"archive/data/{i}", b"")
     _refused_unparsed(path, monkeypatch, "is a zip of 70,001 entries")
+
+
+@pytest.mark.parametrize("straddling", [b"r", b"J", b"M", b"c"])
+def test_a_legacy_pickle_whose_4_mib_end_inside_an_argument_is_refused_before_it_is_parsed(tmp_path, monkeypatch, straddling):
+    """The legacy walk refused a pickle that ran past 4 MiB only where pickletools' message said
+    "exhausted" or "remain": one whose 4 MiB ended inside a 4- or 2-byte argument ("not enough
+    data in stream to read uint4") or a GLOBAL's name ("no newline found") passed, and torch parsed
+    it whole (a sys_info string of the right length puts any pickle there)."""
+    from internvl_chat.engine.tensor_reader import MAX_PICKLE_BYTES
+
+    body = b"\x80\x02" + b"N0" * ((MAX_PICKLE_BYTES - 3) // 2)
+    body += b"N" * (MAX_PICKLE_BYTES - 1 - len(body))  # the next opcode is the file's 4 MiB-th byte
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(body + straddling + b"\0\0\0\0builtins\nint\n0." + b"\x80\x02N." * 4 + b"\0" * 64)
+    _refused_unparsed(path, monkeypatch, "MiB of tensor names and shapes")
+
+
+def test_a_zip_of_exactly_65535_entries_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    """A zip of 65,535 entries writes that count as 0xFFFF with no zip64 records (Python's zipfile
+    adds them only above it): the check took 0xFFFF for "see the zip64 records", found none and
+    checked nothing, entries nor data.pkl's size, and torch loaded it (as it does: 250,000 views
+    of one storage in such a zip took seconds)."""
+    import zipfile
+
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        for i in range(65_534):
+            z.writestr(f"archive/data/{i}", b"")
+    assert struct.unpack_from("<H", path.read_bytes(), path.stat().st_size - 12)[0] == 0xFFFF
+    _refused_unparsed(path, monkeypatch, "is a zip of 65,535 entries")
+
+
+@pytest.mark.parametrize("past_the_file", ["zip64 record", "directory"])
+def test_a_zip64_offset_past_the_file_is_one_line(tmp_path, past_the_file):
+    """The zip64 records' offsets are 64-bit: one of 2**63 or more made the size check's seek raise
+    OverflowError, a traceback, where torch says the file is damaged."""
+    from internvl_chat.engine.tensor_reader import pickle_shapes
+
+    body = b"PK\x03\x04" + b"\0" * 100
+    directory = 2**64 - 1 if past_the_file == "directory" else 0
+    end64 = b"PK\x06\x06" + struct.pack("<QHHIIQQQQ", 44, 45, 45, 0, 0, 1, 1, 46, directory)
+    record = 2**64 - 1 if past_the_file == "zip64 record" else len(body)
+    locator = b"PK\x06\x07" + struct.pack("<IQI", 0, record, 1)
+    end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(body + end64 + locator + end)
+    with pytest.raises(CheckpointError) as err:
+        pickle_shapes(path)
+    one_line(err, str(path), "damaged")
+
+
+def test_a_zip_directory_over_4_mib_is_named_as_such(tmp_path, monkeypatch):
+    """A zip of few entries whose directory is over 4 MiB (long names, or a size field of 0xFFFFFFFF)
+    was refused as "a zip of 2 entries, over the 16,384 tensors…": a reason that is none."""
+    import zipfile
+
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        z.writestr(zipfile.ZipInfo("archive/data/0", date_time=(2020, 1, 1, 0, 0, 0)), b"")
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, len(data) - 10, 5 << 20)  # the end record's directory size
+    path.write_bytes(bytes(data))
+    _refused_unparsed(path, monkeypatch, "has a zip directory of 5.0 MiB")
+
+
+@pytest.mark.parametrize("record", ["DATA.PKL", "byteorder", ".data/version"])
+def test_a_large_record_torch_reads_whole_is_refused_whatever_its_case(tmp_path, monkeypatch, record):
+    """torch finds a zip's records ignoring case (miniz's lookup): an "archive/DATA.PKL" of 250,000
+    views (4.4 MiB) passed the data.pkl size check and torch parsed it. The other records torch
+    reads whole (version, byteorder) were not bounded at all; only the storages, memory-mapped,
+    are ever over 4 MiB."""
+    import io
+    import zipfile
+
+    path = tmp_path / "pytorch_model.bin"
+    if record == "DATA.PKL":
+        buf = io.BytesIO()
+        base = torch.zeros(1)
+        torch.save({f"w{i}": base for i in range(250_000)}, buf)
+        source = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+        with zipfile.ZipFile(path, "w") as z:
+            for name in source.namelist():
+                z.writestr(name.replace("data.pkl", record), source.read(name))
+        words = ("pickles 4.", "MiB of tensor names and shapes")
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+            z.writestr(f"archive/{record}", b"1" * (5 << 20))
+            z.writestr("archive/data/0", b"\0" * (5 << 20))  # a storage that large is fine
+        words = (f"has a record archive/{record} of 5.0 MiB that is no tensor's data",)
+    _refused_unparsed(path, monkeypatch, *words)
+
+
+def test_a_zip_pickle_with_large_storages_passes_the_size_check(tmp_path):
+    from internvl_chat.engine.tensor_reader import pickle_shapes
+
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"a": torch.zeros(3 << 20), "b": torch.zeros(5)}, path)  # a 12 MiB storage
+    assert pickle_shapes(path) == [("a", torch.float32, (3 << 20,)), ("b", torch.float32, (5,))]
+
+
+def test_a_zip_whose_32_bit_end_record_is_a_decoy_is_checked_by_its_zip64_one(tmp_path, monkeypatch):
+    """torch writes a zip64 locator and record in every file, and its reader takes their values
+    whatever the 32-bit end record says. The check read the zip64 ones only where the 32-bit ones
+    were 0xFFFF…: a 32-bit record edited to say one entry and an empty directory hid a data.pkl of
+    250,000 views (4.4 MiB) that torch then parsed."""
+    base = torch.zeros(1)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({f"w{i}": base for i in range(250_000)}, path)
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x05\x06")
+    assert data[at - 20 : at - 16] == b"PK\x06\x07"  # torch's zip64 locator
+    struct.pack_into("<HHII", data, at + 8, 1, 1, 0, 0)  # 1 entry, a directory of 0 bytes at 0
+    path.write_bytes(bytes(data))
+    _refused_unparsed(path, monkeypatch, "pickles 4.", "MiB of tensor names and shapes")

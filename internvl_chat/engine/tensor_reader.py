@@ -191,6 +191,7 @@ MAX_PICKLE_TENSORS = 1 << 14  # also the most zip entries (storages) taken
 _ZIP_END = b"PK\x05\x06"
 _ZIP64_LOCATOR = b"PK\x06\x07"
 _ZIP_ENTRY = b"PK\x01\x02"
+_STORAGE_RECORD = re.compile(rb"[^/]*/data/[0-9]+")  # a tensor storage's record, lowercased: archive/data/7
 _LEGACY_PICKLES = 5  # torch's legacy format: magic number, protocol, sys info, the object, storage keys
 
 
@@ -211,15 +212,19 @@ def _zip_directory(f, size: int) -> tuple[int, int, int] | None:
     if at < 0 or len(tail) < at + 22:
         return None
     entries, directory_size, offset = struct.unpack_from("<xxxxxxxxxxHII", tail, at)
-    if entries == 0xFFFF or directory_size == 0xFFFFFFFF or offset == 0xFFFFFFFF:  # zip64: the real values elsewhere
-        if at < 20 or tail[at - 20 : at - 16] != _ZIP64_LOCATOR:
-            return None
+    # Where a zip64 locator precedes the end record, torch's reader (miniz) takes the zip64 record's
+    # values, whatever the 32-bit ones say (torch writes both in every file): taking them only where
+    # the 32-bit ones were 0xFFFF… let a decoy (1 entry, an empty directory) pass what torch loaded.
+    # With no locator, or no zip64 record where it points, the 32-bit values are the ones read (a
+    # zip of exactly 65,535 entries has none: returning None there skipped every check).
+    if at >= 20 and tail[at - 20 : at - 16] == _ZIP64_LOCATOR:
         (record,) = struct.unpack_from("<Q", tail, at - 20 + 8)
+        if record > size - 56:  # past the file: torch says it is damaged (seek raised OverflowError from 2**63 on)
+            return None
         f.seek(record)
         end64 = f.read(56)
-        if len(end64) < 56 or not end64.startswith(b"PK\x06\x06"):
-            return None
-        entries, directory_size, offset = struct.unpack_from("<QQQ", end64, 32)
+        if end64.startswith(b"PK\x06\x06"):
+            entries, directory_size, offset = struct.unpack_from("<QQQ", end64, 32)
     return entries, directory_size, offset
 
 
@@ -241,8 +246,12 @@ def _check_pickle_size(path: Path) -> None:
             if found is None:
                 return
             entries, directory_size, offset = found
-            if entries > MAX_PICKLE_TENSORS + 16 or directory_size > MAX_PICKLE_BYTES:  # + torch's few own entries
+            if entries > MAX_PICKLE_TENSORS + 16:  # + torch's few own entries
                 raise _too_many_tensors(shown, f"is a zip of {entries:,} entries")
+            if directory_size > MAX_PICKLE_BYTES:  # named as such: "a zip of 3 entries, over the 16,384 tensors" said nothing
+                raise _too_many_tensors(shown, f"has a zip directory of {directory_size / 2**20:,.1f} MiB")
+            if offset > size:  # past the file: torch says it is damaged (seek raised OverflowError from 2**63 on)
+                return
             f.seek(offset)
             directory = f.read(directory_size)
         except OSError as e:
@@ -252,8 +261,14 @@ def _check_pickle_size(path: Path) -> None:
         (unpacked,) = struct.unpack_from("<I", directory, at + 24)
         name_len, extra_len, comment_len = struct.unpack_from("<HHH", directory, at + 28)
         name = directory[at + 46 : at + 46 + name_len]
-        if (name == b"data.pkl" or name.endswith(b"/data.pkl")) and unpacked > MAX_PICKLE_BYTES:  # 0xFFFFFFFF: zip64's, larger
-            raise _too_many_tensors(shown, f"pickles {unpacked / 2**20:,.1f} MiB of tensor names and shapes")
+        lower = name.lower()  # torch finds its records ignoring case (miniz's lookup)
+        if unpacked > MAX_PICKLE_BYTES and not _STORAGE_RECORD.fullmatch(lower):  # 0xFFFFFFFF: zip64's, larger
+            # data.pkl, and the records torch reads whole (version, byteorder, .format_version): only
+            # the storages, memory-mapped, are ever that large (a "DATA.PKL" passed as not data.pkl)
+            if lower == b"data.pkl" or lower.endswith(b"/data.pkl"):
+                raise _too_many_tensors(shown, f"pickles {unpacked / 2**20:,.1f} MiB of tensor names and shapes")
+            record = shown_value(name.decode("utf-8", "replace"))
+            raise _too_many_tensors(shown, f"has a record {record} of {unpacked / 2**20:,.1f} MiB that is no tensor's data")
         at += 46 + name_len + extra_len + comment_len
 
 
@@ -265,8 +280,11 @@ def _check_legacy_pickle(head: bytes, shown: str) -> None:
         for _ in range(_LEGACY_PICKLES):
             for _ in pickletools.genops(stream):
                 pass
-    except ValueError as e:  # an unknown opcode, or the bytes ran out before a STOP
-        if len(head) > MAX_PICKLE_BYTES and ("exhausted" in str(e) or "remain" in str(e)):
+    except ValueError:  # an unknown opcode, or the bytes ran out before a STOP
+        # ran out: the stream is at its end, whatever pickletools said (it has a message for each kind of
+        # argument: "exhausted", "only 1 remain", "not enough data … uint4", "no newline found"; the first
+        # two alone were taken, so a pickle whose 4 MiB ended inside a 4-byte argument was parsed)
+        if len(head) > MAX_PICKLE_BYTES and stream.tell() >= len(head):
             raise _too_many_tensors(shown, f"pickles over {MAX_PICKLE_BYTES >> 20} MiB of tensor names and shapes") from None
     except Exception:  # anything else odd about it: torch.load says the file is damaged
         return
