@@ -428,7 +428,8 @@ def _with_weights(tiny_original: Path, folder: Path, edit) -> Path:
 
 def test_a_vocabulary_smaller_than_the_tokenizer(tiny_original, tmp_path):
     """config.json and the embedding rows agree on 300 tokens, but the tokenizer's chat tokens have
-    ids above that: the first prompt would index past the embeddings (an IndexError traceback)."""
+    ids above that: the first prompt would index past the embeddings (an IndexError traceback).
+    (Special, but what prompts are built of: not placeholders a processor replaces.)"""
 
     def shrink(state):
         for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
@@ -441,6 +442,36 @@ def test_a_vocabulary_smaller_than_the_tokenizer(tiny_original, tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_model(folder, device="cpu", dtype="float32", max_context=64)
     one_line(err, str(folder), "vocab_size", "300", "tokenizer")
+
+
+@pytest.mark.parametrize("layout", ["tiny_original", "tiny_hf"])
+def test_a_special_placeholder_past_the_vocabulary_loads_and_stays_text(layout, request, tmp_path):
+    """The published -hf InternVL3 tokenizers add `<video>` (special) at 151674, one past the
+    151,674 embedding rows: a processor's placeholder, replaced before the model sees it. Such
+    checkpoints were refused as another model's tokenizer. Now they load, and `<video>` typed in a
+    chat or sent in a raw /v1/completions prompt stays text (no id past the rows is made)."""
+    from internvl_chat.engine.tokenizer import load_tokenizer
+    from internvl_chat.serve.text_completions import encode_prompt_text
+
+    folder = tmp_path / "with video"
+    shutil.copytree(request.getfixturevalue(layout), folder)
+    raw = config_of(folder)
+    rows = raw["llm_config"]["vocab_size"] if "llm_config" in raw else raw["text_config"]["vocab_size"]
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    size = len(data["model"]["vocab"]) + len(data["added_tokens"])  # the tiny rows have room to spare: fill it
+    assert max(t["id"] for t in data["added_tokens"]) == size - 1 < rows
+    fill = [f"<unused_{i}>" for i in range(size, rows)]
+    for token_id, content in enumerate([*fill, "<video>"], start=size):
+        data["added_tokens"].append({"id": token_id, "content": content, "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": False, "special": True})  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    assert load_tokenizer(folder).convert_tokens_to_ids("<video>") == rows
+    loaded = load_model(folder, device="cpu", dtype="float32", max_context=64)
+    tokenizer = loaded.tokenizer
+    assert rows not in tokenizer.special_ids
+    for ids in (tokenizer.encode("a <video> b"), encode_prompt_text(tokenizer, "a <video> b<|im_end|>")):
+        assert ids and max(ids) < rows
+        assert "<video>" in tokenizer.decode(ids)
 
 
 def test_two_tokens_with_one_id_are_refused(tiny_original, tmp_path):

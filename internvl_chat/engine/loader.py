@@ -27,7 +27,7 @@ from .model import SMALL_DECODER_BYTES, InternVLModel
 from .out_of_memory import is_out_of_memory
 from .tensor_reader import shown_value
 from .tinychat import convert_tinychat
-from .tokenizer import SpecialTokens, Tokenizer, load_tokenizer, special_token_ids
+from .tokenizer import CHAT_TOKENS, SpecialTokens, Tokenizer, load_tokenizer, special_token_ids
 from .weight_files import DeclaredTensor, find_weight_files
 from .weight_names import EMBEDDING
 
@@ -134,17 +134,34 @@ def check_quantized_weights_declared(cfg: ModelConfig, declared: Sequence[tuple[
 
 
 def check_tokenizer_fits_vocab(tokenizer: Tokenizer, cfg: ModelConfig, path: Path) -> None:
-    """Every id the tokenizer can produce must have an embedding row; an id past them would fail
-    inside the first prompt (an index error) instead of here. And no two tokens may share an id:
-    tokenizer.json loads such a vocabulary, and one of the two then encodes as the other."""
+    """Every id the tokenizer can produce, and every token a prompt is built of, must have an
+    embedding row; an id past them would fail inside the first prompt (an index error) instead of
+    here. A special token past them is a placeholder no text becomes (drop_placeholders_past_vocab).
+    And no two tokens may share an id: tokenizer.json loads such a vocabulary, and one of the two
+    then encodes as the other."""
     vocab = tokenizer.get_vocab()
     _refuse_shared_ids(vocab, path)
-    top = max(vocab.values(), default=-1)
-    if top >= cfg.text.vocab_size:
+    rows = cfg.text.vocab_size
+    past = [i for token, i in vocab.items()
+            if i >= rows and (i not in tokenizer.special_ids or token in CHAT_TOKENS)]  # fmt: skip
+    if past:
         raise CheckpointError(
-            f"the tokenizer of {visible(str(path))} has token ids up to {top} but config.json's vocab_size is "
-            f"{cfg.text.vocab_size}; the tokenizer belongs to another model (use the one shipped with the checkpoint)"
+            f"the tokenizer of {visible(str(path))} has token ids up to {max(past)} but config.json's vocab_size is "
+            f"{rows}; the tokenizer belongs to another model (use the one shipped with the checkpoint)"
         )
+
+
+def drop_placeholders_past_vocab(tokenizer: Tokenizer, cfg: ModelConfig) -> None:
+    """Special tokens with no embedding row are a processor's placeholders, replaced before a model
+    sees them: the -hf InternVL3 tokenizers add `<video>` at 151674, past the 151,674 rows (so the
+    published -hf checkpoints were refused as "another model's tokenizer"). Text never encodes to a
+    special token (tokenizer.py), and with them out of the special ids no other path makes one
+    either (/v1/completions reads special-token text as those tokens): `<video>` stays text, as
+    with the original checkpoints' tokenizer, which has no such token. The model never samples
+    them (it has no logit for them)."""
+    rows = cfg.text.vocab_size
+    if any(i >= rows for i in tokenizer.special_ids):
+        tokenizer.special_ids = frozenset(i for i in tokenizer.special_ids if i < rows)
 
 
 def _refuse_shared_ids(vocab: Mapping[str, int], path: Path) -> None:
@@ -228,6 +245,7 @@ def load_model(
     tokenizer = load_tokenizer(path, cfg.text.vocab_size)
     special = special_token_ids(tokenizer)
     check_tokenizer_fits_vocab(tokenizer, cfg, path)
+    drop_placeholders_past_vocab(tokenizer, cfg)
     if device.type == "cuda" and device.index is not None:
         # Triton launches our int4 kernels (and GemLite's) on the current device's stream, not on
         # their tensors' device: with --device cuda:1 they must be one

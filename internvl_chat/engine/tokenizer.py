@@ -395,7 +395,7 @@ def _refuse_words_made_special(model_dir: Path, config: dict, is_plain_word: Cal
     marked = _named_special_tokens(config)
     marked += [("added_tokens_decoder", e["content"]) for _, e in _declared_added_tokens(model_dir, config) if e.get("special")]
     for field, token in marked:
-        if token not in _CHAT_TOKENS and is_plain_word(token):
+        if token not in CHAT_TOKENS and is_plain_word(token):
             raise CheckpointError(
                 f"{_shown(model_dir / TOKENIZER_CONFIG)} makes the ordinary word {brief_repr(token)} a special token "
                 f"({field}), which would drop it from every answer; the file was edited or is not this model's "
@@ -973,7 +973,7 @@ _SPECIAL_TEXT = {
     "img_end": "</img>",
     "img_context": "<IMG_CONTEXT>",
 }
-_CHAT_TOKENS = frozenset(_SPECIAL_TEXT.values())
+CHAT_TOKENS = frozenset(_SPECIAL_TEXT.values())  # the tokens a prompt is built of
 
 
 def special_token_ids(tokenizer: Any) -> SpecialTokens:
