@@ -21,6 +21,7 @@ from media_helpers import (
     faststart_copy,
     numbered_frame,
     read_frame_number,
+    remux_video,
     video_backends,
     with_edits,
     with_empty_edit,
@@ -828,6 +829,21 @@ def test_an_avi_cut_short_is_measured_at_attach_as_decoding_samples_it(tmp_path,
     result = load_video(path, 8)
     assert (result.backend, result.num_total_frames) == ("pyav", 30)
     assert result.indices == frame_indices(30, FPS, 8) == _shown(result)
+
+
+def test_a_remuxed_avi_cut_short_takes_the_time_range_its_attach_line_allows(tmp_path, monkeypatch):
+    """An AVI remuxed from an MKV (`ffmpeg -i clip.mkv -c copy clip.avi`) states its time base's
+    1000 fps and counts a chunk a millisecond; cut short, the attach line gives the 30 frames it
+    holds over 3.0 s. A range inside those 3.0 s was refused as the message was sent: "start 2.0 s
+    is at or past the end of the video (0.03 s)", the 30 frames at 1000 a second."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    whole = remux_video(write_numbered_video(tmp_path / "clip.mkv", FRAMES, FPS, "mpeg4"), tmp_path / "whole.avi")
+    path = cut_at_frame(whole, tmp_path / "cut.avi", 30)
+    length = measure_video(path)
+    assert (length.frames, length.duration, length.ends_early) == (30, 3.0, True)
+    result = load_video(path, 4, start=2.0, end=2.9)
+    assert result.num_total_frames == 30 and all(20 <= shown <= 29 for shown in _shown(result)), _shown(result)
+    assert _shown(result) == result.indices
 
 
 def test_an_avi_cut_after_its_frames_is_measured_from_its_count_not_its_size(tmp_path):
