@@ -431,6 +431,44 @@ def test_a_fragmented_mp4_whose_moov_counts_its_first_fragment_is_measured_and_s
     assert result.num_total_frames == 30 and result.indices == frame_indices(30, FPS, 8) == _shown(result)
 
 
+@pytest.mark.parametrize("backend", [None, "pyav"])
+def test_a_fragmented_mp4_of_an_empty_moov_cut_short_is_measured_as_it_is_sampled(tmp_path, monkeypatch, backend):
+    """Its moov counts no sample (movflags frag_keyframe+empty_moov, as a recorder that survives a
+    crash writes it), its moof boxes all 30. Cut inside its 4th fragment's frames: FFmpeg's index
+    lists the 4th's too, its count is 0, so the attach line said 17 frames (the duration at the
+    rate) and the frames after the cut were never told lost: decoding sampled the 12 held, no note.
+    It is counted from the index as a moov that lists some is, its lost frames told at attach."""
+    import struct
+
+    if backend is None:
+        monkeypatch.delenv(BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_numbered_video(tmp_path / "fragments.mp4", 30, FPS, gop=5)
+    fragmented = tmp_path / "fragmented.mp4"
+    with av.open(str(path)) as source, av.open(str(fragmented), "w", options={"movflags": "frag_keyframe+empty_moov"}) as target:
+        out = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = out
+                target.mux(packet)
+    data = fragmented.read_bytes()
+    at, mdats = 0, []
+    while at < len(data):
+        size, kind = struct.unpack(">I4s", data[at : at + 8])
+        if kind == b"mdat":
+            mdats.append((at, size))
+        at += size
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: mdats[3][0] + mdats[3][1] // 2])
+    length = measure_video(cut)
+    assert length.listed_frames is not None and 0 < length.frames < length.listed_frames < 30, length
+    result = load_video(cut, 8)
+    assert result.num_total_frames == length.frames and result.indices == frame_indices(length.frames, FPS, 8) == _shown(result)
+    assert result.shortfall_note is not None and f"holds only {length.frames} of the {length.listed_frames} frames" in result.shortfall_note
+    assert measure_video(fragmented) == VideoLength(30, FPS, 3.0)
+
+
 def test_an_avi_whose_capture_dropped_frames_is_sampled_from_its_frames_without_a_note(tmp_path, monkeypatch):
     """AVI counts the frames a capture dropped (the muxer writes nothing for them): 26 counted, 20
     stored. They are sampled from the 20, and no note calls the file cut short."""
