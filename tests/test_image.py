@@ -1198,6 +1198,28 @@ def test_a_qoi_cut_where_its_pixel_data_looks_like_its_end_marker_is_refused_as_
     _assert_both_refuse_to_decode(path, "cut.qoi", "truncated or corrupt", "ends before its last pixel", "re-download it")
 
 
+def test_a_qoi_is_decoded_from_one_copy_of_its_bytes(tmp_path):
+    """The file's bytes were read, then copied twice more in Python for each of its two decodes
+    (the end marker cut off, another end put on): near four times the file at once, some 3.5 GB
+    for the largest QOI allowed. They are read into one buffer, its last 8 bytes changed in place."""
+    import tracemalloc
+
+    rgba = np.random.default_rng(3).integers(0, 256, (300, 400, 4), dtype=np.uint8)  # RGBA ops: 5 bytes a pixel
+    path = tmp_path / "noise.qoi"
+    Image.fromarray(rgba, "RGBA").save(path, "QOI")
+    size = path.stat().st_size
+    with Image.open(path) as opened:
+        media_image._qoi_by_ffmpeg(path, opened)  # PyAV's first use allocates for itself
+        tracemalloc.start()
+        try:
+            picture = media_image._qoi_by_ffmpeg(path, opened)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    np.testing.assert_array_equal(np.asarray(picture), rgba)
+    assert peak < 1.5 * size, (peak, size)
+
+
 def _assert_both_refuse_to_decode(path: Path, *words: str) -> None:
     """check_image_decodes (attaching) and load_image refuse `path` alike, in one line holding `words`."""
     for call in (media_image.check_image_decodes, load_image):

@@ -21,6 +21,7 @@ from media_helpers import (
     faststart_copy,
     numbered_frame,
     read_frame_number,
+    remux_video,
     video_backends,
     with_edits,
     with_empty_edit,
@@ -430,6 +431,44 @@ def test_a_fragmented_mp4_whose_moov_counts_its_first_fragment_is_measured_and_s
     assert result.num_total_frames == 30 and result.indices == frame_indices(30, FPS, 8) == _shown(result)
 
 
+@pytest.mark.parametrize("backend", [None, "pyav"])
+def test_a_fragmented_mp4_of_an_empty_moov_cut_short_is_measured_as_it_is_sampled(tmp_path, monkeypatch, backend):
+    """Its moov counts no sample (movflags frag_keyframe+empty_moov, as a recorder that survives a
+    crash writes it), its moof boxes all 30. Cut inside its 4th fragment's frames: FFmpeg's index
+    lists the 4th's too, its count is 0, so the attach line said 17 frames (the duration at the
+    rate) and the frames after the cut were never told lost: decoding sampled the 12 held, no note.
+    It is counted from the index as a moov that lists some is, its lost frames told at attach."""
+    import struct
+
+    if backend is None:
+        monkeypatch.delenv(BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BACKEND_ENV, backend)
+    path = write_numbered_video(tmp_path / "fragments.mp4", 30, FPS, gop=5)
+    fragmented = tmp_path / "fragmented.mp4"
+    with av.open(str(path)) as source, av.open(str(fragmented), "w", options={"movflags": "frag_keyframe+empty_moov"}) as target:
+        out = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = out
+                target.mux(packet)
+    data = fragmented.read_bytes()
+    at, mdats = 0, []
+    while at < len(data):
+        size, kind = struct.unpack(">I4s", data[at : at + 8])
+        if kind == b"mdat":
+            mdats.append((at, size))
+        at += size
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: mdats[3][0] + mdats[3][1] // 2])
+    length = measure_video(cut)
+    assert length.listed_frames is not None and 0 < length.frames < length.listed_frames < 30, length
+    result = load_video(cut, 8)
+    assert result.num_total_frames == length.frames and result.indices == frame_indices(length.frames, FPS, 8) == _shown(result)
+    assert result.shortfall_note is not None and f"holds only {length.frames} of the {length.listed_frames} frames" in result.shortfall_note
+    assert measure_video(fragmented) == VideoLength(30, FPS, 3.0)
+
+
 def test_an_avi_whose_capture_dropped_frames_is_sampled_from_its_frames_without_a_note(tmp_path, monkeypatch):
     """AVI counts the frames a capture dropped (the muxer writes nothing for them): 26 counted, 20
     stored. They are sampled from the 20, and no note calls the file cut short."""
@@ -828,6 +867,21 @@ def test_an_avi_cut_short_is_measured_at_attach_as_decoding_samples_it(tmp_path,
     result = load_video(path, 8)
     assert (result.backend, result.num_total_frames) == ("pyav", 30)
     assert result.indices == frame_indices(30, FPS, 8) == _shown(result)
+
+
+def test_a_remuxed_avi_cut_short_takes_the_time_range_its_attach_line_allows(tmp_path, monkeypatch):
+    """An AVI remuxed from an MKV (`ffmpeg -i clip.mkv -c copy clip.avi`) states its time base's
+    1000 fps and counts a chunk a millisecond; cut short, the attach line gives the 30 frames it
+    holds over 3.0 s. A range inside those 3.0 s was refused as the message was sent: "start 2.0 s
+    is at or past the end of the video (0.03 s)", the 30 frames at 1000 a second."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    whole = remux_video(write_numbered_video(tmp_path / "clip.mkv", FRAMES, FPS, "mpeg4"), tmp_path / "whole.avi")
+    path = cut_at_frame(whole, tmp_path / "cut.avi", 30)
+    length = measure_video(path)
+    assert (length.frames, length.duration, length.ends_early) == (30, 3.0, True)
+    result = load_video(path, 4, start=2.0, end=2.9)
+    assert result.num_total_frames == 30 and all(20 <= shown <= 29 for shown in _shown(result)), _shown(result)
+    assert _shown(result) == result.indices
 
 
 def test_an_avi_cut_after_its_frames_is_measured_from_its_count_not_its_size(tmp_path):

@@ -227,6 +227,10 @@ def _decode_once(
             if held is not None and 0 < held.frames < total:  # a last packet cut short can decode (concealed) to
                 total = held.frames  # a frame the file does not hold: the packets held whole, as the attach line counts
             length = _range_length(header, total, source.fps)  # an AVI's count includes dropped frames
+            if held is not None and _avi_cut_inside_frames(header) and held.end > header.start:
+                # as the attach line measures it (_avi_cut_short): where its frames end, not the frames
+                # at its stated rate (a remuxed AVI states 1000 fps: 30 frames held over 3.0 s were 0.03 s)
+                length = held.end - header.start
             rate = range_rate(total, source.fps, length)
             indices = frame_indices(total, rate, num_frames, start, end, length)
             tiles = {number: tile for number, tile in tiles.items() if number in indices}
@@ -370,7 +374,7 @@ def _probed(path: Path, header: VideoHeader, stop: DecodeStop | None = None) -> 
         return VideoLength(held, header.fps, duration, header.listed_if_short(held))
     duration = header.duration
     if header.runs_past_end and "avi" in header.format_name.split(","):  # cut short: its duration is a guess from its size
-        if header.frames_cut is not False:
+        if _avi_cut_inside_frames(header):
             return _avi_cut_short(path, header, stop)
         if header.frames and header.fps > 0:  # cut after its frames (in its idx1): it holds those its header counts
             duration = check_duration(path, header.frames / header.fps)
@@ -396,8 +400,14 @@ def _avi_cut_short(path: Path, header: VideoHeader, stop: DecodeStop | None) -> 
         listed = f" of the {header.frames:,} frames its header lists" if header.frames else " of its frames"
         raise MediaError(f"{shown_path(path)} holds none{listed}: the file is cut short (an unfinished download or copy); "
                          "use a complete copy")  # fmt: skip
-    duration = held.end if held.end > 0 else held.frames / header.fps if header.fps > 0 else 0.0
+    duration = held.end - header.start if held.end > header.start else held.frames / header.fps if header.fps > 0 else 0.0
     return VideoLength(held.frames, header.fps, check_duration(path, duration), ends_early=bool(header.frames_cut))
+
+
+def _avi_cut_inside_frames(header: VideoHeader) -> bool:
+    """Whether the file is an AVI cut short, maybe inside its frames (`_avi_cut_short` measures it;
+    decoding takes a time range against that length)."""
+    return bool(header.runs_past_end) and "avi" in header.format_name.split(",") and header.frames_cut is not False
 
 
 def decode_cost(path: str | Path, num_frames: int = 8, start: float | None = None, end: float | None = None) -> DecodeCost:

@@ -801,7 +801,7 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         fps = check_fps(path, _frame_rate(stream))
         unfilled = "avi" in container.format.name.split(",") and avi_header_unfilled(path)
         frames = 0 if unfilled else check_count(path, int(stream.frames or 0))  # 0: counted by demuxing
-        if frames and "mov" in container.format.name.split(","):
+        if not unfilled and "mov" in container.format.name.split(","):  # 0: an empty moov (frag_keyframe+empty_moov)
             frames = _fragments_counted(path, stream, frames)
         if unfilled:
             duration = 0.0  # FFmpeg's guess from the placeholder count, or from the size and bit rate
@@ -1031,9 +1031,10 @@ def _rows(table: memoryview) -> np.ndarray:
 
 def _fragments_counted(path: Path, stream, frames: int) -> int:
     """The frames of a fragmented MP4 whose moov lists some samples (the first fragment's, as
-    `movflags=frag_keyframe` writes it) and its moof boxes the rest: FFmpeg's count is the moov's
-    (5 of 30), its index lists them all as it opens the file (the samples it does not flag to be
-    discarded). `frames` elsewhere."""
+    `movflags=frag_keyframe` writes it) or none (`+empty_moov`, as recorders that survive a crash
+    write it) and its moof boxes the rest: FFmpeg's count is the moov's (5 of 30, or 0), its index
+    lists them all as it opens the file (the samples it does not flag to be discarded), those of a
+    fragment cut short too: frames_lost tells them. `frames` elsewhere."""
     length = _index_length(stream)
     if length is None or length <= frames:
         return frames
