@@ -883,3 +883,44 @@ def test_a_video_line_with_options_in_the_prompt_is_refused_with_the_flags_to_us
     run = cli("--model", str(tmp_path / "no-model"), "-p", "Describe this\n/video clip.mp4 --frames 4")
     _one_line(run, 2, "the prompt's line '/video clip.mp4 --frames 4' is a REPL command with options")
     assert "attach with --video PATH and its flags (--frames N, --range A-B)" in run.stderr
+
+
+def test_a_signal_handled_as_the_mask_is_set_leaves_no_signal_blocked(monkeypatch):
+    # pthread_sigmask runs the Python handlers of signals already caught (PyErr_CheckSignals) right
+    # after it blocks them: a stop handler's raise came out of the SIG_BLOCK call itself, before the
+    # mask was to be put back, and SIGINT, SIGTERM and SIGHUP stayed blocked for the rest of the run
+    # (Ctrl-C did nothing; an editor or video decoder started later inherited the blocked mask)
+    import signal
+
+    from internvl_chat.errors import EndedBySignal, put_back_signal_handlers
+
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    before = {s: signal.getsignal(s) for s in signums}
+
+    def stop(signum, frame):
+        raise EndedBySignal(signum)
+
+    replaced = {s: signal.signal(s, stop) for s in signums}
+    real_sigmask = signal.pthread_sigmask
+    raised = []
+
+    def sigmask(how, mask):
+        previous = real_sigmask(how, mask)
+        if how == signal.SIG_BLOCK and mask and not raised:  # a SIGTERM caught just before: its handler runs now
+            raised.append(True)
+            raise EndedBySignal(signal.SIGTERM)
+        return previous
+
+    monkeypatch.setattr(signal, "pthread_sigmask", sigmask)
+    try:
+        with pytest.raises(EndedBySignal):
+            put_back_signal_handlers(replaced)
+    finally:
+        monkeypatch.undo()
+        left_blocked = real_sigmask(signal.SIG_SETMASK, before_mask)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert raised
+    assert left_blocked == before_mask  # nothing left blocked
+    assert {s: signal.getsignal(s) for s in signums} == before
