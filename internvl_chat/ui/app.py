@@ -279,10 +279,16 @@ class App(SessionFileCommands):
         if not isinstance(parsed, Message):
             return self.run_command(parsed)
         first = parsed.text[: len(parsed.text) - (len(typed) - len(lines[i]))]  # its line as parsed: `//` made `/`
-        text = self._run_attach_lines([first, *lines[i + 1 :]])
-        if text is None:
-            return ERROR
-        return self._send_text(text, typed=typed)  # the commands before it have run: not given back
+        kept = list(self.pending)
+        try:
+            text = self._run_attach_lines([first, *lines[i + 1 :]])
+            if text is None:
+                self.failed_message = typed
+                return ERROR
+            return self._send_text(text, typed=typed)  # the commands before it have run: not given back
+        finally:
+            if self.failed_message is not None:  # not sent, offered back as typed: its attach lines run again
+                self.pending = [m for m in self.pending if any(m is k for k in kept)]
 
     def _run_attach_lines(self, lines: list[str]) -> str | None:
         """A message's pasted lines (`lines`, escaped line breaks kept) with its `/image` and `/video`
