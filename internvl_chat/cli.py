@@ -99,15 +99,17 @@ def _refuse_repl_command(args: argparse.Namespace) -> None:
     """A typed prompt that starts with a REPL command (`-p "/save chat.json"`, `/image cat.png`) is
     refused before the model loads: sent to the model as text, it ran nothing (no file saved), and
     the status was 0. A path (`/media/usb/cat.png what is it?`) is no command word: it goes on."""
-    from .ui.commands import COMMAND_BY_NAME, attach_command_with_options, command_start
+    from .ui.commands import COMMAND_BY_NAME, attach_command_lines, command_start
 
     typed = args.prompt_flag or " ".join(args.prompt or [])
-    for line in typed.split("\n")[1:]:  # `/video clip.mp4 --frames 4` below the question: the REPL runs it
-        if attach_command_with_options(line):
-            kind = command_start(line).split()[0][1:].lower()
-            raise UsageError(f"the prompt's line {visible(line.strip())!r} is a REPL command with options, which a prompt "
-                             f"given with -p does not run (its path would go with the default frames, the options as text); "
-                             f"attach with --{kind} PATH and its flags (--frames N, --range A-B), or type it in the REPL")  # fmt: skip
+    lines = typed.split("\n")
+    commands = attach_command_lines(lines)  # `/video clip.mp4 --frames 4` below the question (not in a code block): the REPL runs it
+    if commands:
+        line = lines[commands[0]]
+        kind = command_start(line).split()[0][1:].lower()
+        raise UsageError(f"the prompt's line {visible(line.strip())!r} is a REPL command with options, which a prompt "
+                         f"given with -p does not run (its path would go with the default frames, the options as text); "
+                         f"attach with --{kind} PATH and its flags (--frames N, --range A-B), or type it in the REPL")  # fmt: skip
     word = (command_start(typed).split(None, 1) or [""])[0]  # a copied "<feff>/save" is /save in the REPL too
     spec = COMMAND_BY_NAME.get(word[1:].lower()) if word.startswith("/") else None
     if spec is None:

@@ -924,3 +924,20 @@ def test_a_signal_handled_as_the_mask_is_set_leaves_no_signal_blocked(monkeypatc
     assert raised
     assert left_blocked == before_mask  # nothing left blocked
     assert {s: signal.getsignal(s) for s in signums} == before
+
+
+def test_a_video_line_with_options_in_a_code_block_of_the_prompt_is_sent_as_text(monkeypatch, tmp_path):
+    # the REPL runs no line of a fenced code block; -p refused such a prompt as a command it would run
+    from internvl_chat import cli as cli_module
+    from internvl_chat.ui import oneshot
+
+    got = []
+    monkeypatch.setattr(oneshot, "run_oneshot", lambda args, settings, prompt: got.append(prompt) or 0)
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    prompt = "What does this do?\n```\n/video PATH --frames N\n```"
+    with open(empty, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli_module.run(["-p", prompt]) == 0
+    assert got == [prompt]

@@ -41,7 +41,7 @@ from ..media.image import check_image_decodes
 from ..numbers import counted
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
-from .commands import Command, Message, attach_command_with_options, format_help, parse_line, typed_message, unwrap_block
+from .commands import Command, Message, attach_command_lines, format_help, parse_line, typed_message, unwrap_block
 from .media_paths import (check_typed_paths, expand_wildcards, not_attached_lines, not_sent, only_missing_paths,
                           take_media_paths)
 from .paths import media_kind
@@ -295,7 +295,7 @@ class App(SessionFileCommands):
         lines that carry options (`/video clip.mp4 --frames 4`) run as those commands, their options applied,
         and left out: the text to send; None when one failed (said; nothing is sent). Without the
         options the path was attached with the default frames, and the model read "/video --frames 4"."""
-        attaching = [k for k, line in enumerate(lines) if k and attach_command_with_options(line)]  # the first is text
+        attaching = attach_command_lines(lines)  # the first is text, and so is a fenced code block
         for k in attaching:
             result = self._guard(lambda k=k: self.run_command(parse_line(lines[k])))
             if result != OK:
