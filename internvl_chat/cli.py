@@ -141,7 +141,7 @@ def _take_slash_escape(args: argparse.Namespace) -> None:
     prompt is read, so one-shot and -I see the same text (and its paths are auto-attached as typed)."""
     from .ui.commands import command_start
 
-    if args.prompt_flag is not None:
+    if args.prompt_flag:  # the text _refuse_repl_command read: `-p "" //save …` is the words'
         args.prompt_flag = _one_slash_less(args.prompt_flag, command_start)
     elif args.prompt:
         args.prompt = [_one_slash_less(args.prompt[0], command_start), *args.prompt[1:]]

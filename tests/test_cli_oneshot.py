@@ -827,6 +827,7 @@ def test_a_second_signal_while_the_handlers_are_put_back_leaves_none_of_them_beh
     (["-p", "\ufeff//x"], "\ufeff/x"),
     (["-p", "a // b"], "a // b"),  # only a leading one
     (["-p", "/media/usb/x.png"], "/media/usb/x.png"),  # a path: no escape to take off
+    (["-p", "", "//save", "this"], "/save this"),  # an empty -p: the words are the prompt, as the refusal reads them
 ])  # fmt: skip
 def test_a_double_slash_at_the_start_of_the_prompt_sends_one_as_the_repl_does(monkeypatch, tmp_path, argv, sent):
     # the REPL sends `//TEXT` as `/TEXT`; one-shot sent both slashes, and its refusal of `-p "/save …"`
