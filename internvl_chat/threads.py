@@ -29,8 +29,11 @@ def start_worker(target: Callable[[], object], name: str) -> threading.Thread:
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
         thread.start()
         return thread
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
+    # read first: pthread_sigmask runs the handlers of signals caught before it, and a Ctrl-C's
+    # raise out of the blocking call itself left them blocked in this thread for good
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
         thread.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one sent meanwhile is handled now
