@@ -6,8 +6,8 @@ usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 
 131). A reader that goes away (`| head`) ends the program quietly. A stdout that cannot hold every
 character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`).
 
-Text from stdin, `-p` and the prompt words must be UTF-8 (the prompt's words are read as UTF-8
-even under an ASCII locale, LC_ALL=C); anything else is refused in one line (exit 2), and binary
+Text from stdin, `-p` and the prompt words must be UTF-8 (the prompt's words and --system's text are
+read as UTF-8 even under an ASCII locale, LC_ALL=C); anything else is refused in one line (exit 2), and binary
 data on stdin (an image, say) is named, with the flag to use instead. Piped text's Windows line
 ends (CRLF) reach the model as \n; a lone \r is left as it is. Stdin that is a folder (`< dir`)
 never reaches this code: Python's start-up stops on it (init_sys_streams, status 1).
@@ -57,7 +57,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _argv_as_utf8(args: argparse.Namespace) -> None:
-    """The prompt's words as UTF-8 where the locale could not decode them (LC_ALL=C without UTF-8
+    """The prompt's words (and --system's text) as UTF-8 where the locale could not decode them (LC_ALL=C without UTF-8
     mode: Python decodes argv as ASCII, each byte of "é" left as a surrogate, and the prompt was
     refused as not UTF-8). Their bytes come back as they were typed and are read as UTF-8; bytes
     that are not UTF-8 stay as surrogates (refused in one line). Paths are left as Python decoded
@@ -73,6 +73,8 @@ def _argv_as_utf8(args: argparse.Namespace) -> None:
 
     if args.prompt_flag is not None:
         args.prompt_flag = as_utf8(args.prompt_flag)
+    if getattr(args, "system", None) is not None:  # typed at the same terminal: "not UTF-8 text (byte 0xc3)"
+        args.system = as_utf8(args.system)
     if args.prompt:
         args.prompt = [as_utf8(word) for word in args.prompt]
 

@@ -942,3 +942,16 @@ def test_a_video_line_with_options_in_a_code_block_of_the_prompt_is_sent_as_text
         monkeypatch.setattr(sys, "stdin", stdin)
         assert cli_module.run(["-p", prompt]) == 0
     assert got == [prompt]
+
+
+def test_a_utf8_system_message_under_the_c_locale_is_read_as_utf8():
+    # the prompt typed at an LC_ALL=C terminal was read as UTF-8, but `--system "Réponds…"` typed
+    # beside it was still refused as "not UTF-8 text (byte 0xc3)"
+    from internvl_chat import cli as cli_module
+
+    args = cli_module.build_parser().parse_args(["--system", "R\udcc3\udca9ponds", "-p", "salut"])
+    cli_module._argv_as_utf8(args)
+    assert args.system == "Réponds"
+    args = cli_module.build_parser().parse_args(["--system", "caf\udce9"])  # bytes that are not UTF-8 stay as they were
+    cli_module._argv_as_utf8(args)
+    assert args.system == "caf\udce9"
