@@ -883,7 +883,7 @@ def test_a_video_line_with_options_in_the_prompt_is_refused_with_the_flags_to_us
     # the default frames and the model read "/video --frames 4"
     run = cli("--model", str(tmp_path / "no-model"), "-p", "Describe this\n/video clip.mp4 --frames 4")
     _one_line(run, 2, "the prompt's line '/video clip.mp4 --frames 4' is a REPL command with options")
-    assert "attach with --video PATH and its flags (--frames N, --range A-B)" in run.stderr
+    assert "attach with --video PATH and its flags (--frames N, --video-range A-B)" in run.stderr  # the flag there is (--range is not)
 
 
 def test_a_signal_handled_as_the_mask_is_set_leaves_no_signal_blocked(monkeypatch):
