@@ -6,8 +6,8 @@ usage or input, 130 interrupted, 128 + N ended by signal N (SIGTERM 143, SIGHUP 
 131). A reader that goes away (`| head`) ends the program quietly. A stdout that cannot hold every
 character (PYTHONIOENCODING=ascii, a Latin-1 locale) gets escapes (`\ufffd`).
 
-Text from stdin, `-p` and the prompt words must be UTF-8 (the prompt's words are read as UTF-8
-even under an ASCII locale, LC_ALL=C); anything else is refused in one line (exit 2), and binary
+Text from stdin, `-p` and the prompt words must be UTF-8 (the prompt's words and --system's text are
+read as UTF-8 even under an ASCII locale, LC_ALL=C); anything else is refused in one line (exit 2), and binary
 data on stdin (an image, say) is named, with the flag to use instead. Piped text's Windows line
 ends (CRLF) reach the model as \n; a lone \r is left as it is. Stdin that is a folder (`< dir`)
 never reaches this code: Python's start-up stops on it (init_sys_streams, status 1).
@@ -57,7 +57,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _argv_as_utf8(args: argparse.Namespace) -> None:
-    """The prompt's words as UTF-8 where the locale could not decode them (LC_ALL=C without UTF-8
+    """The prompt's words (and --system's text) as UTF-8 where the locale could not decode them (LC_ALL=C without UTF-8
     mode: Python decodes argv as ASCII, each byte of "é" left as a surrogate, and the prompt was
     refused as not UTF-8). Their bytes come back as they were typed and are read as UTF-8; bytes
     that are not UTF-8 stay as surrogates (refused in one line). Paths are left as Python decoded
@@ -73,6 +73,8 @@ def _argv_as_utf8(args: argparse.Namespace) -> None:
 
     if args.prompt_flag is not None:
         args.prompt_flag = as_utf8(args.prompt_flag)
+    if getattr(args, "system", None) is not None:  # typed at the same terminal: "not UTF-8 text (byte 0xc3)"
+        args.system = as_utf8(args.system)
     if args.prompt:
         args.prompt = [as_utf8(word) for word in args.prompt]
 
@@ -99,15 +101,17 @@ def _refuse_repl_command(args: argparse.Namespace) -> None:
     """A typed prompt that starts with a REPL command (`-p "/save chat.json"`, `/image cat.png`) is
     refused before the model loads: sent to the model as text, it ran nothing (no file saved), and
     the status was 0. A path (`/media/usb/cat.png what is it?`) is no command word: it goes on."""
-    from .ui.commands import COMMAND_BY_NAME, attach_command_with_options, command_start
+    from .ui.commands import COMMAND_BY_NAME, attach_command_lines, command_start
 
     typed = args.prompt_flag or " ".join(args.prompt or [])
-    for line in typed.split("\n")[1:]:  # `/video clip.mp4 --frames 4` below the question: the REPL runs it
-        if attach_command_with_options(line):
-            kind = command_start(line).split()[0][1:].lower()
-            raise UsageError(f"the prompt's line {visible(line.strip())!r} is a REPL command with options, which a prompt "
-                             f"given with -p does not run (its path would go with the default frames, the options as text); "
-                             f"attach with --{kind} PATH and its flags (--frames N, --range A-B), or type it in the REPL")  # fmt: skip
+    lines = typed.split("\n")
+    commands = attach_command_lines(lines)  # `/video clip.mp4 --frames 4` below the question (not in a code block): the REPL runs it
+    if commands:
+        line = lines[commands[0]]
+        kind = command_start(line).split()[0][1:].lower()
+        raise UsageError(f"the prompt's line {visible(line.strip())!r} is a REPL command with options, which a prompt "
+                         f"given with -p does not run (its path would go with the default frames, the options as text); "
+                         f"attach with --{kind} PATH and its flags (--frames N, --video-range A-B), or type it in the REPL")  # fmt: skip
     word = (command_start(typed).split(None, 1) or [""])[0]  # a copied "<feff>/save" is /save in the REPL too
     spec = COMMAND_BY_NAME.get(word[1:].lower()) if word.startswith("/") else None
     if spec is None:
@@ -139,7 +143,7 @@ def _take_slash_escape(args: argparse.Namespace) -> None:
     prompt is read, so one-shot and -I see the same text (and its paths are auto-attached as typed)."""
     from .ui.commands import command_start
 
-    if args.prompt_flag is not None:
+    if args.prompt_flag:  # the text _refuse_repl_command read: `-p "" //save …` is the words'
         args.prompt_flag = _one_slash_less(args.prompt_flag, command_start)
     elif args.prompt:
         args.prompt = [_one_slash_less(args.prompt[0], command_start), *args.prompt[1:]]

@@ -102,8 +102,22 @@ def put_back_signal_handlers(handlers: dict) -> None:
     are held (blocked) in this thread meanwhile, so one that lands reaches the handler put back;
     one that another thread takes (its Python handler still runs here) is raised once all are back."""
     raised: BaseException | None = None
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, list(handlers)) if handlers and hasattr(signal, "pthread_sigmask") else None
+    held = None
+    if handlers and hasattr(signal, "pthread_sigmask"):
+        # pthread_sigmask runs the Python handlers of signals caught before it (PyErr_CheckSignals):
+        # a stop handler's raise comes out of the call itself. The mask is read first (nothing
+        # changed when that raises) and put back in the `finally`, whichever call raised
+        while held is None:
+            try:
+                held = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            except BaseException as e:  # noqa: BLE001 - raised again below, once every handler is back
+                raised = raised or e
     try:
+        if held is not None:
+            try:
+                signal.pthread_sigmask(signal.SIG_BLOCK, list(handlers))
+            except BaseException as e:  # noqa: BLE001 - blocked all the same; raised once every handler is back
+                raised = raised or e
         todo = list(handlers.items())
         while todo:
             try:

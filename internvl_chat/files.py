@@ -9,11 +9,13 @@ the target is replaced, never followed.
 
 from __future__ import annotations
 
+import codecs
 import errno
 import os
 import re
 import stat
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping, TextIO
@@ -584,3 +586,13 @@ class GuardedStream:
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def file_system_name(text: str) -> str:
+    """Text (UTF-8, as the REPL, a script, the prompt and a session file hold it) as the name Python gives the
+    file system: under an ASCII locale (LC_ALL=C without UTF-8 mode) a name's other bytes are
+    surrogates (os.fsdecode), and "nö.png" as typed named no file (`/image`: "does not exist"; in a
+    message a UnicodeEncodeError, a traceback; a session's media "had vanished" at /load). Elsewhere the text is the name as it is."""
+    if codecs.lookup(sys.getfilesystemencoding()).name != "ascii" or text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("ascii", "surrogateescape")  # os.fsdecode's, of its bytes

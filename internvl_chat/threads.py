@@ -31,11 +31,14 @@ def process_signals_blocked() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
+    # read first: pthread_sigmask runs the handlers of signals caught before it, and a Ctrl-C's
+    # raise out of the blocking call itself left them blocked in this thread for good
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one sent meanwhile is handled now
 
 
 def start_worker(target: Callable[[], object], name: str) -> threading.Thread:

@@ -1492,3 +1492,44 @@ def test_a_video_command_with_its_options_pasted_below_the_question_attaches_wit
     app, out = make_app(loaded, tmp_path, **{"media.frames": 2})
     assert app.handle_line(f"Describe this\n/video {clip}") == OK, output(out)
     assert app.session.turns[-1].user_text == "Describe this" and len(app.session.turns[-1].media) == 1
+
+
+def test_a_pasted_message_whose_video_line_fails_is_offered_back_with_nothing_left_attached(loaded, media, tmp_path):
+    # a failing `/video … --frames 0` below the question: the message was not sent, yet neither
+    # offered back at the next prompt (as a message that fails is) nor were the videos of the lines
+    # before it dropped: the paste, sent again, attached them twice
+    app, out = make_app(loaded, tmp_path)
+    clip = media / "clip.mp4"
+    typed = f"Describe these\n/video {clip} --frames 2\n/video {clip} --frames 0"
+    assert app.handle_line(typed) == ERROR
+    assert not app.session.turns and app.pending == []
+    assert app.failed_message == typed
+    # the message itself failing (a picture it names does not decode): offered back, as it was, and
+    # the video its line attached is dropped, so sending it again attaches it once
+    app, out = make_app(loaded, tmp_path)
+    typed = f"Describe {media / 'corrupt.png'}\n/video {clip} --frames 2"
+    assert app.handle_line(typed) == ERROR
+    assert not app.session.turns and app.pending == []
+    assert app.failed_message == typed
+    # a command typed before the paste keeps what it attached
+    app, out = make_app(loaded, tmp_path)
+    assert app.handle_line(f"/image {media / 'square.png'}") == OK
+    assert app.handle_line(f"Describe these\n/video {clip} --frames 0") == ERROR
+    assert [m.path.name for m in app.pending] == ["square.png"]
+
+
+def test_a_video_line_with_options_in_a_pasted_code_block_is_text(loaded, media, tmp_path):
+    # a question with a Markdown snippet pasted below it ("what does this do?" then a fenced
+    # `/video PATH --frames N`): the line in the code block ran as the command ("PATH does not exist")
+    # and the message was not sent; a fenced block is text as written, as a """ block is
+    app, out = make_app(loaded, tmp_path)
+    typed = "What does this do?\n```\n/video PATH --frames N\n```\n~~~text\n/image PATH --frames 2\n~~~"
+    assert app.handle_line(typed) == OK, output(out)
+    assert app.session.turns[-1].user_text == typed
+    # after the block closes, such a line is the command again
+    app, out = make_app(loaded, tmp_path)
+    clip = media / "clip.mp4"
+    typed = f"Compare\n```sh\nls\n```\n/video {clip} --frames 2"
+    assert app.handle_line(typed) == OK, output(out)
+    assert app.session.turns[-1].user_text == "Compare\n```sh\nls\n```"
+    assert [(m.kind, m.tiles) for m in app.session.turns[-1].media] == [("video", 2)]

@@ -827,6 +827,7 @@ def test_a_second_signal_while_the_handlers_are_put_back_leaves_none_of_them_beh
     (["-p", "\ufeff//x"], "\ufeff/x"),
     (["-p", "a // b"], "a // b"),  # only a leading one
     (["-p", "/media/usb/x.png"], "/media/usb/x.png"),  # a path: no escape to take off
+    (["-p", "", "//save", "this"], "/save this"),  # an empty -p: the words are the prompt, as the refusal reads them
 ])  # fmt: skip
 def test_a_double_slash_at_the_start_of_the_prompt_sends_one_as_the_repl_does(monkeypatch, tmp_path, argv, sent):
     # the REPL sends `//TEXT` as `/TEXT`; one-shot sent both slashes, and its refusal of `-p "/save …"`
@@ -882,4 +883,75 @@ def test_a_video_line_with_options_in_the_prompt_is_refused_with_the_flags_to_us
     # the default frames and the model read "/video --frames 4"
     run = cli("--model", str(tmp_path / "no-model"), "-p", "Describe this\n/video clip.mp4 --frames 4")
     _one_line(run, 2, "the prompt's line '/video clip.mp4 --frames 4' is a REPL command with options")
-    assert "attach with --video PATH and its flags (--frames N, --range A-B)" in run.stderr
+    assert "attach with --video PATH and its flags (--frames N, --video-range A-B)" in run.stderr  # the flag there is (--range is not)
+
+
+def test_a_signal_handled_as_the_mask_is_set_leaves_no_signal_blocked(monkeypatch):
+    # pthread_sigmask runs the Python handlers of signals already caught (PyErr_CheckSignals) right
+    # after it blocks them: a stop handler's raise came out of the SIG_BLOCK call itself, before the
+    # mask was to be put back, and SIGINT, SIGTERM and SIGHUP stayed blocked for the rest of the run
+    # (Ctrl-C did nothing; an editor or video decoder started later inherited the blocked mask)
+    import signal
+
+    from internvl_chat.errors import EndedBySignal, put_back_signal_handlers
+
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    before = {s: signal.getsignal(s) for s in signums}
+
+    def stop(signum, frame):
+        raise EndedBySignal(signum)
+
+    replaced = {s: signal.signal(s, stop) for s in signums}
+    real_sigmask = signal.pthread_sigmask
+    raised = []
+
+    def sigmask(how, mask):
+        previous = real_sigmask(how, mask)
+        if how == signal.SIG_BLOCK and mask and not raised:  # a SIGTERM caught just before: its handler runs now
+            raised.append(True)
+            raise EndedBySignal(signal.SIGTERM)
+        return previous
+
+    monkeypatch.setattr(signal, "pthread_sigmask", sigmask)
+    try:
+        with pytest.raises(EndedBySignal):
+            put_back_signal_handlers(replaced)
+    finally:
+        monkeypatch.undo()
+        left_blocked = real_sigmask(signal.SIG_SETMASK, before_mask)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert raised
+    assert left_blocked == before_mask  # nothing left blocked
+    assert {s: signal.getsignal(s) for s in signums} == before
+
+
+def test_a_video_line_with_options_in_a_code_block_of_the_prompt_is_sent_as_text(monkeypatch, tmp_path):
+    # the REPL runs no line of a fenced code block; -p refused such a prompt as a command it would run
+    from internvl_chat import cli as cli_module
+    from internvl_chat.ui import oneshot
+
+    got = []
+    monkeypatch.setattr(oneshot, "run_oneshot", lambda args, settings, prompt: got.append(prompt) or 0)
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    prompt = "What does this do?\n```\n/video PATH --frames N\n```"
+    with open(empty, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli_module.run(["-p", prompt]) == 0
+    assert got == [prompt]
+
+
+def test_a_utf8_system_message_under_the_c_locale_is_read_as_utf8():
+    # the prompt typed at an LC_ALL=C terminal was read as UTF-8, but `--system "Réponds…"` typed
+    # beside it was still refused as "not UTF-8 text (byte 0xc3)"
+    from internvl_chat import cli as cli_module
+
+    args = cli_module.build_parser().parse_args(["--system", "R\udcc3\udca9ponds", "-p", "salut"])
+    cli_module._argv_as_utf8(args)
+    assert args.system == "Réponds"
+    args = cli_module.build_parser().parse_args(["--system", "caf\udce9"])  # bytes that are not UTF-8 stay as they were
+    cli_module._argv_as_utf8(args)
+    assert args.system == "caf\udce9"

@@ -477,3 +477,19 @@ def test_typed_paths_become_the_file_systems_names_under_an_ascii_locale(monkeyp
     assert paths.normalize_path("plain.png") == Path("plain.png")
     monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "utf-8")
     assert paths.normalize_path("nö.png") == Path("nö.png")
+
+
+def test_a_session_saved_under_utf8_loads_its_non_ascii_media_under_the_c_locale(tmp_path):
+    # the session file holds "nö.png" as text; under LC_ALL=C without UTF-8 mode Python could not
+    # name that file (a UnicodeEncodeError inside exists()), and /load said it "has vanished"
+    Image.fromarray(textured_rgb(64, 48, seed=3)).save(tmp_path / "nö.png")
+    (tmp_path / "save.txt").write_text("/image nö.png\nhi\n/save chat.json\n", encoding="utf-8")
+    (tmp_path / "load.txt").write_text("/load chat.json\n", encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--max-new-tokens", "2", "--script", "save.txt"],
+                         capture_output=True, stdin=subprocess.DEVNULL, env=_env(), timeout=300, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr.decode(errors="replace")
+    env = {**_env(LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")}
+    env.pop("PYTHONIOENCODING", None)
+    run = subprocess.run([sys.executable, "-m", "internvl_chat.cli", "--script", "load.txt"], capture_output=True,
+                         stdin=subprocess.DEVNULL, env=env, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0 and b"vanished" not in run.stdout, run.stdout.decode(errors="replace")

@@ -23,7 +23,6 @@ def test_a_worker_blocks_the_process_signals_and_the_starter_keeps_its_mask():
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
 
 
-
 def _blocked_in(thread) -> set[int]:
     """The signals `thread` blocks, from its /proc status (another thread's mask has no call)."""
     with open(f"/proc/self/task/{thread.native_id}/status") as status:
@@ -49,3 +48,28 @@ def test_a_spinners_refresh_thread_leaves_the_process_signals_to_the_main_thread
         assert refresh is not None and refresh.is_alive()
         assert {int(s) for s in PROCESS_SIGNALS} <= _blocked_in(refresh)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
+def test_a_ctrl_c_handled_as_the_mask_is_set_leaves_the_starters_mask_as_it_was(monkeypatch):
+    # pthread_sigmask runs the Python handlers of signals already caught (PyErr_CheckSignals) right
+    # after it blocks them: a Ctrl-C's KeyboardInterrupt came out of the SIG_BLOCK call, before the
+    # `try` that puts the mask back, and the main thread kept Ctrl-C, Ctrl-Z, SIGTERM and resizes
+    # blocked for the rest of the run (an editor it started inherited them blocked)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    real = signal.pthread_sigmask
+    started = []
+
+    def sigmask(how, mask):
+        previous = real(how, mask)
+        if how == signal.SIG_BLOCK and set(mask) == set(PROCESS_SIGNALS):
+            raise KeyboardInterrupt  # the handler of a Ctrl-C caught just before
+        return previous
+
+    monkeypatch.setattr(signal, "pthread_sigmask", sigmask)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            start_worker(lambda: started.append(True), "probe")
+    finally:
+        monkeypatch.undo()
+        left = real(signal.SIG_SETMASK, before)
+    assert left == before and not started

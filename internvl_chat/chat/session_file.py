@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..files import (IMAGE_KINDS, PRIVATE_FILE_MODE, brief_repr, decode_utf8, escape_hidden, expand_home, is_video_kind,
+from ..files import (IMAGE_KINDS, PRIVATE_FILE_MODE, brief_repr, decode_utf8, escape_hidden, expand_home, file_system_name, is_video_kind,
                      read_bytes_file, refuse_wide_text, sniff_binary, undecodable_byte, visible)
 from ..settings import MAX_FRAMES, MAX_RANGE_SECONDS, MAX_TILES
 from .dialects import DIALECTS
@@ -343,10 +343,10 @@ def media_candidates(media: SavedMedia, session_file: Path) -> list[Path]:
     that folder, and the same file name beside the session file.
     """
     folder = Path(os.path.abspath(session_file)).parent
-    saved = _saved_path(media.path)
+    saved = _saved_path(file_system_name(media.path))  # "nö.png" saved under UTF-8, loaded under LC_ALL=C
     out = [saved] if saved.is_absolute() else []
     if media.relative_path:
-        out.append(folder / media.relative_path)
+        out.append(folder / file_system_name(media.relative_path))
     if not saved.is_absolute():
         out.append(folder / saved)
     out.append(folder / saved.name)

@@ -41,7 +41,7 @@ from ..media.image import check_image_decodes
 from ..numbers import counted
 from ..settings import Settings, format_settings
 from .answer_text import AnswerCleaner
-from .commands import Command, Message, attach_command_with_options, format_help, parse_line, typed_message, unwrap_block
+from .commands import Command, Message, attach_command_lines, format_help, parse_line, typed_message, unwrap_block
 from .media_paths import (check_typed_paths, expand_wildcards, not_attached_lines, not_sent, only_missing_paths,
                           take_media_paths)
 from .paths import media_kind
@@ -279,17 +279,23 @@ class App(SessionFileCommands):
         if not isinstance(parsed, Message):
             return self.run_command(parsed)
         first = parsed.text[: len(parsed.text) - (len(typed) - len(lines[i]))]  # its line as parsed: `//` made `/`
-        text = self._run_attach_lines([first, *lines[i + 1 :]])
-        if text is None:
-            return ERROR
-        return self._send_text(text, typed=typed)  # the commands before it have run: not given back
+        kept = list(self.pending)
+        try:
+            text = self._run_attach_lines([first, *lines[i + 1 :]])
+            if text is None:
+                self.failed_message = typed
+                return ERROR
+            return self._send_text(text, typed=typed)  # the commands before it have run: not given back
+        finally:
+            if self.failed_message is not None:  # not sent, offered back as typed: its attach lines run again
+                self.pending = [m for m in self.pending if any(m is k for k in kept)]
 
     def _run_attach_lines(self, lines: list[str]) -> str | None:
         """A message's pasted lines (`lines`, escaped line breaks kept) with its `/image` and `/video`
         lines that carry options (`/video clip.mp4 --frames 4`) run as those commands, their options applied,
         and left out: the text to send; None when one failed (said; nothing is sent). Without the
         options the path was attached with the default frames, and the model read "/video --frames 4"."""
-        attaching = [k for k, line in enumerate(lines) if k and attach_command_with_options(line)]  # the first is text
+        attaching = attach_command_lines(lines)  # the first is text, and so is a fenced code block
         for k in attaching:
             result = self._guard(lambda k=k: self.run_command(parse_line(lines[k])))
             if result != OK:

@@ -339,6 +339,28 @@ def attach_command_with_options(line: str) -> bool:
     return any(word.partition("=")[0] in names for word in words[1:])
 
 
+_FENCE = re.compile(r"[ ]{0,3}(`{3,}|~{3,})")
+
+
+def attach_command_lines(lines: list[str]) -> list[int]:
+    """Which of a message's lines (`lines[0]` is its first, always text) are `/image` or `/video`
+    commands with options (`attach_command_with_options`), outside a Markdown code block: a pasted
+    snippet (```` ``` ```` or `~~~` fenced) is text as written, its lines run nothing."""
+    found, fence = [], ""
+    for k, line in enumerate(lines):
+        opener = _FENCE.match(line)
+        if fence:
+            if opener and opener.group(1)[0] == fence[0] and len(opener.group(1)) >= len(fence) and not line.strip().strip(fence[0]):
+                fence = ""  # its closing fence: as long as the opening one at least, nothing after it
+            continue
+        if opener and not (opener.group(1)[0] == "`" and "`" in line[opener.end() :]):
+            fence = opener.group(1)
+            continue
+        if k and attach_command_with_options(line):
+            found.append(k)
+    return found
+
+
 def parse_line(line: str) -> Message | Command:
     """One REPL line -> Message or Command.
 

@@ -8,14 +8,12 @@ the same `Path` here. Nothing in this module checks that a file exists except
 
 from __future__ import annotations
 
-import codecs
 import re
-import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from ..errors import UsageError
-from ..files import expand_home, real_path, refuse_web_address, visible
+from ..files import expand_home, file_system_name, real_path, refuse_web_address, visible
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v"})
@@ -129,16 +127,6 @@ def normalize_path(text: str) -> Path:
     if word.startswith("~"):  # decided on the text: Path("./~x") drops the `./` and reads as ~x
         return expand_home(word)  # ~unknownuser: a UsageError saying so
     return Path(word)  # relative ones are anchored by the caller (App._output_path)
-
-
-def file_system_name(text: str) -> str:
-    """Typed text (UTF-8, as the REPL, a script and the prompt read it) as the name Python gives the
-    file system: under an ASCII locale (LC_ALL=C without UTF-8 mode) a name's other bytes are
-    surrogates (os.fsdecode), and "nö.png" as typed named no file (`/image`: "does not exist"; in a
-    message a UnicodeEncodeError, a traceback). Elsewhere the text is the name as it is."""
-    if codecs.lookup(sys.getfilesystemencoding()).name != "ascii" or text.isascii():
-        return text
-    return text.encode("utf-8", "surrogateescape").decode("ascii", "surrogateescape")  # os.fsdecode's, of its bytes
 
 
 def media_kind(path: str | Path) -> str | None:
