@@ -242,11 +242,11 @@ def test_decode_step_traces_as_one_graph(eager):
         assert out.graph_count == 1 and out.graph_break_count == 0, out.break_reasons
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "internvl_chat.cli", *args],
-        input="", capture_output=True, text=True, env=full_env, timeout=900,
+        input="", capture_output=True, text=True, env=full_env, timeout=900, cwd=cwd,
     )  # fmt: skip
 
 
@@ -305,6 +305,44 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_line(tiny_original, cli
     notes = [line for line in broken.stderr.splitlines() if "decode step" in line]
     assert len(notes) == 1 and "was not compiled" in notes[0] and "using the eager step" in notes[0], broken.stderr
     assert "Traceback" not in broken.stderr
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "relative under a file"])
+def test_an_unusable_cache_folder_falls_back_to_eager_with_one_line(tiny_original, cli_eager_tokens, tmp_path, where):
+    """$TORCHINDUCTOR_CACHE_DIR naming a file (or a folder that cannot be made) crashed with
+    torch's FileExistsError traceback as torch._dynamo was first imported: the answer comes eager,
+    after one note that names the folder and what to do."""
+    (tmp_path / "file").write_text("not a folder")
+    folder = {"a file": str(tmp_path / "file"), "under a file": str(tmp_path / "file" / "cache"),
+              "relative under a file": "file/cache"}[where]  # fmt: skip
+    broken = _cli("--model", str(tiny_original), "-p", "Count to ten, please.", "--json", "--max-new-tokens", "16",
+                  "--device", "cpu", "--dtype", "float32", "--max-context", str(CONTEXT), "--compile", "on",
+                  env={"TORCHINDUCTOR_CACHE_DIR": folder}, cwd=tmp_path)  # fmt: skip
+    assert broken.returncode == 0, broken.stderr
+    assert "Traceback" not in broken.stderr, broken.stderr
+    assert json.loads(broken.stdout)["token_ids"] == cli_eager_tokens
+    notes = [line for line in broken.stderr.splitlines() if "decode step" in line]
+    assert len(notes) == 1 and "was not compiled" in notes[0] and "using the eager step" in notes[0], broken.stderr
+    assert str(tmp_path / "file") in notes[0] and "TORCHINDUCTOR_CACHE_DIR" in notes[0], notes
+
+
+def test_no_home_folder_for_the_cache_falls_back_to_eager(eager, monkeypatch, capsys):
+    """With HOME unset and no account entry (a container's arbitrary uid), --compile on refused to
+    start the app at all (the cache folder's NoHomeFolder escaped compile()): eager, one note."""
+    from internvl_chat.files import xdg_dir
+
+    def no_home(env, name, default):
+        return xdg_dir({}, name, default)
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(compiled, "xdg_dir", no_home)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
+    assert step.compile() is False and not step.active
+    note = capsys.readouterr().err
+    assert "was not compiled" in note and "set HOME or $XDG_CACHE_HOME" in note and "using the eager step" in note, note
+    assert len(note.strip().splitlines()) == 1, note
 
 
 def test_auto_compiles_large_decoders_on_cpu_only(eager):

@@ -20,8 +20,9 @@ Inductor's C++ entry (direct_call.py).
 
 The first compile of a shape takes tens of seconds; Inductor's FX-graph and kernel caches (kept in
 ~/.cache/internvl-chat/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise) turn later starts
-into a load. Any failure to compile (no compiler, an unsupported CPU, an Inductor error), and any
-attempt to recompile later, leaves the eager step in place with a one-line note: never a crash.
+into a load. Any failure to compile (no compiler, an unsupported CPU, an Inductor error, a cache
+folder that cannot be made), and any attempt to recompile later, leaves the eager step in place
+with a one-line note: never a crash.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import xdg_dir
+from ..files import NoHomeFolder, visible, xdg_dir
 from . import cpu_gemv, cpu_step, language
 from .direct_call import FlatCall, unguarded
 from .out_of_memory import is_out_of_memory
@@ -123,18 +124,46 @@ def wanted(mode: str, device: torch.device, lm=None) -> bool:
 
 def use_cache_dir() -> Path:
     """Point Inductor's caches at ~/.cache/internvl-chat/inductor (or $XDG_CACHE_HOME/…) unless
-    $TORCHINDUCTOR_CACHE_DIR names another folder; return the folder in use.
+    $TORCHINDUCTOR_CACHE_DIR names another folder; make the folder, and return it (absolute).
 
     Importing torch._dynamo fills the variable with torch's default (a temp folder, lost on
-    reboot), so that value counts as unset. Inductor reads the variable whenever it caches."""
+    reboot), so that value counts as unset; before that import, a value is the user's. That import
+    also makes the folder, and raises torch's own error where it cannot: so this runs first, and
+    a folder that cannot be made (a file in the way, no such parent, no permission, no home
+    folder) raises CacheFolderError here, before anything imports torch._dynamo.
+    Inductor reads the variable whenever it caches."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current and not _torch_default(current):
+        folder = Path(os.path.abspath(current))
+        fix = "set $TORCHINDUCTOR_CACHE_DIR to a folder you can write"
+    else:
+        try:
+            base = xdg_dir(os.environ, "XDG_CACHE_HOME", ".cache")
+        except NoHomeFolder as e:
+            raise CacheFolderError(str(e)) from None
+        folder = Path(os.path.abspath(base / "internvl-chat" / "inductor"))
+        fix = "set $XDG_CACHE_HOME, or $TORCHINDUCTOR_CACHE_DIR, to a folder you can write"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file is there, not a folder" if isinstance(e, FileExistsError) else e.strerror or type(e).__name__
+        raise CacheFolderError(f"the compile cache folder {visible(str(folder))} cannot be made ({why}); {fix}") from None
+    return folder
+
+
+class CacheFolderError(Exception):
+    """The compile cache folder cannot be used; the message says why and what to do."""
+
+
+def _torch_default(value: str) -> bool:
+    """Whether `value` of $TORCHINDUCTOR_CACHE_DIR is the default torch._dynamo's import filled in
+    (only once it is imported: importing torch's helper imports it, making that folder)."""
+    if "torch._dynamo" not in sys.modules:
+        return False
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
-        return Path(current)
-    base = xdg_dir(os.environ, "XDG_CACHE_HOME", ".cache")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "internvl-chat" / "inductor")
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return os.path.abspath(value) == os.path.abspath(default_cache_dir())
 
 
 def _one_line(error: BaseException) -> str:
@@ -170,15 +199,18 @@ class CompiledStep:
         with torch.inference_mode(False):  # normal tensors whatever the caller's mode: stable guards
             self._token = torch.zeros(1, dtype=torch.long, device=device)
             self._position = torch.full((1,), 2, dtype=torch.long, device=device)
-        for pair in lm.caches():  # fixed shape: never a symbolic size (a serve slot's own caches match it)
-            for t in pair:
-                torch._dynamo.mark_static(t)
 
     # -- building -----------------------------------------------------------------------------
 
     def compile(self) -> bool:
         """Trace and compile now (one warm-up step on scratch caches); False and a note on failure."""
-        self.cache_dir = use_cache_dir()
+        try:  # before anything imports torch._dynamo, which makes the folder and raises where it cannot
+            self.cache_dir = use_cache_dir()
+        except CacheFolderError as e:
+            return self._fail(e, "was not compiled", plain=True)
+        for pair in self.lm.caches():  # fixed shape: never a symbolic size (a serve slot's own caches match it)
+            for t in pair:
+                torch._dynamo.mark_static(t)
         self._say("compiling the decode step …")
         start = time.perf_counter()
         options = inductor_options(self.device)
@@ -264,11 +296,12 @@ class CompiledStep:
             self.flat = FlatCall.build(direct, self.lm, self._token, scratch, self.lm.weights_version)
         return direct or fn
 
-    def _fail(self, error: BaseException, what: str) -> bool:
+    def _fail(self, error: BaseException, what: str, plain: bool = False) -> bool:
+        """`plain`: the error's message is already one line for the user (no type name, not cut)."""
         self.active = False
         self._fn = self.flat = self.native = None
         language.drop_row_chunks(self.lm)  # the eager step never reads them
-        self.failure = _one_line(error)
+        self.failure = " ".join(str(error).split()) if plain else _one_line(error)
         # always printed (a progress display would overwrite it); Rich's live displays pass stderr through
         _stderr_note(f"the decode step {what} ({self.failure}); using the eager step")
         return False
