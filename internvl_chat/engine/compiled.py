@@ -20,9 +20,10 @@ Inductor's C++ entry (direct_call.py).
 
 The first compile of a shape takes tens of seconds; Inductor's FX-graph and kernel caches (kept in
 ~/.cache/internvl-chat/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise) turn later starts
-into a load. Any failure to compile (no compiler, an unsupported CPU, an Inductor error, a cache
-folder that cannot be made), and any attempt to recompile later, leaves the eager step in place
-with a one-line note: never a crash.
+into a load (an entry cut short by a crash is removed first, not warned about at every start).
+Any failure to compile (no compiler, an unsupported CPU, an Inductor error, a cache folder that
+cannot be made), and any attempt to recompile later, leaves the eager step in place with a
+one-line note: never a crash.
 """
 
 from __future__ import annotations
@@ -152,6 +153,37 @@ def use_cache_dir() -> Path:
     return folder
 
 
+# Inductor's caches that keep one pickle per file. One cut short (a crash or power loss after the
+# rename that publishes it, before its data reached the disk) is never replaced: every later start
+# printed torch's warning with a traceback for it (and another from the half-built graph's
+# __del__) before compiling the step again.
+PICKLED_CACHES = ("fxgraph", "aotautograd")
+
+
+def drop_damaged_entries(cache_dir: Path) -> int:
+    """Remove the entries of Inductor's pickled caches in `cache_dir` that are cut short (empty,
+    or not ending with the pickle's STOP opcode "."); return how many. Files being written
+    (Inductor's write_atomic: a hidden temporary, then a rename) are left alone."""
+    dropped = 0
+    for name in PICKLED_CACHES:
+        for folder, _, files in os.walk(cache_dir / name):
+            for file in files:
+                if file.startswith("."):
+                    continue
+                path = os.path.join(folder, file)
+                try:
+                    with open(path, "rb") as f:
+                        if f.seek(0, os.SEEK_END) > 0:
+                            f.seek(-1, os.SEEK_END)
+                            if f.read(1) == b".":
+                                continue
+                    os.unlink(path)
+                    dropped += 1
+                except OSError:
+                    pass  # unreadable or already gone: Inductor copes (and says so) as before
+    return dropped
+
+
 class CacheFolderError(Exception):
     """The compile cache folder cannot be used; the message says why and what to do."""
 
@@ -212,6 +244,8 @@ class CompiledStep:
             for t in pair:
                 torch._dynamo.mark_static(t)
         self._say("compiling the decode step …")
+        if dropped := drop_damaged_entries(self.cache_dir):
+            self._say(f"{dropped} damaged entr{'y' if dropped == 1 else 'ies'} removed from the compile cache")
         start = time.perf_counter()
         options = inductor_options(self.device)
         kernel_failure = None
