@@ -345,6 +345,32 @@ def test_no_home_folder_for_the_cache_falls_back_to_eager(eager, monkeypatch, ca
     assert len(note.strip().splitlines()) == 1, note
 
 
+def test_a_full_disk_while_compiling_is_one_line_that_says_what_to_do(eager, monkeypatch, capsys, tmp_path):
+    """Inductor's error on a full disk came cut mid-word inside torch's own advice ("Set
+    TORCHDYNAMO_VERBOSE=1 … if you're reporting a bug to PyTor"): the note gives the cause and the fix."""
+    from torch._inductor.exc import InductorError
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "NATIVE_CPU_STEP", False)
+    step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
+
+    def full(options):
+        error = InductorError(OSError(28, "No space left on device"), None)
+        error.args = (error.args[0] + (  # as torch's augment_exc_message adds it
+            "\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this especially if you're reporting a "
+            'bug to PyTorch). For even more developer context, set TORCH_LOGS="+dynamo"\n'),)  # fmt: skip
+        assert "PyTorch" in str(error)
+        raise error
+
+    monkeypatch.setattr(step, "_build", full)
+    assert step.compile() is False and not step.active
+    note = capsys.readouterr().err
+    assert len(note.strip().splitlines()) == 1, note
+    assert "No space left on device" in note and "using the eager step" in note, note
+    assert "TORCHDYNAMO_VERBOSE" not in note and "PyTor" not in note, note
+    assert f"free space on the disk of {tmp_path}" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
+
+
 def test_auto_compiles_large_decoders_on_cpu_only(eager):
     lm = eager.model.language_model
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import gc
 import os
 import sys
@@ -198,10 +199,31 @@ def _torch_default(value: str) -> bool:
     return os.path.abspath(value) == os.path.abspath(default_cache_dir())
 
 
+# what torch appends to a compile error's message for its own developers ("… if you're reporting a
+# bug to PyTorch", the user code's frames): cut, it pushed the cause out of the one-line note
+_TORCH_TAILS = ("\nfrom user code:", "\nSet TORCHDYNAMO_VERBOSE", "\nLast frame execution", "\nMinifier script")
+
+
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
+    text = str(error)
+    for tail in _TORCH_TAILS:
+        text = text.split(tail)[0]
+    text = " ".join(text.split())
     first = text.split(". ")[0]
     return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether `error`, or one it wraps (Inductor's errors keep theirs as `inner_exception`), is
+    a full disk (ENOSPC)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if getattr(current, "errno", None) == errno.ENOSPC or "No space left on device" in str(current):
+            return True
+        current = getattr(current, "inner_exception", None) or current.__cause__ or current.__context__
+    return False
 
 
 def _stderr_note(message: str) -> None:
@@ -336,8 +358,12 @@ class CompiledStep:
         self._fn = self.flat = self.native = None
         language.drop_row_chunks(self.lm)  # the eager step never reads them
         self.failure = " ".join(str(error).split()) if plain else _one_line(error)
+        fix = ""
+        if _disk_full(error):
+            folder = getattr(self, "cache_dir", None) or "the compile cache folder"
+            fix = f"; free space on the disk of {visible(str(folder))}, or set $TORCHINDUCTOR_CACHE_DIR to a folder on another disk"
         # always printed (a progress display would overwrite it); Rich's live displays pass stderr through
-        _stderr_note(f"the decode step {what} ({self.failure}); using the eager step")
+        _stderr_note(f"the decode step {what} ({self.failure}); using the eager step{fix}")
         return False
 
     def _say(self, message: str) -> None:
