@@ -371,6 +371,25 @@ def test_a_full_disk_while_compiling_is_one_line_that_says_what_to_do(eager, mon
     assert f"free space on the disk of {tmp_path}" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
 
 
+def test_a_cache_folder_on_a_noexec_disk_says_what_to_do(eager, monkeypatch, capsys, tmp_path):
+    """Compiled code in a folder on a disk mounted noexec cannot be loaded ("failed to map segment
+    from shared object"): the one-line note said only that, now also where to put the cache."""
+    from torch._inductor.exc import InductorError
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "NATIVE_CPU_STEP", False)
+    step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
+
+    def noexec(options):
+        raise InductorError(OSError(f"{tmp_path}/ab/cab.main.so: failed to map segment from shared object"), None)
+
+    monkeypatch.setattr(step, "_build", noexec)
+    assert step.compile() is False
+    note = capsys.readouterr().err
+    assert len(note.strip().splitlines()) == 1 and "using the eager step" in note, note
+    assert f"the disk of {tmp_path} does not let programs run" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
+
+
 def test_auto_compiles_large_decoders_on_cpu_only(eager):
     lm = eager.model.language_model
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -213,14 +213,14 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
 
 
-def _disk_full(error: BaseException) -> bool:
-    """Whether `error`, or one it wraps (Inductor's errors keep theirs as `inner_exception`), is
-    a full disk (ENOSPC)."""
+def _in_chain(error: BaseException, test: Callable[[BaseException], bool]) -> bool:
+    """Whether `test` holds for `error` or one it wraps (Inductor's errors keep theirs as
+    `inner_exception`; others as their cause or context)."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if getattr(current, "errno", None) == errno.ENOSPC or "No space left on device" in str(current):
+        if test(current):
             return True
         current = getattr(current, "inner_exception", None) or current.__cause__ or current.__context__
     return False
@@ -359,9 +359,12 @@ class CompiledStep:
         language.drop_row_chunks(self.lm)  # the eager step never reads them
         self.failure = " ".join(str(error).split()) if plain else _one_line(error)
         fix = ""
-        if _disk_full(error):
-            folder = getattr(self, "cache_dir", None) or "the compile cache folder"
-            fix = f"; free space on the disk of {visible(str(folder))}, or set $TORCHINDUCTOR_CACHE_DIR to a folder on another disk"
+        folder = visible(str(getattr(self, "cache_dir", None) or "the compile cache folder"))
+        if _in_chain(error, lambda e: getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)):
+            fix = f"; free space on the disk of {folder}, or set $TORCHINDUCTOR_CACHE_DIR to a folder on another disk"
+        elif _in_chain(error, lambda e: "failed to map segment from shared object" in str(e)):
+            fix = (f"; the disk of {folder} does not let programs run from it (mounted noexec?): set "
+                   "$TORCHINDUCTOR_CACHE_DIR to a folder on another disk")  # fmt: skip
         # always printed (a progress display would overwrite it); Rich's live displays pass stderr through
         _stderr_note(f"the decode step {what} ({self.failure}); using the eager step{fix}")
         return False
