@@ -242,11 +242,11 @@ def test_decode_step_traces_as_one_graph(eager):
         assert out.graph_count == 1 and out.graph_break_count == 0, out.break_reasons
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "INTERNVL_CHAT_CONFIG": os.devnull, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "internvl_chat.cli", *args],
-        input="", capture_output=True, text=True, env=full_env, timeout=900,
+        input="", capture_output=True, text=True, env=full_env, timeout=900, cwd=cwd,
     )  # fmt: skip
 
 
@@ -305,6 +305,89 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_line(tiny_original, cli
     notes = [line for line in broken.stderr.splitlines() if "decode step" in line]
     assert len(notes) == 1 and "was not compiled" in notes[0] and "using the eager step" in notes[0], broken.stderr
     assert "Traceback" not in broken.stderr
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "relative under a file"])
+def test_an_unusable_cache_folder_falls_back_to_eager_with_one_line(tiny_original, cli_eager_tokens, tmp_path, where):
+    """$TORCHINDUCTOR_CACHE_DIR naming a file (or a folder that cannot be made) crashed with
+    torch's FileExistsError traceback as torch._dynamo was first imported: the answer comes eager,
+    after one note that names the folder and what to do."""
+    (tmp_path / "file").write_text("not a folder")
+    folder = {"a file": str(tmp_path / "file"), "under a file": str(tmp_path / "file" / "cache"),
+              "relative under a file": "file/cache"}[where]  # fmt: skip
+    broken = _cli("--model", str(tiny_original), "-p", "Count to ten, please.", "--json", "--max-new-tokens", "16",
+                  "--device", "cpu", "--dtype", "float32", "--max-context", str(CONTEXT), "--compile", "on",
+                  env={"TORCHINDUCTOR_CACHE_DIR": folder}, cwd=tmp_path)  # fmt: skip
+    assert broken.returncode == 0, broken.stderr
+    assert "Traceback" not in broken.stderr, broken.stderr
+    assert json.loads(broken.stdout)["token_ids"] == cli_eager_tokens
+    notes = [line for line in broken.stderr.splitlines() if "decode step" in line]
+    assert len(notes) == 1 and "was not compiled" in notes[0] and "using the eager step" in notes[0], broken.stderr
+    assert str(tmp_path / "file") in notes[0] and "TORCHINDUCTOR_CACHE_DIR" in notes[0], notes
+
+
+def test_no_home_folder_for_the_cache_falls_back_to_eager(eager, monkeypatch, capsys):
+    """With HOME unset and no account entry (a container's arbitrary uid), --compile on refused to
+    start the app at all (the cache folder's NoHomeFolder escaped compile()): eager, one note."""
+    from internvl_chat.files import xdg_dir
+
+    def no_home(env, name, default):
+        return xdg_dir({}, name, default)
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(compiled, "xdg_dir", no_home)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
+    assert step.compile() is False and not step.active
+    note = capsys.readouterr().err
+    assert "was not compiled" in note and "set HOME or $XDG_CACHE_HOME" in note and "using the eager step" in note, note
+    assert len(note.strip().splitlines()) == 1, note
+
+
+def test_a_full_disk_while_compiling_is_one_line_that_says_what_to_do(eager, monkeypatch, capsys, tmp_path):
+    """Inductor's error on a full disk came cut mid-word inside torch's own advice ("Set
+    TORCHDYNAMO_VERBOSE=1 … if you're reporting a bug to PyTor"): the note gives the cause and the fix."""
+    from torch._inductor.exc import InductorError
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "NATIVE_CPU_STEP", False)
+    step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
+
+    def full(options):
+        error = InductorError(OSError(28, "No space left on device"), None)
+        error.args = (error.args[0] + (  # as torch's augment_exc_message adds it
+            "\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this especially if you're reporting a "
+            'bug to PyTorch). For even more developer context, set TORCH_LOGS="+dynamo"\n'),)  # fmt: skip
+        assert "PyTorch" in str(error)
+        raise error
+
+    monkeypatch.setattr(step, "_build", full)
+    assert step.compile() is False and not step.active
+    note = capsys.readouterr().err
+    assert len(note.strip().splitlines()) == 1, note
+    assert "No space left on device" in note and "using the eager step" in note, note
+    assert "TORCHDYNAMO_VERBOSE" not in note and "PyTor" not in note, note
+    assert f"free space on the disk of {tmp_path}" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
+
+
+def test_a_cache_folder_on_a_noexec_disk_says_what_to_do(eager, monkeypatch, capsys, tmp_path):
+    """Compiled code in a folder on a disk mounted noexec cannot be loaded ("failed to map segment
+    from shared object"): the one-line note said only that, now also where to put the cache."""
+    from torch._inductor.exc import InductorError
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "NATIVE_CPU_STEP", False)
+    step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
+
+    def noexec(options):
+        raise InductorError(OSError(f"{tmp_path}/ab/cab.main.so: failed to map segment from shared object"), None)
+
+    monkeypatch.setattr(step, "_build", noexec)
+    assert step.compile() is False
+    note = capsys.readouterr().err
+    assert len(note.strip().splitlines()) == 1 and "using the eager step" in note, note
+    assert f"the disk of {tmp_path} does not let programs run" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
 
 
 def test_auto_compiles_large_decoders_on_cpu_only(eager):
@@ -366,6 +449,17 @@ def test_the_compile_cache_serves_the_next_start(tiny_original, fast, tmp_path):
     (ok, _, first_misses), (ok_again, hits, misses) = starts
     assert ok == ok_again == "True" and int(first_misses) >= 1, starts  # the first start compiled
     assert int(hits) >= 1 and int(misses) == 0, starts
+    # entries cut short (a crash before the disk had their data) were never replaced: each start
+    # printed torch's warnings with tracebacks, then compiled again; they are removed, then rebuilt
+    entries = [p for name in compiled.PICKLED_CACHES for p in (tmp_path / "internvl-chat" / "inductor" / name).rglob("*") if p.is_file()]
+    assert entries
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+        assert run.returncode == 0 and run.stdout.split()[0] == "True", run.stderr
+        assert "Traceback" not in run.stderr and "unable to load" not in run.stderr, run.stderr
+    assert compiled.drop_damaged_entries(tmp_path / "internvl-chat" / "inductor") == 0
 
 
 @pytest.mark.slow

@@ -187,6 +187,25 @@ def test_cpu_default_dtype_follows_native_bf16_and_model_size(monkeypatch):
     assert resolve_dtype("float32", cpu, big) == torch.float32  # an explicit choice stands
 
 
+@pytest.mark.parametrize("text, flags", [
+    ("processor\t: 0\nflags\n", set()),  # a "flags" line cut short before its colon: IndexError at start
+    ("flags\t\t: fpu avx2 fma\nbugs\t\t: spectre_v1\n", {"fpu", "avx2", "fma"}),
+    ("flagship\t: avx2\nflags\t: fma\n", {"fma"}),  # only the line named `flags`
+    ("Features\t: fp asimd\n\xff\xfe\n", set()),  # an ARM CPU's, with undecodable bytes
+])  # fmt: skip
+def test_cpu_flags_from_odd_cpuinfo(tmp_path, monkeypatch, text, flags):
+    from internvl_chat.engine import cpu_features
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_bytes(text.encode("latin-1"))
+    monkeypatch.setattr(cpu_features, "Path", lambda path: cpuinfo if path == "/proc/cpuinfo" else Path(path))
+    cpu_features.cpu_flags.cache_clear()
+    try:
+        assert cpu_features.cpu_flags() == frozenset(flags)
+    finally:
+        cpu_features.cpu_flags.cache_clear()
+
+
 def test_kv_cache_dtype_is_fp32_for_a_small_bf16_decoder_on_a_cpu_without_native_bf16(monkeypatch):
     """Only a small bf16 decoder on a CPU without native bf16 changes the cache's dtype (SDPA's
     fp32 path is the cheaper one there); larger decoders, CUDA, native bf16, fp32 and fp16 keep

@@ -20,14 +20,17 @@ Inductor's C++ entry (direct_call.py).
 
 The first compile of a shape takes tens of seconds; Inductor's FX-graph and kernel caches (kept in
 ~/.cache/internvl-chat/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise) turn later starts
-into a load. Any failure to compile (no compiler, an unsupported CPU, an Inductor error), and any
-attempt to recompile later, leaves the eager step in place with a one-line note: never a crash.
+into a load (an entry cut short by a crash is removed first, not warned about at every start).
+Any failure to compile (no compiler, an unsupported CPU, an Inductor error, a cache folder that
+cannot be made), and any attempt to recompile later, leaves the eager step in place with a
+one-line note: never a crash.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import gc
 import os
 import sys
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import xdg_dir
+from ..files import NoHomeFolder, visible, xdg_dir
 from . import cpu_gemv, cpu_step, language
 from .direct_call import FlatCall, unguarded
 from .out_of_memory import is_out_of_memory
@@ -123,24 +126,104 @@ def wanted(mode: str, device: torch.device, lm=None) -> bool:
 
 def use_cache_dir() -> Path:
     """Point Inductor's caches at ~/.cache/internvl-chat/inductor (or $XDG_CACHE_HOME/…) unless
-    $TORCHINDUCTOR_CACHE_DIR names another folder; return the folder in use.
+    $TORCHINDUCTOR_CACHE_DIR names another folder; make the folder, and return it (absolute).
 
     Importing torch._dynamo fills the variable with torch's default (a temp folder, lost on
-    reboot), so that value counts as unset. Inductor reads the variable whenever it caches."""
+    reboot), so that value counts as unset; before that import, a value is the user's. That import
+    also makes the folder, and raises torch's own error where it cannot: so this runs first, and
+    a folder that cannot be made (a file in the way, no such parent, no permission, no home
+    folder) raises CacheFolderError here, before anything imports torch._dynamo.
+    Inductor reads the variable whenever it caches."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current and not _torch_default(current):
+        folder = Path(os.path.abspath(current))
+        fix = "set $TORCHINDUCTOR_CACHE_DIR to a folder you can write"
+    else:
+        try:
+            base = xdg_dir(os.environ, "XDG_CACHE_HOME", ".cache")
+        except NoHomeFolder as e:
+            raise CacheFolderError(str(e)) from None
+        folder = Path(os.path.abspath(base / "internvl-chat" / "inductor"))
+        fix = "set $XDG_CACHE_HOME, or $TORCHINDUCTOR_CACHE_DIR, to a folder you can write"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file is there, not a folder" if isinstance(e, FileExistsError) else e.strerror or type(e).__name__
+        raise CacheFolderError(f"the compile cache folder {visible(str(folder))} cannot be made ({why}); {fix}") from None
+    return folder
+
+
+# Inductor's caches that keep one pickle per file. One cut short (a crash or power loss after the
+# rename that publishes it, before its data reached the disk) is never replaced: every later start
+# printed torch's warning with a traceback for it (and another from the half-built graph's
+# __del__) before compiling the step again.
+PICKLED_CACHES = ("fxgraph", "aotautograd")
+
+
+def drop_damaged_entries(cache_dir: Path) -> int:
+    """Remove the entries of Inductor's pickled caches in `cache_dir` that are cut short (empty,
+    or not ending with the pickle's STOP opcode "."); return how many. Files being written
+    (Inductor's write_atomic: a hidden temporary, then a rename) are left alone."""
+    dropped = 0
+    for name in PICKLED_CACHES:
+        for folder, _, files in os.walk(cache_dir / name):
+            for file in files:
+                if file.startswith("."):
+                    continue
+                path = os.path.join(folder, file)
+                try:
+                    with open(path, "rb") as f:
+                        if f.seek(0, os.SEEK_END) > 0:
+                            f.seek(-1, os.SEEK_END)
+                            if f.read(1) == b".":
+                                continue
+                    os.unlink(path)
+                    dropped += 1
+                except OSError:
+                    pass  # unreadable or already gone: Inductor copes (and says so) as before
+    return dropped
+
+
+class CacheFolderError(Exception):
+    """The compile cache folder cannot be used; the message says why and what to do."""
+
+
+def _torch_default(value: str) -> bool:
+    """Whether `value` of $TORCHINDUCTOR_CACHE_DIR is the default torch._dynamo's import filled in
+    (only once it is imported: importing torch's helper imports it, making that folder)."""
+    if "torch._dynamo" not in sys.modules:
+        return False
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
-        return Path(current)
-    base = xdg_dir(os.environ, "XDG_CACHE_HOME", ".cache")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "internvl-chat" / "inductor")
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return os.path.abspath(value) == os.path.abspath(default_cache_dir())
+
+
+# what torch appends to a compile error's message for its own developers ("… if you're reporting a
+# bug to PyTorch", the user code's frames): cut, it pushed the cause out of the one-line note
+_TORCH_TAILS = ("\nfrom user code:", "\nSet TORCHDYNAMO_VERBOSE", "\nLast frame execution", "\nMinifier script")
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
+    text = str(error)
+    for tail in _TORCH_TAILS:
+        text = text.split(tail)[0]
+    text = " ".join(text.split())
     first = text.split(". ")[0]
     return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
+
+
+def _in_chain(error: BaseException, test: Callable[[BaseException], bool]) -> bool:
+    """Whether `test` holds for `error` or one it wraps (Inductor's errors keep theirs as
+    `inner_exception`; others as their cause or context)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if test(current):
+            return True
+        current = getattr(current, "inner_exception", None) or current.__cause__ or current.__context__
+    return False
 
 
 def _stderr_note(message: str) -> None:
@@ -170,16 +253,21 @@ class CompiledStep:
         with torch.inference_mode(False):  # normal tensors whatever the caller's mode: stable guards
             self._token = torch.zeros(1, dtype=torch.long, device=device)
             self._position = torch.full((1,), 2, dtype=torch.long, device=device)
-        for pair in lm.caches():  # fixed shape: never a symbolic size (a serve slot's own caches match it)
-            for t in pair:
-                torch._dynamo.mark_static(t)
 
     # -- building -----------------------------------------------------------------------------
 
     def compile(self) -> bool:
         """Trace and compile now (one warm-up step on scratch caches); False and a note on failure."""
-        self.cache_dir = use_cache_dir()
+        try:  # before anything imports torch._dynamo, which makes the folder and raises where it cannot
+            self.cache_dir = use_cache_dir()
+        except CacheFolderError as e:
+            return self._fail(e, "was not compiled", plain=True)
+        for pair in self.lm.caches():  # fixed shape: never a symbolic size (a serve slot's own caches match it)
+            for t in pair:
+                torch._dynamo.mark_static(t)
         self._say("compiling the decode step …")
+        if dropped := drop_damaged_entries(self.cache_dir):
+            self._say(f"{dropped} damaged entr{'y' if dropped == 1 else 'ies'} removed from the compile cache")
         start = time.perf_counter()
         options = inductor_options(self.device)
         kernel_failure = None
@@ -264,13 +352,21 @@ class CompiledStep:
             self.flat = FlatCall.build(direct, self.lm, self._token, scratch, self.lm.weights_version)
         return direct or fn
 
-    def _fail(self, error: BaseException, what: str) -> bool:
+    def _fail(self, error: BaseException, what: str, plain: bool = False) -> bool:
+        """`plain`: the error's message is already one line for the user (no type name, not cut)."""
         self.active = False
         self._fn = self.flat = self.native = None
         language.drop_row_chunks(self.lm)  # the eager step never reads them
-        self.failure = _one_line(error)
+        self.failure = " ".join(str(error).split()) if plain else _one_line(error)
+        fix = ""
+        folder = visible(str(getattr(self, "cache_dir", None) or "the compile cache folder"))
+        if _in_chain(error, lambda e: getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)):
+            fix = f"; free space on the disk of {folder}, or set $TORCHINDUCTOR_CACHE_DIR to a folder on another disk"
+        elif _in_chain(error, lambda e: "failed to map segment from shared object" in str(e)):
+            fix = (f"; the disk of {folder} does not let programs run from it (mounted noexec?): set "
+                   "$TORCHINDUCTOR_CACHE_DIR to a folder on another disk")  # fmt: skip
         # always printed (a progress display would overwrite it); Rich's live displays pass stderr through
-        _stderr_note(f"the decode step {what} ({self.failure}); using the eager step")
+        _stderr_note(f"the decode step {what} ({self.failure}); using the eager step{fix}")
         return False
 
     def _say(self, message: str) -> None:

@@ -31,11 +31,14 @@ GEMV_FLAGS = ("avx2", "fma")
 
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    """The instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere, or where no
+    line reads `flags : …`: a "flags" line without its colon, from an emulated or cut-short
+    /proc/cpuinfo, raised IndexError at start)."""
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            name, colon, value = line.partition(":")
+            if colon and name.strip() == "flags":
+                return frozenset(value.split())
     except OSError:
         pass
     return frozenset()
