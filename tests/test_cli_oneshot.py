@@ -832,18 +832,24 @@ def test_a_second_signal_while_the_handlers_are_put_back_leaves_none_of_them_beh
 def test_a_double_slash_at_the_start_of_the_prompt_sends_one_as_the_repl_does(monkeypatch, tmp_path, argv, sent):
     # the REPL sends `//TEXT` as `/TEXT`; one-shot sent both slashes, and its refusal of `-p "/save …"`
     # offered no way to send a text that starts with a command word
+    assert _prompt_sent(monkeypatch, tmp_path, argv, b"") == sent
+
+
+def _prompt_sent(monkeypatch, tmp_path, argv: list[str], stdin: bytes) -> str:
+    """The prompt one-shot would answer for `argv`, with `stdin` piped in (the model never runs)."""
     from internvl_chat import cli as cli_module
     from internvl_chat.ui import oneshot
 
     got = []
     monkeypatch.setattr(oneshot, "run_oneshot", lambda args, settings, prompt: got.append(prompt) or 0)
     monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
-    empty = tmp_path / "empty"
-    empty.write_bytes(b"")
-    with open(empty, encoding="utf-8") as stdin:
-        monkeypatch.setattr(sys, "stdin", stdin)
+    piped = tmp_path / "piped"
+    piped.write_bytes(stdin)
+    with open(piped, encoding="utf-8") as file:
+        monkeypatch.setattr(sys, "stdin", file)
         assert cli_module.run(argv) == 0
-    assert got == [sent]
+    assert len(got) == 1
+    return got[0]
 
 
 def test_the_refusal_of_a_command_word_as_the_prompt_names_the_double_slash(tmp_path):
@@ -857,17 +863,9 @@ def test_a_dash_as_the_prompt_reads_it_from_stdin(monkeypatch, tmp_path, argv):
     # with nothing piped the question "-"
     from internvl_chat import cli as cli_module
     from internvl_chat.errors import UsageError
-    from internvl_chat.ui import oneshot
 
-    got = []
-    monkeypatch.setattr(oneshot, "run_oneshot", lambda args, settings, prompt: got.append(prompt) or 0)
-    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    assert _prompt_sent(monkeypatch, tmp_path, argv, b"What is a triangle?\n") == "What is a triangle?"
     piped = tmp_path / "piped"
-    piped.write_bytes(b"What is a triangle?\n")
-    with open(piped, encoding="utf-8") as stdin:
-        monkeypatch.setattr(sys, "stdin", stdin)
-        assert cli_module.run(argv) == 0
-    assert got == ["What is a triangle?"]
     piped.write_bytes(b"")
     with open(piped, encoding="utf-8") as stdin:
         monkeypatch.setattr(sys, "stdin", stdin)

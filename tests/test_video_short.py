@@ -404,23 +404,30 @@ def test_an_mp4_of_thousands_of_edits_is_not_read_by_decord(tmp_path, monkeypatc
     assert load_video(path, 4).backend == "pyav"
 
 
-@pytest.mark.parametrize("backend", [None, "pyav"])
-def test_a_fragmented_mp4_whose_moov_counts_its_first_fragment_is_measured_and_sampled_whole(tmp_path, monkeypatch, backend):
-    """Its moov counts the first fragment's 5 samples, its moof boxes the other 25: FFmpeg's count
-    is the moov's, so the attach line said 5 frames of 3.0 s and PyAV sampled frames 0…4 alone
-    (decord, which counts FFmpeg's index, all 30). The index lists all 30 as FFmpeg opens it."""
+def _fragmented_video(tmp_path, monkeypatch, backend: str | None, movflags: str):
+    """30 numbered frames remuxed into a fragmented MP4 (a fragment per 5-frame GOP) with
+    `movflags`, read with `backend` (None: the app's default choice)."""
     if backend is None:
         monkeypatch.delenv(BACKEND_ENV, raising=False)
     else:
         monkeypatch.setenv(BACKEND_ENV, backend)
     path = write_numbered_video(tmp_path / "fragments.mp4", 30, FPS, gop=5)
     fragmented = tmp_path / "fragmented.mp4"
-    with av.open(str(path)) as source, av.open(str(fragmented), "w", options={"movflags": "frag_keyframe"}) as target:
+    with av.open(str(path)) as source, av.open(str(fragmented), "w", options={"movflags": movflags}) as target:
         out = target.add_stream_from_template(source.streams.video[0])
         for packet in source.demux(video=0):
             if packet.dts is not None:
                 packet.stream = out
                 target.mux(packet)
+    return fragmented
+
+
+@pytest.mark.parametrize("backend", [None, "pyav"])
+def test_a_fragmented_mp4_whose_moov_counts_its_first_fragment_is_measured_and_sampled_whole(tmp_path, monkeypatch, backend):
+    """Its moov counts the first fragment's 5 samples, its moof boxes the other 25: FFmpeg's count
+    is the moov's, so the attach line said 5 frames of 3.0 s and PyAV sampled frames 0…4 alone
+    (decord, which counts FFmpeg's index, all 30). The index lists all 30 as FFmpeg opens it."""
+    fragmented = _fragmented_video(tmp_path, monkeypatch, backend, "frag_keyframe")
     with av.open(str(fragmented)) as container:
         assert container.streams.video[0].frames == 5  # the moov's
     header = read_header(fragmented, orientation=False)
@@ -440,18 +447,7 @@ def test_a_fragmented_mp4_of_an_empty_moov_cut_short_is_measured_as_it_is_sample
     It is counted from the index as a moov that lists some is, its lost frames told at attach."""
     import struct
 
-    if backend is None:
-        monkeypatch.delenv(BACKEND_ENV, raising=False)
-    else:
-        monkeypatch.setenv(BACKEND_ENV, backend)
-    path = write_numbered_video(tmp_path / "fragments.mp4", 30, FPS, gop=5)
-    fragmented = tmp_path / "fragmented.mp4"
-    with av.open(str(path)) as source, av.open(str(fragmented), "w", options={"movflags": "frag_keyframe+empty_moov"}) as target:
-        out = target.add_stream_from_template(source.streams.video[0])
-        for packet in source.demux(video=0):
-            if packet.dts is not None:
-                packet.stream = out
-                target.mux(packet)
+    fragmented = _fragmented_video(tmp_path, monkeypatch, backend, "frag_keyframe+empty_moov")
     data = fragmented.read_bytes()
     at, mdats = 0, []
     while at < len(data):
