@@ -832,3 +832,72 @@ def test_rope_theta_is_taken_where_transformers_5_takes_it(tiny_original, sectio
     from transformers import Qwen2Config  # the reference, on the same fields
 
     assert Qwen2Config(**json.loads(json.dumps(sections))).rope_parameters["rope_theta"] == theta
+
+
+# ---------------------------------------------------------------- the published file sets
+
+
+PUBLISHED_KINDS = ["original", "original-slow", "hf", "hf-config-video"]
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> dict[str, Path]:
+    from published_files import published_replica
+
+    root = tmp_path_factory.mktemp("published")
+    return {kind: published_replica(root / kind, kind) for kind in PUBLISHED_KINDS}
+
+
+def _cli_one_shot(folder: Path) -> str:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "internvl_chat", "--model", str(folder), "--device", "cpu",
+                          "-p", "hi", "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0 and "error" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+    return run.stdout
+
+
+@pytest.mark.parametrize("kind", PUBLISHED_KINDS)
+def test_a_replica_of_a_published_file_set_loads_with_its_tokens(published, kind):
+    """Every file and key the published InternVL3 repos ship (tests/published_files.py), at a tiny
+    size: it loads, the chat and image tokens are the ids its files give them, an -hf tokenizer's
+    `<video>` (one past the rows) is no special id, and plain text encodes as transformers encodes it."""
+    from transformers import AutoTokenizer
+
+    from internvl_chat.engine.loader import load_model
+
+    folder = published[kind]
+    loaded = load_model(folder, device="cpu", dtype="float32", max_context=64)
+    declared = {e["content"]: int(i) for i, e in json.loads((folder / "tokenizer_config.json").read_text())["added_tokens_decoder"].items()}
+    rows = loaded.config.text.vocab_size
+    assert rows == declared["</box>"] + 1
+    special = loaded.special
+    assert (special.im_start, special.im_end, special.img_context) == (declared["<|im_start|>"], declared["<|im_end|>"], declared["<IMG_CONTEXT>"])
+    if kind.startswith("hf"):
+        assert loaded.tokenizer.convert_tokens_to_ids("<video>") == rows and rows not in loaded.tokenizer.special_ids
+        assert loaded.config.layout == "hf" and loaded.config.max_dynamic_patch == 12
+    text = "Describe the picture <tool_call> x </tool_call>, 3.14 héllo 世界\n\n  done"
+    reference = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    assert loaded.tokenizer.encode(text) == reference(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("kind", ["original-slow", "hf"])
+def test_a_replica_of_a_published_file_set_answers_in_one_shot(published, kind):
+    assert _cli_one_shot(published[kind]).strip()
+
+
+def test_a_replica_of_a_published_awq_file_set_loads_and_answers(published, tmp_path):
+    """lmdeploy's InternVL3-*-AWQ layout: quantization_config under llm_config with the five keys
+    auto_awq writes, weights in pytorch_model-0000k-of-0000n.bin shards with an index."""
+    from published_files import as_lmdeploy_bin_shards
+
+    from internvl_chat.quantize import quantize_checkpoint
+
+    quantize_checkpoint(published["original"], tmp_path / "awq", "rtn", group_size=32, device="cpu")
+    folder = as_lmdeploy_bin_shards(tmp_path / "awq")
+    llm = original_config(folder)["llm_config"]
+    assert llm["quantization_config"] == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 32, "zero_point": True}
+    assert sorted(p.name for p in folder.glob("*.bin")) == ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    assert _cli_one_shot(folder).strip()

@@ -458,3 +458,24 @@ def test_an_hf_source_with_both_rope_thetas_is_written_with_the_one_it_ran(tiny_
     cfg = load_config(src)
     assert cfg.text.rope_theta == 7.0
     assert original_config(src, cfg, GROUP)["llm_config"]["rope_theta"] == 7.0
+
+
+def test_an_hf_source_without_a_top_level_tie_flag_keeps_its_own_lm_head(tiny_hf, tmp_path):
+    """The published -hf configs carry no top-level tie_word_embeddings (transformers 4 leaves a
+    default out; transformers ≥ 5 reads its absence as true) yet store InternVL3's own lm_head,
+    which the app runs as stored. The output dropped that head and said tie_word_embeddings: true,
+    so the quantized model ran with the embeddings as its head: another model."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_hf, src)
+    raw = json.loads((src / "config.json").read_text())
+    raw.pop("tie_word_embeddings")
+    (src / "config.json").write_text(json.dumps(raw))
+    source = load_model(src, device="cpu", dtype="float32", max_context=64).model.language_model
+    assert source.lm_head.weight is not source.model.embed_tokens.weight
+    quantize_checkpoint(src, tmp_path / "out", "rtn", group_size=GROUP, device="cpu")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["llm_config"]["tie_word_embeddings"] is False
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(stored["language_model.lm_head.weight"], source.lm_head.weight.detach().half())
+    out = load_model(tmp_path / "out", device="cpu", dtype="float32", max_context=64).model.language_model
+    assert out.lm_head.weight is not out.model.embed_tokens.weight

@@ -16,7 +16,7 @@ from .calibration import MAX_SAMPLES, Calibration, Sample, calibration_files, ca
 from .checks import check_group_size, check_source, check_source_values, check_written_range
 from .output_folder import publish, staged_output
 from .progress import Progress
-from .writer import checkpoint_files, float_tensors, original_config, write_checkpoint, write_error
+from .writer import checkpoint_files, float_tensors, head_is_tied, original_config, write_checkpoint, write_error
 
 
 def quantize_checkpoint(
@@ -78,7 +78,7 @@ def quantize_checkpoint(
         check_written_range(tensors, method)
         with progress.phase("writing", len(checkpoint_files(tensors)) + 1, "files") as step:
             try:
-                write_checkpoint(staging, original_config(src, loaded.config, group_size), tensors, src, step)
+                write_checkpoint(staging, original_config(src, loaded.config, group_size, head_is_tied(loaded)), tensors, src, step)
             except OSError as e:
                 raise write_error(e, src, dst) from None
             publish(staging, dst)

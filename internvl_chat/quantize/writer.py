@@ -63,9 +63,19 @@ def copied_files(src_dir: Path, config: dict) -> list[Path]:
     return settings_files(src_dir) + (code_files(src_dir) if "auto_map" in config else [])
 
 
+def head_is_tied(loaded: LoadedModel) -> bool:
+    """Whether the model ran with lm_head and the token embeddings as one tensor (the loader ties
+    them only where the checkpoint stores one of the two). config.json's flag is not the answer: the
+    published -hf configs carry no top-level tie_word_embeddings (transformers 4 leaves a default
+    out), which transformers ≥ 5 reads as true, yet store InternVL3's separate lm_head."""
+    lm = loaded.model.language_model
+    return lm.lm_head.weight is lm.model.embed_tokens.weight
+
+
 def float_tensors(loaded: LoadedModel) -> dict[str, torch.Tensor]:
     """Everything that stays 16-bit, under canonical names (fused q/k/v biases split back)."""
     cfg = loaded.config
+    tied = head_is_tied(loaded)
     parts = fused_parts(cfg)["self_attn.qkv_proj"]
     out = {}
     for name, tensor in loaded.model.named_parameters():
@@ -75,15 +85,18 @@ def float_tensors(loaded: LoadedModel) -> dict[str, torch.Tensor]:
                 out[f"{prefix}{part}.bias"] = tensor.data[start:end]
         elif is_quantized(name):
             continue
-        elif name == "language_model.lm_head.weight" and cfg.text.tie_word_embeddings:
+        elif name == "language_model.lm_head.weight" and tied:
             continue
         else:
             out[name] = tensor.data
     return {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in out.items()}
 
 
-def original_config(src_dir: Path, cfg: ModelConfig, group_size: int) -> dict:
-    """The source config in the original layout, with AWQ's quantization_config under llm_config."""
+def original_config(src_dir: Path, cfg: ModelConfig, group_size: int, tied: bool | None = None) -> dict:
+    """The source config in the original layout, with AWQ's quantization_config under llm_config.
+    `tied`: whether the model ran with lm_head tied to the embeddings (head_is_tied; None: as
+    config.json says), which the output's llm_config must say, as it holds lm_head only where untied."""
+    tied = cfg.text.tie_word_embeddings if tied is None else tied
     raw = read_config_json(src_dir)
     if cfg.layout == "original":
         out = json.loads(json.dumps(raw))
@@ -111,7 +124,7 @@ def original_config(src_dir: Path, cfg: ModelConfig, group_size: int) -> dict:
             },  # fmt: skip
             # transformers ties an -hf head by the top-level flag (text_config's may say otherwise)
             "llm_config": {**t, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-                           "tie_word_embeddings": cfg.text.tie_word_embeddings},
+                           "tie_word_embeddings": tied},
         }
         # transformers ≥ 5 keeps rope_theta under rope_parameters; the original layout's readers
         # (InternVL's own code, lmdeploy, transformers 4) read it at the top and default to 10,000
@@ -120,6 +133,11 @@ def original_config(src_dir: Path, cfg: ModelConfig, group_size: int) -> dict:
             out["system_message"] = ""  # the -hf template has no system prompt; keep it that way
     # one the source carried empty (or null) at the top would be read there first by tools that
     # look for it there; the published layout keeps it under llm_config only (SPEC §2)
+    # the original layout ties by llm_config's flag: an -hf source that stored its own lm_head
+    # under a tying top-level flag (or none) lost that head, and the output ran another model
+    out["llm_config"]["tie_word_embeddings"] = tied
+    if "tie_word_embeddings" in out:
+        out["tie_word_embeddings"] = tied
     out.pop("quantization_config", None)
     out["llm_config"]["quantization_config"] = {
         "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group_size, "zero_point": True,
