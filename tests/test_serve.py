@@ -490,6 +490,10 @@ def test_retry_after_counts_what_the_running_job_has_left(server, client):
             client.chat.completions.create(**chat_body("three", max_tokens=4))
         return int(err.value.response.headers["retry-after"])
 
+    # the engine appends a job's duration after its client has had the whole answer: the earlier
+    # test's last job may still be ending; its duration (real clock, or the fake one minus a real
+    # start) landing after the clear below skewed the mean (Retry-After 1, not 11, on a busy machine)
+    assert worker.wait_idle(WAIT_S)
     worker.clock = lambda: now[0]
     getattr(worker, "_durations", []).clear()  # the module's earlier jobs, timed by the real clock
     readers = []
@@ -514,6 +518,7 @@ def test_retry_after_counts_what_the_running_job_has_left(server, client):
             reader.join(WAIT_S)
     finally:
         release.set()
+        worker.wait_idle(WAIT_S)  # "second" timed by the fake clock, not a real end minus a fake start
         worker.on_start, server.options.queue_depth = None, 8
         worker.clock = time.perf_counter
     assert set(finishes) == {"first", "second"} and all(finishes.values())
@@ -533,6 +538,9 @@ def test_queue_depth_zero_still_serves_an_idle_engine(server, client):
     try:
         assert server.worker.wait_idle(WAIT_S)
         assert ask(client).choices[0].finish_reason in ("stop", "length")
+        # that job's client has its answer before the engine marks it done: a stream submitted in
+        # between found the engine busy and, with depth 0, was refused (then `started` never came)
+        assert worker.wait_idle(WAIT_S)
         worker.on_start = hold
         reader = _read_stream_on_a_thread(client, chat_body("one", max_tokens=4), finishes, "first")
         assert started.wait(WAIT_S)
