@@ -109,7 +109,7 @@ def _refuse_repl_command(args: argparse.Namespace) -> None:
     if commands:
         line = lines[commands[0]]
         kind = command_start(line).split()[0][1:].lower()
-        raise UsageError(f"the prompt's line {visible(line.strip())!r} is a REPL command with options, which a prompt "
+        raise UsageError(f"the prompt's line '{visible(line.strip())}' is a REPL command with options, which a prompt "
                          f"given with -p does not run (its path would go with the default frames, the options as text); "
                          f"attach with --{kind} PATH and its flags (--frames N, --video-range A-B), or type it in the REPL")  # fmt: skip
     word = (command_start(typed).split(None, 1) or [""])[0]  # a copied "<feff>/save" is /save in the REPL too

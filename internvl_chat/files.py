@@ -74,7 +74,7 @@ def expand_home(path: str | Path) -> Path:
         user = str(path)[1:].split("/", 1)[0]
         if not user:  # `~` itself: no HOME and no account entry
             raise NoHomeFolder(visible(str(path))) from None
-        raise UsageError(f"{visible(str(path))}: there is no user {visible(user)!r} for ~{visible(user)}; "
+        raise UsageError(f"{visible(str(path))}: there is no user '{visible(user)}' for ~{visible(user)}; "
                          "give the full path") from None  # fmt: skip
 
 

@@ -40,6 +40,7 @@ from internvl_chat.demo.scenes import (  # noqa: E402
 )
 from internvl_chat.engine.loader import LoadedModel, load_model  # noqa: E402
 from internvl_chat.errors import InternVLChatError, UsageError  # noqa: E402
+from internvl_chat.files import visible  # noqa: E402
 from internvl_chat.media.image import normalize_tiles, tile_image  # noqa: E402
 from script_args import nonnegative_int, output_file, positive_int  # noqa: E402
 
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.per_type, args.device, args.quantized, args.single_turn, args.dtype, args.group_size, args.calib_scenes
         )
     except InternVLChatError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {visible(str(e))}", file=sys.stderr)  # inert, as the CLI prints it
         return 1
     mode = "single-turn" if args.single_turn else "multi-turn"
     kind = f"4-bit {args.quantized}, group {args.group_size}" if args.quantized != "none" else "float"

@@ -15,6 +15,7 @@ if str(REPO_ROOT) not in sys.path:  # a script run without PYTHONPATH (fuzz_pars
     sys.path.insert(0, str(REPO_ROOT))
 
 from internvl_chat.errors import InternVLChatError  # noqa: E402
+from internvl_chat.files import visible  # noqa: E402
 from internvl_chat.numbers import ascii_shown, parse_float, parse_int  # noqa: E402
 
 
@@ -70,9 +71,10 @@ def torch_device(text: str) -> str:
 
 def one_line_errors(main: Callable[[], int | None]) -> int:
     """Run a script's main; the app's own errors (a missing checkpoint, a bad group size) as one
-    line `error: …` and status 1, not a traceback."""
+    line `error: …` and status 1, not a traceback. Shown inert, as the CLI shows them (cli.py's
+    _print_error): a message may carry what it was given as is (a file name, a library's reason)."""
     try:
         return main() or 0
     except InternVLChatError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {visible(str(e))}", file=sys.stderr)
         return 1

@@ -884,6 +884,13 @@ def test_a_video_line_with_options_in_the_prompt_is_refused_with_the_flags_to_us
     assert "attach with --video PATH and its flags (--frames N, --video-range A-B)" in run.stderr  # the flag there is (--range is not)
 
 
+def test_a_command_line_in_the_prompt_is_quoted_escaped_once(tmp_path):
+    """The line was escaped, then quoted with repr(), which doubled every backslash of its escapes."""
+    run = cli("--model", str(tmp_path / "no-model"), "-p", "Describe this\n/video c\x1b[31mlip\u202e.mp4 --frames 4")
+    _one_line(run, 2, "the prompt's line '/video c\\e[31mlip\\u202e.mp4 --frames 4' is a REPL command with options")
+    assert "\x1b" not in run.stderr and "\u202e" not in run.stderr and "\\\\" not in run.stderr, run.stderr
+
+
 def test_a_signal_handled_as_the_mask_is_set_leaves_no_signal_blocked(monkeypatch):
     # pthread_sigmask runs the Python handlers of signals already caught (PyErr_CheckSignals) right
     # after it blocks them: a stop handler's raise came out of the SIG_BLOCK call itself, before the

@@ -390,6 +390,31 @@ def test_a_cache_folder_on_a_noexec_disk_says_what_to_do(eager, monkeypatch, cap
     assert f"the disk of {tmp_path} does not let programs run" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
 
 
+def test_a_compile_error_quoting_a_hostile_path_is_shown_inert(eager, monkeypatch, capsys, tmp_path):
+    """Inductor passes the C compiler's (or the loader's) text on, and it quotes paths as they are:
+    a cache folder named with an escape sequence and a bidi override reached the terminal raw in
+    the one-line note, and in `compile_failure` (which the benchmarks print)."""
+    from torch._inductor.exc import InductorError
+
+    hostile = tmp_path / "c\x1b[31mred\u202e"
+    hostile.mkdir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(hostile))
+    monkeypatch.setattr(compiled, "NATIVE_CPU_STEP", False)
+    step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
+
+    def noexec(options):
+        raise InductorError(OSError(f"{hostile}/ab/cab.main.so: failed to map segment from shared object"), None)
+
+    monkeypatch.setattr(step, "_build", noexec)
+    assert step.compile() is False
+    note = capsys.readouterr().err
+    assert len(note.strip().splitlines()) == 1 and "using the eager step" in note, note
+    for shown in (note, step.failure):
+        assert "\x1b" not in shown and "\u202e" not in shown, repr(shown)
+        assert "\\e[31mred\\u202e/ab/cab.main.so" in shown, shown
+    assert "\\\\e" not in note, note  # escaped once, not twice
+
+
 def test_auto_compiles_large_decoders_on_cpu_only(eager):
     lm = eager.model.language_model
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -258,6 +258,16 @@ def test_expand_home_decides_on_the_text_so_dot_slash_tilde_is_a_file_here(tmp_p
         expand_home("~no-such-user-internvl-chat/x.png")
 
 
+def test_an_unknown_user_with_hostile_characters_is_named_escaped_once():
+    """The user name was escaped, then quoted with repr(), which doubled every backslash: ESC showed as `\\\\e`."""
+    with pytest.raises(UsageError) as refused:
+        expand_home("~no-such\x1b[31muser\u202e/x.png")
+    line = str(refused.value)
+    assert "\x1b" not in line and "\u202e" not in line, repr(line)
+    assert "there is no user 'no-such\\e[31muser\\u202e' for ~no-such\\e[31muser\\u202e;" in line, line
+    assert "\\\\" not in line, line
+
+
 def test_open_regular_file_refuses_a_fifo_through_its_descriptor_without_blocking(tmp_path):
     from internvl_chat.files import NotRegularFile, open_regular_file
 

@@ -141,6 +141,20 @@ def test_a_model_id_too_long_for_any_real_server_is_passed_over():
         assert len(str(refused.value)) < 600  # the served ids are named shortened
 
 
+def test_a_hostile_model_id_in_the_refusal_is_escaped_once():
+    """The asked id was escaped, then quoted with repr(), which doubled each backslash of the
+    escapes: an ESC showed as `\\\\e`, a bidi override as `\\\\u202e`. The served ids are escaped too."""
+    cards = {"data": [{"id": "served\x1b]8;;http://x\x07id\u202e", "owned_by": "vllm"}]}
+    with FakeServer(json.dumps(cards).encode()) as server:
+        with pytest.raises(UsageError) as refused:
+            connect(server, model="asked\x1b[31mid\u202e")
+    line = str(refused.value)
+    assert "\x1b" not in line and "\x07" not in line and "\u202e" not in line, repr(line)
+    assert "does not serve 'asked\\e[31mid\\u202e';" in line, line
+    assert "served\\e]8;;http://x\\x07id\\u202e" in line, line
+    assert "\\\\" not in line, line  # no escape escaped again
+
+
 def test_a_model_the_server_does_not_serve_is_refused_with_the_served_ones():
     with FakeServer(models_of("lmdeploy")) as server:
         with pytest.raises(UsageError, match=r"does not serve 'InternVL3-9B'.*OpenGVLab/InternVL3-8B"):

@@ -844,6 +844,18 @@ def model_gone(served: str) -> Reply:
                                  "code": "model_not_found"}}, 404)  # fmt: skip
 
 
+def test_the_hint_for_a_model_gone_names_a_hostile_model_escaped_once():
+    """The model a server listed, quoted in the hint with repr() after escaping: every backslash of
+    its escapes came out doubled."""
+    from internvl_chat.chat.advice import Advice
+    from internvl_chat.chat.remote_errors import unknown_model_hint
+
+    hint = unknown_model_hint("m\x1b[31mx\u202e", Advice(commands=True))
+    assert "\x1b" not in hint and "\u202e" not in hint, repr(hint)
+    assert "no longer serves 'm\\e[31mx\\u202e' (restarted" in hint, hint
+    assert "\\\\" not in hint, hint
+
+
 def test_a_server_restarted_with_another_model_says_how_to_go_on(tmp_path):
     """Every turn got a 404 that said "check --remote-model", a flag the running REPL cannot take
     (nor /set): the hint names what works, and it does: /save, restart on the model it serves, /load."""

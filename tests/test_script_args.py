@@ -147,3 +147,39 @@ def test_a_refused_path_is_shown_escaped_on_one_line(argv, flag):
     last = done.stderr.splitlines()[-1]
     assert last.startswith(f"{script}: error: argument {flag}: /no\\nsuch" if flag == "--init" else
                            f"{script}: error: argument {flag}: /no\\npython"), done.stderr
+
+
+HOSTILE = "a\x1b]8;;http://x\x07b\x1b[31mred\u202e\nforged"
+
+
+def _raw_error():
+    """An app error whose message carries text as it was given: OneLineParser's carries the unknown
+    flag as typed, and the CLI escapes it where it prints it (cli.py's _print_error)."""
+    from internvl_chat.errors import OneLineParser
+
+    OneLineParser(prog="x").parse_args([f"--{HOSTILE}"])
+
+
+def _inert_line(err: str) -> None:
+    assert err.count("\n") == 1 and err.startswith("error: "), repr(err)
+    assert not any(c in err[:-1] for c in "\x1b\x07\u202e\n"), repr(err)
+    assert "a\\e]8;;http://x\\x07b\\e[31mred\\u202e\\nforged" in err, err
+
+
+def test_a_scripts_app_error_is_printed_inert(capsys):
+    """one_line_errors printed the message raw: an escape sequence reached the terminal, a newline
+    began a line of its own."""
+    def main():
+        _raw_error()
+
+    assert script_args.one_line_errors(main) == 1
+    _inert_line(capsys.readouterr().err)
+
+
+def test_an_evaluations_app_error_is_printed_inert(capsys, monkeypatch):
+    def fails(*args, **kwargs):
+        _raw_error()
+
+    monkeypatch.setattr(eval_demo_model, "evaluate_full", fails)
+    assert eval_demo_model.main(["--model", NO_MODEL]) == 1
+    _inert_line(capsys.readouterr().err)

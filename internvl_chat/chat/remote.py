@@ -162,7 +162,7 @@ class RemoteConversation:
                     served = ", ".join(shorten(c["id"], 200) for c in cards[:MODELS_NAMED])
                     if len(cards) > MODELS_NAMED:  # a list of thousands: the line says the rest exist
                         served += f", … and {len(cards) - MODELS_NAMED:,} more"
-                    raise UsageError(f"the server does not serve {visible(model)!r}; --remote-model must be one of: {served}")
+                    raise UsageError(f"the server does not serve '{visible(model)}'; --remote-model must be one of: {served}")
             else:
                 card = cards[0]
             chosen = detect_dialect(card.get("owned_by")) if dialect.strip().lower() in ("", "auto") else dialect

@@ -99,7 +99,7 @@ def unknown_model_hint(model: str, advice: Advice) -> str:
     serves another (it was restarted). The model cannot change in a running conversation."""
     if not advice.commands:
         return "check --server (it usually ends in /v1) and --remote-model"
-    return (f"the server no longer serves {shorten(model, 80)!r} (restarted with another model?) and the model "
+    return (f"the server no longer serves '{shorten(model, 80)}' (restarted with another model?) and the model "
             "cannot change here: /save, then restart internvl-chat with --remote-model set to the model it "
             "serves, and /load the conversation")  # fmt: skip
 

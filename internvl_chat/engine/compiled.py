@@ -205,12 +205,14 @@ _TORCH_TAILS = ("\nfrom user code:", "\nSet TORCHDYNAMO_VERBOSE", "\nLast frame 
 
 
 def _one_line(error: BaseException) -> str:
+    """A compiler's or capture's error as one short line, shown inert: Inductor passes on the C
+    compiler's output, which quotes paths (the cache folder's) and source as they are."""
     text = str(error)
     for tail in _TORCH_TAILS:
         text = text.split(tail)[0]
     text = " ".join(text.split())
     first = text.split(". ")[0]
-    return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
+    return f"{type(error).__name__}: {visible(first[:160])}" if first else type(error).__name__
 
 
 def _in_chain(error: BaseException, test: Callable[[BaseException], bool]) -> bool:
@@ -227,7 +229,8 @@ def _in_chain(error: BaseException, test: Callable[[BaseException], bool]) -> bo
 
 
 def _stderr_note(message: str) -> None:
-    print(f"internvl-chat: {message}", file=sys.stderr, flush=True)
+    # `visible` leaves backslashes alone: text escaped before is not escaped twice
+    print(f"internvl-chat: {visible(message)}", file=sys.stderr, flush=True)
 
 
 class CompiledStep:
@@ -357,7 +360,7 @@ class CompiledStep:
         self.active = False
         self._fn = self.flat = self.native = None
         language.drop_row_chunks(self.lm)  # the eager step never reads them
-        self.failure = " ".join(str(error).split()) if plain else _one_line(error)
+        self.failure = visible(" ".join(str(error).split())) if plain else _one_line(error)
         fix = ""
         folder = visible(str(getattr(self, "cache_dir", None) or "the compile cache folder"))
         if _in_chain(error, lambda e: getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)):
