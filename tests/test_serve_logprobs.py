@@ -313,6 +313,23 @@ def test_the_default_budget_refuses_the_worst_cases_alone(job, passes):
         assert err.value.status == 400 and "GiB of server memory" in err.value.message
 
 
+def test_the_budget_is_a_serve_flag_and_setting_in_mib():
+    import os
+
+    from internvl_chat.serve.main import _overrides, build_parser
+    from internvl_chat.serve.options import ServeOptions
+    from internvl_chat.settings import load_settings
+
+    def budget(argv: list[str], env: dict | None = None) -> int | None:
+        settings = load_settings(os.devnull, env or {}, _overrides(build_parser().parse_args(argv)))
+        return ServeOptions.from_settings(settings).max_logprobs_bytes
+
+    assert budget([]) == ServeOptions().max_logprobs_bytes == 1 << 30
+    assert budget(["--max-logprobs-mb", "64"]) == 64 << 20
+    assert budget(["--max-logprobs-mb", "0"]) is None  # no limit
+    assert budget([], {"INTERNVL_CHAT_SERVE_MAX_LOGPROBS_MB": "7"}) == 7 << 20
+
+
 def test_the_estimate_of_an_entry_is_what_entries_bytes_counts():
     entry = {"token": "abcd", "logprob": -1.0, "bytes": [97, 98, 99, 100],
              "top_logprobs": [{"token": "wxyz", "logprob": -2.0, "bytes": [119, 120, 121, 122]}] * 20}  # fmt: skip
