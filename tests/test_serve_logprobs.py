@@ -24,7 +24,7 @@ from internvl_chat.engine.loader import load_model
 from internvl_chat.engine.tokenizer import BYTE_ALPHABET, as_tokenizer
 from internvl_chat.serve import engine
 from internvl_chat.serve.errors import APIError
-from internvl_chat.serve.logprobs import SentTokens, TokenPieces, entries_bytes, position_bytes
+from internvl_chat.serve.logprobs import SentTokens, TokenPieces, entries_bytes, held_bytes, position_bytes
 from internvl_chat.serve.stops import StopStrings
 from serve_support import chat_body
 
@@ -215,7 +215,7 @@ def test_bad_top_logprobs_are_400_naming_it(client, change, says):
 
 # ---- the memory a non-streamed answer's logprobs may hold -------------------------------------
 
-SMALL_BUDGET = 1 << 20  # 1 MiB: n 16 × 16 tokens × top_logprobs 20 (~1.6 MB) is over it, one answer of them is not
+SMALL_BUDGET = 1 << 20  # 1 MiB: n 16 × 16 tokens × top_logprobs 20 (~2.4 MB) is over it, one answer of them is not
 
 
 @pytest.fixture
@@ -255,7 +255,7 @@ def test_a_non_streamed_request_whose_logprobs_could_pass_the_budget_is_refused_
 
 
 def test_requests_under_the_budget_and_without_logprobs_are_answered(client, small_budget):
-    one = ask(client, max_tokens=16, logprobs=True, top_logprobs=20)  # one answer of them: ~100 KB
+    one = ask(client, max_tokens=16, logprobs=True, top_logprobs=20)  # one answer of them: ~150 KB
     assert one.choices[0].logprobs.content
     many = ask(client, max_tokens=16, n=16)  # no logprobs: nothing held for them
     assert len(many.choices) == 16
@@ -285,19 +285,19 @@ def budget_job(prompt_len: int, max_new_tokens: int, n: int = 1, k: int | None =
 
 
 @pytest.mark.parametrize(("job", "passes"), [
-    # n 1, top_logprobs 20, a 32k context's whole room: ~210 MB
+    # n 1, top_logprobs 20, a 32k context's whole room: ~310 MB
     (lambda: budget_job(100, 32_668), True),
-    # n 16 of them: ~3.4 GB
+    # n 16 of them: ~4.9 GB
     (lambda: budget_job(100, 32_668, n=16), False),
     # streamed: nothing held
     (lambda: budget_job(100, 32_668, n=16, keep_entries=False), True),
     # no logprobs
     (lambda: budget_job(100, 32_668, n=16, k=None), True),
-    # n 16 with max_tokens 1024: ~105 MB
+    # n 16 with max_tokens 1024: ~155 MB
     (lambda: budget_job(100, 1024, n=16), True),
-    # lm-eval's scoring of a 32k-token prompt: echo, logprobs 1, max_tokens 0 (~22 MB)
+    # lm-eval's scoring of a 32k-token prompt: echo, logprobs 1, max_tokens 0 (~32 MB)
     (lambda: budget_job(32_767, 1, k=1, echo=True, prompt_logprobs=1, discard_answer=True, prompt_field="prompt"), True),
-    # 64 such prompts with logprobs 5, each echoed: ~4 GB
+    # 64 such prompts with logprobs 5, each echoed: ~5.8 GB
     (lambda: budget_job(32_767, 1, n=64, k=5, echo=True, prompt_logprobs=5, discard_answer=True, prompt_field="prompt"), False),
 ])  # fmt: skip
 def test_the_default_budget_refuses_the_worst_cases_alone(job, passes):
@@ -331,10 +331,12 @@ def test_the_budget_is_a_serve_flag_and_setting_in_mib():
 
 
 def test_the_estimate_of_an_entry_is_what_entries_bytes_counts():
-    entry = {"token": "abcd", "logprob": -1.0, "bytes": [97, 98, 99, 100],
-             "top_logprobs": [{"token": "wxyz", "logprob": -2.0, "bytes": [119, 120, 121, 122]}] * 20}  # fmt: skip
+    entry = {"token": "defg", "logprob": -1.2345678901234567, "bytes": [100, 101, 102, 103],
+             "top_logprobs": [{"token": "wxyz", "logprob": -1.2345678901234567, "bytes": [119, 120, 121, 122]}] * 20}  # fmt: skip
     assert position_bytes(20) == entries_bytes([entry])
     assert position_bytes(0) == entries_bytes([{**entry, "top_logprobs": []}])
+    # at the answer's end its JSON is held too, as text and then as bytes
+    assert held_bytes(20) == position_bytes(20) + 2 * (len(json.dumps(entry, separators=(",", ":"))) + 1)
 
 
 # ---- token text and bytes ----------------------------------------------------------------------

@@ -63,7 +63,7 @@ from .answers import AnswerMemory, prompt_digest
 from .conversation import Prompt, PromptMaker
 from .errors import APIError, from_app_error, shown
 from .features import FeatureCache
-from .logprobs import SentTokens, TokenPieces, entries_bytes, position_bytes
+from .logprobs import SentTokens, TokenPieces, entries_bytes, held_bytes
 from .media import DecodeAllowance, MediaReader
 from .namespaces import found_again
 from .options import ServeOptions
@@ -233,9 +233,9 @@ class Job:
                 echoed += self.choices * len(prompt.ids)
         held = 0
         if answer:
-            held += answer * position_bytes(self.params.logprobs)
+            held += answer * held_bytes(self.params.logprobs)
         if echoed:
-            held += echoed * position_bytes(self.prompt_logprobs)
+            held += echoed * held_bytes(self.prompt_logprobs)
         return answer, echoed, held
 
     def param(self, number: int) -> str:
