@@ -16,7 +16,9 @@ that cannot fit) is an HTTP status, as without `stream`.
 
 A job that asked for logprobs gets "tokens" events, (text, logprob entries), in place of "text":
 the entries of the tokens whose text that event completes (serve/logprobs.py), and its "choice"
-result lists them all.
+result lists them all. A non-streamed job holds them all until its answer is sent whole, so one
+whose worst case could pass the server's `max_logprobs_bytes` is refused before it is queued
+(`check_logprobs`).
 
 A job answers `choices` times (the request's n), one choice after another on the same slot: the
 events are each choice's text, then its "choice" result, and after the last one "done" with the
