@@ -338,6 +338,8 @@ class ServeSettings:
                                                 "for a request's video files in all, those passed through to reach the sampled "
                                                 "ones included; 0: no limit)")  # fmt: skip
     feature_cache_mb: int = _setting(256, _number(0), "an integer ≥ 0 (MiB of cached image features; 0 turns it off)")
+    max_logprobs_mb: int = _setting(1024, _number(0), "an integer ≥ 0 (MiB a non-streamed request's logprobs may "
+                                    "take at worst; 0: no limit)")  # fmt: skip
     allow_remote_media: bool = _setting(False, expect="true or false (let requests make the server fetch http(s) URLs)")
     shared_cache: bool = _setting(True, expect="true or false (false: no request reuses what another one cached)")
     allow_local_media: str = _setting("", expect="a folder whose files requests may name as file:// URLs (empty: none)")

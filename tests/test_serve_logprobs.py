@@ -22,7 +22,9 @@ from internvl_chat.chat.generate import stream_generate
 from internvl_chat.chat.sampling import Sampler, SamplingParams
 from internvl_chat.engine.loader import load_model
 from internvl_chat.engine.tokenizer import BYTE_ALPHABET, as_tokenizer
-from internvl_chat.serve.logprobs import SentTokens, TokenPieces
+from internvl_chat.serve import engine
+from internvl_chat.serve.errors import APIError
+from internvl_chat.serve.logprobs import SentTokens, TokenPieces, entries_bytes, held_bytes, position_bytes
 from internvl_chat.serve.stops import StopStrings
 from serve_support import chat_body
 
@@ -209,6 +211,132 @@ def test_bad_top_logprobs_are_400_naming_it(client, change, says):
         ask(client, **change)
     assert err.value.body["param"] == "top_logprobs"
     assert says in err.value.body["message"]
+
+
+# ---- the memory a non-streamed answer's logprobs may hold -------------------------------------
+
+SMALL_BUDGET = 1 << 20  # 1 MiB: n 16 × 16 tokens × top_logprobs 20 (~2.4 MB) is over it, one answer of them is not
+
+
+@pytest.fixture
+def small_budget(server, monkeypatch):
+    """The module's server with a logprobs budget of SMALL_BUDGET (put back after the test), and the
+    jobs the engine starts meanwhile."""
+    started = []
+    monkeypatch.setattr(server.options, "max_logprobs_bytes", SMALL_BUDGET)
+    monkeypatch.setattr(server.worker, "on_start", started.append)
+    return started
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_non_streamed_request_whose_logprobs_could_pass_the_budget_is_refused_before_it_runs(server, small_budget, path):
+    """Every entry of a non-streamed answer is held until it is sent whole: n 16 × a 32k-token
+    answer × top_logprobs 20 took ~5 GB. Its worst case is refused before the job is queued."""
+    if path.endswith("chat/completions"):
+        body = chat_body(QUESTION, max_tokens=16, n=16, logprobs=True, top_logprobs=20)
+        names = ("max_tokens", "n", "top_logprobs", "stream: true")
+    else:
+        body = {"model": "tiny", "prompt": QUESTION, "max_tokens": 32, "n": 16, "temperature": 0, "logprobs": 5,
+                "echo": True}  # fmt: skip
+        names = ("max_tokens", "n", "logprobs", "stream: true")
+    r = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "logprobs_too_large", "logprobs")
+    assert "MiB of server memory" in error["message"] and "allows 1 MiB" in error["message"]
+    assert all(name in error["message"] for name in names), error["message"]
+    assert small_budget == []  # never queued, never run
+    # the same request streamed holds none of it: accepted and answered whole
+    with httpx.stream("POST", f"{server.url}{path}", json={**body, "stream": True}, timeout=120) as streamed:
+        assert streamed.status_code == 200
+        lines = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+    assert len(small_budget) == 1
+
+
+def test_requests_under_the_budget_and_without_logprobs_are_answered(client, small_budget):
+    one = ask(client, max_tokens=16, logprobs=True, top_logprobs=20)  # one answer of them: ~150 KB
+    assert one.choices[0].logprobs.content
+    many = ask(client, max_tokens=16, n=16)  # no logprobs: nothing held for them
+    assert len(many.choices) == 16
+    assert len(small_budget) == 2
+
+
+def test_typical_and_scoring_requests_pass_the_default_budget(server):
+    """At the default budget (1 GiB): a chat answer with top_logprobs 20 and no max_tokens, and an
+    lm-eval loglikelihood request (echo, logprobs 1, max_tokens 0) of a prompt that fills the context."""
+    assert server.options.max_logprobs_bytes == 1 << 30
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=chat_body(QUESTION, logprobs=True, top_logprobs=20),
+                   timeout=300)  # fmt: skip
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["choices"][0]["logprobs"]["content"]
+    prompt = [100 + i % 200 for i in range(server.worker.model.max_seq_len - 1)]
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text[:300]
+    assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == len(prompt)
+
+
+def budget_job(prompt_len: int, max_new_tokens: int, n: int = 1, k: int | None = 20, **kw) -> engine.Job:
+    from internvl_chat.serve.conversation import Prompt
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, logprobs=k)
+    return engine.Job(Prompt(ids=[1] * prompt_len), params, [], None, choices=n, **kw)
+
+
+@pytest.mark.parametrize(("job", "passes"), [
+    # n 1, top_logprobs 20, a 32k context's whole room: ~310 MB
+    (lambda: budget_job(100, 32_668), True),
+    # n 16 of them: ~4.9 GB
+    (lambda: budget_job(100, 32_668, n=16), False),
+    # streamed: nothing held
+    (lambda: budget_job(100, 32_668, n=16, keep_entries=False), True),
+    # no logprobs
+    (lambda: budget_job(100, 32_668, n=16, k=None), True),
+    # n 16 with max_tokens 1024: ~155 MB
+    (lambda: budget_job(100, 1024, n=16), True),
+    # lm-eval's scoring of a 32k-token prompt: echo, logprobs 1, max_tokens 0 (~32 MB)
+    (lambda: budget_job(32_767, 1, k=1, echo=True, prompt_logprobs=1, discard_answer=True, prompt_field="prompt"), True),
+    # 64 such prompts with logprobs 5, each echoed: ~5.8 GB
+    (lambda: budget_job(32_767, 1, n=64, k=5, echo=True, prompt_logprobs=5, discard_answer=True, prompt_field="prompt"), False),
+])  # fmt: skip
+def test_the_default_budget_refuses_the_worst_cases_alone(job, passes):
+    from internvl_chat.serve.options import ServeOptions
+
+    worker = engine.EngineWorker.__new__(engine.EngineWorker)  # check_logprobs reads the options alone
+    worker.options = ServeOptions()
+    if passes:
+        worker.check_logprobs(job())
+    else:
+        with pytest.raises(APIError) as err:
+            worker.check_logprobs(job())
+        assert err.value.status == 400 and "GiB of server memory" in err.value.message
+
+
+def test_the_budget_is_a_serve_flag_and_setting_in_mib():
+    import os
+
+    from internvl_chat.serve.main import _overrides, build_parser
+    from internvl_chat.serve.options import ServeOptions
+    from internvl_chat.settings import load_settings
+
+    def budget(argv: list[str], env: dict | None = None) -> int | None:
+        settings = load_settings(os.devnull, env or {}, _overrides(build_parser().parse_args(argv)))
+        return ServeOptions.from_settings(settings).max_logprobs_bytes
+
+    assert budget([]) == ServeOptions().max_logprobs_bytes == 1 << 30
+    assert budget(["--max-logprobs-mb", "64"]) == 64 << 20
+    assert budget(["--max-logprobs-mb", "0"]) is None  # no limit
+    assert budget([], {"INTERNVL_CHAT_SERVE_MAX_LOGPROBS_MB": "7"}) == 7 << 20
+
+
+def test_the_estimate_of_an_entry_is_what_entries_bytes_counts():
+    entry = {"token": "defg", "logprob": -1.2345678901234567, "bytes": [100, 101, 102, 103],
+             "top_logprobs": [{"token": "wxyz", "logprob": -1.2345678901234567, "bytes": [119, 120, 121, 122]}] * 20}  # fmt: skip
+    assert position_bytes(20) == entries_bytes([entry])
+    assert position_bytes(0) == entries_bytes([{**entry, "top_logprobs": []}])
+    # at the answer's end its JSON is held too, as text and then as bytes
+    assert held_bytes(20) == position_bytes(20) + 2 * (len(json.dumps(entry, separators=(",", ":"))) + 1)
 
 
 # ---- token text and bytes ----------------------------------------------------------------------

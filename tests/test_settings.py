@@ -53,6 +53,7 @@ EXPECTED_DEFAULTS = {
         "max_frames": 64,
         "max_video_decode_megapixels": 20_000,
         "feature_cache_mb": 256,
+        "max_logprobs_mb": 1024,
         "allow_remote_media": False,
         "shared_cache": True,
         "allow_local_media": "",

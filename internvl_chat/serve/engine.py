@@ -16,7 +16,9 @@ that cannot fit) is an HTTP status, as without `stream`.
 
 A job that asked for logprobs gets "tokens" events, (text, logprob entries), in place of "text":
 the entries of the tokens whose text that event completes (serve/logprobs.py), and its "choice"
-result lists them all.
+result lists them all. A non-streamed job holds them all until its answer is sent whole, so one
+whose worst case could pass the server's `max_logprobs_bytes` is refused before it is queued
+(`check_logprobs`).
 
 A job answers `choices` times (the request's n), one choice after another on the same slot: the
 events are each choice's text, then its "choice" result, and after the last one "done" with the
@@ -63,7 +65,7 @@ from .answers import AnswerMemory, prompt_digest
 from .conversation import Prompt, PromptMaker
 from .errors import APIError, from_app_error, shown
 from .features import FeatureCache
-from .logprobs import SentTokens, TokenPieces, entries_bytes
+from .logprobs import SentTokens, TokenPieces, entries_bytes, held_bytes
 from .media import DecodeAllowance, MediaReader
 from .namespaces import found_again
 from .options import ServeOptions
@@ -217,6 +219,27 @@ class Job:
             return self.params
         return replace(self.params, max_new_tokens=self.answer_limits[number])
 
+    def held_logprobs(self) -> tuple[int, int, int]:
+        """The most logprob entries this job's answer may hold until it is sent whole: (answer
+        tokens' entries, echoed prompt tokens' entries, about the bytes of all), each choice its own
+        (a choice's list is built for it; an echoed prompt's entries are listed again in each);
+        (0, 0, 0) for a stream, which sends each entry with its text and keeps none."""
+        if not self.keep_entries:
+            return 0, 0, 0
+        answer = echoed = 0
+        for number, prompt in enumerate(self.prompts):
+            if self.params.logprobs is not None and not self.discard_answer:
+                # every token it may generate, and the stop token after them when that is listed
+                answer += self.choices * (self.prompt_params(number).max_new_tokens + self.list_stop_token)
+            if self.echo and self.prompt_logprobs is not None:
+                echoed += self.choices * len(prompt.ids)
+        held = 0
+        if answer:
+            held += answer * held_bytes(self.params.logprobs)
+        if echoed:
+            held += echoed * held_bytes(self.prompt_logprobs)
+        return answer, echoed, held
+
     def param(self, number: int) -> str:
         """The request's name for its prompt `number` (`prompt_param`)."""
         return prompt_param(self.prompt_field, number, 1 + len(self.more_prompts))
@@ -344,7 +367,35 @@ class EngineWorker:
             self._queue = collections.deque(live)
             self._cond.notify_all()  # the queue may be empty now (wait_idle)
 
+    def check_logprobs(self, job: Job) -> None:
+        """400 for a non-streamed job whose logprob entries could take more than the server's
+        `max_logprobs_bytes` (Job.held_logprobs, its worst case: every choice as long as it may be):
+        they are all held until its answer is sent whole, gigabytes for a long answer of n 16 and
+        top_logprobs 20. A stream sends each with its text (its unsent part is bounded, UNSENT_BYTES)."""
+        budget = self.options.max_logprobs_bytes
+        if budget is None:
+            return
+        answer, echoed, held = job.held_logprobs()
+        if held <= budget:
+            return
+        legacy = job.prompt_field == "prompt"  # /v1/completions
+        parts, fixes = [], []
+        if answer:
+            parts.append(f"up to {answer:,} answer tokens with {job.params.logprobs + 1} log-probabilities each")
+            fixes.append(f"set {'max_tokens' if legacy else 'max_tokens (or max_completion_tokens)'} to the length you need")
+        if echoed:
+            parts.append(f"{echoed:,} echoed prompt tokens with {job.prompt_logprobs + 1} log-probabilities each")
+        fixes.append(f"lower n or {'logprobs' if legacy else 'top_logprobs'}")
+        if legacy:
+            fixes.append("send fewer or shorter prompts")
+        fixes.append("send stream: true (a stream's logprobs go out with its text and are not held)")
+        raise APIError(400, f"this request's logprobs could take about {_size(held)} of server memory, held until its "
+                       f"answer is sent whole ({' and '.join(parts)}); this server allows {_size(budget)} "
+                       f"(--max-logprobs-mb). {fixes[0][0].upper()}{', '.join(fixes[:-1])[1:]}, or {fixes[-1]}",
+                       code="logprobs_too_large", param="logprobs")  # fmt: skip
+
     def submit(self, job: Job) -> None:
+        self.check_logprobs(job)  # before the queue: a 400, whatever the queue holds
         with self._cond:
             self._check_locked()
             self._queue.append(job)
@@ -664,6 +715,13 @@ def _send(job: Job, text: str, tokens: SentTokens | None) -> None:
     entries = tokens.sent(text)
     if text or entries:
         job.emit("tokens", (text, entries))
+
+
+def _size(n: int) -> str:
+    """Bytes in MiB, or GiB from 1 GiB on: "412 MiB", "3.2 GiB"."""
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):,.1f} GiB".replace(".0 GiB", " GiB")
+    return f"{max(1, round(n / (1 << 20))):,} MiB"
 
 
 def _cancelled() -> APIError:

@@ -18,6 +18,7 @@ the list describes exactly the answer the client got.
 from __future__ import annotations
 
 import collections
+import json
 import sys
 from typing import Any
 
@@ -63,6 +64,33 @@ def entries_bytes(entries: list[dict] | None) -> int:
         for alternative in top:
             total += _ALTERNATIVE_BYTES + _SLOT_BYTES * len(alternative["bytes"])
     return total
+
+
+# A token's bytes as an estimate counts them before its answer exists (most of Qwen2's common tokens
+# hold 1 to 6; a longer one adds 8 bytes a byte to its entry's list)
+TOKEN_BYTES_GUESS = 4
+
+
+def position_bytes(alternatives: int) -> int:
+    """About the memory of one token's entry with `alternatives` listed (entries_bytes' count of a
+    token and alternatives of TOKEN_BYTES_GUESS bytes each): ~380 bytes, and ~300 more per alternative."""
+    byte_slots = _SLOT_BYTES * TOKEN_BYTES_GUESS
+    return _ENTRY_BYTES + byte_slots + _SLOT_BYTES + alternatives * (_ALTERNATIVE_BYTES + byte_slots + _SLOT_BYTES)
+
+
+def _entry_json_chars(alternatives: int) -> int:
+    """The characters of one token's entry in an answer's JSON (a token and alternatives of
+    TOKEN_BYTES_GUESS bytes each, a logprob of full float precision), as the response renders it."""
+    token = {"token": "a" * TOKEN_BYTES_GUESS, "logprob": -1.2345678901234567, "bytes": [100] * TOKEN_BYTES_GUESS}
+    entry = {**token, "top_logprobs": [token] * alternatives}
+    return len(json.dumps(entry, separators=(",", ":"))) + 1  # and its comma in the list
+
+
+def held_bytes(alternatives: int) -> int:
+    """About the memory one token's entry takes in a non-streamed answer at its end: the entry
+    (position_bytes) and its JSON, which the response holds as text and then as bytes (~300 bytes
+    an alternative in the entry, ~75 in each JSON copy: n 16 × 32k tokens × top_logprobs 20 ~5 GB)."""
+    return position_bytes(alternatives) + 2 * _entry_json_chars(alternatives)
 
 
 class TokenPieces:

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="megapixels of frames the decoding of a request's video files may produce in all, those decoded to "
                      "reach the sampled ones included; a request over it gets 400 (default 20000: about 5 minutes of 1080p; "
                      "0: no limit)")  # fmt: skip
+    add_setting_flag(p, "--max-logprobs-mb", setting="serve.max_logprobs_mb", type=int, metavar="N",
+                     help="MiB the logprobs of a non-streamed request may take in the server's memory at worst "
+                     "(n × the answer's most tokens, max_tokens or else the default answer length, × (top_logprobs + 1), "
+                     "and an echoed prompt's); one over it gets 400 before it is queued (default 1024; 0: no limit; a stream's "
+                     "logprobs are sent as they come)")  # fmt: skip
     add_setting_flag(p, "--max-connections", setting="serve.max_connections", type=int, metavar="N",
                      help="open connections served at once; a request on one more gets 503 (default 100)")
     add_setting_flag(p, "--header-timeout", setting="serve.header_timeout", type=float, metavar="S",

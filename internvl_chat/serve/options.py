@@ -27,6 +27,8 @@ class ServeOptions:
     max_image_pixels: int = 40_000_000
     max_frames: int = 64
     max_video_decode_pixels: int | None = 20_000 * 10**6  # None: no limit
+    # a non-streamed request's logprob entries at worst (serve/engine.py's check_logprobs); None: no limit
+    max_logprobs_bytes: int | None = 1024 * MiB
     feature_cache_bytes: int = 256 * MiB
     shared_cache: bool = True  # False: each request is a cache namespace of its own (serve/namespaces.py)
     allow_remote_media: bool = False
@@ -72,6 +74,7 @@ class ServeOptions:
             max_image_pixels=s.max_image_pixels,
             max_frames=s.max_frames,
             max_video_decode_pixels=s.max_video_decode_megapixels * 10**6 or None,
+            max_logprobs_bytes=s.max_logprobs_mb * MiB or None,
             feature_cache_bytes=s.feature_cache_mb * MiB,
             shared_cache=s.shared_cache,
             allow_remote_media=s.allow_remote_media,
