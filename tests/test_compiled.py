@@ -326,6 +326,23 @@ def test_an_unusable_cache_folder_falls_back_to_eager_with_one_line(tiny_origina
     assert str(tmp_path / "file") in notes[0] and "TORCHINDUCTOR_CACHE_DIR" in notes[0], notes
 
 
+def test_a_default_cache_folder_that_cannot_be_made_is_not_left_in_the_variable(monkeypatch, tmp_path):
+    """$XDG_CACHE_HOME naming a file: the folder under it that cannot be made was left in
+    $TORCHINDUCTOR_CACHE_DIR, so the next compile (graphs turned on, another model) blamed that
+    variable, which the user never set, and a later import of torch._dynamo raised torch's
+    NotADirectoryError instead of using torch's own default folder."""
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    for _ in range(2):
+        with pytest.raises(compiled.CacheFolderError, match=r"set \$XDG_CACHE_HOME, or \$TORCHINDUCTOR_CACHE_DIR"):
+            compiled.use_cache_dir()
+        assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert compiled.use_cache_dir() == tmp_path / "cache" / "internvl-chat" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "internvl-chat" / "inductor")
+
+
 def test_no_home_folder_for_the_cache_falls_back_to_eager(eager, monkeypatch, capsys):
     """With HOME unset and no account entry (a container's arbitrary uid), --compile on refused to
     start the app at all (the cache folder's NoHomeFolder escaped compile()): eager, one note."""

@@ -145,12 +145,15 @@ def use_cache_dir() -> Path:
             raise CacheFolderError(str(e)) from None
         folder = Path(os.path.abspath(base / "internvl-chat" / "inductor"))
         fix = "set $XDG_CACHE_HOME, or $TORCHINDUCTOR_CACHE_DIR, to a folder you can write"
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         why = "a file is there, not a folder" if isinstance(e, FileExistsError) else e.strerror or type(e).__name__
         raise CacheFolderError(f"the compile cache folder {visible(str(folder))} cannot be made ({why}); {fix}") from None
+    # only a folder that exists: one that cannot be made, left in the variable, would read as the
+    # user's at the next compile (a note naming a variable they never set) and make a later import
+    # of torch._dynamo raise, where torch's own default folder would have served
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     return folder
 
 
