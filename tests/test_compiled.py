@@ -343,6 +343,63 @@ def test_a_default_cache_folder_that_cannot_be_made_is_not_left_in_the_variable(
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "internvl-chat" / "inductor")
 
 
+def _fake_cache(root: Path) -> dict[str, Path]:
+    """A compile cache folder with an entry of each kind drop_damaged_entries meets."""
+    import pickle
+
+    key = root / "fxgraph" / "ab" / "fabcd"
+    key.mkdir(parents=True)
+    (root / "aotautograd" / "akey").mkdir(parents=True)
+    (root / "triton" / "0").mkdir(parents=True)
+    whole = pickle.dumps({"graph": list(range(50))})
+    paths = {"whole": key / "whole", "cut": key / "cut", "empty": root / "aotautograd" / "akey" / "empty",
+             "writing": key / ".123.456.tmp", "other cache": root / "triton" / "0" / "kernel.json"}  # fmt: skip
+    paths["whole"].write_bytes(whole)
+    paths["cut"].write_bytes(whole[: len(whole) // 2])
+    paths["empty"].write_bytes(b"")
+    paths["writing"].write_bytes(whole[:3])
+    paths["other cache"].write_text("{}")
+    return paths
+
+
+def test_damaged_cache_entries_are_dropped_and_only_they(tmp_path):
+    paths = _fake_cache(tmp_path / "cache")
+    assert compiled.drop_damaged_entries(tmp_path / "cache") == 2
+    assert {name for name, path in paths.items() if not path.exists()} == {"cut", "empty"}
+
+
+def test_a_symlink_in_the_cache_folder_is_left_alone(tmp_path):
+    """A symlink among the entries (a cache assembled from links, a shared folder) pointing at a
+    file elsewhere that is no pickle was deleted as a damaged entry; the app deletes only the
+    plain files Inductor writes."""
+    paths = _fake_cache(tmp_path / "cache")
+    elsewhere = tmp_path / "notes.txt"
+    elsewhere.write_text("the user's, not Inductor's")
+    link = paths["whole"].parent / "linked"
+    link.symlink_to(elsewhere)
+    assert compiled.drop_damaged_entries(tmp_path / "cache") == 2
+    assert link.is_symlink() and elsewhere.read_text() == "the user's, not Inductor's"
+
+
+def test_a_fifo_in_the_cache_folder_does_not_block_the_start(tmp_path):
+    """A FIFO among the entries: opening it to read its last byte waited for a writer for ever,
+    before the first prompt. It is left alone (no plain file of Inductor's)."""
+    import threading
+
+    paths = _fake_cache(tmp_path / "cache")
+    fifo = paths["whole"].parent / "fifo"
+    os.mkfifo(fifo)
+    result = []
+    walker = threading.Thread(target=lambda: result.append(compiled.drop_damaged_entries(tmp_path / "cache")), daemon=True)
+    walker.start()
+    walker.join(60)  # not a timing: only so that a blocked open fails the test instead of hanging it
+    if walker.is_alive():  # blocked in open(): give it a writer so that the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        walker.join()
+        pytest.fail("drop_damaged_entries blocked on a FIFO")
+    assert result == [2] and fifo.exists()
+
+
 def test_no_home_folder_for_the_cache_falls_back_to_eager(eager, monkeypatch, capsys):
     """With HOME unset and no account entry (a container's arbitrary uid), --compile on refused to
     start the app at all (the cache folder's NoHomeFolder escaped compile()): eager, one note."""

@@ -33,6 +33,7 @@ import contextlib
 import errno
 import gc
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -167,7 +168,8 @@ PICKLED_CACHES = ("fxgraph", "aotautograd")
 def drop_damaged_entries(cache_dir: Path) -> int:
     """Remove the entries of Inductor's pickled caches in `cache_dir` that are cut short (empty,
     or not ending with the pickle's STOP opcode "."); return how many. Files being written
-    (Inductor's write_atomic: a hidden temporary, then a rename) are left alone."""
+    (Inductor's write_atomic: a hidden temporary, then a rename), and what is not a plain file
+    (a symlink, a FIFO), are left alone."""
     dropped = 0
     for name in PICKLED_CACHES:
         for folder, _, files in os.walk(cache_dir / name):
@@ -176,6 +178,10 @@ def drop_damaged_entries(cache_dir: Path) -> int:
                     continue
                 path = os.path.join(folder, file)
                 try:
+                    # Inductor writes plain files: anything else (a symlink to a file elsewhere, a
+                    # FIFO, whose open would block the start for ever) is not its entry to judge
+                    if not stat.S_ISREG(os.lstat(path).st_mode):
+                        continue
                     with open(path, "rb") as f:
                         if f.seek(0, os.SEEK_END) > 0:
                             f.seek(-1, os.SEEK_END)
