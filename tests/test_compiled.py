@@ -464,6 +464,23 @@ def test_a_cache_folder_on_a_noexec_disk_says_what_to_do(eager, monkeypatch, cap
     assert f"the disk of {tmp_path} does not let programs run" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
 
 
+def test_the_cpp_step_does_not_import_dynamo(tiny_original):
+    """The C++ step traces nothing, but compile() marked the KV caches static for Dynamo first:
+    importing torch._dynamo for that cost every start seconds before the first prompt."""
+    if cpu_gemv.supported() is not None:
+        pytest.skip(f"no C++ step here: {cpu_gemv.supported()}")
+    code = (
+        "import sys; from internvl_chat.engine.loader import load_model\n"
+        f"m = load_model({str(tiny_original)!r}, device='cpu', dtype='float32', max_context=64, compile='on')\n"
+        "step = m.model.compiled_step\n"
+        "print(step is not None and step.native is not None, 'torch._dynamo' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "False"], (run.stdout, run.stderr)
+
+
 def test_auto_compiles_large_decoders_on_cpu_only(eager):
     lm = eager.model.language_model
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -271,9 +271,6 @@ class CompiledStep:
             self.cache_dir = use_cache_dir()
         except CacheFolderError as e:
             return self._fail(e, "was not compiled", plain=True)
-        for pair in self.lm.caches():  # fixed shape: never a symbolic size (a serve slot's own caches match it)
-            for t in pair:
-                torch._dynamo.mark_static(t)
         self._say("compiling the decode step …")
         if dropped := drop_damaged_entries(self.cache_dir):
             self._say(f"{dropped} damaged entr{'y' if dropped == 1 else 'ies'} removed from the compile cache")
@@ -289,6 +286,11 @@ class CompiledStep:
             if not cpu_gemv.loaded():
                 language.chunk_long_rows(self.lm)  # before tracing: the step reads these copies
         try:
+            # fixed shape: never a symbolic size (a serve slot's own caches match it). Only here: the
+            # C++ step above needs no torch._dynamo, whose import costs seconds at start (1.6-2.7 s, 2-core Xeon)
+            for pair in self.lm.caches():
+                for t in pair:
+                    torch._dynamo.mark_static(t)
             # each model compiles its own entry (same code, other guards): raise rather than run eagerly
             # (specialize_float: float attributes such as RMSNorm's eps are constants; symbolic floats
             # would make Dynamo trace the whole step twice)
