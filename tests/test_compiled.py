@@ -445,6 +445,25 @@ def test_a_full_disk_while_compiling_is_one_line_that_says_what_to_do(eager, mon
     assert f"free space on the disk of {tmp_path}" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
 
 
+def test_a_cache_folder_that_cannot_be_made_on_a_full_disk_gives_one_fix(eager, monkeypatch, capsys, tmp_path):
+    """mkdir failing with ENOSPC: the note gave two fixes, the second for "the disk of the compile
+    cache folder" without naming it; now one, naming the folder, with the full disk's fix."""
+    import errno
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(Path, "mkdir", full)
+    step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
+    assert step.compile() is False and not step.active
+    note = capsys.readouterr().err
+    assert len(note.strip().splitlines()) == 1 and "using the eager step" in note, note
+    assert f"{tmp_path / 'cache'} cannot be made (No space left on device)" in note, note
+    assert note.count("free space") == 1 and note.count("TORCHINDUCTOR_CACHE_DIR") == 1, note
+    assert "disk of the compile cache folder" not in note, note
+
+
 def test_a_cache_folder_on_a_noexec_disk_says_what_to_do(eager, monkeypatch, capsys, tmp_path):
     """Compiled code in a folder on a disk mounted noexec cannot be loaded ("failed to map segment
     from shared object"): the one-line note said only that, now also where to put the cache."""

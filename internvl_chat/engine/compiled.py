@@ -150,6 +150,8 @@ def use_cache_dir() -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         why = "a file is there, not a folder" if isinstance(e, FileExistsError) else e.strerror or type(e).__name__
+        if e.errno == errno.ENOSPC:
+            fix = f"free space on its disk, or {fix.replace('a folder you can write', 'a folder on another disk')}"
         raise CacheFolderError(f"the compile cache folder {visible(str(folder))} cannot be made ({why}); {fix}") from None
     # only a folder that exists: one that cannot be made, left in the variable, would read as the
     # user's at the next compile (a note naming a variable they never set) and make a later import
@@ -369,9 +371,11 @@ class CompiledStep:
         self._fn = self.flat = self.native = None
         language.drop_row_chunks(self.lm)  # the eager step never reads them
         self.failure = " ".join(str(error).split()) if plain else _one_line(error)
-        fix = ""
+        fix = ""  # a plain error's message says what to do itself
         folder = visible(str(getattr(self, "cache_dir", None) or "the compile cache folder"))
-        if _in_chain(error, lambda e: getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)):
+        if plain:
+            pass
+        elif _in_chain(error, lambda e: getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)):
             fix = f"; free space on the disk of {folder}, or set $TORCHINDUCTOR_CACHE_DIR to a folder on another disk"
         elif _in_chain(error, lambda e: "failed to map segment from shared object" in str(e)):
             fix = (f"; the disk of {folder} does not let programs run from it (mounted noexec?): set "
