@@ -445,6 +445,29 @@ def test_a_full_disk_while_compiling_is_one_line_that_says_what_to_do(eager, mon
     assert f"free space on the disk of {tmp_path}" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
 
 
+@pytest.mark.parametrize("wrapped", ["errno", "text"])
+def test_a_full_quota_while_compiling_says_what_to_do_as_a_full_disk_does(eager, monkeypatch, capsys, tmp_path, wrapped):
+    """EDQUOT (a home folder's quota, common on shared machines, filled by the cache) got no fix,
+    where ENOSPC gets one: free space there, or put the cache on another disk."""
+    import errno
+
+    from torch._inductor.exc import InductorError
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "NATIVE_CPU_STEP", False)
+    step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
+    inner = OSError(errno.EDQUOT, "Disk quota exceeded") if wrapped == "errno" else RuntimeError("write failed: Disk quota exceeded")
+
+    def full(options):
+        raise InductorError(inner, None)
+
+    monkeypatch.setattr(step, "_build", full)
+    assert step.compile() is False
+    note = capsys.readouterr().err
+    assert len(note.strip().splitlines()) == 1 and "Disk quota exceeded" in note, note
+    assert f"free space on the disk of {tmp_path}" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
+
+
 def test_a_cache_folder_that_cannot_be_made_on_a_full_disk_gives_one_fix(eager, monkeypatch, capsys, tmp_path):
     """mkdir failing with ENOSPC: the note gave two fixes, the second for "the disk of the compile
     cache folder" without naming it; now one, naming the folder, with the full disk's fix."""

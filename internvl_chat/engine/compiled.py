@@ -150,7 +150,7 @@ def use_cache_dir() -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         why = "a file is there, not a folder" if isinstance(e, FileExistsError) else e.strerror or type(e).__name__
-        if e.errno == errno.ENOSPC:
+        if e.errno in _DISK_FULL:
             fix = f"free space on its disk, or {fix.replace('a folder you can write', 'a folder on another disk')}"
         raise CacheFolderError(f"the compile cache folder {visible(str(folder))} cannot be made ({why}); {fix}") from None
     # only a folder that exists: one that cannot be made, left in the variable, would read as the
@@ -194,6 +194,11 @@ def drop_damaged_entries(cache_dir: Path) -> int:
                 except OSError:
                     pass  # unreadable or already gone: Inductor copes (and says so) as before
     return dropped
+
+
+# a full disk, and a full quota (a home folder on a shared machine: the same fix)
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 
 
 class CacheFolderError(Exception):
@@ -375,7 +380,7 @@ class CompiledStep:
         folder = visible(str(getattr(self, "cache_dir", None) or "the compile cache folder"))
         if plain:
             pass
-        elif _in_chain(error, lambda e: getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)):
+        elif _in_chain(error, lambda e: getattr(e, "errno", None) in _DISK_FULL or any(m in str(e) for m in _DISK_FULL_TEXT)):
             fix = f"; free space on the disk of {folder}, or set $TORCHINDUCTOR_CACHE_DIR to a folder on another disk"
         elif _in_chain(error, lambda e: "failed to map segment from shared object" in str(e)):
             fix = (f"; the disk of {folder} does not let programs run from it (mounted noexec?): set "
