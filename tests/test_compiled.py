@@ -400,6 +400,19 @@ def test_a_fifo_in_the_cache_folder_does_not_block_the_start(tmp_path):
     assert result == [2] and fifo.exists()
 
 
+def test_a_cache_folder_that_is_a_dangling_link_is_named_as_one(monkeypatch, tmp_path):
+    """The cache folder a symlink to a folder that is gone (a moved disk): the note said "a file is
+    there, not a folder", and no file was there."""
+    link = tmp_path / "cache"
+    link.symlink_to(tmp_path / "gone")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(link))
+    with pytest.raises(compiled.CacheFolderError) as raised:
+        compiled.use_cache_dir()
+    message = str(raised.value)
+    assert "a file is there" not in message, message
+    assert f"{link} is a link to {tmp_path / 'gone'}, which is not a folder" in message, message
+
+
 def test_no_home_folder_for_the_cache_falls_back_to_eager(eager, monkeypatch, capsys):
     """With HOME unset and no account entry (a container's arbitrary uid), --compile on refused to
     start the app at all (the cache folder's NoHomeFolder escaped compile()): eager, one note."""

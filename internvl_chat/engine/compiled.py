@@ -149,7 +149,13 @@ def use_cache_dir() -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        why = "a file is there, not a folder" if isinstance(e, FileExistsError) else e.strerror or type(e).__name__
+        why = e.strerror or type(e).__name__
+        if isinstance(e, FileExistsError):  # something not a folder in the way: the folder or one above it
+            where = str(e.filename or folder)
+            if os.path.islink(where):  # "a file is there" sent people looking for a file that is not
+                why = f"{visible(where)} is a link to {visible(os.readlink(where))}, which is not a folder"
+            else:
+                why = "a file is there, not a folder" if where == str(folder) else f"{visible(where)} is a file, not a folder"
         if e.errno in _DISK_FULL:
             fix = f"free space on its disk, or {fix.replace('a folder you can write', 'a folder on another disk')}"
         raise CacheFolderError(f"the compile cache folder {visible(str(folder))} cannot be made ({why}); {fix}") from None
