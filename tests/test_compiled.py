@@ -326,6 +326,93 @@ def test_an_unusable_cache_folder_falls_back_to_eager_with_one_line(tiny_origina
     assert str(tmp_path / "file") in notes[0] and "TORCHINDUCTOR_CACHE_DIR" in notes[0], notes
 
 
+def test_a_default_cache_folder_that_cannot_be_made_is_not_left_in_the_variable(monkeypatch, tmp_path):
+    """$XDG_CACHE_HOME naming a file: the folder under it that cannot be made was left in
+    $TORCHINDUCTOR_CACHE_DIR, so the next compile (graphs turned on, another model) blamed that
+    variable, which the user never set, and a later import of torch._dynamo raised torch's
+    NotADirectoryError instead of using torch's own default folder."""
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    for _ in range(2):
+        with pytest.raises(compiled.CacheFolderError, match=r"set \$XDG_CACHE_HOME, or \$TORCHINDUCTOR_CACHE_DIR"):
+            compiled.use_cache_dir()
+        assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert compiled.use_cache_dir() == tmp_path / "cache" / "internvl-chat" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "internvl-chat" / "inductor")
+
+
+def _fake_cache(root: Path) -> dict[str, Path]:
+    """A compile cache folder with an entry of each kind drop_damaged_entries meets."""
+    import pickle
+
+    key = root / "fxgraph" / "ab" / "fabcd"
+    key.mkdir(parents=True)
+    (root / "aotautograd" / "akey").mkdir(parents=True)
+    (root / "triton" / "0").mkdir(parents=True)
+    whole = pickle.dumps({"graph": list(range(50))})
+    paths = {"whole": key / "whole", "cut": key / "cut", "empty": root / "aotautograd" / "akey" / "empty",
+             "writing": key / ".123.456.tmp", "other cache": root / "triton" / "0" / "kernel.json"}  # fmt: skip
+    paths["whole"].write_bytes(whole)
+    paths["cut"].write_bytes(whole[: len(whole) // 2])
+    paths["empty"].write_bytes(b"")
+    paths["writing"].write_bytes(whole[:3])
+    paths["other cache"].write_text("{}")
+    return paths
+
+
+def test_damaged_cache_entries_are_dropped_and_only_they(tmp_path):
+    paths = _fake_cache(tmp_path / "cache")
+    assert compiled.drop_damaged_entries(tmp_path / "cache") == 2
+    assert {name for name, path in paths.items() if not path.exists()} == {"cut", "empty"}
+
+
+def test_a_symlink_in_the_cache_folder_is_left_alone(tmp_path):
+    """A symlink among the entries (a cache assembled from links, a shared folder) pointing at a
+    file elsewhere that is no pickle was deleted as a damaged entry; the app deletes only the
+    plain files Inductor writes."""
+    paths = _fake_cache(tmp_path / "cache")
+    elsewhere = tmp_path / "notes.txt"
+    elsewhere.write_text("the user's, not Inductor's")
+    link = paths["whole"].parent / "linked"
+    link.symlink_to(elsewhere)
+    assert compiled.drop_damaged_entries(tmp_path / "cache") == 2
+    assert link.is_symlink() and elsewhere.read_text() == "the user's, not Inductor's"
+
+
+def test_a_fifo_in_the_cache_folder_does_not_block_the_start(tmp_path):
+    """A FIFO among the entries: opening it to read its last byte waited for a writer for ever,
+    before the first prompt. It is left alone (no plain file of Inductor's)."""
+    import threading
+
+    paths = _fake_cache(tmp_path / "cache")
+    fifo = paths["whole"].parent / "fifo"
+    os.mkfifo(fifo)
+    result = []
+    walker = threading.Thread(target=lambda: result.append(compiled.drop_damaged_entries(tmp_path / "cache")), daemon=True)
+    walker.start()
+    walker.join(60)  # not a timing: only so that a blocked open fails the test instead of hanging it
+    if walker.is_alive():  # blocked in open(): give it a writer so that the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        walker.join()
+        pytest.fail("drop_damaged_entries blocked on a FIFO")
+    assert result == [2] and fifo.exists()
+
+
+def test_a_cache_folder_that_is_a_dangling_link_is_named_as_one(monkeypatch, tmp_path):
+    """The cache folder a symlink to a folder that is gone (a moved disk): the note said "a file is
+    there, not a folder", and no file was there."""
+    link = tmp_path / "cache"
+    link.symlink_to(tmp_path / "gone")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(link))
+    with pytest.raises(compiled.CacheFolderError) as raised:
+        compiled.use_cache_dir()
+    message = str(raised.value)
+    assert "a file is there" not in message, message
+    assert f"{link} is a link to {tmp_path / 'gone'}, which is not a folder" in message, message
+
+
 def test_no_home_folder_for_the_cache_falls_back_to_eager(eager, monkeypatch, capsys):
     """With HOME unset and no account entry (a container's arbitrary uid), --compile on refused to
     start the app at all (the cache folder's NoHomeFolder escaped compile()): eager, one note."""
@@ -371,6 +458,48 @@ def test_a_full_disk_while_compiling_is_one_line_that_says_what_to_do(eager, mon
     assert f"free space on the disk of {tmp_path}" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
 
 
+@pytest.mark.parametrize("wrapped", ["errno", "text"])
+def test_a_full_quota_while_compiling_says_what_to_do_as_a_full_disk_does(eager, monkeypatch, capsys, tmp_path, wrapped):
+    """EDQUOT (a home folder's quota, common on shared machines, filled by the cache) got no fix,
+    where ENOSPC gets one: free space there, or put the cache on another disk."""
+    import errno
+
+    from torch._inductor.exc import InductorError
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(compiled, "NATIVE_CPU_STEP", False)
+    step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
+    inner = OSError(errno.EDQUOT, "Disk quota exceeded") if wrapped == "errno" else RuntimeError("write failed: Disk quota exceeded")
+
+    def full(options):
+        raise InductorError(inner, None)
+
+    monkeypatch.setattr(step, "_build", full)
+    assert step.compile() is False
+    note = capsys.readouterr().err
+    assert len(note.strip().splitlines()) == 1 and "Disk quota exceeded" in note, note
+    assert f"free space on the disk of {tmp_path}" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
+
+
+def test_a_cache_folder_that_cannot_be_made_on_a_full_disk_gives_one_fix(eager, monkeypatch, capsys, tmp_path):
+    """mkdir failing with ENOSPC: the note gave two fixes, the second for "the disk of the compile
+    cache folder" without naming it; now one, naming the folder, with the full disk's fix."""
+    import errno
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(Path, "mkdir", full)
+    step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
+    assert step.compile() is False and not step.active
+    note = capsys.readouterr().err
+    assert len(note.strip().splitlines()) == 1 and "using the eager step" in note, note
+    assert f"{tmp_path / 'cache'} cannot be made (No space left on device)" in note, note
+    assert note.count("free space") == 1 and note.count("TORCHINDUCTOR_CACHE_DIR") == 1, note
+    assert "disk of the compile cache folder" not in note, note
+
+
 def test_a_cache_folder_on_a_noexec_disk_says_what_to_do(eager, monkeypatch, capsys, tmp_path):
     """Compiled code in a folder on a disk mounted noexec cannot be loaded ("failed to map segment
     from shared object"): the one-line note said only that, now also where to put the cache."""
@@ -413,6 +542,23 @@ def test_a_compile_error_quoting_a_hostile_path_is_shown_inert(eager, monkeypatc
         assert "\x1b" not in shown and "\u202e" not in shown, repr(shown)
         assert "\\e[31mred\\u202e/ab/cab.main.so" in shown, shown
     assert "\\\\e" not in note, note  # escaped once, not twice
+
+
+def test_the_cpp_step_does_not_import_dynamo(tiny_original):
+    """The C++ step traces nothing, but compile() marked the KV caches static for Dynamo first:
+    importing torch._dynamo for that cost every start seconds before the first prompt."""
+    if cpu_gemv.supported() is not None:
+        pytest.skip(f"no C++ step here: {cpu_gemv.supported()}")
+    code = (
+        "import sys; from internvl_chat.engine.loader import load_model\n"
+        f"m = load_model({str(tiny_original)!r}, device='cpu', dtype='float32', max_context=64, compile='on')\n"
+        "step = m.model.compiled_step\n"
+        "print(step is not None and step.native is not None, 'torch._dynamo' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "False"], (run.stdout, run.stderr)
 
 
 def test_auto_compiles_large_decoders_on_cpu_only(eager):

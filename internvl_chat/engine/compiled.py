@@ -33,6 +33,7 @@ import contextlib
 import errno
 import gc
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -145,12 +146,23 @@ def use_cache_dir() -> Path:
             raise CacheFolderError(str(e)) from None
         folder = Path(os.path.abspath(base / "internvl-chat" / "inductor"))
         fix = "set $XDG_CACHE_HOME, or $TORCHINDUCTOR_CACHE_DIR, to a folder you can write"
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        why = "a file is there, not a folder" if isinstance(e, FileExistsError) else e.strerror or type(e).__name__
+        why = e.strerror or type(e).__name__
+        if isinstance(e, FileExistsError):  # something not a folder in the way: the folder or one above it
+            where = str(e.filename or folder)
+            if os.path.islink(where):  # "a file is there" sent people looking for a file that is not
+                why = f"{visible(where)} is a link to {visible(os.readlink(where))}, which is not a folder"
+            else:
+                why = "a file is there, not a folder" if where == str(folder) else f"{visible(where)} is a file, not a folder"
+        if e.errno in _DISK_FULL:
+            fix = f"free space on its disk, or {fix.replace('a folder you can write', 'a folder on another disk')}"
         raise CacheFolderError(f"the compile cache folder {visible(str(folder))} cannot be made ({why}); {fix}") from None
+    # only a folder that exists: one that cannot be made, left in the variable, would read as the
+    # user's at the next compile (a note naming a variable they never set) and make a later import
+    # of torch._dynamo raise, where torch's own default folder would have served
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     return folder
 
 
@@ -164,7 +176,8 @@ PICKLED_CACHES = ("fxgraph", "aotautograd")
 def drop_damaged_entries(cache_dir: Path) -> int:
     """Remove the entries of Inductor's pickled caches in `cache_dir` that are cut short (empty,
     or not ending with the pickle's STOP opcode "."); return how many. Files being written
-    (Inductor's write_atomic: a hidden temporary, then a rename) are left alone."""
+    (Inductor's write_atomic: a hidden temporary, then a rename), and what is not a plain file
+    (a symlink, a FIFO), are left alone."""
     dropped = 0
     for name in PICKLED_CACHES:
         for folder, _, files in os.walk(cache_dir / name):
@@ -173,6 +186,10 @@ def drop_damaged_entries(cache_dir: Path) -> int:
                     continue
                 path = os.path.join(folder, file)
                 try:
+                    # Inductor writes plain files: anything else (a symlink to a file elsewhere, a
+                    # FIFO, whose open would block the start for ever) is not its entry to judge
+                    if not stat.S_ISREG(os.lstat(path).st_mode):
+                        continue
                     with open(path, "rb") as f:
                         if f.seek(0, os.SEEK_END) > 0:
                             f.seek(-1, os.SEEK_END)
@@ -183,6 +200,11 @@ def drop_damaged_entries(cache_dir: Path) -> int:
                 except OSError:
                     pass  # unreadable or already gone: Inductor copes (and says so) as before
     return dropped
+
+
+# a full disk, and a full quota (a home folder on a shared machine: the same fix)
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 
 
 class CacheFolderError(Exception):
@@ -265,9 +287,6 @@ class CompiledStep:
             self.cache_dir = use_cache_dir()
         except CacheFolderError as e:
             return self._fail(e, "was not compiled", plain=True)
-        for pair in self.lm.caches():  # fixed shape: never a symbolic size (a serve slot's own caches match it)
-            for t in pair:
-                torch._dynamo.mark_static(t)
         self._say("compiling the decode step …")
         if dropped := drop_damaged_entries(self.cache_dir):
             self._say(f"{dropped} damaged entr{'y' if dropped == 1 else 'ies'} removed from the compile cache")
@@ -283,6 +302,11 @@ class CompiledStep:
             if not cpu_gemv.loaded():
                 language.chunk_long_rows(self.lm)  # before tracing: the step reads these copies
         try:
+            # fixed shape: never a symbolic size (a serve slot's own caches match it). Only here: the
+            # C++ step above needs no torch._dynamo, whose import costs seconds at start (1.6-2.7 s, 2-core Xeon)
+            for pair in self.lm.caches():
+                for t in pair:
+                    torch._dynamo.mark_static(t)
             # each model compiles its own entry (same code, other guards): raise rather than run eagerly
             # (specialize_float: float attributes such as RMSNorm's eps are constants; symbolic floats
             # would make Dynamo trace the whole step twice)
@@ -361,9 +385,11 @@ class CompiledStep:
         self._fn = self.flat = self.native = None
         language.drop_row_chunks(self.lm)  # the eager step never reads them
         self.failure = visible(" ".join(str(error).split())) if plain else _one_line(error)
-        fix = ""
+        fix = ""  # a plain error's message says what to do itself
         folder = visible(str(getattr(self, "cache_dir", None) or "the compile cache folder"))
-        if _in_chain(error, lambda e: getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)):
+        if plain:
+            pass
+        elif _in_chain(error, lambda e: getattr(e, "errno", None) in _DISK_FULL or any(m in str(e) for m in _DISK_FULL_TEXT)):
             fix = f"; free space on the disk of {folder}, or set $TORCHINDUCTOR_CACHE_DIR to a folder on another disk"
         elif _in_chain(error, lambda e: "failed to map segment from shared object" in str(e)):
             fix = (f"; the disk of {folder} does not let programs run from it (mounted noexec?): set "
