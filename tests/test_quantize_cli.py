@@ -1048,3 +1048,49 @@ def test_a_staging_folder_whose_permissions_cannot_be_set_is_one_line_and_remove
     assert lines[0].endswith(f"cannot write the output {tmp_path / 'new' / 'out'} in {tmp_path / 'new'} (Operation not permitted); "
                              "choose a folder you can write to"), lines  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_every_output_file_is_on_the_disk_before_the_output_appears(tiny_original, tmp_path, monkeypatch, exists):
+    """The staging folder was renamed to the output without an fsync: a power cut soon after the run
+    said "wrote DST" could leave config.json and all, with weight files empty or cut short."""
+    import internvl_chat.quantize.output_folder as output_folder
+
+    dst = tmp_path / "out"
+    if exists:
+        dst.mkdir()
+    events: list[tuple[str, str]] = []
+    fsync, rename = os.fsync, os.rename
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def recording_rename(source, target, *args, **kwargs):
+        events.append(("rename", os.fspath(target)))
+        return rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(output_folder.os, "rename", recording_rename)
+    quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
+    first_rename = next(i for i, (kind, _) in enumerate(events) if kind == "rename")
+    synced = {Path(path).name for kind, path in events[:first_rename] if kind == "fsync"}
+    written = {p.name for p in dst.iterdir()}
+    assert written and written <= synced, (written - synced, events)
+    assert ("fsync", str(dst if exists else tmp_path)) in events[first_rename:], events  # the rename itself
+
+
+def test_an_output_file_that_cannot_be_synced_is_one_line_and_leaves_nothing(tiny_original, tmp_path, monkeypatch, capsys):
+    import errno
+
+    def failing_fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".safetensors"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--method", "rtn", "--device", "cpu",
+                          "--group-size", "32")  # fmt: skip
+    assert code == 2
+    errors = [line for line in lines if line.startswith("internvl-chat:")]
+    assert len(errors) == 1 and "cannot write the output" in errors[0] and "Input/output error" in errors[0], lines
+    assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,7 @@ from ..files import expand_home, is_web_address, refuse_web_address, visible
 from .blocks import quantize_model
 from .calibration import MAX_SAMPLES, Calibration, Sample, calibration_files, calibration_samples, calibration_tiles
 from .checks import check_group_size, check_source, check_source_values, check_written_range
-from .output_folder import publish, staged_output
+from .output_folder import publish, staged_output, sync_staged
 from .progress import Progress
 from .writer import checkpoint_files, float_tensors, original_config, write_checkpoint, write_error
 
@@ -79,6 +79,7 @@ def quantize_checkpoint(
         with progress.phase("writing", len(checkpoint_files(tensors)) + 1, "files") as step:
             try:
                 write_checkpoint(staging, original_config(src, loaded.config, group_size), tensors, src, step)
+                sync_staged(staging)
             except OSError as e:
                 raise write_error(e, src, dst) from None
             publish(staging, dst)
