@@ -1094,3 +1094,10 @@ def test_an_output_file_that_cannot_be_synced_is_one_line_and_leaves_nothing(tin
     errors = [line for line in lines if line.startswith("internvl-chat:")]
     assert len(errors) == 1 and "cannot write the output" in errors[0] and "Input/output error" in errors[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_negative_seed_is_refused_it_would_calibrate_as_its_positive_twin():
+    """random.Random(-1) is random.Random(1): `--seed -1` made the checkpoint `--seed 1` made, without a word."""
+    with pytest.raises(UsageError, match=r"^argument --seed: -1 is negative; give 0 or more"):
+        build_parser().parse_args(["src", "dst", "--seed", "-1"])
+    assert build_parser().parse_args(["src", "dst", "--seed", "0"]).seed == 0
