@@ -216,7 +216,7 @@ def test_terminal_progress_draws_every_phase_with_its_total(tiny_original, tmp_p
         quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=4, device="cpu", progress=bars)
     text = screen.getvalue()
     for shown in ("loading", "1/1 model", "calibration data", "4/4 samples", "calibration forward", "AWQ search", "2/2 blocks",
-                  "writing", "2/2 files"):  # fmt: skip
+                  "writing", "6/6 files"):  # fmt: skip
         assert shown in text, shown
     assert "/?" not in text and "0/?" not in text
 
@@ -229,7 +229,9 @@ def test_rtn_needs_no_calibration(tiny_original, tmp_path):
             seen.append((name, total, unit))
 
     quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=Record())
-    assert seen == [("loading", 1, "model"), ("RTN", 2, "blocks"), ("writing", 2, "files")]
+    # every file of the output counted ("writing: 2 files" for the six the tiny model's output holds)
+    written = len(list((tmp_path / "out").iterdir()))
+    assert written == 6 and seen == [("loading", 1, "model"), ("RTN", 2, "blocks"), ("writing", written, "files")]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["llm_config"]["quantization_config"]["group_size"] == 32
 
@@ -1101,3 +1103,23 @@ def test_a_negative_seed_is_refused_it_would_calibrate_as_its_positive_twin():
     with pytest.raises(UsageError, match=r"^argument --seed: -1 is negative; give 0 or more"):
         build_parser().parse_args(["src", "dst", "--seed", "-1"])
     assert build_parser().parse_args(["src", "dst", "--seed", "0"]).seed == 0
+
+
+def test_the_writing_total_counts_every_file_of_a_sharded_output(tiny_original, tmp_path, monkeypatch):
+    import internvl_chat.quantize.writer as writer
+
+    monkeypatch.setattr(writer, "SHARD_BYTES", 1 << 17)  # the tiny model's weights in a few shards, with an index
+    seen = []
+
+    class Record(Progress):
+        def begin(self, name, total, unit):
+            seen.append((name, total))
+
+        def update(self, name, done, total, unit, detail):
+            seen.append((name, done, total))
+
+    quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=Record())
+    written = len(list((tmp_path / "out").iterdir()))
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    writing = [entry for entry in seen if entry[0] == "writing"]
+    assert writing[0] == ("writing", written) and writing[-1] == ("writing", written, written), writing

@@ -16,7 +16,7 @@ from .calibration import MAX_SAMPLES, Calibration, Sample, calibration_files, ca
 from .checks import check_group_size, check_source, check_source_values, check_written_range
 from .output_folder import publish, staged_output, sync_staged
 from .progress import Progress
-from .writer import checkpoint_files, float_tensors, original_config, write_checkpoint, write_error
+from .writer import float_tensors, original_config, output_file_count, write_checkpoint, write_error
 
 
 def quantize_checkpoint(
@@ -76,9 +76,10 @@ def quantize_checkpoint(
         packed = quantize_model(loaded, data, method, group_size, clip, progress)
         tensors = {**float_tensors(loaded), **packed}
         check_written_range(tensors, method)
-        with progress.phase("writing", len(checkpoint_files(tensors)) + 1, "files") as step:
+        config = original_config(src, loaded.config, group_size)
+        with progress.phase("writing", output_file_count(config, tensors, src), "files") as step:
             try:
-                write_checkpoint(staging, original_config(src, loaded.config, group_size), tensors, src, step)
+                write_checkpoint(staging, config, tensors, src, step)
                 sync_staged(staging)
             except OSError as e:
                 raise write_error(e, src, dst) from None
