@@ -1123,3 +1123,26 @@ def test_the_writing_total_counts_every_file_of_a_sharded_output(tiny_original, 
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     writing = [entry for entry in seen if entry[0] == "writing"]
     assert writing[0] == ("writing", written) and writing[-1] == ("writing", written, written), writing
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_ctrl_c_while_the_published_output_is_synced_leaves_nothing(tiny_original, tmp_path, monkeypatch, exists):
+    """Syncing the folder after the rename takes a while on a busy disk; a Ctrl-C there said the run
+    stopped, and must leave no output, as at any moment before."""
+    import internvl_chat.quantize.output_folder as output_folder
+
+    dst = tmp_path / "out"
+    if exists:
+        dst.mkdir()
+
+    sync = output_folder._sync_folder
+
+    def interrupted(folder):
+        if folder in (dst, tmp_path):  # after the rename (or the moves), not the staging folder's own sync before it
+            raise KeyboardInterrupt
+        sync(folder)
+
+    monkeypatch.setattr(output_folder, "_sync_folder", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
+    assert list(tmp_path.iterdir()) == ([dst] if exists else []) and (not exists or list(dst.iterdir()) == [])

@@ -137,7 +137,11 @@ def publish(staging: Path, dst: Path) -> None:
     try:
         if staging.parent != dst:
             os.rename(staging, dst)
-            _sync_folder(dst.parent)
+            try:
+                _sync_folder(dst.parent)  # may take a while on a busy disk: Ctrl-C then must leave nothing, as before the rename
+            except BaseException:
+                os.rename(dst, staging)  # taken back, for staged_output to remove
+                raise
             return
         if [p.name for p in dst.iterdir()] != [staging.name]:  # a move would replace (and mix with) what is there now
             raise UsageError(f"output {visible(str(dst))} is no longer empty (another run writing to it?); choose a new output folder")
