@@ -1146,3 +1146,21 @@ def test_ctrl_c_while_the_published_output_is_synced_leaves_nothing(tiny_origina
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
     assert list(tmp_path.iterdir()) == ([dst] if exists else []) and (not exists or list(dst.iterdir()) == [])
+
+
+def test_only_the_calibration_texts_the_samples_use_are_read(tiny_original, tmp_path, monkeypatch):
+    """Every .txt file of a --calib folder was read and checked before loading though a run of N
+    samples uses the first N by name: a corpus folder of a million texts took hours and gigabytes,
+    and a binary file among the unused ones refused the run."""
+    import internvl_chat.quantize.calibration as calibration
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):
+        (calib / f"{i}.txt").write_text(f"Text number {i} about gaskets.")
+    (calib / "9.txt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # never used by 4 samples
+    read = []
+    real = calibration.calibration_text
+    monkeypatch.setattr(calibration, "calibration_text", lambda path: read.append(path.name) or real(path))
+    quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=4, calib_dir=calib, device="cpu")
+    assert read == ["0.txt", "1.txt", "2.txt", "3.txt"]

@@ -133,8 +133,11 @@ def calibration_samples(
 CALIB_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def calibration_files(calib_dir: Path) -> tuple[list[Path], list[str]]:
-    """The images of a --calib folder and the texts of its .txt files (`calibration_text`)."""
+def calibration_files(calib_dir: Path, max_texts: int | None = None) -> tuple[list[Path], list[str]]:
+    """The images of a --calib folder and the texts of its first `max_texts` .txt files by name
+    (`calibration_text`; all where None): the samples take texts in turn, so a run of N samples
+    uses the first N. Every one was read, a corpus folder of a million short texts for hours and
+    gigabytes of memory before the model loaded, a binary file among the unused ones refused it."""
     shown = visible(str(calib_dir))
     if not calib_dir.is_dir():
         raise UsageError(f"--calib {shown} is not a folder; give a folder of images and .txt files")
@@ -146,7 +149,8 @@ def calibration_files(calib_dir: Path) -> tuple[list[Path], list[str]]:
     # are read before the model loads, and name what is wrong with one)
     images = [p for p in entries if p.suffix.lower() in CALIB_IMAGE_SUFFIXES and not p.is_dir()]
     # a folder named like a text (`notes.txt/`) is passed over as one named like an image is: it stopped the run
-    texts = [calibration_text(p) for p in entries if p.suffix.lower() == ".txt" and not p.is_dir()]
+    text_files = [p for p in entries if p.suffix.lower() == ".txt" and not p.is_dir()]
+    texts = [calibration_text(p) for p in text_files[:max_texts]]
     if not images and not texts:
         raise UsageError(f"--calib {shown} has no images ({', '.join(CALIB_IMAGE_SUFFIXES)}) or .txt files")
     return images, texts

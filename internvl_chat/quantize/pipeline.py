@@ -50,7 +50,7 @@ def quantize_checkpoint(
     resolve_device(device)
     calib_images, calib_texts = [], []
     if calib_dir:
-        calib_images, calib_texts = calibration_files(expand_home(calib_dir))
+        calib_images, calib_texts = calibration_files(expand_home(calib_dir), max_texts=samples)
         calib_images = calib_images[: (samples + 1) // 2]  # the ones the samples use (every other one has an image)
     with staged_output(dst) as staging:
         calib = None
