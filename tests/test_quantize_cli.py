@@ -1164,3 +1164,28 @@ def test_only_the_calibration_texts_the_samples_use_are_read(tiny_original, tmp_
     monkeypatch.setattr(calibration, "calibration_text", lambda path: read.append(path.name) or real(path))
     quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=4, calib_dir=calib, device="cpu")
     assert read == ["0.txt", "1.txt", "2.txt", "3.txt"]
+
+
+def test_calibration_images_are_the_kinds_the_chat_takes(tiny_original, tmp_path):
+    """.gif and .tif images in a --calib folder were passed over without a word where it held a .txt
+    file too (the samples used built-in pictures); the chat's /image takes them."""
+    from PIL import Image
+
+    from internvl_chat.quantize.calibration import CALIB_IMAGE_SUFFIXES
+    from internvl_chat.ui.paths import IMAGE_EXTENSIONS
+
+    assert set(CALIB_IMAGE_SUFFIXES) == IMAGE_EXTENSIONS
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(calib / "a.gif")
+    Image.new("RGB", (64, 96), (30, 200, 30)).save(calib / "b.TIF")
+    (calib / "notes.txt").write_text("A red and a green picture.")
+    seen = []
+
+    class Record(Progress):
+        def begin(self, name, total, unit):
+            seen.append((name, total, unit))
+
+    quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=4, calib_dir=calib, device="cpu",
+                        progress=Record())  # fmt: skip
+    assert seen[0] == ("calibration images", 2, "images"), seen

@@ -130,7 +130,9 @@ def calibration_samples(
     return samples
 
 
-CALIB_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# the kinds the chat's /image takes (ui.paths.IMAGE_EXTENSIONS): a folder of .tif scans or .gif
+# images beside a .txt was calibrated on built-in pictures without a word
+CALIB_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def calibration_files(calib_dir: Path, max_texts: int | None = None) -> tuple[list[Path], list[str]]:
