@@ -1189,3 +1189,36 @@ def test_calibration_images_are_the_kinds_the_chat_takes(tiny_original, tmp_path
     quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=4, calib_dir=calib, device="cpu",
                         progress=Record())  # fmt: skip
     assert seen[0] == ("calibration images", 2, "images"), seen
+
+
+def test_running_out_of_memory_while_quantizing_is_one_line_and_leaves_nothing(tiny_original, tmp_path, monkeypatch, capsys):
+    """Memory that ran out in the calibration forward or the searches (a large model on a GPU that
+    just holds it) was torch's traceback; now one line with what to change, exit status 1."""
+    import internvl_chat.quantize.pipeline as pipeline
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "quantize_model", out_of_memory)
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--samples", "2", "--device", "cpu",
+                          "--group-size", "32")  # fmt: skip
+    assert code == 1 and not any("Traceback" in line for line in lines), lines
+    assert lines[-1] == "internvl-chat: error: out of memory quantizing on cpu (awq); use fewer --samples (2 now) or a machine with more memory"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_running_out_of_memory_loading_the_source_gives_quantize_s_advice(tiny_original, tmp_path, monkeypatch, capsys):
+    """The loader's advice was the chat's: "use a 4-bit checkpoint or a smaller --max-context" (a
+    flag quantize does not have, and a model it cannot quantize)."""
+    import internvl_chat.engine.loader as loader
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(loader, "iter_tensors", out_of_memory)
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--samples", "2", "--device", "cpu",
+                          "--group-size", "32")  # fmt: skip
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("internvl-chat: error: out of memory loading the source on cpu in ") and lines[0].endswith(
+        ": quantizing holds the whole 16-bit model; use a machine with more memory"), lines
+    assert list(tmp_path.iterdir()) == []

@@ -4,12 +4,17 @@ claimed, calibration inputs read, the model loaded and checked, quantized, and w
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from ..chat.template import PromptBuilder
 from ..engine.config import refuse_web_model
-from ..engine.loader import load_model, resolve_device
-from ..errors import UsageError
+from ..engine.loader import OutOfMemoryLoading, load_model, resolve_device
+from ..engine.out_of_memory import is_out_of_memory
+from ..errors import InternVLChatError, UsageError
 from ..files import expand_home, is_web_address, refuse_web_address, visible
 from .blocks import quantize_model
 from .calibration import MAX_SAMPLES, Calibration, Sample, calibration_files, calibration_samples, calibration_tiles
@@ -65,16 +70,22 @@ def quantize_checkpoint(
             # fp32 over upcast weights where bf16 is emulated), bf16 on CUDA
             # a calibration sample is at most ~1.3k tokens; the cache may not exceed the model's positions
             context = min(4096, cfg.text.max_position_embeddings)
-            loaded = load_model(src, device=device, dtype="auto", max_context=context, cuda_graphs=False)
+            try:
+                loaded = load_model(src, device=device, dtype="auto", max_context=context, cuda_graphs=False)
+            except OutOfMemoryLoading as e:  # its advice was the chat's: a 4-bit checkpoint, --max-context
+                where = "" if e.device.type == "cpu" else "--device cpu or "
+                raise InternVLChatError(f"out of memory loading the source on {e.device} in {str(e.dtype).removeprefix('torch.')}: "
+                                        f"quantizing holds the whole 16-bit model; use {where}a machine with more memory") from None  # fmt: skip
             check_source_values(loaded)
             step()
         data: list[Sample] = []
-        if method == "awq":
-            builder = PromptBuilder(loaded.tokenizer, loaded.config.system_message, loaded.config.tokens_per_tile)
-            with progress.phase("calibration data", samples, "samples") as step:
-                data = calibration_samples(builder, loaded.tokenizer, samples, seed, calib, step=step)
-        packed = quantize_model(loaded, data, method, group_size, clip, progress)
-        tensors = {**float_tensors(loaded), **packed}
+        with _out_of_memory_as_error(method, samples, loaded.model.device):
+            if method == "awq":
+                builder = PromptBuilder(loaded.tokenizer, loaded.config.system_message, loaded.config.tokens_per_tile)
+                with progress.phase("calibration data", samples, "samples") as step:
+                    data = calibration_samples(builder, loaded.tokenizer, samples, seed, calib, step=step)
+            packed = quantize_model(loaded, data, method, group_size, clip, progress)
+            tensors = {**float_tensors(loaded), **packed}
         check_written_range(tensors, method)
         config = original_config(src, loaded.config, group_size)
         with progress.phase("writing", output_file_count(config, tensors, src), "files") as step:
@@ -94,3 +105,19 @@ def _refuse_web_folders(dst: str | Path, calib_dir: str | Path | None) -> None:
         raise UsageError(f"the output folder {visible(os.fspath(dst))} is a web address; give a local folder to write to")
     if calib_dir:
         refuse_web_address(calib_dir, "--calib ", "download them and give their folder")
+
+
+@contextmanager
+def _out_of_memory_as_error(method: str, samples: int, device: torch.device) -> Iterator[None]:
+    """Running out of memory once the model is loaded (the calibration samples' activations, the
+    searches, the packed copy) as one line saying what to change, not torch's traceback."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        fixes = [f"fewer --samples ({samples} now)"] if method == "awq" and samples > 1 else []
+        fixes += ["--device cpu"] if device.type != "cpu" else []
+        fixes.append("a machine with more memory")
+        advice = ", ".join(fixes[:-1]) + (" or " if len(fixes) > 1 else "") + fixes[-1]
+        raise InternVLChatError(f"out of memory quantizing on {device} ({method}); use {advice}") from None
