@@ -1222,3 +1222,14 @@ def test_running_out_of_memory_loading_the_source_gives_quantize_s_advice(tiny_o
     assert lines[0].startswith("internvl-chat: error: out of memory loading the source on cpu in ") and lines[0].endswith(
         ": quantizing holds the whole 16-bit model; use a machine with more memory"), lines
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_calibration_text_saved_as_utf16_with_a_byte_order_mark_is_read(tmp_path, encoding):
+    """Notepad's "Unicode" (UTF-16 LE with a byte order mark) was refused as binary data: its NUL bytes."""
+    from internvl_chat.quantize import calibration_files
+
+    text = "Torque the M8 flange bolts to 25 N·m; 扭矩 25 牛·米."
+    bom = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}.get(encoding, b"")  # utf-16, utf-32: Python writes one
+    (tmp_path / "notes.txt").write_bytes(bom + text.encode(encoding))
+    assert calibration_files(tmp_path) == ([], [text])

@@ -159,8 +159,8 @@ def calibration_files(calib_dir: Path, max_texts: int | None = None) -> tuple[li
 
 
 def calibration_text(path: Path) -> str:
-    """The first 2,000 characters of a --calib .txt file (a regular file of at most 1 MiB),
-    undecodable bytes replaced; one that holds binary data (an image or archive named .txt) is
+    """The first 2,000 characters of a --calib .txt file (a regular file of at most 1 MiB; UTF-8,
+    or UTF-16 or UTF-32 with a byte order mark), undecodable bytes replaced; one that holds binary data (an image or archive named .txt) is
     refused: it was tokenized as calibration text without a word, skewing the statistics the
     scales are searched on. One that holds no text (empty, or only spaces) is refused too: its samples
     were calibrated on an empty answer, and the user's texts replace the built-in ones."""
@@ -168,14 +168,29 @@ def calibration_text(path: Path) -> str:
         raise UsageError(f"calibration text {visible(str(path))} is over 1 MiB, and only its first {CALIB_TEXT_CHARS:,} characters "
                          "would be used; put those in a smaller file (one text per file), or take it out of the --calib folder")  # fmt: skip
     data = read_bytes_file(path, "calibration text", limit=MiB)
-    kind = sniff_binary(data)
-    if kind is not None:
-        raise UsageError(f"calibration text {visible(str(path))} holds {kind}, not text; take it out of the --calib folder")
+    encoding = _unicode_encoding(data)
+    if encoding is None:
+        kind = sniff_binary(data)
+        if kind == "binary data":  # NUL bytes: UTF-16 text without a byte order mark looks the same
+            raise UsageError(f"calibration text {visible(str(path))} holds binary data, not text; take it out of the --calib "
+                             "folder (text must be UTF-8, or UTF-16 with a byte order mark)")  # fmt: skip
+        if kind is not None:
+            raise UsageError(f"calibration text {visible(str(path))} holds {kind}, not text; take it out of the --calib folder")
     # -sig: Notepad's byte order mark is no part of the text (it was calibrated on, and alone passed as text)
-    text = data.decode("utf-8-sig", errors="replace")[:CALIB_TEXT_CHARS]
+    text = data.decode(encoding or "utf-8-sig", errors="replace")[:CALIB_TEXT_CHARS]
     if not text.strip():
         raise UsageError(f"calibration text {visible(str(path))} is empty; write text into it or take it out of the --calib folder")
     return text
+
+
+def _unicode_encoding(data: bytes) -> str | None:
+    """UTF-32 or UTF-16 where `data` starts with its byte order mark (Notepad's "Unicode" is UTF-16
+    LE: its NUL bytes had it refused as binary data), else None (UTF-8, read as such)."""
+    if data[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        return "utf-32"
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    return None
 
 
 def _file_size(path: Path) -> int:
