@@ -1233,3 +1233,21 @@ def test_a_calibration_text_saved_as_utf16_with_a_byte_order_mark_is_read(tmp_pa
     bom = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}.get(encoding, b"")  # utf-16, utf-32: Python writes one
     (tmp_path / "notes.txt").write_bytes(bom + text.encode(encoding))
     assert calibration_files(tmp_path) == ([], [text])
+
+
+def test_the_copied_source_files_are_as_readable_as_the_rest_of_the_checkpoint(tiny_original, tmp_path):
+    """The tokenizer and settings files were copied with the source's permissions: a private (0600)
+    tokenizer.json made an output whose weights others could read and whose tokenizer they could not."""
+    import stat
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_original, src)
+    for path in src.iterdir():
+        path.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        quantize_checkpoint(src, tmp_path / "out", "rtn", group_size=32, device="cpu")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert "tokenizer.json" in modes and set(modes.values()) == {0o644}, modes

@@ -198,6 +198,9 @@ def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], 
     step()
     for path in copied_files(src_dir, config):
         shutil.copy2(path, dst / path.name)
+        # the umask's permissions, as the rest of the output's: copy2 kept the source's, and a private
+        # (0600) tokenizer.json left a checkpoint that a server run as another user could not load
+        os.chmod(dst / path.name, 0o666 & ~current_umask())
         step()
 
 
