@@ -1251,3 +1251,14 @@ def test_the_copied_source_files_are_as_readable_as_the_rest_of_the_checkpoint(t
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
     assert "tokenizer.json" in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_a_file_system_that_cannot_sync_files_still_gets_the_output(tiny_original, tmp_path, monkeypatch):
+    import errno
+
+    def unsupported(fd):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(os, "fsync", unsupported)
+    quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu")
+    assert (tmp_path / "out" / "config.json").is_file()

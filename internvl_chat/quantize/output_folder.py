@@ -7,6 +7,7 @@ a staging folder left by a run that was killed outright is named when its folder
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -123,6 +124,9 @@ def sync_staged(staging: Path) -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot sync: written is all it does
+                raise
         finally:
             os.close(fd)
     _sync_folder(staging)
