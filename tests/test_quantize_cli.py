@@ -1262,3 +1262,17 @@ def test_a_file_system_that_cannot_sync_files_still_gets_the_output(tiny_origina
     monkeypatch.setattr(os, "fsync", unsupported)
     quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu")
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_ctrl_c_while_the_writing_phase_ends_leaves_nothing(tiny_original, tmp_path):
+    """The output appeared before the writing phase's last line was shown: a Ctrl-C there said the
+    run stopped (exit 130) and left a complete output, which the next run refused as not empty."""
+
+    class InterruptAtTheEnd(Progress):
+        def end(self, name, total, unit, seconds):
+            if name == "writing":
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=InterruptAtTheEnd())
+    assert list(tmp_path.iterdir()) == []

@@ -94,7 +94,9 @@ def quantize_checkpoint(
                 sync_staged(staging)
             except OSError as e:
                 raise write_error(e, src, dst) from None
-            publish(staging, dst)
+        # the last step, after the phase's last line: an interrupt while that line was shown (a
+        # terminal's bar redrawn) came after the output appeared, and the run said it was stopped
+        publish(staging, dst)
     return dst
 
 
