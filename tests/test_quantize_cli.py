@@ -1276,3 +1276,15 @@ def test_ctrl_c_while_the_writing_phase_ends_leaves_nothing(tiny_original, tmp_p
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=InterruptAtTheEnd())
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("spelling", ["same", "through a link"])
+def test_the_source_folder_as_the_output_is_named_as_such(config_only, tmp_path, monkeypatch, capsys, spelling):
+    dst = config_only
+    if spelling == "through a link":
+        (tmp_path / "link").symlink_to(config_only)
+        dst = tmp_path / "link" / "."
+    code, lines = run_cli(monkeypatch, capsys, config_only, dst, "--device", "cpu")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith("is the source folder; give a new output folder (the source is never changed)"), lines
+    assert sorted(p.name for p in config_only.iterdir()) == ["config.json"]

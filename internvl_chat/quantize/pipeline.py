@@ -51,6 +51,8 @@ def quantize_checkpoint(
     if samples > MAX_SAMPLES:
         raise UsageError(f"--samples {samples} is too many: every sample is held in memory; use at most {MAX_SAMPLES} (32 is the default)")
     cfg = check_source(src)
+    if _same_folder(src, dst):  # was "exists and is not empty", as if it were someone else's
+        raise UsageError(f"the output {visible(str(dst))} is the source folder; give a new output folder (the source is never changed)")
     group_size = check_group_size(cfg, group_size)
     resolve_device(device)
     calib_images, calib_texts = [], []
@@ -98,6 +100,13 @@ def quantize_checkpoint(
         # terminal's bar redrawn) came after the output appeared, and the run said it was stopped
         publish(staging, dst)
     return dst
+
+
+def _same_folder(src: Path, dst: Path) -> bool:
+    try:
+        return os.path.samefile(src, dst)
+    except OSError:  # no output folder yet, or a broken link there (staging_folder names it)
+        return False
 
 
 def _refuse_web_folders(dst: str | Path, calib_dir: str | Path | None) -> None:
