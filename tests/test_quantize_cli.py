@@ -926,6 +926,9 @@ def test_the_original_layouts_code_files_go_with_its_auto_map(tiny_original, tin
 
 
 def test_code_files_beyond_a_checkpoints_are_refused_before_loading(config_only, tmp_path, monkeypatch, capsys):
+    raw = json.loads((config_only / "config.json").read_text())  # its code is copied where its config names it
+    raw["auto_map"] = {"AutoModel": "modeling_internvl_chat.InternVLChatModel"}
+    (config_only / "config.json").write_text(json.dumps(raw))
     (config_only / "modeling_internvl_chat.py").write_bytes(b"#" * 100)
     monkeypatch.setattr("internvl_chat.quantize.checks.MAX_CODE_FILE_BYTES", 99)
     code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn")
@@ -1290,3 +1293,17 @@ def test_the_source_folder_as_the_output_is_named_as_such(config_only, tmp_path,
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].endswith("is the source folder; give a new output folder (the source is never changed)"), lines
     assert sorted(p.name for p in config_only.iterdir()) == ["config.json"]
+
+
+def test_an_hf_source_s_python_files_are_not_looked_at(tiny_hf, tmp_path, monkeypatch, capsys):
+    """Its .py files are never copied (its output's config names no code), yet an -hf checkpoint
+    kept in a folder of scripts was refused for them ("holds 65 .py files"), as was one with a
+    script that could not be read."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_hf, src)
+    for k in range(65):
+        (src / f"script_{k}.py").write_text("print('hi')\n")
+    os.mkfifo(src / "pipe.py")
+    code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
+    assert code == 0, lines
+    assert not list((tmp_path / "out").glob("*.py"))
