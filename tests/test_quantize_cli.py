@@ -216,7 +216,7 @@ def test_terminal_progress_draws_every_phase_with_its_total(tiny_original, tmp_p
         quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=4, device="cpu", progress=bars)
     text = screen.getvalue()
     for shown in ("loading", "1/1 model", "calibration data", "4/4 samples", "calibration forward", "AWQ search", "2/2 blocks",
-                  "writing", "2/2 files"):  # fmt: skip
+                  "writing", "6/6 files"):  # fmt: skip
         assert shown in text, shown
     assert "/?" not in text and "0/?" not in text
 
@@ -229,7 +229,9 @@ def test_rtn_needs_no_calibration(tiny_original, tmp_path):
             seen.append((name, total, unit))
 
     quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=Record())
-    assert seen == [("loading", 1, "model"), ("RTN", 2, "blocks"), ("writing", 2, "files")]
+    # every file of the output counted ("writing: 2 files" for the six the tiny model's output holds)
+    written = len(list((tmp_path / "out").iterdir()))
+    assert written == 6 and seen == [("loading", 1, "model"), ("RTN", 2, "blocks"), ("writing", written, "files")]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["llm_config"]["quantization_config"]["group_size"] == 32
 
@@ -924,6 +926,9 @@ def test_the_original_layouts_code_files_go_with_its_auto_map(tiny_original, tin
 
 
 def test_code_files_beyond_a_checkpoints_are_refused_before_loading(config_only, tmp_path, monkeypatch, capsys):
+    raw = json.loads((config_only / "config.json").read_text())  # its code is copied where its config names it
+    raw["auto_map"] = {"AutoModel": "modeling_internvl_chat.InternVLChatModel"}
+    (config_only / "config.json").write_text(json.dumps(raw))
     (config_only / "modeling_internvl_chat.py").write_bytes(b"#" * 100)
     monkeypatch.setattr("internvl_chat.quantize.checks.MAX_CODE_FILE_BYTES", 99)
     code, lines = run_cli(monkeypatch, capsys, config_only, tmp_path / "out", "--method", "rtn")
@@ -1048,3 +1053,257 @@ def test_a_staging_folder_whose_permissions_cannot_be_set_is_one_line_and_remove
     assert lines[0].endswith(f"cannot write the output {tmp_path / 'new' / 'out'} in {tmp_path / 'new'} (Operation not permitted); "
                              "choose a folder you can write to"), lines  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an open file through /proc")
+@pytest.mark.parametrize("exists", [False, True])
+def test_every_output_file_is_on_the_disk_before_the_output_appears(tiny_original, tmp_path, monkeypatch, exists):
+    """The staging folder was renamed to the output without an fsync: a power cut soon after the run
+    said "wrote DST" could leave config.json and all, with weight files empty or cut short."""
+    import internvl_chat.quantize.output_folder as output_folder
+
+    dst = tmp_path / "out"
+    if exists:
+        dst.mkdir()
+    events: list[tuple[str, str]] = []
+    fsync, rename = os.fsync, os.rename
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def recording_rename(source, target, *args, **kwargs):
+        events.append(("rename", os.fspath(target)))
+        return rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(output_folder.os, "rename", recording_rename)
+    quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
+    first_rename = next(i for i, (kind, _) in enumerate(events) if kind == "rename")
+    synced = {Path(path).name for kind, path in events[:first_rename] if kind == "fsync"}
+    written = {p.name for p in dst.iterdir()}
+    assert written and written <= synced, (written - synced, events)
+    assert ("fsync", str(dst if exists else tmp_path)) in events[first_rename:], events  # the rename itself
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an open file through /proc")
+def test_an_output_file_that_cannot_be_synced_is_one_line_and_leaves_nothing(tiny_original, tmp_path, monkeypatch, capsys):
+    import errno
+
+    def failing_fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".safetensors"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--method", "rtn", "--device", "cpu",
+                          "--group-size", "32")  # fmt: skip
+    assert code == 2
+    errors = [line for line in lines if line.startswith("internvl-chat:")]
+    assert len(errors) == 1 and "cannot write the output" in errors[0] and "Input/output error" in errors[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_negative_seed_is_refused_it_would_calibrate_as_its_positive_twin():
+    """random.Random(-1) is random.Random(1): `--seed -1` made the checkpoint `--seed 1` made, without a word."""
+    with pytest.raises(UsageError, match=r"^argument --seed: -1 is negative; give 0 or more"):
+        build_parser().parse_args(["src", "dst", "--seed", "-1"])
+    assert build_parser().parse_args(["src", "dst", "--seed", "0"]).seed == 0
+
+
+def test_the_writing_total_counts_every_file_of_a_sharded_output(tiny_original, tmp_path, monkeypatch):
+    import internvl_chat.quantize.writer as writer
+
+    monkeypatch.setattr(writer, "SHARD_BYTES", 1 << 17)  # the tiny model's weights in a few shards, with an index
+    seen = []
+
+    class Record(Progress):
+        def begin(self, name, total, unit):
+            seen.append((name, total))
+
+        def update(self, name, done, total, unit, detail):
+            seen.append((name, done, total))
+
+    quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=Record())
+    written = len(list((tmp_path / "out").iterdir()))
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    writing = [entry for entry in seen if entry[0] == "writing"]
+    assert writing[0] == ("writing", written) and writing[-1] == ("writing", written, written), writing
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_ctrl_c_while_the_published_output_is_synced_leaves_nothing(tiny_original, tmp_path, monkeypatch, exists):
+    """Syncing the folder after the rename takes a while on a busy disk; a Ctrl-C there said the run
+    stopped, and must leave no output, as at any moment before."""
+    import internvl_chat.quantize.output_folder as output_folder
+
+    dst = tmp_path / "out"
+    if exists:
+        dst.mkdir()
+
+    sync = output_folder._sync_folder
+
+    def interrupted(folder):
+        if folder in (dst, tmp_path):  # after the rename (or the moves), not the staging folder's own sync before it
+            raise KeyboardInterrupt
+        sync(folder)
+
+    monkeypatch.setattr(output_folder, "_sync_folder", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_original, dst, "rtn", group_size=32, device="cpu")
+    assert list(tmp_path.iterdir()) == ([dst] if exists else []) and (not exists or list(dst.iterdir()) == [])
+
+
+def test_only_the_calibration_texts_the_samples_use_are_read(tiny_original, tmp_path, monkeypatch):
+    """Every .txt file of a --calib folder was read and checked before loading though a run of N
+    samples uses the first N by name: a corpus folder of a million texts took hours and gigabytes,
+    and a binary file among the unused ones refused the run."""
+    import internvl_chat.quantize.calibration as calibration
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):
+        (calib / f"{i}.txt").write_text(f"Text number {i} about gaskets.")
+    (calib / "9.txt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # never used by 4 samples
+    read = []
+    real = calibration.calibration_text
+    monkeypatch.setattr(calibration, "calibration_text", lambda path: read.append(path.name) or real(path))
+    quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=4, calib_dir=calib, device="cpu")
+    assert read == ["0.txt", "1.txt", "2.txt", "3.txt"]
+
+
+def test_calibration_images_are_the_kinds_the_chat_takes(tiny_original, tmp_path):
+    """.gif and .tif images in a --calib folder were passed over without a word where it held a .txt
+    file too (the samples used built-in pictures); the chat's /image takes them."""
+    from PIL import Image
+
+    from internvl_chat.quantize.calibration import CALIB_IMAGE_SUFFIXES
+    from internvl_chat.ui.paths import IMAGE_EXTENSIONS
+
+    assert set(CALIB_IMAGE_SUFFIXES) == IMAGE_EXTENSIONS
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(calib / "a.gif")
+    Image.new("RGB", (64, 96), (30, 200, 30)).save(calib / "b.TIF")
+    (calib / "notes.txt").write_text("A red and a green picture.")
+    seen = []
+
+    class Record(Progress):
+        def begin(self, name, total, unit):
+            seen.append((name, total, unit))
+
+    quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=4, calib_dir=calib, device="cpu",
+                        progress=Record())  # fmt: skip
+    assert seen[0] == ("calibration images", 2, "images"), seen
+
+
+def test_running_out_of_memory_while_quantizing_is_one_line_and_leaves_nothing(tiny_original, tmp_path, monkeypatch, capsys):
+    """Memory that ran out in the calibration forward or the searches (a large model on a GPU that
+    just holds it) was torch's traceback; now one line with what to change, exit status 1."""
+    import internvl_chat.quantize.pipeline as pipeline
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "quantize_model", out_of_memory)
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--samples", "2", "--device", "cpu",
+                          "--group-size", "32")  # fmt: skip
+    assert code == 1 and not any("Traceback" in line for line in lines), lines
+    assert lines[-1] == "internvl-chat: error: out of memory quantizing on cpu (awq); use fewer --samples (2 now) or a machine with more memory"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_running_out_of_memory_loading_the_source_gives_quantize_s_advice(tiny_original, tmp_path, monkeypatch, capsys):
+    """The loader's advice was the chat's: "use a 4-bit checkpoint or a smaller --max-context" (a
+    flag quantize does not have, and a model it cannot quantize)."""
+    import internvl_chat.engine.loader as loader
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(loader, "iter_tensors", out_of_memory)
+    code, lines = run_cli(monkeypatch, capsys, tiny_original, tmp_path / "out", "--samples", "2", "--device", "cpu",
+                          "--group-size", "32")  # fmt: skip
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("internvl-chat: error: out of memory loading the source on cpu in ") and lines[0].endswith(
+        ": quantizing holds the whole 16-bit model; use a machine with more memory"), lines
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_calibration_text_saved_as_utf16_with_a_byte_order_mark_is_read(tmp_path, encoding):
+    """Notepad's "Unicode" (UTF-16 LE with a byte order mark) was refused as binary data: its NUL bytes."""
+    from internvl_chat.quantize import calibration_files
+
+    text = "Torque the M8 flange bolts to 25 N·m; 扭矩 25 牛·米."
+    bom = {"utf-16-le": b"\xff\xfe", "utf-16-be": b"\xfe\xff"}.get(encoding, b"")  # utf-16, utf-32: Python writes one
+    (tmp_path / "notes.txt").write_bytes(bom + text.encode(encoding))
+    assert calibration_files(tmp_path) == ([], [text])
+
+
+def test_the_copied_source_files_are_as_readable_as_the_rest_of_the_checkpoint(tiny_original, tmp_path):
+    """The tokenizer and settings files were copied with the source's permissions: a private (0600)
+    tokenizer.json made an output whose weights others could read and whose tokenizer they could not."""
+    import stat
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_original, src)
+    for path in src.iterdir():
+        path.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        quantize_checkpoint(src, tmp_path / "out", "rtn", group_size=32, device="cpu")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert "tokenizer.json" in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_a_file_system_that_cannot_sync_files_still_gets_the_output(tiny_original, tmp_path, monkeypatch):
+    import errno
+
+    def unsupported(fd):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(os, "fsync", unsupported)
+    quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu")
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_ctrl_c_while_the_writing_phase_ends_leaves_nothing(tiny_original, tmp_path):
+    """The output appeared before the writing phase's last line was shown: a Ctrl-C there said the
+    run stopped (exit 130) and left a complete output, which the next run refused as not empty."""
+
+    class InterruptAtTheEnd(Progress):
+        def end(self, name, total, unit, seconds):
+            if name == "writing":
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(tiny_original, tmp_path / "out", "rtn", group_size=32, device="cpu", progress=InterruptAtTheEnd())
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("spelling", ["same", "through a link"])
+def test_the_source_folder_as_the_output_is_named_as_such(config_only, tmp_path, monkeypatch, capsys, spelling):
+    dst = config_only
+    if spelling == "through a link":
+        (tmp_path / "link").symlink_to(config_only)
+        dst = tmp_path / "link" / "."
+    code, lines = run_cli(monkeypatch, capsys, config_only, dst, "--device", "cpu")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].endswith("is the source folder; give a new output folder (the source is never changed)"), lines
+    assert sorted(p.name for p in config_only.iterdir()) == ["config.json"]
+
+
+def test_an_hf_source_s_python_files_are_not_looked_at(tiny_hf, tmp_path, monkeypatch, capsys):
+    """Its .py files are never copied (its output's config names no code), yet an -hf checkpoint
+    kept in a folder of scripts was refused for them ("holds 65 .py files"), as was one with a
+    script that could not be read."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_hf, src)
+    for k in range(65):
+        (src / f"script_{k}.py").write_text("print('hi')\n")
+    os.mkfifo(src / "pipe.py")
+    code, lines = run_cli(monkeypatch, capsys, src, tmp_path / "out", "--method", "rtn", "--device", "cpu", "--group-size", "32")
+    assert code == 0, lines
+    assert not list((tmp_path / "out").glob("*.py"))

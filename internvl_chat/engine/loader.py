@@ -187,6 +187,15 @@ def _count(n: float) -> str:
     return f"{n:,.0f}"
 
 
+class OutOfMemoryLoading(CheckpointError):
+    """Memory ran out while the weights were loaded: `device` and `dtype` say where (quantize
+    replaces the chat's advice, which names flags it does not have)."""
+
+    def __init__(self, message: str, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(message)
+        self.device, self.dtype = device, dtype
+
+
 @dataclass
 class LoadedModel:
     model: InternVLModel
@@ -265,9 +274,10 @@ def load_model(
         if not is_out_of_memory(e):  # the CPU allocator and CUDA outside torch's allocator raise RuntimeErrors
             raise
         advice = "use a 4-bit checkpoint or a smaller --max-context"
-        raise CheckpointError(
+        raise OutOfMemoryLoading(
             f"out of memory loading {visible(path.name)} on {device} in {str(dtype).removeprefix('torch.')}; "
-            + (advice + ", or --device cpu" if device.type == "cuda" else advice)
+            + (advice + ", or --device cpu" if device.type == "cuda" else advice),
+            device, dtype,
         ) from None
     if device.type == "cuda":
         torch.cuda.synchronize(device)

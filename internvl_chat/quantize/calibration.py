@@ -130,11 +130,16 @@ def calibration_samples(
     return samples
 
 
-CALIB_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# the kinds the chat's /image takes (ui.paths.IMAGE_EXTENSIONS): a folder of .tif scans or .gif
+# images beside a .txt was calibrated on built-in pictures without a word
+CALIB_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def calibration_files(calib_dir: Path) -> tuple[list[Path], list[str]]:
-    """The images of a --calib folder and the texts of its .txt files (`calibration_text`)."""
+def calibration_files(calib_dir: Path, max_texts: int | None = None) -> tuple[list[Path], list[str]]:
+    """The images of a --calib folder and the texts of its first `max_texts` .txt files by name
+    (`calibration_text`; all where None): the samples take texts in turn, so a run of N samples
+    uses the first N. Every one was read, a corpus folder of a million short texts for hours and
+    gigabytes of memory before the model loaded, a binary file among the unused ones refused it."""
     shown = visible(str(calib_dir))
     if not calib_dir.is_dir():
         raise UsageError(f"--calib {shown} is not a folder; give a folder of images and .txt files")
@@ -146,15 +151,16 @@ def calibration_files(calib_dir: Path) -> tuple[list[Path], list[str]]:
     # are read before the model loads, and name what is wrong with one)
     images = [p for p in entries if p.suffix.lower() in CALIB_IMAGE_SUFFIXES and not p.is_dir()]
     # a folder named like a text (`notes.txt/`) is passed over as one named like an image is: it stopped the run
-    texts = [calibration_text(p) for p in entries if p.suffix.lower() == ".txt" and not p.is_dir()]
+    text_files = [p for p in entries if p.suffix.lower() == ".txt" and not p.is_dir()]
+    texts = [calibration_text(p) for p in text_files[:max_texts]]
     if not images and not texts:
         raise UsageError(f"--calib {shown} has no images ({', '.join(CALIB_IMAGE_SUFFIXES)}) or .txt files")
     return images, texts
 
 
 def calibration_text(path: Path) -> str:
-    """The first 2,000 characters of a --calib .txt file (a regular file of at most 1 MiB),
-    undecodable bytes replaced; one that holds binary data (an image or archive named .txt) is
+    """The first 2,000 characters of a --calib .txt file (a regular file of at most 1 MiB; UTF-8,
+    or UTF-16 or UTF-32 with a byte order mark), undecodable bytes replaced; one that holds binary data (an image or archive named .txt) is
     refused: it was tokenized as calibration text without a word, skewing the statistics the
     scales are searched on. One that holds no text (empty, or only spaces) is refused too: its samples
     were calibrated on an empty answer, and the user's texts replace the built-in ones."""
@@ -162,14 +168,29 @@ def calibration_text(path: Path) -> str:
         raise UsageError(f"calibration text {visible(str(path))} is over 1 MiB, and only its first {CALIB_TEXT_CHARS:,} characters "
                          "would be used; put those in a smaller file (one text per file), or take it out of the --calib folder")  # fmt: skip
     data = read_bytes_file(path, "calibration text", limit=MiB)
-    kind = sniff_binary(data)
-    if kind is not None:
-        raise UsageError(f"calibration text {visible(str(path))} holds {kind}, not text; take it out of the --calib folder")
+    encoding = _unicode_encoding(data)
+    if encoding is None:
+        kind = sniff_binary(data)
+        if kind == "binary data":  # NUL bytes: UTF-16 text without a byte order mark looks the same
+            raise UsageError(f"calibration text {visible(str(path))} holds binary data, not text; take it out of the --calib "
+                             "folder (text must be UTF-8, or UTF-16 with a byte order mark)")  # fmt: skip
+        if kind is not None:
+            raise UsageError(f"calibration text {visible(str(path))} holds {kind}, not text; take it out of the --calib folder")
     # -sig: Notepad's byte order mark is no part of the text (it was calibrated on, and alone passed as text)
-    text = data.decode("utf-8-sig", errors="replace")[:CALIB_TEXT_CHARS]
+    text = data.decode(encoding or "utf-8-sig", errors="replace")[:CALIB_TEXT_CHARS]
     if not text.strip():
         raise UsageError(f"calibration text {visible(str(path))} is empty; write text into it or take it out of the --calib folder")
     return text
+
+
+def _unicode_encoding(data: bytes) -> str | None:
+    """UTF-32 or UTF-16 where `data` starts with its byte order mark (Notepad's "Unicode" is UTF-16
+    LE: its NUL bytes had it refused as binary data), else None (UTF-8, read as such)."""
+    if data[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        return "utf-32"
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    return None
 
 
 def _file_size(path: Path) -> int:

@@ -75,7 +75,8 @@ def check_source(src: Path) -> ModelConfig:
         check_quantized_weights_declared(cfg, _declared_tensors(src), src)
     if cfg.quant is not None or _weights_kind(src) == "tinychat":
         raise UsageError("the source checkpoint is already quantized; quantize a 16-bit checkpoint")
-    check_copied_files(src)
+    # the source's .py files go with it only where the output's config names code: its own, in the original layout
+    check_copied_files(src, with_code=cfg.layout == "original" and "auto_map" in read_config_json(src))
     return cfg
 
 
@@ -113,12 +114,13 @@ def _weights_kind(src: Path) -> str | None:
         return None
 
 
-def check_copied_files(src: Path) -> None:
+def check_copied_files(src: Path, with_code: bool = True) -> None:
     """The source files copied to the output at the end can be opened: one that could not ended a
     whole run (an hour for a large model) with nothing written. Its Python files are bounded in
     number and size (they are copied where its config names code, writer.code_files), its
-    settings files in size."""
-    code = code_files(src)
+    settings files in size. `with_code` False: its .py files are not copied, and not looked at (an
+    -hf source in a folder of 65 scripts was refused for files the output would never hold)."""
+    code = code_files(src) if with_code else []
     if len(code) > MAX_CODE_FILES:
         raise UsageError(f"the source folder holds {len(code)} .py files, more than a checkpoint's "
                          f"{MAX_CODE_FILES}; quantize a folder that holds only the checkpoint")  # fmt: skip

@@ -28,6 +28,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed of 0 or more: Python's random takes a negative seed's absolute value, so `--seed -1`
+    made exactly the checkpoint `--seed 1` did, and a sweep over both made duplicates without a word."""
+    try:
+        value = parse_int(text)
+    except ValueError as refused:
+        raise argparse.ArgumentTypeError(str(refused)) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more (-N would calibrate exactly as N does)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="internvl-chat quantize",
@@ -50,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"awq: calibration samples, half with an image (default 32, at most {MAX_SAMPLES})")  # fmt: skip
     p.add_argument("--no-clip", action="store_true", help="awq: skip the weight-clipping search")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto | cpu | cuda | cuda:N (default auto: CUDA if present)")
-    p.add_argument("--seed", type=int, metavar="S", help="awq: seed of the built-in calibration data (default 0)")
+    p.add_argument("--seed", type=_seed, metavar="S", help="awq: seed of the built-in calibration data, 0 or more (default 0)")
     return p
 
 

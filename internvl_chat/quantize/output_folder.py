@@ -1,11 +1,13 @@
 """The output folder, complete or not at all: the checkpoint is written to a hidden staging folder
 next to a new output folder and renamed to it at the end, or inside an existing empty one and its
-files moved up at the end, config.json last. A failed or interrupted run removes what it made (the
+files moved up at the end, config.json last; every file is synced to the disk first (a power cut
+after the run must not leave a complete-looking output with empty weight files). A failed or interrupted run removes what it made (the
 staging folder, and the folders above the output that it created), with Ctrl-C, SIGTERM and SIGHUP ignored meanwhile;
 a staging folder left by a run that was killed outright is named when its folder is given again."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -16,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UsageError
-from ..files import current_umask, visible
+from ..files import _sync_folder, current_umask, visible
 
 
 @contextmanager
@@ -113,14 +115,37 @@ def _left_staging_folders(where: Path, dst: Path) -> list[str]:
                   if name.startswith(prefix) and name.endswith(".partial") and "." not in name[len(prefix):-len(".partial")])  # fmt: skip
 
 
+def sync_staged(staging: Path) -> None:
+    """Every file of the finished staging folder, and the folder itself, on the disk before it is
+    published: renamed unsynced, a power cut or a crash of the machine soon after the run said "wrote
+    DST" could leave a complete-looking output (config.json and all) whose weight files were empty or
+    cut short, which then failed to load. OSError (EIO, a full network disk) propagates: the run failed."""
+    for path in sorted(staging.iterdir()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot sync: written is all it does
+                raise
+        finally:
+            os.close(fd)
+    _sync_folder(staging)
+
+
 def publish(staging: Path, dst: Path) -> None:
-    """Rename the finished staging folder to `dst`, or, staged inside `dst`, move its files there
-    with config.json last (a folder without it is no checkpoint), taking them back out if a move
-    fails or is interrupted."""
+    """Rename the finished (and synced, `sync_staged`) staging folder to `dst`, or, staged inside
+    `dst`, move its files there with config.json last (a folder without it is no checkpoint),
+    taking them back out if a move fails or is interrupted; then sync the folder that changed, so the
+    rename itself is on the disk."""
     moved: list[Path] = []
     try:
         if staging.parent != dst:
             os.rename(staging, dst)
+            try:
+                _sync_folder(dst.parent)  # may take a while on a busy disk: Ctrl-C then must leave nothing, as before the rename
+            except BaseException:
+                os.rename(dst, staging)  # taken back, for staged_output to remove
+                raise
             return
         if [p.name for p in dst.iterdir()] != [staging.name]:  # a move would replace (and mix with) what is there now
             raise UsageError(f"output {visible(str(dst))} is no longer empty (another run writing to it?); choose a new output folder")
@@ -129,6 +154,7 @@ def publish(staging: Path, dst: Path) -> None:
                 moved.append(dst / entry.name)  # before the move: an interrupt right after it must not leave it
                 os.rename(entry, dst / entry.name)
             os.rmdir(staging)
+            _sync_folder(dst)
         except BaseException:
             for path in moved:
                 path.unlink(missing_ok=True)

@@ -193,6 +193,13 @@ def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.chmod(path, 0o666 & ~current_umask())
 
 
+def output_file_count(config: dict, tensors: dict[str, torch.Tensor], src_dir: Path) -> int:
+    """How many files `write_checkpoint` writes: the progress total (it said "2 files" for the six of
+    the tiny model's output, the weights and one step for all the rest)."""
+    weights = len(checkpoint_files(tensors))
+    return weights + (weights > 1) + 1 + len(copied_files(src_dir, config))
+
+
 def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], src_dir: Path, step: Step = no_step) -> None:
     """The weight file(s), config.json and the copied source files into `dst`; `step()` after each file."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -204,10 +211,15 @@ def write_checkpoint(dst: Path, config: dict, tensors: dict[str, torch.Tensor], 
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": {n: file for file, names in files for n in names}}
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        step()
     (dst / "config.json").write_text(config_text(config), encoding="utf-8")
+    step()
     for path in copied_files(src_dir, config):
         shutil.copy2(path, dst / path.name)
-    step()
+        # the umask's permissions, as the rest of the output's: copy2 kept the source's, and a private
+        # (0600) tokenizer.json left a checkpoint that a server run as another user could not load
+        os.chmod(dst / path.name, 0o666 & ~current_umask())
+        step()
 
 
 def write_error(e: OSError, src: Path, dst: Path) -> UsageError:
