@@ -313,6 +313,27 @@ def test_the_default_budget_refuses_the_worst_cases_alone(job, passes):
         assert err.value.status == 400 and "GiB of server memory" in err.value.message
 
 
+@pytest.mark.parametrize(("budget", "over"), [(1 << 30, 200), (1 << 20, 40), (1500 << 20, 1)])
+def test_a_refusal_just_over_the_budget_shows_more_than_the_budget(budget, over):
+    """A request a little over the budget was told it "could take about 1 GiB of server memory …;
+    this server allows 1 GiB": the two sizes read the same. The estimate must read as more."""
+    import re
+
+    from internvl_chat.serve.options import ServeOptions
+
+    worker = engine.EngineWorker.__new__(engine.EngineWorker)
+    worker.options = ServeOptions(max_logprobs_bytes=budget)
+    tokens = budget // held_bytes(20) + over
+    with pytest.raises(APIError) as err:
+        worker.check_logprobs(budget_job(10, tokens))
+    message = err.value.message
+    needed = re.search(r"could take about ([\d,.]+) (MiB|GiB)", message).groups()
+    allowed = re.search(r"this server allows ([\d,.]+) (MiB|GiB)", message).groups()
+    assert needed != allowed, message
+    if needed[1] == allowed[1]:
+        assert float(needed[0].replace(",", "")) > float(allowed[0].replace(",", "")), message
+
+
 def test_the_budget_is_a_serve_flag_and_setting_in_mib():
     import os
 

@@ -389,8 +389,9 @@ class EngineWorker:
         if legacy:
             fixes.append("send fewer or shorter prompts")
         fixes.append("send stream: true (a stream's logprobs go out with its text and are not held)")
-        raise APIError(400, f"this request's logprobs could take about {_size(held)} of server memory, held until its "
-                       f"answer is sent whole ({' and '.join(parts)}); this server allows {_size(budget)} "
+        needed, allowed = _sizes_over(held, budget)
+        raise APIError(400, f"this request's logprobs could take about {needed} of server memory, held until its "
+                       f"answer is sent whole ({' and '.join(parts)}); this server allows {allowed} "
                        f"(--max-logprobs-mb). {fixes[0][0].upper()}{', '.join(fixes[:-1])[1:]}, or {fixes[-1]}",
                        code="logprobs_too_large", param="logprobs")  # fmt: skip
 
@@ -722,6 +723,16 @@ def _size(n: int) -> str:
     if n >= 1 << 30:
         return f"{n / (1 << 30):,.1f} GiB".replace(".0 GiB", " GiB")
     return f"{max(1, round(n / (1 << 20))):,} MiB"
+
+
+def _sizes_over(held: int, budget: int) -> tuple[str, str]:
+    """`held` and the `budget` it passes, as `_size` shows them where they differ so; else both in
+    MiB, `held` rounded up, the budget down: a request just over 1 GiB was told it "could take
+    about 1 GiB" where "this server allows 1 GiB"."""
+    needed, allowed = _size(held), _size(budget)
+    if needed != allowed:
+        return needed, allowed
+    return f"{-(-held // (1 << 20)):,} MiB", f"{budget // (1 << 20):,} MiB"
 
 
 def _cancelled() -> APIError:
