@@ -433,7 +433,8 @@ def test_more_limits_the_docs_quote_are_the_codes():
     from internvl_chat.engine import tensor_reader
     from internvl_chat.media import image, video_cost, video_header
     from internvl_chat.quant.int4_linear import Int4Linear
-    from internvl_chat.serve import answers, namespaces, protocol, text_completions, tokenizer_api
+    from internvl_chat.serve import answers, connections, namespaces, protocol, text_completions, tokenizer_api
+    from internvl_chat.serve import engine as serve_engine
     from internvl_chat.serve.logprobs import LOGPROB_FLOOR
     from internvl_chat.settings import REMOTE_TIMEOUT_MAX
     from internvl_chat.ui import media_paths, render
@@ -463,6 +464,18 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"a non-empty string of up to {namespaces.MAX_CACHE_SALT_CHARS:,} printable characters",
     ]  # fmt: skip
     assert [q for q in quoted if q not in readme] == []
+    # serve's Retry-After estimate and its bounds on what a connection may hold
+    quoted_serve = [
+        f"an estimate from the last {serve_engine.JOB_HISTORY} requests' durations",
+        f"in whole seconds from 1 to {serve_engine.RETRY_AFTER_MAX_S},",
+        f"once about {connections.UNSENT_BYTES >> 20} MiB of it wait unsent",
+        f"if more than {connections.UNSENT_BYTES >> 20} MiB of it still wait unsent `--write-timeout`",
+        f"so an answer over {connections.UNSENT_BYTES >> 20} MiB",
+        f"are read up to {connections.PIPELINED_BYTES >> 10} KiB;",
+    ]
+    assert [q for q in quoted_serve if q not in readme] == []
+    write_help = next(a.help for a in parsers()["serve"]._actions if "--write-timeout" in a.option_strings)
+    assert f"more than {connections.UNSENT_BYTES >> 20} MiB of it wait unsent (a stream's at any moment" in write_help
     assert answer_bounds.PIECES_PER_TOKEN == 2 and "more text pieces than twice `max_new_tokens`" in readme
     greedy = re.search(r"a `temperature` below (\S+) is greedy", readme)
     assert greedy and float(greedy.group(1)) == GREEDY_BELOW
