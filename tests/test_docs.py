@@ -6,7 +6,7 @@ make target and script command the docs name exists (and every flag the app's me
 README names every route serve has; the defaults and choices `--help`, README and default.toml
 state are the settings' own; the limits README and docs/architecture.md quote are the code's, and
 README's GPU table and exact ratios are benchmarks/RESULTS.md's; every dependency has its reason (and one only the test extra
-installs says so); every module has a row in the module map, the code names docs/architecture.md
+installs says so); every module has a row in the module map, the repository files the docs name exist, the code names docs/architecture.md
 gives exist, every unit of the package has a layer and imports follow the layers; a package's own
 list of its modules is complete.
 """
@@ -667,3 +667,16 @@ def test_the_code_names_architecture_md_gives_exist():
             checked += 1
     assert checked >= 20
     assert not wrong, f"docs/architecture.md names code that does not exist: {wrong}"
+
+
+def test_the_repository_files_the_docs_name_exist():
+    # the module map test covers internvl_chat's modules; README and the architecture also name tests,
+    # scripts, benchmarks and configs, which a rename or removal would leave behind
+    checked = 0
+    for name, text in (("README.md", README), ("docs/architecture.md", ARCHITECTURE), ("benchmarks/README.md", BENCH_README)):
+        paths = set(re.findall(r"(?<![\w./~-])((?:tests|scripts|benchmarks|examples|docs|configs|internvl_chat)/[\w./-]*[\w/])", text))
+        tests = set(re.findall(r"(?<![\w/])(test_\w+\.py)", text))
+        missing = [p for p in paths if not (REPO / p).exists()] + [t for t in tests if not (REPO / "tests" / t).is_file()]
+        assert not missing, f"{name} names files that do not exist: {sorted(missing)}"
+        checked += len(paths) + len(tests)
+    assert checked >= 20
