@@ -876,6 +876,13 @@ def test_a_dash_as_the_prompt_reads_it_from_stdin(monkeypatch, tmp_path, argv):
         cli_module.run(argv)
 
 
+def test_a_prompt_read_from_stdin_is_sent_as_it_is(monkeypatch, tmp_path):
+    # README and -p's help: piped text is never a command; the refusals and the // escape are for typed prompts
+    text = "//save is a verb\n/video clip.mp4 --frames 4"
+    assert _prompt_sent(monkeypatch, tmp_path, ["-p", "-"], text.encode()) == text
+    assert _prompt_sent(monkeypatch, tmp_path, ["-p", "-"], b"/save chat.json") == "/save chat.json"
+
+
 def test_a_video_line_with_options_in_the_prompt_is_refused_with_the_flags_to_use(tmp_path):
     # the REPL runs a pasted `/video PATH --frames 4` line as the command; in -p the path went with
     # the default frames and the model read "/video --frames 4"

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("prompt", nargs="*", help="the question (one-shot mode); same as -p")
     p.add_argument("-p", "--prompt", dest="prompt_flag", metavar="TEXT",
-                   help="the question (one-shot mode; - reads it from stdin); a leading // is sent as one / (as in the REPL)")
+                   help="the question (one-shot mode; - reads it from stdin, sent as it is); a leading // is sent as one / (as in the REPL)")
     add_setting_flag(p, "--model", setting="model.path", metavar="DIR", help="checkpoint folder (default: the embedded demo model)")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="attach an image (repeatable; a quoted pattern, 'shots/*', attaches the images it matches)")
