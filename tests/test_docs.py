@@ -434,7 +434,7 @@ def test_more_limits_the_docs_quote_are_the_codes():
     from internvl_chat.media import image, video_cost, video_header
     from internvl_chat.quant.int4_linear import Int4Linear
     from internvl_chat.serve import answers, connections, namespaces, protocol, text_completions, tokenizer_api
-    from internvl_chat.serve import engine as serve_engine
+    from internvl_chat.serve import engine as serve_engine, media as serve_media
     from internvl_chat.serve.logprobs import LOGPROB_FLOOR
     from internvl_chat.settings import REMOTE_TIMEOUT_MAX
     from internvl_chat.ui import media_paths, render
@@ -472,6 +472,8 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"if more than {connections.UNSENT_BYTES >> 20} MiB of it still wait unsent `--write-timeout`",
         f"so an answer over {connections.UNSENT_BYTES >> 20} MiB",
         f"are read up to {connections.PIPELINED_BYTES >> 10} KiB;",
+        f"{serve_media.REMOTE_TIMEOUT_S:g} s for each fetch in all, however its host trickles it, and "
+        f"{serve_media.REQUEST_REMOTE_TIMEOUT_S:g} s for all the fetches of a request together",
     ]
     assert [q for q in quoted_serve if q not in readme] == []
     write_help = next(a.help for a in parsers()["serve"]._actions if "--write-timeout" in a.option_strings)
