@@ -682,3 +682,14 @@ def test_the_repository_files_the_docs_name_exist():
         assert not missing, f"{name} names files that do not exist: {sorted(missing)}"
         checked += len(paths) + len(tests)
     assert checked >= 20
+
+
+def test_the_exit_statuses_help_gives_include_each_signal_that_ends_the_repl():
+    # --help's epilog listed 143/129 but not 131, SIGQUIT's, which README gives for the REPL
+    from internvl_chat.ui.repl import EXIT_SIGNALS
+
+    epilog = " ".join(cli.build_parser().epilog.split())
+    for signum in EXIT_SIGNALS:
+        status = 128 + int(signum)
+        assert re.search(rf"(?<!\d){status}(?!\d)", epilog), f"--help gives no exit status {status} ({signum.name})"
+        assert re.search(rf"(?<!\d){status}(?!\d)", README), f"README gives no exit status {status} ({signum.name})"

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
             "`internvl-chat quantize` makes 4-bit AWQ checkpoints and `internvl-chat serve` serves one "
             "over an OpenAI-compatible API (each has its own --help). "
             "Exit status: 0 done, 1 an error (stdout unwritable included), 2 bad usage or input, "
-            "130 interrupted (Ctrl-C), 143/129 ended by SIGTERM/SIGHUP."
+            "130 interrupted (Ctrl-C), 143/129 ended by SIGTERM/SIGHUP (131 by SIGQUIT in the REPL)."
         ),
     )
     p.add_argument("prompt", nargs="*", help="the question (one-shot mode); same as -p")
