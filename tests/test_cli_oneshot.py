@@ -859,7 +859,7 @@ def test_the_refusal_of_a_command_word_as_the_prompt_names_the_double_slash(tmp_
 
 @pytest.mark.parametrize("argv", [["-p", "-"], ["-"]])
 def test_a_dash_as_the_prompt_reads_it_from_stdin(monkeypatch, tmp_path, argv):
-    # `-p -` (as --script - and --image - read stdin) sent the piped text with "\n\n-" after it, and
+    # `-p -` (as --script - reads stdin) sent the piped text with "\n\n-" after it, and
     # with nothing piped the question "-"
     from internvl_chat import cli as cli_module
     from internvl_chat.errors import UsageError
