@@ -123,9 +123,10 @@ def _refuse_repl_command(args: argparse.Namespace) -> None:
 
 
 def _prompt_is_stdin(args: argparse.Namespace) -> bool:
-    """`-p -` (or the lone word `-`) names stdin as the prompt, as `--script -` and `--image -` read
-    stdin: the typed "-" is dropped (the piped text was sent with "\n\n-" after it, and with nothing
-    piped the question was "-"). Refused where stdin cannot be the prompt."""
+    """`-p -` (or the lone word `-`) names stdin as the prompt, as `--script -` reads stdin
+    (`--image -` is refused: a picture is read from a file, `--image /dev/stdin` a redirected one):
+    the typed "-" is dropped (the piped text was sent with "\n\n-" after it, and with nothing piped
+    the question was "-"). Refused where stdin cannot be the prompt."""
     if not ((args.prompt_flag == "-" and not args.prompt) or (args.prompt_flag is None and args.prompt == ["-"])):
         return False
     args.prompt_flag, args.prompt = None, []

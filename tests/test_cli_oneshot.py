@@ -859,7 +859,7 @@ def test_the_refusal_of_a_command_word_as_the_prompt_names_the_double_slash(tmp_
 
 @pytest.mark.parametrize("argv", [["-p", "-"], ["-"]])
 def test_a_dash_as_the_prompt_reads_it_from_stdin(monkeypatch, tmp_path, argv):
-    # `-p -` (as --script - and --image - read stdin) sent the piped text with "\n\n-" after it, and
+    # `-p -` (as --script - reads stdin) sent the piped text with "\n\n-" after it, and
     # with nothing piped the question "-"
     from internvl_chat import cli as cli_module
     from internvl_chat.errors import UsageError
@@ -874,6 +874,13 @@ def test_a_dash_as_the_prompt_reads_it_from_stdin(monkeypatch, tmp_path, argv):
     monkeypatch.setattr(sys, "stdin", _Terminal())
     with pytest.raises(UsageError, match=r"reads the prompt from stdin, but stdin is a terminal"):
         cli_module.run(argv)
+
+
+def test_a_prompt_read_from_stdin_is_sent_as_it_is(monkeypatch, tmp_path):
+    # README and -p's help: piped text is never a command; the refusals and the // escape are for typed prompts
+    text = "//save is a verb\n/video clip.mp4 --frames 4"
+    assert _prompt_sent(monkeypatch, tmp_path, ["-p", "-"], text.encode()) == text
+    assert _prompt_sent(monkeypatch, tmp_path, ["-p", "-"], b"/save chat.json") == "/save chat.json"
 
 
 def test_a_video_line_with_options_in_the_prompt_is_refused_with_the_flags_to_use(tmp_path):

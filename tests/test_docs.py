@@ -6,7 +6,7 @@ make target and script command the docs name exists (and every flag the app's me
 README names every route serve has; the defaults and choices `--help`, README and default.toml
 state are the settings' own; the limits README and docs/architecture.md quote are the code's, and
 README's GPU table and exact ratios are benchmarks/RESULTS.md's; every dependency has its reason (and one only the test extra
-installs says so); every module has a row in the module map, the code names docs/architecture.md
+installs says so); every module has a row in the module map, the repository files the docs name exist, the code names docs/architecture.md
 gives exist, every unit of the package has a layer and imports follow the layers; a package's own
 list of its modules is complete.
 """
@@ -433,7 +433,8 @@ def test_more_limits_the_docs_quote_are_the_codes():
     from internvl_chat.engine import tensor_reader
     from internvl_chat.media import image, video_cost, video_header
     from internvl_chat.quant.int4_linear import Int4Linear
-    from internvl_chat.serve import answers, namespaces, protocol, text_completions, tokenizer_api
+    from internvl_chat.serve import answers, connections, namespaces, protocol, text_completions, tokenizer_api
+    from internvl_chat.serve import engine as serve_engine, media as serve_media
     from internvl_chat.serve.logprobs import LOGPROB_FLOOR
     from internvl_chat.settings import REMOTE_TIMEOUT_MAX
     from internvl_chat.ui import media_paths, render
@@ -463,6 +464,20 @@ def test_more_limits_the_docs_quote_are_the_codes():
         f"a non-empty string of up to {namespaces.MAX_CACHE_SALT_CHARS:,} printable characters",
     ]  # fmt: skip
     assert [q for q in quoted if q not in readme] == []
+    # serve's Retry-After estimate and its bounds on what a connection may hold
+    quoted_serve = [
+        f"an estimate from the last {serve_engine.JOB_HISTORY} requests' durations",
+        f"in whole seconds from 1 to {serve_engine.RETRY_AFTER_MAX_S},",
+        f"once about {connections.UNSENT_BYTES >> 20} MiB of it wait unsent",
+        f"if more than {connections.UNSENT_BYTES >> 20} MiB of it still wait unsent `--write-timeout`",
+        f"so an answer over {connections.UNSENT_BYTES >> 20} MiB",
+        f"are read up to {connections.PIPELINED_BYTES >> 10} KiB;",
+        f"{serve_media.REMOTE_TIMEOUT_S:g} s for each fetch in all, however its host trickles it, and "
+        f"{serve_media.REQUEST_REMOTE_TIMEOUT_S:g} s for all the fetches of a request together",
+    ]
+    assert [q for q in quoted_serve if q not in readme] == []
+    write_help = next(a.help for a in parsers()["serve"]._actions if "--write-timeout" in a.option_strings)
+    assert f"more than {connections.UNSENT_BYTES >> 20} MiB of it wait unsent (a stream's at any moment" in write_help
     assert answer_bounds.PIECES_PER_TOKEN == 2 and "more text pieces than twice `max_new_tokens`" in readme
     greedy = re.search(r"a `temperature` below (\S+) is greedy", readme)
     assert greedy and float(greedy.group(1)) == GREEDY_BELOW
@@ -654,3 +669,27 @@ def test_the_code_names_architecture_md_gives_exist():
             checked += 1
     assert checked >= 20
     assert not wrong, f"docs/architecture.md names code that does not exist: {wrong}"
+
+
+def test_the_repository_files_the_docs_name_exist():
+    # the module map test covers internvl_chat's modules; README and the architecture also name tests,
+    # scripts, benchmarks and configs, which a rename or removal would leave behind
+    checked = 0
+    for name, text in (("README.md", README), ("docs/architecture.md", ARCHITECTURE), ("benchmarks/README.md", BENCH_README)):
+        paths = set(re.findall(r"(?<![\w./~-])((?:tests|scripts|benchmarks|examples|docs|configs|internvl_chat)/[\w./-]*[\w/])", text))
+        tests = set(re.findall(r"(?<![\w/])(test_\w+\.py)", text))
+        missing = [p for p in paths if not (REPO / p).exists()] + [t for t in tests if not (REPO / "tests" / t).is_file()]
+        assert not missing, f"{name} names files that do not exist: {sorted(missing)}"
+        checked += len(paths) + len(tests)
+    assert checked >= 20
+
+
+def test_the_exit_statuses_help_gives_include_each_signal_that_ends_the_repl():
+    # --help's epilog listed 143/129 but not 131, SIGQUIT's, which README gives for the REPL
+    from internvl_chat.ui.repl import EXIT_SIGNALS
+
+    epilog = " ".join(cli.build_parser().epilog.split())
+    for signum in EXIT_SIGNALS:
+        status = 128 + int(signum)
+        assert re.search(rf"(?<!\d){status}(?!\d)", epilog), f"--help gives no exit status {status} ({signum.name})"
+        assert re.search(rf"(?<!\d){status}(?!\d)", README), f"README gives no exit status {status} ({signum.name})"

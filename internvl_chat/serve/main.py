@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a client has to send a whole request body, else 408 (default 60)")
     add_setting_flag(p, "--write-timeout", setting="serve.write_timeout", type=float, metavar="S",
                      help="seconds a client may read none of its answer (its TCP window full) before it is "
-                     "dropped and its generation cancelled; nor may more than 32 MiB of it still wait unsent "
-                     "at the end of such a span (default 60)")  # fmt: skip
+                     "dropped and its generation cancelled; nor may more than 32 MiB of it wait unsent (a stream's "
+                     "at any moment, an answer written whole at the end of such a span) (default 60)")  # fmt: skip
     add_setting_flag(p, "--keep-alive-timeout", setting="serve.keep_alive_timeout", type=float, metavar="S",
                      help="seconds an idle connection stays open between requests (default 5)")
     add_setting_flag(p, "--max-header-kb", setting="serve.max_header_kb", type=int, metavar="N",

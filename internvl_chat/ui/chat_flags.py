@@ -25,12 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
             "`internvl-chat quantize` makes 4-bit AWQ checkpoints and `internvl-chat serve` serves one "
             "over an OpenAI-compatible API (each has its own --help). "
             "Exit status: 0 done, 1 an error (stdout unwritable included), 2 bad usage or input, "
-            "130 interrupted (Ctrl-C), 143/129 ended by SIGTERM/SIGHUP."
+            "130 interrupted (Ctrl-C), 143/129 ended by SIGTERM/SIGHUP (131 by SIGQUIT in the REPL)."
         ),
     )
     p.add_argument("prompt", nargs="*", help="the question (one-shot mode); same as -p")
     p.add_argument("-p", "--prompt", dest="prompt_flag", metavar="TEXT",
-                   help="the question (one-shot mode; - reads it from stdin); a leading // is sent as one / (as in the REPL)")
+                   help="the question (one-shot mode; - reads it from stdin, sent as it is); a leading // is sent as one / (as in the REPL)")
     add_setting_flag(p, "--model", setting="model.path", metavar="DIR", help="checkpoint folder (default: the embedded demo model)")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="attach an image (repeatable; a quoted pattern, 'shots/*', attaches the images it matches)")

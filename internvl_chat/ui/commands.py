@@ -77,7 +77,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "attach a video to the next message (* ? [ ] match names, as in a shell)",
         (ArgSpec("PATH", "video"),),
         (
-            OptionSpec("--frames", "int", "N", "frames to sample", MAX_FRAMES),
+            OptionSpec("--frames", "int", "N", "frames to sample (default: the media.frames setting)", MAX_FRAMES),
             OptionSpec("--range", "range", "A-B", "only the part from A to B seconds (or m:ss, h:mm:ss)"),
         ),
     ),
