@@ -788,6 +788,11 @@ def format_settings(settings: Settings, unset: Mapping[str, str] | None = None, 
         lines = []
         for name, value, source in rows:
             instead = (unset or {}).get(f"{section}.{name}", "(not set)")
+            if f"{section}.{name}" in SECRET_KEYS and value:
+                # commented out: `api_key = "***"` pasted into a settings file, as this output
+                # invites, set the key to three stars
+                lines.append((f"# {name} = (set, not shown)", source))
+                continue
             lines.append((f"{name} = {toml_value(value)}" if value is not None else f"# {name} = {instead}", source))
         width = max(len(line) for line, _ in lines)
         if out:
