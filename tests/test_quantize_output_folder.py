@@ -24,3 +24,43 @@ def test_the_umask_is_read_without_setting_it(monkeypatch):
     finally:
         monkeypatch.undo()
         os.umask(old)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an open file through /proc")
+def test_a_staging_folder_whose_own_sync_fails_is_a_failed_write(tmp_path, monkeypatch):
+    """The files' fsync failing (EIO) failed the run, the folder's was passed over (files.py's
+    best-effort folder sync): the output appeared though the disk said its names might be lost."""
+    import errno
+
+    from internvl_chat.quantize import output_folder
+
+    staging = tmp_path / ".out.x.partial"
+    staging.mkdir()
+    (staging / "config.json").write_text("{}")
+    fsync = os.fsync
+
+    def failing_for_folders(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_for_folders)
+    with pytest.raises(OSError) as raised:
+        output_folder.sync_staged(staging)
+    assert raised.value.errno == errno.EIO
+
+
+def test_a_staging_folder_on_a_file_system_that_cannot_sync_folders_is_fine(tmp_path, monkeypatch):
+    import errno
+
+    from internvl_chat.quantize import output_folder
+
+    staging = tmp_path / ".out.x.partial"
+    staging.mkdir()
+    (staging / "config.json").write_text("{}")
+
+    def unsupported(fd):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(os, "fsync", unsupported)
+    output_folder.sync_staged(staging)

@@ -119,17 +119,23 @@ def sync_staged(staging: Path) -> None:
     """Every file of the finished staging folder, and the folder itself, on the disk before it is
     published: renamed unsynced, a power cut or a crash of the machine soon after the run said "wrote
     DST" could leave a complete-looking output (config.json and all) whose weight files were empty or
-    cut short, which then failed to load. OSError (EIO, a full network disk) propagates: the run failed."""
+    cut short, which then failed to load. OSError (EIO, a full network disk) propagates: the run failed,
+    the folder's own sync's too (files.py's best-effort folder sync passed an EIO over, and the
+    output appeared though the disk had said its file names might be lost)."""
     for path in sorted(staging.iterdir()):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot sync: written is all it does
-                raise
-        finally:
-            os.close(fd)
-    _sync_folder(staging)
+        _fsync(path, os.O_RDONLY)
+    _fsync(staging, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot sync: written is all it does
+            raise
+    finally:
+        os.close(fd)
 
 
 def publish(staging: Path, dst: Path) -> None:
