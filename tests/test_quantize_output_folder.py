@@ -64,3 +64,25 @@ def test_a_staging_folder_on_a_file_system_that_cannot_sync_folders_is_fine(tmp_
 
     monkeypatch.setattr(os, "fsync", unsupported)
     output_folder.sync_staged(staging)
+
+
+def test_an_empty_output_folder_made_during_the_run_is_back_after_a_ctrl_c_at_the_publish(tmp_path, monkeypatch):
+    """The output did not exist when the run began, and an empty folder was made there meanwhile (a
+    file manager, a script preparing it): the rename replaced it, and a Ctrl-C while the rename was
+    synced took the output back and left no folder where the user had made one."""
+    from internvl_chat.quantize import output_folder
+
+    dst = tmp_path / "out"
+    staging = output_folder.staging_folder(dst)
+    (staging / "config.json").write_text("{}")
+    dst.mkdir()
+    os.chmod(dst, 0o750)
+
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(output_folder, "_sync_folder", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        output_folder.publish(staging, dst)
+    assert dst.is_dir() and list(dst.iterdir()) == [] and (dst.stat().st_mode & 0o777) == 0o750
+    assert [p.name for p in staging.iterdir()] == ["config.json"]  # for staged_output to remove

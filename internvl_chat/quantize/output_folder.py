@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -146,11 +147,20 @@ def publish(staging: Path, dst: Path) -> None:
     moved: list[Path] = []
     try:
         if staging.parent != dst:
+            # an empty folder made at `dst` during the run is replaced by the rename: taken back, it is made again
+            replaced = _empty_folder_mode(dst)
             os.rename(staging, dst)
             try:
                 _sync_folder(dst.parent)  # may take a while on a busy disk: Ctrl-C then must leave nothing, as before the rename
             except BaseException:
-                os.rename(dst, staging)  # taken back, for staged_output to remove
+                with _no_second_interrupt():  # a second Ctrl-C before the rename back left the whole output
+                    os.rename(dst, staging)  # taken back, for staged_output to remove
+                    if replaced is not None:
+                        try:
+                            os.mkdir(dst)
+                            os.chmod(dst, replaced)
+                        except OSError:  # best effort: the interrupt is what the run reports
+                            pass
                 raise
             return
         if [p.name for p in dst.iterdir()] != [staging.name]:  # a move would replace (and mix with) what is there now
@@ -167,6 +177,15 @@ def publish(staging: Path, dst: Path) -> None:
             raise
     except OSError as e:
         raise UsageError(f"cannot create the output {visible(str(dst))} ({e.strerror or e}); choose a new output folder") from None
+
+
+def _empty_folder_mode(path: Path) -> int | None:
+    """The permissions of a folder (not a link to one) at `path`, None where there is none."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return stat.S_IMODE(info.st_mode) if stat.S_ISDIR(info.st_mode) else None
 
 
 @contextmanager
