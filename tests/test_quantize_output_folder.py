@@ -86,3 +86,15 @@ def test_an_empty_output_folder_made_during_the_run_is_back_after_a_ctrl_c_at_th
         output_folder.publish(staging, dst)
     assert dst.is_dir() and list(dst.iterdir()) == [] and (dst.stat().st_mode & 0o777) == 0o750
     assert [p.name for p in staging.iterdir()] == ["config.json"]  # for staged_output to remove
+
+
+@pytest.mark.parametrize("data", [b"\xff\xfe" + bytes(200), b"\xff\xfeA\x00\x00\x00B\x00", b"\x00\x00\xfe\xff" + bytes(64)])
+def test_binary_data_behind_a_byte_order_mark_is_refused(tmp_path, data):
+    """Bytes that look like a UTF-16 or UTF-32 byte order mark skipped the binary-data check: FF FE
+    and zeros were read as 2,000 NUL characters of calibration text."""
+    from internvl_chat.errors import UsageError
+    from internvl_chat.quantize.calibration import calibration_text
+
+    (tmp_path / "notes.txt").write_bytes(data)
+    with pytest.raises(UsageError, match=r"holds binary data, not text; .*UTF-8, or UTF-16 or UTF-32 with a byte order mark"):
+        calibration_text(tmp_path / "notes.txt")
