@@ -98,3 +98,34 @@ def test_binary_data_behind_a_byte_order_mark_is_refused(tmp_path, data):
     (tmp_path / "notes.txt").write_bytes(data)
     with pytest.raises(UsageError, match=r"holds binary data, not text; .*UTF-8, or UTF-16 or UTF-32 with a byte order mark"):
         calibration_text(tmp_path / "notes.txt")
+
+
+def test_a_second_ctrl_c_while_the_moved_files_are_taken_back_leaves_none(tmp_path, monkeypatch):
+    """Staged inside an existing empty output, the files are moved up and, on an interrupt, taken
+    back out: a second Ctrl-C during that (people press it twice) left the ones not yet removed in
+    the user's folder."""
+    import signal
+
+    from internvl_chat.quantize import output_folder
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    staging = output_folder.staging_folder(dst)
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "config.json"):
+        (staging / name).write_text(name)
+
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    unlink = Path.unlink
+
+    def pressed_again(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode, as a real second Ctrl-C
+        return unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(output_folder, "_sync_folder", interrupted)
+    monkeypatch.setattr(Path, "unlink", pressed_again)
+    with pytest.raises(KeyboardInterrupt):
+        output_folder.publish(staging, dst)
+    monkeypatch.undo()
+    assert list(dst.iterdir()) == []

@@ -172,8 +172,9 @@ def publish(staging: Path, dst: Path) -> None:
             os.rmdir(staging)
             _sync_folder(dst)
         except BaseException:
-            for path in moved:
-                path.unlink(missing_ok=True)
+            with _no_second_interrupt():  # a second Ctrl-C here left the weight files moved so far in the user's folder
+                for path in moved:
+                    path.unlink(missing_ok=True)
             raise
     except OSError as e:
         raise UsageError(f"cannot create the output {visible(str(dst))} ({e.strerror or e}); choose a new output folder") from None
