@@ -129,3 +129,31 @@ def test_a_second_ctrl_c_while_the_moved_files_are_taken_back_leaves_none(tmp_pa
         output_folder.publish(staging, dst)
     monkeypatch.undo()
     assert list(dst.iterdir()) == []
+
+
+def test_a_second_ctrl_c_while_the_rename_is_taken_back_leaves_no_output(tmp_path, monkeypatch):
+    """A Ctrl-C while the renamed output's folder is synced takes the rename back: a second one
+    just before that (people press it twice) left the whole output, though the run said it stopped."""
+    import signal
+
+    from internvl_chat.quantize import output_folder
+
+    dst = tmp_path / "out"
+    staging = output_folder.staging_folder(dst)
+    (staging / "config.json").write_text("{}")
+    rename = os.rename
+
+    def pressed_again(source, target):
+        if Path(target) == staging:
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode, as a real second Ctrl-C
+        return rename(source, target)
+
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(output_folder, "_sync_folder", interrupted)
+    monkeypatch.setattr(output_folder.os, "rename", pressed_again)
+    with pytest.raises(KeyboardInterrupt):
+        output_folder.publish(staging, dst)
+    monkeypatch.undo()
+    assert not dst.exists() and staging.is_dir()
