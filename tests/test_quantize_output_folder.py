@@ -157,3 +157,42 @@ def test_a_second_ctrl_c_while_the_rename_is_taken_back_leaves_no_output(tmp_pat
         output_folder.publish(staging, dst)
     monkeypatch.undo()
     assert not dst.exists() and staging.is_dir()
+
+
+def test_a_ctrl_c_handled_as_the_rename_returns_leaves_no_output(tmp_path, monkeypatch):
+    """Python handles a signal that came during a call as the call returns: a Ctrl-C during the
+    publish's rename was raised after it, outside the part that takes it back, and the run said it
+    stopped with the whole output in place."""
+    from internvl_chat.quantize import output_folder
+
+    dst = tmp_path / "out"
+    staging = output_folder.staging_folder(dst)
+    (staging / "config.json").write_text("{}")
+    rename = os.rename
+
+    def interrupted_as_it_returns(source, target):
+        rename(source, target)
+        if Path(target) == dst:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(output_folder.os, "rename", interrupted_as_it_returns)
+    with pytest.raises(KeyboardInterrupt):
+        output_folder.publish(staging, dst)
+    monkeypatch.undo()
+    assert not dst.exists() and staging.is_dir()
+
+
+def test_a_rename_that_fails_takes_nothing_back(tmp_path):
+    """A folder that is no longer empty at the output (another run) makes the rename fail: one
+    line, and that folder is left as it is."""
+    from internvl_chat.errors import UsageError
+    from internvl_chat.quantize import output_folder
+
+    dst = tmp_path / "out"
+    staging = output_folder.staging_folder(dst)
+    (staging / "config.json").write_text("{}")
+    dst.mkdir()
+    (dst / "theirs.txt").write_text("theirs")
+    with pytest.raises(UsageError, match="cannot create the output"):
+        output_folder.publish(staging, dst)
+    assert [p.name for p in dst.iterdir()] == ["theirs.txt"] and staging.is_dir()

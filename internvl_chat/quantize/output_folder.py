@@ -149,10 +149,12 @@ def publish(staging: Path, dst: Path) -> None:
         if staging.parent != dst:
             # an empty folder made at `dst` during the run is replaced by the rename: taken back, it is made again
             replaced = _empty_folder_mode(dst)
-            os.rename(staging, dst)
             try:
+                os.rename(staging, dst)  # an interrupt handled as it returns comes after the rename: taken back too
                 _sync_folder(dst.parent)  # may take a while on a busy disk: Ctrl-C then must leave nothing, as before the rename
             except BaseException:
+                if os.path.lexists(staging):  # the rename itself failed: nothing to take back
+                    raise
                 with _no_second_interrupt():  # a second Ctrl-C before the rename back left the whole output
                     os.rename(dst, staging)  # taken back, for staged_output to remove
                     if replaced is not None:
