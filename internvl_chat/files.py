@@ -355,7 +355,16 @@ def _make_folders(folder: Path, mode: int) -> None:
 
 
 def current_umask() -> int:
-    """The process's umask (reading it means setting it: it is put straight back)."""
+    """The process's umask, read from /proc/self/status where Linux has it there (4.7 and later).
+    Elsewhere reading it means setting it and putting it straight back, and a file another thread
+    creates in between gets mode 0666 (0777 for a folder): writable by every user."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     current = os.umask(0)
     os.umask(current)
     return current

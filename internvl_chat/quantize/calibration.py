@@ -169,15 +169,17 @@ def calibration_text(path: Path) -> str:
                          "would be used; put those in a smaller file (one text per file), or take it out of the --calib folder")  # fmt: skip
     data = read_bytes_file(path, "calibration text", limit=MiB)
     encoding = _unicode_encoding(data)
-    if encoding is None:
-        kind = sniff_binary(data)
-        if kind == "binary data":  # NUL bytes: UTF-16 text without a byte order mark looks the same
-            raise UsageError(f"calibration text {visible(str(path))} holds binary data, not text; take it out of the --calib "
-                             "folder (text must be UTF-8, or UTF-16 with a byte order mark)")  # fmt: skip
-        if kind is not None:
-            raise UsageError(f"calibration text {visible(str(path))} holds {kind}, not text; take it out of the --calib folder")
+    kind = sniff_binary(data) if encoding is None else None
     # -sig: Notepad's byte order mark is no part of the text (it was calibrated on, and alone passed as text)
-    text = data.decode(encoding or "utf-8-sig", errors="replace")[:CALIB_TEXT_CHARS]
+    whole = data.decode(encoding or "utf-8-sig", errors="replace")
+    # a NUL character decoded from UTF-16 or UTF-32 is binary data behind bytes that look like a byte
+    # order mark (FF FE and zeros passed as 2,000 characters of text), as a NUL byte is in UTF-8
+    if kind == "binary data" or (encoding is not None and "\x00" in whole):  # NUL bytes: UTF-16 text without a byte order mark looks the same
+        raise UsageError(f"calibration text {visible(str(path))} holds binary data, not text; take it out of the --calib "
+                         "folder (text must be UTF-8, or UTF-16 or UTF-32 with a byte order mark)")  # fmt: skip
+    if kind is not None:
+        raise UsageError(f"calibration text {visible(str(path))} holds {kind}, not text; take it out of the --calib folder")
+    text = whole[:CALIB_TEXT_CHARS]
     if not text.strip():
         raise UsageError(f"calibration text {visible(str(path))} is empty; write text into it or take it out of the --calib folder")
     return text

@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -119,17 +120,23 @@ def sync_staged(staging: Path) -> None:
     """Every file of the finished staging folder, and the folder itself, on the disk before it is
     published: renamed unsynced, a power cut or a crash of the machine soon after the run said "wrote
     DST" could leave a complete-looking output (config.json and all) whose weight files were empty or
-    cut short, which then failed to load. OSError (EIO, a full network disk) propagates: the run failed."""
+    cut short, which then failed to load. OSError (EIO, a full network disk) propagates: the run failed,
+    the folder's own sync's too (files.py's best-effort folder sync passed an EIO over, and the
+    output appeared though the disk had said its file names might be lost)."""
     for path in sorted(staging.iterdir()):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot sync: written is all it does
-                raise
-        finally:
-            os.close(fd)
-    _sync_folder(staging)
+        _fsync(path, os.O_RDONLY)
+    _fsync(staging, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot sync: written is all it does
+            raise
+    finally:
+        os.close(fd)
 
 
 def publish(staging: Path, dst: Path) -> None:
@@ -140,11 +147,22 @@ def publish(staging: Path, dst: Path) -> None:
     moved: list[Path] = []
     try:
         if staging.parent != dst:
-            os.rename(staging, dst)
+            # an empty folder made at `dst` during the run is replaced by the rename: taken back, it is made again
+            replaced = _empty_folder_mode(dst)
             try:
+                os.rename(staging, dst)  # an interrupt handled as it returns comes after the rename: taken back too
                 _sync_folder(dst.parent)  # may take a while on a busy disk: Ctrl-C then must leave nothing, as before the rename
             except BaseException:
-                os.rename(dst, staging)  # taken back, for staged_output to remove
+                if os.path.lexists(staging):  # the rename itself failed: nothing to take back
+                    raise
+                with _no_second_interrupt():  # a second Ctrl-C before the rename back left the whole output
+                    os.rename(dst, staging)  # taken back, for staged_output to remove
+                    if replaced is not None:
+                        try:
+                            os.mkdir(dst)
+                            os.chmod(dst, replaced)
+                        except OSError:  # best effort: the interrupt is what the run reports
+                            pass
                 raise
             return
         if [p.name for p in dst.iterdir()] != [staging.name]:  # a move would replace (and mix with) what is there now
@@ -156,11 +174,21 @@ def publish(staging: Path, dst: Path) -> None:
             os.rmdir(staging)
             _sync_folder(dst)
         except BaseException:
-            for path in moved:
-                path.unlink(missing_ok=True)
+            with _no_second_interrupt():  # a second Ctrl-C here left the weight files moved so far in the user's folder
+                for path in moved:
+                    path.unlink(missing_ok=True)
             raise
     except OSError as e:
         raise UsageError(f"cannot create the output {visible(str(dst))} ({e.strerror or e}); choose a new output folder") from None
+
+
+def _empty_folder_mode(path: Path) -> int | None:
+    """The permissions of a folder (not a link to one) at `path`, None where there is none."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return stat.S_IMODE(info.st_mode) if stat.S_ISDIR(info.st_mode) else None
 
 
 @contextmanager
