@@ -344,11 +344,12 @@ class EngineWorker:
     def _wait_locked(self) -> float:
         """About the seconds until the jobs there now are done: what the running job has left, then
         a mean job for each one waiting (not just until a place frees, when the running job ends:
-        every client refused meanwhile would be told the same moment, and most find it taken). What the running one has left is the mean of what the recent jobs
-        that ran longer than it has so far had left at this point (a job's length is mostly its
-        answer's, which varies a hundredfold: counting it as a mean job whatever it has run told a
-        client to wait a whole job for one about to end); none ran as long, it counts as a mean job
-        (nothing says how much longer it runs). With no job done yet, a job counts as 1 s."""
+        every client refused meanwhile would be told the same moment, and most find it taken).
+        What the running one has left is the mean of what the recent jobs that ran longer than it
+        has so far had left at this point (a job's length is mostly its answer's, which varies a
+        hundredfold: counting it as a mean job whatever it has run told a client to wait a whole
+        job for one about to end); none ran as long, it counts as a mean job (nothing says how
+        much longer it runs). With no job done yet, a job counts as 1 s."""
         done = self._durations
         mean = sum(done) / len(done) if done else 1.0
         left = 0.0
