@@ -332,7 +332,10 @@ def test_a_default_cache_folder_that_cannot_be_made_is_not_left_in_the_variable(
     variable, which the user never set, and a later import of torch._dynamo raised torch's
     NotADirectoryError instead of using torch's own default folder."""
     (tmp_path / "file").write_text("not a folder")
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    # setenv first: delenv of an unset variable records nothing to undo, and use_cache_dir sets it
+    # below, which left a tmp folder as every later test's (and subprocess's) compile cache
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
     for _ in range(2):
         with pytest.raises(compiled.CacheFolderError, match=r"set \$XDG_CACHE_HOME, or \$TORCHINDUCTOR_CACHE_DIR"):

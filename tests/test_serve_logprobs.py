@@ -29,6 +29,7 @@ from internvl_chat.serve.stops import StopStrings
 from serve_support import chat_body
 
 QUESTION = "Tell me about colours."
+WAIT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -223,9 +224,13 @@ def small_budget(server, monkeypatch):
     """The module's server with a logprobs budget of SMALL_BUDGET (put back after the test), and the
     jobs the engine starts meanwhile."""
     started = []
+    # no job of an earlier test may still be queued or running: it would start under this hook (and
+    # be counted as this test's), and one of this test's must not outlive the hook and the budget
+    assert server.worker.wait_idle(WAIT_S)
     monkeypatch.setattr(server.options, "max_logprobs_bytes", SMALL_BUDGET)
     monkeypatch.setattr(server.worker, "on_start", started.append)
-    return started
+    yield started
+    assert server.worker.wait_idle(WAIT_S)
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
