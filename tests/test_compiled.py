@@ -503,22 +503,29 @@ def test_a_cache_folder_that_cannot_be_made_on_a_full_disk_gives_one_fix(eager, 
     assert "disk of the compile cache folder" not in note, note
 
 
-def test_a_cache_folder_on_a_noexec_disk_says_what_to_do(eager, monkeypatch, capsys, tmp_path):
-    """Compiled code in a folder on a disk mounted noexec cannot be loaded ("failed to map segment
-    from shared object"): the one-line note said only that, now also where to put the cache."""
+def _compiled_on_a_noexec_disk(eager, monkeypatch, capsys, cache: Path):
+    """Compile with the cache in `cache`, the build failing as a noexec disk makes it fail (the
+    loader cannot map the library): (the one-line note, the step)."""
     from torch._inductor.exc import InductorError
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
     monkeypatch.setattr(compiled, "NATIVE_CPU_STEP", False)
     step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
 
     def noexec(options):
-        raise InductorError(OSError(f"{tmp_path}/ab/cab.main.so: failed to map segment from shared object"), None)
+        raise InductorError(OSError(f"{cache}/ab/cab.main.so: failed to map segment from shared object"), None)
 
     monkeypatch.setattr(step, "_build", noexec)
     assert step.compile() is False
     note = capsys.readouterr().err
     assert len(note.strip().splitlines()) == 1 and "using the eager step" in note, note
+    return note, step
+
+
+def test_a_cache_folder_on_a_noexec_disk_says_what_to_do(eager, monkeypatch, capsys, tmp_path):
+    """Compiled code in a folder on a disk mounted noexec cannot be loaded ("failed to map segment
+    from shared object"): the one-line note said only that, now also where to put the cache."""
+    note, _ = _compiled_on_a_noexec_disk(eager, monkeypatch, capsys, tmp_path)
     assert f"the disk of {tmp_path} does not let programs run" in note and "TORCHINDUCTOR_CACHE_DIR" in note, note
 
 
@@ -526,21 +533,9 @@ def test_a_compile_error_quoting_a_hostile_path_is_shown_inert(eager, monkeypatc
     """Inductor passes the C compiler's (or the loader's) text on, and it quotes paths as they are:
     a cache folder named with an escape sequence and a bidi override reached the terminal raw in
     the one-line note, and in `compile_failure` (which the benchmarks print)."""
-    from torch._inductor.exc import InductorError
-
     hostile = tmp_path / "c\x1b[31mred\u202e"
     hostile.mkdir()
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(hostile))
-    monkeypatch.setattr(compiled, "NATIVE_CPU_STEP", False)
-    step = compiled.CompiledStep(eager.model.language_model, eager.model.device, for_graphs=False)
-
-    def noexec(options):
-        raise InductorError(OSError(f"{hostile}/ab/cab.main.so: failed to map segment from shared object"), None)
-
-    monkeypatch.setattr(step, "_build", noexec)
-    assert step.compile() is False
-    note = capsys.readouterr().err
-    assert len(note.strip().splitlines()) == 1 and "using the eager step" in note, note
+    note, step = _compiled_on_a_noexec_disk(eager, monkeypatch, capsys, hostile)
     for shown in (note, step.failure):
         assert "\x1b" not in shown and "\u202e" not in shown, repr(shown)
         assert "\\e[31mred\\u202e/ab/cab.main.so" in shown, shown

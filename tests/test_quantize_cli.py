@@ -459,6 +459,19 @@ def test_a_calibration_image_that_is_no_file_is_named_before_loading(config_only
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "no_weights"]
 
 
+
+def _phases_of_a_run(src, out, calib, samples: int) -> list[tuple]:
+    """An AWQ run of `src` calibrated on `calib`: the (name, total, unit) of each progress phase."""
+    seen = []
+
+    class Record(Progress):
+        def begin(self, name, total, unit):
+            seen.append((name, total, unit))
+
+    quantize_checkpoint(src, out, "awq", group_size=32, samples=samples, calib_dir=calib, device="cpu", progress=Record())
+    return seen
+
+
 def test_calibration_images_are_the_ones_the_samples_use(tiny_original, tmp_path):
     """Each of the first ⌈samples/2⌉ images is decoded once, before loading; the others are not read."""
     from PIL import Image
@@ -468,14 +481,7 @@ def test_calibration_images_are_the_ones_the_samples_use(tiny_original, tmp_path
     for i in range(5):
         Image.new("RGB", (64 + 16 * i, 64), (40 * i, 30, 30)).save(calib / f"{i}.png")
     (calib / "notes.txt").write_text("caf\u00e9 " * 10)
-    seen = []
-
-    class Record(Progress):
-        def begin(self, name, total, unit):
-            seen.append((name, total, unit))
-
-    quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=5, calib_dir=calib, device="cpu",
-                        progress=Record())  # fmt: skip
+    seen = _phases_of_a_run(tiny_original, tmp_path / "out", calib, samples=5)
     assert seen[:3] == [("calibration images", 3, "images"), ("loading", 1, "model"), ("calibration data", 5, "samples")]
 
 
@@ -1185,14 +1191,7 @@ def test_calibration_images_are_the_kinds_the_chat_takes(tiny_original, tmp_path
     Image.new("RGB", (96, 64), (200, 30, 30)).save(calib / "a.gif")
     Image.new("RGB", (64, 96), (30, 200, 30)).save(calib / "b.TIF")
     (calib / "notes.txt").write_text("A red and a green picture.")
-    seen = []
-
-    class Record(Progress):
-        def begin(self, name, total, unit):
-            seen.append((name, total, unit))
-
-    quantize_checkpoint(tiny_original, tmp_path / "out", "awq", group_size=32, samples=4, calib_dir=calib, device="cpu",
-                        progress=Record())  # fmt: skip
+    seen = _phases_of_a_run(tiny_original, tmp_path / "out", calib, samples=4)
     assert seen[0] == ("calibration images", 2, "images"), seen
 
 
