@@ -459,7 +459,6 @@ def test_a_calibration_image_that_is_no_file_is_named_before_loading(config_only
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "no_weights"]
 
 
-
 def _phases_of_a_run(src, out, calib, samples: int) -> list[tuple]:
     """An AWQ run of `src` calibrated on `calib`: the (name, total, unit) of each progress phase."""
     seen = []
