@@ -288,8 +288,6 @@ class CompiledStep:
         except CacheFolderError as e:
             return self._fail(e, "was not compiled", plain=True)
         self._say("compiling the decode step …")
-        if dropped := drop_damaged_entries(self.cache_dir):
-            self._say(f"{dropped} damaged entr{'y' if dropped == 1 else 'ies'} removed from the compile cache")
         start = time.perf_counter()
         options = inductor_options(self.device)
         kernel_failure = None
@@ -301,6 +299,9 @@ class CompiledStep:
                 return self._ready(cpu_step.CpuStep(self.lm), start)
             if not cpu_gemv.loaded():
                 language.chunk_long_rows(self.lm)  # before tracing: the step reads these copies
+        # only for Inductor (the C++ step above reads none of its caches): a walk of every entry
+        if dropped := drop_damaged_entries(self.cache_dir):
+            self._say(f"{dropped} damaged entr{'y' if dropped == 1 else 'ies'} removed from the compile cache")
         try:
             # fixed shape: never a symbolic size (a serve slot's own caches match it). Only here: the
             # C++ step above needs no torch._dynamo, whose import costs seconds at start (1.6-2.7 s, 2-core Xeon)
