@@ -29,9 +29,8 @@ from pathlib import Path
 
 from ..errors import ContextOverflowError, MediaError, RemoteError, UsageError
 from ..files import expand_home, read_bytes_file, replace_lone_surrogates, visible, write_atomic
-from ..media.image import IMAGE_SIZE, count_tiles, probe_image, unused_pictures
-from ..media.video import load_video, measure_video
-from ..media.video_sampling import used_range
+from ..media.image import IMAGE_SIZE
+from ..media.video import load_video
 from ..settings import without_credentials
 from .advice import Advice, any_of
 from .answer_bounds import AnswerBounds, watched
@@ -54,7 +53,7 @@ from .remote_media import RemoteMedia, frames_as_jpeg, image_payload
 from .remote_numbers import FINISH_REASONS, answer_timing, clean_usage, context_of
 from .sampling import SamplingParams
 from .saved_media import ReadiedSession, saved_media, sha256_of, with_notes
-from .session import MESSAGE_TOKENS_AT_LEAST, Media, cut_short, media_notes
+from .session import MESSAGE_TOKENS_AT_LEAST, Media, media_notes
 from .session_file import CANCELLED_MARK, SESSION_FILE_MODE, SESSION_FORMAT, SESSION_VERSION, read_session_file, session_json
 from .sse import StreamFailed
 from .template import media_order
@@ -327,23 +326,10 @@ class RemoteConversation:
                     f"{LABELS[self.dialect]} takes one tile limit per request and this conversation's images use "
                     f"max_tiles {limit}; /set max_tiles {limit} to attach more, or /clear first"
                 )
-        return self._measure_image(path, max_tiles)
-
-    @staticmethod
-    def _measure_image(path: Path, max_tiles: int) -> RemoteMedia:
-        width, height = probe_image(path)
-        tiles = count_tiles(width, height, max_tiles, True)  # InternVL3 checkpoints all use a thumbnail
-        return RemoteMedia("image", path, tiles, max_tiles=max_tiles, size=(width, height), bytes=path.stat().st_size,
-                           unused_note=unused_pictures(path))  # fmt: skip
+        return RemoteMedia.from_image_file(path, max_tiles)  # InternVL3 checkpoints all use a thumbnail
 
     def describe_video(self, path: str | Path, frames: int = 8, video_range: tuple[float, float] | None = None) -> RemoteMedia:
-        path = expand_home(path)
-        if frames < 1:
-            raise MediaError(f"--frames must be at least 1 (got {frames})")
-        length = measure_video(path)
-        return RemoteMedia("video", path, frames, frames=frames, video_range=used_range(video_range, length.duration),
-                           duration=length.duration, cut_short=cut_short(length), ends_early=length.ends_early,
-                           bytes=path.stat().st_size)  # fmt: skip
+        return RemoteMedia.from_video_file(expand_home(path), frames, video_range)
 
     def _prepare(self, media: RemoteMedia) -> None:
         """Read the picture or decode the video once; later turns resend the same bytes."""
@@ -629,7 +615,7 @@ class RemoteConversation:
         saved = read_session_file(path, None, ())
         if not skip_missing:  # media that may be left out count for nothing (as the local Session counts)
             self._refuse_saved_media_over_context(path, sum(self.media_tokens(t.media) for t in saved.turns))  # type: ignore[arg-type]
-        media, left_out = saved_media(saved, self._measure_image, self.describe_video, skip_missing)
+        media, left_out = saved_media(saved, RemoteMedia.from_image_file, self.describe_video, skip_missing)
         turns = [
             RemoteTurn(with_notes(t.user_text, [m for m in left_out if m.turn == number]), turn_media, "", t.reply,
                        t.finish_reason, None, t.usage)  # type: ignore[arg-type]

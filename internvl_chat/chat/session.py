@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -22,7 +23,7 @@ from ..engine.loader import LoadedModel
 from ..engine.model import PromptScores
 from ..errors import Cancelled, ContextOverflowError, GenerationError, MediaError, UsageError
 from ..files import expand_home, shortened, visible, write_atomic
-from ..media.image import count_tiles, load_image, probe_image, unused_pictures
+from ..media.image import IMAGE_SIZE, count_tiles, load_image, probe_image, unused_pictures
 from ..media.video import VideoLength, load_video, measure_video
 from ..media.video_sampling import used_range
 from .advice import Advice, any_of
@@ -74,6 +75,27 @@ class Media:
         line said it already."""
         note, self.decode_note = self.decode_note, None
         return None if self.cut_short_said else note
+
+    @classmethod
+    def from_image_file(cls, path: Path, max_tiles: int, use_thumbnail: bool = True, image_size: int = IMAGE_SIZE,
+                        min_tiles: int = 1) -> Self:  # fmt: skip
+        """An image measured from its header, not decoded: its tiles under these limits (those of
+        `count_tiles`). Called on RemoteMedia it makes one, so local and remote measure alike."""
+        width, height = probe_image(path)
+        tiles = count_tiles(width, height, max_tiles, use_thumbnail, image_size, min_tiles)
+        return cls("image", path, tiles, max_tiles=max_tiles, size=(width, height), bytes=path.stat().st_size,
+                   unused_note=unused_pictures(path))  # fmt: skip
+
+    @classmethod
+    def from_video_file(cls, path: Path, frames: int, video_range: tuple[float, float] | None) -> Self:
+        """A video measured from its index, not decoded: `frames` sampled from `video_range`
+        (clamped to the file's length)."""
+        if frames < 1:
+            raise MediaError(f"--frames must be at least 1 (got {frames})")
+        length = measure_video(path)
+        return cls("video", path, frames, frames=frames, video_range=used_range(video_range, length.duration),
+                   duration=length.duration, cut_short=cut_short(length), ends_early=length.ends_early,
+                   bytes=path.stat().st_size)  # fmt: skip
 
     @property
     def spec(self) -> MediaSpec:
@@ -228,24 +250,12 @@ class Session:
         `max_tiles` None (or 0) means the checkpoint's own limit (max_dynamic_patch); the limit
         actually used is what the Media records, so /context and saved sessions agree.
         """
-        path = expand_home(path)
-        width, height = probe_image(path)
         cfg = self.loaded.config
         min_tiles, max_tiles = cfg.tile_limits(max_tiles)
-        tiles = count_tiles(width, height, max_tiles, cfg.use_thumbnail, cfg.image_size, min_tiles)
-        st = path.stat()
-        return Media("image", path, tiles, max_tiles=max_tiles, size=(width, height), bytes=st.st_size,
-                     unused_note=unused_pictures(path))  # fmt: skip
+        return Media.from_image_file(expand_home(path), max_tiles, cfg.use_thumbnail, cfg.image_size, min_tiles)
 
     def describe_video(self, path: str | Path, frames: int = 8, video_range: tuple[float, float] | None = None) -> Media:
-        path = expand_home(path)
-        if frames < 1:
-            raise MediaError(f"--frames must be at least 1 (got {frames})")
-        length = measure_video(path)
-        st = path.stat()
-        return Media("video", path, frames, frames=frames, video_range=used_range(video_range, length.duration),
-                     duration=length.duration, cut_short=cut_short(length), ends_early=length.ends_early,
-                     bytes=st.st_size)  # fmt: skip
+        return Media.from_video_file(expand_home(path), frames, video_range)
 
     def _decode(self, media: Media) -> torch.Tensor:
         if media.pixel_values is None:
