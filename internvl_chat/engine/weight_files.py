@@ -140,11 +140,33 @@ def _refuse_non_files(folder: Path, pattern: str) -> None:
             raise _not_a_file(path)
 
 
+# the kinds a folder may hold in several files, most preferred first:
+# (kind, index, single file, shards' names, the suffix an index's files must have)
+_SHARDED_KINDS = (
+    ("safetensors", SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "*.safetensors", ".safetensors"),
+    ("bin", BIN_INDEX, BIN_SINGLE, "pytorch_model*.bin", ".bin"),
+)
+
+
+def _weights_of_kind(folder: Path, kind: str, index: str, single: str, pattern: str, suffix: str) -> WeightFiles | None:
+    """`folder`'s weights of one kind: those its index lists, else its single file, else the files
+    named like shards; None when it holds none of them."""
+    # os.path.lexists: an index that is a broken link (an interrupted download into the Hugging Face
+    # cache) is named by the reader, not taken for none
+    if os.path.lexists(folder / index):
+        return WeightFiles(kind, _files_from_index(folder / index, suffix), folder / index)
+    if (folder / single).is_file():
+        return WeightFiles(kind, (folder / single,))
+    shards = sorted(p for p in folder.glob(pattern) if p.is_file())
+    _refuse_non_files(folder, pattern)
+    return WeightFiles(kind, tuple(shards)) if shards else None
+
+
 def find_weight_files(model_dir: str | Path) -> WeightFiles:
     """Locate the weights of a checkpoint folder (or a single weight file).
 
     Preference: safetensors (index, model.safetensors, any *.safetensors), then PyTorch `.bin`
-    (index, pytorch_model.bin), then a TinyChat `.pt`.
+    (index, pytorch_model.bin, any pytorch_model*.bin), then a TinyChat `.pt`.
     """
     path = Path(model_dir)
     shown = visible(str(path))
@@ -156,24 +178,10 @@ def find_weight_files(model_dir: str | Path) -> WeightFiles:
     if not path.is_dir():
         raise CheckpointError(f"model folder {shown} does not exist; pass --model with a checkpoint folder")
 
-    # os.path.lexists: an index that is a broken link (an interrupted download into the Hugging Face
-    # cache) is named by the reader, not taken for none
-    if os.path.lexists(path / SAFETENSORS_INDEX):
-        return WeightFiles("safetensors", _files_from_index(path / SAFETENSORS_INDEX, ".safetensors"), path / SAFETENSORS_INDEX)
-    if (path / SAFETENSORS_SINGLE).is_file():
-        return WeightFiles("safetensors", (path / SAFETENSORS_SINGLE,))
-    loose = sorted(p for p in path.glob("*.safetensors") if p.is_file())
-    _refuse_non_files(path, "*.safetensors")
-    if loose:
-        return WeightFiles("safetensors", tuple(loose))
-    if os.path.lexists(path / BIN_INDEX):
-        return WeightFiles("bin", _files_from_index(path / BIN_INDEX, ".bin"), path / BIN_INDEX)
-    if (path / BIN_SINGLE).is_file():
-        return WeightFiles("bin", (path / BIN_SINGLE,))
-    loose = sorted(p for p in path.glob("pytorch_model*.bin") if p.is_file())
-    _refuse_non_files(path, "pytorch_model*.bin")
-    if loose:
-        return WeightFiles("bin", tuple(loose))
+    for kind, index, single, pattern, suffix in _SHARDED_KINDS:
+        found = _weights_of_kind(path, kind, index, single, pattern, suffix)
+        if found is not None:
+            return found
     _refuse_non_files(path, "*.pt")
     tinychat = sorted(path.glob("*.pt"))
     if len(tinychat) == 1:
