@@ -463,20 +463,28 @@ def test_skip_missing_notes_a_changed_picture_and_escapes_its_name(loaded, tmp_p
     assert fresh.ids == fresh.conversation_ids(fresh.turns)
 
 
+def _one_clip_in_three_turns_loaded(loaded, media_dir, tmp_path, monkeypatch, module, name: str):
+    """A session whose three turns each show the same clip, saved, then loaded into a new Session
+    while `module.name` (a one-path function) notes each call: (session, restored, the paths called with)."""
+    session = Session(loaded, _params(2))
+    for question in ("What happens?", "And now?", "Anything else?"):
+        final_event(session.ask(question, [session.describe_video(media_dir / "clip.mp4", frames=2)]))
+    path = session.save(tmp_path / "chat.json")
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda p: calls.append(p) or real(p))
+    restored = Session(loaded, _params(2))
+    restored.load(path)
+    return session, restored, calls
+
+
 def test_a_file_every_turn_shows_is_hashed_once_on_load(loaded, media_dir, tmp_path, monkeypatch):
     """/load checks each saved media file by its sha256: a video that every turn shows (a long one
     takes seconds to read) is read once per load, not once per turn."""
     from internvl_chat.chat import saved_media as saved_media_module
 
-    session = Session(loaded, _params(2))
-    for question in ("What happens?", "And now?", "Anything else?"):
-        final_event(session.ask(question, [session.describe_video(media_dir / "clip.mp4", frames=2)]))
-    path = session.save(tmp_path / "chat.json")
-    hashed = []
-    real = saved_media_module.sha256_of
-    monkeypatch.setattr(saved_media_module, "sha256_of", lambda p: hashed.append(p) or real(p))
-    restored = Session(loaded, _params(2))
-    restored.load(path)
+    session, restored, hashed = _one_clip_in_three_turns_loaded(loaded, media_dir, tmp_path, monkeypatch,
+                                                                saved_media_module, "sha256_of")  # fmt: skip
     assert restored.ids == session.ids and len(hashed) == 1
 
 
@@ -486,15 +494,8 @@ def test_a_file_every_turn_shows_is_measured_once_on_load(loaded, media_dir, tmp
     items naming one small picture took 25 s with --skip-missing before the context refused it."""
     from internvl_chat.chat import session as session_module
 
-    session = Session(loaded, _params(2))
-    for question in ("What happens?", "And now?", "Anything else?"):
-        final_event(session.ask(question, [session.describe_video(media_dir / "clip.mp4", frames=2)]))
-    path = session.save(tmp_path / "chat.json")
-    measured = []
-    real = session_module.measure_video
-    monkeypatch.setattr(session_module, "measure_video", lambda p: measured.append(p) or real(p))
-    restored = Session(loaded, _params(2))
-    restored.load(path)
+    session, restored, measured = _one_clip_in_three_turns_loaded(loaded, media_dir, tmp_path, monkeypatch,
+                                                                  session_module, "measure_video")  # fmt: skip
     assert restored.ids == session.ids and len(measured) == 1
     media = [turn.media[0] for turn in restored.turns]
     assert len({id(m) for m in media}) == 3 and all(m.path == media_dir / "clip.mp4" and m.tiles == 2 for m in media)
