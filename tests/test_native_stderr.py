@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +46,23 @@ def _python(code: str) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------- the app
 
 
-def _redos_checkpoint(tiny_original: Path, tmp_path: Path) -> Path:
-    """The tiny model with a pre-tokenizer regex that backtracks past Oniguruma's limit on "aaa…!"."""
-    folder = tmp_path / "redos"
+def _with_tokenizer_edited(tiny_original: Path, tmp_path: Path, edit: Callable[[dict], object]) -> Path:
+    """A copy of the tiny model whose tokenizer.json is what `edit` makes of it (edited in place)."""
+    folder = tmp_path / "edited"
     shutil.copytree(tiny_original, folder)
     spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    spec["pre_tokenizer"] = redos_pre_tokenizer(spec["pre_tokenizer"])
+    edit(spec)
     (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     return folder
+
+
+def _redos_checkpoint(tiny_original: Path, tmp_path: Path) -> Path:
+    """The tiny model with a pre-tokenizer regex that backtracks past Oniguruma's limit on "aaa…!"."""
+
+    def redos(spec: dict) -> None:
+        spec["pre_tokenizer"] = redos_pre_tokenizer(spec["pre_tokenizer"])
+
+    return _with_tokenizer_edited(tiny_original, tmp_path, redos)
 
 
 def test_a_tokenizer_panic_in_a_script_is_our_error_line_only(tiny_original, tmp_path):
@@ -67,11 +77,10 @@ def test_a_tokenizer_panic_in_a_script_is_our_error_line_only(tiny_original, tmp
 
 
 def test_a_tokenizer_json_that_panics_the_parser_is_one_line(tiny_original, tmp_path):
-    folder = tmp_path / "bad"
-    shutil.copytree(tiny_original, folder)
-    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    spec["model"]["continuing_subword_prefix"] = "##"  # tokenizers panics building this BPE
-    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    def panics_to_build(spec: dict) -> None:
+        spec["model"]["continuing_subword_prefix"] = "##"  # tokenizers panics building this BPE
+
+    folder = _with_tokenizer_edited(tiny_original, tmp_path, panics_to_build)
     run = _app("--model", str(folder), "-p", "hi")
     assert run.returncode == 2
     assert len(run.stderr.splitlines()) == 1, run.stderr
@@ -81,12 +90,12 @@ def test_a_tokenizer_json_that_panics_the_parser_is_one_line(tiny_original, tmp_
 def test_a_tokenizer_decoder_that_panics_on_the_start_probe_is_one_line(tiny_original, tmp_path):
     """The round-trip probe decodes at every start, and a decoder's Replace may be a regex: one that
     backtracks past Oniguruma's limit wrote the panic and a backtrace over the terminal before our line."""
-    folder = tmp_path / "bad"
-    shutil.copytree(tiny_original, folder)
-    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    backtracks = {"type": "Replace", "pattern": {"Regex": r"^(\S+\s?)*$"}, "content": ""}
-    spec["decoder"] = {"type": "Sequence", "decoders": [spec["decoder"], backtracks]}
-    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+
+    def backtracks_in_decoding(spec: dict) -> None:
+        backtracks = {"type": "Replace", "pattern": {"Regex": r"^(\S+\s?)*$"}, "content": ""}
+        spec["decoder"] = {"type": "Sequence", "decoders": [spec["decoder"], backtracks]}
+
+    folder = _with_tokenizer_edited(tiny_original, tmp_path, backtracks_in_decoding)
     run = _app("--model", str(folder), "-p", "hi")
     assert run.returncode == 2
     assert len(run.stderr.splitlines()) == 1, run.stderr
