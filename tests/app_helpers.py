@@ -1,4 +1,4 @@
-"""An App over a local Session, printing into a string, as the app tests drive it."""
+"""An App over a local Session or a server, printing into a string, as the app tests drive it."""
 
 from __future__ import annotations
 
@@ -26,6 +26,16 @@ def make_app(loaded, cwd: Path, *, max_new_tokens: int | None = 8, width: int = 
     out = file or io.StringIO()
     console = Console(file=out, width=width, force_terminal=terminal, color_system=None)
     return App(session, settings, console, interactive=interactive, cwd=cwd), out
+
+
+def make_remote_app(url: str, cwd: Path, *, width: int = 200) -> tuple[App, io.StringIO]:
+    """An App over the server at `url` (--server): answers of 8 tokens at most, as make_app's."""
+    from internvl_chat.chat.remote import RemoteConversation  # httpx is imported only for a server, as the app does
+
+    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 8, "remote.server": url})
+    conversation = RemoteConversation.connect(url, params=sampling_params(settings))
+    out = io.StringIO()
+    return App(conversation, settings, Console(file=out, width=width, color_system=None), cwd=cwd), out
 
 
 def output(out: io.StringIO) -> str:

@@ -8,7 +8,6 @@ keeps the ids it generated, so `worker.answers` gives them back by text).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -22,14 +21,10 @@ from pathlib import Path
 import pexpect
 import pytest
 from PIL import Image
-from rich.console import Console
 
-from internvl_chat.chat.remote import RemoteConversation
-from internvl_chat.settings import load_settings
-from internvl_chat.ui.app import ERROR, OK, App
+from internvl_chat.ui.app import ERROR, OK
 from internvl_chat.ui.set_keys import runtime_keys
-from internvl_chat.chat.sampling import params_from_settings as sampling_params
-from app_helpers import output
+from app_helpers import make_remote_app, output
 from media_helpers import textured_rgb
 from remote_helpers import FakeServer, Reply, closed_port, fixture, refusing_port
 from serve_support import RunningServer
@@ -202,13 +197,6 @@ def test_four_turns_by_script_through_serve_equal_the_local_ones(server, tiny_or
 GOOD = fixture("vllm/stream.sse")
 
 
-def _app(url: str, tmp_path: Path) -> tuple[App, io.StringIO]:
-    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 8, "remote.server": url})
-    conversation = RemoteConversation.connect(url, params=sampling_params(settings))
-    out = io.StringIO()
-    return App(conversation, settings, Console(file=out, width=200, color_system=None), cwd=tmp_path), out
-
-
 @pytest.mark.parametrize(
     ("reply", "line"),
     [
@@ -223,7 +211,7 @@ def _app(url: str, tmp_path: Path) -> tuple[App, io.StringIO]:
 def test_remote_failures_are_one_line_and_the_conversation_goes_on(reply, line, tmp_path):
     with FakeServer(fixture("vllm/models.json")) as fake:
         fake.chat(Reply.sse(GOOD), reply, Reply.sse(GOOD))
-        app, out = _app(fake.url, tmp_path)
+        app, out = make_remote_app(fake.url, tmp_path)
         assert app.handle_line("first") == OK
         assert app.handle_line("second") == ERROR
         errors = [x for x in out.getvalue().splitlines() if x.startswith("error:")]
@@ -239,7 +227,7 @@ def test_system_default_with_a_server_sends_none_again(tmp_path):
     # the server's chat template holds the model's default: `/system --default` sends no system message
     with FakeServer(fixture("vllm/models.json")) as fake:
         fake.chat(*[Reply.sse(GOOD)] * 3)
-        app, out = _app(fake.url, tmp_path)
+        app, out = make_remote_app(fake.url, tmp_path)
         app.handle_line("/system Be brief.")
         assert app.handle_line("first") == OK
         assert fake.chat_bodies()[-1]["messages"][0] == {"role": "system", "content": "Be brief."}
@@ -273,7 +261,7 @@ def test_system_default_with_a_server_sends_none_again(tmp_path):
 
 def test_settings_of_the_server_cannot_change_while_the_app_runs(tmp_path):
     with FakeServer(fixture("vllm/models.json")) as fake:
-        app, out = _app(fake.url, tmp_path)
+        app, out = make_remote_app(fake.url, tmp_path)
         for line in ("/set remote.server http://elsewhere:8000/v1", "/set remote.api_key k", "/set serve.port 9",
                      "/set max_context 100"):  # fmt: skip
             assert app.handle_line(line) == ERROR
@@ -292,7 +280,7 @@ def test_a_server_that_does_not_say_its_context(picture, tmp_path):
     with FakeServer(fixture("lmdeploy/models.json")) as fake:
         stop = fixture("lmdeploy/stream.sse")
         fake.chat(Reply.sse(stop), Reply.sse(stop.replace(b'"finish_reason":"stop"', b'"finish_reason":"length"')))
-        app, out = _app(fake.url, tmp_path)
+        app, out = make_remote_app(fake.url, tmp_path)
         app.banner()
         assert "· context: the server's limit" in out.getvalue()
         assert app.session.max_context is None
@@ -317,7 +305,7 @@ def test_an_answer_that_fills_the_servers_context_says_what_makes_room(tmp_path)
     models["data"][0]["max_model_len"] = 1848  # what the recorded usage adds up to
     with FakeServer(json.dumps(models).encode()) as fake:
         fake.chat(Reply.sse(GOOD.replace(b'"finish_reason":"stop"', b'"finish_reason":"length"')))
-        app, out = _app(fake.url, tmp_path)
+        app, out = make_remote_app(fake.url, tmp_path)
         assert app.handle_line("Tell me everything.") == OK
         assert "[stopped: the context is full; /undo, /clear or a server started with a larger context make room]" \
             in out.getvalue()

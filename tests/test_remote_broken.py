@@ -7,7 +7,6 @@ error line and the conversation is unchanged. Real local HTTP servers (remote_he
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -17,15 +16,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from app_helpers import make_remote_app
 from remote_helpers import FakeServer, Reply, fixture
-from rich.console import Console
 
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.sampling import SamplingParams
-from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from internvl_chat.errors import RemoteError
-from internvl_chat.settings import load_settings
-from internvl_chat.ui.app import ERROR, OK, App
+from internvl_chat.ui.app import ERROR, OK
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = fixture("vllm/stream.sse")  # "A red" " circle" " on white.\n", finish_reason stop, [DONE]
@@ -153,17 +150,10 @@ def test_retry_broken_off_keeps_what_came_in_place_of_the_old_answer():
 # ---- the app: REPL and --script, /save and /load ---------------------------------------------------
 
 
-def _app(url: str, tmp_path: Path) -> tuple[App, io.StringIO]:
-    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 8, "remote.server": url})
-    conversation = RemoteConversation.connect(url, params=sampling_params(settings))
-    out = io.StringIO()
-    return App(conversation, settings, Console(file=out, width=300, color_system=None), cwd=tmp_path), out
-
-
 def test_the_app_keeps_a_broken_off_answer_says_so_and_saves_and_loads_it(tmp_path):
     with FakeServer(fixture("vllm/models.json")) as fake:
         fake.chat(Reply.sse(GOOD), Reply.sse(UNFINISHED, end="cut"), Reply.sse(GOOD))  # cut: no RST drops data
-        app, out = _app(fake.url, tmp_path)
+        app, out = make_remote_app(fake.url, tmp_path, width=300)
         assert app.handle_line("first") == OK
         assert app.handle_line("second") == ERROR  # kept, but a --script counts the line as failed
         lines = out.getvalue().splitlines()
@@ -177,7 +167,7 @@ def test_the_app_keeps_a_broken_off_answer_says_so_and_saves_and_loads_it(tmp_pa
         saved = json.loads((tmp_path / "talk.json").read_text())
         assert saved["messages"][3] == {"role": "assistant", "text": "A red circle on white.\n", "finish_reason": "error"}
 
-        again, out = _app(fake.url, tmp_path)
+        again, out = make_remote_app(fake.url, tmp_path, width=300)
         assert again.handle_line(f"/load {tmp_path / 'talk.json'}") == OK, out.getvalue()
         # the last answer broke off: said again, as the file keeps no "[stopped: …]" line (it said nothing)
         assert "(cut short: it broke off with an error; /retry answers again, /undo removes it)" in out.getvalue()
@@ -194,7 +184,7 @@ def test_an_export_marks_the_server_answers_cut_short_also_after_save_and_load(t
     length = GOOD.replace(b'"finish_reason":"stop"', b'"finish_reason":"length"')
     with FakeServer(fixture("vllm/models.json")) as fake:
         fake.chat(Reply.sse(GOOD), Reply.sse(UNFINISHED, end="cut"), Reply.sse(length), Reply.sse(GOOD))
-        app, out = _app(fake.url, tmp_path)
+        app, out = make_remote_app(fake.url, tmp_path, width=300)
         assert app.handle_line("first") == OK and app.handle_line("second") == ERROR
         assert app.handle_line("third") == OK
         cancel = threading.Event()
@@ -212,7 +202,7 @@ def test_an_export_marks_the_server_answers_cut_short_also_after_save_and_load(t
         assert _assistant_parts((tmp_path / "now.md").read_text()) == expected
         assert app.handle_line(f"/save {tmp_path / 'talk.json'}") == OK
 
-        again, out = _app(fake.url, tmp_path)
+        again, out = make_remote_app(fake.url, tmp_path, width=300)
         assert again.handle_line(f"/load {tmp_path / 'talk.json'}") == OK, out.getvalue()
         assert "→ “A red” (cut short: cancelled by the user)" in out.getvalue()  # /load's last turn says it too
         assert again.handle_line(f"/export {tmp_path / 'loaded.md'}") == OK, out.getvalue()
@@ -229,7 +219,7 @@ def test_an_answer_cut_after_its_first_piece_claims_no_decode_speed(tmp_path):
     under the answer said "decode 0.0 tok/s" and /stats "decode 0 tokens in 0.000 s (0.0 tok/s)"."""
     with FakeServer(fixture("vllm/models.json")) as fake:
         fake.chat(Reply.sse(event({"content": "A red"}), end="cut"))
-        app, out = _app(fake.url, tmp_path)
+        app, out = make_remote_app(fake.url, tmp_path, width=300)
         assert app.handle_line("What is it?") == ERROR
         assert app.handle_line("/stats") == OK
     text = out.getvalue()
@@ -244,7 +234,7 @@ def test_a_broken_off_answer_saved_from_a_server_loads_into_the_local_model(load
 
     with FakeServer(fixture("vllm/models.json")) as fake:
         fake.chat(Reply.sse(UNFINISHED, end="cut"))
-        app, _ = _app(fake.url, tmp_path)
+        app, _ = make_remote_app(fake.url, tmp_path, width=300)
         assert app.handle_line("What is it?") == ERROR
         assert app.handle_line(f"/save {tmp_path / 'talk.json'}") == OK
     here, out = make_app(loaded, tmp_path)

@@ -7,21 +7,16 @@ added to a turn."""
 
 from __future__ import annotations
 
-import io
 import json
-import os
-from pathlib import Path
 
 import pytest
+from app_helpers import make_remote_app
 from remote_helpers import FakeServer, Reply, fixture
-from rich.console import Console
 
 from internvl_chat.chat.remote import RemoteConversation
 from internvl_chat.chat.sampling import SamplingParams
-from internvl_chat.chat.sampling import params_from_settings as sampling_params
 from internvl_chat.errors import ContextOverflowError, RemoteError
-from internvl_chat.settings import load_settings
-from internvl_chat.ui.app import ERROR, OK, App
+from internvl_chat.ui.app import ERROR, OK
 
 GOOD = fixture("vllm/stream.sse")
 # what `internvl-chat serve` answers for a conversation over its context (serve/conversation.py)
@@ -197,17 +192,10 @@ def test_a_server_that_cannot_be_reached_leaves_the_refusal_on_the_known_limit()
         assert list(conv.ask("second"))[-1]["notice"] == "the server's context is now 8,192 tokens"
 
 
-def _app(url: str, tmp_path: Path) -> tuple[App, io.StringIO]:
-    settings = load_settings(os.devnull, env={}, overrides={"generation.max_new_tokens": 8, "remote.server": url})
-    conversation = RemoteConversation.connect(url, params=sampling_params(settings))
-    out = io.StringIO()
-    return App(conversation, settings, Console(file=out, width=200, color_system=None), cwd=tmp_path), out
-
-
 def test_the_app_shows_a_refusal_as_one_short_line_and_the_new_limit(tmp_path):
     with FakeServer(models(8192)) as server:
         server.chat(Reply.sse(GOOD), SERVE_400, Reply.sse(b"", end="reset"), Reply.sse(GOOD))
-        app, out = _app(server.url, tmp_path)
+        app, out = make_remote_app(server.url, tmp_path)
         assert app.handle_line("first") == OK
         server.models = models(4096)
         assert app.handle_line("second") == ERROR
