@@ -76,15 +76,20 @@ def test_a_tokenizer_panic_in_a_script_is_our_error_line_only(tiny_original, tmp
     assert run.stdout.count("[stopped at max_new_tokens") == 2  # the turns before and after still answered
 
 
+def _start_refused(folder: Path) -> str:
+    """The app's stderr as it refuses to start on `folder` (exit 2): one line and nothing else."""
+    run = _app("--model", str(folder), "-p", "hi")
+    assert run.returncode == 2
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+    return run.stderr
+
+
 def test_a_tokenizer_json_that_panics_the_parser_is_one_line(tiny_original, tmp_path):
     def panics_to_build(spec: dict) -> None:
         spec["model"]["continuing_subword_prefix"] = "##"  # tokenizers panics building this BPE
 
-    folder = _with_tokenizer_edited(tiny_original, tmp_path, panics_to_build)
-    run = _app("--model", str(folder), "-p", "hi")
-    assert run.returncode == 2
-    assert len(run.stderr.splitlines()) == 1, run.stderr
-    assert run.stderr.startswith("internvl-chat: error: cannot read ") and "tokenizer.json" in run.stderr
+    error = _start_refused(_with_tokenizer_edited(tiny_original, tmp_path, panics_to_build))
+    assert error.startswith("internvl-chat: error: cannot read ") and "tokenizer.json" in error
 
 
 def test_a_tokenizer_decoder_that_panics_on_the_start_probe_is_one_line(tiny_original, tmp_path):
@@ -95,11 +100,8 @@ def test_a_tokenizer_decoder_that_panics_on_the_start_probe_is_one_line(tiny_ori
         backtracks = {"type": "Replace", "pattern": {"Regex": r"^(\S+\s?)*$"}, "content": ""}
         spec["decoder"] = {"type": "Sequence", "decoders": [spec["decoder"], backtracks]}
 
-    folder = _with_tokenizer_edited(tiny_original, tmp_path, backtracks_in_decoding)
-    run = _app("--model", str(folder), "-p", "hi")
-    assert run.returncode == 2
-    assert len(run.stderr.splitlines()) == 1, run.stderr
-    assert run.stderr.startswith("internvl-chat: error: ") and "tokenizer.json fails on ordinary text" in run.stderr
+    error = _start_refused(_with_tokenizer_edited(tiny_original, tmp_path, backtracks_in_decoding))
+    assert error.startswith("internvl-chat: error: ") and "tokenizer.json fails on ordinary text" in error
 
 
 def test_a_tokenizer_panic_in_the_repl_leaves_the_screen_to_our_error(tiny_original, tmp_path):
