@@ -108,6 +108,68 @@ def test_a_carriage_return_in_markdown_shows_as_a_newline_would(chunks, shown, t
     assert markdown(chunks, ["x\r", "y"]) == markdown([shown], ["x\ny"])  # nothing held over into the next answer
 
 
+class _TerminalGone(io.StringIO):
+    """A terminal that fails every write once `gone` is set (closed, hung up: EIO)."""
+
+    gone = False
+    failed = 0
+
+    def write(self, text: str) -> int:
+        if self.gone:  # the first failure says why; later writes find the file closed
+            self.failed += 1
+            raise OSError(5, "Input/output error") if self.failed == 1 else OSError(9, "Bad file descriptor")
+        return super().write(text)
+
+
+class _GoesAway(ChunkedAnswers):
+    """Answers, then takes the terminal away before the answer's end comes."""
+
+    def __init__(self, out: _TerminalGone, *answers: list[str]) -> None:
+        super().__init__(*answers)
+        self.out = out
+
+    def ask(self, text, media=(), params=None, cancel=None):
+        events = super().ask(text, media, params, cancel)
+        for event in events:
+            if event["finish_reason"] is not None:
+                self.out.gone = True
+            yield event
+
+
+def test_an_answer_whose_last_feed_fails_still_finishes_its_stream(monkeypatch, tmp_path):
+    """The answer's last piece (a held `\\r`, fed as the stream ended) failed to draw, the terminal
+    gone: end_stream raised before the renderer's finish(), which was skipped, so the live tail's
+    drawer thread (and its Ctrl-Z hook) stayed. finish() now always runs, and the error reported
+    is the first write's, not a later one's."""
+    from internvl_chat.ui import app as app_module
+    from internvl_chat.ui import render, suspend
+
+    monkeypatch.setattr(render, "time", type("Clock", (), {"monotonic": staticmethod(lambda: 1000.0)}))
+    monkeypatch.setattr(render, "IDLE_S", 600.0)  # the drawer never ends of itself during the test
+    streams, errors = [], []
+    choose = app_module.choose_stream
+
+    def recorded(*args, **kwargs):
+        streams.append(choose(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(app_module, "choose_stream", recorded)
+    out = _TerminalGone()
+    console = Console(file=out, width=80, height=20, color_system=None, force_terminal=True, force_interactive=True)
+    app = App(_GoesAway(out, ["Hello", " there.\n", "\r"]), load_settings(os.devnull, env={},
+              overrides={"ui.stats": False}), console, cwd=tmp_path)  # fmt: skip
+    monkeypatch.setattr(app, "error", errors.append)
+    assert app.handle_line("Go.") == ERROR
+    stream = streams[0]
+    assert isinstance(stream, render.MarkdownStream) and stream._finished
+    drawer = stream._drawer
+    if drawer is not None:
+        drawer.join(30)
+        assert not drawer.is_alive()
+    assert suspend._open == []  # the live tail's Ctrl-Z hook closed: the handlers put back
+    assert len(errors) == 1 and "Input/output error" in errors[0]
+
+
 def test_the_cleaner_holds_a_last_carriage_return_until_the_next_delta():
     clean = AnswerCleaner()
     assert clean.feed("a\r") == "a"  # \r or \r\n: not known yet
