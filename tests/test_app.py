@@ -1595,3 +1595,19 @@ def test_a_video_line_with_options_in_a_pasted_code_block_is_text(loaded, media,
     assert app.handle_line(typed) == OK, output(out)
     assert app.session.turns[-1].user_text == "Compare\n```sh\nls\n```"
     assert [(m.kind, m.tiles) for m in app.session.turns[-1].media] == [("video", 2)]
+
+
+def test_a_video_line_with_options_in_an_indented_code_block_is_text(loaded, media, tmp_path):
+    # a snippet pasted as a Markdown indented code block (4 spaces or a tab): its `/video PATH
+    # --frames N` line ran as the command ("PATH does not exist"), the message not sent, where a
+    # fenced block's is text
+    app, out = make_app(loaded, tmp_path)
+    typed = "What does this do?\n\n    /video PATH --frames N\n\t/image PATH --frames 2\n  \t/video PATH --frames 3"
+    assert app.handle_line(typed) == OK, output(out)
+    assert app.session.turns[-1].user_text == typed
+    # indented by fewer than 4 columns, such a line is the command, as before
+    app, out = make_app(loaded, tmp_path)
+    clip = media / "clip.mp4"
+    assert app.handle_line(f"Compare\n   /video {clip} --frames 2") == OK, output(out)
+    assert app.session.turns[-1].user_text == "Compare"
+    assert [(m.kind, m.tiles) for m in app.session.turns[-1].media] == [("video", 2)]

@@ -295,7 +295,7 @@ class App(SessionFileCommands):
         lines that carry options (`/video clip.mp4 --frames 4`) run as those commands, their options applied,
         and left out: the text to send; None when one failed (said; nothing is sent). Without the
         options the path was attached with the default frames, and the model read "/video --frames 4"."""
-        attaching = attach_command_lines(lines)  # the first is text, and so is a fenced code block
+        attaching = attach_command_lines(lines)  # the first is text, and so is a fenced or indented code block
         for k in attaching:
             result = self._guard(lambda k=k: self.run_command(parse_line(lines[k])))
             if result != OK:
