@@ -108,6 +108,68 @@ def test_a_carriage_return_in_markdown_shows_as_a_newline_would(chunks, shown, t
     assert markdown(chunks, ["x\r", "y"]) == markdown([shown], ["x\ny"])  # nothing held over into the next answer
 
 
+class _TerminalGone(io.StringIO):
+    """A terminal that fails every write once `gone` is set (closed, hung up: EIO)."""
+
+    gone = False
+    failed = 0
+
+    def write(self, text: str) -> int:
+        if self.gone:  # the first failure says why; later writes find the file closed
+            self.failed += 1
+            raise OSError(5, "Input/output error") if self.failed == 1 else OSError(9, "Bad file descriptor")
+        return super().write(text)
+
+
+class _GoesAway(ChunkedAnswers):
+    """Answers, then takes the terminal away before the answer's end comes."""
+
+    def __init__(self, out: _TerminalGone, *answers: list[str]) -> None:
+        super().__init__(*answers)
+        self.out = out
+
+    def ask(self, text, media=(), params=None, cancel=None):
+        events = super().ask(text, media, params, cancel)
+        for event in events:
+            if event["finish_reason"] is not None:
+                self.out.gone = True
+            yield event
+
+
+def test_an_answer_whose_last_feed_fails_still_finishes_its_stream(monkeypatch, tmp_path):
+    """The answer's last piece (a held `\\r`, fed as the stream ended) failed to draw, the terminal
+    gone: end_stream raised before the renderer's finish(), which was skipped, so the live tail's
+    drawer thread (and its Ctrl-Z hook) stayed. finish() now always runs, and the error reported
+    is the first write's, not a later one's."""
+    from internvl_chat.ui import app as app_module
+    from internvl_chat.ui import render, suspend
+
+    monkeypatch.setattr(render, "time", type("Clock", (), {"monotonic": staticmethod(lambda: 1000.0)}))
+    monkeypatch.setattr(render, "IDLE_S", 600.0)  # the drawer never ends of itself during the test
+    streams, errors = [], []
+    choose = app_module.choose_stream
+
+    def recorded(*args, **kwargs):
+        streams.append(choose(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(app_module, "choose_stream", recorded)
+    out = _TerminalGone()
+    console = Console(file=out, width=80, height=20, color_system=None, force_terminal=True, force_interactive=True)
+    app = App(_GoesAway(out, ["Hello", " there.\n", "\r"]), load_settings(os.devnull, env={},
+              overrides={"ui.stats": False}), console, cwd=tmp_path)  # fmt: skip
+    monkeypatch.setattr(app, "error", errors.append)
+    assert app.handle_line("Go.") == ERROR
+    stream = streams[0]
+    assert isinstance(stream, render.MarkdownStream) and stream._finished
+    drawer = stream._drawer
+    if drawer is not None:
+        drawer.join(30)
+        assert not drawer.is_alive()
+    assert suspend._open == []  # the live tail's Ctrl-Z hook closed: the handlers put back
+    assert len(errors) == 1 and "Input/output error" in errors[0]
+
+
 def test_the_cleaner_holds_a_last_carriage_return_until_the_next_delta():
     clean = AnswerCleaner()
     assert clean.feed("a\r") == "a"  # \r or \r\n: not known yet
@@ -274,13 +336,13 @@ def test_an_mkv_or_avi_cut_short_is_said_at_attach_and_how_much_it_holds_after_t
     """The attach line said nothing of an MKV, WebM or AVI cut short: the cut was found only as its
     frames were decoded. Its elements' headers tell that the file ends inside its frames (not how
     many it holds, which its header does not count): the attach line says it is cut short, the
-    note after the answer, once, where its frames end."""
+    note after the answer, once, where its frames end. The length on the attach line is the one the
+    frames it holds reach (an MKV's gave its header's 1.0 s: the blocks it holds whole tell)."""
     for name in ("clip.mkv", "clip.avi"):
         cut = cut_at_frame(write_numbered_video(tmp_path / name, 30), tmp_path / f"cut_{name}", 12)
         app, out = make_app(loaded, tmp_path)
         assert app.handle_line(f"/video {cut} --frames 2") == OK
-        seconds = measure_video(cut).duration  # the header's (an AVI's, cut: where the frames it holds end)
-        said = f"2 frames of {seconds:.1f} s (cut short: the file ends before its last frame) → "
+        said = "2 frames of 0.4 s (cut short: the file ends before its last frame) → "
         assert f"+ video {cut.name} {said}" in output(out)
         app.handle_line("/media")
         assert said in output(out)
@@ -1532,4 +1594,20 @@ def test_a_video_line_with_options_in_a_pasted_code_block_is_text(loaded, media,
     typed = f"Compare\n```sh\nls\n```\n/video {clip} --frames 2"
     assert app.handle_line(typed) == OK, output(out)
     assert app.session.turns[-1].user_text == "Compare\n```sh\nls\n```"
+    assert [(m.kind, m.tiles) for m in app.session.turns[-1].media] == [("video", 2)]
+
+
+def test_a_video_line_with_options_in_an_indented_code_block_is_text(loaded, media, tmp_path):
+    # a snippet pasted as a Markdown indented code block (4 spaces or a tab): its `/video PATH
+    # --frames N` line ran as the command ("PATH does not exist"), the message not sent, where a
+    # fenced block's is text
+    app, out = make_app(loaded, tmp_path)
+    typed = "What does this do?\n\n    /video PATH --frames N\n\t/image PATH --frames 2\n  \t/video PATH --frames 3"
+    assert app.handle_line(typed) == OK, output(out)
+    assert app.session.turns[-1].user_text == typed
+    # indented by fewer than 4 columns, such a line is the command, as before
+    app, out = make_app(loaded, tmp_path)
+    clip = media / "clip.mp4"
+    assert app.handle_line(f"Compare\n   /video {clip} --frames 2") == OK, output(out)
+    assert app.session.turns[-1].user_text == "Compare"
     assert [(m.kind, m.tiles) for m in app.session.turns[-1].media] == [("video", 2)]

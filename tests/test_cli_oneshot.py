@@ -956,6 +956,28 @@ def test_a_video_line_with_options_in_a_code_block_of_the_prompt_is_sent_as_text
     assert got == [prompt]
 
 
+def test_a_video_line_with_options_in_an_indented_code_block_of_the_prompt_is_sent_as_text(monkeypatch, tmp_path):
+    # the REPL runs no line of an indented (4 spaces or a tab) code block either
+    from types import SimpleNamespace
+
+    from internvl_chat import cli as cli_module
+    from internvl_chat.errors import UsageError
+    from internvl_chat.ui import oneshot
+
+    got = []
+    monkeypatch.setattr(oneshot, "run_oneshot", lambda args, settings, prompt: got.append(prompt) or 0)
+    monkeypatch.setenv("INTERNVL_CHAT_CONFIG", os.devnull)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    prompt = "What does this do?\n\n    /video PATH --frames N\n\t/image PATH --frames 2"
+    with open(empty, encoding="utf-8") as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli_module.run(["-p", prompt]) == 0
+    assert got == [prompt]
+    with pytest.raises(UsageError, match="is a REPL command with options"):  # less indented: run by the REPL
+        cli_module._refuse_repl_command(SimpleNamespace(prompt_flag="Compare\n   /video PATH --frames 2", prompt=None))
+
+
 def test_a_utf8_system_message_under_the_c_locale_is_read_as_utf8():
     # the prompt typed at an LC_ALL=C terminal was read as UTF-8, but `--system "Réponds…"` typed
     # beside it was still refused as "not UTF-8 text (byte 0xc3)"

@@ -1293,6 +1293,21 @@ def test_the_source_folder_as_the_output_is_named_as_such(config_only, tmp_path,
     assert sorted(p.name for p in config_only.iterdir()) == ["config.json"]
 
 
+@pytest.mark.parametrize("inside", ["w4", "model.safetensors.index.json", "a/b", "through a link"])
+def test_an_output_inside_the_source_folder_is_refused(config_only, tmp_path, monkeypatch, capsys, inside):
+    """An output folder inside the source was written there: named as a file loading the source
+    looks for (`SRC/model.safetensors.index.json`), the source then failed to load ("the shard index
+    … is a folder, not a file"); the source is never changed."""
+    dst = config_only / inside
+    if inside == "through a link":
+        (tmp_path / "link").symlink_to(config_only)
+        dst = tmp_path / "link" / "w4"
+    code, lines = run_cli(monkeypatch, capsys, config_only, dst, "--device", "cpu")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"the output {dst} is inside the source folder {config_only}; give an output folder outside it" in lines[0], lines
+    assert sorted(p.name for p in config_only.iterdir()) == ["config.json"]
+
+
 def test_an_hf_source_s_python_files_are_not_looked_at(tiny_hf, tmp_path, monkeypatch, capsys):
     """Its .py files are never copied (its output's config names no code), yet an -hf checkpoint
     kept in a folder of scripts was refused for them ("holds 65 .py files"), as was one with a

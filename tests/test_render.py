@@ -287,6 +287,40 @@ def test_a_failure_drawing_a_throttled_tail_prints_no_traceback(monkeypatch):
     assert emulate_terminal(out.getvalue()) == "First words"
 
 
+def test_finish_on_a_terminal_gone_stops_the_drawer_and_closes_the_region(monkeypatch):
+    """finish() printing the last block into a terminal that went away raised before the live
+    region was closed: its Ctrl-Z hook (the SIGTSTP handler) stayed installed. It is closed now,
+    and the error raised is the print's, not the close's."""
+    from types import SimpleNamespace
+
+    from internvl_chat.ui import suspend
+
+    class Gone(io.StringIO):
+        gone = False
+
+        def write(self, text):
+            if self.gone:
+                raise OSError(5, "Input/output error") if text.strip() else OSError(9, "Bad file descriptor")
+            return super().write(text)
+
+    monkeypatch.setattr(render, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    monkeypatch.setattr(render, "IDLE_S", 600.0)
+    started = _started_threads(monkeypatch)
+    out = Gone()
+    console = Console(file=out, width=60, height=20, force_terminal=True, force_interactive=True, color_system=None)
+    stream = MarkdownStream(console, refresh_interval_s=0.01)
+    stream.feed("First")
+    stream.feed(" words")  # throttled: the drawer thread starts
+    out.gone = True
+    with pytest.raises(OSError) as raised:
+        stream.finish()
+    assert raised.value.errno == 5
+    assert stream._live is None and suspend._open == []
+    for thread in started:
+        thread.join(30)
+        assert not thread.is_alive()
+
+
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks")
 def test_the_thread_drawing_a_throttled_tail_leaves_signals_to_the_main_thread(monkeypatch):
     """The thread that draws a throttled tail late (a threading.Timer) did not block the process's

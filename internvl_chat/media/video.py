@@ -25,7 +25,8 @@ an MKV's to count its frames, and demuxes (not decodes) what follows an AVI's la
 where the sampling runs to the end. An AVI found to hold fewer frames is sampled again from them.
 The attach line (`measure_video`) reads no packet of an MKV or WebM: it says such a file is cut short
 where a few of its elements' headers tell that the end of the file falls inside its frames
-(`ends_early`), not how many it holds: the note gives that. An AVI cut short lost its index with its
+(`ends_early`), and gives the length the blocks it holds whole reach (their headers' times:
+`VideoHeader.held_end`); the note gives how many frames it holds. An AVI cut short lost its index with its
 end, and with it any true count or duration: its packets are demuxed (not decoded) to measure it.
 
 Frames come out as a player shows them: a rotation or mirror stored with the video (a display
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -339,9 +341,10 @@ class VideoLength:
     fps: float
     duration: float  # seconds, of those frames
     listed_frames: int | None = None  # the header's count, where the file holds more than one fewer (cut short)
-    # MKV, WebM, AVI: the file ends inside its frames (VideoHeader.frames_cut); how many an MKV or
-    # WebM holds is found as they are decoded (VideoInput.shortfall_note), and `frames` is the
-    # header's; an AVI's are demuxed (_avi_cut_short): `frames` and `duration` are those it holds
+    # MKV, WebM, AVI: the file ends inside its frames (VideoHeader.frames_cut); an MKV's or WebM's
+    # `duration` is where the blocks it holds whole end, `frames` that at its rate (how many it holds
+    # is found as they are decoded: VideoInput.shortfall_note); an AVI's are demuxed (_avi_cut_short):
+    # `frames` and `duration` are those it holds
     ends_early: bool = False
 
 
@@ -378,6 +381,9 @@ def _probed(path: Path, header: VideoHeader, stop: DecodeStop | None = None) -> 
             return _avi_cut_short(path, header, stop)
         if header.frames and header.fps > 0:  # cut after its frames (in its idx1): it holds those its header counts
             duration = check_duration(path, header.frames / header.fps)
+    held = _matroska_length_held(header)
+    if held is not None:  # the header's length is the whole file's: the one its frames held reach
+        duration = held
     frames = header.frames_shown or check_count(path, int(round(duration * header.fps)))  # not those an edit list hides
     if frames < 1:
         # no usable duration either (APNG), or one FFmpeg guessed from the bit rate (MPEG-PS): count
@@ -388,6 +394,17 @@ def _probed(path: Path, header: VideoHeader, stop: DecodeStop | None = None) -> 
     if duration <= 0 and header.fps > 0:  # the header has none (a pipe AVI, APNG) or guessed it (MPEG-PS)
         duration = check_duration(path, frames / header.fps)
     return VideoLength(frames, header.fps, duration, ends_early=bool(header.frames_cut))
+
+
+def _matroska_length_held(header: VideoHeader) -> float | None:
+    """An MKV or WebM cut short inside its frames (`frames_cut`): its length to where the blocks it
+    holds whole end (`held_end`, from a few elements' headers, no packet read), from its first
+    frame; None elsewhere, or where that is not shorter than the header's (or holds no time at all:
+    decoding tells). The attach line gave the header's length, the note after the answer the one held."""
+    if not header.frames_cut or header.held_end is None or not math.isfinite(header.held_end):
+        return None
+    length = header.held_end - header.start
+    return length if 0 < length < header.duration else None
 
 
 def _avi_cut_short(path: Path, header: VideoHeader, stop: DecodeStop | None) -> VideoLength:

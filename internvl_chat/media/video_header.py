@@ -54,6 +54,9 @@ class VideoHeader:
     runs_past_end: bool | None = None  # MKV/WebM/AVI: whether its outermost element does (ends_past_the_file)
     unfilled: bool = False  # an AVI whose writer never filled in its header (avi_header_unfilled): no count, no sizes
     frames_cut: bool | None = None  # and then: whether the file ends inside its video frames (frames_cut_off)
+    # MKV/WebM whose end runs past the file: where the blocks it holds whole end, seconds on the stream's
+    # clock (_cluster_end_held; inf: frames whole), None where not told: the length measure_video gives
+    held_end: float | None = None
     edits_ignored: bool = False  # MP4/MOV: read without its edit list, which shows none of its frames (edits_show_nothing)
     index_length: int | None = None  # MP4/MOV: the samples FFmpeg's index lists (an edit list may list some twice); None: not read
 
@@ -329,18 +332,24 @@ def frames_cut_off(path: Path, header: VideoHeader, time_base: float) -> bool | 
     no block it holds whole (any track's: muxers interleave them by time) reaches the video track's
     end (`ends_short`); `time_base` is its blocks' tick, seconds. None where it cannot tell (a cut
     between two elements, an unknown size, more than the bounds above): decoding tells then."""
+    return _frames_cut_and_end(path, header, time_base)[0]
+
+
+def _frames_cut_and_end(path: Path, header: VideoHeader, time_base: float) -> tuple[bool | None, float | None]:
+    """frames_cut_off's answer, and for an MKV or WebM where the blocks it holds whole end (seconds,
+    `_cluster_end_held`; None where not told): one walk for both."""
     formats = header.format_name.split(",")
     try:
         with open_regular_file(path) as f:  # a FIFO swapped in since PyAV read it must not block
             window = _Window(f, os.fstat(f.fileno()).st_size)
             if "avi" in formats:
-                return _avi_movi_cut(window)
+                return _avi_movi_cut(window), None
             if header.listed_end is None or not {"matroska", "webm"} & set(formats):
-                return None
+                return None, None
             end = _cluster_end_held(window, time_base, 1 / header.fps)  # listed_end: fps > 0
-            return None if end is None else header.ends_short(Held(0, end, 0.0))
+            return (None, None) if end is None else (header.ends_short(Held(0, end, 0.0)), end)
     except OSError:  # NotRegularFile is one
-        return None
+        return None, None
 
 
 class _Window:
@@ -831,7 +840,7 @@ def read_header(path: Path, orientation: bool) -> VideoHeader:
         elif "avi" in container.format.name.split(","):
             header.runs_past_end = ends_past_the_file(path, "avi")
         if header.runs_past_end and stream.time_base is not None:  # cut short: where? (from a few headers)
-            header.frames_cut = frames_cut_off(path, header, float(stream.time_base))
+            header.frames_cut, header.held_end = _frames_cut_and_end(path, header, float(stream.time_base))
         if frames and "mov" in container.format.name.split(","):  # its index tells where each frame lies
             # an edit list may hide some, or the rate varies; after an empty edit (the first frame shown
             # late) the duration may hold them all and still some are hidden

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the vision encoder and projector stay 16-bit. Progress goes to stderr.",
     )
     p.add_argument("src", help="16-bit checkpoint folder (original or -hf layout)")
-    p.add_argument("dst", help="output folder: new or empty; written complete or not at all")
+    p.add_argument("dst", help="output folder: new or empty, outside src; written complete or not at all")
     p.add_argument("--method", choices=["awq", "rtn"], default="awq",
                    help="awq: activation-aware scales + clipping, calibrated on images and text (default); "
                         "rtn: round to nearest, no calibration")  # fmt: skip

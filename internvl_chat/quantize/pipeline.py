@@ -15,7 +15,7 @@ from ..engine.config import refuse_web_model
 from ..engine.loader import OutOfMemoryLoading, load_model, resolve_device
 from ..engine.out_of_memory import is_out_of_memory
 from ..errors import InternVLChatError, UsageError
-from ..files import expand_home, is_web_address, refuse_web_address, visible
+from ..files import expand_home, is_web_address, real_path, refuse_web_address, visible
 from .blocks import quantize_model
 from .calibration import MAX_SAMPLES, Calibration, Sample, calibration_files, calibration_samples, calibration_tiles
 from .checks import check_group_size, check_source, check_source_values, check_written_range
@@ -53,6 +53,10 @@ def quantize_checkpoint(
     cfg = check_source(src)
     if _same_folder(src, dst):  # was "exists and is not empty", as if it were someone else's
         raise UsageError(f"the output {visible(str(dst))} is the source folder; give a new output folder (the source is never changed)")
+    if _inside_folder(src, dst):  # SRC/model.safetensors.index.json, a folder there, and SRC no longer loaded
+        raise UsageError(f"the output {visible(str(dst))} is inside the source folder {visible(str(src))}; give an output "
+                         "folder outside it (the source is never changed: a folder written there may stand where loading "
+                         "the source looks for a file)")  # fmt: skip
     group_size = check_group_size(cfg, group_size)
     resolve_device(device)
     calib_images, calib_texts = [], []
@@ -107,6 +111,12 @@ def _same_folder(src: Path, dst: Path) -> bool:
         return os.path.samefile(src, dst)
     except OSError:  # no output folder yet, or a broken link there (staging_folder names it)
         return False
+
+
+def _inside_folder(src: Path, dst: Path) -> bool:
+    """Whether `dst` lies inside the folder `src` (links followed, as far as they exist yet)."""
+    inner, outer = real_path(dst), real_path(src)
+    return inner != outer and inner.is_relative_to(outer)
 
 
 def _refuse_web_folders(dst: str | Path, calib_dir: str | Path | None) -> None:

@@ -24,7 +24,7 @@ import errno
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -295,7 +295,7 @@ class App(SessionFileCommands):
         lines that carry options (`/video clip.mp4 --frames 4`) run as those commands, their options applied,
         and left out: the text to send; None when one failed (said; nothing is sent). Without the
         options the path was attached with the default frames, and the model read "/video --frames 4"."""
-        attaching = attach_command_lines(lines)  # the first is text, and so is a fenced code block
+        attaching = attach_command_lines(lines)  # the first is text, and so is a fenced or indented code block
         for k in attaching:
             result = self._guard(lambda k=k: self.run_command(parse_line(lines[k])))
             if result != OK:
@@ -537,9 +537,27 @@ class App(SessionFileCommands):
             stream = choose_stream(self.console, plain=self.plain)
             clean = AnswerCleaner()  # holds a \r that may be the first half of a \r\n split over two events
 
-            def end_stream() -> None:
-                stream.feed(clean.finish())
-                stream.finish()
+            ended = False
+
+            def end_stream(after_error: bool = False) -> None:
+                """The answer's last piece, then the renderer's finish(), once. finish() runs even
+                when that piece fails to print (the terminal gone): it stops the live tail's drawer
+                thread and Ctrl-Z hook. After an error (`after_error`, or the piece's), a failure
+                of finish() is dropped: the first error is the one to report."""
+                nonlocal ended
+                if ended:
+                    return
+                ended = True
+                try:
+                    stream.feed(clean.finish())
+                except BaseException:
+                    with suppress(Exception):
+                        stream.finish()
+                    if after_error:
+                        return
+                    raise
+                with suppress(Exception) if after_error else nullcontext():
+                    stream.finish()
 
             streaming.set()
             final = None
@@ -552,10 +570,12 @@ class App(SessionFileCommands):
                         break
                     event = next(events)
             except KeyboardInterrupt:
-                end_stream()
-                # a Ctrl-C that lands here, between two events, leaves the turn's generator open: a
-                # /retry puts its old answer back only as that closes, so close it before telling
-                events.close()
+                try:
+                    end_stream()
+                finally:
+                    # a Ctrl-C that lands here, between two events, leaves the turn's generator open: a
+                    # /retry puts its old answer back only as that closes, so close it before telling
+                    events.close()
                 if not self.interactive:
                     raise
                 if event["finish_reason"] is not None:  # the last text was being printed: the turn is committed
@@ -564,6 +584,9 @@ class App(SessionFileCommands):
                     return OK
                 self.say(f"[interrupted: this answer was discarded; {outcome()}]", "yellow")
                 return OK
+            except BaseException:  # a failed write (the terminal gone), a server's broken stream
+                end_stream(after_error=True)
+                raise
             finally:
                 end_stream()
             self.last_peak = peak_memory(device) if device is not None else None

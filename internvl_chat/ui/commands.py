@@ -342,10 +342,27 @@ def attach_command_with_options(line: str) -> bool:
 _FENCE = re.compile(r"[ ]{0,3}(`{3,}|~{3,})")
 
 
+def _indented_code(line: str) -> bool:
+    """Whether `line` is indented as a Markdown code block's line is: by 4 columns or more (a tab
+    takes the column to the next multiple of 4)."""
+    column = 0
+    for char in line:
+        if char == " ":
+            column += 1
+        elif char == "\t":
+            column += 4 - column % 4
+        else:
+            break
+        if column >= 4:
+            return True
+    return False
+
+
 def attach_command_lines(lines: list[str]) -> list[int]:
     """Which of a message's lines (`lines[0]` is its first, always text) are `/image` or `/video`
     commands with options (`attach_command_with_options`), outside a Markdown code block: a pasted
-    snippet (```` ``` ```` or `~~~` fenced) is text as written, its lines run nothing."""
+    snippet (```` ``` ```` or `~~~` fenced, or indented by 4 spaces or a tab) is text as written,
+    its lines run nothing."""
     found, fence = [], ""
     for k, line in enumerate(lines):
         opener = _FENCE.match(line)
@@ -356,7 +373,7 @@ def attach_command_lines(lines: list[str]) -> list[int]:
         if opener and not (opener.group(1)[0] == "`" and "`" in line[opener.end() :]):
             fence = opener.group(1)
             continue
-        if k and attach_command_with_options(line):
+        if k and not _indented_code(line) and attach_command_with_options(line):
             found.append(k)
     return found
 

@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import nullcontext, suppress
 from typing import IO, TYPE_CHECKING, Any, Mapping
 
 from rich.console import Console, Group, RenderableType
@@ -85,11 +86,19 @@ class MarkdownStream:
             self._finished = True
             self._pending = None
             self._cond.notify_all()  # the drawer ends (one drawing now has the lock first: it is done)
-            self._print_block(self._splitter.take_tail())
-            if self._live is not None:
-                self._live.close()
-                self._live = None
+            try:
+                self._print_block(self._splitter.take_tail())
+            except BaseException:  # the terminal gone: the region (its Ctrl-Z hook) is closed all the
+                self._close_live(after_error=True)  # same, the print's error the one raised
+                raise
+            self._close_live()
             return self.text
+
+    def _close_live(self, after_error: bool = False) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            with suppress(Exception) if after_error else nullcontext():
+                live.close()
 
     def __enter__(self) -> MarkdownStream:
         return self
