@@ -22,7 +22,7 @@ from rich.console import Console
 
 from internvl_chat.chat.session import Session
 from internvl_chat.chat.template import MediaSpec
-from internvl_chat.errors import ContextOverflowError
+from internvl_chat.errors import ContextOverflowError, EndedBySignal, GenerationError
 from internvl_chat.media.video import load_video, measure_video
 from internvl_chat.settings import load_settings
 from internvl_chat.ui.answer_text import AnswerCleaner, sanitize
@@ -168,6 +168,45 @@ def test_an_answer_whose_last_feed_fails_still_finishes_its_stream(monkeypatch, 
         assert not drawer.is_alive()
     assert suspend._open == []  # the live tail's Ctrl-Z hook closed: the handlers put back
     assert len(errors) == 1 and "Input/output error" in errors[0]
+
+
+class _BreaksOff(ChunkedAnswers):
+    """Answers with text that ends in a held `\\r`, then fails (a model's error mid-answer)."""
+
+    def ask(self, text, media=(), params=None, cancel=None):
+        yield {"text": "Hello\r", "finish_reason": None}
+        raise GenerationError("the model failed")
+
+
+class _SignalOnLastPiece:
+    """A renderer whose feed of the answer's last piece (the held `\\r`) meets SIGTERM (cli.py's
+    handler raises EndedBySignal there, and ignores the signal from then on)."""
+
+    def __init__(self) -> None:
+        self.finished = False
+
+    def feed(self, delta: str) -> None:
+        if "\n" in delta:
+            raise EndedBySignal(signal.SIGTERM)
+
+    def finish(self) -> str:
+        self.finished = True
+        return ""
+
+
+def test_a_stop_signal_that_lands_as_a_failed_answer_ends_is_not_dropped(monkeypatch, tmp_path):
+    """SIGTERM (or a script's Ctrl-C) raised while the last piece of an answer that failed was
+    printed was dropped for the answer's error: a --script went on to its next line with SIGTERM
+    ignored from then on. The signal ends the run; only an error (an Exception) gives way to the first."""
+    from internvl_chat.ui import app as app_module
+
+    stream = _SignalOnLastPiece()
+    monkeypatch.setattr(app_module, "choose_stream", lambda *args, **kwargs: stream)
+    app = App(_BreaksOff(), load_settings(os.devnull, env={}, overrides={"ui.stats": False}),
+              Console(file=io.StringIO(), width=80, color_system=None), interactive=False, cwd=tmp_path)  # fmt: skip
+    with pytest.raises(EndedBySignal):
+        app.handle_line("Go.")
+    assert stream.finished
 
 
 def test_the_cleaner_holds_a_last_carriage_return_until_the_next_delta():

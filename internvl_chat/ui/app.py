@@ -543,17 +543,19 @@ class App(SessionFileCommands):
                 """The answer's last piece, then the renderer's finish(), once. finish() runs even
                 when that piece fails to print (the terminal gone): it stops the live tail's drawer
                 thread and Ctrl-Z hook. After an error (`after_error`, or the piece's), a failure
-                of finish() is dropped: the first error is the one to report."""
+                of finish() is dropped: the first error is the one to report. A Ctrl-C or stop
+                signal (EndedBySignal) raised meanwhile is never dropped for it: cli.py's handler
+                ignores the signal once it has raised, and a --script went on to its next line."""
                 nonlocal ended
                 if ended:
                     return
                 ended = True
                 try:
                     stream.feed(clean.finish())
-                except BaseException:
+                except BaseException as e:
                     with suppress(Exception):
                         stream.finish()
-                    if after_error:
+                    if after_error and isinstance(e, Exception):
                         return
                     raise
                 with suppress(Exception) if after_error else nullcontext():
