@@ -1308,6 +1308,26 @@ def test_an_output_inside_the_source_folder_is_refused(config_only, tmp_path, mo
     assert sorted(p.name for p in config_only.iterdir()) == ["config.json"]
 
 
+def test_an_output_inside_the_source_folder_under_another_name_is_refused(config_only, tmp_path, monkeypatch, capsys):
+    """The source folder under a name no link tells (a bind mount; `model` for `Model` on a
+    case-insensitive file system: exFAT, an SMB share, macOS): the output was written inside it
+    (`mount --bind SRC ALIAS; quantize SRC ALIAS/w4` wrote SRC/w4). Here the alias is a folder that
+    os.stat reports as the source, as the kernel does for a bind mount."""
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        return real_stat(config_only if os.fspath(path) == str(alias) else path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    dst = alias / "w4"
+    code, lines = run_cli(monkeypatch, capsys, config_only, dst, "--device", "cpu")
+    assert code == 2 and len(lines) == 1, lines
+    assert f"the output {dst} is inside the source folder {config_only}; give an output folder outside it" in lines[0], lines
+    assert sorted(p.name for p in config_only.iterdir()) == ["config.json"] and not any(alias.iterdir())
+
+
 def test_an_hf_source_s_python_files_are_not_looked_at(tiny_hf, tmp_path, monkeypatch, capsys):
     """Its .py files are never copied (its output's config names no code), yet an -hf checkpoint
     kept in a folder of scripts was refused for them ("holds 65 .py files"), as was one with a

@@ -114,9 +114,20 @@ def _same_folder(src: Path, dst: Path) -> bool:
 
 
 def _inside_folder(src: Path, dst: Path) -> bool:
-    """Whether `dst` lies inside the folder `src` (links followed, as far as they exist yet)."""
+    """Whether `dst` lies inside the folder `src` (links followed, as far as they exist yet), also
+    where a folder above it is `src` under another name that no link tells (the same folder by its
+    device and inode: a case-insensitive file system's `model` for `Model` (exFAT, an SMB share,
+    macOS), a bind mount), as `_same_folder` tells `dst` itself."""
     inner, outer = real_path(dst), real_path(src)
-    return inner != outer and inner.is_relative_to(outer)
+    if inner != outer and inner.is_relative_to(outer):
+        return True
+    for folder in inner.parents:
+        try:
+            if os.path.samefile(folder, src):
+                return True
+        except OSError:  # not there (yet), or not to be looked into
+            continue
+    return False
 
 
 def _refuse_web_folders(dst: str | Path, calib_dir: str | Path | None) -> None:
