@@ -209,6 +209,37 @@ def test_a_stop_signal_that_lands_as_a_failed_answer_ends_is_not_dropped(monkeyp
     assert stream.finished
 
 
+class _InterruptedAfterPiece(ChunkedAnswers):
+    """Answers with text that ends in a held `\\r`, then Ctrl-C lands between two events."""
+
+    def ask(self, text, media=(), params=None, cancel=None):
+        yield {"text": "Hello\r", "finish_reason": None}
+        raise KeyboardInterrupt
+
+
+class _PipeGoneOnLastPiece(_SignalOnLastPiece):
+    """A renderer whose feed of the answer's last piece finds its reader gone (EPIPE)."""
+
+    def feed(self, delta: str) -> None:
+        if "\n" in delta:
+            raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_ctrl_c_in_a_script_is_not_replaced_by_a_failed_write_of_the_answer_s_end(monkeypatch, tmp_path):
+    """Ctrl-C between two events of a --script's answer: the held last piece, printed as the
+    stream ended, failed (its reader gone), and that OSError replaced the KeyboardInterrupt: the
+    app said "cannot use: Broken pipe" and went on to the script's next line. Ctrl-C ends it."""
+    from internvl_chat.ui import app as app_module
+
+    stream = _PipeGoneOnLastPiece()
+    monkeypatch.setattr(app_module, "choose_stream", lambda *args, **kwargs: stream)
+    app = App(_InterruptedAfterPiece(), load_settings(os.devnull, env={}, overrides={"ui.stats": False}),
+              Console(file=io.StringIO(), width=80, color_system=None), interactive=False, cwd=tmp_path)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        app.handle_line("Go.")
+    assert stream.finished
+
+
 def test_the_cleaner_holds_a_last_carriage_return_until_the_next_delta():
     clean = AnswerCleaner()
     assert clean.feed("a\r") == "a"  # \r or \r\n: not known yet

@@ -573,7 +573,7 @@ class App(SessionFileCommands):
                     event = next(events)
             except KeyboardInterrupt:
                 try:
-                    end_stream()
+                    end_stream(after_error=True)  # a write failing now (its reader gone) must not replace the Ctrl-C
                 finally:
                     # a Ctrl-C that lands here, between two events, leaves the turn's generator open: a
                     # /retry puts its old answer back only as that closes, so close it before telling
