@@ -346,6 +346,30 @@ def test_a_stop_signal_before_serving_stops_quietly_with_status_0(tiny_original,
         assert code == 0 and said[-1:] == ["internvl-chat serve: stopped\n"], (code, said)
 
 
+# `internvl-chat serve` that, once its run is over, gets each stop signal as its teardown would:
+# the interpreter's exit takes most of a second after "stopped", and a second Ctrl-C or `kill` then
+# landed under the default handlers put back (status -2 or -15)
+_SIGNALLED_AFTER_THE_RUN = """
+import os, signal, sys
+from internvl_chat.cli import main
+code = main(sys.argv[3:])  # past "-c", "-m", "internvl_chat.cli"
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    os.kill(os.getpid(), sig)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_a_second_stop_signal_as_the_stopped_server_exits_keeps_status_0(tiny_original, sig):
+    python = [sys.executable, "-c", _SIGNALLED_AFTER_THE_RUN]
+    with _serving(tiny_original, "--max-context", "2048", "--log-level", "warning", python=python) as (proc, lines):
+        _next_match(lines, r"on http://127\.0\.0\.1:\d+/v1")
+        proc.send_signal(sig)
+        code = proc.wait(WAIT_S)
+        said = _drain(lines)
+        assert code == 0 and said[-1:] == ["internvl-chat serve: stopped\n"], (code, said)
+
+
 # `internvl-chat serve` that sends itself a signal at one moment of its start: after the address
 # is printed, as the engine thread starts; as uvicorn's event loop starts, before uvicorn has its
 # own handlers; under uvicorn's handlers, before it listens.
