@@ -370,6 +370,38 @@ def test_a_second_stop_signal_as_the_stopped_server_exits_keeps_status_0(tiny_or
         assert code == 0 and said[-1:] == ["internvl-chat serve: stopped\n"], (code, said)
 
 
+# `internvl-chat serve` that gets a second stop signal once uvicorn has shut down, as it stops the
+# engine thread (which waits for a running job to notice its cancel: a prefill chunk, a picture
+# being encoded)
+_SIGNALLED_AS_THE_ENGINE_STOPS = """
+import os, signal, sys
+from internvl_chat.cli import main
+from internvl_chat.serve.engine import EngineWorker
+sig, original = signal.Signals[sys.argv[1]], EngineWorker.stop
+def stop(*args, **kwargs):
+    os.kill(os.getpid(), sig)
+    return original(*args, **kwargs)
+EngineWorker.stop = stop
+sys.exit(main(sys.argv[4:]))  # past sig, "-m", "internvl_chat.cli"
+"""
+
+
+@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
+def test_a_second_stop_signal_while_the_engine_thread_stops_is_no_traceback(tiny_original, second):
+    """It asked uvicorn's event loop, closed by then, to end the requests: "RuntimeError: Event loop
+    is closed" and its traceback, status 1, the engine's media folder left behind."""
+    python = [sys.executable, "-c", _SIGNALLED_AS_THE_ENGINE_STOPS, second]
+    with _serving(tiny_original, "--max-context", "2048", "--log-level", "warning", python=python) as (proc, lines):
+        url = _next_match(lines, r"on (http://127\.0\.0\.1:\d+)/v1")[0].group(1)
+        with urllib.request.urlopen(f"{url}/health", timeout=WAIT_S) as answer:  # uvicorn runs: its loop too
+            assert answer.status == 200
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(WAIT_S)
+        said = _drain(lines)
+        assert code == 0 and said[-1:] == ["internvl-chat serve: stopped\n"], (code, said)
+        assert not any("Traceback" in line for line in said), said
+
+
 # `internvl-chat serve` that sends itself a signal at one moment of its start: after the address
 # is printed, as the engine thread starts; as uvicorn's event loop starts, before uvicorn has its
 # own handlers; under uvicorn's handlers, before it listens.

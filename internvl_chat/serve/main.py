@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -240,10 +241,14 @@ def _graceful_server_class():
             super().handle_exit(sig, frame)
 
         def hurry(self) -> None:
-            """A second stop signal: the running requests end now (a signal handler: only schedules)."""
+            """A second stop signal: the running requests end now (a signal handler: only schedules).
+            Once uvicorn has shut down (its loop closed) there are none: the engine thread's job,
+            if one runs still, was cancelled as the worker stops (it raised "Event loop is closed",
+            a traceback and status 1, as `serve` waited for the engine thread)."""
             self.grace_s = 0
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self.end_requests)
+            if self._loop is not None and not self._loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    self._loop.call_soon_threadsafe(self.end_requests)
 
         async def shutdown(self, sockets=None) -> None:
             self._loop = asyncio.get_running_loop()
