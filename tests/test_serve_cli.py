@@ -572,6 +572,31 @@ def test_requests_still_running_after_the_grace_period_get_a_clean_503(tiny_orig
         assert not any("Traceback" in line or "Cancel" in line for line in said), said
 
 
+def test_a_client_that_reads_none_of_its_stream_is_dropped_when_the_grace_period_ends(tiny_original):
+    """A handler waiting to write to a client that reads nothing never ended: the end of the
+    grace period ended the engine's jobs, not the writes, and uvicorn cancelled the handler 5 s
+    later, a CancelledError traceback in the log."""
+    with _serving(tiny_original, "--max-context", "2048", "--log-level", "info", with_stdout=True) as (proc, lines):
+        url = _next_match(lines, r"on http://127\.0\.0\.1:(\d+)/v1")[0]
+        # each of the 16 choices echoes the prompt's 2,000 tokens with 5 alternatives each: MBs more
+        # than the kernel's buffers hold, under the 32 MiB a stream may let wait
+        body = json.dumps({"model": tiny_original.name, "prompt": [100] * 2000, "max_tokens": 1, "n": 16,
+                           "echo": True, "logprobs": 5, "stream": True}).encode()  # fmt: skip
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it reads no more than the head
+        client.connect(("127.0.0.1", int(url.group(1))))
+        with client:
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            assert client.recv(12) == b"HTTP/1.1 200"
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(WAIT_S)
+        said = _drain(lines)
+        assert code == 0 and said[-1:] == ["internvl-chat serve: stopped\n"], (code, said)
+        assert not any("Traceback" in line or "Cancel" in line for line in said), said
+        assert any("the server is shutting down and it is not reading its answer" in line for line in said), said
+
+
 @pytest.mark.parametrize("during", [True, False], ids=["during the shutdown", "before it starts"])
 def test_a_second_stop_signal_ends_the_running_requests_at_once(during):
     """uvicorn says "CTRL+C to force quit" while it waits for running requests, but its handler is

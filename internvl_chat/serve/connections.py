@@ -75,6 +75,10 @@ RETRY_AFTER_S = 1  # a connection frees up when any request ends or an idle one 
 # by h11; past them the connection is not read until the answer is complete (TCP holds the rest)
 PIPELINED_BYTES = 64 << 10
 
+# once the shutdown's grace period is over, the seconds a client may take none of its answer (its
+# write deadline); well within main.py's BACKSTOP_S, after which uvicorn cancels the handlers
+SHUTDOWN_WRITE_S = 1.0
+
 # bytes of a streamed answer that may wait unsent (its events not yet written, about, and what the
 # kernel has not taken of its last write); past them the client is dropped as one that left
 UNSENT_BYTES = 32 << 20
@@ -104,6 +108,12 @@ class ConnectionLimit:
 
     def closed(self, connection: object) -> None:
         self.open.discard(connection)
+
+    def hurry_readers(self) -> None:
+        """The shutdown's grace period is over: each open connection whose client is not taking its
+        answer is dropped (`BoundedH11Protocol.hurry_reader`)."""
+        for connection in list(self.open):
+            connection.hurry_reader()  # type: ignore[attr-defined]
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or len(self.open) <= self.limit:
@@ -261,6 +271,23 @@ class BoundedH11Protocol(H11Protocol):
         super().pause_writing()
         if self._write_deadline is None:
             self._start_write_deadline()
+
+    def hurry_reader(self) -> None:
+        """The shutdown's grace period is over: from now on the client has SHUTDOWN_WRITE_S, not
+        `write_timeout`, to take some of what waits for it, and one that has taken nothing since its
+        write deadline began is dropped at once. A handler waiting to write to a client that reads
+        nothing (a stream, a large answer) never ended: uvicorn cancelled it 5 s later, with a
+        CancelledError traceback in the log."""
+        self.write_timeout = min(self.write_timeout, SHUTDOWN_WRITE_S)
+        if self._write_deadline is None:  # nothing waits for it (or it is closed)
+            return
+        self._end_write_deadline()
+        if self.transport.get_write_buffer_size() < self._unsent:  # it reads: a shorter deadline from now
+            self._start_write_deadline()
+            return
+        log.info("dropping a connection from %s: the server is shutting down and it is not reading its answer",
+                 self.client)  # fmt: skip
+        self.transport.abort()
 
     def _start_write_deadline(self) -> None:
         self._unsent = self.transport.get_write_buffer_size()

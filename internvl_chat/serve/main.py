@@ -300,6 +300,7 @@ def _serve(settings, log_level: str) -> bool:
             def end_requests() -> None:
                 worker.end_jobs()
                 app.state.ending.set()  # bodies still being received
+                config.app.hurry_readers()  # answers their clients do not read (config.app: the ConnectionLimit)
 
             server = GracefulServer(config, end_requests)
             stop = _StopRequest(server)
